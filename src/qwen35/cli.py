@@ -1,0 +1,52 @@
+"""`qwen35` command line: subcommands dispatch lazily so `qwen35 plan` never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from qwen35.errors import Qwen35Error
+
+# subcommand -> (module under qwen35.commands, one-line help)
+COMMANDS = {
+    "plan": ("plan", "memory plan: what fits which GPU, at what context, concurrency and speed"),
+    "generate": ("generate", "generate text for a prompt, streamed to the terminal"),
+    "chat": ("chat", "interactive chat with a model"),
+    "serve": ("serve", "OpenAI-compatible HTTP server"),
+    "bench": ("bench", "benchmark the engine against transformers on the same model"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen35", description="Plan and run the Qwen 3.5 family.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # only the chosen subcommand's module is imported (keeps `plan` light and fast)
+        if name == chosen:
+            mod = importlib.import_module(f"qwen35.commands.{module}")
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0 if not argv else 2
+    try:
+        return int(args._run(args) or 0)
+    except Qwen35Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

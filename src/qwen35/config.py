@@ -1,0 +1,297 @@
+"""Model configuration: one frozen dataclass parsed from a Hugging Face `config.json`.
+
+`ModelConfig.from_hf` accepts the official nested VLM layout (`text_config`, `vision_config`,
+`quantization_config`) and the flat text-only layout that transformers' `Qwen3_5ForCausalLM`
+saves. It fails with `ConfigError` naming the key when a required value is missing or wrong.
+No torch here: the planner imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwen35.errors import Qwen35Error
+
+SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+LAYER_KINDS = ("linear_attention", "full_attention")
+
+
+class ConfigError(Qwen35Error, ValueError):
+    """A config that cannot be read as a Qwen 3.5 model; the message names the key."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    out_hidden_size: int
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+    spatial_merge_size: int = 2
+    num_position_embeddings: int = 2304
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    quant_method: str  # "fp8"
+    fmt: str = "e4m3"
+    weight_block_size: tuple[int, int] = (128, 128)
+    activation_scheme: str = "dynamic"
+    modules_to_not_convert: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    layer_types: tuple[str, ...]
+    # gated full attention
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    # gated DeltaNet
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_conv_kernel_dim: int
+    # FFN: dense (intermediate_size > 0) or MoE (num_experts > 0)
+    intermediate_size: int = 0
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    # misc
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000_000.0
+    partial_rotary_factor: float = 0.25
+    mrope_section: tuple[int, ...] = (11, 11, 10)
+    max_position_embeddings: int = 262_144
+    tie_word_embeddings: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    mtp_num_hidden_layers: int = 0
+    dtype: str = "bfloat16"
+    mamba_ssm_dtype: str = "float32"
+    vision: VisionConfig | None = None
+    quantization: QuantConfig | None = None
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def num_full_attention_layers(self) -> int:
+        return sum(t == "full_attention" for t in self.layer_types)
+
+    @property
+    def num_linear_attention_layers(self) -> int:
+        return sum(t == "linear_attention" for t in self.layer_types)
+
+    @property
+    def linear_key_dim(self) -> int:  # Kd = nk * dk
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_dim(self) -> int:  # Vd = nv * dv
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def linear_conv_dim(self) -> int:  # C = 2*Kd + Vd, channels of the causal conv
+        return 2 * self.linear_key_dim + self.linear_value_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    # ---- constructors ------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, source: dict[str, Any] | str | Path, name: str | None = None) -> ModelConfig:
+        """Parse a config.json dict, a path to config.json, or a model directory."""
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.is_file():
+                raise ConfigError(
+                    f"no config file at {path}: pass a config.json or a model directory"
+                )
+            try:
+                raw = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            if name is None:
+                name = path.parent.name if path.name == "config.json" else path.stem
+        else:
+            raw = source
+        if not isinstance(raw, dict):
+            raise ConfigError("config must be a JSON object")
+        return _parse(raw, name or "custom")
+
+
+def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
+    top_type = raw.get("model_type")
+    text = raw.get("text_config")
+    if text is None:
+        text = raw  # flat text-only layout (Qwen3_5ForCausalLM.save_pretrained)
+    elif not isinstance(text, dict):
+        raise ConfigError("'text_config' must be an object")
+    model_type = text.get("model_type", top_type)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"'model_type' is {model_type!r}; qwen35 reads Qwen 3.5 checkpoints "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+    def req(key: str, typ: type = int) -> Any:
+        if key not in text:
+            raise ConfigError(f"missing required key 'text_config.{key}' in config of {name}")
+        val = text[key]
+        if typ is int and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
+            raise ConfigError(f"'text_config.{key}' must be a positive integer, got {val!r}")
+        if typ is float and (isinstance(val, bool) or not isinstance(val, (int, float))):
+            raise ConfigError(f"'text_config.{key}' must be a number, got {val!r}")
+        return val
+
+    def opt_int(key: str, default: int) -> int:
+        val = text.get(key, default)
+        if val is None:
+            return default
+        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            raise ConfigError(f"'text_config.{key}' must be a non-negative integer, got {val!r}")
+        return val
+
+    num_layers = req("num_hidden_layers")
+    layer_types = text.get("layer_types")
+    if layer_types is None:
+        interval = opt_int("full_attention_interval", 4) or 4
+        layer_types = [
+            "full_attention" if (i + 1) % interval == 0 else "linear_attention"
+            for i in range(num_layers)
+        ]
+    if not isinstance(layer_types, list) or len(layer_types) != num_layers:
+        raise ConfigError(
+            f"'text_config.layer_types' must list {num_layers} entries (num_hidden_layers), "
+            f"got {len(layer_types) if isinstance(layer_types, list) else layer_types!r}"
+        )
+    bad = sorted({t for t in layer_types if t not in LAYER_KINDS})
+    if bad:
+        raise ConfigError(
+            f"'text_config.layer_types' has unknown kinds {bad}; known: {LAYER_KINDS}"
+        )
+
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError("'text_config.rope_parameters' must be an object")
+    rope_theta = rope.get("rope_theta", text.get("rope_theta", 10_000_000.0))
+    prf = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
+    mrope = tuple(rope.get("mrope_section") or (11, 11, 10))
+
+    is_moe = "moe" in model_type or "num_experts" in text
+    moe: dict[str, int] = {}
+    if is_moe:
+        moe = {
+            "num_experts": req("num_experts"),
+            "num_experts_per_tok": req("num_experts_per_tok"),
+            "moe_intermediate_size": req("moe_intermediate_size"),
+            "shared_expert_intermediate_size": opt_int("shared_expert_intermediate_size", 0),
+        }
+        if moe["num_experts_per_tok"] > moe["num_experts"]:
+            raise ConfigError("'text_config.num_experts_per_tok' exceeds 'num_experts'")
+        intermediate = 0
+    else:
+        intermediate = req("intermediate_size")
+
+    nh = req("num_attention_heads")
+    nkv = opt_int("num_key_value_heads", nh) or nh
+    if nh % nkv:
+        raise ConfigError(
+            f"'num_attention_heads' ({nh}) must be a multiple of 'num_key_value_heads' ({nkv})"
+        )
+    nk = req("linear_num_key_heads")
+    nv = req("linear_num_value_heads")
+    if nv % nk:
+        raise ConfigError(
+            f"'linear_num_value_heads' ({nv}) must be a multiple of 'linear_num_key_heads' ({nk})"
+        )
+
+    eos = text.get("eos_token_id", raw.get("eos_token_id"))
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+
+    vision = None
+    vc = raw.get("vision_config")
+    if isinstance(vc, dict):
+        try:
+            vision = VisionConfig(
+                depth=int(vc["depth"]),
+                hidden_size=int(vc["hidden_size"]),
+                num_heads=int(vc["num_heads"]),
+                intermediate_size=int(vc["intermediate_size"]),
+                out_hidden_size=int(vc.get("out_hidden_size", text["hidden_size"])),
+                patch_size=int(vc.get("patch_size", 16)),
+                temporal_patch_size=int(vc.get("temporal_patch_size", 2)),
+                in_channels=int(vc.get("in_channels", 3)),
+                spatial_merge_size=int(vc.get("spatial_merge_size", 2)),
+                num_position_embeddings=int(vc.get("num_position_embeddings", 2304)),
+            )
+        except KeyError as e:
+            raise ConfigError(f"missing required key 'vision_config.{e.args[0]}'") from None
+
+    quant = None
+    qc = raw.get("quantization_config") or text.get("quantization_config")
+    if isinstance(qc, dict):
+        method = qc.get("quant_method")
+        if method != "fp8":
+            raise ConfigError(
+                f"'quantization_config.quant_method' is {method!r}; only the official block 'fp8' "
+                "format is understood"
+            )
+        block = qc.get("weight_block_size") or [128, 128]
+        quant = QuantConfig(
+            quant_method="fp8",
+            fmt=qc.get("fmt", "e4m3"),
+            weight_block_size=(int(block[0]), int(block[1])),
+            activation_scheme=qc.get("activation_scheme", "dynamic"),
+            modules_to_not_convert=tuple(qc.get("modules_to_not_convert") or ()),
+        )
+
+    return ModelConfig(
+        name=name,
+        model_type=model_type,
+        vocab_size=req("vocab_size"),
+        hidden_size=req("hidden_size"),
+        num_hidden_layers=num_layers,
+        layer_types=tuple(layer_types),
+        num_attention_heads=nh,
+        num_key_value_heads=nkv,
+        head_dim=opt_int("head_dim", 0) or req("hidden_size") // nh,
+        linear_num_key_heads=nk,
+        linear_num_value_heads=nv,
+        linear_key_head_dim=req("linear_key_head_dim"),
+        linear_value_head_dim=req("linear_value_head_dim"),
+        linear_conv_kernel_dim=opt_int("linear_conv_kernel_dim", 4) or 4,
+        intermediate_size=intermediate,
+        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope_theta),
+        partial_rotary_factor=float(prf),
+        mrope_section=mrope,
+        max_position_embeddings=opt_int("max_position_embeddings", 262_144) or 262_144,
+        tie_word_embeddings=bool(tie),
+        eos_token_ids=eos_ids,
+        mtp_num_hidden_layers=opt_int("mtp_num_hidden_layers", 0),
+        dtype=str(text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
+        mamba_ssm_dtype=str(text.get("mamba_ssm_dtype", "float32")),
+        vision=vision,
+        quantization=quant,
+        **moe,
+    )
