@@ -1,0 +1,180 @@
+"""Tiny random Qwen 3.5 checkpoints built with transformers (the reference), for tests.
+
+`hf_model(...)` returns a transformers `Qwen3_5ForCausalLM` / `Qwen3_5MoeForCausalLM` in fp32 with
+random weights, norm weights randomised so the zero-centred `1 + w` convention is exercised.
+`save_checkpoint(dir, ...)` writes it as a model directory in one of the on-disk layouts:
+- layout="text": transformers' own `save_pretrained` (flat config, `model.*` names);
+- layout="vlm": the official layout (nested config, `model.language_model.*`, plus random
+  `model.visual.*` and `mtp.*` tensors that a text-only loader must skip);
+- experts="fused" (`experts.gate_up_proj` [E, 2I, H]) or "per_expert" (`experts.{e}.*_proj.weight`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB_REAL = 248320  # the real Qwen 3.5 vocabulary size (needed with the real tokenizer)
+
+
+def tiny_config_dict(moe: bool = False, **overrides) -> dict:
+    cfg = dict(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=4,  # 3 DeltaNet + 1 full attention
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        eos_token_id=1,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10_000_000.0,
+            "partial_rotary_factor": 0.25,
+        },
+    )
+    if moe:
+        cfg.update(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+        )
+    else:
+        cfg.update(intermediate_size=96)
+    cfg.update(overrides)
+    return cfg
+
+
+def hf_model(moe: bool = False, seed: int = 0, **overrides):
+    from transformers import (
+        Qwen3_5ForCausalLM,
+        Qwen3_5MoeForCausalLM,
+        Qwen3_5MoeTextConfig,
+        Qwen3_5TextConfig,
+    )
+
+    cfg_cls, model_cls = (
+        (Qwen3_5MoeTextConfig, Qwen3_5MoeForCausalLM)
+        if moe
+        else (Qwen3_5TextConfig, Qwen3_5ForCausalLM)
+    )
+    config = cfg_cls(**tiny_config_dict(moe, **overrides))
+    config._attn_implementation = "eager"
+    if moe:
+        config._experts_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_cls(config).float().eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(
+                    torch.randn(p.shape, generator=g) * 0.1
+                    + (1.0 if "linear_attn.norm" in name else 0.0)
+                )
+            elif name.endswith(("A_log", "dt_bias")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def _vlm_name(name: str) -> str:
+    return name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else name
+
+
+def _per_expert(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("experts.gate_up_proj"):
+            base = k[: -len("gate_up_proj")]
+            gate, up = v.chunk(2, dim=1)
+            for e in range(v.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"] = gate[e].contiguous()
+                out[f"{base}{e}.up_proj.weight"] = up[e].contiguous()
+        elif k.endswith("experts.down_proj"):
+            base = k[: -len("down_proj")]
+            for e in range(v.shape[0]):
+                out[f"{base}{e}.down_proj.weight"] = v[e].contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+def save_checkpoint(
+    path: Path,
+    moe: bool = False,
+    layout: str = "vlm",
+    experts: str = "fused",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    shards: int = 1,
+    **overrides,
+):
+    """Write a tiny random checkpoint directory; returns the transformers model it came from."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = hf_model(moe, seed, **overrides)
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    text_cfg = json.loads(model.config.to_json_string())
+    if layout == "text":
+        cfg = text_cfg
+    elif layout == "vlm":
+        sd = {_vlm_name(k): v for k, v in sd.items()}
+        g = torch.Generator().manual_seed(seed + 2)
+        H = model.config.hidden_size
+        sd["model.visual.patch_embed.proj.weight"] = torch.randn(32, 3, 2, 16, 16, generator=g).to(
+            dtype
+        )
+        sd["model.visual.merger.linear_fc2.weight"] = torch.randn(H, 128, generator=g).to(dtype)
+        sd["mtp.fc.weight"] = torch.randn(H, 2 * H, generator=g).to(dtype)
+        sd["mtp.norm.weight"] = torch.randn(H, generator=g).to(dtype)
+        mt = "qwen3_5_moe" if moe else "qwen3_5"
+        cfg = {
+            "architectures": [
+                "Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"
+            ],
+            "model_type": mt,
+            "tie_word_embeddings": model.config.tie_word_embeddings,
+            "text_config": text_cfg,
+            "vision_config": {
+                "depth": 1,
+                "hidden_size": 32,
+                "num_heads": 2,
+                "intermediate_size": 64,
+                "out_hidden_size": H,
+                "model_type": mt,
+            },
+        }
+    else:
+        raise ValueError(layout)
+    if experts == "per_expert":
+        sd = _per_expert(sd)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    names = sorted(sd)
+    if shards == 1:
+        save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        per = -(-len(names) // shards)
+        for i in range(shards):
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {k: sd[k] for k in names[i * per : (i + 1) * per]}
+            save_file(part, str(path / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in part})
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2)
+        )
+    return model
