@@ -1,0 +1,361 @@
+"""`load_model`: a Qwen 3.5 text model from a model directory, a Hub id, or random weights.
+
+The model is built with its parameters on the `meta` device (no memory, no init cost), then each
+parameter is allocated once in the target dtype/device and filled from the checkpoint (see
+`qwen35.weights`) or with random values. Buffers (e.g. rotary inv_freq) are computed for real at
+construction, because only parameters are redirected to `meta`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qwen35.config import ConfigError, ModelConfig
+from qwen35.errors import Qwen35Error
+from qwen35.weights import CheckpointError, LoadReport, checkpoint_files, mismatch_error, read_into
+from qwen35.weights import scan as scan_headers
+
+__all__ = ["load_model", "CheckpointError", "LoadReport", "parse_dtype", "init_random_"]
+
+log = logging.getLogger("qwen35.loader")
+
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+LOAD_FORMATS = ("auto", "safetensors", "random")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*"]
+
+ModelFactory = Callable[[ModelConfig], nn.Module]
+
+
+def parse_dtype(dtype: str | torch.dtype, cfg: ModelConfig | None = None) -> torch.dtype:
+    """ "bf16" / "bfloat16" / "fp16" / "fp32" / torch.dtype; "auto" = the config's dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key == "auto":
+        key = (cfg.dtype if cfg is not None else "bfloat16").lower()
+    if key not in _DTYPES:
+        raise Qwen35Error(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
+    return _DTYPES[key]
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise Qwen35Error(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise Qwen35Error(f"device {device!r} requested but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise Qwen35Error(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) present")
+    return dev
+
+
+# ---- public API ---------------------------------------------------------------------------------
+def load_model(
+    path_or_name: str | Path | ModelConfig,
+    dtype: str | torch.dtype = "bf16",
+    device: str | torch.device = "cpu",
+    load_format: str = "auto",
+    *,
+    progress: bool | None = None,
+    seed: int = 0,
+    model_factory: ModelFactory | None = None,
+) -> nn.Module:
+    """Load a Qwen 3.5 text model, in eval mode and without gradients.
+
+    path_or_name: a model directory (config.json + safetensors, official VLM or flat text
+    layout), a Hub id ("Qwen/Qwen3.5-0.8B", through the local Hugging Face cache), or for
+    load_format="random" a catalog name / config path / ModelConfig; "random:NAME" is short for
+    that. progress: a progress bar while reading (default: when stderr is a terminal).
+    model_factory: builds the module from the config (default: qwen35's Qwen35ForCausalLM).
+    Returns the model with `.config` (ModelConfig, unless the module already has a config) and
+    `.load_report` (LoadReport).
+    """
+    t0 = time.perf_counter()
+    if load_format not in LOAD_FORMATS:
+        raise Qwen35Error(f"unknown load_format {load_format!r}; use one of {LOAD_FORMATS}")
+    if isinstance(path_or_name, str) and path_or_name.startswith("random:"):
+        path_or_name, load_format = path_or_name[len("random:") :], "random"
+    dev = parse_device(device)
+    if load_format == "random":
+        cfg = _random_config(path_or_name)
+        torch_dtype = parse_dtype(dtype, cfg)
+        report = LoadReport("random", "random", _name(torch_dtype), str(dev), config=cfg)
+        model, params = build_model(cfg, torch_dtype, dev, model_factory)
+        init_random_(params, seed)
+        n = sum(p.numel() for p in params.values())
+        log.warning(
+            "random weights: %s (%.2fB parameters, %s) is NOT a real checkpoint; outputs are "
+            "meaningless (benchmarks only)",
+            cfg.name,
+            n / 1e9,
+            report.dtype,
+        )
+    else:
+        directory = resolve_model_dir(path_or_name)
+        cfg = ModelConfig.from_hf(directory)
+        if cfg.quantization is not None:
+            raise CheckpointError(
+                f"{directory} is a {cfg.quantization.quant_method.upper()} checkpoint; this "
+                "loader reads BF16/FP16/FP32 weights only (use the BF16 release)"
+            )
+        torch_dtype = parse_dtype(dtype, cfg)
+        report = LoadReport(str(directory), "safetensors", _name(torch_dtype), str(dev), config=cfg)
+        files = checkpoint_files(directory)
+        report.files = [f.name for f in files]
+        model, params = build_model(cfg, None, None, model_factory)  # still on meta
+        canonical, aliases = _canonical(model)
+        ts = time.perf_counter()
+        s = scan_headers(files, canonical, aliases)
+        report.seconds_scan = time.perf_counter() - ts
+        report.skipped = dict(s.skipped)
+        if s.missing or s.unexpected or s.mismatched:
+            raise mismatch_error(str(directory), cfg, s)
+        params = materialize(model, cfg, torch_dtype, dev)
+        show = progress if progress is not None else sys.stderr.isatty()
+        read_into(s, params, report, show)
+        log.info("%s", report.summary())
+    _finish(model, cfg)
+    report.seconds_total = time.perf_counter() - t0
+    if getattr(model, "config", None) is None:
+        model.config = cfg
+    model.load_report = report
+    return model
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _finish(model: nn.Module, cfg: ModelConfig) -> None:
+    post = getattr(model, "post_load", None)
+    if callable(post):
+        post()
+    meta = [n for n, b in model.named_buffers() if b.is_meta]
+    if meta:
+        raise RuntimeError(f"buffers left on the meta device after loading: {meta[:5]}")
+    model.eval()
+    model.requires_grad_(False)
+
+
+# ---- construction -------------------------------------------------------------------------------
+@contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Redirect every registered parameter to `meta`; buffers stay real (cf. accelerate)."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _default_factory(cfg: ModelConfig) -> nn.Module:
+    try:
+        from qwen35.models.qwen3_5 import Qwen35ForCausalLM
+    except ImportError as e:
+        raise Qwen35Error(f"the qwen35 model code is not available: {e}") from None
+    return Qwen35ForCausalLM(cfg)
+
+
+def build_model(
+    cfg: ModelConfig,
+    dtype: torch.dtype | None,
+    device: torch.device | None,
+    factory: ModelFactory | None = None,
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Construct with meta parameters; allocate them in dtype/device unless dtype is None."""
+    with _params_on_meta():
+        model = (factory or _default_factory)(cfg)
+    if dtype is None:
+        return model, {}
+    return model, materialize(model, cfg, dtype, device)
+
+
+def _canonical(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parameters by first name, and aliases (tied names) -> first name."""
+    params: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+            params[name] = p
+    return params, aliases
+
+
+def _tie(model: nn.Module, cfg: ModelConfig) -> None:
+    """Share the embedding with lm_head when the config ties them and the module did not."""
+    if not cfg.tie_word_embeddings:
+        return
+    try:
+        head, emb = model.get_submodule("lm_head"), model.get_submodule("model.embed_tokens")
+    except AttributeError:
+        return
+    if getattr(head, "weight", None) is not None and head.weight is not emb.weight:
+        head.weight = emb.weight
+
+
+def materialize(
+    model: nn.Module, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Replace meta parameters by uninitialised ones in dtype on device; move buffers there.
+
+    Returns the canonical parameter map (tied parameters once) for filling."""
+    _tie(model, cfg)
+    new: dict[int, nn.Parameter] = {}
+    keep = []  # keeps the meta parameters alive so their ids stay unique during the walk
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            q = new.get(id(p))
+            if q is None:
+                keep.append(p)
+                dt = dtype if p.is_floating_point() else p.dtype
+                q = nn.Parameter(torch.empty(p.shape, dtype=dt, device=device), False)
+                new[id(p)] = q
+            mod._parameters[name] = q
+        for name, b in list(mod._buffers.items()):
+            if b is not None and not b.is_meta:
+                mod._buffers[name] = b.to(device)  # keep the buffer's own dtype (fp32 inv_freq)
+    return _canonical(model)[0]
+
+
+# ---- random weights -----------------------------------------------------------------------------
+def init_random_(params: dict[str, torch.Tensor], seed: int = 0) -> None:
+    """Sane random values for benchmarks: N(0, 0.02) matrices, zero-centred norms at 0, the
+    gated norm at 1, A_log = log U(1, 16), dt_bias = 1 (as transformers' init)."""
+    gens: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for name, p in params.items():
+            g = gens.get(p.device)
+            if g is None:
+                g = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+            if name.endswith("linear_attn.norm.weight"):
+                p.fill_(1.0)  # gated RMSNorm multiplies by w, not 1 + w
+            elif name.endswith(("norm.weight", "layernorm.weight")):
+                p.zero_()  # zero-centred RMSNorm: scale 1 + w
+            elif name.endswith("A_log"):
+                p.copy_(torch.empty(p.shape, device=p.device).uniform_(1, 16, generator=g).log_())
+            elif name.endswith("dt_bias"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+
+
+def _random_config(source: str | Path | ModelConfig) -> ModelConfig:
+    if isinstance(source, ModelConfig):
+        return source
+    path = Path(source).expanduser()
+    if path.exists():
+        return ModelConfig.from_hf(path)
+    from qwen35.catalog import load_model_config
+
+    return load_model_config(str(source))
+
+
+# ---- where the files are ------------------------------------------------------------------------
+def resolve_model_dir(source: str | Path) -> Path:
+    """A local model directory for a path, a config.json/safetensors file, or a Hub id."""
+    if isinstance(source, ModelConfig):
+        raise Qwen35Error("a ModelConfig has no weights; pass load_format='random'")
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        if path.suffix in (".json", ".safetensors"):
+            return path.parent
+        raise CheckpointError(f"{path} is a file; pass the model directory that contains it")
+    if _HUB_ID.match(text) and not text.startswith((".", "~")):
+        return _from_hub(text)
+    from qwen35.catalog import resolve_name
+
+    try:
+        name = resolve_name(text)
+    except ConfigError:
+        raise CheckpointError(
+            f"no model directory at {text!r} (not a directory, a config.json, or a Hub id like "
+            "Qwen/Qwen3.5-0.8B); for random weights of a catalog model use load_format='random'"
+        ) from None
+    return _from_hub(f"Qwen/{name}")  # a catalog name: its official repository
+
+
+def _hub_cache_dir() -> str | None:
+    # read here, not at import: huggingface_hub freezes HF_HOME when it is first imported
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _from_hub(repo_id: str) -> Path:
+    """The local snapshot of a Hub model: the cache first, a download only when online."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{repo_id!r} looks like a Hub id but huggingface_hub is not installed; pass a "
+            "local model directory instead"
+        ) from None
+    cache = _hub_cache_dir()
+    fetch = f"`hf download {repo_id}` (or `huggingface-cli download {repo_id}`)"
+    try:
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True, cache_dir=cache
+            )
+        )
+    except Exception:  # LocalEntryNotFoundError and friends: not (fully) cached
+        pass
+    where = f"no local directory {repo_id!r}, and as a Hub id it is not in " + (
+        cache or "the Hugging Face cache"
+    )
+    if _offline():
+        raise CheckpointError(
+            f"{where} (HF_HUB_OFFLINE is set); fetch it first "
+            f"with {fetch}, or pass a local model directory"
+        )
+    log.info("downloading %s from the Hugging Face Hub", repo_id)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, cache_dir=cache))
+    except Exception as e:
+        raise CheckpointError(
+            f"{where} and could not be downloaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); fetch it with "
+            f"{fetch} where the Hub is reachable, or pass a local model directory"
+        ) from None

@@ -1,0 +1,441 @@
+"""Checkpoint reading: safetensors files, name mapping, strict coverage check, streaming copy.
+
+Checkpoint names are mapped onto the model's parameter names (transformers' text-only names):
+- `model.language_model.X` (official VLM layout) and `model.X` (flat text layout) -> `model.X`;
+- `model.visual.*`, `mtp.*` and stale `rotary_emb.inv_freq` buffers are skipped and counted;
+- per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight` fill slices of the fused parameters
+  `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows first, then up) and `mlp.experts.down_proj`
+  [E, H, I].
+Every header is scanned before any data is read, so a mismatched checkpoint fails fast with one
+error listing all missing, unexpected and mis-shaped tensors. Data is then copied file by file
+from memory-mapped safetensors, each file closed before the next is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qwen35.errors import Qwen35Error
+
+MAX_LISTED = 10  # names listed per kind of problem in an error message
+
+_SKIP_PREFIXES = {"model.visual.": "model.visual", "mtp.": "mtp"}
+_PER_EXPERT = re.compile(
+    r"^(?P<base>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
+)
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+
+class CheckpointError(Qwen35Error):
+    """A checkpoint that cannot be found, read, or does not match the model config."""
+
+
+@dataclass
+class LoadReport:
+    """What a load did: files, skipped prefixes, casts, timings (attached as model.load_report)."""
+
+    source: str
+    load_format: str  # "safetensors" | "random"
+    dtype: str
+    device: str
+    files: list[str] = field(default_factory=list)
+    num_tensors: int = 0  # checkpoint tensors copied into parameters
+    num_bytes: int = 0  # bytes of tensor data read from disk
+    skipped: dict[str, int] = field(default_factory=dict)  # prefix -> tensors skipped
+    cast: dict[str, int] = field(default_factory=dict)  # "F32->bfloat16" -> tensors
+    notes: list[str] = field(default_factory=list)
+    seconds_scan: float = 0.0
+    seconds_read: float = 0.0
+    seconds_total: float = 0.0
+    config: object = None  # the parsed ModelConfig
+
+    @property
+    def random(self) -> bool:
+        return self.load_format == "random"
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{k}.*: {v}" for k, v in sorted(self.skipped.items())) or "none"
+        if self.random:
+            return f"random weights ({self.dtype}, {self.device}) in {self.seconds_total:.2f} s"
+        return (
+            f"loaded {self.num_tensors} tensors ({self.num_bytes / 2**30:.2f} GiB) from "
+            f"{len(self.files)} file(s) in {self.seconds_total:.2f} s as {self.dtype} on "
+            f"{self.device}; skipped {skipped}"
+        )
+
+
+@dataclass(frozen=True)
+class _Target:
+    param: str  # model parameter name
+    expert: int | None = None  # per-expert slice: expert index
+    part: str | None = None  # "gate" | "up" | "down"
+
+
+@dataclass
+class _Entry:
+    key: str  # name in the checkpoint
+    target: _Target
+    nbytes: int
+    st_dtype: str
+
+
+# ---- files --------------------------------------------------------------------------------------
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files of a model directory, from its index when sharded."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e!r}") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (directory / n).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{index} lists {len(names)} shard files but {len(missing)} are missing from "
+                f"{directory}: {', '.join(missing[:MAX_LISTED])} (incomplete download?)"
+            )
+        return [directory / n for n in names]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    other = sorted(p.name for p in directory.glob("*.bin")) + sorted(
+        p.name for p in directory.glob("*.pt*")
+    )
+    hint = f" (found {', '.join(other[:3])}: only safetensors is supported)" if other else ""
+    raise CheckpointError(
+        f"no *.safetensors weights in {directory}{hint}; for random weights use "
+        "load_format='random'"
+    )
+
+
+def _open(path: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"cannot read {path}: {e} (truncated or corrupt file? re-download it)"
+        ) from None
+
+
+# ---- names --------------------------------------------------------------------------------------
+def map_key(key: str) -> _Target | str:
+    """The model target of a checkpoint key, or the skip-prefix (str) when it is ignored."""
+    for prefix, label in _SKIP_PREFIXES.items():
+        if key.startswith(prefix):
+            return label
+    if key.endswith("rotary_emb.inv_freq"):
+        return "rotary_emb.inv_freq"  # a stale buffer; recomputed by the model
+    if key.startswith("model.language_model."):
+        key = "model." + key[len("model.language_model.") :]
+    m = _PER_EXPERT.match(key)
+    if m:
+        proj = m["proj"]
+        param = f"{m['base']}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+        return _Target(param, int(m["e"]), proj.removesuffix("_proj"))
+    return _Target(key)
+
+
+def _slice_shape(target: _Target, full: torch.Size) -> tuple[int, ...] | None:
+    """Expected checkpoint shape of a target; None when the expert index is out of range."""
+    if target.expert is None:
+        return tuple(full)
+    if len(full) != 3 or target.expert >= full[0]:
+        return None
+    if target.part == "down":
+        return tuple(full[1:])  # [H, I]
+    return (full[1] // 2, full[2])  # gate or up half of [2I, H]
+
+
+def _dest(param: torch.Tensor, target: _Target) -> torch.Tensor:
+    if target.expert is None:
+        return param
+    if target.part == "down":
+        return param[target.expert]
+    half = param.shape[1] // 2
+    lo = 0 if target.part == "gate" else half
+    return param[target.expert, lo : lo + half]
+
+
+# ---- scan ---------------------------------------------------------------------------------------
+@dataclass
+class _Scan:
+    plan: dict[Path, list[_Entry]] = field(default_factory=dict)
+    skipped: Counter = field(default_factory=Counter)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    embed_shape: tuple[int, ...] | None = None  # the embedding's shape when it mismatched
+    tied_duplicate: _Entry | None = None  # lm_head.weight stored beside a tied embedding
+    tied_file: Path | None = None
+
+
+def scan(
+    files: list[Path],
+    params: dict[str, torch.Tensor],
+    aliases: dict[str, str],
+) -> _Scan:
+    """Read every header and match keys to parameters; reads no tensor data.
+
+    params: canonical parameter name -> (meta) tensor; aliases: extra name -> canonical name
+    (the tied `lm_head.weight`).
+    """
+    s = _Scan()
+    written: dict[str, set] = defaultdict(set)  # param -> {(expert, part)} or {None}
+    tied_head: tuple[Path, _Entry] | None = None
+    for path in files:
+        entries: list[_Entry] = []
+        with _open(path) as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                sl = f.get_slice(key)
+                shape, st_dtype = tuple(sl.get_shape()), sl.get_dtype()
+                t = map_key(key)
+                if isinstance(t, str):
+                    s.skipped[t] += 1
+                    continue
+                name = aliases.get(t.param, t.param)
+                if name != t.param:
+                    t = _Target(name, t.expert, t.part)
+                if name not in params:
+                    s.unexpected.append(f"{key} {list(shape)} ({path.name})")
+                    continue
+                want = _slice_shape(t, params[name].shape)
+                if want is None:
+                    s.unexpected.append(
+                        f"{key} (expert {t.expert} but the model has {params[name].shape[0]})"
+                    )
+                    continue
+                if shape != want:
+                    written[name].add("mismatched")  # reported once, not also as missing
+                    if name.endswith("embed_tokens.weight") and len(shape) == 2:
+                        s.embed_shape = shape
+                    s.mismatched.append(
+                        f"{key}: checkpoint {list(shape)}, model expects {list(want)}"
+                    )
+                    continue
+                if st_dtype not in _ST_DTYPES:
+                    written[name].add("mismatched")
+                    s.mismatched.append(
+                        f"{key}: dtype {st_dtype} is not a float type this loader reads "
+                        f"({', '.join(_ST_DTYPES)})"
+                    )
+                    continue
+                numel = 1
+                for d in shape:
+                    numel *= d
+                nbytes = numel * _ST_DTYPES[st_dtype].itemsize
+                e = _Entry(key, t, nbytes, st_dtype)
+                if key == "lm_head.weight" and name != "lm_head.weight":
+                    tied_head = (path, e)  # tied model: decided once all headers are read
+                    continue
+                slot = (t.expert, t.part)
+                if slot in written[name]:
+                    s.unexpected.append(f"{key} (duplicate: {name} written twice)")
+                    continue
+                written[name].add(slot)
+                entries.append(e)
+        s.plan[path] = entries
+    if tied_head is not None:
+        path, e = tied_head
+        if written[e.target.param]:
+            s.tied_duplicate, s.tied_file = e, path  # the embedding wins; compared after load
+        else:
+            s.plan[path].append(e)  # the head is the only copy of the shared matrix
+            written[e.target.param].add((None, None))
+    for name, p in params.items():
+        got = written.get(name, set())
+        if got == {(None, None)} or "mismatched" in got:
+            continue
+        if not got:
+            s.missing.append(f"{name} {list(p.shape)}")
+            continue
+        if (None, None) in got:
+            s.unexpected.append(f"{name}: stored both fused and per-expert in the checkpoint")
+            continue
+        parts = ("gate", "up") if name.endswith("gate_up_proj") else ("down",)
+        need = {(e, q) for e in range(p.shape[0]) for q in parts}
+        lack = sorted(need - got)
+        if lack:
+            e, q = lack[0]
+            s.missing.append(
+                f"{name}: {len(lack)} of {len(need)} per-expert slices missing "
+                f"(e.g. experts.{e}.{q}_proj.weight)"
+            )
+    return s
+
+
+# ---- errors -------------------------------------------------------------------------------------
+def mismatch_error(source: str, cfg, s: _Scan) -> CheckpointError:
+    lines = [f"checkpoint {source} does not match its config ({_describe(cfg)}):"]
+    lines += [f"  hint: {h}" for h in _diagnose(cfg, s)]
+    for title, items in (
+        ("missing from the checkpoint", s.missing),
+        ("unexpected in the checkpoint", s.unexpected),
+        ("with a wrong shape or dtype", s.mismatched),
+    ):
+        if items:
+            lines.append(f"  {len(items)} tensor(s) {title}:")
+            lines += [f"    {x}" for x in items[:MAX_LISTED]]
+            if len(items) > MAX_LISTED:
+                lines.append(f"    ... and {len(items) - MAX_LISTED} more")
+    return CheckpointError("\n".join(lines))
+
+
+def _describe(cfg) -> str:
+    ffn = f"MoE {cfg.num_experts} experts" if cfg.is_moe else f"dense I={cfg.intermediate_size}"
+    return (
+        f"{cfg.num_hidden_layers} layers, hidden_size={cfg.hidden_size}, "
+        f"vocab_size={cfg.vocab_size}, {ffn}"
+    )
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(\w+)")
+
+
+def _diagnose(cfg, s: _Scan) -> list[str]:
+    """Plain-language reasons for common config/weights mismatches."""
+    hints = []
+    extra_layers = {int(m[1]) for k in s.unexpected if (m := _LAYER.match(_norm(k)))}
+    extra_layers = {i for i in extra_layers if i >= cfg.num_hidden_layers}
+    if extra_layers:
+        hints.append(
+            f"the checkpoint has layers up to {max(extra_layers)} ({max(extra_layers) + 1} "
+            f"layers) but the config says num_hidden_layers={cfg.num_hidden_layers}"
+        )
+    lacking = {int(m[1]) for k in s.missing if (m := _LAYER.match(k))}
+    present = {int(m[1]) for k in s.unexpected if (m := _LAYER.match(_norm(k)))}
+    gone = sorted(lacking - present)
+    if gone and len(gone) < cfg.num_hidden_layers and gone[-1] == cfg.num_hidden_layers - 1:
+        n = gone[0]
+        if all(i in gone for i in range(n, cfg.num_hidden_layers)):
+            hints.append(
+                f"the checkpoint has only {n} layers but the config says "
+                f"num_hidden_layers={cfg.num_hidden_layers}"
+            )
+    if s.embed_shape is not None:
+        v, h = s.embed_shape
+        hints.append(
+            f"the weights have vocab_size={v}, hidden_size={h} but the config says "
+            f"vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}"
+        )
+    elif s.mismatched:
+        hints.append("tensor shapes differ: the config does not describe these weights")
+    swapped = sorted(
+        {
+            int(m[1])
+            for k in s.unexpected
+            if (m := _LAYER.match(_norm(k))) and m[2] in ("linear_attn", "self_attn")
+        }
+        & lacking
+    )
+    if swapped:
+        hints.append(
+            f"layers {swapped[:8]} have a different attention kind (linear_attn vs self_attn) "
+            "in the checkpoint than in the config's layer_types"
+        )
+    if any("mlp.experts" in k for k in s.unexpected) and not cfg.is_moe:
+        hints.append("the checkpoint is a MoE model but the config describes a dense one")
+    if any("mlp.gate_proj" in k for k in s.unexpected) and cfg.is_moe:
+        hints.append("the checkpoint is a dense model but the config describes a MoE one")
+    return hints
+
+
+def _norm(entry: str) -> str:
+    return entry.split(" ")[0].replace("model.language_model.", "model.")
+
+
+# ---- read ---------------------------------------------------------------------------------------
+def read_into(
+    s: _Scan,
+    params: dict[str, torch.Tensor],
+    report: LoadReport,
+    progress: bool,
+) -> None:
+    """Copy every planned tensor into its parameter, one memory-mapped file at a time."""
+    total = sum(e.nbytes for entries in s.plan.values() for e in entries)
+    bar = _progress_bar(total) if progress else None
+    cast: Counter = Counter()
+    t0 = time.perf_counter()
+    try:
+        for path, entries in s.plan.items():
+            if not entries:
+                continue
+            # one open handle at a time: the mmap of a shard is released before the next
+            with _open(path) as f:
+                for e in entries:
+                    dst = _dest(params[e.target.param], e.target)
+                    try:
+                        src = f.get_tensor(e.key)
+                    except Exception as exc:  # safetensors raises its own types on bad data
+                        raise CheckpointError(
+                            f"cannot read tensor {e.key} from {path}: {exc} "
+                            "(truncated or corrupt file? re-download it)"
+                        ) from None
+                    if src.dtype != dst.dtype:
+                        cast[f"{e.st_dtype}->{str(dst.dtype).removeprefix('torch.')}"] += 1
+                    dst.copy_(src)  # casts (e.g. the fp32 A_log / norm weights) on the way
+                    del src
+                    report.num_tensors += 1
+                    report.num_bytes += e.nbytes
+                    if bar is not None:
+                        bar[0].update(bar[1], advance=e.nbytes)
+        if s.tied_duplicate is not None:
+            _check_tied(s, params, report)
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    report.cast = dict(cast)
+    report.seconds_read = time.perf_counter() - t0
+
+
+def _check_tied(s: _Scan, params: dict[str, torch.Tensor], report: LoadReport) -> None:
+    e, path = s.tied_duplicate, s.tied_file
+    with _open(path) as f:
+        head = f.get_tensor(e.key)
+    emb = params[e.target.param]
+    same = torch.equal(head.to(emb.dtype).to(emb.device), emb)
+    report.notes.append(
+        "lm_head.weight is stored beside the tied embedding; the embedding is used"
+        + ("" if same else " (WARNING: they differ in the file)")
+    )
+    if not same:
+        import logging
+
+        logging.getLogger("qwen35.loader").warning(
+            "%s: lm_head.weight differs from the tied embed_tokens.weight; using the embedding "
+            "(tie_word_embeddings is true in config.json)",
+            path,
+        )
+
+
+def _progress_bar(total: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = Progress(
+        TextColumn("loading weights"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    p.start()
+    return p, p.add_task("load", total=total)

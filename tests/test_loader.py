@@ -1,0 +1,418 @@
+"""Checkpoint loader: layouts, expert forms, shards, dtypes, tying, strict errors, Hub, random."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qwen35 import weights
+from qwen35.config import ModelConfig
+from qwen35.errors import Qwen35Error
+from qwen35.loader import CheckpointError, load_model, parse_dtype
+from tiny import save_checkpoint, tiny_config_dict
+
+try:  # the model helper's class; until it exists the mapping is checked against transformers
+    from qwen35.models.qwen3_5 import Qwen35ForCausalLM
+except ImportError:
+    Qwen35ForCausalLM = None
+
+NEEDS_MODEL = pytest.mark.skipif(
+    Qwen35ForCausalLM is None, reason="qwen35.models.qwen3_5.Qwen35ForCausalLM not written yet"
+)
+
+
+def hf_factory(cfg: ModelConfig) -> torch.nn.Module:
+    """transformers' text model for a ModelConfig: the reference for names and shapes."""
+    from transformers import (
+        Qwen3_5ForCausalLM,
+        Qwen3_5MoeForCausalLM,
+        Qwen3_5MoeTextConfig,
+        Qwen3_5TextConfig,
+    )
+
+    kw = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        layer_types=list(cfg.layer_types),
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        linear_num_key_heads=cfg.linear_num_key_heads,
+        linear_num_value_heads=cfg.linear_num_value_heads,
+        linear_key_head_dim=cfg.linear_key_head_dim,
+        linear_value_head_dim=cfg.linear_value_head_dim,
+        linear_conv_kernel_dim=cfg.linear_conv_kernel_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": cfg.rope_theta,
+            "partial_rotary_factor": cfg.partial_rotary_factor,
+        },
+    )
+    if cfg.is_moe:
+        c = Qwen3_5MoeTextConfig(
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.num_experts_per_tok,
+            moe_intermediate_size=cfg.moe_intermediate_size,
+            shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+            **kw,
+        )
+        c._experts_implementation = "eager"
+        model_cls = Qwen3_5MoeForCausalLM
+    else:
+        c, model_cls = (
+            Qwen3_5TextConfig(intermediate_size=cfg.intermediate_size, **kw),
+            (Qwen3_5ForCausalLM),
+        )
+    c._attn_implementation = "eager"
+    return model_cls(c)
+
+
+# our model once it exists (the real contract), transformers' otherwise
+FACTORY = hf_factory if Qwen35ForCausalLM is None else None
+
+
+def load(path, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("model_factory", FACTORY)
+    return load_model(path, **kw)
+
+
+def assert_same_state(model, ref, dtype=torch.float32, disk=torch.float32):
+    sd, want = model.state_dict(), ref.state_dict()
+    assert sorted(sd) == sorted(want)
+    for k, v in want.items():
+        expect = v.to(disk).to(dtype)  # what the file holds, cast to the load dtype
+        assert sd[k].dtype == dtype, k
+        assert torch.equal(sd[k], expect), k
+
+
+CASES = [  # moe, layout, experts, shards, dtype on disk
+    (False, "text", "fused", 1, torch.float32),
+    (False, "vlm", "fused", 3, torch.float32),
+    (False, "vlm", "fused", 1, torch.bfloat16),
+    (True, "text", "fused", 3, torch.bfloat16),
+    (True, "text", "per_expert", 1, torch.float32),
+    (True, "vlm", "fused", 1, torch.float32),
+    (True, "vlm", "per_expert", 3, torch.float32),
+    (True, "vlm", "per_expert", 1, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("moe,layout,experts,shards,disk", CASES)
+def test_layouts_load_exactly(tmp_path, moe, layout, experts, shards, disk):
+    ref = save_checkpoint(
+        tmp_path, moe=moe, layout=layout, experts=experts, shards=shards, dtype=disk
+    )
+    model = load(tmp_path, dtype="fp32")
+    assert_same_state(model, ref, torch.float32, disk)
+    rep = model.load_report
+    assert rep.skipped == ({"model.visual": 2, "mtp": 2} if layout == "vlm" else {})
+    assert len(rep.files) == shards and rep.num_tensors > 0 and rep.num_bytes > 0
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_hf_mapping_independent_of_model_class(tmp_path):
+    # the name mapping must load transformers' own module too (identical names)
+    ref = save_checkpoint(tmp_path, moe=True, layout="vlm", experts="per_expert", shards=3)
+    assert_same_state(load(tmp_path, dtype="fp32", model_factory=hf_factory), ref)
+
+
+def test_bf16_load_casts_fp32_tensors(tmp_path):
+    ref = save_checkpoint(tmp_path, moe=True, layout="vlm", experts="fused")
+    model = load(tmp_path, dtype="bf16")
+    assert_same_state(model, ref, torch.bfloat16, torch.float32)
+    n_tensors = model.load_report.num_tensors
+    assert model.load_report.cast == {"F32->bfloat16": n_tensors}
+    assert model.load_report.dtype == "bfloat16"
+
+
+@NEEDS_MODEL
+@pytest.mark.parametrize("moe", [False, True])
+def test_logits_match_transformers(tmp_path, moe):
+    ref = save_checkpoint(tmp_path, moe=moe, layout="vlm", experts="per_expert" if moe else "fused")
+    model = load_model(tmp_path, dtype="fp32", progress=False)
+    assert model.config.hidden_size == 64
+    ids = torch.randint(0, 256, (2, 75), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = model(ids)
+    got = getattr(got, "logits", got)
+    assert got.shape == (2, 75, 256)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("lm_head", ["absent", "equal", "different"])
+def test_tied_embeddings(tmp_path, caplog, lm_head):
+    ref = save_checkpoint(tmp_path, tie_word_embeddings=True, layout="vlm")
+    f = tmp_path / "model.safetensors"
+    sd = load_file(f)
+    assert "lm_head.weight" not in sd
+    emb = sd["model.language_model.embed_tokens.weight"]
+    if lm_head != "absent":
+        sd["lm_head.weight"] = emb.clone() + (1.0 if lm_head == "different" else 0.0)
+        save_file(sd, f)
+    with caplog.at_level(logging.WARNING, logger="qwen35.loader"):
+        model = load(tmp_path, dtype="fp32")
+    sd_model = model.state_dict()
+    assert torch.equal(sd_model["model.embed_tokens.weight"], emb)
+    assert torch.equal(sd_model["lm_head.weight"], emb)  # tied: the embedding wins
+    assert_same_state(model, ref)
+    assert ("differs from the tied" in caplog.text) == (lm_head == "different")
+
+
+def test_tied_head_only(tmp_path):
+    # a tied checkpoint that stores the shared matrix under lm_head.weight only
+    save_checkpoint(tmp_path, tie_word_embeddings=True, layout="text")
+    f = tmp_path / "model.safetensors"
+    sd = load_file(f)
+    emb = sd.pop("model.embed_tokens.weight")
+    sd["lm_head.weight"] = emb
+    save_file(sd, f)
+    model = load(tmp_path, dtype="fp32")
+    assert torch.equal(model.state_dict()["model.embed_tokens.weight"], emb)
+
+
+def test_only_one_file_open_at_a_time(tmp_path, monkeypatch):
+    # peak memory: a shard's mmap is closed before the next is opened
+    save_checkpoint(tmp_path, moe=True, shards=3)
+    real_open, state = weights._open, {"open": 0, "max": 0, "calls": 0}
+
+    class Handle:
+        def __init__(self, path):
+            self.h = real_open(path)
+
+        def __enter__(self):
+            state["open"] += 1
+            state["calls"] += 1
+            state["max"] = max(state["max"], state["open"])
+            return self.h.__enter__()
+
+        def __exit__(self, *a):
+            state["open"] -= 1
+            return self.h.__exit__(*a)
+
+    monkeypatch.setattr(weights, "_open", Handle)
+    load(tmp_path, dtype="fp32")
+    assert state["max"] == 1 and state["calls"] == 6  # 3 header scans + 3 data passes
+
+
+def tiny_config(moe: bool = False) -> dict:
+    return {"model_type": "qwen3_5_moe_text" if moe else "qwen3_5_text", **tiny_config_dict(moe)}
+
+
+# ---- errors -------------------------------------------------------------------------------------
+def edit_file(path: Path, fn) -> None:
+    sd = load_file(path)
+    fn(sd)
+    save_file(sd, path)
+
+
+def test_missing_unexpected_and_shape_in_one_error(tmp_path):
+    save_checkpoint(tmp_path, layout="vlm")
+    pre = "model.language_model."
+
+    def damage(sd):
+        del sd[pre + "layers.0.linear_attn.A_log"]
+        del sd[pre + "norm.weight"]
+        sd[pre + "layers.0.mlp.extra.weight"] = torch.zeros(2, 2)
+        sd[pre + "layers.3.self_attn.q_norm.weight"] = torch.zeros(31)
+
+    edit_file(tmp_path / "model.safetensors", damage)
+    with pytest.raises(CheckpointError) as e:
+        load(tmp_path)
+    msg = str(e.value)
+    assert "2 tensor(s) missing from the checkpoint" in msg
+    assert "model.layers.0.linear_attn.A_log [4]" in msg and "model.norm.weight [64]" in msg
+    assert "1 tensor(s) unexpected" in msg and "layers.0.mlp.extra.weight" in msg
+    assert "1 tensor(s) with a wrong shape" in msg
+    assert "self_attn.q_norm.weight: checkpoint [31], model expects [32]" in msg
+
+
+def test_error_lists_at_most_ten(tmp_path):
+    save_checkpoint(tmp_path, layout="text")
+    edit_file(
+        tmp_path / "model.safetensors",
+        lambda sd: sd.update({f"extra.{i}.weight": torch.zeros(1) for i in range(25)}),
+    )
+    with pytest.raises(CheckpointError, match="25 tensor") as e:
+        load(tmp_path)
+    assert "... and 15 more" in str(e.value)
+
+
+def test_missing_expert_slices(tmp_path):
+    save_checkpoint(tmp_path, moe=True, layout="vlm", experts="per_expert")
+    edit_file(
+        tmp_path / "model.safetensors",
+        lambda sd: sd.pop("model.language_model.layers.2.mlp.experts.5.up_proj.weight"),
+    )
+    with pytest.raises(CheckpointError) as e:
+        load(tmp_path)
+    assert "layers.2.mlp.experts.gate_up_proj: 1 of 16 per-expert slices missing" in str(e.value)
+    assert "experts.5.up_proj.weight" in str(e.value)
+
+
+def test_truncated_file_names_the_file(tmp_path):
+    save_checkpoint(tmp_path, shards=3)
+    shard = sorted(tmp_path.glob("*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"cannot read .*{shard.name}.*truncated"):
+        load(tmp_path)
+
+
+def test_missing_shard_file(tmp_path):
+    save_checkpoint(tmp_path, shards=3)
+    sorted(tmp_path.glob("*.safetensors"))[2].unlink()
+    with pytest.raises(CheckpointError, match="1 are missing.*model-00003-of-00003"):
+        load(tmp_path)
+
+
+def test_more_layers_in_weights_than_config(tmp_path):
+    save_checkpoint(tmp_path, layout="vlm", num_hidden_layers=8)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["text_config"]["num_hidden_layers"] = 4
+    cfg["text_config"]["layer_types"] = cfg["text_config"]["layer_types"][:4]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as e:
+        load(tmp_path)
+    assert "the checkpoint has layers up to 7 (8 layers)" in str(e.value)
+    assert "num_hidden_layers=4" in str(e.value)
+
+
+def test_fewer_layers_in_weights_than_config(tmp_path):
+    save_checkpoint(tmp_path, layout="text", num_hidden_layers=4)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 8
+    cfg["layer_types"] = cfg["layer_types"] * 2
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="has only 4 layers but the config says"):
+        load(tmp_path)
+
+
+def test_hidden_size_mismatch(tmp_path):
+    save_checkpoint(tmp_path, layout="text")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["hidden_size"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as e:
+        load(tmp_path)
+    msg = str(e.value)
+    assert (
+        "weights have vocab_size=256, hidden_size=64 but the config says vocab_size=256, hidden_size=128"
+        in msg
+    )
+    assert "embed_tokens.weight: checkpoint [256, 64], model expects [256, 128]" in msg
+
+
+def test_dense_config_moe_weights(tmp_path):
+    save_checkpoint(tmp_path, moe=True, layout="text")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(model_type="qwen3_5_text", intermediate_size=96)
+    for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        cfg.pop(k)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="is a MoE model but the config describes a dense"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "source,match",
+    [
+        ("/nonexistent/qwen-dir", "no model directory at '/nonexistent/qwen-dir'"),
+        ("not-a-model-name", "no model directory at 'not-a-model-name'"),
+    ],
+)
+def test_nonexistent_path(source, match):
+    with pytest.raises(CheckpointError, match=match):
+        load(source)
+
+
+def test_directory_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
+    with pytest.raises(CheckpointError, match="no \\*.safetensors weights.*load_format='random'"):
+        load(tmp_path)
+
+
+def test_hub_id_not_cached_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError) as e:
+        load("Qwen/Qwen3.5-0.8B")
+    msg = str(e.value)
+    assert "not in " + str(tmp_path / "hub") in msg and "HF_HUB_OFFLINE" in msg
+    assert "hf download Qwen/Qwen3.5-0.8B" in msg
+
+
+def test_hub_id_from_local_cache(tmp_path, monkeypatch):
+    # a snapshot in the standard cache layout resolves without any network access
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "hf" / "hub" / "models--test-org--tiny-qwen"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    ref = save_checkpoint(repo / "snapshots" / "0123abcd", layout="vlm")
+    model = load("test-org/tiny-qwen", dtype="fp32")
+    assert_same_state(model, ref)
+    assert model.load_report.source.endswith("0123abcd")
+
+
+def test_errors_are_user_facing():
+    # the CLI prints Qwen35Error messages as `error: ...` and exits 2 (no traceback)
+    assert issubclass(CheckpointError, Qwen35Error)
+    with pytest.raises(Qwen35Error, match="unknown dtype 'int3'"):
+        parse_dtype("int3")
+    with pytest.raises(Qwen35Error, match="unknown load_format"):
+        load("x", load_format="pickle")
+    assert parse_dtype("bfloat16") is torch.bfloat16 and parse_dtype("fp16") is torch.float16
+
+
+# ---- random weights -----------------------------------------------------------------------------
+def test_random_weights_from_config(tmp_path, caplog):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config(moe=True)))
+    with caplog.at_level(logging.WARNING, logger="qwen35.loader"):
+        model = load(tmp_path, load_format="random", dtype="fp32", seed=3)
+    assert "random weights:" in caplog.text and "NOT a real checkpoint" in caplog.text
+    assert model.load_report.random
+    sd = model.state_dict()
+    assert torch.all(sd["model.layers.0.input_layernorm.weight"] == 0)
+    assert torch.all(sd["model.layers.0.linear_attn.norm.weight"] == 1)
+    a_log = sd["model.layers.1.linear_attn.A_log"]
+    assert a_log.min() >= 0 and a_log.max() <= math.log(16)
+    w = sd["model.layers.0.mlp.experts.gate_up_proj"]
+    assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
+    again = load(tmp_path, load_format="random", dtype="fp32", seed=3).state_dict()
+    assert all(torch.equal(sd[k], again[k]) for k in sd)  # seeded
+
+
+def test_random_catalog_name(caplog):
+    # "random:NAME" resolves the bundled config; a spy factory keeps the test tiny
+    seen = []
+
+    def spy(cfg):
+        seen.append(cfg)
+        return hf_factory(ModelConfig.from_hf(tiny_config()))
+
+    with caplog.at_level(logging.WARNING, logger="qwen35.loader"):
+        model = load_model("random:Qwen3.5-0.8B", dtype="bf16", model_factory=spy)
+    assert seen[0].name == "Qwen3.5-0.8B" and seen[0].hidden_size == 1024
+    assert "random weights: Qwen3.5-0.8B" in caplog.text
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@NEEDS_MODEL
+def test_random_model_runs(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
+    model = load_model(tmp_path, load_format="random", dtype="fp32")
+    out = model(torch.randint(0, 256, (1, 9)))
+    assert torch.isfinite(getattr(out, "logits", out)).all()
