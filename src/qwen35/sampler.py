@@ -1,0 +1,295 @@
+"""Batched token sampler: every row of the batch carries its own `SamplingParams`.
+
+Order of operations (vLLM v1's order, so results match what users expect from it):
+1. min_tokens: EOS / stop token ids get -inf while fewer than `min_tokens` tokens are generated.
+2. penalties: repetition (HF/vLLM: over prompt + output, positive logits divided, negative
+   multiplied), then frequency and presence (OpenAI: over output tokens only).
+3. greedy rows (temperature < 1e-5) take the argmax of the penalised logits.
+4. sampled rows: divide by temperature, then min-p, top-k, top-p masks, then one draw with the
+   exponential race: argmax(probs / q), q ~ Exp(1), which samples exactly from `probs`.
+Logprobs are log_softmax of the RAW model logits by default (vLLM's default `raw_logprobs`);
+`Sampler(logprobs_mode="processed")` gives them from the logits actually sampled from instead.
+
+Reproducibility: a seeded row draws its V exponentials from its own generator, so its sample
+depends only on its seed, its inputs and its step count, not on the rest of the batch.
+Unseeded rows share the sampler's global generator.
+
+Cost: nothing is done that no row asks for: a pure-greedy batch is one argmax; the sort runs
+only when some row uses top-p (top-k alone uses `topk` with the largest k in the batch).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from qwen35.request import SamplingParams, TokenLogprob
+
+GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """One row of logits to sample from, with the request state the processors need."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int] = ()  # read only when repetition_penalty != 1
+    output_token_ids: Sequence[int] = ()  # generated so far (penalties, min_tokens)
+    generator: torch.Generator | None = None  # required for sampled rows with params.seed
+    eos_token_ids: tuple[int, ...] = ()  # masked until min_tokens unless params.ignore_eos
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]  # [S]
+    logprobs: list[TokenLogprob | None]  # [S]; None where params.logprobs is None
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """The per-request generator for `params.seed` (None for unseeded requests).
+
+    The engine keeps it for the request's lifetime; with n > 1 give each child its own seed
+    (e.g. seed + index) or all children draw the same tokens.
+    """
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def is_greedy(p: SamplingParams) -> bool:
+    return p.temperature < GREEDY_EPS
+
+
+def has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+class Sampler:
+    def __init__(self, seed: int | None = None, logprobs_mode: str = "raw"):
+        if logprobs_mode not in ("raw", "processed"):
+            raise ValueError(f"logprobs_mode must be 'raw' or 'processed', got {logprobs_mode!r}")
+        self.seed = seed
+        self.logprobs_mode = logprobs_mode
+        self._generators: dict[str, torch.Generator] = {}  # the global one, per device
+
+    def global_generator(self, device: torch.device) -> torch.Generator:
+        g = self._generators.get(str(device))
+        if g is None:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed) if self.seed is not None else g.seed()
+            self._generators[str(device)] = g
+        return g
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        """logits: [S, V] (any float dtype; computed in float32), one SamplingRow per row."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(
+                f"logits must be [num_rows, vocab] with one SamplingRow per row, got shape "
+                f"{tuple(logits.shape)} for {len(rows)} rows"
+            )
+        raw = logits.float()
+        x = apply_min_tokens(raw, rows)
+        x = apply_penalties(x, rows)
+        greedy = [is_greedy(r.params) for r in rows]
+        tokens = x.argmax(dim=-1) if any(greedy) else None  # [S]
+        processed = x
+        if not all(greedy):
+            idx = [i for i, g in enumerate(greedy) if not g]
+            sub_rows = [rows[i] for i in idx]
+            sub = x if len(idx) == len(rows) else x[torch.tensor(idx, device=x.device)]
+            sub = apply_top_filters(sub, [r.params for r in sub_rows])  # [R, V], new tensor
+            drawn = self._draw(sub, sub_rows)  # [R]
+            if tokens is None:
+                tokens, processed = drawn, sub
+            else:
+                idx_t = torch.tensor(idx, device=x.device)
+                tokens = tokens.index_copy(0, idx_t, drawn)
+                if self.logprobs_mode == "processed":
+                    processed = x.index_copy(0, idx_t, sub)
+        src = raw if self.logprobs_mode == "raw" else processed
+        token_ids = tokens.tolist()
+        return SamplerOutput(token_ids, compute_logprobs(src, rows, tokens, token_ids))
+
+    def _draw(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """One sample per row of masked, temperature-scaled logits x: [R, V] -> [R] int64."""
+        probs = x.softmax(dim=-1)  # [R, V]
+        q = torch.empty_like(probs)  # [R, V], Exp(1) noise
+        seeded = [i for i, r in enumerate(rows) if r.params.seed is not None]
+        if len(seeded) < len(rows):
+            g = self.global_generator(x.device)
+            if not seeded:
+                q.exponential_(generator=g)
+            else:
+                free = [i for i, r in enumerate(rows) if r.params.seed is None]
+                noise = torch.empty(len(free), x.shape[1], device=x.device).exponential_(
+                    generator=g
+                )
+                q[torch.tensor(free, device=x.device)] = noise
+        for i in seeded:  # the one loop that cannot be vectorised: one generator per request
+            g = rows[i].generator
+            if g is None:
+                raise ValueError(
+                    "a seeded request needs a generator: create it once per request with "
+                    "make_generator(params.seed, device) and pass it in every step"
+                )
+            if g.device != x.device:
+                raise ValueError(f"generator on {g.device} but logits on {x.device}")
+            q[i].exponential_(generator=g)
+        # q == 0 is possible in principle; it would pick a masked (prob 0) token via 0/0.
+        q.clamp_min_(torch.finfo(q.dtype).tiny)
+        return probs.div_(q).argmax(dim=-1)
+
+
+def _row_counts(lists: Sequence[Sequence[int]], vocab: int, device) -> torch.Tensor:
+    """counts[r, t] = occurrences of token t in lists[r]: [R, V] float32, one scatter_add."""
+    lens = [len(t) for t in lists]
+    counts = torch.zeros(len(lists), vocab, device=device)
+    if sum(lens) == 0:
+        return counts
+    ids = torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.long)  # [N]
+    lo, hi = int(ids.min()), int(ids.max())  # checked on the host copy: no device sync
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"token id out of range [0, {vocab}): min {lo}, max {hi}")
+    row = torch.repeat_interleave(torch.arange(len(lists)), torch.tensor(lens))  # [N]
+    flat = (row * vocab + ids).to(device, non_blocking=True)  # [N]
+    counts.view(-1).scatter_add_(0, flat, torch.ones(flat.shape, device=device))
+    return counts
+
+
+def apply_min_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """-inf on EOS / stop ids of rows still under min_tokens; returns a new tensor if any."""
+    r_idx: list[int] = []
+    t_idx: list[int] = []
+    for i, r in enumerate(rows):
+        p = r.params
+        if len(r.output_token_ids) < p.min_tokens:
+            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
+            stops = {t for t in stops if 0 <= t < x.shape[1]}
+            r_idx += [i] * len(stops)
+            t_idx += sorted(stops)
+    if not r_idx:
+        return x
+    where = (torch.tensor(r_idx, device=x.device), torch.tensor(t_idx, device=x.device))
+    return x.index_put(where, torch.tensor(-math.inf, device=x.device))
+
+
+def apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Repetition, frequency and presence penalties; returns x itself when no row has any."""
+    idx = [i for i, r in enumerate(rows) if has_penalties(r.params)]
+    if not idx:
+        return x
+    sel = [rows[i] for i in idx]
+    ps = [r.params for r in sel]
+    dev, vocab = x.device, x.shape[1]
+    idx_t = torch.tensor(idx, device=dev)
+    sub = x[idx_t]  # [P, V], a copy
+    counts = _row_counts([r.output_token_ids for r in sel], vocab, dev)  # [P, V]
+    if any(p.repetition_penalty != 1.0 for p in ps):
+        prompts = [r.prompt_token_ids if r.params.repetition_penalty != 1.0 else () for r in sel]
+        seen = (_row_counts(prompts, vocab, dev) > 0) | (counts > 0)  # [P, V]
+        rep = torch.tensor([p.repetition_penalty for p in ps], device=dev)[:, None]  # [P, 1]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    coef = torch.tensor([[p.frequency_penalty, p.presence_penalty] for p in ps], device=dev)
+    sub = sub - coef[:, 0:1] * counts - coef[:, 1:2] * (counts > 0)  # [P, V]
+    return x.index_copy(0, idx_t, sub)
+
+
+def apply_top_filters(x: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, then min-p, top-k, top-p as -inf masks. x: [R, V] -> new [R, V]."""
+    dev, vocab = x.device, x.shape[1]
+    ninf = -math.inf
+    cols = [[p.temperature, p.min_p, p.top_p, min(p.top_k, vocab) or vocab] for p in ps]
+    prm = torch.tensor(cols, dtype=torch.float32, device=dev)  # [R, 4]: one host->device copy
+    x = x / prm[:, 0:1]  # [R, V]
+    if any(p.min_p > 0 for p in ps):
+        # probs < min_p * max_prob  <=>  logit < max_logit + log(min_p); log(0) = -inf keeps all
+        x.masked_fill_(x < x.amax(dim=-1, keepdim=True) + prm[:, 1:2].log(), ninf)
+    use_k = any(0 < p.top_k < vocab for p in ps)
+    k = prm[:, 3:4].long()  # [R, 1], vocab where off
+    if any(p.top_p < 1.0 for p in ps):
+        srt = x.sort(dim=-1, descending=True).values  # [R, V]
+        if use_k:
+            kth = srt.gather(1, k - 1)  # [R, 1]; ties with the k-th value are kept (vLLM)
+            srt.masked_fill_(srt < kth, ninf)
+            x.masked_fill_(x < kth, ninf)
+        probs = srt.softmax(dim=-1)  # [R, V], renormalised after top-k
+        before = probs.cumsum(dim=-1) - probs  # [R, V] mass strictly before each position
+        n_keep = (before < prm[:, 2:3]).sum(dim=-1, keepdim=True)  # [R, 1] >= 1 (top_p > 0)
+        n_keep = torch.where(prm[:, 2:3] >= 1.0, vocab, n_keep)
+        x.masked_fill_(x < srt.gather(1, n_keep - 1), ninf)
+    elif use_k:
+        k_max = max(p.top_k for p in ps if 0 < p.top_k < vocab)
+        top = x.topk(k_max, dim=-1).values  # [R, k_max]; no full sort
+        kth = top.gather(1, (k.clamp(max=top.shape[1]) - 1))  # [R, 1]
+        kth = torch.where(k >= vocab, ninf, kth)
+        x.masked_fill_(x < kth, ninf)
+    return x
+
+
+def compute_logprobs(
+    src: torch.Tensor, rows: Sequence[SamplingRow], tokens: torch.Tensor, token_ids: list[int]
+) -> list[TokenLogprob | None]:
+    """The chosen token's logprob and the top-n, for rows with params.logprobs set."""
+    out: list[TokenLogprob | None] = [None] * len(rows)
+    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    if not want:
+        return out
+    idx_t = torch.tensor(want, device=src.device)
+    lp = src[idx_t].log_softmax(dim=-1)  # [W, V]
+    chosen = lp.gather(1, tokens[idx_t][:, None])[:, 0].tolist()  # [W]
+    n_max = max(rows[i].params.logprobs for i in want)
+    if n_max > 0:
+        vals, ids = lp.topk(n_max, dim=-1)  # [W, n_max], sorted descending
+        vals, ids = vals.tolist(), ids.tolist()
+    for j, i in enumerate(want):
+        n = rows[i].params.logprobs
+        top = dict(zip(ids[j][:n], vals[j][:n], strict=True)) if n else {}
+        out[i] = TokenLogprob(token_ids[i], chosen[j], top)
+    return out
+
+
+def reference_sample(
+    logits: torch.Tensor, row: SamplingRow, generator: torch.Generator | None = None
+) -> tuple[int, TokenLogprob | None]:
+    """Plain one-row reference (test oracle and benchmark baseline); same semantics, other math.
+
+    logits: [V]. Draws V exponentials from row.generator (seeded) or `generator`, like Sampler.
+    """
+    p, raw = row.params, logits.float()
+    x = raw.clone()
+    if len(row.output_token_ids) < p.min_tokens:
+        for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(row.eos_token_ids)):
+            x[t] = -math.inf
+    if p.repetition_penalty != 1.0:
+        for t in set(row.prompt_token_ids) | set(row.output_token_ids):
+            x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t in set(row.output_token_ids):
+        x[t] -= p.frequency_penalty * list(row.output_token_ids).count(t) + p.presence_penalty
+    if is_greedy(p):
+        token = int(x.argmax())
+    else:
+        x = x / p.temperature
+        if p.min_p > 0:
+            probs = x.softmax(-1)
+            x[probs < p.min_p * probs.max()] = -math.inf
+        if 0 < p.top_k < x.numel():
+            x[x < x.topk(p.top_k).values[-1]] = -math.inf
+        if p.top_p < 1.0:  # vLLM's form: drop the ascending prefix holding <= 1 - top_p
+            asc = x.sort().values
+            drop = asc.softmax(-1).cumsum(-1) <= 1 - p.top_p
+            drop[-1] = False
+            x[x < asc[~drop][0]] = -math.inf
+        g = row.generator if p.seed is not None else generator
+        q = torch.empty_like(x).exponential_(generator=g).clamp_min_(torch.finfo(x.dtype).tiny)
+        token = int((x.softmax(-1) / q).argmax())
+    if p.logprobs is None:
+        return token, None
+    lp = raw.log_softmax(-1)
+    vals, ids = lp.topk(p.logprobs) if p.logprobs else (lp[:0], lp[:0].long())
+    return token, TokenLogprob(
+        token, float(lp[token]), dict(zip(ids.tolist(), vals.tolist(), strict=True))
+    )
