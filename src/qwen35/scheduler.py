@@ -1,0 +1,407 @@
+"""Continuous batching over token counts (vLLM v1 style), with hybrid prefix caching.
+
+Each step every sequence's `num_computed_tokens` catches up with `num_tokens` under one token
+budget, so chunked prefill, decode and mixed batches are one code path. Running sequences go
+first (oldest first), then waiting ones are admitted FCFS while budget, `max_num_seqs`, a state
+slot and KV blocks last. A running sequence that cannot get a block preempts the most recently
+admitted one (recompute: its caches are freed and it goes back to the front of `waiting`).
+
+Engine loop: `out = schedule()`; the runner executes `out.scheduled` (see ScheduledSeq);
+`finished = update(out, {seq_id: token})`; `finish(seq_id)` for stop strings; `abort(seq_id)`.
+Every schedule() must be followed by update() with its output. No torch here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from qwen35.kv_cache import KVBlockPool, _check, extend_block_hashes
+from qwen35.sequence import FINISH_REASONS, Sequence, SequenceStatus
+from qwen35.state_cache import StatePool
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256  # running sequences at once
+    max_num_batched_tokens: int = 8192  # token budget of one step
+    max_model_len: int = 32768  # prompt + output
+    block_size: int = 16  # tokens per KV block
+    enable_prefix_caching: bool = True
+    checkpoint_interval: int = 0  # tokens between state checkpoints; 0: about 256, block-aligned
+    checkpoint_prompt_end: bool = True  # also at the last block boundary inside the prompt
+    max_chunk_tokens: int = 0  # per-sequence cap per step (long prefills share steps); 0: none
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        bs = self.block_size
+        if self.checkpoint_interval == 0:
+            object.__setattr__(self, "checkpoint_interval", bs * max(1, round(256 / bs)))
+        if self.checkpoint_interval < 0 or self.checkpoint_interval % bs:
+            raise ValueError(
+                f"checkpoint_interval ({self.checkpoint_interval}) must be a positive multiple "
+                f"of block_size ({bs}): checkpoints sit on KV block boundaries"
+            )
+        if self.max_chunk_tokens < 0:
+            raise ValueError(f"max_chunk_tokens must be >= 0, got {self.max_chunk_tokens}")
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """Run tokens seq.token_ids[start : start + num_new_tokens] of `seq` this step."""
+
+    seq: Sequence
+    start: int  # num_computed_tokens before this step (KV positions 0..start-1 are cached)
+    num_new_tokens: int
+    sample: bool  # the chunk reaches the last known token: sample the next one from its logits
+    # Checkpoint slot to copy into seq.state_slot BEFORE running (prefix-cache hit; start > 0).
+    restore_from: int | None = None
+    # (n, slot): after the first n new tokens (1 <= n <= num_new_tokens) copy the state into
+    # checkpoint `slot` (ForwardBatch.state_checkpoints entry (i, n, slot)).
+    checkpoints: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def has_initial_state(self) -> bool:
+        return self.start > 0
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # admissions looked up (first admissions and resumes)
+    hits: int = 0  # admissions with a hit
+    query_tokens: int = 0  # known tokens at those admissions
+    hit_tokens: int = 0  # tokens not recomputed thanks to a hit
+    num_cached_blocks: int = 0
+    num_checkpoints: int = 0
+    checkpoint_capacity: int = 0
+    block_evictions: int = 0
+    checkpoint_evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+
+_STATUS = {reason: status for status, reason in FINISH_REASONS.items()}
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        num_blocks: int,
+        num_slots: int | None = None,
+        num_checkpoint_slots: int = 0,
+    ):
+        bs = config.block_size
+        if num_blocks < cdiv(config.max_model_len, bs):
+            raise ValueError(
+                f"{num_blocks} KV blocks of {bs} tokens cannot hold one sequence of "
+                f"max_model_len={config.max_model_len}; lower max_model_len or add memory"
+            )
+        self.config = config
+        self.kv = KVBlockPool(num_blocks, bs)
+        ckpt = num_checkpoint_slots if config.enable_prefix_caching else 0
+        self.state = StatePool(num_slots or config.max_num_seqs, ckpt)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order
+        self._seqs: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        self._stats = PrefixCacheStats()
+        self.num_preemptions = 0
+
+    # ---- requests ----
+
+    def add(self, seq: Sequence) -> None:
+        if seq.seq_id in self._seqs:
+            raise ValueError(f"sequence id {seq.seq_id!r} is already scheduled")
+        if not 0 < seq.num_tokens <= self.config.max_model_len:
+            raise ValueError(
+                f"prompt has {seq.num_tokens} tokens; it must have 1 to max_model_len="
+                f"{self.config.max_model_len} tokens"
+            )
+        seq.arrival = next(self._arrivals)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        self._seqs[seq.seq_id] = seq
+
+    def abort(self, seq_id: str) -> bool:
+        return self.finish(seq_id, "abort")
+
+    def finish(self, seq_id: str, reason: str = "stop", stop_reason: int | str | None = None):
+        """End a sequence now ("stop" | "length" | "abort"), freeing its caches. False if unknown
+        (already finished). Call between steps, not between schedule() and update()."""
+        if reason not in _STATUS:
+            raise ValueError(f"finish reason must be one of {sorted(_STATUS)}, got {reason!r}")
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            return False
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._finish(seq, _STATUS[reason], stop_reason)
+        return True
+
+    def get(self, seq_id: str) -> Sequence | None:
+        return self._seqs.get(seq_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- one step ----
+
+    def schedule(self) -> SchedulerOutput:
+        cfg, out = self.config, SchedulerOutput()
+        self.state.begin_step()
+        budget = cfg.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = self._chunk(seq, seq.num_computed_tokens, budget)
+            while not self._grow(seq, n):
+                victim = self.running.pop()  # most recently admitted; never one scheduled already
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break
+            out.scheduled.append(self._plan(seq, n, None))
+            budget -= n
+            i += 1
+        # Admitting right after a preemption would only preempt again.
+        while (
+            not out.preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < cfg.max_num_seqs
+            and self.state.num_free_slots
+        ):
+            seq = self.waiting[0]
+            hit_blocks, ckpt = self._lookup(seq)
+            hit = len(hit_blocks) * cfg.block_size
+            n = self._chunk(seq, hit, budget)
+            need = cdiv(hit + n, cfg.block_size) - len(hit_blocks)
+            if need > self.kv.num_free_blocks - self.kv.num_evictable_among(hit_blocks):
+                break  # FCFS: later requests wait behind the head
+            self.waiting.popleft()
+            self._count_query(seq, hit)
+            self.kv.acquire(hit_blocks)
+            seq.block_ids = hit_blocks + self.kv.allocate(need)
+            seq.num_computed_tokens = hit
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = hit
+            seq.state_slot = self.state.allocate_slot()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            restore = self.state.restore(ckpt) if ckpt is not None else None
+            out.scheduled.append(self._plan(seq, n, restore))
+            budget -= n
+        out.num_batched_tokens = cfg.max_num_batched_tokens - budget
+        return out
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+        """Apply a finished step: advance computed counts, append sampled tokens, register new
+        full blocks and checkpoints, finish sequences that hit a stop condition (returned)."""
+        bs, finished = self.config.block_size, []
+        for s in output.scheduled:
+            seq = s.seq
+            ckpt_hashes = [seq.block_hashes[(s.start + n) // bs - 1] for n, _ in s.checkpoints]
+            if seq.is_finished:  # aborted between schedule() and update()
+                for h in ckpt_hashes:
+                    self.state.cancel(h)
+                continue
+            if seq.num_computed_tokens != s.start:
+                raise ValueError(f"{seq.seq_id}: output applied twice or out of order")
+            for h in ckpt_hashes:
+                self.state.commit(h)
+            seq.num_computed_tokens += s.num_new_tokens
+            if self.config.enable_prefix_caching:
+                self._hashes(seq)
+                for k in range(s.start // bs, seq.num_computed_tokens // bs):
+                    self.kv.register(seq.block_ids[k], seq.block_hashes[k])
+            if s.sample:
+                if seq.seq_id not in sampled:
+                    raise ValueError(f"no sampled token for {seq.seq_id}, which sampled this step")
+                seq.token_ids.append(sampled[seq.seq_id])
+                if self._check_stop(seq):
+                    self.running.remove(seq)
+                    finished.append(seq)
+        return finished
+
+    # ---- internals ----
+
+    def _chunk(self, seq: Sequence, start: int, budget: int) -> int:
+        n = min(seq.num_tokens - start, budget)
+        return min(n, self.config.max_chunk_tokens) if self.config.max_chunk_tokens else n
+
+    def _grow(self, seq: Sequence, n: int) -> bool:
+        """Blocks for tokens up to num_computed + n; False (nothing taken) if not enough."""
+        need = cdiv(seq.num_computed_tokens + n, self.config.block_size) - len(seq.block_ids)
+        if need > self.kv.num_free_blocks:
+            return False
+        seq.block_ids += self.kv.allocate(max(need, 0))
+        return True
+
+    def _hashes(self, seq: Sequence) -> list[bytes]:
+        return extend_block_hashes(
+            seq.block_hashes, seq.token_ids, self.config.block_size, seq.cache_salt
+        )
+
+    def _lookup(self, seq: Sequence) -> tuple[list[int], bytes | None]:
+        """Longest run of cached full blocks that ends at a state checkpoint and leaves at least
+        one token to compute (the logits row to sample from)."""
+        if not self.config.enable_prefix_caching:
+            return [], None
+        hashes = self._hashes(seq)
+        blocks = self.kv.match_prefix(hashes[: (seq.num_tokens - 1) // self.config.block_size])
+        for k in range(len(blocks), 0, -1):
+            if self.state.lookup(hashes[k - 1]) is not None:
+                return blocks[:k], hashes[k - 1]
+        return [], None
+
+    def _plan(self, seq: Sequence, n: int, restore: int | None) -> ScheduledSeq:
+        """Schedule n tokens of seq; reserve checkpoints at the block boundaries it crosses."""
+        cfg, start = self.config, seq.num_computed_tokens
+        s = ScheduledSeq(seq, start, n, start + n == seq.num_tokens, restore)
+        if not self.state.num_checkpoint_slots:
+            return s
+        iv, bs = cfg.checkpoint_interval, cfg.block_size
+        marks = set(range((start // iv + 1) * iv, start + n + 1, iv))
+        prompt_end = (seq.num_prompt_tokens - 1) // bs * bs
+        if cfg.checkpoint_prompt_end and start < prompt_end <= start + n:
+            marks.add(prompt_end)
+        hashes = self._hashes(seq) if marks else []
+        for t in sorted(marks):
+            h = hashes[t // bs - 1]
+            if self.state.has_checkpoint(h):
+                continue
+            slot = self.state.reserve(h)
+            if slot is None:
+                break
+            s.checkpoints.append((t - start, slot))
+        return s
+
+    def _check_stop(self, seq: Sequence) -> bool:
+        p, tok = seq.params, seq.token_ids[-1]
+        status, reason = None, None
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and tok in self.config.eos_token_ids:
+                status = SequenceStatus.FINISHED_STOPPED
+            elif tok in p.stop_token_ids:
+                status, reason = SequenceStatus.FINISHED_STOPPED, tok
+        if status is None and (
+            (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)
+            or seq.num_tokens >= self.config.max_model_len
+        ):
+            status = SequenceStatus.FINISHED_LENGTH
+        if status is not None:
+            self._finish(seq, status, reason)
+        return status is not None
+
+    def _release(self, seq: Sequence) -> None:
+        self.kv.free(seq.block_ids)
+        seq.block_ids = []
+        if seq.state_slot is not None:
+            self.state.free_slot(seq.state_slot)
+            seq.state_slot = None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _finish(self, seq: Sequence, status: SequenceStatus, stop_reason: int | str | None):
+        self._release(seq)
+        seq.status, seq.finish_reason = status, FINISH_REASONS[status]
+        seq.stop_reason = stop_reason
+        del self._seqs[seq.seq_id]
+
+    def _count_query(self, seq: Sequence, hit: int) -> None:
+        if self.config.enable_prefix_caching:
+            self._stats.queries += 1
+            self._stats.hits += hit > 0
+            self._stats.query_tokens += seq.num_tokens
+            self._stats.hit_tokens += hit
+
+    # ---- stats and checks ----
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        st = self._stats
+        st.num_cached_blocks, st.block_evictions = self.kv.num_cached_blocks, self.kv.num_evictions
+        st.num_checkpoints = self.state.num_checkpoints
+        st.checkpoint_capacity = self.state.num_checkpoint_slots
+        st.checkpoint_evictions = self.state.num_evictions
+        return PrefixCacheStats(**{k: getattr(st, k) for k in st.__dataclass_fields__})
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached blocks and checkpoints (e.g. between benchmark runs)."""
+        self.kv.reset_cache()
+        self.state.clear_checkpoints()
+        for seq in self._seqs.values():
+            seq.block_hashes.clear()
+
+    def check_integrity(self) -> None:
+        """Pools consistent, ref counts == holders, running sequences hold a slot and enough
+        blocks, limits respected. Cheap enough to call after every step in tests."""
+        self.kv.check_integrity()
+        self.state.check_integrity()
+        bs, run = self.config.block_size, self.running
+        _check(len(run) <= self.config.max_num_seqs, "more running sequences than max_num_seqs")
+        _check({s.seq_id for s in run} | {s.seq_id for s in self.waiting} == set(self._seqs), "ids")
+        holders = Counter(b for s in run for b in s.block_ids)
+        _check(all(self.kv.ref_counts[b] == holders[b] for b in range(self.kv.num_blocks)), "refs")
+        _check(all(self.kv.block_hash[b] for b, c in holders.items() if c > 1), "shared, unhashed")
+        slots = [s.state_slot for s in run]
+        _check(None not in slots and len(set(slots)) == len(slots), "running slots")
+        _check(self.state.num_free_slots == self.state.num_slots - len(run), "slots leaked")
+        for s in run:
+            _check(
+                s.status is SequenceStatus.RUNNING and len(set(s.block_ids)) == len(s.block_ids),
+                f"{s.seq_id} status or block table",
+            )
+            _check(
+                cdiv(s.num_computed_tokens, bs) <= len(s.block_ids) <= cdiv(s.num_tokens, bs),
+                f"{s.seq_id} holds {len(s.block_ids)} blocks for {s.num_computed_tokens} tokens",
+            )
+            _check(s.num_computed_tokens < s.num_tokens, f"{s.seq_id} has nothing left to compute")
+        for s in self.waiting:
+            _check(
+                s.status is SequenceStatus.WAITING
+                and not s.block_ids
+                and s.state_slot is None
+                and s.num_computed_tokens == 0,
+                f"waiting {s.seq_id} holds cache",
+            )

@@ -1,0 +1,81 @@
+"""Per-sequence state the scheduler tracks: tokens, how many are computed, which cache it holds.
+
+A sequence's `num_computed_tokens` catches up with `num_tokens` (prompt + generated) one chunk
+at a time; the token at index `num_computed_tokens` is the next one the model must process.
+After a preemption (recompute policy) `num_computed_tokens` drops back to 0 (or to a prefix-cache
+hit) and the generated tokens are recomputed with the prompt. No torch here.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from qwen35.request import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "finished_stopped"  # eos, stop token id or (engine) stop string
+    FINISHED_LENGTH = "finished_length"  # max_tokens or max_model_len
+    FINISHED_ABORTED = "finished_aborted"
+
+    @property
+    def finished(self) -> bool:
+        return self.value.startswith("finished")
+
+
+# The OpenAI finish_reason of each finished status.
+FINISH_REASONS = {
+    SequenceStatus.FINISHED_STOPPED: "stop",
+    SequenceStatus.FINISHED_LENGTH: "length",
+    SequenceStatus.FINISHED_ABORTED: "abort",
+}
+
+
+@dataclass(slots=True)
+class Sequence:
+    seq_id: str
+    token_ids: list[int]  # prompt + generated so far
+    params: SamplingParams = field(default_factory=SamplingParams)
+    # Mixed into the first block hash: requests whose token ids are equal but whose inputs are
+    # not (e.g. different images behind the same placeholder tokens) must use different salts.
+    cache_salt: str | None = None
+    num_prompt_tokens: int = -1  # set from token_ids when left at -1
+    num_computed_tokens: int = 0  # tokens whose KV and DeltaNet state are in the caches
+    block_ids: list[int] = field(default_factory=list)  # KV block table, block k = tokens k*bs..
+    state_slot: int | None = None  # running DeltaNet state slot while RUNNING
+    status: SequenceStatus = SequenceStatus.WAITING
+    arrival: int = -1  # admission order stamp, set by Scheduler.add
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id (or stop string) that ended it
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    num_preemptions: int = 0
+    # Chain hash of every full block of known tokens (prefix caching); extended lazily.
+    block_hashes: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.token_ids)
+        if self.num_prompt_tokens < 0:
+            self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished

@@ -1,0 +1,412 @@
+"""Scheduler tests with a fake runner that simulates the caches (no torch).
+
+FakeRunner keeps a fake KV store (flat slot -> (position, token)) and fake DeltaNet states
+(slot -> rolling hash of the tokens processed), follows ScheduledSeq exactly like the real runner
+must (restore_from before running, zeros when start == 0, checkpoints after n new tokens), checks
+that what it reads matches the sequence's tokens, and 'samples' a token from what it read. So any
+scheduling or caching mistake changes the output or trips an assertion, and every output must
+equal `reference_output` (an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from qwen35.request import SamplingParams
+from qwen35.scheduler import Scheduler, SchedulerConfig
+from qwen35.sequence import Sequence, SequenceStatus
+
+VOCAB = 50
+MOD = (1 << 61) - 1
+
+
+def roll(h: int, tok: int) -> int:
+    return (h * 1_000_003 + tok + 1) % MOD
+
+
+def ref_hash(tokens) -> int:
+    h = 0
+    for t in tokens:
+        h = roll(h, t)
+    return h
+
+
+class FakeRunner:
+    def __init__(self, sched: Scheduler):
+        self.sched = sched
+        self.bs = sched.config.block_size
+        self.kv: dict[int, tuple[int, int]] = {}
+        self.state: list[int | None] = [None] * sched.state.total_slots
+        self.restores = 0
+
+    def run(self, out) -> dict[str, int]:
+        num_slots, pool = self.sched.state.num_slots, self.sched.kv
+        for s in out.scheduled:  # restores first: a checkpoint written this step is not one
+            if s.restore_from is not None:
+                assert s.start > 0 and num_slots <= s.restore_from < self.sched.state.total_slots
+                self.state[s.seq.state_slot] = self.state[s.restore_from]
+                self.restores += 1
+        sampled = {}
+        for s in out.scheduled:
+            seq, bs = s.seq, self.bs
+            assert 0 <= seq.state_slot < num_slots and s.num_new_tokens >= 1
+            st = self.state[seq.state_slot] if s.has_initial_state else 0
+            assert st == ref_hash(seq.token_ids[: s.start]), f"{seq.seq_id}: wrong state"
+            ckpts = dict(s.checkpoints)
+            for j in range(s.num_new_tokens):
+                p = s.start + j
+                b = seq.block_ids[p // bs]
+                assert pool.ref_counts[b] == 1 and pool.block_hash[b] is None, "write to shared"
+                self.kv[b * bs + p % bs] = (p, seq.token_ids[p])
+                st = roll(st, seq.token_ids[p])
+                if j + 1 in ckpts:
+                    assert (p + 1) % bs == 0, "checkpoint off a block boundary"
+                    self.state[ckpts[j + 1]] = st
+            self.state[seq.state_slot] = st
+            if s.sample:
+                # 'attention': read the whole context through the block table
+                end = s.start + s.num_new_tokens
+                read = [self.kv[seq.block_ids[p // bs] * bs + p % bs] for p in range(end)]
+                assert read == list(enumerate(seq.token_ids[:end])), f"{seq.seq_id}: wrong KV"
+                sampled[seq.seq_id] = (st ^ (st >> 7)) % VOCAB
+        return sampled
+
+
+def reference_output(prompt, params: SamplingParams, cfg: SchedulerConfig) -> list[int]:
+    """What an uninterrupted run generates (same stop rules as the scheduler)."""
+    toks, out = list(prompt), []
+    while True:
+        h = ref_hash(toks)
+        tok = (h ^ (h >> 7)) % VOCAB
+        toks.append(tok)
+        out.append(tok)
+        if len(out) >= params.min_tokens and (
+            (not params.ignore_eos and tok in cfg.eos_token_ids) or tok in params.stop_token_ids
+        ):
+            return out
+        if (params.max_tokens and len(out) >= params.max_tokens) or len(toks) >= cfg.max_model_len:
+            return out
+
+
+def run_steps(sched, runner, arrivals=(), abort_prob=0.0, rng=None, max_steps=20_000):
+    """Drive the scheduler to completion, checking invariants after every step.
+    arrivals: list of (step, Sequence). Returns (finished sequences, aborted ids, steps)."""
+    cfg = sched.config
+    pending = sorted(arrivals, key=lambda a: a[0])
+    done, aborted, step = [], set(), 0
+    while pending or sched.has_unfinished():
+        while pending and pending[0][0] <= step:
+            sched.add(pending.pop(0)[1])
+        if rng and abort_prob and rng.random() < abort_prob and sched._seqs:
+            victim = rng.choice(sorted(sched._seqs))
+            assert sched.abort(victim)
+            aborted.add(victim)
+            sched.check_integrity()
+        out = sched.schedule()
+        sched.check_integrity()
+        assert out.num_batched_tokens == sum(s.num_new_tokens for s in out.scheduled)
+        assert out.num_batched_tokens <= cfg.max_num_batched_tokens
+        assert len(out.scheduled) <= cfg.max_num_seqs
+        assert len({s.seq.seq_id for s in out.scheduled}) == len(out.scheduled)
+        if cfg.max_chunk_tokens:
+            assert all(s.num_new_tokens <= cfg.max_chunk_tokens for s in out.scheduled)
+        done += sched.update(out, runner.run(out))
+        sched.check_integrity()
+        assert sched.state.num_pending == 0
+        step += 1
+        assert step < max_steps, "no progress"
+    return done, aborted, step
+
+
+def assert_all_released(sched):
+    assert sched.kv.num_used_blocks == 0
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
+    assert sched.state.num_free_slots == sched.state.num_slots
+    assert not sched.running and not sched.waiting
+
+
+def make_seq(i, prompt, **params):
+    return Sequence(f"s{i}", list(prompt), SamplingParams(**params))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        SchedulerConfig(block_size=16, checkpoint_interval=40)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        SchedulerConfig(max_num_seqs=0)
+    assert SchedulerConfig(block_size=16).checkpoint_interval == 256
+    assert SchedulerConfig(block_size=528).checkpoint_interval == 528
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        Scheduler(SchedulerConfig(max_model_len=100, block_size=16), num_blocks=6)
+
+
+def test_add_validation():
+    sched = Scheduler(SchedulerConfig(max_model_len=64, block_size=4), num_blocks=32)
+    with pytest.raises(ValueError, match="1 to max_model_len"):
+        sched.add(make_seq(0, range(65)))
+    with pytest.raises(ValueError, match="1 to max_model_len"):
+        sched.add(make_seq(0, []))
+    sched.add(make_seq(0, [1, 2]))
+    with pytest.raises(ValueError, match="already scheduled"):
+        sched.add(make_seq(0, [3]))
+
+
+def test_single_sequence_prefill_then_decode():
+    cfg = SchedulerConfig(max_num_batched_tokens=64, block_size=4, max_model_len=128)
+    sched = Scheduler(cfg, num_blocks=64)
+    runner = FakeRunner(sched)
+    seq = make_seq(0, range(10), max_tokens=5)
+    sched.add(seq)
+    out = sched.schedule()
+    (s,) = out.scheduled
+    assert (s.start, s.num_new_tokens, s.sample, s.restore_from) == (0, 10, True, None)
+    assert len(seq.block_ids) == 3 and seq.state_slot == 0
+    sched.update(out, runner.run(out))
+    out = sched.schedule()
+    assert [(s.start, s.num_new_tokens, s.sample) for s in out.scheduled] == [(10, 1, True)]
+    sched.update(out, runner.run(out))
+    done, _, _ = run_steps(sched, runner)
+    assert done == [seq] and seq.finish_reason == "length"
+    assert seq.output_token_ids == reference_output(range(10), seq.params, cfg)
+    assert seq.num_output_tokens == 5 and seq.num_tokens == 15
+    assert_all_released(sched)
+
+
+def test_chunked_prefill_mixes_with_decodes():
+    cfg = SchedulerConfig(max_num_batched_tokens=16, block_size=4, max_model_len=256)
+    sched = Scheduler(cfg, num_blocks=128)
+    runner = FakeRunner(sched)
+    short = make_seq(0, range(5), max_tokens=20)
+    sched.add(short)
+    out = sched.schedule()
+    sched.update(out, runner.run(out))
+    long = make_seq(1, range(100, 160), max_tokens=3)
+    sched.add(long)
+    chunks = []
+    while long.num_computed_tokens < long.num_prompt_tokens:
+        out = sched.schedule()
+        by_id = {s.seq.seq_id: s for s in out.scheduled}
+        assert by_id["s0"].num_new_tokens == 1  # the decode runs every step
+        chunks.append((by_id["s1"].start, by_id["s1"].num_new_tokens, by_id["s1"].sample))
+        assert out.num_batched_tokens == 16
+        sched.update(out, runner.run(out))
+        sched.check_integrity()
+    # 60 prompt tokens in chunks of 15 (budget 16 - 1 decode); only the last one samples
+    assert chunks == [(0, 15, False), (15, 15, False), (30, 15, False), (45, 15, True)]
+    done, _, _ = run_steps(sched, runner)
+    for seq in (short, long):
+        assert seq.output_token_ids == reference_output(seq.prompt_token_ids, seq.params, cfg)
+    assert_all_released(sched)
+
+
+def test_max_chunk_tokens_lets_prefills_share_a_step():
+    cfg = SchedulerConfig(
+        max_num_batched_tokens=32, block_size=4, max_chunk_tokens=8, max_model_len=64
+    )
+    sched = Scheduler(cfg, num_blocks=64, num_checkpoint_slots=0)
+    for i in range(3):
+        sched.add(make_seq(i, range(i, i + 40), max_tokens=2))
+    out = sched.schedule()
+    assert [s.num_new_tokens for s in out.scheduled] == [8, 8, 8]
+
+
+def test_max_num_seqs_and_state_slots_cap_concurrency():
+    cfg = SchedulerConfig(
+        max_num_seqs=3, max_num_batched_tokens=1000, block_size=4, max_model_len=64
+    )
+    sched = Scheduler(cfg, num_blocks=256, num_slots=2)
+    for i in range(5):
+        sched.add(make_seq(i, range(i, i + 6), max_tokens=4))
+    out = sched.schedule()
+    assert len(out.scheduled) == 2 and sched.num_running == 2 and sched.num_waiting == 3
+    sched2 = Scheduler(cfg, num_blocks=256)
+    for i in range(5):
+        sched2.add(make_seq(i, range(i, i + 6), max_tokens=4))
+    assert len(sched2.schedule().scheduled) == 3
+
+
+def test_token_budget_limits_decodes():
+    cfg = SchedulerConfig(max_num_batched_tokens=3, block_size=4, max_model_len=64)
+    sched = Scheduler(cfg, num_blocks=256)
+    runner = FakeRunner(sched)
+    for i in range(5):
+        sched.add(make_seq(i, [i], max_tokens=3))
+    first = sched.schedule()
+    assert [s.seq.seq_id for s in first.scheduled] == ["s0", "s1", "s2"]
+    sched.update(first, runner.run(first))
+    done, _, _ = run_steps(sched, runner)
+    assert len(done) == 5
+
+
+def test_preemption_recomputes_and_matches_reference():
+    # 12 blocks of 4 tokens: three sequences growing to 30 tokens cannot all fit.
+    cfg = SchedulerConfig(max_num_batched_tokens=64, block_size=4, max_model_len=40)
+    sched = Scheduler(cfg, num_blocks=12, num_checkpoint_slots=0)
+    runner = FakeRunner(sched)
+    seqs = [make_seq(i, range(10 * i, 10 * i + 10), max_tokens=20) for i in range(3)]
+    preempted = []
+    for s in seqs:
+        sched.add(s)
+    while sched.has_unfinished():
+        out = sched.schedule()
+        for p in out.preempted:
+            assert p.status is SequenceStatus.WAITING and sched.waiting[0] is out.preempted[-1]
+            assert p.num_computed_tokens == 0 and not p.block_ids and p.state_slot is None
+        preempted += [p.seq_id for p in out.preempted]
+        sched.update(out, runner.run(out))
+        sched.check_integrity()
+    assert preempted and preempted[0] == "s2"  # the most recently admitted goes first
+    assert sched.num_preemptions == len(preempted)
+    for s in seqs:
+        assert s.output_token_ids == reference_output(s.prompt_token_ids, s.params, cfg)
+    assert_all_released(sched)
+
+
+def test_abort_frees_waiting_and_running():
+    cfg = SchedulerConfig(max_num_batched_tokens=8, block_size=4, max_num_seqs=1, max_model_len=64)
+    sched = Scheduler(cfg, num_blocks=64)
+    runner = FakeRunner(sched)
+    a, b = make_seq(0, range(20)), make_seq(1, range(5))
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    sched.update(out, runner.run(out))
+    assert a.status is SequenceStatus.RUNNING and a.block_ids
+    assert sched.abort("s0") and sched.abort("s1") and not sched.abort("s1")
+    assert a.finish_reason == b.finish_reason == "abort"
+    assert a.status is SequenceStatus.FINISHED_ABORTED and not a.block_ids and a.state_slot is None
+    sched.check_integrity()
+    assert_all_released(sched)
+    assert not sched.has_unfinished() and sched.schedule().is_empty
+
+
+def test_abort_between_schedule_and_update_is_ignored():
+    cfg = SchedulerConfig(
+        max_num_batched_tokens=64, block_size=4, checkpoint_interval=8, max_model_len=64
+    )
+    sched = Scheduler(cfg, num_blocks=64, num_checkpoint_slots=4)
+    runner = FakeRunner(sched)
+    sched.add(make_seq(0, range(30)))
+    out = sched.schedule()
+    assert out.scheduled[0].checkpoints
+    sampled = runner.run(out)
+    sched.abort("s0")
+    assert sched.update(out, sampled) == []
+    sched.check_integrity()
+    assert sched.state.num_pending == 0 and sched.state.num_checkpoints == 0
+    assert_all_released(sched)
+
+
+@pytest.mark.parametrize(
+    "params, eos, expect",
+    [
+        (dict(max_tokens=3), (), ("length", None, 3)),
+        (dict(max_tokens=50, stop_token_ids=[None]), (), ("stop", "tok", 2)),
+        (dict(max_tokens=50), ("tok",), ("stop", None, 2)),
+        (dict(max_tokens=50, ignore_eos=True), ("tok",), ("length", None, 50)),
+        (dict(max_tokens=50, min_tokens=3), ("tok",), (None, None, None)),
+        (dict(max_tokens=None), (), ("length", None, 64 - 4)),
+    ],
+)
+def test_stop_conditions(params, eos, expect):
+    base = SchedulerConfig(max_model_len=64, block_size=4)
+    prompt = [1, 2, 3, 4]
+    tok2 = reference_output(prompt, SamplingParams(max_tokens=2), base)[1]  # 2nd generated token
+    params = {k: ([tok2] if v == [None] else v) for k, v in params.items()}
+    cfg = SchedulerConfig(max_model_len=64, block_size=4, eos_token_ids=[tok2 for _ in eos])
+    sched = Scheduler(cfg, num_blocks=32)
+    seq = make_seq(0, prompt, **params)
+    sched.add(seq)
+    (done,), _, _ = run_steps(sched, FakeRunner(sched))
+    assert done is seq
+    expected = reference_output(prompt, seq.params, cfg)
+    assert seq.output_token_ids == expected
+    if expect[0] is not None:
+        reason, stop_reason, n = expect
+        assert seq.finish_reason == reason and seq.num_output_tokens == n
+        assert seq.stop_reason == (tok2 if stop_reason == "tok" else None)
+    else:  # min_tokens suppresses the eos at position 2; it stops at a later eos or the limit
+        assert seq.num_output_tokens >= 3
+    assert_all_released(sched)
+
+
+def test_finish_for_stop_strings():
+    cfg = SchedulerConfig(block_size=4, max_model_len=64)
+    sched = Scheduler(cfg, num_blocks=64)
+    runner = FakeRunner(sched)
+    seq = make_seq(0, range(6), max_tokens=10)
+    sched.add(seq)
+    out = sched.schedule()
+    sched.update(out, runner.run(out))
+    assert sched.finish("s0", "stop", stop_reason="</s>")
+    assert seq.finish_reason == "stop" and seq.stop_reason == "</s>"
+    with pytest.raises(ValueError, match="finish reason"):
+        sched.finish("s1", "bogus")
+    assert_all_released(sched)
+
+
+def test_update_needs_sampled_token():
+    sched = Scheduler(SchedulerConfig(block_size=4, max_model_len=64), num_blocks=64)
+    sched.add(make_seq(0, range(3)))
+    out = sched.schedule()
+    with pytest.raises(ValueError, match="no sampled token"):
+        sched.update(out, {})
+
+
+def random_workload(seed: int, prefix_caching: bool):
+    rng = random.Random(seed)
+    bs = rng.choice([1, 2, 4, 8])
+    max_len = 80
+    cfg = SchedulerConfig(
+        max_num_seqs=rng.randint(1, 8),
+        max_num_batched_tokens=rng.randint(1, 64),
+        max_model_len=max_len,
+        block_size=bs,
+        enable_prefix_caching=prefix_caching,
+        checkpoint_interval=bs * rng.randint(1, 4),
+        checkpoint_prompt_end=rng.random() < 0.5,
+        max_chunk_tokens=rng.choice([0, 0, 7]),
+        eos_token_ids=(0,),
+    )
+    num_blocks = -(-max_len // bs) + rng.randint(0, 24 // bs)  # tight: forces preemption
+    ckpts = rng.choice([1, 4, 16])
+    sched = Scheduler(cfg, num_blocks, num_slots=rng.randint(1, 8), num_checkpoint_slots=ckpts)
+    shared = [rng.randrange(1, VOCAB) for _ in range(40)]
+    arrivals = []
+    for i in range(rng.randint(5, 14)):
+        prompt = shared[: rng.randint(0, 40)] + [rng.randrange(VOCAB) for _ in range(5)]
+        prompt = prompt[: rng.randint(1, len(prompt))]
+        params = SamplingParams(max_tokens=rng.randint(1, 40), min_tokens=rng.choice([0, 2]))
+        arrivals.append((rng.randint(0, 30), make_seq(i, prompt, **vars(params))))
+    return rng, cfg, sched, arrivals
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.parametrize("seed", range(40))
+def test_randomized_workloads(seed, prefix_caching):
+    rng, cfg, sched, arrivals = random_workload(seed, prefix_caching)
+    runner = FakeRunner(sched)
+    done, aborted, _ = run_steps(sched, runner, arrivals, abort_prob=0.03, rng=rng)
+    assert {s.seq_id for s in done} | aborted == {s.seq_id for _, s in arrivals}
+    for s in done:
+        ref = reference_output(s.prompt_token_ids, s.params, cfg)
+        assert s.output_token_ids == ref, s.seq_id
+    assert_all_released(sched)
+
+
+def test_randomized_workloads_exercise_every_path():
+    """The random workloads above are not vacuous: together they preempt, hit and evict."""
+    totals = dict(preemptions=0, restores=0, block_evictions=0, ckpt_evictions=0, aborts=0)
+    for seed in range(16):
+        rng, _, sched, arrivals = random_workload(seed, True)
+        runner = FakeRunner(sched)
+        _, aborted, _ = run_steps(sched, runner, arrivals, abort_prob=0.03, rng=rng)
+        st = sched.prefix_cache_stats()
+        totals["preemptions"] += sched.num_preemptions
+        totals["restores"] += runner.restores
+        totals["block_evictions"] += st.block_evictions
+        totals["ckpt_evictions"] += st.checkpoint_evictions
+        totals["aborts"] += len(aborted)
+    assert all(v >= 5 for v in totals.values()), totals
