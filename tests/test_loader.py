@@ -118,6 +118,7 @@ def test_layouts_load_exactly(tmp_path, moe, layout, experts, shards, disk):
     assert rep.skipped == ({"model.visual": 2, "mtp": 2} if layout == "vlm" else {})
     assert len(rep.files) == shards and rep.num_tensors > 0 and rep.num_bytes > 0
     assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert model.model_dir == tmp_path
 
 
 def test_hf_mapping_independent_of_model_class(tmp_path):
@@ -364,7 +365,7 @@ def test_hub_id_from_local_cache(tmp_path, monkeypatch):
     ref = save_checkpoint(repo / "snapshots" / "0123abcd", layout="vlm")
     model = load("test-org/tiny-qwen", dtype="fp32")
     assert_same_state(model, ref)
-    assert model.load_report.source.endswith("0123abcd")
+    assert model.load_report.source.endswith("0123abcd") and model.model_dir.name == "0123abcd"
 
 
 def test_errors_are_user_facing():
@@ -383,7 +384,7 @@ def test_random_weights_from_config(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="qwen35.loader"):
         model = load(tmp_path, load_format="random", dtype="fp32", seed=3)
     assert "random weights:" in caplog.text and "NOT a real checkpoint" in caplog.text
-    assert model.load_report.random
+    assert model.load_report.random and model.model_dir == tmp_path
     sd = model.state_dict()
     assert torch.all(sd["model.layers.0.input_layernorm.weight"] == 0)
     assert torch.all(sd["model.layers.0.linear_attn.norm.weight"] == 1)
@@ -416,3 +417,14 @@ def test_random_model_runs(tmp_path):
     model = load_model(tmp_path, load_format="random", dtype="fp32")
     out = model(torch.randint(0, 256, (1, 9)))
     assert torch.isfinite(getattr(out, "logits", out)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_onto_cuda(tmp_path):
+    ref = save_checkpoint(tmp_path, moe=True, layout="vlm", experts="per_expert", shards=3)
+    model = load(tmp_path, dtype="bf16", device="cuda")
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    sd = {k: v.cpu() for k, v in model.state_dict().items()}
+    for k, v in ref.state_dict().items():
+        assert torch.equal(sd[k], v.to(torch.bfloat16)), k

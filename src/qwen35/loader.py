@@ -88,8 +88,9 @@ def load_model(
     load_format="random" a catalog name / config path / ModelConfig; "random:NAME" is short for
     that. progress: a progress bar while reading (default: when stderr is a terminal).
     model_factory: builds the module from the config (default: qwen35's Qwen35ForCausalLM).
-    Returns the model with `.config` (ModelConfig, unless the module already has a config) and
-    `.load_report` (LoadReport).
+    Returns the model with `.config` (ModelConfig, unless the module already has a config),
+    `.load_report` (LoadReport) and `.model_dir` (the local directory, for the tokenizer; None
+    for random weights without a directory).
     """
     t0 = time.perf_counter()
     if load_format not in LOAD_FORMATS:
@@ -98,7 +99,7 @@ def load_model(
         path_or_name, load_format = path_or_name[len("random:") :], "random"
     dev = parse_device(device)
     if load_format == "random":
-        cfg = _random_config(path_or_name)
+        cfg, directory = _random_config(path_or_name)
         torch_dtype = parse_dtype(dtype, cfg)
         report = LoadReport("random", "random", _name(torch_dtype), str(dev), config=cfg)
         model, params = build_model(cfg, torch_dtype, dev, model_factory)
@@ -140,6 +141,7 @@ def load_model(
     if getattr(model, "config", None) is None:
         model.config = cfg
     model.load_report = report
+    model.model_dir = directory
     return model
 
 
@@ -272,15 +274,16 @@ def init_random_(params: dict[str, torch.Tensor], seed: int = 0) -> None:
                 p.normal_(0.0, 0.02, generator=g)
 
 
-def _random_config(source: str | Path | ModelConfig) -> ModelConfig:
+def _random_config(source: str | Path | ModelConfig) -> tuple[ModelConfig, Path | None]:
+    """The config for random weights, and the directory it came from (if any)."""
     if isinstance(source, ModelConfig):
-        return source
+        return source, None
     path = Path(source).expanduser()
     if path.exists():
-        return ModelConfig.from_hf(path)
+        return ModelConfig.from_hf(path), path if path.is_dir() else path.parent
     from qwen35.catalog import load_model_config
 
-    return load_model_config(str(source))
+    return load_model_config(str(source)), None
 
 
 # ---- where the files are ------------------------------------------------------------------------
