@@ -170,6 +170,13 @@ def test_tied_embeddings(tmp_path, caplog, lm_head):
     assert ("differs from the tied" in caplog.text) == (lm_head == "different")
 
 
+def test_untied_config_without_head(tmp_path):
+    save_checkpoint(tmp_path, layout="text")
+    edit_file(tmp_path / "model.safetensors", lambda sd: sd.pop("lm_head.weight"))
+    with pytest.raises(CheckpointError, match="should say tie_word_embeddings=true"):
+        load(tmp_path)
+
+
 def test_tied_head_only(tmp_path):
     # a tied checkpoint that stores the shared matrix under lm_head.weight only
     save_checkpoint(tmp_path, tie_word_embeddings=True, layout="text")

@@ -350,6 +350,11 @@ def _diagnose(cfg, s: _Scan) -> list[str]:
             f"layers {swapped[:8]} have a different attention kind (linear_attn vs self_attn) "
             "in the checkpoint than in the config's layer_types"
         )
+    if not cfg.tie_word_embeddings and any(k.startswith("lm_head.weight") for k in s.missing):
+        hints.append(
+            "no lm_head.weight in the checkpoint: if the head shares the embedding, the config "
+            "should say tie_word_embeddings=true"
+        )
     if any("mlp.experts" in k for k in s.unexpected) and not cfg.is_moe:
         hints.append("the checkpoint is a MoE model but the config describes a dense one")
     if any("mlp.gate_proj" in k for k in s.unexpected) and cfg.is_moe:
