@@ -1,0 +1,134 @@
+"""DeltaNet state pool: running slots, checkpoint slots (reserve/commit/LRU/pins), integrity."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from qwen35.state_cache import StatePool
+
+
+def h(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def test_running_and_checkpoint_slots_are_disjoint_indices():
+    pool = StatePool(3, 2)
+    assert pool.total_slots == 5
+    running = [pool.allocate_slot() for _ in range(3)]
+    assert running == [0, 1, 2] and pool.num_free_slots == 0
+    with pytest.raises(ValueError, match="no free DeltaNet state slot"):
+        pool.allocate_slot()
+    ckpt = [pool.reserve(h(0)), pool.reserve(h(1))]
+    assert sorted(ckpt) == [3, 4]
+    pool.check_integrity()
+    pool.free_slot(1)
+    assert pool.allocate_slot() == 1
+    with pytest.raises(ValueError, match="not an allocated running slot"):
+        pool.free_slot(3)
+
+
+def test_double_free_is_an_error():
+    pool = StatePool(2)
+    s = pool.allocate_slot()
+    pool.free_slot(s)
+    with pytest.raises(ValueError):
+        pool.free_slot(s)
+
+
+def test_pending_checkpoint_is_not_restorable_until_commit():
+    pool = StatePool(1, 2)
+    slot = pool.reserve(h(7))
+    assert pool.lookup(h(7)) is None and pool.has_checkpoint(h(7)) and pool.num_pending == 1
+    with pytest.raises(ValueError, match="exists already"):
+        pool.reserve(h(7))
+    pool.commit(h(7))
+    assert pool.lookup(h(7)) == slot and pool.num_checkpoints == 1 and pool.num_pending == 0
+    pool.check_integrity()
+
+
+def test_cancel_returns_the_slot():
+    pool = StatePool(1, 1)
+    pool.reserve(h(1))
+    pool.cancel(h(1))
+    assert not pool.has_checkpoint(h(1)) and pool.reserve(h(2)) is not None
+    pool.check_integrity()
+
+
+def test_lru_eviction_respects_restores():
+    pool = StatePool(1, 3)
+    for i in range(3):
+        pool.reserve(h(i))
+        pool.commit(h(i))
+    pool.begin_step()
+    pool.restore(h(0))  # used: now most recent, and pinned this step
+    s3 = pool.reserve(h(3))  # evicts h(1), the least recently used
+    assert pool.lookup(h(1)) is None and pool.num_evictions == 1
+    pool.commit(h(3))
+    assert pool.lookup(h(3)) == s3
+    pool.check_integrity()
+
+
+def test_pinned_and_pending_checkpoints_are_never_evicted():
+    pool = StatePool(1, 2)
+    pool.reserve(h(0))
+    pool.commit(h(0))
+    pool.begin_step()
+    pool.restore(h(0))
+    pool.reserve(h(1))  # takes the free slot, pending
+    assert pool.reserve(h(2)) is None  # h(0) pinned, h(1) pending: nothing to evict
+    assert pool.lookup(h(0)) is not None
+    pool.commit(h(1))
+    pool.begin_step()  # pins end with the step
+    assert pool.reserve(h(2)) is not None and pool.lookup(h(0)) is None
+    pool.check_integrity()
+
+
+def test_zero_checkpoint_capacity():
+    pool = StatePool(4, 0)
+    assert pool.total_slots == 4 and pool.reserve(h(0)) is None
+
+
+def test_clear_checkpoints():
+    pool = StatePool(1, 2)
+    pool.reserve(h(0))
+    pool.commit(h(0))
+    pool.clear_checkpoints()
+    assert pool.num_checkpoints == 0 and pool.lookup(h(0)) is None
+    pool.check_integrity()
+
+
+def test_bad_sizes():
+    with pytest.raises(ValueError, match="num_slots"):
+        StatePool(0, 1)
+    with pytest.raises(ValueError, match="num_checkpoint_slots"):
+        StatePool(1, -1)
+
+
+def test_integrity_catches_a_lost_slot():
+    pool = StatePool(1, 2)
+    pool._free_ckpt.pop()
+    with pytest.raises(AssertionError, match="integrity"):
+        pool.check_integrity()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_checkpoint_traffic(seed):
+    rng = random.Random(seed)
+    pool = StatePool(2, 4)
+    for _ in range(50):  # steps
+        pool.begin_step()
+        pinned, pending = set(), []
+        for _ in range(rng.randint(0, 4)):
+            key = h(rng.randrange(10))
+            if pool.lookup(key) is not None and rng.random() < 0.5:
+                pool.restore(key)
+                pinned.add(key)
+            elif not pool.has_checkpoint(key) and pool.reserve(key) is not None:
+                pending.append(key)
+        assert all(pool.lookup(k) is not None for k in pinned)  # survived this step's evictions
+        for key in pending:
+            pool.cancel(key) if rng.random() < 0.2 else pool.commit(key)
+        pool.check_integrity()
+        assert pool.num_checkpoints <= 4 and pool.num_pending == 0
