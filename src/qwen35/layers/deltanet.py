@@ -1,0 +1,135 @@
+"""Gated DeltaNet token mixer (`layers.i.linear_attn`), architecture doc section 1.2.
+
+Projections run once over the flat batch; the causal conv and the gated delta rule run per
+prefill sequence (chunked, state from its slot or zeros) and for all single-token sequences at
+once (recurrent step, states gathered by slot and scattered back). A prefill sequence with state
+checkpoints is split at those offsets so each checkpoint's state is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen35.config import ModelConfig
+from qwen35.layers.linear import Linear, empty_param
+from qwen35.layers.norms import GatedRMSNorm
+from qwen35.model_caches import StepPlan
+from qwen35.ops.conv import causal_conv1d, causal_conv1d_update, conv_state_at
+from qwen35.ops.gated_delta import chunk_gated_delta_rule, l2norm, recurrent_gated_delta_step
+
+
+class DepthwiseConv(nn.Module):
+    """Holds `conv1d.weight` [C, 1, K] (transformers' nn.Conv1d layout, no bias)."""
+
+    def __init__(self, channels: int, kernel_size: int, dtype=None, device=None):
+        super().__init__()
+        self.weight = empty_param(channels, 1, kernel_size, dtype=dtype, device=device)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None):
+        super().__init__()
+        H = cfg.hidden_size
+        self.nk, self.nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_dim, self.value_dim = cfg.linear_key_dim, cfg.linear_value_dim
+        self.kernel_size = cfg.linear_conv_kernel_dim
+        C = cfg.linear_conv_dim
+        self.in_proj_qkv = Linear(H, C, dtype, device)  # [C, H], channels [q | k | v]
+        self.in_proj_z = Linear(H, self.value_dim, dtype, device)  # [Vd, H]
+        self.in_proj_b = Linear(H, self.nv, dtype, device)  # [nv, H]
+        self.in_proj_a = Linear(H, self.nv, dtype, device)  # [nv, H]
+        self.conv1d = DepthwiseConv(C, self.kernel_size, dtype, device)
+        self.dt_bias = empty_param(self.nv, dtype=dtype, device=device)
+        self.A_log = empty_param(self.nv, dtype=dtype, device=device)
+        self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps, dtype, device)
+        self.out_proj = Linear(self.value_dim, H, dtype, device)  # [H, Vd]
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, H] normed hidden states
+        plan: StepPlan,
+        conv_cache: torch.Tensor,  # [num_slots, C, K-1]
+        rec_cache: torch.Tensor,  # [num_slots, nv, dk, dv]
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.in_proj_qkv(x)  # [T, C]
+        z = self.in_proj_z(x).view(T, self.nv, self.dv)
+        beta = torch.sigmoid(self.in_proj_b(x)).float()  # [T, nv], sigmoid in the model dtype
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+
+        u = self._conv(qkv, plan, conv_cache)  # [T, C] after silu
+        q, k, v = u.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = l2norm(q.reshape(T, self.nk, self.dk).float()) * self.dk**-0.5  # [T, nk, dk] fp32
+        k = l2norm(k.reshape(T, self.nk, self.dk).float())
+        v = v.reshape(T, self.nv, self.dv).float()  # [T, nv, dv]
+        if self.nv != self.nk:  # value head h reads key head h // (nv / nk)
+            q = q.repeat_interleave(self.nv // self.nk, dim=1)
+            k = k.repeat_interleave(self.nv // self.nk, dim=1)
+
+        o = self._delta(q, k, v, g, beta, plan, rec_cache)  # [T, nv, dv] fp32
+        if plan.decode is not None:
+            for slot, dest in plan.decode.checkpoints:
+                conv_cache[dest] = conv_cache[slot]
+                rec_cache[dest] = rec_cache[slot]
+        y = self.norm(o.to(x.dtype), z)  # [T, nv, dv]
+        return self.out_proj(y.view(T, self.value_dim))
+
+    def _conv(self, qkv: torch.Tensor, plan: StepPlan, conv_cache: torch.Tensor) -> torch.Tensor:
+        w = self.conv1d.weight[:, 0, :]  # [C, K]
+        K = self.kernel_size
+        u = torch.empty_like(qkv)
+        for sp in plan.prefill:
+            state = conv_cache[sp.slot] if sp.has_initial_state else None
+            u[sp.rows], ext = causal_conv1d(qkv[sp.rows], w, state)  # ext: [K-1+n, C]
+            for n, dest in sp.checkpoints:
+                conv_cache[dest] = conv_state_at(ext, n, K)
+            conv_cache[sp.slot] = conv_state_at(ext, sp.num_tokens, K)
+        d = plan.decode
+        if d is not None:
+            state = conv_cache.index_select(0, d.slots)  # [N, C, K-1]
+            if d.fresh is not None:
+                state[d.fresh] = 0
+            y, new_state = causal_conv1d_update(qkv.index_select(0, d.rows), w, state)
+            u.index_copy_(0, d.rows, y)
+            conv_cache.index_copy_(0, d.slots, new_state.to(conv_cache.dtype))
+        return u
+
+    def _delta(self, q, k, v, g, beta, plan: StepPlan, rec_cache: torch.Tensor) -> torch.Tensor:
+        """q, k: [T, nv, dk]; v: [T, nv, dv]; g, beta: [T, nv] (fp32) -> o [T, nv, dv] fp32."""
+        o = v.new_empty(v.shape)
+        for sp in plan.prefill:
+            S = rec_cache[sp.slot][None].float() if sp.has_initial_state else None
+            cuts = sorted({n for n, _ in sp.checkpoints} | {sp.num_tokens})
+            a = 0
+            for b in cuts:  # segments end at each checkpoint offset
+                r = slice(sp.row0 + a, sp.row0 + b)
+                seg, S = chunk_gated_delta_rule(
+                    q[r].transpose(0, 1)[None],  # [1, nv, t, dk]
+                    k[r].transpose(0, 1)[None],
+                    v[r].transpose(0, 1)[None],  # [1, nv, t, dv]
+                    g[r].t()[None],  # [1, nv, t]
+                    beta[r].t()[None],
+                    S,
+                )
+                o[r] = seg[0].transpose(0, 1)
+                for n, dest in sp.checkpoints:
+                    if n == b:
+                        rec_cache[dest] = S[0]
+                a = b
+            rec_cache[sp.slot] = S[0]
+        d = plan.decode
+        if d is not None:
+            S = rec_cache.index_select(0, d.slots).float()  # [N, nv, dk, dv]
+            if d.fresh is not None:
+                S[d.fresh] = 0
+            r = d.rows
+            od = recurrent_gated_delta_step(
+                q.index_select(0, r), k.index_select(0, r), v.index_select(0, r),
+                g.index_select(0, r), beta.index_select(0, r), S,
+            )  # fmt: skip
+            o.index_copy_(0, r, od)
+            rec_cache.index_copy_(0, d.slots, S.to(rec_cache.dtype))
+        return o

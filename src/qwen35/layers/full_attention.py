@@ -1,0 +1,77 @@
+"""Gated full attention (`layers.i.self_attn`), architecture doc section 1.3.
+
+q_proj emits [q | gate] per head (rows h*2hd .. h*2hd+hd are q of head h, the next hd its gate);
+q_norm / k_norm are zero-centred RMSNorms over head_dim applied before partial RoPE; the output
+is multiplied by sigmoid(gate) before o_proj. New K/V go into the paged cache at slot_mapping;
+prefill sequences attend over their context (the fresh K/V directly when nothing is cached),
+single-token sequences attend together through their block tables.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qwen35.config import ModelConfig
+from qwen35.layers.linear import Linear
+from qwen35.layers.norms import RMSNorm
+from qwen35.layers.rotary import apply_rotary
+from qwen35.model_caches import StepPlan
+from qwen35.ops.attention import decode_attention, gather_kv, prefill_attention, write_kv
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None):
+        super().__init__()
+        H = cfg.hidden_size
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = self.hd**-0.5
+        self.q_proj = Linear(H, 2 * self.nh * self.hd, dtype, device)  # [2 nh hd, H]
+        self.k_proj = Linear(H, self.nkv * self.hd, dtype, device)  # [nkv hd, H]
+        self.v_proj = Linear(H, self.nkv * self.hd, dtype, device)
+        self.o_proj = Linear(self.nh * self.hd, H, dtype, device)  # [H, nh hd]
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, dtype, device)
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, dtype, device)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, H] normed hidden states
+        cos: torch.Tensor,  # [T, rotary_dim] in the model dtype
+        sin: torch.Tensor,
+        plan: StepPlan,
+        key_cache: torch.Tensor,  # [num_blocks, block_size, nkv, hd]
+        value_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        nh, nkv, hd = self.nh, self.nkv, self.hd
+        qg = self.q_proj(x).view(T, nh, 2 * hd)
+        gate = qg[..., hd:].reshape(T, nh * hd)
+        q = apply_rotary(self.q_norm(qg[..., :hd]), cos, sin)  # [T, nh, hd]
+        k = apply_rotary(self.k_norm(self.k_proj(x).view(T, nkv, hd)), cos, sin)  # [T, nkv, hd]
+        v = self.v_proj(x).view(T, nkv, hd)
+        write_kv(key_cache, value_cache, k, v, plan.slot_mapping)
+
+        o = q.new_empty(T, nh, hd)
+        for sp in plan.prefill:
+            r = sp.rows
+            if sp.start_pos == 0:  # the context is exactly the new tokens
+                kk, vv = k[r], v[r]
+            else:
+                row = plan.block_tables[sp.index]
+                kk = gather_kv(key_cache, row, sp.context_len).to(q.dtype)  # [ctx, nkv, hd]
+                vv = gather_kv(value_cache, row, sp.context_len).to(q.dtype)
+            o[r] = prefill_attention(q[r], kk, vv, self.scale)
+        d = plan.decode
+        if d is not None:
+            od = decode_attention(
+                q.index_select(0, d.rows),
+                key_cache,
+                value_cache,
+                d.block_tables,
+                d.context_lens,
+                d.max_context,
+                self.scale,
+            )  # [N, nh, hd]
+            o.index_copy_(0, d.rows, od.to(o.dtype))
+        o = o.view(T, nh * hd) * torch.sigmoid(gate)
+        return self.o_proj(o)

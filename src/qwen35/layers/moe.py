@@ -1,0 +1,89 @@
+"""Sparse MoE block of Qwen 3.5 (architecture doc section 1.4), computed grouped by expert.
+
+Router: logits in the model dtype, softmax in fp32, top-k, always renormalised, weights cast to
+the model dtype. Routed experts: the (token, choice) pairs are sorted by expert, each active
+expert runs one gate_up and one down matmul on its contiguous group, and the weighted results
+are scattered back with one index_add_. A shared SwiGLU expert is added, scaled by
+sigmoid(shared_expert_gate(x)).
+
+Parameter names and shapes are transformers' (fused expert tensors, no `.weight` suffix):
+`gate.weight` [E, H], `experts.gate_up_proj` [E, 2I, H] (gate rows first),
+`experts.down_proj` [E, H, I], `shared_expert.{gate,up,down}_proj.weight`,
+`shared_expert_gate.weight` [1, H].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen35.layers.linear import Linear, empty_param
+from qwen35.layers.mlp import MLP
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype, device):
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        E, H, I = num_experts, hidden_size, intermediate_size
+        self.gate_up_proj = empty_param(E, 2 * I, H, dtype=dtype, device=device)
+        self.down_proj = empty_param(E, H, I, dtype=dtype, device=device)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, H]
+        top_idx: torch.Tensor,  # [T, k] expert ids
+        top_w: torch.Tensor,  # [T, k] routing weights in x.dtype
+    ) -> torch.Tensor:
+        T, k = top_idx.shape
+        flat = top_idx.reshape(-1)  # [T*k]
+        order = torch.argsort(flat, stable=True)  # (token, choice) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        token_of = order // k  # [T*k] source token of each sorted pair
+        xs = x.index_select(0, token_of)  # [T*k, H]
+        ys = torch.empty_like(xs)  # [T*k, H]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            seg = xs[start : start + n]  # [n, H]
+            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
+            ys[start : start + n] = F.linear(F.silu(gate) * up, self.down_proj[e])  # [n, H]
+            start += n
+        ys.mul_(top_w.reshape(-1, 1).index_select(0, order))  # weight each pair
+        out = torch.zeros_like(x)
+        return out.index_add_(0, token_of, ys)  # [T, H]
+
+
+class SparseMoE(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        moe_intermediate_size: int,
+        shared_intermediate_size: int,
+        dtype=None,
+        device=None,
+    ):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = Linear(hidden_size, num_experts, dtype, device)  # router [E, H]
+        self.experts = Experts(num_experts, hidden_size, moe_intermediate_size, dtype, device)
+        self.shared_expert = MLP(hidden_size, shared_intermediate_size, dtype, device)
+        self.shared_expert_gate = Linear(hidden_size, 1, dtype, device)  # [1, H]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (top_w [T, k] in x.dtype, top_idx [T, k])."""
+        probs = torch.softmax(self.gate(x).float(), dim=-1)  # [T, E] fp32
+        top_w, top_idx = torch.topk(probs, self.top_k, dim=-1)
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+        return top_w.to(x.dtype), top_idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        top_w, top_idx = self.route(x)
+        routed = self.experts(x, top_idx, top_w)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return routed + shared

@@ -1,0 +1,46 @@
+"""Partial rotary position embedding, NeoX style (rotate_half), as in transformers' Qwen 3.5.
+
+Only the first `rotary_dim` = head_dim * partial_rotary_factor dims rotate. For text the three
+M-RoPE position streams are equal, so interleaved M-RoPE reduces to plain 1-D RoPE. cos/sin are
+computed in fp32 and cast to the model dtype before use (section 1.9 of the architecture doc).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RotaryEmbedding:
+    """Not a module: it holds no weights, so meta-device construction needs no buffers."""
+
+    def __init__(self, rotary_dim: int, theta: float):
+        self.rotary_dim = rotary_dim
+        self.theta = theta
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:  # [rotary_dim / 2] fp32
+        if device not in self._inv_freq:
+            # Same expression as transformers' compute_default_rope_parameters (on the CPU).
+            d = self.rotary_dim
+            inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+            self._inv_freq[device] = inv.to(device)
+        return self._inv_freq[device]
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        """positions: [T] int -> cos, sin: [T, rotary_dim] in dtype."""
+        freqs = positions[:, None].float() * self.inv_freq(positions.device)  # [T, rd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [T, rd]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, hd]; cos, sin: [T, rd]. Rotates x[..., :rd], passes the rest through."""
+    rd = cos.shape[-1]
+    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, rd]
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    return torch.cat([x_rot * c + rotate_half(x_rot) * s, x_pass], dim=-1)

@@ -1,0 +1,183 @@
+"""The Qwen 3.5 text model, dense and MoE (MoE chosen by `cfg.is_moe`), over a flat varlen batch.
+
+Parameter names and shapes are exactly transformers' `Qwen3_5ForCausalLM` /
+`Qwen3_5MoeForCausalLM` state_dict keys, so `model.load_state_dict(hf.state_dict())` works.
+
+Construction allocates with `torch.empty` only (no init). The loader can build on the meta
+device and materialise later, or build directly on the target device:
+    model = Qwen35ForCausalLM(cfg, dtype=torch.bfloat16, device="meta")
+    model.to_empty(device="cpu")          # re-ties lm_head to embed_tokens when tied
+    ... copy every checkpoint tensor into model.state_dict()[name] ...
+`dtype=None` means torch.get_default_dtype().
+
+Calls:
+- `model(input_ids [T], batch: ForwardBatch, caches: ModelCaches) -> logits [S, V] float32`
+  (S = len(batch.logits_indices)): the engine's path, mixing prefill chunks and decode tokens.
+- `model(input_ids [B, T]) -> logits [B, T, V] float32`: no cache (temporary caches, same path).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen35.config import ModelConfig
+from qwen35.forward_batch import ForwardBatch, ModelCaches
+from qwen35.layers.deltanet import GatedDeltaNet
+from qwen35.layers.full_attention import GatedAttention
+from qwen35.layers.linear import Linear, empty_param
+from qwen35.layers.mlp import MLP
+from qwen35.layers.moe import SparseMoE
+from qwen35.layers.norms import RMSNorm
+from qwen35.layers.rotary import RotaryEmbedding
+from qwen35.model_caches import StepPlan, allocate_caches
+
+
+class Embedding(nn.Module):
+    def __init__(self, num: int, dim: int, dtype=None, device=None):
+        super().__init__()
+        self.weight = empty_param(num, dim, dtype=dtype, device=device)  # [V, H]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
+        return F.embedding(ids, self.weight)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str, cache_index: int, dtype, device):
+        super().__init__()
+        H = cfg.hidden_size
+        self.layer_type = layer_type
+        self.cache_index = cache_index  # index into caches.key/value or caches.conv/recurrent
+        if layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(cfg, dtype, device)
+        else:
+            self.self_attn = GatedAttention(cfg, dtype, device)
+        if cfg.is_moe:
+            self.mlp = SparseMoE(
+                H,
+                cfg.num_experts,
+                cfg.num_experts_per_tok,
+                cfg.moe_intermediate_size,
+                cfg.shared_expert_intermediate_size,
+                dtype,
+                device,
+            )
+        else:
+            self.mlp = MLP(H, cfg.intermediate_size, dtype, device)
+        self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps, dtype, device)
+
+    def forward(self, h, cos, sin, plan: StepPlan, caches: ModelCaches) -> torch.Tensor:
+        x = self.input_layernorm(h)  # [T, H]
+        i = self.cache_index
+        if self.layer_type == "linear_attention":
+            x = self.linear_attn(x, plan, caches.conv[i], caches.recurrent[i])
+        else:
+            x = self.self_attn(x, cos, sin, plan, caches.key[i], caches.value[i])
+        h = h + x
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen35TextModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None):
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
+        counts = {"linear_attention": 0, "full_attention": 0}
+        layers = []
+        for t in cfg.layer_types:
+            layers.append(DecoderLayer(cfg, t, counts[t], dtype, device))
+            counts[t] += 1
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+
+class Qwen35ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.config = cfg
+        dtype = dtype or torch.get_default_dtype()
+        self.model = Qwen35TextModel(cfg, dtype, device)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, device)  # [V, H]
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
+        self.tie_weights()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def tie_weights(self) -> None:
+        """lm_head shares embed_tokens' parameter when the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def to_empty(self, *, device, recurse: bool = True):
+        out = super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()  # to_empty gives each module a fresh tensor: restore the tie
+        return out
+
+    # ---- the engine path -------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_hidden(
+        self, input_ids: torch.Tensor, batch: ForwardBatch, caches: ModelCaches
+    ) -> torch.Tensor:
+        """input_ids [T] -> last decoder layer's output [T, H] (before the final norm)."""
+        if input_ids.dim() != 1:
+            raise ValueError(
+                f"input_ids must be flat [T] with a ForwardBatch, got {input_ids.shape}"
+            )
+        plan = StepPlan.build(batch, input_ids.shape[0])
+        h = self.model.embed_tokens(input_ids)  # [T, H]
+        cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)  # [T, rotary_dim]
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, plan, caches)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Pre-norm hidden rows [S, H] -> logits [S, V] float32."""
+        return self.lm_head(self.model.norm(hidden)).float()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        batch: ForwardBatch | None = None,
+        caches: ModelCaches | None = None,
+    ) -> torch.Tensor:
+        if batch is None:
+            return self._forward_uncached(input_ids)
+        if caches is None:
+            raise ValueError("a ForwardBatch needs ModelCaches (see allocate_caches)")
+        h = self.forward_hidden(input_ids, batch, caches)
+        with torch.no_grad():
+            return self.compute_logits(h.index_select(0, batch.logits_indices))
+
+    def _forward_uncached(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> [B, T, V]: every sequence from position 0 with temporary caches."""
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"without a ForwardBatch, input_ids must be [B, T], got {input_ids.shape}"
+            )
+        B, T = input_ids.shape
+        dev = input_ids.device
+        caches = allocate_caches(self.config, B, T, B, self.dtype, dev)  # one block per sequence
+        batch = uncached_batch(B, T, dev)
+        return self.forward(input_ids.reshape(-1), batch, caches).view(B, T, -1)
+
+
+def uncached_batch(B: int, T: int, device) -> ForwardBatch:
+    """B fresh sequences of T tokens, sequence i in block i (block_size T) and state slot i."""
+    ar = torch.arange(T, device=device)
+    return ForwardBatch(
+        positions=ar.repeat(B),
+        cu_seqlens=[i * T for i in range(B + 1)],
+        context_lens=[T] * B,
+        slot_mapping=torch.arange(B * T, device=device),
+        block_tables=torch.arange(B, device=device, dtype=torch.int32)[:, None],
+        state_slots=torch.arange(B, device=device),
+        has_initial_state=[False] * B,
+        logits_indices=torch.arange(B * T, device=device),
+    )

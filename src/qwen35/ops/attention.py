@@ -1,0 +1,105 @@
+"""Paged causal attention over a block cache (portable PyTorch: SDPA on gathered K/V).
+
+Cache layout (forward_batch.py): K and V of one layer are [num_blocks, block_size, nkv, hd];
+token t lives at flat slot `block * block_size + offset`. A sequence's blocks are listed in its
+row of `block_tables`. Query head h uses KV head h // (nh / nkv) (GQA).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def naive_attention(
+    q: torch.Tensor,  # [Tq, nh, hd]
+    k: torch.Tensor,  # [Tk, nkv, hd]
+    v: torch.Tensor,  # [Tk, nkv, hd]
+    scale: float,
+) -> torch.Tensor:
+    """Reference: query j sits at position Tk - Tq + j and sees keys 0..that position.
+    Softmax in fp32, probabilities cast to the input dtype (transformers' eager)."""
+    Tq, nh, _ = q.shape
+    Tk, nkv, _ = k.shape
+    rep = nh // nkv
+    kk = k.repeat_interleave(rep, dim=1).transpose(0, 1)  # [nh, Tk, hd]
+    vv = v.repeat_interleave(rep, dim=1).transpose(0, 1)
+    s = (q.transpose(0, 1) @ kk.transpose(1, 2)) * scale  # [nh, Tq, Tk]
+    qpos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+    s = s.masked_fill(torch.arange(Tk, device=q.device)[None, :] > qpos, float("-inf"))
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (p @ vv).transpose(0, 1)  # [Tq, nh, hd]
+
+
+def write_kv(
+    key_cache: torch.Tensor,  # [num_blocks, block_size, nkv, hd]
+    value_cache: torch.Tensor,
+    k: torch.Tensor,  # [T, nkv, hd]
+    v: torch.Tensor,  # [T, nkv, hd]
+    slot_mapping: torch.Tensor,  # [T] int64 flat slots
+) -> None:
+    nkv, hd = k.shape[1:]
+    key_cache.view(-1, nkv, hd).index_copy_(0, slot_mapping, k.to(key_cache.dtype))
+    value_cache.view(-1, nkv, hd).index_copy_(0, slot_mapping, v.to(value_cache.dtype))
+
+
+def gather_kv(
+    cache: torch.Tensor,  # [num_blocks, block_size, nkv, hd]
+    block_table: torch.Tensor,  # [max_blocks] int, one sequence's row
+    context_len: int,
+) -> torch.Tensor:
+    """One sequence's first `context_len` cached tokens: [context_len, nkv, hd]."""
+    bs = cache.shape[1]
+    nb = math.ceil(context_len / bs)
+    return cache[block_table[:nb].long()].flatten(0, 1)[:context_len]
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [Tq, nh, hd] new queries of one sequence
+    k: torch.Tensor,  # [Tk, nkv, hd] the whole context (cached + new), Tk >= Tq
+    v: torch.Tensor,  # [Tk, nkv, hd]
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention with the queries at the end of the context. Returns [Tq, nh, hd]."""
+    Tq, Tk = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T, hd]
+    gqa = q.shape[1] != k.shape[1]
+    if Tq == Tk:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        # SDPA's is_causal aligns top-left; with cached tokens the queries sit bottom-right.
+        qpos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+        mask = torch.arange(Tk, device=q.device)[None, :] <= qpos  # [Tq, Tk] True = attend
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return o.transpose(0, 1)
+
+
+def decode_attention(
+    q: torch.Tensor,  # [N, nh, hd] one query per sequence
+    key_cache: torch.Tensor,  # [num_blocks, block_size, nkv, hd]
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [N, >= max_blocks] int
+    context_lens: torch.Tensor,  # [N] int64, tokens to attend (including the new one)
+    max_context: int,
+    scale: float,
+) -> torch.Tensor:
+    """Batched single-token attention: gathers each sequence's blocks into a padded
+    [N, nkv, L, hd] and masks past its length. Returns [N, nh, hd]."""
+    N, nh, hd = q.shape
+    bs, nkv = key_cache.shape[1], key_cache.shape[2]
+    nb = math.ceil(max_context / bs)
+    idx = block_tables[:, :nb].long()  # [N, nb]
+    k = key_cache[idx].view(N, nb * bs, nkv, hd).transpose(1, 2).to(q.dtype)  # [N, nkv, L, hd]
+    v = value_cache[idx].view(N, nb * bs, nkv, hd).transpose(1, 2).to(q.dtype)
+    qh = q[:, :, None, :]  # [N, nh, 1, hd]
+    gqa = nh != nkv
+    if N == 1:  # one sequence: slice instead of masking
+        k, v = k[:, :, :max_context], v[:, :, :max_context]
+        o = F.scaled_dot_product_attention(qh, k, v, scale=scale, enable_gqa=gqa)
+    else:
+        pos = torch.arange(nb * bs, device=q.device)
+        mask = (pos[None, :] < context_lens[:, None])[:, None, None, :]  # [N, 1, 1, L]
+        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return o[:, :, 0, :]  # [N, nh, hd]

@@ -1,0 +1,67 @@
+"""Causal depthwise conv1d with a carried state, followed by SiLU (Gated DeltaNet's short conv).
+
+Per channel c: u[t, c] = sum_j w[c, j] * x[t - (K-1) + j, c], j = K-1 the current token. Inputs
+before the sequence start come from the conv state: the last K-1 pre-conv inputs, stored
+channel-major [C, K-1] (cache_spec's layout), zeros for a fresh sequence.
+
+Numerics follow transformers: the conv accumulates in fp32 and is rounded once to the input
+dtype, then SiLU runs in that dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def naive_causal_conv1d(
+    x: torch.Tensor,  # [T, C] pre-conv inputs of one sequence
+    weight: torch.Tensor,  # [C, K]
+    state: torch.Tensor | None = None,  # [C, K-1]
+) -> torch.Tensor:
+    """Reference through F.conv1d (what transformers runs). Returns silu(conv) [T, C]."""
+    T, C = x.shape
+    K = weight.shape[1]
+    prev = x.new_zeros(C, K - 1) if state is None else state.to(x.dtype)
+    ext = torch.cat([prev, x.t()], dim=1).float()  # [C, K-1+T]
+    y = F.conv1d(ext[None], weight.float()[:, None, :], groups=C)[0]  # [C, T]
+    return F.silu(y.to(x.dtype)).t()
+
+
+def causal_conv1d(
+    x: torch.Tensor,  # [T, C] pre-conv inputs of one sequence (prefill chunk)
+    weight: torch.Tensor,  # [C, K]
+    state: torch.Tensor | None = None,  # [C, K-1] previous inputs, None = zeros
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill. Returns silu(conv) [T, C] in x.dtype and the extended input [K-1+T, C].
+
+    The new conv state after the first n tokens is `ext[n : n + K-1].t()`; after all T it is
+    `ext[T:].t()` (see `conv_state_at`). Shifted multiply-adds on the token-major layout avoid
+    transposing the [T, C] activations.
+    """
+    T, C = x.shape
+    K = weight.shape[1]
+    prev = x.new_zeros(K - 1, C) if state is None else state.t().to(x.dtype)
+    ext = torch.cat([prev, x], dim=0)  # [K-1+T, C]
+    w = weight.t().float()  # [K, C]
+    src = ext.float() if x.dtype != torch.float32 else ext
+    y = src[K - 1 : K - 1 + T] * w[K - 1]  # current token: [T, C] fp32
+    for j in range(K - 1):
+        y.addcmul_(src[j : j + T], w[j])
+    return F.silu(y.to(x.dtype)), ext
+
+
+def conv_state_at(ext: torch.Tensor, n: int, kernel_size: int) -> torch.Tensor:
+    """Conv state [C, K-1] after the first n new tokens, from `causal_conv1d`'s extended input."""
+    return ext[n : n + kernel_size - 1].t()
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,  # [N, C] one new token for each of N sequences
+    weight: torch.Tensor,  # [C, K]
+    state: torch.Tensor,  # [N, C, K-1]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode. Returns silu(conv) [N, C] and the new states [N, C, K-1] (a fresh tensor)."""
+    window = torch.cat([state.to(x.dtype), x[:, :, None]], dim=2)  # [N, C, K]
+    y = (window.float() * weight.float()).sum(-1)  # [N, C] fp32
+    return F.silu(y.to(x.dtype)), window[:, :, 1:]
