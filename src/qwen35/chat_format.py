@@ -1,0 +1,395 @@
+"""The Qwen 3.5 chat format: a checkpoint's jinja template, or a built-in renderer.
+
+`ChatTemplate.from_model_dir(dir)` renders the directory's template (chat_template.jinja,
+chat_template.json or tokenizer_config.json) with jinja2 set up exactly as transformers does;
+without one it falls back to `render_builtin`, plain Python that writes the same text as the
+official Qwen 3.5 templates (the 4B+ file; with default_thinking=False the 0.8B/2B file).
+
+Thinking default by size (`default_thinking_for`): 0.8B and 2B off, 4B and larger on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from qwen35.errors import Qwen35Error
+
+TOOLS_HEADER = "# Tools\n\nYou have access to the following functions:\n\n<tools>"
+TOOLS_INSTRUCTIONS = (
+    "\n</tools>\n\nIf you choose to call a function ONLY reply in the following format with NO "
+    "suffix:\n\n<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\n"
+    "value_1\n</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second "
+    "parameter\nthat can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n"
+    "<IMPORTANT>\nReminder:\n- Function calls MUST follow the specified format: an inner "
+    "<function=...></function> block must be nested within <tool_call></tool_call> XML tags\n"
+    "- Required parameters MUST be specified\n- You may provide optional reasoning for your "
+    "function call in natural language BEFORE the function call, but NOT after\n- If there is no "
+    "function call available, answer the question like normal with your current knowledge and do "
+    "not tell the user about function calls\n</IMPORTANT>"
+)
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+THINK_OPEN = "<think>\n"
+THINK_EMPTY = "<think>\n\n</think>\n\n"
+
+
+class ChatFormatError(Qwen35Error, ValueError):
+    """Messages the chat template refuses; the message is the template's own."""
+
+
+def default_thinking_for(model: Any) -> bool:
+    """Whether a model thinks by default: False for 0.8B and 2B, True for 4B and larger.
+
+    Accepts a ModelConfig (dense with hidden_size <= 2048 -> off; the 35B-A3B MoE also has
+    hidden 2048 but thinks), a config dict, a model directory, or a name like "Qwen3.5-2B".
+    """
+    if isinstance(model, (str, Path)) and Path(model, "config.json").is_file():
+        model = json.loads(Path(model, "config.json").read_text())
+    if isinstance(model, Mapping):
+        text = model.get("text_config") or model
+        hidden, moe = text.get("hidden_size"), bool(text.get("num_experts"))
+    elif hasattr(model, "hidden_size"):
+        hidden, moe = model.hidden_size, bool(getattr(model, "num_experts", 0))
+    else:
+        m = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)b(?![a-z])", str(model).lower())
+        return m is None or float(m.group(1)) >= 3
+    return moe or not (isinstance(hidden, int) and hidden <= 2048)
+
+
+def prompt_thinking_enabled(prompt: str) -> bool:
+    """True when a rendered prompt leaves the model inside an open think block."""
+    return prompt.endswith(THINK_OPEN) and not prompt.endswith(THINK_EMPTY)
+
+
+def _plain(value: Any) -> Any:
+    # Pydantic models (the OpenAI SDK's messages) and mappings become plain dicts/lists, copied.
+    if callable(getattr(value, "model_dump", None)):
+        value = value.model_dump()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def normalize_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """OpenAI-style messages -> what the Qwen template expects (a fresh copy).
+
+    Tool-call `arguments` given as a JSON string (OpenAI style) become a dict; the official
+    template only accepts a mapping. `reasoning` / `thinking` fill a missing `reasoning_content`
+    (as transformers does).
+    """
+    out = []
+    for i, msg in enumerate(_plain(list(messages))):
+        if not isinstance(msg, dict):
+            raise ChatFormatError(f"message {i} must be an object with a 'role', got {msg!r}")
+        if msg.get("reasoning_content") is None:
+            alias = next(
+                (msg[k] for k in ("reasoning", "thinking") if msg.get(k) is not None), None
+            )
+            if alias is not None:
+                msg["reasoning_content"] = alias
+        for call in msg.get("tool_calls") or []:
+            fn = call.get("function", call) if isinstance(call, dict) else None
+            if isinstance(fn, dict) and not isinstance(fn.get("arguments", {}), Mapping):
+                fn["arguments"] = _parse_arguments(fn.get("arguments"), fn.get("name"), i)
+        out.append(msg)
+    return out
+
+
+def _parse_arguments(args: Any, name: Any, index: int) -> dict[str, Any]:
+    if args is None or (isinstance(args, str) and not args.strip()):
+        return {}
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as e:
+            raise ChatFormatError(
+                f"message {index}: arguments of tool call {name!r} are not valid JSON ({e})"
+            ) from None
+    if not isinstance(args, Mapping):
+        raise ChatFormatError(
+            f"message {index}: arguments of tool call {name!r} must be a JSON object, got {args!r}"
+        )
+    return dict(args)
+
+
+def tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' tojson: key order kept, no HTML escaping (jinja2's builtin differs)."""
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+@dataclass
+class ChatTemplate:
+    """Renders messages to a prompt string. `source` is jinja text, or None for the built-in."""
+
+    source: str | None = None
+    default_thinking: bool | None = None
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, ...
+
+    @classmethod
+    def from_model_dir(
+        cls, path: str | Path | None, default_thinking: bool | None = None
+    ) -> ChatTemplate:
+        if path is None:
+            return cls(None, default_thinking)
+        d = Path(path)
+        cfg = _read_json(d / "tokenizer_config.json")
+        specials = {}
+        for key, value in cfg.items():
+            if key.endswith("_token") and isinstance(value, dict):
+                value = value.get("content")
+            if key.endswith("_token") and isinstance(value, str):
+                specials[key] = value
+        source = _find_template(d, cfg)
+        if source is not None:
+            _compile(source)  # fail now, not on the first request
+        return cls(source, default_thinking, specials)
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source is None
+
+    def render(
+        self,
+        messages: list[Any],
+        tools: list[Any] | None = None,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """The prompt text. `enable_thinking` must be a real bool; anything else means default."""
+        msgs = normalize_messages(messages)
+        tools = _plain(list(tools)) if tools is not None else None
+        if not isinstance(enable_thinking, bool):
+            enable_thinking = None
+        if self.source is None:
+            thinking = self.default_thinking if enable_thinking is None else enable_thinking
+            return render_builtin(
+                msgs,
+                tools,
+                add_generation_prompt=add_generation_prompt,
+                thinking=True if thinking is None else thinking,
+                add_vision_id=bool(template_kwargs.get("add_vision_id")),
+            )
+        if enable_thinking is None:
+            enable_thinking = self.default_thinking
+        kwargs = {**self.special_tokens, **template_kwargs}
+        if enable_thinking is not None:
+            kwargs["enable_thinking"] = enable_thinking
+        return render_jinja(self.source, msgs, tools, add_generation_prompt, **kwargs)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ChatFormatError(f"{path} is not valid JSON: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _find_template(d: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    """chat_template.jinja, then chat_template.json (processor), then tokenizer_config.json."""
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text(encoding="utf-8")
+    for tpl in (_read_json(d / "chat_template.json").get("chat_template"),
+                tokenizer_config.get("chat_template")):  # fmt: skip
+        if isinstance(tpl, list):  # named templates: [{"name": "default", "template": ...}]
+            named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+            tpl = named.get("default")
+        if isinstance(tpl, str) and tpl:
+            return tpl
+    return None
+
+
+class _Raised(Exception):
+    """raise_exception() called by the template: its message is the user-facing error."""
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str) -> Any:
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message) from _Raised(message)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatFormatError(f"the chat template does not compile: {e}") from None
+
+
+def render_jinja(
+    source: str,
+    messages: list[dict[str, Any]],
+    tools: list[Any] | None = None,
+    add_generation_prompt: bool = True,
+    **kwargs: Any,
+) -> str:
+    """Render a jinja chat template the way transformers' apply_chat_template does."""
+    template = _compile(source)
+    try:
+        return template.render(
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+    except Exception as e:
+        if isinstance(e.__cause__, _Raised):
+            raise ChatFormatError(str(e)) from None
+        raise ChatFormatError(f"the chat template failed: {type(e).__name__}: {e}") from None
+
+
+# ---- the built-in renderer (no template in the directory) -----------------------------------
+def render_builtin(
+    messages: list[dict[str, Any]],
+    tools: list[Any] | None = None,
+    add_generation_prompt: bool = True,
+    thinking: bool = True,
+    add_vision_id: bool = False,
+) -> str:
+    """The official Qwen 3.5 template's output, in Python; checks happen in the template's order.
+
+    `messages` must already be normalized (tool-call arguments as dicts).
+    """
+    if not messages:
+        raise ChatFormatError("No messages provided.")
+    counts = {"Picture": 0, "Video": 0}
+
+    def content_of(content: Any, count: bool, system: bool = False) -> str:
+        if isinstance(content, str):
+            return content
+        if content is None:
+            return ""
+        if not isinstance(content, (list, tuple)):
+            raise ChatFormatError("Unexpected content type.")
+        parts = []
+        for item in content:
+            kind = _part_kind(item)
+            if kind == "text":
+                parts.append(str(item["text"]))
+                continue
+            if system:
+                raise ChatFormatError(f"System message cannot contain {kind.lower()}s.")
+            label = "Picture" if kind == "image" else "Video"
+            if count:
+                counts[label] += 1
+            if add_vision_id:
+                parts.append(f"{label} {counts[label]}: ")
+            parts.append(IMAGE if kind == "image" else VIDEO)
+        return "".join(parts)
+
+    out: list[str] = []
+    first_is_system = messages[0].get("role") == "system"
+    if isinstance(tools, (list, tuple)) and tools:
+        out.append("<|im_start|>system\n" + TOOLS_HEADER)
+        out.extend("\n" + tojson(tool) for tool in tools)
+        out.append(TOOLS_INSTRUCTIONS)
+        if first_is_system:
+            system = content_of(messages[0].get("content"), False, system=True).strip()
+            if system:
+                out.append("\n\n" + system)
+        out.append("<|im_end|>\n")
+    elif first_is_system:
+        system = content_of(messages[0].get("content"), False, system=True).strip()
+        out.append("<|im_start|>system\n" + system + "<|im_end|>\n")
+
+    # The last user turn that is a real query (not only tool responses): assistant turns after it
+    # keep their think block, earlier ones lose it.
+    last_query = None
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            text = content_of(messages[i].get("content"), False).strip()
+            if not (text.startswith("<tool_response>") and text.endswith("</tool_response>")):
+                last_query = i
+                break
+    if last_query is None:
+        raise ChatFormatError("No user query found in messages.")
+
+    n = len(messages)
+    for i, msg in enumerate(messages):
+        content = content_of(msg.get("content"), True).strip()
+        role = msg.get("role")
+        if role == "system":
+            if i != 0:
+                raise ChatFormatError("System message must be at the beginning.")
+        elif role == "user":
+            out.append("<|im_start|>user\n" + content + "<|im_end|>\n")
+        elif role == "assistant":
+            out.append(_assistant(msg, content, after_query=i > last_query))
+        elif role == "tool":
+            if i > 0 and messages[i - 1].get("role") != "tool":
+                out.append("<|im_start|>user")
+            out.append("\n<tool_response>\n" + content + "\n</tool_response>")
+            if i == n - 1 or messages[i + 1].get("role") != "tool":
+                out.append("<|im_end|>\n")
+        else:
+            raise ChatFormatError("Unexpected message role.")
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n" + (THINK_OPEN if thinking else THINK_EMPTY))
+    return "".join(out)
+
+
+def _part_kind(item: Any) -> str:
+    if isinstance(item, Mapping):
+        if "image" in item or "image_url" in item or item.get("type") == "image":
+            return "image"
+        if "video" in item or item.get("type") == "video":
+            return "video"
+        if "text" in item:
+            return "text"
+    raise ChatFormatError("Unexpected item type in content.")
+
+
+def _assistant(msg: dict[str, Any], content: str, after_query: bool) -> str:
+    reasoning = msg.get("reasoning_content")
+    if not isinstance(reasoning, str):
+        reasoning = ""
+        if "</think>" in content:
+            head, _, _ = content.partition("</think>")
+            reasoning = head.rstrip("\n").split("<think>")[-1].lstrip("\n")
+            content = content.split("</think>")[-1].lstrip("\n")
+    if after_query:
+        parts = ["<|im_start|>assistant\n<think>\n" + reasoning.strip() + "\n</think>\n\n"]
+    else:
+        parts = ["<|im_start|>assistant\n"]
+    parts.append(content)
+    calls = msg.get("tool_calls")
+    if isinstance(calls, (list, tuple)):
+        for j, call in enumerate(calls):
+            if isinstance(call, Mapping) and "function" in call:
+                call = call["function"]
+            name = call.get("name") if isinstance(call, Mapping) else None
+            if not isinstance(name, str):
+                raise ChatFormatError(f"tool call {call!r} has no function name")
+            if j == 0:
+                parts.append("\n\n" if content.strip() else "")
+            else:
+                parts.append("\n")
+            parts.append(f"<tool_call>\n<function={name}>\n")
+            args = call.get("arguments", {})
+            if not isinstance(args, Mapping):
+                raise ChatFormatError(f"arguments of tool call {name!r} must be a mapping")
+            for key, value in args.items():
+                text = tojson(value) if isinstance(value, (Mapping, list, tuple)) else str(value)
+                parts.append(f"<parameter={key}>\n{text}\n</parameter>\n")
+            parts.append("</function>\n</tool_call>")
+    parts.append("<|im_end|>\n")
+    return "".join(parts)
