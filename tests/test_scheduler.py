@@ -40,6 +40,7 @@ class FakeRunner:
         self.kv: dict[int, tuple[int, int]] = {}
         self.state: list[int | None] = [None] * sched.state.total_slots
         self.restores = 0
+        self.log: list[tuple] = []  # (seq_id, start, num_new_tokens, restore_from, checkpoints)
 
     def run(self, out) -> dict[str, int]:
         num_slots, pool = self.sched.state.num_slots, self.sched.kv
@@ -51,6 +52,7 @@ class FakeRunner:
         sampled = {}
         for s in out.scheduled:
             seq, bs = s.seq, self.bs
+            self.log.append((seq.seq_id, s.start, s.num_new_tokens, s.restore_from, s.checkpoints))
             assert 0 <= seq.state_slot < num_slots and s.num_new_tokens >= 1
             st = self.state[seq.state_slot] if s.has_initial_state else 0
             assert st == ref_hash(seq.token_ids[: s.start]), f"{seq.seq_id}: wrong state"

@@ -301,7 +301,7 @@ class Scheduler:
         if cfg.checkpoint_prompt_end and start < prompt_end <= start + n:
             marks.add(prompt_end)
         hashes = self._hashes(seq) if marks else []
-        for t in sorted(marks):
+        for t in sorted(marks, reverse=True):  # deepest first: it saves the most recompute
             h = hashes[t // bs - 1]
             if self.state.has_checkpoint(h):
                 continue
@@ -309,6 +309,7 @@ class Scheduler:
             if slot is None:
                 break
             s.checkpoints.append((t - start, slot))
+        s.checkpoints.reverse()
         return s
 
     def _check_stop(self, seq: Sequence) -> bool:

@@ -1,0 +1,253 @@
+"""Hybrid prefix caching: KV blocks + DeltaNet state checkpoints, driven through the scheduler with
+the fake runner of test_scheduler (which checks restored states and shared KV on every step)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from qwen35.scheduler import Scheduler, SchedulerConfig
+from test_scheduler import (
+    VOCAB,
+    FakeRunner,
+    assert_all_released,
+    make_seq,
+    reference_output,
+    run_steps,
+)
+
+
+def setup(bs=4, interval=None, budget=256, max_len=512, blocks=None, ckpts=64, **kw):
+    cfg = SchedulerConfig(
+        max_num_batched_tokens=budget,
+        block_size=bs,
+        checkpoint_interval=interval or bs,
+        max_model_len=max_len,
+        **kw,
+    )
+    sched = Scheduler(cfg, blocks or 2 * max_len // bs, num_checkpoint_slots=ckpts)
+    return cfg, sched, FakeRunner(sched)
+
+
+def run(sched, runner, *seqs):
+    for s in seqs:
+        sched.add(s)
+    done, _, _ = run_steps(sched, runner)
+    cfg = sched.config
+    for s in seqs:
+        assert s.output_token_ids == reference_output(s.prompt_token_ids, s.params, cfg)
+    return done
+
+
+def first_chunk(runner, seq_id):
+    return next(e for e in runner.log if e[0] == seq_id)
+
+
+def rand_tokens(rng, n):
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
+@pytest.mark.parametrize("interval, expect", [(16, 96), (4, 100)])
+def test_shared_prefix_of_100_tokens(interval, expect):
+    rng = random.Random(0)
+    prefix = rand_tokens(rng, 100)
+    cfg, sched, runner = setup(interval=interval)
+    a = make_seq(0, prefix + rand_tokens(rng, 10), max_tokens=4)
+    b = make_seq(1, prefix + rand_tokens(rng, 10), max_tokens=4)
+    run(sched, runner, a)
+    run(sched, runner, b)
+    assert a.num_cached_tokens == 0 and b.num_cached_tokens == expect
+    _, start, n, restore, _ = first_chunk(runner, "s1")
+    assert start == expect and n == 110 - expect and restore >= sched.state.num_slots
+    st = sched.prefix_cache_stats()
+    assert (st.queries, st.hits, st.hit_tokens, st.query_tokens) == (2, 1, expect, 220)
+    assert st.hit_rate == pytest.approx(expect / 220)
+    assert_all_released(sched)
+    assert sched.kv.num_cached_blocks > 0  # released to the cache, not forgotten
+
+
+def test_shared_prefix_of_5000_tokens_small_blocks():
+    rng = random.Random(1)
+    prefix = rand_tokens(rng, 5000)
+    cfg, sched, runner = setup(bs=8, interval=256, budget=1024, max_len=6000)
+    a = make_seq(0, prefix + rand_tokens(rng, 30), max_tokens=2)
+    b = make_seq(1, prefix + rand_tokens(rng, 30), max_tokens=2)
+    run(sched, runner, a)
+    run(sched, runner, b)
+    assert b.num_cached_tokens == 4864  # 19 * 256: the last checkpoint inside the shared 5000
+    assert sum(e[2] for e in runner.log if e[0] == "s1") == 5030 - 4864 + 1
+    assert_all_released(sched)
+
+
+def test_prefix_ending_mid_block_hits_only_full_blocks():
+    rng = random.Random(2)
+    prefix = rand_tokens(rng, 10)
+    cfg, sched, runner = setup()
+    a = make_seq(0, prefix + [1, 1, 1, 1, 1, 1], max_tokens=3)
+    b = make_seq(1, prefix + [2, 2, 2, 2, 2, 2], max_tokens=3)
+    run(sched, runner, a)
+    sched.add(b)
+    out = sched.schedule()
+    assert b.num_computed_tokens == 8 and b.num_cached_tokens == 8
+    assert b.block_ids[:2] == sched.kv.match_prefix(a.block_hashes[:2])  # a's cached blocks
+    assert sched.kv.ref_counts[b.block_ids[2]] == 1  # the partial third block is its own
+    sched.update(out, runner.run(out))
+    run(sched, runner)
+    assert b.output_token_ids == reference_output(b.prompt_token_ids, b.params, cfg)
+
+
+def test_exactly_one_block():
+    cfg, sched, runner = setup(bs=4)
+    run(sched, runner, make_seq(0, [5, 6, 7, 8, 9, 10], max_tokens=2))
+    b = make_seq(1, [5, 6, 7, 8, 1], max_tokens=2)
+    run(sched, runner, b)
+    assert b.num_cached_tokens == 4
+    c = make_seq(2, [5, 6, 7, 9, 1], max_tokens=2)  # differs inside the first block
+    run(sched, runner, c)
+    assert c.num_cached_tokens == 0
+
+
+def test_back_off_when_the_whole_prompt_is_cached():
+    prompt = list(range(1, 17))  # 16 tokens = 4 blocks of 4
+    # interval 16 without the prompt-end checkpoint: the only checkpoint sits at 16 = the whole
+    # prompt, which must not be used (no logits row); nothing earlier -> no hit.
+    cfg, sched, runner = setup(interval=16, checkpoint_prompt_end=False)
+    a, b = make_seq(0, prompt, max_tokens=3), make_seq(1, prompt, max_tokens=3)
+    run(sched, runner, a)
+    run(sched, runner, b)
+    assert b.num_cached_tokens == 0 and a.output_token_ids == b.output_token_ids
+    # with the prompt-end checkpoint (last block boundary inside the prompt: 12) it hits 12
+    cfg, sched, runner = setup(interval=16)
+    a, b = make_seq(0, prompt, max_tokens=3), make_seq(1, prompt, max_tokens=3)
+    run(sched, runner, a)
+    run(sched, runner, b)
+    assert b.num_cached_tokens == 12 and first_chunk(runner, "s1")[1:3] == (12, 4)
+    assert a.output_token_ids == b.output_token_ids
+
+
+def test_checkpoint_placement_in_chunks_and_decode():
+    cfg, sched, runner = setup(interval=8, budget=12)
+    seq = make_seq(0, list(range(1, 51)), max_tokens=10)
+    run(sched, runner, seq)
+    ns = sched.state.num_slots
+    placed = [(start, [n for n, _ in ck]) for _, start, _, _, ck in runner.log]
+    assert all(slot >= ns for *_, ck in runner.log for _, slot in ck)
+    # prefill chunks of 12: boundaries 8 | 16, 24 | 32 | 40, 48 | (48 = prompt end, exists)
+    assert placed[:5] == [(0, [8]), (12, [4, 12]), (24, [8]), (36, [4, 12]), (48, [])]
+    # decode: token 56 crosses a multiple of 8 in the step starting at 55
+    assert [(s, n) for s, n in placed[5:] if n] == [(55, [1])]
+    assert sched.state.num_checkpoints == 7
+
+
+def test_concurrent_request_hits_only_what_is_computed():
+    rng = random.Random(3)
+    prefix = rand_tokens(rng, 64)
+    cfg, sched, runner = setup(interval=16, budget=48, max_chunk_tokens=16)
+    a = make_seq(0, prefix + [1], max_tokens=3)
+    sched.add(a)
+    for _ in range(2):  # two chunks of 16: 32 computed, checkpoints at 16 and 32
+        out = sched.schedule()
+        sched.update(out, runner.run(out))
+    b = make_seq(1, prefix + [2], max_tokens=3)
+    c = make_seq(2, prefix + [3], max_tokens=3)
+    sched.add(b)
+    sched.add(c)
+    out = sched.schedule()
+    assert [(s.seq.seq_id, s.start) for s in out.scheduled] == [("s0", 32), ("s1", 32), ("s2", 32)]
+    assert b.block_ids[:8] == a.block_ids[:8] == c.block_ids[:8]
+    assert sched.kv.ref_counts[a.block_ids[0]] == 3
+    sched.update(out, runner.run(out))
+    sched.check_integrity()
+    run_steps(sched, runner)
+    for s in (a, b, c):
+        assert s.output_token_ids == reference_output(s.prompt_token_ids, s.params, cfg)
+    assert b.num_cached_tokens == c.num_cached_tokens == 32
+
+
+def test_same_step_admissions_do_not_hit():
+    """n > 1 style: identical prompts admitted together compute independently (correct, no hit)."""
+    cfg, sched, runner = setup(interval=4)
+    seqs = [make_seq(i, list(range(1, 30)), max_tokens=4) for i in range(4)]
+    run(sched, runner, *seqs)
+    assert all(s.num_cached_tokens == 0 for s in seqs)
+    assert len({tuple(s.output_token_ids) for s in seqs}) == 1
+
+
+def test_eviction_under_pressure_then_recompute():
+    rng = random.Random(4)
+    prefix = rand_tokens(rng, 40)
+    # 16 blocks of 4 = 64 tokens: one other request evicts everything a left behind
+    cfg, sched, runner = setup(interval=8, max_len=60, blocks=16, ckpts=3)
+    a = make_seq(0, prefix + [1], max_tokens=2)
+    run(sched, runner, a)
+    run(sched, runner, make_seq(1, rand_tokens(rng, 55), max_tokens=4))
+    b = make_seq(2, prefix + [2], max_tokens=3)
+    run(sched, runner, b)
+    st = sched.prefix_cache_stats()
+    assert b.num_cached_tokens == 0 and st.block_evictions > 0 and st.checkpoint_evictions > 0
+    assert_all_released(sched)
+
+
+def test_checkpoint_eviction_shortens_the_hit():
+    rng = random.Random(5)
+    prefix = rand_tokens(rng, 32)
+    cfg, sched, runner = setup(interval=8, ckpts=2, checkpoint_prompt_end=False)
+    a = make_seq(0, prefix + [1, 1], max_tokens=1)
+    run(sched, runner, a)
+    # 2 slots for 4 boundaries in one chunk: the deepest two (24, 32) are kept
+    hashes = a.block_hashes
+    kept = [t for t in (8, 16, 24, 32) if sched.state.lookup(hashes[t // 4 - 1]) is not None]
+    assert kept == [24, 32]
+    b = make_seq(1, prefix[:20] + [9] * 8, max_tokens=1)  # KV shared up to 20, no ckpt <= 20
+    run(sched, runner, b)
+    assert b.num_cached_tokens == 0
+    # b's checkpoints (16 on the shared prefix, 24 on its own) evicted a's 24 and 32
+    c = make_seq(2, prefix + [7], max_tokens=2)
+    run(sched, runner, c)
+    assert c.num_cached_tokens == 16
+    assert sched.prefix_cache_stats().checkpoint_evictions >= 2
+
+
+def test_resume_after_preemption_reuses_its_own_blocks():
+    cfg, sched, runner = setup(interval=4, max_len=40, blocks=12, budget=64)
+    seqs = [make_seq(i, list(range(10 * i + 1, 10 * i + 21)), max_tokens=18) for i in range(2)]
+    run(sched, runner, *seqs)
+    st = sched.prefix_cache_stats()
+    assert sched.num_preemptions >= 1 and st.hits >= 1
+    assert all(s.num_cached_tokens == 0 for s in seqs)  # only first admissions count there
+
+
+def test_disabled_prefix_caching():
+    prefix = list(range(1, 41))
+    cfg, sched, runner = setup(enable_prefix_caching=False)
+    a, b = make_seq(0, prefix + [1], max_tokens=2), make_seq(1, prefix + [2], max_tokens=2)
+    run(sched, runner, a)
+    run(sched, runner, b)
+    assert b.num_cached_tokens == 0 and sched.state.total_slots == sched.state.num_slots
+    assert all(not ck and r is None for *_, r, ck in runner.log)
+    assert sched.kv.num_cached_blocks == 0 and sched.prefix_cache_stats().queries == 0
+
+
+def test_cache_salt_separates_equal_tokens():
+    prefix = list(range(1, 41))
+    cfg, sched, runner = setup()
+    run(sched, runner, make_seq(0, prefix + [1], max_tokens=2))
+    b = make_seq(1, prefix + [2], max_tokens=2)
+    b.cache_salt = "image-sha"
+    run(sched, runner, b)
+    c = make_seq(2, prefix + [3], max_tokens=2)
+    c.cache_salt = "image-sha"
+    run(sched, runner, c)
+    assert b.num_cached_tokens == 0 and c.num_cached_tokens == 40
+
+
+def test_reset_prefix_cache():
+    prefix = list(range(1, 41))
+    cfg, sched, runner = setup()
+    run(sched, runner, make_seq(0, prefix + [1], max_tokens=2))
+    sched.reset_prefix_cache()
+    b = make_seq(1, prefix + [2], max_tokens=2)
+    run(sched, runner, b)
+    assert b.num_cached_tokens == 0
+    sched.check_integrity()
