@@ -93,16 +93,38 @@ def test_top_k_only_uses_topk_not_sort_and_keeps_ties():
     assert torch.equal(y2[:2] > -math.inf, y[:2] > -math.inf)
 
 
+def test_top_k_with_top_p_uses_topk_and_matches_the_sort_path():
+    x = rand_logits(4, 300, seed=4)
+    ps = [
+        SP(top_k=20, top_p=0.5),
+        SP(top_k=7, top_p=0.9, min_p=0.05),
+        SP(),
+        SP(top_k=400, top_p=0.8),
+    ]
+    log = CallLog()
+    with log:
+        y = apply_top_filters(x[:3], ps[:3])  # every top-p row has a small top-k: no sort
+    assert "sort" not in log.names and "topk" in log.names
+    log = CallLog()
+    with log:
+        y_sorted = apply_top_filters(x, ps)  # row 3: top-k above the vocab, so a full sort
+    assert "sort" in log.names
+    assert torch.equal(y, y_sorted[:3])
+    assert 1 <= int((y[0] > -math.inf).sum()) < 20 and int((y[2] > -math.inf).sum()) == 300
+
+
 def test_top_p_and_min_p_masks_hand_computed():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    x = probs.log()[None].repeat(4, 1)
+    x = probs.log()[None].repeat(5, 1)
     ps = [SP(top_p=0.75), SP(top_p=0.85), SP(min_p=0.35), SP(min_p=0.2, top_p=0.7)]
+    ps.append(SP(min_p=0.35, top_p=0.6))
     y = apply_top_filters(x, ps)
     kept = [torch.nonzero(r > -math.inf).flatten().tolist() for r in y]
     # top_p 0.75: 0.5 < .75 so token 1 is needed; 0.8 >= .75 so token 2 is not.
     # min_p 0.35: threshold 0.175 keeps {0, 1}; min_p 0.2 -> {0,1,2}, renormalised
-    # top-p 0.7 over it: 0.5/0.95 = 0.526 < 0.7 so {0, 1}.
-    assert kept == [[0, 1], [0, 1, 2], [0, 1], [0, 1]]
+    # top-p 0.7 over it: 0.5/0.95 = 0.526 < 0.7 so {0, 1}. min_p 0.35 then top-p 0.6: top-p sees
+    # the renormalised 0.625 >= 0.6, so {0} (without renormalising it would keep {0, 1}).
+    assert kept == [[0, 1], [0, 1, 2], [0, 1], [0, 1], [0]]
     # Kept logits are only divided by the temperature.
     y = apply_top_filters(x, [SP(temperature=0.5, top_p=0.75)])
     assert torch.allclose(y[0, :2], x[0, :2] / 0.5)
@@ -152,6 +174,19 @@ def test_penalties_hand_computed():
     assert y[1].tolist() == [2.0, -2.0, 1.0, -1.0, 0.5 - 3.0, 3.0]
     assert torch.equal(y[2], x[2])
     assert apply_penalties(x, [SamplingRow(SP())] * 3) is x  # nothing to do: no copy
+
+
+def test_penalties_accept_tensor_histories():
+    x = rand_logits(2, 50, seed=6)
+    hist = dict(prompt_token_ids=[3, 4, 4, 9], output_token_ids=[4, 7, 7, 7])
+    p = SP(repetition_penalty=1.7, frequency_penalty=0.4, presence_penalty=-0.3)
+    as_lists = apply_penalties(x, [SamplingRow(p, **hist), SamplingRow(SP())])
+    as_tensors = {k: torch.tensor(v) for k, v in hist.items()}
+    assert torch.equal(
+        as_lists, apply_penalties(x, [SamplingRow(p, **as_tensors), SamplingRow(SP())])
+    )
+    changed = torch.nonzero(as_lists[0] != x[0]).flatten().tolist()
+    assert changed == [3, 4, 7, 9] and torch.equal(as_lists[1], x[1])
 
 
 def test_penalties_change_greedy_choice():

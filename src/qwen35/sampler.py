@@ -20,7 +20,6 @@ only when some row uses top-p (top-k alone uses `topk` with the largest k in the
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -144,20 +143,18 @@ class Sampler:
         return probs.div_(q).argmax(dim=-1)
 
 
-def _row_counts(lists: Sequence[Sequence[int]], vocab: int, device) -> torch.Tensor:
-    """counts[r, t] = occurrences of token t in lists[r]: [R, V] float32, one scatter_add."""
-    lens = [len(t) for t in lists]
-    counts = torch.zeros(len(lists), vocab, device=device)
-    if sum(lens) == 0:
-        return counts
-    ids = torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.long)  # [N]
-    lo, hi = int(ids.min()), int(ids.max())  # checked on the host copy: no device sync
-    if lo < 0 or hi >= vocab:
-        raise ValueError(f"token id out of range [0, {vocab}): min {lo}, max {hi}")
-    row = torch.repeat_interleave(torch.arange(len(lists)), torch.tensor(lens))  # [N]
-    flat = (row * vocab + ids).to(device, non_blocking=True)  # [N]
-    counts.view(-1).scatter_add_(0, flat, torch.ones(flat.shape, device=device))
-    return counts
+def _flat_keys(seqs: Sequence[Sequence[int] | torch.Tensor], rows: Sequence[int], vocab: int):
+    """Host tensor of `row * vocab + token` over every token of seqs[j] in batch row rows[j]."""
+    parts = [torch.zeros(0, dtype=torch.long)]
+    for seq, i in zip(seqs, rows, strict=True):  # per row, never per vocab entry
+        if len(seq):
+            t = seq if isinstance(seq, torch.Tensor) else torch.tensor(seq, dtype=torch.long)
+            t = t.to("cpu", torch.long)  # [n]
+            lo, hi = int(t.min()), int(t.max())  # host tensor: no device sync
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"token id out of range [0, {vocab}): min {lo}, max {hi}")
+            parts.append(t + i * vocab)
+    return torch.cat(parts)  # [N]
 
 
 def apply_min_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -178,56 +175,89 @@ def apply_min_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tens
 
 
 def apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Repetition, frequency and presence penalties; returns x itself when no row has any."""
+    """Repetition, frequency and presence penalties; returns x itself when no row has any.
+
+    Penalties only touch tokens a row has seen, so the work is sparse: the distinct
+    (row, token) keys and their output counts are found on the host (torch.unique over the
+    history), and only those logits are gathered, changed and scattered back. That is
+    O(history) instead of a dense [S, V] count tensor and ~8 full passes over the logits.
+    """
     idx = [i for i, r in enumerate(rows) if has_penalties(r.params)]
     if not idx:
         return x
-    sel = [rows[i] for i in idx]
-    ps = [r.params for r in sel]
-    dev, vocab = x.device, x.shape[1]
-    idx_t = torch.tensor(idx, device=dev)
-    sub = x[idx_t]  # [P, V], a copy
-    counts = _row_counts([r.output_token_ids for r in sel], vocab, dev)  # [P, V]
-    if any(p.repetition_penalty != 1.0 for p in ps):
-        prompts = [r.prompt_token_ids if r.params.repetition_penalty != 1.0 else () for r in sel]
-        seen = (_row_counts(prompts, vocab, dev) > 0) | (counts > 0)  # [P, V]
-        rep = torch.tensor([p.repetition_penalty for p in ps], device=dev)[:, None]  # [P, 1]
-        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    coef = torch.tensor([[p.frequency_penalty, p.presence_penalty] for p in ps], device=dev)
-    sub = sub - coef[:, 0:1] * counts - coef[:, 1:2] * (counts > 0)  # [P, V]
-    return x.index_copy(0, idx_t, sub)
+    vocab = x.shape[1]
+    rep_idx = [i for i in idx if rows[i].params.repetition_penalty != 1.0]
+    out_keys = _flat_keys([rows[i].output_token_ids for i in idx], idx, vocab)  # [No]
+    prompt_keys = _flat_keys([rows[i].prompt_token_ids for i in rep_idx], rep_idx, vocab)  # [Np]
+    keys, inv = torch.unique(torch.cat([out_keys, prompt_keys]), return_inverse=True)  # [U]
+    if not len(keys):
+        return x
+    counts = torch.zeros(len(keys)).index_add_(0, inv[: len(out_keys)], torch.ones(len(out_keys)))
+    coef = torch.tensor(
+        [
+            [r.params.repetition_penalty, r.params.frequency_penalty, r.params.presence_penalty]
+            for r in rows
+        ]  # fmt: skip
+    )[keys // vocab]  # [U, 3], per key: its row's penalties
+    host = torch.cat([coef, counts[:, None]], dim=1)  # [U, 4]: one host->device copy
+    dev = x.device
+    keys, host = keys.to(dev, non_blocking=True), host.to(dev, non_blocking=True)
+    rep, freq, pres, count = host.unbind(1)  # [U] each
+    flat = x.contiguous().view(-1)  # [S*V]
+    val = flat[keys]  # [U]; every key was seen in the prompt or the output
+    val = torch.where(val > 0, val / rep, val * rep)  # rep == 1 for rows without it
+    val = val - freq * count - pres * (count > 0)
+    return flat.index_put((keys,), val).view_as(x)  # a new tensor; the input stays untouched
+
+
+CANDIDATE_LIMIT = 1024  # top-k up to this uses torch.topk instead of a full vocab sort
+
+
+def filter_thresholds(x: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Tensor:
+    """Per-row cutoff of min-p, top-k and top-p: keep logits >= thr. x: [R, V] -> thr: [R, 1].
+
+    All three keep an upper set of the (temperature-scaled) logits, so one threshold per row
+    describes them; top-p renormalises after min-p and top-k (vLLM's order). Tokens tied with
+    the k-th logit are kept (vLLM). The full sort runs only if some top-p row has no top-k
+    (or a huge one); otherwise topk(k_max) gives the candidates, which hold all the mass.
+    """
+    vocab, ninf = x.shape[1], -math.inf
+    prm = torch.tensor(
+        [[p.min_p, p.top_p, min(p.top_k, vocab) or vocab] for p in ps], device=x.device
+    )  # [R, 3]: one host->device copy
+    min_p, top_p, k = prm[:, 0:1], prm[:, 1:2], prm[:, 2:3].long()  # [R, 1] each
+    thr = torch.full_like(min_p, ninf)  # [R, 1]
+    if any(p.min_p > 0 for p in ps):
+        # probs < min_p * max_prob  <=>  logit < max_logit + log(min_p); log(0) = -inf
+        thr = x.amax(dim=-1, keepdim=True) + min_p.log()
+    ks = [p.top_k for p in ps if 0 < p.top_k < vocab]
+    use_p = any(p.top_p < 1.0 for p in ps)
+    if not ks and not use_p:
+        return thr
+    if use_p and any(p.top_p < 1.0 and not 0 < p.top_k < min(vocab, CANDIDATE_LIMIT) for p in ps):
+        srt = x.sort(dim=-1, descending=True).values  # [R, V]
+    else:
+        srt = x.topk(max(ks), dim=-1).values  # [R, K], sorted descending
+    srt = srt.masked_fill(srt < thr, ninf)
+    if ks:
+        kth = srt.gather(1, k.clamp(max=srt.shape[1]) - 1)  # [R, 1]
+        kth = torch.where(k >= vocab, ninf, kth)  # top-k off
+        thr = torch.maximum(thr, kth)
+        srt.masked_fill_(srt < kth, ninf)
+    if use_p:
+        probs = srt.softmax(dim=-1)  # [R, K or V], renormalised after min-p and top-k
+        before = probs.cumsum(dim=-1) - probs  # mass strictly before each position
+        n_keep = (before < top_p).sum(dim=-1, keepdim=True)  # [R, 1] >= 1 as top_p > 0
+        cut = srt.gather(1, n_keep.clamp(max=srt.shape[1]) - 1)  # [R, 1]
+        thr = torch.maximum(thr, torch.where(top_p >= 1.0, ninf, cut))
+    return thr
 
 
 def apply_top_filters(x: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Tensor:
     """Temperature, then min-p, top-k, top-p as -inf masks. x: [R, V] -> new [R, V]."""
-    dev, vocab = x.device, x.shape[1]
-    ninf = -math.inf
-    cols = [[p.temperature, p.min_p, p.top_p, min(p.top_k, vocab) or vocab] for p in ps]
-    prm = torch.tensor(cols, dtype=torch.float32, device=dev)  # [R, 4]: one host->device copy
-    x = x / prm[:, 0:1]  # [R, V]
-    if any(p.min_p > 0 for p in ps):
-        # probs < min_p * max_prob  <=>  logit < max_logit + log(min_p); log(0) = -inf keeps all
-        x.masked_fill_(x < x.amax(dim=-1, keepdim=True) + prm[:, 1:2].log(), ninf)
-    use_k = any(0 < p.top_k < vocab for p in ps)
-    k = prm[:, 3:4].long()  # [R, 1], vocab where off
-    if any(p.top_p < 1.0 for p in ps):
-        srt = x.sort(dim=-1, descending=True).values  # [R, V]
-        if use_k:
-            kth = srt.gather(1, k - 1)  # [R, 1]; ties with the k-th value are kept (vLLM)
-            srt.masked_fill_(srt < kth, ninf)
-            x.masked_fill_(x < kth, ninf)
-        probs = srt.softmax(dim=-1)  # [R, V], renormalised after top-k
-        before = probs.cumsum(dim=-1) - probs  # [R, V] mass strictly before each position
-        n_keep = (before < prm[:, 2:3]).sum(dim=-1, keepdim=True)  # [R, 1] >= 1 (top_p > 0)
-        n_keep = torch.where(prm[:, 2:3] >= 1.0, vocab, n_keep)
-        x.masked_fill_(x < srt.gather(1, n_keep - 1), ninf)
-    elif use_k:
-        k_max = max(p.top_k for p in ps if 0 < p.top_k < vocab)
-        top = x.topk(k_max, dim=-1).values  # [R, k_max]; no full sort
-        kth = top.gather(1, (k.clamp(max=top.shape[1]) - 1))  # [R, 1]
-        kth = torch.where(k >= vocab, ninf, kth)
-        x.masked_fill_(x < kth, ninf)
-    return x
+    temp = torch.tensor([p.temperature for p in ps], device=x.device)[:, None]  # [R, 1]
+    x = x / temp  # [R, V]
+    return x.masked_fill_(x < filter_thresholds(x, ps), -math.inf)
 
 
 def compute_logprobs(
