@@ -1,0 +1,155 @@
+"""The OpenAI-compatible HTTP app: `create_app(engine, ServerConfig(...))` -> FastAPI.
+
+Routes: GET /health, GET /metrics, GET /v1/models, POST /v1/completions, POST
+/v1/chat/completions. Every error is returned in OpenAI's shape. One pure-ASGI middleware
+counts requests by endpoint/status and checks the API key (everything but /health); it is
+pure ASGI (not BaseHTTPMiddleware) so streaming and disconnect detection are untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from qwen35.server.async_engine import AsyncEngine
+from qwen35.server.metrics import CONTENT_TYPE, ServerMetrics
+from qwen35.server.protocol import APIError, ModelCard, ModelList, error_body
+from qwen35.server.serving_chat import create_chat_completion
+from qwen35.server.serving_common import ServerConfig, ServerState
+from qwen35.server.serving_completions import create_completion
+
+log = logging.getLogger("qwen35.server")
+
+ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+OPEN_PATHS = ("/health",)  # no API key needed (load balancers probe it)
+
+__all__ = ["ServerConfig", "ServerState", "create_app"]
+
+
+def create_app(engine: Any, config: ServerConfig) -> FastAPI:
+    """An app serving `engine` (an LLMEngine). Its loop thread runs while the app's lifespan does."""
+    async_engine = AsyncEngine(engine, max_queue=config.max_queue)
+    metrics = ServerMetrics(lambda: async_engine.stats, lambda: async_engine.alive)
+    state = ServerState(engine, async_engine, metrics, config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async_engine.start()
+        try:
+            yield
+        finally:
+            async_engine.shutdown()
+
+    app = FastAPI(title="qwen35", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.qwen35 = state
+    app.add_middleware(_GuardMiddleware, state=state)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body(f"invalid request: {e.errors()}"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return JSONResponse(
+            error_body(str(e.detail), kind), status_code=e.status_code, headers=e.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return JSONResponse(error_body(f"internal error: {e!r}", "server_error"), 500)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if async_engine.alive:
+            return JSONResponse({"status": "ok"})
+        msg = async_engine._dead_message()
+        return JSONResponse(error_body(msg, "server_error", code="engine_dead"), 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = ModelCard(
+            id=config.served_model_name,
+            root=config.model_path,
+            max_model_len=getattr(engine, "max_model_len", None),
+        )
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await create_completion(state, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(state, request)
+
+    return app
+
+
+class _GuardMiddleware:
+    """Counts requests by endpoint and status; answers 401 without a valid bearer key."""
+
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "other"
+        status = 500  # if the app dies before answering
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            key = self.state.config.api_key
+            if key and path not in OPEN_PATHS and not _authorized(scope, key):
+                body = error_body(
+                    "invalid or missing API key: send `Authorization: Bearer <key>`",
+                    code="invalid_api_key",
+                )
+                await _send_json(send_counted, 401, body, {"www-authenticate": "Bearer"})
+                return
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.state.metrics.requests.labels(endpoint, str(status)).inc()
+
+
+def _authorized(scope: Scope, key: str) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
+    return False
+
+
+async def _send_json(send: Send, status: int, body: dict, headers: dict[str, str]) -> None:
+    raw = json.dumps(body).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    hdrs += [(k.encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": raw})

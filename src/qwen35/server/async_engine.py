@@ -1,0 +1,269 @@
+"""The bridge between one engine loop thread and many asyncio request handlers.
+
+The engine is not thread-safe, so exactly one thread ever calls it: the loop thread below. It
+runs `engine.step()` while there is work and sleeps on an Event when idle. Handlers never call the
+engine; they queue commands (add, abort, call) that the loop thread executes between steps, and
+they read their request's delta outputs from a per-request asyncio.Queue that the loop thread
+fills through `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from qwen35.request import RequestOutput, SamplingParams
+
+log = logging.getLogger("qwen35.server")
+
+_END = object()  # pushed to a stream that ends without a finished output (aborted)
+
+
+class QueueFullError(Exception):
+    """More requests are waiting than --max-queue allows (HTTP 503)."""
+
+
+class EngineDeadError(Exception):
+    """The engine loop stopped (an engine error or shutdown); no request can be served."""
+
+
+class RequestStream:
+    """The delta outputs of one or more engine requests (a batch of completion prompts share one
+    stream), read by their handler: `async for out in stream` until all of them finished."""
+
+    def __init__(self, request_ids: list[str], owner: AsyncEngine, loop: asyncio.AbstractEventLoop):
+        self.request_ids = list(request_ids)
+        self._unfinished = set(request_ids)
+        self._owner = owner
+        self._loop = loop
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    @property
+    def finished(self) -> bool:
+        return not self._unfinished
+
+    def _put(self, item: Any) -> None:
+        """Called from the engine thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the handler's loop is closed (server shutting down)
+            pass
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        while self._unfinished:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                self._unfinished.clear()
+                raise item
+            if isinstance(item, tuple):  # (_END, request_id): aborted
+                self._unfinished.discard(item[1])
+                continue
+            if item.finished:
+                self._unfinished.discard(item.request_id)
+            return item
+        raise StopAsyncIteration
+
+    def abort(self) -> None:
+        """Stop generating (client gone): frees the requests' KV blocks and state slots."""
+        for rid in self._unfinished:
+            self._owner.abort(rid)
+        self._unfinished.clear()
+
+
+class AsyncEngine:
+    """Owns the engine loop thread. `max_queue`: waiting requests beyond which adds fail (503)."""
+
+    def __init__(self, engine: Any, max_queue: int | None = None):
+        self.engine = engine
+        self.max_queue = max_queue
+        self._cmds: collections.deque[tuple] = collections.deque()
+        self._wake = threading.Event()
+        self._streams: dict[str, RequestStream] = {}  # touched by the loop thread only
+        self._lock = threading.Lock()
+        self._pending_adds = 0  # adds queued but not yet executed by the loop thread
+        self._stats: dict[str, Any] = {}
+        self._stop = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="qwen35-engine", daemon=True)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._refresh_stats()
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None and not self._stop
+
+    # ---- handler side (event loop threads) -------------------------------------------------
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Latest get_stats() snapshot, refreshed by the loop thread after every step."""
+        return self._stats
+
+    def num_waiting(self) -> int:
+        with self._lock:
+            pending = self._pending_adds
+        return pending + int(self._stats.get("num_waiting", 0))
+
+    async def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> RequestStream:
+        return await self.add_requests([(request_id, prompt, params)])
+
+    async def add_requests(
+        self, requests: list[tuple[str, str | list[int], SamplingParams]]
+    ) -> RequestStream:
+        """Queue requests (all or none) and return their stream. Raises what engine.add_request
+        raises (SamplingParamsError, PromptTooLongError, ...), QueueFullError, EngineDeadError."""
+        if not self.alive:
+            raise EngineDeadError(self._dead_message())
+        with self._lock:
+            waiting = self._pending_adds + int(self._stats.get("num_waiting", 0))
+            if self.max_queue is not None and waiting + len(requests) > self.max_queue:
+                raise QueueFullError(
+                    f"server busy: {waiting} requests are waiting (--max-queue {self.max_queue}); "
+                    "retry later"
+                )
+            self._pending_adds += len(requests)
+        stream = RequestStream([r[0] for r in requests], self, asyncio.get_running_loop())
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(("add", requests, stream, fut))
+        try:
+            await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            stream.abort()  # the client left before the add ran; don't leak the requests
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._submit(("abort", request_id))
+
+    def call(self, fn: Callable[[Any], Any], timeout: float | None = 30.0) -> Any:
+        """Run fn(engine) on the loop thread and return its result (blocking the caller)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(("call", fn, fut))
+        return fut.result(timeout)
+
+    async def acall(self, fn: Callable[[Any], Any]) -> Any:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(("call", fn, fut))
+        return await asyncio.wrap_future(fut)
+
+    def _submit(self, cmd: tuple) -> None:
+        self._cmds.append(cmd)
+        self._wake.set()
+        if not self._thread.is_alive() and self._thread.ident is not None:
+            self._drain_dead()
+
+    def _dead_message(self) -> str:
+        if self.error is not None:
+            return f"engine loop stopped after an error: {self.error!r}"
+        return "engine loop is not running (server shutting down)"
+
+    # ---- loop thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._run_commands()
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    for out in outputs:
+                        self._dispatch(out)
+                    self._refresh_stats()
+                elif not self._cmds:
+                    self._refresh_stats()
+                    self._wake.wait()
+                    self._wake.clear()
+        except BaseException as e:  # an engine bug: fail every request, /health turns 503
+            log.exception("engine loop died")
+            self.error = e
+        finally:
+            self._fail_all(EngineDeadError(self._dead_message()))
+
+    def _run_commands(self) -> None:
+        while self._cmds:
+            cmd = self._cmds.popleft()
+            kind = cmd[0]
+            if kind == "add":
+                _, requests, stream, fut = cmd
+                added: list[str] = []
+                try:
+                    for rid, prompt, params in requests:
+                        self.engine.add_request(rid, prompt, params)
+                        added.append(rid)
+                        self._streams[rid] = stream
+                except Exception as e:
+                    for rid in added:  # all or none
+                        self._streams.pop(rid, None)
+                        self.engine.abort_request(rid)
+                    fut.set_exception(e)
+                else:
+                    fut.set_result(None)
+                finally:
+                    with self._lock:
+                        self._pending_adds -= len(requests)
+                self._refresh_stats()
+            elif kind == "abort":
+                stream = self._streams.pop(cmd[1], None)
+                if stream is not None:
+                    try:
+                        self.engine.abort_request(cmd[1])
+                    except Exception:  # already finished inside the engine: nothing to free
+                        log.debug("abort of %s failed", cmd[1], exc_info=True)
+                    stream._put((_END, cmd[1]))
+                    self._refresh_stats()
+            elif kind == "call":
+                _, fn, fut = cmd
+                try:
+                    fut.set_result(fn(self.engine))
+                except Exception as e:
+                    fut.set_exception(e)
+
+    def _dispatch(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:  # aborted meanwhile
+            return
+        stream._put(out)
+        if out.finished:
+            del self._streams[out.request_id]
+
+    def _refresh_stats(self) -> None:
+        try:
+            self._stats = dict(self.engine.get_stats())
+        except Exception:
+            log.debug("get_stats failed", exc_info=True)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for stream in set(self._streams.values()):
+            stream._put(err)
+        self._streams.clear()
+        self._drain_dead()
+
+    def _drain_dead(self) -> None:
+        """Commands that arrive after the loop stopped get an error instead of hanging."""
+        while self._cmds:
+            try:
+                cmd = self._cmds.popleft()
+            except IndexError:
+                return
+            fut = cmd[-1] if cmd[0] in ("add", "call") else None
+            if fut is not None and not fut.done():
+                if cmd[0] == "add":
+                    with self._lock:
+                        self._pending_adds -= len(cmd[1])
+                fut.set_exception(EngineDeadError(self._dead_message()))

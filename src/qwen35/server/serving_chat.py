@@ -1,0 +1,208 @@
+"""POST /v1/chat/completions: render the chat template, generate, and split the reply into
+reasoning (`<think>`), content and tool calls (`<tool_call>`) with ChatOutputParser.
+
+`tool_choice`: "none" renders no tools and parses no tool calls; "auto" and "required" render
+all tools; a named choice renders only that tool. Nothing forces the model to call a tool
+("required" / named are requests to the model, not constraints on decoding).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from qwen35.chat_format import ChatFormatError, prompt_thinking_enabled
+from qwen35.request import SamplingParamsError
+from qwen35.server.async_engine import EngineDeadError
+from qwen35.server.chat_output import ChoiceBuilder
+from qwen35.server.protocol import (
+    APIError,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Usage,
+    error_body,
+    random_id,
+)
+from qwen35.server.serving_common import (
+    SSE_DONE,
+    ServerState,
+    SSEResponse,
+    add_to_engine,
+    chat_logprobs,
+    collect,
+    read_json,
+    sse,
+)
+
+
+@dataclass
+class ChatPrompt:
+    text: str
+    thinking: bool  # the prompt leaves the model inside an open <think> block
+    tools: list[dict[str, Any]] | None  # the tools rendered (and parsed for)
+
+
+def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
+    """The prompt text for a chat request; bad messages / tools / kwargs are 400s."""
+    # exclude_unset keeps what the client sent (explicit nulls too), in its order, for tojson
+    tools = (
+        [{"type": "function", **t.model_dump(exclude_unset=True)} for t in req.tools]
+        if req.tools
+        else None
+    )
+    choice = req.tool_choice
+    if choice == "none":
+        tools = None
+    elif choice is not None and not isinstance(choice, str):
+        name = choice.function.get("name")
+        named = [t for t in tools or [] if t["function"]["name"] == name]
+        if not named:
+            raise APIError(
+                f"tool_choice names {name!r}, which is not in tools", param="tool_choice"
+            )
+        tools = named
+    elif choice == "required" and not tools:
+        raise APIError('tool_choice "required" needs a non-empty tools list', param="tool_choice")
+    kwargs = dict(req.chat_template_kwargs or {})
+    thinking = kwargs.pop("enable_thinking", None)
+    if thinking is not None and not isinstance(thinking, bool):
+        raise APIError(
+            f"chat_template_kwargs.enable_thinking must be true or false, got {thinking!r}",
+            param="chat_template_kwargs.enable_thinking",
+        )
+    for reserved in ("messages", "tools", "add_generation_prompt"):
+        kwargs.pop(reserved, None)
+    messages = [m.model_dump(exclude_unset=True) for m in req.messages]
+    try:
+        text = engine.chat_template.render(
+            messages, tools=tools, add_generation_prompt=True, enable_thinking=thinking, **kwargs
+        )
+    except (ChatFormatError, TypeError, ValueError) as e:
+        raise APIError(f"invalid messages: {e}", param="messages") from None
+    return ChatPrompt(text, prompt_thinking_enabled(text), tools)
+
+
+def _logprobs_n(req: ChatCompletionRequest) -> int | None:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError("top_logprobs needs logprobs set to true", param="top_logprobs")
+    if not req.logprobs:
+        return None
+    return req.top_logprobs or 0
+
+
+async def create_chat_completion(state: ServerState, request: Request) -> Response:
+    req: ChatCompletionRequest = await read_json(
+        request, ChatCompletionRequest, state.config.max_body_bytes
+    )
+    model = state.check_model(req.model)
+    prompt = build_chat_prompt(state.engine, req)
+    top_n = _logprobs_n(req)
+    max_tokens = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
+    try:
+        params = req.sampling_params(max_tokens, top_n)
+    except SamplingParamsError as e:
+        param = "top_logprobs" if e.param == "logprobs" else e.param
+        raise APIError(str(e), param=param) from None
+    rid = random_id("chatcmpl")
+    stream = await add_to_engine(state, [(rid, prompt.text, params)], "messages")
+    tracker = state.metrics.tracker()
+    created = int(time.time())
+    builders = [ChoiceBuilder(prompt.thinking, prompt.tools) for _ in range(params.n)]
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": choices,
+        }  # fmt: skip
+        if usage is not None:
+            body["usage"] = usage
+        return sse(body)
+
+    if req.stream:
+
+        async def events():
+            first = {"role": "assistant", "content": ""}
+            yield chunk([_choice(i, dict(first)) for i in range(params.n)])
+            try:
+                async for out in stream:
+                    tracker.on_output(out)
+                    choices = []
+                    for o in out.outputs:
+                        b = builders[o.index]
+                        delta = b.feed(o.text)
+                        finish = None
+                        if o.finish_reason is not None:
+                            delta = b.merge(delta, b.finish())
+                            finish = b.finish_reason(o.finish_reason)
+                        lp = None
+                        if top_n is not None and o.logprobs:
+                            lp = {"content": chat_logprobs(state, o.logprobs, top_n)}
+                        if delta or lp or finish:
+                            choices.append(_choice(o.index, delta, lp, finish, o.stop_reason))
+                    if choices:
+                        yield chunk(choices)
+                tracker.done()
+                if req.include_usage:
+                    yield chunk([], usage=tracker.usage())
+            except EngineDeadError as e:
+                yield sse(error_body(str(e), "server_error", code="engine_dead"))
+            yield SSE_DONE
+
+        return SSEResponse(events(), on_close=stream.abort)
+
+    texts = [""] * params.n
+    lps: list[list] = [[] for _ in range(params.n)]
+    finish: list[str | None] = [None] * params.n
+    stop_reason: list[Any] = [None] * params.n
+    async with aclosing(collect(request, stream, state.config.disconnect_poll_s)) as outs:
+        try:
+            async for out in outs:
+                tracker.on_output(out)
+                for o in out.outputs:
+                    texts[o.index] += o.text
+                    lps[o.index].extend(o.logprobs or [])
+                    finish[o.index] = o.finish_reason or finish[o.index]
+                    if o.stop_reason is not None:
+                        stop_reason[o.index] = o.stop_reason
+        except EngineDeadError as e:
+            raise APIError(str(e), 503, "server_error", code="engine_dead") from None
+    tracker.done()
+    choices = []
+    for i, b in enumerate(builders):
+        message = b.message(texts[i])
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=message,
+                logprobs={"content": chat_logprobs(state, lps[i], top_n)}
+                if top_n is not None
+                else None,
+                finish_reason=b.finish_reason(finish[i]) if finish[i] else None,
+                stop_reason=stop_reason[i],
+            )
+        )
+    body = ChatCompletionResponse(
+        id=rid, created=created, model=model, choices=choices, usage=Usage(**tracker.usage())
+    )
+    return JSONResponse(body.model_dump())
+
+
+def _choice(
+    index: int,
+    delta: dict,
+    logprobs: dict | None = None,
+    finish: str | None = None,
+    stop_reason: Any = None,
+) -> dict:
+    out = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    if finish is not None:
+        out["stop_reason"] = stop_reason
+    return out

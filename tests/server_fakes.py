@@ -1,0 +1,198 @@
+"""A fake engine with the LLMEngine interface, for deterministic server tests.
+
+It "generates" a canned reply (tokenized with the real tokenizer) one token per step, then a
+filler token when ignore_eos asks for more. `gate` (a threading.Event) lets a test freeze the
+engine loop; `max_num_seqs` makes later requests wait, so queue limits can be tested without
+racing a real model. Stats mimic KV blocks and state slots so leaks are visible.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from qwen35.chat_format import ChatTemplate
+from qwen35.engine import PromptTooLongError
+from qwen35.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
+from qwen35.tokenizer import IncrementalDetokenizer, StopStringMatcher, load_tokenizer
+
+BLOCK = 16
+
+
+@dataclass
+class _Seq:
+    index: int
+    detok: IncrementalDetokenizer
+    stop: StopStringMatcher
+    out: list[int] = field(default_factory=list)
+    sent: int = 0
+    text: str = ""
+    lps: list[TokenLogprob] = field(default_factory=list)
+    finish: str | None = None
+    stop_reason: str | int | None = None
+    reported: bool = False
+
+
+@dataclass
+class _Req:
+    rid: str
+    prompt: str | None
+    ids: list[int]
+    params: SamplingParams
+    seqs: list[_Seq]
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        reply: str = "Hello! How can I help?",
+        max_model_len: int = 512,
+        max_num_seqs: int = 8,
+        default_thinking: bool = True,
+    ):
+        self.tokenizer = load_tokenizer()
+        self.default_thinking = default_thinking
+        self.chat_template = ChatTemplate.from_model_dir(None, default_thinking=default_thinking)
+        self.model_name = "fake"
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.reply_ids = self.tokenizer.encode(reply)
+        self.filler = self.tokenizer.encode(" la")[0]
+        self.eos = self.tokenizer.eos_token_ids[0]
+        self.gate = threading.Event()
+        self.gate.set()
+        self.added: list[tuple[str, str | list[int], SamplingParams]] = []
+        self.aborted: list[str] = []
+        self._reqs: dict[str, _Req] = {}
+        self._order: list[str] = []
+        self.totals = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams):
+        params.validate()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        max_tokens = params.max_tokens or self.max_model_len - len(ids)
+        if len(ids) + max_tokens > self.max_model_len:
+            raise PromptTooLongError(len(ids), max_tokens, self.max_model_len)
+        params.max_tokens = max_tokens
+        seqs = [
+            _Seq(
+                i,
+                IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
+                StopStringMatcher(params.stop, params.include_stop_str_in_output),
+            )
+            for i in range(params.n)
+        ]
+        self._reqs[request_id] = _Req(request_id, prompt if isinstance(prompt, str) else None,
+                                      ids, params, seqs)  # fmt: skip
+        self._order.append(request_id)
+        self.added.append((request_id, prompt, params))
+        self.totals["prompt_tokens_total"] += len(ids)
+
+    def abort_request(self, request_id: str) -> None:
+        if self._reqs.pop(request_id, None) is not None:
+            self._order.remove(request_id)
+            self.aborted.append(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._reqs)
+
+    def _running(self) -> list[_Req]:
+        return [self._reqs[r] for r in self._order[: self.max_num_seqs]]
+
+    def _next_token(self, req: _Req, seq: _Seq) -> int:
+        k = len(seq.out)
+        if k < len(self.reply_ids):
+            return self.reply_ids[k]
+        return self.filler if req.params.ignore_eos else self.eos
+
+    def step(self) -> list[RequestOutput]:
+        self.gate.wait()
+        outputs = []
+        for req in self._running():
+            outs = []
+            for seq in req.seqs:
+                if seq.finish is None:
+                    tok = self._next_token(req, seq)
+                    seq.out.append(tok)
+                    self.totals["generation_tokens_total"] += 1
+                    if req.params.logprobs is not None:
+                        top = {tok: -0.25, self.filler: -1.5, self.eos: -3.0}
+                        seq.lps.append(TokenLogprob(tok, -0.25, top))
+                    emit, stopped, s = seq.stop.feed(seq.detok.add(tok))
+                    seq.text += emit
+                    if stopped:
+                        seq.finish, seq.stop_reason = "stop", s
+                    elif tok == self.eos:
+                        seq.finish, seq.stop_reason = "stop", tok
+                    elif len(seq.out) >= req.params.max_tokens:
+                        seq.finish = "length"
+                    if seq.finish and not stopped:
+                        seq.text += seq.stop.feed(seq.detok.flush())[0] + seq.stop.flush()
+                if seq.reported:
+                    continue
+                outs.append(CompletionOutput(
+                    seq.index, seq.text, seq.out[seq.sent:], seq.finish, seq.stop_reason,
+                    seq.lps[seq.sent:] if req.params.logprobs is not None else None,
+                ))  # fmt: skip
+                seq.text, seq.sent = "", len(seq.out)
+                seq.reported = seq.finish is not None
+            done = all(s.finish for s in req.seqs)
+            outputs.append(RequestOutput(req.rid, req.prompt, req.ids, outs, done))
+            if done:
+                del self._reqs[req.rid]
+                self._order.remove(req.rid)
+        return outputs
+
+    def get_stats(self) -> dict:
+        running = self._running()
+        used = sum(-(-(len(r.ids) + len(s.out)) // BLOCK) for r in running for s in r.seqs)
+        return {
+            "num_running": len(running),
+            "num_waiting": len(self._order) - len(running),
+            "kv_blocks_total": 1024,
+            "kv_blocks_used": used,
+            "state_slots_total": self.max_num_seqs,
+            "state_slots_used": sum(len(r.seqs) for r in running),
+            "prefix_cache_queries": 0,
+            "prefix_cache_hits": 0,
+            "prefix_cache_hit_tokens": 0,
+            **self.totals,
+        }
+
+
+class ServerThread:
+    """A real uvicorn server on 127.0.0.1 (a free port) in a background thread."""
+
+    def __init__(self, app, log_level: str = "warning"):
+        import socket
+        import time
+
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        config = uvicorn.Config(
+            app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    @property
+    def state(self):
+        return self.app.state.qwen35
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
