@@ -140,6 +140,20 @@ def test_checkpoint_placement_in_chunks_and_decode():
     assert sched.state.num_checkpoints == 7
 
 
+def test_branch_point_checkpoint_serves_later_requests():
+    """A shared system prompt shorter than the interval: the first request leaves no checkpoint
+    inside it, the second finds the KV match and checkpoints its end, the third hits it all."""
+    rng = random.Random(6)
+    system = rand_tokens(rng, 100)
+    cfg, sched, runner = setup(bs=16, interval=256)
+    seqs = [make_seq(i, system + rand_tokens(rng, 20), max_tokens=2) for i in range(3)]
+    for s in seqs:
+        run(sched, runner, s)
+    assert [s.num_cached_tokens for s in seqs] == [0, 0, 96]
+    assert seqs[1].branch_point == 96
+    assert [ck for sid, _, _, _, ck in runner.log if sid == "s1"][0][0][0] == 96
+
+
 def test_concurrent_request_hits_only_what_is_computed():
     rng = random.Random(3)
     prefix = rand_tokens(rng, 64)
@@ -202,10 +216,11 @@ def test_checkpoint_eviction_shortens_the_hit():
     b = make_seq(1, prefix[:20] + [9] * 8, max_tokens=1)  # KV shared up to 20, no ckpt <= 20
     run(sched, runner, b)
     assert b.num_cached_tokens == 0
-    # b's checkpoints (16 on the shared prefix, 24 on its own) evicted a's 24 and 32
+    # b's two checkpoints (24 on its own tokens, 20 at the branch point where its KV match
+    # ended) evicted a's 24 and 32
     c = make_seq(2, prefix + [7], max_tokens=2)
     run(sched, runner, c)
-    assert c.num_cached_tokens == 16
+    assert c.num_cached_tokens == 20
     assert sched.prefix_cache_stats().checkpoint_evictions >= 2
 
 

@@ -34,7 +34,10 @@ class SchedulerConfig:
     block_size: int = 16  # tokens per KV block
     enable_prefix_caching: bool = True
     checkpoint_interval: int = 0  # tokens between state checkpoints; 0: about 256, block-aligned
-    checkpoint_prompt_end: bool = True  # also at the last block boundary inside the prompt
+    # Also checkpoint at the last block boundary inside the prompt (repeated prompts, n > 1).
+    # Checkpoints also go where a new request's KV match ran past its deepest checkpoint (a
+    # shared prefix discovered at admission), so later requests hit all of it.
+    checkpoint_prompt_end: bool = True
     max_chunk_tokens: int = 0  # per-sequence cap per step (long prefills share steps); 0: none
     eos_token_ids: tuple[int, ...] = ()
 
@@ -279,11 +282,13 @@ class Scheduler:
 
     def _lookup(self, seq: Sequence) -> tuple[list[int], bytes | None]:
         """Longest run of cached full blocks that ends at a state checkpoint and leaves at least
-        one token to compute (the logits row to sample from)."""
+        one token to compute (the logits row to sample from). Where the KV match runs further
+        than the checkpoint, remember that branch point: a checkpoint is placed there."""
         if not self.config.enable_prefix_caching:
             return [], None
         hashes = self._hashes(seq)
         blocks = self.kv.match_prefix(hashes[: (seq.num_tokens - 1) // self.config.block_size])
+        seq.branch_point = len(blocks) * self.config.block_size
         for k in range(len(blocks), 0, -1):
             if self.state.lookup(hashes[k - 1]) is not None:
                 return blocks[:k], hashes[k - 1]
@@ -298,8 +303,9 @@ class Scheduler:
         iv, bs = cfg.checkpoint_interval, cfg.block_size
         marks = set(range((start // iv + 1) * iv, start + n + 1, iv))
         prompt_end = (seq.num_prompt_tokens - 1) // bs * bs
-        if cfg.checkpoint_prompt_end and start < prompt_end <= start + n:
-            marks.add(prompt_end)
+        for t in (prompt_end if cfg.checkpoint_prompt_end else 0, seq.branch_point):
+            if start < t <= start + n:
+                marks.add(t)
         hashes = self._hashes(seq) if marks else []
         for t in sorted(marks, reverse=True):  # deepest first: it saves the most recompute
             h = hashes[t // bs - 1]
@@ -371,8 +377,6 @@ class Scheduler:
         """Forget cached blocks and checkpoints (e.g. between benchmark runs)."""
         self.kv.reset_cache()
         self.state.clear_checkpoints()
-        for seq in self._seqs.values():
-            seq.block_hashes.clear()
 
     def check_integrity(self) -> None:
         """Pools consistent, ref counts == holders, running sequences hold a slot and enough

@@ -54,6 +54,8 @@ class Sequence:
     num_preemptions: int = 0
     # Chain hash of every full block of known tokens (prefix caching); extended lazily.
     block_hashes: list[bytes] = field(default_factory=list)
+    # Tokens of the KV prefix match at the last admission; a state checkpoint goes there.
+    branch_point: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)
