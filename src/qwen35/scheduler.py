@@ -60,7 +60,15 @@ class SchedulerConfig:
 
 @dataclass(slots=True)
 class ScheduledSeq:
-    """Run tokens seq.token_ids[start : start + num_new_tokens] of `seq` this step."""
+    """Run tokens seq.token_ids[start : start + num_new_tokens] of `seq` this step.
+
+    The runner's ForwardBatch row for it: positions start..start+n-1; context_len start+n;
+    slot_mapping[p] = seq.block_ids[p // bs] * bs + p % bs; block table seq.block_ids; state
+    slot seq.state_slot; has_initial_state = start > 0 (else the slot holds stale data: zeros);
+    a logits row for the last new token iff `sample`. Before the forward, copy the conv and
+    recurrent state of every `restore_from` slot into seq.state_slot (all restores of a step
+    before any checkpoint write); after n new tokens, copy the state into each checkpoint slot.
+    """
 
     seq: Sequence
     start: int  # num_computed_tokens before this step (KV positions 0..start-1 are cached)
