@@ -412,3 +412,15 @@ def test_randomized_workloads_exercise_every_path():
         totals["ckpt_evictions"] += st.checkpoint_evictions
         totals["aborts"] += len(aborted)
     assert all(v >= 5 for v in totals.values()), totals
+
+
+def test_scheduler_and_pools_import_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, qwen35.scheduler, qwen35.kv_cache, qwen35.state_cache, qwen35.sequence;"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
