@@ -210,8 +210,14 @@ def max_concurrency(dep: Deployment, capacity: int, context: int) -> int:
     return lo
 
 
+def per_replica(dep: Deployment, batch: int) -> int:
+    """Sequences the busiest replica holds when `batch` are spread over dp replicas."""
+    return -(-batch // dep.dp)
+
+
 def decode_step_bytes(dep: Deployment, batch: int, context: int) -> float:
-    """Bytes one GPU reads in one decode step of `batch` sequences (per replica) at `context`.
+    """Bytes the busiest GPU reads in one decode step of `batch` sequences (all replicas) at
+    `context` tokens each.
 
     Weights it runs: all dense ones, the routed experts the step's tokens are expected to touch
     (E*(1-(1-k/E)^tokens) of E under uniform routing), one row of an untied input embedding per
@@ -219,39 +225,40 @@ def decode_step_bytes(dep: Deployment, batch: int, context: int) -> float:
     DeltaNet state, read and written back.
     """
     w, spec, cfg = dep.rank_weights, dep.caches, dep.cfg
+    b = per_replica(dep, batch)
     touched = moe_touched_fraction(cfg, _routed_tokens(dep, batch))
     row_bytes = w.embedding / cfg.vocab_size * dep.tp  # one (vocab-split) embedding row
-    weight_read = w.dense + w.experts * touched + batch * row_bytes
-    return weight_read + batch * (
-        context * spec.kv_bytes_per_token + 2 * spec.state_bytes_per_sequence
-    )
+    weight_read = w.dense + w.experts * touched + b * row_bytes
+    return weight_read + b * (context * spec.kv_bytes_per_token + 2 * spec.state_bytes_per_sequence)
 
 
 def decode_step_flops(dep: Deployment, batch: int, context: int) -> float:
-    """FLOPs one GPU runs in that step: 2 per weight per token, plus QK^T and PV over the
-    context in every full-attention layer."""
+    """FLOPs the busiest GPU runs in that step: 2 per weight per token, plus QK^T and PV over
+    the context in every full-attention layer."""
     cfg, p = dep.cfg, dep.rank_params
     k_frac = cfg.num_experts_per_tok / cfg.num_experts if cfg.is_moe else 1.0
     nh = cfg.num_attention_heads // dep.tp
     attn = 4 * context * nh * cfg.head_dim * cfg.num_full_attention_layers
-    return batch * (2 * p.dense + attn) + _routed_tokens(dep, batch) * 2 * p.experts * k_frac
+    b = per_replica(dep, batch)
+    return b * (2 * p.dense + attn) + _routed_tokens(dep, batch) * 2 * p.experts * k_frac
 
 
 def _routed_tokens(dep: Deployment, batch: int) -> int:
-    # with expert parallelism every replica's tokens reach the shared experts
-    return batch * (dep.dp if dep.ep_size > 1 else 1)
+    # with expert parallelism every replica's tokens reach the GPU's experts
+    return batch if dep.ep_size > 1 else per_replica(dep, batch)
 
 
 def decode_tokens_per_s(dep: Deployment, gpu: GpuSpec, batch: int, context: int) -> float | None:
-    """Roofline decode rate, all GPUs together: `batch` sequences per replica, each step as
-    slow as its bytes over the bandwidth or its FLOPs over the dense BF16 peak. Communication
-    and kernel efficiency are ignored: an upper bound (None without a bandwidth)."""
+    """Roofline decode rate of `batch` sequences (all replicas together; batch 1 = the speed
+    one user sees): each step as slow as its bytes over the bandwidth or its FLOPs over the
+    dense BF16 peak. Communication and kernel efficiency are ignored: an upper bound (None
+    without a bandwidth)."""
     if not gpu.bandwidth_gb_s or batch < 1:
         return None
     step = decode_step_bytes(dep, batch, context) / (gpu.bandwidth_gb_s * 1e9)
     if gpu.bf16_tflops:
         step = max(step, decode_step_flops(dep, batch, context) / (gpu.bf16_tflops * 1e12))
-    return batch * dep.dp / step
+    return batch / step
 
 
 def fit(dep: Deployment, gpu: GpuSpec, context: int, batch: int = 1) -> Fit:
@@ -260,18 +267,16 @@ def fit(dep: Deployment, gpu: GpuSpec, context: int, batch: int = 1) -> Fit:
     w = dep.rank_weights.total
     mc = max_context(dep, cap)
     conc = max_concurrency(dep, cap, context) if mc else 0
-    fits = conc >= batch
+    fits = conc * dep.dp >= batch
     reason = ""
     if not mc:
         need = dep.bytes_per_gpu(1, 0) / GIB
-        reason = (
-            f"needs {need:.1f} GiB per GPU before any context; the GPU has {gpu.memory_gib:g} GiB"
-        )
+        reason = f"needs {need:.1f} GiB/GPU before any context (has {gpu.memory_gib:g})"
     elif not fits:
         reason = (
-            f"{conc} sequence(s) of {context:,} tokens fit per replica, not {batch}"
+            f"holds {conc * dep.dp} sequence(s) of {context:,} tokens, not {batch}"
             if conc
-            else f"one sequence reaches {mc:,} tokens, not {context:,}"
+            else f"reaches only {mc:,} tokens"
         )
     return Fit(
         deployment=dep,
@@ -282,7 +287,7 @@ def fit(dep: Deployment, gpu: GpuSpec, context: int, batch: int = 1) -> Fit:
         reason=reason,
         weights=w,
         overhead=runtime_overhead_bytes(dep.tp),
-        working=dep.working(batch),
+        working=dep.working(per_replica(dep, batch)),
         kv_bytes_per_token=spec.kv_bytes_per_token,
         state_bytes_per_sequence=spec.state_bytes_per_sequence,
         max_context=mc,
@@ -399,6 +404,10 @@ class Recommendation:
     why: str
 
 
+def _k(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else f"{tokens:,}"
+
+
 def _size(f: Fit) -> int:
     return param_counts(f.deployment.cfg).total
 
@@ -407,32 +416,21 @@ def recommend(fits: list[Fit]) -> Recommendation | None:
     """The largest model (most parameters: the most knowledge) that serves `batch` sequences
     of `context` tokens; BF16 before FP8 of the same model. None when nothing fits."""
     ok = [f for f in fits if f.fits]
-    if not fits:
-        return None
-    f0 = fits[0]
-    where = (
-        f"{f0.deployment.num_gpus}x {f0.gpu.name}" if f0.deployment.num_gpus > 1 else f0.gpu.name
-    )
-    want = f"{f0.context:,} tokens" + (f" x {f0.batch} sequences" if f0.batch > 1 else "")
     if not ok:
         return None
     best = max(ok, key=lambda f: (_size(f), f.deployment.dtype == "bf16"))
-    dep = best.deployment
+    want = _k(best.context) + (f" x {best.batch}" if best.batch > 1 else "")
     why = (
-        f"the largest model that serves {want} on {where}: {best.weights / GIB:.1f} GiB of "
-        f"{dep.dtype.upper()} weights per GPU, room for {best.max_concurrency:,} such sequences"
+        f"largest to serve {want}: {best.weights / GIB:.1f} GiB weights/GPU, "
+        f"{best.max_concurrency:,} such sequences"
     )
     if best.decode_tokens_per_s_batch1:
-        why += f", ~{best.decode_tokens_per_s_batch1:,.0f} tok/s decode roofline"
+        why += f", ~{best.decode_tokens_per_s_batch1:,.0f} tok/s"
     bigger = [f for f in fits if _size(f) > _size(best)]
     if bigger:
         nxt = min(bigger, key=lambda f: (_size(f), -f.max_context, f.weights))
-        name = f"{nxt.deployment.cfg.name} {nxt.deployment.dtype.upper()}"
-        why += (
-            f"; {name} reaches only {nxt.max_context:,} tokens"
-            if nxt.max_context
-            else f"; {name} does not load ({nxt.reason})"
-        )
+        name = f"{nxt.deployment.cfg.name.removeprefix('Qwen3.5-')} {nxt.deployment.dtype.upper()}"
+        why += f"; {name} {nxt.reason}"
     return Recommendation(best, why)
 
 
@@ -449,6 +447,7 @@ __all__ = [
     "PlanError",
     "check_request",
     "decode_step_bytes",
+    "per_replica",
     "decode_step_flops",
     "decode_tokens_per_s",
     "fit",

@@ -1,0 +1,358 @@
+"""`qwen35 plan`: how much memory each Qwen 3.5 model needs, and what to run on a GPU.
+
+Offline and torch-free: everything comes from the bundled configs (or a config.json) through
+`qwen35.planner`. Rich tables on a terminal, `--json` for scripts, `--plot` for a chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwen35 import catalog
+from qwen35.catalog import gpus as gpu_catalog
+from qwen35.config import ModelConfig
+from qwen35.params import has_fp8
+from qwen35.planner import (
+    DEFAULT_CONTEXT,
+    DEFAULT_PREFILL_CHUNK,
+    Fit,
+    LayoutError,
+    ModelSummary,
+    PlanError,
+    Recommendation,
+    check_request,
+    plan_fit,
+    recommend,
+    summarize,
+)
+from qwen35.sharding import layout_problems, validate_layout
+
+JSON_SCHEMA = "qwen35.plan/1"
+
+
+def _tokens(text: str) -> int:
+    """'32768', '32K', '128k', '1M' (K = 1024) -> tokens."""
+    t = text.strip().lower()
+    scale = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if scale > 1 else t) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a token count (e.g. 32768 or 32K)"
+        ) from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        "-m",
+        help="model name (27B, Qwen3.5-35B-A3B-FP8) or a config.json "
+        "/ model directory; default: all eight",
+    )
+    p.add_argument("--gpu", "-g", help="GPU name from the catalog (RTX 4090, H100, MI300X, ...)")
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GIB",
+        help="GPU memory in GiB (any GPU not in the catalog, or to override it)",
+    )
+    p.add_argument(
+        "--gpu-bandwidth",
+        type=float,
+        metavar="GB_S",
+        help="memory bandwidth in GB/s for --gpu-memory (enables the decode estimate)",
+    )
+    p.add_argument("--num-gpus", "-n", type=int, help="GPUs (default: --tp, else 1)")
+    p.add_argument(
+        "--tp",
+        type=int,
+        help="tensor-parallel size; default: the smallest that fits, "
+        "the other GPUs serve as replicas",
+    )
+    p.add_argument(
+        "--ep",
+        action="store_true",
+        help="MoE: divide the routed experts whole across all GPUs (expert parallel)",
+    )
+    p.add_argument(
+        "--dtype", choices=("bf16", "fp8"), help="weights; default: both where they exist"
+    )
+    p.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="KV cache (bf16)")
+    p.add_argument(
+        "--state-dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="DeltaNet recurrent state (fp32, as the checkpoints' mamba_ssm_dtype)",
+    )
+    p.add_argument(
+        "--context",
+        type=_tokens,
+        default=DEFAULT_CONTEXT,
+        help=f"tokens per sequence (default {DEFAULT_CONTEXT}; 32K and 128k work)",
+    )
+    p.add_argument("--batch", type=int, default=1, help="concurrent sequences (default 1)")
+    p.add_argument(
+        "--chunk",
+        type=_tokens,
+        default=DEFAULT_PREFILL_CHUNK,
+        help=f"prefill chunk in tokens, sizes working memory (default {DEFAULT_PREFILL_CHUNK})",
+    )
+    p.add_argument(
+        "--text-only",
+        action="store_true",
+        help="leave out the vision tower and MTP head (a text-only deployment)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="FILE.png", help="memory vs context per model (matplotlib)")
+
+
+# ---- gathering -------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One model with the dtypes to plan, its sizes and (with a GPU) a Fit or refusal per dtype."""
+
+    summary: ModelSummary
+    dtypes: list[str]
+    fits: dict[str, Fit | str]  # dtype -> Fit on --gpu, or why no layout exists
+    by_gpu: dict[str, dict[str, Fit | str]] = field(default_factory=dict)  # default view
+
+
+def _resolve_models(spec: str | None, dtype: str | None) -> list[tuple[ModelConfig, list[str]]]:
+    if spec is None:
+        cfgs = [catalog.load_model_config(n) for n in catalog.base_model_names()]
+        out = [(c, [d for d in ("bf16", "fp8") if d != "fp8" or has_fp8(c)]) for c in cfgs]
+        if dtype:
+            out = [(c, [dtype]) for c, ds in out if dtype in ds]
+        return out
+    path = Path(spec).expanduser()
+    if path.exists() or spec.endswith(".json") or spec.startswith(("/", ".", "~")):
+        cfg = ModelConfig.from_hf(path)  # a missing path gets "no config file at ..."
+        forced = "fp8" if cfg.quantization else None
+    else:
+        name = _resolve_name(spec)
+        forced = "fp8" if name.endswith("-FP8") else None
+        cfg = catalog.load_model_config(name.removesuffix("-FP8"))
+    if forced and dtype == "bf16":
+        raise PlanError(f"{spec} is an FP8 checkpoint; plan its BF16 form by the base model's name")
+    dtypes = [dtype] if dtype else ([forced] if forced else ["bf16"] + (["fp8"] * has_fp8(cfg)))
+    for d in dtypes:
+        check_request(cfg, d, 1, None, 1, 1)  # dtype availability, with a clear message
+    return [(cfg, dtypes)]
+
+
+def _resolve_name(spec: str) -> str:
+    try:
+        return catalog.resolve_name(spec)
+    except catalog.UnknownNameError as e:
+        if "did you mean" in str(e):
+            raise
+        # "28B" is far from "Qwen3.5-27B" as a whole string; compare the size tags instead
+        tags = [n.removeprefix("Qwen3.5-") for n in catalog.model_names()]
+        raise catalog.did_you_mean("model", spec, tags) from None
+
+
+def _resolve_gpu(args) -> gpu_catalog.GpuSpec | None:
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        raise PlanError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory:g}")
+    if args.gpu_bandwidth is not None and not args.gpu_bandwidth > 0:
+        raise PlanError(f"--gpu-bandwidth must be a positive GB/s, got {args.gpu_bandwidth:g}")
+    if args.gpu:
+        g = gpu_catalog.load_gpu(args.gpu)
+        if args.gpu_memory is not None:
+            g = gpu_catalog.GpuSpec(
+                f"{g.name} ({args.gpu_memory:g} GiB)",
+                args.gpu_memory,
+                args.gpu_bandwidth or g.bandwidth_gb_s,
+                g.bf16_tflops,
+                g.source,
+            )
+        return g
+    if args.gpu_memory is not None:
+        return gpu_catalog.custom_gpu(args.gpu_memory, args.gpu_bandwidth)
+    return None
+
+
+def _fits(cfg: ModelConfig, dtypes: list[str], gpu, args) -> dict:
+    out: dict[str, Fit | str] = {}
+    for d in dtypes:
+        try:
+            out[d] = plan_fit(
+                cfg,
+                gpu,
+                dtype=d,
+                num_gpus=args.num_gpus,
+                tp=args.tp,
+                ep=args.ep,
+                kv_dtype=args.kv_dtype,
+                state_dtype=args.state_dtype,
+                context=args.context,
+                batch=args.batch,
+                text_only=args.text_only,
+                chunk_tokens=args.chunk,
+            )
+        except LayoutError as e:
+            out[d] = str(e)
+    return out
+
+
+def _recommend(rows: list[Row], gpu_name: str | None = None) -> Recommendation | None:
+    fits = [f for r in rows for f in (r.by_gpu[gpu_name] if gpu_name else r.fits).values()]
+    return recommend([f for f in fits if isinstance(f, Fit)])
+
+
+def gather(args) -> tuple[list[Row], gpu_catalog.GpuSpec | None]:
+    if args.num_gpus is None:
+        args.num_gpus = args.tp if args.tp and args.tp > 0 else 1
+    for flag, val in (
+        ("--num-gpus", args.num_gpus),
+        ("--batch", args.batch),
+        ("--context", args.context),
+        ("--chunk", args.chunk),
+    ):
+        if val < 1:
+            raise PlanError(f"{flag} must be at least 1, got {val}")
+    if args.tp is not None and (args.tp < 1 or args.num_gpus % args.tp):
+        raise PlanError(f"--tp {args.tp} must be >= 1 and divide --num-gpus {args.num_gpus}")
+    gpu = _resolve_gpu(args)
+    rows = []
+    for cfg, dtypes in _resolve_models(args.model, args.dtype):
+        if args.context > cfg.max_position_embeddings:
+            raise PlanError(
+                f"--context {args.context:,} exceeds {cfg.name}'s maximum of "
+                f"{cfg.max_position_embeddings:,} tokens"
+            )
+        if args.model and args.tp:  # an explicit layout for one model: refuse it if impossible
+            ep = args.num_gpus if args.ep and cfg.is_moe else 1
+            bad = [d for d in dtypes if layout_problems(cfg, args.tp, ep, d)]
+            if len(bad) == len(dtypes):
+                validate_layout(cfg, args.tp, ep, bad[0])
+        s = summarize(cfg, args.kv_dtype, args.state_dtype)
+        rows.append(Row(s, dtypes, _fits(cfg, dtypes, gpu, args) if gpu else {}))
+    return rows, gpu
+
+
+# ---- JSON ------------------------------------------------------------------------------------
+
+
+def _fit_json(f: Fit | str) -> dict:
+    if isinstance(f, str):
+        return {"fits": False, "loads": False, "reason": f}
+    d = f.deployment
+    return {
+        "fits": f.fits,
+        "loads": f.loads,
+        "reason": f.reason or None,
+        "tp": d.tp,
+        "dp": d.dp,
+        "ep": d.ep_size,
+        "weights_bytes_per_gpu": f.weights,
+        "overhead_bytes_per_gpu": f.overhead,
+        "working_bytes_per_gpu": f.working,
+        "kv_bytes_per_token_per_gpu": f.kv_bytes_per_token,
+        "state_bytes_per_sequence_per_gpu": f.state_bytes_per_sequence,
+        "max_context": f.max_context,
+        "max_context_capped": f.max_context_capped,
+        "max_concurrency": f.max_concurrency,
+        "decode_tokens_per_s_estimate": _round(f.decode_tokens_per_s),
+        "decode_tokens_per_s_batch1": _round(f.decode_tokens_per_s_batch1),
+    }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
+def _rec_json(r: Recommendation | None, gpu=None) -> dict | None:
+    if r is None:
+        return None
+    return {
+        "gpu": (gpu or r.fit.gpu).name,
+        "model": r.fit.deployment.cfg.name,
+        "dtype": r.fit.deployment.dtype,
+        "tp": r.fit.deployment.tp,
+        "why": r.why,
+    }
+
+
+def to_json(rows: list[Row], gpu, args, common: list[tuple] | None = None) -> dict:
+    models = []
+    for r in rows:
+        s, p = r.summary, r.summary.params
+        m = {
+            "name": s.cfg.name,
+            "moe": s.cfg.is_moe,
+            "params_total": p.total,
+            "params_text": p.text,
+            "params_vision": p.vision,
+            "params_mtp": p.mtp,
+            "params_active": p.active,
+            "weights_bytes": s.weights_bytes,
+            "weights_bytes_text_only": s.weights_bytes_text_only,
+            "kv_bytes_per_token": s.kv_bytes_per_token,
+            "state_bytes_per_sequence": s.state_bytes_per_sequence,
+            "max_position_embeddings": s.cfg.max_position_embeddings,
+        }
+        if gpu:
+            m["fits"] = {
+                d: (_fit_json(r.fits[d]) if d in r.fits else None) for d in ("bf16", "fp8")
+            }
+        models.append(m)
+    out = {
+        "schema": JSON_SCHEMA,
+        "request": {
+            "model": args.model,
+            "gpu": gpu.name if gpu else None,
+            "num_gpus": args.num_gpus,
+            "tp": args.tp,
+            "ep": args.ep,
+            "dtype": args.dtype,
+            "kv_dtype": args.kv_dtype,
+            "state_dtype": args.state_dtype,
+            "context": args.context,
+            "batch": args.batch,
+            "chunk": args.chunk,
+            "text_only": args.text_only,
+        },
+        "gpu": gpu.to_json() if gpu else None,
+        "models": models,
+        "recommendation": _rec_json(_recommend(rows)) if gpu else None,
+    }
+    if common is not None:
+        out["recommendations_common_gpus"] = [_rec_json(rec, g) for g, rec in common]
+    return out
+
+
+# ---- entry -----------------------------------------------------------------------------------
+
+
+def run(args) -> int:
+    rows, gpu = gather(args)
+    common = None
+    if gpu is None and args.model is None:
+        common = []
+        for name in gpu_catalog.common_gpu_names():
+            g = gpu_catalog.load_gpu(name)
+            for r in rows:
+                r.by_gpu[name] = _fits(r.summary.cfg, r.dtypes, g, args)
+            common.append((g, _recommend(rows, name)))
+    if args.json:
+        print(json.dumps(to_json(rows, gpu, args, common), indent=2))
+    else:
+        from qwen35.commands import plan_view
+
+        plan_view.render(rows, gpu, args, common)
+    if args.plot:
+        from qwen35.commands import plan_view
+
+        path = plan_view.plot(rows, gpu, args)
+        if not args.json:
+            print(f"wrote {path}")
+    return 0
+
+
+__all__ = ["JSON_SCHEMA", "Row", "add_arguments", "gather", "run", "to_json"]
