@@ -1,0 +1,145 @@
+"""`qwen35 plan` end to end: outputs, the JSON schema, --plot, errors, and no torch import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qwen35.cli import main
+
+MODELS = ["Qwen3.5-0.8B", "Qwen3.5-2B", "Qwen3.5-4B", "Qwen3.5-9B", "Qwen3.5-27B",
+          "Qwen3.5-35B-A3B", "Qwen3.5-122B-A10B", "Qwen3.5-397B-A17B"]  # fmt: skip
+WITH_FP8 = {"Qwen3.5-27B", "Qwen3.5-35B-A3B", "Qwen3.5-122B-A10B", "Qwen3.5-397B-A17B"}
+FIT_KEYS = {"fits", "max_context", "max_concurrency", "decode_tokens_per_s_estimate", "tp", "dp",
+            "weights_bytes_per_gpu", "kv_bytes_per_token_per_gpu", "reason"}  # fmt: skip
+
+
+def run_json(capsys, *argv) -> dict:
+    assert main(["plan", "--json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_default_output(capsys):
+    assert main(["plan"]) == 0
+    out = capsys.readouterr().out
+    for tag, bf16 in (("0.8B", "1.63"), ("27B", "51.75"), ("397B-A17B", "751.39")):
+        assert tag in out and bf16 in out
+    assert "28.75" in out and "378.23" in out  # FP8 sizes
+    for gpu in ("RTX 4090", "RTX 5090", "RTX A6000", "H100", "H200"):
+        assert gpu in out
+    assert "Best per GPU" in out and "MoE vs dense" in out
+
+
+def test_json_default_schema(capsys):
+    d = run_json(capsys)
+    assert d["schema"] == "qwen35.plan/1" and d["gpu"] is None
+    assert [m["name"] for m in d["models"]] == MODELS
+    for m in d["models"]:
+        p = m["params_total"]
+        assert p == m["params_text"] + m["params_vision"] + m["params_mtp"]
+        assert m["weights_bytes"]["bf16"] == 2 * p
+        assert (m["weights_bytes"]["fp8"] is not None) == (m["name"] in WITH_FP8)
+        assert m["kv_bytes_per_token"] > 0 and m["state_bytes_per_sequence"] > 0
+        assert "fits" not in m
+    assert len(d["recommendations_common_gpus"]) == 5
+
+
+def test_json_with_gpu(capsys):
+    d = run_json(capsys, "--gpu", "RTX 4090", "--context", "16K")
+    assert d["gpu"]["name"] == "RTX 4090" and d["request"]["context"] == 16384
+    for m in d["models"]:
+        assert set(m["fits"]) == {"bf16", "fp8"}
+        assert FIT_KEYS <= set(m["fits"]["bf16"])
+        assert (m["fits"]["fp8"] is None) == (m["name"] not in WITH_FP8)
+    by = {m["name"]: m["fits"]["bf16"] for m in d["models"]}
+    assert by["Qwen3.5-9B"]["fits"] and by["Qwen3.5-9B"]["decode_tokens_per_s_estimate"] > 0
+    assert not by["Qwen3.5-27B"]["fits"] and by["Qwen3.5-27B"]["max_context"] == 0
+    assert d["recommendation"]["model"] == "Qwen3.5-9B"
+
+
+def test_text_only_and_kv_dtype(capsys):
+    base = run_json(capsys, "-m", "27B", "--gpu", "RTX 5090", "--dtype", "fp8")
+    lean = run_json(capsys, "-m", "27B", "--gpu", "RTX 5090", "--dtype", "fp8", "--text-only",
+                    "--kv-dtype", "fp8")  # fmt: skip
+    b, t = base["models"][0]["fits"]["fp8"], lean["models"][0]["fits"]["fp8"]
+    assert t["weights_bytes_per_gpu"] < b["weights_bytes_per_gpu"]
+    assert t["kv_bytes_per_token_per_gpu"] * 2 == b["kv_bytes_per_token_per_gpu"]
+    assert t["max_context"] > 2 * b["max_context"]
+    assert base["models"][0]["fits"]["bf16"] is None  # only the asked dtype
+
+
+def test_custom_config_and_gpu_memory(capsys, tmp_path):
+    raw = dict(model_type="qwen3_5_text", vocab_size=1000, hidden_size=128, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
+               linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+               intermediate_size=256, max_position_embeddings=8192)  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    d = run_json(capsys, "-m", str(tmp_path), "--gpu-memory", "2", "--context", "4096")
+    m = d["models"][0]
+    assert m["params_vision"] == 0 and m["weights_bytes"]["fp8"] is None
+    assert m["fits"]["bf16"]["fits"] and m["fits"]["bf16"]["decode_tokens_per_s_estimate"] is None
+
+
+def test_model_and_gpu_views(capsys):
+    assert main(["plan", "-m", "35B-A3B", "--gpu", "H100", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "routed experts" in out and "Recommendation" in out and "tok/s b=4" in out
+    assert main(["plan", "--gpu", "H200", "--num-gpus", "8", "--dtype", "fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "397B-A17B" in out and "tp4x2" in out
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--model", "Qwen3.5-28B"], "did you mean"),
+        (["--gpu", "RTX 4080"], "did you mean 'RTX 4090'"),
+        (["--num-gpus", "0"], "--num-gpus"),
+        (["--tp", "3", "--num-gpus", "8"], "divide"),
+        (["--context", "300K"], "exceeds"),
+        (["--batch", "0"], "--batch"),
+        (["--gpu-memory", "-2"], "positive"),
+        (["-m", "9B", "--dtype", "fp8"], "no FP8 release"),
+        (["-m", "35B-A3B-FP8", "--tp", "8"], "64 per rank"),
+        (["-m", "/nonexistent/config.json"], "no config file"),
+    ],
+)
+def test_errors(capsys, argv, msg):
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_bad_context_syntax(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--context", "lots"])
+    assert e.value.code == 2
+    assert "not a token count" in capsys.readouterr().err
+
+
+def test_plot(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "mem.png"
+    assert main(["plan", "--gpu", "RTX 4090", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    assert main(["plan", "--plot", str(tmp_path / "x.png")]) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
+
+
+def test_plan_imports_no_torch():
+    code = (
+        "import sys; from qwen35.cli import main; "
+        "rc = main(['plan', '--gpu', 'RTX 4090']); rc |= main(['plan', '--json']); "
+        "heavy = [m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules]; "
+        "print('HEAVY', heavy); sys.exit(rc)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY []" in r.stdout
