@@ -244,6 +244,7 @@ class ToolCallParser:
         self.properties = _properties(tools)
         self._buf = ""
         self._in_call = False
+        self._scan = 0  # in a call: where to resume looking for </tool_call>
         self._ws = ""  # trailing whitespace of the content, held until we know what follows
         self._after_call = False
         self._emitted = False  # any content so far (text after a call then starts with "\n")
@@ -287,8 +288,10 @@ class ToolCallParser:
                     break
                 out.append(self._text(self._buf[:i]))
                 self._buf, self._in_call = self._buf[i:], True
-            j = self._buf.find(CALL_CLOSE, len(CALL_OPEN))
-            if j < 0:
+                self._scan = len(CALL_OPEN)
+            j = self._buf.find(CALL_CLOSE, self._scan)
+            if j < 0:  # next time, search only where a new </tool_call> could end
+                self._scan = max(len(CALL_OPEN), len(self._buf) - len(CALL_CLOSE) + 1)
                 break
             raw, self._buf = self._buf[: j + len(CALL_CLOSE)], self._buf[j + len(CALL_CLOSE) :]
             self._in_call = False
