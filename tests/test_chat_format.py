@@ -417,6 +417,15 @@ def test_from_model_dir_sources(tmp_path):
         ChatTemplate.from_model_dir(tmp_path)
 
 
+def test_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(ChatFormatError, match="does not exist"):
+        ChatTemplate.from_model_dir(tmp_path / "missing")
+    with pytest.raises(ChatFormatError, match="tools must be a list"):
+        _builtin().render(PLAIN, tools=WEATHER)
+    with pytest.raises(ChatFormatError, match="must be an object"):
+        _builtin().render(["hello"])
+
+
 def test_template_runtime_error_is_chat_format_error():
     with pytest.raises(ChatFormatError, match="chat template failed"):
         ChatTemplate("{{ messages[0].content | items | list }}").render(PLAIN)

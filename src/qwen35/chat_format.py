@@ -143,6 +143,10 @@ class ChatTemplate:
         if path is None:
             return cls(None, default_thinking)
         d = Path(path)
+        if not d.is_dir():
+            raise ChatFormatError(
+                f"model directory {d} does not exist: pass a checkpoint directory"
+            )
         cfg = _read_json(d / "tokenizer_config.json")
         specials = {}
         for key, value in cfg.items():
@@ -169,6 +173,10 @@ class ChatTemplate:
     ) -> str:
         """The prompt text. `enable_thinking` must be a real bool; anything else means default."""
         msgs = normalize_messages(messages)
+        if tools is not None and not isinstance(tools, (list, tuple)):
+            raise ChatFormatError(
+                f"tools must be a list of tool objects, got {type(tools).__name__}"
+            )
         tools = _plain(list(tools)) if tools is not None else None
         if not isinstance(enable_thinking, bool):
             enable_thinking = None
