@@ -28,9 +28,8 @@ from qwen35.params import ParamCounts, has_fp8, param_counts, weight_bytes
 from qwen35.sharding import LayoutError, RankWeights, layout_problems, rank_weights
 
 GIB = 2**30
-RUNTIME_OVERHEAD_BYTES = (
-    GIB  # CUDA context (~0.5 GiB), cuBLAS/attention workspaces, allocator slack
-)
+# CUDA context (~0.5 GiB), cuBLAS / attention workspaces, allocator slack, driver reservations
+RUNTIME_OVERHEAD_BYTES = GIB
 NCCL_OVERHEAD_BYTES = GIB // 2  # communicator buffers and the all-reduce workspace when tp > 1
 DEFAULT_PREFILL_CHUNK = 2048  # tokens one prefill step processes (the scheduler's token budget)
 DEFAULT_CONTEXT = 32_768

@@ -95,26 +95,16 @@ def _header(con: Console, text: str) -> None:
 
 
 def _family_table(con: Console, rows, args) -> None:
-    _header(con, "Qwen 3.5: parameters and weights (GiB = 2^30 B; as on disk: text + vision + MTP)")
-    t = Table(
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
-    for col in (
-        "model",
-        "params",
-        "text",
-        "vision",
-        "MTP",
-        "active",
-        "BF16 GiB",
-        "FP8 GiB",
-        "KV/token",
-        "state/seq",
-    ):
+    scope = "of the text model only" if args.text_only else "as on disk: text + vision + MTP"
+    _header(con, f"Qwen 3.5: parameters and weights (GiB = 2^30 B; weights {scope})")
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    cols = ("model", "params", "text", "vision", "MTP", "active", "BF16 GiB", "FP8 GiB",
+            "KV/token", "state/seq")  # fmt: skip
+    for col in cols:
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         s, p = r.summary, r.summary.params
+        w = s.weights_bytes_text_only if args.text_only else s.weights_bytes
         t.add_row(
             short(s.cfg.name),
             params_str(p.total),
@@ -122,8 +112,8 @@ def _family_table(con: Console, rows, args) -> None:
             params_str(p.vision),
             params_str(p.mtp),
             params_str(p.active),
-            gib(s.weights_bytes["bf16"]),
-            gib(s.weights_bytes["fp8"]),
+            gib(w["bf16"]),
+            gib(w["fp8"]),
             size_str(s.kv_bytes_per_token),
             size_str(s.state_bytes_per_sequence),
         )
