@@ -1,13 +1,15 @@
 """Micro-benchmark of the batched sampler against per-row baselines.
 
     python bench/sampler.py [--device cpu|cuda] [--rows 1 8 32] [--vocab 248320] [--reps 5]
+                            [--threads N]
 
 For each batch size and workload it times (median of --reps calls, after one warm-up):
 - batched:  one `Sampler()(logits, rows)` call;
 - per-row:  the same Sampler called once per row (vectorised over the vocab, not over rows);
 - naive:    `reference_sample` per row (Python loops over the token history).
 Workloads: greedy; full = temperature 0.8, top-k 50, top-p 0.9, min-p 0.02, repetition 1.1,
-presence 0.5, frequency 0.3, seeded, logprobs 5, with a 1000-token prompt and 200 output tokens.
+presence 0.5, frequency 0.3, seeded, logprobs 5, with a 1000-token prompt and 200 output tokens;
+top-p = the same without top-k, which needs a full sort of the vocabulary.
 Prints a table and writes bench/results/sampler.json.
 """
 
@@ -37,7 +39,7 @@ def make_rows(kind: str, n: int, vocab: int, device: str) -> list[SamplingRow]:
             rows.append(SamplingRow(SamplingParams(temperature=0.0)))
             continue
         p = SamplingParams(
-            temperature=0.8, top_k=50, top_p=0.9, min_p=0.02, repetition_penalty=1.1,
+            temperature=0.8, top_k=50 if kind == "full" else 0, top_p=0.9, min_p=0.02, repetition_penalty=1.1,
             presence_penalty=0.5, frequency_penalty=0.3, seed=i, logprobs=5,
         )  # fmt: skip
         prompt = [rng.randrange(vocab) for _ in range(PROMPT_LEN)]
@@ -88,12 +90,15 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=248320)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="bench/results/sampler.json")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = ap.parse_args()
+    if args.threads:  # on a shared, oversubscribed CPU, 1 thread gives far steadier numbers
+        torch.set_num_threads(args.threads)
 
     sampler, results = Sampler(seed=0), []
     header = f"{'workload':<8} {'rows':>4} {'batched ms':>11} {'per-row ms':>11} {'naive ms':>10}"
     print(header + f" {'per-row/batched':>16} {'naive/batched':>14}")
-    for kind in ("greedy", "full"):
+    for kind in ("greedy", "full", "top-p"):
         for n in args.rows:
             rec = measure(sampler, kind, n, args)
             results.append(rec)

@@ -242,6 +242,14 @@ def test_different_seeds_differ():
     assert len({t[0] for t in a}) > 10  # a flat distribution: not stuck on one token
 
 
+def test_a_generator_without_seed_is_used():
+    # The engine may derive generators itself (e.g. seed + index for n > 1 children).
+    x = rand_logits(1, 300, seed=8, scale=0.5)
+    a = [Sampler()(x, [SamplingRow(SP(), generator=make_generator(5))]) for _ in range(2)]
+    b = Sampler()(x, [seeded(5)])
+    assert a[0].token_ids == a[1].token_ids == b.token_ids
+
+
 def test_seeded_row_needs_generator():
     with pytest.raises(ValueError, match="make_generator"):
         Sampler()(torch.zeros(1, 10), [SamplingRow(SP(seed=3))])

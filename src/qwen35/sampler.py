@@ -10,12 +10,16 @@ Order of operations (vLLM v1's order, so results match what users expect from it
 Logprobs are log_softmax of the RAW model logits by default (vLLM's default `raw_logprobs`);
 `Sampler(logprobs_mode="processed")` gives them from the logits actually sampled from instead.
 
-Reproducibility: a seeded row draws its V exponentials from its own generator, so its sample
-depends only on its seed, its inputs and its step count, not on the rest of the batch.
-Unseeded rows share the sampler's global generator.
+Reproducibility: a row with a generator (the engine makes one per seeded request) draws its V
+exponentials from it, so its sample depends only on its seed, its inputs and its step count,
+not on the rest of the batch (up to float rounding at exact ties). Other rows share the
+sampler's global generator.
 
-Cost: nothing is done that no row asks for: a pure-greedy batch is one argmax; the sort runs
-only when some row uses top-p (top-k alone uses `topk` with the largest k in the batch).
+Cost: nothing is done that no row asks for. A pure-greedy batch is one argmax; penalties touch
+only the tokens each row has seen; min-p, top-k and top-p reduce to one threshold per row, found
+with `topk(max k)` when every top-p row also has a top-k <= 1024 (the common case), and with a
+full vocabulary sort only when some top-p row has none. Per-row parameters travel to the device
+as one small tensor; the only Python loops are over rows (per-request generators, histories).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class SamplingRow:
     params: SamplingParams
     prompt_token_ids: Sequence[int] = ()  # read only when repetition_penalty != 1
     output_token_ids: Sequence[int] = ()  # generated so far (penalties, min_tokens)
-    generator: torch.Generator | None = None  # required for sampled rows with params.seed
+    generator: torch.Generator | None = None  # own noise; required when params.seed is set
     eos_token_ids: tuple[int, ...] = ()  # masked until min_tokens unless params.ignore_eos
 
 
@@ -110,35 +114,35 @@ class Sampler:
                 if self.logprobs_mode == "processed":
                     processed = x.index_copy(0, idx_t, sub)
         src = raw if self.logprobs_mode == "raw" else processed
+        pending = logprob_tensors(src, rows, tokens)  # queued before the first device sync
         token_ids = tokens.tolist()
-        return SamplerOutput(token_ids, compute_logprobs(src, rows, tokens, token_ids))
+        return SamplerOutput(token_ids, to_token_logprobs(rows, token_ids, pending))
 
     def _draw(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """One sample per row of masked, temperature-scaled logits x: [R, V] -> [R] int64."""
         probs = x.softmax(dim=-1)  # [R, V]
         q = torch.empty_like(probs)  # [R, V], Exp(1) noise
-        seeded = [i for i, r in enumerate(rows) if r.params.seed is not None]
-        if len(seeded) < len(rows):
-            g = self.global_generator(x.device)
-            if not seeded:
-                q.exponential_(generator=g)
-            else:
-                free = [i for i, r in enumerate(rows) if r.params.seed is None]
-                noise = torch.empty(len(free), x.shape[1], device=x.device).exponential_(
-                    generator=g
-                )
-                q[torch.tensor(free, device=x.device)] = noise
-        for i in seeded:  # the one loop that cannot be vectorised: one generator per request
-            g = rows[i].generator
-            if g is None:
+        for r in rows:
+            if r.params.seed is not None and r.generator is None:
                 raise ValueError(
                     "a seeded request needs a generator: create it once per request with "
                     "make_generator(params.seed, device) and pass it in every step"
                 )
-            if g.device != x.device:
-                raise ValueError(f"generator on {g.device} but logits on {x.device}")
+        own = [i for i, r in enumerate(rows) if r.generator is not None]
+        if len(own) < len(rows):
+            g = self.global_generator(x.device)
+            if not own:
+                q.exponential_(generator=g)
+            else:
+                free = [i for i, r in enumerate(rows) if r.generator is None]
+                noise = torch.empty(len(free), x.shape[1], device=x.device)  # [F, V]
+                q[torch.tensor(free, device=x.device)] = noise.exponential_(generator=g)
+        for i in own:  # the one loop that cannot be vectorised: one generator per request
+            g = rows[i].generator
+            if g.device.type != x.device.type or (g.device.index or 0) != (x.device.index or 0):
+                raise ValueError(f"a generator on {g.device} cannot sample logits on {x.device}")
             q[i].exponential_(generator=g)
-        # q == 0 is possible in principle; it would pick a masked (prob 0) token via 0/0.
+        # q == 0 is possible in principle: 0/0 = NaN, which argmax would pick (a masked token).
         q.clamp_min_(torch.finfo(q.dtype).tiny)
         return probs.div_(q).argmax(dim=-1)
 
@@ -260,24 +264,30 @@ def apply_top_filters(x: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Te
     return x.masked_fill_(x < filter_thresholds(x, ps), -math.inf)
 
 
-def compute_logprobs(
-    src: torch.Tensor, rows: Sequence[SamplingRow], tokens: torch.Tensor, token_ids: list[int]
-) -> list[TokenLogprob | None]:
-    """The chosen token's logprob and the top-n, for rows with params.logprobs set."""
-    out: list[TokenLogprob | None] = [None] * len(rows)
+def logprob_tensors(src: torch.Tensor, rows: Sequence[SamplingRow], tokens: torch.Tensor):
+    """Device work for logprobs: (rows wanted, chosen [W], top values [W, n], top ids [W, n])."""
     want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if not want:
-        return out
+        return None
     idx_t = torch.tensor(want, device=src.device)
     lp = src[idx_t].log_softmax(dim=-1)  # [W, V]
-    chosen = lp.gather(1, tokens[idx_t][:, None])[:, 0].tolist()  # [W]
+    chosen = lp.gather(1, tokens[idx_t][:, None])[:, 0]  # [W]
     n_max = max(rows[i].params.logprobs for i in want)
-    if n_max > 0:
-        vals, ids = lp.topk(n_max, dim=-1)  # [W, n_max], sorted descending
-        vals, ids = vals.tolist(), ids.tolist()
+    vals, ids = lp.topk(n_max, dim=-1) if n_max else (lp[:, :0], lp[:, :0].long())  # [W, n]
+    return want, chosen, vals, ids  # topk: sorted descending
+
+
+def to_token_logprobs(
+    rows: Sequence[SamplingRow], token_ids: list[int], pending
+) -> list[TokenLogprob | None]:
+    """TokenLogprob per row that asked for logprobs (top-n of params.logprobs), else None."""
+    out: list[TokenLogprob | None] = [None] * len(rows)
+    if pending is None:
+        return out
+    want, chosen, vals, ids = (t if isinstance(t, list) else t.tolist() for t in pending)
     for j, i in enumerate(want):
         n = rows[i].params.logprobs
-        top = dict(zip(ids[j][:n], vals[j][:n], strict=True)) if n else {}
+        top = dict(zip(ids[j][:n], vals[j][:n], strict=True))
         out[i] = TokenLogprob(token_ids[i], chosen[j], top)
     return out
 
@@ -313,7 +323,7 @@ def reference_sample(
             drop = asc.softmax(-1).cumsum(-1) <= 1 - p.top_p
             drop[-1] = False
             x[x < asc[~drop][0]] = -math.inf
-        g = row.generator if p.seed is not None else generator
+        g = row.generator if row.generator is not None else generator
         q = torch.empty_like(x).exponential_(generator=g).clamp_min_(torch.finfo(x.dtype).tiny)
         token = int((x.softmax(-1) / q).argmax())
     if p.logprobs is None:
