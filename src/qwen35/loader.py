@@ -183,7 +183,8 @@ def _default_factory(cfg: ModelConfig) -> nn.Module:
         from qwen35.models.qwen3_5 import Qwen35ForCausalLM
     except ImportError as e:
         raise Qwen35Error(f"the qwen35 model code is not available: {e}") from None
-    return Qwen35ForCausalLM(cfg)
+    # straight onto meta: not even a CPU allocation before the parameters are redirected
+    return Qwen35ForCausalLM(cfg, device=torch.device("meta"))
 
 
 def build_model(
