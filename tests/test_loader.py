@@ -385,6 +385,15 @@ def test_errors_are_user_facing():
     assert parse_dtype("bfloat16") is torch.bfloat16 and parse_dtype("fp16") is torch.float16
 
 
+def test_cli_prints_error_without_traceback(tmp_path, capsys):
+    pytest.importorskip("qwen35.commands.generate", reason="`qwen35 generate` not written yet")
+    from qwen35.cli import main
+
+    rc = main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: no model directory at") and "Traceback" not in err
+
+
 # ---- random weights -----------------------------------------------------------------------------
 def test_random_weights_from_config(tmp_path, caplog):
     (tmp_path / "config.json").write_text(json.dumps(tiny_config(moe=True)))

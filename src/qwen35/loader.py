@@ -309,7 +309,8 @@ def resolve_model_dir(source: str | Path) -> Path:
     except ConfigError:
         raise CheckpointError(
             f"no model directory at {text!r} (not a directory, a config.json, or a Hub id like "
-            "Qwen/Qwen3.5-0.8B); for random weights of a catalog model use load_format='random'"
+            "Qwen/Qwen3.5-0.8B); for random weights of a catalog model use load_format='random' "
+            "(CLI: --load-format random)"
         ) from None
     return _from_hub(f"Qwen/{name}")  # a catalog name: its official repository
 

@@ -120,7 +120,7 @@ def checkpoint_files(directory: Path) -> list[Path]:
     hint = f" (found {', '.join(other[:3])}: only safetensors is supported)" if other else ""
     raise CheckpointError(
         f"no *.safetensors weights in {directory}{hint}; for random weights use "
-        "load_format='random'"
+        "load_format='random' (CLI: --load-format random)"
     )
 
 
