@@ -9,6 +9,7 @@ racing a real model. Stats mimic KV blocks and state slots so leaks are visible.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 from qwen35.chat_format import ChatTemplate
@@ -59,8 +60,10 @@ class FakeEngine:
         self.reply_ids = self.tokenizer.encode(reply)
         self.filler = self.tokenizer.encode(" la")[0]
         self.eos = self.tokenizer.eos_token_ids[0]
-        self.gate = threading.Event()
+        self.gate = threading.Event()  # clear it to freeze the engine loop inside step()
         self.gate.set()
+        self.step_delay = 0.0  # seconds per step (so a client can leave mid-stream)
+        self.fail_next_step = False  # step() raises (an engine bug)
         self.added: list[tuple[str, str | list[int], SamplingParams]] = []
         self.aborted: list[str] = []
         self._reqs: dict[str, _Req] = {}
@@ -107,6 +110,10 @@ class FakeEngine:
 
     def step(self) -> list[RequestOutput]:
         self.gate.wait()
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        if self.fail_next_step:
+            raise RuntimeError("injected engine failure")
         outputs = []
         for req in self._running():
             outs = []
@@ -165,7 +172,6 @@ class ServerThread:
 
     def __init__(self, app, log_level: str = "warning"):
         import socket
-        import time
 
         import uvicorn
 

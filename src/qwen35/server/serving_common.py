@@ -238,12 +238,21 @@ async def _next(stream: RequestStream) -> Any:
 async def collect(request: Request, stream: RequestStream, poll_s: float) -> AsyncIterator[Any]:
     """Yield a stream's outputs; abort it if the (non-streaming) client disconnects meanwhile."""
     nxt: asyncio.Future | None = None
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
     try:
         while True:
             nxt = asyncio.ensure_future(_next(stream))
-            while not (await asyncio.wait({nxt}, timeout=poll_s))[0]:
-                if await request.is_disconnected():
-                    return
+            while True:
+                done, _ = await asyncio.wait(
+                    {nxt}, timeout=max(0.0, checked + poll_s - loop.time())
+                )
+                if loop.time() - checked >= poll_s:  # on a clock, even while tokens flow
+                    checked = loop.time()
+                    if await request.is_disconnected():
+                        return
+                if done:
+                    break
             out = nxt.result()
             if out is _EXHAUSTED:
                 return

@@ -1,0 +1,442 @@
+"""The OpenAI-compatible server, driven over HTTP by the official `openai` client.
+
+Two back ends: the REAL engine on a tiny random checkpoint with the real Qwen 3.5 tokenizer
+(vocab 248320), and a deterministic FakeEngine (tests/server_fakes.py) whose canned replies
+exercise reasoning / tool-call parsing, queue limits, disconnects and engine failures, which
+random weights cannot produce on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from qwen35.server.app import ServerConfig, create_app
+from server_fakes import FakeEngine, ServerThread
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+CALL = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
+USER = [{"role": "user", "content": "Hi!"}]
+
+
+def wait_until(cond, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def serve():
+    """serve(engine, **config) -> (ServerThread, openai.OpenAI); servers close at teardown."""
+    servers = []
+
+    def start(engine, **cfg):
+        cfg.setdefault("served_model_name", "tiny")
+        cfg.setdefault("model_path", "/models/tiny")
+        srv = ServerThread(create_app(engine, ServerConfig(**cfg)))
+        servers.append(srv)
+        client = openai.OpenAI(
+            base_url=srv.url + "/v1", api_key=cfg.get("api_key") or "none", max_retries=0
+        )
+        return srv, client
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def stream_chat(client, **kw):
+    """Accumulate a streamed chat reply per choice: content, reasoning, tool calls, finish."""
+    acc: dict[int, dict] = {}
+    chunks = list(client.chat.completions.create(model="tiny", stream=True, **kw))
+    for ch in chunks:
+        for c in ch.choices:
+            a = acc.setdefault(
+                c.index, {"content": "", "reasoning": "", "calls": {}, "finish": None}
+            )
+            d = c.delta
+            a["content"] += d.content or ""
+            a["reasoning"] += getattr(d, "reasoning_content", None) or ""
+            for tc in d.tool_calls or []:
+                call = a["calls"].setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+                call["id"] = tc.id or call["id"]
+                call["name"] += tc.function.name or ""
+                call["arguments"] += tc.function.arguments or ""
+            a["finish"] = c.finish_reason or a["finish"]
+    return acc, chunks
+
+
+# ---- fake engine: completions -----------------------------------------------------------------
+
+
+def test_models_health_and_completion(serve):
+    eng = FakeEngine()
+    srv, client = serve(eng)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+    r = client.completions.create(model="tiny", prompt="Hi there", max_tokens=4)
+    assert r.choices[0].text == eng.tokenizer.decode(eng.reply_ids[:4])
+    assert r.choices[0].finish_reason == "length"
+    n_prompt = len(eng.tokenizer.encode("Hi there"))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, 4)
+    # the model path is accepted as the model name too
+    r = client.completions.create(model="/models/tiny", prompt=[1, 2, 3], max_tokens=2)
+    assert r.usage.prompt_tokens == 3 and r.model == "tiny"
+
+
+def test_completion_stream_batch_n_usage(serve):
+    eng = FakeEngine()
+    srv, client = serve(eng)
+    text: dict[int, str] = {}
+    finish, usage = {}, None
+    for ch in client.completions.create(
+        model="tiny", prompt=["a b", "c"], n=2, max_tokens=5, stream=True,
+        stream_options={"include_usage": True},
+    ):  # fmt: skip
+        for c in ch.choices:
+            text[c.index] = text.get(c.index, "") + c.text
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+        usage = ch.usage or usage
+    want = eng.tokenizer.decode(eng.reply_ids[:5])
+    assert text == {i: want for i in range(4)} and set(finish.values()) == {"length"}
+    assert usage.completion_tokens == 20
+    # each prompt counts once, whatever n is
+    assert usage.prompt_tokens == len(eng.tokenizer.encode("a b")) + len(eng.tokenizer.encode("c"))
+    # the raw SSE stream ends with [DONE]
+    with httpx.stream("POST", srv.url + "/v1/completions",
+                      json={"prompt": "x", "max_tokens": 2, "stream": True}) as r:  # fmt: skip
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
+
+
+def test_completion_logprobs_stop_and_echo(serve):
+    eng = FakeEngine(reply="Hello! How can I help?")
+    _, client = serve(eng)
+    r = client.completions.create(model="tiny", prompt="x", max_tokens=3, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [eng.tokenizer.decode([t]) for t in eng.reply_ids[:3]]
+    assert lp.token_logprobs == [-0.25] * 3 and all(len(t) == 2 for t in lp.top_logprobs)
+    assert lp.text_offset == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
+    r = client.completions.create(model="tiny", prompt="x", max_tokens=20, stop=["can"])
+    assert r.choices[0].text == "Hello! How " and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model="tiny", prompt="Say: ", max_tokens=1, echo=True)
+    assert r.choices[0].text == "Say: Hello"
+
+
+def test_sampling_extras_reach_the_engine(serve):
+    eng = FakeEngine()
+    _, client = serve(eng)
+    client.completions.create(
+        model="tiny", prompt="x", max_tokens=3, temperature=0.5, top_p=0.9, seed=7,
+        presence_penalty=0.5, frequency_penalty=0.25,
+        extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "ignore_eos": True,
+                    "min_tokens": 2, "stop_token_ids": [42]},
+    )  # fmt: skip
+    p = eng.added[-1][2]
+    assert (p.temperature, p.top_p, p.seed, p.top_k, p.min_p, p.repetition_penalty) == (
+        0.5, 0.9, 7, 5, 0.1, 1.1,
+    )  # fmt: skip
+    assert (p.presence_penalty, p.frequency_penalty, p.ignore_eos, p.min_tokens) == (
+        0.5, 0.25, True, 2,
+    )  # fmt: skip
+    assert p.stop_token_ids == [42] and p.max_tokens == 3
+
+
+# ---- fake engine: chat, reasoning, tools -------------------------------------------------------
+
+
+def test_chat_reasoning_routed(serve):
+    eng = FakeEngine(reply="Let me think.\n</think>\n\nHi there!")
+    _, client = serve(eng)
+    r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=50)
+    m = r.choices[0].message
+    assert m.reasoning_content.strip() == "Let me think." and m.content.strip() == "Hi there!"
+    assert r.choices[0].finish_reason == "stop"
+    assert eng.added[-1][1].endswith("<|im_start|>assistant\n<think>\n")
+    acc, _ = stream_chat(client, messages=USER, max_tokens=50)
+    assert acc[0]["reasoning"].strip() == "Let me think."
+    assert acc[0]["content"].strip() == "Hi there!" and acc[0]["finish"] == "stop"
+
+
+def test_chat_thinking_off(serve):
+    eng = FakeEngine(reply="Hi there!")
+    _, client = serve(eng)
+    kw = dict(
+        messages=USER,
+        max_tokens=50,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    r = client.chat.completions.create(model="tiny", **kw)
+    assert r.choices[0].message.content == "Hi there!"
+    assert not r.choices[0].message.reasoning_content
+    assert eng.added[-1][1].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    acc, chunks = stream_chat(client, **kw)
+    assert acc[0]["content"] == "Hi there!" and acc[0]["reasoning"] == ""
+    assert chunks[0].choices[0].delta.role == "assistant"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("inside_think", [False, True])
+def test_chat_tool_calls(serve, stream, inside_think):
+    reply = (
+        ("Need the weather.\n" + CALL + "\n</think>\n\n")
+        if inside_think
+        else ("Need the weather.\n</think>\n\n" + CALL)
+    )
+    eng = FakeEngine(reply=reply)
+    _, client = serve(eng)
+    kw = dict(
+        messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS, max_tokens=80
+    )
+    if stream:
+        acc, _ = stream_chat(client, **kw)
+        calls = [acc[0]["calls"][i] for i in sorted(acc[0]["calls"])]
+        finish = acc[0]["finish"]
+        names = [c["name"] for c in calls]
+        args = [json.loads(c["arguments"]) for c in calls]
+        assert all(c["id"] for c in calls)
+        assert acc[0]["reasoning"].strip().startswith("Need the weather.")
+    else:
+        r = client.chat.completions.create(model="tiny", **kw)
+        m = r.choices[0].message
+        finish = r.choices[0].finish_reason
+        names = [c.function.name for c in m.tool_calls]
+        args = [json.loads(c.function.arguments) for c in m.tool_calls]
+        assert all(c.id and c.type == "function" for c in m.tool_calls)
+        assert "<tool_call>" not in (m.content or "") + (m.reasoning_content or "")
+    assert names == ["get_weather"] and args == [{"city": "Paris"}] and finish == "tool_calls"
+    assert "<tools>" in eng.added[-1][1]
+
+
+def test_malformed_tool_call_is_content(serve):
+    bad = "<tool_call>\n<function=get_weather\nthis is not a call"
+    eng = FakeEngine(reply=bad)
+    _, client = serve(eng)
+    kw = dict(
+        messages=USER, tools=TOOLS, max_tokens=60,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )  # fmt: skip
+    r = client.chat.completions.create(model="tiny", **kw)
+    m = r.choices[0].message
+    assert not m.tool_calls and "this is not a call" in m.content
+    assert r.choices[0].finish_reason == "stop"
+    acc, _ = stream_chat(client, **kw)
+    assert not acc[0]["calls"] and "this is not a call" in acc[0]["content"]
+
+
+def test_tool_choice_none_and_named(serve):
+    eng = FakeEngine(reply=CALL)
+    _, client = serve(eng)
+    r = client.chat.completions.create(
+        model="tiny", messages=USER, tools=TOOLS, tool_choice="none", max_tokens=60
+    )
+    assert "<tools>" not in eng.added[-1][1] and not r.choices[0].message.tool_calls
+    other = {"type": "function", "function": {"name": "other", "parameters": {"type": "object"}}}
+    client.chat.completions.create(
+        model="tiny", messages=USER, tools=[*TOOLS, other], max_tokens=5,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )  # fmt: skip
+    assert '"get_weather"' in eng.added[-1][1] and '"other"' not in eng.added[-1][1]
+
+
+def test_tool_round_trip_prompt(serve):
+    eng = FakeEngine(reply="Got it.\n</think>\n\nIt is 21C in Paris.")
+    _, client = serve(eng)
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'},
+        }]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+    ]  # fmt: skip
+    r = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, max_tokens=40)
+    assert r.choices[0].message.content.strip().endswith("21C in Paris.")
+    prompt = eng.added[-1][1]
+    assert "<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>" in prompt
+    assert '<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response><|im_end|>' in prompt
+
+
+def test_chat_logprobs_and_n(serve):
+    eng = FakeEngine(reply="Hi there!")
+    _, client = serve(eng)
+    r = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=2, n=2, logprobs=True, top_logprobs=2,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )  # fmt: skip
+    assert len(r.choices) == 2 and r.usage.completion_tokens == 4
+    content = r.choices[1].logprobs.content
+    assert [c.token for c in content] == [eng.tokenizer.decode([t]) for t in eng.reply_ids[:2]]
+    assert all(len(c.top_logprobs) == 2 and c.logprob == -0.25 for c in content)
+    assert content[0].bytes == list(content[0].token.encode())
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    ("chat", {"messages": USER, "max_tokens": -1}, "max_tokens"),
+    ("chat", {"messages": USER, "max_completion_tokens": 0}, "max_tokens"),
+    ("chat", {"messages": USER, "temperature": 3}, "temperature"),
+    ("chat", {"messages": USER, "top_p": 0}, "top_p"),
+    ("chat", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    ("chat", {"messages": []}, "messages"),
+    ("chat", {"messages": "hello"}, "messages"),
+    ("chat", {"messages": USER, "max_tokens": "many"}, "max_tokens"),
+    ("chat", {"messages": USER, "top_logprobs": 2}, "top_logprobs"),
+    ("chat", {"messages": USER, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+    ("chat", {"messages": USER, "chat_template_kwargs": {"enable_thinking": "no"}},
+     "chat_template_kwargs.enable_thinking"),
+    ("chat", {"messages": USER, "n": 0}, "n"),
+    ("chat", {"messages": USER, "max_tokens": 100000}, "messages"),
+    ("chat", {"messages": USER, "tools": TOOLS,
+              "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ("completions", {"prompt": "x", "logprobs": 30}, "logprobs"),
+    ("completions", {"prompt": "x", "stop": [""]}, "stop"),
+    ("completions", {}, "prompt"),
+    ("completions", {"prompt": []}, "prompt"),
+]  # fmt: skip
+
+
+def test_bad_requests_are_400_and_server_keeps_serving(serve):
+    eng = FakeEngine()
+    srv, client = serve(eng)
+    for route, body, param in BAD_REQUESTS:
+        url = srv.url + ("/v1/chat/completions" if route == "chat" else "/v1/completions")
+        r = httpx.post(url, json={"model": "tiny", **body})
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and err["type"] == "invalid_request_error", (body, err)
+        assert err["message"]
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 100000})
+    assert "too many" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.post(srv.url + "/v1/chat/completions", content=b'{"messages": [')
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4", messages=USER)
+    assert e.value.body["code"] == "model_not_found"
+    r = httpx.get(srv.url + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    assert (
+        client.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens
+        == 2
+    )
+    assert not eng.has_unfinished_requests()
+
+
+def test_api_key_and_body_limit(serve):
+    eng = FakeEngine()
+    srv, client = serve(eng, api_key="sekret", max_body_bytes=2000)
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=1).choices
+    bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.body["code"] == "invalid_api_key"
+    assert httpx.get(srv.url + "/metrics").status_code == 401
+    assert httpx.get(srv.url + "/health").status_code == 200  # open for load balancers
+    r = httpx.post(srv.url + "/v1/completions", headers={"Authorization": "Bearer sekret"},
+                   json={"prompt": "x" * 5000})  # fmt: skip
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    metrics = httpx.get(srv.url + "/metrics", headers={"Authorization": "Bearer sekret"}).text
+    assert 'qwen35_requests_total{endpoint="/v1/models",status="401"} 1.0' in metrics
+    assert 'qwen35_requests_total{endpoint="/v1/completions",status="413"} 1.0' in metrics
+
+
+def test_queue_full_is_503(serve):
+    eng = FakeEngine(max_num_seqs=1)
+    srv, client = serve(eng, max_queue=1)
+    eng.gate.clear()  # the loop thread will block inside step() with request A running
+    results = {}
+
+    def run(name):
+        r = client.completions.create(model="tiny", prompt="x", max_tokens=3)
+        results[name] = r.choices[0].text
+
+    a = threading.Thread(target=run, args=("a",))
+    a.start()
+    wait_until(lambda: len(eng.added) == 1)
+    b = threading.Thread(target=run, args=("b",))
+    b.start()
+    wait_until(lambda: srv.state.async_engine.num_waiting() == 1)
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=3)
+    assert e.value.status_code == 503 and e.value.body["code"] == "queue_full"
+    eng.gate.set()
+    a.join(30)
+    b.join(30)
+    assert results == {"a": "Hello! How", "b": "Hello! How"}
+
+
+def test_disconnect_aborts_and_frees(serve):
+    eng = FakeEngine()
+    eng.step_delay = 0.01
+    srv, _ = serve(eng, disconnect_poll_s=0.05)
+    body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", srv.url + "/v1/completions", json=body) as r:
+        for i, _line in enumerate(r.iter_lines()):
+            if i >= 4:
+                break
+    wait_until(lambda: len(eng.aborted) == 1)
+    wait_until(lambda: srv.state.async_engine.stats.get("kv_blocks_used") == 0)
+    # a non-streaming client that gives up is noticed by polling and aborted too
+    body["stream"] = False
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.url + "/v1/completions", json=body, timeout=0.3)
+    wait_until(lambda: len(eng.aborted) == 2)
+    wait_until(lambda: srv.state.async_engine.stats.get("state_slots_used") == 0)
+    assert not eng.has_unfinished_requests()
+    assert httpx.get(srv.url + "/health").status_code == 200
+
+
+def test_engine_failure_fails_requests_and_health(serve):
+    eng = FakeEngine()
+    srv, client = serve(eng)
+    eng.fail_next_step = True
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=3)
+    assert e.value.status_code == 503
+    assert httpx.get(srv.url + "/health").status_code == 503
+    with pytest.raises(openai.InternalServerError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=3)
+
+
+def test_metrics(serve):
+    eng = FakeEngine()
+    srv, client = serve(eng)
+    client.completions.create(model="tiny", prompt="x", max_tokens=3)
+    list(client.completions.create(model="tiny", prompt="x", max_tokens=3, stream=True))
+    httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": -3})
+    text = httpx.get(srv.url + "/metrics").text
+    lines = dict(ln.rsplit(" ", 1) for ln in text.splitlines() if ln and not ln.startswith("#"))
+    assert float(lines['qwen35_requests_total{endpoint="/v1/completions",status="200"}']) == 2
+    assert float(lines['qwen35_requests_total{endpoint="/v1/completions",status="400"}']) == 1
+    assert float(lines["qwen35_generation_tokens_total"]) == 6
+    assert float(lines["qwen35_prompt_tokens_total"]) == 2
+    assert float(lines["qwen35_time_to_first_token_seconds_count"]) == 2
+    assert float(lines["qwen35_inter_token_latency_seconds_count"]) == 4
+    assert float(lines["qwen35_e2e_request_latency_seconds_count"]) == 2
+    for name in ("kv_blocks_used", "kv_blocks_total", "state_slots_used", "state_slots_total",
+                 "num_requests_running", "num_requests_waiting", "prefix_cache_hit_tokens_total",
+                 "prefix_cache_queries_total", "prefix_cache_hits_total"):  # fmt: skip
+        assert f"qwen35_{name}" in lines
+    assert float(lines["qwen35_kv_blocks_total"]) == 1024
