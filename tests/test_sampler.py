@@ -188,6 +188,14 @@ def test_penalties_accept_tensor_histories():
     changed = torch.nonzero(as_lists[0] != x[0]).flatten().tolist()
     assert changed == [3, 4, 7, 9] and torch.equal(as_lists[1], x[1])
 
+    def rep(v: float) -> float:
+        return v / 1.7 if v > 0 else v * 1.7
+
+    v = x[0].tolist()  # each seen token is penalised once however often it appears
+    want = {3: rep(v[3]), 9: rep(v[9]), 4: rep(v[4]) - 0.4 + 0.3, 7: rep(v[7]) - 1.2 + 0.3}
+    for t, w in want.items():
+        assert as_lists[0, t].item() == pytest.approx(w, abs=1e-5), t
+
 
 def test_penalties_change_greedy_choice():
     x = torch.tensor([[0.0, 2.0, 1.5, 0.0]])

@@ -181,37 +181,34 @@ def apply_min_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tens
 def apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Repetition, frequency and presence penalties; returns x itself when no row has any.
 
-    Penalties only touch tokens a row has seen, so the work is sparse: the distinct
-    (row, token) keys and their output counts are found on the host (torch.unique over the
-    history), and only those logits are gathered, changed and scattered back. That is
-    O(history) instead of a dense [S, V] count tensor and ~8 full passes over the logits.
+    Penalties only touch tokens a row has seen, so the work is sparse, O(history), with no dense
+    [S, V] count tensor: the (row, token) keys of every history token, duplicates included, go
+    to the device once. Duplicates are harmless: repetition and presence write the same value
+    for each copy of a key (all read before any write), and frequency accumulates -f once per
+    occurrence, which is the count without counting (and order-free: the addends are equal).
     """
     idx = [i for i, r in enumerate(rows) if has_penalties(r.params)]
     if not idx:
         return x
-    vocab = x.shape[1]
+    vocab, dev = x.shape[1], x.device
     rep_idx = [i for i in idx if rows[i].params.repetition_penalty != 1.0]
     out_keys = _flat_keys([rows[i].output_token_ids for i in idx], idx, vocab)  # [No]
     prompt_keys = _flat_keys([rows[i].prompt_token_ids for i in rep_idx], rep_idx, vocab)  # [Np]
-    keys, inv = torch.unique(torch.cat([out_keys, prompt_keys]), return_inverse=True)  # [U]
-    if not len(keys):
+    if not len(out_keys) and not len(prompt_keys):
         return x
-    counts = torch.zeros(len(keys)).index_add_(0, inv[: len(out_keys)], torch.ones(len(out_keys)))
+    keys = torch.cat([out_keys, prompt_keys]).to(dev, non_blocking=True)  # [N]
     coef = torch.tensor(
-        [
-            [r.params.repetition_penalty, r.params.frequency_penalty, r.params.presence_penalty]
-            for r in rows
-        ]  # fmt: skip
-    )[keys // vocab]  # [U, 3], per key: its row's penalties
-    host = torch.cat([coef, counts[:, None]], dim=1)  # [U, 4]: one host->device copy
-    dev = x.device
-    keys, host = keys.to(dev, non_blocking=True), host.to(dev, non_blocking=True)
-    rep, freq, pres, count = host.unbind(1)  # [U] each
-    flat = x.contiguous().view(-1)  # [S*V]
-    val = flat[keys]  # [U]; every key was seen in the prompt or the output
-    val = torch.where(val > 0, val / rep, val * rep)  # rep == 1 for rows without it
-    val = val - freq * count - pres * (count > 0)
-    return flat.index_put((keys,), val).view_as(x)  # a new tensor; the input stays untouched
+        [[r.params.repetition_penalty, r.params.presence_penalty, r.params.frequency_penalty]
+         for r in rows], device=dev,
+    )[keys // vocab]  # fmt: skip
+    rep, pres, freq = coef.unbind(1)  # [N] each: the penalties of each key's row
+    y = x.flatten().clone()  # [S*V]; the caller's logits stay untouched
+    val = y[keys]  # [N]
+    y[keys] = torch.where(val > 0, val / rep, val * rep)  # rep == 1 for rows without it
+    n_out = len(out_keys)
+    y[keys[:n_out]] = y[keys[:n_out]] - pres[:n_out]  # once per seen token
+    y.index_put_((keys[:n_out],), -freq[:n_out], accumulate=True)  # once per occurrence
+    return y.view_as(x)
 
 
 CANDIDATE_LIMIT = 1024  # top-k up to this uses torch.topk instead of a full vocab sort
