@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -168,6 +169,18 @@ def test_tied_embeddings(tmp_path, caplog, lm_head):
     assert torch.equal(sd_model["lm_head.weight"], emb)  # tied: the embedding wins
     assert_same_state(model, ref)
     assert ("differs from the tied" in caplog.text) == (lm_head == "different")
+
+
+def test_loader_ties_a_module_that_did_not(tmp_path):
+    # the config ties but the module built separate parameters: the loader shares them
+    ref = save_checkpoint(tmp_path, tie_word_embeddings=True, layout="vlm")
+
+    def untied(cfg):
+        return hf_factory(dataclasses.replace(cfg, tie_word_embeddings=False))
+
+    model = load(tmp_path, dtype="fp32", model_factory=untied)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert_same_state(model, ref)
 
 
 def test_untied_config_without_head(tmp_path):

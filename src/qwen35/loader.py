@@ -101,7 +101,9 @@ def load_model(
     if load_format == "random":
         cfg, directory = _random_config(path_or_name)
         torch_dtype = parse_dtype(dtype, cfg)
-        report = LoadReport("random", "random", _name(torch_dtype), str(dev), config=cfg)
+        report = LoadReport(
+            f"random:{cfg.name}", "random", _name(torch_dtype), str(dev), config=cfg
+        )
         model, params = build_model(cfg, torch_dtype, dev, model_factory)
         init_random_(params, seed)
         n = sum(p.numel() for p in params.values())
@@ -196,6 +198,7 @@ def build_model(
     """Construct with meta parameters; allocate them in dtype/device unless dtype is None."""
     with _params_on_meta():
         model = (factory or _default_factory)(cfg)
+    _tie(model, cfg)  # before any name scan: a tied lm_head is an alias, not a parameter
     if dtype is None:
         return model, {}
     return model, materialize(model, cfg, dtype, device)
