@@ -198,12 +198,12 @@ def scan(
     (the tied `lm_head.weight`).
     """
     s = _Scan()
-    written: dict[str, set] = defaultdict(set)  # param -> {(expert, part)} or {None}
+    written: dict[str, set] = defaultdict(set)  # param -> {(expert, part)}; fused: (None, None)
     tied_head: tuple[Path, _Entry] | None = None
     for path in files:
         entries: list[_Entry] = []
         with _open(path) as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            for key in f.keys():
                 sl = f.get_slice(key)
                 shape, st_dtype = tuple(sl.get_shape()), sl.get_dtype()
                 t = map_key(key)
