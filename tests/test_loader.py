@@ -457,3 +457,63 @@ def test_load_onto_cuda(tmp_path):
     sd = {k: v.cpu() for k, v in model.state_dict().items()}
     for k, v in ref.state_dict().items():
         assert torch.equal(sd[k], v.to(torch.bfloat16)), k
+
+
+_RSS_SCRIPT = """
+import os, resource, sys
+import torch
+from qwen35.loader import load_model
+import qwen35.models.qwen3_5
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+base = rss()
+m = load_model(sys.argv[1], dtype="fp32", progress=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(base, peak, sum(p.numel() * p.element_size() for p in m.parameters()))
+"""
+
+
+@pytest.mark.slow
+@NEEDS_MODEL
+def test_peak_rss_is_model_plus_one_shard(tmp_path):
+    # python -m pytest -q -m slow tests/test_loader.py -k peak_rss -s
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    raw = {
+        **tiny_config(),
+        "vocab_size": 32000,
+        "hidden_size": 512,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 8,
+        "linear_num_key_heads": 4,
+        "linear_num_value_heads": 8,
+        "linear_key_head_dim": 64,
+        "linear_value_head_dim": 64,
+        "num_attention_heads": 8,
+        "head_dim": 64,
+    }
+    src = load_model(ModelConfig.from_hf(raw), load_format="random", dtype="bf16")
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    names, shards = sorted(sd), 4
+    per, weight_map = -(-len(names) // shards), {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: sd[k] for k in names[i * per : (i + 1) * per]}
+        save_file(part, str(tmp_path / fname))
+        weight_map.update(dict.fromkeys(part, fname))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    del src, sd
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, str(tmp_path)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    base, peak, model_bytes = map(int, out.stdout.split())
+    shard = max(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    print(f"peak - baseline {(peak - base) / 2**20:.0f} MiB; model {model_bytes / 2**20:.0f} MiB")
+    assert peak - base <= model_bytes + shard
