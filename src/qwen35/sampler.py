@@ -71,6 +71,13 @@ def has_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
+def exponential_(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Fill t with Exp(1) noise in place. On CPU -log(U) is ~5x faster than exponential_."""
+    if t.device.type == "cpu":
+        return t.uniform_(generator=generator).log_().neg_()  # U in [0, 1): q in (0, inf]
+    return t.exponential_(generator=generator)
+
+
 class Sampler:
     def __init__(self, seed: int | None = None, logprobs_mode: str = "raw"):
         if logprobs_mode not in ("raw", "processed"):
@@ -132,16 +139,16 @@ class Sampler:
         if len(own) < len(rows):
             g = self.global_generator(x.device)
             if not own:
-                q.exponential_(generator=g)
+                exponential_(q, g)
             else:
                 free = [i for i, r in enumerate(rows) if r.generator is None]
                 noise = torch.empty(len(free), x.shape[1], device=x.device)  # [F, V]
-                q[torch.tensor(free, device=x.device)] = noise.exponential_(generator=g)
+                q[torch.tensor(free, device=x.device)] = exponential_(noise, g)
         for i in own:  # the one loop that cannot be vectorised: one generator per request
             g = rows[i].generator
             if g.device.type != x.device.type or (g.device.index or 0) != (x.device.index or 0):
                 raise ValueError(f"a generator on {g.device} cannot sample logits on {x.device}")
-            q[i].exponential_(generator=g)
+            exponential_(q[i], g)
         # q == 0 is possible in principle: 0/0 = NaN, which argmax would pick (a masked token).
         q.clamp_min_(torch.finfo(q.dtype).tiny)
         return probs.div_(q).argmax(dim=-1)
@@ -321,7 +328,7 @@ def reference_sample(
             drop[-1] = False
             x[x < asc[~drop][0]] = -math.inf
         g = row.generator if row.generator is not None else generator
-        q = torch.empty_like(x).exponential_(generator=g).clamp_min_(torch.finfo(x.dtype).tiny)
+        q = exponential_(torch.empty_like(x), g).clamp_min_(torch.finfo(x.dtype).tiny)
         token = int((x.softmax(-1) / q).argmax())
     if p.logprobs is None:
         return token, None
