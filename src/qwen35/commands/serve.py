@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require `Authorization: Bearer KEY` on every route but /health "
                         "(default: $QWEN35_API_KEY)")  # fmt: skip
     g.add_argument("--max-queue", type=int, default=None,
-                   help="waiting requests beyond which new ones get 503 (default: unlimited)")  # fmt: skip
+                   help="answer 503 while this many requests wait (default: unlimited)")  # fmt: skip
     g.add_argument("--max-body-bytes", type=_size, default=16 << 20,
                    help="largest request body accepted, else 413 (default: 16MiB)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
@@ -72,5 +72,8 @@ def run(args: argparse.Namespace) -> int:
         f"/v1{' (API key required)' if config.api_key else ''}",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # on shutdown, streams still open after 5 s are cancelled (and their requests aborted)
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
+    )
     return 0

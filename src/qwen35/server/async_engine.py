@@ -79,7 +79,7 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """Owns the engine loop thread. `max_queue`: waiting requests beyond which adds fail (503)."""
+    """Owns the engine loop thread. `max_queue`: adds fail (503) while that many requests wait."""
 
     def __init__(self, engine: Any, max_queue: int | None = None):
         self.engine = engine
@@ -134,7 +134,8 @@ class AsyncEngine:
             raise EngineDeadError(self._dead_message())
         with self._lock:
             waiting = self._pending_adds + int(self._stats.get("num_waiting", 0))
-            if self.max_queue is not None and waiting + len(requests) > self.max_queue:
+            # 503 while max_queue or more requests wait (0: only when nothing is waiting)
+            if self.max_queue is not None and waiting >= self.max_queue:
                 raise QueueFullError(
                     f"server busy: {waiting} requests are waiting (--max-queue {self.max_queue}); "
                     "retry later"

@@ -69,6 +69,13 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
         tools = named
     elif choice == "required" and not tools:
         raise APIError('tool_choice "required" needs a non-empty tools list', param="tool_choice")
+    fmt = (req.response_format or {}).get("type", "text")
+    if fmt != "text":
+        raise APIError(
+            f"response_format {fmt!r} is not supported (no constrained decoding); "
+            "describe the format in the prompt instead",
+            param="response_format",
+        )
     kwargs = dict(req.chat_template_kwargs or {})
     thinking = kwargs.pop("enable_thinking", None)
     if thinking is not None and not isinstance(thinking, bool):
