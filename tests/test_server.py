@@ -421,6 +421,32 @@ def test_engine_failure_fails_requests_and_health(serve):
         client.completions.create(model="tiny", prompt="x", max_tokens=3)
 
 
+def test_engine_failure_mid_stream_sends_error_event(serve):
+    eng = FakeEngine()
+    srv, _ = serve(eng)
+    eng.gate.clear()
+    body = {"prompt": "x", "max_tokens": 50, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        wait_until(lambda: len(eng.added) == 1)
+        eng.fail_next_step = True
+        eng.gate.set()
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "engine_dead"
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_batch_prompts_are_all_or_none(serve):
+    eng = FakeEngine(max_model_len=64)
+    srv, _ = serve(eng)
+    r = httpx.post(
+        srv.url + "/v1/completions", json={"prompt": ["short", "long " * 60], "max_tokens": 4}
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert len(eng.added) == 1 and eng.aborted == [eng.added[0][0]]  # the first one was undone
+    assert not eng.has_unfinished_requests()
+
+
 def test_metrics(serve):
     eng = FakeEngine()
     srv, client = serve(eng)
