@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import qwen35.sampler as sampler_mod
 from qwen35.request import SamplingParams as SP
 from qwen35.sampler import (
     Sampler,
@@ -93,24 +94,31 @@ def test_top_k_only_uses_topk_not_sort_and_keeps_ties():
     assert torch.equal(y2[:2] > -math.inf, y[:2] > -math.inf)
 
 
-def test_top_k_with_top_p_uses_topk_and_matches_the_sort_path():
-    x = rand_logits(4, 300, seed=4)
-    ps = [
-        SP(top_k=20, top_p=0.5),
-        SP(top_k=7, top_p=0.9, min_p=0.05),
-        SP(),
-        SP(top_k=400, top_p=0.8),
+def test_top_p_avoids_the_full_sort_unless_the_mass_is_spread(monkeypatch):
+    monkeypatch.setattr(sampler_mod, "CANDIDATE_LIMIT", 16)
+    peaked = rand_logits(3, 300, seed=4, scale=4.0)
+    flat = rand_logits(1, 300, seed=5, scale=0.1)
+    cases = [  # (logits, params, whether the whole vocabulary must be sorted)
+        (peaked, [SP(top_k=20, top_p=0.5), SP(top_k=7, top_p=0.9, min_p=0.05), SP()], False),
+        (peaked, [SP(top_p=0.8), SP(top_p=0.5, min_p=0.1), SP(top_k=3)], False),
+        (torch.cat([peaked[:1], flat]), [SP(top_p=0.95), SP(top_p=0.9)], True),
+        (torch.cat([flat, flat]), [SP(top_p=0.9, top_k=40), SP(top_p=0.9, top_k=100)], False),
     ]
-    log = CallLog()
-    with log:
-        y = apply_top_filters(x[:3], ps[:3])  # every top-p row has a small top-k: no sort
-    assert "sort" not in log.names and "topk" in log.names
-    log = CallLog()
-    with log:
-        y_sorted = apply_top_filters(x, ps)  # row 3: top-k above the vocab, so a full sort
-    assert "sort" in log.names
-    assert torch.equal(y, y_sorted[:3])
-    assert 1 <= int((y[0] > -math.inf).sum()) < 20 and int((y[2] > -math.inf).sum()) == 300
+    for x, ps, sorts in cases:
+        log = CallLog()
+        with log:
+            y = apply_top_filters(x, ps)
+        assert ("sort" in log.names) == sorts, ps
+        monkeypatch.setattr(sampler_mod, "CANDIDATE_LIMIT", 10**6)  # always sort: the oracle
+        assert torch.equal(y, apply_top_filters(x, ps)), ps
+        monkeypatch.setattr(sampler_mod, "CANDIDATE_LIMIT", 16)
+    kept = (apply_top_filters(flat, [SP(top_p=0.9)]) > -math.inf).sum()
+    assert 16 < int(kept) < 300  # the flat row really needed more than the candidates
+
+
+def test_top_k_only_keeps_k_or_all():
+    y = apply_top_filters(rand_logits(2, 300, seed=4), [SP(top_k=20), SP()])
+    assert (y > -math.inf).sum(-1).tolist() == [20, 300]
 
 
 def test_top_p_and_min_p_masks_hand_computed():
@@ -375,7 +383,9 @@ def random_row(rng: random.Random, vocab: int, seed: int) -> SamplingRow:
     return SamplingRow(p, prompt, output, make_generator(seed), eos)
 
 
-def test_mixed_batch_matches_each_row_alone_and_the_reference():
+@pytest.mark.parametrize("candidates", [1024, 8])  # 8: topk candidates and the sort fallback
+def test_mixed_batch_matches_each_row_alone_and_the_reference(candidates, monkeypatch):
+    monkeypatch.setattr(sampler_mod, "CANDIDATE_LIMIT", candidates)
     rng, vocab, n = random.Random(0), 64, 40
     rows = [random_row(rng, vocab, seed=100 + i) for i in range(n)]
     assert {r.params.temperature == 0 for r in rows} == {True, False}

@@ -218,16 +218,17 @@ def apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tenso
     return y.view_as(x)
 
 
-CANDIDATE_LIMIT = 1024  # top-k up to this uses torch.topk instead of a full vocab sort
+CANDIDATE_LIMIT = 1024  # top-k / top-p look at torch.topk of this many before a full sort
 
 
 def filter_thresholds(x: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Tensor:
     """Per-row cutoff of min-p, top-k and top-p: keep logits >= thr. x: [R, V] -> thr: [R, 1].
 
     All three keep an upper set of the (temperature-scaled) logits, so one threshold per row
-    describes them; top-p renormalises after min-p and top-k (vLLM's order). Tokens tied with
-    the k-th logit are kept (vLLM). The full sort runs only if some top-p row has no top-k
-    (or a huge one); otherwise topk(k_max) gives the candidates, which hold all the mass.
+    describes them; top-p renormalises after min-p and top-k (vLLM's order); tokens tied with
+    the k-th logit are kept (vLLM). The work is on the top K = max(1024, largest k) candidates
+    from torch.topk; the whole vocabulary is sorted only when some top-p row without a top-k
+    needs more than K tokens to reach its mass (a flat distribution), found with one sync.
     """
     vocab, ninf = x.shape[1], -math.inf
     prm = torch.tensor(
@@ -242,23 +243,32 @@ def filter_thresholds(x: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Te
     use_p = any(p.top_p < 1.0 for p in ps)
     if not ks and not use_p:
         return thr
-    if use_p and any(p.top_p < 1.0 and not 0 < p.top_k < min(vocab, CANDIDATE_LIMIT) for p in ps):
-        srt = x.sort(dim=-1, descending=True).values  # [R, V]
-    else:
-        srt = x.topk(max(ks), dim=-1).values  # [R, K], sorted descending
-    srt = srt.masked_fill(srt < thr, ninf)
-    if ks:
-        kth = srt.gather(1, k.clamp(max=srt.shape[1]) - 1)  # [R, 1]
-        kth = torch.where(k >= vocab, ninf, kth)  # top-k off
-        thr = torch.maximum(thr, kth)
+    k_on = k < vocab  # [R, 1]
+    lse = None  # [R, 1] log-normaliser over the whole vocabulary, for top-p rows without top-k
+    if any(p.top_p < 1.0 and not 0 < p.top_k < vocab for p in ps):
+        lse = torch.where(x < thr, ninf, x).logsumexp(dim=-1, keepdim=True)
+    num = min(vocab, max(ks + [CANDIDATE_LIMIT if use_p else 0]))
+    while True:
+        if num < vocab:
+            srt = x.topk(num, dim=-1).values  # [R, K], sorted descending
+        else:
+            srt = x.sort(dim=-1, descending=True).values  # [R, V]
+        srt.masked_fill_(srt < thr, ninf)
+        kth = torch.where(k_on, srt.gather(1, k.clamp(max=num) - 1), ninf)  # [R, 1]
         srt.masked_fill_(srt < kth, ninf)
-    if use_p:
-        probs = srt.softmax(dim=-1)  # [R, K or V], renormalised after min-p and top-k
-        before = probs.cumsum(dim=-1) - probs  # mass strictly before each position
-        n_keep = (before < top_p).sum(dim=-1, keepdim=True)  # [R, 1] >= 1 as top_p > 0
-        cut = srt.gather(1, n_keep.clamp(max=srt.shape[1]) - 1)  # [R, 1]
-        thr = torch.maximum(thr, torch.where(top_p >= 1.0, ninf, cut))
-    return thr
+        if not use_p:
+            return torch.maximum(thr, kth)
+        # Rows with a top-k hold all their mass among the candidates; others use the full lse.
+        norm = srt.logsumexp(dim=-1, keepdim=True)
+        probs = (srt - (norm if lse is None else torch.where(k_on, norm, lse))).exp()  # [R, K]
+        cum = probs.cumsum(dim=-1)  # [R, K]
+        covered = k_on | (top_p >= 1.0) | (cum[:, -1:] >= top_p)  # the cutoff is within K
+        if num == vocab or bool(covered.all()):  # the one sync, only without top-k
+            break
+        num = vocab
+    n_keep = (cum - probs < top_p).sum(dim=-1, keepdim=True)  # [R, 1] >= 1 as top_p > 0
+    cut = srt.gather(1, n_keep.clamp(max=num) - 1)  # [R, 1]
+    return torch.maximum(torch.maximum(thr, kth), torch.where(top_p >= 1.0, ninf, cut))
 
 
 def apply_top_filters(x: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Tensor:
