@@ -1,0 +1,67 @@
+"""`qwen35 chat`: interactive chat with history; /reset clears it, /exit leaves."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qwen35.commands.common import (
+    add_engine_arguments,
+    add_sampling_arguments,
+    engine_kwargs,
+    sampling_params,
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_arguments(p)
+    add_sampling_arguments(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--thinking", choices=["on", "off", "default"], default="default")
+
+
+def run(args: argparse.Namespace) -> int:
+    from qwen35.engine import LLM
+    from qwen35.server.parsers import ChatOutputParser
+
+    llm = LLM(args.model, progress=sys.stderr.isatty(), **engine_kwargs(args))
+    kwargs = {} if args.thinking == "default" else {"enable_thinking": args.thinking == "on"}
+    thinking = kwargs.get("enable_thinking", llm.engine.default_thinking)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    print("qwen35 chat: /reset clears the history, /exit (or Ctrl-D) leaves", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history.clear()
+            print("[history cleared]", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = llm.engine.chat_template.render(
+            system + history, add_generation_prompt=True, **kwargs
+        )
+        parser = ChatOutputParser(thinking_enabled=thinking, tools=None)
+        text = ""
+        for delta in llm.stream(prompt, sampling_params(args)):
+            for o in delta.outputs:
+                text += o.text
+                d = parser.feed(o.text)
+                if d.reasoning:
+                    dim = sys.stdout.isatty()
+                    sys.stdout.write(f"\x1b[2m{d.reasoning}\x1b[0m" if dim else d.reasoning)
+                if d.content:
+                    sys.stdout.write(d.content)
+                sys.stdout.flush()
+        reasoning, content, _ = parser.parse_full(text)
+        sys.stdout.write("\n")
+        history.append(
+            {"role": "assistant", "content": content or "", "reasoning_content": reasoning}
+        )

@@ -1,0 +1,50 @@
+"""`qwen35 generate`: one prompt, the reply streamed to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qwen35.commands.common import (
+    add_engine_arguments,
+    add_sampling_arguments,
+    engine_kwargs,
+    sampling_params,
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_arguments(p)
+    add_sampling_arguments(p)
+    p.add_argument("--prompt", default=None, help="prompt text (default: read standard input)")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as a user message in the chat format"
+    )
+    p.add_argument(
+        "--thinking",
+        choices=["on", "off", "default"],
+        default="default",
+        help="with --chat: thinking on or off (default: the model size's default)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from qwen35.engine import LLM
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    params = sampling_params(args)
+    llm = LLM(args.model, progress=sys.stderr.isatty(), **engine_kwargs(args))
+    if args.chat:
+        kwargs = {} if args.thinking == "default" else {"enable_thinking": args.thinking == "on"}
+        prompt = llm.engine.chat_template.render(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, **kwargs
+        )
+    final = None
+    for delta in llm.stream(prompt, params):
+        for o in delta.outputs:
+            sys.stdout.write(o.text)
+            sys.stdout.flush()
+            final = o.finish_reason or final
+    sys.stdout.write("\n")
+    print(f"[finish: {final}]", file=sys.stderr)
+    return 0

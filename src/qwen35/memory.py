@@ -1,0 +1,162 @@
+"""Sizing the engine's caches under a memory budget, with the planner's formulas.
+
+Budget for caches = max_memory - weights - working memory (or a default on the CPU). From it:
+1. one DeltaNet state slot per concurrent sequence (max_num_seqs, lowered if slots would take
+   more than half the budget),
+2. prefix-cache state checkpoints (`prefix_cache_memory`, default a quarter of what is left),
+3. paged KV blocks with the rest.
+Every byte count comes from `cache_spec`, the same declaration the planner uses. No torch at
+import time beyond dtype names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from qwen35.cache_spec import cache_spec
+from qwen35.config import ModelConfig
+from qwen35.errors import Qwen35Error
+
+GiB = 1 << 30
+DEFAULT_CPU_CACHE_BYTES = 2 * GiB  # no --max-memory on a CPU: caches get this much
+
+
+def parse_bytes(value: str | int | None, what: str = "--max-memory") -> int | None:
+    """'8GiB', '8GB', '512MiB', '1e9' or an int -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B?|B)?\s*", str(value), flags=re.IGNORECASE)
+    if not m:
+        raise Qwen35Error(f"{what} {value!r} is not a size; write e.g. 8GiB, 512MiB or 2e9")
+    num = float(m.group(1))
+    unit = (m.group(2) or "B").upper().rstrip("B")
+    scale = {
+        "": 1,
+        "K": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "KI": 1 << 10,
+        "MI": 1 << 20,
+        "GI": 1 << 30,
+        "TI": 1 << 40,
+    }[unit]
+    return int(num * scale)
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    num_blocks: int
+    block_size: int
+    num_state_slots: int
+    num_checkpoint_slots: int
+    checkpoint_interval: int
+    max_model_len: int
+    kv_bytes_per_token: int
+    state_bytes_per_sequence: int
+    cache_bytes: int
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def describe(self) -> str:
+        g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+        kv = self.kv_tokens * self.kv_bytes_per_token
+        st = self.num_state_slots * self.state_bytes_per_sequence
+        ck = self.num_checkpoint_slots * self.state_bytes_per_sequence
+        per_seq = max(1, self.kv_tokens // max(1, self.max_model_len))
+        return (
+            f"cache: {self.num_blocks} KV blocks x {self.block_size} tokens = {self.kv_tokens} tokens "
+            f"({g(kv)}), {self.num_state_slots} DeltaNet state slots ({g(st)}), "
+            f"{self.num_checkpoint_slots} prefix-cache state checkpoints ({g(ck)}); "
+            f"allows one sequence of up to {self.max_model_len} tokens, or "
+            f"{min(self.num_state_slots, per_seq)} concurrent sequences at that length"
+        )
+
+
+def plan_caches(
+    cfg: ModelConfig,
+    *,
+    model_dtype,
+    device,
+    max_memory: str | int | None,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    block_size: int,
+    max_model_len: int | None,
+    enable_prefix_caching: bool,
+    prefix_cache_memory: str | int | None,
+    weight_bytes: int,
+    kv_dtype: str | None = None,
+) -> CachePlan:
+    if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
+        raise Qwen35Error("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+    dname = str(model_dtype).removeprefix("torch.")
+    spec = cache_spec(cfg, kv_dtype=kv_dtype or dname, conv_dtype=dname)
+    kv_tok, st_seq = spec.kv_bytes_per_token, spec.state_bytes_per_sequence
+    total = parse_bytes(max_memory)
+    working = _working_memory(cfg, max_num_batched_tokens, max_num_seqs)
+    if total is None:
+        budget = _default_budget(device, working)
+    else:
+        budget = total - weight_bytes - working
+        if budget <= 0:
+            raise Qwen35Error(
+                f"--max-memory {total / GiB:.2f} GiB does not cover the weights "
+                f"({weight_bytes / GiB:.2f} GiB) and working memory ({working / GiB:.2f} GiB); raise it"
+            )
+    slots = max_num_seqs
+    if st_seq and slots * st_seq > budget // 2:
+        slots = max(1, (budget // 2) // st_seq)
+    rest = budget - slots * st_seq
+    ckpts = 0
+    if enable_prefix_caching and st_seq:
+        pc = parse_bytes(prefix_cache_memory, "--prefix-cache-memory")
+        pc = rest // 4 if pc is None else min(pc, rest // 2)
+        ckpts = min(pc // st_seq, 64 + 8 * slots)  # more would rarely be reused
+        rest -= ckpts * st_seq
+    block_bytes = kv_tok * block_size
+    num_blocks = rest // block_bytes if block_bytes else 1 << 20
+    # never more than every slot at full length, twice over (room for cached prefixes)
+    longest = max_model_len or cfg.max_position_embeddings
+    num_blocks = min(num_blocks, 2 * slots * -(-longest // block_size))
+    if num_blocks < 1:
+        raise Qwen35Error(
+            "no memory left for even one KV block: raise --max-memory or lower --max-num-seqs"
+        )
+    capacity = num_blocks * block_size
+    limit = min(cfg.max_position_embeddings, capacity)
+    if max_model_len is None:
+        max_model_len = limit
+    elif max_model_len > capacity:
+        raise Qwen35Error(
+            f"--max-model-len {max_model_len} needs {max_model_len} KV tokens but the cache holds "
+            f"{capacity}; raise --max-memory or lower --max-model-len"
+        )
+    # checkpoints every 4 blocks (>= 64 tokens) keep the DeltaNet chunked path efficient
+    interval = block_size * max(1, -(-64 // block_size))
+    return CachePlan(
+        num_blocks, block_size, slots, ckpts, interval, max_model_len, kv_tok, st_seq, budget
+    )
+
+
+def _working_memory(cfg: ModelConfig, chunk_tokens: int, sampled_rows: int) -> int:
+    try:  # the planner's documented formula
+        from qwen35.planner import working_memory_bytes
+
+        return int(working_memory_bytes(cfg, chunk_tokens, sampled_rows))
+    except (ImportError, TypeError):
+        width = cfg.hidden_size * 4 + max(cfg.intermediate_size, cfg.moe_intermediate_size * 2) * 3
+        return chunk_tokens * width * 4 + sampled_rows * cfg.vocab_size * 4
+
+
+def _default_budget(device, working: int) -> int:
+    dev = str(device)
+    if dev.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(dev))
+        return max(0, int(free * 0.9) - working)
+    return DEFAULT_CPU_CACHE_BYTES
