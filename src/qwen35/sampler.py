@@ -17,9 +17,9 @@ sampler's global generator.
 
 Cost: nothing is done that no row asks for. A pure-greedy batch is one argmax; penalties touch
 only the tokens each row has seen; min-p, top-k and top-p reduce to one threshold per row, found
-with `topk(max k)` when every top-p row also has a top-k <= 1024 (the common case), and with a
-full vocabulary sort only when some top-p row has none. Per-row parameters travel to the device
-as one small tensor; the only Python loops are over rows (per-request generators, histories).
+among `topk(max(1024, k))` candidates; the vocabulary is sorted only when a top-p row without a
+top-k spreads its mass over more tokens than that. Per-row parameters travel to the device as
+one small tensor; the only Python loops are over rows (per-request generators, histories).
 """
 
 from __future__ import annotations
@@ -311,7 +311,8 @@ def reference_sample(
 ) -> tuple[int, TokenLogprob | None]:
     """Plain one-row reference (test oracle and benchmark baseline); same semantics, other math.
 
-    logits: [V]. Draws V exponentials from row.generator (seeded) or `generator`, like Sampler.
+    logits: [V]; histories as lists. Draws V exponentials from row.generator, else `generator`,
+    exactly as Sampler does, so seeded rows must give the same token.
     """
     p, raw = row.params, logits.float()
     x = raw.clone()
