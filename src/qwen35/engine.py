@@ -85,6 +85,7 @@ class LLMEngine:
         prefix_cache_memory: str | int | None = None,
         checkpoint_interval: int | None = None,
         load_format: str = "auto",
+        num_kv_blocks: int | None = None,
         seed: int = 0,
         progress: bool = False,
         verbose: bool = True,
@@ -119,6 +120,7 @@ class LLMEngine:
             enable_prefix_caching=enable_prefix_caching,
             prefix_cache_memory=prefix_cache_memory,
             weight_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            num_blocks_override=num_kv_blocks,
         )
         self.max_model_len = self.plan.max_model_len
         if verbose:

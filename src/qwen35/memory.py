@@ -90,6 +90,7 @@ def plan_caches(
     prefix_cache_memory: str | int | None,
     weight_bytes: int,
     kv_dtype: str | None = None,
+    num_blocks_override: int | None = None,
 ) -> CachePlan:
     if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
         raise Qwen35Error("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
@@ -122,6 +123,8 @@ def plan_caches(
     # never more than every slot at full length, twice over (room for cached prefixes)
     longest = max_model_len or cfg.max_position_embeddings
     num_blocks = min(num_blocks, 2 * slots * -(-longest // block_size))
+    if num_blocks_override is not None:  # tests and experiments: an exact pool size
+        num_blocks = num_blocks_override
     if num_blocks < 1:
         raise Qwen35Error(
             "no memory left for even one KV block: raise --max-memory or lower --max-num-seqs"

@@ -38,7 +38,7 @@ class ModelRunner:
 
     # ---- per-sequence sampling state ------------------------------------------------------
     def add_sequence(self, seq_id: str, seed: int | None) -> None:
-        self._generators[seq_id] = make_generator(seed)
+        self._generators[seq_id] = make_generator(seed, self.device)
 
     def remove_sequence(self, seq_id: str) -> None:
         self._generators.pop(seq_id, None)
@@ -112,7 +112,10 @@ class ModelRunner:
         rows = [
             SamplingRow(
                 params=seq.params,
-                prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+                # the prompt is read only by the repetition penalty: skip the copy otherwise
+                prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens]
+                if seq.params.repetition_penalty != 1.0
+                else (),
                 output_token_ids=seq.token_ids[seq.num_prompt_tokens :],
                 generator=self._generators.get(seq.seq_id),
                 eos_token_ids=() if seq.params.ignore_eos else self.eos_token_ids,
