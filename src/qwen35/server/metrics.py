@@ -28,6 +28,22 @@ _ENGINE_SERIES = {
     "kv_blocks_total": ("qwen35_kv_blocks_total", "Paged KV blocks in the pool", "gauge"),
     "state_slots_used": ("qwen35_state_slots_used", "DeltaNet state slots in use", "gauge"),
     "state_slots_total": ("qwen35_state_slots_total", "DeltaNet state slots in the pool", "gauge"),
+    "kv_blocks_cached": (
+        "qwen35_kv_blocks_cached",
+        "KV blocks holding a prefix-cache hash (in use or evictable)",
+        "gauge",
+    ),
+    "num_preemptions": ("qwen35_num_preemptions", "Sequences preempted (recomputed)", "counter"),
+    "prefix_cache_checkpoints": (
+        "qwen35_prefix_cache_checkpoints",
+        "DeltaNet state checkpoints held by the prefix cache",
+        "gauge",
+    ),
+    "prefix_cache_query_tokens": (
+        "qwen35_prefix_cache_query_tokens",
+        "Prompt tokens looked up in the prefix cache",
+        "counter",
+    ),
     "prefix_cache_queries": (
         "qwen35_prefix_cache_queries",
         "Prefix cache lookups (admissions)",
