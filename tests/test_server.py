@@ -626,3 +626,40 @@ def test_real_errors(real):
     assert client.completions.create(model="/m/tiny", prompt="x", max_tokens=2).choices
     stats = srv.state.async_engine.call(lambda e: e.get_stats())
     assert stats["kv_blocks_used"] == 0 and stats["state_slots_used"] == 0
+
+
+@pytest.mark.slow
+def test_serve_command_in_a_subprocess(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from tiny import VOCAB_REAL, save_checkpoint
+
+    save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "qwen35.cli", "serve", "--model", str(tmp_path / "m"),
+           "--port", str(port), "--served-model-name", "tiny", "--api-key", "k",
+           "--max-memory", "256MiB", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def up() -> bool:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(url + "/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, timeout=120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        r = client.completions.create(model="tiny", prompt="Hi", max_tokens=3,
+                                      extra_body={"ignore_eos": True})  # fmt: skip
+        assert r.usage.completion_tokens == 3
+        assert httpx.get(url + "/v1/models").status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(30)
