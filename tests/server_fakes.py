@@ -237,3 +237,52 @@ class Spy:
     def last_prompt_text(self, tokenizer) -> str:
         p = self.prompts[-1]
         return p if isinstance(p, str) else tokenizer.decode(p)
+
+
+# ---- shared by the server tests ----------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+CALL = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
+USER = [{"role": "user", "content": "Hi!"}]
+
+
+def wait_until(cond, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.02)
+
+
+def stream_chat(client, **kw):
+    """Accumulate a streamed chat reply per choice: content, reasoning, tool calls, finish."""
+    acc: dict[int, dict] = {}
+    chunks = list(client.chat.completions.create(model="tiny", stream=True, **kw))
+    for ch in chunks:
+        for c in ch.choices:
+            a = acc.setdefault(
+                c.index, {"content": "", "reasoning": "", "calls": {}, "finish": None}
+            )
+            d = c.delta
+            a["content"] += d.content or ""
+            a["reasoning"] += getattr(d, "reasoning_content", None) or ""
+            for tc in d.tool_calls or []:
+                call = a["calls"].setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+                call["id"] = tc.id or call["id"]
+                call["name"] += tc.function.name or ""
+                call["arguments"] += tc.function.arguments or ""
+            a["finish"] = c.finish_reason or a["finish"]
+    return acc, chunks

@@ -1,48 +1,21 @@
-"""The OpenAI-compatible server, driven over HTTP by the official `openai` client.
-
-Two back ends: the REAL engine on a tiny random checkpoint with the real Qwen 3.5 tokenizer
-(vocab 248320), and a deterministic FakeEngine (tests/server_fakes.py) whose canned replies
-exercise reasoning / tool-call parsing, queue limits, disconnects and engine failures, which
-random weights cannot produce on demand.
+"""The OpenAI-compatible server over HTTP with the official `openai` client, on a deterministic
+FakeEngine (tests/server_fakes.py): its canned replies exercise reasoning / tool-call parsing, and
+it can be frozen or made to fail, for queue limits, disconnects and engine failures that random
+weights cannot produce on demand. The real engine is in test_server_real.py and
+test_server_load.py.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import openai
 import pytest
 
 from qwen35.server.app import ServerConfig, create_app
-from server_fakes import FakeEngine, ServerThread
-
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Get the current weather for a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
-CALL = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
-USER = [{"role": "user", "content": "Hi!"}]
-
-
-def wait_until(cond, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.02)
+from server_fakes import CALL, TOOLS, USER, FakeEngine, ServerThread, stream_chat, wait_until
 
 
 @pytest.fixture
@@ -63,27 +36,6 @@ def serve():
     yield start
     for s in servers:
         s.close()
-
-
-def stream_chat(client, **kw):
-    """Accumulate a streamed chat reply per choice: content, reasoning, tool calls, finish."""
-    acc: dict[int, dict] = {}
-    chunks = list(client.chat.completions.create(model="tiny", stream=True, **kw))
-    for ch in chunks:
-        for c in ch.choices:
-            a = acc.setdefault(
-                c.index, {"content": "", "reasoning": "", "calls": {}, "finish": None}
-            )
-            d = c.delta
-            a["content"] += d.content or ""
-            a["reasoning"] += getattr(d, "reasoning_content", None) or ""
-            for tc in d.tool_calls or []:
-                call = a["calls"].setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
-                call["id"] = tc.id or call["id"]
-                call["name"] += tc.function.name or ""
-                call["arguments"] += tc.function.arguments or ""
-            a["finish"] = c.finish_reason or a["finish"]
-    return acc, chunks
 
 
 # ---- fake engine: completions -----------------------------------------------------------------
@@ -505,161 +457,3 @@ def test_choice_builder_canned(thinking, tools, text, want):
     assert acc.get("content") == (want[1] or None)
     assert [c["function"]["name"] for c in acc.get("tool_calls", [])] == want[2]
     assert [c["index"] for c in acc.get("tool_calls", [])] == list(range(len(want[2])))
-
-
-# ---- the command line ---------------------------------------------------------------------------
-
-
-def test_serve_cli_rejects_bad_options(capsys):
-    from qwen35.cli import main
-
-    assert main(["serve", "--model", "/nonexistent", "--port", "70000"]) == 2
-    assert "--port" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["serve", "--model", "x", "--max-body-bytes", "lots"])
-    assert "not a size" in capsys.readouterr().err
-
-
-# ---- the REAL engine: tiny random checkpoint, real Qwen 3.5 tokenizer ---------------------------
-
-
-@pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    from server_fakes import Spy, build_tiny_engine
-
-    engine = build_tiny_engine(tmp_path_factory.mktemp("tiny-real"), max_num_seqs=8)
-    spy = Spy(engine)
-    srv = ServerThread(
-        create_app(engine, ServerConfig(served_model_name="tiny", model_path="/m/tiny"))
-    )
-    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
-    yield srv, client, engine, spy
-    srv.close()
-
-
-def test_real_completions(real):
-    srv, client, engine, _ = real
-    r = client.completions.create(
-        model="tiny", prompt="The capital of France is", max_tokens=6, temperature=0,
-        extra_body={"ignore_eos": True},
-    )  # fmt: skip
-    assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
-    assert r.usage.prompt_tokens == len(engine.tokenizer.encode("The capital of France is"))
-    again = client.completions.create(
-        model="tiny", prompt="The capital of France is", max_tokens=6, temperature=0,
-        extra_body={"ignore_eos": True},
-    )  # fmt: skip
-    assert again.choices[0].text == r.choices[0].text  # greedy is deterministic
-    text, usage = "", None
-    for ch in client.completions.create(
-        model="tiny", prompt="The capital of France is", max_tokens=6, temperature=0,
-        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-    ):  # fmt: skip
-        text += "".join(c.text for c in ch.choices)
-        usage = ch.usage or usage
-    assert text == r.choices[0].text and usage.completion_tokens == 6
-    lp = client.completions.create(model="tiny", prompt="Hi", max_tokens=3, logprobs=3,
-                                   extra_body={"ignore_eos": True}).choices[0].logprobs  # fmt: skip
-    assert len(lp.tokens) == 3 and all(len(t) == 3 for t in lp.top_logprobs)
-    assert all(x <= 0 for x in lp.token_logprobs)
-
-
-def test_real_chat_stream_and_thinking(real):
-    srv, client, engine, spy = real
-    r = client.chat.completions.create(
-        model="tiny", messages=USER, max_tokens=5, extra_body={"ignore_eos": True}
-    )
-    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
-    default = spy.last_prompt_text(engine.tokenizer)
-    want = "<think>\n" if engine.default_thinking else "<think>\n\n</think>\n\n"
-    assert default.endswith("<|im_start|>assistant\n" + want)
-    acc, chunks = stream_chat(
-        client, messages=USER, max_tokens=5, stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True, "chat_template_kwargs": {"enable_thinking": False}},
-    )  # fmt: skip
-    assert spy.last_prompt_text(engine.tokenizer).endswith("assistant\n<think>\n\n</think>\n\n")
-    assert chunks[-1].usage.completion_tokens == 5 and acc[0]["finish"] == "length"
-    assert acc[0]["reasoning"] == ""  # thinking off: everything is content
-    client.chat.completions.create(
-        model="tiny", messages=USER, max_tokens=1,
-        extra_body={"chat_template_kwargs": {"enable_thinking": True}},
-    )  # fmt: skip
-    assert spy.last_prompt_text(engine.tokenizer).endswith("<|im_start|>assistant\n<think>\n")
-
-
-def test_real_tool_round_trip(real):
-    srv, client, engine, spy = real
-    messages = [
-        {"role": "system", "content": "You are a weather bot."},
-        {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [{
-            "id": "call_1", "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-        }]},
-        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
-    ]  # fmt: skip
-    r = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, max_tokens=4)
-    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    prompt = spy.last_prompt_text(engine.tokenizer)
-    assert "<tools>\n" + json.dumps(TOOLS[0]) in prompt
-    assert "</IMPORTANT>\n\nYou are a weather bot.<|im_end|>" in prompt
-    assert "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>" in prompt
-    assert '<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response><|im_end|>' in prompt
-
-
-def test_real_errors(real):
-    srv, client, engine, _ = real
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="tiny", prompt="hello " * 100, max_tokens=500)
-    err = e.value.body
-    assert err["code"] == "context_length_exceeded" and "too many" in err["message"]
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="tiny", prompt=[engine.config.vocab_size + 5], max_tokens=2)
-    assert e.value.body["param"] == "prompt"
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(
-            model="tiny", messages=[{"role": "developer", "content": "x"}]
-        )
-    assert e.value.body["param"] == "messages"
-    with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="other", prompt="x")
-    assert client.completions.create(model="/m/tiny", prompt="x", max_tokens=2).choices
-    stats = srv.state.async_engine.call(lambda e: e.get_stats())
-    assert stats["kv_blocks_used"] == 0 and stats["state_slots_used"] == 0
-
-
-@pytest.mark.slow
-def test_serve_command_in_a_subprocess(tmp_path):
-    import socket
-    import subprocess
-    import sys
-
-    from tiny import VOCAB_REAL, save_checkpoint
-
-    save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "qwen35.cli", "serve", "--model", str(tmp_path / "m"),
-           "--port", str(port), "--served-model-name", "tiny", "--api-key", "k",
-           "--max-memory", "256MiB", "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def up() -> bool:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                return httpx.get(url + "/health").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(up, timeout=120)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
-        r = client.completions.create(model="tiny", prompt="Hi", max_tokens=3,
-                                      extra_body={"ignore_eos": True})  # fmt: skip
-        assert r.usage.completion_tokens == 3
-        assert httpx.get(url + "/v1/models").status_code == 401
-    finally:
-        proc.terminate()
-        proc.wait(30)

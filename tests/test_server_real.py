@@ -1,0 +1,171 @@
+"""The OpenAI-compatible server on the REAL engine: a tiny random checkpoint (vocab 248320) with
+the real Qwen 3.5 tokenizer, driven over HTTP by the official `openai` client; plus the
+`qwen35 serve` command line."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from qwen35.server.app import ServerConfig, create_app
+from server_fakes import TOOLS, USER, ServerThread, stream_chat, wait_until
+
+# ---- the command line ---------------------------------------------------------------------------
+
+
+def test_serve_cli_rejects_bad_options(capsys):
+    from qwen35.cli import main
+
+    assert main(["serve", "--model", "/nonexistent", "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", "x", "--max-body-bytes", "lots"])
+    assert "not a size" in capsys.readouterr().err
+
+
+# ---- the REAL engine: tiny random checkpoint, real Qwen 3.5 tokenizer ---------------------------
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    from server_fakes import Spy, build_tiny_engine
+
+    engine = build_tiny_engine(tmp_path_factory.mktemp("tiny-real"), max_num_seqs=8)
+    spy = Spy(engine)
+    srv = ServerThread(
+        create_app(engine, ServerConfig(served_model_name="tiny", model_path="/m/tiny"))
+    )
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    yield srv, client, engine, spy
+    srv.close()
+
+
+def test_real_completions(real):
+    srv, client, engine, _ = real
+    r = client.completions.create(
+        model="tiny", prompt="The capital of France is", max_tokens=6, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(engine.tokenizer.encode("The capital of France is"))
+    again = client.completions.create(
+        model="tiny", prompt="The capital of France is", max_tokens=6, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert again.choices[0].text == r.choices[0].text  # greedy is deterministic
+    text, usage = "", None
+    for ch in client.completions.create(
+        model="tiny", prompt="The capital of France is", max_tokens=6, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    ):  # fmt: skip
+        text += "".join(c.text for c in ch.choices)
+        usage = ch.usage or usage
+    assert text == r.choices[0].text and usage.completion_tokens == 6
+    lp = client.completions.create(model="tiny", prompt="Hi", max_tokens=3, logprobs=3,
+                                   extra_body={"ignore_eos": True}).choices[0].logprobs  # fmt: skip
+    assert len(lp.tokens) == 3 and all(len(t) == 3 for t in lp.top_logprobs)
+    assert all(x <= 0 for x in lp.token_logprobs)
+
+
+def test_real_chat_stream_and_thinking(real):
+    srv, client, engine, spy = real
+    r = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=5, extra_body={"ignore_eos": True}
+    )
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    default = spy.last_prompt_text(engine.tokenizer)
+    want = "<think>\n" if engine.default_thinking else "<think>\n\n</think>\n\n"
+    assert default.endswith("<|im_start|>assistant\n" + want)
+    acc, chunks = stream_chat(
+        client, messages=USER, max_tokens=5, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, "chat_template_kwargs": {"enable_thinking": False}},
+    )  # fmt: skip
+    assert spy.last_prompt_text(engine.tokenizer).endswith("assistant\n<think>\n\n</think>\n\n")
+    assert chunks[-1].usage.completion_tokens == 5 and acc[0]["finish"] == "length"
+    assert acc[0]["reasoning"] == ""  # thinking off: everything is content
+    client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=1,
+        extra_body={"chat_template_kwargs": {"enable_thinking": True}},
+    )  # fmt: skip
+    assert spy.last_prompt_text(engine.tokenizer).endswith("<|im_start|>assistant\n<think>\n")
+
+
+def test_real_tool_round_trip(real):
+    srv, client, engine, spy = real
+    messages = [
+        {"role": "system", "content": "You are a weather bot."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+        }]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+    ]  # fmt: skip
+    r = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    prompt = spy.last_prompt_text(engine.tokenizer)
+    assert "<tools>\n" + json.dumps(TOOLS[0]) in prompt
+    assert "</IMPORTANT>\n\nYou are a weather bot.<|im_end|>" in prompt
+    assert "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>" in prompt
+    assert '<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response><|im_end|>' in prompt
+
+
+def test_real_errors(real):
+    srv, client, engine, _ = real
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="hello " * 100, max_tokens=500)
+    err = e.value.body
+    assert err["code"] == "context_length_exceeded" and "too many" in err["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=[engine.config.vocab_size + 5], max_tokens=2)
+    assert e.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "developer", "content": "x"}]
+        )
+    assert e.value.body["param"] == "messages"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x")
+    assert client.completions.create(model="/m/tiny", prompt="x", max_tokens=2).choices
+    stats = srv.state.async_engine.call(lambda e: e.get_stats())
+    assert stats["kv_blocks_used"] == 0 and stats["state_slots_used"] == 0
+
+
+@pytest.mark.slow
+def test_serve_command_in_a_subprocess(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from tiny import VOCAB_REAL, save_checkpoint
+
+    save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "qwen35.cli", "serve", "--model", str(tmp_path / "m"),
+           "--port", str(port), "--served-model-name", "tiny", "--api-key", "k",
+           "--max-memory", "256MiB", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def up() -> bool:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(url + "/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, timeout=120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        r = client.completions.create(model="tiny", prompt="Hi", max_tokens=3,
+                                      extra_body={"ignore_eos": True})  # fmt: skip
+        assert r.usage.completion_tokens == 3
+        assert httpx.get(url + "/v1/models").status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(30)
