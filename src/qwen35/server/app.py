@@ -59,7 +59,9 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(f"invalid request: {e.errors()}"), status_code=400)
+        # handlers parse bodies themselves (serving_common.read_json); this is a safety net
+        first = (e.errors() or [{}])[0]
+        return JSONResponse(error_body(f"invalid request: {first.get('msg', e)}"), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:

@@ -160,11 +160,6 @@ class AsyncEngine:
         self._submit(("call", fn, fut))
         return fut.result(timeout)
 
-    async def acall(self, fn: Callable[[Any], Any]) -> Any:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(("call", fn, fut))
-        return await asyncio.wrap_future(fut)
-
     def _submit(self, cmd: tuple) -> None:
         self._cmds.append(cmd)
         self._wake.set()
