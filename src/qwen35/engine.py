@@ -72,7 +72,7 @@ class _Request:
 class LLMEngine:
     def __init__(
         self,
-        model: str,
+        model: str | torch.nn.Module,
         *,
         dtype: str = "auto",
         device: str = "cpu",
@@ -92,9 +92,15 @@ class LLMEngine:
     ):
         if dtype == "auto":
             dtype = "fp32" if str(device).startswith("cpu") else "bf16"
-        self.model = load_model(
-            model, dtype=dtype, device=device, load_format=load_format, progress=progress
-        )
+        if isinstance(model, torch.nn.Module):
+            # an already-loaded model (from load_model): engines can share one set of weights
+            self.model = model
+            report = getattr(model, "load_report", None)
+            model = report.source if report is not None else model.config.name
+        else:
+            self.model = load_model(
+                model, dtype=dtype, device=device, load_format=load_format, progress=progress
+            )
         self.config = self.model.config
         self.model_name = model
         self.device = torch.device(device)
@@ -158,7 +164,14 @@ class LLMEngine:
     # ---- requests -----------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt)
+            bad = [t for t in ids if t >= self.config.vocab_size]
+            if bad:
+                raise Qwen35Error(
+                    f"the tokenizer gave id {bad[0]}, outside the model's vocabulary of "
+                    f"{self.config.vocab_size}: the model directory needs its own tokenizer.json"
+                )
+            return ids
         if not prompt or not all(
             isinstance(t, int) and 0 <= t < self.config.vocab_size for t in prompt
         ):

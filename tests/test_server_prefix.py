@@ -1,0 +1,45 @@
+"""Prefix caching through the server (issue 6): a multi-turn chat reuses its history."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from qwen35.server.app import create_app
+from qwen35.server.serving_common import ServerConfig
+from server_fakes import ServerThread, build_tiny_engine
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    engine = build_tiny_engine(tmp_path_factory.mktemp("tiny-prefix"), max_num_seqs=4)
+    srv = ServerThread(create_app(engine, ServerConfig(served_model_name="tiny")))
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    yield srv, client, engine
+    srv.close()
+
+
+def test_multi_turn_chat_hits_its_history(served):
+    srv, client, engine = served
+    system = "You are a careful assistant. " * 20  # ~120 tokens shared by every turn
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "First question?"}]
+    prompt_tokens = []
+    for turn in range(3):
+        r = client.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=5, temperature=0,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        prompt_tokens.append(r.usage.prompt_tokens)
+        msgs += [{"role": "assistant", "content": r.choices[0].message.content or "ok"},
+                 {"role": "user", "content": f"Follow-up number {turn}?"}]  # fmt: skip
+    stats = engine.get_stats()
+    bs = engine.scheduler.config.block_size
+    # turns 2 and 3 each reuse (almost) all of the previous turn's prompt
+    assert stats["prefix_cache_hits"] >= 2
+    assert stats["prefix_cache_hit_tokens"] >= sum((p // bs - 2) * bs for p in prompt_tokens[:2])
+    metrics = httpx.get(srv.url + "/metrics").text
+    line = next(
+        x for x in metrics.splitlines() if x.startswith("qwen35_prefix_cache_hit_tokens_total")
+    )
+    assert float(line.split()[-1]) == stats["prefix_cache_hit_tokens"]
