@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen35.errors import Qwen35Error
+from qwen35.tokenizer import read_json_dict
 
 TOOLS_HEADER = "# Tools\n\nYou have access to the following functions:\n\n<tools>"
 TOOLS_INSTRUCTIONS = (
@@ -147,7 +148,7 @@ class ChatTemplate:
             raise ChatFormatError(
                 f"model directory {d} does not exist: pass a checkpoint directory"
             )
-        cfg = _read_json(d / "tokenizer_config.json")
+        cfg = read_json_dict(d / "tokenizer_config.json", ChatFormatError)
         specials = {}
         for key, value in cfg.items():
             if key.endswith("_token") and isinstance(value, dict):
@@ -197,21 +198,11 @@ class ChatTemplate:
         return render_jinja(self.source, msgs, tools, add_generation_prompt, **kwargs)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ChatFormatError(f"{path} is not valid JSON: {e}") from None
-    return data if isinstance(data, dict) else {}
-
-
 def _find_template(d: Path, tokenizer_config: dict[str, Any]) -> str | None:
     """chat_template.jinja, then chat_template.json (processor), then tokenizer_config.json."""
     if (d / "chat_template.jinja").is_file():
         return (d / "chat_template.jinja").read_text(encoding="utf-8")
-    for tpl in (_read_json(d / "chat_template.json").get("chat_template"),
+    for tpl in (read_json_dict(d / "chat_template.json", ChatFormatError).get("chat_template"),
                 tokenizer_config.get("chat_template")):  # fmt: skip
         if isinstance(tpl, list):  # named templates: [{"name": "default", "template": ...}]
             named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}

@@ -214,13 +214,14 @@ class Tokenizer:
         return f"Tokenizer({kind}, vocab_size={self.vocab_size}, eos={self.eos_token_ids})"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_dict(path: Path, error: type[Exception] = TokenizerError) -> dict[str, Any]:
+    """A model directory's JSON file as a dict ({} when absent); `error` when it is not JSON."""
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path} is not valid JSON: {e}") from None
+        raise error(f"{path} is not valid JSON: {e}") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -246,9 +247,9 @@ def load_tokenizer(model_dir: str | Path | None = None) -> Tokenizer:
     d = Path(model_dir)
     if not d.is_dir():
         raise TokenizerError(f"model directory {d} does not exist: pass a checkpoint directory")
-    tok_cfg = _read_json(d / "tokenizer_config.json")
+    tok_cfg = read_json_dict(d / "tokenizer_config.json")
     eos: list[Any] = []
-    gen_eos = _read_json(d / "generation_config.json").get("eos_token_id")
+    gen_eos = read_json_dict(d / "generation_config.json").get("eos_token_id")
     eos += gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
     cfg_eos = tok_cfg.get("eos_token")
     if isinstance(cfg_eos, dict):
