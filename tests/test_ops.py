@@ -28,11 +28,11 @@ from qwen35.ops.gated_delta import (
 
 def _delta_inputs(B, H, T, dk=16, dv=24, seed=0):
     g = torch.Generator().manual_seed(seed)
-    q = l2norm(torch.randn(B, H, T, dk, generator=g)) * dk**-0.5
-    k = l2norm(torch.randn(B, H, T, dk, generator=g))
-    v = torch.randn(B, H, T, dv, generator=g)
-    logdecay = -torch.rand(B, H, T, generator=g) * 0.5  # g <= 0
-    beta = torch.rand(B, H, T, generator=g)
+    q = l2norm(torch.randn(B, T, H, dk, generator=g)) * dk**-0.5
+    k = l2norm(torch.randn(B, T, H, dk, generator=g))
+    v = torch.randn(B, T, H, dv, generator=g)
+    logdecay = -torch.rand(B, T, H, generator=g) * 0.5  # g <= 0
+    beta = torch.rand(B, T, H, generator=g)
     s0 = torch.randn(B, H, dk, dv, generator=g)
     return q, k, v, logdecay, beta, s0
 
@@ -65,10 +65,8 @@ def test_recurrent_steps_equal_naive():
     o_ref, s_ref = naive_gated_delta_rule(q, k, v, g, beta, s0)
     S = s0.clone()
     for t in range(5):
-        o_t = recurrent_gated_delta_step(
-            q[:, :, t], k[:, :, t], v[:, :, t], g[:, :, t], beta[:, :, t], S
-        )
-        torch.testing.assert_close(o_t, o_ref[:, :, t], atol=1e-5, rtol=1e-5)
+        o_t = recurrent_gated_delta_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S)
+        torch.testing.assert_close(o_t, o_ref[:, t], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(S, s_ref, atol=1e-5, rtol=1e-5)
 
 
@@ -76,13 +74,9 @@ def test_chunked_split_equals_whole():
     """Running a prefix then the rest from its state equals one pass (prefix caching)."""
     q, k, v, g, beta, _ = _delta_inputs(1, 2, 100, seed=11)
     o_all, s_all = chunk_gated_delta_rule(q, k, v, g, beta)
-    o1, s1 = chunk_gated_delta_rule(
-        q[:, :, :37], k[:, :, :37], v[:, :, :37], g[:, :, :37], beta[:, :, :37]
-    )
-    o2, s2 = chunk_gated_delta_rule(
-        q[:, :, 37:], k[:, :, 37:], v[:, :, 37:], g[:, :, 37:], beta[:, :, 37:], s1
-    )
-    torch.testing.assert_close(torch.cat([o1, o2], 2), o_all, atol=1e-5, rtol=1e-5)
+    o1, s1 = chunk_gated_delta_rule(*(x[:, :37] for x in (q, k, v, g, beta)))
+    o2, s2 = chunk_gated_delta_rule(*(x[:, 37:] for x in (q, k, v, g, beta)), s1)
+    torch.testing.assert_close(torch.cat([o1, o2], 1), o_all, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s2, s_all, atol=1e-5, rtol=1e-5)
 
 

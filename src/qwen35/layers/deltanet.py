@@ -107,14 +107,9 @@ class GatedDeltaNet(nn.Module):
             for b in cuts:  # segments end at each checkpoint offset
                 r = slice(sp.row0 + a, sp.row0 + b)
                 seg, S = chunk_gated_delta_rule(
-                    q[r].transpose(0, 1)[None],  # [1, nv, t, dk]
-                    k[r].transpose(0, 1)[None],
-                    v[r].transpose(0, 1)[None],  # [1, nv, t, dv]
-                    g[r].t()[None],  # [1, nv, t]
-                    beta[r].t()[None],
-                    S,
-                )
-                o[r] = seg[0].transpose(0, 1)
+                    q[r][None], k[r][None], v[r][None], g[r][None], beta[r][None], S
+                )  # q, k: [1, t, nv, dk]; v: [1, t, nv, dv]; g, beta: [1, t, nv]
+                o[r] = seg[0]
                 for n, dest in sp.checkpoints:
                     if n == b:
                         rec_cache[dest] = S[0]
