@@ -1,0 +1,173 @@
+"""Shared pieces of the benchmarks: options, the one model every workload uses, timing, system info.
+
+The machines are shared and noisy, so every workload interleaves the runs it compares and
+reports medians; absolute times are only meaningful next to the bandwidth measured in the run.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qwen35.errors import Qwen35Error
+
+
+@dataclass
+class BenchOptions:
+    model: str = "Qwen3.5-0.8B"  # catalog name or config path (random weights), or a model dir
+    dtype: str = "auto"  # auto: fp32 on the CPU, bf16 on a GPU (the engine's default)
+    device: str = "cpu"
+    threads: int | None = None
+    quick: bool = False  # small sizes: a fast check that everything runs
+    baseline: bool = True  # also run transformers' generate
+    seed: int = 0
+    contexts: tuple[int, ...] | None = None  # long-context workload; None: the default set
+    requests: int | None = None  # throughput workload; None: 32 (quick: 8)
+    hf_batch_size: int = 8  # transformers' static batch size in the throughput workload
+    rounds: int | None = None  # interleaved repetitions in the decode workload
+
+
+@dataclass
+class BenchModel:
+    """Our model (random weights unless --model is a checkpoint) and what the roofline needs."""
+
+    model: torch.nn.Module
+    source: str
+    random_weights: bool
+    dtype: torch.dtype
+    device: torch.device
+    weight_bytes: int = 0  # unique parameter bytes (a tied embedding counted once)
+    num_params: int = 0
+    hf: torch.nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "fp32" if str(device).startswith("cpu") else "bf16"
+    return dtype
+
+
+def load_bench_model(opts: BenchOptions) -> BenchModel:
+    """A model directory with safetensors loads its weights; anything else (catalog name, config
+    file, directory holding only config.json) gets seeded random weights."""
+    from qwen35.loader import load_model, parse_dtype
+
+    path = Path(opts.model).expanduser()
+    real = path.is_dir() and any(path.glob("*.safetensors"))
+    dtype = resolve_dtype(opts.dtype, opts.device)
+    try:
+        model = load_model(
+            opts.model,
+            dtype=dtype,
+            device=opts.device,
+            load_format="auto" if real else "random",
+            seed=opts.seed,
+            progress=False,
+        )
+    except FileNotFoundError as e:
+        raise Qwen35Error(f"--model {opts.model!r}: {e}") from None
+    uniq = {p.data_ptr(): p for p in model.parameters()}.values()
+    return BenchModel(
+        model=model,
+        source=opts.model,
+        random_weights=not real,
+        dtype=parse_dtype(dtype),
+        device=torch.device(opts.device),
+        weight_bytes=sum(p.numel() * p.element_size() for p in uniq),
+        num_params=sum(p.numel() for p in uniq),
+    )
+
+
+def make_engine(bm: BenchModel, **kwargs):
+    """An LLMEngine over the already-loaded model (engines share one set of weights)."""
+    from qwen35.engine import LLMEngine
+
+    return LLMEngine(bm.model, device=str(bm.device), verbose=False, **kwargs)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median(xs) -> float:
+    xs = list(xs)
+    return statistics.median(xs) if xs else float("nan")
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is zero."""
+    if a is None or b is None or not b or a != a or b != b:
+        return None
+    return a / b
+
+
+def goal(name: str, measured: float | None, target: float) -> dict:
+    return {
+        "name": name,
+        "target": target,
+        "measured": measured,
+        "met": None if measured is None else measured >= target,
+    }
+
+
+def timed(fn, device: torch.device) -> float:
+    """Wall seconds of fn()."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def system_info(opts: BenchOptions) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": opts.device,
+        "load_average": _loadavg(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    if opts.device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(opts.device))
+    return info
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

@@ -1,0 +1,114 @@
+"""Batch-1 decode tokens/s: our engine vs transformers, against the memory-bandwidth roofline.
+
+Both greedy-decode the same prompt on the same weights; a round runs ours, then transformers,
+then a bandwidth pass, so slow phases of a shared machine hit all three alike. Time per token
+is the median of the decode steps (not the prefill) over all rounds: for us the wall time of
+each `LLMEngine.step()` (scheduler, runner, sampler and detokenizer included), for transformers
+the gap between consecutive tokens inside `generate`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from qwen35.benchmarks.common import BenchModel, BenchOptions, goal, make_engine, median, ratio
+from qwen35.benchmarks.roofline import (
+    decode_bytes_per_step,
+    measure_read_bandwidth,
+    roofline_tokens_per_s,
+)
+from qwen35.request import SamplingParams
+
+
+def sizes(opts: BenchOptions) -> dict:
+    if opts.quick:
+        return {"prompt_len": 16, "new_tokens": 8, "rounds": opts.rounds or 1, "bw_mib": 128}
+    return {"prompt_len": 128, "new_tokens": 64, "rounds": opts.rounds or 3, "bw_mib": 512}
+
+
+def _ours(engine, prompt: list[int], new_tokens: int, rid: str) -> tuple[list[float], list[int]]:
+    """Per-step wall seconds of one request (step 0 = prefill + first token) and its tokens."""
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    engine.add_request(rid, prompt, sp)
+    steps, tokens = [], []
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        outs = engine.step()
+        steps.append(time.perf_counter() - t0)
+        for o in outs:
+            tokens.extend(o.outputs[0].token_ids)
+    return steps, tokens
+
+
+def run_decode(bm: BenchModel, opts: BenchOptions) -> dict:
+    sz = sizes(opts)
+    P, N = sz["prompt_len"], sz["new_tokens"]
+    cfg = bm.config
+    rng = random.Random(opts.seed)
+    engine = make_engine(bm, max_num_seqs=1, max_model_len=P + N + 16)
+    hf = bm.hf if opts.baseline else None
+    ours_steps, hf_steps, bandwidths = [], [], []
+    ours_prefill, hf_prefill, agree = [], [], []
+    _ours(engine, [rng.randrange(cfg.vocab_size) for _ in range(P)], 2, "warmup")
+    if hf is not None:
+        from qwen35.benchmarks.hf_baseline import hf_generate
+
+        hf_generate(hf, [[rng.randrange(cfg.vocab_size) for _ in range(P)]], 2)
+    for r in range(sz["rounds"]):
+        prompt = [rng.randrange(cfg.vocab_size) for _ in range(P)]
+        steps, tokens = _ours(engine, prompt, N, f"decode-{r}")
+        ours_prefill.append(steps[0])
+        ours_steps += steps[1:]
+        if hf is not None:
+            hf_tokens, times, _ = hf_generate(hf, [prompt], N)
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            hf_prefill.append(gaps[0])
+            hf_steps += gaps[1:]
+            ref = hf_tokens[0].tolist()
+            same = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), len(ref))
+            agree.append(same)
+        bandwidths.append(measure_read_bandwidth(sz["bw_mib"], device=bm.device))
+
+    bw = median(bandwidths)
+    context = P + N // 2  # the average context of the decode steps
+    nbytes = decode_bytes_per_step(cfg, bm.weight_bytes, context, bm.dtype)
+    roof = roofline_tokens_per_s(nbytes["total"], bw)
+    ours_ms = median(ours_steps) * 1e3
+    ours_tps = 1e3 / ours_ms
+    hf_ms = median(hf_steps) * 1e3 if hf_steps else None
+    hf_tps = 1e3 / hf_ms if hf_ms else None
+    vs_hf = ratio(ours_tps, hf_tps)
+    of_roof = ratio(ours_tps, roof)
+    return {
+        "prompt_len": P,
+        "new_tokens": N,
+        "rounds": sz["rounds"],
+        "read_bandwidth_gbps": bw / 1e9,
+        "read_bandwidth_samples_gbps": [b / 1e9 for b in bandwidths],
+        "bytes_per_step": nbytes,
+        "roofline_tokens_per_s": roof,
+        "ours": {
+            "ms_per_token": ours_ms,
+            "tokens_per_s": ours_tps,
+            "prefill_s": median(ours_prefill),
+            "num_steps_timed": len(ours_steps),
+        },
+        "transformers": None
+        if hf is None
+        else {
+            "ms_per_token": hf_ms,
+            "tokens_per_s": hf_tps,
+            "prefill_s": median(hf_prefill),
+            "num_steps_timed": len(hf_steps),
+            # greedy tokens equal to ours before the first difference (near-ties on random
+            # weights can flip an argmax in the last bits; information only)
+            "greedy_tokens_agreeing": agree,
+        },
+        "speedup_vs_transformers": vs_hf,
+        "fraction_of_roofline": of_roof,
+        "goals": [
+            goal("batch-1 decode >= 1.5x transformers", vs_hf, 1.5),
+            goal("batch-1 decode >= 60% of the bandwidth roofline", of_roof, 0.6),
+        ],
+    }

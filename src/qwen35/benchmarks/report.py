@@ -1,0 +1,161 @@
+"""Rich tables for a `qwen35 bench` document (see runner.py for its schema)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _f(x, fmt: str = ".2f", suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{fmt}}{suffix}"
+
+
+def _x(x) -> str:
+    return _f(x, ".2f", "x")
+
+
+def _pct(x) -> str:
+    return _f(None if x is None else 100 * x, ".0f", "%")
+
+
+def print_report(doc: dict, console: Console | None = None) -> None:
+    con = console or Console()
+    sysinfo = doc["system"]
+    weights = "random weights" if doc["random_weights"] else "checkpoint weights"
+    con.print(
+        f"[bold]qwen35 bench[/bold]: {doc['model']} ({weights}, {doc['dtype']}, "
+        f"{doc['num_params'] / 1e9:.2f}B parameters, {doc['weight_bytes'] / 2**30:.2f} GiB) on "
+        f"{sysinfo['cpu']}, {sysinfo['torch_threads']} threads, torch {sysinfo['torch']}, "
+        f"transformers {sysinfo.get('transformers')}; load average {sysinfo['load_average']} -> "
+        f"{sysinfo.get('load_average_end')}" + (" [quick sizes]" if doc["quick"] else "")
+    )
+    w = doc["workloads"]
+    if "decode" in w:
+        _decode(con, w["decode"])
+    if "throughput" in w:
+        _throughput(con, w["throughput"])
+    if "long_context" in w:
+        _long_context(con, w["long_context"])
+    if "multi_turn" in w:
+        _multi_turn(con, w["multi_turn"])
+    if doc["goals"]:
+        t = Table(title="Goals")
+        for c in ("goal", "measured", "target", "met"):
+            t.add_column(c)
+        for g in doc["goals"]:
+            met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "-"}[g["met"]]
+            t.add_row(g["name"], _f(g["measured"]), _f(g["target"]), met)
+        con.print(t)
+
+
+def _decode(con: Console, d: dict) -> None:
+    t = Table(
+        title=f"Batch-1 decode (prompt {d['prompt_len']}, {d['new_tokens']} new tokens, "
+        f"median of {d['ours']['num_steps_timed']} steps over {d['rounds']} rounds)"
+    )
+    for c in ("", "ms / token", "tokens/s", "prefill s", "vs transformers", "of roofline"):
+        t.add_column(c, justify="right")
+    roof = d["roofline_tokens_per_s"]
+    o, h = d["ours"], d["transformers"]
+    t.add_row(
+        "qwen35",
+        _f(o["ms_per_token"], ".1f"),
+        _f(o["tokens_per_s"]),
+        _f(o["prefill_s"]),
+        _x(d["speedup_vs_transformers"]),
+        _pct(d["fraction_of_roofline"]),
+    )
+    if h:
+        t.add_row(
+            "transformers",
+            _f(h["ms_per_token"], ".1f"),
+            _f(h["tokens_per_s"]),
+            _f(h["prefill_s"]),
+            "1.00x",
+            _pct(h["tokens_per_s"] / roof),
+        )
+    b = d["bytes_per_step"]
+    t.add_row(
+        "roofline",
+        _f(1e3 / roof, ".1f"),
+        _f(roof),
+        "",
+        "",
+        f"{b['total'] / 1e9:.2f} GB/step @ {d['read_bandwidth_gbps']:.1f} GB/s",
+    )
+    con.print(t)
+
+
+def _throughput(con: Console, d: dict) -> None:
+    t = Table(
+        title=f"Throughput: {d['requests']} requests, prompts {d['prompt_len_range']}, outputs "
+        f"{d['output_len_range']} ({d['prompt_tokens']} + {d['output_tokens']} tokens)"
+    )
+    for c in ("", "wall s", "generated tok/s", "total tok/s", "vs transformers", "notes"):
+        t.add_column(c, justify="right")
+    o, h = d["ours"], d["transformers"]
+    t.add_row(
+        "qwen35 (continuous batching)",
+        _f(o["wall_s"], ".1f"),
+        _f(o["generated_tokens_per_s"], ".1f"),
+        _f(o["total_tokens_per_s"], ".1f"),
+        _x(d["speedup_vs_transformers"]),
+        f"{o['steps']} steps, {o['preemptions']} preemptions",
+    )
+    if h:
+        t.add_row(
+            f"transformers (static batches of {h['batch_size']})",
+            _f(h["wall_s"], ".1f"),
+            _f(h["generated_tokens_per_s"], ".1f"),
+            _f(h["total_tokens_per_s"], ".1f"),
+            "1.00x",
+            f"{h['computed_tokens_incl_padding']} tokens computed incl. padding",
+        )
+    con.print(t)
+    bws = ", ".join(f"{b:.1f}" for b in d["read_bandwidth_gbps"])
+    con.print(f"  read bandwidth during the workload: {bws} GB/s")
+
+
+def _long_context(con: Console, d: dict) -> None:
+    kv = d["kv_bytes_per_token"]
+    t = Table(
+        title=f"Decode step time vs context (KV per token: hybrid {kv['hybrid']} B, all-full "
+        f"{kv['full']} B; median of {d['reps']})"
+    )
+    for c in ("context", "hybrid ms", "all full attention ms", "full / hybrid"):
+        t.add_column(c, justify="right")
+    for r in d["rows"]:
+        t.add_row(
+            str(r["context_len"]),
+            _f(r["hybrid_ms"], ".1f"),
+            _f(r["full_attention_ms"], ".1f"),
+            _x(r["full_over_hybrid"]),
+        )
+    con.print(t)
+
+
+def _multi_turn(con: Console, d: dict) -> None:
+    t = Table(
+        title=f"Multi-turn chat: {d['conversations']} conversations x {d['turns']} turns, "
+        f"system prompt {d['system_prompt_tokens']}, user {d['user_message_tokens']}, "
+        f"replies {d['reply_tokens']}"
+    )
+    for c in ("prefix caching", "prompt tokens", "computed", "mean TTFT s", "TTFT after turn 1"):
+        t.add_column(c, justify="right")
+    for name, key in (("off", "caching_off"), ("on", "caching_on")):
+        s = d[key]
+        t.add_row(
+            name,
+            str(s["prompt_tokens"]),
+            str(s["computed_prompt_tokens"]),
+            _f(s["mean_ttft_s"], ".3f"),
+            _f(s["mean_ttft_after_first_turn_s"], ".3f"),
+        )
+    t.add_row(
+        "off / on",
+        "",
+        _x(d["computed_tokens_ratio"]),
+        _x(d["ttft_ratio"]),
+        _x(d["ttft_ratio_after_first_turn"]),
+    )
+    con.print(t)

@@ -1,0 +1,81 @@
+"""Runs the chosen workloads in one process on one model and assembles the JSON document.
+
+Document (schema "qwen35.bench/1"):
+  {"schema", "model", "random_weights", "dtype", "num_params", "weight_bytes", "quick",
+   "baseline", "system": {...}, "workloads": {"decode": {...}, "throughput": {...},
+   "long_context": {...}, "multi_turn": {...}}, "goals": [{"name", "target", "measured",
+   "met"}], "seconds": {workload: wall seconds}}
+Only the workloads that ran appear under "workloads".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from qwen35.benchmarks import SCHEMA, WORKLOADS
+from qwen35.benchmarks.common import BenchOptions, free_memory, load_bench_model, system_info
+
+
+def _workload_fns() -> dict[str, Callable]:
+    from qwen35.benchmarks.decode import run_decode
+    from qwen35.benchmarks.long_context import run_long_context
+    from qwen35.benchmarks.multi_turn import run_multi_turn
+    from qwen35.benchmarks.throughput import run_throughput
+
+    return {
+        "decode": run_decode,
+        "throughput": run_throughput,
+        "long-context": run_long_context,
+        "multi-turn": run_multi_turn,
+    }
+
+
+NEEDS_BASELINE = ("decode", "throughput")
+
+
+def run_bench(
+    opts: BenchOptions, workloads: list[str], progress: Callable[[str], None] | None = None
+) -> dict:
+    say = progress or (lambda msg: None)
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        raise ValueError(f"unknown workloads {unknown}; choose from {WORKLOADS}")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    say(f"loading {opts.model} ({opts.dtype})")
+    t0 = time.perf_counter()
+    bm = load_bench_model(opts)
+    doc = {
+        "schema": SCHEMA,
+        "model": bm.config.name,
+        "source": opts.model,
+        "random_weights": bm.random_weights,
+        "dtype": str(bm.dtype).removeprefix("torch."),
+        "num_params": bm.num_params,
+        "weight_bytes": bm.weight_bytes,
+        "quick": opts.quick,
+        "baseline": opts.baseline,
+        "seed": opts.seed,
+        "system": system_info(opts),
+        "workloads": {},
+        "goals": [],
+        "seconds": {"load": time.perf_counter() - t0},
+    }
+    if opts.baseline and any(w in NEEDS_BASELINE for w in workloads):
+        from qwen35.benchmarks.hf_baseline import build_hf_model
+
+        bm.hf = build_hf_model(bm.model)
+    fns = _workload_fns()
+    for w in workloads:
+        say(f"running {w}")
+        t = time.perf_counter()
+        result = fns[w](bm, opts)
+        doc["seconds"][w] = time.perf_counter() - t
+        doc["workloads"][w.replace("-", "_")] = result
+        doc["goals"] += result.get("goals", [])
+        free_memory()
+    doc["system"]["load_average_end"] = system_info(opts)["load_average"]
+    return doc

@@ -1,0 +1,105 @@
+"""`qwen35 bench`: our engine vs transformers on the same random-weight model, in one run.
+
+Argument parsing and dispatch only; the workloads live in `qwen35.benchmarks` (imported when
+the command runs, so `qwen35 --help` stays light).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from qwen35.errors import Qwen35Error
+
+WORKLOAD_CHOICES = ("all", "decode", "throughput", "long-context", "multi-turn")
+
+
+def _contexts(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x.strip().lower().replace("k", "000")) for x in text.split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--contexts {text!r}: write token counts separated by commas, e.g. 1024,8192"
+        ) from None
+    if not vals or any(v < 2 for v in vals):
+        raise argparse.ArgumentTypeError("--contexts needs token counts of at least 2")
+    return vals
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workload",
+        choices=WORKLOAD_CHOICES,
+        default="all",
+        help="which benchmark (default: all): decode = batch-1 tokens/s vs the bandwidth "
+        "roofline; throughput = 32 mixed requests; long-context = decode step time at 1K/8K/32K, "
+        "hybrid vs all-full-attention; multi-turn = prefix caching on vs off",
+    )
+    p.add_argument(
+        "--model",
+        default="Qwen3.5-0.8B",
+        help="catalog name or config.json path (random weights), or a model directory with "
+        "safetensors (its weights); default Qwen3.5-0.8B",
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (both engines)")
+    p.add_argument("--quick", action="store_true", help="small sizes: a fast check, not a measure")
+    p.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--contexts",
+        type=_contexts,
+        default=None,
+        help="long-context sizes, comma-separated (default 1024,8192,32768; quick 64,256)",
+    )
+    p.add_argument("--requests", type=int, default=None, help="throughput requests (default 32)")
+    p.add_argument(
+        "--hf-batch-size", type=int, default=8, help="transformers' static batch size (default 8)"
+    )
+    p.add_argument("--rounds", type=int, default=None, help="decode rounds (default 3)")
+    p.add_argument("--json", action="store_true", help="print the JSON document, not tables")
+    p.add_argument("--out", default=None, help="also write the JSON document to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from qwen35.benchmarks import WORKLOADS
+    from qwen35.benchmarks.common import BenchOptions
+    from qwen35.benchmarks.runner import run_bench
+
+    for name in ("threads", "requests", "rounds", "hf_batch_size"):
+        val = getattr(args, name)
+        if val is not None and val < 1:
+            raise Qwen35Error(f"--{name.replace('_', '-')} must be at least 1, got {val}")
+    opts = BenchOptions(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+        quick=args.quick,
+        baseline=not args.no_baseline,
+        seed=args.seed,
+        contexts=args.contexts,
+        requests=args.requests,
+        hf_batch_size=args.hf_batch_size,
+        rounds=args.rounds,
+    )
+    workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    # random-weight and cache-plan notices would interleave with the tables
+    logging.getLogger("qwen35").setLevel(logging.ERROR)
+    say = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if not args.json else None
+    doc = run_bench(opts, workloads, progress=say)
+    text = json.dumps(doc, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        from qwen35.benchmarks.report import print_report
+
+        print_report(doc)
+    return 0

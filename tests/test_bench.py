@@ -1,0 +1,135 @@
+"""`qwen35 bench` on a tiny random config with --quick sizes: every workload runs, the JSON
+document has its schema, the numbers are consistent with the workload definitions. No timings
+are asserted (shared machines); only counts, shapes and relations that cannot depend on speed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from qwen35.benchmarks import SCHEMA, WORKLOADS
+from qwen35.benchmarks.common import BenchOptions, load_bench_model
+from qwen35.cli import main
+from tiny import tiny_config_dict
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory) -> str:
+    d = tiny_config_dict(model_type="qwen3_5_text", vocab_size=512)
+    d["layer_types"] = ["linear_attention"] * 3 + ["full_attention"]
+    path = tmp_path_factory.mktemp("bench") / "config.json"
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def doc(tiny_cfg) -> dict:
+    from qwen35.benchmarks.runner import run_bench
+
+    opts = BenchOptions(model=tiny_cfg, quick=True, threads=None, contexts=(32, 96))
+    return run_bench(opts, list(WORKLOADS))
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_document_schema(doc):
+    assert doc["schema"] == SCHEMA
+    assert doc["random_weights"] is True and doc["quick"] is True
+    assert set(doc["workloads"]) == {"decode", "throughput", "long_context", "multi_turn"}
+    assert doc["dtype"] == "float32"  # auto on the CPU
+    assert doc["weight_bytes"] == doc["num_params"] * 4
+    json.dumps(doc)  # serialisable as is
+    names = [g["name"] for g in doc["goals"]]
+    assert len(names) == 3 and all(
+        set(g) == {"name", "target", "measured", "met"} for g in doc["goals"]
+    )
+
+
+def test_decode_workload(doc):
+    d = doc["workloads"]["decode"]
+    assert d["ours"]["num_steps_timed"] == d["rounds"] * (d["new_tokens"] - 1)
+    assert d["transformers"]["num_steps_timed"] == d["rounds"] * (d["new_tokens"] - 1)
+    for x in (
+        d["ours"]["tokens_per_s"],
+        d["transformers"]["tokens_per_s"],
+        d["roofline_tokens_per_s"],
+    ):
+        assert _finite_positive(x)
+    assert d["speedup_vs_transformers"] == pytest.approx(
+        d["ours"]["tokens_per_s"] / d["transformers"]["tokens_per_s"]
+    )
+    b = d["bytes_per_step"]
+    assert b["total"] == b["weights"] + b["kv"] + b["state"] and b["weights"] == doc["weight_bytes"]
+    assert d["roofline_tokens_per_s"] == pytest.approx(d["read_bandwidth_gbps"] * 1e9 / b["total"])
+
+
+def test_throughput_workload(doc):
+    t = doc["workloads"]["throughput"]
+    assert t["requests"] == 8
+    assert t["ours"]["generated_tokens"] == t["output_tokens"]  # every request ran to its length
+    assert t["transformers"]["batches"] == math.ceil(8 / t["transformers"]["batch_size"])
+    # static batches compute padding and overshoot on top of the requested tokens
+    assert (
+        t["transformers"]["computed_tokens_incl_padding"] >= t["prompt_tokens"] + t["output_tokens"]
+    )
+    total = t["prompt_tokens"] + t["output_tokens"]
+    assert t["ours"]["total_tokens_per_s"] == pytest.approx(total / t["ours"]["wall_s"])
+
+
+def test_long_context_workload(doc):
+    lc = doc["workloads"]["long_context"]
+    assert [r["context_len"] for r in lc["rows"]] == [32, 96]
+    for r in lc["rows"]:
+        assert _finite_positive(r["hybrid_ms"]) and _finite_positive(r["full_attention_ms"])
+    # 4 layers: 1 full-attention layer in the hybrid, 4 in the override
+    assert lc["kv_bytes_per_token"]["full"] == 4 * lc["kv_bytes_per_token"]["hybrid"]
+    assert lc["state_bytes_per_sequence"]["full"] == 0
+
+
+def test_multi_turn_workload(doc):
+    m = doc["workloads"]["multi_turn"]
+    on, off = m["caching_on"], m["caching_off"]
+    assert on["prompt_tokens"] == off["prompt_tokens"]  # same lengths in both engines
+    assert off["computed_prompt_tokens"] == off["prompt_tokens"]  # nothing cached
+    assert on["computed_prompt_tokens"] < off["computed_prompt_tokens"]
+    assert on["prefix_cache_hit_tokens"] == on["prompt_tokens"] - on["computed_prompt_tokens"]
+    assert len(on["turns"]) == m["turns"] and m["computed_tokens_ratio"] > 1
+
+
+def test_hf_model_shares_our_weights(tiny_cfg):
+    from qwen35.benchmarks.hf_baseline import build_hf_model
+
+    bm = load_bench_model(BenchOptions(model=tiny_cfg))
+    hf = build_hf_model(bm.model)
+    ours = dict(bm.model.named_parameters())
+    for name, p in hf.named_parameters():
+        assert p.data_ptr() == ours[name].data_ptr(), name
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, bm.model(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_cli_json_out(tiny_cfg, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["bench", "--model", tiny_cfg, "--quick", "--workload", "long-context"]
+    rc = main([*argv, "--no-baseline", "--contexts", "16,48", "--json", "--out", str(out)])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    assert list(printed["workloads"]) == ["long_context"] and printed["baseline"] is False
+    assert printed["goals"] == []
+
+
+def test_cli_errors(tiny_cfg, capsys):
+    assert main(["bench", "--model", "Qwen3.5-0.7B", "--quick", "--no-baseline"]) == 2
+    assert "Qwen3.5-0.8B" in capsys.readouterr().err  # did-you-mean
+    assert main(["bench", "--model", tiny_cfg, "--requests", "0"]) == 2
+    assert "--requests" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--contexts", "1k,x"])
+    assert e.value.code == 2
