@@ -64,7 +64,8 @@ def prefill_attention(
 ) -> torch.Tensor:
     """Causal attention with the queries at the end of the context. Returns [Tq, nh, hd]."""
     Tq, Tk = q.shape[0], k.shape[0]
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T, hd]
+    # 4-D [1, heads, T, hd]: with 3-D inputs the CPU SDPA falls back to its slow math path
+    qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
     if Tq == Tk:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -73,7 +74,7 @@ def prefill_attention(
         qpos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
         mask = torch.arange(Tk, device=q.device)[None, :] <= qpos  # [Tq, Tk] True = attend
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return o.transpose(0, 1)
+    return o[0].transpose(0, 1)
 
 
 def decode_attention(
@@ -93,13 +94,14 @@ def decode_attention(
     idx = block_tables[:, :nb].long()  # [N, nb]
     k = key_cache[idx].view(N, nb * bs, nkv, hd).transpose(1, 2).to(q.dtype)  # [N, nkv, L, hd]
     v = value_cache[idx].view(N, nb * bs, nkv, hd).transpose(1, 2).to(q.dtype)
-    qh = q[:, :, None, :]  # [N, nh, 1, hd]
-    gqa = nh != nkv
+    # One query token: the nh/nkv query heads of a KV head act as that many query rows against
+    # it, so GQA needs neither expanded K/V nor a causal mask.
+    qh = q.view(N, nkv, nh // nkv, hd)  # [N, nkv, rep, hd]
     if N == 1:  # one sequence: slice instead of masking
         k, v = k[:, :, :max_context], v[:, :, :max_context]
-        o = F.scaled_dot_product_attention(qh, k, v, scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(qh, k, v, scale=scale)
     else:
         pos = torch.arange(nb * bs, device=q.device)
         mask = (pos[None, :] < context_lens[:, None])[:, None, None, :]  # [N, 1, 1, L]
-        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return o[:, :, 0, :]  # [N, nh, hd]
+        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)
+    return o.reshape(N, nh, hd)
