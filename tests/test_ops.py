@@ -20,83 +20,110 @@ from qwen35.ops.conv import (
 )
 from qwen35.ops.gated_delta import (
     chunk_gated_delta_rule,
-    l2norm,
     naive_gated_delta_rule,
     recurrent_gated_delta_step,
+    unit_lower_inverse,
 )
 
 
-def _delta_inputs(B, H, T, dk=16, dv=24, seed=0):
+def _delta_inputs(B, T, Hk=2, Hv=4, dk=16, dv=24, seed=0):
+    """Raw q, k (normalised in the kernels), value heads = 2x key heads (GQA-like)."""
     g = torch.Generator().manual_seed(seed)
-    q = l2norm(torch.randn(B, T, H, dk, generator=g)) * dk**-0.5
-    k = l2norm(torch.randn(B, T, H, dk, generator=g))
-    v = torch.randn(B, T, H, dv, generator=g)
-    logdecay = -torch.rand(B, T, H, generator=g) * 0.5  # g <= 0
-    beta = torch.rand(B, T, H, generator=g)
-    s0 = torch.randn(B, H, dk, dv, generator=g)
+    q = torch.randn(B, T, Hk, dk, generator=g)
+    k = torch.randn(B, T, Hk, dk, generator=g)
+    v = torch.randn(B, T, Hv, dv, generator=g)
+    logdecay = -torch.rand(B, T, Hv, generator=g) * 0.5  # g <= 0
+    beta = torch.rand(B, T, Hv, generator=g)
+    s0 = torch.randn(B, Hv, dk, dv, generator=g)
     return q, k, v, logdecay, beta, s0
+
+
+TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("T", [1, 7, 63, 64, 65, 150])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_chunked_equals_naive(T, with_state):
-    q, k, v, g, beta, s0 = _delta_inputs(2, 3, T, seed=T)
+    q, k, v, g, beta, s0 = _delta_inputs(2, T, seed=T)
     init = s0 if with_state else None
-    o_ref, s_ref = naive_gated_delta_rule(q, k, v, g, beta, init)
-    o, s = chunk_gated_delta_rule(q, k, v, g, beta, init)
-    assert o.shape == o_ref.shape and s.shape == s_ref.shape
-    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+    o_ref, s_ref = naive_gated_delta_rule(q, k, v, g, beta, init, use_qk_l2norm=True)
+    o, s = chunk_gated_delta_rule(q, k, v, g, beta, init, use_qk_l2norm=True)
+    assert o.shape == o_ref.shape == (2, T, 4, 24) and s.shape == s_ref.shape == (2, 4, 16, 24)
+    torch.testing.assert_close(o, o_ref, **TOL)
+    torch.testing.assert_close(s, s_ref, **TOL)
 
 
-def test_chunked_small_chunks_and_strong_decay():
-    """Chunk size is not part of the math; strong decay exercises exp underflow."""
-    q, k, v, g, beta, s0 = _delta_inputs(1, 2, 50, seed=3)
+def test_chunked_options_chunk_sizes_strong_decay_and_out():
+    """Chunk size is not part of the math; strong decay exercises exp underflow; `out` takes
+    the result in its dtype; without l2norm, q is only scaled."""
+    q, k, v, g, beta, s0 = _delta_inputs(1, 50, seed=3)
     g = g * 40
-    o_ref, s_ref = naive_gated_delta_rule(q, k, v, g, beta, s0)
+    o_ref, s_ref = naive_gated_delta_rule(q, k, v, g, beta, s0, use_qk_l2norm=True)
     for c in (8, 16, 64):
-        o, s = chunk_gated_delta_rule(q, k, v, g, beta, s0, chunk_size=c)
-        torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+        o, s = chunk_gated_delta_rule(q, k, v, g, beta, s0, use_qk_l2norm=True, chunk_size=c)
+        torch.testing.assert_close(o, o_ref, **TOL)
+        torch.testing.assert_close(s, s_ref, **TOL)
+    out = torch.empty(1, 50, 4, 24, dtype=torch.bfloat16)
+    o, _ = chunk_gated_delta_rule(q, k, v, g, beta, s0, use_qk_l2norm=True, out=out)
+    assert o is out
+    torch.testing.assert_close(out, o_ref.to(torch.bfloat16))
+    q, k = q / 4, k / 4  # no l2norm: small inputs keep the recurrence tame
+    o_ref, s_ref = naive_gated_delta_rule(q, k, v, g, beta, s0, scale=0.3)
+    o, s = chunk_gated_delta_rule(q, k, v, g, beta, s0, scale=0.3)
+    torch.testing.assert_close(o, o_ref, **TOL)
+    torch.testing.assert_close(s, s_ref, **TOL)
 
 
 def test_recurrent_steps_equal_naive():
-    q, k, v, g, beta, s0 = _delta_inputs(3, 2, 5, seed=7)
-    o_ref, s_ref = naive_gated_delta_rule(q, k, v, g, beta, s0)
+    q, k, v, g, beta, s0 = _delta_inputs(3, 5, seed=7)
+    o_ref, s_ref = naive_gated_delta_rule(q, k, v, g, beta, s0, use_qk_l2norm=True)
     S = s0.clone()
     for t in range(5):
-        o_t = recurrent_gated_delta_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S)
-        torch.testing.assert_close(o_t, o_ref[:, t], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(S, s_ref, atol=1e-5, rtol=1e-5)
+        o_t = recurrent_gated_delta_step(
+            q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S, use_qk_l2norm=True
+        )
+        torch.testing.assert_close(o_t, o_ref[:, t], **TOL)
+    torch.testing.assert_close(S, s_ref, **TOL)
 
 
 def test_chunked_split_equals_whole():
     """Running a prefix then the rest from its state equals one pass (prefix caching)."""
-    q, k, v, g, beta, _ = _delta_inputs(1, 2, 100, seed=11)
-    o_all, s_all = chunk_gated_delta_rule(q, k, v, g, beta)
-    o1, s1 = chunk_gated_delta_rule(*(x[:, :37] for x in (q, k, v, g, beta)))
-    o2, s2 = chunk_gated_delta_rule(*(x[:, 37:] for x in (q, k, v, g, beta)), s1)
-    torch.testing.assert_close(torch.cat([o1, o2], 1), o_all, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(s2, s_all, atol=1e-5, rtol=1e-5)
+    q, k, v, g, beta, _ = _delta_inputs(1, 100, seed=11)
+    o_all, s_all = chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True)
+    o1, s1 = chunk_gated_delta_rule(*(x[:, :37] for x in (q, k, v, g, beta)), use_qk_l2norm=True)
+    o2, s2 = chunk_gated_delta_rule(
+        *(x[:, 37:] for x in (q, k, v, g, beta)), s1, use_qk_l2norm=True
+    )
+    torch.testing.assert_close(torch.cat([o1, o2], 1), o_all, **TOL)
+    torch.testing.assert_close(s2, s_all, **TOL)
+
+
+@pytest.mark.parametrize("C", [64, 8, 5])
+def test_unit_lower_inverse(C):
+    a = torch.randn(3, 2, C, C, dtype=torch.float64) * 0.3
+    eye = torch.eye(C, dtype=torch.float64)
+    ref = torch.linalg.inv(eye + a.tril(-1))
+    torch.testing.assert_close(unit_lower_inverse(a), ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_conv_prefill_matches_reference_and_carries_state(dtype):
-    g = torch.Generator().manual_seed(0)
-    T, C, K = 20, 12, 4
+@pytest.mark.parametrize("T", [1, 2, 20])
+def test_conv_prefill_matches_reference_and_carries_state(dtype, T):
+    g = torch.Generator().manual_seed(T)
+    C, K = 12, 4
     x = torch.randn(T, C, generator=g).to(dtype)
     w = torch.randn(C, K, generator=g).to(dtype)
     state = torch.randn(C, K - 1, generator=g).to(dtype)
     tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for s in (None, state):
-        y, ext = causal_conv1d(x, w, s)
-        torch.testing.assert_close(y, naive_causal_conv1d(x, w, s), **tol)
-    # split at 9: the second half from the state after 9 tokens equals the whole
-    y_all, ext = causal_conv1d(x, w, state)
-    y1, ext1 = causal_conv1d(x[:9], w, state)
-    torch.testing.assert_close(conv_state_at(ext, 9, K), conv_state_at(ext1, 9, K))
-    y2, _ = causal_conv1d(x[9:], w, conv_state_at(ext1, 9, K))
-    torch.testing.assert_close(torch.cat([y1, y2]), y_all, **tol)
+        torch.testing.assert_close(causal_conv1d(x, w, s), naive_causal_conv1d(x, w, s), **tol)
+    # split after n tokens: the rest from the state after n equals the whole
+    for n in range(1, T):
+        s_n = conv_state_at(x, state, n, K)
+        y = torch.cat([causal_conv1d(x[:n], w, state), causal_conv1d(x[n:], w, s_n)])
+        torch.testing.assert_close(y, causal_conv1d(x, w, state), **tol)
+    ref = torch.cat([torch.zeros(C, K - 1, dtype=dtype), x.t()], dim=1)[:, T : T + K - 1]
+    torch.testing.assert_close(conv_state_at(x, None, T, K), ref)
 
 
 def test_conv_update_equals_prefill():
@@ -107,9 +134,8 @@ def test_conv_update_equals_prefill():
     x = torch.randn(N, C, generator=g)
     y, new = causal_conv1d_update(x, w, states)
     for i in range(N):
-        y_ref, ext = causal_conv1d(x[i : i + 1], w, states[i])
-        torch.testing.assert_close(y[i], y_ref[0])
-        torch.testing.assert_close(new[i], conv_state_at(ext, 1, K))
+        torch.testing.assert_close(y[i], causal_conv1d(x[i : i + 1], w, states[i])[0])
+        torch.testing.assert_close(new[i], conv_state_at(x[i : i + 1], states[i], 1, K))
 
 
 def _paged(seqs_kv, block_size, num_blocks, nkv, hd, seed=0):

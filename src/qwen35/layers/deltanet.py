@@ -17,7 +17,7 @@ from qwen35.layers.linear import Linear, empty_param
 from qwen35.layers.norms import GatedRMSNorm
 from qwen35.model_caches import StepPlan
 from qwen35.ops.conv import causal_conv1d, causal_conv1d_update, conv_state_at
-from qwen35.ops.gated_delta import chunk_gated_delta_rule, l2norm, recurrent_gated_delta_step
+from qwen35.ops.gated_delta import chunk_gated_delta_rule, recurrent_gated_delta_step
 
 
 class DepthwiseConv(nn.Module):
@@ -57,37 +57,40 @@ class GatedDeltaNet(nn.Module):
         T = x.shape[0]
         qkv = self.in_proj_qkv(x)  # [T, C]
         z = self.in_proj_z(x).view(T, self.nv, self.dv)
-        beta = torch.sigmoid(self.in_proj_b(x)).float()  # [T, nv], sigmoid in the model dtype
+        beta = torch.sigmoid(self.in_proj_b(x))  # [T, nv], in the model dtype like transformers
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
 
         u = self._conv(qkv, plan, conv_cache)  # [T, C] after silu
         q, k, v = u.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = l2norm(q.reshape(T, self.nk, self.dk).float()) * self.dk**-0.5  # [T, nk, dk] fp32
-        k = l2norm(k.reshape(T, self.nk, self.dk).float())
-        v = v.reshape(T, self.nv, self.dv).float()  # [T, nv, dv]
-        if self.nv != self.nk:  # value head h reads key head h // (nv / nk)
-            q = q.repeat_interleave(self.nv // self.nk, dim=1)
-            k = k.repeat_interleave(self.nv // self.nk, dim=1)
-
-        o = self._delta(q, k, v, g, beta, plan, rec_cache)  # [T, nv, dv] fp32
+        q = q.view(T, self.nk, self.dk)  # raw: the kernels l2-normalise q, k in fp32
+        k = k.view(T, self.nk, self.dk)
+        v = v.view(T, self.nv, self.dv)
+        o = x.new_empty(T, self.nv, self.dv)  # kernel output, cast to the model dtype
+        self._delta(q, k, v, g, beta, plan, rec_cache, o)
         if plan.decode is not None:
             for slot, dest in plan.decode.checkpoints:
                 conv_cache[dest] = conv_cache[slot]
                 rec_cache[dest] = rec_cache[slot]
-        y = self.norm(o.to(x.dtype), z)  # [T, nv, dv]
+        y = self.norm(o, z)  # [T, nv, dv]
         return self.out_proj(y.view(T, self.value_dim))
 
     def _conv(self, qkv: torch.Tensor, plan: StepPlan, conv_cache: torch.Tensor) -> torch.Tensor:
         w = self.conv1d.weight[:, 0, :]  # [C, K]
         K = self.kernel_size
-        u = torch.empty_like(qkv)
+        pieces = []
         for sp in plan.prefill:
-            state = conv_cache[sp.slot] if sp.has_initial_state else None
-            u[sp.rows], ext = causal_conv1d(qkv[sp.rows], w, state)  # ext: [K-1+n, C]
+            state = conv_cache[sp.slot] if sp.has_initial_state else None  # [C, K-1]
+            xs = qkv[sp.rows]  # [n, C]
+            pieces.append((sp.rows, causal_conv1d(xs, w, state)))
             for n, dest in sp.checkpoints:
-                conv_cache[dest] = conv_state_at(ext, n, K)
-            conv_cache[sp.slot] = conv_state_at(ext, sp.num_tokens, K)
+                conv_cache[dest] = conv_state_at(xs, state, n, K)
+            conv_cache[sp.slot] = conv_state_at(xs, state, sp.num_tokens, K)
         d = plan.decode
+        if d is None and len(pieces) == 1 and pieces[0][1].shape[0] == qkv.shape[0]:
+            return pieces[0][1]  # one prefill sequence: no reassembly
+        u = torch.empty_like(qkv)
+        for rows, y in pieces:
+            u[rows] = y
         if d is not None:
             state = conv_cache.index_select(0, d.slots)  # [N, C, K-1]
             if d.fresh is not None:
@@ -97,19 +100,18 @@ class GatedDeltaNet(nn.Module):
             conv_cache.index_copy_(0, d.slots, new_state.to(conv_cache.dtype))
         return u
 
-    def _delta(self, q, k, v, g, beta, plan: StepPlan, rec_cache: torch.Tensor) -> torch.Tensor:
-        """q, k: [T, nv, dk]; v: [T, nv, dv]; g, beta: [T, nv] (fp32) -> o [T, nv, dv] fp32."""
-        o = v.new_empty(v.shape)
+    def _delta(self, q, k, v, g, beta, plan: StepPlan, rec_cache, o: torch.Tensor) -> None:
+        """q, k: [T, nk, dk]; v: [T, nv, dv]; g (fp32), beta: [T, nv] -> o [T, nv, dv]."""
         for sp in plan.prefill:
-            S = rec_cache[sp.slot][None].float() if sp.has_initial_state else None
+            S = rec_cache[sp.slot][None] if sp.has_initial_state else None  # [1, nv, dk, dv]
             cuts = sorted({n for n, _ in sp.checkpoints} | {sp.num_tokens})
             a = 0
             for b in cuts:  # segments end at each checkpoint offset
                 r = slice(sp.row0 + a, sp.row0 + b)
-                seg, S = chunk_gated_delta_rule(
-                    q[r][None], k[r][None], v[r][None], g[r][None], beta[r][None], S
-                )  # q, k: [1, t, nv, dk]; v: [1, t, nv, dv]; g, beta: [1, t, nv]
-                o[r] = seg[0]
+                _, S = chunk_gated_delta_rule(
+                    q[r][None], k[r][None], v[r][None], g[r][None], beta[r][None], S,
+                    use_qk_l2norm=True, out=o[r][None],
+                )  # fmt: skip
                 for n, dest in sp.checkpoints:
                     if n == b:
                         rec_cache[dest] = S[0]
@@ -123,8 +125,7 @@ class GatedDeltaNet(nn.Module):
             r = d.rows
             od = recurrent_gated_delta_step(
                 q.index_select(0, r), k.index_select(0, r), v.index_select(0, r),
-                g.index_select(0, r), beta.index_select(0, r), S,
+                g.index_select(0, r), beta.index_select(0, r), S, use_qk_l2norm=True,
             )  # fmt: skip
-            o.index_copy_(0, r, od)
+            o.index_copy_(0, r, od.to(o.dtype))
             rec_cache.index_copy_(0, d.slots, S.to(rec_cache.dtype))
-        return o

@@ -32,28 +32,38 @@ def causal_conv1d(
     x: torch.Tensor,  # [T, C] pre-conv inputs of one sequence (prefill chunk)
     weight: torch.Tensor,  # [C, K]
     state: torch.Tensor | None = None,  # [C, K-1] previous inputs, None = zeros
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill. Returns silu(conv) [T, C] in x.dtype and the extended input [K-1+T, C].
-
-    The new conv state after the first n tokens is `ext[n : n + K-1].t()`; after all T it is
-    `ext[T:].t()` (see `conv_state_at`). Shifted multiply-adds on the token-major layout avoid
-    transposing the [T, C] activations.
-    """
+) -> torch.Tensor:
+    """Prefill. Returns silu(conv) [T, C] in x.dtype. Shifted multiply-adds on the token-major
+    layout (no transpose, no concatenated copy); the first K-1 rows also read the state."""
     T, C = x.shape
     K = weight.shape[1]
-    prev = x.new_zeros(K - 1, C) if state is None else state.t().to(x.dtype)
-    ext = torch.cat([prev, x], dim=0)  # [K-1+T, C]
     w = weight.t().float()  # [K, C]
-    src = ext.float() if x.dtype != torch.float32 else ext
-    y = src[K - 1 : K - 1 + T] * w[K - 1]  # current token: [T, C] fp32
+    xf = x.float()
+    y = xf * w[K - 1]  # current token: [T, C] fp32
     for j in range(K - 1):
-        y.addcmul_(src[j : j + T], w[j])
-    return F.silu(y.to(x.dtype)), ext
+        sh = K - 1 - j  # tap j reads the input sh tokens back
+        if sh < T:
+            y[sh:].addcmul_(xf[: T - sh], w[j])
+        if state is not None:  # rows t < sh read state column (K-1) - sh + t
+            m = min(sh, T)
+            y[:m].addcmul_(state[:, K - 1 - sh : K - 1 - sh + m].t().float(), w[j])
+    if x.dtype == torch.float32:
+        return F.silu(y, inplace=True)
+    return F.silu(y.to(x.dtype))  # rounded once, then SiLU in the model dtype
 
 
-def conv_state_at(ext: torch.Tensor, n: int, kernel_size: int) -> torch.Tensor:
-    """Conv state [C, K-1] after the first n new tokens, from `causal_conv1d`'s extended input."""
-    return ext[n : n + kernel_size - 1].t()
+def conv_state_at(
+    x: torch.Tensor,  # [T, C] new inputs
+    state: torch.Tensor | None,  # [C, K-1] state before them, None = zeros
+    n: int,
+    kernel_size: int,
+) -> torch.Tensor:
+    """Conv state [C, K-1] after the first n new inputs: the last K-1 inputs seen."""
+    km1 = kernel_size - 1
+    if n >= km1:
+        return x[n - km1 : n].t()
+    prev = state if state is not None else x.new_zeros(x.shape[1], km1)
+    return torch.cat([prev[:, n:], x[:n].t().to(prev.dtype)], dim=1)
 
 
 def causal_conv1d_update(

@@ -6,18 +6,19 @@
   chunks runs in a Python loop (T/64 steps).
 - `recurrent_gated_delta_step`: one token for each of N sequences, state updated in place (decode).
 
-All take fp32 inputs already prepared by the caller: `q` l2-normalised and scaled by dk^-0.5,
-`k` l2-normalised, value heads already matched (q/k repeated to nv heads), `g` the log-decay
-(<= 0) and `beta` in (0, 1). The state S of one head is [dk, dv]:
-    S_t = exp(g_t) S_{t-1} + k_t (beta_t (v_t - S^T k_t))^T  (S decayed first),  o_t = S_t^T q_t.
+Common arguments (FLA's conventions): q, k [.., Hk, dk] and v [.., Hv, dv] in any float dtype;
+value head h reads key head h // (Hv / Hk). With `use_qk_l2norm`, q and k are l2-normalised
+(eps 1e-6) in fp32; q is always scaled by `scale` (default dk^-0.5). `g` is the log-decay (<= 0)
+and `beta` in (0, 1), per value head. Everything runs in fp32; the state S of one head is
+[dk, dv]:  S_t = exp(g_t) S_{t-1} + k_t (beta_t (v_t - S^T k_t))^T (decay first),  o_t = S_t^T q_t.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 CHUNK_SIZE = 64
+F32 = torch.float32
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -25,18 +26,35 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
+def _prepare(q, k, num_v_heads: int, use_qk_l2norm: bool, scale: float | None, dim: int):
+    """fp32 q (normalised, scaled) and k (normalised) with heads repeated to num_v_heads."""
+    q, k = q.to(F32), k.to(F32)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    q = q * (scale if scale is not None else q.shape[-1] ** -0.5)
+    r = num_v_heads // k.shape[dim]
+    if r > 1:
+        q, k = q.repeat_interleave(r, dim=dim), k.repeat_interleave(r, dim=dim)
+    return q, k
+
+
 def naive_gated_delta_rule(
-    q: torch.Tensor,  # [B, T, H, dk]
-    k: torch.Tensor,  # [B, T, H, dk]
-    v: torch.Tensor,  # [B, T, H, dv]
-    g: torch.Tensor,  # [B, T, H]
-    beta: torch.Tensor,  # [B, T, H]
-    initial_state: torch.Tensor | None = None,  # [B, H, dk, dv]
+    q: torch.Tensor,  # [B, T, Hk, dk]
+    k: torch.Tensor,  # [B, T, Hk, dk]
+    v: torch.Tensor,  # [B, T, Hv, dv]
+    g: torch.Tensor,  # [B, T, Hv]
+    beta: torch.Tensor,  # [B, T, Hv]
+    initial_state: torch.Tensor | None = None,  # [B, Hv, dk, dv]
+    *,
+    use_qk_l2norm: bool = False,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token reference. Returns o [B, T, H, dv] and the final state [B, H, dk, dv]."""
-    B, T, H, dk = k.shape
-    dv = v.shape[-1]
-    S = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.clone()
+    """Per-token reference. Returns o [B, T, Hv, dv] and the final state [B, Hv, dk, dv]."""
+    B, T, H, dv = v.shape
+    q, k = _prepare(q, k, H, use_qk_l2norm, scale, dim=2)
+    v, g, beta = v.to(F32), g.to(F32), beta.to(F32)
+    dk = k.shape[-1]
+    S = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.to(F32).clone()
     o = q.new_empty(B, T, H, dv)
     for t in range(T):
         S = S * g[:, t].exp()[..., None, None]
@@ -62,11 +80,14 @@ def _diag_blocks(m: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
-    """(I + strictly_lower(a))^-1 for a: [..., C, C], C a power of two (the diagonal of a is
-    ignored). Recursive 2x2 block inversion, [[X, 0], [Y, Z]]^-1 = [[X^-1, 0], [-Z^-1 Y X^-1,
-    Z^-1]], from 1x1 blocks up: log2(C) levels of batched matmuls instead of a LAPACK
-    triangular solve per matrix; as accurate as forward substitution in our tests."""
+    """(I + strictly_lower(a))^-1 for a: [..., C, C] (the diagonal of a is ignored).
+    Recursive 2x2 block inversion, [[X, 0], [Y, Z]]^-1 = [[X^-1, 0], [-Z^-1 Y X^-1, Z^-1]],
+    from 1x1 blocks up: log2(C) levels of batched matmuls instead of a LAPACK triangular
+    solve per matrix; as accurate as forward substitution in our tests."""
     C = a.shape[-1]
+    if C & (C - 1):  # not a power of two (a short odd-length sequence): plain solve
+        eye = torch.eye(C, dtype=a.dtype, device=a.device).expand_as(a)
+        return torch.linalg.solve_triangular(a, eye, upper=False, unitriangular=True)
     low = a.tril(-1)
     inv = torch.eye(C, dtype=a.dtype, device=a.device).expand_as(a).clone()
     s = 1
@@ -77,55 +98,75 @@ def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-def _chunk_major(x: torch.Tensor, N: int, C: int) -> torch.Tensor:
-    """[B, N*C, H, ...] -> [N, B*H, C, ...] contiguous, so each chunk's slice is contiguous."""
-    B, _, H = x.shape[:3]
-    x = x.reshape(B, N, C, H, *x.shape[3:]).movedim(1, 0).movedim(2, 3)  # [N, B, H, C, ...]
-    return x.reshape(N, B * H, C, *x.shape[4:])
+def _to_chunks(x: torch.Tensor, N: int, C: int, heads: int, scale=None) -> torch.Tensor:
+    """[B, T, h, d] -> fp32 [N, B*heads, C, d] (chunk-major, zero-padded, heads repeated to
+    `heads`, optionally times scale [B, T, h, 1]) in one strided copy per part."""
+    B, T, h, d = x.shape
+    r = heads // h
+    out = torch.empty(N, B, h, r, C, d, dtype=F32, device=x.device)
+    full, tail = T // C, T % C
+
+    def put(dst, a, b):  # dst [n, B, h, r, c, d] <- tokens a:b
+        n, c = dst.shape[0], dst.shape[4]
+        src = x[:, a:b].reshape(B, n, c, h, 1, d).permute(1, 0, 3, 4, 2, 5)  # [n, B, h, 1, c, d]
+        if scale is None:
+            dst.copy_(src.expand_as(dst))
+        else:
+            sc = scale[:, a:b].reshape(B, n, c, h, 1, 1).permute(1, 0, 3, 4, 2, 5)
+            torch.mul(src.expand_as(dst), sc, out=dst)  # mul's out= does not broadcast
+
+    if full:
+        put(out[:full], 0, full * C)
+    if tail:
+        put(out[full:, :, :, :, :tail], full * C, T)
+        out[full:, :, :, :, tail:] = 0  # padding: g = 0, beta = 0 steps leave S unchanged
+    return out.view(N, B * heads, C, d)
 
 
 def chunk_gated_delta_rule(
-    q: torch.Tensor,  # [B, T, H, dk]
-    k: torch.Tensor,  # [B, T, H, dk]
-    v: torch.Tensor,  # [B, T, H, dv]
-    g: torch.Tensor,  # [B, T, H]
-    beta: torch.Tensor,  # [B, T, H]
-    initial_state: torch.Tensor | None = None,  # [B, H, dk, dv]
+    q: torch.Tensor,  # [B, T, Hk, dk]
+    k: torch.Tensor,  # [B, T, Hk, dk]
+    v: torch.Tensor,  # [B, T, Hv, dv]
+    g: torch.Tensor,  # [B, T, Hv]
+    beta: torch.Tensor,  # [B, T, Hv]
+    initial_state: torch.Tensor | None = None,  # [B, Hv, dk, dv]
+    *,
+    use_qk_l2norm: bool = False,
+    scale: float | None = None,
     chunk_size: int = CHUNK_SIZE,
+    out: torch.Tensor | None = None,  # [B, T, Hv, dv], any dtype: written in place
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked form (UT transform). Returns o [B, T, H, dv] and the final state [B, H, dk, dv].
-
-    A sequence shorter than `chunk_size` is one chunk of its own length (no padding); longer ones
-    are zero-padded to a multiple of `chunk_size` (g = 0, beta = 0 steps leave S unchanged).
-    Work is laid out chunk-major, [N chunks, B*H, C, d], so per-chunk slices are contiguous.
-    """
-    B, T, H, dk = k.shape
-    dv = v.shape[-1]
+    """Chunked form (UT transform). Returns o [B, T, Hv, dv] (fp32, or `out`) and the final
+    state [B, Hv, dk, dv] fp32. A sequence shorter than `chunk_size` is one chunk of its own
+    length; longer ones are zero-padded to a multiple of it. Work is laid out chunk-major,
+    [N chunks, B*Hv, C, d], so each chunk's slice is contiguous for the sequential loop."""
+    B, T, H, dv = v.shape
+    dk = k.shape[-1]
     C = min(chunk_size, T)
-    pad = (-T) % C
-    if pad:
-        q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
-        g, beta = (F.pad(x, (0, 0, 0, pad)) for x in (g, beta))
-    N = (T + pad) // C
-    q, k, v = (_chunk_major(x, N, C) for x in (q, k, v))  # [N, BH, C, d]
-    beta = _chunk_major(beta, N, C)[..., None]  # [N, BH, C, 1]
-    gam = _chunk_major(g, N, C).cumsum(-1)  # within-chunk cumulative log-decay: [N, BH, C]
+    N = -(-T // C)
+    scale = dk**-0.5 if scale is None else scale
+    if use_qk_l2norm:  # 1/|x| factors, folded into the layout copy
+        qs = torch.linalg.vector_norm(q, dim=-1, keepdim=True, dtype=F32).square_() + 1e-6
+        qs = qs.rsqrt_().mul_(scale)  # [B, T, Hk, 1]
+        ks = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=F32).square_() + 1e-6
+        ks = ks.rsqrt_()
+    else:
+        qs, ks = torch.full_like(q[..., :1], scale, dtype=F32), None
+    q, k = _to_chunks(q, N, C, H, qs), _to_chunks(k, N, C, H, ks)  # [N, BH, C, dk]
+    v = _to_chunks(v, N, C, H)  # [N, BH, C, dv]
+    beta = _to_chunks(beta[..., None], N, C, H)  # [N, BH, C, 1]
+    gam = _to_chunks(g[..., None], N, C, H)[..., 0].cumsum(-1)  # cumulative log-decay [N, BH, C]
 
     # decay[i, j] = exp(gam_i - gam_j) for j <= i, else 0: [N, BH, C, C]
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     decay = _exp_cut((gam[..., :, None] - gam[..., None, :]).masked_fill_(~causal, -torch.inf))
     k_beta = k * beta  # [N, BH, C, dk]
-    # T = I + A, A = strictly_lower((beta k) k^T * decay); then U = T^-1 (beta v) and
+    # T = I + A, A = strictly_lower((beta k) k^T * decay); U = T^-1 (beta v) and
     # W = T^-1 (beta exp(gam) k) as GEMMs.
-    ut = (k_beta @ k.transpose(-1, -2)).mul_(decay)  # [N, BH, C, C]
-    if C & (C - 1) == 0:
-        t_inv = unit_lower_inverse(ut)  # [N, BH, C, C]
-    else:  # a short sequence of odd length: one chunk of its own size
-        eye = torch.eye(C, dtype=q.dtype, device=q.device).expand_as(ut)
-        t_inv = torch.linalg.solve_triangular(ut, eye, upper=False, unitriangular=True)
+    t_inv = unit_lower_inverse((k_beta @ k.transpose(-1, -2)).mul_(decay))  # [N, BH, C, C]
     egam = _exp_cut(gam)[..., None]  # [N, BH, C, 1]
-    u = t_inv @ (v * beta)  # [N, BH, C, dv]
-    w = t_inv @ (k_beta * egam)  # [N, BH, C, dk]
+    u = t_inv @ v.mul_(beta)  # [N, BH, C, dv]
+    w = t_inv @ k_beta.mul_(egam)  # [N, BH, C, dk]
 
     g_last = gam[..., -1:]  # [N, BH, 1]
     k_dec = k * _exp_cut(g_last - gam)[..., None]  # keys decayed to the chunk end: [N, BH, C, dk]
@@ -134,34 +175,43 @@ def chunk_gated_delta_rule(
     # Sequential hand-off of S between chunks: V' = U - W S, S = exp(gam_last) S + K_dec^T V'.
     BH = B * H
     S = q.new_zeros(BH, dk, dv) if initial_state is None else initial_state.reshape(BH, dk, dv)
+    S = S.to(F32)
     states = q.new_empty(N, BH, dk, dv)  # S entering each chunk
-    v_new = torch.empty_like(u)  # [N, BH, C, dv]
+    v_new = u  # V' overwrites U chunk by chunk
     for n in range(N):
         states[n] = S
-        torch.baddbmm(u[n], w[n], S, alpha=-1.0, out=v_new[n])  # [BH, C, dv]
+        v_new[n].baddbmm_(w[n], S, alpha=-1.0)  # [BH, C, dv]
         S = torch.baddbmm(S * chunk_decay[n], k_dec[n].transpose(-1, -2), v_new[n])
 
-    # All chunks at once: O = (Q exp(gam)) S_in + ((Q K^T) * decay) V'
-    o = (q * egam) @ states  # [N, BH, C, dv]
-    o.add_((q @ k.transpose(-1, -2)).mul_(decay) @ v_new)
+    # All chunks at once: O = ((Q K^T) * decay) V' + (Q exp(gam)) S_in
+    attn = (q @ k.transpose(-1, -2)).mul_(decay)  # intra-chunk: [N, BH, C, C]
+    o = q.mul_(egam) @ states  # [N, BH, C, dv]
+    o.add_(attn @ v_new)
     o = o.view(N, B, H, C, dv).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, dv)[:, :T]
+    if out is not None:
+        out.copy_(o)
+        o = out
     return o, S.reshape(B, H, dk, dv)
 
 
 def recurrent_gated_delta_step(
-    q: torch.Tensor,  # [N, H, dk]
-    k: torch.Tensor,  # [N, H, dk]
-    v: torch.Tensor,  # [N, H, dv]
-    g: torch.Tensor,  # [N, H]
-    beta: torch.Tensor,  # [N, H]
-    state: torch.Tensor,  # [N, H, dk, dv] fp32, updated in place
+    q: torch.Tensor,  # [N, Hk, dk]
+    k: torch.Tensor,  # [N, Hk, dk]
+    v: torch.Tensor,  # [N, Hv, dv]
+    g: torch.Tensor,  # [N, Hv]
+    beta: torch.Tensor,  # [N, Hv]
+    state: torch.Tensor,  # [N, Hv, dk, dv] fp32, updated in place
+    *,
+    use_qk_l2norm: bool = False,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """One decode token for each of N sequences. Returns o [N, H, dv]; `state` becomes S_t."""
-    N, H, dk = k.shape
-    dv = v.shape[-1]
+    """One decode token for each of N sequences. Returns o [N, Hv, dv] fp32; `state` becomes S_t."""
+    N, H, dv = v.shape
+    q, k = _prepare(q, k, H, use_qk_l2norm, scale, dim=1)
+    dk = k.shape[-1]
     S = state.view(N * H, dk, dv)
-    S.mul_(g.exp().reshape(N * H, 1, 1))
+    S.mul_(g.to(F32).exp().reshape(N * H, 1, 1))
     kv = torch.bmm(k.reshape(N * H, 1, dk), S)  # S^T k: [NH, 1, dv]
-    delta = (v.reshape(N * H, 1, dv) - kv).mul_(beta.reshape(N * H, 1, 1))  # [NH, 1, dv]
+    delta = (v.to(F32).reshape(N * H, 1, dv) - kv).mul_(beta.to(F32).reshape(N * H, 1, 1))
     S.baddbmm_(k.reshape(N * H, dk, 1), delta)  # S += k delta^T
     return torch.bmm(q.reshape(N * H, 1, dk), S).view(N, H, dv)
