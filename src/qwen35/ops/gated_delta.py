@@ -174,18 +174,21 @@ def chunk_gated_delta_rule(
 
     # Sequential hand-off of S between chunks: V' = U - W S, S = exp(gam_last) S + K_dec^T V'.
     BH = B * H
-    S = q.new_zeros(BH, dk, dv) if initial_state is None else initial_state.reshape(BH, dk, dv)
-    S = S.to(F32)
-    states = q.new_empty(N, BH, dk, dv)  # S entering each chunk
+    states = q.new_empty(N + 1, BH, dk, dv)  # states[n]: S entering chunk n; states[N]: final
+    if initial_state is None:
+        states[0].zero_()
+    else:
+        states[0].copy_(initial_state.reshape(BH, dk, dv))
     v_new = u  # V' overwrites U chunk by chunk
-    for n in range(N):
-        states[n] = S
-        v_new[n].baddbmm_(w[n], S, alpha=-1.0)  # [BH, C, dv]
-        S = torch.baddbmm(S * chunk_decay[n], k_dec[n].transpose(-1, -2), v_new[n])
+    for n in range(N):  # written in place: no per-chunk allocations
+        v_new[n].baddbmm_(w[n], states[n], alpha=-1.0)  # [BH, C, dv]
+        torch.mul(states[n], chunk_decay[n], out=states[n + 1])
+        states[n + 1].baddbmm_(k_dec[n].transpose(-1, -2), v_new[n])
+    S = states[N]
 
     # All chunks at once: O = ((Q K^T) * decay) V' + (Q exp(gam)) S_in
     attn = (q @ k.transpose(-1, -2)).mul_(decay)  # intra-chunk: [N, BH, C, C]
-    o = q.mul_(egam) @ states  # [N, BH, C, dv]
+    o = q.mul_(egam) @ states[:N]  # [N, BH, C, dv]
     o.add_(attn @ v_new)
     o = o.view(N, B, H, C, dv).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, dv)[:, :T]
     if out is not None:
