@@ -193,9 +193,9 @@ def test_state_checkpoints_equal_running_the_prefix_alone():
     _, ours = _pair()
     ids = torch.randint(0, 256, (72,), generator=torch.Generator().manual_seed(4))
     pager = Pager(ours, slots={0: 1})
-    pager.step([(0, ids[:70])], checkpoints=[(0, 20, 5), (0, 64, 6)])
+    pager.step([(0, ids[:70])], checkpoints=[(0, 20, 5), (0, 64, 6), (0, 70, 3)])
     pager.step([(0, ids[70:71])], checkpoints=[(0, 1, 4)])
-    for n, dest in [(20, 5), (64, 6), (71, 4)]:
+    for n, dest in [(20, 5), (64, 6), (70, 3), (71, 4)]:
         alone = Pager(ours, slots={0: 2})
         alone.step([(0, ids[:n])])
         for name in ("conv", "recurrent"):
