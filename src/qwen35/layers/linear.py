@@ -26,7 +26,12 @@ class Linear(nn.Module):
         self.weight = empty_param(out_features, in_features, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        return F.linear(x, self.weight)
+        w = self.weight
+        if x.dim() == 2 and x.shape[0] == 1 and x.is_cpu and w.dtype != torch.float32:
+            # one row (batch-1 decode) of bf16/fp16 on a CPU: torch.mv streams the weight
+            # ~17% faster than the GEMM path F.linear takes (measured by `qwen35 bench`)
+            return torch.mv(w, x[0])[None]
+        return F.linear(x, w)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}"
