@@ -40,7 +40,7 @@ def _finite_positive(x) -> bool:
 def test_document_schema(doc):
     assert doc["schema"] == SCHEMA
     assert doc["random_weights"] is True and doc["quick"] is True
-    assert set(doc["workloads"]) == {"decode", "throughput", "long_context", "multi_turn"}
+    assert set(doc["workloads"]) == {"decode", "throughput", "long_context", "multi_turn", "dtype"}
     assert doc["dtype"] == "float32"  # auto on the CPU
     assert doc["weight_bytes"] == doc["num_params"] * 4
     json.dumps(doc)  # serialisable as is
@@ -99,6 +99,20 @@ def test_multi_turn_workload(doc):
     assert on["computed_prompt_tokens"] < off["computed_prompt_tokens"]
     assert on["prefix_cache_hit_tokens"] == on["prompt_tokens"] - on["computed_prompt_tokens"]
     assert len(on["turns"]) == m["turns"] and m["computed_tokens_ratio"] > 1
+
+
+def test_dtype_workload(doc):
+    d = doc["workloads"]["dtype"]
+    f32, b16 = d["dtypes"]["float32"], d["dtypes"]["bfloat16"]
+    assert f32["weight_bytes"] == 2 * b16["weight_bytes"] == doc["weight_bytes"]
+    for r in (f32, b16):
+        assert _finite_positive(r["prefill_tokens_per_s"]) and _finite_positive(
+            r["decode_ms_per_token"]
+        )
+    assert d["bf16_over_fp32"]["decode"] == pytest.approx(
+        b16["decode_tokens_per_s"] / f32["decode_tokens_per_s"]
+    )
+    assert set(d["faster"].values()) <= {"float32", "bfloat16"}
 
 
 def test_hf_model_shares_our_weights(tiny_cfg):

@@ -38,6 +38,8 @@ def print_report(doc: dict, console: Console | None = None) -> None:
         _long_context(con, w["long_context"])
     if "multi_turn" in w:
         _multi_turn(con, w["multi_turn"])
+    if "dtype" in w:
+        _dtype(con, w["dtype"])
     if doc["goals"]:
         t = Table(title="Goals")
         for c in ("goal", "measured", "target", "met"):
@@ -159,3 +161,25 @@ def _multi_turn(con: Console, d: dict) -> None:
         _x(d["ttft_ratio_after_first_turn"]),
     )
     con.print(t)
+
+
+def _dtype(con: Console, d: dict) -> None:
+    caps = ", ".join(k for k, v in d["cpu_bf16"].items() if v) or "unknown"
+    t = Table(
+        title=f"Our engine by weight dtype (prompt {d['prompt_len']}, {d['new_tokens']} new "
+        f"tokens, {d['rounds']} rounds; CPU: {caps})"
+    )
+    for c in ("dtype", "weights GiB", "prefill tok/s", "decode ms/token", "decode tok/s"):
+        t.add_column(c, justify="right")
+    for name, r in d["dtypes"].items():
+        t.add_row(
+            name,
+            _f(r["weight_bytes"] / 2**30),
+            _f(r["prefill_tokens_per_s"], ".1f"),
+            _f(r["decode_ms_per_token"], ".1f"),
+            _f(r["decode_tokens_per_s"]),
+        )
+    x = d["bf16_over_fp32"]
+    t.add_row("bf16 / fp32", "", _x(x["prefill"]), "", _x(x["decode"]))
+    con.print(t)
+    con.print(f"  faster here: prefill {d['faster']['prefill']}, decode {d['faster']['decode']}")

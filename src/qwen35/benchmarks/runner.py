@@ -3,7 +3,7 @@
 Document (schema "qwen35.bench/1"):
   {"schema", "model", "random_weights", "dtype", "num_params", "weight_bytes", "quick",
    "baseline", "system": {...}, "workloads": {"decode": {...}, "throughput": {...},
-   "long_context": {...}, "multi_turn": {...}}, "goals": [{"name", "target", "measured",
+   "long_context": {...}, "multi_turn": {...}, "dtype": {...}}, "goals": [{"name", "target", "measured",
    "met"}], "seconds": {workload: wall seconds}}
 Only the workloads that ran appear under "workloads".
 """
@@ -21,6 +21,7 @@ from qwen35.benchmarks.common import BenchOptions, free_memory, load_bench_model
 
 def _workload_fns() -> dict[str, Callable]:
     from qwen35.benchmarks.decode import run_decode
+    from qwen35.benchmarks.dtype import run_dtype
     from qwen35.benchmarks.long_context import run_long_context
     from qwen35.benchmarks.multi_turn import run_multi_turn
     from qwen35.benchmarks.throughput import run_throughput
@@ -30,6 +31,7 @@ def _workload_fns() -> dict[str, Callable]:
         "throughput": run_throughput,
         "long-context": run_long_context,
         "multi-turn": run_multi_turn,
+        "dtype": run_dtype,
     }
 
 

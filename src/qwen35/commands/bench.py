@@ -12,7 +12,7 @@ import sys
 
 from qwen35.errors import Qwen35Error
 
-WORKLOAD_CHOICES = ("all", "decode", "throughput", "long-context", "multi-turn")
+WORKLOAD_CHOICES = ("all", "decode", "throughput", "long-context", "multi-turn", "dtype")
 
 
 def _contexts(text: str) -> tuple[int, ...]:
@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="all",
         help="which benchmark (default: all): decode = batch-1 tokens/s vs the bandwidth "
         "roofline; throughput = 32 mixed requests; long-context = decode step time at 1K/8K/32K, "
-        "hybrid vs all-full-attention; multi-turn = prefix caching on vs off",
+        "hybrid vs all-full-attention; multi-turn = prefix caching on vs off; dtype = our "
+        "engine in fp32 vs bf16 (not part of all)",
     )
     p.add_argument(
         "--model",
@@ -66,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from qwen35.benchmarks import WORKLOADS
+    from qwen35.benchmarks import ALL
     from qwen35.benchmarks.common import BenchOptions
     from qwen35.benchmarks.runner import run_bench
 
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         hf_batch_size=args.hf_batch_size,
         rounds=args.rounds,
     )
-    workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    workloads = list(ALL) if args.workload == "all" else [args.workload]
     # random-weight and cache-plan notices would interleave with the tables
     logging.getLogger("qwen35").setLevel(logging.ERROR)
     say = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if not args.json else None

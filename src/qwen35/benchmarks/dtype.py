@@ -1,0 +1,105 @@
+"""fp32 vs bf16 weights for our engine on this machine: prefill tokens/s and batch-1 decode.
+
+On a CPU the choice is a real trade-off (performance.md): bf16 halves the bytes a decode step
+reads, but without native bf16 arithmetic its matmuls are several times slower than fp32; with
+AMX-BF16 (Sapphire Rapids and later) bf16 matmuls are instead several times faster. This
+workload measures both in one run, interleaved round by round, on the same seeded weights
+(the second dtype is loaded with the same seed), and says which is faster for what.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from qwen35.benchmarks.common import BenchModel, BenchOptions, make_engine, median, ratio
+from qwen35.request import SamplingParams
+
+DTYPES = ("float32", "bfloat16")
+
+
+def sizes(opts: BenchOptions) -> dict:
+    if opts.quick:
+        return {"prompt_len": 32, "new_tokens": 6, "rounds": opts.rounds or 1}
+    return {"prompt_len": 512, "new_tokens": 32, "rounds": opts.rounds or 3}
+
+
+def cpu_bf16_support() -> dict:
+    """What torch reports about native bf16 on this CPU (empty where it cannot tell)."""
+    caps = getattr(torch.cpu, "get_capabilities", None)
+    if caps is None:
+        return {}
+    try:
+        c = caps()
+    except Exception:  # noqa: BLE001 - a capability probe must never fail the benchmark
+        return {}
+    return {k: bool(c.get(k)) for k in ("amx_bf16", "avx512_bf16", "avx512_f", "avx2")}
+
+
+def _one(engine, prompt: list[int], new_tokens: int, rid: str) -> tuple[float, list[float]]:
+    """(prefill seconds, decode step seconds) of one greedy request."""
+    engine.add_request(
+        rid, prompt, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    )
+    steps = []
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - t0)
+    return steps[0], steps[1:]
+
+
+def run_dtype(bm: BenchModel, opts: BenchOptions) -> dict:
+    from qwen35.benchmarks.common import load_bench_model
+
+    sz = sizes(opts)
+    P, N = sz["prompt_len"], sz["new_tokens"]
+    models = {str(bm.dtype).removeprefix("torch."): bm}
+    for name in DTYPES:
+        if name not in models:
+            other = BenchOptions(**{**vars(opts), "dtype": {"float32": "fp32"}.get(name, "bf16")})
+            models[name] = load_bench_model(other)
+    engines = {
+        name: make_engine(m, max_num_seqs=1, max_model_len=P + N + 16, enable_prefix_caching=False)
+        for name, m in models.items()
+    }
+    rng = random.Random(opts.seed)
+    vocab = bm.config.vocab_size
+    for name, eng in engines.items():  # warm-up: first calls pay one-off costs
+        _one(eng, [rng.randrange(vocab) for _ in range(8)], 2, f"warm-{name}")
+    prefill = {n: [] for n in engines}
+    decode = {n: [] for n in engines}
+    for r in range(sz["rounds"]):
+        prompt = [rng.randrange(vocab) for _ in range(P)]
+        for name, eng in engines.items():
+            p, d = _one(eng, prompt, N, f"{name}-{r}")
+            prefill[name].append(p)
+            decode[name] += d
+    rows = {}
+    for name in engines:
+        pre, dec = median(prefill[name]), median(decode[name])
+        rows[name] = {
+            "weight_bytes": models[name].weight_bytes,
+            "prefill_s": pre,
+            "prefill_tokens_per_s": P / pre,
+            "decode_ms_per_token": dec * 1e3,
+            "decode_tokens_per_s": 1 / dec,
+        }
+    f32, b16 = rows["float32"], rows["bfloat16"]
+    pre_x = ratio(b16["prefill_tokens_per_s"], f32["prefill_tokens_per_s"])
+    dec_x = ratio(b16["decode_tokens_per_s"], f32["decode_tokens_per_s"])
+    del engines, models
+    return {
+        "prompt_len": P,
+        "new_tokens": N,
+        "rounds": sz["rounds"],
+        "cpu_bf16": cpu_bf16_support() if bm.device.type == "cpu" else {},
+        "dtypes": rows,
+        "bf16_over_fp32": {"prefill": pre_x, "decode": dec_x},
+        "faster": {
+            "prefill": "bfloat16" if (pre_x or 0) > 1 else "float32",
+            "decode": "bfloat16" if (dec_x or 0) > 1 else "float32",
+        },
+    }
