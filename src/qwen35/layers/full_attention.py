@@ -73,5 +73,5 @@ class GatedAttention(nn.Module):
                 self.scale,
             )  # [N, nh, hd]
             o.index_copy_(0, d.rows, od.to(o.dtype))
-        o = o.view(T, nh * hd) * torch.sigmoid(gate)
+        o = o.view(T, nh * hd).mul_(gate.sigmoid_())  # gate is a fresh copy (reshape)
         return self.o_proj(o)

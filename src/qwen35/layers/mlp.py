@@ -17,4 +17,5 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, dtype, device)  # [H, I]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x))  # [T, I], in place
+        return self.down_proj(h)

@@ -15,20 +15,28 @@ from torch import nn
 from qwen35.layers.linear import empty_param
 
 
+def _inv_rms(x32: torch.Tensor, eps: float) -> torch.Tensor:
+    """rsqrt(mean(x^2) + eps) over the last dim: [..., 1] fp32, without an x^2 temporary."""
+    ms = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x32.shape[-1])
+    return ms.add_(eps).rsqrt_()
+
+
 def rms_norm_zc(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Zero-centred RMSNorm over the last dim; x: [..., D], weight: [D]."""
     x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * (1.0 + weight.float())).to(x.dtype)
+    y = x32 * _inv_rms(x32, eps)  # fresh fp32 tensor: the rest runs in place
+    return y.mul_(1.0 + weight.float()).to(x.dtype)
 
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float):
     """x, z: [..., D]; weight: [D]. Returns weight * norm(x) * silu(z) in x.dtype."""
     dtype = x.dtype
     x32 = x.float()
-    n = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    y = weight * n.to(dtype)  # in the model dtype, as transformers does
-    return (y * F.silu(z.float())).to(dtype)
+    y = (x32 * _inv_rms(x32, eps)).to(dtype).mul_(weight)  # w * n in the model dtype, as HF
+    gate = F.silu(z.float())  # fp32
+    if dtype == torch.float32:
+        return y.mul_(gate)
+    return gate.mul_(y).to(dtype)
 
 
 class RMSNorm(nn.Module):

@@ -69,14 +69,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps, dtype, device)
 
     def forward(self, h, cos, sin, plan: StepPlan, caches: ModelCaches) -> torch.Tensor:
+        """h: [T, H] residual stream, updated in place (the caller owns it) and returned."""
         x = self.input_layernorm(h)  # [T, H]
         i = self.cache_index
         if self.layer_type == "linear_attention":
             x = self.linear_attn(x, plan, caches.conv[i], caches.recurrent[i])
         else:
             x = self.self_attn(x, cos, sin, plan, caches.key[i], caches.value[i])
-        h = h + x
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h.add_(x)
+        return h.add_(self.mlp(self.post_attention_layernorm(h)))
 
 
 class Qwen35TextModel(nn.Module):
