@@ -7,6 +7,7 @@ Both models are built from the bundled config (text only: no vision, no MTP) wit
 random weights (ours initialised, copied into transformers' `Qwen3_5ForCausalLM` with
 load_state_dict), in the same dtype and thread count. Timings are medians of --repeats calls
 after one warm-up, interleaved (ours, transformers, ...) so machine load drifts hit both.
+fp32 denormals are flushed to zero for the whole process (both models), as an engine would.
 
 Prefill (prompt tokens/s), one sequence of each length:
 - ours:        the engine path, `model(ids, ForwardBatch, caches)`, logits of the last token;
@@ -178,6 +179,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="truncate the model (quick runs)")
     ap.add_argument("--out", default="bench/results/forward.json")
     args = ap.parse_args()
+    # Before any parallel op, so every worker thread inherits it; applies to both models.
+    torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
 
