@@ -20,6 +20,13 @@ def _pct(x) -> str:
 
 def print_report(doc: dict, console: Console | None = None) -> None:
     con = console or Console()
+    print_header(doc, con)
+    for key in doc["workloads"]:
+        print_workload(doc, key, con)
+    print_goals(doc, con)
+
+
+def print_header(doc: dict, con: Console) -> None:
     sysinfo = doc["system"]
     weights = "random weights" if doc["random_weights"] else "checkpoint weights"
     con.print(
@@ -27,19 +34,22 @@ def print_report(doc: dict, console: Console | None = None) -> None:
         f"{doc['num_params'] / 1e9:.2f}B parameters, {doc['weight_bytes'] / 2**30:.2f} GiB) on "
         f"{sysinfo['cpu']}, {sysinfo['torch_threads']} threads, torch {sysinfo['torch']}, "
         f"transformers {sysinfo.get('transformers')}; load average {sysinfo['load_average']} -> "
-        f"{sysinfo.get('load_average_end')}" + (" [quick sizes]" if doc["quick"] else "")
+        f"{sysinfo.get('load_average_end', '...')}" + (" [quick sizes]" if doc["quick"] else "")
     )
-    w = doc["workloads"]
-    if "decode" in w:
-        _decode(con, w["decode"])
-    if "throughput" in w:
-        _throughput(con, w["throughput"])
-    if "long_context" in w:
-        _long_context(con, w["long_context"])
-    if "multi_turn" in w:
-        _multi_turn(con, w["multi_turn"])
-    if "dtype" in w:
-        _dtype(con, w["dtype"])
+
+
+def print_workload(doc: dict, key: str, con: Console) -> None:
+    printers = {
+        "decode": _decode,
+        "throughput": _throughput,
+        "long_context": _long_context,
+        "multi_turn": _multi_turn,
+        "dtype": _dtype,
+    }
+    printers[key](con, doc["workloads"][key])
+
+
+def print_goals(doc: dict, con: Console) -> None:
     if doc["goals"]:
         t = Table(title="Goals")
         for c in ("goal", "measured", "target", "met"):

@@ -39,8 +39,13 @@ NEEDS_BASELINE = ("decode", "throughput")
 
 
 def run_bench(
-    opts: BenchOptions, workloads: list[str], progress: Callable[[str], None] | None = None
+    opts: BenchOptions,
+    workloads: list[str],
+    progress: Callable[[str], None] | None = None,
+    on_workload: Callable[[dict, str], None] | None = None,
 ) -> dict:
+    """Run `workloads` in order; `on_workload(doc, key)` after each (the document so far and
+    the key of the workload just added), so long runs can print and save as they go."""
     say = progress or (lambda msg: None)
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
@@ -66,6 +71,10 @@ def run_bench(
         "goals": [],
         "seconds": {"load": time.perf_counter() - t0},
     }
+    if bm.device.type == "cpu":  # the engine's allocator setting holds for the whole process
+        from qwen35.model_runner import keep_freed_memory_in_heap
+
+        doc["system"]["freed_memory_kept_in_heap"] = keep_freed_memory_in_heap()
     if opts.baseline and any(w in NEEDS_BASELINE for w in workloads):
         from qwen35.benchmarks.hf_baseline import build_hf_model
 
@@ -79,5 +88,7 @@ def run_bench(
         doc["workloads"][w.replace("-", "_")] = result
         doc["goals"] += result.get("goals", [])
         free_memory()
+        if on_workload is not None:
+            on_workload(doc, w.replace("-", "_"))
     doc["system"]["load_average_end"] = system_info(opts)["load_average"]
     return doc

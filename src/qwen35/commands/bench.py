@@ -92,15 +92,33 @@ def run(args: argparse.Namespace) -> int:
     # random-weight and cache-plan notices would interleave with the tables
     logging.getLogger("qwen35").setLevel(logging.ERROR)
     say = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if not args.json else None
-    doc = run_bench(opts, workloads, progress=say)
-    text = json.dumps(doc, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    if args.json:
-        print(text)
-    else:
-        from qwen35.benchmarks.report import print_report
+    con = None
+    if not args.json:
+        from rich.console import Console
 
-        print_report(doc)
+        con = Console()
+
+    def save(doc: dict) -> None:
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(json.dumps(doc, indent=2) + "\n")
+
+    def on_workload(doc: dict, key: str) -> None:
+        # long runs: each table (and the JSON so far) as soon as its workload ends
+        save(doc)
+        if con is not None:
+            from qwen35.benchmarks.report import print_header, print_workload
+
+            if len(doc["workloads"]) == 1:
+                print_header(doc, con)
+            print_workload(doc, key, con)
+
+    doc = run_bench(opts, workloads, progress=say, on_workload=on_workload)
+    save(doc)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        from qwen35.benchmarks.report import print_goals
+
+        print_goals(doc, con)
     return 0
