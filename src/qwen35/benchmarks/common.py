@@ -11,6 +11,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,11 @@ class BenchOptions:
     requests: int | None = None  # throughput workload; None: 32 (quick: 8)
     hf_batch_size: int = 8  # transformers' static batch size in the throughput workload
     rounds: int | None = None  # interleaved repetitions in the decode workload
+    progress: Callable[[str], None] | None = field(default=None, repr=False)  # long phases
+
+    def say(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress(msg)
 
 
 @dataclass

@@ -9,6 +9,7 @@ workload measures both in one run, interleaved round by round, on the same seede
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 
@@ -59,7 +60,7 @@ def run_dtype(bm: BenchModel, opts: BenchOptions) -> dict:
     models = {str(bm.dtype).removeprefix("torch."): bm}
     for name in DTYPES:
         if name not in models:
-            other = BenchOptions(**{**vars(opts), "dtype": {"float32": "fp32"}.get(name, "bf16")})
+            other = dataclasses.replace(opts, dtype="fp32" if name == "float32" else "bf16")
             models[name] = load_bench_model(other)
     engines = {
         name: make_engine(m, max_num_seqs=1, max_model_len=P + N + 16, enable_prefix_caching=False)

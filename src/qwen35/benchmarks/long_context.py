@@ -75,11 +75,13 @@ def run_long_context(bm: BenchModel, opts: BenchOptions) -> dict:
     rows = {c: {"context_len": c} for c in contexts}
     for c in contexts:
         rows[c]["hybrid_ms"] = median(decode_step_times(bm.model, c, reps, bm.device)) * 1e3
+        opts.say(f"  hybrid, context {c}: {rows[c]['hybrid_ms']:.1f} ms")
         free_memory()
     full = load_model(full_cfg, dtype=bm.dtype, device=bm.device, load_format="random")
     full_weight_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
     for c in contexts:
         rows[c]["full_attention_ms"] = median(decode_step_times(full, c, reps, bm.device)) * 1e3
+        opts.say(f"  all full attention, context {c}: {rows[c]['full_attention_ms']:.1f} ms")
         free_memory()
     del full
     free_memory()

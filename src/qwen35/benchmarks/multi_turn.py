@@ -95,6 +95,7 @@ def run_multi_turn(bm: BenchModel, opts: BenchOptions) -> dict:
             users = [system + u for u in users]
         off.run_turn(turn, users, sz["reply"])
         on.run_turn(turn, users, sz["reply"])
+        opts.say(f"  turn {turn + 1} of {sz['turns']} done")
     s_on, s_off = on.summary(), off.summary()
     return {
         "conversations": sz["conversations"],

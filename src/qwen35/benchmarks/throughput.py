@@ -57,7 +57,7 @@ def run_ours(bm: BenchModel, reqs, max_num_seqs: int) -> dict:
     }
 
 
-def run_hf(bm: BenchModel, reqs, batch_size: int) -> dict:
+def run_hf(bm: BenchModel, reqs, batch_size: int, say=lambda msg: None) -> dict:
     from qwen35.benchmarks.hf_baseline import hf_generate
 
     wall, computed, batches = 0.0, 0, 0
@@ -68,6 +68,7 @@ def run_hf(bm: BenchModel, reqs, batch_size: int) -> dict:
         wall += w
         computed += len(group) * (max(len(p) for p, _ in group) + toks.shape[1])
         batches += 1
+        say(f"  transformers: batch {batches} of {-(-len(reqs) // batch_size)} in {w:.1f} s")
     return {"wall_s": wall, "batches": batches, "computed_tokens_incl_padding": computed}
 
 
@@ -82,12 +83,13 @@ def run_throughput(bm: BenchModel, opts: BenchOptions) -> dict:
     bw_mib = 128 if opts.quick else 512
     bandwidth = [measure_read_bandwidth(bw_mib, device=bm.device)]
     ours = run_ours(bm, reqs, max_num_seqs=len(reqs))
+    opts.say(f"  qwen35: {ours['wall_s']:.1f} s for {len(reqs)} requests")
     ours["generated_tokens_per_s"] = output_tokens / ours["wall_s"]
     ours["total_tokens_per_s"] = total / ours["wall_s"]
     bandwidth.append(measure_read_bandwidth(bw_mib, device=bm.device))
     hf = None
     if opts.baseline:
-        hf = run_hf(bm, reqs, opts.hf_batch_size)
+        hf = run_hf(bm, reqs, opts.hf_batch_size, opts.say)
         hf["batch_size"] = opts.hf_batch_size
         hf["generated_tokens_per_s"] = output_tokens / hf["wall_s"]
         hf["total_tokens_per_s"] = total / hf["wall_s"]

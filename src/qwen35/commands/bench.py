@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         val = getattr(args, name)
         if val is not None and val < 1:
             raise Qwen35Error(f"--{name.replace('_', '-')} must be at least 1, got {val}")
+    say = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if not args.json else None
     opts = BenchOptions(
         model=args.model,
         dtype=args.dtype,
@@ -87,11 +88,11 @@ def run(args: argparse.Namespace) -> int:
         requests=args.requests,
         hf_batch_size=args.hf_batch_size,
         rounds=args.rounds,
+        progress=say,
     )
     workloads = list(ALL) if args.workload == "all" else [args.workload]
     # random-weight and cache-plan notices would interleave with the tables
     logging.getLogger("qwen35").setLevel(logging.ERROR)
-    say = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if not args.json else None
     con = None
     if not args.json:
         from rich.console import Console
