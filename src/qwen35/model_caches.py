@@ -81,6 +81,12 @@ class DecodePlan:
     context_lens: torch.Tensor  # [N] int64
     max_context: int
     checkpoints: list[tuple[int, int]]  # (state slot, dest slot): copy after the step
+    # The same sequences ordered by state slot, and runs of consecutive slots in that order
+    # (first position, first slot, count): DeltaNet layers update each run's states in place on
+    # a cache view instead of gathering and scattering [N, nv, dk, dv] every layer.
+    rows_by_slot: torch.Tensor | None = None  # [N] int64 token rows, slot-ascending
+    fresh_by_slot: torch.Tensor | None = None  # [N] bool in that order; None: none fresh
+    slot_runs: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -125,6 +131,7 @@ class StepPlan:
             idx = torch.tensor(dec_idx, device=dev)
             fresh = [not batch.has_initial_state[i] for i in dec_idx]
             ctx = [batch.context_lens[i] for i in dec_idx]
+            by_slot = sorted(range(len(dec_idx)), key=lambda j: slots[dec_idx[j]])
             decode = DecodePlan(
                 rows=torch.tensor([cu[i] for i in dec_idx], device=dev),
                 slots=batch.state_slots.index_select(0, idx),
@@ -133,5 +140,20 @@ class StepPlan:
                 context_lens=torch.tensor(ctx, device=dev),
                 max_context=max(ctx),
                 checkpoints=[(slots[i], dest) for i in dec_idx for _, dest in cps.get(i, [])],
+                rows_by_slot=torch.tensor([cu[dec_idx[j]] for j in by_slot], device=dev),
+                fresh_by_slot=torch.tensor([fresh[j] for j in by_slot], device=dev)
+                if any(fresh)
+                else None,
+                slot_runs=consecutive_runs([slots[dec_idx[j]] for j in by_slot]),
             )
         return cls(batch.slot_mapping, batch.block_tables, prefill, decode)
+
+
+def consecutive_runs(values: list[int]) -> list[tuple[int, int, int]]:
+    """Ascending ints -> runs of consecutive values: (first position, first value, count)."""
+    runs, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[i - 1] + 1:
+            runs.append((start, values[start], i - start))
+            start = i
+    return runs

@@ -118,7 +118,22 @@ class GatedDeltaNet(nn.Module):
                 a = b
             rec_cache[sp.slot] = S[0]
         d = plan.decode
-        if d is not None:
+        if d is not None and rec_cache.dtype == torch.float32 and d.rows_by_slot is not None:
+            # in place on each run of consecutive slots: no [N, nv, dk, dv] gather + scatter
+            # (~13% of a batch-32 bf16 decode step of Qwen3.5-0.8B)
+            rows = d.rows_by_slot
+            qd, kd, vd, gd, bd = (t.index_select(0, rows) for t in (q, k, v, g, beta))
+            od = torch.empty(rows.shape[0], *o.shape[1:], dtype=torch.float32, device=o.device)
+            for i0, s0, n in d.slot_runs:
+                S = rec_cache[s0 : s0 + n]  # [n, nv, dk, dv] view of the cache
+                if d.fresh_by_slot is not None:
+                    S[d.fresh_by_slot[i0 : i0 + n]] = 0
+                sl = slice(i0, i0 + n)
+                od[sl] = recurrent_gated_delta_step(
+                    qd[sl], kd[sl], vd[sl], gd[sl], bd[sl], S, use_qk_l2norm=True
+                )
+            o.index_copy_(0, rows, od.to(o.dtype))
+        elif d is not None:
             S = rec_cache.index_select(0, d.slots).float()  # [N, nv, dk, dv]
             if d.fresh is not None:
                 S[d.fresh] = 0
