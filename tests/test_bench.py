@@ -13,6 +13,7 @@ import torch
 from qwen35.benchmarks import SCHEMA, WORKLOADS
 from qwen35.benchmarks.common import BenchOptions, load_bench_model
 from qwen35.cli import main
+from qwen35.devices import default_dtype
 from tiny import tiny_config_dict
 
 
@@ -41,8 +42,9 @@ def test_document_schema(doc):
     assert doc["schema"] == SCHEMA
     assert doc["random_weights"] is True and doc["quick"] is True
     assert set(doc["workloads"]) == {"decode", "throughput", "long_context", "multi_turn", "dtype"}
-    assert doc["dtype"] == "float32"  # auto on the CPU
-    assert doc["weight_bytes"] == doc["num_params"] * 4
+    auto = {"fp32": "float32", "bf16": "bfloat16"}[default_dtype("cpu")]
+    assert doc["dtype"] == auto  # --dtype auto: the engine's CPU default for this machine
+    assert doc["weight_bytes"] == doc["num_params"] * (4 if auto == "float32" else 2)
     json.dumps(doc)  # serialisable as is
     names = [g["name"] for g in doc["goals"]]
     assert len(names) == 3 and all(
@@ -104,7 +106,8 @@ def test_multi_turn_workload(doc):
 def test_dtype_workload(doc):
     d = doc["workloads"]["dtype"]
     f32, b16 = d["dtypes"]["float32"], d["dtypes"]["bfloat16"]
-    assert f32["weight_bytes"] == 2 * b16["weight_bytes"] == doc["weight_bytes"]
+    assert f32["weight_bytes"] == 2 * b16["weight_bytes"]
+    assert d["dtypes"][doc["dtype"]]["weight_bytes"] == doc["weight_bytes"]
     for r in (f32, b16):
         assert _finite_positive(r["prefill_tokens_per_s"]) and _finite_positive(
             r["decode_ms_per_token"]
@@ -118,7 +121,7 @@ def test_dtype_workload(doc):
 def test_hf_model_shares_our_weights(tiny_cfg):
     from qwen35.benchmarks.hf_baseline import build_hf_model
 
-    bm = load_bench_model(BenchOptions(model=tiny_cfg))
+    bm = load_bench_model(BenchOptions(model=tiny_cfg, dtype="fp32"))
     hf = build_hf_model(bm.model)
     ours = dict(bm.model.named_parameters())
     for name, p in hf.named_parameters():

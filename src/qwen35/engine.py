@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from qwen35.chat_format import ChatTemplate, default_thinking_for
+from qwen35.devices import resolve_dtype
 from qwen35.errors import Qwen35Error
 from qwen35.loader import load_model
 from qwen35.memory import CachePlan, plan_caches
@@ -90,8 +91,7 @@ class LLMEngine:
         progress: bool = False,
         verbose: bool = True,
     ):
-        if dtype == "auto":
-            dtype = "fp32" if str(device).startswith("cpu") else "bf16"
+        dtype = resolve_dtype(dtype, device)  # auto: see devices.py
         if isinstance(model, torch.nn.Module):
             # an already-loaded model (from load_model): engines can share one set of weights
             self.model = model

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
+from qwen35.devices import resolve_dtype
 from qwen35.errors import Qwen35Error
 
 
 @dataclass
 class BenchOptions:
     model: str = "Qwen3.5-0.8B"  # catalog name or config path (random weights), or a model dir
-    dtype: str = "auto"  # auto: fp32 on the CPU, bf16 on a GPU (the engine's default)
+    dtype: str = "auto"  # auto: the engine's default (devices.py)
     device: str = "cpu"
     threads: int | None = None
     quick: bool = False  # small sizes: a fast check that everything runs
@@ -56,12 +57,6 @@ class BenchModel:
     @property
     def config(self):
         return self.model.config
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    if dtype == "auto":
-        return "fp32" if str(device).startswith("cpu") else "bf16"
-    return dtype
 
 
 def load_bench_model(opts: BenchOptions) -> BenchModel:

@@ -22,7 +22,7 @@ def add_engine_arguments(p: argparse.ArgumentParser, model_required: bool = True
         "--dtype",
         default="auto",
         choices=["auto", "bf16", "fp16", "fp32"],
-        help="weights and compute dtype (auto: fp32 on CPU, bf16 on GPU)",
+        help="weights and compute dtype (auto: bf16 on a GPU or a CPU with native bf16 - AMX / AVX512-BF16 - else fp32)",
     )
     g.add_argument("--device", default="cpu")
     g.add_argument("--max-model-len", type=int, default=None)

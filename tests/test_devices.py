@@ -1,0 +1,36 @@
+"""`--dtype auto` follows the silicon: bf16 on a GPU or a CPU with native bf16, else fp32."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwen35 import devices
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"avx2", "fma"}, "fp32"),  # AMD Zen 3: bf16 matmuls are emulated, ~4x slower
+        ({"avx512f", "avx512bw"}, "fp32"),  # AVX-512 without bf16 arithmetic
+        ({"avx512f", "avx512_bf16"}, "bf16"),
+        ({"avx512f", "amx_bf16", "amx_tile"}, "bf16"),  # Sapphire Rapids and later
+    ],
+)
+def test_cpu_default_follows_flags(monkeypatch, flags, expected):
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset(flags))
+    assert devices.default_dtype("cpu") == expected
+    assert devices.resolve_dtype("auto", "cpu") == expected
+    assert devices.resolve_dtype("fp32", "cpu") == "fp32"  # explicit choices are kept
+
+
+def test_gpu_default_is_bf16(monkeypatch):
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset())
+    assert devices.default_dtype("cuda") == "bf16"
+    assert devices.default_dtype("cuda:1") == "bf16"
+
+
+def test_cpu_flags_read_from_this_machine():
+    flags = devices.cpu_flags()
+    assert isinstance(flags, frozenset)
+    # on Linux x86 /proc/cpuinfo always lists sse2; elsewhere the set is empty
+    assert not flags or "sse2" in flags or "fp" in flags or "neon" in flags or "asimd" in flags
