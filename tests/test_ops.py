@@ -98,6 +98,33 @@ def test_chunked_split_equals_whole():
     torch.testing.assert_close(s2, s_all, **TOL)
 
 
+def test_chunked_states_at_equal_prefix_states():
+    """states_at copies the state after t tokens (t on the chunk grid) = a prefix run's state;
+    offsets off the grid are refused."""
+    q, k, v, g, beta, s0 = _delta_inputs(2, 150, seed=5)
+    dest = {t: torch.empty(2, 4, 16, 24) for t in (16, 64, 144)}
+    o, s = chunk_gated_delta_rule(
+        q, k, v, g, beta, s0, use_qk_l2norm=True, chunk_size=16, states_at=list(dest.items())
+    )
+    for t, d in dest.items():
+        _, ref = naive_gated_delta_rule(
+            *(x[:, :t] for x in (q, k, v, g, beta)), s0, use_qk_l2norm=True
+        )
+        torch.testing.assert_close(d, ref, **TOL)
+    with pytest.raises(ValueError, match="multiple of the chunk size"):
+        chunk_gated_delta_rule(q, k, v, g, beta, states_at=[(40, dest[16])], chunk_size=16)
+
+
+def test_prefill_segments_cut_only_off_grid():
+    from qwen35.layers.deltanet import _segments
+
+    # grid checkpoints stay inside one call; 100 (off the grid) cuts, and the grid restarts there
+    cps = [(64, 7), (100, 8), (164, 9), (200, 10)]
+    assert _segments(cps, 256, 64) == [(0, 100, [(64, 7)]), (100, 200, [(164, 9)]), (200, 256, [])]
+    assert _segments([], 50, 64) == [(0, 50, [])]
+    assert _segments([(50, 3)], 50, 64) == [(0, 50, [])]  # at the end: the final state
+
+
 @pytest.mark.parametrize("C", [64, 8, 5])
 def test_unit_lower_inverse(C):
     a = torch.randn(3, 2, C, C, dtype=torch.float64) * 0.3

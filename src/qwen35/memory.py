@@ -138,8 +138,11 @@ def plan_caches(
             f"--max-model-len {max_model_len} needs {max_model_len} KV tokens but the cache holds "
             f"{capacity}; raise --max-memory or lower --max-model-len"
         )
-    # checkpoints every 4 blocks (>= 64 tokens) keep the DeltaNet chunked path efficient
-    interval = block_size * max(1, -(-64 // block_size))
+    # a checkpoint about every 256 tokens (block-aligned): each one is a full DeltaNet state
+    # (19 MiB for Qwen3.5-0.8B, 147 MiB for 27B) and a copy; a resume recomputes < 256 tokens.
+    # Prompt ends and branch points get their own checkpoints (scheduler), and those on the
+    # 64-token chunk grid cost no extra kernel call (layers/deltanet.py _segments).
+    interval = block_size * max(1, round(256 / block_size))
     return CachePlan(
         num_blocks, block_size, slots, ckpts, interval, max_model_len, kv_tok, st_seq, budget
     )

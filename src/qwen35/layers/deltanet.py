@@ -13,11 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.config import ModelConfig
-from qwen35.layers.linear import Linear, empty_param
+from qwen35.layers.linear import Linear, empty_param, pack_linears, packed_linear
 from qwen35.layers.norms import GatedRMSNorm
 from qwen35.model_caches import StepPlan
 from qwen35.ops.conv import causal_conv1d, causal_conv1d_update, conv_state_at
-from qwen35.ops.gated_delta import chunk_gated_delta_rule, recurrent_gated_delta_step
+from qwen35.ops.gated_delta import (
+    CHUNK_SIZE,
+    chunk_gated_delta_rule,
+    recurrent_gated_delta_step,
+)
 
 
 class DepthwiseConv(nn.Module):
@@ -46,6 +50,14 @@ class GatedDeltaNet(nn.Module):
         self.A_log = empty_param(self.nv, dtype=dtype, device=device)
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps, dtype, device)
         self.out_proj = Linear(self.value_dim, H, dtype, device)  # [H, Vd]
+        self.packed_in: torch.Tensor | None = None  # the four in_proj weights, see pack()
+
+    def in_projs(self) -> tuple[Linear, ...]:
+        return (self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
+
+    def pack(self) -> None:
+        """One [C + Vd + 2 nv, H] weight for the four input projections (after loading)."""
+        self.packed_in = pack_linears(*self.in_projs())
 
     def forward(
         self,
@@ -55,10 +67,11 @@ class GatedDeltaNet(nn.Module):
         rec_cache: torch.Tensor,  # [num_slots, nv, dk, dv]
     ) -> torch.Tensor:
         T = x.shape[0]
-        qkv = self.in_proj_qkv(x)  # [T, C]
-        z = self.in_proj_z(x).view(T, self.nv, self.dv)
-        beta = torch.sigmoid(self.in_proj_b(x))  # [T, nv], in the model dtype like transformers
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+        qkv, z, b, a = packed_linear(x, self.packed_in, *self.in_projs())  # [T, C], [T, Vd], ...
+        qkv = qkv.contiguous()  # a column view when packed (the conv reads rows)
+        z = z.unflatten(-1, (self.nv, self.dv))  # [T, nv, dv]
+        beta = torch.sigmoid(b)  # [T, nv], in the model dtype like transformers
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
 
         u = self._conv(qkv, plan, conv_cache)  # [T, C] after silu
         q, k, v = u.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -104,18 +117,16 @@ class GatedDeltaNet(nn.Module):
         """q, k: [T, nk, dk]; v: [T, nv, dv]; g (fp32), beta: [T, nv] -> o [T, nv, dv]."""
         for sp in plan.prefill:
             S = rec_cache[sp.slot][None] if sp.has_initial_state else None  # [1, nv, dk, dv]
-            cuts = sorted({n for n, _ in sp.checkpoints} | {sp.num_tokens})
-            a = 0
-            for b in cuts:  # segments end at each checkpoint offset
+            for a, b, inside in _segments(sp.checkpoints, sp.num_tokens, CHUNK_SIZE):
                 r = slice(sp.row0 + a, sp.row0 + b)
                 _, S = chunk_gated_delta_rule(
                     q[r][None], k[r][None], v[r][None], g[r][None], beta[r][None], S,
                     use_qk_l2norm=True, out=o[r][None],
+                    states_at=[(n - a, rec_cache[dest][None]) for n, dest in inside],
                 )  # fmt: skip
                 for n, dest in sp.checkpoints:
                     if n == b:
                         rec_cache[dest] = S[0]
-                a = b
             rec_cache[sp.slot] = S[0]
         d = plan.decode
         if d is not None and rec_cache.dtype == torch.float32 and d.rows_by_slot is not None:
@@ -144,3 +155,19 @@ class GatedDeltaNet(nn.Module):
             )  # fmt: skip
             o.index_copy_(0, r, od.to(o.dtype))
             rec_cache.index_copy_(0, d.slots, S.to(rec_cache.dtype))
+
+
+def _segments(checkpoints: list[tuple[int, int]], num_tokens: int, chunk: int):
+    """Split a prefill of num_tokens at the checkpoint offsets that are not on the chunk grid of
+    their segment; (a, b, checkpoints strictly inside on the grid) per segment. Checkpoints on the
+    grid come out of the chunked kernel's hand-off between chunks, so the usual interval
+    checkpoints (multiples of 64 from a 64-aligned start) cost no extra kernel call."""
+    out, a, inside = [], 0, []
+    for n, dest in checkpoints:  # sorted by offset
+        if n < num_tokens and (n - a) % chunk == 0:
+            inside.append((n, dest))
+        elif n < num_tokens:
+            out.append((a, n, inside))
+            a, inside = n, []
+    out.append((a, num_tokens, inside))
+    return out

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from qwen35.config import ModelConfig
-from qwen35.layers.linear import Linear
+from qwen35.layers.linear import Linear, pack_linears, packed_linear
 from qwen35.layers.norms import RMSNorm
 from qwen35.layers.rotary import apply_rotary
 from qwen35.model_caches import StepPlan
@@ -32,6 +32,11 @@ class GatedAttention(nn.Module):
         self.o_proj = Linear(self.nh * self.hd, H, dtype, device)  # [H, nh hd]
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, dtype, device)
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, dtype, device)
+        self.packed_qkv: torch.Tensor | None = None  # q_proj, k_proj, v_proj, see pack()
+
+    def pack(self) -> None:
+        """One [2 nh hd + 2 nkv hd, H] weight for q/k/v (after loading)."""
+        self.packed_qkv = pack_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self,
@@ -44,11 +49,12 @@ class GatedAttention(nn.Module):
     ) -> torch.Tensor:
         T = x.shape[0]
         nh, nkv, hd = self.nh, self.nkv, self.hd
-        qg = self.q_proj(x).view(T, nh, 2 * hd)
+        qg, k, v = packed_linear(x, self.packed_qkv, self.q_proj, self.k_proj, self.v_proj)
+        qg = qg.unflatten(-1, (nh, 2 * hd))  # [T, nh, 2 hd]
         gate = qg[..., hd:].reshape(T, nh * hd)
         q = apply_rotary(self.q_norm(qg[..., :hd]), cos, sin)  # [T, nh, hd]
-        k = apply_rotary(self.k_norm(self.k_proj(x).view(T, nkv, hd)), cos, sin)  # [T, nkv, hd]
-        v = self.v_proj(x).view(T, nkv, hd)
+        k = apply_rotary(self.k_norm(k.unflatten(-1, (nkv, hd))), cos, sin)  # [T, nkv, hd]
+        v = v.unflatten(-1, (nkv, hd))
         write_kv(key_cache, value_cache, k, v, plan.slot_mapping)
 
         o = q.new_empty(T, nh, hd)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.layers.linear import Linear
+from qwen35.layers.linear import Linear, pack_linears, packed_linear
 
 
 class MLP(nn.Module):
@@ -15,7 +15,13 @@ class MLP(nn.Module):
         self.gate_proj = Linear(hidden_size, intermediate_size, dtype, device)  # [I, H]
         self.up_proj = Linear(hidden_size, intermediate_size, dtype, device)  # [I, H]
         self.down_proj = Linear(intermediate_size, hidden_size, dtype, device)  # [H, I]
+        self.packed_gate_up: torch.Tensor | None = None  # [2I, H], see pack()
+
+    def pack(self) -> None:
+        """One [2I, H] weight for gate_proj and up_proj (after loading)."""
+        self.packed_gate_up = pack_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        h = F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x))  # [T, I], in place
+        gate, up = packed_linear(x, self.packed_gate_up, self.gate_proj, self.up_proj)
+        h = F.silu(gate, inplace=True).mul_(up)  # [T, I]; gate is a temporary either way
         return self.down_proj(h)

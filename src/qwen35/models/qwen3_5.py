@@ -116,6 +116,13 @@ class Qwen35ForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def post_load(self) -> None:
+        """Called by the loader once the weights are in place: pack the projections that read
+        the same input into one weight each (decode reads them in one GEMV; see pack_linears)."""
+        for m in self.modules():
+            if m is not self and callable(getattr(m, "pack", None)):
+                m.pack()
+
     def to_empty(self, *, device, recurse: bool = True):
         out = super().to_empty(device=device, recurse=recurse)
         self.tie_weights()  # to_empty gives each module a fresh tensor: restore the tie

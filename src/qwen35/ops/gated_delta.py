@@ -15,6 +15,8 @@ and `beta` in (0, 1), per value head. Everything runs in fp32; the state S of on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 CHUNK_SIZE = 64
@@ -135,15 +137,23 @@ def chunk_gated_delta_rule(
     scale: float | None = None,
     chunk_size: int = CHUNK_SIZE,
     out: torch.Tensor | None = None,  # [B, T, Hv, dv], any dtype: written in place
+    states_at: Sequence[tuple[int, torch.Tensor]] = (),  # (t, dest [B, Hv, dk, dv])
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked form (UT transform). Returns o [B, T, Hv, dv] (fp32, or `out`) and the final
     state [B, Hv, dk, dv] fp32. A sequence shorter than `chunk_size` is one chunk of its own
     length; longer ones are zero-padded to a multiple of it. Work is laid out chunk-major,
-    [N chunks, B*Hv, C, d], so each chunk's slice is contiguous for the sequential loop."""
+    [N chunks, B*Hv, C, d], so each chunk's slice is contiguous for the sequential loop.
+    `states_at`: the state after the first t tokens is copied into dest, for t a multiple of
+    the chunk size (the hand-off between chunks computes it anyway; prefix-cache checkpoints)."""
     B, T, H, dv = v.shape
     dk = k.shape[-1]
     C = min(chunk_size, T)
     N = -(-T // C)
+    for t, _ in states_at:
+        if t % C or not 0 < t <= T:
+            raise ValueError(
+                f"states_at offset {t} is not a multiple of the chunk size {C} in 1..{T}"
+            )
     scale = dk**-0.5 if scale is None else scale
     if use_qk_l2norm:  # 1/|x| factors, folded into the layout copy
         qs = torch.linalg.vector_norm(q, dim=-1, keepdim=True, dtype=F32).square_() + 1e-6
@@ -185,6 +195,8 @@ def chunk_gated_delta_rule(
         torch.mul(states[n], chunk_decay[n], out=states[n + 1])
         states[n + 1].baddbmm_(k_dec[n].transpose(-1, -2), v_new[n])
     S = states[N]
+    for t, dest in states_at:
+        dest.copy_(states[t // C].view(B, H, dk, dv))
 
     # All chunks at once: O = ((Q K^T) * decay) V' + (Q exp(gam)) S_in
     attn = (q @ k.transpose(-1, -2)).mul_(decay)  # intra-chunk: [N, BH, C, C]
@@ -208,13 +220,23 @@ def recurrent_gated_delta_step(
     use_qk_l2norm: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """One decode token for each of N sequences. Returns o [N, Hv, dv] fp32; `state` becomes S_t."""
+    """One decode token for each of N sequences. Returns o [N, Hv, dv] fp32; `state` becomes S_t.
+
+    The state is the big operand (N*Hv x dk x dv fp32: 32 MiB per layer at batch 32 on
+    Qwen3.5-0.8B), so passes over it are what cost. With a = exp(g) and S_t = a S + k delta^T:
+    S_t^T k-side and q-side products both come from one read of the old S,
+        S^T [k, q] -> (u_k, u_q),  delta = beta (v - a u_k),  o = a u_q + (k . q) delta,
+    then the update is one scaling and one rank-1 pass: 5 passes over S instead of 6."""
     N, H, dv = v.shape
     q, k = _prepare(q, k, H, use_qk_l2norm, scale, dim=1)
     dk = k.shape[-1]
-    S = state.view(N * H, dk, dv)
-    S.mul_(g.to(F32).exp().reshape(N * H, 1, 1))
-    kv = torch.bmm(k.reshape(N * H, 1, dk), S)  # S^T k: [NH, 1, dv]
-    delta = (v.to(F32).reshape(N * H, 1, dv) - kv).mul_(beta.to(F32).reshape(N * H, 1, 1))
-    S.baddbmm_(k.reshape(N * H, dk, 1), delta)  # S += k delta^T
-    return torch.bmm(q.reshape(N * H, 1, dk), S).view(N, H, dv)
+    NH = N * H
+    S = state.view(NH, dk, dv)
+    kq = torch.stack([k.reshape(NH, dk), q.reshape(NH, dk)], dim=1)  # [NH, 2, dk]
+    u = torch.bmm(kq, S)  # [NH, 2, dv]: S^T k, S^T q of the old state
+    a = g.to(F32).exp().reshape(NH, 1, 1)
+    delta = (v.to(F32).reshape(NH, 1, dv) - a * u[:, :1]).mul_(beta.to(F32).reshape(NH, 1, 1))
+    S.mul_(a).baddbmm_(k.reshape(NH, dk, 1), delta)  # S = a S + k delta^T
+    kdotq = (kq[:, :1] * kq[:, 1:]).sum(-1, keepdim=True)  # [NH, 1, 1]
+    o = torch.addcmul(a * u[:, 1:], kdotq, delta)  # [NH, 1, dv]
+    return o.view(N, H, dv)

@@ -1,0 +1,123 @@
+"""Packed projections (layers/linear.py pack_linears): after post_load, the projections that
+read the same input share one weight tensor; outputs, names and memory are unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tiny
+from qwen35.config import ModelConfig
+from qwen35.forward_batch import ForwardBatch
+from qwen35.layers.linear import PACKED_MAX_ROWS
+from qwen35.model_caches import allocate_caches
+from qwen35.models.qwen3_5 import Qwen35ForCausalLM
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+PACKED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # + DeltaNet's in_proj_*
+
+
+def _pair(moe: bool):
+    hf = tiny.hf_model(moe=moe)
+    cfg = ModelConfig.from_hf(json.loads(hf.config.to_json_string()))
+    plain = Qwen35ForCausalLM(cfg, dtype=torch.float32)
+    plain.load_state_dict(hf.state_dict())
+    packed = Qwen35ForCausalLM(cfg, dtype=torch.float32)
+    packed.load_state_dict(hf.state_dict())
+    packed.post_load()
+    return plain, packed
+
+
+def _packed_tensors(model):
+    out = []
+    for m in model.modules():
+        for name in ("packed_in", "packed_qkv", "packed_gate_up"):
+            t = getattr(m, name, None)
+            if t is not None:
+                out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_packed_views_share_one_weight(moe):
+    plain, packed = _pair(moe)
+    assert list(packed.state_dict()) == list(plain.state_dict())  # names unchanged
+    for (name, a), b in zip(plain.state_dict().items(), packed.state_dict().values()):
+        assert torch.equal(a, b), name
+    tensors = _packed_tensors(packed)
+    cfg = packed.config
+    n_mlp = cfg.num_hidden_layers  # dense MLP or the MoE's shared expert
+    assert len(tensors) == cfg.num_hidden_layers + n_mlp
+    # every projection weight lies inside one packed tensor: no second copy of the weights
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors]
+    inside = 0
+    for name, p in packed.named_parameters():
+        leaf = name.rsplit(".", 2)[-2]  # the module: gate_proj in ...gate_proj.weight
+        if leaf.startswith("in_proj_") or leaf in PACKED:
+            assert any(a <= p.data_ptr() < b for a, b in spans), name
+            assert p.is_contiguous()
+            inside += p.numel()
+    assert inside == sum(t.numel() for t in tensors)
+
+
+def test_load_state_dict_after_packing_writes_the_packed_weight():
+    _, packed = _pair(False)
+    sd = {k: torch.zeros_like(v) for k, v in packed.state_dict().items()}
+    packed.load_state_dict(sd)
+    assert all(t.abs().sum() == 0 for t in _packed_tensors(packed))
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_packed_equals_plain_prefill_then_decode(moe):
+    """Prompts of 5, 40 and PACKED_MAX_ROWS + 20 tokens (packed path for the short steps,
+    separate GEMMs above the threshold), then 3 batched decode steps: same logits."""
+    plain, packed = _pair(moe)
+    g = torch.Generator().manual_seed(1)
+    lens = [5, 40, PACKED_MAX_ROWS + 20]
+    prompts = [torch.randint(0, 256, (n,), generator=g) for n in lens]
+    B, ctx = len(lens), max(lens) + 4
+    outs = {}
+    for name, model in (("plain", plain), ("packed", packed)):
+        caches = allocate_caches(model.config, B, ctx, B, torch.float32, "cpu")
+        got = []
+        for i, p in enumerate(prompts):  # one prefill per step, sequence i in slot i
+            batch = _single(i, len(p), 0, ctx)
+            got.append(model(p, batch, caches))
+        nxt = torch.stack([x[-1].argmax() for x in got])
+        for step in range(3):
+            batch = _decode([len(p) + step for p in prompts], ctx)
+            logits = model(nxt, batch, caches)
+            got.append(logits)
+            nxt = logits.argmax(-1)
+        outs[name] = got
+    for a, b in zip(outs["plain"], outs["packed"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def _single(i: int, n: int, start: int, ctx: int) -> ForwardBatch:
+    return ForwardBatch(
+        positions=torch.arange(start, start + n),
+        cu_seqlens=[0, n],
+        context_lens=[start + n],
+        slot_mapping=torch.arange(start, start + n) + i * ctx,
+        block_tables=torch.tensor([[i]], dtype=torch.int32),
+        state_slots=torch.tensor([i]),
+        has_initial_state=[start > 0],
+        logits_indices=torch.tensor([n - 1]),
+    )
+
+
+def _decode(positions: list[int], ctx: int) -> ForwardBatch:
+    B = len(positions)
+    return ForwardBatch(
+        positions=torch.tensor(positions),
+        cu_seqlens=list(range(B + 1)),
+        context_lens=[p + 1 for p in positions],
+        slot_mapping=torch.tensor([i * ctx + p for i, p in enumerate(positions)]),
+        block_tables=torch.arange(B, dtype=torch.int32)[:, None],
+        state_slots=torch.arange(B),
+        has_initial_state=[True] * B,
+        logits_indices=torch.arange(B),
+    )
