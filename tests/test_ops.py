@@ -14,7 +14,7 @@ from qwen35.ops.attention import (
 )
 from qwen35.ops.conv import (
     causal_conv1d,
-    causal_conv1d_update,
+    causal_conv1d_update_,
     conv_state_at,
     naive_causal_conv1d,
 )
@@ -159,7 +159,8 @@ def test_conv_update_equals_prefill():
     w = torch.randn(C, K, generator=g)
     states = torch.randn(N, C, K - 1, generator=g)
     x = torch.randn(N, C, generator=g)
-    y, new = causal_conv1d_update(x, w, states)
+    new = states.clone()
+    y = causal_conv1d_update_(x, w, new)  # new: updated in place
     for i in range(N):
         torch.testing.assert_close(y[i], causal_conv1d(x[i : i + 1], w, states[i])[0])
         torch.testing.assert_close(new[i], conv_state_at(x[i : i + 1], states[i], 1, K))

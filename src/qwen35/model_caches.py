@@ -87,6 +87,9 @@ class DecodePlan:
     rows_by_slot: torch.Tensor | None = None  # [N] int64 token rows, slot-ascending
     fresh_by_slot: torch.Tensor | None = None  # [N] bool in that order; None: none fresh
     slot_runs: list[tuple[int, int, int]] = field(default_factory=list)
+    # rows_by_slot is exactly 0..T-1: every row of the step is a decode row, already in slot
+    # order (batch-1 decode; batches whose sequences sit in ascending slots): no gather
+    all_rows_in_slot_order: bool = False
 
 
 @dataclass
@@ -132,6 +135,7 @@ class StepPlan:
             fresh = [not batch.has_initial_state[i] for i in dec_idx]
             ctx = [batch.context_lens[i] for i in dec_idx]
             by_slot = sorted(range(len(dec_idx)), key=lambda j: slots[dec_idx[j]])
+            rows_by_slot = [cu[dec_idx[j]] for j in by_slot]
             decode = DecodePlan(
                 rows=torch.tensor([cu[i] for i in dec_idx], device=dev),
                 slots=batch.state_slots.index_select(0, idx),
@@ -140,11 +144,12 @@ class StepPlan:
                 context_lens=torch.tensor(ctx, device=dev),
                 max_context=max(ctx),
                 checkpoints=[(slots[i], dest) for i in dec_idx for _, dest in cps.get(i, [])],
-                rows_by_slot=torch.tensor([cu[dec_idx[j]] for j in by_slot], device=dev),
+                rows_by_slot=torch.tensor(rows_by_slot, device=dev),
                 fresh_by_slot=torch.tensor([fresh[j] for j in by_slot], device=dev)
                 if any(fresh)
                 else None,
                 slot_runs=consecutive_runs([slots[dec_idx[j]] for j in by_slot]),
+                all_rows_in_slot_order=rows_by_slot == list(range(num_tokens)),
             )
         return cls(batch.slot_mapping, batch.block_tables, prefill, decode)
 

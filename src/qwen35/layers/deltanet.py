@@ -2,8 +2,8 @@
 
 Projections run once over the flat batch; the causal conv and the gated delta rule run per
 prefill sequence (chunked, state from its slot or zeros) and for all single-token sequences at
-once (recurrent step, states gathered by slot and scattered back). A prefill sequence with state
-checkpoints is split at those offsets so each checkpoint's state is exact.
+once (recurrent step on each run of consecutive state slots, in place). State checkpoints inside
+a prefill are exact: on the chunk grid they come from the kernel, elsewhere the sequence is split.
 """
 
 from __future__ import annotations
@@ -15,13 +15,9 @@ from torch import nn
 from qwen35.config import ModelConfig
 from qwen35.layers.linear import Linear, empty_param, pack_linears, packed_linear
 from qwen35.layers.norms import GatedRMSNorm
-from qwen35.model_caches import StepPlan
-from qwen35.ops.conv import causal_conv1d, causal_conv1d_update, conv_state_at
-from qwen35.ops.gated_delta import (
-    CHUNK_SIZE,
-    chunk_gated_delta_rule,
-    recurrent_gated_delta_step,
-)
+from qwen35.model_caches import DecodePlan, StepPlan
+from qwen35.ops.conv import causal_conv1d, causal_conv1d_update_, conv_state_at
+from qwen35.ops.gated_delta import CHUNK_SIZE, chunk_gated_delta_rule, gated_delta_step_, l2norm_qk
 
 
 class DepthwiseConv(nn.Module):
@@ -68,93 +64,88 @@ class GatedDeltaNet(nn.Module):
     ) -> torch.Tensor:
         T = x.shape[0]
         qkv, z, b, a = packed_linear(x, self.packed_in, *self.in_projs())  # [T, C], [T, Vd], ...
-        qkv = qkv.contiguous()  # a column view when packed (the conv reads rows)
         z = z.unflatten(-1, (self.nv, self.dv))  # [T, nv, dv]
         beta = torch.sigmoid(b)  # [T, nv], in the model dtype like transformers
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
-
-        u = self._conv(qkv, plan, conv_cache)  # [T, C] after silu
-        q, k, v = u.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.view(T, self.nk, self.dk)  # raw: the kernels l2-normalise q, k in fp32
-        k = k.view(T, self.nk, self.dk)
-        v = v.view(T, self.nv, self.dv)
+        g = F.softplus(a.float() + self.dt_bias).mul_(self.A_log.float().exp().neg_())  # fp32
         o = x.new_empty(T, self.nv, self.dv)  # kernel output, cast to the model dtype
-        self._delta(q, k, v, g, beta, plan, rec_cache, o)
+        if plan.prefill:
+            self._prefill(qkv, g, beta, plan, conv_cache, rec_cache, o)
         if plan.decode is not None:
-            for slot, dest in plan.decode.checkpoints:
-                conv_cache[dest] = conv_cache[slot]
-                rec_cache[dest] = rec_cache[slot]
+            self._decode(qkv, g, beta, plan.decode, conv_cache, rec_cache, o)
         y = self.norm(o, z)  # [T, nv, dv]
         return self.out_proj(y.view(T, self.value_dim))
 
-    def _conv(self, qkv: torch.Tensor, plan: StepPlan, conv_cache: torch.Tensor) -> torch.Tensor:
+    def _prefill(self, qkv, g, beta, plan: StepPlan, conv_cache, rec_cache, o) -> None:
+        """Each prefill sequence: causal conv from its slot's state, then the chunked rule,
+        split only at checkpoints off the chunk grid (see _segments)."""
         w = self.conv1d.weight[:, 0, :]  # [C, K]
-        K = self.kernel_size
-        pieces = []
+        kd = self.key_dim
         for sp in plan.prefill:
-            state = conv_cache[sp.slot] if sp.has_initial_state else None  # [C, K-1]
             xs = qkv[sp.rows]  # [n, C]
-            pieces.append((sp.rows, causal_conv1d(xs, w, state)))
+            state = conv_cache[sp.slot] if sp.has_initial_state else None  # [C, K-1]
+            u = causal_conv1d(xs, w, state)  # [n, C] after silu
             for n, dest in sp.checkpoints:
-                conv_cache[dest] = conv_state_at(xs, state, n, K)
-            conv_cache[sp.slot] = conv_state_at(xs, state, sp.num_tokens, K)
-        d = plan.decode
-        if d is None and len(pieces) == 1 and pieces[0][1].shape[0] == qkv.shape[0]:
-            return pieces[0][1]  # one prefill sequence: no reassembly
-        u = torch.empty_like(qkv)
-        for rows, y in pieces:
-            u[rows] = y
-        if d is not None:
-            state = conv_cache.index_select(0, d.slots)  # [N, C, K-1]
-            if d.fresh is not None:
-                state[d.fresh] = 0
-            y, new_state = causal_conv1d_update(qkv.index_select(0, d.rows), w, state)
-            u.index_copy_(0, d.rows, y)
-            conv_cache.index_copy_(0, d.slots, new_state.to(conv_cache.dtype))
-        return u
-
-    def _delta(self, q, k, v, g, beta, plan: StepPlan, rec_cache, o: torch.Tensor) -> None:
-        """q, k: [T, nk, dk]; v: [T, nv, dv]; g (fp32), beta: [T, nv] -> o [T, nv, dv]."""
-        for sp in plan.prefill:
+                conv_cache[dest] = conv_state_at(xs, state, n, self.kernel_size)
+            conv_cache[sp.slot] = conv_state_at(xs, state, sp.num_tokens, self.kernel_size)
+            q = u[:, :kd].unflatten(-1, (self.nk, self.dk))  # raw: the kernel l2-normalises
+            k = u[:, kd : 2 * kd].unflatten(-1, (self.nk, self.dk))
+            v = u[:, 2 * kd :].unflatten(-1, (self.nv, self.dv))
+            gs, bs, os = g[sp.rows], beta[sp.rows], o[sp.rows]
             S = rec_cache[sp.slot][None] if sp.has_initial_state else None  # [1, nv, dk, dv]
             for a, b, inside in _segments(sp.checkpoints, sp.num_tokens, CHUNK_SIZE):
-                r = slice(sp.row0 + a, sp.row0 + b)
                 _, S = chunk_gated_delta_rule(
-                    q[r][None], k[r][None], v[r][None], g[r][None], beta[r][None], S,
-                    use_qk_l2norm=True, out=o[r][None],
+                    q[None, a:b], k[None, a:b], v[None, a:b], gs[None, a:b], bs[None, a:b], S,
+                    use_qk_l2norm=True, out=os[None, a:b],
                     states_at=[(n - a, rec_cache[dest][None]) for n, dest in inside],
                 )  # fmt: skip
                 for n, dest in sp.checkpoints:
                     if n == b:
                         rec_cache[dest] = S[0]
             rec_cache[sp.slot] = S[0]
-        d = plan.decode
-        if d is not None and rec_cache.dtype == torch.float32 and d.rows_by_slot is not None:
-            # in place on each run of consecutive slots: no [N, nv, dk, dv] gather + scatter
-            # (~13% of a batch-32 bf16 decode step of Qwen3.5-0.8B)
-            rows = d.rows_by_slot
-            qd, kd, vd, gd, bd = (t.index_select(0, rows) for t in (q, k, v, g, beta))
-            od = torch.empty(rows.shape[0], *o.shape[1:], dtype=torch.float32, device=o.device)
-            for i0, s0, n in d.slot_runs:
-                S = rec_cache[s0 : s0 + n]  # [n, nv, dk, dv] view of the cache
-                if d.fresh_by_slot is not None:
-                    S[d.fresh_by_slot[i0 : i0 + n]] = 0
-                sl = slice(i0, i0 + n)
-                od[sl] = recurrent_gated_delta_step(
-                    qd[sl], kd[sl], vd[sl], gd[sl], bd[sl], S, use_qk_l2norm=True
-                )
-            o.index_copy_(0, rows, od.to(o.dtype))
-        elif d is not None:
-            S = rec_cache.index_select(0, d.slots).float()  # [N, nv, dk, dv]
-            if d.fresh is not None:
-                S[d.fresh] = 0
-            r = d.rows
-            od = recurrent_gated_delta_step(
-                q.index_select(0, r), k.index_select(0, r), v.index_select(0, r),
-                g.index_select(0, r), beta.index_select(0, r), S, use_qk_l2norm=True,
-            )  # fmt: skip
-            o.index_copy_(0, r, od.to(o.dtype))
-            rec_cache.index_copy_(0, d.slots, S.to(rec_cache.dtype))
+
+    def _decode(self, qkv, g, beta, d: DecodePlan, conv_cache, rec_cache, o) -> None:
+        """All single-token sequences at once, in slot order, their conv and recurrent states
+        updated in place on each run of consecutive slots (no gather/scatter of the states).
+        Written for few ops: at batch 1 this layer is dispatch-bound, not bandwidth-bound."""
+        if not d.all_rows_in_slot_order:  # gather the decode rows into slot order
+            qkv, g, beta = (t.index_select(0, d.rows_by_slot) for t in (qkv, g, beta))
+        N, kd = qkv.shape[0], self.key_dim
+        w = self.conv1d.weight[:, 0, :]  # [C, K]
+        u = qkv if len(d.slot_runs) == 1 else torch.empty_like(qkv)  # [N, C] conv outputs
+        for i0, s0, n in d.slot_runs:
+            state = conv_cache[s0 : s0 + n]  # [n, C, K-1] view of the cache
+            if d.fresh_by_slot is not None:
+                fresh = d.fresh_by_slot[i0 : i0 + n]
+                state[fresh] = 0
+                rec_cache[s0 : s0 + n][fresh] = 0
+            y = causal_conv1d_update_(qkv[i0 : i0 + n], w, state)  # [n, C]
+            if len(d.slot_runs) == 1:
+                u = y
+            else:
+                u[i0 : i0 + n] = y
+        q, k = l2norm_qk(u[:, : 2 * kd].unflatten(-1, (2, self.nk, self.dk)), self.nv)
+        v = u[:, 2 * kd :].unflatten(-1, (self.nv, self.dv))  # [N, nv, dv]
+        a = g.exp()  # [N, nv] decay
+        od = None
+        for i0, s0, n in d.slot_runs:
+            r = slice(i0, i0 + n)
+            S = rec_cache[s0 : s0 + n]  # [n, nv, dk, dv] view of the cache
+            S32 = S if S.dtype == torch.float32 else S.float()
+            y = gated_delta_step_(q[r], k[r], v[r], a[r], beta[r], S32)  # [n, nv, dv] fp32
+            if S32 is not S:
+                S.copy_(S32)
+            if len(d.slot_runs) == 1:
+                od = y
+            else:
+                od = od if od is not None else y.new_empty(N, self.nv, self.dv)
+                od[r] = y
+        if d.all_rows_in_slot_order:
+            o.copy_(od)
+        else:
+            o.index_copy_(0, d.rows_by_slot, od.to(o.dtype))
+        for slot, dest in d.checkpoints:
+            conv_cache[dest] = conv_cache[slot]
+            rec_cache[dest] = rec_cache[slot]
 
 
 def _segments(checkpoints: list[tuple[int, int]], num_tokens: int, chunk: int):

@@ -66,12 +66,14 @@ def conv_state_at(
     return torch.cat([prev[:, n:], x[:n].t().to(prev.dtype)], dim=1)
 
 
-def causal_conv1d_update(
+def causal_conv1d_update_(
     x: torch.Tensor,  # [N, C] one new token for each of N sequences
     weight: torch.Tensor,  # [C, K]
-    state: torch.Tensor,  # [N, C, K-1]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode. Returns silu(conv) [N, C] and the new states [N, C, K-1] (a fresh tensor)."""
-    window = torch.cat([state.to(x.dtype), x[:, :, None]], dim=2)  # [N, C, K]
+    state: torch.Tensor,  # [N, C, K-1], updated in place (e.g. a view of the cache)
+) -> torch.Tensor:
+    """Decode, in place: returns silu(conv) [N, C] and shifts x into `state` (the conv
+    accumulates in fp32, rounded once to x's dtype, as in prefill)."""
+    window = torch.cat([state, x.to(state.dtype)[:, :, None]], dim=2)  # [N, C, K]
+    state.copy_(window[:, :, 1:])
     y = (window.float() * weight.float()).sum(-1)  # [N, C] fp32
-    return F.silu(y.to(x.dtype)), window[:, :, 1:]
+    return F.silu(y.to(x.dtype))

@@ -227,16 +227,40 @@ def recurrent_gated_delta_step(
     S_t^T k-side and q-side products both come from one read of the old S,
         S^T [k, q] -> (u_k, u_q),  delta = beta (v - a u_k),  o = a u_q + (k . q) delta,
     then the update is one scaling and one rank-1 pass: 5 passes over S instead of 6."""
+    q, k = _prepare(q, k, v.shape[1], use_qk_l2norm, scale, dim=1)
+    return gated_delta_step_(q, k, v, g.to(F32).exp(), beta, state)
+
+
+def gated_delta_step_(
+    q: torch.Tensor,  # [N, H, dk] fp32, normalised and scaled
+    k: torch.Tensor,  # [N, H, dk] fp32, normalised
+    v: torch.Tensor,  # [N, H, dv] any float dtype
+    a: torch.Tensor,  # [N, H] fp32 decay exp(g)
+    beta: torch.Tensor,  # [N, H] any float dtype
+    state: torch.Tensor,  # [N, H, dk, dv] fp32, updated in place
+) -> torch.Tensor:
+    """The recurrent step on prepared inputs (heads already repeated); o [N, H, dv] fp32."""
     N, H, dv = v.shape
-    q, k = _prepare(q, k, H, use_qk_l2norm, scale, dim=1)
     dk = k.shape[-1]
     NH = N * H
     S = state.view(NH, dk, dv)
     kq = torch.stack([k.reshape(NH, dk), q.reshape(NH, dk)], dim=1)  # [NH, 2, dk]
     u = torch.bmm(kq, S)  # [NH, 2, dv]: S^T k, S^T q of the old state
-    a = g.to(F32).exp().reshape(NH, 1, 1)
-    delta = (v.to(F32).reshape(NH, 1, dv) - a * u[:, :1]).mul_(beta.to(F32).reshape(NH, 1, 1))
+    a = a.reshape(NH, 1, 1)
+    delta = (v.reshape(NH, 1, dv) - a * u[:, :1]).mul_(beta.reshape(NH, 1, 1))  # fp32
     S.mul_(a).baddbmm_(k.reshape(NH, dk, 1), delta)  # S = a S + k delta^T
     kdotq = (kq[:, :1] * kq[:, 1:]).sum(-1, keepdim=True)  # [NH, 1, 1]
     o = torch.addcmul(a * u[:, 1:], kdotq, delta)  # [NH, 1, dv]
     return o.view(N, H, dv)
+
+
+def l2norm_qk(qk: torch.Tensor, num_v_heads: int, scale: float | None = None):
+    """qk [N, 2, Hk, dk] (q then k, any dtype: adjacent channels of the conv output) -> fp32
+    q (l2-normalised, times scale, default dk^-0.5) and k (l2-normalised), heads repeated to
+    num_v_heads: [N, Hv, dk] each. `_prepare` in one pass over both."""
+    x = l2norm(qk.to(F32))
+    q, k = x[:, 0] * (scale if scale is not None else x.shape[-1] ** -0.5), x[:, 1]
+    r = num_v_heads // x.shape[2]
+    if r > 1:
+        q, k = q.repeat_interleave(r, dim=1), k.repeat_interleave(r, dim=1)
+    return q, k
