@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen35 import kernels
 from qwen35.forward_batch import ForwardBatch, ModelCaches
 from qwen35.request import TokenLogprob
 from qwen35.sampler import Sampler, SamplingRow, make_generator
@@ -66,6 +67,7 @@ class ModelRunner:
         self.device = torch.device(device)
         if self.device.type == "cpu":
             keep_freed_memory_in_heap()
+            kernels.load()  # compile (first run on a machine) now, not in the first decode step
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator | None] = {}

@@ -1,0 +1,78 @@
+"""Optional native CPU kernels, compiled on first use with torch's C++ extension builder.
+
+Each kernel has a plain PyTorch path beside it and a test against that path; when a kernel
+can't be used (no compiler, a CPU without the instructions, QWEN35_NO_KERNELS=1) the caller
+falls back to the PyTorch op. The build is cached by torch under ~/.cache/torch_extensions
+(TORCH_EXTENSIONS_DIR), so only the first process on a machine pays it (~30-60 s).
+
+- `gated_delta_step(q, k, v, a, beta, state, out)`: the DeltaNet decode step in two passes
+  over each head's state instead of five (ops/gated_delta.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from qwen35.devices import cpu_flags
+
+log = logging.getLogger("qwen35")
+_lock = threading.Lock()
+_module = None
+_tried = False
+
+NAME = "qwen35_cpu_kernels"
+FLAGS = ("avx2", "fma")  # the build targets x86-64 with AVX2 + FMA (any CPU of the last decade)
+
+
+def supported() -> bool:
+    """The CPU has the instructions and kernels are not switched off."""
+    if os.environ.get("QWEN35_NO_KERNELS", "") not in ("", "0"):
+        return False
+    flags = cpu_flags()
+    return all(f in flags for f in FLAGS)
+
+
+def load():
+    """The compiled module, or None where it can't be had. Builds once per process (cached on
+    disk across processes); a failed build is logged once."""
+    global _module, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        if supported():
+            try:
+                _module = _build()
+            except Exception as e:  # no compiler, no ninja, a broken toolchain: fall back
+                log.warning("CPU kernels unavailable (%s); using PyTorch ops", str(e)[:200])
+        _tried = True
+    return _module
+
+
+def _build():
+    from torch.utils.cpp_extension import load as build
+
+    src = Path(__file__).with_name("gated_delta_cpu.cpp")
+    if not _built(NAME):
+        log.warning("compiling qwen35's CPU kernels (once per machine, ~30 s)")
+    return build(
+        name=NAME,
+        sources=[str(src)],
+        extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
+def _built(name: str) -> bool:
+    """A previous process already compiled the module (torch's build cache has the .so)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, False)) / f"{name}.so").exists()
+    except Exception:  # a private helper of torch: if it moves, just say we compile
+        return False
