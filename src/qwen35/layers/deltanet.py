@@ -12,12 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen35 import kernels
 from qwen35.config import ModelConfig
 from qwen35.layers.linear import Linear, empty_param, pack_linears, packed_linear
 from qwen35.layers.norms import GatedRMSNorm
 from qwen35.model_caches import DecodePlan, StepPlan
 from qwen35.ops.conv import causal_conv1d, causal_conv1d_update_, conv_state_at
-from qwen35.ops.gated_delta import CHUNK_SIZE, chunk_gated_delta_rule, gated_delta_step_, l2norm_qk
+from qwen35.ops.gated_delta import (
+    CHUNK_SIZE,
+    chunk_gated_delta_rule,
+    gated_delta_step_torch,
+    l2norm_qk,
+)
 
 
 class DepthwiseConv(nn.Module):
@@ -106,39 +112,26 @@ class GatedDeltaNet(nn.Module):
     def _decode(self, qkv, g, beta, d: DecodePlan, conv_cache, rec_cache, o) -> None:
         """All single-token sequences at once, in slot order, their conv and recurrent states
         updated in place on each run of consecutive slots (no gather/scatter of the states).
-        Written for few ops: at batch 1 this layer is dispatch-bound, not bandwidth-bound."""
+        On a CPU the step after the projections is one compiled kernel call per run
+        (kernels/gated_delta_cpu.cpp): at batch 1 this layer is dispatch-bound, and the
+        PyTorch formulation below takes ~40 small ops."""
         if not d.all_rows_in_slot_order:  # gather the decode rows into slot order
             qkv, g, beta = (t.index_select(0, d.rows_by_slot) for t in (qkv, g, beta))
-        N, kd = qkv.shape[0], self.key_dim
         w = self.conv1d.weight[:, 0, :]  # [C, K]
-        u = qkv if len(d.slot_runs) == 1 else torch.empty_like(qkv)  # [N, C] conv outputs
-        for i0, s0, n in d.slot_runs:
-            state = conv_cache[s0 : s0 + n]  # [n, C, K-1] view of the cache
-            if d.fresh_by_slot is not None:
+        if d.fresh_by_slot is not None:
+            for i0, s0, n in d.slot_runs:
                 fresh = d.fresh_by_slot[i0 : i0 + n]
-                state[fresh] = 0
+                conv_cache[s0 : s0 + n][fresh] = 0
                 rec_cache[s0 : s0 + n][fresh] = 0
-            y = causal_conv1d_update_(qkv[i0 : i0 + n], w, state)  # [n, C]
-            if len(d.slot_runs) == 1:
-                u = y
-            else:
-                u[i0 : i0 + n] = y
-        q, k = l2norm_qk(u[:, : 2 * kd].unflatten(-1, (2, self.nk, self.dk)), self.nv)
-        v = u[:, 2 * kd :].unflatten(-1, (self.nv, self.dv))  # [N, nv, dv]
-        a = g.exp()  # [N, nv] decay
-        od = None
+        fused = _fused_decode(rec_cache)
+        pieces = []
         for i0, s0, n in d.slot_runs:
-            r = slice(i0, i0 + n)
-            S = rec_cache[s0 : s0 + n]  # [n, nv, dk, dv] view of the cache
-            S32 = S if S.dtype == torch.float32 else S.float()
-            y = gated_delta_step_(q[r], k[r], v[r], a[r], beta[r], S32)  # [n, nv, dv] fp32
-            if S32 is not S:
-                S.copy_(S32)
-            if len(d.slot_runs) == 1:
-                od = y
+            r, cs, S = slice(i0, i0 + n), conv_cache[s0 : s0 + n], rec_cache[s0 : s0 + n]
+            if fused is not None:
+                pieces.append(fused(qkv[r], cs, w, g[r], beta[r], S, self.nk))
             else:
-                od = od if od is not None else y.new_empty(N, self.nv, self.dv)
-                od[r] = y
+                pieces.append(self._decode_torch(qkv[r], w, g[r], beta[r], cs, S))
+        od = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # [N, nv, dv] fp32
         if d.all_rows_in_slot_order:
             o.copy_(od)
         else:
@@ -146,6 +139,26 @@ class GatedDeltaNet(nn.Module):
         for slot, dest in d.checkpoints:
             conv_cache[dest] = conv_cache[slot]
             rec_cache[dest] = rec_cache[slot]
+
+    def _decode_torch(self, qkv, w, g, beta, conv_state, state) -> torch.Tensor:
+        """One run of consecutive slots in PyTorch ops (the fused kernel's reference)."""
+        kd = self.key_dim
+        u = causal_conv1d_update_(qkv, w, conv_state)  # [n, C]
+        q, k = l2norm_qk(u[:, : 2 * kd].unflatten(-1, (2, self.nk, self.dk)), self.nv)
+        v = u[:, 2 * kd :].unflatten(-1, (self.nv, self.dv))  # [n, nv, dv]
+        S32 = state if state.dtype == torch.float32 else state.float()
+        y = gated_delta_step_torch(q, k, v, g.exp(), beta, S32)  # [n, nv, dv] fp32
+        if S32 is not state:
+            state.copy_(S32)
+        return y
+
+
+def _fused_decode(rec_cache: torch.Tensor):
+    """The compiled DeltaNet decode step where it applies (CPU, fp32 states), else None."""
+    if not rec_cache.is_cpu or rec_cache.dtype != torch.float32:
+        return None
+    mod = kernels.load()
+    return None if mod is None else mod.deltanet_decode
 
 
 def _segments(checkpoints: list[tuple[int, int]], num_tokens: int, chunk: int):
