@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+import tiny
 from qwen35 import kernels
-from qwen35.ops.gated_delta import gated_delta_step_, gated_delta_step_torch
+from qwen35.config import ModelConfig
+from qwen35.forward_batch import ForwardBatch
+from qwen35.layers import deltanet
+from qwen35.model_caches import StepPlan
+from qwen35.models.qwen3_5 import Qwen35ForCausalLM
 
 
 def _module():
@@ -18,48 +25,54 @@ def _module():
     return mod
 
 
-def _inputs(N, H=4, dk=16, dv=24, seed=0):
+def _layer(dtype, seed=3):
+    """Layer 0 (DeltaNet) of the tiny config, GQA-like heads (value heads = 2 x key heads)."""
+    cfg = ModelConfig.from_hf(json.loads(tiny.hf_model().config.to_json_string()))
+    layer = Qwen35ForCausalLM(cfg, dtype=dtype).model.layers[0].linear_attn
     g = torch.Generator().manual_seed(seed)
-    q = torch.nn.functional.normalize(torch.randn(N, H, dk, generator=g), dim=-1) * dk**-0.5
-    k = torch.nn.functional.normalize(torch.randn(N, H, dk, generator=g), dim=-1)
-    v = torch.randn(N, H, dv, generator=g).bfloat16()  # the model dtype, as the layer passes it
-    a = torch.rand(N, H, generator=g)
-    beta = torch.rand(N, H, generator=g).bfloat16()
-    S = torch.randn(N, H, dk, dv, generator=g)
-    return q, k, v, a, beta, S
+    for p in layer.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return cfg, layer, g
 
 
-def test_fused_step_equals_torch_reference():
-    _module()
-    q, k, v, a, beta, S = _inputs(5)
-    S_ref, S_k = S.clone(), S.clone()
-    for _ in range(3):  # three decode steps in a row: the states stay equal
-        o_ref = gated_delta_step_torch(q, k, v, a, beta, S_ref)
-        o = gated_delta_step_(q, k, v, a, beta, S_k)
-        torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(S_k, S_ref, atol=1e-5, rtol=1e-5)
+def _kernel_inputs(cfg, n, dtype, g):
+    """Random inputs of deltanet_decode for n sequences."""
+    C, K = cfg.linear_conv_dim, cfg.linear_conv_kernel_dim
+    nv, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    qkv = torch.randn(n, C, generator=g).to(dtype)
+    conv = torch.randn(n, C, K - 1, generator=g).to(dtype)
+    w = (torch.randn(C, K, generator=g) * 0.5).to(dtype)
+    logdecay = -torch.rand(n, nv, generator=g)
+    beta = torch.rand(n, nv, generator=g).to(dtype)
+    S = torch.randn(n, nv, dk, dv, generator=g) * 0.1
+    return qkv, conv, w, logdecay, beta, S
 
 
-def test_fused_step_is_batch_independent():
-    """Each head's arithmetic is the same in any batch: bitwise equal to running alone."""
-    _module()
-    q, k, v, a, beta, S = _inputs(4, seed=1)
-    S_all = S.clone()
-    o_all = gated_delta_step_(q, k, v, a, beta, S_all)
+def test_fused_decode_is_batch_independent():
+    """Each sequence's arithmetic is the same in any batch: bitwise equal to running alone."""
+    mod = _module()
+    cfg, _, g = _layer(torch.bfloat16)
+    qkv, conv, w, logdecay, beta, S = _kernel_inputs(cfg, 4, torch.bfloat16, g)
+    nk = cfg.linear_num_key_heads
+    conv_all, S_all = conv.clone(), S.clone()
+    o_all = mod.deltanet_decode(qkv, conv_all, w, logdecay, beta, S_all, nk)
     for i in range(4):
-        S_i = S[i : i + 1].clone()
-        o_i = gated_delta_step_(q[i : i + 1], k[i : i + 1], v[i : i + 1], a[i : i + 1],
-                                beta[i : i + 1], S_i)  # fmt: skip
-        assert torch.equal(o_i[0], o_all[i]) and torch.equal(S_i[0], S_all[i])
+        r = slice(i, i + 1)
+        conv_i, S_i = conv[r].clone(), S[r].clone()
+        o_i = mod.deltanet_decode(qkv[r], conv_i, w, logdecay[r], beta[r], S_i, nk)
+        assert torch.equal(o_i[0], o_all[i])
+        assert torch.equal(conv_i[0], conv_all[i]) and torch.equal(S_i[0], S_all[i])
 
 
 def test_bad_input_is_refused():
     mod = _module()
-    q, k, v, a, beta, S = _inputs(2)
-    out = torch.empty(2 * 4, 24)
-    with pytest.raises(RuntimeError, match="contiguous fp32"):
-        mod.gated_delta_step(q.view(8, 16), k.view(8, 16), v.view(8, 24), a.view(8),
-                             beta.view(8), S.view(8, 16, 24), out)  # v, beta are bf16  # fmt: skip
+    cfg, _, g = _layer(torch.bfloat16)
+    qkv, conv, w, logdecay, beta, S = _kernel_inputs(cfg, 2, torch.bfloat16, g)
+    nk = cfg.linear_num_key_heads
+    with pytest.raises(RuntimeError, match="must share the model dtype"):
+        mod.deltanet_decode(qkv, conv, w, logdecay, beta.float(), S, nk)
+    with pytest.raises(RuntimeError, match="layouts or dtypes"):
+        mod.deltanet_decode(qkv, conv, w, logdecay, beta, S.bfloat16(), nk)  # fp32 states only
 
 
 def test_switch_off(monkeypatch):
@@ -70,23 +83,10 @@ def test_switch_off(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_deltanet_decode_equals_torch_path(dtype, monkeypatch):
     """A DeltaNet layer's decode step through the compiled kernel equals its PyTorch path:
-    outputs, conv states and recurrent states; 3 sequences in slots 2, 3, 5 (two runs, given
-    out of slot order), one of them fresh; GQA-like heads (value heads = 2 x key heads)."""
-    import json
-
-    import tiny
-    from qwen35.config import ModelConfig
-    from qwen35.forward_batch import ForwardBatch
-    from qwen35.layers import deltanet
-    from qwen35.model_caches import StepPlan
-    from qwen35.models.qwen3_5 import Qwen35ForCausalLM
-
+    outputs, conv states and recurrent states, over three decode steps in a row; 3 sequences
+    in slots 2, 3, 5 (two runs, given out of slot order), one of them fresh."""
     _module()
-    cfg = ModelConfig.from_hf(json.loads(tiny.hf_model().config.to_json_string()))
-    layer = Qwen35ForCausalLM(cfg, dtype=dtype).model.layers[0].linear_attn
-    g = torch.Generator().manual_seed(3)
-    for p in layer.parameters():
-        p.data.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    cfg, layer, g = _layer(dtype)
     batch = ForwardBatch(
         positions=torch.tensor([7, 0, 4]),
         cu_seqlens=[0, 1, 2, 3],
@@ -102,14 +102,17 @@ def test_fused_deltanet_decode_equals_torch_path(dtype, monkeypatch):
     conv = conv.to(dtype)
     rec = torch.randn(6, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                       cfg.linear_value_head_dim, generator=g) * 0.1  # fmt: skip
-    x = torch.randn(3, cfg.hidden_size, generator=g).to(dtype)
     c1, r1, c2, r2 = conv.clone(), rec.clone(), conv.clone(), rec.clone()
-    with torch.no_grad():
-        out_k = layer(x, plan, c1, r1)
-        monkeypatch.setattr(deltanet, "_fused_decode", lambda rec_cache: None)
-        out_t = layer(x, plan, c2, r2)
+    fused = deltanet._fused_decode
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(out_k, out_t, **tol)
-    torch.testing.assert_close(c1, c2, **tol)
-    torch.testing.assert_close(r1, r2, **tol)
+    for _ in range(3):
+        x = torch.randn(3, cfg.hidden_size, generator=g).to(dtype)
+        with torch.no_grad():
+            monkeypatch.setattr(deltanet, "_fused_decode", fused)
+            out_k = layer(x, plan, c1, r1)
+            monkeypatch.setattr(deltanet, "_fused_decode", lambda rec_cache: None)
+            out_t = layer(x, plan, c2, r2)
+        torch.testing.assert_close(out_k, out_t, **tol)
+        torch.testing.assert_close(c1, c2, **tol)
+        torch.testing.assert_close(r1, r2, **tol)
     assert not torch.equal(r1, rec)  # the states did move

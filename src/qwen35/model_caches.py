@@ -75,8 +75,6 @@ class DecodePlan:
     """All single-token sequences of the step, processed together."""
 
     rows: torch.Tensor  # [N] int64 token rows
-    slots: torch.Tensor  # [N] int64 DeltaNet state slots
-    fresh: torch.Tensor | None  # [N] bool, True = no initial state (start from zeros); None: none
     block_tables: torch.Tensor  # [N, max_blocks] int
     context_lens: torch.Tensor  # [N] int64
     max_context: int
@@ -85,7 +83,8 @@ class DecodePlan:
     # (first position, first slot, count): DeltaNet layers update each run's states in place on
     # a cache view instead of gathering and scattering [N, nv, dk, dv] every layer.
     rows_by_slot: torch.Tensor | None = None  # [N] int64 token rows, slot-ascending
-    fresh_by_slot: torch.Tensor | None = None  # [N] bool in that order; None: none fresh
+    # [N] bool in that order, True = no initial state (start from zeros); None: none fresh
+    fresh_by_slot: torch.Tensor | None = None
     slot_runs: list[tuple[int, int, int]] = field(default_factory=list)
     # rows_by_slot is exactly 0..T-1: every row of the step is a decode row, already in slot
     # order (batch-1 decode; batches whose sequences sit in ascending slots): no gather
@@ -138,8 +137,6 @@ class StepPlan:
             rows_by_slot = [cu[dec_idx[j]] for j in by_slot]
             decode = DecodePlan(
                 rows=torch.tensor([cu[i] for i in dec_idx], device=dev),
-                slots=batch.state_slots.index_select(0, idx),
-                fresh=torch.tensor(fresh, device=dev) if any(fresh) else None,
                 block_tables=batch.block_tables.index_select(0, idx),
                 context_lens=torch.tensor(ctx, device=dev),
                 max_context=max(ctx),

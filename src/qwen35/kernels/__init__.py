@@ -5,8 +5,9 @@ can't be used (no compiler, a CPU without the instructions, QWEN35_NO_KERNELS=1)
 falls back to the PyTorch op. The build is cached by torch under ~/.cache/torch_extensions
 (TORCH_EXTENSIONS_DIR), so only the first process on a machine pays it (~30-60 s).
 
-- `gated_delta_step(q, k, v, a, beta, state, out)`: the DeltaNet decode step in two passes
-  over each head's state instead of five (ops/gated_delta.py).
+- `deltanet_decode(qkv, conv_state, conv_w, g, beta, state, num_key_heads)`: a DeltaNet
+  layer's decode step after its projections, two passes over each head's state instead of five
+  (layers/deltanet.py; its PyTorch twin is GatedDeltaNet._decode_torch).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 //   u_k = S^T k, u_q = S^T q            (one read of S)
 //   delta = beta (v - a u_k),  o = a u_q + (k . q) delta
 //   S = a S + k delta^T                 (one read-modify-write of S, still in L2: 64 KiB)
-// The PyTorch path (ops/gated_delta.py gated_delta_step_) makes five passes over the whole
+// The PyTorch path (layers/deltanet.py _decode_torch) makes five passes over the whole
 // batch's states, which at batch 32 of Qwen3.5-0.8B are 32 MiB per layer: memory-bound.
 // Heads are independent and split across torch's intra-op threads; each head's arithmetic is
 // the same whatever the batch, so batched and single-sequence results are bitwise equal.
@@ -14,69 +14,9 @@
 #include <cmath>
 #include <vector>
 
-void gated_delta_step(const torch::Tensor& q,     // [NH, dk] fp32, normalised and scaled
-                      const torch::Tensor& k,     // [NH, dk] fp32, normalised
-                      const torch::Tensor& v,     // [NH, dv] fp32
-                      const torch::Tensor& a,     // [NH] fp32 decay exp(g)
-                      const torch::Tensor& beta,  // [NH] fp32
-                      torch::Tensor& state,       // [NH, dk, dv] fp32, updated in place
-                      torch::Tensor& out) {       // [NH, dv] fp32
-  for (const torch::Tensor* t : {&q, &k, &v, &a, &beta, static_cast<const torch::Tensor*>(&state),
-                                 static_cast<const torch::Tensor*>(&out)}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
-                "gated_delta_step: contiguous fp32 CPU tensors expected");
-  }
-  const int64_t NH = state.size(0), dk = state.size(1), dv = state.size(2);
-  TORCH_CHECK(q.numel() == NH * dk && k.numel() == NH * dk && v.numel() == NH * dv &&
-                  a.numel() == NH && beta.numel() == NH && out.numel() == NH * dv,
-              "gated_delta_step: shapes do not match the state [NH, dk, dv]");
-  const float* Q = q.data_ptr<float>();
-  const float* K = k.data_ptr<float>();
-  const float* V = v.data_ptr<float>();
-  const float* A = a.data_ptr<float>();
-  const float* B = beta.data_ptr<float>();
-  float* S = state.data_ptr<float>();
-  float* O = out.data_ptr<float>();
-
-  at::parallel_for(0, NH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> uk(dv), uq(dv), delta(dv);
-    for (int64_t h = begin; h < end; ++h) {
-      const float* __restrict qh = Q + h * dk;
-      const float* __restrict kh = K + h * dk;
-      float* __restrict sh = S + h * dk * dv;
-      float* __restrict ukp = uk.data();
-      float* __restrict uqp = uq.data();
-      float* __restrict dp = delta.data();
-      for (int64_t j = 0; j < dv; ++j) ukp[j] = uqp[j] = 0.f;
-      float kq = 0.f;
-      for (int64_t i = 0; i < dk; ++i) {
-        const float ki = kh[i], qi = qh[i];
-        const float* __restrict row = sh + i * dv;
-        for (int64_t j = 0; j < dv; ++j) {
-          ukp[j] += row[j] * ki;
-          uqp[j] += row[j] * qi;
-        }
-        kq += ki * qi;
-      }
-      const float ah = A[h], bh = B[h];
-      const float* __restrict vh = V + h * dv;
-      float* __restrict oh = O + h * dv;
-      for (int64_t j = 0; j < dv; ++j) {
-        dp[j] = bh * (vh[j] - ah * ukp[j]);
-        oh[j] = ah * uqp[j] + kq * dp[j];
-      }
-      for (int64_t i = 0; i < dk; ++i) {
-        const float ki = kh[i];
-        float* __restrict row = sh + i * dv;
-        for (int64_t j = 0; j < dv; ++j) row[j] = ah * row[j] + ki * dp[j];
-      }
-    }
-  });
-}
-
 // The whole DeltaNet decode step after the input projections, for one run of consecutive state
 // slots: causal conv update (state shifted in place), SiLU, l2-normalised q (times dk^-0.5) and k,
-// then the recurrent step above. Rounding follows the PyTorch path: the conv accumulates in fp32
+// then the recurrent step at the top of this file. Rounding follows the PyTorch path: the conv accumulates in fp32
 // and is rounded to the model dtype, SiLU runs on that value and is rounded again; q, k, v are
 // those rounded values in fp32. Returns o [n, nv, dv] fp32.
 template <typename T>
@@ -113,7 +53,7 @@ void deltanet_decode_impl(const T* X, int64_t x_stride, T* CS, const T* W, const
         sq += q[t] * q[t];
         sk += k[t] * k[t];
       }
-      const float iq = 1.f / std::sqrt(sq + 1e-6f) , ik = 1.f / std::sqrt(sk + 1e-6f);
+      const float iq = 1.f / std::sqrt(sq + 1e-6f), ik = 1.f / std::sqrt(sk + 1e-6f);
       for (int64_t t = 0; t < dk; ++t) {
         q[t] = q[t] * iq * scale;
         k[t] = k[t] * ik;
@@ -179,6 +119,5 @@ torch::Tensor deltanet_decode(const torch::Tensor& qkv,   // [n, C] model dtype,
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gated_delta_step", &gated_delta_step, "fused gated delta rule decode step (in place)");
   m.def("deltanet_decode", &deltanet_decode, "DeltaNet decode after the projections (in place)");
 }

@@ -21,7 +21,7 @@ from qwen35.ops.conv import causal_conv1d, causal_conv1d_update_, conv_state_at
 from qwen35.ops.gated_delta import (
     CHUNK_SIZE,
     chunk_gated_delta_rule,
-    gated_delta_step_torch,
+    gated_delta_step_,
     l2norm_qk,
 )
 
@@ -147,7 +147,7 @@ class GatedDeltaNet(nn.Module):
         q, k = l2norm_qk(u[:, : 2 * kd].unflatten(-1, (2, self.nk, self.dk)), self.nv)
         v = u[:, 2 * kd :].unflatten(-1, (self.nv, self.dv))  # [n, nv, dv]
         S32 = state if state.dtype == torch.float32 else state.float()
-        y = gated_delta_step_torch(q, k, v, g.exp(), beta, S32)  # [n, nv, dv] fp32
+        y = gated_delta_step_(q, k, v, g.exp(), beta, S32)  # [n, nv, dv] fp32
         if S32 is not state:
             state.copy_(S32)
         return y

@@ -240,30 +240,8 @@ def gated_delta_step_(
     state: torch.Tensor,  # [N, H, dk, dv] fp32, updated in place
 ) -> torch.Tensor:
     """The recurrent step on prepared inputs (heads already repeated); o [N, H, dv] fp32.
-    On a CPU with the compiled kernel (qwen35.kernels) it runs fused, two passes over each
-    head's state; otherwise `gated_delta_step_torch`."""
-    if state.is_cpu and state.dtype == F32 and state.is_contiguous():
-        from qwen35 import kernels
-
-        mod = kernels.load()
-        if mod is not None:
-            N, H, dv = v.shape
-            out = torch.empty(N, H, dv, dtype=F32)
-            f32 = [t.to(F32).contiguous() for t in (q, k, v, a, beta)]
-            mod.gated_delta_step(*f32, state.view(N * H, *state.shape[2:]), out)
-            return out
-    return gated_delta_step_torch(q, k, v, a, beta, state)
-
-
-def gated_delta_step_torch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    beta: torch.Tensor,
-    state: torch.Tensor,
-) -> torch.Tensor:
-    """gated_delta_step_ in PyTorch ops (the reference of the CPU kernel, and the GPU path)."""
+    The reference of the CPU kernel's recurrent part (kernels/gated_delta_cpu.cpp), and the
+    decode path wherever that kernel doesn't run."""
     N, H, dv = v.shape
     dk = k.shape[-1]
     NH = N * H
