@@ -20,10 +20,9 @@ import torch
 
 from qwen35 import kernels
 from qwen35.catalog import load_model_config
-from qwen35.forward_batch import ForwardBatch
+from qwen35.engine.forward_batch import ForwardBatch, StepPlan
 from qwen35.layers import deltanet
 from qwen35.loader import parse_dtype
-from qwen35.model_caches import StepPlan
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from qwen35.catalog import load_model_config, load_raw
-from qwen35.model_caches import allocate_caches
+from qwen35.engine.forward_batch import allocate_caches
 from qwen35.models.qwen3_5 import Qwen35ForCausalLM, uncached_batch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from qwen35.engine.sampler import Sampler, SamplingRow, make_generator, reference_sample
 from qwen35.request import SamplingParams
-from qwen35.sampler import Sampler, SamplingRow, make_generator, reference_sample
 
 PROMPT_LEN, OUTPUT_LEN = 1000, 200
 

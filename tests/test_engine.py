@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from qwen35.engine import LLM, PromptTooLongError
+from qwen35.engine.llm_engine import LLM, PromptTooLongError
 from qwen35.request import SamplingParams
 from tiny import save_checkpoint
 

@@ -10,9 +10,8 @@ import torch
 import tiny
 from qwen35 import kernels
 from qwen35.config import ModelConfig
-from qwen35.forward_batch import ForwardBatch
+from qwen35.engine.forward_batch import ForwardBatch, StepPlan
 from qwen35.layers import deltanet
-from qwen35.model_caches import StepPlan
 from qwen35.models.qwen3_5 import Qwen35ForCausalLM
 
 

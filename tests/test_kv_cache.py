@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from qwen35.kv_cache import KVBlockPool, extend_block_hashes, hash_block
+from qwen35.engine.kv_cache import KVBlockPool, extend_block_hashes, hash_block
 
 
 def test_allocate_free_and_counts():

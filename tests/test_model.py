@@ -10,8 +10,7 @@ import torch
 
 import tiny
 from qwen35.config import ModelConfig
-from qwen35.forward_batch import ForwardBatch
-from qwen35.model_caches import StepPlan, allocate_caches
+from qwen35.engine.forward_batch import ForwardBatch, StepPlan, allocate_caches
 from qwen35.models.qwen3_5 import Qwen35ForCausalLM, uncached_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -10,9 +10,8 @@ import torch
 
 import tiny
 from qwen35.config import ModelConfig
-from qwen35.forward_batch import ForwardBatch
+from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
 from qwen35.layers.linear import PACKED_MAX_ROWS
-from qwen35.model_caches import allocate_caches
 from qwen35.models.qwen3_5 import Qwen35ForCausalLM
 
 pytestmark = pytest.mark.filterwarnings("ignore")

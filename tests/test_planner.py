@@ -12,7 +12,7 @@ from qwen35 import catalog
 from qwen35.cache_spec import cache_spec
 from qwen35.catalog.gpus import GpuSpec, custom_gpu, gpu_names, load_gpu
 from qwen35.config import ModelConfig
-from qwen35.params import (
+from qwen35.plan.params import (
     fp8_block_scales,
     param_counts,
     tensor_bytes,
@@ -20,7 +20,7 @@ from qwen35.params import (
     weight_bytes,
     weight_tensors,
 )
-from qwen35.planner import (
+from qwen35.plan.planner import (
     GIB,
     Deployment,
     PlanError,
@@ -34,7 +34,7 @@ from qwen35.planner import (
     runtime_overhead_bytes,
     working_memory_bytes,
 )
-from qwen35.sharding import LayoutError, rank_weights, valid_tp_sizes, validate_layout
+from qwen35.plan.sharding import LayoutError, rank_weights, valid_tp_sizes, validate_layout
 
 # The article's table, as printed: parameters, BF16 "GB" and FP8 "GB" (GiB = 2^30 bytes).
 ARTICLE = {

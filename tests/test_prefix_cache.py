@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from qwen35.scheduler import Scheduler, SchedulerConfig
+from qwen35.engine.scheduler import Scheduler, SchedulerConfig
 from test_scheduler import (
     VOCAB,
     FakeRunner,

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from qwen35.engine import LLM
+from qwen35.engine.llm_engine import LLM
 from qwen35.request import SamplingParams
 from tiny import save_checkpoint
 

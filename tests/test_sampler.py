@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-import qwen35.sampler as sampler_mod
-from qwen35.request import SamplingParams as SP
-from qwen35.sampler import (
+import qwen35.engine.sampler as sampler_mod
+from qwen35.engine.sampler import (
     Sampler,
     SamplingRow,
     apply_penalties,
@@ -19,6 +18,7 @@ from qwen35.sampler import (
     make_generator,
     reference_sample,
 )
+from qwen35.request import SamplingParams as SP
 
 
 def rand_logits(s: int, v: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:

@@ -14,9 +14,9 @@ import random
 
 import pytest
 
+from qwen35.engine.scheduler import Scheduler, SchedulerConfig
+from qwen35.engine.sequence import Sequence, SequenceStatus
 from qwen35.request import SamplingParams
-from qwen35.scheduler import Scheduler, SchedulerConfig
-from qwen35.sequence import Sequence, SequenceStatus
 
 VOCAB = 50
 MOD = (1 << 61) - 1
@@ -419,7 +419,7 @@ def test_scheduler_and_pools_import_no_torch():
     import sys
 
     code = (
-        "import sys, qwen35.scheduler, qwen35.kv_cache, qwen35.state_cache, qwen35.sequence;"
+        "import sys, qwen35.engine.scheduler, qwen35.engine.kv_cache, qwen35.engine.state_cache, qwen35.engine.sequence;"
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

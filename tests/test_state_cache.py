@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from qwen35.state_cache import StatePool
+from qwen35.engine.state_cache import StatePool
 
 
 def h(i: int) -> bytes:

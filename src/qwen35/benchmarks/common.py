@@ -92,7 +92,7 @@ def load_bench_model(opts: BenchOptions) -> BenchModel:
 
 def make_engine(bm: BenchModel, **kwargs):
     """An LLMEngine over the already-loaded model (engines share one set of weights)."""
-    from qwen35.engine import LLMEngine
+    from qwen35.engine.llm_engine import LLMEngine
 
     return LLMEngine(bm.model, device=str(bm.device), verbose=False, **kwargs)
 

@@ -18,8 +18,7 @@ import torch
 from qwen35.benchmarks.common import BenchModel, BenchOptions, free_memory, median, ratio, timed
 from qwen35.cache_spec import cache_spec
 from qwen35.config import ModelConfig
-from qwen35.forward_batch import ForwardBatch
-from qwen35.model_caches import allocate_caches
+from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
 
 DEFAULT_CONTEXTS = (1024, 8192, 32768)
 QUICK_CONTEXTS = (64, 256)

@@ -72,7 +72,7 @@ def run_bench(
         "seconds": {"load": time.perf_counter() - t0},
     }
     if bm.device.type == "cpu":  # the engine's allocator setting holds for the whole process
-        from qwen35.model_runner import keep_freed_memory_in_heap
+        from qwen35.engine.model_runner import keep_freed_memory_in_heap
 
         doc["system"]["freed_memory_kept_in_heap"] = keep_freed_memory_in_heap()
     if opts.baseline and any(w in NEEDS_BASELINE for w in workloads):

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwen35.engine import LLM
+    from qwen35.engine.llm_engine import LLM
     from qwen35.server.parsers import ChatOutputParser
 
     llm = LLM(args.model, progress=sys.stderr.isatty(), **engine_kwargs(args))

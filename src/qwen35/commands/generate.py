@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwen35.engine import LLM
+    from qwen35.engine.llm_engine import LLM
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     params = sampling_params(args)

@@ -1,7 +1,7 @@
 """`qwen35 plan`: how much memory each Qwen 3.5 model needs, and what to run on a GPU.
 
 Offline and torch-free: everything comes from the bundled configs (or a config.json) through
-`qwen35.planner`. Rich tables on a terminal, `--json` for scripts, `--plot` for a chart.
+`qwen35.plan.planner`. Rich tables on a terminal, `--json` for scripts, `--plot` for a chart.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 from qwen35 import catalog
 from qwen35.catalog import gpus as gpu_catalog
 from qwen35.config import ModelConfig
-from qwen35.params import has_fp8
-from qwen35.planner import (
+from qwen35.plan.params import has_fp8
+from qwen35.plan.planner import (
     DEFAULT_CONTEXT,
     DEFAULT_PREFILL_CHUNK,
     Fit,
@@ -28,7 +28,7 @@ from qwen35.planner import (
     recommend,
     summarize,
 )
-from qwen35.sharding import layout_problems, validate_layout
+from qwen35.plan.sharding import layout_problems, validate_layout
 
 JSON_SCHEMA = "qwen35.plan/1"
 
@@ -343,11 +343,11 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(to_json(rows, gpu, args, common), indent=2))
     else:
-        from qwen35.commands import plan_view
+        from qwen35.plan import view as plan_view
 
         plan_view.render(rows, gpu, args, common)
     if args.plot:
-        from qwen35.commands import plan_view
+        from qwen35.plan import view as plan_view
 
         path = plan_view.plot(rows, gpu, args)
         if not args.json:

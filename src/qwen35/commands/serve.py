@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise Qwen35Error(f"--max-queue must be >= 0, got {args.max_queue}")
     import uvicorn
 
-    from qwen35.engine import LLMEngine
+    from qwen35.engine.llm_engine import LLMEngine
     from qwen35.server.app import ServerConfig, create_app
 
     engine = LLMEngine(

@@ -14,9 +14,9 @@ from torch import nn
 
 from qwen35 import kernels
 from qwen35.config import ModelConfig
+from qwen35.engine.forward_batch import DecodePlan, StepPlan
 from qwen35.layers.linear import Linear, empty_param, pack_linears, packed_linear
 from qwen35.layers.norms import GatedRMSNorm
-from qwen35.model_caches import DecodePlan, StepPlan
 from qwen35.ops.conv import causal_conv1d, causal_conv1d_update_, conv_state_at
 from qwen35.ops.gated_delta import (
     CHUNK_SIZE,

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from qwen35.config import ModelConfig
+from qwen35.engine.forward_batch import StepPlan
 from qwen35.layers.linear import Linear, pack_linears, packed_linear
 from qwen35.layers.norms import RMSNorm
 from qwen35.layers.rotary import apply_rotary
-from qwen35.model_caches import StepPlan
 from qwen35.ops.attention import decode_attention, gather_kv, prefill_attention, write_kv
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.config import ModelConfig
-from qwen35.forward_batch import ForwardBatch, ModelCaches
+from qwen35.engine.forward_batch import ForwardBatch, ModelCaches, StepPlan, allocate_caches
 from qwen35.layers.deltanet import GatedDeltaNet
 from qwen35.layers.full_attention import GatedAttention
 from qwen35.layers.linear import Linear, empty_param
@@ -31,7 +31,6 @@ from qwen35.layers.mlp import MLP
 from qwen35.layers.moe import SparseMoE
 from qwen35.layers.norms import RMSNorm
 from qwen35.layers.rotary import RotaryEmbedding
-from qwen35.model_caches import StepPlan, allocate_caches
 
 
 class Embedding(nn.Module):

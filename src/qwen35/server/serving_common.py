@@ -131,7 +131,7 @@ async def add_to_engine(
     state: ServerState, requests: list[tuple[str, Any, Any]], prompt_param: str
 ) -> RequestStream:
     """Queue requests, turning the engine's refusals into OpenAI errors."""
-    from qwen35 import engine as engine_mod  # PromptTooLongError lives with the engine
+    from qwen35.engine import llm_engine as engine_mod  # PromptTooLongError lives with the engine
 
     too_long = getattr(engine_mod, "PromptTooLongError", ())
     try:

@@ -9,8 +9,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from qwen35.params import has_fp8, tensor_bytes, weight_tensors
-from qwen35.planner import (
+from qwen35.plan.params import has_fp8, tensor_bytes, weight_tensors
+from qwen35.plan.planner import (
     GIB,
     Deployment,
     Fit,

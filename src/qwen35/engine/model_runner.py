@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from qwen35 import kernels
-from qwen35.forward_batch import ForwardBatch, ModelCaches
+from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
+from qwen35.engine.sampler import Sampler, SamplingRow, make_generator
 from qwen35.request import TokenLogprob
-from qwen35.sampler import Sampler, SamplingRow, make_generator
 
 
 @dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from qwen35.kv_cache import _check
+from qwen35.engine.kv_cache import _check
 
 
 class StatePool:

@@ -24,8 +24,8 @@ from qwen35.cache_spec import CacheSpec, cache_spec, dtype_bytes, kv_heads_per_r
 from qwen35.catalog.gpus import GpuSpec
 from qwen35.config import ModelConfig
 from qwen35.errors import Qwen35Error
-from qwen35.params import ParamCounts, has_fp8, param_counts, weight_bytes
-from qwen35.sharding import LayoutError, RankWeights, layout_problems, rank_weights
+from qwen35.plan.params import ParamCounts, has_fp8, param_counts, weight_bytes
+from qwen35.plan.sharding import LayoutError, RankWeights, layout_problems, rank_weights
 
 GIB = 2**30
 # CUDA context (~0.5 GiB), cuBLAS / attention workspaces, allocator slack, driver reservations

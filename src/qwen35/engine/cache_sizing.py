@@ -150,7 +150,7 @@ def plan_caches(
 
 def _working_memory(cfg: ModelConfig, chunk_tokens: int, sampled_rows: int) -> int:
     try:  # the planner's documented formula
-        from qwen35.planner import working_memory_bytes
+        from qwen35.plan.planner import working_memory_bytes
 
         return int(working_memory_bytes(cfg, chunk_tokens, sampled_rows))
     except (ImportError, TypeError):

@@ -3,7 +3,7 @@
 
 The inventory lists each tensor once with how many identical copies exist (layers x experts), the
 part it belongs to, whether the official FP8 releases quantize it, and how tensor parallelism
-splits it (used by `qwen35.sharding`). Counting this way reproduces the article's table exactly
+splits it (used by `qwen35.plan.sharding`). Counting this way reproduces the article's table exactly
 (architecture doc section 4). No torch here.
 
 FP8 (architecture doc section 3.3): quantized tensors store 1 byte per weight plus one BF16

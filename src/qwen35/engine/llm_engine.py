@@ -19,14 +19,14 @@ import torch
 
 from qwen35.chat_format import ChatTemplate, default_thinking_for
 from qwen35.devices import resolve_dtype
+from qwen35.engine.cache_sizing import CachePlan, plan_caches
+from qwen35.engine.forward_batch import allocate_caches
+from qwen35.engine.model_runner import ModelRunner
+from qwen35.engine.scheduler import Scheduler, SchedulerConfig
+from qwen35.engine.sequence import Sequence as Seq
 from qwen35.errors import Qwen35Error
 from qwen35.loader import load_model
-from qwen35.memory import CachePlan, plan_caches
-from qwen35.model_caches import allocate_caches
-from qwen35.model_runner import ModelRunner
 from qwen35.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
-from qwen35.scheduler import Scheduler, SchedulerConfig
-from qwen35.sequence import Sequence as Seq
 from qwen35.tokenizer import IncrementalDetokenizer, StopStringMatcher, load_tokenizer
 
 log = logging.getLogger("qwen35")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from qwen35.cache_spec import kv_heads_per_rank
 from qwen35.config import ModelConfig
 from qwen35.errors import Qwen35Error
-from qwen35.params import Tensor, tensor_bytes, weight_tensors
+from qwen35.plan.params import Tensor, tensor_bytes, weight_tensors
 
 FP8_BLOCK = 128
 

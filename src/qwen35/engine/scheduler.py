@@ -17,9 +17,9 @@ import itertools
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from qwen35.kv_cache import KVBlockPool, _check, extend_block_hashes
-from qwen35.sequence import FINISH_REASONS, Sequence, SequenceStatus
-from qwen35.state_cache import StatePool
+from qwen35.engine.kv_cache import KVBlockPool, _check, extend_block_hashes
+from qwen35.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus
+from qwen35.engine.state_cache import StatePool
 
 
 def cdiv(a: int, b: int) -> int:
