@@ -13,8 +13,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import torch
-
 from qwen35.benchmarks import SCHEMA, WORKLOADS
 from qwen35.benchmarks.common import BenchOptions, free_memory, load_bench_model, system_info
 
@@ -50,8 +48,9 @@ def run_bench(
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
         raise ValueError(f"unknown workloads {unknown}; choose from {WORKLOADS}")
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    from qwen35.engine.runtime import configure_cpu_runtime
+
+    runtime = configure_cpu_runtime(opts.threads)  # what every engine does at start
     say(f"loading {opts.model} ({opts.dtype})")
     t0 = time.perf_counter()
     bm = load_bench_model(opts)
@@ -71,10 +70,7 @@ def run_bench(
         "goals": [],
         "seconds": {"load": time.perf_counter() - t0},
     }
-    if bm.device.type == "cpu":  # the engine's allocator setting holds for the whole process
-        from qwen35.engine.model_runner import keep_freed_memory_in_heap
-
-        doc["system"]["freed_memory_kept_in_heap"] = keep_freed_memory_in_heap()
+    doc["system"]["freed_memory_kept_in_heap"] = runtime["freed_memory_kept_in_heap"]
     if opts.baseline and any(w in NEEDS_BASELINE for w in workloads):
         from qwen35.benchmarks.hf_baseline import build_hf_model
 

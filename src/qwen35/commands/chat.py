@@ -8,7 +8,7 @@ import sys
 from qwen35.commands.common import (
     add_engine_arguments,
     add_sampling_arguments,
-    engine_kwargs,
+    engine_config,
     sampling_params,
 )
 
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from qwen35.engine.llm_engine import LLM
     from qwen35.server.parsers import ChatOutputParser
 
-    llm = LLM(args.model, progress=sys.stderr.isatty(), **engine_kwargs(args))
+    llm = LLM(args.model, engine_config(args), progress=sys.stderr.isatty())
     kwargs = {} if args.thinking == "default" else {"enable_thinking": args.thinking == "on"}
     thinking = kwargs.get("enable_thinking", llm.engine.default_thinking)
     system = [{"role": "system", "content": args.system}] if args.system else []

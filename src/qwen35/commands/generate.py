@@ -8,7 +8,7 @@ import sys
 from qwen35.commands.common import (
     add_engine_arguments,
     add_sampling_arguments,
-    engine_kwargs,
+    engine_config,
     sampling_params,
 )
 
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     params = sampling_params(args)
-    llm = LLM(args.model, progress=sys.stderr.isatty(), **engine_kwargs(args))
+    llm = LLM(args.model, engine_config(args), progress=sys.stderr.isatty())
     if args.chat:
         kwargs = {} if args.thinking == "default" else {"enable_thinking": args.thinking == "on"}
         prompt = llm.engine.chat_template.render(

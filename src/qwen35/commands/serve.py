@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from qwen35.commands.common import add_engine_arguments, engine_kwargs
+from qwen35.commands.common import add_engine_arguments, engine_config
 from qwen35.errors import Qwen35Error
 
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from qwen35.server.app import ServerConfig, create_app
 
     engine = LLMEngine(
-        args.model, seed=args.seed, progress=sys.stderr.isatty(), **engine_kwargs(args)
+        args.model, engine_config(args, seed=args.seed), progress=sys.stderr.isatty()
     )
     name = args.served_model_name or args.model
     config = ServerConfig(

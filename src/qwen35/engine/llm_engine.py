@@ -20,8 +20,10 @@ import torch
 from qwen35.chat_format import ChatTemplate, default_thinking_for
 from qwen35.devices import resolve_dtype
 from qwen35.engine.cache_sizing import CachePlan, plan_caches
+from qwen35.engine.config import EngineConfig
 from qwen35.engine.forward_batch import allocate_caches
 from qwen35.engine.model_runner import ModelRunner
+from qwen35.engine.runtime import configure_cpu_runtime
 from qwen35.engine.scheduler import Scheduler, SchedulerConfig
 from qwen35.engine.sequence import Sequence as Seq
 from qwen35.errors import Qwen35Error
@@ -71,39 +73,45 @@ class _Request:
 
 
 class LLMEngine:
+    """The step-wise engine. Options: an `EngineConfig`, or its flat keyword options
+    (`LLMEngine(path, max_num_seqs=4)`); `model` may also be an already-loaded module."""
+
     def __init__(
         self,
         model: str | torch.nn.Module,
+        config: EngineConfig | None = None,
         *,
-        dtype: str = "auto",
-        device: str = "cpu",
-        max_model_len: int | None = None,
-        max_num_seqs: int = 32,
-        max_num_batched_tokens: int = 2048,
-        block_size: int = 16,
-        max_memory: str | int | None = None,
-        enable_prefix_caching: bool = True,
-        prefix_cache_memory: str | int | None = None,
-        checkpoint_interval: int | None = None,
-        load_format: str = "auto",
-        num_kv_blocks: int | None = None,
-        seed: int = 0,
         progress: bool = False,
         verbose: bool = True,
+        **options,
     ):
-        dtype = resolve_dtype(dtype, device)  # auto: see devices.py
-        if isinstance(model, torch.nn.Module):
+        loaded = model if isinstance(model, torch.nn.Module) else None
+        if loaded is not None:
             # an already-loaded model (from load_model): engines can share one set of weights
-            self.model = model
-            report = getattr(model, "load_report", None)
-            model = report.source if report is not None else model.config.name
+            report = getattr(loaded, "load_report", None)
+            model = report.source if report is not None else loaded.config.name
+        if config is None:
+            config = EngineConfig.create(str(model), **options)
+        elif options:
+            config = config.replace(**options)
+        self.engine_config = ec = config
+        cc, sc = ec.cache, ec.scheduler
+        dtype = resolve_dtype(ec.load.dtype, ec.device.device)  # auto: see devices.py
+        if ec.device.configure_runtime:
+            configure_cpu_runtime(ec.device.threads)
+        if loaded is not None:
+            self.model = loaded
         else:
             self.model = load_model(
-                model, dtype=dtype, device=device, load_format=load_format, progress=progress
+                model,
+                dtype=dtype,
+                device=ec.device.device,
+                load_format=ec.load.load_format,
+                progress=progress,
             )
         self.config = self.model.config
         self.model_name = model
-        self.device = torch.device(device)
+        self.device = torch.device(ec.device.device)
         model_dir = Path(model) if Path(model).is_dir() else getattr(self.model, "model_dir", None)
         self.tokenizer = load_tokenizer(model_dir)
         self.default_thinking = default_thinking_for(self.config)
@@ -118,15 +126,15 @@ class LLMEngine:
             self.config,
             model_dtype=model_dtype,
             device=self.device,
-            max_memory=max_memory,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            block_size=block_size,
-            max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching,
-            prefix_cache_memory=prefix_cache_memory,
+            max_memory=cc.max_memory,
+            max_num_seqs=sc.max_num_seqs,
+            max_num_batched_tokens=sc.max_num_batched_tokens,
+            block_size=cc.block_size,
+            max_model_len=sc.max_model_len,
+            enable_prefix_caching=cc.enable_prefix_caching,
+            prefix_cache_memory=cc.prefix_cache_memory,
             weight_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
-            num_blocks_override=num_kv_blocks,
+            num_blocks_override=cc.num_kv_blocks,
         )
         self.max_model_len = self.plan.max_model_len
         if verbose:
@@ -134,7 +142,7 @@ class LLMEngine:
         caches = allocate_caches(
             self.config,
             num_blocks=self.plan.num_blocks,
-            block_size=block_size,
+            block_size=cc.block_size,
             num_slots=self.plan.num_state_slots + self.plan.num_checkpoint_slots,
             dtype=model_dtype,
             device=self.device,
@@ -142,11 +150,11 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device)
         sched_cfg = SchedulerConfig(
             max_num_seqs=self.plan.num_state_slots,
-            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_batched_tokens=sc.max_num_batched_tokens,
             max_model_len=self.max_model_len,
-            block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching,
-            checkpoint_interval=checkpoint_interval or self.plan.checkpoint_interval,
+            block_size=cc.block_size,
+            enable_prefix_caching=cc.enable_prefix_caching,
+            checkpoint_interval=cc.checkpoint_interval or self.plan.checkpoint_interval,
             eos_token_ids=self.eos_token_ids,
         )
         self.scheduler = Scheduler(
@@ -157,7 +165,7 @@ class LLMEngine:
         )
         self._requests: dict[str, _Request] = {}
         self._seq_to_req: dict[str, tuple[_Request, _SeqState]] = {}
-        self._seed = seed
+        self._seed = ec.seed
         self._ids = itertools.count()
         self.stats_totals = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
 
@@ -322,8 +330,8 @@ class LLMEngine:
 class LLM:
     """Offline API: `LLM(model).generate(prompts, SamplingParams(...))`."""
 
-    def __init__(self, model: str, **engine_kwargs):
-        self.engine = LLMEngine(model, **engine_kwargs)
+    def __init__(self, model: str, config: EngineConfig | None = None, **options):
+        self.engine = LLMEngine(model, config, **options)
         self._counter = itertools.count()
 
     @property

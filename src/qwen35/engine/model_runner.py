@@ -6,9 +6,6 @@ The runner owns the cache tensors (allocated from `cache_spec` through the model
 
 from __future__ import annotations
 
-import ctypes
-import logging
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -25,35 +22,6 @@ class StepResult:
     logprobs: dict[str, TokenLogprob]  # seq_id -> logprob info (only where asked)
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
-_heap_kept = False
-
-
-def keep_freed_memory_in_heap() -> bool:
-    """Make glibc serve large CPU allocations from the heap and keep freed memory there.
-
-    By default glibc mmaps every block above its threshold (128 KiB, growing to at most
-    32 MiB) and unmaps it on free, so each step's large temporaries (gathered DeltaNet states,
-    logits, gathered KV) come back as fresh pages: page faults plus zeroing on every step,
-    ~57K faults (224 MiB) per decode step at batch 8 for Qwen3.5-0.8B, 0 after this call.
-    The heap then stays at its peak (top trimmed above 1 GiB), as a GPU caching allocator
-    does. Once per process; False where mallopt is unavailable (not glibc)."""
-    global _heap_kept
-    if _heap_kept:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
-    except (OSError, AttributeError):
-        return False
-    _heap_kept = ok
-    if not ok:
-        logging.getLogger("qwen35").debug("mallopt refused: large temporaries stay mmapped")
-    return ok
-
-
 class ModelRunner:
     def __init__(
         self,
@@ -66,7 +34,6 @@ class ModelRunner:
         self.caches = caches
         self.device = torch.device(device)
         if self.device.type == "cpu":
-            keep_freed_memory_in_heap()
             kernels.load()  # compile (first run on a machine) now, not in the first decode step
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler()

@@ -138,11 +138,6 @@ class Qwen35ForCausalLM(nn.Module):
                 f"input_ids must be flat [T] with a ForwardBatch, got {input_ids.shape}"
             )
         plan = StepPlan.build(batch, input_ids.shape[0])
-        if input_ids.device.type == "cpu":
-            # Flush fp32 denormals to zero: strong DeltaNet decays produce them, and the CPU's
-            # slow path for them costs up to 3x in GEMMs. Per thread: threads started later
-            # inherit it, so engines should also call this once at startup.
-            torch.set_flush_denormal(True)
         h = self.model.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)  # [T, rotary_dim]
         for layer in self.model.layers:

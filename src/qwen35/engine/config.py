@@ -1,0 +1,191 @@
+"""`EngineConfig`: every engine option in one frozen object, built once.
+
+Parts (vLLM-style): `load` (which weights, how), `cache` (KV blocks, state slots, prefix cache,
+memory), `scheduler` (batching limits), `parallel` (ranks), `device` (where, threads, CPU runtime
+settings). `LLM(model, **kwargs)` and the CLI both go through `EngineConfig.create`, and the CLI's
+engine flags are generated from the field metadata here (`add_cli_arguments` / `from_cli`), so a
+new option is declared once. No torch import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+from qwen35.errors import Qwen35Error
+
+
+def _opt(default, help: str, **cli):
+    """A field with its CLI help; `cli` may carry `choices`, `type`, `flag` or `cli=False`."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    model: str = ""  # set by EngineConfig.create
+    dtype: str = _opt(
+        "auto",
+        "weights and compute dtype (auto: bf16 on a GPU or a CPU with native bf16 - AMX / "
+        "AVX512-BF16 - else fp32)",
+        choices=["auto", "bf16", "fp16", "fp32"],
+    )
+    load_format: str = _opt(
+        "auto",
+        "'random': random weights from the config (benchmarks only)",
+        choices=["auto", "safetensors", "random"],
+    )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = _opt(16, "tokens per KV block")
+    max_memory: str | None = _opt(
+        None,
+        "memory for weights + caches + working memory, e.g. 8GiB (CPU default: 2 GiB of caches)",
+    )
+    enable_prefix_caching: bool = _opt(True, "turn prefix caching off", flag="--no-prefix-caching")
+    prefix_cache_memory: str | None = _opt(
+        None,
+        "memory for prefix-cache DeltaNet state checkpoints (default: a quarter of the cache budget)",
+    )
+    checkpoint_interval: int | None = _opt(
+        None, "tokens between prefix-cache state checkpoints (default about 256)", cli=False
+    )
+    num_kv_blocks: int | None = _opt(None, "exact KV pool size (tests, experiments)", cli=False)
+
+
+@dataclass(frozen=True)
+class SchedulingConfig:
+    max_model_len: int | None = _opt(
+        None, "longest prompt + output (default: what the cache holds)"
+    )
+    max_num_seqs: int = _opt(32, "most sequences running at once")
+    max_num_batched_tokens: int = _opt(2048, "token budget per step")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = _opt(1, "tensor-parallel ranks", cli=False)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = _opt("cpu", "cpu, cuda or cuda:N")
+    threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
+    # flush denormals, keep freed memory in the heap (see engine/runtime.py)
+    configure_runtime: bool = _opt(
+        True, "leave the process's CPU runtime settings alone", flag="--no-configure-runtime"
+    )
+
+
+_PARTS = {
+    "load": LoadConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulingConfig,
+    "parallel": ParallelConfig,
+    "device": DeviceConfig,
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    load: LoadConfig = field(default_factory=LoadConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulingConfig = field(default_factory=SchedulingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    seed: int = 0
+
+    @classmethod
+    def create(cls, model: str = "", **options) -> EngineConfig:
+        """From flat keyword options (`max_num_seqs=4, device="cuda"`), as `LLM(**kwargs)` takes them."""
+        owner = _flat_fields()
+        parts: dict[str, dict] = {name: {} for name in _PARTS}
+        top = {}
+        for key, value in options.items():
+            if key == "seed":
+                top["seed"] = value
+            elif key in owner:
+                parts[owner[key]][key] = value
+            else:
+                import difflib
+
+                near = difflib.get_close_matches(key, [*owner, "seed"], n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise Qwen35Error(f"unknown engine option {key!r}{hint}")
+        parts["load"]["model"] = model
+        cfg = cls(**{name: _PARTS[name](**kw) for name, kw in parts.items()}, **top)
+        cfg.validate()
+        return cfg
+
+    def replace(self, **options) -> EngineConfig:
+        """A copy with some flat options changed."""
+        return EngineConfig.create(self.load.model, **{**self.flat(), **options})
+
+    def flat(self) -> dict:
+        out = {"seed": self.seed}
+        for name in _PARTS:
+            out.update(dataclasses.asdict(getattr(self, name)))
+        out.pop("model")
+        return out
+
+    def validate(self) -> None:
+        c, s, p = self.cache, self.scheduler, self.parallel
+        for name, value in (
+            ("block_size", c.block_size),
+            ("max_num_seqs", s.max_num_seqs),
+            ("max_num_batched_tokens", s.max_num_batched_tokens),
+            ("tensor_parallel_size", p.tensor_parallel_size),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise Qwen35Error(f"{name} must be an integer >= 1, got {value!r}")
+        if s.max_model_len is not None and (
+            not isinstance(s.max_model_len, int) or s.max_model_len < 2
+        ):
+            raise Qwen35Error(f"max_model_len must be an integer >= 2, got {s.max_model_len!r}")
+        if self.device.threads is not None and self.device.threads < 1:
+            raise Qwen35Error(f"threads must be >= 1, got {self.device.threads!r}")
+        if p.tensor_parallel_size != 1:
+            raise Qwen35Error("tensor_parallel_size > 1 is not supported by this engine yet")
+
+    # ---- command line ---------------------------------------------------------------------
+    @staticmethod
+    def add_cli_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+        g = parser.add_argument_group("engine")
+        g.add_argument(
+            "--model",
+            required=model_required,
+            help="model directory, Hub id (Qwen/Qwen3.5-0.8B) or, with --load-format random, "
+            "a catalog name",
+        )
+        for part in _PARTS.values():
+            for f in fields(part):
+                meta = f.metadata
+                if not meta or meta.get("cli", True) is False:
+                    continue
+                flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+                if f.type == "bool" or isinstance(f.default, bool):
+                    action = "store_false" if f.default else "store_true"
+                    g.add_argument(flag, dest=f.name, action=action, help=meta["help"])
+                    continue
+                kind = int if "int" in str(f.type) else str
+                g.add_argument(
+                    flag,
+                    dest=f.name,
+                    type=kind,
+                    default=f.default,
+                    choices=meta.get("choices"),
+                    help=meta["help"],
+                )
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace, **extra) -> EngineConfig:
+        owner = _flat_fields()
+        options = {k: getattr(args, k) for k in owner if hasattr(args, k)}
+        return cls.create(args.model, **options, **extra)
+
+
+def _flat_fields() -> dict[str, str]:
+    """flat option name -> part name (names are unique across parts)."""
+    return {f.name: part for part, cls in _PARTS.items() for f in fields(cls) if f.name != "model"}
