@@ -15,8 +15,10 @@ from qwen35.engine.sampler import (
     SamplingRow,
     apply_penalties,
     apply_top_filters,
+    filter_thresholds,
     make_generator,
     reference_sample,
+    sample_isolated,
 )
 from qwen35.request import SamplingParams as SP
 
@@ -376,6 +378,9 @@ def random_row(rng: random.Random, vocab: int, seed: int) -> SamplingRow:
         stop_token_ids=[rng.randrange(vocab)],
         logprobs=rng.choice([None, None, 0, 3]),
         seed=seed,
+        logit_bias=rng.choice(
+            [None, None, {rng.randrange(vocab): rng.uniform(-5, 5) for _ in range(3)}]
+        ),
     )
     prompt = [rng.randrange(vocab) for _ in range(rng.randrange(0, 12))]
     output = [rng.randrange(vocab) for _ in range(rng.randrange(0, 8))]
@@ -421,3 +426,95 @@ def test_cuda_greedy_matches_cpu_and_seeds_reproduce():
     for i, r in enumerate(rows):
         if r.params.temperature == 0:
             assert a.token_ids[i] == cpu.token_ids[i]
+
+
+# --- robustness (issue 11): no row can make the sampler fail for the others ------------------
+
+
+@pytest.mark.parametrize("top_p", [0.0, 1e-46, 1e-40])  # 0 in float32, or a denormal
+def test_top_p_that_rounds_to_zero_keeps_the_top_token(top_p):
+    x = rand_logits(3, 50, seed=3)
+    ps = [SP(top_p=top_p), SP(top_p=0.9), SP(top_p=top_p, top_k=5)]  # not validated: raw values
+    thr = filter_thresholds(x, ps)  # used to gather at index -1
+    kept = x >= thr
+    assert kept[0].sum() == 1 and kept[0, x[0].argmax()] and kept[2].sum() == 1
+    out = Sampler(seed=0)(x, [SamplingRow(p) for p in ps])
+    assert out.token_ids[0] == int(x[0].argmax()) and out.token_ids[2] == int(x[2].argmax())
+
+
+def test_nan_and_inf_logits_do_not_raise():
+    x = rand_logits(4, 64, seed=4)
+    x[0] = math.nan
+    x[1, 5] = math.inf
+    x[2, :10] = math.nan
+    rows = [SamplingRow(SP(top_p=0.9, top_k=k, min_p=m)) for k, m in ((0, 0), (3, 0.1), (0, 0.05), (0, 0))]
+    out = Sampler(seed=0)(x, rows)
+    assert all(0 <= t < 64 for t in out.token_ids)
+
+
+def test_logit_bias_moves_greedy_and_bans():
+    x = rand_logits(2, 40, seed=5)
+    top = int(x[0].argmax())
+    rows = [SamplingRow(SP(temperature=0, logit_bias={7: 100.0})),
+            SamplingRow(SP(temperature=0, logit_bias={int(x[1].argmax()): -100.0}))]  # fmt: skip
+    out = Sampler()(x, rows)
+    assert out.token_ids[0] == 7 != top or top == 7
+    assert out.token_ids[1] == int(x[1].topk(2).indices[1])
+    # raw logprobs do not see the bias; the input is untouched
+    lp = Sampler()(x, [SamplingRow(SP(temperature=0, logprobs=0, logit_bias={7: 100.0}))] * 2)
+    assert lp.logprobs[0].logprob == pytest.approx(float(x[0].log_softmax(-1)[7]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        Sampler()(x, [SamplingRow(SP(logit_bias={40: 1.0}))] * 2)
+
+
+def test_sample_isolated_fails_only_the_bad_row():
+    x = rand_logits(3, 40, seed=6)
+    bad = SamplingRow(SP(logit_bias={99: 1.0}))  # out of this vocabulary: the sampler raises
+    rows = [SamplingRow(SP(temperature=0)), bad, SamplingRow(SP(temperature=0, logprobs=1))]
+    out, errors = sample_isolated(Sampler(), x, rows)
+    assert list(errors) == [1] and "outside the vocabulary" in str(errors[1])
+    assert out.token_ids[1] is None and out.logprobs[1] is None
+    assert out.token_ids[0] == int(x[0].argmax()) and out.token_ids[2] == int(x[2].argmax())
+    assert out.logprobs[2] is not None
+    out, errors = sample_isolated(Sampler(), x[:1], [bad])
+    assert out.token_ids == [None] and list(errors) == [0]
+    out, errors = sample_isolated(Sampler(), x[:1], rows[:1])  # no failure: one batched call
+    assert errors == {} and out.token_ids == [int(x[0].argmax())]
+
+
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        ({"top_p": 1e-46}, "top_p"),
+        ({"top_p": math.nan}, "top_p"),
+        ({"repetition_penalty": math.nan}, "repetition_penalty"),
+        ({"repetition_penalty": 1e-50}, "repetition_penalty"),
+        ({"repetition_penalty": math.inf}, "repetition_penalty"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"min_p": math.nan}, "min_p"),
+        ({"presence_penalty": math.nan}, "presence_penalty"),
+        ({"frequency_penalty": -math.inf}, "frequency_penalty"),
+        ({"n": 33, "seed": 2**64 - 32}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"n": True}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"logit_bias": {5: 101}}, "logit_bias"),
+        ({"logit_bias": {5: math.nan}}, "logit_bias"),
+        ({"logit_bias": {-1: 1}}, "logit_bias"),
+        ({"logit_bias": {i: 1 for i in range(1025)}}, "logit_bias"),
+        ({"stop_token_ids": [-3]}, "stop_token_ids"),
+    ],
+)
+def test_validation_names_the_field(kw, param):
+    from qwen35.request import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError) as e:
+        SP(**kw).validate()
+    assert e.value.param == param and param in str(e.value)
+
+
+def test_validation_accepts_the_edges():
+    SP(n=32, seed=2**64 - 32).validate()
+    SP(seed=-(2**63), top_p=1e-30, repetition_penalty=0.01, logit_bias={0: -100, 9: 100}).validate()
+    SP(repetition_penalty=100, temperature=2, frequency_penalty=-2).validate()

@@ -6,9 +6,14 @@
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass, field
 
 from qwen35.errors import Qwen35Error
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+MAX_LOGIT_BIAS = 1024  # entries; each costs every decode step of its row
 
 
 class SamplingParamsError(Qwen35Error, ValueError):
@@ -38,6 +43,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per generated token (0: only the chosen one)
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100] (OpenAI)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,50 +58,111 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self) -> SamplingParams:
+        """Raise SamplingParamsError naming the first bad field. Floats must be finite and stay
+        in range as float32 (the sampler's precision): 1e-46 is 0 there, 1e-50 too."""
+
         def bad(msg: str, param: str) -> SamplingParamsError:
             return SamplingParamsError(msg, param)
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad(f"n must be an integer >= 1, got {self.n!r}", "n")
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
-        ):
-            raise bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise bad(f"temperature must be in [0, 2], got {self.temperature}", "temperature")
-        if not 0.0 < self.top_p <= 1.0:
-            raise bad(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        def integer(name: str, lo: int, hi: int | None = None, *, none_ok: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and none_ok:
+                return
+            if not _is_int(v) or v < lo or (hi is not None and v > hi):
+                rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+                raise bad(f"{name} must be an integer {rng}, got {v!r}", name)
+
+        def real(name: str, lo: float, hi: float, lo_open: bool = False) -> float:
+            v = getattr(self, name)
+            f = _float32(v)  # None: not a finite number; checked in float32 too (1e-46 -> 0)
+            ok = f is not None and (lo < f if lo_open else lo <= v) and v <= hi
+            if not ok:
+                rng = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+                note = f" ({f} as a float32, the sampler's precision)" if f not in (None, v) else ""
+                raise bad(f"{name} must be a finite number in {rng}, got {v!r}{note}", name)
+            return f
+
+        integer("n", 1)
+        integer("max_tokens", 1, none_ok=True)
+        real("temperature", 0.0, 2.0)
+        real("top_p", 0.0, 1.0, lo_open=True)
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise bad(
                 f"top_k must be 0 (off), -1 (off) or a positive integer, got {self.top_k!r}",
                 "top_k",
             )
-        if not 0.0 <= self.min_p <= 1.0:
-            raise bad(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
-        if self.repetition_penalty <= 0.0:
-            raise bad(
-                f"repetition_penalty must be > 0, got {self.repetition_penalty}",
-                "repetition_penalty",
-            )
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise bad(
-                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
-                "presence_penalty",
-            )
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise bad(
-                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
-                "frequency_penalty",
-            )
-        if self.logprobs is not None and (
-            not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20
-        ):
-            raise bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}", "logprobs")
-        if self.min_tokens < 0:
-            raise bad(f"min_tokens must be >= 0, got {self.min_tokens}", "min_tokens")
+        real("min_p", 0.0, 1.0)
+        # it divides (multiplies) logits: far from 1 it turns them into inf (0)
+        real("repetition_penalty", 0.01, 100.0)
+        real("presence_penalty", -2.0, 2.0)
+        real("frequency_penalty", -2.0, 2.0)
+        integer("logprobs", 0, 20, none_ok=True)
+        integer("min_tokens", 0)
+        if self.seed is not None:
+            if not _is_int(self.seed):
+                raise bad(f"seed must be an integer, got {self.seed!r}", "seed")
+            # request i of n draws with seed + i: every one must be a valid generator seed
+            if not SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1):
+                raise bad(
+                    f"seed must be in [{SEED_MIN}, {SEED_MAX - (self.n - 1)}] with n={self.n} "
+                    f"(sequence i uses seed + i), got {self.seed}",
+                    "seed",
+                )
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop must be a list of non-empty strings", "stop")
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids must be a list of non-negative integers", "stop_token_ids")
+        if self.logit_bias is not None:
+            self._validate_logit_bias()
         return self
+
+    def _validate_logit_bias(self) -> None:
+        lb = self.logit_bias
+        if not isinstance(lb, dict):
+            raise SamplingParamsError(
+                f"logit_bias must map token ids to numbers, got {type(lb).__name__}", "logit_bias"
+            )
+        if len(lb) > MAX_LOGIT_BIAS:
+            raise SamplingParamsError(
+                f"logit_bias has {len(lb)} entries; at most {MAX_LOGIT_BIAS} are allowed",
+                "logit_bias",
+            )
+        for tok, bias in lb.items():
+            if not _is_int(tok) or tok < 0:
+                raise SamplingParamsError(
+                    f"logit_bias keys must be token ids (integers >= 0), got {tok!r}", "logit_bias"
+                )
+            f = _float32(bias)
+            if f is None or not -100.0 <= f <= 100.0:
+                raise SamplingParamsError(
+                    f"logit_bias values must be finite numbers in [-100, 100], got {bias!r} "
+                    f"for token {tok}",
+                    "logit_bias",
+                )
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids the request names must exist in the model's vocabulary."""
+        for tok in self.logit_bias or {}:
+            if tok >= vocab_size:
+                raise SamplingParamsError(
+                    f"logit_bias names token {tok}, outside the vocabulary of {vocab_size}",
+                    "logit_bias",
+                )
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _float32(v: object) -> float | None:
+    """v as the sampler will see it (a float32), or None if it is not a finite number."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = struct.unpack("f", struct.pack("f", float(v)))[0]
+    except (OverflowError, struct.error):  # beyond float32's range
+        return None
+    return f if math.isfinite(f) else None
 
 
 @dataclass
@@ -110,7 +177,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None: running
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[TokenLogprob] | None = None
 
@@ -126,6 +193,9 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)  # arrival, first_token, finished times
+    # Set (with finished=True) when the engine failed this request: a step raised while it ran.
+    # Other requests go on; the text says what failed, for the log (not for clients).
+    error: str | None = None
 
     @property
     def usage(self) -> dict[str, int]:

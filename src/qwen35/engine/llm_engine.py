@@ -8,6 +8,7 @@ from `cache_spec` (the planner's formula) under `max_memory`; see `memory.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -22,7 +23,7 @@ from qwen35.devices import resolve_dtype
 from qwen35.engine.cache_sizing import CachePlan, plan_caches
 from qwen35.engine.config import EngineConfig
 from qwen35.engine.forward_batch import allocate_caches
-from qwen35.engine.model_runner import ModelRunner
+from qwen35.engine.model_runner import ModelRunner, StepResult
 from qwen35.engine.runtime import configure_cpu_runtime
 from qwen35.engine.scheduler import Scheduler, SchedulerConfig
 from qwen35.engine.sequence import Sequence as Seq
@@ -35,18 +36,46 @@ log = logging.getLogger("qwen35")
 
 
 class PromptTooLongError(Qwen35Error, ValueError):
-    def __init__(self, prompt_tokens: int, max_tokens: int, max_model_len: int):
+    """The prompt (plus max_tokens, when given) does not fit the context; OpenAI's
+    `context_length_exceeded`. max_tokens None: the prompt leaves no room for one token."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int | None, max_model_len: int):
         self.prompt_tokens, self.max_tokens, self.max_model_len = (
             prompt_tokens,
             max_tokens,
             max_model_len,
         )
-        over = prompt_tokens + max_tokens - max_model_len
-        super().__init__(
-            f"this model's context is {max_model_len} tokens, but the request asks for "
-            f"{prompt_tokens + max_tokens} ({prompt_tokens} prompt + {max_tokens} to generate): "
-            f"{over} too many; shorten the prompt or lower max_tokens"
-        )
+        if max_tokens is None:
+            msg = (
+                f"this model's context is {max_model_len} tokens, but the prompt has "
+                f"{prompt_tokens}: {prompt_tokens - max_model_len + 1} too many to generate even "
+                "one token; shorten the prompt"
+            )
+        else:
+            over = prompt_tokens + max_tokens - max_model_len
+            msg = (
+                f"this model's context is {max_model_len} tokens, but the request asks for "
+                f"{prompt_tokens + max_tokens} ({prompt_tokens} prompt + {max_tokens} to "
+                f"generate): {over} too many; shorten the prompt or lower max_tokens"
+            )
+        super().__init__(msg)
+
+
+class EngineBrokenError(Qwen35Error, RuntimeError):
+    """The model step failed MAX_FAILED_STEPS times in a row: the device or the model is broken,
+    not one request. The engine cannot go on; a server lets its loop die (and restarts)."""
+
+
+class RequestFailedError(Qwen35Error, RuntimeError):
+    """LLM.generate / LLM.stream: the engine failed these requests (others completed).
+    `outputs` holds every request's output, failed ones with `error` set."""
+
+    def __init__(self, message: str, outputs: list[RequestOutput] | None = None):
+        super().__init__(message)
+        self.outputs = outputs or []
+
+
+MAX_FAILED_STEPS = 3  # consecutive model steps that raised before the engine gives up
 
 
 @dataclass
@@ -59,6 +88,7 @@ class _SeqState:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     sent_logprobs: int = 0
     done: bool = False
+    reported: bool = False  # its finish was returned (nothing more to send)
 
 
 @dataclass
@@ -70,6 +100,7 @@ class _Request:
     seqs: list[_SeqState]
     arrival: float
     first_token: float | None = None
+    error: str | None = None
 
 
 class LLMEngine:
@@ -167,7 +198,12 @@ class LLMEngine:
         self._seq_to_req: dict[str, tuple[_Request, _SeqState]] = {}
         self._seed = ec.seed
         self._ids = itertools.count()
-        self.stats_totals = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
+        self._failed_steps = 0  # consecutive model steps that raised
+        self.stats_totals = {
+            "prompt_tokens_total": 0,
+            "generation_tokens_total": 0,
+            "request_errors_total": 0,
+        }
 
     # ---- requests -----------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -189,36 +225,48 @@ class LLMEngine:
         return list(prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        params.validate()
+        """Queue a request (params.n sequences). All or nothing: every check runs before anything
+        is registered, and a failure while registering undoes what was done."""
+        params = dataclasses.replace(params).validate()  # our own copy: max_tokens is filled in
+        params.check_vocab(self.config.vocab_size)
         if request_id in self._requests:
             raise Qwen35Error(f"request id {request_id!r} is already in use")
         ids = self.encode_prompt(prompt)
         if not ids:
             raise Qwen35Error("the prompt is empty")
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = self.max_model_len - len(ids)
-            params.max_tokens = max(max_tokens, 1)
-        if len(ids) + max_tokens > self.max_model_len:
-            raise PromptTooLongError(len(ids), max_tokens, self.max_model_len)
+        room = self.max_model_len - len(ids)
+        if params.max_tokens is None:
+            if room < 1:
+                raise PromptTooLongError(len(ids), None, self.max_model_len)
+            params.max_tokens = room
+        elif params.max_tokens > room:
+            raise PromptTooLongError(len(ids), params.max_tokens, self.max_model_len)
+        seq_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        taken = [x for x in seq_ids if x in self._seq_to_req or self.scheduler.get(x)]
+        if taken:
+            raise Qwen35Error(f"request id {request_id!r} clashes with sequence {taken[0]!r}")
         req = _Request(
             request_id, prompt if isinstance(prompt, str) else None, ids, params, [], time.time()
         )
-        for i in range(params.n):
-            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            seq = Seq(seq_id=seq_id, token_ids=list(ids), num_prompt_tokens=len(ids), params=params)
-            st = _SeqState(
-                seq,
-                IncrementalDetokenizer(
+        try:
+            for i, seq_id in enumerate(seq_ids):
+                seq = Seq(seq_id=seq_id, token_ids=list(ids), num_prompt_tokens=len(ids),
+                          params=params)  # fmt: skip
+                detok = IncrementalDetokenizer(
                     self.tokenizer, skip_special_tokens=params.skip_special_tokens
-                ),
-                StopStringMatcher(params.stop, params.include_stop_str_in_output),
-            )
-            req.seqs.append(st)
-            self._seq_to_req[seq_id] = (req, st)
-            seed = None if params.seed is None else params.seed + i
-            self.runner.add_sequence(seq_id, seed)
-            self.scheduler.add(seq)
+                )
+                st = _SeqState(
+                    seq, detok, StopStringMatcher(params.stop, params.include_stop_str_in_output)
+                )
+                req.seqs.append(st)
+                self._seq_to_req[seq_id] = (req, st)
+                self.runner.add_sequence(seq_id, None if params.seed is None else params.seed + i)
+                self.scheduler.add(seq)
+        except BaseException:
+            for st in req.seqs:
+                self.scheduler.abort(st.seq.seq_id)
+                self._forget(st.seq.seq_id)
+            raise
         self._requests[request_id] = req
         self.stats_totals["prompt_tokens_total"] += len(ids)
 
@@ -239,8 +287,20 @@ class LLMEngine:
 
     # ---- stepping -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One scheduled step. A sequence whose step fails (the model forward, its sampling or
+        its detokenizing raised) ends its request with `error` set; the others go on."""
         out = self.scheduler.schedule()
-        result = self.runner.execute(out.scheduled)
+        try:
+            result = self.runner.execute(out.scheduled)
+        except Exception as e:
+            self._failed_steps += 1
+            log.exception("model step failed; failing its %d sequences", len(out.scheduled))
+            result = StepResult({}, {}, {s.seq.seq_id: e for s in out.scheduled})
+        else:
+            self._failed_steps = 0
+        errors: dict[str, Exception] = dict(result.errors)
+        for seq_id in errors:  # before update(), which then skips them
+            self.scheduler.finish(seq_id, "error")
         finished = {s.seq_id for s in self.scheduler.update(out, result.sampled)}
         now = time.time()
         touched: dict[str, _Request] = {}
@@ -250,24 +310,47 @@ class LLMEngine:
             if req.first_token is None:
                 req.first_token = now
             self.stats_totals["generation_tokens_total"] += 1
-            if seq_id in result.logprobs:
-                st.logprobs.append(result.logprobs[seq_id])
-            emit, stopped, stop_str = st.stop.feed(st.detok.add(token))
-            st.text += emit
-            if stopped and seq_id not in finished:
-                self.scheduler.finish(seq_id, "stop", stop_str)
-                finished.add(seq_id)
-            if seq_id in finished:
+            try:
+                self._process_token(st, seq_id, token, result, finished)
+            except Exception as e:
+                log.exception("processing the output of %s failed", seq_id)
+                errors[seq_id] = e
+                self.scheduler.finish(seq_id, "error")
+        for seq_id, e in errors.items():
+            req, _ = self._seq_to_req[seq_id]
+            touched[req.request_id] = req
+            if req.error is None:
+                req.error = f"{type(e).__name__}: {e}"
+                self.stats_totals["request_errors_total"] += 1
+                log.error("request %s failed: %s", req.request_id, req.error)
+            for st in req.seqs:  # its other sequences stop too: the request has failed
+                self.scheduler.abort(st.seq.seq_id)
                 st.done = True
-                if not stopped:
-                    st.text += st.stop.feed(st.detok.flush())[0] + st.stop.flush()
         outputs = [self._delta(req, now) for req in touched.values()]
         for req in touched.values():
             if all(st.done for st in req.seqs):
                 del self._requests[req.request_id]
                 for st in req.seqs:
                     self._forget(st.seq.seq_id)
+        if self._failed_steps >= MAX_FAILED_STEPS:
+            raise EngineBrokenError(
+                f"the model step failed {self._failed_steps} times in a row (last: "
+                f"{next(iter(errors.values()), None)!r}); the engine cannot go on"
+            )
         return outputs
+
+    def _process_token(self, st: _SeqState, seq_id: str, token: int, result, finished) -> None:
+        if seq_id in result.logprobs:
+            st.logprobs.append(result.logprobs[seq_id])
+        emit, stopped, stop_str = st.stop.feed(st.detok.add(token))
+        st.text += emit
+        if stopped and seq_id not in finished:
+            self.scheduler.finish(seq_id, "stop", stop_str)
+            finished.add(seq_id)
+        if seq_id in finished:
+            st.done = True
+            if not stopped:
+                st.text += st.stop.feed(st.detok.flush())[0] + st.stop.flush()
 
     def _delta(self, req: _Request, now: float) -> RequestOutput:
         outs = []
@@ -275,7 +358,7 @@ class LLMEngine:
             seq = st.seq
             new_ids = seq.output_token_ids[st.sent_tokens :]
             new_lps = st.logprobs[st.sent_logprobs :] if req.params.logprobs is not None else None
-            if not new_ids and not st.text and not (st.done and seq.finish_reason):
+            if not new_ids and not st.text and not (st.done and not st.reported):
                 continue
             outs.append(
                 CompletionOutput(
@@ -292,6 +375,7 @@ class LLMEngine:
             st.sent_logprobs = len(st.logprobs)
             if st.done:
                 st.sent_tokens = 1 << 60  # nothing more from this sequence
+                st.reported = True
         done = all(st.done for st in req.seqs)
         metrics = {"arrival_time": req.arrival, "first_token_time": req.first_token or now}
         if done:
@@ -304,6 +388,7 @@ class LLMEngine:
             finished=done,
             num_cached_tokens=max((st.seq.num_cached_tokens for st in req.seqs), default=0),
             metrics=metrics,
+            error=req.error,
         )
 
     def get_stats(self) -> dict:
@@ -346,32 +431,58 @@ class LLM:
         prompts: str | list[int] | Sequence[str | list[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
+        """One output per prompt, in order. `params`: one SamplingParams for all prompts or one
+        per prompt. Raises RequestFailedError (after the others finish) if the engine failed
+        some request; nothing is queued if any prompt is refused."""
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
         plist = [prompts] if single else list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(plist)
-        ids = []
-        for p, sp in zip(plist, params):
-            rid = self._new_id()
-            self.engine.add_request(rid, p, SamplingParams(**vars(sp)))
-            ids.append(rid)
-        merged = {rid: None for rid in ids}
+        params = list(params)
+        if len(params) != len(plist):
+            raise Qwen35Error(
+                f"got {len(plist)} prompts but {len(params)} SamplingParams: pass one "
+                "SamplingParams for all prompts, or exactly one per prompt"
+            )
+        ids: list[str] = []
+        try:
+            for p, sp in zip(plist, params, strict=True):
+                rid = self._new_id()
+                self.engine.add_request(rid, p, sp)
+                ids.append(rid)
+        except BaseException:
+            for rid in ids:  # all or none
+                self.engine.abort_request(rid)
+            raise
+        merged: dict[str, RequestOutput | None] = {rid: None for rid in ids}
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
                 if out.request_id in merged:
                     merged[out.request_id] = _merge(merged[out.request_id], out)
-        return [merged[rid] for rid in ids]
+        outs = [merged[rid] for rid in ids]
+        failed = [i for i, o in enumerate(outs) if o is not None and o.error]
+        if failed:
+            raise RequestFailedError(
+                f"the engine failed {len(failed)} of {len(outs)} prompts (indices {failed[:10]}"
+                f"{'...' if len(failed) > 10 else ''}): {outs[failed[0]].error}; the outputs "
+                "(failed ones with .error) are in this exception's .outputs",
+                outs,
+            )
+        return outs
 
     def stream(
         self, prompt: str | list[int], params: SamplingParams | None = None
     ) -> Iterator[RequestOutput]:
-        """Deltas of one request as they are produced (other queued requests progress too)."""
+        """Deltas of one request as they are produced (other queued requests progress too).
+        Raises RequestFailedError if the engine fails the request."""
         rid = self._new_id()
-        self.engine.add_request(rid, prompt, SamplingParams(**vars(params or SamplingParams())))
+        self.engine.add_request(rid, prompt, params or SamplingParams())
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.request_id == rid:
+                        if out.error:
+                            raise RequestFailedError(f"the engine failed: {out.error}", [out])
                         yield out
                         if out.finished:
                             return
@@ -404,4 +515,5 @@ def _merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
     acc.finished = delta.finished
     acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)
     acc.metrics = {**acc.metrics, **delta.metrics}
+    acc.error = delta.error or acc.error
     return acc

@@ -6,13 +6,13 @@ The runner owns the cache tensors (allocated from `cache_spec` through the model
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from qwen35 import kernels
 from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
-from qwen35.engine.sampler import Sampler, SamplingRow, make_generator
+from qwen35.engine.sampler import Sampler, SamplingRow, make_generator, sample_isolated
 from qwen35.request import TokenLogprob
 
 
@@ -20,6 +20,7 @@ from qwen35.request import TokenLogprob
 class StepResult:
     sampled: dict[str, int]  # seq_id -> next token
     logprobs: dict[str, TokenLogprob]  # seq_id -> logprob info (only where asked)
+    errors: dict[str, Exception] = field(default_factory=dict)  # seq_id -> why sampling failed
 
 
 class ModelRunner:
@@ -49,7 +50,7 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------
     def copy_state(self, src_slot: int, dst_slot: int) -> None:
         """Copy DeltaNet conv + recurrent state between slots (prefix-cache restore)."""
-        for conv, rec in zip(self.caches.conv, self.caches.recurrent):
+        for conv, rec in zip(self.caches.conv, self.caches.recurrent, strict=True):
             conv[dst_slot].copy_(conv[src_slot])
             rec[dst_slot].copy_(rec[src_slot])
 
@@ -125,7 +126,16 @@ class ModelRunner:
             )
             for seq in sample_seqs
         ]
-        out = self.sampler(logits.float(), rows)
-        sampled = {seq.seq_id: int(t) for seq, t in zip(sample_seqs, out.token_ids)}
-        lps = {seq.seq_id: lp for seq, lp in zip(sample_seqs, out.logprobs) if lp is not None}
-        return StepResult(sampled, lps)
+        out, failed = sample_isolated(self.sampler, logits.float(), rows)
+        errors = {sample_seqs[i].seq_id: e for i, e in failed.items()}
+        sampled = {
+            seq.seq_id: int(t)
+            for seq, t in zip(sample_seqs, out.token_ids, strict=True)
+            if t is not None
+        }
+        lps = {
+            seq.seq_id: lp
+            for seq, lp in zip(sample_seqs, out.logprobs, strict=True)
+            if lp is not None
+        }
+        return StepResult(sampled, lps, errors)

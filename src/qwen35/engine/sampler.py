@@ -1,7 +1,8 @@
 """Batched token sampler: every row of the batch carries its own `SamplingParams`.
 
 Order of operations (vLLM v1's order, so results match what users expect from it):
-1. min_tokens: EOS / stop token ids get -inf while fewer than `min_tokens` tokens are generated.
+1. min_tokens: EOS / stop token ids get -inf while fewer than `min_tokens` tokens are generated;
+   then logit_bias (OpenAI: added to the logits, greedy rows included).
 2. penalties: repetition (HF/vLLM: over prompt + output, positive logits divided, negative
    multiplied), then frequency and presence (OpenAI: over output tokens only).
 3. greedy rows (temperature < 1e-5) take the argmax of the penalised logits.
@@ -103,6 +104,7 @@ class Sampler:
             )
         raw = logits.float()
         x = apply_min_tokens(raw, rows)
+        x = apply_logit_bias(x, rows)
         x = apply_penalties(x, rows)
         greedy = [is_greedy(r.params) for r in rows]
         # max().indices: the same first-maximum index as argmax, 2.6x faster on a CPU
@@ -155,6 +157,37 @@ class Sampler:
         return probs.div_(q).max(dim=-1).indices
 
 
+def sample_isolated(
+    sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow]
+) -> tuple[SamplerOutput, dict[int, Exception]]:
+    """sampler(logits, rows), but a row that makes sampling fail fails alone.
+
+    The batch is sampled at once; only if that raises is each row sampled by itself, and the
+    rows that still raise come back in the error dict (row -> exception) with token None.
+    Seeded rows of such a step may draw other noise than they would have (the failed batch
+    attempt may have advanced their generators); steps without a failure are unaffected.
+    """
+    try:
+        return sampler(logits, rows), {}
+    except Exception as batch_error:
+        if len(rows) == 1:
+            return SamplerOutput([None], [None]), {0: batch_error}  # type: ignore[list-item]
+    tokens: list[int | None] = []
+    lps: list[TokenLogprob | None] = []
+    errors: dict[int, Exception] = {}
+    for i, row in enumerate(rows):
+        try:
+            one = sampler(logits[i : i + 1], [row])
+        except Exception as e:
+            tokens.append(None)
+            lps.append(None)
+            errors[i] = e
+        else:
+            tokens.append(one.token_ids[0])
+            lps.append(one.logprobs[0])
+    return SamplerOutput(tokens, lps), errors  # type: ignore[arg-type]
+
+
 def _flat_keys(seqs: Sequence[Sequence[int] | torch.Tensor], rows: Sequence[int], vocab: int):
     """Host tensor of `row * vocab + token` over every token of seqs[j] in batch row rows[j]."""
     parts = [torch.zeros(0, dtype=torch.long)]
@@ -184,6 +217,25 @@ def apply_min_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tens
         return x
     where = (torch.tensor(r_idx, device=x.device), torch.tensor(t_idx, device=x.device))
     return x.index_put(where, torch.tensor(-math.inf, device=x.device))
+
+
+def apply_logit_bias(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Add each row's logit_bias (token id -> bias); returns a new tensor if any row has one."""
+    r_idx: list[int] = []
+    t_idx: list[int] = []
+    vals: list[float] = []
+    for i, r in enumerate(rows):
+        for t, b in (r.params.logit_bias or {}).items():
+            if not 0 <= t < x.shape[1]:
+                raise ValueError(f"logit_bias token {t} is outside the vocabulary of {x.shape[1]}")
+            r_idx.append(i)
+            t_idx.append(t)
+            vals.append(b)
+    if not r_idx:
+        return x
+    dev = x.device
+    where = (torch.tensor(r_idx, device=dev), torch.tensor(t_idx, device=dev))
+    return x.index_put(where, torch.tensor(vals, dtype=x.dtype, device=dev), accumulate=True)
 
 
 def apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -267,8 +319,10 @@ def filter_thresholds(x: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Te
         if num == vocab or bool(covered.all()):  # the one sync, only without top-k
             break
         num = vocab
-    n_keep = (cum - probs < top_p).sum(dim=-1, keepdim=True)  # [R, 1] >= 1 as top_p > 0
-    cut = srt.gather(1, n_keep.clamp(max=num) - 1)  # [R, 1]
+    # [R, 1]; >= 1 in exact arithmetic as top_p > 0, but a top_p that is 0 in float32 or NaN
+    # logits (a broken model) give 0: keep at least the top token (gather at -1 would fail).
+    n_keep = (cum - probs < top_p).sum(dim=-1, keepdim=True)
+    cut = srt.gather(1, n_keep.clamp(min=1, max=num) - 1)  # [R, 1]
     return torch.maximum(torch.maximum(thr, kth), torch.where(top_p >= 1.0, ninf, cut))
 
 
@@ -320,6 +374,8 @@ def reference_sample(
     if len(row.output_token_ids) < p.min_tokens:
         for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(row.eos_token_ids)):
             x[t] = -math.inf
+    for t, b in (p.logit_bias or {}).items():
+        x[t] += b
     if p.repetition_penalty != 1.0:
         for t in set(row.prompt_token_ids) | set(row.output_token_ids):
             x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty

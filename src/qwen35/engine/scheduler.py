@@ -160,8 +160,9 @@ class Scheduler:
         return self.finish(seq_id, "abort")
 
     def finish(self, seq_id: str, reason: str = "stop", stop_reason: int | str | None = None):
-        """End a sequence now ("stop" | "length" | "abort"), freeing its caches. False if unknown
-        (already finished). Call between steps, not between schedule() and update()."""
+        """End a sequence now ("stop" | "length" | "abort" | "error"), freeing its caches. False
+        if unknown (already finished). Call between steps, or between schedule() and update()
+        (update() then skips it and cancels its checkpoint reservations)."""
         if reason not in _STATUS:
             raise ValueError(f"finish reason must be one of {sorted(_STATUS)}, got {reason!r}")
         seq = self._seqs.get(seq_id)

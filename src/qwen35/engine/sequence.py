@@ -20,6 +20,7 @@ class SequenceStatus(enum.Enum):
     FINISHED_STOPPED = "finished_stopped"  # eos, stop token id or (engine) stop string
     FINISHED_LENGTH = "finished_length"  # max_tokens or max_model_len
     FINISHED_ABORTED = "finished_aborted"
+    FINISHED_ERROR = "finished_error"  # a step failed while it ran (the engine goes on)
 
     @property
     def finished(self) -> bool:
@@ -31,6 +32,7 @@ FINISH_REASONS = {
     SequenceStatus.FINISHED_STOPPED: "stop",
     SequenceStatus.FINISHED_LENGTH: "length",
     SequenceStatus.FINISHED_ABORTED: "abort",
+    SequenceStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -48,7 +50,7 @@ class Sequence:
     state_slot: int | None = None  # running DeltaNet state slot while RUNNING
     status: SequenceStatus = SequenceStatus.WAITING
     arrival: int = -1  # admission order stamp, set by Scheduler.add
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id (or stop string) that ended it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
     num_preemptions: int = 0

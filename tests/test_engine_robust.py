@@ -1,0 +1,207 @@
+"""Issue 11, engine side: no request can stop the engine or leave anything behind.
+
+After every refused or failed request: the scheduler's integrity holds, nothing runs, waits or
+holds a KV block or state slot, and a normal request gives the same tokens as on a fresh engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qwen35.engine.llm_engine import (
+    LLM,
+    EngineBrokenError,
+    PromptTooLongError,
+    RequestFailedError,
+)
+from qwen35.engine.sampler import Sampler
+from qwen35.errors import Qwen35Error
+from qwen35.request import SamplingParams, SamplingParamsError
+from tiny import save_checkpoint
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+PROMPT = [5, 17, 42, 9, 100, 3, 77]
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("robust") / "dense"
+    save_checkpoint(d, moe=False, layout="vlm")
+    return LLM(str(d), dtype="fp32", verbose=False, max_model_len=64, block_size=4)
+
+
+@pytest.fixture(scope="module")
+def reference(llm):
+    return llm.generate([PROMPT], GREEDY)[0].outputs[0].token_ids
+
+
+def assert_idle_and_working(llm, reference) -> None:
+    eng = llm.engine
+    eng.scheduler.check_integrity()
+    assert not eng.has_unfinished_requests()
+    assert not eng._seq_to_req and not eng.runner._generators
+    s = eng.get_stats()
+    assert (s["num_running"], s["num_waiting"], s["kv_blocks_used"], s["state_slots_used"]) == (
+        0, 0, 0, 0,
+    )  # fmt: skip
+    assert llm.generate([PROMPT], GREEDY)[0].outputs[0].token_ids == reference
+
+
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        ({"top_p": 1e-46}, "top_p"),
+        ({"repetition_penalty": math.nan, "top_p": 0.9}, "repetition_penalty"),
+        ({"repetition_penalty": 1e-50, "top_p": 0.9}, "repetition_penalty"),
+        ({"repetition_penalty": math.inf}, "repetition_penalty"),
+        ({"n": 33, "seed": 2**64 - 32}, "seed"),
+        ({"logit_bias": {10**6: 5.0}}, "logit_bias"),  # not in the vocabulary
+    ],
+)
+def test_refused_params_register_nothing(llm, reference, kw, param):
+    with pytest.raises(SamplingParamsError) as e:
+        llm.engine.add_request("bad", PROMPT, SamplingParams(max_tokens=4, **kw))
+    assert e.value.param == param
+    assert_idle_and_working(llm, reference)
+
+
+def test_prompt_too_long_without_max_tokens(llm, reference):
+    eng = llm.engine
+    for n in (64, 65, 200):  # no room left for one token
+        with pytest.raises(PromptTooLongError, match="shorten the prompt") as e:
+            eng.add_request("long", [5] * n, SamplingParams(max_tokens=None))
+        assert e.value.max_tokens is None and e.value.prompt_tokens == n
+    with pytest.raises(PromptTooLongError, match="lower max_tokens"):
+        eng.add_request("long", [5] * 60, SamplingParams(max_tokens=5, n=3))
+    assert_idle_and_working(llm, reference)
+    # 63 prompt tokens leave room for exactly one; the caller's params are not modified
+    sp = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)
+    out = llm.generate([[5] * 63], sp)[0]
+    assert len(out.outputs[0].token_ids) == 1 and sp.max_tokens is None
+
+
+def test_failure_while_registering_is_undone(llm, reference, monkeypatch):
+    eng = llm.engine
+    add = eng.scheduler.add
+    calls = []
+
+    def flaky(seq):
+        calls.append(seq.seq_id)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        add(seq)
+
+    monkeypatch.setattr(eng.scheduler, "add", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        eng.add_request("r", PROMPT, SamplingParams(n=5, max_tokens=4))
+    monkeypatch.undo()
+    assert_idle_and_working(llm, reference)
+
+
+def test_request_id_clash_with_a_sequence_id(llm, reference):
+    eng = llm.engine
+    eng.add_request("a", PROMPT, SamplingParams(n=2, max_tokens=2))
+    with pytest.raises(Qwen35Error, match="clashes"):
+        eng.add_request("a#1", PROMPT, SamplingParams(max_tokens=2))
+    eng.abort_request("a")
+    assert_idle_and_working(llm, reference)
+
+
+def test_generate_params_must_match_prompts(llm, reference):
+    with pytest.raises(Qwen35Error, match="3 prompts but 2 SamplingParams"):
+        llm.generate([PROMPT] * 3, [GREEDY, GREEDY])
+    # one refused prompt: none of the batch is queued
+    with pytest.raises(PromptTooLongError):
+        llm.generate([PROMPT, [5] * 100, PROMPT], GREEDY)
+    assert_idle_and_working(llm, reference)
+
+
+class _FailingSampler(Sampler):
+    """Raises on every call that includes a row with seed 666 (a stand-in for any per-row bug)."""
+
+    def __call__(self, logits, rows):
+        if any(r.params.seed == 666 for r in rows):
+            raise RuntimeError("injected sampler failure")
+        return super().__call__(logits, rows)
+
+
+def test_a_failing_row_fails_only_its_request(llm, reference, monkeypatch):
+    eng = llm.engine
+    monkeypatch.setattr(eng.runner, "sampler", _FailingSampler())
+    good = [[7, 8, 9, 10], PROMPT]
+    alone = [o.outputs[0].token_ids for o in llm.generate(good, GREEDY)]
+    bad = SamplingParams(max_tokens=6, seed=666, n=2, ignore_eos=True)
+    with pytest.raises(RequestFailedError, match="injected sampler failure") as e:
+        llm.generate([good[0], PROMPT, good[1]], [GREEDY, bad, GREEDY])
+    outs = e.value.outputs
+    assert [o.error is not None for o in outs] == [False, True, False]
+    assert [o.outputs[0].token_ids for o in (outs[0], outs[2])] == alone
+    assert outs[1].finished and {o.finish_reason for o in outs[1].outputs} <= {"error", "abort"}
+    assert "error" in {o.finish_reason for o in outs[1].outputs}
+    assert eng.get_stats()["request_errors_total"] >= 1
+    monkeypatch.undo()
+    assert_idle_and_working(llm, reference)
+
+
+def test_stream_raises_for_its_failed_request(llm, reference, monkeypatch):
+    monkeypatch.setattr(llm.engine.runner, "sampler", _FailingSampler())
+    with pytest.raises(RequestFailedError):
+        list(llm.stream(PROMPT, SamplingParams(max_tokens=4, seed=666)))
+    monkeypatch.undo()
+    assert_idle_and_working(llm, reference)
+
+
+class _FlakyModel(torch.nn.Module):
+    """The real model, but its forward raises while `fail` > 0."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.fail = model, 0
+
+    def forward(self, *args, **kwargs):
+        if self.fail > 0:
+            self.fail -= 1
+            raise RuntimeError("injected forward failure")
+        return self.inner(*args, **kwargs)
+
+
+def test_a_failed_forward_fails_its_step_and_the_engine_goes_on(llm, reference, monkeypatch):
+    eng = llm.engine
+    flaky = _FlakyModel(eng.runner.model)
+    monkeypatch.setattr(eng.runner, "model", flaky)
+    long = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    eng.add_request("a", PROMPT, long)
+    eng.add_request("b", [3, 1, 4, 1, 5], SamplingParams(n=2, max_tokens=20, ignore_eos=True))
+    for _ in range(3):  # prefill, then decode steps: a has blocks and a slot
+        eng.step()
+    flaky.fail = 1
+    outs = {o.request_id: o for o in eng.step()}
+    assert set(outs) == {"a", "b"} and all(o.finished and o.error for o in outs.values())
+    assert all(o.finish_reason == "error" for r in outs.values() for o in r.outputs)
+    assert_idle_and_working(llm, reference)
+    # a step that fails MAX_FAILED_STEPS times in a row is the device or model, not a request
+    flaky.fail = 3
+    for i in range(3):
+        eng.add_request(f"c{i}", PROMPT, GREEDY)
+        if i < 2:
+            assert eng.step()[0].error
+    with pytest.raises(EngineBrokenError, match="3 times in a row"):
+        eng.step()
+    monkeypatch.undo()
+    assert_idle_and_working(llm, reference)
+
+
+def test_logit_bias_steers_generation(llm):
+    out = llm.generate(
+        [PROMPT], SamplingParams(max_tokens=5, temperature=0.0, logit_bias={123: 100.0})
+    )[0].outputs[0]
+    assert out.token_ids == [123] * 5
+    ban = llm.generate([PROMPT], SamplingParams(max_tokens=1, temperature=0.0))[0]
+    first = ban.outputs[0].token_ids[0]
+    out = llm.generate(
+        [PROMPT], SamplingParams(max_tokens=1, temperature=0.0, logit_bias={first: -100.0})
+    )[0].outputs[0]
+    assert out.token_ids[0] != first
