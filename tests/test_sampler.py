@@ -447,7 +447,10 @@ def test_nan_and_inf_logits_do_not_raise():
     x[0] = math.nan
     x[1, 5] = math.inf
     x[2, :10] = math.nan
-    rows = [SamplingRow(SP(top_p=0.9, top_k=k, min_p=m)) for k, m in ((0, 0), (3, 0.1), (0, 0.05), (0, 0))]
+    rows = [
+        SamplingRow(SP(top_p=0.9, top_k=k, min_p=m))
+        for k, m in ((0, 0), (3, 0.1), (0, 0.05), (0, 0))
+    ]
     out = Sampler(seed=0)(x, rows)
     assert all(0 <= t < 64 for t in out.token_ids)
 
