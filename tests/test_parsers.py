@@ -44,7 +44,22 @@ TYPED = {
         },
     },
 }
-TOOLS = [WEATHER, TYPED]
+WRITE = {
+    "type": "function",
+    "function": {
+        "name": "write_file",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "path": {"type": "string"},
+                "content": {"type": "string"},
+                "note": {"type": ["string", "null"]},
+                "alt": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            },
+        },
+    },
+}
+TOOLS = [WEATHER, TYPED, WRITE]
 
 
 def call(name, **params):
@@ -69,6 +84,16 @@ SAMPLES = {
                                arr="[1, 2]", s="0042", maybe="null", either="false"),
     "json-call": '</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
     "missing-closers": "</think>\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nLima\n<parameter=days>\n3\n</tool_call>",
+    # issue 11: values that hold tag-like text (a coding agent writing code or this format)
+    "tag-values": "</think>\n\nWriting.\n\n" + call("write_file", path="a.py", content=(
+        "print('</tool_call>')\nx = '</parameter>'\n</function>\n<parameter=path>\ny\n"
+        "<parameter=mode>\n</parameter>\n<parameter=path>\nz")) + "\n" + ROME,
+    "tag-values-json": '</think>\n\n<tool_call>\n{"name": "write_file", "arguments": '
+                       '{"content": "print(\'</tool_call>\')"}}\n</tool_call>',
+    "nullable": "</think>\n\n" + call("write_file", path="p", note="None", alt="null"),
+    "lenient-then-text": "</think>\n\n<tool_call>\n<function=get_weather>\n"
+                         "<parameter=city>\nLima\n</tool_call>\nmore text",
+    "truncated-in-value": "</think>\n\n" + call("write_file", content="a </tool_call> b")[:60],
 }  # fmt: skip
 
 
@@ -118,7 +143,11 @@ def test_streaming_equals_full(name, thinking, tools):
         assert [g["index"] for g in got] == list(range(len(got)))
 
 
-@pytest.mark.parametrize("name", ["parallel", "call-in-think-then-content", "malformed", "typed"])
+@pytest.mark.parametrize(
+    "name",
+    ["parallel", "call-in-think-then-content", "malformed", "typed", "tag-values",
+     "lenient-then-text", "missing-closers"],
+)  # fmt: skip
 def test_every_split_point(name):
     text = SAMPLES[name]
     full = ChatOutputParser(True, TOOLS).parse_full(text)
@@ -235,7 +264,8 @@ def test_fuzz_never_raises_and_stays_consistent(seed):
     rng = random.Random(seed)
     pieces = ["<tool_call>", "</tool_call>", "<function=get_weather>", "<function=", ">",
               "<parameter=city>", "</parameter>", "</function>", "<think>", "</think>", "\n",
-              "Paris", " ", "{", '"name"', "<", "/", "2"]  # fmt: skip
+              "Paris", " ", "{", '"name"', "<", "/", "2", "<function=write_file>",
+              "<parameter=content>", "<parameter=path>", "</parameter>\n</function>"]  # fmt: skip
     text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
     for thinking in (True, False):
         full = ChatOutputParser(thinking, TOOLS).parse_full(text)
@@ -243,3 +273,75 @@ def test_fuzz_never_raises_and_stays_consistent(seed):
         for chunks in _chunkings(text, seed):
             r, c, got = _stream(ChatOutputParser(thinking, TOOLS), chunks)
             assert (r, c, _strip_ids(got)) == expected
+
+
+# ---- issue 11: tag-like text inside values, nullable strings ---------------------------------
+
+
+def test_values_with_tag_like_text_stay_whole():
+    r, c, calls = ChatOutputParser(True, TOOLS).parse_full(SAMPLES["tag-values"])
+    content = (
+        "print('</tool_call>')\nx = '</parameter>'\n</function>\n<parameter=path>\ny\n"
+        "<parameter=mode>\n</parameter>\n<parameter=path>\nz"
+    )
+    assert c == "Writing."
+    assert _fn(calls) == [
+        ("write_file", {"path": "a.py", "content": content}),
+        ("get_weather", {"city": "Rome"}),
+    ]
+    _, c, calls = ChatOutputParser(True, TOOLS).parse_full(SAMPLES["tag-values-json"])
+    assert c == "" and _fn(calls) == [("write_file", {"content": "print('</tool_call>')"})]
+    # the issue's example, thinking off
+    text = call("write_file", path="x.py", content="print('</tool_call>')")
+    assert _fn(ToolCallParser(TOOLS).parse(text)[1]) == [
+        ("write_file", {"path": "x.py", "content": "print('</tool_call>')"})
+    ]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["</tool_call>", "</parameter>", "</function>", "<parameter=path>", "<parameter=content>",
+     "</parameter>\n<parameter=content>\nq", "a\n</function>\n</tool_call>\nb", "<tool_call>"],
+)  # fmt: skip
+def test_any_single_tag_in_a_value_round_trips(value):
+    # (A value holding the whole closing sequence `\n</parameter>\n</function>\n</tool_call>`
+    # is ambiguous in this format: it ends the call there.)
+    # what the chat template writes for {"path": "p", "content": value}, then more content
+    text = call("write_file", path="p", content=value) + "\nand after"
+    for chunks in _chunkings(text, seed=len(value)):
+        r, c, calls = _stream(ChatOutputParser(False, TOOLS), chunks)
+        assert _fn(calls) == [("write_file", {"path": "p", "content": value})], chunks
+        assert c == "and after"
+
+
+def test_unknown_or_repeated_parameter_tags_are_value_text():
+    # no </parameter> at all: a new line `<parameter=KEY>` starts a parameter only for a key
+    # of the tool that is not given yet
+    text = ("<tool_call>\n<function=write_file>\n<parameter=content>\na\n<parameter=nope>\nb\n"
+            "<parameter=content>\nc\n<parameter=path>\nd\n</function>\n</tool_call>")  # fmt: skip
+    assert _fn(ToolCallParser(TOOLS).parse(text)[1]) == [
+        ("write_file", {"content": "a\n<parameter=nope>\nb\n<parameter=content>\nc", "path": "d"})
+    ]
+
+
+def test_lenient_calls_need_the_end_of_output():
+    _, c, calls = ChatOutputParser(True, TOOLS).parse_full(SAMPLES["lenient-then-text"])
+    assert calls == [] and c.startswith("<tool_call>") and c.endswith("more text")
+    _, c, calls = ChatOutputParser(True, TOOLS).parse_full(SAMPLES["truncated-in-value"])
+    assert calls == [] and c == SAMPLES["truncated-in-value"][len("</think>\n\n") :]
+
+
+def test_nullable_string_none_is_json_null():
+    _, _, calls = ChatOutputParser(True, TOOLS).parse_full(SAMPLES["nullable"])
+    assert _fn(calls) == [("write_file", {"path": "p", "note": None, "alt": None})]
+    assert convert_value("None", {"type": ["string", "null"]}) is None
+    assert convert_value("none at all", {"type": ["string", "null"]}) == "none at all"
+    assert convert_value("None", {"type": "string"}) == "None"  # not nullable: a string
+
+
+def test_deeply_nested_values_do_not_raise():
+    deep = "[" * 100_000 + "]" * 100_000
+    assert convert_value(deep, {"type": "array"}) == deep
+    assert convert_value(deep) == deep
+    text = f'<tool_call>\n{{"name": "f", "arguments": {deep}}}\n</tool_call>'
+    assert ToolCallParser(TOOLS).parse(text)[1] == []

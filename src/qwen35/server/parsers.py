@@ -5,13 +5,16 @@
   streaming parser waited for a `</think>` that never came: peers.md §4 #8).
 - `ToolCallParser`: Qwen 3.5's XML calls, `<tool_call>\\n<function=NAME>\\n<parameter=K>\\nV\\n
   </parameter>\\n</function>\\n</tool_call>`, into OpenAI tool calls, values typed by the tool's
-  JSON schema. Malformed or unclosed calls stay text; nothing here raises on model output.
+  JSON schema (a nullable parameter's `None` / `null` is JSON null). A value may hold any
+  text, tags included: a closing tag counts only where what follows continues the call.
+  Malformed or unclosed calls stay text; nothing here raises on model output.
 - `ChatOutputParser`: both, with calls extracted from the reasoning too (a call the model writes
   inside `<think>` is still a call: peers.md §4 #7).
 
-Streaming holds back only what may be the start of a tag (`</think>`, `<tool_call>`) and
-whitespace whose fate depends on what follows, so the concatenated deltas always equal the
-non-streaming parse of the whole text, however the text was split.
+Streaming holds back only what may be the start of a tag (`</think>`, `<tool_call>`), a call
+until its end is certain, and whitespace whose fate depends on what follows, so the
+concatenated deltas always equal the non-streaming parse of the whole text, however the text
+was split (the tool-call parser's non-streaming parse is its streaming one, fed at once).
 """
 
 from __future__ import annotations
@@ -144,11 +147,12 @@ def _schema_types(schema: Any) -> list[str]:
 def convert_value(raw: str, schema: Any = None) -> Any:
     """A parameter's text -> a JSON value, following the schema's type when there is one."""
     s = raw.strip()
-    for t in _schema_types(schema):
+    types = _schema_types(schema)
+    if "null" in types and s in ("null", "None"):  # the template writes None as `None`
+        return None
+    for t in types:
         if t == "string":
             return raw
-        if t == "null" and s in ("null", "None"):
-            return None
         if t == "boolean" and s.lower() in ("true", "false"):
             return s.lower() == "true"
         if t in ("integer", "number"):
@@ -175,52 +179,165 @@ def convert_value(raw: str, schema: Any = None) -> Any:
                     return v
     try:
         return json.loads(s)
-    except ValueError:
+    except (ValueError, RecursionError):
         return raw
 
 
-def parse_call_body(body: str, properties: dict[str, dict[str, Any]] | None = None):
-    """The text between <tool_call> and </tool_call> -> (name, arguments) or None if malformed.
+# A call: `<tool_call>\n<function=NAME>\n` + per argument `<parameter=KEY>\nVALUE\n</parameter>\n`
+# + `</function>\n</tool_call>` (docs: chat-format.md). A value may contain any text, tags too
+# (a coding agent writing this very format), so a closing tag only counts where what follows
+# continues the call: `</parameter>` before `<parameter=KEY>` (a parameter of the tool not given
+# yet) or before `</function>` that ends the body; `</tool_call>` after such a body.
+# Forms the model sometimes slips into (no `</parameter>`, no `</function>`) are accepted only
+# when their `</tool_call>` ends the output or another call follows it.
+_PARAM_CLOSE, _FUNCTION_CLOSE = "</parameter>", "</function>"
+_PARAMETER_LINE = re.compile(r"\n<parameter=([^>\n]*)>")
 
-    Lenient where the model often slips: a missing </parameter> or </function>. A JSON body
-    ({"name": ..., "arguments": {...}}, the Qwen 3 style) is accepted too.
-    """
-    m = _FUNCTION.search(body)
-    if m is None:
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            return None
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
-            return None
-        args = obj.get("arguments", obj.get("parameters", {}))
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except ValueError:
-                return None
-        return (obj["name"], args) if isinstance(args, dict) else None
-    name = m.group(1).strip()
-    if not name:
+
+_WS = re.compile(r"\s*")
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    return _WS.match(text, pos).end()  # type: ignore[union-attr]
+
+
+def _ends_body(body: str, pos: int) -> bool:
+    """`</function>` at pos (after whitespace) with only whitespace after it."""
+    pos = _skip_ws(body, pos)
+    return body.startswith(_FUNCTION_CLOSE, pos) and _skip_ws(
+        body, pos + len(_FUNCTION_CLOSE)
+    ) == len(body)
+
+
+def _value_end(body: str, start: int, ok_key) -> tuple[int, int, bool]:
+    """Where the value starting at `start` ends: (end of value, where parsing goes on, strict)."""
+    i = body.find(_PARAM_CLOSE, start)
+    while i >= 0:
+        after = i + len(_PARAM_CLOSE)
+        nxt = _PARAMETER.match(body, _skip_ws(body, after))
+        if _ends_body(body, after) or (nxt is not None and ok_key(nxt.group(1).strip())):
+            return i, after, True
+        if _skip_ws(body, after) == len(body):  # </parameter>, then nothing: no </function>
+            return i, after, False
+        i = body.find(_PARAM_CLOSE, i + 1)
+    # no </parameter> closes it: the next line starting a new parameter, a final </function>,
+    # or the end of the body
+    for m in _PARAMETER_LINE.finditer(body, start):
+        if ok_key(m.group(1).strip()):
+            return m.start() + 1, m.start() + 1, False
+    j = body.rfind(_FUNCTION_CLOSE, start)
+    if j >= 0 and _skip_ws(body, j + len(_FUNCTION_CLOSE)) == len(body):
+        return j, j, False
+    return len(body), len(body), False
+
+
+def _parse_xml(body: str, properties: dict[str, dict[str, Any]]):
+    m = _FUNCTION.match(body, _skip_ws(body, 0))
+    if m is None or not m.group(1).strip():
         return None
-    schema = (properties or {}).get(name, {})
-    rest = body[m.end() :]
-    rest = rest[: rest.find("</function>")] if "</function>" in rest else rest
+    name = m.group(1).strip()
+    schema = properties.get(name) or {}
     args: dict[str, Any] = {}
-    p = _PARAMETER.search(rest)
-    while p is not None:
-        nxt = _PARAMETER.search(rest, p.end())
-        close = rest.find("</parameter>", p.end())
-        end = close if close >= 0 and (nxt is None or close < nxt.start()) else None
-        if end is None:
-            end = nxt.start() if nxt else len(rest)
-        raw = rest[p.end() : end]
-        raw = raw[1:] if raw.startswith("\n") else raw  # the format puts the value on its own lines
+    strict, pos = True, m.end()
+    while True:
+        pos = _skip_ws(body, pos)
+        if body.startswith(_FUNCTION_CLOSE, pos):
+            return (name, args, strict) if _ends_body(body, pos) else None
+        if pos >= len(body):  # no </function>
+            return name, args, False
+        p = _PARAMETER.match(body, pos)
+        key = p.group(1).strip() if p is not None else ""
+        if not key:
+            return None
+
+        def ok_key(k: str, key: str = key) -> bool:
+            return bool(k) and k != key and k not in args and (not schema or k in schema)
+
+        start = p.end() + body.startswith("\n", p.end())  # the value sits on its own lines
+        end, pos, closed = _value_end(body, start, ok_key)
+        raw = body[start:end]
         raw = raw[:-1] if raw.endswith("\n") else raw
-        key = p.group(1).strip()
         args[key] = convert_value(raw, schema.get(key))
-        p = nxt
-    return name, args
+        strict = strict and closed
+
+
+def _parse_json(body: str):
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except (ValueError, RecursionError):
+            return None
+    return (obj["name"], args, True) if isinstance(args, dict) else None
+
+
+def parse_call_body(body: str, properties: dict[str, dict[str, Any]] | None = None):
+    """The text between <tool_call> and </tool_call> -> (name, arguments, strict) or None.
+
+    XML (Qwen 3.5) or a JSON object `{"name": ..., "arguments": {...}}` (the Qwen 3 style).
+    strict: every closing tag is there; otherwise the call is lenient (see above).
+    """
+    if body.lstrip().startswith("{"):
+        return _parse_json(body)
+    return _parse_xml(body, properties or {})
+
+
+_NEED_MORE, _NOT_A_CALL = "need more", "not a call"
+
+
+def scan_call(buf: str, properties: dict[str, dict[str, Any]], final: bool, pos: int = 0):
+    """buf starts with <tool_call>. -> (result, resume): result is (end, name, args) with end just
+    past the call's </tool_call>, _NOT_A_CALL, or _NEED_MORE (only when not final: the answer
+    depends on text not seen yet). `resume`: where to look for the next </tool_call> next time,
+    past candidates already refused (a refusal never changes when more text comes)."""
+    start = len(CALL_OPEN)
+    wait = _NOT_A_CALL if final else _NEED_MORE
+    k = _skip_ws(buf, start)
+    head = buf[k : k + 64]
+    if not head:
+        return wait, start
+    if head.startswith("<function="):
+        m = _FUNCTION.match(buf, k)
+        if m is None:
+            rest = buf[k + len("<function=") :]
+            return (wait if ">" not in rest and "\n" not in rest else _NOT_A_CALL), start
+        if not m.group(1).strip():
+            return _NOT_A_CALL, start
+    elif "<function=".startswith(head):
+        return wait, start
+    elif not head.startswith("{"):
+        return _NOT_A_CALL, start
+    pos = max(pos, start)
+    while True:
+        j = buf.find(CALL_CLOSE, pos)
+        if j < 0:
+            return wait, max(start, len(buf) - len(CALL_CLOSE) + 1)
+        end = j + len(CALL_CLOSE)
+        parsed = None
+        e = j
+        while e > start and buf[e - 1].isspace():
+            e -= 1
+        if buf.endswith(_FUNCTION_CLOSE, start, e) or head.startswith("{"):  # may be strict
+            parsed = parse_call_body(buf[start:j], properties)
+            if parsed is not None and parsed[2]:
+                return (end, parsed[0], parsed[1]), end
+        # a lenient call: only when the output ends here or another call follows
+        k = _skip_ws(buf, end)
+        follow = buf[k : k + len(CALL_OPEN)]
+        if follow == CALL_OPEN or (k == len(buf) and final):
+            if parsed is None:
+                parsed = parse_call_body(buf[start:j], properties)
+            if parsed is not None:
+                return (end, parsed[0], parsed[1]), end
+        elif not final and k + len(follow) == len(buf) and CALL_OPEN.startswith(follow):
+            return _NEED_MORE, j  # "" too: the output may end here
+        pos = end
 
 
 def _tool_call(name: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -235,9 +352,10 @@ class ToolCallParser:
     """Extracts tool calls from text; the rest is content.
 
     Whitespace that only separates content from a call is dropped (the template writes
-    `content\\n\\n<tool_call>...</tool_call>\\n<tool_call>...`): segment text before a call is
+    `content\n\n<tool_call>...</tool_call>\n<tool_call>...`): text before a call is
     right-stripped, text after a call left-stripped, and text on both sides of calls is joined
-    by one newline.
+    by one newline. `parse` is `feed` + `finish` of the whole text, so a stream gives the same
+    result however it is split.
     """
 
     def __init__(self, tools: list[Any] | None = None) -> None:
@@ -252,56 +370,43 @@ class ToolCallParser:
 
     def parse(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         """Non-streaming: (content, tool_calls)."""
-        segments, calls, seg, pos = [], [], "", 0
-        while True:
-            i = text.find(CALL_OPEN, pos)
-            j = text.find(CALL_CLOSE, i + len(CALL_OPEN)) if i >= 0 else -1
-            if j < 0:
-                segments.append(seg + text[pos:])
-                break
-            parsed = parse_call_body(text[i + len(CALL_OPEN) : j], self.properties)
-            if parsed is None:  # malformed: plain text
-                seg += text[pos : j + len(CALL_CLOSE)]
-            else:
-                segments.append(seg + text[pos:i])
-                seg = ""
-                calls.append(_tool_call(*parsed))
-            pos = j + len(CALL_CLOSE)
-        last, content = len(segments) - 1, []
-        for k, s in enumerate(segments):
-            s = s.lstrip() if k > 0 else s  # after a call
-            content.append(s.rstrip() if k < last else s)  # before a call
-        return "\n".join(s for s in content if s), calls
+        p = ToolCallParser()
+        p.properties = self.properties
+        content, calls = p.feed(text)
+        rest, more = p.finish()
+        return content + rest, [{k: v for k, v in c.items() if k != "index"} for c in calls + more]
 
     def feed(self, delta: str) -> tuple[str, list[dict[str, Any]]]:
         """Streaming: (content delta, completed tool calls with their `index`)."""
         self._buf += delta
+        return self._drain(final=False)
+
+    def _drain(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
         out: list[str] = []
         calls: list[dict[str, Any]] = []
         while True:
             if not self._in_call:
                 i = self._buf.find(CALL_OPEN)
                 if i < 0:
-                    keep = _partial_tag(self._buf, CALL_OPEN)
+                    keep = 0 if final else _partial_tag(self._buf, CALL_OPEN)
                     out.append(self._text(self._buf[: len(self._buf) - keep]))
                     self._buf = self._buf[len(self._buf) - keep :]
                     break
                 out.append(self._text(self._buf[:i]))
-                self._buf, self._in_call = self._buf[i:], True
-                self._scan = len(CALL_OPEN)
-            j = self._buf.find(CALL_CLOSE, self._scan)
-            if j < 0:  # next time, search only where a new </tool_call> could end
-                self._scan = max(len(CALL_OPEN), len(self._buf) - len(CALL_CLOSE) + 1)
+                self._buf, self._in_call, self._scan = self._buf[i:], True, 0
+            result, self._scan = scan_call(self._buf, self.properties, final, self._scan)
+            if result == _NEED_MORE:
                 break
-            raw, self._buf = self._buf[: j + len(CALL_CLOSE)], self._buf[j + len(CALL_CLOSE) :]
             self._in_call = False
-            parsed = parse_call_body(raw[len(CALL_OPEN) : j], self.properties)
-            if parsed is None:
-                out.append(self._text(raw))
-            else:
-                self._ws, self._after_call = "", True
-                calls.append({"index": self.num_calls, **_tool_call(*parsed)})
-                self.num_calls += 1
+            if result == _NOT_A_CALL:  # the tag is text; look for a call after it
+                out.append(self._text(CALL_OPEN))
+                self._buf = self._buf[len(CALL_OPEN) :]
+                continue
+            end, name, args = result
+            self._buf = self._buf[end:]
+            self._ws, self._after_call = "", True
+            calls.append({"index": self.num_calls, **_tool_call(name, args)})
+            self.num_calls += 1
         return "".join(out), calls
 
     def _text(self, s: str) -> str:
@@ -320,11 +425,12 @@ class ToolCallParser:
         return body
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """End of output: held text and any unclosed call become content."""
-        buf, self._buf, self._in_call = self._buf, "", False
-        text = self._text(buf) + self._ws
+        """End of output: calls that only the end completes; held text and unclosed calls
+        become content."""
+        content, calls = self._drain(final=True)
+        text = content + self._ws
         self._ws = ""
-        return text, []
+        return text, calls
 
 
 # ---- both, for the chat completions endpoint ------------------------------------------------
@@ -358,11 +464,13 @@ class ChatOutputParser:
             reasoning, calls = self._tools_r.feed(reasoning)
             if not self._r_done and (final or not self._reasoning.in_reasoning):
                 self._r_done = True  # the think block closed: flush its held text now
-                reasoning += self._tools_r.finish()[0]
+                text, more = self._tools_r.finish()
+                reasoning, calls = reasoning + text, calls + more
             content, more = self._tools_c.feed(content)
             calls += more
             if final:
-                content += self._tools_c.finish()[0]
+                text, more = self._tools_c.finish()
+                content, calls = content + text, calls + more
         for call in calls:
             call["index"], self.num_calls = self.num_calls, self.num_calls + 1
         return OutputDelta(reasoning, content, calls)
