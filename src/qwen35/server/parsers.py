@@ -3,11 +3,11 @@
 - `ReasoningParser`: with thinking on, the prompt ends inside `<think>\\n`, so the output is
   `reasoning\\n</think>\\n\\ncontent`; with thinking off everything is content, at once (vLLM's
   streaming parser waited for a `</think>` that never came: peers.md §4 #8).
-- `ToolCallParser` (tool_calls.py): Qwen 3.5's XML calls, `<tool_call>\\n<function=NAME>\\n<parameter=K>\\nV\\n
-  </parameter>\\n</function>\\n</tool_call>`, into OpenAI tool calls, values typed by the tool's
-  JSON schema (a nullable parameter's `None` / `null` is JSON null). A value may hold any
-  text, tags included: a closing tag counts only where what follows continues the call.
-  Malformed or unclosed calls stay text; nothing here raises on model output.
+- `ToolCallParser` (tool_calls.py): Qwen 3.5's XML calls, `<tool_call>\n<function=NAME>\n
+  <parameter=K>\nV\n</parameter>\n</function>\n</tool_call>`, into OpenAI tool calls, values
+  typed by the tool's JSON schema (a nullable parameter's `None` / `null` is JSON null). A value
+  may hold any text, tags included: a closing tag counts only where what follows continues the
+  call. Malformed or unclosed calls stay text; nothing here raises on model output.
 - `ChatOutputParser`: both, with calls extracted from the reasoning too (a call the model writes
   inside `<think>` is still a call: peers.md §4 #7).
 
