@@ -10,7 +10,9 @@ import pytest
 from qwen35.chat_format import (
     ChatFormatError,
     ChatTemplate,
+    check_text_only,
     default_thinking_for,
+    media_parts,
     normalize_messages,
     prompt_thinking_enabled,
 )
@@ -252,10 +254,18 @@ def test_normalize_messages():
     assert isinstance(msgs[2]["tool_calls"][0]["function"]["arguments"], str)  # input untouched
     out = normalize_messages([{"role": "assistant", "reasoning": "r", "content": "c"}])
     assert out[0]["reasoning_content"] == "r"
+    both = {"role": "assistant", "reasoning": "r", "thinking": "t", "content": "c"}
+    assert normalize_messages([both])[0]["reasoning_content"] == "t"  # transformers' order
+    both["reasoning_content"] = "rc"
+    assert normalize_messages([both])[0]["reasoning_content"] == "rc"
     empty = [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": ""}}]}]
     assert normalize_messages(empty)[0]["tool_calls"][0]["function"]["arguments"] == {}
     bad = [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}]
-    with pytest.raises(ChatFormatError, match="not valid JSON"):
+    with pytest.raises(ChatFormatError, match="message 0: .* not valid JSON") as e:
+        normalize_messages(bad)
+    assert e.value.param == "messages[0].tool_calls[0].function.arguments"
+    bad[0]["tool_calls"][0]["function"]["arguments"] = "[" * 100_000
+    with pytest.raises(ChatFormatError, match="nested too deeply"):
         normalize_messages(bad)
     with pytest.raises(ChatFormatError, match="must be a JSON object"):
         normalize_messages(
@@ -411,7 +421,13 @@ def test_from_model_dir_sources(tmp_path):
     assert ChatTemplate.from_model_dir(tmp_path).render(PLAIN) == "json"
     (tmp_path / "chat_template.jinja").write_text(TEMPLATE)
     tpl = ChatTemplate.from_model_dir(tmp_path, default_thinking=False)
-    assert tpl.render(PLAIN) == PLAIN_TEXT + CLOSED  # the caller's default is passed on
+    assert tpl.render(PLAIN) == PLAIN_TEXT + OPEN  # the template's own default stands
+    assert tpl.thinking_default() is True
+    (tmp_path / "chat_template.jinja").write_text(TEMPLATE_SMALL)  # an "instruct" repack
+    tpl = ChatTemplate.from_model_dir(tmp_path, default_thinking=True)
+    assert tpl.render(PLAIN) == PLAIN_TEXT + CLOSED and tpl.thinking_default() is False
+    assert tpl.render(PLAIN, enable_thinking=True) == PLAIN_TEXT + OPEN
+    assert ChatTemplate.from_model_dir(None, default_thinking=False).thinking_default() is False
     (tmp_path / "chat_template.jinja").write_text("{% if %}")
     with pytest.raises(ChatFormatError, match="does not compile"):
         ChatTemplate.from_model_dir(tmp_path)
@@ -458,3 +474,18 @@ def test_prompt_thinking_enabled():
     assert prompt_thinking_enabled(b.render(PLAIN))
     assert not prompt_thinking_enabled(b.render(PLAIN, enable_thinking=False))
     assert not prompt_thinking_enabled(b.render(PLAIN, add_generation_prompt=False))
+
+
+# ---- images and videos need a vision encoder ---------------------------------------------------
+def test_media_parts_and_check_text_only():
+    msgs = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": [{"type": "text", "text": "a"},
+                                     {"type": "image_url", "image_url": {"url": "u"}}]},
+        {"role": "user", "content": [{"video": "v.mp4"}, {"type": "image", "image": "i"}]},
+    ]  # fmt: skip
+    assert media_parts(msgs) == [(1, 1, "image"), (2, 0, "video"), (2, 1, "image")]
+    with pytest.raises(ChatFormatError, match="without a vision encoder") as e:
+        check_text_only(msgs)
+    assert e.value.param == "messages[1].content[1]"
+    check_text_only([{"role": "user", "content": [{"type": "text", "text": "only text"}]}, *PLAIN])

@@ -58,7 +58,7 @@ def test_batched_equals_alone_and_transformers(which, ckpt, moe_ckpt):
     batched = ids(llm.generate(ps, GREEDY))
     alone = [ids(llm.generate([p], GREEDY))[0] for p in ps]
     assert batched == alone
-    for p, got in zip(ps, batched):
+    for p, got in zip(ps, batched, strict=True):
         assert got == hf_greedy(hf, p, GREEDY.max_tokens)
 
 

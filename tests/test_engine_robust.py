@@ -205,3 +205,23 @@ def test_logit_bias_steers_generation(llm):
         [PROMPT], SamplingParams(max_tokens=1, temperature=0.0, logit_bias={first: -100.0})
     )[0].outputs[0]
     assert out.token_ids[0] != first
+
+
+def test_checkpoint_template_keeps_its_thinking_default(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from qwen35.chat_format import ChatFormatError, default_thinking_for
+
+    save_checkpoint(tmp_path, moe=False, layout="vlm")
+    fixture = Path(__file__).parent / "fixtures" / "qwen3_5_chat_template.jinja"  # thinks
+    shutil.copy(fixture, tmp_path / "chat_template.jinja")
+    llm = LLM(str(tmp_path), dtype="fp32", verbose=False, max_model_len=64, max_memory="64MiB")
+    assert default_thinking_for(llm.engine.config) is False  # tiny: sized like the 0.8B
+    assert llm.engine.default_thinking is True  # but its template says otherwise
+    user = [{"role": "user", "content": "hi"}]
+    assert llm.engine.chat_template.render(user).endswith("<|im_start|>assistant\n<think>\n")
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(ChatFormatError, match="vision encoder"):
+        llm.chat([{"role": "user", "content": [image, {"type": "text", "text": "what?"}]}])
+    assert not llm.engine.has_unfinished_requests()

@@ -43,7 +43,7 @@ def _packed_tensors(model):
 def test_packed_views_share_one_weight(moe):
     plain, packed = _pair(moe)
     assert list(packed.state_dict()) == list(plain.state_dict())  # names unchanged
-    for (name, a), b in zip(plain.state_dict().items(), packed.state_dict().values()):
+    for (name, a), b in zip(plain.state_dict().items(), packed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     tensors = _packed_tensors(packed)
     cfg = packed.config
@@ -91,7 +91,7 @@ def test_packed_equals_plain_prefill_then_decode(moe):
             got.append(logits)
             nxt = logits.argmax(-1)
         outs[name] = got
-    for a, b in zip(outs["plain"], outs["packed"]):
+    for a, b in zip(outs["plain"], outs["packed"], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 

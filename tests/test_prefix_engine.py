@@ -69,7 +69,7 @@ def test_multi_turn_hits_history(ckpt):
         outs_on.append(on.generate([p], GREEDY)[0])
     assert [o.outputs[0].token_ids for o in outs_on] == run_each(off, prompts)
     # each later turn reuses the earlier history (up to its last full-block checkpoint)
-    for prev, o in zip(prompts, outs_on[1:]):
+    for prev, o in zip(prompts, outs_on[1:], strict=False):  # prompt k, output k + 1
         assert o.num_cached_tokens >= (len(prev) // BS) * BS - BS
 
 

@@ -42,7 +42,12 @@ THINK_EMPTY = "<think>\n\n</think>\n\n"
 
 
 class ChatFormatError(Qwen35Error, ValueError):
-    """Messages the chat template refuses; the message is the template's own."""
+    """Messages the chat template refuses; the message is the template's own. `param`: the
+    request field at fault, where known (e.g. `messages[2].tool_calls[0].function.arguments`)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def default_thinking_for(model: Any) -> bool:
@@ -84,8 +89,8 @@ def normalize_messages(messages: list[Any]) -> list[dict[str, Any]]:
     """OpenAI-style messages -> what the Qwen template expects (a fresh copy).
 
     Tool-call `arguments` given as a JSON string (OpenAI style) become a dict; the official
-    template only accepts a mapping. `reasoning` / `thinking` fill a missing `reasoning_content`
-    (as transformers does).
+    template only accepts a mapping, so malformed JSON there is an error naming the message.
+    `thinking`, else `reasoning`, fills a missing `reasoning_content` (transformers' order).
     """
     out = []
     for i, msg in enumerate(_plain(list(messages))):
@@ -93,19 +98,21 @@ def normalize_messages(messages: list[Any]) -> list[dict[str, Any]]:
             raise ChatFormatError(f"message {i} must be an object with a 'role', got {msg!r}")
         if msg.get("reasoning_content") is None:
             alias = next(
-                (msg[k] for k in ("reasoning", "thinking") if msg.get(k) is not None), None
+                (msg[k] for k in ("thinking", "reasoning") if msg.get(k) is not None), None
             )
             if alias is not None:
                 msg["reasoning_content"] = alias
-        for call in msg.get("tool_calls") or []:
+        for j, call in enumerate(msg.get("tool_calls") or []):
             fn = call.get("function", call) if isinstance(call, dict) else None
             if isinstance(fn, dict) and not isinstance(fn.get("arguments", {}), Mapping):
-                fn["arguments"] = _parse_arguments(fn.get("arguments"), fn.get("name"), i)
+                where = f"messages[{i}].tool_calls[{j}]" + (".function" if fn is not call else "")
+                fn["arguments"] = _parse_arguments(fn.get("arguments"), fn.get("name"), i, where)
         out.append(msg)
     return out
 
 
-def _parse_arguments(args: Any, name: Any, index: int) -> dict[str, Any]:
+def _parse_arguments(args: Any, name: Any, index: int, where: str) -> dict[str, Any]:
+    param = where + ".arguments"
     if args is None or (isinstance(args, str) and not args.strip()):
         return {}
     if isinstance(args, str):
@@ -113,13 +120,48 @@ def _parse_arguments(args: Any, name: Any, index: int) -> dict[str, Any]:
             args = json.loads(args)
         except json.JSONDecodeError as e:
             raise ChatFormatError(
-                f"message {index}: arguments of tool call {name!r} are not valid JSON ({e})"
+                f"message {index}: arguments of tool call {name!r} are not valid JSON ({e})", param
+            ) from None
+        except RecursionError:
+            raise ChatFormatError(
+                f"message {index}: arguments of tool call {name!r} are nested too deeply", param
             ) from None
     if not isinstance(args, Mapping):
         raise ChatFormatError(
-            f"message {index}: arguments of tool call {name!r} must be a JSON object, got {args!r}"
+            f"message {index}: arguments of tool call {name!r} must be a JSON object, got "
+            f"{type(args).__name__}",
+            param,
         )
     return dict(args)
+
+
+def media_parts(messages: list[Any]) -> list[tuple[int, int, str]]:
+    """(message index, part index, "image" | "video") of every image or video content part."""
+    found = []
+    for i, msg in enumerate(messages):
+        content = msg.get("content") if isinstance(msg, Mapping) else None
+        if isinstance(content, (list, tuple)):
+            for j, part in enumerate(content):
+                try:
+                    kind = _part_kind(part)
+                except ChatFormatError:
+                    continue  # the renderer reports it
+                if kind != "text":
+                    found.append((i, j, kind))
+    return found
+
+
+def check_text_only(messages: list[Any]) -> None:
+    """Refuse image / video parts: without a vision encoder they would render as placeholder
+    tokens the model cannot see (a silently wrong answer)."""
+    parts = media_parts(_plain(list(messages)))
+    if parts:
+        i, j, kind = parts[0]
+        raise ChatFormatError(
+            f"message {i} has {kind} input (content part {j}), but this model was loaded without "
+            f"a vision encoder: only text is supported; remove the {kind} parts",
+            f"messages[{i}].content[{j}]",
+        )
 
 
 def tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
@@ -141,6 +183,9 @@ class ChatTemplate:
     def from_model_dir(
         cls, path: str | Path | None, default_thinking: bool | None = None
     ) -> ChatTemplate:
+        """The directory's own template, or the built-in renderer with `default_thinking` (a
+        checkpoint's own template keeps its own thinking default: an "instruct" repack with a
+        thinking-off template stays off)."""
         if path is None:
             return cls(None, default_thinking)
         d = Path(path)
@@ -158,7 +203,17 @@ class ChatTemplate:
         source = _find_template(d, cfg)
         if source is not None:
             _compile(source)  # fail now, not on the first request
+            default_thinking = None
         return cls(source, default_thinking, specials)
+
+    def thinking_default(self) -> bool | None:
+        """Whether a prompt rendered without enable_thinking leaves the model thinking (None if
+        a one-message probe does not render)."""
+        try:
+            probe = self.render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        except ChatFormatError:
+            return None
+        return prompt_thinking_enabled(probe)
 
     @property
     def is_builtin(self) -> bool:

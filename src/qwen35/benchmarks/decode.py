@@ -9,6 +9,7 @@ the gap between consecutive tokens inside `generate`.
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 
@@ -62,11 +63,13 @@ def run_decode(bm: BenchModel, opts: BenchOptions) -> dict:
         ours_steps += steps[1:]
         if hf is not None:
             hf_tokens, times, _ = hf_generate(hf, [prompt], N)
-            gaps = [b - a for a, b in zip(times, times[1:])]
+            gaps = [b - a for a, b in itertools.pairwise(times)]
             hf_prefill.append(gaps[0])
             hf_steps += gaps[1:]
             ref = hf_tokens[0].tolist()
-            same = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), len(ref))
+            same = next(
+                (i for i, (a, b) in enumerate(zip(tokens, ref, strict=False)) if a != b), len(ref)
+            )
             agree.append(same)
         bandwidths.append(measure_read_bandwidth(sz["bw_mib"], device=bm.device))
 

@@ -21,12 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qwen35.chat_format import prompt_thinking_enabled
     from qwen35.engine.llm_engine import LLM
     from qwen35.server.parsers import ChatOutputParser
 
     llm = LLM(args.model, engine_config(args), progress=sys.stderr.isatty())
     kwargs = {} if args.thinking == "default" else {"enable_thinking": args.thinking == "on"}
-    thinking = kwargs.get("enable_thinking", llm.engine.default_thinking)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     print("qwen35 chat: /reset clears the history, /exit (or Ctrl-D) leaves", file=sys.stderr)
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         prompt = llm.engine.chat_template.render(
             system + history, add_generation_prompt=True, **kwargs
         )
-        parser = ChatOutputParser(thinking_enabled=thinking, tools=None)
+        parser = ChatOutputParser(thinking_enabled=prompt_thinking_enabled(prompt), tools=None)
         text = ""
         for delta in llm.stream(prompt, sampling_params(args)):
             for o in delta.outputs:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qwen35.chat_format import ChatTemplate, default_thinking_for
+from qwen35.chat_format import ChatTemplate, check_text_only, default_thinking_for
 from qwen35.devices import resolve_dtype
 from qwen35.engine.cache_sizing import CachePlan, plan_caches
 from qwen35.engine.config import EngineConfig
@@ -145,10 +145,14 @@ class LLMEngine:
         self.device = torch.device(ec.device.device)
         model_dir = Path(model) if Path(model).is_dir() else getattr(self.model, "model_dir", None)
         self.tokenizer = load_tokenizer(model_dir)
-        self.default_thinking = default_thinking_for(self.config)
+        # the built-in renderer thinks by model size; a checkpoint's own template by itself
         self.chat_template = ChatTemplate.from_model_dir(
-            model_dir, default_thinking=self.default_thinking
+            model_dir, default_thinking=default_thinking_for(self.config)
         )
+        thinking = self.chat_template.thinking_default()
+        self.default_thinking = default_thinking_for(self.config) if thinking is None else thinking
+        # image / video inputs need a vision encoder; none is loaded (weights.py skips it)
+        self.supports_images = False
         self.eos_token_ids = tuple(
             dict.fromkeys((*self.config.eos_token_ids, *self.tokenizer.eos_token_ids))
         )
@@ -490,6 +494,8 @@ class LLM:
             self.engine.abort_request(rid)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs):
+        if not self.engine.supports_images:
+            check_text_only(messages)
         prompt = self.engine.chat_template.render(
             messages, add_generation_prompt=True, **template_kwargs
         )

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qwen35.request import SamplingParams
+from qwen35.request import SamplingParams, SamplingParamsError
 
 
 class APIError(Exception):
@@ -78,9 +78,17 @@ class _Request(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[str, float] | None = None  # token id (as a JSON key) -> bias in [-100, 100]
+    best_of: int | None = None  # only best_of == n (no ranking of extra samples)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The engine's SamplingParams, validated (SamplingParamsError names the bad field)."""
+        if self.best_of is not None and self.best_of != self.n:
+            raise SamplingParamsError(
+                f"best_of={self.best_of} is not supported: only best_of == n ({self.n}), which "
+                "returns every sample; request n samples and pick among them instead",
+                "best_of",
+            )
         p = SamplingParams(
             n=self.n,
             max_tokens=max_tokens,
@@ -99,12 +107,28 @@ class _Request(BaseModel):
             logprobs=logprobs,
             min_tokens=self.min_tokens,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias=_token_keys(self.logit_bias),
         )
         return p.validate()
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def _token_keys(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI sends logit_bias keys as strings ("50256": -100); the engine wants token ids."""
+    if bias is None:
+        return None
+    out = {}
+    for k, v in bias.items():
+        if not (k.isascii() and k.isdigit() and len(k) <= 12):
+            raise SamplingParamsError(
+                f"logit_bias keys must be token ids (non-negative integers), got {k[:40]!r}",
+                "logit_bias",
+            )
+        out[int(k)] = v
+    return out
 
 
 class FunctionDef(BaseModel):

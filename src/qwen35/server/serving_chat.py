@@ -16,7 +16,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from qwen35.chat_format import ChatFormatError, prompt_thinking_enabled
+from qwen35.chat_format import ChatFormatError, check_text_only, prompt_thinking_enabled
 from qwen35.request import SamplingParamsError
 from qwen35.server.async_engine import EngineDeadError
 from qwen35.server.chat_output import ChoiceBuilder
@@ -36,6 +36,7 @@ from qwen35.server.serving_common import (
     add_to_engine,
     chat_logprobs,
     collect,
+    raise_for_error,
     read_json,
     sse,
 )
@@ -87,11 +88,14 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
         kwargs.pop(reserved, None)
     messages = [m.model_dump(exclude_unset=True) for m in req.messages]
     try:
+        if not getattr(engine, "supports_images", False):
+            check_text_only(messages)
         text = engine.chat_template.render(
             messages, tools=tools, add_generation_prompt=True, enable_thinking=thinking, **kwargs
         )
     except (ChatFormatError, TypeError, ValueError) as e:
-        raise APIError(f"invalid messages: {e}", param="messages") from None
+        param = getattr(e, "param", None) or "messages"
+        raise APIError(f"invalid messages: {e}", param=param) from None
     return ChatPrompt(text, prompt_thinking_enabled(text), tools)
 
 
@@ -140,6 +144,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
             yield chunk([_choice(i, dict(first)) for i in range(params.n)])
             try:
                 async for out in stream:
+                    raise_for_error(out, rid)
                     tracker.on_output(out)
                     choices = []
                     for o in out.outputs:
@@ -161,6 +166,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                     yield chunk([], usage=tracker.usage())
             except EngineDeadError as e:
                 yield sse(error_body(str(e), "server_error", code="engine_dead"))
+            except APIError as e:  # this request failed in the engine
+                yield sse(e.body())
             yield SSE_DONE
 
         return SSEResponse(events(), on_close=stream.abort)
@@ -172,6 +179,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     async with aclosing(collect(request, stream, state.config.disconnect_poll_s)) as outs:
         try:
             async for out in outs:
+                raise_for_error(out, rid)
                 tracker.on_output(out)
                 for o in out.outputs:
                     texts[o.index] += o.text

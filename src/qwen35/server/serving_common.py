@@ -148,6 +148,19 @@ async def add_to_engine(
         raise APIError(str(e), param=prompt_param) from None
 
 
+def raise_for_error(out: Any, request_id: str) -> None:
+    """The engine failed this request (its other requests go on): a 500 without internals
+    (the engine logged them with the request id)."""
+    if getattr(out, "error", None):
+        raise APIError(
+            f"the server failed while generating this request ({request_id}); other requests "
+            "are not affected: retry it, or report the id",
+            500,
+            "server_error",
+            code="generation_failed",
+        )
+
+
 def safe_logprob(x: float) -> float:
     # JSON has no -inf; clients expect a very negative number for impossible tokens
     return x if math.isfinite(x) else -9999.0

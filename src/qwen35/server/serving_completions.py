@@ -28,6 +28,7 @@ from qwen35.server.serving_common import (
     add_to_engine,
     collect,
     completion_logprobs,
+    raise_for_error,
     read_json,
     sse,
 )
@@ -78,6 +79,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
             offsets: dict[int, int] = {}  # choice -> text length so far (logprobs text_offset)
             try:
                 async for out in stream:
+                    raise_for_error(out, out.request_id)
                     tracker.on_output(out)
                     choices = []
                     for o in out.outputs:
@@ -101,6 +103,8 @@ async def create_completion(state: ServerState, request: Request) -> Response:
                     yield sse(_chunk(base, created, model, [], usage=tracker.usage()))
             except EngineDeadError as e:
                 yield sse(error_body(str(e), "server_error", code="engine_dead"))
+            except APIError as e:  # this request failed in the engine
+                yield sse(e.body())
             yield SSE_DONE
 
         return SSEResponse(events(), on_close=stream.abort)
@@ -109,6 +113,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     async with aclosing(collect(request, stream, state.config.disconnect_poll_s)) as outs:
         try:
             async for out in outs:
+                raise_for_error(out, out.request_id)
                 tracker.on_output(out)
                 for o in out.outputs:
                     i = choice_index(out.request_id, o.index)

@@ -1,0 +1,164 @@
+"""Issue 11 over HTTP, on the REAL engine (tiny random checkpoint, real tokenizer): bad sampling
+values are 400s naming the field, refused requests leave nothing queued, a request the engine
+fails is a 500 (or an SSE error event) for that request only, images without a vision encoder
+are refused, logit_bias works and best_of != n is refused. After each: integrity holds, the
+gauges are back to 0 and a normal request succeeds."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import pytest
+
+from qwen35.engine.sampler import Sampler
+from qwen35.server.app import ServerConfig, create_app
+from server_fakes import USER, ServerThread
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    from server_fakes import build_tiny_engine
+
+    engine = build_tiny_engine(tmp_path_factory.mktemp("tiny-robust"), max_num_seqs=8)
+    srv = ServerThread(create_app(engine, ServerConfig(served_model_name="tiny")))
+    yield srv, engine
+    srv.close()
+
+
+def post(srv, path: str, body: dict) -> httpx.Response:
+    # allow_nan: the client sends NaN / Infinity literals (Python's json does; JS cannot)
+    data = json.dumps(body, allow_nan=True)
+    return httpx.post(
+        srv.url + path, content=data, headers={"content-type": "application/json"}, timeout=60
+    )
+
+
+def assert_healthy(srv) -> None:
+    def check(engine):
+        engine.scheduler.check_integrity()
+        return engine.get_stats()
+
+    s = srv.state.async_engine.call(check)
+    assert (s["num_running"], s["num_waiting"], s["kv_blocks_used"], s["state_slots_used"]) == (
+        0, 0, 0, 0,
+    )  # fmt: skip
+    assert httpx.get(srv.url + "/health").status_code == 200
+    r = post(srv, "/v1/completions", {"prompt": "Hello", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+BAD = [
+    ({"top_p": 1e-46}, "top_p"),
+    ({"repetition_penalty": math.nan}, "repetition_penalty"),
+    ({"repetition_penalty": math.inf}, "repetition_penalty"),
+    ({"repetition_penalty": 1e-50, "top_p": 0.9}, "repetition_penalty"),
+    ({"temperature": math.nan}, "temperature"),
+    ({"n": 33, "seed": 2**64 - 32}, "seed"),
+    ({"logit_bias": {"999999999": 5}}, "logit_bias"),  # outside the vocabulary
+    ({"logit_bias": {"abc": 5}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"best_of": 3}, "best_of"),
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("fields,param", BAD, ids=[p for _, p in BAD])
+def test_bad_sampling_values_are_400s_and_leave_nothing(real, path, fields, param):
+    srv, _ = real
+    body = {"max_tokens": 4, **fields}
+    body.update({"prompt": "Hi"} if path == "/v1/completions" else {"messages": USER})
+    r = post(srv, path, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+    assert_healthy(srv)
+
+
+def test_prompt_too_long_without_max_tokens(real):
+    srv, engine = real
+    long = [5] * (engine.max_model_len + 10)
+    r = post(srv, "/v1/completions", {"prompt": long, "max_tokens": None})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert_healthy(srv)
+
+
+class _FailingSampler(Sampler):
+    def __call__(self, logits, rows):
+        if any(r.params.seed == 666 for r in rows):
+            raise RuntimeError("injected sampler failure with /secret/path")
+        return super().__call__(logits, rows)
+
+
+def test_a_request_the_engine_fails_is_an_error_for_it_only(real):
+    srv, engine = real
+    srv.state.async_engine.call(lambda e: setattr(e.runner, "sampler", _FailingSampler()))
+    try:
+        for path, extra in (("/v1/completions", {"prompt": ["a", "b"]}),
+                            ("/v1/chat/completions", {"messages": USER})):  # fmt: skip
+            r = post(srv, path, {"max_tokens": 4, "seed": 666, **extra})
+            assert r.status_code == 500, r.text
+            err = r.json()["error"]
+            assert err["code"] == "generation_failed" and "secret" not in r.text
+            # streamed: an error event, then [DONE]
+            body = {"max_tokens": 4, "seed": 666, "stream": True, **extra}
+            with httpx.stream("POST", srv.url + path, json=body, timeout=60) as s:
+                lines = [ln for ln in s.iter_lines() if ln]
+            assert lines[-1] == "data: [DONE]"
+            assert json.loads(lines[-2][len("data: ") :])["error"]["code"] == "generation_failed"
+            # other requests at the same time are unaffected
+            ok = post(srv, path, {"max_tokens": 4, "seed": 1, **extra})
+            assert ok.status_code == 200
+    finally:
+        srv.state.async_engine.call(lambda e: setattr(e.runner, "sampler", Sampler()))
+    assert_healthy(srv)
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "image", "image": "x.png"},
+        {"type": "video", "video": "x.mp4"},
+    ],
+)
+def test_images_without_a_vision_encoder_are_refused(real, part):
+    srv, _ = real
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]
+    r = post(srv, "/v1/chat/completions", {"messages": messages, "max_tokens": 2})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "messages[0].content[1]" and "vision encoder" in err["message"]
+    assert_healthy(srv)
+
+
+def test_logit_bias_on_both_endpoints(real):
+    srv, engine = real
+    tok = engine.tokenizer.encode(" la")[0]
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    for path, extra in (("/v1/completions", {"prompt": "Hi"}),
+                        ("/v1/chat/completions", {"messages": USER, **off})):  # fmt: skip
+        body = {"max_tokens": 3, "temperature": 0, "logit_bias": {str(tok): 100}, **extra}
+        r = post(srv, path, body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice.get("text", choice.get("message", {}).get("content")) == " la" * 3
+    r = post(srv, "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "best_of": 1})
+    assert r.status_code == 200  # best_of == n is plain sampling
+    assert_healthy(srv)
+
+
+def test_historical_tool_call_arguments_errors_name_the_field(real):
+    srv, _ = real
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{bad"}}
+    messages = [*USER, {"role": "assistant", "content": "", "tool_calls": [call]}, *USER]
+    r = post(srv, "/v1/chat/completions", {"messages": messages, "max_tokens": 2})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "messages[1].tool_calls[0].function.arguments"
+    assert "message 1" in err["message"] and "not valid JSON" in err["message"]
+    call["function"]["arguments"] = "[" * 100_000 + "]" * 100_000  # nested past the recursion limit
+    r = post(srv, "/v1/chat/completions", {"messages": messages, "max_tokens": 2})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+    assert_healthy(srv)
