@@ -225,3 +225,16 @@ def test_checkpoint_template_keeps_its_thinking_default(tmp_path):
     with pytest.raises(ChatFormatError, match="vision encoder"):
         llm.chat([{"role": "user", "content": [image, {"type": "text", "text": "what?"}]}])
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_each_sequence_reports_its_finish_once(llm):
+    # n=3 samples that stop at different steps (half the vocabulary stops them)
+    sp = SamplingParams(n=3, max_tokens=30, temperature=1.0, seed=3,
+                        stop_token_ids=list(range(0, 256, 2)))  # fmt: skip
+    finished: set[int] = set()
+    for delta in llm.stream(PROMPT, sp):  # they finish at different steps (seeded)
+        for o in delta.outputs:
+            assert o.index not in finished, "an output after its sequence finished"
+            if o.finish_reason is not None:
+                finished.add(o.index)
+    assert finished == {0, 1, 2}
