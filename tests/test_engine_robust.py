@@ -238,3 +238,57 @@ def test_each_sequence_reports_its_finish_once(llm):
             if o.finish_reason is not None:
                 finished.add(o.index)
     assert finished == {0, 1, 2}
+
+
+def _random_params(rng) -> dict:
+    odd = [math.nan, math.inf, -math.inf, 1e-46, 1e-50, 1e300, -1e-46, 0.0, -1, 2**64, True]
+    kw: dict = {}
+    ranges = {"temperature": (0, 2), "top_p": (0.01, 1), "min_p": (0, 0.3),
+              "repetition_penalty": (0.5, 2), "presence_penalty": (-2, 2),
+              "frequency_penalty": (-2, 2)}  # fmt: skip
+    for name, (lo, hi) in ranges.items():
+        r = rng.random()
+        if r < 0.15:
+            kw[name] = rng.choice(odd)
+        elif r < 0.6:
+            kw[name] = rng.uniform(lo, hi)
+    if rng.random() < 0.3:
+        kw["top_k"] = rng.choice([0, -1, 1, 5, 10**9, -5])
+    if rng.random() < 0.3:
+        kw["n"] = rng.choice([1, 2, 3, 0, -1])
+    if rng.random() < 0.3:
+        kw["seed"] = rng.choice([0, 7, -1, 2**64 - 1, 2**64, -(2**63) - 1, 2**64 - 2])
+    if rng.random() < 0.2:
+        kw["logit_bias"] = {
+            rng.choice([0, 5, 10**6, -1]): rng.choice([1.0, -100, 100, 1e9, math.nan])
+        }
+    if rng.random() < 0.2:
+        kw["min_tokens"] = rng.choice([0, 2, -1])
+    if rng.random() < 0.2:
+        kw["logprobs"] = rng.choice([None, 0, 3, 21, -1])
+    if rng.random() < 0.2:
+        kw["max_tokens"] = rng.choice([None, 1, 0, 10**9])
+    kw.setdefault("max_tokens", 3)
+    return kw
+
+
+def test_fuzz_random_sampling_values_never_break_the_engine(llm, reference):
+    import random
+
+    eng, rng = llm.engine, random.Random(11)
+    accepted = refused = 0
+    for i in range(250):
+        kw = _random_params(rng)
+        prompt = rng.choice([PROMPT, [1] * 70, [3, 4], [10**7]])
+        try:
+            eng.add_request(f"f{i}", prompt, SamplingParams(**kw))
+            accepted += 1
+        except Qwen35Error:  # SamplingParamsError, PromptTooLongError, bad prompt ids
+            refused += 1
+        if i % 25 == 24:  # run what was accepted, every row its own mix
+            while eng.has_unfinished_requests():
+                for out in eng.step():
+                    assert out.error is None, out.error
+            eng.scheduler.check_integrity()
+    assert accepted > 40 and refused > 40
+    assert_idle_and_working(llm, reference)

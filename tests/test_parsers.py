@@ -231,6 +231,10 @@ def test_schema_typed_arguments():
         ('{"k": "v"}', {}, {"k": "v"}),
         ("Paris", None, "Paris"),
         ("nan", {"type": "number"}, "nan"),
+        ("NaN", None, "NaN"),
+        ("[1, Infinity]", {"type": "array"}, "[1, Infinity]"),
+        ("[{1, 2}]", {"type": "array"}, "[{1, 2}]"),  # a Python set: not JSON
+        ("{'a': b'x'}", {"type": "object"}, "{'a': b'x'}"),
     ],
 )
 def test_convert_value(raw, schema, expected):

@@ -78,17 +78,27 @@ def convert_value(raw: str, schema: Any = None) -> Any:
                 pass
         if t in ("object", "array"):
             want = dict if t == "object" else list
-            for load in (json.loads, ast.literal_eval):  # the template writes Python str() too
+            for load in (_json, ast.literal_eval):  # the template writes Python str() too
                 try:
                     v = load(s)
-                except (ValueError, SyntaxError, MemoryError, RecursionError):
+                    json.dumps(v, allow_nan=False)  # literal_eval also makes sets, bytes, ...
+                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                     continue
                 if isinstance(v, want):
                     return v
     try:
-        return json.loads(s)
+        return _json(s)
     except (ValueError, RecursionError):
         return raw
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json(s: str) -> Any:
+    """json.loads without NaN / Infinity (not JSON; clients in other languages reject them)."""
+    return json.loads(s, parse_constant=_no_constant)
 
 
 # A call: `<tool_call>\n<function=NAME>\n` + per argument `<parameter=KEY>\nVALUE\n</parameter>\n`
@@ -171,7 +181,7 @@ def _parse_xml(body: str, properties: dict[str, dict[str, Any]]):
 
 def _parse_json(body: str):
     try:
-        obj = json.loads(body)
+        obj = _json(body)
     except (ValueError, RecursionError):
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
@@ -179,7 +189,7 @@ def _parse_json(body: str):
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
         try:
-            args = json.loads(args)
+            args = _json(args)
         except (ValueError, RecursionError):
             return None
     return (obj["name"], args, True) if isinstance(args, dict) else None
