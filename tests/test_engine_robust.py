@@ -248,7 +248,7 @@ def _random_params(rng) -> dict:
               "frequency_penalty": (-2, 2)}  # fmt: skip
     for name, (lo, hi) in ranges.items():
         r = rng.random()
-        if r < 0.15:
+        if r < 0.08:
             kw[name] = rng.choice(odd)
         elif r < 0.6:
             kw[name] = rng.uniform(lo, hi)
@@ -267,7 +267,7 @@ def _random_params(rng) -> dict:
     if rng.random() < 0.2:
         kw["logprobs"] = rng.choice([None, 0, 3, 21, -1])
     if rng.random() < 0.2:
-        kw["max_tokens"] = rng.choice([None, 1, 0, 10**9])
+        kw["max_tokens"] = rng.choice([1, 0, 10**9])
     kw.setdefault("max_tokens", 3)
     return kw
 
@@ -277,18 +277,18 @@ def test_fuzz_random_sampling_values_never_break_the_engine(llm, reference):
 
     eng, rng = llm.engine, random.Random(11)
     accepted = refused = 0
-    for i in range(250):
+    for i in range(200):
         kw = _random_params(rng)
-        prompt = rng.choice([PROMPT, [1] * 70, [3, 4], [10**7]])
+        prompt = rng.choice([PROMPT, PROMPT, [3, 4], [1] * 70, [10**7]])
         try:
             eng.add_request(f"f{i}", prompt, SamplingParams(**kw))
             accepted += 1
         except Qwen35Error:  # SamplingParamsError, PromptTooLongError, bad prompt ids
             refused += 1
-        if i % 25 == 24:  # run what was accepted, every row its own mix
+        if i % 20 == 19:  # run what was accepted, every row its own mix
             while eng.has_unfinished_requests():
                 for out in eng.step():
                     assert out.error is None, out.error
             eng.scheduler.check_integrity()
-    assert accepted > 40 and refused > 40
+    assert accepted > 20 and refused > 60
     assert_idle_and_working(llm, reference)
