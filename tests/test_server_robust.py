@@ -162,3 +162,34 @@ def test_historical_tool_call_arguments_errors_name_the_field(real):
     r = post(srv, "/v1/chat/completions", {"messages": messages, "max_tokens": 2})
     assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
     assert_healthy(srv)
+
+
+def test_tool_call_values_with_tags_over_http():
+    """Issue 11 #8 end to end (FakeEngine: a canned reply): the same call streamed and not."""
+    import openai
+
+    from server_fakes import FakeEngine, stream_chat
+
+    code = "print('</tool_call>')\nx = '</parameter>'  # <parameter=path>"
+    reply = ("Writing it.\n\n<tool_call>\n<function=write_file>\n<parameter=path>\na.py\n"
+             f"</parameter>\n<parameter=content>\n{code}\n</parameter>\n<parameter=mode>\nNone\n"
+             "</parameter>\n</function>\n</tool_call>")  # fmt: skip
+    props = {"path": {"type": "string"}, "content": {"type": "string"},
+             "mode": {"type": ["string", "null"]}}  # fmt: skip
+    tools = [{"type": "function",
+              "function": {"name": "write_file", "parameters": {"type": "object",
+                                                                "properties": props}}}]  # fmt: skip
+    eng = FakeEngine(reply=reply, default_thinking=False)
+    srv = ServerThread(create_app(eng, ServerConfig(served_model_name="tiny")))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        want = {"path": "a.py", "content": code, "mode": None}
+        r = client.chat.completions.create(model="tiny", messages=USER, tools=tools)
+        msg = r.choices[0].message
+        assert msg.content == "Writing it." and r.choices[0].finish_reason == "tool_calls"
+        assert [json.loads(c.function.arguments) for c in msg.tool_calls] == [want]
+        acc, _ = stream_chat(client, messages=USER, tools=tools)
+        assert acc[0]["content"] == "Writing it." and acc[0]["finish"] == "tool_calls"
+        assert [json.loads(c["arguments"]) for c in acc[0]["calls"].values()] == [want]
+    finally:
+        srv.close()
