@@ -72,7 +72,7 @@ def run_decode(bm: BenchModel, opts: BenchOptions) -> dict:
 
     bw = median(bandwidths)
     context = P + N // 2  # the average context of the decode steps
-    nbytes = decode_bytes_per_step(cfg, bm.weight_bytes, context, bm.dtype)
+    nbytes = decode_bytes_per_step(bm.model, context)
     roof = roofline_tokens_per_s(nbytes["total"], bw)
     ours_ms = median(ours_steps) * 1e3
     ours_tps = 1e3 / ours_ms

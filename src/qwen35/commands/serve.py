@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="answer 503 while this many requests wait (default: unlimited)")  # fmt: skip
     g.add_argument("--max-body-bytes", type=_size, default=16 << 20,
                    help="largest request body accepted, else 413 (default: 16MiB)")  # fmt: skip
-    g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed for requests without their own (reproducible runs; default random)")  # fmt: skip
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])  # fmt: skip
 

@@ -29,6 +29,7 @@ class ModelRunner:
         caches: ModelCaches,
         eos_token_ids: tuple[int, ...],
         device: torch.device | str = "cpu",
+        seed: int | None = None,  # the sampler's shared generator (unseeded requests)
     ):
         self.model = model
         self.caches = caches
@@ -36,7 +37,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             kernels.load()  # compile (first run on a machine) now, not in the first decode step
         self.eos_token_ids = tuple(eos_token_ids)
-        self.sampler = Sampler()
+        self.sampler = Sampler(seed=seed)
         self._generators: dict[str, torch.Generator | None] = {}
 
     # ---- per-sequence sampling state ------------------------------------------------------
