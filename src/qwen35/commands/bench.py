@@ -119,8 +119,4 @@ def run(args: argparse.Namespace) -> int:
     save(doc)
     if args.json:
         print(json.dumps(doc, indent=2))
-    else:
-        from qwen35.benchmarks.report import print_goals
-
-        print_goals(doc, con)
     return 0
