@@ -3,7 +3,7 @@
 `LLMEngine` is the step-wise core the server drives (add_request / step / abort_request);
 `LLM` is the offline API in the style of vLLM (`generate`, `stream`, `chat`).
 Memory: the KV block pool, the DeltaNet state slots and the prefix-cache checkpoints are sized
-from `cache_spec` (the planner's formula) under `max_memory`; see `memory.py`.
+from `cache_spec` (the planner's formula) under `max_memory`; see `cache_sizing.py`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Runs one scheduled step: builds the ForwardBatch, runs the model over the paged caches, samples.
 
-The runner owns the cache tensors (allocated from `cache_spec` through the model file's
-`allocate_caches`) and the per-sequence random generators; it knows nothing of text.
+The runner holds the cache tensors (the engine allocates them from `cache_spec` with
+`forward_batch.allocate_caches` and hands them over) and the per-sequence random generators; it
+knows nothing of text.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def naive_gated_delta_rule(
 
 def _exp_cut(x: torch.Tensor) -> torch.Tensor:
     """exp(x), exactly 0 below exp(-60) ~ 1e-26. Strong decays otherwise fill the chunk
-    matrices with fp32 denormals, whose CPU slow path makes the GEMMs up to 3x slower; terms
+    matrices with fp32 denormals, whose CPU slow path makes the GEMMs several times slower; terms
     that small are far below fp32 resolution next to the O(1) recent-token terms."""
     return x.masked_fill(x < -60.0, -torch.inf).exp_()
 
