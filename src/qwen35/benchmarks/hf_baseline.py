@@ -59,7 +59,7 @@ def hf_text_config(cfg: ModelConfig):
     return Qwen3_5TextConfig(intermediate_size=cfg.intermediate_size, **kw)
 
 
-FALLBACK = "torch fallback path"
+FALLBACK = "torch fallback"
 
 
 def implementation(device: torch.device | str) -> str:

@@ -120,8 +120,8 @@ def _throughput(con: Console, d: dict, impl: str) -> None:
     con.print(t)
     bws = ", ".join(f"{b:.1f}" for b in d["read_bandwidth_gbps"])
     con.print(
-        f"  runs interleaved in {d['interleaved_rounds']} rounds; read bandwidth before and "
-        f"after each: {bws} GB/s"
+        f"  runs interleaved, {d['interleaved_rounds']} round(s); read bandwidth before the "
+        f"first and after each: {bws} GB/s"
     )
 
 
