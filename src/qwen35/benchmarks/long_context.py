@@ -21,11 +21,12 @@ import torch
 from qwen35.benchmarks.common import BenchModel, BenchOptions, free_memory, median, ratio, timed
 from qwen35.cache_spec import cache_spec
 from qwen35.config import ModelConfig
+from qwen35.engine.config import CacheConfig
 from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
 
 DEFAULT_CONTEXTS = (1024, 8192, 32768)
 QUICK_CONTEXTS = (64, 256)
-BLOCK_SIZE = 16  # the engine's default
+BLOCK_SIZE = CacheConfig().block_size  # the engine's default
 
 
 def all_full_attention(cfg: ModelConfig) -> ModelConfig:
