@@ -2,8 +2,9 @@
 
 It "generates" a canned reply (tokenized with the real tokenizer) one token per step, then a
 filler token when ignore_eos asks for more. `gate` (a threading.Event) lets a test freeze the
-engine loop; `max_num_seqs` makes later requests wait, so queue limits can be tested without
-racing a real model. Stats mimic KV blocks and state slots so leaks are visible.
+engine loop; `max_num_seqs` (sequences, as in the real engine) makes later requests wait, so
+queue limits can be tested without racing a real model. Stats mimic KV blocks and state slots
+so leaks are visible. `added` records prompts as text (the server sends token ids).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class FakeEngine:
         self._reqs[request_id] = _Req(request_id, prompt if isinstance(prompt, str) else None,
                                       ids, params, seqs)  # fmt: skip
         self._order.append(request_id)
-        self.added.append((request_id, prompt, params))
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+        self.added.append((request_id, text, params))
         self.totals["prompt_tokens_total"] += len(ids)
 
     def abort_request(self, request_id: str) -> None:
@@ -100,7 +102,15 @@ class FakeEngine:
         return bool(self._reqs)
 
     def _running(self) -> list[_Req]:
-        return [self._reqs[r] for r in self._order[: self.max_num_seqs]]
+        """Requests in arrival order while their sequences fit in max_num_seqs slots."""
+        out, used = [], 0
+        for rid in self._order:
+            req = self._reqs[rid]
+            if out and used + len(req.seqs) > self.max_num_seqs:
+                break
+            out.append(req)
+            used += len(req.seqs)
+        return out
 
     def _next_token(self, req: _Req, seq: _Seq) -> int:
         k = len(seq.out)
@@ -153,9 +163,10 @@ class FakeEngine:
     def get_stats(self) -> dict:
         running = self._running()
         used = sum(-(-(len(r.ids) + len(s.out)) // BLOCK) for r in running for s in r.seqs)
+        num_running = sum(len(r.seqs) for r in running)
         return {
-            "num_running": len(running),
-            "num_waiting": len(self._order) - len(running),
+            "num_running": num_running,
+            "num_waiting": sum(len(r.seqs) for r in self._reqs.values()) - num_running,
             "kv_blocks_total": 1024,
             "kv_blocks_used": used,
             "state_slots_total": self.max_num_seqs,
