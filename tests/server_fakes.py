@@ -13,8 +13,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import pytest
-
 from qwen35.chat_format import ChatTemplate
 from qwen35.engine.llm_engine import PromptTooLongError
 from qwen35.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
@@ -315,9 +313,9 @@ def stream_chat(client, **kw):
 GAUGES = ("kv_blocks_used", "state_slots_used", "num_running", "num_waiting")
 
 
-@pytest.fixture
-def serve():
-    """serve(engine, transport=None, **config) -> (ServerThread, openai.OpenAI)."""
+def serving():
+    """Body of a `serve` fixture (`yield from serving()`): serve(engine, transport=None,
+    **config) -> (ServerThread, openai.OpenAI); the servers close at teardown."""
     import openai
 
     from qwen35.server.app import ServerConfig, create_app

@@ -21,9 +21,15 @@ from server_fakes import (
     assert_openai_error,
     assert_recovered,
     loopback_socket,
-    serve,  # noqa: F401  (fixture)
+    serving,
     wait_until,
 )
+
+
+@pytest.fixture
+def serve():
+    yield from serving()
+
 
 CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
 DEEP = 100_000

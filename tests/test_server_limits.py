@@ -17,9 +17,15 @@ from server_fakes import (
     FakeEngine,
     assert_openai_error,
     assert_recovered,
-    serve,  # noqa: F401  (fixture)
+    serving,
     wait_until,
 )
+
+
+@pytest.fixture
+def serve():
+    yield from serving()
+
 
 CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
 

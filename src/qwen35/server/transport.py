@@ -156,7 +156,10 @@ class GuardedH11Protocol(H11Protocol):
                 if cycle is not None:
                     cycle.disconnected = True  # the handler's own answer goes nowhere
                 self.transport.write(_TIMEOUT[kind])
-        self.transport.close()
+        if kind == "write":
+            self.transport.abort()  # close() would wait to flush to a client that reads nothing
+        else:
+            self.transport.close()
 
 
 def protocol_class(limits: TransportLimits) -> type[H11Protocol]:
