@@ -142,7 +142,7 @@ def test_fuzz_real_engine(tmp_path):
     start = next(gen)
     try:
         srv, _ = start(build_tiny_engine(tmp_path / "tiny"), api_key=KEY)
-        statuses = _fuzz(srv, seed=99, count=300)
+        statuses = _fuzz(srv, seed=99, count=150)
         assert statuses.get(200, 0) > 10, statuses
         assert srv.state.async_engine.alive
         assert_recovered(srv, headers={"authorization": f"Bearer {KEY}"})
