@@ -45,9 +45,8 @@ def child(shape: str) -> dict:
     import uvicorn
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from server_fakes import FakeEngine
-
     from qwen35.server.app import ServerConfig, create_app
+    from server_fakes import FakeEngine
 
     eng = FakeEngine(max_model_len=4096)
     eng.step_delay = 0.005
@@ -82,7 +81,9 @@ def child(shape: str) -> dict:
     window["end"] = time.perf_counter()
     t.join()
     server.should_exit = True
-    inside = [b - a for a, b in zip(stamps, stamps[1:]) if b > window["start"] and a < window["end"]]
+    inside = [
+        b - a for a, b in zip(stamps, stamps[1:]) if b > window["start"] and a < window["end"]
+    ]
     before = [b - a for a, b in zip(stamps, stamps[1:]) if b < window["start"]]
     return {
         "shape": shape,
