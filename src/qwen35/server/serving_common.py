@@ -29,7 +29,7 @@ from qwen35.server.async_engine import (
     RequestStream,
 )
 from qwen35.server.body import parse_request, read_body
-from qwen35.server.limits import RequestLimits
+from qwen35.server.limits import RequestLimits, check_prompt_tokens
 from qwen35.server.metrics import ServerMetrics
 from qwen35.server.protocol import APIError, error_body
 
@@ -103,8 +103,6 @@ class ServerState:
 
     def encode(self, prompt: str | list[int], param: str) -> list[int]:
         """Token ids of a prompt, within the prompt limit (runs on a worker thread)."""
-        from qwen35.server.limits import check_prompt_tokens
-
         encode = getattr(self.engine, "encode_prompt", None)
         try:
             ids = encode(prompt) if encode is not None else _plain_encode(self.engine, prompt)
@@ -120,8 +118,9 @@ class ServerState:
     def check_model(self, model: str | None) -> str:
         names = {self.config.served_model_name, self.config.model_path}
         if model is not None and model not in names:
+            shown = model if len(model) <= 100 else model[:100] + "..."
             raise APIError(
-                f"The model `{model}` does not exist; this server serves "
+                f"The model `{shown}` does not exist; this server serves "
                 f"`{self.config.served_model_name}`",
                 404,
                 "invalid_request_error",

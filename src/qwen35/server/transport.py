@@ -52,8 +52,9 @@ class TransportLimits:
 
 
 def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
+    kind = "invalid_request_error" if status < 500 else "server_error"
     body = json.dumps(
-        {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+        {"error": {"message": message, "type": kind, "param": None, "code": code}}
     ).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
