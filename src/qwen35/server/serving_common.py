@@ -269,13 +269,15 @@ def sse(data: Any) -> str:
 
 
 async def guarded_events(events: AsyncIterator[str], request_id: str | None) -> AsyncIterator[str]:
-    """An SSE body that always ends with `data: [DONE]`: an engine that died or an internal
-    error becomes an error event first (details in the log only, never in the stream)."""
+    """An SSE body that always ends with `data: [DONE]`: an engine that died, an APIError or an
+    internal error becomes an error event first (internal details go to the log only)."""
     try:
         async for item in events:
             yield item
     except EngineDeadError as e:
         yield sse(error_body(str(e), "server_error", code="engine_dead"))
+    except APIError as e:  # raised on purpose mid-stream (e.g. the engine failed this request)
+        yield sse(e.body())
     except Exception:
         log.exception("internal error in a stream (request id %s)", request_id)
         yield sse(internal_error_body(request_id))
