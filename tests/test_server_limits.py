@@ -38,6 +38,7 @@ OVER_LIMITS = [
     (CHAT, {"messages": USER, "stop": "y" * 129}, "stop", None),
     (CMPL, {"prompt": "x", "stop_token_ids": list(range(17))}, "stop_token_ids", None),
     (CMPL, {"prompt": "x", "logprobs": 21}, "logprobs", None),
+    (CMPL, {"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", None),
     (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
     (CMPL, {"prompt": list(range(600))}, "prompt", "context_length_exceeded"),
     (CMPL, {"prompt": [[1], list(range(600))]}, "prompt", "context_length_exceeded"),

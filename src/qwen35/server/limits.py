@@ -6,6 +6,7 @@ done (each answer is a 400 naming the field and the flag that sets the limit).
 - `max_stop`: stop strings and stop token ids per request (each one is checked at every decode
   step of its sequence); `max_stop_chars`: characters per stop string (the text held back while
   it could still match grows with it).
+- `max_logit_bias`: entries of `logit_bias` (each is applied at every sampling step).
 - `max_prompt_tokens`: prompt tokens (None: the model's context).
 - `max_json_depth`: nesting of the JSON body (also keeps every later recursive walk, pydantic's
   and the chat template's, far from Python's recursion limit).
@@ -25,6 +26,7 @@ class RequestLimits:
     max_seqs_per_request: int = 128  # vLLM's and OpenAI's cap on n
     max_stop: int = 16  # OpenAI allows 4; agent frameworks often send more
     max_stop_chars: int = 128
+    max_logit_bias: int = 300
     max_prompt_tokens: int | None = None
     max_json_depth: int = 64
 
@@ -122,6 +124,12 @@ def check_request_size(
             f"at most {limits.max_stop} stop_token_ids are allowed (the server's --max-stop), "
             f"got {len(ids)}",
             param="stop_token_ids",
+        )
+    bias = data.get("logit_bias")
+    if isinstance(bias, dict) and len(bias) > limits.max_logit_bias:
+        raise APIError(
+            f"logit_bias may have at most {limits.max_logit_bias} entries, got {len(bias)}",
+            param="logit_bias",
         )
     prompt = data.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
