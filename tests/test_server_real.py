@@ -136,6 +136,7 @@ def test_real_errors(real):
 
 @pytest.mark.slow
 def test_serve_command_in_a_subprocess(tmp_path):
+    import signal
     import socket
     import subprocess
     import sys
@@ -169,4 +170,5 @@ def test_serve_command_in_a_subprocess(tmp_path):
     finally:
         proc.terminate()
         status = proc.wait(30)
-    assert status == 0  # a signal is a clean stop (only an engine failure exits 1)
+    # a clean stop: uvicorn re-raises the signal once shut down (only an engine failure exits 1)
+    assert status in (0, -signal.SIGTERM), status
