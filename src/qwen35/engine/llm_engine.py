@@ -3,7 +3,7 @@
 `LLMEngine` is the step-wise core the server drives (add_request / step / abort_request);
 `LLM` is the offline API in the style of vLLM (`generate`, `stream`, `chat`).
 Memory: the KV block pool, the DeltaNet state slots and the prefix-cache checkpoints are sized
-from `cache_spec` (the planner's formula) under `max_memory`; see `memory.py`.
+from `cache_spec` (the planner's formula) under `max_memory`; see `cache_sizing.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections import abc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from qwen35.engine.forward_batch import allocate_caches
 from qwen35.engine.model_runner import ModelRunner, StepResult
 from qwen35.engine.runtime import configure_cpu_runtime
 from qwen35.engine.scheduler import Scheduler, SchedulerConfig
-from qwen35.engine.sequence import Sequence as Seq
+from qwen35.engine.sequence import Sequence
 from qwen35.errors import Qwen35Error
 from qwen35.loader import load_model
 from qwen35.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
@@ -80,15 +81,15 @@ MAX_FAILED_STEPS = 3  # consecutive model steps that raised before the engine gi
 
 @dataclass
 class _SeqState:
-    seq: Seq
+    seq: Sequence
     detok: IncrementalDetokenizer
     stop: StopStringMatcher
     text: str = ""
     sent_tokens: int = 0  # output tokens already returned
     logprobs: list[TokenLogprob] = field(default_factory=list)
     sent_logprobs: int = 0
-    done: bool = False
-    reported: bool = False  # its finish was returned (nothing more to send)
+    done: bool = False  # the scheduler finished it (length, EOS, stop string)
+    final_sent: bool = False  # its last output (with finish_reason) has been returned
 
 
 @dataclass
@@ -182,7 +183,7 @@ class LLMEngine:
             dtype=model_dtype,
             device=self.device,
         )
-        self.runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device)
+        self.runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device, seed=ec.seed)
         sched_cfg = SchedulerConfig(
             max_num_seqs=self.plan.num_state_slots,
             max_num_batched_tokens=sc.max_num_batched_tokens,
@@ -200,7 +201,6 @@ class LLMEngine:
         )
         self._requests: dict[str, _Request] = {}
         self._seq_to_req: dict[str, tuple[_Request, _SeqState]] = {}
-        self._seed = ec.seed
         self._ids = itertools.count()
         self._failed_steps = 0  # consecutive model steps that raised
         self.stats_totals = {
@@ -254,8 +254,9 @@ class LLMEngine:
         )
         try:
             for i, seq_id in enumerate(seq_ids):
-                seq = Seq(seq_id=seq_id, token_ids=list(ids), num_prompt_tokens=len(ids),
-                          params=params)  # fmt: skip
+                seq = Sequence(
+                    seq_id=seq_id, token_ids=list(ids), num_prompt_tokens=len(ids), params=params
+                )
                 detok = IncrementalDetokenizer(
                     self.tokenizer, skip_special_tokens=params.skip_special_tokens
                 )
@@ -359,10 +360,12 @@ class LLMEngine:
     def _delta(self, req: _Request, now: float) -> RequestOutput:
         outs = []
         for i, st in enumerate(req.seqs):
+            if st.final_sent:  # n > 1: a sibling still runs; this one has said all it will
+                continue
             seq = st.seq
             new_ids = seq.output_token_ids[st.sent_tokens :]
             new_lps = st.logprobs[st.sent_logprobs :] if req.params.logprobs is not None else None
-            if not new_ids and not st.text and not (st.done and not st.reported):
+            if not new_ids and not st.text and not (st.done and seq.finish_reason):
                 continue
             outs.append(
                 CompletionOutput(
@@ -377,9 +380,7 @@ class LLMEngine:
             st.text = ""
             st.sent_tokens += len(new_ids)
             st.sent_logprobs = len(st.logprobs)
-            if st.done:
-                st.sent_tokens = 1 << 60  # nothing more from this sequence
-                st.reported = True
+            st.final_sent = st.done
         done = all(st.done for st in req.seqs)
         metrics = {"arrival_time": req.arrival, "first_token_time": req.first_token or now}
         if done:
@@ -432,8 +433,8 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[int] | Sequence[str | list[int]],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        prompts: str | list[int] | abc.Sequence[str | list[int]],
+        params: SamplingParams | abc.Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """One output per prompt, in order. `params`: one SamplingParams for all prompts or one
         per prompt. Raises RequestFailedError (after the others finish) if the engine failed
