@@ -93,6 +93,7 @@ class _FailingSampler(Sampler):
 
 def test_a_request_the_engine_fails_is_an_error_for_it_only(real):
     srv, engine = real
+    original = engine.runner.sampler
     srv.state.async_engine.call(lambda e: setattr(e.runner, "sampler", _FailingSampler()))
     try:
         for path, extra in (("/v1/completions", {"prompt": ["a", "b"]}),
@@ -111,7 +112,7 @@ def test_a_request_the_engine_fails_is_an_error_for_it_only(real):
             ok = post(srv, path, {"max_tokens": 4, "seed": 1, **extra})
             assert ok.status_code == 200
     finally:
-        srv.state.async_engine.call(lambda e: setattr(e.runner, "sampler", Sampler()))
+        srv.state.async_engine.call(lambda e: setattr(e.runner, "sampler", original))
     assert_healthy(srv)
 
 
