@@ -66,7 +66,7 @@ def test_deeply_nested_json_is_400(serve):
         {"role": "tool", "tool_call_id": "c1", "content": "ok"},
     ]  # fmt: skip
     r = httpx.post(srv.url + CHAT, json={"messages": history, "tools": TOOLS}, timeout=30)
-    assert_openai_error(r, 400, "messages", "nested_too_deeply")
+    assert_openai_error(r, 400, "messages[1].tool_calls[0].function.arguments", "nested_too_deeply")
     assert_recovered(srv)
 
 

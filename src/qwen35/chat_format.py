@@ -45,9 +45,9 @@ class ChatFormatError(Qwen35Error, ValueError):
     """Messages the chat template refuses; the message is the template's own. `param`: the
     request field at fault, where known (e.g. `messages[2].tool_calls[0].function.arguments`)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 def default_thinking_for(model: Any) -> bool:
@@ -124,7 +124,9 @@ def _parse_arguments(args: Any, name: Any, index: int, where: str) -> dict[str, 
             ) from None
         except RecursionError:
             raise ChatFormatError(
-                f"message {index}: arguments of tool call {name!r} are nested too deeply", param
+                f"message {index}: arguments of tool call {name!r} are nested too deeply",
+                param,
+                "nested_too_deeply",
             ) from None
     if not isinstance(args, Mapping):
         raise ChatFormatError(

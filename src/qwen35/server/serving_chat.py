@@ -95,7 +95,9 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
         )
     except (ChatFormatError, TypeError, ValueError) as e:
         param = getattr(e, "param", None) or "messages"
-        raise APIError(f"invalid messages: {e}", param=param) from None
+        raise APIError(
+            f"invalid messages: {e}", param=param, code=getattr(e, "code", None)
+        ) from None
     except RecursionError:  # e.g. tool-call `arguments` (a JSON string) nested 100k deep
         raise APIError(
             "invalid messages: a value nests too deeply to render",
