@@ -26,6 +26,7 @@ from qwen35.engine.model_runner import ModelRunner
 from qwen35.engine.runtime import configure_cpu_runtime
 from qwen35.engine.scheduler import Scheduler, SchedulerConfig
 from qwen35.engine.sequence import Sequence as Seq
+from qwen35.engine.structured import StructuredOutputManager
 from qwen35.errors import Qwen35Error
 from qwen35.loader import load_model
 from qwen35.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
@@ -148,6 +149,10 @@ class LLMEngine:
             device=self.device,
         )
         self.runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device)
+        self.structured = StructuredOutputManager(
+            self.tokenizer, self.config.vocab_size, self.eos_token_ids
+        )
+        self.runner.logits_processor = self.structured.apply
         sched_cfg = SchedulerConfig(
             max_num_seqs=self.plan.num_state_slots,
             max_num_batched_tokens=sc.max_num_batched_tokens,
@@ -201,6 +206,9 @@ class LLMEngine:
             params.max_tokens = max(max_tokens, 1)
         if len(ids) + max_tokens > self.max_model_len:
             raise PromptTooLongError(len(ids), max_tokens, self.max_model_len)
+        spec = params.structured_outputs
+        if spec is not None:
+            self.structured.compile(spec)  # cached when the server compiled it already
         req = _Request(
             request_id, prompt if isinstance(prompt, str) else None, ids, params, [], time.time()
         )
@@ -218,6 +226,8 @@ class LLMEngine:
             self._seq_to_req[seq_id] = (req, st)
             seed = None if params.seed is None else params.seed + i
             self.runner.add_sequence(seq_id, seed)
+            if spec is not None:
+                self.structured.add(seq_id, spec)
             self.scheduler.add(seq)
         self._requests[request_id] = req
         self.stats_totals["prompt_tokens_total"] += len(ids)
@@ -233,6 +243,7 @@ class LLMEngine:
     def _forget(self, seq_id: str) -> None:
         self._seq_to_req.pop(seq_id, None)
         self.runner.remove_sequence(seq_id)
+        self.structured.remove(seq_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
@@ -246,6 +257,7 @@ class LLMEngine:
         touched: dict[str, _Request] = {}
         for seq_id, token in result.sampled.items():
             req, st = self._seq_to_req[seq_id]
+            self.structured.advance(seq_id, token)
             touched[req.request_id] = req
             if req.first_token is None:
                 req.first_token = now

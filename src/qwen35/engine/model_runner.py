@@ -37,6 +37,8 @@ class ModelRunner:
             kernels.load()  # compile (first run on a machine) now, not in the first decode step
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler()
+        # fn(logits [S, V], sequences) masking rows in place before sampling (structured outputs)
+        self.logits_processor = None
         self._generators: dict[str, torch.Generator | None] = {}
 
     # ---- per-sequence sampling state ------------------------------------------------------
@@ -125,7 +127,10 @@ class ModelRunner:
             )
             for seq in sample_seqs
         ]
-        out = self.sampler(logits.float(), rows)
+        logits = logits.float()
+        if self.logits_processor is not None:
+            self.logits_processor(logits, sample_seqs)
+        out = self.sampler(logits, rows)
         sampled = {seq.seq_id: int(t) for seq, t in zip(sample_seqs, out.token_ids)}
         lps = {seq.seq_id: lp for seq, lp in zip(sample_seqs, out.logprobs) if lp is not None}
         return StepResult(sampled, lps)

@@ -1,0 +1,165 @@
+"""xgrammar vs llguidance on the real Qwen 3.5 vocabulary (248,077 tokens, model vocab 248,320).
+
+Measures, for each library, in one process and one run:
+- vocabulary build (once per process);
+- compile time of a typical tool-call schema: cold (first schema after the vocabulary) and
+  again (a new schema of the same shape, the library's own caches warm);
+- per-token mask time at batch 1 and batch 32: fill the [B, V/32] bitmask for B matchers in the
+  middle of a JSON object, then advance each by one token (what one decode step costs).
+
+xgrammar requires `triton` on Linux, which must not enter this environment, so it is measured
+from a side directory: `pip install --no-deps --target DIR xgrammar apache-tvm-ffi`, then
+`python bench/grammar_engines.py --xgrammar-path DIR`. Without it only llguidance is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+        "hourly": {"type": "boolean"},
+        "fields": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+PREFIX = '{"city": "Paris", "unit": "celsius", "days": 1'
+VOCAB = 248320
+
+
+def schema_variant(i: int) -> dict:
+    s = json.loads(json.dumps(SCHEMA))
+    s["properties"][f"extra_{i}"] = {"type": "number", "minimum": 0}
+    return s
+
+
+def timed(fn, reps: int = 1) -> float:
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def bench_llguidance(tok, reps: int) -> dict:
+    import llguidance
+    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
+
+    from qwen35.engine.structured.backend import build_ll_tokenizer
+
+    t0 = time.perf_counter()
+    ll = build_ll_tokenizer(tok, VOCAB)
+    vocab_s = time.perf_counter() - t0
+
+    def compile_(schema):
+        g = llguidance.LLMatcher.grammar_from_json_schema(
+            schema, defaults={"whitespace_flexible": False}
+        )
+        m = llguidance.LLMatcher(ll, g)
+        assert not m.is_error(), m.get_error()
+        return m
+
+    cold = timed(lambda: compile_(SCHEMA))
+    again = statistics.median(timed(lambda i=i: compile_(schema_variant(i))) for i in range(5))
+    prefix = tok.encode(PREFIX)
+    ex = llguidance.LLExecutor()
+    out = {"vocab_build_s": vocab_s, "compile_cold_ms": cold * 1e3, "compile_ms": again * 1e3}
+    for b in (1, 32):
+        ms = []
+        for _ in range(b):
+            m = compile_(SCHEMA)
+            assert m.consume_tokens(prefix)
+            ms.append(m)
+        mask = allocate_token_bitmask(b, VOCAB)
+        nxt = tok.encode(",")[0]
+
+        def step():
+            fill_next_token_bitmask_par(ex, [(m, i) for i, m in enumerate(ms)], mask)
+            for m in ms:
+                m.consume_token(nxt)
+                m.rollback(1)
+
+        step()
+        out[f"mask_b{b}_ms"] = statistics.median(timed(step) for _ in range(reps)) * 1e3
+    return out
+
+
+def bench_xgrammar(tok, reps: int) -> dict:
+    import xgrammar as xgr
+
+    t0 = time.perf_counter()
+    enc = [tok.token_bytes(i) or b"" for i in range(VOCAB)]
+    info = xgr.TokenizerInfo(
+        enc, vocab_type=xgr.VocabType.RAW, vocab_size=VOCAB, stop_token_ids=[248046]
+    )
+    compiler = xgr.GrammarCompiler(info, max_threads=2)
+    vocab_s = time.perf_counter() - t0
+    cold = timed(
+        lambda: compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+    )
+    again = statistics.median(
+        timed(
+            lambda i=i: compiler.compile_json_schema(
+                json.dumps(schema_variant(i)), any_whitespace=False
+            )
+        )
+        for i in range(5)
+    )
+    cg = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+    prefix = tok.encode(PREFIX)
+    out = {"vocab_build_s": vocab_s, "compile_cold_ms": cold * 1e3, "compile_ms": again * 1e3}
+    for b in (1, 32):
+        ms = []
+        for _ in range(b):
+            m = xgr.GrammarMatcher(cg)
+            for t in prefix:
+                assert m.accept_token(t)
+            ms.append(m)
+        mask = xgr.allocate_token_bitmask(b, VOCAB)
+        nxt = tok.encode(",")[0]
+
+        def step():
+            for i, m in enumerate(ms):
+                m.fill_next_token_bitmask(mask, i)
+            for m in ms:
+                m.accept_token(nxt)
+                m.rollback(1)
+
+        step()
+        out[f"mask_b{b}_ms"] = statistics.median(timed(step) for _ in range(reps)) * 1e3
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--xgrammar-path", help="directory with xgrammar installed (--no-deps)")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    from qwen35.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    rows = {"llguidance": bench_llguidance(tok, args.reps)}
+    if args.xgrammar_path:
+        sys.path.insert(0, args.xgrammar_path)
+        rows["xgrammar"] = bench_xgrammar(tok, args.reps)
+    cols = ["vocab_build_s", "compile_cold_ms", "compile_ms", "mask_b1_ms", "mask_b32_ms"]
+    print("| library | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for name, r in rows.items():
+        print(f"| {name} | " + " | ".join(f"{r[c]:.3g}" for c in cols) + " |")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
