@@ -58,7 +58,9 @@ class StructuredOutputs:
                 try:
                     schema = json.loads(schema)
                 except ValueError as e:
-                    raise SamplingParamsError(f"{param}: the JSON schema is not JSON: {e}", param)
+                    raise SamplingParamsError(
+                        f"{param}: the JSON schema is not JSON: {e}", param
+                    ) from None
             if not isinstance(schema, dict) and schema is not True:
                 raise SamplingParamsError(f"{param}: a JSON schema must be an object", param)
         for k in ("regex", "grammar", "whitespace_pattern"):

@@ -31,6 +31,7 @@ from qwen35.server.serving_common import (
     read_json,
     sse,
 )
+from qwen35.server.structured import precompile, request_constraint
 
 
 def _prompts(prompt: Any) -> list[str | list[int]]:
@@ -57,6 +58,8 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         params = req.sampling_params(req.max_tokens, req.logprobs)
     except SamplingParamsError as e:
         raise APIError(str(e), param=e.param) from None
+    params.structured_outputs, spec_param = request_constraint(req)
+    await precompile(state.engine, params.structured_outputs, spec_param)
     base = random_id("cmpl")
     requests = [(f"{base}-{i}", p, dataclasses.replace(params)) for i, p in enumerate(prompts)]
     order = {rid: i for i, (rid, _, _) in enumerate(requests)}

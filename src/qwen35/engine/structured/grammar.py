@@ -1,7 +1,8 @@
 """Constraints -> llguidance grammars (text), including Qwen 3.5's tool-call format.
 
 - `grammar_for(spec)`: a `StructuredOutputs` as llguidance's grammar text. JSON schemas compile
-  with compact separators (`{"a":1}`) unless `whitespace_pattern` allows more; a choice is a
+  with compact separators (`{"a":1}`) unless `whitespace_pattern` allows more, and objects with
+  `properties` are closed unless they say otherwise (`close_objects`); a choice is a
   Lark alternation of literals; a regex and a Lark grammar pass through.
 - `tool_call_grammar(tools, ...)`: Lark for one or more calls in Qwen 3.5's XML format
   (`<tool_call>\\n<function=NAME>\\n<parameter=K>\\nV\\n</parameter>\\n</function>\\n</tool_call>`),
@@ -25,6 +26,22 @@ from qwen35.request import StructuredOutputs
 _RAW_TEXT = "[^<\\n]"
 
 
+def close_objects(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` wherever an object lists `properties` and
+    says nothing about others (xgrammar's strict mode, vLLM's default): otherwise a weak model
+    may add keys of its own invention until max_tokens."""
+    if isinstance(schema, list):
+        return [close_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: close_objects(v) if k not in ("enum", "const", "default", "examples") else v
+           for k, v in schema.items()}  # fmt: skip
+    if isinstance(schema.get("properties"), dict):
+        out["properties"] = {k: close_objects(v) for k, v in schema["properties"].items()}
+        out.setdefault("additionalProperties", False)
+    return out
+
+
 def json_options(spec: StructuredOutputs) -> dict[str, Any]:
     if spec.whitespace_pattern is None:
         return {"whitespace_flexible": False}
@@ -36,7 +53,9 @@ def grammar_for(spec: StructuredOutputs) -> str:
         schema = spec.json if spec.json is not None else {"type": "object"}
         if isinstance(schema, str):
             schema = json.loads(schema)
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=json_options(spec))
+        return llguidance.LLMatcher.grammar_from_json_schema(
+            close_objects(schema), defaults=json_options(spec)
+        )
     if spec.regex is not None:
         return llguidance.LLMatcher.grammar_from_regex(spec.regex)
     if spec.choice is not None:
@@ -87,7 +106,7 @@ def _function_rule(name: str, params: dict[str, Any], prefix: str) -> tuple[str,
         value = (
             _string_value(schema)
             if _is_raw_string(schema)
-            else "%json " + json.dumps(_compact(schema), ensure_ascii=False)
+            else "%json " + json.dumps(_compact(close_objects(schema)), ensure_ascii=False)
         )
         rule = f"{prefix}_p{i}"
         head = _lark_str(f"<parameter={key}>\n")
@@ -112,7 +131,9 @@ def tool_call_grammar(
     for j, tool in enumerate(tools):
         fn = tool.get("function", tool)
         params = fn.get("parameters") or {}
-        body, extra = _function_rule(fn["name"], params if isinstance(params, dict) else {}, f"f{j}")
+        body, extra = _function_rule(
+            fn["name"], params if isinstance(params, dict) else {}, f"f{j}"
+        )
         rules.append(f"fn{j}: {body}")
         rules.extend(extra)
         alts.append(f"fn{j}")

@@ -8,8 +8,9 @@ rows costs one dict lookup per row.
 
 Mask: llguidance fills a packed bitmask `[R, ceil(V/32)]` int32 for the R constrained rows (its
 executor spreads rows over threads, without the GIL); the engine's EOS ids are then allowed only
-where the grammar accepts (a checkpoint's EOS may be an ordinary text token). The bitmask travels
-to the logits' device and is unpacked there into a `[R, V]` boolean (one shift-and per bit).
+where the grammar accepts (a checkpoint's EOS may be an ordinary text token). On a CPU numpy
+unpacks the bitmask into a `[R, V]` boolean in one pass; on a GPU it travels to the logits' device
+and is unpacked there.
 
 Thinking: with `after_think` the row is free until the first `</think>`. Preemption needs
 nothing here: the engine recomputes a preempted sequence's tokens without sampling them again,
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import llguidance
+import numpy as np
 import torch
 
 from qwen35.engine.structured.compiler import GrammarCompiler
@@ -42,13 +44,33 @@ class _Constraint:
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """logits: [R, V] in place; bitmask: [R, ceil(V/32)] int32, bit j of word w = token 32w+j."""
+    """logits: [R, V] in place; bitmask: [R, ceil(V/32)] int32 (CPU), bit j of word w allows
+    token 32w+j. On a CPU numpy unpacks the bits in one pass; elsewhere the words travel to the
+    logits' device and are unpacked there (`apply_token_bitmask_torch`)."""
+    if logits.device.type != "cpu":
+        return apply_token_bitmask_torch(logits, bitmask)
+    r, v = logits.shape
+    banned = np.unpackbits(~bitmask.numpy().view(np.uint8), axis=1, count=v, bitorder="little")
+    logits.masked_fill_(torch.from_numpy(banned).view(torch.bool), float("-inf"))  # [R, V]
+
+
+def apply_token_bitmask_torch(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """The same with torch ops only, on the logits' device."""
     assert sys.byteorder == "little"  # the uint8 view below reads the words' bytes in order
     r, v = logits.shape
     b = bitmask.to(logits.device, non_blocking=True).view(torch.uint8)  # [R, 4W]
     bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=logits.device)
     banned = (b.unsqueeze(-1) & bits) == 0  # [R, 4W, 8]
     logits.masked_fill_(banned.view(r, -1)[:, :v], float("-inf"))
+
+
+def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Plain loops: the test oracle of the two above."""
+    words = bitmask.tolist()
+    for i in range(logits.shape[0]):
+        for t in range(logits.shape[1]):
+            if not (words[i][t // 32] >> (t % 32)) & 1:
+                logits[i, t] = float("-inf")
 
 
 class StructuredOutputManager:
