@@ -53,9 +53,8 @@ def timed(fn, reps: int = 1) -> float:
 
 def bench_llguidance(tok, reps: int) -> dict:
     import llguidance
-    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
 
-    from qwen35.engine.structured.backend import build_ll_tokenizer
+    from qwen35.engine.structured.compiler import build_ll_tokenizer
 
     t0 = time.perf_counter()
     ll = build_ll_tokenizer(tok, VOCAB)
@@ -80,11 +79,12 @@ def bench_llguidance(tok, reps: int) -> dict:
             m = compile_(SCHEMA)
             assert m.consume_tokens(prefix)
             ms.append(m)
-        mask = allocate_token_bitmask(b, VOCAB)
+        mask = torch.full((b, (VOCAB + 31) // 32), -1, dtype=torch.int32)
         nxt = tok.encode(",")[0]
 
-        def step():
-            fill_next_token_bitmask_par(ex, [(m, i) for i, m in enumerate(ms)], mask)
+        def step(ms=ms, mask=mask, b=b, nxt=nxt):
+            pairs = [(m, i) for i, m in enumerate(ms)]
+            ex.unsafe_compute_mask_ptr(pairs, mask.data_ptr(), mask.shape[1] * 4, b)
             for m in ms:
                 m.consume_token(nxt)
                 m.rollback(1)
@@ -104,9 +104,7 @@ def bench_xgrammar(tok, reps: int) -> dict:
     )
     compiler = xgr.GrammarCompiler(info, max_threads=2)
     vocab_s = time.perf_counter() - t0
-    cold = timed(
-        lambda: compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
-    )
+    cold = timed(lambda: compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False))
     again = statistics.median(
         timed(
             lambda i=i: compiler.compile_json_schema(
@@ -128,7 +126,7 @@ def bench_xgrammar(tok, reps: int) -> dict:
         mask = xgr.allocate_token_bitmask(b, VOCAB)
         nxt = tok.encode(",")[0]
 
-        def step():
+        def step(ms=ms, mask=mask, nxt=nxt):
             for i, m in enumerate(ms):
                 m.fill_next_token_bitmask(mask, i)
             for m in ms:
