@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from qwen35.engine.llm_engine import LLM, LLMEngine
+from qwen35.engine.structured import tool_call_grammar
 from qwen35.engine.structured.manager import (
     apply_token_bitmask,
     apply_token_bitmask_reference,
@@ -54,6 +55,8 @@ TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
     {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
 ]
+SMALL = {"type": "object", "properties": {"unit": WEATHER["properties"]["unit"],
+         "days": WEATHER["properties"]["days"]}, "required": ["unit", "days"]}  # fmt: skip
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
@@ -118,15 +121,38 @@ def test_spec_validation():
     assert so(json='{"type": "object"}').key() == so(json={"type": "object"}).key()
 
 
+def test_tool_grammar_accepts_the_template_format_only(llm):
+    tok = llm.tokenizer
+    grammar = tool_call_grammar(TOOLS, multiple=True, call_open_id=tok.tool_call_start_id,
+                                call_close_id=tok.tool_call_end_id)  # fmt: skip
+    template = llm.engine.structured.compile(so(grammar=grammar))
+
+    def call(name, **args):
+        body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in args.items())
+        return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+
+    def accepts(text):
+        m, ids = template.deep_copy(), tok.encode(text)
+        return m.try_consume_tokens(ids) == len(ids) and m.is_accepting()
+
+    good = call("get_weather", city="Paris", unit="celsius", days=3)
+    assert accepts(good) and accepts(good + "\n" + call("get_time", zone="UTC", fields="[1,2]"))
+    assert not accepts(call("get_weather", city="Paris", unit="kelvin"))  # not in the enum
+    assert not accepts(call("get_weather", unit="celsius"))  # required city missing
+    assert not accepts(call("get_weather", city="Paris", unit="celsius", days=15))  # > maximum
+    assert not accepts(call("get_time", zone="utc"))  # pattern ^[A-Z]{3}$
+    assert not accepts(call("nope", x=1))
+
+
 # ---- the engine (Python API) ------------------------------------------------------------------
 
 
 def test_python_api_json_regex_choice_and_every_sampler(llm):
-    schema = SCHEMAS["get_weather"]
+    schema = SMALL
     samplers = [dict(temperature=0), dict(temperature=1.0, seed=1), dict(temperature=0.8, top_k=50),
                 dict(temperature=1.2, top_p=0.9, seed=2), dict(temperature=1.0, min_p=0.05),
                 dict(temperature=0, repetition_penalty=1.3, presence_penalty=0.5)]  # fmt: skip
-    params = [SamplingParams(max_tokens=96, structured_outputs=so(json=schema), **s)
+    params = [SamplingParams(max_tokens=48, structured_outputs=so(json=schema), **s)
               for s in samplers]  # fmt: skip
     params += [
         SamplingParams(max_tokens=24, temperature=1.0, structured_outputs=so(regex=r"[0-9]{3}-[a-z]{2,4}")),
@@ -149,7 +175,7 @@ def test_unconstrained_greedy_unchanged_by_constrained_neighbours(llm):
     alone = llm.generate(["The capital of France is"], plain)[0].outputs[0].token_ids
     mixed = llm.generate(
         ["Tell me", "The capital of France is", "JSON please", "pick one"],
-        [SamplingParams(max_tokens=12, temperature=0, structured_outputs=so(json=WEATHER)), plain,
+        [SamplingParams(max_tokens=12, temperature=0, structured_outputs=so(json=SMALL)), plain,
          SamplingParams(max_tokens=12, temperature=1, structured_outputs=so(json_object=True)),
          SamplingParams(max_tokens=12, temperature=0, structured_outputs=so(choice=["a", "b"]))],
     )  # fmt: skip
@@ -157,18 +183,18 @@ def test_unconstrained_greedy_unchanged_by_constrained_neighbours(llm):
 
 
 def test_n_stop_and_max_tokens(llm):
-    out = llm.generate(["n"], SamplingParams(n=3, max_tokens=96, temperature=1.0, seed=3,
-                                             structured_outputs=so(json=WEATHER)))[0]  # fmt: skip
+    out = llm.generate(["n"], SamplingParams(n=3, max_tokens=48, temperature=1.0, seed=3,
+                                             structured_outputs=so(json=SMALL)))[0]  # fmt: skip
     assert len(out.outputs) == 3
     for o in out.outputs:
-        jsonschema.validate(json.loads(o.text), WEATHER)
+        jsonschema.validate(json.loads(o.text), SMALL)
     cut = llm.generate(["x"], SamplingParams(max_tokens=3, temperature=0,
                                              structured_outputs=so(json=WEATHER)))[0]  # fmt: skip
     assert cut.outputs[0].finish_reason == "length" and len(cut.outputs[0].token_ids) == 3
-    stop = llm.generate(["x"], SamplingParams(max_tokens=64, temperature=0, stop=['"unit"'],
-                                              structured_outputs=so(json=WEATHER)))[0]  # fmt: skip
-    assert stop.outputs[0].finish_reason == "stop" and stop.outputs[0].stop_reason == '"unit"'
-    assert stop.outputs[0].text.startswith('{"city":"')
+    stop = llm.generate(["x"], SamplingParams(max_tokens=48, temperature=0, stop=['"days"'],
+                                              structured_outputs=so(json=SMALL)))[0]  # fmt: skip
+    assert stop.outputs[0].finish_reason == "stop" and stop.outputs[0].stop_reason == '"days"'
+    assert stop.outputs[0].text.startswith('{"unit":"')
 
 
 def test_preemption_keeps_the_matcher_exact(ckpt):
