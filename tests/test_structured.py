@@ -315,6 +315,7 @@ BAD = [
      "response_format", "nope"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
       "schema": {"type": "string", "format": "no-such-format"}}}}, "response_format", "format"),
+    ({"guided_json": {"type": "array", "uniqueItems": True}}, "guided_json", "uniqueItems"),
     ({"guided_regex": "a(b"}, "guided_regex", "regex"),
     ({"structured_outputs": {"grammar": "start: nope_rule"}}, "structured_outputs", "grammar"),
     ({"structured_outputs": {"json": {"type": "object"}, "regex": "a"}}, "structured_outputs",
