@@ -74,12 +74,17 @@ def request_constraint(
             found.append(("response_format", fields))
     choice = getattr(req, "tool_choice", None)
     if tools and (choice == "required" or (choice is not None and not isinstance(choice, str))):
-        grammar = tool_call_grammar(
-            tools,
-            multiple=choice == "required" and bool(getattr(req, "parallel_tool_calls", True)),
-            call_open_id=getattr(tokenizer, "tool_call_start_id", None),
-            call_close_id=getattr(tokenizer, "tool_call_end_id", None),
-        )
+        try:
+            grammar = tool_call_grammar(
+                tools,
+                multiple=choice == "required" and bool(getattr(req, "parallel_tool_calls", True)),
+                call_open_id=getattr(tokenizer, "tool_call_start_id", None),
+                call_close_id=getattr(tokenizer, "tool_call_end_id", None),
+            )
+        except Exception as e:  # noqa: BLE001 - malformed tool parameters are the client's
+            raise APIError(
+                f"tools: cannot build the tool-call grammar: {e!r}", param="tools"
+            ) from None
         found.append(("tool_choice", {"grammar": grammar}))
     if not found:
         return None, ""

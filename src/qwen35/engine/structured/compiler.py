@@ -125,7 +125,7 @@ class GrammarCompiler:
         what = describe(spec)
         try:
             grammar = grammar_for(spec)
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - any failure on user input is that input's fault
             raise StructuredOutputError(f"invalid {what}: {e}") from None
         limits = llguidance.LLParserLimits(**LIMITS)
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(

@@ -98,7 +98,9 @@ def _compact(schema: dict[str, Any]) -> dict[str, Any]:
 def _function_rule(name: str, params: dict[str, Any], prefix: str) -> tuple[str, list[str]]:
     """(the body rule, extra rules) for one function; `prefix` keeps rule names unique."""
     props = params.get("properties") or {}
-    required = [k for k in params.get("required") or [] if k in props]
+    if not isinstance(props, dict):
+        raise ValueError(f"{name}: parameters.properties must be an object")
+    required = [k for k in params.get("required") or [] if isinstance(k, str) and k in props]
     order = required + [k for k in props if k not in required]
     parts, rules = [], []
     for i, key in enumerate(order):
