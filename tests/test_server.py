@@ -262,7 +262,7 @@ BAD_REQUESTS = [
     ("chat", {"messages": USER, "max_tokens": 100000}, "messages"),
     ("chat", {"messages": USER, "tools": TOOLS,
               "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-    ("chat", {"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"messages": USER, "response_format": {"type": "xml"}}, "response_format"),
     ("completions", {"prompt": "x", "logprobs": 30}, "logprobs"),
     ("completions", {"prompt": "x", "stop": [""]}, "stop"),
     ("completions", {}, "prompt"),

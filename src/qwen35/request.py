@@ -1,14 +1,18 @@
 """Per-request types shared by the engine, the scheduler and the server. No torch here.
 
 - `SamplingParams`: what the user asks for (vLLM-style names); `validate()` raises a clear error.
+- `StructuredOutputs`: a constraint on the output (JSON schema, regex, choice, Lark grammar),
+  enforced by constrained decoding (`engine/structured/`).
 - `RequestOutput`: what the engine returns, whole or as a streaming delta.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from qwen35.errors import Qwen35Error
 
@@ -22,6 +26,66 @@ class SamplingParamsError(Qwen35Error, ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """Exactly one of `json` (a JSON schema, dict or text), `json_object` (any JSON object),
+    `regex`, `choice` (one of these strings) or `grammar` (Lark syntax, llguidance's dialect).
+
+    `whitespace_pattern`: a regex for the whitespace JSON may hold between tokens; None (the
+    default) gives compact JSON (`{"a":1,"b":[2,3]}`), so a weak model cannot fill max_tokens
+    with spaces inside a valid prefix. `after_think`: the constraint starts after the first
+    `</think>` token (a thinking model reasons freely first); the server sets it when the chat
+    prompt leaves thinking on.
+    """
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    whitespace_pattern: str | None = None
+    after_think: bool = False
+
+    def validate(self, param: str = "structured_outputs") -> StructuredOutputs:
+        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        if len(kinds) != 1:
+            raise SamplingParamsError(
+                f"{param} needs exactly one of json, json_object, regex, choice or grammar, "
+                f"got {kinds or 'none'}",
+                param,
+            )
+        if self.json is not None:
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as e:
+                    raise SamplingParamsError(
+                        f"{param}: the JSON schema is not JSON: {e}", param
+                    ) from None
+            if not isinstance(schema, dict) and schema is not True:
+                raise SamplingParamsError(f"{param}: a JSON schema must be an object", param)
+        for k in ("regex", "grammar", "whitespace_pattern"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, str) or (not v and k != "whitespace_pattern")):
+                raise SamplingParamsError(f"{param}: {k} must be a non-empty string", param)
+        if self.choice is not None and (
+            not isinstance(self.choice, (list, tuple))
+            or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise SamplingParamsError(f"{param}: choice must be a list of non-empty strings", param)
+        return self
+
+    def key(self) -> str:
+        """A canonical text of the constraint (the compiled-grammar cache key)."""
+        d = {k: v for k, v in vars(self).items() if v not in (None, False) and k != "after_think"}
+        if isinstance(d.get("json"), str):
+            d["json"] = json.loads(d["json"])
+        return json.dumps(d, sort_keys=True, ensure_ascii=False)
 
 
 @dataclass
@@ -44,6 +108,7 @@ class SamplingParams:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100] (OpenAI)
+    structured_outputs: StructuredOutputs | None = None  # constrained decoding
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -114,6 +179,15 @@ class SamplingParams:
             raise bad("stop_token_ids must be a list of non-negative integers", "stop_token_ids")
         if self.logit_bias is not None:
             self._validate_logit_bias()
+        if isinstance(self.structured_outputs, dict):  # the vLLM dict form
+            try:
+                self.structured_outputs = StructuredOutputs(**self.structured_outputs)
+            except TypeError as e:
+                raise bad(f"structured_outputs: {e}", "structured_outputs") from None
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputs):
+                raise bad("structured_outputs must be a StructuredOutputs", "structured_outputs")
+            self.structured_outputs.validate()
         return self
 
     def _validate_logit_bias(self) -> None:

@@ -50,6 +50,7 @@ def print_workload(doc: dict, key: str, con: Console) -> None:
         "long_context": _long_context,
         "multi_turn": _multi_turn,
         "dtype": _dtype,
+        "structured": _structured,
     }
     printers[key](con, doc["workloads"][key], _impl(doc))
 
@@ -190,3 +191,19 @@ def _dtype(con: Console, d: dict, impl: str) -> None:
     t.add_row("bf16 / fp32", "", _x(x["prefill"]), "", _x(x["decode"]))
     con.print(t)
     con.print(f"  faster here: prefill {d['faster']['prefill']}, decode {d['faster']['decode']}")
+
+
+def _structured(con: Console, d: dict) -> None:
+    t = Table(
+        title=f"Structured outputs: decode step at batch {d['batch']}, every row constrained vs "
+        f"none (median of {d['num_steps_timed']} steps, {d['rounds']} interleaved rounds)"
+    )
+    for c in ("unconstrained ms", "constrained ms", "overhead", "mask ms / step",
+              "vocab build s", "compile ms (median)", "cache hit ms"):  # fmt: skip
+        t.add_column(c, justify="right")
+    t.add_row(
+        _f(d["step_ms_unconstrained"]), _f(d["step_ms_constrained"]), f"{d['overhead']:+.1%}",
+        _f(d["mask_ms_per_step"]), _f(d["vocab_build_s"]), _f(d["compile_ms_median"]),
+        _f(d["compile_ms_cache_hit"]),
+    )  # fmt: skip
+    con.print(t)

@@ -28,6 +28,7 @@ from qwen35.engine.model_runner import ModelRunner, StepResult
 from qwen35.engine.runtime import configure_cpu_runtime
 from qwen35.engine.scheduler import Scheduler, SchedulerConfig
 from qwen35.engine.sequence import Sequence
+from qwen35.engine.structured import StructuredOutputManager
 from qwen35.errors import Qwen35Error
 from qwen35.loader import load_model
 from qwen35.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
@@ -184,6 +185,10 @@ class LLMEngine:
             device=self.device,
         )
         self.runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device, seed=ec.seed)
+        self.structured = StructuredOutputManager(
+            self.tokenizer, self.config.vocab_size, self.eos_token_ids
+        )
+        self.runner.logits_processor = self.structured.apply
         sched_cfg = SchedulerConfig(
             max_num_seqs=self.plan.num_state_slots,
             max_num_batched_tokens=sc.max_num_batched_tokens,
@@ -249,6 +254,9 @@ class LLMEngine:
         taken = [x for x in seq_ids if x in self._seq_to_req or self.scheduler.get(x)]
         if taken:
             raise Qwen35Error(f"request id {request_id!r} clashes with sequence {taken[0]!r}")
+        spec = params.structured_outputs
+        if spec is not None:
+            self.structured.compile(spec)  # cached when the server compiled it already
         req = _Request(
             request_id, prompt if isinstance(prompt, str) else None, ids, params, [], time.time()
         )
@@ -266,6 +274,8 @@ class LLMEngine:
                 req.seqs.append(st)
                 self._seq_to_req[seq_id] = (req, st)
                 self.runner.add_sequence(seq_id, None if params.seed is None else params.seed + i)
+                if spec is not None:
+                    self.structured.add(seq_id, spec)
                 self.scheduler.add(seq)
         except BaseException:
             for st in req.seqs:
@@ -286,6 +296,7 @@ class LLMEngine:
     def _forget(self, seq_id: str) -> None:
         self._seq_to_req.pop(seq_id, None)
         self.runner.remove_sequence(seq_id)
+        self.structured.remove(seq_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
@@ -311,6 +322,7 @@ class LLMEngine:
         touched: dict[str, _Request] = {}
         for seq_id, token in result.sampled.items():
             req, st = self._seq_to_req[seq_id]
+            self.structured.advance(seq_id, token)
             touched[req.request_id] = req
             if req.first_token is None:
                 req.first_token = now

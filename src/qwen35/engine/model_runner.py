@@ -40,6 +40,8 @@ class ModelRunner:
             kernels.load()  # compile (first run on a machine) now, not in the first decode step
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler(seed=seed)
+        # fn(logits [S, V], sequences) masking rows in place before sampling (structured outputs)
+        self.logits_processor = None
         self._generators: dict[str, torch.Generator | None] = {}
 
     # ---- per-sequence sampling state ------------------------------------------------------
@@ -128,7 +130,10 @@ class ModelRunner:
             )
             for seq in sample_seqs
         ]
-        out, failed = sample_isolated(self.sampler, logits.float(), rows)
+        logits = logits.float()
+        if self.logits_processor is not None:
+            self.logits_processor(logits, sample_seqs)
+        out, failed = sample_isolated(self.sampler, logits, rows)
         errors = {sample_seqs[i].seq_id: e for i, e in failed.items()}
         sampled = {
             seq.seq_id: int(t)

@@ -2,8 +2,9 @@
 reasoning (`<think>`), content and tool calls (`<tool_call>`) with ChatOutputParser.
 
 `tool_choice`: "none" renders no tools and parses no tool calls; "auto" and "required" render
-all tools; a named choice renders only that tool. Nothing forces the model to call a tool
-("required" / named are requests to the model, not constraints on decoding).
+all tools; a named choice renders only that tool. "required" and a named choice also constrain
+decoding to Qwen 3.5's tool-call format (server/structured.py), as do `response_format` and
+vLLM's `structured_outputs` / `guided_*` to their constraint.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from qwen35.server.serving_common import (
     request_id_of,
     sse,
 )
+from qwen35.server.structured import precompile, request_constraint
 
 
 @dataclass
@@ -70,13 +72,6 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
         tools = named
     elif choice == "required" and not tools:
         raise APIError('tool_choice "required" needs a non-empty tools list', param="tool_choice")
-    fmt = (req.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise APIError(
-            f"response_format {fmt!r} is not supported (no constrained decoding); "
-            "describe the format in the prompt instead",
-            param="response_format",
-        )
     kwargs = dict(req.chat_template_kwargs or {})
     thinking = kwargs.pop("enable_thinking", None)
     if thinking is not None and not isinstance(thinking, bool):
@@ -134,6 +129,12 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         param = "top_logprobs" if e.param == "logprobs" else e.param
         raise APIError(str(e), param=param) from None
     prompt, ids = await state.offload(prepare_chat, state, req)
+    spec, spec_param = request_constraint(
+        req, thinking=prompt.thinking, tools=prompt.tools,
+        tokenizer=getattr(state.engine, "tokenizer", None),
+    )  # fmt: skip
+    await precompile(state.engine, spec, spec_param)
+    params.structured_outputs = spec
     rid = random_id("chatcmpl")
     stream = await add_to_engine(state, [(rid, ids, params)], "messages")
     tracker = state.metrics.tracker()

@@ -32,6 +32,7 @@ from qwen35.server.serving_common import (
     request_id_of,
     sse,
 )
+from qwen35.server.structured import precompile, request_constraint
 
 
 def _prompts(prompt: Any) -> list[str | list[int]]:
@@ -67,6 +68,8 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         params = req.sampling_params(req.max_tokens, req.logprobs)
     except SamplingParamsError as e:
         raise APIError(str(e), param=e.param) from None
+    params.structured_outputs, spec_param = request_constraint(req)
+    await precompile(state.engine, params.structured_outputs, spec_param)
     ids, texts = await state.offload(prepare_prompts, state, prompts, req.echo)
     base = random_id("cmpl")
     requests = [(f"{base}-{i}", p, dataclasses.replace(params)) for i, p in enumerate(ids)]

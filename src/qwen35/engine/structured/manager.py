@@ -1,0 +1,184 @@
+"""Per-sequence grammar state and the per-step token mask.
+
+`StructuredOutputManager` is owned by the engine: `add(seq_id, spec)` gives a sequence its own
+matcher, `advance(seq_id, token)` feeds it every accepted token, `apply(logits, seqs)` (called by
+the runner between the forward and the sampler) sets the logits of tokens the grammar forbids to
+-inf, for constrained rows only. Unconstrained rows are not touched; a batch without constrained
+rows costs one dict lookup per row.
+
+Mask: llguidance fills a packed bitmask `[R, ceil(V/32)]` int32 for the R constrained rows (its
+executor spreads rows over threads, without the GIL); the engine's EOS ids are then allowed only
+where the grammar accepts (a checkpoint's EOS may be an ordinary text token). On a CPU numpy
+unpacks the bitmask into a `[R, V]` boolean in one pass; on a GPU it travels to the logits' device
+and is unpacked there.
+
+Thinking: with `after_think` the row is free until the first `</think>`. Preemption needs
+nothing here: the engine recomputes a preempted sequence's tokens without sampling them again,
+so the matcher, advanced once per accepted token, is already exact.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import llguidance
+import numpy as np
+import torch
+
+from qwen35.engine.structured.compiler import GrammarCompiler
+from qwen35.request import StructuredOutputs
+
+log = logging.getLogger("qwen35")
+
+
+@dataclass(slots=True)
+class _Constraint:
+    matcher: llguidance.LLMatcher
+    before_think_end: bool  # after_think and no </think> yet: the row is unconstrained
+    failed: bool = False
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """logits: [R, V] in place; bitmask: [R, ceil(V/32)] int32 (CPU), bit j of word w allows
+    token 32w+j. On a CPU numpy unpacks the bits in one pass; elsewhere the words travel to the
+    logits' device and are unpacked there (`apply_token_bitmask_torch`)."""
+    if logits.device.type != "cpu":
+        return apply_token_bitmask_torch(logits, bitmask)
+    r, v = logits.shape
+    banned = np.unpackbits(~bitmask.numpy().view(np.uint8), axis=1, count=v, bitorder="little")
+    logits.masked_fill_(torch.from_numpy(banned).view(torch.bool), float("-inf"))  # [R, V]
+
+
+def apply_token_bitmask_torch(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """The same with torch ops only, on the logits' device."""
+    assert sys.byteorder == "little"  # the uint8 view below reads the words' bytes in order
+    r, v = logits.shape
+    b = bitmask.to(logits.device, non_blocking=True).view(torch.uint8)  # [R, 4W]
+    bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=logits.device)
+    banned = (b.unsqueeze(-1) & bits) == 0  # [R, 4W, 8]
+    logits.masked_fill_(banned.view(r, -1)[:, :v], float("-inf"))
+
+
+def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Plain loops: the test oracle of the two above."""
+    words = bitmask.tolist()
+    for i in range(logits.shape[0]):
+        for t in range(logits.shape[1]):
+            if not (words[i][t // 32] >> (t % 32)) & 1:
+                logits[i, t] = float("-inf")
+
+
+class StructuredOutputManager:
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+        *,
+        compile_timeout_s: float = 10.0,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.compiler = GrammarCompiler(tokenizer, vocab_size, timeout_s=compile_timeout_s)
+        self.think_end_id: int | None = tokenizer.think_end_id
+        self.eos_token_ids = tuple(t for t in eos_token_ids if 0 <= t < vocab_size)
+        self._eos_set = frozenset(self.eos_token_ids)
+        self._seqs: dict[str, _Constraint] = {}
+        self._executor: llguidance.LLExecutor | None = None
+        self._bitmask: torch.Tensor | None = None  # [rows, W] int32, grown on demand
+        eos = torch.tensor(self.eos_token_ids, dtype=torch.long)
+        self._eos_words = eos // 32  # [E]
+        self._eos_bits = torch.tensor(  # [E] int32 (bit 31 wraps to the sign bit)
+            [((1 << (t % 32)) + 2**31) % 2**32 - 2**31 for t in self.eos_token_ids],
+            dtype=torch.int32,
+        )
+
+    # ---- requests -----------------------------------------------------------------------
+    def prepare(self, spec: StructuredOutputs) -> concurrent.futures.Future:
+        """Start compiling (off the caller's thread); the server awaits this before adding."""
+        return self.compiler.submit(spec)
+
+    def compile(self, spec: StructuredOutputs) -> llguidance.LLMatcher:
+        """The compiled template (cached; raises StructuredOutputError)."""
+        return self.compiler.get(spec)
+
+    def add(self, seq_id: str, spec: StructuredOutputs) -> None:
+        template = self.compiler.get(spec)
+        waiting = spec.after_think and self.think_end_id is not None
+        self._seqs[seq_id] = _Constraint(template.deep_copy(), waiting)
+
+    def remove(self, seq_id: str) -> None:
+        self._seqs.pop(seq_id, None)
+
+    def __contains__(self, seq_id: str) -> bool:
+        return seq_id in self._seqs
+
+    @property
+    def num_active(self) -> int:
+        return len(self._seqs)
+
+    def advance(self, seq_id: str, token: int) -> None:
+        c = self._seqs.get(seq_id)
+        if c is None or c.failed:
+            return
+        if c.before_think_end:
+            c.before_think_end = token != self.think_end_id
+            return
+        if token in self._eos_set:
+            return  # the sequence ends here (only reachable where the grammar accepts)
+        if not c.matcher.consume_token(token):
+            # cannot happen while the mask is applied; stop constraining rather than fail
+            log.warning("structured output of %s left its grammar: %s", seq_id,
+                        c.matcher.get_error())  # fmt: skip
+            c.failed = True
+
+    # ---- the step -----------------------------------------------------------------------
+    def apply(self, logits: torch.Tensor, seqs: Sequence[Any]) -> None:
+        """logits: [S, V] float, one row per sequence in `seqs`; masked in place."""
+        if not self._seqs:
+            return
+        rows: list[int] = []
+        matchers: list[llguidance.LLMatcher] = []
+        for i, seq in enumerate(seqs):
+            c = self._seqs.get(seq.seq_id)
+            if c is not None and not c.before_think_end and not c.failed:
+                rows.append(i)
+                matchers.append(c.matcher)
+        if not rows:
+            return
+        r = len(rows)
+        mask = self._mask_buffer(r)
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor()
+        w = mask.shape[1]
+        self._executor.unsafe_compute_mask_ptr(
+            [(m, k) for k, m in enumerate(matchers)], mask.data_ptr(), w * 4, r
+        )
+        if self.eos_token_ids:  # EOS only where the grammar accepts
+            accepting = torch.tensor([m.is_accepting() for m in matchers])  # [R]
+            for word, bit in zip(self._eos_words.tolist(), self._eos_bits.tolist()):
+                col = mask[:, word]  # [R]
+                mask[:, word] = torch.where(accepting, col | bit, col & ~bit)
+        v = logits.shape[1]
+        if r == logits.shape[0]:
+            apply_token_bitmask(logits[:, : self.vocab_size], mask)
+        else:
+            idx = torch.tensor(rows, device=logits.device)
+            sub = logits.index_select(0, idx)  # [R, V]
+            apply_token_bitmask(sub[:, : self.vocab_size], mask)
+            logits.index_copy_(0, idx, sub)
+        if v > self.vocab_size:  # logits wider than the vocabulary: the extra ids never fit
+            logits[rows, self.vocab_size :] = float("-inf")
+
+    def _mask_buffer(self, rows: int) -> torch.Tensor:
+        w = (self.vocab_size + 31) // 32
+        if self._bitmask is None or self._bitmask.shape[0] < rows:
+            self._bitmask = torch.empty(max(rows, 8), w, dtype=torch.int32)
+        return self._bitmask[:rows]
+
+    def shutdown(self) -> None:
+        self.compiler.shutdown()

@@ -1,0 +1,350 @@
+"""Structured outputs by constrained decoding (issue 16), on a tiny random-weight model with the
+real Qwen 3.5 vocabulary (unconstrained output is gibberish, so every valid answer is the
+grammar's doing): 50 JSON schemas, regex, choice, forced tool calls, through the openai client
+streaming and not; unconstrained rows unchanged by constrained neighbours; thinking; n > 1,
+stop strings, max_tokens, preemption; errors are 400s and the server keeps serving."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import re
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import torch
+
+from qwen35.engine.llm_engine import LLM, LLMEngine
+from qwen35.engine.structured import tool_call_grammar
+from qwen35.engine.structured.manager import (
+    apply_token_bitmask,
+    apply_token_bitmask_reference,
+    apply_token_bitmask_torch,
+)
+from qwen35.request import SamplingParams, SamplingParamsError, StructuredOutputs
+from qwen35.server.app import ServerConfig, create_app
+from qwen35.server.parsers import ReasoningParser
+from server_fakes import ServerThread, stream_chat
+from structured_schemas import schemas
+from tiny import VOCAB_REAL, save_checkpoint
+
+IM_END = 248046
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+        "hourly": {"type": "boolean"},
+    },
+    "required": ["city", "unit"],
+}
+TIME = {
+    "type": "object",
+    "properties": {
+        "zone": {"type": "string", "pattern": "^[A-Z]{3}$"},
+        "fields": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                   "maxItems": 3},
+    },
+    "required": ["zone"],
+}  # fmt: skip
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
+]
+SMALL = {"type": "object", "properties": {"unit": WEATHER["properties"]["unit"],
+         "days": WEATHER["properties"]["days"]}, "required": ["unit", "days"]}  # fmt: skip
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-structured")
+    # EOS is <|im_end|> as in the real checkpoints (the tiny default, id 1, is the text '"')
+    save_checkpoint(d, vocab_size=VOCAB_REAL, hidden_size=32, seed=0, eos_token_id=IM_END)
+    return d
+
+
+def make_llm(ckpt, **kw) -> LLM:
+    opts = dict(max_model_len=512, max_num_seqs=32, max_memory="256MiB", verbose=False)
+    return LLM(str(ckpt), **{**opts, **kw})
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
+    return make_llm(ckpt)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    engine = LLMEngine(str(ckpt), max_model_len=1024, max_num_seqs=32, max_memory="256MiB",
+                       verbose=False)  # fmt: skip
+    srv = ServerThread(create_app(engine, ServerConfig(served_model_name="tiny")))
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    yield srv, client, engine
+    srv.close()
+
+
+def so(**kw) -> StructuredOutputs:
+    return StructuredOutputs(**kw)
+
+
+# ---- the mask ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [apply_token_bitmask, apply_token_bitmask_torch])
+def test_bitmask_matches_reference(fn):
+    g = torch.Generator().manual_seed(0)
+    v = 100  # not a multiple of 32: the last word is partial
+    mask = torch.randint(-(2**31), 2**31 - 1, (3, 4), dtype=torch.int32, generator=g)
+    mask[1] = -1  # everything allowed
+    mask[2] = 0  # nothing allowed
+    logits = torch.randn(3, v, generator=g)
+    want, got = logits.clone(), logits.clone()
+    apply_token_bitmask_reference(want, mask)
+    fn(got, mask)
+    assert torch.equal(got, want) and torch.isinf(want[0]).any() and not torch.isinf(want[1]).any()
+
+
+def test_spec_validation():
+    with pytest.raises(SamplingParamsError, match="exactly one"):
+        SamplingParams(structured_outputs=so(regex="a", choice=["b"])).validate()
+    with pytest.raises(SamplingParamsError, match="not JSON"):
+        SamplingParams(structured_outputs=so(json="{nope")).validate()
+    with pytest.raises(SamplingParamsError, match="choice"):
+        SamplingParams(structured_outputs=so(choice=[])).validate()
+    p = SamplingParams(structured_outputs={"regex": "[ab]+"}).validate()  # vLLM's dict form
+    assert p.structured_outputs == so(regex="[ab]+")
+    assert so(json='{"type": "object"}').key() == so(json={"type": "object"}).key()
+
+
+def test_tool_grammar_accepts_the_template_format_only(llm):
+    tok = llm.tokenizer
+    grammar = tool_call_grammar(TOOLS, multiple=True, call_open_id=tok.tool_call_start_id,
+                                call_close_id=tok.tool_call_end_id)  # fmt: skip
+    template = llm.engine.structured.compile(so(grammar=grammar))
+
+    def call(name, **args):
+        body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in args.items())
+        return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+
+    def accepts(text):
+        m, ids = template.deep_copy(), tok.encode(text)
+        return m.try_consume_tokens(ids) == len(ids) and m.is_accepting()
+
+    good = call("get_weather", city="Paris", unit="celsius", days=3)
+    assert accepts(good) and accepts(good + "\n" + call("get_time", zone="UTC", fields="[1,2]"))
+    assert not accepts(call("get_weather", city="Paris", unit="kelvin"))  # not in the enum
+    assert not accepts(call("get_weather", unit="celsius"))  # required city missing
+    assert not accepts(call("get_weather", city="Paris", unit="celsius", days=15))  # > maximum
+    assert not accepts(call("get_time", zone="utc"))  # pattern ^[A-Z]{3}$
+    assert not accepts(call("nope", x=1))
+
+
+# ---- the engine (Python API) ------------------------------------------------------------------
+
+
+def test_python_api_json_regex_choice_and_every_sampler(llm):
+    schema = SMALL
+    samplers = [dict(temperature=0), dict(temperature=1.0, seed=1), dict(temperature=0.8, top_k=50),
+                dict(temperature=1.2, top_p=0.9, seed=2), dict(temperature=1.0, min_p=0.05),
+                dict(temperature=0, repetition_penalty=1.3, presence_penalty=0.5)]  # fmt: skip
+    params = [SamplingParams(max_tokens=48, structured_outputs=so(json=schema), **s)
+              for s in samplers]  # fmt: skip
+    params += [
+        SamplingParams(max_tokens=24, temperature=1.0, structured_outputs=so(regex=r"[0-9]{3}-[a-z]{2,4}")),
+        SamplingParams(max_tokens=24, temperature=1.0, structured_outputs=so(choice=["yes", "no", "maybe"])),
+        SamplingParams(max_tokens=32, temperature=0, structured_outputs=so(json_object=True)),
+    ]  # fmt: skip
+    outs = llm.generate([f"prompt {i}" for i in range(len(params))], params)
+    for out in outs[: len(samplers)]:
+        assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
+        jsonschema.validate(json.loads(out.outputs[0].text), schema)
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", outs[-3].outputs[0].text)
+    assert outs[-2].outputs[0].text in ("yes", "no", "maybe")
+    assert outs[-1].outputs[0].finish_reason == "length" or isinstance(
+        json.loads(outs[-1].outputs[0].text), dict
+    )
+
+
+def test_unconstrained_greedy_unchanged_by_constrained_neighbours(llm):
+    plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    alone = llm.generate(["The capital of France is"], plain)[0].outputs[0].token_ids
+    mixed = llm.generate(
+        ["Tell me", "The capital of France is", "JSON please", "pick one"],
+        [SamplingParams(max_tokens=12, temperature=0, structured_outputs=so(json=SMALL)), plain,
+         SamplingParams(max_tokens=12, temperature=1, structured_outputs=so(json_object=True)),
+         SamplingParams(max_tokens=12, temperature=0, structured_outputs=so(choice=["a", "b"]))],
+    )  # fmt: skip
+    assert mixed[1].outputs[0].token_ids == alone
+
+
+def test_n_stop_and_max_tokens(llm):
+    out = llm.generate(["n"], SamplingParams(n=3, max_tokens=48, temperature=1.0, seed=3,
+                                             structured_outputs=so(json=SMALL)))[0]  # fmt: skip
+    assert len(out.outputs) == 3
+    for o in out.outputs:
+        jsonschema.validate(json.loads(o.text), SMALL)
+    cut = llm.generate(["x"], SamplingParams(max_tokens=3, temperature=0,
+                                             structured_outputs=so(json=WEATHER)))[0]  # fmt: skip
+    assert cut.outputs[0].finish_reason == "length" and len(cut.outputs[0].token_ids) == 3
+    stop = llm.generate(["x"], SamplingParams(max_tokens=48, temperature=0, stop=['"days"'],
+                                              structured_outputs=so(json=SMALL)))[0]  # fmt: skip
+    assert stop.outputs[0].finish_reason == "stop" and stop.outputs[0].stop_reason == '"days"'
+    assert stop.outputs[0].text.startswith('{"unit":"')
+
+
+def test_preemption_keeps_the_matcher_exact(ckpt):
+    # KV for about two sequences at a time: the scheduler must preempt and recompute; the
+    # recomputed tokens are not sampled again, so the matchers stay where they were
+    llm = make_llm(ckpt, block_size=4, max_model_len=96, num_kv_blocks=24,
+                   enable_prefix_caching=False)  # fmt: skip
+    schema = schemas(4, seed=7)[0]
+    params = [SamplingParams(max_tokens=80, temperature=0,
+                             structured_outputs=so(json=WEATHER if i % 2 else schema))
+              for i in range(6)]  # fmt: skip
+    outs = llm.generate([f"a somewhat longer prompt number {i} for the test" for i in range(6)],
+                        params)  # fmt: skip
+    assert llm.engine.scheduler.num_preemptions > 0
+    for i, out in enumerate(outs):
+        jsonschema.validate(json.loads(out.outputs[0].text), WEATHER if i % 2 else schema)
+    assert llm.engine.structured.num_active == 0  # finished sequences dropped their matchers
+
+
+def test_thinking_on_reasoning_free_answer_constrained(llm):
+    think_end = llm.tokenizer.think_end_id
+    inner = llm.engine.runner.model
+
+    def closes_thinking_after_6_tokens(input_ids, batch, caches):
+        # a random model never writes </think>; this one does at its 7th generated token
+        logits = inner(input_ids, batch, caches)
+        pos = batch.positions[batch.logits_indices]
+        logits[:, think_end] = torch.where(pos >= prompt_len + 5, 1e4, -1e4)
+        return logits
+
+    prompt = llm.engine.chat_template.render(
+        [{"role": "user", "content": "Weather?"}], add_generation_prompt=True, enable_thinking=True
+    )
+    prompt_len = len(llm.tokenizer.encode(prompt))
+    llm.engine.runner.model = closes_thinking_after_6_tokens
+    try:
+        out = llm.generate(prompt, SamplingParams(
+            max_tokens=120, temperature=0,
+            structured_outputs=so(json=WEATHER, after_think=True)))[0].outputs[0]  # fmt: skip
+    finally:
+        llm.engine.runner.model = inner
+    reasoning, content = ReasoningParser.split(out.text, thinking_enabled=True)
+    assert out.token_ids[6] == think_end and reasoning and not reasoning.startswith("{")
+    jsonschema.validate(json.loads(content), WEATHER)
+
+
+# ---- the server (openai client) ---------------------------------------------------------------
+
+
+def test_fifty_json_schemas_through_the_openai_client(server):
+    _, client, _ = server
+    cases = list(enumerate(schemas(50)))
+
+    def run(case):
+        i, schema = case
+        kw = dict(model="tiny", max_tokens=160, temperature=0,
+                  extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+                  messages=[{"role": "user", "content": f"Give me JSON number {i}"}],
+                  response_format={"type": "json_schema",
+                                   "json_schema": {"name": f"s{i}", "schema": schema}})  # fmt: skip
+        if i % 2:
+            acc, _ = stream_chat(client, **{k: v for k, v in kw.items() if k != "model"})
+            return schema, acc[0]["content"], acc[0]["finish"]
+        r = client.chat.completions.create(**kw)
+        return schema, r.choices[0].message.content, r.choices[0].finish_reason
+
+    with concurrent.futures.ThreadPoolExecutor(25) as pool:
+        results = list(pool.map(run, cases))
+    for schema, text, finish in results:
+        assert finish == "stop", text
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_regex_choice_and_json_on_completions(server):
+    _, client, _ = server
+    pattern = r"(\+|-)?[0-9]{2,4}\.[0-9]"
+    for stream in (False, True):
+        for body, check in [
+            ({"guided_regex": pattern}, lambda t: re.fullmatch(pattern, t)),
+            ({"structured_outputs": {"choice": ["alpha", "beta"]}}, lambda t: t in ("alpha", "beta")),
+            ({"guided_choice": ["up", "down"]}, lambda t: t in ("up", "down")),
+            ({"guided_json": WEATHER}, lambda t: jsonschema.validate(json.loads(t), WEATHER) is None),
+        ]:  # fmt: skip
+            kw = dict(model="tiny", prompt="Answer:", max_tokens=60, temperature=1.0,
+                      extra_body=body, stream=stream)  # fmt: skip
+            r = client.completions.create(**kw)
+            text = "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+            assert check(text), (body, text)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_required_and_named(server, stream):
+    _, client, _ = server
+    choices = ["required", {"type": "function", "function": {"name": "get_time"}}]
+    for choice, seed in itertools.product(choices, range(3)):
+        kw = dict(messages=[{"role": "user", "content": f"Call a tool {seed}"}], tools=TOOLS,
+                  tool_choice=choice, max_tokens=200, temperature=1.0, seed=seed,
+                  extra_body={"chat_template_kwargs": {"enable_thinking": False}})  # fmt: skip
+        if stream:
+            acc, _ = stream_chat(client, **kw)
+            calls = [(c["name"], c["arguments"]) for c in acc[0]["calls"].values()]
+            finish = acc[0]["finish"]
+        else:
+            r = client.chat.completions.create(model="tiny", **kw)
+            calls = [
+                (c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls
+            ]
+            finish = r.choices[0].finish_reason
+        assert calls and finish == "tool_calls", (choice, calls, finish)
+        for name, args in calls:
+            assert choice == "required" or name == "get_time"
+            jsonschema.validate(json.loads(args), SCHEMAS[name])
+
+
+BAD = [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+      "schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}},
+     "response_format", "nope"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+      "schema": {"type": "string", "format": "no-such-format"}}}}, "response_format", "format"),
+    ({"guided_json": {"type": "array", "uniqueItems": True}}, "guided_json", "uniqueItems"),
+    ({"guided_regex": "a(b"}, "guided_regex", "regex"),
+    ({"structured_outputs": {"grammar": "start: nope_rule"}}, "structured_outputs", "grammar"),
+    ({"structured_outputs": {"json": {"type": "object"}, "regex": "a"}}, "structured_outputs",
+     "exactly one"),
+    ({"structured_outputs": {"xml": "<a/>"}}, "structured_outputs", "xml"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "only one"),
+    ({"response_format": {"type": "yaml"}}, "response_format", "yaml"),
+]  # fmt: skip
+
+
+def test_bad_constraints_are_400_and_the_server_keeps_serving(server):
+    srv, client, engine = server
+    for body, param, needle in BAD:
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            **body})  # fmt: skip
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and needle in err["message"], (body, err)
+    old = engine.structured.compiler.timeout_s
+    engine.structured.compiler.timeout_s = 1e-6  # every new compile "times out"
+    try:
+        r = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "hi", "guided_regex": "[a-z]{1,3}x[0-9]+"})  # fmt: skip
+        assert r.status_code == 400 and "longer than" in r.json()["error"]["message"]
+    finally:
+        engine.structured.compiler.timeout_s = old
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=40,
+        extra_body={"guided_choice": ["ok", "fine"]},
+    )  # fmt: skip
+    assert r.choices[0].message.content in ("ok", "fine")
