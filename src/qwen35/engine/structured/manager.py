@@ -160,7 +160,7 @@ class StructuredOutputManager:
         )
         if self.eos_token_ids:  # EOS only where the grammar accepts
             accepting = torch.tensor([m.is_accepting() for m in matchers])  # [R]
-            for word, bit in zip(self._eos_words.tolist(), self._eos_bits.tolist()):
+            for word, bit in zip(self._eos_words.tolist(), self._eos_bits.tolist(), strict=True):
                 col = mask[:, word]  # [R]
                 mask[:, word] = torch.where(accepting, col | bit, col & ~bit)
         v = logits.shape[1]
