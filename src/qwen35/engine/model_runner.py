@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen35 import kernels
 from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
 from qwen35.engine.sampler import Sampler, SamplingRow, make_generator
+from qwen35.ops.backend import Backend, select_backend
 from qwen35.request import TokenLogprob
 
 
@@ -29,12 +29,13 @@ class ModelRunner:
         caches: ModelCaches,
         eos_token_ids: tuple[int, ...],
         device: torch.device | str = "cpu",
+        backend: Backend | None = None,
     ):
         self.model = model
         self.caches = caches
         self.device = torch.device(device)
-        if self.device.type == "cpu":
-            kernels.load()  # compile (first run on a machine) now, not in the first decode step
+        # chosen once per engine (compiles the CPU kernel now, not in the first decode step)
+        self.backend = backend or select_backend(self.device, dtype=_dtype_of(model))
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator | None] = {}
@@ -54,6 +55,8 @@ class ModelRunner:
             rec[dst_slot].copy_(rec[src_slot])
 
     def build_batch(self, scheduled) -> tuple[torch.Tensor, ForwardBatch, list]:
+        """The step's host lists -> input ids [T] and the ForwardBatch (all index tensors built
+        here, so the model reads nothing back from the device)."""
         bs = self.caches.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -82,24 +85,20 @@ class ModelRunner:
                 logits_rows.append(cu[-1] - 1)
                 sample_seqs.append(seq)
             checkpoints.extend((i, off, dest) for off, dest in s.checkpoints)
-        width = max((len(t) for t in tables), default=1) or 1
-        table = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            if t:
-                table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        dev = self.device
-        batch = ForwardBatch(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+        batch = ForwardBatch.build(
+            positions=positions,
             cu_seqlens=cu,
             context_lens=context_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=table.to(dev),
-            state_slots=torch.tensor(state_slots, dtype=torch.long, device=dev),
+            slot_mapping=slots,
+            block_tables=tables,
+            state_slots=state_slots,
             has_initial_state=has_init,
-            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            logits_indices=logits_rows,
             state_checkpoints=checkpoints,
+            device=self.device,
+            backend=self.backend,
         )
-        return torch.tensor(ids, dtype=torch.long, device=dev), batch, sample_seqs
+        return torch.tensor(ids, dtype=torch.long, device=self.device), batch, sample_seqs
 
     @torch.inference_mode()
     def execute(self, scheduled) -> StepResult:
@@ -129,3 +128,8 @@ class ModelRunner:
         sampled = {seq.seq_id: int(t) for seq, t in zip(sample_seqs, out.token_ids)}
         lps = {seq.seq_id: lp for seq, lp in zip(sample_seqs, out.logprobs) if lp is not None}
         return StepResult(sampled, lps)
+
+
+def _dtype_of(model: torch.nn.Module) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None else torch.get_default_dtype()
