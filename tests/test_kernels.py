@@ -11,8 +11,8 @@ import tiny
 from qwen35 import kernels
 from qwen35.config import ModelConfig
 from qwen35.engine.forward_batch import ForwardBatch
-from qwen35.ops.backend import Backend, reference_backend, select_backend
 from qwen35.models.qwen3_5 import Qwen35ForCausalLM
+from qwen35.ops.backend import Backend, reference_backend, select_backend
 
 
 def _module():

@@ -1,19 +1,34 @@
 """Runs one scheduled step: builds the ForwardBatch, runs the model over the paged caches, samples.
 
 The runner owns the cache tensors (allocated from `cache_spec` through the model file's
-`allocate_caches`) and the per-sequence random generators; it knows nothing of text.
+`allocate_caches`), the backend (ops/backend.py, chosen once here), the decode CUDA graphs
+(engine/cuda_graphs.py, on a GPU unless --enforce-eager) and the per-sequence random
+generators; it knows nothing of text.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from qwen35.engine.cuda_graphs import DecodeGraphs
 from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
 from qwen35.engine.sampler import Sampler, SamplingRow, make_generator
 from qwen35.ops.backend import Backend, select_backend
 from qwen35.request import TokenLogprob
+
+log = logging.getLogger("qwen35")
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Decode CUDA graphs: capture batches up to max_batch. The caches' LAST block and LAST
+    state slot are padding (allocate one more of each; the scheduler never hands them out)."""
+
+    max_batch: int
+    max_model_len: int
 
 
 @dataclass
@@ -30,6 +45,7 @@ class ModelRunner:
         eos_token_ids: tuple[int, ...],
         device: torch.device | str = "cpu",
         backend: Backend | None = None,
+        decode_graphs: GraphSpec | None = None,
     ):
         self.model = model
         self.caches = caches
@@ -39,6 +55,31 @@ class ModelRunner:
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator | None] = {}
+        self.graphs: DecodeGraphs | None = None
+        if decode_graphs is not None:
+            self.graphs = self._capture(decode_graphs)
+
+    def _capture(self, spec: GraphSpec) -> DecodeGraphs | None:
+        """Decode CUDA graphs where the backend allows them (else None: eager steps)."""
+        be = self.backend
+        moe = getattr(getattr(self.model, "config", None), "is_moe", False)
+        if not be.can_capture or (moe and not be.grouped_mm):
+            log.warning(
+                "decode runs without CUDA graphs: backend %s cannot capture a step "
+                "(needs Triton attention%s)", be.name, " and torch._grouped_mm" if moe else ""
+            )  # fmt: skip
+            return None
+        c = self.caches
+        graphs = DecodeGraphs(
+            self.model, c, be, spec.max_batch, -(-spec.max_model_len // c.block_size),
+            pad_block=c.num_blocks - 1, pad_slot=c.num_slots - 1,
+        )  # fmt: skip
+        try:
+            graphs.capture()
+        except Exception as e:  # a kernel that syncs or allocates on the host: run eagerly
+            log.warning("CUDA graph capture failed (%s); decode runs eagerly", str(e)[:300])
+            return None
+        return graphs
 
     # ---- per-sequence sampling state ------------------------------------------------------
     def add_sequence(self, seq_id: str, seed: int | None) -> None:
@@ -108,7 +149,12 @@ class ModelRunner:
         if not scheduled:
             return StepResult({}, {})
         input_ids, batch, sample_seqs = self.build_batch(scheduled)
-        logits = self.model(input_ids, batch, self.caches)  # [S, V] fp32
+        if self.graphs is not None and self.graphs.can_run(batch):
+            logits = self.graphs.run(input_ids, batch)  # [S, V] fp32
+            if batch.state_copies:
+                self.caches.copy_states(batch.state_copies)
+        else:
+            logits = self.model(input_ids, batch, self.caches)  # [S, V] fp32
         if not sample_seqs:
             return StepResult({}, {})
         rows = [

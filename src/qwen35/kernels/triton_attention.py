@@ -17,11 +17,17 @@ them. Also runs under TRITON_INTERPRET=1 on a CPU (tests/test_triton_interpret.p
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 BLOCK_T = 32  # key tokens per tile
+# Triton's CPU interpreter computes bf16 dots wrongly (a 16x32 bf16 product came out ~1e10 off
+# with triton 3.9); under it the kernels upcast K, V and Q to fp32 before their dots, so an
+# interpreted bf16 run checks indexing, masking and the softmax, not the bf16 dot itself.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 @triton.jit
@@ -30,7 +36,7 @@ def _decode_kernel(
     stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_on, stride_oh, stride_gn, stride_gh,
     BS: tl.constexpr, REP: tl.constexpr, BLOCK_R: tl.constexpr, HD: tl.constexpr,
-    BLOCK_T: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -41,6 +47,8 @@ def _decode_kernel(
     heads = kvh * REP + r
     q = tl.load(Q + n * stride_qn + heads[:, None] * stride_qh + d[None, :],
                 mask=rmask[:, None], other=0.0)  # fmt: skip
+    if UPCAST:
+        q = q.to(tl.float32)
     ctx = tl.load(context_lens + n)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -52,6 +60,8 @@ def _decode_kernel(
         off = pos % BS
         k = tl.load(K + blk[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh
                     + d[None, :], mask=tmask[:, None], other=0.0)  # fmt: skip
+        if UPCAST:
+            k = k.to(tl.float32)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -63,6 +73,8 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + blk[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh
                     + d[None, :], mask=tmask[:, None], other=0.0)  # fmt: skip
+        if UPCAST:
+            v = v.to(tl.float32)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -101,7 +113,8 @@ def paged_decode_attention(
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_tables.stride(0), o.stride(0), o.stride(1), g.stride(0), g.stride(1),
         BS=bs, REP=rep, BLOCK_R=max(16, triton.next_power_of_2(rep)), HD=hd, BLOCK_T=BLOCK_T,
-        HAS_GATE=gate is not None, IEEE=q.dtype == torch.float32,
+        HAS_GATE=gate is not None, IEEE=q.dtype == torch.float32 or INTERPRET,
+        UPCAST=INTERPRET,
     )  # fmt: skip
     return o
 
@@ -112,7 +125,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ot, stride_oh,
     BS: tl.constexpr, REP: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     mt = tl.program_id(0)
     h = tl.program_id(1)
@@ -124,6 +137,8 @@ def _prefill_kernel(
     qpos = start_pos + i  # absolute positions of the queries
     q = tl.load(Q + i[:, None] * stride_qt + h * stride_qh + d[None, :], mask=imask[:, None],
                 other=0.0)  # fmt: skip
+    if UPCAST:
+        q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HD], tl.float32)
@@ -135,6 +150,8 @@ def _prefill_kernel(
         off = pos % BS
         k = tl.load(K + blk[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh
                     + d[None, :], mask=tmask[:, None], other=0.0)  # fmt: skip
+        if UPCAST:
+            k = k.to(tl.float32)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -148,6 +165,8 @@ def _prefill_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + blk[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh
                     + d[None, :], mask=tmask[:, None], other=0.0)  # fmt: skip
+        if UPCAST:
+            v = v.to(tl.float32)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -180,6 +199,6 @@ def paged_prefill_attention(
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         o.stride(0), o.stride(1),
         BS=bs, REP=nh // nkv, HD=hd, BLOCK_M=block_m, BLOCK_T=BLOCK_T,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32 or INTERPRET, UPCAST=INTERPRET,
     )  # fmt: skip
     return o

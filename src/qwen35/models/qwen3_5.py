@@ -53,6 +53,7 @@ class DecoderLayer(nn.Module):
             self.linear_attn = GatedDeltaNet(cfg, dtype, device)
         else:
             self.self_attn = GatedAttention(cfg, dtype, device)
+        self.is_moe = cfg.is_moe
         if cfg.is_moe:
             self.mlp = SparseMoE(
                 H,
@@ -77,7 +78,8 @@ class DecoderLayer(nn.Module):
         else:
             x = self.self_attn(x, cos, sin, batch, caches.key[i], caches.value[i])
         h.add_(x)
-        return h.add_(self.mlp(self.post_attention_layernorm(h)))
+        x = self.post_attention_layernorm(h)
+        return h.add_(self.mlp(x, batch.backend) if self.is_moe else self.mlp(x))
 
 
 class Qwen35TextModel(nn.Module):

@@ -66,7 +66,7 @@ def reference_backend(device: torch.device | str) -> Backend:
     return select_backend(device, kernels=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _select(device_type: str, kernels: bool, dtype: torch.dtype) -> Backend:
     if not kernels:
         return Backend(device_type)

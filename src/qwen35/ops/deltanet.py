@@ -41,7 +41,7 @@ class Dims:
 # ---- prefill --------------------------------------------------------------------------------
 def deltanet_prefill(be: Backend, qkv, g, beta, conv_w, dims: Dims, prefill, conv_cache,
                      rec_cache, o) -> None:  # fmt: skip
-    if be.fla is not None and qkv.is_cuda:
+    if be.fla is not None:
         _prefill_fla(be.fla, qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o)
     else:
         _prefill_torch(qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o)
@@ -154,7 +154,7 @@ def deltanet_decode(be: Backend, qkv, g, beta, conv_w, dims: Dims, d, conv_cache
     u = causal_conv1d_update_(qkv, conv_w, cs)  # [N, C]
     conv_cache.index_copy_(0, d.state_slots, cs)
     S = rec_cache.index_select(0, d.state_slots)  # [N, nv, dk, dv]
-    if be.fla is not None and qkv.is_cuda:
+    if be.fla is not None:
         q, k, v = _split_qkv(u[:, None], dims)  # [N, 1, heads, d]
         y, S = be.fla.fused_recurrent(
             q, k, v, g[:, None], beta[:, None], initial_state=S.float(),

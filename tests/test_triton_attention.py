@@ -1,0 +1,77 @@
+"""Our Triton paged attention (kernels/triton_attention.py) against the PyTorch reference
+(ops/attention.py), on the CPU through Triton's interpreter or on a GPU.
+
+The CPU test environment has no Triton (with Triton and fla-core present transformers routes its
+reference to GPU kernels). Run these in a separate venv:
+    python -m venv /work/venvs/gpu && /work/venvs/gpu/bin/pip install -c /work/constraints.txt \\
+        torch triton numpy pytest
+    TRITON_INTERPRET=1 PYTHONPATH=src /work/venvs/gpu/bin/python -m pytest -m slow \\
+        tests/test_triton_attention.py -p no:cacheprovider
+On a GPU machine `pytest -m gpu tests/test_triton_attention.py` runs them compiled.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (see the docstring)")
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU: set TRITON_INTERPRET=1 to run the kernels interpreted", allow_module_level=True)
+
+from qwen35.kernels import triton_attention as ta  # noqa: E402
+from qwen35.ops.attention import decode_attention, gather_kv, prefill_attention  # noqa: E402
+
+pytestmark = pytest.mark.gpu if ON_GPU else pytest.mark.slow
+DEV = "cuda" if ON_GPU else "cpu"
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _cache(num_blocks, bs, nkv, hd, dtype, g):
+    k = torch.randn(num_blocks, bs, nkv, hd, generator=g).to(DEV, dtype)
+    v = torch.randn(num_blocks, bs, nkv, hd, generator=g).to(DEV, dtype)
+    return k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bs,nh,nkv,hd", [(16, 4, 2, 32), (4, 8, 2, 64), (16, 2, 2, 16)])
+def test_paged_decode_equals_reference(dtype, bs, nh, nkv, hd):
+    g = torch.Generator().manual_seed(bs + nh + hd)
+    N, W = 5, 12
+    kc, vc = _cache(64, bs, nkv, hd, dtype, g)
+    tables = torch.stack([torch.randperm(64, generator=g)[:W] for _ in range(N)]).int().to(DEV)
+    lens = torch.tensor([1, 7, bs * W, 33, bs + 1], dtype=torch.int32).clamp(max=bs * W).to(DEV)
+    q = torch.randn(N, nh, hd, generator=g).to(DEV, dtype)
+    gate = torch.randn(N, nh, hd, generator=g).to(DEV, dtype)
+    scale = hd**-0.5
+    ref = decode_attention(q, kc, vc, tables, lens, int(lens.max()), scale)
+    got = ta.paged_decode_attention(q, kc, vc, tables, lens, scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.dtype == dtype and _rel(got, ref) < tol
+    gated = ta.paged_decode_attention(q, kc, vc, tables, lens, scale, gate)
+    assert _rel(gated, ref.float() * torch.sigmoid(gate.float())) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("start,Tq", [(0, 9), (37, 20), (5, 40)])
+def test_paged_prefill_equals_reference(dtype, start, Tq):
+    g = torch.Generator().manual_seed(start + Tq)
+    bs, nh, nkv, hd = 8, 4, 2, 32
+    ctx = start + Tq
+    nb = -(-ctx // bs)
+    kc, vc = _cache(32, bs, nkv, hd, dtype, g)
+    row = torch.randperm(32, generator=g)[: nb + 2].int().to(DEV)
+    q = torch.randn(Tq, nh, hd, generator=g).to(DEV, dtype)
+    scale = hd**-0.5
+    kk, vv = gather_kv(kc, row, ctx), gather_kv(vc, row, ctx)
+    ref = prefill_attention(q, kk, vv, scale)
+    got = ta.paged_prefill_attention(q, kc, vc, row, start, scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert _rel(got, ref) < tol
