@@ -21,7 +21,9 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (see the 
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU: set TRITON_INTERPRET=1 to run the kernels interpreted", allow_module_level=True)
+    pytest.skip(
+        "no GPU: set TRITON_INTERPRET=1 to run the kernels interpreted", allow_module_level=True
+    )
 
 from qwen35.kernels import triton_attention as ta  # noqa: E402
 from qwen35.ops.attention import decode_attention, gather_kv, prefill_attention  # noqa: E402

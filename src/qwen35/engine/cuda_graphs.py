@@ -68,6 +68,9 @@ class DecodeGraphs:
         self._pad(0)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        # tests on a CPU: run the bucket's forward eagerly on the static buffers (same padding,
+        # same batch as the captured graph would replay)
+        self.eager = False
 
     def _pad(self, n: int) -> None:
         """Rows n.. become padding: position 0 in the padding block, the padding state slot."""
@@ -121,7 +124,7 @@ class DecodeGraphs:
     def can_run(self, batch: ForwardBatch) -> bool:
         d = batch.decode
         return (
-            bool(self.graphs)
+            (bool(self.graphs) or self.eager)
             and not batch.prefill
             and d is not None
             and d.all_rows
@@ -145,5 +148,7 @@ class DecodeGraphs:
         self.state_slots[:n].copy_(d.state_slots)
         if n < b:
             self._pad(n)
+        if self.eager:
+            return self.model(self.ids[:b], self._batch(b), self.caches)[:n]
         self.graphs[b].replay()
         return self.outputs[b][:n]

@@ -4,7 +4,7 @@
 //   u_k = S^T k, u_q = S^T q            (one read of S)
 //   delta = beta (v - a u_k),  o = a u_q + (k . q) delta
 //   S = a S + k delta^T                 (one read-modify-write of S, still in L2: 64 KiB)
-// The PyTorch path (ops/deltanet.py _decode_slot_runs) makes five passes over the whole
+// The PyTorch path (layers/deltanet.py _decode_torch) makes five passes over the whole
 // batch's states, which at batch 32 of Qwen3.5-0.8B are 32 MiB per layer: memory-bound.
 // Heads are independent and split across torch's intra-op threads; each head's arithmetic is
 // the same whatever the batch, so batched and single-sequence results are bitwise equal.
