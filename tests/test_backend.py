@@ -56,11 +56,11 @@ def fake_fla():
     return SimpleNamespace(chunk=chunk, fused_recurrent=fused_recurrent)
 
 
-def _model(moe=False):
+def _model(moe=False, device="cpu", dtype=torch.float32):
     hf = tiny.hf_model(moe=moe)
     cfg = ModelConfig.from_hf(json.loads(hf.config.to_json_string()))
-    m = Qwen35ForCausalLM(cfg, dtype=torch.float32)
-    m.load_state_dict(hf.state_dict())
+    m = Qwen35ForCausalLM(cfg, dtype=dtype, device=device)
+    m.load_state_dict(hf.state_dict())  # packed after loading, on the final device
     m.post_load()
     return m
 
@@ -90,10 +90,11 @@ class Seqs:
             state_slots=[s for s, _ in items],
             has_initial_state=[self.lens.get(s, 0) > 0 for s, _ in items],
             logits_indices=last, state_checkpoints=checkpoints, backend=self.backend,
+            device=self.model.device,
         )  # fmt: skip
         for s, toks in items:
             self.lens[s] = self.lens.get(s, 0) + len(toks)
-        return self.model(torch.tensor(ids), batch, self.caches)
+        return self.model(torch.tensor(ids, device=self.model.device), batch, self.caches)
 
 
 def _script(run: Seqs):
