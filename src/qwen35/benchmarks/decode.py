@@ -13,6 +13,7 @@ import random
 import time
 
 from qwen35.benchmarks.common import BenchModel, BenchOptions, goal, make_engine, median, ratio
+from qwen35.benchmarks.gpu_profile import transformers_label
 from qwen35.benchmarks.roofline import (
     decode_bytes_per_step,
     measure_read_bandwidth,
@@ -70,6 +71,11 @@ def run_decode(bm: BenchModel, opts: BenchOptions) -> dict:
             agree.append(same)
         bandwidths.append(measure_read_bandwidth(sz["bw_mib"], device=bm.device))
 
+    profile = None
+    if bm.device.type == "cuda":  # kernels per token and the GPU-busy fraction
+        from qwen35.benchmarks.gpu_profile import profile_decode
+
+        profile = profile_decode(engine, [rng.randrange(cfg.vocab_size) for _ in range(P)])
     bw = median(bandwidths)
     context = P + N // 2  # the average context of the decode steps
     nbytes = decode_bytes_per_step(cfg, bm.weight_bytes, context, bm.dtype)
@@ -93,10 +99,14 @@ def run_decode(bm: BenchModel, opts: BenchOptions) -> dict:
             "tokens_per_s": ours_tps,
             "prefill_s": median(ours_prefill),
             "num_steps_timed": len(ours_steps),
+            "backend": engine.runner.backend.name,
+            "cuda_graphs": engine.runner.graphs is not None,
+            "gpu_profile": profile,
         },
         "transformers": None
         if hf is None
         else {
+            "label": transformers_label(bm.device),
             "ms_per_token": hf_ms,
             "tokens_per_s": hf_tps,
             "prefill_s": median(hf_prefill),
