@@ -26,11 +26,14 @@ BS = 4  # block size
 
 
 def fake_fla():
-    """fla's chunk_gated_delta_rule / fused_recurrent_gated_delta_rule, by the naive rule."""
+    """fla's chunk_gated_delta_rule / fused_recurrent_gated_delta_rule, by the naive rule, with
+    fla-core 0.6.0's full parameter lists (a positional argument in the wrong place fails)."""
 
     def chunk(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-              use_qk_l2norm_in_kernel=False, cu_seqlens=None, cu_seqlens_cpu=None):  # fmt: skip
-        assert q.shape[0] == 1 and cu_seqlens is not None
+              use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False,
+              allow_neg_eigval=False, state_v_first=False, cu_seqlens=None,
+              cu_seqlens_cpu=None, **kwargs):  # fmt: skip
+        assert q.shape[0] == 1 and cu_seqlens is not None and not state_v_first
         assert cu_seqlens_cpu.tolist() == cu_seqlens.tolist()
         assert initial_state.shape[0] == len(cu_seqlens) - 1
         cu = cu_seqlens_cpu.tolist()
@@ -45,8 +48,12 @@ def fake_fla():
             finals.append(S)
         return torch.cat(outs, 1), torch.cat(finals) if output_final_state else None
 
-    def fused_recurrent(q, k, v, g, beta, scale=None, initial_state=None,
-                        output_final_state=False, use_qk_l2norm_in_kernel=False):  # fmt: skip
+    def fused_recurrent(q, k, v, g=None, gk=None, gv=None, beta=None, scale=None,
+                        initial_state=None, output_final_state=False,
+                        use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, A_log=None,
+                        dt_bias=None, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False,
+                        state_v_first=False, cu_seqlens=None, **kwargs):  # fmt: skip
+        assert gk is None and gv is None and beta is not None and not use_gate_in_kernel
         assert q.shape[1] == 1 and initial_state.dtype == torch.float32
         o, S = naive_gated_delta_rule(
             q, k, v, g, beta, initial_state, use_qk_l2norm=use_qk_l2norm_in_kernel, scale=scale

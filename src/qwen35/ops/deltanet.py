@@ -124,7 +124,7 @@ def _prefill_fla(fla, qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache
         pos = torch.tensor(active, device=dev)
         q, k, v = _split_qkv(u.index_select(0, idx)[None], dims)  # [1, L, heads, d]
         out, ht = fla.chunk(
-            q, k, v, g.index_select(0, idx)[None], beta.index_select(0, idx)[None],
+            q, k, v, g=g.index_select(0, idx)[None], beta=beta.index_select(0, idx)[None],
             initial_state=states.index_select(0, pos), output_final_state=True,
             use_qk_l2norm_in_kernel=True,
             cu_seqlens=torch.tensor(cu, device=dev), cu_seqlens_cpu=torch.tensor(cu),
@@ -156,8 +156,9 @@ def deltanet_decode(be: Backend, qkv, g, beta, conv_w, dims: Dims, d, conv_cache
     S = rec_cache.index_select(0, d.state_slots)  # [N, nv, dk, dv]
     if be.fla is not None:
         q, k, v = _split_qkv(u[:, None], dims)  # [N, 1, heads, d]
+        # keywords: fla's 5th positional parameter is gk (per-key decay), not beta
         y, S = be.fla.fused_recurrent(
-            q, k, v, g[:, None], beta[:, None], initial_state=S.float(),
+            q, k, v, g=g[:, None], beta=beta[:, None], initial_state=S.float(),
             output_final_state=True, use_qk_l2norm_in_kernel=True,
         )  # fmt: skip
         y = y[:, 0]
