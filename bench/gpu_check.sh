@@ -42,7 +42,7 @@ step() {  # step SECONDS NAME COMMAND...: a bounded step, its output appended to
 }
 
 # 1. correctness on the GPU
-timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_triton_attention.py \
+timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_triton_kernels.py \
   -p no:cacheprovider -x >"$OUT/pytest.log" 2>&1
 echo "=== pytest rc=$?" | tee -a "$LOG"
 tail -15 "$OUT/pytest.log"

@@ -75,5 +75,5 @@ class GatedDeltaNet(nn.Module):
         if batch.decode is not None:
             deltanet_decode(be, qkv, g, beta, w, self.dims, batch.decode, conv_cache,
                             rec_cache, o)  # fmt: skip
-        y = self.norm(o, z)  # [T, nv, dv]
+        y = self.norm(o, z, be)  # [T, nv, dv]
         return self.out_proj(y.view(T, self.value_dim))

@@ -58,12 +58,13 @@ class GatedAttention(nn.Module):
         qg, k, v = packed_linear(x, self.packed_qkv, self.q_proj, self.k_proj, self.v_proj)
         qg = qg.unflatten(-1, (nh, 2 * hd))  # [T, nh, 2 hd]
         gate = qg[..., hd:].reshape(T, nh * hd)
-        q = apply_rotary(self.q_norm(qg[..., :hd]), cos, sin)  # [T, nh, hd]
-        k = apply_rotary(self.k_norm(k.unflatten(-1, (nkv, hd))), cos, sin)  # [T, nkv, hd]
+        be = batch.backend
+        q = apply_rotary(self.q_norm(qg[..., :hd], be), cos, sin)  # [T, nh, hd]
+        k = apply_rotary(self.k_norm(k.unflatten(-1, (nkv, hd)), be), cos, sin)  # [T, nkv, hd]
         v = v.unflatten(-1, (nkv, hd))
         write_kv(key_cache, value_cache, k, v, batch.slot_mapping)
 
-        be, d = batch.backend, batch.decode
+        d = batch.decode
         if d is not None and d.all_rows:  # a pure decode step: the output gate in the kernel
             gate = gate.view(T, nh, hd)
             o = paged_decode_attention(be, q, key_cache, value_cache, d, self.scale, gate)

@@ -71,15 +71,16 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, cos, sin, batch: ForwardBatch, caches: ModelCaches) -> torch.Tensor:
         """h: [T, H] residual stream, updated in place (the caller owns it) and returned."""
-        x = self.input_layernorm(h)  # [T, H]
+        be = batch.backend
+        x = self.input_layernorm(h, be)  # [T, H]
         i = self.cache_index
         if self.layer_type == "linear_attention":
             x = self.linear_attn(x, batch, caches.conv[i], caches.recurrent[i])
         else:
             x = self.self_attn(x, cos, sin, batch, caches.key[i], caches.value[i])
         h.add_(x)
-        x = self.post_attention_layernorm(h)
-        return h.add_(self.mlp(x, batch.backend) if self.is_moe else self.mlp(x))
+        x = self.post_attention_layernorm(h, be)
+        return h.add_(self.mlp(x, be) if self.is_moe else self.mlp(x))
 
 
 class Qwen35TextModel(nn.Module):

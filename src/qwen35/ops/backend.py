@@ -31,6 +31,7 @@ class Backend:
     cpu_kernels: Any = None  # the compiled CPU module (kernels/), or None
     fla: Any = None  # fla-core's ops (namespace with chunk / fused_recurrent), or None
     triton_attention: bool = False  # our Triton paged attention (kernels/triton_attention.py)
+    triton_norms: bool = False  # the two RMSNorms as Triton kernels (kernels/triton_norms.py)
     grouped_mm: bool = False  # torch._grouped_mm works for the model dtype on this device
 
     @property
@@ -42,6 +43,8 @@ class Backend:
             parts.append("fla")
         if self.triton_attention:
             parts.append("triton-attention")
+        if self.triton_norms:
+            parts.append("triton-norms")
         if self.grouped_mm:
             parts.append("grouped-mm")
         return "+".join(parts)
@@ -79,10 +82,12 @@ def _select(device_type: str, kernels: bool, dtype: torch.dtype) -> Backend:
             grouped_mm=_grouped_mm_works("cpu", dtype),
         )
     if device_type == "cuda":
+        triton_ok = _triton_works()
         be = Backend(
             "cuda",
             fla=load_fla(),
-            triton_attention=_triton_works(),
+            triton_attention=triton_ok,
+            triton_norms=triton_ok,
             grouped_mm=_grouped_mm_works("cuda", dtype),
         )
         log.info("GPU backend: %s", be.name)
@@ -111,7 +116,7 @@ def _triton_works() -> bool:
     try:
         import triton  # noqa: F401
 
-        from qwen35.kernels import triton_attention  # noqa: F401
+        from qwen35.kernels import triton_attention, triton_norms  # noqa: F401
     except Exception as e:
         log.info("Triton not available (%s): paged attention gathers in PyTorch", str(e)[:120])
         return False

@@ -1,13 +1,14 @@
-"""Our Triton paged attention (kernels/triton_attention.py) against the PyTorch reference
-(ops/attention.py), on the CPU through Triton's interpreter or on a GPU.
+"""Our Triton kernels (kernels/triton_attention.py: paged attention; kernels/triton_norms.py:
+the RMSNorms) against their PyTorch references, on the CPU through Triton's interpreter or on a
+GPU.
 
 The CPU test environment has no Triton (with Triton and fla-core present transformers routes its
 reference to GPU kernels). Run these in a separate venv:
     python -m venv /work/venvs/gpu && /work/venvs/gpu/bin/pip install -c /work/constraints.txt \\
         torch triton numpy pytest
     TRITON_INTERPRET=1 PYTHONPATH=src /work/venvs/gpu/bin/python -m pytest -m slow \\
-        tests/test_triton_attention.py -p no:cacheprovider
-On a GPU machine `pytest -m gpu tests/test_triton_attention.py` runs them compiled.
+        tests/test_triton_kernels.py -p no:cacheprovider
+On a GPU machine `pytest -m gpu tests/test_triton_kernels.py` runs them compiled.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
     )
 
 from qwen35.kernels import triton_attention as ta  # noqa: E402
+from qwen35.kernels import triton_norms as tn  # noqa: E402
+from qwen35.layers import norms  # noqa: E402
 from qwen35.ops.attention import decode_attention, gather_kv, prefill_attention  # noqa: E402
 
 pytestmark = pytest.mark.gpu if ON_GPU else pytest.mark.slow
@@ -77,3 +80,22 @@ def test_paged_prefill_equals_reference(dtype, start, Tq):
     got = ta.paged_prefill_attention(q, kc, vc, row, start, scale)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert _rel(got, ref) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_equal_reference(dtype):
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(5, 3, 48, generator=g) * 3).to(DEV, dtype)
+    z = torch.randn(5, 3, 48, generator=g).to(DEV, dtype)
+    w = torch.randn(48, generator=g).to(DEV, dtype)
+    # bf16: the fp32 statistics differ in the last bits (one rsqrt vs torch's op sequence), which
+    # can move a bf16 rounding by an ulp (two in the gated norm, which rounds twice)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=3e-2)
+    torch.testing.assert_close(tn.rms_norm_zc(x, w, 1e-6), norms.rms_norm_zc(x, w, 1e-6), **tol)
+    xs = x[:, :, :32]  # a strided view
+    torch.testing.assert_close(
+        tn.rms_norm_zc(xs, w[:32], 1e-6), norms.rms_norm_zc(xs, w[:32], 1e-6), **tol
+    )
+    got = tn.gated_rms_norm(x, z, w, 1e-6)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, norms.gated_rms_norm(x, z, w, 1e-6), **tol)
