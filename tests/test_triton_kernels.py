@@ -26,10 +26,13 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
         "no GPU: set TRITON_INTERPRET=1 to run the kernels interpreted", allow_module_level=True
     )
 
+from qwen35.engine.forward_batch import DecodeBatch  # noqa: E402
 from qwen35.kernels import triton_attention as ta  # noqa: E402
 from qwen35.kernels import triton_norms as tn  # noqa: E402
 from qwen35.layers import norms  # noqa: E402
 from qwen35.ops.attention import decode_attention, gather_kv, prefill_attention  # noqa: E402
+from qwen35.ops.backend import Backend  # noqa: E402
+from qwen35.ops.deltanet import Dims, deltanet_decode  # noqa: E402
 
 pytestmark = pytest.mark.gpu if ON_GPU else pytest.mark.slow
 DEV = "cuda" if ON_GPU else "cpu"
@@ -99,3 +102,40 @@ def test_norms_equal_reference(dtype):
     got = tn.gated_rms_norm(x, z, w, 1e-6)
     assert got.dtype == dtype
     torch.testing.assert_close(got, norms.gated_rms_norm(x, z, w, 1e-6), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("all_rows", [True, False])
+def test_deltanet_decode_kernels_equal_gather_path(dtype, all_rows):
+    """Three decode steps through the Triton kernels (states in their slots) and through the
+    PyTorch gather path: outputs, conv and recurrent caches; slots 4, 1, 6 of 8."""
+    g = torch.Generator().manual_seed(11)
+    dims = Dims(nk=2, nv=4, dk=16, dv=16, kernel_size=4)
+    C = 2 * dims.nk * dims.dk + dims.nv * dims.dv
+    N, T = 3, 3 if all_rows else 5
+    rows = torch.arange(N) if all_rows else torch.tensor([4, 0, 2])
+    d = DecodeBatch(
+        rows=rows.to(DEV), block_tables=torch.zeros(N, 1, dtype=torch.int32, device=DEV),
+        context_lens=torch.ones(N, dtype=torch.int32, device=DEV),
+        state_slots=torch.tensor([4, 1, 6], device=DEV), max_context=1, all_rows=all_rows,
+    )  # fmt: skip
+    w = (torch.randn(C, 1, 4, generator=g) * 0.5).to(DEV, dtype)[:, 0, :]
+    conv = torch.randn(8, C, 3, generator=g).to(DEV, dtype)
+    rec = (torch.randn(8, dims.nv, dims.dk, dims.dv, generator=g) * 0.1).to(DEV)
+    c1, r1, c2, r2 = conv.clone(), rec.clone(), conv.clone(), rec.clone()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for _ in range(3):
+        packed = torch.randn(T, C + 7, generator=g).to(DEV, dtype)
+        qkv = packed[:, :C]  # a column slice, as the packed projection gives it
+        gl = -torch.rand(T, dims.nv, generator=g).to(DEV)
+        beta = torch.rand(T, dims.nv, generator=g).to(DEV, dtype)
+        o1 = torch.zeros(T, dims.nv, dims.dv, dtype=dtype, device=DEV)
+        o2 = o1.clone()
+        deltanet_decode(
+            Backend("cuda", triton_deltanet=True), qkv, gl, beta, w, dims, d, c1, r1, o1
+        )
+        deltanet_decode(Backend("cuda"), qkv, gl, beta, w, dims, d, c2, r2, o2)
+        torch.testing.assert_close(o1, o2, **tol)
+        torch.testing.assert_close(c1, c2, **tol)
+        torch.testing.assert_close(r1, r2, **tol)
+    assert not torch.equal(r1, rec) and torch.equal(r1[0], rec[0])  # only its slots moved

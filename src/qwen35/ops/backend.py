@@ -32,6 +32,8 @@ class Backend:
     fla: Any = None  # fla-core's ops (namespace with chunk / fused_recurrent), or None
     triton_attention: bool = False  # our Triton paged attention (kernels/triton_attention.py)
     triton_norms: bool = False  # the two RMSNorms as Triton kernels (kernels/triton_norms.py)
+    # DeltaNet decode in Triton, states updated in their slots (kernels/triton_deltanet.py)
+    triton_deltanet: bool = False
     grouped_mm: bool = False  # torch._grouped_mm works for the model dtype on this device
 
     @property
@@ -45,6 +47,8 @@ class Backend:
             parts.append("triton-attention")
         if self.triton_norms:
             parts.append("triton-norms")
+        if self.triton_deltanet:
+            parts.append("triton-deltanet")
         if self.grouped_mm:
             parts.append("grouped-mm")
         return "+".join(parts)
@@ -90,6 +94,7 @@ def _select(device_type: str, kernels: bool, dtype: torch.dtype) -> Backend:
             fla=load_fla() if dtype != torch.float32 else None,
             triton_attention=triton_ok,
             triton_norms=triton_ok,
+            triton_deltanet=triton_ok,
             grouped_mm=_grouped_mm_works("cuda", dtype),
         )
         log.info("GPU backend: %s", be.name)
@@ -118,7 +123,7 @@ def _triton_works() -> bool:
     try:
         import triton  # noqa: F401
 
-        from qwen35.kernels import triton_attention, triton_norms  # noqa: F401
+        from qwen35.kernels import triton_attention, triton_deltanet, triton_norms  # noqa: F401
     except Exception as e:
         log.info("Triton not available (%s): paged attention gathers in PyTorch", str(e)[:120])
         return False

@@ -6,9 +6,10 @@ gated delta rule), one dispatch per step kind over the backend (ops/backend.py):
   all sequences in one varlen `chunk_gated_delta_rule` call per round, a round ending at each
   prefix-cache checkpoint (fla hands out final states only).
 - `deltanet_decode`: the step's single-token rows. CPU: in slot order, states updated in place
-  on runs of consecutive slots, through the compiled kernel where it is loaded. Elsewhere:
-  states gathered by slot, stepped, scattered back (device tensors only: capturable), the step
-  itself by fla's `fused_recurrent_gated_delta_rule` where installed, else PyTorch.
+  on runs of consecutive slots, through the compiled kernel where it is loaded. GPU with Triton:
+  two kernels (kernels/triton_deltanet.py) that update conv and recurrent states in their slots.
+  Elsewhere: states gathered by slot, stepped, scattered back (device tensors only: capturable),
+  the step itself by fla's `fused_recurrent_gated_delta_rule` where installed, else PyTorch.
 
 Shapes: qkv [T, C] pre-conv channels [q | k | v]; g [T, nv] fp32 log-decay; beta [T, nv];
 conv_w [C, K]; conv_cache [slots, C, K-1]; rec_cache [slots, nv, dk, dv]; o [T, nv, dv] out.
@@ -150,6 +151,13 @@ def deltanet_decode(be: Backend, qkv, g, beta, conv_w, dims: Dims, d, conv_cache
         return
     if not d.all_rows:
         qkv, g, beta = (t.index_select(0, d.rows) for t in (qkv, g, beta))
+    if be.triton_deltanet and dims.dk & (dims.dk - 1) == 0 and rec_cache.dtype == torch.float32:
+        from qwen35.kernels import triton_deltanet as tdn  # states updated in their slots
+
+        u = tdn.conv_update_(qkv, conv_w, conv_cache, d.state_slots)  # [N, C]
+        y = tdn.recurrent_step_(u, g, beta, rec_cache, d.state_slots, dims.nk)  # [N, nv, dv]
+        _write_rows(o, d, y)
+        return
     cs = conv_cache.index_select(0, d.state_slots)  # [N, C, K-1]
     u = causal_conv1d_update_(qkv, conv_w, cs)  # [N, C]
     conv_cache.index_copy_(0, d.state_slots, cs)
@@ -165,6 +173,10 @@ def deltanet_decode(be: Backend, qkv, g, beta, conv_w, dims: Dims, d, conv_cache
     else:
         y, S = _step_torch(u, g, beta, S, dims)
     rec_cache.index_copy_(0, d.state_slots, S.to(rec_cache.dtype))
+    _write_rows(o, d, y)
+
+
+def _write_rows(o, d, y) -> None:
     if d.all_rows:
         o.copy_(y)
     else:
