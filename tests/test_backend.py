@@ -201,3 +201,21 @@ def test_decode_graph_buffers_pad_rows_that_write_nowhere():
     for x, y in zip(ref.caches.recurrent, got.caches.recurrent):
         torch.testing.assert_close(y[:pad_slot], x[:pad_slot], atol=2e-5, rtol=2e-5)
         assert y[pad_slot].abs().sum() > 0  # the padding row did write, into its own slot
+
+
+def test_enforce_eager_option_and_cpu_engine_has_no_graphs(tmp_path):
+    import argparse
+
+    from qwen35.engine.config import EngineConfig
+    from qwen35.engine.llm_engine import LLMEngine
+
+    assert EngineConfig.create(enforce_eager=True).device.enforce_eager is True
+    p = argparse.ArgumentParser()
+    EngineConfig.add_cli_arguments(p)
+    args = p.parse_args(["--model", "m", "--enforce-eager"])
+    assert EngineConfig.from_cli(args).device.enforce_eager is True
+    tiny.save_checkpoint(tmp_path / "m", moe=False, layout="vlm")
+    eng = LLMEngine(str(tmp_path / "m"), dtype="fp32", verbose=False)
+    assert eng.runner.graphs is None and eng.runner.backend is select_backend(
+        "cpu", dtype=torch.float32
+    )

@@ -153,9 +153,9 @@ class Qwen35ForCausalLM(nn.Module):
             caches.copy_states(batch.state_copies)
         return h
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
         """Pre-norm hidden rows [S, H] -> logits [S, V] float32."""
-        return self.lm_head(self.model.norm(hidden)).float()
+        return self.lm_head(self.model.norm(hidden, backend)).float()
 
     def forward(
         self,
@@ -172,7 +172,7 @@ class Qwen35ForCausalLM(nn.Module):
             raise ValueError("a ForwardBatch needs ModelCaches (see allocate_caches)")
         h = self.forward_hidden(input_ids, batch, caches)
         with torch.no_grad():
-            return self.compute_logits(h.index_select(0, batch.logits_indices))
+            return self.compute_logits(h.index_select(0, batch.logits_indices), batch.backend)
 
     def _forward_uncached(self, input_ids: torch.Tensor, backend: Backend | None) -> torch.Tensor:
         """[B, T] -> [B, T, V]: every sequence from position 0 with temporary caches."""
