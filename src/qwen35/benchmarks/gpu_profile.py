@@ -46,15 +46,3 @@ def profile_decode(engine, prompt: list[int], steps: int = 8, rid: str = "profil
         "cuda_graphs": engine.runner.graphs is not None,
         "backend": engine.runner.backend.name,
     }
-
-
-def transformers_label(device: torch.device) -> str:
-    """transformers runs Gated DeltaNet through fla-core's kernels when fla is importable on a
-    GPU (else its PyTorch fallback): the baseline's name says which."""
-    if device.type != "cuda":
-        return "transformers"
-    try:
-        import fla  # noqa: F401
-    except Exception:
-        return "transformers (torch fallback, no fla)"
-    return "transformers (with fla)"

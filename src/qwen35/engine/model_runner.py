@@ -1,9 +1,9 @@
 """Runs one scheduled step: builds the ForwardBatch, runs the model over the paged caches, samples.
 
-The runner owns the cache tensors (allocated from `cache_spec` through the model file's
-`allocate_caches`), the backend (ops/backend.py, chosen once here), the decode CUDA graphs
-(engine/cuda_graphs.py, on a GPU unless --enforce-eager) and the per-sequence random
-generators; it knows nothing of text.
+The runner holds the cache tensors (the engine allocates them from `cache_spec` with
+`forward_batch.allocate_caches` and hands them over), the backend (ops/backend.py, chosen once
+here), the decode CUDA graphs (engine/cuda_graphs.py, on a GPU unless --enforce-eager) and the
+per-sequence random generators; it knows nothing of text.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class ModelRunner:
         device: torch.device | str = "cpu",
         backend: Backend | None = None,
         decode_graphs: GraphSpec | None = None,
+        seed: int | None = None,  # the sampler's shared generator (unseeded requests)
     ):
         self.model = model
         self.caches = caches
@@ -53,7 +54,7 @@ class ModelRunner:
         # chosen once per engine (compiles the CPU kernel now, not in the first decode step)
         self.backend = backend or select_backend(self.device, dtype=_dtype_of(model))
         self.eos_token_ids = tuple(eos_token_ids)
-        self.sampler = Sampler()
+        self.sampler = Sampler(seed=seed)
         self._generators: dict[str, torch.Generator | None] = {}
         self.graphs: DecodeGraphs | None = None
         if decode_graphs is not None:

@@ -28,7 +28,7 @@ log = logging.getLogger("qwen35")
 @dataclass(frozen=True)
 class Backend:
     device_type: str  # "cpu" or "cuda"
-    cpu_kernels: Any = None  # the compiled CPU module (kernels/), or None
+    cpu_kernels: Any = None  # the compiled CPU module (kernels/) when it loaded, or None
     fla: Any = None  # fla-core's ops (namespace with chunk / fused_recurrent), or None
     triton_attention: bool = False  # our Triton paged attention (kernels/triton_attention.py)
     triton_norms: bool = False  # the two RMSNorms as Triton kernels (kernels/triton_norms.py)

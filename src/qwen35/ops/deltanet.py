@@ -201,7 +201,10 @@ def _decode_slot_runs(be, qkv, g, beta, conv_w, dims, d, conv_cache, rec_cache, 
         qkv, g, beta = (t.index_select(0, d.rows_by_slot) for t in (qkv, g, beta))
     fused = None
     if be.cpu_kernels is not None and rec_cache.is_cpu and rec_cache.dtype == torch.float32:
-        fused = be.cpu_kernels.deltanet_decode
+        from qwen35 import kernels
+
+        mod = kernels.load()  # None once QWEN35_NO_KERNELS=1 is set, at any time
+        fused = mod.deltanet_decode if mod is not None else None
     pieces = []
     for i0, s0, n in d.slot_runs:
         r, cs, S = slice(i0, i0 + n), conv_cache[s0 : s0 + n], rec_cache[s0 : s0 + n]
