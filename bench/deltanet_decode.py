@@ -4,7 +4,7 @@
 
 Layer 0 of the Qwen3.5-0.8B config (random weights), N sequences in consecutive state slots,
 one token each: `GatedDeltaNet.forward` with the fused kernel (kernels/gated_delta_cpu.cpp)
-and with it switched off (`_decode_torch`), interleaved call by call on copies of the same
+and through the reference backend (plain PyTorch, ops/deltanet.py), interleaved call by call on copies of the same
 caches; medians of --reps. Prints a table and writes bench/results/deltanet_decode.json.
 """
 
@@ -20,10 +20,11 @@ import torch
 
 from qwen35 import kernels
 from qwen35.catalog import load_model_config
-from qwen35.engine.forward_batch import ForwardBatch, StepPlan
+from qwen35.engine.forward_batch import ForwardBatch
 from qwen35.engine.runtime import configure_cpu_runtime
 from qwen35.layers import deltanet
 from qwen35.loader import parse_dtype
+from qwen35.ops.backend import reference_backend, select_backend
 
 
 def main() -> None:
@@ -45,20 +46,23 @@ def main() -> None:
     for p in layer.parameters():
         p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
     layer.pack()
-    fused = deltanet._fused_decode
     rows = []
+    backends = {"kernel": select_backend("cpu"), "torch": reference_backend("cpu")}
     for N in args.batch:
-        batch = ForwardBatch(
-            positions=torch.full((N,), 100),
-            cu_seqlens=list(range(N + 1)),
-            context_lens=[101] * N,
-            slot_mapping=torch.arange(N),
-            block_tables=torch.zeros(N, 1, dtype=torch.int32),
-            state_slots=torch.arange(N),
-            has_initial_state=[True] * N,
-            logits_indices=torch.arange(N),
-        )
-        plan = StepPlan.build(batch, N)
+        batches = {
+            name: ForwardBatch.build(
+                positions=[100] * N,
+                cu_seqlens=list(range(N + 1)),
+                context_lens=[101] * N,
+                slot_mapping=range(N),
+                block_tables=[[0]] * N,
+                state_slots=range(N),
+                has_initial_state=[True] * N,
+                logits_indices=range(N),
+                backend=be,
+            )
+            for name, be in backends.items()
+        }
         conv = torch.randn(N, cfg.linear_conv_dim, cfg.linear_conv_kernel_dim - 1).to(dtype)
         rec = torch.randn(N, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                           cfg.linear_value_head_dim) * 0.01  # fmt: skip
@@ -66,14 +70,12 @@ def main() -> None:
         times = {"kernel": [], "torch": []}
         with torch.inference_mode():
             for rep in range(args.reps + 1):
-                for name, f in (("kernel", fused), ("torch", lambda rec_cache: None)):
-                    deltanet._fused_decode = f
+                for name, batch in batches.items():
                     c, r = conv.clone(), rec.clone()
                     t0 = time.perf_counter()
-                    layer(x, plan, c, r)
+                    layer(x, batch, c, r)
                     if rep:  # the first round warms up
                         times[name].append(time.perf_counter() - t0)
-        deltanet._fused_decode = fused
         k, t = (statistics.median(times[n]) * 1e3 for n in ("kernel", "torch"))
         rows.append({"batch": N, "kernel_ms": k, "torch_ms": t, "speedup": t / k})
     print(f"DeltaNet decode step, one layer of Qwen3.5-0.8B ({args.dtype}, "

@@ -11,9 +11,10 @@ import torch
 import tiny
 from qwen35 import kernels
 from qwen35.config import ModelConfig
-from qwen35.engine.forward_batch import ForwardBatch, StepPlan
-from qwen35.layers import deltanet
+from qwen35.engine.forward_batch import ForwardBatch
 from qwen35.models.qwen3_5 import Qwen35ForCausalLM
+from qwen35.ops import deltanet as deltanet_ops
+from qwen35.ops.backend import Backend, reference_backend, select_backend
 
 
 def _module():
@@ -75,86 +76,89 @@ def test_bad_input_is_refused():
         mod.deltanet_decode(qkv, conv, w, logdecay, beta, S.bfloat16(), nk)  # fp32 states only
 
 
-def _decode_once(layer, cfg, g, dtype) -> None:
+def _decode_once(layer, cfg, g, dtype, backend) -> None:
     """One decode step of one sequence through the layer (kernel or PyTorch path)."""
-    batch = ForwardBatch(
-        positions=torch.tensor([3]),
-        cu_seqlens=[0, 1],
-        context_lens=[4],
-        slot_mapping=torch.tensor([3]),
-        block_tables=torch.zeros(1, 1, dtype=torch.int32),
-        state_slots=torch.tensor([0]),
-        has_initial_state=[True],
-        logits_indices=torch.arange(1),
-    )
+    batch = ForwardBatch.build(
+        positions=[3], cu_seqlens=[0, 1], context_lens=[4], slot_mapping=[3],
+        block_tables=[[0]], state_slots=[0], has_initial_state=[True], logits_indices=[0],
+        backend=backend,
+    )  # fmt: skip
     conv = torch.zeros(1, cfg.linear_conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=dtype)
     rec = torch.zeros(1, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                       cfg.linear_value_head_dim)  # fmt: skip
     with torch.no_grad():
-        layer(torch.randn(1, cfg.hidden_size, generator=g).to(dtype), StepPlan.build(batch, 1),
-              conv, rec)  # fmt: skip
+        layer(torch.randn(1, cfg.hidden_size, generator=g).to(dtype), batch, conv, rec)
 
 
 def _torch_path_calls(monkeypatch) -> list:
-    """Counts the runs of DeltaNet decode's PyTorch path (the kernel's fallback)."""
+    """Counts the runs of DeltaNet decode's PyTorch step (the kernel's fallback); a spy, the
+    path itself is chosen by the backend."""
     calls = []
-    torch_path = deltanet.GatedDeltaNet._decode_torch
+    torch_path = deltanet_ops._step_torch
 
-    def spy(self, *args):
+    def spy(*args):
         calls.append(1)
-        return torch_path(self, *args)
+        return torch_path(*args)
 
-    monkeypatch.setattr(deltanet.GatedDeltaNet, "_decode_torch", spy)
+    monkeypatch.setattr(deltanet_ops, "_step_torch", spy)
     return calls
 
 
 def test_switch_off_after_first_load(monkeypatch):
-    """QWEN35_NO_KERNELS=1 set after the kernel was loaded: decode runs the PyTorch path."""
+    """QWEN35_NO_KERNELS=1 set after the kernel was loaded: decode runs the PyTorch path, also
+    through a backend selected before (it holds no module, it asks kernels.load() each step)."""
     _module()
     cfg, layer, g = _layer(torch.float32)
+    be = select_backend("cpu")
     calls = _torch_path_calls(monkeypatch)
-    _decode_once(layer, cfg, g, torch.float32)
+    _decode_once(layer, cfg, g, torch.float32, be)
     assert calls == []  # the kernel ran
     monkeypatch.setenv("QWEN35_NO_KERNELS", "1")
     assert kernels.supported() is False and kernels.load() is None
-    _decode_once(layer, cfg, g, torch.float32)
+    _decode_once(layer, cfg, g, torch.float32, be)
     assert calls == [1]  # switched off: the PyTorch path ran
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_deltanet_decode_equals_torch_path(dtype, monkeypatch):
-    """A DeltaNet layer's decode step through the compiled kernel equals its PyTorch path:
-    outputs, conv states and recurrent states, over three decode steps in a row; 3 sequences
-    in slots 2, 3, 5 (two runs, given out of slot order), one of them fresh."""
-    _module()
-    cfg, layer, g = _layer(dtype)
-    batch = ForwardBatch(
-        positions=torch.tensor([7, 0, 4]),
+def _mixed_decode_batch(backend):
+    """3 decode rows in slots 5, 2, 3 (two runs, given out of slot order), slot 2 fresh."""
+    return ForwardBatch.build(
+        positions=[7, 0, 4],
         cu_seqlens=[0, 1, 2, 3],
         context_lens=[8, 1, 5],
-        slot_mapping=torch.tensor([7, 8, 9]),
-        block_tables=torch.zeros(3, 1, dtype=torch.int32),
-        state_slots=torch.tensor([5, 2, 3]),
+        slot_mapping=[7, 8, 9],
+        block_tables=[[0], [0], [0]],
+        state_slots=[5, 2, 3],
         has_initial_state=[True, False, True],
-        logits_indices=torch.arange(3),
+        logits_indices=[0, 1, 2],
+        backend=backend,
     )
-    plan = StepPlan.build(batch, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("other", ["reference", "gather"])
+def test_fused_deltanet_decode_equals_torch_path(dtype, other, monkeypatch):
+    """A DeltaNet layer's decode step through the compiled kernel equals the PyTorch paths (the
+    CPU's slot runs, and the GPU's gather-by-slot formulation run on the CPU): outputs, conv
+    states and recurrent states, over three decode steps in a row."""
+    _module()
+    cfg, layer, g = _layer(dtype)
+    fast = _mixed_decode_batch(select_backend("cpu"))
+    # a backend without CPU extras takes the gather path (the GPU's, minus fla)
+    ref = _mixed_decode_batch(reference_backend("cpu") if other == "reference" else Backend("cuda"))
+    assert fast.backend.cpu_kernels is not None
     conv = torch.randn(6, cfg.linear_conv_dim, cfg.linear_conv_kernel_dim - 1, generator=g)
     conv = conv.to(dtype)
     rec = torch.randn(6, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                       cfg.linear_value_head_dim, generator=g) * 0.1  # fmt: skip
     c1, r1, c2, r2 = conv.clone(), rec.clone(), conv.clone(), rec.clone()
-    fused = deltanet._fused_decode
     torch_runs = _torch_path_calls(monkeypatch)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for _ in range(3):
         x = torch.randn(3, cfg.hidden_size, generator=g).to(dtype)
         with torch.no_grad():
-            monkeypatch.setattr(deltanet, "_fused_decode", fused)
-            out_k = layer(x, plan, c1, r1)
+            out_k = layer(x, fast, c1, r1)
             assert torch_runs == []  # the kernel computed out_k
-            monkeypatch.setattr(deltanet, "_fused_decode", lambda rec_cache: None)
-            out_t = layer(x, plan, c2, r2)
+            out_t = layer(x, ref, c2, r2)
             torch_runs.clear()
         torch.testing.assert_close(out_k, out_t, **tol)
         torch.testing.assert_close(c1, c2, **tol)

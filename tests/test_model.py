@@ -10,7 +10,7 @@ import torch
 
 import tiny
 from qwen35.config import ModelConfig
-from qwen35.engine.forward_batch import ForwardBatch, StepPlan, allocate_caches
+from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
 from qwen35.models.qwen3_5 import Qwen35ForCausalLM, uncached_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -68,16 +68,15 @@ def test_modules_match_transformers_bf16(moe):
         h.remove()
     T = ids.shape[1]
     batch = uncached_batch(1, T, "cpu")
-    plan = StepPlan.build(batch, T)
     cos, sin = ours.rotary.cos_sin(batch.positions, torch.bfloat16)
     for i, layer in enumerate(ours.model.layers):
         caches = allocate_caches(ours.config, 1, T, 1, torch.bfloat16, "cpu")
         x, ref = seen[(i, "mixer")]
         with torch.no_grad():
             if layer.layer_type == "linear_attention":
-                y = layer.linear_attn(x, plan, caches.conv[0], caches.recurrent[0])
+                y = layer.linear_attn(x, batch, caches.conv[0], caches.recurrent[0])
             else:
-                y = layer.self_attn(x, cos, sin, plan, caches.key[0], caches.value[0])
+                y = layer.self_attn(x, cos, sin, batch, caches.key[0], caches.value[0])
             assert y.dtype == torch.bfloat16
             # DeltaNet reproduces transformers' op order; attention is SDPA vs its eager softmax
             tol = 1e-3 if layer.layer_type == "linear_attention" else 1e-2
@@ -108,10 +107,14 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         ours(torch.zeros(5, dtype=torch.long))
     batch = uncached_batch(1, 4, "cpu")
-    batch.cu_seqlens = [0, 3]
     caches = allocate_caches(ours.config, 1, 4, 1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="input ids for a ForwardBatch of 4 tokens"):
+        ours(torch.zeros(3, dtype=torch.long), batch, caches)
     with pytest.raises(ValueError, match="cu_seqlens"):
-        ours(torch.zeros(4, dtype=torch.long), batch, caches)
+        ForwardBatch.build(
+            positions=[0, 1], cu_seqlens=[1, 2], context_lens=[2], slot_mapping=[0, 1],
+            block_tables=[[0]], state_slots=[0], has_initial_state=[False], logits_indices=[1],
+        )  # fmt: skip
 
 
 class Pager:
@@ -143,7 +146,7 @@ class Pager:
         tables = torch.zeros(len(items), width, dtype=torch.int32)
         for i, (sid, _) in enumerate(items):
             tables[i, : len(self.tables[sid])] = torch.tensor(self.tables[sid])
-        batch = ForwardBatch(
+        batch = ForwardBatch.build(
             positions=torch.tensor(pos),
             cu_seqlens=cu,
             context_lens=ctx,

@@ -116,13 +116,16 @@ def test_chunked_states_at_equal_prefix_states():
 
 
 def test_prefill_segments_cut_only_off_grid():
-    from qwen35.layers.deltanet import _segments
+    from qwen35.ops.deltanet import segments as _segments
 
     # grid checkpoints stay inside one call; 100 (off the grid) cuts, and the grid restarts there
     cps = [(64, 7), (100, 8), (164, 9), (200, 10)]
     assert _segments(cps, 256, 64) == [(0, 100, [(64, 7)]), (100, 200, [(164, 9)]), (200, 256, [])]
     assert _segments([], 50, 64) == [(0, 50, [])]
     assert _segments([(50, 3)], 50, 64) == [(0, 50, [])]  # at the end: the final state
+    # chunk 0 (fla: final states only): every checkpoint before the end cuts
+    assert _segments(cps, 256, 0) == [(0, 64, []), (64, 100, []), (100, 164, []),
+                                      (164, 200, []), (200, 256, [])]  # fmt: skip
 
 
 @pytest.mark.parametrize("C", [64, 8, 5])

@@ -112,7 +112,7 @@ def test_packed_equals_plain_prefill_then_decode(moe):
 
 
 def _single(i: int, n: int, start: int, ctx: int) -> ForwardBatch:
-    return ForwardBatch(
+    return ForwardBatch.build(
         positions=torch.arange(start, start + n),
         cu_seqlens=[0, n],
         context_lens=[start + n],
@@ -126,7 +126,7 @@ def _single(i: int, n: int, start: int, ctx: int) -> ForwardBatch:
 
 def _decode(positions: list[int], ctx: int) -> ForwardBatch:
     B = len(positions)
-    return ForwardBatch(
+    return ForwardBatch.build(
         positions=torch.tensor(positions),
         cu_seqlens=list(range(B + 1)),
         context_lens=[p + 1 for p in positions],

@@ -73,6 +73,11 @@ def run_decode(bm: BenchModel, opts: BenchOptions) -> dict:
             agree.append(same)
         bandwidths.append(measure_read_bandwidth(sz["bw_mib"], device=bm.device))
 
+    profile = None
+    if bm.device.type == "cuda":  # kernels per token and the GPU-busy fraction
+        from qwen35.benchmarks.gpu_profile import profile_decode
+
+        profile = profile_decode(engine, [rng.randrange(cfg.vocab_size) for _ in range(P)])
     bw = median(bandwidths)
     context = P + N // 2  # the average context of the decode steps
     nbytes = decode_bytes_per_step(bm.model, context)
@@ -96,6 +101,9 @@ def run_decode(bm: BenchModel, opts: BenchOptions) -> dict:
             "tokens_per_s": ours_tps,
             "prefill_s": median(ours_prefill),
             "num_steps_timed": len(ours_steps),
+            "backend": engine.runner.backend.name,
+            "cuda_graphs": engine.runner.graphs is not None,
+            "gpu_profile": profile,
         },
         "transformers": None
         if hf is None

@@ -52,7 +52,7 @@ def decode_step(
     for t in caches.recurrent:
         t.normal_(0.0, 0.05, generator=g)
     pos = context_len - 1
-    batch = ForwardBatch(
+    batch = ForwardBatch.build(
         positions=torch.tensor([pos], device=device),
         cu_seqlens=[0, 1],
         context_lens=[context_len],

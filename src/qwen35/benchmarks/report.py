@@ -91,6 +91,13 @@ def _decode(con: Console, d: dict, impl: str) -> None:
         f"{b['total'] / 1e9:.2f} GB/step @ {d['read_bandwidth_gbps']:.1f} GB/s",
     )
     con.print(t)
+    p = o.get("gpu_profile")
+    if p:
+        con.print(
+            f"  GPU ({o.get('backend')}, CUDA graphs {'on' if p['cuda_graphs'] else 'off'}): "
+            f"{p['kernels_per_token']:.0f} kernels per token, busy {p['gpu_busy_ms_per_token']:.2f}"
+            f" of {p['wall_ms_per_token']:.2f} ms ({p['gpu_busy_fraction']:.0%})"
+        )
 
 
 def _throughput(con: Console, d: dict, impl: str) -> None:

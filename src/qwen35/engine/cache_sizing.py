@@ -93,15 +93,20 @@ def plan_caches(
     prefix_cache_memory: str | int | None,
     weight_bytes: int,
     num_blocks_override: int | None = None,
+    working_bytes: int | None = None,
 ) -> CachePlan:
+    """`working_bytes`: measured working memory (GPU: `measure_working_memory`), replacing the
+    planner's formula."""
     if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
         raise Qwen35Error("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
     dname = str(model_dtype).removeprefix("torch.")
     spec = cache_spec(cfg, kv_dtype=dname, conv_dtype=dname)  # the caches the engine allocates
     kv_tok, st_seq = spec.kv_bytes_per_token, spec.state_bytes_per_sequence
     total = parse_bytes(max_memory)
-    # the planner's formula, in the model's dtype
-    working = working_memory_bytes(cfg, max_num_batched_tokens, max_num_seqs, dtype=dname)
+    # GPU: the measured peak (measure_working_memory); else the planner's formula, model dtype
+    working = working_bytes
+    if working is None:
+        working = working_memory_bytes(cfg, max_num_batched_tokens, max_num_seqs, dtype=dname)
     if total is None:
         budget = _default_budget(device, working)
     else:
@@ -155,3 +160,44 @@ def _default_budget(device, working: int) -> int:
         free, _ = torch.cuda.mem_get_info(torch.device(dev))
         return max(0, int(free * 0.9) - working)
     return DEFAULT_CPU_CACHE_BYTES
+
+
+def measure_working_memory(model, chunk_tokens: int, sampled_rows: int, block_size: int) -> int:
+    """GPU: the peak memory one forward of a fresh `chunk_tokens`-token prefill allocates above
+    what is allocated now (its own small caches excluded), plus the fp32 logits of
+    `sampled_rows` rows twice over (logits and the sampler's working copy). A chunk continuing a
+    long context reads the paged cache in place (Triton attention), so this chunk is the peak.
+    """
+    import torch
+
+    from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
+    from qwen35.ops.backend import select_backend
+
+    dev = model.device
+    cfg = model.config
+    T = chunk_tokens
+    nb = -(-T // block_size)
+    caches = allocate_caches(cfg, nb, block_size, 1, model.dtype, dev)
+    batch = ForwardBatch.build(
+        positions=range(T),
+        cu_seqlens=[0, T],
+        context_lens=[T],
+        slot_mapping=range(T),
+        block_tables=[list(range(nb))],
+        state_slots=[0],
+        has_initial_state=[False],
+        logits_indices=[T - 1],
+        device=dev,
+        backend=select_backend(dev, dtype=model.dtype),
+    )
+    ids = torch.zeros(T, dtype=torch.long, device=dev)
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    with torch.inference_mode():
+        model(ids, batch, caches)
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - base
+    del caches, batch
+    torch.cuda.empty_cache()
+    return int(peak) + sampled_rows * cfg.vocab_size * 4 * 2

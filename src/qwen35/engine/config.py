@@ -74,6 +74,7 @@ class ParallelConfig:
 class DeviceConfig:
     device: str = _opt("cpu", "cpu, cuda or cuda:N")
     threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
+    enforce_eager: bool = _opt(False, "GPU: no CUDA graphs for decode steps (every step eager)")
     # flush denormals, keep freed memory in the heap (see engine/runtime.py)
     configure_runtime: bool = _opt(
         True, "leave the process's CPU runtime settings alone", flag="--no-configure-runtime"

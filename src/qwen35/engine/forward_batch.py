@@ -8,26 +8,29 @@ Caches live outside the model in `ModelCaches` (allocated once by the engine fro
   token t of sequence i is stored at flat slot `slot_mapping[t]` = block * block_size + offset.
 - Gated DeltaNet layers: per-slot conv state `[num_slots, C, kernel-1]` (model dtype) and
   recurrent state `[num_slots, nv, dk, dv]` (fp32 by default). Sequence i reads and writes slot
-  `state_slots[i]`; when `has_initial_state[i]` is False it starts from zeros.
+  `state_slots[i]`; when it has no initial state it starts from zeros.
 
-Cache allocation from `cache_spec` (the one formula) and the per-step plan the layers follow.
+`ForwardBatch.build(...)` is called by the runner (and by tests and the uncached path) with the
+step's host-side lists. Everything the model needs is prepared there, once per step: index
+tensors on the device, and the few host ints the per-sequence prefill loop needs. The model
+never reads a device tensor back to the host (no `.tolist()`, no `.item()`), so a decode step
+(`ForwardBatch.decode` alone) is a fixed sequence of kernels that a CUDA graph can capture.
 
-`allocate_caches` builds the `ModelCaches` the runner hands to the model; the shapes come from
-`qwen35.cache_spec.cache_spec`, which the planner also uses, so planned bytes are allocated bytes.
-
-`StepPlan.build(batch)` turns a `ForwardBatch` into index lists once per forward, so every
-layer reuses them: multi-token sequences (prefill chunks) are processed one by one, the
-single-token sequences (decode) together in one vectorised path.
+Rows with one new token are decode rows (`DecodeBatch`: tensors only, plus CPU-only host
+extras); rows with more are prefill chunks (`SeqPlan`, one per sequence, host ints).
+The `backend` (ops/backend.py) is chosen once per engine and travels with every batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from qwen35.cache_spec import cache_spec
 from qwen35.config import ModelConfig
+from qwen35.ops.backend import Backend, select_backend
 
 
 @dataclass
@@ -46,30 +49,13 @@ class ModelCaches:
     def num_slots(self) -> int:
         return self.conv[0].shape[0] if self.conv else 0
 
+    def copy_states(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """For each (src, dst): DeltaNet conv + recurrent state of slot src -> slot dst."""
+        for conv, rec in zip(self.conv, self.recurrent, strict=False):
+            for src, dst in pairs:
+                conv[dst].copy_(conv[src])
+                rec[dst].copy_(rec[src])
 
-@dataclass
-class ForwardBatch:
-    positions: torch.Tensor  # [T] int64, absolute position of each new token
-    cu_seqlens: list[int]  # [B+1] query boundaries in the flat token batch
-    context_lens: list[int]  # [B] tokens in the KV cache after this step (start + new)
-    slot_mapping: torch.Tensor  # [T] int64, flat KV slot of each new token
-    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
-    state_slots: torch.Tensor  # [B] int64, DeltaNet state slot of each sequence
-    has_initial_state: list[bool]  # [B] False: the sequence starts at position 0, state = zeros
-    logits_indices: torch.Tensor  # [S] int64, token rows whose logits are returned
-    # Prefix caching: after the first `n` new tokens of sequence i, copy its DeltaNet state
-    # (conv + recurrent) into slot `dest`: entries (i, n, dest), 1 <= n <= new tokens of i.
-    state_checkpoints: list[tuple[int, int, int]] = field(default_factory=list)
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.cu_seqlens) - 1
-
-    def seq_len(self, i: int) -> int:
-        return self.cu_seqlens[i + 1] - self.cu_seqlens[i]
-
-    def start_pos(self, i: int) -> int:
-        return self.context_lens[i] - self.seq_len(i)
 
 
 def allocate_caches(
@@ -104,7 +90,7 @@ def allocate_caches(
 
 @dataclass
 class SeqPlan:
-    """One multi-token sequence of the step (a prefill chunk)."""
+    """One multi-token sequence of the step (a prefill chunk): host ints."""
 
     index: int  # sequence number in the batch
     row0: int  # first token row in the flat batch
@@ -124,84 +110,153 @@ class SeqPlan:
 
 
 @dataclass
-class DecodePlan:
-    """All single-token sequences of the step, processed together."""
+class DecodeBatch:
+    """All single-token sequences of the step, processed together. The tensors are all a
+    decode step reads on a GPU (and all a CUDA graph holds as static inputs)."""
 
-    rows: torch.Tensor  # [N] int64 token rows
-    block_tables: torch.Tensor  # [N, max_blocks] int
-    context_lens: torch.Tensor  # [N] int64
-    max_context: int
-    checkpoints: list[tuple[int, int]]  # (state slot, dest slot): copy after the step
-    # The same sequences ordered by state slot, and runs of consecutive slots in that order
-    # (first position, first slot, count): DeltaNet layers update each run's states in place on
-    # a cache view instead of gathering and scattering [N, nv, dk, dv] every layer.
+    rows: torch.Tensor  # [N] int64 token rows of the decode tokens
+    block_tables: torch.Tensor  # [N, max_blocks] int32
+    context_lens: torch.Tensor  # [N] int32, tokens to attend (the new one included)
+    state_slots: torch.Tensor  # [N] int64 DeltaNet state slot of each row
+    max_context: int  # max of context_lens (host int; the gathering CPU path's width)
+    # every row of the step is a decode row, rows == 0..N-1: no gather/scatter of rows
+    all_rows: bool = False
+    # slots of rows without an initial state: zeroed before the step (None: none)
+    fresh_slots: torch.Tensor | None = None
+    # CPU path: the same rows ordered by state slot, and runs of consecutive slots in that
+    # order (first position, first slot, count): DeltaNet layers update each run's states in
+    # place on a cache view instead of gathering and scattering [N, nv, dk, dv] every layer.
     rows_by_slot: torch.Tensor | None = None  # [N] int64 token rows, slot-ascending
-    # [N] bool in that order, True = no initial state (start from zeros); None: none fresh
-    fresh_by_slot: torch.Tensor | None = None
     slot_runs: list[tuple[int, int, int]] = field(default_factory=list)
-    # rows_by_slot is exactly 0..T-1: every row of the step is a decode row, already in slot
-    # order (batch-1 decode; batches whose sequences sit in ascending slots): no gather
-    all_rows_in_slot_order: bool = False
+    all_rows_in_slot_order: bool = False  # rows_by_slot is exactly 0..T-1
 
 
 @dataclass
-class StepPlan:
-    slot_mapping: torch.Tensor  # [T] int64
-    block_tables: torch.Tensor  # [B, max_blocks]
+class ForwardBatch:
+    positions: torch.Tensor  # [T] int64, absolute position of each new token
+    slot_mapping: torch.Tensor  # [T] int64, flat KV slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    logits_indices: torch.Tensor  # [S] int64, token rows whose logits are returned
     prefill: list[SeqPlan]
-    decode: DecodePlan | None
+    decode: DecodeBatch | None
+    backend: Backend
+    # After the step: DeltaNet state of slot src copied to dest (prefix-cache checkpoints of
+    # decode rows; the model applies them at the end of its forward, a graph runner after replay)
+    state_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
 
     @classmethod
-    def build(cls, batch: ForwardBatch, num_tokens: int) -> StepPlan:
-        B = batch.num_seqs
-        cu = batch.cu_seqlens
-        if cu[0] != 0 or cu[-1] != num_tokens or any(cu[j + 1] < cu[j] for j in range(B)):
+    def build(
+        cls,
+        *,
+        positions: Sequence[int] | torch.Tensor,
+        cu_seqlens: Sequence[int],
+        context_lens: Sequence[int],
+        slot_mapping: Sequence[int] | torch.Tensor,
+        block_tables: torch.Tensor | Sequence[Sequence[int]],
+        state_slots: Sequence[int] | torch.Tensor,
+        has_initial_state: Sequence[bool],
+        logits_indices: Sequence[int] | torch.Tensor,
+        state_checkpoints: Sequence[tuple[int, int, int]] = (),
+        device: torch.device | str | None = None,
+        backend: Backend | None = None,
+    ) -> ForwardBatch:
+        """From host lists (tensors are accepted too; they are read on the host here, in the
+        runner, never in the model). `state_checkpoints`: (i, n, dest) = after the first n new
+        tokens of sequence i copy its DeltaNet state into slot dest (1 <= n <= its tokens)."""
+        cu = [int(c) for c in cu_seqlens]
+        B = len(cu) - 1
+        T = cu[-1] if cu else 0
+        host = _host_ints
+        slots, ctx = host(state_slots), host(context_lens)
+        if cu[0] != 0 or any(cu[j + 1] < cu[j] for j in range(B)):
+            raise ValueError(f"cu_seqlens {cu} must rise from 0 to the number of input tokens")
+        if len(ctx) != B or len(has_initial_state) != B or len(slots) != B:
             raise ValueError(
-                f"cu_seqlens {cu} must rise from 0 to the number of input tokens ({num_tokens})"
+                "context_lens, state_slots and has_initial_state need one entry per sequence"
             )
-        if len(batch.context_lens) != B or len(batch.has_initial_state) != B:
-            raise ValueError("context_lens and has_initial_state need one entry per sequence")
+        if device is None:
+            device = (
+                positions.device if isinstance(positions, torch.Tensor) else torch.device("cpu")
+            )
+        device = torch.device(device)
+        backend = backend or select_backend(device)
         cps: dict[int, list[tuple[int, int]]] = {}
-        for i, n, dest in batch.state_checkpoints:
-            if not (0 <= i < B and 1 <= n <= batch.seq_len(i)):
+        for i, n, dest in state_checkpoints:
+            if not (0 <= i < B and 1 <= n <= cu[i + 1] - cu[i]):
                 raise ValueError(f"state checkpoint {(i, n, dest)} is outside sequence {i}")
             cps.setdefault(i, []).append((n, dest))
-        slots = batch.state_slots.tolist()
-        prefill, dec_idx = [], []
+
+        def dev_tensor(x, dtype):
+            if isinstance(x, torch.Tensor):
+                return x.to(device=device, dtype=dtype)
+            return torch.tensor(list(x), dtype=dtype, device=device)
+
+        if isinstance(block_tables, torch.Tensor):
+            table = block_tables.to(device=device, dtype=torch.int32)
+        else:
+            width = max((len(t) for t in block_tables), default=1) or 1
+            host_table = torch.zeros(len(block_tables), width, dtype=torch.int32)
+            for i, t in enumerate(block_tables):
+                if len(t):
+                    host_table[i, : len(t)] = torch.tensor(list(t), dtype=torch.int32)
+            table = host_table.to(device)
+
+        prefill, dec = [], []
         for i in range(B):
-            n = batch.seq_len(i)
+            n = cu[i + 1] - cu[i]
             if n == 0:
                 continue
-            if batch.start_pos(i) < 0:
+            if ctx[i] - n < 0:
                 raise ValueError(f"context_lens[{i}] is smaller than its {n} new tokens")
             if n == 1:
-                dec_idx.append(i)
+                dec.append(i)
                 continue
-            sp = SeqPlan(i, cu[i], n, batch.start_pos(i), slots[i], batch.has_initial_state[i])
+            sp = SeqPlan(i, cu[i], n, ctx[i] - n, slots[i], bool(has_initial_state[i]))
             sp.checkpoints = sorted(cps.get(i, []))
             prefill.append(sp)
         decode = None
-        if dec_idx:
-            dev = batch.slot_mapping.device
-            idx = torch.tensor(dec_idx, device=dev)
-            fresh = [not batch.has_initial_state[i] for i in dec_idx]
-            ctx = [batch.context_lens[i] for i in dec_idx]
-            by_slot = sorted(range(len(dec_idx)), key=lambda j: slots[dec_idx[j]])
-            rows_by_slot = [cu[dec_idx[j]] for j in by_slot]
-            decode = DecodePlan(
-                rows=torch.tensor([cu[i] for i in dec_idx], device=dev),
-                block_tables=batch.block_tables.index_select(0, idx),
-                context_lens=torch.tensor(ctx, device=dev),
-                max_context=max(ctx),
-                checkpoints=[(slots[i], dest) for i in dec_idx for _, dest in cps.get(i, [])],
-                rows_by_slot=torch.tensor(rows_by_slot, device=dev),
-                fresh_by_slot=torch.tensor([fresh[j] for j in by_slot], device=dev)
-                if any(fresh)
-                else None,
-                slot_runs=consecutive_runs([slots[dec_idx[j]] for j in by_slot]),
-                all_rows_in_slot_order=rows_by_slot == list(range(num_tokens)),
+        copies: list[tuple[int, int]] = []
+        if dec:
+            copies = [(slots[i], dest) for i in dec for _, dest in cps.get(i, [])]
+            rows = [cu[i] for i in dec]
+            dslots = [slots[i] for i in dec]
+            fresh = [slots[i] for i in dec if not has_initial_state[i]]
+            all_rows = rows == list(range(T))
+            decode = DecodeBatch(
+                rows=torch.tensor(rows, dtype=torch.long, device=device),
+                block_tables=table
+                if all_rows
+                else table.index_select(0, torch.tensor(dec, device=device)),
+                context_lens=torch.tensor([ctx[i] for i in dec], dtype=torch.int32, device=device),
+                state_slots=torch.tensor(dslots, dtype=torch.long, device=device),
+                max_context=max(ctx[i] for i in dec),
+                all_rows=all_rows,
+                fresh_slots=torch.tensor(fresh, dtype=torch.long, device=device) if fresh else None,
             )
-        return cls(batch.slot_mapping, batch.block_tables, prefill, decode)
+            if backend.device_type == "cpu":
+                by_slot = sorted(range(len(dec)), key=lambda j: dslots[j])
+                rows_by_slot = [rows[j] for j in by_slot]
+                decode.rows_by_slot = torch.tensor(rows_by_slot, device=device)
+                decode.slot_runs = consecutive_runs([dslots[j] for j in by_slot])
+                decode.all_rows_in_slot_order = rows_by_slot == list(range(T))
+        return cls(
+            positions=dev_tensor(positions, torch.long),
+            slot_mapping=dev_tensor(slot_mapping, torch.long),
+            block_tables=table,
+            logits_indices=dev_tensor(logits_indices, torch.long),
+            prefill=prefill,
+            decode=decode,
+            backend=backend,
+            state_copies=copies,
+        )
+
+
+def _host_ints(x) -> list[int]:
+    return x.tolist() if isinstance(x, torch.Tensor) else [int(v) for v in x]
 
 
 def consecutive_runs(values: list[int]) -> list[tuple[int, int, int]]:

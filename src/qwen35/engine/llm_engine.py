@@ -21,10 +21,10 @@ import torch
 
 from qwen35.chat_format import ChatTemplate, check_text_only, default_thinking_for
 from qwen35.devices import resolve_dtype
-from qwen35.engine.cache_sizing import CachePlan, plan_caches
+from qwen35.engine.cache_sizing import CachePlan, measure_working_memory, plan_caches
 from qwen35.engine.config import EngineConfig
 from qwen35.engine.forward_batch import allocate_caches
-from qwen35.engine.model_runner import ModelRunner, StepResult
+from qwen35.engine.model_runner import GraphSpec, ModelRunner, StepResult
 from qwen35.engine.runtime import configure_cpu_runtime
 from qwen35.engine.scheduler import Scheduler, SchedulerConfig
 from qwen35.engine.sequence import Sequence
@@ -172,19 +172,31 @@ class LLMEngine:
             prefix_cache_memory=cc.prefix_cache_memory,
             weight_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
             num_blocks_override=cc.num_kv_blocks,
+            # GPU: measured peak of one largest prefill chunk, not the formula
+            working_bytes=measure_working_memory(
+                self.model, sc.max_num_batched_tokens, sc.max_num_seqs, cc.block_size
+            )
+            if self.device.type == "cuda"
+            else None,
         )
         self.max_model_len = self.plan.max_model_len
         if verbose:
             log.warning(self.plan.describe())
+        # CUDA graphs: one more block and one more state slot as padding (model_runner.GraphSpec)
+        graphs = self.device.type == "cuda" and not ec.device.enforce_eager
         caches = allocate_caches(
             self.config,
-            num_blocks=self.plan.num_blocks,
+            num_blocks=self.plan.num_blocks + graphs,
             block_size=cc.block_size,
-            num_slots=self.plan.num_state_slots + self.plan.num_checkpoint_slots,
+            num_slots=self.plan.num_state_slots + self.plan.num_checkpoint_slots + graphs,
             dtype=model_dtype,
             device=self.device,
         )
-        self.runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device, seed=ec.seed)
+        spec = GraphSpec(min(sc.max_num_seqs, self.plan.num_state_slots), self.max_model_len)
+        self.runner = ModelRunner(
+            self.model, caches, self.eos_token_ids, self.device,
+            decode_graphs=spec if graphs else None, seed=ec.seed,
+        )  # fmt: skip
         self.structured = StructuredOutputManager(
             self.tokenizer, self.config.vocab_size, self.eos_token_ids
         )

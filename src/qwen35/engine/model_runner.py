@@ -1,20 +1,34 @@
 """Runs one scheduled step: builds the ForwardBatch, runs the model over the paged caches, samples.
 
 The runner holds the cache tensors (the engine allocates them from `cache_spec` with
-`forward_batch.allocate_caches` and hands them over) and the per-sequence random generators; it
-knows nothing of text.
+`forward_batch.allocate_caches` and hands them over), the backend (ops/backend.py, chosen once
+here), the decode CUDA graphs (engine/cuda_graphs.py, on a GPU unless --enforce-eager) and the
+per-sequence random generators; it knows nothing of text.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from qwen35 import kernels
+from qwen35.engine.cuda_graphs import DecodeGraphs
 from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
 from qwen35.engine.sampler import Sampler, SamplingRow, make_generator, sample_isolated
+from qwen35.ops.backend import Backend, select_backend
 from qwen35.request import TokenLogprob
+
+log = logging.getLogger("qwen35")
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Decode CUDA graphs: capture batches up to max_batch. The caches' LAST block and LAST
+    state slot are padding (allocate one more of each; the scheduler never hands them out)."""
+
+    max_batch: int
+    max_model_len: int
 
 
 @dataclass
@@ -31,18 +45,45 @@ class ModelRunner:
         caches: ModelCaches,
         eos_token_ids: tuple[int, ...],
         device: torch.device | str = "cpu",
+        backend: Backend | None = None,
+        decode_graphs: GraphSpec | None = None,
         seed: int | None = None,  # the sampler's shared generator (unseeded requests)
     ):
         self.model = model
         self.caches = caches
         self.device = torch.device(device)
-        if self.device.type == "cpu":
-            kernels.load()  # compile (first run on a machine) now, not in the first decode step
+        # chosen once per engine (compiles the CPU kernel now, not in the first decode step)
+        self.backend = backend or select_backend(self.device, dtype=_dtype_of(model))
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler(seed=seed)
         # fn(logits [S, V], sequences) masking rows in place before sampling (structured outputs)
         self.logits_processor = None
         self._generators: dict[str, torch.Generator | None] = {}
+        self.graphs: DecodeGraphs | None = None
+        if decode_graphs is not None:
+            self.graphs = self._capture(decode_graphs)
+
+    def _capture(self, spec: GraphSpec) -> DecodeGraphs | None:
+        """Decode CUDA graphs where the backend allows them (else None: eager steps)."""
+        be = self.backend
+        moe = getattr(getattr(self.model, "config", None), "is_moe", False)
+        if not be.can_capture or (moe and not be.grouped_mm):
+            log.warning(
+                "decode runs without CUDA graphs: backend %s cannot capture a step "
+                "(needs Triton attention%s)", be.name, " and torch._grouped_mm" if moe else ""
+            )  # fmt: skip
+            return None
+        c = self.caches
+        graphs = DecodeGraphs(
+            self.model, c, be, spec.max_batch, -(-spec.max_model_len // c.block_size),
+            pad_block=c.num_blocks - 1, pad_slot=c.num_slots - 1,
+        )  # fmt: skip
+        try:
+            graphs.capture()
+        except Exception as e:  # a kernel that syncs or allocates on the host: run eagerly
+            log.warning("CUDA graph capture failed (%s); decode runs eagerly", str(e)[:300])
+            return None
+        return graphs
 
     # ---- per-sequence sampling state ------------------------------------------------------
     def add_sequence(self, seq_id: str, seed: int | None) -> None:
@@ -59,6 +100,8 @@ class ModelRunner:
             rec[dst_slot].copy_(rec[src_slot])
 
     def build_batch(self, scheduled) -> tuple[torch.Tensor, ForwardBatch, list]:
+        """The step's host lists -> input ids [T] and the ForwardBatch (all index tensors built
+        here, so the model reads nothing back from the device)."""
         bs = self.caches.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -87,24 +130,20 @@ class ModelRunner:
                 logits_rows.append(cu[-1] - 1)
                 sample_seqs.append(seq)
             checkpoints.extend((i, off, dest) for off, dest in s.checkpoints)
-        width = max((len(t) for t in tables), default=1) or 1
-        table = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            if t:
-                table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        dev = self.device
-        batch = ForwardBatch(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+        batch = ForwardBatch.build(
+            positions=positions,
             cu_seqlens=cu,
             context_lens=context_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=table.to(dev),
-            state_slots=torch.tensor(state_slots, dtype=torch.long, device=dev),
+            slot_mapping=slots,
+            block_tables=tables,
+            state_slots=state_slots,
             has_initial_state=has_init,
-            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            logits_indices=logits_rows,
             state_checkpoints=checkpoints,
+            device=self.device,
+            backend=self.backend,
         )
-        return torch.tensor(ids, dtype=torch.long, device=dev), batch, sample_seqs
+        return torch.tensor(ids, dtype=torch.long, device=self.device), batch, sample_seqs
 
     @torch.inference_mode()
     def execute(self, scheduled) -> StepResult:
@@ -114,7 +153,12 @@ class ModelRunner:
         if not scheduled:
             return StepResult({}, {})
         input_ids, batch, sample_seqs = self.build_batch(scheduled)
-        logits = self.model(input_ids, batch, self.caches)  # [S, V] fp32
+        if self.graphs is not None and self.graphs.can_run(batch):
+            logits = self.graphs.run(input_ids, batch)  # [S, V] fp32
+            if batch.state_copies:
+                self.caches.copy_states(batch.state_copies)
+        else:
+            logits = self.model(input_ids, batch, self.caches)  # [S, V] fp32
         if not sample_seqs:
             return StepResult({}, {})
         rows = [
@@ -146,3 +190,8 @@ class ModelRunner:
             if lp is not None
         }
         return StepResult(sampled, lps, errors)
+
+
+def _dtype_of(model: torch.nn.Module) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None else torch.get_default_dtype()

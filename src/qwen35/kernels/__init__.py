@@ -8,7 +8,7 @@ so only the first process on a machine pays it (README: Model implementation).
 
 - `deltanet_decode(qkv, conv_state, conv_w, g, beta, state, num_key_heads)`: a DeltaNet
   layer's decode step after its projections, two passes over each head's state instead of five
-  (layers/deltanet.py; its PyTorch twin is GatedDeltaNet._decode_torch).
+  (ops/deltanet.py; its PyTorch twin is the slot-run path there, reference backend).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ q_proj emits [q | gate] per head (rows h*2hd .. h*2hd+hd are q of head h, the ne
 q_norm / k_norm are zero-centred RMSNorms over head_dim applied before partial RoPE; the output
 is multiplied by sigmoid(gate) before o_proj. New K/V go into the paged cache at slot_mapping;
 prefill sequences attend over their context (the fresh K/V directly when nothing is cached),
-single-token sequences attend together through their block tables.
+single-token sequences attend together through their block tables (ops/attention.py
+dispatches to the Triton kernels on a GPU).
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ import torch
 from torch import nn
 
 from qwen35.config import ModelConfig
-from qwen35.engine.forward_batch import StepPlan
+from qwen35.engine.forward_batch import ForwardBatch
 from qwen35.layers.linear import Linear, pack_linears, packed_linear
 from qwen35.layers.norms import RMSNorm
 from qwen35.layers.rotary import apply_rotary
-from qwen35.ops.attention import decode_attention, gather_kv, prefill_attention, write_kv
+from qwen35.ops.attention import (
+    cached_prefill_attention,
+    paged_decode_attention,
+    prefill_attention,
+    write_kv,
+)
 
 
 class GatedAttention(nn.Module):
@@ -43,7 +49,7 @@ class GatedAttention(nn.Module):
         x: torch.Tensor,  # [T, H] normed hidden states
         cos: torch.Tensor,  # [T, rotary_dim] in the model dtype
         sin: torch.Tensor,
-        plan: StepPlan,
+        batch: ForwardBatch,
         key_cache: torch.Tensor,  # [num_blocks, block_size, nkv, hd]
         value_cache: torch.Tensor,
     ) -> torch.Tensor:
@@ -52,32 +58,30 @@ class GatedAttention(nn.Module):
         qg, k, v = packed_linear(x, self.packed_qkv, self.q_proj, self.k_proj, self.v_proj)
         qg = qg.unflatten(-1, (nh, 2 * hd))  # [T, nh, 2 hd]
         gate = qg[..., hd:].reshape(T, nh * hd)
-        q = apply_rotary(self.q_norm(qg[..., :hd]), cos, sin)  # [T, nh, hd]
-        k = apply_rotary(self.k_norm(k.unflatten(-1, (nkv, hd))), cos, sin)  # [T, nkv, hd]
+        be = batch.backend
+        q = apply_rotary(self.q_norm(qg[..., :hd], be), cos, sin)  # [T, nh, hd]
+        k = apply_rotary(self.k_norm(k.unflatten(-1, (nkv, hd)), be), cos, sin)  # [T, nkv, hd]
         v = v.unflatten(-1, (nkv, hd))
-        write_kv(key_cache, value_cache, k, v, plan.slot_mapping)
+        write_kv(key_cache, value_cache, k, v, batch.slot_mapping)
 
+        d = batch.decode
+        if d is not None and d.all_rows:  # a pure decode step: the output gate in the kernel
+            gate = gate.view(T, nh, hd)
+            o = paged_decode_attention(be, q, key_cache, value_cache, d, self.scale, gate)
+            return self.o_proj(o.view(T, nh * hd))
         o = q.new_empty(T, nh, hd)
-        for sp in plan.prefill:
+        for sp in batch.prefill:
             r = sp.rows
             if sp.start_pos == 0:  # the context is exactly the new tokens
-                kk, vv = k[r], v[r]
+                o[r] = prefill_attention(q[r], k[r], v[r], self.scale)
             else:
-                row = plan.block_tables[sp.index]
-                kk = gather_kv(key_cache, row, sp.context_len).to(q.dtype)  # [ctx, nkv, hd]
-                vv = gather_kv(value_cache, row, sp.context_len).to(q.dtype)
-            o[r] = prefill_attention(q[r], kk, vv, self.scale)
-        d = plan.decode
+                row = batch.block_tables[sp.index]
+                o[r] = cached_prefill_attention(
+                    be, q[r], key_cache, value_cache, row, sp.start_pos, self.scale
+                )
         if d is not None:
-            od = decode_attention(
-                q.index_select(0, d.rows),
-                key_cache,
-                value_cache,
-                d.block_tables,
-                d.context_lens,
-                d.max_context,
-                self.scale,
-            )  # [N, nh, hd]
+            qd = q.index_select(0, d.rows)
+            od = paged_decode_attention(be, qd, key_cache, value_cache, d, self.scale)
             o.index_copy_(0, d.rows, od.to(o.dtype))
         o = o.view(T, nh * hd).mul_(gate.sigmoid_())  # gate is a fresh copy (reshape)
         return self.o_proj(o)

@@ -1,8 +1,9 @@
 """Sparse MoE block of Qwen 3.5 (architecture doc section 1.4), computed grouped by expert.
 
 Router: logits in the model dtype, softmax in fp32, top-k, always renormalised, weights cast to
-the model dtype. Routed experts: the (token, choice) pairs are sorted by expert, each active
-expert runs one gate_up and one down matmul on its contiguous group, and the weighted results
+the model dtype. Routed experts (ops/moe.py): the (token, choice) pairs are sorted by expert,
+then either each active expert runs one gate_up and one down matmul on its contiguous group
+(reference) or two grouped GEMMs cover all experts (backend.grouped_mm); the weighted results
 are scattered back with one index_add_. A shared SwiGLU expert is added, scaled by
 sigmoid(shared_expert_gate(x)).
 
@@ -15,11 +16,12 @@ Parameter names and shapes are transformers' (fused expert tensors, no `.weight`
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwen35.layers.linear import Linear, empty_param
 from qwen35.layers.mlp import MLP
+from qwen35.ops.backend import Backend
+from qwen35.ops.moe import grouped_experts_reference, routed_experts
 
 
 class Experts(nn.Module):
@@ -36,25 +38,11 @@ class Experts(nn.Module):
         x: torch.Tensor,  # [T, H]
         top_idx: torch.Tensor,  # [T, k] expert ids
         top_w: torch.Tensor,  # [T, k] routing weights in x.dtype
+        backend: Backend | None = None,
     ) -> torch.Tensor:
-        T, k = top_idx.shape
-        flat = top_idx.reshape(-1)  # [T*k]
-        order = torch.argsort(flat, stable=True)  # (token, choice) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        token_of = order // k  # [T*k] source token of each sorted pair
-        xs = x.index_select(0, token_of)  # [T*k, H]
-        ys = torch.empty_like(xs)  # [T*k, H]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            seg = xs[start : start + n]  # [n, H]
-            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
-            ys[start : start + n] = F.linear(F.silu(gate) * up, self.down_proj[e])  # [n, H]
-            start += n
-        ys.mul_(top_w.reshape(-1, 1).index_select(0, order))  # weight each pair
-        out = torch.zeros_like(x)
-        return out.index_add_(0, token_of, ys)  # [T, H]
+        if backend is None:
+            return grouped_experts_reference(x, self.gate_up_proj, self.down_proj, top_idx, top_w)
+        return routed_experts(backend, x, self.gate_up_proj, self.down_proj, top_idx, top_w)
 
 
 class SparseMoE(nn.Module):
@@ -82,8 +70,9 @@ class SparseMoE(nn.Module):
         top_w = top_w / top_w.sum(-1, keepdim=True)
         return top_w.to(x.dtype), top_idx
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+    def forward(self, x: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
+        """[T, H] -> [T, H]; backend None: the reference expert loop."""
         top_w, top_idx = self.route(x)
-        routed = self.experts(x, top_idx, top_w)
+        routed = self.experts(x, top_idx, top_w, backend)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return routed + shared

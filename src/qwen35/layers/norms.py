@@ -4,6 +4,8 @@
   Used for the residual-stream norms and the attention q_norm / k_norm.
 - `GatedRMSNorm`: the DeltaNet output norm, plain weight (not 1 + w), gated by silu(z):
   the normalised value is cast to the model dtype before `* w`, then promoted with the gate.
+Given a backend with `triton_norms` (GPU), each is one Triton kernel (kernels/triton_norms.py);
+these PyTorch functions are its reference.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.layers.linear import empty_param
+from qwen35.ops.backend import Backend
 
 
 def _inv_rms(x32: torch.Tensor, eps: float) -> torch.Tensor:
@@ -39,13 +42,21 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     return gate.mul_(y).to(dtype)
 
 
+def _triton(backend: Backend | None, x: torch.Tensor) -> bool:
+    return backend is not None and backend.triton_norms and x.is_cuda and x.shape[-1] <= 8192
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, dtype=None, device=None):
         super().__init__()
         self.eps = eps
         self.weight = empty_param(dim, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
+        if _triton(backend, x):
+            from qwen35.kernels import triton_norms
+
+            return triton_norms.rms_norm_zc(x, self.weight, self.eps)
         return rms_norm_zc(x, self.weight, self.eps)
 
 
@@ -55,5 +66,9 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
         self.weight = empty_param(dim, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, z: torch.Tensor, backend: Backend | None = None):
+        if _triton(backend, x):
+            from qwen35.kernels import triton_norms
+
+            return triton_norms.gated_rms_norm(x, z, self.weight, self.eps)
         return gated_rms_norm(x, z, self.weight, self.eps)

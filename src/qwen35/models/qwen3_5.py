@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.config import ModelConfig
-from qwen35.engine.forward_batch import ForwardBatch, ModelCaches, StepPlan, allocate_caches
+from qwen35.engine.forward_batch import ForwardBatch, ModelCaches, allocate_caches
 from qwen35.layers.deltanet import GatedDeltaNet
 from qwen35.layers.full_attention import GatedAttention
 from qwen35.layers.linear import Linear, empty_param
@@ -31,6 +31,7 @@ from qwen35.layers.mlp import MLP
 from qwen35.layers.moe import SparseMoE
 from qwen35.layers.norms import RMSNorm
 from qwen35.layers.rotary import RotaryEmbedding
+from qwen35.ops.backend import Backend
 
 
 class Embedding(nn.Module):
@@ -52,6 +53,7 @@ class DecoderLayer(nn.Module):
             self.linear_attn = GatedDeltaNet(cfg, dtype, device)
         else:
             self.self_attn = GatedAttention(cfg, dtype, device)
+        self.is_moe = cfg.is_moe
         if cfg.is_moe:
             self.mlp = SparseMoE(
                 H,
@@ -67,16 +69,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps, dtype, device)
 
-    def forward(self, h, cos, sin, plan: StepPlan, caches: ModelCaches) -> torch.Tensor:
+    def forward(self, h, cos, sin, batch: ForwardBatch, caches: ModelCaches) -> torch.Tensor:
         """h: [T, H] residual stream, updated in place (the caller owns it) and returned."""
-        x = self.input_layernorm(h)  # [T, H]
+        be = batch.backend
+        x = self.input_layernorm(h, be)  # [T, H]
         i = self.cache_index
         if self.layer_type == "linear_attention":
-            x = self.linear_attn(x, plan, caches.conv[i], caches.recurrent[i])
+            x = self.linear_attn(x, batch, caches.conv[i], caches.recurrent[i])
         else:
-            x = self.self_attn(x, cos, sin, plan, caches.key[i], caches.value[i])
+            x = self.self_attn(x, cos, sin, batch, caches.key[i], caches.value[i])
         h.add_(x)
-        return h.add_(self.mlp(self.post_attention_layernorm(h)))
+        x = self.post_attention_layernorm(h, be)
+        return h.add_(self.mlp(x, be) if self.is_moe else self.mlp(x))
 
 
 class Qwen35TextModel(nn.Module):
@@ -148,32 +152,40 @@ class Qwen35ForCausalLM(nn.Module):
             raise ValueError(
                 f"input_ids must be flat [T] with a ForwardBatch, got {input_ids.shape}"
             )
-        plan = StepPlan.build(batch, input_ids.shape[0])
+        if input_ids.shape[0] != batch.num_tokens:
+            raise ValueError(
+                f"{input_ids.shape[0]} input ids for a ForwardBatch of {batch.num_tokens} tokens"
+            )
         h = self.model.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)  # [T, rotary_dim]
         for layer in self.model.layers:
-            h = layer(h, cos, sin, plan, caches)
+            h = layer(h, cos, sin, batch, caches)
+        if batch.state_copies:
+            caches.copy_states(batch.state_copies)
         return h
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
         """Pre-norm hidden rows [S, H] -> logits [S, V] float32."""
-        return self.lm_head(self.model.norm(hidden)).float()
+        return self.lm_head(self.model.norm(hidden, backend)).float()
 
     def forward(
         self,
         input_ids: torch.Tensor,
         batch: ForwardBatch | None = None,
         caches: ModelCaches | None = None,
+        *,
+        backend: Backend | None = None,
     ) -> torch.Tensor:
+        """`backend` applies to uncached calls (a ForwardBatch carries its own)."""
         if batch is None:
-            return self._forward_uncached(input_ids)
+            return self._forward_uncached(input_ids, backend)
         if caches is None:
             raise ValueError("a ForwardBatch needs ModelCaches (see allocate_caches)")
         h = self.forward_hidden(input_ids, batch, caches)
         with torch.no_grad():
-            return self.compute_logits(h.index_select(0, batch.logits_indices))
+            return self.compute_logits(h.index_select(0, batch.logits_indices), batch.backend)
 
-    def _forward_uncached(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _forward_uncached(self, input_ids: torch.Tensor, backend: Backend | None) -> torch.Tensor:
         """[B, T] -> [B, T, V]: every sequence from position 0 with temporary caches."""
         if input_ids.dim() != 2:
             raise ValueError(
@@ -182,20 +194,21 @@ class Qwen35ForCausalLM(nn.Module):
         B, T = input_ids.shape
         dev = input_ids.device
         caches = allocate_caches(self.config, B, T, B, self.dtype, dev)  # one block per sequence
-        batch = uncached_batch(B, T, dev)
+        batch = uncached_batch(B, T, dev, backend=backend)
         return self.forward(input_ids.reshape(-1), batch, caches).view(B, T, -1)
 
 
-def uncached_batch(B: int, T: int, device) -> ForwardBatch:
+def uncached_batch(B: int, T: int, device, backend: Backend | None = None) -> ForwardBatch:
     """B fresh sequences of T tokens, sequence i in block i (block_size T) and state slot i."""
-    ar = torch.arange(T, device=device)
-    return ForwardBatch(
-        positions=ar.repeat(B),
+    return ForwardBatch.build(
+        positions=list(range(T)) * B,
         cu_seqlens=[i * T for i in range(B + 1)],
         context_lens=[T] * B,
-        slot_mapping=torch.arange(B * T, device=device),
-        block_tables=torch.arange(B, device=device, dtype=torch.int32)[:, None],
-        state_slots=torch.arange(B, device=device),
+        slot_mapping=range(B * T),
+        block_tables=[[i] for i in range(B)],
+        state_slots=range(B),
         has_initial_state=[False] * B,
-        logits_indices=torch.arange(B * T, device=device),
+        logits_indices=range(B * T),
+        device=device,
+        backend=backend,
     )

@@ -1,4 +1,10 @@
-"""Paged causal attention over a block cache (portable PyTorch: SDPA on gathered K/V).
+"""Paged causal attention over a block cache: the portable PyTorch path (SDPA on gathered K/V)
+and the dispatch to the Triton kernels (kernels/triton_attention.py) that read K/V in place.
+
+Dispatch (backend chosen once, ops/backend.py):
+- `paged_decode_attention(backend, q, k_cache, v_cache, decode, scale, gate)`: all decode rows;
+- `cached_prefill_attention(backend, q, k_cache, v_cache, block_row, start_pos, scale)`: one
+  prefill chunk continuing a cached prefix.
 
 Cache layout (forward_batch.py): K and V of one layer are [num_blocks, block_size, nkv, hd];
 token t lives at flat slot `block * block_size + offset`. A sequence's blocks are listed in its
@@ -11,6 +17,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from qwen35.ops.backend import Backend
 
 
 def naive_attention(
@@ -112,3 +120,48 @@ def decode_attention(
         mask = (pos[None, :] < context_lens[:, None])[:, None, None, :]  # [N, 1, 1, L]
         o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)
     return o.reshape(N, nh, hd)
+
+
+def _triton_ok(be: Backend, q: torch.Tensor) -> bool:
+    hd = q.shape[-1]
+    return be.triton_attention and q.is_cuda and hd >= 16 and hd & (hd - 1) == 0
+
+
+def paged_decode_attention(
+    be: Backend,
+    q: torch.Tensor,  # [N, nh, hd]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, nkv, hd]
+    value_cache: torch.Tensor,
+    d,  # DecodeBatch: block_tables [N, W], context_lens [N], max_context
+    scale: float,
+    gate: torch.Tensor | None = None,  # [N, nh, hd]: returns o * sigmoid(gate) when given
+) -> torch.Tensor:
+    """[N, nh, hd] in q's dtype."""
+    if _triton_ok(be, q):
+        from qwen35.kernels.triton_attention import paged_decode_attention as kernel
+
+        return kernel(q, key_cache, value_cache, d.block_tables, d.context_lens, scale, gate)
+    o = decode_attention(
+        q, key_cache, value_cache, d.block_tables, d.context_lens, d.max_context, scale
+    ).to(q.dtype)
+    return o if gate is None else o.mul_(torch.sigmoid(gate))
+
+
+def cached_prefill_attention(
+    be: Backend,
+    q: torch.Tensor,  # [Tq, nh, hd] at positions start_pos ..
+    key_cache: torch.Tensor,  # the chunk's K/V already written
+    value_cache: torch.Tensor,
+    block_row: torch.Tensor,  # [max_blocks] this sequence's block table row
+    start_pos: int,
+    scale: float,
+) -> torch.Tensor:
+    """[Tq, nh, hd]: a prefill chunk over its cached prefix and itself."""
+    if _triton_ok(be, q):
+        from qwen35.kernels.triton_attention import paged_prefill_attention as kernel
+
+        return kernel(q, key_cache, value_cache, block_row, start_pos, scale)
+    ctx = start_pos + q.shape[0]
+    kk = gather_kv(key_cache, block_row, ctx).to(q.dtype)  # [ctx, nkv, hd]
+    vv = gather_kv(value_cache, block_row, ctx).to(q.dtype)
+    return prefill_attention(q, kk, vv, scale)

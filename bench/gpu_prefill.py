@@ -1,0 +1,73 @@
+"""Prefill tokens/s of one fresh sequence straight through the model, fast backend vs the plain
+PyTorch reference backend, interleaved (GPU; also runs on a CPU at small sizes).
+
+    python bench/gpu_prefill.py --model Qwen3.5-9B --device cuda --tokens 4096 32768
+
+Random weights (catalog name). One ForwardBatch of T tokens from position 0 (no chunking, so
+it measures the kernels: fla's chunked gated delta rule vs ours, SDPA attention, the GEMMs), the
+median of --reps runs after a warm-up. Prints a table; --out writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from qwen35.benchmarks.common import BenchOptions, load_bench_model, sync
+from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
+from qwen35.ops.backend import reference_backend, select_backend
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="Qwen3.5-0.8B")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 32768])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    bm = load_bench_model(BenchOptions(model=args.model, dtype=args.dtype, device=args.device))
+    model, dev = bm.model, bm.device
+    backends = {"fast": select_backend(dev, dtype=bm.dtype), "reference": reference_backend(dev)}
+    rows = []
+    for T in args.tokens:
+        nb = -(-T // 16)
+        caches = allocate_caches(bm.config, nb, 16, 1, bm.dtype, dev)
+        ids = torch.randint(0, bm.config.vocab_size, (T,), device=dev)
+        times = {k: [] for k in backends}
+        for rep in range(args.reps + 1):
+            for name, be in backends.items():
+                batch = ForwardBatch.build(
+                    positions=range(T), cu_seqlens=[0, T], context_lens=[T],
+                    slot_mapping=range(T), block_tables=[list(range(nb))], state_slots=[0],
+                    has_initial_state=[False], logits_indices=[T - 1], device=dev, backend=be,
+                )  # fmt: skip
+                sync(dev)
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    model(ids, batch, caches)
+                sync(dev)
+                if rep:
+                    times[name].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"tokens": T, **{f"{k}_tok_s": T / v for k, v in med.items()},
+                     "speedup": med["reference"] / med["fast"]})  # fmt: skip
+        del caches
+    print(f"prefill, {args.model} ({bm.dtype}, {dev}), fast = {backends['fast'].name}")
+    print(f"{'tokens':>7} {'fast tok/s':>11} {'reference tok/s':>16} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['tokens']:>7} {r['fast_tok_s']:>11.0f} {r['reference_tok_s']:>16.0f} "
+              f"{r['speedup']:>7.2f}x")  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"model": args.model, "backend": backends["fast"].name, "rows": rows}, f,
+                      indent=2)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Where a GPU decode step's time goes: CUDA kernels per token and the GPU-busy fraction.
+
+`profile_decode(engine, prompt, steps)` runs `steps` decode steps of one request under
+torch.profiler (CPU + CUDA activities) and counts the CUDA kernels it records (kernels launched
+by a CUDA graph replay are recorded too) and their summed device time. busy = kernel time /
+wall time of the steps: a launch-bound step (Python and launch overhead) shows many kernels and
+a low fraction; a replayed graph of memory-bound kernels approaches 1.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from qwen35.request import SamplingParams
+
+
+def profile_decode(engine, prompt: list[int], steps: int = 8, rid: str = "profile") -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    sp = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    engine.add_request(rid, prompt, sp)
+    for _ in range(3):  # prefill + warm decode steps
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    while engine.has_unfinished_requests():
+        engine.step()
+    kernels, busy_us = 0, 0.0
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+            busy_us += evt.time_range.elapsed_us()
+    return {
+        "steps": steps,
+        "kernels_per_token": kernels / steps,
+        "gpu_busy_ms_per_token": busy_us / 1e3 / steps,
+        "wall_ms_per_token": wall * 1e3 / steps,
+        "gpu_busy_fraction": (busy_us / 1e6) / wall if wall else None,
+        "cuda_graphs": engine.runner.graphs is not None,
+        "backend": engine.runner.backend.name,
+    }

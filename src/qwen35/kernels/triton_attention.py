@@ -1,0 +1,204 @@
+"""Paged causal attention in Triton: no gather of the context, K/V read in place from the block
+cache (layout in engine/forward_batch.py: [num_blocks, block_size, nkv, hd]).
+
+- `paged_decode_attention`: one query token per sequence. One program per (sequence, KV head)
+  serves that head's `nh / nkv` query heads together (GQA: each K/V tile is read once), with an
+  online softmax over tiles of BLOCK_T tokens; a token's block comes from the block table, so any
+  block size works. Reads only device tensors (context lengths, block tables): capturable in a
+  CUDA graph. Optionally multiplies the output by sigmoid(gate) (the attention output gate).
+- `paged_prefill_attention`: the queries of one prefill chunk that continues a cached prefix
+  (positions start_pos .. start_pos+Tq-1) over the whole cached context, causal.
+
+Both compute in fp32 (scores, softmax, accumulator); P is cast to the cache dtype for the P.V
+product as FlashAttention does. fp32 inputs use IEEE fp32 dots (no TF32) so fp32 runs stay
+comparable token for token with the PyTorch reference (ops/attention.py), which stays beside
+them. Also runs under TRITON_INTERPRET=1 on a CPU (tests/test_triton_interpret.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_T = 32  # key tokens per tile
+# Triton's CPU interpreter computes bf16 dots wrongly (a 16x32 bf16 product came out ~1e10 off
+# with triton 3.9); under it the kernels upcast K, V and Q to fp32 before their dots, so an
+# interpreted bf16 run checks indexing, masking and the softmax, not the bf16 dot itself.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, O, G, block_tables, context_lens, scale,
+    stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_bt, stride_on, stride_oh, stride_gn, stride_gh,
+    BS: tl.constexpr, REP: tl.constexpr, BLOCK_R: tl.constexpr, HD: tl.constexpr,
+    BLOCK_T: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0)
+    kvh = tl.program_id(1)
+    r = tl.arange(0, BLOCK_R)
+    d = tl.arange(0, HD)
+    t = tl.arange(0, BLOCK_T)
+    rmask = r < REP
+    heads = kvh * REP + r
+    q = tl.load(Q + n * stride_qn + heads[:, None] * stride_qh + d[None, :],
+                mask=rmask[:, None], other=0.0)  # fmt: skip
+    if UPCAST:
+        q = q.to(tl.float32)
+    ctx = tl.load(context_lens + n)
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, HD], tl.float32)
+    for t0 in range(0, ctx, BLOCK_T):
+        pos = t0 + t
+        tmask = pos < ctx
+        blk = tl.load(block_tables + n * stride_bt + pos // BS, mask=tmask, other=0).to(tl.int64)
+        off = pos % BS
+        k = tl.load(K + blk[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh
+                    + d[None, :], mask=tmask[:, None], other=0.0)  # fmt: skip
+        if UPCAST:
+            k = k.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(tmask[None, :], s * scale, float("-inf"))  # [R, T]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + blk[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh
+                    + d[None, :], mask=tmask[:, None], other=0.0)  # fmt: skip
+        if UPCAST:
+            v = v.to(tl.float32)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    out = acc / l_i[:, None]
+    if HAS_GATE:
+        gate = tl.load(G + n * stride_gn + heads[:, None] * stride_gh + d[None, :],
+                       mask=rmask[:, None], other=0.0).to(tl.float32)  # fmt: skip
+        out = out.to(O.dtype.element_ty).to(tl.float32) * tl.sigmoid(gate)
+    tl.store(O + n * stride_on + heads[:, None] * stride_oh + d[None, :],
+             out.to(O.dtype.element_ty), mask=rmask[:, None])  # fmt: skip
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [N, nh, hd]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, nkv, hd]
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [N, max_blocks] int32
+    context_lens: torch.Tensor,  # [N] int, tokens to attend (the new one included)
+    scale: float,
+    gate: torch.Tensor | None = None,  # [N, nh, hd]: out * sigmoid(gate) in q's dtype
+) -> torch.Tensor:
+    """Returns [N, nh, hd] in q's dtype."""
+    N, nh, hd = q.shape
+    bs, nkv = key_cache.shape[1], key_cache.shape[2]
+    rep = nh // nkv
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    o = torch.empty(N, nh, hd, dtype=q.dtype, device=q.device)
+    g = gate if gate is not None else o
+    _decode_kernel[(N, nkv)](
+        q, key_cache, value_cache, o, g, block_tables, context_lens, scale,
+        q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_tables.stride(0), o.stride(0), o.stride(1), g.stride(0), g.stride(1),
+        BS=bs, REP=rep, BLOCK_R=max(16, triton.next_power_of_2(rep)), HD=hd, BLOCK_T=BLOCK_T,
+        HAS_GATE=gate is not None, IEEE=q.dtype == torch.float32 or INTERPRET,
+        UPCAST=INTERPRET,
+    )  # fmt: skip
+    return o
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, O, block_table, start_pos, Tq, scale,
+    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_ot, stride_oh,
+    BS: tl.constexpr, REP: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    mt = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // REP
+    i = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HD)
+    t = tl.arange(0, BLOCK_T)
+    imask = i < Tq
+    qpos = start_pos + i  # absolute positions of the queries
+    q = tl.load(Q + i[:, None] * stride_qt + h * stride_qh + d[None, :], mask=imask[:, None],
+                other=0.0)  # fmt: skip
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HD], tl.float32)
+    end = tl.minimum(start_pos + (mt + 1) * BLOCK_M, start_pos + Tq)  # keys this tile sees
+    for t0 in range(0, end, BLOCK_T):
+        pos = t0 + t
+        tmask = pos < end
+        blk = tl.load(block_table + pos // BS, mask=tmask, other=0).to(tl.int64)
+        off = pos % BS
+        k = tl.load(K + blk[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh
+                    + d[None, :], mask=tmask[:, None], other=0.0)  # fmt: skip
+        if UPCAST:
+            k = k.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        ok = tmask[None, :] & (pos[None, :] <= qpos[:, None])
+        s = tl.where(ok, s * scale, float("-inf"))  # [M, T]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past Tq see nothing
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + blk[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh
+                    + d[None, :], mask=tmask[:, None], other=0.0)  # fmt: skip
+        if UPCAST:
+            v = v.to(tl.float32)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    tl.store(O + i[:, None] * stride_ot + h * stride_oh + d[None, :],
+             out.to(O.dtype.element_ty), mask=imask[:, None])  # fmt: skip
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [Tq, nh, hd] queries at positions start_pos .. start_pos + Tq - 1
+    key_cache: torch.Tensor,  # [num_blocks, block_size, nkv, hd], the new K/V already written
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,  # [max_blocks] int32, this sequence's row
+    start_pos: int,
+    scale: float,
+) -> torch.Tensor:
+    """Returns [Tq, nh, hd] in q's dtype."""
+    Tq, nh, hd = q.shape
+    bs, nkv = key_cache.shape[1], key_cache.shape[2]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    o = torch.empty(Tq, nh, hd, dtype=q.dtype, device=q.device)
+    block_m = 16 if Tq <= 16 else 32
+    _prefill_kernel[(triton.cdiv(Tq, block_m), nh)](
+        q, key_cache, value_cache, o, block_table, start_pos, Tq, scale,
+        q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        o.stride(0), o.stride(1),
+        BS=bs, REP=nh // nkv, HD=hd, BLOCK_M=block_m, BLOCK_T=BLOCK_T,
+        IEEE=q.dtype == torch.float32 or INTERPRET, UPCAST=INTERPRET,
+    )  # fmt: skip
+    return o

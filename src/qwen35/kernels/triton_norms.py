@@ -1,0 +1,62 @@
+"""Qwen 3.5's two RMSNorms as one Triton kernel each (GPU): one read of x (and z), one write.
+
+The PyTorch formulations (layers/norms.py) take 6-9 kernels per norm; a decode step has ~4 norms
+per layer, so inside a CUDA graph they are a large share of the launches. Numerics follow the
+references exactly: statistics in fp32, the zero-centred norm cast once, the gated norm rounds
+`norm(x)` and `w * norm(x)` to the model dtype before the fp32 gate, as transformers does.
+One program per row; rows are the flattened leading dims, D <= 8192.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_zc_kernel(X, W, Y, D, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK)
+    m = d < D
+    x = tl.load(X + row * D + d, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(W + d, mask=m, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
+    tl.store(Y + row * D + d, (x * rstd * (1.0 + w)).to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gated_rms_kernel(X, Z, W, Y, D, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK)
+    m = d < D
+    x = tl.load(X + row * D + d, mask=m, other=0.0).to(tl.float32)
+    z = tl.load(Z + row * D + d, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(W + d, mask=m, other=0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
+    n = (x * rstd).to(w.dtype)  # the normalised value in the model dtype
+    y = (n.to(tl.float32) * w.to(tl.float32)).to(w.dtype)  # w * n in the model dtype
+    out = y.to(tl.float32) * (z / (1.0 + tl.exp(-z)))  # * silu(z) in fp32
+    tl.store(Y + row * D + d, out.to(Y.dtype.element_ty), mask=m)
+
+
+def rms_norm_zc(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] (any strides on the leading dims are copied to contiguous) -> same shape."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D).contiguous()
+    y = torch.empty_like(x2)
+    if x2.shape[0]:
+        _rms_zc_kernel[(x2.shape[0],)](x2, weight, y, D, eps, BLOCK=triton.next_power_of_2(D))
+    return y.view(x.shape)
+
+
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float):
+    """x, z [..., D]; weight [D] in the model dtype -> weight * norm(x) * silu(z), x's dtype."""
+    D = x.shape[-1]
+    x2, z2 = x.reshape(-1, D).contiguous(), z.reshape(-1, D).contiguous()
+    y = torch.empty_like(x2)
+    if x2.shape[0]:
+        _gated_rms_kernel[(x2.shape[0],)](
+            x2, z2, weight, y, D, eps, BLOCK=triton.next_power_of_2(D)
+        )
+    return y.view(x.shape)

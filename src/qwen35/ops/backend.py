@@ -1,0 +1,148 @@
+"""The backend seam: which implementation of each op an engine uses, chosen once.
+
+`select_backend(device)` looks at the device and at what is importable and working (the
+compiled CPU kernel, fla-core's Triton kernels, Triton itself, `torch._grouped_mm`) and returns
+a frozen `Backend`. The runner picks it once per engine and hands it to the model with every
+`ForwardBatch`; each op in `ops/` has one dispatch function that reads it (no `is_cpu` checks in
+the layers). Tests pick a backend instead of monkeypatching:
+
+    select_backend("cpu")                  # the compiled CPU kernel where it builds
+    select_backend("cpu", kernels=False)   # plain PyTorch everywhere: the reference
+    select_backend("cuda")                 # fla + Triton paged attention where installed
+
+The plain PyTorch path runs on every device; each fast op is tested against it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger("qwen35")
+
+
+@dataclass(frozen=True)
+class Backend:
+    device_type: str  # "cpu" or "cuda"
+    cpu_kernels: Any = None  # the compiled CPU module (kernels/) when it loaded, or None
+    fla: Any = None  # fla-core's ops (namespace with chunk / fused_recurrent), or None
+    triton_attention: bool = False  # our Triton paged attention (kernels/triton_attention.py)
+    triton_norms: bool = False  # the two RMSNorms as Triton kernels (kernels/triton_norms.py)
+    # DeltaNet decode in Triton, states updated in their slots (kernels/triton_deltanet.py)
+    triton_deltanet: bool = False
+    grouped_mm: bool = False  # torch._grouped_mm works for the model dtype on this device
+
+    @property
+    def name(self) -> str:
+        parts = [self.device_type]
+        if self.cpu_kernels is not None:
+            parts.append("cpu-kernels")
+        if self.fla is not None:
+            parts.append("fla")
+        if self.triton_attention:
+            parts.append("triton-attention")
+        if self.triton_norms:
+            parts.append("triton-norms")
+        if self.triton_deltanet:
+            parts.append("triton-deltanet")
+        if self.grouped_mm:
+            parts.append("grouped-mm")
+        return "+".join(parts)
+
+    @property
+    def can_capture(self) -> bool:
+        """A decode step runs without host syncs (CUDA graphs possible): the paged attention
+        and the MoE routing must then read only device tensors."""
+        return self.device_type == "cuda" and self.triton_attention
+
+
+def select_backend(
+    device: torch.device | str, *, kernels: bool = True, dtype: torch.dtype | None = None
+) -> Backend:
+    """The fastest working backend for `device` (kernels=False: the plain PyTorch reference).
+    `dtype`: the model dtype, for the probes that depend on it (default bf16)."""
+    dev = torch.device(device)
+    return _select(dev.type, kernels, dtype or torch.bfloat16)
+
+
+def reference_backend(device: torch.device | str) -> Backend:
+    return select_backend(device, kernels=False)
+
+
+@functools.cache
+def _select(device_type: str, kernels: bool, dtype: torch.dtype) -> Backend:
+    if not kernels:
+        return Backend(device_type)
+    if device_type == "cpu":
+        from qwen35 import kernels as cpu_kernels
+
+        return Backend(
+            "cpu",
+            cpu_kernels=cpu_kernels.load(),
+            grouped_mm=_grouped_mm_works("cpu", dtype),
+        )
+    if device_type == "cuda":
+        triton_ok = _triton_works()
+        be = Backend(
+            "cuda",
+            # fla's Triton dots run TF32 on fp32 inputs (~1e-3): fp32 models (tests, references)
+            # keep the exact PyTorch DeltaNet path; bf16 / fp16 ones get fla
+            fla=load_fla() if dtype != torch.float32 else None,
+            triton_attention=triton_ok,
+            triton_norms=triton_ok,
+            triton_deltanet=triton_ok,
+            grouped_mm=_grouped_mm_works("cuda", dtype),
+        )
+        log.info("GPU backend: %s", be.name)
+        return be
+    return Backend(device_type)
+
+
+def load_fla():
+    """fla-core's gated delta rule kernels (the `qwen35[gpu]` extra), or None."""
+    try:
+        from fla.ops.gated_delta_rule import (
+            chunk_gated_delta_rule,
+            fused_recurrent_gated_delta_rule,
+        )
+    except Exception as e:  # not installed, or no Triton / GPU to import against
+        log.info("fla-core not available (%s): DeltaNet runs in PyTorch", str(e)[:120])
+        return None
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        chunk=chunk_gated_delta_rule, fused_recurrent=fused_recurrent_gated_delta_rule
+    )
+
+
+def _triton_works() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        from qwen35.kernels import triton_attention, triton_deltanet, triton_norms  # noqa: F401
+    except Exception as e:
+        log.info("Triton not available (%s): paged attention gathers in PyTorch", str(e)[:120])
+        return False
+    return torch.cuda.is_available()
+
+
+def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """One tiny torch._grouped_mm call checked against per-group matmuls (the op is private
+    and its device / dtype coverage differs between torch versions and GPUs)."""
+    fn = getattr(torch, "_grouped_mm", None)
+    if fn is None or (device_type == "cuda" and not torch.cuda.is_available()):
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(5, 16, generator=g).to(device_type, dtype)
+        w = torch.randn(2, 8, 16, generator=g).to(device_type, dtype)  # [E, N, K]
+        offs = torch.tensor([2, 5], dtype=torch.int32, device=device_type)
+        out = fn(a, w.transpose(1, 2), offs=offs)
+        ref = torch.cat([a[:2] @ w[0].T, a[2:] @ w[1].T])
+        return bool(torch.allclose(out.float(), ref.float(), atol=1e-2, rtol=1e-2))
+    except Exception:
+        return False

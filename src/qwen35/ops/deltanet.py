@@ -1,0 +1,223 @@
+"""Gated DeltaNet's token mixing after the projections (causal conv + SiLU, q/k l2norm, the
+gated delta rule), one dispatch per step kind over the backend (ops/backend.py):
+
+- `deltanet_prefill`: the step's prefill chunks. Reference / CPU: per sequence, the chunked
+  PyTorch rule (ops/gated_delta.py), split only at checkpoints off its chunk grid. With fla-core:
+  all sequences in one varlen `chunk_gated_delta_rule` call per round, a round ending at each
+  prefix-cache checkpoint (fla hands out final states only).
+- `deltanet_decode`: the step's single-token rows. CPU: in slot order, states updated in place
+  on runs of consecutive slots, through the compiled kernel where it is loaded. GPU with Triton:
+  two kernels (kernels/triton_deltanet.py) that update conv and recurrent states in their slots.
+  Elsewhere: states gathered by slot, stepped, scattered back (device tensors only: capturable),
+  the step itself by fla's `fused_recurrent_gated_delta_rule` where installed, else PyTorch.
+
+Shapes: qkv [T, C] pre-conv channels [q | k | v]; g [T, nv] fp32 log-decay; beta [T, nv];
+conv_w [C, K]; conv_cache [slots, C, K-1]; rec_cache [slots, nv, dk, dv]; o [T, nv, dv] out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qwen35.ops.backend import Backend
+from qwen35.ops.conv import causal_conv1d, causal_conv1d_update_, conv_state_at
+from qwen35.ops.gated_delta import CHUNK_SIZE, chunk_gated_delta_rule, gated_delta_step_, l2norm_qk
+
+
+@dataclass(frozen=True)
+class Dims:
+    nk: int  # key heads
+    nv: int  # value heads
+    dk: int
+    dv: int
+    kernel_size: int  # conv taps K
+
+    @property
+    def key_dim(self) -> int:
+        return self.nk * self.dk
+
+
+# ---- prefill --------------------------------------------------------------------------------
+def deltanet_prefill(be: Backend, qkv, g, beta, conv_w, dims: Dims, prefill, conv_cache,
+                     rec_cache, o) -> None:  # fmt: skip
+    if be.fla is not None:
+        _prefill_fla(be.fla, qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o)
+    else:
+        _prefill_torch(qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o)
+
+
+def _split_qkv(u, dims: Dims):
+    kd = dims.key_dim
+    q = u[..., :kd].unflatten(-1, (dims.nk, dims.dk))  # raw: the kernels l2-normalise
+    k = u[..., kd : 2 * kd].unflatten(-1, (dims.nk, dims.dk))
+    v = u[..., 2 * kd :].unflatten(-1, (dims.nv, dims.dv))
+    return q, k, v
+
+
+def _conv_prefill(xs, conv_w, sp, conv_cache, K):
+    """One sequence's causal conv (from its slot's state or zeros) and its conv states."""
+    state = conv_cache[sp.slot] if sp.has_initial_state else None  # [C, K-1]
+    u = causal_conv1d(xs, conv_w, state)  # [n, C] after silu
+    for n, dest in sp.checkpoints:
+        conv_cache[dest] = conv_state_at(xs, state, n, K)
+    conv_cache[sp.slot] = conv_state_at(xs, state, sp.num_tokens, K)
+    return u
+
+
+def _prefill_torch(qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o) -> None:
+    for sp in prefill:
+        u = _conv_prefill(qkv[sp.rows], conv_w, sp, conv_cache, dims.kernel_size)
+        q, k, v = _split_qkv(u, dims)
+        gs, bs, os = g[sp.rows], beta[sp.rows], o[sp.rows]
+        S = rec_cache[sp.slot][None] if sp.has_initial_state else None  # [1, nv, dk, dv]
+        for a, b, inside in segments(sp.checkpoints, sp.num_tokens, CHUNK_SIZE):
+            _, S = chunk_gated_delta_rule(
+                q[None, a:b], k[None, a:b], v[None, a:b], gs[None, a:b], bs[None, a:b], S,
+                use_qk_l2norm=True, out=os[None, a:b],
+                states_at=[(n - a, rec_cache[dest][None]) for n, dest in inside],
+            )  # fmt: skip
+            for n, dest in sp.checkpoints:
+                if n == b:
+                    rec_cache[dest] = S[0]
+        rec_cache[sp.slot] = S[0]
+
+
+def segments(checkpoints: list[tuple[int, int]], num_tokens: int, chunk: int):
+    """Split a prefill of num_tokens at the checkpoint offsets that are not on the chunk grid of
+    their segment; (a, b, checkpoints strictly inside on the grid) per segment. Checkpoints on the
+    grid come out of the chunked kernel's hand-off between chunks, so the usual interval
+    checkpoints (multiples of 64 from a 64-aligned start) cost no extra kernel call.
+    chunk=0: split at every checkpoint (kernels that hand out final states only)."""
+    out, a, inside = [], 0, []
+    for n, dest in checkpoints:  # sorted by offset
+        if n < num_tokens and chunk and (n - a) % chunk == 0:
+            inside.append((n, dest))
+        elif n < num_tokens:
+            out.append((a, n, inside))
+            a, inside = n, []
+    out.append((a, num_tokens, inside))
+    return out
+
+
+def _prefill_fla(fla, qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o) -> None:
+    """All prefill sequences per fla varlen call. Round r runs segment r of every sequence that
+    has one (segments end at its checkpoints); states chain between rounds in `states`."""
+    dev = qkv.device
+    u = torch.empty_like(qkv)  # [T, C]; only prefill rows are written and read
+    for sp in prefill:
+        u[sp.rows] = _conv_prefill(qkv[sp.rows], conv_w, sp, conv_cache, dims.kernel_size)
+    slots = torch.tensor([sp.slot for sp in prefill], device=dev)
+    states = rec_cache.index_select(0, slots).float()  # [P, nv, dk, dv]
+    fresh = [j for j, sp in enumerate(prefill) if not sp.has_initial_state]
+    if fresh:
+        states[torch.tensor(fresh, device=dev)] = 0
+    segs = [segments(sp.checkpoints, sp.num_tokens, 0) for sp in prefill]
+    for r in range(max(len(s) for s in segs)):
+        active = [j for j, s in enumerate(segs) if r < len(s)]
+        rows, cu = [], [0]
+        for j in active:
+            a, b, _ = segs[j][r]
+            rows.extend(range(prefill[j].row0 + a, prefill[j].row0 + b))
+            cu.append(cu[-1] + b - a)
+        idx = torch.tensor(rows, device=dev)
+        pos = torch.tensor(active, device=dev)
+        q, k, v = _split_qkv(u.index_select(0, idx)[None], dims)  # [1, L, heads, d]
+        out, ht = fla.chunk(
+            q, k, v, g=g.index_select(0, idx)[None], beta=beta.index_select(0, idx)[None],
+            initial_state=states.index_select(0, pos), output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+            cu_seqlens=torch.tensor(cu, device=dev), cu_seqlens_cpu=torch.tensor(cu),
+        )  # fmt: skip
+        o.index_copy_(0, idx, out[0].to(o.dtype))
+        states.index_copy_(0, pos, ht.float())
+        for jj, j in enumerate(active):
+            for n, dest in prefill[j].checkpoints:
+                if n == segs[j][r][1]:
+                    rec_cache[dest] = ht[jj]
+    rec_cache.index_copy_(0, slots, states.to(rec_cache.dtype))
+
+
+# ---- decode ---------------------------------------------------------------------------------
+def deltanet_decode(be: Backend, qkv, g, beta, conv_w, dims: Dims, d, conv_cache, rec_cache,
+                    o) -> None:  # fmt: skip
+    """d: DecodeBatch. Writes o's decode rows; conv and recurrent states move by one token."""
+    if d.fresh_slots is not None:
+        conv_cache.index_fill_(0, d.fresh_slots, 0)
+        rec_cache.index_fill_(0, d.fresh_slots, 0)
+    if d.rows_by_slot is not None:  # built for CPU backends
+        _decode_slot_runs(be, qkv, g, beta, conv_w, dims, d, conv_cache, rec_cache, o)
+        return
+    if not d.all_rows:
+        qkv, g, beta = (t.index_select(0, d.rows) for t in (qkv, g, beta))
+    if be.triton_deltanet and dims.dk & (dims.dk - 1) == 0 and rec_cache.dtype == torch.float32:
+        from qwen35.kernels import triton_deltanet as tdn  # states updated in their slots
+
+        u = tdn.conv_update_(qkv, conv_w, conv_cache, d.state_slots)  # [N, C]
+        y = tdn.recurrent_step_(u, g, beta, rec_cache, d.state_slots, dims.nk)  # [N, nv, dv]
+        _write_rows(o, d, y)
+        return
+    cs = conv_cache.index_select(0, d.state_slots)  # [N, C, K-1]
+    u = causal_conv1d_update_(qkv, conv_w, cs)  # [N, C]
+    conv_cache.index_copy_(0, d.state_slots, cs)
+    S = rec_cache.index_select(0, d.state_slots)  # [N, nv, dk, dv]
+    if be.fla is not None:
+        q, k, v = _split_qkv(u[:, None], dims)  # [N, 1, heads, d]
+        # keywords: fla's 5th positional parameter is gk (per-key decay), not beta
+        y, S = be.fla.fused_recurrent(
+            q, k, v, g=g[:, None], beta=beta[:, None], initial_state=S.float(),
+            output_final_state=True, use_qk_l2norm_in_kernel=True,
+        )  # fmt: skip
+        y = y[:, 0]
+    else:
+        y, S = _step_torch(u, g, beta, S, dims)
+    rec_cache.index_copy_(0, d.state_slots, S.to(rec_cache.dtype))
+    _write_rows(o, d, y)
+
+
+def _write_rows(o, d, y) -> None:
+    if d.all_rows:
+        o.copy_(y)
+    else:
+        o.index_copy_(0, d.rows, y.to(o.dtype))
+
+
+def _step_torch(u, g, beta, S, dims: Dims):
+    """The PyTorch recurrent step on conv outputs u [N, C]: (o [N, nv, dv], new S) fp32."""
+    kd = dims.key_dim
+    q, k = l2norm_qk(u[:, : 2 * kd].unflatten(-1, (2, dims.nk, dims.dk)), dims.nv)
+    v = u[:, 2 * kd :].unflatten(-1, (dims.nv, dims.dv))  # [N, nv, dv]
+    S32 = S if S.dtype == torch.float32 else S.float()
+    return gated_delta_step_(q, k, v, g.exp(), beta, S32), S32
+
+
+def _decode_slot_runs(be, qkv, g, beta, conv_w, dims, d, conv_cache, rec_cache, o) -> None:
+    """All single-token sequences at once, in slot order, their conv and recurrent states
+    updated in place on each run of consecutive slots (no gather/scatter of the states).
+    On a CPU the step is one compiled kernel call per run (kernels/gated_delta_cpu.cpp): at
+    batch 1 this layer is dispatch-bound, and the PyTorch formulation takes ~40 small ops."""
+    if not d.all_rows_in_slot_order:  # gather the decode rows into slot order
+        qkv, g, beta = (t.index_select(0, d.rows_by_slot) for t in (qkv, g, beta))
+    fused = None
+    if be.cpu_kernels is not None and rec_cache.is_cpu and rec_cache.dtype == torch.float32:
+        from qwen35 import kernels
+
+        mod = kernels.load()  # None once QWEN35_NO_KERNELS=1 is set, at any time
+        fused = mod.deltanet_decode if mod is not None else None
+    pieces = []
+    for i0, s0, n in d.slot_runs:
+        r, cs, S = slice(i0, i0 + n), conv_cache[s0 : s0 + n], rec_cache[s0 : s0 + n]
+        if fused is not None:
+            pieces.append(fused(qkv[r], cs, conv_w, g[r], beta[r], S, dims.nk))
+        else:
+            u = causal_conv1d_update_(qkv[r], conv_w, cs)  # [n, C]
+            y, S32 = _step_torch(u, g[r], beta[r], S, dims)
+            if S32 is not S:
+                S.copy_(S32)
+            pieces.append(y)
+    od = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # [N, nv, dv] fp32
+    if d.all_rows_in_slot_order:
+        o.copy_(od)
+    else:
+        o.index_copy_(0, d.rows_by_slot, od.to(o.dtype))

@@ -1,0 +1,221 @@
+"""The backend seam (ops/backend.py): every backend computes what the plain PyTorch reference
+computes, selected per engine instead of monkeypatched. Backends whose kernels need a GPU are run
+here with their GPU-side wiring on CPU tensors: fla-core's entry points are stood in for by our
+naive reference with fla 0.6.0's documented signatures, so the varlen / state-slot / checkpoint
+plumbing around them is checked without a GPU (the kernels themselves: tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import tiny
+from qwen35.config import ModelConfig
+from qwen35.engine.cuda_graphs import DecodeGraphs, graph_buckets
+from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
+from qwen35.models.qwen3_5 import Qwen35ForCausalLM
+from qwen35.ops.backend import Backend, reference_backend, select_backend
+from qwen35.ops.gated_delta import naive_gated_delta_rule
+from qwen35.ops.moe import grouped_experts_gmm, grouped_experts_reference
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+BS = 4  # block size
+
+
+def fake_fla():
+    """fla's chunk_gated_delta_rule / fused_recurrent_gated_delta_rule, by the naive rule, with
+    fla-core 0.6.0's full parameter lists (a positional argument in the wrong place fails)."""
+
+    def chunk(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+              use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False,
+              allow_neg_eigval=False, state_v_first=False, cu_seqlens=None,
+              cu_seqlens_cpu=None, **kwargs):  # fmt: skip
+        assert q.shape[0] == 1 and cu_seqlens is not None and not state_v_first
+        assert cu_seqlens_cpu.tolist() == cu_seqlens.tolist()
+        assert initial_state.shape[0] == len(cu_seqlens) - 1
+        cu = cu_seqlens_cpu.tolist()
+        outs, finals = [], []
+        for i in range(len(cu) - 1):
+            a, b = cu[i], cu[i + 1]
+            o, S = naive_gated_delta_rule(
+                q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], initial_state[i : i + 1],
+                use_qk_l2norm=use_qk_l2norm_in_kernel, scale=scale,
+            )  # fmt: skip
+            outs.append(o.to(v.dtype))
+            finals.append(S)
+        return torch.cat(outs, 1), torch.cat(finals) if output_final_state else None
+
+    def fused_recurrent(q, k, v, g=None, gk=None, gv=None, beta=None, scale=None,
+                        initial_state=None, output_final_state=False,
+                        use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, A_log=None,
+                        dt_bias=None, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False,
+                        state_v_first=False, cu_seqlens=None, **kwargs):  # fmt: skip
+        assert gk is None and gv is None and beta is not None and not use_gate_in_kernel
+        assert q.shape[1] == 1 and initial_state.dtype == torch.float32
+        o, S = naive_gated_delta_rule(
+            q, k, v, g, beta, initial_state, use_qk_l2norm=use_qk_l2norm_in_kernel, scale=scale
+        )
+        return o.to(v.dtype), S if output_final_state else None
+
+    return SimpleNamespace(chunk=chunk, fused_recurrent=fused_recurrent)
+
+
+def _model(moe=False, device="cpu", dtype=torch.float32):
+    hf = tiny.hf_model(moe=moe)
+    cfg = ModelConfig.from_hf(json.loads(hf.config.to_json_string()))
+    m = Qwen35ForCausalLM(cfg, dtype=dtype, device=device)
+    m.load_state_dict(hf.state_dict())  # packed after loading, on the final device
+    m.post_load()
+    return m
+
+
+class Seqs:
+    """Sequences with fixed blocks (seq i owns blocks 20i..20i+19) and state slot i."""
+
+    def __init__(self, model, backend, num_slots=8):
+        self.model, self.backend = model, backend
+        self.caches = allocate_caches(model.config, 100, BS, num_slots, torch.float32, "cpu")
+        self.lens: dict[int, int] = {}
+
+    def step(self, items, checkpoints=()):
+        """items [(seq, token ids)] -> logits of every item's last token [B, V]."""
+        pos, smap, cu, ctx, ids, last = [], [], [0], [], [], []
+        for s, toks in items:
+            start = self.lens.get(s, 0)
+            pos += range(start, start + len(toks))
+            smap += [(20 * s + p // BS) * BS + p % BS for p in range(start, start + len(toks))]
+            ids += toks
+            cu.append(cu[-1] + len(toks))
+            ctx.append(start + len(toks))
+            last.append(cu[-1] - 1)
+        batch = ForwardBatch.build(
+            positions=pos, cu_seqlens=cu, context_lens=ctx, slot_mapping=smap,
+            block_tables=[list(range(20 * s, 20 * s + 20)) for s, _ in items],
+            state_slots=[s for s, _ in items],
+            has_initial_state=[self.lens.get(s, 0) > 0 for s, _ in items],
+            logits_indices=last, state_checkpoints=checkpoints, backend=self.backend,
+            device=self.model.device,
+        )  # fmt: skip
+        for s, toks in items:
+            self.lens[s] = self.lens.get(s, 0) + len(toks)
+        return self.model(torch.tensor(ids, device=self.model.device), batch, self.caches)
+
+
+def _script(run: Seqs):
+    """Prefill with checkpoints on and off the chunk grid, a mixed step (decode + a prefill
+    continuing its prefix + a one-token prompt), decode steps with a state checkpoint."""
+    g = torch.Generator().manual_seed(5)
+    tok = lambda n: torch.randint(2, 256, (n,), generator=g).tolist()  # noqa: E731
+    out = [run.step([(0, tok(70)), (1, tok(9))], checkpoints=[(0, 20, 6), (0, 64, 5)])]
+    out.append(run.step([(0, tok(1)), (1, tok(5)), (2, tok(1))]))
+    for t in range(3):
+        out.append(run.step([(2, tok(1)), (0, tok(1)), (1, tok(1))], [(1, 1, 7)] if t else ()))
+    return out
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [Backend("cuda"), Backend("cuda", fla=fake_fla()), Backend("cpu", grouped_mm=True)],
+    ids=["gather", "fla-wiring", "grouped-mm"],
+)
+@pytest.mark.parametrize("moe", [False, True])
+def test_backends_equal_reference(backend, moe):
+    model = _model(moe)
+    ref, got = Seqs(model, reference_backend("cpu")), Seqs(model, backend)
+    for a, b in zip(_script(ref), _script(got), strict=False):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-5)
+    for name in ("key", "value", "conv", "recurrent"):
+        for x, y in zip(getattr(ref.caches, name), getattr(got.caches, name), strict=False):
+            torch.testing.assert_close(y, x, atol=2e-5, rtol=2e-5)
+
+
+def test_grouped_mm_experts_equal_loop():
+    if not select_backend("cpu", dtype=torch.bfloat16).grouped_mm:
+        pytest.skip("torch._grouped_mm does not run on this CPU / torch")
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        E, H, I, T, k = 6, 32, 16, 13, 3
+        gu = torch.randn(E, 2 * I, H, generator=g).to(dtype)
+        dn = torch.randn(E, H, I, generator=g).to(dtype)
+        x = torch.randn(T, H, generator=g).to(dtype)
+        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        idx[:, 0] = 2  # a crowded expert; some experts get no rows
+        w = torch.rand(T, k, generator=g).to(dtype)
+        ref = grouped_experts_reference(x, gu, dn, idx, w)
+        torch.testing.assert_close(grouped_experts_gmm(x, gu, dn, idx, w), ref)
+
+
+def test_select_backend():
+    ref = reference_backend("cpu")
+    assert ref.cpu_kernels is None and ref.fla is None and not ref.can_capture
+    assert select_backend("cpu") is select_backend("cpu")  # chosen once
+    assert not select_backend("cpu").can_capture
+    assert Backend("cuda", triton_attention=True).can_capture
+    assert Backend("cuda", fla=1, triton_attention=True).name == "cuda+fla+triton-attention"
+
+
+def test_graph_buckets():
+    assert graph_buckets(1) == [1]
+    assert graph_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert graph_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+
+
+def test_decode_graph_buffers_pad_rows_that_write_nowhere():
+    """The static-buffer decode path (what a CUDA graph replays), run eagerly on a CPU: three
+    sequences in a bucket of four; the padding row's KV and state land in the padding block
+    and slot only, the real rows equal the plain eager step."""
+    model = _model()
+    slots = 9  # 8 + a padding slot
+    ref, got = Seqs(model, reference_backend("cpu"), slots), Seqs(model, Backend("cuda"), slots)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (7, 12, 5)]
+    for run in (ref, got):
+        run.step([(i, p) for i, p in enumerate(prompts)])
+    pad_block, pad_slot = 99, slots - 1
+    graphs = DecodeGraphs(model, got.caches, Backend("cuda"), 4, 20, pad_block, pad_slot)
+    graphs.eager = True
+    for _ in range(3):
+        toks = torch.randint(2, 256, (3,), generator=g).tolist()
+        items = [(2, [toks[0]]), (0, [toks[1]]), (1, [toks[2]])]
+        a = ref.step(items)
+        # the same step through the static buffers
+        lens = [got.lens[s] for s, _ in items]
+        batch = ForwardBatch.build(
+            positions=lens, cu_seqlens=[0, 1, 2, 3], context_lens=[n + 1 for n in lens],
+            slot_mapping=[(20 * s + p // BS) * BS + p % BS for (s, _), p in zip(items, lens, strict=False)],
+            block_tables=[list(range(20 * s, 20 * s + 20)) for s, _ in items],
+            state_slots=[s for s, _ in items], has_initial_state=[True] * 3,
+            logits_indices=[0, 1, 2], backend=Backend("cuda"),
+        )  # fmt: skip
+        for s, _ in items:
+            got.lens[s] += 1
+        assert graphs.can_run(batch)
+        b = graphs.run(torch.tensor(toks), batch)
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-5)
+    real = [i for i in range(100) if i != pad_block]
+    for x, y in zip(ref.caches.key, got.caches.key, strict=False):
+        torch.testing.assert_close(y[real], x[real], atol=2e-5, rtol=2e-5)
+    for x, y in zip(ref.caches.recurrent, got.caches.recurrent, strict=False):
+        torch.testing.assert_close(y[:pad_slot], x[:pad_slot], atol=2e-5, rtol=2e-5)
+        assert y[pad_slot].abs().sum() > 0  # the padding row did write, into its own slot
+
+
+def test_enforce_eager_option_and_cpu_engine_has_no_graphs(tmp_path):
+    import argparse
+
+    from qwen35.engine.config import EngineConfig
+    from qwen35.engine.llm_engine import LLMEngine
+
+    assert EngineConfig.create(enforce_eager=True).device.enforce_eager is True
+    p = argparse.ArgumentParser()
+    EngineConfig.add_cli_arguments(p)
+    args = p.parse_args(["--model", "m", "--enforce-eager"])
+    assert EngineConfig.from_cli(args).device.enforce_eager is True
+    tiny.save_checkpoint(tmp_path / "m", moe=False, layout="vlm")
+    eng = LLMEngine(str(tmp_path / "m"), dtype="fp32", verbose=False)
+    assert eng.runner.graphs is None and eng.runner.backend is select_backend(
+        "cpu", dtype=torch.float32
+    )

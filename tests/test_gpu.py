@@ -1,0 +1,150 @@
+"""The GPU path (pytest -m gpu; skipped without CUDA): the engine on CUDA with its fast backend
+(fla-core, Triton paged attention, grouped-mm MoE, decode CUDA graphs) against the eager
+PyTorch path, against transformers and against the CPU engine. bench/gpu_check.sh runs these on
+a GPU machine."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from qwen35.engine.cuda_graphs import DecodeGraphs
+from qwen35.engine.forward_batch import ModelCaches
+from qwen35.ops.backend import reference_backend, select_backend
+from qwen35.request import SamplingParams
+from test_backend import Seqs, _model, _script
+from test_engine import GREEDY, hf_greedy, ids, make, prompts
+from tiny import save_checkpoint
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.filterwarnings("ignore"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    out = {}
+    for which in ("dense", "moe"):
+        d = tmp_path_factory.mktemp("gpu") / which
+        out[which] = (d, save_checkpoint(d, moe=which == "moe", layout="vlm"))
+    return out
+
+
+def cuda(d, **kw):
+    return make(d, device="cuda", max_memory="4GiB", **kw)
+
+
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_greedy_equals_transformers_eager_and_cpu(which, ckpts):
+    """fp32, mixed prompt lengths: graphs == eager == CPU == transformers; batched == alone."""
+    d, hf = ckpts[which]
+    ps = prompts(6, seed=11, lo=3, hi=140)
+    llm = cuda(d, block_size=16)
+    runner = llm.engine.runner
+    if runner.backend.can_capture and (which == "dense" or runner.backend.grouped_mm):
+        assert runner.graphs is not None, "decode graphs were not captured (see the log)"
+    batched = ids(llm.generate(ps, GREEDY))
+    alone = [ids(llm.generate([p], GREEDY))[0] for p in ps]
+    assert batched == alone
+    assert ids(cuda(d, block_size=16, enforce_eager=True).generate(ps, GREEDY)) == batched
+    assert ids(make(d).generate(ps, GREEDY)) == batched  # the CPU engine
+    for p, got in zip(ps, batched, strict=False):
+        assert got == hf_greedy(hf, p, GREEDY.max_tokens)
+
+
+def test_prefix_caching_chunked_prefill_preemption(ckpts):
+    d, _ = ckpts["dense"]
+    shared = prompts(1, seed=12, lo=70, hi=71)[0]
+    ps = [shared + p for p in prompts(6, seed=13, lo=5, hi=40)]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    ref = ids(make(d).generate(ps, params))  # CPU, no pressure
+    llm = cuda(d, block_size=4, max_model_len=160, num_kv_blocks=90, max_num_batched_tokens=24)
+    got = ids(llm.generate(ps, params))
+    again = ids(llm.generate(ps, params))  # prefixes cached now
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert got == ref and again == ref
+
+
+def test_seeded_sampling_is_batch_independent(ckpts):
+    d, _ = ckpts["dense"]
+    ps = prompts(3, seed=14)
+    sp = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    llm = cuda(d)
+    a = ids(llm.generate(ps, sp))
+    assert a == ids(llm.generate(ps[::-1], sp))[::-1]
+    assert [ids(llm.generate([p], sp))[0] for p in ps] == a
+
+
+def _on_cuda(caches, dtype):
+    """The Seqs caches moved to the GPU (recurrent states stay fp32)."""
+    mv = lambda ts, dt: [t.to("cuda", dt) for t in ts]  # noqa: E731
+    return ModelCaches(mv(caches.key, dtype), mv(caches.value, dtype), mv(caches.conv, dtype),
+                       mv(caches.recurrent, torch.float32), caches.block_size)  # fmt: skip
+
+
+def test_graph_replay_equals_eager_bf16():
+    """bf16: a replayed decode step gives bitwise the logits and states of the same step run
+    eagerly on the same static buffers (3 rows in the bucket of 4: one padding row)."""
+    model = _model(device="cuda", dtype=torch.bfloat16)
+    be = select_backend("cuda", dtype=torch.bfloat16)
+    if not be.can_capture:
+        pytest.skip(f"backend {be.name} cannot capture (no Triton attention)")
+    run = Seqs(model, be, num_slots=9)
+    run.caches = _on_cuda(run.caches, torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    lens = (9, 30, 4)
+    run.step([(i, torch.randint(2, 256, (n,), generator=g).tolist()) for i, n in enumerate(lens)])
+    graphs = DecodeGraphs(model, run.caches, be, 4, 20, pad_block=99, pad_slot=8)
+    graphs.capture()
+    c = run.caches
+    everything = lambda: (*c.conv, *c.recurrent, *c.key, *c.value)  # noqa: E731
+    before = [t.clone() for t in everything()]
+    n = len(lens)
+    graphs.ids[:n] = torch.tensor([5, 6, 7])
+    for s, L in enumerate(lens):
+        graphs.positions[s] = L
+        graphs.slot_mapping[s] = (20 * s + L // 4) * 4 + L % 4
+        graphs.block_tables[s] = torch.arange(20 * s, 20 * s + 20, dtype=torch.int32)
+        graphs.context_lens[s] = L + 1
+        graphs.state_slots[s] = s
+    graphs._pad(n)
+    graphs.graphs[4].replay()
+    replayed = graphs.outputs[4][:n].clone()
+    after = [t.clone() for t in everything()]
+    for t, b in zip(everything(), before, strict=False):
+        t.copy_(b)
+    with torch.inference_mode():
+        eager = model(graphs.ids[:4], graphs._batch(4), c)[:n]
+    assert torch.equal(replayed, eager)
+    assert all(torch.equal(t, a) for t, a in zip(everything(), after, strict=False))
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_fast_backend_equals_reference_on_gpu(moe):
+    """fla + Triton attention + grouped mm vs plain PyTorch, both on CUDA, fp32 (the bf16
+    backend, which has fla: its TF32 dots bound the tolerance)."""
+    model = _model(moe, device="cuda")
+    fast = dataclasses.replace(
+        select_backend("cuda", dtype=torch.bfloat16),
+        grouped_mm=select_backend("cuda", dtype=torch.float32).grouped_mm,  # probed per dtype
+    )
+    ref, got = Seqs(model, reference_backend("cuda")), Seqs(model, fast)
+    for r in (ref, got):
+        r.caches = _on_cuda(r.caches, torch.float32)
+    for a, b in zip(_script(ref), _script(got), strict=False):
+        assert ((a - b).norm() / a.norm()).item() < 2e-3, fast.name
+
+
+def test_bf16_close_to_fp32():
+    model = _model(device="cuda")
+    ids_ = torch.randint(2, 256, (2, 75), generator=torch.Generator().manual_seed(15)).cuda()
+    be = select_backend("cuda", dtype=torch.float32)
+    a = model(ids_, backend=be)
+    bf16 = _model(device="cuda", dtype=torch.bfloat16)
+    b = bf16(ids_, backend=select_backend("cuda", dtype=torch.bfloat16))
+    assert b.dtype == torch.float32
+    assert ((a - b).abs().max() / a.abs().max()).item() < 5e-2
