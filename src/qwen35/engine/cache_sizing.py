@@ -91,14 +91,17 @@ def plan_caches(
     weight_bytes: int,
     kv_dtype: str | None = None,
     num_blocks_override: int | None = None,
+    tp: int = 1,
 ) -> CachePlan:
+    """tp > 1: one tensor-parallel rank's caches (its shard of every KV and state tensor) under
+    that rank's budget; weight_bytes is then the rank's."""
     if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
         raise Qwen35Error("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
     dname = str(model_dtype).removeprefix("torch.")
-    spec = cache_spec(cfg, kv_dtype=kv_dtype or dname, conv_dtype=dname)
+    spec = cache_spec(cfg, kv_dtype=kv_dtype or dname, conv_dtype=dname, tp=tp)
     kv_tok, st_seq = spec.kv_bytes_per_token, spec.state_bytes_per_sequence
     total = parse_bytes(max_memory)
-    working = _working_memory(cfg, max_num_batched_tokens, max_num_seqs)
+    working = _working_memory(cfg, max_num_batched_tokens, max_num_seqs, tp)
     if total is None:
         budget = _default_budget(device, working)
     else:
@@ -148,11 +151,11 @@ def plan_caches(
     )
 
 
-def _working_memory(cfg: ModelConfig, chunk_tokens: int, sampled_rows: int) -> int:
+def _working_memory(cfg: ModelConfig, chunk_tokens: int, sampled_rows: int, tp: int = 1) -> int:
     try:  # the planner's documented formula
         from qwen35.plan.planner import working_memory_bytes
 
-        return int(working_memory_bytes(cfg, chunk_tokens, sampled_rows))
+        return int(working_memory_bytes(cfg, chunk_tokens, sampled_rows, tp=tp))
     except (ImportError, TypeError):
         width = cfg.hidden_size * 4 + max(cfg.intermediate_size, cfg.moe_intermediate_size * 2) * 3
         return chunk_tokens * width * 4 + sampled_rows * cfg.vocab_size * 4

@@ -95,23 +95,48 @@ class LLMEngine:
         elif options:
             config = config.replace(**options)
         self.engine_config = ec = config
-        cc, sc = ec.cache, ec.scheduler
         dtype = resolve_dtype(ec.load.dtype, ec.device.device)  # auto: see devices.py
+        tp_size = ec.parallel.tensor_parallel_size
+        threads = ec.device.threads
+        self._threads_before = torch.get_num_threads()
+        self.device = torch.device(ec.device.device)
+        self.workers = None  # parallel.group.WorkerGroup under tensor parallelism
+        tp = None
+        if tp_size > 1:
+            from qwen35.parallel import setup as tp_setup
+
+            if loaded is not None:
+                raise Qwen35Error("tensor parallelism loads its own shards: pass a model path")
+            if self.device.type == "cpu":  # the ranks share the cores
+                threads = tp_setup.cpu_threads(threads, tp_size)
+                torch.set_num_threads(threads)
+            # under torchrun, ranks other than 0 run as workers inside this call and exit
+            self.workers, tp, self.device = tp_setup.start(ec, str(model), dtype)
         if ec.device.configure_runtime:
-            configure_cpu_runtime(ec.device.threads)
+            configure_cpu_runtime(threads)
+        try:
+            self._init_engine(model, loaded, ec, dtype, progress, verbose, tp)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _init_engine(self, model, loaded, ec, dtype, progress, verbose, tp) -> None:
+        cc, sc = ec.cache, ec.scheduler
         if loaded is not None:
             self.model = loaded
         else:
+            kw = {} if tp is None else {"tp": tp}
             self.model = load_model(
                 model,
                 dtype=dtype,
-                device=ec.device.device,
+                device=self.device,
                 load_format=ec.load.load_format,
                 progress=progress,
+                seed=ec.seed,
+                **kw,
             )
         self.config = self.model.config
         self.model_name = model
-        self.device = torch.device(ec.device.device)
         model_dir = Path(model) if Path(model).is_dir() else getattr(self.model, "model_dir", None)
         self.tokenizer = load_tokenizer(model_dir)
         self.default_thinking = default_thinking_for(self.config)
@@ -135,19 +160,41 @@ class LLMEngine:
             prefix_cache_memory=cc.prefix_cache_memory,
             weight_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
             num_blocks_override=cc.num_kv_blocks,
+            tp=ec.parallel.tensor_parallel_size,
         )
         self.max_model_len = self.plan.max_model_len
         if verbose:
             log.warning(self.plan.describe())
-        caches = allocate_caches(
-            self.config,
+        sizes = dict(
             num_blocks=self.plan.num_blocks,
             block_size=cc.block_size,
             num_slots=self.plan.num_state_slots + self.plan.num_checkpoint_slots,
             dtype=model_dtype,
-            device=self.device,
         )
-        self.runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device)
+        tp_size = ec.parallel.tensor_parallel_size
+        caches = allocate_caches(self.config, device=self.device, tp=tp_size, **sizes)
+        from qwen35.parallel.worker import rank_memory
+
+        self.rank_memory = [rank_memory(self.model, caches, 0)]  # per rank (planner's per GPU)
+        if self.workers is None:
+            self.runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device)
+        else:
+            from qwen35.parallel import setup as tp_setup
+            from qwen35.parallel.runner import ParallelModelRunner
+
+            tp_setup.share_caches(self.workers, **sizes)
+            self.rank_memory = tp_setup.gather_memory(self.workers, self.rank_memory[0])
+            self.runner = ParallelModelRunner(
+                self.model, caches, self.eos_token_ids, self.device, self.workers
+            )
+        if verbose:
+            from qwen35.parallel.setup import describe_memory
+
+            log.warning(
+                describe_memory(
+                    self.rank_memory, sizes["num_blocks"], cc.block_size, sizes["num_slots"]
+                )
+            )
         sched_cfg = SchedulerConfig(
             max_num_seqs=self.plan.num_state_slots,
             max_num_batched_tokens=sc.max_num_batched_tokens,
@@ -168,6 +215,13 @@ class LLMEngine:
         self._seed = ec.seed
         self._ids = itertools.count()
         self.stats_totals = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (if any); the engine cannot step afterwards."""
+        if self.workers is not None:
+            self.workers.stop()
+            if torch.get_num_threads() != self._threads_before:
+                torch.set_num_threads(self._threads_before)
 
     # ---- requests -----------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:

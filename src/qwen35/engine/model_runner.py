@@ -101,6 +101,10 @@ class ModelRunner:
         )
         return torch.tensor(ids, dtype=torch.long, device=dev), batch, sample_seqs
 
+    def run_model(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The forward pass (tensor parallelism: broadcast the step first, parallel/runner.py)."""
+        return self.model(input_ids, batch, self.caches)
+
     @torch.inference_mode()
     def execute(self, scheduled) -> StepResult:
         for s in scheduled:
@@ -109,7 +113,7 @@ class ModelRunner:
         if not scheduled:
             return StepResult({}, {})
         input_ids, batch, sample_seqs = self.build_batch(scheduled)
-        logits = self.model(input_ids, batch, self.caches)  # [S, V] fp32
+        logits = self.run_model(input_ids, batch)  # [S, V] fp32
         if not sample_seqs:
             return StepResult({}, {})
         rows = [
