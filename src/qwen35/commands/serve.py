@@ -66,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
     )
+    if engine.workers is not None:
+        # a dead tensor-parallel worker: shut the server down (uvicorn handles SIGTERM) and
+        # exit non-zero below, rather than answer 503 forever
+        import signal
+
+        engine.workers.on_failure = lambda _msg: os.kill(os.getpid(), signal.SIGTERM)
     app = create_app(engine, config)
     print(
         f"serving {name} (context {engine.max_model_len} tokens) on http://{args.host}:{args.port}"
@@ -73,7 +79,17 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     # on shutdown, streams still open after 5 s are cancelled (and their requests aborted)
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
-    )
+    try:
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        engine.shutdown()
+    if engine.workers is not None and engine.workers.failure is not None:
+        print(f"error: {engine.workers.failure}", file=sys.stderr)
+        return 1
     return 0

@@ -68,6 +68,10 @@ def run_worker(
             seed=args["seed"],
             tp=tp,
         )
+        if device.type == "cpu":  # compile (first run on a machine) now, not inside a step
+            from qwen35 import kernels
+
+            kernels.load()
         msg = broadcast(control)
         if msg[0] == "stop":
             return
