@@ -56,15 +56,13 @@ def test_each_rank_holds_exactly_its_slices(tmp_path, moe, ep, experts):
 
 def test_copies_intersect_regions():
     # in_proj_qkv-like rule: rank 1 of 2 over parts (4, 4, 8)
-    rule = shard_rule(
-        "model.layers.0.linear_attn.in_proj_qkv.weight", (16, 3), _cfg(), 1, 2
-    )
+    rule = shard_rule("model.layers.0.linear_attn.in_proj_qkv.weight", (16, 3), _cfg(), 1, 2)
     assert rule.pieces == ((2, 2), (6, 2), (12, 4))
     got = copies(rule, [(0, 16, True), (0, 3, True)])
     assert [c[1][0] for c in got] == [slice(0, 2), slice(2, 4), slice(4, 8)]
     # one expert's up half of a fused [E, 2I, H] parameter, rank 0, tensor-parallel
     rule = shard_rule("model.layers.0.mlp.experts.gate_up_proj", (4, 8, 3), _cfg(), 0, 2)
-    (src, dst), = copies(rule, [(2, 3, False), (4, 8, True), (0, 3, True)])
+    ((src, dst),) = copies(rule, [(2, 3, False), (4, 8, True), (0, 3, True)])
     assert src == (slice(0, 2), slice(None)) and dst == (2, slice(2, 4), slice(0, 3))
     # expert parallelism: expert 1 is not on rank 1 of 2 (experts 2, 3 are)
     rule = shard_rule("model.layers.0.mlp.experts.down_proj", (4, 3, 8), _cfg(), 1, 2, ep=True)
@@ -76,7 +74,9 @@ def _cfg() -> ModelConfig:
 
     return ModelConfig.from_hf(
         tiny_config_dict(
-            model_type="qwen3_5_text", linear_num_key_heads=2, linear_key_head_dim=2,
+            model_type="qwen3_5_text",
+            linear_num_key_heads=2,
+            linear_key_head_dim=2,
             linear_value_head_dim=2,
         )
     )
