@@ -90,3 +90,16 @@ def test_impossible_layout_refused_before_reading(tmp_path):
         LLM(str(d), tensor_parallel_size=3, dtype="fp32", verbose=False)
     with pytest.raises(LayoutError, match="expert parallelism needs an MoE model"):
         load_model(d, tp=TensorParallel(0, 2, expert_parallel=True))
+
+
+def test_random_weights_agree_where_replicated(tmp_path):
+    d = tmp_path / "m"
+    save_checkpoint(d, moe=True)  # only its config.json is read with load_format="random"
+    ranks = [
+        dict(load_model(d, dtype="fp32", load_format="random", tp=TensorParallel(r, 2))
+             .named_parameters())
+        for r in range(2)
+    ]  # fmt: skip
+    router = "model.layers.0.mlp.gate.weight"
+    assert torch.equal(ranks[0][router], ranks[1][router])  # every rank routes alike
+    assert ranks[0][router].std() > 0

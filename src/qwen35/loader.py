@@ -92,7 +92,8 @@ def load_model(
     model_factory: builds the module from the config (default: qwen35's Qwen35ForCausalLM).
     tp: this process's tensor-parallel rank: the layout is checked (sharding.validate_layout)
     before any weight is read, the model holds the rank's shard, and only the rank's slices of
-    each checkpoint tensor are read (random weights: seed + rank, so not tp=1's values).
+    each checkpoint tensor are read (random weights: the same seed on every rank, so replicated
+    weights such as the router agree across ranks; the shards are not slices of tp=1's values).
     Returns the model with `.config` (ModelConfig, unless the module already has a config),
     `.load_report` (LoadReport) and `.model_dir` (the local directory, for the tokenizer; None
     for random weights without a directory).
@@ -111,7 +112,7 @@ def load_model(
             f"random:{cfg.name}", "random", _name(torch_dtype), str(dev), config=cfg
         )
         model, params = build_model(cfg, torch_dtype, dev, model_factory, tp)
-        init_random_(params, seed + tp.rank)
+        init_random_(params, seed)  # shards are equal-sized: the ranks' draws stay in step
         _zero_padding(params, cfg, tp)
         n = sum(p.numel() for p in params.values())
         log.warning(

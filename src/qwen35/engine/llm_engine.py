@@ -392,6 +392,10 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at interpreter exit)."""
+        self.engine.shutdown()
+
     def _new_id(self) -> str:
         return f"llm-{next(self._counter)}"
 
