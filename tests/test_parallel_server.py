@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from server_fakes import wait_until
 from tiny import VOCAB_REAL, save_checkpoint
@@ -90,3 +91,23 @@ def _cmdline(pid: int) -> str:
 def _is_worker(pid: int) -> bool:
     """The spawned worker (not the resource tracker, which multiprocessing also starts)."""
     return "multiprocessing.spawn" in _cmdline(pid) and "spawn_main" in _cmdline(pid)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_generate_like_one_process(tmp_path):
+    """The multi-node path on one machine: torchrun starts both ranks of the same command."""
+    save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32)
+    gen = ["-m", "qwen35.cli", "generate", "--model", str(tmp_path / "m"), "--prompt", "Hi",
+           "--max-tokens", "6", "--temperature", "0", "--ignore-eos"]  # fmt: skip
+    env = {**os.environ, "QWEN35_NO_KERNELS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one = subprocess.run([sys.executable, *gen], capture_output=True, text=True, env=env)
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(port), *gen, "-tp", "2"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and one.stdout.strip()

@@ -102,6 +102,7 @@ class WorkerGroup:
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
         backend = backend_for(self.device)
+        atexit.register(self.stop)  # the workers exit with the engine process
         if self._torchrun:
             rank, world, _ = torchrun_env()
             if world != self.size:
@@ -129,7 +130,6 @@ class WorkerGroup:
                 )
                 p.start()
                 self.procs.append(p)
-            atexit.register(self.stop)
             threading.Thread(target=self._watch, name="qwen35-tp-watchdog", daemon=True).start()
             self._wait_ready(ready)
             self.control = self.guard(init_groups, backend, init, 0, self.size, self.timeout_s)
