@@ -103,3 +103,17 @@ def test_random_weights_agree_where_replicated(tmp_path):
     router = "model.layers.0.mlp.gate.weight"
     assert torch.equal(ranks[0][router], ranks[1][router])  # every rank routes alike
     assert ranks[0][router].std() > 0
+
+
+def test_cli_flags():
+    import argparse
+
+    from qwen35.engine.config import EngineConfig
+
+    p = argparse.ArgumentParser()
+    EngineConfig.add_cli_arguments(p)
+    args = p.parse_args(["--model", "m", "-tp", "2", "--enable-expert-parallel"])
+    ec = EngineConfig.from_cli(args)
+    assert ec.parallel.tensor_parallel_size == 2 and ec.parallel.enable_expert_parallel
+    long = p.parse_args(["--model", "m", "--tensor-parallel-size", "4"])
+    assert EngineConfig.from_cli(long).parallel.tensor_parallel_size == 4
