@@ -13,8 +13,8 @@ from qwen35.parallel.worker import to_device
 
 
 class ParallelModelRunner(ModelRunner):
-    def __init__(self, model, caches, eos_token_ids, device, group: WorkerGroup):
-        super().__init__(model, caches, eos_token_ids, device)
+    def __init__(self, model, caches, eos_token_ids, device, group: WorkerGroup, seed=None):
+        super().__init__(model, caches, eos_token_ids, device, seed=seed)
         self.group = group
         self._restores: list[tuple[int, int]] = []  # sent with the next step
 
