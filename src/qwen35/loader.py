@@ -22,6 +22,7 @@ from torch import nn
 
 from qwen35.config import ConfigError, ModelConfig
 from qwen35.errors import Qwen35Error
+from qwen35.parallel.context import SINGLE, TensorParallel
 from qwen35.weights import CheckpointError, LoadReport, checkpoint_files, mismatch_error, read_into
 from qwen35.weights import scan as scan_headers
 
@@ -80,6 +81,7 @@ def load_model(
     progress: bool | None = None,
     seed: int = 0,
     model_factory: ModelFactory | None = None,
+    tp: TensorParallel = SINGLE,
 ) -> nn.Module:
     """Load a Qwen 3.5 text model, in eval mode and without gradients.
 
@@ -88,6 +90,10 @@ def load_model(
     load_format="random" a catalog name / config path / ModelConfig; "random:NAME" is short for
     that. progress: a progress bar while reading (default: when stderr is a terminal).
     model_factory: builds the module from the config (default: qwen35's Qwen35ForCausalLM).
+    tp: this process's tensor-parallel rank: the layout is checked (sharding.validate_layout)
+    before any weight is read, the model holds the rank's shard, and only the rank's slices of
+    each checkpoint tensor are read (random weights: the same seed on every rank, so replicated
+    weights such as the router agree across ranks; the shards are not slices of tp=1's values).
     Returns the model with `.config` (ModelConfig, unless the module already has a config),
     `.load_report` (LoadReport) and `.model_dir` (the local directory, for the tokenizer; None
     for random weights without a directory).
@@ -100,12 +106,14 @@ def load_model(
     dev = parse_device(device)
     if load_format == "random":
         cfg, directory = _random_config(path_or_name)
+        _check_layout(cfg, tp, model_factory)
         torch_dtype = parse_dtype(dtype, cfg)
         report = LoadReport(
             f"random:{cfg.name}", "random", _name(torch_dtype), str(dev), config=cfg
         )
-        model, params = build_model(cfg, torch_dtype, dev, model_factory)
-        init_random_(params, seed)
+        model, params = build_model(cfg, torch_dtype, dev, model_factory, tp)
+        init_random_(params, seed)  # shards are equal-sized: the ranks' draws stay in step
+        _zero_padding(params, cfg, tp)
         n = sum(p.numel() for p in params.values())
         log.warning(
             "random weights: %s (%.2fB parameters, %s) is NOT a real checkpoint; outputs are "
@@ -122,6 +130,7 @@ def load_model(
                 f"{directory} is a {cfg.quantization.quant_method.upper()} checkpoint; this "
                 "loader reads BF16/FP16/FP32 weights only (use the BF16 release)"
             )
+        _check_layout(cfg, tp, model_factory)
         torch_dtype = parse_dtype(dtype, cfg)
         report = LoadReport(str(directory), "safetensors", _name(torch_dtype), str(dev), config=cfg)
         files = checkpoint_files(directory)
@@ -134,9 +143,16 @@ def load_model(
         report.skipped = dict(s.skipped)
         if s.missing or s.unexpected or s.mismatched:
             raise mismatch_error(str(directory), cfg, s)
+        shard = None
+        if tp.size > 1:  # scanned against the full model; allocate and read the rank's shard
+            from qwen35.parallel.loading import ShardReader
+
+            shard = ShardReader(cfg, tp, {n: tuple(p.shape) for n, p in canonical.items()})
+            model, _ = build_model(cfg, None, None, None, tp)
         params = materialize(model, cfg, torch_dtype, dev)
+        _zero_padding(params, cfg, tp)
         show = progress if progress is not None else sys.stderr.isatty()
-        read_into(s, params, report, show)
+        read_into(s, params, report, show, shard)
         log.info("%s", report.summary())
     _finish(model, cfg)
     report.seconds_total = time.perf_counter() - t0
@@ -149,6 +165,24 @@ def load_model(
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _check_layout(cfg: ModelConfig, tp: TensorParallel, factory) -> None:
+    """Refuse a tensor-parallel layout the checkpoint cannot be split into, before reading."""
+    if tp.size == 1:
+        return
+    if factory is not None:
+        raise Qwen35Error("a custom model_factory cannot be loaded tensor-parallel")
+    from qwen35.plan.sharding import validate_layout
+
+    validate_layout(cfg, tp.size, tp.ep_size, "fp8" if cfg.quantization else "bf16")
+
+
+def _zero_padding(params: dict[str, torch.Tensor], cfg: ModelConfig, tp: TensorParallel) -> None:
+    if tp.size > 1:
+        from qwen35.parallel.loading import zero_vocab_padding
+
+        zero_vocab_padding(params, cfg, tp)
 
 
 def _finish(model: nn.Module, cfg: ModelConfig) -> None:
@@ -166,10 +200,10 @@ def _finish(model: nn.Module, cfg: ModelConfig) -> None:
 
 
 # ---- construction -------------------------------------------------------------------------------
-def _default_factory(cfg: ModelConfig) -> nn.Module:
+def _default_factory(cfg: ModelConfig, tp: TensorParallel = SINGLE) -> nn.Module:
     from qwen35.models.qwen3_5 import Qwen35ForCausalLM
 
-    return Qwen35ForCausalLM(cfg, device=torch.device("meta"))
+    return Qwen35ForCausalLM(cfg, device=torch.device("meta"), tp=tp)
 
 
 def build_model(
@@ -177,10 +211,11 @@ def build_model(
     dtype: torch.dtype | None,
     device: torch.device | None,
     factory: ModelFactory | None = None,
+    tp: TensorParallel = SINGLE,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Construct on the meta device; allocate parameters in dtype/device unless dtype is None."""
     with torch.device("meta"):  # tensors the factory creates without a device land on meta
-        model = (factory or _default_factory)(cfg)
+        model = factory(cfg) if factory is not None else _default_factory(cfg, tp)
     _tie(model, cfg)  # before any name scan: a tied lm_head is an alias, not a parameter
     if dtype is None:
         return model, {}

@@ -372,8 +372,12 @@ def read_into(
     params: dict[str, torch.Tensor],
     report: LoadReport,
     progress: bool,
+    shard=None,
 ) -> None:
-    """Copy every planned tensor into its parameter, one memory-mapped file at a time."""
+    """Copy every planned tensor into its parameter, one memory-mapped file at a time.
+
+    shard: a tensor-parallel rank's reader (parallel/loading.py) that copies only the rank's
+    slices of each tensor, `shard(entry, safetensors_slice, param) -> bytes read`."""
     total = sum(e.nbytes for entries in s.plan.values() for e in entries)
     bar = _progress_bar(total) if progress else None
     cast: Counter = Counter()
@@ -385,6 +389,19 @@ def read_into(
             # one open handle at a time: the mmap of a shard is released before the next
             with _open(path) as f:
                 for e in entries:
+                    if shard is not None:
+                        try:
+                            nbytes = shard(e, f.get_slice(e.key), params[e.target.param])
+                        except Exception as exc:
+                            raise CheckpointError(
+                                f"cannot read tensor {e.key} from {path}: {exc} "
+                                "(truncated or corrupt file? re-download it)"
+                            ) from None
+                        report.num_tensors += 1 if nbytes else 0
+                        report.num_bytes += nbytes
+                        if bar is not None:
+                            bar[0].update(bar[1], advance=e.nbytes)
+                        continue
                     dst = _dest(params[e.target.param], e.target)
                     try:
                         src = f.get_tensor(e.key)
@@ -401,7 +418,7 @@ def read_into(
                     report.num_bytes += e.nbytes
                     if bar is not None:
                         bar[0].update(bar[1], advance=e.nbytes)
-        if s.tied_duplicate is not None:
+        if s.tied_duplicate is not None and shard is None:
             _check_tied(s, params, report)
     finally:
         if bar is not None:

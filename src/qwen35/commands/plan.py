@@ -14,6 +14,7 @@ from pathlib import Path
 from qwen35 import catalog
 from qwen35.catalog import gpus as gpu_catalog
 from qwen35.config import ModelConfig
+from qwen35.plan.launch import launch_commands
 from qwen35.plan.params import has_fp8
 from qwen35.plan.planner import (
     DEFAULT_CONTEXT,
@@ -276,6 +277,7 @@ def _rec_json(r: Recommendation | None, gpu=None) -> dict | None:
         "dtype": r.fit.deployment.dtype,
         "tp": r.fit.deployment.tp,
         "why": r.why,
+        "launch": launch_commands(r.fit.deployment, r.fit.context),
     }
 
 

@@ -133,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
     engine = LLMEngine(
         args.model, engine_config(args, seed=args.seed), progress=sys.stderr.isatty()
     )
+    if engine.workers is not None:
+        # a dead tensor-parallel worker: shut the server down (uvicorn handles SIGTERM) and
+        # exit non-zero below, rather than answer 503 forever
+        import signal
+
+        engine.workers.on_failure = lambda _msg: os.kill(os.getpid(), signal.SIGTERM)
     app = create_app(engine, config)
     print(
         f"serving {name} (context {engine.max_model_len} tokens) on http://{args.host}:{args.port}"
@@ -142,4 +148,11 @@ def run(args: argparse.Namespace) -> int:
     # on shutdown, streams still open after 5 s are cancelled (and their requests aborted);
     # exit status 1 when the engine loop died, so a supervisor restarts the server
     cfg = uvicorn_config(app, transport, host=args.host, port=args.port, log_level=args.log_level)
-    return run_server(app, cfg)
+    try:
+        status = run_server(app, cfg)
+    finally:
+        engine.shutdown()
+    if engine.workers is not None and engine.workers.failure is not None:
+        print(f"error: {engine.workers.failure}", file=sys.stderr)
+        return 1
+    return status

@@ -94,19 +94,24 @@ def plan_caches(
     weight_bytes: int,
     num_blocks_override: int | None = None,
     working_bytes: int | None = None,
+    tp: int = 1,
 ) -> CachePlan:
     """`working_bytes`: measured working memory (GPU: `measure_working_memory`), replacing the
-    planner's formula."""
+    planner's formula. tp > 1: one tensor-parallel rank's caches (its shard of every KV and state
+    tensor) under that rank's budget; weight_bytes is then the rank's."""
     if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
         raise Qwen35Error("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
     dname = str(model_dtype).removeprefix("torch.")
-    spec = cache_spec(cfg, kv_dtype=dname, conv_dtype=dname)  # the caches the engine allocates
+    # the caches the engine allocates (one tensor-parallel rank's shard when tp > 1)
+    spec = cache_spec(cfg, kv_dtype=dname, conv_dtype=dname, tp=tp)
     kv_tok, st_seq = spec.kv_bytes_per_token, spec.state_bytes_per_sequence
     total = parse_bytes(max_memory)
     # GPU: the measured peak (measure_working_memory); else the planner's formula, model dtype
     working = working_bytes
     if working is None:
-        working = working_memory_bytes(cfg, max_num_batched_tokens, max_num_seqs, dtype=dname)
+        working = working_memory_bytes(
+            cfg, max_num_batched_tokens, max_num_seqs, dtype=dname, tp=tp
+        )
     if total is None:
         budget = _default_budget(device, working)
     else:

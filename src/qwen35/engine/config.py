@@ -67,7 +67,18 @@ class SchedulingConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = _opt(1, "tensor-parallel ranks", cli=False)
+    tensor_parallel_size: int = _opt(
+        1,
+        "tensor-parallel ranks: one node starts them itself (one per GPU, or sharing the CPU "
+        "cores); several nodes: start every rank with torchrun (see README)",
+        aliases=["-tp"],
+    )
+    enable_expert_parallel: bool = _opt(
+        False, "MoE: spread the routed experts whole over the tensor-parallel ranks"
+    )
+    distributed_timeout: int = _opt(
+        600, "seconds a collective between ranks may wait before it fails"
+    )
 
 
 @dataclass(frozen=True)
@@ -141,6 +152,7 @@ class EngineConfig:
             ("max_num_seqs", s.max_num_seqs),
             ("max_num_batched_tokens", s.max_num_batched_tokens),
             ("tensor_parallel_size", p.tensor_parallel_size),
+            ("distributed_timeout", p.distributed_timeout),
         ):
             if not isinstance(value, int) or value < 1:
                 raise Qwen35Error(f"{name} must be an integer >= 1, got {value!r}")
@@ -150,8 +162,6 @@ class EngineConfig:
             raise Qwen35Error(f"max_model_len must be an integer >= 2, got {s.max_model_len!r}")
         if self.device.threads is not None and self.device.threads < 1:
             raise Qwen35Error(f"threads must be >= 1, got {self.device.threads!r}")
-        if p.tensor_parallel_size != 1:
-            raise Qwen35Error("tensor_parallel_size > 1 is not supported by this engine yet")
 
     # ---- command line ---------------------------------------------------------------------
     @staticmethod
@@ -178,13 +188,14 @@ class EngineConfig:
                 if only is not None and f.name not in only:
                     continue
                 flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+                flags = [flag, *meta.get("aliases", ())]
                 if f.type == "bool" or isinstance(f.default, bool):
                     action = "store_false" if f.default else "store_true"
-                    g.add_argument(flag, dest=f.name, action=action, help=meta["help"])
+                    g.add_argument(*flags, dest=f.name, action=action, help=meta["help"])
                     continue
                 kind = int if "int" in str(f.type) else str
                 g.add_argument(
-                    flag,
+                    *flags,
                     dest=f.name,
                     type=kind,
                     default=f.default,

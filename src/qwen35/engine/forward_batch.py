@@ -58,6 +58,7 @@ class ModelCaches:
 
 
 
+
 def allocate_caches(
     cfg: ModelConfig,
     num_blocks: int,
@@ -66,11 +67,13 @@ def allocate_caches(
     dtype: torch.dtype,
     device: torch.device | str,
     state_dtype: torch.dtype = torch.float32,
+    tp: int = 1,
 ) -> ModelCaches:
     """Zeroed caches: KV [num_blocks, block_size, nkv, hd] per full-attention layer (dtype),
     conv [num_slots, C, kernel-1] (dtype) and recurrent [num_slots, nv, dk, dv] (state_dtype)
-    per DeltaNet layer. Zeros, not empty: padded gathers must never read NaN garbage."""
-    spec = cache_spec(cfg)
+    per DeltaNet layer. Zeros, not empty: padded gathers must never read NaN garbage.
+    tp > 1: one tensor-parallel rank's shard (its KV heads, DeltaNet heads and conv channels)."""
+    spec = cache_spec(cfg, tp=tp)
     kv_shape = (num_blocks, block_size, spec.attention.num_kv_heads, spec.attention.head_dim)
     n_attn, n_lin = spec.num_attention_layers, spec.num_linear_layers
 

@@ -67,6 +67,8 @@ class EngineBrokenError(Qwen35Error, RuntimeError):
     """The model step failed MAX_FAILED_STEPS times in a row: the device or the model is broken,
     not one request. The engine cannot go on; a server lets its loop die (and restarts)."""
 
+    fatal = True
+
 
 class RequestFailedError(Qwen35Error, RuntimeError):
     """LLM.generate / LLM.stream: the engine failed these requests (others completed).
@@ -128,23 +130,48 @@ class LLMEngine:
         elif options:
             config = config.replace(**options)
         self.engine_config = ec = config
-        cc, sc = ec.cache, ec.scheduler
         dtype = resolve_dtype(ec.load.dtype, ec.device.device)  # auto: see devices.py
+        tp_size = ec.parallel.tensor_parallel_size
+        threads = ec.device.threads
+        self._threads_before = torch.get_num_threads()
+        self.device = torch.device(ec.device.device)
+        self.workers = None  # parallel.group.WorkerGroup under tensor parallelism
+        tp = None
+        if tp_size > 1:
+            from qwen35.parallel import setup as tp_setup
+
+            if loaded is not None:
+                raise Qwen35Error("tensor parallelism loads its own shards: pass a model path")
+            if self.device.type == "cpu":  # the ranks share the cores
+                threads = tp_setup.cpu_threads(threads, tp_size)
+                torch.set_num_threads(threads)
+            # under torchrun, ranks other than 0 run as workers inside this call and exit
+            self.workers, tp, self.device = tp_setup.start(ec, str(model), dtype)
         if ec.device.configure_runtime:
-            configure_cpu_runtime(ec.device.threads)
+            configure_cpu_runtime(threads)
+        try:
+            self._init_engine(model, loaded, ec, dtype, progress, verbose, tp)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _init_engine(self, model, loaded, ec, dtype, progress, verbose, tp) -> None:
+        cc, sc = ec.cache, ec.scheduler
         if loaded is not None:
             self.model = loaded
         else:
+            kw = {} if tp is None else {"tp": tp}
             self.model = load_model(
                 model,
                 dtype=dtype,
-                device=ec.device.device,
+                device=self.device,
                 load_format=ec.load.load_format,
                 progress=progress,
+                seed=ec.seed,
+                **kw,
             )
         self.config = self.model.config
         self.model_name = model
-        self.device = torch.device(ec.device.device)
         model_dir = Path(model) if Path(model).is_dir() else getattr(self.model, "model_dir", None)
         self.tokenizer = load_tokenizer(model_dir)
         # the built-in renderer thinks by model size; a checkpoint's own template by itself
@@ -178,25 +205,48 @@ class LLMEngine:
             )
             if self.device.type == "cuda"
             else None,
+            tp=ec.parallel.tensor_parallel_size,
         )
         self.max_model_len = self.plan.max_model_len
         if verbose:
             log.warning(self.plan.describe())
-        # CUDA graphs: one more block and one more state slot as padding (model_runner.GraphSpec)
-        graphs = self.device.type == "cuda" and not ec.device.enforce_eager
-        caches = allocate_caches(
-            self.config,
+        # CUDA graphs (one device, not under tensor parallelism): one more block and one more
+        # state slot as padding (model_runner.GraphSpec)
+        graphs = self.device.type == "cuda" and not ec.device.enforce_eager and self.workers is None
+        sizes = dict(
             num_blocks=self.plan.num_blocks + graphs,
             block_size=cc.block_size,
             num_slots=self.plan.num_state_slots + self.plan.num_checkpoint_slots + graphs,
             dtype=model_dtype,
-            device=self.device,
         )
-        spec = GraphSpec(min(sc.max_num_seqs, self.plan.num_state_slots), self.max_model_len)
-        self.runner = ModelRunner(
-            self.model, caches, self.eos_token_ids, self.device,
-            decode_graphs=spec if graphs else None, seed=ec.seed,
-        )  # fmt: skip
+        tp_size = ec.parallel.tensor_parallel_size
+        caches = allocate_caches(self.config, device=self.device, tp=tp_size, **sizes)
+        from qwen35.parallel.worker import rank_memory
+
+        self.rank_memory = [rank_memory(self.model, caches, 0)]  # per rank (planner's per GPU)
+        if self.workers is None:
+            spec = GraphSpec(min(sc.max_num_seqs, self.plan.num_state_slots), self.max_model_len)
+            self.runner = ModelRunner(
+                self.model, caches, self.eos_token_ids, self.device,
+                decode_graphs=spec if graphs else None, seed=ec.seed,
+            )  # fmt: skip
+        else:
+            from qwen35.parallel import setup as tp_setup
+            from qwen35.parallel.runner import ParallelModelRunner
+
+            tp_setup.share_caches(self.workers, **sizes)
+            self.rank_memory = tp_setup.gather_memory(self.workers, self.rank_memory[0])
+            self.runner = ParallelModelRunner(
+                self.model, caches, self.eos_token_ids, self.device, self.workers, seed=ec.seed
+            )
+        if verbose:
+            from qwen35.parallel.setup import describe_memory
+
+            log.warning(
+                describe_memory(
+                    self.rank_memory, sizes["num_blocks"], cc.block_size, sizes["num_slots"]
+                )
+            )
         self.structured = StructuredOutputManager(
             self.tokenizer, self.config.vocab_size, self.eos_token_ids
         )
@@ -225,6 +275,13 @@ class LLMEngine:
             "generation_tokens_total": 0,
             "request_errors_total": 0,
         }
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (if any); the engine cannot step afterwards."""
+        if self.workers is not None:
+            self.workers.stop()
+            if torch.get_num_threads() != self._threads_before:
+                torch.set_num_threads(self._threads_before)
 
     # ---- requests -----------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -321,6 +378,8 @@ class LLMEngine:
         try:
             result = self.runner.execute(out.scheduled)
         except Exception as e:
+            if getattr(e, "fatal", False):  # e.g. a tensor-parallel worker died: no retry
+                raise
             self._failed_steps += 1
             log.exception("model step failed; failing its %d sequences", len(out.scheduled))
             result = StepResult({}, {}, {s.seq.seq_id: e for s in out.scheduled})
@@ -451,6 +510,10 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at interpreter exit)."""
+        self.engine.shutdown()
 
     def _new_id(self) -> str:
         return f"llm-{next(self._counter)}"

@@ -145,6 +145,16 @@ class ModelRunner:
         )
         return torch.tensor(ids, dtype=torch.long, device=self.device), batch, sample_seqs
 
+    def run_model(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The forward pass: a captured CUDA graph where one fits, else eager (tensor
+        parallelism overrides this to broadcast the step first, parallel/runner.py)."""
+        if self.graphs is not None and self.graphs.can_run(batch):
+            logits = self.graphs.run(input_ids, batch)  # [S, V] fp32
+            if batch.state_copies:
+                self.caches.copy_states(batch.state_copies)
+            return logits
+        return self.model(input_ids, batch, self.caches)
+
     @torch.inference_mode()
     def execute(self, scheduled) -> StepResult:
         for s in scheduled:
@@ -153,12 +163,7 @@ class ModelRunner:
         if not scheduled:
             return StepResult({}, {})
         input_ids, batch, sample_seqs = self.build_batch(scheduled)
-        if self.graphs is not None and self.graphs.can_run(batch):
-            logits = self.graphs.run(input_ids, batch)  # [S, V] fp32
-            if batch.state_copies:
-                self.caches.copy_states(batch.state_copies)
-        else:
-            logits = self.model(input_ids, batch, self.caches)  # [S, V] fp32
+        logits = self.run_model(input_ids, batch)  # [S, V] fp32
         if not sample_seqs:
             return StepResult({}, {})
         rows = [

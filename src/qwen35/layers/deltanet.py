@@ -16,6 +16,8 @@ from qwen35.engine.forward_batch import ForwardBatch
 from qwen35.layers.linear import Linear, empty_param, pack_linears, packed_linear
 from qwen35.layers.norms import GatedRMSNorm
 from qwen35.ops.deltanet import Dims, deltanet_decode, deltanet_prefill
+from qwen35.parallel.context import SINGLE, TensorParallel
+from qwen35.parallel.linear import row_linear
 
 
 class DepthwiseConv(nn.Module):
@@ -27,15 +29,17 @@ class DepthwiseConv(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype=None, device=None):
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None, tp: TensorParallel = SINGLE):
         super().__init__()
         H = cfg.hidden_size
-        self.nk, self.nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        # this rank's key and value heads (tensor parallelism splits both; conv channels and
+        # in_proj_qkv rows hold this rank's part of each of q, k and v)
+        self.nk, self.nv = tp.part(cfg.linear_num_key_heads), tp.part(cfg.linear_num_value_heads)
         self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-        self.key_dim, self.value_dim = cfg.linear_key_dim, cfg.linear_value_dim
+        self.key_dim, self.value_dim = self.nk * self.dk, self.nv * self.dv
         self.kernel_size = cfg.linear_conv_kernel_dim
         self.dims = Dims(self.nk, self.nv, self.dk, self.dv, self.kernel_size)
-        C = cfg.linear_conv_dim
+        C = 2 * self.key_dim + self.value_dim  # this rank's conv channels (cfg.linear_conv_dim at tp=1)
         self.in_proj_qkv = Linear(H, C, dtype, device)  # [C, H], channels [q | k | v]
         self.in_proj_z = Linear(H, self.value_dim, dtype, device)  # [Vd, H]
         self.in_proj_b = Linear(H, self.nv, dtype, device)  # [nv, H]
@@ -44,7 +48,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = empty_param(self.nv, dtype=dtype, device=device)
         self.A_log = empty_param(self.nv, dtype=dtype, device=device)
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps, dtype, device)
-        self.out_proj = Linear(self.value_dim, H, dtype, device)  # [H, Vd]
+        self.out_proj = row_linear(self.value_dim, H, dtype, device, tp)  # [H, Vd]
         self.packed_in: torch.Tensor | None = None  # the four in_proj weights, see pack()
 
     def in_projs(self) -> tuple[Linear, ...]:

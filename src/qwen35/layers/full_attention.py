@@ -24,18 +24,22 @@ from qwen35.ops.attention import (
     prefill_attention,
     write_kv,
 )
+from qwen35.parallel.context import SINGLE, TensorParallel
+from qwen35.parallel.linear import row_linear
 
 
 class GatedAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype=None, device=None):
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None, tp: TensorParallel = SINGLE):
         super().__init__()
         H = cfg.hidden_size
-        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        # this rank's heads: query heads split, KV heads split or replicated (parallel/context.py)
+        self.nh, self.nkv = tp.part(cfg.num_attention_heads), tp.kv_heads(cfg.num_key_value_heads)
+        self.hd = cfg.head_dim
         self.scale = self.hd**-0.5
         self.q_proj = Linear(H, 2 * self.nh * self.hd, dtype, device)  # [2 nh hd, H]
         self.k_proj = Linear(H, self.nkv * self.hd, dtype, device)  # [nkv hd, H]
         self.v_proj = Linear(H, self.nkv * self.hd, dtype, device)
-        self.o_proj = Linear(self.nh * self.hd, H, dtype, device)  # [H, nh hd]
+        self.o_proj = row_linear(self.nh * self.hd, H, dtype, device, tp)  # [H, nh hd]
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, dtype, device)
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, dtype, device)
         self.packed_qkv: torch.Tensor | None = None  # q_proj, k_proj, v_proj, see pack()

@@ -7,14 +7,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.layers.linear import Linear, pack_linears, packed_linear
+from qwen35.parallel.context import SINGLE, TensorParallel
+from qwen35.parallel.linear import row_linear
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, dtype=None, device=None):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        dtype=None,
+        device=None,
+        tp: TensorParallel = SINGLE,
+        reduce: bool = True,
+    ):
+        """Under tensor parallelism each rank holds intermediate_size / tp; down_proj sums the
+        ranks' partial outputs unless `reduce` is False (the caller sums, e.g. the MoE block)."""
         super().__init__()
+        intermediate_size = tp.part(intermediate_size)
         self.gate_proj = Linear(hidden_size, intermediate_size, dtype, device)  # [I, H]
         self.up_proj = Linear(hidden_size, intermediate_size, dtype, device)  # [I, H]
-        self.down_proj = Linear(intermediate_size, hidden_size, dtype, device)  # [H, I]
+        self.down_proj = row_linear(  # [H, I]
+            intermediate_size, hidden_size, dtype, device, tp if reduce else None
+        )
         self.packed_gate_up: torch.Tensor | None = None  # [2I, H], see pack()
 
     def pack(self) -> None:

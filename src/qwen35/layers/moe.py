@@ -22,6 +22,7 @@ from qwen35.layers.linear import Linear, empty_param
 from qwen35.layers.mlp import MLP
 from qwen35.ops.backend import Backend
 from qwen35.ops.moe import grouped_experts_reference, routed_experts
+from qwen35.parallel.context import SINGLE, TensorParallel
 
 
 class Experts(nn.Module):
@@ -55,12 +56,28 @@ class SparseMoE(nn.Module):
         shared_intermediate_size: int,
         dtype=None,
         device=None,
+        tp: TensorParallel = SINGLE,
     ):
+        """Tensor parallelism splits every expert's intermediate size; with expert parallelism
+        each rank holds num_experts / tp whole experts instead. The shared expert is split
+        either way; routed + shared partial outputs are summed over the ranks once."""
         super().__init__()
         self.top_k = top_k
-        self.gate = Linear(hidden_size, num_experts, dtype, device)  # router [E, H]
-        self.experts = Experts(num_experts, hidden_size, moe_intermediate_size, dtype, device)
-        self.shared_expert = MLP(hidden_size, shared_intermediate_size, dtype, device)
+        self.tp = tp
+        self.gate = Linear(hidden_size, num_experts, dtype, device)  # router [E, H], replicated
+        if tp.expert_parallel and tp.size > 1:
+            from qwen35.parallel.experts import LocalExperts
+
+            self.experts = LocalExperts(
+                num_experts, hidden_size, moe_intermediate_size, dtype, device, tp
+            )
+        else:
+            self.experts = Experts(
+                num_experts, hidden_size, tp.part(moe_intermediate_size), dtype, device
+            )
+        self.shared_expert = MLP(
+            hidden_size, shared_intermediate_size, dtype, device, tp, reduce=False
+        )
         self.shared_expert_gate = Linear(hidden_size, 1, dtype, device)  # [1, H]
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,4 +92,4 @@ class SparseMoE(nn.Module):
         top_w, top_idx = self.route(x)
         routed = self.experts(x, top_idx, top_w, backend)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return routed + shared
+        return self.tp.all_reduce(routed + shared)  # one all-reduce under tensor parallelism

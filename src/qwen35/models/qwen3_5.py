@@ -32,6 +32,8 @@ from qwen35.layers.moe import SparseMoE
 from qwen35.layers.norms import RMSNorm
 from qwen35.layers.rotary import RotaryEmbedding
 from qwen35.ops.backend import Backend
+from qwen35.parallel.context import SINGLE, TensorParallel
+from qwen35.parallel.linear import ParallelLMHead, VocabParallelEmbedding
 
 
 class Embedding(nn.Module):
@@ -44,15 +46,17 @@ class Embedding(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_type: str, cache_index: int, dtype, device):
+    def __init__(
+        self, cfg: ModelConfig, layer_type: str, cache_index: int, dtype, device, tp=SINGLE
+    ):
         super().__init__()
         H = cfg.hidden_size
         self.layer_type = layer_type
         self.cache_index = cache_index  # index into caches.key/value or caches.conv/recurrent
         if layer_type == "linear_attention":
-            self.linear_attn = GatedDeltaNet(cfg, dtype, device)
+            self.linear_attn = GatedDeltaNet(cfg, dtype, device, tp)
         else:
-            self.self_attn = GatedAttention(cfg, dtype, device)
+            self.self_attn = GatedAttention(cfg, dtype, device, tp)
         self.is_moe = cfg.is_moe
         if cfg.is_moe:
             self.mlp = SparseMoE(
@@ -63,9 +67,10 @@ class DecoderLayer(nn.Module):
                 cfg.shared_expert_intermediate_size,
                 dtype,
                 device,
+                tp,
             )
         else:
-            self.mlp = MLP(H, cfg.intermediate_size, dtype, device)
+            self.mlp = MLP(H, cfg.intermediate_size, dtype, device, tp)
         self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps, dtype, device)
 
@@ -84,25 +89,42 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen35TextModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype=None, device=None):
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
+        if tp.size > 1:
+            self.embed_tokens = VocabParallelEmbedding(
+                cfg.vocab_size, cfg.hidden_size, dtype, device, tp
+            )
+        else:
+            self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
         counts = {"linear_attention": 0, "full_attention": 0}
         layers = []
         for t in cfg.layer_types:
-            layers.append(DecoderLayer(cfg, t, counts[t], dtype, device))
+            layers.append(DecoderLayer(cfg, t, counts[t], dtype, device, tp))
             counts[t] += 1
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
 
 class Qwen35ForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None, device=None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype | None = None,
+        device=None,
+        tp: TensorParallel = SINGLE,
+    ):
+        """tp: this process's rank of a tensor-parallel group (parallel/); it holds only its
+        shard of every split weight and gets the full logits."""
         super().__init__()
         self.config = cfg
+        self.tp = tp
         dtype = dtype or torch.get_default_dtype()
-        self.model = Qwen35TextModel(cfg, dtype, device)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, device)  # [V, H]
+        self.model = Qwen35TextModel(cfg, dtype, device, tp)
+        if tp.size > 1:
+            self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, dtype, device, tp)
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, device)  # [V, H]
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
         self.packed = False  # projections packed by post_load
         self.tie_weights()
@@ -193,7 +215,8 @@ class Qwen35ForCausalLM(nn.Module):
             )
         B, T = input_ids.shape
         dev = input_ids.device
-        caches = allocate_caches(self.config, B, T, B, self.dtype, dev)  # one block per sequence
+        # one block per sequence
+        caches = allocate_caches(self.config, B, T, B, self.dtype, dev, tp=self.tp.size)
         batch = uncached_batch(B, T, dev, backend=backend)
         return self.forward(input_ids.reshape(-1), batch, caches).view(B, T, -1)
 

@@ -1,0 +1,97 @@
+"""What `LLMEngine` does differently under tensor parallelism, in one place: refuse layouts
+before anything starts, start (or join) the group, hand workers their cache sizes, collect and
+log each rank's memory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+from qwen35.config import ModelConfig
+from qwen35.errors import Qwen35Error
+from qwen35.parallel.context import TensorParallel
+from qwen35.parallel.group import WorkerGroup, broadcast, rank_device, torchrun_env
+
+log = logging.getLogger("qwen35")
+GiB = 1 << 30
+
+
+def peek_config(model: str, load_format: str) -> ModelConfig:
+    """The model's config without reading any weight (layout checks before workers start)."""
+    from qwen35.loader import _random_config, resolve_model_dir
+
+    if load_format == "random" or model.startswith("random:"):
+        return _random_config(model.removeprefix("random:"))[0]
+    return ModelConfig.from_hf(resolve_model_dir(model))
+
+
+def cpu_threads(requested: int | None, tp: int) -> int:
+    """Threads per rank on a CPU: what was asked, else the cores shared out evenly."""
+    return requested or max(1, (os.cpu_count() or 1) // tp)
+
+
+def start(ec, model: str, dtype: torch.dtype) -> tuple[WorkerGroup, TensorParallel, torch.device]:
+    """Validate the layout, start the workers (or, under torchrun on a rank other than 0, run
+    this process as a worker and exit), and return rank 0's group, context and device."""
+    from qwen35.plan.sharding import validate_layout
+
+    size = ec.parallel.tensor_parallel_size
+    ep = ec.parallel.enable_expert_parallel
+    cfg = peek_config(model, ec.load.load_format)
+    validate_layout(cfg, size, size if ep else 1, "fp8" if cfg.quantization else "bf16")
+    if ep and not cfg.is_moe:
+        raise Qwen35Error(f"--enable-expert-parallel needs an MoE model; {cfg.name} is dense")
+    device = torch.device(ec.device.device)
+    if device.type == "cuda" and (device.index or 0) + size > torch.cuda.device_count():
+        raise Qwen35Error(
+            f"--tensor-parallel-size {size} from {device} needs {size} GPUs here, but only "
+            f"{torch.cuda.device_count()} are visible (several nodes: start with torchrun)"
+        )
+    args = {
+        "model": model,
+        "dtype": dtype,
+        "device": ec.device.device,
+        "load_format": ec.load.load_format,
+        "seed": ec.seed,
+        "expert_parallel": ep,
+        "threads": cpu_threads(ec.device.threads, size) if device.type == "cpu" else None,
+        "timeout": ec.parallel.distributed_timeout,
+    }
+    env = torchrun_env()
+    if env is not None and env[0] != 0:
+        from qwen35.parallel.worker import run_worker
+
+        run_worker(env[0], env[1], "env://", env[2], args)
+        sys.exit(0)  # rank 0 has shut the group down: this process's work is done
+    group = WorkerGroup(size, ec.device.device, ec.parallel.distributed_timeout, args)
+    group.start()
+    local = env[2] if env is not None else 0
+    return group, TensorParallel(0, size, ep), rank_device(ec.device.device, local)
+
+
+def share_caches(group: WorkerGroup, **sizes) -> None:
+    """Tell the workers how many KV blocks / state slots to allocate (rank 0 sized them)."""
+    group.guard(broadcast, group.control, ("caches", sizes))
+
+
+def gather_memory(group: WorkerGroup, mine: dict) -> list[dict]:
+    import torch.distributed as dist
+
+    out: list = [None] * group.size
+    group.guard(dist.gather_object, mine, out, dst=0, group=group.control)
+    return out
+
+
+def describe_memory(rows: list[dict], num_blocks: int, block_size: int, num_slots: int) -> str:
+    lines = []
+    for m in rows:
+        lines.append(
+            f"rank {m['rank']}: weights {m['weights_bytes'] / GiB:.3f} GiB, KV "
+            f"{m['kv_bytes_per_token']} B/token ({m['kv_bytes'] / GiB:.3f} GiB for "
+            f"{num_blocks}x{block_size} tokens), DeltaNet state {m['state_bytes_per_sequence']} "
+            f"B/sequence ({m['state_bytes'] / GiB:.3f} GiB for {num_slots} slots)"
+        )
+    return "per-rank memory:\n  " + "\n  ".join(lines)

@@ -1,0 +1,132 @@
+"""A worker rank (1..N-1): load its shard, allocate its cache shard, run every step rank 0
+broadcasts, until told to stop. Started by the engine (spawn) or by torchrun."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import signal
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from qwen35.parallel.context import TensorParallel
+from qwen35.parallel.group import backend_for, broadcast, init_groups, rank_device
+
+
+def worker_main(rank, size, init_method, local_rank, args, parent_pid, queues) -> None:
+    """Entry point of an engine-started worker process. queues: (ready, errors) to rank 0."""
+    _die_with_parent(parent_pid)
+    ready, errors = queues
+    try:
+        run_worker(rank, size, init_method, local_rank, args, ready)
+    except BaseException as e:  # report it to rank 0's watchdog, then exit non-zero
+        if errors is not None:
+            last = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
+            where = f" ({last[0].filename}:{last[0].lineno})" if last else ""
+            errors.put((rank, f"{type(e).__name__}: {e}{where}"))
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this worker when the engine process dies (Linux), so none is left behind."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl
+        os._exit(1)
+
+
+def run_worker(
+    rank: int, size: int, init_method: str, local_rank: int, args: dict, ready=None
+) -> None:
+    from qwen35.engine.forward_batch import allocate_caches
+    from qwen35.engine.runtime import configure_cpu_runtime
+    from qwen35.loader import load_model
+
+    device = rank_device(args["device"], local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        configure_cpu_runtime(args["threads"])
+    if ready is not None:
+        ready.put(rank)
+    control = init_groups(backend_for(args["device"]), init_method, rank, size, args["timeout"])
+    tp = TensorParallel(rank, size, args["expert_parallel"])
+    try:
+        model = load_model(
+            args["model"],
+            dtype=args["dtype"],
+            device=device,
+            load_format=args["load_format"],
+            seed=args["seed"],
+            tp=tp,
+        )
+        if device.type == "cpu":  # compile (first run on a machine) now, not inside a step
+            from qwen35 import kernels
+
+            kernels.load()
+        msg = broadcast(control)
+        if msg[0] == "stop":
+            return
+        caches = allocate_caches(model.config, device=device, tp=size, **msg[1])
+        dist.gather_object(rank_memory(model, caches, rank), None, dst=0, group=control)
+        _loop(model, caches, control, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@torch.inference_mode()
+def _loop(model, caches, control, device) -> None:
+    from qwen35.ops.backend import select_backend
+
+    backend = select_backend(device)  # rank 0 sends batches without its own
+    while True:
+        msg = broadcast(control)
+        if msg[0] == "stop":
+            return
+        _, restores, input_ids, batch = msg
+        for src, dst in restores:  # prefix-cache state restores, in the order rank 0 did them
+            for conv, rec in zip(caches.conv, caches.recurrent, strict=False):
+                conv[dst].copy_(conv[src])
+                rec[dst].copy_(rec[src])
+        if input_ids is not None:
+            batch = dataclasses.replace(to_device(batch, device), backend=backend)
+            model(input_ids.to(device), batch, caches)
+
+
+def to_device(batch, device):
+    """A ForwardBatch with its tensors on `device` (a no-op for CPU tensors on the CPU)."""
+    return dataclasses.replace(
+        batch,
+        **{
+            f.name: getattr(batch, f.name).to(device)
+            for f in dataclasses.fields(batch)
+            if isinstance(getattr(batch, f.name), torch.Tensor)
+        },
+    )
+
+
+def rank_memory(model, caches, rank: int) -> dict:
+    """What this rank holds: weight bytes, KV bytes per token, DeltaNet state bytes per
+    sequence (the planner's per-GPU quantities), and the pools' totals."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
+    kv = caches.key + caches.value
+    kv_tok = sum(t[0, 0].numel() * t.element_size() for t in kv)
+    states = caches.conv + caches.recurrent
+    st_seq = sum(t[0].numel() * t.element_size() for t in states)
+    return {
+        "rank": rank,
+        "weights_bytes": weights,
+        "kv_bytes_per_token": kv_tok,
+        "state_bytes_per_sequence": st_seq,
+        "kv_bytes": sum(t.numel() * t.element_size() for t in kv),
+        "state_bytes": sum(t.numel() * t.element_size() for t in states),
+    }

@@ -1,0 +1,61 @@
+"""The command lines that start a planned deployment: qwen35 itself (one node: `qwen35 serve
+-tp N`; more than one: `torchrun` on every node), and the equivalent vLLM and SGLang commands
+for users of those engines. No torch here.
+
+One replica per command: with dp > 1 (the planner's replicas) run that many copies, each on its
+own GPUs, behind a load balancer.
+"""
+
+from __future__ import annotations
+
+from qwen35.plan.planner import Deployment
+
+GPUS_PER_NODE = 8
+MASTER_PORT = 29500
+
+
+def hub_id(dep: Deployment) -> str:
+    """The Hub repository of the planned weights (the FP8 release for dtype fp8)."""
+    name = dep.cfg.name
+    if "/" in name or not name.startswith("Qwen3.5-"):
+        return name  # a local config or fine-tune: the user's own path
+    if dep.dtype == "fp8" and not name.endswith("-FP8"):
+        name += "-FP8"
+    return f"Qwen/{name}"
+
+
+def launch_commands(
+    dep: Deployment, context: int, model: str | None = None, gpus_per_node: int = GPUS_PER_NODE
+) -> dict[str, str]:
+    """{"qwen35": ..., "vllm": ..., "sglang": ...} for one replica of `dep` at `context` tokens."""
+    model = model or hub_id(dep)
+    tp = dep.tp
+    ep = dep.ep_size > 1
+    nodes = -(-tp // gpus_per_node)
+    per_node = min(tp, gpus_per_node)
+    ours = f"--model {model} -tp {tp} --max-model-len {context} --device cuda"
+    if ep:
+        ours += " --enable-expert-parallel"
+    if nodes == 1:
+        qwen35 = f"qwen35 serve {ours}"
+    else:
+        qwen35 = (
+            f"torchrun --nnodes {nodes} --nproc-per-node {per_node} --node-rank $NODE_RANK "
+            f"--master-addr $MASTER_ADDR --master-port {MASTER_PORT} -m qwen35.cli serve {ours}"
+            "   # on every node; NODE_RANK 0 serves HTTP"
+        )
+    vllm = f"vllm serve {model} --tensor-parallel-size {tp} --max-model-len {context}"
+    if ep:
+        vllm += " --enable-expert-parallel"
+    if nodes > 1:
+        vllm += " --distributed-executor-backend ray   # on a Ray cluster spanning the nodes"
+    sglang = (
+        f"python -m sglang.launch_server --model-path {model} --tp {tp} --context-length {context}"
+    )
+    if ep:
+        sglang += f" --ep-size {tp}"
+    if nodes > 1:
+        sglang += (
+            f" --nnodes {nodes} --node-rank $NODE_RANK --dist-init-addr $MASTER_ADDR:{MASTER_PORT}"
+        )
+    return {"qwen35": qwen35, "vllm": vllm, "sglang": sglang}

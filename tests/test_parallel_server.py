@@ -1,0 +1,113 @@
+"""`qwen35 serve -tp 2` (issue 14): answers an OpenAI chat request and streams; when a worker
+dies the server exits non-zero by itself and leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from server_fakes import wait_until
+from tiny import VOCAB_REAL, save_checkpoint
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_serve_tp2_chat_stream_and_dead_worker_exit(tmp_path):
+    save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "qwen35.cli", "serve", "--model", str(tmp_path / "m"), "-tp", "2",
+           "--port", str(port), "--served-model-name", "tiny", "--max-memory", "512MiB",
+           "--log-level", "warning"]  # fmt: skip
+    # PyTorch ops, not the compiled kernels: killing this server must never interrupt a build
+    env = {**os.environ, "QWEN35_NO_KERNELS": "1"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def up() -> bool:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(url + "/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, timeout=180)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        msgs = [{"role": "user", "content": "Hi"}]
+        extra = {"ignore_eos": True, "chat_template_kwargs": {"enable_thinking": False}}
+        r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4,
+                                           extra_body=extra)  # fmt: skip
+        assert r.usage.completion_tokens == 4
+        chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4,
+                                                     stream=True, extra_body=extra))  # fmt: skip
+        assert chunks[-1].choices[0].finish_reason == "length" or any(
+            c.choices and c.choices[0].finish_reason == "length" for c in chunks
+        )
+        workers = [p for p in children(proc.pid) if _is_worker(p)]
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGKILL)
+        code = proc.wait(timeout=60)
+        out = proc.stdout.read()
+        assert code != 0
+        assert "worker rank 1" in out and "killed by signal 9" in out
+        time.sleep(0.5)
+        assert not children(proc.pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _is_worker(pid: int) -> bool:
+    """The spawned worker (not the resource tracker, which multiprocessing also starts)."""
+    return "multiprocessing.spawn" in _cmdline(pid) and "spawn_main" in _cmdline(pid)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_generate_like_one_process(tmp_path):
+    """The multi-node path on one machine: torchrun starts both ranks of the same command."""
+    save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32)
+    gen = ["-m", "qwen35.cli", "generate", "--model", str(tmp_path / "m"), "--prompt", "Hi",
+           "--max-tokens", "6", "--temperature", "0", "--ignore-eos"]  # fmt: skip
+    env = {**os.environ, "QWEN35_NO_KERNELS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one = subprocess.run([sys.executable, *gen], capture_output=True, text=True, env=env)
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(port), *gen, "-tp", "2"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and one.stdout.strip()
