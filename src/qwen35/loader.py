@@ -80,6 +80,7 @@ def load_model(
     progress: bool | None = None,
     seed: int = 0,
     model_factory: ModelFactory | None = None,
+    vision: bool = False,
 ) -> nn.Module:
     """Load a Qwen 3.5 text model, in eval mode and without gradients.
 
@@ -88,6 +89,8 @@ def load_model(
     load_format="random" a catalog name / config path / ModelConfig; "random:NAME" is short for
     that. progress: a progress bar while reading (default: when stderr is a terminal).
     model_factory: builds the module from the config (default: qwen35's Qwen35ForCausalLM).
+    vision: also build and load the vision tower (`model.visual.*`, strictly) when the config
+    has one; False skips those tensors (text only: no tower memory).
     Returns the model with `.config` (ModelConfig, unless the module already has a config),
     `.load_report` (LoadReport) and `.model_dir` (the local directory, for the tokenizer; None
     for random weights without a directory).
@@ -98,6 +101,8 @@ def load_model(
     if isinstance(path_or_name, str) and path_or_name.startswith("random:"):
         path_or_name, load_format = path_or_name[len("random:") :], "random"
     dev = parse_device(device)
+    if model_factory is None and vision:
+        model_factory = _vision_factory
     if load_format == "random":
         cfg, directory = _random_config(path_or_name)
         torch_dtype = parse_dtype(dtype, cfg)
@@ -186,7 +191,13 @@ def _default_factory(cfg: ModelConfig) -> nn.Module:
     except ImportError as e:
         raise Qwen35Error(f"the qwen35 model code is not available: {e}") from None
     # straight onto meta: not even a CPU allocation before the parameters are redirected
-    return Qwen35ForCausalLM(cfg, device=torch.device("meta"))
+    return Qwen35ForCausalLM(cfg, device=torch.device("meta"), vision=False)
+
+
+def _vision_factory(cfg: ModelConfig) -> nn.Module:
+    from qwen35.models.qwen3_5 import Qwen35ForCausalLM
+
+    return Qwen35ForCausalLM(cfg, device=torch.device("meta"), vision=cfg.vision is not None)
 
 
 def build_model(
@@ -266,7 +277,9 @@ def init_random_(params: dict[str, torch.Tensor], seed: int = 0) -> None:
             g = gens.get(p.device)
             if g is None:
                 g = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
-            if name.endswith("linear_attn.norm.weight"):
+            if name.startswith("model.visual.") and ("norm" in name or name.endswith("bias")):
+                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)  # LayerNorm
+            elif name.endswith("linear_attn.norm.weight"):
                 p.fill_(1.0)  # gated RMSNorm multiplies by w, not 1 + w
             elif name.endswith(("norm.weight", "layernorm.weight")):
                 p.zero_()  # zero-centred RMSNorm: scale 1 + w

@@ -60,6 +60,11 @@ class ForwardBatch:
     # Prefix caching: after the first `n` new tokens of sequence i, copy its DeltaNet state
     # (conv + recurrent) into slot `dest`: entries (i, n, dest), 1 <= n <= new tokens of i.
     state_checkpoints: list[tuple[int, int, int]] = field(default_factory=list)
+    # Images / videos: 3-D rotary positions [3, T] (t, h, w streams; None: 1-D `positions`), and
+    # vision-encoder rows [M, H] that replace the embeddings of token rows mm_rows [M].
+    mrope_positions: torch.Tensor | None = None
+    mm_rows: torch.Tensor | None = None
+    mm_embeds: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -80,8 +80,12 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen35TextModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype=None, device=None):
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None, vision: bool = False):
         super().__init__()
+        if vision:  # `model.visual.*`, the checkpoint's names
+            from qwen35.models.vision import VisionModel
+
+            self.visual = VisionModel(cfg.vision, dtype, device)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
         counts = {"linear_attention": 0, "full_attention": 0}
         layers = []
@@ -93,14 +97,32 @@ class Qwen35TextModel(nn.Module):
 
 
 class Qwen35ForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None, device=None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype | None = None,
+        device=None,
+        vision: bool | None = None,
+    ):
+        """vision: build the vision tower (default: when the config has one)."""
         super().__init__()
         self.config = cfg
         dtype = dtype or torch.get_default_dtype()
-        self.model = Qwen35TextModel(cfg, dtype, device)
+        vision = cfg.vision is not None if vision is None else vision
+        if vision and cfg.vision is None:
+            raise ValueError("vision=True needs a config with a vision_config")
+        self.model = Qwen35TextModel(cfg, dtype, device, vision)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, device)  # [V, H]
-        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section)
         self.tie_weights()
+
+    @property
+    def has_vision(self) -> bool:
+        return hasattr(self.model, "visual")
+
+    def encode_vision(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]):
+        """Patches of several images / videos [N, C*tp*p*p] -> LM rows [N / merge^2, H]."""
+        return self.model.visual(pixels, grids).to(self.dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -139,7 +161,12 @@ class Qwen35ForCausalLM(nn.Module):
             )
         plan = StepPlan.build(batch, input_ids.shape[0])
         h = self.model.embed_tokens(input_ids)  # [T, H]
-        cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)  # [T, rotary_dim]
+        if batch.mm_rows is not None:  # vision encoder outputs replace the pad tokens' rows
+            h.index_copy_(0, batch.mm_rows, batch.mm_embeds.to(h.dtype))
+        if batch.mrope_positions is not None:
+            cos, sin = self.rotary.cos_sin_mrope(batch.mrope_positions, h.dtype)
+        else:
+            cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)  # [T, rotary_dim]
         for layer in self.model.layers:
             h = layer(h, cos, sin, plan, caches)
         return h
