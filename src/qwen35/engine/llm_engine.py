@@ -28,6 +28,9 @@ from qwen35.engine.scheduler import Scheduler, SchedulerConfig
 from qwen35.engine.sequence import Sequence as Seq
 from qwen35.errors import Qwen35Error
 from qwen35.loader import load_model
+from qwen35.multimodal.chat import extract_media
+from qwen35.multimodal.engine_glue import make_mm_processor, split_mm_prompt
+from qwen35.multimodal.sizing import MediaError
 from qwen35.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
 from qwen35.tokenizer import IncrementalDetokenizer, StopStringMatcher, load_tokenizer
 
@@ -108,6 +111,7 @@ class LLMEngine:
                 device=ec.device.device,
                 load_format=ec.load.load_format,
                 progress=progress,
+                vision=not ec.multimodal.vision_disabled,
             )
         self.config = self.model.config
         self.model_name = model
@@ -148,6 +152,7 @@ class LLMEngine:
             device=self.device,
         )
         self.runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device)
+        self.mm_processor = make_mm_processor(self.model, model_dir, self.tokenizer, ec.multimodal)
         sched_cfg = SchedulerConfig(
             max_num_seqs=self.plan.num_state_slots,
             max_num_batched_tokens=sc.max_num_batched_tokens,
@@ -156,6 +161,7 @@ class LLMEngine:
             enable_prefix_caching=cc.enable_prefix_caching,
             checkpoint_interval=cc.checkpoint_interval or self.plan.checkpoint_interval,
             eos_token_ids=self.eos_token_ids,
+            max_num_encoder_tokens=ec.multimodal.max_num_encoder_tokens or 0,
         )
         self.scheduler = Scheduler(
             sched_cfg,
@@ -188,11 +194,30 @@ class LLMEngine:
             )
         return list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+    @property
+    def has_vision(self) -> bool:
+        """True when images and videos are accepted (the vision tower is loaded)."""
+        return self.mm_processor is not None
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int] | dict,
+        params: SamplingParams,
+        multi_modal_data: dict | None = None,
+        media_options=None,
+    ) -> None:
+        """prompt: text, token ids, or {"prompt" | "prompt_token_ids": ..., "multi_modal_data":
+        {"image": ..., "video": ...}}; images need one <|image_pad|> each in the prompt."""
         params.validate()
         if request_id in self._requests:
             raise Qwen35Error(f"request id {request_id!r} is already in use")
+        prompt, multi_modal_data = split_mm_prompt(prompt, multi_modal_data)
         ids = self.encode_prompt(prompt)
+        mm = None
+        if multi_modal_data:
+            mm = self._mm_prompt(ids, multi_modal_data, media_options)
+            ids = mm.token_ids
         if not ids:
             raise Qwen35Error("the prompt is empty")
         max_tokens = params.max_tokens
@@ -207,6 +232,8 @@ class LLMEngine:
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             seq = Seq(seq_id=seq_id, token_ids=list(ids), num_prompt_tokens=len(ids), params=params)
+            if mm is not None:
+                seq.mm_items, seq.mrope, seq.rope_delta = mm.items, mm.mrope, mm.rope_delta
             st = _SeqState(
                 seq,
                 IncrementalDetokenizer(
@@ -221,6 +248,14 @@ class LLMEngine:
             self.scheduler.add(seq)
         self._requests[request_id] = req
         self.stats_totals["prompt_tokens_total"] += len(ids)
+
+    def _mm_prompt(self, ids: list[int], mm_data: dict, media_options):
+        if self.mm_processor is None:
+            raise MediaError(
+                "this model was loaded without a vision tower (text only): images and videos "
+                "are not accepted"
+            )
+        return self.mm_processor.process(ids, mm_data, media_options)
 
     def abort_request(self, request_id: str) -> None:
         req = self._requests.pop(request_id, None)
@@ -346,7 +381,7 @@ class LLM:
         prompts: str | list[int] | Sequence[str | list[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        single = isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int))
         plist = [prompts] if single else list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(plist)
@@ -379,9 +414,13 @@ class LLM:
             self.engine.abort_request(rid)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs):
+        """Messages may carry image / video parts (OpenAI `image_url`, vLLM `video_url`)."""
+        messages, media = extract_media(messages)
         prompt = self.engine.chat_template.render(
             messages, add_generation_prompt=True, **template_kwargs
         )
+        if media:
+            return self.generate([{"prompt": prompt, "multi_modal_data": media}], params)[0]
         return self.generate([prompt], params)[0]
 
 

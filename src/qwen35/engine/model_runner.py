@@ -13,6 +13,7 @@ import torch
 from qwen35 import kernels
 from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
 from qwen35.engine.sampler import Sampler, SamplingRow, make_generator
+from qwen35.engine.vision_inputs import VisionInputs
 from qwen35.request import TokenLogprob
 
 
@@ -38,6 +39,7 @@ class ModelRunner:
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator | None] = {}
+        self.vision = VisionInputs(model, self.device) if getattr(model, "has_vision", False) else None
 
     # ---- per-sequence sampling state ------------------------------------------------------
     def add_sequence(self, seq_id: str, seed: int | None) -> None:
@@ -45,6 +47,8 @@ class ModelRunner:
 
     def remove_sequence(self, seq_id: str) -> None:
         self._generators.pop(seq_id, None)
+        if self.vision is not None:
+            self.vision.drop(seq_id)
 
     # ---- one step -----------------------------------------------------------------------
     def copy_state(self, src_slot: int, dst_slot: int) -> None:
@@ -109,6 +113,8 @@ class ModelRunner:
         if not scheduled:
             return StepResult({}, {})
         input_ids, batch, sample_seqs = self.build_batch(scheduled)
+        if self.vision is not None:
+            self.vision.apply(scheduled, batch)  # images: encoder outputs and 3-D positions
         logits = self.model(input_ids, batch, self.caches)  # [S, V] fp32
         if not sample_seqs:
             return StepResult({}, {})
