@@ -8,6 +8,7 @@ all tools; a named choice renders only that tool. Nothing forces the model to ca
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from qwen35.chat_format import ChatFormatError, prompt_thinking_enabled
+from qwen35.multimodal.chat import extract_media
+from qwen35.multimodal.media import MediaOptions, load_image, load_video
+from qwen35.multimodal.sizing import MediaError
 from qwen35.request import SamplingParamsError
 from qwen35.server.async_engine import EngineDeadError
 from qwen35.server.chat_output import ChoiceBuilder
@@ -46,6 +50,12 @@ class ChatPrompt:
     text: str
     thinking: bool  # the prompt leaves the model inside an open <think> block
     tools: list[dict[str, Any]] | None  # the tools rendered (and parsed for)
+    media: dict[str, list] | None = None  # image / video sources in prompt order
+
+    def engine_prompt(self) -> Any:
+        if self.media:
+            return {"prompt": self.text, "multi_modal_data": self.media}
+        return self.text
 
 
 def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
@@ -87,12 +97,40 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
         kwargs.pop(reserved, None)
     messages = [m.model_dump(exclude_unset=True) for m in req.messages]
     try:
+        messages, media = extract_media(messages)
+    except MediaError as e:
+        raise APIError(f"invalid messages: {e}", param="messages") from None
+    if media and not getattr(engine, "has_vision", False):
+        raise APIError(
+            "this server's model has no vision encoder loaded: image and video parts are not "
+            "accepted",
+            param="messages",
+        )
+    try:
         text = engine.chat_template.render(
             messages, tools=tools, add_generation_prompt=True, enable_thinking=thinking, **kwargs
         )
     except (ChatFormatError, TypeError, ValueError) as e:
         raise APIError(f"invalid messages: {e}", param="messages") from None
-    return ChatPrompt(text, prompt_thinking_enabled(text), tools)
+    return ChatPrompt(text, prompt_thinking_enabled(text), tools, media or None)
+
+
+def load_server_media(engine: Any, media: dict[str, list]) -> dict[str, list]:
+    """Decode data: URLs and fetch allowed http(s) URLs; never read server files."""
+    base = engine.mm_processor.media
+    opts = MediaOptions(
+        allowed_domains=base.allowed_domains,
+        allow_local_files=False,
+        max_bytes=base.max_bytes,
+        timeout_s=base.timeout_s,
+    )
+    try:
+        out = {"image": [load_image(x, opts) for x in media.get("image", [])]}
+        out["video"] = [{"frames": f, "fps": fps} for f, fps in
+                        (load_video(x, opts) for x in media.get("video", []))]  # fmt: skip
+    except MediaError as e:
+        raise APIError(f"invalid messages: {e}", param="messages") from None
+    return {k: v for k, v in out.items() if v}
 
 
 def _logprobs_n(req: ChatCompletionRequest) -> int | None:
@@ -109,6 +147,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     )
     model = state.check_model(req.model)
     prompt = build_chat_prompt(state.engine, req)
+    if prompt.media:  # decode / fetch off the event loop; bad media is a 400 here
+        prompt.media = await asyncio.to_thread(load_server_media, state.engine, prompt.media)
     top_n = _logprobs_n(req)
     max_tokens = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -119,7 +159,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         param = "top_logprobs" if e.param == "logprobs" else e.param
         raise APIError(str(e), param=param) from None
     rid = random_id("chatcmpl")
-    stream = await add_to_engine(state, [(rid, prompt.text, params)], "messages")
+    stream = await add_to_engine(state, [(rid, prompt.engine_prompt(), params)], "messages")
     tracker = state.metrics.tracker()
     created = int(time.time())
     builders = [ChoiceBuilder(prompt.thinking, prompt.tools) for _ in range(params.n)]
