@@ -23,6 +23,7 @@ def _workload_fns() -> dict[str, Callable]:
     from qwen35.benchmarks.long_context import run_long_context
     from qwen35.benchmarks.multi_turn import run_multi_turn
     from qwen35.benchmarks.throughput import run_throughput
+    from qwen35.benchmarks.vision import run_vision
 
     return {
         "decode": run_decode,
@@ -30,6 +31,7 @@ def _workload_fns() -> dict[str, Callable]:
         "long-context": run_long_context,
         "multi-turn": run_multi_turn,
         "dtype": run_dtype,
+        "vision": run_vision,
     }
 
 
