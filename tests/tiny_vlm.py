@@ -35,9 +35,7 @@ def hf_vlm(moe: bool = False, seed: int = 0, **text_overrides):
     text = tiny_config_dict(moe, **text_overrides)
     text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [3, 3, 2]}
     cfg_cls = tf.Qwen3_5MoeConfig if moe else tf.Qwen3_5Config
-    model_cls = (
-        tf.Qwen3_5MoeForConditionalGeneration if moe else tf.Qwen3_5ForConditionalGeneration
-    )
+    model_cls = tf.Qwen3_5MoeForConditionalGeneration if moe else tf.Qwen3_5ForConditionalGeneration
     config = cfg_cls(
         text_config=text,
         vision_config={**VISION, "out_hidden_size": text["hidden_size"]},

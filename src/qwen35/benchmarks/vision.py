@@ -22,7 +22,8 @@ from qwen35.request import SamplingParams
 
 def sizes(opts: BenchOptions) -> dict:
     if opts.quick:
-        return {"encoder_images": 2, "encoder_side": 224, "chat_side": 256, "rounds": 1}
+        return {"encoder_images": 2, "encoder_side": 224, "chat_side": 256,
+                "rounds": opts.rounds or 1}  # fmt: skip
     return {"encoder_images": 4, "encoder_side": 448, "chat_side": 1024, "rounds": opts.rounds or 3}
 
 
@@ -96,7 +97,9 @@ def run_vision(bm: BenchModel, opts: BenchOptions) -> dict:
         enc = {"ours": [], "transformers": []}
         bm.model.encode_vision(px[: grids[0][1] * grids[0][2]], grids[:1])  # warm-up, both
         if hf is not None:
-            hf.model.visual(px[: grids[0][1] * grids[0][2]].to(bm.dtype), grid_thw=torch.tensor(grids[:1]))
+            hf.model.visual(
+                px[: grids[0][1] * grids[0][2]].to(bm.dtype), grid_thw=torch.tensor(grids[:1])
+            )
         for r in range(sz["rounds"]):
             opts.say(f"vision encoder round {r + 1}/{sz['rounds']}")
             t0 = time.perf_counter()
@@ -114,7 +117,7 @@ def run_vision(bm: BenchModel, opts: BenchOptions) -> dict:
         prompt = engine.chat_template.render(msgs, enable_thinking=False)
         ttft = {"ours": [], "transformers": []}
         n_prompt = 0
-        for r in range(sz["rounds"]):
+        for r in range(-1, sz["rounds"]):  # round -1 warms both up and is not counted
             opts.say(f"vision TTFT round {r + 1}/{sz['rounds']}")
             img = _image(sz["chat_side"], 100 + r)
             t0 = time.perf_counter()
@@ -123,9 +126,12 @@ def run_vision(bm: BenchModel, opts: BenchOptions) -> dict:
             while engine.has_unfinished_requests():
                 for o in engine.step():
                     n_prompt = len(o.prompt_token_ids)
-            ttft["ours"].append(time.perf_counter() - t0)
-            if hf is not None:
-                ttft["transformers"].append(_hf_ttft(hf, engine, prompt, img, pre))
+            took = time.perf_counter() - t0
+            hf_took = _hf_ttft(hf, engine, prompt, img, pre) if hf is not None else None
+            if r >= 0:
+                ttft["ours"].append(took)
+                if hf_took is not None:
+                    ttft["transformers"].append(hf_took)
     finally:
         del bm.model.model.visual
     o_enc, h_enc = median(enc["ours"]), median(enc["transformers"])

@@ -39,7 +39,9 @@ class ModelRunner:
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator | None] = {}
-        self.vision = VisionInputs(model, self.device) if getattr(model, "has_vision", False) else None
+        self.vision = (
+            VisionInputs(model, self.device) if getattr(model, "has_vision", False) else None
+        )
 
     # ---- per-sequence sampling state ------------------------------------------------------
     def add_sequence(self, seq_id: str, seed: int | None) -> None:

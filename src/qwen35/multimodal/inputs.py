@@ -132,7 +132,9 @@ class MultimodalProcessor:
             if kind == "image":
                 n = t * gh * gw // m2
                 if j - i not in (1, n):
-                    raise MediaError(f"image {k + 1} needs {n} placeholder tokens, the prompt has {j - i}")
+                    raise MediaError(
+                        f"image {k + 1} needs {n} placeholder tokens, the prompt has {j - i}"
+                    )
                 item.segments.append((len(out), n))
                 segments.append((len(out), mh, mw))
                 out.extend([tok] * n)

@@ -100,7 +100,9 @@ def load_image(source, opts: MediaOptions):
     if isinstance(source, str):
         data, what = source_bytes(source, opts)
         return _open_bytes(data, what)
-    raise MediaError(f"an image must be a URL, a path, a PIL image or an array, not {type(source).__name__}")
+    raise MediaError(
+        f"an image must be a URL, a path, a PIL image or an array, not {type(source).__name__}"
+    )
 
 
 def load_video(source, opts: MediaOptions) -> tuple[list, float | None]:

@@ -50,7 +50,10 @@ def load_preprocess_config(model_dir: str | Path | None) -> VisionPreprocessConf
         return cfg
     d = Path(model_dir)
     upd: dict = {}
-    for fname, video in (("preprocessor_config.json", False), ("video_preprocessor_config.json", True)):
+    for fname, video in (
+        ("preprocessor_config.json", False),
+        ("video_preprocessor_config.json", True),
+    ):
         p = d / fname
         if not p.is_file():
             continue
@@ -135,7 +138,9 @@ def preprocess_image(image, cfg: VisionPreprocessConfig) -> ProcessedMedia:
     return ProcessedMedia("image", pv, grid, content_hash=_hash("image", [rgb]))
 
 
-def preprocess_video(frames, cfg: VisionPreprocessConfig, fps: float | None = None) -> ProcessedMedia:
+def preprocess_video(
+    frames, cfg: VisionPreprocessConfig, fps: float | None = None
+) -> ProcessedMedia:
     """frames: a uint8 array [T, H, W, 3] or a list of images, already sampled."""
     if isinstance(frames, np.ndarray) and frames.ndim == 4:
         frames = list(frames)
@@ -146,9 +151,7 @@ def preprocess_video(frames, cfg: VisionPreprocessConfig, fps: float | None = No
     if any(f.shape[:2] != (H, W) for f in rgb):
         raise MediaError("all frames of a video must have the same size")
     T, tp = len(rgb), cfg.temporal_patch_size
-    h, w = smart_resize_video(
-        T, H, W, cfg.factor, tp, cfg.video_min_pixels, cfg.video_max_pixels
-    )
+    h, w = smart_resize_video(T, H, W, cfg.factor, tp, cfg.video_min_pixels, cfg.video_max_pixels)
     x = np.stack([_resize_normalize(f, h, w, cfg) for f in rgb])  # [T, 3, h, w]
     if pad := -T % tp:
         x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])

@@ -63,8 +63,8 @@ def smart_resize_video(
     min_pixels: int, max_pixels: int,
 ):  # fmt: skip
     """The Qwen3-VL video processor's resize: the pixel budget covers all frames."""
-    if num_frames < 1:
-        raise MediaError("a video needs at least one frame")
+    if num_frames < temporal_factor:  # as transformers' video processor
+        raise MediaError(f"a video needs at least {temporal_factor} frames, got {num_frames}")
     if height < factor or width < factor:
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
