@@ -91,6 +91,7 @@ def plan_caches(
     weight_bytes: int,
     kv_dtype: str | None = None,
     num_blocks_override: int | None = None,
+    extra_working_bytes: int = 0,  # e.g. the vision encoder's temporaries
 ) -> CachePlan:
     if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
         raise Qwen35Error("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
@@ -98,7 +99,7 @@ def plan_caches(
     spec = cache_spec(cfg, kv_dtype=kv_dtype or dname, conv_dtype=dname)
     kv_tok, st_seq = spec.kv_bytes_per_token, spec.state_bytes_per_sequence
     total = parse_bytes(max_memory)
-    working = _working_memory(cfg, max_num_batched_tokens, max_num_seqs)
+    working = _working_memory(cfg, max_num_batched_tokens, max_num_seqs) + extra_working_bytes
     if total is None:
         budget = _default_budget(device, working)
     else:

@@ -29,7 +29,11 @@ from qwen35.engine.sequence import Sequence as Seq
 from qwen35.errors import Qwen35Error
 from qwen35.loader import load_model
 from qwen35.multimodal.chat import extract_media
-from qwen35.multimodal.engine_glue import make_mm_processor, split_mm_prompt
+from qwen35.multimodal.engine_glue import (
+    encoder_working_memory,
+    make_mm_processor,
+    split_mm_prompt,
+)
 from qwen35.multimodal.sizing import MediaError
 from qwen35.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
 from qwen35.tokenizer import IncrementalDetokenizer, StopStringMatcher, load_tokenizer
@@ -139,6 +143,7 @@ class LLMEngine:
             prefix_cache_memory=cc.prefix_cache_memory,
             weight_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
             num_blocks_override=cc.num_kv_blocks,
+            extra_working_bytes=encoder_working_memory(self.model, model_dir, ec),
         )
         self.max_model_len = self.plan.max_model_len
         if verbose:

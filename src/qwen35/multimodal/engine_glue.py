@@ -31,6 +31,22 @@ def make_mm_processor(model, model_dir, tokenizer, mm_config):
     )
 
 
+def encoder_working_memory(model, model_dir, config) -> int:
+    """Bytes the vision encoder's temporaries need in one step (0 without a tower): the
+    planner's formula at the most patches a step encodes."""
+    if not getattr(model, "has_vision", False):
+        return 0
+    from qwen35.multimodal.processing import load_preprocess_config
+    from qwen35.multimodal.sizing import encoder_working_bytes, max_encoder_patches
+
+    v = model.config.vision
+    budget = config.multimodal.max_num_encoder_tokens or config.scheduler.max_num_batched_tokens
+    patches = max_encoder_patches(budget, load_preprocess_config(model_dir))
+    dtype_bytes = next(model.parameters()).element_size()
+    return encoder_working_bytes(patches, v.hidden_size, v.intermediate_size, v.num_heads,
+                                 v.out_hidden_size, dtype_bytes, v.spatial_merge_size)  # fmt: skip
+
+
 def split_mm_prompt(prompt, multi_modal_data):
     """{"prompt" | "prompt_token_ids": ..., "multi_modal_data": ...} -> (prompt, media)."""
     if isinstance(prompt, dict):

@@ -110,7 +110,6 @@ def num_tokens(grid: tuple[int, int, int], merge_size: int = 2) -> int:
 
 def encoder_working_bytes(
     num_patches: int,
-    largest_segment: int,
     hidden_size: int,
     intermediate_size: int,
     num_heads: int,
@@ -118,14 +117,21 @@ def encoder_working_bytes(
     dtype_bytes: int = 2,
     merge_size: int = 2,
 ) -> int:
-    """Peak temporaries of one encoder call over num_patches patches (our vision.py):
-    the residual stream, the normed input and qkv ([N, 3D]), the MLP's [N, I] hidden, rotary
-    cos/sin in fp32, one image's attention scores [heads, L, L] in fp32 (SDPA's reference
-    path materialises them), and the merger's [N/4, 4D] input and output."""
+    """Peak temporaries of one encoder call over num_patches patches (models/vision.py): the
+    residual stream, the normed input, qkv [N, 3D], attention output, the MLP's [N, I] hidden,
+    rotary cos/sin in fp32, and the merger's [N/4, 4D] input, hidden and output. SDPA's flash
+    kernels (CPU and CUDA) tile the L x L scores, so they are not counted."""
     n, d = num_patches, hidden_size
-    act = n * (d + d + 3 * d + max(intermediate_size, 3 * d)) * dtype_bytes
+    act = n * (d + d + 3 * d + d + max(intermediate_size, 3 * d)) * dtype_bytes
     rope = 2 * n * (d // num_heads) * 4
-    scores = num_heads * largest_segment * largest_segment * 4
     merged = n // (merge_size * merge_size)
-    merger = merged * (2 * 4 * d + out_hidden_size) * dtype_bytes
-    return act + rope + scores + merger
+    merger = merged * (2 * merge_size * merge_size * d + out_hidden_size) * dtype_bytes
+    return act + rope + merger
+
+
+def max_encoder_patches(encoder_tokens: int, cfg: VisionPreprocessConfig | None = None) -> int:
+    """Most patches one step encodes: the token budget, or the largest single image (the first
+    item of a step is always encoded)."""
+    cfg = cfg or VisionPreprocessConfig()
+    largest = cfg.max_pixels // (cfg.patch_size * cfg.patch_size)
+    return max(encoder_tokens * cfg.merge_size * cfg.merge_size, largest)

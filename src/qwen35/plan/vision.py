@@ -49,7 +49,7 @@ def image_plans(cfgs: list[ModelConfig], sizes: list[tuple[int, int]], dtype_byt
             if v is None:
                 continue
             row["encoder_working_bytes"][cfg.name] = encoder_working_bytes(
-                t * gh * gw, gh * gw, v.hidden_size, v.intermediate_size, v.num_heads,
+                t * gh * gw, v.hidden_size, v.intermediate_size, v.num_heads,
                 v.out_hidden_size, dtype_bytes, v.spatial_merge_size,
             )  # fmt: skip
         out.append(row)
