@@ -169,3 +169,31 @@ def test_plan_image_uses_the_engine_formula(capsys):
     assert "1024 tokens" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["plan", "--image", "big"])
+
+
+def test_http_fetch_only_from_allowed_domains(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    a = np.random.default_rng(1).integers(0, 256, (12, 9, 3), dtype=np.uint8)
+    Image.fromarray(a).save(tmp_path / "img.png")
+    (tmp_path / "big.bin").write_bytes(b"x" * 5000)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        ok = MediaOptions(allowed_domains=("127.0.0.1",), allow_local_files=False)
+        assert np.array_equal(np.asarray(load_image(url + "/img.png", ok)), a)
+        with pytest.raises(MediaError, match="not allowed"):
+            load_image(url + "/img.png", MediaOptions())  # fetching is off by default
+        with pytest.raises(MediaError, match="byte limit"):
+            load_image(
+                url + "/big.bin", MediaOptions(allowed_domains=("127.0.0.1",), max_bytes=100)
+            )
+        with pytest.raises(MediaError, match="could not fetch"):
+            load_image(url + "/missing.png", ok)
+    finally:
+        srv.shutdown()

@@ -31,7 +31,11 @@ def rand_image(h: int, w: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["dense", "moe"])
+@pytest.fixture(
+    scope="module",
+    params=[False, pytest.param(True, marks=pytest.mark.slow)],  # MoE: same tower, slower LM
+    ids=["dense", "moe"],
+)
 def vlm(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("vlm-moe" if request.param else "vlm")
     hf = save_vlm(d, moe=request.param)

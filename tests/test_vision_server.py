@@ -101,3 +101,24 @@ def test_animated_gif_as_video(server):
                                        extra_body={"ignore_eos": True})  # fmt: skip
     assert r.usage.completion_tokens == 2
     assert r.usage.prompt_tokens > len(engine.tokenizer.encode("Describe.")) + 16
+
+
+@pytest.mark.slow  # a second engine; the chat path itself is covered by the server tests
+def test_llm_chat_with_image_parts(server, tmp_path):
+    from qwen35 import LLM, SamplingParams
+
+    _, _, engine = server
+    llm = LLM(str(engine.model.model_dir), max_model_len=512, max_memory="256MiB", verbose=False)
+    img = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "p.png")
+    sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    parts = [
+        {"type": "image", "image": Image.fromarray(img)},
+        {"type": "image_url", "image_url": {"url": str(tmp_path / "p.png")}},
+        {"type": "text", "text": "Same?"},
+    ]
+    out = llm.chat([{"role": "user", "content": parts}], sp, enable_thinking=False)
+    ids = out.prompt_token_ids
+    vc = engine.config.vision
+    assert ids.count(vc.image_token_id) == 2 * num_tokens(image_grid(64, 48))
+    assert ids.count(vc.vision_start_token_id) == 2 and len(out.outputs[0].token_ids) == 3
