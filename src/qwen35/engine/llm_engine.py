@@ -210,7 +210,6 @@ class LLMEngine:
         prompt: str | list[int] | dict,
         params: SamplingParams,
         multi_modal_data: dict | None = None,
-        media_options=None,
     ) -> None:
         """prompt: text, token ids, or {"prompt" | "prompt_token_ids": ..., "multi_modal_data":
         {"image": ..., "video": ...}}; images need one <|image_pad|> each in the prompt."""
@@ -221,7 +220,7 @@ class LLMEngine:
         ids = self.encode_prompt(prompt)
         mm = None
         if multi_modal_data:
-            mm = self._mm_prompt(ids, multi_modal_data, media_options)
+            mm = self._mm_prompt(ids, multi_modal_data)
             ids = mm.token_ids
         if not ids:
             raise Qwen35Error("the prompt is empty")
@@ -254,13 +253,13 @@ class LLMEngine:
         self._requests[request_id] = req
         self.stats_totals["prompt_tokens_total"] += len(ids)
 
-    def _mm_prompt(self, ids: list[int], mm_data: dict, media_options):
+    def _mm_prompt(self, ids: list[int], mm_data: dict):
         if self.mm_processor is None:
             raise MediaError(
                 "this model was loaded without a vision tower (text only): images and videos "
                 "are not accepted"
             )
-        return self.mm_processor.process(ids, mm_data, media_options)
+        return self.mm_processor.process(ids, mm_data)
 
     def abort_request(self, request_id: str) -> None:
         req = self._requests.pop(request_id, None)

@@ -79,8 +79,9 @@ class MultimodalProcessor:
         self.limits, self.media = limits, media
         self.merge = vision.spatial_merge_size
 
-    def process(self, ids: list[int], mm_data: dict, media: MediaOptions | None = None) -> MMPrompt:
-        media = media or self.media
+    def process(self, ids: list[int], mm_data: dict) -> MMPrompt:
+        """Load, preprocess and place the media of one prompt (token ids with placeholders)."""
+        media = self.media
         if not isinstance(mm_data, dict) or set(mm_data) - set(KINDS):
             raise MediaError(f"multi_modal_data must be a dict with keys among {KINDS}")
         processed = {}
