@@ -16,7 +16,7 @@ import numpy as np
 from qwen35.config import VisionConfig
 from qwen35.multimodal.media import MediaOptions, load_image, load_video
 from qwen35.multimodal.positions import mrope_positions
-from qwen35.multimodal.processing import preprocess_image, preprocess_video
+from qwen35.multimodal.processing import ProcessedMedia, preprocess_image, preprocess_video
 from qwen35.multimodal.sizing import MediaError, VisionPreprocessConfig
 
 KINDS = ("image", "video")
@@ -58,7 +58,8 @@ def _as_list(kind: str, value) -> list:
     if value is None:
         return []
     if kind == "video":  # one video may itself be a list of frames
-        if isinstance(value, (list, tuple)) and value and not isinstance(value[0], (str, dict)):
+        one = (str, dict, ProcessedMedia)
+        if isinstance(value, (list, tuple)) and value and not isinstance(value[0], one):
             first = value[0]
             is_frame = isinstance(first, np.ndarray) and first.ndim == 3 or hasattr(first, "mode")
             return [value] if is_frame else list(value)
@@ -81,10 +82,16 @@ class MultimodalProcessor:
 
     def process(self, ids: list[int], mm_data: dict) -> MMPrompt:
         """Load, preprocess and place the media of one prompt (token ids with placeholders)."""
-        media = self.media
+        processed = self.preprocess(mm_data)
+        return self.expand(ids, processed.get("image", []), processed.get("video", []))
+
+    def preprocess(self, mm_data: dict, media: MediaOptions | None = None) -> dict[str, list]:
+        """{"image": ..., "video": ...} -> ProcessedMedia lists (items already processed pass
+        through). Heavy (decode, resize): the server runs it off the engine thread."""
+        media = media or self.media
         if not isinstance(mm_data, dict) or set(mm_data) - set(KINDS):
             raise MediaError(f"multi_modal_data must be a dict with keys among {KINDS}")
-        processed = {}
+        out: dict[str, list] = {}
         for kind in KINDS:
             values = _as_list(kind, mm_data.get(kind))
             limit = self.limits.get(kind, 0)
@@ -93,15 +100,18 @@ class MultimodalProcessor:
                     f"{len(values)} {kind}(s) in one prompt, but this server takes at most "
                     f"{limit} (limit_mm_per_prompt)"
                 )
-            if kind == "image":
-                processed[kind] = [preprocess_image(load_image(v, media), self.pre) for v in values]
-            else:
-                out = []
-                for v in values:
-                    frames, fps = load_video(v, media)
-                    out.append(preprocess_video(frames, self.pre, fps))
-                processed[kind] = out
-        return self.expand(ids, processed["image"], processed["video"])
+            out[kind] = [self._one(kind, v, media) for v in values]
+        return out
+
+    def _one(self, kind: str, value, media: MediaOptions) -> ProcessedMedia:
+        if isinstance(value, ProcessedMedia):
+            if value.kind != kind:
+                raise MediaError(f"a processed {value.kind} was given as a {kind}")
+            return value
+        if kind == "image":
+            return preprocess_image(load_image(value, media), self.pre)
+        frames, fps = load_video(value, media)
+        return preprocess_video(frames, self.pre, fps)
 
     def expand(self, ids: list[int], images: list, videos: list) -> MMPrompt:
         vc, m2 = self.vision, self.merge * self.merge

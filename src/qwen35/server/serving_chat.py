@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.requests import Request
@@ -19,7 +19,6 @@ from starlette.responses import JSONResponse, Response
 
 from qwen35.chat_format import ChatFormatError, prompt_thinking_enabled
 from qwen35.multimodal.chat import extract_media
-from qwen35.multimodal.media import MediaOptions, load_image, load_video
 from qwen35.multimodal.sizing import MediaError
 from qwen35.request import SamplingParamsError
 from qwen35.server.async_engine import EngineDeadError
@@ -116,21 +115,14 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
 
 
 def load_server_media(engine: Any, media: dict[str, list]) -> dict[str, list]:
-    """Decode data: URLs and fetch allowed http(s) URLs; never read server files."""
-    base = engine.mm_processor.media
-    opts = MediaOptions(
-        allowed_domains=base.allowed_domains,
-        allow_local_files=False,
-        max_bytes=base.max_bytes,
-        timeout_s=base.timeout_s,
-    )
+    """Decode data: URLs, fetch allowed http(s) URLs (never server files) and preprocess, off
+    the event loop and the engine thread; bad media is a 400."""
+    proc = engine.mm_processor
+    opts = replace(proc.media, allow_local_files=False)
     try:
-        out = {"image": [load_image(x, opts) for x in media.get("image", [])]}
-        out["video"] = [{"frames": f, "fps": fps} for f, fps in
-                        (load_video(x, opts) for x in media.get("video", []))]  # fmt: skip
+        return proc.preprocess(media, opts)
     except MediaError as e:
         raise APIError(f"invalid messages: {e}", param="messages") from None
-    return {k: v for k, v in out.items() if v}
 
 
 def _logprobs_n(req: ChatCompletionRequest) -> int | None:
