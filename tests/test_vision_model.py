@@ -140,3 +140,19 @@ def test_text_only_model_is_bit_identical_with_and_without_tower(vlm):
     c1, s1 = ours.rotary.cos_sin(pos, torch.float32)
     c3, s3 = ours.rotary.cos_sin_mrope(pos.expand(3, -1), torch.float32)
     assert torch.equal(c1, c3) and torch.equal(s1, s3)
+
+
+def test_encoder_bf16_close_to_transformers(vlm):
+    import copy
+
+    d, hf, _ = vlm
+    ours = load_model(str(d), dtype="bf16", vision=True)
+    ref_tower = copy.deepcopy(hf.model.visual).to(torch.bfloat16)
+    grids = [(1, 4, 6), (2, 8, 4), (1, 22, 18)]
+    n = sum(t * h * w for t, h, w in grids)
+    px = torch.randn(n, 3 * 2 * 16 * 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = ref_tower(px.to(torch.bfloat16), grid_thw=torch.tensor(grids)).pooler_output
+    got = ours.encode_vision(px, grids)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), atol=1e-2, rtol=0)  # ~1 bf16 ulp
