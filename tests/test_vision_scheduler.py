@@ -64,3 +64,19 @@ def test_block_hashes_depend_on_image_content():
     assert h["s1"][0] == h["o"][0] == h["p"][0]  # block 0 holds no image token
     assert h["s1"][1] != h["o"][1] and h["s1"][1] != h["p"][1]  # blocks 1-2 hold the image
     assert h["s1"][3] != h["o"][3]  # and everything after it differs through the chain
+
+
+def test_multimodal_options_are_checked():
+    import pytest
+
+    from qwen35.engine.config import EngineConfig
+    from qwen35.errors import Qwen35Error
+
+    assert EngineConfig.create("m", limit_mm_per_prompt={"image": 0}).multimodal.vision_disabled
+    assert EngineConfig.create("m", text_only=True).multimodal.vision_disabled
+    assert not EngineConfig.create("m").multimodal.vision_disabled
+    for bad in ({"audio": 1}, {"image": -1}, [1]):
+        with pytest.raises(Qwen35Error, match="limit_mm_per_prompt"):
+            EngineConfig.create("m", limit_mm_per_prompt=bad)
+    with pytest.raises(Qwen35Error, match="max_num_encoder_tokens"):
+        EngineConfig.create("m", max_num_encoder_tokens=0)

@@ -97,6 +97,21 @@ class MultimodalConfig:
         cli=False,
     )
 
+    def __post_init__(self) -> None:
+        lim = self.limit_mm_per_prompt
+        if lim is not None and (
+            not isinstance(lim, dict)
+            or set(lim) - {"image", "video"}
+            or any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in lim.values())
+        ):
+            raise Qwen35Error(
+                'limit_mm_per_prompt must look like {"image": 4, "video": 1} (counts >= 0), '
+                f"got {lim!r}"
+            )
+        n = self.max_num_encoder_tokens
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise Qwen35Error(f"max_num_encoder_tokens must be an integer >= 1, got {n!r}")
+
     @property
     def vision_disabled(self) -> bool:
         lim = self.limit_mm_per_prompt
