@@ -118,3 +118,18 @@ def test_bad_media_and_text_only_engine(ckpt):
     assert not text.engine.has_vision and not text.engine.model.has_vision
     with pytest.raises(Qwen35Error, match="without a vision tower"):
         text.generate(req(img), GREEDY)
+
+
+def test_checkpoint_without_tower_says_text_only(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qwen35.loader import CheckpointError, load_model
+    from tiny import save_checkpoint
+
+    save_checkpoint(tmp_path, hidden_size=32)
+    f = tmp_path / "model.safetensors"
+    sd = {k: v for k, v in load_file(str(f)).items() if not k.startswith("model.visual.")}
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="--text-only"):
+        load_model(str(tmp_path), dtype="fp32", vision=True)
+    assert not load_model(str(tmp_path), dtype="fp32").has_vision  # text only loads

@@ -359,6 +359,11 @@ def _diagnose(cfg, s: _Scan) -> list[str]:
             "no lm_head.weight in the checkpoint: if the head shares the embedding, the config "
             "should say tie_word_embeddings=true"
         )
+    if any(k.startswith("model.visual.") for k in s.missing):
+        hints.append(
+            "the vision tower (model.visual.*) is not in the checkpoint: load the model text "
+            "only (--text-only, LLM(..., text_only=True))"
+        )
     if any("mlp.experts" in k for k in s.unexpected) and not cfg.is_moe:
         hints.append("the checkpoint is a MoE model but the config describes a dense one")
     if any("mlp.gate_proj" in k for k in s.unexpected) and cfg.is_moe:
