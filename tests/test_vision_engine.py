@@ -133,3 +133,5 @@ def test_checkpoint_without_tower_says_text_only(tmp_path):
     with pytest.raises(CheckpointError, match="--text-only"):
         load_model(str(tmp_path), dtype="fp32", vision=True)
     assert not load_model(str(tmp_path), dtype="fp32").has_vision  # text only loads
+    assert not load_model(str(tmp_path), dtype="fp32", vision="auto").has_vision
+    assert not make_llm(tmp_path).engine.has_vision  # the engine's default: auto

@@ -80,7 +80,7 @@ def load_model(
     progress: bool | None = None,
     seed: int = 0,
     model_factory: ModelFactory | None = None,
-    vision: bool = False,
+    vision: bool | str = False,
 ) -> nn.Module:
     """Load a Qwen 3.5 text model, in eval mode and without gradients.
 
@@ -90,7 +90,8 @@ def load_model(
     that. progress: a progress bar while reading (default: when stderr is a terminal).
     model_factory: builds the module from the config (default: qwen35's Qwen35ForCausalLM).
     vision: also build and load the vision tower (`model.visual.*`, strictly) when the config
-    has one; False skips those tensors (text only: no tower memory).
+    has one; False skips those tensors (text only: no tower memory); "auto": load it when the
+    checkpoint has any `model.visual.*` tensor (random weights: when the config has a tower).
     Returns the model with `.config` (ModelConfig, unless the module already has a config),
     `.load_report` (LoadReport) and `.model_dir` (the local directory, for the tokenizer; None
     for random weights without a directory).
@@ -101,6 +102,8 @@ def load_model(
     if isinstance(path_or_name, str) and path_or_name.startswith("random:"):
         path_or_name, load_format = path_or_name[len("random:") :], "random"
     dev = parse_device(device)
+    if vision == "auto":
+        vision = load_format == "random" or _has_visual_tensors(path_or_name)
     if model_factory is None and vision:
         model_factory = _vision_factory
     if load_format == "random":
@@ -192,6 +195,22 @@ def _default_factory(cfg: ModelConfig) -> nn.Module:
         raise Qwen35Error(f"the qwen35 model code is not available: {e}") from None
     # straight onto meta: not even a CPU allocation before the parameters are redirected
     return Qwen35ForCausalLM(cfg, device=torch.device("meta"), vision=False)
+
+
+def _has_visual_tensors(source) -> bool:
+    """Whether the checkpoint stores a vision tower (headers only)."""
+    try:
+        files = checkpoint_files(resolve_model_dir(source))
+    except Qwen35Error:
+        return False  # load_model reports the real problem
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            if any(k.startswith("model.visual.") for k in h.keys()):
+                return True
+    log.warning("%s has no vision tower (model.visual.*): loading it text only", source)
+    return False
 
 
 def _vision_factory(cfg: ModelConfig) -> nn.Module:

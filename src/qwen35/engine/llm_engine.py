@@ -115,7 +115,7 @@ class LLMEngine:
                 device=ec.device.device,
                 load_format=ec.load.load_format,
                 progress=progress,
-                vision=not ec.multimodal.vision_disabled,
+                vision=False if ec.multimodal.vision_disabled else "auto",
             )
         self.config = self.model.config
         self.model_name = model
