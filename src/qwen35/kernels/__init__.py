@@ -2,8 +2,9 @@
 
 Each kernel has a plain PyTorch path beside it and a test against that path; when a kernel
 can't be used (no compiler, a CPU without the instructions, QWEN35_NO_KERNELS=1) the caller
-falls back to the PyTorch op. The build is cached by torch under ~/.cache/torch_extensions
-(TORCH_EXTENSIONS_DIR), so only the first process on a machine pays it (~30-60 s).
+falls back to the PyTorch op. QWEN35_NO_KERNELS=1 switches them off at any time, also after a
+first load. The build is cached by torch under ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR),
+so only the first process on a machine pays it (README: Model implementation).
 
 - `deltanet_decode(qkv, conv_state, conv_w, g, beta, state, num_key_heads)`: a DeltaNet
   layer's decode step after its projections, two passes over each head's state instead of five
@@ -12,9 +13,11 @@ falls back to the PyTorch op. The build is cached by torch under ~/.cache/torch_
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 from qwen35.devices import cpu_flags
@@ -25,12 +28,17 @@ _module = None
 _tried = False
 
 NAME = "qwen35_cpu_kernels"
+STALE_LOCK_S = 600  # a build lock older than this was left by a process killed mid-build
 FLAGS = ("avx2", "fma")  # the build targets x86-64 with AVX2 + FMA (any CPU of the last decade)
+
+
+def switched_off() -> bool:
+    return os.environ.get("QWEN35_NO_KERNELS", "") not in ("", "0")
 
 
 def supported() -> bool:
     """The CPU has the instructions and kernels are not switched off."""
-    if os.environ.get("QWEN35_NO_KERNELS", "") not in ("", "0"):
+    if switched_off():
         return False
     flags = cpu_flags()
     return all(f in flags for f in FLAGS)
@@ -38,8 +46,10 @@ def supported() -> bool:
 
 def load():
     """The compiled module, or None where it can't be had. Builds once per process (cached on
-    disk across processes); a failed build is logged once."""
+    disk across processes); a failed build is logged once. None while switched off."""
     global _module, _tried
+    if switched_off():
+        return None
     if _tried:
         return _module
     with _lock:
@@ -58,15 +68,31 @@ def _build():
     from torch.utils.cpp_extension import load as build
 
     src = Path(__file__).with_name("gated_delta_cpu.cpp")
-    if not _built(NAME):
-        log.warning("compiling qwen35's CPU kernels (once per machine, ~30 s)")
+    # one build directory per source version: two checkouts never rebuild each other's module
+    name = f"{NAME}_{hashlib.sha256(src.read_bytes()).hexdigest()[:10]}"
+    _clear_stale_lock(name)
+    if not _built(name):
+        log.warning("compiling qwen35's CPU kernels (once per machine and version)")
     return build(
-        name=NAME,
+        name=name,
         sources=[str(src)],
         extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
+
+
+def _clear_stale_lock(name: str) -> None:
+    """torch's builder waits forever on a `lock` file a killed build left behind."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing a stale kernel build lock %s (a build was killed)", lock)
+            lock.unlink(missing_ok=True)
+    except Exception:  # a private helper of torch: without it, torch's own wait applies
+        pass
 
 
 def _built(name: str) -> bool:

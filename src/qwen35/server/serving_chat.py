@@ -8,14 +8,13 @@ all tools; a named choice renders only that tool. Nothing forces the model to ca
 
 from __future__ import annotations
 
-import asyncio
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from qwen35.chat_format import ChatFormatError, prompt_thinking_enabled
 from qwen35.multimodal.chat import extract_media
@@ -29,17 +28,17 @@ from qwen35.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     Usage,
-    error_body,
     random_id,
 )
 from qwen35.server.serving_common import (
-    SSE_DONE,
+    JSONResponse,
     ServerState,
     SSEResponse,
     add_to_engine,
     chat_logprobs,
     collect,
-    read_json,
+    engine_dead_error,
+    request_id_of,
     sse,
 )
 
@@ -50,11 +49,6 @@ class ChatPrompt:
     thinking: bool  # the prompt leaves the model inside an open <think> block
     tools: list[dict[str, Any]] | None  # the tools rendered (and parsed for)
     media: dict[str, list] | None = None  # image / video sources in prompt order
-
-    def engine_prompt(self) -> Any:
-        if self.media:
-            return {"prompt": self.text, "multi_modal_data": self.media}
-        return self.text
 
 
 def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
@@ -111,18 +105,36 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
         )
     except (ChatFormatError, TypeError, ValueError) as e:
         raise APIError(f"invalid messages: {e}", param="messages") from None
+    except RecursionError:  # e.g. tool-call `arguments` (a JSON string) nested 100k deep
+        raise APIError(
+            "invalid messages: a value nests too deeply to render",
+            param="messages",
+            code="nested_too_deeply",
+        ) from None
     return ChatPrompt(text, prompt_thinking_enabled(text), tools, media or None)
 
 
 def load_server_media(engine: Any, media: dict[str, list]) -> dict[str, list]:
-    """Decode data: URLs, fetch allowed http(s) URLs (never server files) and preprocess, off
-    the event loop and the engine thread; bad media is a 400."""
+    """Decode data: URLs, fetch allowed http(s) URLs (never server files) and preprocess (on
+    the worker thread, not the event loop or the engine thread); bad media is a 400."""
     proc = engine.mm_processor
     opts = replace(proc.media, allow_local_files=False)
     try:
         return proc.preprocess(media, opts)
     except MediaError as e:
         raise APIError(f"invalid messages: {e}", param="messages") from None
+
+
+def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[ChatPrompt, Any]:
+    """Render and tokenize, and decode + preprocess images (on a worker thread: all cost time
+    linear in the body). -> the prompt, and what goes to the engine (token ids, or with media
+    {"prompt_token_ids", "multi_modal_data"})."""
+    prompt = build_chat_prompt(state.engine, req)
+    ids = state.encode(prompt.text, "messages")
+    if not prompt.media:
+        return prompt, ids
+    media = load_server_media(state.engine, prompt.media)
+    return prompt, {"prompt_token_ids": ids, "multi_modal_data": media}
 
 
 def _logprobs_n(req: ChatCompletionRequest) -> int | None:
@@ -134,13 +146,8 @@ def _logprobs_n(req: ChatCompletionRequest) -> int | None:
 
 
 async def create_chat_completion(state: ServerState, request: Request) -> Response:
-    req: ChatCompletionRequest = await read_json(
-        request, ChatCompletionRequest, state.config.max_body_bytes
-    )
+    req: ChatCompletionRequest = await state.read_request(request, ChatCompletionRequest)
     model = state.check_model(req.model)
-    prompt = build_chat_prompt(state.engine, req)
-    if prompt.media:  # decode / fetch off the event loop; bad media is a 400 here
-        prompt.media = await asyncio.to_thread(load_server_media, state.engine, prompt.media)
     top_n = _logprobs_n(req)
     max_tokens = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -150,8 +157,9 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     except SamplingParamsError as e:
         param = "top_logprobs" if e.param == "logprobs" else e.param
         raise APIError(str(e), param=param) from None
+    prompt, ids = await state.offload(prepare_chat, state, req)
     rid = random_id("chatcmpl")
-    stream = await add_to_engine(state, [(rid, prompt.engine_prompt(), params)], "messages")
+    stream = await add_to_engine(state, [(rid, ids, params)], "messages")
     tracker = state.metrics.tracker()
     created = int(time.time())
     builders = [ChoiceBuilder(prompt.thinking, prompt.tools) for _ in range(params.n)]
@@ -170,32 +178,28 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         async def events():
             first = {"role": "assistant", "content": ""}
             yield chunk([_choice(i, dict(first)) for i in range(params.n)])
-            try:
-                async for out in stream:
-                    tracker.on_output(out)
-                    choices = []
-                    for o in out.outputs:
-                        b = builders[o.index]
-                        delta = b.feed(o.text)
-                        finish = None
-                        if o.finish_reason is not None:
-                            delta = b.merge(delta, b.finish())
-                            finish = b.finish_reason(o.finish_reason)
-                        lp = None
-                        if top_n is not None and o.logprobs:
-                            lp = {"content": chat_logprobs(state, o.logprobs, top_n)}
-                        if delta or lp or finish:
-                            choices.append(_choice(o.index, delta, lp, finish, o.stop_reason))
-                    if choices:
-                        yield chunk(choices)
-                tracker.done()
-                if req.include_usage:
-                    yield chunk([], usage=tracker.usage())
-            except EngineDeadError as e:
-                yield sse(error_body(str(e), "server_error", code="engine_dead"))
-            yield SSE_DONE
+            async for out in stream:
+                tracker.on_output(out)
+                choices = []
+                for o in out.outputs:
+                    b = builders[o.index]
+                    delta = b.feed(o.text)
+                    finish = None
+                    if o.finish_reason is not None:
+                        delta = b.merge(delta, b.finish())
+                        finish = b.finish_reason(o.finish_reason)
+                    lp = None
+                    if top_n is not None and o.logprobs:
+                        lp = {"content": chat_logprobs(state, o.logprobs, top_n)}
+                    if delta or lp or finish:
+                        choices.append(_choice(o.index, delta, lp, finish, o.stop_reason))
+                if choices:
+                    yield chunk(choices)
+            tracker.done()
+            if req.include_usage:
+                yield chunk([], usage=tracker.usage())
 
-        return SSEResponse(events(), on_close=stream.abort)
+        return SSEResponse(events(), stream.abort, request_id_of(request))
 
     texts = [""] * params.n
     lps: list[list] = [[] for _ in range(params.n)]
@@ -212,7 +216,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                     if o.stop_reason is not None:
                         stop_reason[o.index] = o.stop_reason
         except EngineDeadError as e:
-            raise APIError(str(e), 503, "server_error", code="engine_dead") from None
+            raise engine_dead_error(e) from None
     tracker.done()
     choices = []
     for i, b in enumerate(builders):
