@@ -123,9 +123,9 @@ class VisionModel(nn.Module):
         self.side = int(vc.num_position_embeddings**0.5)
         hd = vc.hidden_size // vc.num_heads
         # axial rope: hd/4 frequencies per axis (theta 10000), [h freqs | w freqs] twice
-        self._inv_freq = 1.0 / (
-            10000.0 ** (torch.arange(0, hd // 2, 2, dtype=torch.float) / (hd // 2))
-        )
+        # built on the CPU explicitly: the loader constructs models under torch.device("meta")
+        ar = torch.arange(0, hd // 2, 2, dtype=torch.float, device="cpu")
+        self._inv_freq = 1.0 / (10000.0 ** (ar / (hd // 2)))
 
     @property
     def dtype(self) -> torch.dtype:
