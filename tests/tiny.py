@@ -4,8 +4,8 @@
 random weights, norm weights randomised so the zero-centred `1 + w` convention is exercised.
 `save_checkpoint(dir, ...)` writes it as a model directory in one of the on-disk layouts:
 - layout="text": transformers' own `save_pretrained` (flat config, `model.*` names);
-- layout="vlm": the official layout (nested config, `model.language_model.*`, plus random
-  `model.visual.*` and `mtp.*` tensors that a text-only loader must skip);
+- layout="vlm": the official layout (nested config, `model.language_model.*`, plus a complete random
+  `model.visual.*` tower and `mtp.*` tensors that a text-only loader must skip);
 - experts="fused" (`experts.gate_up_proj` [E, 2I, H]) or "per_expert" (`experts.{e}.*_proj.weight`).
 """
 
@@ -87,6 +87,21 @@ def hf_model(moe: bool = False, seed: int = 0, **overrides):
     return model
 
 
+VISION_CONFIG = {"depth": 1, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64}
+
+
+def _random_tower(H: int, g: torch.Generator, dtype) -> dict[str, torch.Tensor]:
+    """A complete random `model.visual.*` tower of VISION_CONFIG (the loader reads it strictly)."""
+    from qwen35.config import VisionConfig
+    from qwen35.models.vision import VisionModel
+
+    tower = VisionModel(VisionConfig(**VISION_CONFIG, out_hidden_size=H), device="meta")
+    return {
+        f"model.visual.{k}": (torch.randn(v.shape, generator=g) * 0.05).to(dtype)
+        for k, v in tower.state_dict().items()
+    }
+
+
 def _vlm_name(name: str) -> str:
     return name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else name
 
@@ -135,10 +150,7 @@ def save_checkpoint(
         sd = {_vlm_name(k): v for k, v in sd.items()}
         g = torch.Generator().manual_seed(seed + 2)
         H = model.config.hidden_size
-        sd["model.visual.patch_embed.proj.weight"] = torch.randn(32, 3, 2, 16, 16, generator=g).to(
-            dtype
-        )
-        sd["model.visual.merger.linear_fc2.weight"] = torch.randn(H, 128, generator=g).to(dtype)
+        sd.update(_random_tower(H, g, dtype))
         sd["mtp.fc.weight"] = torch.randn(H, 2 * H, generator=g).to(dtype)
         sd["mtp.norm.weight"] = torch.randn(H, generator=g).to(dtype)
         mt = "qwen3_5_moe" if moe else "qwen3_5"
@@ -150,10 +162,7 @@ def save_checkpoint(
             "tie_word_embeddings": model.config.tie_word_embeddings,
             "text_config": text_cfg,
             "vision_config": {
-                "depth": 1,
-                "hidden_size": 32,
-                "num_heads": 2,
-                "intermediate_size": 64,
+                **VISION_CONFIG,
                 "out_hidden_size": H,
                 "model_type": mt,
             },

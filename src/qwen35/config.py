@@ -17,6 +17,9 @@ from qwen35.errors import Qwen35Error
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 LAYER_KINDS = ("linear_attention", "full_attention")
+_VISION_TOKEN_KEYS = (
+    "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"
+)  # fmt: skip
 
 
 class ConfigError(Qwen35Error, ValueError):
@@ -35,6 +38,11 @@ class VisionConfig:
     in_channels: int = 3
     spatial_merge_size: int = 2
     num_position_embeddings: int = 2304
+    # the prompt's vision tokens (top-level keys of the official config.json)
+    image_token_id: int = 248056
+    video_token_id: int = 248057
+    vision_start_token_id: int = 248053
+    vision_end_token_id: int = 248054
 
 
 @dataclass(frozen=True)
@@ -243,6 +251,7 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
                 in_channels=int(vc.get("in_channels", 3)),
                 spatial_merge_size=int(vc.get("spatial_merge_size", 2)),
                 num_position_embeddings=int(vc.get("num_position_embeddings", 2304)),
+                **{k: int(raw[k]) for k in _VISION_TOKEN_KEYS if raw.get(k) is not None},
             )
         except KeyError as e:
             raise ConfigError(f"missing required key 'vision_config.{e.args[0]}'") from None

@@ -82,6 +82,7 @@ def load_model(
     seed: int = 0,
     model_factory: ModelFactory | None = None,
     tp: TensorParallel = SINGLE,
+    vision: bool | str = False,
 ) -> nn.Module:
     """Load a Qwen 3.5 text model, in eval mode and without gradients.
 
@@ -94,6 +95,9 @@ def load_model(
     before any weight is read, the model holds the rank's shard, and only the rank's slices of
     each checkpoint tensor are read (random weights: the same seed on every rank, so replicated
     weights such as the router agree across ranks; the shards are not slices of tp=1's values).
+    vision: also build and load the vision tower (`model.visual.*`, strictly) when the config
+    has one; False skips those tensors (text only: no tower memory); "auto": load it when the
+    checkpoint has any `model.visual.*` tensor (random weights: when the config has a tower).
     Returns the model with `.config` (ModelConfig, unless the module already has a config),
     `.load_report` (LoadReport) and `.model_dir` (the local directory, for the tokenizer; None
     for random weights without a directory).
@@ -104,6 +108,19 @@ def load_model(
     if isinstance(path_or_name, str) and path_or_name.startswith("random:"):
         path_or_name, load_format = path_or_name[len("random:") :], "random"
     dev = parse_device(device)
+    if vision is True and tp.size > 1:
+        raise Qwen35Error(
+            "the vision tower is not tensor-parallel yet: use tensor_parallel_size=1 for images, "
+            "or text_only=True"
+        )
+    if vision == "auto":
+        if tp.size > 1:
+            log.warning("tensor parallelism: loading the text model only (no vision tower)")
+            vision = False
+        else:
+            vision = load_format == "random" or _has_visual_tensors(path_or_name)
+    if model_factory is None and vision:
+        model_factory = _vision_factory
     if load_format == "random":
         cfg, directory = _random_config(path_or_name)
         _check_layout(cfg, tp, model_factory)
@@ -203,7 +220,29 @@ def _finish(model: nn.Module, cfg: ModelConfig) -> None:
 def _default_factory(cfg: ModelConfig, tp: TensorParallel = SINGLE) -> nn.Module:
     from qwen35.models.qwen3_5 import Qwen35ForCausalLM
 
-    return Qwen35ForCausalLM(cfg, device=torch.device("meta"), tp=tp)
+    return Qwen35ForCausalLM(cfg, device=torch.device("meta"), tp=tp, vision=False)
+
+
+def _has_visual_tensors(source) -> bool:
+    """Whether the checkpoint stores a vision tower (headers only)."""
+    try:
+        files = checkpoint_files(resolve_model_dir(source))
+    except Qwen35Error:
+        return False  # load_model reports the real problem
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            if any(k.startswith("model.visual.") for k in h.keys()):
+                return True
+    log.warning("%s has no vision tower (model.visual.*): loading it text only", source)
+    return False
+
+
+def _vision_factory(cfg: ModelConfig) -> nn.Module:
+    from qwen35.models.qwen3_5 import Qwen35ForCausalLM
+
+    return Qwen35ForCausalLM(cfg, device=torch.device("meta"), vision=cfg.vision is not None)
 
 
 def build_model(
@@ -284,7 +323,9 @@ def init_random_(params: dict[str, torch.Tensor], seed: int = 0) -> None:
             g = gens.get(p.device)
             if g is None:
                 g = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
-            if name.endswith("linear_attn.norm.weight"):
+            if name.startswith("model.visual.") and ("norm" in name or name.endswith("bias")):
+                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)  # LayerNorm
+            elif name.endswith("linear_attn.norm.weight"):
                 p.fill_(1.0)  # gated RMSNorm multiplies by w, not 1 + w
             elif name.endswith(("norm.weight", "layernorm.weight")):
                 p.zero_()  # zero-centred RMSNorm: scale 1 + w

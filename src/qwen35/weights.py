@@ -2,7 +2,8 @@
 
 Checkpoint names are mapped onto the model's parameter names (transformers' text-only names):
 - `model.language_model.X` (official VLM layout) and `model.X` (flat text layout) -> `model.X`;
-- `model.visual.*`, `mtp.*` and stale `rotary_emb.inv_freq` buffers are skipped and counted;
+- `mtp.*` and stale `rotary_emb.inv_freq` buffers are skipped and counted, and so is
+  `model.visual.*` unless the model has a vision tower (then it is loaded, strictly);
 - per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight` fill slices of the fused parameters
   `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows first, then up) and `mlp.experts.down_proj`
   [E, H, I].
@@ -136,8 +137,10 @@ def _open(path: Path):
 
 
 # ---- names --------------------------------------------------------------------------------------
-def map_key(key: str) -> _Target | str:
+def map_key(key: str, keep_visual: bool = False) -> _Target | str:
     """The model target of a checkpoint key, or the skip-prefix (str) when it is ignored."""
+    if keep_visual and key.startswith("model.visual."):
+        return _Target(key)
     for prefix, label in _SKIP_PREFIXES.items():
         if key.startswith(prefix):
             return label
@@ -198,6 +201,7 @@ def scan(
     (the tied `lm_head.weight`).
     """
     s = _Scan()
+    keep_visual = any(n.startswith("model.visual.") for n in params)
     written: dict[str, set] = defaultdict(set)  # param -> {(expert, part)}; fused: (None, None)
     tied_head: tuple[Path, _Entry] | None = None
     for path in files:
@@ -206,7 +210,7 @@ def scan(
             for key in f.keys():
                 sl = f.get_slice(key)
                 shape, st_dtype = tuple(sl.get_shape()), sl.get_dtype()
-                t = map_key(key)
+                t = map_key(key, keep_visual)
                 if isinstance(t, str):
                     s.skipped[t] += 1
                     continue
@@ -354,6 +358,11 @@ def _diagnose(cfg, s: _Scan) -> list[str]:
         hints.append(
             "no lm_head.weight in the checkpoint: if the head shares the embedding, the config "
             "should say tie_word_embeddings=true"
+        )
+    if any(k.startswith("model.visual.") for k in s.missing):
+        hints.append(
+            "the vision tower (model.visual.*) is not in the checkpoint: load the model text "
+            "only (--text-only, LLM(..., text_only=True))"
         )
     if any("mlp.experts" in k for k in s.unexpected) and not cfg.is_moe:
         hints.append("the checkpoint is a MoE model but the config describes a dense one")

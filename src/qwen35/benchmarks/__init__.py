@@ -3,8 +3,9 @@
 Workloads (one module each): `decode` (batch-1 tokens/s against the memory-bandwidth roofline),
 `throughput` (32 mixed requests: continuous batching vs static batches), `long_context`
 (decode step time at 1K/8K/32K context, hybrid vs all-full-attention), `multi_turn` (prefix
-caching on vs off), and outside `all`, `dtype` (fp32 vs bf16 weights for our engine) and
-`structured` (constrained vs unconstrained decode steps at batch 32, schema compile time).
+caching on vs off), and outside `all`, `dtype` (fp32 vs bf16 weights for our engine),
+`structured` (constrained vs unconstrained decode steps at batch 32, schema compile time) and
+`vision` (encoder images/s and TTFT of a chat with one image).
 `runner.run_bench` runs the chosen ones in one process and builds the
 JSON document (schema "qwen35.bench/1"); `report` prints the rich tables.
 """
@@ -12,5 +13,7 @@ JSON document (schema "qwen35.bench/1"); `report` prints the rich tables.
 from __future__ import annotations
 
 SCHEMA = "qwen35.bench/1"
-WORKLOADS = ("decode", "throughput", "long-context", "multi-turn", "dtype", "structured")
+WORKLOADS = (
+    "decode", "throughput", "long-context", "multi-turn", "dtype", "structured", "vision"
+)  # fmt: skip
 ALL = WORKLOADS[:4]  # what `--workload all` runs: the issues' workloads

@@ -51,8 +51,24 @@ def print_workload(doc: dict, key: str, con: Console) -> None:
         "multi_turn": _multi_turn,
         "dtype": _dtype,
         "structured": _structured,
+        "vision": _vision,
     }
     printers[key](con, doc["workloads"][key], _impl(doc))
+
+
+def _vision(con: Console, d: dict, impl: str = "") -> None:
+    t = Table(
+        title=f"Images: encoder ({d['encoder_images']} x {d['encoder_image_side']}px) and TTFT of "
+        f"a chat with one {d['chat_image_side']}px image ({d['prompt_tokens']} prompt tokens), "
+        f"median of {d['rounds']} interleaved rounds"
+    )
+    for c in ("", "encoder images/s", "TTFT s"):
+        t.add_column(c, justify="right")
+    o, h = d["ours"], d["transformers"]
+    t.add_row("ours", _f(o["encoder_images_per_s"]), _f(o["ttft_s"]))
+    t.add_row("transformers" + impl, _f(h["encoder_images_per_s"]), _f(h["ttft_s"]))
+    t.add_row("speedup", _f(d["encoder_speedup"]), _f(d["ttft_speedup"]))
+    con.print(t)
 
 
 def _decode(con: Console, d: dict, impl: str) -> None:

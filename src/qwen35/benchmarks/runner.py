@@ -24,6 +24,7 @@ def _workload_fns() -> dict[str, Callable]:
     from qwen35.benchmarks.multi_turn import run_multi_turn
     from qwen35.benchmarks.structured import run_structured
     from qwen35.benchmarks.throughput import run_throughput
+    from qwen35.benchmarks.vision import run_vision
 
     return {
         "decode": run_decode,
@@ -32,6 +33,7 @@ def _workload_fns() -> dict[str, Callable]:
         "multi-turn": run_multi_turn,
         "dtype": run_dtype,
         "structured": run_structured,
+        "vision": run_vision,
     }
 
 

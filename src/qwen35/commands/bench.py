@@ -13,7 +13,7 @@ import sys
 from qwen35.errors import Qwen35Error
 
 WORKLOAD_CHOICES = (
-    "all", "decode", "throughput", "long-context", "multi-turn", "dtype", "structured"
+    "all", "decode", "throughput", "long-context", "multi-turn", "dtype", "structured", "vision"
 )  # fmt: skip
 
 
@@ -37,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="which benchmark (default: all): decode = batch-1 tokens/s vs the bandwidth "
         "roofline; throughput = 32 mixed requests; long-context = decode step time at 1K/8K/32K, "
         "hybrid vs all-full-attention; multi-turn = prefix caching on vs off; dtype = our "
-        "engine in fp32 vs bf16 (not part of all); structured = decode steps with every row "
-        "under a JSON schema vs none at batch 32, and schema compile time (not part of all)",
+        "engine in fp32 vs bf16; structured = decode steps with every row under a JSON schema "
+        "vs none at batch 32, and schema compile time; vision = encoder images/s and TTFT of a "
+        "chat with one 1024x1024 image (dtype, structured and vision are not part of all)",
     )
     p.add_argument(
         "--model",

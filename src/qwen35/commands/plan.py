@@ -14,6 +14,7 @@ from pathlib import Path
 from qwen35 import catalog
 from qwen35.catalog import gpus as gpu_catalog
 from qwen35.config import ModelConfig
+from qwen35.plan import vision as plan_vision
 from qwen35.plan.launch import launch_commands
 from qwen35.plan.params import has_fp8
 from qwen35.plan.planner import (
@@ -105,6 +106,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--text-only",
         action="store_true",
         help="leave out the vision tower and MTP head (a text-only deployment)",
+    )
+    p.add_argument(
+        "--image",
+        action="append",
+        type=plan_vision.image_size,
+        metavar="WxH",
+        help="tokens per image of this size and the vision encoder's working memory (repeatable)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="FILE.png", help="memory vs context per model (matplotlib)")
@@ -342,12 +350,20 @@ def run(args) -> int:
             for r in rows:
                 r.by_gpu[name] = _fits(r.summary.cfg, r.dtypes, g, args)
             common.append((g, _recommend(rows, name)))
+    images = getattr(args, "image", None)
+    if images:
+        images = plan_vision.image_plans([r.summary.cfg for r in rows], images)
     if args.json:
-        print(json.dumps(to_json(rows, gpu, args, common), indent=2))
+        body = to_json(rows, gpu, args, common)
+        if images:
+            body["images"] = images
+        print(json.dumps(body, indent=2))
     else:
         from qwen35.plan import view as plan_view
 
         plan_view.render(rows, gpu, args, common)
+        if images:
+            print(plan_vision.render(images))
     if args.plot:
         from qwen35.plan import view as plan_view
 

@@ -95,6 +95,7 @@ def plan_caches(
     num_blocks_override: int | None = None,
     working_bytes: int | None = None,
     tp: int = 1,
+    extra_working_bytes: int = 0,  # e.g. the vision encoder's temporaries
 ) -> CachePlan:
     """`working_bytes`: measured working memory (GPU: `measure_working_memory`), replacing the
     planner's formula. tp > 1: one tensor-parallel rank's caches (its shard of every KV and state
@@ -112,6 +113,7 @@ def plan_caches(
         working = working_memory_bytes(
             cfg, max_num_batched_tokens, max_num_seqs, dtype=dname, tp=tp
         )
+    working += extra_working_bytes  # e.g. the vision encoder's temporaries
     if total is None:
         budget = _default_budget(device, working)
     else:

@@ -92,12 +92,52 @@ class DeviceConfig:
     )
 
 
+@dataclass(frozen=True)
+class MultimodalConfig:
+    text_only: bool = _opt(
+        False, "skip the vision tower: no images or videos, no tower memory", flag="--text-only"
+    )
+    # most images / videos per prompt; {"image": 0, "video": 0} is the same as text_only
+    limit_mm_per_prompt: dict | None = _opt(None, "items per prompt (default 16 each)", cli=False)
+    allowed_media_domains: str | None = _opt(
+        None, "comma-separated domains whose http(s) image URLs may be fetched (default: none)"
+    )
+    max_media_bytes: int = _opt(32 << 20, "largest image / video accepted, in bytes", cli=False)
+    media_fetch_timeout: float = _opt(10.0, "seconds for one media URL fetch", cli=False)
+    max_num_encoder_tokens: int | None = _opt(
+        None,
+        "vision tokens encoded per step beyond the first item (default max-num-batched-tokens)",
+        cli=False,
+    )
+
+    def __post_init__(self) -> None:
+        lim = self.limit_mm_per_prompt
+        if lim is not None and (
+            not isinstance(lim, dict)
+            or set(lim) - {"image", "video"}
+            or any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in lim.values())
+        ):
+            raise Qwen35Error(
+                'limit_mm_per_prompt must look like {"image": 4, "video": 1} (counts >= 0), '
+                f"got {lim!r}"
+            )
+        n = self.max_num_encoder_tokens
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise Qwen35Error(f"max_num_encoder_tokens must be an integer >= 1, got {n!r}")
+
+    @property
+    def vision_disabled(self) -> bool:
+        lim = self.limit_mm_per_prompt
+        return self.text_only or (lim is not None and not any(lim.values()))
+
+
 _PARTS = {
     "load": LoadConfig,
     "cache": CacheConfig,
     "scheduler": SchedulingConfig,
     "parallel": ParallelConfig,
     "device": DeviceConfig,
+    "multimodal": MultimodalConfig,
 }
 
 
@@ -108,6 +148,7 @@ class EngineConfig:
     scheduler: SchedulingConfig = field(default_factory=SchedulingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
     # seeds the sampler's shared generator, which requests without their own `seed` draw
     # from: the same requests in the same order sample the same tokens; None: a random seed
     seed: int | None = None

@@ -146,6 +146,12 @@ class ForwardBatch:
     # After the step: DeltaNet state of slot src copied to dest (prefix-cache checkpoints of
     # decode rows; the model applies them at the end of its forward, a graph runner after replay)
     state_copies: list[tuple[int, int]] = field(default_factory=list)
+    # Images / videos (set by the runner, engine/vision_inputs.py): 3-D rotary positions [3, T]
+    # (t, h, w streams; None: 1-D `positions`), and vision-encoder rows [M, H] that replace the
+    # embeddings of token rows mm_rows [M].
+    mrope_positions: torch.Tensor | None = None
+    mm_rows: torch.Tensor | None = None
+    mm_embeds: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

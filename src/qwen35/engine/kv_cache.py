@@ -27,20 +27,31 @@ def _root_hash(salt: str | None) -> bytes:
     return hashlib.blake2b(b"qwen35-root:" + (salt or "").encode(), digest_size=16).digest()
 
 
-def hash_block(parent: bytes | None, tokens: abc.Sequence[int], salt: str | None = None) -> bytes:
-    """Hash of one full block given its parent's hash (None for the first block)."""
+def hash_block(
+    parent: bytes | None, tokens: abc.Sequence[int], salt: str | None = None, extra: bytes = b""
+) -> bytes:
+    """Hash of one full block given its parent's hash (None for the first block); `extra`:
+    what else the block's KV depends on (the content hash of images whose tokens it holds)."""
     h = hashlib.blake2b(parent if parent is not None else _root_hash(salt), digest_size=16)
     h.update(array("q", tokens).tobytes())
+    if extra:
+        h.update(b"extra:" + extra)
     return h.digest()
 
 
 def extend_block_hashes(
-    hashes: list[bytes], token_ids: abc.Sequence[int], block_size: int, salt: str | None = None
+    hashes: list[bytes],
+    token_ids: abc.Sequence[int],
+    block_size: int,
+    salt: str | None = None,
+    extra: abc.Callable[[int], bytes] | None = None,
 ) -> list[bytes]:
-    """Append the hashes of the full blocks of `token_ids` not yet in `hashes` (in place)."""
+    """Append the hashes of the full blocks of `token_ids` not yet in `hashes` (in place);
+    extra(k): the extra key of block k (see hash_block)."""
     for k in range(len(hashes), len(token_ids) // block_size):
         parent = hashes[k - 1] if k else None
-        hashes.append(hash_block(parent, token_ids[k * block_size : (k + 1) * block_size], salt))
+        toks = token_ids[k * block_size : (k + 1) * block_size]
+        hashes.append(hash_block(parent, toks, salt, extra(k) if extra else b""))
     return hashes
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from qwen35.chat_format import ChatTemplate, check_text_only, default_thinking_for
+from qwen35.chat_format import ChatTemplate, default_thinking_for
 from qwen35.devices import resolve_dtype
 from qwen35.engine.cache_sizing import CachePlan, measure_working_memory, plan_caches
 from qwen35.engine.config import EngineConfig
@@ -31,6 +31,13 @@ from qwen35.engine.sequence import Sequence
 from qwen35.engine.structured import StructuredOutputManager
 from qwen35.errors import Qwen35Error
 from qwen35.loader import load_model
+from qwen35.multimodal.chat import extract_media
+from qwen35.multimodal.engine_glue import (
+    encoder_working_memory,
+    make_mm_processor,
+    split_mm_prompt,
+)
+from qwen35.multimodal.sizing import MediaError
 from qwen35.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
 from qwen35.tokenizer import IncrementalDetokenizer, StopStringMatcher, load_tokenizer
 
@@ -169,6 +176,7 @@ class LLMEngine:
                 progress=progress,
                 seed=ec.seed,
                 **kw,
+                vision=False if ec.multimodal.vision_disabled else "auto",
             )
         self.config = self.model.config
         self.model_name = model
@@ -180,8 +188,6 @@ class LLMEngine:
         )
         thinking = self.chat_template.thinking_default()
         self.default_thinking = default_thinking_for(self.config) if thinking is None else thinking
-        # image / video inputs need a vision encoder; none is loaded (weights.py skips it)
-        self.supports_images = False
         self.eos_token_ids = tuple(
             dict.fromkeys((*self.config.eos_token_ids, *self.tokenizer.eos_token_ids))
         )
@@ -206,6 +212,7 @@ class LLMEngine:
             if self.device.type == "cuda"
             else None,
             tp=ec.parallel.tensor_parallel_size,
+            extra_working_bytes=encoder_working_memory(self.model, model_dir, ec),
         )
         self.max_model_len = self.plan.max_model_len
         if verbose:
@@ -251,6 +258,7 @@ class LLMEngine:
             self.tokenizer, self.config.vocab_size, self.eos_token_ids
         )
         self.runner.logits_processor = self.structured.apply
+        self.mm_processor = make_mm_processor(self.model, model_dir, self.tokenizer, ec.multimodal)
         sched_cfg = SchedulerConfig(
             max_num_seqs=self.plan.num_state_slots,
             max_num_batched_tokens=sc.max_num_batched_tokens,
@@ -259,6 +267,7 @@ class LLMEngine:
             enable_prefix_caching=cc.enable_prefix_caching,
             checkpoint_interval=cc.checkpoint_interval or self.plan.checkpoint_interval,
             eos_token_ids=self.eos_token_ids,
+            max_num_encoder_tokens=ec.multimodal.max_num_encoder_tokens or 0,
         )
         self.scheduler = Scheduler(
             sched_cfg,
@@ -302,14 +311,32 @@ class LLMEngine:
             )
         return list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        """Queue a request (params.n sequences). All or nothing: every check runs before anything
+    @property
+    def has_vision(self) -> bool:
+        """True when images and videos are accepted (the vision tower is loaded)."""
+        return self.mm_processor is not None
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int] | dict,
+        params: SamplingParams,
+        multi_modal_data: dict | None = None,
+    ) -> None:
+        """Queue a request (params.n sequences). prompt: text, token ids, or {"prompt" |
+        "prompt_token_ids": ..., "multi_modal_data": {"image": ..., "video": ...}}; images need
+        one <|image_pad|> each in the prompt. All or nothing: every check runs before anything
         is registered, and a failure while registering undoes what was done."""
         params = dataclasses.replace(params).validate()  # our own copy: max_tokens is filled in
         params.check_vocab(self.config.vocab_size)
         if request_id in self._requests:
             raise Qwen35Error(f"request id {request_id!r} is already in use")
+        prompt, multi_modal_data = split_mm_prompt(prompt, multi_modal_data)
         ids = self.encode_prompt(prompt)
+        mm = None
+        if multi_modal_data:
+            mm = self._mm_prompt(ids, multi_modal_data)
+            ids = mm.token_ids
         if not ids:
             raise Qwen35Error("the prompt is empty")
         room = self.max_model_len - len(ids)
@@ -334,6 +361,8 @@ class LLMEngine:
                 seq = Sequence(
                     seq_id=seq_id, token_ids=list(ids), num_prompt_tokens=len(ids), params=params
                 )
+                if mm is not None:
+                    seq.mm_items, seq.mrope, seq.rope_delta = mm.items, mm.mrope, mm.rope_delta
                 detok = IncrementalDetokenizer(
                     self.tokenizer, skip_special_tokens=params.skip_special_tokens
                 )
@@ -353,6 +382,14 @@ class LLMEngine:
             raise
         self._requests[request_id] = req
         self.stats_totals["prompt_tokens_total"] += len(ids)
+
+    def _mm_prompt(self, ids: list[int], mm_data: dict):
+        if self.mm_processor is None:
+            raise MediaError(
+                "this model was loaded without a vision tower (text only): images and videos "
+                "are not accepted"
+            )
+        return self.mm_processor.process(ids, mm_data)
 
     def abort_request(self, request_id: str) -> None:
         req = self._requests.pop(request_id, None)
@@ -526,7 +563,7 @@ class LLM:
         """One output per prompt, in order. `params`: one SamplingParams for all prompts or one
         per prompt. Raises RequestFailedError (after the others finish) if the engine failed
         some request; nothing is queued if any prompt is refused."""
-        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        single = isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int))
         plist = [prompts] if single else list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(plist)
@@ -582,11 +619,13 @@ class LLM:
             self.engine.abort_request(rid)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs):
-        if not self.engine.supports_images:
-            check_text_only(messages)
+        """Messages may carry image / video parts (OpenAI `image_url`, vLLM `video_url`)."""
+        messages, media = extract_media(messages)
         prompt = self.engine.chat_template.render(
             messages, add_generation_prompt=True, **template_kwargs
         )
+        if media:
+            return self.generate([{"prompt": prompt, "multi_modal_data": media}], params)[0]
         return self.generate([prompt], params)[0]
 
 

@@ -16,6 +16,7 @@ import torch
 from qwen35.engine.cuda_graphs import DecodeGraphs
 from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
 from qwen35.engine.sampler import Sampler, SamplingRow, make_generator, sample_isolated
+from qwen35.engine.vision_inputs import VisionInputs
 from qwen35.ops.backend import Backend, select_backend
 from qwen35.request import TokenLogprob
 
@@ -59,6 +60,9 @@ class ModelRunner:
         # fn(logits [S, V], sequences) masking rows in place before sampling (structured outputs)
         self.logits_processor = None
         self._generators: dict[str, torch.Generator | None] = {}
+        self.vision = (
+            VisionInputs(model, self.device) if getattr(model, "has_vision", False) else None
+        )
         self.graphs: DecodeGraphs | None = None
         if decode_graphs is not None:
             self.graphs = self._capture(decode_graphs)
@@ -91,6 +95,8 @@ class ModelRunner:
 
     def remove_sequence(self, seq_id: str) -> None:
         self._generators.pop(seq_id, None)
+        if self.vision is not None:
+            self.vision.drop(seq_id)
 
     # ---- one step -----------------------------------------------------------------------
     def copy_state(self, src_slot: int, dst_slot: int) -> None:
@@ -148,7 +154,11 @@ class ModelRunner:
     def run_model(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """The forward pass: a captured CUDA graph where one fits, else eager (tensor
         parallelism overrides this to broadcast the step first, parallel/runner.py)."""
-        if self.graphs is not None and self.graphs.can_run(batch):
+        if (
+            self.graphs is not None
+            and batch.mrope_positions is None  # graphs read 1-D positions only
+            and self.graphs.can_run(batch)
+        ):
             logits = self.graphs.run(input_ids, batch)  # [S, V] fp32
             if batch.state_copies:
                 self.caches.copy_states(batch.state_copies)
@@ -163,6 +173,8 @@ class ModelRunner:
         if not scheduled:
             return StepResult({}, {})
         input_ids, batch, sample_seqs = self.build_batch(scheduled)
+        if self.vision is not None:
+            self.vision.apply(scheduled, batch)  # images: encoder outputs and 3-D positions
         logits = self.run_model(input_ids, batch)  # [S, V] fp32
         if not sample_seqs:
             return StepResult({}, {})

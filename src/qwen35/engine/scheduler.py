@@ -47,6 +47,9 @@ class SchedulerConfig:
     # shared prefix discovered at admission), so later requests hit all of it.
     checkpoint_prompt_end: bool = True
     max_chunk_tokens: int = 0  # per-sequence cap per step (long prefills share steps); 0: none
+    # Vision-encoder tokens per step: a chunk stops before an image / video that would pass it,
+    # unless it is the step's first (so every item fits somewhere); 0: max_num_batched_tokens.
+    max_num_encoder_tokens: int = 0
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -148,6 +151,7 @@ class Scheduler:
         self._arrivals = itertools.count()
         self._stats = PrefixCacheStats()
         self.num_preemptions = 0
+        self._encoder_used = 0  # vision-encoder tokens scheduled in the current step
 
     # ---- requests ----
 
@@ -202,11 +206,15 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         cfg, out = self.config, SchedulerOutput()
         self.state.begin_step()
+        self._encoder_used = 0
         budget = cfg.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = self._chunk(seq, seq.num_computed_tokens, budget)
+            if n == 0:  # waits for the next step's encoder budget
+                i += 1
+                continue
             while not self._grow(seq, n):
                 victim = self.running.pop()  # most recently admitted; never one scheduled already
                 self._preempt(victim)
@@ -230,6 +238,8 @@ class Scheduler:
             hit_blocks, ckpt = self._lookup(seq)
             hit = len(hit_blocks) * cfg.block_size
             n = self._chunk(seq, hit, budget)
+            if n == 0:
+                break
             need = cdiv(hit + n, cfg.block_size) - len(hit_blocks)
             if need > self.kv.num_free_blocks - self.kv.num_evictable_among(hit_blocks):
                 break  # FCFS: later requests wait behind the head
@@ -282,7 +292,20 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, start: int, budget: int) -> int:
         n = min(seq.num_tokens - start, budget)
-        return min(n, self.config.max_chunk_tokens) if self.config.max_chunk_tokens else n
+        n = min(n, self.config.max_chunk_tokens) if self.config.max_chunk_tokens else n
+        return self._encoder_fit(seq, start, n)[0] if seq.mm_items else n
+
+    def _encoder_fit(self, seq: Sequence, start: int, n: int) -> tuple[int, int]:
+        """Cut n before the first image / video whose encoding would pass the step's encoder
+        budget; -> (n, encoder tokens this chunk starts)."""
+        cap = self.config.max_num_encoder_tokens or self.config.max_num_batched_tokens
+        used = 0
+        for it in seq.mm_items:
+            if start <= it.start < start + n:
+                if self._encoder_used + used and self._encoder_used + used + it.num_tokens > cap:
+                    return it.start - start, used
+                used += it.num_tokens
+        return n, used
 
     def _grow(self, seq: Sequence, n: int) -> bool:
         """Blocks for tokens up to num_computed + n; False (nothing taken) if not enough."""
@@ -293,9 +316,9 @@ class Scheduler:
         return True
 
     def _hashes(self, seq: Sequence) -> list[bytes]:
-        return extend_block_hashes(
-            seq.block_hashes, seq.token_ids, self.config.block_size, seq.cache_salt
-        )
+        bs = self.config.block_size
+        extra = (lambda k: seq.block_extra_key(k, bs)) if seq.mm_items else None
+        return extend_block_hashes(seq.block_hashes, seq.token_ids, bs, seq.cache_salt, extra)
 
     def _lookup(self, seq: Sequence) -> tuple[list[int], bytes | None]:
         """Longest run of cached full blocks that ends at a state checkpoint and leaves at least
@@ -314,6 +337,8 @@ class Scheduler:
     def _plan(self, seq: Sequence, n: int, restore: int | None) -> ScheduledSeq:
         """Schedule n tokens of seq; reserve checkpoints at the block boundaries it crosses."""
         cfg, start = self.config, seq.num_computed_tokens
+        if seq.mm_items:
+            self._encoder_used += self._encoder_fit(seq, start, n)[1]
         s = ScheduledSeq(seq, start, n, start + n == seq.num_tokens, restore)
         if not self.state.num_checkpoint_slots:
             return s

@@ -58,6 +58,11 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     # Tokens of the KV prefix match at the last admission; a state checkpoint goes there.
     branch_point: int = 0
+    # Images / videos (multimodal.inputs.MMItem: token segments, content hash, pixels), their
+    # 3-D rotary positions over the prompt ([3, num_prompt_tokens]) and the decode offset.
+    mm_items: list = field(default_factory=list)
+    mrope: object = None
+    rope_delta: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)
@@ -83,3 +88,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status.finished
+
+    def block_extra_key(self, k: int, block_size: int) -> bytes:
+        """What besides its tokens block k depends on: the content hash (and first token) of
+        every image / video with tokens in it, so a different image never matches."""
+        lo, hi = k * block_size, (k + 1) * block_size
+        return b"".join(
+            it.content_hash + it.start.to_bytes(8, "little")
+            for it in self.mm_items
+            if it.start < hi and it.end > lo
+        )

@@ -13,9 +13,10 @@ import torch
 class RotaryEmbedding:
     """Not a module: it holds no weights, so meta-device construction needs no buffers."""
 
-    def __init__(self, rotary_dim: int, theta: float):
+    def __init__(self, rotary_dim: int, theta: float, mrope_section=(11, 11, 10)):
         self.rotary_dim = rotary_dim
         self.theta = theta
+        self.mrope_section = tuple(mrope_section)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:  # [rotary_dim / 2] fp32
@@ -30,6 +31,21 @@ class RotaryEmbedding:
         """positions: [T] int -> cos, sin: [T, rotary_dim] in dtype."""
         freqs = positions[:, None].float() * self.inv_freq(positions.device)  # [T, rd/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [T, rd]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def cos_sin_mrope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """positions: [3, T] (t, h, w streams) -> cos, sin: [T, rotary_dim] in dtype.
+
+        Interleaved M-RoPE as transformers: frequency i takes stream T, except i % 3 == 1
+        (i < 3 * section[1]) from H and i % 3 == 2 (i < 3 * section[2]) from W. With three
+        equal streams this gives bit for bit the 1-D cos_sin."""
+        inv = self.inv_freq(positions.device)
+        freqs = positions[:, :, None].float() * inv  # [3, T, rd/2]
+        f = freqs[0].clone()
+        for dim in (1, 2):
+            idx = slice(dim, self.mrope_section[dim] * 3, 3)
+            f[:, idx] = freqs[dim, :, idx]
+        emb = torch.cat([f, f], dim=-1)  # [T, rd]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

@@ -89,8 +89,19 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen35TextModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype=None, device=None, tp: TensorParallel = SINGLE):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype=None,
+        device=None,
+        tp: TensorParallel = SINGLE,
+        vision: bool = False,
+    ):
         super().__init__()
+        if vision:  # `model.visual.*`, the checkpoint's names
+            from qwen35.models.vision import VisionModel
+
+            self.visual = VisionModel(cfg.vision, dtype, device)
         if tp.size > 1:
             self.embed_tokens = VocabParallelEmbedding(
                 cfg.vocab_size, cfg.hidden_size, dtype, device, tp
@@ -113,21 +124,36 @@ class Qwen35ForCausalLM(nn.Module):
         dtype: torch.dtype | None = None,
         device=None,
         tp: TensorParallel = SINGLE,
+        vision: bool | None = None,
     ):
         """tp: this process's rank of a tensor-parallel group (parallel/); it holds only its
-        shard of every split weight and gets the full logits."""
+        shard of every split weight and gets the full logits. vision: build the vision tower
+        (default: when the config has one; never under tensor parallelism)."""
         super().__init__()
         self.config = cfg
         self.tp = tp
         dtype = dtype or torch.get_default_dtype()
-        self.model = Qwen35TextModel(cfg, dtype, device, tp)
+        vision = cfg.vision is not None and tp.size == 1 if vision is None else vision
+        if vision and cfg.vision is None:
+            raise ValueError("vision=True needs a config with a vision_config")
+        if vision and tp.size > 1:
+            raise ValueError("the vision tower is not tensor-parallel")
+        self.model = Qwen35TextModel(cfg, dtype, device, tp, vision)
         if tp.size > 1:
             self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, dtype, device, tp)
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, device)  # [V, H]
-        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section)
         self.packed = False  # projections packed by post_load
         self.tie_weights()
+
+    @property
+    def has_vision(self) -> bool:
+        return hasattr(self.model, "visual")
+
+    def encode_vision(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]):
+        """Patches of several images / videos [N, C*tp*p*p] -> LM rows [N / merge^2, H]."""
+        return self.model.visual(pixels, grids).to(self.dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -179,7 +205,12 @@ class Qwen35ForCausalLM(nn.Module):
                 f"{input_ids.shape[0]} input ids for a ForwardBatch of {batch.num_tokens} tokens"
             )
         h = self.model.embed_tokens(input_ids)  # [T, H]
-        cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)  # [T, rotary_dim]
+        if batch.mm_rows is not None:  # vision encoder outputs replace the pad tokens' rows
+            h.index_copy_(0, batch.mm_rows, batch.mm_embeds.to(h.dtype))
+        if batch.mrope_positions is not None:
+            cos, sin = self.rotary.cos_sin_mrope(batch.mrope_positions, h.dtype)
+        else:
+            cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)  # [T, rotary_dim]
         for layer in self.model.layers:
             h = layer(h, cos, sin, batch, caches)
         if batch.state_copies:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import time
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from qwen35.chat_format import ChatFormatError, check_text_only, prompt_thinking_enabled
+from qwen35.chat_format import ChatFormatError, prompt_thinking_enabled
+from qwen35.multimodal.chat import extract_media
+from qwen35.multimodal.sizing import MediaError
 from qwen35.request import SamplingParamsError
 from qwen35.server.async_engine import EngineDeadError
 from qwen35.server.chat_output import ChoiceBuilder
@@ -49,6 +51,7 @@ class ChatPrompt:
     text: str
     thinking: bool  # the prompt leaves the model inside an open <think> block
     tools: list[dict[str, Any]] | None  # the tools rendered (and parsed for)
+    media: dict[str, list] | None = None  # image / video sources in prompt order
 
 
 def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
@@ -83,8 +86,16 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
         kwargs.pop(reserved, None)
     messages = [m.model_dump(exclude_unset=True) for m in req.messages]
     try:
-        if not getattr(engine, "supports_images", False):
-            check_text_only(messages)
+        messages, media = extract_media(messages)
+    except MediaError as e:
+        raise APIError(f"invalid messages: {e}", param="messages") from None
+    if media and not getattr(engine, "has_vision", False):
+        raise APIError(
+            "this server's model has no vision encoder loaded: image and video parts are not "
+            "accepted",
+            param="messages",
+        )
+    try:
         text = engine.chat_template.render(
             messages, tools=tools, add_generation_prompt=True, enable_thinking=thinking, **kwargs
         )
@@ -99,13 +110,30 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
             param="messages",
             code="nested_too_deeply",
         ) from None
-    return ChatPrompt(text, prompt_thinking_enabled(text), tools)
+    return ChatPrompt(text, prompt_thinking_enabled(text), tools, media or None)
 
 
-def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[ChatPrompt, list[int]]:
-    """Render and tokenize (on a worker thread: both cost time linear in the body)."""
+def load_server_media(engine: Any, media: dict[str, list]) -> dict[str, list]:
+    """Decode data: URLs, fetch allowed http(s) URLs (never server files) and preprocess (on
+    the worker thread, not the event loop or the engine thread); bad media is a 400."""
+    proc = engine.mm_processor
+    opts = replace(proc.media, allow_local_files=False)
+    try:
+        return proc.preprocess(media, opts)
+    except MediaError as e:
+        raise APIError(f"invalid messages: {e}", param="messages") from None
+
+
+def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[ChatPrompt, Any]:
+    """Render and tokenize, and decode + preprocess images (on a worker thread: all cost time
+    linear in the body). -> the prompt, and what goes to the engine (token ids, or with media
+    {"prompt_token_ids", "multi_modal_data"})."""
     prompt = build_chat_prompt(state.engine, req)
-    return prompt, state.encode(prompt.text, "messages")
+    ids = state.encode(prompt.text, "messages")
+    if not prompt.media:
+        return prompt, ids
+    media = load_server_media(state.engine, prompt.media)
+    return prompt, {"prompt_token_ids": ids, "multi_modal_data": media}
 
 
 def _logprobs_n(req: ChatCompletionRequest) -> int | None:
