@@ -80,6 +80,7 @@ def load_model(
     progress: bool | None = None,
     seed: int = 0,
     model_factory: ModelFactory | None = None,
+    quantization: str | None = None,
 ) -> nn.Module:
     """Load a Qwen 3.5 text model, in eval mode and without gradients.
 
@@ -88,6 +89,8 @@ def load_model(
     load_format="random" a catalog name / config path / ModelConfig; "random:NAME" is short for
     that. progress: a progress bar while reading (default: when stderr is a terminal).
     model_factory: builds the module from the config (default: qwen35's Qwen35ForCausalLM).
+    quantization: "fp8" / "int8" / "int4" quantizes the loaded weights in memory (qwen35.quant);
+    None keeps them as stored (an official FP8 checkpoint stays FP8).
     Returns the model with `.config` (ModelConfig, unless the module already has a config),
     `.load_report` (LoadReport) and `.model_dir` (the local directory, for the tokenizer; None
     for random weights without a directory).
@@ -117,16 +120,17 @@ def load_model(
     else:
         directory = resolve_model_dir(path_or_name)
         cfg = ModelConfig.from_hf(directory)
-        if cfg.quantization is not None:
-            raise CheckpointError(
-                f"{directory} is a {cfg.quantization.quant_method.upper()} checkpoint; this "
-                "loader reads BF16/FP16/FP32 weights only (use the BF16 release)"
-            )
         torch_dtype = parse_dtype(dtype, cfg)
         report = LoadReport(str(directory), "safetensors", _name(torch_dtype), str(dev), config=cfg)
         files = checkpoint_files(directory)
         report.files = [f.name for f in files]
         model, params = build_model(cfg, None, None, model_factory)  # still on meta
+        if cfg.quantization is not None:  # block FP8: the stored FP8 modules stay FP8
+            from qwen35.quant.apply import fp8_layout_from_checkpoint
+
+            report.notes.append(
+                f"FP8: {len(fp8_layout_from_checkpoint(model, cfg, files))} modules kept in FP8"
+            )
         canonical, aliases = _canonical(model)
         ts = time.perf_counter()
         s = scan_headers(files, canonical, aliases)
@@ -138,10 +142,15 @@ def load_model(
         show = progress if progress is not None else sys.stderr.isatty()
         read_into(s, params, report, show)
         log.info("%s", report.summary())
-    _finish(model, cfg)
-    report.seconds_total = time.perf_counter() - t0
     if getattr(model, "config", None) is None:
         model.config = cfg
+    if quantization:
+        from qwen35.quant.apply import quantize_model_
+
+        quantize_model_(model, quantization, torch_dtype)
+        report.notes.append(f"quantized in memory to {quantization}")
+    _finish(model, cfg)
+    report.seconds_total = time.perf_counter() - t0
     model.load_report = report
     model.model_dir = directory
     return model
@@ -246,7 +255,8 @@ def materialize(
             q = new.get(id(p))
             if q is None:
                 keep.append(p)
-                dt = dtype if p.is_floating_point() else p.dtype
+                own = not p.is_floating_point() or getattr(p, "keep_dtype", False)
+                dt = p.dtype if own else dtype  # quantized storage keeps its own dtype
                 q = nn.Parameter(torch.empty(p.shape, dtype=dt, device=device), False)
                 new[id(p)] = q
             mod._parameters[name] = q

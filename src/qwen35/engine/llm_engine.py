@@ -108,6 +108,7 @@ class LLMEngine:
                 device=ec.device.device,
                 load_format=ec.load.load_format,
                 progress=progress,
+                quantization=ec.load.quantization,
             )
         self.config = self.model.config
         self.model_name = model
@@ -121,7 +122,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(
             dict.fromkeys((*self.config.eos_token_ids, *self.tokenizer.eos_token_ids))
         )
-        model_dtype = next(self.model.parameters()).dtype
+        model_dtype = getattr(self.model, "dtype", None) or next(self.model.parameters()).dtype
         self.plan: CachePlan = plan_caches(
             self.config,
             model_dtype=model_dtype,

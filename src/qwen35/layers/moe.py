@@ -31,6 +31,12 @@ class Experts(nn.Module):
         self.gate_up_proj = empty_param(E, 2 * I, H, dtype=dtype, device=device)
         self.down_proj = empty_param(E, H, I, dtype=dtype, device=device)
 
+    def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:  # [n, H] -> [n, 2I]
+        return F.linear(x, self.gate_up_proj[e])
+
+    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:  # [n, I] -> [n, H]
+        return F.linear(h, self.down_proj[e])
+
     def forward(
         self,
         x: torch.Tensor,  # [T, H]
@@ -49,8 +55,8 @@ class Experts(nn.Module):
             if n == 0:
                 continue
             seg = xs[start : start + n]  # [n, H]
-            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
-            ys[start : start + n] = F.linear(F.silu(gate) * up, self.down_proj[e])  # [n, H]
+            gate, up = self.gate_up(seg, e).chunk(2, dim=-1)  # [n, I] each
+            ys[start : start + n] = self.down(F.silu(gate) * up, e)  # [n, H]
             start += n
         ys.mul_(top_w.reshape(-1, 1).index_select(0, order))  # weight each pair
         out = torch.zeros_like(x)
