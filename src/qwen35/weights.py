@@ -279,14 +279,14 @@ def scan(
         if (None, None) in got:
             s.unexpected.append(f"{name}: stored both fused and per-expert in the checkpoint")
             continue
-        parts = ("gate", "up") if name.endswith("gate_up_proj") else ("down",)
+        parts = ("gate", "up") if "gate_up_proj" in name else ("down",)
         need = {(e, q) for e in range(p.shape[0]) for q in parts}
         lack = sorted(need - got)
         if lack:
             e, q = lack[0]
             s.missing.append(
                 f"{name}: {len(lack)} of {len(need)} per-expert slices missing "
-                f"(e.g. experts.{e}.{q}_proj.weight)"
+                f"(e.g. experts.{e}.{q}_proj.weight{'_scale_inv' * name.endswith('_scale_inv')})"
             )
     return s
 

@@ -48,7 +48,11 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block) -> 
     from qwen35.kernels import fp8 as kern
 
     mod = kern.load()
-    if mod is not None and x2.shape[0] <= kern.MAX_ROWS and x.dtype in (torch.bfloat16, torch.float32):
+    if (
+        mod is not None
+        and x2.shape[0] <= kern.MAX_ROWS
+        and x.dtype in (torch.bfloat16, torch.float32)
+    ):
         y = mod.fp8_linear(x2.contiguous(), w, scale, block[0], block[1])
     else:
         buf = scratch(tuple(w.shape), x.dtype, x.device)
