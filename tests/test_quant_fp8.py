@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny import save_checkpoint, save_fp8_checkpoint
 
 from qwen35.loader import build_model, load_model
 from qwen35.plan.params import weight_bytes
 from qwen35.quant.checkpoint import convert_checkpoint
 from qwen35.quant.layers import Fp8Experts, Fp8Linear
 from qwen35.weights import CheckpointError
+from tiny import save_checkpoint, save_fp8_checkpoint
 
 # odd dims: hidden 200 and intermediate 150 / 96 leave partial 128-blocks; fused experts need
 # moe_intermediate_size % 128 == 0 (gate and up share scale blocks otherwise)
@@ -68,7 +68,14 @@ def test_fp8_greedy_equals_bf16_over_64_steps(tmp_path):
     prompts = [[5, 17, 42, 7, 99, 3], [200, 1, 2, 3]]
     outs = []
     for d in (fp8_dir, bf16_dir):
-        llm = LLM(str(d), dtype="fp32", max_num_seqs=2, max_model_len=128, verbose=False)
+        llm = LLM(
+            str(d),
+            dtype="fp32",
+            max_num_seqs=2,
+            max_model_len=128,
+            verbose=False,
+            max_memory="256MiB",
+        )
         outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, sp)])
     assert outs[0] == outs[1] and len(outs[0][0]) == 64
 

@@ -227,9 +227,11 @@ def save_fp8_checkpoint(fp8_dir: Path, bf16_dir: Path, moe: bool, experts: str, 
         per_expert = ".mlp.experts." in k and k.endswith("_proj.weight")
         fused = k.endswith(("experts.gate_up_proj", "experts.down_proj"))
         shared = ".shared_expert." in k and k.endswith("_proj.weight")
-        if k.startswith("model.language_model.") and (
-            k.endswith(FP8_SUFFIXES) or per_expert or shared
-        ) and not fused:
+        if (
+            k.startswith("model.language_model.")
+            and (k.endswith(FP8_SUFFIXES) or per_expert or shared)
+            and not fused
+        ):
             q, s = fp8_blocks(v)
             fp8[k], fp8[k.removesuffix(".weight") + ".weight_scale_inv"] = q, s
             deq[k] = fp8_dequant(q, s)  # fp32: exact

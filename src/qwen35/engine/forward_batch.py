@@ -71,6 +71,7 @@ class ForwardBatch:
     def start_pos(self, i: int) -> int:
         return self.context_lens[i] - self.seq_len(i)
 
+
 def allocate_caches(
     cfg: ModelConfig,
     num_blocks: int,
