@@ -93,7 +93,7 @@ def test_int_batched_equals_alone(ckpt, fmt):
 
     llm = LLM(
         str(ckpt),
-        dtype="bf16",
+        dtype="fp32",  # bf16 rounding differs between GEMM shapes; fp32 pins the tokens
         quantization=fmt,
         max_num_seqs=4,
         verbose=False,
