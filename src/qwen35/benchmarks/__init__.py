@@ -3,7 +3,9 @@
 Workloads (one module each): `decode` (batch-1 tokens/s against the memory-bandwidth roofline),
 `throughput` (32 mixed requests: continuous batching vs static batches), `long_context`
 (decode step time at 1K/8K/32K context, hybrid vs all-full-attention), `multi_turn` (prefix
-caching on vs off), and outside `all`, `dtype` (fp32 vs bf16 weights for our engine).
+caching on vs off), and outside `all`: `dtype` (fp32 vs bf16 weights for our engine), `quality`
+(fp8 / int8 / int4 against BF16 on the same weights) and `peers` (each weight format against
+llama.cpp at the matching precision).
 `runner.run_bench` runs the chosen ones in one process and builds the
 JSON document (schema "qwen35.bench/1"); `report` prints the rich tables.
 """
@@ -11,5 +13,5 @@ JSON document (schema "qwen35.bench/1"); `report` prints the rich tables.
 from __future__ import annotations
 
 SCHEMA = "qwen35.bench/1"
-WORKLOADS = ("decode", "throughput", "long-context", "multi-turn", "dtype")
+WORKLOADS = ("decode", "throughput", "long-context", "multi-turn", "dtype", "quality", "peers")
 ALL = WORKLOADS[:4]  # what `--workload all` runs: the issues' workloads

@@ -59,7 +59,7 @@ class BenchModel:
         return self.model.config
 
 
-def load_bench_model(opts: BenchOptions) -> BenchModel:
+def load_bench_model(opts: BenchOptions, quantization: str | None = None) -> BenchModel:
     """A model directory with safetensors loads its weights; anything else (catalog name, config
     file, directory holding only config.json) gets seeded random weights."""
     from qwen35.loader import load_model, parse_dtype
@@ -75,6 +75,7 @@ def load_bench_model(opts: BenchOptions) -> BenchModel:
             load_format="auto" if real else "random",
             seed=opts.seed,
             progress=False,
+            quantization=quantization,
         )
     except FileNotFoundError as e:
         raise Qwen35Error(f"--model {opts.model!r}: {e}") from None

@@ -12,7 +12,16 @@ import sys
 
 from qwen35.errors import Qwen35Error
 
-WORKLOAD_CHOICES = ("all", "decode", "throughput", "long-context", "multi-turn", "dtype")
+WORKLOAD_CHOICES = (
+    "all",
+    "decode",
+    "throughput",
+    "long-context",
+    "multi-turn",
+    "dtype",
+    "quality",
+    "peers",
+)
 
 
 def _contexts(text: str) -> tuple[int, ...]:
@@ -35,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="which benchmark (default: all): decode = batch-1 tokens/s vs the bandwidth "
         "roofline; throughput = 32 mixed requests; long-context = decode step time at 1K/8K/32K, "
         "hybrid vs all-full-attention; multi-turn = prefix caching on vs off; dtype = our "
-        "engine in fp32 vs bf16 (not part of all)",
+        "engine in fp32 vs bf16; quality = fp8/int8/int4 vs bf16 (top-1 agreement, KL); peers = "
+        "each weight format vs llama.cpp (dtype, quality, peers are not part of all)",
     )
     p.add_argument(
         "--model",
