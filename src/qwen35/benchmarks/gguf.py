@@ -63,7 +63,7 @@ def synthetic_vocab(self):
     self.gguf_writer.add_tokenizer_pre("default")
     self.gguf_writer.add_token_list([f"<t{i}>" for i in range(n)])
     self.gguf_writer.add_token_types([1] * n)
-    self.gguf_writer.add_token_merges([])
+    self.gguf_writer.add_token_merges(["<t0> <t1>"])  # llama.cpp wants at least one
     self.gguf_writer.add_eos_token_id(1)
     self.gguf_writer.add_bos_token_id(1)
 
@@ -141,7 +141,7 @@ def convert(bm, quant: str, opts) -> Path:
     if quant == "q4_0":
         return _quantize(convert(bm, "f32", opts), out)
     cmd = [sys.executable, "-c", _CONVERT, str(llama_dir()), str(hf)]
-    cmd += ["--outtype", quant, "--outfile", str(out)]
+    cmd += ["--outtype", quant, "--outfile", str(out), "--no-mtp"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0 or not out.exists():
         raise GGUFError(f"convert_hf_to_gguf.py failed: {(r.stderr or r.stdout)[-600:]}")
