@@ -104,3 +104,21 @@ def test_int_batched_equals_alone(ckpt, fmt):
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
     alone = [llm.generate([p], sp)[0].outputs[0].token_ids for p in prompts]
     assert together == alone
+
+
+def test_plan_cpu_rows_equal_engine_bytes(ckpt, tmp_path):
+    """`qwen35 plan --dtype int8|int4 --json` gives the bytes the quantizing loader holds."""
+    import json
+    import subprocess
+    import sys
+
+    for fmt in ("int8", "int4"):
+        out = subprocess.run(
+            [sys.executable, "-m", "qwen35.cli", "plan", "-m", str(ckpt), "--dtype", fmt,
+             "--json"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        planned = json.loads(out.stdout)["models"][0]["weights_bytes"][fmt]
+        m = load_model(ckpt, dtype="bf16", quantization=fmt)
+        got = sum(p.numel() * p.element_size() for p in m.parameters())
+        assert abs(got - planned) / planned < 0.01
