@@ -2,8 +2,9 @@
 
 It "generates" a canned reply (tokenized with the real tokenizer) one token per step, then a
 filler token when ignore_eos asks for more. `gate` (a threading.Event) lets a test freeze the
-engine loop; `max_num_seqs` makes later requests wait, so queue limits can be tested without
-racing a real model. Stats mimic KV blocks and state slots so leaks are visible.
+engine loop; `max_num_seqs` (sequences, as in the real engine) makes later requests wait, so
+queue limits can be tested without racing a real model. Stats mimic KV blocks and state slots
+so leaks are visible. `added` records prompts as text (the server sends token ids).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class FakeEngine:
         self.gate.set()
         self.step_delay = 0.0  # seconds per step (so a client can leave mid-stream)
         self.fail_next_step = False  # step() raises (an engine bug)
+        self.step_error = "injected engine failure"
         self.added: list[tuple[str, str | list[int], SamplingParams]] = []
         self.aborted: list[str] = []
         self._reqs: dict[str, _Req] = {}
@@ -88,7 +90,8 @@ class FakeEngine:
         self._reqs[request_id] = _Req(request_id, prompt if isinstance(prompt, str) else None,
                                       ids, params, seqs)  # fmt: skip
         self._order.append(request_id)
-        self.added.append((request_id, prompt, params))
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+        self.added.append((request_id, text, params))
         self.totals["prompt_tokens_total"] += len(ids)
 
     def abort_request(self, request_id: str) -> None:
@@ -100,7 +103,15 @@ class FakeEngine:
         return bool(self._reqs)
 
     def _running(self) -> list[_Req]:
-        return [self._reqs[r] for r in self._order[: self.max_num_seqs]]
+        """Requests in arrival order while their sequences fit in max_num_seqs slots."""
+        out, used = [], 0
+        for rid in self._order:
+            req = self._reqs[rid]
+            if out and used + len(req.seqs) > self.max_num_seqs:
+                break
+            out.append(req)
+            used += len(req.seqs)
+        return out
 
     def _next_token(self, req: _Req, seq: _Seq) -> int:
         k = len(seq.out)
@@ -113,7 +124,7 @@ class FakeEngine:
         if self.step_delay:
             time.sleep(self.step_delay)
         if self.fail_next_step:
-            raise RuntimeError("injected engine failure")
+            raise RuntimeError(self.step_error)
         outputs = []
         for req in self._running():
             outs = []
@@ -153,9 +164,10 @@ class FakeEngine:
     def get_stats(self) -> dict:
         running = self._running()
         used = sum(-(-(len(r.ids) + len(s.out)) // BLOCK) for r in running for s in r.seqs)
+        num_running = sum(len(r.seqs) for r in running)
         return {
-            "num_running": len(running),
-            "num_waiting": len(self._order) - len(running),
+            "num_running": num_running,
+            "num_waiting": sum(len(r.seqs) for r in self._reqs.values()) - num_running,
             "kv_blocks_total": 1024,
             "kv_blocks_used": used,
             "state_slots_total": self.max_num_seqs,
@@ -167,22 +179,30 @@ class FakeEngine:
         }
 
 
+def loopback_socket():
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 class ServerThread:
-    """A real uvicorn server on 127.0.0.1 (a free port) in a background thread."""
+    """A real uvicorn server on 127.0.0.1 (a free port) in a background thread, with the
+    server's connection guards (`transport`: a TransportLimits, default ones if None)."""
 
-    def __init__(self, app, log_level: str = "warning"):
-        import socket
-
+    def __init__(self, app, log_level: str = "warning", transport=None):
         import uvicorn
 
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        from qwen35.server.transport import TransportLimits, uvicorn_config
+
+        sock = loopback_socket()
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app
-        config = uvicorn.Config(
-            app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2
+        config = uvicorn_config(
+            app, transport or TransportLimits(), log_level=log_level, timeout_graceful_shutdown=2
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
@@ -286,3 +306,60 @@ def stream_chat(client, **kw):
                 call["arguments"] += tc.function.arguments or ""
             a["finish"] = c.finish_reason or a["finish"]
     return acc, chunks
+
+
+# ---- robustness tests ----------------------------------------------------------------------------
+
+GAUGES = ("kv_blocks_used", "state_slots_used", "num_running", "num_waiting")
+
+
+def serving():
+    """Body of a `serve` fixture (`yield from serving()`): serve(engine, transport=None,
+    **config) -> (ServerThread, openai.OpenAI); the servers close at teardown."""
+    import openai
+
+    from qwen35.server.app import ServerConfig, create_app
+
+    servers = []
+
+    def start(engine, transport=None, **cfg):
+        cfg.setdefault("served_model_name", "tiny")
+        cfg.setdefault("model_path", "/models/tiny")
+        srv = ServerThread(create_app(engine, ServerConfig(**cfg)), transport=transport)
+        servers.append(srv)
+        client = openai.OpenAI(
+            base_url=srv.url + "/v1", api_key=cfg.get("api_key") or "none", max_retries=0
+        )
+        return srv, client
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def assert_recovered(srv, headers: dict | None = None) -> None:
+    """After a bad request: a normal request succeeds, /health is 200, and the engine's
+    running / waiting / KV-block / state-slot gauges (and /metrics) are back to 0."""
+    import httpx
+
+    r = httpx.post(srv.url + "/v1/completions", headers=headers,
+                   json={"prompt": "ok", "max_tokens": 2}, timeout=30)  # fmt: skip
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+    assert httpx.get(srv.url + "/health").status_code == 200
+    wait_until(lambda: all(srv.state.async_engine.stats.get(g) == 0 for g in GAUGES))
+    metrics = httpx.get(srv.url + "/metrics", headers=headers).text
+    for g in ("kv_blocks_used", "state_slots_used", "num_requests_running", "num_requests_waiting"):
+        assert f"qwen35_{g} 0.0" in metrics, g
+
+
+def assert_openai_error(r, status: int, param: str | None = "?", code: str | None = "?") -> dict:
+    """A response in OpenAI's error shape with this status (and param / code unless "?")."""
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    assert err["type"] == ("invalid_request_error" if status < 500 else "server_error"), err
+    if param != "?":
+        assert err["param"] == param, err
+    if code != "?":
+        assert err["code"] == code, err
+    return err

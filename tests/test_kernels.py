@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,23 @@ def test_fused_deltanet_decode_equals_torch_path(dtype, monkeypatch):
         torch.testing.assert_close(c1, c2, **tol)
         torch.testing.assert_close(r1, r2, **tol)
     assert not torch.equal(r1, rec)  # the states did move
+
+
+def test_a_stale_build_lock_is_cleared(tmp_path, monkeypatch):
+    """A build killed mid-way leaves `lock`; torch's builder would wait on it forever."""
+    import os
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "k" / "lock"
+    assert Path(_get_build_directory("k", False)) == lock.parent
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    kernels._clear_stale_lock("k")
+    assert lock.exists()  # fresh: another process may be building
+    old = time.time() - kernels.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    kernels._clear_stale_lock("k")
+    assert not lock.exists()

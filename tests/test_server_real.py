@@ -136,6 +136,7 @@ def test_real_errors(real):
 
 @pytest.mark.slow
 def test_serve_command_in_a_subprocess(tmp_path):
+    import signal
     import socket
     import subprocess
     import sys
@@ -168,4 +169,6 @@ def test_serve_command_in_a_subprocess(tmp_path):
         assert httpx.get(url + "/v1/models").status_code == 401
     finally:
         proc.terminate()
-        proc.wait(30)
+        status = proc.wait(30)
+    # a clean stop: uvicorn re-raises the signal once shut down (only an engine failure exits 1)
+    assert status in (0, -signal.SIGTERM), status

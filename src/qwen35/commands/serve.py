@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -37,27 +38,82 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require `Authorization: Bearer KEY` on every route but /health "
                         "(default: $QWEN35_API_KEY)")  # fmt: skip
     g.add_argument("--max-queue", type=int, default=None,
-                   help="answer 503 while this many requests wait (default: unlimited)")  # fmt: skip
+                   help="sequences (prompts x n) that may wait for a running slot; a request "
+                        "that would exceed it gets 503 + Retry-After (>= 1; default: no limit)")  # fmt: skip
     g.add_argument("--max-body-bytes", type=_size, default=16 << 20,
                    help="largest request body accepted, else 413 (default: 16MiB)")  # fmt: skip
+    lim = p.add_argument_group("per-request limits (a request over one gets a 400)")
+    lim.add_argument("--max-seqs-per-request", type=int, default=128,
+                     help="cap on n, on prompts per completions batch, and on prompts x n "
+                          "(default: 128)")  # fmt: skip
+    lim.add_argument("--max-stop", type=int, default=16,
+                     help="stop strings, and stop_token_ids, per request (default: 16; OpenAI "
+                          "allows 4)")  # fmt: skip
+    lim.add_argument("--max-prompt-tokens", type=int, default=None,
+                     help="prompt tokens per request (default: the model's context)")  # fmt: skip
+    t = p.add_argument_group("connections")
+    t.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections; past it new ones get 503 and are closed "
+                        "(default: 1024, lowered to fit the open-files limit)")  # fmt: skip
+    t.add_argument("--timeout-headers", type=float, default=10.0,
+                   help="seconds for a request's line and headers to arrive (default: 10)")  # fmt: skip
+    t.add_argument("--timeout-body", type=float, default=60.0,
+                   help="seconds for a whole request body to arrive (default: 60)")  # fmt: skip
+    t.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open (default: 5)")  # fmt: skip
+    t.add_argument("--timeout-write", type=float, default=60.0,
+                   help="seconds a client may stop reading a response before it is dropped "
+                        "(default: 60)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])  # fmt: skip
 
 
+def _fit_open_files(max_connections: int) -> int:
+    """Raise the soft open-files limit toward what max_connections needs (+64 for the model's
+    files and logs); if the hard limit is lower, serve fewer connections and say so."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = max_connections + 64
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fitted = max(1, soft - 64)
+        print(f"note: the open-files limit is {soft}; serving at most {fitted} connections",
+              file=sys.stderr)  # fmt: skip
+        return fitted
+    return max_connections
+
+
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise Qwen35Error(f"--port must be in [0, 65535], got {args.port}")
-    if args.max_queue is not None and args.max_queue < 0:
-        raise Qwen35Error(f"--max-queue must be >= 0, got {args.max_queue}")
-    import uvicorn
+    from qwen35.server.limits import RequestLimits
+    from qwen35.server.transport import TransportLimits
 
-    from qwen35.engine.llm_engine import LLMEngine
+    # check every server option before the model loads
+    limits = RequestLimits(
+        max_seqs_per_request=args.max_seqs_per_request,
+        max_stop=args.max_stop,
+        max_prompt_tokens=args.max_prompt_tokens,
+    )
+    transport = TransportLimits(
+        max_connections=args.max_connections,
+        timeout_headers_s=args.timeout_headers,
+        timeout_body_s=args.timeout_body,
+        timeout_keep_alive_s=args.timeout_keep_alive,
+        timeout_write_s=args.timeout_write,
+    )
     from qwen35.server.app import ServerConfig, create_app
 
-    engine = LLMEngine(
-        args.model, engine_config(args, seed=args.seed), progress=sys.stderr.isatty()
-    )
     name = args.served_model_name or args.model
     config = ServerConfig(
         served_model_name=name,
@@ -65,6 +121,16 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
+        limits=limits,
+    )
+    transport = dataclasses.replace(
+        transport, max_connections=_fit_open_files(transport.max_connections)
+    )
+    from qwen35.engine.llm_engine import LLMEngine
+    from qwen35.server.transport import run_server, uvicorn_config
+
+    engine = LLMEngine(
+        args.model, engine_config(args, seed=args.seed), progress=sys.stderr.isatty()
     )
     app = create_app(engine, config)
     print(
@@ -72,8 +138,7 @@ def run(args: argparse.Namespace) -> int:
         f"/v1{' (API key required)' if config.api_key else ''}",
         file=sys.stderr,
     )
-    # on shutdown, streams still open after 5 s are cancelled (and their requests aborted)
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
-    )
-    return 0
+    # on shutdown, streams still open after 5 s are cancelled (and their requests aborted);
+    # exit status 1 when the engine loop died, so a supervisor restarts the server
+    cfg = uvicorn_config(app, transport, host=args.host, port=args.port, log_level=args.log_level)
+    return run_server(app, cfg)

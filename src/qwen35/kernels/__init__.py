@@ -12,9 +12,11 @@ falls back to the PyTorch op. The build is cached by torch under ~/.cache/torch_
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 from qwen35.devices import cpu_flags
@@ -25,6 +27,7 @@ _module = None
 _tried = False
 
 NAME = "qwen35_cpu_kernels"
+STALE_LOCK_S = 600  # a build lock older than this was left by a process killed mid-build
 FLAGS = ("avx2", "fma")  # the build targets x86-64 with AVX2 + FMA (any CPU of the last decade)
 
 
@@ -58,15 +61,31 @@ def _build():
     from torch.utils.cpp_extension import load as build
 
     src = Path(__file__).with_name("gated_delta_cpu.cpp")
-    if not _built(NAME):
-        log.warning("compiling qwen35's CPU kernels (once per machine, ~30 s)")
+    # one build directory per source version: two checkouts never rebuild each other's module
+    name = f"{NAME}_{hashlib.sha256(src.read_bytes()).hexdigest()[:10]}"
+    _clear_stale_lock(name)
+    if not _built(name):
+        log.warning("compiling qwen35's CPU kernels (once per machine and version)")
     return build(
-        name=NAME,
+        name=name,
         sources=[str(src)],
         extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
+
+
+def _clear_stale_lock(name: str) -> None:
+    """torch's builder waits forever on a `lock` file a killed build left behind."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing a stale kernel build lock %s (a build was killed)", lock)
+            lock.unlink(missing_ok=True)
+    except Exception:  # a private helper of torch: without it, torch's own wait applies
+        pass
 
 
 def _built(name: str) -> bool:

@@ -2,8 +2,10 @@
 
 Routes: GET /health, GET /metrics, GET /v1/models, POST /v1/completions, POST
 /v1/chat/completions. Every error is returned in OpenAI's shape. One pure-ASGI middleware
-counts requests by endpoint/status and checks the API key (everything but /health); it is
-pure ASGI (not BaseHTTPMiddleware) so streaming and disconnect detection are untouched.
+gives each request an id (`x-request-id`), counts requests by endpoint/status, checks the API
+key (everything but /health) and turns any unexpected exception into a 500 with a generic
+message and the request id (the traceback goes to the log only); it is pure ASGI (not
+BaseHTTPMiddleware) so streaming and disconnect detection are untouched.
 """
 
 from __future__ import annotations
@@ -11,20 +13,27 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen35.server.async_engine import AsyncEngine
 from qwen35.server.metrics import CONTENT_TYPE, ServerMetrics
 from qwen35.server.protocol import APIError, ModelCard, ModelList, error_body
 from qwen35.server.serving_chat import create_chat_completion
-from qwen35.server.serving_common import ServerConfig, ServerState
+from qwen35.server.serving_common import (
+    RETRY_AFTER,
+    JSONResponse,
+    ServerConfig,
+    ServerState,
+    internal_error_body,
+)
 from qwen35.server.serving_completions import create_completion
 
 log = logging.getLogger("qwen35.server")
@@ -48,6 +57,7 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
             yield
         finally:
             async_engine.shutdown()
+            state.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="qwen35", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.qwen35 = state
@@ -55,7 +65,7 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -70,17 +80,13 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
             error_body(str(e.detail), kind), status_code=e.status_code, headers=e.headers
         )
 
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, e: Exception) -> JSONResponse:
-        log.exception("internal error")
-        return JSONResponse(error_body(f"internal error: {e!r}", "server_error"), 500)
-
     @app.get("/health")
     async def health() -> Response:
         if async_engine.alive:
             return JSONResponse({"status": "ok"})
-        msg = async_engine._dead_message()
-        return JSONResponse(error_body(msg, "server_error", code="engine_dead"), 503)
+        msg = async_engine._dead_message()  # generic: the error itself is in the log only
+        body = error_body(msg, "server_error", code="engine_dead")
+        return JSONResponse(body, 503, headers=RETRY_AFTER)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -90,7 +96,7 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     async def models() -> JSONResponse:
         card = ModelCard(
             id=config.served_model_name,
-            root=config.model_path,
+            root=config.served_model_name,  # never the server's filesystem path
             max_model_len=getattr(engine, "max_model_len", None),
         )
         return JSONResponse(ModelList(data=[card]).model_dump())
@@ -107,7 +113,8 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
 
 
 class _GuardMiddleware:
-    """Counts requests by endpoint and status; answers 401 without a valid bearer key."""
+    """Request ids, counts by endpoint and status, 401 without a valid bearer key, and a generic
+    500 for any exception that escapes a handler."""
 
     def __init__(self, app: ASGIApp, state: ServerState):
         self.app = app
@@ -120,11 +127,17 @@ class _GuardMiddleware:
         path = scope.get("path", "")
         endpoint = path if path in ENDPOINTS else "other"
         status = 500  # if the app dies before answering
+        started = False
+        request_id = "req-" + uuid.uuid4().hex[:24]
+        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_counted(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
@@ -137,15 +150,21 @@ class _GuardMiddleware:
                 await _send_json(send_counted, 401, body, {"www-authenticate": "Bearer"})
                 return
             await self.app(scope, receive, send_counted)
+        except Exception:
+            log.exception("internal error (request id %s, %s)", request_id, path)
+            if not started:  # else the connection is cut; the client sees an incomplete reply
+                await _send_json(send_counted, 500, internal_error_body(request_id), {})
         finally:
             self.state.metrics.requests.labels(endpoint, str(status)).inc()
 
 
 def _authorized(scope: Scope, key: str) -> bool:
+    # compared as bytes: hmac.compare_digest refuses str with non-ASCII characters
     for name, value in scope.get("headers", []):
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
+            scheme, _, token = value.partition(b" ")
+            expected = key.encode("utf-8")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected)
     return False
 
 

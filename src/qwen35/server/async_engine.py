@@ -25,7 +25,11 @@ _END = object()  # pushed to a stream that ends without a finished output (abort
 
 
 class QueueFullError(Exception):
-    """More requests are waiting than --max-queue allows (HTTP 503)."""
+    """Admitting the request would leave more sequences waiting than --max-queue (HTTP 503)."""
+
+
+class QueueTooSmallError(Exception):
+    """The request has more sequences than running slots + --max-queue: never admissible (400)."""
 
 
 class EngineDeadError(Exception):
@@ -79,11 +83,19 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """Owns the engine loop thread. `max_queue`: adds fail (503) while that many requests wait."""
+    """Owns the engine loop thread.
+
+    `max_queue` counts sequences (prompts x n), not HTTP requests: a request is refused (503)
+    when, with its sequences, more than `max_queue` sequences would wait for a running slot
+    (running + waiting + new > slots + max_queue). `on_death` callbacks run (on the loop thread)
+    when the loop stops after an error, e.g. to shut the server down so a supervisor restarts
+    it.
+    """
 
     def __init__(self, engine: Any, max_queue: int | None = None):
         self.engine = engine
         self.max_queue = max_queue
+        self.on_death: list[Callable[[], None]] = []
         self._cmds: collections.deque[tuple] = collections.deque()
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}  # touched by the loop thread only
@@ -116,9 +128,33 @@ class AsyncEngine:
         return self._stats
 
     def num_waiting(self) -> int:
+        """Sequences queued: waiting in the engine or not yet added to it."""
         with self._lock:
             pending = self._pending_adds
         return pending + int(self._stats.get("num_waiting", 0))
+
+    def _check_queue(self, num_new: int) -> None:
+        """Called under self._lock."""
+        if self.max_queue is None:
+            return
+        stats = self._stats
+        slots = int(stats.get("state_slots_total", 0))
+        capacity = slots + self.max_queue
+        if num_new > capacity:
+            raise QueueTooSmallError(
+                f"this request needs {num_new} sequences (prompts x n), but at most {capacity} "
+                f"can be admitted at once ({slots} running slots + --max-queue "
+                f"{self.max_queue}); send fewer prompts or a smaller n"
+            )
+        queued = (
+            self._pending_adds + int(stats.get("num_running", 0)) + int(stats.get("num_waiting", 0))
+        )
+        if queued + num_new > capacity:
+            waiting = max(0, queued - slots)
+            raise QueueFullError(
+                f"server busy: {waiting} sequences are waiting (--max-queue {self.max_queue}) "
+                f"and this request adds {num_new}; retry later"
+            )
 
     async def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
@@ -132,15 +168,10 @@ class AsyncEngine:
         raises (SamplingParamsError, PromptTooLongError, ...), QueueFullError, EngineDeadError."""
         if not self.alive:
             raise EngineDeadError(self._dead_message())
+        num_seqs = _num_seqs(requests)
         with self._lock:
-            waiting = self._pending_adds + int(self._stats.get("num_waiting", 0))
-            # 503 while max_queue or more requests wait (0: only when nothing is waiting)
-            if self.max_queue is not None and waiting >= self.max_queue:
-                raise QueueFullError(
-                    f"server busy: {waiting} requests are waiting (--max-queue {self.max_queue}); "
-                    "retry later"
-                )
-            self._pending_adds += len(requests)
+            self._check_queue(num_seqs)
+            self._pending_adds += num_seqs
         stream = RequestStream([r[0] for r in requests], self, asyncio.get_running_loop())
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._submit(("add", requests, stream, fut))
@@ -167,9 +198,10 @@ class AsyncEngine:
             self._drain_dead()
 
     def _dead_message(self) -> str:
+        # no exception text: it goes to the log, never to clients (not even /health)
         if self.error is not None:
-            return f"engine loop stopped after an error: {self.error!r}"
-        return "engine loop is not running (server shutting down)"
+            return "the engine stopped after an internal error; the server is shutting down"
+        return "the engine is not running (the server is shutting down)"
 
     # ---- loop thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -190,6 +222,12 @@ class AsyncEngine:
             self.error = e
         finally:
             self._fail_all(EngineDeadError(self._dead_message()))
+        if self.error is not None:
+            for callback in self.on_death:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("on_death callback failed")
 
     def _run_commands(self) -> None:
         while self._cmds:
@@ -211,9 +249,9 @@ class AsyncEngine:
                 else:
                     fut.set_result(None)
                 finally:
+                    self._refresh_stats()  # before the pending count drops: admission sees both
                     with self._lock:
-                        self._pending_adds -= len(requests)
-                self._refresh_stats()
+                        self._pending_adds -= _num_seqs(requests)
             elif kind == "abort":
                 stream = self._streams.pop(cmd[1], None)
                 if stream is not None:
@@ -261,5 +299,9 @@ class AsyncEngine:
             if fut is not None and not fut.done():
                 if cmd[0] == "add":
                     with self._lock:
-                        self._pending_adds -= len(cmd[1])
+                        self._pending_adds -= _num_seqs(cmd[1])
                 fut.set_exception(EngineDeadError(self._dead_message()))
+
+
+def _num_seqs(requests: list[tuple]) -> int:
+    return sum(max(1, int(getattr(r[2], "n", 1))) for r in requests)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from qwen35.chat_format import ChatFormatError, prompt_thinking_enabled
 from qwen35.request import SamplingParamsError
@@ -26,17 +26,17 @@ from qwen35.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     Usage,
-    error_body,
     random_id,
 )
 from qwen35.server.serving_common import (
-    SSE_DONE,
+    JSONResponse,
     ServerState,
     SSEResponse,
     add_to_engine,
     chat_logprobs,
     collect,
-    read_json,
+    engine_dead_error,
+    request_id_of,
     sse,
 )
 
@@ -92,7 +92,19 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
         )
     except (ChatFormatError, TypeError, ValueError) as e:
         raise APIError(f"invalid messages: {e}", param="messages") from None
+    except RecursionError:  # e.g. tool-call `arguments` (a JSON string) nested 100k deep
+        raise APIError(
+            "invalid messages: a value nests too deeply to render",
+            param="messages",
+            code="nested_too_deeply",
+        ) from None
     return ChatPrompt(text, prompt_thinking_enabled(text), tools)
+
+
+def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[ChatPrompt, list[int]]:
+    """Render and tokenize (on a worker thread: both cost time linear in the body)."""
+    prompt = build_chat_prompt(state.engine, req)
+    return prompt, state.encode(prompt.text, "messages")
 
 
 def _logprobs_n(req: ChatCompletionRequest) -> int | None:
@@ -104,11 +116,8 @@ def _logprobs_n(req: ChatCompletionRequest) -> int | None:
 
 
 async def create_chat_completion(state: ServerState, request: Request) -> Response:
-    req: ChatCompletionRequest = await read_json(
-        request, ChatCompletionRequest, state.config.max_body_bytes
-    )
+    req: ChatCompletionRequest = await state.read_request(request, ChatCompletionRequest)
     model = state.check_model(req.model)
-    prompt = build_chat_prompt(state.engine, req)
     top_n = _logprobs_n(req)
     max_tokens = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -118,8 +127,9 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     except SamplingParamsError as e:
         param = "top_logprobs" if e.param == "logprobs" else e.param
         raise APIError(str(e), param=param) from None
+    prompt, ids = await state.offload(prepare_chat, state, req)
     rid = random_id("chatcmpl")
-    stream = await add_to_engine(state, [(rid, prompt.text, params)], "messages")
+    stream = await add_to_engine(state, [(rid, ids, params)], "messages")
     tracker = state.metrics.tracker()
     created = int(time.time())
     builders = [ChoiceBuilder(prompt.thinking, prompt.tools) for _ in range(params.n)]
@@ -138,32 +148,28 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         async def events():
             first = {"role": "assistant", "content": ""}
             yield chunk([_choice(i, dict(first)) for i in range(params.n)])
-            try:
-                async for out in stream:
-                    tracker.on_output(out)
-                    choices = []
-                    for o in out.outputs:
-                        b = builders[o.index]
-                        delta = b.feed(o.text)
-                        finish = None
-                        if o.finish_reason is not None:
-                            delta = b.merge(delta, b.finish())
-                            finish = b.finish_reason(o.finish_reason)
-                        lp = None
-                        if top_n is not None and o.logprobs:
-                            lp = {"content": chat_logprobs(state, o.logprobs, top_n)}
-                        if delta or lp or finish:
-                            choices.append(_choice(o.index, delta, lp, finish, o.stop_reason))
-                    if choices:
-                        yield chunk(choices)
-                tracker.done()
-                if req.include_usage:
-                    yield chunk([], usage=tracker.usage())
-            except EngineDeadError as e:
-                yield sse(error_body(str(e), "server_error", code="engine_dead"))
-            yield SSE_DONE
+            async for out in stream:
+                tracker.on_output(out)
+                choices = []
+                for o in out.outputs:
+                    b = builders[o.index]
+                    delta = b.feed(o.text)
+                    finish = None
+                    if o.finish_reason is not None:
+                        delta = b.merge(delta, b.finish())
+                        finish = b.finish_reason(o.finish_reason)
+                    lp = None
+                    if top_n is not None and o.logprobs:
+                        lp = {"content": chat_logprobs(state, o.logprobs, top_n)}
+                    if delta or lp or finish:
+                        choices.append(_choice(o.index, delta, lp, finish, o.stop_reason))
+                if choices:
+                    yield chunk(choices)
+            tracker.done()
+            if req.include_usage:
+                yield chunk([], usage=tracker.usage())
 
-        return SSEResponse(events(), on_close=stream.abort)
+        return SSEResponse(events(), stream.abort, request_id_of(request))
 
     texts = [""] * params.n
     lps: list[list] = [[] for _ in range(params.n)]
@@ -180,7 +186,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                     if o.stop_reason is not None:
                         stop_reason[o.index] = o.stop_reason
         except EngineDeadError as e:
-            raise APIError(str(e), 503, "server_error", code="engine_dead") from None
+            raise engine_dead_error(e) from None
     tracker.done()
     choices = []
     for i, b in enumerate(builders):

@@ -1,17 +1,21 @@
-"""What the chat and completions handlers share: server state, body parsing, engine-error
-mapping, logprob formatting, SSE framing and clean-up when a client goes away."""
+"""What the chat and completions handlers share: server config and state (with the worker pool
+for heavy request work), engine-error mapping, logprob formatting, JSON and SSE framing, and
+clean-up when a client goes away."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import json
+import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
+from starlette.responses import JSONResponse as _StarletteJSONResponse
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -21,10 +25,17 @@ from qwen35.server.async_engine import (
     AsyncEngine,
     EngineDeadError,
     QueueFullError,
+    QueueTooSmallError,
     RequestStream,
 )
+from qwen35.server.body import parse_request, read_body
+from qwen35.server.limits import RequestLimits, check_prompt_tokens
 from qwen35.server.metrics import ServerMetrics
-from qwen35.server.protocol import APIError
+from qwen35.server.protocol import APIError, error_body
+
+log = logging.getLogger("qwen35.server")
+
+RETRY_AFTER = {"retry-after": "1"}  # seconds; sent with every 503
 
 
 @dataclass
@@ -32,9 +43,22 @@ class ServerConfig:
     served_model_name: str
     model_path: str | None = None  # also accepted as `model` in requests
     api_key: str | None = None
-    max_queue: int | None = None  # waiting requests beyond which requests get 503
+    max_queue: int | None = None  # sequences allowed to wait for a running slot (None: no cap)
     max_body_bytes: int = 16 * 1024 * 1024
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    worker_threads: int = 4  # parse / render / tokenize off the event loop and the engine thread
     disconnect_poll_s: float = 0.5  # how often non-streaming handlers check for a gone client
+
+    def __post_init__(self) -> None:
+        if self.max_queue is not None and (
+            not isinstance(self.max_queue, int) or self.max_queue < 1
+        ):
+            raise Qwen35Error(
+                f"--max-queue must be an integer >= 1 (sequences that may wait), got "
+                f"{self.max_queue!r}; leave it out for no limit"
+            )
+        if self.max_body_bytes < 1 or self.worker_threads < 1:
+            raise Qwen35Error("max_body_bytes and worker_threads must be >= 1")
 
 
 @dataclass
@@ -43,13 +67,60 @@ class ServerState:
     async_engine: AsyncEngine
     metrics: ServerMetrics
     config: ServerConfig
+    pool: concurrent.futures.ThreadPoolExecutor | None = None
     _token_text: dict[int, tuple[str, list[int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pool is None:
+            self.pool = concurrent.futures.ThreadPoolExecutor(
+                self.config.worker_threads, thread_name_prefix="qwen35-worker"
+            )
+
+    @property
+    def context_len(self) -> int | None:
+        return getattr(self.engine, "max_model_len", None)
+
+    @property
+    def prompt_limit(self) -> int:
+        limit = self.config.limits.max_prompt_tokens
+        ctx = self.context_len
+        if limit is None:
+            return ctx if ctx is not None else 1 << 62
+        return min(limit, ctx) if ctx is not None else limit
+
+    async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(*args) on the worker pool (CPU-heavy request work: parsing, rendering,
+        tokenizing) so neither the event loop nor the engine thread waits for it."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
+
+    async def read_request(self, request: Request, model_cls: type) -> Any:
+        raw = await read_body(request, self.config.max_body_bytes)
+        limits = self.config.limits
+        return await self.offload(
+            parse_request, raw, model_cls, limits, self.prompt_limit, self.context_len
+        )
+
+    def encode(self, prompt: str | list[int], param: str) -> list[int]:
+        """Token ids of a prompt, within the prompt limit (runs on a worker thread)."""
+        encode = getattr(self.engine, "encode_prompt", None)
+        try:
+            ids = encode(prompt) if encode is not None else _plain_encode(self.engine, prompt)
+        except UnicodeError:
+            raise APIError(f"{param} is not valid Unicode", param=param) from None
+        except (Qwen35Error, ValueError) as e:
+            raise APIError(str(e), param=param) from None
+        if not ids:
+            raise APIError(f"{param} must not be empty", param=param)
+        check_prompt_tokens(len(ids), self.prompt_limit, self.context_len, param)
+        return ids
 
     def check_model(self, model: str | None) -> str:
         names = {self.config.served_model_name, self.config.model_path}
         if model is not None and model not in names:
+            shown = model if len(model) <= 100 else model[:100] + "..."
             raise APIError(
-                f"The model `{model}` does not exist; this server serves "
+                f"The model `{shown}` does not exist; this server serves "
                 f"`{self.config.served_model_name}`",
                 404,
                 "invalid_request_error",
@@ -76,57 +147,6 @@ class ServerState:
         return hit
 
 
-async def read_json(request: Request, model_cls: type[BaseModel], max_bytes: int) -> Any:
-    """Parse and validate the body; any problem is a 400 (413 when too large) in OpenAI's shape."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(int(declared), max_bytes)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(size, max_bytes)
-        chunks.append(chunk)
-    try:
-        data = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(f"the request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise APIError("the request body must be a JSON object")
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as e:
-        raise validation_error(e) from None
-
-
-def _too_large(size: int, limit: int) -> APIError:
-    return APIError(
-        f"request body of {size}+ bytes exceeds the limit of {limit} bytes (--max-body-bytes)",
-        413,
-        code="request_too_large",
-    )
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "NamedToolChoice"}
-
-
-def validation_error(e: ValidationError) -> APIError:
-    errors = e.errors()
-    err = errors[0]
-    # pydantic's loc names each alternative of a union ('str', 'list[int]', ...): drop those
-    loc = [
-        str(x)
-        for x in err.get("loc", ())
-        if isinstance(x, int) or not (x in _TYPE_TAGS or "[" in x or "-" in x)
-    ]
-    param = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".") or None
-    msg = err.get("msg", "invalid value")
-    if len({tuple(x.get("loc", ()))[:1] for x in errors}) == 1 and len(errors) > 1:
-        kinds = sorted({x["type"] for x in errors})
-        msg = f"{msg} (or one of the other accepted forms; {len(errors)} mismatches: {kinds})"
-    return APIError(f"invalid value for {param or 'the body'}: {msg}", param=param)
-
-
 async def add_to_engine(
     state: ServerState, requests: list[tuple[str, Any, Any]], prompt_param: str
 ) -> RequestStream:
@@ -140,12 +160,49 @@ async def add_to_engine(
         raise APIError(str(e), param=e.param) from None
     except too_long as e:  # type: ignore[misc]
         raise APIError(str(e), param=prompt_param, code="context_length_exceeded") from None
+    except QueueTooSmallError as e:
+        raise APIError(str(e), param="n", code="request_too_large") from None
     except QueueFullError as e:
-        raise APIError(str(e), 503, "server_error", code="queue_full") from None
+        raise APIError(
+            str(e), 503, "server_error", code="queue_full", headers=RETRY_AFTER
+        ) from None
     except EngineDeadError as e:
-        raise APIError(str(e), 503, "server_error", code="engine_dead") from None
+        raise engine_dead_error(e) from None
     except (Qwen35Error, ValueError) as e:
         raise APIError(str(e), param=prompt_param) from None
+
+
+def engine_dead_error(e: EngineDeadError) -> APIError:
+    return APIError(str(e), 503, "server_error", code="engine_dead", headers=RETRY_AFTER)
+
+
+def _plain_encode(engine: Any, prompt: str | list[int]) -> list[int]:
+    return engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+
+class JSONResponse(_StarletteJSONResponse):
+    """Starlette's JSONResponse, but text UTF-8 cannot encode (a lone surrogate) is \\u-escaped
+    instead of failing the response."""
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+
+
+def request_id_of(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+def internal_error_body(request_id: str | None) -> dict:
+    rid = f" (request id {request_id})" if request_id else ""
+    return error_body(
+        f"internal server error{rid}; the details are in the server log",
+        "server_error",
+        code="internal_error",
+    )
 
 
 def safe_logprob(x: float) -> float:
@@ -199,19 +256,50 @@ def completion_logprobs(
     return res
 
 
-def sse(data: Any) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
 SSE_DONE = "data: [DONE]\n\n"
 
 
-class SSEResponse(StreamingResponse):
-    """A streaming response that always runs `on_close` (abort the requests if unfinished) when
-    the client disconnects, the stream is cancelled or it ends."""
+def sse(data: Any) -> str:
+    text = json.dumps(data, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: escape it rather than cut the stream
+        text = json.dumps(data)
+    return f"data: {text}\n\n"
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(content, media_type="text/event-stream")
+
+async def guarded_events(events: AsyncIterator[str], request_id: str | None) -> AsyncIterator[str]:
+    """An SSE body that always ends with `data: [DONE]`: an engine that died, an APIError or an
+    internal error becomes an error event first (internal details go to the log only)."""
+    try:
+        async for item in events:
+            yield item
+    except EngineDeadError as e:
+        yield sse(error_body(str(e), "server_error", code="engine_dead"))
+    except APIError as e:  # raised on purpose mid-stream (e.g. the engine failed this request)
+        yield sse(e.body())
+    except Exception:
+        log.exception("internal error in a stream (request id %s)", request_id)
+        yield sse(internal_error_body(request_id))
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    yield SSE_DONE
+
+
+class SSEResponse(StreamingResponse):
+    """A streaming response that always ends with `data: [DONE]` (guarded_events) and always
+    runs `on_close` (abort the requests if unfinished) when the client disconnects, the stream
+    is cancelled or it ends."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[str],
+        on_close: Callable[[], None],
+        request_id: str | None = None,
+    ):
+        super().__init__(guarded_events(content, request_id), media_type="text/event-stream")
         self.headers["cache-control"] = "no-cache"
         self._on_close = on_close
 

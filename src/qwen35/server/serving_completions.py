@@ -8,7 +8,7 @@ from contextlib import aclosing
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from qwen35.request import SamplingParamsError
 from qwen35.server.async_engine import EngineDeadError
@@ -18,17 +18,17 @@ from qwen35.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     Usage,
-    error_body,
     random_id,
 )
 from qwen35.server.serving_common import (
-    SSE_DONE,
+    JSONResponse,
     ServerState,
     SSEResponse,
     add_to_engine,
     collect,
     completion_logprobs,
-    read_json,
+    engine_dead_error,
+    request_id_of,
     sse,
 )
 
@@ -43,10 +43,19 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
     return list(prompt)  # a batch: list[str] or list[list[int]]
 
 
+def prepare_prompts(
+    state: ServerState, prompts: list[str | list[int]], echo: bool
+) -> tuple[list[list[int]], list[str] | None]:
+    """Token ids of every prompt (and their text for echo), on a worker thread."""
+    ids = [state.encode(p, "prompt") for p in prompts]
+    if not echo:
+        return ids, None
+    tok = state.engine.tokenizer
+    return ids, [p if isinstance(p, str) else tok.decode(p) for p in prompts]
+
+
 async def create_completion(state: ServerState, request: Request) -> Response:
-    req: CompletionRequest = await read_json(
-        request, CompletionRequest, state.config.max_body_bytes
-    )
+    req: CompletionRequest = await state.read_request(request, CompletionRequest)
     model = state.check_model(req.model)
     prompts = _prompts(req.prompt)
     if req.suffix:
@@ -57,13 +66,11 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         params = req.sampling_params(req.max_tokens, req.logprobs)
     except SamplingParamsError as e:
         raise APIError(str(e), param=e.param) from None
+    ids, texts = await state.offload(prepare_prompts, state, prompts, req.echo)
     base = random_id("cmpl")
-    requests = [(f"{base}-{i}", p, dataclasses.replace(params)) for i, p in enumerate(prompts)]
+    requests = [(f"{base}-{i}", p, dataclasses.replace(params)) for i, p in enumerate(ids)]
     order = {rid: i for i, (rid, _, _) in enumerate(requests)}
-    echo = {}
-    if req.echo:
-        tok = state.engine.tokenizer
-        echo = {rid: p if isinstance(p, str) else tok.decode(p) for rid, p, _ in requests}
+    echo = {rid: text for (rid, _, _), text in zip(requests, texts or [], strict=False)}
     stream = await add_to_engine(state, requests, "prompt")
     tracker = state.metrics.tracker()
     created = int(time.time())
@@ -76,34 +83,30 @@ async def create_completion(state: ServerState, request: Request) -> Response:
 
         async def events():
             offsets: dict[int, int] = {}  # choice -> text length so far (logprobs text_offset)
-            try:
-                async for out in stream:
-                    tracker.on_output(out)
-                    choices = []
-                    for o in out.outputs:
-                        i = choice_index(out.request_id, o.index)
-                        text = o.text
-                        if i not in offsets and out.request_id in echo:
-                            text = echo[out.request_id] + text
-                        prev = offsets.get(i, 0)
-                        offsets[i] = prev + len(text)
-                        lp = None  # (echo never comes with logprobs)
-                        if o.logprobs is not None and req.logprobs is not None:
-                            lp = completion_logprobs(state, o.logprobs, top_n, prev)
-                        choices.append(
-                            {"index": i, "text": text, "logprobs": lp,
-                             "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
-                        )  # fmt: skip
-                    if choices:
-                        yield sse(_chunk(base, created, model, choices))
-                tracker.done()
-                if req.include_usage:
-                    yield sse(_chunk(base, created, model, [], usage=tracker.usage()))
-            except EngineDeadError as e:
-                yield sse(error_body(str(e), "server_error", code="engine_dead"))
-            yield SSE_DONE
+            async for out in stream:
+                tracker.on_output(out)
+                choices = []
+                for o in out.outputs:
+                    i = choice_index(out.request_id, o.index)
+                    text = o.text
+                    if i not in offsets and out.request_id in echo:
+                        text = echo[out.request_id] + text
+                    prev = offsets.get(i, 0)
+                    offsets[i] = prev + len(text)
+                    lp = None  # (echo never comes with logprobs)
+                    if o.logprobs is not None and req.logprobs is not None:
+                        lp = completion_logprobs(state, o.logprobs, top_n, prev)
+                    choices.append(
+                        {"index": i, "text": text, "logprobs": lp,
+                         "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+                    )  # fmt: skip
+                if choices:
+                    yield sse(_chunk(base, created, model, choices))
+            tracker.done()
+            if req.include_usage:
+                yield sse(_chunk(base, created, model, [], usage=tracker.usage()))
 
-        return SSEResponse(events(), on_close=stream.abort)
+        return SSEResponse(events(), stream.abort, request_id_of(request))
 
     acc: dict[int, dict[str, Any]] = {}
     async with aclosing(collect(request, stream, state.config.disconnect_poll_s)) as outs:
@@ -121,7 +124,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
                     if o.stop_reason is not None:
                         a["stop"] = o.stop_reason
         except EngineDeadError as e:
-            raise APIError(str(e), 503, "server_error", code="engine_dead") from None
+            raise engine_dead_error(e) from None
     tracker.done()
     choices = [
         CompletionChoice(

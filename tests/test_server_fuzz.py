@@ -1,0 +1,150 @@
+"""Seeded fuzzing of both endpoints (issue 11): a few hundred randomized bad requests (wrong types,
+extreme numbers, NaN, deep nesting, lone surrogates, huge lists, broken JSON and encodings,
+bad keys, streaming or not) on loopback. No answer may be a 5xx, every error is in OpenAI's
+shape, every stream ends with [DONE], and afterwards the engine is alive with nothing left
+running, queued or allocated. The fast test drives the FakeEngine; the slow one the real engine
+on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+
+import httpx
+import pytest
+
+from server_fakes import (
+    TOOLS,
+    USER,
+    FakeEngine,
+    assert_recovered,
+    build_tiny_engine,
+    serving,
+)
+
+KEY = "sekret"
+FIELDS = [
+    "model", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+    "seed", "stop", "stop_token_ids", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "logprobs", "top_logprobs", "echo", "suffix", "stream",
+    "stream_options", "ignore_eos", "min_tokens", "include_stop_str_in_output",
+    "skip_special_tokens", "user", "tools", "tool_choice", "chat_template_kwargs",
+    "response_format", "parallel_tool_calls", "logit_bias", "best_of", "prompt", "messages",
+    "unknown_field",
+]  # fmt: skip
+
+
+def _nested(rng: random.Random, depth: int):
+    x = rng.choice([1, "a", None])
+    for _ in range(depth):
+        x = [x] if rng.random() < 0.5 else {"k": x}
+    return x
+
+
+def _value(rng: random.Random):
+    """A random JSON value, mostly wrong for whatever field receives it."""
+    pool = [
+        lambda: None, lambda: True, lambda: False, lambda: 0, lambda: -1, lambda: 1,
+        lambda: 2**64, lambda: -(2**63), lambda: 10**30, lambda: 1e308, lambda: -1e-320,
+        lambda: float("nan"), lambda: float("inf"), lambda: -float("inf"), lambda: 1e-46,
+        lambda: rng.uniform(-5, 5), lambda: "", lambda: "x" * rng.randint(1, 3000),
+        lambda: "\ud800", lambda: "a\udfffb", lambda: "ünïcødé 🙂", lambda: "<tool_call>",
+        lambda: [], lambda: [rng.randint(-5, 300_000) for _ in range(rng.randint(1, 40))],
+        lambda: ["s"] * rng.randint(1, 300), lambda: [[]], lambda: [None], lambda: {},
+        lambda: {"a": 1}, lambda: {"type": "function", "function": {"name": 3}},
+        lambda: _nested(rng, rng.choice([3, 40, 70, 300])),
+        lambda: [{"role": "user", "content": _value(rng)}],
+        lambda: [{"role": rng.choice(["user", "system", "tool", "assistant", "x"]),
+                  "content": rng.choice(["hi", None, [{"type": "text", "text": "t"}],
+                                         [{"type": "image_url", "image_url": {"url": "x"}}]])}],
+        lambda: [{"role": "assistant", "tool_calls": [
+            {"function": {"name": "f", "arguments": rng.choice(["{", "[]", "1", '{"a":1}'])}}]}],
+    ]  # fmt: skip
+    return rng.choice(pool)()
+
+
+def _body(rng: random.Random) -> tuple[str, bytes]:
+    chat = rng.random() < 0.5
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body: dict = {"messages": USER} if chat else {"prompt": "Hello"}
+    body["max_tokens"] = rng.choice([1, 2, 4])
+    if rng.random() < 0.3:
+        body["stream"] = True
+    if chat and rng.random() < 0.2:
+        body["tools"] = TOOLS
+    for name in rng.sample(FIELDS, rng.randint(1, 3)):
+        body[name] = _value(rng)
+    raw = json.dumps(body).encode()  # NaN / Infinity as JSON5-style literals, as clients send
+    r = rng.random()
+    if r < 0.05:
+        raw = raw[: rng.randint(0, len(raw) - 1)]  # truncated
+    elif r < 0.08:
+        raw = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))  # garbage
+    elif r < 0.10:
+        raw = raw.replace(b'"', b"\xff", 1)  # invalid UTF-8
+    elif r < 0.12:
+        raw = rng.choice([b"", b"null", b"[]", b"1", b'"s"', b"[" * 5000 + b"]" * 5000])
+    return path, raw
+
+
+def _auth(rng: random.Random) -> bytes:
+    r = rng.random()
+    if r < 0.9:
+        return b"Bearer " + KEY.encode()
+    return rng.choice([b"Bearer \xff\xfe", "Bearer ключ".encode(), b"bearer", b"Basic abc", b""])
+
+
+def _client() -> httpx.Client:
+    # TCP_NODELAY: httpx writes headers and body separately; without it each request waits for
+    # a delayed ACK (~40 ms on Linux)
+    nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    return httpx.Client(transport=httpx.HTTPTransport(socket_options=nodelay), timeout=60)
+
+
+def _fuzz(srv, seed: int, count: int) -> dict[int, int]:
+    rng = random.Random(seed)
+    statuses: dict[int, int] = {}
+    with _client() as client:
+        for i in range(count):
+            path, raw = _body(rng)
+            headers = {"content-type": "application/json", "authorization": _auth(rng)}
+            with client.stream("POST", srv.url + path, content=raw, headers=headers) as r:
+                text = r.read().decode("utf-8", "replace")
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (i, path, raw[:300], r.status_code, text[:500])
+            if r.status_code >= 400:
+                err = json.loads(text)["error"]
+                assert set(err) == {"message", "type", "param", "code"}, (i, text)
+            elif r.headers["content-type"].startswith("text/event-stream"):
+                lines = [ln for ln in text.split("\n") if ln]
+                assert lines[-1] == "data: [DONE]", (i, raw[:300], text[-500:])
+                assert '"error"' not in text, (i, raw[:300], text[-500:])
+    return statuses
+
+
+def test_fuzz_fake_engine():
+    gen = serving()
+    start = next(gen)
+    try:
+        srv, _ = start(FakeEngine(), api_key=KEY)
+        statuses = _fuzz(srv, seed=1234, count=240)
+        assert statuses.get(200, 0) > 10 and statuses.get(400, 0) > 100, statuses
+        assert srv.state.async_engine.alive
+        assert_recovered(srv, headers={"authorization": f"Bearer {KEY}"})
+    finally:
+        gen.close()
+
+
+@pytest.mark.slow
+def test_fuzz_real_engine(tmp_path):
+    gen = serving()
+    start = next(gen)
+    try:
+        srv, _ = start(build_tiny_engine(tmp_path / "tiny"), api_key=KEY)
+        statuses = _fuzz(srv, seed=99, count=150)
+        assert statuses.get(200, 0) > 10, statuses
+        assert srv.state.async_engine.alive
+        assert_recovered(srv, headers={"authorization": f"Bearer {KEY}"})
+    finally:
+        gen.close()
