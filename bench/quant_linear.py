@@ -51,21 +51,24 @@ def main() -> None:
           f"{'fp8 k':>8} {'fp8 dq':>8}")  # fmt: skip
     for m in (1, 2, 4, 8, 16, 64, 256):
         x = torch.randn(m, a.k).bfloat16()
-        row = {
-            "bf16": lambda: torch.mv(w, x[0]) if m == 1 else F.linear(x, w),
-            "int8 k": lambda: torch.ops.aten._weight_int8pack_mm(x, i8.weight, i8.weight_scale),
-            "int8 dq": lambda: F.linear(x, torch.mul(i8.weight, i8.weight_scale[:, None], out=buf)),
-            "int4 k": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x, i4.weight, 128, i4.scales_and_zeros
-            ),
-            "int4 dq": lambda: F.linear(x, i4.dequantized(torch.bfloat16)),
-            "fp8 k": (lambda: mod.fp8_linear(x, q8, s8, 128, 128)) if mod and m <= 16 else None,
-            "fp8 dq": lambda: matmul.fp8_linear(x, q8, s8, (128, 128)) if m > 16 else None,
-        }
         cells = [f"{m:>5}"]
-        for fn in row.values():
+        for fn in _paths(m, x, w, i8, i4, q8, s8, mod, buf).values():
             cells.append(f"{timed(fn, a.reps) * 1e3:8.3f}" if fn else f"{'-':>8}")
         print(" ".join(cells))
+
+
+def _paths(m, x, w, i8, i4, q8, s8, mod, buf) -> dict:
+    return {
+        "bf16": lambda: torch.mv(w, x[0]) if m == 1 else F.linear(x, w),
+        "int8 k": lambda: torch.ops.aten._weight_int8pack_mm(x, i8.weight, i8.weight_scale),
+        "int8 dq": lambda: F.linear(x, torch.mul(i8.weight, i8.weight_scale[:, None], out=buf)),
+        "int4 k": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, i4.weight, 128, i4.scales_and_zeros
+        ),
+        "int4 dq": lambda: F.linear(x, i4.dequantized(torch.bfloat16)),
+        "fp8 k": (lambda: mod.fp8_linear(x, q8, s8, 128, 128)) if mod and m <= 16 else None,
+        "fp8 dq": lambda: matmul.fp8_linear(x, q8, s8, (128, 128)) if m > 16 else None,
+    }
 
 
 if __name__ == "__main__":

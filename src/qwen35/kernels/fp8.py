@@ -9,12 +9,13 @@ those when `load()` returns None (no compiler, no AVX2/F16C, QWEN35_NO_KERNELS=1
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from pathlib import Path
 
 from qwen35.devices import cpu_flags
-from qwen35.kernels import _built, supported
+from qwen35.kernels import _built, _clear_stale_lock, supported
 
 log = logging.getLogger("qwen35")
 NAME = "qwen35_fp8_cpu"
@@ -44,11 +45,14 @@ def load():
 def _build():
     from torch.utils.cpp_extension import load as build
 
-    if not _built(NAME):
-        log.warning("compiling qwen35's FP8 CPU kernel (once per machine, ~20 s)")
+    src = Path(__file__).with_name("fp8_cpu.cpp")
+    name = f"{NAME}_{hashlib.sha256(src.read_bytes()).hexdigest()[:10]}"  # per source version
+    _clear_stale_lock(name)
+    if not _built(name):
+        log.warning("compiling qwen35's FP8 CPU kernel (once per machine and version, ~30 s)")
     return build(
-        name=NAME,
-        sources=[str(Path(__file__).with_name("fp8_cpu.cpp"))],
+        name=name,
+        sources=[str(src)],
         extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         verbose=False,
