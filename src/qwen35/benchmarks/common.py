@@ -34,6 +34,7 @@ class BenchOptions:
     requests: int | None = None  # throughput workload; None: 32 (quick: 8)
     hf_batch_size: int = 8  # transformers' static batch size in the throughput workload
     rounds: int | None = None  # interleaved repetitions in the decode workload
+    formats: tuple[str, ...] | None = None  # peers workload: weight formats (None: all)
     progress: Callable[[str], None] | None = field(default=None, repr=False)  # long phases
 
     def say(self, msg: str) -> None:

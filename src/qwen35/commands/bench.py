@@ -70,6 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--hf-batch-size", type=int, default=8, help="transformers' static batch size (default 8)"
     )
     p.add_argument("--rounds", type=int, default=None, help="decode rounds (default 3)")
+    p.add_argument(
+        "--formats",
+        default=None,
+        help="peers workload: our weight formats, comma-separated (default fp32,bf16,int8,int4,"
+        "fp8; each with its llama.cpp twin)",
+    )
     p.add_argument("--json", action="store_true", help="print the JSON document, not tables")
     p.add_argument("--out", default=None, help="also write the JSON document to this file")
 
@@ -98,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         requests=args.requests,
         hf_batch_size=args.hf_batch_size,
         rounds=args.rounds,
+        formats=tuple(args.formats.split(",")) if args.formats else None,
         progress=say,
     )
     workloads = list(ALL) if args.workload == "all" else [args.workload]
