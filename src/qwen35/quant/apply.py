@@ -152,6 +152,10 @@ def quantize_model_(model: nn.Module, fmt: str, dtype: torch.dtype | None = None
 
         raise Qwen35Error(f"unknown quantization {fmt!r}; use one of {', '.join(FORMATS)}")
     cfg = model.config
+    if fmt == "int4" and model.model.norm.weight.device.type != "cpu":
+        from qwen35.errors import Qwen35Error
+
+        raise Qwen35Error("int4 is a CPU format (torch's CPU int4 kernels); on a GPU use fp8")
     dtype = dtype or model.model.norm.weight.dtype
     block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
     for name in rule_modules(model, cfg):
