@@ -87,7 +87,7 @@ def test_int_model_close_to_bf16_and_planner_bytes(ckpt, fmt):
     assert abs(got - want) / want < 0.01
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", pytest.param("int4", marks=pytest.mark.slow)])
 def test_int_batched_equals_alone(ckpt, fmt):
     from qwen35 import LLM, SamplingParams
 
@@ -106,6 +106,7 @@ def test_int_batched_equals_alone(ckpt, fmt):
     assert together == alone
 
 
+@pytest.mark.slow
 def test_plan_cpu_rows_equal_engine_bytes(ckpt, tmp_path):
     """`qwen35 plan --dtype int8|int4 --json` gives the bytes the quantizing loader holds."""
     import json
