@@ -23,9 +23,12 @@ PAIRS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
 
 
 def sizes(opts: BenchOptions) -> dict:
+    """--contexts overrides the prefill lengths."""
     if opts.quick:
-        return {"prompt": 16, "new": 6, "prefill": (32,), "rounds": opts.rounds or 1}
-    return {"prompt": 128, "new": 32, "prefill": (512, 2048), "rounds": opts.rounds or 3}
+        sz = {"prompt": 16, "new": 6, "prefill": (32,), "rounds": opts.rounds or 1}
+    else:
+        sz = {"prompt": 128, "new": 32, "prefill": (512, 2048), "rounds": opts.rounds or 3}
+    return {**sz, "prefill": tuple(opts.contexts or sz["prefill"])}
 
 
 def _load_ours(bm: BenchModel, opts: BenchOptions, fmt: str):
