@@ -21,6 +21,7 @@ import torch
 from qwen35 import kernels
 from qwen35.catalog import load_model_config
 from qwen35.engine.forward_batch import ForwardBatch, StepPlan
+from qwen35.engine.runtime import configure_cpu_runtime
 from qwen35.layers import deltanet
 from qwen35.loader import parse_dtype
 
@@ -32,13 +33,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default="bf16")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_cpu_runtime(args.threads)  # the engine's CPU settings (denormals, heap, threads)
     if kernels.load() is None:
         raise SystemExit(
             "the CPU kernel is not available here (see the warning); nothing to compare"
         )
-    torch.set_flush_denormal(True)
     dtype = parse_dtype(args.dtype)
     cfg = load_model_config("Qwen3.5-0.8B")
     layer = deltanet.GatedDeltaNet(cfg, dtype)

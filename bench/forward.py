@@ -7,15 +7,16 @@ Both models are built from the bundled config (text only: no vision, no MTP) wit
 random weights (ours initialised, copied into transformers' `Qwen3_5ForCausalLM` with
 load_state_dict), in the same dtype and thread count. Timings are medians of --repeats calls
 after one warm-up, interleaved (ours, transformers, ...) so machine load drifts hit both.
-fp32 denormals are flushed to zero for the whole process (both models), as an engine would.
+The process gets the engine's CPU runtime settings (`configure_cpu_runtime`: denormals flushed,
+freed memory kept in the heap), so both models run as they would under an engine.
 
 Prefill (prompt tokens/s), one sequence of each length:
 - ours:        the engine path, `model(ids, ForwardBatch, caches)`, logits of the last token;
 - hf last:     `hf(ids, logits_to_keep=1)`, the same work (what `generate` runs for a prompt);
 - hf all:      `hf(ids)`, transformers' default call, logits for every prompt token.
 Decode (batch 1, after a --decode-context prompt): ms per token, ours through paged caches,
-transformers through its DynamicCache, plus the bandwidth roofline (weight bytes per token over
-the measured read bandwidth). Prints a table and writes bench/results/forward.json.
+transformers through its DynamicCache, plus the bandwidth roofline (the bytes a decode step moves,
+`qwen35.benchmarks.roofline`, over the measured read bandwidth). Prints a table and writes bench/results/forward.json.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from pathlib import Path
 
 import torch
 
+from qwen35.benchmarks.roofline import decode_bytes_per_step, measure_read_bandwidth
 from qwen35.catalog import load_model_config, load_raw
 from qwen35.engine.forward_batch import allocate_caches
+from qwen35.engine.runtime import configure_cpu_runtime
 from qwen35.models.qwen3_5 import Qwen35ForCausalLM, uncached_batch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -156,17 +159,6 @@ def bench_decode(cfg, ours, hf, context: int, steps: int, dtype) -> dict:
             "speedup_vs_hf": h / o}  # fmt: skip
 
 
-def read_bandwidth_gbs() -> float:
-    x = torch.ones(128 * 2**20)  # 512 MiB fp32
-    x.sum()
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        x.sum()
-        ts.append(time.perf_counter() - t0)
-    return x.numel() * 4 / statistics.median(ts) / 1e9
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="Qwen3.5-0.8B")
@@ -179,9 +171,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="truncate the model (quick runs)")
     ap.add_argument("--out", default="bench/results/forward.json")
     args = ap.parse_args()
-    # Before any parallel op, so every worker thread inherits it; applies to both models.
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(args.threads)
+    # the engine's CPU settings (threads, denormal flush, heap), before any parallel op so
+    # every worker thread inherits them; they apply to both models
+    configure_cpu_runtime(args.threads)
     dtype = DTYPES[args.dtype]
 
     t0 = time.perf_counter()
@@ -201,11 +193,10 @@ def main() -> None:
     decode = None
     if args.decode_steps:
         decode = bench_decode(cfg, ours, hf, args.decode_context, args.decode_steps, dtype)
-        bw = read_bandwidth_gbs()
-        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-        weight_bytes -= 0 if cfg.tie_word_embeddings else ours.model.embed_tokens.weight.nbytes
-        roof = bw * 1e9 / weight_bytes
-        decode.update(read_bandwidth_gbs=bw, weight_bytes_per_token=weight_bytes,
+        bw = measure_read_bandwidth() / 1e9
+        step_bytes = decode_bytes_per_step(ours, args.decode_context)
+        roof = bw * 1e9 / step_bytes["total"]
+        decode.update(read_bandwidth_gbs=bw, bytes_per_step=step_bytes,
                       roofline_tokens_per_s=roof,
                       roofline_fraction=1e3 / decode["ms_per_token"]["ours"] / roof)  # fmt: skip
         ms = decode["ms_per_token"]

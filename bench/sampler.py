@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from qwen35.engine.runtime import configure_cpu_runtime
 from qwen35.engine.sampler import Sampler, SamplingRow, make_generator, reference_sample
 from qwen35.request import SamplingParams
 
@@ -92,8 +93,8 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/sampler.json")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = ap.parse_args()
-    if args.threads:  # on a shared, oversubscribed CPU, 1 thread gives far steadier numbers
-        torch.set_num_threads(args.threads)
+    # the engine's CPU settings; on a shared, oversubscribed CPU 1 thread gives steadier numbers
+    configure_cpu_runtime(args.threads or None)
 
     sampler, results = Sampler(seed=0), []
     header = f"{'workload':<8} {'rows':>4} {'batched ms':>11} {'per-row ms':>11} {'naive ms':>10}"

@@ -287,6 +287,19 @@ def wait_until(cond, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def idle_stats(async_engine, timeout: float = 30.0) -> dict:
+    """The loop's stats snapshot once it shows nothing running or waiting. Call it after every
+    request has been answered: the snapshot is taken after each step, so one from before the
+    last step still shows that step's request running; the first idle one is current."""
+
+    def idle() -> bool:
+        s = async_engine.stats
+        return s.get("num_running") == 0 and s.get("num_waiting") == 0
+
+    wait_until(idle, timeout)
+    return dict(async_engine.stats)
+
+
 def stream_chat(client, **kw):
     """Accumulate a streamed chat reply per choice: content, reasoning, tool calls, finish."""
     acc: dict[int, dict] = {}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import pytest
 
 from qwen35 import devices
@@ -29,8 +32,15 @@ def test_gpu_default_is_bf16(monkeypatch):
     assert devices.default_dtype("cuda:1") == "bf16"
 
 
+X86_LINUX = sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
+
+
+@pytest.mark.skipif(
+    not X86_LINUX,
+    reason=f"cpu_flags reads the 'flags' line of x86 Linux /proc/cpuinfo; this is "
+    f"{sys.platform} {platform.machine()}, where it is empty and --dtype auto picks fp32",
+)
 def test_cpu_flags_read_from_this_machine():
     flags = devices.cpu_flags()
     assert isinstance(flags, frozenset)
-    # on Linux x86 /proc/cpuinfo always lists sse2; elsewhere the set is empty
-    assert not flags or "sse2" in flags or "fp" in flags or "neon" in flags or "asimd" in flags
+    assert "sse2" in flags, sorted(flags)[:20]  # every x86-64 CPU has it: the line was read

@@ -75,9 +75,50 @@ def test_bad_input_is_refused():
         mod.deltanet_decode(qkv, conv, w, logdecay, beta, S.bfloat16(), nk)  # fp32 states only
 
 
-def test_switch_off(monkeypatch):
+def _decode_once(layer, cfg, g, dtype) -> None:
+    """One decode step of one sequence through the layer (kernel or PyTorch path)."""
+    batch = ForwardBatch(
+        positions=torch.tensor([3]),
+        cu_seqlens=[0, 1],
+        context_lens=[4],
+        slot_mapping=torch.tensor([3]),
+        block_tables=torch.zeros(1, 1, dtype=torch.int32),
+        state_slots=torch.tensor([0]),
+        has_initial_state=[True],
+        logits_indices=torch.arange(1),
+    )
+    conv = torch.zeros(1, cfg.linear_conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=dtype)
+    rec = torch.zeros(1, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                      cfg.linear_value_head_dim)  # fmt: skip
+    with torch.no_grad():
+        layer(torch.randn(1, cfg.hidden_size, generator=g).to(dtype), StepPlan.build(batch, 1),
+              conv, rec)  # fmt: skip
+
+
+def _torch_path_calls(monkeypatch) -> list:
+    """Counts the runs of DeltaNet decode's PyTorch path (the kernel's fallback)."""
+    calls = []
+    torch_path = deltanet.GatedDeltaNet._decode_torch
+
+    def spy(self, *args):
+        calls.append(1)
+        return torch_path(self, *args)
+
+    monkeypatch.setattr(deltanet.GatedDeltaNet, "_decode_torch", spy)
+    return calls
+
+
+def test_switch_off_after_first_load(monkeypatch):
+    """QWEN35_NO_KERNELS=1 set after the kernel was loaded: decode runs the PyTorch path."""
+    _module()
+    cfg, layer, g = _layer(torch.float32)
+    calls = _torch_path_calls(monkeypatch)
+    _decode_once(layer, cfg, g, torch.float32)
+    assert calls == []  # the kernel ran
     monkeypatch.setenv("QWEN35_NO_KERNELS", "1")
-    assert kernels.supported() is False
+    assert kernels.supported() is False and kernels.load() is None
+    _decode_once(layer, cfg, g, torch.float32)
+    assert calls == [1]  # switched off: the PyTorch path ran
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -104,14 +145,17 @@ def test_fused_deltanet_decode_equals_torch_path(dtype, monkeypatch):
                       cfg.linear_value_head_dim, generator=g) * 0.1  # fmt: skip
     c1, r1, c2, r2 = conv.clone(), rec.clone(), conv.clone(), rec.clone()
     fused = deltanet._fused_decode
+    torch_runs = _torch_path_calls(monkeypatch)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for _ in range(3):
         x = torch.randn(3, cfg.hidden_size, generator=g).to(dtype)
         with torch.no_grad():
             monkeypatch.setattr(deltanet, "_fused_decode", fused)
             out_k = layer(x, plan, c1, r1)
+            assert torch_runs == []  # the kernel computed out_k
             monkeypatch.setattr(deltanet, "_fused_decode", lambda rec_cache: None)
             out_t = layer(x, plan, c2, r2)
+            torch_runs.clear()
         torch.testing.assert_close(out_k, out_t, **tol)
         torch.testing.assert_close(c1, c2, **tol)
         torch.testing.assert_close(r1, r2, **tol)

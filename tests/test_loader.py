@@ -18,18 +18,11 @@ from qwen35.errors import Qwen35Error
 from qwen35.loader import CheckpointError, load_model, parse_dtype
 from tiny import save_checkpoint, tiny_config_dict
 
-try:  # the model helper's class; until it exists the mapping is checked against transformers
-    from qwen35.models.qwen3_5 import Qwen35ForCausalLM
-except ImportError:
-    Qwen35ForCausalLM = None
 
-NEEDS_MODEL = pytest.mark.skipif(
-    Qwen35ForCausalLM is None, reason="qwen35.models.qwen3_5.Qwen35ForCausalLM not written yet"
-)
-
-
-def hf_factory(cfg: ModelConfig) -> torch.nn.Module:
-    """transformers' text model for a ModelConfig: the reference for names and shapes."""
+def hf_factory(cfg: ModelConfig, device: str = "cpu") -> torch.nn.Module:
+    """transformers' text model for a ModelConfig: the reference for names and shapes.
+    Built on the CPU: its rotary buffers are computed at construction (the loader builds
+    under torch.device("meta") and replaces every parameter anyway)."""
     from transformers import (
         Qwen3_5ForCausalLM,
         Qwen3_5MoeForCausalLM,
@@ -74,16 +67,12 @@ def hf_factory(cfg: ModelConfig) -> torch.nn.Module:
             (Qwen3_5ForCausalLM),
         )
     c._attn_implementation = "eager"
-    return model_cls(c)
-
-
-# our model once it exists (the real contract), transformers' otherwise
-FACTORY = hf_factory if Qwen35ForCausalLM is None else None
+    with torch.device(device):
+        return model_cls(c)
 
 
 def load(path, **kw):
     kw.setdefault("progress", False)
-    kw.setdefault("model_factory", FACTORY)
     return load_model(path, **kw)
 
 
@@ -137,7 +126,6 @@ def test_bf16_load_casts_fp32_tensors(tmp_path):
     assert model.load_report.dtype == "bfloat16"
 
 
-@NEEDS_MODEL
 @pytest.mark.parametrize("moe", [False, True])
 def test_logits_match_transformers(tmp_path, moe):
     ref = save_checkpoint(tmp_path, moe=moe, layout="vlm", experts="per_expert" if moe else "fused")
@@ -181,6 +169,15 @@ def test_loader_ties_a_module_that_did_not(tmp_path):
     model = load(tmp_path, dtype="fp32", model_factory=untied)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert_same_state(model, ref)
+
+
+def test_factory_buffers_left_on_meta_are_refused(tmp_path):
+    # the loader builds under torch.device("meta"); transformers' rotary inv_freq built there
+    # has no values, and loading says so instead of running with garbage
+    save_checkpoint(tmp_path, layout="text")
+
+    with pytest.raises(Qwen35Error, match="meta device"):
+        load(tmp_path, dtype="fp32", model_factory=lambda cfg: hf_factory(cfg, device="meta"))
 
 
 def test_untied_config_without_head(tmp_path):
@@ -440,7 +437,6 @@ def test_random_catalog_name(caplog):
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
-@NEEDS_MODEL
 def test_random_model_runs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
     model = load_model(tmp_path, load_format="random", dtype="fp32")
@@ -476,7 +472,6 @@ print(base, peak, sum(p.numel() * p.element_size() for p in m.parameters()))
 
 
 @pytest.mark.slow
-@NEEDS_MODEL
 def test_peak_rss_is_model_plus_one_shard(tmp_path):
     # python -m pytest -q -m slow tests/test_loader.py -k peak_rss -s
     import subprocess

@@ -68,6 +68,22 @@ def test_load_state_dict_after_packing_writes_the_packed_weight():
     assert all(t.abs().sum() == 0 for t in _packed_tensors(packed))
 
 
+def test_packed_weights_follow_model_to():
+    # .to() gives every parameter new storage; the packed weights must move with them and the
+    # parameters stay views of them (no stale copy on the old device or dtype)
+    plain, packed = _pair(False)
+    plain.to(torch.bfloat16)
+    packed.to(torch.bfloat16)
+    tensors = _packed_tensors(packed)
+    assert tensors and all(t.dtype == torch.bfloat16 for t in tensors)
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors]
+    for name, p in packed.named_parameters():
+        if name.rsplit(".", 2)[-2] in PACKED:
+            assert any(a <= p.data_ptr() < b for a, b in spans), name
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(packed(ids), plain(ids), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("moe", [False, True])
 def test_packed_equals_plain_prefill_then_decode(moe):
     """Prompts of 5, 40 and PACKED_MAX_ROWS + 20 tokens (packed path for the short steps,

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from qwen35.server.app import ServerConfig, create_app
-from server_fakes import TOOLS, USER, ServerThread, stream_chat, wait_until
+from server_fakes import TOOLS, USER, ServerThread, idle_stats, stream_chat, wait_until
 
 # ---- the command line ---------------------------------------------------------------------------
 
@@ -130,7 +130,7 @@ def test_real_errors(real):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="other", prompt="x")
     assert client.completions.create(model="/m/tiny", prompt="x", max_tokens=2).choices
-    stats = srv.state.async_engine.call(lambda e: e.get_stats())
+    stats = idle_stats(srv.state.async_engine)
     assert stats["kv_blocks_used"] == 0 and stats["state_slots_used"] == 0
 
 

@@ -5,6 +5,8 @@ Heavy parts (torch) load lazily so `qwen35 plan` and `import qwen35` stay fast.
 
 from __future__ import annotations
 
+from qwen35._lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -15,12 +17,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'qwen35' has no attribute {name!r}")
-
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = list(_LAZY)

@@ -1,11 +1,10 @@
 """What the device can do, and the dtype `--dtype auto` picks from it.
 
 On a GPU the answer is bf16. On a CPU it depends on the silicon: with native bf16 arithmetic
-(Intel AMX or AVX512-BF16) bf16 matmuls run ~6x faster than fp32 ones and read half the bytes
-(measured on a Sapphire Rapids core, 2 threads: GEMM 2048x4096x4096 1.85 vs 0.30 TFLOP/s; batch-1
-decode of Qwen3.5-0.8B 127 vs ~250 ms/token), so bf16 wins everywhere. Without it (AVX2 only, e.g.
-AMD Zen 3) bf16 matmuls are emulated and ~4x slower than fp32 (shared/docs/performance.md), so fp32
-is the default there.
+(Intel AMX or AVX512-BF16) bf16 matmuls are much faster than fp32 ones and read half the bytes,
+so bf16 wins everywhere. Without it (AVX2 only, e.g. AMD Zen 3) bf16 matmuls are emulated and
+slower than fp32, so fp32 is the default there. The measurements are in the README ("Dtype");
+`qwen35 bench --workload dtype` repeats them on any machine.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """`load_model`: a Qwen 3.5 text model from a model directory, a Hub id, or random weights.
 
-The model is built with its parameters on the `meta` device (no memory, no init cost), then each
-parameter is allocated once in the target dtype/device and filled from the checkpoint (see
-`qwen35.weights`) or with random values. Buffers (e.g. rotary inv_freq) are computed for real at
-construction, because only parameters are redirected to `meta`.
+The model is built under `torch.device("meta")` (no memory, no init cost), then each parameter
+is allocated once in the target dtype/device and filled from the checkpoint (see
+`qwen35.weights`) or with random values. Our model holds no buffers (rotary frequencies are
+computed on first use); a custom `model_factory` whose module computes buffers at construction
+builds those on a real device itself (`with torch.device("cpu"):`), or loading stops and says so.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -166,35 +166,18 @@ def _finish(model: nn.Module, cfg: ModelConfig) -> None:
         post()
     meta = [n for n, b in model.named_buffers() if b.is_meta]
     if meta:
-        raise RuntimeError(f"buffers left on the meta device after loading: {meta[:5]}")
+        raise Qwen35Error(
+            f"buffers left on the meta device after loading: {meta[:5]}; the model factory runs "
+            'under torch.device("meta"): build buffers on a real device (with torch.device("cpu"))'
+        )
     model.eval()
     model.requires_grad_(False)
 
 
 # ---- construction -------------------------------------------------------------------------------
-@contextmanager
-def _params_on_meta() -> Iterator[None]:
-    """Redirect every registered parameter to `meta`; buffers stay real (cf. accelerate)."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def _default_factory(cfg: ModelConfig) -> nn.Module:
-    try:
-        from qwen35.models.qwen3_5 import Qwen35ForCausalLM
-    except ImportError as e:
-        raise Qwen35Error(f"the qwen35 model code is not available: {e}") from None
-    # straight onto meta: not even a CPU allocation before the parameters are redirected
+    from qwen35.models.qwen3_5 import Qwen35ForCausalLM
+
     return Qwen35ForCausalLM(cfg, device=torch.device("meta"))
 
 
@@ -204,8 +187,8 @@ def build_model(
     device: torch.device | None,
     factory: ModelFactory | None = None,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Construct with meta parameters; allocate them in dtype/device unless dtype is None."""
-    with _params_on_meta():
+    """Construct on the meta device; allocate parameters in dtype/device unless dtype is None."""
+    with torch.device("meta"):  # tensors the factory creates without a device land on meta
         model = (factory or _default_factory)(cfg)
     _tie(model, cfg)  # before any name scan: a tied lm_head is an alias, not a parameter
     if dtype is None:

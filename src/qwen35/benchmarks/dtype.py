@@ -1,6 +1,6 @@
 """fp32 vs bf16 weights for our engine on this machine: prefill tokens/s and batch-1 decode.
 
-On a CPU the choice is a real trade-off (performance.md): bf16 halves the bytes a decode step
+On a CPU the choice is a real trade-off (devices.py): bf16 halves the bytes a decode step
 reads, but without native bf16 arithmetic its matmuls are several times slower than fp32; with
 AMX-BF16 (Sapphire Rapids and later) bf16 matmuls are instead several times faster. This
 workload measures both in one run, interleaved round by round, on the same seeded weights

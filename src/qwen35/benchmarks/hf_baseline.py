@@ -3,6 +3,11 @@
 The transformers model is built on the meta device from a text config derived from our
 `ModelConfig`, then given our parameter tensors themselves (`load_state_dict(assign=True)`:
 parameter names are identical), so both hold the same random weights in one copy of memory.
+
+Which transformers runs: Qwen 3.5's Gated DeltaNet layers have a fast path in transformers only
+with the flash-linear-attention and causal-conv1d kernels (Triton / CUDA, so GPU only).
+Without them, on every CPU, it runs its PyTorch fallback, which it warns is much slower; we
+silence that warning, so `implementation()` names the path in every table and JSON document.
 """
 
 from __future__ import annotations
@@ -54,13 +59,26 @@ def hf_text_config(cfg: ModelConfig):
     return Qwen3_5TextConfig(intermediate_size=cfg.intermediate_size, **kw)
 
 
+FALLBACK = "torch fallback"
+
+
+def implementation(device: torch.device | str) -> str:
+    """The Gated DeltaNet path transformers takes on `device` (see the module docstring)."""
+    import importlib.util
+
+    kernels = all(importlib.util.find_spec(m) for m in ("fla", "causal_conv1d"))
+    if torch.device(device).type == "cuda" and kernels:
+        return "flash-linear-attention kernels"
+    return FALLBACK
+
+
 def build_hf_model(model: torch.nn.Module) -> torch.nn.Module:
     """transformers' Qwen3_5(Moe)ForCausalLM sharing `model`'s parameter tensors."""
     from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
     from transformers.utils import logging as hf_logging
 
     # its per-kernel "falling back to the PyTorch implementation" notices would break up the
-    # tables; the fallback is documented in performance.md and in our report
+    # tables; `implementation()` labels the path in the tables and the JSON instead
     hf_logging.set_verbosity_error()
     cfg = model.config
     hcfg = hf_text_config(cfg)

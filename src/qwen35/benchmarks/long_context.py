@@ -6,23 +6,27 @@ KV cache (context_len tokens) and the DeltaNet states are filled with random val
 decode `ForwardBatch` at position context_len - 1 is timed straight through the model (embedding
 to logits; median of a few steps after a warm-up). The all-full-attention variant is the same
 config with `layer_types` all "full_attention" (dataclasses.replace) and its own random weights.
+Both models are loaded together and, at each context, their steps alternate (hybrid, full,
+hybrid, ...), so a slow phase of a shared machine hits both alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 
 from qwen35.benchmarks.common import BenchModel, BenchOptions, free_memory, median, ratio, timed
 from qwen35.cache_spec import cache_spec
 from qwen35.config import ModelConfig
+from qwen35.engine.config import CacheConfig
 from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
 
 DEFAULT_CONTEXTS = (1024, 8192, 32768)
 QUICK_CONTEXTS = (64, 256)
-BLOCK_SIZE = 16  # the engine's default
+BLOCK_SIZE = CacheConfig().block_size  # the engine's default
 
 
 def all_full_attention(cfg: ModelConfig) -> ModelConfig:
@@ -34,10 +38,10 @@ def all_full_attention(cfg: ModelConfig) -> ModelConfig:
 
 
 @torch.inference_mode()
-def decode_step_times(
-    model: torch.nn.Module, context_len: int, reps: int, device: torch.device, seed: int = 0
-) -> list[float]:
-    """Seconds per decode step of one sequence whose cache holds context_len - 1 tokens."""
+def decode_step(
+    model: torch.nn.Module, context_len: int, device: torch.device, seed: int = 0
+) -> Callable[[], None]:
+    """A warmed-up decode step of one sequence whose cache holds context_len - 1 tokens."""
     cfg = model.config
     dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
     nb = math.ceil(context_len / BLOCK_SIZE)
@@ -59,8 +63,22 @@ def decode_step_times(
         logits_indices=torch.tensor([0], device=device),
     )
     ids = torch.tensor([1], device=device)
-    model(ids, batch, caches)  # warm-up
-    return [timed(lambda: model(ids, batch, caches), device) for _ in range(reps)]
+
+    @torch.inference_mode()
+    def step() -> None:
+        model(ids, batch, caches)
+
+    step()  # warm-up
+    return step
+
+
+def interleaved_times(steps: dict[str, Callable[[], None]], reps: int, device) -> dict:
+    """Seconds of each step over `reps` rounds, one call of each per round in turn."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            times[name].append(timed(step, device))
+    return times
 
 
 def run_long_context(bm: BenchModel, opts: BenchOptions) -> dict:
@@ -72,15 +90,20 @@ def run_long_context(bm: BenchModel, opts: BenchOptions) -> dict:
     full_cfg = all_full_attention(cfg)
     dname = str(bm.dtype).removeprefix("torch.")
     rows = {c: {"context_len": c} for c in contexts}
-    for c in contexts:
-        rows[c]["hybrid_ms"] = median(decode_step_times(bm.model, c, reps, bm.device)) * 1e3
-        opts.say(f"  hybrid, context {c}: {rows[c]['hybrid_ms']:.1f} ms")
-        free_memory()
     full = load_model(full_cfg, dtype=bm.dtype, device=bm.device, load_format="random")
     full_weight_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
     for c in contexts:
-        rows[c]["full_attention_ms"] = median(decode_step_times(full, c, reps, bm.device)) * 1e3
-        opts.say(f"  all full attention, context {c}: {rows[c]['full_attention_ms']:.1f} ms")
+        steps = {
+            "hybrid_ms": decode_step(bm.model, c, bm.device),
+            "full_attention_ms": decode_step(full, c, bm.device),
+        }
+        for key, ts in interleaved_times(steps, reps, bm.device).items():
+            rows[c][key] = median(ts) * 1e3
+        opts.say(
+            f"  context {c}: hybrid {rows[c]['hybrid_ms']:.1f} ms, all full attention "
+            f"{rows[c]['full_attention_ms']:.1f} ms"
+        )
+        del steps
         free_memory()
     del full
     free_memory()

@@ -23,7 +23,6 @@ def print_report(doc: dict, console: Console | None = None) -> None:
     print_header(doc, con)
     for key in doc["workloads"]:
         print_workload(doc, key, con)
-    print_goals(doc, con)
 
 
 def print_header(doc: dict, con: Console) -> None:
@@ -33,9 +32,15 @@ def print_header(doc: dict, con: Console) -> None:
         f"[bold]qwen35 bench[/bold]: {doc['model']} ({weights}, {doc['dtype']}, "
         f"{doc['num_params'] / 1e9:.2f}B parameters, {doc['weight_bytes'] / 2**30:.2f} GiB) on "
         f"{sysinfo['cpu']}, {sysinfo['torch_threads']} threads, torch {sysinfo['torch']}, "
-        f"transformers {sysinfo.get('transformers')}; load average {sysinfo['load_average']} -> "
+        f"transformers {sysinfo.get('transformers')}{_impl(doc)}; "
+        f"load average {sysinfo['load_average']} -> "
         f"{sysinfo.get('load_average_end', '...')}" + (" [quick sizes]" if doc["quick"] else "")
     )
+
+
+def _impl(doc: dict) -> str:
+    impl = doc.get("baseline_implementation")
+    return f" ({impl})" if impl else ""
 
 
 def print_workload(doc: dict, key: str, con: Console) -> None:
@@ -48,21 +53,10 @@ def print_workload(doc: dict, key: str, con: Console) -> None:
         "quality": _quality,
         "peers": _peers,
     }
-    printers[key](con, doc["workloads"][key])
+    printers[key](con, doc["workloads"][key], _impl(doc))
 
 
-def print_goals(doc: dict, con: Console) -> None:
-    if doc["goals"]:
-        t = Table(title="Goals")
-        for c in ("goal", "measured", "target", "met"):
-            t.add_column(c)
-        for g in doc["goals"]:
-            met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "-"}[g["met"]]
-            t.add_row(g["name"], _f(g["measured"]), _f(g["target"]), met)
-        con.print(t)
-
-
-def _decode(con: Console, d: dict) -> None:
+def _decode(con: Console, d: dict, impl: str) -> None:
     t = Table(
         title=f"Batch-1 decode (prompt {d['prompt_len']}, {d['new_tokens']} new tokens, "
         f"median of {d['ours']['num_steps_timed']} steps over {d['rounds']} rounds)"
@@ -81,7 +75,7 @@ def _decode(con: Console, d: dict) -> None:
     )
     if h:
         t.add_row(
-            "transformers",
+            f"transformers{impl}",
             _f(h["ms_per_token"], ".1f"),
             _f(h["tokens_per_s"]),
             _f(h["prefill_s"]),
@@ -100,7 +94,7 @@ def _decode(con: Console, d: dict) -> None:
     con.print(t)
 
 
-def _throughput(con: Console, d: dict) -> None:
+def _throughput(con: Console, d: dict, impl: str) -> None:
     t = Table(
         title=f"Throughput: {d['requests']} requests, prompts {d['prompt_len_range']}, outputs "
         f"{d['output_len_range']} ({d['prompt_tokens']} + {d['output_tokens']} tokens)"
@@ -118,7 +112,7 @@ def _throughput(con: Console, d: dict) -> None:
     )
     if h:
         t.add_row(
-            f"transformers (static batches of {h['batch_size']})",
+            f"transformers{impl}, static batches of {h['batch_size']}",
             _f(h["wall_s"], ".1f"),
             _f(h["generated_tokens_per_s"], ".1f"),
             _f(h["total_tokens_per_s"], ".1f"),
@@ -127,14 +121,17 @@ def _throughput(con: Console, d: dict) -> None:
         )
     con.print(t)
     bws = ", ".join(f"{b:.1f}" for b in d["read_bandwidth_gbps"])
-    con.print(f"  read bandwidth during the workload: {bws} GB/s")
+    con.print(
+        f"  runs interleaved, {d['interleaved_rounds']} round(s); read bandwidth before the "
+        f"first and after each: {bws} GB/s"
+    )
 
 
-def _long_context(con: Console, d: dict) -> None:
+def _long_context(con: Console, d: dict, impl: str) -> None:
     kv = d["kv_bytes_per_token"]
     t = Table(
         title=f"Decode step time vs context (KV per token: hybrid {kv['hybrid']} B, all-full "
-        f"{kv['full']} B; median of {d['reps']})"
+        f"{kv['full']} B; median of {d['reps']}, steps interleaved)"
     )
     for c in ("context", "hybrid ms", "all full attention ms", "full / hybrid"):
         t.add_column(c, justify="right")
@@ -148,7 +145,7 @@ def _long_context(con: Console, d: dict) -> None:
     con.print(t)
 
 
-def _multi_turn(con: Console, d: dict) -> None:
+def _multi_turn(con: Console, d: dict, impl: str) -> None:
     t = Table(
         title=f"Multi-turn chat: {d['conversations']} conversations x {d['turns']} turns, "
         f"system prompt {d['system_prompt_tokens']}, user {d['user_message_tokens']}, "
@@ -175,7 +172,7 @@ def _multi_turn(con: Console, d: dict) -> None:
     con.print(t)
 
 
-def _dtype(con: Console, d: dict) -> None:
+def _dtype(con: Console, d: dict, impl: str) -> None:
     caps = ", ".join(k for k, v in d["cpu_bf16"].items() if v) or "unknown"
     t = Table(
         title=f"Our engine by weight dtype (prompt {d['prompt_len']}, {d['new_tokens']} new "

@@ -1,10 +1,11 @@
 """The memory-bandwidth roofline of batch-1 decode, measured in the same run.
 
-A decode step at batch 1 reads every weight once (the tied embedding once, as the output head),
-the KV cache of the full-attention layers up to the context, and the DeltaNet states. Writes
-(one KV row, the states back) are not counted: the floor is set by the reads. The fastest a
-step can be is bytes / read bandwidth, with the bandwidth measured by torch `sum` over a
-buffer much larger than the caches (median of a few passes).
+What a decode step moves is the planner's formula (`qwen35.plan.decode_bytes`), applied to the
+model as loaded: every dense weight once (a tied embedding once, as the output head; of an
+untied input embedding only the looked-up rows), the KV cache of the full-attention layers up to
+the context, and the DeltaNet states read and written back. The fastest a step can be is
+bytes / read bandwidth, with the bandwidth measured by torch `sum` over a buffer much larger
+than the caches (median of a few passes).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import torch
 
 from qwen35.cache_spec import cache_spec
 from qwen35.config import ModelConfig
+from qwen35.plan.decode_bytes import decode_bytes
+from qwen35.plan.planner import moe_touched_fraction
+from qwen35.plan.sharding import RankWeights
 
 MiB = 1 << 20
 
@@ -39,22 +43,37 @@ def measure_read_bandwidth(
     return x.numel() * 4 / times[len(times) // 2]
 
 
-def decode_bytes_per_step(
-    cfg: ModelConfig, weight_bytes: int, context_len: int, dtype: torch.dtype, batch: int = 1
-) -> dict:
-    """Bytes one decode step reads: weights once, plus per sequence its KV (context_len tokens
-    of every full-attention layer, in the model dtype) and its DeltaNet states (conv in the
-    model dtype, recurrent fp32), as the engine allocates them (cache_spec)."""
-    dname = str(dtype).removeprefix("torch.")
+def model_weights(model: torch.nn.Module) -> RankWeights:
+    """The model's parameter bytes (each tensor once), by how a decode step reads them."""
+    cfg: ModelConfig = model.config
+    unique = {p.data_ptr(): (name, p) for name, p in model.named_parameters()}.values()
+    acc = {"dense": 0, "experts": 0, "embedding": 0}
+    embed = model.get_submodule("model.embed_tokens").weight
+    for name, p in unique:
+        n = p.numel() * p.element_size()
+        if ".mlp.experts." in name:  # routed experts (the shared expert is dense)
+            acc["experts"] += n
+        elif p.data_ptr() == embed.data_ptr() and not cfg.tie_word_embeddings:
+            acc["embedding"] += n
+        else:
+            acc["dense"] += n
+    return RankWeights(**acc, idle=0)
+
+
+def decode_bytes_per_step(model: torch.nn.Module, context_len: int, batch: int = 1) -> dict:
+    """Bytes one decode step of `batch` sequences at `context_len` moves (see the module
+    docstring), with the caches as the engine allocates them (cache_spec, model dtype)."""
+    cfg: ModelConfig = model.config
+    dname = str(next(model.parameters()).dtype).removeprefix("torch.")
     spec = cache_spec(cfg, kv_dtype=dname, conv_dtype=dname)
-    kv = spec.kv_bytes_per_token * context_len * batch
-    state = spec.state_bytes_per_sequence * batch
-    return {
-        "weights": weight_bytes,
-        "kv": kv,
-        "state": state,
-        "total": weight_bytes + kv + state,
-    }
+    return decode_bytes(
+        model_weights(model),
+        spec,
+        sequences=batch,
+        context=context_len,
+        embedding_rows=cfg.vocab_size,
+        experts_touched=moe_touched_fraction(cfg, batch),
+    ).as_dict()
 
 
 def roofline_tokens_per_s(bytes_per_step: int, bandwidth: float, batch: int = 1) -> float:

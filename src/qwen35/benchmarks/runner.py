@@ -2,7 +2,7 @@
 
 Document (schema "qwen35.bench/1"):
   {"schema", "model", "random_weights", "dtype", "num_params", "weight_bytes", "quick",
-   "baseline", "system": {...}, "workloads": {"decode": {...}, "throughput": {...},
+   "baseline", "baseline_implementation", "system": {...}, "workloads": {"decode": {...}, "throughput": {...},
    "long_context": {...}, "multi_turn": {...}, "dtype": {...}}, "goals": [{"name", "target", "measured",
    "met"}], "seconds": {workload: wall seconds}}
 Only the workloads that ran appear under "workloads".
@@ -68,6 +68,7 @@ def run_bench(
         "weight_bytes": bm.weight_bytes,
         "quick": opts.quick,
         "baseline": opts.baseline,
+        "baseline_implementation": None,  # transformers' Gated DeltaNet path (hf_baseline.py)
         "seed": opts.seed,
         "system": system_info(opts),
         "workloads": {},
@@ -76,9 +77,10 @@ def run_bench(
     }
     doc["system"]["freed_memory_kept_in_heap"] = runtime["freed_memory_kept_in_heap"]
     if opts.baseline and any(w in NEEDS_BASELINE for w in workloads):
-        from qwen35.benchmarks.hf_baseline import build_hf_model
+        from qwen35.benchmarks.hf_baseline import build_hf_model, implementation
 
         bm.hf = build_hf_model(bm.model)
+        doc["baseline_implementation"] = implementation(bm.device)
     fns = _workload_fns()
     for w in workloads:
         say(f"running {w}")

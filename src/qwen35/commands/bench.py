@@ -53,9 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="catalog name or config.json path (random weights), or a model directory with "
         "safetensors (its weights); default Qwen3.5-0.8B",
     )
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (both engines)")
+    from qwen35.engine.config import EngineConfig
+
+    # the engine's own flags, declared once in EngineConfig (both engines use them here)
+    EngineConfig.add_cli_arguments(p, only=("dtype", "device", "threads"))
     p.add_argument("--quick", action="store_true", help="small sizes: a fast check, not a measure")
     p.add_argument("--no-baseline", action="store_true", help="skip transformers")
     p.add_argument("--seed", type=int, default=0)
@@ -135,8 +136,4 @@ def run(args: argparse.Namespace) -> int:
     save(doc)
     if args.json:
         print(json.dumps(doc, indent=2))
-    else:
-        from qwen35.benchmarks.report import print_goals
-
-        print_goals(doc, con)
     return 0

@@ -64,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--timeout-write", type=float, default=60.0,
                    help="seconds a client may stop reading a response before it is dropped "
                         "(default: 60)")  # fmt: skip
-    g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed for requests without their own (reproducible runs; default random)")  # fmt: skip
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])  # fmt: skip
 

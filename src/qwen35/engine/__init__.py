@@ -6,6 +6,8 @@ the models) does not pull in the whole engine.
 
 from __future__ import annotations
 
+from qwen35._lazy import lazy_exports
+
 _LAZY = {
     "LLM": "qwen35.engine.llm_engine",
     "LLMEngine": "qwen35.engine.llm_engine",
@@ -14,12 +16,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'qwen35.engine' has no attribute {name!r}")
-
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = list(_LAZY)

@@ -5,8 +5,9 @@ Budget for caches = max_memory - weights - working memory (or a default on the C
    more than half the budget),
 2. prefix-cache state checkpoints (`prefix_cache_memory`, default a quarter of what is left),
 3. paged KV blocks with the rest.
-Every byte count comes from `cache_spec`, the same declaration the planner uses. No torch at
-import time beyond dtype names.
+Every byte count comes from the planner's formulas (`cache_spec`, `working_memory_bytes`) in the
+model's dtype, so the planner's bytes are the engine's bytes. No torch import (the GPU's free
+memory is asked for only when no budget is given).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 
 from qwen35.cache_spec import cache_spec
 from qwen35.config import ModelConfig
+from qwen35.engine.scheduler import default_checkpoint_interval
 from qwen35.errors import Qwen35Error
+from qwen35.plan.planner import working_memory_bytes
 
 GiB = 1 << 30
 DEFAULT_CPU_CACHE_BYTES = 2 * GiB  # no --max-memory on a CPU: caches get this much
@@ -89,16 +92,16 @@ def plan_caches(
     enable_prefix_caching: bool,
     prefix_cache_memory: str | int | None,
     weight_bytes: int,
-    kv_dtype: str | None = None,
     num_blocks_override: int | None = None,
 ) -> CachePlan:
     if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
         raise Qwen35Error("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
     dname = str(model_dtype).removeprefix("torch.")
-    spec = cache_spec(cfg, kv_dtype=kv_dtype or dname, conv_dtype=dname)
+    spec = cache_spec(cfg, kv_dtype=dname, conv_dtype=dname)  # the caches the engine allocates
     kv_tok, st_seq = spec.kv_bytes_per_token, spec.state_bytes_per_sequence
     total = parse_bytes(max_memory)
-    working = _working_memory(cfg, max_num_batched_tokens, max_num_seqs)
+    # the planner's formula, in the model's dtype
+    working = working_memory_bytes(cfg, max_num_batched_tokens, max_num_seqs, dtype=dname)
     if total is None:
         budget = _default_budget(device, working)
     else:
@@ -138,24 +141,10 @@ def plan_caches(
             f"--max-model-len {max_model_len} needs {max_model_len} KV tokens but the cache holds "
             f"{capacity}; raise --max-memory or lower --max-model-len"
         )
-    # a checkpoint about every 256 tokens (block-aligned): each one is a full DeltaNet state
-    # (19 MiB for Qwen3.5-0.8B, 147 MiB for 27B) and a copy; a resume recomputes < 256 tokens.
-    # Prompt ends and branch points get their own checkpoints (scheduler), and those on the
-    # 64-token chunk grid cost no extra kernel call (layers/deltanet.py _segments).
-    interval = block_size * max(1, round(256 / block_size))
+    interval = default_checkpoint_interval(block_size)
     return CachePlan(
         num_blocks, block_size, slots, ckpts, interval, max_model_len, kv_tok, st_seq, budget
     )
-
-
-def _working_memory(cfg: ModelConfig, chunk_tokens: int, sampled_rows: int) -> int:
-    try:  # the planner's documented formula
-        from qwen35.plan.planner import working_memory_bytes
-
-        return int(working_memory_bytes(cfg, chunk_tokens, sampled_rows))
-    except (ImportError, TypeError):
-        width = cfg.hidden_size * 4 + max(cfg.intermediate_size, cfg.moe_intermediate_size * 2) * 3
-        return chunk_tokens * width * 4 + sampled_rows * cfg.vocab_size * 4
 
 
 def _default_budget(device, working: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 
 from qwen35.errors import Qwen35Error
@@ -101,7 +102,9 @@ class EngineConfig:
     scheduler: SchedulingConfig = field(default_factory=SchedulingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
-    seed: int = 0
+    # seeds the sampler's shared generator, which requests without their own `seed` draw
+    # from: the same requests in the same order sample the same tokens; None: a random seed
+    seed: int | None = None
 
     @classmethod
     def create(cls, model: str = "", **options) -> EngineConfig:
@@ -157,18 +160,27 @@ class EngineConfig:
 
     # ---- command line ---------------------------------------------------------------------
     @staticmethod
-    def add_cli_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+    def add_cli_arguments(
+        parser: argparse.ArgumentParser,
+        model_required: bool = True,
+        only: Collection[str] | None = None,
+    ) -> None:
+        """Add `--model` and a flag per engine option; with `only`, just those options' flags
+        (commands such as `bench` that take a few engine options next to their own)."""
         g = parser.add_argument_group("engine")
-        g.add_argument(
-            "--model",
-            required=model_required,
-            help="model directory, Hub id (Qwen/Qwen3.5-0.8B) or, with --load-format random, "
-            "a catalog name",
-        )
+        if only is None:
+            g.add_argument(
+                "--model",
+                required=model_required,
+                help="model directory, Hub id (Qwen/Qwen3.5-0.8B) or, with --load-format random, "
+                "a catalog name",
+            )
         for part in _PARTS.values():
             for f in fields(part):
                 meta = f.metadata
                 if not meta or meta.get("cli", True) is False:
+                    continue
+                if only is not None and f.name not in only:
                     continue
                 flag = meta.get("flag") or "--" + f.name.replace("_", "-")
                 if f.type == "bool" or isinstance(f.default, bool):

@@ -3,7 +3,7 @@
 A step runs T new tokens from B sequences, flattened: sequence i owns token rows
 `cu_seqlens[i]:cu_seqlens[i+1]`. Prefill chunks and decode tokens travel in the same batch.
 
-Caches live outside the model in `ModelCaches` (allocated by the runner from `cache_spec`):
+Caches live outside the model in `ModelCaches` (allocated once by the engine from `cache_spec`):
 - full-attention layers: paged K and V, `[num_blocks, block_size, num_kv_heads, head_dim]`;
   token t of sequence i is stored at flat slot `slot_mapping[t]` = block * block_size + offset.
 - Gated DeltaNet layers: per-slot conv state `[num_slots, C, kernel-1]` (model dtype) and

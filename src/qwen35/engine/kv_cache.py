@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict, deque
-from collections.abc import Sequence as Seq
+from collections import OrderedDict, abc, deque
 
 
 def _root_hash(salt: str | None) -> bytes:
     return hashlib.blake2b(b"qwen35-root:" + (salt or "").encode(), digest_size=16).digest()
 
 
-def hash_block(parent: bytes | None, tokens: Seq[int], salt: str | None = None) -> bytes:
+def hash_block(parent: bytes | None, tokens: abc.Sequence[int], salt: str | None = None) -> bytes:
     """Hash of one full block given its parent's hash (None for the first block)."""
     h = hashlib.blake2b(parent if parent is not None else _root_hash(salt), digest_size=16)
     h.update(array("q", tokens).tobytes())
@@ -36,7 +35,7 @@ def hash_block(parent: bytes | None, tokens: Seq[int], salt: str | None = None) 
 
 
 def extend_block_hashes(
-    hashes: list[bytes], token_ids: Seq[int], block_size: int, salt: str | None = None
+    hashes: list[bytes], token_ids: abc.Sequence[int], block_size: int, salt: str | None = None
 ) -> list[bytes]:
     """Append the hashes of the full blocks of `token_ids` not yet in `hashes` (in place)."""
     for k in range(len(hashes), len(token_ids) // block_size):
@@ -93,7 +92,7 @@ class KVBlockPool:
             out.append(b)
         return out
 
-    def free(self, block_ids: Seq[int]) -> None:
+    def free(self, block_ids: abc.Sequence[int]) -> None:
         """Drop one reference to each block. Tail blocks go first so they are evicted first:
         a sequence's later blocks are the least likely to be shared."""
         for b in reversed(block_ids):
@@ -106,7 +105,7 @@ class KVBlockPool:
                 else:
                     self._free.append(b)
 
-    def match_prefix(self, hashes: Seq[bytes]) -> list[int]:
+    def match_prefix(self, hashes: abc.Sequence[bytes]) -> list[int]:
         """Blocks of the longest run of `hashes` (from the first) present in the cache."""
         out = []
         for h in hashes:
@@ -116,11 +115,11 @@ class KVBlockPool:
             out.append(b)
         return out
 
-    def num_evictable_among(self, block_ids: Seq[int]) -> int:
+    def num_evictable_among(self, block_ids: abc.Sequence[int]) -> int:
         """How many of these cached blocks acquire() would take out of the allocatable pool."""
         return sum(self.ref_counts[b] == 0 for b in block_ids)
 
-    def acquire(self, block_ids: Seq[int]) -> None:
+    def acquire(self, block_ids: abc.Sequence[int]) -> None:
         """Take a reference to cached blocks found by match_prefix (prefix-cache hit)."""
         for b in block_ids:
             if self.block_hash[b] is None:

@@ -3,7 +3,7 @@
 `LLMEngine` is the step-wise core the server drives (add_request / step / abort_request);
 `LLM` is the offline API in the style of vLLM (`generate`, `stream`, `chat`).
 Memory: the KV block pool, the DeltaNet state slots and the prefix-cache checkpoints are sized
-from `cache_spec` (the planner's formula) under `max_memory`; see `memory.py`.
+from `cache_spec` (the planner's formula) under `max_memory`; see `cache_sizing.py`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections import abc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from qwen35.engine.forward_batch import allocate_caches
 from qwen35.engine.model_runner import ModelRunner
 from qwen35.engine.runtime import configure_cpu_runtime
 from qwen35.engine.scheduler import Scheduler, SchedulerConfig
-from qwen35.engine.sequence import Sequence as Seq
+from qwen35.engine.sequence import Sequence
 from qwen35.errors import Qwen35Error
 from qwen35.loader import load_model
 from qwen35.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
@@ -51,14 +52,15 @@ class PromptTooLongError(Qwen35Error, ValueError):
 
 @dataclass
 class _SeqState:
-    seq: Seq
+    seq: Sequence
     detok: IncrementalDetokenizer
     stop: StopStringMatcher
     text: str = ""
     sent_tokens: int = 0  # output tokens already returned
     logprobs: list[TokenLogprob] = field(default_factory=list)
     sent_logprobs: int = 0
-    done: bool = False
+    done: bool = False  # the scheduler finished it (length, EOS, stop string)
+    final_sent: bool = False  # its last output (with finish_reason) has been returned
 
 
 @dataclass
@@ -148,7 +150,7 @@ class LLMEngine:
             dtype=model_dtype,
             device=self.device,
         )
-        self.runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device)
+        self.runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device, seed=ec.seed)
         sched_cfg = SchedulerConfig(
             max_num_seqs=self.plan.num_state_slots,
             max_num_batched_tokens=sc.max_num_batched_tokens,
@@ -166,7 +168,6 @@ class LLMEngine:
         )
         self._requests: dict[str, _Request] = {}
         self._seq_to_req: dict[str, tuple[_Request, _SeqState]] = {}
-        self._seed = ec.seed
         self._ids = itertools.count()
         self.stats_totals = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
 
@@ -207,7 +208,9 @@ class LLMEngine:
         )
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            seq = Seq(seq_id=seq_id, token_ids=list(ids), num_prompt_tokens=len(ids), params=params)
+            seq = Sequence(
+                seq_id=seq_id, token_ids=list(ids), num_prompt_tokens=len(ids), params=params
+            )
             st = _SeqState(
                 seq,
                 IncrementalDetokenizer(
@@ -273,6 +276,8 @@ class LLMEngine:
     def _delta(self, req: _Request, now: float) -> RequestOutput:
         outs = []
         for i, st in enumerate(req.seqs):
+            if st.final_sent:  # n > 1: a sibling still runs; this one has said all it will
+                continue
             seq = st.seq
             new_ids = seq.output_token_ids[st.sent_tokens :]
             new_lps = st.logprobs[st.sent_logprobs :] if req.params.logprobs is not None else None
@@ -291,8 +296,7 @@ class LLMEngine:
             st.text = ""
             st.sent_tokens += len(new_ids)
             st.sent_logprobs = len(st.logprobs)
-            if st.done:
-                st.sent_tokens = 1 << 60  # nothing more from this sequence
+            st.final_sent = st.done
         done = all(st.done for st in req.seqs)
         metrics = {"arrival_time": req.arrival, "first_token_time": req.first_token or now}
         if done:
@@ -344,8 +348,8 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[int] | Sequence[str | list[int]],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        prompts: str | list[int] | abc.Sequence[str | list[int]],
+        params: SamplingParams | abc.Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
         plist = [prompts] if single else list(prompts)

@@ -1,7 +1,8 @@
 """Runs one scheduled step: builds the ForwardBatch, runs the model over the paged caches, samples.
 
-The runner owns the cache tensors (allocated from `cache_spec` through the model file's
-`allocate_caches`) and the per-sequence random generators; it knows nothing of text.
+The runner holds the cache tensors (the engine allocates them from `cache_spec` with
+`forward_batch.allocate_caches` and hands them over) and the per-sequence random generators; it
+knows nothing of text.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class ModelRunner:
         caches: ModelCaches,
         eos_token_ids: tuple[int, ...],
         device: torch.device | str = "cpu",
+        seed: int | None = None,  # the sampler's shared generator (unseeded requests)
     ):
         self.model = model
         self.caches = caches
@@ -36,7 +38,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             kernels.load()  # compile (first run on a machine) now, not in the first decode step
         self.eos_token_ids = tuple(eos_token_ids)
-        self.sampler = Sampler()
+        self.sampler = Sampler(seed=seed)
         self._generators: dict[str, torch.Generator | None] = {}
 
     # ---- per-sequence sampling state ------------------------------------------------------

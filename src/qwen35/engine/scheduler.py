@@ -26,6 +26,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def default_checkpoint_interval(block_size: int) -> int:
+    """About every 256 tokens, on a block boundary. Each checkpoint is a full DeltaNet state
+    and a copy, so fewer is cheaper; a resume recomputes fewer than 256 tokens. Prompt ends and
+    branch points get their own checkpoints, and those on the 64-token chunk grid cost no extra
+    kernel call (layers/deltanet.py `_segments`)."""
+    return block_size * max(1, round(256 / block_size))
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256  # running sequences at once
@@ -47,7 +55,7 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         bs = self.block_size
         if self.checkpoint_interval == 0:
-            object.__setattr__(self, "checkpoint_interval", bs * max(1, round(256 / bs)))
+            object.__setattr__(self, "checkpoint_interval", default_checkpoint_interval(bs))
         if self.checkpoint_interval < 0 or self.checkpoint_interval % bs:
             raise ValueError(
                 f"checkpoint_interval ({self.checkpoint_interval}) must be a positive multiple "

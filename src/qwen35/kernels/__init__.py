@@ -2,8 +2,9 @@
 
 Each kernel has a plain PyTorch path beside it and a test against that path; when a kernel
 can't be used (no compiler, a CPU without the instructions, QWEN35_NO_KERNELS=1) the caller
-falls back to the PyTorch op. The build is cached by torch under ~/.cache/torch_extensions
-(TORCH_EXTENSIONS_DIR), so only the first process on a machine pays it (~30-60 s).
+falls back to the PyTorch op. QWEN35_NO_KERNELS=1 switches them off at any time, also after a
+first load. The build is cached by torch under ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR),
+so only the first process on a machine pays it (README: Model implementation).
 
 - `deltanet_decode(qkv, conv_state, conv_w, g, beta, state, num_key_heads)`: a DeltaNet
   layer's decode step after its projections, two passes over each head's state instead of five
@@ -31,9 +32,13 @@ STALE_LOCK_S = 600  # a build lock older than this was left by a process killed 
 FLAGS = ("avx2", "fma")  # the build targets x86-64 with AVX2 + FMA (any CPU of the last decade)
 
 
+def switched_off() -> bool:
+    return os.environ.get("QWEN35_NO_KERNELS", "") not in ("", "0")
+
+
 def supported() -> bool:
     """The CPU has the instructions and kernels are not switched off."""
-    if os.environ.get("QWEN35_NO_KERNELS", "") not in ("", "0"):
+    if switched_off():
         return False
     flags = cpu_flags()
     return all(f in flags for f in FLAGS)
@@ -41,8 +46,10 @@ def supported() -> bool:
 
 def load():
     """The compiled module, or None where it can't be had. Builds once per process (cached on
-    disk across processes); a failed build is logged once."""
+    disk across processes); a failed build is logged once. None while switched off."""
     global _module, _tried
+    if switched_off():
+        return None
     if _tried:
         return _module
     with _lock:

@@ -2,7 +2,8 @@
 
 Projections run once over the flat batch; the causal conv and the gated delta rule run per
 prefill sequence (chunked, state from its slot or zeros) and for all single-token sequences at
-once (recurrent step on each run of consecutive state slots, in place). State checkpoints inside
+once (on each run of consecutive state slots, in place: the fused CPU kernel of kernels/ where
+it runs, else `_decode_torch`, its PyTorch twin). State checkpoints inside
 a prefill are exact: on the chunk grid they come from the kernel, elsewhere the sequence is split.
 """
 

@@ -100,6 +100,7 @@ class Qwen35ForCausalLM(nn.Module):
         self.model = Qwen35TextModel(cfg, dtype, device)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, device)  # [V, H]
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
+        self.packed = False  # projections packed by post_load
         self.tie_weights()
 
     @property
@@ -122,6 +123,16 @@ class Qwen35ForCausalLM(nn.Module):
         for m in self.modules():
             if m is not self and callable(getattr(m, "pack", None)):
                 m.pack()
+        self.packed = True
+
+    def _apply(self, fn, recurse: bool = True):
+        """`model.to(...)`, `.cuda()`, `.half()`: every parameter gets new storage, which
+        leaves the packed weights behind (old device or dtype) and the parameters no longer
+        views of them; pack again from the moved parameters."""
+        out = super()._apply(fn, recurse)
+        if self.packed:
+            self.post_load()
+        return out
 
     def to_empty(self, *, device, recurse: bool = True):
         out = super().to_empty(device=device, recurse=recurse)

@@ -4,7 +4,10 @@
 - `chunk_gated_delta_rule`: chunks of 64 tokens for prefill; the intra-chunk work (UT transform,
   intra-chunk attention) is batched over all chunks and heads, only the state hand-off between
   chunks runs in a Python loop (T/64 steps).
-- `recurrent_gated_delta_step`: one token for each of N sequences, state updated in place (decode).
+- `recurrent_gated_delta_step`: one token for each of N sequences, state updated in place, on
+  raw inputs (FLA's recurrent interface). Decode itself runs `gated_delta_step_` on inputs that
+  `l2norm_qk` prepared (the PyTorch path of layers/deltanet.py), or the fused CPU kernel
+  (kernels/), whose reference these two are.
 
 Common arguments (FLA's conventions): q, k [.., Hk, dk] and v [.., Hv, dv] in any float dtype;
 value head h reads key head h // (Hv / Hk). With `use_qk_l2norm`, q and k are l2-normalised
@@ -23,13 +26,17 @@ CHUNK_SIZE = 64
 F32 = torch.float32
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+L2NORM_EPS = 1e-6
+
+
+def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     """x * rsqrt(sum(x^2) + eps) over the last dim (FLA's and transformers' convention)."""
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
 def _prepare(q, k, num_v_heads: int, use_qk_l2norm: bool, scale: float | None, dim: int):
-    """fp32 q (normalised, scaled) and k (normalised) with heads repeated to num_v_heads."""
+    """fp32 q (normalised if asked, times scale, default dk^-0.5) and k (normalised if asked),
+    heads repeated to num_v_heads along `dim`."""
     q, k = q.to(F32), k.to(F32)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
@@ -69,7 +76,7 @@ def naive_gated_delta_rule(
 
 def _exp_cut(x: torch.Tensor) -> torch.Tensor:
     """exp(x), exactly 0 below exp(-60) ~ 1e-26. Strong decays otherwise fill the chunk
-    matrices with fp32 denormals, whose CPU slow path makes the GEMMs up to 3x slower; terms
+    matrices with fp32 denormals, whose CPU slow path makes the GEMMs several times slower; terms
     that small are far below fp32 resolution next to the O(1) recent-token terms."""
     return x.masked_fill(x < -60.0, -torch.inf).exp_()
 
@@ -155,10 +162,10 @@ def chunk_gated_delta_rule(
                 f"states_at offset {t} is not a multiple of the chunk size {C} in 1..{T}"
             )
     scale = dk**-0.5 if scale is None else scale
-    if use_qk_l2norm:  # 1/|x| factors, folded into the layout copy
-        qs = torch.linalg.vector_norm(q, dim=-1, keepdim=True, dtype=F32).square_() + 1e-6
+    if use_qk_l2norm:  # l2norm's 1/|x| factors, folded into the layout copy
+        qs = torch.linalg.vector_norm(q, dim=-1, keepdim=True, dtype=F32).square_() + L2NORM_EPS
         qs = qs.rsqrt_().mul_(scale)  # [B, T, Hk, 1]
-        ks = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=F32).square_() + 1e-6
+        ks = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=F32).square_() + L2NORM_EPS
         ks = ks.rsqrt_()
     else:
         qs, ks = torch.full_like(q[..., :1], scale, dtype=F32), None
@@ -240,8 +247,8 @@ def gated_delta_step_(
     state: torch.Tensor,  # [N, H, dk, dv] fp32, updated in place
 ) -> torch.Tensor:
     """The recurrent step on prepared inputs (heads already repeated); o [N, H, dv] fp32.
-    The reference of the CPU kernel's recurrent part (kernels/gated_delta_cpu.cpp), and the
-    decode path wherever that kernel doesn't run."""
+    The reference of the CPU kernel's recurrent part (kernels/gated_delta_cpu.cpp), and decode's
+    PyTorch path (layers/deltanet.py) wherever that kernel doesn't run."""
     N, H, dv = v.shape
     dk = k.shape[-1]
     NH = N * H
@@ -259,10 +266,6 @@ def gated_delta_step_(
 def l2norm_qk(qk: torch.Tensor, num_v_heads: int, scale: float | None = None):
     """qk [N, 2, Hk, dk] (q then k, any dtype: adjacent channels of the conv output) -> fp32
     q (l2-normalised, times scale, default dk^-0.5) and k (l2-normalised), heads repeated to
-    num_v_heads: [N, Hv, dk] each. `_prepare` in one pass over both."""
-    x = l2norm(qk.to(F32))
-    q, k = x[:, 0] * (scale if scale is not None else x.shape[-1] ** -0.5), x[:, 1]
-    r = num_v_heads // x.shape[2]
-    if r > 1:
-        q, k = q.repeat_interleave(r, dim=1), k.repeat_interleave(r, dim=1)
-    return q, k
+    num_v_heads: [N, Hv, dk] each. `_prepare`, with both normalised in one pass."""
+    x = l2norm(qk.to(F32))  # [N, 2, Hk, dk]
+    return _prepare(x[:, 0], x[:, 1], num_v_heads, False, scale, dim=1)

@@ -24,6 +24,7 @@ from qwen35.cache_spec import CacheSpec, cache_spec, dtype_bytes, kv_heads_per_r
 from qwen35.catalog.gpus import GpuSpec
 from qwen35.config import ModelConfig
 from qwen35.errors import Qwen35Error
+from qwen35.plan.decode_bytes import decode_bytes
 from qwen35.plan.params import ParamCounts, has_fp8, param_counts, weight_bytes
 from qwen35.plan.sharding import LayoutError, RankWeights, layout_problems, rank_weights
 
@@ -218,17 +219,19 @@ def decode_step_bytes(dep: Deployment, batch: int, context: int) -> float:
     """Bytes the busiest GPU reads in one decode step of `batch` sequences (all replicas) at
     `context` tokens each.
 
-    Weights it runs: all dense ones, the routed experts the step's tokens are expected to touch
-    (E*(1-(1-k/E)^tokens) of E under uniform routing), one row of an untied input embedding per
-    token; vision and MTP are not read. Caches: every sequence's KV (context * kv/token) and its
-    DeltaNet state, read and written back.
+    What a step reads is `plan/decode_bytes.py`'s formula (shared with the benchmarks), with
+    the routed experts the step's tokens are expected to touch (E*(1-(1-k/E)^tokens) of E under
+    uniform routing).
     """
-    w, spec, cfg = dep.rank_weights, dep.caches, dep.cfg
-    b = per_replica(dep, batch)
-    touched = moe_touched_fraction(cfg, _routed_tokens(dep, batch))
-    row_bytes = w.embedding / cfg.vocab_size * dep.tp  # one (vocab-split) embedding row
-    weight_read = w.dense + w.experts * touched + b * row_bytes
-    return weight_read + b * (context * spec.kv_bytes_per_token + 2 * spec.state_bytes_per_sequence)
+    touched = moe_touched_fraction(dep.cfg, _routed_tokens(dep, batch))
+    return decode_bytes(
+        dep.rank_weights,
+        dep.caches,
+        sequences=per_replica(dep, batch),
+        context=context,
+        embedding_rows=dep.cfg.vocab_size / dep.tp,  # the vocab-split table's rows on this GPU
+        experts_touched=touched,
+    ).total
 
 
 def decode_step_flops(dep: Deployment, batch: int, context: int) -> float:

@@ -2,7 +2,7 @@
 
 The engine is not thread-safe, so exactly one thread ever calls it: the loop thread below. It
 runs `engine.step()` while there is work and sleeps on an Event when idle. Handlers never call the
-engine; they queue commands (add, abort, call) that the loop thread executes between steps, and
+engine; they queue commands (add, abort) that the loop thread executes between steps, and
 they read their request's delta outputs from a per-request asyncio.Queue that the loop thread
 fills through `loop.call_soon_threadsafe`.
 """
@@ -103,6 +103,7 @@ class AsyncEngine:
         self._pending_adds = 0  # adds queued but not yet executed by the loop thread
         self._stats: dict[str, Any] = {}
         self._stop = False
+        self._closed = False  # the loop has drained its commands for the last time
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="qwen35-engine", daemon=True)
 
@@ -185,17 +186,15 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
 
-    def call(self, fn: Callable[[Any], Any], timeout: float | None = 30.0) -> Any:
-        """Run fn(engine) on the loop thread and return its result (blocking the caller)."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(("call", fn, fut))
-        return fut.result(timeout)
-
     def _submit(self, cmd: tuple) -> None:
-        self._cmds.append(cmd)
-        self._wake.set()
-        if not self._thread.is_alive() and self._thread.ident is not None:
-            self._drain_dead()
+        # under the lock that the loop's final drain takes: a command either lands before that
+        # drain (which fails it) or sees the loop closed, never in between to wait forever
+        with self._lock:
+            if not self._closed:
+                self._cmds.append(cmd)
+                self._wake.set()
+                return
+        self._fail_command(cmd)
 
     def _dead_message(self) -> str:
         # no exception text: it goes to the log, never to clients (not even /health)
@@ -261,12 +260,6 @@ class AsyncEngine:
                         log.debug("abort of %s failed", cmd[1], exc_info=True)
                     stream._put((_END, cmd[1]))
                     self._refresh_stats()
-            elif kind == "call":
-                _, fn, fut = cmd
-                try:
-                    fut.set_result(fn(self.engine))
-                except Exception as e:
-                    fut.set_exception(e)
 
     def _dispatch(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)
@@ -289,18 +282,23 @@ class AsyncEngine:
         self._drain_dead()
 
     def _drain_dead(self) -> None:
-        """Commands that arrive after the loop stopped get an error instead of hanging."""
-        while self._cmds:
-            try:
-                cmd = self._cmds.popleft()
-            except IndexError:
-                return
-            fut = cmd[-1] if cmd[0] in ("add", "call") else None
-            if fut is not None and not fut.done():
-                if cmd[0] == "add":
-                    with self._lock:
-                        self._pending_adds -= _num_seqs(cmd[1])
-                fut.set_exception(EngineDeadError(self._dead_message()))
+        """The loop's last act: close the command queue and fail what is in it; commands that
+        come later fail in `_submit` instead of waiting for a loop that is gone."""
+        with self._lock:
+            self._closed = True
+            cmds = list(self._cmds)
+            self._cmds.clear()
+        for cmd in cmds:
+            self._fail_command(cmd)
+
+    def _fail_command(self, cmd: tuple) -> None:
+        if cmd[0] != "add":
+            return  # an abort of a request that can no longer run: nothing to do
+        fut = cmd[-1]
+        with self._lock:
+            self._pending_adds -= _num_seqs(cmd[1])
+        if not fut.done():
+            fut.set_exception(EngineDeadError(self._dead_message()))
 
 
 def _num_seqs(requests: list[tuple]) -> int:
