@@ -194,7 +194,7 @@ def _dtype(con: Console, d: dict, impl: str) -> None:
     con.print(f"  faster here: prefill {d['faster']['prefill']}, decode {d['faster']['decode']}")
 
 
-def _quality(con: Console, d: dict) -> None:
+def _quality(con: Console, d: dict, impl: str = "") -> None:
     w = "random weights: ranks the formats only" if d["random_weights"] else "checkpoint"
     t = Table(title=f"Quantized vs BF16 on the same weights ({d['positions']} positions, {w})")
     for c in ("format", "weights GiB", "top-1 agreement", "mean KL"):
@@ -207,7 +207,7 @@ def _quality(con: Console, d: dict) -> None:
     con.print(t)
 
 
-def _peers(con: Console, d: dict) -> None:
+def _peers(con: Console, d: dict, impl: str = "") -> None:
     t = Table(
         title=f"Batch-1 decode and prefill by weight format (prompt {d['prompt_len']}, "
         f"{d['new_tokens']} new tokens, {d['rounds']} interleaved rounds)"
