@@ -42,15 +42,40 @@ def _finite_positive(x) -> bool:
 def test_document_schema(doc):
     assert doc["schema"] == SCHEMA
     assert doc["random_weights"] is True and doc["quick"] is True
-    assert set(doc["workloads"]) == {"decode", "throughput", "long_context", "multi_turn", "dtype"}
+    assert set(doc["workloads"]) == {
+        "decode",
+        "throughput",
+        "long_context",
+        "multi_turn",
+        "dtype",
+        "quality",
+        "peers",
+    }
     auto = {"fp32": "float32", "bf16": "bfloat16"}[default_dtype("cpu")]
     assert doc["dtype"] == auto  # --dtype auto: the engine's CPU default for this machine
     assert doc["weight_bytes"] == doc["num_params"] * (4 if auto == "float32" else 2)
     json.dumps(doc)  # serialisable as is
     names = [g["name"] for g in doc["goals"]]
-    assert len(names) == 3 and all(
+    assert len(names) == 3 + len(doc["workloads"]["peers"]["goals"]) and all(
         set(g) == {"name", "target", "measured", "met"} for g in doc["goals"]
     )
+
+
+def test_quality_and_peers_workloads(doc):
+    q = doc["workloads"]["quality"]
+    assert set(q["formats"]) == {"fp8", "int8", "int4"}
+    for r in q["formats"].values():
+        assert 0 <= r["top1_agreement"] <= 1 and r["mean_kl"] >= -1e-6
+    p = doc["workloads"]["peers"]
+    ours = {n for n in p["engines"] if n.startswith("qwen35 ")}
+    assert ours == {f"qwen35 {f}" for f in ("fp32", "bf16", "int8", "int4", "fp8")}
+    for r in p["engines"].values():
+        assert _finite_positive(r["decode_tokens_per_s"])
+    # quantized formats hold fewer weight bytes than bf16
+    b = p["engines"]["qwen35 bf16"]["weight_bytes"]
+    assert all(p["engines"][f"qwen35 {f}"]["weight_bytes"] < b for f in ("int8", "int4", "fp8"))
+    if p["llama_cpp"] != "ran":
+        assert isinstance(p["llama_cpp"], str) and p["llama_cpp"]  # the reason it was skipped
 
 
 def test_decode_workload(doc, tiny_cfg):

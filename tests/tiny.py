@@ -187,3 +187,78 @@ def save_checkpoint(
             json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2)
         )
     return model
+
+
+# ---- block-FP8 checkpoints (the official layout), written independently of qwen35.quant -------
+FP8_SUFFIXES = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "linear_attn.in_proj_qkv.weight",
+    "linear_attn.in_proj_z.weight",
+    "linear_attn.out_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
+
+
+def fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (e4m3 [out, in], BF16 scale [ceil(out/128), ceil(in/128)] = amax / 448)."""
+    out, inp = w.shape
+    q = torch.empty(out, inp, dtype=torch.float8_e4m3fn)
+    s = torch.empty(-(-out // 128), -(-inp // 128), dtype=torch.bfloat16)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            blk = w[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128].float()
+            s[i, j] = (blk.abs().max() / 448).clamp(min=1e-12)
+            q[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128] = blk / s[i, j].float()
+    return q, s
+
+
+def fp8_dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    big = s.float().repeat_interleave(128, 0).repeat_interleave(128, 1)
+    return q.float() * big[: q.shape[0], : q.shape[1]]
+
+
+def save_fp8_checkpoint(fp8_dir: Path, bf16_dir: Path, moe: bool, experts: str, **overrides):
+    """The same random model twice: in the official FP8 layout (fp8_dir) and as the model of its
+    dequantised weights (bf16_dir: BF16, the dequantised matrices in FP32 so they are exact). Experts are FP8 per expert or fused ([E, ...] scales)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    save_checkpoint(bf16_dir, moe=moe, experts=experts, dtype=torch.bfloat16, **overrides)
+    with safe_open(str(bf16_dir / "model.safetensors"), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    fp8, deq = {}, {}
+    for k, v in sd.items():
+        per_expert = ".mlp.experts." in k and k.endswith("_proj.weight")
+        fused = k.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        shared = ".shared_expert." in k and k.endswith("_proj.weight")
+        if (
+            k.startswith("model.language_model.")
+            and (k.endswith(FP8_SUFFIXES) or per_expert or shared)
+            and not fused
+        ):
+            q, s = fp8_blocks(v)
+            fp8[k], fp8[k.removesuffix(".weight") + ".weight_scale_inv"] = q, s
+            deq[k] = fp8_dequant(q, s)  # fp32: exact
+        elif fused:
+            qs = [fp8_blocks(v[e]) for e in range(v.shape[0])]
+            fp8[k] = torch.stack([q for q, _ in qs])
+            fp8[k + "_scale_inv"] = torch.stack([s for _, s in qs])
+            deq[k] = torch.stack([fp8_dequant(q, s) for q, s in qs])
+        else:
+            fp8[k] = deq[k] = v
+    save_file(deq, str(bf16_dir / "model.safetensors"), metadata={"format": "pt"})
+    fp8_dir.mkdir(parents=True, exist_ok=True)
+    save_file(fp8, str(fp8_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((bf16_dir / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
+    (fp8_dir / "config.json").write_text(json.dumps(cfg, indent=2))

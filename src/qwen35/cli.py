@@ -15,6 +15,10 @@ COMMANDS = {
     "chat": ("chat", "interactive chat with a model"),
     "serve": ("serve", "OpenAI-compatible HTTP server"),
     "bench": ("bench", "benchmark the engine against transformers on the same model"),
+    "quantize": (
+        "quantize",
+        "write a model directory in the official FP8 layout (or back to BF16)",
+    ),
 }
 
 

@@ -83,6 +83,7 @@ def load_model(
     model_factory: ModelFactory | None = None,
     tp: TensorParallel = SINGLE,
     vision: bool | str = False,
+    quantization: str | None = None,
 ) -> nn.Module:
     """Load a Qwen 3.5 text model, in eval mode and without gradients.
 
@@ -98,6 +99,8 @@ def load_model(
     vision: also build and load the vision tower (`model.visual.*`, strictly) when the config
     has one; False skips those tensors (text only: no tower memory); "auto": load it when the
     checkpoint has any `model.visual.*` tensor (random weights: when the config has a tower).
+    quantization: "fp8" / "int8" / "int4" quantizes the loaded weights in memory (qwen35.quant);
+    None keeps them as stored (an official FP8 checkpoint stays FP8).
     Returns the model with `.config` (ModelConfig, unless the module already has a config),
     `.load_report` (LoadReport) and `.model_dir` (the local directory, for the tokenizer; None
     for random weights without a directory).
@@ -108,6 +111,11 @@ def load_model(
     if isinstance(path_or_name, str) and path_or_name.startswith("random:"):
         path_or_name, load_format = path_or_name[len("random:") :], "random"
     dev = parse_device(device)
+    if quantization and tp.size > 1:
+        raise Qwen35Error(
+            f"quantization {quantization!r} under tensor parallelism is not supported yet: use "
+            "tensor_parallel_size=1"
+        )
     if vision is True and tp.size > 1:
         raise Qwen35Error(
             "the vision tower is not tensor-parallel yet: use tensor_parallel_size=1 for images, "
@@ -142,10 +150,10 @@ def load_model(
     else:
         directory = resolve_model_dir(path_or_name)
         cfg = ModelConfig.from_hf(directory)
-        if cfg.quantization is not None:
+        if cfg.quantization is not None and tp.size > 1:
             raise CheckpointError(
-                f"{directory} is a {cfg.quantization.quant_method.upper()} checkpoint; this "
-                "loader reads BF16/FP16/FP32 weights only (use the BF16 release)"
+                f"{directory} is an FP8 checkpoint: FP8 under tensor parallelism is not supported "
+                "yet; run it with tensor_parallel_size=1 or use the BF16 release"
             )
         _check_layout(cfg, tp, model_factory)
         torch_dtype = parse_dtype(dtype, cfg)
@@ -153,6 +161,12 @@ def load_model(
         files = checkpoint_files(directory)
         report.files = [f.name for f in files]
         model, params = build_model(cfg, None, None, model_factory)  # still on meta
+        if cfg.quantization is not None:  # block FP8: the stored FP8 modules stay FP8
+            from qwen35.quant.apply import fp8_layout_from_checkpoint
+
+            report.notes.append(
+                f"FP8: {len(fp8_layout_from_checkpoint(model, cfg, files))} modules kept in FP8"
+            )
         canonical, aliases = _canonical(model)
         ts = time.perf_counter()
         s = scan_headers(files, canonical, aliases)
@@ -171,10 +185,15 @@ def load_model(
         show = progress if progress is not None else sys.stderr.isatty()
         read_into(s, params, report, show, shard)
         log.info("%s", report.summary())
-    _finish(model, cfg)
-    report.seconds_total = time.perf_counter() - t0
     if getattr(model, "config", None) is None:
         model.config = cfg
+    if quantization:
+        from qwen35.quant.apply import quantize_model_
+
+        quantize_model_(model, quantization, torch_dtype)
+        report.notes.append(f"quantized in memory to {quantization}")
+    _finish(model, cfg)
+    report.seconds_total = time.perf_counter() - t0
     model.load_report = report
     model.model_dir = directory
     return model
@@ -303,7 +322,8 @@ def materialize(
             q = new.get(id(p))
             if q is None:
                 keep.append(p)
-                dt = dtype if p.is_floating_point() else p.dtype
+                own = not p.is_floating_point() or getattr(p, "keep_dtype", False)
+                dt = p.dtype if own else dtype  # quantized storage keeps its own dtype
                 q = nn.Parameter(torch.empty(p.shape, dtype=dt, device=device), False)
                 new[id(p)] = q
             mod._parameters[name] = q

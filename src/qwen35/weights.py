@@ -6,7 +6,9 @@ Checkpoint names are mapped onto the model's parameter names (transformers' text
   `model.visual.*` unless the model has a vision tower (then it is loaded, strictly);
 - per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight` fill slices of the fused parameters
   `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows first, then up) and `mlp.experts.down_proj`
-  [E, H, I].
+  [E, H, I]; in FP8 checkpoints their `.weight_scale_inv` fill `..._scale_inv` the same way.
+FP8 weights (F8_E4M3) go only into FP8 parameters (qwen35.quant swaps them in), and those take
+nothing else; scales must be a float type.
 Every header is scanned before any data is read, so a mismatched checkpoint fails fast with one
 error listing all missing, unexpected and mis-shaped tensors. Data is then copied file by file
 from memory-mapped safetensors, each file closed before the next is opened.
@@ -29,13 +31,15 @@ MAX_LISTED = 10  # names listed per kind of problem in an error message
 
 _SKIP_PREFIXES = {"model.visual.": "model.visual", "mtp.": "mtp"}
 _PER_EXPERT = re.compile(
-    r"^(?P<base>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
+    r"^(?P<base>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)"
+    r"\.(?P<kind>weight|weight_scale_inv)$"
 )
 _ST_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
 }
 
 
@@ -152,6 +156,7 @@ def map_key(key: str, keep_visual: bool = False) -> _Target | str:
     if m:
         proj = m["proj"]
         param = f"{m['base']}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+        param += "_scale_inv" if m["kind"] == "weight_scale_inv" else ""
         return _Target(param, int(m["e"]), proj.removesuffix("_proj"))
     return _Target(key)
 
@@ -241,6 +246,11 @@ def scan(
                         f"({', '.join(_ST_DTYPES)})"
                     )
                     continue
+                bad = _dtype_problem(st_dtype, params[name].dtype, key)
+                if bad:
+                    written[name].add("mismatched")
+                    s.mismatched.append(bad)
+                    continue
                 numel = 1
                 for d in shape:
                     numel *= d
@@ -273,16 +283,28 @@ def scan(
         if (None, None) in got:
             s.unexpected.append(f"{name}: stored both fused and per-expert in the checkpoint")
             continue
-        parts = ("gate", "up") if name.endswith("gate_up_proj") else ("down",)
+        parts = ("gate", "up") if "gate_up_proj" in name else ("down",)
         need = {(e, q) for e in range(p.shape[0]) for q in parts}
         lack = sorted(need - got)
         if lack:
             e, q = lack[0]
             s.missing.append(
                 f"{name}: {len(lack)} of {len(need)} per-expert slices missing "
-                f"(e.g. experts.{e}.{q}_proj.weight)"
+                f"(e.g. experts.{e}.{q}_proj.weight{'_scale_inv' * name.endswith('_scale_inv')})"
             )
     return s
+
+
+def _dtype_problem(st_dtype: str, want: torch.dtype, key: str) -> str | None:
+    fp8 = torch.float8_e4m3fn
+    if want == fp8 and st_dtype != "F8_E4M3":
+        return f"{key}: dtype {st_dtype}, but the model expects FP8 (F8_E4M3) here"
+    if st_dtype == "F8_E4M3" and want != fp8:
+        scale = key.removesuffix(".weight") + ".weight_scale_inv"
+        if key.endswith("_scale_inv"):
+            return f"{key}: a scale stored as F8_E4M3; scales must be BF16 or F32"
+        return f"{key}: dtype F8_E4M3 but no FP8 layout here (its scale {scale} is missing?)"
+    return None
 
 
 # ---- errors -------------------------------------------------------------------------------------

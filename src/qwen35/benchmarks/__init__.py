@@ -3,9 +3,10 @@
 Workloads (one module each): `decode` (batch-1 tokens/s against the memory-bandwidth roofline),
 `throughput` (32 mixed requests: continuous batching vs static batches), `long_context`
 (decode step time at 1K/8K/32K context, hybrid vs all-full-attention), `multi_turn` (prefix
-caching on vs off), and outside `all`, `dtype` (fp32 vs bf16 weights for our engine),
-`structured` (constrained vs unconstrained decode steps at batch 32, schema compile time) and
-`vision` (encoder images/s and TTFT of a chat with one image).
+caching on vs off), and outside `all`: `dtype` (fp32 vs bf16 weights for our engine),
+`structured` (constrained vs unconstrained decode steps at batch 32, schema compile time),
+`vision` (encoder images/s and TTFT of a chat with one image), `quality` (fp8 / int8 / int4
+against BF16 on the same weights) and `peers` (each weight format against llama.cpp).
 `runner.run_bench` runs the chosen ones in one process and builds the
 JSON document (schema "qwen35.bench/1"); `report` prints the rich tables.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 SCHEMA = "qwen35.bench/1"
 WORKLOADS = (
-    "decode", "throughput", "long-context", "multi-turn", "dtype", "structured", "vision"
+    "decode", "throughput", "long-context", "multi-turn", "dtype", "structured", "vision",
+    "quality", "peers",
 )  # fmt: skip
 ALL = WORKLOADS[:4]  # what `--workload all` runs: the issues' workloads

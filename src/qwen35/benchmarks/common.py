@@ -34,6 +34,7 @@ class BenchOptions:
     requests: int | None = None  # throughput workload; None: 32 (quick: 8)
     hf_batch_size: int = 8  # transformers' static batch size in the throughput workload
     rounds: int | None = None  # interleaved repetitions in the decode workload
+    formats: tuple[str, ...] | None = None  # peers workload: weight formats (None: all)
     progress: Callable[[str], None] | None = field(default=None, repr=False)  # long phases
 
     def say(self, msg: str) -> None:
@@ -59,7 +60,7 @@ class BenchModel:
         return self.model.config
 
 
-def load_bench_model(opts: BenchOptions) -> BenchModel:
+def load_bench_model(opts: BenchOptions, quantization: str | None = None) -> BenchModel:
     """A model directory with safetensors loads its weights; anything else (catalog name, config
     file, directory holding only config.json) gets seeded random weights."""
     from qwen35.loader import load_model, parse_dtype
@@ -75,6 +76,7 @@ def load_bench_model(opts: BenchOptions) -> BenchModel:
             load_format="auto" if real else "random",
             seed=opts.seed,
             progress=False,
+            quantization=quantization,
         )
     except FileNotFoundError as e:
         raise Qwen35Error(f"--model {opts.model!r}: {e}") from None

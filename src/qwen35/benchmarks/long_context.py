@@ -43,7 +43,7 @@ def decode_step(
 ) -> Callable[[], None]:
     """A warmed-up decode step of one sequence whose cache holds context_len - 1 tokens."""
     cfg = model.config
-    dtype = next(model.parameters()).dtype
+    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
     nb = math.ceil(context_len / BLOCK_SIZE)
     caches = allocate_caches(cfg, nb, BLOCK_SIZE, 1, dtype, device)
     g = torch.Generator(device=device).manual_seed(seed)

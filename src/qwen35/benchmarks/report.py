@@ -52,6 +52,8 @@ def print_workload(doc: dict, key: str, con: Console) -> None:
         "dtype": _dtype,
         "structured": _structured,
         "vision": _vision,
+        "quality": _quality,
+        "peers": _peers,
     }
     printers[key](con, doc["workloads"][key], _impl(doc))
 
@@ -230,3 +232,39 @@ def _structured(con: Console, d: dict) -> None:
         _f(d["compile_ms_cache_hit"]),
     )  # fmt: skip
     con.print(t)
+
+
+def _quality(con: Console, d: dict, impl: str = "") -> None:
+    w = "random weights: ranks the formats only" if d["random_weights"] else "checkpoint"
+    t = Table(title=f"Quantized vs BF16 on the same weights ({d['positions']} positions, {w})")
+    for c in ("format", "weights GiB", "top-1 agreement", "mean KL"):
+        t.add_column(c, justify="right")
+    t.add_row("bf16", _f(d["bf16_weight_bytes"] / 2**30), "1", "0")
+    for name, r in d["formats"].items():
+        t.add_row(
+            name, _f(r["weight_bytes"] / 2**30), _pct(r["top1_agreement"]), _f(r["mean_kl"], ".2e")
+        )
+    con.print(t)
+
+
+def _peers(con: Console, d: dict, impl: str = "") -> None:
+    t = Table(
+        title=f"Batch-1 decode and prefill by weight format (prompt {d['prompt_len']}, "
+        f"{d['new_tokens']} new tokens, {d['rounds']} interleaved rounds)"
+    )
+    sizes = next(iter(d["engines"].values()))["prefill_tokens_per_s"].keys()
+    for c in ("engine", "weights GiB", "decode tok/s", "vs qwen35 bf16"):
+        t.add_column(c, justify="right")
+    for p in sizes:
+        t.add_column(f"prefill@{p} tok/s", justify="right")
+    for name, r in d["engines"].items():
+        t.add_row(
+            name,
+            _f(r["weight_bytes"] / 2**30),
+            _f(r["decode_tokens_per_s"]),
+            _x(r["decode_vs_qwen35_bf16"]),
+            *(_f(r["prefill_tokens_per_s"][p], ".1f") for p in sizes),
+        )
+    con.print(t)
+    if d["llama_cpp"] != "ran":
+        con.print(f"  llama.cpp skipped: {d['llama_cpp']}")

@@ -22,6 +22,8 @@ def _workload_fns() -> dict[str, Callable]:
     from qwen35.benchmarks.dtype import run_dtype
     from qwen35.benchmarks.long_context import run_long_context
     from qwen35.benchmarks.multi_turn import run_multi_turn
+    from qwen35.benchmarks.peers import run_peers
+    from qwen35.benchmarks.quality import run_quality
     from qwen35.benchmarks.structured import run_structured
     from qwen35.benchmarks.throughput import run_throughput
     from qwen35.benchmarks.vision import run_vision
@@ -34,6 +36,8 @@ def _workload_fns() -> dict[str, Callable]:
         "dtype": run_dtype,
         "structured": run_structured,
         "vision": run_vision,
+        "quality": run_quality,
+        "peers": run_peers,
     }
 
 

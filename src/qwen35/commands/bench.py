@@ -13,7 +13,8 @@ import sys
 from qwen35.errors import Qwen35Error
 
 WORKLOAD_CHOICES = (
-    "all", "decode", "throughput", "long-context", "multi-turn", "dtype", "structured", "vision"
+    "all", "decode", "throughput", "long-context", "multi-turn", "dtype", "structured", "vision",
+    "quality", "peers",
 )  # fmt: skip
 
 
@@ -39,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "hybrid vs all-full-attention; multi-turn = prefix caching on vs off; dtype = our "
         "engine in fp32 vs bf16; structured = decode steps with every row under a JSON schema "
         "vs none at batch 32, and schema compile time; vision = encoder images/s and TTFT of a "
-        "chat with one 1024x1024 image (dtype, structured and vision are not part of all)",
+        "chat with one 1024x1024 image; quality = fp8/int8/int4 vs bf16 (top-1 agreement, KL); "
+        "peers = each weight format vs llama.cpp (only decode, throughput, long-context and "
+        "multi-turn are part of all)",
     )
     p.add_argument(
         "--model",
@@ -65,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--hf-batch-size", type=int, default=8, help="transformers' static batch size (default 8)"
     )
     p.add_argument("--rounds", type=int, default=None, help="decode rounds (default 3)")
+    p.add_argument(
+        "--formats",
+        default=None,
+        help="peers workload: our weight formats, comma-separated (default fp32,bf16,int8,int4,"
+        "fp8; each with its llama.cpp twin)",
+    )
     p.add_argument("--json", action="store_true", help="print the JSON document, not tables")
     p.add_argument("--out", default=None, help="also write the JSON document to this file")
 
@@ -93,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         requests=args.requests,
         hf_batch_size=args.hf_batch_size,
         rounds=args.rounds,
+        formats=tuple(args.formats.split(",")) if args.formats else None,
         progress=say,
     )
     workloads = list(ALL) if args.workload == "all" else [args.workload]

@@ -80,7 +80,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="MoE: divide the routed experts whole across all GPUs (expert parallel)",
     )
     p.add_argument(
-        "--dtype", choices=("bf16", "fp8"), help="weights; default: both where they exist"
+        "--dtype",
+        choices=("bf16", "fp8", "int8", "int4"),
+        help="weights; default: bf16 and fp8 where they exist. int8 / int4: the CPU weight-only "
+        "formats (--quantization), sizes and decode bytes per token",
+    )
+    p.add_argument(
+        "--cpu-bandwidth",
+        type=float,
+        default=None,
+        help="with --dtype int8/int4: memory bandwidth in GB/s for a decode roofline",
     )
     p.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="KV cache (bf16)")
     p.add_argument(
@@ -341,6 +350,8 @@ def to_json(rows: list[Row], gpu, args, common: list[tuple] | None = None) -> di
 
 
 def run(args) -> int:
+    if args.dtype in ("int8", "int4"):
+        return _run_cpu(args)
     rows, gpu = gather(args)
     common = None
     if gpu is None and args.model is None:
@@ -370,6 +381,22 @@ def run(args) -> int:
         path = plan_view.plot(rows, gpu, args)
         if not args.json:
             print(f"wrote {path}")
+    return 0
+
+
+def _run_cpu(args) -> int:
+    from qwen35.plan import cpu
+
+    if args.gpu:
+        raise PlanError(
+            f"--dtype {args.dtype} is a CPU weight-only format; GPU plans take bf16 / fp8"
+        )
+    cfgs = [c for c, _ in _resolve_models(args.model, None)]
+    rows = cpu.cpu_rows(cfgs, args.dtype)
+    if args.json:
+        print(json.dumps({"schema": cpu.SCHEMA, "dtype": args.dtype, "models": rows}, indent=2))
+    else:
+        cpu.render(rows, args.dtype, args.cpu_bandwidth)
     return 0
 
 

@@ -36,6 +36,12 @@ class LoadConfig:
         "'random': random weights from the config (benchmarks only)",
         choices=["auto", "safetensors", "random"],
     )
+    quantization: str | None = _opt(
+        None,
+        "quantize the weights at load: int8 / int4 (weight-only, for CPU decode) or fp8 (block "
+        "FP8 as the official releases); default: as stored (FP8 checkpoints stay FP8)",
+        choices=["fp8", "int8", "int4"],
+    )
 
 
 @dataclass(frozen=True)

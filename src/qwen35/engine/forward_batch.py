@@ -59,6 +59,7 @@ class ModelCaches:
 
 
 
+
 def allocate_caches(
     cfg: ModelConfig,
     num_blocks: int,

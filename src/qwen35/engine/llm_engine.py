@@ -177,6 +177,7 @@ class LLMEngine:
                 seed=ec.seed,
                 **kw,
                 vision=False if ec.multimodal.vision_disabled else "auto",
+                quantization=ec.load.quantization,
             )
         self.config = self.model.config
         self.model_name = model
@@ -191,7 +192,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(
             dict.fromkeys((*self.config.eos_token_ids, *self.tokenizer.eos_token_ids))
         )
-        model_dtype = next(self.model.parameters()).dtype
+        model_dtype = getattr(self.model, "dtype", None) or next(self.model.parameters()).dtype
         self.plan: CachePlan = plan_caches(
             self.config,
             model_dtype=model_dtype,

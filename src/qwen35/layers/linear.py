@@ -54,7 +54,12 @@ def pack_linears(*linears: Linear) -> torch.Tensor:
     A decode step then reads all of them in one GEMV: on a CPU, small matrices pay thread
     fork/join and loop set-up per call (Qwen3.5-0.8B decode: 187 -> 97 GEMVs per token).
     Call once the weights are loaded and on their final device (the loader's post_load):
-    moving the model afterwards gives the parameters new storage and breaks the packing."""
+    moving the model afterwards gives the parameters new storage and breaks the packing.
+    Quantized linears (qwen35.quant) pack by format instead: the result is then a callable."""
+    if any(type(lin) is not Linear for lin in linears):
+        from qwen35.quant.packing import pack_quantized
+
+        return pack_quantized(linears)
     w = torch.cat([lin.weight.detach() for lin in linears])  # [sum(out), in]
     row = 0
     for lin in linears:
@@ -68,6 +73,8 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor | None, *linears: Linear
     """The outputs of `linears` on x: one matmul on the packed weight for short inputs,
     one per linear otherwise. Outputs of the packed path are column views (not contiguous
     when x has several rows)."""
+    if packed is not None and not isinstance(packed, torch.Tensor):
+        return packed(x)  # quantized weights: always packed (qwen35.quant.packing)
     if packed is not None and x.shape[0] <= PACKED_MAX_ROWS:
         return linear(x, packed).split([lin.out_features for lin in linears], dim=-1)
     return tuple(lin(x) for lin in linears)

@@ -16,6 +16,7 @@ Parameter names and shapes are transformers' (fused expert tensors, no `.weight`
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qwen35.layers.linear import Linear, empty_param
@@ -34,6 +35,12 @@ class Experts(nn.Module):
         self.gate_up_proj = empty_param(E, 2 * I, H, dtype=dtype, device=device)
         self.down_proj = empty_param(E, H, I, dtype=dtype, device=device)
 
+    def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:  # [n, H] -> [n, 2I]
+        return F.linear(x, self.gate_up_proj[e])
+
+    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:  # [n, I] -> [n, H]
+        return F.linear(h, self.down_proj[e])
+
     def forward(
         self,
         x: torch.Tensor,  # [T, H]
@@ -41,9 +48,31 @@ class Experts(nn.Module):
         top_w: torch.Tensor,  # [T, k] routing weights in x.dtype
         backend: Backend | None = None,
     ) -> torch.Tensor:
-        if backend is None:
-            return grouped_experts_reference(x, self.gate_up_proj, self.down_proj, top_idx, top_w)
-        return routed_experts(backend, x, self.gate_up_proj, self.down_proj, top_idx, top_w)
+        if type(self) is Experts:  # plain weights: the backend's grouped path
+            if backend is None:
+                return grouped_experts_reference(
+                    x, self.gate_up_proj, self.down_proj, top_idx, top_w
+                )
+            return routed_experts(backend, x, self.gate_up_proj, self.down_proj, top_idx, top_w)
+        # quantized experts (qwen35/quant): one gate_up and one down per active expert
+        T, k = top_idx.shape
+        flat = top_idx.reshape(-1)  # [T*k]
+        order = torch.argsort(flat, stable=True)  # (token, choice) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        token_of = order // k  # [T*k] source token of each sorted pair
+        xs = x.index_select(0, token_of)  # [T*k, H]
+        ys = torch.empty_like(xs)  # [T*k, H]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            seg = xs[start : start + n]  # [n, H]
+            gate, up = self.gate_up(seg, e).chunk(2, dim=-1)  # [n, I] each
+            ys[start : start + n] = self.down(F.silu(gate) * up, e)  # [n, H]
+            start += n
+        ys.mul_(top_w.reshape(-1, 1).index_select(0, order))  # weight each pair
+        out = torch.zeros_like(x)
+        return out.index_add_(0, token_of, ys)  # [T, H]
 
 
 class SparseMoE(nn.Module):

@@ -157,7 +157,8 @@ class Qwen35ForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The compute dtype (the norms'; quantized weights are stored in other dtypes)."""
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:

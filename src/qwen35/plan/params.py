@@ -23,6 +23,10 @@ PARTS = ("text", "vision", "mtp")
 BF16_BYTES = 2
 FP8_BYTES = 1
 SCALE_BYTES = 2  # BF16 weight_scale_inv: the only scale dtype that reproduces the article's sizes
+# weight-only int8 / int4 (CPU, quantized at load by qwen35.quant; the engine stores exactly these)
+INT8_SCALE_BYTES = 2  # one BF16 scale per output row
+INT4_GROUP_BYTES = 4  # one BF16 scale + one BF16 zero per (group, output row)
+WEIGHT_DTYPES = ("bf16", "fp8", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -61,15 +65,37 @@ def fp8_block_scales(shape: tuple[int, ...], block: tuple[int, int] = (128, 128)
     return math.ceil(out / block[0]) * math.ceil(inp / block[1])
 
 
+def int4_group(out: int, inp: int) -> int | None:
+    """Group size of a matrix in int4 (torch's CPU layout needs out % 64 == 0 and groups of 32,
+    64 or 128 inputs), or None: that matrix is stored in int8 instead."""
+    if out % 64:
+        return None
+    return next((g for g in (128, 64, 32) if inp % g == 0), None)
+
+
+def int_quantized(t: Tensor) -> bool:
+    """Whether weight-only int8 / int4 quantizes `t`: the FP8 set plus the embedding and lm_head
+    of the text model (both per-row int8, also under int4)."""
+    head = t.name.endswith(("embed_tokens.weight", "lm_head.weight")) and t.part == "text"
+    return t.fp8 or head
+
+
 def tensor_bytes(
     t: Tensor, dtype: str, shape: tuple[int, ...] | None = None, count: int = 0
 ) -> int:
-    """Bytes of `count` copies of `t` (default its own shape/count) stored in `dtype` ("bf16"/"fp8")."""
+    """Bytes of `count` copies of `t` (default its own shape/count) stored in `dtype`
+    ("bf16" / "fp8" / "int8" / "int4")."""
     shape = shape or t.shape
     count = count or t.count
     numel = math.prod(shape)
     if dtype == "fp8" and t.fp8:
         return count * (numel * FP8_BYTES + fp8_block_scales(shape) * SCALE_BYTES)
+    if dtype in ("int8", "int4") and int_quantized(t):
+        out, inp = shape[0], numel // shape[0]
+        g = int4_group(out, inp) if dtype == "int4" and t.fp8 else None
+        if g:
+            return count * (numel // 2 + out * (inp // g) * INT4_GROUP_BYTES)
+        return count * (numel + out * INT8_SCALE_BYTES)
     return count * numel * BF16_BYTES
 
 
@@ -283,7 +309,8 @@ def has_fp8(cfg: ModelConfig) -> bool:
 
 
 def weight_bytes(cfg: ModelConfig, dtype: str, text_only: bool = False) -> int:
-    """Bytes of all loaded weights on one device: "bf16" (2 B/param) or "fp8" (official layout)."""
-    if dtype not in ("bf16", "fp8"):
-        raise ValueError(f"weight dtype must be 'bf16' or 'fp8', got {dtype!r}")
+    """Bytes of all loaded weights on one device: "bf16" (2 B/param), "fp8" (official layout),
+    "int8" / "int4" (weight-only, as qwen35.quant stores them)."""
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
     return sum(tensor_bytes(t, dtype) for t in weight_tensors(cfg, text_only))

@@ -1,0 +1,75 @@
+"""One projection (default 3584 x 1024 and 1024 x 3584, Qwen3.5-0.8B's MLP) at 1..256 rows:
+BF16 GEMM vs each quantized format's two paths (direct kernel / dequantise + GEMM), interleaved.
+This is what sets INT8_MAX_ROWS / INT4_MAX_ROWS / fp8 MAX_ROWS in qwen35/quant/matmul.py.
+
+    python bench/quant_linear.py [--n 3584 --k 1024] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from qwen35.kernels import fp8 as fp8_kernel
+from qwen35.quant import formats, matmul
+from qwen35.quant.layers import Int4Linear, Int8Linear
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=3584)
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=20)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.set_flush_denormal(True)
+    w = (torch.randn(a.n, a.k) * 0.02).bfloat16()
+    i8 = Int8Linear.quantize(w, torch.bfloat16)
+    i4 = Int4Linear.quantize(w, 128, torch.bfloat16)
+    q8, s8 = formats.quantize_fp8_blocks(w)
+    s8 = s8.float()
+    mod = fp8_kernel.load()
+    buf = torch.empty(a.n, a.k, dtype=torch.bfloat16)
+    print(f"[{a.n} x {a.k}], {torch.get_num_threads()} threads; ms per call (median)")
+    print(f"{'rows':>5} {'bf16':>8} {'int8 k':>8} {'int8 dq':>8} {'int4 k':>8} {'int4 dq':>8} "
+          f"{'fp8 k':>8} {'fp8 dq':>8}")  # fmt: skip
+    for m in (1, 2, 4, 8, 16, 64, 256):
+        x = torch.randn(m, a.k).bfloat16()
+        cells = [f"{m:>5}"]
+        for fn in _paths(m, x, w, i8, i4, q8, s8, mod, buf).values():
+            cells.append(f"{timed(fn, a.reps) * 1e3:8.3f}" if fn else f"{'-':>8}")
+        print(" ".join(cells))
+
+
+def _paths(m, x, w, i8, i4, q8, s8, mod, buf) -> dict:
+    return {
+        "bf16": lambda: torch.mv(w, x[0]) if m == 1 else F.linear(x, w),
+        "int8 k": lambda: torch.ops.aten._weight_int8pack_mm(x, i8.weight, i8.weight_scale),
+        "int8 dq": lambda: F.linear(x, torch.mul(i8.weight, i8.weight_scale[:, None], out=buf)),
+        "int4 k": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, i4.weight, 128, i4.scales_and_zeros
+        ),
+        "int4 dq": lambda: F.linear(x, i4.dequantized(torch.bfloat16)),
+        "fp8 k": (lambda: mod.fp8_linear(x, q8, s8, 128, 128)) if mod and m <= 16 else None,
+        "fp8 dq": lambda: matmul.fp8_linear(x, q8, s8, (128, 128)) if m > 16 else None,
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""llama.cpp as a benchmark peer: the bench model's weights through llama.cpp's own converter.
+
+`available()` says why llama.cpp can't run (None when it can): it needs `llama-cpp-python`
+(`pip install llama-cpp-python`, a ~9 minute source build) and llama.cpp's
+`convert_hf_to_gguf.py`, which the llama-cpp-python source distribution vendors
+(`vendor/llama.cpp/`): point `QWEN35_LLAMA_CPP_DIR` at that llama.cpp directory.
+
+`convert(bm, "f32" | "bf16" | "q8_0" | "q4_0")`: the model's weights saved as a transformers text
+checkpoint, converted with the vendored script (f32 / bf16 / q8_0), q4_0 then made from the f32
+file with llama.cpp's own `llama_model_quantize`. Random-weight models have no tokenizer, so the
+converter gets a placeholder vocabulary of the right size (the benchmark feeds token ids, never
+text). `LlamaRunner` times one prompt's prefill and each decode step through llama-cpp-python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qwen35.errors import Qwen35Error
+
+
+class GGUFError(Qwen35Error):
+    pass
+
+
+_WORK: dict[str, Path] = {}
+
+
+def llama_dir() -> Path | None:
+    d = os.environ.get("QWEN35_LLAMA_CPP_DIR")
+    return Path(d) if d and (Path(d) / "convert_hf_to_gguf.py").is_file() else None
+
+
+def available() -> str | None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "not installed (pip install llama-cpp-python)"
+    if llama_dir() is None:
+        return (
+            "llama.cpp's convert_hf_to_gguf.py not found: set QWEN35_LLAMA_CPP_DIR to the "
+            "vendor/llama.cpp directory of the llama-cpp-python source distribution"
+        )
+    return None
+
+
+_CONVERT = r"""
+import sys
+root = sys.argv[1]
+sys.path[:0] = [root, root + "/gguf-py"]
+import convert_hf_to_gguf as c
+from conversion import base
+
+def synthetic_vocab(self):
+    n = self.hparams["vocab_size"]
+    self.gguf_writer.add_tokenizer_model("gpt2")
+    self.gguf_writer.add_tokenizer_pre("default")
+    self.gguf_writer.add_token_list([f"<t{i}>" for i in range(n)])
+    self.gguf_writer.add_token_types([1] * n)
+    self.gguf_writer.add_token_merges(["<t0> <t1>"])  # llama.cpp wants at least one
+    self.gguf_writer.add_eos_token_id(1)
+    self.gguf_writer.add_bos_token_id(1)
+
+for name in ("set_vocab", "_set_vocab_gpt2", "_set_vocab_qwen", "_set_vocab_sentencepiece"):
+    setattr(base.TextModel, name, synthetic_vocab)
+import conversion.qwen as q
+for cls in vars(q).values():
+    if isinstance(cls, type) and "set_vocab" in vars(cls):
+        cls.set_vocab = synthetic_vocab
+sys.argv = ["convert_hf_to_gguf.py", *sys.argv[2:]]
+c.main()
+"""
+
+
+def _hf_dir(bm, opts) -> Path:
+    """The model's weights as a transformers text checkpoint (written once per run)."""
+    if "hf" in _WORK:
+        return _WORK["hf"]
+    from safetensors.torch import save_file
+
+    work = Path(tempfile.mkdtemp(prefix="qwen35-gguf-"))
+    hf = work / "hf"
+    hf.mkdir()
+    cfg = bm.config
+    sd = {}
+    for name, p in bm.model.named_parameters():
+        sd.setdefault(name, p.detach().bfloat16().contiguous().clone())
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    save_file(sd, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    text = {
+        "architectures": ["Qwen3_5MoeForCausalLM" if cfg.is_moe else "Qwen3_5ForCausalLM"],
+        "model_type": "qwen3_5_moe_text" if cfg.is_moe else "qwen3_5_text",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "layer_types": list(cfg.layer_types),
+        "full_attention_interval": 4,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "linear_num_key_heads": cfg.linear_num_key_heads,
+        "linear_num_value_heads": cfg.linear_num_value_heads,
+        "linear_key_head_dim": cfg.linear_key_head_dim,
+        "linear_value_head_dim": cfg.linear_value_head_dim,
+        "linear_conv_kernel_dim": cfg.linear_conv_kernel_dim,
+        "intermediate_size": cfg.intermediate_size,
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "shared_expert_intermediate_size": cfg.shared_expert_intermediate_size,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": cfg.rope_theta,
+            "partial_rotary_factor": cfg.partial_rotary_factor,
+            "mrope_section": list(cfg.mrope_section),
+            "mrope_interleaved": True,
+        },
+        "eos_token_id": 1,
+        "dtype": "bfloat16",
+    }
+    (hf / "config.json").write_text(json.dumps(text, indent=2))
+    _WORK["hf"] = hf
+    return hf
+
+
+def convert(bm, quant: str, opts) -> Path:
+    hf = _hf_dir(bm, opts)
+    out = hf.parent / f"model-{quant}.gguf"
+    if out.exists():
+        return out
+    if quant == "q4_0":
+        return _quantize(convert(bm, "f32", opts), out)
+    cmd = [sys.executable, "-c", _CONVERT, str(llama_dir()), str(hf)]
+    cmd += ["--outtype", quant, "--outfile", str(out), "--no-mtp"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 or not out.exists():
+        raise GGUFError(f"convert_hf_to_gguf.py failed: {(r.stderr or r.stdout)[-600:]}")
+    return out
+
+
+def _quantize(src: Path, out: Path) -> Path:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.nthread = os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params)
+    if rc != 0 or not out.exists():
+        raise GGUFError(f"llama_model_quantize to q4_0 failed (rc {rc})")
+    return out
+
+
+class LlamaRunner:
+    """One llama.cpp context; `run` = prefill of a prompt, then decode steps, timed."""
+
+    def __init__(self, path: Path, max_len: int, threads: int | None):
+        import llama_cpp
+
+        n = threads or os.cpu_count() or 1
+        self.llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=max_len,
+            n_batch=max_len,
+            n_threads=n,
+            n_threads_batch=n,
+            verbose=False,
+        )
+
+    def run(self, prompt: list[int], new: int, rid: str = "") -> tuple[float, list[float]]:
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(prompt)
+        steps = [time.perf_counter() - t0]
+        tok = prompt[-1]
+        for _ in range(new - 1):
+            t0 = time.perf_counter()
+            self.llm.eval([tok])  # the token's value doesn't change the step's cost
+            steps.append(time.perf_counter() - t0)
+            tok = (tok * 31 + 7) % self.llm.n_vocab()
+        return steps[0], steps[1:]

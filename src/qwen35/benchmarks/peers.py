@@ -1,0 +1,156 @@
+"""Our engine at each weight format vs llama.cpp at the matching precision, one run, interleaved.
+
+Ours: fp32, bf16, int8, int4 and fp8 weights (the same seeded random weights, quantized at load).
+llama.cpp (optional, through `llama-cpp-python`; skipped with the reason when it is not
+installed): the same weights saved as a transformers checkpoint and converted by llama.cpp's own
+`convert_hf_to_gguf.py` to f32 / bf16 / q8_0 / q4_0 (`benchmarks/gguf.py`). Pairs: fp32-f32,
+bf16-bf16, int8-q8_0, int4-q4_0 (fp8 has no llama.cpp twin; its goal is int8's speed / 1.3).
+Measured per engine and round (rounds interleave all engines): batch-1 decode tokens/s (median
+step after a 128-token prompt) and prefill tokens/s at 512 and 2048 tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+
+from qwen35.benchmarks.common import BenchModel, BenchOptions, make_engine, median, ratio
+from qwen35.request import SamplingParams
+
+OURS = ("fp32", "bf16", "int8", "int4", "fp8")
+PAIRS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
+
+
+def goal(name: str, measured: float | None, target: float) -> dict:
+    """A goal row of the bench document (names depend on which formats ran)."""
+    met = None if measured is None else measured >= target
+    return {"name": name, "target": target, "measured": measured, "met": met}
+
+
+def sizes(opts: BenchOptions) -> dict:
+    """--contexts overrides the prefill lengths."""
+    if opts.quick:
+        sz = {"prompt": 16, "new": 6, "prefill": (32,), "rounds": opts.rounds or 1}
+    else:
+        sz = {"prompt": 128, "new": 32, "prefill": (512, 2048), "rounds": opts.rounds or 3}
+    return {**sz, "prefill": tuple(opts.contexts or sz["prefill"])}
+
+
+def _load_ours(bm: BenchModel, opts: BenchOptions, fmt: str):
+    from qwen35.benchmarks.common import load_bench_model
+
+    same = {"fp32": "torch.float32", "bf16": "torch.bfloat16"}.get(fmt)
+    if same == str(bm.dtype):
+        return bm
+    dtype = "fp32" if fmt == "fp32" else "bf16"
+    other = dataclasses.replace(opts, dtype=dtype)
+    return load_bench_model(other, quantization=None if fmt in ("fp32", "bf16") else fmt)
+
+
+class _Ours:
+    def __init__(self, bm: BenchModel, max_len: int):
+        self.bm = bm
+        self.engine = make_engine(
+            bm, max_num_seqs=1, max_model_len=max_len, enable_prefix_caching=False
+        )
+
+    def run(self, prompt: list[int], new: int, rid: str) -> tuple[float, list[float]]:
+        sp = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+        self.engine.add_request(rid, prompt, sp)
+        steps = []
+        while self.engine.has_unfinished_requests():
+            t0 = time.perf_counter()
+            self.engine.step()
+            steps.append(time.perf_counter() - t0)
+        return steps[0], steps[1:]
+
+
+def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
+    from qwen35.benchmarks import gguf
+
+    sz = sizes(opts)
+    max_len = max(sz["prefill"]) + sz["new"] + 16
+    engines: dict[str, object] = {}
+    weight_bytes = {}
+    formats = opts.formats or OURS
+    bad = [f for f in formats if f not in OURS]
+    if bad or "bf16" not in formats:
+        from qwen35.errors import Qwen35Error
+
+        raise Qwen35Error(f"--formats takes bf16 and any of {', '.join(OURS)}; got {formats}")
+    for fmt in formats:
+        opts.say(f"peers: loading ours {fmt}")
+        m = _load_ours(bm, opts, fmt)
+        engines[f"qwen35 {fmt}"] = _Ours(m, max_len)
+        weight_bytes[f"qwen35 {fmt}"] = m.weight_bytes
+    llama = gguf.available()
+    if llama is None:
+        opts.say("peers: converting the weights to GGUF with llama.cpp's converter")
+        for q in [PAIRS[f] for f in formats if f in PAIRS]:
+            try:
+                path = gguf.convert(bm, q, opts)
+                engines[f"llama.cpp {q}"] = gguf.LlamaRunner(path, max_len, opts.threads)
+                weight_bytes[f"llama.cpp {q}"] = path.stat().st_size
+            except gguf.GGUFError as e:
+                llama = f"llama.cpp {q}: {e}"
+                break
+    rng = random.Random(opts.seed)
+    V = bm.config.vocab_size
+    for name, eng in engines.items():  # warm-up
+        eng.run([rng.randrange(V) for _ in range(8)], 2, f"warm-{name}")
+    decode = {n: [] for n in engines}
+    prefill = {n: {p: [] for p in sz["prefill"]} for n in engines}
+    for r in range(sz["rounds"]):
+        opts.say(f"peers: round {r + 1}/{sz['rounds']}")
+        prompt = [rng.randrange(V) for _ in range(sz["prompt"])]
+        long = {p: [rng.randrange(V) for _ in range(p)] for p in sz["prefill"]}
+        for name, eng in engines.items():
+            _, steps = eng.run(prompt, sz["new"], f"{name}-d{r}")
+            decode[name] += steps
+            for p, toks in long.items():
+                prefill[name][p].append(eng.run(toks, 1, f"{name}-p{p}-{r}")[0])
+    rows = {}
+    for name in engines:
+        d = median(decode[name])
+        rows[name] = {
+            "weight_bytes": weight_bytes[name],
+            "decode_tokens_per_s": 1 / d,
+            "prefill_tokens_per_s": {str(p): p / median(v) for p, v in prefill[name].items()},
+        }
+    goals = []
+    for ours, theirs in PAIRS.items():
+        a, b = rows.get(f"qwen35 {ours}"), rows.get(f"llama.cpp {theirs}")
+        if a and b:
+            goals.append(
+                goal(
+                    f"{ours} decode vs llama.cpp {theirs} (x)",
+                    ratio(a["decode_tokens_per_s"], b["decode_tokens_per_s"]),
+                    1.0,
+                )
+            )
+            big = str(max(sz["prefill"]))
+            goals.append(
+                goal(
+                    f"{ours} prefill@{big} vs llama.cpp {theirs} (x)",
+                    ratio(a["prefill_tokens_per_s"][big], b["prefill_tokens_per_s"][big]),
+                    1.0,
+                )
+            )
+    fp8, i8 = rows.get("qwen35 fp8"), rows.get("qwen35 int8")
+    if fp8 and i8:
+        goals.append(
+            goal("fp8 decode vs int8 decode (x, >= 1/1.3)",
+                 ratio(fp8["decode_tokens_per_s"], i8["decode_tokens_per_s"]), 1 / 1.3)
+        )  # fmt: skip
+    base = rows["qwen35 bf16"]["decode_tokens_per_s"]
+    for r in rows.values():
+        r["decode_vs_qwen35_bf16"] = ratio(r["decode_tokens_per_s"], base)
+    return {
+        "prompt_len": sz["prompt"],
+        "new_tokens": sz["new"],
+        "rounds": sz["rounds"],
+        "llama_cpp": llama or "ran",
+        "engines": rows,
+        "goals": goals,
+    }

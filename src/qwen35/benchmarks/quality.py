@@ -1,0 +1,90 @@
+"""Accuracy of the quantized formats against BF16 on the same weights.
+
+One sequence of `positions` tokens (the BF16 model's own greedy continuation of a short random
+prompt, so the positions are what decoding would visit) is run through the BF16 model and
+through each format (fp8, int8, int4, quantized at load from the same weights). Per format:
+top-1 agreement (the share of positions where the next-token argmax is the same) and the mean
+KL(BF16 || format) of the next-token distributions. Logits are compared in chunks of rows so
+[positions, vocab] never lives in memory twice. With random weights (the default model) the
+distributions are nearly flat and the numbers only rank the formats; pass a checkpoint directory
+as --model for meaningful ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from qwen35.benchmarks.common import BenchModel, BenchOptions, free_memory, load_bench_model
+
+FORMATS = ("fp8", "int8", "int4")
+CHUNK = 128
+
+
+def sizes(opts: BenchOptions) -> dict:
+    return {
+        "positions": 64 if opts.quick else 1000,
+        "prompt": 8,
+        "greedy": 16 if opts.quick else 64,
+    }
+
+
+@torch.no_grad()
+def _hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """ids [T] -> last hidden states [T, H] (one uncached pass)."""
+    from qwen35.engine.forward_batch import allocate_caches
+    from qwen35.models.qwen3_5 import uncached_batch
+
+    T = ids.shape[0]
+    caches = allocate_caches(model.config, 1, T, 1, model.dtype, ids.device)
+    return model.forward_hidden(ids, uncached_batch(1, T, ids.device), caches)
+
+
+@torch.no_grad()
+def _sequence(bm: BenchModel, sz: dict, seed: int) -> torch.Tensor:
+    """A short random prompt + the BF16 model's greedy continuation, padded with random tokens."""
+    g = torch.Generator().manual_seed(seed)
+    V = bm.config.vocab_size
+    ids = torch.randint(0, V, (sz["prompt"],), generator=g)
+    for _ in range(sz["greedy"]):
+        h = _hidden(bm.model, ids)[-1:]
+        ids = torch.cat([ids, bm.model.compute_logits(h).argmax(-1)])
+    rest = torch.randint(0, V, (sz["positions"] + 1 - ids.shape[0],), generator=g)
+    return torch.cat([ids, rest])[: sz["positions"] + 1]
+
+
+def run_quality(bm: BenchModel, opts: BenchOptions) -> dict:
+    sz = sizes(opts)
+    base = (
+        bm
+        if str(bm.dtype) == "torch.bfloat16"
+        else load_bench_model(dataclasses.replace(opts, dtype="bf16"))
+    )
+    ids = _sequence(base, sz, opts.seed).to(base.device)
+    ref_h = _hidden(base.model, ids[:-1])  # [P, H]
+    rows = {}
+    for fmt in FORMATS:
+        opts.say(f"quality: {fmt}")
+        q = load_bench_model(dataclasses.replace(opts, dtype="bf16"), quantization=fmt)
+        h = _hidden(q.model, ids[:-1])
+        agree, kl = 0, 0.0
+        for i in range(0, h.shape[0], CHUNK):
+            lp_ref = torch.log_softmax(base.model.compute_logits(ref_h[i : i + CHUNK]), -1)
+            lp = torch.log_softmax(q.model.compute_logits(h[i : i + CHUNK]), -1)
+            agree += (lp_ref.argmax(-1) == lp.argmax(-1)).sum().item()
+            kl += (lp_ref.exp() * (lp_ref - lp)).sum().item()
+        n = h.shape[0]
+        rows[fmt] = {
+            "weight_bytes": q.weight_bytes,
+            "top1_agreement": agree / n,
+            "mean_kl": kl / n,
+        }
+        del q, h
+        free_memory()
+    return {
+        "positions": sz["positions"],
+        "random_weights": bm.random_weights,
+        "bf16_weight_bytes": base.weight_bytes,
+        "formats": rows,
+    }

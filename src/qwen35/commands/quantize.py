@@ -1,0 +1,39 @@
+"""`qwen35 quantize IN_DIR OUT_DIR --to fp8 | bf16` (see qwen35.quant.checkpoint)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("in_dir", help="model directory (config.json + safetensors)")
+    p.add_argument("out_dir", help="directory to write (must not exist unless --force)")
+    p.add_argument(
+        "--to",
+        choices=("fp8", "bf16"),
+        default="fp8",
+        help="fp8: the official block-FP8 layout (e4m3, 128x128 BF16 scales); bf16: dequantise",
+    )
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument(
+        "--shard-size", type=float, default=4.0, help="largest safetensors shard in GiB (4)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from qwen35.errors import Qwen35Error
+    from qwen35.quant.checkpoint import convert_checkpoint
+
+    if args.shard_size <= 0:
+        raise Qwen35Error("--shard-size must be positive")
+    out = convert_checkpoint(
+        args.in_dir,
+        args.out_dir,
+        to=args.to,
+        force=args.force,
+        shard_bytes=int(args.shard_size * 2**30),
+        progress=sys.stderr.isatty(),
+    )
+    print(f"wrote {out} ({args.to})")
+    return 0

@@ -1,0 +1,159 @@
+// Block-FP8 (e4m3, one fp32 scale per bo x bi block) weights on the CPU, read directly.
+//
+// e4m3 -> fp16 is a bit move: sign to bit 15, exponent+mantissa (7 bits) to bits 7..13. The fp16
+// value is the e4m3 value times 2^-8 (exponent bias 15 instead of 7), subnormals included, so
+// F16C's exact fp16 -> fp32 conversion gives every weight in 4 integer ops + 1 conversion per 8,
+// and the 2^8 goes into the block scale. (e4m3fn's NaN byte 0x7f is not expected in weights.)
+//
+// fp8_linear: y [M, N] = x [M, K] @ W^T for a few rows (decode), W [N, K] read once: per output
+// row, each 16-weight chunk is converted once and used for all M input rows; per block the
+// partial dot products are scaled; one horizontal sum per row and input row at the end.
+// fp8_dequant: W [N, K] in the output's dtype (prefill: dequantise into a reused buffer, then a
+// regular GEMM). The PyTorch twins are quant/formats.py dequantize_fp8_blocks (+ F.linear).
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxRows = 16;
+
+inline float fp8_scalar(uint8_t v) {  // e4m3fn -> float (exact)
+  const int s = v >> 7, e = (v >> 3) & 0xF, m = v & 0x7;
+  const float mag = e == 0 ? std::ldexp(static_cast<float>(m), -9)
+                           : std::ldexp(1.f + m / 8.f, e - 7);
+  return s ? -mag : mag;
+}
+
+// 16 e4m3 bytes -> two __m256 of (value * 2^-8)
+inline void fp8x16(const uint8_t* p, __m256& lo, __m256& hi) {
+  const __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x80)), 8);
+  const __m256i em = _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7F)), 7);
+  const __m256i f16 = _mm256_or_si256(sign, em);
+  lo = _mm256_cvtph_ps(_mm256_castsi256_si128(f16));
+  hi = _mm256_cvtph_ps(_mm256_extracti128_si256(f16, 1));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <typename T>
+void linear_impl(const float* X, const uint8_t* W, const float* S, T* Y, int64_t M, int64_t N,
+                 int64_t K, int64_t bo, int64_t bi) {
+  const int64_t nbi = (K + bi - 1) / bi;
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    __m256 tot[kMaxRows], acc[kMaxRows];
+    float tail[kMaxRows];
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* w = W + n * K;
+      const float* srow = S + (n / bo) * nbi;
+      for (int64_t m = 0; m < M; ++m) tot[m] = _mm256_setzero_ps(), tail[m] = 0.f;
+      for (int64_t b = 0; b < nbi; ++b) {
+        const int64_t k0 = b * bi, k1 = std::min(K, k0 + bi);
+        for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+        int64_t k = k0;
+        for (; k + 16 <= k1; k += 16) {
+          __m256 lo, hi;
+          fp8x16(w + k, lo, hi);
+          for (int64_t m = 0; m < M; ++m) {
+            const float* x = X + m * K + k;
+            acc[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x), acc[m]);
+            acc[m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + 8), acc[m]);
+          }
+        }
+        const float s = srow[b] * 256.f;
+        const __m256 sv = _mm256_set1_ps(s);
+        for (int64_t m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(acc[m], sv, tot[m]);
+        for (; k < k1; ++k) {  // a block's last K % 16 weights
+          const float wv = fp8_scalar(w[k]) * srow[b];
+          for (int64_t m = 0; m < M; ++m) tail[m] += wv * X[m * K + k];
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) Y[m * N + n] = static_cast<T>(hsum(tot[m]) + tail[m]);
+    }
+  });
+}
+
+template <typename T>
+void dequant_impl(const uint8_t* W, const float* S, T* O, int64_t N, int64_t K, int64_t bo,
+                  int64_t bi) {
+  const int64_t nbi = (K + bi - 1) / bi;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    alignas(32) float buf[16];
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* w = W + n * K;
+      T* o = O + n * K;
+      const float* srow = S + (n / bo) * nbi;
+      for (int64_t b = 0; b < nbi; ++b) {
+        const int64_t k0 = b * bi, k1 = std::min(K, k0 + bi);
+        const __m256 sv = _mm256_set1_ps(srow[b] * 256.f);
+        int64_t k = k0;
+        for (; k + 16 <= k1; k += 16) {
+          __m256 lo, hi;
+          fp8x16(w + k, lo, hi);
+          _mm256_store_ps(buf, _mm256_mul_ps(lo, sv));
+          _mm256_store_ps(buf + 8, _mm256_mul_ps(hi, sv));
+          for (int j = 0; j < 16; ++j) o[k + j] = static_cast<T>(buf[j]);
+        }
+        for (; k < k1; ++k) o[k] = static_cast<T>(fp8_scalar(w[k]) * srow[b]);
+      }
+    }
+  });
+}
+
+void check(const torch::Tensor& w, const torch::Tensor& scale, int64_t bo, int64_t bi) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.element_size() == 1, "w: [N, K] fp8");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous(), "scale: fp32");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == (w.size(0) + bo - 1) / bo &&
+                  scale.size(1) == (w.size(1) + bi - 1) / bi,
+              "scale: [ceil(N/bo), ceil(K/bi)]");
+}
+
+}  // namespace
+
+torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t bo,
+                         int64_t bi) {
+  check(w, scale, bo, bi);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1) && x.size(0) <= kMaxRows, "x: [M<=16, K]");
+  const auto xf = x.to(torch::kFloat32).contiguous();
+  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  const auto* W = reinterpret_cast<const uint8_t*>(w.data_ptr());
+  if (x.scalar_type() == torch::kBFloat16) {
+    linear_impl(xf.data_ptr<float>(), W, scale.data_ptr<float>(), y.data_ptr<at::BFloat16>(),
+                x.size(0), w.size(0), w.size(1), bo, bi);
+  } else if (x.scalar_type() == torch::kFloat32) {
+    linear_impl(xf.data_ptr<float>(), W, scale.data_ptr<float>(), y.data_ptr<float>(), x.size(0),
+                w.size(0), w.size(1), bo, bi);
+  } else {
+    TORCH_CHECK(false, "fp8_linear: x must be bf16 or fp32");
+  }
+  return y;
+}
+
+void fp8_dequant(torch::Tensor w, torch::Tensor scale, torch::Tensor out, int64_t bo, int64_t bi) {
+  check(w, scale, bo, bi);
+  TORCH_CHECK(out.sizes() == w.sizes() && out.is_contiguous(), "out: [N, K] contiguous");
+  const auto* W = reinterpret_cast<const uint8_t*>(w.data_ptr());
+  if (out.scalar_type() == torch::kBFloat16) {
+    dequant_impl(W, scale.data_ptr<float>(), out.data_ptr<at::BFloat16>(), w.size(0), w.size(1),
+                 bo, bi);
+  } else if (out.scalar_type() == torch::kFloat32) {
+    dequant_impl(W, scale.data_ptr<float>(), out.data_ptr<float>(), w.size(0), w.size(1), bo, bi);
+  } else {
+    TORCH_CHECK(false, "fp8_dequant: out must be bf16 or fp32");
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fp8_linear", &fp8_linear, "x [M, K] @ dequant(w [N, K] fp8, block scales)^T");
+  m.def("fp8_dequant", &fp8_dequant, "dequantise block-FP8 w into out");
+}

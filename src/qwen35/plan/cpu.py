@@ -1,0 +1,70 @@
+"""`qwen35 plan --dtype int8 | int4`: weight-only CPU formats, which the GPU planner does not
+serve. Per model: the bytes the engine holds (text model, as it loads) in BF16 and in the chosen
+format, and the bytes one batch-1 decode step reads (all weights but the embedding rows not
+looked up), from the same byte formulas the quantizing loader is tested against
+(`plan.params.tensor_bytes`). No torch.
+"""
+
+from __future__ import annotations
+
+from qwen35.config import ModelConfig
+from qwen35.plan.params import tensor_bytes, text_tensors, weight_bytes
+
+SCHEMA = "qwen35.plan-cpu/1"
+
+
+def decode_read_bytes(cfg: ModelConfig, dtype: str) -> int:
+    """Weight bytes a batch-1 decode step reads: every text tensor except an untied input
+    embedding (only one row of it is read); MoE reads only the routed top-k experts."""
+    total = 0
+    for t in text_tensors(cfg):
+        if t.embedding:
+            continue
+        b = tensor_bytes(t, dtype)
+        if t.expert and cfg.is_moe:
+            b = b * cfg.num_experts_per_tok // cfg.num_experts
+        total += b
+    return total
+
+
+def cpu_rows(cfgs: list[ModelConfig], dtype: str) -> list[dict]:
+    return [
+        {
+            "name": c.name,
+            "weights_bytes": {
+                "bf16": weight_bytes(c, "bf16", text_only=True),
+                dtype: weight_bytes(c, dtype, text_only=True),
+            },
+            "decode_read_bytes_per_token": {
+                "bf16": decode_read_bytes(c, "bf16"),
+                dtype: decode_read_bytes(c, dtype),
+            },
+        }
+        for c in cfgs
+    ]
+
+
+def render(rows: list[dict], dtype: str, bandwidth_gb_s: float | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"CPU weight-only {dtype}: text model as the engine loads it (GiB = 2^30 B)")
+    cols = ["model", "BF16 GiB", f"{dtype} GiB", "read/token BF16", f"read/token {dtype}"]
+    if bandwidth_gb_s:
+        cols += [f"decode tok/s at {bandwidth_gb_s:g} GB/s (roofline)"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "model" else "right", no_wrap=c == "model")
+    for r in rows:
+        w, rd = r["weights_bytes"], r["decode_read_bytes_per_token"]
+        cells = [r["name"], f"{w['bf16'] / 2**30:.2f}", f"{w[dtype] / 2**30:.2f}"]
+        cells += [f"{rd['bf16'] / 2**30:.2f}", f"{rd[dtype] / 2**30:.2f}"]
+        if bandwidth_gb_s:
+            cells.append(f"{bandwidth_gb_s * 1e9 / rd[dtype]:.1f}")
+        t.add_row(*cells)
+    Console().print(t)
+    print(
+        f"{dtype}: attention / DeltaNet / MLP / expert projections "
+        + ("in int4 (groups of 128, out % 64 == 0; else int8)" if dtype == "int4" else "in int8")
+        + "; embedding and lm_head per-row int8; norms, routers, in_proj_a/b, conv stay BF16. "
+        "Run with `--quantization " + dtype + "`."
+    )

@@ -1,0 +1,179 @@
+"""Which modules are quantized, and swapping them into a model.
+
+- `fp8_rule(cfg)`: the official FP8 releases' rule (plan/params.py: attention q/k/v/o, GDN
+  in_proj_qkv / in_proj_z / out_proj, MLP and expert projections; everything else BF16), less
+  `modules_to_not_convert`. In-memory FP8 and `qwen35 quantize --to fp8` use it, and so does the
+  planner's FP8 figure.
+- `fp8_layout_from_checkpoint`: loading an FP8 checkpoint, the modules stored in FP8 are read
+  from the safetensors headers (a weight in F8_E4M3 or a `*_scale_inv` beside it) and swapped,
+  still on the meta device, for FP8 modules whose parameters carry the checkpoint's names; the
+  strict scan then checks every weight, scale, shape and dtype before any data is read.
+- `quantize_model_(model, fmt)`: after loading, BF16 (or FP8) weights -> fp8 / int8 / int4.
+  int8 / int4 cover the FP8 set plus lm_head and the embedding (per-row int8 in both modes,
+  one shared tensor when tied: the 0.8B's tied head is a third of its bytes); int4 needs
+  out % 64 == 0 and in % 32 == 0 (torch's CPU layout), other matrices get int8
+  (`plan.params.int4_group`, the same rule the planner counts with).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from qwen35.layers.linear import Linear
+from qwen35.layers.moe import Experts
+from qwen35.plan.params import int4_group, text_tensors
+from qwen35.quant.layers import (
+    Fp8Experts,
+    Fp8Linear,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    IntExperts,
+)
+
+FORMATS = ("fp8", "int8", "int4")
+_LAYER = re.compile(r"^model\.layers\.\d+\.")
+
+
+def fp8_rule(cfg) -> set[str]:
+    """Module suffixes inside a decoder layer that the FP8 format quantizes."""
+    out = set()
+    for t in text_tensors(cfg):
+        if not t.fp8:
+            continue
+        suffix = t.name.split("layers.{i}.", 1)[1].removesuffix(".weight")
+        out.add(re.sub(r"\.experts\.\{e\}\..*$", ".experts", suffix))
+    return out
+
+
+def _excluded(name: str, cfg) -> bool:
+    q = cfg.quantization
+    skip = q.modules_to_not_convert if q is not None else ()
+    official = name.replace("model.", "model.language_model.", 1)
+    return any(m and (m in name or m in official) for m in skip)
+
+
+def rule_modules(model: nn.Module, cfg) -> list[str]:
+    """Names of the model's modules that the FP8 rule quantizes."""
+    rule = fp8_rule(cfg)
+    return [
+        n
+        for n, _ in model.named_modules()
+        if _LAYER.match(n) and _LAYER.sub("", n) in rule and not _excluded(n, cfg)
+    ]
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _to_fp8_meta(mod: nn.Module, block) -> nn.Module | None:
+    if isinstance(mod, Experts) and not isinstance(mod, Fp8Experts):
+        E, twoI, H = mod.gate_up_proj.shape
+        return Fp8Experts(E, H, twoI // 2, block, device="meta")
+    if type(mod) is Linear:
+        return Fp8Linear(mod.in_features, mod.out_features, block, device="meta")
+    return None
+
+
+# ---- loading an FP8 checkpoint ----------------------------------------------------------------
+def fp8_layout_from_checkpoint(model: nn.Module, cfg, files) -> list[str]:
+    """Swap (on meta) every module the checkpoint stores in FP8; returns their names."""
+    from qwen35.weights import CheckpointError, _open, map_key
+
+    block = cfg.quantization.weight_block_size
+    names: set[str] = set()
+    fused_scales = []
+    for path in files:
+        with _open(path) as f:
+            for key in f.keys():
+                t = map_key(key)
+                if isinstance(t, str):
+                    continue
+                p = t.param
+                if p.endswith("_scale_inv") or f.get_slice(key).get_dtype() == "F8_E4M3":
+                    base = re.sub(r"(\.weight|\.weight_scale_inv|_scale_inv)$", "", p)
+                    base = re.sub(r"\.experts\.(gate_up_proj|down_proj)$", ".experts", base)
+                    names.add(base)
+                    if p.endswith("experts.gate_up_proj_scale_inv") and t.expert is None:
+                        fused_scales.append(key)
+    if fused_scales and cfg.moe_intermediate_size % block[0]:
+        raise CheckpointError(
+            f"{fused_scales[0]}: fused FP8 experts need moe_intermediate_size "
+            f"({cfg.moe_intermediate_size}) to be a multiple of {block[0]} (gate and up share "
+            "scale blocks otherwise); store the experts per expert"
+        )
+    swapped = []
+    for name in sorted(names):
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            continue  # reported by the scan as unexpected
+        new = _to_fp8_meta(mod, block)
+        if new is not None:
+            _set(model, name, new)
+            swapped.append(name)
+    return swapped
+
+
+# ---- in memory ----------------------------------------------------------------------------------
+def _dense(mod: nn.Module, dtype) -> torch.Tensor:
+    return mod.dequantized(dtype) if hasattr(mod, "dequantized") else mod.weight.detach()
+
+
+def _int_linear(w: torch.Tensor, fmt: str, dtype) -> Linear:
+    g = int4_group(*w.shape) if fmt == "int4" else None
+    return Int4Linear.quantize(w, g, dtype) if g else Int8Linear.quantize(w, dtype)
+
+
+def _int_experts(mod: Experts, fmt: str, dtype) -> IntExperts:
+    if isinstance(mod, Fp8Experts):
+        gu, dn = mod.dequantized(dtype)
+    else:
+        gu, dn = mod.gate_up_proj.detach(), mod.down_proj.detach()
+    I, H = mod.intermediate_size, gu.shape[2]
+    gu_fmt = fmt if int4_group(I, H) else "int8"  # as the planner counts gate and up
+    return IntExperts(
+        [_int_linear(gu[e], gu_fmt, dtype) for e in range(gu.shape[0])],
+        [_int_linear(dn[e], fmt, dtype) for e in range(dn.shape[0])],
+        mod.intermediate_size,
+    )
+
+
+@torch.no_grad()
+def quantize_model_(model: nn.Module, fmt: str, dtype: torch.dtype | None = None) -> None:
+    """Quantize a loaded model in place (before post_load packs the projections)."""
+    if fmt not in FORMATS:
+        from qwen35.errors import Qwen35Error
+
+        raise Qwen35Error(f"unknown quantization {fmt!r}; use one of {', '.join(FORMATS)}")
+    cfg = model.config
+    if fmt == "int4" and model.model.norm.weight.device.type != "cpu":
+        from qwen35.errors import Qwen35Error
+
+        raise Qwen35Error("int4 is a CPU format (torch's CPU int4 kernels); on a GPU use fp8")
+    dtype = dtype or model.model.norm.weight.dtype
+    block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
+    for name in rule_modules(model, cfg):
+        mod = model.get_submodule(name)
+        if fmt == "fp8":
+            if isinstance(mod, Experts) and not isinstance(mod, Fp8Experts):
+                _set(model, name, Fp8Experts.quantize(mod, block))
+            elif type(mod) is Linear:
+                _set(model, name, Fp8Linear.quantize(mod.weight.detach(), block))
+        elif isinstance(mod, Experts):
+            _set(model, name, _int_experts(mod, fmt, dtype))
+        else:
+            _set(model, name, _int_linear(_dense(mod, dtype), fmt, dtype))
+    if fmt in ("int8", "int4"):
+        emb = model.model.embed_tokens
+        tied = model.lm_head.weight is emb.weight
+        head = Int8Linear.quantize(model.lm_head.weight.detach(), dtype)
+        model.lm_head = head
+        src = head if tied else Int8Linear.quantize(emb.weight.detach(), dtype)
+        model.model.embed_tokens = Int8Embedding(src, dtype)
+    model.quantization = fmt

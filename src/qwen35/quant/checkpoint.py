@@ -1,0 +1,247 @@
+"""`qwen35 quantize IN_DIR OUT_DIR --to fp8 | bf16`: write a model directory in the official
+block-FP8 layout, or dequantise one back to BF16.
+
+FP8 output (what vLLM, SGLang and this engine load): the same tensor names; every matrix of the
+FP8 rule (`quant.apply.fp8_rule`, also inside MTP layers) becomes e4m3 with a BF16
+`<name>_scale_inv` ([E, ...] per expert for fused experts, `.weight_scale_inv` otherwise) of
+amax/448 per 128x128 block; everything else is copied unchanged; config.json gains
+`quantization_config`. BF16 output drops the scales and `quantization_config`. Tokenizer,
+chat template, processor and generation files are copied. Shards of at most `shard_bytes` with
+a `model.safetensors.index.json`; everything is written into a temporary directory beside
+OUT_DIR and renamed into place at the end; an existing OUT_DIR is replaced only with `force`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from qwen35.config import ModelConfig
+from qwen35.errors import Qwen35Error
+from qwen35.quant import formats
+from qwen35.quant.apply import fp8_rule
+from qwen35.weights import _ST_DTYPES
+
+QUANT_CONFIG = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
+DEFAULT_SHARD_BYTES = 4 * 2**30
+_LAYER = re.compile(r"^(?:model\.language_model\.|model\.|mtp\.)layers\.\d+\.")
+_EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+
+
+def fp8_target(key: str, rule: set[str]) -> str | None:
+    """'linear' / 'fused' when the FP8 layout stores `key` in FP8, else None."""
+    m = _LAYER.match(key)
+    if not m:
+        return None
+    rest = key[m.end() :]
+    if _FUSED.search("." + rest):
+        return "fused" if "mlp.experts" in rule else None
+    if _EXPERT.search("." + rest):
+        return "linear" if "mlp.experts" in rule else None
+    return "linear" if rest.endswith(".weight") and rest[: -len(".weight")] in rule else None
+
+
+def scale_name(key: str, kind: str) -> str:
+    return (
+        key + "_scale_inv" if kind == "fused" else key.removesuffix(".weight") + ".weight_scale_inv"
+    )
+
+
+def _quantize(key: str, t: torch.Tensor, kind: str, cfg: ModelConfig):
+    if kind == "linear":
+        return formats.quantize_fp8_blocks(t)
+    if key.endswith("gate_up_proj") and cfg.moe_intermediate_size % formats.BLOCK:
+        raise Qwen35Error(
+            f"{key}: fused experts with moe_intermediate_size {cfg.moe_intermediate_size} "
+            f"(not a multiple of {formats.BLOCK}) cannot share FP8 blocks between gate and up"
+        )
+    qs = [formats.quantize_fp8_blocks(t[e]) for e in range(t.shape[0])]
+    return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+
+
+def _convert(files: list[Path], cfg: ModelConfig, to: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    rule = fp8_rule(cfg)
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            for key in keys:
+                if key.endswith("_scale_inv"):
+                    continue  # written with (or folded into) its weight
+                t = f.get_tensor(key)
+                scale = next(
+                    (n for n in (key + "_scale_inv", scale_name(key, "linear")) if n in keys), None
+                )
+                if t.dtype == formats.FP8_DTYPE:
+                    if scale is None:
+                        raise Qwen35Error(f"{path.name}: {key} is FP8 but has no scale beside it")
+                    s = f.get_tensor(scale)
+                    if to == "fp8":
+                        yield key, t
+                        yield scale, s
+                        continue
+                    if t.dim() == 3:
+                        t = torch.stack(
+                            [formats.dequantize_fp8_blocks(t[e], s[e]) for e in range(len(t))]
+                        )
+                    else:
+                        t = formats.dequantize_fp8_blocks(t, s)
+                    yield key, t
+                    continue
+                kind = fp8_target(key, rule) if to == "fp8" else None
+                if kind is None:
+                    yield key, t
+                    continue
+                q, s = _quantize(key, t, kind, cfg)
+                yield key, q
+                yield scale_name(key, kind), s
+
+
+def _config(src: Path, to: str) -> dict:
+    raw = json.loads((src / "config.json").read_text())
+    for d in (raw, raw.get("text_config") or {}):
+        d.pop("quantization_config", None)
+    if to == "fp8":
+        raw["quantization_config"] = dict(QUANT_CONFIG)
+    return raw
+
+
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    to: str = "fp8",
+    force: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = False,
+) -> Path:
+    from safetensors.torch import save_file
+
+    from qwen35.weights import checkpoint_files
+
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if to not in ("fp8", "bf16"):
+        raise Qwen35Error(f"--to must be fp8 or bf16, got {to!r}")
+    if not (src / "config.json").is_file():
+        raise Qwen35Error(f"{src} has no config.json: pass a model directory")
+    if dst.exists() and not force:
+        raise Qwen35Error(f"{dst} exists; pass --force to replace it")
+    if dst.resolve() == src.resolve():
+        raise Qwen35Error("OUT_DIR must differ from IN_DIR")
+    cfg = ModelConfig.from_hf(src)
+    files = checkpoint_files(src)
+    total = _num_weights(files)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        bar = _bar(total, to) if progress else None
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        names: list[str] = []
+        for key, t in _convert(files, cfg, to):
+            t = t.contiguous()
+            nbytes = t.numel() * t.element_size()
+            if size and size + nbytes > shard_bytes:
+                names.append(_write(shards[-1], tmp, len(names), save_file))
+                shards.append({})
+                size = 0
+            shards[-1][key] = t
+            size += nbytes
+            if bar is not None and not key.endswith("_scale_inv"):
+                bar[0].update(bar[1], advance=1)
+        names.append(_write(shards[-1], tmp, len(names), save_file))
+        _index(tmp, names)
+        (tmp / "config.json").write_text(json.dumps(_config(src, to), indent=2) + "\n")
+        for p in src.iterdir():  # tokenizer, chat template, processor, generation config ...
+            if (
+                p.is_file()
+                and p.suffix != ".safetensors"
+                and p.name
+                not in (
+                    "config.json",
+                    "model.safetensors.index.json",
+                )
+            ):
+                shutil.copy2(p, tmp / p.name)
+        if bar is not None:
+            bar[0].stop()
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{tmp.name[-8:]}")
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _write(tensors: dict, tmp: Path, i: int, save_file) -> str:
+    name = f"part-{i:05d}.safetensors"  # renamed model-XXXXX-of-NNNNN once N is known
+    save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+    tensors.clear()
+    return name
+
+
+def _index(tmp: Path, parts: list[str]) -> None:
+    from safetensors import safe_open
+
+    n = len(parts)
+    weight_map, total = {}, 0
+    for i, part in enumerate(parts):
+        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        (tmp / part).rename(tmp / final)
+        with safe_open(str(tmp / final), framework="pt") as f:
+            for k in f.keys():
+                weight_map[k] = final
+                t = f.get_slice(k)
+                total += math.prod(t.get_shape()) * _ST_DTYPES[t.get_dtype()].itemsize
+    doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _num_weights(files: list[Path]) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            n += sum(not k.endswith("_scale_inv") for k in f.keys())
+    return n
+
+
+def _bar(total: int, to: str):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    p = Progress(
+        TextColumn(f"writing {to}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    p.start()
+    return p, p.add_task(to, total=total)

@@ -1,0 +1,91 @@
+"""The quantized weight formats as plain PyTorch: quantize and dequantize, the references every
+fast path is tested against.
+
+- block FP8 (the official Qwen releases): e4m3 weights, one scale per 128x128 block,
+  `weight_scale_inv` [ceil(out/128), ceil(in/128)] = amax(block) / 448, W = q * scale;
+- int8 weight-only: symmetric per output channel, scale = amax(row) / 127, W = q * scale;
+- int4 weight-only: asymmetric per output channel and group of `group` inputs (torch's CPU
+  int4 layout): W = (q - 8) * scale + zero with q in [0, 15].
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3 value
+BLOCK = 128
+
+
+def _blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    """w [out, in] zero-padded to whole blocks, viewed [nbo, bo, nbi, bi]."""
+    out, inp = w.shape
+    bo, bi = block
+    nbo, nbi = -(-out // bo), -(-inp // bi)
+    pad = torch.zeros(nbo * bo, nbi * bi, dtype=torch.float32, device=w.device)
+    pad[:out, :inp] = w
+    return pad.view(nbo, bo, nbi, bi), nbo, nbi
+
+
+def quantize_fp8_blocks(
+    w: torch.Tensor, block: tuple[int, int] = (BLOCK, BLOCK), scale_dtype=torch.bfloat16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (q [out, in] float8_e4m3fn, scale_inv [ceil(out/bo), ceil(in/bi)]).
+
+    scale = amax(|block|) / 448, rounded to scale_dtype first so that q is computed against the
+    scale that is stored (dequantising gives the closest values the stored scale allows)."""
+    out, inp = w.shape
+    b, nbo, nbi = _blocks(w.float(), block)
+    amax = b.abs().amax(dim=(1, 3))  # [nbo, nbi]
+    scale = (amax / FP8_MAX).clamp(min=1e-12).to(scale_dtype)
+    q = (b / scale.float()[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    q = q.view(nbo * block[0], nbi * block[1])[:out, :inp].to(FP8_DTYPE)
+    return q.contiguous(), scale
+
+
+def expand_block_scales(scale: torch.Tensor, shape, block=(BLOCK, BLOCK)) -> torch.Tensor:
+    """scale [nbo, nbi] -> [out, in] fp32 (each block's scale repeated over the block)."""
+    out, inp = shape
+    s = scale.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return s[:out, :inp]
+
+
+def dequantize_fp8_blocks(
+    q: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16, block=(BLOCK, BLOCK)
+) -> torch.Tensor:
+    """q [out, in] fp8, scale_inv [nbo, nbi] -> W [out, in] in dtype (product in fp32)."""
+    return (q.float() * expand_block_scales(scale, q.shape, block)).to(dtype)
+
+
+def quantize_int8_rows(w: torch.Tensor, scale_dtype=torch.bfloat16):
+    """w [out, in] -> (q [out, in] int8, scale [out]); symmetric, amax / 127 per row."""
+    w32 = w.float()
+    scale = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(scale_dtype)
+    q = torch.round(w32 / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16):
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def quantize_int4_groups(w: torch.Tensor, group: int, dtype=torch.bfloat16):
+    """w [out, in] -> (q [out, in] int32 in [0, 15], scales_and_zeros [in/group, out, 2]).
+
+    Asymmetric min/max per (row, group) in torch's CPU int4 convention:
+    W = (q - 8) * scale + zero, i.e. zero = min + 8 * scale."""
+    out, inp = w.shape
+    g = w.float().view(out, inp // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)  # [out, ngroups]
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12).to(dtype).float()
+    zero = (lo + 8 * scale).to(dtype).float()
+    q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)  # [ng, out, 2]
+    return q.view(out, inp).to(torch.int32), sz
+
+
+def dequantize_int4_groups(q: torch.Tensor, sz: torch.Tensor, group: int, dtype=torch.bfloat16):
+    """q [out, in] int32 in [0, 15], scales_and_zeros [in/group, out, 2] -> W [out, in]."""
+    s = sz[..., 0].float().t().repeat_interleave(group, 1)  # [out, in]
+    z = sz[..., 1].float().t().repeat_interleave(group, 1)
+    return ((q.float() - 8) * s + z).to(dtype)

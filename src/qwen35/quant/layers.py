@@ -1,0 +1,212 @@
+"""Quantized stand-ins for `Linear`, `Embedding` and MoE `Experts`.
+
+Each subclasses the module it replaces, so packing, `isinstance` checks and the model's forward
+need no changes; only the parameters and the matmul differ. Storage parameters carry
+`keep_dtype = True`, which tells the loader's `materialize` not to cast them to the model dtype.
+
+FP8 parameter names are the official checkpoints' (`weight` e4m3 + `weight_scale_inv`; fused
+experts `gate_up_proj` + `gate_up_proj_scale_inv`), so the loader fills them by name. Scales
+are kept in fp32 (what the kernels read; 2 extra bytes per 16,384 weights).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen35.layers.linear import Linear
+from qwen35.layers.moe import Experts
+from qwen35.quant import formats, matmul
+from qwen35.quant.formats import FP8_DTYPE
+
+
+def qparam(t: torch.Tensor) -> nn.Parameter:
+    p = nn.Parameter(t, requires_grad=False)
+    p.keep_dtype = True  # loader.materialize: allocate in this dtype, not the model's
+    return p
+
+
+def nblocks(n: int, b: int) -> int:
+    return -(-n // b)
+
+
+class Fp8Linear(Linear):
+    """weight [out, in] e4m3, weight_scale_inv [ceil(out/bo), ceil(in/bi)] fp32."""
+
+    def __init__(self, in_features: int, out_features: int, block=(128, 128), device=None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.block = in_features, out_features, tuple(block)
+        self.weight = qparam(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device))
+        nb = (nblocks(out_features, block[0]), nblocks(in_features, block[1]))
+        self.weight_scale_inv = qparam(torch.empty(nb, dtype=torch.float32, device=device))
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, block=(128, 128)) -> Fp8Linear:
+        m = cls(w.shape[1], w.shape[0], block, device=w.device)
+        q, s = formats.quantize_fp8_blocks(w, block)
+        m.weight.data, m.weight_scale_inv.data = q, s.float()
+        return m
+
+    def dequantized(self, dtype) -> torch.Tensor:
+        return formats.dequantize_fp8_blocks(self.weight, self.weight_scale_inv, dtype, self.block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul.fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, fp8 blocks {self.block}"
+
+
+class Int8Linear(Linear):
+    """weight [out, in] int8, weight_scale [out] in the compute dtype (symmetric per row)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = q.shape
+        self.weight, self.weight_scale = qparam(q), qparam(scale)
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, dtype) -> Int8Linear:
+        return cls(*formats.quantize_int8_rows(w, dtype))
+
+    def dequantized(self, dtype) -> torch.Tensor:
+        return formats.dequantize_int8_rows(self.weight, self.weight_scale, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul.int8_linear(x, self.weight, self.weight_scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, int8"
+
+
+class Int4Linear(Linear):
+    """weight [out, in/2] uint8 in torch's CPU int4 layout, scales_and_zeros [in/g, out, 2]."""
+
+    def __init__(self, packed: torch.Tensor, sz: torch.Tensor, group: int, out_features: int):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features, self.group = out_features, packed.shape[1] * 2, group
+        self.weight, self.scales_and_zeros = qparam(packed), qparam(sz)
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, group: int, dtype) -> Int4Linear:
+        q, sz = formats.quantize_int4_groups(w, group, dtype)
+        return cls(matmul.pack_int4(q), sz, group, w.shape[0])
+
+    def dequantized(self, dtype) -> torch.Tensor:
+        q = matmul.unpack_int4(self.weight, self.out_features, self.in_features)
+        return formats.dequantize_int4_groups(q, self.scales_and_zeros, self.group, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sz = self.scales_and_zeros
+        sz = sz if sz.is_contiguous() else sz.contiguous()  # a row view of a packed group's
+        return matmul.int4_linear(x, self.weight, sz, self.group, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, int4 groups of {self.group}"
+
+
+class Int8Embedding(nn.Module):
+    """Rows of an int8 [V, H] matrix with per-row scales (shared with an Int8Linear lm_head
+    when the embeddings are tied): each looked-up row is dequantised."""
+
+    def __init__(self, head: Int8Linear, dtype: torch.dtype):
+        super().__init__()
+        self.weight, self.weight_scale, self.dtype = head.weight, head.weight_scale, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
+        rows = F.embedding(ids, self.weight)  # [T, H] int8
+        return rows.to(self.dtype) * self.weight_scale[ids][:, None].to(self.dtype)
+
+
+class Fp8Experts(Experts):
+    """gate_up_proj [E, 2I, H] e4m3 with scales [E, 2 ceil(I/bo), ceil(H/bi)] (gate blocks, then
+    up blocks: the per-expert checkpoint layout); down_proj [E, H, I] with [E, ceil(H/bo),
+    ceil(I/bi)]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, block, device):
+        nn.Module.__init__(self)
+        E, H, I = num_experts, hidden_size, intermediate_size
+        self.num_experts, self.intermediate_size, self.block = E, I, tuple(block)
+        bo, bi = block
+        self.gate_up_proj = qparam(torch.empty(E, 2 * I, H, dtype=FP8_DTYPE, device=device))
+        self.gate_up_proj_scale_inv = qparam(
+            torch.empty(E, 2 * nblocks(I, bo), nblocks(H, bi), device=device)
+        )
+        self.down_proj = qparam(torch.empty(E, H, I, dtype=FP8_DTYPE, device=device))
+        self.down_proj_scale_inv = qparam(
+            torch.empty(E, nblocks(H, bo), nblocks(I, bi), device=device)
+        )
+
+    @classmethod
+    def quantize(cls, ex: Experts, block=(128, 128)) -> Fp8Experts:
+        E, twoI, H = ex.gate_up_proj.shape
+        I = twoI // 2
+        m = cls(E, H, I, block, device=ex.gate_up_proj.device)
+        for e in range(E):
+            for half in (0, 1):
+                q, s = formats.quantize_fp8_blocks(
+                    ex.gate_up_proj[e, half * I : (half + 1) * I], block
+                )
+                nb = s.shape[0]
+                m.gate_up_proj.data[e, half * I : (half + 1) * I] = q
+                m.gate_up_proj_scale_inv.data[e, half * nb : (half + 1) * nb] = s.float()
+            q, s = formats.quantize_fp8_blocks(ex.down_proj[e], block)
+            m.down_proj.data[e], m.down_proj_scale_inv.data[e] = q, s.float()
+        return m
+
+    def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        I, (bo, _) = self.intermediate_size, self.block
+        w, s = self.gate_up_proj[e], self.gate_up_proj_scale_inv[e]
+        if I % bo == 0:  # gate and up blocks tile [2I, H] evenly: one call
+            return matmul.fp8_linear(x, w, s, self.block)
+        nb = s.shape[0] // 2
+        return torch.cat(
+            [
+                matmul.fp8_linear(x, w[:I], s[:nb].contiguous(), self.block),
+                matmul.fp8_linear(x, w[I:], s[nb:].contiguous(), self.block),
+            ],
+            dim=-1,
+        )
+
+    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
+        return matmul.fp8_linear(h, self.down_proj[e], self.down_proj_scale_inv[e], self.block)
+
+    def dequantized(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [E, 2I, H], down [E, H, I]) in dtype."""
+        I, E = self.intermediate_size, self.num_experts
+        gu, dn = [], []
+        for e in range(E):
+            s = self.gate_up_proj_scale_inv[e]
+            nb = s.shape[0] // 2
+            w = self.gate_up_proj[e]
+            gu.append(
+                torch.cat(
+                    [
+                        formats.dequantize_fp8_blocks(w[:I], s[:nb], dtype, self.block),
+                        formats.dequantize_fp8_blocks(w[I:], s[nb:], dtype, self.block),
+                    ]
+                )
+            )
+            dn.append(
+                formats.dequantize_fp8_blocks(
+                    self.down_proj[e], self.down_proj_scale_inv[e], dtype, self.block
+                )
+            )
+        return torch.stack(gu), torch.stack(dn)
+
+
+class IntExperts(Experts):
+    """Routed experts as one Int8Linear / Int4Linear per expert and projection."""
+
+    def __init__(self, gate_up: list[Linear], down: list[Linear], intermediate_size: int):
+        nn.Module.__init__(self)
+        self.num_experts, self.intermediate_size = len(gate_up), intermediate_size
+        self.gate_up_q = nn.ModuleList(gate_up)
+        self.down_q = nn.ModuleList(down)
+
+    def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return self.gate_up_q[e](x)
+
+    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
+        return self.down_q[e](h)

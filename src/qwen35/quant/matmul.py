@@ -1,0 +1,115 @@
+"""x @ W^T for quantized weights, one function per format, choosing the path by rows and device.
+
+CPU (measured with `qwen35 bench --workload quant` and `bench/quant_linear.py`):
+- few rows (decode): a kernel that reads the quantized bytes directly - torch's
+  `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` for int8 / int4, our `fp8_linear` for
+  FP8; memory-bound, so 1 or 0.5 byte per weight instead of 2;
+- many rows (prefill): the packed-weight kernels run at a fraction of a GEMM's FLOP/s, so the
+  weight is dequantised into one reused buffer and a regular GEMM runs on it (the buffer
+  costs one layer's largest matrix, never a copy of the model).
+GPU: block-FP8 GEMMs in `fp8_gpu` (int8 / int4 are CPU formats and dequantise there).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qwen35.quant import formats
+
+# bench/quant_linear.py, 3584 x 1024, 2 threads: int8 kernel 0.10 / 0.78 ms at 1 / 16 rows vs
+# dequant + GEMM 0.76 / 1.05; int4 kernel 2.7 ms at 64 rows vs 27 ms for our PyTorch unpack
+INT8_MAX_ROWS = 16
+INT4_MAX_ROWS = 1 << 30  # the int4 kernel at every size: unpacking in PyTorch is slower still
+
+_scratch: dict[tuple, torch.Tensor] = {}
+
+
+def scratch(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused [out, in] buffer for dequantised weights: one per dtype and device, grown to the
+    largest matrix seen. Safe because each use is consumed by the GEMM right after it."""
+    n = shape[0] * shape[1]
+    key = (dtype, device)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _scratch[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block) -> torch.Tensor:
+    """x [..., K] @ dequant(w [N, K] e4m3, scale [nbo, nbi] fp32)^T -> [..., N] in x.dtype."""
+    if x.is_cuda:
+        from qwen35.quant.fp8_gpu import fp8_linear_gpu
+
+        return fp8_linear_gpu(x, w, scale, block)
+    x2 = _rows(x)
+    from qwen35.kernels import fp8 as kern
+
+    mod = kern.load()
+    if (
+        mod is not None
+        and x2.shape[0] <= kern.MAX_ROWS
+        and x.dtype in (torch.bfloat16, torch.float32)
+    ):
+        y = mod.fp8_linear(x2.contiguous(), w, scale, block[0], block[1])
+    else:
+        buf = scratch(tuple(w.shape), x.dtype, x.device)
+        if mod is not None and x.dtype in (torch.bfloat16, torch.float32):
+            mod.fp8_dequant(w, scale, buf, block[0], block[1])
+        else:
+            buf.copy_(formats.dequantize_fp8_blocks(w, scale, x.dtype, block))
+        y = F.linear(x2, buf)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def int8_ok(k: int) -> bool:
+    """`_weight_int8pack_mm` needs K % 16 == 0 (wrong results otherwise, seen with K = 72)."""
+    return k % 16 == 0
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (q [N, K] int8 * scale [N])^T."""
+    x2 = _rows(x)
+    if x.is_cpu and x2.shape[0] <= INT8_MAX_ROWS and int8_ok(q.shape[1]):
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)
+    else:
+        buf = scratch(tuple(q.shape), x.dtype, x.device)
+        torch.mul(q, scale[:, None], out=buf)  # [N, K] in x.dtype
+        y = F.linear(x2, buf)
+    return y.view(*x.shape[:-1], q.shape[0])
+
+
+def int4_linear(
+    x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, n: int
+) -> torch.Tensor:
+    """x [..., K] @ W^T with W in torch's packed CPU int4 layout ([n, K/2] uint8, groups of
+    `group` inputs, scales_and_zeros [K/group, n, 2])."""
+    x2 = _rows(x)
+    if x2.shape[0] <= INT4_MAX_ROWS:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
+    else:
+        k = packed.shape[1] * 2
+        buf = scratch((n, k), x.dtype, x.device)
+        buf.copy_(formats.dequantize_int4_groups(unpack_int4(packed, n, k), sz, group, x.dtype))
+        y = F.linear(x2, buf)
+    return y.view(*x.shape[:-1], n)
+
+
+INT4_ROW_BLOCK = 64  # torch's CPU int4 packing interleaves rows in blocks of 64
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] int32 in [0, 15] (N % 64 == 0) -> torch's CPU int4 layout [N, K/2] uint8."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The inverse of pack_int4 for N % 64 == 0: per block of 64 rows the bytes are K-major,
+    row d in the low nibble and row d + 32 in the high one. -> [N, K] int32."""
+    b = packed.reshape(n // INT4_ROW_BLOCK, k, INT4_ROW_BLOCK // 2).to(torch.int32)
+    lo, hi = (b & 15).transpose(1, 2), (b >> 4).transpose(1, 2)  # [nb, 32, K] each
+    return torch.cat([lo, hi], dim=1).reshape(n, k)

@@ -1,0 +1,125 @@
+"""Weight-only int8 / int4 and the FP8 CPU kernel: kernels against their PyTorch references,
+models close to BF16 (documented tolerance), batched == alone, memory == the planner's formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen35.kernels import fp8 as fp8_kernel
+from qwen35.loader import load_model
+from qwen35.plan.params import weight_bytes
+from qwen35.quant import formats, matmul
+from qwen35.quant.layers import Int4Linear, Int8Linear
+from tiny import save_checkpoint
+
+# sizes where int4 applies (out % 64 == 0) beside ones where it falls back to int8
+DENSE = dict(moe=False, intermediate_size=128)
+MOE = dict(moe=True, moe_intermediate_size=64)
+# documented in the README: cosine similarity of logits rows with the BF16 model, mean and worst
+# row (a MoE row whose top-k routing flips on a near tie is the worst)
+COSINE = {"int8": (0.999, 0.99), "int4": (0.98, 0.9)}
+
+
+@pytest.mark.parametrize("M", [1, 3, 16, 17])
+@pytest.mark.parametrize("N,K", [(200, 333), (64, 64), (384, 1024)])
+def test_fp8_linear_matches_reference(M, N, K):
+    g = torch.Generator().manual_seed(N + K)
+    q, s = formats.quantize_fp8_blocks(torch.randn(N, K, generator=g) * 0.05)
+    x = torch.randn(M, K, generator=g)
+    ref = x @ formats.dequantize_fp8_blocks(q, s, torch.float32).T
+    y = matmul.fp8_linear(x, q, s.float(), (128, 128))
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    yb = matmul.fp8_linear(x.bfloat16(), q, s.float(), (128, 128))
+    torch.testing.assert_close(yb.float(), ref, atol=3e-2, rtol=2e-2)
+
+
+def test_fp8_kernel_decodes_every_byte_exactly():
+    mod = fp8_kernel.load()
+    if mod is None:
+        pytest.skip("no compiler / AVX2+F16C here: the PyTorch path runs instead")
+    b = torch.arange(256, dtype=torch.uint8)
+    b = b[(b & 0x7F) != 0x7F]  # e4m3fn's NaN bytes
+    q = b.view(torch.float8_e4m3fn)[None].contiguous()
+    out = torch.empty(1, q.shape[1])
+    mod.fp8_dequant(q, torch.ones(1, 2), out, 128, 128)
+    assert torch.equal(out[0], q[0].float())
+
+
+def test_int4_unpack_inverts_torch_packing():
+    q = torch.randint(0, 16, (128, 96), dtype=torch.int32)
+    assert torch.equal(matmul.unpack_int4(matmul.pack_int4(q), 128, 96), q)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("M", [1, 4, 40])
+def test_int_linear_matches_reference(fmt, M):
+    g = torch.Generator().manual_seed(M)
+    w = (torch.randn(128, 256, generator=g) * 0.05).bfloat16()
+    lin = (
+        Int8Linear.quantize(w, torch.bfloat16)
+        if fmt == "int8"
+        else Int4Linear.quantize(w, 128, torch.bfloat16)
+    )
+    x = torch.randn(M, 256, generator=g).bfloat16()
+    ref = x.float() @ lin.dequantized(torch.float32).T
+    torch.testing.assert_close(lin(x).float(), ref, atol=5e-2, rtol=2e-2)
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def ckpt(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    save_checkpoint(d, dtype=torch.bfloat16, **(DENSE if request.param == "dense" else MOE))
+    return d
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_int_model_close_to_bf16_and_planner_bytes(ckpt, fmt):
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(1))
+    ref = load_model(ckpt, dtype="bf16")(ids).flatten(0, 1)
+    m = load_model(ckpt, dtype="bf16", quantization=fmt)
+    assert any(isinstance(x, Int4Linear if fmt == "int4" else Int8Linear) for x in m.modules())
+    out = m(ids).flatten(0, 1)
+    cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
+    assert cos.mean().item() > COSINE[fmt][0] and cos.min().item() > COSINE[fmt][1]
+    got = sum(p.numel() * p.element_size() for p in m.parameters())
+    want = weight_bytes(m.config, fmt, text_only=True)
+    assert abs(got - want) / want < 0.01
+
+
+@pytest.mark.parametrize("fmt", ["int8", pytest.param("int4", marks=pytest.mark.slow)])
+def test_int_batched_equals_alone(ckpt, fmt):
+    from qwen35 import LLM, SamplingParams
+
+    llm = LLM(
+        str(ckpt),
+        dtype="fp32",  # bf16 rounding differs between GEMM shapes; fp32 pins the tokens
+        quantization=fmt,
+        max_num_seqs=4,
+        verbose=False,
+        max_memory="256MiB",
+    )
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [[5, 17, 42, 7, 99, 3], [200, 1, 2], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11]]
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+    alone = [llm.generate([p], sp)[0].outputs[0].token_ids for p in prompts]
+    assert together == alone
+
+
+@pytest.mark.slow
+def test_plan_cpu_rows_equal_engine_bytes(ckpt, tmp_path):
+    """`qwen35 plan --dtype int8|int4 --json` gives the bytes the quantizing loader holds."""
+    import json
+    import subprocess
+    import sys
+
+    for fmt in ("int8", "int4"):
+        out = subprocess.run(
+            [sys.executable, "-m", "qwen35.cli", "plan", "-m", str(ckpt), "--dtype", fmt,
+             "--json"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        planned = json.loads(out.stdout)["models"][0]["weights_bytes"][fmt]
+        m = load_model(ckpt, dtype="bf16", quantization=fmt)
+        got = sum(p.numel() * p.element_size() for p in m.parameters())
+        assert abs(got - planned) / planned < 0.01
