@@ -216,7 +216,10 @@ def test_checkpoint_template_keeps_its_thinking_default(tmp_path):
     save_checkpoint(tmp_path, moe=False, layout="vlm")
     fixture = Path(__file__).parent / "fixtures" / "qwen3_5_chat_template.jinja"  # thinks
     shutil.copy(fixture, tmp_path / "chat_template.jinja")
-    llm = LLM(str(tmp_path), dtype="fp32", verbose=False, max_model_len=64, max_memory="64MiB")
+    llm = LLM(
+        str(tmp_path), dtype="fp32", verbose=False, max_model_len=64, max_memory="64MiB",
+        text_only=True,  # no vision encoder: image parts are refused
+    )  # fmt: skip
     assert default_thinking_for(llm.engine.config) is False  # tiny: sized like the 0.8B
     assert llm.engine.default_thinking is True  # but its template says otherwise
     user = [{"role": "user", "content": "hi"}]

@@ -21,7 +21,7 @@ from server_fakes import USER, ServerThread, assert_recovered, idle_stats
 def real(tmp_path_factory):
     from server_fakes import build_tiny_engine
 
-    engine = build_tiny_engine(tmp_path_factory.mktemp("tiny-robust"), max_num_seqs=8)
+    engine = build_tiny_engine(tmp_path_factory.mktemp("tiny-robust"), max_num_seqs=8, text_only=True)
     srv = ServerThread(create_app(engine, ServerConfig(served_model_name="tiny")))
     yield srv, engine
     srv.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from qwen35.chat_format import ChatTemplate, default_thinking_for
+from qwen35.chat_format import ChatTemplate, check_text_only, default_thinking_for
 from qwen35.devices import resolve_dtype
 from qwen35.engine.cache_sizing import CachePlan, measure_working_memory, plan_caches
 from qwen35.engine.config import EngineConfig
@@ -621,6 +621,8 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs):
         """Messages may carry image / video parts (OpenAI `image_url`, vLLM `video_url`)."""
+        if not self.engine.has_vision:
+            check_text_only(messages)  # names the part; the engine would refuse it later anyway
         messages, media = extract_media(messages)
         prompt = self.engine.chat_template.render(
             messages, add_generation_prompt=True, **template_kwargs

@@ -17,7 +17,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from qwen35.chat_format import ChatFormatError, prompt_thinking_enabled
+from qwen35.chat_format import ChatFormatError, check_text_only, prompt_thinking_enabled
 from qwen35.multimodal.chat import extract_media
 from qwen35.multimodal.sizing import MediaError
 from qwen35.request import SamplingParamsError
@@ -85,6 +85,11 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
     for reserved in ("messages", "tools", "add_generation_prompt"):
         kwargs.pop(reserved, None)
     messages = [m.model_dump(exclude_unset=True) for m in req.messages]
+    if not getattr(engine, "has_vision", False):
+        try:  # names the first image / video part (messages[i].content[j])
+            check_text_only(messages)
+        except ChatFormatError as e:
+            raise APIError(f"invalid messages: {e}", param=e.param) from None
     try:
         messages, media = extract_media(messages)
     except MediaError as e:
