@@ -10,6 +10,7 @@ import concurrent.futures
 import itertools
 import json
 import re
+import threading
 
 import httpx
 import jsonschema
@@ -335,14 +336,24 @@ def test_bad_constraints_are_400_and_the_server_keeps_serving(server):
         assert r.status_code == 400, (body, r.text)
         err = r.json()["error"]
         assert err["param"] == param and needle in err["message"], (body, err)
-    old = engine.structured.compiler.timeout_s
-    engine.structured.compiler.timeout_s = 1e-6  # every new compile "times out"
+    compiler = engine.structured.compiler
+    release = threading.Event()
+    real_compile = compiler._compile
+
+    def slow_compile(spec, tok):  # a compile that outlasts the timeout, deterministically
+        release.wait(30)
+        return real_compile(spec, tok)
+
+    compiler._compile, old = slow_compile, compiler.timeout_s
+    compiler.timeout_s = 0.2
     try:
         r = httpx.post(srv.url + "/v1/completions", timeout=60, json={
             "model": "tiny", "prompt": "hi", "guided_regex": "[a-z]{1,3}x[0-9]+"})  # fmt: skip
         assert r.status_code == 400 and "longer than" in r.json()["error"]["message"]
     finally:
-        engine.structured.compiler.timeout_s = old
+        release.set()
+        del compiler._compile
+        compiler.timeout_s = old
     r = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=40,
         extra_body={"guided_choice": ["ok", "fine"]},
