@@ -197,3 +197,14 @@ def test_http_fetch_only_from_allowed_domains(tmp_path):
             load_image(url + "/missing.png", ok)
     finally:
         srv.shutdown()
+
+
+def test_an_mp4_video_is_refused_with_what_to_send_instead():
+    import base64
+
+    from qwen35.multimodal.media import MediaError, MediaOptions, load_video
+
+    mp4 = b"\x00\x00\x00\x18ftypmp42" + bytes(64)  # an mp4 header: no decoder for it here
+    url = "data:video/mp4;base64," + base64.b64encode(mp4).decode()
+    with pytest.raises(MediaError, match="mp4 and other containers need a decoder"):
+        load_video(url, MediaOptions())

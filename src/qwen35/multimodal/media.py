@@ -121,7 +121,14 @@ def load_video(source, opts: MediaOptions) -> tuple[list, float | None]:
     if not isinstance(source, str):
         raise MediaError(f"a video must be frames or a URL, not {type(source).__name__}")
     data, what = source_bytes(source, opts)
-    img = _open_bytes(data, what)
+    try:
+        img = _open_bytes(data, what)
+    except MediaError:
+        raise MediaError(
+            f"{what} is not a video this server can decode: videos are accepted as animated GIF / "
+            "WebP / PNG or as lists of frames (mp4 and other containers need a decoder: send "
+            "frames instead)"
+        ) from None
     n = getattr(img, "n_frames", 1)
     if n < 2:
         raise MediaError(
