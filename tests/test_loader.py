@@ -512,3 +512,14 @@ def test_peak_rss_is_model_plus_one_shard(tmp_path):
     shard = max(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
     print(f"peak - baseline {(peak - base) / 2**20:.0f} MiB; model {model_bytes / 2**20:.0f} MiB")
     assert peak - base <= model_bytes + shard
+
+
+def test_engine_with_random_weights_and_no_seed(tmp_path):
+    """`LLMEngine(path, load_format="random")` without a seed loads (seed 0), reproducibly."""
+    from qwen35.engine.llm_engine import LLMEngine
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
+    a = LLMEngine(str(tmp_path), load_format="random", dtype="fp32", verbose=False)
+    b = LLMEngine(str(tmp_path), load_format="random", dtype="fp32", seed=0, verbose=False)
+    for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name

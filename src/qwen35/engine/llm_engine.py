@@ -174,7 +174,7 @@ class LLMEngine:
                 device=self.device,
                 load_format=ec.load.load_format,
                 progress=progress,
-                seed=ec.seed,
+                seed=0 if ec.seed is None else ec.seed,  # random weights: reproducible
                 **kw,
                 vision=False if ec.multimodal.vision_disabled else "auto",
                 quantization=ec.load.quantization,
