@@ -24,10 +24,7 @@ from qwen35.devices import cpu_flags
 
 log = logging.getLogger("qwen35")
 _lock = threading.Lock()
-_module = None
-_tried = False
 
-NAME = "qwen35_cpu_kernels"
 STALE_LOCK_S = 600  # a build lock older than this was left by a process killed mid-build
 FLAGS = ("avx2", "fma")  # the build targets x86-64 with AVX2 + FMA (any CPU of the last decade)
 
@@ -44,42 +41,62 @@ def supported() -> bool:
     return all(f in flags for f in FLAGS)
 
 
+class Native:
+    """One C++ source of this folder, compiled on first use (once per machine and source
+    version: the build directory is named by the source's hash, so two checkouts never rebuild
+    each other's module). `load()` gives the module, or None where it can't be had (switched
+    off, a CPU without `needs`, no compiler); a failed build is logged once."""
+
+    def __init__(self, source: str, cflags: tuple[str, ...], needs: tuple[str, ...] = FLAGS):
+        self.source, self.cflags, self.needs = source, cflags, needs
+        self._module, self._tried = None, False
+
+    def supported(self) -> bool:
+        flags = cpu_flags()
+        return supported() and all(f in flags for f in self.needs)
+
+    def load(self):
+        if switched_off():
+            return None
+        if self._tried:
+            return self._module
+        with _lock:
+            if not self._tried:
+                if self.supported():
+                    try:
+                        self._module = self._build()
+                    except Exception as e:  # no compiler, no ninja, a broken toolchain
+                        log.warning(
+                            "CPU kernel %s unavailable (%s); using PyTorch ops",
+                            self.source,
+                            str(e)[:200],
+                        )
+                self._tried = True
+        return self._module
+
+    def _build(self):
+        from torch.utils.cpp_extension import load as build
+
+        src = Path(__file__).with_name(self.source)
+        name = f"qwen35_{src.stem}_{hashlib.sha256(src.read_bytes()).hexdigest()[:10]}"
+        _clear_stale_lock(name)
+        if not _built(name):
+            log.warning("compiling qwen35's CPU kernel %s (once per machine and version)", src.name)
+        return build(
+            name=name,
+            sources=[str(src)],
+            extra_cflags=["-O3", *self.cflags, "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+
+
+DELTANET = Native("gated_delta_cpu.cpp", ("-mavx2", "-mfma"))
+
+
 def load():
-    """The compiled module, or None where it can't be had. Builds once per process (cached on
-    disk across processes); a failed build is logged once. None while switched off."""
-    global _module, _tried
-    if switched_off():
-        return None
-    if _tried:
-        return _module
-    with _lock:
-        if _tried:
-            return _module
-        if supported():
-            try:
-                _module = _build()
-            except Exception as e:  # no compiler, no ninja, a broken toolchain: fall back
-                log.warning("CPU kernels unavailable (%s); using PyTorch ops", str(e)[:200])
-        _tried = True
-    return _module
-
-
-def _build():
-    from torch.utils.cpp_extension import load as build
-
-    src = Path(__file__).with_name("gated_delta_cpu.cpp")
-    # one build directory per source version: two checkouts never rebuild each other's module
-    name = f"{NAME}_{hashlib.sha256(src.read_bytes()).hexdigest()[:10]}"
-    _clear_stale_lock(name)
-    if not _built(name):
-        log.warning("compiling qwen35's CPU kernels (once per machine and version)")
-    return build(
-        name=name,
-        sources=[str(src)],
-        extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    """The DeltaNet decode module (`deltanet_decode`), or None where it can't be had."""
+    return DELTANET.load()
 
 
 def _clear_stale_lock(name: str) -> None:

@@ -22,11 +22,29 @@ def empty_param(*shape: int, dtype: torch.dtype | None, device: torch.device | s
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+# Rows up to which bf16 CPU matmuls take the GEMV kernel (kernels/gemv_cpu.cpp): it streams the
+# weight once at the memory bandwidth; above, torch's GEMM is compute-bound and faster.
+# (bench/gemv.py on a Zen 4, 2 threads: at 8 rows the kernel is 1.5x torch, at 16 rows 0.9x.)
+GEMV_MAX_ROWS = 8
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ w[out, in]^T."""
+    if (
+        x.dim() == 2
+        and x.shape[0] <= GEMV_MAX_ROWS
+        and x.is_cpu
+        and x.dtype == w.dtype == torch.bfloat16
+        and w.is_contiguous()
+    ):
+        from qwen35.kernels import gemv
+
+        mod = gemv.load()  # None once QWEN35_NO_KERNELS=1 is set, at any time
+        if mod is not None:
+            return mod.linear_bf16(x if x.is_contiguous() else x.contiguous(), w)
     if x.dim() == 2 and x.shape[0] == 1 and x.is_cpu and w.dtype != torch.float32:
-        # one row (batch-1 decode) of bf16/fp16 on a CPU: torch.mv streams the weight
-        # faster than the oneDNN GEMM F.linear takes
+        # one row of bf16/fp16 without the kernel: torch.mv streams the weight faster than
+        # the oneDNN GEMM F.linear takes
         return torch.mv(w, x[0])[None]
     return F.linear(x, w)
 

@@ -1,9 +1,10 @@
 """x @ W^T for quantized weights, one function per format, choosing the path by rows and device.
 
-CPU (measured with `qwen35 bench --workload quant` and `bench/quant_linear.py`):
-- few rows (decode): a kernel that reads the quantized bytes directly - torch's
-  `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` for int8 / int4, our `fp8_linear` for
-  FP8; memory-bound, so 1 or 0.5 byte per weight instead of 2;
+CPU (measured with `bench/gemv.py` and `bench/quant_linear.py`):
+- few rows (decode): a kernel that reads the quantized bytes directly - ours
+  (`kernels/gemv_cpu.cpp`) for int8 and, on AVX512-VBMI + BF16 CPUs, FP8 (elsewhere the AVX2
+  `fp8_cpu.cpp` kernel), torch's `_weight_int4pack_mm_for_cpu` for int4; memory-bound, so 1 or
+  0.5 byte per weight instead of 2;
 - many rows (prefill): the packed-weight kernels run at a fraction of a GEMM's FLOP/s, so the
   weight is dequantised into one reused buffer and a regular GEMM runs on it (the buffer
   costs one layer's largest matrix, never a copy of the model).
@@ -48,7 +49,17 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block) -> 
         return fp8_linear_gpu(x, w, scale, block)
     x2 = _rows(x)
     from qwen35.kernels import fp8 as kern
+    from qwen35.kernels import gemv
 
+    fast = gemv.load()
+    if (
+        fast is not None
+        and x2.shape[0] <= gemv.MAX_ROWS
+        and x.dtype == torch.bfloat16
+        and fast.fp8_supported(block[1])
+    ):  # AVX512-VBMI + BF16: exact bf16 weights from two byte tables, then vdpbf16ps
+        y = fast.linear_fp8(x2.contiguous(), w, scale, block[0], block[1])
+        return y.view(*x.shape[:-1], w.shape[0])
     mod = kern.load()
     if (
         mod is not None
@@ -74,12 +85,19 @@ def int8_ok(k: int) -> bool:
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (q [N, K] int8 * scale [N])^T."""
     x2 = _rows(x)
-    if x.is_cpu and x2.shape[0] <= INT8_MAX_ROWS and int8_ok(q.shape[1]):
-        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)
-    else:
-        buf = scratch(tuple(q.shape), x.dtype, x.device)
-        torch.mul(q, scale[:, None], out=buf)  # [N, K] in x.dtype
-        y = F.linear(x2, buf)
+    if x.is_cpu and x2.shape[0] <= INT8_MAX_ROWS:
+        from qwen35.kernels import gemv
+
+        mod = gemv.load()
+        if mod is not None and scale.dtype == x.dtype and scale.is_contiguous():
+            y = mod.linear_int8(x2.contiguous(), q, scale)  # any K; 1.1-1.9x torch's kernel
+            return y.view(*x.shape[:-1], q.shape[0])
+        if int8_ok(q.shape[1]):
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)
+            return y.view(*x.shape[:-1], q.shape[0])
+    buf = scratch(tuple(q.shape), x.dtype, x.device)
+    torch.mul(q, scale[:, None], out=buf)  # [N, K] in x.dtype
+    y = F.linear(x2, buf)
     return y.view(*x.shape[:-1], q.shape[0])
 
 

@@ -1,0 +1,23 @@
+"""Decode GEMVs on the CPU (`gemv_cpu.cpp`): y [M, N] = x [M <= 16, K] @ W^T, W streamed once.
+
+- `linear_bf16(x, w, avx2_only=False)`: bf16 weights (layers/linear.py);
+- `linear_int8(x, q, scale)`: int8 weights, one scale per output row;
+- `linear_fp8(x, w, scale, bo, bi)`: block-FP8 weights, bf16 rows, on AVX512-VBMI + BF16 CPUs
+  (`fp8_supported(bi)`; quant/matmul.py).
+Each path is tested against F.linear on the (dequantised) weight, its PyTorch twin, and
+`bench/gemv.py` measures it against torch's own kernels. `avx2_only=True` runs the bf16
+path of CPUs without AVX512-BF16 on any machine (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+from qwen35.kernels import Native
+
+MAX_ROWS = 16  # rows the kernels take; more rows are a GEMM (compute-bound): torch's
+
+GEMV = Native("gemv_cpu.cpp", ("-mavx2", "-mfma"))
+
+
+def load():
+    """The compiled module or None (no compiler, no AVX2 + FMA, QWEN35_NO_KERNELS=1)."""
+    return GEMV.load()

@@ -1,0 +1,340 @@
+// Decode GEMVs on the CPU: y [M, N] = x [M, K] @ W^T for a few rows (M <= 16), W [N, K] read
+// from memory once. Batch-1 decode is memory-bound, so the only goal is to stream the weight at
+// the machine's bandwidth: one output row at a time against up to 4 input rows, several
+// independent accumulators along K, output rows split over threads in contiguous ranges, one
+// horizontal sum per output at the end. (Tiles of 4 output rows streamed 4 interleaved
+// sequences and reached half the bandwidth one sequential row does: bench/gemv.py.)
+//
+// - linear_bf16: bf16 weights. AVX512-BF16 CPUs (Zen 4, Sapphire Rapids) multiply bf16 pairs
+//   straight into fp32 (vdpbf16ps); other x86 CPUs widen bf16 to fp32 (a 16-bit shift) + FMA.
+// - linear_int8: int8 weights with one scale per output row; int8 -> fp32 in registers + FMA
+//   against fp32 activations (weight-only: activations keep their precision), 8 weights a
+//   step (the 16-wide AVX512 sign extension measured slower on Zen 4: bench/gemv.py).
+// - linear_fp8: block-FP8 (e4m3, one fp32 scale per bo x bi block) for bf16 activations on
+//   AVX512-VBMI + BF16 CPUs: each weight byte becomes its exact bf16 through two 128-entry byte
+//   tables (vpermi2b: low and high byte), then vdpbf16ps. The byte unpack interleaves within
+//   128-bit lanes, so the activations are permuted the same way once per call.
+// Every path accumulates exact products in fp32; results equal F.linear up to summation order.
+// The PyTorch twins: F.linear on the (dequantised) weight (layers/linear.py, quant/matmul.py).
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#define TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define TARGET_AVX512_FP8 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi")))
+
+namespace {
+
+constexpr int64_t kMaxRows = 16;
+constexpr int kMR = 4;  // input rows per pass over a weight row
+
+// independent accumulators along K per input row: MR x U >= 8 chains hide the FMA latency
+template <int MR>
+constexpr int unroll() {
+  return MR <= 2 ? 4 : 2;
+}
+
+bool cpu_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+bool cpu_avx512_bf16() {
+  static const bool ok = cpu_avx512() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+bool cpu_avx512_fp8() {
+  static const bool ok = cpu_avx512_bf16() && __builtin_cpu_supports("avx512vbmi");
+  return ok;
+}
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float bf16_to_float(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// fn(n, out) for every output row n, out[i] = its dot product with input row i (i < mr); the
+// rows are split over threads in contiguous ranges (at least 64 rows a task, so small matrices
+// don't pay a fork per row); store(n, i, value) writes the result.
+template <typename Row, typename Store>
+void for_rows(int64_t M, int64_t N, Row&& row, Store&& store) {
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    float out[kMR];
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; m += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
+        row(n, m, mr, out);
+        for (int i = 0; i < mr; ++i) store(m + i, n, out[i]);
+      }
+  });
+}
+
+// Calls ROW<mr>(...) for the runtime mr in 1..kMR.
+#define DISPATCH_MR(mr, ROW, ...)       \
+  switch (mr) {                         \
+    case 1: ROW<1>(__VA_ARGS__); break; \
+    case 2: ROW<2>(__VA_ARGS__); break; \
+    case 3: ROW<3>(__VA_ARGS__); break; \
+    default: ROW<4>(__VA_ARGS__); break; \
+  }
+
+// ---- bf16, AVX512-BF16 --------------------------------------------------------------------
+
+template <int MR>
+TARGET_AVX512_BF16 void bf16_row_avx512(const uint16_t* X, const uint16_t* w, float* out,
+                                        int64_t K) {
+  constexpr int U = unroll<MR>();
+  __m512 acc[MR][U];
+  for (int i = 0; i < MR; ++i)
+    for (int u = 0; u < U; ++u) acc[i][u] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 * U <= K; k += 32 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k + 32 * u);
+      for (int i = 0; i < MR; ++i)
+        acc[i][u] = _mm512_dpbf16_ps(acc[i][u], (__m512bh)_mm512_loadu_si512(X + i * K + k + 32 * u),
+                                     wv);
+    }
+  for (; k < K; k += 32) {  // the rest, the last K % 32 inputs masked (zeros past the end)
+    const __mmask32 mk = K - k >= 32 ? ~0u : static_cast<__mmask32>((1u << (K - k)) - 1);
+    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mk, w + k);
+    for (int i = 0; i < MR; ++i)
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)_mm512_maskz_loadu_epi16(mk, X + i * K + k),
+                                   wv);
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int u = 1; u < U; ++u) acc[i][0] = _mm512_add_ps(acc[i][0], acc[i][u]);
+    out[i] = _mm512_reduce_add_ps(acc[i][0]);
+  }
+}
+
+// ---- bf16 / int8 via fp32 FMA, AVX2 (any x86-64 of the last decade) and AVX512 -------------
+
+// 8 weights -> fp32
+inline __m256 load8_avx2(const uint16_t* p) {  // bf16
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+inline __m256 load8_avx2(const int8_t* p) {  // int8
+  int64_t b;
+  std::memcpy(&b, p, 8);
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(b)));
+}
+inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
+inline float load1(const int8_t* p) { return static_cast<float>(*p); }
+
+template <int MR, typename WT>
+void fma_row_avx2(const float* X, const WT* w, float* out, int64_t K) {
+  constexpr int U = unroll<MR>();
+  __m256 acc[MR][U];
+  for (int i = 0; i < MR; ++i)
+    for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * U <= K; k += 8 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = load8_avx2(w + k + 8 * u);
+      for (int i = 0; i < MR; ++i)
+        acc[i][u] = _mm256_fmadd_ps(_mm256_loadu_ps(X + i * K + k + 8 * u), wv, acc[i][u]);
+    }
+  for (; k + 8 <= K; k += 8) {
+    const __m256 wv = load8_avx2(w + k);
+    for (int i = 0; i < MR; ++i)
+      acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(X + i * K + k), wv, acc[i][0]);
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int u = 1; u < U; ++u) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][u]);
+    float s = hsum256(acc[i][0]);
+    for (int64_t t = k; t < K; ++t) s += X[i * K + t] * load1(w + t);
+    out[i] = s;
+  }
+}
+
+// ---- block FP8, AVX512-VBMI + BF16 --------------------------------------------------------
+
+struct Fp8Tables {  // byte tables: e4m3 bits 0..6 -> low / high byte of the exact bf16
+  alignas(64) uint8_t lo[128];
+  alignas(64) uint8_t hi[128];
+  Fp8Tables() {
+    for (int v = 0; v < 128; ++v) {
+      const int e = (v >> 3) & 0xF, m = v & 0x7;
+      const float f = v == 0x7F ? NAN : e == 0 ? std::ldexp(static_cast<float>(m), -9)
+                                               : std::ldexp(1.f + m / 8.f, e - 7);
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      const uint16_t b = static_cast<uint16_t>(u >> 16);  // exact: 4 mantissa bits at most
+      lo[v] = static_cast<uint8_t>(b & 0xFF);
+      hi[v] = static_cast<uint8_t>(b >> 8);
+    }
+  }
+};
+const Fp8Tables kFp8;
+
+// 64 FP8 bytes -> two vectors of 32 bf16 (in the lane-interleaved order of `permute64`)
+TARGET_AVX512_FP8 inline void fp8x64(__m512i raw, __m512i tlo0, __m512i tlo1, __m512i thi0,
+                                     __m512i thi1, __m512bh& a, __m512bh& b) {
+  const __m512i lo = _mm512_permutex2var_epi8(tlo0, raw, tlo1);  // bit 7 (sign) is ignored
+  __m512i hi = _mm512_permutex2var_epi8(thi0, raw, thi1);
+  hi = _mm512_or_si512(hi, _mm512_and_si512(raw, _mm512_set1_epi8(static_cast<char>(0x80))));
+  a = (__m512bh)_mm512_unpacklo_epi8(lo, hi);
+  b = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
+}
+
+// x [K] bf16 -> the order fp8x64 produces, per 64-input chunk, zero-padded to whole chunks
+void permute64(const uint16_t* x, uint16_t* out, int64_t K) {
+  const int64_t chunks = (K + 63) / 64;
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int half = 0; half < 2; ++half)
+      for (int lane = 0; lane < 4; ++lane)
+        for (int j = 0; j < 8; ++j) {
+          const int64_t src = c * 64 + lane * 16 + half * 8 + j;
+          out[c * 64 + half * 32 + lane * 8 + j] = src < K ? x[src] : 0;
+        }
+}
+
+// one output row: per input block of bi (a multiple of 64), the exact bf16 products summed in
+// fp32, then scaled by the block's scale; srow = the row's scales [ceil(K / bi)]
+template <int MR>
+TARGET_AVX512_FP8 void fp8_row(const uint16_t* Xp, int64_t Kp, const uint8_t* w, int64_t K,
+                               const float* srow, int64_t bi, float* out) {
+  const __m512i tlo0 = _mm512_load_si512(kFp8.lo), tlo1 = _mm512_load_si512(kFp8.lo + 64);
+  const __m512i thi0 = _mm512_load_si512(kFp8.hi), thi1 = _mm512_load_si512(kFp8.hi + 64);
+  __m512 tot[MR];
+  for (int i = 0; i < MR; ++i) tot[i] = _mm512_setzero_ps();
+  const int64_t nbi = (K + bi - 1) / bi;
+  for (int64_t blk = 0; blk < nbi; ++blk) {
+    const int64_t k0 = blk * bi, k1 = std::min(K, k0 + bi);
+    __m512 acc[MR][2];
+    for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; k += 64) {
+      const __mmask64 mk = k + 64 <= k1 ? ~0ull : (1ull << (k1 - k)) - 1;
+      __m512bh wa, wb;
+      fp8x64(_mm512_maskz_loadu_epi8(mk, w + k), tlo0, tlo1, thi0, thi1, wa, wb);
+      for (int i = 0; i < MR; ++i) {
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k), wa);
+        acc[i][1] =
+            _mm512_dpbf16_ps(acc[i][1], (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k + 32), wb);
+      }
+    }
+    const __m512 s = _mm512_set1_ps(srow[blk]);
+    for (int i = 0; i < MR; ++i) tot[i] = _mm512_fmadd_ps(_mm512_add_ps(acc[i][0], acc[i][1]), s, tot[i]);
+  }
+  for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(tot[i]);
+}
+
+void check_x(const torch::Tensor& x, const torch::Tensor& w, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows && x.size(1) == K && x.is_contiguous(),
+              "x: [M <= 16, K] contiguous");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "w: [N, K] contiguous");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
+}
+
+}  // namespace
+
+// y [M, N] bf16 = x [M, K] bf16 @ w [N, K] bf16 ^T. avx2_only: the path of CPUs without
+// AVX512-BF16 (tests and benchmarks run both on one machine).
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, bool avx2_only) {
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  check_x(x, w, K);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
+              "linear_bf16: bf16 x and w");
+  auto y = torch::empty({M, N}, x.options());
+  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  auto* Y = y.data_ptr<at::BFloat16>();
+  const auto store = [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v; };
+  if (!avx2_only && cpu_avx512_bf16()) {
+    for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
+      DISPATCH_MR(mr, bf16_row_avx512, X + m * K, W + n * K, out, K);
+    }, store);
+    return y;
+  }
+  const auto xf = x.to(at::kFloat);
+  const float* XF = xf.data_ptr<float>();
+  for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
+    DISPATCH_MR(mr, fma_row_avx2, XF + m * K, W + n * K, out, K);
+  }, store);
+  return y;
+}
+
+// y [M, N] (x's dtype) = x [M, K] @ (q [N, K] int8 * scale [N])^T
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q,
+                          const torch::Tensor& scale) {
+  const int64_t M = x.size(0), N = q.size(0), K = q.size(1);
+  check_x(x, q, K);
+  TORCH_CHECK(q.scalar_type() == at::kChar, "linear_int8: q must be int8");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == N && scale.is_contiguous() &&
+                  scale.scalar_type() == x.scalar_type(),
+              "linear_int8: scale [N] in x's dtype");
+  auto y = torch::empty({M, N}, x.options());
+  const auto xf = x.to(at::kFloat);
+  const float* XF = xf.data_ptr<float>();
+  const auto* W = q.data_ptr<int8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "linear_int8", [&] {
+    auto* Y = y.data_ptr<scalar_t>();
+    const auto* S = scale.data_ptr<scalar_t>();
+    for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
+      DISPATCH_MR(mr, fma_row_avx2, XF + m * K, W + n * K, out, K);
+    }, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v * static_cast<float>(S[n]); });
+  });
+  return y;
+}
+
+bool fp8_supported(int64_t bi) { return cpu_avx512_fp8() && bi % 64 == 0; }
+
+// y [M, N] bf16 = x [M, K] bf16 @ dequant(w [N, K] e4m3, scale [ceil(N/bo), ceil(K/bi)] fp32)^T
+// (callers check fp8_supported(bi) first)
+torch::Tensor linear_fp8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+                         int64_t bo, int64_t bi) {
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  check_x(x, w, K);
+  TORCH_CHECK(fp8_supported(bi), "linear_fp8: needs AVX512-VBMI + BF16 and bi % 64 == 0");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.element_size() == 1, "x bf16, w fp8");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&
+                  scale.size(0) == (N + bo - 1) / bo && scale.size(1) == (K + bi - 1) / bi,
+              "linear_fp8: scale [ceil(N/bo), ceil(K/bi)] fp32");
+  const int64_t Kp = (K + 63) / 64 * 64;
+  std::vector<uint16_t> xp(M * Kp);
+  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  for (int64_t m = 0; m < M; ++m) permute64(X + m * K, xp.data() + m * Kp, K);
+  auto y = torch::empty({M, N}, x.options());
+  auto* Y = y.data_ptr<at::BFloat16>();
+  const auto* W = reinterpret_cast<const uint8_t*>(w.data_ptr());
+  const float* S = scale.data_ptr<float>();
+  const int64_t nbi = scale.size(1);
+  for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
+    DISPATCH_MR(mr, fp8_row, xp.data() + m * Kp, Kp, W + n * K, K, S + (n / bo) * nbi, bi, out);
+  }, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v; });
+  return y;
+}
+
+std::vector<std::string> isa() {  // the fast paths this CPU takes
+  std::vector<std::string> out;
+  if (cpu_avx512()) out.emplace_back("avx512");
+  if (cpu_avx512_bf16()) out.emplace_back("avx512_bf16");
+  if (cpu_avx512_fp8()) out.emplace_back("avx512_vbmi");
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_bf16", &linear_bf16, "x [M<=16, K] bf16 @ w [N, K] bf16 ^T",
+        py::arg("x"), py::arg("w"), py::arg("avx2_only") = false);
+  m.def("linear_int8", &linear_int8, "x [M<=16, K] @ (q [N, K] int8 * scale [N])^T");
+  m.def("linear_fp8", &linear_fp8, "x [M<=16, K] bf16 @ block-FP8 w ^T");
+  m.def("fp8_supported", &fp8_supported, "linear_fp8 runs here for input blocks of bi");
+  m.def("isa", &isa, "the fast paths this CPU takes");
+}

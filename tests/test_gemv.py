@@ -1,0 +1,100 @@
+"""The decode GEMV kernels (kernels/gemv_cpu.cpp) against F.linear on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen35.kernels import gemv
+from qwen35.layers import linear as linear_mod
+from qwen35.quant import formats, matmul
+
+SHAPES = [(7, 33), (13, 100), (64, 1024), (130, 200), (5, 129)]  # odd K: masked / scalar tails
+ROWS = [1, 2, 3, 5, 16]
+
+
+@pytest.fixture(scope="module")
+def mod():
+    m = gemv.load()
+    if m is None:
+        pytest.skip("the gemv kernel needs x86-64 with AVX2 + FMA and a compiler")
+    return m
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("avx2_only", [False, True])
+def test_bf16_matches_reference(mod, avx2_only):
+    g = torch.Generator().manual_seed(0)
+    for n, k in SHAPES:
+        w = torch.randn(n, k, generator=g).bfloat16()
+        for m in ROWS:
+            x = torch.randn(m, k, generator=g).bfloat16()
+            ref = x.float() @ w.float().T
+            y = mod.linear_bf16(x, w, avx2_only)
+            assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+            assert _rel(y, ref) < 4e-3, (n, k, m)  # bf16 rounding of the output only
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_matches_reference(mod, dtype):
+    g = torch.Generator().manual_seed(1)
+    for n, k in SHAPES:
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        s = torch.rand(n, generator=g).to(dtype)
+        for m in ROWS:
+            x = torch.randn(m, k, generator=g).to(dtype)
+            ref = x.float() @ (q.float() * s.float()[:, None]).T
+            y = mod.linear_int8(x, q, s)
+            assert y.dtype == dtype
+            assert _rel(y, ref) < (4e-3 if dtype == torch.bfloat16 else 1e-5), (n, k, m)
+
+
+def test_fp8_decodes_every_byte_exactly(mod):
+    if not mod.fp8_supported(128):
+        pytest.skip("linear_fp8 needs AVX512-VBMI + AVX512-BF16 (this CPU lacks them)")
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[0x7F] = codes[0xFF] = 0  # the NaN bytes
+    w = codes.view(torch.float8_e4m3fn).repeat(3, 1)  # [3, 256]
+    eye = torch.eye(256).bfloat16()
+    for start in range(0, 256, 16):  # each input row picks one weight column
+        y = mod.linear_fp8(eye[start : start + 16], w, torch.ones(1, 2), 128, 128)
+        assert torch.equal(y[:, 0].float(), w[0, start : start + 16].float())
+
+
+def test_fp8_matches_reference(mod):
+    if not mod.fp8_supported(128):
+        pytest.skip("linear_fp8 needs AVX512-VBMI + AVX512-BF16 (this CPU lacks them)")
+    g = torch.Generator().manual_seed(2)
+    for n, k in [(130, 200), (256, 384), (1, 64), (5, 129), (300, 1000)]:
+        q, s = formats.quantize_fp8_blocks(torch.randn(n, k, generator=g))
+        s = s.float()
+        for m in (1, 3, 16):
+            x = torch.randn(m, k, generator=g).bfloat16()
+            ref = x.float() @ formats.dequantize_fp8_blocks(q, s, torch.float32).T
+            assert _rel(mod.linear_fp8(x, q, s, 128, 128), ref) < 4e-3, (n, k, m)
+    assert not mod.fp8_supported(96)  # input blocks must tile the 64-byte chunks
+
+
+def test_dispatch_takes_the_kernel_and_switches_off(mod, monkeypatch):
+    """layers.linear and quant.matmul route decode rows to the kernel; QWEN35_NO_KERNELS=1
+    falls back to torch with the same result."""
+    calls = []
+    real = gemv.load
+    monkeypatch.setattr(gemv, "load", lambda: calls.append(1) or real())
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 64, generator=g).bfloat16()
+    x = torch.randn(linear_mod.GEMV_MAX_ROWS, 64, generator=g).bfloat16()
+    fast = linear_mod.linear(x, w)
+    q, s = formats.quantize_int8_rows(w, torch.bfloat16)
+    fast8 = matmul.int8_linear(x[:3], q, s)
+    assert len(calls) == 2
+    too_many = torch.randn(linear_mod.GEMV_MAX_ROWS + 1, 64, generator=g).bfloat16()
+    linear_mod.linear(too_many, w)  # a GEMM: torch's, the kernel is not asked
+    assert len(calls) == 2
+    monkeypatch.setenv("QWEN35_NO_KERNELS", "1")  # load() now returns None: torch's paths
+    assert _rel(linear_mod.linear(x, w), fast) < 4e-3
+    assert _rel(matmul.int8_linear(x[:3], q, s), fast8) < 4e-3
+    assert len(calls) == 4
