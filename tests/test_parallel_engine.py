@@ -106,7 +106,7 @@ def test_killed_worker_fails_fast_and_leaves_nothing(dense):
 def test_rank_memory_equals_the_planners_per_gpu_figures(which, ep, dense, moe):
     d = dense if which == "dense" else moe
     llm = LLM(str(d), tensor_parallel_size=2, enable_expert_parallel=ep, dtype="bf16",
-              verbose=False, num_kv_blocks=8)  # fmt: skip
+              verbose=False, num_kv_blocks=8, text_only=True)  # fmt: skip
     rows = llm.engine.rank_memory
     llm.engine.shutdown()
     assert_rank_memory_is_planned(rows, d, "bf16", ep)

@@ -95,7 +95,7 @@ def test_fp8_rank_memory_equals_the_planners_per_gpu_figures(fp8_moe):
     d = fp8_moe[0]
     for ep, fmt in ((True, "auto"), (False, "random")):
         llm = LLM(str(d), tensor_parallel_size=2, enable_expert_parallel=ep, dtype="bf16",
-                  load_format=fmt, verbose=False, num_kv_blocks=8)  # fmt: skip
+                  load_format=fmt, verbose=False, num_kv_blocks=8, text_only=True)  # fmt: skip
         rows = llm.engine.rank_memory
         llm.engine.shutdown()
         assert_rank_memory_is_planned(rows, d, "fp8", ep)

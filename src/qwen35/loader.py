@@ -99,6 +99,8 @@ def load_model(
     vision: also build and load the vision tower (`model.visual.*`, strictly) when the config
     has one; False skips those tensors (text only: no tower memory); "auto": load it when the
     checkpoint has any `model.visual.*` tensor (random weights: when the config has a tower).
+    Under tensor parallelism the tower is not split: the engine loads it on rank 0 only, which
+    encodes images and sends the embeddings with each step (the other ranks load text only).
     quantization: "fp8" / "int8" / "int4" quantizes the loaded weights in memory (qwen35.quant);
     None keeps them as stored (an official FP8 checkpoint stays FP8).
     Returns the model with `.config` (ModelConfig, unless the module already has a config),
@@ -111,27 +113,17 @@ def load_model(
     if isinstance(path_or_name, str) and path_or_name.startswith("random:"):
         path_or_name, load_format = path_or_name[len("random:") :], "random"
     dev = parse_device(device)
-    if vision is True and tp.size > 1:
-        raise Qwen35Error(
-            "the vision tower is not tensor-parallel yet: use tensor_parallel_size=1 for images, "
-            "or text_only=True"
-        )
     if vision == "auto":
-        if tp.size > 1:
-            log.warning("tensor parallelism: loading the text model only (no vision tower)")
-            vision = False
-        else:
-            vision = load_format == "random" or _has_visual_tensors(path_or_name)
-    if model_factory is None and vision:
-        model_factory = _vision_factory
+        vision = load_format == "random" or _has_visual_tensors(path_or_name)
     if load_format == "random":
         cfg, directory = _random_config(path_or_name)
+        vision = bool(vision) and cfg.vision is not None
         _check_layout(cfg, tp, model_factory, quantization)
         torch_dtype = parse_dtype(dtype, cfg)
         report = LoadReport(
             f"random:{cfg.name}", "random", _name(torch_dtype), str(dev), config=cfg
         )
-        model, _ = build_model(cfg, None, None, model_factory, tp)
+        model, _ = build_model(cfg, None, None, model_factory, tp, vision)
         if random_fp8(cfg, quantization):  # FP8 storage drawn directly (no BF16 copy first)
             from qwen35.quant.apply import rule_modules, swap_to_fp8_meta
 
@@ -152,12 +144,13 @@ def load_model(
     else:
         directory = resolve_model_dir(path_or_name)
         cfg = ModelConfig.from_hf(directory)
+        vision = bool(vision) and cfg.vision is not None
         _check_layout(cfg, tp, model_factory, quantization)
         torch_dtype = parse_dtype(dtype, cfg)
         report = LoadReport(str(directory), "safetensors", _name(torch_dtype), str(dev), config=cfg)
         files = checkpoint_files(directory)
         report.files = [f.name for f in files]
-        model, params = build_model(cfg, None, None, model_factory)  # still on meta
+        model, params = build_model(cfg, None, None, model_factory, vision=vision)  # on meta
         fp8_names: list[str] = []
         if cfg.quantization is not None:  # block FP8: the stored FP8 modules stay FP8
             from qwen35.quant.apply import fp8_modules_in_checkpoint, swap_to_fp8_meta
@@ -176,7 +169,7 @@ def load_model(
             from qwen35.parallel.loading import ShardReader
 
             shard = ShardReader(cfg, tp, {n: tuple(p.shape) for n, p in canonical.items()})
-            model, _ = build_model(cfg, None, None, None, tp)
+            model, _ = build_model(cfg, None, None, None, tp, vision)
             if fp8_names:
                 from qwen35.quant.apply import swap_to_fp8_meta
 
@@ -249,10 +242,10 @@ def _finish(model: nn.Module, cfg: ModelConfig) -> None:
 
 
 # ---- construction -------------------------------------------------------------------------------
-def _default_factory(cfg: ModelConfig, tp: TensorParallel = SINGLE) -> nn.Module:
+def _default_factory(cfg: ModelConfig, tp: TensorParallel = SINGLE, vision: bool = False):
     from qwen35.models.qwen3_5 import Qwen35ForCausalLM
 
-    return Qwen35ForCausalLM(cfg, device=torch.device("meta"), tp=tp, vision=False)
+    return Qwen35ForCausalLM(cfg, device=torch.device("meta"), tp=tp, vision=vision)
 
 
 def _has_visual_tensors(source) -> bool:
@@ -271,22 +264,18 @@ def _has_visual_tensors(source) -> bool:
     return False
 
 
-def _vision_factory(cfg: ModelConfig) -> nn.Module:
-    from qwen35.models.qwen3_5 import Qwen35ForCausalLM
-
-    return Qwen35ForCausalLM(cfg, device=torch.device("meta"), vision=cfg.vision is not None)
-
-
 def build_model(
     cfg: ModelConfig,
     dtype: torch.dtype | None,
     device: torch.device | None,
     factory: ModelFactory | None = None,
     tp: TensorParallel = SINGLE,
+    vision: bool = False,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Construct on the meta device; allocate parameters in dtype/device unless dtype is None."""
+    """Construct on the meta device; allocate parameters in dtype/device unless dtype is None.
+    vision: with the (unsharded) vision tower, also under tensor parallelism (default model)."""
     with torch.device("meta"):  # tensors the factory creates without a device land on meta
-        model = factory(cfg) if factory is not None else _default_factory(cfg, tp)
+        model = factory(cfg) if factory is not None else _default_factory(cfg, tp, vision)
     _tie(model, cfg)  # before any name scan: a tied lm_head is an alias, not a parameter
     if dtype is None:
         return model, {}

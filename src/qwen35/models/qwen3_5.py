@@ -125,7 +125,8 @@ class Qwen35ForCausalLM(nn.Module):
     ):
         """tp: this process's rank of a tensor-parallel group (parallel/); it holds only its
         shard of every split weight and gets the full logits. vision: build the vision tower
-        (default: when the config has one; never under tensor parallelism)."""
+        (default: when the config has one and tp is 1; under tensor parallelism the tower is
+        whole, on the rank that encodes images)."""
         super().__init__()
         self.config = cfg
         self.tp = tp
@@ -133,8 +134,6 @@ class Qwen35ForCausalLM(nn.Module):
         vision = cfg.vision is not None and tp.size == 1 if vision is None else vision
         if vision and cfg.vision is None:
             raise ValueError("vision=True needs a config with a vision_config")
-        if vision and tp.size > 1:
-            raise ValueError("the vision tower is not tensor-parallel")
         self.model = Qwen35TextModel(cfg, dtype, device, tp, vision)
         # [V, H]; vocabulary-parallel like the embedding (logits gathered in compute_logits)
         self.lm_head = Linear(cfg.hidden_size, tp.vocab_rows(cfg.vocab_size), dtype, device)

@@ -42,7 +42,7 @@ def shard_rule(
     name: str, shape: tuple[int, ...], cfg: ModelConfig, rank: int, size: int, ep: bool = False
 ) -> Rule | None:
     """The rule of parameter `name` (full shape `shape`) on `rank` of `size`; None: replicated."""
-    if size == 1:
+    if size == 1 or name.startswith("model.visual."):  # the vision tower is not split
         return None
     leaf = name.rsplit(".", 2)
     last = ".".join(leaf[-2:])
