@@ -129,10 +129,28 @@ def test_torchrun_two_nodes_generate_like_one_process(tmp_path):
     one = subprocess.run([sys.executable, *gen], capture_output=True, text=True, env=env)
     nodes = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
-             "1", "--node-rank", str(r), "--rdzv-backend", "c10d", "--rdzv-endpoint",
-             f"localhost:{port}", *gen, "-tp", "2"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(r),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"localhost:{port}",
+                *gen,
+                "-tp",
+                "2",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )  # fmt: skip
         for r in range(2)
     ]
