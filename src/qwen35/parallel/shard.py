@@ -88,17 +88,14 @@ def shard_rule(
 
 def weight_of_scale(name: str) -> str | None:
     """The FP8 weight a block-scale parameter belongs to (None: not a scale)."""
-    if name.endswith(".weight_scale_inv"):
-        return name.removesuffix("_scale_inv")
-    if name.endswith(("experts.gate_up_proj_scale_inv", "experts.down_proj_scale_inv")):
-        return name.removesuffix("_scale_inv")
-    return None
+    scales = (".weight_scale_inv", "experts.gate_up_proj_scale_inv", "experts.down_proj_scale_inv")
+    return name.removesuffix("_scale_inv") if name.endswith(scales) else None
 
 
 def scale_rule(rule: Rule | None, ndim: int, block: tuple[int, int], name: str) -> Rule | None:
     """The rank's part of an FP8 weight's block scales, from the weight's rule: whole blocks
-    of the split dimension (columns: output blocks; rows: input blocks; experts: whole
-    experts). The layout check (plan.sharding) refused every split that would cut a block."""
+    of the split dimension (column-parallel: output blocks; row-parallel: input blocks;
+    expert-parallel: whole experts). The layout check (plan.sharding) refused every split that would cut a block."""
     if rule is None or (ndim == 3 and rule.dim == 0):
         return rule
     b = block[0] if rule.dim == ndim - 2 else block[1]  # out dim: block rows; in dim: columns
