@@ -49,8 +49,3 @@ def test_cli_flags_come_from_the_fields():
 def test_replace_keeps_the_rest():
     cfg = EngineConfig.create("m", max_num_seqs=4).replace(block_size=8)
     assert cfg.scheduler.max_num_seqs == 4 and cfg.cache.block_size == 8
-
-
-def test_quantization_with_tensor_parallelism_is_refused_up_front():
-    with pytest.raises(Qwen35Error, match="tensor_parallel_size"):
-        EngineConfig.create("m", quantization="int8", tensor_parallel_size=2)

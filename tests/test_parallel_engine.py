@@ -65,7 +65,7 @@ def run(d, **kw) -> tuple[list[list[int]], list[torch.Tensor], dict]:
     try:
         toks = [o.outputs[0].token_ids for o in llm.generate(workload(), GREEDY)]
         toks += [o.outputs[0].token_ids for o in llm.generate(workload()[-2:], GREEDY)]
-        return toks, logits, llm.engine.get_stats()
+        return toks, logits, {**llm.engine.get_stats(), "rank_memory": llm.engine.rank_memory}
     finally:
         llm.engine.shutdown()
 
@@ -104,19 +104,25 @@ def test_killed_worker_fails_fast_and_leaves_nothing(dense):
 
 @pytest.mark.parametrize("which,ep", [("dense", False), ("moe", True)])
 def test_rank_memory_equals_the_planners_per_gpu_figures(which, ep, dense, moe):
-    from qwen35.cli import main
-
     d = dense if which == "dense" else moe
     llm = LLM(str(d), tensor_parallel_size=2, enable_expert_parallel=ep, dtype="bf16",
-              verbose=False, num_kv_blocks=8)  # fmt: skip
+              verbose=False, num_kv_blocks=8, text_only=True)  # fmt: skip
     rows = llm.engine.rank_memory
     llm.engine.shutdown()
+    assert_rank_memory_is_planned(rows, d, "bf16", ep)
+
+
+def assert_rank_memory_is_planned(rows: list[dict], d, fmt: str, ep: bool) -> None:
+    """Each rank's weights, KV per token and state per sequence (bf16 compute) are `qwen35 plan
+    --tp 2`'s per-GPU figures for weight format `fmt`, within 1%."""
+    from qwen35.cli import main
+
     buf = io.StringIO()
     args = ["plan", "-m", str(d), "--gpu", "H100", "-n", "2", "--tp", "2", "--text-only", "--context", "1K",
             "--json"] + (["--ep"] if ep else [])  # fmt: skip
     with redirect_stdout(buf):
         assert main(args) == 0
-    fit = json.loads(buf.getvalue())["models"][0]["fits"]["bf16"]
+    fit = json.loads(buf.getvalue())["models"][0]["fits"][fmt]
     assert fit["tp"] == 2 and fit["ep"] == (2 if ep else 1)
     assert [r["rank"] for r in rows] == [0, 1]
     for r in rows:

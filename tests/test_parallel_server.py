@@ -111,3 +111,51 @@ def test_torchrun_two_ranks_generate_like_one_process(tmp_path):
     )  # fmt: skip
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert two.stdout == one.stdout and one.stdout.strip()
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_generate_like_one_process(tmp_path):
+    """The README's multi-node command, as 2 nodes x 1 process on this machine: two torchrun
+    agents meet at a c10d rendezvous; whichever becomes rank 0 runs the engine and prints the
+    text (c10d assigns ranks in arrival order and ignores --node-rank), the other serves as its
+    worker; both exit 0 and the tokens are one process's."""
+    save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32)
+    gen = ["-m", "qwen35.cli", "generate", "--model", str(tmp_path / "m"), "--prompt", "Hi",
+           "--max-tokens", "6", "--temperature", "0", "--ignore-eos"]  # fmt: skip
+    env = {**os.environ, "QWEN35_NO_KERNELS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one = subprocess.run([sys.executable, *gen], capture_output=True, text=True, env=env)
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(r),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"localhost:{port}",
+                *gen,
+                "-tp",
+                "2",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    assert one.returncode == 0 and one.stdout.strip()
+    assert [p.returncode for p in nodes] == [0, 0], [e[-2000:] for _, e in outs]
+    printed = sorted(o for o, _ in outs)
+    assert printed == ["", one.stdout]  # rank 0's node prints the text, the worker's nothing

@@ -99,6 +99,8 @@ def load_model(
     vision: also build and load the vision tower (`model.visual.*`, strictly) when the config
     has one; False skips those tensors (text only: no tower memory); "auto": load it when the
     checkpoint has any `model.visual.*` tensor (random weights: when the config has a tower).
+    Under tensor parallelism the tower is not split: the engine loads it on rank 0 only, which
+    encodes images and sends the embeddings with each step (the other ranks load text only).
     quantization: "fp8" / "int8" / "int4" quantizes the loaded weights in memory (qwen35.quant);
     None keeps them as stored (an official FP8 checkpoint stays FP8).
     Returns the model with `.config` (ModelConfig, unless the module already has a config),
@@ -111,32 +113,24 @@ def load_model(
     if isinstance(path_or_name, str) and path_or_name.startswith("random:"):
         path_or_name, load_format = path_or_name[len("random:") :], "random"
     dev = parse_device(device)
-    if quantization and tp.size > 1:
-        raise Qwen35Error(
-            f"quantization {quantization!r} under tensor parallelism is not supported yet: use "
-            "tensor_parallel_size=1"
-        )
-    if vision is True and tp.size > 1:
-        raise Qwen35Error(
-            "the vision tower is not tensor-parallel yet: use tensor_parallel_size=1 for images, "
-            "or text_only=True"
-        )
     if vision == "auto":
-        if tp.size > 1:
-            log.warning("tensor parallelism: loading the text model only (no vision tower)")
-            vision = False
-        else:
-            vision = load_format == "random" or _has_visual_tensors(path_or_name)
-    if model_factory is None and vision:
-        model_factory = _vision_factory
+        vision = load_format == "random" or _has_visual_tensors(path_or_name)
     if load_format == "random":
         cfg, directory = _random_config(path_or_name)
-        _check_layout(cfg, tp, model_factory)
+        vision = bool(vision) and cfg.vision is not None
+        _check_layout(cfg, tp, model_factory, quantization)
         torch_dtype = parse_dtype(dtype, cfg)
         report = LoadReport(
             f"random:{cfg.name}", "random", _name(torch_dtype), str(dev), config=cfg
         )
-        model, params = build_model(cfg, torch_dtype, dev, model_factory, tp)
+        model, _ = build_model(cfg, None, None, model_factory, tp, vision)
+        if random_fp8(cfg, quantization):  # FP8 storage drawn directly (no BF16 copy first)
+            from qwen35.quant.apply import rule_modules, swap_to_fp8_meta
+
+            n_fp8 = len(swap_to_fp8_meta(model, rule_modules(model, cfg), cfg))
+            report.notes.append(f"FP8: {n_fp8} modules in FP8 (random)")
+            quantization = None
+        params = materialize(model, cfg, torch_dtype, dev)
         init_random_(params, seed)  # shards are equal-sized: the ranks' draws stay in step
         _zero_padding(params, cfg, tp)
         n = sum(p.numel() for p in params.values())
@@ -150,23 +144,19 @@ def load_model(
     else:
         directory = resolve_model_dir(path_or_name)
         cfg = ModelConfig.from_hf(directory)
-        if cfg.quantization is not None and tp.size > 1:
-            raise CheckpointError(
-                f"{directory} is an FP8 checkpoint: FP8 under tensor parallelism is not supported "
-                "yet; run it with tensor_parallel_size=1 or use the BF16 release"
-            )
-        _check_layout(cfg, tp, model_factory)
+        vision = bool(vision) and cfg.vision is not None
+        _check_layout(cfg, tp, model_factory, quantization)
         torch_dtype = parse_dtype(dtype, cfg)
         report = LoadReport(str(directory), "safetensors", _name(torch_dtype), str(dev), config=cfg)
         files = checkpoint_files(directory)
         report.files = [f.name for f in files]
-        model, params = build_model(cfg, None, None, model_factory)  # still on meta
+        model, params = build_model(cfg, None, None, model_factory, vision=vision)  # on meta
+        fp8_names: list[str] = []
         if cfg.quantization is not None:  # block FP8: the stored FP8 modules stay FP8
-            from qwen35.quant.apply import fp8_layout_from_checkpoint
+            from qwen35.quant.apply import fp8_modules_in_checkpoint, swap_to_fp8_meta
 
-            report.notes.append(
-                f"FP8: {len(fp8_layout_from_checkpoint(model, cfg, files))} modules kept in FP8"
-            )
+            fp8_names = swap_to_fp8_meta(model, fp8_modules_in_checkpoint(cfg, files), cfg)
+            report.notes.append(f"FP8: {len(fp8_names)} modules kept in FP8")
         canonical, aliases = _canonical(model)
         ts = time.perf_counter()
         s = scan_headers(files, canonical, aliases)
@@ -179,7 +169,11 @@ def load_model(
             from qwen35.parallel.loading import ShardReader
 
             shard = ShardReader(cfg, tp, {n: tuple(p.shape) for n, p in canonical.items()})
-            model, _ = build_model(cfg, None, None, None, tp)
+            model, _ = build_model(cfg, None, None, None, tp, vision)
+            if fp8_names:
+                from qwen35.quant.apply import swap_to_fp8_meta
+
+                swap_to_fp8_meta(model, fp8_names, cfg)  # the same modules, at shard sizes
         params = materialize(model, cfg, torch_dtype, dev)
         _zero_padding(params, cfg, tp)
         show = progress if progress is not None else sys.stderr.isatty()
@@ -203,15 +197,27 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_layout(cfg: ModelConfig, tp: TensorParallel, factory) -> None:
-    """Refuse a tensor-parallel layout the checkpoint cannot be split into, before reading."""
+def random_fp8(cfg: ModelConfig, quantization: str | None) -> bool:
+    """Random weights stored in FP8: asked for, or an FP8 config kept as it is."""
+    return quantization == "fp8" or (cfg.quantization is not None and quantization is None)
+
+
+def check_parallel_layout(cfg: ModelConfig, tp: int, ep: int, quantization: str | None) -> None:
+    """Refuse a tensor-parallel layout the weights cannot be split into, before any is read:
+    the planner's rules (plan.sharding), with FP8's whole scale blocks when FP8 weights are
+    read (an FP8 checkpoint, whatever it is quantized to next) or made (quantization="fp8")."""
+    from qwen35.plan.sharding import validate_layout
+
+    fp8 = cfg.quantization is not None or quantization == "fp8"
+    validate_layout(cfg, tp, ep, "fp8" if fp8 else "bf16")
+
+
+def _check_layout(cfg: ModelConfig, tp: TensorParallel, factory, quantization) -> None:
     if tp.size == 1:
         return
     if factory is not None:
         raise Qwen35Error("a custom model_factory cannot be loaded tensor-parallel")
-    from qwen35.plan.sharding import validate_layout
-
-    validate_layout(cfg, tp.size, tp.ep_size, "fp8" if cfg.quantization else "bf16")
+    check_parallel_layout(cfg, tp.size, tp.ep_size, quantization)
 
 
 def _zero_padding(params: dict[str, torch.Tensor], cfg: ModelConfig, tp: TensorParallel) -> None:
@@ -236,10 +242,10 @@ def _finish(model: nn.Module, cfg: ModelConfig) -> None:
 
 
 # ---- construction -------------------------------------------------------------------------------
-def _default_factory(cfg: ModelConfig, tp: TensorParallel = SINGLE) -> nn.Module:
+def _default_factory(cfg: ModelConfig, tp: TensorParallel = SINGLE, vision: bool = False):
     from qwen35.models.qwen3_5 import Qwen35ForCausalLM
 
-    return Qwen35ForCausalLM(cfg, device=torch.device("meta"), tp=tp, vision=False)
+    return Qwen35ForCausalLM(cfg, device=torch.device("meta"), tp=tp, vision=vision)
 
 
 def _has_visual_tensors(source) -> bool:
@@ -258,22 +264,18 @@ def _has_visual_tensors(source) -> bool:
     return False
 
 
-def _vision_factory(cfg: ModelConfig) -> nn.Module:
-    from qwen35.models.qwen3_5 import Qwen35ForCausalLM
-
-    return Qwen35ForCausalLM(cfg, device=torch.device("meta"), vision=cfg.vision is not None)
-
-
 def build_model(
     cfg: ModelConfig,
     dtype: torch.dtype | None,
     device: torch.device | None,
     factory: ModelFactory | None = None,
     tp: TensorParallel = SINGLE,
+    vision: bool = False,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Construct on the meta device; allocate parameters in dtype/device unless dtype is None."""
+    """Construct on the meta device; allocate parameters in dtype/device unless dtype is None.
+    vision: with the (unsharded) vision tower, also under tensor parallelism (default model)."""
     with torch.device("meta"):  # tensors the factory creates without a device land on meta
-        model = factory(cfg) if factory is not None else _default_factory(cfg, tp)
+        model = factory(cfg) if factory is not None else _default_factory(cfg, tp, vision)
     _tie(model, cfg)  # before any name scan: a tied lm_head is an alias, not a parameter
     if dtype is None:
         return model, {}
@@ -336,14 +338,21 @@ def materialize(
 # ---- random weights -----------------------------------------------------------------------------
 def init_random_(params: dict[str, torch.Tensor], seed: int = 0) -> None:
     """Sane random values for benchmarks: N(0, 0.02) matrices, zero-centred norms at 0, the
-    gated norm at 1, A_log = log U(1, 16), dt_bias = 1 (as transformers' init)."""
+    gated norm at 1, A_log = log U(1, 16), dt_bias = 1 (as transformers' init); FP8 matrices
+    N(0, 1) in e4m3 with every block scale 0.02."""
     gens: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, p in params.items():
             g = gens.get(p.device)
             if g is None:
                 g = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
-            if name.startswith("model.visual.") and ("norm" in name or name.endswith("bias")):
+            if name.endswith("_scale_inv"):
+                p.fill_(0.02)  # FP8 block scales: W = q * 0.02 with q ~ N(0, 1)
+            elif p.dtype == torch.float8_e4m3fn:
+                for i in range(p.shape[0] if p.dim() == 3 else 1):  # an expert at a time
+                    dst = p[i] if p.dim() == 3 else p
+                    dst.copy_(torch.empty(dst.shape, device=p.device).normal_(generator=g))
+            elif name.startswith("model.visual.") and ("norm" in name or name.endswith("bias")):
                 p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)  # LayerNorm
             elif name.endswith("linear_attn.norm.weight"):
                 p.fill_(1.0)  # gated RMSNorm multiplies by w, not 1 + w

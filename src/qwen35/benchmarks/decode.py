@@ -5,6 +5,10 @@ then a bandwidth pass, so slow phases of a shared machine hit all three alike. T
 is the median of the decode steps (not the prefill) over all rounds: for us the wall time of
 each `LLMEngine.step()` (scheduler, runner, sampler and detokenizer included), for transformers
 the gap between consecutive tokens inside `generate`.
+
+With `-tp N` our engine runs on N ranks (benchmarks/parallel.py) and the roofline counts what
+rank 0 moves: on GPUs its shard over one GPU's bandwidth (the per-GPU roofline); on a CPU, where
+the ranks share one memory bus, N times that.
 """
 
 from __future__ import annotations
@@ -45,9 +49,25 @@ def _ours(engine, prompt: list[int], new_tokens: int, rid: str) -> tuple[list[fl
 def run_decode(bm: BenchModel, opts: BenchOptions) -> dict:
     sz = sizes(opts)
     P, N = sz["prompt_len"], sz["new_tokens"]
+    n = opts.tensor_parallel_size
+    if n > 1:  # our engine on n ranks (the baseline stays one process)
+        from qwen35.benchmarks.parallel import parallel_engine
+
+        opts.say(f"starting {n} ranks")
+        engine = parallel_engine(bm, opts, n, max_num_seqs=1, max_model_len=P + N + 16)
+    else:
+        engine = make_engine(bm, max_num_seqs=1, max_model_len=P + N + 16)
+    try:
+        return _run(engine, bm, opts, sz)
+    finally:
+        if n > 1:
+            engine.shutdown()
+
+
+def _run(engine, bm: BenchModel, opts: BenchOptions, sz: dict) -> dict:
+    P, N = sz["prompt_len"], sz["new_tokens"]
     cfg = bm.config
     rng = random.Random(opts.seed)
-    engine = make_engine(bm, max_num_seqs=1, max_model_len=P + N + 16)
     hf = bm.hf if opts.baseline else None
     ours_steps, hf_steps, bandwidths = [], [], []
     ours_prefill, hf_prefill, agree = [], [], []
@@ -80,7 +100,10 @@ def run_decode(bm: BenchModel, opts: BenchOptions) -> dict:
         profile = profile_decode(engine, [rng.randrange(cfg.vocab_size) for _ in range(P)])
     bw = median(bandwidths)
     context = P + N // 2  # the average context of the decode steps
-    nbytes = decode_bytes_per_step(bm.model, context)
+    # tensor parallel: rank 0's shard; its GPU reads it alone, a CPU's ranks share one bus
+    nbytes = decode_bytes_per_step(engine.model, context)
+    if engine.workers is not None and bm.device.type == "cpu":
+        nbytes = {k: v * engine.workers.size for k, v in nbytes.items()}
     roof = roofline_tokens_per_s(nbytes["total"], bw)
     ours_ms = median(ours_steps) * 1e3
     ours_tps = 1e3 / ours_ms
@@ -89,6 +112,7 @@ def run_decode(bm: BenchModel, opts: BenchOptions) -> dict:
     vs_hf = ratio(ours_tps, hf_tps)
     of_roof = ratio(ours_tps, roof)
     return {
+        "tensor_parallel_size": 1 if engine.workers is None else engine.workers.size,
         "prompt_len": P,
         "new_tokens": N,
         "rounds": sz["rounds"],

@@ -54,6 +54,7 @@ def print_workload(doc: dict, key: str, con: Console) -> None:
         "vision": _vision,
         "quality": _quality,
         "peers": _peers,
+        "tp": _tp,
     }
     printers[key](con, doc["workloads"][key], _impl(doc))
 
@@ -74,9 +75,11 @@ def _vision(con: Console, d: dict, impl: str = "") -> None:
 
 
 def _decode(con: Console, d: dict, impl: str) -> None:
+    n = d.get("tensor_parallel_size", 1)
     t = Table(
         title=f"Batch-1 decode (prompt {d['prompt_len']}, {d['new_tokens']} new tokens, "
         f"median of {d['ours']['num_steps_timed']} steps over {d['rounds']} rounds)"
+        + (f"; qwen35 on {n} tensor-parallel ranks" if n > 1 else "")
     )
     for c in ("", "ms / token", "tokens/s", "prefill s", "vs transformers", "of roofline"):
         t.add_column(c, justify="right")
@@ -268,3 +271,19 @@ def _peers(con: Console, d: dict, impl: str = "") -> None:
     con.print(t)
     if d["llama_cpp"] != "ran":
         con.print(f"  llama.cpp skipped: {d['llama_cpp']}")
+
+
+def _tp(con: Console, d: dict, impl: str = "") -> None:
+    n = d["tensor_parallel_size"]
+    t = Table(
+        title=f"Tensor parallelism: one process vs {n} ranks"
+        + (" + expert parallelism" if d["expert_parallel"] else "")
+        + f", same weights, {d['new_tokens']} new tokens per prompt, median of {d['rounds']} "
+        f"interleaved rounds ({d['cores']} threads; {d['threads_per_rank']} per rank)"
+    )
+    for c in ("workload", "engine", "threads", "tokens/s", "same tokens as 1 process"):
+        t.add_column(c, justify="right")
+    for r in d["rows"]:
+        t.add_row(r["workload"], r["engine"], str(r["threads"]), _f(r["tokens_per_s"], ".1f"),
+                  "yes" if r["same_tokens"] else "NO")  # fmt: skip
+    con.print(t)

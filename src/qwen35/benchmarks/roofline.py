@@ -62,16 +62,19 @@ def model_weights(model: torch.nn.Module) -> RankWeights:
 
 def decode_bytes_per_step(model: torch.nn.Module, context_len: int, batch: int = 1) -> dict:
     """Bytes one decode step of `batch` sequences at `context_len` moves (see the module
-    docstring), with the caches as the engine allocates them (cache_spec, model dtype)."""
+    docstring), with the caches as the engine allocates them (cache_spec, model dtype); for a
+    tensor-parallel rank's model, what that rank moves."""
     cfg: ModelConfig = model.config
     dname = str(next(model.parameters()).dtype).removeprefix("torch.")
-    spec = cache_spec(cfg, kv_dtype=dname, conv_dtype=dname)
+    tp = getattr(model, "tp", None)
+    size = tp.size if tp is not None else 1  # a tensor-parallel rank: its shard and caches
+    spec = cache_spec(cfg, kv_dtype=dname, conv_dtype=dname, tp=size)
     return decode_bytes(
         model_weights(model),
         spec,
         sequences=batch,
         context=context_len,
-        embedding_rows=cfg.vocab_size,
+        embedding_rows=model.get_submodule("model.embed_tokens").weight.shape[0],
         experts_touched=moe_touched_fraction(cfg, batch),
     ).as_dict()
 

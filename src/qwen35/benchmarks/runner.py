@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from qwen35.benchmarks import SCHEMA, WORKLOADS
+from qwen35.benchmarks import PARALLEL, SCHEMA, WORKLOADS
 from qwen35.benchmarks.common import BenchOptions, free_memory, load_bench_model, system_info
 
 
@@ -22,6 +22,7 @@ def _workload_fns() -> dict[str, Callable]:
     from qwen35.benchmarks.dtype import run_dtype
     from qwen35.benchmarks.long_context import run_long_context
     from qwen35.benchmarks.multi_turn import run_multi_turn
+    from qwen35.benchmarks.parallel import run_tp
     from qwen35.benchmarks.peers import run_peers
     from qwen35.benchmarks.quality import run_quality
     from qwen35.benchmarks.structured import run_structured
@@ -38,6 +39,7 @@ def _workload_fns() -> dict[str, Callable]:
         "vision": run_vision,
         "quality": run_quality,
         "peers": run_peers,
+        "tp": run_tp,
     }
 
 
@@ -56,6 +58,14 @@ def run_bench(
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
         raise ValueError(f"unknown workloads {unknown}; choose from {WORKLOADS}")
+    others = [w for w in workloads if w not in PARALLEL]
+    if opts.tensor_parallel_size > 1 and others:
+        from qwen35.errors import Qwen35Error
+
+        raise Qwen35Error(
+            f"--tensor-parallel-size {opts.tensor_parallel_size} applies to the workloads "
+            f"{', '.join(PARALLEL)}, not {', '.join(others)}: choose one with --workload"
+        )
     from qwen35.engine.runtime import configure_cpu_runtime
 
     runtime = configure_cpu_runtime(opts.threads)  # what every engine does at start

@@ -14,7 +14,7 @@ from qwen35.errors import Qwen35Error
 
 WORKLOAD_CHOICES = (
     "all", "decode", "throughput", "long-context", "multi-turn", "dtype", "structured", "vision",
-    "quality", "peers",
+    "quality", "peers", "tp",
 )  # fmt: skip
 
 
@@ -41,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "engine in fp32 vs bf16; structured = decode steps with every row under a JSON schema "
         "vs none at batch 32, and schema compile time; vision = encoder images/s and TTFT of a "
         "chat with one 1024x1024 image; quality = fp8/int8/int4 vs bf16 (top-1 agreement, KL); "
-        "peers = each weight format vs llama.cpp (only decode, throughput, long-context and "
-        "multi-turn are part of all)",
+        "peers = each weight format vs llama.cpp; tp = tokens/s of one process vs "
+        "--tensor-parallel-size ranks (default 2) on the same weights (only decode, "
+        "throughput, long-context and multi-turn are part of all)",
     )
     p.add_argument(
         "--model",
@@ -53,7 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from qwen35.engine.config import EngineConfig
 
     # the engine's own flags, declared once in EngineConfig (both engines use them here)
-    EngineConfig.add_cli_arguments(p, only=("dtype", "device", "threads"))
+    # -tp N: decode runs our engine on N ranks; tp compares one process with N ranks
+    EngineConfig.add_cli_arguments(
+        p,
+        only=("dtype", "device", "threads", "tensor_parallel_size", "enable_expert_parallel"),
+    )
     p.add_argument("--quick", action="store_true", help="small sizes: a fast check, not a measure")
     p.add_argument("--no-baseline", action="store_true", help="skip transformers")
     p.add_argument("--seed", type=int, default=0)
@@ -103,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         hf_batch_size=args.hf_batch_size,
         rounds=args.rounds,
         formats=tuple(args.formats.split(",")) if args.formats else None,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
         progress=say,
     )
     workloads = list(ALL) if args.workload == "all" else [args.workload]

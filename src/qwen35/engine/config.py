@@ -209,11 +209,6 @@ class EngineConfig:
             raise Qwen35Error(f"max_model_len must be an integer >= 2, got {s.max_model_len!r}")
         if self.device.threads is not None and self.device.threads < 1:
             raise Qwen35Error(f"threads must be >= 1, got {self.device.threads!r}")
-        if p.tensor_parallel_size > 1 and self.load.quantization:
-            raise Qwen35Error(
-                f"quantization={self.load.quantization!r} with tensor_parallel_size > 1 is not "
-                "supported yet: use one of the two"
-            )
 
     # ---- command line ---------------------------------------------------------------------
     @staticmethod

@@ -17,7 +17,6 @@ from qwen35.layers.linear import Linear, empty_param, pack_linears, packed_linea
 from qwen35.layers.norms import GatedRMSNorm
 from qwen35.ops.deltanet import Dims, deltanet_decode, deltanet_prefill
 from qwen35.parallel.context import SINGLE, TensorParallel
-from qwen35.parallel.linear import row_linear
 
 
 class DepthwiseConv(nn.Module):
@@ -48,7 +47,8 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = empty_param(self.nv, dtype=dtype, device=device)
         self.A_log = empty_param(self.nv, dtype=dtype, device=device)
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps, dtype, device)
-        self.out_proj = row_linear(self.value_dim, H, dtype, device, tp)  # [H, Vd]
+        self.out_proj = Linear(self.value_dim, H, dtype, device)  # [H, Vd], row-parallel
+        self.tp = tp  # out_proj's partial outputs are summed over the ranks
         self.packed_in: torch.Tensor | None = None  # the four in_proj weights, see pack()
 
     def in_projs(self) -> tuple[Linear, ...]:
@@ -80,4 +80,4 @@ class GatedDeltaNet(nn.Module):
             deltanet_decode(be, qkv, g, beta, w, self.dims, batch.decode, conv_cache,
                             rec_cache, o)  # fmt: skip
         y = self.norm(o, z, be)  # [T, nv, dv]
-        return self.out_proj(y.view(T, self.value_dim))
+        return self.tp.all_reduce(self.out_proj(y.view(T, self.value_dim)))  # [T, H]

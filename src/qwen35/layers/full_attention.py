@@ -25,7 +25,6 @@ from qwen35.ops.attention import (
     write_kv,
 )
 from qwen35.parallel.context import SINGLE, TensorParallel
-from qwen35.parallel.linear import row_linear
 
 
 class GatedAttention(nn.Module):
@@ -39,7 +38,8 @@ class GatedAttention(nn.Module):
         self.q_proj = Linear(H, 2 * self.nh * self.hd, dtype, device)  # [2 nh hd, H]
         self.k_proj = Linear(H, self.nkv * self.hd, dtype, device)  # [nkv hd, H]
         self.v_proj = Linear(H, self.nkv * self.hd, dtype, device)
-        self.o_proj = row_linear(self.nh * self.hd, H, dtype, device, tp)  # [H, nh hd]
+        self.o_proj = Linear(self.nh * self.hd, H, dtype, device)  # [H, nh hd], row-parallel
+        self.tp = tp  # o_proj's partial outputs are summed over the ranks
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, dtype, device)
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, dtype, device)
         self.packed_qkv: torch.Tensor | None = None  # q_proj, k_proj, v_proj, see pack()
@@ -72,7 +72,7 @@ class GatedAttention(nn.Module):
         if d is not None and d.all_rows:  # a pure decode step: the output gate in the kernel
             gate = gate.view(T, nh, hd)
             o = paged_decode_attention(be, q, key_cache, value_cache, d, self.scale, gate)
-            return self.o_proj(o.view(T, nh * hd))
+            return self.tp.all_reduce(self.o_proj(o.view(T, nh * hd)))
         o = q.new_empty(T, nh, hd)
         for sp in batch.prefill:
             r = sp.rows
@@ -88,4 +88,4 @@ class GatedAttention(nn.Module):
             od = paged_decode_attention(be, qd, key_cache, value_cache, d, self.scale)
             o.index_copy_(0, d.rows, od.to(o.dtype))
         o = o.view(T, nh * hd).mul_(gate.sigmoid_())  # gate is a fresh copy (reshape)
-        return self.o_proj(o)
+        return self.tp.all_reduce(self.o_proj(o))  # [T, H]

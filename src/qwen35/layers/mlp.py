@@ -8,7 +8,6 @@ from torch import nn
 
 from qwen35.layers.linear import Linear, pack_linears, packed_linear
 from qwen35.parallel.context import SINGLE, TensorParallel
-from qwen35.parallel.linear import row_linear
 
 
 class MLP(nn.Module):
@@ -27,9 +26,8 @@ class MLP(nn.Module):
         intermediate_size = tp.part(intermediate_size)
         self.gate_proj = Linear(hidden_size, intermediate_size, dtype, device)  # [I, H]
         self.up_proj = Linear(hidden_size, intermediate_size, dtype, device)  # [I, H]
-        self.down_proj = row_linear(  # [H, I]
-            intermediate_size, hidden_size, dtype, device, tp if reduce else None
-        )
+        self.down_proj = Linear(intermediate_size, hidden_size, dtype, device)  # [H, I]
+        self.tp = tp if reduce else SINGLE  # down_proj is row-parallel: sum its outputs
         self.packed_gate_up: torch.Tensor | None = None  # [2I, H], see pack()
 
     def pack(self) -> None:
@@ -39,4 +37,4 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         gate, up = packed_linear(x, self.packed_gate_up, self.gate_proj, self.up_proj)
         h = F.silu(gate, inplace=True).mul_(up)  # [T, I]; gate is a temporary either way
-        return self.down_proj(h)
+        return self.tp.all_reduce(self.down_proj(h))  # [T, H]

@@ -27,6 +27,11 @@ from qwen35.parallel.context import SINGLE, TensorParallel
 
 
 class Experts(nn.Module):
+    # expert parallelism (parallel/experts.py): this module holds experts [first_expert,
+    # first_expert + num_experts) of num_total; pairs routed to the others are other ranks'
+    first_expert = 0
+    num_total: int | None = None  # None: all of them
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype, device):
         super().__init__()
         self.num_experts = num_experts
@@ -48,20 +53,26 @@ class Experts(nn.Module):
         top_w: torch.Tensor,  # [T, k] routing weights in x.dtype
         backend: Backend | None = None,
     ) -> torch.Tensor:
-        if type(self) is Experts:  # plain weights: the backend's grouped path
+        if type(self) is Experts and self.num_total is None:  # plain weights: grouped path
             if backend is None:
                 return grouped_experts_reference(
                     x, self.gate_up_proj, self.down_proj, top_idx, top_w
                 )
             return routed_experts(backend, x, self.gate_up_proj, self.down_proj, top_idx, top_w)
-        # quantized experts (qwen35/quant): one gate_up and one down per active expert
-        T, k = top_idx.shape
-        flat = top_idx.reshape(-1)  # [T*k]
-        order = torch.argsort(flat, stable=True)  # (token, choice) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        token_of = order // k  # [T*k] source token of each sorted pair
-        xs = x.index_select(0, token_of)  # [T*k, H]
-        ys = torch.empty_like(xs)  # [T*k, H]
+        # quantized experts (qwen35/quant) or some of them (expert parallelism): one gate_up and
+        # one down per active expert
+        k = top_idx.shape[1]
+        local = top_idx.reshape(-1) - self.first_expert  # [T*k] ids among this module's
+        if self.num_total is None:
+            order = torch.argsort(local, stable=True)  # (token, choice) pairs by expert
+        else:  # only the pairs routed to this module's experts
+            mine = ((local >= 0) & (local < self.num_experts)).nonzero().squeeze(1)  # [P]
+            local = local.index_select(0, mine)
+            order = mine.index_select(0, torch.argsort(local, stable=True))
+        counts = torch.bincount(local, minlength=self.num_experts).tolist()
+        token_of = order // k  # [P] source token of each sorted pair
+        xs = x.index_select(0, token_of)  # [P, H]
+        ys = torch.empty_like(xs)  # [P, H]
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
@@ -94,13 +105,12 @@ class SparseMoE(nn.Module):
         self.top_k = top_k
         self.tp = tp
         self.gate = Linear(hidden_size, num_experts, dtype, device)  # router [E, H], replicated
-        if tp.expert_parallel and tp.size > 1:
-            from qwen35.parallel.experts import LocalExperts
+        if tp.ep_size > 1:  # whole experts, num_experts / tp of them
+            from qwen35.parallel.experts import place
 
-            self.experts = LocalExperts(
-                num_experts, hidden_size, moe_intermediate_size, dtype, device, tp
-            )
-        else:
+            local = Experts(tp.part(num_experts), hidden_size, moe_intermediate_size, dtype, device)
+            self.experts = place(local, tp, num_experts)
+        else:  # every expert, split by intermediate size
             self.experts = Experts(
                 num_experts, hidden_size, tp.part(moe_intermediate_size), dtype, device
             )

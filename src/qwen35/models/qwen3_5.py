@@ -33,7 +33,7 @@ from qwen35.layers.norms import RMSNorm
 from qwen35.layers.rotary import RotaryEmbedding
 from qwen35.ops.backend import Backend
 from qwen35.parallel.context import SINGLE, TensorParallel
-from qwen35.parallel.linear import ParallelLMHead, VocabParallelEmbedding
+from qwen35.parallel.linear import embed, gather_logits
 
 
 class Embedding(nn.Module):
@@ -102,12 +102,9 @@ class Qwen35TextModel(nn.Module):
             from qwen35.models.vision import VisionModel
 
             self.visual = VisionModel(cfg.vision, dtype, device)
-        if tp.size > 1:
-            self.embed_tokens = VocabParallelEmbedding(
-                cfg.vocab_size, cfg.hidden_size, dtype, device, tp
-            )
-        else:
-            self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
+        # vocabulary-parallel: this rank's rows of the vocabulary padded to a multiple of tp
+        V = tp.vocab_rows(cfg.vocab_size)
+        self.embed_tokens = Embedding(V, cfg.hidden_size, dtype, device)  # [V, H]
         counts = {"linear_attention": 0, "full_attention": 0}
         layers = []
         for t in cfg.layer_types:
@@ -128,7 +125,8 @@ class Qwen35ForCausalLM(nn.Module):
     ):
         """tp: this process's rank of a tensor-parallel group (parallel/); it holds only its
         shard of every split weight and gets the full logits. vision: build the vision tower
-        (default: when the config has one; never under tensor parallelism)."""
+        (default: when the config has one and tp is 1; under tensor parallelism the tower is
+        whole, on the rank that encodes images)."""
         super().__init__()
         self.config = cfg
         self.tp = tp
@@ -136,13 +134,9 @@ class Qwen35ForCausalLM(nn.Module):
         vision = cfg.vision is not None and tp.size == 1 if vision is None else vision
         if vision and cfg.vision is None:
             raise ValueError("vision=True needs a config with a vision_config")
-        if vision and tp.size > 1:
-            raise ValueError("the vision tower is not tensor-parallel")
         self.model = Qwen35TextModel(cfg, dtype, device, tp, vision)
-        if tp.size > 1:
-            self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, dtype, device, tp)
-        else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, device)  # [V, H]
+        # [V, H]; vocabulary-parallel like the embedding (logits gathered in compute_logits)
+        self.lm_head = Linear(cfg.hidden_size, tp.vocab_rows(cfg.vocab_size), dtype, device)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section)
         self.packed = False  # projections packed by post_load
         self.tie_weights()
@@ -205,7 +199,7 @@ class Qwen35ForCausalLM(nn.Module):
             raise ValueError(
                 f"{input_ids.shape[0]} input ids for a ForwardBatch of {batch.num_tokens} tokens"
             )
-        h = self.model.embed_tokens(input_ids)  # [T, H]
+        h = embed(self.model.embed_tokens, input_ids, self.tp)  # [T, H]
         if batch.mm_rows is not None:  # vision encoder outputs replace the pad tokens' rows
             h.index_copy_(0, batch.mm_rows, batch.mm_embeds.to(h.dtype))
         if batch.mrope_positions is not None:
@@ -220,7 +214,8 @@ class Qwen35ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
         """Pre-norm hidden rows [S, H] -> logits [S, V] float32."""
-        return self.lm_head(self.model.norm(hidden, backend)).float()
+        logits = self.lm_head(self.model.norm(hidden, backend))  # [S, V / tp]
+        return gather_logits(logits, self.tp, self.config.vocab_size).float()
 
     def forward(
         self,

@@ -1,63 +1,35 @@
-"""Tensor-parallel linear layers: the pieces whose forward needs a collective.
+"""The collectives around tensor-parallel layers, which stay plain modules.
 
-Column-parallel projections need none (each rank's `Linear` simply has fewer output rows); the
-row-parallel ones sum their partial products over the ranks (one all-reduce each); the
-vocabulary-parallel embedding sums the rows each rank owns; the head gathers each rank's
-vocabulary slice once. Expert parallelism: experts.py.
+Column-parallel projections need none (each rank's `Linear` simply has fewer output rows).
+Row-parallel ones (o_proj, out_proj, down_proj) are plain `Linear`s over the rank's input
+columns; the layer that calls one sums the partial outputs over the ranks (`tp.all_reduce`,
+one per projection). The vocabulary-parallel embedding and head are plain modules holding the
+rank's rows of the padded vocabulary; `embed` and `gather_logits` add their collectives. Keeping
+the weights in plain modules lets quantization (qwen35.quant) swap them for FP8 / int8 / int4
+ones on each rank's shard exactly as it does in one process. Expert parallelism: experts.py.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from qwen35.layers.linear import Linear, empty_param, linear
 from qwen35.parallel.context import TensorParallel
 
 
-class RowParallelLinear(Linear):
-    """weight [out, in / tp]: x [..., in / tp] -> the full y [..., out], summed over the ranks."""
-
-    def __init__(self, in_features: int, out_features: int, dtype, device, tp: TensorParallel):
-        super().__init__(in_features, out_features, dtype, device)
-        self.tp = tp
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(linear(x, self.weight))
-
-
-def row_linear(in_features: int, out_features: int, dtype, device, tp: TensorParallel | None):
-    """A row-parallel projection on a local input of `in_features` (a plain Linear at tp=1)."""
-    if tp is None or tp.size == 1:
-        return Linear(in_features, out_features, dtype, device)
-    return RowParallelLinear(in_features, out_features, dtype, device, tp)
+def embed(module, ids: torch.Tensor, tp: TensorParallel) -> torch.Tensor:  # [T] -> [T, H]
+    """Look ids up in a vocabulary-parallel embedding: rank r owns token ids [r*Vp, (r+1)*Vp)
+    (Vp = tp.vocab_rows; padding rows are zero); the others contribute zeros to the sum."""
+    if tp.size == 1:
+        return module(ids)
+    rows = module.weight.shape[0]  # Vp
+    local = ids - tp.rank * rows
+    outside = (local < 0) | (local >= rows)  # [T] ids another rank owns
+    h = module(local.masked_fill(outside, 0))  # [T, H]
+    return tp.all_reduce(h.masked_fill_(outside[:, None], 0))
 
 
-class VocabParallelEmbedding(nn.Module):
-    """weight [ceil(V/tp), H]: rank r owns token ids [r*Vp, (r+1)*Vp) (padding rows are zero)."""
-
-    def __init__(self, num: int, dim: int, dtype, device, tp: TensorParallel):
-        super().__init__()
-        self.tp = tp
-        self.rows = tp.vocab_rows(num)
-        self.first = tp.rank * self.rows
-        self.weight = empty_param(self.rows, dim, dtype=dtype, device=device)  # [Vp, H]
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
-        local = ids - self.first
-        outside = (local < 0) | (local >= self.rows)  # [T] ids another rank owns
-        h = F.embedding(local.masked_fill(outside, 0), self.weight)  # [T, H]
-        return self.tp.all_reduce(h.masked_fill_(outside[:, None], 0))
-
-
-class ParallelLMHead(Linear):
-    """weight [ceil(V/tp), H] (shared with the embedding when tied): logits of this rank's
-    vocabulary slice, gathered once into [S, V] for sampling."""
-
-    def __init__(self, hidden: int, vocab: int, dtype, device, tp: TensorParallel):
-        super().__init__(hidden, tp.vocab_rows(vocab), dtype, device)
-        self.tp, self.vocab_size = tp, vocab
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [S, H] -> [S, V]
-        return self.tp.gather_last(linear(x, self.weight))[..., : self.vocab_size]
+def gather_logits(logits: torch.Tensor, tp: TensorParallel, vocab_size: int) -> torch.Tensor:
+    """This rank's vocabulary slice [S, Vp] -> the full logits [S, V] (one all-gather)."""
+    if tp.size == 1:
+        return logits
+    return tp.gather_last(logits)[..., :vocab_size]

@@ -4,6 +4,7 @@ The checkpoint is scanned against the full (unsharded) model built on the meta d
 coverage check and its errors are the single-process ones; the rank's own model is then
 allocated at its shard sizes and each tensor is copied through `shard.copies` from the
 memory-mapped file's `get_slice`: a rank never reads (or allocates) a whole split tensor.
+An FP8 weight's block scales are split with it, whole blocks each (shard.scale_rule).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from qwen35.config import ModelConfig
 from qwen35.parallel.context import TensorParallel
-from qwen35.parallel.shard import copies, shard_rule
+from qwen35.parallel.shard import copies, scale_rule, shard_rule, weight_of_scale
 
 _VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
 
@@ -35,11 +36,24 @@ class ShardReader:
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, full_shapes: dict[str, tuple]):
         self.cfg, self.tp, self.full_shapes = cfg, tp, full_shapes
+        q = cfg.quantization
+        self.block = tuple(q.weight_block_size) if q is not None else (128, 128)
+
+    def rule(self, name: str):
+        """This rank's rule for parameter `name` (an FP8 scale follows its weight's rule)."""
+        tp = self.tp
+        weight = weight_of_scale(name)
+        if weight is None:
+            return shard_rule(name, self.full_shapes[name], self.cfg, tp.rank, tp.size,
+                              tp.expert_parallel)  # fmt: skip
+        w = shard_rule(weight, self.full_shapes[weight], self.cfg, tp.rank, tp.size,
+                       tp.expert_parallel)  # fmt: skip
+        return scale_rule(w, len(self.full_shapes[weight]), self.block, name)
 
     def __call__(self, entry, sl, param: torch.Tensor) -> int:
         name = entry.target.param
         full = self.full_shapes[name]
-        rule = shard_rule(name, full, self.cfg, self.tp.rank, self.tp.size, self.tp.expert_parallel)
+        rule = self.rule(name)
         nbytes = 0
         for src_idx, dst_idx in copies(rule, _region(entry.target, full)):
             src = sl[src_idx] if src_idx else sl[:]

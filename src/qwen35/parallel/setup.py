@@ -36,12 +36,12 @@ def cpu_threads(requested: int | None, tp: int) -> int:
 def start(ec, model: str, dtype: torch.dtype) -> tuple[WorkerGroup, TensorParallel, torch.device]:
     """Validate the layout, start the workers (or, under torchrun on a rank other than 0, run
     this process as a worker and exit), and return rank 0's group, context and device."""
-    from qwen35.plan.sharding import validate_layout
+    from qwen35.loader import check_parallel_layout
 
     size = ec.parallel.tensor_parallel_size
     ep = ec.parallel.enable_expert_parallel
     cfg = peek_config(model, ec.load.load_format)
-    validate_layout(cfg, size, size if ep else 1, "fp8" if cfg.quantization else "bf16")
+    check_parallel_layout(cfg, size, size if ep else 1, ec.load.quantization)
     if ep and not cfg.is_moe:
         raise Qwen35Error(f"--enable-expert-parallel needs an MoE model; {cfg.name} is dense")
     device = torch.device(ec.device.device)
@@ -55,7 +55,8 @@ def start(ec, model: str, dtype: torch.dtype) -> tuple[WorkerGroup, TensorParall
         "dtype": dtype,
         "device": ec.device.device,
         "load_format": ec.load.load_format,
-        "seed": ec.seed,
+        "quantization": ec.load.quantization,
+        "seed": 0 if ec.seed is None else ec.seed,  # random weights: as rank 0's
         "expert_parallel": ep,
         "threads": cpu_threads(ec.device.threads, size) if device.type == "cpu" else None,
         "timeout": ec.parallel.distributed_timeout,

@@ -42,7 +42,7 @@ def shard_rule(
     name: str, shape: tuple[int, ...], cfg: ModelConfig, rank: int, size: int, ep: bool = False
 ) -> Rule | None:
     """The rule of parameter `name` (full shape `shape`) on `rank` of `size`; None: replicated."""
-    if size == 1:
+    if size == 1 or name.startswith("model.visual."):  # the vision tower is not split
         return None
     leaf = name.rsplit(".", 2)
     last = ".".join(leaf[-2:])
@@ -84,6 +84,26 @@ def shard_rule(
     if last == "down_proj.weight":
         return Rule(1, _even(shape[1], rank, size))
     return None  # norms, router, shared_expert_gate
+
+
+def weight_of_scale(name: str) -> str | None:
+    """The FP8 weight a block-scale parameter belongs to (None: not a scale)."""
+    scales = (".weight_scale_inv", "experts.gate_up_proj_scale_inv", "experts.down_proj_scale_inv")
+    return name.removesuffix("_scale_inv") if name.endswith(scales) else None
+
+
+def scale_rule(rule: Rule | None, ndim: int, block: tuple[int, int], name: str) -> Rule | None:
+    """The rank's part of an FP8 weight's block scales, from the weight's rule: whole blocks
+    of the split dimension (column-parallel: output blocks; row-parallel: input blocks;
+    expert-parallel: whole experts). The layout check (plan.sharding) refused every split that would cut a block."""
+    if rule is None or (ndim == 3 and rule.dim == 0):
+        return rule
+    b = block[0] if rule.dim == ndim - 2 else block[1]  # out dim: block rows; in dim: columns
+    if any(s % b or n % b for s, n in rule.pieces):
+        from qwen35.plan.sharding import LayoutError
+
+        raise LayoutError(f"{name}: the rank's slices {rule.pieces} cut {b}-wide FP8 blocks")
+    return Rule(rule.dim, tuple((s // b, n // b) for s, n in rule.pieces))
 
 
 def local_shape(rule: Rule | None, shape: tuple[int, ...], name: str, size: int) -> tuple:

@@ -67,6 +67,7 @@ def run_worker(
             load_format=args["load_format"],
             seed=args["seed"],
             tp=tp,
+            quantization=args["quantization"],
         )
         if device.type == "cpu":  # compile (first run on a machine) now, not inside a step
             from qwen35 import kernels

@@ -14,8 +14,8 @@ Expert parallelism (ep ranks, --ep) instead gives each rank num_experts / ep who
 the shared expert stays tensor-parallel.
 
 Block FP8 adds one rule: every rank's shard of a quantized tensor must be whole 128x128 scale
-blocks along the split dimension, or the checkpoint's scales cannot be divided (vLLM #52997:
-35B-A3B-FP8 at tp=8 gives 512/8 = 64 expert rows per rank).
+blocks along the split dimension (k/v: of the KV heads it holds), or the checkpoint's scales
+cannot be divided (vLLM #52997: 35B-A3B-FP8 at tp=8 gives 512/8 = 64 expert rows per rank).
 """
 
 from __future__ import annotations
@@ -75,7 +75,22 @@ def layout_problems(cfg: ModelConfig, tp: int, ep: int = 1, dtype: str = "bf16")
     fp8 = dtype == "fp8"
     block = _block(cfg)
     bad: dict[str, list[str]] = {}  # one reason -> the tensors it applies to
+
+    def add(reason: str, t: Tensor) -> None:
+        names = bad.setdefault(reason, [])
+        if _short(t.name) not in names:
+            names.append(_short(t.name))
+
     for t in weight_tensors(cfg):
+        if t.split == "kv" and fp8 and t.fp8 and tp > 1:  # whole KV heads, split or replicated
+            per = kv_heads_per_rank(cfg.num_key_value_heads, tp) * cfg.head_dim
+            if per % block:  # rank r's rows start at a multiple of `per`
+                add(
+                    f"{cfg.num_key_value_heads} KV heads of {cfg.head_dim} over {tp} ranks give "
+                    f"{per} rows per rank, not whole {block}-wide FP8 scale blocks",
+                    t,
+                )
+            continue
         if t.split not in ("col", "row") or (t.expert and ep > 1):
             continue
         dim = t.shape[0] if t.split == "col" else t.shape[1]
@@ -90,9 +105,7 @@ def layout_problems(cfg: ModelConfig, tp: int, ep: int = 1, dtype: str = "bf16")
                 )
             else:
                 continue
-            names = bad.setdefault(reason, [])
-            if _short(t.name) not in names:
-                names.append(_short(t.name))
+            add(reason, t)
     for reason, names in bad.items():
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         problems.append(f"{shown}: {reason}")

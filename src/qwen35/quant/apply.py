@@ -67,7 +67,13 @@ def rule_modules(model: nn.Module, cfg) -> list[str]:
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace module `name` (quantized experts keep the expert-parallel placement)."""
     parent, _, leaf = name.rpartition(".")
+    old = model.get_submodule(name)
+    if isinstance(old, Experts) and isinstance(new, Experts):
+        from qwen35.parallel.experts import same_place
+
+        same_place(new, old)
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
@@ -83,6 +89,11 @@ def _to_fp8_meta(mod: nn.Module, block) -> nn.Module | None:
 # ---- loading an FP8 checkpoint ----------------------------------------------------------------
 def fp8_layout_from_checkpoint(model: nn.Module, cfg, files) -> list[str]:
     """Swap (on meta) every module the checkpoint stores in FP8; returns their names."""
+    return swap_to_fp8_meta(model, fp8_modules_in_checkpoint(cfg, files), cfg)
+
+
+def fp8_modules_in_checkpoint(cfg, files) -> list[str]:
+    """Names of the modules an FP8 checkpoint stores in FP8 (from its headers)."""
     from qwen35.weights import CheckpointError, _open, map_key
 
     block = cfg.quantization.weight_block_size
@@ -107,12 +118,19 @@ def fp8_layout_from_checkpoint(model: nn.Module, cfg, files) -> list[str]:
             f"({cfg.moe_intermediate_size}) to be a multiple of {block[0]} (gate and up share "
             "scale blocks otherwise); store the experts per expert"
         )
+    return sorted(names)
+
+
+def swap_to_fp8_meta(model: nn.Module, names, cfg) -> list[str]:
+    """Swap the named modules (on meta) for FP8 ones of the same (local) sizes; returns the
+    names swapped (a name the model lacks is left to the checkpoint scan to report)."""
+    block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
     swapped = []
-    for name in sorted(names):
+    for name in names:
         try:
             mod = model.get_submodule(name)
         except AttributeError:
-            continue  # reported by the scan as unexpected
+            continue
         new = _to_fp8_meta(mod, block)
         if new is not None:
             _set(model, name, new)
