@@ -43,7 +43,7 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
 
 
 def _triton(backend: Backend | None, x: torch.Tensor) -> bool:
-    return backend is not None and backend.triton_norms and x.is_cuda and x.shape[-1] <= 8192
+    return backend is not None and backend.triton_norms and backend.on_gpu_path(x) and x.shape[-1] <= 8192
 
 
 class RMSNorm(nn.Module):

@@ -9,6 +9,8 @@ the layers). Tests pick a backend instead of monkeypatching:
     select_backend("cpu")                  # the compiled CPU kernel where it builds
     select_backend("cpu", kernels=False)   # plain PyTorch everywhere: the reference
     select_backend("cuda")                 # fla + Triton paged attention where installed
+    interpreter_backend(torch.float32)     # tests only: the cuda backend's kernels on CPU
+                                           # tensors, through Triton's interpreter
 
 The plain PyTorch path runs on every device; each fast op is tested against it.
 """
@@ -35,6 +37,13 @@ class Backend:
     # DeltaNet decode in Triton, states updated in their slots (kernels/triton_deltanet.py)
     triton_deltanet: bool = False
     grouped_mm: bool = False  # torch._grouped_mm works for the model dtype on this device
+    # tests only (interpreter_backend): the Triton kernels also take CPU tensors, which Triton
+    # runs through its interpreter (TRITON_INTERPRET=1), and ops choose as they would on a GPU
+    interpret: bool = False
+
+    def on_gpu_path(self, x: torch.Tensor) -> bool:
+        """x takes this backend's GPU kernels: it is on the GPU, or the kernels are interpreted."""
+        return x.is_cuda or self.interpret
 
     @property
     def name(self) -> str:
@@ -51,6 +60,8 @@ class Backend:
             parts.append("triton-deltanet")
         if self.grouped_mm:
             parts.append("grouped-mm")
+        if self.interpret:
+            parts.append("interpreted")
         return "+".join(parts)
 
     @property
@@ -71,6 +82,31 @@ def select_backend(
 
 def reference_backend(device: torch.device | str) -> Backend:
     return select_backend(device, kernels=False)
+
+
+def interpreter_backend(dtype: torch.dtype = torch.float32, **overrides) -> Backend:
+    """Tests only: the cuda backend's choice of kernels (fla-core where importable, our Triton
+    attention, norms and DeltaNet decode, grouped-mm MoE) over CPU tensors, every Triton kernel
+    run by Triton's interpreter. Needs TRITON_INTERPRET=1 set before Triton is imported (a
+    compiled launch on a CPU tensor fails). fla is taken for fp32 too: interpreted dots are
+    exact fp32, unlike the TF32 a GPU uses. `overrides`: Backend fields to change (a subset)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("interpreter_backend needs TRITON_INTERPRET=1 (set before import)")
+    import triton  # noqa: F401  (ImportError: no Triton here)
+
+    from qwen35.kernels import triton_attention, triton_deltanet, triton_norms  # noqa: F401
+
+    fields = dict(
+        fla=load_fla(),
+        triton_attention=True,
+        triton_norms=True,
+        triton_deltanet=True,
+        grouped_mm=_grouped_mm_works("cpu", dtype),
+        interpret=True,
+    )
+    return Backend("cuda", **{**fields, **overrides})
 
 
 @functools.cache

@@ -66,6 +66,6 @@ CPU_GMM_MAX_ROWS = 16
 
 def routed_experts(be: Backend, x, gate_up, down, top_idx, top_w) -> torch.Tensor:
     use = be.grouped_mm and x.dtype == gate_up.dtype
-    if use and (x.is_cuda or x.shape[0] <= CPU_GMM_MAX_ROWS):
+    if use and (be.on_gpu_path(x) or x.shape[0] <= CPU_GMM_MAX_ROWS):
         return grouped_experts_gmm(x, gate_up, down, top_idx, top_w)
     return grouped_experts_reference(x, gate_up, down, top_idx, top_w)
