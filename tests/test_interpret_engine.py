@@ -35,7 +35,7 @@ HAS_FLA = patch_fla_for_interpreter()
 def calls(monkeypatch):
     """Counts the GPU kernels' entry points as they run, so that a test fails if a dispatch
     silently took the PyTorch path instead. Wraps fla's through `counted(backend)`."""
-    from qwen35.kernels import triton_attention, triton_deltanet, triton_norms
+    from qwen35.kernels import triton_attention, triton_deltanet, triton_norms, triton_pointwise
     from qwen35.ops import moe
 
     n = Counter()
@@ -53,7 +53,8 @@ def calls(monkeypatch):
     for mod, names in (
         (triton_attention, ("paged_decode_attention", "paged_prefill_attention")),
         (triton_deltanet, ("conv_update_", "recurrent_step_")),
-        (triton_norms, ("rms_norm_zc", "gated_rms_norm")),
+        (triton_norms, ("rms_norm_zc", "gated_rms_norm", "add_rms_norm_zc_")),
+        (triton_pointwise, ("rotary_qk_", "silu_mul")),
         (moe, ("grouped_experts_gmm",)),
     ):
         for name in names:
@@ -111,7 +112,8 @@ def test_model_steps_equal_reference(name, moe, calls):
             torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
     n = calls.n
     assert n["paged_decode_attention"] and n["paged_prefill_attention"], n
-    assert n["rms_norm_zc"] and n["gated_rms_norm"], n
+    assert n["rms_norm_zc"] and n["gated_rms_norm"] and n["add_rms_norm_zc_"], n
+    assert n["rotary_qk_"] and n["silu_mul"], n
     assert (n["chunk"] > 0) == (be.fla is not None), n
     assert (n["conv_update_"] > 0) == be.triton_deltanet, n
     assert (n["fused_recurrent"] > 0) == (be.fla is not None and not be.triton_deltanet), n

@@ -33,7 +33,10 @@ class Backend:
     cpu_kernels: Any = None  # the compiled CPU module (kernels/) when it loaded, or None
     fla: Any = None  # fla-core's ops (namespace with chunk / fused_recurrent), or None
     triton_attention: bool = False  # our Triton paged attention (kernels/triton_attention.py)
-    triton_norms: bool = False  # the two RMSNorms as Triton kernels (kernels/triton_norms.py)
+    # the two RMSNorms and residual add + RMSNorm as Triton kernels (kernels/triton_norms.py)
+    triton_norms: bool = False
+    # rotary on q and k, SiLU * mul as Triton kernels (kernels/triton_pointwise.py)
+    triton_pointwise: bool = False
     # DeltaNet decode in Triton, states updated in their slots (kernels/triton_deltanet.py)
     triton_deltanet: bool = False
     grouped_mm: bool = False  # torch._grouped_mm works for the model dtype on this device
@@ -56,6 +59,8 @@ class Backend:
             parts.append("triton-attention")
         if self.triton_norms:
             parts.append("triton-norms")
+        if self.triton_pointwise:
+            parts.append("triton-pointwise")
         if self.triton_deltanet:
             parts.append("triton-deltanet")
         if self.grouped_mm:
@@ -86,7 +91,7 @@ def reference_backend(device: torch.device | str) -> Backend:
 
 def interpreter_backend(dtype: torch.dtype = torch.float32, **overrides) -> Backend:
     """Tests only: the cuda backend's choice of kernels (fla-core where importable, our Triton
-    attention, norms and DeltaNet decode, grouped-mm MoE) over CPU tensors, every Triton kernel
+    attention, norms, pointwise ops and DeltaNet decode, grouped-mm MoE) over CPU tensors, every Triton kernel
     run by Triton's interpreter. Needs TRITON_INTERPRET=1 set before Triton is imported (a
     compiled launch on a CPU tensor fails). fla is taken for fp32 too: interpreted dots are
     exact fp32, unlike the TF32 a GPU uses. `overrides`: Backend fields to change (a subset)."""
@@ -97,11 +102,13 @@ def interpreter_backend(dtype: torch.dtype = torch.float32, **overrides) -> Back
     import triton  # noqa: F401  (ImportError: no Triton here)
 
     from qwen35.kernels import triton_attention, triton_deltanet, triton_norms  # noqa: F401
+    from qwen35.kernels import triton_pointwise  # noqa: F401
 
     fields = dict(
         fla=load_fla(),
         triton_attention=True,
         triton_norms=True,
+        triton_pointwise=True,
         triton_deltanet=True,
         grouped_mm=_grouped_mm_works("cpu", dtype),
         interpret=True,
@@ -130,6 +137,7 @@ def _select(device_type: str, kernels: bool, dtype: torch.dtype) -> Backend:
             fla=load_fla() if dtype != torch.float32 else None,
             triton_attention=triton_ok,
             triton_norms=triton_ok,
+            triton_pointwise=triton_ok,
             triton_deltanet=triton_ok,
             grouped_mm=_grouped_mm_works("cuda", dtype),
         )
@@ -160,6 +168,7 @@ def _triton_works() -> bool:
         import triton  # noqa: F401
 
         from qwen35.kernels import triton_attention, triton_deltanet, triton_norms  # noqa: F401
+        from qwen35.kernels import triton_pointwise  # noqa: F401
     except Exception as e:
         log.info("Triton not available (%s): paged attention gathers in PyTorch", str(e)[:120])
         return False
