@@ -64,7 +64,7 @@ def calls(monkeypatch):
         if be.fla is None:
             return be
         fla = SimpleNamespace(**vars(be.fla))
-        wrap(fla, "chunk"), wrap(fla, "fused_recurrent")
+        wrap(fla, "chunk"), wrap(fla, "fused_recurrent"), wrap(fla, "conv")
         return dataclasses.replace(be, fla=fla)
 
     return SimpleNamespace(n=n, counted=counted)
@@ -114,7 +114,7 @@ def test_model_steps_equal_reference(name, moe, calls):
     assert n["paged_decode_attention"] and n["paged_prefill_attention"], n
     assert n["rms_norm_zc"] and n["gated_rms_norm"] and n["add_rms_norm_zc_"], n
     assert n["rotary_qk_"] and n["silu_mul"], n
-    assert (n["chunk"] > 0) == (be.fla is not None), n
+    assert (n["chunk"] > 0) == (n["conv"] > 0) == (be.fla is not None), n
     assert (n["conv_update_"] > 0) == be.triton_deltanet, n
     assert (n["fused_recurrent"] > 0) == (be.fla is not None and not be.triton_deltanet), n
     assert (n["grouped_experts_gmm"] > 0) == moe, n
@@ -195,3 +195,35 @@ def test_decode_graph_buffers_with_padding_rows(calls):
         real = [i for i in range(x.shape[0]) if i != pad_block]
         torch.testing.assert_close(y[real], x[real], atol=1e-4, rtol=1e-4)
     assert calls.n["conv_update_"] and calls.n["paged_decode_attention"], calls.n
+
+
+def test_fla_varlen_conv_equals_per_sequence_conv():
+    """fla's varlen causal_conv1d with our slot states (ops/deltanet.py `_conv_prefill_fla`)
+    against our per-sequence conv: prefills of 2, 3 and 70 tokens (shorter than the conv window
+    too), with and without initial states, checkpoints at 1, 2 and 64 tokens; rows interleaved
+    with a decode row; outputs and every conv state slot."""
+    from qwen35.engine.forward_batch import SeqPlan
+    from qwen35.ops.deltanet import _conv_prefill, _conv_prefill_fla
+
+    be = _full()
+    g = torch.Generator().manual_seed(9)
+    C, K = 24, 4
+    lens = [2, 3, 70]
+    T = sum(lens) + 1
+    qkv = torch.randn(T, C + 5, generator=g)[:, :C]  # a column slice of a packed projection
+    w = torch.randn(C, 1, K, generator=g)[:, 0, :]
+    conv0 = torch.randn(10, C, K - 1, generator=g)
+    plans, row = [], 1  # row 0: a decode row
+    for j, (n, fresh) in enumerate(zip(lens, [False, True, False], strict=True)):
+        sp = SeqPlan(j, row, n, 0 if fresh else 5, slot=2 * j + 1, has_initial_state=not fresh)
+        sp.checkpoints = {0: [(1, 7)], 1: [(2, 8)], 2: [(2, 6), (64, 9)]}[j]
+        plans.append(sp)
+        row += n
+    want_c, got_c = conv0.clone(), conv0.clone()
+    want, got = torch.zeros(T, C), torch.zeros(T, C)
+    for sp in plans:
+        want[sp.rows] = _conv_prefill(qkv[sp.rows], w, sp, want_c, K)
+    slots = torch.tensor([sp.slot for sp in plans])
+    _conv_prefill_fla(be.fla.conv, qkv, w, plans, slots, got_c, got)
+    torch.testing.assert_close(got[1:], want[1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_c, want_c, atol=0, rtol=0)

@@ -31,7 +31,7 @@ log = logging.getLogger("qwen35")
 class Backend:
     device_type: str  # "cpu" or "cuda"
     cpu_kernels: Any = None  # the compiled CPU module (kernels/) when it loaded, or None
-    fla: Any = None  # fla-core's ops (namespace with chunk / fused_recurrent), or None
+    fla: Any = None  # fla-core's ops (namespace: chunk, fused_recurrent, conv or None), or None
     triton_attention: bool = False  # our Triton paged attention (kernels/triton_attention.py)
     # the two RMSNorms and residual add + RMSNorm as Triton kernels (kernels/triton_norms.py)
     triton_norms: bool = False
@@ -156,10 +156,17 @@ def load_fla():
     except Exception as e:  # not installed, or no Triton / GPU to import against
         log.info("fla-core not available (%s): DeltaNet runs in PyTorch", str(e)[:120])
         return None
+    try:  # the varlen causal conv of the prefill (fla.modules); without it, ours per sequence
+        from fla.modules.causal_conv1d import causal_conv1d
+    except Exception as e:
+        log.info("fla's causal_conv1d not available (%s)", str(e)[:120])
+        causal_conv1d = None
     from types import SimpleNamespace
 
     return SimpleNamespace(
-        chunk=chunk_gated_delta_rule, fused_recurrent=fused_recurrent_gated_delta_rule
+        chunk=chunk_gated_delta_rule,
+        fused_recurrent=fused_recurrent_gated_delta_rule,
+        conv=causal_conv1d,
     )
 
 
