@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from triton_interp import patch_fla_for_interpreter, skip_unless_interpretable
 
 skip_unless_interpretable()

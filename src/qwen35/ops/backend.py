@@ -101,8 +101,12 @@ def interpreter_backend(dtype: torch.dtype = torch.float32, **overrides) -> Back
         raise RuntimeError("interpreter_backend needs TRITON_INTERPRET=1 (set before import)")
     import triton  # noqa: F401  (ImportError: no Triton here)
 
-    from qwen35.kernels import triton_attention, triton_deltanet, triton_norms  # noqa: F401
-    from qwen35.kernels import triton_pointwise  # noqa: F401
+    from qwen35.kernels import (  # noqa: F401
+        triton_attention,
+        triton_deltanet,
+        triton_norms,
+        triton_pointwise,  # noqa: F401
+    )
 
     fields = dict(
         fla=load_fla(),
@@ -174,8 +178,12 @@ def _triton_works() -> bool:
     try:
         import triton  # noqa: F401
 
-        from qwen35.kernels import triton_attention, triton_deltanet, triton_norms  # noqa: F401
-        from qwen35.kernels import triton_pointwise  # noqa: F401
+        from qwen35.kernels import (  # noqa: F401
+            triton_attention,
+            triton_deltanet,
+            triton_norms,
+            triton_pointwise,  # noqa: F401
+        )
     except Exception as e:
         log.info("Triton not available (%s): paged attention gathers in PyTorch", str(e)[:120])
         return False
