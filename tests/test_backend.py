@@ -18,6 +18,7 @@ from qwen35.engine.cuda_graphs import DecodeGraphs, graph_buckets
 from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
 from qwen35.models.qwen3_5 import Qwen35ForCausalLM
 from qwen35.ops.backend import Backend, reference_backend, select_backend
+from qwen35.ops.conv import naive_causal_conv1d
 from qwen35.ops.gated_delta import naive_gated_delta_rule
 from qwen35.ops.moe import grouped_experts_gmm, grouped_experts_reference
 
@@ -26,8 +27,9 @@ BS = 4  # block size
 
 
 def fake_fla():
-    """fla's chunk_gated_delta_rule / fused_recurrent_gated_delta_rule, by the naive rule, with
-    fla-core 0.6.0's full parameter lists (a positional argument in the wrong place fails)."""
+    """fla's chunk_gated_delta_rule / fused_recurrent_gated_delta_rule (by the naive rule) and
+    causal_conv1d (by F.conv1d), with fla-core 0.6.0's full parameter lists (a positional
+    argument in the wrong place fails)."""
 
     def chunk(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
               use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False,
@@ -60,7 +62,21 @@ def fake_fla():
         )
         return o.to(v.dtype), S if output_final_state else None
 
-    return SimpleNamespace(chunk=chunk, fused_recurrent=fused_recurrent)
+    def conv(x, weight=None, bias=None, residual=None, initial_state=None,
+             output_final_state=False, activation=None, backend="triton", cu_seqlens=None,
+             cu_seqlens_cpu=None, chunk_indices=None, cp_context=None, **kwargs):  # fmt: skip
+        """fla.modules.causal_conv1d: x [1, L, D], weight [D, W], states [N, D, W]."""
+        assert x.shape[0] == 1 and bias is None and residual is None and activation == "silu"
+        cu, W = cu_seqlens_cpu.tolist(), weight.shape[1]
+        assert cu_seqlens.tolist() == cu and initial_state.shape == (len(cu) - 1, x.shape[2], W)
+        outs, finals = [], []
+        for i in range(len(cu) - 1):
+            xs = x[0, cu[i] : cu[i + 1]]  # [n, D]
+            outs.append(naive_causal_conv1d(xs, weight, initial_state[i, :, 1:]))
+            finals.append(torch.cat([initial_state[i], xs.t()], dim=1)[:, -W:])
+        return torch.cat(outs)[None], torch.stack(finals) if output_final_state else None
+
+    return SimpleNamespace(chunk=chunk, fused_recurrent=fused_recurrent, conv=conv)
 
 
 def _model(moe=False, device="cpu", dtype=torch.float32):
@@ -118,8 +134,13 @@ def _script(run: Seqs):
 
 @pytest.mark.parametrize(
     "backend",
-    [Backend("cuda"), Backend("cuda", fla=fake_fla()), Backend("cpu", grouped_mm=True)],
-    ids=["gather", "fla-wiring", "grouped-mm"],
+    [
+        Backend("cuda"),
+        Backend("cuda", fla=fake_fla()),
+        Backend("cuda", fla=SimpleNamespace(**{**vars(fake_fla()), "conv": None})),
+        Backend("cpu", grouped_mm=True),
+    ],
+    ids=["gather", "fla-wiring", "fla-without-conv", "grouped-mm"],
 )
 @pytest.mark.parametrize("moe", [False, True])
 def test_backends_equal_reference(backend, moe):

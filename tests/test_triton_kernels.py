@@ -38,6 +38,15 @@ pytestmark = pytest.mark.gpu if ON_GPU else pytest.mark.slow
 DEV = "cuda" if ON_GPU else "cpu"
 
 
+# Kernels that round where PyTorch rounds: fp32 within an FMA's difference; bf16 bitwise on a
+# GPU, within one bf16 ulp interpreted (the interpreter's fp32 -> bf16 cast does not round to
+# nearest: seen with triton 3.9, up to 2 ulp off torch's cast on randn * 3)
+ROUNDING = {
+    torch.float32: dict(atol=1e-6, rtol=1e-6),
+    torch.bfloat16: dict(atol=0, rtol=0) if ON_GPU else dict(atol=1.6e-2, rtol=8e-3),
+}
+
+
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -139,3 +148,44 @@ def test_deltanet_decode_kernels_equal_gather_path(dtype, all_rows):
         torch.testing.assert_close(c1, c2, **tol)
         torch.testing.assert_close(r1, r2, **tol)
     assert not torch.equal(r1, rec) and torch.equal(r1[0], rec[0])  # only its slots moved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_qk_equals_reference(dtype):
+    """q and k rotated in place in one launch, partial rotary (8 of 32 dims, and all 64 of 64),
+    q a strided view as the q_norm output can be."""
+    from qwen35.kernels import triton_pointwise as tp
+    from qwen35.layers.rotary import RotaryEmbedding, apply_rotary
+
+    g = torch.Generator().manual_seed(3)
+    for hd, rd in ((32, 8), (64, 64)):
+        T, nh, nkv = 7, 4, 2
+        pos = torch.tensor([0, 1, 5, 9, 300, 4000, 17]).to(DEV)
+        cos, sin = RotaryEmbedding(rd, 1e7).cos_sin(pos, dtype)
+        q = torch.randn(T, nh, 2 * hd, generator=g).to(DEV, dtype)[..., :hd]  # strided rows
+        k = torch.randn(T, nkv, hd, generator=g).to(DEV, dtype)
+        want_q, want_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        tp.rotary_qk_(q, k, cos, sin)
+        torch.testing.assert_close(q, want_q, **ROUNDING[dtype])
+        torch.testing.assert_close(k, want_k, **ROUNDING[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_and_add_rms_norm_equal_reference(dtype):
+    from qwen35.kernels import triton_pointwise as tp
+    from qwen35.ops.pointwise import silu_mul_reference
+
+    g = torch.Generator().manual_seed(4)
+    # bf16: two roundings, each within two ulp interpreted (ROUNDING), and exp differs
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2e-2)
+    gu = (torch.randn(6, 2 * 40, generator=g) * 3).to(DEV, dtype)  # a packed gate_up output
+    gate, up = gu.chunk(2, dim=-1)
+    want = silu_mul_reference(gate, up)
+    torch.testing.assert_close(tp.silu_mul(gate, up), want, **tol)
+    h = (torch.randn(5, 48, generator=g) * 3).to(DEV, dtype)
+    x = torch.randn(5, 48, generator=g).to(DEV, dtype)
+    w = torch.randn(48, generator=g).to(DEV, dtype)
+    h_ref = h.clone().add_(x)
+    y = tn.add_rms_norm_zc_(h, x, w, 1e-6)
+    torch.testing.assert_close(h, h_ref, **ROUNDING[dtype])  # the residual, as h.add_(x)
+    torch.testing.assert_close(y, norms.rms_norm_zc(h_ref, w, 1e-6), **tol)

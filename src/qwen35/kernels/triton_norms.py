@@ -1,4 +1,5 @@
-"""Qwen 3.5's two RMSNorms as one Triton kernel each (GPU): one read of x (and z), one write.
+"""Qwen 3.5's two RMSNorms as one Triton kernel each (GPU): one read of x (and z), one write;
+and the residual add fused with the zero-centred norm that follows it (`add_rms_norm_zc_`).
 
 The PyTorch formulations (layers/norms.py) take 6-9 kernels per norm; a decode step has ~4 norms
 per layer, so inside a CUDA graph they are a large share of the launches. Numerics follow the
@@ -26,6 +27,21 @@ def _rms_zc_kernel(X, W, Y, D, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _add_rms_zc_kernel(H, X, W, Y, stride_h, stride_x, D, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK)
+    m = d < D
+    h = tl.load(H + row * stride_h + d, mask=m, other=0.0)
+    x = tl.load(X + row * stride_x + d, mask=m, other=0.0)
+    h = (h.to(tl.float32) + x.to(tl.float32)).to(h.dtype)  # the residual, rounded like h.add_(x)
+    tl.store(H + row * stride_h + d, h, mask=m)
+    h32 = h.to(tl.float32)
+    w = tl.load(W + d, mask=m, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h32 * h32, 0) / D + eps)
+    tl.store(Y + row * D + d, (h32 * rstd * (1.0 + w)).to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _gated_rms_kernel(X, Z, W, Y, D, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK)
@@ -48,6 +64,19 @@ def rms_norm_zc(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
     if x2.shape[0]:
         _rms_zc_kernel[(x2.shape[0],)](x2, weight, y, D, eps, BLOCK=triton.next_power_of_2(D))
     return y.view(x.shape)
+
+
+def add_rms_norm_zc_(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """h += x in place (the residual stream [T, D], rows may be strided), then the zero-centred
+    norm of the new h: [T, D] contiguous, h's dtype."""
+    T, D = h.shape
+    assert h.stride(1) == 1 and x.stride(1) == 1 and x.shape == h.shape
+    y = torch.empty(T, D, dtype=h.dtype, device=h.device)
+    if T:
+        _add_rms_zc_kernel[(T,)](
+            h, x, weight, y, h.stride(0), x.stride(0), D, eps, BLOCK=triton.next_power_of_2(D)
+        )
+    return y
 
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float):

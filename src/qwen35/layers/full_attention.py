@@ -17,7 +17,7 @@ from qwen35.config import ModelConfig
 from qwen35.engine.forward_batch import ForwardBatch
 from qwen35.layers.linear import Linear, pack_linears, packed_linear
 from qwen35.layers.norms import RMSNorm
-from qwen35.layers.rotary import apply_rotary
+from qwen35.layers.rotary import apply_rotary_qk
 from qwen35.ops.attention import (
     cached_prefill_attention,
     paged_decode_attention,
@@ -63,8 +63,9 @@ class GatedAttention(nn.Module):
         qg = qg.unflatten(-1, (nh, 2 * hd))  # [T, nh, 2 hd]
         gate = qg[..., hd:].reshape(T, nh * hd)
         be = batch.backend
-        q = apply_rotary(self.q_norm(qg[..., :hd], be), cos, sin)  # [T, nh, hd]
-        k = apply_rotary(self.k_norm(k.unflatten(-1, (nkv, hd)), be), cos, sin)  # [T, nkv, hd]
+        q = self.q_norm(qg[..., :hd], be)  # [T, nh, hd], a fresh tensor
+        k = self.k_norm(k.unflatten(-1, (nkv, hd)), be)  # [T, nkv, hd]
+        q, k = apply_rotary_qk(q, k, cos, sin, be)
         v = v.unflatten(-1, (nkv, hd))
         write_kv(key_cache, value_cache, k, v, batch.slot_mapping)
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwen35.layers.linear import Linear, pack_linears, packed_linear
+from qwen35.ops.backend import Backend
+from qwen35.ops.pointwise import silu_mul
 from qwen35.parallel.context import SINGLE, TensorParallel
 
 
@@ -34,7 +35,8 @@ class MLP(nn.Module):
         """One [2I, H] weight for gate_proj and up_proj (after loading)."""
         self.packed_gate_up = pack_linears(self.gate_proj, self.up_proj)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+    def forward(self, x: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
+        """[T, H] -> [T, H]."""
         gate, up = packed_linear(x, self.packed_gate_up, self.gate_proj, self.up_proj)
-        h = F.silu(gate, inplace=True).mul_(up)  # [T, I]; gate is a temporary either way
+        h = silu_mul(backend, gate, up, inplace=True)  # [T, I]; gate is a temporary either way
         return self.tp.all_reduce(self.down_proj(h))  # [T, H]

@@ -130,5 +130,5 @@ class SparseMoE(nn.Module):
         """[T, H] -> [T, H]; backend None: the reference expert loop."""
         top_w, top_idx = self.route(x)
         routed = self.experts(x, top_idx, top_w, backend)
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, backend)
         return self.tp.all_reduce(routed + shared)  # one all-reduce under tensor parallelism

@@ -4,8 +4,9 @@
   Used for the residual-stream norms and the attention q_norm / k_norm.
 - `GatedRMSNorm`: the DeltaNet output norm, plain weight (not 1 + w), gated by silu(z):
   the normalised value is cast to the model dtype before `* w`, then promoted with the gate.
-Given a backend with `triton_norms` (GPU), each is one Triton kernel (kernels/triton_norms.py);
-these PyTorch functions are its reference.
+Given a backend with `triton_norms` (GPU), each is one Triton kernel (kernels/triton_norms.py),
+and `RMSNorm.add_forward` (the residual add, then the norm) is one kernel too; these PyTorch
+functions are their reference.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
 
 
 def _triton(backend: Backend | None, x: torch.Tensor) -> bool:
-    return backend is not None and backend.triton_norms and x.is_cuda and x.shape[-1] <= 8192
+    return backend is not None and backend.triton_norms and backend.on_gpu_path(x) and x.shape[-1] <= 8192
 
 
 class RMSNorm(nn.Module):
@@ -58,6 +59,19 @@ class RMSNorm(nn.Module):
 
             return triton_norms.rms_norm_zc(x, self.weight, self.eps)
         return rms_norm_zc(x, self.weight, self.eps)
+
+    def add_forward(
+        self, h: torch.Tensor, delta: torch.Tensor | None, backend: Backend | None = None
+    ) -> torch.Tensor:
+        """h += delta in place (h [T, D], the residual stream; delta None: nothing to add),
+        then the norm of h."""
+        if delta is None:
+            return self.forward(h, backend)
+        if _triton(backend, h) and h.dim() == 2 and h.stride(-1) == 1 and delta.stride(-1) == 1:
+            from qwen35.kernels import triton_norms
+
+            return triton_norms.add_rms_norm_zc_(h, delta, self.weight, self.eps)
+        return rms_norm_zc(h.add_(delta), self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from qwen35.ops.backend import Backend
+
 
 class RotaryEmbedding:
     """Not a module: it holds no weights, so meta-device construction needs no buffers."""
@@ -60,3 +62,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, rd]
     x_rot, x_pass = x[..., :rd], x[..., rd:]
     return torch.cat([x_rot * c + rotate_half(x_rot) * s, x_pass], dim=-1)
+
+
+def apply_rotary_qk(
+    q: torch.Tensor,  # [T, nh, hd]
+    k: torch.Tensor,  # [T, nkv, hd]
+    cos: torch.Tensor,  # [T, rd]
+    sin: torch.Tensor,
+    backend: Backend | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated (q, k). With the backend's Triton pointwise kernels: one launch, q and k rotated
+    in place (they must be the caller's temporaries); else `apply_rotary` on each."""
+    if (
+        backend is not None
+        and backend.triton_pointwise
+        and backend.on_gpu_path(q)
+        and q.stride(-1) == 1
+        and k.stride(-1) == 1
+        and q.dtype == k.dtype == cos.dtype
+    ):
+        from qwen35.kernels import triton_pointwise
+
+        triton_pointwise.rotary_qk_(q, k, cos.contiguous(), sin.contiguous())
+        return q, k
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

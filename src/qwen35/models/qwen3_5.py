@@ -74,18 +74,21 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps, dtype, device)
 
-    def forward(self, h, cos, sin, batch: ForwardBatch, caches: ModelCaches) -> torch.Tensor:
-        """h: [T, H] residual stream, updated in place (the caller owns it) and returned."""
+    def forward(
+        self, h, delta, cos, sin, batch: ForwardBatch, caches: ModelCaches
+    ) -> torch.Tensor:
+        """h: [T, H] residual stream, updated in place (the caller owns it); delta: the previous
+        layer's output not yet added to h (None for the first layer). Returns this layer's
+        output (the caller adds it, fused into the next layer's first norm)."""
         be = batch.backend
-        x = self.input_layernorm(h, be)  # [T, H]
+        x = self.input_layernorm.add_forward(h, delta, be)  # h += delta; norm(h): [T, H]
         i = self.cache_index
         if self.layer_type == "linear_attention":
             x = self.linear_attn(x, batch, caches.conv[i], caches.recurrent[i])
         else:
             x = self.self_attn(x, cos, sin, batch, caches.key[i], caches.value[i])
-        h.add_(x)
-        x = self.post_attention_layernorm(h, be)
-        return h.add_(self.mlp(x, be) if self.is_moe else self.mlp(x))
+        x = self.post_attention_layernorm.add_forward(h, x, be)  # h += attention out
+        return self.mlp(x, be)
 
 
 class Qwen35TextModel(nn.Module):
@@ -206,8 +209,11 @@ class Qwen35ForCausalLM(nn.Module):
             cos, sin = self.rotary.cos_sin_mrope(batch.mrope_positions, h.dtype)
         else:
             cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)  # [T, rotary_dim]
+        delta = None
         for layer in self.model.layers:
-            h = layer(h, cos, sin, batch, caches)
+            delta = layer(h, delta, cos, sin, batch, caches)
+        if delta is not None:
+            h.add_(delta)
         if batch.state_copies:
             caches.copy_states(batch.state_copies)
         return h

@@ -124,7 +124,7 @@ def decode_attention(
 
 def _triton_ok(be: Backend, q: torch.Tensor) -> bool:
     hd = q.shape[-1]
-    return be.triton_attention and q.is_cuda and hd >= 16 and hd & (hd - 1) == 0
+    return be.triton_attention and be.on_gpu_path(q) and hd >= 16 and hd & (hd - 1) == 0
 
 
 def paged_decode_attention(

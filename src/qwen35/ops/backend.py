@@ -9,6 +9,8 @@ the layers). Tests pick a backend instead of monkeypatching:
     select_backend("cpu")                  # the compiled CPU kernel where it builds
     select_backend("cpu", kernels=False)   # plain PyTorch everywhere: the reference
     select_backend("cuda")                 # fla + Triton paged attention where installed
+    interpreter_backend(torch.float32)     # tests only: the cuda backend's kernels on CPU
+                                           # tensors, through Triton's interpreter
 
 The plain PyTorch path runs on every device; each fast op is tested against it.
 """
@@ -29,12 +31,22 @@ log = logging.getLogger("qwen35")
 class Backend:
     device_type: str  # "cpu" or "cuda"
     cpu_kernels: Any = None  # the compiled CPU module (kernels/) when it loaded, or None
-    fla: Any = None  # fla-core's ops (namespace with chunk / fused_recurrent), or None
+    fla: Any = None  # fla-core's ops (namespace: chunk, fused_recurrent, conv or None), or None
     triton_attention: bool = False  # our Triton paged attention (kernels/triton_attention.py)
-    triton_norms: bool = False  # the two RMSNorms as Triton kernels (kernels/triton_norms.py)
+    # the two RMSNorms and residual add + RMSNorm as Triton kernels (kernels/triton_norms.py)
+    triton_norms: bool = False
+    # rotary on q and k, SiLU * mul as Triton kernels (kernels/triton_pointwise.py)
+    triton_pointwise: bool = False
     # DeltaNet decode in Triton, states updated in their slots (kernels/triton_deltanet.py)
     triton_deltanet: bool = False
     grouped_mm: bool = False  # torch._grouped_mm works for the model dtype on this device
+    # tests only (interpreter_backend): the Triton kernels also take CPU tensors, which Triton
+    # runs through its interpreter (TRITON_INTERPRET=1), and ops choose as they would on a GPU
+    interpret: bool = False
+
+    def on_gpu_path(self, x: torch.Tensor) -> bool:
+        """x takes this backend's GPU kernels: it is on the GPU, or the kernels are interpreted."""
+        return x.is_cuda or self.interpret
 
     @property
     def name(self) -> str:
@@ -47,10 +59,14 @@ class Backend:
             parts.append("triton-attention")
         if self.triton_norms:
             parts.append("triton-norms")
+        if self.triton_pointwise:
+            parts.append("triton-pointwise")
         if self.triton_deltanet:
             parts.append("triton-deltanet")
         if self.grouped_mm:
             parts.append("grouped-mm")
+        if self.interpret:
+            parts.append("interpreted")
         return "+".join(parts)
 
     @property
@@ -71,6 +87,37 @@ def select_backend(
 
 def reference_backend(device: torch.device | str) -> Backend:
     return select_backend(device, kernels=False)
+
+
+def interpreter_backend(dtype: torch.dtype = torch.float32, **overrides) -> Backend:
+    """Tests only: the cuda backend's choice of kernels (fla-core where importable, our Triton
+    attention, norms, pointwise ops and DeltaNet decode, grouped-mm MoE) over CPU tensors, every Triton kernel
+    run by Triton's interpreter. Needs TRITON_INTERPRET=1 set before Triton is imported (a
+    compiled launch on a CPU tensor fails). fla is taken for fp32 too: interpreted dots are
+    exact fp32, unlike the TF32 a GPU uses. `overrides`: Backend fields to change (a subset)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("interpreter_backend needs TRITON_INTERPRET=1 (set before import)")
+    import triton  # noqa: F401  (ImportError: no Triton here)
+
+    from qwen35.kernels import (  # noqa: F401
+        triton_attention,
+        triton_deltanet,
+        triton_norms,
+        triton_pointwise,  # noqa: F401
+    )
+
+    fields = dict(
+        fla=load_fla(),
+        triton_attention=True,
+        triton_norms=True,
+        triton_pointwise=True,
+        triton_deltanet=True,
+        grouped_mm=_grouped_mm_works("cpu", dtype),
+        interpret=True,
+    )
+    return Backend("cuda", **{**fields, **overrides})
 
 
 @functools.cache
@@ -94,6 +141,7 @@ def _select(device_type: str, kernels: bool, dtype: torch.dtype) -> Backend:
             fla=load_fla() if dtype != torch.float32 else None,
             triton_attention=triton_ok,
             triton_norms=triton_ok,
+            triton_pointwise=triton_ok,
             triton_deltanet=triton_ok,
             grouped_mm=_grouped_mm_works("cuda", dtype),
         )
@@ -112,10 +160,17 @@ def load_fla():
     except Exception as e:  # not installed, or no Triton / GPU to import against
         log.info("fla-core not available (%s): DeltaNet runs in PyTorch", str(e)[:120])
         return None
+    try:  # the varlen causal conv of the prefill (fla.modules); without it, ours per sequence
+        from fla.modules.causal_conv1d import causal_conv1d
+    except Exception as e:
+        log.info("fla's causal_conv1d not available (%s)", str(e)[:120])
+        causal_conv1d = None
     from types import SimpleNamespace
 
     return SimpleNamespace(
-        chunk=chunk_gated_delta_rule, fused_recurrent=fused_recurrent_gated_delta_rule
+        chunk=chunk_gated_delta_rule,
+        fused_recurrent=fused_recurrent_gated_delta_rule,
+        conv=causal_conv1d,
     )
 
 
@@ -123,7 +178,12 @@ def _triton_works() -> bool:
     try:
         import triton  # noqa: F401
 
-        from qwen35.kernels import triton_attention, triton_deltanet, triton_norms  # noqa: F401
+        from qwen35.kernels import (  # noqa: F401
+            triton_attention,
+            triton_deltanet,
+            triton_norms,
+            triton_pointwise,  # noqa: F401
+        )
     except Exception as e:
         log.info("Triton not available (%s): paged attention gathers in PyTorch", str(e)[:120])
         return False

@@ -3,8 +3,9 @@ gated delta rule), one dispatch per step kind over the backend (ops/backend.py):
 
 - `deltanet_prefill`: the step's prefill chunks. Reference / CPU: per sequence, the chunked
   PyTorch rule (ops/gated_delta.py), split only at checkpoints off its chunk grid. With fla-core:
-  all sequences in one varlen `chunk_gated_delta_rule` call per round, a round ending at each
-  prefix-cache checkpoint (fla hands out final states only).
+  the causal conv of all sequences in one varlen `causal_conv1d` call, then all sequences in one
+  varlen `chunk_gated_delta_rule` call per round, a round ending at each prefix-cache checkpoint
+  (fla hands out final states only).
 - `deltanet_decode`: the step's single-token rows. CPU: in slot order, states updated in place
   on runs of consecutive slots, through the compiled kernel where it is loaded. GPU with Triton:
   two kernels (kernels/triton_deltanet.py) that update conv and recurrent states in their slots.
@@ -101,14 +102,48 @@ def segments(checkpoints: list[tuple[int, int]], num_tokens: int, chunk: int):
     return out
 
 
+def _conv_prefill_fla(conv, qkv, conv_w, prefill, slots, conv_cache, u) -> None:
+    """Every prefill sequence's causal conv + SiLU in one varlen call of fla's causal_conv1d,
+    into u's prefill rows; conv states of the checkpoints and of the slots updated.
+    fla's states are [N, C, K] windows whose column 0 is never read: our [C, K-1] slot states
+    go into columns 1..K-1 (zeros for fresh sequences), its final windows' columns 1.. are ours.
+    Numerics: fla applies SiLU before rounding the fp32 conv (we round first): the same in fp32,
+    within a bf16 ulp otherwise."""
+    dev, K = qkv.device, conv_w.shape[1]
+    rows = [r for sp in prefill for r in range(sp.row0, sp.row0 + sp.num_tokens)]
+    idx = torch.tensor(rows, device=dev)
+    cu = [0]
+    for sp in prefill:
+        cu.append(cu[-1] + sp.num_tokens)
+    x = qkv.index_select(0, idx)  # [L, C] the prefill rows, packed
+    init = x.new_zeros(len(prefill), x.shape[1], K)  # [P, C, K]
+    init[:, :, 1:] = conv_cache.index_select(0, slots)
+    fresh = [j for j, sp in enumerate(prefill) if not sp.has_initial_state]
+    if fresh:
+        init[torch.tensor(fresh, device=dev)] = 0
+    for j, sp in enumerate(prefill):  # checkpoint states from the inputs (a few rows each)
+        state = init[j, :, 1:]
+        for n, dest in sp.checkpoints:
+            conv_cache[dest] = conv_state_at(x[cu[j] : cu[j + 1]], state, n, K)
+    y, final = conv(
+        x[None], weight=conv_w, initial_state=init, output_final_state=True, activation="silu",
+        cu_seqlens=torch.tensor(cu, device=dev), cu_seqlens_cpu=torch.tensor(cu),
+    )  # fmt: skip
+    u.index_copy_(0, idx, y[0].to(u.dtype))
+    conv_cache.index_copy_(0, slots, final[:, :, 1:].to(conv_cache.dtype))
+
+
 def _prefill_fla(fla, qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o) -> None:
     """All prefill sequences per fla varlen call. Round r runs segment r of every sequence that
     has one (segments end at its checkpoints); states chain between rounds in `states`."""
     dev = qkv.device
-    u = torch.empty_like(qkv)  # [T, C]; only prefill rows are written and read
-    for sp in prefill:
-        u[sp.rows] = _conv_prefill(qkv[sp.rows], conv_w, sp, conv_cache, dims.kernel_size)
     slots = torch.tensor([sp.slot for sp in prefill], device=dev)
+    u = torch.empty_like(qkv)  # [T, C]; only prefill rows are written and read
+    if getattr(fla, "conv", None) is not None:
+        _conv_prefill_fla(fla.conv, qkv, conv_w, prefill, slots, conv_cache, u)
+    else:
+        for sp in prefill:
+            u[sp.rows] = _conv_prefill(qkv[sp.rows], conv_w, sp, conv_cache, dims.kernel_size)
     states = rec_cache.index_select(0, slots).float()  # [P, nv, dk, dv]
     fresh = [j for j, sp in enumerate(prefill) if not sp.has_initial_state]
     if fresh:

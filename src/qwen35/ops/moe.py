@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen35.ops.backend import Backend
+from qwen35.ops.pointwise import silu_mul
 
 
 def _sort_pairs(top_idx: torch.Tensor):
@@ -41,7 +42,7 @@ def grouped_experts_reference(x, gate_up, down, top_idx, top_w) -> torch.Tensor:
     return torch.zeros_like(x).index_add_(0, token_of, ys)  # [T, H]
 
 
-def grouped_experts_gmm(x, gate_up, down, top_idx, top_w) -> torch.Tensor:
+def grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be: Backend | None = None):
     flat, order, token_of = _sort_pairs(top_idx)
     E = gate_up.shape[0]
     # counts by scatter_add (bincount sizes its output from the max: a host sync on CUDA)
@@ -51,7 +52,7 @@ def grouped_experts_gmm(x, gate_up, down, top_idx, top_w) -> torch.Tensor:
     xs = x.index_select(0, token_of)  # [T*k, H]
     gu = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)  # [T*k, 2I]
     gate, up = gu.chunk(2, dim=-1)
-    h = F.silu(gate).mul_(up)  # [T*k, I]
+    h = silu_mul(be, gate, up, inplace=True)  # [T*k, I]
     ys = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)  # [T*k, H]
     ys.mul_(top_w.reshape(-1, 1).index_select(0, order))
     return torch.zeros_like(x).index_add_(0, token_of, ys)
@@ -66,6 +67,6 @@ CPU_GMM_MAX_ROWS = 16
 
 def routed_experts(be: Backend, x, gate_up, down, top_idx, top_w) -> torch.Tensor:
     use = be.grouped_mm and x.dtype == gate_up.dtype
-    if use and (x.is_cuda or x.shape[0] <= CPU_GMM_MAX_ROWS):
-        return grouped_experts_gmm(x, gate_up, down, top_idx, top_w)
+    if use and (be.on_gpu_path(x) or x.shape[0] <= CPU_GMM_MAX_ROWS):
+        return grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be)
     return grouped_experts_reference(x, gate_up, down, top_idx, top_w)

