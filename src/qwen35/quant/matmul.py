@@ -21,7 +21,11 @@ from qwen35.quant import formats
 # bench/quant_linear.py, 3584 x 1024, 2 threads: int8 kernel 0.10 / 0.78 ms at 1 / 16 rows vs
 # dequant + GEMM 0.76 / 1.05; int4 kernel 2.7 ms at 64 rows vs 27 ms for our PyTorch unpack
 INT8_MAX_ROWS = 16
-INT4_MAX_ROWS = 1 << 30  # the int4 kernel at every size: unpacking in PyTorch is slower still
+# int4: torch's kernel up to 128 rows; above, our C++ unpack (gemv_cpu.cpp int4_dequant, ~5 ms for
+# 7168 x 1024) + a BF16 GEMM: bench/gemv-style timing, 2 threads: 6.3 / 25.3 ms (kernel) vs 8.7 /
+# 15.1 ms at 64 / 256 rows. Without the compiled module the kernel runs at every size (unpacking
+# in PyTorch is slower still).
+INT4_MAX_ROWS = 128
 
 _scratch: dict[tuple, torch.Tensor] = {}
 
@@ -107,12 +111,17 @@ def int4_linear(
     """x [..., K] @ W^T with W in torch's packed CPU int4 layout ([n, K/2] uint8, groups of
     `group` inputs, scales_and_zeros [K/group, n, 2])."""
     x2 = _rows(x)
-    if x2.shape[0] <= INT4_MAX_ROWS:
+    k = packed.shape[1] * 2
+    mod = None
+    if x2.shape[0] > INT4_MAX_ROWS and x.is_cpu and sz.dtype == x.dtype:
+        from qwen35.kernels import gemv
+
+        mod = gemv.load()
+    if mod is None:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
     else:
-        k = packed.shape[1] * 2
         buf = scratch((n, k), x.dtype, x.device)
-        buf.copy_(formats.dequantize_int4_groups(unpack_int4(packed, n, k), sz, group, x.dtype))
+        mod.int4_dequant(packed, sz, group, buf)
         y = F.linear(x2, buf)
     return y.view(*x.shape[:-1], n)
 
