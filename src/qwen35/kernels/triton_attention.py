@@ -12,7 +12,7 @@ cache (layout in engine/forward_batch.py: [num_blocks, block_size, nkv, hd]).
 Both compute in fp32 (scores, softmax, accumulator); P is cast to the cache dtype for the P.V
 product as FlashAttention does. fp32 inputs use IEEE fp32 dots (no TF32) so fp32 runs stay
 comparable token for token with the PyTorch reference (ops/attention.py), which stays beside
-them. Also runs under TRITON_INTERPRET=1 on a CPU (tests/test_triton_interpret.py).
+them. Also runs under TRITON_INTERPRET=1 on a CPU (tests/test_triton_kernels.py, tests/test_interpret_engine.py).
 """
 
 from __future__ import annotations
