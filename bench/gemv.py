@@ -41,6 +41,7 @@ def _paths(x, w, q8, s8, f8, fs8, mod, fmod) -> dict:
         "bf16 ours-avx2": lambda: mod.linear_bf16(x, w, True),
         "int8 torch": lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8),
         "int8 ours": lambda: mod.linear_int8(x, q8, s8),
+        "int8 ours-fma": lambda: mod.linear_int8(x, q8, s8, True),
     }
     if fmod is not None:
         paths["fp8 avx2"] = lambda: fmod.fp8_linear(x, f8, fs8, 128, 128)

@@ -38,8 +38,9 @@ def test_bf16_matches_reference(mod, avx2_only):
             assert _rel(y, ref) < 4e-3, (n, k, m)  # bf16 rounding of the output only
 
 
+@pytest.mark.parametrize("avx2_only", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int8_matches_reference(mod, dtype):
+def test_int8_matches_reference(mod, dtype, avx2_only):
     g = torch.Generator().manual_seed(1)
     for n, k in SHAPES:
         q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
@@ -47,9 +48,20 @@ def test_int8_matches_reference(mod, dtype):
         for m in ROWS:
             x = torch.randn(m, k, generator=g).to(dtype)
             ref = x.float() @ (q.float() * s.float()[:, None]).T
-            y = mod.linear_int8(x, q, s)
+            y = mod.linear_int8(x, q, s, avx2_only)
             assert y.dtype == dtype
             assert _rel(y, ref) < (4e-3 if dtype == torch.bfloat16 else 1e-5), (n, k, m)
+
+
+def test_int8_decodes_every_byte_exactly(mod):
+    """The byte-table path (AVX512-VBMI + BF16 CPUs, bf16 rows) and the FMA path both give every
+    int8 value exactly."""
+    w = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).repeat(3, 1)  # [3, 256]
+    eye = torch.eye(256).bfloat16()
+    for avx2_only in (False, True):
+        for start in range(0, 256, 16):
+            y = mod.linear_int8(eye[start : start + 16], w, torch.ones(3).bfloat16(), avx2_only)
+            assert torch.equal(y[:, 0].float(), w[0, start : start + 16].float())
 
 
 def test_fp8_decodes_every_byte_exactly(mod):

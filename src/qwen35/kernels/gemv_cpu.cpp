@@ -7,9 +7,10 @@
 //
 // - linear_bf16: bf16 weights. AVX512-BF16 CPUs (Zen 4, Sapphire Rapids) multiply bf16 pairs
 //   straight into fp32 (vdpbf16ps); other x86 CPUs widen bf16 to fp32 (a 16-bit shift) + FMA.
-// - linear_int8: int8 weights with one scale per output row; int8 -> fp32 in registers + FMA
-//   against fp32 activations (weight-only: activations keep their precision), 8 weights a
-//   step (the 16-wide AVX512 sign extension measured slower on Zen 4: bench/gemv.py).
+// - linear_int8: int8 weights with one scale per output row (weight-only: activations keep their
+//   precision). bf16 rows on AVX512-VBMI + BF16 CPUs: the FP8 scheme below with tables for the
+//   two's-complement values (sign bit set / clear, blended); otherwise int8 -> fp32 + FMA, 8
+//   weights a step (the 16-wide AVX512 sign extension measured slower on Zen 4: bench/gemv.py).
 // - linear_fp8: block-FP8 (e4m3, one fp32 scale per bo x bi block) for bf16 activations on
 //   AVX512-VBMI + BF16 CPUs: each weight byte becomes its exact bf16 through two 128-entry byte
 //   tables (vpermi2b: low and high byte), then vdpbf16ps. The byte unpack interleaves within
@@ -184,6 +185,57 @@ struct Fp8Tables {  // byte tables: e4m3 bits 0..6 -> low / high byte of the exa
 };
 const Fp8Tables kFp8;
 
+struct Int8Tables {  // int8 bits 0..6 -> low / high byte of the exact bf16, sign bit clear / set
+  alignas(64) uint8_t lo[2][128];
+  alignas(64) uint8_t hi[2][128];
+  Int8Tables() {
+    for (int neg = 0; neg < 2; ++neg)
+      for (int v = 0; v < 128; ++v) {
+        const float f = static_cast<float>(v - 128 * neg);  // two's complement
+        uint32_t u;
+        std::memcpy(&u, &f, 4);
+        lo[neg][v] = static_cast<uint8_t>((u >> 16) & 0xFF);  // exact: |f| <= 128
+        hi[neg][v] = static_cast<uint8_t>(u >> 24);
+      }
+  }
+};
+const Int8Tables kInt8;
+
+// 64 int8 bytes -> two vectors of 32 exact bf16 (same lane-interleaved order as fp8x64)
+TARGET_AVX512_FP8 inline void int8x64(__m512i raw, const __m512i* t, __m512bh& a, __m512bh& b) {
+  const __mmask64 neg = _mm512_movepi8_mask(raw);
+  const __m512i lo = _mm512_mask_blend_epi8(neg, _mm512_permutex2var_epi8(t[0], raw, t[1]),
+                                            _mm512_permutex2var_epi8(t[2], raw, t[3]));
+  const __m512i hi = _mm512_mask_blend_epi8(neg, _mm512_permutex2var_epi8(t[4], raw, t[5]),
+                                            _mm512_permutex2var_epi8(t[6], raw, t[7]));
+  a = (__m512bh)_mm512_unpacklo_epi8(lo, hi);
+  b = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
+}
+
+template <int MR>
+TARGET_AVX512_FP8 void int8_row_table(const uint16_t* Xp, int64_t Kp, const int8_t* w, int64_t K,
+                                      float* out) {
+  __m512i t[8];
+  for (int j = 0; j < 2; ++j) {
+    t[2 * j] = _mm512_load_si512(kInt8.lo[j]);
+    t[2 * j + 1] = _mm512_load_si512(kInt8.lo[j] + 64);
+    t[4 + 2 * j] = _mm512_load_si512(kInt8.hi[j]);
+    t[4 + 2 * j + 1] = _mm512_load_si512(kInt8.hi[j] + 64);
+  }
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 mk = k + 64 <= K ? ~0ull : (1ull << (K - k)) - 1;
+    __m512bh wa, wb;
+    int8x64(_mm512_maskz_loadu_epi8(mk, w + k), t, wa, wb);
+    for (int i = 0; i < MR; ++i) {
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k), wa);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k + 32), wb);
+    }
+  }
+  for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+}
+
 // 64 FP8 bytes -> two vectors of 32 bf16 (in the lane-interleaved order of `permute64`)
 TARGET_AVX512_FP8 inline void fp8x64(__m512i raw, __m512i tlo0, __m512i tlo1, __m512i thi0,
                                      __m512i thi1, __m512bh& a, __m512bh& b) {
@@ -273,7 +325,7 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, bool a
 
 // y [M, N] (x's dtype) = x [M, K] @ (q [N, K] int8 * scale [N])^T
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q,
-                          const torch::Tensor& scale) {
+                          const torch::Tensor& scale, bool avx2_only) {
   const int64_t M = x.size(0), N = q.size(0), K = q.size(1);
   check_x(x, q, K);
   TORCH_CHECK(q.scalar_type() == at::kChar, "linear_int8: q must be int8");
@@ -281,9 +333,22 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q,
                   scale.scalar_type() == x.scalar_type(),
               "linear_int8: scale [N] in x's dtype");
   auto y = torch::empty({M, N}, x.options());
+  const auto* W = q.data_ptr<int8_t>();
+  if (!avx2_only && x.scalar_type() == at::kBFloat16 && cpu_avx512_fp8()) {
+    // exact bf16 weights from byte tables + vdpbf16ps (the activations permuted like FP8's)
+    const int64_t Kp = (K + 63) / 64 * 64;
+    std::vector<uint16_t> xp(M * Kp);
+    const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    for (int64_t m = 0; m < M; ++m) permute64(X + m * K, xp.data() + m * Kp, K);
+    auto* Y = y.data_ptr<at::BFloat16>();
+    const auto* S = scale.data_ptr<at::BFloat16>();
+    for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
+      DISPATCH_MR(mr, int8_row_table, xp.data() + m * Kp, Kp, W + n * K, K, out);
+    }, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v * static_cast<float>(S[n]); });
+    return y;
+  }
   const auto xf = x.to(at::kFloat);
   const float* XF = xf.data_ptr<float>();
-  const auto* W = q.data_ptr<int8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "linear_int8", [&] {
     auto* Y = y.data_ptr<scalar_t>();
     const auto* S = scale.data_ptr<scalar_t>();
@@ -370,7 +435,8 @@ std::vector<std::string> isa() {  // the fast paths this CPU takes
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x [M<=16, K] bf16 @ w [N, K] bf16 ^T",
         py::arg("x"), py::arg("w"), py::arg("avx2_only") = false);
-  m.def("linear_int8", &linear_int8, "x [M<=16, K] @ (q [N, K] int8 * scale [N])^T");
+  m.def("linear_int8", &linear_int8, "x [M<=16, K] @ (q [N, K] int8 * scale [N])^T",
+        py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("avx2_only") = false);
   m.def("linear_fp8", &linear_fp8, "x [M<=16, K] bf16 @ block-FP8 w ^T");
   m.def("fp8_supported", &fp8_supported, "linear_fp8 runs here for input blocks of bi");
   m.def("int4_dequant", &int4_dequant, "torch's packed CPU int4 weight into out");
