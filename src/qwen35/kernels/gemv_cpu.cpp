@@ -258,6 +258,15 @@ void permute64(const uint16_t* x, uint16_t* out, int64_t K) {
         }
 }
 
+// bf16 rows x [M, K] -> [M, Kp] in permute64's order (Kp: K rounded up to whole 64-chunks)
+std::vector<uint16_t> permuted_rows(const torch::Tensor& x, int64_t Kp) {
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<uint16_t> xp(M * Kp);
+  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  for (int64_t m = 0; m < M; ++m) permute64(X + m * K, xp.data() + m * Kp, K);
+  return xp;
+}
+
 // one output row: per input block of bi (a multiple of 64), the exact bf16 products summed in
 // fp32, then scaled by the block's scale; srow = the row's scales [ceil(K / bi)]
 template <int MR>
@@ -337,9 +346,7 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q,
   if (!avx2_only && x.scalar_type() == at::kBFloat16 && cpu_avx512_fp8()) {
     // exact bf16 weights from byte tables + vdpbf16ps (the activations permuted like FP8's)
     const int64_t Kp = (K + 63) / 64 * 64;
-    std::vector<uint16_t> xp(M * Kp);
-    const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
-    for (int64_t m = 0; m < M; ++m) permute64(X + m * K, xp.data() + m * Kp, K);
+    const std::vector<uint16_t> xp = permuted_rows(x, Kp);
     auto* Y = y.data_ptr<at::BFloat16>();
     const auto* S = scale.data_ptr<at::BFloat16>();
     for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
@@ -373,9 +380,7 @@ torch::Tensor linear_fp8(const torch::Tensor& x, const torch::Tensor& w, const t
                   scale.size(0) == (N + bo - 1) / bo && scale.size(1) == (K + bi - 1) / bi,
               "linear_fp8: scale [ceil(N/bo), ceil(K/bi)] fp32");
   const int64_t Kp = (K + 63) / 64 * 64;
-  std::vector<uint16_t> xp(M * Kp);
-  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  for (int64_t m = 0; m < M; ++m) permute64(X + m * K, xp.data() + m * Kp, K);
+  const std::vector<uint16_t> xp = permuted_rows(x, Kp);
   auto y = torch::empty({M, N}, x.options());
   auto* Y = y.data_ptr<at::BFloat16>();
   const auto* W = reinterpret_cast<const uint8_t*>(w.data_ptr());

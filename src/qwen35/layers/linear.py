@@ -41,7 +41,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
         mod = gemv.load()  # None once QWEN35_NO_KERNELS=1 is set, at any time
         if mod is not None:
-            return mod.linear_bf16(x if x.is_contiguous() else x.contiguous(), w)
+            return mod.linear_bf16(x.contiguous(), w)
     if x.dim() == 2 and x.shape[0] == 1 and x.is_cpu and w.dtype != torch.float32:
         # one row of bf16/fp16 without the kernel: torch.mv streams the weight faster than
         # the oneDNN GEMM F.linear takes

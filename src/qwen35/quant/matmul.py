@@ -111,7 +111,6 @@ def int4_linear(
     """x [..., K] @ W^T with W in torch's packed CPU int4 layout ([n, K/2] uint8, groups of
     `group` inputs, scales_and_zeros [K/group, n, 2])."""
     x2 = _rows(x)
-    k = packed.shape[1] * 2
     mod = None
     if x2.shape[0] > INT4_MAX_ROWS and x.is_cpu and sz.dtype == x.dtype:
         from qwen35.kernels import gemv
@@ -120,7 +119,7 @@ def int4_linear(
     if mod is None:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
     else:
-        buf = scratch((n, k), x.dtype, x.device)
+        buf = scratch((n, packed.shape[1] * 2), x.dtype, x.device)  # [N, K]
         mod.int4_dequant(packed, sz, group, buf)
         y = F.linear(x2, buf)
     return y.view(*x.shape[:-1], n)
