@@ -14,8 +14,8 @@ from qwen35.config import ModelConfig
 from qwen35.engine.forward_batch import ForwardBatch
 from qwen35.models.qwen3_5 import Qwen35ForCausalLM
 from qwen35.ops import deltanet as deltanet_ops
-from qwen35.ops.conv import causal_conv1d_update_
 from qwen35.ops.backend import Backend, reference_backend, select_backend
+from qwen35.ops.conv import causal_conv1d_update_
 
 
 def _module():

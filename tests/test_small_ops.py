@@ -159,7 +159,7 @@ def test_dispatch_takes_the_kernels_and_switches_off(mod, monkeypatch):
     calls.clear()
     ref = run(reference_backend("cpu"))
     assert calls == []
-    for f, r in zip(fast, ref):
+    for f, r in zip(fast, ref, strict=True):
         torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-5)
     monkeypatch.setenv("QWEN35_NO_KERNELS", "1")
     assert kernels.switched_off()
