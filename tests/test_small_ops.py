@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from qwen35 import kernels
 from qwen35.kernels import small_ops
 from qwen35.layers.norms import GatedRMSNorm, RMSNorm, gated_rms_norm, rms_norm_zc
+from qwen35.layers.rotary import RotaryEmbedding, apply_rotary, apply_rotary_qk
 from qwen35.ops import deltanet as deltanet_ops
 from qwen35.ops.backend import reference_backend, select_backend
 from qwen35.ops.pointwise import silu_mul, silu_mul_reference
@@ -99,6 +100,22 @@ def test_deltanet_gates_match_reference(mod, dtype):
     torch.testing.assert_close(beta, torch.sigmoid(b), **_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_matches_reference(mod, dtype):
+    """Partial rotary (64 of 256 dims, as Qwen 3.5) on q and k in place; q a strided view."""
+    g = torch.Generator().manual_seed(6)
+    T, nh, nkv, hd, rd = 5, 4, 2, 256, 64
+    q = torch.randn(T, nh, 2 * hd, generator=g).to(dtype)[..., :hd]  # rows strided
+    k = torch.randn(T, nkv, hd, generator=g).to(dtype)
+    pos = torch.arange(100, 100 + T)
+    cos, sin = RotaryEmbedding(rd, 1e7).cos_sin(pos, dtype)
+    rq, rk = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    mod.rotary_qk_(q, k, cos, sin)
+    torch.testing.assert_close(q, rq, **_tol(dtype))
+    torch.testing.assert_close(k, rk, **_tol(dtype))
+    assert torch.equal(q[..., rd:], rq[..., rd:])  # the dims past rotary_dim pass through
+
+
 def test_rows_are_independent(mod):
     """Batched and single-row calls give bitwise the same rows (batch invariance)."""
     x, z = _packed(7, [256, 256], torch.bfloat16, seed=4)
@@ -141,6 +158,7 @@ def test_dispatch_takes_the_kernels_and_switches_off(mod, monkeypatch):
     x, z = torch.randn(2, 16), torch.randn(2, 16)
     a, b = torch.randn(2, 4), torch.randn(2, 4)
     bias, alog = torch.randn(4), torch.randn(4)
+    cos, sin = RotaryEmbedding(8, 1e4).cos_sin(torch.tensor([3, 9]), torch.float32)
 
     def run(backend):
         out = [
@@ -149,12 +167,14 @@ def test_dispatch_takes_the_kernels_and_switches_off(mod, monkeypatch):
             gated(x, z, backend),
             silu_mul(backend, x.clone(), z),
             *deltanet_ops.deltanet_gates(backend, a, b, bias, alog),
+            *apply_rotary_qk(x[:, None].clone(), z[:, None].clone(), cos, sin, backend),
         ]
         return out
 
     fast = run(be)
     assert sorted(set(calls)) == [
-        "add_rms_norm_zc_", "deltanet_gates", "gated_rms_norm", "rms_norm_zc", "silu_mul",
+        "add_rms_norm_zc_", "deltanet_gates", "gated_rms_norm", "rms_norm_zc", "rotary_qk_",
+        "silu_mul",
     ]  # fmt: skip
     calls.clear()
     ref = run(reference_backend("cpu"))

@@ -3,7 +3,8 @@
 - `rms_norm_zc(x, w, eps)`, `add_rms_norm_zc_(h, delta, w, eps)`: layers/norms.py's RMSNorm;
 - `gated_rms_norm(x, z, w, eps)`: the DeltaNet output norm;
 - `silu_mul(gate, up)`: SwiGLU's activation (ops/pointwise.py);
-- `deltanet_gates(a, b, dt_bias, A_log) -> (g fp32, beta)`: layers/deltanet.py.
+- `deltanet_gates(a, b, dt_bias, A_log) -> (g fp32, beta)`: layers/deltanet.py;
+- `rotary_qk_(q, k, cos, sin)`: partial NeoX rotary of q and k in place (layers/rotary.py).
 
 Each replaces a chain of 4-12 PyTorch ops by one call (at batch-1 decode the step is bound by
 per-op dispatch: bench/small_ops.py). Their PyTorch references stay beside the dispatch and

@@ -234,10 +234,57 @@ std::vector<torch::Tensor> deltanet_gates(const torch::Tensor& a, const torch::T
   return {g, beta};
 }
 
+// NeoX rotary on the first rd dims of every head of q and k, in place (apply_rotary in
+// layers/rotary.py): x1' = x1 c - x2 s, x2' = x2 c + x1 s over the two halves, each product
+// rounded to the model dtype and then their sum, as the reference's ops do.
+template <typename T>
+void rotate_rows(T* X, int64_t T_, int64_t heads, int64_t s0, int64_t s1, const T* C, const T* S,
+                 int64_t rd) {
+  const int64_t half = rd / 2;
+  each_row(T_ * heads, rd, [&](int64_t r) {
+    const int64_t t = r / heads;
+    T* x = X + t * s0 + (r % heads) * s1;
+    const T* c = C + t * rd;
+    const T* s = S + t * rd;
+    for (int64_t j = 0; j < half; ++j) {
+      const float x1 = static_cast<float>(x[j]), x2 = static_cast<float>(x[j + half]);
+      const float a1 = static_cast<float>(round_to<T>(x1 * static_cast<float>(c[j])));
+      const float b1 = static_cast<float>(round_to<T>(-x2 * static_cast<float>(s[j])));
+      const float a2 = static_cast<float>(round_to<T>(x2 * static_cast<float>(c[j + half])));
+      const float b2 = static_cast<float>(round_to<T>(x1 * static_cast<float>(s[j + half])));
+      x[j] = round_to<T>(a1 + b1);
+      x[j + half] = round_to<T>(a2 + b2);
+    }
+  });
+}
+
+void rotary_qk_(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& cos,
+                const torch::Tensor& sin) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1 &&
+                  q.size(0) == k.size(0) && q.size(2) == k.size(2),
+              "rotary_qk_: q [T, nh, hd] and k [T, nkv, hd] with contiguous heads expected");
+  const int64_t rd = cos.size(-1);
+  TORCH_CHECK(cos.dim() == 2 && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.sizes() == sin.sizes() && cos.size(0) == q.size(0) && rd % 2 == 0 &&
+                  rd <= q.size(2),
+              "rotary_qk_: cos and sin must be contiguous [T, rotary_dim <= head_dim]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == cos.scalar_type() &&
+                  q.scalar_type() == sin.scalar_type(),
+              "rotary_qk_: q, k, cos and sin must share the model dtype");
+  dispatch(q.scalar_type(), "rotary_qk_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* C = cos.data_ptr<scalar_t>();
+    const scalar_t* S = sin.data_ptr<scalar_t>();
+    rotate_rows(q.data_ptr<scalar_t>(), q.size(0), q.size(1), q.stride(0), q.stride(1), C, S, rd);
+    rotate_rows(k.data_ptr<scalar_t>(), k.size(0), k.size(1), k.stride(0), k.stride(1), C, S, rd);
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_zc", &rms_norm_zc, "zero-centred RMSNorm");
   m.def("add_rms_norm_zc_", &add_rms_norm_zc_, "h += delta in place, then its RMSNorm");
   m.def("gated_rms_norm", &gated_rms_norm, "DeltaNet's gated RMSNorm");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("deltanet_gates", &deltanet_gates, "DeltaNet's g (fp32) and beta from a and b");
+  m.def("rotary_qk_", &rotary_qk_, "NeoX partial rotary of q and k, in place");
 }
