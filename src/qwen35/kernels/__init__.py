@@ -43,10 +43,11 @@ def supported() -> bool:
 
 
 class Native:
-    """One C++ source of this folder, compiled on first use (once per machine and source
-    version: the build directory is named by the source's hash, so two checkouts never rebuild
-    each other's module). `load()` gives the module, or None where it can't be had (switched
-    off, a CPU without `needs`, no compiler); a failed build is logged once."""
+    """One C++ source of this folder, compiled on first use (once per machine, checkout and
+    source version: the build directory is named by a hash of the source, the headers of this
+    folder and the folder's path, so two checkouts never rebuild each other's module).
+    `load()` gives the module, or None where it can't be had (switched off, a CPU without
+    `needs`, no compiler); a failed build is logged once."""
 
     def __init__(self, source: str, cflags: tuple[str, ...], needs: tuple[str, ...] = FLAGS):
         self.source, self.cflags, self.needs = source, cflags, needs
@@ -82,6 +83,9 @@ class Native:
         digest = hashlib.sha256(src.read_bytes())
         for header in sorted(src.parent.glob("*.h")):  # shared headers (vec_avx2.h) count too
             digest.update(header.read_bytes())
+        # and the folder: torch's builder rebuilds when the source path in its build file
+        # changes, so two checkouts of the same source sharing a name would rebuild in turns
+        digest.update(str(src.parent.resolve()).encode())
         name = f"qwen35_{src.stem}_{digest.hexdigest()[:10]}"
         _clear_stale_lock(name)
         if not _built(name):
