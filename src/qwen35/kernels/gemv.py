@@ -16,8 +16,14 @@ from qwen35.kernels import Native
 MAX_ROWS = 16  # rows the kernels take; more rows are a GEMM (compute-bound): torch's
 
 GEMV = Native("gemv_cpu.cpp", ("-mavx2", "-mfma"))
+INT4 = Native("int4_cpu.cpp", ("-mavx2", "-mfma"))
 
 
 def load():
     """The compiled module or None (no compiler, no AVX2 + FMA, QWEN35_NO_KERNELS=1)."""
     return GEMV.load()
+
+
+def load_int4():
+    """`int4_cpu.cpp` (`linear_int4`, `int4_dequant`, `int4_fast_supported`), or None as `load`."""
+    return INT4.load()

@@ -26,6 +26,7 @@ INT8_MAX_ROWS = 16
 # 15.1 ms at 64 / 256 rows. Without the compiled module the kernel runs at every size (unpacking
 # in PyTorch is slower still).
 INT4_MAX_ROWS = 128
+INT4_OURS_MAX_ROWS = 16
 
 _scratch: dict[tuple, torch.Tensor] = {}
 
@@ -111,17 +112,25 @@ def int4_linear(
     """x [..., K] @ W^T with W in torch's packed CPU int4 layout ([n, K/2] uint8, groups of
     `group` inputs, scales_and_zeros [K/group, n, 2])."""
     x2 = _rows(x)
+    rows = x2.shape[0]
     mod = None
-    if x2.shape[0] > INT4_MAX_ROWS and x.is_cpu and sz.dtype == x.dtype:
+    if x.is_cpu and sz.dtype == x.dtype and (rows <= INT4_OURS_MAX_ROWS or rows > INT4_MAX_ROWS):
         from qwen35.kernels import gemv
 
-        mod = gemv.load()
+        mod = gemv.load_int4()
+    if mod is not None and rows <= INT4_OURS_MAX_ROWS:
+        # bf16 rows: ours on AVX512-VBMI + BF16 CPUs (torch's kernel beat our AVX2 path); fp32
+        # rows: ours everywhere (torch's fp32 int4 kernel is several times slower)
+        if x.dtype == torch.float32 or mod.int4_fast_supported():
+            y = mod.linear_int4(x2.contiguous(), packed, sz, group, n)
+            return y.view(*x.shape[:-1], n)
+        mod = None
     if mod is None:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
     else:
-        buf = scratch((n, packed.shape[1] * 2), x.dtype, x.device)  # [N, K]
-        mod.int4_dequant(packed, sz, group, buf)
-        y = F.linear(x2, buf)
+        wt = scratch((packed.shape[1] * 2, n), x.dtype, x.device)  # W^T [K, N]: K-major unpack
+        mod.int4_dequant(packed, sz, group, wt.t())
+        y = F.linear(x2, wt.t())
     return y.view(*x.shape[:-1], n)
 
 
