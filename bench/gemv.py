@@ -132,6 +132,7 @@ def main() -> None:
                 cells.append(f"{ms:7.3f} ({nbytes / ms / 1e6:4.1f})")
             print(f"{rows:>4} " + " ".join(f"{c:>15}" for c in cells))
 
+
 def _int4(w: torch.Tensor, fp32: bool):
     """(packed, scales_and_zeros bf16, the same in fp32 or None), groups of 128."""
     q, sz = formats.quantize_int4_groups(w, 128, torch.bfloat16)

@@ -123,7 +123,9 @@ def test_int4_linear_dispatch(mod, monkeypatch, dtype):
     n, k, group = 128, 256, 64
     _, sz, packed = _quantized(n, k, group, dtype, 20)
     g = torch.Generator().manual_seed(21)
-    xs = {m: torch.randn(m, k, generator=g).to(dtype) for m in (1, 16, 17, matmul.INT4_MAX_ROWS + 1)}
+    xs = {
+        m: torch.randn(m, k, generator=g).to(dtype) for m in (1, 16, 17, matmul.INT4_MAX_ROWS + 1)
+    }
     ys = {m: matmul.int4_linear(x, packed, sz, group, n) for m, x in xs.items()}
     ours = dtype == torch.float32 or mod.int4_fast_supported()
     assert spy.calls == ["linear_int4"] * (2 * ours) + ["int4_dequant"]
