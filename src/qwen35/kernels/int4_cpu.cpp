@@ -73,19 +73,40 @@ struct Block {  // one 64-row block and what its pass needs
 
 // ---- AVX512-VBMI + BF16 --------------------------------------------------------------------
 
+// inputs k, k + 1 of the block's 64 rows against MR input rows, into acc[MR][4]
+template <int MR>
+TARGET_VBMI inline void pair_vbmi(const Block& b, const uint16_t* X, int64_t k, __m512i idx0,
+                                  __m512i idx1, __m512 (*acc)[4]) {
+  const __m512i m78 = _mm512_set1_epi16(0x78), one = _mm512_set1_epi16(0x3F80);
+  const __m512i raw = _mm512_loadu_si512(b.p + k * 32);
+  // dword i of p_h: row 16h + i's bytes at k and k + 1 in its two words' low bytes
+  const __m512i p0 = _mm512_permutexvar_epi8(idx0, raw), p1 = _mm512_permutexvar_epi8(idx1, raw);
+  // each word -> 0x3F80 | q << 3 (the bf16 1 + q/16): low nibbles rows 0..31, high 32..63
+  const __m512bh w[4] = {
+      (__m512bh)_mm512_ternarylogic_epi32(_mm512_slli_epi16(p0, 3), m78, one, 0xEA),
+      (__m512bh)_mm512_ternarylogic_epi32(_mm512_slli_epi16(p1, 3), m78, one, 0xEA),
+      (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(p0, 1), m78, one, 0xEA),
+      (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(p1, 1), m78, one, 0xEA)};
+  for (int i = 0; i < MR; ++i) {
+    int32_t xp;
+    std::memcpy(&xp, X + i * b.K + k, 4);
+    const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp);
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[j], xv);
+  }
+}
+
 // X: MR rows of bf16 x (stride K); SX: their group sums [MR][ng]; SZ: bf16 scales_and_zeros;
 // out [MR][64] fp32
 template <int MR>
 TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, const uint16_t* SZ,
                             float* out) {
-  const __m512i m78 = _mm512_set1_epi8(0x78), m80 = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i c3f = _mm512_set1_epi8(0x3F);
+  constexpr int U = MR <= 2 ? 2 : 1;  // k-pairs in flight: MR * U * 4 >= 8 vdpbf16ps chains
   alignas(64) uint8_t ib[2][64];
   for (int h = 0; h < 2; ++h)  // lane i: (row 16h + i at k, 0x3F, row 16h + i at k + 1, 0x3F)
     for (int i = 0; i < 16; ++i) {
       ib[h][4 * i] = static_cast<uint8_t>(16 * h + i);
       ib[h][4 * i + 2] = static_cast<uint8_t>(32 + 16 * h + i);
-      ib[h][4 * i + 1] = ib[h][4 * i + 3] = 64;  // the second source: 0x3F
+      ib[h][4 * i + 1] = ib[h][4 * i + 3] = 0;  // masked off
     }
   const __m512i idx0 = _mm512_load_si512(ib[0]), idx1 = _mm512_load_si512(ib[1]);
   const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -97,26 +118,18 @@ TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, 
     if (g + 1 < b.ng)
       for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(sz + b.N * 2 + 32 * c),
                                                _MM_HINT_T0);
-    __m512 acc[MR][4];
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+    __m512 acc[U][MR][4];
+    for (int u = 0; u < U; ++u)
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < 4; ++j) acc[u][i][j] = _mm512_setzero_ps();
     const int64_t k1 = (g + 1) * b.group;
-    for (int64_t k = g * b.group; k < k1; k += 2) {
-      const __m512i raw = _mm512_loadu_si512(b.p + k * 32);
-      // 0x80 | q << 3 per byte: low nibbles (rows 0..31), high nibbles (rows 32..63)
-      const __m512i lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(raw, 3), m78, m80, 0xEA);
-      const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(raw, 1), m78, m80, 0xEA);
-      const __m512bh w[4] = {(__m512bh)_mm512_permutex2var_epi8(lo, idx0, c3f),
-                             (__m512bh)_mm512_permutex2var_epi8(lo, idx1, c3f),
-                             (__m512bh)_mm512_permutex2var_epi8(hi, idx0, c3f),
-                             (__m512bh)_mm512_permutex2var_epi8(hi, idx1, c3f)};
-      for (int i = 0; i < MR; ++i) {
-        int32_t pair;
-        std::memcpy(&pair, X + i * b.K + k, 4);
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[j], xv);
-      }
-    }
+    int64_t k = g * b.group;
+    for (; k + 2 * U <= k1; k += 2 * U)
+      for (int u = 0; u < U; ++u) pair_vbmi<MR>(b, X, k + 2 * u, idx0, idx1, acc[u]);
+    for (; k < k1; k += 2) pair_vbmi<MR>(b, X, k, idx0, idx1, acc[0]);
+    for (int u = 1; u < U; ++u)
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < 4; ++j) acc[0][i][j] = _mm512_add_ps(acc[0][i][j], acc[u][i][j]);
     for (int j = 0; j < 4; ++j) {  // rows 16j..16j+15: scale * 16 (exact), zero
       const __m512i v = _mm512_loadu_si512(sz + 32 * j);
       const __m512 s = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
@@ -124,7 +137,7 @@ TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, 
       const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
       for (int i = 0; i < MR; ++i) {
         const float sx = SX[i * b.ng + g];
-        const __m512 t = _mm512_sub_ps(acc[i][j], _mm512_set1_ps(1.5f * sx));
+        const __m512 t = _mm512_sub_ps(acc[0][i][j], _mm512_set1_ps(1.5f * sx));
         tot[i][j] = _mm512_fmadd_ps(z, _mm512_set1_ps(sx), _mm512_fmadd_ps(s, t, tot[i][j]));
       }
     }
@@ -211,19 +224,18 @@ void check_packed(const torch::Tensor& packed, const torch::Tensor& sz, int64_t 
 }
 
 // per input row and group: the sum of x (as the kernels see it: bf16 values in fp32)
-std::vector<float> group_sums(const torch::Tensor& xf, int64_t group) {
-  const int64_t M = xf.size(0), K = xf.size(1), ng = K / group;
+template <typename T>
+std::vector<float> group_sums(const T* X, int64_t M, int64_t K, int64_t group) {
+  const int64_t ng = K / group;
   std::vector<float> sx(M * ng, 0.f);
-  const float* X = xf.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < ng; ++g) {
       float s = 0.f;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += X[m * K + k];
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += as_float(X[m * K + k]);
       sx[m * ng + g] = s;
     }
   return sx;
 }
-
 
 // ---- dequant to W^T [K, N], K-major ----------------------------------------------------------
 
@@ -312,12 +324,13 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed,
   TORCH_CHECK(x.dim() == 2 && M <= kMaxRows && x.is_contiguous() && x.device().is_cpu(),
               "linear_int4: x [M <= 16, K] contiguous on the CPU");
   TORCH_CHECK(x.scalar_type() == sz.scalar_type(), "linear_int4: x and scales_and_zeros share a dtype");
-  const auto xf = x.to(at::kFloat);
-  const std::vector<float> sx = group_sums(xf, group);
+  const bool vbmi = !avx2_only && x.scalar_type() == at::kBFloat16 && cpu_vbmi_bf16();
+  const auto xf = vbmi ? x : x.to(at::kFloat);  // the AVX2 path reads fp32 rows
+  const std::vector<float> sx = vbmi ? group_sums(x.data_ptr<at::BFloat16>(), M, K, group)
+                                     : group_sums(xf.data_ptr<float>(), M, K, group);
   const int64_t ng = K / group;
   auto y = torch::empty({M, n}, x.options());
   const auto* P = packed.data_ptr<uint8_t>();
-  const bool vbmi = !avx2_only && x.scalar_type() == at::kBFloat16 && cpu_vbmi_bf16();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "linear_int4", [&] {
     const auto* SZ = sz.data_ptr<scalar_t>();
     auto* Y = y.data_ptr<scalar_t>();
