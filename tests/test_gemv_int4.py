@@ -115,20 +115,19 @@ class _Spy:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int4_linear_dispatch(mod, monkeypatch, dtype):
-    """Decode rows take our kernel (bf16 rows where the AVX512-VBMI path exists; fp32 rows on
-    every CPU), medium inputs torch's int4 kernel, long ones our K-major unpack + a GEMM; with
+    """Up to INT4_MAX_ROWS rows take our kernel (bf16 rows where the AVX512-VBMI path exists,
+    else torch's kernel; fp32 rows on every CPU), more rows our K-major unpack + a GEMM; with
     QWEN35_NO_KERNELS=1 everything runs torch's kernel, with the same results."""
     spy = _Spy(mod)
     monkeypatch.setattr(gemv, "load_int4", lambda: spy)
     n, k, group = 128, 256, 64
     _, sz, packed = _quantized(n, k, group, dtype, 20)
     g = torch.Generator().manual_seed(21)
-    xs = {
-        m: torch.randn(m, k, generator=g).to(dtype) for m in (1, 16, 17, matmul.INT4_MAX_ROWS + 1)
-    }
+    xs = {m: torch.randn(m, k, generator=g).to(dtype) for m in (1, matmul.INT4_MAX_ROWS, 17, 64)}
     ys = {m: matmul.int4_linear(x, packed, sz, group, n) for m, x in xs.items()}
     ours = dtype == torch.float32 or mod.int4_fast_supported()
-    assert spy.calls == ["linear_int4"] * (2 * ours) + ["int4_dequant"]
+    assert matmul.INT4_MAX_ROWS == 16  # the rows below straddle it
+    assert spy.calls == ["linear_int4"] * (2 * ours) + ["int4_dequant"] * 2
     monkeypatch.setenv("QWEN35_NO_KERNELS", "1")
     monkeypatch.setattr(gemv, "load_int4", gemv.INT4.load)
     for m, x in xs.items():

@@ -9,19 +9,22 @@
 // linear_int4, y [M <= 16, N] = x [M, K] @ W^T, the 64-row blocks split over threads in
 // contiguous ranges, each block streamed once per 4 input rows:
 // - AVX512-VBMI + BF16 (Zen 4, Sapphire Rapids), bf16 x: one 64-byte load covers k and k + 1 of
-//   all 64 rows; each nibble q becomes the bf16 1 + q/16 (0x3F80 | q << 3: a shift and a
-//   ternary-logic op per 64 nibbles) and a two-source byte permute pairs (k, k + 1) of one row in
-//   each 32-bit lane, so vdpbf16ps against the broadcast pair (x[k], x[k + 1]) sums
-//   x * (1 + q/16) into 4 accumulators (64 rows) per input row. At the end of a group, with
-//   sx = its sum of x: sum x * (q - 8) = 16 * (acc - 1.5 * sx), and y += scale * that + zero * sx.
-//   (Putting q in the top mantissa bits keeps the offset small, 1 against up to 0.94, so the fp32
-//   sums lose nothing that matters; q + 128 would cost 3 more bits.)
+//   all 64 rows; two byte permutes (vpermb) put row r's two bytes in the low bytes of one 32-bit
+//   lane's two words, and a shift + a ternary-logic op turn each word into the bf16 1 + q/16
+//   (0x3F80 | q << 3), low nibbles (rows 0..31) and high ones (rows 32..63), so vdpbf16ps
+//   against the broadcast pair (x[k], x[k + 1]) sums x * (1 + q/16) into 4 accumulators (64
+//   rows) per input row. At the end of a group, with sx = its sum of x:
+//   sum x * (q - 8) = 16 * (acc - 1.5 * sx), and y += scale * that + zero * sx. (q in the top
+//   mantissa bits keeps the offset small, 1 against up to 0.94: q + 128 would cost 7 bits.)
+//   48 GB/s of int4 at 1 row on 2 Zen 4 cores, as fast as the bf16 GEMV streams: bench/gemv.py.
 // - otherwise (AVX2 + FMA, or fp32 x): nibbles -> fp32 (zero-extend, convert), FMA against the
 //   broadcast x[k], the same per-group fold without the offset; half a block (32 rows) a pass.
-// int4_dequant: W^T [K, N] in x's dtype (K-major, the order the bytes are in: each k's 64 rows
-// of a block are 32 contiguous bytes in and 64 contiguous values out, so no transpose);
-// mm(x, W^T) is as fast as F.linear(x, W) (bench/gemv.py --int4-dequant). A scalar row-major
-// path [N, K] stays as the reference the vector one is tested against.
+//   Used for fp32 rows (torch's fp32 int4 kernel is far slower); bf16 rows on CPUs without
+//   VBMI + BF16 keep torch's kernel, which beat this path on Zen 4 (quant/matmul.py).
+// int4_dequant: W^T [K, N] (K-major, the order the bytes are in: each k's 64 rows of a block are
+// 32 contiguous bytes in and 64 contiguous values out, so no transpose; mm(x, W^T) runs as fast
+// as F.linear(x, W)); 13 G weights/s on 2 cores vs 0.9 for the scalar row-major [N, K] path
+// kept beside it as the reference (bench/quant_linear.py).
 // The PyTorch twins: quant/matmul.py unpack_int4 + quant/formats.py dequantize_int4_groups.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
