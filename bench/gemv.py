@@ -4,11 +4,15 @@ Each shape is a Qwen3.5-0.8B projection; enough copies of the weight are cycled 
 sit in the caches (>= 256 MB in all), as in a real decode step. Paths run interleaved, `--rounds`
 times, and each cell is the median ms per call plus the weight bytes per second it streamed.
 
-    python bench/gemv.py [--rows 1,4,16] [--threads 2] [--rounds 5]
+    python bench/gemv.py [--rows 1,4,16] [--threads 2] [--rounds 5] [--formats bf16,int8,fp8,int4]
+    python bench/gemv.py --formats int4 --shapes "mlp gate_up,mlp down,deltanet in_proj,out_proj"
 
 bf16: torch (torch.mv at 1 row, F.linear above) vs ours (AVX512-BF16 where the CPU has it) vs
 ours forced onto the AVX2 path (what a CPU without AVX512 runs). int8: torch's
 `_weight_int8pack_mm` vs ours. FP8: the AVX2/F16C kernel (fp8_cpu.cpp) vs ours (AVX512-VBMI).
+int4 (groups of 128, torch's packed layout; not for lm_head, which int4 keeps in int8): torch's
+`_weight_int4pack_mm_for_cpu` vs ours (int4_cpu.cpp: AVX512-VBMI + BF16) vs ours-avx2; with
+--int4-fp32 also both on fp32 rows. GB/s counts the packed weight bytes (0.5 per weight).
 """
 
 from __future__ import annotations
@@ -22,13 +26,16 @@ import torch.nn.functional as F
 
 from qwen35.kernels import fp8 as fp8_kernel
 from qwen35.kernels import gemv
-from qwen35.quant import formats
+from qwen35.quant import formats, matmul
 
 SHAPES = {  # name: (out, in) of Qwen3.5-0.8B's decode matrices
     "mlp gate_up": (7168, 1024),
     "mlp down": (1024, 3584),
     "lm_head": (248320, 1024),
+    "deltanet in_proj": (8192, 1024),  # qkv + z (8224 with the bf16 b / a rows, not int4)
+    "out_proj": (1024, 2048),
 }
+BYTES = {"bf16": 2, "int8": 1, "fp8": 1, "int4": 0.5}
 MIN_BYTES = 256 << 20
 
 
@@ -50,34 +57,67 @@ def _paths(x, w, q8, s8, f8, fs8, mod, fmod) -> dict:
     return paths
 
 
+def _int4_paths(x, p4, sz4, sz4f, mod4, fp32: bool) -> dict:
+    n, xf = p4.shape[0], x.float()
+    int4 = torch.ops.aten._weight_int4pack_mm_for_cpu
+    paths = {"int4 torch": lambda: int4(x, p4, 128, sz4)}
+    if mod4 is not None:
+        if mod4.int4_fast_supported():
+            paths["int4 ours"] = lambda: mod4.linear_int4(x, p4, sz4, 128, n)
+        paths["int4 ours-avx2"] = lambda: mod4.linear_int4(x, p4, sz4, 128, n, True)
+    if fp32:
+        paths["int4 torch f32"] = lambda: int4(xf, p4, 128, sz4f)
+        if mod4 is not None:
+            paths["int4 ours f32"] = lambda: mod4.linear_int4(xf, p4, sz4f, 128, n)
+    return paths
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,4,16")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names")
+    ap.add_argument("--formats", default="bf16,int8,fp8,int4", help="comma-separated")
+    ap.add_argument("--int4-fp32", action="store_true", help="also int4 on fp32 rows")
     a = ap.parse_args()
+    fmts = set(a.formats.split(","))
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)
-    mod, fmod = gemv.load(), fp8_kernel.load()
+    mod, fmod, mod4 = gemv.load(), fp8_kernel.load(), gemv.load_int4()
     if mod is None:
         raise SystemExit("the gemv kernel is not available here (no compiler or no AVX2)")
     print(f"{torch.get_num_threads()} threads, fast paths: {mod.isa()}")
     for name in a.shapes.split(","):
         n, k = SHAPES[name]
         copies = max(1, -(-MIN_BYTES // (n * k * 2)))
-        ws = [(torch.randn(n, k) * 0.02).bfloat16() for _ in range(copies)]
-        q8s = [formats.quantize_int8_rows(w, torch.bfloat16) for w in ws]
-        f8s = [formats.quantize_fp8_blocks(w) for w in ws]
+        int4_only = fmts <= {"int4"}
+        if int4_only:  # cycle 4x as many copies: the packed weight is a quarter of bf16's
+            copies *= 4
+        ws, q8s, f8s, i4s = [], [], [], []
+        for _ in range(copies):
+            w = (torch.randn(n, k) * 0.02).bfloat16()
+            q8s.append(formats.quantize_int8_rows(w, torch.bfloat16) if "int8" in fmts else None)
+            f8 = formats.quantize_fp8_blocks(w) if "fp8" in fmts else None
+            f8s.append((f8[0], f8[1].float()) if f8 else (None, None))
+            int4 = "int4" in fmts and n % 64 == 0 and name != "lm_head"  # lm_head stays int8
+            i4s.append(_int4(w, a.int4_fp32) if int4 else None)
+            ws.append(None if int4_only else w)
         labels = None
         for rows in (int(r) for r in a.rows.split(",")):
             x = torch.randn(rows, k).bfloat16()
             times: dict[str, list[float]] = {}
             for _ in range(a.rounds):  # interleaved: every path once per round, per copy
                 for c in range(copies):
-                    (q8, s8), (f8, fs8) = q8s[c], f8s[c]
-                    for label, fn in _paths(x, ws[c], q8, s8, f8, fs8.float(), mod, fmod).items():
+                    (q8, s8), (f8, fs8) = q8s[c] or (None, None), f8s[c]
+                    paths = {}
+                    if ws[c] is not None:
+                        paths = _paths(x, ws[c], q8, s8, f8, fs8, mod, fmod)
+                    if i4s[c] is not None:
+                        paths.update(_int4_paths(x, *i4s[c], mod4, a.int4_fp32))
+                    paths = {lb: fn for lb, fn in paths.items() if lb.split()[0] in fmts}
+                    for label, fn in paths.items():
                         t0 = time.perf_counter()
                         fn()
                         times.setdefault(label, []).append(time.perf_counter() - t0)
@@ -88,9 +128,16 @@ def main() -> None:
             cells = []
             for label in labels:
                 ms = statistics.median(times[label]) * 1e3
-                nbytes = n * k * (2 if label.startswith("bf16") else 1)
+                nbytes = n * k * BYTES[label.split()[0]]
                 cells.append(f"{ms:7.3f} ({nbytes / ms / 1e6:4.1f})")
             print(f"{rows:>4} " + " ".join(f"{c:>15}" for c in cells))
+
+
+def _int4(w: torch.Tensor, fp32: bool):
+    """(packed, scales_and_zeros bf16, the same in fp32 or None), groups of 128."""
+    q, sz = formats.quantize_int4_groups(w, 128, torch.bfloat16)
+    return matmul.pack_int4(q), sz, sz.float() if fp32 else None
+
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,8 @@
 - `linear_int8(x, q, scale)`: int8 weights, one scale per output row;
 - `linear_fp8(x, w, scale, bo, bi)`: block-FP8 weights, bf16 rows, on AVX512-VBMI + BF16 CPUs
   (`fp8_supported(bi)`; quant/matmul.py).
+`load_int4()` gives `int4_cpu.cpp`'s module: `linear_int4(x, packed, sz, group, n)` on torch's
+packed CPU int4 layout and `int4_dequant` (prefill's unpack), also used by quant/matmul.py.
 Each path is tested against F.linear on the (dequantised) weight, its PyTorch twin, and
 `bench/gemv.py` measures it against torch's own kernels. `avx2_only=True` runs the bf16
 path of CPUs without AVX512-BF16 on any machine (tests, benchmarks).
@@ -16,8 +18,14 @@ from qwen35.kernels import Native
 MAX_ROWS = 16  # rows the kernels take; more rows are a GEMM (compute-bound): torch's
 
 GEMV = Native("gemv_cpu.cpp", ("-mavx2", "-mfma"))
+INT4 = Native("int4_cpu.cpp", ("-mavx2", "-mfma"))
 
 
 def load():
     """The compiled module or None (no compiler, no AVX2 + FMA, QWEN35_NO_KERNELS=1)."""
     return GEMV.load()
+
+
+def load_int4():
+    """`int4_cpu.cpp` (`linear_int4`, `int4_dequant`, `int4_fast_supported`), or None as `load`."""
+    return INT4.load()

@@ -392,43 +392,6 @@ torch::Tensor linear_fp8(const torch::Tensor& x, const torch::Tensor& w, const t
   return y;
 }
 
-// W [N, K] in out's dtype from torch's packed CPU int4 layout (packed [N, K/2] uint8 = [N/64, K,
-// 32]: per 64-row block and input k, byte d holds row d in its low nibble and row d + 32 in its
-// high one) and scales_and_zeros [K/group, N, 2]: W = (q - 8) * scale + zero. Prefill's GEMM input
-// (torch's int4 kernel runs long inputs at a fraction of a GEMM's speed); the PyTorch twin is
-// quant/matmul.py unpack_int4 + quant/formats.py dequantize_int4_groups.
-void int4_dequant(const torch::Tensor& packed, const torch::Tensor& sz, int64_t group,
-                  torch::Tensor& out) {
-  const int64_t N = out.size(0), K = out.size(1);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && N % 64 == 0 &&
-                  packed.size(0) == N && packed.size(1) * 2 == K,
-              "int4_dequant: packed [N % 64 == 0, K/2] uint8");
-  TORCH_CHECK(K % group == 0 && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == K / group &&
-                  sz.size(1) == N && sz.size(2) == 2 && out.is_contiguous(),
-              "int4_dequant: scales_and_zeros [K/group, N, 2], out [N, K] contiguous");
-  TORCH_CHECK(sz.scalar_type() == out.scalar_type(), "int4_dequant: sz and out share a dtype");
-  const uint8_t* P = packed.data_ptr<uint8_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "int4_dequant", [&] {
-    const scalar_t* SZ = sz.data_ptr<scalar_t>();
-    scalar_t* O = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N / 64, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        for (int d = 0; d < 64; ++d) {
-          const int64_t row = b * 64 + d;
-          const int shift = d < 32 ? 0 : 4;
-          const uint8_t* p = P + b * K * 32 + (d & 31);
-          scalar_t* o = O + row * K;
-          for (int64_t g0 = 0; g0 < K; g0 += group) {
-            const float s = static_cast<float>(SZ[((g0 / group) * N + row) * 2]);
-            const float z = static_cast<float>(SZ[((g0 / group) * N + row) * 2 + 1]) - 8.f * s;
-            for (int64_t k = g0; k < g0 + group; ++k)
-              o[k] = static_cast<scalar_t>(static_cast<float>((p[k * 32] >> shift) & 15) * s + z);
-          }
-        }
-    });
-  });
-}
-
 std::vector<std::string> isa() {  // the fast paths this CPU takes
   std::vector<std::string> out;
   if (cpu_avx512()) out.emplace_back("avx512");
@@ -444,6 +407,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("avx2_only") = false);
   m.def("linear_fp8", &linear_fp8, "x [M<=16, K] bf16 @ block-FP8 w ^T");
   m.def("fp8_supported", &fp8_supported, "linear_fp8 runs here for input blocks of bi");
-  m.def("int4_dequant", &int4_dequant, "torch's packed CPU int4 weight into out");
   m.def("isa", &isa, "the fast paths this CPU takes");
 }

@@ -3,8 +3,9 @@
 CPU (measured with `bench/gemv.py` and `bench/quant_linear.py`):
 - few rows (decode): a kernel that reads the quantized bytes directly - ours
   (`kernels/gemv_cpu.cpp`) for int8 and, on AVX512-VBMI + BF16 CPUs, FP8 (elsewhere the AVX2
-  `fp8_cpu.cpp` kernel), torch's `_weight_int4pack_mm_for_cpu` for int4; memory-bound, so 1 or
-  0.5 byte per weight instead of 2;
+  `fp8_cpu.cpp` kernel); for int4 ours (`kernels/int4_cpu.cpp`) on AVX512-VBMI + BF16 CPUs and
+  for fp32 rows, elsewhere torch's `_weight_int4pack_mm_for_cpu`; memory-bound, so 1 or 0.5
+  byte per weight instead of 2;
 - many rows (prefill): the packed-weight kernels run at a fraction of a GEMM's FLOP/s, so the
   weight is dequantised into one reused buffer and a regular GEMM runs on it (the buffer
   costs one layer's largest matrix, never a copy of the model).
@@ -21,11 +22,14 @@ from qwen35.quant import formats
 # bench/quant_linear.py, 3584 x 1024, 2 threads: int8 kernel 0.10 / 0.78 ms at 1 / 16 rows vs
 # dequant + GEMM 0.76 / 1.05; int4 kernel 2.7 ms at 64 rows vs 27 ms for our PyTorch unpack
 INT8_MAX_ROWS = 16
-# int4: torch's kernel up to 128 rows; above, our C++ unpack (gemv_cpu.cpp int4_dequant, ~5 ms for
-# 7168 x 1024) + a BF16 GEMM: bench/gemv-style timing, 2 threads: 6.3 / 25.3 ms (kernel) vs 8.7 /
-# 15.1 ms at 64 / 256 rows. Without the compiled module the kernel runs at every size (unpacking
-# in PyTorch is slower still).
-INT4_MAX_ROWS = 128
+# int4 (bench/gemv.py --formats int4 and bench/quant_linear.py, 2 threads, Zen 4): ours 2.4-2.6x
+# torch's kernel at 1 row (0.077 vs 0.197 ms for 7168 x 1024, 48 vs 19 GB/s), 2.3x at 16; torch's
+# fp32 int4 kernel is far slower still (20 ms at 1 row, 1 thread). Above 16 rows our K-major
+# unpack (int4_cpu.cpp int4_dequant, 13 G weights/s, 0.55 ms for 7168 x 1024; the scalar one did
+# 0.9) + a BF16 GEMM wins: 7168 x 1024 at 32 / 64 / 256 rows 2.0 / 3.1 / 9.8 ms vs 2.7 / 5.4 /
+# 21.6 for torch's kernel (1024 x 3584: 0.86 vs 1.02 ms at 24 rows, 0.80 vs 0.75 at 16). Without
+# the compiled module torch's kernel runs at every size (unpacking in PyTorch is slower still).
+INT4_MAX_ROWS = 16
 
 _scratch: dict[tuple, torch.Tensor] = {}
 
@@ -111,17 +115,25 @@ def int4_linear(
     """x [..., K] @ W^T with W in torch's packed CPU int4 layout ([n, K/2] uint8, groups of
     `group` inputs, scales_and_zeros [K/group, n, 2])."""
     x2 = _rows(x)
+    rows = x2.shape[0]
     mod = None
-    if x2.shape[0] > INT4_MAX_ROWS and x.is_cpu and sz.dtype == x.dtype:
+    if x.is_cpu and sz.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float32):
         from qwen35.kernels import gemv
 
-        mod = gemv.load()
+        mod = gemv.load_int4()
+    if mod is not None and rows <= INT4_MAX_ROWS:
+        # bf16 rows: ours on AVX512-VBMI + BF16 CPUs (torch's kernel beat our AVX2 path); fp32
+        # rows: ours everywhere (torch's fp32 int4 kernel is several times slower)
+        if x.dtype == torch.float32 or mod.int4_fast_supported():
+            y = mod.linear_int4(x2.contiguous(), packed, sz, group, n)
+            return y.view(*x.shape[:-1], n)
+        mod = None
     if mod is None:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
     else:
-        buf = scratch((n, packed.shape[1] * 2), x.dtype, x.device)  # [N, K]
-        mod.int4_dequant(packed, sz, group, buf)
-        y = F.linear(x2, buf)
+        wt = scratch((packed.shape[1] * 2, n), x.dtype, x.device)  # W^T [K, N]: K-major unpack
+        mod.int4_dequant(packed, sz, group, wt.t())
+        y = F.linear(x2, wt.t())
     return y.view(*x.shape[:-1], n)
 
 

@@ -1,0 +1,393 @@
+// int4 weights in torch's packed CPU layout, read directly: decode GEMVs (linear_int4) and the
+// unpack that feeds prefill's GEMM (int4_dequant). No repacking, so quant/ stores exactly what
+// torch's `_weight_int4pack_mm_for_cpu` takes.
+//
+// Layout: packed [N, K/2] uint8 = [N/64, K, 32]: per block of 64 output rows and input k, byte d
+// holds row d in its low nibble and row d + 32 in its high one; scales_and_zeros [K/group, N, 2];
+// W = (q - 8) * scale + zero with q in [0, 15].
+//
+// linear_int4, y [M <= 16, N] = x [M, K] @ W^T, the 64-row blocks split over threads in
+// contiguous ranges, each block streamed once per 4 input rows:
+// - AVX512-VBMI + BF16 (Zen 4, Sapphire Rapids), bf16 x: one 64-byte load covers k and k + 1 of
+//   all 64 rows; two byte permutes (vpermb) put row r's two bytes in the low bytes of one 32-bit
+//   lane's two words, and a shift + a ternary-logic op turn each word into the bf16 1 + q/16
+//   (0x3F80 | q << 3), low nibbles (rows 0..31) and high ones (rows 32..63), so vdpbf16ps
+//   against the broadcast pair (x[k], x[k + 1]) sums x * (1 + q/16) into 4 accumulators (64
+//   rows) per input row. At the end of a group, with sx = its sum of x:
+//   sum x * (q - 8) = 16 * (acc - 1.5 * sx), and y += scale * that + zero * sx. (q in the top
+//   mantissa bits keeps the offset small, 1 against up to 0.94: q + 128 would cost 7 bits.)
+//   48 GB/s of int4 at 1 row on 2 Zen 4 cores, as fast as the bf16 GEMV streams: bench/gemv.py.
+// - otherwise (AVX2 + FMA, or fp32 x): nibbles -> fp32 (zero-extend, convert), FMA against the
+//   broadcast x[k], the same per-group fold without the offset; half a block (32 rows) a pass.
+//   Used for fp32 rows (torch's fp32 int4 kernel is far slower); bf16 rows on CPUs without
+//   VBMI + BF16 keep torch's kernel, which beat this path on Zen 4 (quant/matmul.py).
+// int4_dequant: W^T [K, N] (K-major, the order the bytes are in: each k's 64 rows of a block are
+// 32 contiguous bytes in and 64 contiguous values out, so no transpose; mm(x, W^T) runs as fast
+// as F.linear(x, W)); 13 G weights/s on 2 cores vs 0.9 for the scalar row-major [N, K] path
+// kept beside it as the reference (bench/quant_linear.py).
+// The PyTorch twins: quant/matmul.py unpack_int4 + quant/formats.py dequantize_int4_groups.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#define TARGET_VBMI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi")))
+
+namespace {
+
+constexpr int64_t kMaxRows = 16;
+constexpr int kMR = 4;  // input rows per pass over a block
+
+bool cpu_vbmi_bf16() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bf16") &&
+                         __builtin_cpu_supports("avx512vbmi");
+  return ok;
+}
+
+inline float bf16f(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float as_float(float v) { return v; }
+inline float as_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+// Calls ROW<mr>(...) for the runtime mr in 1..kMR.
+#define DISPATCH_MR(mr, ROW, ...)       \
+  switch (mr) {                         \
+    case 1: ROW<1>(__VA_ARGS__); break; \
+    case 2: ROW<2>(__VA_ARGS__); break; \
+    case 3: ROW<3>(__VA_ARGS__); break; \
+    default: ROW<4>(__VA_ARGS__); break; \
+  }
+
+struct Block {  // one 64-row block and what its pass needs
+  const uint8_t* p;  // the block's bytes [K, 32]
+  int64_t K, group, ng, N, n0;  // n0: the block's first output row
+};
+
+// ---- AVX512-VBMI + BF16 --------------------------------------------------------------------
+
+// inputs k, k + 1 of the block's 64 rows against MR input rows, into acc[MR][4]
+template <int MR>
+TARGET_VBMI inline void pair_vbmi(const Block& b, const uint16_t* X, int64_t k, __m512i idx0,
+                                  __m512i idx1, __m512 (*acc)[4]) {
+  const __m512i m78 = _mm512_set1_epi16(0x78), one = _mm512_set1_epi16(0x3F80);
+  const __m512i raw = _mm512_loadu_si512(b.p + k * 32);
+  // dword i of p_h: row 16h + i's bytes at k and k + 1 in its two words' low bytes
+  const __m512i p0 = _mm512_permutexvar_epi8(idx0, raw), p1 = _mm512_permutexvar_epi8(idx1, raw);
+  // each word -> 0x3F80 | q << 3 (the bf16 1 + q/16): low nibbles rows 0..31, high 32..63
+  const __m512bh w[4] = {
+      (__m512bh)_mm512_ternarylogic_epi32(_mm512_slli_epi16(p0, 3), m78, one, 0xEA),
+      (__m512bh)_mm512_ternarylogic_epi32(_mm512_slli_epi16(p1, 3), m78, one, 0xEA),
+      (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(p0, 1), m78, one, 0xEA),
+      (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(p1, 1), m78, one, 0xEA)};
+  for (int i = 0; i < MR; ++i) {
+    int32_t xp;
+    std::memcpy(&xp, X + i * b.K + k, 4);
+    const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp);
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[j], xv);
+  }
+}
+
+// X: MR rows of bf16 x (stride K); SX: their group sums [MR][ng]; SZ: bf16 scales_and_zeros;
+// out [MR][64] fp32
+template <int MR>
+TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, const uint16_t* SZ,
+                            float* out) {
+  constexpr int U = MR <= 2 ? 2 : 1;  // k-pairs in flight: MR * U * 4 >= 8 vdpbf16ps chains
+  alignas(64) uint8_t ib[2][64];
+  for (int h = 0; h < 2; ++h)  // lane i: (row 16h + i at k, 0x3F, row 16h + i at k + 1, 0x3F)
+    for (int i = 0; i < 16; ++i) {
+      ib[h][4 * i] = static_cast<uint8_t>(16 * h + i);
+      ib[h][4 * i + 2] = static_cast<uint8_t>(32 + 16 * h + i);
+      ib[h][4 * i + 1] = ib[h][4 * i + 3] = 0;  // masked off
+    }
+  const __m512i idx0 = _mm512_load_si512(ib[0]), idx1 = _mm512_load_si512(ib[1]);
+  const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 tot[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) tot[i][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < b.ng; ++g) {
+    const uint16_t* sz = SZ + (g * b.N + b.n0) * 2;  // 64 (scale, zero) pairs
+    if (g + 1 < b.ng)
+      for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(sz + b.N * 2 + 32 * c),
+                                               _MM_HINT_T0);
+    __m512 acc[U][MR][4];
+    for (int u = 0; u < U; ++u)
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < 4; ++j) acc[u][i][j] = _mm512_setzero_ps();
+    const int64_t k1 = (g + 1) * b.group;
+    int64_t k = g * b.group;
+    for (; k + 2 * U <= k1; k += 2 * U)
+      for (int u = 0; u < U; ++u) pair_vbmi<MR>(b, X, k + 2 * u, idx0, idx1, acc[u]);
+    for (; k < k1; k += 2) pair_vbmi<MR>(b, X, k, idx0, idx1, acc[0]);
+    for (int u = 1; u < U; ++u)
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < 4; ++j) acc[0][i][j] = _mm512_add_ps(acc[0][i][j], acc[u][i][j]);
+    for (int j = 0; j < 4; ++j) {  // rows 16j..16j+15: scale * 16 (exact), zero
+      const __m512i v = _mm512_loadu_si512(sz + 32 * j);
+      const __m512 s = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+                                     _mm512_set1_ps(16.f));
+      const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
+      for (int i = 0; i < MR; ++i) {
+        const float sx = SX[i * b.ng + g];
+        const __m512 t = _mm512_sub_ps(acc[0][i][j], _mm512_set1_ps(1.5f * sx));
+        tot[i][j] = _mm512_fmadd_ps(z, _mm512_set1_ps(sx), _mm512_fmadd_ps(s, t, tot[i][j]));
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i * 64 + 16 * j, tot[i][j]);
+}
+
+// ---- AVX2 + FMA, fp32 ----------------------------------------------------------------------
+
+// half h of a block: bytes 16h..16h+15 of each k = rows 16h.. (low nibbles) and 32+16h.. (high);
+// XF: MR rows of fp32 x; out [MR][64] (this half's 32 rows written)
+template <int MR, typename ST>
+void half_avx2(const Block& b, int h, const float* XF, const float* SX, const ST* SZ, float* out) {
+  constexpr int U = MR == 1 ? 2 : 1;  // k-unroll: MR * U * 4 >= 8 independent FMA chains
+  const __m256i m15 = _mm256_set1_epi32(15);
+  __m256 tot[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) tot[i][j] = _mm256_setzero_ps();
+  alignas(32) float s[32], z[32];
+  const int rows[4] = {16 * h, 16 * h + 8, 32 + 16 * h, 40 + 16 * h};
+  for (int64_t g = 0; g < b.ng; ++g) {
+    const ST* sz = SZ + (g * b.N + b.n0) * 2;
+    for (int j = 0; j < 4; ++j)
+      for (int r = 0; r < 8; ++r) {
+        s[8 * j + r] = as_float(sz[(rows[j] + r) * 2]);
+        z[8 * j + r] = as_float(sz[(rows[j] + r) * 2 + 1]);
+      }
+    __m256 acc[U][MR][4];
+    for (int u = 0; u < U; ++u)
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < 4; ++j) acc[u][i][j] = _mm256_setzero_ps();
+    const int64_t k1 = (g + 1) * b.group;
+    for (int64_t k = g * b.group; k < k1; k += U)
+      for (int u = 0; u < U; ++u) {
+        const uint8_t* p = b.p + (k + u) * 32 + 16 * h;
+        int64_t b0, b1;
+        std::memcpy(&b0, p, 8);
+        std::memcpy(&b1, p + 8, 8);
+        const __m256i v0 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(b0));
+        const __m256i v1 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(b1));
+        const __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_and_si256(v0, m15)),
+                             _mm256_cvtepi32_ps(_mm256_and_si256(v1, m15)),
+                             _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)),
+                             _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4))};
+        for (int i = 0; i < MR; ++i) {
+          const __m256 xv = _mm256_broadcast_ss(XF + i * b.K + k + u);
+          for (int j = 0; j < 4; ++j) acc[u][i][j] = _mm256_fmadd_ps(w[j], xv, acc[u][i][j]);
+        }
+      }
+    for (int i = 0; i < MR; ++i) {
+      const float sx = SX[i * b.ng + g];
+      for (int j = 0; j < 4; ++j) {  // y += scale * (sum x q - 8 sx) + zero * sx
+        __m256 a = acc[0][i][j];
+        for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[u][i][j]);
+        const __m256 t = _mm256_sub_ps(a, _mm256_set1_ps(8.f * sx));
+        tot[i][j] = _mm256_fmadd_ps(_mm256_load_ps(z + 8 * j), _mm256_set1_ps(sx),
+                                    _mm256_fmadd_ps(_mm256_load_ps(s + 8 * j), t, tot[i][j]));
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + i * 64 + rows[j], tot[i][j]);
+}
+
+template <int MR, typename ST>
+void block_avx2(const Block& b, const float* XF, const float* SX, const ST* SZ, float* out) {
+  half_avx2<MR>(b, 0, XF, SX, SZ, out);
+  half_avx2<MR>(b, 1, XF, SX, SZ, out);
+}
+
+void check_packed(const torch::Tensor& packed, const torch::Tensor& sz, int64_t group, int64_t N,
+                  int64_t K) {
+  TORCH_CHECK(packed.device().is_cpu() && sz.device().is_cpu(), "int4: CPU tensors only");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2 &&
+                  N % 64 == 0 && packed.size(0) == N && packed.size(1) * 2 == K,
+              "int4: packed [N % 64 == 0, K/2] uint8 contiguous (torch's CPU int4 layout)");
+  TORCH_CHECK(group > 0 && group % 2 == 0 && K % group == 0, "int4: K a multiple of an even group");
+  TORCH_CHECK(sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == K / group && sz.size(1) == N &&
+                  sz.size(2) == 2,
+              "int4: scales_and_zeros [K/group, N, 2] contiguous");
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 || sz.scalar_type() == at::kFloat,
+              "int4: bf16 or fp32 scales_and_zeros");
+}
+
+// per input row and group: the sum of x (as the kernels see it: bf16 values in fp32)
+template <typename T>
+std::vector<float> group_sums(const T* X, int64_t M, int64_t K, int64_t group) {
+  const int64_t ng = K / group;
+  std::vector<float> sx(M * ng, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < ng; ++g) {
+      float s = 0.f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += as_float(X[m * K + k]);
+      sx[m * ng + g] = s;
+    }
+  return sx;
+}
+
+// ---- dequant to W^T [K, N], K-major ----------------------------------------------------------
+
+// fp32 -> bf16 bits, round to nearest even (as torch's .to(bfloat16); no NaNs here)
+inline __m256i bf16_rne_avx2(__m256 f) {
+  const __m256i b = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
+                           16);
+}
+
+// one k of a block: 32 bytes -> 64 values at o (rows n0..n0+63 of W^T's row k); s, z: the
+// block's scales and zeros in this group [64] fp32. (q - 8) * s is exact for bf16 scales, so the
+// FMA rounds once, like PyTorch's (q - 8) * s + z.
+template <typename OT>
+inline void dequant_k_avx2(const uint8_t* p, const float* s, const float* z, OT* o) {
+  const __m128i m15 = _mm_set1_epi8(15), m8 = _mm_set1_epi8(8);
+  for (int half = 0; half < 2; ++half) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * half));
+    const __m128i q[2] = {_mm_sub_epi8(_mm_and_si128(raw, m15), m8),  // rows 16h..16h+15
+                          _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), m15), m8)};  // +32
+    for (int nib = 0; nib < 2; ++nib) {
+      const int r = 32 * nib + 16 * half;
+      const __m256 v0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[nib])),
+                                        _mm256_loadu_ps(s + r), _mm256_loadu_ps(z + r));
+      const __m256 v1 = _mm256_fmadd_ps(
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q[nib], 8))),
+          _mm256_loadu_ps(s + r + 8), _mm256_loadu_ps(z + r + 8));
+      if constexpr (std::is_same_v<OT, float>) {
+        _mm256_storeu_ps(o + r, v0);
+        _mm256_storeu_ps(o + r + 8, v1);
+      } else {  // 16 bf16: pack the two halves' words, undo the in-lane interleave
+        const __m256i w = _mm256_permute4x64_epi64(
+            _mm256_packus_epi32(bf16_rne_avx2(v0), bf16_rne_avx2(v1)), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + r), w);
+      }
+    }
+  }
+}
+
+template <typename ST>
+void dequant_t(const uint8_t* P, const ST* SZ, int64_t group, int64_t N, int64_t K, ST* O) {
+  at::parallel_for(0, N / 64, 1, [&](int64_t b0, int64_t b1) {
+    alignas(32) float s[64], z[64];
+    for (int64_t blk = b0; blk < b1; ++blk)
+      for (int64_t g = 0; g < K / group; ++g) {
+        const ST* sz = SZ + (g * N + blk * 64) * 2;
+        for (int r = 0; r < 64; ++r) {
+          s[r] = as_float(sz[2 * r]);
+          z[r] = as_float(sz[2 * r + 1]);
+        }
+        for (int64_t k = g * group; k < (g + 1) * group; ++k)
+          dequant_k_avx2(P + (blk * K + k) * 32, s, z, O + k * N + blk * 64);
+      }
+  });
+}
+
+// the scalar reference: row-major W [N, K]
+template <typename ST>
+void dequant_rows(const uint8_t* P, const ST* SZ, int64_t group, int64_t N, int64_t K, ST* O) {
+  at::parallel_for(0, N / 64, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int d = 0; d < 64; ++d) {
+        const int64_t row = b * 64 + d;
+        const int shift = d < 32 ? 0 : 4;
+        const uint8_t* p = P + b * K * 32 + (d & 31);
+        for (int64_t k = 0; k < K; ++k) {
+          const ST* sz = SZ + ((k / group) * N + row) * 2;
+          const float q = static_cast<float>(((p[k * 32] >> shift) & 15) - 8);
+          O[row * K + k] = static_cast<ST>(q * as_float(sz[0]) + as_float(sz[1]));
+        }
+      }
+  });
+}
+
+}  // namespace
+
+bool int4_fast_supported() { return cpu_vbmi_bf16(); }
+
+// y [M, n] (x's dtype) = x [M <= 16, K] @ W^T. avx2_only: the path of CPUs without AVX512-VBMI +
+// BF16 (tests and benchmarks run both on one machine); fp32 x always takes it.
+torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed,
+                          const torch::Tensor& sz, int64_t group, int64_t n, bool avx2_only) {
+  const int64_t M = x.size(0), K = x.size(1);
+  check_packed(packed, sz, group, n, K);
+  TORCH_CHECK(x.dim() == 2 && M <= kMaxRows && x.is_contiguous() && x.device().is_cpu(),
+              "linear_int4: x [M <= 16, K] contiguous on the CPU");
+  TORCH_CHECK(x.scalar_type() == sz.scalar_type(), "linear_int4: x and scales_and_zeros share a dtype");
+  const bool vbmi = !avx2_only && x.scalar_type() == at::kBFloat16 && cpu_vbmi_bf16();
+  const auto xf = vbmi ? x : x.to(at::kFloat);  // the AVX2 path reads fp32 rows
+  const std::vector<float> sx = vbmi ? group_sums(x.data_ptr<at::BFloat16>(), M, K, group)
+                                     : group_sums(xf.data_ptr<float>(), M, K, group);
+  const int64_t ng = K / group;
+  auto y = torch::empty({M, n}, x.options());
+  const auto* P = packed.data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "linear_int4", [&] {
+    const auto* SZ = sz.data_ptr<scalar_t>();
+    auto* Y = y.data_ptr<scalar_t>();
+    at::parallel_for(0, n / 64, 1, [&](int64_t b0, int64_t b1) {
+      alignas(64) float out[kMR * 64];
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const Block b{P + blk * K * 32, K, group, ng, n, blk * 64};
+        for (int64_t m = 0; m < M; m += kMR) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
+          if (vbmi) {
+            const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr()) + m * K;
+            const auto* S = reinterpret_cast<const uint16_t*>(SZ);
+            DISPATCH_MR(mr, block_vbmi, b, X, sx.data() + m * ng, S, out);
+          } else {
+            DISPATCH_MR(mr, block_avx2, b, xf.data_ptr<float>() + m * K, sx.data() + m * ng, SZ,
+                        out);
+          }
+          for (int i = 0; i < mr; ++i)
+            for (int r = 0; r < 64; ++r) Y[(m + i) * n + b.n0 + r] = out[i * 64 + r];
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// W [N, K] in out's dtype (bf16 or fp32, as scales_and_zeros). out either contiguous (the
+// scalar reference) or the transpose of a contiguous [K, N] (the vector path: prefill's GEMM
+// input, mm(x, out.t()) = x @ W^T).
+void int4_dequant(const torch::Tensor& packed, const torch::Tensor& sz, int64_t group,
+                  torch::Tensor& out) {
+  const int64_t N = out.size(0), K = out.size(1);
+  check_packed(packed, sz, group, N, K);
+  TORCH_CHECK(out.dim() == 2 && sz.scalar_type() == out.scalar_type() && out.device().is_cpu(),
+              "int4_dequant: out [N, K] in scales_and_zeros' dtype");
+  const bool kmajor = out.t().is_contiguous() && !out.is_contiguous();
+  TORCH_CHECK(kmajor || out.is_contiguous(),
+              "int4_dequant: out [N, K] contiguous, or the transpose of a contiguous [K, N]");
+  const uint8_t* P = packed.data_ptr<uint8_t>();
+  if (sz.scalar_type() == at::kFloat) {
+    const float* SZ = sz.data_ptr<float>();
+    kmajor ? dequant_t(P, SZ, group, N, K, out.data_ptr<float>())
+           : dequant_rows(P, SZ, group, N, K, out.data_ptr<float>());
+  } else {
+    const auto* SZ = sz.data_ptr<at::BFloat16>();
+    kmajor ? dequant_t(P, SZ, group, N, K, out.data_ptr<at::BFloat16>())
+           : dequant_rows(P, SZ, group, N, K, out.data_ptr<at::BFloat16>());
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_int4", &linear_int4, "x [M<=16, K] @ W^T, W in torch's packed CPU int4 layout",
+        py::arg("x"), py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("n"),
+        py::arg("avx2_only") = false);
+  m.def("int4_dequant", &int4_dequant, "torch's packed CPU int4 weight into out [N, K]");
+  m.def("int4_fast_supported", &int4_fast_supported, "the AVX512-VBMI + BF16 path runs here");
+}

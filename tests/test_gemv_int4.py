@@ -1,0 +1,138 @@
+"""The int4 kernels (kernels/int4_cpu.cpp) against F.linear on the dequantised weight
+(quant/matmul.py unpack_int4 + quant/formats.py dequantize_int4_groups), and int4_linear's
+dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen35.kernels import gemv
+from qwen35.quant import formats, matmul
+
+# (N, K, group): N % 64 == 0 (torch's layout), K a multiple of the group; one group per row,
+# groups of 32 / 64 / 128 / 256, several blocks
+SHAPES = [(64, 64, 32), (128, 256, 64), (192, 384, 128), (64, 96, 32), (128, 128, 128),
+          (64, 512, 256)]  # fmt: skip
+ROWS = [1, 2, 3, 4, 5, 7, 8, 16]
+
+
+@pytest.fixture(scope="module")
+def mod():
+    m = gemv.load_int4()
+    if m is None:
+        pytest.skip("the int4 kernel needs x86-64 with AVX2 + FMA and a compiler")
+    return m
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _quantized(n, k, group, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, sz = formats.quantize_int4_groups(torch.randn(n, k, generator=g), group, dtype)
+    return q, sz, matmul.pack_int4(q)
+
+
+def _paths(mod):
+    """avx2_only values to test: the AVX512-VBMI + BF16 path only where the CPU has it."""
+    return [False, True] if mod.int4_fast_supported() else [True]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_int4_matches_reference(mod, dtype):
+    for i, (n, k, group) in enumerate(SHAPES):
+        q, sz, packed = _quantized(n, k, group, dtype, i)
+        w = formats.dequantize_int4_groups(q, sz, group, torch.float32)
+        for m in ROWS:
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+            ref = F.linear(x.float(), w)
+            for avx2_only in _paths(mod):
+                y = mod.linear_int4(x, packed, sz, group, n, avx2_only)
+                assert y.dtype == dtype and y.shape == (m, n)
+                tol = 4e-3 if dtype == torch.bfloat16 else 1e-5  # bf16: the output's rounding
+                assert _rel(y, ref) < tol, (n, k, group, m, avx2_only)
+
+
+def test_linear_int4_decodes_every_nibble_exactly(mod):
+    """Scale 1 and zero 0: each input row picks one weight column, which must come out as
+    exactly q - 8 for all 16 codes, in every row position of a 64-row block."""
+    n, k = 128, 32
+    q = (torch.arange(n)[:, None] + torch.arange(k)[None, :]) % 16  # [N, K], every code per row
+    packed = matmul.pack_int4(q.to(torch.int32))
+    sz = torch.stack([torch.ones(1, n), torch.zeros(1, n)], dim=-1).bfloat16()  # [1, N, 2]
+    eye = torch.eye(k).bfloat16()
+    for avx2_only in _paths(mod):
+        for start in range(0, k, 16):
+            y = mod.linear_int4(eye[start : start + 16], packed, sz, k, n, avx2_only)
+            assert torch.equal(y.float(), (q[:, start : start + 16].T - 8).float()), avx2_only
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_dequant_matches_reference(mod, dtype):
+    """The vector path (out = the transpose of a contiguous [K, N]) and the scalar one (out
+    contiguous [N, K]) both equal PyTorch's dequantisation: bf16 bit for bit; fp32 within an
+    ulp (the FMA rounds once where PyTorch rounds the product too)."""
+    for i, (n, k, group) in enumerate(SHAPES):
+        q, sz, packed = _quantized(n, k, group, dtype, 10 + i)
+        ref = formats.dequantize_int4_groups(q, sz, group, dtype)
+        kmajor = torch.empty(k, n, dtype=dtype).t()
+        rows = torch.empty(n, k, dtype=dtype)
+        mod.int4_dequant(packed, sz, group, kmajor)
+        mod.int4_dequant(packed, sz, group, rows)
+        atol = 0 if dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(kmajor, ref, rtol=0, atol=atol)
+        torch.testing.assert_close(rows, ref, rtol=0, atol=atol)
+
+
+def test_bad_inputs_are_refused(mod):
+    q, sz, packed = _quantized(64, 128, 64, torch.bfloat16, 0)
+    x = torch.randn(2, 128).bfloat16()
+    with pytest.raises(RuntimeError, match="M <= 16"):
+        mod.linear_int4(torch.randn(17, 128).bfloat16(), packed, sz, 64, 64)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        mod.linear_int4(x.float(), packed, sz, 64, 64)
+    with pytest.raises(RuntimeError, match="scales_and_zeros"):
+        mod.linear_int4(x, packed, sz, 32, 64)  # sz has K/64 groups, not K/32
+    with pytest.raises(RuntimeError, match="N % 64"):
+        mod.linear_int4(x, packed[:, :], sz, 64, 32)
+    with pytest.raises(RuntimeError, match="transpose of a contiguous"):
+        mod.int4_dequant(packed, sz, 64, torch.empty(64, 256, dtype=torch.bfloat16)[:, ::2])
+
+
+class _Spy:
+    def __init__(self, mod):
+        self.mod, self.calls = mod, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.mod, name)
+        if name == "int4_fast_supported":
+            return fn
+        return lambda *a, **k: self.calls.append(name) or fn(*a, **k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_linear_dispatch(mod, monkeypatch, dtype):
+    """Up to INT4_MAX_ROWS rows take our kernel (bf16 rows where the AVX512-VBMI path exists,
+    else torch's kernel; fp32 rows on every CPU), more rows our K-major unpack + a GEMM; with
+    QWEN35_NO_KERNELS=1 everything runs torch's kernel, with the same results."""
+    spy = _Spy(mod)
+    monkeypatch.setattr(gemv, "load_int4", lambda: spy)
+    n, k, group = 128, 256, 64
+    _, sz, packed = _quantized(n, k, group, dtype, 20)
+    g = torch.Generator().manual_seed(21)
+    xs = {m: torch.randn(m, k, generator=g).to(dtype) for m in (1, matmul.INT4_MAX_ROWS, 17, 64)}
+    ys = {m: matmul.int4_linear(x, packed, sz, group, n) for m, x in xs.items()}
+    ours = dtype == torch.float32 or mod.int4_fast_supported()
+    assert matmul.INT4_MAX_ROWS == 16  # the rows below straddle it
+    assert spy.calls == ["linear_int4"] * (2 * ours) + ["int4_dequant"] * 2
+    monkeypatch.setenv("QWEN35_NO_KERNELS", "1")
+    monkeypatch.setattr(gemv, "load_int4", gemv.INT4.load)
+    for m, x in xs.items():
+        ref = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+        assert _rel(matmul.int4_linear(x, packed, sz, group, n), ref) == 0
+        assert _rel(ys[m], ref) < (4e-3 if dtype == torch.bfloat16 else 1e-5), m
+    x3 = xs[17].view(1, 17, k)  # leading dims are kept
+    assert matmul.int4_linear(x3, packed, sz, group, n).shape == (1, 17, n)
