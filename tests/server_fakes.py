@@ -274,6 +274,20 @@ def build_tiny_engine(path, **engine_kwargs):
     return LLMEngine(str(path), **kw)
 
 
+def serving_tiny_engine(path, **engine_kwargs):
+    """Body of a module fixture (`yield from serving_tiny_engine(dir, ...)`): build_tiny_engine
+    served by a ServerThread, yielded as (ServerThread, openai.OpenAI, engine); closed after."""
+    import openai
+
+    from qwen35.server.app import ServerConfig, create_app
+
+    engine = build_tiny_engine(path, **engine_kwargs)
+    srv = ServerThread(create_app(engine, ServerConfig(served_model_name="tiny")))
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    yield srv, client, engine
+    srv.close()
+
+
 class Spy:
     """Wraps engine.add_request / abort_request to record what the server asked for."""
 
