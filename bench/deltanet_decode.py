@@ -4,8 +4,11 @@
 
 Layer 0 of the Qwen3.5-0.8B config (random weights), N sequences in consecutive state slots,
 one token each: `GatedDeltaNet.forward` with the fused kernel (kernels/gated_delta_cpu.cpp)
-and through the reference backend (plain PyTorch, ops/deltanet.py), interleaved call by call on copies of the same
-caches; medians of --reps. Prints a table and writes bench/results/deltanet_decode.json.
+and through the reference backend (plain PyTorch, ops/deltanet.py), interleaved call by call
+on copies of the same caches; medians of --reps. Then the kernel alone at batch 1 as a decode
+step meets it (18 layers' states, caches flushed by a 64 MB pass before each step): its AVX-512
+state passes vs its AVX2 ones (`avx2_only`, what CPUs without AVX-512 run), interleaved.
+Prints tables and writes bench/results/deltanet_decode.json.
 """
 
 from __future__ import annotations
@@ -85,12 +88,46 @@ def main() -> None:
         print(
             f"{r['batch']:>6} {r['kernel_ms']:>10.3f} {r['torch_ms']:>10.3f} {r['speedup']:>14.2f}x"
         )
+    alone = kernel_alone(cfg, dtype, args.reps)
+    print("kernel alone, 18 layers at batch 1, ms per step: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in alone.items()))  # fmt: skip
     out = Path(__file__).parent / "results" / "deltanet_decode.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"dtype": args.dtype, "threads": torch.get_num_threads(),
-                               "reps": args.reps, "rows": rows}, indent=2))  # fmt: skip
+                               "reps": args.reps, "rows": rows, "kernel_alone_ms": alone},
+                              indent=2))  # fmt: skip
     tmp.replace(out)
+
+
+def kernel_alone(cfg, dtype, reps: int, layers: int = 18) -> dict:
+    """Median ms of `layers` kernel calls (one per layer's inputs and states), per ISA path."""
+    mod = kernels.load()
+    nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv, C = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_dim
+    K = cfg.linear_conv_kernel_dim
+    ins = [
+        (
+            torch.randn(1, C).to(dtype),
+            torch.randn(1, C, K - 1).to(dtype),
+            (torch.randn(C, K) * 0.3).to(dtype),
+            -torch.rand(1, nv),
+            torch.rand(1, nv).to(dtype),
+            torch.randn(1, nv, dk, dv) * 0.01,
+        )
+        for _ in range(layers)
+    ]
+    flush = torch.empty(64 << 20, dtype=torch.uint8)
+    times = {"avx512": [], "avx2": []}
+    for rep in range(reps + 1):
+        for name in times:
+            flush.add_(1)  # the weights streamed between two uses of a layer evict its states
+            t0 = time.perf_counter()
+            for qkv, conv, w, g, beta, S in ins:
+                mod.deltanet_decode(qkv, conv, w, g, beta, S, nk, avx2_only=name == "avx2")
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from qwen35.engine.forward_batch import ForwardBatch
 from qwen35.models.qwen3_5 import Qwen35ForCausalLM
 from qwen35.ops import deltanet as deltanet_ops
 from qwen35.ops.backend import Backend, reference_backend, select_backend
+from qwen35.ops.conv import causal_conv1d_update_
 
 
 def _module():
@@ -184,3 +185,33 @@ def test_a_stale_build_lock_is_cleared(tmp_path, monkeypatch):
     os.utime(lock, (old, old))
     kernels._clear_stale_lock("k")
     assert not lock.exists()
+
+
+@pytest.mark.parametrize("avx2_only", [False, True], ids=["widest", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "nk,nv,dk,dv,K", [(2, 4, 128, 128, 4), (1, 2, 64, 64, 4), (1, 2, 16, 44, 3)]
+)
+def test_kernel_equals_the_torch_step(avx2_only, dtype, nk, nv, dk, dv, K):
+    """The kernel alone against the PyTorch conv update + recurrent step, on Qwen 3.5's head
+    size (128: the AVX-512 register path where the CPU has it), 64, and an odd one (44, conv
+    of 3 taps: AVX2 column blocks, a scalar tail and the generic conv), on either ISA path."""
+    mod = _module()
+    g = torch.Generator().manual_seed(5)
+    n, C = 3, 2 * nk * dk + nv * dv
+    qkv = torch.randn(n, C, generator=g).to(dtype)
+    conv = torch.randn(n, C, K - 1, generator=g).to(dtype)
+    w = (torch.randn(C, K, generator=g) * 0.5).to(dtype)
+    logdecay = -torch.rand(n, nv, generator=g)
+    beta = torch.rand(n, nv, generator=g).to(dtype)
+    S = torch.randn(n, nv, dk, dv, generator=g) * 0.1
+    conv_ref, S_ref = conv.clone(), S.clone()
+    o = mod.deltanet_decode(qkv, conv, w, logdecay, beta, S, nk, avx2_only=avx2_only)
+    u = causal_conv1d_update_(qkv, w, conv_ref)
+    o_ref, S_ref = deltanet_ops._step_torch(
+        u, logdecay, beta, S_ref, deltanet_ops.Dims(nk, nv, dk, dv, K)
+    )
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert torch.equal(conv, conv_ref)  # the conv states shift exactly
+    torch.testing.assert_close(o, o_ref.float(), **tol)
+    torch.testing.assert_close(S, S_ref, **tol)

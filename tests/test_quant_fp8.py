@@ -106,7 +106,7 @@ def test_fp8_layout_of_official_configs_equals_planner(name):
     assert abs(got - want) / want < 0.01
 
 
-def test_quantize_then_load_equals_in_memory(tmp_path):
+def test_quantize_then_load_equals_in_memory(tmp_path, monkeypatch):
     src = tmp_path / "bf16"
     save_checkpoint(src, moe=True, experts="per_expert", dtype=torch.bfloat16, hidden_size=200)
     (src / "tokenizer_config.json").write_text("{}")
@@ -125,8 +125,15 @@ def test_quantize_then_load_equals_in_memory(tmp_path):
         convert_checkpoint(src, out, to="fp8")
     back = convert_checkpoint(out, tmp_path / "back", to="bf16")
     assert "quantization_config" not in json.loads((back / "config.json").read_text())
-    c = load_model(back, dtype="bf16")(_ids())
-    torch.testing.assert_close(c, a, atol=3e-2 * a.abs().max().item(), rtol=0)
+    # exactly the FP8 values: on the plain PyTorch path (which dequantises FP8 for F.linear),
+    # the dequantised model and the FP8 one agree bit for bit. (With the CPU kernels the two
+    # sum in different orders, and the tiny MoE's top-k routing can turn that into a different
+    # expert for a token at a near-tie: not a tolerance to test against.)
+    monkeypatch.setenv("QWEN35_NO_KERNELS", "1")
+    assert torch.equal(
+        load_model(back, dtype="bf16")(_ids()), load_model(out, dtype="bf16")(_ids())
+    )
+    monkeypatch.delenv("QWEN35_NO_KERNELS")
     convert_checkpoint(src, out, to="fp8", force=True)  # replaces
     assert not list(tmp_path.glob(".fp8*"))  # no temporary left behind
 

@@ -6,9 +6,10 @@ falls back to the PyTorch op. QWEN35_NO_KERNELS=1 switches them off at any time,
 first load. The build is cached by torch under ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR),
 so only the first process on a machine pays it (README: Model implementation).
 
-- `deltanet_decode(qkv, conv_state, conv_w, g, beta, state, num_key_heads)`: a DeltaNet
-  layer's decode step after its projections, two passes over each head's state instead of five
-  (ops/deltanet.py; its PyTorch twin is the slot-run path there, reference backend).
+- `deltanet_decode(qkv, conv_state, conv_w, g, beta, state, num_key_heads, avx2_only=False)`:
+  a DeltaNet layer's decode step after its projections, two passes over each head's state
+  instead of five (ops/deltanet.py; its PyTorch twin is the slot-run path there, reference
+  backend; bench/deltanet_decode.py times it).
 """
 
 from __future__ import annotations
@@ -78,7 +79,10 @@ class Native:
         from torch.utils.cpp_extension import load as build
 
         src = Path(__file__).with_name(self.source)
-        name = f"qwen35_{src.stem}_{hashlib.sha256(src.read_bytes()).hexdigest()[:10]}"
+        digest = hashlib.sha256(src.read_bytes())
+        for header in sorted(src.parent.glob("*.h")):  # shared headers (vec_avx2.h) count too
+            digest.update(header.read_bytes())
+        name = f"qwen35_{src.stem}_{digest.hexdigest()[:10]}"
         _clear_stale_lock(name)
         if not _built(name):
             log.warning("compiling qwen35's CPU kernel %s (once per machine and version)", src.name)

@@ -8,14 +8,13 @@ zeros, exact prefix-cache checkpoints) and all single-token rows at once (recurr
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwen35.config import ModelConfig
 from qwen35.engine.forward_batch import ForwardBatch
 from qwen35.layers.linear import Linear, empty_param, pack_linears, packed_linear
 from qwen35.layers.norms import GatedRMSNorm
-from qwen35.ops.deltanet import Dims, deltanet_decode, deltanet_prefill
+from qwen35.ops.deltanet import Dims, deltanet_decode, deltanet_gates, deltanet_prefill
 from qwen35.parallel.context import SINGLE, TensorParallel
 
 
@@ -68,11 +67,10 @@ class GatedDeltaNet(nn.Module):
         T = x.shape[0]
         qkv, z, b, a = packed_linear(x, self.packed_in, *self.in_projs())  # [T, C], [T, Vd], ...
         z = z.unflatten(-1, (self.nv, self.dv))  # [T, nv, dv]
-        beta = torch.sigmoid(b)  # [T, nv], in the model dtype like transformers
-        g = F.softplus(a.float() + self.dt_bias).mul_(self.A_log.float().exp().neg_())  # fp32
+        be = batch.backend
+        g, beta = deltanet_gates(be, a, b, self.dt_bias, self.A_log)  # [T, nv] fp32, model dtype
         o = x.new_empty(T, self.nv, self.dv)  # kernel output, cast to the model dtype
         w = self.conv1d.weight[:, 0, :]  # [C, K]
-        be = batch.backend
         if batch.prefill:
             deltanet_prefill(be, qkv, g, beta, w, self.dims, batch.prefill, conv_cache,
                              rec_cache, o)  # fmt: skip

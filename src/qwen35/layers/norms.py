@@ -5,8 +5,9 @@
 - `GatedRMSNorm`: the DeltaNet output norm, plain weight (not 1 + w), gated by silu(z):
   the normalised value is cast to the model dtype before `* w`, then promoted with the gate.
 Given a backend with `triton_norms` (GPU), each is one Triton kernel (kernels/triton_norms.py),
-and `RMSNorm.add_forward` (the residual add, then the norm) is one kernel too; these PyTorch
-functions are their reference.
+and `RMSNorm.add_forward` (the residual add, then the norm) is one kernel too; on a CPU backend
+with `cpu_small_ops` each is one C++ call (kernels/small_ops.py). These PyTorch functions are
+their reference.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen35.kernels import small_ops
 from qwen35.layers.linear import empty_param
 from qwen35.ops.backend import Backend
 
@@ -58,6 +60,9 @@ class RMSNorm(nn.Module):
             from qwen35.kernels import triton_norms
 
             return triton_norms.rms_norm_zc(x, self.weight, self.eps)
+        cpu = small_ops.for_backend(backend, x)
+        if cpu is not None and x.dim() in (2, 3) and x.stride(-1) == 1:
+            return cpu.rms_norm_zc(x, self.weight, self.eps)
         return rms_norm_zc(x, self.weight, self.eps)
 
     def add_forward(
@@ -71,6 +76,9 @@ class RMSNorm(nn.Module):
             from qwen35.kernels import triton_norms
 
             return triton_norms.add_rms_norm_zc_(h, delta, self.weight, self.eps)
+        cpu = small_ops.for_backend(backend, h)
+        if cpu is not None and h.dim() == 2 and h.is_contiguous() and delta.stride(-1) == 1:
+            return cpu.add_rms_norm_zc_(h, delta, self.weight, self.eps)
         return rms_norm_zc(h.add_(delta), self.weight, self.eps)
 
 
@@ -85,4 +93,7 @@ class GatedRMSNorm(nn.Module):
             from qwen35.kernels import triton_norms
 
             return triton_norms.gated_rms_norm(x, z, self.weight, self.eps)
+        cpu = small_ops.for_backend(backend, x)
+        if cpu is not None and x.dim() in (2, 3) and x.stride(-1) == 1 and z.stride(-1) == 1:
+            return cpu.gated_rms_norm(x, z, self.weight, self.eps)
         return gated_rms_norm(x, z, self.weight, self.eps)

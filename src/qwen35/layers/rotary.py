@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from qwen35.kernels import small_ops
 from qwen35.ops.backend import Backend
 
 
@@ -71,8 +72,9 @@ def apply_rotary_qk(
     sin: torch.Tensor,
     backend: Backend | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated (q, k). With the backend's Triton pointwise kernels: one launch, q and k rotated
-    in place (they must be the caller's temporaries); else `apply_rotary` on each."""
+    """Rotated (q, k). With the backend's Triton pointwise kernels (GPU) or its C++ small ops
+    (CPU): one call, q and k rotated in place (they must be the caller's temporaries); else
+    `apply_rotary` on each."""
     if (
         backend is not None
         and backend.triton_pointwise
@@ -84,5 +86,9 @@ def apply_rotary_qk(
         from qwen35.kernels import triton_pointwise
 
         triton_pointwise.rotary_qk_(q, k, cos.contiguous(), sin.contiguous())
+        return q, k
+    cpu = small_ops.for_backend(backend, q)
+    if cpu is not None and q.stride(-1) == 1 and k.stride(-1) == 1 and q.dtype == cos.dtype:
+        cpu.rotary_qk_(q, k, cos.contiguous(), sin.contiguous())
         return q, k
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

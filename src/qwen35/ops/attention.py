@@ -1,5 +1,6 @@
 """Paged causal attention over a block cache: the portable PyTorch path (SDPA on gathered K/V)
-and the dispatch to the Triton kernels (kernels/triton_attention.py) that read K/V in place.
+and the dispatch to the kernels that read K/V in place: Triton on the GPU
+(kernels/triton_attention.py), C++ for decode on the CPU (kernels/attention.py).
 
 Dispatch (backend chosen once, ops/backend.py):
 - `paged_decode_attention(backend, q, k_cache, v_cache, decode, scale, gate)`: all decode rows;
@@ -141,6 +142,14 @@ def paged_decode_attention(
         from qwen35.kernels.triton_attention import paged_decode_attention as kernel
 
         return kernel(q, key_cache, value_cache, d.block_tables, d.context_lens, scale, gate)
+    if be.cpu_attention is not None and q.is_cpu and q.dtype == key_cache.dtype:
+        from qwen35.kernels import attention
+
+        mod = attention.load()  # None once QWEN35_NO_KERNELS=1 is set, at any time
+        if mod is not None and q.dtype in attention.DTYPES:
+            return mod.paged_decode_attention(
+                q.contiguous(), key_cache, value_cache, d.block_tables, d.context_lens, scale, gate
+            )
     o = decode_attention(
         q, key_cache, value_cache, d.block_tables, d.context_lens, d.max_context, scale
     ).to(q.dtype)

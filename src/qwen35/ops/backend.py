@@ -6,7 +6,7 @@ a frozen `Backend`. The runner picks it once per engine and hands it to the mode
 `ForwardBatch`; each op in `ops/` has one dispatch function that reads it (no `is_cpu` checks in
 the layers). Tests pick a backend instead of monkeypatching:
 
-    select_backend("cpu")                  # the compiled CPU kernel where it builds
+    select_backend("cpu")                  # the compiled CPU kernels where they build
     select_backend("cpu", kernels=False)   # plain PyTorch everywhere: the reference
     select_backend("cuda")                 # fla + Triton paged attention where installed
     interpreter_backend(torch.float32)     # tests only: the cuda backend's kernels on CPU
@@ -31,6 +31,9 @@ log = logging.getLogger("qwen35")
 class Backend:
     device_type: str  # "cpu" or "cuda"
     cpu_kernels: Any = None  # the compiled CPU module (kernels/) when it loaded, or None
+    # the fused small ops on the CPU (kernels/small_ops.py: norms, SiLU * mul, DeltaNet gates)
+    cpu_small_ops: Any = None
+    cpu_attention: Any = None  # paged decode attention on the CPU (kernels/attention.py)
     fla: Any = None  # fla-core's ops (namespace: chunk, fused_recurrent, conv or None), or None
     triton_attention: bool = False  # our Triton paged attention (kernels/triton_attention.py)
     # the two RMSNorms and residual add + RMSNorm as Triton kernels (kernels/triton_norms.py)
@@ -53,6 +56,10 @@ class Backend:
         parts = [self.device_type]
         if self.cpu_kernels is not None:
             parts.append("cpu-kernels")
+        if self.cpu_small_ops is not None:
+            parts.append("cpu-small-ops")
+        if self.cpu_attention is not None:
+            parts.append("cpu-attention")
         if self.fla is not None:
             parts.append("fla")
         if self.triton_attention:
@@ -126,10 +133,13 @@ def _select(device_type: str, kernels: bool, dtype: torch.dtype) -> Backend:
         return Backend(device_type)
     if device_type == "cpu":
         from qwen35 import kernels as cpu_kernels
+        from qwen35.kernels import attention, small_ops
 
         return Backend(
             "cpu",
             cpu_kernels=cpu_kernels.load(),
+            cpu_small_ops=small_ops.load(),
+            cpu_attention=attention.load(),
             grouped_mm=_grouped_mm_works("cpu", dtype),
         )
     if device_type == "cuda":

@@ -21,7 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from qwen35.kernels import small_ops
 from qwen35.ops.backend import Backend
 from qwen35.ops.conv import causal_conv1d, causal_conv1d_update_, conv_state_at
 from qwen35.ops.gated_delta import CHUNK_SIZE, chunk_gated_delta_rule, gated_delta_step_, l2norm_qk
@@ -38,6 +40,18 @@ class Dims:
     @property
     def key_dim(self) -> int:
         return self.nk * self.dk
+
+
+# ---- gates ----------------------------------------------------------------------------------
+def deltanet_gates(be: Backend, a, b, dt_bias, A_log):
+    """a, b [T, nv] (projection outputs) -> g = softplus(a + dt_bias) * -exp(A_log) [T, nv] fp32
+    (the log-decay) and beta = sigmoid(b) [T, nv] in the model dtype, like transformers. One C++
+    call on a CPU backend with `cpu_small_ops` (kernels/small_ops.py); this is its reference."""
+    cpu = small_ops.for_backend(be, a)
+    if cpu is not None and a.dim() == 2 and a.stride(-1) == 1 and b.stride(-1) == 1:
+        return cpu.deltanet_gates(a, b, dt_bias, A_log)
+    g = F.softplus(a.float() + dt_bias).mul_(A_log.float().exp().neg_())
+    return g, torch.sigmoid(b)
 
 
 # ---- prefill --------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """SiLU * mul (SwiGLU's activation) with its dispatch: the fused Triton kernel on the GPU
-backend (kernels/triton_pointwise.py), this PyTorch reference elsewhere.
+backend (kernels/triton_pointwise.py), the C++ one on a CPU backend with `cpu_small_ops`
+(kernels/small_ops.py), this PyTorch reference elsewhere.
 
 Shapes: gate, up [T, N] (often the two column halves of one packed gate_up output) -> [T, N].
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qwen35.kernels import small_ops
 from qwen35.ops.backend import Backend
 
 
@@ -31,4 +33,7 @@ def silu_mul(be: Backend | None, gate: torch.Tensor, up: torch.Tensor, inplace: 
         from qwen35.kernels import triton_pointwise
 
         return triton_pointwise.silu_mul(gate, up)
+    cpu = small_ops.for_backend(be, gate)
+    if cpu is not None and gate.dim() == 2 and gate.stride(-1) == 1 and up.stride(-1) == 1:
+        return cpu.silu_mul(gate, up)  # a fresh contiguous [T, N]
     return silu_mul_reference(gate, up, inplace)

@@ -1,0 +1,25 @@
+"""Paged decode attention on the CPU (`attention_cpu.cpp`): one query token per sequence read
+against its cached K/V in place, through its block table, the output gate applied.
+
+    paged_decode_attention(q [N, nh, hd], key_cache, value_cache [blocks, bs, nkv, hd],
+                           block_tables [N, W] int32, context_lens [N] int32, scale,
+                           gate [N, nh, hd] or None) -> [N, nh, hd]
+
+Its PyTorch twin is ops/attention.py's `decode_attention` (gather the blocks, SDPA), which it
+replaces on CPU backends with kernels (tests/test_attention_cpu.py; bench/attention_cpu.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwen35.kernels import Native
+
+ATTENTION = Native("attention_cpu.cpp", ("-mavx2", "-mfma", "-mf16c"), needs=("avx2", "fma", "f16c"))
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def load():
+    """The compiled module or None (no compiler, QWEN35_NO_KERNELS=1, a CPU without AVX2)."""
+    return ATTENTION.load()

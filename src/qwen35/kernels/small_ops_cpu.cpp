@@ -1,0 +1,290 @@
+// The small per-token ops of a forward step on the CPU, each fused into one pass.
+//
+// At batch-1 decode a Qwen 3.5 layer spends more time in PyTorch dispatch than in its small
+// ops' arithmetic: RMSNorm alone is ten ops (cast, norm, square, divide, add, rsqrt, multiply,
+// weight cast, multiply, cast back), and the 0.8B model's step ran ~1,500 such ops (~14 ms of
+// a 46 ms step). Each function here is one call doing one pass over its rows.
+//
+// Numerics follow the PyTorch references (layers/norms.py, ops/pointwise.py,
+// layers/deltanet.py) step by step: fp32 arithmetic, rounded to the model dtype exactly where
+// the reference rounds; only the order of the sum of squares and libm's exp/log1p differ
+// (fp32 ulps). Rows are independent, so batched and single-row results are bitwise equal.
+//
+// Tensors are [R, D] or [A, B, D] views with a contiguous last dim (the column slices of a
+// packed projection's output qualify); outputs are fresh and contiguous.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "vec_avx2.h"
+
+namespace {
+
+using namespace vec8;
+
+// rows of a 2-D or 3-D view with a contiguous last dim: row i starts at i0 * s0 + i1 * s1
+struct Rows {
+  int64_t n, inner, s0, s1, d;
+  Rows(const torch::Tensor& t, const char* what) {
+    TORCH_CHECK(t.dim() == 2 || t.dim() == 3, what, ": expected a 2-D or 3-D tensor");
+    TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) == 1, what, ": the last dim must be contiguous");
+    d = t.size(-1);
+    if (t.dim() == 2) {
+      n = t.size(0), inner = 1, s0 = t.stride(0), s1 = 0;
+    } else {
+      n = t.size(0) * t.size(1), inner = t.size(1), s0 = t.stride(0), s1 = t.stride(1);
+    }
+  }
+  int64_t at(int64_t i) const { return (i / inner) * s0 + (i % inner) * s1; }
+};
+
+template <typename T>
+inline T round_to(float v) {
+  return static_cast<T>(v);
+}
+
+// rows in parallel; a task of at least ~64 K elements, so a decode row runs inline (no fork)
+template <typename F>
+void each_row(int64_t n, int64_t d, F&& f) {
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(d, 1));
+  at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) f(r);
+  });
+}
+
+template <typename T>
+inline float inv_rms(const T* x, int64_t d, float eps) {
+  float ss = 0.f;
+  for (int64_t j = 0; j < d; ++j) {
+    const float v = static_cast<float>(x[j]);
+    ss += v * v;
+  }
+  return 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+}
+
+// y = x * inv_rms(x) * (1 + w), fp32, rounded once
+template <typename T>
+inline void norm_zc_row(const T* x, const T* w, T* y, int64_t d, float eps) {
+  const float inv = inv_rms(x, d, eps);
+  for (int64_t j = 0; j < d; ++j)
+    y[j] = round_to<T>(static_cast<float>(x[j]) * inv * (1.f + static_cast<float>(w[j])));
+}
+
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+
+void check_weight(const torch::Tensor& w, const torch::Tensor& x, int64_t d, const char* what) {
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == d && w.is_contiguous(), what,
+              ": the weight must be a contiguous [D] vector");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), what, ": weight and input dtypes differ");
+}
+
+}  // namespace
+
+// Zero-centred RMSNorm: rms_norm_zc in layers/norms.py.
+torch::Tensor rms_norm_zc(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  const Rows rx(x, "rms_norm_zc");
+  check_weight(w, x, rx.d, "rms_norm_zc");
+  auto y = torch::empty(x.sizes(), x.options());
+  dispatch(x.scalar_type(), "rms_norm_zc", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* X = x.data_ptr<scalar_t>();
+    const scalar_t* W = w.data_ptr<scalar_t>();
+    scalar_t* Y = y.data_ptr<scalar_t>();
+    each_row(rx.n, rx.d, [&](int64_t r) {
+      norm_zc_row(X + rx.at(r), W, Y + r * rx.d, rx.d, static_cast<float>(eps));
+    });
+  });
+  return y;
+}
+
+// h += delta in place (rounded to the model dtype, as h.add_(delta)), then rms_norm_zc(h).
+torch::Tensor add_rms_norm_zc_(torch::Tensor& h, const torch::Tensor& delta,
+                               const torch::Tensor& w, double eps) {
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && delta.dim() == 2 && delta.stride(1) == 1 &&
+                  h.sizes() == delta.sizes() && h.scalar_type() == delta.scalar_type(),
+              "add_rms_norm_zc_: h [T, D] contiguous and delta [T, D] of its dtype expected");
+  const int64_t n = h.size(0), d = h.size(1), ds = delta.stride(0);
+  check_weight(w, h, d, "add_rms_norm_zc_");
+  auto y = torch::empty_like(h);
+  dispatch(h.scalar_type(), "add_rms_norm", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* H = h.data_ptr<scalar_t>();
+    const scalar_t* D = delta.data_ptr<scalar_t>();
+    const scalar_t* W = w.data_ptr<scalar_t>();
+    scalar_t* Y = y.data_ptr<scalar_t>();
+    each_row(n, d, [&](int64_t r) {
+      scalar_t* hr = H + r * d;
+      const scalar_t* dr = D + r * ds;
+      for (int64_t j = 0; j < d; ++j)
+        hr[j] = round_to<scalar_t>(static_cast<float>(hr[j]) + static_cast<float>(dr[j]));
+      norm_zc_row(hr, W, Y + r * d, d, static_cast<float>(eps));
+    });
+  });
+  return y;
+}
+
+// The DeltaNet output norm: gated_rms_norm in layers/norms.py. The normalised value is rounded
+// to the model dtype, multiplied by w and rounded (w * n in the model dtype), then multiplied by
+// silu(z) in fp32 and rounded once more (the fp32 model rounds nowhere).
+torch::Tensor gated_rms_norm(const torch::Tensor& x, const torch::Tensor& z, const torch::Tensor& w,
+                             double eps) {
+  const Rows rx(x, "gated_rms_norm"), rz(z, "gated_rms_norm (gate)");
+  TORCH_CHECK(x.sizes() == z.sizes() && x.scalar_type() == z.scalar_type(),
+              "gated_rms_norm: x and z must have the same shape and dtype");
+  check_weight(w, x, rx.d, "gated_rms_norm");
+  auto y = torch::empty(x.sizes(), x.options());
+  dispatch(x.scalar_type(), "gated_rms", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* X = x.data_ptr<scalar_t>();
+    const scalar_t* Z = z.data_ptr<scalar_t>();
+    const scalar_t* W = w.data_ptr<scalar_t>();
+    scalar_t* Y = y.data_ptr<scalar_t>();
+    const int64_t d = rx.d;
+    each_row(rx.n, d, [&](int64_t r) {
+      const scalar_t* xr = X + rx.at(r);
+      const scalar_t* zr = Z + rz.at(r);
+      scalar_t* yr = Y + r * d;
+      const float inv = inv_rms(xr, d, static_cast<float>(eps));
+      int64_t j = 0;
+      const __m256 vinv = _mm256_set1_ps(inv);
+      for (; j + 8 <= d; j += 8) {
+        const __m256 n = round8<scalar_t>(_mm256_mul_ps(load8(xr + j), vinv));
+        const __m256 nw = round8<scalar_t>(_mm256_mul_ps(n, load8(W + j)));
+        store8(yr + j, _mm256_mul_ps(silu8(load8(zr + j)), nw));
+      }
+      for (; j < d; ++j) {
+        const float nw = static_cast<float>(round_to<scalar_t>(
+            static_cast<float>(round_to<scalar_t>(static_cast<float>(xr[j]) * inv)) *
+            static_cast<float>(W[j])));
+        yr[j] = round_to<scalar_t>(silu(static_cast<float>(zr[j])) * nw);
+      }
+    });
+  });
+  return y;
+}
+
+// SwiGLU's activation: silu(gate) rounded to the model dtype, times up, rounded (silu_mul in
+// ops/pointwise.py). gate and up are often the two column halves of one packed output.
+torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
+  const Rows rg(gate, "silu_mul"), ru(up, "silu_mul (up)");
+  TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(),
+              "silu_mul: gate and up must have the same shape and dtype");
+  auto y = torch::empty(gate.sizes(), gate.options());
+  dispatch(gate.scalar_type(), "silu_mul", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* G = gate.data_ptr<scalar_t>();
+    const scalar_t* U = up.data_ptr<scalar_t>();
+    scalar_t* Y = y.data_ptr<scalar_t>();
+    const int64_t d = rg.d;
+    each_row(rg.n, d, [&](int64_t r) {
+      const scalar_t* gr = G + rg.at(r);
+      const scalar_t* ur = U + ru.at(r);
+      scalar_t* yr = Y + r * d;
+      int64_t j = 0;
+      for (; j + 8 <= d; j += 8)
+        store8(yr + j, _mm256_mul_ps(round8<scalar_t>(silu8(load8(gr + j))), load8(ur + j)));
+      for (; j < d; ++j) {
+        const float s = static_cast<float>(round_to<scalar_t>(silu(static_cast<float>(gr[j]))));
+        yr[j] = round_to<scalar_t>(s * static_cast<float>(ur[j]));
+      }
+    });
+  });
+  return y;
+}
+
+// DeltaNet's per-head gates from the projections a, b [T, nv] (layers/deltanet.py):
+//   beta = sigmoid(b) in the model dtype; g = softplus(a + dt_bias) * -exp(A_log) in fp32
+// (softplus as torch's: the identity above 20).
+std::vector<torch::Tensor> deltanet_gates(const torch::Tensor& a, const torch::Tensor& b,
+                                          const torch::Tensor& dt_bias,
+                                          const torch::Tensor& a_log) {
+  const Rows ra(a, "deltanet_gates (a)"), rb(b, "deltanet_gates (b)");
+  TORCH_CHECK(a.dim() == 2 && a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
+                  dt_bias.scalar_type() == a.scalar_type() &&
+                  a_log.scalar_type() == a.scalar_type(),
+              "deltanet_gates: a, b [T, nv], dt_bias and A_log must share the model dtype");
+  const int64_t nv = ra.d;
+  TORCH_CHECK(dt_bias.numel() == nv && a_log.numel() == nv && dt_bias.is_contiguous() &&
+                  a_log.is_contiguous(),
+              "deltanet_gates: dt_bias and A_log must be contiguous [nv] vectors");
+  auto g = torch::empty({ra.n, nv}, a.options().dtype(at::kFloat));
+  auto beta = torch::empty({ra.n, nv}, a.options());
+  dispatch(a.scalar_type(), "dn_gates", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* A = a.data_ptr<scalar_t>();
+    const scalar_t* B = b.data_ptr<scalar_t>();
+    const scalar_t* DT = dt_bias.data_ptr<scalar_t>();
+    const scalar_t* AL = a_log.data_ptr<scalar_t>();
+    float* Gp = g.data_ptr<float>();
+    scalar_t* Bp = beta.data_ptr<scalar_t>();
+    each_row(ra.n, nv, [&](int64_t r) {
+      const scalar_t* ar = A + ra.at(r);
+      const scalar_t* br = B + rb.at(r);
+      for (int64_t h = 0; h < nv; ++h) {
+        const float x = static_cast<float>(ar[h]) + static_cast<float>(DT[h]);
+        const float sp = x > 20.f ? x : std::log1p(std::exp(x));
+        Gp[r * nv + h] = sp * -std::exp(static_cast<float>(AL[h]));
+        Bp[r * nv + h] = round_to<scalar_t>(1.f / (1.f + std::exp(-static_cast<float>(br[h]))));
+      }
+    });
+  });
+  return {g, beta};
+}
+
+// NeoX rotary on the first rd dims of every head of q and k, in place (apply_rotary in
+// layers/rotary.py): x1' = x1 c - x2 s, x2' = x2 c + x1 s over the two halves, each product
+// rounded to the model dtype and then their sum, as the reference's ops do.
+template <typename T>
+void rotate_rows(T* X, int64_t T_, int64_t heads, int64_t s0, int64_t s1, const T* C, const T* S,
+                 int64_t rd) {
+  const int64_t half = rd / 2;
+  each_row(T_ * heads, rd, [&](int64_t r) {
+    const int64_t t = r / heads;
+    T* x = X + t * s0 + (r % heads) * s1;
+    const T* c = C + t * rd;
+    const T* s = S + t * rd;
+    for (int64_t j = 0; j < half; ++j) {
+      const float x1 = static_cast<float>(x[j]), x2 = static_cast<float>(x[j + half]);
+      const float a1 = static_cast<float>(round_to<T>(x1 * static_cast<float>(c[j])));
+      const float b1 = static_cast<float>(round_to<T>(-x2 * static_cast<float>(s[j])));
+      const float a2 = static_cast<float>(round_to<T>(x2 * static_cast<float>(c[j + half])));
+      const float b2 = static_cast<float>(round_to<T>(x1 * static_cast<float>(s[j + half])));
+      x[j] = round_to<T>(a1 + b1);
+      x[j + half] = round_to<T>(a2 + b2);
+    }
+  });
+}
+
+void rotary_qk_(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& cos,
+                const torch::Tensor& sin) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1 &&
+                  q.size(0) == k.size(0) && q.size(2) == k.size(2),
+              "rotary_qk_: q [T, nh, hd] and k [T, nkv, hd] with contiguous heads expected");
+  const int64_t rd = cos.size(-1);
+  TORCH_CHECK(cos.dim() == 2 && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.sizes() == sin.sizes() && cos.size(0) == q.size(0) && rd % 2 == 0 &&
+                  rd <= q.size(2),
+              "rotary_qk_: cos and sin must be contiguous [T, rotary_dim <= head_dim]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == cos.scalar_type() &&
+                  q.scalar_type() == sin.scalar_type(),
+              "rotary_qk_: q, k, cos and sin must share the model dtype");
+  dispatch(q.scalar_type(), "rotary_qk_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* C = cos.data_ptr<scalar_t>();
+    const scalar_t* S = sin.data_ptr<scalar_t>();
+    rotate_rows(q.data_ptr<scalar_t>(), q.size(0), q.size(1), q.stride(0), q.stride(1), C, S, rd);
+    rotate_rows(k.data_ptr<scalar_t>(), k.size(0), k.size(1), k.stride(0), k.stride(1), C, S, rd);
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm_zc", &rms_norm_zc, "zero-centred RMSNorm");
+  m.def("add_rms_norm_zc_", &add_rms_norm_zc_, "h += delta in place, then its RMSNorm");
+  m.def("gated_rms_norm", &gated_rms_norm, "DeltaNet's gated RMSNorm");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
+  m.def("deltanet_gates", &deltanet_gates, "DeltaNet's g (fp32) and beta from a and b");
+  m.def("rotary_qk_", &rotary_qk_, "NeoX partial rotary of q and k, in place");
+}

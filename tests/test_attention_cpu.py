@@ -1,0 +1,110 @@
+"""The CPU paged decode attention kernel (qwen35.kernels.attention) against the PyTorch path
+(gather + SDPA, ops/attention.py) and the naive reference, and its dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen35 import kernels
+from qwen35.kernels import attention
+from qwen35.ops.attention import decode_attention, naive_attention, paged_decode_attention
+from qwen35.ops.backend import reference_backend, select_backend
+
+
+@pytest.fixture(scope="module")
+def mod():
+    if not attention.ATTENTION.supported():
+        pytest.skip("the CPU attention kernel needs x86-64 with AVX2, FMA and F16C")
+    m = attention.load()
+    if m is None:
+        pytest.skip("the CPU attention kernel did not build here (no compiler): see the warning")
+    return m
+
+
+def _cache(lens, nkv, hd, bs, dtype, seed=0):
+    """K/V of each sequence in shuffled blocks of one cache: (kc, vc, tables int32, kvs)."""
+    g = torch.Generator().manual_seed(seed)
+    nblocks = sum(-(-n // bs) for n in lens) + 3
+    kc = torch.randn(nblocks, bs, nkv, hd, generator=g).to(dtype)
+    vc = torch.randn(nblocks, bs, nkv, hd, generator=g).to(dtype)
+    order = torch.randperm(nblocks, generator=g).tolist()
+    width = max(-(-n // bs) for n in lens) + 1
+    tables = torch.zeros(len(lens), width, dtype=torch.int32)
+    kvs = []
+    for i, n in enumerate(lens):
+        ids = [order.pop() for _ in range(-(-n // bs))]
+        tables[i, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        kvs.append((kc[ids].flatten(0, 1)[:n], vc[ids].flatten(0, 1)[:n]))
+    return kc, vc, tables, kvs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nh,nkv,hd", [(8, 2, 256), (4, 4, 36)])  # 36: a tail past 4 x 8 lanes
+def test_decode_matches_gather_and_naive(mod, dtype, nh, nkv, hd):
+    lens, bs = [150, 1, 37, 16], 16
+    kc, vc, tables, kvs = _cache(lens, nkv, hd, bs, dtype)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(len(lens), nh, hd, generator=g).to(dtype)
+    gate = torch.randn(len(lens), nh, 2 * hd, generator=g).to(dtype)[..., :hd]  # strided rows
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    scale = hd**-0.5
+    out = mod.paged_decode_attention(q, kc, vc, tables, ctx, scale)
+    ref = decode_attention(q, kc, vc, tables, ctx.long(), max(lens), scale).to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=8e-3, rtol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    for i, (k, v) in enumerate(kvs):  # the naive reference on the ungathered K/V
+        naive = naive_attention(q[i : i + 1].float(), k.float(), v.float(), scale)[0]
+        torch.testing.assert_close(out[i].float(), naive, **tol)
+    gated = mod.paged_decode_attention(q, kc, vc, tables, ctx, scale, gate)
+    torch.testing.assert_close(gated, ref.mul(torch.sigmoid(gate)), **tol)
+    # batch invariance: each sequence alone gives bitwise its row of the batch
+    for i in range(len(lens)):
+        one = mod.paged_decode_attention(
+            q[i : i + 1], kc, vc, tables[i : i + 1], ctx[i : i + 1], scale
+        )
+        assert torch.equal(one[0], out[i])
+
+
+def test_bad_input_is_refused(mod):
+    kc, vc, tables, _ = _cache([20], 2, 16, 8, torch.float32)
+    q = torch.randn(1, 4, 16)
+    with pytest.raises(RuntimeError, match="does not fit its block table row"):
+        mod.paged_decode_attention(q, kc, vc, tables, torch.tensor([99], dtype=torch.int32), 1.0)
+    bad = tables.clone()
+    bad[0, 0] = kc.shape[0]
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        mod.paged_decode_attention(q, kc, vc, bad, torch.tensor([20], dtype=torch.int32), 1.0)
+    with pytest.raises(RuntimeError, match="share the model dtype"):
+        mod.paged_decode_attention(
+            q.bfloat16(), kc, vc, tables, torch.tensor([20], dtype=torch.int32), 1.0
+        )
+
+
+def test_dispatch_takes_the_kernel_and_switches_off(mod, monkeypatch):
+    from types import SimpleNamespace
+
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(mod, name)
+
+    monkeypatch.setattr(attention.ATTENTION, "_module", Spy())
+    kc, vc, tables, _ = _cache([30, 5], 2, 32, 16, torch.float32)
+    ctx = torch.tensor([30, 5], dtype=torch.int32)
+    d = SimpleNamespace(block_tables=tables, context_lens=ctx, max_context=30)
+    q = torch.randn(2, 4, 32)
+    be = select_backend("cpu")
+    assert be.cpu_attention is not None and "cpu-attention" in be.name
+    fast = paged_decode_attention(be, q, kc, vc, d, 0.2)
+    assert calls == ["paged_decode_attention"]
+    calls.clear()
+    ref = paged_decode_attention(reference_backend("cpu"), q, kc, vc, d, 0.2)
+    assert calls == []
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("QWEN35_NO_KERNELS", "1")
+    assert kernels.switched_off()
+    paged_decode_attention(be, q, kc, vc, d, 0.2)
+    assert calls == []
