@@ -9,6 +9,9 @@ so leaks are visible. `added` records prompts as text (the server sends token id
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -180,12 +183,47 @@ class FakeEngine:
 
 
 def loopback_socket():
-    import socket
-
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     return sock
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a subprocess to bind."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(model, *args: str, timeout: float, env: dict | None = None):
+    """`qwen35 serve --model MODEL --port <a free one> ARGS` in a subprocess (stdout and stderr
+    piped together), returned once /health answers 200: (process, base url); the caller stops
+    it. Fails with the process's output if it exits first (and kills it on a timeout)."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "qwen35.cli", "serve", "--model", str(model),
+           "--port", str(port), *args]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            return httpx.get(url + "/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(up, timeout=timeout)
+    except BaseException:
+        proc.kill()
+        proc.wait(30)
+        raise
+    return proc, url
 
 
 class ServerThread:
@@ -234,6 +272,20 @@ def build_tiny_engine(path, **engine_kwargs):
     kw = dict(max_model_len=512, max_num_seqs=16, max_memory="256MiB", verbose=False)
     kw.update(engine_kwargs)
     return LLMEngine(str(path), **kw)
+
+
+def serving_tiny_engine(path, **engine_kwargs):
+    """Body of a module fixture (`yield from serving_tiny_engine(dir, ...)`): build_tiny_engine
+    served by a ServerThread, yielded as (ServerThread, openai.OpenAI, engine); closed after."""
+    import openai
+
+    from qwen35.server.app import ServerConfig, create_app
+
+    engine = build_tiny_engine(path, **engine_kwargs)
+    srv = ServerThread(create_app(engine, ServerConfig(served_model_name="tiny")))
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    yield srv, client, engine
+    srv.close()
 
 
 class Spy:

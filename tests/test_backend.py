@@ -132,6 +132,56 @@ def _script(run: Seqs):
     return out
 
 
+def assert_steps_equal_reference(model, backend, tol: float) -> None:
+    """`_script` through `backend` and through the plain reference: logits and every cache
+    close."""
+    ref, got = Seqs(model, reference_backend("cpu")), Seqs(model, backend)
+    for a, b in zip(_script(ref), _script(got), strict=True):
+        torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+    for name in ("key", "value", "conv", "recurrent"):
+        for x, y in zip(getattr(ref.caches, name), getattr(got.caches, name), strict=True):
+            torch.testing.assert_close(y, x, atol=tol, rtol=tol)
+
+
+def assert_padded_decode_equals_eager(model, backend, prompt_lens, steps: int, tol: float):
+    """The static-buffer decode path (what a CUDA graph replays), run eagerly through `backend`:
+    three sequences in a bucket of four; the padding row's KV and state land in the padding
+    block and slot only, the real rows equal the plain eager step of the reference."""
+    slots = 9  # 8 + a padding slot
+    ref, got = Seqs(model, reference_backend("cpu"), slots), Seqs(model, backend, slots)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in prompt_lens]
+    for run in (ref, got):
+        run.step([(i, p) for i, p in enumerate(prompts)])
+    pad_block, pad_slot = 99, slots - 1
+    graphs = DecodeGraphs(model, got.caches, backend, 4, 20, pad_block, pad_slot)
+    graphs.eager = True
+    for _ in range(steps):
+        toks = torch.randint(2, 256, (3,), generator=g).tolist()
+        items = [(2, [toks[0]]), (0, [toks[1]]), (1, [toks[2]])]
+        a = ref.step(items)
+        # the same step through the static buffers
+        lens = [got.lens[s] for s, _ in items]
+        batch = ForwardBatch.build(
+            positions=lens, cu_seqlens=[0, 1, 2, 3], context_lens=[n + 1 for n in lens],
+            slot_mapping=[(20 * s + p // BS) * BS + p % BS
+                          for (s, _), p in zip(items, lens, strict=True)],
+            block_tables=[list(range(20 * s, 20 * s + 20)) for s, _ in items],
+            state_slots=[s for s, _ in items], has_initial_state=[True] * 3,
+            logits_indices=[0, 1, 2], backend=backend,
+        )  # fmt: skip
+        for s, _ in items:
+            got.lens[s] += 1
+        assert graphs.can_run(batch)
+        torch.testing.assert_close(graphs.run(torch.tensor(toks), batch), a, atol=tol, rtol=tol)
+    real = [i for i in range(100) if i != pad_block]
+    for x, y in zip(ref.caches.key, got.caches.key, strict=True):
+        torch.testing.assert_close(y[real], x[real], atol=tol, rtol=tol)
+    for x, y in zip(ref.caches.recurrent, got.caches.recurrent, strict=True):
+        torch.testing.assert_close(y[:pad_slot], x[:pad_slot], atol=tol, rtol=tol)
+        assert y[pad_slot].abs().sum() > 0  # the padding row did write, into its own slot
+
+
 @pytest.mark.parametrize(
     "backend",
     [
@@ -144,13 +194,7 @@ def _script(run: Seqs):
 )
 @pytest.mark.parametrize("moe", [False, True])
 def test_backends_equal_reference(backend, moe):
-    model = _model(moe)
-    ref, got = Seqs(model, reference_backend("cpu")), Seqs(model, backend)
-    for a, b in zip(_script(ref), _script(got), strict=False):
-        torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-5)
-    for name in ("key", "value", "conv", "recurrent"):
-        for x, y in zip(getattr(ref.caches, name), getattr(got.caches, name), strict=False):
-            torch.testing.assert_close(y, x, atol=2e-5, rtol=2e-5)
+    assert_steps_equal_reference(_model(moe), backend, tol=2e-5)
 
 
 def test_grouped_mm_experts_equal_loop():
@@ -185,43 +229,7 @@ def test_graph_buckets():
 
 
 def test_decode_graph_buffers_pad_rows_that_write_nowhere():
-    """The static-buffer decode path (what a CUDA graph replays), run eagerly on a CPU: three
-    sequences in a bucket of four; the padding row's KV and state land in the padding block
-    and slot only, the real rows equal the plain eager step."""
-    model = _model()
-    slots = 9  # 8 + a padding slot
-    ref, got = Seqs(model, reference_backend("cpu"), slots), Seqs(model, Backend("cuda"), slots)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (7, 12, 5)]
-    for run in (ref, got):
-        run.step([(i, p) for i, p in enumerate(prompts)])
-    pad_block, pad_slot = 99, slots - 1
-    graphs = DecodeGraphs(model, got.caches, Backend("cuda"), 4, 20, pad_block, pad_slot)
-    graphs.eager = True
-    for _ in range(3):
-        toks = torch.randint(2, 256, (3,), generator=g).tolist()
-        items = [(2, [toks[0]]), (0, [toks[1]]), (1, [toks[2]])]
-        a = ref.step(items)
-        # the same step through the static buffers
-        lens = [got.lens[s] for s, _ in items]
-        batch = ForwardBatch.build(
-            positions=lens, cu_seqlens=[0, 1, 2, 3], context_lens=[n + 1 for n in lens],
-            slot_mapping=[(20 * s + p // BS) * BS + p % BS for (s, _), p in zip(items, lens, strict=False)],
-            block_tables=[list(range(20 * s, 20 * s + 20)) for s, _ in items],
-            state_slots=[s for s, _ in items], has_initial_state=[True] * 3,
-            logits_indices=[0, 1, 2], backend=Backend("cuda"),
-        )  # fmt: skip
-        for s, _ in items:
-            got.lens[s] += 1
-        assert graphs.can_run(batch)
-        b = graphs.run(torch.tensor(toks), batch)
-        torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-5)
-    real = [i for i in range(100) if i != pad_block]
-    for x, y in zip(ref.caches.key, got.caches.key, strict=False):
-        torch.testing.assert_close(y[real], x[real], atol=2e-5, rtol=2e-5)
-    for x, y in zip(ref.caches.recurrent, got.caches.recurrent, strict=False):
-        torch.testing.assert_close(y[:pad_slot], x[:pad_slot], atol=2e-5, rtol=2e-5)
-        assert y[pad_slot].abs().sum() > 0  # the padding row did write, into its own slot
+    assert_padded_decode_equals_eager(_model(), Backend("cuda"), (7, 12, 5), steps=3, tol=2e-5)
 
 
 def test_enforce_eager_option_and_cpu_engine_has_no_graphs(tmp_path):

@@ -20,11 +20,14 @@ from triton_interp import patch_fla_for_interpreter, skip_unless_interpretable
 
 skip_unless_interpretable()
 
-from qwen35.engine.cuda_graphs import DecodeGraphs  # noqa: E402
-from qwen35.engine.forward_batch import ForwardBatch  # noqa: E402
-from qwen35.ops.backend import interpreter_backend, reference_backend  # noqa: E402
+from qwen35.ops.backend import interpreter_backend  # noqa: E402
 from qwen35.request import SamplingParams  # noqa: E402
-from test_backend import BS, Seqs, _model, _script  # noqa: E402
+from test_backend import (  # noqa: E402
+    BS,
+    _model,
+    assert_padded_decode_equals_eager,
+    assert_steps_equal_reference,
+)
 from test_engine import ids, make, prompts  # noqa: E402
 from tiny import save_checkpoint  # noqa: E402
 
@@ -104,13 +107,7 @@ def test_model_steps_equal_reference(name, moe, calls):
     be = calls.counted(BACKENDS[name]())
     if moe:
         assert be.grouped_mm, "torch._grouped_mm does not run fp32 on this CPU"
-    model = _model(moe)
-    ref, got = Seqs(model, reference_backend("cpu")), Seqs(model, be)
-    for a, b in zip(_script(ref), _script(got), strict=True):
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-    for cache in ("key", "value", "conv", "recurrent"):
-        for x, y in zip(getattr(ref.caches, cache), getattr(got.caches, cache), strict=True):
-            torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
+    assert_steps_equal_reference(_model(moe), be, tol=1e-4)
     n = calls.n
     assert n["paged_decode_attention"] and n["paged_prefill_attention"], n
     assert n["rms_norm_zc"] and n["gated_rms_norm"] and n["add_rms_norm_zc_"], n
@@ -163,38 +160,7 @@ def test_decode_graph_buffers_with_padding_rows(calls):
     """The static-buffer decode step a CUDA graph replays (3 rows in the bucket of 4, the
     padding row in the padding block and slot), run eagerly through the interpreted kernels."""
     be = calls.counted(_full())
-    model = _model()
-    slots = 9
-    ref, got = Seqs(model, reference_backend("cpu"), slots), Seqs(model, be, slots)
-    g = torch.Generator().manual_seed(1)
-    ps = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (7, 37, 5)]
-    for run in (ref, got):
-        run.step([(i, p) for i, p in enumerate(ps)])
-    pad_block, pad_slot = 99, slots - 1
-    graphs = DecodeGraphs(model, got.caches, be, 4, 20, pad_block, pad_slot)
-    graphs.eager = True
-    for _ in range(2):
-        toks = torch.randint(2, 256, (3,), generator=g).tolist()
-        items = [(2, [toks[0]]), (0, [toks[1]]), (1, [toks[2]])]
-        a = ref.step(items)
-        lens = [got.lens[s] for s, _ in items]
-        batch = ForwardBatch.build(
-            positions=lens, cu_seqlens=[0, 1, 2, 3], context_lens=[n + 1 for n in lens],
-            slot_mapping=[(20 * s + p // BS) * BS + p % BS
-                          for (s, _), p in zip(items, lens, strict=True)],
-            block_tables=[list(range(20 * s, 20 * s + 20)) for s, _ in items],
-            state_slots=[s for s, _ in items], has_initial_state=[True] * 3,
-            logits_indices=[0, 1, 2], backend=be,
-        )  # fmt: skip
-        for s, _ in items:
-            got.lens[s] += 1
-        assert graphs.can_run(batch)
-        torch.testing.assert_close(graphs.run(torch.tensor(toks), batch), a, atol=1e-4, rtol=1e-4)
-    for x, y in zip(ref.caches.recurrent, got.caches.recurrent, strict=True):
-        torch.testing.assert_close(y[:pad_slot], x[:pad_slot], atol=1e-4, rtol=1e-4)
-    for x, y in zip(ref.caches.key, got.caches.key, strict=True):
-        real = [i for i in range(x.shape[0]) if i != pad_block]
-        torch.testing.assert_close(y[real], x[real], atol=1e-4, rtol=1e-4)
+    assert_padded_decode_equals_eager(_model(), be, (7, 37, 5), steps=2, tol=1e-4)
     assert calls.n["conv_update_"] and calls.n["paged_decode_attention"], calls.n
 
 

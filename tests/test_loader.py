@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwen35 import weights
+from qwen35.benchmarks.hf_baseline import hf_text_config
 from qwen35.config import ModelConfig
 from qwen35.errors import Qwen35Error
 from qwen35.loader import CheckpointError, load_model, parse_dtype
@@ -23,52 +24,14 @@ def hf_factory(cfg: ModelConfig, device: str = "cpu") -> torch.nn.Module:
     """transformers' text model for a ModelConfig: the reference for names and shapes.
     Built on the CPU: its rotary buffers are computed at construction (the loader builds
     under torch.device("meta") and replaces every parameter anyway)."""
-    from transformers import (
-        Qwen3_5ForCausalLM,
-        Qwen3_5MoeForCausalLM,
-        Qwen3_5MoeTextConfig,
-        Qwen3_5TextConfig,
-    )
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
 
-    kw = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        layer_types=list(cfg.layer_types),
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        linear_num_key_heads=cfg.linear_num_key_heads,
-        linear_num_value_heads=cfg.linear_num_value_heads,
-        linear_key_head_dim=cfg.linear_key_head_dim,
-        linear_value_head_dim=cfg.linear_value_head_dim,
-        linear_conv_kernel_dim=cfg.linear_conv_kernel_dim,
-        rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": cfg.rope_theta,
-            "partial_rotary_factor": cfg.partial_rotary_factor,
-        },
-    )
-    if cfg.is_moe:
-        c = Qwen3_5MoeTextConfig(
-            num_experts=cfg.num_experts,
-            num_experts_per_tok=cfg.num_experts_per_tok,
-            moe_intermediate_size=cfg.moe_intermediate_size,
-            shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
-            **kw,
-        )
-        c._experts_implementation = "eager"
-        model_cls = Qwen3_5MoeForCausalLM
-    else:
-        c, model_cls = (
-            Qwen3_5TextConfig(intermediate_size=cfg.intermediate_size, **kw),
-            (Qwen3_5ForCausalLM),
-        )
+    c = hf_text_config(cfg)
     c._attn_implementation = "eager"
+    if cfg.is_moe:
+        c._experts_implementation = "eager"
     with torch.device(device):
-        return model_cls(c)
+        return (Qwen3_5MoeForCausalLM if cfg.is_moe else Qwen3_5ForCausalLM)(c)
 
 
 def load(path, **kw):

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
-from server_fakes import wait_until
+from server_fakes import free_port, start_serve
 from tiny import VOCAB_REAL, save_checkpoint
 
 
@@ -33,28 +31,10 @@ def children(pid: int) -> list[int]:
 
 def test_serve_tp2_chat_stream_and_dead_worker_exit(tmp_path):
     save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "qwen35.cli", "serve", "--model", str(tmp_path / "m"), "-tp", "2",
-           "--port", str(port), "--served-model-name", "tiny", "--max-memory", "512MiB",
-           "--log-level", "warning"]  # fmt: skip
-    # PyTorch ops, not the compiled kernels: killing this server must never interrupt a build
-    env = {**os.environ, "QWEN35_NO_KERNELS": "1"}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_serve(tmp_path / "m", "-tp", "2", "--served-model-name", "tiny",
+                            "--max-memory", "512MiB", "--log-level", "warning",
+                            timeout=180, env=_no_kernels_env())  # fmt: skip
     try:
-
-        def up() -> bool:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                return httpx.get(url + "/health").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(up, timeout=180)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         msgs = [{"role": "user", "content": "Hi"}]
         extra = {"ignore_eos": True, "chat_template_kwargs": {"enable_thinking": False}}
@@ -93,17 +73,26 @@ def _is_worker(pid: int) -> bool:
     return "multiprocessing.spawn" in _cmdline(pid) and "spawn_main" in _cmdline(pid)
 
 
-@pytest.mark.slow
-def test_torchrun_two_ranks_generate_like_one_process(tmp_path):
-    """The multi-node path on one machine: torchrun starts both ranks of the same command."""
+def _no_kernels_env() -> dict:
+    # PyTorch ops, not the compiled kernels: killing these processes must never interrupt a build
+    return {**os.environ, "QWEN35_NO_KERNELS": "1"}
+
+
+def _one_process_run(tmp_path: Path):
+    """A tiny checkpoint and a short greedy `qwen35 generate` of it in one process: (its
+    arguments after the interpreter, the environment, the finished run) to compare ranks with."""
     save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32)
     gen = ["-m", "qwen35.cli", "generate", "--model", str(tmp_path / "m"), "--prompt", "Hi",
            "--max-tokens", "6", "--temperature", "0", "--ignore-eos"]  # fmt: skip
-    env = {**os.environ, "QWEN35_NO_KERNELS": "1"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    one = subprocess.run([sys.executable, *gen], capture_output=True, text=True, env=env)
+    env = _no_kernels_env()
+    return gen, env, subprocess.run([sys.executable, *gen], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_generate_like_one_process(tmp_path):
+    """The multi-node path on one machine: torchrun starts both ranks of the same command."""
+    gen, env, one = _one_process_run(tmp_path)
+    port = free_port()
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
          "--master-port", str(port), *gen, "-tp", "2"],
@@ -119,14 +108,8 @@ def test_torchrun_two_nodes_generate_like_one_process(tmp_path):
     agents meet at a c10d rendezvous; whichever becomes rank 0 runs the engine and prints the
     text (c10d assigns ranks in arrival order and ignores --node-rank), the other serves as its
     worker; both exit 0 and the tokens are one process's."""
-    save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32)
-    gen = ["-m", "qwen35.cli", "generate", "--model", str(tmp_path / "m"), "--prompt", "Hi",
-           "--max-tokens", "6", "--temperature", "0", "--ignore-eos"]  # fmt: skip
-    env = {**os.environ, "QWEN35_NO_KERNELS": "1"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    one = subprocess.run([sys.executable, *gen], capture_output=True, text=True, env=env)
+    gen, env, one = _one_process_run(tmp_path)
+    port = free_port()
     nodes = [
         subprocess.Popen(
             [

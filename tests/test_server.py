@@ -14,28 +14,12 @@ import httpx
 import openai
 import pytest
 
-from qwen35.server.app import ServerConfig, create_app
-from server_fakes import CALL, TOOLS, USER, FakeEngine, ServerThread, stream_chat, wait_until
+from server_fakes import CALL, TOOLS, USER, FakeEngine, serving, stream_chat, wait_until
 
 
 @pytest.fixture
 def serve():
-    """serve(engine, **config) -> (ServerThread, openai.OpenAI); servers close at teardown."""
-    servers = []
-
-    def start(engine, **cfg):
-        cfg.setdefault("served_model_name", "tiny")
-        cfg.setdefault("model_path", "/models/tiny")
-        srv = ServerThread(create_app(engine, ServerConfig(**cfg)))
-        servers.append(srv)
-        client = openai.OpenAI(
-            base_url=srv.url + "/v1", api_key=cfg.get("api_key") or "none", max_retries=0
-        )
-        return srv, client
-
-    yield start
-    for s in servers:
-        s.close()
+    yield from serving()
 
 
 # ---- fake engine: completions -----------------------------------------------------------------

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 
-from qwen35.server.app import create_app
-from qwen35.server.serving_common import ServerConfig
-from server_fakes import ServerThread, build_tiny_engine
+from server_fakes import serving_tiny_engine
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    engine = build_tiny_engine(tmp_path_factory.mktemp("tiny-prefix"), max_num_seqs=4)
-    srv = ServerThread(create_app(engine, ServerConfig(served_model_name="tiny")))
-    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
-    yield srv, client, engine
-    srv.close()
+    yield from serving_tiny_engine(tmp_path_factory.mktemp("tiny-prefix"), max_num_seqs=4)
 
 
 def test_multi_turn_chat_hits_its_history(served):

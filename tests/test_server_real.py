@@ -11,7 +11,14 @@ import openai
 import pytest
 
 from qwen35.server.app import ServerConfig, create_app
-from server_fakes import TOOLS, USER, ServerThread, idle_stats, stream_chat, wait_until
+from server_fakes import (
+    TOOLS,
+    USER,
+    ServerThread,
+    idle_stats,
+    start_serve,
+    stream_chat,
+)
 
 # ---- the command line ---------------------------------------------------------------------------
 
@@ -137,31 +144,13 @@ def test_real_errors(real):
 @pytest.mark.slow
 def test_serve_command_in_a_subprocess(tmp_path):
     import signal
-    import socket
-    import subprocess
-    import sys
 
     from tiny import VOCAB_REAL, save_checkpoint
 
     save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "qwen35.cli", "serve", "--model", str(tmp_path / "m"),
-           "--port", str(port), "--served-model-name", "tiny", "--api-key", "k",
-           "--max-memory", "256MiB", "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_serve(tmp_path / "m", "--served-model-name", "tiny", "--api-key", "k",
+                            "--max-memory", "256MiB", "--log-level", "warning", timeout=120)  # fmt: skip
     try:
-
-        def up() -> bool:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                return httpx.get(url + "/health").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(up, timeout=120)
         client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
         r = client.completions.create(model="tiny", prompt="Hi", max_tokens=3,
                                       extra_body={"ignore_eos": True})  # fmt: skip

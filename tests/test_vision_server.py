@@ -9,13 +9,11 @@ import io
 
 import httpx
 import numpy as np
-import openai
 import pytest
 from PIL import Image
 
 from qwen35.multimodal.sizing import image_grid, num_tokens
-from qwen35.server.app import ServerConfig, create_app
-from server_fakes import ServerThread
+from server_fakes import serving_tiny_engine
 
 
 def data_url(w: int, h: int, seed: int = 0, fmt: str = "PNG") -> str:
@@ -32,13 +30,7 @@ def image_msg(url: str, text: str = "What is in the picture?") -> list[dict]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from server_fakes import build_tiny_engine
-
-    engine = build_tiny_engine(tmp_path_factory.mktemp("tiny-vlm-server"), max_num_seqs=4)
-    srv = ServerThread(create_app(engine, ServerConfig(served_model_name="tiny")))
-    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
-    yield srv, client, engine
-    srv.close()
+    yield from serving_tiny_engine(tmp_path_factory.mktemp("tiny-vlm-server"), max_num_seqs=4)
 
 
 def test_chat_with_base64_image(server):

@@ -72,18 +72,29 @@ def hf_model(moe: bool = False, seed: int = 0, **overrides):
     config._attn_implementation = "eager"
     if moe:
         config._experts_implementation = "eager"
+    return random_model(model_cls, config, seed)
+
+
+def randomise_text_param(name: str, p: torch.Tensor, g: torch.Generator) -> None:
+    """Norm weights random (around 0 for the zero-centred `1 + w` norms, around 1 for the gated
+    DeltaNet norm, which multiplies by w), A_log and dt_bias too; other parameters keep theirs."""
+    if name.endswith("norm.weight") or "layernorm" in name:
+        p.copy_(
+            torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "linear_attn.norm" in name else 0.0)
+        )
+    elif name.endswith(("A_log", "dt_bias")):
+        p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def random_model(model_cls, config, seed: int, randomise=randomise_text_param):
+    """model_cls(config) in fp32 eval mode, seeded, then `randomise(name, p, g)` over its
+    parameters in order, from a second generator."""
     torch.manual_seed(seed)
     model = model_cls(config).float().eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(
-                    torch.randn(p.shape, generator=g) * 0.1
-                    + (1.0 if "linear_attn.norm" in name else 0.0)
-                )
-            elif name.endswith(("A_log", "dt_bias")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            randomise(name, p, g)
     return model
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tiny import tiny_config_dict
+from tiny import random_model, randomise_text_param, tiny_config_dict
 
 IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID = 250, 251, 252, 253
 
@@ -50,24 +50,19 @@ def hf_vlm(moe: bool = False, seed: int = 0, **text_overrides):
     config.vision_config._attn_implementation = "eager"
     if moe:
         config.text_config._experts_implementation = "eager"
-    torch.manual_seed(seed)
-    model = model_cls(config).float().eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "visual" in name and (name.endswith("bias") or "norm" in name):
-                base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + base)
-            elif "visual" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-            elif name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(
-                    torch.randn(p.shape, generator=g) * 0.1
-                    + (1.0 if "linear_attn.norm" in name else 0.0)
-                )
-            elif name.endswith(("A_log", "dt_bias")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return model
+    return random_model(model_cls, config, seed, _randomise)
+
+
+def _randomise(name: str, p: torch.Tensor, g: torch.Generator) -> None:
+    """Vision biases and norms around their identity values, other vision weights small; the
+    language model's parameters as in tiny.py."""
+    if "visual" in name and (name.endswith("bias") or "norm" in name):
+        base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+        p.copy_(torch.randn(p.shape, generator=g) * 0.1 + base)
+    elif "visual" in name:
+        p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    else:
+        randomise_text_param(name, p, g)
 
 
 def save_vlm(path: Path, moe: bool = False, seed: int = 0, **text_overrides):

@@ -8,8 +8,10 @@ import sys
 from qwen35.commands.common import (
     add_engine_arguments,
     add_sampling_arguments,
+    add_thinking_argument,
     engine_config,
     sampling_params,
+    thinking_kwargs,
 )
 
 
@@ -17,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p)
     add_sampling_arguments(p)
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--thinking", choices=["on", "off", "default"], default="default")
+    add_thinking_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from qwen35.server.parsers import ChatOutputParser
 
     llm = LLM(args.model, engine_config(args), progress=sys.stderr.isatty())
-    kwargs = {} if args.thinking == "default" else {"enable_thinking": args.thinking == "on"}
+    kwargs = thinking_kwargs(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     print("qwen35 chat: /reset clears the history, /exit (or Ctrl-D) leaves", file=sys.stderr)

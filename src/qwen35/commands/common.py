@@ -1,4 +1,5 @@
-"""Engine and sampling options shared by `generate`, `chat`, `serve` and `bench`."""
+"""Engine and sampling options shared by `generate`, `chat`, `serve` and `bench`; `--thinking`
+of `generate --chat` and `chat`."""
 
 from __future__ import annotations
 
@@ -47,3 +48,17 @@ def sampling_params(args: argparse.Namespace):
         stop=list(args.stop),
         ignore_eos=args.ignore_eos,
     ).validate()
+
+
+def add_thinking_argument(p: argparse.ArgumentParser, when: str = "") -> None:
+    p.add_argument(
+        "--thinking",
+        choices=["on", "off", "default"],
+        default="default",
+        help=f"{when}thinking on or off (default: the model size's default)",
+    )
+
+
+def thinking_kwargs(args: argparse.Namespace) -> dict:
+    """The chat template's keyword arguments for --thinking (none for "default")."""
+    return {} if args.thinking == "default" else {"enable_thinking": args.thinking == "on"}

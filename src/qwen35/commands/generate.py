@@ -8,8 +8,10 @@ import sys
 from qwen35.commands.common import (
     add_engine_arguments,
     add_sampling_arguments,
+    add_thinking_argument,
     engine_config,
     sampling_params,
+    thinking_kwargs,
 )
 
 
@@ -20,12 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt as a user message in the chat format"
     )
-    p.add_argument(
-        "--thinking",
-        choices=["on", "off", "default"],
-        default="default",
-        help="with --chat: thinking on or off (default: the model size's default)",
-    )
+    add_thinking_argument(p, when="with --chat: ")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     llm = LLM(args.model, engine_config(args), progress=sys.stderr.isatty())
     if args.chat:
-        kwargs = {} if args.thinking == "default" else {"enable_thinking": args.thinking == "on"}
+        kwargs = thinking_kwargs(args)
         prompt = llm.engine.chat_template.render(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, **kwargs
         )

@@ -31,6 +31,52 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _load_kv(X, blk, off, kvh, d, tmask, stride_b, stride_t, stride_h, UPCAST: tl.constexpr):
+    """The [T, HD] K or V rows of head kvh at tokens (block blk, offset off); 0 where masked."""
+    x = tl.load(X + blk[:, None] * stride_b + off[:, None] * stride_t + kvh * stride_h
+                + d[None, :], mask=tmask[:, None], other=0.0)  # fmt: skip
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _attend_tile(
+    q, K, V, table, pos, tmask, ok, kvh, scale, m_i, l_i, acc,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    BS: tl.constexpr, HD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """One tile of keys at positions pos [T] (tmask: in range; ok [R, T] or [1, T]: may be
+    attended) for the query rows q [R, HD], head kvh; the block of each position from the block
+    table row `table`. Online softmax in fp32: returns the updated running max m_i [R], sum l_i
+    [R] and accumulator acc [R, HD]; a row that has attended to nothing yet stays at 0."""
+    d = tl.arange(0, HD)
+    blk = tl.load(table + pos // BS, mask=tmask, other=0).to(tl.int64)
+    off = pos % BS
+    k = _load_kv(K, blk, off, kvh, d, tmask, stride_kb, stride_kt, stride_kh, UPCAST)
+    s = tl.where(ok, _dot(q, tl.trans(k), IEEE) * scale, float("-inf"))  # [R, T]
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row with no key so far (prefill rows past Tq) keeps p = alpha = 0, not NaN; a decode
+    # tile always holds a key (t0 < ctx), so there m_safe is m_new
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_kv(V, blk, off, kvh, d, tmask, stride_vb, stride_vt, stride_vh, UPCAST)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, O, G, block_tables, context_lens, scale,
     stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
@@ -56,31 +102,11 @@ def _decode_kernel(
     for t0 in range(0, ctx, BLOCK_T):
         pos = t0 + t
         tmask = pos < ctx
-        blk = tl.load(block_tables + n * stride_bt + pos // BS, mask=tmask, other=0).to(tl.int64)
-        off = pos % BS
-        k = tl.load(K + blk[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh
-                    + d[None, :], mask=tmask[:, None], other=0.0)  # fmt: skip
-        if UPCAST:
-            k = k.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(tmask[None, :], s * scale, float("-inf"))  # [R, T]
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + blk[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh
-                    + d[None, :], mask=tmask[:, None], other=0.0)  # fmt: skip
-        if UPCAST:
-            v = v.to(tl.float32)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(
+            q, K, V, block_tables + n * stride_bt, pos, tmask, tmask[None, :], kvh, scale,
+            m_i, l_i, acc, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            BS, HD, IEEE, UPCAST,
+        )  # fmt: skip
     out = acc / l_i[:, None]
     if HAS_GATE:
         gate = tl.load(G + n * stride_gn + heads[:, None] * stride_gh + d[None, :],
@@ -146,33 +172,12 @@ def _prefill_kernel(
     for t0 in range(0, end, BLOCK_T):
         pos = t0 + t
         tmask = pos < end
-        blk = tl.load(block_table + pos // BS, mask=tmask, other=0).to(tl.int64)
-        off = pos % BS
-        k = tl.load(K + blk[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh
-                    + d[None, :], mask=tmask[:, None], other=0.0)  # fmt: skip
-        if UPCAST:
-            k = k.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        ok = tmask[None, :] & (pos[None, :] <= qpos[:, None])
-        s = tl.where(ok, s * scale, float("-inf"))  # [M, T]
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past Tq see nothing
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + blk[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh
-                    + d[None, :], mask=tmask[:, None], other=0.0)  # fmt: skip
-        if UPCAST:
-            v = v.to(tl.float32)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        ok = tmask[None, :] & (pos[None, :] <= qpos[:, None])  # causal
+        m_i, l_i, acc = _attend_tile(
+            q, K, V, block_table, pos, tmask, ok, kvh, scale, m_i, l_i, acc,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            BS, HD, IEEE, UPCAST,
+        )  # fmt: skip
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     tl.store(O + i[:, None] * stride_ot + h * stride_oh + d[None, :],
              out.to(O.dtype.element_ty), mask=imask[:, None])  # fmt: skip

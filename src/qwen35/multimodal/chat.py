@@ -14,6 +14,9 @@ from typing import Any
 
 from qwen35.multimodal.sizing import MediaError
 
+# a media part's type, or for an untyped part the first of these keys it has
+_KEYS = ("image_url", "image", "video_url", "video")
+
 
 def _url(value: Any, key: str) -> Any:
     if isinstance(value, Mapping):
@@ -38,20 +41,14 @@ def extract_media(messages: list[Any]) -> tuple[list[Any], dict[str, list]]:
                 parts.append(part)
                 continue
             kind = part.get("type")
-            if kind == "image_url" or (kind is None and "image_url" in part):
-                media["image"].append(_url(part.get("image_url"), "image_url"))
-                parts.append({"type": "image"})
-            elif kind == "image" or (kind is None and "image" in part):
-                media["image"].append(part.get("image"))
-                parts.append({"type": "image"})
-            elif kind == "video_url" or (kind is None and "video_url" in part):
-                media["video"].append(_url(part.get("video_url"), "video_url"))
-                parts.append({"type": "video"})
-            elif kind == "video" or (kind is None and "video" in part):
-                media["video"].append(part.get("video"))
-                parts.append({"type": "video"})
-            else:
+            key = next((k for k in _KEYS if kind == k or (kind is None and k in part)), None)
+            if key is None:
                 parts.append(part)
+                continue
+            media_kind = key.removesuffix("_url")
+            value = part.get(key)
+            media[media_kind].append(_url(value, key) if key != media_kind else value)
+            parts.append({"type": media_kind})
         for v in media["image"] + media["video"]:
             if v is None:
                 raise MediaError("an image / video part has no data")
