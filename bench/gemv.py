@@ -1,13 +1,14 @@
 """Decode GEMVs on the CPU: our kernels (qwen35/kernels/gemv_cpu.cpp) vs torch's own, per format.
 
 Each shape is a Qwen3.5-0.8B projection; enough copies of the weight are cycled that they never
-sit in the caches (>= 256 MB in all), as in a real decode step. Paths run interleaved, `--rounds`
+sit in the caches (>= 256 MB in all), as in a real decode step: each path walks through all copies
+before the next path runs (paths that ran on the same copy back to back found it in the L3). Paths run interleaved, `--rounds`
 times, and each cell is the median ms per call plus the weight bytes per second it streamed.
 
-    python bench/gemv.py [--rows 1,4,16] [--threads 2] [--rounds 5] [--formats bf16,int8,fp8,int4]
+    python bench/gemv.py [--rows 1,4,16] [--threads 2] [--rounds 5] [--formats fp32,bf16,int8,fp8,int4]
     python bench/gemv.py --formats int4 --shapes "mlp gate_up,mlp down,deltanet in_proj,out_proj"
 
-bf16: torch (torch.mv at 1 row, F.linear above) vs ours (AVX512-BF16 where the CPU has it) vs
+fp32: torch's F.linear vs ours (FMA). bf16: torch (torch.mv at 1 row, F.linear above) vs ours (AVX512-BF16 where the CPU has it) vs
 ours forced onto the AVX2 path (what a CPU without AVX512 runs). int8: torch's
 `_weight_int8pack_mm` vs ours. FP8: the AVX2/F16C kernel (fp8_cpu.cpp) vs ours (AVX512-VBMI).
 int4 (groups of 128, torch's packed layout; not for lm_head, which int4 keeps in int8): torch's
@@ -35,14 +36,19 @@ SHAPES = {  # name: (out, in) of Qwen3.5-0.8B's decode matrices
     "deltanet in_proj": (8192, 1024),  # qkv + z (8224 with the bf16 b / a rows, not int4)
     "out_proj": (1024, 2048),
 }
-BYTES = {"bf16": 2, "int8": 1, "fp8": 1, "int4": 0.5}
+BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "fp8": 1, "int4": 0.5}
 MIN_BYTES = 256 << 20
 
 
-def _paths(x, w, q8, s8, f8, fs8, mod, fmod) -> dict:
+def _paths(x, w, w32, q8, s8, f8, fs8, mod, fmod) -> dict:
     rows = x.shape[0]
     bf16_torch = (lambda: torch.mv(w, x[0])) if rows == 1 else (lambda: F.linear(x, w))
-    paths = {
+    paths = {}
+    if w32 is not None:
+        x32 = x.float()
+        paths["fp32 torch"] = lambda: F.linear(x32, w32)
+        paths["fp32 ours"] = lambda: mod.linear_fp32(x32, w32)
+    paths |= {
         "bf16 torch": bf16_torch,
         "bf16 ours": lambda: mod.linear_bf16(x, w),
         "bf16 ours-avx2": lambda: mod.linear_bf16(x, w, True),
@@ -78,7 +84,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names")
-    ap.add_argument("--formats", default="bf16,int8,fp8,int4", help="comma-separated")
+    ap.add_argument("--formats", default="fp32,bf16,int8,fp8,int4", help="comma-separated")
     ap.add_argument("--int4-fp32", action="store_true", help="also int4 on fp32 rows")
     a = ap.parse_args()
     fmts = set(a.formats.split(","))
@@ -95,7 +101,9 @@ def main() -> None:
         int4_only = fmts <= {"int4"}
         if int4_only:  # cycle 4x as many copies: the packed weight is a quarter of bf16's
             copies *= 4
-        ws, q8s, f8s, i4s = [], [], [], []
+        if "fp32" in fmts:  # fp32 weights are twice bf16's bytes: as many copies again
+            copies *= 2
+        ws, w32s, q8s, f8s, i4s = [], [], [], [], []
         for _ in range(copies):
             w = (torch.randn(n, k) * 0.02).bfloat16()
             q8s.append(formats.quantize_int8_rows(w, torch.bfloat16) if "int8" in fmts else None)
@@ -104,22 +112,25 @@ def main() -> None:
             int4 = "int4" in fmts and n % 64 == 0 and name != "lm_head"  # lm_head stays int8
             i4s.append(_int4(w, a.int4_fp32) if int4 else None)
             ws.append(None if int4_only else w)
+            w32s.append(w.float() if "fp32" in fmts else None)
         labels = None
         for rows in (int(r) for r in a.rows.split(",")):
             x = torch.randn(rows, k).bfloat16()
             times: dict[str, list[float]] = {}
-            for _ in range(a.rounds):  # interleaved: every path once per round, per copy
-                for c in range(copies):
-                    (q8, s8), (f8, fs8) = q8s[c] or (None, None), f8s[c]
-                    paths = {}
-                    if ws[c] is not None:
-                        paths = _paths(x, ws[c], q8, s8, f8, fs8, mod, fmod)
-                    if i4s[c] is not None:
-                        paths.update(_int4_paths(x, *i4s[c], mod4, a.int4_fp32))
-                    paths = {lb: fn for lb, fn in paths.items() if lb.split()[0] in fmts}
-                    for label, fn in paths.items():
+            per_copy = []
+            for c in range(copies):
+                (q8, s8), (f8, fs8) = q8s[c] or (None, None), f8s[c]
+                paths = {}
+                if ws[c] is not None:
+                    paths = _paths(x, ws[c], w32s[c], q8, s8, f8, fs8, mod, fmod)
+                if i4s[c] is not None:
+                    paths.update(_int4_paths(x, *i4s[c], mod4, a.int4_fp32))
+                per_copy.append({lb: fn for lb, fn in paths.items() if lb.split()[0] in fmts})
+            for _ in range(a.rounds):  # interleaved: every path once per round
+                for label in per_copy[0]:  # each path walks all copies: none is still in cache
+                    for paths in per_copy:
                         t0 = time.perf_counter()
-                        fn()
+                        paths[label]()
                         times.setdefault(label, []).append(time.perf_counter() - t0)
             if labels is None:
                 labels = list(times)

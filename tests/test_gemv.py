@@ -38,6 +38,17 @@ def test_bf16_matches_reference(mod, avx2_only):
             assert _rel(y, ref) < 4e-3, (n, k, m)  # bf16 rounding of the output only
 
 
+def test_fp32_matches_reference(mod):
+    g = torch.Generator().manual_seed(4)
+    for n, k in SHAPES:
+        w = torch.randn(n, k, generator=g)
+        for m in ROWS:
+            x = torch.randn(m, k, generator=g)
+            y = mod.linear_fp32(x, w)
+            assert y.dtype == torch.float32 and y.shape == (m, n)
+            assert _rel(y, x.double() @ w.double().T) < 1e-6, (n, k, m)  # summation order only
+
+
 @pytest.mark.parametrize("avx2_only", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int8_matches_reference(mod, dtype, avx2_only):
@@ -98,15 +109,20 @@ def test_dispatch_takes_the_kernel_and_switches_off(mod, monkeypatch):
     monkeypatch.setattr(gemv, "load", lambda: calls.append(1) or real())
     g = torch.Generator().manual_seed(3)
     w = torch.randn(40, 64, generator=g).bfloat16()
-    x = torch.randn(linear_mod.GEMV_MAX_ROWS, 64, generator=g).bfloat16()
+    rows = linear_mod.GEMV_MAX_ROWS
+    x = torch.randn(rows[torch.bfloat16], 64, generator=g).bfloat16()
     fast = linear_mod.linear(x, w)
+    x32, w32 = torch.randn(rows[torch.float32], 64, generator=g), w.float()
+    fast32 = linear_mod.linear(x32, w32)
     q, s = formats.quantize_int8_rows(w, torch.bfloat16)
     fast8 = matmul.int8_linear(x[:3], q, s)
-    assert len(calls) == 2
-    too_many = torch.randn(linear_mod.GEMV_MAX_ROWS + 1, 64, generator=g).bfloat16()
+    assert len(calls) == 3
+    too_many = torch.randn(rows[torch.bfloat16] + 1, 64, generator=g).bfloat16()
     linear_mod.linear(too_many, w)  # a GEMM: torch's, the kernel is not asked
-    assert len(calls) == 2
+    linear_mod.linear(torch.randn(rows[torch.float32] + 1, 64), w32)
+    assert len(calls) == 3
     monkeypatch.setenv("QWEN35_NO_KERNELS", "1")  # load() now returns None: torch's paths
     assert _rel(linear_mod.linear(x, w), fast) < 4e-3
+    assert _rel(linear_mod.linear(x32, w32), fast32) < 1e-6
     assert _rel(matmul.int8_linear(x[:3], q, s), fast8) < 4e-3
-    assert len(calls) == 4
+    assert len(calls) == 6

@@ -7,6 +7,7 @@
 //
 // - linear_bf16: bf16 weights. AVX512-BF16 CPUs (Zen 4, Sapphire Rapids) multiply bf16 pairs
 //   straight into fp32 (vdpbf16ps); other x86 CPUs widen bf16 to fp32 (a 16-bit shift) + FMA.
+// - linear_fp32: fp32 weights and rows, FMA.
 // - linear_int8: int8 weights with one scale per output row (weight-only: activations keep their
 //   precision). bf16 rows on AVX512-VBMI + BF16 CPUs: the FP8 scheme below with tables for the
 //   two's-complement values (sign bit set / clear, blended); otherwise int8 -> fp32 + FMA, 8
@@ -136,7 +137,9 @@ inline __m256 load8_avx2(const int8_t* p) {  // int8
   std::memcpy(&b, p, 8);
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(b)));
 }
+inline __m256 load8_avx2(const float* p) { return _mm256_loadu_ps(p); }  // fp32
 inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
+inline float load1(const float* p) { return *p; }
 inline float load1(const int8_t* p) { return static_cast<float>(*p); }
 
 template <int MR, typename WT>
@@ -332,6 +335,23 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, bool a
   return y;
 }
 
+// y [M, N] fp32 = x [M, K] fp32 @ w [N, K] fp32 ^T (4 bytes a weight, so the AVX2 FMA path
+// already streams faster than the memory delivers)
+torch::Tensor linear_fp32(const torch::Tensor& x, const torch::Tensor& w) {
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  check_x(x, w, K);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
+              "linear_fp32: fp32 x and w");
+  auto y = torch::empty({M, N}, x.options());
+  const float* X = x.data_ptr<float>();
+  const float* W = w.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
+    DISPATCH_MR(mr, fma_row_avx2, X + m * K, W + n * K, out, K);
+  }, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v; });
+  return y;
+}
+
 // y [M, N] (x's dtype) = x [M, K] @ (q [N, K] int8 * scale [N])^T
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q,
                           const torch::Tensor& scale, bool avx2_only) {
@@ -403,6 +423,7 @@ std::vector<std::string> isa() {  // the fast paths this CPU takes
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x [M<=16, K] bf16 @ w [N, K] bf16 ^T",
         py::arg("x"), py::arg("w"), py::arg("avx2_only") = false);
+  m.def("linear_fp32", &linear_fp32, "x [M<=16, K] fp32 @ w [N, K] fp32 ^T");
   m.def("linear_int8", &linear_int8, "x [M<=16, K] @ (q [N, K] int8 * scale [N])^T",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("avx2_only") = false);
   m.def("linear_fp8", &linear_fp8, "x [M<=16, K] bf16 @ block-FP8 w ^T");

@@ -22,26 +22,28 @@ def empty_param(*shape: int, dtype: torch.dtype | None, device: torch.device | s
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-# Rows up to which bf16 CPU matmuls take the GEMV kernel (kernels/gemv_cpu.cpp): it streams the
+# Rows up to which CPU matmuls take the GEMV kernels (kernels/gemv_cpu.cpp): they stream the
 # weight once at the memory bandwidth; above, torch's GEMM is compute-bound and faster.
-# (bench/gemv.py on a Zen 4, 2 threads: at 8 rows the kernel is 1.5x torch, at 16 rows 0.9x.)
-GEMV_MAX_ROWS = 8
+# (bench/gemv.py on a Zen 4, 2 threads: bf16 at 8 rows the kernel is 1.5x torch, at 16 rows
+# 0.9x; fp32 3x torch at 1 row, 1.6x at 16 rows, where oneDNN's fp32 GEMM is still slow.)
+GEMV_MAX_ROWS = {torch.bfloat16: 8, torch.float32: 16}
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ w[out, in]^T."""
     if (
         x.dim() == 2
-        and x.shape[0] <= GEMV_MAX_ROWS
         and x.is_cpu
-        and x.dtype == w.dtype == torch.bfloat16
+        and x.dtype == w.dtype
+        and x.shape[0] <= GEMV_MAX_ROWS.get(x.dtype, 0)
         and w.is_contiguous()
     ):
         from qwen35.kernels import gemv
 
         mod = gemv.load()  # None once QWEN35_NO_KERNELS=1 is set, at any time
         if mod is not None:
-            return mod.linear_bf16(x.contiguous(), w)
+            x = x.contiguous()
+            return mod.linear_bf16(x, w) if x.dtype == torch.bfloat16 else mod.linear_fp32(x, w)
     if x.dim() == 2 and x.shape[0] == 1 and x.is_cpu and w.dtype != torch.float32:
         # one row of bf16/fp16 without the kernel: torch.mv streams the weight faster than
         # the oneDNN GEMM F.linear takes
