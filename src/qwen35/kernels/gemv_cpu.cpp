@@ -22,6 +22,8 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "gemv_rows.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -33,8 +35,9 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 16;
-constexpr int kMR = 4;  // input rows per pass over a weight row
+using gemv_rows::kMaxRows;
+using gemv_rows::kMR;
+using gemv_rows::bf16_to_float;
 
 // independent accumulators along K per input row: MR x U >= 8 chains hide the FMA latency
 template <int MR>
@@ -63,13 +66,6 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-inline float bf16_to_float(uint16_t v) {
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 // fn(n, out) for every output row n, out[i] = its dot product with input row i (i < mr); the
 // rows are split over threads in contiguous ranges (at least 64 rows a task, so small matrices
 // don't pay a fork per row); store(n, i, value) writes the result.
@@ -85,15 +81,6 @@ void for_rows(int64_t M, int64_t N, Row&& row, Store&& store) {
       }
   });
 }
-
-// Calls ROW<mr>(...) for the runtime mr in 1..kMR.
-#define DISPATCH_MR(mr, ROW, ...)       \
-  switch (mr) {                         \
-    case 1: ROW<1>(__VA_ARGS__); break; \
-    case 2: ROW<2>(__VA_ARGS__); break; \
-    case 3: ROW<3>(__VA_ARGS__); break; \
-    default: ROW<4>(__VA_ARGS__); break; \
-  }
 
 // ---- bf16, AVX512-BF16 --------------------------------------------------------------------
 

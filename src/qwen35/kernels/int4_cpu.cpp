@@ -30,6 +30,8 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "gemv_rows.h"
+
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -40,8 +42,9 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 16;
-constexpr int kMR = 4;  // input rows per pass over a block
+using gemv_rows::kMaxRows;
+using gemv_rows::kMR;
+using gemv_rows::bf16_to_float;
 
 bool cpu_vbmi_bf16() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -51,23 +54,8 @@ bool cpu_vbmi_bf16() {
   return ok;
 }
 
-inline float bf16f(uint16_t v) {
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 inline float as_float(float v) { return v; }
 inline float as_float(at::BFloat16 v) { return static_cast<float>(v); }
-
-// Calls ROW<mr>(...) for the runtime mr in 1..kMR.
-#define DISPATCH_MR(mr, ROW, ...)       \
-  switch (mr) {                         \
-    case 1: ROW<1>(__VA_ARGS__); break; \
-    case 2: ROW<2>(__VA_ARGS__); break; \
-    case 3: ROW<3>(__VA_ARGS__); break; \
-    default: ROW<4>(__VA_ARGS__); break; \
-  }
 
 struct Block {  // one 64-row block and what its pass needs
   const uint8_t* p;  // the block's bytes [K, 32]

@@ -1,0 +1,29 @@
+// What the decode GEMV sources (gemv_cpu.cpp, int4_cpu.cpp) share: the row limits, the scalar
+// bf16 -> fp32 widening and the dispatch of a pass over up to kMR input rows.
+// (kernels/__init__.py's Native hashes this header with each source of this folder.)
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace gemv_rows {
+
+constexpr int64_t kMaxRows = 16;  // input rows the kernels take; more are a GEMM
+constexpr int kMR = 4;            // input rows per pass over a weight row / block
+
+inline float bf16_to_float(uint16_t v) {  // exact: bf16 is the high half of fp32's bits
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+}  // namespace gemv_rows
+
+// Calls ROW<mr>(...) for the runtime mr in 1..kMR.
+#define DISPATCH_MR(mr, ROW, ...)       \
+  switch (mr) {                         \
+    case 1: ROW<1>(__VA_ARGS__); break; \
+    case 2: ROW<2>(__VA_ARGS__); break; \
+    case 3: ROW<3>(__VA_ARGS__); break; \
+    default: ROW<4>(__VA_ARGS__); break; \
+  }
