@@ -71,6 +71,8 @@ def test_quality_and_peers_workloads(doc):
     assert ours == {f"qwen35 {f}" for f in ("fp32", "bf16", "int8", "int4", "fp8")}
     for r in p["engines"].values():
         assert _finite_positive(r["decode_tokens_per_s"])
+        assert len(r["decode_tokens_per_s_per_round"]) == p["rounds"]
+        assert all(_finite_positive(x) for x in r["decode_tokens_per_s_per_round"])
     # quantized formats hold fewer weight bytes than bf16
     b = p["engines"]["qwen35 bf16"]["weight_bytes"]
     assert all(p["engines"][f"qwen35 {f}"]["weight_bytes"] < b for f in ("int8", "int4", "fp8"))

@@ -100,6 +100,7 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
     for name, eng in engines.items():  # warm-up
         eng.run([rng.randrange(V) for _ in range(8)], 2, f"warm-{name}")
     decode = {n: [] for n in engines}
+    per_round = {n: [] for n in engines}  # each round's median step: paired ratios show the noise
     prefill = {n: {p: [] for p in sz["prefill"]} for n in engines}
     for r in range(sz["rounds"]):
         opts.say(f"peers: round {r + 1}/{sz['rounds']}")
@@ -108,6 +109,7 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
         for name, eng in engines.items():
             _, steps = eng.run(prompt, sz["new"], f"{name}-d{r}")
             decode[name] += steps
+            per_round[name].append(1 / median(steps))
             for p, toks in long.items():
                 prefill[name][p].append(eng.run(toks, 1, f"{name}-p{p}-{r}")[0])
     rows = {}
@@ -116,6 +118,7 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
         rows[name] = {
             "weight_bytes": weight_bytes[name],
             "decode_tokens_per_s": 1 / d,
+            "decode_tokens_per_s_per_round": per_round[name],
             "prefill_tokens_per_s": {str(p): p / median(v) for p, v in prefill[name].items()},
         }
     goals = []
