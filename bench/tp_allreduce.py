@@ -1,6 +1,7 @@
 """tp=2 on the CPU with the shared-memory all-reduce vs gloo's, interleaved in one run.
 
     python bench/tp_allreduce.py [--rounds 4] [--tokens 32] [--hidden 1024] [--layers 8]
+    python bench/tp_allreduce.py --micro     # one all-reduce's latency, 2 ranks, by size
 
 The model of bench/tensor_parallel.py (175M parameters, fp32, random weights written once as a
 checkpoint). Only one process group can live in a process, so each round starts a tp=2 engine
@@ -32,7 +33,10 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--micro", action="store_true", help="time single all-reduces instead")
     args = ap.parse_args()
+    if args.micro:
+        return micro()
     from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine
     from qwen35.benchmarks.parallel import generate, parallel_engine
     from qwen35.parallel import shm
@@ -78,6 +82,57 @@ def main() -> int:
         print(f"{wl:15s} {name:26s} median {statistics.median(v):6.1f} tok/s  rounds "
               + " ".join(f"{x:.1f}" for x in v))  # fmt: skip
     return 0
+
+
+def micro() -> int:
+    """Two spawned ranks (1 thread each) time gloo's and the shared-memory all-reduce."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    procs = [ctx.Process(target=_micro_rank, args=(r, init, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for (mode, n), us in out.get().items():
+        print(f"{mode:5s} all-reduce of {n:6d} fp32: {us:7.1f} us")
+    for p in procs:
+        p.join()
+    return 0
+
+
+def _micro_rank(rank: int, init: str, out) -> None:
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from qwen35.parallel import shm
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))  # fmt: skip
+    assert shm.setup(60.0), "the shared-memory all-reduce is unavailable here"
+    res = {}
+    for n in (64, 1024, 8192, 204800):
+        x = torch.randn(n)
+        for mode, f in (("gloo", dist.all_reduce), ("shm", shm.all_reduce)):
+            k = 2000 if n <= 8192 else 200
+            for _ in range(20):
+                f(x)
+            dist.barrier()
+            t = time.perf_counter()
+            for _ in range(k):
+                f(x.mul_(0.5))
+            res[(mode, n)] = (time.perf_counter() - t) / k * 1e6
+    if rank == 0:
+        out.put(res)
+    shm.close()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
