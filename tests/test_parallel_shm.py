@@ -1,6 +1,7 @@
 """The shared-memory all-reduce of CPU ranks on one host (parallel/shm.py, issue 14) on 2 spawned
 ranks: bit-identical to the rank-order fp32 sum and to gloo's all-reduce for fp32 / bf16 / fp16,
-odd sizes, tensors of several slots, hundreds of calls back to back; the gloo fallbacks; a peer
+odd sizes, tensors of several slots, hundreds of calls back to back; the all-gather equal to
+gloo's; the gloo fallbacks; a peer
 that hangs or dies is an error naming it, not a hang. (tests/test_parallel_engine.py runs the
 engine at tp=2 through it.)"""
 
@@ -86,6 +87,12 @@ def _matches_gloo(rank: int) -> None:
         dist.all_gather(theirs, y)
         assert torch.equal(theirs[0], theirs[1])  # bit-identical on every rank
     assert shm.calls == calls
+    for i, (dt, n) in enumerate([*cases, (torch.int64, 3001)]):  # all-gather: bytes, any dtype
+        x = _data(rank, torch.float32, n, i).to(dt)
+        mine, ref = [torch.empty_like(x) for _ in range(2)], [torch.empty_like(x) for _ in range(2)]
+        assert shm.all_gather(mine, x)
+        dist.all_gather(ref, x)
+        assert all(torch.equal(a, b) for a, b in zip(mine, ref, strict=True)), (dt, n)
     # what it does not take goes to gloo: integers, strided views, empty-handed callers
     assert not shm.all_reduce(torch.ones(4, dtype=torch.int64))
     assert not shm.all_reduce(torch.ones(4, 4).t())

@@ -67,8 +67,12 @@ class TensorParallel:
             return x
         import torch.distributed as dist
 
+        from qwen35.parallel import shm
+
+        x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        if self.group is not None or not shm.all_gather(parts, x):
+            dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim=-1)
 
 

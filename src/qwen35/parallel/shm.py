@@ -1,4 +1,5 @@
-"""All-reduce through shared memory for the ranks of one host (CPU tensors), instead of gloo.
+"""All-reduce (and all-gather) through shared memory for the ranks of one host (CPU tensors),
+instead of gloo.
 
 gloo's all-reduce is a loopback TCP round trip (~1.5 ms on a 2-core VM) and a decode step makes
 two per layer; `kernels/shm_allreduce_cpu.cpp` sums the ranks' partials in a /dev/shm segment
@@ -6,7 +7,7 @@ every rank maps (like vLLM's CPU shm all-reduce). `setup` (every rank, right aft
 group forms) makes the segment when every rank is on this host and the module builds: rank 0
 creates the file, sends its name over gloo, all map it, rank 0 unlinks it (nothing is left in
 /dev/shm after a crash). Otherwise, and for tensors it does not take (not CPU, not contiguous,
-not fp32 / bf16 / fp16), `TensorParallel.all_reduce` uses gloo, the reference.
+not fp32 / bf16 / fp16), `TensorParallel.all_reduce` / `gather_last` use gloo, the reference.
 QWEN35_TP_ALLREDUCE=gloo forces gloo (set it before the engine starts: workers inherit it).
 """
 
@@ -65,6 +66,17 @@ def all_reduce(x: torch.Tensor) -> bool:
     if _comm is None or not x.is_cpu or not x.is_contiguous() or x.dtype not in DTYPES:
         return False
     _comm.all_reduce_(x)
+    calls += 1
+    return True
+
+
+def all_gather(parts: list[torch.Tensor], x: torch.Tensor) -> bool:
+    """parts[r] <- rank r's x (contiguous CPU tensors) through the segment; False where this
+    path does not apply."""
+    global calls
+    if _comm is None or not x.is_cpu or not x.is_contiguous():
+        return False
+    _comm.all_gather(x, parts)
     calls += 1
     return True
 
