@@ -1,8 +1,8 @@
 """Tensor / expert parallelism end to end on the CPU (issue 14): 2 ranks (gloo, a spawned
-worker) against one process on tiny checkpoints whose dims exercise replication (1 KV head,
-a vocabulary of 257); logits of every step within 1e-5 and identical greedy tokens under
-chunked prefill, prefix caching and preemption; a killed worker fails fast; each rank's memory
-is the planner's per-GPU figure."""
+worker; all-reduces through shared memory where its module builds) against one process on tiny
+checkpoints whose dims exercise replication (1 KV head, a vocabulary of 257); logits of every
+step within 1e-5 and identical greedy tokens under chunked prefill, prefix caching and
+preemption; a killed worker fails fast; each rank's memory is the planner's per-GPU figure."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from qwen35.engine.llm_engine import LLM
+from qwen35.parallel import shm
 from qwen35.parallel.group import WorkerDiedError
 from qwen35.request import SamplingParams
 from tiny import save_checkpoint
@@ -77,8 +78,11 @@ def run(d, **kw) -> tuple[list[list[int]], list[torch.Tensor], dict]:
 def test_two_ranks_equal_one_process(which, ep, dense, moe):
     d = dense if which == "dense" else moe
     ref_tokens, ref_logits, ref_stats = run(d)
+    calls = shm.calls
     tokens, logits, stats = run(d, tensor_parallel_size=2, enable_expert_parallel=ep)
     assert tokens == ref_tokens
+    if shm.SHM.load() is not None:  # the all-reduces went through shared memory, not gloo
+        assert shm.calls > calls
     assert len(logits) == len(ref_logits)
     for a, b in zip(logits, ref_logits, strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -50,11 +50,15 @@ class TensorParallel:
 
     # ---- collectives ------------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum x over the ranks, in place."""
+        """Sum x over the ranks, in place: through shared memory where the ranks share a host
+        (parallel/shm.py), else gloo / nccl."""
         if self.size > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(x, group=self.group)
+            from qwen35.parallel import shm
+
+            if self.group is not None or not shm.all_reduce(x):
+                dist.all_reduce(x, group=self.group)
         return x
 
     def gather_last(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,8 +67,12 @@ class TensorParallel:
             return x
         import torch.distributed as dist
 
+        from qwen35.parallel import shm
+
+        x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        if self.group is not None or not shm.all_gather(parts, x):
+            dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim=-1)
 
 

@@ -67,7 +67,19 @@ def init_groups(backend: str, init_method: str, rank: int, size: int, timeout_s:
     if init_method != "env://":
         kw["init_method"] = init_method
     dist.init_process_group(**kw)
+    if backend == "gloo":  # CPU ranks on one host: all-reduce through shared memory
+        from qwen35.parallel import shm
+
+        shm.setup(timeout_s)
     return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+
+
+def leave() -> None:
+    """Leave the groups (and unmap the shared all-reduce segment)."""
+    from qwen35.parallel import shm
+
+    shm.close()
+    dist.destroy_process_group()
 
 
 def broadcast(control, obj: Any = None) -> Any:
@@ -164,7 +176,7 @@ class WorkerGroup:
         self._terminate()
         if dist.is_initialized():
             try:
-                dist.destroy_process_group()
+                leave()
             except Exception:
                 log.debug("destroy_process_group failed", exc_info=True)
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from qwen35.parallel.context import TensorParallel
-from qwen35.parallel.group import backend_for, broadcast, init_groups, rank_device
+from qwen35.parallel.group import backend_for, broadcast, init_groups, leave, rank_device
 
 
 def worker_main(rank, size, init_method, local_rank, args, parent_pid, queues) -> None:
@@ -81,7 +81,7 @@ def run_worker(
         _loop(model, caches, control, device)
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            leave()
 
 
 @torch.inference_mode()
