@@ -5,7 +5,8 @@
 
 The model of bench/tensor_parallel.py (175M parameters, fp32, random weights written once as a
 checkpoint). Only one process group can live in a process, so each round starts a tp=2 engine
-per all-reduce (QWEN35_TP_ALLREDUCE=gloo for the reference; the worker inherits it), runs
+per all-reduce (QWEN35_TP_ALLREDUCE=gloo for the reference, all-reduce and per-step broadcast;
+the worker inherits it), runs
 batch-1 decode and a batch of 8 mixed-length prompts on it, and stops it; one process on 2 and
 on 1 thread runs in the same round. Prints the per-round generated tokens/s and the medians.
 """
@@ -69,13 +70,14 @@ def main() -> int:
             measure("1 process, 1 thread", one, 1)
             for mode in ("gloo", "shm"):
                 os.environ["QWEN35_TP_ALLREDUCE"] = mode
-                calls = shm.calls
+                calls, bcasts = shm.calls, shm.bcasts
                 par = parallel_engine(bm, opts, 2, **kw)
                 try:
                     measure(f"tp=2, {mode} all-reduce", par, max(1, cores // 2))
                 finally:
                     par.shutdown()
                 assert (shm.calls > calls) == (mode == "shm"), "the all-reduce path was not taken"
+                assert (shm.bcasts > bcasts) == (mode == "shm"), "the broadcast path was not taken"
             torch.set_num_threads(cores)
             print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
     for (wl, name), v in rates.items():
