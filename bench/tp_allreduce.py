@@ -1,7 +1,8 @@
 """tp=2 on the CPU with the shared-memory all-reduce vs gloo's, interleaved in one run.
 
     python bench/tp_allreduce.py [--rounds 4] [--tokens 32] [--hidden 1024] [--layers 8]
-    python bench/tp_allreduce.py --micro     # one all-reduce's latency, 2 ranks, by size
+    python bench/tp_allreduce.py --micro     # one all-reduce's latency, 2 ranks, by size; and
+                                             # one step broadcast's (+ a 1-float all-reduce)
 
 The model of bench/tensor_parallel.py (175M parameters, fp32, random weights written once as a
 checkpoint). Only one process group can live in a process, so each round starts a tp=2 engine
@@ -101,7 +102,8 @@ def micro() -> int:
     for p in procs:
         p.start()
     for (mode, n), us in out.get().items():
-        print(f"{mode:5s} all-reduce of {n:6d} fp32: {us:7.1f} us")
+        what = f"all-reduce of {n:6d} fp32" if "bcast" not in mode else "step broadcast"
+        print(f"{mode:5s} {what}: {us:7.1f} us")
     for p in procs:
         p.join()
     return 0
@@ -131,6 +133,31 @@ def _micro_rank(rank: int, init: str, out) -> None:
             for _ in range(k):
                 f(x.mul_(0.5))
             res[(mode, n)] = (time.perf_counter() - t) / k * 1e6
+    # the per-step broadcast (a step-like message), each followed by a tiny shm all-reduce so
+    # that rank 0 times the delivery, not only its send
+    from qwen35.parallel.group import broadcast
+
+    control = dist.new_group(backend="gloo")
+    msg = ("step", [], torch.arange(8), {f"f{i}": torch.arange(9) for i in range(12)})
+    one = torch.ones(1)
+    for mode in ("gloo", "shm"):
+        if mode == "gloo":
+            os.environ["QWEN35_TP_ALLREDUCE"] = "gloo"
+        assert shm.setup(60.0) == (mode == "shm")
+        os.environ.pop("QWEN35_TP_ALLREDUCE", None)
+        if mode == "gloo":  # the all-reduce of 1 float still through shared memory
+            shm.setup(60.0)
+            shm._comm, comm = None, shm._comm
+        k = 1000
+        dist.barrier()
+        t = time.perf_counter()
+        for _ in range(k):
+            broadcast(control, msg if rank == 0 else None)
+            if mode == "gloo":
+                comm.all_reduce_(one)
+            else:
+                shm.all_reduce(one)
+        res[(f"{mode} bcast+1", 1)] = (time.perf_counter() - t) / k * 1e6
     if rank == 0:
         out.put(res)
     shm.close()

@@ -148,12 +148,17 @@ def _message(i: int):
     """Step-like objects; every 7th larger than the test's 4 KiB region."""
     g = torch.Generator().manual_seed(i)
     n = 5000 if i % 7 == 3 else i % 50
-    return ("step", [(i, i + 1)], torch.randint(0, 1000, (n,), generator=g), {"i": i, "s": "x" * i})
+    ids = torch.randint(0, 1000, (n,), generator=g)
+    other = {"i": i, "s": "x" * i, "f": torch.randn(3, 4, generator=g).t(), "b": ids > 500}
+    other["bf16"] = torch.randn(5, generator=g).to(torch.bfloat16)  # pickled by torch
+    return ("step", [(i, i + 1)], ids, other)
 
 
 def _same(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return type(b) is dict and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, tuple | list):
         return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
     return a == b
