@@ -102,8 +102,8 @@ def micro() -> int:
     for p in procs:
         p.start()
     for (mode, n), us in out.get().items():
-        what = f"all-reduce of {n:6d} fp32" if "bcast" not in mode else "step broadcast"
-        print(f"{mode:5s} {what}: {us:7.1f} us")
+        what = f"all-reduce of {n:6d} fp32" if "bcast" not in mode else "step broadcast + 1-float all-reduce"
+        print(f"{mode.split()[0]:5s} {what}: {us:7.1f} us")
     for p in procs:
         p.join()
     return 0
@@ -157,7 +157,7 @@ def _micro_rank(rank: int, init: str, out) -> None:
                 comm.all_reduce_(one)
             else:
                 shm.all_reduce(one)
-        res[(f"{mode} bcast+1", 1)] = (time.perf_counter() - t) / k * 1e6
+        res[(f"{mode} bcast", 1)] = (time.perf_counter() - t) / k * 1e6
     if rank == 0:
         out.put(res)
     shm.close()
