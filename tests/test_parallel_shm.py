@@ -38,13 +38,8 @@ def spawn(scenario: str) -> list[str]:
     procs = [ctx.Process(target=_rank, args=(r, init, scenario, out)) for r in (0, 1)]
     for p in procs:
         p.start()
-    import time
-
-    deadline = time.monotonic() + 120
-    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-        for p in procs:  # reap each as it exits: a zombie still looks alive to its peer
-            p.join(timeout=0.05)
-    for p in procs:
+    for p in reversed(procs):  # rank 0 unreaped while rank 1 waits on it: a zombie is gone too
+        p.join(timeout=120)
         if p.is_alive():
             p.kill()
     reports = dict(out.get() for _ in range(2) if not out.empty())

@@ -35,6 +35,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -172,7 +173,20 @@ class ShmComm {
 
   bool alive(int64_t r) const {
     const pid_t pid = pid_t(hdr_->pid[r]);
-    return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM);
+    return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM) && !zombie(pid);
+  }
+
+  // exited but not yet reaped by its parent (kill(pid, 0) still succeeds); false without /proc
+  static bool zombie(pid_t pid) {
+    char path[64], buf[512];
+    std::snprintf(path, sizeof path, "/proc/%d/stat", int(pid));
+    FILE* f = std::fopen(path, "r");
+    if (f == nullptr) return false;
+    const size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+    std::fclose(f);
+    buf[n] = 0;
+    const char* p = std::strrchr(buf, ')');  // "pid (comm) state ...": comm may hold ')'
+    return p != nullptr && p[1] == ' ' && p[2] == 'Z';
   }
 
   // publish this rank's n items as the next call and wait until every rank has published it
