@@ -1,11 +1,13 @@
 """tp=2 on the CPU with the shared-memory all-reduce vs gloo's, interleaved in one run.
 
     python bench/tp_allreduce.py [--rounds 4] [--tokens 32] [--hidden 1024] [--layers 8]
-    python bench/tp_allreduce.py --micro     # one all-reduce's latency, 2 ranks, by size
+    python bench/tp_allreduce.py --micro     # one all-reduce's latency, 2 ranks, by size; and
+                                             # one step broadcast's (+ a 1-float all-reduce)
 
 The model of bench/tensor_parallel.py (175M parameters, fp32, random weights written once as a
 checkpoint). Only one process group can live in a process, so each round starts a tp=2 engine
-per all-reduce (QWEN35_TP_ALLREDUCE=gloo for the reference; the worker inherits it), runs
+per all-reduce (QWEN35_TP_ALLREDUCE=gloo for the reference, all-reduce and per-step broadcast;
+the worker inherits it), runs
 batch-1 decode and a batch of 8 mixed-length prompts on it, and stops it; one process on 2 and
 on 1 thread runs in the same round. Prints the per-round generated tokens/s and the medians.
 """
@@ -69,13 +71,14 @@ def main() -> int:
             measure("1 process, 1 thread", one, 1)
             for mode in ("gloo", "shm"):
                 os.environ["QWEN35_TP_ALLREDUCE"] = mode
-                calls = shm.calls
+                calls, bcasts = shm.calls, shm.bcasts
                 par = parallel_engine(bm, opts, 2, **kw)
                 try:
                     measure(f"tp=2, {mode} all-reduce", par, max(1, cores // 2))
                 finally:
                     par.shutdown()
                 assert (shm.calls > calls) == (mode == "shm"), "the all-reduce path was not taken"
+                assert (shm.bcasts > bcasts) == (mode == "shm"), "the broadcast path was not taken"
             torch.set_num_threads(cores)
             print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
     for (wl, name), v in rates.items():
@@ -99,7 +102,8 @@ def micro() -> int:
     for p in procs:
         p.start()
     for (mode, n), us in out.get().items():
-        print(f"{mode:5s} all-reduce of {n:6d} fp32: {us:7.1f} us")
+        what = f"all-reduce of {n:6d} fp32" if "bcast" not in mode else "step broadcast + 1-float all-reduce"
+        print(f"{mode.split()[0]:5s} {what}: {us:7.1f} us")
     for p in procs:
         p.join()
     return 0
@@ -129,6 +133,31 @@ def _micro_rank(rank: int, init: str, out) -> None:
             for _ in range(k):
                 f(x.mul_(0.5))
             res[(mode, n)] = (time.perf_counter() - t) / k * 1e6
+    # the per-step broadcast (a step-like message), each followed by a tiny shm all-reduce so
+    # that rank 0 times the delivery, not only its send
+    from qwen35.parallel.group import broadcast
+
+    control = dist.new_group(backend="gloo")
+    msg = ("step", [], torch.arange(8), {f"f{i}": torch.arange(9) for i in range(12)})
+    one = torch.ones(1)
+    for mode in ("gloo", "shm"):
+        if mode == "gloo":
+            os.environ["QWEN35_TP_ALLREDUCE"] = "gloo"
+        assert shm.setup(60.0) == (mode == "shm")
+        os.environ.pop("QWEN35_TP_ALLREDUCE", None)
+        if mode == "gloo":  # the all-reduce of 1 float still through shared memory
+            shm.setup(60.0)
+            shm._comm, comm = None, shm._comm
+        k = 1000
+        dist.barrier()
+        t = time.perf_counter()
+        for _ in range(k):
+            broadcast(control, msg if rank == 0 else None)
+            if mode == "gloo":
+                comm.all_reduce_(one)
+            else:
+                shm.all_reduce(one)
+        res[(f"{mode} bcast", 1)] = (time.perf_counter() - t) / k * 1e6
     if rank == 0:
         out.put(res)
     shm.close()

@@ -78,11 +78,11 @@ def run(d, **kw) -> tuple[list[list[int]], list[torch.Tensor], dict]:
 def test_two_ranks_equal_one_process(which, ep, dense, moe):
     d = dense if which == "dense" else moe
     ref_tokens, ref_logits, ref_stats = run(d)
-    calls = shm.calls
+    calls, bcasts = shm.calls, shm.bcasts
     tokens, logits, stats = run(d, tensor_parallel_size=2, enable_expert_parallel=ep)
     assert tokens == ref_tokens
-    if shm.SHM.load() is not None:  # the all-reduces went through shared memory, not gloo
-        assert shm.calls > calls
+    if shm.SHM.load() is not None:  # the all-reduces and steps went through shared memory
+        assert shm.calls > calls and shm.bcasts > bcasts
     assert len(logits) == len(ref_logits)
     for a, b in zip(logits, ref_logits, strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

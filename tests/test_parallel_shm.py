@@ -2,7 +2,9 @@
 ranks: bit-identical to the rank-order fp32 sum and to gloo's all-reduce for fp32 / bf16 / fp16,
 odd sizes, tensors of several slots, hundreds of calls back to back; the all-gather equal to
 gloo's; the gloo fallbacks; a peer
-that hangs or dies is an error naming it, not a hang. (tests/test_parallel_engine.py runs the
+that hangs or dies is an error naming it, not a hang. The per-step broadcast through the segment:
+objects equal to gloo's broadcast_object_list, small and larger than the region (gloo), many back
+to back; a rank waiting past the timeout is fine (idle), a rank waiting on a dead rank 0 fails. (tests/test_parallel_engine.py runs the
 engine at tp=2 through it.)"""
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def spawn(scenario: str) -> list[str]:
     procs = [ctx.Process(target=_rank, args=(r, init, scenario, out)) for r in (0, 1)]
     for p in procs:
         p.start()
-    for p in reversed(procs):  # reap rank 1 first: rank 0 may be waiting to see it gone
+    for p in reversed(procs):  # rank 0 unreaped while rank 1 waits on it: a zombie is gone too
         p.join(timeout=120)
         if p.is_alive():
             p.kill()
@@ -56,7 +58,7 @@ def _rank(rank: int, init: str, scenario: str, out) -> None:
         out.put((rank, traceback.format_exc()))
     finally:
         shm.close()
-        if dist.is_initialized() and scenario != "dead_peer":
+        if dist.is_initialized() and scenario not in ("dead_peer", "dead_root"):
             dist.destroy_process_group()
 
 
@@ -135,6 +137,78 @@ def _dead_peer(rank: int) -> None:
         os._exit(0)
     with pytest.raises(RuntimeError, match=r"tensor-parallel rank 1 \(pid \d+\) is gone"):
         shm.all_reduce(x)
+
+
+def _message(i: int):
+    """Step-like objects; every 7th larger than the test's 4 KiB region."""
+    g = torch.Generator().manual_seed(i)
+    n = 5000 if i % 7 == 3 else i % 50
+    ids = torch.randint(0, 1000, (n,), generator=g)
+    other = {"i": i, "s": "x" * i, "f": torch.randn(3, 4, generator=g).t(), "b": ids > 500}
+    other["bf16"] = torch.randn(5, generator=g).to(torch.bfloat16)  # pickled by torch
+    return ("step", [(i, i + 1)], ids, other)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return type(b) is dict and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, tuple | list):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def _broadcast(rank: int) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from qwen35.parallel.group import broadcast
+
+    assert shm.setup(0.5, slot_bytes=SLOT, bcast_bytes=4096)
+    control = dist.new_group(backend="gloo")
+    n = 300
+    got = [broadcast(control, _message(i) if rank == 0 else None) for i in range(n)]
+    large = sum(i % 7 == 3 for i in range(n))
+    assert shm.bcasts == n - large  # the large ones went over gloo, both sides agreed
+    for i, obj in enumerate(got):  # what gloo's broadcast_object_list delivers
+        box = [obj if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=control)
+        assert _same(obj, box[0]) and _same(obj, _message(i)), i
+    # an all-reduce between broadcasts, then a wait (rank 1 idle) longer than the timeout
+    x = torch.ones(3)
+    assert shm.all_reduce(x) and x.tolist() == [2.0] * 3
+    if rank == 0:
+        time.sleep(1.5)
+    assert broadcast(control, ("stop",) if rank == 0 else None) == ("stop",)
+    # no segment (QWEN35_TP_ALLREDUCE=gloo): gloo, as before
+    os.environ["QWEN35_TP_ALLREDUCE"] = "gloo"
+    assert not shm.setup(60.0)
+    before = shm.bcasts
+    assert _same(broadcast(control, _message(1) if rank == 0 else None), _message(1))
+    assert shm.bcasts == before
+    os.environ.pop("QWEN35_TP_ALLREDUCE", None)
+
+
+def _dead_root(rank: int) -> None:
+    from qwen35.parallel.group import broadcast
+
+    assert shm.setup(60.0)
+    assert broadcast(None, ("hello",) if rank == 0 else None) == ("hello",)
+    if rank == 0:
+        os._exit(0)
+    with pytest.raises(RuntimeError, match=r"tensor-parallel rank 0 \(pid \d+\) is gone"):
+        broadcast(None)
+
+
+def test_broadcast_matches_gloo_and_falls_back_for_large_messages():
+    assert spawn("broadcast") == ["ok", "ok"]
+
+
+def test_a_worker_waiting_on_a_dead_rank_0_fails():
+    reports = spawn("dead_root")
+    assert reports[1] == "ok", reports[1]
 
 
 def test_matches_gloo_bit_for_bit_back_to_back():

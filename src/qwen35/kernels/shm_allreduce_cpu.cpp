@@ -14,6 +14,14 @@
 // published s + 1, i.e. had finished reading s, so one wait per chunk is the whole protocol.
 // A wait spins (_mm_pause), then yields; it fails with an error naming the rank when that
 // process is gone (checked every few ms) or after `timeout_s`, instead of hanging.
+//
+// The per-step message of rank 0 (pickled bytes, parallel/group.py `broadcast`) goes through a
+// broadcast region after the buffers: rank 0 waits until every rank has acknowledged the last
+// message (one counter per rank), writes the bytes and their length, and publishes the next
+// broadcast number; a rank waits for that number, copies the bytes out and acknowledges. A
+// message larger than the region is published with length -1: every rank then takes it from
+// gloo. Workers wait there while idle, possibly for ever: that wait has no timeout (as gloo's
+// control group), it sleeps once the message is late, and fails only when rank 0 is gone.
 #include <ATen/Parallel.h>
 #include <fcntl.h>
 #include <sched.h>
@@ -27,6 +35,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -42,14 +51,17 @@ struct alignas(64) Counter {
 };
 struct Header {
   Counter published[kMaxRanks];
+  Counter acked[kMaxRanks];  // the last broadcast this rank has read
+  Counter bcast;             // the last broadcast rank 0 has written
+  int64_t bcast_len;         // its bytes in the region, or -1: too large, sent over gloo
   int64_t pid[kMaxRanks];
 };
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "cross-process atomics need lock-free");
 
 constexpr int64_t header_bytes() { return (sizeof(Header) + 4095) / 4096 * 4096; }
 
-int64_t segment_bytes(int64_t size, int64_t slot_bytes) {
-  return header_bytes() + 2 * size * slot_bytes;
+int64_t segment_bytes(int64_t size, int64_t slot_bytes, int64_t bcast_bytes) {
+  return header_bytes() + 2 * size * slot_bytes + bcast_bytes;
 }
 
 using Clock = std::chrono::steady_clock;
@@ -57,11 +69,12 @@ using Clock = std::chrono::steady_clock;
 class ShmComm {
  public:
   ShmComm(const std::string& path, int64_t rank, int64_t size, int64_t slot_bytes,
-          double timeout_s)
-      : rank_(rank), size_(size), slot_(slot_bytes), timeout_s_(timeout_s) {
+          int64_t bcast_bytes, double timeout_s)
+      : rank_(rank), size_(size), slot_(slot_bytes), bcast_(bcast_bytes), timeout_s_(timeout_s) {
     TORCH_CHECK(size >= 1 && size <= kMaxRanks && rank >= 0 && rank < size, "bad rank/size");
     TORCH_CHECK(slot_bytes > 0 && slot_bytes % 64 == 0, "slot bytes: a multiple of 64");
-    bytes_ = segment_bytes(size, slot_bytes);
+    TORCH_CHECK(bcast_bytes >= 0, "broadcast bytes: not negative");
+    bytes_ = segment_bytes(size, slot_bytes, bcast_bytes);
     const int fd = ::open(path.c_str(), O_RDWR);
     TORCH_CHECK(fd >= 0, "cannot open ", path, ": ", std::strerror(errno));
     struct stat st;
@@ -119,6 +132,39 @@ class ShmComm {
 
   int64_t calls() const { return int64_t(seq_); }
 
+  // rank 0: send `data` to every other rank through the region; false where it does not fit
+  // (the ranks are told to take it from gloo: the caller broadcasts it there)
+  bool bcast_send(pybind11::bytes data) {
+    TORCH_CHECK(rank_ == 0, "only rank 0 broadcasts");
+    char* p = nullptr;
+    Py_ssize_t n = 0;
+    TORCH_CHECK(PyBytes_AsStringAndSize(data.ptr(), &p, &n) == 0, "bytes expected");
+    const bool fits = n <= bcast_;
+    pybind11::gil_scoped_release nogil;  // `data` stays alive (the caller holds it)
+    for (int64_t r = 1; r < size_; ++r) wait_peer(hdr_->acked[r].seq, bseq_, r);
+    if (fits) std::memcpy(base_ + header_bytes() + 2 * size_ * slot_, p, n);
+    hdr_->bcast_len = fits ? int64_t(n) : -1;
+    hdr_->bcast.seq.store(++bseq_, std::memory_order_release);
+    return fits;
+  }
+
+  // another rank: rank 0's next message, or None when it comes over gloo
+  pybind11::object bcast_recv() {
+    TORCH_CHECK(rank_ != 0, "rank 0 sends");
+    std::string buf;
+    int64_t len;
+    {
+      pybind11::gil_scoped_release nogil;
+      const uint64_t seq = ++bseq_;
+      wait_peer(hdr_->bcast.seq, seq, 0);
+      len = hdr_->bcast_len;
+      if (len >= 0) buf.assign(base_ + header_bytes() + 2 * size_ * slot_, len);
+      hdr_->acked[rank_].seq.store(seq, std::memory_order_release);  // rank 0 may write again
+    }
+    if (len < 0) return pybind11::none();
+    return pybind11::bytes(buf);
+  }
+
  private:
   template <typename T>
   T* slot(uint64_t seq, int64_t r) const {
@@ -127,7 +173,20 @@ class ShmComm {
 
   bool alive(int64_t r) const {
     const pid_t pid = pid_t(hdr_->pid[r]);
-    return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM);
+    return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM) && !zombie(pid);
+  }
+
+  // exited but not yet reaped by its parent (kill(pid, 0) still succeeds); false without /proc
+  static bool zombie(pid_t pid) {
+    char path[64], buf[512];
+    std::snprintf(path, sizeof path, "/proc/%d/stat", int(pid));
+    FILE* f = std::fopen(path, "r");
+    if (f == nullptr) return false;
+    const size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+    std::fclose(f);
+    buf[n] = 0;
+    const char* p = std::strrchr(buf, ')');  // "pid (comm) state ...": comm may hold ')'
+    return p != nullptr && p[1] == ' ' && p[2] == 'Z';
   }
 
   // publish this rank's n items as the next call and wait until every rank has published it
@@ -187,11 +246,38 @@ class ShmComm {
     }
   }
 
-  int64_t rank_, size_, slot_, bytes_;
+  // until counter c (rank r's) reaches seq, however long: a waiting worker may be idle for
+  // hours. Spins, yields for a millisecond, then sleeps (50 us, then 1 ms once 100 ms late:
+  // an idle rank wakes ~1000 times a second). Fails only when rank r's process is gone.
+  void wait_peer(const std::atomic<uint64_t>& c, uint64_t seq, int64_t r) const {
+    for (int i = 0; i < 4096; ++i) {
+      if (c.load(std::memory_order_acquire) >= seq) return;
+      _mm_pause();
+    }
+    const auto t0 = Clock::now();
+    auto checked = t0;
+    while (c.load(std::memory_order_acquire) < seq) {
+      const auto now = Clock::now();
+      if (now - checked > std::chrono::milliseconds(5)) {
+        checked = now;
+        TORCH_CHECK(alive(r), "shared-memory broadcast: tensor-parallel rank ", r, " (pid ",
+                    hdr_->pid[r], ") is gone");
+      }
+      const auto waited = now - t0;
+      if (waited < std::chrono::milliseconds(1)) {
+        sched_yield();
+      } else {
+        ::usleep(waited < std::chrono::milliseconds(100) ? 50 : 1000);
+      }
+    }
+  }
+
+  int64_t rank_, size_, slot_, bcast_, bytes_;
   double timeout_s_;
   char* base_ = nullptr;
   Header* hdr_ = nullptr;
   uint64_t seq_ = 0;
+  uint64_t bseq_ = 0;  // broadcasts sent (rank 0) or received (the others)
 };
 
 }  // namespace
@@ -199,9 +285,11 @@ class ShmComm {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("segment_bytes", &segment_bytes, "bytes of the segment for `size` ranks and a slot size");
   pybind11::class_<ShmComm>(m, "ShmComm")
-      .def(pybind11::init<const std::string&, int64_t, int64_t, int64_t, double>())
+      .def(pybind11::init<const std::string&, int64_t, int64_t, int64_t, int64_t, double>())
       .def("peers_alive", &ShmComm::peers_alive)
       .def("all_reduce_", &ShmComm::all_reduce_)
       .def("all_gather", &ShmComm::all_gather)
-      .def("calls", &ShmComm::calls);
+      .def("calls", &ShmComm::calls)
+      .def("bcast_send", &ShmComm::bcast_send)
+      .def("bcast_recv", &ShmComm::bcast_recv);
 }

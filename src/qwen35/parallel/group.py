@@ -83,7 +83,14 @@ def leave() -> None:
 
 
 def broadcast(control, obj: Any = None) -> Any:
-    """rank 0 sends obj to every rank; the others receive it."""
+    """rank 0 sends obj to every rank; the others receive it. Through the shared-memory segment
+    where there is one (shm.broadcast), else (or for a message too large for it) over the
+    control group."""
+    from qwen35.parallel import shm
+
+    sent, obj = shm.broadcast(obj)
+    if sent:
+        return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=control)
     return box[0]
