@@ -179,6 +179,9 @@ def load_model(
         show = progress if progress is not None else sys.stderr.isatty()
         read_into(s, params, report, show, shard)
         log.info("%s", report.summary())
+    # the name -> tensor view of the weights must not outlive the reads: packing (post_load) and
+    # quantization replace tensors, and the originals would stay alive beside their copies
+    del params
     if getattr(model, "config", None) is None:
         model.config = cfg
     if quantization:
