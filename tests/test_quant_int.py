@@ -123,3 +123,21 @@ def test_plan_cpu_rows_equal_engine_bytes(ckpt, tmp_path):
         m = load_model(ckpt, dtype="bf16", quantization=fmt)
         got = sum(p.numel() * p.element_size() for p in m.parameters())
         assert abs(got - planned) / planned < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rows_in_chunks_equal_one_pass(dtype):
+    """quantize_int8_rows works through rows in chunks (small fp32 temporaries): the result
+    equals one pass over the whole matrix, and an fp32 input is left as it was."""
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(37, 50, generator=g) * torch.rand(37, 1, generator=g)).to(dtype)
+    before = w.clone()
+    q1, s1 = formats.quantize_int8_rows(w, torch.bfloat16, chunk=1 << 30)  # one chunk
+    for chunk in (1, 50, 149, 500):  # one row, whole rows, a partial last chunk
+        q, s = formats.quantize_int8_rows(w, torch.bfloat16, chunk=chunk)
+        assert torch.equal(q, q1) and torch.equal(s, s1)
+    assert torch.equal(w, before)
+    w32 = w.float()  # the reference: the formula over the whole matrix at once
+    ref_s = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
+    ref_q = torch.round(w32 / ref_s.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(q1, ref_q) and torch.equal(s1, ref_s)
