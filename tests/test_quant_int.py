@@ -141,3 +141,20 @@ def test_int8_rows_in_chunks_equal_one_pass(dtype):
     ref_s = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
     ref_q = torch.round(w32 / ref_s.float()[:, None]).clamp(-127, 127).to(torch.int8)
     assert torch.equal(q1, ref_q) and torch.equal(s1, ref_s)
+
+
+def test_int4_groups_in_chunks_equal_one_pass():
+    g = torch.Generator().manual_seed(6)
+    w = (torch.randn(40, 256, generator=g) * torch.rand(40, 1, generator=g)).bfloat16()
+    q1, sz1 = formats.quantize_int4_groups(w, 64, torch.bfloat16, chunk=1 << 30)
+    for chunk in (1, 256, 700):  # one row, whole rows, a partial last chunk
+        q, sz = formats.quantize_int4_groups(w, 64, torch.bfloat16, chunk=chunk)
+        assert torch.equal(q, q1) and torch.equal(sz, sz1)
+    assert q1.dtype == torch.int32 and sz1.shape == (4, 40, 2) and sz1.is_contiguous()
+    gw = w.float().view(40, 4, 64)  # the reference: the formula over the whole matrix at once
+    lo, hi = gw.amin(-1), gw.amax(-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12).bfloat16().float()
+    zero = (lo + 8 * scale).bfloat16().float()
+    ref_q = torch.round((gw - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
+    assert torch.equal(q1, ref_q.view(40, 256).to(torch.int32))
+    assert torch.equal(sz1, torch.stack([scale, zero], -1).transpose(0, 1).bfloat16())

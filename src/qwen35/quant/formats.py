@@ -78,19 +78,24 @@ def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloa
     return (q.float() * scale.float()[:, None]).to(dtype)
 
 
-def quantize_int4_groups(w: torch.Tensor, group: int, dtype=torch.bfloat16):
+def quantize_int4_groups(w: torch.Tensor, group: int, dtype=torch.bfloat16, chunk: int = 1 << 22):
     """w [out, in] -> (q [out, in] int32 in [0, 15], scales_and_zeros [in/group, out, 2]).
 
     Asymmetric min/max per (row, group) in torch's CPU int4 convention:
     W = (q - 8) * scale + zero, i.e. zero = min + 8 * scale."""
     out, inp = w.shape
-    g = w.float().view(out, inp // group, group)
-    lo, hi = g.amin(-1), g.amax(-1)  # [out, ngroups]
-    scale = ((hi - lo) / 15.0).clamp(min=1e-12).to(dtype).float()
-    zero = (lo + 8 * scale).to(dtype).float()
-    q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
-    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)  # [ng, out, 2]
-    return q.view(out, inp).to(torch.int32), sz
+    q = torch.empty(out, inp, dtype=torch.int32, device=w.device)
+    sz = torch.empty(inp // group, out, 2, dtype=dtype, device=w.device)
+    step = max(1, chunk // max(1, inp))  # rows per chunk: small fp32 temporaries, as int8's
+    for r in range(0, out, step):
+        g = w[r : r + step].float().view(-1, inp // group, group)
+        lo, hi = g.amin(-1), g.amax(-1)  # [rows, ngroups]
+        scale = ((hi - lo) / 15.0).clamp(min=1e-12).to(dtype).float()
+        zero = (lo + 8 * scale).to(dtype).float()
+        qc = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
+        q[r : r + step] = qc.view(-1, inp)
+        sz[:, r : r + step] = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [ng, rows, 2]
+    return q, sz
 
 
 def dequantize_int4_groups(q: torch.Tensor, sz: torch.Tensor, group: int, dtype=torch.bfloat16):
