@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_modules import native_or_skip
 from qwen35 import kernels
 from qwen35.kernels import attention
 from qwen35.ops.attention import decode_attention, naive_attention, paged_decode_attention
@@ -14,12 +15,7 @@ from qwen35.ops.backend import reference_backend, select_backend
 
 @pytest.fixture(scope="module")
 def mod():
-    if not attention.ATTENTION.supported():
-        pytest.skip("the CPU attention kernel needs x86-64 with AVX2, FMA and F16C")
-    m = attention.load()
-    if m is None:
-        pytest.skip("the CPU attention kernel did not build here (no compiler): see the warning")
-    return m
+    return native_or_skip(attention.ATTENTION, "the CPU attention kernel")
 
 
 def _cache(lens, nkv, hd, bs, dtype, seed=0):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_modules import native_or_skip, rel_error
 from qwen35.kernels import gemv
 from qwen35.layers import linear as linear_mod
 from qwen35.quant import formats, matmul
@@ -15,14 +16,7 @@ ROWS = [1, 2, 3, 5, 16]
 
 @pytest.fixture(scope="module")
 def mod():
-    m = gemv.load()
-    if m is None:
-        pytest.skip("the gemv kernel needs x86-64 with AVX2 + FMA and a compiler")
-    return m
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    return native_or_skip(gemv.GEMV, "the gemv kernel")
 
 
 @pytest.mark.parametrize("avx2_only", [False, True])
@@ -35,7 +29,7 @@ def test_bf16_matches_reference(mod, avx2_only):
             ref = x.float() @ w.float().T
             y = mod.linear_bf16(x, w, avx2_only)
             assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-            assert _rel(y, ref) < 4e-3, (n, k, m)  # bf16 rounding of the output only
+            assert rel_error(y, ref) < 4e-3, (n, k, m)  # bf16 rounding of the output only
 
 
 def test_fp32_matches_reference(mod):
@@ -46,7 +40,7 @@ def test_fp32_matches_reference(mod):
             x = torch.randn(m, k, generator=g)
             y = mod.linear_fp32(x, w)
             assert y.dtype == torch.float32 and y.shape == (m, n)
-            assert _rel(y, x.double() @ w.double().T) < 1e-6, (n, k, m)  # summation order only
+            assert rel_error(y, x.double() @ w.double().T) < 1e-6, (n, k, m)  # summation order only
 
 
 @pytest.mark.parametrize("avx2_only", [False, True])
@@ -61,7 +55,7 @@ def test_int8_matches_reference(mod, dtype, avx2_only):
             ref = x.float() @ (q.float() * s.float()[:, None]).T
             y = mod.linear_int8(x, q, s, avx2_only)
             assert y.dtype == dtype
-            assert _rel(y, ref) < (4e-3 if dtype == torch.bfloat16 else 1e-5), (n, k, m)
+            assert rel_error(y, ref) < (4e-3 if dtype == torch.bfloat16 else 1e-5), (n, k, m)
 
 
 def test_int8_decodes_every_byte_exactly(mod):
@@ -97,7 +91,7 @@ def test_fp8_matches_reference(mod):
         for m in (1, 3, 16):
             x = torch.randn(m, k, generator=g).bfloat16()
             ref = x.float() @ formats.dequantize_fp8_blocks(q, s, torch.float32).T
-            assert _rel(mod.linear_fp8(x, q, s, 128, 128), ref) < 4e-3, (n, k, m)
+            assert rel_error(mod.linear_fp8(x, q, s, 128, 128), ref) < 4e-3, (n, k, m)
     assert not mod.fp8_supported(96)  # input blocks must tile the 64-byte chunks
 
 
@@ -122,7 +116,7 @@ def test_dispatch_takes_the_kernel_and_switches_off(mod, monkeypatch):
     linear_mod.linear(torch.randn(rows[torch.float32] + 1, 64), w32)
     assert len(calls) == 3
     monkeypatch.setenv("QWEN35_NO_KERNELS", "1")  # load() now returns None: torch's paths
-    assert _rel(linear_mod.linear(x, w), fast) < 4e-3
-    assert _rel(linear_mod.linear(x32, w32), fast32) < 1e-6
-    assert _rel(matmul.int8_linear(x[:3], q, s), fast8) < 4e-3
+    assert rel_error(linear_mod.linear(x, w), fast) < 4e-3
+    assert rel_error(linear_mod.linear(x32, w32), fast32) < 1e-6
+    assert rel_error(matmul.int8_linear(x[:3], q, s), fast8) < 4e-3
     assert len(calls) == 6

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_modules import native_or_skip, rel_error
 from qwen35.kernels import gemv
 from qwen35.quant import formats, matmul
 
@@ -20,14 +21,7 @@ ROWS = [1, 2, 3, 4, 5, 7, 8, 16]
 
 @pytest.fixture(scope="module")
 def mod():
-    m = gemv.load_int4()
-    if m is None:
-        pytest.skip("the int4 kernel needs x86-64 with AVX2 + FMA and a compiler")
-    return m
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    return native_or_skip(gemv.INT4, "the int4 kernel")
 
 
 def _quantized(n, k, group, dtype, seed):
@@ -53,7 +47,7 @@ def test_linear_int4_matches_reference(mod, dtype):
                 y = mod.linear_int4(x, packed, sz, group, n, avx2_only)
                 assert y.dtype == dtype and y.shape == (m, n)
                 tol = 4e-3 if dtype == torch.bfloat16 else 1e-5  # bf16: the output's rounding
-                assert _rel(y, ref) < tol, (n, k, group, m, avx2_only)
+                assert rel_error(y, ref) < tol, (n, k, group, m, avx2_only)
 
 
 def test_linear_int4_decodes_every_nibble_exactly(mod):
@@ -132,7 +126,7 @@ def test_int4_linear_dispatch(mod, monkeypatch, dtype):
     monkeypatch.setattr(gemv, "load_int4", gemv.INT4.load)
     for m, x in xs.items():
         ref = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
-        assert _rel(matmul.int4_linear(x, packed, sz, group, n), ref) == 0
-        assert _rel(ys[m], ref) < (4e-3 if dtype == torch.bfloat16 else 1e-5), m
+        assert rel_error(matmul.int4_linear(x, packed, sz, group, n), ref) == 0
+        assert rel_error(ys[m], ref) < (4e-3 if dtype == torch.bfloat16 else 1e-5), m
     x3 = xs[17].view(1, 17, k)  # leading dims are kept
     assert matmul.int4_linear(x3, packed, sz, group, n).shape == (1, 17, n)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tiny
+from kernel_modules import native_or_skip
 from qwen35 import kernels
 from qwen35.config import ModelConfig
 from qwen35.engine.forward_batch import ForwardBatch
@@ -19,12 +20,7 @@ from qwen35.ops.conv import causal_conv1d_update_
 
 
 def _module():
-    if not kernels.supported():
-        pytest.skip("CPU kernels need x86-64 with AVX2 + FMA (or QWEN35_NO_KERNELS is set)")
-    mod = kernels.load()
-    if mod is None:
-        pytest.skip("the CPU kernel did not build here (no compiler or ninja): see the warning")
-    return mod
+    return native_or_skip(kernels.DELTANET, "the DeltaNet decode kernel")
 
 
 def _layer(dtype, seed=3):
@@ -38,9 +34,14 @@ def _layer(dtype, seed=3):
 
 
 def _kernel_inputs(cfg, n, dtype, g):
-    """Random inputs of deltanet_decode for n sequences."""
+    """Random inputs of deltanet_decode for n sequences of cfg's DeltaNet layer."""
     C, K = cfg.linear_conv_dim, cfg.linear_conv_kernel_dim
     nv, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    return _random_inputs(n, C, K, nv, dk, dv, dtype, g)
+
+
+def _random_inputs(n, C, K, nv, dk, dv, dtype, g):
+    """(qkv, conv, w, logdecay, beta, S) of deltanet_decode, drawn from g in that order."""
     qkv = torch.randn(n, C, generator=g).to(dtype)
     conv = torch.randn(n, C, K - 1, generator=g).to(dtype)
     w = (torch.randn(C, K, generator=g) * 0.5).to(dtype)
@@ -199,12 +200,7 @@ def test_kernel_equals_the_torch_step(avx2_only, dtype, nk, nv, dk, dv, K):
     mod = _module()
     g = torch.Generator().manual_seed(5)
     n, C = 3, 2 * nk * dk + nv * dv
-    qkv = torch.randn(n, C, generator=g).to(dtype)
-    conv = torch.randn(n, C, K - 1, generator=g).to(dtype)
-    w = (torch.randn(C, K, generator=g) * 0.5).to(dtype)
-    logdecay = -torch.rand(n, nv, generator=g)
-    beta = torch.rand(n, nv, generator=g).to(dtype)
-    S = torch.randn(n, nv, dk, dv, generator=g) * 0.1
+    qkv, conv, w, logdecay, beta, S = _random_inputs(n, C, K, nv, dk, dv, dtype, g)
     conv_ref, S_ref = conv.clone(), S.clone()
     o = mod.deltanet_decode(qkv, conv, w, logdecay, beta, S, nk, avx2_only=avx2_only)
     u = causal_conv1d_update_(qkv, w, conv_ref)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_modules import native_or_skip
 from qwen35 import kernels
 from qwen35.kernels import small_ops
 from qwen35.layers.norms import GatedRMSNorm, RMSNorm, gated_rms_norm, rms_norm_zc
@@ -20,12 +21,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.fixture(scope="module")
 def mod():
-    if not small_ops.SMALL_OPS.supported():
-        pytest.skip("the small-op kernels need x86-64 with AVX2, FMA and F16C")
-    m = small_ops.load()
-    if m is None:
-        pytest.skip("the small-op kernels did not build here (no compiler): see the warning")
-    return m
+    return native_or_skip(small_ops.SMALL_OPS, "the small-op kernels")
 
 
 def _tol(dtype):

@@ -1,0 +1,25 @@
+"""The compiled CPU kernels (`qwen35.kernels`) in tests: a module, or a skip that says why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen35.kernels import Native
+
+
+def native_or_skip(native: Native, what: str):
+    """`native`'s module; skips the test where this CPU lacks its instructions, kernels are
+    switched off, or it did not build."""
+    if not native.supported():
+        needs = " + ".join(n.upper() for n in native.needs)
+        pytest.skip(f"{what} needs x86-64 with {needs} (or QWEN35_NO_KERNELS is set)")
+    m = native.load()
+    if m is None:
+        pytest.skip(f"{what} did not build here (no compiler or ninja): see the warning")
+    return m
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| (Frobenius norms, fp32)."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
