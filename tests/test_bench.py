@@ -12,6 +12,7 @@ import torch
 
 from qwen35.benchmarks import SCHEMA, WORKLOADS
 from qwen35.benchmarks.common import BenchOptions, load_bench_model
+from qwen35.benchmarks.peers import PAIRS
 from qwen35.cli import main
 from qwen35.devices import default_dtype
 from tiny import tiny_config_dict
@@ -76,6 +77,12 @@ def test_quality_and_peers_workloads(doc):
     # quantized formats hold fewer weight bytes than bf16
     b = p["engines"]["qwen35 bf16"]["weight_bytes"]
     assert all(p["engines"][f"qwen35 {f}"]["weight_bytes"] < b for f in ("int8", "int4", "fp8"))
+    ran = p["llama_cpp"] == "ran"
+    assert set(p["decode_ratio_per_round"]) == (set(PAIRS) if ran else set())
+    for fmt, each in p["decode_ratio_per_round"].items():
+        a, b = p["engines"][f"qwen35 {fmt}"], p["engines"][f"llama.cpp {PAIRS[fmt]}"]
+        assert each == pytest.approx([x / y for x, y in zip(a["decode_tokens_per_s_per_round"],
+                                      b["decode_tokens_per_s_per_round"], strict=True)])  # fmt: skip
     if p["llama_cpp"] != "ran":
         assert isinstance(p["llama_cpp"], str) and p["llama_cpp"]  # the reason it was skipped
 

@@ -121,10 +121,16 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
             "decode_tokens_per_s_per_round": per_round[name],
             "prefill_tokens_per_s": {str(p): p / median(v) for p, v in prefill[name].items()},
         }
-    goals = []
+    goals, per_round_ratio = [], {}
     for ours, theirs in PAIRS.items():
         a, b = rows.get(f"qwen35 {ours}"), rows.get(f"llama.cpp {theirs}")
         if a and b:
+            # rounds run the engines back to back: each round's ratio is a paired measure
+            per_round_ratio[ours] = [
+                x / y
+                for x, y in zip(a["decode_tokens_per_s_per_round"],
+                                b["decode_tokens_per_s_per_round"], strict=True)  # fmt: skip
+            ]
             goals.append(
                 goal(
                     f"{ours} decode vs llama.cpp {theirs} (x)",
@@ -155,5 +161,6 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
         "rounds": sz["rounds"],
         "llama_cpp": llama or "ran",
         "engines": rows,
+        "decode_ratio_per_round": per_round_ratio,  # ours vs llama.cpp, by our format
         "goals": goals,
     }

@@ -5,8 +5,6 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from qwen35.benchmarks.peers import PAIRS
-
 
 def _f(x, fmt: str = ".2f", suffix: str = "") -> str:
     return "-" if x is None else f"{x:{fmt}}{suffix}"
@@ -273,15 +271,9 @@ def _peers(con: Console, d: dict, impl: str = "") -> None:
     con.print(t)
     if d["llama_cpp"] != "ran":
         con.print(f"  llama.cpp skipped: {d['llama_cpp']}")
-    eng = d["engines"]
-    for ours, theirs in PAIRS.items():  # rounds run the engines back to back: paired ratios
-        a, b = eng.get(f"qwen35 {ours}"), eng.get(f"llama.cpp {theirs}")
-        if a and b:
-            pairs = zip(a["decode_tokens_per_s_per_round"], b["decode_tokens_per_s_per_round"],
-                        strict=True)  # fmt: skip
-            each = [x / y for x, y in pairs]
-            con.print(f"  decode {ours} vs llama.cpp {theirs}, per round: "
-                      + " ".join(f"{x:.2f}x" for x in each))  # fmt: skip
+    for ours, each in d["decode_ratio_per_round"].items():
+        con.print(f"  decode {ours} vs llama.cpp at the same precision, per round: "
+                  + " ".join(f"{x:.2f}x" for x in each))  # fmt: skip
 
 
 def _tp(con: Console, d: dict, impl: str = "") -> None:
