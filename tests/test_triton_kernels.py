@@ -1,5 +1,5 @@
 """Our Triton kernels (kernels/triton_attention.py: paged attention; kernels/triton_norms.py:
-the RMSNorms) against their PyTorch references, on the CPU through Triton's interpreter or on a
+the RMSNorms; quant/fp8_gpu.py: the block-FP8 GEMM) against their PyTorch references, on the CPU through Triton's interpreter or on a
 GPU.
 
 The CPU test environment has no Triton (with Triton and fla-core present transformers routes its
@@ -189,3 +189,28 @@ def test_silu_mul_and_add_rms_norm_equal_reference(dtype):
     y = tn.add_rms_norm_zc_(h, x, w, 1e-6)
     torch.testing.assert_close(h, h_ref, **ROUNDING[dtype])  # the residual, as h.add_(x)
     torch.testing.assert_close(y, norms.rms_norm_zc(h_ref, w, 1e-6), **tol)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 256, 512), (7, 384, 1024), (130, 200, 333)])
+def test_block_fp8_kernel_matches_dequantised_reference(M, N, K):
+    """quant/fp8_gpu.py's Triton kernel (the path where torch's blockwise _scaled_mm is missing):
+    partial last blocks in N and K, 1..130 rows. Its only error is the per-token-group e4m3
+    quantization of the activations (~2^-5 relative, averaged over K)."""
+    from qwen35.quant import fp8_gpu
+    from qwen35.quant.formats import dequantize_fp8_blocks, quantize_fp8_blocks
+
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    w, s = quantize_fp8_blocks(torch.randn(N, K, generator=g) * 0.05)
+    x, w, s = x.to(DEV), w.to(DEV), s.float().to(DEV)
+    y = fp8_gpu._triton_kernel()(x, w, s, (128, 128))
+    want = fp8_gpu.reference(x, w, s, (128, 128))
+    assert y.shape == (M, N) and y.dtype == torch.bfloat16
+    assert _rel(y, want) < 0.03
+    # that error is all: against the same quantized activations the kernel is exact up to fp32
+    # summation order (fp32 output: no final rounding; the interpreter's bf16 cast truncates)
+    x32 = x.float()
+    xq, xs = fp8_gpu.quantize_activations(x32)
+    x_deq = xq.float() * xs.repeat_interleave(128, 1)[:, :K]
+    w_deq = dequantize_fp8_blocks(w, s, torch.float32, (128, 128))
+    assert _rel(fp8_gpu._triton_kernel()(x32, w, s, (128, 128)), x_deq @ w_deq.T) < 1e-5
