@@ -1,6 +1,6 @@
 """Our Triton kernels (kernels/triton_attention.py: paged attention; kernels/triton_norms.py:
-the RMSNorms; quant/fp8_gpu.py: the block-FP8 GEMM) against their PyTorch references, on the CPU through Triton's interpreter or on a
-GPU.
+the RMSNorms; quant/fp8_gpu.py: the block-FP8 GEMM) against their PyTorch references, on the
+CPU through Triton's interpreter or on a GPU.
 
 The CPU test environment has no Triton (with Triton and fla-core present transformers routes its
 reference to GPU kernels). Run these in a separate venv:
