@@ -72,8 +72,10 @@ def test_bad_input_is_refused():
     cfg, _, g = _layer(torch.bfloat16)
     qkv, conv, w, logdecay, beta, S = _kernel_inputs(cfg, 2, torch.bfloat16, g)
     nk = cfg.linear_num_key_heads
-    with pytest.raises(RuntimeError, match="must share the model dtype"):
+    with pytest.raises(RuntimeError, match="beta of the model dtype"):
         mod.deltanet_decode(qkv, conv, w, logdecay, beta.float(), S, nk)
+    with pytest.raises(RuntimeError, match="must share the model dtype"):
+        mod.deltanet_decode(qkv, conv.float(), w, logdecay, beta, S, nk)
     with pytest.raises(RuntimeError, match="layouts or dtypes"):
         mod.deltanet_decode(qkv, conv, w, logdecay, beta, S.bfloat16(), nk)  # fp32 states only
 
@@ -136,18 +138,48 @@ def _mixed_decode_batch(backend):
     )
 
 
+def _slot_ordered_decode_batch(backend):
+    """3 decode rows in slots 2, 3, 5 (two runs, rows in slot order), slot 2 fresh: the layer
+    takes the kernel with its gates and norm fused (ops/deltanet.py deltanet_decode_gated)."""
+    return ForwardBatch.build(
+        positions=[0, 4, 7],
+        cu_seqlens=[0, 1, 2, 3],
+        context_lens=[1, 5, 8],
+        slot_mapping=[7, 8, 9],
+        block_tables=[[0], [0], [0]],
+        state_slots=[2, 3, 5],
+        has_initial_state=[False, True, True],
+        logits_indices=[0, 1, 2],
+        backend=backend,
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("other", ["reference", "gather"])
-def test_fused_deltanet_decode_equals_torch_path(dtype, other, monkeypatch):
+@pytest.mark.parametrize("rows", ["mixed", "slot-ordered"])
+def test_fused_deltanet_decode_equals_torch_path(dtype, other, rows, monkeypatch):
     """A DeltaNet layer's decode step through the compiled kernel equals the PyTorch paths (the
     CPU's slot runs, and the GPU's gather-by-slot formulation run on the CPU): outputs, conv
-    states and recurrent states, over three decode steps in a row."""
+    states and recurrent states, over three decode steps in a row. Rows out of slot order take
+    the kernel alone; in slot order, the kernel fused with the gates and the output norm."""
+    import qwen35.layers.deltanet as layer_mod
+
     _module()
     cfg, layer, g = _layer(dtype)
-    fast = _mixed_decode_batch(select_backend("cpu"))
+    make = _mixed_decode_batch if rows == "mixed" else _slot_ordered_decode_batch
+    fast = make(select_backend("cpu"))
     # a backend without CPU extras takes the gather path (the GPU's, minus fla)
-    ref = _mixed_decode_batch(reference_backend("cpu") if other == "reference" else Backend("cuda"))
+    ref = make(reference_backend("cpu") if other == "reference" else Backend("cuda"))
     assert fast.backend.cpu_kernels is not None
+    fused_runs = []
+    gated = layer_mod.deltanet_decode_gated
+
+    def spy(*args):
+        y = gated(*args)
+        fused_runs.append(y is not None)
+        return y
+
+    monkeypatch.setattr(layer_mod, "deltanet_decode_gated", spy)
     conv = torch.randn(6, cfg.linear_conv_dim, cfg.linear_conv_kernel_dim - 1, generator=g)
     conv = conv.to(dtype)
     rec = torch.randn(6, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
@@ -160,6 +192,7 @@ def test_fused_deltanet_decode_equals_torch_path(dtype, other, monkeypatch):
         with torch.no_grad():
             out_k = layer(x, fast, c1, r1)
             assert torch_runs == []  # the kernel computed out_k
+            assert fused_runs[-1] == (rows == "slot-ordered")
             out_t = layer(x, ref, c2, r2)
             torch_runs.clear()
         torch.testing.assert_close(out_k, out_t, **tol)
@@ -211,3 +244,35 @@ def test_kernel_equals_the_torch_step(avx2_only, dtype, nk, nv, dk, dv, K):
     assert torch.equal(conv, conv_ref)  # the conv states shift exactly
     torch.testing.assert_close(o, o_ref.float(), **tol)
     torch.testing.assert_close(S, S_ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_entry_equals_gates_kernel_and_norm(dtype):
+    """deltanet_decode_gated is bitwise small_ops' gates -> deltanet_decode -> the output
+    rounded to the model dtype -> small_ops' gated RMSNorm (the op-by-op CPU path), on rows
+    that are column slices of one packed projection output (strided)."""
+    from qwen35.kernels import small_ops
+
+    mod = _module()
+    so = native_or_skip(small_ops.SMALL_OPS, "the small-ops kernels")
+    cfg, layer, g = _layer(dtype)
+    n, nk, nv = 3, cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    qkv, conv, w, _, _, S = _kernel_inputs(cfg, n, dtype, g)
+    Vd = nv * cfg.linear_value_head_dim
+    packed = torch.randn(n, qkv.shape[1] + Vd + 2 * nv, generator=g).to(dtype)
+    qkv, z, b, a = packed.split([qkv.shape[1], Vd, nv, nv], dim=-1)
+    dt_bias, a_log, norm_w = layer.dt_bias, layer.A_log, layer.norm.weight
+    conv2, S2 = conv.clone(), S.clone()
+    y = mod.deltanet_decode_gated(qkv, z, a, b, conv, w, dt_bias, a_log, S, norm_w, 1e-6, nk)
+    gg, beta = so.deltanet_gates(a, b, dt_bias, a_log)
+    o = mod.deltanet_decode(qkv, conv2, w, gg, beta, S2, nk).to(dtype)
+    want = so.gated_rms_norm(o, z.unflatten(-1, (nv, -1)), norm_w, 1e-6).flatten(1)
+    assert y.shape == (n, Vd) and y.dtype == dtype
+    assert torch.equal(y, want)
+    assert torch.equal(conv, conv2) and torch.equal(S, S2)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        mod.deltanet_decode_gated(qkv, z[:, 1:], a, b, conv, w, dt_bias, a_log, S, norm_w,
+                                  1e-6, nk)  # fmt: skip
+    with pytest.raises(RuntimeError, match="of the model dtype"):
+        mod.deltanet_decode_gated(qkv, z, a.double(), b, conv, w, dt_bias, a_log, S, norm_w,
+                                  1e-6, nk)  # fmt: skip

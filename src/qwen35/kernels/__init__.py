@@ -10,6 +10,9 @@ so only the first process on a machine pays it (README: Model implementation).
   a DeltaNet layer's decode step after its projections, two passes over each head's state
   instead of five (ops/deltanet.py; its PyTorch twin is the slot-run path there, reference
   backend; bench/deltanet_decode.py times it).
+- `deltanet_decode_gated(qkv, z, a, b, conv_state, conv_w, dt_bias, A_log, state, norm_w, eps,
+  num_key_heads)`: the same step with the gates before it and the gated output norm after it,
+  bitwise the op-by-op path, one call a layer at pure decode steps (ops/deltanet.py).
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ class Native:
         )
 
 
-DELTANET = Native("gated_delta_cpu.cpp", ("-mavx2", "-mfma"))
+DELTANET = Native("gated_delta_cpu.cpp", ("-mavx2", "-mfma", "-mf16c"), needs=("avx2", "fma", "f16c"))
 
 
 def load():

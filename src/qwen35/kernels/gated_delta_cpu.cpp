@@ -18,6 +18,7 @@
 #include <cmath>
 #include <vector>
 
+#include "small_rows.h"
 #include "vec_avx2.h"
 
 namespace {
@@ -219,6 +220,23 @@ void deltanet_decode_impl(const T* X, int64_t x_stride, T* CS, const T* W, const
   });
 }
 
+// The shapes and layouts both entries below take (qkv rows may be strided, e.g. the columns of a
+// packed projection's output).
+void check_step(const torch::Tensor& qkv, const torch::Tensor& conv_state,
+                const torch::Tensor& conv_w, const torch::Tensor& state, int64_t nk) {
+  const int64_t n = qkv.size(0), C = qkv.size(1), Kc = conv_w.size(1);
+  const int64_t nv = state.size(1), dk = state.size(2), dv = state.size(3);
+  TORCH_CHECK(qkv.stride(1) == 1 && conv_state.is_contiguous() && conv_w.is_contiguous() &&
+                  state.is_contiguous() && state.scalar_type() == at::kFloat,
+              "deltanet_decode: layouts or dtypes not as expected");
+  TORCH_CHECK(qkv.scalar_type() == conv_state.scalar_type() &&
+                  qkv.scalar_type() == conv_w.scalar_type(),
+              "deltanet_decode: qkv, conv state and conv weight must share the model dtype");
+  TORCH_CHECK(conv_state.size(0) == n && conv_state.size(1) == C && conv_state.size(2) == Kc - 1 &&
+                  state.size(0) == n && C == 2 * nk * dk + nv * dv && nv % nk == 0,
+              "deltanet_decode: shapes do not match");
+}
+
 torch::Tensor deltanet_decode(const torch::Tensor& qkv,   // [n, C] model dtype, rows may be strided
                               torch::Tensor& conv_state,  // [n, C, K-1] model dtype, in place
                               const torch::Tensor& conv_w,  // [C, K] model dtype
@@ -226,18 +244,11 @@ torch::Tensor deltanet_decode(const torch::Tensor& qkv,   // [n, C] model dtype,
                               const torch::Tensor& beta,    // [n, nv] model dtype
                               torch::Tensor& state,         // [n, nv, dk, dv] fp32, in place
                               int64_t nk, bool avx2_only) {
+  check_step(qkv, conv_state, conv_w, state, nk);
+  TORCH_CHECK(g.scalar_type() == at::kFloat && beta.scalar_type() == qkv.scalar_type(),
+              "deltanet_decode: g must be fp32 and beta of the model dtype");
   const int64_t n = qkv.size(0), C = qkv.size(1), Kc = conv_w.size(1);
   const int64_t nv = state.size(1), dk = state.size(2), dv = state.size(3);
-  TORCH_CHECK(qkv.stride(1) == 1 && conv_state.is_contiguous() && conv_w.is_contiguous() &&
-                  state.is_contiguous() && state.scalar_type() == at::kFloat &&
-                  g.scalar_type() == at::kFloat,
-              "deltanet_decode: layouts or dtypes not as expected");
-  TORCH_CHECK(qkv.scalar_type() == conv_state.scalar_type() &&
-                  qkv.scalar_type() == conv_w.scalar_type() && qkv.scalar_type() == beta.scalar_type(),
-              "deltanet_decode: qkv, conv state, conv weight and beta must share the model dtype");
-  TORCH_CHECK(conv_state.size(0) == n && conv_state.size(1) == C && conv_state.size(2) == Kc - 1 &&
-                  state.size(0) == n && C == 2 * nk * dk + nv * dv && nv % nk == 0,
-              "deltanet_decode: shapes do not match");
   auto gc = g.contiguous();
   auto bc = beta.contiguous();
   auto out = torch::empty({n, nv, dv}, state.options());
@@ -251,8 +262,69 @@ torch::Tensor deltanet_decode(const torch::Tensor& qkv,   // [n, C] model dtype,
   return out;
 }
 
+// The DeltaNet layer between its projections, at decode, in one call: the gates from a and b,
+// the step above, its output rounded to the model dtype (where the op-by-op path's o tensor
+// rounds) and the gated RMSNorm with z, all with small_rows.h's arithmetic (small_ops_cpu.cpp's
+// gates and norm), so the result is bitwise the op-by-op path's. Returns y [n, nv * dv] in the
+// model dtype: out_proj's input. At batch-1 decode it saves ~20 PyTorch dispatches a layer.
+torch::Tensor deltanet_decode_gated(const torch::Tensor& qkv,  // [n, C]
+                                    const torch::Tensor& z,    // [n, nv * dv] output gate
+                                    const torch::Tensor& a,    // [n, nv]
+                                    const torch::Tensor& b,    // [n, nv]
+                                    torch::Tensor& conv_state, const torch::Tensor& conv_w,
+                                    const torch::Tensor& dt_bias,  // [nv]
+                                    const torch::Tensor& a_log,    // [nv]
+                                    torch::Tensor& state,
+                                    const torch::Tensor& norm_w,  // [dv]
+                                    double eps, int64_t nk, bool avx2_only) {
+  check_step(qkv, conv_state, conv_w, state, nk);
+  const int64_t n = qkv.size(0), C = qkv.size(1), Kc = conv_w.size(1);
+  const int64_t nv = state.size(1), dk = state.size(2), dv = state.size(3);
+  const auto dt = qkv.scalar_type();
+  for (const torch::Tensor* t : {&z, &a, &b, &dt_bias, &a_log, &norm_w})
+    TORCH_CHECK(t->scalar_type() == dt && t->stride(-1) == 1,
+                "deltanet_decode_gated: z, a, b, dt_bias, A_log and the norm weight must be of the "
+                "model dtype with a contiguous last dim");
+  TORCH_CHECK(z.dim() == 2 && z.size(0) == n && z.size(1) == nv * dv && a.dim() == 2 &&
+                  a.size(0) == n && a.size(1) == nv && a.sizes() == b.sizes() &&
+                  dt_bias.numel() == nv && a_log.numel() == nv && norm_w.numel() == dv,
+              "deltanet_decode_gated: shapes do not match");
+  auto y = torch::empty({n, nv * dv}, qkv.options());
+  vec8::dispatch(dt, "deltanet_decode_gated", [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<float> g(n * nv), o(n * nv * dv);
+    std::vector<T> beta(n * nv);
+    const T* A = a.data_ptr<T>();
+    const T* B = b.data_ptr<T>();
+    for (int64_t i = 0; i < n; ++i)
+      rows::deltanet_gates_row(A + i * a.stride(0), B + i * b.stride(0), dt_bias.data_ptr<T>(),
+                               a_log.data_ptr<T>(), nv, g.data() + i * nv, beta.data() + i * nv);
+    deltanet_decode_impl<T>(qkv.data_ptr<T>(), qkv.stride(0), conv_state.data_ptr<T>(),
+                            conv_w.data_ptr<T>(), g.data(), beta.data(), state.data_ptr<float>(),
+                            o.data(), n, C, Kc, nk, nv, dk, dv, cpu_avx512f() && !avx2_only);
+    const T* Z = z.data_ptr<T>();
+    const T* W = norm_w.data_ptr<T>();
+    T* Y = y.data_ptr<T>();
+    at::parallel_for(0, n * nv, 64, [&](int64_t begin, int64_t end) {
+      std::vector<T> oh(dv);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t i = idx / nv, h = idx % nv;
+        for (int64_t j = 0; j < dv; ++j) oh[j] = rows::round_to<T>(o[idx * dv + j]);
+        rows::gated_rms_norm_row(oh.data(), Z + i * z.stride(0) + h * dv, W, Y + idx * dv, dv,
+                                 static_cast<float>(eps));
+      }
+    });
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("deltanet_decode", &deltanet_decode, "DeltaNet decode after the projections (in place)",
         py::arg("qkv"), py::arg("conv_state"), py::arg("conv_w"), py::arg("g"), py::arg("beta"),
         py::arg("state"), py::arg("num_key_heads"), py::arg("avx2_only") = false);
+  m.def("deltanet_decode_gated", &deltanet_decode_gated,
+        "the DeltaNet decode step with its gates and gated output norm (in place)", py::arg("qkv"),
+        py::arg("z"), py::arg("a"), py::arg("b"), py::arg("conv_state"), py::arg("conv_w"),
+        py::arg("dt_bias"), py::arg("A_log"), py::arg("state"), py::arg("norm_w"), py::arg("eps"),
+        py::arg("num_key_heads"), py::arg("avx2_only") = false);
 }

@@ -19,11 +19,15 @@
 #include <cstdint>
 #include <cstring>
 
+#include "small_rows.h"
 #include "vec_avx2.h"
 
 namespace {
 
 using namespace vec8;
+using rows::inv_rms;
+using rows::round_to;
+using rows::silu;
 
 // rows of a 2-D or 3-D view with a contiguous last dim: row i starts at i0 * s0 + i1 * s1
 struct Rows {
@@ -41,11 +45,6 @@ struct Rows {
   int64_t at(int64_t i) const { return (i / inner) * s0 + (i % inner) * s1; }
 };
 
-template <typename T>
-inline T round_to(float v) {
-  return static_cast<T>(v);
-}
-
 // rows in parallel; a task of at least ~64 K elements, so a decode row runs inline (no fork)
 template <typename F>
 void each_row(int64_t n, int64_t d, F&& f) {
@@ -55,16 +54,6 @@ void each_row(int64_t n, int64_t d, F&& f) {
   });
 }
 
-template <typename T>
-inline float inv_rms(const T* x, int64_t d, float eps) {
-  float ss = 0.f;
-  for (int64_t j = 0; j < d; ++j) {
-    const float v = static_cast<float>(x[j]);
-    ss += v * v;
-  }
-  return 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
-}
-
 // y = x * inv_rms(x) * (1 + w), fp32, rounded once
 template <typename T>
 inline void norm_zc_row(const T* x, const T* w, T* y, int64_t d, float eps) {
@@ -72,8 +61,6 @@ inline void norm_zc_row(const T* x, const T* w, T* y, int64_t d, float eps) {
   for (int64_t j = 0; j < d; ++j)
     y[j] = round_to<T>(static_cast<float>(x[j]) * inv * (1.f + static_cast<float>(w[j])));
 }
-
-inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
 void check_weight(const torch::Tensor& w, const torch::Tensor& x, int64_t d, const char* what) {
   TORCH_CHECK(w.dim() == 1 && w.size(0) == d && w.is_contiguous(), what,
@@ -126,9 +113,7 @@ torch::Tensor add_rms_norm_zc_(torch::Tensor& h, const torch::Tensor& delta,
   return y;
 }
 
-// The DeltaNet output norm: gated_rms_norm in layers/norms.py. The normalised value is rounded
-// to the model dtype, multiplied by w and rounded (w * n in the model dtype), then multiplied by
-// silu(z) in fp32 and rounded once more (the fp32 model rounds nowhere).
+// The DeltaNet output norm: gated_rms_norm in layers/norms.py (rounding: small_rows.h).
 torch::Tensor gated_rms_norm(const torch::Tensor& x, const torch::Tensor& z, const torch::Tensor& w,
                              double eps) {
   const Rows rx(x, "gated_rms_norm"), rz(z, "gated_rms_norm (gate)");
@@ -144,23 +129,8 @@ torch::Tensor gated_rms_norm(const torch::Tensor& x, const torch::Tensor& z, con
     scalar_t* Y = y.data_ptr<scalar_t>();
     const int64_t d = rx.d;
     each_row(rx.n, d, [&](int64_t r) {
-      const scalar_t* xr = X + rx.at(r);
-      const scalar_t* zr = Z + rz.at(r);
-      scalar_t* yr = Y + r * d;
-      const float inv = inv_rms(xr, d, static_cast<float>(eps));
-      int64_t j = 0;
-      const __m256 vinv = _mm256_set1_ps(inv);
-      for (; j + 8 <= d; j += 8) {
-        const __m256 n = round8<scalar_t>(_mm256_mul_ps(load8(xr + j), vinv));
-        const __m256 nw = round8<scalar_t>(_mm256_mul_ps(n, load8(W + j)));
-        store8(yr + j, _mm256_mul_ps(silu8(load8(zr + j)), nw));
-      }
-      for (; j < d; ++j) {
-        const float nw = static_cast<float>(round_to<scalar_t>(
-            static_cast<float>(round_to<scalar_t>(static_cast<float>(xr[j]) * inv)) *
-            static_cast<float>(W[j])));
-        yr[j] = round_to<scalar_t>(silu(static_cast<float>(zr[j])) * nw);
-      }
+      rows::gated_rms_norm_row(X + rx.at(r), Z + rz.at(r), W, Y + r * d, d,
+                               static_cast<float>(eps));
     });
   });
   return y;
@@ -195,9 +165,8 @@ torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
   return y;
 }
 
-// DeltaNet's per-head gates from the projections a, b [T, nv] (layers/deltanet.py):
-//   beta = sigmoid(b) in the model dtype; g = softplus(a + dt_bias) * -exp(A_log) in fp32
-// (softplus as torch's: the identity above 20).
+// DeltaNet's per-head gates from the projections a, b [T, nv] (layers/deltanet.py;
+// small_rows.h): beta in the model dtype, g in fp32.
 std::vector<torch::Tensor> deltanet_gates(const torch::Tensor& a, const torch::Tensor& b,
                                           const torch::Tensor& dt_bias,
                                           const torch::Tensor& a_log) {
@@ -221,14 +190,7 @@ std::vector<torch::Tensor> deltanet_gates(const torch::Tensor& a, const torch::T
     float* Gp = g.data_ptr<float>();
     scalar_t* Bp = beta.data_ptr<scalar_t>();
     each_row(ra.n, nv, [&](int64_t r) {
-      const scalar_t* ar = A + ra.at(r);
-      const scalar_t* br = B + rb.at(r);
-      for (int64_t h = 0; h < nv; ++h) {
-        const float x = static_cast<float>(ar[h]) + static_cast<float>(DT[h]);
-        const float sp = x > 20.f ? x : std::log1p(std::exp(x));
-        Gp[r * nv + h] = sp * -std::exp(static_cast<float>(AL[h]));
-        Bp[r * nv + h] = round_to<scalar_t>(1.f / (1.f + std::exp(-static_cast<float>(br[h]))));
-      }
+      rows::deltanet_gates_row(A + ra.at(r), B + rb.at(r), DT, AL, nv, Gp + r * nv, Bp + r * nv);
     });
   });
   return {g, beta};

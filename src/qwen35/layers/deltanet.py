@@ -14,7 +14,13 @@ from qwen35.config import ModelConfig
 from qwen35.engine.forward_batch import ForwardBatch
 from qwen35.layers.linear import Linear, empty_param, pack_linears, packed_linear
 from qwen35.layers.norms import GatedRMSNorm
-from qwen35.ops.deltanet import Dims, deltanet_decode, deltanet_gates, deltanet_prefill
+from qwen35.ops.deltanet import (
+    Dims,
+    deltanet_decode,
+    deltanet_decode_gated,
+    deltanet_gates,
+    deltanet_prefill,
+)
 from qwen35.parallel.context import SINGLE, TensorParallel
 
 
@@ -66,11 +72,17 @@ class GatedDeltaNet(nn.Module):
     ) -> torch.Tensor:
         T = x.shape[0]
         qkv, z, b, a = packed_linear(x, self.packed_in, *self.in_projs())  # [T, C], [T, Vd], ...
-        z = z.unflatten(-1, (self.nv, self.dv))  # [T, nv, dv]
         be = batch.backend
+        w = self.conv1d.weight[:, 0, :]  # [C, K]
+        if not batch.prefill:  # decode only: on a CPU, one fused kernel call
+            y = deltanet_decode_gated(be, qkv, z, a, b, w, self.dt_bias, self.A_log,
+                                      self.norm.weight, self.norm.eps, self.dims, batch.decode,
+                                      conv_cache, rec_cache)  # fmt: skip
+            if y is not None:
+                return self.tp.all_reduce(self.out_proj(y))
+        z = z.unflatten(-1, (self.nv, self.dv))  # [T, nv, dv]
         g, beta = deltanet_gates(be, a, b, self.dt_bias, self.A_log)  # [T, nv] fp32, model dtype
         o = x.new_empty(T, self.nv, self.dv)  # kernel output, cast to the model dtype
-        w = self.conv1d.weight[:, 0, :]  # [C, K]
         if batch.prefill:
             deltanet_prefill(be, qkv, g, beta, w, self.dims, batch.prefill, conv_cache,
                              rec_cache, o)  # fmt: skip

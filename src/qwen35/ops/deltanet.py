@@ -7,7 +7,9 @@ gated delta rule), one dispatch per step kind over the backend (ops/backend.py):
   varlen `chunk_gated_delta_rule` call per round, a round ending at each prefix-cache checkpoint
   (fla hands out final states only).
 - `deltanet_decode`: the step's single-token rows. CPU: in slot order, states updated in place
-  on runs of consecutive slots, through the compiled kernel where it is loaded. GPU with Triton:
+  on runs of consecutive slots, through the compiled kernel where it is loaded.
+  `deltanet_decode_gated` is the same step for a pure decode batch on a CPU with the kernels,
+  fused with the gates before it and the gated output norm after it (one call a layer). GPU with Triton:
   two kernels (kernels/triton_deltanet.py) that update conv and recurrent states in their slots.
   Elsewhere: states gathered by slot, stepped, scattered back (device tensors only: capturable),
   the step itself by fla's `fused_recurrent_gated_delta_rule` where installed, else PyTorch.
@@ -223,6 +225,39 @@ def deltanet_decode(be: Backend, qkv, g, beta, conv_w, dims: Dims, d, conv_cache
         y, S = _step_torch(u, g, beta, S, dims)
     rec_cache.index_copy_(0, d.state_slots, S.to(rec_cache.dtype))
     _write_rows(o, d, y)
+
+
+def deltanet_decode_gated(be: Backend, qkv, z, a, b, conv_w, dt_bias, A_log, norm_w,
+                          eps: float, dims: Dims, d, conv_cache, rec_cache):  # fmt: skip
+    """A pure decode batch on a CPU with the compiled kernels: y [N, Vd] in the model dtype
+    (out_proj's input), bitwise what deltanet_gates -> deltanet_decode -> the gated RMSNorm
+    give, in one kernel call per run of slots. None where it does not apply (the caller takes
+    that op-by-op path): no kernels, GPU tensors, rows not in slot order, fp16/64 states."""
+    if (
+        be.cpu_kernels is None
+        or d.rows_by_slot is None
+        or not d.all_rows_in_slot_order
+        or rec_cache.dtype != torch.float32
+        or qkv.dtype not in (torch.float32, torch.bfloat16)
+    ):
+        return None
+    from qwen35 import kernels
+
+    mod = kernels.load()  # None once QWEN35_NO_KERNELS=1 is set, at any time
+    if mod is None:
+        return None
+    if d.fresh_slots is not None:
+        conv_cache.index_fill_(0, d.fresh_slots, 0)
+        rec_cache.index_fill_(0, d.fresh_slots, 0)
+    ys = [
+        mod.deltanet_decode_gated(
+            qkv[i0 : i0 + n], z[i0 : i0 + n], a[i0 : i0 + n], b[i0 : i0 + n],
+            conv_cache[s0 : s0 + n], conv_w, dt_bias, A_log, rec_cache[s0 : s0 + n], norm_w, eps,
+            dims.nk,
+        )  # fmt: skip
+        for i0, s0, n in d.slot_runs
+    ]
+    return ys[0] if len(ys) == 1 else torch.cat(ys)
 
 
 def _write_rows(o, d, y) -> None:

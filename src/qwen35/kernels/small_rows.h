@@ -1,0 +1,66 @@
+// Row-level arithmetic of the small ops, shared by small_ops_cpu.cpp (one op per call) and
+// gated_delta_cpu.cpp (the DeltaNet decode step fused with its gates and output norm), so both
+// round exactly where the PyTorch references (layers/norms.py, layers/deltanet.py) round.
+// (kernels/__init__.py's Native hashes this header with each source that includes it.)
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "vec_avx2.h"
+
+namespace rows {
+
+template <typename T>
+inline T round_to(float v) {
+  return static_cast<T>(v);
+}
+
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+
+template <typename T>
+inline float inv_rms(const T* x, int64_t d, float eps) {
+  float ss = 0.f;
+  for (int64_t j = 0; j < d; ++j) {
+    const float v = static_cast<float>(x[j]);
+    ss += v * v;
+  }
+  return 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+}
+
+// The DeltaNet output norm of one head's row: the normalised value is rounded to the model
+// dtype, multiplied by w and rounded (w * n in the model dtype), then multiplied by silu(z) in
+// fp32 and rounded once more (the fp32 model rounds nowhere).
+template <typename T>
+inline void gated_rms_norm_row(const T* xr, const T* zr, const T* W, T* yr, int64_t d, float eps) {
+  using namespace vec8;
+  const float inv = inv_rms(xr, d, eps);
+  int64_t j = 0;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  for (; j + 8 <= d; j += 8) {
+    const __m256 n = round8<T>(_mm256_mul_ps(load8(xr + j), vinv));
+    const __m256 nw = round8<T>(_mm256_mul_ps(n, load8(W + j)));
+    store8(yr + j, _mm256_mul_ps(silu8(load8(zr + j)), nw));
+  }
+  for (; j < d; ++j) {
+    const float nw = static_cast<float>(
+        round_to<T>(static_cast<float>(round_to<T>(static_cast<float>(xr[j]) * inv)) *
+                    static_cast<float>(W[j])));
+    yr[j] = round_to<T>(silu(static_cast<float>(zr[j])) * nw);
+  }
+}
+
+// DeltaNet's per-head gates from one row of the projections a, b [nv]:
+//   beta = sigmoid(b) in the model dtype; g = softplus(a + dt_bias) * -exp(A_log) in fp32
+// (softplus as torch's: the identity above 20).
+template <typename T>
+inline void deltanet_gates_row(const T* ar, const T* br, const T* DT, const T* AL, int64_t nv,
+                               float* g, T* beta) {
+  for (int64_t h = 0; h < nv; ++h) {
+    const float x = static_cast<float>(ar[h]) + static_cast<float>(DT[h]);
+    const float sp = x > 20.f ? x : std::log1p(std::exp(x));
+    g[h] = sp * -std::exp(static_cast<float>(AL[h]));
+    beta[h] = round_to<T>(1.f / (1.f + std::exp(-static_cast<float>(br[h]))));
+  }
+}
+
+}  // namespace rows
