@@ -181,3 +181,24 @@ def test_dispatch_takes_the_kernels_and_switches_off(mod, monkeypatch):
     assert kernels.switched_off()
     run(be)
     assert calls == []
+
+
+def test_argmax_rows_equals_torch_max_indices(mod):
+    """The sampler's argmax: torch's max(-1).indices, ties to the first, a NaN wins, -inf rows,
+    a vocabulary that is not a multiple of 8 (the scalar tail), strided rows."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1003, generator=g)
+    x[1, 500] = x[1, 7] = 9.0  # a tie: the first wins
+    x[2, 1001] = 50.0  # the maximum in the tail
+    x[3, 900] = float("nan")
+    x[3, 950] = float("nan")
+    x[4] = float("-inf")
+    x[5, 3] = float("inf")
+    for rows in (x, x[:, :1001], x[:, 2:]):  # strided rows
+        torch.testing.assert_close(mod.argmax_rows(rows), rows.max(dim=-1).indices)
+    with pytest.raises(RuntimeError, match="fp32"):
+        mod.argmax_rows(x.bfloat16())
+    from qwen35.engine.sampler import argmax
+
+    assert torch.equal(argmax(x), x.max(dim=-1).indices)
+    assert torch.equal(argmax(x.double()), x.double().max(dim=-1).indices)  # torch's path

