@@ -104,3 +104,47 @@ def test_dispatch_takes_the_kernel_and_switches_off(mod, monkeypatch):
     assert kernels.switched_off()
     paged_decode_attention(be, q, kc, vc, d, 0.2)
     assert calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layer_entry_equals_op_by_op(mod, dtype):
+    """attention_decode_gated is bitwise the op-by-op CPU path of layers/full_attention.py:
+    small_ops' q / k RMSNorms and rotary, write_kv, then this kernel with the output gate; the
+    projections are column slices of one packed output (strided rows); the caches get the same
+    new K / V."""
+    from qwen35.kernels import small_ops
+    from qwen35.layers.rotary import RotaryEmbedding
+    from qwen35.ops.attention import write_kv
+
+    so = native_or_skip(small_ops.SMALL_OPS, "the small-op kernels")
+    lens, nh, nkv, hd, bs, rd = [150, 1, 37], 4, 2, 64, 16, 32
+    kc, vc, tables, _ = _cache(lens, nkv, hd, bs, dtype)
+    g = torch.Generator().manual_seed(5)
+    N = len(lens)
+    packed = torch.randn(N, nh * 2 * hd + 2 * nkv * hd, generator=g).to(dtype)
+    qg, k, v = packed.split([nh * 2 * hd, nkv * hd, nkv * hd], dim=-1)
+    qw, kw = (torch.randn(hd, generator=g) * 0.1).to(dtype), (torch.randn(hd, generator=g) * 0.1)
+    kw = kw.to(dtype)
+    pos = torch.tensor(lens) - 1  # the new token is the context's last
+    cos, sin = RotaryEmbedding(rd, 1e7).cos_sin(pos, dtype)
+    slots = torch.stack([tables[i, p // bs].long() * bs + p % bs for i, p in enumerate(pos)])
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    kc2, vc2 = kc.clone(), vc.clone()
+    out = mod.attention_decode_gated(qg, k, v, qw, kw, 1e-6, cos, sin, kc, vc, slots, tables,
+                                     ctx, hd**-0.5)  # fmt: skip
+    qg3 = qg.unflatten(-1, (nh, 2 * hd))
+    q = so.rms_norm_zc(qg3[..., :hd], qw, 1e-6)
+    kn = so.rms_norm_zc(k.unflatten(-1, (nkv, hd)), kw, 1e-6)
+    so.rotary_qk_(q, kn, cos, sin)
+    write_kv(kc2, vc2, kn, v.unflatten(-1, (nkv, hd)), slots)
+    want = mod.paged_decode_attention(q, kc2, vc2, tables, ctx, hd**-0.5, qg3[..., hd:])
+    assert out.shape == (N, nh * hd) and torch.equal(out, want.flatten(1))
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    bad = slots.clone()
+    bad[1] = kc.numel() // (nkv * hd)
+    with pytest.raises(RuntimeError, match="slot is outside the cache"):
+        mod.attention_decode_gated(qg, k, v, qw, kw, 1e-6, cos, sin, kc, vc, bad, tables, ctx,
+                                   1.0)  # fmt: skip
+    with pytest.raises(RuntimeError, match="share the model dtype"):
+        mod.attention_decode_gated(qg, k, v, qw.double(), kw, 1e-6, cos, sin, kc, vc, slots,
+                                   tables, ctx, 1.0)  # fmt: skip

@@ -248,3 +248,42 @@ def test_enforce_eager_option_and_cpu_engine_has_no_graphs(tmp_path):
     assert eng.runner.graphs is None and eng.runner.backend is select_backend(
         "cpu", dtype=torch.float32
     )
+
+
+def test_cpu_kernels_equal_reference_with_fused_decode_layers(monkeypatch):
+    """The CPU backend with its C++ kernels equals the plain reference through `_script` and
+    then decode steps with rows in slot order, where each DeltaNet and attention layer runs as
+    one fused call (ops/deltanet.py deltanet_decode_gated, ops/attention.py
+    attention_decode_gated): logits and every cache."""
+    import qwen35.layers.deltanet as dn_layer
+    import qwen35.layers.full_attention as attn_layer
+
+    be = select_backend("cpu")
+    if be.cpu_kernels is None or be.cpu_attention is None or be.cpu_small_ops is None:
+        pytest.skip("the CPU kernels are not available here (no compiler, or switched off)")
+    fused = []
+    for mod, name in ((dn_layer, "deltanet_decode_gated"), (attn_layer, "attention_decode_gated")):
+        real = getattr(mod, name)
+
+        def spy(*args, _real=real, _name=name):
+            out = _real(*args)
+            fused.append((_name, out is not None))
+            return out
+
+        monkeypatch.setattr(mod, name, spy)
+    model = _model()
+    ref, got = Seqs(model, reference_backend("cpu")), Seqs(model, be)
+    outs = [(a, b) for a, b in zip(_script(ref), _script(got), strict=True)]
+    g = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        items = [(s, torch.randint(2, 256, (1,), generator=g).tolist()) for s in (0, 1, 2)]
+        a = ref.step(items)
+        fused.clear()
+        outs.append((a, got.step(items)))
+        assert sorted(set(fused)) == [("attention_decode_gated", True),
+                                      ("deltanet_decode_gated", True)]  # fmt: skip
+    for a, b in outs:
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-5)
+    for name in ("key", "value", "conv", "recurrent"):
+        for x, y in zip(getattr(ref.caches, name), getattr(got.caches, name), strict=True):
+            torch.testing.assert_close(y, x, atol=2e-5, rtol=2e-5)

@@ -26,6 +26,7 @@ namespace {
 
 using namespace vec8;
 using rows::inv_rms;
+using rows::norm_zc_row;
 using rows::round_to;
 using rows::silu;
 
@@ -52,14 +53,6 @@ void each_row(int64_t n, int64_t d, F&& f) {
   at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) f(r);
   });
-}
-
-// y = x * inv_rms(x) * (1 + w), fp32, rounded once
-template <typename T>
-inline void norm_zc_row(const T* x, const T* w, T* y, int64_t d, float eps) {
-  const float inv = inv_rms(x, d, eps);
-  for (int64_t j = 0; j < d; ++j)
-    y[j] = round_to<T>(static_cast<float>(x[j]) * inv * (1.f + static_cast<float>(w[j])));
 }
 
 void check_weight(const torch::Tensor& w, const torch::Tensor& x, int64_t d, const char* what) {
@@ -196,27 +189,13 @@ std::vector<torch::Tensor> deltanet_gates(const torch::Tensor& a, const torch::T
   return {g, beta};
 }
 
-// NeoX rotary on the first rd dims of every head of q and k, in place (apply_rotary in
-// layers/rotary.py): x1' = x1 c - x2 s, x2' = x2 c + x1 s over the two halves, each product
-// rounded to the model dtype and then their sum, as the reference's ops do.
+// NeoX rotary on the first rd dims of every head of q and k, in place (small_rows.h)
 template <typename T>
 void rotate_rows(T* X, int64_t T_, int64_t heads, int64_t s0, int64_t s1, const T* C, const T* S,
                  int64_t rd) {
-  const int64_t half = rd / 2;
   each_row(T_ * heads, rd, [&](int64_t r) {
     const int64_t t = r / heads;
-    T* x = X + t * s0 + (r % heads) * s1;
-    const T* c = C + t * rd;
-    const T* s = S + t * rd;
-    for (int64_t j = 0; j < half; ++j) {
-      const float x1 = static_cast<float>(x[j]), x2 = static_cast<float>(x[j + half]);
-      const float a1 = static_cast<float>(round_to<T>(x1 * static_cast<float>(c[j])));
-      const float b1 = static_cast<float>(round_to<T>(-x2 * static_cast<float>(s[j])));
-      const float a2 = static_cast<float>(round_to<T>(x2 * static_cast<float>(c[j + half])));
-      const float b2 = static_cast<float>(round_to<T>(x1 * static_cast<float>(s[j + half])));
-      x[j] = round_to<T>(a1 + b1);
-      x[j + half] = round_to<T>(a2 + b2);
-    }
+    rows::rotate_row(X + t * s0 + (r % heads) * s1, C + t * rd, S + t * rd, rd);
   });
 }
 

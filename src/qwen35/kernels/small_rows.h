@@ -27,6 +27,31 @@ inline float inv_rms(const T* x, int64_t d, float eps) {
   return 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
 }
 
+// Zero-centred RMSNorm of one row: y = x * inv_rms(x) * (1 + w), fp32, rounded once.
+template <typename T>
+inline void norm_zc_row(const T* x, const T* w, T* y, int64_t d, float eps) {
+  const float inv = inv_rms(x, d, eps);
+  for (int64_t j = 0; j < d; ++j)
+    y[j] = round_to<T>(static_cast<float>(x[j]) * inv * (1.f + static_cast<float>(w[j])));
+}
+
+// NeoX rotary of one head's first rd dims, in place (apply_rotary in layers/rotary.py):
+// x1' = x1 c - x2 s, x2' = x2 c + x1 s over the two halves, each product rounded to the model
+// dtype and then their sum, as the reference's ops do.
+template <typename T>
+inline void rotate_row(T* x, const T* c, const T* s, int64_t rd) {
+  const int64_t half = rd / 2;
+  for (int64_t j = 0; j < half; ++j) {
+    const float x1 = static_cast<float>(x[j]), x2 = static_cast<float>(x[j + half]);
+    const float a1 = static_cast<float>(round_to<T>(x1 * static_cast<float>(c[j])));
+    const float b1 = static_cast<float>(round_to<T>(-x2 * static_cast<float>(s[j])));
+    const float a2 = static_cast<float>(round_to<T>(x2 * static_cast<float>(c[j + half])));
+    const float b2 = static_cast<float>(round_to<T>(x1 * static_cast<float>(s[j + half])));
+    x[j] = round_to<T>(a1 + b1);
+    x[j + half] = round_to<T>(a2 + b2);
+  }
+}
+
 // The DeltaNet output norm of one head's row: the normalised value is rounded to the model
 // dtype, multiplied by w and rounded (w * n in the model dtype), then multiplied by silu(z) in
 // fp32 and rounded once more (the fp32 model rounds nowhere).

@@ -19,6 +19,7 @@ from qwen35.layers.linear import Linear, pack_linears, packed_linear
 from qwen35.layers.norms import RMSNorm
 from qwen35.layers.rotary import apply_rotary_qk
 from qwen35.ops.attention import (
+    attention_decode_gated,
     cached_prefill_attention,
     paged_decode_attention,
     prefill_attention,
@@ -60,16 +61,22 @@ class GatedAttention(nn.Module):
         T = x.shape[0]
         nh, nkv, hd = self.nh, self.nkv, self.hd
         qg, k, v = packed_linear(x, self.packed_qkv, self.q_proj, self.k_proj, self.v_proj)
+        be = batch.backend
+        d = batch.decode
+        if not batch.prefill and d is not None:  # decode only: on a CPU, one fused kernel call
+            o = attention_decode_gated(be, qg, k, v, self.q_norm, self.k_norm, cos, sin,
+                                       key_cache, value_cache, batch.slot_mapping, d,
+                                       self.scale)  # fmt: skip
+            if o is not None:
+                return self.tp.all_reduce(self.o_proj(o))
         qg = qg.unflatten(-1, (nh, 2 * hd))  # [T, nh, 2 hd]
         gate = qg[..., hd:].reshape(T, nh * hd)
-        be = batch.backend
         q = self.q_norm(qg[..., :hd], be)  # [T, nh, hd], a fresh tensor
         k = self.k_norm(k.unflatten(-1, (nkv, hd)), be)  # [T, nkv, hd]
         q, k = apply_rotary_qk(q, k, cos, sin, be)
         v = v.unflatten(-1, (nkv, hd))
         write_kv(key_cache, value_cache, k, v, batch.slot_mapping)
 
-        d = batch.decode
         if d is not None and d.all_rows:  # a pure decode step: the output gate in the kernel
             gate = gate.view(T, nh, hd)
             o = paged_decode_attention(be, q, key_cache, value_cache, d, self.scale, gate)

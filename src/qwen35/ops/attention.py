@@ -4,6 +4,8 @@ and the dispatch to the kernels that read K/V in place: Triton on the GPU
 
 Dispatch (backend chosen once, ops/backend.py):
 - `paged_decode_attention(backend, q, k_cache, v_cache, decode, scale, gate)`: all decode rows;
+- `attention_decode_gated(...)`: a pure decode step on a CPU with the kernels, from the q/k/v
+  projections to the gated output in one call (norms, rotary and the cache write fused);
 - `cached_prefill_attention(backend, q, k_cache, v_cache, block_row, start_pos, scale)`: one
   prefill chunk continuing a cached prefix.
 
@@ -154,6 +156,31 @@ def paged_decode_attention(
         q, key_cache, value_cache, d.block_tables, d.context_lens, d.max_context, scale
     ).to(q.dtype)
     return o if gate is None else o.mul_(torch.sigmoid(gate))
+
+
+def attention_decode_gated(be: Backend, qg, k, v, q_norm, k_norm, cos, sin, key_cache,
+                           value_cache, slot_mapping, d, scale: float):  # fmt: skip
+    """A pure decode step on a CPU with the compiled kernels: the gated attention layer between
+    its projections (qg [N, nh * 2 hd] per head [query | gate], k, v [N, nkv * hd]; q_norm and
+    k_norm the RMSNorm modules) in one call, bitwise the op-by-op path; the new K/V are written
+    to their slots. o [N, nh * hd] in the model dtype, or None where it does not apply (the
+    caller runs the op-by-op path): no kernels, GPU tensors, mixed dtypes."""
+    dt = key_cache.dtype
+    if (
+        be.cpu_attention is None
+        or not qg.is_cpu
+        or not (qg.dtype == dt == value_cache.dtype == cos.dtype == q_norm.weight.dtype)
+    ):
+        return None
+    from qwen35.kernels import attention
+
+    mod = attention.load()  # None once QWEN35_NO_KERNELS=1 is set, at any time
+    if mod is None or dt not in attention.DTYPES:
+        return None
+    return mod.attention_decode_gated(
+        qg, k, v, q_norm.weight, k_norm.weight, q_norm.eps, cos.contiguous(), sin.contiguous(),
+        key_cache, value_cache, slot_mapping, d.block_tables, d.context_lens, scale,
+    )  # fmt: skip
 
 
 def cached_prefill_attention(
