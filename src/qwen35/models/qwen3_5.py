@@ -31,6 +31,7 @@ from qwen35.layers.mlp import MLP
 from qwen35.layers.moe import SparseMoE
 from qwen35.layers.norms import RMSNorm
 from qwen35.layers.rotary import RotaryEmbedding
+from qwen35.models import cpu_decode
 from qwen35.ops.backend import Backend
 from qwen35.parallel.context import SINGLE, TensorParallel
 from qwen35.parallel.linear import embed, gather_logits
@@ -142,6 +143,7 @@ class Qwen35ForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, tp.vocab_rows(cfg.vocab_size), dtype, device)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section)
         self.packed = False  # projections packed by post_load
+        self._decode_plan = None  # models/cpu_decode.py, built at the first CPU decode step
         self.tie_weights()
 
     @property
@@ -173,6 +175,7 @@ class Qwen35ForCausalLM(nn.Module):
             if m is not self and callable(getattr(m, "pack", None)):
                 m.pack()
         self.packed = True
+        self._decode_plan = None  # it holds the weights: built again from the new ones
 
     def _apply(self, fn, recurse: bool = True):
         """`model.to(...)`, `.cuda()`, `.half()`: every parameter gets new storage, which
@@ -209,14 +212,26 @@ class Qwen35ForCausalLM(nn.Module):
             cos, sin = self.rotary.cos_sin_mrope(batch.mrope_positions, h.dtype)
         else:
             cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)  # [T, rotary_dim]
-        delta = None
-        for layer in self.model.layers:
-            delta = layer(h, delta, cos, sin, batch, caches)
+        plan = self._cpu_decode_plan(batch, caches)
+        if plan is not None:  # a pure decode step on a CPU: the layers as one list of kernels
+            delta = plan.run(h, cos, sin, batch, caches)
+        else:
+            delta = None
+            for layer in self.model.layers:
+                delta = layer(h, delta, cos, sin, batch, caches)
         if delta is not None:
             h.add_(delta)
         if batch.state_copies:
             caches.copy_states(batch.state_copies)
         return h
+
+    def _cpu_decode_plan(self, batch: ForwardBatch, caches: ModelCaches):
+        """models/cpu_decode.py's plan when it applies to this step, else None (module path)."""
+        if not cpu_decode.DecodePlan.applies(batch) or not cpu_decode.supported(self, caches):
+            return None
+        if self._decode_plan is None:
+            self._decode_plan = cpu_decode.DecodePlan(self)
+        return self._decode_plan
 
     def compute_logits(self, hidden: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
         """Pre-norm hidden rows [S, H] -> logits [S, V] float32."""

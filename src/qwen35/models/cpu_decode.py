@@ -1,0 +1,154 @@
+"""Pure decode steps on a CPU as a flat list of kernel calls: the CPU's counterpart of a CUDA
+graph (engine/cuda_graphs.py), for the per-token Python that a batch-1 step is otherwise made of.
+
+At batch-1 decode a 0.8B token is ~100 GEMVs that stream the weights at the memory bandwidth,
+plus ~200 module calls, attribute lookups and dispatch checks around them (~1.2 ms of a 48 ms
+bf16 token, ~5% of an int4 one; README: Model implementation). `DecodePlan` resolves, once per
+model, every weight and kernel a decoder layer's decode step touches, then runs the same
+kernels in the same order as the modules' forwards would: results are bitwise the module
+path's (tests/test_cpu_decode.py).
+
+It applies to a step when: the model is dense (no MoE) on one rank, fp32 or bf16, the batch's
+backend has the CPU kernels (`QWEN35_NO_KERNELS=1` is honoured at any time), and the step is decode only
+with its rows in state-slot order (the engine's usual batch-1 step). Anything else takes the
+module path.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from qwen35 import kernels
+from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
+from qwen35.kernels import attention, small_ops
+from qwen35.layers.linear import linear
+
+
+def supported(model, caches: ModelCaches) -> bool:
+    """A plan can run this model on these caches: dense, one tensor-parallel rank, packed
+    projections, fp32 / bf16 with fp32 DeltaNet states and K/V caches of the model dtype."""
+    return (
+        model.tp.size == 1
+        and model.packed
+        and not model.config.is_moe
+        and model.dtype in (torch.float32, torch.bfloat16)
+        and all(c.dtype == model.dtype for c in caches.key + caches.value + caches.conv)
+        and all(r.dtype == torch.float32 for r in caches.recurrent)
+        and all(layer.mlp.packed_gate_up is not None for layer in model.model.layers)
+    )
+
+
+def _projection(packed, *linears):
+    """x -> the linears' outputs through their packed weight (layers/linear.py packed_linear)."""
+    if not isinstance(packed, torch.Tensor):
+        return packed  # quantized: a QuantPack, already one call returning the outputs
+    sizes = [lin.out_features for lin in linears]
+    return lambda x: linear(x, packed).split(sizes, dim=-1)
+
+
+# The mixers between their projections: ops/deltanet.py's and ops/attention.py's fused entries
+# on resolved operands and the layer's cache index (the leading arguments), then the projection
+# outputs and the step's (DeltaNet module, attention module, batch, caches, cos, sin).
+def _deltanet(conv_w, dt_bias, a_log, norm_w, eps, nk, i, proj, step):
+    qkv, z, b, a = proj
+    dn, _, batch, caches, _, _ = step
+    conv, rec = caches.conv[i], caches.recurrent[i]
+    runs = batch.decode.slot_runs
+    if len(runs) == 1 and runs[0][0] == 0 and runs[0][2] == qkv.shape[0]:  # all rows, one run
+        s0, n = runs[0][1], runs[0][2]
+        return dn.deltanet_decode_gated(qkv, z, a, b, conv[s0 : s0 + n], conv_w, dt_bias, a_log,
+                                        rec[s0 : s0 + n], norm_w, eps, nk)  # fmt: skip
+    ys = [
+        dn.deltanet_decode_gated(
+            qkv[i0 : i0 + n], z[i0 : i0 + n], a[i0 : i0 + n], b[i0 : i0 + n],
+            conv[s0 : s0 + n], conv_w, dt_bias, a_log, rec[s0 : s0 + n], norm_w, eps, nk,
+        )  # fmt: skip
+        for i0, s0, n in runs
+    ]
+    return torch.cat(ys)
+
+
+def _attention(q_norm_w, k_norm_w, eps, scale, i, proj, step):
+    qg, k, v = proj
+    _, attn, batch, caches, cos, sin = step
+    d = batch.decode
+    return attn.attention_decode_gated(
+        qg, k, v, q_norm_w, k_norm_w, eps, cos, sin, caches.key[i], caches.value[i],
+        batch.slot_mapping, d.block_tables, d.context_lens, scale,
+    )  # fmt: skip
+
+
+class DecodePlan:
+    """Every layer's decode-step operands, resolved once for a model (its weights: build a new
+    plan after they move, Qwen35ForCausalLM.post_load drops it)."""
+
+    def __init__(self, model):
+        self.layers = []
+        for layer in model.model.layers:
+            i, mlp = layer.cache_index, layer.mlp
+            common = (
+                layer.input_layernorm.weight,
+                layer.input_layernorm.eps,
+                layer.post_attention_layernorm.weight,
+                layer.post_attention_layernorm.eps,
+                _projection(mlp.packed_gate_up, mlp.gate_proj, mlp.up_proj),
+                mlp.down_proj.forward,
+            )
+            if layer.layer_type == "linear_attention":
+                m = layer.linear_attn
+                mixer = (
+                    _projection(m.packed_in, *m.in_projs()),
+                    m.out_proj.forward,
+                    partial(_deltanet, m.conv1d.weight[:, 0, :], m.dt_bias, m.A_log,
+                            m.norm.weight, m.norm.eps, m.dims.nk, i),  # fmt: skip
+                )
+            else:
+                m = layer.self_attn
+                mixer = (
+                    _projection(m.packed_qkv, m.q_proj, m.k_proj, m.v_proj),
+                    m.o_proj.forward,
+                    partial(_attention, m.q_norm.weight, m.k_norm.weight, m.q_norm.eps,
+                            m.scale, i),  # fmt: skip
+                )
+            self.layers.append(common + mixer)
+
+    @staticmethod
+    def applies(batch: ForwardBatch) -> bool:
+        be, d = batch.backend, batch.decode
+        return (
+            not batch.prefill
+            and d is not None
+            and d.rows_by_slot is not None
+            and d.all_rows_in_slot_order
+            and batch.mm_rows is None
+            and be is not None
+            and be.cpu_kernels is not None
+            and be.cpu_attention is not None
+            and be.cpu_small_ops is not None
+            and not kernels.switched_off()
+        )
+
+    def run(self, h: torch.Tensor, cos, sin, batch: ForwardBatch, caches: ModelCaches):
+        """The decoder layers on the residual stream h [T, H] (updated in place), as
+        Qwen35ForCausalLM.forward_hidden's loop: returns the last layer's output, not yet
+        added to h."""
+        d = batch.decode
+        if d.fresh_slots is not None:  # new sequences start from zero states
+            for conv, rec in zip(caches.conv, caches.recurrent, strict=True):
+                conv.index_fill_(0, d.fresh_slots, 0)
+                rec.index_fill_(0, d.fresh_slots, 0)
+        so = small_ops.load()
+        step = (kernels.load(), attention.load(), batch, caches, cos.contiguous(), sin.contiguous())
+        delta = None
+        for w_in, eps_in, w_post, eps_post, gate_up, down, proj, out, mixer in self.layers:
+            if delta is None:
+                x = so.rms_norm_zc(h, w_in, eps_in)
+            else:
+                x = so.add_rms_norm_zc_(h, delta, w_in, eps_in)
+            y = mixer(proj(x), step)
+            x = so.add_rms_norm_zc_(h, out(y), w_post, eps_post)
+            gate, up = gate_up(x)
+            delta = down(so.silu_mul(gate, up))
+        return delta

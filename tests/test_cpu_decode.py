@@ -1,0 +1,158 @@
+"""models/cpu_decode.py: the CPU decode plan is bitwise the module path, where it applies, and
+stays out of the way where it does not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tiny
+from qwen35.config import ModelConfig
+from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
+from qwen35.models import cpu_decode
+from qwen35.models.qwen3_5 import Qwen35ForCausalLM
+from qwen35.ops.backend import select_backend
+from qwen35.quant.apply import quantize_model_
+
+BS = 16
+
+
+def _backend():
+    be = select_backend("cpu")
+    if be.cpu_kernels is None or be.cpu_attention is None or be.cpu_small_ops is None:
+        pytest.skip("the CPU kernels are not available here (no compiler, or switched off)")
+    return be
+
+
+def _model(dtype, quant=None, moe=False):
+    hf = tiny.hf_model(moe=moe)
+    cfg = ModelConfig.from_hf(json.loads(hf.config.to_json_string()))
+    m = Qwen35ForCausalLM(cfg, dtype=dtype)
+    m.load_state_dict(hf.state_dict())
+    if quant:
+        quantize_model_(m, quant)
+    m.post_load()
+    return m
+
+
+class Run:
+    """Sequences with fixed blocks (seq i owns blocks 10i..10i+9) and state slot i."""
+
+    def __init__(self, model, backend):
+        self.model, self.backend = model, backend
+        self.caches = allocate_caches(model.config, 60, BS, 6, model.dtype, "cpu")
+        self.lens: dict[int, int] = {}
+
+    def step(self, items):
+        """items [(seq, token ids)] -> logits of each item's last token."""
+        pos, smap, cu, ctx, ids, last = [], [], [0], [], [], []
+        for s, toks in items:
+            start = self.lens.get(s, 0)
+            pos += range(start, start + len(toks))
+            smap += [(10 * s + p // BS) * BS + p % BS for p in range(start, start + len(toks))]
+            ids += toks
+            cu.append(cu[-1] + len(toks))
+            ctx.append(start + len(toks))
+            last.append(cu[-1] - 1)
+        batch = ForwardBatch.build(
+            positions=pos, cu_seqlens=cu, context_lens=ctx, slot_mapping=smap,
+            block_tables=[list(range(10 * s, 10 * s + 10)) for s, _ in items],
+            state_slots=[s for s, _ in items],
+            has_initial_state=[self.lens.get(s, 0) > 0 for s, _ in items],
+            logits_indices=last, backend=self.backend,
+        )  # fmt: skip
+        for s, toks in items:
+            self.lens[s] = self.lens.get(s, 0) + len(toks)
+        return self.model(torch.tensor(ids), batch, self.caches)
+
+
+def _script():
+    """(steps, whether the plan applies to each): prefills, decode steps in slot order (one
+    run and two runs of slots, a fresh one-token sequence), and out of slot order."""
+    g = torch.Generator().manual_seed(3)
+    tok = lambda n: torch.randint(2, 256, (n,), generator=g).tolist()  # noqa: E731
+    return [
+        ([(0, tok(21)), (1, tok(5))], False),  # prefill
+        ([(0, tok(1))], True),  # batch 1
+        ([(0, tok(1)), (1, tok(1))], True),  # slots 0-1: one run
+        ([(0, tok(1)), (1, tok(1)), (3, tok(1))], True),  # slot 3 fresh, a second run
+        ([(3, tok(1)), (0, tok(1))], False),  # rows out of slot order
+        ([(0, tok(1)), (1, tok(1)), (3, tok(1))], True),
+        ([(1, tok(1)), (2, tok(7))], False),  # a mixed step
+        ([(1, tok(1)), (2, tok(1))], True),
+    ]
+
+
+def _spy_runs(monkeypatch) -> list:
+    runs = []
+    real = cpu_decode.DecodePlan.run
+
+    def spy(self, *args):
+        runs.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(cpu_decode.DecodePlan, "run", spy)
+    return runs
+
+
+@pytest.mark.parametrize(
+    "dtype,quant",
+    [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8"),
+     (torch.bfloat16, "int4"), (torch.bfloat16, "fp8")],
+)  # fmt: skip
+def test_plan_equals_module_path_bitwise(dtype, quant, monkeypatch):
+    be = _backend()
+    model = _model(dtype, quant)
+    plan, modules = Run(model, be), Run(model, be)
+    runs = _spy_runs(monkeypatch)
+    applies = cpu_decode.DecodePlan.applies
+    for items, expected in _script():
+        runs.clear()
+        a = plan.step(items)
+        assert len(runs) == expected
+        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
+        b = modules.step(items)
+        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(applies))
+        assert torch.equal(a, b)
+    for name in ("key", "value", "conv", "recurrent"):
+        for x, y in zip(getattr(plan.caches, name), getattr(modules.caches, name), strict=True):
+            assert torch.equal(x, y)
+
+
+def test_where_the_plan_does_not_apply(monkeypatch):
+    """MoE models, other cache dtypes, QWEN35_NO_KERNELS=1 (at any time): the module path."""
+    be = _backend()
+    runs = _spy_runs(monkeypatch)
+    moe = _model(torch.float32, moe=True)
+    assert not cpu_decode.supported(moe, allocate_caches(moe.config, 4, BS, 2, moe.dtype, "cpu"))
+    run = Run(moe, be)
+    run.step([(0, [5, 6, 7])])
+    run.step([(0, [8])])
+    assert runs == []
+    dense = _model(torch.bfloat16)
+    assert not cpu_decode.supported(dense, allocate_caches(dense.config, 4, BS, 2, torch.float32,
+                                                           "cpu"))  # fmt: skip
+    run = Run(dense, be)
+    run.step([(0, [5, 6, 7])])
+    run.step([(0, [8])])
+    assert runs == [1]
+    monkeypatch.setenv("QWEN35_NO_KERNELS", "1")
+    run.step([(0, [9])])
+    assert runs == [1]
+
+
+def test_post_load_drops_the_plan():
+    """The plan holds the weights: moving the model (post_load packs again) rebuilds it."""
+    be = _backend()
+    model = _model(torch.float32)
+    run = Run(model, be)
+    run.step([(0, [5, 6, 7])])
+    run.step([(0, [8])])
+    first = model._decode_plan
+    assert first is not None
+    model.post_load()
+    assert model._decode_plan is None
+    run.step([(0, [9])])
+    assert model._decode_plan is not None and model._decode_plan is not first
