@@ -29,12 +29,13 @@ from qwen35.layers.linear import linear
 def supported(model, caches: ModelCaches) -> bool:
     """A plan can run this model on these caches: dense, one tensor-parallel rank, packed
     projections, fp32 / bf16 with fp32 DeltaNet states and K/V caches of the model dtype."""
+    dtype = model.dtype
     return (
         model.tp.size == 1
         and model.packed
         and not model.config.is_moe
-        and model.dtype in (torch.float32, torch.bfloat16)
-        and all(c.dtype == model.dtype for c in caches.key + caches.value + caches.conv)
+        and dtype in (torch.float32, torch.bfloat16)
+        and all(c.dtype == dtype for c in caches.key + caches.value + caches.conv)
         and all(r.dtype == torch.float32 for r in caches.recurrent)
         and all(layer.mlp.packed_gate_up is not None for layer in model.model.layers)
     )
