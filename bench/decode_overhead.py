@@ -1,0 +1,108 @@
+"""Batch-1 CPU decode steps with the per-token Python cut in stages, interleaved in one process.
+
+    python bench/decode_overhead.py [--formats bf16 int4] [--rounds 6] [--steps 32] [--threads N]
+                                    [--fake-gemv]
+
+Qwen3.5-0.8B config, random weights, one engine per format; the same decode steps (128-token
+prompt) run in three modes, round-robin, so the memory bandwidth's drift between minutes hits all
+of them alike:
+- `modules`: the model's modules op by op (the fused layer entries and the decode plan off);
+- `fused`: each DeltaNet / attention layer between its projections as one kernel call
+  (ops/deltanet.py deltanet_decode_gated, ops/attention.py attention_decode_gated);
+- `plan`: the CPU decode plan too (models/cpu_decode.py), the engine's default.
+Medians of the steps' wall times. `--fake-gemv` replaces every dense GEMV by its stored output
+(bf16 / fp32 only) to isolate what is not weight streaming. Results can only be compared
+within one run. Writes bench/results/decode_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import qwen35.layers.deltanet as dn_layer
+import qwen35.layers.full_attention as attn_layer
+import qwen35.layers.linear as linear_mod
+from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine
+from qwen35.models import cpu_decode
+from qwen35.request import SamplingParams
+
+MODES = ("modules", "fused", "plan")
+
+
+def _set_mode(mode: str, real: dict) -> None:
+    """Switch the fused layer entries and the plan on or off (module globals the layers use)."""
+    off = lambda *args, **kw: None  # noqa: E731 - "does not apply": the op-by-op path runs
+    dn_layer.deltanet_decode_gated = real["dn"] if mode != "modules" else off
+    attn_layer.attention_decode_gated = real["attn"] if mode != "modules" else off
+    applies = real["applies"] if mode == "plan" else (lambda batch: False)
+    cpu_decode.DecodePlan.applies = staticmethod(applies)
+
+
+def _fake_gemvs() -> None:
+    """Every dense linear returns a stored output for its shapes (no weight is read)."""
+    real, stored = linear_mod.linear, {}
+
+    def fake(x, w):
+        key = (x.shape, w.shape, w.dtype)
+        if key not in stored:
+            stored[key] = real(x, w)
+        return stored[key]
+
+    linear_mod.linear = cpu_decode.linear = fake
+
+
+def _steps(engine, n: int, rid: str) -> list[float]:
+    sp = SamplingParams(max_tokens=n + 2, temperature=0.0, ignore_eos=True)
+    engine.add_request(rid, list(range(100, 228)), sp)
+    times = []
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return times[2:]  # the prefill and the first decode step (plan built) left out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--formats", nargs="+", default=["bf16", "int4"])
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--fake-gemv", action="store_true")
+    args = ap.parse_args()
+    if args.fake_gemv:
+        _fake_gemvs()
+    real = dict(dn=dn_layer.deltanet_decode_gated, attn=attn_layer.attention_decode_gated,
+                applies=cpu_decode.DecodePlan.applies)  # fmt: skip
+    results = {}
+    for fmt in args.formats:
+        opts = BenchOptions(dtype="fp32" if fmt == "fp32" else "bf16", threads=args.threads)
+        quant = None if fmt in ("fp32", "bf16") else fmt
+        engine = make_engine(load_bench_model(opts, quantization=quant), max_model_len=1024)
+        times = {m: [] for m in MODES}
+        _set_mode("plan", real)
+        _steps(engine, 4, "warm")
+        for r in range(args.rounds):
+            for mode in MODES:
+                _set_mode(mode, real)
+                times[mode] += _steps(engine, args.steps, f"{fmt}-{r}-{mode}")
+        _set_mode("plan", real)
+        med = {m: statistics.median(t) * 1e3 for m, t in times.items()}
+        results[fmt] = {"median_step_ms": med, "steps": {m: len(t) for m, t in times.items()}}
+        print(f"{fmt}{' (GEMVs faked)' if args.fake_gemv else ''}: median step ms "
+              + ", ".join(f"{m} {v:.2f}" for m, v in med.items())
+              + f"; modules / plan {med['modules'] / med['plan']:.3f}x")  # fmt: skip
+    out = Path(__file__).with_name("results") / "decode_overhead.json"
+    out.parent.mkdir(exist_ok=True)
+    doc = {"threads": torch.get_num_threads(), "fake_gemv": args.fake_gemv, "formats": results}
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
