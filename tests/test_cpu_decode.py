@@ -98,13 +98,14 @@ def _spy_runs(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize(
-    "dtype,quant",
-    [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8"),
-     (torch.bfloat16, "int4"), (torch.bfloat16, "fp8")],
+    "dtype,quant,moe",
+    [(torch.float32, None, False), (torch.bfloat16, None, False), (torch.bfloat16, "int8", False),
+     (torch.bfloat16, "int4", False), (torch.bfloat16, "fp8", False), (torch.float32, None, True),
+     (torch.bfloat16, "int8", True)],
 )  # fmt: skip
-def test_plan_equals_module_path_bitwise(dtype, quant, monkeypatch):
+def test_plan_equals_module_path_bitwise(dtype, quant, moe, monkeypatch):
     be = _backend()
-    model = _model(dtype, quant)
+    model = _model(dtype, quant, moe)
     plan, modules = Run(model, be), Run(model, be)
     runs = _spy_runs(monkeypatch)
     applies = cpu_decode.DecodePlan.applies
@@ -122,12 +123,12 @@ def test_plan_equals_module_path_bitwise(dtype, quant, monkeypatch):
 
 
 def test_where_the_plan_does_not_apply(monkeypatch):
-    """MoE models, other cache dtypes, QWEN35_NO_KERNELS=1 (at any time): the module path."""
+    """fp16 models, other cache dtypes, QWEN35_NO_KERNELS=1 (at any time): the module path."""
     be = _backend()
     runs = _spy_runs(monkeypatch)
-    moe = _model(torch.float32, moe=True)
-    assert not cpu_decode.supported(moe, allocate_caches(moe.config, 4, BS, 2, moe.dtype, "cpu"))
-    run = Run(moe, be)
+    half = _model(torch.float16)
+    assert not cpu_decode.supported(half, allocate_caches(half.config, 4, BS, 2, half.dtype, "cpu"))
+    run = Run(half, be)
     run.step([(0, [5, 6, 7])])
     run.step([(0, [8])])
     assert runs == []

@@ -222,7 +222,7 @@ def test_a_stale_build_lock_is_cleared(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("avx2_only", [False, True], ids=["widest", "avx2"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "nk,nv,dk,dv,K", [(2, 4, 128, 128, 4), (1, 2, 64, 64, 4), (1, 2, 16, 44, 3)]
 )
@@ -246,7 +246,7 @@ def test_kernel_equals_the_torch_step(avx2_only, dtype, nk, nv, dk, dv, K):
     torch.testing.assert_close(S, S_ref, **tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gated_entry_equals_gates_kernel_and_norm(dtype):
     """deltanet_decode_gated is bitwise small_ops' gates -> deltanet_decode -> the output
     rounded to the model dtype -> small_ops' gated RMSNorm (the op-by-op CPU path), on rows

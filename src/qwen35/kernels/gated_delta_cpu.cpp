@@ -252,7 +252,8 @@ torch::Tensor deltanet_decode(const torch::Tensor& qkv,   // [n, C] model dtype,
   auto gc = g.contiguous();
   auto bc = beta.contiguous();
   auto out = torch::empty({n, nv, dv}, state.options());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "deltanet_decode", [&] {
+  const auto dt = qkv.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "deltanet_decode", [&] {
     deltanet_decode_impl<scalar_t>(qkv.data_ptr<scalar_t>(), qkv.stride(0),
                                    conv_state.data_ptr<scalar_t>(), conv_w.data_ptr<scalar_t>(),
                                    gc.data_ptr<float>(), bc.data_ptr<scalar_t>(),

@@ -8,10 +8,11 @@ model, every weight and kernel a decoder layer's decode step touches, then runs 
 kernels in the same order as the modules' forwards would: results are bitwise the module
 path's (tests/test_cpu_decode.py).
 
-It applies to a step when: the model is dense (no MoE) on one rank, fp32 or bf16, the batch's
-backend has the CPU kernels (`QWEN35_NO_KERNELS=1` is honoured at any time), and the step is decode only
+It applies to a step when: the model is on one rank, fp32 or bf16, the batch's backend has
+the CPU kernels (`QWEN35_NO_KERNELS=1` is honoured at any time), and the step is decode only
 with its rows in state-slot order (the engine's usual batch-1 step). Anything else takes the
-module path.
+module path. MoE layers run their routing and experts through their module (layers/moe.py);
+their mixers and norms are in the plan like a dense layer's.
 """
 
 from __future__ import annotations
@@ -27,17 +28,15 @@ from qwen35.layers.linear import linear
 
 
 def supported(model, caches: ModelCaches) -> bool:
-    """A plan can run this model on these caches: dense, one tensor-parallel rank, packed
-    projections, fp32 / bf16 with fp32 DeltaNet states and K/V caches of the model dtype."""
+    """A plan can run this model on these caches: one tensor-parallel rank, packed projections,
+    fp32 / bf16 with fp32 DeltaNet states and K/V caches of the model dtype."""
     dtype = model.dtype
     return (
         model.tp.size == 1
         and model.packed
-        and not model.config.is_moe
         and dtype in (torch.float32, torch.bfloat16)
         and all(c.dtype == dtype for c in caches.key + caches.value + caches.conv)
         and all(r.dtype == torch.float32 for r in caches.recurrent)
-        and all(layer.mlp.packed_gate_up is not None for layer in model.model.layers)
     )
 
 
@@ -89,13 +88,17 @@ class DecodePlan:
         self.layers = []
         for layer in model.model.layers:
             i, mlp = layer.cache_index, layer.mlp
+            if layer.is_moe:  # the module's routing and experts (layers/moe.py)
+                ffn = (mlp.forward, None)
+            else:  # gate_up, then down of silu * up
+                ffn = (_projection(mlp.packed_gate_up, mlp.gate_proj, mlp.up_proj),
+                       mlp.down_proj.forward)  # fmt: skip
             common = (
                 layer.input_layernorm.weight,
                 layer.input_layernorm.eps,
                 layer.post_attention_layernorm.weight,
                 layer.post_attention_layernorm.eps,
-                _projection(mlp.packed_gate_up, mlp.gate_proj, mlp.up_proj),
-                mlp.down_proj.forward,
+                *ffn,
             )
             if layer.layer_type == "linear_attention":
                 m = layer.linear_attn
@@ -150,6 +153,9 @@ class DecodePlan:
                 x = so.add_rms_norm_zc_(h, delta, w_in, eps_in)
             y = mixer(proj(x), step)
             x = so.add_rms_norm_zc_(h, out(y), w_post, eps_post)
-            gate, up = gate_up(x)
-            delta = down(so.silu_mul(gate, up))
+            if down is None:  # MoE: gate_up is the module's forward
+                delta = gate_up(x, batch.backend)
+            else:
+                gate, up = gate_up(x)
+                delta = down(so.silu_mul(gate, up))
         return delta
