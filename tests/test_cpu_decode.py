@@ -157,3 +157,56 @@ def test_post_load_drops_the_plan():
     assert model._decode_plan is None
     run.step([(0, [9])])
     assert model._decode_plan is not None and model._decode_plan is not first
+
+
+def test_engine_steps_decode_rows_in_slot_order(tmp_path, monkeypatch):
+    """A sequence that joins after another finished takes its free (lower) state slot, so the
+    scheduler's order is not the slots' order: the CPU runner sorts a decode step's rows by
+    slot, and every decode step runs the plan; outputs equal each request alone."""
+    from qwen35.engine.llm_engine import LLMEngine
+    from qwen35.request import SamplingParams
+    from tiny import save_checkpoint
+
+    _backend()
+    save_checkpoint(tmp_path / "m", moe=False)
+    eng = LLMEngine(str(tmp_path / "m"), dtype="fp32", max_num_seqs=3, verbose=False)
+    seen = []
+    applies = cpu_decode.DecodePlan.applies
+
+    def spy(batch):
+        ok = applies(batch)
+        if not batch.prefill:
+            seen.append((batch.decode.all_rows_in_slot_order, ok))
+        return ok
+
+    monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(spy))
+    orders = []  # the scheduler's slot order of each decode-only step, before the runner's sort
+    execute = eng.runner.execute
+
+    def execute_spy(scheduled):
+        if scheduled and all(s.num_new_tokens == 1 for s in scheduled):
+            orders.append([s.seq.state_slot for s in scheduled])
+        return execute(scheduled)
+
+    monkeypatch.setattr(eng.runner, "execute", execute_spy)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (9, 4, 13, 6)]
+    lengths = [2, 9, 9, 6]  # the first finishes early; the fourth then takes its slot 0
+
+    def run(ids):
+        for i in ids:
+            sp = SamplingParams(max_tokens=lengths[i], temperature=0.0, ignore_eos=True)
+            eng.add_request(str(i), prompts[i], sp)
+        out = {}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.finished:
+                    out[int(o.request_id)] = o.outputs[0].token_ids
+        return out
+
+    together = run(range(4))
+    assert any(o != sorted(o) for o in orders)  # the case this test is about happened
+    assert len(seen) == len(orders) and all(ok for ok, _ in seen) and all(ok for _, ok in seen)
+    for i in range(4):
+        alone = run([i])
+        assert alone[i] == together[i]

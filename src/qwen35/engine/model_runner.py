@@ -172,6 +172,11 @@ class ModelRunner:
                 self.copy_state(s.restore_from, s.seq.state_slot)
         if not scheduled:
             return StepResult({}, {})
+        if self.device.type == "cpu" and all(s.num_new_tokens == 1 for s in scheduled):
+            # one token each: rows in state-slot order, so the CPU kernels step the DeltaNet
+            # states in place on runs of slots and the decode plan applies (models/
+            # cpu_decode.py); each row's arithmetic is the same in any order
+            scheduled = sorted(scheduled, key=lambda s: s.seq.state_slot)
         input_ids, batch, sample_seqs = self.build_batch(scheduled)
         if self.vision is not None:
             self.vision.apply(scheduled, batch)  # images: encoder outputs and 3-D positions
