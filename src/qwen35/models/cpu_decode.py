@@ -24,7 +24,7 @@ import torch
 from qwen35 import kernels
 from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
 from qwen35.kernels import attention, small_ops
-from qwen35.layers.linear import linear
+from qwen35.layers.linear import PACKED_MAX_ROWS, linear
 
 
 def supported(model, caches: ModelCaches) -> bool:
@@ -124,6 +124,7 @@ class DecodePlan:
         return (
             not batch.prefill
             and d is not None
+            and batch.num_tokens <= PACKED_MAX_ROWS  # the modules' projections are packed too
             and d.rows_by_slot is not None
             and d.all_rows_in_slot_order
             and batch.mm_rows is None
