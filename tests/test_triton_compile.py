@@ -17,7 +17,9 @@ import os
 import pytest
 import torch
 
-triton = pytest.importorskip("triton", reason="Triton is not installed (see tests/triton_interp.py)")
+triton = pytest.importorskip(
+    "triton", reason="Triton is not installed (see tests/triton_interp.py)"
+)
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("the kernels are interpreted in this process (unset TRITON_INTERPRET)",
                 allow_module_level=True)  # fmt: skip
