@@ -69,7 +69,7 @@ step() {  # step SECONDS NAME COMMAND...: a bounded step, its output appended to
 # 1. correctness on the GPU: kernels first, then the engine, then block FP8. No -x: one failure
 # must not hide the others; pytest-timeout (on the image) bounds a hanging test.
 PT=""
-python3 -c "import pytest_timeout" 2>/dev/null && PT="--timeout=75"
+python3 -c "import pytest_timeout" 2>/dev/null && PT="--timeout=120"
 timeout 180 python3 -m pytest -q -m gpu tests/test_triton_kernels.py tests/test_gpu.py \
   tests/test_quant_gpu.py -p no:cacheprovider -rfEs --durations=8 $PT >"$OUT/pytest.log" 2>&1
 echo "=== pytest rc=$?" | tee -a "$LOG"
