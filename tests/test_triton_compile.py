@@ -42,6 +42,7 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_
         signature[k] = "constexpr"
     src = ASTSource(fn, signature, constexprs)
     k = triton.compile(src, target=SM90, options={"num_warps": num_warps, "num_stages": num_stages})
+    assert k.asm.get("cubin"), f"{fn.__name__}: no cubin"  # ptxas ran
     assert k.metadata.shared <= SMEM_LIMIT, f"{fn.__name__}: {k.metadata.shared} B shared memory"
     return k
 
