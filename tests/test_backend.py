@@ -312,3 +312,20 @@ def test_enforce_eager_option_and_cpu_engine_has_no_graphs(tmp_path):
     assert eng.runner.graphs is None and eng.runner.backend is select_backend(
         "cpu", dtype=torch.float32
     )
+
+
+def test_no_decode_graphs_for_quantized_experts(caplog):
+    """Quantized experts run the expert loop (host-read counts): no capture is attempted, even
+    where the backend could capture the rest (a failed capture is not a clean fallback)."""
+    from qwen35.engine.model_runner import GraphSpec, ModelRunner
+    from qwen35.quant.layers import Fp8Experts
+
+    model = _model(True)
+    mlp = model.model.layers[0].mlp
+    mlp.experts = Fp8Experts.quantize(mlp.experts)
+    caches = allocate_caches(model.config, 8, BS, 3, torch.float32, "cpu")
+    be = Backend("cuda", triton_attention=True, grouped_mm=True)
+    assert be.can_capture
+    with caplog.at_level("WARNING", logger="qwen35"):
+        runner = ModelRunner(model, caches, (1,), "cpu", backend=be, decode_graphs=GraphSpec(2, 64))
+    assert runner.graphs is None and "quantized MoE experts" in caplog.text

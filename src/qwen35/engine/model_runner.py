@@ -69,6 +69,8 @@ class ModelRunner:
 
     def _capture(self, spec: GraphSpec) -> DecodeGraphs | None:
         """Decode CUDA graphs where the backend allows them (else None: eager steps)."""
+        from qwen35.layers.moe import Experts
+
         be = self.backend
         moe = getattr(getattr(self.model, "config", None), "is_moe", False)
         if not be.can_capture or (moe and not be.grouped_mm):
@@ -76,6 +78,10 @@ class ModelRunner:
                 "decode runs without CUDA graphs: backend %s cannot capture a step "
                 "(needs Triton attention%s)", be.name, " and torch._grouped_mm" if moe else ""
             )  # fmt: skip
+            return None
+        if any(isinstance(m, Experts) and not m.grouped for m in self.model.modules()):
+            # quantized experts run one expert at a time from counts read on the host
+            log.warning("decode runs without CUDA graphs: quantized MoE experts sync the host")
             return None
         c = self.caches
         graphs = DecodeGraphs(
