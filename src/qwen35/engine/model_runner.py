@@ -92,6 +92,8 @@ class ModelRunner:
             graphs.capture()
         except Exception as e:  # a kernel that syncs or allocates on the host: run eagerly
             log.warning("CUDA graph capture failed (%s); decode runs eagerly", str(e)[:300])
+            if self.device.type == "cuda":  # torch.cuda.graph leaves its capture stream current
+                torch.cuda.set_stream(torch.cuda.default_stream(self.device))  # when it raises
             return None
         return graphs
 
