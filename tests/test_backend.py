@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
 from qwen35.config import ModelConfig
@@ -143,6 +144,55 @@ def assert_steps_equal_reference(model, backend, tol: float) -> None:
             torch.testing.assert_close(y, x, atol=tol, rtol=tol)
 
 
+class HostSyncs(TorchDispatchMode):
+    """Records the ops a decode step calls that cannot be captured in a CUDA graph: reads of a
+    device value on the host (`.item()`, `.tolist()`, `bool(t)`, `torch.equal`), ops whose
+    output size depends on values (`nonzero`, `bincount`, ...), and tensors made from Python
+    data (`torch.tensor(list)`: a copy from pageable host memory on a GPU). On a CPU these run
+    fine, which is why a CPU run must look for them."""
+
+    BANNED = {
+        "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal",
+        "aten::allclose", "aten::nonzero", "aten::bincount", "aten::masked_select",
+        "aten::unique_consecutive", "aten::_unique2", "aten::unique_dim", "aten::lift_fresh",
+        "aten::repeat_interleave",
+    }  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in self.BANNED and not (
+            name == "aten::repeat_interleave" and not isinstance(args[1], torch.Tensor)
+        ):  # repeat_interleave by an int is static; by a tensor it syncs
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _watched(mode: HostSyncs, fn, *args):
+    """fn(*args) under `mode`; `.tolist()` and `.numpy()`, which read the data without an aten
+    op on a CPU, are recorded too."""
+    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+    def reads(name):
+        def read(t, *a, **k):
+            mode.seen.append(f"Tensor.{name}")
+            return saved[name](t, *a, **k)
+
+        return read
+
+    for name in saved:
+        setattr(torch.Tensor, name, reads(name))
+    try:
+        with mode:
+            return fn(*args)
+    finally:
+        for name, f in saved.items():
+            setattr(torch.Tensor, name, f)
+
+
 def assert_padded_decode_equals_eager(model, backend, prompt_lens, steps: int, tol: float):
     """The static-buffer decode path (what a CUDA graph replays), run eagerly through `backend`:
     three sequences in a bucket of four; the padding row's KV and state land in the padding
@@ -156,6 +206,8 @@ def assert_padded_decode_equals_eager(model, backend, prompt_lens, steps: int, t
     pad_block, pad_slot = 99, slots - 1
     graphs = DecodeGraphs(model, got.caches, backend, 4, 20, pad_block, pad_slot)
     graphs.eager = True
+    syncs = HostSyncs()  # watches the forward a graph would capture (not the buffer copies)
+    graphs.model = lambda *a: _watched(syncs, model, *a)
     for _ in range(steps):
         toks = torch.randint(2, 256, (3,), generator=g).tolist()
         items = [(2, [toks[0]]), (0, [toks[1]]), (1, [toks[2]])]
@@ -173,7 +225,9 @@ def assert_padded_decode_equals_eager(model, backend, prompt_lens, steps: int, t
         for s, _ in items:
             got.lens[s] += 1
         assert graphs.can_run(batch)
-        torch.testing.assert_close(graphs.run(torch.tensor(toks), batch), a, atol=tol, rtol=tol)
+        out = graphs.run(torch.tensor(toks), batch)
+        assert not syncs.seen, f"not capturable in a CUDA graph: {sorted(set(syncs.seen))}"
+        torch.testing.assert_close(out, a, atol=tol, rtol=tol)
     real = [i for i in range(100) if i != pad_block]
     for x, y in zip(ref.caches.key, got.caches.key, strict=True):
         torch.testing.assert_close(y[real], x[real], atol=tol, rtol=tol)
@@ -228,8 +282,18 @@ def test_graph_buckets():
     assert graph_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
 
 
-def test_decode_graph_buffers_pad_rows_that_write_nowhere():
-    assert_padded_decode_equals_eager(_model(), Backend("cuda"), (7, 12, 5), steps=3, tol=2e-5)
+@pytest.mark.parametrize("moe", [False, True])
+def test_decode_graph_buffers_pad_rows_that_write_nowhere(moe):
+    """Also: the step holds no op a CUDA graph cannot capture (HostSyncs)."""
+    be = Backend("cuda", grouped_mm=moe)  # an MoE model is captured only with grouped mm
+    assert_padded_decode_equals_eager(_model(moe), be, (7, 12, 5), steps=3, tol=2e-5)
+
+
+def test_host_syncs_are_caught():
+    """The expert loop (no grouped mm) reads the expert counts on the host: not capturable,
+    which model_runner knows (no graphs for an MoE model without grouped mm)."""
+    with pytest.raises(AssertionError, match="not capturable.*Tensor.tolist"):
+        assert_padded_decode_equals_eager(_model(True), Backend("cuda"), (7, 12, 5), 1, 2e-5)
 
 
 def test_enforce_eager_option_and_cpu_engine_has_no_graphs(tmp_path):
@@ -290,3 +354,20 @@ def test_cpu_kernels_equal_reference_with_fused_decode_layers(monkeypatch):
     for name in ("key", "value", "conv", "recurrent"):
         for x, y in zip(getattr(ref.caches, name), getattr(got.caches, name), strict=True):
             torch.testing.assert_close(y, x, atol=2e-5, rtol=2e-5)
+
+
+def test_no_decode_graphs_for_quantized_experts(caplog):
+    """Quantized experts run the expert loop (host-read counts): no capture is attempted, even
+    where the backend could capture the rest (a failed capture is not a clean fallback)."""
+    from qwen35.engine.model_runner import GraphSpec, ModelRunner
+    from qwen35.quant.layers import Fp8Experts
+
+    model = _model(True)
+    mlp = model.model.layers[0].mlp
+    mlp.experts = Fp8Experts.quantize(mlp.experts)
+    caches = allocate_caches(model.config, 8, BS, 3, torch.float32, "cpu")
+    be = Backend("cuda", triton_attention=True, grouped_mm=True)
+    assert be.can_capture
+    with caplog.at_level("WARNING", logger="qwen35"):
+        runner = ModelRunner(model, caches, (1,), "cpu", backend=be, decode_graphs=GraphSpec(2, 64))
+    assert runner.graphs is None and "quantized MoE experts" in caplog.text

@@ -211,3 +211,22 @@ def test_cli_errors(tiny_cfg, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--contexts", "1k,x"])
     assert e.value.code == 2
+
+
+def test_baseline_label_names_each_kernel_package(monkeypatch):
+    """transformers takes fla's delta rule and causal-conv1d's conv each where importable; the
+    label must not call a run with fla "torch fallback" (the H200 run has fla, not the conv)."""
+    import importlib.util
+
+    from qwen35.benchmarks import hf_baseline
+
+    def have(*names):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda m: object() if m in names else None)
+
+    have("fla")
+    assert hf_baseline.implementation("cuda") == "fla delta rule, torch conv"
+    assert hf_baseline.implementation("cpu") == hf_baseline.FALLBACK
+    have("fla", "causal_conv1d")
+    assert hf_baseline.implementation("cuda") == "flash-linear-attention kernels"
+    have()
+    assert hf_baseline.implementation("cuda") == hf_baseline.FALLBACK

@@ -10,7 +10,7 @@ import torch
 
 from qwen35.engine.llm_engine import LLM, PromptTooLongError
 from qwen35.request import SamplingParams
-from tiny import save_checkpoint
+from tiny import hf_torch_path, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,10 @@ def make(d, **kw) -> LLM:
 
 
 def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    with hf_torch_path():  # the plain PyTorch reference, also where fla-core is installed
+        out = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n
+        )
     return out[0, len(prompt) :].tolist()
 
 

@@ -37,10 +37,11 @@ def test_triton_block_fp8_matches_reference(M, N, K):
     assert _rel(y, fp8_gpu.reference(x, w, s, (128, 128))) < 0.03
 
 
-def test_dispatch_matches_reference_and_activation_quant():
-    x, w, s = _problem(33, 512, 1024)
+@pytest.mark.parametrize("M", [1, 33])  # a decode row, an odd batch
+def test_dispatch_matches_reference_and_activation_quant(M):
+    x, w, s = _problem(M, 512, 1024)
     y = fp8_gpu.fp8_linear_gpu(x, w, s, (128, 128))
-    assert y.shape == (33, 512) and y.dtype == torch.bfloat16
+    assert y.shape == (M, 512) and y.dtype == torch.bfloat16
     assert _rel(y, fp8_gpu.reference(x, w, s, (128, 128))) < 0.03
     q, xs = fp8_gpu.quantize_activations(x.float())
     back = q.float() * xs.repeat_interleave(128, 1)[:, : x.shape[1]]

@@ -11,12 +11,54 @@ random weights, norm weights randomised so the zero-centred `1 + w` convention i
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 VOCAB_REAL = 248320  # the real Qwen 3.5 vocabulary size (needed with the real tokenizer)
+
+
+# transformers' Qwen 3.5 modules call these module-level functions; each is wrapped to take an
+# installed kernel package's version instead (fla-core for the gated delta rule, causal-conv1d).
+_HF_KERNEL_FUNCS = (
+    "torch_chunk_gated_delta_rule",
+    "torch_recurrent_gated_delta_rule",
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+)
+
+
+@contextlib.contextmanager
+def hf_torch_path():
+    """Run transformers' Qwen 3.5 reference on its plain PyTorch functions. With fla-core
+    importable (the GPU machine), transformers 5.x routes its gated delta rule to fla's Triton
+    kernels whatever the tensors' device, and a CPU reference then fails there: compiled Triton
+    refuses CPU tensors (only the interpreter takes them). The wrappers' own torch path is taken,
+    with their keyword filtering."""
+
+    def torch_only(fn):
+        base = inspect.unwrap(fn)
+        params = set(inspect.signature(base).parameters)
+        return lambda *a, **kw: base(*a, **{k: v for k, v in kw.items() if k in params})
+
+    saved = []
+    for name, mod in list(sys.modules.items()):
+        if mod is None or not name.startswith("transformers.models.qwen3_5"):
+            continue
+        for attr in _HF_KERNEL_FUNCS:
+            fn = getattr(mod, attr, None)
+            if fn is not None and inspect.unwrap(fn) is not fn:
+                saved.append((mod, attr, fn))
+                setattr(mod, attr, torch_only(fn))
+    try:
+        yield
+    finally:
+        for mod, attr, fn in saved:
+            setattr(mod, attr, fn)
 
 
 def tiny_config_dict(moe: bool = False, **overrides) -> dict:

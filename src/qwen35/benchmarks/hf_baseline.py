@@ -4,10 +4,10 @@ The transformers model is built on the meta device from a text config derived fr
 `ModelConfig`, then given our parameter tensors themselves (`load_state_dict(assign=True)`:
 parameter names are identical), so both hold the same random weights in one copy of memory.
 
-Which transformers runs: Qwen 3.5's Gated DeltaNet layers have a fast path in transformers only
-with the flash-linear-attention and causal-conv1d kernels (Triton / CUDA, so GPU only).
-Without them, on every CPU, it runs its PyTorch fallback, which it warns is much slower; we
-silence that warning, so `implementation()` names the path in every table and JSON document.
+Which transformers runs: Qwen 3.5's Gated DeltaNet layers take, each on its own, the gated delta
+rule of flash-linear-attention (fla-core) and the causal conv of causal-conv1d where the package
+is importable (Triton / CUDA, so GPU only), else a PyTorch fallback, which it warns is much slower;
+we silence that warning, so `implementation()` names the path in every table and JSON document.
 """
 
 from __future__ import annotations
@@ -66,10 +66,13 @@ def implementation(device: torch.device | str) -> str:
     """The Gated DeltaNet path transformers takes on `device` (see the module docstring)."""
     import importlib.util
 
-    kernels = all(importlib.util.find_spec(m) for m in ("fla", "causal_conv1d"))
-    if torch.device(device).type == "cuda" and kernels:
+    fla, conv = (importlib.util.find_spec(m) is not None for m in ("fla", "causal_conv1d"))
+    if torch.device(device).type != "cuda" or not (fla or conv):
+        return FALLBACK
+    if fla and conv:
         return "flash-linear-attention kernels"
-    return FALLBACK
+    # the H200 run carries fla-core but not causal-conv1d (a CUDA build)
+    return "fla delta rule, torch conv" if fla else "causal-conv1d, torch delta rule"
 
 
 def build_hf_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -69,6 +69,8 @@ class ModelRunner:
 
     def _capture(self, spec: GraphSpec) -> DecodeGraphs | None:
         """Decode CUDA graphs where the backend allows them (else None: eager steps)."""
+        from qwen35.layers.moe import Experts
+
         be = self.backend
         moe = getattr(getattr(self.model, "config", None), "is_moe", False)
         if not be.can_capture or (moe and not be.grouped_mm):
@@ -76,6 +78,10 @@ class ModelRunner:
                 "decode runs without CUDA graphs: backend %s cannot capture a step "
                 "(needs Triton attention%s)", be.name, " and torch._grouped_mm" if moe else ""
             )  # fmt: skip
+            return None
+        if any(isinstance(m, Experts) and not m.grouped for m in self.model.modules()):
+            # quantized experts run one expert at a time from counts read on the host
+            log.warning("decode runs without CUDA graphs: quantized MoE experts sync the host")
             return None
         c = self.caches
         graphs = DecodeGraphs(
@@ -86,6 +92,8 @@ class ModelRunner:
             graphs.capture()
         except Exception as e:  # a kernel that syncs or allocates on the host: run eagerly
             log.warning("CUDA graph capture failed (%s); decode runs eagerly", str(e)[:300])
+            if self.device.type == "cuda":  # torch.cuda.graph leaves its capture stream current
+                torch.cuda.set_stream(torch.cuda.default_stream(self.device))  # when it raises
             return None
         return graphs
 

@@ -40,6 +40,11 @@ class Experts(nn.Module):
         self.gate_up_proj = empty_param(E, 2 * I, H, dtype=dtype, device=device)
         self.down_proj = empty_param(E, H, I, dtype=dtype, device=device)
 
+    @property
+    def grouped(self) -> bool:
+        """All experts' plain weights here: the grouped path (no host sync, capturable)."""
+        return type(self) is Experts and self.num_total is None
+
     def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:  # [n, H] -> [n, 2I]
         return F.linear(x, self.gate_up_proj[e])
 
@@ -53,7 +58,7 @@ class Experts(nn.Module):
         top_w: torch.Tensor,  # [T, k] routing weights in x.dtype
         backend: Backend | None = None,
     ) -> torch.Tensor:
-        if type(self) is Experts and self.num_total is None:  # plain weights: grouped path
+        if self.grouped:  # plain weights: grouped path
             if backend is None:
                 return grouped_experts_reference(
                     x, self.gate_up_proj, self.down_proj, top_idx, top_w
