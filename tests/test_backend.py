@@ -80,11 +80,15 @@ def fake_fla():
     return SimpleNamespace(chunk=chunk, fused_recurrent=fused_recurrent, conv=conv)
 
 
-def _model(moe=False, device="cpu", dtype=torch.float32):
+def _model(moe=False, device="cpu", dtype=torch.float32, quant=None):
     hf = tiny.hf_model(moe=moe)
     cfg = ModelConfig.from_hf(json.loads(hf.config.to_json_string()))
     m = Qwen35ForCausalLM(cfg, dtype=dtype, device=device)
     m.load_state_dict(hf.state_dict())  # packed after loading, on the final device
+    if quant:  # weight-only quantization before packing, as the loader does (quant/apply.py)
+        from qwen35.quant.apply import quantize_model_
+
+        quantize_model_(m, quant)
     m.post_load()
     return m
 
@@ -92,9 +96,9 @@ def _model(moe=False, device="cpu", dtype=torch.float32):
 class Seqs:
     """Sequences with fixed blocks (seq i owns blocks 20i..20i+19) and state slot i."""
 
-    def __init__(self, model, backend, num_slots=8):
+    def __init__(self, model, backend, num_slots=8, cache_dtype=torch.float32):
         self.model, self.backend = model, backend
-        self.caches = allocate_caches(model.config, 100, BS, num_slots, torch.float32, "cpu")
+        self.caches = allocate_caches(model.config, 100, BS, num_slots, cache_dtype, "cpu")
         self.lens: dict[int, int] = {}
 
     def step(self, items, checkpoints=()):

@@ -3,20 +3,13 @@ stays out of the way where it does not."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-import tiny
-from qwen35.config import ModelConfig
-from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
+from qwen35.engine.forward_batch import allocate_caches
 from qwen35.models import cpu_decode
-from qwen35.models.qwen3_5 import Qwen35ForCausalLM
 from qwen35.ops.backend import select_backend
-from qwen35.quant.apply import quantize_model_
-
-BS = 16
+from test_backend import BS, Seqs, _model
 
 
 def _backend():
@@ -26,46 +19,9 @@ def _backend():
     return be
 
 
-def _model(dtype, quant=None, moe=False):
-    hf = tiny.hf_model(moe=moe)
-    cfg = ModelConfig.from_hf(json.loads(hf.config.to_json_string()))
-    m = Qwen35ForCausalLM(cfg, dtype=dtype)
-    m.load_state_dict(hf.state_dict())
-    if quant:
-        quantize_model_(m, quant)
-    m.post_load()
-    return m
-
-
-class Run:
-    """Sequences with fixed blocks (seq i owns blocks 10i..10i+9) and state slot i."""
-
-    def __init__(self, model, backend):
-        self.model, self.backend = model, backend
-        self.caches = allocate_caches(model.config, 60, BS, 6, model.dtype, "cpu")
-        self.lens: dict[int, int] = {}
-
-    def step(self, items):
-        """items [(seq, token ids)] -> logits of each item's last token."""
-        pos, smap, cu, ctx, ids, last = [], [], [0], [], [], []
-        for s, toks in items:
-            start = self.lens.get(s, 0)
-            pos += range(start, start + len(toks))
-            smap += [(10 * s + p // BS) * BS + p % BS for p in range(start, start + len(toks))]
-            ids += toks
-            cu.append(cu[-1] + len(toks))
-            ctx.append(start + len(toks))
-            last.append(cu[-1] - 1)
-        batch = ForwardBatch.build(
-            positions=pos, cu_seqlens=cu, context_lens=ctx, slot_mapping=smap,
-            block_tables=[list(range(10 * s, 10 * s + 10)) for s, _ in items],
-            state_slots=[s for s, _ in items],
-            has_initial_state=[self.lens.get(s, 0) > 0 for s, _ in items],
-            logits_indices=last, backend=self.backend,
-        )  # fmt: skip
-        for s, toks in items:
-            self.lens[s] = self.lens.get(s, 0) + len(toks)
-        return self.model(torch.tensor(ids), batch, self.caches)
+def _run(model, backend):
+    """test_backend's fixed-block sequences, with caches of the model's dtype (the plan's)."""
+    return Seqs(model, backend, cache_dtype=model.dtype)
 
 
 def _script():
@@ -105,8 +61,8 @@ def _spy_runs(monkeypatch) -> list:
 )  # fmt: skip
 def test_plan_equals_module_path_bitwise(dtype, quant, moe, monkeypatch):
     be = _backend()
-    model = _model(dtype, quant, moe)
-    plan, modules = Run(model, be), Run(model, be)
+    model = _model(moe, dtype=dtype, quant=quant)
+    plan, modules = _run(model, be), _run(model, be)
     runs = _spy_runs(monkeypatch)
     applies = cpu_decode.DecodePlan.applies
     for items, expected in _script():
@@ -126,16 +82,16 @@ def test_where_the_plan_does_not_apply(monkeypatch):
     """fp16 models, other cache dtypes, QWEN35_NO_KERNELS=1 (at any time): the module path."""
     be = _backend()
     runs = _spy_runs(monkeypatch)
-    half = _model(torch.float16)
+    half = _model(dtype=torch.float16)
     assert not cpu_decode.supported(half, allocate_caches(half.config, 4, BS, 2, half.dtype, "cpu"))
-    run = Run(half, be)
+    run = _run(half, be)
     run.step([(0, [5, 6, 7])])
     run.step([(0, [8])])
     assert runs == []
-    dense = _model(torch.bfloat16)
+    dense = _model(dtype=torch.bfloat16)
     assert not cpu_decode.supported(dense, allocate_caches(dense.config, 4, BS, 2, torch.float32,
                                                            "cpu"))  # fmt: skip
-    run = Run(dense, be)
+    run = _run(dense, be)
     run.step([(0, [5, 6, 7])])
     run.step([(0, [8])])
     assert runs == [1]
@@ -147,8 +103,8 @@ def test_where_the_plan_does_not_apply(monkeypatch):
 def test_post_load_drops_the_plan():
     """The plan holds the weights: moving the model (post_load packs again) rebuilds it."""
     be = _backend()
-    model = _model(torch.float32)
-    run = Run(model, be)
+    model = _model()
+    run = _run(model, be)
     run.step([(0, [5, 6, 7])])
     run.step([(0, [8])])
     first = model._decode_plan

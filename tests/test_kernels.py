@@ -123,32 +123,21 @@ def test_switch_off_after_first_load(monkeypatch):
     assert calls == [1]  # switched off: the PyTorch path ran
 
 
-def _mixed_decode_batch(backend):
-    """3 decode rows in slots 5, 2, 3 (two runs, given out of slot order), slot 2 fresh."""
+def _decode_batch(backend, in_slot_order=False):
+    """3 decode rows in slots 5, 2, 3 (two runs), slot 2 fresh, given out of slot order; or in
+    slot order (2, 3, 5): then the layer takes the kernel with its gates and norm fused
+    (ops/deltanet.py deltanet_decode_gated)."""
+    rows = [(7, 5, True), (0, 2, False), (4, 3, True)]  # (position, state slot, has a state)
+    if in_slot_order:
+        rows.sort(key=lambda r: r[1])
     return ForwardBatch.build(
-        positions=[7, 0, 4],
+        positions=[p for p, _, _ in rows],
         cu_seqlens=[0, 1, 2, 3],
-        context_lens=[8, 1, 5],
+        context_lens=[p + 1 for p, _, _ in rows],
         slot_mapping=[7, 8, 9],
         block_tables=[[0], [0], [0]],
-        state_slots=[5, 2, 3],
-        has_initial_state=[True, False, True],
-        logits_indices=[0, 1, 2],
-        backend=backend,
-    )
-
-
-def _slot_ordered_decode_batch(backend):
-    """3 decode rows in slots 2, 3, 5 (two runs, rows in slot order), slot 2 fresh: the layer
-    takes the kernel with its gates and norm fused (ops/deltanet.py deltanet_decode_gated)."""
-    return ForwardBatch.build(
-        positions=[0, 4, 7],
-        cu_seqlens=[0, 1, 2, 3],
-        context_lens=[1, 5, 8],
-        slot_mapping=[7, 8, 9],
-        block_tables=[[0], [0], [0]],
-        state_slots=[2, 3, 5],
-        has_initial_state=[False, True, True],
+        state_slots=[slot for _, slot, _ in rows],
+        has_initial_state=[init for _, _, init in rows],
         logits_indices=[0, 1, 2],
         backend=backend,
     )
@@ -166,10 +155,11 @@ def test_fused_deltanet_decode_equals_torch_path(dtype, other, rows, monkeypatch
 
     _module()
     cfg, layer, g = _layer(dtype)
-    make = _mixed_decode_batch if rows == "mixed" else _slot_ordered_decode_batch
-    fast = make(select_backend("cpu"))
+    ordered = rows == "slot-ordered"
+    fast = _decode_batch(select_backend("cpu"), ordered)
     # a backend without CPU extras takes the gather path (the GPU's, minus fla)
-    ref = make(reference_backend("cpu") if other == "reference" else Backend("cuda"))
+    ref_be = reference_backend("cpu") if other == "reference" else Backend("cuda")
+    ref = _decode_batch(ref_be, ordered)
     assert fast.backend.cpu_kernels is not None
     fused_runs = []
     gated = layer_mod.deltanet_decode_gated

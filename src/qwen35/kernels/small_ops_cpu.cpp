@@ -25,7 +25,6 @@
 namespace {
 
 using namespace vec8;
-using rows::inv_rms;
 using rows::norm_zc_row;
 using rows::round_to;
 using rows::silu;

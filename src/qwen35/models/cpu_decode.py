@@ -25,6 +25,7 @@ from qwen35 import kernels
 from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
 from qwen35.kernels import attention, small_ops
 from qwen35.layers.linear import PACKED_MAX_ROWS, linear
+from qwen35.ops.deltanet import gated_slot_runs
 
 
 def supported(model, caches: ModelCaches) -> bool:
@@ -54,20 +55,8 @@ def _projection(packed, *linears):
 def _deltanet(conv_w, dt_bias, a_log, norm_w, eps, nk, i, proj, step):
     qkv, z, b, a = proj
     dn, _, batch, caches, _, _ = step
-    conv, rec = caches.conv[i], caches.recurrent[i]
-    runs = batch.decode.slot_runs
-    if len(runs) == 1 and runs[0][0] == 0 and runs[0][2] == qkv.shape[0]:  # all rows, one run
-        s0, n = runs[0][1], runs[0][2]
-        return dn.deltanet_decode_gated(qkv, z, a, b, conv[s0 : s0 + n], conv_w, dt_bias, a_log,
-                                        rec[s0 : s0 + n], norm_w, eps, nk)  # fmt: skip
-    ys = [
-        dn.deltanet_decode_gated(
-            qkv[i0 : i0 + n], z[i0 : i0 + n], a[i0 : i0 + n], b[i0 : i0 + n],
-            conv[s0 : s0 + n], conv_w, dt_bias, a_log, rec[s0 : s0 + n], norm_w, eps, nk,
-        )  # fmt: skip
-        for i0, s0, n in runs
-    ]
-    return torch.cat(ys)
+    return gated_slot_runs(dn, qkv, z, a, b, conv_w, dt_bias, a_log, norm_w, eps, nk,
+                           batch.decode.slot_runs, caches.conv[i], caches.recurrent[i])  # fmt: skip
 
 
 def _attention(q_norm_w, k_norm_w, eps, scale, i, proj, step):

@@ -249,15 +249,28 @@ def deltanet_decode_gated(be: Backend, qkv, z, a, b, conv_w, dt_bias, A_log, nor
     if d.fresh_slots is not None:
         conv_cache.index_fill_(0, d.fresh_slots, 0)
         rec_cache.index_fill_(0, d.fresh_slots, 0)
+    return gated_slot_runs(mod, qkv, z, a, b, conv_w, dt_bias, A_log, norm_w, eps, dims.nk,
+                           d.slot_runs, conv_cache, rec_cache)  # fmt: skip
+
+
+def gated_slot_runs(mod, qkv, z, a, b, conv_w, dt_bias, A_log, norm_w, eps, nk, slot_runs,
+                    conv_cache, rec_cache):  # fmt: skip
+    """The compiled `deltanet_decode_gated` (module `mod`) on each run of consecutive slots
+    (DecodeBatch.slot_runs: row i0.., slot s0.., n rows), rows in slot order; [N, Vd]. Also the
+    CPU decode plan's step (models/cpu_decode.py)."""
+    if len(slot_runs) == 1 and slot_runs[0][0] == 0 and slot_runs[0][2] == qkv.shape[0]:
+        _, s0, n = slot_runs[0]  # every row, one run: no row slices
+        return mod.deltanet_decode_gated(qkv, z, a, b, conv_cache[s0 : s0 + n], conv_w, dt_bias,
+                                         A_log, rec_cache[s0 : s0 + n], norm_w, eps, nk)  # fmt: skip
     ys = [
         mod.deltanet_decode_gated(
             qkv[i0 : i0 + n], z[i0 : i0 + n], a[i0 : i0 + n], b[i0 : i0 + n],
             conv_cache[s0 : s0 + n], conv_w, dt_bias, A_log, rec_cache[s0 : s0 + n], norm_w, eps,
-            dims.nk,
+            nk,
         )  # fmt: skip
-        for i0, s0, n in d.slot_runs
+        for i0, s0, n in slot_runs
     ]
-    return ys[0] if len(ys) == 1 else torch.cat(ys)
+    return torch.cat(ys)
 
 
 def _write_rows(o, d, y) -> None:
