@@ -8,6 +8,7 @@ import torch
 
 from kernel_modules import native_or_skip
 from qwen35 import kernels
+from qwen35.devices import cpu_flags
 from qwen35.kernels import attention
 from qwen35.ops.attention import decode_attention, naive_attention, paged_decode_attention
 from qwen35.ops.backend import reference_backend, select_backend
@@ -35,9 +36,13 @@ def _cache(lens, nkv, hd, bs, dtype, seed=0):
     return kc, vc, tables, kvs
 
 
+@pytest.mark.parametrize("avx2_only", [False, True])  # True: a CPU without AVX512-BF16's path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("nh,nkv,hd", [(8, 2, 256), (4, 4, 36)])  # 36: a tail past 4 x 8 lanes
-def test_decode_matches_gather_and_naive(mod, dtype, nh, nkv, hd):
+@pytest.mark.parametrize(
+    "nh,nkv,hd",
+    [(8, 2, 256), (4, 4, 36), (12, 2, 96)],  # 36: a tail past 4 x 8 lanes; 12 / 2: 4 + 2 heads a
+)  # KV head, 96: a 32-lane rest past 64 (AVX512-BF16)
+def test_decode_matches_gather_and_naive(mod, dtype, nh, nkv, hd, avx2_only):
     lens, bs = [150, 1, 37, 16], 16
     kc, vc, tables, kvs = _cache(lens, nkv, hd, bs, dtype)
     g = torch.Generator().manual_seed(1)
@@ -45,21 +50,24 @@ def test_decode_matches_gather_and_naive(mod, dtype, nh, nkv, hd):
     gate = torch.randn(len(lens), nh, 2 * hd, generator=g).to(dtype)[..., :hd]  # strided rows
     ctx = torch.tensor(lens, dtype=torch.int32)
     scale = hd**-0.5
-    out = mod.paged_decode_attention(q, kc, vc, tables, ctx, scale)
+    out = mod.paged_decode_attention(q, kc, vc, tables, ctx, scale, avx2_only=avx2_only)
     ref = decode_attention(q, kc, vc, tables, ctx.long(), max(lens), scale).to(dtype)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=8e-3, rtol=2e-2)
     torch.testing.assert_close(out, ref, **tol)
     for i, (k, v) in enumerate(kvs):  # the naive reference on the ungathered K/V
         naive = naive_attention(q[i : i + 1].float(), k.float(), v.float(), scale)[0]
         torch.testing.assert_close(out[i].float(), naive, **tol)
-    gated = mod.paged_decode_attention(q, kc, vc, tables, ctx, scale, gate)
+    gated = mod.paged_decode_attention(q, kc, vc, tables, ctx, scale, gate, avx2_only)
     torch.testing.assert_close(gated, ref.mul(torch.sigmoid(gate)), **tol)
     # batch invariance: each sequence alone gives bitwise its row of the batch
     for i in range(len(lens)):
         one = mod.paged_decode_attention(
-            q[i : i + 1], kc, vc, tables[i : i + 1], ctx[i : i + 1], scale
+            q[i : i + 1], kc, vc, tables[i : i + 1], ctx[i : i + 1], scale, avx2_only=avx2_only
         )
         assert torch.equal(one[0], out[i])
+    # which path ran: AVX512-BF16 for bf16 caches with hd % 32 == 0 on CPUs that have it
+    fast = dtype == torch.bfloat16 and hd % 32 == 0 and "avx512_bf16" in cpu_flags()
+    assert mod.fast_path(dtype, hd, avx2_only) == (fast and not avx2_only)
 
 
 def test_bad_input_is_refused(mod):

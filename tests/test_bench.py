@@ -12,7 +12,7 @@ import torch
 
 from qwen35.benchmarks import SCHEMA, WORKLOADS
 from qwen35.benchmarks.common import BenchOptions, load_bench_model
-from qwen35.benchmarks.peers import PAIRS
+from qwen35.benchmarks.peers import PAIRS, _decode_order
 from qwen35.cli import main
 from qwen35.devices import default_dtype
 from tiny import tiny_config_dict
@@ -85,6 +85,17 @@ def test_quality_and_peers_workloads(doc):
                                       b["decode_tokens_per_s_per_round"], strict=True)])  # fmt: skip
     if p["llama_cpp"] != "ran":
         assert isinstance(p["llama_cpp"], str) and p["llama_cpp"]  # the reason it was skipped
+
+
+def test_peers_decode_order_pairs_twins():
+    """Each of our formats decodes next to its llama.cpp twin, the pair's order alternating."""
+    names = ["qwen35 fp32", "qwen35 bf16", "qwen35 fp8", "llama.cpp f32", "llama.cpp bf16"]
+    engines = dict.fromkeys(names)
+    even = ["qwen35 fp32", "llama.cpp f32", "qwen35 bf16", "llama.cpp bf16", "qwen35 fp8"]
+    odd = ["llama.cpp f32", "qwen35 fp32", "llama.cpp bf16", "qwen35 bf16", "qwen35 fp8"]
+    assert _decode_order(engines, 0) == even and _decode_order(engines, 2) == even
+    assert _decode_order(engines, 1) == odd
+    assert _decode_order(dict.fromkeys(names[:3]), 1) == names[:3]  # llama.cpp not loaded
 
 
 def test_decode_workload(doc, tiny_cfg):

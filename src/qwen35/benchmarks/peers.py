@@ -66,6 +66,19 @@ class _Ours:
         return steps[0], steps[1:]
 
 
+def _decode_order(engines: dict, r: int) -> list[str]:
+    """Round r's decode order: each of our formats next to its llama.cpp twin (if loaded),
+    the pair's order alternating with the round."""
+    order = []
+    for name in engines:
+        if name.startswith("llama.cpp "):
+            continue  # placed beside its twin
+        twin = f"llama.cpp {PAIRS.get(name.removeprefix('qwen35 '), '')}"
+        pair = [name, twin] if twin in engines else [name]
+        order += pair if r % 2 == 0 else pair[::-1]
+    return order
+
+
 def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
     from qwen35.benchmarks import gguf
 
@@ -106,10 +119,13 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
         opts.say(f"peers: round {r + 1}/{sz['rounds']}")
         prompt = [rng.randrange(V) for _ in range(sz["prompt"])]
         long = {p: [rng.randrange(V) for _ in range(p)] for p in sz["prefill"]}
-        for name, eng in engines.items():
-            _, steps = eng.run(prompt, sz["new"], f"{name}-d{r}")
+        # decode: each pair back to back (ours first in even rounds, llama.cpp first in odd ones),
+        # so a pair's ratio sees the same minute of the machine's bandwidth, which drifts
+        for name in _decode_order(engines, r):
+            _, steps = engines[name].run(prompt, sz["new"], f"{name}-d{r}")
             decode[name] += steps
             per_round[name].append(1 / median(steps))
+        for name, eng in engines.items():
             for p, toks in long.items():
                 prefill[name][p].append(eng.run(toks, 1, f"{name}-p{p}-{r}")[0])
     rows = {}

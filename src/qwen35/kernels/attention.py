@@ -3,7 +3,8 @@ against its cached K/V in place, through its block table, the output gate applie
 
     paged_decode_attention(q [N, nh, hd], key_cache, value_cache [blocks, bs, nkv, hd],
                            block_tables [N, W] int32, context_lens [N] int32, scale,
-                           gate [N, nh, hd] or None) -> [N, nh, hd]
+                           gate [N, nh, hd] or None, avx2_only=False) -> [N, nh, hd]
+    fast_path(dtype, head_dim, avx2_only=False) -> the AVX512-BF16 paths run (bf16 caches)
 
 Its PyTorch twin is ops/attention.py's `decode_attention` (gather the blocks, SDPA), which it
 replaces on CPU backends with kernels (tests/test_attention_cpu.py; bench/attention_cpu.py).

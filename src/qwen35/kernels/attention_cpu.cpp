@@ -2,11 +2,15 @@
 // in place through its block table (the PyTorch path gathers every block of the context into a
 // new tensor per layer per step, then runs SDPA: ops/attention.py decode_attention).
 //
-// One task per (sequence, KV head); the query heads sharing that KV head (GQA) read each K and
-// V row once. Scores, softmax and the weighted sum of V run in fp32; the output is rounded to
-// the model dtype once, then multiplied by sigmoid(gate) rounded as the reference does
+// One task per (sequence, KV head), walking the context page by page (the next page prefetched);
+// up to 4 query heads sharing that KV head (GQA) are done together, so each K and V row is
+// loaded once for them and the P.V accumulators stay in registers across a page. Scores,
+// softmax and the weighted sum of V run in fp32 (bf16 caches on AVX512-BF16 CPUs: the
+// bf16 q.k products summed by vdpbf16ps, then scaled); the output is rounded to the model
+// dtype once, then multiplied by sigmoid(gate) rounded as the reference does
 // (o.mul_(torch.sigmoid(gate)) in the model dtype). Each task's arithmetic is independent of the
-// batch, so batched and single-sequence results are bitwise equal.
+// batch, so batched and single-sequence results are bitwise equal. bench/attention_cpu.py
+// times it against its AVX2 path and the gather + SDPA path.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -22,26 +26,172 @@ namespace {
 
 using namespace vec8;
 
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t hd) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= hd; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), load8(k + j), acc);
+#define TARGET_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
+
+bool cpu_avx512_bf16() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+inline float hsum8(__m256 acc) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  float out = _mm_cvtss_f32(s);
-  for (; j < hd; ++j) out += q[j] * static_cast<float>(k[j]);
-  return out;
+  return _mm_cvtss_f32(s);
+}
+
+// The kernel walks a context page by page: a page holds n <= bs consecutive positions, whose K
+// (or V) rows for one KV head lie `stride` elements apart. R <= 4 query heads of the GQA group
+// are done together, so each K / V row is loaded once for all of them.
+
+// s[r * L + t] = q_r . k_t for the page's positions t < n (q: R rows of hd, scaled, fp32)
+template <int R, typename T>
+void scores_page(const float* q, int64_t hd, const T* k, int64_t stride, int n, float* s,
+                 int64_t L) {
+  for (int t = 0; t < n; ++t, k += stride) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= hd; j += 8) {
+      const __m256 kv = load8(k + j);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * hd + j), kv, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) {
+      float out = hsum8(acc[r]);
+      for (int64_t jj = j; jj < hd; ++jj) out += q[r * hd + jj] * static_cast<float>(k[jj]);
+      s[r * L + t] = out;
+    }
+  }
+}
+
+// acc[r * hd + j] += sum over the page's t of p[r * L + t] * v_t[j], t ascending (each
+// accumulator is kept in registers across the page)
+template <int R, typename T>
+void pv_page(const float* p, int64_t L, const T* v, int64_t stride, int n, float* acc,
+             int64_t hd) {
+  int64_t j = 0;
+  for (; j + 16 <= hd; j += 16) {
+    __m256 a[R][2];
+    for (int r = 0; r < R; ++r) {
+      a[r][0] = _mm256_loadu_ps(acc + r * hd + j);
+      a[r][1] = _mm256_loadu_ps(acc + r * hd + j + 8);
+    }
+    const T* vp = v + j;
+    for (int t = 0; t < n; ++t, vp += stride) {
+      const __m256 v0 = load8(vp), v1 = load8(vp + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 pr = _mm256_set1_ps(p[r * L + t]);
+        a[r][0] = _mm256_fmadd_ps(pr, v0, a[r][0]);
+        a[r][1] = _mm256_fmadd_ps(pr, v1, a[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(acc + r * hd + j, a[r][0]);
+      _mm256_storeu_ps(acc + r * hd + j + 8, a[r][1]);
+    }
+  }
+  for (; j < hd; ++j)
+    for (int r = 0; r < R; ++r) {
+      float a = acc[r * hd + j];
+      for (int t = 0; t < n; ++t)
+        a = std::fma(p[r * L + t], static_cast<float>(v[t * stride + j]), a);
+      acc[r * hd + j] = a;
+    }
+}
+
+// bf16 caches on AVX512-BF16 CPUs, hd % 32 == 0: scores from the bf16 query and key products
+// (exact in fp32, vdpbf16ps), scaled after the sum; P.V with 64 fp32 lanes a pass.
+TARGET_AVX512_BF16 inline __m512 widen16(const c10::BFloat16* p) {  // exact
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <int R>
+TARGET_AVX512_BF16 void scores_page_bf16(const c10::BFloat16* q, int64_t hd,
+                                         const c10::BFloat16* k, int64_t stride, int n, float* s,
+                                         int64_t L, float scale) {
+  for (int t = 0; t < n; ++t, k += stride) {
+    __m512 acc[R][2];  // two chains a head: vdpbf16ps's latency
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 64 <= hd; j += 64)
+      for (int u = 0; u < 2; ++u) {
+        const __m512bh kv = (__m512bh)_mm512_loadu_si512(k + j + 32 * u);
+        for (int r = 0; r < R; ++r)
+          acc[r][u] = _mm512_dpbf16_ps(
+              acc[r][u], (__m512bh)_mm512_loadu_si512(q + r * hd + j + 32 * u), kv);
+      }
+    for (; j < hd; j += 32) {
+      const __m512bh kv = (__m512bh)_mm512_loadu_si512(k + j);
+      for (int r = 0; r < R; ++r)
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(q + r * hd + j), kv);
+    }
+    for (int r = 0; r < R; ++r)
+      s[r * L + t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) * scale;
+  }
+}
+
+// lanes [j, j + 16 C) of the R accumulators, over the page
+template <int R, int C>
+TARGET_AVX512_BF16 inline void pv_lanes_bf16(const float* p, int64_t L, const c10::BFloat16* vp,
+                                             int64_t stride, int n, float* acc, int64_t hd) {
+  __m512 a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = _mm512_loadu_ps(acc + r * hd + 16 * c);
+  for (int t = 0; t < n; ++t, vp += stride) {
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = widen16(vp + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[r * L + t]);
+      for (int c = 0; c < C; ++c) a[r][c] = _mm512_fmadd_ps(pr, vv[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + r * hd + 16 * c, a[r][c]);
+}
+
+template <int R>
+TARGET_AVX512_BF16 void pv_page_bf16(const float* p, int64_t L, const c10::BFloat16* v,
+                                     int64_t stride, int n, float* acc, int64_t hd) {
+  int64_t j = 0;
+  for (; j + 64 <= hd; j += 64) pv_lanes_bf16<R, 4>(p, L, v + j, stride, n, acc + j, hd);
+  if (j < hd) pv_lanes_bf16<R, 2>(p, L, v + j, stride, n, acc + j, hd);  // hd % 32 == 0
+}
+
+#define DISPATCH_R(R_, FN, ...)        \
+  switch (R_) {                        \
+    case 1: FN<1>(__VA_ARGS__); break; \
+    case 2: FN<2>(__VA_ARGS__); break; \
+    case 3: FN<3>(__VA_ARGS__); break; \
+    default: FN<4>(__VA_ARGS__); break; \
+  }
+
+template <typename T>
+inline void scores_group(int R, bool fast, const T* qT, const float* qf, int64_t hd, const T* k,
+                         int64_t stride, int n, float* s, int64_t L, float scale) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (fast) {
+      DISPATCH_R(R, scores_page_bf16, qT, hd, k, stride, n, s, L, scale);
+      return;
+    }
+  }
+  DISPATCH_R(R, scores_page, qf, hd, k, stride, n, s, L);
 }
 
 template <typename T>
-inline void axpy(float a, const T* v, float* acc, int64_t hd) {
-  const __m256 va = _mm256_set1_ps(a);
-  int64_t j = 0;
-  for (; j + 8 <= hd; j += 8)
-    _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(va, load8(v + j), _mm256_loadu_ps(acc + j)));
-  for (; j < hd; ++j) acc[j] += a * static_cast<float>(v[j]);
+inline void pv_group(int R, bool fast, const float* p, int64_t L, const T* v, int64_t stride,
+                     int n, float* acc, int64_t hd) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (fast) {
+      DISPATCH_R(R, pv_page_bf16, p, L, v, stride, n, acc, hd);
+      return;
+    }
+  }
+  DISPATCH_R(R, pv_page, p, L, v, stride, n, acc, hd);
 }
 
 // p = exp(s - max(s)) in place; returns sum(p)
@@ -67,44 +217,88 @@ inline float softmax_numerator(float* s, int64_t n) {
   return sum;
 }
 
+// o = round(acc * inv) in T, times round(sigmoid(gate)) in T when gated (the reference's
+// o.mul_(torch.sigmoid(gate)) in the model dtype)
+template <typename T>
+void finish_row(const float* acc, float inv, const T* gate, T* o, int64_t hd) {
+  const __m256 vinv = _mm256_set1_ps(inv), one = _mm256_set1_ps(1.f);
+  int64_t j = 0;
+  for (; j + 8 <= hd; j += 8) {
+    __m256 oj = round8<T>(_mm256_mul_ps(_mm256_loadu_ps(acc + j), vinv));
+    if (gate != nullptr) {
+      const __m256 g = load8(gate + j);
+      const __m256 sig = round8<T>(
+          _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)))));
+      oj = _mm256_mul_ps(oj, sig);
+    }
+    store8(o + j, oj);
+  }
+  for (; j < hd; ++j) {
+    const T oj = static_cast<T>(acc[j] * inv);
+    if (gate == nullptr) {
+      o[j] = oj;
+    } else {
+      const T sig = static_cast<T>(1.f / (1.f + std::exp(-static_cast<float>(gate[j]))));
+      o[j] = static_cast<T>(static_cast<float>(oj) * static_cast<float>(sig));
+    }
+  }
+}
+
+// the next page's rows of one KV head towards the caches while this page is computed
+template <typename T>
+inline void prefetch_page(const T* row, int64_t stride, int64_t n, int64_t hd) {
+  for (int64_t t = 0; t < n; ++t, row += stride)
+    for (int64_t b = 0; b < hd * static_cast<int64_t>(sizeof(T)); b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
+}
+
+// fast: the AVX512-BF16 paths for bf16 caches (the caller checks the CPU and hd % 32 == 0)
 template <typename T>
 void decode_impl(const T* Q, const T* K, const T* V, const int64_t* tables, int64_t table_w,
                  const int32_t* lens, const T* gate, int64_t gate_s0, int64_t gate_s1, T* O,
-                 int64_t N, int64_t nh, int64_t nkv, int64_t hd, int64_t bs, float scale) {
-  const int64_t rep = nh / nkv;
+                 int64_t N, int64_t nh, int64_t nkv, int64_t hd, int64_t bs, float scale,
+                 bool fast) {
+  const int64_t rep = nh / nkv, stride = nkv * hd;
   at::parallel_for(0, N * nkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(rep * hd), acc(rep * hd), s;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / nkv, g = task % nkv, L = lens[n];
       const int64_t* table = tables + n * table_w;
-      for (int64_t r = 0; r < rep; ++r)
-        for (int64_t j = 0; j < hd; ++j)
-          q[r * hd + j] = static_cast<float>(Q[(n * nh + g * rep + r) * hd + j]) * scale;
+      const T* Qg = Q + (n * nh + g * rep) * hd;  // the group's rep query heads
+      if (!fast)
+        for (int64_t j = 0; j < rep * hd; ++j) q[j] = static_cast<float>(Qg[j]) * scale;
       s.resize(rep * L);
-      for (int64_t pos = 0; pos < L; ++pos) {  // scores: each K row read once for the group
-        const T* k = K + ((static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * nkv + g) * hd;
-        for (int64_t r = 0; r < rep; ++r) s[r * L + pos] = dot(q.data() + r * hd, k, hd);
+      for (int64_t r0 = 0; r0 < rep; r0 += 4) {  // scores, page by page
+        const int R = static_cast<int>(std::min<int64_t>(4, rep - r0));
+        for (int64_t p0 = 0; p0 < L; p0 += bs) {
+          const T* k = K + (table[p0 / bs] * bs * nkv + g) * hd;
+          const int cnt = static_cast<int>(std::min(bs, L - p0));
+          if (p0 + bs < L)
+            prefetch_page(K + (table[p0 / bs + 1] * bs * nkv + g) * hd, stride,
+                          std::min(bs, L - p0 - bs), hd);
+          scores_group(R, fast, Qg + r0 * hd, q.data() + r0 * hd, hd, k, stride, cnt,
+                       s.data() + r0 * L + p0, L, scale);
+        }
       }
       std::vector<float> inv(rep);
       for (int64_t r = 0; r < rep; ++r) inv[r] = 1.f / softmax_numerator(s.data() + r * L, L);
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t pos = 0; pos < L; ++pos) {
-        const T* v = V + ((static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * nkv + g) * hd;
-        for (int64_t r = 0; r < rep; ++r) axpy(s[r * L + pos], v, acc.data() + r * hd, hd);
+      for (int64_t r0 = 0; r0 < rep; r0 += 4) {
+        const int R = static_cast<int>(std::min<int64_t>(4, rep - r0));
+        for (int64_t p0 = 0; p0 < L; p0 += bs) {
+          const T* v = V + (table[p0 / bs] * bs * nkv + g) * hd;
+          const int cnt = static_cast<int>(std::min(bs, L - p0));
+          if (p0 + bs < L)
+            prefetch_page(V + (table[p0 / bs + 1] * bs * nkv + g) * hd, stride,
+                          std::min(bs, L - p0 - bs), hd);
+          pv_group(R, fast, s.data() + r0 * L + p0, L, v, stride, cnt, acc.data() + r0 * hd, hd);
+        }
       }
       for (int64_t r = 0; r < rep; ++r) {
         const int64_t h = g * rep + r;
-        T* o = O + (n * nh + h) * hd;
-        for (int64_t j = 0; j < hd; ++j) {
-          const T oj = static_cast<T>(acc[r * hd + j] * inv[r]);
-          if (gate == nullptr) {
-            o[j] = oj;
-          } else {
-            const float gj = static_cast<float>(gate[n * gate_s0 + h * gate_s1 + j]);
-            const T sig = static_cast<T>(1.f / (1.f + std::exp(-gj)));
-            o[j] = static_cast<T>(static_cast<float>(oj) * static_cast<float>(sig));
-          }
-        }
+        finish_row(acc.data() + r * hd, inv[r],
+                   gate == nullptr ? nullptr : gate + n * gate_s0 + h * gate_s1,
+                   O + (n * nh + h) * hd, hd);
       }
     }
   });
@@ -133,6 +327,12 @@ torch::Tensor checked_tables(const torch::Tensor& block_tables, const torch::Ten
   return tables;
 }
 
+
+// the AVX512-BF16 paths run (bf16 caches, hd a multiple of 32, the CPU has the instructions)
+bool fast_path(at::ScalarType dt, int64_t hd, bool avx2_only) {
+  return !avx2_only && dt == at::kBFloat16 && hd % 32 == 0 && cpu_avx512_bf16();
+}
+
 }  // namespace
 
 torch::Tensor paged_decode_attention(const torch::Tensor& q,            // [N, nh, hd]
@@ -141,7 +341,8 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q,            // [N, n
                                      const torch::Tensor& block_tables,  // [N, W] int32 or int64
                                      const torch::Tensor& context_lens,  // [N] int32
                                      double scale,
-                                     const c10::optional<torch::Tensor>& gate) {  // [N, nh, hd]
+                                     const c10::optional<torch::Tensor>& gate,  // [N, nh, hd]
+                                     bool avx2_only) {
   TORCH_CHECK(q.dim() == 3 && key_cache.dim() == 4 && q.is_contiguous() &&
                   key_cache.is_contiguous() && value_cache.is_contiguous() &&
                   key_cache.sizes() == value_cache.sizes(),
@@ -168,7 +369,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q,            // [N, n
     const int64_t gs0 = gated ? gate->stride(0) : 0, gs1 = gated ? gate->stride(1) : 0;
     decode_impl(q.data_ptr<T>(), key_cache.data_ptr<T>(), value_cache.data_ptr<T>(), tab,
                 tables.stride(0), lens, G, gs0, gs1, out.data_ptr<T>(), N, nh, nkv, hd, bs,
-                static_cast<float>(scale));
+                static_cast<float>(scale), fast_path(q.scalar_type(), hd, avx2_only));
   });
   return out;
 }
@@ -243,7 +444,8 @@ torch::Tensor attention_decode_gated(const torch::Tensor& qg,  // [N, nh * 2 hd]
     }
     decode_impl(Q, KC, VC, tables.data_ptr<int64_t>(), tables.stride(0),
                 context_lens.data_ptr<int32_t>(), QG + hd, qg.stride(0), 2 * hd,
-                out.data_ptr<T>(), N, nh, nkv, hd, bs, static_cast<float>(scale));
+                out.data_ptr<T>(), N, nh, nkv, hd, bs, static_cast<float>(scale),
+                fast_path(dt, hd, false));
   });
   return out;
 }
@@ -252,7 +454,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention over the paged KV cache (one query per sequence)", py::arg("q"),
         py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
-        py::arg("context_lens"), py::arg("scale"), py::arg("gate") = py::none());
+        py::arg("context_lens"), py::arg("scale"), py::arg("gate") = py::none(),
+        py::arg("avx2_only") = false);
+  m.def("fast_path", &fast_path, "the AVX512-BF16 paths run for caches of this dtype and head dim",
+        py::arg("dtype"), py::arg("head_dim"), py::arg("avx2_only") = false);
   m.def("attention_decode_gated", &attention_decode_gated,
         "q/k norms, rotary, K/V cache write, paged decode attention and its gate in one call",
         py::arg("qg"), py::arg("k"), py::arg("v"), py::arg("q_norm_w"), py::arg("k_norm_w"),
