@@ -60,6 +60,8 @@ def _paths(x, w, w32, q8, s8, f8, fs8, mod, fmod) -> dict:
         paths["fp8 avx2"] = lambda: fmod.fp8_linear(x, f8, fs8, 128, 128)
     if mod.fp8_supported(128):
         paths["fp8 ours"] = lambda: mod.linear_fp8(x, f8, fs8, 128, 128)
+    if mod.fp8_cvt_supported():
+        paths["fp8 ours-cvt"] = lambda: mod.linear_fp8(x, f8, fs8, 128, 128, True)
     return paths
 
 

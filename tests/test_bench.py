@@ -72,6 +72,7 @@ def test_quality_and_peers_workloads(doc):
     assert ours == {f"qwen35 {f}" for f in ("fp32", "bf16", "int8", "int4", "fp8")}
     for r in p["engines"].values():
         assert _finite_positive(r["decode_tokens_per_s"])
+        assert _finite_positive(r["decode_tokens_per_s_at_context"][str(p["long_context"])])
         assert len(r["decode_tokens_per_s_per_round"]) == p["rounds"]
         assert all(_finite_positive(x) for x in r["decode_tokens_per_s_per_round"])
     # quantized formats hold fewer weight bytes than bf16
@@ -79,6 +80,7 @@ def test_quality_and_peers_workloads(doc):
     assert all(p["engines"][f"qwen35 {f}"]["weight_bytes"] < b for f in ("int8", "int4", "fp8"))
     ran = p["llama_cpp"] == "ran"
     assert set(p["decode_ratio_per_round"]) == (set(PAIRS) if ran else set())
+    assert set(p["decode_at_context_ratio"]) == set(p["decode_ratio_per_round"])
     for fmt, each in p["decode_ratio_per_round"].items():
         a, b = p["engines"][f"qwen35 {fmt}"], p["engines"][f"llama.cpp {PAIRS[fmt]}"]
         assert each == pytest.approx([x / y for x, y in zip(a["decode_tokens_per_s_per_round"],

@@ -69,30 +69,42 @@ def test_int8_decodes_every_byte_exactly(mod):
             assert torch.equal(y[:, 0].float(), w[0, start : start + 16].float())
 
 
+def _fp8_paths(mod) -> list[bool]:
+    """linear_fp8's paths this CPU runs (cvt=False: byte tables; True: fp16 bits)."""
+    paths = ([False] if mod.fp8_supported(128) else []) + ([True] if mod.fp8_cvt_supported() else [])
+    if not paths:
+        pytest.skip("linear_fp8 needs AVX512 (this CPU lacks it)")
+    return paths
+
+
 def test_fp8_decodes_every_byte_exactly(mod):
-    if not mod.fp8_supported(128):
-        pytest.skip("linear_fp8 needs AVX512-VBMI + AVX512-BF16 (this CPU lacks them)")
     codes = torch.arange(256, dtype=torch.uint8)
     codes[0x7F] = codes[0xFF] = 0  # the NaN bytes
     w = codes.view(torch.float8_e4m3fn).repeat(3, 1)  # [3, 256]
     eye = torch.eye(256).bfloat16()
-    for start in range(0, 256, 16):  # each input row picks one weight column
-        y = mod.linear_fp8(eye[start : start + 16], w, torch.ones(1, 2), 128, 128)
-        assert torch.equal(y[:, 0].float(), w[0, start : start + 16].float())
+    for cvt in _fp8_paths(mod):
+        for start in range(0, 256, 16):  # each input row picks one weight column
+            y = mod.linear_fp8(eye[start : start + 16], w, torch.ones(1, 2), 128, 128, cvt)
+            assert torch.equal(y[:, 0].float(), w[0, start : start + 16].float())
 
 
 def test_fp8_matches_reference(mod):
-    if not mod.fp8_supported(128):
-        pytest.skip("linear_fp8 needs AVX512-VBMI + AVX512-BF16 (this CPU lacks them)")
     g = torch.Generator().manual_seed(2)
-    for n, k in [(130, 200), (256, 384), (1, 64), (5, 129), (300, 1000)]:
-        q, s = formats.quantize_fp8_blocks(torch.randn(n, k, generator=g))
-        s = s.float()
-        for m in (1, 3, 16):
-            x = torch.randn(m, k, generator=g).bfloat16()
-            ref = x.float() @ formats.dequantize_fp8_blocks(q, s, torch.float32).T
-            assert rel_error(mod.linear_fp8(x, q, s, 128, 128), ref) < 4e-3, (n, k, m)
-    assert not mod.fp8_supported(96)  # input blocks must tile the 64-byte chunks
+    for cvt in _fp8_paths(mod):
+        for n, k in [(130, 200), (256, 384), (1, 64), (5, 129), (300, 1000), (3, 33)]:
+            q, s = formats.quantize_fp8_blocks(torch.randn(n, k, generator=g))
+            s = s.float()
+            for m in (1, 2, 3, 16):
+                x = torch.randn(m, k, generator=g).bfloat16()
+                ref = x.float() @ formats.dequantize_fp8_blocks(q, s, torch.float32).T
+                y = mod.linear_fp8(x, q, s, 128, 128, cvt)
+                assert rel_error(y, ref) < 4e-3, (n, k, m, cvt)
+    if mod.fp8_cvt_supported():  # any input block size (96: not whole 64-byte chunks)
+        q, s = formats.quantize_fp8_blocks(torch.randn(40, 200, generator=g), block=(32, 96))
+        x = torch.randn(2, 200, generator=g).bfloat16()
+        ref = x.float() @ formats.dequantize_fp8_blocks(q, s.float(), torch.float32, (32, 96)).T
+        assert rel_error(mod.linear_fp8(x, q, s.float(), 32, 96, True), ref) < 4e-3
+    assert not mod.fp8_supported(96)  # the byte tables' input blocks tile 64-byte chunks
 
 
 def test_dispatch_takes_the_kernel_and_switches_off(mod, monkeypatch):

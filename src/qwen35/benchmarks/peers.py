@@ -31,9 +31,10 @@ def goal(name: str, measured: float | None, target: float) -> dict:
 def sizes(opts: BenchOptions) -> dict:
     """--contexts overrides the prefill lengths."""
     if opts.quick:
-        sz = {"prompt": 16, "new": 6, "prefill": (32,), "rounds": opts.rounds or 1}
+        sz = {"prompt": 16, "new": 6, "prefill": (32,), "rounds": opts.rounds or 1, "long_new": 3}
     else:
         sz = {"prompt": 128, "new": 32, "prefill": (512, 2048), "rounds": opts.rounds or 3}
+        sz["long_new"] = 12  # decode steps timed after the longest prefill
     return {**sz, "prefill": tuple(opts.contexts or sz["prefill"])}
 
 
@@ -83,7 +84,8 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
     from qwen35.benchmarks import gguf
 
     sz = sizes(opts)
-    max_len = max(sz["prefill"]) + sz["new"] + 16
+    big = max(sz["prefill"])
+    max_len = big + max(sz["new"], sz["long_new"]) + 16
     engines: dict[str, object] = {}
     weight_bytes = {}
     formats = opts.formats or OURS
@@ -115,6 +117,7 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
     decode = {n: [] for n in engines}
     per_round = {n: [] for n in engines}  # each round's median step: paired ratios show the noise
     prefill = {n: {p: [] for p in sz["prefill"]} for n in engines}
+    decode_long = {n: [] for n in engines}  # steps after the longest prefill
     for r in range(sz["rounds"]):
         opts.say(f"peers: round {r + 1}/{sz['rounds']}")
         prompt = [rng.randrange(V) for _ in range(sz["prompt"])]
@@ -127,7 +130,11 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
             per_round[name].append(1 / median(steps))
         for name, eng in engines.items():
             for p, toks in long.items():
-                prefill[name][p].append(eng.run(toks, 1, f"{name}-p{p}-{r}")[0])
+                new = 1 + (sz["long_new"] if p == big else 0)
+                first, steps = eng.run(toks, new, f"{name}-p{p}-{r}")
+                prefill[name][p].append(first)
+                if p == big:
+                    decode_long[name] += steps
     rows = {}
     for name in engines:
         d = median(decode[name])
@@ -136,11 +143,14 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
             "decode_tokens_per_s": 1 / d,
             "decode_tokens_per_s_per_round": per_round[name],
             "prefill_tokens_per_s": {str(p): p / median(v) for p, v in prefill[name].items()},
+            "decode_tokens_per_s_at_context": {str(big): 1 / median(decode_long[name])},
         }
-    goals, per_round_ratio = [], {}
+    goals, per_round_ratio, long_ratio = [], {}, {}
     for ours, theirs in PAIRS.items():
         a, b = rows.get(f"qwen35 {ours}"), rows.get(f"llama.cpp {theirs}")
         if a and b:
+            at = [r["decode_tokens_per_s_at_context"][str(big)] for r in (a, b)]
+            long_ratio[ours] = ratio(*at)
             # rounds run the engines back to back: each round's ratio is a paired measure
             per_round_ratio[ours] = [
                 x / y
@@ -154,11 +164,10 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
                     1.0,
                 )
             )
-            big = str(max(sz["prefill"]))
             goals.append(
                 goal(
                     f"{ours} prefill@{big} vs llama.cpp {theirs} (x)",
-                    ratio(a["prefill_tokens_per_s"][big], b["prefill_tokens_per_s"][big]),
+                    ratio(a["prefill_tokens_per_s"][str(big)], b["prefill_tokens_per_s"][str(big)]),
                     1.0,
                 )
             )
@@ -174,9 +183,12 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
     return {
         "prompt_len": sz["prompt"],
         "new_tokens": sz["new"],
+        "long_context": big,  # decode_tokens_per_s_at_context's context
+        "long_context_new_tokens": sz["long_new"],
         "rounds": sz["rounds"],
         "llama_cpp": llama or "ran",
         "engines": rows,
         "decode_ratio_per_round": per_round_ratio,  # ours vs llama.cpp, by our format
+        "decode_at_context_ratio": long_ratio,  # the same after the longest prefill
         "goals": goals,
     }

@@ -260,6 +260,8 @@ def _peers(con: Console, d: dict, impl: str = "") -> None:
         t.add_column(c, justify="right")
     for p in sizes:
         t.add_column(f"prefill@{p} tok/s", justify="right")
+    big = str(d["long_context"])
+    t.add_column(f"decode@{big} tok/s", justify="right")
     for name, r in d["engines"].items():
         t.add_row(
             name,
@@ -267,6 +269,7 @@ def _peers(con: Console, d: dict, impl: str = "") -> None:
             _f(r["decode_tokens_per_s"]),
             _x(r["decode_vs_qwen35_bf16"]),
             *(_f(r["prefill_tokens_per_s"][p], ".1f") for p in sizes),
+            _f(r["decode_tokens_per_s_at_context"][big]),
         )
     con.print(t)
     if d["llama_cpp"] != "ran":
@@ -274,6 +277,8 @@ def _peers(con: Console, d: dict, impl: str = "") -> None:
     for ours, each in d["decode_ratio_per_round"].items():
         con.print(f"  decode {ours} vs llama.cpp at the same precision, per round: "
                   + " ".join(f"{x:.2f}x" for x in each))  # fmt: skip
+    for ours, x in d["decode_at_context_ratio"].items():
+        con.print(f"  decode@{big} {ours} vs llama.cpp at the same precision: {_x(x)}")
 
 
 def _tp(con: Console, d: dict, impl: str = "") -> None:

@@ -32,6 +32,7 @@
 #define TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define TARGET_AVX512_FP8 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi")))
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
 
 namespace {
 
@@ -157,6 +158,14 @@ void fma_row_avx2(const float* X, const WT* w, float* out, int64_t K) {
 
 // ---- block FP8, AVX512-VBMI + BF16 --------------------------------------------------------
 
+// 64 bytes, or the first `left` of them and zeros (masked loads only for the last chunk: with a
+// mask on every chunk the int8 / FP8 paths ran at a third of the bandwidth on AMD Zen 5)
+template <typename B>
+TARGET_AVX512_FP8 inline __m512i load64(const B* p, int64_t left) {
+  if (left >= 64) return _mm512_loadu_si512(p);
+  return _mm512_maskz_loadu_epi8((1ull << left) - 1, p);
+}
+
 struct Fp8Tables {  // byte tables: e4m3 bits 0..6 -> low / high byte of the exact bf16
   alignas(64) uint8_t lo[128];
   alignas(64) uint8_t hi[128];
@@ -215,9 +224,8 @@ TARGET_AVX512_FP8 void int8_row_table(const uint16_t* Xp, int64_t Kp, const int8
   __m512 acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 64) {
-    const __mmask64 mk = k + 64 <= K ? ~0ull : (1ull << (K - k)) - 1;
     __m512bh wa, wb;
-    int8x64(_mm512_maskz_loadu_epi8(mk, w + k), t, wa, wb);
+    int8x64(load64(w + k, K - k), t, wa, wb);
     for (int i = 0; i < MR; ++i) {
       acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k), wa);
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k + 32), wb);
@@ -272,9 +280,8 @@ TARGET_AVX512_FP8 void fp8_row(const uint16_t* Xp, int64_t Kp, const uint8_t* w,
     __m512 acc[MR][2];
     for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int64_t k = k0; k < k1; k += 64) {
-      const __mmask64 mk = k + 64 <= k1 ? ~0ull : (1ull << (k1 - k)) - 1;
       __m512bh wa, wb;
-      fp8x64(_mm512_maskz_loadu_epi8(mk, w + k), tlo0, tlo1, thi0, thi1, wa, wb);
+      fp8x64(load64(w + k, k1 - k), tlo0, tlo1, thi0, thi1, wa, wb);
       for (int i = 0; i < MR; ++i) {
         acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k), wa);
         acc[i][1] =
@@ -283,6 +290,68 @@ TARGET_AVX512_FP8 void fp8_row(const uint16_t* Xp, int64_t Kp, const uint8_t* w,
     }
     const __m512 s = _mm512_set1_ps(srow[blk]);
     for (int i = 0; i < MR; ++i) tot[i] = _mm512_fmadd_ps(_mm512_add_ps(acc[i][0], acc[i][1]), s, tot[i]);
+  }
+  for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(tot[i]);
+}
+
+// ---- block FP8 via fp16 bits, AVX512 (F + BW + VL) --------------------------------------
+// e4m3 -> fp16 is a bit move (as fp8_cpu.cpp's AVX2 path): sign-extend the byte to 16 bits,
+// shift left by 7 and clear bit 14: the fp16 value is the e4m3 value times 2^-8, subnormals
+// included, and converts exactly to fp32 (vcvtph2ps); the 2^8 goes into the block scale. Weights
+// stay in their natural order, so fp32 rows need no permutation. Taken where it measures faster
+// than the byte tables (kernels/gemv.py `paths`: AMD Zen 5's byte permutes are slow).
+
+// 32 e4m3 bytes -> two vectors of 16 fp32 (value * 2^-8), in order
+TARGET_AVX512 inline void fp8x32_cvt(__m256i raw, __m512& lo, __m512& hi) {
+  const __m512i h = _mm512_cvtepi8_epi16(raw);  // bit 15 = sign, bits 7..0 = the byte
+  const __m512i f16 = _mm512_and_si512(_mm512_slli_epi16(h, 7),
+                                       _mm512_set1_epi16(static_cast<int16_t>(0xBFFF)));
+  lo = _mm512_cvtph_ps(_mm512_castsi512_si256(f16));
+  hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(f16, 1));
+}
+
+template <int MR>
+TARGET_AVX512 void fp8_row_cvt(const float* X, int64_t K, const uint8_t* w, const float* srow,
+                               int64_t bi, float* out) {
+  constexpr int U = MR <= 2 ? 2 : 1;  // 32-weight chunks an iteration: >= 4 FMA chains
+  __m512 tot[MR];
+  for (int i = 0; i < MR; ++i) tot[i] = _mm512_setzero_ps();
+  const int64_t nbi = (K + bi - 1) / bi;
+  for (int64_t blk = 0; blk < nbi; ++blk) {
+    const int64_t k0 = blk * bi, k1 = std::min(K, k0 + bi);
+    __m512 acc[MR][2 * U];
+    for (int i = 0; i < MR; ++i)
+      for (int u = 0; u < 2 * U; ++u) acc[i][u] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; k += 32 * U)
+      for (int u = 0; u < U; ++u) {
+        const int64_t kk = k + 32 * u;
+        if (kk >= k1) break;
+        __m512 lo, hi;
+        if (kk + 32 <= k1) {  // unmasked loads: masked ones measured slower (Zen 5)
+          fp8x32_cvt(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kk)), lo, hi);
+          for (int i = 0; i < MR; ++i) {
+            const float* xi = X + i * K + kk;
+            acc[i][2 * u] = _mm512_fmadd_ps(_mm512_loadu_ps(xi), lo, acc[i][2 * u]);
+            acc[i][2 * u + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(xi + 16), hi, acc[i][2 * u + 1]);
+          }
+          continue;
+        }
+        const __mmask32 mk = static_cast<__mmask32>((1u << (k1 - kk)) - 1);
+        fp8x32_cvt(_mm256_maskz_loadu_epi8(mk, w + kk), lo, hi);
+        const __mmask16 m0 = static_cast<__mmask16>(mk), m1 = static_cast<__mmask16>(mk >> 16);
+        for (int i = 0; i < MR; ++i) {
+          const float* xi = X + i * K + kk;
+          acc[i][2 * u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, xi), lo, acc[i][2 * u]);
+          acc[i][2 * u + 1] =
+              _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, xi + 16), hi, acc[i][2 * u + 1]);
+        }
+      }
+    const __m512 sc = _mm512_set1_ps(srow[blk] * 256.f);  // exact: a power of two
+    for (int i = 0; i < MR; ++i) {
+      __m512 a = acc[i][0];
+      for (int u = 1; u < 2 * U; ++u) a = _mm512_add_ps(a, acc[i][u]);
+      tot[i] = _mm512_fmadd_ps(a, sc, tot[i]);
+    }
   }
   for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(tot[i]);
 }
@@ -374,28 +443,41 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q,
 }
 
 bool fp8_supported(int64_t bi) { return cpu_avx512_fp8() && bi % 64 == 0; }
+bool fp8_cvt_supported() { return cpu_avx512(); }
 
 // y [M, N] bf16 = x [M, K] bf16 @ dequant(w [N, K] e4m3, scale [ceil(N/bo), ceil(K/bi)] fp32)^T
-// (callers check fp8_supported(bi) first)
+// cvt = false: the byte tables (callers check fp8_supported(bi) first); cvt = true: the fp16-bit
+// path (fp8_cvt_supported(), any block size)
 torch::Tensor linear_fp8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
-                         int64_t bo, int64_t bi) {
+                         int64_t bo, int64_t bi, bool cvt) {
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
   check_x(x, w, K);
-  TORCH_CHECK(fp8_supported(bi), "linear_fp8: needs AVX512-VBMI + BF16 and bi % 64 == 0");
+  TORCH_CHECK(cvt ? fp8_cvt_supported() : fp8_supported(bi),
+              cvt ? "linear_fp8: the fp16-bit path needs AVX512 (F, BW, VL, DQ)"
+                  : "linear_fp8: needs AVX512-VBMI + BF16 and bi % 64 == 0");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.element_size() == 1, "x bf16, w fp8");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&
                   scale.size(0) == (N + bo - 1) / bo && scale.size(1) == (K + bi - 1) / bi,
               "linear_fp8: scale [ceil(N/bo), ceil(K/bi)] fp32");
-  const int64_t Kp = (K + 63) / 64 * 64;
-  const std::vector<uint16_t> xp = permuted_rows(x, Kp);
   auto y = torch::empty({M, N}, x.options());
   auto* Y = y.data_ptr<at::BFloat16>();
   const auto* W = reinterpret_cast<const uint8_t*>(w.data_ptr());
   const float* S = scale.data_ptr<float>();
   const int64_t nbi = scale.size(1);
+  const auto store = [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v; };
+  if (cvt) {
+    const auto xf = x.to(at::kFloat);  // exact
+    const float* XF = xf.data_ptr<float>();
+    for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
+      DISPATCH_MR(mr, fp8_row_cvt, XF + m * K, K, W + n * K, S + (n / bo) * nbi, bi, out);
+    }, store);
+    return y;
+  }
+  const int64_t Kp = (K + 63) / 64 * 64;
+  const std::vector<uint16_t> xp = permuted_rows(x, Kp);
   for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
     DISPATCH_MR(mr, fp8_row, xp.data() + m * Kp, Kp, W + n * K, K, S + (n / bo) * nbi, bi, out);
-  }, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v; });
+  }, store);
   return y;
 }
 
@@ -413,7 +495,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_fp32", &linear_fp32, "x [M<=16, K] fp32 @ w [N, K] fp32 ^T");
   m.def("linear_int8", &linear_int8, "x [M<=16, K] @ (q [N, K] int8 * scale [N])^T",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("avx2_only") = false);
-  m.def("linear_fp8", &linear_fp8, "x [M<=16, K] bf16 @ block-FP8 w ^T");
-  m.def("fp8_supported", &fp8_supported, "linear_fp8 runs here for input blocks of bi");
+  m.def("linear_fp8", &linear_fp8, "x [M<=16, K] bf16 @ block-FP8 w ^T", py::arg("x"),
+        py::arg("w"), py::arg("scale"), py::arg("bo"), py::arg("bi"), py::arg("cvt") = false);
+  m.def("fp8_supported", &fp8_supported, "linear_fp8's byte tables run here for blocks of bi");
+  m.def("fp8_cvt_supported", &fp8_cvt_supported, "linear_fp8's fp16-bit path runs here");
   m.def("isa", &isa, "the fast paths this CPU takes");
 }

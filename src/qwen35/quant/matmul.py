@@ -60,14 +60,13 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block) -> 
     from qwen35.kernels import gemv
 
     fast = gemv.load()
-    if (
-        fast is not None
-        and x2.shape[0] <= gemv.MAX_ROWS
-        and x.dtype == torch.bfloat16
-        and fast.fp8_supported(block[1])
-    ):  # AVX512-VBMI + BF16: exact bf16 weights from two byte tables, then vdpbf16ps
-        y = fast.linear_fp8(x2.contiguous(), w, scale, block[0], block[1])
-        return y.view(*x.shape[:-1], w.shape[0])
+    if fast is not None and x2.shape[0] <= gemv.MAX_ROWS and x.dtype == torch.bfloat16:
+        # AVX512-VBMI + BF16: exact bf16 weights from two byte tables, then vdpbf16ps; other
+        # AVX512 CPUs: the weights' fp16 bits converted to fp32, then FMA
+        tables = fast.fp8_supported(block[1])
+        if tables or fast.fp8_cvt_supported():
+            y = fast.linear_fp8(x2.contiguous(), w, scale, block[0], block[1], not tables)
+            return y.view(*x.shape[:-1], w.shape[0])
     mod = kern.load()
     if (
         mod is not None
