@@ -46,6 +46,32 @@ def test_fp8_kernel_decodes_every_byte_exactly():
     assert torch.equal(out[0], q[0].float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_avx2_kernel_rows_and_tails(dtype):
+    """fp8_cpu.cpp's fp8_linear (the CPUs without AVX512's path) called directly: 1-16 rows in
+    groups of up to 4, blocks with a partial last chunk (K % 16 != 0), every byte exact."""
+    mod = fp8_kernel.load()
+    if mod is None:
+        pytest.skip("no compiler / AVX2+F16C here: the PyTorch path runs instead")
+    g = torch.Generator().manual_seed(7)
+    for n, k in [(70, 333), (3, 40), (129, 256)]:
+        q, s = formats.quantize_fp8_blocks(torch.randn(n, k, generator=g))
+        s = s.float()
+        w = formats.dequantize_fp8_blocks(q, s, torch.float32)
+        for m in (1, 2, 3, 5, 16):
+            x = torch.randn(m, k, generator=g).to(dtype)
+            y = mod.fp8_linear(x, q, s, 128, 128)
+            tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+            torch.testing.assert_close(y.float(), x.float() @ w.T, **tol)
+    b = torch.arange(256, dtype=torch.uint8)
+    b[(b & 0x7F) == 0x7F] = 0  # e4m3fn's NaN bytes
+    q = b.view(torch.float8_e4m3fn).repeat(2, 1)
+    eye = torch.eye(256).to(dtype)
+    for start in range(0, 256, 16):  # each input row picks one weight column
+        y = mod.fp8_linear(eye[start : start + 16], q, torch.ones(1, 2), 128, 128)
+        assert torch.equal(y[:, 0].float(), q[0, start : start + 16].float())
+
+
 def test_int4_unpack_inverts_torch_packing():
     q = torch.randint(0, 16, (128, 96), dtype=torch.int32)
     assert torch.equal(matmul.unpack_int4(matmul.pack_int4(q), 128, 96), q)

@@ -2,17 +2,21 @@
 //
 // e4m3 -> fp16 is a bit move: sign to bit 15, exponent+mantissa (7 bits) to bits 7..13. The fp16
 // value is the e4m3 value times 2^-8 (exponent bias 15 instead of 7), subnormals included, so
-// F16C's exact fp16 -> fp32 conversion gives every weight in 4 integer ops + 1 conversion per 8,
+// F16C's exact fp16 -> fp32 conversion gives every weight in 3 integer ops + 1 conversion per 8,
 // and the 2^8 goes into the block scale. (e4m3fn's NaN byte 0x7f is not expected in weights.)
 //
 // fp8_linear: y [M, N] = x [M, K] @ W^T for a few rows (decode), W [N, K] read once: per output
-// row, each 16-weight chunk is converted once and used for all M input rows; per block the
-// partial dot products are scaled; one horizontal sum per row and input row at the end.
+// row, each 16-weight chunk is converted once and used for up to 4 input rows (gemv_cpu.cpp's
+// scheme: accumulators in registers, >= 4 chains); per block the partial dot products are
+// scaled; one horizontal sum per row and input row at the end. (A first version kept one
+// accumulator per input row in an array indexed at run time: 10 GB/s, latency-bound.)
 // fp8_dequant: W [N, K] in the output's dtype (prefill: dequantise into a reused buffer, then a
 // regular GEMM). The PyTorch twins are quant/formats.py dequantize_fp8_blocks (+ F.linear).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
+
+#include "gemv_rows.h"
 
 #include <cmath>
 #include <cstdint>
@@ -20,7 +24,7 @@
 
 namespace {
 
-constexpr int kMaxRows = 16;
+using gemv_rows::kMaxRows;
 
 inline float fp8_scalar(uint8_t v) {  // e4m3fn -> float (exact)
   const int s = v >> 7, e = (v >> 3) & 0xF, m = v & 0x7;
@@ -29,12 +33,12 @@ inline float fp8_scalar(uint8_t v) {  // e4m3fn -> float (exact)
   return s ? -mag : mag;
 }
 
-// 16 e4m3 bytes -> two __m256 of (value * 2^-8)
+// 16 e4m3 bytes -> two __m256 of (value * 2^-8): sign-extended to 16 bits, shifted left by 7
+// (sign to bit 15, exponent + mantissa to bits 13..7), bit 14 (a sign copy) cleared
 inline void fp8x16(const uint8_t* p, __m256& lo, __m256& hi) {
-  const __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x80)), 8);
-  const __m256i em = _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7F)), 7);
-  const __m256i f16 = _mm256_or_si256(sign, em);
+  const __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i f16 =
+      _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16(static_cast<int16_t>(0xBFFF)));
   lo = _mm256_cvtph_ps(_mm256_castsi256_si128(f16));
   hi = _mm256_cvtph_ps(_mm256_extracti128_si256(f16, 1));
 }
@@ -46,40 +50,68 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// One output row against MR <= 4 input rows (fp32, row stride K), accumulators in registers:
+// per block of bi inputs the partial dot products (2 x U independent chains a row) are scaled;
+// a block's last K % 16 weights are summed in scalar.
+template <int MR>
+void fp8_row(const float* X, int64_t K, const uint8_t* w, const float* srow, int64_t bi,
+             float* out) {
+  constexpr int U = MR <= 2 ? 2 : 1;  // 16-weight chunks an iteration
+  __m256 tot[MR];
+  float tail[MR];
+  for (int i = 0; i < MR; ++i) tot[i] = _mm256_setzero_ps(), tail[i] = 0.f;
+  const int64_t nbi = (K + bi - 1) / bi;
+  for (int64_t b = 0; b < nbi; ++b) {
+    const int64_t k0 = b * bi, k1 = std::min(K, k0 + bi);
+    __m256 acc[MR][2 * U];
+    for (int i = 0; i < MR; ++i)
+      for (int u = 0; u < 2 * U; ++u) acc[i][u] = _mm256_setzero_ps();
+    int64_t k = k0;
+    for (; k + 16 * U <= k1; k += 16 * U)
+      for (int u = 0; u < U; ++u) {
+        __m256 lo, hi;
+        fp8x16(w + k + 16 * u, lo, hi);
+        for (int i = 0; i < MR; ++i) {
+          const float* x = X + i * K + k + 16 * u;
+          acc[i][2 * u] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x), acc[i][2 * u]);
+          acc[i][2 * u + 1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + 8), acc[i][2 * u + 1]);
+        }
+      }
+    for (; k + 16 <= k1; k += 16) {
+      __m256 lo, hi;
+      fp8x16(w + k, lo, hi);
+      for (int i = 0; i < MR; ++i) {
+        const float* x = X + i * K + k;
+        acc[i][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x), acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + 8), acc[i][1]);
+      }
+    }
+    const __m256 sv = _mm256_set1_ps(srow[b] * 256.f);
+    for (int i = 0; i < MR; ++i) {
+      __m256 a = acc[i][0];
+      for (int u = 1; u < 2 * U; ++u) a = _mm256_add_ps(a, acc[i][u]);
+      tot[i] = _mm256_fmadd_ps(a, sv, tot[i]);
+    }
+    for (; k < k1; ++k) {  // a block's last K % 16 weights
+      const float wv = fp8_scalar(w[k]) * srow[b];
+      for (int i = 0; i < MR; ++i) tail[i] += wv * X[i * K + k];
+    }
+  }
+  for (int i = 0; i < MR; ++i) out[i] = hsum(tot[i]) + tail[i];
+}
+
 template <typename T>
 void linear_impl(const float* X, const uint8_t* W, const float* S, T* Y, int64_t M, int64_t N,
                  int64_t K, int64_t bo, int64_t bi) {
   const int64_t nbi = (K + bi - 1) / bi;
-  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    __m256 tot[kMaxRows], acc[kMaxRows];
-    float tail[kMaxRows];
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* w = W + n * K;
-      const float* srow = S + (n / bo) * nbi;
-      for (int64_t m = 0; m < M; ++m) tot[m] = _mm256_setzero_ps(), tail[m] = 0.f;
-      for (int64_t b = 0; b < nbi; ++b) {
-        const int64_t k0 = b * bi, k1 = std::min(K, k0 + bi);
-        for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
-        int64_t k = k0;
-        for (; k + 16 <= k1; k += 16) {
-          __m256 lo, hi;
-          fp8x16(w + k, lo, hi);
-          for (int64_t m = 0; m < M; ++m) {
-            const float* x = X + m * K + k;
-            acc[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x), acc[m]);
-            acc[m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + 8), acc[m]);
-          }
-        }
-        const float s = srow[b] * 256.f;
-        const __m256 sv = _mm256_set1_ps(s);
-        for (int64_t m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(acc[m], sv, tot[m]);
-        for (; k < k1; ++k) {  // a block's last K % 16 weights
-          const float wv = fp8_scalar(w[k]) * srow[b];
-          for (int64_t m = 0; m < M; ++m) tail[m] += wv * X[m * K + k];
-        }
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    float out[gemv_rows::kMR];
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; m += gemv_rows::kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(gemv_rows::kMR, M - m));
+        DISPATCH_MR(mr, fp8_row, X + m * K, K, W + n * K, S + (n / bo) * nbi, bi, out);
+        for (int i = 0; i < mr; ++i) Y[(m + i) * N + n] = static_cast<T>(out[i]);
       }
-      for (int64_t m = 0; m < M; ++m) Y[m * N + n] = static_cast<T>(hsum(tot[m]) + tail[m]);
-    }
   });
 }
 
