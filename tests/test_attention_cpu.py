@@ -65,8 +65,14 @@ def test_decode_matches_gather_and_naive(mod, dtype, nh, nkv, hd, avx2_only):
             q[i : i + 1], kc, vc, tables[i : i + 1], ctx[i : i + 1], scale, avx2_only=avx2_only
         )
         assert torch.equal(one[0], out[i])
-    # which path ran: AVX512-BF16 for bf16 caches with hd % 32 == 0 on CPUs that have it
-    fast = dtype == torch.bfloat16 and hd % 32 == 0 and "avx512_bf16" in cpu_flags()
+    # which path ran: AVX512 for bf16 caches with hd % 32 == 0 on AVX512-BF16 CPUs, for fp32 /
+    # fp16 caches with hd % 16 == 0 on AVX512 CPUs
+    flags = cpu_flags()
+    avx512 = all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+    if dtype == torch.bfloat16:
+        fast = hd % 32 == 0 and avx512 and "avx512_bf16" in flags
+    else:
+        fast = hd % 16 == 0 and avx512
     assert mod.fast_path(dtype, hd, avx2_only) == (fast and not avx2_only)
 
 

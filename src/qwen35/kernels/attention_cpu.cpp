@@ -4,10 +4,10 @@
 //
 // One task per (sequence, KV head), walking the context page by page (the next page prefetched);
 // up to 4 query heads sharing that KV head (GQA) are done together, so each K and V row is
-// loaded once for them and the P.V accumulators stay in registers across a page. Scores,
-// softmax and the weighted sum of V run in fp32 (bf16 caches on AVX512-BF16 CPUs: the
-// bf16 q.k products summed by vdpbf16ps, then scaled); the output is rounded to the model
-// dtype once, then multiplied by sigmoid(gate) rounded as the reference does
+// loaded once for them and the P.V accumulators stay in registers across a page; 16 lanes on
+// AVX512 CPUs, 8 elsewhere. Scores, softmax and the weighted sum of V run in fp32 (bf16 caches
+// on AVX512-BF16 CPUs: the bf16 q.k products summed by vdpbf16ps, then scaled); the output is
+// rounded to the model dtype once, then multiplied by sigmoid(gate) rounded as the reference does
 // (o.mul_(torch.sigmoid(gate)) in the model dtype). Each task's arithmetic is independent of the
 // batch, so batched and single-sequence results are bitwise equal. bench/attention_cpu.py
 // times it against its AVX2 path and the gather + SDPA path.
@@ -29,10 +29,15 @@ using namespace vec8;
 #define TARGET_AVX512_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
 
-bool cpu_avx512_bf16() {
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+
+bool cpu_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512bf16");
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+bool cpu_avx512_bf16() {
+  static const bool ok = cpu_avx512() && __builtin_cpu_supports("avx512bf16");
   return ok;
 }
 
@@ -103,9 +108,15 @@ void pv_page(const float* p, int64_t L, const T* v, int64_t stride, int n, float
     }
 }
 
-// bf16 caches on AVX512-BF16 CPUs, hd % 32 == 0: scores from the bf16 query and key products
-// (exact in fp32, vdpbf16ps), scaled after the sum; P.V with 64 fp32 lanes a pass.
-TARGET_AVX512_BF16 inline __m512 widen16(const c10::BFloat16* p) {  // exact
+// AVX512 CPUs, 16 lanes: bf16 caches (on AVX512-BF16 CPUs, hd % 32 == 0) take their scores from
+// the bf16 query and key products (exact in fp32, vdpbf16ps), scaled after the sum; fp32 / fp16
+// caches (hd % 16 == 0) from the scaled fp32 query, as the AVX2 path; P.V with 64 fp32 lanes a
+// pass.
+TARGET_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+TARGET_AVX512 inline __m512 load16(const c10::Half* p) {  // exact
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+TARGET_AVX512 inline __m512 load16(const c10::BFloat16* p) {  // exact
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
@@ -135,16 +146,39 @@ TARGET_AVX512_BF16 void scores_page_bf16(const c10::BFloat16* q, int64_t hd,
   }
 }
 
+template <int R, typename T>  // fp32 / fp16 caches: q scaled, in fp32
+TARGET_AVX512 void scores_page512(const float* q, int64_t hd, const T* k, int64_t stride, int n,
+                                  float* s, int64_t L) {
+  for (int t = 0; t < n; ++t, k += stride) {
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= hd; j += 32)
+      for (int u = 0; u < 2; ++u) {
+        const __m512 kv = load16(k + j + 16 * u);
+        for (int r = 0; r < R; ++r)
+          acc[r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * hd + j + 16 * u), kv, acc[r][u]);
+      }
+    if (j < hd) {  // hd % 16 == 0
+      const __m512 kv = load16(k + j);
+      for (int r = 0; r < R; ++r)
+        acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * hd + j), kv, acc[r][0]);
+    }
+    for (int r = 0; r < R; ++r)
+      s[r * L + t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+  }
+}
+
 // lanes [j, j + 16 C) of the R accumulators, over the page
-template <int R, int C>
-TARGET_AVX512_BF16 inline void pv_lanes_bf16(const float* p, int64_t L, const c10::BFloat16* vp,
-                                             int64_t stride, int n, float* acc, int64_t hd) {
+template <int R, int C, typename T>
+TARGET_AVX512 inline void pv_lanes512(const float* p, int64_t L, const T* vp, int64_t stride,
+                                      int n, float* acc, int64_t hd) {
   __m512 a[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) a[r][c] = _mm512_loadu_ps(acc + r * hd + 16 * c);
   for (int t = 0; t < n; ++t, vp += stride) {
     __m512 vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = widen16(vp + 16 * c);
+    for (int c = 0; c < C; ++c) vv[c] = load16(vp + 16 * c);
     for (int r = 0; r < R; ++r) {
       const __m512 pr = _mm512_set1_ps(p[r * L + t]);
       for (int c = 0; c < C; ++c) a[r][c] = _mm512_fmadd_ps(pr, vv[c], a[r][c]);
@@ -154,12 +188,12 @@ TARGET_AVX512_BF16 inline void pv_lanes_bf16(const float* p, int64_t L, const c1
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + r * hd + 16 * c, a[r][c]);
 }
 
-template <int R>
-TARGET_AVX512_BF16 void pv_page_bf16(const float* p, int64_t L, const c10::BFloat16* v,
-                                     int64_t stride, int n, float* acc, int64_t hd) {
+template <int R, typename T>  // hd % 16 == 0
+TARGET_AVX512 void pv_page512(const float* p, int64_t L, const T* v, int64_t stride, int n,
+                              float* acc, int64_t hd) {
   int64_t j = 0;
-  for (; j + 64 <= hd; j += 64) pv_lanes_bf16<R, 4>(p, L, v + j, stride, n, acc + j, hd);
-  if (j < hd) pv_lanes_bf16<R, 2>(p, L, v + j, stride, n, acc + j, hd);  // hd % 32 == 0
+  for (; j + 64 <= hd; j += 64) pv_lanes512<R, 4>(p, L, v + j, stride, n, acc + j, hd);
+  for (; j < hd; j += 16) pv_lanes512<R, 1>(p, L, v + j, stride, n, acc + j, hd);
 }
 
 #define DISPATCH_R(R_, FN, ...)        \
@@ -170,12 +204,18 @@ TARGET_AVX512_BF16 void pv_page_bf16(const float* p, int64_t L, const c10::BFloa
     default: FN<4>(__VA_ARGS__); break; \
   }
 
+// fast: the AVX512 paths (fast_path below)
 template <typename T>
 inline void scores_group(int R, bool fast, const T* qT, const float* qf, int64_t hd, const T* k,
                          int64_t stride, int n, float* s, int64_t L, float scale) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (fast) {
       DISPATCH_R(R, scores_page_bf16, qT, hd, k, stride, n, s, L, scale);
+      return;
+    }
+  } else {
+    if (fast) {
+      DISPATCH_R(R, scores_page512, qf, hd, k, stride, n, s, L);
       return;
     }
   }
@@ -185,11 +225,9 @@ inline void scores_group(int R, bool fast, const T* qT, const float* qf, int64_t
 template <typename T>
 inline void pv_group(int R, bool fast, const float* p, int64_t L, const T* v, int64_t stride,
                      int n, float* acc, int64_t hd) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (fast) {
-      DISPATCH_R(R, pv_page_bf16, p, L, v, stride, n, acc, hd);
-      return;
-    }
+  if (fast) {
+    DISPATCH_R(R, pv_page512, p, L, v, stride, n, acc, hd);
+    return;
   }
   DISPATCH_R(R, pv_page, p, L, v, stride, n, acc, hd);
 }
@@ -252,7 +290,7 @@ inline void prefetch_page(const T* row, int64_t stride, int64_t n, int64_t hd) {
       _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
 }
 
-// fast: the AVX512-BF16 paths for bf16 caches (the caller checks the CPU and hd % 32 == 0)
+// fast: the AVX512 paths (fast_path)
 template <typename T>
 void decode_impl(const T* Q, const T* K, const T* V, const int64_t* tables, int64_t table_w,
                  const int32_t* lens, const T* gate, int64_t gate_s0, int64_t gate_s1, T* O,
@@ -265,7 +303,7 @@ void decode_impl(const T* Q, const T* K, const T* V, const int64_t* tables, int6
       const int64_t n = task / nkv, g = task % nkv, L = lens[n];
       const int64_t* table = tables + n * table_w;
       const T* Qg = Q + (n * nh + g * rep) * hd;  // the group's rep query heads
-      if (!fast)
+      if (!(fast && std::is_same_v<T, c10::BFloat16>))  // bf16 fast path: q as it is
         for (int64_t j = 0; j < rep * hd; ++j) q[j] = static_cast<float>(Qg[j]) * scale;
       s.resize(rep * L);
       for (int64_t r0 = 0; r0 < rep; r0 += 4) {  // scores, page by page
@@ -328,9 +366,12 @@ torch::Tensor checked_tables(const torch::Tensor& block_tables, const torch::Ten
 }
 
 
-// the AVX512-BF16 paths run (bf16 caches, hd a multiple of 32, the CPU has the instructions)
+// the AVX512 paths run: bf16 caches with hd % 32 == 0 on AVX512-BF16 CPUs, fp32 / fp16 caches
+// with hd % 16 == 0 on AVX512 CPUs
 bool fast_path(at::ScalarType dt, int64_t hd, bool avx2_only) {
-  return !avx2_only && dt == at::kBFloat16 && hd % 32 == 0 && cpu_avx512_bf16();
+  if (avx2_only) return false;
+  if (dt == at::kBFloat16) return hd % 32 == 0 && cpu_avx512_bf16();
+  return hd % 16 == 0 && cpu_avx512();
 }
 
 }  // namespace
@@ -456,7 +497,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
         py::arg("context_lens"), py::arg("scale"), py::arg("gate") = py::none(),
         py::arg("avx2_only") = false);
-  m.def("fast_path", &fast_path, "the AVX512-BF16 paths run for caches of this dtype and head dim",
+  m.def("fast_path", &fast_path, "the AVX512 paths run for caches of this dtype and head dim",
         py::arg("dtype"), py::arg("head_dim"), py::arg("avx2_only") = false);
   m.def("attention_decode_gated", &attention_decode_gated,
         "q/k norms, rotary, K/V cache write, paged decode attention and its gate in one call",
