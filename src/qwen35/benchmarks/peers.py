@@ -128,7 +128,8 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
             _, steps = engines[name].run(prompt, sz["new"], f"{name}-d{r}")
             decode[name] += steps
             per_round[name].append(1 / median(steps))
-        for name, eng in engines.items():
+        for name in _decode_order(engines, r):  # prefills (and decode after the longest) paired too
+            eng = engines[name]
             for p, toks in long.items():
                 new = 1 + (sz["long_new"] if p == big else 0)
                 first, steps = eng.run(toks, new, f"{name}-p{p}-{r}")
