@@ -19,6 +19,8 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_isa.h"
+#include "gemv_rows.h"
 #include "small_rows.h"
 #include "vec_avx2.h"
 
@@ -31,15 +33,6 @@ using namespace vec8;
 
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 
-bool cpu_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return ok;
-}
-bool cpu_avx512_bf16() {
-  static const bool ok = cpu_avx512() && __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
 
 inline float hsum8(__m256 acc) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
@@ -196,40 +189,32 @@ TARGET_AVX512 void pv_page512(const float* p, int64_t L, const T* v, int64_t str
   for (; j < hd; j += 16) pv_lanes512<R, 1>(p, L, v + j, stride, n, acc + j, hd);
 }
 
-#define DISPATCH_R(R_, FN, ...)        \
-  switch (R_) {                        \
-    case 1: FN<1>(__VA_ARGS__); break; \
-    case 2: FN<2>(__VA_ARGS__); break; \
-    case 3: FN<3>(__VA_ARGS__); break; \
-    default: FN<4>(__VA_ARGS__); break; \
-  }
-
 // fast: the AVX512 paths (fast_path below)
 template <typename T>
 inline void scores_group(int R, bool fast, const T* qT, const float* qf, int64_t hd, const T* k,
                          int64_t stride, int n, float* s, int64_t L, float scale) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (fast) {
-      DISPATCH_R(R, scores_page_bf16, qT, hd, k, stride, n, s, L, scale);
+      DISPATCH_MR(R, scores_page_bf16, qT, hd, k, stride, n, s, L, scale);
       return;
     }
   } else {
     if (fast) {
-      DISPATCH_R(R, scores_page512, qf, hd, k, stride, n, s, L);
+      DISPATCH_MR(R, scores_page512, qf, hd, k, stride, n, s, L);
       return;
     }
   }
-  DISPATCH_R(R, scores_page, qf, hd, k, stride, n, s, L);
+  DISPATCH_MR(R, scores_page, qf, hd, k, stride, n, s, L);
 }
 
 template <typename T>
 inline void pv_group(int R, bool fast, const float* p, int64_t L, const T* v, int64_t stride,
                      int n, float* acc, int64_t hd) {
   if (fast) {
-    DISPATCH_R(R, pv_page512, p, L, v, stride, n, acc, hd);
+    DISPATCH_MR(R, pv_page512, p, L, v, stride, n, acc, hd);
     return;
   }
-  DISPATCH_R(R, pv_page, p, L, v, stride, n, acc, hd);
+  DISPATCH_MR(R, pv_page, p, L, v, stride, n, acc, hd);
 }
 
 // p = exp(s - max(s)) in place; returns sum(p)
@@ -370,8 +355,8 @@ torch::Tensor checked_tables(const torch::Tensor& block_tables, const torch::Ten
 // with hd % 16 == 0 on AVX512 CPUs
 bool fast_path(at::ScalarType dt, int64_t hd, bool avx2_only) {
   if (avx2_only) return false;
-  if (dt == at::kBFloat16) return hd % 32 == 0 && cpu_avx512_bf16();
-  return hd % 16 == 0 && cpu_avx512();
+  if (dt == at::kBFloat16) return hd % 32 == 0 && cpu_isa::avx512_bf16();
+  return hd % 16 == 0 && cpu_isa::avx512();
 }
 
 }  // namespace

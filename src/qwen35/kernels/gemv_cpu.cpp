@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "cpu_isa.h"
 #include "gemv_rows.h"
 
 #include <cmath>
@@ -46,19 +47,9 @@ constexpr int unroll() {
   return MR <= 2 ? 4 : 2;
 }
 
-bool cpu_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return ok;
-}
-bool cpu_avx512_bf16() {
-  static const bool ok = cpu_avx512() && __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
-bool cpu_avx512_fp8() {
-  static const bool ok = cpu_avx512_bf16() && __builtin_cpu_supports("avx512vbmi");
-  return ok;
-}
+bool cpu_avx512() { return cpu_isa::avx512(); }
+bool cpu_avx512_bf16() { return cpu_isa::avx512_bf16(); }
+bool cpu_avx512_fp8() { return cpu_isa::avx512_bf16_vbmi(); }
 
 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

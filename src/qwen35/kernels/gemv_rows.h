@@ -1,5 +1,6 @@
-// What the decode GEMV sources (gemv_cpu.cpp, int4_cpu.cpp) share: the row limits, the scalar
-// bf16 -> fp32 widening and the dispatch of a pass over up to kMR input rows.
+// What the decode GEMV sources (gemv_cpu.cpp, int4_cpu.cpp, fp8_cpu.cpp) share: the row limits,
+// the scalar bf16 -> fp32 widening and the dispatch of a pass over up to kMR input rows (also
+// attention_cpu.cpp's, over up to 4 query heads of a KV group).
 // (kernels/__init__.py's Native hashes this header with each source of this folder.)
 #pragma once
 #include <cstdint>
