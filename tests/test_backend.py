@@ -246,9 +246,10 @@ def assert_padded_decode_equals_eager(model, backend, prompt_lens, steps: int, t
         Backend("cuda"),
         Backend("cuda", fla=fake_fla()),
         Backend("cuda", fla=SimpleNamespace(**{**vars(fake_fla()), "conv": None})),
-        Backend("cpu", grouped_mm=True),
+        Backend("cuda", grouped_mm=True),  # a GPU backend's grouped experts, on CPU tensors
+        Backend("cpu", grouped_mm=True),  # a CPU backend: the expert loop with the GEMV kernels
     ],
-    ids=["gather", "fla-wiring", "fla-without-conv", "grouped-mm"],
+    ids=["gather", "fla-wiring", "fla-without-conv", "grouped-mm", "cpu-expert-loop"],
 )
 @pytest.mark.parametrize("moe", [False, True])
 def test_backends_equal_reference(backend, moe):
@@ -269,6 +270,37 @@ def test_grouped_mm_experts_equal_loop():
         w = torch.rand(T, k, generator=g).to(dtype)
         ref = grouped_experts_reference(x, gu, dn, idx, w)
         torch.testing.assert_close(grouped_experts_gmm(x, gu, dn, idx, w), ref)
+
+
+def test_cpu_experts_take_the_loop_with_the_gemv_matmuls(monkeypatch):
+    """On a CPU backend the routed experts run the per-expert loop through layers/linear.py's
+    `linear` (the GEMV kernels for few rows: faster than the grouped GEMM on CPUs), with the
+    reference's results; a GPU backend keeps the grouped GEMM."""
+    import qwen35.layers.linear as linear_mod
+    from qwen35.ops import moe
+
+    calls, real = [], linear_mod.linear
+    monkeypatch.setattr(linear_mod, "linear", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    gmm = []
+    real_gmm = moe.grouped_experts_gmm
+    monkeypatch.setattr(moe, "grouped_experts_gmm", lambda *a: gmm.append(1) or real_gmm(*a))
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        E, H, I, T, k = 6, 32, 16, 5, 3
+        gu = torch.randn(E, 2 * I, H, generator=g).to(dtype)
+        dn = torch.randn(E, H, I, generator=g).to(dtype)
+        x = torch.randn(T, H, generator=g).to(dtype)
+        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        w = torch.rand(T, k, generator=g).to(dtype)
+        ref = grouped_experts_reference(x, gu, dn, idx, w)
+        calls.clear()
+        out = moe.routed_experts(Backend("cpu", grouped_mm=True), x, gu, dn, idx, w)
+        assert len(calls) == 2 * len(set(idx.flatten().tolist())) and not gmm
+        tol = 1e-4 if dtype == torch.float32 else 2e-2  # summation order (values ~ 10)
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+        moe.routed_experts(Backend("cuda", grouped_mm=True), x, gu, dn, idx, w)
+        assert gmm and len(calls) == 2 * len(set(idx.flatten().tolist()))
+        gmm.clear()
 
 
 def test_select_backend():

@@ -2,10 +2,12 @@
 
 Both paths sort the (token, choice) pairs by expert so each expert's rows are contiguous:
 - `grouped_experts_reference`: one gate_up and one down matmul per active expert (a Python loop
-  over the experts, reading the counts on the host);
+  over the experts, reading the counts on the host; `mm` does the matmuls: F.linear, or on a CPU
+  layers/linear.py's `linear`, which takes the GEMV kernels for few rows);
 - the grouped path: two `torch._grouped_mm` calls over all experts at once, group offsets
   computed on the device (no host sync, no Python loop: capturable in a CUDA graph).
-`routed_experts(backend, ...)` picks by `backend.grouped_mm` (probed once, ops/backend.py).
+`routed_experts(backend, ...)` picks: the grouped path on a GPU (where `backend.grouped_mm`, probed
+once in ops/backend.py, says it runs), the loop with the GEMV kernels on a CPU.
 
 Shapes: x [T, H]; gate_up [E, 2I, H] (gate rows first); down [E, H, I]; top_idx, top_w [T, k].
 """
@@ -25,7 +27,7 @@ def _sort_pairs(top_idx: torch.Tensor):
     return flat, order, order // top_idx.shape[1]  # token of each sorted pair
 
 
-def grouped_experts_reference(x, gate_up, down, top_idx, top_w) -> torch.Tensor:
+def grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=F.linear) -> torch.Tensor:
     flat, order, token_of = _sort_pairs(top_idx)
     counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
     xs = x.index_select(0, token_of)  # [T*k, H]
@@ -35,8 +37,8 @@ def grouped_experts_reference(x, gate_up, down, top_idx, top_w) -> torch.Tensor:
         if n == 0:
             continue
         seg = xs[start : start + n]  # [n, H]
-        gate, up = F.linear(seg, gate_up[e]).chunk(2, dim=-1)  # [n, I] each
-        ys[start : start + n] = F.linear(F.silu(gate) * up, down[e])  # [n, H]
+        gate, up = mm(seg, gate_up[e]).chunk(2, dim=-1)  # [n, I] each
+        ys[start : start + n] = mm(F.silu(gate) * up, down[e])  # [n, H]
         start += n
     ys.mul_(top_w.reshape(-1, 1).index_select(0, order))  # weight each pair
     return torch.zeros_like(x).index_add_(0, token_of, ys)  # [T, H]
@@ -58,15 +60,20 @@ def grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be: Backend | None = N
     return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 
-# On a CPU the grouped GEMM wins for decode-sized inputs (one expert's rows are few; the loop's
-# per-expert dispatch dominates) and loses for long prefills (measured 64 experts, H 1024,
-# I 256, top-8, 2 threads: T=1 bf16 1.8 vs 38 ms, T=512 bf16 144 vs 81 ms; /tmp A/B script in
-# the commit message). On a GPU it is always taken: one launch, and no host sync.
-CPU_GMM_MAX_ROWS = 16
+# On a GPU the grouped GEMM is always taken: one launch, and no host sync. On a CPU the loop over
+# the active experts wins once its matmuls are `layers/linear.py`'s (the GEMV kernels up to 8 bf16
+# / 16 fp32 rows, each expert's weight streamed once): bf16, 2 threads, Zen 5 VM, experts cycled
+# through DRAM, ms a layer, loop / grouped GEMM: 35B-A3B shapes (256 experts, H 2048, I 512,
+# top-8) 1.28 / 2.38 at 1 token, 7.2 / 8.4 at 4, 23.6 / 27.3 at 16; 64 experts, H 1024, I 256:
+# 0.47 / 0.85 at 1, 3.2 / 5.5 at 16 (an A/B script, not in the repo). With F.linear, whose one-row
+# bf16 GEMM is slow, the loop had lost at decode sizes (38 vs 1.8 ms at 1 token on the small shape).
 
 
 def routed_experts(be: Backend, x, gate_up, down, top_idx, top_w) -> torch.Tensor:
-    use = be.grouped_mm and x.dtype == gate_up.dtype
-    if use and (be.on_gpu_path(x) or x.shape[0] <= CPU_GMM_MAX_ROWS):
-        return grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be)
-    return grouped_experts_reference(x, gate_up, down, top_idx, top_w)
+    if be.device_type != "cpu" or be.on_gpu_path(x):  # (tests run CUDA backends on CPU tensors)
+        if be.grouped_mm and x.dtype == gate_up.dtype:
+            return grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be)
+        return grouped_experts_reference(x, gate_up, down, top_idx, top_w)
+    from qwen35.layers.linear import linear  # the CPU GEMV kernels for few rows
+
+    return grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=linear)
