@@ -58,6 +58,19 @@ def test_int8_matches_reference(mod, dtype, avx2_only):
             assert rel_error(y, ref) < (4e-3 if dtype == torch.bfloat16 else 1e-5), (n, k, m)
 
 
+@pytest.mark.parametrize("avx2_only", [False, True])
+def test_int8_rows_of_a_batch_equal_each_row_alone(mod, avx2_only):
+    """Batches above 4 rows convert each weight row once and reuse it (table path): every row's
+    result is bitwise what it gets alone, so outputs do not depend on the batch."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-127, 128, (70, 200), generator=g, dtype=torch.int8)
+    s = torch.rand(70, generator=g).bfloat16()
+    x = torch.randn(16, 200, generator=g).bfloat16()
+    y = mod.linear_int8(x, q, s, avx2_only)
+    for i in range(16):
+        assert torch.equal(mod.linear_int8(x[i : i + 1], q, s, avx2_only)[0], y[i]), i
+
+
 def test_int8_decodes_every_byte_exactly(mod):
     """The byte-table path (AVX512-VBMI + BF16 CPUs, bf16 rows) and the FMA path both give every
     int8 value exactly."""

@@ -202,26 +202,63 @@ TARGET_AVX512_FP8 inline void int8x64(__m512i raw, const __m512i* t, __m512bh& a
   b = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
 }
 
-template <int MR>
-TARGET_AVX512_FP8 void int8_row_table(const uint16_t* Xp, int64_t Kp, const int8_t* w, int64_t K,
-                                      float* out) {
-  __m512i t[8];
+// the byte tables of int8x64 in registers
+TARGET_AVX512_FP8 inline void int8_tables(__m512i* t) {
   for (int j = 0; j < 2; ++j) {
     t[2 * j] = _mm512_load_si512(kInt8.lo[j]);
     t[2 * j + 1] = _mm512_load_si512(kInt8.lo[j] + 64);
     t[4 + 2 * j] = _mm512_load_si512(kInt8.hi[j]);
     t[4 + 2 * j + 1] = _mm512_load_si512(kInt8.hi[j] + 64);
   }
+}
+
+// acc[i][0 / 1] += the 64-input chunk's products (x row i at Xp + i * Kp, in permute64's order)
+template <int MR>
+TARGET_AVX512_FP8 inline void dp_chunk(__m512 (*acc)[2], const uint16_t* Xp, int64_t Kp,
+                                       __m512bh wa, __m512bh wb) {
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)_mm512_loadu_si512(Xp + i * Kp), wa);
+    acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)_mm512_loadu_si512(Xp + i * Kp + 32), wb);
+  }
+}
+
+template <int MR>
+TARGET_AVX512_FP8 void int8_row_table(const uint16_t* Xp, int64_t Kp, const int8_t* w, int64_t K,
+                                      float* out) {
+  __m512i t[8];
+  int8_tables(t);
   __m512 acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 64) {
     __m512bh wa, wb;
     int8x64(load64(w + k, K - k), t, wa, wb);
-    for (int i = 0; i < MR; ++i) {
-      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k), wa);
-      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k + 32), wb);
-    }
+    dp_chunk<MR>(acc, Xp + k, Kp, wa, wb);
   }
+  for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+}
+
+// More than kMR rows: the weight row converted once into wbuf [Kp] bf16 (int8x64's order) ...
+TARGET_AVX512_FP8 void int8_row_to_bf16(const int8_t* w, int64_t K, uint16_t* wbuf) {
+  __m512i t[8];
+  int8_tables(t);
+  for (int64_t k = 0; k < K; k += 64) {
+    __m512bh wa, wb;
+    int8x64(load64(w + k, K - k), t, wa, wb);
+    _mm512_storeu_si512(wbuf + k, (__m512i)wa);
+    _mm512_storeu_si512(wbuf + k + 32, (__m512i)wb);
+  }
+}
+
+// ... then each group of kMR rows against it, with int8_row_table's arithmetic (same chunks,
+// accumulators and sums: bitwise its results, so a row's output does not depend on the batch)
+template <int MR>
+TARGET_AVX512_FP8 void bf16buf_row(const uint16_t* Xp, int64_t Kp, const uint16_t* wbuf,
+                                   int64_t K, float* out) {
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 64)
+    dp_chunk<MR>(acc, Xp + k, Kp, (__m512bh)_mm512_loadu_si512(wbuf + k),
+                 (__m512bh)_mm512_loadu_si512(wbuf + k + 32));
   for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
 }
 
@@ -416,9 +453,27 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q,
     const std::vector<uint16_t> xp = permuted_rows(x, Kp);
     auto* Y = y.data_ptr<at::BFloat16>();
     const auto* S = scale.data_ptr<at::BFloat16>();
-    for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
-      DISPATCH_MR(mr, int8_row_table, xp.data() + m * Kp, Kp, W + n * K, K, out);
-    }, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v * static_cast<float>(S[n]); });
+    const auto store = [&](int64_t m, int64_t n, float v) {
+      Y[m * N + n] = v * static_cast<float>(S[n]);
+    };
+    if (M <= kMR) {
+      for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
+        DISPATCH_MR(mr, int8_row_table, xp.data() + m * Kp, Kp, W + n * K, K, out);
+      }, store);
+      return y;
+    }
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {  // each weight row converted once
+      std::vector<uint16_t> wbuf(Kp);
+      float out[kMR];
+      for (int64_t n = n0; n < n1; ++n) {
+        int8_row_to_bf16(W + n * K, K, wbuf.data());
+        for (int64_t m = 0; m < M; m += kMR) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
+          DISPATCH_MR(mr, bf16buf_row, xp.data() + m * Kp, Kp, wbuf.data(), K, out);
+          for (int i = 0; i < mr; ++i) store(m + i, n, out[i]);
+        }
+      }
+    });
     return y;
   }
   const auto xf = x.to(at::kFloat);
