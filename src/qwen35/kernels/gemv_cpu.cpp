@@ -262,6 +262,33 @@ TARGET_AVX512_FP8 void bf16buf_row(const uint16_t* Xp, int64_t Kp, const uint16_
   for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
 }
 
+// two weight rows against a group of MR rows: each activation chunk loaded once for both (the
+// buffered path is bound by loads); per (row, weight row) the arithmetic of bf16buf_row
+template <int MR>
+TARGET_AVX512_FP8 void bf16buf_row2(const uint16_t* Xp, int64_t Kp, const uint16_t* w0,
+                                    const uint16_t* w1, int64_t K, float* out0, float* out1) {
+  __m512 a0[MR][2], a1[MR][2];
+  for (int i = 0; i < MR; ++i) a0[i][0] = a0[i][1] = a1[i][0] = a1[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 64) {
+    const __m512bh w0a = (__m512bh)_mm512_loadu_si512(w0 + k);
+    const __m512bh w0b = (__m512bh)_mm512_loadu_si512(w0 + k + 32);
+    const __m512bh w1a = (__m512bh)_mm512_loadu_si512(w1 + k);
+    const __m512bh w1b = (__m512bh)_mm512_loadu_si512(w1 + k + 32);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh xa = (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k);
+      const __m512bh xb = (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k + 32);
+      a0[i][0] = _mm512_dpbf16_ps(a0[i][0], xa, w0a);
+      a0[i][1] = _mm512_dpbf16_ps(a0[i][1], xb, w0b);
+      a1[i][0] = _mm512_dpbf16_ps(a1[i][0], xa, w1a);
+      a1[i][1] = _mm512_dpbf16_ps(a1[i][1], xb, w1b);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    out0[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i][0], a0[i][1]));
+    out1[i] = _mm512_reduce_add_ps(_mm512_add_ps(a1[i][0], a1[i][1]));
+  }
+}
+
 // 64 FP8 bytes -> two vectors of 32 bf16 (in the lane-interleaved order of `permute64`)
 TARGET_AVX512_FP8 inline void fp8x64(__m512i raw, __m512i tlo0, __m512i tlo1, __m512i thi0,
                                      __m512i thi1, __m512bh& a, __m512bh& b) {
@@ -463,14 +490,25 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q,
       return y;
     }
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {  // each weight row converted once
-      std::vector<uint16_t> wbuf(Kp);
-      float out[kMR];
-      for (int64_t n = n0; n < n1; ++n) {
+      std::vector<uint16_t> wbuf(2 * Kp);
+      float out[2][kMR];
+      int64_t n = n0;
+      for (; n + 1 < n1; n += 2) {  // two weight rows at a time
+        int8_row_to_bf16(W + n * K, K, wbuf.data());
+        int8_row_to_bf16(W + (n + 1) * K, K, wbuf.data() + Kp);
+        for (int64_t m = 0; m < M; m += kMR) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
+          DISPATCH_MR(mr, bf16buf_row2, xp.data() + m * Kp, Kp, wbuf.data(), wbuf.data() + Kp, K,
+                      out[0], out[1]);
+          for (int i = 0; i < mr; ++i) store(m + i, n, out[0][i]), store(m + i, n + 1, out[1][i]);
+        }
+      }
+      for (; n < n1; ++n) {
         int8_row_to_bf16(W + n * K, K, wbuf.data());
         for (int64_t m = 0; m < M; m += kMR) {
           const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
-          DISPATCH_MR(mr, bf16buf_row, xp.data() + m * Kp, Kp, wbuf.data(), K, out);
-          for (int i = 0; i < mr; ++i) store(m + i, n, out[i]);
+          DISPATCH_MR(mr, bf16buf_row, xp.data() + m * Kp, Kp, wbuf.data(), K, out[0]);
+          for (int i = 0; i < mr; ++i) store(m + i, n, out[0][i]);
         }
       }
     });
