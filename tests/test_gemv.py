@@ -120,6 +120,22 @@ def test_fp8_matches_reference(mod):
     assert not mod.fp8_supported(96)  # the byte tables' input blocks tile 64-byte chunks
 
 
+def test_fp8_rows_of_a_batch_equal_each_row_alone(mod):
+    """As int8: above 4 rows the table path converts two weight rows once and reuses them; every
+    row's result is bitwise what it gets alone (blocks of 32 output rows: scales differ
+    between the two weight rows of a pair at row 31 / 32)."""
+    paths = _fp8_paths(mod)
+    g = torch.Generator().manual_seed(6)
+    q, s = formats.quantize_fp8_blocks(torch.randn(71, 200, generator=g), block=(32, 128))
+    s = s.float()
+    x = torch.randn(16, 200, generator=g).bfloat16()
+    for cvt in paths:
+        y = mod.linear_fp8(x, q, s, 32, 128, cvt)
+        for i in range(16):
+            one = mod.linear_fp8(x[i : i + 1], q, s, 32, 128, cvt)[0]
+            assert torch.equal(one, y[i]), (i, cvt)
+
+
 def test_dispatch_takes_the_kernel_and_switches_off(mod, monkeypatch):
     """layers.linear and quant.matmul route decode rows to the kernel; QWEN35_NO_KERNELS=1
     falls back to torch with the same result."""

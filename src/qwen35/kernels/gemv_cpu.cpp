@@ -349,6 +349,57 @@ TARGET_AVX512_FP8 void fp8_row(const uint16_t* Xp, int64_t Kp, const uint8_t* w,
   for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(tot[i]);
 }
 
+// More than kMR rows: two weight rows converted once into bf16 buffers (fp8x64's order), then
+// each group of rows against both, with fp8_row's arithmetic per (row, weight row): same chunks,
+// accumulators, block scaling and sums, so every row's result is bitwise what it gets alone.
+TARGET_AVX512_FP8 void fp8_row_to_bf16(const uint8_t* w, int64_t K, uint16_t* wbuf) {
+  const __m512i tlo0 = _mm512_load_si512(kFp8.lo), tlo1 = _mm512_load_si512(kFp8.lo + 64);
+  const __m512i thi0 = _mm512_load_si512(kFp8.hi), thi1 = _mm512_load_si512(kFp8.hi + 64);
+  for (int64_t k = 0; k < K; k += 64) {
+    __m512bh wa, wb;
+    fp8x64(load64(w + k, K - k), tlo0, tlo1, thi0, thi1, wa, wb);
+    _mm512_storeu_si512(wbuf + k, (__m512i)wa);
+    _mm512_storeu_si512(wbuf + k + 32, (__m512i)wb);
+  }
+}
+
+template <int MR>
+TARGET_AVX512_FP8 void fp8buf_row2(const uint16_t* Xp, int64_t Kp, const uint16_t* w0,
+                                   const uint16_t* w1, int64_t K, const float* s0,
+                                   const float* s1, int64_t bi, float* out0, float* out1) {
+  __m512 t0[MR], t1[MR];
+  for (int i = 0; i < MR; ++i) t0[i] = t1[i] = _mm512_setzero_ps();
+  const int64_t nbi = (K + bi - 1) / bi;
+  for (int64_t blk = 0; blk < nbi; ++blk) {
+    const int64_t k0 = blk * bi, k1 = std::min(K, k0 + bi);
+    __m512 a0[MR][2], a1[MR][2];
+    for (int i = 0; i < MR; ++i) a0[i][0] = a0[i][1] = a1[i][0] = a1[i][1] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; k += 64) {
+      const __m512bh w0a = (__m512bh)_mm512_loadu_si512(w0 + k);
+      const __m512bh w0b = (__m512bh)_mm512_loadu_si512(w0 + k + 32);
+      const __m512bh w1a = (__m512bh)_mm512_loadu_si512(w1 + k);
+      const __m512bh w1b = (__m512bh)_mm512_loadu_si512(w1 + k + 32);
+      for (int i = 0; i < MR; ++i) {
+        const __m512bh xa = (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k);
+        const __m512bh xb = (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k + 32);
+        a0[i][0] = _mm512_dpbf16_ps(a0[i][0], xa, w0a);
+        a0[i][1] = _mm512_dpbf16_ps(a0[i][1], xb, w0b);
+        a1[i][0] = _mm512_dpbf16_ps(a1[i][0], xa, w1a);
+        a1[i][1] = _mm512_dpbf16_ps(a1[i][1], xb, w1b);
+      }
+    }
+    const __m512 c0 = _mm512_set1_ps(s0[blk]), c1 = _mm512_set1_ps(s1[blk]);
+    for (int i = 0; i < MR; ++i) {
+      t0[i] = _mm512_fmadd_ps(_mm512_add_ps(a0[i][0], a0[i][1]), c0, t0[i]);
+      t1[i] = _mm512_fmadd_ps(_mm512_add_ps(a1[i][0], a1[i][1]), c1, t1[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    out0[i] = _mm512_reduce_add_ps(t0[i]);
+    out1[i] = _mm512_reduce_add_ps(t1[i]);
+  }
+}
+
 // ---- block FP8 via fp16 bits, AVX512 (F + BW + VL) --------------------------------------
 // e4m3 -> fp16 is a bit move (as fp8_cpu.cpp's AVX2 path): sign-extend the byte to 16 bits,
 // shift left by 7 and clear bit 14: the fp16 value is the e4m3 value times 2^-8, subnormals
@@ -559,9 +610,34 @@ torch::Tensor linear_fp8(const torch::Tensor& x, const torch::Tensor& w, const t
   }
   const int64_t Kp = (K + 63) / 64 * 64;
   const std::vector<uint16_t> xp = permuted_rows(x, Kp);
-  for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
+  const auto row = [&](int64_t n, int64_t m, int mr, float* out) {
     DISPATCH_MR(mr, fp8_row, xp.data() + m * Kp, Kp, W + n * K, K, S + (n / bo) * nbi, bi, out);
-  }, store);
+  };
+  if (M <= kMR) {
+    for_rows(M, N, row, store);
+    return y;
+  }
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {  // each weight row converted once
+    std::vector<uint16_t> wbuf(2 * Kp);
+    float out[2][kMR];
+    int64_t n = n0;
+    for (; n + 1 < n1; n += 2) {  // two weight rows at a time
+      fp8_row_to_bf16(W + n * K, K, wbuf.data());
+      fp8_row_to_bf16(W + (n + 1) * K, K, wbuf.data() + Kp);
+      for (int64_t m = 0; m < M; m += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
+        DISPATCH_MR(mr, fp8buf_row2, xp.data() + m * Kp, Kp, wbuf.data(), wbuf.data() + Kp, K,
+                    S + (n / bo) * nbi, S + ((n + 1) / bo) * nbi, bi, out[0], out[1]);
+        for (int i = 0; i < mr; ++i) store(m + i, n, out[0][i]), store(m + i, n + 1, out[1][i]);
+      }
+    }
+    for (; n < n1; ++n)
+      for (int64_t m = 0; m < M; m += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
+        row(n, m, mr, out[0]);
+        for (int i = 0; i < mr; ++i) store(m + i, n, out[0][i]);
+      }
+  });
   return y;
 }
 
