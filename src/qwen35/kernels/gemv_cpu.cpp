@@ -74,6 +74,34 @@ void for_rows(int64_t M, int64_t N, Row&& row, Store&& store) {
   });
 }
 
+// More than kMR rows on the byte-table paths: per thread, weight rows n, n + 1 converted once
+// (convert(n, buf [Kp] bf16)), then pair(n, m, mr, w0, w1, out0, out1) for each group of input
+// rows; a range's odd last row takes single(n, m, mr, out), which must give the same results.
+template <typename Convert, typename Pair, typename Single, typename Store>
+void for_row_pairs(int64_t M, int64_t N, int64_t Kp, Convert&& convert, Pair&& pair,
+                   Single&& single, Store&& store) {
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    std::vector<uint16_t> wbuf(2 * Kp);
+    float out[2][kMR];
+    int64_t n = n0;
+    for (; n + 1 < n1; n += 2) {
+      convert(n, wbuf.data());
+      convert(n + 1, wbuf.data() + Kp);
+      for (int64_t m = 0; m < M; m += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
+        pair(n, m, mr, wbuf.data(), wbuf.data() + Kp, out[0], out[1]);
+        for (int i = 0; i < mr; ++i) store(m + i, n, out[0][i]), store(m + i, n + 1, out[1][i]);
+      }
+    }
+    for (; n < n1; ++n)
+      for (int64_t m = 0; m < M; m += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
+        single(n, m, mr, out[0]);
+        for (int i = 0; i < mr; ++i) store(m + i, n, out[0][i]);
+      }
+  });
+}
+
 // ---- bf16, AVX512-BF16 --------------------------------------------------------------------
 
 template <int MR>
@@ -237,7 +265,8 @@ TARGET_AVX512_FP8 void int8_row_table(const uint16_t* Xp, int64_t Kp, const int8
   for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
 }
 
-// More than kMR rows: the weight row converted once into wbuf [Kp] bf16 (int8x64's order) ...
+// More than kMR rows: weight rows converted once into bf16 buffers [Kp] (int8x64's order), two
+// at a time against each group of rows (for_row_pairs)
 TARGET_AVX512_FP8 void int8_row_to_bf16(const int8_t* w, int64_t K, uint16_t* wbuf) {
   __m512i t[8];
   int8_tables(t);
@@ -249,21 +278,10 @@ TARGET_AVX512_FP8 void int8_row_to_bf16(const int8_t* w, int64_t K, uint16_t* wb
   }
 }
 
-// ... then each group of kMR rows against it, with int8_row_table's arithmetic (same chunks,
-// accumulators and sums: bitwise its results, so a row's output does not depend on the batch)
-template <int MR>
-TARGET_AVX512_FP8 void bf16buf_row(const uint16_t* Xp, int64_t Kp, const uint16_t* wbuf,
-                                   int64_t K, float* out) {
-  __m512 acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 64)
-    dp_chunk<MR>(acc, Xp + k, Kp, (__m512bh)_mm512_loadu_si512(wbuf + k),
-                 (__m512bh)_mm512_loadu_si512(wbuf + k + 32));
-  for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
-}
-
-// two weight rows against a group of MR rows: each activation chunk loaded once for both (the
-// buffered path is bound by loads); per (row, weight row) the arithmetic of bf16buf_row
+// two converted weight rows against a group of MR rows: each activation chunk loaded once for
+// both (the buffered path is bound by loads); per (row, weight row) int8_row_table's arithmetic
+// (same chunks, accumulators and sums: bitwise its results, so a row's output does not depend on
+// the batch)
 template <int MR>
 TARGET_AVX512_FP8 void bf16buf_row2(const uint16_t* Xp, int64_t Kp, const uint16_t* w0,
                                     const uint16_t* w1, int64_t K, float* out0, float* out1) {
@@ -534,35 +552,18 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q,
     const auto store = [&](int64_t m, int64_t n, float v) {
       Y[m * N + n] = v * static_cast<float>(S[n]);
     };
+    const auto row = [&](int64_t n, int64_t m, int mr, float* out) {
+      DISPATCH_MR(mr, int8_row_table, xp.data() + m * Kp, Kp, W + n * K, K, out);
+    };
     if (M <= kMR) {
-      for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
-        DISPATCH_MR(mr, int8_row_table, xp.data() + m * Kp, Kp, W + n * K, K, out);
-      }, store);
+      for_rows(M, N, row, store);
       return y;
     }
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {  // each weight row converted once
-      std::vector<uint16_t> wbuf(2 * Kp);
-      float out[2][kMR];
-      int64_t n = n0;
-      for (; n + 1 < n1; n += 2) {  // two weight rows at a time
-        int8_row_to_bf16(W + n * K, K, wbuf.data());
-        int8_row_to_bf16(W + (n + 1) * K, K, wbuf.data() + Kp);
-        for (int64_t m = 0; m < M; m += kMR) {
-          const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
-          DISPATCH_MR(mr, bf16buf_row2, xp.data() + m * Kp, Kp, wbuf.data(), wbuf.data() + Kp, K,
-                      out[0], out[1]);
-          for (int i = 0; i < mr; ++i) store(m + i, n, out[0][i]), store(m + i, n + 1, out[1][i]);
-        }
-      }
-      for (; n < n1; ++n) {
-        int8_row_to_bf16(W + n * K, K, wbuf.data());
-        for (int64_t m = 0; m < M; m += kMR) {
-          const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
-          DISPATCH_MR(mr, bf16buf_row, xp.data() + m * Kp, Kp, wbuf.data(), K, out[0]);
-          for (int i = 0; i < mr; ++i) store(m + i, n, out[0][i]);
-        }
-      }
-    });
+    for_row_pairs(M, N, Kp, [&](int64_t n, uint16_t* buf) { int8_row_to_bf16(W + n * K, K, buf); },
+                  [&](int64_t n, int64_t m, int mr, const uint16_t* w0, const uint16_t* w1,
+                      float* o0, float* o1) {
+                    DISPATCH_MR(mr, bf16buf_row2, xp.data() + m * Kp, Kp, w0, w1, K, o0, o1);
+                  }, row, store);
     return y;
   }
   const auto xf = x.to(at::kFloat);
@@ -617,27 +618,12 @@ torch::Tensor linear_fp8(const torch::Tensor& x, const torch::Tensor& w, const t
     for_rows(M, N, row, store);
     return y;
   }
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {  // each weight row converted once
-    std::vector<uint16_t> wbuf(2 * Kp);
-    float out[2][kMR];
-    int64_t n = n0;
-    for (; n + 1 < n1; n += 2) {  // two weight rows at a time
-      fp8_row_to_bf16(W + n * K, K, wbuf.data());
-      fp8_row_to_bf16(W + (n + 1) * K, K, wbuf.data() + Kp);
-      for (int64_t m = 0; m < M; m += kMR) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
-        DISPATCH_MR(mr, fp8buf_row2, xp.data() + m * Kp, Kp, wbuf.data(), wbuf.data() + Kp, K,
-                    S + (n / bo) * nbi, S + ((n + 1) / bo) * nbi, bi, out[0], out[1]);
-        for (int i = 0; i < mr; ++i) store(m + i, n, out[0][i]), store(m + i, n + 1, out[1][i]);
-      }
-    }
-    for (; n < n1; ++n)
-      for (int64_t m = 0; m < M; m += kMR) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
-        row(n, m, mr, out[0]);
-        for (int i = 0; i < mr; ++i) store(m + i, n, out[0][i]);
-      }
-  });
+  for_row_pairs(M, N, Kp, [&](int64_t n, uint16_t* buf) { fp8_row_to_bf16(W + n * K, K, buf); },
+                [&](int64_t n, int64_t m, int mr, const uint16_t* w0, const uint16_t* w1, float* o0,
+                    float* o1) {
+                  DISPATCH_MR(mr, fp8buf_row2, xp.data() + m * Kp, Kp, w0, w1, K,
+                              S + (n / bo) * nbi, S + ((n + 1) / bo) * nbi, bi, o0, o1);
+                }, row, store);
   return y;
 }
 
