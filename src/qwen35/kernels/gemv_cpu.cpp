@@ -278,6 +278,25 @@ TARGET_AVX512_FP8 void int8_row_to_bf16(const int8_t* w, int64_t K, uint16_t* wb
   }
 }
 
+// a0 / a1 [MR][2] += the products of the 64-input chunk of two converted weight rows (bf16 in
+// permute64's order) with MR activation rows, each activation chunk loaded once for both
+template <int MR>
+TARGET_AVX512_FP8 inline void dp_chunk2(__m512 (*a0)[2], __m512 (*a1)[2], const uint16_t* Xp,
+                                        int64_t Kp, const uint16_t* w0, const uint16_t* w1) {
+  const __m512bh w0a = (__m512bh)_mm512_loadu_si512(w0);
+  const __m512bh w0b = (__m512bh)_mm512_loadu_si512(w0 + 32);
+  const __m512bh w1a = (__m512bh)_mm512_loadu_si512(w1);
+  const __m512bh w1b = (__m512bh)_mm512_loadu_si512(w1 + 32);
+  for (int i = 0; i < MR; ++i) {
+    const __m512bh xa = (__m512bh)_mm512_loadu_si512(Xp + i * Kp);
+    const __m512bh xb = (__m512bh)_mm512_loadu_si512(Xp + i * Kp + 32);
+    a0[i][0] = _mm512_dpbf16_ps(a0[i][0], xa, w0a);
+    a0[i][1] = _mm512_dpbf16_ps(a0[i][1], xb, w0b);
+    a1[i][0] = _mm512_dpbf16_ps(a1[i][0], xa, w1a);
+    a1[i][1] = _mm512_dpbf16_ps(a1[i][1], xb, w1b);
+  }
+}
+
 // two converted weight rows against a group of MR rows: each activation chunk loaded once for
 // both (the buffered path is bound by loads); per (row, weight row) int8_row_table's arithmetic
 // (same chunks, accumulators and sums: bitwise its results, so a row's output does not depend on
@@ -287,20 +306,7 @@ TARGET_AVX512_FP8 void bf16buf_row2(const uint16_t* Xp, int64_t Kp, const uint16
                                     const uint16_t* w1, int64_t K, float* out0, float* out1) {
   __m512 a0[MR][2], a1[MR][2];
   for (int i = 0; i < MR; ++i) a0[i][0] = a0[i][1] = a1[i][0] = a1[i][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 64) {
-    const __m512bh w0a = (__m512bh)_mm512_loadu_si512(w0 + k);
-    const __m512bh w0b = (__m512bh)_mm512_loadu_si512(w0 + k + 32);
-    const __m512bh w1a = (__m512bh)_mm512_loadu_si512(w1 + k);
-    const __m512bh w1b = (__m512bh)_mm512_loadu_si512(w1 + k + 32);
-    for (int i = 0; i < MR; ++i) {
-      const __m512bh xa = (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k);
-      const __m512bh xb = (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k + 32);
-      a0[i][0] = _mm512_dpbf16_ps(a0[i][0], xa, w0a);
-      a0[i][1] = _mm512_dpbf16_ps(a0[i][1], xb, w0b);
-      a1[i][0] = _mm512_dpbf16_ps(a1[i][0], xa, w1a);
-      a1[i][1] = _mm512_dpbf16_ps(a1[i][1], xb, w1b);
-    }
-  }
+  for (int64_t k = 0; k < K; k += 64) dp_chunk2<MR>(a0, a1, Xp + k, Kp, w0 + k, w1 + k);
   for (int i = 0; i < MR; ++i) {
     out0[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i][0], a0[i][1]));
     out1[i] = _mm512_reduce_add_ps(_mm512_add_ps(a1[i][0], a1[i][1]));
@@ -392,20 +398,7 @@ TARGET_AVX512_FP8 void fp8buf_row2(const uint16_t* Xp, int64_t Kp, const uint16_
     const int64_t k0 = blk * bi, k1 = std::min(K, k0 + bi);
     __m512 a0[MR][2], a1[MR][2];
     for (int i = 0; i < MR; ++i) a0[i][0] = a0[i][1] = a1[i][0] = a1[i][1] = _mm512_setzero_ps();
-    for (int64_t k = k0; k < k1; k += 64) {
-      const __m512bh w0a = (__m512bh)_mm512_loadu_si512(w0 + k);
-      const __m512bh w0b = (__m512bh)_mm512_loadu_si512(w0 + k + 32);
-      const __m512bh w1a = (__m512bh)_mm512_loadu_si512(w1 + k);
-      const __m512bh w1b = (__m512bh)_mm512_loadu_si512(w1 + k + 32);
-      for (int i = 0; i < MR; ++i) {
-        const __m512bh xa = (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k);
-        const __m512bh xb = (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k + 32);
-        a0[i][0] = _mm512_dpbf16_ps(a0[i][0], xa, w0a);
-        a0[i][1] = _mm512_dpbf16_ps(a0[i][1], xb, w0b);
-        a1[i][0] = _mm512_dpbf16_ps(a1[i][0], xa, w1a);
-        a1[i][1] = _mm512_dpbf16_ps(a1[i][1], xb, w1b);
-      }
-    }
+    for (int64_t k = k0; k < k1; k += 64) dp_chunk2<MR>(a0, a1, Xp + k, Kp, w0 + k, w1 + k);
     const __m512 c0 = _mm512_set1_ps(s0[blk]), c1 = _mm512_set1_ps(s1[blk]);
     for (int i = 0; i < MR; ++i) {
       t0[i] = _mm512_fmadd_ps(_mm512_add_ps(a0[i][0], a0[i][1]), c0, t0[i]);
