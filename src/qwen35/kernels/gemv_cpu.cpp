@@ -398,7 +398,22 @@ TARGET_AVX512_FP8 void fp8buf_row2(const uint16_t* Xp, int64_t Kp, const uint16_
     const int64_t k0 = blk * bi, k1 = std::min(K, k0 + bi);
     __m512 a0[MR][2], a1[MR][2];
     for (int i = 0; i < MR; ++i) a0[i][0] = a0[i][1] = a1[i][0] = a1[i][1] = _mm512_setzero_ps();
-    for (int64_t k = k0; k < k1; k += 64) dp_chunk2<MR>(a0, a1, Xp + k, Kp, w0 + k, w1 + k);
+    // dp_chunk2's step written out: through the helper this loop measured 15-20% slower (GCC
+    // 12, 30 of 32 vector registers live at MR = 4)
+    for (int64_t k = k0; k < k1; k += 64) {
+      const __m512bh w0a = (__m512bh)_mm512_loadu_si512(w0 + k);
+      const __m512bh w0b = (__m512bh)_mm512_loadu_si512(w0 + k + 32);
+      const __m512bh w1a = (__m512bh)_mm512_loadu_si512(w1 + k);
+      const __m512bh w1b = (__m512bh)_mm512_loadu_si512(w1 + k + 32);
+      for (int i = 0; i < MR; ++i) {
+        const __m512bh xa = (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k);
+        const __m512bh xb = (__m512bh)_mm512_loadu_si512(Xp + i * Kp + k + 32);
+        a0[i][0] = _mm512_dpbf16_ps(a0[i][0], xa, w0a);
+        a0[i][1] = _mm512_dpbf16_ps(a0[i][1], xb, w0b);
+        a1[i][0] = _mm512_dpbf16_ps(a1[i][0], xa, w1a);
+        a1[i][1] = _mm512_dpbf16_ps(a1[i][1], xb, w1b);
+      }
+    }
     const __m512 c0 = _mm512_set1_ps(s0[blk]), c1 = _mm512_set1_ps(s1[blk]);
     for (int i = 0; i < MR; ++i) {
       t0[i] = _mm512_fmadd_ps(_mm512_add_ps(a0[i][0], a0[i][1]), c0, t0[i]);
