@@ -273,9 +273,10 @@ def test_grouped_mm_experts_equal_loop():
 
 
 def test_cpu_experts_take_the_loop_with_the_gemv_matmuls(monkeypatch):
-    """On a CPU backend the routed experts run the per-expert loop through layers/linear.py's
-    `linear` (the GEMV kernels for few rows: faster than the grouped GEMM on CPUs), with the
-    reference's results; a GPU backend keeps the grouped GEMM."""
+    """On a CPU backend with the kernels the routed experts run the per-expert loop through
+    layers/linear.py's `linear` (the GEMV kernels for few rows: faster than the grouped GEMM on
+    CPUs), with the reference's results; a GPU backend, or a CPU without the kernels, keeps the
+    grouped GEMM."""
     import qwen35.layers.linear as linear_mod
     from qwen35.ops import moe
 
@@ -301,6 +302,11 @@ def test_cpu_experts_take_the_loop_with_the_gemv_matmuls(monkeypatch):
         moe.routed_experts(Backend("cuda", grouped_mm=True), x, gu, dn, idx, w)
         assert gmm and len(calls) == 2 * len(set(idx.flatten().tolist()))
         gmm.clear()
+    # without the kernels a CPU keeps the grouped GEMM for few rows (F.linear's one-row GEMM is slow)
+    monkeypatch.setenv("QWEN35_NO_KERNELS", "1")
+    calls.clear()
+    moe.routed_experts(Backend("cpu", grouped_mm=True), x, gu, dn, idx, w)
+    assert gmm and not calls
 
 
 def test_select_backend():

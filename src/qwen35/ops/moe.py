@@ -66,7 +66,9 @@ def grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be: Backend | None = N
 # through DRAM, ms a layer, loop / grouped GEMM: 35B-A3B shapes (256 experts, H 2048, I 512,
 # top-8) 1.28 / 2.38 at 1 token, 7.2 / 8.4 at 4, 23.6 / 27.3 at 16; 64 experts, H 1024, I 256:
 # 0.47 / 0.85 at 1, 3.2 / 5.5 at 16 (an A/B script, not in the repo). With F.linear, whose one-row
-# bf16 GEMM is slow, the loop had lost at decode sizes (38 vs 1.8 ms at 1 token on the small shape).
+# bf16 GEMM is slow, the loop had lost at decode sizes (38 vs 1.8 ms at 1 token on the small shape):
+# so without the kernels, decode-sized inputs keep the grouped GEMM.
+CPU_GMM_MAX_ROWS = 16
 
 
 def routed_experts(be: Backend, x, gate_up, down, top_idx, top_w) -> torch.Tensor:
@@ -74,6 +76,13 @@ def routed_experts(be: Backend, x, gate_up, down, top_idx, top_w) -> torch.Tenso
         if be.grouped_mm and x.dtype == gate_up.dtype:
             return grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be)
         return grouped_experts_reference(x, gate_up, down, top_idx, top_w)
-    from qwen35.layers.linear import linear  # the CPU GEMV kernels for few rows
+    from qwen35.kernels import gemv
 
-    return grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=linear)
+    if gemv.load() is not None:  # the CPU GEMV kernels, which layers/linear.py takes for few rows
+        from qwen35.layers.linear import linear
+
+        return grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=linear)
+    # no kernels (no compiler, not x86, QWEN35_NO_KERNELS=1): the grouped GEMM for few rows
+    if be.grouped_mm and x.dtype == gate_up.dtype and x.shape[0] <= CPU_GMM_MAX_ROWS:
+        return grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be)
+    return grouped_experts_reference(x, gate_up, down, top_idx, top_w)
