@@ -74,6 +74,7 @@ def test_decode_matches_gather_and_naive(mod, dtype, nh, nkv, hd, avx2_only):
     else:
         fast = hd % 16 == 0 and avx512
     assert mod.fast_path(dtype, hd, avx2_only) == (fast and not avx2_only)
+    assert not mod.fast_path(torch.int8, hd)
 
 
 def test_bad_input_is_refused(mod):

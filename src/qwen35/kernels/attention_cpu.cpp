@@ -356,6 +356,7 @@ torch::Tensor checked_tables(const torch::Tensor& block_tables, const torch::Ten
 bool fast_path(at::ScalarType dt, int64_t hd, bool avx2_only) {
   if (avx2_only) return false;
   if (dt == at::kBFloat16) return hd % 32 == 0 && cpu_isa::avx512_bf16();
+  if (dt != at::kFloat && dt != at::kHalf) return false;  // not a dtype the kernel takes
   return hd % 16 == 0 && cpu_isa::avx512();
 }
 
