@@ -3,7 +3,7 @@ the PyTorch path it replaces (gather the context's blocks, then SDPA: ops/attent
 decode_attention), one query token per sequence, interleaved in one process.
 
     python bench/attention_cpu.py [--contexts 256,2048,8192] [--dtypes bf16,fp32] [--batch 1]
-                                  [--rounds 7] [--threads 2]
+                                  [--rounds 7] [--threads 2] [--reps N]
 
 Shapes of a Qwen3.5 gated attention layer (8 query heads, 2 KV heads, head dim 256: the 0.8B / 2B
 layer; 4B-397B have 2-4 KV heads with 4-16 query heads each), 16-token pages in shuffled order,
@@ -51,14 +51,15 @@ def _paths(mod, q, kc, vc, tab, lens, gate, scale) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", default="256,2048,8192")
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
+    ap.add_argument("--reps", type=int, default=None, help="calls a cell (default: ~2M K/V rows)")
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     mod = attention.load()
@@ -71,7 +72,7 @@ def main() -> None:
             case = _case(L, args.batch, dtype)
             paths = _paths(mod, *case)
             times = {k: [] for k in paths}
-            reps = max(3, 2_000_000 // (L * args.batch))
+            reps = args.reps or max(3, 2_000_000 // (L * args.batch))
             for f in paths.values():
                 f()
             for _ in range(args.rounds):

@@ -1,0 +1,27 @@
+"""The side benchmarks under bench/ still run (tiny sizes; no timing is checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from kernel_modules import native_or_skip
+from qwen35.kernels import attention
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_attention_bench_runs(capsys):
+    native_or_skip(attention.ATTENTION, "the CPU attention kernel")
+    _load("attention_cpu").main(
+        ["--contexts", "17,40", "--dtypes", "bf16,fp32", "--rounds", "1", "--reps", "1"]
+    )
+    out = capsys.readouterr().out
+    assert out.count("L=") == 4 and "gather+SDPA" in out
