@@ -77,6 +77,35 @@ def test_decode_matches_gather_and_naive(mod, dtype, nh, nkv, hd, avx2_only):
     assert not mod.fast_path(torch.int8, hd)
 
 
+@pytest.mark.parametrize("avx2_only", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nh,nkv,hd", [(8, 2, 256), (12, 2, 96)])
+def test_long_contexts_split_into_chunks(mod, dtype, nh, nkv, hd, avx2_only):
+    """Contexts over 1,024 positions are cut into chunks computed apart and merged (split-K):
+    against the gather + SDPA path and the naive reference, and batched == alone (the cut
+    depends on the context length only); 1,024 is one chunk, 1,025 two."""
+    lens, bs = [2500, 1, 1100, 1024, 1025], 16
+    kc, vc, tables, kvs = _cache(lens, nkv, hd, bs, dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(len(lens), nh, hd, generator=g).to(dtype)
+    gate = torch.randn(len(lens), nh, hd, generator=g).to(dtype)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    scale = hd**-0.5
+    out = mod.paged_decode_attention(q, kc, vc, tables, ctx, scale, gate, avx2_only)
+    ref = decode_attention(q, kc, vc, tables, ctx.long(), max(lens), scale).to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=8e-3, rtol=2e-2)
+    torch.testing.assert_close(out, ref.mul(torch.sigmoid(gate)), **tol)
+    plain = mod.paged_decode_attention(q, kc, vc, tables, ctx, scale, None, avx2_only)
+    for i, (k, v) in enumerate(kvs):
+        naive = naive_attention(q[i : i + 1].float(), k.float(), v.float(), scale)[0]
+        torch.testing.assert_close(plain[i].float(), naive, **tol)
+        one = mod.paged_decode_attention(
+            q[i : i + 1], kc, vc, tables[i : i + 1], ctx[i : i + 1], scale, gate[i : i + 1],
+            avx2_only,
+        )
+        assert torch.equal(one[0], out[i])
+
+
 def test_bad_input_is_refused(mod):
     kc, vc, tables, _ = _cache([20], 2, 16, 8, torch.float32)
     q = torch.randn(1, 4, 16)

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -217,10 +218,11 @@ inline void pv_group(int R, bool fast, const float* p, int64_t L, const T* v, in
   DISPATCH_MR(R, pv_page, p, L, v, stride, n, acc, hd);
 }
 
-// p = exp(s - max(s)) in place; returns sum(p)
-inline float softmax_numerator(float* s, int64_t n) {
+// p = exp(s - max(s)) in place; returns sum(p), max(s) in *max_out
+inline float softmax_numerator(float* s, int64_t n, float* max_out) {
   float m = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
+  *max_out = m;
   const __m256 vm = _mm256_set1_ps(m);
   __m256 vsum = _mm256_setzero_ps();
   int64_t i = 0;
@@ -275,6 +277,13 @@ inline void prefetch_page(const T* row, int64_t stride, int64_t n, int64_t hd) {
       _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
 }
 
+// Split-K: a context longer than kChunk positions is cut into chunks of kChunk (whole pages), one
+// task each, so a single sequence keeps every thread busy (batch 1 has only nkv tasks otherwise);
+// each chunk's softmax partials (max, sum, unnormalised P.V) are merged in chunk order. The cut
+// depends on the context length only: results do not depend on the batch or the thread count,
+// and a context of one chunk is computed exactly as without the split.
+constexpr int64_t kChunk = 1024;
+
 // fast: the AVX512 paths (fast_path)
 template <typename T>
 void decode_impl(const T* Q, const T* K, const T* V, const int64_t* tables, int64_t table_w,
@@ -282,46 +291,90 @@ void decode_impl(const T* Q, const T* K, const T* V, const int64_t* tables, int6
                  int64_t N, int64_t nh, int64_t nkv, int64_t hd, int64_t bs, float scale,
                  bool fast) {
   const int64_t rep = nh / nkv, stride = nkv * hd;
-  at::parallel_for(0, N * nkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(rep * hd), acc(rep * hd), s;
+  const int64_t chunk = std::max<int64_t>(bs, kChunk / bs * bs);
+  std::vector<int64_t> first(N + 1, 0);  // task index of each sequence's first (KV head, chunk)
+  bool split = false;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t nc = (lens[n] + chunk - 1) / chunk;
+    first[n + 1] = first[n] + nkv * nc;
+    split = split || nc > 1;
+  }
+  const int64_t psz = rep * (hd + 2);  // a split task's partials: max [rep], sum [rep], acc
+  std::vector<float> part(split ? first[N] * psz : 0);
+  const auto out_row = [&](int64_t n, int64_t h) { return O + (n * nh + h) * hd; };
+  const auto gate_row = [&](int64_t n, int64_t h) {
+    return gate == nullptr ? nullptr : gate + n * gate_s0 + h * gate_s1;
+  };
+  at::parallel_for(0, first[N], 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(rep * hd), acc(rep * hd), s, mx(rep), sum(rep);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / nkv, g = task % nkv, L = lens[n];
+      const int64_t n = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
+      const int64_t L = lens[n], nc = (L + chunk - 1) / chunk, local = task - first[n];
+      const int64_t g = local / nc, c = local % nc;
+      const int64_t pb = c * chunk, pe = std::min(L, pb + chunk), Lc = pe - pb;
       const int64_t* table = tables + n * table_w;
       const T* Qg = Q + (n * nh + g * rep) * hd;  // the group's rep query heads
       if (!(fast && std::is_same_v<T, c10::BFloat16>))  // bf16 fast path: q as it is
         for (int64_t j = 0; j < rep * hd; ++j) q[j] = static_cast<float>(Qg[j]) * scale;
-      s.resize(rep * L);
+      s.resize(rep * Lc);
       for (int64_t r0 = 0; r0 < rep; r0 += 4) {  // scores, page by page
         const int R = static_cast<int>(std::min<int64_t>(4, rep - r0));
-        for (int64_t p0 = 0; p0 < L; p0 += bs) {
+        for (int64_t p0 = pb; p0 < pe; p0 += bs) {
           const T* k = K + (table[p0 / bs] * bs * nkv + g) * hd;
-          const int cnt = static_cast<int>(std::min(bs, L - p0));
-          if (p0 + bs < L)
+          const int cnt = static_cast<int>(std::min(bs, pe - p0));
+          if (p0 + bs < pe)
             prefetch_page(K + (table[p0 / bs + 1] * bs * nkv + g) * hd, stride,
-                          std::min(bs, L - p0 - bs), hd);
+                          std::min(bs, pe - p0 - bs), hd);
           scores_group(R, fast, Qg + r0 * hd, q.data() + r0 * hd, hd, k, stride, cnt,
-                       s.data() + r0 * L + p0, L, scale);
+                       s.data() + r0 * Lc + (p0 - pb), Lc, scale);
         }
       }
-      std::vector<float> inv(rep);
-      for (int64_t r = 0; r < rep; ++r) inv[r] = 1.f / softmax_numerator(s.data() + r * L, L);
+      for (int64_t r = 0; r < rep; ++r) sum[r] = softmax_numerator(s.data() + r * Lc, Lc, &mx[r]);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t r0 = 0; r0 < rep; r0 += 4) {
         const int R = static_cast<int>(std::min<int64_t>(4, rep - r0));
-        for (int64_t p0 = 0; p0 < L; p0 += bs) {
+        for (int64_t p0 = pb; p0 < pe; p0 += bs) {
           const T* v = V + (table[p0 / bs] * bs * nkv + g) * hd;
-          const int cnt = static_cast<int>(std::min(bs, L - p0));
-          if (p0 + bs < L)
+          const int cnt = static_cast<int>(std::min(bs, pe - p0));
+          if (p0 + bs < pe)
             prefetch_page(V + (table[p0 / bs + 1] * bs * nkv + g) * hd, stride,
-                          std::min(bs, L - p0 - bs), hd);
-          pv_group(R, fast, s.data() + r0 * L + p0, L, v, stride, cnt, acc.data() + r0 * hd, hd);
+                          std::min(bs, pe - p0 - bs), hd);
+          pv_group(R, fast, s.data() + r0 * Lc + (p0 - pb), Lc, v, stride, cnt,
+                   acc.data() + r0 * hd, hd);
         }
       }
+      if (nc == 1) {  // the whole context: normalise and write
+        for (int64_t r = 0; r < rep; ++r)
+          finish_row(acc.data() + r * hd, 1.f / sum[r], gate_row(n, g * rep + r),
+                     out_row(n, g * rep + r), hd);
+        continue;
+      }
+      float* pt = part.data() + task * psz;
+      std::copy(mx.begin(), mx.end(), pt);
+      std::copy(sum.begin(), sum.end(), pt + rep);
+      std::copy(acc.begin(), acc.end(), pt + 2 * rep);
+    }
+  });
+  if (!split) return;
+  at::parallel_for(0, N * nkv, 1, [&](int64_t begin, int64_t end) {  // merge the chunks
+    std::vector<float> acc(hd);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / nkv, g = ng % nkv, nc = (lens[n] + chunk - 1) / chunk;
+      if (nc == 1) continue;
+      const float* p0 = part.data() + (first[n] + g * nc) * psz;  // chunk c at p0 + c * psz
       for (int64_t r = 0; r < rep; ++r) {
-        const int64_t h = g * rep + r;
-        finish_row(acc.data() + r * hd, inv[r],
-                   gate == nullptr ? nullptr : gate + n * gate_s0 + h * gate_s1,
-                   O + (n * nh + h) * hd, hd);
+        float m = -std::numeric_limits<float>::infinity(), total = 0.f;
+        for (int64_t c = 0; c < nc; ++c) m = std::max(m, p0[c * psz + r]);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t c = 0; c < nc; ++c) {
+          const float* pc = p0 + c * psz;
+          const float w = std::exp(pc[r] - m);
+          total += pc[rep + r] * w;
+          const float* a = pc + 2 * rep + r * hd;
+          for (int64_t j = 0; j < hd; ++j) acc[j] += a[j] * w;
+        }
+        finish_row(acc.data(), 1.f / total, gate_row(n, g * rep + r), out_row(n, g * rep + r),
+                   hd);
       }
     }
   });
