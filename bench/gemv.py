@@ -10,7 +10,8 @@ times, and each cell is the median ms per call plus the weight bytes per second 
 
 fp32: torch's F.linear vs ours (FMA). bf16: torch (torch.mv at 1 row, F.linear above) vs ours (AVX512-BF16 where the CPU has it) vs
 ours forced onto the AVX2 path (what a CPU without AVX512 runs). int8: torch's
-`_weight_int8pack_mm` vs ours. FP8: the AVX2/F16C kernel (fp8_cpu.cpp) vs ours (AVX512-VBMI).
+`_weight_int8pack_mm` vs ours. FP8: the AVX2/F16C kernel (fp8_cpu.cpp) vs ours (AVX512-VBMI byte
+tables) vs ours-cvt (AVX512 without VBMI + BF16: fp16 bits converted).
 int4 (groups of 128, torch's packed layout; not for lm_head, which int4 keeps in int8): torch's
 `_weight_int4pack_mm_for_cpu` vs ours (int4_cpu.cpp: AVX512-VBMI + BF16) vs ours-avx2; with
 --int4-fp32 also both on fp32 rows. GB/s counts the packed weight bytes (0.5 per weight).
