@@ -34,7 +34,6 @@ using namespace vec8;
 
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 
-
 inline float hsum8(__m256 acc) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -44,7 +43,8 @@ inline float hsum8(__m256 acc) {
 
 // The kernel walks a context page by page: a page holds n <= bs consecutive positions, whose K
 // (or V) rows for one KV head lie `stride` elements apart. R <= 4 query heads of the GQA group
-// are done together, so each K / V row is loaded once for all of them.
+// are done together, so each K / V row is loaded once for all of them. Score rows have stride L
+// (the positions a task covers).
 
 // s[r * L + t] = q_r . k_t for the page's positions t < n (q: R rows of hd, scaled, fp32)
 template <int R, typename T>
