@@ -211,6 +211,31 @@ def test_a_stale_build_lock_is_cleared(tmp_path, monkeypatch):
     assert not lock.exists()
 
 
+def test_prebuild_builds_modules_side_by_side(monkeypatch):
+    """kernels.prebuild builds several modules at once (each waits at a barrier that only opens
+    when both builds are in flight: run one after the other, it would time out), and a module
+    whose build fails is logged and left None without stopping the others."""
+    import threading
+
+    monkeypatch.setattr(kernels.os, "cpu_count", lambda: 2)
+    barrier = threading.Barrier(2, timeout=30)
+
+    class Fake(kernels.Native):
+        def supported(self):
+            return True
+
+        def _build(self):
+            barrier.wait()  # BrokenBarrierError (a failed build) if the other never arrives
+            if self.source == "bad.cpp":
+                raise RuntimeError("no compiler")
+            return self.source
+
+    good, bad = Fake("good.cpp", ()), Fake("bad.cpp", ())
+    kernels.prebuild([good, bad])
+    assert good.load() == "good.cpp" and bad.load() is None
+    assert not barrier.broken
+
+
 @pytest.mark.parametrize("avx2_only", [False, True], ids=["widest", "avx2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ Each kernel has a plain PyTorch path beside it and a test against that path; whe
 can't be used (no compiler, a CPU without the instructions, QWEN35_NO_KERNELS=1) the caller
 falls back to the PyTorch op. QWEN35_NO_KERNELS=1 switches them off at any time, also after a
 first load. The build is cached by torch under ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR),
-so only the first process on a machine pays it (README: Model implementation).
+so only the first process on a machine pays it (README: Model implementation); `prebuild` compiles
+several modules side by side (the CPU backend's).
 
 - `deltanet_decode(qkv, conv_state, conv_w, g, beta, state, num_key_heads, avx2_only=False)`:
   a DeltaNet layer's decode step after its projections, two passes over each head's state
@@ -27,7 +28,6 @@ from pathlib import Path
 from qwen35.devices import cpu_flags
 
 log = logging.getLogger("qwen35")
-_lock = threading.Lock()
 
 STALE_LOCK_S = 600  # a build lock older than this was left by a process killed mid-build
 FLAGS = ("avx2", "fma")  # the build targets x86-64 with AVX2 + FMA (any CPU of the last decade)
@@ -55,6 +55,7 @@ class Native:
     def __init__(self, source: str, cflags: tuple[str, ...], needs: tuple[str, ...] = FLAGS):
         self.source, self.cflags, self.needs = source, cflags, needs
         self._module, self._tried = None, False
+        self._lock = threading.Lock()  # per module: different modules may build at once
 
     def supported(self) -> bool:
         flags = cpu_flags()
@@ -65,7 +66,7 @@ class Native:
             return None
         if self._tried:
             return self._module
-        with _lock:
+        with self._lock:
             if not self._tried:
                 if self.supported():
                     try:
@@ -100,6 +101,22 @@ class Native:
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
+
+
+def prebuild(natives: list[Native]) -> None:
+    """Load these modules at once, a thread each (up to the CPU count): a first build compiles
+    each source in one compiler process, ~20 s apiece, which a CPU engine's first step would
+    otherwise wait for in turn. Already-built modules just load; failures are logged by `load`."""
+    todo = [n for n in natives if not n._tried and n.supported()]
+    workers = min(len(todo), os.cpu_count() or 1)
+    if workers < 2:
+        for n in todo:
+            n.load()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qwen35-build") as ex:
+        list(ex.map(Native.load, todo))
 
 
 DELTANET = Native("gated_delta_cpu.cpp", ("-mavx2", "-mfma", "-mf16c"), needs=("avx2", "fma", "f16c"))

@@ -133,8 +133,12 @@ def _select(device_type: str, kernels: bool, dtype: torch.dtype) -> Backend:
         return Backend(device_type)
     if device_type == "cpu":
         from qwen35 import kernels as cpu_kernels
-        from qwen35.kernels import attention, small_ops
+        from qwen35.kernels import attention, gemv, small_ops
 
+        # the modules every CPU step uses, compiled side by side on a machine's first run
+        cpu_kernels.prebuild(
+            [cpu_kernels.DELTANET, small_ops.SMALL_OPS, attention.ATTENTION, gemv.GEMV]
+        )
         return Backend(
             "cpu",
             cpu_kernels=cpu_kernels.load(),
