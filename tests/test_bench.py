@@ -89,6 +89,15 @@ def test_quality_and_peers_workloads(doc):
         assert isinstance(p["llama_cpp"], str) and p["llama_cpp"]  # the reason it was skipped
 
 
+def test_cpu_description_names_family_and_model():
+    from qwen35.benchmarks.common import cpu_description
+
+    info = "processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 26\nmodel\t\t: 2\n\n"
+    info += "processor\t: 1\nmodel name\t: other\ncpu family\t: 25\nmodel\t\t: 1\n"
+    assert cpu_description(info) == "AMD EPYC (family 26, model 2)"
+    assert cpu_description("model name\t: Some CPU\n") == "Some CPU"
+
+
 def test_peers_decode_order_pairs_twins():
     """Each of our formats decodes next to its llama.cpp twin, the pair's order alternating."""
     names = ["qwen35 fp32", "qwen35 bf16", "qwen35 fp8", "llama.cpp f32", "llama.cpp bf16"]

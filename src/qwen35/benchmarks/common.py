@@ -152,15 +152,31 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def system_info(opts: BenchOptions) -> dict:
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The CPU's model name, with its family / model numbers where /proc/cpuinfo has them: VMs
+    often name every AMD EPYC alike, and Zen 4 (family 25) and Zen 5 (26) have measured opposite
+    winners between kernel paths (README: Decode GEMVs)."""
     cpu = platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:
+                break  # the first processor's block is enough
     except OSError:
         pass
+    cpu = fields.get("model name", cpu)
+    if "cpu family" in fields:
+        cpu += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return cpu
+
+
+def system_info(opts: BenchOptions) -> dict:
+    cpu = cpu_description()
     info = {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
