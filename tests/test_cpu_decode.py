@@ -78,6 +78,32 @@ def test_plan_equals_module_path_bitwise(dtype, quant, moe, monkeypatch):
             assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_plan_calls_quantized_kernels_directly(quant, monkeypatch):
+    """The plan calls the int8 / int4 kernels without the modules around them (the bitwise test
+    above would pass through the modules too): a decode step through the plan makes no
+    quant.matmul call, and its logits equal the module path's."""
+    from qwen35.quant import matmul
+
+    be = _backend()
+    model = _model(False, dtype=torch.bfloat16, quant=quant)
+    plan, modules = _run(model, be), _run(model, be)
+    calls = []
+    name = f"{quant}_linear"
+    real = getattr(matmul, name)
+    monkeypatch.setattr(matmul, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    prefill = [(0, list(range(5, 26)))]
+    plan.step(prefill)
+    modules.step(prefill)
+    calls.clear()
+    a = plan.step([(0, [7])])
+    in_plan = len(calls)
+    assert in_plan <= 1  # the int8 lm_head (computed after the layers) goes through quant.matmul
+    monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
+    b = modules.step([(0, [7])])
+    assert len(calls) - in_plan > 4 and torch.equal(a, b)  # the layers' matmuls, module path
+
+
 def test_where_the_plan_does_not_apply(monkeypatch):
     """fp16 models, other cache dtypes, QWEN35_NO_KERNELS=1 (at any time): the module path."""
     be = _backend()

@@ -26,6 +26,7 @@ from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
 from qwen35.kernels import attention, small_ops
 from qwen35.layers.linear import PACKED_MAX_ROWS, linear
 from qwen35.ops.deltanet import gated_slot_runs
+from qwen35.quant.packing import QuantPack
 
 
 def supported(model, caches: ModelCaches) -> bool:
@@ -41,10 +42,41 @@ def supported(model, caches: ModelCaches) -> bool:
     )
 
 
+def _direct(fn):
+    """An int8 / int4 linear (quant/layers.py) as the kernel call quant/matmul.py makes for decode
+    rows, without the module call and dispatch checks around it (~5-10 us a call, ~100 calls a
+    token); rows or dtypes the kernel does not take go through the module. Anything else: fn."""
+    from qwen35.kernels import gemv
+    from qwen35.quant import matmul
+    from qwen35.quant.layers import Int4Linear, Int8Linear
+
+    if type(fn) is Int8Linear and fn.weight_scale.is_contiguous():
+        mod, q, scale = gemv.load(), fn.weight, fn.weight_scale
+        if mod is not None:
+            return lambda x: (
+                mod.linear_int8(x.contiguous(), q, scale)
+                if x.shape[0] <= matmul.INT8_MAX_ROWS and scale.dtype == x.dtype
+                else fn(x)
+            )
+    if type(fn) is Int4Linear:
+        mod, w, n, group = gemv.load_int4(), fn.weight, fn.out_features, fn.group
+        sz = fn.scales_and_zeros.contiguous()  # as the module passes it
+        if mod is not None:
+            fast = mod.int4_fast_supported()
+            return lambda x: (
+                mod.linear_int4(x.contiguous(), w, sz, group, n)
+                if x.shape[0] <= matmul.INT4_MAX_ROWS
+                and sz.dtype == x.dtype
+                and (x.dtype == torch.float32 or (fast and x.dtype == torch.bfloat16))
+                else fn(x)
+            )
+    return getattr(fn, "forward", fn)  # a module's forward without the module call
+
+
 def _projection(packed, *linears):
     """x -> the linears' outputs through their packed weight (layers/linear.py packed_linear)."""
-    if not isinstance(packed, torch.Tensor):
-        return packed  # quantized: a QuantPack, already one call returning the outputs
+    if not isinstance(packed, torch.Tensor):  # quantized: a QuantPack, one call for the outputs
+        return QuantPack([(_direct(fn), sizes) for fn, sizes in packed.runs])
     sizes = [lin.out_features for lin in linears]
     return lambda x: linear(x, packed).split(sizes, dim=-1)
 
@@ -81,7 +113,7 @@ class DecodePlan:
                 ffn = (mlp.forward, None)
             else:  # gate_up, then down of silu * up
                 ffn = (_projection(mlp.packed_gate_up, mlp.gate_proj, mlp.up_proj),
-                       mlp.down_proj.forward)  # fmt: skip
+                       _direct(mlp.down_proj))  # fmt: skip
             common = (
                 layer.input_layernorm.weight,
                 layer.input_layernorm.eps,
@@ -93,7 +125,7 @@ class DecodePlan:
                 m = layer.linear_attn
                 mixer = (
                     _projection(m.packed_in, *m.in_projs()),
-                    m.out_proj.forward,
+                    _direct(m.out_proj),
                     partial(_deltanet, m.conv1d.weight[:, 0, :], m.dt_bias, m.A_log,
                             m.norm.weight, m.norm.eps, m.dims.nk, i),  # fmt: skip
                 )
@@ -101,7 +133,7 @@ class DecodePlan:
                 m = layer.self_attn
                 mixer = (
                     _projection(m.packed_qkv, m.q_proj, m.k_proj, m.v_proj),
-                    m.o_proj.forward,
+                    _direct(m.o_proj),
                     partial(_attention, m.q_norm.weight, m.k_norm.weight, m.q_norm.eps,
                             m.scale, i),  # fmt: skip
                 )
