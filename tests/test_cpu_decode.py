@@ -78,9 +78,9 @@ def test_plan_equals_module_path_bitwise(dtype, quant, moe, monkeypatch):
             assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("quant", ["int8", "int4", "fp8"])
 def test_plan_calls_quantized_kernels_directly(quant, monkeypatch):
-    """The plan calls the int8 / int4 kernels without the modules around them (the bitwise test
+    """The plan calls the int8 / int4 / FP8 kernels without the modules around them (the bitwise test
     above would pass through the modules too): a decode step through the plan makes no
     quant.matmul call, and its logits equal the module path's."""
     from qwen35.quant import matmul

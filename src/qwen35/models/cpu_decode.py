@@ -43,12 +43,13 @@ def supported(model, caches: ModelCaches) -> bool:
 
 
 def _direct(fn):
-    """An int8 / int4 linear (quant/layers.py) as the kernel call quant/matmul.py makes for decode
-    rows, without the module call and dispatch checks around it (~5-10 us a call, ~100 calls a
-    token); rows or dtypes the kernel does not take go through the module. Anything else: fn."""
+    """An int8 / int4 / FP8 linear (quant/layers.py) as the kernel call quant/matmul.py makes for
+    decode rows, without the module call and dispatch checks around it (~5-10 us a call, ~100
+    calls a token); rows or dtypes the kernel does not take go through the module. Anything else:
+    fn (a module's forward)."""
     from qwen35.kernels import gemv
     from qwen35.quant import matmul
-    from qwen35.quant.layers import Int4Linear, Int8Linear
+    from qwen35.quant.layers import Fp8Linear, Int4Linear, Int8Linear
 
     if type(fn) is Int8Linear and fn.weight_scale.is_contiguous():
         mod, q, scale = gemv.load(), fn.weight, fn.weight_scale
@@ -68,6 +69,15 @@ def _direct(fn):
                 if x.shape[0] <= matmul.INT4_MAX_ROWS
                 and sz.dtype == x.dtype
                 and (x.dtype == torch.float32 or (fast and x.dtype == torch.bfloat16))
+                else fn(x)
+            )
+    if type(fn) is Fp8Linear and fn.weight_scale_inv.is_contiguous():
+        mod, w, scale, (bo, bi) = gemv.load(), fn.weight, fn.weight_scale_inv, fn.block
+        if mod is not None and (mod.fp8_supported(bi) or mod.fp8_cvt_supported()):
+            cvt = not mod.fp8_supported(bi)  # as matmul.fp8_linear picks
+            return lambda x: (
+                mod.linear_fp8(x.contiguous(), w, scale, bo, bi, cvt)
+                if x.shape[0] <= gemv.MAX_ROWS and x.dtype == torch.bfloat16
                 else fn(x)
             )
     return getattr(fn, "forward", fn)  # a module's forward without the module call
