@@ -34,12 +34,6 @@ using namespace vec8;
 
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 
-inline float hsum8(__m256 acc) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // The kernel walks a context page by page: a page holds n <= bs consecutive positions, whose K
 // (or V) rows for one KV head lie `stride` elements apart. R <= 4 query heads of the GQA group
@@ -60,7 +54,7 @@ void scores_page(const float* q, int64_t hd, const T* k, int64_t stride, int n, 
         acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * hd + j), kv, acc[r]);
     }
     for (int r = 0; r < R; ++r) {
-      float out = hsum8(acc[r]);
+      float out = gemv_rows::hsum8(acc[r]);
       for (int64_t jj = j; jj < hd; ++jj) out += q[r * hd + jj] * static_cast<float>(k[jj]);
       s[r * L + t] = out;
     }

@@ -43,12 +43,6 @@ inline void fp8x16(const uint8_t* p, __m256& lo, __m256& hi) {
   hi = _mm256_cvtph_ps(_mm256_extracti128_si256(f16, 1));
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // One output row against MR <= 4 input rows (fp32, row stride K), accumulators in registers:
 // per block of bi inputs the partial dot products (2 x U independent chains a row) are scaled;
@@ -97,7 +91,7 @@ void fp8_row(const float* X, int64_t K, const uint8_t* w, const float* srow, int
       for (int i = 0; i < MR; ++i) tail[i] += wv * X[i * K + k];
     }
   }
-  for (int i = 0; i < MR; ++i) out[i] = hsum(tot[i]) + tail[i];
+  for (int i = 0; i < MR; ++i) out[i] = gemv_rows::hsum8(tot[i]) + tail[i];
 }
 
 template <typename T>

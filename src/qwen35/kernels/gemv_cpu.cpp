@@ -15,7 +15,10 @@
 // - linear_fp8: block-FP8 (e4m3, one fp32 scale per bo x bi block) for bf16 activations on
 //   AVX512-VBMI + BF16 CPUs: each weight byte becomes its exact bf16 through two 128-entry byte
 //   tables (vpermi2b: low and high byte), then vdpbf16ps. The byte unpack interleaves within
-//   128-bit lanes, so the activations are permuted the same way once per call.
+//   128-bit lanes, so the activations are permuted the same way once per call. Other AVX512
+//   CPUs (cvt = true): each byte's bits moved into an fp16, converted exactly, then FMA.
+// Above 4 rows the table paths convert each weight row once and run two at a time
+// (for_row_pairs). Full 64-byte chunks load unmasked (load64: masks cost 3x on Zen 5).
 // Every path accumulates exact products in fp32; results equal F.linear up to summation order.
 // The PyTorch twins: F.linear on the (dequantised) weight (layers/linear.py, quant/matmul.py).
 #include <ATen/Parallel.h>
@@ -51,12 +54,6 @@ bool cpu_avx512() { return cpu_isa::avx512(); }
 bool cpu_avx512_bf16() { return cpu_isa::avx512_bf16(); }
 bool cpu_avx512_fp8() { return cpu_isa::avx512_bf16_vbmi(); }
 
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // fn(n, out) for every output row n, out[i] = its dot product with input row i (i < mr); the
 // rows are split over threads in contiguous ranges (at least 64 rows a task, so small matrices
@@ -169,7 +166,7 @@ void fma_row_avx2(const float* X, const WT* w, float* out, int64_t K) {
   }
   for (int i = 0; i < MR; ++i) {
     for (int u = 1; u < U; ++u) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][u]);
-    float s = hsum256(acc[i][0]);
+    float s = gemv_rows::hsum8(acc[i][0]);
     for (int64_t t = k; t < K; ++t) s += X[i * K + t] * load1(w + t);
     out[i] = s;
   }
@@ -430,8 +427,8 @@ TARGET_AVX512_FP8 void fp8buf_row2(const uint16_t* Xp, int64_t Kp, const uint16_
 // e4m3 -> fp16 is a bit move (as fp8_cpu.cpp's AVX2 path): sign-extend the byte to 16 bits,
 // shift left by 7 and clear bit 14: the fp16 value is the e4m3 value times 2^-8, subnormals
 // included, and converts exactly to fp32 (vcvtph2ps); the 2^8 goes into the block scale. Weights
-// stay in their natural order, so fp32 rows need no permutation. Taken where it measures faster
-// than the byte tables (kernels/gemv.py `paths`: AMD Zen 5's byte permutes are slow).
+// stay in their natural order, so fp32 rows need no permutation. Taken on AVX512 CPUs without
+// VBMI + BF16 (quant/matmul.py fp8_linear); where both run the byte tables measured faster.
 
 // 32 e4m3 bytes -> two vectors of 16 fp32 (value * 2^-8), in order
 TARGET_AVX512 inline void fp8x32_cvt(__m256i raw, __m512& lo, __m512& hi) {
