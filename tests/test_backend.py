@@ -256,18 +256,25 @@ def test_backends_equal_reference(backend, moe):
     assert_steps_equal_reference(_model(moe), backend, tol=2e-5)
 
 
+def _experts_case(g, dtype, T: int, crowded: bool = False):
+    """(x, gate_up, down, top_idx, top_w) of 6 experts (H 32, I 16, top-3) for T tokens;
+    crowded: every token's first choice is expert 2 (some experts then get no rows)."""
+    E, H, I, k = 6, 32, 16, 3
+    gu = torch.randn(E, 2 * I, H, generator=g).to(dtype)
+    dn = torch.randn(E, H, I, generator=g).to(dtype)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    if crowded:
+        idx[:, 0] = 2
+    return x, gu, dn, idx, torch.rand(T, k, generator=g).to(dtype)
+
+
 def test_grouped_mm_experts_equal_loop():
     if not select_backend("cpu", dtype=torch.bfloat16).grouped_mm:
         pytest.skip("torch._grouped_mm does not run on this CPU / torch")
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
-        E, H, I, T, k = 6, 32, 16, 13, 3
-        gu = torch.randn(E, 2 * I, H, generator=g).to(dtype)
-        dn = torch.randn(E, H, I, generator=g).to(dtype)
-        x = torch.randn(T, H, generator=g).to(dtype)
-        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-        idx[:, 0] = 2  # a crowded expert; some experts get no rows
-        w = torch.rand(T, k, generator=g).to(dtype)
+        x, gu, dn, idx, w = _experts_case(g, dtype, T=13, crowded=True)
         ref = grouped_experts_reference(x, gu, dn, idx, w)
         torch.testing.assert_close(grouped_experts_gmm(x, gu, dn, idx, w), ref)
 
@@ -287,12 +294,7 @@ def test_cpu_experts_take_the_loop_with_the_gemv_matmuls(monkeypatch):
     monkeypatch.setattr(moe, "grouped_experts_gmm", lambda *a: gmm.append(1) or real_gmm(*a))
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
-        E, H, I, T, k = 6, 32, 16, 5, 3
-        gu = torch.randn(E, 2 * I, H, generator=g).to(dtype)
-        dn = torch.randn(E, H, I, generator=g).to(dtype)
-        x = torch.randn(T, H, generator=g).to(dtype)
-        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-        w = torch.rand(T, k, generator=g).to(dtype)
+        x, gu, dn, idx, w = _experts_case(g, dtype, T=5)
         ref = grouped_experts_reference(x, gu, dn, idx, w)
         calls.clear()
         out = moe.routed_experts(Backend("cpu", grouped_mm=True), x, gu, dn, idx, w)
