@@ -15,7 +15,14 @@ import torch
 
 from qwen35.engine.cuda_graphs import DecodeGraphs
 from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
-from qwen35.engine.sampler import Sampler, SamplingRow, make_generator, sample_isolated
+from qwen35.engine.sampler import (
+    Sampler,
+    SamplingRow,
+    has_penalties,
+    is_greedy,
+    make_generator,
+    sample_isolated,
+)
 from qwen35.engine.vision_inputs import VisionInputs
 from qwen35.ops.backend import Backend, select_backend
 from qwen35.request import TokenLogprob
@@ -49,6 +56,7 @@ class ModelRunner:
         backend: Backend | None = None,
         decode_graphs: GraphSpec | None = None,
         seed: int | None = None,  # the sampler's shared generator (unseeded requests)
+        greedy_head=None,  # models/greedy_head.py GreedyHead: greedy rows skip the full head
     ):
         self.model = model
         self.caches = caches
@@ -57,6 +65,7 @@ class ModelRunner:
         self.backend = backend or select_backend(self.device, dtype=_dtype_of(model))
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler(seed=seed)
+        self.greedy_head = greedy_head
         # fn(logits [S, V], sequences) masking rows in place before sampling (structured outputs)
         self.logits_processor = None
         self._generators: dict[str, torch.Generator | None] = {}
@@ -188,7 +197,17 @@ class ModelRunner:
         input_ids, batch, sample_seqs = self.build_batch(scheduled)
         if self.vision is not None:
             self.vision.apply(scheduled, batch)  # images: encoder outputs and 3-D positions
-        logits = self.run_model(input_ids, batch)  # [S, V] fp32
+        if self._screen_applies(batch, sample_seqs):
+            h = self.model.forward_hidden(input_ids, batch, self.caches)
+            h = h.index_select(0, batch.logits_indices)  # [S, H]
+            tokens = self.greedy_head.tokens(self.model.model.norm(h, batch.backend))
+            if tokens is not None:
+                return StepResult(
+                    {s.seq_id: t for s, t in zip(sample_seqs, tokens, strict=True)}, {}
+                )
+            logits = self.model.compute_logits(h, batch.backend)  # undecided: the full head
+        else:
+            logits = self.run_model(input_ids, batch)  # [S, V] fp32
         if not sample_seqs:
             return StepResult({}, {})
         rows = [
@@ -220,6 +239,29 @@ class ModelRunner:
             if lp is not None
         }
         return StepResult(sampled, lps, errors)
+
+
+    def _screen_applies(self, batch: ForwardBatch, seqs) -> bool:
+        """Every row wants only its argmax (greedy_head.py), so the int8 screen can pick it."""
+        head = self.greedy_head
+        return (
+            head is not None
+            and 0 < len(seqs) == len(batch.logits_indices) <= head.max_rows
+            and all(argmax_only(s.params, len(s.token_ids) - s.num_prompt_tokens) for s in seqs)
+        )
+
+
+def argmax_only(p, num_output: int) -> bool:
+    """A row whose next token is the plain argmax of the model's logits (the sampler's greedy
+    path with nothing applied before it, and no logprobs asked)."""
+    return (
+        is_greedy(p)
+        and p.logprobs is None
+        and not has_penalties(p)
+        and not p.logit_bias
+        and p.structured_outputs is None
+        and num_output >= p.min_tokens
+    )
 
 
 def _dtype_of(model: torch.nn.Module) -> torch.dtype:

@@ -1,0 +1,91 @@
+"""Batch-1 CPU decode steps with and without the int8 screen of lm_head, interleaved in one run.
+
+    python bench/greedy_head.py [--formats fp32 bf16] [--rounds 6] [--steps 32] [--threads N]
+
+Qwen3.5-0.8B config, random weights, one engine per format (models/greedy_head.py built by the
+engine); the same greedy decode steps (128-token prompt) run with the screen (`screen`) and with
+the whole head (`full`: `runner.greedy_head` set to None), alternating every round, so the
+memory bandwidth's drift hits both alike. Also the head's build time, its bytes, and the
+screen's candidates per step. Medians of the steps' wall times; the tokens of both modes must be
+equal (the run stops otherwise). Writes bench/results/greedy_head.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine
+from qwen35.models.greedy_head import GreedyHead
+from qwen35.request import SamplingParams
+
+MODES = ("full", "screen")
+
+
+def _steps(engine, n: int, rid: str) -> tuple[list[float], list[int]]:
+    sp = SamplingParams(max_tokens=n + 2, temperature=0.0, ignore_eos=True)
+    engine.add_request(rid, list(range(100, 228)), sp)
+    times, tokens = [], []
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        for out in engine.step():  # deltas
+            tokens += out.outputs[0].token_ids if out.outputs else []
+        times.append(time.perf_counter() - t0)
+    return times[2:], tokens  # the prefill and the first decode step left out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--formats", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    results = {}
+    for fmt in args.formats:
+        opts = BenchOptions(dtype=fmt, threads=args.threads)
+        engine = make_engine(load_bench_model(opts), max_model_len=1024)
+        head = engine.runner.greedy_head
+        if head is None:
+            raise SystemExit(f"{fmt}: the engine built no greedy head here (see GreedyHead.build)")
+        t0 = time.perf_counter()
+        GreedyHead(head.weight)
+        build_s = time.perf_counter() - t0
+        x = torch.randn(1, head.weight.shape[1]).to(head.weight.dtype)
+        cands = len(head.candidates(x))
+        _steps(engine, 4, "warm")
+        times: dict[str, list[float]] = {m: [] for m in MODES}
+        for r in range(args.rounds):
+            toks = {}
+            for mode in MODES if r % 2 == 0 else MODES[::-1]:
+                engine.runner.greedy_head = head if mode == "screen" else None
+                t, toks[mode] = _steps(engine, args.steps, f"{fmt}-{r}-{mode}")
+                times[mode] += t
+            if toks["full"] != toks["screen"]:
+                raise SystemExit(f"{fmt}: the screen changed the tokens: {toks}")
+        engine.runner.greedy_head = head
+        med = {m: statistics.median(t) * 1e3 for m, t in times.items()}
+        results[fmt] = {
+            "median_step_ms": med,
+            "speedup": med["full"] / med["screen"],
+            "steps": {m: len(t) for m, t in times.items()},
+            "head_build_s": build_s,
+            "screen_bytes": head.nbytes,
+            "head_bytes": head.weight.numel() * head.weight.element_size(),
+            "candidates_random_row": cands,
+        }
+        print(f"{fmt}: median step ms full {med['full']:.2f}, screen {med['screen']:.2f} "
+              f"({med['full'] / med['screen']:.3f}x); screen {head.nbytes / 2**20:.0f} MiB "
+              f"built in {build_s:.2f} s; {cands} candidates for a random row")  # fmt: skip
+    out = Path(__file__).with_name("results") / "greedy_head.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"threads": torch.get_num_threads(), "formats": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

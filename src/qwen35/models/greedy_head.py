@@ -1,0 +1,135 @@
+"""Exact greedy tokens from an int8 screen of lm_head (CPU decode).
+
+A greedy row's next token is the first index of its largest logit. At batch 1 on a CPU the head
+is the largest single read of a decode step (Qwen3.5-0.8B: 248K x 1024 weights, 1.0 of the 3.0
+GB a token reads in fp32, 0.5 of 1.5 GB in bf16), and decode is bound by those bytes. An int8
+copy of the head, one scale per row (a quarter of fp32's bytes, half of bf16's), screens the
+vocabulary first. For every token v and input row x,
+
+    |logit_v(x) - screen_v(x)| <= ||x||_2 * err_v + tiny_v
+
+where err_v (built once from the weights) is the row's quantisation error ||W_v - s_v q_v||_2
+(Cauchy-Schwarz) plus worst-case bounds of both sides' float rounding (the input rounded to bf16,
+fp32 accumulation over K terms, the output rounded to bf16), and tiny_v covers denormals flushed
+to zero. A token whose upper bound stays below the best lower bound of its row cannot be the
+maximum; the others (a handful: the bound is a few hundredths of the logits' spread) get their
+logits computed exactly as the full head computes them, through the same `layers.linear.linear`
+call on the same input rows, whose GEMV kernel gives every output from its own weight row and
+the input rows alone. The first maximum among them is the full head's argmax, bit for bit
+(tests/test_greedy_head.py also breaks it on purpose: ties, bf16-rounded logits, a screen that
+ranks wrong). When the screen cannot decide cheaply (more than MAX_CANDIDATES tokens left, a
+non-finite input) `tokens` returns None and the caller computes the full logits.
+
+Only rows that need nothing but the argmax use it (engine/model_runner.py: greedy, no logprobs,
+penalties, logit bias, min_tokens or grammar); the engine builds it on CPUs for plain fp32 /
+bf16 heads (`--no-greedy-screen` turns it off) and counts its bytes as weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwen35.layers.linear import GEMV_MAX_ROWS, Linear, linear
+
+MAX_CANDIDATES = 4096  # more tokens left after the screen: the full head is as cheap
+_BUILD_ROWS = 16384  # rows of the head quantised at a time (bounded temporary memory)
+
+
+class GreedyHead:
+    """The int8 screen of one lm_head weight [V, K] (fp32 or bf16, contiguous, on the CPU)."""
+
+    def __init__(self, weight: torch.Tensor):
+        if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"a [V, K] fp32 / bf16 head is needed, got {weight.dtype} {tuple(weight.shape)}")
+        self.weight = weight
+        V, K = weight.shape
+        self.q = torch.empty(V, K, dtype=torch.int8)
+        self.scale = torch.empty(V)  # fp32: the screen runs the kernel's fp32-input path
+        self.err = torch.empty(V)  # multiplies ||x||_2
+        self.tiny = torch.empty(V)
+        # rounding bound of one side (accumulation over K terms in fp32, worst case K * 2^-24,
+        # taken 4x) and of the screen's input / output in bf16 (2^-9 each, taken 2x)
+        acc = K * 2.0**-22
+        for i in range(0, V, _BUILD_ROWS):
+            w = weight[i : i + _BUILD_ROWS].float()  # [R, K]
+            amax = w.abs().amax(dim=1)  # [R]
+            scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+            q = (w / scale[:, None]).round_().clamp_(-127, 127)
+            self.q[i : i + len(w)] = q.to(torch.int8)
+            self.scale[i : i + len(w)] = scale
+            deq = q.mul_(scale[:, None])  # fp32 products, each within 2^-24 of q * scale
+            n_w, n_q = w.norm(dim=1), deq.norm(dim=1)  # fp32 norms: relative error < K 2^-24
+            err = (w - deq).norm(dim=1) + (acc + 2.0**-7) * n_q + acc * n_w
+            # denormals flushed to zero: each of K products off by < 2^-126 * |weight|
+            tiny = K * 2.0**-125 * (amax + deq.abs().amax(dim=1)) + 2.0**-120
+            self.err[i : i + len(w)] = err * (1 + 2.0**-8)  # the norms' own rounding, with room
+            self.tiny[i : i + len(w)] = tiny * 2
+        self.max_rows = GEMV_MAX_ROWS.get(weight.dtype, 0)
+        self.rounded_output = weight.dtype != torch.float32  # linear() gives logits in x's dtype
+
+    @classmethod
+    def build(cls, model) -> GreedyHead | None:
+        """The screen of model.lm_head where it applies: a plain fp32 / bf16 Linear on the CPU,
+        one rank, finite weights, the GEMV and int8 kernels at hand; else None."""
+        from qwen35.kernels import gemv
+
+        head = getattr(model, "lm_head", None)
+        if type(head) is not Linear or getattr(getattr(model, "tp", None), "size", 1) != 1:
+            return None
+        w = head.weight
+        if not w.is_cpu or w.dtype not in (torch.float32, torch.bfloat16) or not w.is_contiguous():
+            return None
+        if gemv.load() is None:
+            return None
+        if not all(bool(torch.isfinite(w[i : i + _BUILD_ROWS]).all()) for i in range(0, len(w), _BUILD_ROWS)):
+            return None
+        return cls(w)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + 3 * 4 * self.scale.numel()
+
+    def screen(self, x: torch.Tensor) -> torch.Tensor:
+        """x [S, K] -> the screen's logits [S, V] fp32 (the int8 GEMV kernel)."""
+        from qwen35.kernels import gemv
+
+        mod = gemv.load()
+        if mod is None:
+            return x.float() @ (self.q.float() * self.scale[:, None]).T  # not reached by the engine
+        return mod.linear_int8(x.float().contiguous(), self.q, self.scale, False)
+
+    def candidates(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Ascending token ids that can hold some row's maximum logit, or None (undecided)."""
+        s = self.screen(x)  # [S, V]
+        if not bool(torch.isfinite(s).all()):
+            return None
+        xn = x.float().norm(dim=1, keepdim=True) * (1 + 2.0**-10)  # [S, 1]
+        # b = ||x|| err + tiny + slack for rounding s +- b in fp32
+        b = torch.addcmul(self.tiny, xn, self.err).add_(s.abs(), alpha=2.0**-18)  # [S, V]
+        best = (s - b).amax(dim=1, keepdim=True)  # [S, 1] <= the row's largest logit
+        if self.rounded_output:  # logits rounded to bf16 tie: keep all that can round to the max
+            best = best - best.abs() * 2.0**-6
+        keep = (s + b >= best).any(dim=0)  # [V]
+        cand = keep.nonzero().flatten()
+        return cand if len(cand) <= MAX_CANDIDATES else None
+
+    def tokens(self, x: torch.Tensor) -> list[int] | None:
+        """Normed hidden rows x [S, K] (the head's input, its dtype) -> each row's greedy token
+        (the first index of its largest logit, as the full head + argmax give it), or None when
+        the screen cannot decide (the caller then computes the full logits)."""
+        if (
+            x.dim() != 2
+            or x.dtype != self.weight.dtype
+            or not 0 < x.shape[0] <= self.max_rows
+            or not bool(torch.isfinite(x).all())
+        ):
+            return None
+        cand = self.candidates(x)
+        if cand is None:
+            return None
+        from qwen35.engine.sampler import argmax
+
+        exact = linear(x.contiguous(), self.weight.index_select(0, cand)).float()  # [S, C]
+        if not bool(torch.isfinite(exact).all()):
+            return None  # the full path's NaN / inf handling decides
+        return cand[argmax(exact)].tolist()

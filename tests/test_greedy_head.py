@@ -1,0 +1,181 @@
+"""models/greedy_head.py: the int8 screen of lm_head gives exactly the full head's argmax
+(first index of the maximum, bf16-rounded logits included), and the engine uses it only for
+rows that want nothing else."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from qwen35.engine.sampler import argmax
+from qwen35.kernels import gemv
+from qwen35.layers.linear import linear
+from qwen35.models.greedy_head import GreedyHead
+from qwen35.request import SamplingParams
+from tiny import save_checkpoint
+
+pytestmark = pytest.mark.skipif(
+    gemv.load() is None, reason="the CPU GEMV kernels are not available (no compiler / AVX2)"
+)
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def full_argmax(w: torch.Tensor, x: torch.Tensor) -> list[int]:
+    """What the engine does without the screen: the full head, then the sampler's argmax."""
+    return argmax(linear(x, w).float()).tolist()
+
+
+def _weights(V: int, K: int, dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(V, K, generator=g) * 0.05).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [64, 72, 200])
+def test_tokens_equal_full_argmax(dtype, K):
+    w = _weights(3000, K, dtype)
+    before = w.clone()
+    head = GreedyHead(w)
+    assert torch.equal(w, before)  # the head's weight is read, never written
+    g = torch.Generator().manual_seed(1)
+    for rows in (1, 2, 3, head.max_rows):
+        for scale in (0.1, 1.0, 30.0):  # flat to peaked distributions
+            x = (torch.randn(rows, K, generator=g) * scale).to(dtype)
+            got = head.tokens(x)
+            assert got is not None
+            assert got == full_argmax(w, x)
+    cand = head.candidates(torch.randn(1, K, generator=g).to(dtype))
+    assert cand is not None and len(cand) < 0.1 * len(w)  # it screens
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_take_the_first_index(dtype):
+    K = 64
+    w = _weights(2000, K, dtype, seed=2)
+    x = torch.randn(1, K).to(dtype)
+    w[1500] = x[0] * 0.5  # the largest logit by far ...
+    w[700] = w[1500]  # ... twice: the first wins
+    head = GreedyHead(w)
+    assert full_argmax(w, x) == [700]
+    assert head.tokens(x) == [700]
+
+
+def test_bf16_rounded_logits_tie():
+    """Two logits that differ in fp32 but round to the same bf16: the full head gives the first
+    of them even though the later one is larger before rounding."""
+    K = 64
+    w = _weights(2000, K, torch.bfloat16, seed=3)
+    x = torch.zeros(1, K, dtype=torch.bfloat16)
+    x[0, :2] = 1.0
+    w[:, :2] = 0
+    w[300, 0], w[300, 1] = 8.0, 0.0  # logit 8.0
+    w[1200, 0], w[1200, 1] = 8.0, 0.0078125  # 8.0078125: a bf16 ulp at 8 is 0.0625
+    exact = linear(x, w)
+    assert exact[0, 1200] == exact[0, 300]  # they tie after rounding ...
+    assert float(x[0].float() @ w[1200].float()) > float(x[0].float() @ w[300].float())  # ... only
+    head = GreedyHead(w)
+    assert full_argmax(w, x) == [300]
+    assert head.tokens(x) == [300]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_row_the_int8_screen_ranks_wrong(dtype):
+    """One outlier weight makes a row's int8 scale coarse: its other weights quantise to zero
+    and the screen ranks it low, yet its exact logit is the largest. The error bound keeps it;
+    with the bound zeroed the screen alone would pick another token (so this test can fail)."""
+    K = 128
+    w = _weights(4000, K, dtype, seed=4)
+    x = torch.rand(1, K).add_(0.5).to(dtype)  # positive inputs
+    w[2500] = 0.3  # every weight below half an int8 step of the outlier's scale ...
+    w[2500, 0] = -100.0  # ... an outlier on an input that is 0
+    x[0, 0] = 0
+    head = GreedyHead(w)
+    assert full_argmax(w, x) == [2500]
+    assert int(head.screen(x).argmax()) != 2500
+    assert head.tokens(x) == [2500]
+    head.err.zero_()
+    head.tiny.zero_()
+    assert head.tokens(x) != [2500]
+
+
+def test_undecided_and_unsupported_inputs():
+    w = _weights(500, 64, torch.float32)
+    head = GreedyHead(w)
+    x = torch.randn(1, 64)
+    x[0, 3] = float("nan")
+    assert head.tokens(x) is None  # non-finite rows: the full path decides
+    assert head.tokens(torch.randn(head.max_rows + 1, 64)) is None  # beyond the GEMV rows
+    assert head.tokens(torch.randn(1, 64, dtype=torch.bfloat16)) is None  # not the head's dtype
+    flat = torch.zeros(1, 64)  # every logit 0: all tokens tie, more than MAX_CANDIDATES? no:
+    assert head.tokens(flat) == [0]  # 500 candidates, the first index
+    bad = w.clone()
+    bad[7, 7] = float("inf")
+
+    class M:
+        pass
+
+    from qwen35.layers.linear import Linear
+
+    m = M()
+    m.lm_head = Linear(64, 500)
+    m.lm_head.weight.data = bad
+    assert GreedyHead.build(m) is None  # non-finite weights: no screen
+    m.lm_head.weight.data = w
+    assert GreedyHead.build(m) is not None
+    m.lm_head.weight.data = w.to(torch.float16)
+    assert GreedyHead.build(m) is None  # fp16 heads: not built
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("greedy_head") / "dense"
+    save_checkpoint(d, moe=False, layout="vlm", vocab_size=6000)
+    return d
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_engine_tokens_with_and_without_the_screen(ckpt, dtype, monkeypatch):
+    from qwen35.engine.llm_engine import LLM
+
+    calls = []
+    real = GreedyHead.tokens
+
+    def spy(self, x):
+        out = real(self, x)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(GreedyHead, "tokens", spy)
+    prompts = [[5, 9, 200, 17], [3] * 30, list(range(40, 90)), [11, 12]]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    other = [  # rows that need more than the argmax
+        SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2),
+        SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, presence_penalty=1.5),
+        SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logit_bias={7: 50.0}),
+        SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True),
+    ]
+    on = LLM(str(ckpt), dtype=dtype, verbose=False, max_memory="200MiB")
+    off = LLM(str(ckpt), dtype=dtype, verbose=False, max_memory="200MiB", greedy_screen=False)
+    head = on.engine.greedy_head
+    assert head is not None and off.engine.greedy_head is None
+    assert on.engine.rank_memory[0]["greedy_head_bytes"] == head.nbytes
+    assert on.engine.plan.cache_bytes < off.engine.plan.cache_bytes  # counted as weights
+    got = [o.outputs[0].token_ids for o in on.generate(prompts, greedy)]
+    assert calls and all(calls)  # the screen decided every greedy step
+    want = [o.outputs[0].token_ids for o in off.generate(prompts, greedy)]
+    assert got == want
+    calls.clear()
+    for p in other:
+        a = on.generate(prompts[:2], p)
+        b = off.generate(prompts[:2], p)
+        assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    assert not calls  # none of those rows went through the screen
+    # a batch mixing a greedy row with a logprobs row: the full head for both
+    lp = dataclasses.replace(other[0], max_tokens=greedy.max_tokens)
+    mixed = on.generate(prompts[:2], [greedy, lp])
+    assert not calls
+    assert mixed[0].outputs[0].token_ids == want[0]
+    assert mixed[1].outputs[0].token_ids == want[1]  # greedy too, with logprobs
