@@ -12,6 +12,7 @@ import torch
 from qwen35.engine.sampler import argmax
 from qwen35.kernels import gemv
 from qwen35.layers.linear import linear
+from qwen35.models import greedy_head
 from qwen35.models.greedy_head import GreedyHead
 from qwen35.request import SamplingParams
 from tiny import save_checkpoint
@@ -21,6 +22,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(params=["kernel", "reference"], autouse=True)
+def screen_path(request, monkeypatch):
+    """Every test on both screens: kernels/greedy_screen_cpu.cpp and the PyTorch twin."""
+    if request.param == "kernel":
+        if gemv.load_screen() is None:
+            pytest.skip("greedy_screen_cpu.cpp needs AVX512-VNNI, which this CPU lacks")
+    else:
+        monkeypatch.setattr(gemv, "load_screen", lambda: None)
+    return request.param
 
 
 def full_argmax(w: torch.Tensor, x: torch.Tensor) -> list[int]:
@@ -49,6 +61,27 @@ def test_tokens_equal_full_argmax(dtype, K):
             assert got == full_argmax(w, x)
     cand = head.candidates(torch.randn(1, K, generator=g).to(dtype))
     assert cand is not None and len(cand) < 0.1 * len(w)  # it screens
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_outlier_channels_and_tiny_rows(dtype):
+    """Input rows with a few channels 100x the rest (as final-norm outputs have), rows of tiny
+    values (denormal products), and an all-zero row: still the full head's argmax."""
+    K = 256
+    w = _weights(5000, K, dtype, seed=5)
+    head = GreedyHead(w)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, K, generator=g)
+    x[:, [3, 77, 200]] *= 100
+    x[2] *= 1e-36
+    x = x.to(dtype)
+    assert head.tokens(x) == full_argmax(w, x)
+    cand = head.candidates(x[:1])
+    assert cand is not None and len(cand) < 0.2 * len(w)
+    zero = torch.zeros(1, K, dtype=dtype)  # 5000 tied logits: more than MAX_CANDIDATES
+    assert head.tokens(zero) is None  # undecided: the engine computes the full head
+    small = GreedyHead(w[:1000].clone())  # 1000 tied: all candidates, the first wins
+    assert small.tokens(zero) == [0] == full_argmax(w[:1000], zero)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -97,6 +130,7 @@ def test_a_row_the_int8_screen_ranks_wrong(dtype):
     assert int(head.screen(x).argmax()) != 2500
     assert head.tokens(x) == [2500]
     head.err.zero_()
+    head.nq.zero_()
     head.tiny.zero_()
     assert head.tokens(x) != [2500]
 
@@ -109,8 +143,6 @@ def test_undecided_and_unsupported_inputs():
     assert head.tokens(x) is None  # non-finite rows: the full path decides
     assert head.tokens(torch.randn(head.max_rows + 1, 64)) is None  # beyond the GEMV rows
     assert head.tokens(torch.randn(1, 64, dtype=torch.bfloat16)) is None  # not the head's dtype
-    flat = torch.zeros(1, 64)  # every logit 0: all tokens tie, more than MAX_CANDIDATES? no:
-    assert head.tokens(flat) == [0]  # 500 candidates, the first index
     bad = w.clone()
     bad[7, 7] = float("inf")
 
@@ -167,6 +199,12 @@ def test_engine_tokens_with_and_without_the_screen(ckpt, dtype, monkeypatch):
     assert calls and all(calls)  # the screen decided every greedy step
     want = [o.outputs[0].token_ids for o in off.generate(prompts, greedy)]
     assert got == want
+    calls.clear()
+    limit = greedy_head.MAX_CANDIDATES
+    monkeypatch.setattr(greedy_head, "MAX_CANDIDATES", 0)  # the screen never decides
+    undecided = [o.outputs[0].token_ids for o in on.generate(prompts, greedy)]
+    assert calls and not any(calls) and undecided == want  # the full head took over
+    monkeypatch.setattr(greedy_head, "MAX_CANDIDATES", limit)
     calls.clear()
     for p in other:
         a = on.generate(prompts[:2], p)

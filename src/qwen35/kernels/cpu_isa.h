@@ -19,4 +19,9 @@ inline bool avx512_bf16_vbmi() {  // the byte-table paths (vpermi2b + vdpbf16ps)
   return ok;
 }
 
+inline bool avx512_vnni() {  // vpdpbusd: int8 dot products (greedy_screen_cpu.cpp)
+  static const bool ok = avx512() && __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
+
 }  // namespace cpu_isa

@@ -11,7 +11,11 @@ vocabulary first. For every token v and input row x,
 where err_v (built once from the weights) is the row's quantisation error ||W_v - s_v q_v||_2
 (Cauchy-Schwarz) plus worst-case bounds of both sides' float rounding (the input rounded to bf16,
 fp32 accumulation over K terms, the output rounded to bf16), and tiny_v covers denormals flushed
-to zero. A token whose upper bound stays below the best lower bound of its row cannot be the
+to zero. On AVX512-VNNI CPUs the screen (kernels/greedy_screen_cpu.cpp) also quantises the input
+rows to int8 in blocks of 64 and multiplies bytes by bytes; the bound then adds
+||x - x^||_2 * ||s_v q_v||_2 for that (nq_v), and the kernel returns the candidates directly
+(`candidates_reference` is its PyTorch twin: fp32 rows, the int8 GEMV kernel, torch ops).
+A token whose upper bound stays below the best lower bound of its row cannot be the
 maximum; the others (a handful: the bound is a few hundredths of the logits' spread) get their
 logits computed exactly as the full head computes them, through the same `layers.linear.linear`
 call on the same input rows, whose GEMV kernel gives every output from its own weight row and
@@ -40,12 +44,15 @@ class GreedyHead:
 
     def __init__(self, weight: torch.Tensor):
         if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"a [V, K] fp32 / bf16 head is needed, got {weight.dtype} {tuple(weight.shape)}")
+            raise ValueError(
+                f"a [V, K] fp32 / bf16 head is needed, got {weight.dtype} {tuple(weight.shape)}"
+            )
         self.weight = weight
         V, K = weight.shape
         self.q = torch.empty(V, K, dtype=torch.int8)
         self.scale = torch.empty(V)  # fp32: the screen runs the kernel's fp32-input path
         self.err = torch.empty(V)  # multiplies ||x||_2
+        self.nq = torch.empty(V)  # ||s_v q_v||_2, multiplies the kernel's input error ||x - x^||
         self.tiny = torch.empty(V)
         # rounding bound of one side (accumulation over K terms in fp32, worst case K * 2^-24,
         # taken 4x) and of the screen's input / output in bf16 (2^-9 each, taken 2x)
@@ -63,6 +70,7 @@ class GreedyHead:
             # denormals flushed to zero: each of K products off by < 2^-126 * |weight|
             tiny = K * 2.0**-125 * (amax + deq.abs().amax(dim=1)) + 2.0**-120
             self.err[i : i + len(w)] = err * (1 + 2.0**-8)  # the norms' own rounding, with room
+            self.nq[i : i + len(w)] = n_q * (1 + 2.0**-8)
             self.tiny[i : i + len(w)] = tiny * 2
         self.max_rows = GEMV_MAX_ROWS.get(weight.dtype, 0)
         self.rounded_output = weight.dtype != torch.float32  # linear() gives logits in x's dtype
@@ -70,7 +78,8 @@ class GreedyHead:
     @classmethod
     def build(cls, model) -> GreedyHead | None:
         """The screen of model.lm_head where it applies: a plain fp32 / bf16 Linear on the CPU,
-        one rank, finite weights, the GEMV and int8 kernels at hand; else None."""
+        one rank, finite weights, a CPU the GEMV kernels run on; else None. (The kernels
+        themselves load at first use: the CPU backend compiles them side by side.)"""
         from qwen35.kernels import gemv
 
         head = getattr(model, "lm_head", None)
@@ -79,27 +88,42 @@ class GreedyHead:
         w = head.weight
         if not w.is_cpu or w.dtype not in (torch.float32, torch.bfloat16) or not w.is_contiguous():
             return None
-        if gemv.load() is None:
+        if not gemv.GEMV.supported():
             return None
-        if not all(bool(torch.isfinite(w[i : i + _BUILD_ROWS]).all()) for i in range(0, len(w), _BUILD_ROWS)):
+        rows = range(0, len(w), _BUILD_ROWS)
+        if not all(bool(torch.isfinite(w[i : i + _BUILD_ROWS]).all()) for i in rows):
             return None
         return cls(w)
 
     @property
     def nbytes(self) -> int:
-        return self.q.numel() + 3 * 4 * self.scale.numel()
+        return self.q.numel() + 5 * 4 * self.scale.numel()
+
+    def candidates(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Ascending token ids that can hold some row's maximum logit, or None (undecided):
+        kernels/greedy_screen_cpu.cpp on AVX512-VNNI CPUs, else `candidates_reference`."""
+        from qwen35.kernels import gemv
+
+        mod = gemv.load_screen()
+        if mod is None:
+            return self.candidates_reference(x)
+        cand = mod.screen(
+            x.float().contiguous(), self.q, self.scale, self.err, self.nq, self.tiny,
+            self.rounded_output, MAX_CANDIDATES,
+        )  # fmt: skip
+        return cand if len(cand) else None
 
     def screen(self, x: torch.Tensor) -> torch.Tensor:
-        """x [S, K] -> the screen's logits [S, V] fp32 (the int8 GEMV kernel)."""
+        """x [S, K] -> the screen's logits [S, V] fp32 (the int8 GEMV kernel, fp32 rows)."""
         from qwen35.kernels import gemv
 
         mod = gemv.load()
         if mod is None:
-            return x.float() @ (self.q.float() * self.scale[:, None]).T  # not reached by the engine
+            return x.float() @ (self.q.float() * self.scale[:, None]).T
         return mod.linear_int8(x.float().contiguous(), self.q, self.scale, False)
 
-    def candidates(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Ascending token ids that can hold some row's maximum logit, or None (undecided)."""
+    def candidates_reference(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The same from `screen` and torch ops (the input rows stay fp32: no ||x - x^|| term)."""
         s = self.screen(x)  # [S, V]
         if not bool(torch.isfinite(s).all()):
             return None
@@ -128,7 +152,10 @@ class GreedyHead:
         if cand is None:
             return None
         from qwen35.engine.sampler import argmax
+        from qwen35.kernels import gemv
 
+        if gemv.load() is None:  # switched off since the build: the full head's path
+            return None
         exact = linear(x.contiguous(), self.weight.index_select(0, cand)).float()  # [S, C]
         if not bool(torch.isfinite(exact).all()):
             return None  # the full path's NaN / inf handling decides

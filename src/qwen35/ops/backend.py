@@ -137,7 +137,8 @@ def _select(device_type: str, kernels: bool, dtype: torch.dtype) -> Backend:
 
         # the modules every CPU step uses, compiled side by side on a machine's first run
         cpu_kernels.prebuild(
-            [cpu_kernels.DELTANET, small_ops.SMALL_OPS, attention.ATTENTION, gemv.GEMV]
+            [cpu_kernels.DELTANET, small_ops.SMALL_OPS, attention.ATTENTION, gemv.GEMV,
+             gemv.SCREEN]  # fmt: skip
         )
         return Backend(
             "cpu",

@@ -1,0 +1,226 @@
+// The int8 screen of lm_head for greedy decode (models/greedy_head.py), in one call:
+//
+//   screen(x [M, K] fp32, q [V, K] int8, scale [V], err [V], nq [V], tiny [V], rounded, limit)
+//     -> candidates [C] int64 (ascending token ids), or an empty tensor when more than `limit`
+//
+// 1. Each input row is quantised to int8 in blocks of 64 (one fp32 scale a block, so an
+//    outlier channel costs only its block), and its exact quantisation error ||x - x^||_2 kept.
+// 2. Every head row v: s_v = scale_v * sum_b xs_b * (integer dot of block b), the integer dots
+//    by AVX512-VNNI's vpdpbusd (unsigned x signed bytes: the weight bytes flipped to q + 128,
+//    the 128 * sum(x^) this adds taken off exactly, by starting each block's int32 lanes at
+//    -128 * their x^ sums). It reads a byte a weight at the memory bandwidth.
+// 3. The bound b_v = ||x|| err_v + ||x - x^|| nq_v (1 + 2^-6) + tiny_v + 2^-18 |s_v| (greedy_head.py
+//    derives it), T = max_v (s_v - b_v) (lowered by 2^-6 |T| where the exact logits are rounded
+//    to bf16), and the tokens with s_v + b_v >= T for some input row, in order.
+// greedy_head.py's `candidates_reference` is the PyTorch twin (fp32 input rows, linear_int8);
+// tests/test_greedy_head.py checks both against the full head's argmax.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include "cpu_isa.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#define TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+namespace {
+
+constexpr int64_t kBlock = 64;
+
+struct Rows {  // the input rows, quantised
+  int64_t M, K, nb;
+  std::vector<int8_t> xq;       // [M, nb * 64], zeros past K
+  std::vector<int32_t> negcor;  // [M, nb, 16]: -128 * the sum of each lane's 4 x^ bytes
+  std::vector<float> xs;        // [M, nb]
+  std::vector<float> xn, xe;    // [M]: ||x||, ||x - x^|| (rounded up)
+};
+
+Rows quantise(const float* X, int64_t M, int64_t K) {
+  Rows r{M, K, (K + kBlock - 1) / kBlock, {}, {}, {}, {}, {}};
+  r.xq.assign(M * r.nb * kBlock, 0);
+  r.negcor.assign(M * r.nb * 16, 0);
+  r.xs.assign(M * r.nb, 0.f);
+  r.xn.assign(M, 0.f);
+  r.xe.assign(M, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    double n2 = 0, e2 = 0;
+    for (int64_t b = 0; b < r.nb; ++b) {
+      const int64_t k0 = b * kBlock, k1 = std::min(K, k0 + kBlock);
+      float amax = 0.f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(X[m * K + k]));
+      const float s = amax / 127.f;
+      r.xs[m * r.nb + b] = s;
+      int8_t* q = r.xq.data() + (m * r.nb + b) * kBlock;
+      int32_t* c = r.negcor.data() + (m * r.nb + b) * 16;
+      for (int64_t k = k0; k < k1; ++k) {
+        const float x = X[m * K + k];
+        const int v = s > 0.f ? static_cast<int>(std::nearbyint(std::clamp(x / s, -127.f, 127.f))) : 0;
+        q[k - k0] = static_cast<int8_t>(v);
+        c[(k - k0) / 4] -= 128 * v;
+        const double d = static_cast<double>(x) - static_cast<double>(s) * v;
+        n2 += static_cast<double>(x) * x;
+        e2 += d * d;
+      }
+    }
+    r.xn[m] = static_cast<float>(std::sqrt(n2) * (1 + 0x1p-10));
+    r.xe[m] = static_cast<float>(std::sqrt(e2) * (1 + 0x1p-10));
+  }
+  return r;
+}
+
+// s[m] for one head row against every input row. One row at a time, front to back: the
+// hardware prefetcher streams one sequential read best (gemv_cpu.cpp found interleaved rows
+// at half the bandwidth); four accumulators keep the block chain's latency hidden.
+TARGET_VNNI void dot_row(const Rows& r, const int8_t* w, float scale, float* s) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t full = r.K / kBlock;
+  const __mmask64 tail = r.K % kBlock ? (~0ull >> (kBlock - r.K % kBlock)) : 0;
+  for (int64_t m = 0; m < r.M; ++m) {
+    const int8_t* xq = r.xq.data() + m * r.nb * kBlock;
+    const int32_t* nc = r.negcor.data() + m * r.nb * 16;
+    const float* xs = r.xs.data() + m * r.nb;
+    const auto block = [&](int64_t b, __m512i wv, __m512 acc) TARGET_VNNI {
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(nc + b * 16),
+                                              _mm512_xor_si512(wv, flip),
+                                              _mm512_loadu_si512(xq + b * kBlock));
+      return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[b]), acc);
+    };
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t b = 0;
+    for (; b + 4 <= full; b += 4) {
+      a0 = block(b, _mm512_loadu_si512(w + b * kBlock), a0);
+      a1 = block(b + 1, _mm512_loadu_si512(w + (b + 1) * kBlock), a1);
+      a2 = block(b + 2, _mm512_loadu_si512(w + (b + 2) * kBlock), a2);
+      a3 = block(b + 3, _mm512_loadu_si512(w + (b + 3) * kBlock), a3);
+    }
+    for (; b < full; ++b) a0 = block(b, _mm512_loadu_si512(w + b * kBlock), a0);
+    if (tail)  // the last partial block: past K both bytes are 0 (x^ = 0 there: nothing adds)
+      a1 = block(b, _mm512_maskz_loadu_epi8(tail, w + b * kBlock), a1);
+    s[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) *
+           scale;
+  }
+}
+
+}  // namespace
+
+bool supported() { return cpu_isa::avx512_vnni(); }
+
+// The bound of 16 head rows v..v+15 against input row m (s: their screen values)
+TARGET_VNNI inline __m512 bound16(const Rows& r, int64_t m, const float* E, const float* NQ,
+                                  const float* TI, __m512 s) {
+  const __m512 abs_s = _mm512_abs_ps(s);
+  __m512 b = _mm512_fmadd_ps(_mm512_set1_ps(r.xn[m]), _mm512_loadu_ps(E), _mm512_loadu_ps(TI));
+  b = _mm512_fmadd_ps(_mm512_set1_ps(r.xe[m] * (1 + 0x1p-6f)), _mm512_loadu_ps(NQ), b);
+  return _mm512_fmadd_ps(_mm512_set1_ps(0x1p-18f), abs_s, b);
+}
+
+struct Head {  // the screen's weights and bounds (greedy_head.py's tensors)
+  const int8_t* Q;
+  const float *S, *E, *NQ, *TI;
+  int64_t V;
+};
+
+constexpr int64_t kGrain = 1024;  // head rows a task (a multiple of 16)
+
+inline float bound1(const Rows& r, const Head& h, int64_t m, int64_t v, float sv) {
+  return r.xn[m] * h.E[v] + r.xe[m] * h.NQ[v] * (1 + 0x1p-6f) + h.TI[v] + 0x1p-18f * std::fabs(sv);
+}
+
+// chunk c: the screen values into s [M, ld] and each input row's max(s - b) into best [M]
+TARGET_VNNI void dot_chunk(const Rows& r, const Head& h, int64_t c, float* s, int64_t ld,
+                           float* best) {
+  const int64_t M = r.M, v0 = c * kGrain, v1 = std::min(h.V, v0 + kGrain);
+  float one[64];
+  for (int64_t v = v0; v < v1; ++v) {
+    dot_row(r, h.Q + v * r.K, h.S[v], one);
+    for (int64_t m = 0; m < M; ++m) s[m * ld + v] = one[m];
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const float* sm = s + m * ld;
+    __m512 lo = _mm512_set1_ps(-INFINITY);
+    int64_t v = v0;
+    for (; v + 16 <= v1; v += 16) {
+      const __m512 sv = _mm512_loadu_ps(sm + v);
+      lo = _mm512_max_ps(lo, _mm512_sub_ps(sv, bound16(r, m, h.E + v, h.NQ + v, h.TI + v, sv)));
+    }
+    float b = _mm512_reduce_max_ps(lo);
+    for (; v < v1; ++v) b = std::max(b, sm[v] - bound1(r, h, m, v, sm[v]));
+    best[m] = b;
+  }
+}
+
+// chunk c: its tokens whose upper bound reaches T for some input row, in order (stops past limit)
+TARGET_VNNI void keep_chunk(const Rows& r, const Head& h, int64_t c, const float* s, int64_t ld,
+                            const float* T, int64_t limit, std::vector<int64_t>& out) {
+  const int64_t M = r.M, v0 = c * kGrain, v1 = std::min(h.V, v0 + kGrain);
+  int64_t v = v0;
+  for (; v + 16 <= v1; v += 16) {
+    __mmask16 hit = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      const __m512 sv = _mm512_loadu_ps(s + m * ld + v);
+      const __m512 hi = _mm512_add_ps(sv, bound16(r, m, h.E + v, h.NQ + v, h.TI + v, sv));
+      hit |= _mm512_cmp_ps_mask(hi, _mm512_set1_ps(T[m]), _CMP_GE_OQ);
+    }
+    for (; hit; hit &= hit - 1) out.push_back(v + __builtin_ctz(hit));
+    if (static_cast<int64_t>(out.size()) > limit) return;  // undecided anyway
+  }
+  for (; v < v1; ++v)
+    for (int64_t m = 0; m < M; ++m)
+      if (s[m * ld + v] + bound1(r, h, m, v, s[m * ld + v]) >= T[m]) {
+        out.push_back(v);
+        break;
+      }
+}
+
+torch::Tensor screen_impl(const Rows& r, const Head& h, bool rounded, int64_t limit) {
+  const int64_t M = r.M;
+  const int64_t chunks = (h.V + kGrain - 1) / kGrain, ld = chunks * kGrain;
+  std::vector<float> s(M * ld);                    // [M, ld]: the screen values
+  std::vector<float> best(chunks * M, -INFINITY);  // per chunk and input row: max(s - b)
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) dot_chunk(r, h, c, s.data(), ld, best.data() + c * M);
+  });
+  std::vector<float> T(M, -INFINITY);
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t m = 0; m < M; ++m) T[m] = std::max(T[m], best[c * M + m]);
+  if (rounded)  // bf16 logits: every token that can round to the same value as the maximum
+    for (auto& t : T) t -= std::fabs(t) * 0x1p-6f;
+  std::vector<std::vector<int64_t>> kept(chunks);  // each chunk's in order, chunks in order
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) keep_chunk(r, h, c, s.data(), ld, T.data(), limit, kept[c]);
+  });
+  int64_t n = 0;
+  for (const auto& k : kept) n += static_cast<int64_t>(k.size());
+  if (n > limit) return torch::empty({0}, torch::kLong);
+  auto out = torch::empty({n}, torch::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (const auto& k : kept) o = std::copy(k.begin(), k.end(), o);
+  return out;
+}
+
+torch::Tensor screen(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                     const torch::Tensor& err, const torch::Tensor& nq, const torch::Tensor& tiny,
+                     bool rounded, int64_t limit) {
+  TORCH_CHECK(supported(), "greedy screen: needs AVX512-VNNI");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x [M, K] fp32");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() &&
+                  q.size(1) == x.size(1), "q [V, K] int8");
+  const int64_t V = q.size(0);
+  for (const auto* t : {&scale, &err, &nq, &tiny})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == V && t->scalar_type() == at::kFloat &&
+                    t->is_contiguous(), "scale / err / nq / tiny: [V] fp32");
+  const Rows r = quantise(x.data_ptr<float>(), x.size(0), x.size(1));
+  TORCH_CHECK(x.size(0) <= 64, "greedy screen: at most 64 input rows");
+  const Head h{q.data_ptr<int8_t>(), scale.data_ptr<float>(), err.data_ptr<float>(),
+               nq.data_ptr<float>(), tiny.data_ptr<float>(), V};
+  return screen_impl(r, h, rounded, limit);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("supported", &supported, "this CPU has AVX512-VNNI (screen runs here)");
+  m.def("screen", &screen, "greedy_head.py's candidates: int8 screen of lm_head + bounds");
+}
