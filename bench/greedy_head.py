@@ -1,6 +1,7 @@
 """Batch-1 CPU decode steps with and without the int8 screen of lm_head, interleaved in one run.
 
     python bench/greedy_head.py [--formats fp32 bf16] [--rounds 6] [--steps 32] [--threads N]
+                                [--batch B]
 
 Qwen3.5-0.8B config, random weights, one engine per format (models/greedy_head.py built by the
 engine); the same greedy decode steps (128-token prompt) run with the screen (`screen`) and with
@@ -27,14 +28,16 @@ from qwen35.request import SamplingParams
 MODES = ("full", "screen")
 
 
-def _steps(engine, n: int, rid: str) -> tuple[list[float], list[int]]:
+def _steps(engine, n: int, rid: str, batch: int) -> tuple[list[float], dict]:
     sp = SamplingParams(max_tokens=n + 2, temperature=0.0, ignore_eos=True)
-    engine.add_request(rid, list(range(100, 228)), sp)
-    times, tokens = [], []
+    for i in range(batch):  # 128-token prompts, each its own
+        engine.add_request(f"{rid}-{i}", list(range(100 + i, 228 + i)), sp)
+    times, tokens = [], {}
     while engine.has_unfinished_requests():
         t0 = time.perf_counter()
         for out in engine.step():  # deltas
-            tokens += out.outputs[0].token_ids if out.outputs else []
+            key = out.request_id.rsplit("-", 1)[1]
+            tokens.setdefault(key, []).extend(out.outputs[0].token_ids if out.outputs else [])
         times.append(time.perf_counter() - t0)
     return times[2:], tokens  # the prefill and the first decode step left out
 
@@ -45,11 +48,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     args = ap.parse_args()
     results = {}
     for fmt in args.formats:
         opts = BenchOptions(dtype=fmt, threads=args.threads)
-        engine = make_engine(load_bench_model(opts), max_model_len=1024)
+        engine = make_engine(load_bench_model(opts), max_model_len=1024, max_num_seqs=args.batch)
         head = engine.runner.greedy_head
         if head is None:
             raise SystemExit(f"{fmt}: the engine built no greedy head here (see GreedyHead.build)")
@@ -58,13 +62,13 @@ def main() -> None:
         build_s = time.perf_counter() - t0
         x = torch.randn(1, head.weight.shape[1]).to(head.weight.dtype)
         cands = len(head.candidates(x))
-        _steps(engine, 4, "warm")
+        _steps(engine, 4, "warm", args.batch)
         times: dict[str, list[float]] = {m: [] for m in MODES}
         for r in range(args.rounds):
             toks = {}
             for mode in MODES if r % 2 == 0 else MODES[::-1]:
                 engine.runner.greedy_head = head if mode == "screen" else None
-                t, toks[mode] = _steps(engine, args.steps, f"{fmt}-{r}-{mode}")
+                t, toks[mode] = _steps(engine, args.steps, f"{fmt}-{r}-{mode}", args.batch)
                 times[mode] += t
             if toks["full"] != toks["screen"]:
                 raise SystemExit(f"{fmt}: the screen changed the tokens: {toks}")
@@ -84,7 +88,8 @@ def main() -> None:
               f"built in {build_s:.2f} s; {cands} candidates for a random row")  # fmt: skip
     out = Path(__file__).with_name("results") / "greedy_head.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"threads": torch.get_num_threads(), "formats": results}, indent=1) + "\n")
+    doc = {"threads": torch.get_num_threads(), "batch": args.batch, "formats": results}
+    out.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":

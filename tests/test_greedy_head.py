@@ -217,3 +217,20 @@ def test_engine_tokens_with_and_without_the_screen(ckpt, dtype, monkeypatch):
     assert not calls
     assert mixed[0].outputs[0].token_ids == want[0]
     assert mixed[1].outputs[0].token_ids == want[1]  # greedy too, with logprobs
+
+
+def test_plan_counts_the_screen(ckpt):
+    """plan/cpu.py's BF16 figure is what a bf16 CPU engine holds, the screen included."""
+    from qwen35.config import ModelConfig
+    from qwen35.engine.llm_engine import LLM
+    from qwen35.plan.cpu import cpu_rows, greedy_screen_bytes
+
+    cfg = ModelConfig.from_hf(ckpt)
+    llm = LLM(str(ckpt), dtype="bf16", verbose=False, text_only=True)
+    head = llm.engine.greedy_head
+    assert head.nbytes == greedy_screen_bytes(cfg)
+    held = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters()) + head.nbytes
+    row = cpu_rows([cfg], "int8")[0]
+    assert abs(row["weights_bytes"]["bf16"] - held) / held < 0.01
+    rd = row["decode_read_bytes_per_token"]
+    assert rd["bf16"] - rd["bf16_greedy"] == cfg.vocab_size * cfg.hidden_size * 2 - head.nbytes

@@ -97,8 +97,9 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
     for fmt in formats:
         opts.say(f"peers: loading ours {fmt}")
         m = _load_ours(bm, opts, fmt)
-        engines[f"qwen35 {fmt}"] = _Ours(m, max_len)
-        weight_bytes[f"qwen35 {fmt}"] = m.weight_bytes
+        engines[f"qwen35 {fmt}"] = ours = _Ours(m, max_len)
+        head = ours.engine.greedy_head  # the int8 screen of lm_head greedy steps read
+        weight_bytes[f"qwen35 {fmt}"] = m.weight_bytes + (head.nbytes if head else 0)
     llama = gguf.available()
     if llama is None:
         opts.say("peers: converting the weights to GGUF with llama.cpp's converter")

@@ -97,7 +97,9 @@ class GreedyHead:
 
     @property
     def nbytes(self) -> int:
-        return self.q.numel() + 5 * 4 * self.scale.numel()
+        """What it adds to the model (plan/cpu.py's greedy_screen_bytes: V * (K + 16))."""
+        ts = (self.q, self.scale, self.err, self.nq, self.tiny)
+        return sum(t.numel() * t.element_size() for t in ts)
 
     def candidates(self, x: torch.Tensor) -> torch.Tensor | None:
         """Ascending token ids that can hold some row's maximum logit, or None (undecided):
