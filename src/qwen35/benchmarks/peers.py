@@ -98,7 +98,7 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
         opts.say(f"peers: loading ours {fmt}")
         m = _load_ours(bm, opts, fmt)
         engines[f"qwen35 {fmt}"] = ours = _Ours(m, max_len)
-        head = ours.engine.greedy_head  # the int8 screen of lm_head greedy steps read
+        head = ours.engine.head_screen  # the int8 screen of lm_head (models/head_screen.py)
         weight_bytes[f"qwen35 {fmt}"] = m.weight_bytes + (head.nbytes if head else 0)
     llama = gguf.available()
     if llama is None:

@@ -92,12 +92,12 @@ class DeviceConfig:
     device: str = _opt("cpu", "cpu, cuda or cuda:N")
     threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
     enforce_eager: bool = _opt(False, "GPU: no CUDA graphs for decode steps (every step eager)")
-    # models/greedy_head.py: greedy rows read an int8 copy of lm_head, then a few exact rows
-    greedy_screen: bool = _opt(
+    # models/head_screen.py: greedy / top-k rows read an int8 copy of lm_head, then a few rows
+    head_screen: bool = _opt(
         True,
-        "CPU: greedy requests read the whole fp32 / bf16 lm_head each token, not its int8 screen "
-        "(which saves vocab x hidden bytes of memory)",
-        flag="--no-greedy-screen",
+        "CPU: greedy and top-k requests read the whole fp32 / bf16 lm_head each token, not its "
+        "int8 screen (which saves vocab x hidden bytes of memory)",
+        flag="--no-head-screen",
     )
     # flush denormals, keep freed memory in the heap (see engine/runtime.py)
     configure_runtime: bool = _opt(

@@ -193,12 +193,12 @@ class LLMEngine:
             dict.fromkeys((*self.config.eos_token_ids, *self.tokenizer.eos_token_ids))
         )
         model_dtype = getattr(self.model, "dtype", None) or next(self.model.parameters()).dtype
-        self.greedy_head = None  # models/greedy_head.py: CPU, one rank, plain fp32 / bf16 head
-        if self.device.type == "cpu" and self.workers is None and ec.device.greedy_screen:
-            from qwen35.models.greedy_head import GreedyHead
+        self.head_screen = None  # models/head_screen.py: CPU, one rank, plain fp32 / bf16 head
+        if self.device.type == "cpu" and self.workers is None and ec.device.head_screen:
+            from qwen35.models.head_screen import HeadScreen
 
-            self.greedy_head = GreedyHead.build(self.model)
-        head_bytes = 0 if self.greedy_head is None else self.greedy_head.nbytes
+            self.head_screen = HeadScreen.build(self.model)
+        head_bytes = 0 if self.head_screen is None else self.head_screen.nbytes
         self.plan: CachePlan = plan_caches(
             self.config,
             model_dtype=model_dtype,
@@ -240,13 +240,13 @@ class LLMEngine:
 
         self.rank_memory = [rank_memory(self.model, caches, 0)]  # per rank (planner's per GPU)
         if head_bytes:
-            self.rank_memory[0]["greedy_head_bytes"] = head_bytes
+            self.rank_memory[0]["head_screen_bytes"] = head_bytes
         if self.workers is None:
             spec = GraphSpec(min(sc.max_num_seqs, self.plan.num_state_slots), self.max_model_len)
             self.runner = ModelRunner(
                 self.model, caches, self.eos_token_ids, self.device,
                 decode_graphs=spec if graphs else None, seed=ec.seed,
-                greedy_head=self.greedy_head,
+                head_screen=self.head_screen,
             )  # fmt: skip
         else:
             from qwen35.parallel import setup as tp_setup

@@ -56,7 +56,7 @@ class ModelRunner:
         backend: Backend | None = None,
         decode_graphs: GraphSpec | None = None,
         seed: int | None = None,  # the sampler's shared generator (unseeded requests)
-        greedy_head=None,  # models/greedy_head.py GreedyHead: greedy rows skip the full head
+        head_screen=None,  # models/head_screen.py HeadScreen: greedy / top-k rows skip the head
     ):
         self.model = model
         self.caches = caches
@@ -65,7 +65,7 @@ class ModelRunner:
         self.backend = backend or select_backend(self.device, dtype=_dtype_of(model))
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler(seed=seed)
-        self.greedy_head = greedy_head
+        self.head_screen = head_screen
         # fn(logits [S, V], sequences) masking rows in place before sampling (structured outputs)
         self.logits_processor = None
         self._generators: dict[str, torch.Generator | None] = {}
@@ -197,15 +197,22 @@ class ModelRunner:
         input_ids, batch, sample_seqs = self.build_batch(scheduled)
         if self.vision is not None:
             self.vision.apply(scheduled, batch)  # images: encoder outputs and 3-D positions
-        if self._screen_applies(batch, sample_seqs):
+        ks = self._screen_ks(batch, sample_seqs)
+        if ks is not None:  # every row keeps only its k largest logits (models/head_screen.py)
             h = self.model.forward_hidden(input_ids, batch, self.caches)
             h = h.index_select(0, batch.logits_indices)  # [S, H]
-            tokens = self.greedy_head.tokens(self.model.model.norm(h, batch.backend))
-            if tokens is not None:
-                return StepResult(
-                    {s.seq_id: t for s, t in zip(sample_seqs, tokens, strict=True)}, {}
-                )
-            logits = self.model.compute_logits(h, batch.backend)  # undecided: the full head
+            x = self.model.model.norm(h, batch.backend)
+            logits = None
+            if max(ks) == 1:  # all greedy: the tokens, no sampler
+                tokens = self.head_screen.tokens(x)
+                if tokens is not None:
+                    return StepResult(
+                        {s.seq_id: t for s, t in zip(sample_seqs, tokens, strict=True)}, {}
+                    )
+            else:  # exact where it can matter, -inf elsewhere: the sampler's draw is unchanged
+                logits = self.head_screen.logits(x, ks)
+            if logits is None:  # undecided: the full head
+                logits = self.model.compute_logits(h, batch.backend)
         else:
             logits = self.run_model(input_ids, batch)  # [S, V] fp32
         if not sample_seqs:
@@ -240,28 +247,33 @@ class ModelRunner:
         }
         return StepResult(sampled, lps, errors)
 
-
-    def _screen_applies(self, batch: ForwardBatch, seqs) -> bool:
-        """Every row wants only its argmax (greedy_head.py), so the int8 screen can pick it."""
-        head = self.greedy_head
-        return (
-            head is not None
-            and 0 < len(seqs) == len(batch.logits_indices) <= head.max_rows
-            and all(argmax_only(s.params, len(s.token_ids) - s.num_prompt_tokens) for s in seqs)
-        )
+    def _screen_ks(self, batch: ForwardBatch, seqs) -> list[int] | None:
+        """Each row's k where every row of the step can take the int8 screen (screen_k)."""
+        head = self.head_screen
+        if head is None or not 0 < len(seqs) == len(batch.logits_indices) <= head.max_rows:
+            return None
+        ks = [screen_k(s.params, len(s.token_ids) - s.num_prompt_tokens) for s in seqs]
+        return None if None in ks else ks
 
 
-def argmax_only(p, num_output: int) -> bool:
-    """A row whose next token is the plain argmax of the model's logits (the sampler's greedy
-    path with nothing applied before it, and no logprobs asked)."""
-    return (
-        is_greedy(p)
-        and p.logprobs is None
-        and not has_penalties(p)
-        and not p.logit_bias
-        and p.structured_outputs is None
-        and num_output >= p.min_tokens
-    )
+def screen_k(p, num_output: int) -> int | None:
+    """How many of its largest logits a row's next token depends on, where that is all it
+    depends on: 1 for greedy, top_k for sampled rows with 0 < top_k <= MAX_TOP_K (their
+    temperature, min-p and top-p act within those); None where anything reads other logits
+    (logprobs, penalties, logit bias, pending min_tokens, a grammar, no top-k)."""
+    from qwen35.models.head_screen import MAX_TOP_K
+
+    if (
+        p.logprobs is not None
+        or has_penalties(p)
+        or p.logit_bias
+        or p.structured_outputs is not None
+        or num_output < p.min_tokens
+    ):
+        return None
+    if is_greedy(p):
+        return 1
+    return p.top_k if 0 < p.top_k <= MAX_TOP_K else None
 
 
 def _dtype_of(model: torch.nn.Module) -> torch.dtype:

@@ -19,7 +19,7 @@ inline bool avx512_bf16_vbmi() {  // the byte-table paths (vpermi2b + vdpbf16ps)
   return ok;
 }
 
-inline bool avx512_vnni() {  // vpdpbusd: int8 dot products (greedy_screen_cpu.cpp)
+inline bool avx512_vnni() {  // vpdpbusd: int8 dot products (head_screen_cpu.cpp)
   static const bool ok = avx512() && __builtin_cpu_supports("avx512vnni");
   return ok;
 }

@@ -6,8 +6,8 @@
   (`fp8_supported(bi)`; quant/matmul.py).
 `load_int4()` gives `int4_cpu.cpp`'s module: `linear_int4(x, packed, sz, group, n)` on torch's
 packed CPU int4 layout and `int4_dequant` (prefill's unpack), also used by quant/matmul.py.
-`load_screen()` gives `greedy_screen_cpu.cpp`'s module (`screen`, `supported`) for
-models/greedy_head.py.
+`load_screen()` gives `head_screen_cpu.cpp`'s module (`screen`, `supported`) for
+models/head_screen.py.
 Each path is tested against F.linear on the (dequantised) weight, its PyTorch twin, and
 `bench/gemv.py` measures it against torch's own kernels. `avx2_only=True` runs the bf16
 path of CPUs without AVX512-BF16 on any machine (tests, benchmarks).
@@ -21,8 +21,10 @@ MAX_ROWS = 16  # rows the kernels take; more rows are a GEMM (compute-bound): to
 
 GEMV = Native("gemv_cpu.cpp", ("-mavx2", "-mfma"))
 INT4 = Native("int4_cpu.cpp", ("-mavx2", "-mfma"))
-# models/greedy_head.py's int8 screen of lm_head (AVX512-VNNI CPUs; `supported()` says)
-SCREEN = Native("greedy_screen_cpu.cpp", ("-mavx2", "-mfma"), needs=("avx2", "fma", "avx512_vnni"))
+# models/head_screen.py's int8 screen of lm_head (AVX512-VNNI CPUs; `supported()` says)
+SCREEN = Native(
+    "head_screen_cpu.cpp", ("-mavx2", "-mfma"), needs=("avx2", "fma", "avx512_vnni")
+)
 
 
 def load():
@@ -36,6 +38,6 @@ def load_int4():
 
 
 def load_screen():
-    """`greedy_screen_cpu.cpp`'s module where this CPU runs it (AVX512-VNNI), else None."""
+    """`head_screen_cpu.cpp`'s module where this CPU runs it (AVX512-VNNI), else None."""
     mod = SCREEN.load()
     return mod if mod is not None and mod.supported() else None

@@ -94,9 +94,9 @@ def describe_memory(rows: list[dict], num_blocks: int, block_size: int, num_slot
             f"{m['kv_bytes_per_token']} B/token ({m['kv_bytes'] / GiB:.3f} GiB for "
             f"{num_blocks}x{block_size} tokens), DeltaNet state {m['state_bytes_per_sequence']} "
             f"B/sequence ({m['state_bytes'] / GiB:.3f} GiB for {num_slots} slots)"
-            + (  # models/greedy_head.py
-                f", int8 screen of lm_head {m['greedy_head_bytes'] / GiB:.3f} GiB"
-                if m.get("greedy_head_bytes")
+            + (  # models/head_screen.py
+                f", int8 screen of lm_head {m['head_screen_bytes'] / GiB:.3f} GiB"
+                if m.get("head_screen_bytes")
                 else ""
             )
         )

@@ -27,17 +27,17 @@ def decode_read_bytes(cfg: ModelConfig, dtype: str) -> int:
     return total
 
 
-def greedy_screen_bytes(cfg: ModelConfig) -> int:
-    """The int8 screen of lm_head a CPU engine keeps beside an fp32 / bf16 head for greedy rows
-    (models/greedy_head.py: int8 [V, H] and four fp32 [V] vectors); greedy decode steps read it
-    instead of the head (`--no-greedy-screen`: neither)."""
+def head_screen_bytes(cfg: ModelConfig) -> int:
+    """The int8 screen of lm_head a CPU engine keeps beside an fp32 / bf16 head (models/
+    head_screen.py: int8 [V, H] and four fp32 [V] vectors); greedy and top-k decode steps read it
+    instead of the head (`--no-head-screen`: neither)."""
     return cfg.vocab_size * (cfg.hidden_size + 16)
 
 
 def cpu_rows(cfgs: list[ModelConfig], dtype: str) -> list[dict]:
     rows = []
     for c in cfgs:
-        screen = greedy_screen_bytes(c)
+        screen = head_screen_bytes(c)
         head = c.vocab_size * c.hidden_size * 2  # the bf16 head the screen stands in for
         bf16_read = decode_read_bytes(c, "bf16")
         rows.append({
@@ -46,7 +46,7 @@ def cpu_rows(cfgs: list[ModelConfig], dtype: str) -> list[dict]:
                 "bf16": weight_bytes(c, "bf16", text_only=True) + screen,
                 dtype: weight_bytes(c, dtype, text_only=True),
             },
-            "greedy_screen_bytes": screen,
+            "head_screen_bytes": screen,
             "decode_read_bytes_per_token": {
                 "bf16": bf16_read,
                 "bf16_greedy": bf16_read - head + screen,
@@ -82,6 +82,6 @@ def render(rows: list[dict], dtype: str, bandwidth_gb_s: float | None) -> None:
         "Run with `--quantization " + dtype + "`."
     )
     print(
-        "BF16 includes the int8 screen of lm_head a CPU engine keeps for greedy requests (read "
-        "instead of the head: the greedy figure); --no-greedy-screen drops it."
+        "BF16 includes the int8 screen of lm_head a CPU engine keeps for greedy and top-k "
+        "requests (read instead of the head: the greedy figure); --no-head-screen drops it."
     )

@@ -1,7 +1,7 @@
-// The int8 screen of lm_head for greedy decode (models/greedy_head.py), in one call:
+// The int8 screen of lm_head for greedy / top-k decode rows (models/head_screen.py), in one call:
 //
-//   screen(x [M, K] fp32, q [V, K] int8, scale [V], err [V], nq [V], tiny [V], rounded, limit)
-//     -> candidates [C] int64 (ascending token ids), or an empty tensor when more than `limit`
+//   screen(x [M, K] fp32, q [V, K] int8, scale [V], err [V], nq [V], tiny [V], ks [M], rounded,
+//          limit) -> candidates [C] int64 (ascending token ids), or empty when more than `limit`
 //
 // 1. Each input row is quantised to int8 in blocks of 64 (one fp32 scale a block, so an
 //    outlier channel costs only its block), and its exact quantisation error ||x - x^||_2 kept.
@@ -9,11 +9,12 @@
 //    by AVX512-VNNI's vpdpbusd (unsigned x signed bytes: the weight bytes flipped to q + 128,
 //    the 128 * sum(x^) this adds taken off exactly, by starting each block's int32 lanes at
 //    -128 * their x^ sums). It reads a byte a weight at the memory bandwidth.
-// 3. The bound b_v = ||x|| err_v + ||x - x^|| nq_v (1 + 2^-6) + tiny_v + 2^-18 |s_v| (greedy_head.py
-//    derives it), T = max_v (s_v - b_v) (lowered by 2^-6 |T| where the exact logits are rounded
-//    to bf16), and the tokens with s_v + b_v >= T for some input row, in order.
-// greedy_head.py's `candidates_reference` is the PyTorch twin (fp32 input rows, linear_int8);
-// tests/test_greedy_head.py checks both against the full head's argmax.
+// 3. The bound b_v = ||x|| err_v + ||x - x^|| nq_v (1 + 2^-6) + tiny_v + 2^-18 |s_v|
+//    (head_screen.py derives it), T = the ks[m]-th largest s_v - b_v of each input row (lowered
+//    by 2^-6 |T| where the exact logits are rounded to bf16), and the tokens with
+//    s_v + b_v >= T for some input row, in order.
+// head_screen.py's `candidates_reference` is the PyTorch twin (fp32 input rows, linear_int8);
+// tests/test_head_screen.py checks both against the full head's argmax.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
@@ -21,6 +22,7 @@
 #include "cpu_isa.h"
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -118,7 +120,7 @@ TARGET_VNNI inline __m512 bound16(const Rows& r, int64_t m, const float* E, cons
   return _mm512_fmadd_ps(_mm512_set1_ps(0x1p-18f), abs_s, b);
 }
 
-struct Head {  // the screen's weights and bounds (greedy_head.py's tensors)
+struct Head {  // the screen's weights and bounds (head_screen.py's tensors)
   const int8_t* Q;
   const float *S, *E, *NQ, *TI;
   int64_t V;
@@ -176,7 +178,54 @@ TARGET_VNNI void keep_chunk(const Rows& r, const Head& h, int64_t c, const float
       }
 }
 
-torch::Tensor screen_impl(const Rows& r, const Head& h, bool rounded, int64_t limit) {
+// chunk c, input row m: the lower bounds s - b of its tokens that are >= lower, appended to out
+TARGET_VNNI void collect_lo(const Rows& r, const Head& h, int64_t c, int64_t m, const float* s,
+                            int64_t ld, float lower, std::vector<float>& out) {
+  const int64_t v0 = c * kGrain, v1 = std::min(h.V, v0 + kGrain);
+  const float* sm = s + m * ld;
+  alignas(64) float lo[16];
+  int64_t v = v0;
+  for (; v + 16 <= v1; v += 16) {
+    const __m512 sv = _mm512_loadu_ps(sm + v);
+    const __m512 l = _mm512_sub_ps(sv, bound16(r, m, h.E + v, h.NQ + v, h.TI + v, sv));
+    __mmask16 hit = _mm512_cmp_ps_mask(l, _mm512_set1_ps(lower), _CMP_GE_OQ);
+    if (!hit) continue;
+    _mm512_store_ps(lo, l);
+    for (; hit; hit &= hit - 1) out.push_back(lo[__builtin_ctz(hit)]);
+  }
+  for (; v < v1; ++v) {
+    const float l = sm[v] - bound1(r, h, m, v, sm[v]);
+    if (l >= lower) out.push_back(l);
+  }
+}
+
+// The k-th largest lower bound of input row m (k > 1): every token that can be among the row's
+// k largest logits (ties included) has an upper bound at least that. The k-th largest of the
+// chunks' maxima (k distinct tokens) bounds it from below, so only the tokens above that are
+// gathered and ranked.
+float kth_lower(const Rows& r, const Head& h, const float* s, int64_t ld, const float* best,
+                int64_t chunks, int64_t m, int64_t k) {
+  if (k > h.V) return -INFINITY;
+  float lower = -INFINITY;
+  if (k <= chunks) {
+    std::vector<float> maxima(chunks);
+    for (int64_t c = 0; c < chunks; ++c) maxima[c] = best[c * r.M + m];
+    std::nth_element(maxima.begin(), maxima.begin() + (k - 1), maxima.end(), std::greater<>());
+    lower = maxima[k - 1];
+  }
+  std::vector<std::vector<float>> part(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) collect_lo(r, h, c, m, s, ld, lower, part[c]);
+  });
+  std::vector<float> all;
+  for (const auto& p : part) all.insert(all.end(), p.begin(), p.end());
+  if (static_cast<int64_t>(all.size()) < k) return -INFINITY;  // not reached: k <= V
+  std::nth_element(all.begin(), all.begin() + (k - 1), all.end(), std::greater<>());
+  return all[k - 1];
+}
+
+torch::Tensor screen_impl(const Rows& r, const Head& h, const std::vector<int64_t>& ks,
+                          bool rounded, int64_t limit) {
   const int64_t M = r.M;
   const int64_t chunks = (h.V + kGrain - 1) / kGrain, ld = chunks * kGrain;
   std::vector<float> s(M * ld);                    // [M, ld]: the screen values
@@ -184,9 +233,11 @@ torch::Tensor screen_impl(const Rows& r, const Head& h, bool rounded, int64_t li
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) dot_chunk(r, h, c, s.data(), ld, best.data() + c * M);
   });
-  std::vector<float> T(M, -INFINITY);
+  std::vector<float> T(M, -INFINITY);  // per input row: its ks[m]-th largest s - b
   for (int64_t c = 0; c < chunks; ++c)
     for (int64_t m = 0; m < M; ++m) T[m] = std::max(T[m], best[c * M + m]);
+  for (int64_t m = 0; m < M; ++m)
+    if (ks[m] > 1) T[m] = kth_lower(r, h, s.data(), ld, best.data(), chunks, m, ks[m]);
   if (rounded)  // bf16 logits: every token that can round to the same value as the maximum
     for (auto& t : T) t -= std::fabs(t) * 0x1p-6f;
   std::vector<std::vector<int64_t>> kept(chunks);  // each chunk's in order, chunks in order
@@ -204,8 +255,8 @@ torch::Tensor screen_impl(const Rows& r, const Head& h, bool rounded, int64_t li
 
 torch::Tensor screen(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                      const torch::Tensor& err, const torch::Tensor& nq, const torch::Tensor& tiny,
-                     bool rounded, int64_t limit) {
-  TORCH_CHECK(supported(), "greedy screen: needs AVX512-VNNI");
+                     const std::vector<int64_t>& ks, bool rounded, int64_t limit) {
+  TORCH_CHECK(supported(), "head screen: needs AVX512-VNNI");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x [M, K] fp32");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() &&
                   q.size(1) == x.size(1), "q [V, K] int8");
@@ -214,13 +265,15 @@ torch::Tensor screen(const torch::Tensor& x, const torch::Tensor& q, const torch
     TORCH_CHECK(t->dim() == 1 && t->size(0) == V && t->scalar_type() == at::kFloat &&
                     t->is_contiguous(), "scale / err / nq / tiny: [V] fp32");
   const Rows r = quantise(x.data_ptr<float>(), x.size(0), x.size(1));
-  TORCH_CHECK(x.size(0) <= 64, "greedy screen: at most 64 input rows");
+  TORCH_CHECK(x.size(0) <= 64, "head screen: at most 64 input rows");
+  TORCH_CHECK(static_cast<int64_t>(ks.size()) == x.size(0), "head screen: one k per input row");
+  for (const int64_t k : ks) TORCH_CHECK(k >= 1, "head screen: k >= 1");
   const Head h{q.data_ptr<int8_t>(), scale.data_ptr<float>(), err.data_ptr<float>(),
                nq.data_ptr<float>(), tiny.data_ptr<float>(), V};
-  return screen_impl(r, h, rounded, limit);
+  return screen_impl(r, h, ks, rounded, limit);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported", &supported, "this CPU has AVX512-VNNI (screen runs here)");
-  m.def("screen", &screen, "greedy_head.py's candidates: int8 screen of lm_head + bounds");
+  m.def("screen", &screen, "head_screen.py's candidates: int8 screen of lm_head + bounds");
 }

@@ -1,45 +1,54 @@
-"""Exact greedy tokens from an int8 screen of lm_head (CPU decode).
+"""The exact top tokens of each row from an int8 screen of lm_head (CPU decode).
 
-A greedy row's next token is the first index of its largest logit. At batch 1 on a CPU the head
-is the largest single read of a decode step (Qwen3.5-0.8B: 248K x 1024 weights, 1.0 of the 3.0
-GB a token reads in fp32, 0.5 of 1.5 GB in bf16), and decode is bound by those bytes. An int8
-copy of the head, one scale per row (a quarter of fp32's bytes, half of bf16's), screens the
-vocabulary first. For every token v and input row x,
+At batch 1 on a CPU the head is the largest single read of a decode step (Qwen3.5-0.8B: 248K x
+1024 weights, 1.0 of the 3.0 GB a token reads in fp32, 0.5 of 1.5 GB in bf16), and decode is
+bound by those bytes. Yet a greedy row needs only the first index of its largest logit, and a
+top-k row (temperature > 0, top_k = k) only its k largest logits: the sampler masks the rest
+before it draws. An int8 copy of the head, one scale per row (a quarter of fp32's bytes, half of
+bf16's), screens the vocabulary first. For every token v and input row x,
 
-    |logit_v(x) - screen_v(x)| <= ||x||_2 * err_v + tiny_v
+    |logit_v(x) - screen_v(x)| <= ||x||_2 * err_v + ||x - x^||_2 * nq_v + tiny_v
 
 where err_v (built once from the weights) is the row's quantisation error ||W_v - s_v q_v||_2
 (Cauchy-Schwarz) plus worst-case bounds of both sides' float rounding (the input rounded to bf16,
-fp32 accumulation over K terms, the output rounded to bf16), and tiny_v covers denormals flushed
-to zero. On AVX512-VNNI CPUs the screen (kernels/greedy_screen_cpu.cpp) also quantises the input
-rows to int8 in blocks of 64 and multiplies bytes by bytes; the bound then adds
-||x - x^||_2 * ||s_v q_v||_2 for that (nq_v), and the kernel returns the candidates directly
-(`candidates_reference` is its PyTorch twin: fp32 rows, the int8 GEMV kernel, torch ops).
-A token whose upper bound stays below the best lower bound of its row cannot be the
-maximum; the others (a handful: the bound is a few hundredths of the logits' spread) get their
-logits computed exactly as the full head computes them, through the same `layers.linear.linear`
-call on the same input rows, whose GEMV kernel gives every output from its own weight row and
-the input rows alone. The first maximum among them is the full head's argmax, bit for bit
-(tests/test_greedy_head.py also breaks it on purpose: ties, bf16-rounded logits, a screen that
-ranks wrong). When the screen cannot decide cheaply (more than MAX_CANDIDATES tokens left, a
-non-finite input) `tokens` returns None and the caller computes the full logits.
+fp32 accumulation over K terms, the output rounded to bf16), nq_v = ||s_v q_v||_2 carries the
+input's own int8 error where the screen quantises it (kernels/head_screen_cpu.cpp: blocks of 64,
+bytes times bytes on AVX512-VNNI; `candidates_reference`, the PyTorch twin, keeps fp32 rows and
+that term is 0), and tiny_v covers denormals flushed to zero.
 
-Only rows that need nothing but the argmax use it (engine/model_runner.py: greedy, no logprobs,
-penalties, logit bias, min_tokens or grammar); the engine builds it on CPUs for plain fp32 /
-bf16 heads (`--no-greedy-screen` turns it off) and counts its bytes as weights.
+With lo = screen - bound and hi = screen + bound, at least k tokens have a logit >= the k-th
+largest lo of the row, so every token among the k largest logits (ties included) has hi >= it.
+Those candidates (tens to hundreds of 248K) get their logits computed exactly as the full head
+computes them, through the same `layers.linear.linear` call on the same input rows, whose GEMV
+kernel gives every output from its own weight row and the input rows alone. Greedy rows take
+the first maximum among them: the full head's argmax, bit for bit (`tokens`). Other rows get a
+logits row that is -inf outside the candidates (`logits`): the sampler's top-k mask leaves
+exactly what it leaves of the full row, so its draw is the same, seeded or not. bf16 heads round
+the logits: tokens that can round to the same value as the k-th are kept too.
+tests/test_head_screen.py also breaks it on purpose (ties, rounded ties, a row the int8 screen
+ranks wrong). When the screen cannot decide cheaply (more than MAX_CANDIDATES tokens left, a
+non-finite input) both return None and the caller computes the full logits.
+
+Only rows that need nothing else use it (engine/model_runner.py `screen_k`: no logprobs,
+penalties, logit bias, pending min_tokens or grammar; greedy, or sampled with 0 < top_k <=
+MAX_TOP_K); the engine builds it on CPUs for plain fp32 / bf16 heads (`--no-head-screen` turns
+it off) and counts its bytes as weights (plan/cpu.py's head_screen_bytes).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from qwen35.layers.linear import GEMV_MAX_ROWS, Linear, linear
 
 MAX_CANDIDATES = 4096  # more tokens left after the screen: the full head is as cheap
+MAX_TOP_K = 256  # sampled rows with a larger top_k read the full head
 _BUILD_ROWS = 16384  # rows of the head quantised at a time (bounded temporary memory)
 
 
-class GreedyHead:
+class HeadScreen:
     """The int8 screen of one lm_head weight [V, K] (fp32 or bf16, contiguous, on the CPU)."""
 
     def __init__(self, weight: torch.Tensor):
@@ -50,7 +59,7 @@ class GreedyHead:
         self.weight = weight
         V, K = weight.shape
         self.q = torch.empty(V, K, dtype=torch.int8)
-        self.scale = torch.empty(V)  # fp32: the screen runs the kernel's fp32-input path
+        self.scale = torch.empty(V)  # fp32
         self.err = torch.empty(V)  # multiplies ||x||_2
         self.nq = torch.empty(V)  # ||s_v q_v||_2, multiplies the kernel's input error ||x - x^||
         self.tiny = torch.empty(V)
@@ -58,7 +67,7 @@ class GreedyHead:
         # taken 4x) and of the screen's input / output in bf16 (2^-9 each, taken 2x)
         acc = K * 2.0**-22
         for i in range(0, V, _BUILD_ROWS):
-            w = weight[i : i + _BUILD_ROWS].float()  # [R, K]
+            w = weight[i : i + _BUILD_ROWS].float()  # [R, K] (the weight itself when fp32)
             amax = w.abs().amax(dim=1)  # [R]
             scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
             q = (w / scale[:, None]).round_().clamp_(-127, 127)
@@ -76,7 +85,7 @@ class GreedyHead:
         self.rounded_output = weight.dtype != torch.float32  # linear() gives logits in x's dtype
 
     @classmethod
-    def build(cls, model) -> GreedyHead | None:
+    def build(cls, model) -> HeadScreen | None:
         """The screen of model.lm_head where it applies: a plain fp32 / bf16 Linear on the CPU,
         one rank, finite weights, a CPU the GEMV kernels run on; else None. (The kernels
         themselves load at first use: the CPU backend compiles them side by side.)"""
@@ -97,20 +106,22 @@ class GreedyHead:
 
     @property
     def nbytes(self) -> int:
-        """What it adds to the model (plan/cpu.py's greedy_screen_bytes: V * (K + 16))."""
+        """What it adds to the model (plan/cpu.py's head_screen_bytes: V * (K + 16))."""
         ts = (self.q, self.scale, self.err, self.nq, self.tiny)
         return sum(t.numel() * t.element_size() for t in ts)
 
-    def candidates(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Ascending token ids that can hold some row's maximum logit, or None (undecided):
-        kernels/greedy_screen_cpu.cpp on AVX512-VNNI CPUs, else `candidates_reference`."""
+    # ---- the screen ----------------------------------------------------------------------
+    def candidates(self, x: torch.Tensor, ks: list[int]) -> torch.Tensor | None:
+        """Ascending token ids that can be among row i's ks[i] largest logits (ties included),
+        or None (undecided): kernels/head_screen_cpu.cpp on AVX512-VNNI CPUs, else
+        `candidates_reference`."""
         from qwen35.kernels import gemv
 
         mod = gemv.load_screen()
         if mod is None:
-            return self.candidates_reference(x)
+            return self.candidates_reference(x, ks)
         cand = mod.screen(
-            x.float().contiguous(), self.q, self.scale, self.err, self.nq, self.tiny,
+            x.float().contiguous(), self.q, self.scale, self.err, self.nq, self.tiny, list(ks),
             self.rounded_output, MAX_CANDIDATES,
         )  # fmt: skip
         return cand if len(cand) else None
@@ -124,7 +135,7 @@ class GreedyHead:
             return x.float() @ (self.q.float() * self.scale[:, None]).T
         return mod.linear_int8(x.float().contiguous(), self.q, self.scale, False)
 
-    def candidates_reference(self, x: torch.Tensor) -> torch.Tensor | None:
+    def candidates_reference(self, x: torch.Tensor, ks: list[int]) -> torch.Tensor | None:
         """The same from `screen` and torch ops (the input rows stay fp32: no ||x - x^|| term)."""
         s = self.screen(x)  # [S, V]
         if not bool(torch.isfinite(s).all()):
@@ -132,33 +143,59 @@ class GreedyHead:
         xn = x.float().norm(dim=1, keepdim=True) * (1 + 2.0**-10)  # [S, 1]
         # b = ||x|| err + tiny + slack for rounding s +- b in fp32
         b = torch.addcmul(self.tiny, xn, self.err).add_(s.abs(), alpha=2.0**-18)  # [S, V]
-        best = (s - b).amax(dim=1, keepdim=True)  # [S, 1] <= the row's largest logit
-        if self.rounded_output:  # logits rounded to bf16 tie: keep all that can round to the max
+        lo = s - b
+        V = lo.shape[1]
+        best = torch.stack([
+            lo[i].topk(k).values[-1] if k <= V else lo.new_tensor(-math.inf)
+            for i, k in enumerate(ks)
+        ])[:, None]  # fmt: skip  # [S, 1]: the k-th largest lower bound
+        if self.rounded_output:  # logits rounded to bf16: keep all that can round to the same
             best = best - best.abs() * 2.0**-6
         keep = (s + b >= best).any(dim=0)  # [V]
         cand = keep.nonzero().flatten()
         return cand if len(cand) <= MAX_CANDIDATES else None
 
-    def tokens(self, x: torch.Tensor) -> list[int] | None:
-        """Normed hidden rows x [S, K] (the head's input, its dtype) -> each row's greedy token
-        (the first index of its largest logit, as the full head + argmax give it), or None when
-        the screen cannot decide (the caller then computes the full logits)."""
+    # ---- what the runner calls -------------------------------------------------------------
+    def _exact(self, x: torch.Tensor, ks: list[int]):
+        """(candidates [C], their exact logits [S, C] fp32), or None."""
+        from qwen35.kernels import gemv
+
         if (
             x.dim() != 2
             or x.dtype != self.weight.dtype
             or not 0 < x.shape[0] <= self.max_rows
+            or len(ks) != x.shape[0]
+            or gemv.load() is None  # switched off since the build: the full head's path
             or not bool(torch.isfinite(x).all())
         ):
             return None
-        cand = self.candidates(x)
+        cand = self.candidates(x, ks)
         if cand is None:
-            return None
-        from qwen35.engine.sampler import argmax
-        from qwen35.kernels import gemv
-
-        if gemv.load() is None:  # switched off since the build: the full head's path
             return None
         exact = linear(x.contiguous(), self.weight.index_select(0, cand)).float()  # [S, C]
         if not bool(torch.isfinite(exact).all()):
             return None  # the full path's NaN / inf handling decides
+        return cand, exact
+
+    def tokens(self, x: torch.Tensor) -> list[int] | None:
+        """Normed hidden rows x [S, K] (the head's input, its dtype) -> each row's greedy token
+        (the first index of its largest logit, as the full head + argmax give it), or None when
+        the screen cannot decide (the caller then computes the full logits)."""
+        from qwen35.engine.sampler import argmax
+
+        got = self._exact(x, [1] * len(x))
+        if got is None:
+            return None
+        cand, exact = got
         return cand[argmax(exact)].tolist()
+
+    def logits(self, x: torch.Tensor, ks: list[int]) -> torch.Tensor | None:
+        """Logits [S, V] fp32 for rows that keep only their ks[i] largest: exact (bitwise the
+        full head's) at every token that can be among them, -inf elsewhere; or None."""
+        got = self._exact(x, ks)
+        if got is None:
+            return None
+        cand, exact = got
+        out = torch.full((len(x), self.weight.shape[0]), -math.inf)
+        out.index_copy_(1, cand, exact)
+        return out

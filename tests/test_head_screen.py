@@ -1,10 +1,11 @@
-"""models/greedy_head.py: the int8 screen of lm_head gives exactly the full head's argmax
-(first index of the maximum, bf16-rounded logits included), and the engine uses it only for
-rows that want nothing else."""
+"""models/head_screen.py: the int8 screen of lm_head gives exactly the full head's argmax
+(first index of the maximum, bf16-rounded logits included) and, for top-k rows, logits the
+sampler draws the same token from; the engine uses it only for rows that want nothing else."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ import torch
 from qwen35.engine.sampler import argmax
 from qwen35.kernels import gemv
 from qwen35.layers.linear import linear
-from qwen35.models import greedy_head
-from qwen35.models.greedy_head import GreedyHead
+from qwen35.models import head_screen
+from qwen35.models.head_screen import HeadScreen
 from qwen35.request import SamplingParams
 from tiny import save_checkpoint
 
@@ -26,10 +27,10 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 @pytest.fixture(params=["kernel", "reference"], autouse=True)
 def screen_path(request, monkeypatch):
-    """Every test on both screens: kernels/greedy_screen_cpu.cpp and the PyTorch twin."""
+    """Every test on both screens: kernels/head_screen_cpu.cpp and the PyTorch twin."""
     if request.param == "kernel":
         if gemv.load_screen() is None:
-            pytest.skip("greedy_screen_cpu.cpp needs AVX512-VNNI, which this CPU lacks")
+            pytest.skip("head_screen_cpu.cpp needs AVX512-VNNI, which this CPU lacks")
     else:
         monkeypatch.setattr(gemv, "load_screen", lambda: None)
     return request.param
@@ -50,7 +51,7 @@ def _weights(V: int, K: int, dtype, seed: int = 0) -> torch.Tensor:
 def test_tokens_equal_full_argmax(dtype, K):
     w = _weights(3000, K, dtype)
     before = w.clone()
-    head = GreedyHead(w)
+    head = HeadScreen(w)
     assert torch.equal(w, before)  # the head's weight is read, never written
     g = torch.Generator().manual_seed(1)
     for rows in (1, 2, 3, head.max_rows):
@@ -59,7 +60,7 @@ def test_tokens_equal_full_argmax(dtype, K):
             got = head.tokens(x)
             assert got is not None
             assert got == full_argmax(w, x)
-    cand = head.candidates(torch.randn(1, K, generator=g).to(dtype))
+    cand = head.candidates(torch.randn(1, K, generator=g).to(dtype), [1])
     assert cand is not None and len(cand) < 0.1 * len(w)  # it screens
 
 
@@ -69,18 +70,18 @@ def test_outlier_channels_and_tiny_rows(dtype):
     values (denormal products), and an all-zero row: still the full head's argmax."""
     K = 256
     w = _weights(5000, K, dtype, seed=5)
-    head = GreedyHead(w)
+    head = HeadScreen(w)
     g = torch.Generator().manual_seed(6)
     x = torch.randn(3, K, generator=g)
     x[:, [3, 77, 200]] *= 100
     x[2] *= 1e-36
     x = x.to(dtype)
     assert head.tokens(x) == full_argmax(w, x)
-    cand = head.candidates(x[:1])
+    cand = head.candidates(x[:1], [1])
     assert cand is not None and len(cand) < 0.2 * len(w)
     zero = torch.zeros(1, K, dtype=dtype)  # 5000 tied logits: more than MAX_CANDIDATES
     assert head.tokens(zero) is None  # undecided: the engine computes the full head
-    small = GreedyHead(w[:1000].clone())  # 1000 tied: all candidates, the first wins
+    small = HeadScreen(w[:1000].clone())  # 1000 tied: all candidates, the first wins
     assert small.tokens(zero) == [0] == full_argmax(w[:1000], zero)
 
 
@@ -91,7 +92,7 @@ def test_ties_take_the_first_index(dtype):
     x = torch.randn(1, K).to(dtype)
     w[1500] = x[0] * 0.5  # the largest logit by far ...
     w[700] = w[1500]  # ... twice: the first wins
-    head = GreedyHead(w)
+    head = HeadScreen(w)
     assert full_argmax(w, x) == [700]
     assert head.tokens(x) == [700]
 
@@ -109,7 +110,7 @@ def test_bf16_rounded_logits_tie():
     exact = linear(x, w)
     assert exact[0, 1200] == exact[0, 300]  # they tie after rounding ...
     assert float(x[0].float() @ w[1200].float()) > float(x[0].float() @ w[300].float())  # ... only
-    head = GreedyHead(w)
+    head = HeadScreen(w)
     assert full_argmax(w, x) == [300]
     assert head.tokens(x) == [300]
 
@@ -125,7 +126,7 @@ def test_a_row_the_int8_screen_ranks_wrong(dtype):
     w[2500] = 0.3  # every weight below half an int8 step of the outlier's scale ...
     w[2500, 0] = -100.0  # ... an outlier on an input that is 0
     x[0, 0] = 0
-    head = GreedyHead(w)
+    head = HeadScreen(w)
     assert full_argmax(w, x) == [2500]
     assert int(head.screen(x).argmax()) != 2500
     assert head.tokens(x) == [2500]
@@ -137,7 +138,7 @@ def test_a_row_the_int8_screen_ranks_wrong(dtype):
 
 def test_undecided_and_unsupported_inputs():
     w = _weights(500, 64, torch.float32)
-    head = GreedyHead(w)
+    head = HeadScreen(w)
     x = torch.randn(1, 64)
     x[0, 3] = float("nan")
     assert head.tokens(x) is None  # non-finite rows: the full path decides
@@ -154,16 +155,91 @@ def test_undecided_and_unsupported_inputs():
     m = M()
     m.lm_head = Linear(64, 500)
     m.lm_head.weight.data = bad
-    assert GreedyHead.build(m) is None  # non-finite weights: no screen
+    assert HeadScreen.build(m) is None  # non-finite weights: no screen
     m.lm_head.weight.data = w
-    assert GreedyHead.build(m) is not None
+    assert HeadScreen.build(m) is not None
     m.lm_head.weight.data = w.to(torch.float16)
-    assert GreedyHead.build(m) is None  # fp16 heads: not built
+    assert HeadScreen.build(m) is None  # fp16 heads: not built
+
+
+def _kept_exact(full: torch.Tensor, screened: torch.Tensor, ks: list[int]) -> None:
+    """screened is the full logits wherever a row's top-k (ties included) is, and elsewhere
+    either the full value or -inf."""
+    for i, k in enumerate(ks):
+        kth = full[i].topk(k).values[-1]
+        keep = full[i] >= kth
+        assert torch.equal(screened[i][keep], full[i][keep])
+        assert ((screened[i] == full[i]) | (screened[i] == -math.inf)).all()
+        assert (screened[i] > -math.inf).sum() < 0.5 * full.shape[1]  # it screened
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_logits_keep_every_top_token_exactly(dtype):
+    K = 96
+    w = _weights(6000, K, dtype, seed=7)
+    w[100:140] = w[4000]  # 41 equal rows: ties that straddle the k-th largest
+    head = HeadScreen(w)
+    g = torch.Generator().manual_seed(8)
+    for rows in (1, 3, head.max_rows):
+        x = torch.randn(rows, K, generator=g).to(dtype)
+        x[0] = (w[4000].float() * 3).to(dtype)  # row 0: the tied rows are its largest logits
+        ks = [[1, 5, 20, 40, 41, 60, 256][i % 7] for i in range(rows)]
+        full = linear(x, w).float()
+        screened = head.logits(x, ks)
+        assert screened is not None
+        _kept_exact(full, screened, ks)
+
+
+def test_sampler_draws_the_same_from_screened_logits():
+    """Seeded top-k / top-p / min-p draws from the screened row equal those from the full row."""
+    from qwen35.engine.sampler import Sampler, SamplingRow, make_generator
+
+    K = 64
+    w = _weights(5000, K, torch.float32, seed=9)
+    head = HeadScreen(w)
+    g = torch.Generator().manual_seed(10)
+    kinds = [
+        dict(temperature=0.7, top_k=20, top_p=0.8),
+        dict(temperature=1.0, top_k=5),
+        dict(temperature=0.6, top_k=50, min_p=0.05),
+        dict(temperature=1.3, top_k=256, top_p=0.95),
+        dict(temperature=0.0),
+    ]
+    for trial in range(40):
+        x = torch.randn(len(kinds), K, generator=g) * (0.5 + trial / 10)
+        ps = [SamplingParams(seed=trial * 10 + i, **kw) for i, kw in enumerate(kinds)]
+        ks = [p.top_k or 1 for p in ps]
+        full = linear(x, w).float()
+        screened = head.logits(x, ks)
+        assert screened is not None
+        draws = []
+        for logits in (full, screened):
+            rows = [SamplingRow(p, generator=make_generator(p.seed)) for p in ps]
+            draws.append(Sampler(seed=0)(logits, rows).token_ids)
+        assert draws[0] == draws[1]
+
+
+def test_screen_k_says_which_rows_take_the_screen():
+    from qwen35.engine.model_runner import screen_k
+    from qwen35.models.head_screen import MAX_TOP_K
+
+    sp = SamplingParams
+    assert screen_k(sp(temperature=0), 0) == 1
+    assert screen_k(sp(temperature=0.7, top_k=20, top_p=0.8, min_p=0.1), 0) == 20
+    assert screen_k(sp(temperature=0.7, top_k=MAX_TOP_K), 0) == MAX_TOP_K
+    assert screen_k(sp(temperature=0.7, top_k=MAX_TOP_K + 1), 0) is None
+    assert screen_k(sp(temperature=0.7), 0) is None  # no top-k: the whole distribution
+    assert screen_k(sp(temperature=0.7, top_p=0.9), 0) is None
+    for bad in (dict(logprobs=0), dict(presence_penalty=0.5), dict(repetition_penalty=1.1),
+                dict(frequency_penalty=-0.2), dict(logit_bias={3: 1.0})):  # fmt: skip
+        assert screen_k(sp(temperature=0, **bad), 0) is None
+    assert screen_k(sp(temperature=0, min_tokens=4), 3) is None  # EOS still masked
+    assert screen_k(sp(temperature=0, min_tokens=4), 4) == 1
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("greedy_head") / "dense"
+    d = tmp_path_factory.mktemp("head_screen") / "dense"
     save_checkpoint(d, moe=False, layout="vlm", vocab_size=6000)
     return d
 
@@ -173,14 +249,22 @@ def test_engine_tokens_with_and_without_the_screen(ckpt, dtype, monkeypatch):
     from qwen35.engine.llm_engine import LLM
 
     calls = []
-    real = GreedyHead.tokens
+    real = HeadScreen.tokens
 
     def spy(self, x):
         out = real(self, x)
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(GreedyHead, "tokens", spy)
+    monkeypatch.setattr(HeadScreen, "tokens", spy)
+    real_logits = HeadScreen.logits
+
+    def spy_logits(self, x, ks):
+        out = real_logits(self, x, ks)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(HeadScreen, "logits", spy_logits)
     prompts = [[5, 9, 200, 17], [3] * 30, list(range(40, 90)), [11, 12]]
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     other = [  # rows that need more than the argmax
@@ -190,21 +274,34 @@ def test_engine_tokens_with_and_without_the_screen(ckpt, dtype, monkeypatch):
         SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True),
     ]
     on = LLM(str(ckpt), dtype=dtype, verbose=False, max_memory="200MiB")
-    off = LLM(str(ckpt), dtype=dtype, verbose=False, max_memory="200MiB", greedy_screen=False)
-    head = on.engine.greedy_head
-    assert head is not None and off.engine.greedy_head is None
-    assert on.engine.rank_memory[0]["greedy_head_bytes"] == head.nbytes
+    off = LLM(str(ckpt), dtype=dtype, verbose=False, max_memory="200MiB", head_screen=False)
+    head = on.engine.head_screen
+    assert head is not None and off.engine.head_screen is None
+    assert on.engine.rank_memory[0]["head_screen_bytes"] == head.nbytes
     assert on.engine.plan.cache_bytes < off.engine.plan.cache_bytes  # counted as weights
     got = [o.outputs[0].token_ids for o in on.generate(prompts, greedy)]
     assert calls and all(calls)  # the screen decided every greedy step
     want = [o.outputs[0].token_ids for o in off.generate(prompts, greedy)]
     assert got == want
     calls.clear()
-    limit = greedy_head.MAX_CANDIDATES
-    monkeypatch.setattr(greedy_head, "MAX_CANDIDATES", 0)  # the screen never decides
+    limit = head_screen.MAX_CANDIDATES
+    monkeypatch.setattr(head_screen, "MAX_CANDIDATES", 0)  # the screen never decides
     undecided = [o.outputs[0].token_ids for o in on.generate(prompts, greedy)]
     assert calls and not any(calls) and undecided == want  # the full head took over
-    monkeypatch.setattr(greedy_head, "MAX_CANDIDATES", limit)
+    monkeypatch.setattr(head_screen, "MAX_CANDIDATES", limit)
+    calls.clear()
+    topk = [  # seeded and unseeded sampled rows with a top-k, and a greedy one beside them
+        SamplingParams(max_tokens=10, temperature=0.7, top_k=20, top_p=0.8, seed=1,
+                       ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=1.0, top_k=3, seed=2, ignore_eos=True),
+        dataclasses.replace(greedy, max_tokens=10),
+        SamplingParams(max_tokens=10, temperature=0.5, top_k=50, min_p=0.1, seed=4,
+                       ignore_eos=True),
+    ]  # fmt: skip
+    a = [o.outputs[0].token_ids for o in on.generate(prompts, topk)]
+    assert calls and all(calls)  # every step took the screen
+    b = [o.outputs[0].token_ids for o in off.generate(prompts, topk)]
+    assert a == b and a[2] == want[2][:10]
     calls.clear()
     for p in other:
         a = on.generate(prompts[:2], p)
@@ -223,12 +320,12 @@ def test_plan_counts_the_screen(ckpt):
     """plan/cpu.py's BF16 figure is what a bf16 CPU engine holds, the screen included."""
     from qwen35.config import ModelConfig
     from qwen35.engine.llm_engine import LLM
-    from qwen35.plan.cpu import cpu_rows, greedy_screen_bytes
+    from qwen35.plan.cpu import cpu_rows, head_screen_bytes
 
     cfg = ModelConfig.from_hf(ckpt)
     llm = LLM(str(ckpt), dtype="bf16", verbose=False, text_only=True)
-    head = llm.engine.greedy_head
-    assert head.nbytes == greedy_screen_bytes(cfg)
+    head = llm.engine.head_screen
+    assert head.nbytes == head_screen_bytes(cfg)
     held = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters()) + head.nbytes
     row = cpu_rows([cfg], "int8")[0]
     assert abs(row["weights_bytes"]["bf16"] - held) / held < 0.01

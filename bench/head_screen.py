@@ -1,14 +1,15 @@
-"""Batch-1 CPU decode steps with and without the int8 screen of lm_head, interleaved in one run.
+"""CPU decode steps with and without the int8 screen of lm_head, interleaved in one run.
 
-    python bench/greedy_head.py [--formats fp32 bf16] [--rounds 6] [--steps 32] [--threads N]
-                                [--batch B]
+    python bench/head_screen.py [--formats fp32 bf16] [--rounds 6] [--steps 32] [--threads N]
+                                [--batch B] [--top-k K]
 
-Qwen3.5-0.8B config, random weights, one engine per format (models/greedy_head.py built by the
-engine); the same greedy decode steps (128-token prompt) run with the screen (`screen`) and with
-the whole head (`full`: `runner.greedy_head` set to None), alternating every round, so the
+Qwen3.5-0.8B config, random weights, one engine per format (models/head_screen.py built by the
+engine); the same decode steps (128-token prompts; greedy, or with `--top-k K` seeded samples
+at temperature 0.7, top_k K, top_p 0.8) run with the screen (`screen`) and with
+the whole head (`full`: `runner.head_screen` set to None), alternating every round, so the
 memory bandwidth's drift hits both alike. Also the head's build time, its bytes, and the
 screen's candidates per step. Medians of the steps' wall times; the tokens of both modes must be
-equal (the run stops otherwise). Writes bench/results/greedy_head.json.
+equal (the run stops otherwise). Writes bench/results/head_screen.json.
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ from pathlib import Path
 import torch
 
 from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine
-from qwen35.models.greedy_head import GreedyHead
+from qwen35.models.head_screen import HeadScreen
 from qwen35.request import SamplingParams
 
 MODES = ("full", "screen")
 
 
-def _steps(engine, n: int, rid: str, batch: int) -> tuple[list[float], dict]:
-    sp = SamplingParams(max_tokens=n + 2, temperature=0.0, ignore_eos=True)
+def _steps(engine, n: int, rid: str, batch: int, top_k: int) -> tuple[list[float], dict]:
     for i in range(batch):  # 128-token prompts, each its own
+        sp = SamplingParams(max_tokens=n + 2, temperature=0.0, ignore_eos=True)
+        if top_k:  # the same seed in both modes: the same draws
+            sp = SamplingParams(max_tokens=n + 2, temperature=0.7, top_k=top_k, top_p=0.8,
+                                seed=i, ignore_eos=True)  # fmt: skip
         engine.add_request(f"{rid}-{i}", list(range(100 + i, 228 + i)), sp)
     times, tokens = [], {}
     while engine.has_unfinished_requests():
@@ -49,30 +53,32 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")
+    ap.add_argument("--top-k", type=int, default=0, help="sampled rows with this top_k")
     args = ap.parse_args()
     results = {}
     for fmt in args.formats:
         opts = BenchOptions(dtype=fmt, threads=args.threads)
         engine = make_engine(load_bench_model(opts), max_model_len=1024, max_num_seqs=args.batch)
-        head = engine.runner.greedy_head
+        head = engine.runner.head_screen
         if head is None:
-            raise SystemExit(f"{fmt}: the engine built no greedy head here (see GreedyHead.build)")
+            raise SystemExit(f"{fmt}: the engine built no head screen here (HeadScreen.build)")
         t0 = time.perf_counter()
-        GreedyHead(head.weight)
+        HeadScreen(head.weight)
         build_s = time.perf_counter() - t0
         x = torch.randn(1, head.weight.shape[1]).to(head.weight.dtype)
-        cands = len(head.candidates(x))
-        _steps(engine, 4, "warm", args.batch)
+        cands = len(head.candidates(x, [max(1, args.top_k)]))
+        _steps(engine, 4, "warm", args.batch, args.top_k)
         times: dict[str, list[float]] = {m: [] for m in MODES}
         for r in range(args.rounds):
             toks = {}
             for mode in MODES if r % 2 == 0 else MODES[::-1]:
-                engine.runner.greedy_head = head if mode == "screen" else None
-                t, toks[mode] = _steps(engine, args.steps, f"{fmt}-{r}-{mode}", args.batch)
+                engine.runner.head_screen = head if mode == "screen" else None
+                rid = f"{fmt}-{r}-{mode}"
+                t, toks[mode] = _steps(engine, args.steps, rid, args.batch, args.top_k)
                 times[mode] += t
             if toks["full"] != toks["screen"]:
                 raise SystemExit(f"{fmt}: the screen changed the tokens: {toks}")
-        engine.runner.greedy_head = head
+        engine.runner.head_screen = head
         med = {m: statistics.median(t) * 1e3 for m, t in times.items()}
         results[fmt] = {
             "median_step_ms": med,
@@ -86,9 +92,10 @@ def main() -> None:
         print(f"{fmt}: median step ms full {med['full']:.2f}, screen {med['screen']:.2f} "
               f"({med['full'] / med['screen']:.3f}x); screen {head.nbytes / 2**20:.0f} MiB "
               f"built in {build_s:.2f} s; {cands} candidates for a random row")  # fmt: skip
-    out = Path(__file__).with_name("results") / "greedy_head.json"
+    out = Path(__file__).with_name("results") / "head_screen.json"
     out.parent.mkdir(exist_ok=True)
-    doc = {"threads": torch.get_num_threads(), "batch": args.batch, "formats": results}
+    doc = {"threads": torch.get_num_threads(), "batch": args.batch, "top_k": args.top_k,
+           "formats": results}  # fmt: skip
     out.write_text(json.dumps(doc, indent=1) + "\n")
 
 
