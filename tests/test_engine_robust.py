@@ -155,17 +155,32 @@ def test_stream_raises_for_its_failed_request(llm, reference, monkeypatch):
 
 
 class _FlakyModel(torch.nn.Module):
-    """The real model, but its forward raises while `fail` > 0."""
+    """The real model, but its forward raises while `fail` > 0 (either entry the runner uses:
+    `forward`, or `forward_hidden` where the head screen takes the step)."""
 
     def __init__(self, model):
         super().__init__()
         self.inner, self.fail = model, 0
 
-    def forward(self, *args, **kwargs):
+    def _maybe_fail(self):
         if self.fail > 0:
             self.fail -= 1
             raise RuntimeError("injected forward failure")
+
+    def forward(self, *args, **kwargs):
+        self._maybe_fail()
         return self.inner(*args, **kwargs)
+
+    def forward_hidden(self, *args, **kwargs):
+        self._maybe_fail()
+        return self.inner.forward_hidden(*args, **kwargs)
+
+    def compute_logits(self, *args, **kwargs):
+        return self.inner.compute_logits(*args, **kwargs)
+
+    @property
+    def model(self):  # the final norm
+        return self.inner.model
 
 
 def test_a_failed_forward_fails_its_step_and_the_engine_goes_on(llm, reference, monkeypatch):
