@@ -98,6 +98,25 @@ def test_sampling_extras_reach_the_engine(serve):
     assert p.stop_token_ids == [42] and p.max_tokens == 3
 
 
+def test_generation_config_defaults_fill_unset_fields(serve):
+    """The engine's request defaults (a checkpoint's generation_config.json) apply to fields a
+    request leaves unset, in completions and chat; a request's own values win, 0 included."""
+    eng = FakeEngine()
+    eng.default_sampling = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    _, client = serve(eng)
+    client.completions.create(model="tiny", prompt="x", max_tokens=2)
+    p = eng.added[-1][2]
+    assert (p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty) == (
+        0.6, 0.95, 20, 0.0, 1.0,
+    )  # fmt: skip
+    client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0,
+        extra_body={"top_k": 0},
+    )  # fmt: skip
+    p = eng.added[-1][2]
+    assert (p.temperature, p.top_p, p.top_k) == (0.0, 0.95, 0)
+
+
 # ---- fake engine: chat, reasoning, tools -------------------------------------------------------
 
 

@@ -42,6 +42,13 @@ class LoadConfig:
         "FP8 as the official releases); default: as stored (FP8 checkpoints stay FP8)",
         choices=["fp8", "int8", "int4"],
     )
+    generation_config: str = _opt(
+        "auto",
+        "request defaults for temperature / top_p / top_k / min_p / repetition_penalty: 'auto' "
+        "takes the checkpoint's generation_config.json (as vLLM), 'none' OpenAI's (temperature "
+        "1, no top-k); a request's own values always win",
+        choices=["auto", "none"],
+    )
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,14 @@ class LLMEngine:
         )
         thinking = self.chat_template.thinking_default()
         self.default_thinking = default_thinking_for(self.config) if thinking is None else thinking
+        # the checkpoint's recommended sampling for what a request leaves unset
+        self.default_sampling: dict = {}
+        if ec.load.generation_config == "auto":
+            from qwen35.generation_config import describe, sampling_defaults
+
+            self.default_sampling = sampling_defaults(model_dir)
+            if self.default_sampling and verbose:
+                log.warning(describe(self.default_sampling))
         self.eos_token_ids = tuple(
             dict.fromkeys((*self.config.eos_token_ids, *self.tokenizer.eos_token_ids))
         )
@@ -566,6 +574,12 @@ class LLM:
     def _new_id(self) -> str:
         return f"llm-{next(self._counter)}"
 
+    def default_params(self) -> SamplingParams:
+        """What `generate` / `stream` / `chat` use without params: SamplingParams' defaults
+        with the checkpoint's generation_config.json sampling over them (generation_config.py;
+        `generation_config="none"`: SamplingParams())."""
+        return SamplingParams(**self.engine.default_sampling)
+
     def generate(
         self,
         prompts: str | list[int] | abc.Sequence[str | list[int]],
@@ -577,7 +591,7 @@ class LLM:
         single = isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int))
         plist = [prompts] if single else list(prompts)
         if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(plist)
+            params = [params or self.default_params()] * len(plist)
         params = list(params)
         if len(params) != len(plist):
             raise Qwen35Error(
@@ -616,7 +630,7 @@ class LLM:
         """Deltas of one request as they are produced (other queued requests progress too).
         Raises RequestFailedError if the engine fails the request."""
         rid = self._new_id()
-        self.engine.add_request(rid, prompt, params or SamplingParams())
+        self.engine.add_request(rid, prompt, params or self.default_params())
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():

@@ -91,8 +91,17 @@ class _Request(BaseModel):
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """The engine's SamplingParams, validated (SamplingParamsError names the bad field)."""
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, defaults: dict | None = None
+    ) -> SamplingParams:
+        """The engine's SamplingParams, validated (SamplingParamsError names the bad field).
+        `defaults`: values for the fields the request leaves unset (the checkpoint's
+        generation_config.json: generation_config.py), before OpenAI's."""
+        d = defaults or {}
+
+        def pick(name: str, given, openai):
+            return given if given is not None else d.get(name, openai)
+
         if self.best_of is not None and self.best_of != self.n:
             raise SamplingParamsError(
                 f"best_of={self.best_of} is not supported: only best_of == n ({self.n}), which "
@@ -102,11 +111,11 @@ class _Request(BaseModel):
         p = SamplingParams(
             n=self.n,
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            temperature=pick("temperature", self.temperature, 1.0),
+            top_p=pick("top_p", self.top_p, 1.0),
+            top_k=pick("top_k", self.top_k, 0),
+            min_p=pick("min_p", self.min_p, 0.0),
+            repetition_penalty=pick("repetition_penalty", self.repetition_penalty, 1.0),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             seed=self.seed,

@@ -157,7 +157,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
     try:
-        params = req.sampling_params(max_tokens, top_n)
+        params = req.sampling_params(max_tokens, top_n, state.default_sampling)
     except SamplingParamsError as e:
         param = "top_logprobs" if e.param == "logprobs" else e.param
         raise APIError(str(e), param=param) from None

@@ -77,6 +77,11 @@ class ServerState:
             )
 
     @property
+    def default_sampling(self) -> dict:
+        """The engine's request defaults from generation_config.json ({} for none)."""
+        return getattr(self.engine, "default_sampling", None) or {}
+
+    @property
     def context_len(self) -> int | None:
         return getattr(self.engine, "max_model_len", None)
 

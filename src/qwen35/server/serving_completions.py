@@ -65,7 +65,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     if req.echo and req.logprobs is not None:
         raise APIError("echo with logprobs is not supported (no prompt logprobs)", param="echo")
     try:
-        params = req.sampling_params(req.max_tokens, req.logprobs)
+        params = req.sampling_params(req.max_tokens, req.logprobs, state.default_sampling)
     except SamplingParamsError as e:
         raise APIError(str(e), param=e.param) from None
     params.structured_outputs, spec_param = request_constraint(req)

@@ -1,0 +1,57 @@
+"""A checkpoint's `generation_config.json` as request defaults (vLLM's `--generation-config auto`).
+
+Qwen's releases ship their recommended sampling there (e.g. temperature 0.6, top_p 0.95,
+top_k 20 for thinking). The server and `LLM.generate(prompts)` without params use these for the
+fields a request leaves unset: temperature, top_p, top_k, min_p, repetition_penalty; a request's
+own values always win, and `--generation-config none` gives OpenAI's defaults (temperature 1, no
+top-k). EOS ids from the same file are read by tokenizer.py. A value that is not a valid
+setting is skipped with a warning (the file is the checkpoint's, not the user's request).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("qwen35")
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(model_dir: Path | str | None) -> dict[str, Any]:
+    """The valid sampling defaults of model_dir/generation_config.json ({} without one)."""
+    from qwen35.errors import Qwen35Error
+    from qwen35.request import SamplingParams
+    from qwen35.tokenizer import read_json_dict
+
+    if model_dir is None:
+        return {}
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        cfg = read_json_dict(path, Qwen35Error)
+    except Qwen35Error as e:
+        log.warning("ignoring %s for request defaults: %s", path.name, e)
+        return {}
+    out: dict[str, Any] = {}
+    for k in SAMPLING_KEYS:
+        v = cfg.get(k)
+        if v is None:
+            continue
+        try:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"not a number: {v!r}")
+            SamplingParams(**{k: v}).validate()
+        except (ValueError, TypeError) as e:
+            log.warning("ignoring %s's %s=%r: %s", path.name, k, v, e)
+            continue
+        out[k] = v
+    return out
+
+
+def describe(defaults: dict[str, Any]) -> str:
+    items = ", ".join(f"{k}={v}" for k, v in defaults.items())
+    return (
+        f"request defaults from generation_config.json: {items} (a request's own values win; "
+        "--generation-config none for OpenAI's)"
+    )

@@ -1,0 +1,56 @@
+"""generation_config.py: a checkpoint's generation_config.json as request defaults (vLLM's
+--generation-config auto): valid keys taken, bad ones skipped with a warning, the engine and
+LLM.generate use them, `generation_config="none"` does not."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from qwen35.generation_config import sampling_defaults
+from qwen35.request import SamplingParams
+from tiny import save_checkpoint
+
+
+def test_sampling_defaults_reads_valid_keys_and_skips_bad_ones(tmp_path, caplog):
+    assert sampling_defaults(tmp_path) == {}  # no file
+    assert sampling_defaults(None) == {}
+    (tmp_path / "generation_config.json").write_text(json.dumps({
+        "temperature": 0.6, "top_p": 0.95, "top_k": 20, "do_sample": True, "eos_token_id": [1, 2],
+        "min_p": -1.0, "repetition_penalty": "high",
+    }))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="qwen35"):
+        got = sampling_defaults(tmp_path)
+    assert got == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    assert "min_p" in caplog.text and "repetition_penalty" in caplog.text
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="qwen35"):
+        assert sampling_defaults(tmp_path) == {}
+    assert "not valid JSON" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gencfg") / "dense"
+    save_checkpoint(d, moe=False)
+    (d / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.0, "top_k": 20, "top_p": 0.8, "eos_token_id": 1})
+    )
+    return d
+
+
+def test_engine_and_llm_use_the_defaults(ckpt):
+    from qwen35.engine.llm_engine import LLM
+
+    llm = LLM(str(ckpt), dtype="fp32", verbose=False)
+    assert llm.engine.default_sampling == {"temperature": 0.0, "top_k": 20, "top_p": 0.8}
+    p = llm.default_params()
+    assert (p.temperature, p.top_k, p.top_p) == (0.0, 20, 0.8)
+    # without params: the checkpoint's greedy default, so two runs agree
+    a = llm.generate([[5, 6, 7]])[0].outputs[0].token_ids
+    b = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0))[0].outputs[0].token_ids
+    assert a == b
+    off = LLM(str(ckpt), dtype="fp32", verbose=False, generation_config="none")
+    assert off.engine.default_sampling == {} and off.default_params() == SamplingParams()
