@@ -76,8 +76,10 @@ class HeadScreen:
             deq = q.mul_(scale[:, None])  # fp32 products, each within 2^-24 of q * scale
             n_w, n_q = w.norm(dim=1), deq.norm(dim=1)  # fp32 norms: relative error < K 2^-24
             err = (w - deq).norm(dim=1) + (acc + 2.0**-7) * n_q + acc * n_w
-            # denormals flushed to zero: each of K products off by < 2^-126 * |weight|
-            tiny = K * 2.0**-125 * (amax + deq.abs().amax(dim=1)) + 2.0**-120
+            # denormals flushed to zero: an input below 2^-126 makes its product off by less
+            # than 2^-126 * |weight|, a flushed partial sum or product by less than 2^-126
+            # (K of each per side, two sides)
+            tiny = K * 2.0**-125 * (amax + deq.abs().amax(dim=1)) + K * 2.0**-120
             self.err[i : i + len(w)] = err * (1 + 2.0**-8)  # the norms' own rounding, with room
             self.nq[i : i + len(w)] = n_q * (1 + 2.0**-8)
             self.tiny[i : i + len(w)] = tiny * 2
