@@ -1,7 +1,7 @@
 """CPU decode steps with and without the int8 screen of lm_head, interleaved in one run.
 
     python bench/head_screen.py [--formats fp32 bf16] [--rounds 6] [--steps 32] [--threads N]
-                                [--batch B] [--top-k K]
+                                [--batch B] [--top-k K] [--head-only]
 
 Qwen3.5-0.8B config, random weights, one engine per format (models/head_screen.py built by the
 engine); the same decode steps (128-token prompts; greedy, or with `--top-k K` seeded samples
@@ -9,7 +9,8 @@ at temperature 0.7, top_k K, top_p 0.8) run with the screen (`screen`) and with
 the whole head (`full`: `runner.head_screen` set to None), alternating every round, so the
 memory bandwidth's drift hits both alike. Also the head's build time, its bytes, and the
 screen's candidates per step. Medians of the steps' wall times; the tokens of both modes must be
-equal (the run stops otherwise). Writes bench/results/head_screen.json.
+equal (the run stops otherwise). Writes bench/results/head_screen.json. `--head-only`: the head
+alone at 1-16 rows (what SCREEN_MAX_ROWS in models/head_screen.py is set from).
 """
 
 from __future__ import annotations
@@ -46,6 +47,37 @@ def _steps(engine, n: int, rid: str, batch: int, top_k: int) -> tuple[list[float
     return times[2:], tokens  # the prefill and the first decode step left out
 
 
+def head_only(fmt: str, rounds: int) -> dict:
+    """The 0.8B-sized head alone (248320 x 1024, random): the full head (layers.linear) vs the
+    screen + exact rows (HeadScreen.tokens), 1-16 rows, caches evicted before every call."""
+    from qwen35.layers.linear import GEMV_MAX_ROWS, linear
+
+    dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+    V, K = 248320, 1024
+    w = (torch.randn(V, K) * 0.02).to(dtype)
+    head = HeadScreen(w)
+    head.max_rows = GEMV_MAX_ROWS[dtype]  # past SCREEN_MAX_ROWS too: that is what is measured
+    evict = [torch.randn(V, K // 2) for _ in range(2)]  # 1 GB read between calls
+    out = {}
+    for M in (1, 2, 4, 8, 16):
+        if M > GEMV_MAX_ROWS[dtype]:
+            break
+        x = torch.randn(M, K).to(dtype)
+        ms: dict[str, list[float]] = {"full": [], "screen": []}
+        for _ in range(rounds):
+            for mode in ms:
+                for t in evict:
+                    t.sum()
+                t0 = time.perf_counter()
+                linear(x, w) if mode == "full" else head._exact(x, [1] * M)
+                ms[mode].append(time.perf_counter() - t0)
+        med = {m: statistics.median(v) * 1e3 for m, v in ms.items()}
+        out[M] = med
+        print(f"{fmt} head alone, {M} rows: full {med['full']:.2f} ms, screen {med['screen']:.2f}"
+              f" ({med['full'] / med['screen']:.2f}x)")  # fmt: skip
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--formats", nargs="+", default=["fp32", "bf16"])
@@ -54,8 +86,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     ap.add_argument("--top-k", type=int, default=0, help="sampled rows with this top_k")
+    ap.add_argument("--head-only", action="store_true", help="time the head alone, 1-16 rows")
     args = ap.parse_args()
     results = {}
+    if args.head_only:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        doc = {f: head_only(f, args.rounds) for f in args.formats}
+        out = Path(__file__).with_name("results") / "head_screen_alone.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        return
     for fmt in args.formats:
         opts = BenchOptions(dtype=fmt, threads=args.threads)
         engine = make_engine(load_bench_model(opts), max_model_len=1024, max_num_seqs=args.batch)

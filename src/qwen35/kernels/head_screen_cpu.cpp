@@ -74,7 +74,7 @@ Rows quantise(const float* X, int64_t M, int64_t K) {
   return r;
 }
 
-// s[m] for one head row against every input row. One row at a time, front to back: the
+// s[m] for one head row against one input row (M = 1). One row at a time, front to back: the
 // hardware prefetcher streams one sequential read best (gemv_cpu.cpp found interleaved rows
 // at half the bandwidth); four accumulators keep the block chain's latency hidden.
 TARGET_VNNI void dot_row(const Rows& r, const int8_t* w, float scale, float* s) {
@@ -105,6 +105,29 @@ TARGET_VNNI void dot_row(const Rows& r, const int8_t* w, float scale, float* s) 
     s[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) *
            scale;
   }
+}
+
+// Several input rows against one head row: each weight block loaded and flipped once for all
+// of them (MR accumulator chains). Same per-row arithmetic order as any other MR.
+template <int MR>
+TARGET_VNNI void dot_row_rows(const Rows& r, int64_t m0, const int8_t* w, float scale, float* s) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t full = r.K / kBlock;
+  const __mmask64 tail = r.K % kBlock ? (~0ull >> (kBlock - r.K % kBlock)) : 0;
+  __m512 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < r.nb; ++b) {
+    const int8_t* p = w + b * kBlock;
+    const __m512i wv = _mm512_xor_si512(
+        b < full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(tail, p), flip);
+    for (int i = 0; i < MR; ++i) {
+      const int64_t mb = (m0 + i) * r.nb + b;
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(r.negcor.data() + mb * 16), wv,
+                                              _mm512_loadu_si512(r.xq.data() + mb * kBlock));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(r.xs[mb]), acc[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) s[m0 + i] = _mm512_reduce_add_ps(acc[i]) * scale;
 }
 
 }  // namespace
@@ -138,7 +161,14 @@ TARGET_VNNI void dot_chunk(const Rows& r, const Head& h, int64_t c, float* s, in
   const int64_t M = r.M, v0 = c * kGrain, v1 = std::min(h.V, v0 + kGrain);
   float one[64];
   for (int64_t v = v0; v < v1; ++v) {
-    dot_row(r, h.Q + v * r.K, h.S[v], one);
+    if (M == 1) {  // batch-1 decode: four chains along the row
+      dot_row(r, h.Q + v * r.K, h.S[v], one);
+    } else {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) dot_row_rows<4>(r, m, h.Q + v * r.K, h.S[v], one);
+      for (; m + 2 <= M; m += 2) dot_row_rows<2>(r, m, h.Q + v * r.K, h.S[v], one);
+      for (; m < M; ++m) dot_row_rows<1>(r, m, h.Q + v * r.K, h.S[v], one);
+    }
     for (int64_t m = 0; m < M; ++m) s[m * ld + v] = one[m];
   }
   for (int64_t m = 0; m < M; ++m) {

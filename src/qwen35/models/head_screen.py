@@ -44,6 +44,13 @@ import torch
 from qwen35.layers.linear import GEMV_MAX_ROWS, Linear, linear
 
 MAX_CANDIDATES = 4096  # more tokens left after the screen: the full head is as cheap
+# Rows up to which the screen beats the full head: the int8 screen's work grows with the rows
+# (its byte dot products run per input row) while the bf16 GEMV's row groups share their weight
+# loads. `python bench/head_screen.py --head-only --rounds 5 --threads 2` (the 0.8B's head, caches
+# cold, Zen 5 VM): bf16 full vs screen 11.5 / 6.9 ms at 1 row, 14.8 / 8.0 at 4, 16.5 / 21.3 at 8
+# (at 4 rows 0.95x when the VM's memory was faster, before the kernel shared weight loads
+# between rows); fp32 2.8-3.4x at 1-16 rows. The exact rows also need layers.linear's GEMV path.
+SCREEN_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 4}
 MAX_TOP_K = 256  # sampled rows with a larger top_k read the full head
 _BUILD_ROWS = 16384  # rows of the head quantised at a time (bounded temporary memory)
 
@@ -83,7 +90,8 @@ class HeadScreen:
             self.err[i : i + len(w)] = err * (1 + 2.0**-8)  # the norms' own rounding, with room
             self.nq[i : i + len(w)] = n_q * (1 + 2.0**-8)
             self.tiny[i : i + len(w)] = tiny * 2
-        self.max_rows = GEMV_MAX_ROWS.get(weight.dtype, 0)
+        # the exact rows must take the GEMV kernel, whose outputs don't depend on the row count
+        self.max_rows = min(GEMV_MAX_ROWS.get(weight.dtype, 0), SCREEN_MAX_ROWS[weight.dtype])
         self.rounded_output = weight.dtype != torch.float32  # linear() gives logits in x's dtype
 
     @classmethod
