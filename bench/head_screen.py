@@ -106,7 +106,20 @@ def main() -> None:
         HeadScreen(head.weight)
         build_s = time.perf_counter() - t0
         x = torch.randn(1, head.weight.shape[1]).to(head.weight.dtype)
-        cands = len(head.candidates(x, [max(1, args.top_k)]))
+        got = head.candidates(x, [max(1, args.top_k)])
+        cands = None if got is None else len(got)  # None: over MAX_CANDIDATES (undecided)
+        decided: list[bool] = []  # per screened step: did it decide (else the full head ran too)
+
+        def counted(fn, log=decided):
+            def wrapper(*a):
+                out = fn(*a)
+                log.append(out is not None)
+                return out
+
+            return wrapper
+
+        head.tokens, head.logits = counted(head.tokens), counted(head.logits)
+
         _steps(engine, 4, "warm", args.batch, args.top_k)
         times: dict[str, list[float]] = {m: [] for m in MODES}
         for r in range(args.rounds):
@@ -128,10 +141,12 @@ def main() -> None:
             "screen_bytes": head.nbytes,
             "head_bytes": head.weight.numel() * head.weight.element_size(),
             "candidates_random_row": cands,
+            "screen_decided": sum(decided) / max(1, len(decided)),
         }
         print(f"{fmt}: median step ms full {med['full']:.2f}, screen {med['screen']:.2f} "
               f"({med['full'] / med['screen']:.3f}x); screen {head.nbytes / 2**20:.0f} MiB "
-              f"built in {build_s:.2f} s; {cands} candidates for a random row")  # fmt: skip
+              f"built in {build_s:.2f} s; {cands} candidates for a random row; the screen "
+              f"decided {sum(decided)} of {len(decided)} screened steps")  # fmt: skip
     out = Path(__file__).with_name("results") / "head_screen.json"
     out.parent.mkdir(exist_ok=True)
     doc = {"threads": torch.get_num_threads(), "batch": args.batch, "top_k": args.top_k,

@@ -290,6 +290,10 @@ def test_engine_tokens_with_and_without_the_screen(ckpt, dtype, monkeypatch):
     monkeypatch.setattr(head_screen, "MAX_CANDIDATES", 0)  # the screen never decides
     undecided = [o.outputs[0].token_ids for o in on.generate(prompts, greedy)]
     assert calls and not any(calls) and undecided == want  # the full head took over
+    # ... and the runner backed off: of 12 sampling steps (the prefill's included) it tried the
+    # screen at the 1st, 4th and 9th (skipping 2, 4, then 8 steps after each miss)
+    assert len(calls) == 3
+    on.engine.runner._screen_skip["greedy"] = 0  # (the back-off would skip the next steps)
     monkeypatch.setattr(head_screen, "MAX_CANDIDATES", limit)
     calls.clear()
     topk = [  # seeded and unseeded sampled rows with a top-k, and a greedy one beside them

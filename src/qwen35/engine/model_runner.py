@@ -66,6 +66,10 @@ class ModelRunner:
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler(seed=seed)
         self.head_screen = head_screen
+        # back-off after undecided screens (the full head then ran too): per kind of step
+        # (greedy-only, or with top-k rows), skip the screen for 2^misses steps, up to 64
+        self._screen_misses = {"greedy": 0, "top-k": 0}
+        self._screen_skip = {"greedy": 0, "top-k": 0}
         # fn(logits [S, V], sequences) masking rows in place before sampling (structured outputs)
         self.logits_processor = None
         self._generators: dict[str, torch.Generator | None] = {}
@@ -205,12 +209,14 @@ class ModelRunner:
             logits = None
             if max(ks) == 1:  # all greedy: the tokens, no sampler
                 tokens = self.head_screen.tokens(x)
+                self._screen_outcome("greedy", tokens is not None)
                 if tokens is not None:
                     return StepResult(
                         {s.seq_id: t for s, t in zip(sample_seqs, tokens, strict=True)}, {}
                     )
             else:  # exact where it can matter, -inf elsewhere: the sampler's draw is unchanged
                 logits = self.head_screen.logits(x, ks)
+                self._screen_outcome("top-k", logits is not None)
             if logits is None:  # undecided: the full head
                 logits = self.model.compute_logits(h, batch.backend)
         else:
@@ -253,7 +259,22 @@ class ModelRunner:
         if head is None or not 0 < len(seqs) == len(batch.logits_indices) <= head.max_rows:
             return None
         ks = [screen_k(s.params, len(s.token_ids) - s.num_prompt_tokens) for s in seqs]
-        return None if None in ks else ks
+        if None in ks:
+            return None
+        kind = "greedy" if max(ks) == 1 else "top-k"
+        if self._screen_skip[kind] > 0:  # backing off after undecided screens
+            self._screen_skip[kind] -= 1
+            return None
+        return ks
+
+    def _screen_outcome(self, kind: str, decided: bool) -> None:
+        """An undecided screen cost its read for nothing (flat distributions, a top-k whose
+        k-th logit has thousands of near-ties): skip the next 2^misses such steps (<= 64)."""
+        if decided:
+            self._screen_misses[kind] = 0
+        else:
+            self._screen_misses[kind] += 1
+            self._screen_skip[kind] = min(64, 2 ** self._screen_misses[kind])
 
 
 def screen_k(p, num_output: int) -> int | None:
