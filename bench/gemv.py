@@ -8,7 +8,8 @@ times, and each cell is the median ms per call plus the weight bytes per second 
     python bench/gemv.py [--rows 1,4,16] [--threads 2] [--rounds 5] [--formats fp32,bf16,int8,fp8,int4]
     python bench/gemv.py --formats int4 --shapes "mlp gate_up,mlp down,deltanet in_proj,out_proj"
 
-fp32: torch's F.linear vs ours (FMA). bf16: torch (torch.mv at 1 row, F.linear above) vs ours (AVX512-BF16 where the CPU has it) vs
+fp32: torch's F.linear vs ours (FMA; above 4 rows on AVX512 CPUs 16 lanes, two weight rows a
+pass) vs ours-avx2 (the AVX2 path any row count). bf16: torch (torch.mv at 1 row, F.linear above) vs ours (AVX512-BF16 where the CPU has it) vs
 ours forced onto the AVX2 path (what a CPU without AVX512 runs). int8: torch's
 `_weight_int8pack_mm` vs ours. FP8: the AVX2/F16C kernel (fp8_cpu.cpp) vs ours (AVX512-VBMI byte
 tables) vs ours-cvt (AVX512 without VBMI + BF16: fp16 bits converted).
@@ -49,6 +50,7 @@ def _paths(x, w, w32, q8, s8, f8, fs8, mod, fmod) -> dict:
         x32 = x.float()
         paths["fp32 torch"] = lambda: F.linear(x32, w32)
         paths["fp32 ours"] = lambda: mod.linear_fp32(x32, w32)
+        paths["fp32 ours-avx2"] = lambda: mod.linear_fp32(x32, w32, True)
     paths |= {
         "bf16 torch": bf16_torch,
         "bf16 ours": lambda: mod.linear_bf16(x, w),

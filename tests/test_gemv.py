@@ -32,13 +32,16 @@ def test_bf16_matches_reference(mod, avx2_only):
             assert rel_error(y, ref) < 4e-3, (n, k, m)  # bf16 rounding of the output only
 
 
-def test_fp32_matches_reference(mod):
+@pytest.mark.parametrize("avx2_only", [False, True])
+def test_fp32_matches_reference(mod, avx2_only):
+    """Above 4 rows AVX512 CPUs take pairs of weight rows against groups of 8 input rows: odd N
+    (a range's last row alone), K % 16 tails, 5-16 rows (groups of 8 + the rest)."""
     g = torch.Generator().manual_seed(4)
     for n, k in SHAPES:
         w = torch.randn(n, k, generator=g)
-        for m in ROWS:
+        for m in [*ROWS, 8, 9, 13]:
             x = torch.randn(m, k, generator=g)
-            y = mod.linear_fp32(x, w)
+            y = mod.linear_fp32(x, w, avx2_only)
             assert y.dtype == torch.float32 and y.shape == (m, n)
             assert rel_error(y, x.double() @ w.double().T) < 1e-6, (n, k, m)  # summation order only
 

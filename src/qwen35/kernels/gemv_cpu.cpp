@@ -172,6 +172,122 @@ void fma_row_avx2(const float* X, const WT* w, float* out, int64_t K) {
   }
 }
 
+// ---- fp32, more than kMR input rows ----------------------------------------------------------
+// Above 4 rows an fp32 GEMV is compute-bound (the one-weight-row path ran at ~75 GFLOP/s on the
+// Zen 5 VM, torch's GEMM no faster): NW = 2 weight rows against up to 8 input rows per pass on
+// AVX512 (16 lanes), 4 on AVX2, each activation chunk loaded once for both weight rows
+// (bench/gemv.py --formats fp32).
+
+template <int MR, int NW>
+TARGET_AVX512 void fp32_rows_avx512(const float* X, int64_t K, const float* w, float* out0,
+                                    float* out1) {
+  __m512 acc[NW][MR];
+  for (int j = 0; j < NW; ++j)
+    for (int i = 0; i < MR; ++i) acc[j][i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {  // unmasked loads (masks on every load cost 3x on Zen 5)
+    __m512 wv[NW];
+    for (int j = 0; j < NW; ++j) wv[j] = _mm512_loadu_ps(w + j * K + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xv = _mm512_loadu_ps(X + i * K + k);
+      for (int j = 0; j < NW; ++j) acc[j][i] = _mm512_fmadd_ps(xv, wv[j], acc[j][i]);
+    }
+  }
+  if (k < K) {  // the last K % 16 inputs, masked (zeros past the end)
+    const __mmask16 mk = static_cast<__mmask16>((1u << (K - k)) - 1);
+    __m512 wv[NW];
+    for (int j = 0; j < NW; ++j) wv[j] = _mm512_maskz_loadu_ps(mk, w + j * K + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mk, X + i * K + k);
+      for (int j = 0; j < NW; ++j) acc[j][i] = _mm512_fmadd_ps(xv, wv[j], acc[j][i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    out0[i] = _mm512_reduce_add_ps(acc[0][i]);
+    if constexpr (NW == 2) out1[i] = _mm512_reduce_add_ps(acc[1][i]);
+  }
+}
+
+template <int NW>
+void fp32_rows_dispatch(int mr, const float* X, int64_t K, const float* w, float* o0, float* o1) {
+  switch (mr) {
+    case 1: fp32_rows_avx512<1, NW>(X, K, w, o0, o1); break;
+    case 2: fp32_rows_avx512<2, NW>(X, K, w, o0, o1); break;
+    case 3: fp32_rows_avx512<3, NW>(X, K, w, o0, o1); break;
+    case 4: fp32_rows_avx512<4, NW>(X, K, w, o0, o1); break;
+    case 5: fp32_rows_avx512<5, NW>(X, K, w, o0, o1); break;
+    case 6: fp32_rows_avx512<6, NW>(X, K, w, o0, o1); break;
+    case 7: fp32_rows_avx512<7, NW>(X, K, w, o0, o1); break;
+    default: fp32_rows_avx512<8, NW>(X, K, w, o0, o1); break;
+  }
+}
+
+// The AVX2 twin (16 ymm registers: up to 4 input rows x 2 weight rows, 8 lanes)
+template <int MR, int NW>
+void fp32_rows_avx2(const float* X, int64_t K, const float* w, float* out0, float* out1) {
+  __m256 acc[NW][MR];
+  for (int j = 0; j < NW; ++j)
+    for (int i = 0; i < MR; ++i) acc[j][i] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[NW];
+    for (int j = 0; j < NW; ++j) wv[j] = _mm256_loadu_ps(w + j * K + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xv = _mm256_loadu_ps(X + i * K + k);
+      for (int j = 0; j < NW; ++j) acc[j][i] = _mm256_fmadd_ps(xv, wv[j], acc[j][i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float s0 = gemv_rows::hsum8(acc[0][i]), s1 = 0.f;
+    if constexpr (NW == 2) s1 = gemv_rows::hsum8(acc[1][i]);
+    for (int64_t t = k; t < K; ++t) {  // the last K % 8 inputs
+      s0 += X[i * K + t] * w[t];
+      if constexpr (NW == 2) s1 += X[i * K + t] * w[K + t];
+    }
+    out0[i] = s0;
+    if constexpr (NW == 2) out1[i] = s1;
+  }
+}
+
+template <int NW>
+void fp32_rows_dispatch_avx2(int mr, const float* X, int64_t K, const float* w, float* o0,
+                             float* o1) {
+  switch (mr) {
+    case 1: fp32_rows_avx2<1, NW>(X, K, w, o0, o1); break;
+    case 2: fp32_rows_avx2<2, NW>(X, K, w, o0, o1); break;
+    case 3: fp32_rows_avx2<3, NW>(X, K, w, o0, o1); break;
+    default: fp32_rows_avx2<4, NW>(X, K, w, o0, o1); break;
+  }
+}
+
+// y [M > kMR, N] fp32: weight rows in pairs (an odd last row of a range alone), input rows in
+// groups of 8 (AVX512) or 4 (AVX2)
+void linear_fp32_rows(const float* X, const float* W, float* Y, int64_t M, int64_t N, int64_t K,
+                      bool avx512) {
+  const int64_t group = avx512 ? 8 : 4;
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    float o0[8], o1[8];
+    for (int64_t n = n0; n < n1; n += 2) {
+      const bool pair = n + 1 < n1;
+      for (int64_t m = 0; m < M; m += group) {
+        const int mr = static_cast<int>(std::min<int64_t>(group, M - m));
+        const float* xm = X + m * K;
+        const float* wn = W + n * K;
+        if (avx512)
+          pair ? fp32_rows_dispatch<2>(mr, xm, K, wn, o0, o1)
+               : fp32_rows_dispatch<1>(mr, xm, K, wn, o0, o1);
+        else
+          pair ? fp32_rows_dispatch_avx2<2>(mr, xm, K, wn, o0, o1)
+               : fp32_rows_dispatch_avx2<1>(mr, xm, K, wn, o0, o1);
+        for (int i = 0; i < mr; ++i) {
+          Y[(m + i) * N + n] = o0[i];
+          if (pair) Y[(m + i) * N + n + 1] = o1[i];
+        }
+      }
+    }
+  });
+}
+
 // ---- block FP8, AVX512-VBMI + BF16 --------------------------------------------------------
 
 // 64 bytes, or the first `left` of them and zeros (masked loads only for the last chunk: with a
@@ -522,7 +638,7 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, bool a
 
 // y [M, N] fp32 = x [M, K] fp32 @ w [N, K] fp32 ^T (4 bytes a weight, so the AVX2 FMA path
 // already streams faster than the memory delivers)
-torch::Tensor linear_fp32(const torch::Tensor& x, const torch::Tensor& w) {
+torch::Tensor linear_fp32(const torch::Tensor& x, const torch::Tensor& w, bool avx2_only) {
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
   check_x(x, w, K);
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
@@ -531,6 +647,10 @@ torch::Tensor linear_fp32(const torch::Tensor& x, const torch::Tensor& w) {
   const float* X = x.data_ptr<float>();
   const float* W = w.data_ptr<float>();
   float* Y = y.data_ptr<float>();
+  if (M > kMR) {
+    linear_fp32_rows(X, W, Y, M, N, K, !avx2_only && cpu_avx512());
+    return y;
+  }
   for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
     DISPATCH_MR(mr, fma_row_avx2, X + m * K, W + n * K, out, K);
   }, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v; });
@@ -643,7 +763,8 @@ std::vector<std::string> isa() {  // the fast paths this CPU takes
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x [M<=16, K] bf16 @ w [N, K] bf16 ^T",
         py::arg("x"), py::arg("w"), py::arg("avx2_only") = false);
-  m.def("linear_fp32", &linear_fp32, "x [M<=16, K] fp32 @ w [N, K] fp32 ^T");
+  m.def("linear_fp32", &linear_fp32, "x [M<=16, K] fp32 @ w [N, K] fp32 ^T", py::arg("x"),
+        py::arg("w"), py::arg("avx2_only") = false);
   m.def("linear_int8", &linear_int8, "x [M<=16, K] @ (q [N, K] int8 * scale [N])^T",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("avx2_only") = false);
   m.def("linear_fp8", &linear_fp8, "x [M<=16, K] bf16 @ block-FP8 w ^T", py::arg("x"),
