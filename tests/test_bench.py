@@ -252,3 +252,18 @@ def test_baseline_label_names_each_kernel_package(monkeypatch):
     assert hf_baseline.implementation("cuda") == "flash-linear-attention kernels"
     have()
     assert hf_baseline.implementation("cuda") == hf_baseline.FALLBACK
+
+
+def test_timed_request_counts_every_prefill_chunk(tiny_cfg):
+    """A prompt longer than a step's token budget takes several steps before its first token:
+    all of them are prefill, and the decode steps are exactly the later ones."""
+    from qwen35.benchmarks.common import make_engine, timed_request
+
+    bm = load_bench_model(BenchOptions(model=tiny_cfg, dtype="fp32", threads=1))
+    engine = make_engine(bm, max_num_batched_tokens=16, max_num_seqs=1, max_model_len=128)
+    calls = []
+    real = engine.step
+    engine.step = lambda: calls.append(1) or real()
+    prefill, steps, tokens = timed_request(engine, list(range(3, 43)), 5, "chunked")
+    assert len(tokens) == 5 and len(steps) == 4  # the first token ends the prefill
+    assert len(calls) == 3 + 4 and prefill > 0  # 40 prompt tokens: 3 chunks of <= 16

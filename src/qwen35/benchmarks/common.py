@@ -94,6 +94,30 @@ def load_bench_model(opts: BenchOptions, quantization: str | None = None) -> Ben
     )
 
 
+def timed_request(engine, prompt: list[int], new_tokens: int, rid: str):
+    """One greedy request run alone: (prefill seconds, each later step's seconds, its tokens).
+    Prefill is every step up to the one that gives the first token: several when the prompt
+    is longer than one step's token budget (counting only the first step overstated prefill
+    and put the other chunks among the decode steps)."""
+    from qwen35.request import SamplingParams
+
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    engine.add_request(rid, prompt, sp)
+    prefill, steps, tokens = 0.0, [], []
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        outs = engine.step()
+        dt = time.perf_counter() - t0
+        if tokens:
+            steps.append(dt)
+        else:
+            prefill += dt
+        for o in outs:
+            if o.outputs:
+                tokens.extend(o.outputs[0].token_ids)
+    return prefill, steps, tokens
+
+
 def make_engine(bm: BenchModel, **kwargs):
     """An LLMEngine over the already-loaded model (engines share one set of weights)."""
     from qwen35.engine.llm_engine import LLMEngine

@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
 
-from qwen35.benchmarks.common import BenchModel, BenchOptions, goal, make_engine, median, ratio
+from qwen35.benchmarks.common import (
+    BenchModel,
+    BenchOptions,
+    goal,
+    make_engine,
+    median,
+    ratio,
+    timed_request,
+)
 from qwen35.benchmarks.roofline import (
     decode_bytes_per_step,
     measure_read_bandwidth,
     roofline_tokens_per_s,
 )
-from qwen35.request import SamplingParams
 
 
 def sizes(opts: BenchOptions) -> dict:
@@ -33,17 +39,10 @@ def sizes(opts: BenchOptions) -> dict:
 
 
 def _ours(engine, prompt: list[int], new_tokens: int, rid: str) -> tuple[list[float], list[int]]:
-    """Per-step wall seconds of one request (step 0 = prefill + first token) and its tokens."""
-    sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    engine.add_request(rid, prompt, sp)
-    steps, tokens = [], []
-    while engine.has_unfinished_requests():
-        t0 = time.perf_counter()
-        outs = engine.step()
-        steps.append(time.perf_counter() - t0)
-        for o in outs:
-            tokens.extend(o.outputs[0].token_ids)
-    return steps, tokens
+    """Per-step wall seconds of one request (step 0 = prefill + first token, all its chunks)
+    and its tokens."""
+    prefill, steps, tokens = timed_request(engine, prompt, new_tokens, rid)
+    return [prefill, *steps], tokens
 
 
 def run_decode(bm: BenchModel, opts: BenchOptions) -> dict:

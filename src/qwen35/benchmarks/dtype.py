@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 
 import torch
 
-from qwen35.benchmarks.common import BenchModel, BenchOptions, make_engine, median, ratio
-from qwen35.request import SamplingParams
+from qwen35.benchmarks.common import (
+    BenchModel,
+    BenchOptions,
+    make_engine,
+    median,
+    ratio,
+    timed_request,
+)
 
 DTYPES = ("float32", "bfloat16")
 
@@ -41,15 +46,8 @@ def cpu_bf16_support() -> dict:
 
 def _one(engine, prompt: list[int], new_tokens: int, rid: str) -> tuple[float, list[float]]:
     """(prefill seconds, decode step seconds) of one greedy request."""
-    engine.add_request(
-        rid, prompt, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    )
-    steps = []
-    while engine.has_unfinished_requests():
-        t0 = time.perf_counter()
-        engine.step()
-        steps.append(time.perf_counter() - t0)
-    return steps[0], steps[1:]
+    prefill, steps, _ = timed_request(engine, prompt, new_tokens, rid)
+    return prefill, steps
 
 
 def run_dtype(bm: BenchModel, opts: BenchOptions) -> dict:

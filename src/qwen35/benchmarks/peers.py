@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 
-from qwen35.benchmarks.common import BenchModel, BenchOptions, make_engine, median, ratio
-from qwen35.request import SamplingParams
+from qwen35.benchmarks.common import (
+    BenchModel,
+    BenchOptions,
+    make_engine,
+    median,
+    ratio,
+    timed_request,
+)
 
 OURS = ("fp32", "bf16", "int8", "int4", "fp8")
 PAIRS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
@@ -57,14 +62,8 @@ class _Ours:
         )
 
     def run(self, prompt: list[int], new: int, rid: str) -> tuple[float, list[float]]:
-        sp = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
-        self.engine.add_request(rid, prompt, sp)
-        steps = []
-        while self.engine.has_unfinished_requests():
-            t0 = time.perf_counter()
-            self.engine.step()
-            steps.append(time.perf_counter() - t0)
-        return steps[0], steps[1:]
+        prefill, steps, _ = timed_request(self.engine, prompt, new, rid)
+        return prefill, steps
 
 
 def _decode_order(engines: dict, r: int) -> list[str]:
