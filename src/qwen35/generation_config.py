@@ -3,8 +3,9 @@
 Qwen ships its recommended sampling there (Qwen3's: temperature 0.6, top_p 0.95, top_k 20). The
 server and `LLM.generate(prompts)` without params use these for the fields a request leaves
 unset: temperature, top_p, top_k, min_p, repetition_penalty; a request's own values always win,
-and `--generation-config none` gives OpenAI's defaults (temperature 1, no top-k). EOS ids from the same file are read by tokenizer.py. A value that is not a valid
-setting is skipped with a warning (the file is the checkpoint's, not the user's request).
+and `--generation-config none` gives OpenAI's defaults (temperature 1, no top-k). EOS ids from
+the same file are read by tokenizer.py. A value that is not a valid setting is skipped with a
+warning (the file is the checkpoint's, not the user's request).
 """
 
 from __future__ import annotations

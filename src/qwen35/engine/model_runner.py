@@ -205,7 +205,7 @@ class ModelRunner:
         if ks is not None:  # every row keeps only its k largest logits (models/head_screen.py)
             h = self.model.forward_hidden(input_ids, batch, self.caches)
             h = h.index_select(0, batch.logits_indices)  # [S, H]
-            x = self.model.model.norm(h, batch.backend)
+            x = self.model.final_norm(h, batch.backend)
             logits = None
             if max(ks) == 1:  # all greedy: the tokens, no sampler
                 tokens = self.head_screen.tokens(x)
@@ -218,7 +218,7 @@ class ModelRunner:
                 logits = self.head_screen.logits(x, ks)
                 self._screen_outcome("top-k", logits is not None)
             if logits is None:  # undecided: the full head
-                logits = self.model.compute_logits(h, batch.backend)
+                logits = self.model.head_logits(x)
         else:
             logits = self.run_model(input_ids, batch)  # [S, V] fp32
         if not sample_seqs:

@@ -137,13 +137,11 @@ class HeadScreen:
         return cand if len(cand) else None
 
     def screen(self, x: torch.Tensor) -> torch.Tensor:
-        """x [S, K] -> the screen's logits [S, V] fp32 (the int8 GEMV kernel, fp32 rows)."""
-        from qwen35.kernels import gemv
+        """x [S, K] -> the screen's logits [S, V] fp32 (int8 matmul on fp32 rows: the GEMV
+        kernel where it runs)."""
+        from qwen35.quant.matmul import int8_linear
 
-        mod = gemv.load()
-        if mod is None:
-            return x.float() @ (self.q.float() * self.scale[:, None]).T
-        return mod.linear_int8(x.float().contiguous(), self.q, self.scale, False)
+        return int8_linear(x.float(), self.q, self.scale)
 
     def candidates_reference(self, x: torch.Tensor, ks: list[int]) -> torch.Tensor | None:
         """The same from `screen` and torch ops (the input rows stay fp32: no ||x - x^|| term)."""

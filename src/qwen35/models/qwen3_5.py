@@ -235,7 +235,15 @@ class Qwen35ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
         """Pre-norm hidden rows [S, H] -> logits [S, V] float32."""
-        logits = self.lm_head(self.model.norm(hidden, backend))  # [S, V / tp]
+        return self.head_logits(self.final_norm(hidden, backend))
+
+    def final_norm(self, hidden: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
+        """Pre-norm hidden rows [S, H] -> the head's input rows (the head screen reads them)."""
+        return self.model.norm(hidden, backend)
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input rows [S, H] -> logits [S, V] float32."""
+        logits = self.lm_head(x)  # [S, V / tp]
         return gather_logits(logits, self.tp, self.config.vocab_size).float()
 
     def forward(
