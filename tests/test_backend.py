@@ -414,4 +414,27 @@ def test_no_decode_graphs_for_quantized_experts(caplog):
     assert be.can_capture
     with caplog.at_level("WARNING", logger="qwen35"):
         runner = ModelRunner(model, caches, (1,), "cpu", backend=be, decode_graphs=GraphSpec(2, 64))
-    assert runner.graphs is None and "quantized MoE experts" in caplog.text
+    assert runner.graphs is None and "MoE experts sync the host" in caplog.text
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_graphs_with_the_triton_moe(monkeypatch, fp8):
+    """A backend with the Triton MoE (kernels/triton_moe.py) captures MoE models whose experts
+    it reads (plain, or FP8 with 128 x 128 blocks) even without the grouped GEMM, for the decode
+    batches it takes (<= FUSED_MAX_TOKENS rows); larger batches replay nothing (eager)."""
+    from qwen35.engine.cuda_graphs import DecodeGraphs
+    from qwen35.engine.model_runner import GraphSpec, ModelRunner
+    from qwen35.ops.moe import FUSED_MAX_TOKENS
+    from qwen35.quant.layers import Fp8Experts
+
+    model = _model(True)
+    if fp8:
+        for layer in model.model.layers:
+            layer.mlp.experts = Fp8Experts.quantize(layer.mlp.experts)
+    caches = allocate_caches(model.config, 8, BS, 40, torch.float32, "cpu")
+    captured = []
+    monkeypatch.setattr(DecodeGraphs, "capture", lambda self: captured.append(self.max_batch))
+    be = Backend("cuda", triton_attention=True, triton_moe=True)
+    runner = ModelRunner(model, caches, (1,), "cpu", backend=be, decode_graphs=GraphSpec(32, 64))
+    assert runner.graphs is not None and captured == [FUSED_MAX_TOKENS]
+    assert runner.graphs.buckets[-1] == FUSED_MAX_TOKENS

@@ -39,7 +39,13 @@ HAS_FLA = patch_fla_for_interpreter()
 def calls(monkeypatch):
     """Counts the GPU kernels' entry points as they run, so that a test fails if a dispatch
     silently took the PyTorch path instead. Wraps fla's through `counted(backend)`."""
-    from qwen35.kernels import triton_attention, triton_deltanet, triton_norms, triton_pointwise
+    from qwen35.kernels import (
+        triton_attention,
+        triton_deltanet,
+        triton_moe,
+        triton_norms,
+        triton_pointwise,
+    )
     from qwen35.ops import moe
 
     n = Counter()
@@ -60,6 +66,7 @@ def calls(monkeypatch):
         (triton_norms, ("rms_norm_zc", "gated_rms_norm", "add_rms_norm_zc_")),
         (triton_pointwise, ("rotary_qk_", "silu_mul")),
         (moe, ("grouped_experts_gmm",)),
+        (triton_moe, ("sparse_moe",)),
     ):
         for name in names:
             wrap(mod, name)
@@ -115,7 +122,9 @@ def test_model_steps_equal_reference(name, moe, calls):
     assert (n["chunk"] > 0) == (n["conv"] > 0) == (be.fla is not None), n
     assert (n["conv_update_"] > 0) == be.triton_deltanet, n
     assert (n["fused_recurrent"] > 0) == (be.fla is not None and not be.triton_deltanet), n
+    # prefill chunks (79 tokens) take the grouped GEMM, the decode and mixed steps the Triton MoE
     assert (n["grouped_experts_gmm"] > 0) == moe, n
+    assert (n["sparse_moe"] > 0) == moe, n
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +163,7 @@ def test_engine_greedy_equals_reference(which, ckpts, calls):
     n = calls.n
     assert n["chunk"] and n["conv_update_"] and n["paged_decode_attention"], n
     assert n["paged_prefill_attention"] and n["rms_norm_zc"], n  # chunked prefill continues
+    assert (n["sparse_moe"] > 0) == (which == "moe"), n  # the decode steps' MoE blocks
 
 
 def test_decode_graph_buffers_with_padding_rows(calls):

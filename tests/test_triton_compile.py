@@ -12,6 +12,7 @@ environment with Triton (see tests/triton_interp.py), without TRITON_INTERPRET.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -58,13 +59,22 @@ def test_paged_attention_compiles(dtype, hd, rep, bs):
 
     p, i = _ptr(dtype), "i32"
     ieee = dtype == torch.float32
-    sig = dict(Q=p, K=p, V=p, O=p, G=p, block_tables="*i32", context_lens="*i32", scale="fp32")
-    sig |= {n: i for n in ta._decode_kernel.arg_names if n.startswith("stride")}
-    sig |= dict(BS=0, REP=0, BLOCK_R=0, HD=0, BLOCK_T=0, HAS_GATE=0, IEEE=0, UPCAST=0)
-    compile_sm90(ta._decode_kernel, sig, dict(
-        BS=bs, REP=rep, BLOCK_R=max(16, triton.next_power_of_2(rep)), HD=hd,
-        BLOCK_T=ta.BLOCK_T, HAS_GATE=True, IEEE=ieee, UPCAST=False,
-    ))  # fmt: skip
+    for splits in (1, ta.MAX_SPLITS):  # one pass, or split-K with partials in fp32
+        sig = dict(Q=p, K=p, V=p, O=p, G=p, PART="*fp32" if splits > 1 else p,
+                   block_tables="*i32", context_lens="*i32", scale="fp32")  # fmt: skip
+        sig |= {n: i for n in ta._decode_kernel.arg_names if n.startswith("stride")}
+        sig |= dict(BS=0, REP=0, BLOCK_R=0, HD=0, BLOCK_T=0, HAS_GATE=0, IEEE=0, UPCAST=0,
+                    SPLITS=0, SPLIT_TOKENS=0, MAX_S=0)  # fmt: skip
+        compile_sm90(ta._decode_kernel, sig, dict(
+            BS=bs, REP=rep, BLOCK_R=max(16, triton.next_power_of_2(rep)), HD=hd,
+            BLOCK_T=ta.BLOCK_T, HAS_GATE=True, IEEE=ieee, UPCAST=False, SPLITS=splits,
+            SPLIT_TOKENS=ta.SPLIT_TOKENS, MAX_S=ta.MAX_SPLITS,
+        ))  # fmt: skip
+    sig = dict(PART="*fp32", O=p, G=p, context_lens="*i32", stride_on=i, stride_oh=i,
+               stride_gn=i, stride_gh=i, NH=i, HD=0, SPLITS=0, HAS_GATE=0, SPLIT_TOKENS=0,
+               MAX_S=0, BLOCK_T=0)  # fmt: skip
+    compile_sm90(ta._combine_kernel, sig, dict(HD=hd, SPLITS=ta.MAX_SPLITS, HAS_GATE=True,
+                 SPLIT_TOKENS=ta.SPLIT_TOKENS, MAX_S=ta.MAX_SPLITS, BLOCK_T=ta.BLOCK_T))  # fmt: skip
     sig = dict(Q=p, K=p, V=p, O=p, block_table="*i32", start_pos=i, Tq=i, scale="fp32")
     sig |= {n: i for n in ta._prefill_kernel.arg_names if n.startswith("stride")}
     sig |= dict(BS=0, REP=0, HD=0, BLOCK_M=0, BLOCK_T=0, IEEE=0, UPCAST=0)
@@ -86,8 +96,8 @@ def test_norm_and_pointwise_kernels_compile(dtype):
                      dict(BLOCK=B))  # fmt: skip
         compile_sm90(tn._add_rms_zc_kernel, dict(H=p, X=p, W=p, Y=p, stride_h="i32",
                      stride_x="i32", D="i32", eps="fp32", BLOCK=0), dict(BLOCK=B))  # fmt: skip
-        compile_sm90(tn._gated_rms_kernel, dict(X=p, Z=p, W=p, Y=p, D="i32", eps="fp32",
-                     BLOCK=0), dict(BLOCK=B))  # fmt: skip
+        compile_sm90(tn._gated_rms_kernel, dict(X=p, Z=p, W=p, Y=p, stride_zt="i32", NH="i32",
+                     D="i32", eps="fp32", BLOCK=0), dict(BLOCK=B))  # fmt: skip
     for half in (32, 64):  # rotary_dim 64 (head_dim 256 x 0.25) and 128
         sig = dict(Q=p, K=p, COS=p, SIN=p, stride_qt="i32", stride_qh="i32", stride_kt="i32",
                    stride_kh="i32", stride_ct="i32", NH="i32", HALF=0, BLOCK=0)  # fmt: skip
@@ -105,12 +115,15 @@ def test_deltanet_decode_kernels_compile(dtype):
                stride_cs_c="i32", SLOTS="*i64", U=p, stride_un="i32", C="i32", K=0,
                BLOCK_C=0)  # fmt: skip
     compile_sm90(tdn._conv_update_kernel, sig, dict(K=4, BLOCK_C=256))
-    for dk, dv in ((128, 128), (64, 64), (16, 16)):  # Qwen 3.5; the tests' tiny model
-        sig = dict(U=p, stride_un="i32", G="*fp32", stride_gn="i32", B=p, stride_bn="i32",
-                   S="*fp32", stride_s_slot="i32", SLOTS="*i64", O="*fp32", stride_on="i32",
-                   scale="fp32", R=0, KD=0, DK=0, DV=0, BV=0)  # fmt: skip
+    for (dk, dv), raw in itertools.product(((128, 128), (64, 64), (16, 16)), (False, True)):
+        # Qwen 3.5's head dims and the tests' tiny model; gates given (a, b raw) or computed
+        sig = dict(U=p, stride_un="i32", G=p if raw else "*fp32", stride_gn="i32", B=p,
+                   stride_bn="i32", DT=p, ALOG=p, S="*fp32", stride_s_slot="i32", SLOTS="*i64",
+                   O=p if raw else "*fp32", stride_on="i32", scale="fp32", R=0, KD=0, DK=0,
+                   DV=0, BV=0, RAW_GATES=0)  # fmt: skip
         compile_sm90(tdn._recurrent_kernel, sig, dict(
-            R=2, KD=16 * dk, DK=dk, DV=dv, BV=min(32, triton.next_power_of_2(dv))
+            R=2, KD=16 * dk, DK=dk, DV=dv, BV=min(32, triton.next_power_of_2(dv)),
+            RAW_GATES=raw,
         ))  # fmt: skip
 
 
@@ -124,3 +137,47 @@ def test_fp8_block_kernel_compiles(M):
                K="i32", s_am="i32", s_bn="i32", s_cm="i32", s_asm="i32", s_bsn="i32",
                BLOCK_N=0, BLOCK_K=0, BM=0)  # fmt: skip
     compile_sm90(fn, sig, dict(BLOCK_N=128, BLOCK_K=128, BM=fp8_gpu.block_m(M)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_moe_kernels_compile(dtype):
+    """The Triton MoE block (kernels/triton_moe.py) at the catalog's expert counts and top-k
+    (256 x 8 for 35B-A3B / 122B-A10B, 512 x 10 for 397B-A17B)."""
+    from qwen35.kernels import triton_moe as tm
+
+    p, i = _ptr(dtype), "i32"
+    for E, k in ((256, 8), (512, 10)):
+        sig = dict(L=p, stride_lt=i, IDX="*i64", TW=p, E=i, K_TOP=0, BE=0)
+        compile_sm90(tm._router_kernel, sig, dict(K_TOP=k, BE=E))
+    for fp8 in (False, True):  # plain experts in the model dtype, or e4m3 with block scales
+        w = "*fp8e4nv" if fp8 else p
+        sig = dict(X=p, stride_xt=i, IDX="*i64", W=w, stride_we=i, stride_wn=i, WS="*fp32",
+                   stride_wse=i, stride_wsr=i, HBUF=p, stride_hp=i, H=i, I=i, NBH=i, K_TOP=0,
+                   FP8=0, BO=0, BN=0, BK=0)  # fmt: skip
+        compile_sm90(tm._gate_up_kernel, sig, dict(K_TOP=8, FP8=fp8, BO=tm.FP8_BLOCK, BN=tm.BN,
+                                                   BK=tm.BK))  # fmt: skip
+        for shared in (True, False):
+            sig = dict(HBUF=p, stride_hp=i, IDX="*i64", TW=p, D=w, stride_de=i, stride_dn=i,
+                       DS="*fp32", stride_dse=i, stride_dsr=i, X=p, stride_xt=i, SGW=p, SG=p,
+                       stride_sg=i, SU=p, stride_su=i, SD=w, stride_sdn=i, SDS="*fp32",
+                       stride_sdsr=i, Y=p, stride_yt=i, H=i, I=i, IS=i, K_TOP=0, FP8=0,
+                       HAS_SHARED=0, SD_FP8=0, BO=0, BN=0, BK=0)  # fmt: skip
+            compile_sm90(tm._down_kernel, sig, dict(K_TOP=10, FP8=fp8, HAS_SHARED=shared,
+                         SD_FP8=fp8, BO=tm.FP8_BLOCK, BN=tm.BN, BK=tm.BK))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_qk_norm_rotary_cache_compiles(dtype):
+    """Qwen 3.5's attention heads: head_dim 256, rotary_dim 64 (the tests' tiny: 32 and 8)."""
+    from qwen35.kernels import triton_pointwise as tp
+
+    p, i = _ptr(dtype), "i32"
+    for hd, rd in ((256, 64), (32, 8)):
+        sig = dict(QG=p, K=p, V=p, QW=p, KW=p, COS=p, SIN=p, QO=p, KC=p, VC=p, SLOTS="*i64",
+                   stride_qgt=i, stride_kt=i, stride_vt=i, stride_ct=i, stride_qot=i,
+                   stride_cslot=i, NH=i, eps="fp32", HD=0, BLOCK_HD=0, HALF=0, BLOCK_HALF=0,
+                   BLOCK_PASS=0)  # fmt: skip
+        compile_sm90(tp._qk_norm_rotary_cache_kernel, sig, dict(
+            HD=hd, BLOCK_HD=hd, HALF=rd // 2, BLOCK_HALF=max(16, rd // 2),
+            BLOCK_PASS=triton.next_power_of_2(hd - rd),
+        ))  # fmt: skip

@@ -32,10 +32,17 @@ from qwen35.kernels import triton_norms as tn  # noqa: E402
 from qwen35.layers import norms  # noqa: E402
 from qwen35.ops.attention import decode_attention, gather_kv, prefill_attention  # noqa: E402
 from qwen35.ops.backend import Backend  # noqa: E402
-from qwen35.ops.deltanet import Dims, deltanet_decode  # noqa: E402
+from qwen35.ops.deltanet import (  # noqa: E402
+    Dims,
+    deltanet_decode,
+    deltanet_decode_gated,
+    deltanet_gates,
+)
 
 pytestmark = pytest.mark.gpu if ON_GPU else pytest.mark.slow
 DEV = "cuda" if ON_GPU else "cpu"
+# the Triton DeltaNet decode and norms (interpreted on CPU tensors when there is no GPU)
+TRITON_DN = Backend("cuda", triton_deltanet=True, triton_norms=True, interpret=not ON_GPU)
 
 
 # Kernels that round where PyTorch rounds: fp32 within an FMA's difference; bf16 bitwise on a
@@ -74,6 +81,34 @@ def test_paged_decode_equals_reference(dtype, bs, nh, nkv, hd):
     assert got.dtype == dtype and _rel(got, ref) < tol
     gated = ta.paged_decode_attention(q, kc, vc, tables, lens, scale, gate)
     assert _rel(gated, ref.float() * torch.sigmoid(gate.float())) < tol
+    # split-K: contexts cut into ranges of 32 / 64 tokens (up to 6 used splits; the grid
+    # covers the longest possible context, short ones use one split), merged by the combine kernel
+    for split_tokens in (32, 64)[: 1 + (bs * W > 64)]:
+        kw = dict(max_context=bs * W, split_tokens=split_tokens)
+        assert ta.num_splits(bs * W, split_tokens) > 1
+        got_s = ta.paged_decode_attention(q, kc, vc, tables, lens, scale, gate, **kw)
+        torch.testing.assert_close(got_s.float(), gated.float(),
+                                   **(dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32
+                                      else dict(atol=2e-2, rtol=2e-2)))  # fmt: skip
+        assert _rel(ta.paged_decode_attention(q, kc, vc, tables, lens, scale, **kw), ref) < tol
+        # a one-split context: bitwise the unsplit result
+        short = lens <= split_tokens
+        assert short.any() and torch.equal(got_s[short], gated[short])
+        # each row depends on its own context only: alone, in a smaller grid == in the batch
+        for i in range(N):
+            alone = ta.paged_decode_attention(q[i : i + 1], kc, vc, tables[i : i + 1],
+                                              lens[i : i + 1], scale, gate[i : i + 1],
+                                              max_context=int(lens[i]), split_tokens=split_tokens)  # fmt: skip
+            assert torch.equal(alone, got_s[i : i + 1])
+
+
+def test_decode_split_count():
+    """The grid's split dimension covers the largest possible context in SPLIT_TOKENS ranges,
+    at most MAX_SPLITS."""
+    assert ta.num_splits(None) == 1
+    assert ta.num_splits(ta.SPLIT_TOKENS) == 1
+    assert ta.num_splits(ta.SPLIT_TOKENS + 1) == 2
+    assert ta.num_splits(10**6) == ta.MAX_SPLITS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -111,6 +146,13 @@ def test_norms_equal_reference(dtype):
     got = tn.gated_rms_norm(x, z, w, 1e-6)
     assert got.dtype == dtype
     torch.testing.assert_close(got, norms.gated_rms_norm(x, z, w, 1e-6), **tol)
+    # z as the packed projection gives it: [T, nh, D] heads of a column slice (token stride
+    # 3 * 48 + 5), read in place
+    zp = torch.randn(5, 3 * 48 + 5, generator=g).to(DEV, dtype)[:, 5:].unflatten(-1, (3, 48))
+    assert not zp.is_contiguous()
+    torch.testing.assert_close(
+        tn.gated_rms_norm(x, zp, w, 1e-6), norms.gated_rms_norm(x, zp, w, 1e-6), **tol
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -140,14 +182,207 @@ def test_deltanet_decode_kernels_equal_gather_path(dtype, all_rows):
         beta = torch.rand(T, dims.nv, generator=g).to(DEV, dtype)
         o1 = torch.zeros(T, dims.nv, dims.dv, dtype=dtype, device=DEV)
         o2 = o1.clone()
-        deltanet_decode(
-            Backend("cuda", triton_deltanet=True), qkv, gl, beta, w, dims, d, c1, r1, o1
-        )
+        deltanet_decode(TRITON_DN, qkv, gl, beta, w, dims, d, c1, r1, o1)
         deltanet_decode(Backend("cuda"), qkv, gl, beta, w, dims, d, c2, r2, o2)
         torch.testing.assert_close(o1, o2, **tol)
         torch.testing.assert_close(c1, c2, **tol)
         torch.testing.assert_close(r1, r2, **tol)
     assert not torch.equal(r1, rec) and torch.equal(r1[0], rec[0])  # only its slots moved
+
+
+def _gate_inputs(T, nv, dtype, g):
+    """a / b as column slices of one packed projection; a + dt_bias spans softplus' branches
+    (below -20, near 0, above its threshold 20)."""
+    packed = torch.randn(T, 2 * nv + 3, generator=g) * 8
+    packed[0, :nv] = torch.tensor([-40.0, -0.5, 0.0, 25.0])[:nv]
+    packed = packed.to(DEV, dtype)
+    dt_bias = torch.randn(nv, generator=g).to(DEV, dtype)
+    A_log = torch.randn(nv, generator=g).to(DEV, dtype)
+    return packed[:, 3 : 3 + nv], packed[:, 3 + nv :], dt_bias, A_log
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recurrent_step_with_gates_equals_gates_then_step(dtype):
+    """recurrent_step_ given the raw a / b projections computes deltanet_gates' g and beta in
+    its prologue: output (in the model dtype) and the states equal the two-step path."""
+    from qwen35.kernels import triton_deltanet as tdn
+
+    g = torch.Generator().manual_seed(12)
+    nk, nv, dk, dv, T = 2, 4, 16, 16, 3
+    C = 2 * nk * dk + nv * dv
+    u = torch.randn(T, C + 5, generator=g).to(DEV, dtype)[:, :C]
+    a, b, dt_bias, A_log = _gate_inputs(T, nv, dtype, g)
+    rec = (torch.randn(6, nv, dk, dv, generator=g) * 0.1).to(DEV)
+    slots = torch.tensor([4, 0, 2], device=DEV)
+    r1, r2 = rec.clone(), rec.clone()
+    gl, beta = deltanet_gates(Backend("cuda"), a, b, dt_bias, A_log)
+    want = tdn.recurrent_step_(u, gl, beta, r1, slots, nk)  # fp32
+    got = tdn.recurrent_step_(u, a, b, r2, slots, nk, gates=(dt_bias, A_log), out_dtype=dtype)
+    assert got.dtype == dtype
+    # softplus / exp in another order than torch's (a few fp32 ulps of g); bf16 interpreted:
+    # beta's rounding to bf16 is up to 2 ulps off (the interpreter's cast, see ROUNDING)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    if dtype == torch.bfloat16 and not ON_GPU:
+        tol = dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(r2, r1, **tol)
+    torch.testing.assert_close(got.float(), want, **(tol if dtype == torch.float32 else
+                               dict(atol=2e-2, rtol=2e-2)))  # fmt: skip
+    assert not torch.equal(r2, rec) and torch.equal(r2[1], rec[1])  # only its slots moved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deltanet_decode_gated_triton_equals_op_by_op(dtype):
+    """The GPU path's whole decode step (conv, recurrent step with its gates, gated norm on the
+    z slice in place) equals the reference ops one by one: gates, gather-path decode, norm."""
+    g = torch.Generator().manual_seed(13)
+    dims = Dims(nk=2, nv=4, dk=16, dv=16, kernel_size=4)
+    C, Vd, T = 2 * dims.nk * dims.dk + dims.nv * dims.dv, dims.nv * dims.dv, 3
+    d = DecodeBatch(
+        rows=torch.arange(T, device=DEV), block_tables=torch.zeros(T, 1, dtype=torch.int32,
+        device=DEV), context_lens=torch.ones(T, dtype=torch.int32, device=DEV),
+        state_slots=torch.tensor([4, 1, 6], device=DEV), max_context=1, all_rows=True,
+    )  # fmt: skip
+    w = (torch.randn(C, 4, generator=g) * 0.5).to(DEV, dtype)
+    conv = torch.randn(8, C, 3, generator=g).to(DEV, dtype)
+    rec = (torch.randn(8, dims.nv, dims.dk, dims.dv, generator=g) * 0.1).to(DEV)
+    norm_w = torch.randn(dims.dv, generator=g).to(DEV, dtype)
+    c1, r1, c2, r2 = conv.clone(), rec.clone(), conv.clone(), rec.clone()
+    ref = Backend("cuda")
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for _ in range(3):
+        proj = torch.randn(T, C + Vd + 9, generator=g).to(DEV, dtype)  # the packed projection
+        qkv, z = proj[:, :C], proj[:, C : C + Vd]
+        a, b, dt_bias, A_log = _gate_inputs(T, dims.nv, dtype, g)
+        got = deltanet_decode_gated(TRITON_DN, qkv, z, a, b, w, dt_bias, A_log, norm_w, 1e-6,
+                                    dims, d, c1, r1)  # fmt: skip
+        assert got is not None and got.shape == (T, Vd) and got.dtype == dtype
+        gl, beta = deltanet_gates(ref, a, b, dt_bias, A_log)
+        o = torch.empty(T, dims.nv, dims.dv, dtype=dtype, device=DEV)
+        deltanet_decode(ref, qkv, gl, beta, w, dims, d, c2, r2, o)
+        want = norms.gated_rms_norm(o, z.unflatten(-1, (dims.nv, dims.dv)), norm_w, 1e-6)
+        torch.testing.assert_close(got, want.view(T, Vd), **tol)
+        torch.testing.assert_close(c1, c2, **tol)
+        torch.testing.assert_close(r1, r2, **tol)
+    assert not torch.equal(r1, rec) and torch.equal(r1[0], rec[0])
+
+
+def _moe_block(dtype, H=80, E=12, k=3, inter=40, shared_inter=24, seed=14, fp8=False):
+    """A SparseMoE with random weights, packed as the loader leaves it; odd sizes: H and the
+    intermediate sizes are not multiples of the kernels' blocks. fp8: the routed experts and
+    the shared expert's projections in e4m3 with 128 x 128 block scales (as the official FP8
+    releases; router and shared_expert_gate stay in the model dtype), and a reference block
+    with the dequantised weights."""
+    from qwen35.layers.moe import SparseMoE
+
+    g = torch.Generator().manual_seed(seed)
+    m = SparseMoE(H, E, k, inter, shared_inter, dtype=torch.float32, device="cpu")
+    for prm in m.parameters():
+        prm.copy_(torch.randn(prm.shape, generator=g) * prm.shape[-1] ** -0.5)
+    m = m.to(DEV, dtype)
+    ref = None
+    if fp8:
+        import copy
+
+        from qwen35.layers.linear import Linear
+        from qwen35.layers.moe import Experts
+        from qwen35.quant.layers import Fp8Experts, Fp8Linear
+
+        m.experts = Fp8Experts.quantize(m.experts)
+        sh = m.shared_expert
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(sh, name, Fp8Linear.quantize(getattr(sh, name).weight))
+        ref = copy.deepcopy(m)  # the dequantised weights, plain
+        ref.experts = Experts(E, H, inter, dtype, DEV)
+        ref.experts.gate_up_proj.data, ref.experts.down_proj.data = m.experts.dequantized(dtype)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(ref.shared_expert, name)
+            plain = Linear(lin.in_features, lin.out_features, dtype, DEV)
+            plain.weight.data = lin.dequantized(dtype)
+            setattr(ref.shared_expert, name, plain)
+        ref.shared_expert.pack()
+    m.shared_expert.pack()
+    return m, ref, g
+
+
+MOE_BE = Backend("cuda", triton_moe=True, interpret=not ON_GPU)
+
+
+def _fused_calls(fn):
+    """fn() with kernels/triton_moe.sparse_moe counted: (result, calls)."""
+    from qwen35.kernels import triton_moe
+
+    calls = []
+    orig = triton_moe.sparse_moe
+    triton_moe.sparse_moe = lambda *a, **kw: calls.append(1) or orig(*a, **kw)
+    try:
+        return fn(), len(calls)
+    finally:
+        triton_moe.sparse_moe = orig
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_router_kernel_equals_route(dtype):
+    """Softmax, top-k, renormalised weights in the model dtype: the same experts in the same
+    (descending) order as SparseMoE.route, weights equal to rounding; E not a power of two."""
+    from qwen35.kernels import triton_moe
+
+    m, _, g = _moe_block(dtype)
+    x = torch.randn(16, 80, generator=g).to(DEV, dtype)
+    w_ref, i_ref = m.route(x)
+    w, i = triton_moe.route(m.gate(x), m.top_k, dtype)
+    assert torch.equal(i, i_ref)
+    torch.testing.assert_close(w, w_ref, atol=1e-6 if dtype == torch.float32 else 8e-3,
+                               rtol=1e-5 if dtype == torch.float32 else 8e-3)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 3, 16])
+def test_fused_moe_equals_reference(dtype, T):
+    """The block through the three Triton kernels (routing, gate_up + SiLU, down + weighted sum
+    + the gated shared expert) against SparseMoE's reference loop; rows of x strided."""
+    m, _, g = _moe_block(dtype)
+    x = torch.randn(T, 85, generator=g).to(DEV, dtype)[:, 5:]
+    got, calls = _fused_calls(lambda: m(x, MOE_BE))
+    assert calls == 1, "the fused path was not taken"
+    want = m(x, None)
+    # bf16: the reference rounds each expert's output, the weighting and each partial sum
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 5])
+def test_fused_moe_reads_fp8_experts(dtype, T):
+    """FP8 experts and shared expert (e4m3, 128 x 128 block scales; H = 200 and I = 136 leave
+    partial blocks) read as stored: equal to the block with the dequantised weights in the
+    model dtype, to the rounding of those weights (fp32: exactly their products)."""
+    m, ref, g = _moe_block(dtype, H=200, inter=136, shared_inter=136, fp8=True)
+    x = torch.randn(T, 200, generator=g).to(DEV, dtype)
+    got, calls = _fused_calls(lambda: m(x, MOE_BE))
+    assert calls == 1, "the fused path was not taken"
+    want = ref(x, None)
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_fused_moe_declines_what_it_does_not_cover():
+    """More tokens than FUSED_MAX_TOKENS, no Triton MoE in the backend, weights of another dtype,
+    int8 experts: None (the caller takes the grouped / looped path)."""
+    from qwen35.layers.linear import packed_linear
+    from qwen35.ops.moe import FUSED_MAX_TOKENS, fused_moe
+
+    m, _, g = _moe_block(torch.float32)
+    sh = m.shared_expert
+    shared = (m.shared_expert_gate.weight,
+              lambda x: packed_linear(x, sh.packed_gate_up, sh.gate_proj, sh.up_proj),
+              sh.down_proj.weight, None)  # fmt: skip
+    args = (m.gate.weight, m.top_k, m.experts.fused_weights(), shared)
+    x = torch.randn(FUSED_MAX_TOKENS + 1, 80, generator=g).to(DEV)
+    assert fused_moe(MOE_BE, x, *args) is None
+    assert fused_moe(Backend("cuda", interpret=not ON_GPU), x[:2], *args) is None
+    assert fused_moe(MOE_BE, x[:2].double(), *args) is None
+    assert fused_moe(MOE_BE, x[:2], m.gate.weight, m.top_k, None, shared) is None
+    assert fused_moe(MOE_BE, x[:2], *args) is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -168,6 +403,54 @@ def test_rotary_qk_equals_reference(dtype):
         tp.rotary_qk_(q, k, cos, sin)
         torch.testing.assert_close(q, want_q, **ROUNDING[dtype])
         torch.testing.assert_close(k, want_k, **ROUNDING[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rotary_cache_equals_op_by_op(dtype):
+    """q_norm + rotary to a new q, k_norm + rotary and v into their cache slots, one launch,
+    against the Triton norm and rotary kernels plus write_kv (which it must equal bit for bit:
+    the same arithmetic) and against the PyTorch references (to rounding); partial rotary (8 of
+    32 dims) and full (64 of 64); q, k, v column slices of one packed projection."""
+    from qwen35.kernels import triton_pointwise as tp
+    from qwen35.layers.rotary import RotaryEmbedding, apply_rotary
+    from qwen35.ops.attention import write_kv
+
+    g = torch.Generator().manual_seed(4)
+    for hd, rd in ((32, 8), (64, 64)):
+        T, nh, nkv, bs = 5, 4, 2, 4
+        pos = torch.tensor([0, 3, 9, 300, 17]).to(DEV)
+        cos, sin = RotaryEmbedding(rd, 1e7).cos_sin(pos, dtype)
+        proj = (torch.randn(T, 2 * nh * hd + 2 * nkv * hd + 3, generator=g) * 2).to(DEV, dtype)
+        qg = proj[:, : 2 * nh * hd]
+        k = proj[:, 2 * nh * hd : 2 * nh * hd + nkv * hd]
+        v = proj[:, 2 * nh * hd + nkv * hd : -3]
+        qw, kw = (torch.randn(hd, generator=g) * 0.3).to(DEV, dtype), (torch.randn(hd,
+                  generator=g) * 0.3).to(DEV, dtype)  # fmt: skip
+        slots = torch.tensor([13, 2, 7, 0, 21]).to(DEV)
+        kc, vc = (torch.randn(6, bs, nkv, hd, generator=g).to(DEV, dtype) for _ in range(2))
+        kc2, vc2, kc3, vc3 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        q = tp.qk_norm_rotary_cache(qg, k, v, qw, kw, 1e-6, cos, sin, kc, vc, slots)
+        # the Triton kernels one by one
+        q1 = tn.rms_norm_zc(qg.unflatten(-1, (nh, 2 * hd))[..., :hd], qw, 1e-6)
+        k1 = tn.rms_norm_zc(k.unflatten(-1, (nkv, hd)), kw, 1e-6)
+        tp.rotary_qk_(q1, k1, cos, sin)
+        write_kv(kc2, vc2, k1, v.unflatten(-1, (nkv, hd)), slots)
+        exact = dict(atol=0, rtol=0) if ON_GPU else ROUNDING[dtype]
+        torch.testing.assert_close(q, q1, **exact)
+        torch.testing.assert_close(kc, kc2, **exact)
+        assert torch.equal(vc, vc2)
+        # the PyTorch references
+        q2 = apply_rotary(norms.rms_norm_zc(qg.unflatten(-1, (nh, 2 * hd))[..., :hd], qw, 1e-6),
+                          cos, sin)  # fmt: skip
+        k2 = apply_rotary(norms.rms_norm_zc(k.unflatten(-1, (nkv, hd)), kw, 1e-6), cos, sin)
+        write_kv(kc3, vc3, k2, v.unflatten(-1, (nkv, hd)), slots)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(q, q2, **tol)
+        torch.testing.assert_close(kc, kc3, **tol)
+        untouched = torch.ones(6 * bs, dtype=torch.bool)
+        untouched[slots.cpu()] = False
+        assert torch.equal(kc.view(-1, nkv, hd)[untouched.to(DEV)],
+                           kc2.view(-1, nkv, hd)[untouched.to(DEV)])  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -85,20 +85,28 @@ class ModelRunner:
         from qwen35.layers.moe import Experts
 
         be = self.backend
-        moe = getattr(getattr(self.model, "config", None), "is_moe", False)
-        if not be.can_capture or (moe and not be.grouped_mm):
-            log.warning(
-                "decode runs without CUDA graphs: backend %s cannot capture a step "
-                "(needs Triton attention%s)", be.name, " and torch._grouped_mm" if moe else ""
-            )  # fmt: skip
+        if not be.can_capture:
+            log.warning("decode runs without CUDA graphs: backend %s cannot capture a step "
+                        "(needs Triton attention)", be.name)  # fmt: skip
             return None
-        if any(isinstance(m, Experts) and not m.grouped for m in self.model.modules()):
-            # quantized experts run one expert at a time from counts read on the host
-            log.warning("decode runs without CUDA graphs: quantized MoE experts sync the host")
-            return None
+        max_batch = spec.max_batch
+        experts = [m for m in self.model.modules() if isinstance(m, Experts)]
+        if experts and not (be.grouped_mm and all(m.grouped for m in experts)):
+            # no grouped GEMM for these experts (quantized ones run one expert at a time from
+            # counts read on the host): graphs for the batches the Triton MoE takes, if any
+            if not (be.triton_moe and all(m.fused_weights() is not None for m in experts)):
+                log.warning("decode runs without CUDA graphs: the MoE experts sync the host "
+                            "(backend %s)", be.name)  # fmt: skip
+                return None
+            from qwen35.ops.moe import FUSED_MAX_TOKENS as MAX_TOKENS
+
+            if max_batch > MAX_TOKENS:
+                log.info("decode CUDA graphs up to %d rows (the Triton MoE's limit); larger "
+                         "decode batches run eagerly", MAX_TOKENS)  # fmt: skip
+                max_batch = MAX_TOKENS
         c = self.caches
         graphs = DecodeGraphs(
-            self.model, c, be, spec.max_batch, -(-spec.max_model_len // c.block_size),
+            self.model, c, be, max_batch, -(-spec.max_model_len // c.block_size),
             pad_block=c.num_blocks - 1, pad_slot=c.num_slots - 1,
         )  # fmt: skip
         try:

@@ -78,14 +78,16 @@ def _attend_tile(
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, O, G, block_tables, context_lens, scale,
+    Q, K, V, O, G, PART, block_tables, context_lens, scale,
     stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_on, stride_oh, stride_gn, stride_gh,
     BS: tl.constexpr, REP: tl.constexpr, BLOCK_R: tl.constexpr, HD: tl.constexpr,
     BLOCK_T: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    SPLITS: tl.constexpr, SPLIT_TOKENS: tl.constexpr, MAX_S: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     r = tl.arange(0, BLOCK_R)
     d = tl.arange(0, HD)
     t = tl.arange(0, BLOCK_T)
@@ -96,24 +98,99 @@ def _decode_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     ctx = tl.load(context_lens + n)
+    # this split's keys: a range of `_split_chunk(ctx)` tokens (the trailing splits may be empty)
+    chunk = _split_chunk(ctx, SPLIT_TOKENS, MAX_S, BLOCK_T)
+    start = split * chunk
+    end = tl.minimum(ctx, start + chunk)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, HD], tl.float32)
-    for t0 in range(0, ctx, BLOCK_T):
+    for t0 in range(start, end, BLOCK_T):
         pos = t0 + t
-        tmask = pos < ctx
+        tmask = pos < end
         m_i, l_i, acc = _attend_tile(
             q, K, V, block_tables + n * stride_bt, pos, tmask, tmask[None, :], kvh, scale,
             m_i, l_i, acc, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
             BS, HD, IEEE, UPCAST,
         )  # fmt: skip
-    out = acc / l_i[:, None]
+    if SPLITS == 1:
+        _finish(acc / l_i[:, None], O, G, n, heads, d, rmask, stride_on, stride_oh, stride_gn,
+                stride_gh, HAS_GATE)  # fmt: skip
+    else:  # partial results [N, nh, SPLITS, HD + 2]: acc, then the running max and sum
+        row = PART + ((n * (tl.num_programs(1) * REP) + heads) * SPLITS + split) * (HD + 2)
+        tl.store(row[:, None] + d[None, :], acc, mask=rmask[:, None])
+        tl.store(row + HD, m_i, mask=rmask)
+        tl.store(row + HD + 1, l_i, mask=rmask)
+
+
+@triton.jit
+def _finish(out, O, G, n, heads, d, rmask, stride_on, stride_oh, stride_gn, stride_gh,
+            HAS_GATE: tl.constexpr):  # fmt: skip
+    """Store the attention output of rows `heads` (times sigmoid(gate), rounded as the gated
+    reference rounds: output to the model dtype first)."""
     if HAS_GATE:
         gate = tl.load(G + n * stride_gn + heads[:, None] * stride_gh + d[None, :],
                        mask=rmask[:, None], other=0.0).to(tl.float32)  # fmt: skip
         out = out.to(O.dtype.element_ty).to(tl.float32) * tl.sigmoid(gate)
     tl.store(O + n * stride_on + heads[:, None] * stride_oh + d[None, :],
              out.to(O.dtype.element_ty), mask=rmask[:, None])  # fmt: skip
+
+
+@triton.jit
+def _split_chunk(ctx, SPLIT_TOKENS: tl.constexpr, MAX_S: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Keys per split for a context of ctx tokens: SPLIT_TOKENS, more where ctx would need more
+    than MAX_S splits. It depends on ctx alone, so a sequence's result does not depend on the
+    batch, the grid or whether a CUDA graph runs it (split `s` holds the same keys)."""
+    return tl.maximum(SPLIT_TOKENS, tl.cdiv(tl.cdiv(ctx, MAX_S), BLOCK_T) * BLOCK_T)
+
+
+@triton.jit
+def _combine_kernel(
+    PART, O, G, context_lens, stride_on, stride_oh, stride_gn, stride_gh, NH,
+    HD: tl.constexpr, SPLITS: tl.constexpr, HAS_GATE: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
+    MAX_S: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """One (sequence, query head): its used splits' partial softmaxes merged in split order, as
+    the online softmax merges tiles (one used split gives exactly the unsplit result)."""
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, HD)
+    ctx = tl.load(context_lens + n)
+    used = tl.cdiv(ctx, _split_chunk(ctx, SPLIT_TOKENS, MAX_S, BLOCK_T))
+    row = PART + (n * NH + h) * SPLITS * (HD + 2)
+    m = tl.full([1], float("-inf"), tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([1, HD], tl.float32)
+    for sp in range(0, used):
+        m_s = tl.load(row + sp * (HD + 2) + HD + tl.zeros([1], tl.int32))
+        l_s = tl.load(row + sp * (HD + 2) + HD + 1 + tl.zeros([1], tl.int32))
+        acc_s = tl.load(row + sp * (HD + 2) + d)[None, :]
+        m_new = tl.maximum(m, m_s)
+        a = tl.exp(m - m_new)
+        b = tl.exp(m_s - m_new)
+        acc = acc * a[:, None] + acc_s * b[:, None]
+        l_i = l_i * a + l_s * b
+        m = m_new
+    heads = h + tl.zeros([1], tl.int32)
+    _finish(acc / l_i[:, None], O, G, n, heads, d, heads >= 0, stride_on, stride_oh, stride_gn,
+            stride_gh, HAS_GATE)  # fmt: skip
+
+
+# Split-K (flash-decoding): a decode step's programs are one per (sequence, KV head), too few to
+# fill a GPU at long contexts (Qwen3.5-0.8B: 2 KV heads; at batch 1 and 32K tokens two SMs
+# would stream 32 MB each). A context is cut into ranges of SPLIT_TOKENS (more per range above
+# MAX_SPLITS ranges), each a program, partial softmaxes merged by `_combine_kernel`; the cut
+# depends on the context length alone (batched == alone, graph == eager). The grid's split
+# dimension covers the batch's largest possible context (a CUDA graph's: its capture width).
+# Unmeasured on a GPU: the constants are first guesses (the CPU kernel cuts at 1,024).
+MAX_SPLITS, SPLIT_TOKENS = 32, 512
+
+
+def num_splits(max_context: int | None, split_tokens: int = SPLIT_TOKENS) -> int:
+    """Programs per (sequence, KV head) that cover contexts up to max_context (1: no split)."""
+    if not max_context:
+        return 1
+    return max(1, min(MAX_SPLITS, -(-max_context // split_tokens)))
 
 
 def paged_decode_attention(
@@ -124,6 +201,8 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [N] int, tokens to attend (the new one included)
     scale: float,
     gate: torch.Tensor | None = None,  # [N, nh, hd]: out * sigmoid(gate) in q's dtype
+    max_context: int | None = None,  # >= every context length: allows split-K
+    split_tokens: int = SPLIT_TOKENS,  # tests: smaller ranges
 ) -> torch.Tensor:
     """Returns [N, nh, hd] in q's dtype."""
     N, nh, hd = q.shape
@@ -133,15 +212,23 @@ def paged_decode_attention(
         q = q.contiguous()
     o = torch.empty(N, nh, hd, dtype=q.dtype, device=q.device)
     g = gate if gate is not None else o
-    _decode_kernel[(N, nkv)](
-        q, key_cache, value_cache, o, g, block_tables, context_lens, scale,
+    S = num_splits(max_context, split_tokens)
+    part = torch.empty(N, nh, S, hd + 2, dtype=torch.float32, device=q.device) if S > 1 else o
+    _decode_kernel[(N, nkv, S)](
+        q, key_cache, value_cache, o, g, part, block_tables, context_lens, scale,
         q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_tables.stride(0), o.stride(0), o.stride(1), g.stride(0), g.stride(1),
         BS=bs, REP=rep, BLOCK_R=max(16, triton.next_power_of_2(rep)), HD=hd, BLOCK_T=BLOCK_T,
         HAS_GATE=gate is not None, IEEE=q.dtype == torch.float32 or INTERPRET,
-        UPCAST=INTERPRET,
+        UPCAST=INTERPRET, SPLITS=S, SPLIT_TOKENS=split_tokens, MAX_S=MAX_SPLITS,
     )  # fmt: skip
+    if S > 1:
+        _combine_kernel[(N, nh)](
+            part, o, g, context_lens, o.stride(0), o.stride(1), g.stride(0), g.stride(1), nh,
+            HD=hd, SPLITS=S, HAS_GATE=gate is not None, SPLIT_TOKENS=split_tokens,
+            MAX_S=MAX_SPLITS, BLOCK_T=BLOCK_T,
+        )  # fmt: skip
     return o
 
 

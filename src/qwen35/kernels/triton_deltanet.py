@@ -10,7 +10,9 @@ These kernels index the caches by state slot instead (as vLLM's fork of fla does
   the slot's conv state shifted by one token, in place. Out: u [N, C].
 - `recurrent_step_`: per (sequence, value head, dv block): q and k of its key head l2-normalised
   (eps 1e-6, q times dk^-0.5), S = exp(g) S; delta = beta (v - S^T k); S += k delta^T;
-  o = S^T q; S written back into its slot. Out: o [N, nv, dv] fp32.
+  o = S^T q; S written back into its slot. Out: o [N, nv, dv] (fp32, or the model dtype).
+  With `gates` it also computes g and beta from the a / b projections (the seven small ops of
+  `deltanet_gates` in its prologue).
 
 References: ops/conv.py `causal_conv1d_update_` and ops/gated_delta.py `gated_delta_step_`
 (the gather path of ops/deltanet.py); tests/test_triton_kernels.py compares them, also under
@@ -67,9 +69,18 @@ def conv_update_(
 
 
 @triton.jit
+def _log1p(u):
+    """log(1 + u) to a few ulps for u >= 0 (log(w) * u / (w - 1), w = 1 + u rounded)."""
+    w = 1.0 + u
+    exact = w == 1.0
+    return tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
+
+
+@triton.jit
 def _recurrent_kernel(
-    U, stride_un, G, stride_gn, B, stride_bn, S, stride_s_slot, SLOTS, O, stride_on, scale,
-    R: tl.constexpr, KD: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+    U, stride_un, G, stride_gn, B, stride_bn, DT, ALOG, S, stride_s_slot, SLOTS, O, stride_on,
+    scale, R: tl.constexpr, KD: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BV: tl.constexpr, RAW_GATES: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0)
     hv = tl.program_id(1)
@@ -84,34 +95,51 @@ def _recurrent_kernel(
     v = tl.load(row + 2 * KD + hv * DV + dv, mask=mv, other=0.0).to(tl.float32)
     q = q / tl.sqrt(tl.sum(q * q, 0) + 1e-6) * scale
     k = k / tl.sqrt(tl.sum(k * k, 0) + 1e-6)
-    a = tl.exp(tl.load(G + n * stride_gn + hv).to(tl.float32))
-    beta = tl.load(B + n * stride_bn + hv).to(tl.float32)
+    gv = tl.load(G + n * stride_gn + hv)
+    bv = tl.load(B + n * stride_bn + hv)
+    if RAW_GATES:  # G, B hold the a, b projections: the gates of ops/deltanet.py here
+        x = gv.to(tl.float32) + tl.load(DT + hv).to(tl.float32)
+        sp = tl.where(x > 20.0, x, _log1p(tl.exp(x)))  # softplus (torch's threshold 20)
+        a = tl.exp(sp * -tl.exp(tl.load(ALOG + hv).to(tl.float32)))
+        beta = (1.0 / (1.0 + tl.exp(-bv.to(tl.float32)))).to(bv.dtype).to(tl.float32)
+    else:  # G: the fp32 log-decay, B: beta
+        a = tl.exp(gv.to(tl.float32))
+        beta = bv.to(tl.float32)
     sp = S + slot * stride_s_slot + hv * DK * DV + dk[:, None] * DV + dv[None, :]
     s = tl.load(sp, mask=mv[None, :], other=0.0) * a  # [DK, BV] decayed
     delta = (v - tl.sum(s * k[:, None], 0)) * beta  # [BV]
     s = s + k[:, None] * delta[None, :]
     tl.store(sp, s, mask=mv[None, :])
-    tl.store(O + n * stride_on + hv * DV + dv, tl.sum(s * q[:, None], 0), mask=mv)
+    out = tl.sum(s * q[:, None], 0)
+    tl.store(O + n * stride_on + hv * DV + dv, out.to(O.dtype.element_ty), mask=mv)
 
 
 def recurrent_step_(
     u: torch.Tensor,  # [N, C] conv outputs, channels [q | k | v]
-    g: torch.Tensor,  # [N, nv] fp32 log-decay
-    beta: torch.Tensor,  # [N, nv]
+    g: torch.Tensor,  # [N, nv] fp32 log-decay, or the a projection when gates is given
+    beta: torch.Tensor,  # [N, nv], or the b projection when gates is given
     rec_cache: torch.Tensor,  # [slots, nv, dk, dv] fp32, updated in place at state_slots
     state_slots: torch.Tensor,  # [N] int64
     num_key_heads: int,
+    gates: tuple[torch.Tensor, torch.Tensor] | None = None,  # (dt_bias, A_log) [nv] each
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """o [N, nv, dv] fp32."""
+    """o [N, nv, dv] in out_dtype (rounded once from fp32). With `gates`, g and beta are the raw
+    a and b projections (rows may be strided) and the kernel computes what ops/deltanet.py
+    `deltanet_gates` does: g = softplus(a + dt_bias) * -exp(A_log) in fp32, beta = sigmoid(b)
+    rounded to b's dtype (one launch instead of seven: a decode step is launch-bound)."""
     N = u.shape[0]
     _, nv, dk, dv = rec_cache.shape
     assert rec_cache.dtype == torch.float32 and rec_cache[0].is_contiguous()
-    o = torch.empty(N, nv, dv, dtype=torch.float32, device=u.device)
+    assert g.stride(-1) == 1 and beta.stride(-1) == 1
+    o = torch.empty(N, nv, dv, dtype=out_dtype, device=u.device)
+    dt, alog = gates if gates is not None else (g, g)  # (unread without RAW_GATES)
     bv = min(32, triton.next_power_of_2(dv))
     _recurrent_kernel[(N, nv, triton.cdiv(dv, bv))](
-        u, u.stride(0), g, g.stride(0), beta, beta.stride(0), rec_cache, rec_cache.stride(0),
-        state_slots, o, o.stride(0), dk**-0.5,
+        u, u.stride(0), g, g.stride(0), beta, beta.stride(0), dt, alog, rec_cache,
+        rec_cache.stride(0), state_slots, o, o.stride(0), dk**-0.5,
         R=nv // num_key_heads, KD=num_key_heads * dk, DK=dk, DV=dv, BV=bv,
+        RAW_GATES=gates is not None,
     )  # fmt: skip
     return o
 

@@ -42,12 +42,13 @@ def _add_rms_zc_kernel(H, X, W, Y, stride_h, stride_x, D, eps, BLOCK: tl.constex
 
 
 @triton.jit
-def _gated_rms_kernel(X, Z, W, Y, D, eps, BLOCK: tl.constexpr):
+def _gated_rms_kernel(X, Z, W, Y, stride_zt, NH, D, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK)
     m = d < D
     x = tl.load(X + row * D + d, mask=m, other=0.0).to(tl.float32)
-    z = tl.load(Z + row * D + d, mask=m, other=0.0).to(tl.float32)
+    # z row `row` is head row % NH of token row // NH (z may be a column slice of a projection)
+    z = tl.load(Z + (row // NH) * stride_zt + (row % NH) * D + d, mask=m, other=0.0).to(tl.float32)
     w = tl.load(W + d, mask=m, other=0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
     n = (x * rstd).to(w.dtype)  # the normalised value in the model dtype
@@ -80,12 +81,18 @@ def add_rms_norm_zc_(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps
 
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float):
-    """x, z [..., D]; weight [D] in the model dtype -> weight * norm(x) * silu(z), x's dtype."""
+    """x, z [..., D]; weight [D] in the model dtype -> weight * norm(x) * silu(z), x's dtype.
+    z [T, nh, D] may have any token stride (a column slice of the packed projection: no copy)."""
     D = x.shape[-1]
-    x2, z2 = x.reshape(-1, D).contiguous(), z.reshape(-1, D).contiguous()
+    x2 = x.reshape(-1, D).contiguous()
+    if z.dim() == 3 and z.stride(2) == 1 and z.stride(1) == D:
+        z2, stride_zt, nh = z, z.stride(0), z.shape[1]
+    else:
+        z2 = z.reshape(-1, D).contiguous()
+        stride_zt, nh = D, 1
     y = torch.empty_like(x2)
     if x2.shape[0]:
         _gated_rms_kernel[(x2.shape[0],)](
-            x2, z2, weight, y, D, eps, BLOCK=triton.next_power_of_2(D)
+            x2, z2, weight, y, stride_zt, nh, D, eps, BLOCK=triton.next_power_of_2(D)
         )
     return y.view(x.shape)

@@ -19,10 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.layers.linear import Linear, empty_param
+from qwen35.layers.linear import Linear, empty_param, packed_linear
 from qwen35.layers.mlp import MLP
 from qwen35.ops.backend import Backend
-from qwen35.ops.moe import grouped_experts_reference, routed_experts
+from qwen35.ops.moe import (
+    ExpertWeights,
+    fused_moe,
+    grouped_experts_reference,
+    routed_experts,
+)
 from qwen35.parallel.context import SINGLE, TensorParallel
 
 
@@ -44,6 +49,13 @@ class Experts(nn.Module):
     def grouped(self) -> bool:
         """All experts' plain weights here: the grouped path (no host sync, capturable)."""
         return type(self) is Experts and self.num_total is None
+
+    def fused_weights(self):
+        """The weights as kernels/triton_moe.py reads them, or None (quantized other than FP8,
+        or only some experts here)."""
+        if not self.grouped:
+            return None
+        return ExpertWeights(self.gate_up_proj, self.down_proj)
 
     def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:  # [n, H] -> [n, 2I]
         return F.linear(x, self.gate_up_proj[e])
@@ -133,6 +145,18 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
         """[T, H] -> [T, H]; backend None: the reference expert loop."""
+        if backend is not None and backend.triton_moe:  # a few tokens on the GPU: 3 kernels
+            sh = self.shared_expert
+            shared = (
+                self.shared_expert_gate.weight,
+                lambda x: packed_linear(x, sh.packed_gate_up, sh.gate_proj, sh.up_proj),
+                sh.down_proj.weight,
+                getattr(sh.down_proj, "weight_scale_inv", None),  # FP8 (quant/layers.py)
+            )
+            y = fused_moe(backend, x, self.gate.weight, self.top_k, self.experts.fused_weights(),
+                          shared)  # fmt: skip
+            if y is not None:
+                return self.tp.all_reduce(y)
         top_w, top_idx = self.route(x)
         routed = self.experts(x, top_idx, top_w, backend)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, backend)

@@ -143,7 +143,8 @@ def paged_decode_attention(
     if _triton_ok(be, q):
         from qwen35.kernels.triton_attention import paged_decode_attention as kernel
 
-        return kernel(q, key_cache, value_cache, d.block_tables, d.context_lens, scale, gate)
+        return kernel(q, key_cache, value_cache, d.block_tables, d.context_lens, scale, gate,
+                      max_context=d.max_context)  # split-K at long contexts
     if be.cpu_attention is not None and q.is_cpu and q.dtype == key_cache.dtype:
         from qwen35.kernels import attention
 
@@ -164,8 +165,18 @@ def attention_decode_gated(be: Backend, qg, k, v, q_norm, k_norm, cos, sin, key_
     its projections (qg [N, nh * 2 hd] per head [query | gate], k, v [N, nkv * hd]; q_norm and
     k_norm the RMSNorm modules) in one call, bitwise the op-by-op path; the new K/V are written
     to their slots. o [N, nh * hd] in the model dtype, or None where it does not apply (the
-    caller runs the op-by-op path): no kernels, GPU tensors, mixed dtypes."""
+    caller runs the op-by-op path): no kernels, mixed dtypes.
+    On the GPU path (Triton attention and pointwise kernels, every row a decode row): two
+    launches, `_decode_triton`."""
     dt = key_cache.dtype
+    if (
+        be.triton_pointwise
+        and _triton_ok(be, key_cache)  # (its last dim is head_dim)
+        and d.all_rows
+        and qg.dtype == dt == value_cache.dtype == cos.dtype == q_norm.weight.dtype
+    ):
+        return _decode_triton(be, qg, k, v, q_norm, k_norm, cos, sin, key_cache, value_cache,
+                              slot_mapping, d, scale)  # fmt: skip
     if (
         be.cpu_attention is None
         or not qg.is_cpu
@@ -181,6 +192,21 @@ def attention_decode_gated(be: Backend, qg, k, v, q_norm, k_norm, cos, sin, key_
         qg, k, v, q_norm.weight, k_norm.weight, q_norm.eps, cos.contiguous(), sin.contiguous(),
         key_cache, value_cache, slot_mapping, d.block_tables, d.context_lens, scale,
     )  # fmt: skip
+
+
+def _decode_triton(be, qg, k, v, q_norm, k_norm, cos, sin, key_cache, value_cache,
+                   slot_mapping, d, scale):  # fmt: skip
+    """Norms, rotary and the cache write in one kernel, then the paged decode attention with
+    the output gate read in place from qg: o [N, nh * hd]."""
+    from qwen35.kernels.triton_pointwise import qk_norm_rotary_cache
+
+    hd = key_cache.shape[3]
+    q = qk_norm_rotary_cache(qg, k, v, q_norm.weight, k_norm.weight, q_norm.eps,
+                             cos.contiguous(), sin.contiguous(), key_cache, value_cache,
+                             slot_mapping)  # fmt: skip
+    N, nh = q.shape[:2]
+    gate = qg.unflatten(-1, (nh, 2 * hd))[..., hd:]  # [N, nh, hd], strided
+    return paged_decode_attention(be, q, key_cache, value_cache, d, scale, gate).view(N, nh * hd)
 
 
 def cached_prefill_attention(

@@ -43,6 +43,8 @@ class Backend:
     # DeltaNet decode in Triton, states updated in their slots (kernels/triton_deltanet.py)
     triton_deltanet: bool = False
     grouped_mm: bool = False  # torch._grouped_mm works for the model dtype on this device
+    # the MoE block of a few tokens in three Triton kernels (kernels/triton_moe.py)
+    triton_moe: bool = False
     # tests only (interpreter_backend): the Triton kernels also take CPU tensors, which Triton
     # runs through its interpreter (TRITON_INTERPRET=1), and ops choose as they would on a GPU
     interpret: bool = False
@@ -72,6 +74,8 @@ class Backend:
             parts.append("triton-deltanet")
         if self.grouped_mm:
             parts.append("grouped-mm")
+        if self.triton_moe:
+            parts.append("triton-moe")
         if self.interpret:
             parts.append("interpreted")
         return "+".join(parts)
@@ -111,6 +115,7 @@ def interpreter_backend(dtype: torch.dtype = torch.float32, **overrides) -> Back
     from qwen35.kernels import (  # noqa: F401
         triton_attention,
         triton_deltanet,
+        triton_moe,
         triton_norms,
         triton_pointwise,  # noqa: F401
     )
@@ -122,6 +127,7 @@ def interpreter_backend(dtype: torch.dtype = torch.float32, **overrides) -> Back
         triton_pointwise=True,
         triton_deltanet=True,
         grouped_mm=_grouped_mm_works("cpu", dtype),
+        triton_moe=True,
         interpret=True,
     )
     return Backend("cuda", **{**fields, **overrides})
@@ -159,6 +165,7 @@ def _select(device_type: str, kernels: bool, dtype: torch.dtype) -> Backend:
             triton_pointwise=triton_ok,
             triton_deltanet=triton_ok,
             grouped_mm=_grouped_mm_works("cuda", dtype),
+            triton_moe=triton_ok,
         )
         log.info("GPU backend: %s", be.name)
         return be
@@ -196,6 +203,7 @@ def _triton_works() -> bool:
         from qwen35.kernels import (  # noqa: F401
             triton_attention,
             triton_deltanet,
+            triton_moe,
             triton_norms,
             triton_pointwise,  # noqa: F401
         )

@@ -202,11 +202,12 @@ def deltanet_decode(be: Backend, qkv, g, beta, conv_w, dims: Dims, d, conv_cache
         return
     if not d.all_rows:
         qkv, g, beta = (t.index_select(0, d.rows) for t in (qkv, g, beta))
-    if be.triton_deltanet and dims.dk & (dims.dk - 1) == 0 and rec_cache.dtype == torch.float32:
+    if _triton_decode_ok(be, qkv, dims, rec_cache):
         from qwen35.kernels import triton_deltanet as tdn  # states updated in their slots
 
         u = tdn.conv_update_(qkv, conv_w, conv_cache, d.state_slots)  # [N, C]
-        y = tdn.recurrent_step_(u, g, beta, rec_cache, d.state_slots, dims.nk)  # [N, nv, dv]
+        y = tdn.recurrent_step_(u, g, beta, rec_cache, d.state_slots, dims.nk,
+                                out_dtype=o.dtype)  # [N, nv, dv]  # fmt: skip
         _write_rows(o, d, y)
         return
     cs = conv_cache.index_select(0, d.state_slots)  # [N, C, K-1]
@@ -232,7 +233,12 @@ def deltanet_decode_gated(be: Backend, qkv, z, a, b, conv_w, dt_bias, A_log, nor
     """A pure decode batch on a CPU with the compiled kernels: y [N, Vd] in the model dtype
     (out_proj's input), bitwise what deltanet_gates -> deltanet_decode -> the gated RMSNorm
     give, in one kernel call per run of slots. None where it does not apply (the caller takes
-    that op-by-op path): no kernels, GPU tensors, rows not in slot order, fp16/64 states."""
+    that op-by-op path): no kernels, rows not in slot order, fp16/64 states.
+    On the GPU path (Triton DeltaNet and norms): three launches, the gates computed in the
+    recurrent kernel (`_decode_triton`)."""
+    if _triton_decode_ok(be, qkv, dims, rec_cache) and be.triton_norms and d.all_rows:
+        return _decode_triton(qkv, z, a, b, conv_w, dt_bias, A_log, norm_w, eps, dims, d,
+                              conv_cache, rec_cache)  # fmt: skip
     if (
         be.cpu_kernels is None
         or d.rows_by_slot is None
@@ -251,6 +257,33 @@ def deltanet_decode_gated(be: Backend, qkv, z, a, b, conv_w, dt_bias, A_log, nor
         rec_cache.index_fill_(0, d.fresh_slots, 0)
     return gated_slot_runs(mod, qkv, z, a, b, conv_w, dt_bias, A_log, norm_w, eps, dims.nk,
                            d.slot_runs, conv_cache, rec_cache)  # fmt: skip
+
+
+def _triton_decode_ok(be: Backend, qkv, dims: Dims, rec_cache) -> bool:
+    return (
+        be.triton_deltanet
+        and be.on_gpu_path(qkv)
+        and dims.dk & (dims.dk - 1) == 0
+        and rec_cache.dtype == torch.float32
+    )
+
+
+def _decode_triton(qkv, z, a, b, conv_w, dt_bias, A_log, norm_w, eps, dims: Dims, d,
+                   conv_cache, rec_cache):  # fmt: skip
+    """A pure decode step on the GPU: conv (state in its slot), the recurrent step with its
+    gates, the gated norm; y [N, Vd] in the model dtype."""
+    from qwen35.kernels import triton_deltanet as tdn
+    from qwen35.kernels import triton_norms
+
+    if d.fresh_slots is not None:
+        conv_cache.index_fill_(0, d.fresh_slots, 0)
+        rec_cache.index_fill_(0, d.fresh_slots, 0)
+    N = qkv.shape[0]  # every row decodes (d.all_rows): rows in token order
+    u = tdn.conv_update_(qkv, conv_w, conv_cache, d.state_slots)  # [N, C]
+    o = tdn.recurrent_step_(u, a, b, rec_cache, d.state_slots, dims.nk, gates=(dt_bias, A_log),
+                            out_dtype=qkv.dtype)  # [N, nv, dv]  # fmt: skip
+    y = triton_norms.gated_rms_norm(o, z.unflatten(-1, (dims.nv, dims.dv)), norm_w, eps)
+    return y.view(N, dims.nv * dims.dv)
 
 
 def gated_slot_runs(mod, qkv, z, a, b, conv_w, dt_bias, A_log, norm_w, eps, nk, slot_runs,

@@ -8,11 +8,15 @@ Both paths sort the (token, choice) pairs by expert so each expert's rows are co
   computed on the device (no host sync, no Python loop: capturable in a CUDA graph).
 `routed_experts(backend, ...)` picks: the grouped path on a GPU (where `backend.grouped_mm`, probed
 once in ops/backend.py, says it runs), the loop with the GEMV kernels on a CPU.
+`fused_moe(backend, ...)`: the whole block (routing, routed and shared experts) for a few tokens
+on the GPU in three Triton launches (kernels/triton_moe.py), or None where it does not apply.
 
 Shapes: x [T, H]; gate_up [E, 2I, H] (gate rows first); down [E, H, I]; top_idx, top_w [T, k].
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -86,3 +90,61 @@ def routed_experts(be: Backend, x, gate_up, down, top_idx, top_w) -> torch.Tenso
     if be.grouped_mm and x.dtype == gate_up.dtype and x.shape[0] <= CPU_GMM_MAX_ROWS:
         return grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be)
     return grouped_experts_reference(x, gate_up, down, top_idx, top_w)
+
+
+FUSED_MAX_TOKENS = 16  # the Triton MoE's limit: above it the grouped GEMM (experts shared more)
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """The routed experts as the kernels read them: plain (model dtype, scales None) or FP8
+    e4m3 with fp32 scales per 128 x 128 block (the official layout: gate blocks, then up)."""
+
+    gate_up: torch.Tensor  # [E, 2I, H], gate rows first
+    down: torch.Tensor  # [E, H, I]
+    gate_up_scale: torch.Tensor | None = None  # [E, 2 ceil(I/128), ceil(H/128)]
+    down_scale: torch.Tensor | None = None  # [E, ceil(H/128), ceil(I/128)]
+
+
+@dataclass(frozen=True)
+class SharedExpert:
+    """The shared expert of the block, its gate / up projections of x already computed."""
+
+    gate_weight: torch.Tensor  # shared_expert_gate [1, H], model dtype
+    gate: torch.Tensor  # [T, Is] gate_proj(x) (rows may be strided)
+    up: torch.Tensor  # [T, Is] up_proj(x)
+    down: torch.Tensor  # [H, Is], model dtype or e4m3
+    down_scale: torch.Tensor | None = None  # [ceil(H/128), ceil(Is/128)] with an e4m3 down
+
+
+def fused_moe(be: Backend, x, router_w, top_k: int, experts, shared) -> torch.Tensor | None:
+    """The MoE block's output [T, H] from kernels/triton_moe.py (router logits by one matmul),
+    or None where it does not apply: no Triton MoE, more than its MAX_TOKENS tokens, weights it
+    does not read (quantized other than FP8 with 128 x 128 blocks, another dtype).
+    experts: ExpertWeights or None; shared: None or (shared_expert_gate weight [1, H],
+    fn x -> (gate [T, Is], up [T, Is]), down weight [H, Is], its FP8 scales or None)."""
+    if experts is None or not (be.triton_moe and be.on_gpu_path(x)) or x.dim() != 2:
+        return None
+    if x.shape[0] > FUSED_MAX_TOKENS or x.dtype not in (torch.bfloat16, torch.float16,
+                                                              torch.float32):  # fmt: skip
+        return None
+    pairs = [(router_w, None), (experts.gate_up, experts.gate_up_scale),
+             (experts.down, experts.down_scale)]  # fmt: skip
+    if shared is not None:
+        pairs += [(shared[0], None), (shared[2], shared[3])]
+    for w, scale in pairs:  # plain weights in x's dtype, or e4m3 with fp32 block scales
+        want = x.dtype if scale is None else torch.float8_e4m3fn
+        if not isinstance(w, torch.Tensor) or w.dtype != want:
+            return None
+        if scale is not None and scale.dtype != torch.float32:
+            return None
+    from qwen35.kernels import triton_moe
+
+    x = x.contiguous()
+    logits = F.linear(x, router_w)  # [T, E]
+    parts = None
+    if shared is not None:
+        gate_w, gate_up_fn, down_w, down_s = shared
+        g, u = gate_up_fn(x)
+        parts = SharedExpert(gate_w, g, u, down_w, down_s)
+    return triton_moe.sparse_moe(x, logits, top_k, experts, parts)

@@ -155,6 +155,15 @@ class Fp8Experts(Experts):
             m.down_proj.data[e], m.down_proj_scale_inv.data[e] = q, s.float()
         return m
 
+    def fused_weights(self):
+        """As stored, for kernels/triton_moe.py (128 x 128 blocks, every expert here)."""
+        if self.block != (128, 128) or self.num_total is not None:
+            return None
+        from qwen35.ops.moe import ExpertWeights
+
+        return ExpertWeights(self.gate_up_proj, self.down_proj, self.gate_up_proj_scale_inv,
+                             self.down_proj_scale_inv)  # fmt: skip
+
     def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
         I, (bo, _) = self.intermediate_size, self.block
         w, s = self.gate_up_proj[e], self.gate_up_proj_scale_inv[e]

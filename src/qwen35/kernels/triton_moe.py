@@ -1,0 +1,233 @@
+"""The sparse MoE block of a decode step in three Triton kernels (GPU), for a few tokens.
+
+At decode a token picks k of E experts (35B-A3B: 8 of 256) and each picked expert sees one or
+two rows. The grouped GEMM path (ops/moe.py) sorts the (token, expert) pairs, counts, offsets,
+gathers and scatters: ~20 launches a layer around two `torch._grouped_mm` calls, which on a
+captured decode step cost more than the weights they read. Here, for up to ops/moe.py's `FUSED_MAX_TOKENS` tokens:
+
+- `_router_kernel` (one program per token): softmax of the router logits in fp32, the top k
+  (first index on ties), renormalised, cast to the model dtype: what `SparseMoE.route` does.
+- `_gate_up_kernel` (per (token, choice) pair x block of BN intermediate rows): the expert's
+  gate and up rows against the token's hidden state (fp32 sums, rounded to the model dtype
+  as a matmul output is), then silu(gate) * up rounded as `ops/pointwise.silu_mul` does.
+- `_down_kernel` (per token x block of BN hidden rows): sum over the token's k choices of
+  weight * (down rows . h), plus the shared expert: sigmoid(shared_expert_gate . x) * (its down
+  rows . silu(gate) * up), its gate / up computed before (the shared expert's packed matmul).
+  fp32 throughout, rounded once (the reference rounds each expert's output, each product and
+  each partial sum in the model dtype: results agree within those roundings).
+FP8 experts (the official e4m3 releases, 128 x 128 block scales) are read as stored: each
+128-wide chunk of a row's dot product is multiplied by its block's scale (activations stay in
+the model dtype, unlike the block-FP8 GEMM, which quantises them per 128-group). Such MoE
+blocks also become capturable in a CUDA graph (the per-expert FP8 loop reads counts on the host).
+
+Each weight row is read once per pair that uses it (GEMV-style, no tensor cores): at a few
+tokens the block is memory-bound and the pairs rarely share an expert. Reference:
+`SparseMoE.forward` with the grouped or looped experts; tests/test_triton_kernels.py compares
+them (also under TRITON_INTERPRET=1 on a CPU). Block sizes are unmeasured on a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:
+    from qwen35.ops.moe import ExpertWeights, SharedExpert
+
+BN, BK = 16, 128  # rows per program, reduction chunk
+FP8_BLOCK = 128  # FP8 weights: the scale blocks must be 128 x 128 (BK == 128)
+
+
+@triton.jit
+def _router_kernel(L, stride_lt, IDX, TW, E, K_TOP: tl.constexpr, BE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BE)
+    m = e < E
+    logit = tl.load(L + t * stride_lt + e, mask=m, other=float("-inf")).to(tl.float32)
+    p = tl.exp(logit - tl.max(logit, 0))
+    p = tl.where(m, p, 0.0)
+    prob = p / tl.sum(p, 0)
+    # the k largest, first index on ties; a taken one drops to -1
+    left = tl.where(m, prob, -1.0)
+    total = 0.0
+    for _ in tl.static_range(K_TOP):
+        best = tl.max(left, 0)
+        i = tl.min(tl.where(left == best, e, BE), 0)
+        total += best
+        left = tl.where(e == i, -1.0, left)
+    left = tl.where(m, prob, -1.0)  # again, now writing renormalised weights in order
+    for j in tl.static_range(K_TOP):
+        best = tl.max(left, 0)
+        i = tl.min(tl.where(left == best, e, BE), 0)
+        tl.store(IDX + t * K_TOP + j, i.to(tl.int64))
+        tl.store(TW + t * K_TOP + j, (best / total).to(TW.dtype.element_ty))
+        left = tl.where(e == i, -1.0, left)
+
+
+@triton.jit
+def _gate_up_kernel(
+    X, stride_xt, IDX, W, stride_we, stride_wn, WS, stride_wse, stride_wsr, HBUF, stride_hp, H,
+    I, NBH, K_TOP: tl.constexpr, FP8: tl.constexpr, BO: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr,
+):  # fmt: skip
+    pair = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    mn = n < I
+    t = pair // K_TOP
+    e = tl.load(IDX + pair).to(tl.int64)
+    gate_rows = W + e * stride_we + n[:, None] * stride_wn
+    up_rows = gate_rows + I * stride_wn
+    # FP8: one fp32 scale per 128 x 128 block (BK == 128): gate blocks first, then up blocks
+    scales = WS + e * stride_wse + (n // BO) * stride_wsr
+    acc_g = tl.zeros([BN], dtype=tl.float32)
+    acc_u = tl.zeros([BN], dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        k = k0 + tl.arange(0, BK)
+        mk = k < H
+        x = tl.load(X + t * stride_xt + k, mask=mk, other=0.0).to(tl.float32)
+        mw = mn[:, None] & mk[None, :]
+        g = tl.sum(tl.load(gate_rows + k[None, :], mask=mw, other=0.0).to(tl.float32)
+                   * x[None, :], 1)  # fmt: skip
+        u = tl.sum(tl.load(up_rows + k[None, :], mask=mw, other=0.0).to(tl.float32)
+                   * x[None, :], 1)  # fmt: skip
+        if FP8:
+            g *= tl.load(scales + k0 // BK, mask=mn, other=0.0)
+            u *= tl.load(scales + NBH * stride_wsr + k0 // BK, mask=mn, other=0.0)
+        acc_g += g
+        acc_u += u
+    dt = HBUF.dtype.element_ty
+    g = acc_g.to(dt).to(tl.float32)  # the matmul's output in the model dtype
+    s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # silu, rounded as silu_mul does
+    u = acc_u.to(dt).to(tl.float32)
+    tl.store(HBUF + pair * stride_hp + n, (s * u).to(dt), mask=mn)
+
+
+@triton.jit
+def _rows_dot(rows, scales, vec_ptr, n, mn, K, FP8: tl.constexpr, BN: tl.constexpr,
+              BK: tl.constexpr):  # fmt: skip
+    """sum_k W[n, k] v[k] for the BN rows at `rows` (pointers to each row's start) and the
+    length-K vector at vec_ptr; FP8: times each 128 x 128 block's scale (`scales`: the rows'
+    scale rows)."""
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        mk = k < K
+        v = tl.load(vec_ptr + k, mask=mk, other=0.0).to(tl.float32)
+        w = tl.load(rows + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        part = tl.sum(w.to(tl.float32) * v[None, :], 1)
+        if FP8:
+            part *= tl.load(scales + k0 // BK, mask=mn, other=0.0)
+        acc += part
+    return acc
+
+
+@triton.jit
+def _down_kernel(
+    HBUF, stride_hp, IDX, TW, D, stride_de, stride_dn, DS, stride_dse, stride_dsr,
+    X, stride_xt, SGW, SG, stride_sg, SU, stride_su, SD, stride_sdn, SDS, stride_sdsr,
+    Y, stride_yt, H, I, IS,
+    K_TOP: tl.constexpr, FP8: tl.constexpr, HAS_SHARED: tl.constexpr, SD_FP8: tl.constexpr,
+    BO: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    mn = n < H
+    dt = Y.dtype.element_ty
+    out = tl.zeros([BN], dtype=tl.float32)
+    for j in range(K_TOP):
+        pair = t * K_TOP + j
+        e = tl.load(IDX + pair).to(tl.int64)
+        w = tl.load(TW + pair).to(tl.float32)
+        acc = _rows_dot(D + e * stride_de + n[:, None] * stride_dn,
+                        DS + e * stride_dse + (n // BO) * stride_dsr, HBUF + pair * stride_hp,
+                        n, mn, I, FP8, BN, BK)  # fmt: skip
+        out += w * acc
+    if HAS_SHARED:
+        # the shared expert's gate logit: one dot over H (every program of the token repeats it)
+        sg = tl.zeros([BK], dtype=tl.float32)
+        for k0 in range(0, H, BK):
+            k = k0 + tl.arange(0, BK)
+            mk = k < H
+            x = tl.load(X + t * stride_xt + k, mask=mk, other=0.0).to(tl.float32)
+            sg += tl.load(SGW + k, mask=mk, other=0.0).to(tl.float32) * x
+        logit = tl.sum(sg, 0).to(dt).to(tl.float32)
+        gate = (1.0 / (1.0 + tl.exp(-logit))).to(dt).to(tl.float32)
+        # its down rows against silu(gate) * up, computed chunk by chunk as silu_mul rounds it
+        rows = SD + n[:, None] * stride_sdn
+        acc = tl.zeros([BN], dtype=tl.float32)
+        for k0 in range(0, IS, BK):
+            k = k0 + tl.arange(0, BK)
+            mk = k < IS
+            g = tl.load(SG + t * stride_sg + k, mask=mk, other=0.0).to(tl.float32)
+            u = tl.load(SU + t * stride_su + k, mask=mk, other=0.0).to(tl.float32)
+            h = ((g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u).to(dt).to(tl.float32)
+            wd = tl.load(rows + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+            part = tl.sum(wd.to(tl.float32) * h[None, :], 1)
+            if SD_FP8:
+                part *= tl.load(SDS + (n // BO) * stride_sdsr + k0 // BK, mask=mn, other=0.0)
+            acc += part
+        out += gate * acc
+    tl.store(Y + t * stride_yt + n, out.to(dt), mask=mn)
+
+
+def route(logits: torch.Tensor, top_k: int, dtype: torch.dtype):
+    """Router logits [T, E] -> (top_w [T, k] in dtype, top_idx [T, k] int64)."""
+    T, E = logits.shape
+    assert logits.stride(1) == 1
+    idx = torch.empty(T, top_k, dtype=torch.long, device=logits.device)
+    tw = torch.empty(T, top_k, dtype=dtype, device=logits.device)
+    if T:
+        _router_kernel[(T,)](logits, logits.stride(0), idx, tw, E, K_TOP=top_k,
+                             BE=triton.next_power_of_2(E))  # fmt: skip
+    return tw, idx
+
+
+def sparse_moe(
+    x: torch.Tensor,  # [T, H]
+    router_logits: torch.Tensor,  # [T, E] (model dtype)
+    top_k: int,
+    experts: ExpertWeights,
+    shared: SharedExpert | None = None,
+) -> torch.Tensor:
+    """The MoE block's output [T, H] in x's dtype."""
+    T, H = x.shape
+    gu, dn = experts.gate_up, experts.down
+    E, two_i, _ = gu.shape
+    Ii = two_i // 2
+    fp8 = experts.gate_up_scale is not None
+    assert x.stride(1) == 1 and gu.stride(2) == 1 and dn.stride(2) == 1
+    tw, idx = route(router_logits, top_k, x.dtype)
+    hbuf = torch.empty(T * top_k, Ii, dtype=x.dtype, device=x.device)
+    y = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return y
+    gs = experts.gate_up_scale if fp8 else x  # (unread without FP8)
+    ds = experts.down_scale if fp8 else x
+    if fp8:
+        assert gs.stride(2) == 1 and ds.stride(2) == 1
+    _gate_up_kernel[(T * top_k, triton.cdiv(Ii, BN))](
+        x, x.stride(0), idx, gu, gu.stride(0), gu.stride(1), gs, gs.stride(0),
+        gs.stride(1) if fp8 else 0, hbuf, hbuf.stride(0), H, Ii, triton.cdiv(Ii, FP8_BLOCK),
+        K_TOP=top_k, FP8=fp8, BO=FP8_BLOCK, BN=BN, BK=BK,
+    )  # fmt: skip
+    sh = shared
+    if sh is not None:
+        sd_fp8 = sh.down_scale is not None
+        assert sh.gate.stride(1) == 1 and sh.up.stride(1) == 1 and sh.down.stride(1) == 1
+        assert sh.gate_weight.is_contiguous()
+        sgw, sg, su, sd = sh.gate_weight, sh.gate, sh.up, sh.down
+        sds = sh.down_scale if sd_fp8 else x
+        is_ = sd.shape[1]
+    else:  # unread (HAS_SHARED=False)
+        sd_fp8, sgw, sg, su, sd, sds, is_ = False, x, x, x, x, x, 0
+    _down_kernel[(T, triton.cdiv(H, BN))](
+        hbuf, hbuf.stride(0), idx, tw, dn, dn.stride(0), dn.stride(1), ds, ds.stride(0),
+        ds.stride(1) if fp8 else 0, x, x.stride(0), sgw, sg, sg.stride(0), su, su.stride(0), sd,
+        sd.stride(0), sds, sds.stride(0) if sd_fp8 else 0, y, y.stride(0), H, Ii, is_,
+        K_TOP=top_k, FP8=fp8, HAS_SHARED=sh is not None, SD_FP8=sd_fp8, BO=FP8_BLOCK, BN=BN,
+        BK=BK,
+    )  # fmt: skip
+    return y
