@@ -166,6 +166,22 @@ def test_engine_greedy_equals_reference(which, ckpts, calls):
     assert (n["sparse_moe"] > 0) == (which == "moe"), n  # the decode steps' MoE blocks
 
 
+def test_engine_fp8_moe_equals_cpu_engine(tmp_path, calls):
+    """An official-layout FP8 MoE checkpoint (experts per expert, e4m3 with 128 x 128 blocks):
+    the interpreted GPU backend's decode steps take the Triton MoE, which reads the experts as
+    stored, and give the CPU engine's greedy tokens (its FP8 expert loop)."""
+    from tiny import save_fp8_checkpoint
+
+    save_fp8_checkpoint(tmp_path / "fp8", tmp_path / "bf16", moe=True, experts="per_expert")
+    ps = prompts(3, seed=31, lo=3, hi=30)
+    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    kw = dict(block_size=BS)
+    want = ids(make(tmp_path / "fp8", **kw).generate(ps, sp))
+    llm = _interpreted(tmp_path / "fp8", calls.counted(_full()), **kw)
+    assert ids(llm.generate(ps, sp)) == want
+    assert calls.n["sparse_moe"] > 0, calls.n
+
+
 def test_decode_graph_buffers_with_padding_rows(calls):
     """The static-buffer decode step a CUDA graph replays (3 rows in the bucket of 4, the
     padding row in the padding block and slot), run eagerly through the interpreted kernels."""
