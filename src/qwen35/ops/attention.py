@@ -174,6 +174,9 @@ def attention_decode_gated(be: Backend, qg, k, v, q_norm, k_norm, cos, sin, key_
         and _triton_ok(be, key_cache)  # (its last dim is head_dim)
         and d.all_rows
         and qg.dtype == dt == value_cache.dtype == cos.dtype == q_norm.weight.dtype
+        and key_cache.is_contiguous()
+        and value_cache.is_contiguous()
+        and qg.stride(-1) == k.stride(-1) == v.stride(-1) == 1
     ):
         return _decode_triton(be, qg, k, v, q_norm, k_norm, cos, sin, key_cache, value_cache,
                               slot_mapping, d, scale)  # fmt: skip

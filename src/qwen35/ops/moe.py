@@ -134,9 +134,9 @@ def fused_moe(be: Backend, x, router_w, top_k: int, experts, shared) -> torch.Te
         pairs += [(shared[0], None), (shared[2], shared[3])]
     for w, scale in pairs:  # plain weights in x's dtype, or e4m3 with fp32 block scales
         want = x.dtype if scale is None else torch.float8_e4m3fn
-        if not isinstance(w, torch.Tensor) or w.dtype != want:
+        if not isinstance(w, torch.Tensor) or w.dtype != want or not w.is_contiguous():
             return None
-        if scale is not None and scale.dtype != torch.float32:
+        if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
             return None
     from qwen35.kernels import triton_moe
 
