@@ -135,3 +135,27 @@ def test_checkpoint_without_tower_says_text_only(tmp_path):
     assert not load_model(str(tmp_path), dtype="fp32").has_vision  # text only loads
     assert not load_model(str(tmp_path), dtype="fp32", vision="auto").has_vision
     assert not make_llm(tmp_path).engine.has_vision  # the engine's default: auto
+
+
+def test_decode_after_an_image_takes_1d_positions(llm, monkeypatch):
+    """Steps whose tokens all have three equal position streams (decoding after the image) get
+    1-D positions p + rope_delta, which a decode CUDA graph can replay (the rotary is the same
+    bit for bit: test_vision_model); the prefill step with the image keeps 3-D positions."""
+    from qwen35.engine.vision_inputs import VisionInputs
+
+    seen = []
+    orig = VisionInputs.apply
+
+    def apply(self, scheduled, batch):
+        orig(self, scheduled, batch)
+        seen.append((batch.num_tokens, batch.mrope_positions, batch.positions.clone()))
+
+    monkeypatch.setattr(VisionInputs, "apply", apply)
+    out = llm.generate(req(rand_image(90, 130, 1)), GREEDY)[0]
+    n_prompt = len(out.prompt_token_ids)
+    assert seen[0][1] is not None and seen[0][0] == n_prompt  # the image's prefill: 3-D
+    decode = seen[1:]
+    assert len(decode) == GREEDY.max_tokens - 1 and all(m is None for _, m, _ in decode)
+    # p + rope_delta: the 12 image tokens (3 x 4 after the 2 x 2 merge) span 4 positions, so
+    # the first generated token (p = n_prompt) sits at n_prompt - 8
+    assert [int(p[0]) for _, _, p in decode] == list(range(n_prompt - 8, n_prompt - 8 + 9))

@@ -4,7 +4,9 @@ image across steps: it is encoded once), and fill the ForwardBatch's 3-D rotary 
 the rows that replace the pad tokens' embeddings.
 
 Steps without a sequence that has images leave the batch untouched (1-D positions), so
-text-only batches run exactly as without the vision tower.
+text-only batches run exactly as without the vision tower. Steps whose tokens all have three
+equal position streams (decode after the images) get 1-D positions shifted by the sequence's
+rope delta instead of 3-D ones: the same rotary, and a decode CUDA graph can replay them.
 """
 
 from __future__ import annotations
@@ -63,7 +65,13 @@ class VisionInputs:
             self._encode(todo)
         embeds = [self.cache[key][e : e + c] for key, e, c in pieces]
         dev = self.device
-        batch.mrope_positions = torch.from_numpy(pos).to(dev)
+        if (pos[0] == pos[1]).all() and (pos[0] == pos[2]).all():
+            # three equal streams (text after the images: p + rope_delta, e.g. every decode
+            # step): the 1-D rotary gives bit for bit the same cos / sin, and a decode CUDA
+            # graph, which reads 1-D positions, can replay the step
+            batch.positions = torch.from_numpy(pos[0].copy()).to(dev)
+        else:
+            batch.mrope_positions = torch.from_numpy(pos).to(dev)
         if embeds:
             batch.mm_rows = torch.from_numpy(np.concatenate(rows)).to(dev)
             batch.mm_embeds = torch.cat(embeds)
