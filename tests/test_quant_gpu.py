@@ -37,12 +37,18 @@ def test_triton_block_fp8_matches_reference(M, N, K):
     assert _rel(y, fp8_gpu.reference(x, w, s, (128, 128))) < 0.03
 
 
-@pytest.mark.parametrize("M", [1, 33])  # a decode row, an odd batch
-def test_dispatch_matches_reference_and_activation_quant(M):
+@pytest.mark.parametrize("M", [1, 16, 33])  # decode rows, an odd batch
+def test_dispatch_matches_reference_and_activation_quant(M, monkeypatch):
+    """Up to 16 rows: the weight-only GEMV (no activation quantization: the reference up to
+    the output's rounding); above: a GEMM path with e4m3 activations."""
+    gemv_calls = []
+    orig = fp8_gpu._gemv_kernel()
+    monkeypatch.setattr(fp8_gpu, "_gemv_kernel", lambda: lambda *a: gemv_calls.append(1) or orig(*a))
     x, w, s = _problem(M, 512, 1024)
     y = fp8_gpu.fp8_linear_gpu(x, w, s, (128, 128))
     assert y.shape == (M, 512) and y.dtype == torch.bfloat16
-    assert _rel(y, fp8_gpu.reference(x, w, s, (128, 128))) < 0.03
+    assert bool(gemv_calls) == (M <= fp8_gpu.GEMV_MAX_ROWS)
+    assert _rel(y, fp8_gpu.reference(x, w, s, (128, 128))) < (0.01 if gemv_calls else 0.03)
     q, xs = fp8_gpu.quantize_activations(x.float())
     back = q.float() * xs.repeat_interleave(128, 1)[:, : x.shape[1]]
     assert _rel(back, x) < 0.05

@@ -140,6 +140,19 @@ def test_fp8_block_kernel_compiles(M):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_gemv_kernel_compiles(dtype):
+    """The decode-sized weight-only FP8 kernel: bf16 tensor-core dots on upcast e4m3, or IEEE
+    fp32 ones for fp32 models."""
+    from qwen35.quant import fp8_gpu
+
+    p, i = _ptr(dtype), "i32"
+    sig = dict(X=p, W="*fp8e4nv", S="*fp32", Y=p, M=i, N=i, K=i, s_xm=i, s_wn=i, s_ym=i, s_sn=i,
+               BM=0, BN=0, BK=0, BLOCK_O=0, IEEE=0, UPCAST=0)  # fmt: skip
+    compile_sm90(fp8_gpu._gemv_kernel().kernel, sig, dict(
+        BM=16, BN=64, BK=128, BLOCK_O=128, IEEE=dtype == torch.float32, UPCAST=False))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_moe_kernels_compile(dtype):
     """The Triton MoE block (kernels/triton_moe.py) at the catalog's expert counts and top-k
     (256 x 8 for 35B-A3B / 122B-A10B, 512 x 10 for 397B-A17B)."""

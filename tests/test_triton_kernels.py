@@ -497,3 +497,23 @@ def test_block_fp8_kernel_matches_dequantised_reference(M, N, K):
     x_deq = xq.float() * xs.repeat_interleave(128, 1)[:, :K]
     w_deq = dequantize_fp8_blocks(w, s, torch.float32, (128, 128))
     assert _rel(fp8_gpu._triton_kernel()(x32, w, s, (128, 128)), x_deq @ w_deq.T) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(1, 256, 512), (5, 200, 333), (16, 384, 1024)])
+def test_fp8_gemv_kernel_equals_dequantised_weights(dtype, M, N, K):
+    """quant/fp8_gpu.py's decode path (up to 16 rows, weights read as stored, activations not
+    quantized): the dequantised-weight reference up to summation order (fp32) / the output's
+    rounding (bf16); partial last blocks in N and K."""
+    from qwen35.quant import fp8_gpu
+    from qwen35.quant.formats import dequantize_fp8_blocks, quantize_fp8_blocks
+
+    g = torch.Generator().manual_seed(M + N)
+    x = torch.randn(M, K + 3, generator=g).to(DEV, dtype)[:, :K]  # rows strided
+    w, s = quantize_fp8_blocks(torch.randn(N, K, generator=g) * 0.05)
+    w, s = w.to(DEV), s.float().to(DEV)
+    y = fp8_gpu._gemv_kernel()(x, w, s, (128, 128))
+    assert y.shape == (M, N) and y.dtype == dtype
+    want = x.float() @ dequantize_fp8_blocks(w, s, torch.float32, (128, 128)).T
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(y.float(), want, **tol)
