@@ -145,7 +145,7 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
         """[T, H] -> [T, H]; backend None: the reference expert loop."""
-        if backend is not None and backend.triton_moe:  # a few tokens on the GPU: 3 kernels
+        if backend is not None and backend.triton_moe:  # <= 16 tokens on the GPU: Triton
             sh = self.shared_expert
             shared = (
                 self.shared_expert_gate.weight,

@@ -119,14 +119,15 @@ class SharedExpert:
 
 def fused_moe(be: Backend, x, router_w, top_k: int, experts, shared) -> torch.Tensor | None:
     """The MoE block's output [T, H] from kernels/triton_moe.py (router logits by one matmul),
-    or None where it does not apply: no Triton MoE, more than its MAX_TOKENS tokens, weights it
-    does not read (quantized other than FP8 with 128 x 128 blocks, another dtype).
+    or None where it does not apply: no Triton MoE, more than FUSED_MAX_TOKENS tokens, weights
+    it does not read (quantized other than FP8 with 128 x 128 blocks, another dtype). Under
+    tensor parallelism each rank's output is its partial sum (experts split by intermediate
+    size; the caller all-reduces).
     experts: ExpertWeights or None; shared: None or (shared_expert_gate weight [1, H],
     fn x -> (gate [T, Is], up [T, Is]), down weight [H, Is], its FP8 scales or None)."""
     if experts is None or not (be.triton_moe and be.on_gpu_path(x)) or x.dim() != 2:
         return None
-    if x.shape[0] > FUSED_MAX_TOKENS or x.dtype not in (torch.bfloat16, torch.float16,
-                                                              torch.float32):  # fmt: skip
+    if x.shape[0] > FUSED_MAX_TOKENS or not x.dtype.is_floating_point or x.dtype.itemsize < 2:
         return None
     pairs = [(router_w, None), (experts.gate_up, experts.gate_up_scale),
              (experts.down, experts.down_scale)]  # fmt: skip
