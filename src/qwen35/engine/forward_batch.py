@@ -200,11 +200,14 @@ class ForwardBatch:
                 raise ValueError(f"state checkpoint {(i, n, dest)} is outside sequence {i}")
             cps.setdefault(i, []).append((n, dest))
 
+        up = _Upload(device)
+
         def dev_tensor(x, dtype):
             if isinstance(x, torch.Tensor):
                 return x.to(device=device, dtype=dtype)
-            return torch.tensor(list(x), dtype=dtype, device=device)
+            return up.add(torch.tensor(list(x), dtype=dtype))
 
+        host_table = None
         if isinstance(block_tables, torch.Tensor):
             table = block_tables.to(device=device, dtype=torch.int32)
         else:
@@ -213,7 +216,7 @@ class ForwardBatch:
             for i, t in enumerate(block_tables):
                 if len(t):
                     host_table[i, : len(t)] = torch.tensor(list(t), dtype=torch.int32)
-            table = host_table.to(device)
+            table = up.add(host_table)
 
         prefill, dec = [], []
         for i in range(B):
@@ -236,24 +239,28 @@ class ForwardBatch:
             dslots = [slots[i] for i in dec]
             fresh = [slots[i] for i in dec if not has_initial_state[i]]
             all_rows = rows == list(range(T))
+            if all_rows:
+                dec_table = table
+            elif host_table is not None:
+                dec_table = up.add(host_table[dec])
+            else:
+                dec_table = table.index_select(0, torch.tensor(dec, device=device))
             decode = DecodeBatch(
-                rows=torch.tensor(rows, dtype=torch.long, device=device),
-                block_tables=table
-                if all_rows
-                else table.index_select(0, torch.tensor(dec, device=device)),
-                context_lens=torch.tensor([ctx[i] for i in dec], dtype=torch.int32, device=device),
-                state_slots=torch.tensor(dslots, dtype=torch.long, device=device),
+                rows=up.add(torch.tensor(rows, dtype=torch.long)),
+                block_tables=dec_table,
+                context_lens=up.add(torch.tensor([ctx[i] for i in dec], dtype=torch.int32)),
+                state_slots=up.add(torch.tensor(dslots, dtype=torch.long)),
                 max_context=max(ctx[i] for i in dec),
                 all_rows=all_rows,
-                fresh_slots=torch.tensor(fresh, dtype=torch.long, device=device) if fresh else None,
+                fresh_slots=up.add(torch.tensor(fresh, dtype=torch.long)) if fresh else None,
             )
             if backend.device_type == "cpu":
                 by_slot = sorted(range(len(dec)), key=lambda j: dslots[j])
                 rows_by_slot = [rows[j] for j in by_slot]
-                decode.rows_by_slot = torch.tensor(rows_by_slot, device=device)
+                decode.rows_by_slot = up.add(torch.tensor(rows_by_slot))
                 decode.slot_runs = consecutive_runs([dslots[j] for j in by_slot])
                 decode.all_rows_in_slot_order = rows_by_slot == list(range(T))
-        return cls(
+        batch = cls(
             positions=dev_tensor(positions, torch.long),
             slot_mapping=dev_tensor(slot_mapping, torch.long),
             block_tables=table,
@@ -263,6 +270,51 @@ class ForwardBatch:
             backend=backend,
             state_copies=copies,
         )
+        up.send(batch)
+        return batch
+
+
+class _Upload:
+    """The step's index tensors, built on the host, sent to the device in one copy per dtype.
+
+    On a GPU each `torch.tensor(list, device=cuda)` is a synchronous copy from pageable memory
+    (tens of microseconds with its Python around it), and a step builds about eight of them:
+    here they are concatenated on the host and sent once per dtype, each field a view of the
+    device buffer. `add(host)` returns a placeholder; `send(batch)` replaces every placeholder
+    among the batch's (and its DecodeBatch's) fields with its device view. On a CPU the host
+    tensors are the result as they are."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.host: list[torch.Tensor] = []
+
+    def add(self, host: torch.Tensor):
+        if self.device.type == "cpu":
+            return host
+        self.host.append(host)
+        return _Pending(len(self.host) - 1)
+
+    def send(self, batch: ForwardBatch) -> None:
+        if not self.host:
+            return
+        views: list[torch.Tensor | None] = [None] * len(self.host)
+        for dtype in {t.dtype for t in self.host}:
+            idx = [i for i, t in enumerate(self.host) if t.dtype == dtype]
+            flat = torch.cat([self.host[i].reshape(-1) for i in idx]).to(self.device)
+            parts = flat.split([self.host[i].numel() for i in idx])
+            for i, part in zip(idx, parts, strict=True):
+                views[i] = part.view(self.host[i].shape)
+        for obj in (batch, batch.decode):
+            if obj is None:
+                continue
+            for name, value in vars(obj).items():
+                if isinstance(value, _Pending):
+                    setattr(obj, name, views[value.index])
+
+
+@dataclass(frozen=True)
+class _Pending:
+    index: int
 
 
 def _host_ints(x) -> list[int]:
