@@ -191,6 +191,7 @@ def sparse_moe(
     top_k: int,
     experts: ExpertWeights,
     shared: SharedExpert | None = None,
+    block_n: int = BN,  # rows per program (bench/gpu_kernels.py compares some)
 ) -> torch.Tensor:
     """The MoE block's output [T, H] in x's dtype."""
     T, H = x.shape
@@ -208,10 +209,10 @@ def sparse_moe(
     ds = experts.down_scale if fp8 else x
     if fp8:
         assert gs.stride(2) == 1 and ds.stride(2) == 1
-    _gate_up_kernel[(T * top_k, triton.cdiv(Ii, BN))](
+    _gate_up_kernel[(T * top_k, triton.cdiv(Ii, block_n))](
         x, x.stride(0), idx, gu, gu.stride(0), gu.stride(1), gs, gs.stride(0),
         gs.stride(1) if fp8 else 0, hbuf, hbuf.stride(0), H, Ii, triton.cdiv(Ii, FP8_BLOCK),
-        K_TOP=top_k, FP8=fp8, BO=FP8_BLOCK, BN=BN, BK=BK,
+        K_TOP=top_k, FP8=fp8, BO=FP8_BLOCK, BN=block_n, BK=BK,
     )  # fmt: skip
     sh = shared
     if sh is not None:
@@ -223,11 +224,11 @@ def sparse_moe(
         is_ = sd.shape[1]
     else:  # unread (HAS_SHARED=False)
         sd_fp8, sgw, sg, su, sd, sds, is_ = False, x, x, x, x, x, 0
-    _down_kernel[(T, triton.cdiv(H, BN))](
+    _down_kernel[(T, triton.cdiv(H, block_n))](
         hbuf, hbuf.stride(0), idx, tw, dn, dn.stride(0), dn.stride(1), ds, ds.stride(0),
         ds.stride(1) if fp8 else 0, x, x.stride(0), sgw, sg, sg.stride(0), su, su.stride(0), sd,
         sd.stride(0), sds, sds.stride(0) if sd_fp8 else 0, y, y.stride(0), H, Ii, is_,
-        K_TOP=top_k, FP8=fp8, HAS_SHARED=sh is not None, SD_FP8=sd_fp8, BO=FP8_BLOCK, BN=BN,
-        BK=BK,
+        K_TOP=top_k, FP8=fp8, HAS_SHARED=sh is not None, SD_FP8=sd_fp8, BO=FP8_BLOCK,
+        BN=block_n, BK=BK,
     )  # fmt: skip
     return y

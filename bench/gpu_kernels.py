@@ -1,0 +1,228 @@
+"""Our GPU decode kernels against the paths they replace, at the catalog models' shapes (GPU).
+
+    python bench/gpu_kernels.py [--only moe,fp8,attention,deltanet] [--out FILE.json]
+    TRITON_INTERPRET=1 PYTHONPATH=src:tests python bench/gpu_kernels.py --dry-run  # CPU check
+
+Each row: microseconds per call (triton.testing.do_bench: warm-up, then the median of repeated
+calls, the L2 cache flushed between them) and the GB/s of the bytes the call has to read, side
+by side with the path it replaced, in one run:
+- moe: the Triton MoE block (kernels/triton_moe.py; 16 / 32 / 64 rows per program) vs the
+  grouped-GEMM path (router softmax/top-k, sort by expert, two torch._grouped_mm, the shared
+  expert's MLP), bf16 at the 35B-A3B and 122B-A10B shapes, 1 / 4 / 16 tokens; FP8 experts
+  (e4m3, 128x128 scales): the Triton MoE vs the per-expert loop of block-FP8 GEMMs.
+- fp8: the weight-only FP8 GEMV (quant/fp8_gpu.py) vs activation quantization + the blockwise
+  GEMM (torch._scaled_mm, else the Triton block kernel), 1 / 16 rows, 27B projections.
+- attention: paged decode attention at 1K / 8K / 32K tokens, batch 1 / 32: split-K (the
+  default) vs one program per (sequence, KV head), 9B heads (16 query, 4 KV, head_dim 256).
+- deltanet: a decode step of one DeltaNet layer between its projections at the 9B shapes: conv +
+  recurrent step with its gates + gated norm (3 launches) vs the gates op by op first.
+--dry-run (CPU, Triton's interpreter, tiny sizes) calls every path once and times nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+DRY = "--dry-run" in sys.argv
+
+
+def bench(fn, *args, **kwargs) -> float | None:
+    """Microseconds per call of fn(*args, **kwargs) (None in a dry run: called once)."""
+    if DRY:
+        fn(*args, **kwargs)
+        return None
+    import triton.testing
+
+    call = lambda: fn(*args, **kwargs)  # noqa: E731
+    return triton.testing.do_bench(call, warmup=10, rep=50, return_mode="median") * 1e3
+
+
+def row(table: list, name: str, us: float | None, nbytes: int, **kw) -> None:
+    gbs = nbytes / (us * 1e-6) / 1e9 if us else None
+    table.append({"name": name, "us": us, "GB/s": gbs, **kw})
+    us_s = f"{us:9.1f}" if us else "        -"
+    gb_s = f"{gbs:7.0f}" if gbs else "      -"
+    print(f"  {name:58s} {us_s} us {gb_s} GB/s", flush=True)
+
+
+def moe(dev, dtype, out: list) -> None:
+    from qwen35.layers.moe import SparseMoE
+    from qwen35.ops.backend import Backend
+    from qwen35.quant.layers import Fp8Experts, Fp8Linear
+
+    shapes = {"35B-A3B": (2048, 256, 8, 512), "122B-A10B": (3072, 256, 8, 1024)}
+    if DRY:
+        shapes = {"tiny": (256, 16, 4, 128)}
+    fused = Backend("cuda", triton_moe=True, interpret=DRY)
+    grouped = Backend("cuda", grouped_mm=True, interpret=DRY)
+    for name, (H, E, k, inter) in shapes.items():
+        m = SparseMoE(H, E, k, inter, inter, dtype=dtype, device=dev)
+        for p in m.parameters():
+            p.normal_(0, H**-0.5)
+        m.shared_expert.pack()
+        expert_bytes = 3 * inter * H * dtype.itemsize
+        for T in (1, 4, 16):
+            x = torch.randn(T, H, device=dev, dtype=dtype)
+            read = min(T * k, E) * expert_bytes + expert_bytes  # picked experts (at most) + shared
+            for bn in (16, 32, 64):
+                _patch_block(bn)
+                row(out, f"moe {name} {_dt(dtype)} T={T} triton BN={bn}", bench(m, x, fused), read,
+                    T=T, model=name)  # fmt: skip
+            _patch_block(None)
+            row(out, f"moe {name} {_dt(dtype)} T={T} grouped GEMM path", bench(m, x, grouped), read,
+                T=T, model=name)  # fmt: skip
+        m.experts = Fp8Experts.quantize(m.experts)
+        sh = m.shared_expert
+        for lin in ("gate_proj", "up_proj", "down_proj"):
+            setattr(sh, lin, Fp8Linear.quantize(getattr(sh, lin).weight))
+        sh.pack()
+        for T in (1, 16):
+            x = torch.randn(T, H, device=dev, dtype=dtype)
+            read = (min(T * k, E) + 1) * expert_bytes // dtype.itemsize  # 1 byte a weight
+            row(out, f"moe {name} FP8 T={T} triton", bench(m, x, fused), read, T=T, model=name)
+            row(out, f"moe {name} FP8 T={T} per-expert loop", bench(m, x, grouped), read, T=T,
+                model=name)  # fmt: skip
+
+
+def _dt(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _patch_block(bn):
+    from qwen35.kernels import triton_moe
+
+    orig = getattr(triton_moe, "_orig_sparse_moe", None) or triton_moe.sparse_moe
+    triton_moe._orig_sparse_moe = orig
+    triton_moe.sparse_moe = orig if bn is None else (lambda *a, **kw: orig(*a, **kw, block_n=bn))
+
+
+def fp8(dev, dtype, out: list) -> None:
+    from qwen35.quant import fp8_gpu
+    from qwen35.quant.formats import quantize_fp8_blocks
+
+    shapes = {"27B in_proj": (17408, 5120), "27B out_proj": (5120, 6144), "27B down": (5120, 17408)}
+    if DRY:
+        shapes = {"tiny": (256, 384)}
+    for name, (N, K) in shapes.items():
+        w, s = quantize_fp8_blocks(torch.randn(N, K, device=dev) * 0.02)
+        s = s.float()
+        for M in (1, 16):
+            x = torch.randn(M, K, device=dev, dtype=dtype)
+            args = (x, w, s, (128, 128))
+            row(out, f"fp8 {name} M={M} weight-only GEMV", bench(fp8_gpu._gemv_kernel(), *args),
+                N * K, M=M)  # fmt: skip
+            if not DRY and fp8_gpu._scaled_mm_ok(x.device, (128, 128)):
+                row(out, f"fp8 {name} M={M} quantize + _scaled_mm",
+                    bench(fp8_gpu._scaled_mm, *args), N * K, M=M)  # fmt: skip
+            row(out, f"fp8 {name} M={M} quantize + Triton block GEMM",
+                bench(fp8_gpu._triton_kernel(), *args), N * K, M=M)  # fmt: skip
+
+
+def attention(dev, dtype, out: list) -> None:
+    from qwen35.kernels import triton_attention as ta
+
+    nh, nkv, hd, bs = (16, 4, 256, 16) if not DRY else (4, 2, 32, 16)
+    contexts = (1024, 8192, 32768) if not DRY else (64, 200)
+    for N in (1, 32) if not DRY else (1, 3):
+        for ctx in contexts:
+            W = -(-ctx // bs)
+            kc = torch.randn(N * W, bs, nkv, hd, device=dev, dtype=dtype)
+            vc = torch.randn_like(kc)
+            tables = torch.arange(N * W, device=dev, dtype=torch.int32).view(N, W)
+            lens = torch.full((N,), ctx, device=dev, dtype=torch.int32)
+            q = torch.randn(N, nh, hd, device=dev, dtype=dtype)
+            gate = torch.randn_like(q)
+            kv = 2 * N * ctx * nkv * hd * dtype.itemsize
+            split = ta.num_splits(ctx) if not DRY else 4
+            for label, tokens in ((f"split-K ({split} ranges)", None), ("unsplit", 1 << 30)):
+                kw = dict(max_context=ctx)
+                if DRY and tokens is None:
+                    kw["split_tokens"] = 64
+                elif tokens:
+                    kw["split_tokens"] = tokens
+                us = bench(ta.paged_decode_attention, q, kc, vc, tables, lens, hd**-0.5, gate, **kw)
+                row(out, f"attention N={N} ctx={ctx} {label}", us, kv, N=N, ctx=ctx)
+
+
+def deltanet(dev, dtype, out: list) -> None:
+    from qwen35.ops.backend import Backend
+
+    nk, nv, dk, dv = (16, 32, 128, 128) if not DRY else (2, 4, 16, 16)
+    C, Vd = 2 * nk * dk + nv * dv, nv * dv
+    for N in (1, 32) if not DRY else (1, 3):
+        slots = torch.arange(N, device=dev)
+        proj = torch.randn(N, C + Vd + 2 * nv, device=dev, dtype=dtype)
+        qkv, z = proj[:, :C], proj[:, C : C + Vd].unflatten(-1, (nv, dv))
+        b, a = proj[:, C + Vd : C + Vd + nv], proj[:, C + Vd + nv :]
+        conv_w = torch.randn(C, 4, device=dev, dtype=dtype)
+        conv = torch.randn(N, C, 3, device=dev, dtype=dtype)
+        rec = torch.randn(N, nv, dk, dv, device=dev) * 0.05
+        dt_bias, A_log = (torch.randn(nv, device=dev, dtype=dtype) for _ in range(2))
+        norm_w = torch.ones(dv, device=dev, dtype=dtype)
+        ref = Backend("cuda", interpret=DRY)
+
+        args = (qkv, z, a, b, conv_w, conv, rec, slots, dt_bias, A_log, norm_w, nk, dtype)
+        state = 2 * N * nv * dk * dv * 4  # the fp32 states, read and written
+        row(out, f"deltanet N={N} gates in the kernel (3 launches)", bench(_dn_fused, *args),
+            state, N=N)  # fmt: skip
+        row(out, f"deltanet N={N} gates op by op (10 launches)",
+            bench(_dn_gates_apart, ref, *args), state, N=N)  # fmt: skip
+
+
+def _dn_fused(qkv, z, a, b, conv_w, conv, rec, slots, dt_bias, A_log, norm_w, nk, dtype):
+    from qwen35.kernels import triton_deltanet as tdn
+    from qwen35.kernels import triton_norms as tn
+
+    u = tdn.conv_update_(qkv, conv_w, conv, slots)
+    o = tdn.recurrent_step_(u, a, b, rec, slots, nk, gates=(dt_bias, A_log), out_dtype=dtype)
+    return tn.gated_rms_norm(o, z, norm_w, 1e-6)
+
+
+def _dn_gates_apart(ref, qkv, z, a, b, conv_w, conv, rec, slots, dt_bias, A_log, norm_w, nk,
+                    dtype):  # fmt: skip
+    from qwen35.kernels import triton_deltanet as tdn
+    from qwen35.kernels import triton_norms as tn
+    from qwen35.ops.deltanet import deltanet_gates
+
+    g, beta = deltanet_gates(ref, a, b, dt_bias, A_log)
+    u = tdn.conv_update_(qkv, conv_w, conv, slots)
+    o = tdn.recurrent_step_(u, g, beta, rec, slots, nk).to(dtype)
+    return tn.gated_rms_norm(o, z.contiguous(), norm_w, 1e-6)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="moe,fp8,attention,deltanet")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, interpreted, tiny: no timing")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if DRY:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--dry-run needs TRITON_INTERPRET=1 (Triton's interpreter on the CPU)")
+        dev, dtype = torch.device("cpu"), torch.float32
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("needs a CUDA GPU (or --dry-run with TRITON_INTERPRET=1)")
+        dev, dtype = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(0)
+    out: list = []
+    with torch.inference_mode():
+        for part in args.only.split(","):
+            print(f"{part}:", flush=True)
+            {"moe": moe, "fp8": fp8, "attention": attention, "deltanet": deltanet}[part](
+                dev, dtype, out
+            )
+    if args.out:
+        env = {"device": torch.cuda.get_device_name() if not DRY else "cpu (interpreted)",
+               "torch": torch.__version__}  # fmt: skip
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "rows": out}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
