@@ -1,6 +1,8 @@
-"""Our Triton kernels (kernels/triton_attention.py: paged attention; kernels/triton_norms.py:
-the RMSNorms; quant/fp8_gpu.py: the block-FP8 GEMM) against their PyTorch references, on the
-CPU through Triton's interpreter or on a GPU.
+"""Our Triton kernels (kernels/triton_attention.py: paged attention, split-K; kernels/triton_norms.py:
+the RMSNorms; kernels/triton_pointwise.py: rotary, SiLU*mul, the attention inputs of a decode step;
+kernels/triton_deltanet.py: DeltaNet decode with its gates; kernels/triton_moe.py: the MoE block of
+a few tokens, plain and FP8; quant/fp8_gpu.py: the block-FP8 GEMM and the weight-only FP8 GEMV)
+against their PyTorch references, on the CPU through Triton's interpreter or on a GPU.
 
 The CPU test environment has no Triton (with Triton and fla-core present transformers routes its
 reference to GPU kernels). Run these in a separate venv:
