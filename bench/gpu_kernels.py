@@ -10,8 +10,9 @@ by side with the path it replaced, in one run:
   grouped-GEMM path (router softmax/top-k, sort by expert, two torch._grouped_mm, the shared
   expert's MLP), bf16 at the 35B-A3B and 122B-A10B shapes, 1 / 4 / 16 tokens; FP8 experts
   (e4m3, 128x128 scales): the Triton MoE vs the per-expert loop of block-FP8 GEMMs.
-- fp8: the weight-only FP8 GEMV (quant/fp8_gpu.py) vs activation quantization + the blockwise
-  GEMM (torch._scaled_mm, else the Triton block kernel), 1 / 16 rows, 27B projections.
+- fp8: the weight-only FP8 GEMV (quant/fp8_gpu.py; 32 / 64 / 128 weight rows per program) vs
+  activation quantization + the blockwise GEMM (torch._scaled_mm where it runs, and the Triton
+  block kernel), 1 / 16 rows, 27B projections.
 - attention: paged decode attention at 1K / 8K / 32K tokens, batch 1 / 32: split-K (the
   default) vs one program per (sequence, KV head), 9B heads (16 query, 4 KV, head_dim 256).
 - deltanet: a decode step of one DeltaNet layer between its projections at the 9B shapes: conv +
@@ -114,8 +115,9 @@ def fp8(dev, dtype, out: list) -> None:
         for M in (1, 16):
             x = torch.randn(M, K, device=dev, dtype=dtype)
             args = (x, w, s, (128, 128))
-            row(out, f"fp8 {name} M={M} weight-only GEMV", bench(fp8_gpu._gemv_kernel(), *args),
-                N * K, M=M)  # fmt: skip
+            for bn in (32, 64, 128):
+                row(out, f"fp8 {name} M={M} weight-only GEMV BN={bn}",
+                    bench(fp8_gpu._gemv_kernel(), *args, block_n=bn), N * K, M=M)  # fmt: skip
             if not DRY and fp8_gpu._scaled_mm_ok(x.device, (128, 128)):
                 row(out, f"fp8 {name} M={M} quantize + _scaled_mm",
                     bench(fp8_gpu._scaled_mm, *args), N * K, M=M)  # fmt: skip

@@ -193,16 +193,15 @@ def _gemv_kernel():
         tl.store(Y + rm[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty),
                  mask=mm[:, None] & mn[None, :])  # fmt: skip
 
-    def run(x, w, scale, block):
+    def run(x, w, scale, block, block_n: int = 64):  # block_n: bench/gpu_kernels.py tries some
         M, K = x.shape
         N = w.shape[0]
         assert M <= GEMV_MAX_ROWS and block[1] == 128 and x.stride(1) == 1 and w.is_contiguous()
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         s = scale.float().contiguous()
-        BN = 64
-        _fp8_gemv_kernel[(triton.cdiv(N, BN),)](
+        _fp8_gemv_kernel[(triton.cdiv(N, block_n),)](
             x, w, s, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), s.stride(0),
-            BM=16, BN=BN, BK=128, BLOCK_O=block[0], IEEE=x.dtype == torch.float32,
+            BM=16, BN=block_n, BK=128, BLOCK_O=block[0], IEEE=x.dtype == torch.float32,
             UPCAST=upcast,
         )  # fmt: skip
         return y
