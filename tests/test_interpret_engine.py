@@ -182,12 +182,15 @@ def test_engine_fp8_moe_equals_cpu_engine(tmp_path, calls):
     assert calls.n["sparse_moe"] > 0, calls.n
 
 
-def test_decode_graph_buffers_with_padding_rows(calls):
+@pytest.mark.parametrize("moe", [False, True])
+def test_decode_graph_buffers_with_padding_rows(calls, moe):
     """The static-buffer decode step a CUDA graph replays (3 rows in the bucket of 4, the
-    padding row in the padding block and slot), run eagerly through the interpreted kernels."""
+    padding row in the padding block and slot), run eagerly through the interpreted kernels,
+    without a host sync (the MoE through the Triton MoE)."""
     be = calls.counted(_full())
-    assert_padded_decode_equals_eager(_model(), be, (7, 37, 5), steps=2, tol=1e-4)
+    assert_padded_decode_equals_eager(_model(moe), be, (7, 37, 5), steps=2, tol=1e-4)
     assert calls.n["conv_update_"] and calls.n["paged_decode_attention"], calls.n
+    assert (calls.n["sparse_moe"] > 0) == moe, calls.n
 
 
 def test_fla_varlen_conv_equals_per_sequence_conv():
