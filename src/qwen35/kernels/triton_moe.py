@@ -3,7 +3,8 @@
 At decode a token picks k of E experts (35B-A3B: 8 of 256) and each picked expert sees one or
 two rows. The grouped GEMM path (ops/moe.py) sorts the (token, expert) pairs, counts, offsets,
 gathers and scatters: ~20 launches a layer around two `torch._grouped_mm` calls, which on a
-captured decode step cost more than the weights they read. Here, for up to ops/moe.py's `FUSED_MAX_TOKENS` tokens:
+captured decode step cost more than the weights they read. Here, for up to ops/moe.py's
+`FUSED_MAX_TOKENS` tokens:
 
 - `_router_kernel` (one program per token): softmax of the router logits in fp32, the top k
   (first index on ties), renormalised, cast to the model dtype: what `SparseMoE.route` does.
