@@ -118,6 +118,9 @@ def main() -> None:
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("set TRITON_INTERPRET=1 (and install Triton): see the docstring")
+    # the CPU's compiled GEMV kernels would take the matmuls (CPU tensors) out of ATen's sight:
+    # a GPU runs them as ATen matmuls, so count those
+    os.environ["QWEN35_NO_KERNELS"] = "1"
     from triton_interp import patch_fla_for_interpreter
 
     patch_fla_for_interpreter()
