@@ -136,9 +136,16 @@ class SparseMoE(nn.Module):
         )
         self.shared_expert_gate = Linear(hidden_size, 1, dtype, device)  # [1, H]
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, H] -> (top_w [T, k] in x.dtype, top_idx [T, k])."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)  # [T, E] fp32
+    def route(self, x: torch.Tensor, backend: Backend | None = None):
+        """x: [T, H] -> (top_w [T, k] in x.dtype, top_idx [T, k]). With the Triton MoE (GPU)
+        the softmax, top-k and renormalisation are one kernel (kernels/triton_moe.py `route`);
+        this is its reference."""
+        logits = self.gate(x)  # [T, E]
+        if backend is not None and backend.triton_moe and backend.on_gpu_path(x):
+            from qwen35.kernels import triton_moe
+
+            return triton_moe.route(logits.contiguous(), self.top_k, x.dtype)
+        probs = torch.softmax(logits.float(), dim=-1)  # [T, E] fp32
         top_w, top_idx = torch.topk(probs, self.top_k, dim=-1)
         top_w = top_w / top_w.sum(-1, keepdim=True)
         return top_w.to(x.dtype), top_idx
@@ -157,7 +164,7 @@ class SparseMoE(nn.Module):
                           shared)  # fmt: skip
             if y is not None:
                 return self.tp.all_reduce(y)
-        top_w, top_idx = self.route(x)
+        top_w, top_idx = self.route(x, backend)  # (more tokens, or experts it does not read)
         routed = self.experts(x, top_idx, top_w, backend)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, backend)
         return self.tp.all_reduce(routed + shared)  # one all-reduce under tensor parallelism
