@@ -476,3 +476,32 @@ def test_step_index_tensors_reach_the_device_in_one_copy_per_dtype(monkeypatch):
              got.logits_indices, d.rows, d.state_slots, d.fresh_slots)}  # fmt: skip
     assert len(bases) == 1  # one int64 buffer
     assert d.context_lens.untyped_storage().data_ptr() == got.block_tables.untyped_storage().data_ptr()
+
+
+def test_decode_graph_padding_rows_rewritten_only_when_the_batch_shrinks(monkeypatch):
+    """DecodeGraphs.run pads rows n.. again only when a larger step left its data there (a
+    steady batch pays no fills); whatever the sequence of step sizes, every row past the step's
+    is padding when the graph runs."""
+    model = _model()
+    caches = allocate_caches(model.config, 100, BS, 9, torch.float32, "cpu")
+    be = reference_backend("cpu")
+    graphs = DecodeGraphs(model, caches, be, 8, 20, pad_block=99, pad_slot=8)
+    graphs.eager = True
+    monkeypatch.setattr(graphs, "model", lambda ids, batch, c: torch.zeros(ids.shape[0], 4))
+    fills = []
+    pad = graphs._pad
+    monkeypatch.setattr(graphs, "_pad", lambda n, end=None: fills.append((n, end)) or pad(n, end))
+    for n in (3, 3, 1, 5, 5, 2, 8, 1):
+        batch = ForwardBatch.build(
+            positions=[7] * n, cu_seqlens=list(range(n + 1)), context_lens=[8] * n,
+            slot_mapping=[40 + i for i in range(n)], block_tables=[[i, i + 1] for i in range(n)],
+            state_slots=list(range(n)), has_initial_state=[True] * n,
+            logits_indices=list(range(n)), backend=be,
+        )  # fmt: skip
+        graphs.run(torch.arange(1, n + 1), batch)
+        assert (graphs.ids[n:] == 0).all() and (graphs.positions[n:] == 0).all()
+        assert (graphs.slot_mapping[n:] == 99 * BS).all() and (graphs.context_lens[n:] == 1).all()
+        assert (graphs.state_slots[n:] == 8).all() and (graphs.block_tables[n:] == 99).all()
+        assert (graphs.ids[:n] == torch.arange(1, n + 1)).all()
+    # fills only after a shrink: 3 -> 1, 5 -> 2, 8 -> 1
+    assert fills == [(1, 3), (2, 5), (1, 8)]

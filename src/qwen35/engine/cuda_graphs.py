@@ -66,20 +66,23 @@ class DecodeGraphs:
         self.state_slots = torch.zeros(B, dtype=torch.long, device=dev)
         self.rows = torch.arange(B, device=dev)
         self._pad(0)
+        self._real = 0  # rows 0.._real-1 may hold a step's data; rows from _real on are padding
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         # tests on a CPU: run the bucket's forward eagerly on the static buffers (same padding,
         # same batch as the captured graph would replay)
         self.eager = False
 
-    def _pad(self, n: int) -> None:
-        """Rows n.. become padding: position 0 in the padding block, the padding state slot."""
-        self.ids[n:] = 0
-        self.positions[n:] = 0
-        self.slot_mapping[n:] = self.pad_block * self.caches.block_size
-        self.block_tables[n:] = self.pad_block
-        self.context_lens[n:] = 1
-        self.state_slots[n:] = self.pad_slot
+    def _pad(self, n: int, end: int | None = None) -> None:
+        """Rows n..end-1 (default: all from n) become padding: position 0 in the padding block,
+        the padding state slot."""
+        r = slice(n, end)
+        self.ids[r] = 0
+        self.positions[r] = 0
+        self.slot_mapping[r] = self.pad_block * self.caches.block_size
+        self.block_tables[r] = self.pad_block
+        self.context_lens[r] = 1
+        self.state_slots[r] = self.pad_slot
 
     def _batch(self, n: int) -> ForwardBatch:
         d = DecodeBatch(
@@ -146,8 +149,9 @@ class DecodeGraphs:
         self.block_tables[:n, : d.block_tables.shape[1]].copy_(d.block_tables)
         self.context_lens[:n].copy_(d.context_lens)
         self.state_slots[:n].copy_(d.state_slots)
-        if n < b:
-            self._pad(n)
+        if n < self._real:  # rows n.. held the data of a larger step: padding again (only
+            self._pad(n, self._real)  # then: six small fills a step saved while n stays put)
+        self._real = n
         if self.eager:
             return self.model(self.ids[:b], self._batch(b), self.caches)[:n]
         self.graphs[b].replay()
