@@ -441,8 +441,8 @@ def test_decode_graphs_with_the_triton_moe(monkeypatch, fp8):
 
 
 def test_step_index_tensors_reach_the_device_in_one_copy_per_dtype(monkeypatch):
-    """ForwardBatch.build on a GPU sends its index tensors (positions, slots, logits rows, the
-    block table, the decode rows, context lengths, state slots, fresh slots) as one int64 and one
+    """ForwardBatch.build on a GPU sends its index tensors (token ids, positions, slots, logits
+    rows, the block table, the decode rows, context lengths, state slots, fresh slots) as one int64 and one
     int32 buffer, each field a view: the same values as built one by one. (On a CPU, where
     nothing is copied, the packing is forced here to check it.)"""
     from qwen35.engine import forward_batch as fb
@@ -451,7 +451,7 @@ def test_step_index_tensors_reach_the_device_in_one_copy_per_dtype(monkeypatch):
         positions=[7, 3, 0, 1, 2, 5], cu_seqlens=[0, 1, 2, 5, 6], context_lens=[8, 4, 3, 6],
         slot_mapping=[23, 35, 40, 41, 42, 69], block_tables=[[1, 2], [4], [5], [8, 9, 10]],
         state_slots=[3, 0, 2, 1], has_initial_state=[True, True, False, False],
-        logits_indices=[0, 1, 4, 5], device="cpu",
+        logits_indices=[0, 1, 4, 5], device="cpu", input_ids=[11, 12, 13, 14, 15, 16],
     )  # fmt: skip
     want = ForwardBatch.build(**args)
     packed = []
@@ -466,14 +466,15 @@ def test_step_index_tensors_reach_the_device_in_one_copy_per_dtype(monkeypatch):
     assert packed.count(torch.int32) >= 2 and packed.count(torch.long) >= 6
     d, w = got.decode, want.decode
     assert not d.all_rows and d.fresh_slots is not None  # decode rows 0, 1, 5; slot 1 fresh
-    for a, b in [(got.positions, want.positions), (got.slot_mapping, want.slot_mapping),
+    for a, b in [(got.input_ids, want.input_ids), (got.positions, want.positions),
+                 (got.slot_mapping, want.slot_mapping),
                  (got.logits_indices, want.logits_indices), (got.block_tables, want.block_tables),
                  (d.rows, w.rows), (d.block_tables, w.block_tables),
                  (d.context_lens, w.context_lens), (d.state_slots, w.state_slots),
                  (d.fresh_slots, w.fresh_slots), (d.rows_by_slot, w.rows_by_slot)]:  # fmt: skip
         assert a.dtype == b.dtype and torch.equal(a, b)
-    bases = {t.untyped_storage().data_ptr() for t in (got.positions, got.slot_mapping,
-             got.logits_indices, d.rows, d.state_slots, d.fresh_slots)}  # fmt: skip
+    bases = {t.untyped_storage().data_ptr() for t in (got.input_ids, got.positions,
+             got.slot_mapping, got.logits_indices, d.rows, d.state_slots, d.fresh_slots)}  # fmt: skip
     assert len(bases) == 1  # one int64 buffer
     assert d.context_lens.untyped_storage().data_ptr() == got.block_tables.untyped_storage().data_ptr()
 

@@ -153,6 +153,8 @@ class ForwardBatch:
     mrope_positions: torch.Tensor | None = None
     mm_rows: torch.Tensor | None = None
     mm_embeds: torch.Tensor | None = None
+    # the step's token ids [T] when build() was given them (sent with the other index tensors)
+    input_ids: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -173,6 +175,7 @@ class ForwardBatch:
         state_checkpoints: Sequence[tuple[int, int, int]] = (),
         device: torch.device | str | None = None,
         backend: Backend | None = None,
+        input_ids: Sequence[int] | None = None,
     ) -> ForwardBatch:
         """From host lists (tensors are accepted too; they are read on the host here, in the
         runner, never in the model). `state_checkpoints`: (i, n, dest) = after the first n new
@@ -269,6 +272,7 @@ class ForwardBatch:
             decode=decode,
             backend=backend,
             state_copies=copies,
+            input_ids=None if input_ids is None else dev_tensor(input_ids, torch.long),
         )
         up.send(batch)
         return batch

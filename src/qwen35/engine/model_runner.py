@@ -177,8 +177,9 @@ class ModelRunner:
             state_checkpoints=checkpoints,
             device=self.device,
             backend=self.backend,
+            input_ids=ids,  # sent with the other index tensors (one copy per dtype on a GPU)
         )
-        return torch.tensor(ids, dtype=torch.long, device=self.device), batch, sample_seqs
+        return batch.input_ids, batch, sample_seqs
 
     def run_model(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """The forward pass: a captured CUDA graph where one fits, else eager (tensor
