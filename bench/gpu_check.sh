@@ -19,18 +19,7 @@
 # Then:  run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # Files back (at most 8): bench.log (environment + every table), pytest.log, the decode,
 # prefill and 9B throughput JSON documents (0.8B throughput's table is in bench.log).
-set -u
-OUT=${OUT:-/tmp/gpu_check_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-# the GPU tests compare with CPU engines: run those on the PyTorch reference ops, not the C++ CPU
-# kernels (compiling six of them would take minutes of the device budget; they have CPU tests)
-export QWEN35_NO_KERNELS=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/src:$PWD/tests"
+source bench/gpu_env.sh  # OUT, the wheels, PYTHONPATH, step()
 LOG="$OUT/bench.log"
 {
   date -u
@@ -57,14 +46,6 @@ except Exception as e:
 PY
 } >"$LOG" 2>&1
 cat "$LOG"
-
-step() {  # step SECONDS NAME COMMAND...: a bounded step, its output appended to bench.log
-  local secs=$1 name=$2
-  shift 2
-  echo "=== $name ($(date -u +%T))" | tee -a "$LOG"
-  timeout "$secs" "$@" 2>&1 | tee -a "$LOG" | tail -25
-  echo "=== $name rc=${PIPESTATUS[0]}" | tee -a "$LOG"
-}
 
 # 1. correctness on the GPU: the engine first, then block FP8, then each kernel (the most kernel
 # variants to compile: if the step runs out of time, it loses the narrowest tests). No -x: one

@@ -9,23 +9,8 @@
 #      the dense projections (kernels per token and GPU-busy fraction in the table).
 # Same wheels as gpu_check.sh (.whl/, carried): run(command="bash bench/gpu_check_more.sh",
 #   carry=[".whl"], timeout_s=190). Results under $OUT (more.log, JSON documents).
-set -u
-OUT=${OUT:-/tmp/gpu_check_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 QWEN35_NO_KERNELS=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/src:$PWD/tests"
+source bench/gpu_env.sh  # OUT, the wheels, PYTHONPATH, step()
 LOG="$OUT/more.log"
-step() {  # step SECONDS NAME COMMAND...
-  local secs=$1 name=$2
-  shift 2
-  echo "=== $name ($(date -u +%T))" | tee -a "$LOG"
-  timeout "$secs" "$@" 2>&1 | tee -a "$LOG" | tail -25
-  echo "=== $name rc=${PIPESTATUS[0]}" | tee -a "$LOG"
-}
 B="python3 -m qwen35.cli bench --device cuda"
 step 90 "kernels vs what they replaced" python3 bench/gpu_kernels.py --out "$OUT/kernels.json"
 step 85 "35B-A3B-FP8 decode" $B --model Qwen3.5-35B-A3B-FP8 --workload decode --no-baseline \
