@@ -36,20 +36,28 @@ def _rotary_kernel(
         base = Q + t * stride_qt + h * stride_qh
     else:
         base = K + t * stride_kt + (h - NH) * stride_kh
-    dt = base.dtype.element_ty
     x1 = tl.load(base + i, mask=m, other=0.0)
     x2 = tl.load(base + HALF + i, mask=m, other=0.0)
     c1 = tl.load(COS + t * stride_ct + i, mask=m, other=0.0)
     c2 = tl.load(COS + t * stride_ct + HALF + i, mask=m, other=0.0)
     s1 = tl.load(SIN + t * stride_ct + i, mask=m, other=0.0)
     s2 = tl.load(SIN + t * stride_ct + HALF + i, mask=m, other=0.0)
-    # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; each term rounded like torch
-    a1 = (x1.to(tl.float32) * c1.to(tl.float32)).to(dt).to(tl.float32)
-    b1 = (-x2.to(tl.float32) * s1.to(tl.float32)).to(dt).to(tl.float32)
-    a2 = (x2.to(tl.float32) * c2.to(tl.float32)).to(dt).to(tl.float32)
-    b2 = (x1.to(tl.float32) * s2.to(tl.float32)).to(dt).to(tl.float32)
-    tl.store(base + i, (a1 + b1).to(dt), mask=m)
-    tl.store(base + HALF + i, (a2 + b2).to(dt), mask=m)
+    y1, y2 = _rotate(x1.to(tl.float32), x2.to(tl.float32), c1, c2, s1, s2)
+    tl.store(base + i, y1, mask=m)
+    tl.store(base + HALF + i, y2, mask=m)
+
+
+@triton.jit
+def _rotate(x1, x2, c1, c2, s1, s2):
+    """The two rotated halves in cos's dtype dt (the model's): x * cos + rotate_half(x) * sin,
+    rotate_half(x) = [-x2, x1], each product and the sum rounded to dt like torch (x1, x2: fp32
+    holding dt values)."""
+    dt = c1.dtype
+    a1 = (x1 * c1.to(tl.float32)).to(dt).to(tl.float32)
+    b1 = (-x2 * s1.to(tl.float32)).to(dt).to(tl.float32)
+    a2 = (x2 * c2.to(tl.float32)).to(dt).to(tl.float32)
+    b2 = (x1 * s2.to(tl.float32)).to(dt).to(tl.float32)
+    return (a1 + b1).to(dt), (a2 + b2).to(dt)
 
 
 def rotary_qk_(
@@ -132,17 +140,14 @@ def _qk_norm_rotary_cache_kernel(
     w2 = tl.load(w_ptr + HALF + i, mask=mi, other=0.0).to(tl.float32)
     y1 = (x1 * rstd * (1.0 + w1)).to(dt).to(tl.float32)
     y2 = (x2 * rstd * (1.0 + w2)).to(dt).to(tl.float32)
-    c1 = tl.load(COS + t * stride_ct + i, mask=mi, other=0.0).to(tl.float32)
-    c2 = tl.load(COS + t * stride_ct + HALF + i, mask=mi, other=0.0).to(tl.float32)
-    s1 = tl.load(SIN + t * stride_ct + i, mask=mi, other=0.0).to(tl.float32)
-    s2 = tl.load(SIN + t * stride_ct + HALF + i, mask=mi, other=0.0).to(tl.float32)
-    a1 = (y1 * c1).to(dt).to(tl.float32)
-    b1 = (-y2 * s1).to(dt).to(tl.float32)
-    a2 = (y2 * c2).to(dt).to(tl.float32)
-    b2 = (y1 * s2).to(dt).to(tl.float32)
+    c1 = tl.load(COS + t * stride_ct + i, mask=mi, other=0.0)
+    c2 = tl.load(COS + t * stride_ct + HALF + i, mask=mi, other=0.0)
+    s1 = tl.load(SIN + t * stride_ct + i, mask=mi, other=0.0)
+    s2 = tl.load(SIN + t * stride_ct + HALF + i, mask=mi, other=0.0)
+    r1, r2 = _rotate(y1, y2, c1, c2, s1, s2)
     odt = dst.dtype.element_ty
-    tl.store(dst + i, (a1 + b1).to(dt).to(odt), mask=mi)
-    tl.store(dst + HALF + i, (a2 + b2).to(dt).to(odt), mask=mi)
+    tl.store(dst + i, r1.to(odt), mask=mi)
+    tl.store(dst + HALF + i, r2.to(odt), mask=mi)
     r = 2 * HALF + tl.arange(0, BLOCK_PASS)  # the dims rotary leaves alone
     mr = r < HD
     xr = tl.load(src + r, mask=mr, other=0.0).to(tl.float32)
