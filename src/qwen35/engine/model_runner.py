@@ -98,12 +98,12 @@ class ModelRunner:
                 log.warning("decode runs without CUDA graphs: the MoE experts sync the host "
                             "(backend %s)", be.name)  # fmt: skip
                 return None
-            from qwen35.ops.moe import FUSED_MAX_TOKENS as MAX_TOKENS
+            from qwen35.ops.moe import FUSED_MAX_TOKENS
 
-            if max_batch > MAX_TOKENS:
+            if max_batch > FUSED_MAX_TOKENS:
                 log.info("decode CUDA graphs up to %d rows (the Triton MoE's limit); larger "
-                         "decode batches run eagerly", MAX_TOKENS)  # fmt: skip
-                max_batch = MAX_TOKENS
+                         "decode batches run eagerly", FUSED_MAX_TOKENS)  # fmt: skip
+                max_batch = FUSED_MAX_TOKENS
         c = self.caches
         graphs = DecodeGraphs(
             self.model, c, be, max_batch, -(-spec.max_model_len // c.block_size),
