@@ -56,6 +56,17 @@ def test_greedy_equals_transformers_eager_and_cpu(which, ckpts):
         assert got == hf_greedy(hf, p, GREEDY.max_tokens)
 
 
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_start_up_check_keeps_every_kernel_on_hopper(which, ckpts):
+    """engine/preflight.py switches nothing off on an H100 / H200: every kernel family of the
+    cuda backend builds there (one switched off would quietly take the PyTorch path)."""
+    d, _ = ckpts[which]
+    llm = cuda(d, dtype="bf16", block_size=16)
+    if torch.cuda.get_device_capability() >= (9, 0):
+        assert llm.engine.runner.backend == select_backend("cuda", dtype=torch.bfloat16)
+    assert ids(llm.generate(prompts(2, seed=3), GREEDY))  # and it serves
+
+
 def test_prefix_caching_chunked_prefill_preemption(ckpts):
     d, _ = ckpts["dense"]
     shared = prompts(1, seed=12, lo=70, hi=71)[0]

@@ -223,3 +223,57 @@ def test_fla_varlen_conv_equals_per_sequence_conv():
     _conv_prefill_fla(be.fla.conv, qkv, w, plans, slots, got_c, got)
     torch.testing.assert_close(got[1:], want[1:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_c, want_c, atol=0, rtol=0)
+
+
+class _Unbuildable:
+    """Stands for a @triton.jit kernel that cannot be built on this GPU: launching it raises
+    Triton's own error (as compiling for an sm_80 or a smaller GPU does, before any launch)."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise self.error
+
+        return launch
+
+
+@pytest.mark.parametrize(
+    "which,module,kernel,field",
+    [
+        ("dense", "triton_attention", "_decode_kernel", "triton_attention"),
+        ("dense", "triton_deltanet", "_recurrent_kernel", "triton_deltanet"),
+        ("moe", "triton_moe", "_gate_up_kernel", "triton_moe"),
+    ],
+)
+def test_start_up_check_switches_off_kernels_that_do_not_build(
+    which, module, kernel, field, ckpts, monkeypatch
+):
+    """engine/preflight.py with the real (interpreted) kernels: every kernel builds -> the
+    backend is kept; one raises Triton's OutOfResources / PTXASError -> its family alone is
+    switched off, and the engine then serves the CPU engine's greedy tokens without it."""
+    import importlib
+
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    from qwen35.engine.preflight import check_kernels
+
+    d = ckpts[which]
+    ps = prompts(3, seed=41, lo=3, hi=40)
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    kw = dict(block_size=BS, max_num_batched_tokens=32)
+    want = ids(make(d, **kw).generate(ps, sp))
+    be = _full()
+    llm = make(d, **kw)
+    model = llm.engine.runner.model
+    assert check_kernels(model, be, BS, long=40) is be  # (520 tokens: minutes interpreted)
+    mod = importlib.import_module(f"qwen35.kernels.{module}")
+    error = OutOfResources(264192, 232448, "shared memory") if which == "dense" else \
+        PTXASError("ptxas fatal: Unsupported .target 'sm_75'")  # fmt: skip
+    monkeypatch.setattr(mod, kernel, _Unbuildable(error))
+    got = check_kernels(model, be, BS, long=40)
+    assert getattr(got, field) is False
+    assert got == dataclasses.replace(be, **{field: False})
+    llm.engine.runner.backend = got
+    assert ids(llm.generate(ps, sp)) == want

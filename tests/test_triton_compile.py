@@ -31,18 +31,20 @@ from triton.compiler import ASTSource  # noqa: E402
 pytestmark = pytest.mark.slow
 
 SM90 = GPUTarget("cuda", 90, 32)
+SM80 = GPUTarget("cuda", 80, 32)  # A100: no e4m3 in Triton before sm_89
 SMEM_LIMIT = 227 * 1024  # the opt-in shared memory of one block on sm_90 (H100, H200)
 TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
-    """fn compiled for sm_90. signature: every argument's Triton type ('*bf16', 'i32', 'fp32';
+def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                 target: GPUTarget = SM90):  # fmt: skip
+    """fn compiled for sm_90 (or `target`). signature: every argument's Triton type ('*bf16', 'i32', 'fp32';
     'constexpr' for those in constexprs), in order."""
     assert list(signature) == fn.arg_names, (list(signature), fn.arg_names)
     for k in constexprs:
         signature[k] = "constexpr"
     src = ASTSource(fn, signature, constexprs)
-    k = triton.compile(src, target=SM90, options={"num_warps": num_warps, "num_stages": num_stages})
+    k = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
     assert k.asm.get("cubin"), f"{fn.__name__}: no cubin"  # ptxas ran
     assert k.metadata.shared <= SMEM_LIMIT, f"{fn.__name__}: {k.metadata.shared} B shared memory"
     return k
@@ -63,17 +65,17 @@ def test_paged_attention_compiles(dtype, hd, rep, bs):
         sig = dict(Q=p, K=p, V=p, O=p, G=p, PART="*fp32" if splits > 1 else p,
                    block_tables="*i32", context_lens="*i32", scale="fp32")  # fmt: skip
         sig |= {n: i for n in ta._decode_kernel.arg_names if n.startswith("stride")}
-        sig |= dict(BS=0, REP=0, BLOCK_R=0, HD=0, BLOCK_T=0, HAS_GATE=0, IEEE=0, UPCAST=0,
-                    SPLITS=0, SPLIT_TOKENS=0, MAX_S=0)  # fmt: skip
+        sig |= dict(SPLITS=i, BS=0, REP=0, BLOCK_R=0, HD=0, BLOCK_T=0, HAS_GATE=0, IEEE=0,
+                    UPCAST=0, SPLIT=0, SPLIT_TOKENS=0, MAX_S=0)  # fmt: skip
         compile_sm90(ta._decode_kernel, sig, dict(
             BS=bs, REP=rep, BLOCK_R=max(16, triton.next_power_of_2(rep)), HD=hd,
-            BLOCK_T=ta.BLOCK_T, HAS_GATE=True, IEEE=ieee, UPCAST=False, SPLITS=splits,
+            BLOCK_T=ta.BLOCK_T, HAS_GATE=True, IEEE=ieee, UPCAST=False, SPLIT=splits > 1,
             SPLIT_TOKENS=ta.SPLIT_TOKENS, MAX_S=ta.MAX_SPLITS,
         ))  # fmt: skip
     sig = dict(PART="*fp32", O=p, G=p, context_lens="*i32", stride_on=i, stride_oh=i,
-               stride_gn=i, stride_gh=i, NH=i, HD=0, SPLITS=0, HAS_GATE=0, SPLIT_TOKENS=0,
+               stride_gn=i, stride_gh=i, NH=i, SPLITS=i, HD=0, HAS_GATE=0, SPLIT_TOKENS=0,
                MAX_S=0, BLOCK_T=0)  # fmt: skip
-    compile_sm90(ta._combine_kernel, sig, dict(HD=hd, SPLITS=ta.MAX_SPLITS, HAS_GATE=True,
+    compile_sm90(ta._combine_kernel, sig, dict(HD=hd, HAS_GATE=True,
                  SPLIT_TOKENS=ta.SPLIT_TOKENS, MAX_S=ta.MAX_SPLITS, BLOCK_T=ta.BLOCK_T))  # fmt: skip
     sig = dict(Q=p, K=p, V=p, O=p, block_table="*i32", start_pos=i, Tq=i, scale="fp32")
     sig |= {n: i for n in ta._prefill_kernel.arg_names if n.startswith("stride")}
@@ -146,10 +148,11 @@ def test_fp8_gemv_kernel_compiles(dtype):
     from qwen35.quant import fp8_gpu
 
     p, i = _ptr(dtype), "i32"
-    sig = dict(X=p, W="*fp8e4nv", S="*fp32", Y=p, M=i, N=i, K=i, s_xm=i, s_wn=i, s_ym=i, s_sn=i,
+    sig = dict(X=p, W="*u8", S="*fp32", Y=p, M=i, N=i, K=i, s_xm=i, s_wn=i, s_ym=i, s_sn=i,
                BM=0, BN=0, BK=0, BLOCK_O=0, IEEE=0, UPCAST=0)  # fmt: skip
-    compile_sm90(fp8_gpu._gemv_kernel().kernel, sig, dict(
-        BM=16, BN=64, BK=128, BLOCK_O=128, IEEE=dtype == torch.float32, UPCAST=False))  # fmt: skip
+    const = dict(BM=16, BN=64, BK=128, BLOCK_O=128, IEEE=dtype == torch.float32, UPCAST=False)
+    compile_sm90(fp8_gpu._gemv_kernel().kernel, dict(sig), const)
+    compile_sm90(fp8_gpu._gemv_kernel().kernel, sig, const, target=SM80)  # e4m3 read as bytes
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -163,20 +166,23 @@ def test_moe_kernels_compile(dtype):
         sig = dict(L=p, stride_lt=i, IDX="*i64", TW=p, E=i, K_TOP=0, BE=0)
         compile_sm90(tm._router_kernel, sig, dict(K_TOP=k, BE=E))
     for fp8 in (False, True):  # plain experts in the model dtype, or e4m3 with block scales
-        w = "*fp8e4nv" if fp8 else p
+        w = "*u8" if fp8 else p  # (e4m3 read as bytes: kernels/triton_fp8.py)
         sig = dict(X=p, stride_xt=i, IDX="*i64", W=w, stride_we=i, stride_wn=i, WS="*fp32",
                    stride_wse=i, stride_wsr=i, HBUF=p, stride_hp=i, H=i, I=i, NBH=i, K_TOP=0,
                    FP8=0, BO=0, BN=0, BK=0)  # fmt: skip
-        compile_sm90(tm._gate_up_kernel, sig, dict(K_TOP=8, FP8=fp8, BO=tm.FP8_BLOCK, BN=tm.BN,
-                                                   BK=tm.BK))  # fmt: skip
+        for target in (SM90, SM80):  # bytes: the FP8 experts build for an A100 too
+            compile_sm90(tm._gate_up_kernel, dict(sig), dict(K_TOP=8, FP8=fp8, BO=tm.FP8_BLOCK,
+                         BN=tm.BN, BK=tm.BK), target=target)  # fmt: skip
         for shared in (True, False):
             sig = dict(HBUF=p, stride_hp=i, IDX="*i64", TW=p, D=w, stride_de=i, stride_dn=i,
                        DS="*fp32", stride_dse=i, stride_dsr=i, X=p, stride_xt=i, SGW=p, SG=p,
                        stride_sg=i, SU=p, stride_su=i, SD=w, stride_sdn=i, SDS="*fp32",
                        stride_sdsr=i, Y=p, stride_yt=i, H=i, I=i, IS=i, K_TOP=0, FP8=0,
                        HAS_SHARED=0, SD_FP8=0, BO=0, BN=0, BK=0)  # fmt: skip
-            compile_sm90(tm._down_kernel, sig, dict(K_TOP=10, FP8=fp8, HAS_SHARED=shared,
-                         SD_FP8=fp8, BO=tm.FP8_BLOCK, BN=tm.BN, BK=tm.BK))  # fmt: skip
+            for target in (SM90, SM80):
+                compile_sm90(tm._down_kernel, dict(sig), dict(K_TOP=10, FP8=fp8,
+                             HAS_SHARED=shared, SD_FP8=fp8, BO=tm.FP8_BLOCK, BN=tm.BN, BK=tm.BK),
+                             target=target)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -194,3 +200,21 @@ def test_qk_norm_rotary_cache_compiles(dtype):
             HD=hd, BLOCK_HD=hd, HALF=rd // 2, BLOCK_HALF=max(16, rd // 2),
             BLOCK_PASS=triton.next_power_of_2(hd - rd),
         ))  # fmt: skip
+
+
+def test_fp8_block_gemm_does_not_build_before_sm89_and_says_so():
+    """Triton has e4m3 only from sm_89 on: for an A100 (sm_80) the block-FP8 GEMM (e4m3
+    tensor-core dots) fails to compile. That failure must be one kernels/unavailable.py
+    recognises (quant/fp8_gpu.py then dequantises + a BF16 GEMM instead); the weight-only
+    kernels read e4m3 as bytes and build there (above)."""
+    from qwen35.kernels.unavailable import is_build_error
+    from qwen35.quant import fp8_gpu
+
+    sig = dict(A="*fp8e4nv", B="*fp8e4nv", C="*bf16", As="*fp32", Bs="*fp32", M="i32", N="i32",
+               K="i32", s_am="i32", s_bn="i32", s_cm="i32", s_asm="i32", s_bsn="i32",
+               BLOCK_N=0, BLOCK_K=0, BM=0)  # fmt: skip
+    const = dict(BLOCK_N=128, BLOCK_K=128, BM=64)
+    compile_sm90(fp8_gpu._triton_kernel().kernel, dict(sig), const)  # Hopper: builds
+    with pytest.raises(Exception) as err:
+        compile_sm90(fp8_gpu._triton_kernel().kernel, sig, const, target=SM80)
+    assert is_build_error(err.value), repr(err.value)[:500]

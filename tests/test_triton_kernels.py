@@ -1,7 +1,8 @@
 """Our Triton kernels (kernels/triton_attention.py: paged attention, split-K; kernels/triton_norms.py:
 the RMSNorms; kernels/triton_pointwise.py: rotary, SiLU*mul, the attention inputs of a decode step;
 kernels/triton_deltanet.py: DeltaNet decode with its gates; kernels/triton_moe.py: the MoE block of
-a few tokens, plain and FP8; quant/fp8_gpu.py: the block-FP8 GEMM and the weight-only FP8 GEMV)
+a few tokens, plain and FP8; quant/fp8_gpu.py: the block-FP8 GEMM and the weight-only FP8 GEMV;
+kernels/triton_fp8.py: e4m3 read as bytes)
 against their PyTorch references, on the CPU through Triton's interpreter or on a GPU.
 
 The CPU test environment has no Triton (with Triton and fla-core present transformers routes its
@@ -31,6 +32,7 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
 from qwen35.engine.forward_batch import DecodeBatch  # noqa: E402
 from qwen35.kernels import triton_attention as ta  # noqa: E402
 from qwen35.kernels import triton_norms as tn  # noqa: E402
+from qwen35.kernels.triton_fp8 import UNSCALE, bits, e4m3_to_fp16  # noqa: E402
 from qwen35.layers import norms  # noqa: E402
 from qwen35.ops.attention import decode_attention, gather_kv, prefill_attention  # noqa: E402
 from qwen35.ops.backend import Backend  # noqa: E402
@@ -42,6 +44,7 @@ from qwen35.ops.deltanet import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.gpu if ON_GPU else pytest.mark.slow
+tl = triton.language
 DEV = "cuda" if ON_GPU else "cpu"
 # the Triton DeltaNet decode and norms (interpreted on CPU tensors when there is no GPU)
 TRITON_DN = Backend("cuda", triton_deltanet=True, triton_norms=True, interpret=not ON_GPU)
@@ -519,3 +522,23 @@ def test_fp8_gemv_kernel_equals_dequantised_weights(dtype, M, N, K):
     want = x.float() @ dequantize_fp8_blocks(w, s, torch.float32, (128, 128)).T
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(y.float(), want, **tol)
+
+
+@triton.jit
+def _e4m3_convert_kernel(B, O, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(O + i, e4m3_to_fp16(tl.load(B + i)).to(tl.float32) * UNSCALE)
+
+
+def test_e4m3_bytes_convert_exactly():
+    """kernels/triton_fp8.py: every e4m3fn byte, moved into fp16 bits and scaled by UNSCALE,
+    is torch's value of that byte exactly (subnormals and -0 included); the two NaN bytes
+    read as +-480 (the checkpoints hold none)."""
+    w = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(DEV)
+    out = torch.empty(256, device=DEV)
+    _e4m3_convert_kernel[(1,)](bits(w), out, N=256)
+    want = w.float()
+    nan = want.isnan()
+    assert torch.equal(out[~nan], want[~nan])
+    assert torch.signbit(out[~nan]).tolist() == torch.signbit(want[~nan]).tolist()
+    assert out[nan].tolist() == [480.0, -480.0]

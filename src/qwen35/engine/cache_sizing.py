@@ -169,7 +169,8 @@ def _default_budget(device, working: int) -> int:
     return DEFAULT_CPU_CACHE_BYTES
 
 
-def measure_working_memory(model, chunk_tokens: int, sampled_rows: int, block_size: int) -> int:
+def measure_working_memory(model, chunk_tokens: int, sampled_rows: int, block_size: int,
+                           backend=None) -> int:  # fmt: skip
     """GPU: the peak memory one forward of a fresh `chunk_tokens`-token prefill allocates above
     what is allocated now (its own small caches excluded), plus the fp32 logits of
     `sampled_rows` rows twice over (logits and the sampler's working copy). A chunk continuing a
@@ -195,7 +196,7 @@ def measure_working_memory(model, chunk_tokens: int, sampled_rows: int, block_si
         has_initial_state=[False],
         logits_indices=[T - 1],
         device=dev,
-        backend=select_backend(dev, dtype=model.dtype),
+        backend=backend or select_backend(dev, dtype=model.dtype),
     )
     ids = torch.zeros(T, dtype=torch.long, device=dev)
     torch.cuda.synchronize(dev)

@@ -21,10 +21,11 @@ import torch
 
 from qwen35.chat_format import ChatTemplate, check_text_only, default_thinking_for
 from qwen35.devices import resolve_dtype
-from qwen35.engine.cache_sizing import CachePlan, measure_working_memory, plan_caches
+from qwen35.engine.cache_sizing import CachePlan, plan_caches
 from qwen35.engine.config import EngineConfig
 from qwen35.engine.forward_batch import allocate_caches
 from qwen35.engine.model_runner import GraphSpec, ModelRunner, StepResult
+from qwen35.engine.preflight import gpu_start
 from qwen35.engine.runtime import configure_cpu_runtime
 from qwen35.engine.scheduler import Scheduler, SchedulerConfig
 from qwen35.engine.sequence import Sequence
@@ -207,6 +208,11 @@ class LLMEngine:
 
             self.head_screen = HeadScreen.build(self.model)
         head_bytes = 0 if self.head_screen is None else self.head_screen.nbytes
+        backend, working = None, None
+        if self.device.type == "cuda":  # engine/preflight.py: kernels this GPU cannot build
+            backend, working = gpu_start(
+                self.model, model_dtype, sc.max_num_batched_tokens, sc.max_num_seqs, cc.block_size
+            )
         self.plan: CachePlan = plan_caches(
             self.config,
             model_dtype=model_dtype,
@@ -221,12 +227,7 @@ class LLMEngine:
             weight_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters())
             + head_bytes,
             num_blocks_override=cc.num_kv_blocks,
-            # GPU: measured peak of one largest prefill chunk, not the formula
-            working_bytes=measure_working_memory(
-                self.model, sc.max_num_batched_tokens, sc.max_num_seqs, cc.block_size
-            )
-            if self.device.type == "cuda"
-            else None,
+            working_bytes=working,  # GPU: measured peak of one largest prefill chunk
             tp=ec.parallel.tensor_parallel_size,
             extra_working_bytes=encoder_working_memory(self.model, model_dir, ec),
         )
@@ -252,7 +253,7 @@ class LLMEngine:
         if self.workers is None:
             spec = GraphSpec(min(sc.max_num_seqs, self.plan.num_state_slots), self.max_model_len)
             self.runner = ModelRunner(
-                self.model, caches, self.eos_token_ids, self.device,
+                self.model, caches, self.eos_token_ids, self.device, backend=backend,
                 decode_graphs=spec if graphs else None, seed=ec.seed,
                 head_screen=self.head_screen,
             )  # fmt: skip

@@ -24,6 +24,7 @@ from qwen35.engine.sampler import (
     sample_isolated,
 )
 from qwen35.engine.vision_inputs import VisionInputs
+from qwen35.kernels.unavailable import KernelUnavailable
 from qwen35.ops.backend import Backend, select_backend
 from qwen35.request import TokenLogprob
 
@@ -112,7 +113,10 @@ class ModelRunner:
         try:
             graphs.capture()
         except Exception as e:  # a kernel that syncs or allocates on the host: run eagerly
-            log.warning("CUDA graph capture failed (%s); decode runs eagerly", str(e)[:300])
+            if isinstance(e, KernelUnavailable):  # one the start-up check did not meet
+                self.backend = be.without(e)  # eager steps without it
+            else:
+                log.warning("CUDA graph capture failed (%s); decode runs eagerly", str(e)[:300])
             if self.device.type == "cuda":  # torch.cuda.graph leaves its capture stream current
                 torch.cuda.set_stream(torch.cuda.default_stream(self.device))  # when it raises
             return None
@@ -197,6 +201,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled) -> StepResult:
+        try:
+            return self._execute(scheduled)
+        except KernelUnavailable as e:  # a GPU kernel this GPU cannot build, met after start-up
+            self.backend = self.backend.without(e)  # (engine/preflight.py): later steps take
+            raise  # the PyTorch path; this step's sequences fail (half a step may be written)
+
+    def _execute(self, scheduled) -> StepResult:
         for s in scheduled:
             if s.restore_from is not None:
                 self.copy_state(s.restore_from, s.seq.state_slot)

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen35.kernels.unavailable import launcher
+
 BLOCK_T = 32  # key tokens per tile
 # Triton's CPU interpreter computes bf16 dots wrongly (a 16x32 bf16 product came out ~1e10 off
 # with triton 3.9); under it the kernels upcast K, V and Q to fp32 before their dots, so an
@@ -80,10 +82,10 @@ def _attend_tile(
 def _decode_kernel(
     Q, K, V, O, G, PART, block_tables, context_lens, scale,
     stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_bt, stride_on, stride_oh, stride_gn, stride_gh,
+    stride_bt, stride_on, stride_oh, stride_gn, stride_gh, SPLITS,
     BS: tl.constexpr, REP: tl.constexpr, BLOCK_R: tl.constexpr, HD: tl.constexpr,
     BLOCK_T: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    SPLITS: tl.constexpr, SPLIT_TOKENS: tl.constexpr, MAX_S: tl.constexpr,
+    SPLIT: tl.constexpr, SPLIT_TOKENS: tl.constexpr, MAX_S: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -113,7 +115,7 @@ def _decode_kernel(
             m_i, l_i, acc, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
             BS, HD, IEEE, UPCAST,
         )  # fmt: skip
-    if SPLITS == 1:
+    if not SPLIT:  # SPLITS == 1 (a runtime count otherwise: one compiled variant for all)
         _finish(acc / l_i[:, None], O, G, n, heads, d, rmask, stride_on, stride_oh, stride_gn,
                 stride_gh, HAS_GATE)  # fmt: skip
     else:  # partial results [N, nh, SPLITS, HD + 2]: acc, then the running max and sum
@@ -146,8 +148,8 @@ def _split_chunk(ctx, SPLIT_TOKENS: tl.constexpr, MAX_S: tl.constexpr, BLOCK_T: 
 
 @triton.jit
 def _combine_kernel(
-    PART, O, G, context_lens, stride_on, stride_oh, stride_gn, stride_gh, NH,
-    HD: tl.constexpr, SPLITS: tl.constexpr, HAS_GATE: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
+    PART, O, G, context_lens, stride_on, stride_oh, stride_gn, stride_gh, NH, SPLITS,
+    HD: tl.constexpr, HAS_GATE: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
     MAX_S: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, query head): its used splits' partial softmaxes merged in split order, as
@@ -193,6 +195,7 @@ def num_splits(max_context: int | None, split_tokens: int = SPLIT_TOKENS) -> int
     return max(1, min(MAX_SPLITS, -(-max_context // split_tokens)))
 
 
+@launcher("triton_attention")
 def paged_decode_attention(
     q: torch.Tensor,  # [N, nh, hd]
     key_cache: torch.Tensor,  # [num_blocks, block_size, nkv, hd]
@@ -218,15 +221,15 @@ def paged_decode_attention(
         q, key_cache, value_cache, o, g, part, block_tables, context_lens, scale,
         q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        block_tables.stride(0), o.stride(0), o.stride(1), g.stride(0), g.stride(1),
+        block_tables.stride(0), o.stride(0), o.stride(1), g.stride(0), g.stride(1), S,
         BS=bs, REP=rep, BLOCK_R=max(16, triton.next_power_of_2(rep)), HD=hd, BLOCK_T=BLOCK_T,
         HAS_GATE=gate is not None, IEEE=q.dtype == torch.float32 or INTERPRET,
-        UPCAST=INTERPRET, SPLITS=S, SPLIT_TOKENS=split_tokens, MAX_S=MAX_SPLITS,
+        UPCAST=INTERPRET, SPLIT=S > 1, SPLIT_TOKENS=split_tokens, MAX_S=MAX_SPLITS,
     )  # fmt: skip
     if S > 1:
         _combine_kernel[(N, nh)](
-            part, o, g, context_lens, o.stride(0), o.stride(1), g.stride(0), g.stride(1), nh,
-            HD=hd, SPLITS=S, HAS_GATE=gate is not None, SPLIT_TOKENS=split_tokens,
+            part, o, g, context_lens, o.stride(0), o.stride(1), g.stride(0), g.stride(1), nh, S,
+            HD=hd, HAS_GATE=gate is not None, SPLIT_TOKENS=split_tokens,
             MAX_S=MAX_SPLITS, BLOCK_T=BLOCK_T,
         )  # fmt: skip
     return o
@@ -270,6 +273,7 @@ def _prefill_kernel(
              out.to(O.dtype.element_ty), mask=imask[:, None])  # fmt: skip
 
 
+@launcher("triton_attention")
 def paged_prefill_attention(
     q: torch.Tensor,  # [Tq, nh, hd] queries at positions start_pos .. start_pos + Tq - 1
     key_cache: torch.Tensor,  # [num_blocks, block_size, nkv, hd], the new K/V already written

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen35.kernels.unavailable import launcher
+
 
 @triton.jit
 def _conv_update_kernel(
@@ -49,6 +51,7 @@ def _conv_update_kernel(
     tl.store(U + n * stride_un + c, (y / (1.0 + tl.exp(-y))).to(U.dtype.element_ty), mask=m)
 
 
+@launcher("triton_deltanet")
 def conv_update_(
     x: torch.Tensor,  # [N, C] new pre-conv inputs (rows may be strided)
     weight: torch.Tensor,  # [C, K] (row-strided view is fine)
@@ -114,6 +117,7 @@ def _recurrent_kernel(
     tl.store(O + n * stride_on + hv * DV + dv, out.to(O.dtype.element_ty), mask=mv)
 
 
+@launcher("triton_deltanet")
 def recurrent_step_(
     u: torch.Tensor,  # [N, C] conv outputs, channels [q | k | v]
     g: torch.Tensor,  # [N, nv] fp32 log-decay, or the a projection when gates is given

@@ -18,8 +18,9 @@ captured decode step cost more than the weights they read. Here, for up to ops/m
   each partial sum in the model dtype: results agree within those roundings).
 FP8 experts (the official e4m3 releases, 128 x 128 block scales) are read as stored: each
 128-wide chunk of a row's dot product is multiplied by its block's scale (activations stay in
-the model dtype, unlike the block-FP8 GEMM, which quantises them per 128-group). Such MoE
-blocks also become capturable in a CUDA graph (the per-expert FP8 loop reads counts on the host).
+the model dtype, unlike the block-FP8 GEMM, which quantises them per 128-group), as bytes
+(kernels/triton_fp8.py: the kernels build on GPUs before sm_89 too). Such MoE blocks also
+become capturable in a CUDA graph (the per-expert FP8 loop reads counts on the host).
 
 Each weight row is read once per pair that uses it (GEMV-style, no tensor cores): at a few
 tokens the block is memory-bound and the pairs rarely share an expert. Reference:
@@ -34,6 +35,9 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
+
+from qwen35.kernels.triton_fp8 import UNSCALE, bits, e4m3_to_fp16
+from qwen35.kernels.unavailable import launcher
 
 if TYPE_CHECKING:
     from qwen35.ops.moe import ExpertWeights, SharedExpert
@@ -90,13 +94,11 @@ def _gate_up_kernel(
         mk = k < H
         x = tl.load(X + t * stride_xt + k, mask=mk, other=0.0).to(tl.float32)
         mw = mn[:, None] & mk[None, :]
-        g = tl.sum(tl.load(gate_rows + k[None, :], mask=mw, other=0.0).to(tl.float32)
-                   * x[None, :], 1)  # fmt: skip
-        u = tl.sum(tl.load(up_rows + k[None, :], mask=mw, other=0.0).to(tl.float32)
-                   * x[None, :], 1)  # fmt: skip
+        g = tl.sum(_w32(tl.load(gate_rows + k[None, :], mask=mw, other=0), FP8) * x[None, :], 1)
+        u = tl.sum(_w32(tl.load(up_rows + k[None, :], mask=mw, other=0), FP8) * x[None, :], 1)
         if FP8:
-            g *= tl.load(scales + k0 // BK, mask=mn, other=0.0)
-            u *= tl.load(scales + NBH * stride_wsr + k0 // BK, mask=mn, other=0.0)
+            g *= tl.load(scales + k0 // BK, mask=mn, other=0.0) * UNSCALE
+            u *= tl.load(scales + NBH * stride_wsr + k0 // BK, mask=mn, other=0.0) * UNSCALE
         acc_g += g
         acc_u += u
     dt = HBUF.dtype.element_ty
@@ -104,6 +106,14 @@ def _gate_up_kernel(
     s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # silu, rounded as silu_mul does
     u = acc_u.to(dt).to(tl.float32)
     tl.store(HBUF + pair * stride_hp + n, (s * u).to(dt), mask=mn)
+
+
+@triton.jit
+def _w32(w, FP8: tl.constexpr):
+    """Weights as loaded -> fp32; FP8: e4m3 bytes, value / UNSCALE (kernels/triton_fp8.py)."""
+    if FP8:
+        return e4m3_to_fp16(w).to(tl.float32)
+    return w.to(tl.float32)
 
 
 @triton.jit
@@ -117,10 +127,10 @@ def _rows_dot(rows, scales, vec_ptr, n, mn, K, FP8: tl.constexpr, BN: tl.constex
         k = k0 + tl.arange(0, BK)
         mk = k < K
         v = tl.load(vec_ptr + k, mask=mk, other=0.0).to(tl.float32)
-        w = tl.load(rows + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-        part = tl.sum(w.to(tl.float32) * v[None, :], 1)
+        w = tl.load(rows + k[None, :], mask=mn[:, None] & mk[None, :], other=0)
+        part = tl.sum(_w32(w, FP8) * v[None, :], 1)
         if FP8:
-            part *= tl.load(scales + k0 // BK, mask=mn, other=0.0)
+            part *= tl.load(scales + k0 // BK, mask=mn, other=0.0) * UNSCALE
         acc += part
     return acc
 
@@ -165,15 +175,17 @@ def _down_kernel(
             g = tl.load(SG + t * stride_sg + k, mask=mk, other=0.0).to(tl.float32)
             u = tl.load(SU + t * stride_su + k, mask=mk, other=0.0).to(tl.float32)
             h = ((g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u).to(dt).to(tl.float32)
-            wd = tl.load(rows + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-            part = tl.sum(wd.to(tl.float32) * h[None, :], 1)
+            wd = tl.load(rows + k[None, :], mask=mn[:, None] & mk[None, :], other=0)
+            part = tl.sum(_w32(wd, SD_FP8) * h[None, :], 1)
             if SD_FP8:
-                part *= tl.load(SDS + (n // BO) * stride_sdsr + k0 // BK, mask=mn, other=0.0)
+                part *= tl.load(SDS + (n // BO) * stride_sdsr + k0 // BK, mask=mn,
+                                other=0.0) * UNSCALE  # fmt: skip
             acc += part
         out += gate * acc
     tl.store(Y + t * stride_yt + n, out.to(dt), mask=mn)
 
 
+@launcher("triton_moe")
 def route(logits: torch.Tensor, top_k: int, dtype: torch.dtype):
     """Router logits [T, E] -> (top_w [T, k] in dtype, top_idx [T, k] int64)."""
     T, E = logits.shape
@@ -186,6 +198,7 @@ def route(logits: torch.Tensor, top_k: int, dtype: torch.dtype):
     return tw, idx
 
 
+@launcher("triton_moe")
 def sparse_moe(
     x: torch.Tensor,  # [T, H]
     router_logits: torch.Tensor,  # [T, E] (model dtype)
@@ -210,6 +223,8 @@ def sparse_moe(
     ds = experts.down_scale if fp8 else x
     if fp8:
         assert gs.stride(2) == 1 and ds.stride(2) == 1
+    if fp8:  # e4m3 read as bytes (kernels/triton_fp8.py): builds before sm_89 too
+        gu, dn = bits(gu), bits(dn)
     _gate_up_kernel[(T * top_k, triton.cdiv(Ii, block_n))](
         x, x.stride(0), idx, gu, gu.stride(0), gu.stride(1), gs, gs.stride(0),
         gs.stride(1) if fp8 else 0, hbuf, hbuf.stride(0), H, Ii, triton.cdiv(Ii, FP8_BLOCK),
@@ -221,6 +236,7 @@ def sparse_moe(
         assert sh.gate.stride(1) == 1 and sh.up.stride(1) == 1 and sh.down.stride(1) == 1
         assert sh.gate_weight.is_contiguous()
         sgw, sg, su, sd = sh.gate_weight, sh.gate, sh.up, sh.down
+        sd = bits(sd) if sd_fp8 else sd
         sds = sh.down_scale if sd_fp8 else x
         is_ = sd.shape[1]
     else:  # unread (HAS_SHARED=False)

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen35.kernels.unavailable import launcher
+
 
 @triton.jit
 def _rms_zc_kernel(X, W, Y, D, eps, BLOCK: tl.constexpr):
@@ -57,6 +59,7 @@ def _gated_rms_kernel(X, Z, W, Y, stride_zt, NH, D, eps, BLOCK: tl.constexpr):
     tl.store(Y + row * D + d, out.to(Y.dtype.element_ty), mask=m)
 
 
+@launcher("triton_norms")
 def rms_norm_zc(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D] (any strides on the leading dims are copied to contiguous) -> same shape."""
     D = x.shape[-1]
@@ -67,6 +70,7 @@ def rms_norm_zc(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
     return y.view(x.shape)
 
 
+@launcher("triton_norms")
 def add_rms_norm_zc_(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
     """h += x in place (the residual stream [T, D], rows may be strided), then the zero-centred
     norm of the new h: [T, D] contiguous, h's dtype."""
@@ -80,6 +84,7 @@ def add_rms_norm_zc_(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps
     return y
 
 
+@launcher("triton_norms")
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float):
     """x, z [..., D]; weight [D] in the model dtype -> weight * norm(x) * silu(z), x's dtype.
     z [T, nh, D] may have any token stride (a column slice of the packed projection: no copy)."""

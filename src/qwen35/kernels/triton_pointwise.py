@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen35.kernels.unavailable import launcher
+
 
 @triton.jit
 def _rotary_kernel(
@@ -60,6 +62,7 @@ def _rotate(x1, x2, c1, c2, s1, s2):
     return (a1 + b1).to(dt), (a2 + b2).to(dt)
 
 
+@launcher("triton_pointwise")
 def rotary_qk_(
     q: torch.Tensor,  # [T, nh, hd], last dim contiguous; rotated in place
     k: torch.Tensor,  # [T, nkv, hd], same dtype
@@ -93,6 +96,7 @@ def _silu_mul_kernel(G, U, O, stride_g, stride_u, stride_o, N, BLOCK: tl.constex
     tl.store(O + t * stride_o + i, (s.to(tl.float32) * u.to(tl.float32)).to(dt), mask=m)
 
 
+@launcher("triton_pointwise")
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up [T, N] (rows may be strided) -> silu(gate) * up [T, N], contiguous."""
     T, N = gate.shape
@@ -155,6 +159,7 @@ def _qk_norm_rotary_cache_kernel(
     tl.store(dst + r, (xr * rstd * (1.0 + wr)).to(dt).to(odt), mask=mr)
 
 
+@launcher("triton_pointwise")
 def qk_norm_rotary_cache(
     qg: torch.Tensor,  # [T, nh * 2 hd], per head [query | gate] (rows may be strided)
     k: torch.Tensor,  # [T, nkv * hd] (rows may be strided)

@@ -17,12 +17,15 @@ The plain PyTorch path runs on every device; each fast op is tested against it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from qwen35.kernels.unavailable import KernelUnavailable, launcher
 
 log = logging.getLogger("qwen35")
 
@@ -85,6 +88,23 @@ class Backend:
         """A decode step runs without host syncs (CUDA graphs possible): the paged attention
         and the MoE routing must then read only device tensors."""
         return self.device_type == "cuda" and self.triton_attention
+
+    def without(self, e: KernelUnavailable) -> Backend:
+        """This backend with e's kernel family off (its ops take the PyTorch path), logged."""
+        log.warning("%s; its ops run in PyTorch on this GPU (slower)", e)
+        return dataclasses.replace(self, **{e.field: None if e.field == "fla" else False})
+
+
+def with_fallbacks(backend: Backend, run):
+    """(backend, run(backend)), run again with each kernel family off that raises
+    KernelUnavailable (kernels/unavailable.py): the kernels this GPU cannot build."""
+    while True:
+        try:
+            return backend, run(backend)
+        except KernelUnavailable as e:
+            if not getattr(backend, e.field, None):  # already off: not a family this switches
+                raise
+            backend = backend.without(e)
 
 
 def select_backend(
@@ -189,10 +209,11 @@ def load_fla():
         causal_conv1d = None
     from types import SimpleNamespace
 
+    fla = launcher("fla")  # its kernels' build errors: KernelUnavailable("fla")
     return SimpleNamespace(
-        chunk=chunk_gated_delta_rule,
-        fused_recurrent=fused_recurrent_gated_delta_rule,
-        conv=causal_conv1d,
+        chunk=fla(chunk_gated_delta_rule),
+        fused_recurrent=fla(fused_recurrent_gated_delta_rule),
+        conv=fla(causal_conv1d) if causal_conv1d is not None else None,
     )
 
 

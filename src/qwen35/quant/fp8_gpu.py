@@ -6,14 +6,16 @@ Paths, in order: up to 16 rows (decode), a weight-only Triton GEMV (`_gemv_kerne
 as stored, x not quantized, one launch); then `torch._scaled_mm` with blockwise scales (1x128 for x, 128x128 for W) where
 this torch and GPU accept them - probed once per device against the reference below, so a
 build that rejects or misreads the scale layout is never used; else the Triton kernel
-`_fp8_block_kernel` (fp8 tensor-core dots, scales applied per K block in fp32); else (no Triton)
-dequantise + a BF16 GEMM. UNMEASURED: no GPU was available where this was written; the
+`_fp8_block_kernel` (fp8 tensor-core dots, scales applied per K block in fp32); else (no Triton,
+or a GPU older than sm_89, where Triton has no e4m3 and the two Triton kernels fail to build:
+`_built` remembers that and warns once) dequantise + a BF16 GEMM. UNMEASURED: no GPU was available where this was written; the
 `@pytest.mark.gpu` tests in tests/test_quant_gpu.py check every path against the reference.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from qwen35.quant.formats import FP8_DTYPE, FP8_MAX, dequantize_fp8_blocks
 
 GROUP = 128
+log = logging.getLogger("qwen35")
 
 
 def quantize_activations(x: torch.Tensor, group: int = GROUP):
@@ -145,69 +148,19 @@ def _triton_kernel():
     return run
 
 
-GEMV_MAX_ROWS = 16  # decode-sized inputs: the weight-only kernel below
+GEMV_MAX_ROWS = 16  # decode-sized inputs: the weight-only kernel below (its MAX_ROWS)
 
 
 @functools.lru_cache(maxsize=1)
 def _gemv_kernel():
-    """y [M <= 16, N] = x @ dequant(w)^T reading the e4m3 weights as stored: one launch, no
-    activation quantization (the GEMM paths above quantize x per token-group: ~9 small kernels
-    before the matmul, the most of a decode step's FP8 linear). Each program takes BN weight
-    rows against all M input rows: the 128-wide chunks of a row are upcast to x's dtype (exact:
-    e4m3 fits in bf16), multiplied on the tensor cores, and scaled by their block's scale in fp32.
-    Numerically it is the dequantised-weight reference (no activation error). None without Triton."""
+    """The weight-only FP8 GEMV for up to GEMV_MAX_ROWS rows (kernels/triton_fp8.py `fp8_gemv`:
+    e4m3 read as stored, x not quantized, one launch; the GEMM paths above quantize x per
+    token-group, ~9 small kernels before the matmul); None without Triton."""
     try:
-        import triton
-        import triton.language as tl
+        from qwen35.kernels.triton_fp8 import fp8_gemv
     except ImportError:
         return None
-    import os
-
-    upcast = os.environ.get("TRITON_INTERPRET", "") == "1"  # the interpreter's bf16 dots are wrong
-
-    @triton.jit
-    def _fp8_gemv_kernel(
-        X, W, S, Y, M, N, K, s_xm, s_wn, s_ym, s_sn,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_O: tl.constexpr,
-        IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    ):  # fmt: skip
-        rn = tl.program_id(0) * BN + tl.arange(0, BN)
-        rm = tl.arange(0, BM)
-        mn, mm = rn < N, rm < M
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BK)):
-            k = kb * BK + tl.arange(0, BK)
-            mk = k < K
-            x = tl.load(X + rm[:, None] * s_xm + k[None, :], mask=mm[:, None] & mk[None, :],
-                        other=0.0)  # fmt: skip
-            w = tl.load(W + rn[:, None] * s_wn + k[None, :], mask=mn[:, None] & mk[None, :],
-                        other=0.0)  # fmt: skip
-            scale = tl.load(S + (rn // BLOCK_O) * s_sn + kb, mask=mn, other=0.0)  # [BN]
-            if UPCAST:
-                part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            elif IEEE:
-                part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
-            else:
-                part = tl.dot(x, tl.trans(w.to(x.dtype)))
-            acc += part * scale[None, :]
-        tl.store(Y + rm[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty),
-                 mask=mm[:, None] & mn[None, :])  # fmt: skip
-
-    def run(x, w, scale, block, block_n: int = 64):  # block_n: bench/gpu_kernels.py tries some
-        M, K = x.shape
-        N = w.shape[0]
-        assert M <= GEMV_MAX_ROWS and block[1] == 128 and x.stride(1) == 1 and w.is_contiguous()
-        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        s = scale.float().contiguous()
-        _fp8_gemv_kernel[(triton.cdiv(N, block_n),)](
-            x, w, s, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), s.stride(0),
-            BM=16, BN=block_n, BK=128, BLOCK_O=block[0], IEEE=x.dtype == torch.float32,
-            UPCAST=upcast,
-        )  # fmt: skip
-        return y
-
-    run.kernel = _fp8_gemv_kernel  # tests/test_triton_compile.py compiles it for sm_90
-    return run
+    return fp8_gemv
 
 
 def block_m(M: int) -> int:
@@ -219,6 +172,7 @@ def fp8_linear_gpu(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block)
     """x [..., K] (bf16/fp16) @ dequant(w [N, K], scale)^T on CUDA -> [..., N]."""
     x2 = x.reshape(-1, x.shape[-1])
     block = tuple(block)
+    y = None
     if (
         x2.shape[0] <= GEMV_MAX_ROWS
         and block[1] == 128
@@ -226,11 +180,33 @@ def fp8_linear_gpu(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block)
         and w.is_contiguous()
         and (gemv := _gemv_kernel()) is not None
     ):  # a decode step: weight-only, one launch
-        y = gemv(x2, w, scale, block)
-    elif _scaled_mm_ok(x.device, block) and x2.shape[1] % 128 == 0 and w.shape[0] % 128 == 0:
+        y = _built("gemv", gemv, x2, w, scale, block)
+    if y is None and _scaled_mm_ok(x.device, block) and x2.shape[1] % 128 == 0 \
+            and w.shape[0] % 128 == 0:  # fmt: skip
         y = _scaled_mm(x2, w, scale, block)
-    elif (kern := _triton_kernel()) is not None:
-        y = kern(x2, w, scale, block)
-    else:
+    if y is None and (kern := _triton_kernel()) is not None:
+        y = _built("block GEMM", kern, x2, w, scale, block)
+    if y is None:
         y = reference(x2, w, scale, block)
     return y.view(*x.shape[:-1], w.shape[0])
+
+
+UNBUILT: dict[str, str] = {}  # Triton paths this GPU cannot build (Triton has e4m3 from sm_89)
+
+
+def _built(name: str, run, *args):
+    """run(*args), or None where its kernel does not build on this GPU (kernels/unavailable.py;
+    remembered, logged once: the next path takes over). Nothing was launched when it fails."""
+    if name in UNBUILT:
+        return None
+    from qwen35.kernels.unavailable import is_build_error
+
+    try:
+        return run(*args)
+    except Exception as e:
+        if not is_build_error(e):
+            raise
+        UNBUILT[name] = f"{type(e).__name__}: {str(e).strip()[-300:]}"
+        log.warning("FP8 %s kernel cannot be built on this GPU (%s); FP8 linears take the next "
+                    "path", name, UNBUILT[name])  # fmt: skip
+        return None

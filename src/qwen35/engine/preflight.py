@@ -1,0 +1,81 @@
+"""The GPU engine's start-up check: every kind of step a server meets, run once on scratch caches
+through the backend the engine will serve with, before the real caches are allocated.
+
+Triton compiles a kernel where it first runs, for that GPU, and not every GPU can build every
+kernel (kernels/unavailable.py: no e4m3 before sm_89, less shared memory on smaller GPUs). Here a
+kernel family that does not build is switched off, with one warning naming the kernel and
+why, and its ops take the PyTorch path; without this check the first request to need it
+would fail. It also compiles the kernels of each step kind, so the first requests do not wait
+for Triton. The steps (two sequences of different lengths, their own blocks and state slots):
+
+1. a fresh prefill (one sequence longer than a split-K range of the decode attention);
+2. a prefill chunk that continues both (the cached-prefix attention, DeltaNet initial states,
+   a MoE block of few tokens);
+3. a decode step of both (split-K decode attention), then one of the short sequence alone.
+
+Then `cache_sizing.measure_working_memory` measures the largest prefill chunk with the checked
+backend (inside `with_fallbacks` too: its chunk may take kernels these steps did not).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwen35.ops.backend import Backend, select_backend, with_fallbacks
+
+LONG, SHORT = 520, 5  # prompt tokens of the two scratch sequences (LONG > 512: split-K decode)
+CONTINUE = 3  # tokens of the chunk that continues each
+
+
+def gpu_start(model, dtype, chunk_tokens: int, sampled_rows: int, block_size: int):
+    """(the backend to serve with, the working memory of the largest prefill chunk) on a GPU."""
+    from qwen35.engine.cache_sizing import measure_working_memory
+
+    be = check_kernels(model, select_backend(model.device, dtype=dtype), block_size)
+    return with_fallbacks(
+        be, lambda b: measure_working_memory(model, chunk_tokens, sampled_rows, block_size, b)
+    )
+
+
+def check_kernels(model, backend: Backend, block_size: int, long: int = LONG) -> Backend:
+    """`backend` without the kernel families this GPU cannot build. `long`: tests under
+    Triton's interpreter take a shorter first sequence (no split-K decode then)."""
+    return with_fallbacks(backend, lambda be: run_steps(model, be, block_size, long))[0]
+
+
+def run_steps(model, be: Backend, block_size: int, long: int = LONG) -> None:
+    from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
+
+    cfg, dev = model.config, model.device
+    final = (long + CONTINUE + 1, SHORT + CONTINUE + 2)  # context of each after the last step
+    per_seq = [-(-n // block_size) for n in final]
+    tables = [list(range(per_seq[0])), list(range(per_seq[0], sum(per_seq)))]
+    caches = allocate_caches(cfg, sum(per_seq), block_size, 2, model.dtype, dev)
+    gen = torch.Generator().manual_seed(0)
+
+    def step(seqs: list[tuple[int, int, int]]) -> None:
+        """seqs: (sequence 0 / 1, first position, new tokens)."""
+        positions, slots, cu, ctx, logits = [], [], [0], [], []
+        for i, start, n in seqs:
+            positions += range(start, start + n)
+            slots += [tables[i][p // block_size] * block_size + p % block_size
+                      for p in range(start, start + n)]  # fmt: skip
+            cu.append(cu[-1] + n)
+            ctx.append(start + n)
+            logits.append(cu[-1] - 1)
+        batch = ForwardBatch.build(
+            positions=positions, cu_seqlens=cu, context_lens=ctx, slot_mapping=slots,
+            block_tables=[tables[i] for i, _, _ in seqs], state_slots=[i for i, _, _ in seqs],
+            has_initial_state=[start > 0 for _, start, _ in seqs], logits_indices=logits,
+            device=dev, backend=be,
+        )  # fmt: skip
+        ids = torch.randint(0, cfg.vocab_size, (cu[-1],), generator=gen).to(dev)
+        with torch.inference_mode():
+            model(ids, batch, caches)
+
+    step([(0, 0, long), (1, 0, SHORT)])
+    step([(0, long, CONTINUE), (1, SHORT, CONTINUE)])
+    step([(0, long + CONTINUE, 1), (1, SHORT + CONTINUE, 1)])
+    step([(1, SHORT + CONTINUE + 1, 1)])
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)  # any error of these steps surfaces here, at start-up

@@ -1,0 +1,91 @@
+"""e4m3 weights read as their bytes, so FP8 kernels build on every GPU Triton supports; and the
+weight-only FP8 GEMV of decode steps (`fp8_gemv`, quant/fp8_gpu.py's path for up to 16 rows).
+
+Triton's e4m3 type (fp8e4nv) exists only from sm_89 (Ada, Hopper) on: a kernel whose pointer is
+an e4m3 tensor does not compile for an A100. The weight-only kernels (quant/fp8_gpu.py's
+GEMV, kernels/triton_moe.py) only need the values, so they take the bytes (`bits(w)`: a uint8
+view, no copy) and convert them with integer ops, as Marlin's FP8 path does on Ampere and as the
+CPU kernel does (kernels/fp8_cpu.cpp): an e4m3fn byte s.eeee.mmm moved into the fp16 bit pattern
+s.0eeee.mmm0000000 is the value times 2^-8 (exponent bias 15 instead of 7), subnormals included,
+exact; the callers fold the 2^8 into the block scale (`UNSCALE`). e4m3fn's NaN (s.1111.111) would
+read as +-480: the official checkpoints hold none (their values are clamped to +-448).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+UNSCALE = tl.constexpr(256.0)  # value = fp16 read of the moved bits * UNSCALE
+
+
+@triton.jit
+def e4m3_to_fp16(b):
+    """uint8 e4m3fn bytes -> fp16 values / 256 (exact)."""
+    i = b.to(tl.int32)
+    return (((i & 0x80) << 8) | ((i & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+def bits(w: torch.Tensor) -> torch.Tensor:
+    """An e4m3 tensor's bytes (a view)."""
+    assert w.dtype == torch.float8_e4m3fn, w.dtype
+    return w.view(torch.uint8)
+
+
+UPCAST = os.environ.get("TRITON_INTERPRET", "") == "1"  # the interpreter's bf16 dots are wrong
+MAX_ROWS = 16
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    X, W, S, Y, M, N, K, s_xm, s_wn, s_ym, s_sn,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_O: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rm = tl.arange(0, BM)
+    mn, mm = rn < N, rm < M
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BK)):
+        k = kb * BK + tl.arange(0, BK)
+        mk = k < K
+        x = tl.load(X + rm[:, None] * s_xm + k[None, :], mask=mm[:, None] & mk[None, :],
+                    other=0.0)  # fmt: skip
+        w = tl.load(W + rn[:, None] * s_wn + k[None, :], mask=mn[:, None] & mk[None, :],
+                    other=0)  # fmt: skip
+        scale = tl.load(S + (rn // BLOCK_O) * s_sn + kb, mask=mn, other=0.0)  # [BN]
+        w = e4m3_to_fp16(w)  # the bytes' values / UNSCALE, exact in any float dtype
+        if UPCAST:
+            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        elif IEEE:
+            part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
+        else:
+            part = tl.dot(x, tl.trans(w.to(x.dtype)))
+        acc += part * (scale * UNSCALE)[None, :]
+    tl.store(Y + rm[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty),
+             mask=mm[:, None] & mn[None, :])  # fmt: skip
+
+
+def fp8_gemv(x, w, scale, block, block_n: int = 64) -> torch.Tensor:
+    """y [M <= 16, N] = x @ dequant(w)^T, w e4m3 [N, K] with one scale per block (128 inputs
+    wide): each program takes block_n weight rows against all M input rows; the 128-wide chunks
+    of a row are upcast to x's dtype (exact: e4m3 fits in bf16), multiplied on the tensor
+    cores and scaled by their block's scale in fp32. Numerically the dequantised-weight
+    reference (no activation error). block_n: bench/gpu_kernels.py tries some."""
+    M, K = x.shape
+    N = w.shape[0]
+    assert M <= MAX_ROWS and block[1] == 128 and x.stride(1) == 1 and w.is_contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    s = scale.float().contiguous()
+    _fp8_gemv_kernel[(triton.cdiv(N, block_n),)](
+        x, bits(w), s, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), s.stride(0),
+        BM=MAX_ROWS, BN=block_n, BK=128, BLOCK_O=block[0], IEEE=x.dtype == torch.float32,
+        UPCAST=UPCAST,
+    )  # fmt: skip
+    return y
+
+
+fp8_gemv.kernel = _fp8_gemv_kernel  # tests/test_triton_compile.py compiles it for sm_90 / sm_80
