@@ -6,7 +6,10 @@ layouts, constexpr use) and what only the hardware limits (shared memory per blo
 Here every kernel goes through Triton's whole pipeline to a cubin with ptxas for sm_90, at the
 block sizes and dtypes the launchers choose for the real Qwen 3.5 shapes (head_dim 256, DeltaNet
 dk = dv = 128, hidden sizes up to 8192, 128x128 FP8 blocks), and the shared memory each needs is
-checked against the 227 KiB a Hopper block may use. Slow (~1 min): `pytest -m slow`, in an
+checked against the 227 KiB a Hopper block may use; the cubin's register spills (read with the
+cuobjdump Triton ships) fail the test where the bf16 models launch the kernel. Some kernels are
+also compiled for sm_80 (A100). bench/gpu_kernel_resources.py prints registers, spills and
+occupancy of every compile here. Slow (~1 min): `pytest -m slow`, in an
 environment with Triton (see tests/triton_interp.py), without TRITON_INTERPRET.
 """
 
@@ -37,9 +40,12 @@ TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
-                 target: GPUTarget = SM90):  # fmt: skip
+                 target: GPUTarget = SM90, spills_ok: bool = False):  # fmt: skip
     """fn compiled for sm_90 (or `target`). signature: every argument's Triton type ('*bf16', 'i32', 'fp32';
-    'constexpr' for those in constexprs), in order."""
+    'constexpr' for those in constexprs), in order. Register spills fail the test unless
+    `spills_ok` (known ones: fp32 variants that only test / reference models run, and the
+    block-FP8 GEMM that runs where torch's blockwise `_scaled_mm` does not; listed by
+    bench/gpu_kernel_resources.py)."""
     assert list(signature) == fn.arg_names, (list(signature), fn.arg_names)
     for k in constexprs:
         signature[k] = "constexpr"
@@ -47,7 +53,36 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_
     k = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
     assert k.asm.get("cubin"), f"{fn.__name__}: no cubin"  # ptxas ran
     assert k.metadata.shared <= SMEM_LIMIT, f"{fn.__name__}: {k.metadata.shared} B shared memory"
+    use = resources(k)
+    REPORT.append((fn.__name__, target.arch, num_warps, dict(constexprs), use))
+    # a register spill goes to local memory (slow, and it hides in the code): none where we launch
+    if CHECK_SPILLS and not spills_ok:
+        assert use["stack"] == 0 and use["local"] == 0, f"{fn.__name__} {constexprs}: spills {use}"
     return k
+
+
+REPORT: list = []  # every compile of this session: bench/gpu_kernel_resources.py prints it
+CHECK_SPILLS = True  # (the report lists them instead)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resources(k) -> dict:
+    """Registers per thread, stack and local (spill) bytes, static shared memory of a compiled
+    kernel, read from its cubin by the cuobjdump that ships with Triton (no GPU needed); the
+    shared memory Triton allocates dynamically is k.metadata.shared."""
+    import re
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    assert m, out[-500:]
+    regs, stack, _, local = (int(x) for x in m.groups())
+    return dict(regs=regs, stack=stack, local=local, shared=k.metadata.shared)
 
 
 def _ptr(dtype) -> str:
@@ -71,7 +106,7 @@ def test_paged_attention_compiles(dtype, hd, rep, bs):
             BS=bs, REP=rep, BLOCK_R=max(16, triton.next_power_of_2(rep)), HD=hd,
             BLOCK_T=ta.BLOCK_T, HAS_GATE=True, IEEE=ieee, UPCAST=False, SPLIT=splits > 1,
             SPLIT_TOKENS=ta.SPLIT_TOKENS, MAX_S=ta.MAX_SPLITS,
-        ))  # fmt: skip
+        ), spills_ok=ieee)  # fmt: skip
     sig = dict(PART="*fp32", O=p, G=p, context_lens="*i32", stride_on=i, stride_oh=i,
                stride_gn=i, stride_gh=i, NH=i, SPLITS=i, HD=0, HAS_GATE=0, SPLIT_TOKENS=0,
                MAX_S=0, BLOCK_T=0)  # fmt: skip
@@ -83,7 +118,7 @@ def test_paged_attention_compiles(dtype, hd, rep, bs):
     for block_m in (16, 32):
         compile_sm90(ta._prefill_kernel, dict(sig), dict(
             BS=bs, REP=rep, HD=hd, BLOCK_M=block_m, BLOCK_T=ta.BLOCK_T, IEEE=ieee, UPCAST=False,
-        ))  # fmt: skip
+        ), spills_ok=ieee)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -94,12 +129,16 @@ def test_norm_and_pointwise_kernels_compile(dtype):
     p = _ptr(dtype)
     for D in (128, 256, 1024, 2048, 4096, 5120, 8192):  # head dims, dv, hidden sizes
         B = triton.next_power_of_2(D)
+        w = tn._warps(B)  # as the launchers pass it: a row's values spread over the warps
         compile_sm90(tn._rms_zc_kernel, dict(X=p, W=p, Y=p, D="i32", eps="fp32", BLOCK=0),
-                     dict(BLOCK=B))  # fmt: skip
+                     dict(BLOCK=B), num_warps=w)  # fmt: skip
         compile_sm90(tn._add_rms_zc_kernel, dict(H=p, X=p, W=p, Y=p, stride_h="i32",
-                     stride_x="i32", D="i32", eps="fp32", BLOCK=0), dict(BLOCK=B))  # fmt: skip
+                     stride_x="i32", D="i32", eps="fp32", BLOCK=0), dict(BLOCK=B),
+                     num_warps=w)  # fmt: skip
         compile_sm90(tn._gated_rms_kernel, dict(X=p, Z=p, W=p, Y=p, stride_zt="i32", NH="i32",
-                     D="i32", eps="fp32", BLOCK=0), dict(BLOCK=B))  # fmt: skip
+                     D="i32", eps="fp32", BLOCK=0), dict(BLOCK=B), num_warps=w)  # fmt: skip
+        for *_, use in REPORT[-3:]:  # 4 warps at 8,192 took 255 registers a thread
+            assert use["regs"] <= 128, (D, use)
     for half in (32, 64):  # rotary_dim 64 (head_dim 256 x 0.25) and 128
         sig = dict(Q=p, K=p, COS=p, SIN=p, stride_qt="i32", stride_qh="i32", stride_kt="i32",
                    stride_kh="i32", stride_ct="i32", NH="i32", HALF=0, BLOCK=0)  # fmt: skip
@@ -138,7 +177,7 @@ def test_fp8_block_kernel_compiles(M):
     sig = dict(A="*fp8e4nv", B="*fp8e4nv", C="*bf16", As="*fp32", Bs="*fp32", M="i32", N="i32",
                K="i32", s_am="i32", s_bn="i32", s_cm="i32", s_asm="i32", s_bsn="i32",
                BLOCK_N=0, BLOCK_K=0, BM=0)  # fmt: skip
-    compile_sm90(fn, sig, dict(BLOCK_N=128, BLOCK_K=128, BM=fp8_gpu.block_m(M)))
+    compile_sm90(fn, sig, dict(BLOCK_N=128, BLOCK_K=128, BM=fp8_gpu.block_m(M)), spills_ok=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -151,8 +190,9 @@ def test_fp8_gemv_kernel_compiles(dtype):
     sig = dict(X=p, W="*u8", S="*fp32", Y=p, M=i, N=i, K=i, s_xm=i, s_wn=i, s_ym=i, s_sn=i,
                BM=0, BN=0, BK=0, BLOCK_O=0, IEEE=0, UPCAST=0)  # fmt: skip
     const = dict(BM=16, BN=64, BK=128, BLOCK_O=128, IEEE=dtype == torch.float32, UPCAST=False)
-    compile_sm90(fp8_gpu._gemv_kernel().kernel, dict(sig), const)
-    compile_sm90(fp8_gpu._gemv_kernel().kernel, sig, const, target=SM80)  # e4m3 read as bytes
+    fp32 = dtype == torch.float32  # (spills: fp32 models are tests and references)
+    compile_sm90(fp8_gpu._gemv_kernel().kernel, dict(sig), const, spills_ok=fp32)
+    compile_sm90(fp8_gpu._gemv_kernel().kernel, sig, const, target=SM80, spills_ok=fp32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -182,7 +222,7 @@ def test_moe_kernels_compile(dtype):
             for target in (SM90, SM80):
                 compile_sm90(tm._down_kernel, dict(sig), dict(K_TOP=10, FP8=fp8,
                              HAS_SHARED=shared, SD_FP8=fp8, BO=tm.FP8_BLOCK, BN=tm.BN, BK=tm.BK),
-                             target=target)  # fmt: skip
+                             target=target, spills_ok=fp8)  # fmt: skip  (24 B on sm_90)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -214,7 +254,7 @@ def test_fp8_block_gemm_does_not_build_before_sm89_and_says_so():
                K="i32", s_am="i32", s_bn="i32", s_cm="i32", s_asm="i32", s_bsn="i32",
                BLOCK_N=0, BLOCK_K=0, BM=0)  # fmt: skip
     const = dict(BLOCK_N=128, BLOCK_K=128, BM=64)
-    compile_sm90(fp8_gpu._triton_kernel().kernel, dict(sig), const)  # Hopper: builds
+    compile_sm90(fp8_gpu._triton_kernel().kernel, dict(sig), const, spills_ok=True)  # Hopper
     with pytest.raises(Exception) as err:
         compile_sm90(fp8_gpu._triton_kernel().kernel, sig, const, target=SM80)
     assert is_build_error(err.value), repr(err.value)[:500]

@@ -78,7 +78,10 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+# run-time ints that change between calls are not specialised on (== 1, multiple of 16): one
+# compiled variant serves them all, built by the engine's start-up check (engine/preflight.py)
+# instead of a compile of a second or more in the middle of serving
+@triton.jit(do_not_specialize=["SPLITS"])
 def _decode_kernel(
     Q, K, V, O, G, PART, block_tables, context_lens, scale,
     stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
@@ -146,7 +149,7 @@ def _split_chunk(ctx, SPLIT_TOKENS: tl.constexpr, MAX_S: tl.constexpr, BLOCK_T: 
     return tl.maximum(SPLIT_TOKENS, tl.cdiv(tl.cdiv(ctx, MAX_S), BLOCK_T) * BLOCK_T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])
 def _combine_kernel(
     PART, O, G, context_lens, stride_on, stride_oh, stride_gn, stride_gh, NH, SPLITS,
     HD: tl.constexpr, HAS_GATE: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
@@ -235,7 +238,7 @@ def paged_decode_attention(
     return o
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start_pos", "Tq"])
 def _prefill_kernel(
     Q, K, V, O, block_table, start_pos, Tq, scale,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,

@@ -59,6 +59,14 @@ def _gated_rms_kernel(X, Z, W, Y, stride_zt, NH, D, eps, BLOCK: tl.constexpr):
     tl.store(Y + row * D + d, out.to(Y.dtype.element_ty), mask=m)
 
 
+def _warps(block: int) -> int:
+    """Warps per row program: 4 up to 1,024 values, then one per 256 (at most 16), so a thread
+    holds at most 16 of the row. With 4 warps a hidden size of 5,120 / 8,192 took 252-255
+    registers a thread (8 resident warps per SM); with 16, 64 (ptxas for sm_90, Triton 3.6:
+    bench/gpu_kernel_resources.py)."""
+    return min(16, max(4, block // 256))
+
+
 @launcher("triton_norms")
 def rms_norm_zc(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D] (any strides on the leading dims are copied to contiguous) -> same shape."""
@@ -66,7 +74,8 @@ def rms_norm_zc(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
     x2 = x.reshape(-1, D).contiguous()
     y = torch.empty_like(x2)
     if x2.shape[0]:
-        _rms_zc_kernel[(x2.shape[0],)](x2, weight, y, D, eps, BLOCK=triton.next_power_of_2(D))
+        B = triton.next_power_of_2(D)
+        _rms_zc_kernel[(x2.shape[0],)](x2, weight, y, D, eps, BLOCK=B, num_warps=_warps(B))
     return y.view(x.shape)
 
 
@@ -78,8 +87,9 @@ def add_rms_norm_zc_(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps
     assert h.stride(1) == 1 and x.stride(1) == 1 and x.shape == h.shape
     y = torch.empty(T, D, dtype=h.dtype, device=h.device)
     if T:
+        B = triton.next_power_of_2(D)
         _add_rms_zc_kernel[(T,)](
-            h, x, weight, y, h.stride(0), x.stride(0), D, eps, BLOCK=triton.next_power_of_2(D)
+            h, x, weight, y, h.stride(0), x.stride(0), D, eps, BLOCK=B, num_warps=_warps(B)
         )
     return y
 
@@ -97,7 +107,8 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
         stride_zt, nh = D, 1
     y = torch.empty_like(x2)
     if x2.shape[0]:
+        B = triton.next_power_of_2(D)
         _gated_rms_kernel[(x2.shape[0],)](
-            x2, z2, weight, y, stride_zt, nh, D, eps, BLOCK=triton.next_power_of_2(D)
+            x2, z2, weight, y, stride_zt, nh, D, eps, BLOCK=B, num_warps=_warps(B)
         )
     return y.view(x.shape)
