@@ -267,3 +267,23 @@ def test_timed_request_counts_every_prefill_chunk(tiny_cfg):
     prefill, steps, tokens = timed_request(engine, list(range(3, 43)), 5, "chunked")
     assert len(tokens) == 5 and len(steps) == 4  # the first token ends the prefill
     assert len(calls) == 3 + 4 and prefill > 0  # 40 prompt tokens: 3 chunks of <= 16
+
+
+def test_peers_removes_its_converted_weights(tiny_cfg, monkeypatch):
+    """The peers workload's transformers checkpoint and GGUF files (GBs for a real model) are
+    deleted when the workload ends, also when it fails."""
+    from qwen35.benchmarks import gguf, peers
+
+    opts = BenchOptions(model=tiny_cfg, quick=True, threads=None)
+    bm = load_bench_model(opts)
+    made = []
+
+    def failing(bm, opts, g):
+        made.append(g._hf_dir(bm, opts))  # what convert() writes first
+        assert (made[0] / "model.safetensors").is_file()
+        raise RuntimeError("a converter failure")
+
+    monkeypatch.setattr(peers, "_run_peers", failing)
+    with pytest.raises(RuntimeError, match="converter failure"):
+        peers.run_peers(bm, opts)
+    assert made and not made[0].parent.exists() and "hf" not in gguf._WORK

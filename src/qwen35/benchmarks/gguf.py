@@ -7,15 +7,18 @@
 
 `convert(bm, "f32" | "bf16" | "q8_0" | "q4_0")`: the model's weights saved as a transformers text
 checkpoint, converted with the vendored script (f32 / bf16 / q8_0), q4_0 then made from the f32
-file with llama.cpp's own `llama_model_quantize`. Random-weight models have no tokenizer, so the
+file with llama.cpp's own `llama_model_quantize`; `cleanup()` deletes them (the peers workload
+calls it when it ends, however it ends; at exit too). Random-weight models have no tokenizer, so the
 converter gets a placeholder vocabulary of the right size (the benchmark feeds token ids, never
 text). `LlamaRunner` times one prompt's prefill and each decode step through llama-cpp-python.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,6 +88,7 @@ def _hf_dir(bm, opts) -> Path:
     from safetensors.torch import save_file
 
     work = Path(tempfile.mkdtemp(prefix="qwen35-gguf-"))
+    atexit.register(shutil.rmtree, work, True)  # also if the run dies before cleanup()
     hf = work / "hf"
     hf.mkdir()
     cfg = bm.config
@@ -131,6 +135,14 @@ def _hf_dir(bm, opts) -> Path:
     (hf / "config.json").write_text(json.dumps(text, indent=2))
     _WORK["hf"] = hf
     return hf
+
+
+def cleanup() -> None:
+    """Remove this run's checkpoint and GGUF files (several GB per model in the temp dir;
+    a llama.cpp engine that still maps one keeps reading it until it closes)."""
+    hf = _WORK.pop("hf", None)
+    if hf is not None:
+        shutil.rmtree(hf.parent, ignore_errors=True)
 
 
 def convert(bm, quant: str, opts) -> Path:

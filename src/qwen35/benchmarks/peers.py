@@ -82,6 +82,13 @@ def _decode_order(engines: dict, r: int) -> list[str]:
 def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
     from qwen35.benchmarks import gguf
 
+    try:
+        return _run_peers(bm, opts, gguf)
+    finally:
+        gguf.cleanup()  # the converted weights: GBs in the temp dir
+
+
+def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
     sz = sizes(opts)
     big = max(sz["prefill"])
     max_len = big + max(sz["new"], sz["long_new"]) + 16
