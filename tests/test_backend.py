@@ -311,6 +311,68 @@ def test_cpu_experts_take_the_loop_with_the_gemv_matmuls(monkeypatch):
     assert gmm and not calls
 
 
+@pytest.mark.parametrize("quant", [None, "int8", "int4", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_moe_equals_the_expert_loop(quant, dtype, monkeypatch):
+    """A CPU decode step's MoE at one token takes ops/moe.py `one_token_experts` (no sort,
+    gather or scatter): bit for bit what the general per-expert loop gives that token, plain
+    experts (GEMV kernels / F.linear) and quantized ones (int8 / int4 / FP8; bf16, int8 and int4
+    experts as all k products in one kernel call: layers/linear.py `linear_many`, quant/matmul.py
+    `int8_linear_many` / `int4_linear_many`), and it is the path that runs (counted). bf16 also keeps batched == alone bit for bit (fp32's GEMV rows did not
+    before either)."""
+    import qwen35.layers.moe as layer_moe
+    from qwen35.layers.moe import SparseMoE
+    from qwen35.ops import moe as ops_moe
+
+    if quant == "int4" and dtype == torch.float32:
+        pytest.skip("int4 experts run in bf16 models here (torch's packed int4 matmul)")
+    model = _model(moe=True, dtype=dtype, quant=quant)
+    be = select_backend("cpu", dtype=dtype)
+    from qwen35.quant import matmul
+
+    runs, real = [], ops_moe.one_token_experts
+    counted = lambda *a: runs.append(1) or real(*a)  # noqa: E731
+    monkeypatch.setattr(ops_moe, "one_token_experts", counted)
+    monkeypatch.setattr(layer_moe, "one_token_experts", counted)
+    import qwen35.layers.linear as linear_mod
+
+    many = []  # the k products in one kernel call: which ran, and whether it took the kernel
+
+    def spy(mod, name):
+        real_fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a: many.append((name, (r := real_fn(*a)) is not None)) or r)
+
+    spy(matmul, "int4_linear_many"), spy(matmul, "int8_linear_many"), spy(linear_mod, "linear_many")
+    g = torch.Generator().manual_seed(3)
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    H = model.config.hidden_size
+    with torch.inference_mode():
+        for block in blocks:
+            x = torch.randn(4, H, generator=g).to(dtype)
+            fast = [block(x[t : t + 1], be) for t in range(4)]
+            monkeypatch.setattr(ops_moe, "ONE_TOKEN", False)
+            loop = [block(x[t : t + 1], be) for t in range(4)]
+            batch = block(x, be)
+            monkeypatch.setattr(ops_moe, "ONE_TOKEN", True)
+            for t in range(4):
+                assert torch.equal(fast[t], loop[t])
+                if dtype == torch.bfloat16:
+                    assert torch.equal(fast[t], batch[t : t + 1])
+    assert len(runs) == 4 * len(blocks)
+    probe = torch.zeros(1, model.config.hidden_size, dtype=dtype)
+    takes = {  # where one call each takes our kernel, the one-token path takes its many-form
+        "int4_linear_many": matmul.int4_kernel_for(probe, probe) is not None,
+        "int8_linear_many": True,
+        "linear_many": dtype == torch.bfloat16,
+    }
+    kinds = {  # (int4 mode keeps int8 for matrices its layout does not take)
+        "int4": {"int4_linear_many", "int8_linear_many"}, "int8": {"int8_linear_many"},
+        None: {"linear_many"}, "fp8": set(),  # FP8: one call each (no many-form)
+    }[quant]  # fmt: skip
+    assert {name for name, _ in many} <= kinds and (many or not kinds), set(many)
+    assert all(took == takes[name] for name, took in many), set(many)
+
+
 def test_select_backend():
     ref = reference_backend("cpu")
     assert ref.cpu_kernels is None and ref.fla is None and not ref.can_capture

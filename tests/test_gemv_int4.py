@@ -50,6 +50,28 @@ def test_linear_int4_matches_reference(mod, dtype):
                 assert rel_error(y, ref) < tol, (n, k, group, m, avx2_only)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_int4_many_equals_one_call_each(mod, dtype):
+    """linear_int4_many (several products of one shape in one parallel_for: a MoE layer's
+    picked experts) gives each product bit for bit as linear_int4 does, rows 1 and 5, both
+    paths; mismatched inputs are refused with a message."""
+    n, k, group = 192, 256, 64
+    mats = [_quantized(n, k, group, dtype, 10 + i) for i in range(5)]
+    for m in (1, 5):
+        xs = [torch.randn(m, k, generator=torch.Generator().manual_seed(m + i)).to(dtype)
+              for i in range(5)]  # fmt: skip
+        for avx2_only in _paths(mod):
+            got = mod.linear_int4_many(xs, [p for _, _, p in mats], [sz for _, sz, _ in mats],
+                                       group, n, avx2_only)  # fmt: skip
+            for x, (_, sz, packed), y in zip(xs, mats, got, strict=True):
+                assert torch.equal(y, mod.linear_int4(x, packed, sz, group, n, avx2_only))
+    with pytest.raises(RuntimeError, match="one K and dtype"):
+        mod.linear_int4_many([xs[0], xs[1][:, :128].contiguous()], [mats[0][2]] * 2,
+                             [mats[0][1]] * 2, group, n)  # fmt: skip
+    with pytest.raises(RuntimeError, match="as many"):
+        mod.linear_int4_many(xs[:2], [mats[0][2]], [mats[0][1]] * 2, group, n)
+
+
 def test_linear_int4_decodes_every_nibble_exactly(mod):
     """Scale 1 and zero 0: each input row picks one weight column, which must come out as
     exactly q - 8 for all 16 codes, in every row position of a 64-row block."""

@@ -71,6 +71,21 @@ void for_rows(int64_t M, int64_t N, Row&& row, Store&& store) {
   });
 }
 
+// for_rows over C products of N output rows each (product c has M[c] <= kMR input rows), all
+// their rows in one parallel_for: row(c, n, m, mr, out) and store(c, m, n, v) as above. A row's
+// result is the one for_rows gives it (the same calls), only the split over threads differs.
+template <typename Row, typename Store>
+void for_rows_many(int64_t C, const std::vector<int64_t>& M, int64_t N, Row&& row, Store&& store) {
+  at::parallel_for(0, C * N, 64, [&](int64_t i0, int64_t i1) {
+    float out[kMR];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t c = i / N, n = i % N;
+      row(c, n, 0, static_cast<int>(M[c]), out);
+      for (int64_t r = 0; r < M[c]; ++r) store(c, r, n, out[r]);
+    }
+  });
+}
+
 // More than kMR rows on the byte-table paths: per thread, weight rows n, n + 1 converted once
 // (convert(n, buf [Kp] bf16)), then pair(n, m, mr, w0, w1, out0, out1) for each group of input
 // rows; a range's odd last row takes single(n, m, mr, out), which must give the same results.
@@ -703,6 +718,102 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q,
   return y;
 }
 
+// ---- several products of one shape in one call (a MoE layer's picked experts) ---------------
+// [x_c @ w_c^T] with every x_c [M_c <= 4, K] and w_c [N, K] of one N, K and dtype: each output
+// row computed as linear_bf16 / linear_int8 compute it (the same bits), all products' rows in
+// one parallel_for: one fork / join instead of one a product, and the threads stream on from
+// one matrix to the next.
+namespace {
+
+std::vector<int64_t> check_many(const std::vector<torch::Tensor>& xs,
+                                const std::vector<torch::Tensor>& ws, const char* name) {
+  TORCH_CHECK(!xs.empty() && xs.size() == ws.size(), name, ": as many x as weights");
+  const int64_t N = ws[0].size(0), K = ws[0].size(1);
+  std::vector<int64_t> M;
+  for (size_t c = 0; c < xs.size(); ++c) {
+    check_x(xs[c], ws[c], K);
+    TORCH_CHECK(ws[c].size(0) == N && ws[c].scalar_type() == ws[0].scalar_type() &&
+                    xs[c].scalar_type() == xs[0].scalar_type() && xs[c].size(0) >= 1 &&
+                    xs[c].size(0) <= kMR,
+                name, ": weights of one shape and dtype, x of one dtype and 1 to 4 rows");
+    M.push_back(xs[c].size(0));
+  }
+  return M;
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> linear_bf16_many(const std::vector<torch::Tensor>& xs,
+                                            const std::vector<torch::Tensor>& ws, bool avx2_only) {
+  const std::vector<int64_t> M = check_many(xs, ws, "linear_bf16_many");
+  TORCH_CHECK(xs[0].scalar_type() == at::kBFloat16 && ws[0].scalar_type() == at::kBFloat16,
+              "linear_bf16_many: bf16 x and w");
+  const int64_t C = xs.size(), N = ws[0].size(0), K = ws[0].size(1);
+  std::vector<torch::Tensor> ys, xf;
+  std::vector<const uint16_t*> W;
+  std::vector<at::BFloat16*> Y;
+  const bool avx512 = !avx2_only && cpu_avx512_bf16();
+  for (int64_t c = 0; c < C; ++c) {
+    ys.push_back(torch::empty({M[c], N}, xs[c].options()));
+    Y.push_back(ys[c].data_ptr<at::BFloat16>());
+    W.push_back(reinterpret_cast<const uint16_t*>(ws[c].data_ptr()));
+    xf.push_back(avx512 ? xs[c] : xs[c].to(at::kFloat));
+  }
+  const auto store = [&](int64_t c, int64_t m, int64_t n, float v) { Y[c][m * N + n] = v; };
+  if (avx512) {
+    for_rows_many(C, M, N, [&](int64_t c, int64_t n, int64_t m, int mr, float* out) {
+      const auto* X = reinterpret_cast<const uint16_t*>(xs[c].data_ptr());
+      DISPATCH_MR(mr, bf16_row_avx512, X + m * K, W[c] + n * K, out, K);
+    }, store);
+  } else {
+    for_rows_many(C, M, N, [&](int64_t c, int64_t n, int64_t m, int mr, float* out) {
+      DISPATCH_MR(mr, fma_row_avx2, xf[c].data_ptr<float>() + m * K, W[c] + n * K, out, K);
+    }, store);
+  }
+  return ys;
+}
+
+std::vector<torch::Tensor> linear_int8_many(const std::vector<torch::Tensor>& xs,
+                                            const std::vector<torch::Tensor>& qs,
+                                            const std::vector<torch::Tensor>& scales,
+                                            bool avx2_only) {
+  const std::vector<int64_t> M = check_many(xs, qs, "linear_int8_many");
+  const int64_t C = xs.size(), N = qs[0].size(0), K = qs[0].size(1);
+  TORCH_CHECK(qs[0].scalar_type() == at::kChar && scales.size() == xs.size(),
+              "linear_int8_many: int8 weights, one scale [N] each");
+  for (const auto& sc : scales)
+    TORCH_CHECK(sc.dim() == 1 && sc.size(0) == N && sc.is_contiguous() &&
+                    sc.scalar_type() == xs[0].scalar_type(),
+                "linear_int8_many: scale [N] in x's dtype");
+  std::vector<torch::Tensor> ys;
+  for (int64_t c = 0; c < C; ++c) ys.push_back(torch::empty({M[c], N}, xs[c].options()));
+  if (!avx2_only && xs[0].scalar_type() == at::kBFloat16 && cpu_avx512_fp8()) {
+    const int64_t Kp = (K + 63) / 64 * 64;
+    std::vector<std::vector<uint16_t>> xp;
+    for (int64_t c = 0; c < C; ++c) xp.push_back(permuted_rows(xs[c], Kp));
+    for_rows_many(C, M, N, [&](int64_t c, int64_t n, int64_t m, int mr, float* out) {
+      DISPATCH_MR(mr, int8_row_table, xp[c].data() + m * Kp, Kp, qs[c].data_ptr<int8_t>() + n * K,
+                  K, out);
+    }, [&](int64_t c, int64_t m, int64_t n, float v) {
+      ys[c].data_ptr<at::BFloat16>()[m * N + n] =
+          v * static_cast<float>(scales[c].data_ptr<at::BFloat16>()[n]);
+    });
+    return ys;
+  }
+  std::vector<torch::Tensor> xf;
+  for (int64_t c = 0; c < C; ++c) xf.push_back(xs[c].to(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xs[0].scalar_type(), "linear_int8_many", [&] {
+    for_rows_many(C, M, N, [&](int64_t c, int64_t n, int64_t m, int mr, float* out) {
+      DISPATCH_MR(mr, fma_row_avx2, xf[c].data_ptr<float>() + m * K,
+                  qs[c].data_ptr<int8_t>() + n * K, out, K);
+    }, [&](int64_t c, int64_t m, int64_t n, float v) {
+      ys[c].data_ptr<scalar_t>()[m * N + n] =
+          v * static_cast<float>(scales[c].data_ptr<scalar_t>()[n]);
+    });
+  });
+  return ys;
+}
+
 bool fp8_supported(int64_t bi) { return cpu_avx512_fp8() && bi % 64 == 0; }
 bool fp8_cvt_supported() { return cpu_avx512(); }
 
@@ -765,6 +876,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("avx2_only") = false);
   m.def("linear_fp32", &linear_fp32, "x [M<=16, K] fp32 @ w [N, K] fp32 ^T", py::arg("x"),
         py::arg("w"), py::arg("avx2_only") = false);
+  m.def("linear_bf16_many", &linear_bf16_many, "[x_c @ w_c^T] for bf16 weights of one shape",
+        py::arg("xs"), py::arg("ws"), py::arg("avx2_only") = false);
+  m.def("linear_int8_many", &linear_int8_many, "[x_c @ (q_c * scale_c)^T], one shape",
+        py::arg("xs"), py::arg("qs"), py::arg("scales"), py::arg("avx2_only") = false);
   m.def("linear_int8", &linear_int8, "x [M<=16, K] @ (q [N, K] int8 * scale [N])^T",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("avx2_only") = false);
   m.def("linear_fp8", &linear_fp8, "x [M<=16, K] bf16 @ block-FP8 w ^T", py::arg("x"),

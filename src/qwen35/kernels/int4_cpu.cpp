@@ -7,7 +7,8 @@
 // W = (q - 8) * scale + zero with q in [0, 15].
 //
 // linear_int4, y [M <= 16, N] = x [M, K] @ W^T, the 64-row blocks split over threads in
-// contiguous ranges, each block streamed once per 4 input rows:
+// contiguous ranges, each block streamed once per 4 input rows (linear_int4_many: several such
+// products of one shape, all their blocks in one parallel_for; a MoE layer's picked experts):
 // - AVX512-VBMI + BF16 (Zen 4, Sapphire Rapids), bf16 x: one 64-byte load covers k and k + 1 of
 //   all 64 rows; two byte permutes (vpermb) put row r's two bytes in the low bytes of one 32-bit
 //   lane's two words, and a shift + a ternary-logic op turn each word into the bf16 1 + q/16
@@ -302,6 +303,59 @@ void dequant_rows(const uint8_t* P, const ST* SZ, int64_t group, int64_t N, int6
   });
 }
 
+// One (x, W) product of linear_int4 / linear_int4_many: its inputs as the blocks read them.
+struct Call {
+  const uint8_t* P;     // packed W
+  const void* SZ;       // scales_and_zeros (x's dtype)
+  const void* X;        // x rows (bf16: the VBMI path) ...
+  const float* XF;      // ... or as fp32 (the AVX2 path)
+  std::vector<float> sx;  // per row and group: the sum of x
+  void* Y;              // y [M, n]
+  int64_t M;
+};
+
+Call make_call(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& sz,
+               int64_t group, int64_t n, bool vbmi, torch::Tensor& xf, torch::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1);
+  check_packed(packed, sz, group, n, K);
+  TORCH_CHECK(x.dim() == 2 && M <= kMaxRows && x.is_contiguous() && x.device().is_cpu(),
+              "linear_int4: x [M <= 16, K] contiguous on the CPU");
+  TORCH_CHECK(x.scalar_type() == sz.scalar_type(), "linear_int4: x and scales_and_zeros share a dtype");
+  xf = vbmi ? x : x.to(at::kFloat);  // the AVX2 path reads fp32 rows
+  y = torch::empty({M, n}, x.options());
+  return Call{packed.data_ptr<uint8_t>(), sz.data_ptr(), x.data_ptr(), vbmi ? nullptr : xf.data_ptr<float>(),
+              vbmi ? group_sums(x.data_ptr<at::BFloat16>(), M, K, group)
+                   : group_sums(xf.data_ptr<float>(), M, K, group),
+              y.data_ptr(), M};
+}
+
+// every 64-row block of every call, one parallel_for over all of them
+template <typename scalar_t>
+void run_calls(const std::vector<Call>& calls, int64_t K, int64_t group, int64_t n, bool vbmi) {
+  const int64_t ng = K / group, nb = n / 64;
+  at::parallel_for(0, static_cast<int64_t>(calls.size()) * nb, 1, [&](int64_t i0, int64_t i1) {
+    alignas(64) float out[kMR * 64];
+    for (int64_t i = i0; i < i1; ++i) {
+      const Call& c = calls[i / nb];
+      const Block b{c.P + (i % nb) * K * 32, K, group, ng, n, (i % nb) * 64};
+      const auto* SZ = static_cast<const scalar_t*>(c.SZ);
+      auto* Y = static_cast<scalar_t*>(c.Y);
+      for (int64_t m = 0; m < c.M; m += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, c.M - m));
+        if (vbmi) {
+          const auto* X = static_cast<const uint16_t*>(c.X) + m * K;
+          const auto* S = reinterpret_cast<const uint16_t*>(SZ);
+          DISPATCH_MR(mr, block_vbmi, b, X, c.sx.data() + m * ng, S, out);
+        } else {
+          DISPATCH_MR(mr, block_avx2, b, c.XF + m * K, c.sx.data() + m * ng, SZ, out);
+        }
+        for (int r = 0; r < mr; ++r)
+          for (int d = 0; d < 64; ++d) Y[(m + r) * n + b.n0 + d] = out[r * 64 + d];
+      }
+    }
+  });
+}
+
 }  // namespace
 
 bool int4_fast_supported() { return cpu_vbmi_bf16(); }
@@ -310,42 +364,41 @@ bool int4_fast_supported() { return cpu_vbmi_bf16(); }
 // BF16 (tests and benchmarks run both on one machine); fp32 x always takes it.
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed,
                           const torch::Tensor& sz, int64_t group, int64_t n, bool avx2_only) {
-  const int64_t M = x.size(0), K = x.size(1);
-  check_packed(packed, sz, group, n, K);
-  TORCH_CHECK(x.dim() == 2 && M <= kMaxRows && x.is_contiguous() && x.device().is_cpu(),
-              "linear_int4: x [M <= 16, K] contiguous on the CPU");
-  TORCH_CHECK(x.scalar_type() == sz.scalar_type(), "linear_int4: x and scales_and_zeros share a dtype");
   const bool vbmi = !avx2_only && x.scalar_type() == at::kBFloat16 && cpu_vbmi_bf16();
-  const auto xf = vbmi ? x : x.to(at::kFloat);  // the AVX2 path reads fp32 rows
-  const std::vector<float> sx = vbmi ? group_sums(x.data_ptr<at::BFloat16>(), M, K, group)
-                                     : group_sums(xf.data_ptr<float>(), M, K, group);
-  const int64_t ng = K / group;
-  auto y = torch::empty({M, n}, x.options());
-  const auto* P = packed.data_ptr<uint8_t>();
+  torch::Tensor xf, y;
+  std::vector<Call> calls;
+  calls.push_back(make_call(x, packed, sz, group, n, vbmi, xf, y));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "linear_int4", [&] {
-    const auto* SZ = sz.data_ptr<scalar_t>();
-    auto* Y = y.data_ptr<scalar_t>();
-    at::parallel_for(0, n / 64, 1, [&](int64_t b0, int64_t b1) {
-      alignas(64) float out[kMR * 64];
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const Block b{P + blk * K * 32, K, group, ng, n, blk * 64};
-        for (int64_t m = 0; m < M; m += kMR) {
-          const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
-          if (vbmi) {
-            const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr()) + m * K;
-            const auto* S = reinterpret_cast<const uint16_t*>(SZ);
-            DISPATCH_MR(mr, block_vbmi, b, X, sx.data() + m * ng, S, out);
-          } else {
-            DISPATCH_MR(mr, block_avx2, b, xf.data_ptr<float>() + m * K, sx.data() + m * ng, SZ,
-                        out);
-          }
-          for (int i = 0; i < mr; ++i)
-            for (int r = 0; r < 64; ++r) Y[(m + i) * n + b.n0 + r] = out[i * 64 + r];
-        }
-      }
-    });
+    run_calls<scalar_t>(calls, x.size(1), group, n, vbmi);
   });
   return y;
+}
+
+// [x_i @ W_i^T]: several products of one shape (K, n, group, dtype), e.g. the gate_up or the
+// down projections of a MoE layer's picked experts, the blocks of all of them in one
+// parallel_for: one fork / join instead of one a product, and the threads stream on from one
+// matrix to the next (each block is computed as linear_int4 computes it: the same bits).
+std::vector<torch::Tensor> linear_int4_many(const std::vector<torch::Tensor>& xs,
+                                            const std::vector<torch::Tensor>& packed,
+                                            const std::vector<torch::Tensor>& sz, int64_t group,
+                                            int64_t n, bool avx2_only) {
+  TORCH_CHECK(!xs.empty() && xs.size() == packed.size() && xs.size() == sz.size(),
+              "linear_int4_many: as many x, packed and scales_and_zeros");
+  const int64_t K = xs[0].size(1);
+  const auto dt = xs[0].scalar_type();
+  const bool vbmi = !avx2_only && dt == at::kBFloat16 && cpu_vbmi_bf16();
+  std::vector<torch::Tensor> xf(xs.size()), ys(xs.size());
+  std::vector<Call> calls;
+  calls.reserve(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    TORCH_CHECK(xs[i].dim() == 2 && xs[i].size(1) == K && xs[i].scalar_type() == dt,
+                "linear_int4_many: every x [M, K] of one K and dtype");
+    calls.push_back(make_call(xs[i], packed[i], sz[i], group, n, vbmi, xf[i], ys[i]));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "linear_int4_many", [&] {
+    run_calls<scalar_t>(calls, K, group, n, vbmi);
+  });
+  return ys;
 }
 
 // W [N, K] in out's dtype (bf16 or fp32, as scales_and_zeros). out either contiguous (the
@@ -375,6 +428,10 @@ void int4_dequant(const torch::Tensor& packed, const torch::Tensor& sz, int64_t 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int4", &linear_int4, "x [M<=16, K] @ W^T, W in torch's packed CPU int4 layout",
         py::arg("x"), py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("n"),
+        py::arg("avx2_only") = false);
+  m.def("linear_int4_many", &linear_int4_many,
+        "[x_i @ W_i^T] for products of one shape, in one parallel_for", py::arg("xs"),
+        py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("n"),
         py::arg("avx2_only") = false);
   m.def("int4_dequant", &int4_dequant, "torch's packed CPU int4 weight into out [N, K]");
   m.def("int4_fast_supported", &int4_fast_supported, "the AVX512-VBMI + BF16 path runs here");

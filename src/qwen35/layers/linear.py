@@ -51,6 +51,23 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def linear_many(xs: list, ws: list) -> list | None:
+    """[linear(x_i, w_i)] for bf16 weights of one shape, bit for bit, in one kernel call
+    (`linear_bf16_many`: a MoE layer's picked experts); None where `linear` would not take the
+    bf16 GEMV kernel for them (or more than 4 rows)."""
+    x, w = xs[0], ws[0]
+    if not (x.dim() == 2 and x.is_cpu and x.dtype == w.dtype == torch.bfloat16
+            and x.shape[0] <= min(4, GEMV_MAX_ROWS[torch.bfloat16])
+            and all(v.is_contiguous() for v in ws)):  # fmt: skip
+        return None
+    from qwen35.kernels import gemv
+
+    mod = gemv.load()
+    if mod is None or not hasattr(mod, "linear_bf16_many"):
+        return None
+    return mod.linear_bf16_many([v.contiguous() for v in xs], ws)
+
+
 class Linear(nn.Module):
     """y = x @ weight^T with weight [out_features, in_features] (checkpoint layout)."""
 

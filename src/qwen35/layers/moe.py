@@ -21,11 +21,13 @@ from torch import nn
 
 from qwen35.layers.linear import Linear, empty_param, packed_linear
 from qwen35.layers.mlp import MLP
+from qwen35.ops import moe as _ops_moe
 from qwen35.ops.backend import Backend
 from qwen35.ops.moe import (
     ExpertWeights,
     fused_moe,
     grouped_experts_reference,
+    one_token_experts,
     routed_experts,
 )
 from qwen35.parallel.context import SINGLE, TensorParallel
@@ -60,6 +62,11 @@ class Experts(nn.Module):
     def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:  # [n, H] -> [n, 2I]
         return F.linear(x, self.gate_up_proj[e])
 
+    def many(self, which: str, xs: list, experts: list) -> list | None:
+        """[gate_up / down of xs[i] by experts[i]] in one call where a kernel does that (quant/
+        layers.py), else None: one call each."""
+        return None
+
     def down(self, h: torch.Tensor, e: int) -> torch.Tensor:  # [n, I] -> [n, H]
         return F.linear(h, self.down_proj[e])
 
@@ -78,6 +85,9 @@ class Experts(nn.Module):
             return routed_experts(backend, x, self.gate_up_proj, self.down_proj, top_idx, top_w)
         # quantized experts (qwen35/quant) or some of them (expert parallelism): one gate_up and
         # one down per active expert
+        one = x.shape[0] == 1 and x.device.type == "cpu" and self.num_total is None
+        if one and _ops_moe.ONE_TOKEN:
+            return one_token_experts(x, top_idx, top_w, self.gate_up, self.down, self.many)
         k = top_idx.shape[1]
         local = top_idx.reshape(-1) - self.first_expert  # [T*k] ids among this module's
         if self.num_total is None:

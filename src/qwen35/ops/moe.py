@@ -31,7 +31,36 @@ def _sort_pairs(top_idx: torch.Tensor):
     return flat, order, order // top_idx.shape[1]  # token of each sorted pair
 
 
-def grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=F.linear) -> torch.Tensor:
+def one_token_experts(x, top_idx, top_w, gate_up_fn, down_fn, many=None) -> torch.Tensor:
+    """The routed experts of one token (a CPU decode step): its k experts in the order the
+    general loop below runs them (ascending expert id), each output weighted and added as that
+    loop's mul_ and index_add_ do, so the result is the same bit for bit (batched == alone);
+    without its sort, bincount, gather and scatter (~5 of the heavier small ops a layer).
+    gate_up_fn(x [1, H], e) -> [1, 2I]; down_fn(h [1, I], e) -> [1, H]; many(which, inputs,
+    experts): all k gate_up ("gate_up") or down ("down") products in one call, or None
+    (quant/layers.py IntExperts: int4's linear_int4_many)."""
+    ids = top_idx[0].tolist()  # the one host read of the step's routing, as bincount's
+    w = top_w.reshape(-1)
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    es = [ids[j] for j in order]
+    gu = (many and many("gate_up", [x] * len(es), es)) or [gate_up_fn(x, e) for e in es]
+    hs = [F.silu(g) * u for g, u in (t.chunk(2, dim=-1) for t in gu)]
+    ys = (many and many("down", hs, es)) or [down_fn(h, e) for h, e in zip(hs, es, strict=True)]
+    out = torch.zeros_like(x)
+    for j, y in zip(order, ys, strict=True):
+        out.add_(y.mul_(w[j]))
+    return out
+
+
+ONE_TOKEN = True  # one_token_experts where it applies (tests compare it with the loop below)
+
+
+def grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=F.linear,
+                              many=None) -> torch.Tensor:  # fmt: skip
+    """many: see one_token_experts (one token on a CPU only)."""
+    if x.shape[0] == 1 and x.device.type == "cpu" and ONE_TOKEN:
+        return one_token_experts(x, top_idx, top_w, lambda v, e: mm(v, gate_up[e]),
+                                 lambda h, e: mm(h, down[e]), many)  # fmt: skip
     flat, order, token_of = _sort_pairs(top_idx)
     counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
     xs = x.index_select(0, token_of)  # [T*k, H]
@@ -83,9 +112,12 @@ def routed_experts(be: Backend, x, gate_up, down, top_idx, top_w) -> torch.Tenso
     from qwen35.kernels import gemv
 
     if gemv.load() is not None:  # the CPU GEMV kernels, which layers/linear.py takes for few rows
-        from qwen35.layers.linear import linear
+        from qwen35.layers.linear import linear, linear_many
 
-        return grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=linear)
+        def many(which, xs, experts):  # one token: the k products in one kernel call (bf16)
+            return linear_many(xs, [(gate_up if which == "gate_up" else down)[e] for e in experts])
+
+        return grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=linear, many=many)
     # no kernels (no compiler, not x86, QWEN35_NO_KERNELS=1): the grouped GEMM for few rows
     if be.grouped_mm and x.dtype == gate_up.dtype and x.shape[0] <= CPU_GMM_MAX_ROWS:
         return grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be)

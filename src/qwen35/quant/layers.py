@@ -219,3 +219,14 @@ class IntExperts(Experts):
 
     def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
         return self.down_q[e](h)
+
+    def many(self, which: str, xs: list, experts: list) -> list | None:
+        """The k products in one kernel call (quant/matmul.py `int4_linear_many` /
+        `int8_linear_many`, the same bits as one call each), or None."""
+        mods = self.gate_up_q if which == "gate_up" else self.down_q
+        layers = [mods[e] for e in experts]
+        kinds = ((Int4Linear, matmul.int4_linear_many), (Int8Linear, matmul.int8_linear_many))
+        for cls, fn in kinds:
+            if all(type(m) is cls for m in layers):
+                return fn(xs, layers)
+        return None

@@ -114,19 +114,17 @@ def int4_linear(
     """x [..., K] @ W^T with W in torch's packed CPU int4 layout ([n, K/2] uint8, groups of
     `group` inputs, scales_and_zeros [K/group, n, 2])."""
     x2 = _rows(x)
-    rows = x2.shape[0]
-    mod = None
-    if x.is_cpu and sz.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float32):
+    # up to 16 rows, ours: bf16 rows on AVX512-VBMI + BF16 CPUs (torch's kernel beat our AVX2
+    # path), fp32 rows everywhere (torch's fp32 int4 kernel is several times slower)
+    if (kern := int4_kernel_for(x, sz)) is not None:
+        y = kern.linear_int4(x2.contiguous(), packed, sz, group, n)
+        return y.view(*x.shape[:-1], n)
+    mod = None  # up to 16 rows otherwise: torch's kernel
+    if x2.shape[0] > INT4_MAX_ROWS and x.is_cpu and sz.dtype == x.dtype \
+            and x.dtype in (torch.bfloat16, torch.float32):  # fmt: skip
         from qwen35.kernels import gemv
 
-        mod = gemv.load_int4()
-    if mod is not None and rows <= INT4_MAX_ROWS:
-        # bf16 rows: ours on AVX512-VBMI + BF16 CPUs (torch's kernel beat our AVX2 path); fp32
-        # rows: ours everywhere (torch's fp32 int4 kernel is several times slower)
-        if x.dtype == torch.float32 or mod.int4_fast_supported():
-            y = mod.linear_int4(x2.contiguous(), packed, sz, group, n)
-            return y.view(*x.shape[:-1], n)
-        mod = None
+        mod = gemv.load_int4()  # more rows: our unpack + a GEMM
     if mod is None:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
     else:
@@ -134,6 +132,51 @@ def int4_linear(
         mod.int4_dequant(packed, sz, group, wt.t())
         y = F.linear(x2, wt.t())
     return y.view(*x.shape[:-1], n)
+
+
+def int8_linear_many(xs: list, layers: list) -> list | None:
+    """[int8_linear(x_i, layer_i)] for Int8Linear layers of one shape, bit for bit, in one
+    kernel call (`linear_int8_many`); None where int8_linear would not take our kernel (or more
+    than 4 rows)."""
+    x, scales = xs[0], [m.weight_scale for m in layers]
+    if not (x.is_cpu and _rows(x).shape[0] <= min(4, INT8_MAX_ROWS)
+            and all(s.dtype == x.dtype and s.is_contiguous() for s in scales)):  # fmt: skip
+        return None
+    from qwen35.kernels import gemv
+
+    mod = gemv.load()
+    if mod is None or not hasattr(mod, "linear_int8_many"):
+        return None
+    return mod.linear_int8_many([_rows(v).contiguous() for v in xs], [m.weight for m in layers],
+                                scales)  # fmt: skip
+
+
+def int4_kernel_for(x: torch.Tensor, sz: torch.Tensor):
+    """The int4 module when int4_linear runs x through its `linear_int4`, else None."""
+    if not (x.is_cpu and sz.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float32)):
+        return None
+    if _rows(x).shape[0] > INT4_MAX_ROWS:
+        return None
+    from qwen35.kernels import gemv
+
+    mod = gemv.load_int4()
+    if mod is None or not (x.dtype == torch.float32 or mod.int4_fast_supported()):
+        return None
+    return mod
+
+
+def int4_linear_many(xs: list, layers: list) -> list | None:
+    """[int4_linear(x_i, layer_i)] for Int4Linear layers of one shape, bit for bit, in one
+    kernel call (`linear_int4_many`: one parallel_for over all their blocks; a MoE layer's
+    picked experts, ~40 us less a layer and projection on 2 Zen 5 cores); None where
+    int4_linear would not take the kernel for them."""
+    first = layers[0]
+    sz = [m.scales_and_zeros.contiguous() for m in layers]
+    mod = int4_kernel_for(xs[0], sz[0])
+    if mod is None or not hasattr(mod, "linear_int4_many"):
+        return None
+    return mod.linear_int4_many([_rows(x).contiguous() for x in xs], [m.weight for m in layers],
+                                sz, first.group, first.out_features)  # fmt: skip
 
 
 INT4_ROW_BLOCK = 64  # torch's CPU int4 packing interleaves rows in blocks of 64
