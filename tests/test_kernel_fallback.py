@@ -167,3 +167,21 @@ def test_fp8_paths_that_do_not_build_hand_over(monkeypatch, caplog):
     with pytest.raises(IndexError):
         fp8_gpu._built("block GEMM", broken, 1)
     assert "block GEMM" not in fp8_gpu.UNBUILT
+
+
+def test_gpu_start_checks_kernels_on_one_device_only(monkeypatch):
+    """engine/preflight.py `gpu_start`: the start-up steps, then the working-memory measure
+    with the backend they leave; a tensor-parallel rank (check=False) cannot run a step alone
+    and keeps select_backend's."""
+    import qwen35.engine.cache_sizing as cs
+    import qwen35.engine.preflight as pf
+
+    checked, measured = [], []
+    monkeypatch.setattr(pf, "check_kernels", lambda m, be, bs: checked.append(be) or "checked")
+    monkeypatch.setattr(cs, "measure_working_memory",
+                        lambda m, t, r, bs, be: measured.append(be) or 123)  # fmt: skip
+    model = _model()
+    assert pf.gpu_start(model, torch.float32, 64, 2, BS) == ("checked", 123)
+    assert measured == ["checked"] and len(checked) == 1
+    be, working = pf.gpu_start(model, torch.float32, 64, 2, BS, check=False)
+    assert working == 123 and len(checked) == 1 and be is measured[-1] and be != "checked"

@@ -211,8 +211,9 @@ class LLMEngine:
         backend, working = None, None
         if self.device.type == "cuda":  # engine/preflight.py: kernels this GPU cannot build
             backend, working = gpu_start(
-                self.model, model_dtype, sc.max_num_batched_tokens, sc.max_num_seqs, cc.block_size
-            )
+                self.model, model_dtype, sc.max_num_batched_tokens, sc.max_num_seqs, cc.block_size,
+                check=self.workers is None,  # (tensor-parallel ranks keep select_backend's)
+            )  # fmt: skip
         self.plan: CachePlan = plan_caches(
             self.config,
             model_dtype=model_dtype,

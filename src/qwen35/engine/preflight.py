@@ -27,11 +27,15 @@ LONG, SHORT = 520, 5  # prompt tokens of the two scratch sequences (LONG > 512: 
 CONTINUE = 3  # tokens of the chunk that continues each
 
 
-def gpu_start(model, dtype, chunk_tokens: int, sampled_rows: int, block_size: int):
-    """(the backend to serve with, the working memory of the largest prefill chunk) on a GPU."""
+def gpu_start(model, dtype, chunk_tokens: int, sampled_rows: int, block_size: int,
+              check: bool = True):  # fmt: skip
+    """(the backend to serve with, the working memory of the largest prefill chunk) on a GPU.
+    check=False: no start-up steps (one tensor-parallel rank cannot run a step alone)."""
     from qwen35.engine.cache_sizing import measure_working_memory
 
-    be = check_kernels(model, select_backend(model.device, dtype=dtype), block_size)
+    be = select_backend(model.device, dtype=dtype)
+    if check:
+        be = check_kernels(model, be, block_size)
     return with_fallbacks(
         be, lambda b: measure_working_memory(model, chunk_tokens, sampled_rows, block_size, b)
     )
