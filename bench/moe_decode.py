@@ -1,0 +1,89 @@
+"""CPU MoE decode at one token: ops/moe.py's one-token path (the k picked experts' products in one
+kernel call per projection) against the per-expert loop it replaced, interleaved in one process.
+
+    python bench/moe_decode.py [--formats bf16 int8 int4] [--layers 8] [--experts 32]
+                               [--rounds 60] [--threads 2]
+    python bench/moe_decode.py --write-config DIR   # the model of the MoE peers run, then:
+    qwen35 bench --workload peers --model DIR/config.json --formats bf16,int8,int4 \\
+        --contexts 512,2048 --rounds 4 --threads 2
+
+The model: Qwen3.5-35B-A3B's catalog config (hidden 2,048, top-8 experts of 512, shared expert,
+3 DeltaNet : 1 attention) with fewer layers and experts and a 32K vocabulary, random weights, so
+that it and llama.cpp's copy fit 24 GiB; per layer a token reads what the real model reads (the
+same k experts' bytes). Timed: every SparseMoE block of the model on one token (the rest of the
+step is the same code either way), the two paths alternating each round (`ops/moe.py ONE_TOKEN`);
+medians. Results can only be compared within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def write_config(out: Path, layers: int, experts: int, vocab: int = 32768) -> Path:
+    """The reduced 35B-A3B config.json in `out` (created)."""
+    src = Path(__file__).resolve().parents[1] / "src/qwen35/catalog/models/Qwen3.5-35B-A3B.json"
+    cfg = json.loads(src.read_text())
+    text = cfg["text_config"]
+    text["num_hidden_layers"] = layers
+    if "layer_types" in text:
+        text["layer_types"] = text["layer_types"][:layers]
+    text["num_experts"], text["vocab_size"] = experts, vocab
+    cfg.pop("vision_config", None)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    return out / "config.json"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write-config", metavar="DIR", help="write the model's config.json, exit")
+    args = ap.parse_args()
+    if args.write_config:
+        print(write_config(Path(args.write_config), args.layers, args.experts))
+        return
+    from qwen35.benchmarks.common import BenchOptions, load_bench_model
+    from qwen35.layers.moe import SparseMoE
+    from qwen35.ops import moe as ops_moe
+    from qwen35.ops.backend import select_backend
+
+    torch.set_num_threads(args.threads)
+    path = write_config(Path(tempfile.mkdtemp(prefix="qwen35-moe-")), args.layers, args.experts)
+    opts = BenchOptions(model=str(path), threads=args.threads, dtype="bf16")
+    be = select_backend("cpu", dtype=torch.bfloat16)
+    for fmt in args.formats:
+        bm = load_bench_model(opts, quantization=None if fmt == "bf16" else fmt)
+        blocks = [m for m in bm.model.modules() if isinstance(m, SparseMoE)]
+        g = torch.Generator().manual_seed(0)
+        xs = [torch.randn(1, bm.config.hidden_size, generator=g).bfloat16() for _ in range(16)]
+        times: dict[bool, list[float]] = {True: [], False: []}
+        with torch.inference_mode():
+            for r in range(args.rounds + 4):
+                for one in (True, False) if r % 2 == 0 else (False, True):
+                    ops_moe.ONE_TOKEN = one
+                    t = time.perf_counter()
+                    for b in blocks:
+                        b(xs[r % len(xs)], be)
+                    if r >= 4:  # the first rounds warm up
+                        times[one].append(time.perf_counter() - t)
+        ops_moe.ONE_TOKEN = True
+        fast, loop = (statistics.median(times[k]) * 1e3 for k in (True, False))
+        print(f"{fmt}: {len(blocks)} MoE blocks at 1 token: one-token path {fast:.2f} ms, "
+              f"per-expert loop {loop:.2f} ms, {loop / fast:.2f}x")  # fmt: skip
+        del bm
+
+
+if __name__ == "__main__":
+    main()
