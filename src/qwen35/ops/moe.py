@@ -37,8 +37,8 @@ def one_token_experts(x, top_idx, top_w, gate_up_fn, down_fn, many=None) -> torc
     loop's mul_ and index_add_ do, so the result is the same bit for bit (batched == alone);
     without its sort, bincount, gather and scatter (~5 of the heavier small ops a layer).
     gate_up_fn(x [1, H], e) -> [1, 2I]; down_fn(h [1, I], e) -> [1, H]; many(which, inputs,
-    experts): all k gate_up ("gate_up") or down ("down") products in one call, or None
-    (quant/layers.py IntExperts: int4's linear_int4_many)."""
+    experts): all k gate_up ("gate_up") or down ("down") products in one call, or None (bf16:
+    layers/linear.py `linear_many`; int8 / int4 experts: quant/layers.py IntExperts.many)."""
     ids = top_idx[0].tolist()  # the one host read of the step's routing, as bincount's
     w = top_w.reshape(-1)
     order = sorted(range(len(ids)), key=ids.__getitem__)
