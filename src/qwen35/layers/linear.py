@@ -29,21 +29,26 @@ def empty_param(*shape: int, dtype: torch.dtype | None, device: torch.device | s
 GEMV_MAX_ROWS = {torch.bfloat16: 8, torch.float32: 16}
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ w[out, in]^T."""
-    if (
+def gemv_kernel_for(x: torch.Tensor, w: torch.Tensor):
+    """The GEMV module when `linear` runs x @ w^T through it (bf16 / fp32, few rows), else None."""
+    if not (
         x.dim() == 2
         and x.is_cpu
         and x.dtype == w.dtype
         and x.shape[0] <= GEMV_MAX_ROWS.get(x.dtype, 0)
         and w.is_contiguous()
     ):
-        from qwen35.kernels import gemv
+        return None
+    from qwen35.kernels import gemv
 
-        mod = gemv.load()  # None once QWEN35_NO_KERNELS=1 is set, at any time
-        if mod is not None:
-            x = x.contiguous()
-            return mod.linear_bf16(x, w) if x.dtype == torch.bfloat16 else mod.linear_fp32(x, w)
+    return gemv.load()  # None once QWEN35_NO_KERNELS=1 is set, at any time
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ w[out, in]^T."""
+    if (mod := gemv_kernel_for(x, w)) is not None:
+        x = x.contiguous()
+        return mod.linear_bf16(x, w) if x.dtype == torch.bfloat16 else mod.linear_fp32(x, w)
     if x.dim() == 2 and x.shape[0] == 1 and x.is_cpu and w.dtype != torch.float32:
         # one row of bf16/fp16 without the kernel: torch.mv streams the weight faster than
         # the oneDNN GEMM F.linear takes
@@ -55,15 +60,10 @@ def linear_many(xs: list, ws: list) -> list | None:
     """[linear(x_i, w_i)] for bf16 weights of one shape, bit for bit, in one kernel call
     (`linear_bf16_many`: a MoE layer's picked experts); None where `linear` would not take the
     bf16 GEMV kernel for them (or more than 4 rows)."""
-    x, w = xs[0], ws[0]
-    if not (x.dim() == 2 and x.is_cpu and x.dtype == w.dtype == torch.bfloat16
-            and x.shape[0] <= min(4, GEMV_MAX_ROWS[torch.bfloat16])
-            and all(v.is_contiguous() for v in ws)):  # fmt: skip
-        return None
-    from qwen35.kernels import gemv
-
-    mod = gemv.load()
-    if mod is None or not hasattr(mod, "linear_bf16_many"):
+    x = xs[0]
+    mod = gemv_kernel_for(x, ws[0])
+    if mod is None or x.dtype != torch.bfloat16 or x.shape[0] > 4 or \
+            not all(v.is_contiguous() for v in ws):  # fmt: skip
         return None
     return mod.linear_bf16_many([v.contiguous() for v in xs], ws)
 

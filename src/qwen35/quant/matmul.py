@@ -89,19 +89,25 @@ def int8_ok(k: int) -> bool:
     return k % 16 == 0
 
 
+def int8_kernel_for(x: torch.Tensor, scale: torch.Tensor):
+    """The GEMV module when int8_linear runs x through its `linear_int8`, else None."""
+    if not (x.is_cpu and _rows(x).shape[0] <= INT8_MAX_ROWS):
+        return None
+    from qwen35.kernels import gemv
+
+    mod = gemv.load()
+    return mod if mod is not None and scale.dtype == x.dtype and scale.is_contiguous() else None
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (q [N, K] int8 * scale [N])^T."""
     x2 = _rows(x)
-    if x.is_cpu and x2.shape[0] <= INT8_MAX_ROWS:
-        from qwen35.kernels import gemv
-
-        mod = gemv.load()
-        if mod is not None and scale.dtype == x.dtype and scale.is_contiguous():
-            y = mod.linear_int8(x2.contiguous(), q, scale)  # any K; 1.1-1.9x torch's kernel
-            return y.view(*x.shape[:-1], q.shape[0])
-        if int8_ok(q.shape[1]):
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)
-            return y.view(*x.shape[:-1], q.shape[0])
+    if (kern := int8_kernel_for(x, scale)) is not None:
+        y = kern.linear_int8(x2.contiguous(), q, scale)  # any K; 1.1-1.9x torch's kernel
+        return y.view(*x.shape[:-1], q.shape[0])
+    if x.is_cpu and x2.shape[0] <= INT8_MAX_ROWS and int8_ok(q.shape[1]):
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)
+        return y.view(*x.shape[:-1], q.shape[0])
     buf = scratch(tuple(q.shape), x.dtype, x.device)
     torch.mul(q, scale[:, None], out=buf)  # [N, K] in x.dtype
     y = F.linear(x2, buf)
@@ -138,17 +144,13 @@ def int8_linear_many(xs: list, layers: list) -> list | None:
     """[int8_linear(x_i, layer_i)] for Int8Linear layers of one shape, bit for bit, in one
     kernel call (`linear_int8_many`); None where int8_linear would not take our kernel (or more
     than 4 rows)."""
-    x, scales = xs[0], [m.weight_scale for m in layers]
-    if not (x.is_cpu and _rows(x).shape[0] <= min(4, INT8_MAX_ROWS)
-            and all(s.dtype == x.dtype and s.is_contiguous() for s in scales)):  # fmt: skip
+    scales = [m.weight_scale for m in layers]
+    kern = int8_kernel_for(xs[0], scales[0])
+    if kern is None or _rows(xs[0]).shape[0] > 4 or \
+            not all(s.dtype == scales[0].dtype and s.is_contiguous() for s in scales):  # fmt: skip
         return None
-    from qwen35.kernels import gemv
-
-    mod = gemv.load()
-    if mod is None or not hasattr(mod, "linear_int8_many"):
-        return None
-    return mod.linear_int8_many([_rows(v).contiguous() for v in xs], [m.weight for m in layers],
-                                scales)  # fmt: skip
+    return kern.linear_int8_many([_rows(v).contiguous() for v in xs], [m.weight for m in layers],
+                                 scales)  # fmt: skip
 
 
 def int4_kernel_for(x: torch.Tensor, sz: torch.Tensor):
@@ -168,12 +170,12 @@ def int4_kernel_for(x: torch.Tensor, sz: torch.Tensor):
 def int4_linear_many(xs: list, layers: list) -> list | None:
     """[int4_linear(x_i, layer_i)] for Int4Linear layers of one shape, bit for bit, in one
     kernel call (`linear_int4_many`: one parallel_for over all their blocks; a MoE layer's
-    picked experts, ~40 us less a layer and projection on 2 Zen 5 cores); None where
-    int4_linear would not take the kernel for them."""
+    picked experts: bench/moe_decode.py); None where int4_linear would not take the kernel for
+    them."""
     first = layers[0]
     sz = [m.scales_and_zeros.contiguous() for m in layers]
     mod = int4_kernel_for(xs[0], sz[0])
-    if mod is None or not hasattr(mod, "linear_int4_many"):
+    if mod is None:
         return None
     return mod.linear_int4_many([_rows(x).contiguous() for x in xs], [m.weight for m in layers],
                                 sz, first.group, first.out_features)  # fmt: skip
