@@ -35,19 +35,24 @@ def test_bf16_matches_reference(mod, avx2_only):
 @pytest.mark.parametrize("avx2_only", [False, True])
 def test_many_products_equal_one_call_each(mod, avx2_only):
     """linear_bf16_many / linear_int8_many (several products of one shape in one parallel_for:
-    a MoE layer's picked experts) give each product bit for bit as one call does: 1-4 input
-    rows, odd N and K, bf16 and fp32 int8 rows; a mismatch is refused with a message."""
+    a MoE layer's picked experts) give each product bit for bit as one call does, stacked in
+    one output in order: 1-4 input rows, odd N and K, bf16 and fp32 int8 rows; a mismatch is
+    refused with a message."""
     g = torch.Generator().manual_seed(7)
     for n, k in ((130, 200), (64, 1024), (5, 129)):
         ws = [torch.randn(n, k, generator=g).bfloat16() for _ in range(5)]
         xs = [torch.randn(1 + i % 4, k, generator=g).bfloat16() for i in range(5)]
-        for x, w, y in zip(xs, ws, mod.linear_bf16_many(xs, ws, avx2_only), strict=True):
+        rows = [x.shape[0] for x in xs]
+        got = mod.linear_bf16_many(xs, ws, avx2_only)
+        assert got.shape == (sum(rows), n)
+        for x, w, y in zip(xs, ws, got.split(rows), strict=True):
             assert torch.equal(y, mod.linear_bf16(x, w, avx2_only)), (n, k)
         for dtype in (torch.bfloat16, torch.float32):
             qs = [formats.quantize_int8_rows(w.float(), dtype) for w in ws]
             xd = [x.to(dtype) for x in xs]
             got = mod.linear_int8_many(xd, [q for q, _ in qs], [s for _, s in qs], avx2_only)
-            for x, (q, sc), y in zip(xd, qs, got, strict=True):
+            assert got.shape == (sum(rows), n) and got.dtype == dtype
+            for x, (q, sc), y in zip(xd, qs, got.split(rows), strict=True):
                 assert torch.equal(y, mod.linear_int8(x, q, sc, avx2_only)), (n, k, dtype)
     with pytest.raises(RuntimeError, match="one shape"):
         mod.linear_bf16_many(xs[:2], [ws[0], ws[1][:3].contiguous()])

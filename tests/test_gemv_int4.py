@@ -54,7 +54,7 @@ def test_linear_int4_matches_reference(mod, dtype):
 def test_linear_int4_many_equals_one_call_each(mod, dtype):
     """linear_int4_many (several products of one shape in one parallel_for: a MoE layer's
     picked experts) gives each product bit for bit as linear_int4 does, rows 1 and 5, both
-    paths; mismatched inputs are refused with a message."""
+    paths, stacked in one output in order; mismatched inputs are refused with a message."""
     n, k, group = 192, 256, 64
     mats = [_quantized(n, k, group, dtype, 10 + i) for i in range(5)]
     for m in (1, 5):
@@ -63,7 +63,8 @@ def test_linear_int4_many_equals_one_call_each(mod, dtype):
         for avx2_only in _paths(mod):
             got = mod.linear_int4_many(xs, [p for _, _, p in mats], [sz for _, sz, _ in mats],
                                        group, n, avx2_only)  # fmt: skip
-            for x, (_, sz, packed), y in zip(xs, mats, got, strict=True):
+            assert got.shape == (5 * m, n) and got.dtype == dtype
+            for x, (_, sz, packed), y in zip(xs, mats, got.split(m), strict=True):
                 assert torch.equal(y, mod.linear_int4(x, packed, sz, group, n, avx2_only))
     with pytest.raises(RuntimeError, match="one K and dtype"):
         mod.linear_int4_many([xs[0], xs[1][:, :128].contiguous()], [mats[0][2]] * 2,

@@ -719,10 +719,11 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q,
 }
 
 // ---- several products of one shape in one call (a MoE layer's picked experts) ---------------
-// [x_c @ w_c^T] with every x_c [M_c <= 4, K] and w_c [N, K] of one N, K and dtype: each output
-// row computed as linear_bf16 / linear_int8 compute it (the same bits), all products' rows in
-// one parallel_for: one fork / join instead of one a product, and the threads stream on from
-// one matrix to the next.
+// [x_c @ w_c^T] with every x_c [M_c <= 4, K] and w_c [N, K] of one N, K and dtype, stacked in
+// one y [sum M_c, N] (product c's rows after product c - 1's: the caller's next op takes them
+// all at once): each output row computed as linear_bf16 / linear_int8 compute it (the same
+// bits), all products' rows in one parallel_for: one fork / join instead of one a product, and
+// the threads stream on from one matrix to the next.
 namespace {
 
 std::vector<int64_t> check_many(const std::vector<torch::Tensor>& xs,
@@ -741,25 +742,34 @@ std::vector<int64_t> check_many(const std::vector<torch::Tensor>& xs,
   return M;
 }
 
+// the first output row of each product in the stacked y, and y's row count last
+std::vector<int64_t> row_starts(const std::vector<int64_t>& M) {
+  std::vector<int64_t> start{0};
+  for (int64_t m : M) start.push_back(start.back() + m);
+  return start;
+}
+
 }  // namespace
 
-std::vector<torch::Tensor> linear_bf16_many(const std::vector<torch::Tensor>& xs,
-                                            const std::vector<torch::Tensor>& ws, bool avx2_only) {
+torch::Tensor linear_bf16_many(const std::vector<torch::Tensor>& xs,
+                               const std::vector<torch::Tensor>& ws, bool avx2_only) {
   const std::vector<int64_t> M = check_many(xs, ws, "linear_bf16_many");
   TORCH_CHECK(xs[0].scalar_type() == at::kBFloat16 && ws[0].scalar_type() == at::kBFloat16,
               "linear_bf16_many: bf16 x and w");
   const int64_t C = xs.size(), N = ws[0].size(0), K = ws[0].size(1);
-  std::vector<torch::Tensor> ys, xf;
+  const std::vector<int64_t> start = row_starts(M);
+  torch::Tensor y = torch::empty({start[C], N}, xs[0].options());
+  std::vector<torch::Tensor> xf;
   std::vector<const uint16_t*> W;
-  std::vector<at::BFloat16*> Y;
+  auto* Y = y.data_ptr<at::BFloat16>();
   const bool avx512 = !avx2_only && cpu_avx512_bf16();
   for (int64_t c = 0; c < C; ++c) {
-    ys.push_back(torch::empty({M[c], N}, xs[c].options()));
-    Y.push_back(ys[c].data_ptr<at::BFloat16>());
     W.push_back(reinterpret_cast<const uint16_t*>(ws[c].data_ptr()));
     xf.push_back(avx512 ? xs[c] : xs[c].to(at::kFloat));
   }
-  const auto store = [&](int64_t c, int64_t m, int64_t n, float v) { Y[c][m * N + n] = v; };
+  const auto store = [&](int64_t c, int64_t m, int64_t n, float v) {
+    Y[(start[c] + m) * N + n] = v;
+  };
   if (avx512) {
     for_rows_many(C, M, N, [&](int64_t c, int64_t n, int64_t m, int mr, float* out) {
       const auto* X = reinterpret_cast<const uint16_t*>(xs[c].data_ptr());
@@ -770,13 +780,12 @@ std::vector<torch::Tensor> linear_bf16_many(const std::vector<torch::Tensor>& xs
       DISPATCH_MR(mr, fma_row_avx2, xf[c].data_ptr<float>() + m * K, W[c] + n * K, out, K);
     }, store);
   }
-  return ys;
+  return y;
 }
 
-std::vector<torch::Tensor> linear_int8_many(const std::vector<torch::Tensor>& xs,
-                                            const std::vector<torch::Tensor>& qs,
-                                            const std::vector<torch::Tensor>& scales,
-                                            bool avx2_only) {
+torch::Tensor linear_int8_many(const std::vector<torch::Tensor>& xs,
+                               const std::vector<torch::Tensor>& qs,
+                               const std::vector<torch::Tensor>& scales, bool avx2_only) {
   const std::vector<int64_t> M = check_many(xs, qs, "linear_int8_many");
   const int64_t C = xs.size(), N = qs[0].size(0), K = qs[0].size(1);
   TORCH_CHECK(qs[0].scalar_type() == at::kChar && scales.size() == xs.size(),
@@ -785,8 +794,8 @@ std::vector<torch::Tensor> linear_int8_many(const std::vector<torch::Tensor>& xs
     TORCH_CHECK(sc.dim() == 1 && sc.size(0) == N && sc.is_contiguous() &&
                     sc.scalar_type() == xs[0].scalar_type(),
                 "linear_int8_many: scale [N] in x's dtype");
-  std::vector<torch::Tensor> ys;
-  for (int64_t c = 0; c < C; ++c) ys.push_back(torch::empty({M[c], N}, xs[c].options()));
+  const std::vector<int64_t> start = row_starts(M);
+  torch::Tensor y = torch::empty({start[C], N}, xs[0].options());
   if (!avx2_only && xs[0].scalar_type() == at::kBFloat16 && cpu_avx512_fp8()) {
     const int64_t Kp = (K + 63) / 64 * 64;
     std::vector<std::vector<uint16_t>> xp;
@@ -795,10 +804,10 @@ std::vector<torch::Tensor> linear_int8_many(const std::vector<torch::Tensor>& xs
       DISPATCH_MR(mr, int8_row_table, xp[c].data() + m * Kp, Kp, qs[c].data_ptr<int8_t>() + n * K,
                   K, out);
     }, [&](int64_t c, int64_t m, int64_t n, float v) {
-      ys[c].data_ptr<at::BFloat16>()[m * N + n] =
+      y.data_ptr<at::BFloat16>()[(start[c] + m) * N + n] =
           v * static_cast<float>(scales[c].data_ptr<at::BFloat16>()[n]);
     });
-    return ys;
+    return y;
   }
   std::vector<torch::Tensor> xf;
   for (int64_t c = 0; c < C; ++c) xf.push_back(xs[c].to(at::kFloat));
@@ -807,11 +816,11 @@ std::vector<torch::Tensor> linear_int8_many(const std::vector<torch::Tensor>& xs
       DISPATCH_MR(mr, fma_row_avx2, xf[c].data_ptr<float>() + m * K,
                   qs[c].data_ptr<int8_t>() + n * K, out, K);
     }, [&](int64_t c, int64_t m, int64_t n, float v) {
-      ys[c].data_ptr<scalar_t>()[m * N + n] =
+      y.data_ptr<scalar_t>()[(start[c] + m) * N + n] =
           v * static_cast<float>(scales[c].data_ptr<scalar_t>()[n]);
     });
   });
-  return ys;
+  return y;
 }
 
 bool fp8_supported(int64_t bi) { return cpu_avx512_fp8() && bi % 64 == 0; }
@@ -876,10 +885,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("avx2_only") = false);
   m.def("linear_fp32", &linear_fp32, "x [M<=16, K] fp32 @ w [N, K] fp32 ^T", py::arg("x"),
         py::arg("w"), py::arg("avx2_only") = false);
-  m.def("linear_bf16_many", &linear_bf16_many, "[x_c @ w_c^T] for bf16 weights of one shape",
-        py::arg("xs"), py::arg("ws"), py::arg("avx2_only") = false);
-  m.def("linear_int8_many", &linear_int8_many, "[x_c @ (q_c * scale_c)^T], one shape",
-        py::arg("xs"), py::arg("qs"), py::arg("scales"), py::arg("avx2_only") = false);
+  m.def("linear_bf16_many", &linear_bf16_many,
+        "[x_c @ w_c^T] stacked [sum M_c, N], bf16 weights of one shape", py::arg("xs"),
+        py::arg("ws"), py::arg("avx2_only") = false);
+  m.def("linear_int8_many", &linear_int8_many,
+        "[x_c @ (q_c * scale_c)^T] stacked [sum M_c, N], one shape", py::arg("xs"),
+        py::arg("qs"), py::arg("scales"), py::arg("avx2_only") = false);
   m.def("linear_int8", &linear_int8, "x [M<=16, K] @ (q [N, K] int8 * scale [N])^T",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("avx2_only") = false);
   m.def("linear_fp8", &linear_fp8, "x [M<=16, K] bf16 @ block-FP8 w ^T", py::arg("x"),

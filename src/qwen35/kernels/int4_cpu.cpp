@@ -314,19 +314,19 @@ struct Call {
   int64_t M;
 };
 
+// y: where its [M, n] result goes (rows of the caller's output)
 Call make_call(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& sz,
-               int64_t group, int64_t n, bool vbmi, torch::Tensor& xf, torch::Tensor& y) {
+               int64_t group, int64_t n, bool vbmi, torch::Tensor& xf, void* y) {
   const int64_t M = x.size(0), K = x.size(1);
   check_packed(packed, sz, group, n, K);
   TORCH_CHECK(x.dim() == 2 && M <= kMaxRows && x.is_contiguous() && x.device().is_cpu(),
               "linear_int4: x [M <= 16, K] contiguous on the CPU");
   TORCH_CHECK(x.scalar_type() == sz.scalar_type(), "linear_int4: x and scales_and_zeros share a dtype");
   xf = vbmi ? x : x.to(at::kFloat);  // the AVX2 path reads fp32 rows
-  y = torch::empty({M, n}, x.options());
   return Call{packed.data_ptr<uint8_t>(), sz.data_ptr(), x.data_ptr(), vbmi ? nullptr : xf.data_ptr<float>(),
               vbmi ? group_sums(x.data_ptr<at::BFloat16>(), M, K, group)
                    : group_sums(xf.data_ptr<float>(), M, K, group),
-              y.data_ptr(), M};
+              y, M};
 }
 
 // every 64-row block of every call, one parallel_for over all of them
@@ -365,40 +365,46 @@ bool int4_fast_supported() { return cpu_vbmi_bf16(); }
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed,
                           const torch::Tensor& sz, int64_t group, int64_t n, bool avx2_only) {
   const bool vbmi = !avx2_only && x.scalar_type() == at::kBFloat16 && cpu_vbmi_bf16();
-  torch::Tensor xf, y;
+  torch::Tensor xf, y = torch::empty({x.size(0), n}, x.options());
   std::vector<Call> calls;
-  calls.push_back(make_call(x, packed, sz, group, n, vbmi, xf, y));
+  calls.push_back(make_call(x, packed, sz, group, n, vbmi, xf, y.data_ptr()));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "linear_int4", [&] {
     run_calls<scalar_t>(calls, x.size(1), group, n, vbmi);
   });
   return y;
 }
 
-// [x_i @ W_i^T]: several products of one shape (K, n, group, dtype), e.g. the gate_up or the
-// down projections of a MoE layer's picked experts, the blocks of all of them in one
-// parallel_for: one fork / join instead of one a product, and the threads stream on from one
-// matrix to the next (each block is computed as linear_int4 computes it: the same bits).
-std::vector<torch::Tensor> linear_int4_many(const std::vector<torch::Tensor>& xs,
-                                            const std::vector<torch::Tensor>& packed,
-                                            const std::vector<torch::Tensor>& sz, int64_t group,
-                                            int64_t n, bool avx2_only) {
+// [x_i @ W_i^T] stacked in one y [sum M_i, n] (product i's rows after product i - 1's):
+// several products of one shape (K, n, group, dtype), e.g. the gate_up or the down projections
+// of a MoE layer's picked experts, the blocks of all of them in one parallel_for: one fork /
+// join instead of one a product, and the threads stream on from one matrix to the next (each
+// block is computed as linear_int4 computes it: the same bits).
+torch::Tensor linear_int4_many(const std::vector<torch::Tensor>& xs,
+                               const std::vector<torch::Tensor>& packed,
+                               const std::vector<torch::Tensor>& sz, int64_t group, int64_t n,
+                               bool avx2_only) {
   TORCH_CHECK(!xs.empty() && xs.size() == packed.size() && xs.size() == sz.size(),
               "linear_int4_many: as many x, packed and scales_and_zeros");
   const int64_t K = xs[0].size(1);
   const auto dt = xs[0].scalar_type();
   const bool vbmi = !avx2_only && dt == at::kBFloat16 && cpu_vbmi_bf16();
-  std::vector<torch::Tensor> xf(xs.size()), ys(xs.size());
+  int64_t rows = 0;
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == dt,
+                "linear_int4_many: every x [M, K] of one K and dtype");
+    rows += x.size(0);
+  }
+  torch::Tensor y = torch::empty({rows, n}, xs[0].options());
+  std::vector<torch::Tensor> xf(xs.size());
   std::vector<Call> calls;
   calls.reserve(xs.size());
-  for (size_t i = 0; i < xs.size(); ++i) {
-    TORCH_CHECK(xs[i].dim() == 2 && xs[i].size(1) == K && xs[i].scalar_type() == dt,
-                "linear_int4_many: every x [M, K] of one K and dtype");
-    calls.push_back(make_call(xs[i], packed[i], sz[i], group, n, vbmi, xf[i], ys[i]));
-  }
+  for (size_t i = 0, row = 0; i < xs.size(); row += xs[i].size(0), ++i)
+    calls.push_back(make_call(xs[i], packed[i], sz[i], group, n, vbmi, xf[i],
+                              static_cast<char*>(y.data_ptr()) + row * n * y.element_size()));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "linear_int4_many", [&] {
     run_calls<scalar_t>(calls, K, group, n, vbmi);
   });
-  return ys;
+  return y;
 }
 
 // W [N, K] in out's dtype (bf16 or fp32, as scales_and_zeros). out either contiguous (the
@@ -430,8 +436,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("n"),
         py::arg("avx2_only") = false);
   m.def("linear_int4_many", &linear_int4_many,
-        "[x_i @ W_i^T] for products of one shape, in one parallel_for", py::arg("xs"),
-        py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("n"),
+        "[x_i @ W_i^T] stacked [sum M_i, n], products of one shape, one parallel_for",
+        py::arg("xs"), py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("n"),
         py::arg("avx2_only") = false);
   m.def("int4_dequant", &int4_dequant, "torch's packed CPU int4 weight into out [N, K]");
   m.def("int4_fast_supported", &int4_fast_supported, "the AVX512-VBMI + BF16 path runs here");

@@ -56,10 +56,10 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
-def linear_many(xs: list, ws: list) -> list | None:
-    """[linear(x_i, w_i)] for bf16 weights of one shape, bit for bit, in one kernel call
-    (`linear_bf16_many`: a MoE layer's picked experts); None where `linear` would not take the
-    bf16 GEMV kernel for them (or more than 4 rows)."""
+def linear_many(xs: list, ws: list) -> torch.Tensor | None:
+    """torch.cat([linear(x_i, w_i)]) for bf16 weights of one shape, bit for bit, in one kernel
+    call (`linear_bf16_many`: a MoE layer's picked experts); None where `linear` would not take
+    the bf16 GEMV kernel for them (or more than 4 rows)."""
     x = xs[0]
     mod = gemv_kernel_for(x, ws[0])
     if mod is None or x.dtype != torch.bfloat16 or x.shape[0] > 4 or \

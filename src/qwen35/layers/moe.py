@@ -62,9 +62,9 @@ class Experts(nn.Module):
     def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:  # [n, H] -> [n, 2I]
         return F.linear(x, self.gate_up_proj[e])
 
-    def many(self, which: str, xs: list, experts: list) -> list | None:
-        """[gate_up / down of xs[i] by experts[i]] in one call where a kernel does that (quant/
-        layers.py), else None: one call each."""
+    def many(self, which: str, xs: list, experts: list) -> torch.Tensor | None:
+        """The gate_up / down products of xs[i] by experts[i], stacked [sum rows, N], in one call
+        where a kernel does that (quant/layers.py), else None: one call each."""
         return None
 
     def down(self, h: torch.Tensor, e: int) -> torch.Tensor:  # [n, I] -> [n, H]

@@ -32,24 +32,26 @@ def _sort_pairs(top_idx: torch.Tensor):
 
 
 def one_token_experts(x, top_idx, top_w, gate_up_fn, down_fn, many=None) -> torch.Tensor:
-    """The routed experts of one token (a CPU decode step): its k experts in the order the
-    general loop below runs them (ascending expert id), each output weighted and added as that
-    loop's mul_ and index_add_ do, so the result is the same bit for bit (batched == alone);
-    without its sort, bincount, gather and scatter (~5 of the heavier small ops a layer).
+    """The routed experts of one token (a CPU decode step): the general loop below on its k
+    pairs (sorted by expert, weighted by one mul_, summed by one index_add_ in that order), so
+    the result is the loop's bit for bit (batched == alone), without the loop's bincount, gather
+    and per-expert ops: the k gate_up products in one [k, 2I] and their SwiGLU in three ops.
     gate_up_fn(x [1, H], e) -> [1, 2I]; down_fn(h [1, I], e) -> [1, H]; many(which, inputs,
-    experts): all k gate_up ("gate_up") or down ("down") products in one call, or None (bf16:
-    layers/linear.py `linear_many`; int8 / int4 experts: quant/layers.py IntExperts.many)."""
-    ids = top_idx[0].tolist()  # the one host read of the step's routing, as bincount's
-    w = top_w.reshape(-1)
-    order = sorted(range(len(ids)), key=ids.__getitem__)
-    es = [ids[j] for j in order]
-    gu = (many and many("gate_up", [x] * len(es), es)) or [gate_up_fn(x, e) for e in es]
-    hs = [F.silu(g) * u for g, u in (t.chunk(2, dim=-1) for t in gu)]
-    ys = (many and many("down", hs, es)) or [down_fn(h, e) for h, e in zip(hs, es, strict=True)]
-    out = torch.zeros_like(x)
-    for j, y in zip(order, ys, strict=True):
-        out.add_(y.mul_(w[j]))
-    return out
+    experts): all k gate_up ("gate_up") or down ("down") products stacked [k, N] by one call, or
+    None (bf16: layers/linear.py `linear_many`; int8 / int4 experts: quant/layers.py
+    IntExperts.many)."""
+    ids, order = torch.sort(top_idx[0], stable=True)  # pairs by expert, as _sort_pairs
+    es = ids.tolist()  # the one host read of the step's routing, as the loop's bincount
+    gu = many and many("gate_up", [x] * len(es), es)
+    if gu is None:
+        gu = torch.cat([gate_up_fn(x, e) for e in es])
+    gate, up = gu.chunk(2, dim=-1)  # [k, I] each
+    hs = (F.silu(gate) * up).split(1)  # k rows [1, I]
+    ys = many and many("down", hs, es)
+    if ys is None:
+        ys = torch.cat([down_fn(h, e) for h, e in zip(hs, es, strict=True)])
+    ys.mul_(top_w.reshape(-1, 1).index_select(0, order))  # [k, H]
+    return torch.zeros_like(x).index_add_(0, torch.zeros_like(order), ys)
 
 
 ONE_TOKEN = True  # one_token_experts where it applies (tests compare it with the loop below)

@@ -213,6 +213,7 @@ class IntExperts(Experts):
         self.num_experts, self.intermediate_size = len(gate_up), intermediate_size
         self.gate_up_q = nn.ModuleList(gate_up)
         self.down_q = nn.ModuleList(down)
+        self._lists: dict[str, list] = {}  # many()'s copies of the two ModuleLists
 
     def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
         return self.gate_up_q[e](x)
@@ -220,10 +221,12 @@ class IntExperts(Experts):
     def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
         return self.down_q[e](h)
 
-    def many(self, which: str, xs: list, experts: list) -> list | None:
-        """The k products in one kernel call (quant/matmul.py `int4_linear_many` /
-        `int8_linear_many`, the same bits as one call each), or None."""
-        mods = self.gate_up_q if which == "gate_up" else self.down_q
+    def many(self, which: str, xs: list, experts: list) -> torch.Tensor | None:
+        """The k products stacked [k rows, N] by one kernel call (quant/matmul.py
+        `int4_linear_many` / `int8_linear_many`, the same bits as one call each), or None."""
+        mods = self._lists.get(which)  # the ModuleList as a list: indexing it costs ~2 us
+        if mods is None:
+            mods = self._lists[which] = list(self.gate_up_q if which == "gate_up" else self.down_q)
         layers = [mods[e] for e in experts]
         kinds = ((Int4Linear, matmul.int4_linear_many), (Int8Linear, matmul.int8_linear_many))
         for cls, fn in kinds:

@@ -140,10 +140,10 @@ def int4_linear(
     return y.view(*x.shape[:-1], n)
 
 
-def int8_linear_many(xs: list, layers: list) -> list | None:
-    """[int8_linear(x_i, layer_i)] for Int8Linear layers of one shape, bit for bit, in one
-    kernel call (`linear_int8_many`); None where int8_linear would not take our kernel (or more
-    than 4 rows)."""
+def int8_linear_many(xs: list, layers: list) -> torch.Tensor | None:
+    """torch.cat([int8_linear(x_i, layer_i)]) for Int8Linear layers of one shape, bit for bit,
+    in one kernel call (`linear_int8_many`); None where int8_linear would not take our kernel
+    (or more than 4 rows)."""
     scales = [m.weight_scale for m in layers]
     kern = int8_kernel_for(xs[0], scales[0])
     if kern is None or _rows(xs[0]).shape[0] > 4 or \
@@ -167,9 +167,9 @@ def int4_kernel_for(x: torch.Tensor, sz: torch.Tensor):
     return mod
 
 
-def int4_linear_many(xs: list, layers: list) -> list | None:
-    """[int4_linear(x_i, layer_i)] for Int4Linear layers of one shape, bit for bit, in one
-    kernel call (`linear_int4_many`: one parallel_for over all their blocks; a MoE layer's
+def int4_linear_many(xs: list, layers: list) -> torch.Tensor | None:
+    """torch.cat([int4_linear(x_i, layer_i)]) for Int4Linear layers of one shape, bit for bit,
+    in one kernel call (`linear_int4_many`: one parallel_for over all their blocks; a MoE layer's
     picked experts: bench/moe_decode.py); None where int4_linear would not take the kernel for
     them."""
     first = layers[0]
