@@ -73,18 +73,21 @@ def test_quality_and_peers_workloads(doc):
     for r in p["engines"].values():
         assert _finite_positive(r["decode_tokens_per_s"])
         assert _finite_positive(r["decode_tokens_per_s_at_context"][str(p["long_context"])])
-        assert len(r["decode_tokens_per_s_per_round"]) == p["rounds"]
-        assert all(_finite_positive(x) for x in r["decode_tokens_per_s_per_round"])
+        for key in ("decode_tokens_per_s_per_round", "decode_tokens_per_s_at_context_per_round"):
+            assert len(r[key]) == p["rounds"] and all(_finite_positive(x) for x in r[key])
     # quantized formats hold fewer weight bytes than bf16
     b = p["engines"]["qwen35 bf16"]["weight_bytes"]
     assert all(p["engines"][f"qwen35 {f}"]["weight_bytes"] < b for f in ("int8", "int4", "fp8"))
     ran = p["llama_cpp"] == "ran"
     assert set(p["decode_ratio_per_round"]) == (set(PAIRS) if ran else set())
     assert set(p["decode_at_context_ratio"]) == set(p["decode_ratio_per_round"])
+    assert set(p["decode_at_context_ratio_per_round"]) == set(p["decode_ratio_per_round"])
     for fmt, each in p["decode_ratio_per_round"].items():
         a, b = p["engines"][f"qwen35 {fmt}"], p["engines"][f"llama.cpp {PAIRS[fmt]}"]
-        assert each == pytest.approx([x / y for x, y in zip(a["decode_tokens_per_s_per_round"],
-                                      b["decode_tokens_per_s_per_round"], strict=True)])  # fmt: skip
+        for key, got in (("decode_tokens_per_s_per_round", each), (
+                "decode_tokens_per_s_at_context_per_round",
+                p["decode_at_context_ratio_per_round"][fmt])):  # fmt: skip
+            assert got == pytest.approx([x / y for x, y in zip(a[key], b[key], strict=True)])
     if p["llama_cpp"] != "ran":
         assert isinstance(p["llama_cpp"], str) and p["llama_cpp"]  # the reason it was skipped
 

@@ -125,6 +125,7 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
     per_round = {n: [] for n in engines}  # each round's median step: paired ratios show the noise
     prefill = {n: {p: [] for p in sz["prefill"]} for n in engines}
     decode_long = {n: [] for n in engines}  # steps after the longest prefill
+    long_round = {n: [] for n in engines}  # and each round's median of them
     for r in range(sz["rounds"]):
         opts.say(f"peers: round {r + 1}/{sz['rounds']}")
         prompt = [rng.randrange(V) for _ in range(sz["prompt"])]
@@ -143,6 +144,7 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
                 prefill[name][p].append(first)
                 if p == big:
                     decode_long[name] += steps
+                    long_round[name].append(1 / median(steps))
     rows = {}
     for name in engines:
         d = median(decode[name])
@@ -152,19 +154,18 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
             "decode_tokens_per_s_per_round": per_round[name],
             "prefill_tokens_per_s": {str(p): p / median(v) for p, v in prefill[name].items()},
             "decode_tokens_per_s_at_context": {str(big): 1 / median(decode_long[name])},
+            "decode_tokens_per_s_at_context_per_round": long_round[name],
         }
-    goals, per_round_ratio, long_ratio = [], {}, {}
+    goals, per_round_ratio, long_ratio, long_per_round = [], {}, {}, {}
+    paired = lambda a, b, key: [x / y for x, y in zip(a[key], b[key], strict=True)]  # noqa: E731
     for ours, theirs in PAIRS.items():
         a, b = rows.get(f"qwen35 {ours}"), rows.get(f"llama.cpp {theirs}")
         if a and b:
             at = [r["decode_tokens_per_s_at_context"][str(big)] for r in (a, b)]
             long_ratio[ours] = ratio(*at)
             # rounds run the engines back to back: each round's ratio is a paired measure
-            per_round_ratio[ours] = [
-                x / y
-                for x, y in zip(a["decode_tokens_per_s_per_round"],
-                                b["decode_tokens_per_s_per_round"], strict=True)  # fmt: skip
-            ]
+            per_round_ratio[ours] = paired(a, b, "decode_tokens_per_s_per_round")
+            long_per_round[ours] = paired(a, b, "decode_tokens_per_s_at_context_per_round")
             goals.append(
                 goal(
                     f"{ours} decode vs llama.cpp {theirs} (x)",
@@ -198,5 +199,6 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
         "engines": rows,
         "decode_ratio_per_round": per_round_ratio,  # ours vs llama.cpp, by our format
         "decode_at_context_ratio": long_ratio,  # the same after the longest prefill
+        "decode_at_context_ratio_per_round": long_per_round,
         "goals": goals,
     }

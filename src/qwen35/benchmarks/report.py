@@ -277,8 +277,11 @@ def _peers(con: Console, d: dict, impl: str = "") -> None:
     for ours, each in d["decode_ratio_per_round"].items():
         con.print(f"  decode {ours} vs llama.cpp at the same precision, per round: "
                   + " ".join(f"{x:.2f}x" for x in each))  # fmt: skip
+    each_round = d.get("decode_at_context_ratio_per_round", {})  # (older documents lack it)
     for ours, x in d["decode_at_context_ratio"].items():
-        con.print(f"  decode@{big} {ours} vs llama.cpp at the same precision: {_x(x)}")
+        rounds = " ".join(f"{r:.2f}x" for r in each_round.get(ours, []))
+        con.print(f"  decode@{big} {ours} vs llama.cpp at the same precision: {_x(x)}"
+                  + (f" (per round: {rounds})" if rounds else ""))  # fmt: skip
 
 
 def _tp(con: Console, d: dict, impl: str = "") -> None:
