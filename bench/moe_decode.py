@@ -1,7 +1,7 @@
 """CPU MoE decode at one token: ops/moe.py's one-token path (the k picked experts' products in one
 kernel call per projection) against the per-expert loop it replaced, interleaved in one process.
 
-    python bench/moe_decode.py [--formats bf16 int8 int4] [--layers 8] [--experts 32]
+    python bench/moe_decode.py [--formats bf16 int8 int4 fp8] [--layers 8] [--experts 32]
                                [--rounds 60] [--threads 2]
     python bench/moe_decode.py --write-config DIR   # the model of the MoE peers run, then:
     qwen35 bench --workload peers --model DIR/config.json --formats bf16,int8,int4 \\

@@ -316,10 +316,11 @@ def test_cpu_experts_take_the_loop_with_the_gemv_matmuls(monkeypatch):
 def test_one_token_moe_equals_the_expert_loop(quant, dtype, monkeypatch):
     """A CPU decode step's MoE at one token takes ops/moe.py `one_token_experts` (no sort,
     gather or scatter): bit for bit what the general per-expert loop gives that token, plain
-    experts (GEMV kernels / F.linear) and quantized ones (int8 / int4 / FP8; bf16, int8 and int4
-    experts as all k products in one kernel call: layers/linear.py `linear_many`, quant/matmul.py
-    `int8_linear_many` / `int4_linear_many`), and it is the path that runs (counted). bf16 also keeps batched == alone bit for bit (fp32's GEMV rows did not
-    before either)."""
+    experts (GEMV kernels / F.linear) and quantized ones (int8 / int4 / FP8; bf16, int8, int4
+    and bf16-model FP8 experts as all k products in one kernel call: layers/linear.py
+    `linear_many`, quant/matmul.py `int8_linear_many` / `int4_linear_many` /
+    `fp8_linear_many`), and it is the path that runs (counted). bf16 also keeps batched ==
+    alone bit for bit (fp32's GEMV rows did not before either)."""
     import qwen35.layers.moe as layer_moe
     from qwen35.layers.moe import SparseMoE
     from qwen35.ops import moe as ops_moe
@@ -341,6 +342,7 @@ def test_one_token_moe_equals_the_expert_loop(quant, dtype, monkeypatch):
         monkeypatch.setattr(mod, name, lambda *a: many.append((name, (r := real_fn(*a)) is not None)) or r)
 
     spy(matmul, "int4_linear_many"), spy(matmul, "int8_linear_many"), spy(linear_mod, "linear_many")
+    spy(matmul, "fp8_linear_many")
     g = torch.Generator().manual_seed(3)
     blocks = [m for m in model.modules() if isinstance(m, SparseMoE)]
     H = model.config.hidden_size
@@ -362,13 +364,22 @@ def test_one_token_moe_equals_the_expert_loop(quant, dtype, monkeypatch):
         "int4_linear_many": matmul.int4_kernel_for(probe, probe) is not None,
         "int8_linear_many": True,
         "linear_many": dtype == torch.bfloat16,
+        "fp8_linear_many": dtype == torch.bfloat16 and _fp8_gemv(),
     }
     kinds = {  # (int4 mode keeps int8 for matrices its layout does not take)
         "int4": {"int4_linear_many", "int8_linear_many"}, "int8": {"int8_linear_many"},
-        None: {"linear_many"}, "fp8": set(),  # FP8: one call each (no many-form)
+        None: {"linear_many"}, "fp8": {"fp8_linear_many"},
     }[quant]  # fmt: skip
     assert {name for name, _ in many} <= kinds and (many or not kinds), set(many)
     assert all(took == takes[name] for name, took in many), set(many)
+
+
+def _fp8_gemv() -> bool:
+    """The CPU's FP8 GEMV kernel runs here (either of its paths)."""
+    from qwen35.kernels import gemv
+
+    mod = gemv.load()
+    return mod is not None and (mod.fp8_supported(128) or mod.fp8_cvt_supported())
 
 
 def test_select_backend():

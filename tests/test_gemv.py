@@ -60,6 +60,27 @@ def test_many_products_equal_one_call_each(mod, avx2_only):
         mod.linear_bf16_many([torch.zeros(5, k).bfloat16()], ws[:1])
 
 
+@pytest.mark.parametrize("cvt", [False, True])
+def test_fp8_many_products_equal_one_call_each(mod, cvt):
+    """linear_fp8_many (a MoE layer's picked FP8 experts) gives each product bit for bit as
+    linear_fp8 does, stacked in order, on both FP8 paths: 1-4 rows, partial last blocks; a scale
+    of the wrong shape is refused with a message."""
+    if not (mod.fp8_cvt_supported() if cvt else mod.fp8_supported(128)):
+        pytest.skip("this CPU lacks the FP8 kernel's " + ("AVX512" if cvt else "VBMI + BF16") + " path")
+    g = torch.Generator().manual_seed(11)
+    n, k, bo, bi = 200, 320, 128, 128
+    mats = [formats.quantize_fp8_blocks(torch.randn(n, k, generator=g), (bo, bi)) for _ in range(5)]
+    xs = [torch.randn(1 + i % 4, k, generator=g).bfloat16() for i in range(5)]
+    rows = [x.shape[0] for x in xs]
+    got = mod.linear_fp8_many(xs, [w for w, _ in mats], [s.float() for _, s in mats], bo, bi, cvt)
+    assert got.shape == (sum(rows), n) and got.dtype == torch.bfloat16
+    for x, (w, s), y in zip(xs, mats, got.split(rows), strict=True):
+        assert torch.equal(y, mod.linear_fp8(x, w, s.float(), bo, bi, cvt))
+    with pytest.raises(RuntimeError, match="scale"):
+        mod.linear_fp8_many(xs[:1], [mats[0][0]], [mats[0][1].float()[:1].contiguous()], bo, bi,
+                            cvt)  # fmt: skip
+
+
 @pytest.mark.parametrize("avx2_only", [False, True])
 def test_fp32_matches_reference(mod, avx2_only):
     """Above 4 rows AVX512 CPUs take pairs of weight rows against groups of 8 input rows: odd N

@@ -872,6 +872,52 @@ torch::Tensor linear_fp8(const torch::Tensor& x, const torch::Tensor& w, const t
   return y;
 }
 
+// [linear_fp8(x_c, w_c, scale_c)] stacked [sum M_c, N], every x_c [M_c <= 4, K] bf16, every
+// w_c [N, K] fp8 with its scale of one shape: each row as linear_fp8 computes it (the same
+// bits), all products' rows in one parallel_for (a MoE layer's picked FP8 experts).
+torch::Tensor linear_fp8_many(const std::vector<torch::Tensor>& xs,
+                              const std::vector<torch::Tensor>& ws,
+                              const std::vector<torch::Tensor>& scales, int64_t bo, int64_t bi,
+                              bool cvt) {
+  const std::vector<int64_t> M = check_many(xs, ws, "linear_fp8_many");
+  const int64_t C = xs.size(), N = ws[0].size(0), K = ws[0].size(1);
+  TORCH_CHECK(cvt ? fp8_cvt_supported() : fp8_supported(bi),
+              cvt ? "linear_fp8_many: the fp16-bit path needs AVX512 (F, BW, VL, DQ)"
+                  : "linear_fp8_many: needs AVX512-VBMI + BF16 and bi % 64 == 0");
+  TORCH_CHECK(xs[0].scalar_type() == at::kBFloat16 && ws[0].element_size() == 1 &&
+                  scales.size() == xs.size(),
+              "linear_fp8_many: bf16 x, fp8 w, one scale each");
+  for (const auto& sc : scales)
+    TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.is_contiguous() && sc.dim() == 2 &&
+                    sc.size(0) == (N + bo - 1) / bo && sc.size(1) == (K + bi - 1) / bi,
+                "linear_fp8_many: scale [ceil(N/bo), ceil(K/bi)] fp32 contiguous");
+  const std::vector<int64_t> start = row_starts(M);
+  torch::Tensor y = torch::empty({start[C], N}, xs[0].options());
+  auto* Y = y.data_ptr<at::BFloat16>();
+  const int64_t nbi = scales[0].size(1);
+  const auto W = [&](int64_t c) { return reinterpret_cast<const uint8_t*>(ws[c].data_ptr()); };
+  const auto S = [&](int64_t c, int64_t n) { return scales[c].data_ptr<float>() + (n / bo) * nbi; };
+  const auto store = [&](int64_t c, int64_t m, int64_t n, float v) {
+    Y[(start[c] + m) * N + n] = v;
+  };
+  if (cvt) {
+    std::vector<torch::Tensor> xf;
+    for (const auto& x : xs) xf.push_back(x.to(at::kFloat));  // exact
+    for_rows_many(C, M, N, [&](int64_t c, int64_t n, int64_t m, int mr, float* out) {
+      DISPATCH_MR(mr, fp8_row_cvt, xf[c].data_ptr<float>() + m * K, K, W(c) + n * K, S(c, n), bi,
+                  out);
+    }, store);
+    return y;
+  }
+  const int64_t Kp = (K + 63) / 64 * 64;
+  std::vector<std::vector<uint16_t>> xp;
+  for (const auto& x : xs) xp.push_back(permuted_rows(x, Kp));
+  for_rows_many(C, M, N, [&](int64_t c, int64_t n, int64_t m, int mr, float* out) {
+    DISPATCH_MR(mr, fp8_row, xp[c].data() + m * Kp, Kp, W(c) + n * K, K, S(c, n), bi, out);
+  }, store);
+  return y;
+}
+
 std::vector<std::string> isa() {  // the fast paths this CPU takes
   std::vector<std::string> out;
   if (cpu_avx512()) out.emplace_back("avx512");
@@ -891,6 +937,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8_many", &linear_int8_many,
         "[x_c @ (q_c * scale_c)^T] stacked [sum M_c, N], one shape", py::arg("xs"),
         py::arg("qs"), py::arg("scales"), py::arg("avx2_only") = false);
+  m.def("linear_fp8_many", &linear_fp8_many,
+        "[x_c @ block-FP8 w_c ^T] stacked [sum M_c, N], bf16 x, one shape", py::arg("xs"),
+        py::arg("ws"), py::arg("scales"), py::arg("bo"), py::arg("bi"), py::arg("cvt") = false);
   m.def("linear_int8", &linear_int8, "x [M<=16, K] @ (q [N, K] int8 * scale [N])^T",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("avx2_only") = false);
   m.def("linear_fp8", &linear_fp8, "x [M<=16, K] bf16 @ block-FP8 w ^T", py::arg("x"),

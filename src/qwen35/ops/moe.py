@@ -38,8 +38,8 @@ def one_token_experts(x, top_idx, top_w, gate_up_fn, down_fn, many=None) -> torc
     and per-expert ops: the k gate_up products in one [k, 2I] and their SwiGLU in three ops.
     gate_up_fn(x [1, H], e) -> [1, 2I]; down_fn(h [1, I], e) -> [1, H]; many(which, inputs,
     experts): all k gate_up ("gate_up") or down ("down") products stacked [k, N] by one call, or
-    None (bf16: layers/linear.py `linear_many`; int8 / int4 experts: quant/layers.py
-    IntExperts.many)."""
+    None (bf16: layers/linear.py `linear_many`; quantized experts: quant/layers.py
+    IntExperts.many, Fp8Experts.many)."""
     ids, order = torch.sort(top_idx[0], stable=True)  # pairs by expert, as _sort_pairs
     es = ids.tolist()  # the one host read of the step's routing, as the loop's bincount
     gu = many and many("gate_up", [x] * len(es), es)

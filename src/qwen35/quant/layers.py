@@ -181,6 +181,18 @@ class Fp8Experts(Experts):
     def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
         return matmul.fp8_linear(h, self.down_proj[e], self.down_proj_scale_inv[e], self.block)
 
+    def many(self, which: str, xs: list, experts: list) -> torch.Tensor | None:
+        """The k products stacked [k rows, N] by one kernel call (quant/matmul.py
+        `fp8_linear_many`, the same bits as gate_up / down give), or None."""
+        if which == "gate_up":
+            if self.intermediate_size % self.block[0]:  # gate_up() takes two calls: so do we
+                return None
+            w, s = self.gate_up_proj, self.gate_up_proj_scale_inv
+        else:
+            w, s = self.down_proj, self.down_proj_scale_inv
+        return matmul.fp8_linear_many(xs, [w[e] for e in experts], [s[e] for e in experts],
+                                      self.block)  # fmt: skip
+
     def dequantized(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [E, 2I, H], down [E, H, I]) in dtype."""
         I, E = self.intermediate_size, self.num_experts

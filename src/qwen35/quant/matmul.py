@@ -84,6 +84,22 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block) -> 
     return y.view(*x.shape[:-1], w.shape[0])
 
 
+def fp8_linear_many(xs: list, ws: list, scales: list, block) -> torch.Tensor | None:
+    """torch.cat([fp8_linear(x_i, w_i, scale_i, block)]) for FP8 weights of one shape, bit for
+    bit, in one kernel call (`linear_fp8_many`: a MoE layer's picked FP8 experts); None where
+    fp8_linear would not take that kernel (no AVX512, not bf16 rows, more than 4 rows)."""
+    from qwen35.kernels import gemv
+
+    x, fast = xs[0], gemv.load()
+    if fast is None or not x.is_cpu or x.dtype != torch.bfloat16 or _rows(x).shape[0] > 4:
+        return None
+    tables = fast.fp8_supported(block[1])
+    if not (tables or fast.fp8_cvt_supported()):
+        return None
+    return fast.linear_fp8_many([_rows(v).contiguous() for v in xs], ws, scales, block[0],
+                                block[1], not tables)  # fmt: skip
+
+
 def int8_ok(k: int) -> bool:
     """`_weight_int8pack_mm` needs K % 16 == 0 (wrong results otherwise, seen with K = 72)."""
     return k % 16 == 0
