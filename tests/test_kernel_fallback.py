@@ -171,8 +171,9 @@ def test_fp8_paths_that_do_not_build_hand_over(monkeypatch, caplog):
 
 def test_gpu_start_checks_kernels_on_one_device_only(monkeypatch):
     """engine/preflight.py `gpu_start`: the start-up steps, then the working-memory measure
-    with the backend they leave; a tensor-parallel rank (check=False) cannot run a step alone
-    and keeps select_backend's."""
+    with the backend they leave; a tensor-parallel rank (alone=False) cannot run a forward alone
+    (its all-reduces would wait for ranks that are not running it: a hang): select_backend's
+    backend, no measurement (None: plan_caches takes the planner's formula), no step run."""
     import qwen35.engine.cache_sizing as cs
     import qwen35.engine.preflight as pf
 
@@ -183,5 +184,8 @@ def test_gpu_start_checks_kernels_on_one_device_only(monkeypatch):
     model = _model()
     assert pf.gpu_start(model, torch.float32, 64, 2, BS) == ("checked", 123)
     assert measured == ["checked"] and len(checked) == 1
-    be, working = pf.gpu_start(model, torch.float32, 64, 2, BS, check=False)
-    assert working == 123 and len(checked) == 1 and be is measured[-1] and be != "checked"
+    ran = []
+    monkeypatch.setattr(model, "forward", lambda *a, **k: ran.append(1))
+    be, working = pf.gpu_start(model, torch.float32, 64, 2, BS, alone=False)
+    assert working is None and len(checked) == 1 and len(measured) == 1 and not ran
+    assert be is pf.select_backend(model.device, dtype=torch.float32)

@@ -212,7 +212,7 @@ class LLMEngine:
         if self.device.type == "cuda":  # engine/preflight.py: kernels this GPU cannot build
             backend, working = gpu_start(
                 self.model, model_dtype, sc.max_num_batched_tokens, sc.max_num_seqs, cc.block_size,
-                check=self.workers is None,  # (tensor-parallel ranks keep select_backend's)
+                alone=self.workers is None,  # (a tensor-parallel rank: the planner's formula)
             )  # fmt: skip
         self.plan: CachePlan = plan_caches(
             self.config,

@@ -28,14 +28,17 @@ CONTINUE = 3  # tokens of the chunk that continues each
 
 
 def gpu_start(model, dtype, chunk_tokens: int, sampled_rows: int, block_size: int,
-              check: bool = True):  # fmt: skip
+              alone: bool = True):  # fmt: skip
     """(the backend to serve with, the working memory of the largest prefill chunk) on a GPU.
-    check=False: no start-up steps (one tensor-parallel rank cannot run a step alone)."""
+    alone=False (one tensor-parallel rank): select_backend's backend and None (the caller takes
+    the planner's formula): a rank's forward all-reduces with ranks that are not running it,
+    so neither the start-up steps nor the measurement can run on one rank alone."""
     from qwen35.engine.cache_sizing import measure_working_memory
 
     be = select_backend(model.device, dtype=dtype)
-    if check:
-        be = check_kernels(model, be, block_size)
+    if not alone:
+        return be, None
+    be = check_kernels(model, be, block_size)
     return with_fallbacks(
         be, lambda b: measure_working_memory(model, chunk_tokens, sampled_rows, block_size, b)
     )
