@@ -80,8 +80,8 @@ def fake_fla():
     return SimpleNamespace(chunk=chunk, fused_recurrent=fused_recurrent, conv=conv)
 
 
-def _model(moe=False, device="cpu", dtype=torch.float32, quant=None):
-    hf = tiny.hf_model(moe=moe)
+def _model(moe=False, device="cpu", dtype=torch.float32, quant=None, **overrides):
+    hf = tiny.hf_model(moe=moe, **overrides)
     cfg = ModelConfig.from_hf(json.loads(hf.config.to_json_string()))
     m = Qwen35ForCausalLM(cfg, dtype=dtype, device=device)
     m.load_state_dict(hf.state_dict())  # packed after loading, on the final device

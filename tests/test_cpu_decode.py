@@ -57,18 +57,34 @@ def _spy_runs(monkeypatch) -> list:
     "dtype,quant,moe",
     [(torch.float32, None, False), (torch.bfloat16, None, False), (torch.bfloat16, "int8", False),
      (torch.bfloat16, "int4", False), (torch.bfloat16, "fp8", False), (torch.float32, None, True),
-     (torch.bfloat16, "int8", True)],
+     (torch.bfloat16, None, True), (torch.bfloat16, "int8", True), (torch.bfloat16, "int4", True),
+     (torch.bfloat16, "fp8", True), (torch.float32, "int4", True)],
 )  # fmt: skip
 def test_plan_equals_module_path_bitwise(dtype, quant, moe, monkeypatch):
+    """Also: a MoE block's one-row steps run in the plan (`_moe`, no module call) where its
+    experts' kernels resolve (bf16 / int8 / int4 / FP8 experts in a bf16 model, int4 in fp32),
+    the module otherwise (fp32 plain experts) and for steps of several rows."""
+    from qwen35.layers.moe import SparseMoE
+
     be = _backend()
-    model = _model(moe, dtype=dtype, quant=quant)
+    # FP8 experts take one call per projection where gate and up blocks tile [2I, H] evenly
+    model = _model(moe, dtype=dtype, quant=quant,
+                   **({"moe_intermediate_size": 128} if moe and quant == "fp8" else {}))  # fmt: skip
     plan, modules = _run(model, be), _run(model, be)
     runs = _spy_runs(monkeypatch)
     applies = cpu_decode.DecodePlan.applies
+    module_calls, real_forward = [], SparseMoE.forward
+    monkeypatch.setattr(SparseMoE, "forward",
+                        lambda self, x, *a: module_calls.append(len(x)) or real_forward(self, x, *a))  # fmt: skip
+    resolved = moe and (dtype == torch.bfloat16 or quant == "int4")
     for items, expected in _script():
         runs.clear()
+        module_calls.clear()
         a = plan.step(items)
         assert len(runs) == expected
+        if moe and expected:  # the plan ran: single rows in the plan where the kernels resolve
+            in_plan = resolved and len(items) == 1
+            assert (module_calls == []) == in_plan, module_calls
         monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
         b = modules.step(items)
         monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(applies))

@@ -11,8 +11,9 @@ path's (tests/test_cpu_decode.py).
 It applies to a step when: the model is on one rank, fp32 or bf16, the batch's backend has
 the CPU kernels (`QWEN35_NO_KERNELS=1` is honoured at any time), and the step is decode only
 with its rows in state-slot order (the engine's usual batch-1 step). Anything else takes the
-module path. MoE layers run their routing and experts through their module (layers/moe.py);
-their mixers and norms are in the plan like a dense layer's.
+module path. A MoE block's one-token step is in the plan too (`_moe`: the module's routing, the
+picked experts' kernel calls resolved once, the shared expert as a dense FFN); blocks whose
+experts it cannot resolve, and steps of several rows, run the module (layers/moe.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from qwen35 import kernels
 from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
 from qwen35.kernels import attention, small_ops
 from qwen35.layers.linear import PACKED_MAX_ROWS, linear
+from qwen35.ops import moe as ops_moe
 from qwen35.ops.deltanet import gated_slot_runs
 from qwen35.quant.packing import QuantPack
 
@@ -91,6 +93,96 @@ def _projection(packed, *linears):
     return lambda x: linear(x, packed).split(sizes, dim=-1)
 
 
+def _experts_many(ex, dtype):
+    """A MoE layer's experts as ops/moe.py `one_token_experts`' many(which, xs, experts) on
+    operands resolved once: the kernel call their module makes at one token (bf16 experts:
+    `linear_bf16_many`; int8 / int4 / FP8: `linear_int8_many` / `linear_int4_many` /
+    `linear_fp8_many`), without its per-call lookups and checks; None where a projection's
+    module would not take one of these kernels at one row of `dtype` (the module runs then)."""
+    from qwen35.kernels import gemv
+    from qwen35.layers.linear import gemv_kernel_for
+    from qwen35.layers.moe import Experts
+    from qwen35.quant import matmul
+    from qwen35.quant.layers import Fp8Experts, Int4Linear, Int8Linear, IntExperts
+
+    probe = torch.zeros(1, 1, dtype=dtype)  # a decode row of the model's dtype
+
+    def plain(ws):  # bf16 experts [E, N, K] (layers/linear.py linear_many)
+        mod = gemv_kernel_for(probe, ws)
+        if mod is None or dtype != torch.bfloat16 or not ws.is_contiguous():
+            return None
+        w = list(ws.unbind(0))
+        return lambda xs, es: mod.linear_bf16_many(xs, [w[e] for e in es])
+
+    def quantized(layers):  # quant/matmul.py int8_linear_many / int4_linear_many
+        if all(type(m) is Int4Linear for m in layers):
+            sz = [m.scales_and_zeros.contiguous() for m in layers]
+            mod = matmul.int4_kernel_for(probe, sz[0])
+            if mod is None:
+                return None
+            w, g, n = [m.weight for m in layers], layers[0].group, layers[0].out_features
+            return lambda xs, es: mod.linear_int4_many(xs, [w[e] for e in es],
+                                                        [sz[e] for e in es], g, n)  # fmt: skip
+        if all(type(m) is Int8Linear for m in layers):
+            scales = [m.weight_scale for m in layers]
+            mod = matmul.int8_kernel_for(probe, scales[0])
+            if mod is None or not all(s.dtype == dtype and s.is_contiguous() for s in scales):
+                return None
+            q = [m.weight for m in layers]
+            return lambda xs, es: mod.linear_int8_many(xs, [q[e] for e in es],
+                                                        [scales[e] for e in es])  # fmt: skip
+        return None
+
+    def fp8(ws, scales, block):  # quant/matmul.py fp8_linear_many
+        mod = gemv.load()
+        if mod is None or dtype != torch.bfloat16:
+            return None
+        tables = mod.fp8_supported(block[1])
+        if not (tables or mod.fp8_cvt_supported()):
+            return None
+        w, s, (bo, bi) = list(ws.unbind(0)), list(scales.unbind(0)), block
+        return lambda xs, es: mod.linear_fp8_many(xs, [w[e] for e in es], [s[e] for e in es],
+                                                  bo, bi, not tables)  # fmt: skip
+
+    if type(ex) is Experts and ex.grouped:
+        fns = plain(ex.gate_up_proj), plain(ex.down_proj)
+    elif type(ex) is IntExperts and ex.num_total is None:
+        fns = quantized(list(ex.gate_up_q)), quantized(list(ex.down_q))
+    elif type(ex) is Fp8Experts and ex.num_total is None and not ex.intermediate_size % ex.block[0]:
+        fns = (fp8(ex.gate_up_proj, ex.gate_up_proj_scale_inv, ex.block),
+               fp8(ex.down_proj, ex.down_proj_scale_inv, ex.block))  # fmt: skip
+    else:
+        return None
+    if None in fns:
+        return None
+    gate_up, down = fns
+    return lambda which, xs, es: (gate_up if which == "gate_up" else down)(xs, es)
+
+
+def _moe(mlp, dtype):
+    """A MoE block's decode step (layers/moe.py SparseMoE.forward at one token, the same ops on
+    the same operands: the module's routing, `one_token_experts` on `_experts_many`, the shared
+    expert as a dense layer's FFN, then its gate), or the module's forward where the experts'
+    kernels are not resolved. Rows other than one take the module too."""
+    many = _experts_many(mlp.experts, dtype)
+    if many is None:
+        return mlp.forward
+    sh = mlp.shared_expert
+    sh_gate_up = _projection(sh.packed_gate_up, sh.gate_proj, sh.up_proj)
+    sh_down, sh_gate = _direct(sh.down_proj), mlp.shared_expert_gate.weight
+
+    def run(x, backend):
+        if x.shape[0] != 1 or not ops_moe.ONE_TOKEN:
+            return mlp.forward(x, backend)
+        top_w, top_idx = mlp.route(x)
+        routed = ops_moe.one_token_experts(x, top_idx, top_w, None, None, many)
+        gate, up = sh_gate_up(x)
+        shared = torch.sigmoid(linear(x, sh_gate)) * sh_down(small_ops.load().silu_mul(gate, up))
+        return routed + shared
+
+    return run
+
+
 # The mixers between their projections: ops/deltanet.py's and ops/attention.py's fused entries
 # on resolved operands and the layer's cache index (the leading arguments), then the projection
 # outputs and the step's (DeltaNet module, attention module, batch, caches, cos, sin).
@@ -119,8 +211,8 @@ class DecodePlan:
         self.layers = []
         for layer in model.model.layers:
             i, mlp = layer.cache_index, layer.mlp
-            if layer.is_moe:  # the module's routing and experts (layers/moe.py)
-                ffn = (mlp.forward, None)
+            if layer.is_moe:  # the block's one-token step, or its module (layers/moe.py)
+                ffn = (_moe(mlp, model.dtype), None)
             else:  # gate_up, then down of silu * up
                 ffn = (_projection(mlp.packed_gate_up, mlp.gate_proj, mlp.up_proj),
                        _direct(mlp.down_proj))  # fmt: skip
@@ -185,7 +277,7 @@ class DecodePlan:
                 x = so.add_rms_norm_zc_(h, delta, w_in, eps_in)
             y = mixer(proj(x), step)
             x = so.add_rms_norm_zc_(h, out(y), w_post, eps_post)
-            if down is None:  # MoE: gate_up is the module's forward
+            if down is None:  # MoE: gate_up is its step (_moe)
                 delta = gate_up(x, batch.backend)
             else:
                 gate, up = gate_up(x)
