@@ -1,15 +1,17 @@
 """Batch-1 CPU decode steps with the per-token Python cut in stages, interleaved in one process.
 
     python bench/decode_overhead.py [--formats bf16 int4] [--rounds 6] [--steps 32] [--threads N]
-                                    [--fake-gemv]
+                                    [--fake-gemv] [--model CONFIG]
 
-Qwen3.5-0.8B config, random weights, one engine per format; the same decode steps (128-token
-prompt) run in three modes, round-robin, so the memory bandwidth's drift between minutes hits all
-of them alike:
+Qwen3.5-0.8B config (or --model's), random weights, one engine per format; the same decode steps
+(128-token prompt) run in three modes, round-robin, so the memory bandwidth's drift between
+minutes hits all of them alike:
 - `modules`: the model's modules op by op (the fused layer entries and the decode plan off);
 - `fused`: each DeltaNet / attention layer between its projections as one kernel call
   (ops/deltanet.py deltanet_decode_gated, ops/attention.py attention_decode_gated);
-- `plan`: the CPU decode plan too (models/cpu_decode.py), the engine's default.
+- `plan`: the CPU decode plan too (models/cpu_decode.py), the engine's default;
+- MoE models also `plan-moe-module`: the plan with its MoE blocks through their module (the
+  plan's one-token MoE step off), e.g. `--model DIR/config.json` of bench/moe_decode.py.
 Medians of the steps' wall times. `--fake-gemv` replaces every dense GEMV by its stored output
 (bf16 / fp32 only) to isolate what is not weight streaming. Results can only be compared
 within one run. Writes bench/results/decode_overhead.json.
@@ -35,13 +37,26 @@ from qwen35.request import SamplingParams
 MODES = ("modules", "fused", "plan")
 
 
-def _set_mode(mode: str, real: dict) -> None:
-    """Switch the fused layer entries and the plan on or off (module globals the layers use)."""
+def _set_mode(mode: str, real: dict, plans: dict | None = None, model=None) -> None:
+    """Switch the fused layer entries and the plan on or off (module globals the layers use);
+    plans: the two plans of a MoE model by mode, set as the model's."""
     off = lambda *args, **kw: None  # noqa: E731 - "does not apply": the op-by-op path runs
     dn_layer.deltanet_decode_gated = real["dn"] if mode != "modules" else off
     attn_layer.attention_decode_gated = real["attn"] if mode != "modules" else off
-    applies = real["applies"] if mode == "plan" else (lambda batch: False)
+    applies = real["applies"] if mode.startswith("plan") else (lambda batch: False)
     cpu_decode.DecodePlan.applies = staticmethod(applies)
+    if plans:
+        model._decode_plan = plans[mode if mode in plans else "plan"]
+
+
+def _moe_module_plan(model):
+    """The model's decode plan with its MoE blocks through their module."""
+    real = cpu_decode._moe
+    cpu_decode._moe = lambda mlp, dtype: mlp.forward
+    try:
+        return cpu_decode.DecodePlan(model)
+    finally:
+        cpu_decode._moe = real
 
 
 def _fake_gemvs() -> None:
@@ -75,6 +90,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--fake-gemv", action="store_true")
+    ap.add_argument("--model", default=None, help="a config.json (default: Qwen3.5-0.8B's)")
     args = ap.parse_args()
     if args.fake_gemv:
         _fake_gemvs()
@@ -83,21 +99,30 @@ def main() -> None:
     results = {}
     for fmt in args.formats:
         opts = BenchOptions(dtype="fp32" if fmt == "fp32" else "bf16", threads=args.threads)
+        if args.model:
+            opts.model = args.model
         quant = None if fmt in ("fp32", "bf16") else fmt
-        engine = make_engine(load_bench_model(opts, quantization=quant), max_model_len=1024)
-        times = {m: [] for m in MODES}
+        bm = load_bench_model(opts, quantization=quant)
+        engine = make_engine(bm, max_model_len=1024)
         _set_mode("plan", real)
-        _steps(engine, 4, "warm")
+        _steps(engine, 4, "warm")  # (builds the plan)
+        plans, modes = None, MODES
+        if any(layer.is_moe for layer in bm.model.model.layers):
+            plans = {"plan": bm.model._decode_plan, "plan-moe-module": _moe_module_plan(bm.model)}
+            modes = (*MODES, "plan-moe-module")
+        times = {m: [] for m in modes}
         for r in range(args.rounds):
-            for mode in MODES:
-                _set_mode(mode, real)
+            for mode in modes:
+                _set_mode(mode, real, plans, bm.model)
                 times[mode] += _steps(engine, args.steps, f"{fmt}-{r}-{mode}")
-        _set_mode("plan", real)
+        _set_mode("plan", real, plans, bm.model)
         med = {m: statistics.median(t) * 1e3 for m, t in times.items()}
         results[fmt] = {"median_step_ms": med, "steps": {m: len(t) for m, t in times.items()}}
         print(f"{fmt}{' (GEMVs faked)' if args.fake_gemv else ''}: median step ms "
               + ", ".join(f"{m} {v:.2f}" for m, v in med.items())
-              + f"; modules / plan {med['modules'] / med['plan']:.3f}x")  # fmt: skip
+              + f"; modules / plan {med['modules'] / med['plan']:.3f}x"
+              + (f", plan-moe-module / plan {med['plan-moe-module'] / med['plan']:.3f}x"
+                 if plans else ""))  # fmt: skip
     out = Path(__file__).with_name("results") / "decode_overhead.json"
     out.parent.mkdir(exist_ok=True)
     doc = {"threads": torch.get_num_threads(), "fake_gemv": args.fake_gemv, "formats": results}
