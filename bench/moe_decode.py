@@ -1,8 +1,8 @@
-"""CPU MoE decode at one token: ops/moe.py's one-token path (the k picked experts' products in one
+"""CPU MoE decode steps: ops/moe.py's few-token path (every active expert's products in one
 kernel call per projection) against the per-expert loop it replaced, interleaved in one process.
 
     python bench/moe_decode.py [--formats bf16 int8 int4 fp8] [--layers 8] [--experts 32]
-                               [--rounds 60] [--threads 2]
+                               [--rounds 60] [--threads 2] [--tokens 1 2 4]
     python bench/moe_decode.py --write-config DIR   # the model of the MoE peers run, then:
     qwen35 bench --workload peers --model DIR/config.json --formats bf16,int8,int4 \\
         --contexts 512,2048 --rounds 4 --threads 2
@@ -10,9 +10,10 @@ kernel call per projection) against the per-expert loop it replaced, interleaved
 The model: Qwen3.5-35B-A3B's catalog config (hidden 2,048, top-8 experts of 512, shared expert,
 3 DeltaNet : 1 attention) with fewer layers and experts and a 32K vocabulary, random weights, so
 that it and llama.cpp's copy fit 24 GiB; per layer a token reads what the real model reads (the
-same k experts' bytes). Timed: every SparseMoE block of the model on one token (the rest of the
-step is the same code either way), the two paths alternating each round (`ops/moe.py ONE_TOKEN`);
-medians. Results can only be compared within one run.
+same k experts' bytes). Timed: every SparseMoE block of the model on 1, 2 or 4 tokens (a decode
+step of that many sequences; the rest of the step is the same code either way), the two paths
+alternating each round (`ops/moe.py FEW_TOKENS`); medians. Results can only be compared within
+one run.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", nargs="+", type=int, default=[1], help="rows a step (<= 4)")
     ap.add_argument("--write-config", metavar="DIR", help="write the model's config.json, exit")
     args = ap.parse_args()
     if args.write_config:
@@ -67,21 +69,22 @@ def main() -> None:
         bm = load_bench_model(opts, quantization=None if fmt == "bf16" else fmt)
         blocks = [m for m in bm.model.modules() if isinstance(m, SparseMoE)]
         g = torch.Generator().manual_seed(0)
-        xs = [torch.randn(1, bm.config.hidden_size, generator=g).bfloat16() for _ in range(16)]
-        times: dict[bool, list[float]] = {True: [], False: []}
-        with torch.inference_mode():
-            for r in range(args.rounds + 4):
-                for one in (True, False) if r % 2 == 0 else (False, True):
-                    ops_moe.ONE_TOKEN = one
-                    t = time.perf_counter()
-                    for b in blocks:
-                        b(xs[r % len(xs)], be)
-                    if r >= 4:  # the first rounds warm up
-                        times[one].append(time.perf_counter() - t)
-        ops_moe.ONE_TOKEN = True
-        fast, loop = (statistics.median(times[k]) * 1e3 for k in (True, False))
-        print(f"{fmt}: {len(blocks)} MoE blocks at 1 token: one-token path {fast:.2f} ms, "
-              f"per-expert loop {loop:.2f} ms, {loop / fast:.2f}x")  # fmt: skip
+        for n in args.tokens:
+            xs = [torch.randn(n, bm.config.hidden_size, generator=g).bfloat16() for _ in range(16)]
+            times: dict[bool, list[float]] = {True: [], False: []}
+            with torch.inference_mode():
+                for r in range(args.rounds + 4):
+                    for few in (True, False) if r % 2 == 0 else (False, True):
+                        ops_moe.FEW_TOKENS = 4 if few else 0
+                        t = time.perf_counter()
+                        for b in blocks:
+                            b(xs[r % len(xs)], be)
+                        if r >= 4:  # the first rounds warm up
+                            times[few].append(time.perf_counter() - t)
+            ops_moe.FEW_TOKENS = 4
+            fast, loop = (statistics.median(times[k]) * 1e3 for k in (True, False))
+            print(f"{fmt}: {len(blocks)} MoE blocks at {n} token(s): few-token path {fast:.2f} ms, "
+                  f"per-expert loop {loop:.2f} ms, {loop / fast:.2f}x")  # fmt: skip
         del bm
 
 

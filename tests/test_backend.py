@@ -313,14 +313,15 @@ def test_cpu_experts_take_the_loop_with_the_gemv_matmuls(monkeypatch):
 
 @pytest.mark.parametrize("quant", [None, "int8", "int4", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_token_moe_equals_the_expert_loop(quant, dtype, monkeypatch):
-    """A CPU decode step's MoE at one token takes ops/moe.py `one_token_experts` (no sort,
-    gather or scatter): bit for bit what the general per-expert loop gives that token, plain
-    experts (GEMV kernels / F.linear) and quantized ones (int8 / int4 / FP8; bf16, int8, int4
-    and bf16-model FP8 experts as all k products in one kernel call: layers/linear.py
-    `linear_many`, quant/matmul.py `int8_linear_many` / `int4_linear_many` /
-    `fp8_linear_many`), and it is the path that runs (counted). bf16 also keeps batched ==
-    alone bit for bit (fp32's GEMV rows did not before either)."""
+def test_few_token_moe_equals_the_expert_loop(quant, dtype, monkeypatch):
+    """A CPU step's MoE of at most FEW_TOKENS tokens takes ops/moe.py `few_token_experts` (each
+    active expert's 1-4 rows, all experts' products in one kernel call a projection): bit for
+    bit what the general per-expert loop gives those tokens at 1, 2 and 4 tokens (experts shared
+    between tokens), plain experts (GEMV kernels / F.linear) and quantized ones (int8 / int4 /
+    FP8; bf16, int8, int4 and bf16-model FP8 experts through layers/linear.py `linear_many`,
+    quant/matmul.py `int8_linear_many` / `int4_linear_many` / `fp8_linear_many`), and it is the
+    path that runs (counted). bf16 also keeps batched == alone bit for bit, against 6 tokens
+    (the loop) too (fp32's GEMV rows did not before either)."""
     import qwen35.layers.moe as layer_moe
     from qwen35.layers.moe import SparseMoE
     from qwen35.ops import moe as ops_moe
@@ -329,13 +330,13 @@ def test_one_token_moe_equals_the_expert_loop(quant, dtype, monkeypatch):
     be = select_backend("cpu", dtype=dtype)
     from qwen35.quant import matmul
 
-    runs, real = [], ops_moe.one_token_experts
-    counted = lambda *a: runs.append(1) or real(*a)  # noqa: E731
-    monkeypatch.setattr(ops_moe, "one_token_experts", counted)
-    monkeypatch.setattr(layer_moe, "one_token_experts", counted)
+    runs, real = [], ops_moe.few_token_experts
+    counted = lambda *a: runs.append(len(a[0])) or real(*a)  # noqa: E731
+    monkeypatch.setattr(ops_moe, "few_token_experts", counted)
+    monkeypatch.setattr(layer_moe, "few_token_experts", counted)
     import qwen35.layers.linear as linear_mod
 
-    many = []  # the k products in one kernel call: which ran, and whether it took the kernel
+    many = []  # the products in one kernel call: which ran, and whether it took the kernel
 
     def spy(mod, name):
         real_fn = getattr(mod, name)
@@ -346,21 +347,30 @@ def test_one_token_moe_equals_the_expert_loop(quant, dtype, monkeypatch):
     g = torch.Generator().manual_seed(3)
     blocks = [m for m in model.modules() if isinstance(m, SparseMoE)]
     H = model.config.hidden_size
+    shared = 0  # steps where two tokens picked one expert
     with torch.inference_mode():
         for block in blocks:
-            x = torch.randn(4, H, generator=g).to(dtype)
-            fast = [block(x[t : t + 1], be) for t in range(4)]
-            monkeypatch.setattr(ops_moe, "ONE_TOKEN", False)
-            loop = [block(x[t : t + 1], be) for t in range(4)]
-            batch = block(x, be)
-            monkeypatch.setattr(ops_moe, "ONE_TOKEN", True)
-            for t in range(4):
-                assert torch.equal(fast[t], loop[t])
-                if dtype == torch.bfloat16:
-                    assert torch.equal(fast[t], batch[t : t + 1])
-    assert len(runs) == 4 * len(blocks)
+            x = torch.randn(6, H, generator=g).to(dtype)
+            runs.clear()
+            fast = {n: block(x[:n], be) for n in (1, 2, 4)}
+            alone = [block(x[t : t + 1], be) for t in range(4)]
+            assert runs == [1, 2, 4, 1, 1, 1, 1]
+            _, top_idx = block.route(x[:4])
+            shared += len(top_idx.unique()) < top_idx.numel()
+            monkeypatch.setattr(ops_moe, "FEW_TOKENS", 0)
+            loop = {n: block(x[:n], be) for n in (1, 2, 4)}
+            monkeypatch.setattr(ops_moe, "FEW_TOKENS", 4)
+            six = block(x, be)  # more than FEW_TOKENS: the loop
+            assert runs == [1, 2, 4, 1, 1, 1, 1]
+            for n in (1, 2, 4):
+                assert torch.equal(fast[n], loop[n]), n
+            if dtype == torch.bfloat16:
+                for t in range(4):
+                    assert torch.equal(alone[t], fast[4][t : t + 1])
+                    assert torch.equal(alone[t], six[t : t + 1])
+    assert shared  # the grouping of several rows an expert was exercised
     probe = torch.zeros(1, model.config.hidden_size, dtype=dtype)
-    takes = {  # where one call each takes our kernel, the one-token path takes its many-form
+    takes = {  # where one call each takes our kernel, the few-token path takes its many-form
         "int4_linear_many": matmul.int4_kernel_for(probe, probe) is not None,
         "int8_linear_many": True,
         "linear_many": dtype == torch.bfloat16,

@@ -62,7 +62,7 @@ def linear_many(xs: list, ws: list) -> torch.Tensor | None:
     the bf16 GEMV kernel for them (or more than 4 rows)."""
     x = xs[0]
     mod = gemv_kernel_for(x, ws[0])
-    if mod is None or x.dtype != torch.bfloat16 or x.shape[0] > 4 or \
+    if mod is None or x.dtype != torch.bfloat16 or max(v.shape[0] for v in xs) > 4 or \
             not all(v.is_contiguous() for v in ws):  # fmt: skip
         return None
     return mod.linear_bf16_many([v.contiguous() for v in xs], ws)

@@ -25,9 +25,9 @@ from qwen35.ops import moe as _ops_moe
 from qwen35.ops.backend import Backend
 from qwen35.ops.moe import (
     ExpertWeights,
+    few_token_experts,
     fused_moe,
     grouped_experts_reference,
-    one_token_experts,
     routed_experts,
 )
 from qwen35.parallel.context import SINGLE, TensorParallel
@@ -85,9 +85,9 @@ class Experts(nn.Module):
             return routed_experts(backend, x, self.gate_up_proj, self.down_proj, top_idx, top_w)
         # quantized experts (qwen35/quant) or some of them (expert parallelism): one gate_up and
         # one down per active expert
-        one = x.shape[0] == 1 and x.device.type == "cpu" and self.num_total is None
-        if one and _ops_moe.ONE_TOKEN:
-            return one_token_experts(x, top_idx, top_w, self.gate_up, self.down, self.many)
+        few = x.shape[0] <= _ops_moe.FEW_TOKENS and x.device.type == "cpu"
+        if few and self.num_total is None:
+            return few_token_experts(x, top_idx, top_w, self.gate_up, self.down, self.many)
         k = top_idx.shape[1]
         local = top_idx.reshape(-1) - self.first_expert  # [T*k] ids among this module's
         if self.num_total is None:

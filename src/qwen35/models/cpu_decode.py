@@ -11,9 +11,10 @@ path's (tests/test_cpu_decode.py).
 It applies to a step when: the model is on one rank, fp32 or bf16, the batch's backend has
 the CPU kernels (`QWEN35_NO_KERNELS=1` is honoured at any time), and the step is decode only
 with its rows in state-slot order (the engine's usual batch-1 step). Anything else takes the
-module path. A MoE block's one-token step is in the plan too (`_moe`: the module's routing, the
-picked experts' kernel calls resolved once, the shared expert as a dense FFN); blocks whose
-experts it cannot resolve, and steps of several rows, run the module (layers/moe.py).
+module path. A MoE block's step is in the plan too (`_moe`: the module's routing, the active
+experts' kernel calls resolved once, the shared expert as a dense FFN); blocks whose experts it
+cannot resolve, and steps of more than ops/moe.py FEW_TOKENS rows, run the module
+(layers/moe.py).
 """
 
 from __future__ import annotations
@@ -94,11 +95,11 @@ def _projection(packed, *linears):
 
 
 def _experts_many(ex, dtype):
-    """A MoE layer's experts as ops/moe.py `one_token_experts`' many(which, xs, experts) on
-    operands resolved once: the kernel call their module makes at one token (bf16 experts:
+    """A MoE layer's experts as ops/moe.py `few_token_experts`' many(which, xs, experts) on
+    operands resolved once: the kernel call their module makes for few tokens (bf16 experts:
     `linear_bf16_many`; int8 / int4 / FP8: `linear_int8_many` / `linear_int4_many` /
     `linear_fp8_many`), without its per-call lookups and checks; None where a projection's
-    module would not take one of these kernels at one row of `dtype` (the module runs then)."""
+    module would not take one of these kernels for rows of `dtype` (the module runs then)."""
     from qwen35.kernels import gemv
     from qwen35.layers.linear import gemv_kernel_for
     from qwen35.layers.moe import Experts
@@ -160,10 +161,10 @@ def _experts_many(ex, dtype):
 
 
 def _moe(mlp, dtype):
-    """A MoE block's decode step (layers/moe.py SparseMoE.forward at one token, the same ops on
-    the same operands: the module's routing, `one_token_experts` on `_experts_many`, the shared
+    """A MoE block's decode step (layers/moe.py SparseMoE.forward for few rows, the same ops on
+    the same operands: the module's routing, `few_token_experts` on `_experts_many`, the shared
     expert as a dense layer's FFN, then its gate), or the module's forward where the experts'
-    kernels are not resolved. Rows other than one take the module too."""
+    kernels are not resolved. More than FEW_TOKENS rows take the module too."""
     many = _experts_many(mlp.experts, dtype)
     if many is None:
         return mlp.forward
@@ -172,10 +173,10 @@ def _moe(mlp, dtype):
     sh_down, sh_gate = _direct(sh.down_proj), mlp.shared_expert_gate.weight
 
     def run(x, backend):
-        if x.shape[0] != 1 or not ops_moe.ONE_TOKEN:
+        if x.shape[0] > ops_moe.FEW_TOKENS:
             return mlp.forward(x, backend)
         top_w, top_idx = mlp.route(x)
-        routed = ops_moe.one_token_experts(x, top_idx, top_w, None, None, many)
+        routed = ops_moe.few_token_experts(x, top_idx, top_w, None, None, many)
         gate, up = sh_gate_up(x)
         shared = torch.sigmoid(linear(x, sh_gate)) * sh_down(small_ops.load().silu_mul(gate, up))
         return routed + shared
@@ -211,7 +212,7 @@ class DecodePlan:
         self.layers = []
         for layer in model.model.layers:
             i, mlp = layer.cache_index, layer.mlp
-            if layer.is_moe:  # the block's one-token step, or its module (layers/moe.py)
+            if layer.is_moe:  # the block's decode step, or its module (layers/moe.py)
                 ffn = (_moe(mlp, model.dtype), None)
             else:  # gate_up, then down of silu * up
                 ffn = (_projection(mlp.packed_gate_up, mlp.gate_proj, mlp.up_proj),

@@ -31,37 +31,50 @@ def _sort_pairs(top_idx: torch.Tensor):
     return flat, order, order // top_idx.shape[1]  # token of each sorted pair
 
 
-def one_token_experts(x, top_idx, top_w, gate_up_fn, down_fn, many=None) -> torch.Tensor:
-    """The routed experts of one token (a CPU decode step): the general loop below on its k
-    pairs (sorted by expert, weighted by one mul_, summed by one index_add_ in that order), so
-    the result is the loop's bit for bit (batched == alone), without the loop's bincount, gather
-    and per-expert ops: the k gate_up products in one [k, 2I] and their SwiGLU in three ops.
-    gate_up_fn(x [1, H], e) -> [1, 2I]; down_fn(h [1, I], e) -> [1, H]; many(which, inputs,
-    experts): all k gate_up ("gate_up") or down ("down") products stacked [k, N] by one call, or
-    None (bf16: layers/linear.py `linear_many`; quantized experts: quant/layers.py
+def few_token_experts(x, top_idx, top_w, gate_up_fn, down_fn, many=None) -> torch.Tensor:
+    """The routed experts of at most FEW_TOKENS tokens (CPU decode steps): the general loop
+    below on the same sorted pairs, weighted by its one mul_ and summed by its one index_add_ in
+    its order, so the result is the loop's bit for bit (and batched == alone as the loop), with
+    its per-expert ops batched: every active expert's gate_up product (its 1..FEW_TOKENS rows)
+    stacked in one [pairs, 2I] output by one `many` call, the SwiGLU in three ops over all of
+    them, the down products by another call. gate_up_fn(x [n, H], e) -> [n, 2I]; down_fn(h
+    [n, I], e) -> [n, H]; many(which, inputs, experts): every expert's gate_up ("gate_up") or
+    down ("down") product of its inputs, stacked [sum rows, N], by one call, or None (one call
+    each then; bf16: layers/linear.py `linear_many`; quantized experts: quant/layers.py
     IntExperts.many, Fp8Experts.many)."""
-    ids, order = torch.sort(top_idx[0], stable=True)  # pairs by expert, as _sort_pairs
-    es = ids.tolist()  # the one host read of the step's routing, as the loop's bincount
-    gu = many and many("gate_up", [x] * len(es), es)
+    flat, order, token_of = _sort_pairs(top_idx)
+    ids = flat.index_select(0, order).tolist()  # the step's one host read, as the loop's bincount
+    es, ns = [], []  # the active experts, ascending, and the pairs of each
+    for e in ids:
+        if es and es[-1] == e:
+            ns[-1] += 1
+        else:
+            es.append(e)
+            ns.append(1)
+    xs = x.index_select(0, token_of).split(ns)  # each expert's input rows
+    gu = many and many("gate_up", xs, es)
     if gu is None:
-        gu = torch.cat([gate_up_fn(x, e) for e in es])
-    gate, up = gu.chunk(2, dim=-1)  # [k, I] each
-    hs = (F.silu(gate) * up).split(1)  # k rows [1, I]
+        gu = torch.cat([gate_up_fn(v, e) for v, e in zip(xs, es, strict=True)])
+    gate, up = gu.chunk(2, dim=-1)  # [P, I] each
+    hs = (F.silu(gate) * up).split(ns)
     ys = many and many("down", hs, es)
     if ys is None:
         ys = torch.cat([down_fn(h, e) for h, e in zip(hs, es, strict=True)])
-    ys.mul_(top_w.reshape(-1, 1).index_select(0, order))  # [k, H]
-    return torch.zeros_like(x).index_add_(0, torch.zeros_like(order), ys)
+    ys.mul_(top_w.reshape(-1, 1).index_select(0, order))  # [P, H]
+    return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 
-ONE_TOKEN = True  # one_token_experts where it applies (tests compare it with the loop below)
+# Up to this many tokens a CPU step takes few_token_experts (an expert then has at most this many
+# rows: at most 4, the most the bf16 / int8 / FP8 many-kernels take a product); 0: never (tests
+# compare it with the loop below).
+FEW_TOKENS = 4
 
 
 def grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=F.linear,
                               many=None) -> torch.Tensor:  # fmt: skip
-    """many: see one_token_experts (one token on a CPU only)."""
-    if x.shape[0] == 1 and x.device.type == "cpu" and ONE_TOKEN:
-        return one_token_experts(x, top_idx, top_w, lambda v, e: mm(v, gate_up[e]),
+    """many: see few_token_experts (a few tokens on a CPU only)."""
+    if x.shape[0] <= FEW_TOKENS and x.device.type == "cpu":
+        return few_token_experts(x, top_idx, top_w, lambda v, e: mm(v, gate_up[e]),
                                  lambda h, e: mm(h, down[e]), many)  # fmt: skip
     flat, order, token_of = _sort_pairs(top_idx)
     counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
@@ -116,7 +129,7 @@ def routed_experts(be: Backend, x, gate_up, down, top_idx, top_w) -> torch.Tenso
     if gemv.load() is not None:  # the CPU GEMV kernels, which layers/linear.py takes for few rows
         from qwen35.layers.linear import linear, linear_many
 
-        def many(which, xs, experts):  # one token: the k products in one kernel call (bf16)
+        def many(which, xs, experts):  # a few tokens: the products in one kernel call (bf16)
             return linear_many(xs, [(gate_up if which == "gate_up" else down)[e] for e in experts])
 
         return grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=linear, many=many)

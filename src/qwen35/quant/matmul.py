@@ -91,7 +91,8 @@ def fp8_linear_many(xs: list, ws: list, scales: list, block) -> torch.Tensor | N
     from qwen35.kernels import gemv
 
     x, fast = xs[0], gemv.load()
-    if fast is None or not x.is_cpu or x.dtype != torch.bfloat16 or _rows(x).shape[0] > 4:
+    if fast is None or not x.is_cpu or x.dtype != torch.bfloat16 or \
+            max(_rows(v).shape[0] for v in xs) > 4:  # fmt: skip
         return None
     tables = fast.fp8_supported(block[1])
     if not (tables or fast.fp8_cvt_supported()):
@@ -162,7 +163,7 @@ def int8_linear_many(xs: list, layers: list) -> torch.Tensor | None:
     (or more than 4 rows)."""
     scales = [m.weight_scale for m in layers]
     kern = int8_kernel_for(xs[0], scales[0])
-    if kern is None or _rows(xs[0]).shape[0] > 4 or \
+    if kern is None or max(_rows(v).shape[0] for v in xs) > 4 or \
             not all(s.dtype == scales[0].dtype and s.is_contiguous() for s in scales):  # fmt: skip
         return None
     return kern.linear_int8_many([_rows(v).contiguous() for v in xs], [m.weight for m in layers],
@@ -191,7 +192,7 @@ def int4_linear_many(xs: list, layers: list) -> torch.Tensor | None:
     first = layers[0]
     sz = [m.scales_and_zeros.contiguous() for m in layers]
     mod = int4_kernel_for(xs[0], sz[0])
-    if mod is None:
+    if mod is None or max(_rows(v).shape[0] for v in xs) > INT4_MAX_ROWS:
         return None
     return mod.linear_int4_many([_rows(x).contiguous() for x in xs], [m.weight for m in layers],
                                 sz, first.group, first.out_features)  # fmt: skip
