@@ -11,7 +11,7 @@ minutes hits all of them alike:
   (ops/deltanet.py deltanet_decode_gated, ops/attention.py attention_decode_gated);
 - `plan`: the CPU decode plan too (models/cpu_decode.py), the engine's default;
 - MoE models also `plan-moe-module`: the plan with its MoE blocks through their module (the
-  plan's one-token MoE step off), e.g. `--model DIR/config.json` of bench/moe_decode.py.
+  plan's MoE step off), e.g. `--model DIR/config.json` of bench/moe_decode.py.
 Medians of the steps' wall times. `--fake-gemv` replaces every dense GEMV by its stored output
 (bf16 / fp32 only) to isolate what is not weight streaming. Results can only be compared
 within one run. Writes bench/results/decode_overhead.json.
