@@ -2,7 +2,7 @@
 kernel call per projection) against the per-expert loop it replaced, interleaved in one process.
 
     python bench/moe_decode.py [--formats bf16 int8 int4 fp8] [--layers 8] [--experts 32]
-                               [--rounds 60] [--threads 2] [--tokens 1 2 4]
+                               [--rounds 60] [--threads 2] [--tokens 1 2 4] [--engine 4]
     python bench/moe_decode.py --write-config DIR   # the model of the MoE peers run, then:
     qwen35 bench --workload peers --model DIR/config.json --formats bf16,int8,int4 \\
         --contexts 512,2048 --rounds 4 --threads 2
@@ -12,8 +12,9 @@ The model: Qwen3.5-35B-A3B's catalog config (hidden 2,048, top-8 experts of 512,
 that it and llama.cpp's copy fit 24 GiB; per layer a token reads what the real model reads (the
 same k experts' bytes). Timed: every SparseMoE block of the model on 1, 2 or 4 tokens (a decode
 step of that many sequences; the rest of the step is the same code either way), the two paths
-alternating each round (`ops/moe.py FEW_TOKENS`); medians. Results can only be compared within
-one run.
+alternating each round (`ops/moe.py FEW_TOKENS`); medians. `--engine N`: whole engine decode
+steps of N sequences instead (greedy, 128-token prompts; the loop also turns the decode plan's
+MoE step off), the two alternating every 10 steps. Results can only be compared within one run.
 """
 
 from __future__ import annotations
@@ -43,6 +44,36 @@ def write_config(out: Path, layers: int, experts: int, vocab: int = 32768) -> Pa
     return out / "config.json"
 
 
+def _engine_steps(bm, fmt: str, seqs: int, rounds: int, ops_moe) -> None:
+    """Decode steps of `seqs` sequences, the few-token path (FEW_TOKENS 4) against the loop (0)
+    alternating every 10 steps in one engine."""
+    from qwen35.benchmarks.common import make_engine
+    from qwen35.request import SamplingParams
+
+    n = 20 * rounds + 20
+    eng = make_engine(bm, max_num_seqs=seqs, max_model_len=128 + n + 64,
+                      enable_prefix_caching=False)  # fmt: skip
+    for b in range(seqs):
+        sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        eng.add_request(f"r{b}", [(7 * i + b) % 30000 + 2 for i in range(128)], sp)
+    for _ in range(8):  # the prefills and first decode steps
+        eng.step()
+    times: dict[int, list[float]] = {4: [], 0: []}
+    for r in range(rounds):
+        for few in (4, 0) if r % 2 == 0 else (0, 4):
+            ops_moe.FEW_TOKENS = few
+            eng.step()  # (the first step after a switch is not timed)
+            for _ in range(9):
+                t = time.perf_counter()
+                eng.step()
+                times[few].append(time.perf_counter() - t)
+    ops_moe.FEW_TOKENS = 4
+    fast, loop = (statistics.median(times[k]) * 1e3 for k in (4, 0))
+    print(f"{fmt}: engine decode steps of {seqs} sequences: few-token path {fast:.2f} ms "
+          f"({seqs * 1e3 / fast:.1f} tok/s), loop {loop:.2f} ms ({seqs * 1e3 / loop:.1f} tok/s), "
+          f"{loop / fast:.2f}x")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"])
@@ -51,6 +82,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", nargs="+", type=int, default=[1], help="rows a step (<= 4)")
+    ap.add_argument("--engine", type=int, default=0, metavar="N",
+                    help="time whole engine steps of N sequences instead")  # fmt: skip
     ap.add_argument("--write-config", metavar="DIR", help="write the model's config.json, exit")
     args = ap.parse_args()
     if args.write_config:
@@ -67,6 +100,9 @@ def main() -> None:
     be = select_backend("cpu", dtype=torch.bfloat16)
     for fmt in args.formats:
         bm = load_bench_model(opts, quantization=None if fmt == "bf16" else fmt)
+        if args.engine:
+            _engine_steps(bm, fmt, args.engine, args.rounds, ops_moe)
+            continue
         blocks = [m for m in bm.model.modules() if isinstance(m, SparseMoE)]
         g = torch.Generator().manual_seed(0)
         for n in args.tokens:
