@@ -10,7 +10,7 @@ kernel call per projection) against the per-expert loop it replaced, interleaved
 The model: Qwen3.5-35B-A3B's catalog config (hidden 2,048, top-8 experts of 512, shared expert,
 3 DeltaNet : 1 attention) with fewer layers and experts and a 32K vocabulary, random weights, so
 that it and llama.cpp's copy fit 24 GiB; per layer a token reads what the real model reads (the
-same k experts' bytes). Timed: every SparseMoE block of the model on 1, 2 or 4 tokens (a decode
+same k experts' bytes). Timed: every SparseMoE block of the model on 1-16 tokens (a decode
 step of that many sequences; the rest of the step is the same code either way), the two paths
 alternating each round (`ops/moe.py FEW_TOKENS`); medians. `--engine N`: whole engine decode
 steps of N sequences instead (greedy, 128-token prompts; the loop also turns the decode plan's
@@ -45,8 +45,8 @@ def write_config(out: Path, layers: int, experts: int, vocab: int = 32768) -> Pa
 
 
 def _engine_steps(bm, fmt: str, seqs: int, rounds: int, ops_moe) -> None:
-    """Decode steps of `seqs` sequences, the few-token path (FEW_TOKENS 4) against the loop (0)
-    alternating every 10 steps in one engine."""
+    """Decode steps of `seqs` sequences, the few-token path (ops/moe.py FEW_TOKENS as set)
+    against the loop (0) alternating every 10 steps in one engine."""
     from qwen35.benchmarks.common import make_engine
     from qwen35.request import SamplingParams
 
@@ -58,17 +58,18 @@ def _engine_steps(bm, fmt: str, seqs: int, rounds: int, ops_moe) -> None:
         eng.add_request(f"r{b}", [(7 * i + b) % 30000 + 2 for i in range(128)], sp)
     for _ in range(8):  # the prefills and first decode steps
         eng.step()
-    times: dict[int, list[float]] = {4: [], 0: []}
+    on = ops_moe.FEW_TOKENS
+    times: dict[int, list[float]] = {on: [], 0: []}
     for r in range(rounds):
-        for few in (4, 0) if r % 2 == 0 else (0, 4):
+        for few in (on, 0) if r % 2 == 0 else (0, on):
             ops_moe.FEW_TOKENS = few
             eng.step()  # (the first step after a switch is not timed)
             for _ in range(9):
                 t = time.perf_counter()
                 eng.step()
                 times[few].append(time.perf_counter() - t)
-    ops_moe.FEW_TOKENS = 4
-    fast, loop = (statistics.median(times[k]) * 1e3 for k in (4, 0))
+    ops_moe.FEW_TOKENS = on
+    fast, loop = (statistics.median(times[k]) * 1e3 for k in (on, 0))
     print(f"{fmt}: engine decode steps of {seqs} sequences: few-token path {fast:.2f} ms "
           f"({seqs * 1e3 / fast:.1f} tok/s), loop {loop:.2f} ms ({seqs * 1e3 / loop:.1f} tok/s), "
           f"{loop / fast:.2f}x")  # fmt: skip
@@ -81,7 +82,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", nargs="+", type=int, default=[1], help="rows a step (<= 4)")
+    ap.add_argument("--tokens", nargs="+", type=int, default=[1], help="rows a step (<= 16)")
     ap.add_argument("--engine", type=int, default=0, metavar="N",
                     help="time whole engine steps of N sequences instead")  # fmt: skip
     ap.add_argument("--write-config", metavar="DIR", help="write the model's config.json, exit")
@@ -107,17 +108,17 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         for n in args.tokens:
             xs = [torch.randn(n, bm.config.hidden_size, generator=g).bfloat16() for _ in range(16)]
-            times: dict[bool, list[float]] = {True: [], False: []}
+            on, times = ops_moe.FEW_TOKENS, {True: [], False: []}
             with torch.inference_mode():
                 for r in range(args.rounds + 4):
                     for few in (True, False) if r % 2 == 0 else (False, True):
-                        ops_moe.FEW_TOKENS = 4 if few else 0
+                        ops_moe.FEW_TOKENS = on if few else 0
                         t = time.perf_counter()
                         for b in blocks:
                             b(xs[r % len(xs)], be)
                         if r >= 4:  # the first rounds warm up
                             times[few].append(time.perf_counter() - t)
-            ops_moe.FEW_TOKENS = 4
+            ops_moe.FEW_TOKENS = on
             fast, loop = (statistics.median(times[k]) * 1e3 for k in (True, False))
             print(f"{fmt}: {len(blocks)} MoE blocks at {n} token(s): few-token path {fast:.2f} ms, "
                   f"per-expert loop {loop:.2f} ms, {loop / fast:.2f}x")  # fmt: skip

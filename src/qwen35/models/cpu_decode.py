@@ -13,7 +13,7 @@ the CPU kernels (`QWEN35_NO_KERNELS=1` is honoured at any time), and the step is
 with its rows in state-slot order (the engine's usual batch-1 step). Anything else takes the
 module path. A MoE block's step is in the plan too (`_moe`: the module's routing, the active
 experts' kernel calls resolved once, the shared expert as a dense FFN); blocks whose experts it
-cannot resolve, and steps of more than ops/moe.py FEW_TOKENS rows, run the module
+cannot resolve, and steps of more than ops/moe.py MANY_MAX_ROWS rows, run the module
 (layers/moe.py).
 """
 
@@ -164,7 +164,7 @@ def _moe(mlp, dtype):
     """A MoE block's decode step (layers/moe.py SparseMoE.forward for few rows, the same ops on
     the same operands: the module's routing, `few_token_experts` on `_experts_many`, the shared
     expert as a dense layer's FFN, then its gate), or the module's forward where the experts'
-    kernels are not resolved. More than FEW_TOKENS rows take the module too."""
+    kernels are not resolved. More than MANY_MAX_ROWS rows take the module too."""
     many = _experts_many(mlp.experts, dtype)
     if many is None:
         return mlp.forward
@@ -173,8 +173,8 @@ def _moe(mlp, dtype):
     sh_down, sh_gate = _direct(sh.down_proj), mlp.shared_expert_gate.weight
 
     def run(x, backend):
-        if x.shape[0] > ops_moe.FEW_TOKENS:
-            return mlp.forward(x, backend)
+        if x.shape[0] > min(ops_moe.FEW_TOKENS, ops_moe.MANY_MAX_ROWS):
+            return mlp.forward(x, backend)  # (`many` takes an expert's rows up to that)
         top_w, top_idx = mlp.route(x)
         routed = ops_moe.few_token_experts(x, top_idx, top_w, None, None, many)
         gate, up = sh_gate_up(x)

@@ -36,8 +36,8 @@ def few_token_experts(x, top_idx, top_w, gate_up_fn, down_fn, many=None) -> torc
     below on the same sorted pairs, weighted by its one mul_ and summed by its one index_add_ in
     its order, so the result is the loop's bit for bit (and batched == alone as the loop), with
     its per-expert ops batched: every active expert's gate_up product (its 1..FEW_TOKENS rows)
-    stacked in one [pairs, 2I] output by one `many` call, the SwiGLU in three ops over all of
-    them, the down products by another call. gate_up_fn(x [n, H], e) -> [n, 2I]; down_fn(h
+    stacked in one [pairs, 2I] output by one `many` call (where it takes them all), the SwiGLU in
+    three ops over all of them, the down products by another call. gate_up_fn(x [n, H], e) -> [n, 2I]; down_fn(h
     [n, I], e) -> [n, H]; many(which, inputs, experts): every expert's gate_up ("gate_up") or
     down ("down") product of its inputs, stacked [sum rows, N], by one call, or None (one call
     each then; bf16: layers/linear.py `linear_many`; quantized experts: quant/layers.py
@@ -65,9 +65,11 @@ def few_token_experts(x, top_idx, top_w, gate_up_fn, down_fn, many=None) -> torc
 
 
 # Up to this many tokens a CPU step takes few_token_experts (an expert then has at most this many
-# rows: at most 4, the most the bf16 / int8 / FP8 many-kernels take a product); 0: never (tests
-# compare it with the loop below).
-FEW_TOKENS = 4
+# rows: the int4 many-kernel takes up to 16 a product, the bf16 / int8 / FP8 ones MANY_MAX_ROWS,
+# above which their `many` says None and each expert runs its own call, as in the loop); 0: never
+# (tests compare it with the loop below).
+FEW_TOKENS = 16
+MANY_MAX_ROWS = 4
 
 
 def grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=F.linear,
