@@ -96,7 +96,8 @@ def main() -> None:
     from qwen35.ops.backend import select_backend
 
     torch.set_num_threads(args.threads)
-    path = write_config(Path(tempfile.mkdtemp(prefix="qwen35-moe-")), args.layers, args.experts)
+    tmp = tempfile.TemporaryDirectory(prefix="qwen35-moe-")  # removed at exit
+    path = write_config(Path(tmp.name), args.layers, args.experts)
     opts = BenchOptions(model=str(path), threads=args.threads, dtype="bf16")
     be = select_backend("cpu", dtype=torch.bfloat16)
     for fmt in args.formats:
