@@ -75,9 +75,10 @@ def _direct(fn):
                 else fn(x)
             )
     if type(fn) is Fp8Linear and fn.weight_scale_inv.is_contiguous():
-        mod, w, scale, (bo, bi) = gemv.load(), fn.weight, fn.weight_scale_inv, fn.block
-        if mod is not None and (mod.fp8_supported(bi) or mod.fp8_cvt_supported()):
-            cvt = not mod.fp8_supported(bi)  # as matmul.fp8_linear picks
+        w, scale, (bo, bi) = fn.weight, fn.weight_scale_inv, fn.block
+        got = matmul.fp8_kernel_for(torch.zeros(1, 1, dtype=torch.bfloat16), fn.block)
+        if got is not None:
+            mod, cvt = got  # as matmul.fp8_linear picks for bf16 decode rows
             return lambda x: (
                 mod.linear_fp8(x.contiguous(), w, scale, bo, bi, cvt)
                 if x.shape[0] <= gemv.MAX_ROWS and x.dtype == torch.bfloat16
@@ -100,7 +101,6 @@ def _experts_many(ex, dtype):
     `linear_bf16_many`; int8 / int4 / FP8: `linear_int8_many` / `linear_int4_many` /
     `linear_fp8_many`), without its per-call lookups and checks; None where a projection's
     module would not take one of these kernels for rows of `dtype` (the module runs then)."""
-    from qwen35.kernels import gemv
     from qwen35.layers.linear import gemv_kernel_for
     from qwen35.layers.moe import Experts
     from qwen35.quant import matmul
@@ -135,15 +135,12 @@ def _experts_many(ex, dtype):
         return None
 
     def fp8(ws, scales, block):  # quant/matmul.py fp8_linear_many
-        mod = gemv.load()
-        if mod is None or dtype != torch.bfloat16:
+        got = matmul.fp8_kernel_for(probe, block)
+        if got is None:
             return None
-        tables = mod.fp8_supported(block[1])
-        if not (tables or mod.fp8_cvt_supported()):
-            return None
-        w, s, (bo, bi) = list(ws.unbind(0)), list(scales.unbind(0)), block
+        (mod, cvt), w, s, (bo, bi) = got, list(ws.unbind(0)), list(scales.unbind(0)), block
         return lambda xs, es: mod.linear_fp8_many(xs, [w[e] for e in es], [s[e] for e in es],
-                                                  bo, bi, not tables)  # fmt: skip
+                                                  bo, bi, cvt)  # fmt: skip
 
     if type(ex) is Experts and ex.grouped:
         fns = plain(ex.gate_up_proj), plain(ex.down_proj)

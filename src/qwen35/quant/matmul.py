@@ -57,16 +57,11 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block) -> 
         return fp8_linear_gpu(x, w, scale, block)
     x2 = _rows(x)
     from qwen35.kernels import fp8 as kern
-    from qwen35.kernels import gemv
 
-    fast = gemv.load()
-    if fast is not None and x2.shape[0] <= gemv.MAX_ROWS and x.dtype == torch.bfloat16:
-        # AVX512-VBMI + BF16: exact bf16 weights from two byte tables, then vdpbf16ps; other
-        # AVX512 CPUs: the weights' fp16 bits converted to fp32, then FMA
-        tables = fast.fp8_supported(block[1])
-        if tables or fast.fp8_cvt_supported():
-            y = fast.linear_fp8(x2.contiguous(), w, scale, block[0], block[1], not tables)
-            return y.view(*x.shape[:-1], w.shape[0])
+    if (got := fp8_kernel_for(x, block)) is not None:
+        fast, cvt = got
+        y = fast.linear_fp8(x2.contiguous(), w, scale, block[0], block[1], cvt)
+        return y.view(*x.shape[:-1], w.shape[0])
     mod = kern.load()
     if (
         mod is not None
@@ -84,21 +79,30 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block) -> 
     return y.view(*x.shape[:-1], w.shape[0])
 
 
+def fp8_kernel_for(x: torch.Tensor, block):
+    """(the GEMV module, cvt) when fp8_linear runs x through its `linear_fp8`, else None.
+    AVX512-VBMI + BF16 (cvt False): exact bf16 weights from two byte tables, then vdpbf16ps;
+    other AVX512 CPUs (cvt True): the weights' fp16 bits converted to fp32, then FMA."""
+    from qwen35.kernels import gemv
+
+    fast = gemv.load()
+    if fast is None or not x.is_cpu or x.dtype != torch.bfloat16 or \
+            _rows(x).shape[0] > gemv.MAX_ROWS:  # fmt: skip
+        return None
+    tables = fast.fp8_supported(block[1])
+    return (fast, not tables) if tables or fast.fp8_cvt_supported() else None
+
+
 def fp8_linear_many(xs: list, ws: list, scales: list, block) -> torch.Tensor | None:
     """torch.cat([fp8_linear(x_i, w_i, scale_i, block)]) for FP8 weights of one shape, bit for
     bit, in one kernel call (`linear_fp8_many`: a MoE layer's picked FP8 experts); None where
     fp8_linear would not take that kernel (no AVX512, not bf16 rows, more than 4 rows)."""
-    from qwen35.kernels import gemv
-
-    x, fast = xs[0], gemv.load()
-    if fast is None or not x.is_cpu or x.dtype != torch.bfloat16 or \
-            max(_rows(v).shape[0] for v in xs) > 4:  # fmt: skip
+    got = fp8_kernel_for(xs[0], block)
+    if got is None or max(_rows(v).shape[0] for v in xs) > 4:
         return None
-    tables = fast.fp8_supported(block[1])
-    if not (tables or fast.fp8_cvt_supported()):
-        return None
+    fast, cvt = got
     return fast.linear_fp8_many([_rows(v).contiguous() for v in xs], ws, scales, block[0],
-                                block[1], not tables)  # fmt: skip
+                                block[1], cvt)  # fmt: skip
 
 
 def int8_ok(k: int) -> bool:
