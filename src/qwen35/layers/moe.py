@@ -85,8 +85,7 @@ class Experts(nn.Module):
             return routed_experts(backend, x, self.gate_up_proj, self.down_proj, top_idx, top_w)
         # quantized experts (qwen35/quant) or some of them (expert parallelism): one gate_up and
         # one down per active expert
-        few = x.shape[0] <= _ops_moe.FEW_TOKENS and x.device.type == "cpu"
-        if few and self.num_total is None:
+        if _ops_moe.takes_few_tokens(x) and self.num_total is None:
             return few_token_experts(x, top_idx, top_w, self.gate_up, self.down, self.many)
         k = top_idx.shape[1]
         local = top_idx.reshape(-1) - self.first_expert  # [T*k] ids among this module's

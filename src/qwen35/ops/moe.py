@@ -37,11 +37,11 @@ def few_token_experts(x, top_idx, top_w, gate_up_fn, down_fn, many=None) -> torc
     its order, so the result is the loop's bit for bit (and batched == alone as the loop), with
     its per-expert ops batched: every active expert's gate_up product (its 1..FEW_TOKENS rows)
     stacked in one [pairs, 2I] output by one `many` call (where it takes them all), the SwiGLU in
-    three ops over all of them, the down products by another call. gate_up_fn(x [n, H], e) -> [n, 2I]; down_fn(h
-    [n, I], e) -> [n, H]; many(which, inputs, experts): every expert's gate_up ("gate_up") or
-    down ("down") product of its inputs, stacked [sum rows, N], by one call, or None (one call
-    each then; bf16: layers/linear.py `linear_many`; quantized experts: quant/layers.py
-    IntExperts.many, Fp8Experts.many)."""
+    three ops over all of them, the down products by another call. gate_up_fn(x [n, H], e) ->
+    [n, 2I]; down_fn(h [n, I], e) -> [n, H]; many(which, inputs, experts): every expert's
+    gate_up ("gate_up") or down ("down") product of its inputs, stacked [sum rows, N], by one
+    call, or None (one call each then; bf16: layers/linear.py `linear_many`; quantized experts:
+    quant/layers.py IntExperts.many, Fp8Experts.many)."""
     flat, order, token_of = _sort_pairs(top_idx)
     ids = flat.index_select(0, order).tolist()  # the step's one host read, as the loop's bincount
     es, ns = [], []  # the active experts, ascending, and the pairs of each
@@ -72,10 +72,15 @@ FEW_TOKENS = 16
 MANY_MAX_ROWS = 4
 
 
+def takes_few_tokens(x: torch.Tensor) -> bool:
+    """Whether the routed experts of x [T, H] run few_token_experts (a CPU step of few tokens)."""
+    return x.shape[0] <= FEW_TOKENS and x.device.type == "cpu"
+
+
 def grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=F.linear,
                               many=None) -> torch.Tensor:  # fmt: skip
     """many: see few_token_experts (a few tokens on a CPU only)."""
-    if x.shape[0] <= FEW_TOKENS and x.device.type == "cpu":
+    if takes_few_tokens(x):
         return few_token_experts(x, top_idx, top_w, lambda v, e: mm(v, gate_up[e]),
                                  lambda h, e: mm(h, down[e]), many)  # fmt: skip
     flat, order, token_of = _sort_pairs(top_idx)
