@@ -829,17 +829,29 @@ bool fp8_cvt_supported() { return cpu_avx512(); }
 // y [M, N] bf16 = x [M, K] bf16 @ dequant(w [N, K] e4m3, scale [ceil(N/bo), ceil(K/bi)] fp32)^T
 // cvt = false: the byte tables (callers check fp8_supported(bi) first); cvt = true: the fp16-bit
 // path (fp8_cvt_supported(), any block size)
+namespace {
+
+// linear_fp8 / linear_fp8_many's inputs: the path this CPU runs, bf16 x, one-byte w [N, K], and
+// its fp32 block scale [ceil(N/bo), ceil(K/bi)]
+void check_fp8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+               int64_t bo, int64_t bi, bool cvt, const char* name) {
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(cvt ? fp8_cvt_supported() : fp8_supported(bi), name,
+              cvt ? ": the fp16-bit path needs AVX512 (F, BW, VL, DQ)"
+                  : ": needs AVX512-VBMI + BF16 and bi % 64 == 0");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.element_size() == 1, name, ": x bf16, w fp8");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&
+                  scale.size(0) == (N + bo - 1) / bo && scale.size(1) == (K + bi - 1) / bi,
+              name, ": scale [ceil(N/bo), ceil(K/bi)] fp32 contiguous");
+}
+
+}  // namespace
+
 torch::Tensor linear_fp8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                          int64_t bo, int64_t bi, bool cvt) {
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
   check_x(x, w, K);
-  TORCH_CHECK(cvt ? fp8_cvt_supported() : fp8_supported(bi),
-              cvt ? "linear_fp8: the fp16-bit path needs AVX512 (F, BW, VL, DQ)"
-                  : "linear_fp8: needs AVX512-VBMI + BF16 and bi % 64 == 0");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.element_size() == 1, "x bf16, w fp8");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&
-                  scale.size(0) == (N + bo - 1) / bo && scale.size(1) == (K + bi - 1) / bi,
-              "linear_fp8: scale [ceil(N/bo), ceil(K/bi)] fp32");
+  check_fp8(x, w, scale, bo, bi, cvt, "linear_fp8");
   auto y = torch::empty({M, N}, x.options());
   auto* Y = y.data_ptr<at::BFloat16>();
   const auto* W = reinterpret_cast<const uint8_t*>(w.data_ptr());
@@ -881,22 +893,17 @@ torch::Tensor linear_fp8_many(const std::vector<torch::Tensor>& xs,
                               bool cvt) {
   const std::vector<int64_t> M = check_many(xs, ws, "linear_fp8_many");
   const int64_t C = xs.size(), N = ws[0].size(0), K = ws[0].size(1);
-  TORCH_CHECK(cvt ? fp8_cvt_supported() : fp8_supported(bi),
-              cvt ? "linear_fp8_many: the fp16-bit path needs AVX512 (F, BW, VL, DQ)"
-                  : "linear_fp8_many: needs AVX512-VBMI + BF16 and bi % 64 == 0");
-  TORCH_CHECK(xs[0].scalar_type() == at::kBFloat16 && ws[0].element_size() == 1 &&
-                  scales.size() == xs.size(),
-              "linear_fp8_many: bf16 x, fp8 w, one scale each");
-  for (const auto& sc : scales)
-    TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.is_contiguous() && sc.dim() == 2 &&
-                    sc.size(0) == (N + bo - 1) / bo && sc.size(1) == (K + bi - 1) / bi,
-                "linear_fp8_many: scale [ceil(N/bo), ceil(K/bi)] fp32 contiguous");
+  TORCH_CHECK(scales.size() == xs.size(), "linear_fp8_many: one scale each");
+  for (int64_t c = 0; c < C; ++c)
+    check_fp8(xs[c], ws[c], scales[c], bo, bi, cvt, "linear_fp8_many");
   const std::vector<int64_t> start = row_starts(M);
   torch::Tensor y = torch::empty({start[C], N}, xs[0].options());
   auto* Y = y.data_ptr<at::BFloat16>();
   const int64_t nbi = scales[0].size(1);
   const auto W = [&](int64_t c) { return reinterpret_cast<const uint8_t*>(ws[c].data_ptr()); };
-  const auto S = [&](int64_t c, int64_t n) { return scales[c].data_ptr<float>() + (n / bo) * nbi; };
+  const auto S = [&](int64_t c, int64_t n) {
+    return scales[c].data_ptr<float>() + (n / bo) * nbi;
+  };
   const auto store = [&](int64_t c, int64_t m, int64_t n, float v) {
     Y[(start[c] + m) * N + n] = v;
   };
