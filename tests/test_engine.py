@@ -177,3 +177,28 @@ def test_errors(ckpt):
         llm.generate([[5] * 60], SamplingParams(max_tokens=10))
     with pytest.raises(ValueError, match="temperature"):
         llm.generate([[5] * 4], SamplingParams(temperature=-1))
+
+
+@pytest.mark.parametrize("which, quant", [("dense", None), ("moe", None), ("moe", "int4")])
+def test_random_workload_equals_each_request_alone(which, quant, ckpt, moe_ckpt):
+    """Everything that reshapes a step at once (fp32): shared prefixes hitting the prefix cache,
+    a KV pool that forces preemption, a token budget that chunks prompts beside decode rows,
+    uneven output lengths, up to 16 rows a step (the few-token MoE path, its int4 kernels).
+    Each request's greedy tokens equal its run alone in a plain engine."""
+    d, _ = ckpt if which == "dense" else moe_ckpt
+    rng = random.Random(11)
+    base = [rng.randrange(2, 256) for _ in range(40)]
+    ps = [base[: rng.randrange(0, 41)] + [rng.randrange(2, 256) for _ in range(rng.randrange(1, 30))]
+          for _ in range(14)]  # fmt: skip
+    sps = [SamplingParams(max_tokens=rng.randrange(1, 24), temperature=0.0, ignore_eos=True)
+           for _ in ps]  # fmt: skip
+    kw = dict(block_size=4, quantization=quant)
+    busy = make(d, max_num_seqs=16, max_num_batched_tokens=32, num_kv_blocks=48,
+                max_model_len=96, **kw)  # fmt: skip
+    got = ids(busy.generate(ps, sps))
+    stats = busy.engine.get_stats()
+    assert stats["num_preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0
+    plain = make(d, enable_prefix_caching=False, **kw)
+    alone = [ids(plain.generate([p], sp))[0] for p, sp in zip(ps, sps, strict=True)]
+    assert got == alone
+    assert [len(t) for t in got] == [sp.max_tokens for sp in sps]
