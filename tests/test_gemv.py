@@ -110,17 +110,41 @@ def test_int8_matches_reference(mod, dtype, avx2_only):
             assert rel_error(y, ref) < (4e-3 if dtype == torch.bfloat16 else 1e-5), (n, k, m)
 
 
+def rows_alone_mismatches(linear, x: torch.Tensor, counts=(2, 3, 4, 5, 8, 9, 16)) -> dict:
+    """{M: outputs of x[:M] through `linear` that differ from the same row computed alone}."""
+    alone = [linear(x[i : i + 1]) for i in range(max(counts))]
+    out = {}
+    for m in counts:
+        y = linear(x[:m])
+        out[m] = sum(int((y[i] != alone[i][0]).sum()) for i in range(m))
+    return out
+
+
 @pytest.mark.parametrize("avx2_only", [False, True])
-def test_int8_rows_of_a_batch_equal_each_row_alone(mod, avx2_only):
-    """Batches above 4 rows convert each weight row once and reuse it, two weight rows at a time
-    (table path): every row's result is bitwise what it gets alone, whatever the batch."""
+@pytest.mark.parametrize("kind", ["bf16", "int8-bf16", "int8-fp32", "fp32"])
+def test_rows_of_a_batch_equal_each_row_alone(mod, kind, avx2_only):
+    """Every input row's result is bitwise what it gets alone, whatever rows share the call (a
+    decode row's logits do not depend on the other sequences of its step). Many outputs (8,191:
+    odd, a range's last row alone; K 1,000: tails), since a summation order that changes with
+    the row count flips only ~1 bf16 output in 10^4. fp32 above 4 rows takes the two-weight-row
+    path, whose sums differ from the one-row path's: checked within each."""
     g = torch.Generator().manual_seed(5)
-    q = torch.randint(-127, 128, (71, 200), generator=g, dtype=torch.int8)  # odd: a single last row
-    s = torch.rand(71, generator=g).bfloat16()
-    x = torch.randn(16, 200, generator=g).bfloat16()
-    y = mod.linear_int8(x, q, s, avx2_only)
-    for i in range(16):
-        assert torch.equal(mod.linear_int8(x[i : i + 1], q, s, avx2_only)[0], y[i]), i
+    N, K = 8191, 1000
+    w = torch.randn(N, K, generator=g) * 0.05
+    x = torch.randn(16, K, generator=g)
+    if kind == "bf16":
+        wb = w.bfloat16()
+        got = rows_alone_mismatches(lambda r: mod.linear_bf16(r, wb, avx2_only), x.bfloat16())
+    elif kind == "fp32":
+        lin = lambda r: mod.linear_fp32(r, w, avx2_only)  # noqa: E731
+        many = lin(x)
+        got = {**rows_alone_mismatches(lin, x, (2, 3, 4)),
+               **{m: int((lin(x[:m]) != many[:m]).sum()) for m in (5, 8, 9)}}  # fmt: skip
+    else:
+        dtype = torch.bfloat16 if kind == "int8-bf16" else torch.float32
+        q, sc = formats.quantize_int8_rows(w, dtype)
+        got = rows_alone_mismatches(lambda r: mod.linear_int8(r, q, sc, avx2_only), x.to(dtype))
+    assert all(v == 0 for v in got.values()), got
 
 
 def test_int8_decodes_every_byte_exactly(mod):

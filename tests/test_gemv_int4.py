@@ -51,6 +51,22 @@ def test_linear_int4_matches_reference(mod, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rows_of_a_batch_equal_each_row_alone(mod, dtype):
+    """Every input row's result is bitwise what it gets alone, whatever rows share the call, on
+    each path (many outputs: an order that changes with the row count flips few bf16 ones)."""
+    from test_gemv import rows_alone_mismatches
+
+    n, k, group = 8192, 1024, 128
+    q, sz, packed = _quantized(n, k, group, dtype, 3)
+    x = torch.randn(16, k, generator=torch.Generator().manual_seed(4)).to(dtype)
+    for avx2_only in _paths(mod):
+        got = rows_alone_mismatches(
+            lambda r: mod.linear_int4(r, packed, sz, group, n, avx2_only), x  # noqa: B023
+        )
+        assert all(v == 0 for v in got.values()), (avx2_only, got)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_linear_int4_many_equals_one_call_each(mod, dtype):
     """linear_int4_many (several products of one shape in one parallel_for: a MoE layer's
     picked experts) gives each product bit for bit as linear_int4 does, rows 1 and 5, both

@@ -45,12 +45,19 @@ inline void fp8x16(const uint8_t* p, __m256& lo, __m256& hi) {
 
 
 // One output row against MR <= 4 input rows (fp32, row stride K), accumulators in registers:
-// per block of bi inputs the partial dot products (2 x U independent chains a row) are scaled;
-// a block's last K % 16 weights are summed in scalar.
+// per block of bi inputs the partial dot products (4 independent chains a row, for every row
+// count: a row's sum is then the same bits whichever rows share its pass) are scaled; a block's
+// last K % 16 weights are summed in scalar. The 16 registers hold 2 rows' chains: 3-4 rows run
+// as 2 + the rest (the weight row decoded twice).
 template <int MR>
 void fp8_row(const float* X, int64_t K, const uint8_t* w, const float* srow, int64_t bi,
              float* out) {
-  constexpr int U = MR <= 2 ? 2 : 1;  // 16-weight chunks an iteration
+  if constexpr (MR > 2) {
+    fp8_row<2>(X, K, w, srow, bi, out);
+    fp8_row<MR - 2>(X + 2 * K, K, w, srow, bi, out + 2);
+    return;
+  }
+  constexpr int U = 2;  // 16-weight chunks an iteration
   __m256 tot[MR];
   float tail[MR];
   for (int i = 0; i < MR; ++i) tot[i] = _mm256_setzero_ps(), tail[i] = 0.f;

@@ -44,11 +44,11 @@ using gemv_rows::kMaxRows;
 using gemv_rows::kMR;
 using gemv_rows::bf16_to_float;
 
-// independent accumulators along K per input row: MR x U >= 8 chains hide the FMA latency
-template <int MR>
-constexpr int unroll() {
-  return MR <= 2 ? 4 : 2;
-}
+// independent accumulators along K per input row, the same for every row count: a row's sum
+// is then the same bits whichever rows share its pass (batched == alone). 4 chains a row hide
+// the FMA latency at one row; AVX2's 16 registers hold 2 rows x 4 (fma_row_avx2 runs 3-4 rows
+// as 2 + the rest, the weight row then read twice from L1).
+constexpr int kU = 4;
 
 bool cpu_avx512() { return cpu_isa::avx512(); }
 bool cpu_avx512_bf16() { return cpu_isa::avx512_bf16(); }
@@ -119,7 +119,7 @@ void for_row_pairs(int64_t M, int64_t N, int64_t Kp, Convert&& convert, Pair&& p
 template <int MR>
 TARGET_AVX512_BF16 void bf16_row_avx512(const uint16_t* X, const uint16_t* w, float* out,
                                         int64_t K) {
-  constexpr int U = unroll<MR>();
+  constexpr int U = kU;
   __m512 acc[MR][U];
   for (int i = 0; i < MR; ++i)
     for (int u = 0; u < U; ++u) acc[i][u] = _mm512_setzero_ps();
@@ -163,7 +163,12 @@ inline float load1(const int8_t* p) { return static_cast<float>(*p); }
 
 template <int MR, typename WT>
 void fma_row_avx2(const float* X, const WT* w, float* out, int64_t K) {
-  constexpr int U = unroll<MR>();
+  if constexpr (MR > 2) {  // the registers hold 2 rows x kU accumulators
+    fma_row_avx2<2>(X, w, out, K);
+    fma_row_avx2<MR - 2>(X + 2 * K, w, out + 2, K);
+    return;
+  }
+  constexpr int U = kU;
   __m256 acc[MR][U];
   for (int i = 0; i < MR; ++i)
     for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_ps();
@@ -662,7 +667,7 @@ torch::Tensor linear_fp32(const torch::Tensor& x, const torch::Tensor& w, bool a
   const float* X = x.data_ptr<float>();
   const float* W = w.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  if (M > kMR) {
+  if (M > kMR) {  // (rows computed here differ from the same rows computed alone)
     linear_fp32_rows(X, W, Y, M, N, K, !avx2_only && cpu_avx512());
     return y;
   }

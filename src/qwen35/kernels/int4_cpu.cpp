@@ -92,7 +92,15 @@ TARGET_VBMI inline void pair_vbmi(const Block& b, const uint16_t* X, int64_t k, 
 template <int MR>
 TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, const uint16_t* SZ,
                             float* out) {
-  constexpr int U = MR <= 2 ? 2 : 1;  // k-pairs in flight: MR * U * 4 >= 8 vdpbf16ps chains
+  // 2 k-pairs in flight for every row count (a row's sum is then the same bits whichever rows
+  // share its pass: batched == alone); the registers hold 2 rows x 2 x 4 chains, so 3-4 rows
+  // run as 2 + the rest (the block's bytes then read twice, from the caches)
+  if constexpr (MR > 2) {
+    block_vbmi<2>(b, X, SX, SZ, out);
+    block_vbmi<MR - 2>(b, X + 2 * b.K, SX + 2 * b.ng, SZ, out + 2 * 64);
+    return;
+  }
+  constexpr int U = 2;
   alignas(64) uint8_t ib[2][64];
   for (int h = 0; h < 2; ++h)  // lane i: (row 16h + i at k, 0x3F, row 16h + i at k + 1, 0x3F)
     for (int i = 0; i < 16; ++i) {
@@ -144,7 +152,9 @@ TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, 
 // XF: MR rows of fp32 x; out [MR][64] (this half's 32 rows written)
 template <int MR, typename ST>
 void half_avx2(const Block& b, int h, const float* XF, const float* SX, const ST* SZ, float* out) {
-  constexpr int U = MR == 1 ? 2 : 1;  // k-unroll: MR * U * 4 >= 8 independent FMA chains
+  // one k in flight for every row count (batched == alone; measured no slower at one row than
+  // two: the unpack, not the FMA latency, bounds this path)
+  constexpr int U = 1;
   const __m256i m15 = _mm256_set1_epi32(15);
   __m256 tot[MR][4];
   for (int i = 0; i < MR; ++i)
