@@ -92,15 +92,10 @@ TARGET_VBMI inline void pair_vbmi(const Block& b, const uint16_t* X, int64_t k, 
 template <int MR>
 TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, const uint16_t* SZ,
                             float* out) {
-  // 2 k-pairs in flight for every row count (a row's sum is then the same bits whichever rows
-  // share its pass: batched == alone); the registers hold 2 rows x 2 x 4 chains, so 3-4 rows
-  // run as 2 + the rest (the block's bytes then read twice, from the caches)
-  if constexpr (MR > 2) {
-    block_vbmi<2>(b, X, SX, SZ, out);
-    block_vbmi<MR - 2>(b, X + 2 * b.K, SX + 2 * b.ng, SZ, out + 2 * 64);
-    return;
-  }
-  constexpr int U = 2;
+  // one k-pair in flight for every row count (a row's sum is then the same bits whichever rows
+  // share its pass: batched == alone); measured against 2 pairs for 1-2 rows and 1 for 3-4
+  // (the earlier choice): 0.99x at one row, 1.06x at four (bench/gemv.py shapes, int4)
+  constexpr int U = 1;
   alignas(64) uint8_t ib[2][64];
   for (int h = 0; h < 2; ++h)  // lane i: (row 16h + i at k, 0x3F, row 16h + i at k + 1, 0x3F)
     for (int i = 0; i < 16; ++i) {
