@@ -92,10 +92,6 @@ TARGET_VBMI inline void pair_vbmi(const Block& b, const uint16_t* X, int64_t k, 
 template <int MR>
 TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, const uint16_t* SZ,
                             float* out) {
-  // one k-pair in flight for every row count (a row's sum is then the same bits whichever rows
-  // share its pass: batched == alone); measured against 2 pairs for 1-2 rows and 1 for 3-4
-  // (the earlier choice): 0.99x at one row, 1.06x at four (bench/gemv.py shapes, int4)
-  constexpr int U = 1;
   alignas(64) uint8_t ib[2][64];
   for (int h = 0; h < 2; ++h)  // lane i: (row 16h + i at k, 0x3F, row 16h + i at k + 1, 0x3F)
     for (int i = 0; i < 16; ++i) {
@@ -113,18 +109,14 @@ TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, 
     if (g + 1 < b.ng)
       for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(sz + b.N * 2 + 32 * c),
                                                _MM_HINT_T0);
-    __m512 acc[U][MR][4];
-    for (int u = 0; u < U; ++u)
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < 4; ++j) acc[u][i][j] = _mm512_setzero_ps();
-    const int64_t k1 = (g + 1) * b.group;
-    int64_t k = g * b.group;
-    for (; k + 2 * U <= k1; k += 2 * U)
-      for (int u = 0; u < U; ++u) pair_vbmi<MR>(b, X, k + 2 * u, idx0, idx1, acc[u]);
-    for (; k < k1; k += 2) pair_vbmi<MR>(b, X, k, idx0, idx1, acc[0]);
-    for (int u = 1; u < U; ++u)
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < 4; ++j) acc[0][i][j] = _mm512_add_ps(acc[0][i][j], acc[u][i][j]);
+    // one k-pair in flight for every row count (a row's sum is then the same bits whichever
+    // rows share its pass: batched == alone); measured against 2 pairs for 1-2 rows and 1 for
+    // 3-4 (the earlier choice): 0.99x at one row, 1.06x at four (bench/gemv.py's shapes, int4)
+    __m512 acc[MR][4];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+    const int64_t k1 = (g + 1) * b.group;  // (groups are even: check_packed)
+    for (int64_t k = g * b.group; k < k1; k += 2) pair_vbmi<MR>(b, X, k, idx0, idx1, acc);
     for (int j = 0; j < 4; ++j) {  // rows 16j..16j+15: scale * 16 (exact), zero
       const __m512i v = _mm512_loadu_si512(sz + 32 * j);
       const __m512 s = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
@@ -132,7 +124,7 @@ TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, 
       const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
       for (int i = 0; i < MR; ++i) {
         const float sx = SX[i * b.ng + g];
-        const __m512 t = _mm512_sub_ps(acc[0][i][j], _mm512_set1_ps(1.5f * sx));
+        const __m512 t = _mm512_sub_ps(acc[i][j], _mm512_set1_ps(1.5f * sx));
         tot[i][j] = _mm512_fmadd_ps(z, _mm512_set1_ps(sx), _mm512_fmadd_ps(s, t, tot[i][j]));
       }
     }
@@ -147,9 +139,6 @@ TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, 
 // XF: MR rows of fp32 x; out [MR][64] (this half's 32 rows written)
 template <int MR, typename ST>
 void half_avx2(const Block& b, int h, const float* XF, const float* SX, const ST* SZ, float* out) {
-  // one k in flight for every row count (batched == alone; measured no slower at one row than
-  // two: the unpack, not the FMA latency, bounds this path)
-  constexpr int U = 1;
   const __m256i m15 = _mm256_set1_epi32(15);
   __m256 tot[MR][4];
   for (int i = 0; i < MR; ++i)
@@ -163,34 +152,32 @@ void half_avx2(const Block& b, int h, const float* XF, const float* SX, const ST
         s[8 * j + r] = as_float(sz[(rows[j] + r) * 2]);
         z[8 * j + r] = as_float(sz[(rows[j] + r) * 2 + 1]);
       }
-    __m256 acc[U][MR][4];
-    for (int u = 0; u < U; ++u)
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < 4; ++j) acc[u][i][j] = _mm256_setzero_ps();
+    // one k in flight for every row count (batched == alone; measured no slower at one row
+    // than two: the unpack, not the FMA latency, bounds this path)
+    __m256 acc[MR][4];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
     const int64_t k1 = (g + 1) * b.group;
-    for (int64_t k = g * b.group; k < k1; k += U)
-      for (int u = 0; u < U; ++u) {
-        const uint8_t* p = b.p + (k + u) * 32 + 16 * h;
-        int64_t b0, b1;
-        std::memcpy(&b0, p, 8);
-        std::memcpy(&b1, p + 8, 8);
-        const __m256i v0 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(b0));
-        const __m256i v1 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(b1));
-        const __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_and_si256(v0, m15)),
-                             _mm256_cvtepi32_ps(_mm256_and_si256(v1, m15)),
-                             _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)),
-                             _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4))};
-        for (int i = 0; i < MR; ++i) {
-          const __m256 xv = _mm256_broadcast_ss(XF + i * b.K + k + u);
-          for (int j = 0; j < 4; ++j) acc[u][i][j] = _mm256_fmadd_ps(w[j], xv, acc[u][i][j]);
-        }
+    for (int64_t k = g * b.group; k < k1; ++k) {
+      const uint8_t* p = b.p + k * 32 + 16 * h;
+      int64_t b0, b1;
+      std::memcpy(&b0, p, 8);
+      std::memcpy(&b1, p + 8, 8);
+      const __m256i v0 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(b0));
+      const __m256i v1 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(b1));
+      const __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_and_si256(v0, m15)),
+                           _mm256_cvtepi32_ps(_mm256_and_si256(v1, m15)),
+                           _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)),
+                           _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4))};
+      for (int i = 0; i < MR; ++i) {
+        const __m256 xv = _mm256_broadcast_ss(XF + i * b.K + k);
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(w[j], xv, acc[i][j]);
       }
+    }
     for (int i = 0; i < MR; ++i) {
       const float sx = SX[i * b.ng + g];
       for (int j = 0; j < 4; ++j) {  // y += scale * (sum x q - 8 sx) + zero * sx
-        __m256 a = acc[0][i][j];
-        for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[u][i][j]);
-        const __m256 t = _mm256_sub_ps(a, _mm256_set1_ps(8.f * sx));
+        const __m256 t = _mm256_sub_ps(acc[i][j], _mm256_set1_ps(8.f * sx));
         tot[i][j] = _mm256_fmadd_ps(_mm256_load_ps(z + 8 * j), _mm256_set1_ps(sx),
                                     _mm256_fmadd_ps(_mm256_load_ps(s + 8 * j), t, tot[i][j]));
       }
