@@ -27,6 +27,9 @@ def empty_param(*shape: int, dtype: torch.dtype | None, device: torch.device | s
 # (bench/gemv.py on a Zen 4, 2 threads: bf16 at 8 rows the kernel is 1.5x torch, at 16 rows
 # 0.9x; fp32 3x torch at 1 row, 1.6x at 16 rows, where oneDNN's fp32 GEMM is still slow.)
 GEMV_MAX_ROWS = {torch.bfloat16: 8, torch.float32: 16}
+# Rows per product the bf16 / int8 / FP8 many-kernels take (one pass of the GEMV kernels'
+# row group, gemv_rows.h kMR); more and their Python wrappers say None.
+MANY_MAX_ROWS = 4
 
 
 def gemv_kernel_for(x: torch.Tensor, w: torch.Tensor):
@@ -59,11 +62,11 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def linear_many(xs: list, ws: list) -> torch.Tensor | None:
     """torch.cat([linear(x_i, w_i)]) for bf16 weights of one shape, bit for bit, in one kernel
     call (`linear_bf16_many`: a MoE layer's picked experts); None where `linear` would not take
-    the bf16 GEMV kernel for them (or more than 4 rows)."""
+    the bf16 GEMV kernel for them (or more than MANY_MAX_ROWS rows)."""
     x = xs[0]
     mod = gemv_kernel_for(x, ws[0])
-    if mod is None or x.dtype != torch.bfloat16 or max(v.shape[0] for v in xs) > 4 or \
-            not all(v.is_contiguous() for v in ws):  # fmt: skip
+    if mod is None or x.dtype != torch.bfloat16 or max(v.shape[0] for v in xs) > MANY_MAX_ROWS \
+            or not all(v.is_contiguous() for v in ws):  # fmt: skip
         return None
     return mod.linear_bf16_many([v.contiguous() for v in xs], ws)
 

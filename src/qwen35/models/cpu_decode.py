@@ -13,7 +13,7 @@ the CPU kernels (`QWEN35_NO_KERNELS=1` is honoured at any time), and the step is
 with its rows in state-slot order (the engine's usual batch-1 step). Anything else takes the
 module path. A MoE block's step is in the plan too (`_moe`: the module's routing, the active
 experts' kernel calls resolved once, the shared expert as a dense FFN); blocks whose experts it
-cannot resolve, and steps of more than ops/moe.py MANY_MAX_ROWS rows, run the module
+cannot resolve, and steps of more than layers/linear.py MANY_MAX_ROWS rows, run the module
 (layers/moe.py).
 """
 
@@ -26,7 +26,7 @@ import torch
 from qwen35 import kernels
 from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
 from qwen35.kernels import attention, small_ops
-from qwen35.layers.linear import PACKED_MAX_ROWS, linear
+from qwen35.layers.linear import MANY_MAX_ROWS, PACKED_MAX_ROWS, linear
 from qwen35.ops import moe as ops_moe
 from qwen35.ops.deltanet import gated_slot_runs
 from qwen35.quant.packing import QuantPack
@@ -170,7 +170,7 @@ def _moe(mlp, dtype):
     sh_down, sh_gate = _direct(sh.down_proj), mlp.shared_expert_gate.weight
 
     def run(x, backend):
-        if x.shape[0] > min(ops_moe.FEW_TOKENS, ops_moe.MANY_MAX_ROWS):
+        if x.shape[0] > min(ops_moe.FEW_TOKENS, MANY_MAX_ROWS):
             return mlp.forward(x, backend)  # (`many` takes an expert's rows up to that)
         top_w, top_idx = mlp.route(x)
         routed = ops_moe.few_token_experts(x, top_idx, top_w, None, None, many)

@@ -65,11 +65,10 @@ def few_token_experts(x, top_idx, top_w, gate_up_fn, down_fn, many=None) -> torc
 
 
 # Up to this many tokens a CPU step takes few_token_experts (an expert then has at most this many
-# rows: the int4 many-kernel takes up to 16 a product, the bf16 / int8 / FP8 ones MANY_MAX_ROWS,
-# above which their `many` says None and each expert runs its own call, as in the loop); 0: never
-# (tests compare it with the loop below).
+# rows: the int4 many-kernel takes up to 16 a product, the bf16 / int8 / FP8 ones layers/linear.py
+# MANY_MAX_ROWS, above which their `many` says None and each expert runs its own call, as in the
+# loop); 0: never (tests compare it with the loop below).
 FEW_TOKENS = 16
-MANY_MAX_ROWS = 4
 
 
 def takes_few_tokens(x: torch.Tensor) -> bool:

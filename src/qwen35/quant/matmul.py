@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qwen35.layers.linear import MANY_MAX_ROWS
 from qwen35.quant import formats
 
 # bench/quant_linear.py, 3584 x 1024, 2 threads: int8 kernel 0.10 / 0.78 ms at 1 / 16 rows vs
@@ -96,9 +97,10 @@ def fp8_kernel_for(x: torch.Tensor, block):
 def fp8_linear_many(xs: list, ws: list, scales: list, block) -> torch.Tensor | None:
     """torch.cat([fp8_linear(x_i, w_i, scale_i, block)]) for FP8 weights of one shape, bit for
     bit, in one kernel call (`linear_fp8_many`: a MoE layer's picked FP8 experts); None where
-    fp8_linear would not take that kernel (no AVX512, not bf16 rows, more than 4 rows)."""
+    fp8_linear would not take that kernel (no AVX512, not bf16 rows, more than MANY_MAX_ROWS
+    rows)."""
     got = fp8_kernel_for(xs[0], block)
-    if got is None or max(_rows(v).shape[0] for v in xs) > 4:
+    if got is None or max(_rows(v).shape[0] for v in xs) > MANY_MAX_ROWS:
         return None
     fast, cvt = got
     return fast.linear_fp8_many([_rows(v).contiguous() for v in xs], ws, scales, block[0],
@@ -164,10 +166,10 @@ def int4_linear(
 def int8_linear_many(xs: list, layers: list) -> torch.Tensor | None:
     """torch.cat([int8_linear(x_i, layer_i)]) for Int8Linear layers of one shape, bit for bit,
     in one kernel call (`linear_int8_many`); None where int8_linear would not take our kernel
-    (or more than 4 rows)."""
+    (or more than MANY_MAX_ROWS rows)."""
     scales = [m.weight_scale for m in layers]
     kern = int8_kernel_for(xs[0], scales[0])
-    if kern is None or max(_rows(v).shape[0] for v in xs) > 4 or \
+    if kern is None or max(_rows(v).shape[0] for v in xs) > MANY_MAX_ROWS or \
             not all(s.dtype == scales[0].dtype and s.is_contiguous() for s in scales):  # fmt: skip
         return None
     return kern.linear_int8_many([_rows(v).contiguous() for v in xs], [m.weight for m in layers],
