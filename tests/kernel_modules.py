@@ -1,4 +1,5 @@
-"""The compiled CPU kernels (`qwen35.kernels`) in tests: a module, or a skip that says why."""
+"""The compiled CPU kernels (`qwen35.kernels`) in tests: a module, or a skip that says why; and
+the comparisons several kernel tests share."""
 
 from __future__ import annotations
 
@@ -23,3 +24,13 @@ def native_or_skip(native: Native, what: str):
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """|a - b| / |b| (Frobenius norms, fp32)."""
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def rows_alone_mismatches(linear, x: torch.Tensor, counts=(2, 3, 4, 5, 8, 9, 16)) -> dict:
+    """{M: outputs of x[:M] through `linear` that differ from the same row computed alone}."""
+    alone = [linear(x[i : i + 1]) for i in range(max(counts))]
+    out = {}
+    for m in counts:
+        y = linear(x[:m])
+        out[m] = sum(int((y[i] != alone[i][0]).sum()) for i in range(m))
+    return out

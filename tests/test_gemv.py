@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_modules import native_or_skip, rel_error
+from kernel_modules import native_or_skip, rel_error, rows_alone_mismatches
 from qwen35.kernels import gemv
 from qwen35.layers import linear as linear_mod
 from qwen35.quant import formats, matmul
@@ -108,16 +108,6 @@ def test_int8_matches_reference(mod, dtype, avx2_only):
             y = mod.linear_int8(x, q, s, avx2_only)
             assert y.dtype == dtype
             assert rel_error(y, ref) < (4e-3 if dtype == torch.bfloat16 else 1e-5), (n, k, m)
-
-
-def rows_alone_mismatches(linear, x: torch.Tensor, counts=(2, 3, 4, 5, 8, 9, 16)) -> dict:
-    """{M: outputs of x[:M] through `linear` that differ from the same row computed alone}."""
-    alone = [linear(x[i : i + 1]) for i in range(max(counts))]
-    out = {}
-    for m in counts:
-        y = linear(x[:m])
-        out[m] = sum(int((y[i] != alone[i][0]).sum()) for i in range(m))
-    return out
 
 
 @pytest.mark.parametrize("avx2_only", [False, True])

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_modules import native_or_skip, rel_error
+from kernel_modules import native_or_skip, rel_error, rows_alone_mismatches
 from qwen35.kernels import gemv
 from qwen35.quant import formats, matmul
 
@@ -54,8 +54,6 @@ def test_linear_int4_matches_reference(mod, dtype):
 def test_rows_of_a_batch_equal_each_row_alone(mod, dtype):
     """Every input row's result is bitwise what it gets alone, whatever rows share the call, on
     each path (many outputs: an order that changes with the row count flips few bf16 ones)."""
-    from test_gemv import rows_alone_mismatches
-
     n, k, group = 8192, 1024, 128
     q, sz, packed = _quantized(n, k, group, dtype, 3)
     x = torch.randn(16, k, generator=torch.Generator().manual_seed(4)).to(dtype)

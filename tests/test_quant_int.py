@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_modules import rows_alone_mismatches
 from qwen35.kernels import fp8 as fp8_kernel
 from qwen35.loader import load_model
 from qwen35.plan.params import weight_bytes
@@ -71,8 +72,6 @@ def test_fp8_avx2_kernel_rows_and_tails(dtype):
         y = mod.fp8_linear(eye[start : start + 16], q, torch.ones(1, 2), 128, 128)
         assert torch.equal(y[:, 0].float(), q[0, start : start + 16].float())
     # each row's result is bitwise its result alone, whatever rows share the call
-    from test_gemv import rows_alone_mismatches
-
     q, s = formats.quantize_fp8_blocks(torch.randn(4096, 1000, generator=g) * 0.05)
     x = torch.randn(16, 1000, generator=g).to(dtype)
     got = rows_alone_mismatches(lambda r: mod.fp8_linear(r, q, s.float(), 128, 128), x)
