@@ -7,6 +7,11 @@ times, and each cell is the median ms per call plus the weight bytes per second 
 
     python bench/gemv.py [--rows 1,4,16] [--threads 2] [--rounds 5] [--formats fp32,bf16,int8,fp8,int4]
     python bench/gemv.py --formats int4 --shapes "mlp gate_up,mlp down,deltanet in_proj,out_proj"
+    python bench/gemv.py --baseline 4e8b8e6 --rows 1,2,4,8  # also our kernels as of a commit
+
+--baseline REV: the kernel sources and headers of that git revision are built beside the
+checkout's (`Native.from_folder`) and each of our paths also runs from them ("<path>@base",
+interleaved like the rest); the last columns give ours / base speed per path.
 
 fp32: torch's F.linear vs ours (FMA; above 4 rows on AVX512 CPUs 16 lanes, two weight rows a
 pass) vs ours-avx2 (the AVX2 path any row count). bf16: torch (torch.mv at 1 row, F.linear above) vs ours (AVX512-BF16 where the CPU has it) vs
@@ -22,7 +27,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +91,24 @@ def _int4_paths(x, p4, sz4, sz4f, mod4, fp32: bool) -> dict:
     return paths
 
 
+def _baseline(rev: str, folder: str):
+    """(gemv, fp8, int4 modules) built from git revision `rev`'s kernel sources and headers."""
+    kdir = "src/qwen35/kernels"
+    files = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{kdir}"], check=True,
+                           capture_output=True, text=True).stdout.split()  # fmt: skip
+    for f in files:
+        if f.endswith((".cpp", ".h")):
+            blob = subprocess.run(["git", "show", f"{rev}:{kdir}/{f}"], check=True,
+                                  capture_output=True).stdout  # fmt: skip
+            (Path(folder) / f).write_bytes(blob)
+    return tuple(n.from_folder(folder).load() for n in (gemv.GEMV, fp8_kernel.FP8, gemv.INT4))
+
+
+def _with_base(paths: dict, base: dict) -> dict:
+    """paths plus base's runs of our own paths (not torch's), labelled "<path>@base"."""
+    return paths | {f"{lb}@base": fn for lb, fn in base.items() if "torch" not in lb}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,4,16")
@@ -91,6 +117,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names")
     ap.add_argument("--formats", default="fp32,bf16,int8,fp8,int4", help="comma-separated")
     ap.add_argument("--int4-fp32", action="store_true", help="also int4 on fp32 rows")
+    ap.add_argument("--baseline", metavar="REV", help="also our kernels as of this git revision")
     a = ap.parse_args()
     fmts = set(a.formats.split(","))
     if a.threads:
@@ -100,6 +127,12 @@ def main() -> None:
     if mod is None:
         raise SystemExit("the gemv kernel is not available here (no compiler or no AVX2)")
     print(f"{torch.get_num_threads()} threads, fast paths: {mod.isa()}")
+    base = None
+    if a.baseline:
+        tmp = tempfile.TemporaryDirectory()  # (removed at exit)
+        base = _baseline(a.baseline, tmp.name)
+        if base[0] is None:
+            raise SystemExit(f"the kernels of {a.baseline} did not build here")
     for name in a.shapes.split(","):
         n, k = SHAPES[name]
         copies = max(1, -(-MIN_BYTES // (n * k * 2)))
@@ -128,8 +161,13 @@ def main() -> None:
                 paths = {}
                 if ws[c] is not None:
                     paths = _paths(x, ws[c], w32s[c], q8, s8, f8, fs8, mod, fmod)
+                    if base:
+                        paths = _with_base(paths, _paths(x, ws[c], w32s[c], q8, s8, f8, fs8,
+                                                         base[0], base[1]))  # fmt: skip
                 if i4s[c] is not None:
                     paths.update(_int4_paths(x, *i4s[c], mod4, a.int4_fp32))
+                    if base:
+                        paths = _with_base(paths, _int4_paths(x, *i4s[c], base[2], a.int4_fp32))
                 per_copy.append({lb: fn for lb, fn in paths.items() if lb.split()[0] in fmts})
             for _ in range(a.rounds):  # interleaved: every path once per round
                 for label in per_copy[0]:  # each path walks all copies: none is still in cache
@@ -137,16 +175,21 @@ def main() -> None:
                         t0 = time.perf_counter()
                         paths[label]()
                         times.setdefault(label, []).append(time.perf_counter() - t0)
+            med = {lb: statistics.median(v) * 1e3 for lb, v in times.items()}
+            vs_base = [lb for lb in med if f"{lb}@base" in med]  # ours / base speed
             if labels is None:
                 labels = list(times)
                 print(f"\n{name} [{n} x {k}]: ms per call (GB/s of weight read)")
-                print(f"{'rows':>4} " + " ".join(f"{lb:>15}" for lb in labels))
+                print(f"{'rows':>4} " + " ".join(f"{lb:>{max(15, len(lb))}}" for lb in labels)
+                      + "".join(f" {lb + '/base':>{max(10, len(lb) + 5)}}" for lb in vs_base))
             cells = []
             for label in labels:
-                ms = statistics.median(times[label]) * 1e3
-                nbytes = n * k * BYTES[label.split()[0]]
-                cells.append(f"{ms:7.3f} ({nbytes / ms / 1e6:4.1f})")
-            print(f"{rows:>4} " + " ".join(f"{c:>15}" for c in cells))
+                ms = med[label]
+                cell = f"{ms:7.3f} ({n * k * BYTES[label.split()[0]] / ms / 1e6:4.1f})"
+                cells.append(cell.rjust(max(15, len(label))))
+            for lb in vs_base:
+                cells.append(f"{med[lb + '@base'] / med[lb]:.2f}x".rjust(max(10, len(lb) + 5)))
+            print(f"{rows:>4} " + " ".join(cells))
 
 
 def _int4(w: torch.Tensor, fp32: bool):

@@ -211,6 +211,30 @@ def test_a_stale_build_lock_is_cleared(tmp_path, monkeypatch):
     assert not lock.exists()
 
 
+def test_a_kernel_builds_from_another_folder(tmp_path, monkeypatch):
+    """Native.from_folder (bench/gemv.py --baseline): the same source name, flags and needs,
+    compiled from that folder under a name of its own (its folder and sources hash), so the
+    checkout's module is neither replaced nor rebuilt."""
+    import shutil
+
+    import torch.utils.cpp_extension as ext
+
+    from qwen35.kernels import gemv
+
+    built = []
+    monkeypatch.setattr(ext, "load", lambda **kw: built.append(kw) or kw["name"])
+    here = Path(kernels.__file__).parent
+    for f in [gemv.GEMV.source, *(h.name for h in here.glob("*.h"))]:
+        shutil.copy(here / f, tmp_path / f)
+    other = gemv.GEMV.from_folder(tmp_path)
+    assert (other.source, other.cflags, other.needs) == (gemv.GEMV.source, gemv.GEMV.cflags,
+                                                         gemv.GEMV.needs)  # fmt: skip
+    a, b = kernels.Native(gemv.GEMV.source, gemv.GEMV.cflags)._build(), other._build()
+    assert built[0]["sources"] == [str(here / "gemv_cpu.cpp")]
+    assert built[1]["sources"] == [str(tmp_path / "gemv_cpu.cpp")]
+    assert a != b and a.startswith("qwen35_gemv_cpu_") and b.startswith("qwen35_gemv_cpu_")
+
+
 def test_prebuild_builds_modules_side_by_side(monkeypatch):
     """kernels.prebuild builds several modules at once (each waits at a barrier that only opens
     when both builds are in flight: run one after the other, it would time out), and a module

@@ -46,16 +46,24 @@ def supported() -> bool:
 
 
 class Native:
-    """One C++ source of this folder, compiled on first use (once per machine, checkout and
-    source version: the build directory is named by a hash of the source, the headers of this
-    folder and the folder's path, so two checkouts never rebuild each other's module).
+    """One C++ source of this folder (or of `folder`), compiled on first use (once per machine,
+    checkout and source version: the build directory is named by a hash of the source, the
+    headers of its folder and the folder's path, so two checkouts never rebuild each other's
+    module).
     `load()` gives the module, or None where it can't be had (switched off, a CPU without
     `needs`, no compiler); a failed build is logged once."""
 
-    def __init__(self, source: str, cflags: tuple[str, ...], needs: tuple[str, ...] = FLAGS):
+    def __init__(self, source: str, cflags: tuple[str, ...], needs: tuple[str, ...] = FLAGS,
+                 folder: Path | None = None):  # fmt: skip
         self.source, self.cflags, self.needs = source, cflags, needs
+        self.folder = folder or Path(__file__).parent
         self._module, self._tried = None, False
         self._lock = threading.Lock()  # per module: different modules may build at once
+
+    def from_folder(self, folder: Path) -> Native:
+        """This kernel built from its same-named source and headers in another folder (an
+        earlier version, for a benchmark beside it: bench/gemv.py --baseline)."""
+        return Native(self.source, self.cflags, self.needs, folder=Path(folder))
 
     def supported(self) -> bool:
         flags = cpu_flags()
@@ -83,7 +91,7 @@ class Native:
     def _build(self):
         from torch.utils.cpp_extension import load as build
 
-        src = Path(__file__).with_name(self.source)
+        src = self.folder / self.source
         digest = hashlib.sha256(src.read_bytes())
         for header in sorted(src.parent.glob("*.h")):  # shared headers (vec_avx2.h) count too
             digest.update(header.read_bytes())
