@@ -46,8 +46,7 @@ using gemv_rows::bf16_to_float;
 
 // independent accumulators along K per input row, the same for every row count: a row's sum
 // is then the same bits whichever rows share its pass (batched == alone). 4 chains a row hide
-// the FMA latency at one row; AVX2's 16 registers hold 2 rows x 4 (fma_row_avx2 runs 3-4 rows
-// as 2 + the rest, the weight row then read twice from L1).
+// the FMA latency at one row (fma_row: how the AVX2 build fits them in its registers).
 constexpr int kU = 4;
 
 bool cpu_avx512() { return cpu_isa::avx512(); }
@@ -161,13 +160,10 @@ inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
 inline float load1(const float* p) { return *p; }
 inline float load1(const int8_t* p) { return static_cast<float>(*p); }
 
+// MR rows' sums, kU chains a row (inlined into the two builds below)
 template <int MR, typename WT>
-void fma_row_avx2(const float* X, const WT* w, float* out, int64_t K) {
-  if constexpr (MR > 2) {  // the registers hold 2 rows x kU accumulators
-    fma_row_avx2<2>(X, w, out, K);
-    fma_row_avx2<MR - 2>(X + 2 * K, w, out + 2, K);
-    return;
-  }
+__attribute__((always_inline)) inline void fma_rows(const float* X, const WT* w, float* out,
+                                                    int64_t K) {
   constexpr int U = kU;
   __m256 acc[MR][U];
   for (int i = 0; i < MR; ++i)
@@ -189,6 +185,27 @@ void fma_row_avx2(const float* X, const WT* w, float* out, int64_t K) {
     float s = gemv_rows::hsum8(acc[i][0]);
     for (int64_t t = k; t < K; ++t) s += X[i * K + t] * load1(w + t);
     out[i] = s;
+  }
+}
+
+// AVX512 CPUs: the same instructions, with VL's 32 ymm registers for every row count's chains
+template <int MR, typename WT>
+TARGET_AVX512 void fma_rows_vl(const float* X, const WT* w, float* out, int64_t K) {
+  fma_rows<MR>(X, w, out, K);
+}
+
+// One output row against MR input rows in fp32 FMA: vl (AVX512 CPUs) in one pass; else AVX2's
+// 16 registers hold 2 rows x kU chains, so 3-4 rows run as 2 + the rest (the weight row read
+// again from L1). The same bits either way.
+template <int MR, typename WT>
+void fma_row(bool vl, const float* X, const WT* w, float* out, int64_t K) {
+  if (vl) {
+    fma_rows_vl<MR>(X, w, out, K);
+  } else if constexpr (MR > 2) {
+    fma_rows<2>(X, w, out, K);
+    fma_rows<MR - 2>(X + 2 * K, w, out + 2, K);
+  } else {
+    fma_rows<MR>(X, w, out, K);
   }
 }
 
@@ -650,8 +667,9 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, bool a
   }
   const auto xf = x.to(at::kFloat);
   const float* XF = xf.data_ptr<float>();
+  const bool vl = !avx2_only && cpu_avx512();
   for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
-    DISPATCH_MR(mr, fma_row_avx2, XF + m * K, W + n * K, out, K);
+    DISPATCH_MR(mr, fma_row, vl, XF + m * K, W + n * K, out, K);
   }, store);
   return y;
 }
@@ -671,8 +689,9 @@ torch::Tensor linear_fp32(const torch::Tensor& x, const torch::Tensor& w, bool a
     linear_fp32_rows(X, W, Y, M, N, K, !avx2_only && cpu_avx512());
     return y;
   }
+  const bool vl = !avx2_only && cpu_avx512();
   for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
-    DISPATCH_MR(mr, fma_row_avx2, X + m * K, W + n * K, out, K);
+    DISPATCH_MR(mr, fma_row, vl, X + m * K, W + n * K, out, K);
   }, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v; });
   return y;
 }
@@ -713,11 +732,12 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q,
   }
   const auto xf = x.to(at::kFloat);
   const float* XF = xf.data_ptr<float>();
+  const bool vl = !avx2_only && cpu_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "linear_int8", [&] {
     auto* Y = y.data_ptr<scalar_t>();
     const auto* S = scale.data_ptr<scalar_t>();
     for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
-      DISPATCH_MR(mr, fma_row_avx2, XF + m * K, W + n * K, out, K);
+      DISPATCH_MR(mr, fma_row, vl, XF + m * K, W + n * K, out, K);
     }, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v * static_cast<float>(S[n]); });
   });
   return y;
@@ -781,8 +801,9 @@ torch::Tensor linear_bf16_many(const std::vector<torch::Tensor>& xs,
       DISPATCH_MR(mr, bf16_row_avx512, X + m * K, W[c] + n * K, out, K);
     }, store);
   } else {
+    const bool vl = !avx2_only && cpu_avx512();
     for_rows_many(C, M, N, [&](int64_t c, int64_t n, int64_t m, int mr, float* out) {
-      DISPATCH_MR(mr, fma_row_avx2, xf[c].data_ptr<float>() + m * K, W[c] + n * K, out, K);
+      DISPATCH_MR(mr, fma_row, vl, xf[c].data_ptr<float>() + m * K, W[c] + n * K, out, K);
     }, store);
   }
   return y;
@@ -816,9 +837,10 @@ torch::Tensor linear_int8_many(const std::vector<torch::Tensor>& xs,
   }
   std::vector<torch::Tensor> xf;
   for (int64_t c = 0; c < C; ++c) xf.push_back(xs[c].to(at::kFloat));
+  const bool vl = !avx2_only && cpu_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xs[0].scalar_type(), "linear_int8_many", [&] {
     for_rows_many(C, M, N, [&](int64_t c, int64_t n, int64_t m, int mr, float* out) {
-      DISPATCH_MR(mr, fma_row_avx2, xf[c].data_ptr<float>() + m * K,
+      DISPATCH_MR(mr, fma_row, vl, xf[c].data_ptr<float>() + m * K,
                   qs[c].data_ptr<int8_t>() + n * K, out, K);
     }, [&](int64_t c, int64_t m, int64_t n, float v) {
       y.data_ptr<scalar_t>()[(start[c] + m) * N + n] =
