@@ -16,8 +16,9 @@ interleaved like the rest); the last columns give ours / base speed per path.
 fp32: torch's F.linear vs ours (FMA; above 4 rows on AVX512 CPUs 16 lanes, two weight rows a
 pass) vs ours-avx2 (the AVX2 path any row count). bf16: torch (torch.mv at 1 row, F.linear above) vs ours (AVX512-BF16 where the CPU has it) vs
 ours forced onto the AVX2 path (what a CPU without AVX512 runs). int8: torch's
-`_weight_int8pack_mm` vs ours. FP8: the AVX2/F16C kernel (fp8_cpu.cpp) vs ours (AVX512-VBMI byte
-tables) vs ours-cvt (AVX512 without VBMI + BF16: fp16 bits converted).
+`_weight_int8pack_mm` vs ours. FP8: the AVX2/F16C kernel (fp8_cpu.cpp; fp32 rows take it on
+AVX512 CPUs too, there built with VL's registers; avx2-only: its AVX2 build) vs ours (AVX512-VBMI
+byte tables) vs ours-cvt (AVX512 without VBMI + BF16: fp16 bits converted).
 int4 (groups of 128, torch's packed layout; not for lm_head, which int4 keeps in int8): torch's
 `_weight_int4pack_mm_for_cpu` vs ours (int4_cpu.cpp: AVX512-VBMI + BF16) vs ours-avx2; with
 --int4-fp32 also both on fp32 rows. GB/s counts the packed weight bytes (0.5 per weight).
@@ -69,6 +70,8 @@ def _paths(x, w, w32, q8, s8, f8, fs8, mod, fmod) -> dict:
     }
     if fmod is not None:
         paths["fp8 avx2"] = lambda: fmod.fp8_linear(x, f8, fs8, 128, 128)
+        if "avx2_only" in (fmod.fp8_linear.__doc__ or ""):  # (not in builds before 2026-12-02)
+            paths["fp8 avx2-only"] = lambda: fmod.fp8_linear(x, f8, fs8, 128, 128, avx2_only=True)
     if mod.fp8_supported(128):
         paths["fp8 ours"] = lambda: mod.linear_fp8(x, f8, fs8, 128, 128)
     if mod.fp8_cvt_supported():

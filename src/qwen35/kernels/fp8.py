@@ -1,7 +1,9 @@
 """The block-FP8 CPU kernels (`fp8_cpu.cpp`), compiled on first use like the DeltaNet kernel.
 
-- `fp8_linear(x [M<=16, K], w [N, K] fp8, scale [nbo, nbi] fp32, bo, bi) -> y [M, N]`: decode
-  rows read the FP8 weight directly (1 byte per weight from memory), any AVX2 + F16C CPU;
+- `fp8_linear(x [M<=16, K], w [N, K] fp8, scale [nbo, nbi] fp32, bo, bi, avx2_only=False)
+  -> y [M, N]`: decode rows read the FP8 weight directly (1 byte per weight from memory), any
+  AVX2 + F16C CPU (on AVX512 CPUs built with VL's 32 registers: 3-4 rows in one pass, the same
+  bits; `avx2_only` runs the AVX2 build there, for tests and benchmarks);
 - `fp8_dequant(w, scale, out, bo, bi)`: the weight in out's dtype (prefill's GEMM input).
 On AVX512-VBMI + BF16 CPUs, bf16 decode rows take `gemv_cpu.cpp`'s `linear_fp8` instead
 (quant/matmul.py). Their PyTorch twins are `qwen35.quant.formats.dequantize_fp8_blocks`

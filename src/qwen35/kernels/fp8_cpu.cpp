@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "cpu_isa.h"
 #include "gemv_rows.h"
 
 #include <cmath>
@@ -47,16 +48,10 @@ inline void fp8x16(const uint8_t* p, __m256& lo, __m256& hi) {
 // One output row against MR <= 4 input rows (fp32, row stride K), accumulators in registers:
 // per block of bi inputs the partial dot products (4 independent chains a row, for every row
 // count: a row's sum is then the same bits whichever rows share its pass) are scaled; a block's
-// last K % 16 weights are summed in scalar. The 16 registers hold 2 rows' chains: 3-4 rows run
-// as 2 + the rest (the weight row decoded twice).
+// last K % 16 weights are summed in scalar. Inlined into the two builds below.
 template <int MR>
-void fp8_row(const float* X, int64_t K, const uint8_t* w, const float* srow, int64_t bi,
-             float* out) {
-  if constexpr (MR > 2) {
-    fp8_row<2>(X, K, w, srow, bi, out);
-    fp8_row<MR - 2>(X + 2 * K, K, w, srow, bi, out + 2);
-    return;
-  }
+__attribute__((always_inline)) inline void fp8_rows(const float* X, int64_t K, const uint8_t* w,
+                                                    const float* srow, int64_t bi, float* out) {
   constexpr int U = 2;  // 16-weight chunks an iteration
   __m256 tot[MR];
   float tail[MR];
@@ -101,16 +96,38 @@ void fp8_row(const float* X, int64_t K, const uint8_t* w, const float* srow, int
   for (int i = 0; i < MR; ++i) out[i] = gemv_rows::hsum8(tot[i]) + tail[i];
 }
 
+// AVX512 CPUs: the same instructions, with VL's 32 ymm registers for every row count's chains
+template <int MR>
+__attribute__((target("avx512f,avx512vl,avx2,fma,f16c"))) void fp8_rows_vl(
+    const float* X, int64_t K, const uint8_t* w, const float* srow, int64_t bi, float* out) {
+  fp8_rows<MR>(X, K, w, srow, bi, out);
+}
+
+// vl (AVX512 CPUs): MR rows in one pass; else AVX2's 16 registers hold 2 rows' chains, so 3-4
+// rows run as 2 + the rest (the weight row decoded twice). The same bits per row either way.
+template <int MR>
+void fp8_row(bool vl, const float* X, int64_t K, const uint8_t* w, const float* srow,
+             int64_t bi, float* out) {
+  if (vl) {
+    fp8_rows_vl<MR>(X, K, w, srow, bi, out);
+  } else if constexpr (MR > 2) {
+    fp8_rows<2>(X, K, w, srow, bi, out);
+    fp8_rows<MR - 2>(X + 2 * K, K, w, srow, bi, out + 2);
+  } else {
+    fp8_rows<MR>(X, K, w, srow, bi, out);
+  }
+}
+
 template <typename T>
 void linear_impl(const float* X, const uint8_t* W, const float* S, T* Y, int64_t M, int64_t N,
-                 int64_t K, int64_t bo, int64_t bi) {
+                 int64_t K, int64_t bo, int64_t bi, bool vl) {
   const int64_t nbi = (K + bi - 1) / bi;
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     float out[gemv_rows::kMR];
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t m = 0; m < M; m += gemv_rows::kMR) {
         const int mr = static_cast<int>(std::min<int64_t>(gemv_rows::kMR, M - m));
-        DISPATCH_MR(mr, fp8_row, X + m * K, K, W + n * K, S + (n / bo) * nbi, bi, out);
+        DISPATCH_MR(mr, fp8_row, vl, X + m * K, K, W + n * K, S + (n / bo) * nbi, bi, out);
         for (int i = 0; i < mr; ++i) Y[(m + i) * N + n] = static_cast<T>(out[i]);
       }
   });
@@ -154,18 +171,19 @@ void check(const torch::Tensor& w, const torch::Tensor& scale, int64_t bo, int64
 }  // namespace
 
 torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t bo,
-                         int64_t bi) {
+                         int64_t bi, bool avx2_only) {
   check(w, scale, bo, bi);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1) && x.size(0) <= kMaxRows, "x: [M<=16, K]");
   const auto xf = x.to(torch::kFloat32).contiguous();
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
   const auto* W = reinterpret_cast<const uint8_t*>(w.data_ptr());
+  const bool vl = !avx2_only && cpu_isa::avx512();
   if (x.scalar_type() == torch::kBFloat16) {
     linear_impl(xf.data_ptr<float>(), W, scale.data_ptr<float>(), y.data_ptr<at::BFloat16>(),
-                x.size(0), w.size(0), w.size(1), bo, bi);
+                x.size(0), w.size(0), w.size(1), bo, bi, vl);
   } else if (x.scalar_type() == torch::kFloat32) {
     linear_impl(xf.data_ptr<float>(), W, scale.data_ptr<float>(), y.data_ptr<float>(), x.size(0),
-                w.size(0), w.size(1), bo, bi);
+                w.size(0), w.size(1), bo, bi, vl);
   } else {
     TORCH_CHECK(false, "fp8_linear: x must be bf16 or fp32");
   }
@@ -187,6 +205,8 @@ void fp8_dequant(torch::Tensor w, torch::Tensor scale, torch::Tensor out, int64_
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fp8_linear", &fp8_linear, "x [M, K] @ dequant(w [N, K] fp8, block scales)^T");
+  m.def("fp8_linear", &fp8_linear, "x [M, K] @ dequant(w [N, K] fp8, block scales)^T",
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bo"), py::arg("bi"),
+        py::arg("avx2_only") = false);
   m.def("fp8_dequant", &fp8_dequant, "dequantise block-FP8 w into out");
 }
