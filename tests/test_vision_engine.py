@@ -120,6 +120,21 @@ def test_bad_media_and_text_only_engine(ckpt):
         text.generate(req(img), GREEDY)
 
 
+def test_video_timestamps_outside_the_vocabulary_are_refused(llm):
+    """A video's frame timestamps are text the tokenizer encodes; this tiny model's 256-id
+    vocabulary has no room for them (a tokenizer that does not match the checkpoint): the
+    request is refused before it is queued, naming the cause, and the engine serves on (it
+    failed the step's sequences with an IndexError from the embedding before)."""
+    from tiny_vlm import VIDEO_ID
+
+    video = np.random.default_rng(6).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    ids = [5, VSTART_ID, VIDEO_ID, VEND_ID, 7]
+    with pytest.raises(Qwen35Error, match="outside the model's vocabulary of 256"):
+        llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"video": video}}, GREEDY)
+    assert llm.engine.scheduler.num_waiting == 0 and not llm.engine.has_unfinished_requests()
+    assert len(llm.generate(req(rand_image(64, 64, 7)), GREEDY)[0].outputs[0].token_ids) == 10
+
+
 def test_checkpoint_without_tower_says_text_only(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -316,14 +316,7 @@ class LLMEngine:
     # ---- requests -----------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-            bad = [t for t in ids if t >= self.config.vocab_size]
-            if bad:
-                raise Qwen35Error(
-                    f"the tokenizer gave id {bad[0]}, outside the model's vocabulary of "
-                    f"{self.config.vocab_size}: the model directory needs its own tokenizer.json"
-                )
-            return ids
+            return self._tokenizer_ids_in_vocab(self.tokenizer.encode(prompt))
         if not prompt or not all(
             isinstance(t, int) and 0 <= t < self.config.vocab_size for t in prompt
         ):
@@ -331,6 +324,18 @@ class LLMEngine:
                 f"prompt token ids must be a non-empty list of ints in [0, {self.config.vocab_size})"
             )
         return list(prompt)
+
+    def _tokenizer_ids_in_vocab(self, ids: list[int]) -> list[int]:
+        """ids the tokenizer made (a text prompt; a video's frame timestamps), checked against
+        the model's vocabulary: a tokenizer that does not match the checkpoint is refused here,
+        not by the embedding in the middle of a step."""
+        bad = [t for t in ids if t >= self.config.vocab_size]
+        if bad:
+            raise Qwen35Error(
+                f"the tokenizer gave id {bad[0]}, outside the model's vocabulary of "
+                f"{self.config.vocab_size}: the model directory needs its own tokenizer.json"
+            )
+        return ids
 
     @property
     def has_vision(self) -> bool:
@@ -357,7 +362,7 @@ class LLMEngine:
         mm = None
         if multi_modal_data:
             mm = self._mm_prompt(ids, multi_modal_data)
-            ids = mm.token_ids
+            ids = self._tokenizer_ids_in_vocab(mm.token_ids)  # (video timestamps are text)
         if not ids:
             raise Qwen35Error("the prompt is empty")
         room = self.max_model_len - len(ids)
