@@ -22,3 +22,25 @@ def test_measure_working_memory_runs_its_prefill(monkeypatch):
     got = measure_working_memory(model, chunk_tokens=40, sampled_rows=3, block_size=16)
     assert got == 4096 + 3 * model.config.vocab_size * 4 * 2
     assert calls == ["sync", "reset", "sync"]
+
+
+def test_a_context_the_cache_cannot_hold_says_where_the_memory_went():
+    import pytest
+
+    from qwen35.engine.cache_sizing import plan_caches
+    from qwen35.errors import Qwen35Error
+
+    cfg = _model().config
+    kw = dict(model_dtype=torch.float32, device="cpu", max_memory="3MiB", max_num_seqs=4,
+              max_num_batched_tokens=64, block_size=16, enable_prefix_caching=True,
+              prefix_cache_memory=None, weight_bytes=1 << 20)  # fmt: skip
+    cap = plan_caches(cfg, max_model_len=None, **kw).kv_tokens
+    assert 16 <= cap < cfg.max_position_embeddings  # the budget, not the model, limits it
+    why = (rf"--max-model-len {cap + 16} needs {cap + 16} KV tokens but the cache holds {cap} "
+           r"\(--max-memory 3.0 MiB = weights 1.0 MiB \+ working memory .* MiB "
+           r"\(--max-num-batched-tokens 64, --max-num-seqs 4\) \+ DeltaNet states of 4 sequences "
+           r".* MiB \+ prefix-cache state checkpoints .* MiB \+ KV .* MiB\); raise --max-memory, "
+           r"or lower --max-model-len, --max-num-seqs or --max-num-batched-tokens")  # fmt: skip
+    with pytest.raises(Qwen35Error, match=why):
+        plan_caches(cfg, max_model_len=cap + 16, **kw)
+    assert plan_caches(cfg, max_model_len=cap, **kw).max_model_len == cap

@@ -25,6 +25,11 @@ GiB = 1 << 30
 DEFAULT_CPU_CACHE_BYTES = 2 * GiB  # no --max-memory on a CPU: caches get this much
 
 
+def size_str(b: int) -> str:
+    """Bytes for a message: GiB from 1 GiB on, MiB below."""
+    return f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / (1 << 20):.1f} MiB"
+
+
 def parse_bytes(value: str | int | None, what: str = "--max-memory") -> int | None:
     """'8GiB', '8GB', '512MiB', '1e9' or an int -> bytes."""
     if value is None or isinstance(value, int):
@@ -149,9 +154,18 @@ def plan_caches(
     if max_model_len is None:
         max_model_len = limit
     elif max_model_len > capacity:
+        g = size_str
+        spent = (  # where the memory went: the knobs that free some for the KV cache
+            f"{'--max-memory ' + g(total) + ' = ' if total is not None else ''}weights "
+            f"{g(weight_bytes)} + working memory {g(working)} (--max-num-batched-tokens "
+            f"{max_num_batched_tokens}, --max-num-seqs {max_num_seqs}) + DeltaNet states of "
+            f"{slots} sequences {g(slots * st_seq)} + prefix-cache state checkpoints "
+            f"{g(ckpts * st_seq)} + KV {g(num_blocks * block_bytes)}"
+        ) if num_blocks_override is None else f"num_kv_blocks={num_blocks}"
         raise Qwen35Error(
             f"--max-model-len {max_model_len} needs {max_model_len} KV tokens but the cache holds "
-            f"{capacity}; raise --max-memory or lower --max-model-len"
+            f"{capacity} ({spent}); raise --max-memory, or lower --max-model-len, "
+            "--max-num-seqs or --max-num-batched-tokens"
         )
     interval = default_checkpoint_interval(block_size)
     return CachePlan(
