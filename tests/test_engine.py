@@ -138,6 +138,55 @@ def test_stop_string_across_tokens_and_stream(ckpt):
     assert streamed == out.text
 
 
+def _token_texts(llm, toks) -> list[str]:
+    """The text each generated token adds (as the engine streams it)."""
+    from qwen35.tokenizer import IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer(llm.tokenizer)
+    return [detok.add(t) for t in toks]
+
+
+def test_stop_string_completed_by_the_last_token_is_a_stop(ckpt):
+    """max_tokens reached by the token that completes a stop string: finish "stop" with that
+    string (as vLLM), not "length"; the text as for any stop."""
+    d, _ = ckpt
+    llm = make(d)
+    p = prompts(1, seed=10)[0]
+    full = llm.generate([p], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0]
+    text, pieces = full.outputs[0].text, _token_texts(llm, full.outputs[0].token_ids)
+    ends = [len("".join(pieces[: k + 1])) for k in range(len(pieces))]
+    k = next(k for k in range(len(pieces) - 1, 0, -1)
+             if pieces[k] and text.find(pieces[k]) == ends[k] - len(pieces[k]))  # fmt: skip
+    stop = pieces[k]
+    for include in (False, True):
+        sp = SamplingParams(max_tokens=k + 1, temperature=0.0, ignore_eos=True, stop=[stop],
+                            include_stop_str_in_output=include)  # fmt: skip
+        out = llm.generate([p], sp)[0].outputs[0]
+        assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+        assert out.text == text[: ends[k] - (0 if include else len(stop))]
+        assert len(out.token_ids) == k + 1
+
+
+def test_min_tokens_holds_stop_strings_back(ckpt):
+    """No stop string may end in the text of the first min_tokens tokens (as EOS and stop ids
+    may not be among them; vLLM's rule): the first occurrence after them stops."""
+    d, _ = ckpt
+    llm = make(d)
+    p = prompts(1, seed=11)[0]
+    full = llm.generate([p], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0]
+    text, pieces = full.outputs[0].text, _token_texts(llm, full.outputs[0].token_ids)
+    # a character of the first m tokens' text that comes again later
+    m, c, at = next((m, c, text.find(c, len("".join(pieces[:m]))))
+                    for m in range(1, 10) for c in "".join(pieces[:m])
+                    if text.find(c, len("".join(pieces[:m]))) != -1)  # fmt: skip
+    base = dict(max_tokens=20, temperature=0.0, ignore_eos=True, stop=[c])
+    early = llm.generate([p], SamplingParams(**base))[0].outputs[0]
+    assert early.finish_reason == "stop" and early.text == text[: text.index(c)]
+    held = llm.generate([p], SamplingParams(**base, min_tokens=m))[0].outputs[0]
+    assert (held.finish_reason, held.stop_reason) == ("stop", c)
+    assert held.text == text[:at] and len(held.token_ids) > m
+
+
 def test_logprobs_and_usage(ckpt):
     d, _ = ckpt
     llm = make(d)

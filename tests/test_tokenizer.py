@@ -257,6 +257,20 @@ def test_no_stop_flushes_held_text():
     assert StopStringMatcher([]).feed("anything") == ("anything", False, None)
 
 
+def test_no_stop_ends_in_text_fed_unchecked():
+    """check=False (the first min_tokens tokens' text): no stop string may end there, one that
+    begins there and ends in checked text does (vLLM's min_tokens); a prefix stays held."""
+    m = StopStringMatcher(["a", "abc"])
+    assert m.feed("xa", check=False) == ("x", False, None)  # "a" held: could begin "abc"
+    assert m.feed("z") == ("az", False, None)  # "a" ended in the unchecked text: no stop
+    m = StopStringMatcher(["a", "abc"], include_stop_str_in_output=True)
+    assert m.feed("xab", check=False) == ("x", False, None)
+    assert m.feed("cd") == ("abc", True, "abc")  # begins unchecked, ends checked
+    m = StopStringMatcher(["e"])
+    assert m.feed("Lee", check=False) == ("Lee", False, None)
+    assert m.feed(" stude") == (" stud", True, "e")
+
+
 def test_first_completed_stop_wins():
     assert _run(StopStringMatcher(["abcd", "bc"]), ["abcd"]) == ("a", "bc")
     assert _run(StopStringMatcher(["abcd", "bc"]), list("abcd")) == ("a", "bc")

@@ -318,6 +318,8 @@ class StopStringMatcher:
 
     `feed(delta)` returns (text to emit now, stopped, the stop string matched). Only a tail that
     could still begin a stop string is held back; `flush()` returns it when the sequence ends.
+    `feed(delta, check=False)`: text of the first `min_tokens` tokens, where no stop may end (as
+    in vLLM): a stop string must end in text fed with check=True (it may begin before).
     """
 
     def __init__(self, stops: list[str], include_stop_str_in_output: bool = False) -> None:
@@ -325,10 +327,11 @@ class StopStringMatcher:
         self.include_stop_str_in_output = include_stop_str_in_output
         self._max_hold = max((len(s) for s in self.stops), default=1) - 1
         self._held = ""
+        self._exempt = 0  # leading chars of _held fed with check=False: no stop may end there
         self.stopped = False
         self.stop_str: str | None = None
 
-    def feed(self, delta: str) -> tuple[str, bool, str | None]:
+    def feed(self, delta: str, check: bool = True) -> tuple[str, bool, str | None]:
         if self.stopped:
             return "", True, self.stop_str
         if not self.stops:
@@ -337,8 +340,8 @@ class StopStringMatcher:
         # The stop that completes first wins (where token-by-token generation would stop), so the
         # result does not depend on how the text was chunked; same end: the longer one.
         best, best_pos, best_end = None, 0, len(buf) + 1
-        for s in self.stops:
-            pos = buf.find(s)
+        for s in self.stops if check else ():
+            pos = buf.find(s, max(0, self._exempt - len(s) + 1))  # ends after the exempt text
             if pos != -1 and (pos + len(s), pos) < (best_end, best_pos):
                 best, best_pos, best_end = s, pos, pos + len(s)
         if best is not None:
@@ -347,6 +350,7 @@ class StopStringMatcher:
             return buf[:end], True, best
         hold = self._hold_len(buf)
         self._held = buf[len(buf) - hold :] if hold else ""
+        self._exempt = 0 if check else hold
         return buf[: len(buf) - hold], False, None
 
     def _hold_len(self, buf: str) -> int:

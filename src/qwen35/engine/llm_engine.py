@@ -28,7 +28,7 @@ from qwen35.engine.model_runner import GraphSpec, ModelRunner, StepResult
 from qwen35.engine.preflight import gpu_start
 from qwen35.engine.runtime import configure_cpu_runtime
 from qwen35.engine.scheduler import Scheduler, SchedulerConfig
-from qwen35.engine.sequence import Sequence
+from qwen35.engine.sequence import Sequence, SequenceStatus
 from qwen35.engine.structured import StructuredOutputManager
 from qwen35.errors import Qwen35Error
 from qwen35.loader import load_model
@@ -493,11 +493,20 @@ class LLMEngine:
     def _process_token(self, st: _SeqState, seq_id: str, token: int, result, finished) -> None:
         if seq_id in result.logprobs:
             st.logprobs.append(result.logprobs[seq_id])
-        emit, stopped, stop_str = st.stop.feed(st.detok.add(token))
+        seq = st.seq  # (update() has appended the token: a stop string may end in the text of
+        # tokens after the first min_tokens, as EOS and stop ids may only follow them)
+        emit, stopped, stop_str = st.stop.feed(
+            st.detok.add(token), check=seq.num_output_tokens > seq.params.min_tokens
+        )
         st.text += emit
         if stopped and seq_id not in finished:
             self.scheduler.finish(seq_id, "stop", stop_str)
             finished.add(seq_id)
+        elif stopped and seq.status is SequenceStatus.FINISHED_LENGTH:
+            # the last token the length allowed completed a stop string: it stopped there
+            seq.status, seq.finish_reason, seq.stop_reason = (
+                SequenceStatus.FINISHED_STOPPED, "stop", stop_str
+            )
         if seq_id in finished:
             st.done = True
             if not stopped:
