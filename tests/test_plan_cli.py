@@ -105,12 +105,24 @@ def test_model_and_gpu_views(capsys):
         (["-m", "9B", "--dtype", "fp8"], "no FP8 release"),
         (["-m", "35B-A3B-FP8", "--tp", "8"], "64 per rank"),
         (["-m", "/nonexistent/config.json"], "no config file"),
+        # the whole family at a size that splits none of it (a ValueError traceback before)
+        (["--tp", "3"], "--tp 3 cannot split any Qwen 3.5 model"),
+        (["--tp", "3"], "sizes that split all of them: 1, 2, 4, 8"),
     ],
 )
 def test_errors(capsys, argv, msg):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err
+
+
+def test_a_tp_size_some_models_cannot_take(capsys):
+    """--tp 16 over the family: the models it cannot split say why in their cells, the others
+    are planned."""
+    d = run_json(capsys, "--tp", "16", "--gpu", "H100 SXM")
+    fits = {m["name"]: m["fits"] for m in d["models"]}
+    assert "cannot be split tp=16" in json.dumps(fits["Qwen3.5-0.8B"])
+    assert any(isinstance(f, dict) for f in fits["Qwen3.5-397B-A17B"].values())
 
 
 def test_bad_context_syntax(capsys):

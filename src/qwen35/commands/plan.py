@@ -30,7 +30,7 @@ from qwen35.plan.planner import (
     recommend,
     summarize,
 )
-from qwen35.plan.sharding import layout_problems, validate_layout
+from qwen35.plan.sharding import layout_problems, valid_tp_sizes, validate_layout
 
 JSON_SCHEMA = "qwen35.plan/1"
 
@@ -238,7 +238,18 @@ def gather(args) -> tuple[list[Row], gpu_catalog.GpuSpec | None]:
         raise PlanError(f"--tp {args.tp} must be >= 1 and divide --num-gpus {args.num_gpus}")
     gpu = _resolve_gpu(args)
     rows = []
-    for cfg, dtypes in _resolve_models(args.model, args.dtype):
+    models = _resolve_models(args.model, args.dtype)
+    if args.tp and not args.model:  # the whole family at one tensor-parallel size
+        ep = lambda c: args.num_gpus if args.ep and c.is_moe else 1  # noqa: E731
+        if all(layout_problems(c, args.tp, ep(c), d) for c, ds in models for d in ds):
+            ok = set.intersection(*(set(valid_tp_sizes(c, ep(c), ds[0])) for c, ds in models))
+            raise PlanError(
+                f"--tp {args.tp} cannot split any Qwen 3.5 model ("
+                + "; ".join(layout_problems(models[0][0], args.tp, ep(models[0][0]))) + " for "
+                f"{models[0][0].name}); sizes that split all of them: "
+                + ", ".join(map(str, sorted(ok)))
+            )
+    for cfg, dtypes in models:
         if args.context > cfg.max_position_embeddings:
             raise PlanError(
                 f"--context {args.context:,} exceeds {cfg.name}'s maximum of "

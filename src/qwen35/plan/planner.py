@@ -26,7 +26,13 @@ from qwen35.config import ModelConfig
 from qwen35.errors import Qwen35Error
 from qwen35.plan.decode_bytes import decode_bytes
 from qwen35.plan.params import ParamCounts, has_fp8, param_counts, weight_bytes
-from qwen35.plan.sharding import LayoutError, RankWeights, layout_problems, rank_weights
+from qwen35.plan.sharding import (
+    LayoutError,
+    RankWeights,
+    layout_problems,
+    rank_weights,
+    validate_layout,
+)
 
 GIB = 2**30
 # CUDA context (~0.5 GiB), cuBLAS / attention workspaces, allocator slack, driver reservations
@@ -319,11 +325,12 @@ def plan_fit(
     size (dividing num_gpus, a valid layout) at which it fits; the other GPUs are replicas.
     Raises LayoutError when no layout is possible (or the given `tp` is impossible)."""
     check_request(cfg, dtype, num_gpus, tp, context, batch)
+    ep_size = num_gpus if ep and cfg.is_moe else 1
     if tp is not None:
+        validate_layout(cfg, tp, ep_size, dtype)  # before the caches are sized for it
         sizes = [tp]
     else:
         sizes = [t for t in range(1, num_gpus + 1) if num_gpus % t == 0]
-        ep_size = num_gpus if ep and cfg.is_moe else 1
         valid = [t for t in sizes if not layout_problems(cfg, t, ep_size, dtype)]
         if not valid:  # explain with the full-width layout
             rank_weights(cfg, dtype, num_gpus, ep_size)
