@@ -108,6 +108,8 @@ def test_model_and_gpu_views(capsys):
         # the whole family at a size that splits none of it (a ValueError traceback before)
         (["--tp", "3"], "--tp 3 cannot split any Qwen 3.5 model"),
         (["--tp", "3"], "sizes that split all of them: 1, 2, 4, 8"),
+        (["--dtype", "int8", "--cpu-bandwidth", "-1"], "--cpu-bandwidth must be a positive"),
+        (["--cpu-bandwidth", "50"], "goes with --dtype int8 / int4"),
     ],
 )
 def test_errors(capsys, argv, msg):

@@ -361,8 +361,12 @@ def to_json(rows: list[Row], gpu, args, common: list[tuple] | None = None) -> di
 
 
 def run(args) -> int:
+    if args.cpu_bandwidth is not None and not args.cpu_bandwidth > 0:
+        raise PlanError(f"--cpu-bandwidth must be a positive GB/s, got {args.cpu_bandwidth:g}")
     if args.dtype in ("int8", "int4"):
         return _run_cpu(args)
+    if args.cpu_bandwidth is not None:
+        raise PlanError("--cpu-bandwidth goes with --dtype int8 / int4 (the CPU weight-only plans)")
     rows, gpu = gather(args)
     common = None
     if gpu is None and args.model is None:
