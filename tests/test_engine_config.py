@@ -25,11 +25,18 @@ def test_unknown_option_suggests_the_near_one():
 
 
 @pytest.mark.parametrize(
-    "opts", [{"max_num_seqs": 0}, {"block_size": -1}, {"max_model_len": 1}, {"threads": 0}]
-)
+    "opts",
+    [{"max_num_seqs": 0}, {"block_size": -1}, {"max_model_len": 1}, {"threads": 0},
+     {"device": "tpu"}, {"device": "cuda:x"}],  # (device tpu: torch's RuntimeError before)
+)  # fmt: skip
 def test_invalid_values_are_refused(opts):
     with pytest.raises(Qwen35Error):
         EngineConfig.create("m", **opts)
+
+
+def test_device_strings_accepted():
+    for dev in ("cpu", "cuda", "cuda:1"):
+        assert EngineConfig.create("m", device=dev).device.device == dev
 
 
 def test_cli_flags_come_from_the_fields():

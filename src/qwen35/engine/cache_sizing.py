@@ -26,8 +26,10 @@ DEFAULT_CPU_CACHE_BYTES = 2 * GiB  # no --max-memory on a CPU: caches get this m
 
 
 def size_str(b: int) -> str:
-    """Bytes for a message: GiB from 1 GiB on, MiB below."""
-    return f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / (1 << 20):.1f} MiB"
+    """Bytes for a message: GiB from 1 GiB on, MiB from 1 MiB, else bytes."""
+    if b >= GiB:
+        return f"{b / GiB:.2f} GiB"
+    return f"{b / (1 << 20):.1f} MiB" if b >= 1 << 20 else f"{b:,} B"
 
 
 def parse_bytes(value: str | int | None, what: str = "--max-memory") -> int | None:
@@ -125,8 +127,8 @@ def plan_caches(
         budget = total - weight_bytes - working
         if budget <= 0:
             raise Qwen35Error(
-                f"--max-memory {total / GiB:.2f} GiB does not cover the weights "
-                f"({weight_bytes / GiB:.2f} GiB) and working memory ({working / GiB:.2f} GiB); raise it"
+                f"--max-memory {size_str(total)} does not cover the weights "
+                f"({size_str(weight_bytes)}) and working memory ({size_str(working)}); raise it"
             )
     slots = max_num_seqs
     if st_seq and slots * st_seq > budget // 2:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 
@@ -223,6 +224,9 @@ class EngineConfig:
             raise Qwen35Error(f"max_model_len must be an integer >= 2, got {s.max_model_len!r}")
         if self.device.threads is not None and self.device.threads < 1:
             raise Qwen35Error(f"threads must be >= 1, got {self.device.threads!r}")
+        dev = str(self.device.device)
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", dev):
+            raise Qwen35Error(f"device must be cpu, cuda or cuda:N, got {dev!r}")
 
     # ---- command line ---------------------------------------------------------------------
     @staticmethod
