@@ -37,9 +37,9 @@ def test_a_context_the_cache_cannot_hold_says_where_the_memory_went():
     cap = plan_caches(cfg, max_model_len=None, **kw).kv_tokens
     assert 16 <= cap < cfg.max_position_embeddings  # the budget, not the model, limits it
     why = (rf"--max-model-len {cap + 16} needs {cap + 16} KV tokens but the cache holds {cap} "
-           r"\(--max-memory 3.0 MiB = weights 1.0 MiB \+ working memory .* MiB "
+           r"\(--max-memory 3.0 MiB = weights 1.0 MiB \+ working memory [\d,]+ B "
            r"\(--max-num-batched-tokens 64, --max-num-seqs 4\) \+ DeltaNet states of 4 sequences "
-           r".* MiB \+ prefix-cache state checkpoints .* MiB \+ KV .* MiB\); raise --max-memory, "
+           r"[\d,]+ B \+ prefix-cache state checkpoints [\d,]+ B \+ KV [\d,]+ B\); raise --max-memory, "
            r"or lower --max-model-len, --max-num-seqs or --max-num-batched-tokens")  # fmt: skip
     with pytest.raises(Qwen35Error, match=why):
         plan_caches(cfg, max_model_len=cap + 16, **kw)
