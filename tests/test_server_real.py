@@ -33,6 +33,29 @@ def test_serve_cli_rejects_bad_options(capsys):
     assert "not a size" in capsys.readouterr().err
 
 
+def test_serve_cli_refuses_an_address_in_use_before_loading(capsys, monkeypatch):
+    """The socket is bound before the model loads: a port in use is refused at once with the
+    cause (uvicorn bound it only after the engine was up: minutes for a large model)."""
+    import socket
+
+    from qwen35.cli import main
+    from qwen35.engine import llm_engine
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", never)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--model", "/nonexistent", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "pick another --port" in err
+    assert main(["serve", "--model", "/nonexistent", "--host", "no.such.host.invalid"]) == 2
+    assert "check --host" in capsys.readouterr().err
+
+
 # ---- the REAL engine: tiny random checkpoint, real Qwen 3.5 tokenizer ---------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 
@@ -94,6 +95,29 @@ def _fit_open_files(max_connections: int) -> int:
     return max_connections
 
 
+def _listen_socket(host: str, port: int):
+    """The server's socket, bound now: an address in use or not on this machine is refused
+    before the model loads, not after (uvicorn would bind only once the engine is up)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise Qwen35Error(f"cannot listen on {host}:{port}: {e.strerror or e}; check --host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        hint = "another server listens there: stop it or pick another --port" \
+            if e.errno == errno.EADDRINUSE else "check --host and --port"  # fmt: skip
+        raise Qwen35Error(f"cannot listen on {host}:{port}: {e.strerror or e}; {hint}") from None
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise Qwen35Error(f"--port must be in [0, 65535], got {args.port}")
@@ -127,12 +151,17 @@ def run(args: argparse.Namespace) -> int:
     transport = dataclasses.replace(
         transport, max_connections=_fit_open_files(transport.max_connections)
     )
+    sock = _listen_socket(args.host, args.port)  # before the model loads (minutes, for a big one)
     from qwen35.engine.llm_engine import LLMEngine
     from qwen35.server.transport import run_server, uvicorn_config
 
-    engine = LLMEngine(
-        args.model, engine_config(args, seed=args.seed), progress=sys.stderr.isatty()
-    )
+    try:
+        engine = LLMEngine(
+            args.model, engine_config(args, seed=args.seed), progress=sys.stderr.isatty()
+        )
+    except BaseException:
+        sock.close()
+        raise
     if engine.workers is not None:
         # a dead tensor-parallel worker: shut the server down (uvicorn handles SIGTERM) and
         # exit non-zero below, rather than answer 503 forever
@@ -140,17 +169,20 @@ def run(args: argparse.Namespace) -> int:
 
         engine.workers.on_failure = lambda _msg: os.kill(os.getpid(), signal.SIGTERM)
     app = create_app(engine, config)
+    port = sock.getsockname()[1]  # (--port 0: the one the system chose)
+    host = f"[{args.host}]" if ":" in args.host else args.host
     print(
-        f"serving {name} (context {engine.max_model_len} tokens) on http://{args.host}:{args.port}"
+        f"serving {name} (context {engine.max_model_len} tokens) on http://{host}:{port}"
         f"/v1{' (API key required)' if config.api_key else ''}",
         file=sys.stderr,
     )
     # on shutdown, streams still open after 5 s are cancelled (and their requests aborted);
     # exit status 1 when the engine loop died, so a supervisor restarts the server
-    cfg = uvicorn_config(app, transport, host=args.host, port=args.port, log_level=args.log_level)
+    cfg = uvicorn_config(app, transport, host=args.host, port=port, log_level=args.log_level)
     try:
-        status = run_server(app, cfg)
+        status = run_server(app, cfg, sockets=[sock])
     finally:
+        sock.close()
         engine.shutdown()
     if engine.workers is not None and engine.workers.failure is not None:
         print(f"error: {engine.workers.failure}", file=sys.stderr)
