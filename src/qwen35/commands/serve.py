@@ -151,7 +151,12 @@ def run(args: argparse.Namespace) -> int:
     transport = dataclasses.replace(
         transport, max_connections=_fit_open_files(transport.max_connections)
     )
-    sock = _listen_socket(args.host, args.port)  # before the model loads (minutes, for a big one)
+    from qwen35.parallel.group import torchrun_env
+
+    # bound before the model loads (minutes, for a big one); under torchrun only rank 0 serves
+    # HTTP (the other ranks become workers inside LLMEngine and exit there)
+    ranked = torchrun_env()
+    sock = _listen_socket(args.host, args.port) if ranked is None or ranked[0] == 0 else None
     from qwen35.engine.llm_engine import LLMEngine
     from qwen35.server.transport import run_server, uvicorn_config
 
@@ -160,8 +165,10 @@ def run(args: argparse.Namespace) -> int:
             args.model, engine_config(args, seed=args.seed), progress=sys.stderr.isatty()
         )
     except BaseException:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise
+    assert sock is not None  # (a worker rank has exited inside LLMEngine)
     if engine.workers is not None:
         # a dead tensor-parallel worker: shut the server down (uvicorn handles SIGTERM) and
         # exit non-zero below, rather than answer 503 forever
