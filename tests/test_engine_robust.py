@@ -116,6 +116,8 @@ def test_generate_params_must_match_prompts(llm, reference):
     # one refused prompt: none of the batch is queued
     with pytest.raises(PromptTooLongError):
         llm.generate([PROMPT, [5] * 100, PROMPT], GREEDY)
+    with pytest.raises(Qwen35Error, match="got int"):  # (a TypeError from indexing it before)
+        llm.generate(5, GREEDY)
     assert_idle_and_working(llm, reference)
 
 

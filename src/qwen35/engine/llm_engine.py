@@ -604,6 +604,11 @@ class LLM:
         """One output per prompt, in order. `params`: one SamplingParams for all prompts or one
         per prompt. Raises RequestFailedError (after the others finish) if the engine failed
         some request; nothing is queued if any prompt is refused."""
+        if not isinstance(prompts, (str, dict, abc.Sequence)):
+            raise Qwen35Error(
+                f"prompts must be a text, a list of token ids, a prompt dict, or a list of "
+                f"those; got {type(prompts).__name__}"
+            )
         single = isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int))
         plist = [prompts] if single else list(prompts)
         if params is None or isinstance(params, SamplingParams):
