@@ -315,3 +315,37 @@ def test_gated_entry_equals_gates_kernel_and_norm(dtype):
     with pytest.raises(RuntimeError, match="of the model dtype"):
         mod.deltanet_decode_gated(qkv, z, a.double(), b, conv, w, dt_bias, a_log, S, norm_w,
                                   1e-6, nk)  # fmt: skip
+
+
+def test_cpu_isa_avx2_takes_every_kernels_avx2_path():
+    """QWEN35_CPU_ISA=avx2 (a fresh process: it is read once): the kernels report no AVX512
+    path, a bf16 GEMV gives bitwise what this process's AVX2 path gives, and `--dtype auto`
+    sees no native bf16: what a CPU without AVX512 runs, on this one."""
+    import os
+    import subprocess
+    import sys
+
+    from qwen35.kernels import gemv
+
+    mod = native_or_skip(gemv.GEMV, "the GEMV kernel")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 300, generator=g).bfloat16(), torch.randn(70, 300, generator=g).bfloat16()
+    want = mod.linear_bf16(x, w, True)  # the AVX2 path, asked for
+    code = (
+        "import sys, torch; from qwen35 import devices; from qwen35.kernels import gemv\n"
+        "m = gemv.load(); x, w = torch.load(sys.argv[1])\n"
+        "assert not any(f.startswith(('avx512', 'amx')) for f in devices.cpu_flags())\n"
+        "print(m.isa(), devices.default_dtype('cpu'))\n"
+        "torch.save(m.linear_bf16(x, w), sys.argv[2])\n"
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save((x, w), f"{tmp}/in.pt")
+        out = subprocess.run(
+            [sys.executable, "-c", code, f"{tmp}/in.pt", f"{tmp}/out.pt"],
+            env={**os.environ, "QWEN35_CPU_ISA": "avx2"}, capture_output=True, text=True,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split("\n")[0] == "[] fp32"
+        assert torch.equal(torch.load(f"{tmp}/out.pt"), want)

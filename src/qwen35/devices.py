@@ -10,6 +10,7 @@ slower than fp32, so fp32 is the default there. The measurements are in the READ
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -18,16 +19,21 @@ NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    if not sys.platform.startswith("linux"):
-        return frozenset()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    """The CPU feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS), less
+    the AVX512 and AMX ones under QWEN35_CPU_ISA=avx2 (kernels/cpu_isa.h does the same for the
+    compiled kernels: what a CPU without them runs, measurable on any x86-64 machine)."""
+    flags: frozenset[str] = frozenset()
+    if sys.platform.startswith("linux"):
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("flags"):
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
+        except OSError:
+            pass
+    if os.environ.get("QWEN35_CPU_ISA") == "avx2":
+        flags = frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
+    return flags
 
 
 def cpu_has_native_bf16() -> bool:

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "small_rows.h"
 #include "vec_avx2.h"
 
@@ -45,10 +46,7 @@ void state_t_cols(const float* S, const float* k, const float* q, int64_t dk, in
   }
 }
 
-bool cpu_avx512f() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-}
+bool cpu_avx512f() { return cpu_isa::avx512f(); }
 
 // AVX-512 (32 registers): all dv = 16 NV columns of uk and uq stay in registers and S streams
 // row by row in one pass (bench: ~25% faster than the AVX2 column blocks on a Zen 4).

@@ -31,6 +31,7 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "cpu_isa.h"
 #include "gemv_rows.h"
 
 #include <cstdint>
@@ -47,13 +48,7 @@ using gemv_rows::kMaxRows;
 using gemv_rows::kMR;
 using gemv_rows::bf16_to_float;
 
-bool cpu_vbmi_bf16() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512bf16") &&
-                         __builtin_cpu_supports("avx512vbmi");
-  return ok;
-}
+bool cpu_vbmi_bf16() { return cpu_isa::avx512_bf16_vbmi(); }
 
 inline float as_float(float v) { return v; }
 inline float as_float(at::BFloat16 v) { return static_cast<float>(v); }
