@@ -183,6 +183,28 @@ def test_unconstrained_greedy_unchanged_by_constrained_neighbours(llm):
     assert mixed[1].outputs[0].token_ids == alone
 
 
+def test_a_grammar_that_needs_the_eos_token_fails_its_request_clearly(tmp_path):
+    """A checkpoint whose EOS id is an ordinary text token (the tiny default: id 1 is '"') and a
+    grammar whose next token must be that text: the mask left no token, the row's argmax was
+    token 0 ('!'), outside the grammar, and the output went on unconstrained (a random server
+    workload found it with a JSON schema). Now the request fails naming the cause, nothing
+    outside the grammar is emitted, and the engine serves on."""
+    from qwen35.engine.llm_engine import RequestFailedError
+
+    save_checkpoint(tmp_path, vocab_size=VOCAB_REAL, hidden_size=32, seed=0)  # eos id 1: '"'
+    llm = make_llm(tmp_path, dtype="fp32", max_memory="512MiB")
+    assert llm.engine.tokenizer.decode([1]) == '"' and 1 in llm.engine.eos_token_ids
+    # the output must be '"', one token: the EOS id, banned until the grammar accepts
+    sp = SamplingParams(max_tokens=20, temperature=0.0, structured_outputs=so(regex='"'))
+    with pytest.raises(RequestFailedError) as e:
+        llm.generate([[5, 6, 7]], sp)
+    out = e.value.outputs[0]
+    assert "end-of-sequence ids" in out.error and out.outputs[0].finish_reason == "error"
+    assert out.outputs[0].token_ids == []  # nothing outside the grammar was emitted
+    free = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    assert len(llm.generate([[5, 6, 7]], free)[0].outputs[0].token_ids) == 3
+
+
 def test_n_stop_and_max_tokens(llm):
     out = llm.generate(["n"], SamplingParams(n=3, max_tokens=48, temperature=1.0, seed=3,
                                              structured_outputs=so(json=SMALL)))[0]  # fmt: skip

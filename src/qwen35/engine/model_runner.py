@@ -257,9 +257,16 @@ class ModelRunner:
             for seq in sample_seqs
         ]
         logits = logits.float()
+        dead: dict[int, Exception] = {}  # rows the processor left no token: not sampled
         if self.logits_processor is not None:
-            self.logits_processor(logits, sample_seqs)
+            dead = self.logits_processor(logits, sample_seqs) or {}
+            for i in dead:
+                logits[i] = 0.0  # (any finite row: its draw is dropped below)
         out, failed = sample_isolated(self.sampler, logits, rows)
+        failed = {**failed, **dead}
+        for i in dead:
+            out.token_ids[i] = None
+            out.logprobs[i] = None
         errors = {sample_seqs[i].seq_id: e for i, e in failed.items()}
         sampled = {
             seq.seq_id: int(t)

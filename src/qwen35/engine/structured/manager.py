@@ -30,7 +30,7 @@ import llguidance
 import numpy as np
 import torch
 
-from qwen35.engine.structured.compiler import GrammarCompiler
+from qwen35.engine.structured.compiler import GrammarCompiler, StructuredOutputError
 from qwen35.request import StructuredOutputs
 
 log = logging.getLogger("qwen35")
@@ -137,10 +137,12 @@ class StructuredOutputManager:
             c.failed = True
 
     # ---- the step -----------------------------------------------------------------------
-    def apply(self, logits: torch.Tensor, seqs: Sequence[Any]) -> None:
-        """logits: [S, V] float, one row per sequence in `seqs`; masked in place."""
+    def apply(self, logits: torch.Tensor, seqs: Sequence[Any]) -> dict[int, Exception]:
+        """logits: [S, V] float, one row per sequence in `seqs`; masked in place. Returns the
+        rows the grammar leaves no token (row -> why): they must not be sampled (an all -inf
+        row's argmax is token 0, outside the grammar); the engine fails their requests."""
         if not self._seqs:
-            return
+            return {}
         rows: list[int] = []
         matchers: list[llguidance.LLMatcher] = []
         for i, seq in enumerate(seqs):
@@ -149,7 +151,7 @@ class StructuredOutputManager:
                 rows.append(i)
                 matchers.append(c.matcher)
         if not rows:
-            return
+            return {}
         r = len(rows)
         mask = self._mask_buffer(r)
         if self._executor is None:
@@ -158,11 +160,23 @@ class StructuredOutputManager:
         self._executor.unsafe_compute_mask_ptr(
             [(m, k) for k, m in enumerate(matchers)], mask.data_ptr(), w * 4, r
         )
+        some = (mask != 0).any(dim=1)  # [R] the grammar allows some token
         if self.eos_token_ids:  # EOS only where the grammar accepts
             accepting = torch.tensor([m.is_accepting() for m in matchers])  # [R]
             for word, bit in zip(self._eos_words.tolist(), self._eos_bits.tolist(), strict=True):
                 col = mask[:, word]  # [R]
                 mask[:, word] = torch.where(accepting, col | bit, col & ~bit)
+        dead: dict[int, Exception] = {}
+        for k in (~(mask != 0).any(dim=1)).nonzero().flatten().tolist():
+            c = self._seqs[seqs[rows[k]].seq_id]
+            c.failed = True
+            if some[k]:  # what it allowed was an EOS id, not accepted as the end here
+                why = (f"the grammar's next token here is one of this model's end-of-sequence ids "
+                       f"{list(self.eos_token_ids)}, which would end the output before the "
+                       "grammar is complete (the checkpoint's EOS id is an ordinary text token)")  # fmt: skip
+            else:
+                why = f"the grammar allows no token here ({matchers[k].get_error() or 'no error'})"
+            dead[rows[k]] = StructuredOutputError(f"structured output cannot continue: {why}")
         v = logits.shape[1]
         if r == logits.shape[0]:
             apply_token_bitmask(logits[:, : self.vocab_size], mask)
@@ -173,6 +187,7 @@ class StructuredOutputManager:
             logits.index_copy_(0, idx, sub)
         if v > self.vocab_size:  # logits wider than the vocabulary: the extra ids never fit
             logits[rows, self.vocab_size :] = float("-inf")
+        return dead
 
     def _mask_buffer(self, rows: int) -> torch.Tensor:
         w = (self.vocab_size + 31) // 32
