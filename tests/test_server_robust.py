@@ -83,6 +83,23 @@ class _FailingSampler(Sampler):
         return super().__call__(logits, rows)
 
 
+def test_a_grammar_this_model_cannot_follow_says_why(real):
+    """The tiny checkpoint's EOS id 1 is the text '"': a grammar whose next token must be it
+    cannot continue; the 500 (and the stream's error event) carries the engine's reason, which
+    it wrote for the client, instead of the generic message."""
+    srv, _ = real
+    body = {"max_tokens": 4, "prompt": "a", "structured_outputs": {"regex": '"'}}
+    r = post(srv, "/v1/completions", body)
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert err["code"] == "generation_failed" and "structured output cannot continue" in err["message"]
+    with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True},
+                      timeout=60) as s:  # fmt: skip
+        lines = [ln for ln in s.iter_lines() if ln]
+    event = json.loads(lines[-2][len("data: ") :])["error"]
+    assert "structured output cannot continue" in event["message"]
+
+
 def test_a_request_the_engine_fails_is_an_error_for_it_only(real):
     srv, engine = real
     original = engine.runner.sampler

@@ -210,17 +210,25 @@ def internal_error_body(request_id: str | None) -> dict:
     )
 
 
+# errors whose message the engine wrote for the client (no internals): passed on as they are
+CLIENT_FACING = ("StructuredOutputError: ",)
+
+
 def raise_for_error(out: Any, request_id: str) -> None:
     """The engine failed this request (its other requests go on): a 500 without internals
-    (the engine logged them with the request id)."""
-    if getattr(out, "error", None):
+    (the engine logged them with the request id), or with the cause where the engine wrote it
+    for the client (a grammar that cannot continue with this model)."""
+    err = getattr(out, "error", None)
+    if err:
+        said = next((err[len(p) :] for p in CLIENT_FACING if err.startswith(p)), None)
         raise APIError(
+            f"{said} ({request_id})" if said else
             f"the server failed while generating this request ({request_id}); other requests "
             "are not affected: retry it, or report the id",
             500,
             "server_error",
             code="generation_failed",
-        )
+        )  # fmt: skip
 
 
 def safe_logprob(x: float) -> float:
