@@ -196,14 +196,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_serve(model, *args: str, timeout: float, env: dict | None = None):
+def start_serve(model, *args: str, timeout: float, env: dict | None = None,
+                launcher: tuple[str, ...] = ()):  # fmt: skip
     """`qwen35 serve --model MODEL --port <a free one> ARGS` in a subprocess (stdout and stderr
     piped together), returned once /health answers 200: (process, base url); the caller stops
-    it. Fails with the process's output if it exits first (and kills it on a timeout)."""
+    it. Fails with the process's output if it exits first (and kills it on a timeout).
+    `launcher`: interpreter arguments before `-m qwen35.cli` (e.g. torchrun's)."""
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-m", "qwen35.cli", "serve", "--model", str(model),
+    cmd = [sys.executable, *launcher, "-m", "qwen35.cli", "serve", "--model", str(model),
            "--port", str(port), *args]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env

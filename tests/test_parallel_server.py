@@ -149,30 +149,13 @@ def test_torchrun_two_ranks_serve(tmp_path):
     """`qwen35 serve -tp 2` under torchrun on one machine: both ranks run the command; rank 0
     binds the HTTP port (before loading) and serves it, rank 1 becomes its worker (it binds
     nothing: the socket is rank 0's alone)."""
-    from server_fakes import wait_until
-
     save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32)
-    port, master = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", str(master), "-m", "qwen35.cli", "serve", "--model",
-         str(tmp_path / "m"), "-tp", "2", "--port", str(port), "--served-model-name", "tiny",
-         "--max-memory", "512MiB", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_no_kernels_env(),
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        import httpx
-
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            return httpx.get(url + "/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
+    torchrun = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port()))  # fmt: skip
+    proc, url = start_serve(tmp_path / "m", "-tp", "2", "--served-model-name", "tiny",
+                            "--max-memory", "512MiB", "--log-level", "warning", timeout=240,
+                            env=_no_kernels_env(), launcher=torchrun)  # fmt: skip
     try:
-        wait_until(up, timeout=240)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         r = client.completions.create(model="tiny", prompt="Hi", max_tokens=3,
                                       extra_body={"ignore_eos": True})  # fmt: skip
