@@ -76,20 +76,29 @@ def _convert(files: list[Path], cfg: ModelConfig, to: str) -> Iterator[tuple[str
     from safetensors import safe_open
 
     rule = fp8_rule(cfg)
+    where: dict[str, Path] = {}  # every tensor's shard: a scale may sit in another shard
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-            for key in keys:
+            where.update(dict.fromkeys(f.keys(), path))
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
                 if key.endswith("_scale_inv"):
                     continue  # written with (or folded into) its weight
                 t = f.get_tensor(key)
                 scale = next(
-                    (n for n in (key + "_scale_inv", scale_name(key, "linear")) if n in keys), None
+                    (n for n in (key + "_scale_inv", scale_name(key, "linear")) if n in where),
+                    None,
                 )
                 if t.dtype == formats.FP8_DTYPE:
                     if scale is None:
-                        raise Qwen35Error(f"{path.name}: {key} is FP8 but has no scale beside it")
-                    s = f.get_tensor(scale)
+                        raise Qwen35Error(f"{path.name}: {key} is FP8 but the checkpoint has no "
+                                          "scale for it")  # fmt: skip
+                    if where[scale] == path:
+                        s = f.get_tensor(scale)
+                    else:
+                        with safe_open(str(where[scale]), framework="pt", device="cpu") as g:
+                            s = g.get_tensor(scale)
                     if to == "fp8":
                         yield key, t
                         yield scale, s
@@ -154,7 +163,8 @@ def convert_checkpoint(
         for key, t in _convert(files, cfg, to):
             t = t.contiguous()
             nbytes = t.numel() * t.element_size()
-            if size and size + nbytes > shard_bytes:
+            # a scale stays in its weight's shard (it comes right after it)
+            if size and size + nbytes > shard_bytes and not key.endswith("_scale_inv"):
                 names.append(_write(shards[-1], tmp, len(names), save_file))
                 shards.append({})
                 size = 0
