@@ -100,20 +100,17 @@ def _listen_socket(host: str, port: int):
     before the model loads, not after (uvicorn would bind only once the engine is up)."""
     import socket
 
+    # as uvicorn binds: IPv6 for an address with a colon, else IPv4 (so "localhost" is 127.0.0.1)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
-        family, kind, proto, _, addr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as e:
-        raise Qwen35Error(f"cannot listen on {host}:{port}: {e.strerror or e}; check --host") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        sock.bind(addr)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
     except OSError as e:
         sock.close()
-        hint = "another server listens there: stop it or pick another --port" \
-            if e.errno == errno.EADDRINUSE else "check --host and --port"  # fmt: skip
+        if e.errno == errno.EADDRINUSE:
+            hint = "another server listens there: stop it or pick another --port"
+        else:
+            hint = "check --host (an address or name of this machine) and --port"
         raise Qwen35Error(f"cannot listen on {host}:{port}: {e.strerror or e}; {hint}") from None
     return sock
 
