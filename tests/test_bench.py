@@ -181,7 +181,12 @@ def test_dtype_workload(doc):
     assert d["bf16_over_fp32"]["decode"] == pytest.approx(
         b16["decode_tokens_per_s"] / f32["decode_tokens_per_s"]
     )
-    assert set(d["faster"].values()) <= {"float32", "bfloat16"}
+    i8 = d["dtypes"]["float32+int8"]  # fp32 compute, int8 weights: under bf16's bytes
+    assert i8["weight_bytes"] < b16["weight_bytes"] and _finite_positive(i8["decode_ms_per_token"])
+    assert d["int8_over_fp32"]["prefill"] == pytest.approx(
+        i8["prefill_tokens_per_s"] / f32["prefill_tokens_per_s"]
+    )
+    assert set(d["faster"].values()) <= {"float32", "bfloat16", "float32+int8"}
 
 
 def test_structured_workload(tmp_path):

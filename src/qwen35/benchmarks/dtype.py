@@ -1,4 +1,5 @@
-"""fp32 vs bf16 weights for our engine on this machine: prefill tokens/s and batch-1 decode.
+"""fp32 vs bf16 weights (and fp32 with int8 weights) for our engine on this machine: prefill
+tokens/s and batch-1 decode.
 
 On a CPU the choice is a real trade-off (devices.py): bf16 halves the bytes a decode step
 reads, but without native bf16 arithmetic its matmuls are several times slower than fp32; with
@@ -24,7 +25,10 @@ from qwen35.benchmarks.common import (
     timed_request,
 )
 
-DTYPES = ("float32", "bfloat16")
+# (name, compute dtype, weight-only quantization): fp32 and bf16 as they are, and fp32 compute
+# with int8 weights (widened per prefill chunk: fp32's prefill, a quarter of its decode bytes;
+# what CPUs without native bf16 are pointed to for decode speed, README "Dtype")
+ENGINES = (("float32", "fp32", None), ("bfloat16", "bf16", None), ("float32+int8", "fp32", "int8"))
 
 
 def sizes(opts: BenchOptions) -> dict:
@@ -60,10 +64,10 @@ def run_dtype(bm: BenchModel, opts: BenchOptions) -> dict:
     sz = sizes(opts)
     P, N = sz["prompt_len"], sz["new_tokens"]
     models = {str(bm.dtype).removeprefix("torch."): bm}
-    for name in DTYPES:
+    for name, dtype, quant in ENGINES:
         if name not in models:
-            other = dataclasses.replace(opts, dtype="fp32" if name == "float32" else "bf16")
-            models[name] = load_bench_model(other)
+            models[name] = load_bench_model(dataclasses.replace(opts, dtype=dtype), quant)
+    models = {name: models[name] for name, _, _ in ENGINES}  # table order
     engines = {
         name: make_engine(m, max_num_seqs=1, max_model_len=P + N + 16, enable_prefix_caching=False)
         for name, m in models.items()
@@ -90,9 +94,12 @@ def run_dtype(bm: BenchModel, opts: BenchOptions) -> dict:
             "decode_ms_per_token": dec * 1e3,
             "decode_tokens_per_s": 1 / dec,
         }
-    f32, b16 = rows["float32"], rows["bfloat16"]
-    pre_x = ratio(b16["prefill_tokens_per_s"], f32["prefill_tokens_per_s"])
-    dec_x = ratio(b16["decode_tokens_per_s"], f32["decode_tokens_per_s"])
+    f32 = rows["float32"]
+
+    def over_fp32(name: str) -> dict:
+        return {k: ratio(rows[name][f"{k}_tokens_per_s"], f32[f"{k}_tokens_per_s"])
+                for k in ("prefill", "decode")}  # fmt: skip
+
     del engines, models
     return {
         "prompt_len": P,
@@ -100,9 +107,10 @@ def run_dtype(bm: BenchModel, opts: BenchOptions) -> dict:
         "rounds": sz["rounds"],
         "cpu_bf16": cpu_bf16_support() if bm.device.type == "cpu" else {},
         "dtypes": rows,
-        "bf16_over_fp32": {"prefill": pre_x, "decode": dec_x},
+        "bf16_over_fp32": over_fp32("bfloat16"),
+        "int8_over_fp32": over_fp32("float32+int8"),
         "faster": {
-            "prefill": "bfloat16" if (pre_x or 0) > 1 else "float32",
-            "decode": "bfloat16" if (dec_x or 0) > 1 else "float32",
+            k: max(rows, key=lambda n, k=k: rows[n][f"{k}_tokens_per_s"])
+            for k in ("prefill", "decode")
         },
     }

@@ -215,8 +215,10 @@ def _dtype(con: Console, d: dict, impl: str) -> None:
             _f(r["decode_ms_per_token"], ".1f"),
             _f(r["decode_tokens_per_s"]),
         )
-    x = d["bf16_over_fp32"]
-    t.add_row("bf16 / fp32", "", _x(x["prefill"]), "", _x(x["decode"]))
+    for label, key in (("bf16 / fp32", "bf16_over_fp32"), ("fp32+int8 / fp32", "int8_over_fp32")):
+        if key in d:  # (documents written before the int8 row have only the first)
+            x = d[key]
+            t.add_row(label, "", _x(x["prefill"]), "", _x(x["decode"]))
     con.print(t)
     con.print(f"  faster here: prefill {d['faster']['prefill']}, decode {d['faster']['decode']}")
 
