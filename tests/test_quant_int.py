@@ -197,3 +197,18 @@ def test_int4_groups_in_chunks_equal_one_pass():
     ref_q = torch.round((gw - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
     assert torch.equal(q1, ref_q.view(40, 256).to(torch.int32))
     assert torch.equal(sz1, torch.stack([scale, zero], -1).transpose(0, 1).bfloat16())
+
+
+def test_scratch_made_in_inference_mode_is_written_outside_it(monkeypatch):
+    """The dequantisation buffer is process-wide: a first use under torch.inference_mode (an
+    engine step) made it an inference tensor, and a later prefill-size int8 GEMM outside that
+    mode raised 'Inplace update to inference tensor' (the suite hit it once the dtype benchmark
+    ran an int8 engine before the decode-plan tests)."""
+    monkeypatch.setattr(matmul, "_scratch", {})
+    q, s = formats.quantize_int8_rows(torch.randn(24, 40), torch.float32)
+    x = torch.randn(40, 40)  # more rows than the GEMV kernels take: the scratch path
+    with torch.inference_mode():
+        inside = matmul.int8_linear(x, q, s)
+    outside = matmul.int8_linear(x, q, s)
+    torch.testing.assert_close(outside, inside)
+    torch.testing.assert_close(outside, x @ (q.float() * s[:, None]).T)

@@ -37,12 +37,15 @@ _scratch: dict[tuple, torch.Tensor] = {}
 
 def scratch(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A reused [out, in] buffer for dequantised weights: one per dtype and device, grown to the
-    largest matrix seen. Safe because each use is consumed by the GEMM right after it."""
+    largest matrix seen. Safe because each use is consumed by the GEMM right after it. Made
+    outside inference mode, so it can be written in and out of it (an inference tensor, made by a
+    first call under torch.inference_mode, refuses in-place writes outside it)."""
     n = shape[0] * shape[1]
     key = (dtype, device)
     buf = _scratch.get(key)
     if buf is None or buf.numel() < n:
-        buf = _scratch[key] = torch.empty(n, dtype=dtype, device=device)
+        with torch.inference_mode(False):
+            buf = _scratch[key] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].view(shape)
 
 
