@@ -418,8 +418,10 @@ def test_load_onto_cuda(tmp_path):
         assert torch.equal(sd[k], v.to(torch.bfloat16)), k
 
 
+# the peak is VmHWM, this process's own high-water mark: ru_maxrss would start from the parent's
+# RSS at fork (Linux carries it over exec), so a big pytest process failed this test
 _RSS_SCRIPT = """
-import os, resource, sys
+import os, sys
 import torch
 from qwen35.loader import load_model
 import qwen35.models.qwen3_5
@@ -427,10 +429,13 @@ import qwen35.models.qwen3_5
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+def peak_rss():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
 base = rss()
 m = load_model(sys.argv[1], dtype="fp32", progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(base, peak, sum(p.numel() * p.element_size() for p in m.parameters()))
+print(base, peak_rss(), sum(p.numel() * p.element_size() for p in m.parameters()))
 """
 
 
