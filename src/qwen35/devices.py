@@ -15,13 +15,19 @@ import sys
 from pathlib import Path
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# QWEN35_CPU_ISA=avx2 hides the flags with these prefixes (kernels/cpu_isa.h: the same for the
+# compiled kernels), so what a CPU without AVX512 runs can be measured on any x86-64 machine
+AVX2_HIDES = ("avx512", "amx")
+
+
+def avx2_forced() -> bool:
+    return os.environ.get("QWEN35_CPU_ISA") == "avx2"
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS), less
-    the AVX512 and AMX ones under QWEN35_CPU_ISA=avx2 (kernels/cpu_isa.h does the same for the
-    compiled kernels: what a CPU without them runs, measurable on any x86-64 machine)."""
+    the AVX512 and AMX ones under QWEN35_CPU_ISA=avx2 (`AVX2_HIDES`)."""
     flags: frozenset[str] = frozenset()
     if sys.platform.startswith("linux"):
         try:
@@ -31,8 +37,8 @@ def cpu_flags() -> frozenset[str]:
                     break
         except OSError:
             pass
-    if os.environ.get("QWEN35_CPU_ISA") == "avx2":
-        flags = frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
+    if avx2_forced():
+        flags = frozenset(f for f in flags if not f.startswith(AVX2_HIDES))
     return flags
 
 

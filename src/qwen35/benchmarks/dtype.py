@@ -11,7 +11,6 @@ workload measures both in one run, interleaved round by round, on the same seede
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 
 import torch
@@ -24,6 +23,7 @@ from qwen35.benchmarks.common import (
     ratio,
     timed_request,
 )
+from qwen35.devices import AVX2_HIDES, avx2_forced
 
 # (name, compute dtype, weight-only quantization): fp32 and bf16 as they are, and fp32 compute
 # with int8 weights (widened per prefill chunk: fp32's prefill, a quarter of its decode bytes;
@@ -47,8 +47,8 @@ def cpu_bf16_support() -> dict:
     except Exception:  # noqa: BLE001 - a capability probe must never fail the benchmark
         return {}
     out = {k: bool(c.get(k)) for k in ("amx_bf16", "avx512_bf16", "avx512_f", "avx2")}
-    if os.environ.get("QWEN35_CPU_ISA") == "avx2":  # our kernels and devices.py see AVX2 only
-        out = {k: v and not k.startswith(("avx512", "amx")) for k, v in out.items()}
+    if avx2_forced():  # our kernels and devices.py see AVX2 only
+        out = {k: v and not k.startswith(AVX2_HIDES) for k, v in out.items()}
     return out
 
 

@@ -239,8 +239,10 @@ def gather(args) -> tuple[list[Row], gpu_catalog.GpuSpec | None]:
     gpu = _resolve_gpu(args)
     rows = []
     models = _resolve_models(args.model, args.dtype)
+    def ep(c: ModelConfig) -> int:  # expert-parallel size of an explicit layout
+        return args.num_gpus if args.ep and c.is_moe else 1
+
     if args.tp and not args.model:  # the whole family at one tensor-parallel size
-        ep = lambda c: args.num_gpus if args.ep and c.is_moe else 1  # noqa: E731
         if all(layout_problems(c, args.tp, ep(c), d) for c, ds in models for d in ds):
             ok = set.intersection(*(set(valid_tp_sizes(c, ep(c), ds[0])) for c, ds in models))
             raise PlanError(
@@ -256,10 +258,9 @@ def gather(args) -> tuple[list[Row], gpu_catalog.GpuSpec | None]:
                 f"{cfg.max_position_embeddings:,} tokens"
             )
         if args.model and args.tp:  # an explicit layout for one model: refuse it if impossible
-            ep = args.num_gpus if args.ep and cfg.is_moe else 1
-            bad = [d for d in dtypes if layout_problems(cfg, args.tp, ep, d)]
+            bad = [d for d in dtypes if layout_problems(cfg, args.tp, ep(cfg), d)]
             if len(bad) == len(dtypes):
-                validate_layout(cfg, args.tp, ep, bad[0])
+                validate_layout(cfg, args.tp, ep(cfg), bad[0])
         s = summarize(cfg, args.kv_dtype, args.state_dtype)
         rows.append(Row(s, dtypes, _fits(cfg, dtypes, gpu, args) if gpu else {}))
     return rows, gpu

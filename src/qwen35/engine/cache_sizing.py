@@ -156,13 +156,12 @@ def plan_caches(
     if max_model_len is None:
         max_model_len = limit
     elif max_model_len > capacity:
-        g = size_str
         spent = (  # where the memory went: the knobs that free some for the KV cache
-            f"{'--max-memory ' + g(total) + ' = ' if total is not None else ''}weights "
-            f"{g(weight_bytes)} + working memory {g(working)} (--max-num-batched-tokens "
+            f"{'--max-memory ' + size_str(total) + ' = ' if total is not None else ''}weights "
+            f"{size_str(weight_bytes)} + working memory {size_str(working)} (--max-num-batched-tokens "
             f"{max_num_batched_tokens}, --max-num-seqs {max_num_seqs}) + DeltaNet states of "
-            f"{slots} sequences {g(slots * st_seq)} + prefix-cache state checkpoints "
-            f"{g(ckpts * st_seq)} + KV {g(num_blocks * block_bytes)}"
+            f"{slots} sequences {size_str(slots * st_seq)} + prefix-cache state checkpoints "
+            f"{size_str(ckpts * st_seq)} + KV {size_str(num_blocks * block_bytes)}"
         ) if num_blocks_override is None else f"num_kv_blocks={num_blocks}"
         raise Qwen35Error(
             f"--max-model-len {max_model_len} needs {max_model_len} KV tokens but the cache holds "

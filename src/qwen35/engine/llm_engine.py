@@ -28,7 +28,7 @@ from qwen35.engine.model_runner import GraphSpec, ModelRunner, StepResult
 from qwen35.engine.preflight import gpu_start
 from qwen35.engine.runtime import configure_cpu_runtime
 from qwen35.engine.scheduler import Scheduler, SchedulerConfig
-from qwen35.engine.sequence import Sequence, SequenceStatus
+from qwen35.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus
 from qwen35.engine.structured import StructuredOutputManager
 from qwen35.errors import Qwen35Error
 from qwen35.loader import load_model
@@ -504,9 +504,8 @@ class LLMEngine:
             finished.add(seq_id)
         elif stopped and seq.status is SequenceStatus.FINISHED_LENGTH:
             # the last token the length allowed completed a stop string: it stopped there
-            seq.status, seq.finish_reason, seq.stop_reason = (
-                SequenceStatus.FINISHED_STOPPED, "stop", stop_str
-            )
+            seq.status = SequenceStatus.FINISHED_STOPPED
+            seq.finish_reason, seq.stop_reason = FINISH_REASONS[seq.status], stop_str
         if seq_id in finished:
             st.done = True
             if not stopped:

@@ -160,17 +160,18 @@ class StructuredOutputManager:
         self._executor.unsafe_compute_mask_ptr(
             [(m, k) for k, m in enumerate(matchers)], mask.data_ptr(), w * 4, r
         )
-        some = (mask != 0).any(dim=1)  # [R] the grammar allows some token
+        eos_allowed = None  # [R, E] the EOS ids the grammar allows as text, before the ban
         if self.eos_token_ids:  # EOS only where the grammar accepts
+            eos_allowed = (mask[:, self._eos_words] & self._eos_bits) != 0
             accepting = torch.tensor([m.is_accepting() for m in matchers])  # [R]
             for word, bit in zip(self._eos_words.tolist(), self._eos_bits.tolist(), strict=True):
                 col = mask[:, word]  # [R]
                 mask[:, word] = torch.where(accepting, col | bit, col & ~bit)
         dead: dict[int, Exception] = {}
-        for k in (~(mask != 0).any(dim=1)).nonzero().flatten().tolist():
+        for k in (mask == 0).all(dim=1).nonzero().flatten().tolist():
             c = self._seqs[seqs[rows[k]].seq_id]
             c.failed = True
-            if some[k]:  # what it allowed was an EOS id, not accepted as the end here
+            if eos_allowed is not None and eos_allowed[k].any():  # it allowed only EOS ids
                 why = (f"the grammar's next token here is one of this model's end-of-sequence ids "
                        f"{list(self.eos_token_ids)}, which would end the output before the "
                        "grammar is complete (the checkpoint's EOS id is an ordinary text token)")  # fmt: skip
