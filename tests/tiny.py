@@ -155,6 +155,22 @@ def _random_tower(H: int, g: torch.Generator, dtype) -> dict[str, torch.Tensor]:
     }
 
 
+def random_mtp(text_cfg: dict, g: torch.Generator, dtype) -> dict[str, torch.Tensor]:
+    """A complete random `mtp.*` head for a text config (names and shapes from qwen35's
+    MTPHead; fused experts, split per expert by save_checkpoint like the main layers')."""
+    from qwen35.config import ModelConfig
+    from qwen35.models.mtp import MTPHead
+
+    cfg = ModelConfig.from_hf({**text_cfg, "mtp_num_hidden_layers": 1}, name="tiny")
+    head = MTPHead(cfg, 0, device="meta")
+    out = {}
+    for k, v in head.state_dict().items():
+        x = torch.randn(v.shape, generator=g)
+        scale = 0.1 if "norm" in k else (0.5 if k.endswith(("A_log", "dt_bias")) else 0.08)
+        out[f"mtp.{k}"] = (x * scale).to(dtype)
+    return out
+
+
 def _vlm_name(name: str) -> str:
     return name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else name
 
@@ -185,9 +201,11 @@ def save_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     shards: int = 1,
+    mtp: bool = False,
     **overrides,
 ):
-    """Write a tiny random checkpoint directory; returns the transformers model it came from."""
+    """Write a tiny random checkpoint directory; returns the transformers model it came from.
+    mtp (layout "vlm"): a complete random MTP head (`mtp.*`) and mtp_num_hidden_layers 1."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -204,8 +222,12 @@ def save_checkpoint(
         g = torch.Generator().manual_seed(seed + 2)
         H = model.config.hidden_size
         sd.update(_random_tower(H, g, dtype))
-        sd["mtp.fc.weight"] = torch.randn(H, 2 * H, generator=g).to(dtype)
-        sd["mtp.norm.weight"] = torch.randn(H, generator=g).to(dtype)
+        if mtp:  # a complete head (qwen35 loads it for speculative decoding)
+            text_cfg["mtp_num_hidden_layers"] = 1
+            sd.update(random_mtp(text_cfg, g, dtype))
+        else:  # a partial one: a text-only loader skips mtp.* whatever it holds
+            sd["mtp.fc.weight"] = torch.randn(H, 2 * H, generator=g).to(dtype)
+            sd["mtp.norm.weight"] = torch.randn(H, generator=g).to(dtype)
         mt = "qwen3_5_moe" if moe else "qwen3_5"
         cfg = {
             "architectures": [

@@ -84,6 +84,7 @@ def load_model(
     tp: TensorParallel = SINGLE,
     vision: bool | str = False,
     quantization: str | None = None,
+    mtp: bool = False,
 ) -> nn.Module:
     """Load a Qwen 3.5 text model, in eval mode and without gradients.
 
@@ -101,6 +102,8 @@ def load_model(
     checkpoint has any `model.visual.*` tensor (random weights: when the config has a tower).
     Under tensor parallelism the tower is not split: the engine loads it on rank 0 only, which
     encodes images and sends the embeddings with each step (the other ranks load text only).
+    mtp: also build and load the multi-token-prediction head (`mtp.*`, strictly; speculative
+    decoding drafts with it); the config must have one (mtp_num_hidden_layers).
     quantization: "fp8" / "int8" / "int4" quantizes the loaded weights in memory (qwen35.quant);
     None keeps them as stored (an official FP8 checkpoint stays FP8).
     Returns the model with `.config` (ModelConfig, unless the module already has a config),
@@ -113,6 +116,13 @@ def load_model(
     if isinstance(path_or_name, str) and path_or_name.startswith("random:"):
         path_or_name, load_format = path_or_name[len("random:") :], "random"
     dev = parse_device(device)
+    if mtp and model_factory is not None:
+        raise Qwen35Error("mtp=True builds the default model (no model_factory)")
+    if mtp and tp.size > 1:
+        raise Qwen35Error(
+            "speculative decoding with the MTP head runs on one rank: drop "
+            "--num-speculative-tokens or --tensor-parallel-size"
+        )
     if vision == "auto":
         vision = load_format == "random" or _has_visual_tensors(path_or_name)
     if load_format == "random":
@@ -123,7 +133,8 @@ def load_model(
         report = LoadReport(
             f"random:{cfg.name}", "random", _name(torch_dtype), str(dev), config=cfg
         )
-        model, _ = build_model(cfg, None, None, model_factory, tp, vision)
+        _check_mtp(cfg, mtp)
+        model, _ = build_model(cfg, None, None, model_factory, tp, vision, mtp)
         if random_fp8(cfg, quantization):  # FP8 storage drawn directly (no BF16 copy first)
             from qwen35.quant.apply import rule_modules, swap_to_fp8_meta
 
@@ -150,7 +161,8 @@ def load_model(
         report = LoadReport(str(directory), "safetensors", _name(torch_dtype), str(dev), config=cfg)
         files = checkpoint_files(directory)
         report.files = [f.name for f in files]
-        model, params = build_model(cfg, None, None, model_factory, vision=vision)  # on meta
+        _check_mtp(cfg, mtp)
+        model, params = build_model(cfg, None, None, model_factory, vision=vision, mtp=mtp)
         fp8_names: list[str] = []
         if cfg.quantization is not None:  # block FP8: the stored FP8 modules stay FP8
             from qwen35.quant.apply import fp8_modules_in_checkpoint, swap_to_fp8_meta
@@ -194,6 +206,14 @@ def load_model(
     model.load_report = report
     model.model_dir = directory
     return model
+
+
+def _check_mtp(cfg: ModelConfig, mtp: bool) -> None:
+    if mtp and cfg.mtp_num_hidden_layers < 1:
+        raise Qwen35Error(
+            f"{cfg.name}'s config has no MTP head (mtp_num_hidden_layers is 0): speculative "
+            "decoding drafts with it; run without --num-speculative-tokens"
+        )
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -245,10 +265,12 @@ def _finish(model: nn.Module, cfg: ModelConfig) -> None:
 
 
 # ---- construction -------------------------------------------------------------------------------
-def _default_factory(cfg: ModelConfig, tp: TensorParallel = SINGLE, vision: bool = False):
+def _default_factory(
+    cfg: ModelConfig, tp: TensorParallel = SINGLE, vision: bool = False, mtp: bool = False
+):
     from qwen35.models.qwen3_5 import Qwen35ForCausalLM
 
-    return Qwen35ForCausalLM(cfg, device=torch.device("meta"), tp=tp, vision=vision)
+    return Qwen35ForCausalLM(cfg, device=torch.device("meta"), tp=tp, vision=vision, mtp=mtp)
 
 
 def _has_visual_tensors(source) -> bool:
@@ -274,11 +296,13 @@ def build_model(
     factory: ModelFactory | None = None,
     tp: TensorParallel = SINGLE,
     vision: bool = False,
+    mtp: bool = False,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Construct on the meta device; allocate parameters in dtype/device unless dtype is None.
-    vision: with the (unsharded) vision tower, also under tensor parallelism (default model)."""
+    vision: with the (unsharded) vision tower, also under tensor parallelism (default model).
+    mtp: with the MTP head (default model)."""
     with torch.device("meta"):  # tensors the factory creates without a device land on meta
-        model = factory(cfg) if factory is not None else _default_factory(cfg, tp, vision)
+        model = factory(cfg) if factory is not None else _default_factory(cfg, tp, vision, mtp)
     _tie(model, cfg)  # before any name scan: a tied lm_head is an alias, not a parameter
     if dtype is None:
         return model, {}

@@ -2,8 +2,9 @@
 
 Checkpoint names are mapped onto the model's parameter names (transformers' text-only names):
 - `model.language_model.X` (official VLM layout) and `model.X` (flat text layout) -> `model.X`;
-- `mtp.*` and stale `rotary_emb.inv_freq` buffers are skipped and counted, and so is
-  `model.visual.*` unless the model has a vision tower (then it is loaded, strictly);
+- stale `rotary_emb.inv_freq` buffers are skipped and counted, and so are `model.visual.*`
+  unless the model has a vision tower and `mtp.*` unless it has an MTP head (then they are
+  loaded, strictly);
 - per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight` fill slices of the fused parameters
   `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows first, then up) and `mlp.experts.down_proj`
   [E, H, I]; in FP8 checkpoints their `.weight_scale_inv` fill `..._scale_inv` the same way.
@@ -141,9 +142,21 @@ def _open(path: Path):
 
 
 # ---- names --------------------------------------------------------------------------------------
-def map_key(key: str, keep_visual: bool = False) -> _Target | str:
+def _per_expert_target(m: re.Match) -> _Target:
+    proj = m["proj"]
+    param = f"{m['base']}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+    param += "_scale_inv" if m["kind"] == "weight_scale_inv" else ""
+    return _Target(param, int(m["e"]), proj.removesuffix("_proj"))
+
+
+def map_key(key: str, keep_visual: bool = False, keep_mtp: bool = False) -> _Target | str:
     """The model target of a checkpoint key, or the skip-prefix (str) when it is ignored."""
     if keep_visual and key.startswith("model.visual."):
+        return _Target(key)
+    if keep_mtp and key.startswith("mtp."):
+        m = _PER_EXPERT.match(key)
+        if m:
+            return _per_expert_target(m)
         return _Target(key)
     for prefix, label in _SKIP_PREFIXES.items():
         if key.startswith(prefix):
@@ -154,10 +167,7 @@ def map_key(key: str, keep_visual: bool = False) -> _Target | str:
         key = "model." + key[len("model.language_model.") :]
     m = _PER_EXPERT.match(key)
     if m:
-        proj = m["proj"]
-        param = f"{m['base']}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
-        param += "_scale_inv" if m["kind"] == "weight_scale_inv" else ""
-        return _Target(param, int(m["e"]), proj.removesuffix("_proj"))
+        return _per_expert_target(m)
     return _Target(key)
 
 
@@ -207,6 +217,7 @@ def scan(
     """
     s = _Scan()
     keep_visual = any(n.startswith("model.visual.") for n in params)
+    keep_mtp = any(n.startswith("mtp.") for n in params)
     written: dict[str, set] = defaultdict(set)  # param -> {(expert, part)}; fused: (None, None)
     tied_head: tuple[Path, _Entry] | None = None
     for path in files:
@@ -215,7 +226,7 @@ def scan(
             for key in f.keys():
                 sl = f.get_slice(key)
                 shape, st_dtype = tuple(sl.get_shape()), sl.get_dtype()
-                t = map_key(key, keep_visual)
+                t = map_key(key, keep_visual, keep_mtp)
                 if isinstance(t, str):
                     s.skipped[t] += 1
                     continue
@@ -380,6 +391,11 @@ def _diagnose(cfg, s: _Scan) -> list[str]:
         hints.append(
             "no lm_head.weight in the checkpoint: if the head shares the embedding, the config "
             "should say tie_word_embeddings=true"
+        )
+    if any(k.startswith("mtp.") for k in s.missing):
+        hints.append(
+            "the checkpoint has no complete MTP head (mtp.*), which speculative decoding drafts "
+            "with: run without --num-speculative-tokens"
         )
     if any(k.startswith("model.visual.") for k in s.missing):
         hints.append(

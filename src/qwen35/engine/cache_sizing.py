@@ -66,6 +66,9 @@ class CachePlan:
     kv_bytes_per_token: int
     state_bytes_per_sequence: int
     cache_bytes: int
+    # speculative decoding: a spare DeltaNet state per running sequence (the state before a
+    # rejected draft), and the MTP head's KV layer (counted in kv_bytes_per_token)
+    num_spare_slots: int = 0
 
     @property
     def kv_tokens(self) -> int:
@@ -76,11 +79,17 @@ class CachePlan:
         kv = self.kv_tokens * self.kv_bytes_per_token
         st = self.num_state_slots * self.state_bytes_per_sequence
         ck = self.num_checkpoint_slots * self.state_bytes_per_sequence
+        spare = (
+            f", {self.num_spare_slots} spare state slots for speculative decoding "
+            f"({g(self.num_spare_slots * self.state_bytes_per_sequence)})"
+            if self.num_spare_slots
+            else ""
+        )
         per_seq = max(1, self.kv_tokens // max(1, self.max_model_len))
         return (
             f"cache: {self.num_blocks} KV blocks x {self.block_size} tokens = {self.kv_tokens} tokens "
             f"({g(kv)}), {self.num_state_slots} DeltaNet state slots ({g(st)}), "
-            f"{self.num_checkpoint_slots} prefix-cache state checkpoints ({g(ck)}); "
+            f"{self.num_checkpoint_slots} prefix-cache state checkpoints ({g(ck)}){spare}; "
             f"allows one sequence of up to {self.max_model_len} tokens, or "
             f"{min(self.num_state_slots, per_seq)} concurrent sequences at that length"
         )
@@ -103,16 +112,22 @@ def plan_caches(
     working_bytes: int | None = None,
     tp: int = 1,
     extra_working_bytes: int = 0,  # e.g. the vision encoder's temporaries
+    speculative: bool = False,
 ) -> CachePlan:
     """`working_bytes`: measured working memory (GPU: `measure_working_memory`), replacing the
     planner's formula. tp > 1: one tensor-parallel rank's caches (its shard of every KV and state
-    tensor) under that rank's budget; weight_bytes is then the rank's."""
+    tensor) under that rank's budget; weight_bytes is then the rank's. speculative: MTP drafts
+    (engine/speculative.py): every running sequence has a spare state slot, and every KV token
+    the MTP layer's K and V as well."""
     if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
         raise Qwen35Error("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
     dname = str(model_dtype).removeprefix("torch.")
     # the caches the engine allocates (one tensor-parallel rank's shard when tp > 1)
     spec = cache_spec(cfg, kv_dtype=dname, conv_dtype=dname, tp=tp)
     kv_tok, st_seq = spec.kv_bytes_per_token, spec.state_bytes_per_sequence
+    if speculative:
+        kv_tok += spec.attention.bytes_per_token  # the MTP head's attention layer
+    per_slot = st_seq * (2 if speculative else 1)  # a running sequence's slot (+ its spare)
     total = parse_bytes(max_memory)
     # GPU: the measured peak (measure_working_memory); else the planner's formula, model dtype
     working = working_bytes
@@ -131,9 +146,9 @@ def plan_caches(
                 f"({size_str(weight_bytes)}) and working memory ({size_str(working)}); raise it"
             )
     slots = max_num_seqs
-    if st_seq and slots * st_seq > budget // 2:
-        slots = max(1, (budget // 2) // st_seq)
-    rest = budget - slots * st_seq
+    if st_seq and slots * per_slot > budget // 2:
+        slots = max(1, (budget // 2) // per_slot)
+    rest = budget - slots * per_slot
     ckpts = 0
     if enable_prefix_caching and st_seq:
         pc = parse_bytes(prefix_cache_memory, "--prefix-cache-memory")
@@ -160,7 +175,7 @@ def plan_caches(
             f"{'--max-memory ' + size_str(total) + ' = ' if total is not None else ''}weights "
             f"{size_str(weight_bytes)} + working memory {size_str(working)} (--max-num-batched-tokens "
             f"{max_num_batched_tokens}, --max-num-seqs {max_num_seqs}) + DeltaNet states of "
-            f"{slots} sequences {size_str(slots * st_seq)} + prefix-cache state checkpoints "
+            f"{slots} sequences {size_str(slots * per_slot)} + prefix-cache state checkpoints "
             f"{size_str(ckpts * st_seq)} + KV {size_str(num_blocks * block_bytes)}"
         ) if num_blocks_override is None else f"num_kv_blocks={num_blocks}"
         raise Qwen35Error(
@@ -170,8 +185,9 @@ def plan_caches(
         )
     interval = default_checkpoint_interval(block_size)
     return CachePlan(
-        num_blocks, block_size, slots, ckpts, interval, max_model_len, kv_tok, st_seq, budget
-    )
+        num_blocks, block_size, slots, ckpts, interval, max_model_len, kv_tok, st_seq, budget,
+        num_spare_slots=slots if speculative else 0,
+    )  # fmt: skip
 
 
 def _default_budget(device, working: int) -> int:

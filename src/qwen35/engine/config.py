@@ -77,6 +77,13 @@ class SchedulingConfig:
     )
     max_num_seqs: int = _opt(32, "most sequences running at once")
     max_num_batched_tokens: int = _opt(2048, "token budget per step")
+    num_speculative_tokens: int = _opt(
+        0,
+        "speculative decoding: tokens the checkpoint's MTP head drafts per decode step, "
+        "verified in the same forward (0: off, 1: one draft; same tokens, fewer steps when "
+        "drafts are accepted)",
+        choices=[0, 1],
+    )
 
 
 @dataclass(frozen=True)
@@ -222,6 +229,16 @@ class EngineConfig:
             not isinstance(s.max_model_len, int) or s.max_model_len < 2
         ):
             raise Qwen35Error(f"max_model_len must be an integer >= 2, got {s.max_model_len!r}")
+        if s.num_speculative_tokens not in (0, 1):
+            raise Qwen35Error(
+                f"num_speculative_tokens must be 0 (off) or 1 (one MTP draft per step), got "
+                f"{s.num_speculative_tokens!r}"
+            )
+        if s.num_speculative_tokens and p.tensor_parallel_size > 1:
+            raise Qwen35Error(
+                "speculative decoding (num_speculative_tokens) runs on one rank: drop it or "
+                "tensor_parallel_size"
+            )
         if self.device.threads is not None and self.device.threads < 1:
             raise Qwen35Error(f"threads must be >= 1, got {self.device.threads!r}")
         dev = str(self.device.device)

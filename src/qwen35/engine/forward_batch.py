@@ -69,14 +69,16 @@ def allocate_caches(
     device: torch.device | str,
     state_dtype: torch.dtype = torch.float32,
     tp: int = 1,
+    mtp_layers: int = 0,
 ) -> ModelCaches:
     """Zeroed caches: KV [num_blocks, block_size, nkv, hd] per full-attention layer (dtype),
     conv [num_slots, C, kernel-1] (dtype) and recurrent [num_slots, nv, dk, dv] (state_dtype)
     per DeltaNet layer. Zeros, not empty: padded gathers must never read NaN garbage.
-    tp > 1: one tensor-parallel rank's shard (its KV heads, DeltaNet heads and conv channels)."""
+    tp > 1: one tensor-parallel rank's shard (its KV heads, DeltaNet heads and conv channels).
+    mtp_layers: KV for the MTP head's attention layers too (after the main model's)."""
     spec = cache_spec(cfg, tp=tp)
     kv_shape = (num_blocks, block_size, spec.attention.num_kv_heads, spec.attention.head_dim)
-    n_attn, n_lin = spec.num_attention_layers, spec.num_linear_layers
+    n_attn, n_lin = spec.num_attention_layers + mtp_layers, spec.num_linear_layers
 
     def zeros(shape, dt):
         return torch.zeros(shape, dtype=dt, device=device)

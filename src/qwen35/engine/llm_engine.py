@@ -179,9 +179,16 @@ class LLMEngine:
                 **kw,
                 vision=False if ec.multimodal.vision_disabled else "auto",
                 quantization=ec.load.quantization,
+                mtp=bool(sc.num_speculative_tokens),
             )
         self.config = self.model.config
         self.model_name = model
+        spec = bool(sc.num_speculative_tokens)
+        if spec and not getattr(self.model, "has_mtp", False):
+            raise Qwen35Error(
+                "num_speculative_tokens needs the model loaded with its MTP head: pass a model "
+                "path, or load_model(..., mtp=True)"
+            )
         model_dir = Path(model) if Path(model).is_dir() else getattr(self.model, "model_dir", None)
         self.tokenizer = load_tokenizer(model_dir)
         # the built-in renderer thinks by model size; a checkpoint's own template by itself
@@ -231,6 +238,7 @@ class LLMEngine:
             working_bytes=working,  # GPU: measured peak of one largest prefill chunk
             tp=ec.parallel.tensor_parallel_size,
             extra_working_bytes=encoder_working_memory(self.model, model_dir, ec),
+            speculative=spec,
         )
         self.max_model_len = self.plan.max_model_len
         if verbose:
@@ -238,25 +246,32 @@ class LLMEngine:
         # CUDA graphs (one device, not under tensor parallelism): one more block and one more
         # state slot as padding (model_runner.GraphSpec)
         graphs = self.device.type == "cuda" and not ec.device.enforce_eager and self.workers is None
+        graphs = graphs and not spec  # (verify steps run eagerly: engine/speculative.py)
+        # slots: running sequences, prefix-cache checkpoints, speculative spares, graph padding
+        first_spare = self.plan.num_state_slots + self.plan.num_checkpoint_slots
         sizes = dict(
             num_blocks=self.plan.num_blocks + graphs,
             block_size=cc.block_size,
-            num_slots=self.plan.num_state_slots + self.plan.num_checkpoint_slots + graphs,
+            num_slots=first_spare + self.plan.num_spare_slots + graphs,
             dtype=model_dtype,
         )
         tp_size = ec.parallel.tensor_parallel_size
-        caches = allocate_caches(self.config, device=self.device, tp=tp_size, **sizes)
+        caches = allocate_caches(
+            self.config, device=self.device, tp=tp_size, mtp_layers=int(spec), **sizes
+        )
         from qwen35.parallel.worker import rank_memory
 
         self.rank_memory = [rank_memory(self.model, caches, 0)]  # per rank (planner's per GPU)
         if head_bytes:
             self.rank_memory[0]["head_screen_bytes"] = head_bytes
         if self.workers is None:
-            spec = GraphSpec(min(sc.max_num_seqs, self.plan.num_state_slots), self.max_model_len)
+            gspec = GraphSpec(min(sc.max_num_seqs, self.plan.num_state_slots), self.max_model_len)
             self.runner = ModelRunner(
                 self.model, caches, self.eos_token_ids, self.device, backend=backend,
-                decode_graphs=spec if graphs else None, seed=ec.seed,
+                decode_graphs=gspec if graphs else None, seed=ec.seed,
                 head_screen=self.head_screen,
+                spec_slots=range(first_spare, first_spare + self.plan.num_spare_slots)
+                if self.plan.num_spare_slots else None,
             )  # fmt: skip
         else:
             from qwen35.parallel import setup as tp_setup
@@ -289,6 +304,7 @@ class LLMEngine:
             checkpoint_interval=cc.checkpoint_interval or self.plan.checkpoint_interval,
             eos_token_ids=self.eos_token_ids,
             max_num_encoder_tokens=ec.multimodal.max_num_encoder_tokens or 0,
+            num_lookahead_tokens=sc.num_speculative_tokens,
         )
         self.scheduler = Scheduler(
             sched_cfg,
@@ -451,18 +467,22 @@ class LLMEngine:
         errors: dict[str, Exception] = dict(result.errors)
         for seq_id in errors:  # before update(), which then skips them
             self.scheduler.finish(seq_id, "error")
-        finished = {s.seq_id for s in self.scheduler.update(out, result.sampled)}
+        finished = {s.seq_id for s in self.scheduler.update(out, result.sampled, result.bonus)}
         now = time.time()
         touched: dict[str, _Request] = {}
         for seq_id, token in result.sampled.items():
             req, st = self._seq_to_req[seq_id]
-            self.structured.advance(seq_id, token)
             touched[req.request_id] = req
             if req.first_token is None:
                 req.first_token = now
-            self.stats_totals["generation_tokens_total"] += 1
+            # speculative decoding: the token after an accepted draft came in the same step
+            toks = [token, result.bonus[seq_id]] if seq_id in out.bonus_applied else [token]
             try:
-                self._process_token(st, seq_id, token, result, finished)
+                for k, tok in enumerate(toks):
+                    self.structured.advance(seq_id, tok)
+                    self.stats_totals["generation_tokens_total"] += 1
+                    if self._process_token(st, seq_id, tok, result, finished, len(toks) - 1 - k):
+                        break
             except Exception as e:
                 log.exception("processing the output of %s failed", seq_id)
                 errors[seq_id] = e
@@ -490,15 +510,30 @@ class LLMEngine:
             )
         return outputs
 
-    def _process_token(self, st: _SeqState, seq_id: str, token: int, result, finished) -> None:
-        if seq_id in result.logprobs:
+    def _process_token(
+        self, st: _SeqState, seq_id: str, token: int, result, finished, pending: int = 0
+    ) -> bool:
+        """Detokenize one new token and match stop strings. pending: tokens update() appended
+        after this one (a speculative bonus); True when a stop string ends in this token and
+        they are dropped (they were never generated)."""
+        if seq_id in result.logprobs and not pending:
             st.logprobs.append(result.logprobs[seq_id])
         seq = st.seq  # (update() has appended the token: a stop string may end in the text of
         # tokens after the first min_tokens, as EOS and stop ids may only follow them)
         emit, stopped, stop_str = st.stop.feed(
-            st.detok.add(token), check=seq.num_output_tokens > seq.params.min_tokens
+            st.detok.add(token), check=seq.num_output_tokens - pending > seq.params.min_tokens
         )
         st.text += emit
+        if pending:
+            if not stopped:
+                return False
+            del seq.token_ids[len(seq.token_ids) - pending :]
+            if not self.scheduler.finish(seq_id, "stop", stop_str):  # a later token ended it
+                seq.status = SequenceStatus.FINISHED_STOPPED
+                seq.finish_reason, seq.stop_reason = FINISH_REASONS[seq.status], stop_str
+            finished.add(seq_id)
+            st.done = True
+            return True
         if stopped and seq_id not in finished:
             self.scheduler.finish(seq_id, "stop", stop_str)
             finished.add(seq_id)
@@ -510,6 +545,7 @@ class LLMEngine:
             st.done = True
             if not stopped:
                 st.text += st.stop.feed(st.detok.flush())[0] + st.stop.flush()
+        return stopped
 
     def _delta(self, req: _Request, now: float) -> RequestOutput:
         outs = []
@@ -567,8 +603,16 @@ class LLMEngine:
             "prefix_cache_query_tokens": pc.query_tokens,
             "prefix_cache_hit_tokens": pc.hit_tokens,
             "prefix_cache_checkpoints": pc.num_checkpoints,
+            **self._spec_stats(),
             **self.stats_totals,
         }
+
+
+    def _spec_stats(self) -> dict:
+        spec = getattr(self.runner, "spec", None)
+        if spec is None:
+            return {}
+        return {"spec_drafts_total": spec.stats.drafts, "spec_accepted_total": spec.stats.accepted}
 
 
 class LLM:

@@ -8,6 +8,7 @@ per-sequence random generators; it knows nothing of text.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from qwen35.engine.sampler import (
     make_generator,
     sample_isolated,
 )
+from qwen35.engine.speculative import SpecState, Verify, eligible
 from qwen35.engine.vision_inputs import VisionInputs
 from qwen35.kernels.unavailable import KernelUnavailable
 from qwen35.ops.backend import Backend, select_backend
@@ -45,6 +47,8 @@ class StepResult:
     sampled: dict[str, int]  # seq_id -> next token
     logprobs: dict[str, TokenLogprob]  # seq_id -> logprob info (only where asked)
     errors: dict[str, Exception] = field(default_factory=dict)  # seq_id -> why sampling failed
+    # speculative decoding: seq_id -> the token after its accepted draft (== its sampled token)
+    bonus: dict[str, int] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -58,6 +62,7 @@ class ModelRunner:
         decode_graphs: GraphSpec | None = None,
         seed: int | None = None,  # the sampler's shared generator (unseeded requests)
         head_screen=None,  # models/head_screen.py HeadScreen: greedy / top-k rows skip the head
+        spec_slots: range | None = None,  # speculative decoding (MTP drafts): spare state slots
     ):
         self.model = model
         self.caches = caches
@@ -77,6 +82,12 @@ class ModelRunner:
         self.vision = (
             VisionInputs(model, self.device) if getattr(model, "has_vision", False) else None
         )
+        self.spec: SpecState | None = None  # engine/speculative.py
+        if spec_slots is not None:
+            if not getattr(model, "has_mtp", False):
+                raise ValueError("speculative decoding needs a model loaded with its MTP head")
+            self.spec = SpecState(spec_slots)
+            decode_graphs = None  # verify steps are 2-token chunks: eager
         self.graphs: DecodeGraphs | None = None
         if decode_graphs is not None:
             self.graphs = self._capture(decode_graphs)
@@ -128,6 +139,8 @@ class ModelRunner:
 
     def remove_sequence(self, seq_id: str) -> None:
         self._generators.pop(seq_id, None)
+        if self.spec is not None:
+            self.spec.forget(seq_id)
         if self.vision is not None:
             self.vision.drop(seq_id)
 
@@ -138,9 +151,14 @@ class ModelRunner:
             conv[dst_slot].copy_(conv[src_slot])
             rec[dst_slot].copy_(rec[src_slot])
 
-    def build_batch(self, scheduled) -> tuple[torch.Tensor, ForwardBatch, list]:
+    def build_batch(
+        self, scheduled, verify: dict[int, Verify] | None = None
+    ) -> tuple[torch.Tensor, ForwardBatch, list]:
         """The step's host lists -> input ids [T] and the ForwardBatch (all index tensors built
-        here, so the model reads nothing back from the device)."""
+        here, so the model reads nothing back from the device). verify: scheduled index ->
+        a draft run after its last token (one more row; the state after the first row saved
+        into the spare slot)."""
+        verify = verify or {}
         bs = self.caches.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -155,8 +173,14 @@ class ModelRunner:
         checkpoints: list[tuple[int, int, int]] = []
         for i, s in enumerate(scheduled):
             seq, start, n = s.seq, s.start, s.num_new_tokens
+            v = verify.get(i)
+            ids.extend(seq.token_ids[start : start + n])
+            if v is not None:
+                ids.append(v.draft)
+                n += 1
+                if (1, v.spare) not in s.checkpoints:
+                    checkpoints.append((i, 1, v.spare))
             end = start + n
-            ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             blocks = seq.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
@@ -166,7 +190,7 @@ class ModelRunner:
             state_slots.append(seq.state_slot)
             has_init.append(start > 0)
             if s.sample:
-                logits_rows.append(cu[-1] - 1)
+                logits_rows.append(cu[-1] - 1 - (v is not None))
                 sample_seqs.append(seq)
             checkpoints.extend((i, off, dest) for off, dest in s.checkpoints)
         batch = ForwardBatch.build(
@@ -218,31 +242,42 @@ class ModelRunner:
             # states in place on runs of slots and the decode plan applies (models/
             # cpu_decode.py); each row's arithmetic is the same in any order
             scheduled = sorted(scheduled, key=lambda s: s.seq.state_slot)
-        input_ids, batch, sample_seqs = self.build_batch(scheduled)
-        if self.vision is not None:
-            self.vision.apply(scheduled, batch)  # images: encoder outputs and 3-D positions
-        ks = self._screen_ks(batch, sample_seqs)
+        verify = self.spec.plan(scheduled) if self.spec is not None else {}
+        input_ids, batch, sample_seqs = self.build_batch(scheduled, verify)
+        if self.vision is not None:  # images: encoder outputs and 3-D positions
+            self.vision.apply(_with_drafts(scheduled, verify), batch)
+        if self.spec is not None:
+            return self._execute_spec(scheduled, verify, input_ids, batch, sample_seqs)
+        ks = self._screen_ks(len(batch.logits_indices), sample_seqs)
         if ks is not None:  # every row keeps only its k largest logits (models/head_screen.py)
             h = self.model.forward_hidden(input_ids, batch, self.caches)
             h = h.index_select(0, batch.logits_indices)  # [S, H]
-            x = self.model.final_norm(h, batch.backend)
-            logits = None
+            return self._sample(self.model.final_norm(h, batch.backend), sample_seqs, ks=ks)
+        logits = self.run_model(input_ids, batch)  # [S, V] fp32
+        return self._sample(None, sample_seqs, logits=logits)
+
+    def _sample(
+        self, x, seqs, *, logits=None, ks=None, drafted: list[int] | None = None
+    ) -> StepResult:
+        """Tokens for `seqs` from their head-input rows x [S, H] (or their `logits`): through
+        the head screen where every row allows it (ks: each row's k), else the full head, then
+        the structured-output mask and the sampler. drafted: speculative bonus rows, each
+        after its sequence's accepted draft (appended to its output for penalties and
+        min_tokens; no grammar: such sequences are not drafted for)."""
+        if not seqs:
+            return StepResult({}, {})
+        if logits is None and ks is not None:
             if max(ks) == 1:  # all greedy: the tokens, no sampler
                 tokens = self.head_screen.tokens(x)
                 self._screen_outcome("greedy", tokens is not None)
                 if tokens is not None:
-                    return StepResult(
-                        {s.seq_id: t for s, t in zip(sample_seqs, tokens, strict=True)}, {}
-                    )
+                    return StepResult({s.seq_id: t for s, t in zip(seqs, tokens, strict=True)}, {})
             else:  # exact where it can matter, -inf elsewhere: the sampler's draw is unchanged
                 logits = self.head_screen.logits(x, ks)
                 self._screen_outcome("top-k", logits is not None)
-            if logits is None:  # undecided: the full head
-                logits = self.model.head_logits(x)
-        else:
-            logits = self.run_model(input_ids, batch)  # [S, V] fp32
-        if not sample_seqs:
-            return StepResult({}, {})
+        if logits is None:  # no screen, or undecided: the full head
+            logits = self.model.head_logits(x)
+        extra = drafted or [None] * len(seqs)
         rows = [
             SamplingRow(
                 params=seq.params,
@@ -250,16 +285,17 @@ class ModelRunner:
                 prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens]
                 if seq.params.repetition_penalty != 1.0
                 else (),
-                output_token_ids=seq.token_ids[seq.num_prompt_tokens :],
+                output_token_ids=seq.token_ids[seq.num_prompt_tokens :]
+                + ([] if d is None else [d]),
                 generator=self._generators.get(seq.seq_id),
                 eos_token_ids=() if seq.params.ignore_eos else self.eos_token_ids,
             )
-            for seq in sample_seqs
+            for seq, d in zip(seqs, extra, strict=True)
         ]
         logits = logits.float()
         dead: dict[int, Exception] = {}  # rows the processor left no token: not sampled
-        if self.logits_processor is not None:
-            dead = self.logits_processor(logits, sample_seqs) or {}
+        if self.logits_processor is not None and drafted is None:
+            dead = self.logits_processor(logits, seqs) or {}
             for i in dead:
                 logits[i] = 0.0  # (any finite row: its draw is dropped below)
         out, failed = sample_isolated(self.sampler, logits, rows)
@@ -267,25 +303,91 @@ class ModelRunner:
         for i in dead:
             out.token_ids[i] = None
             out.logprobs[i] = None
-        errors = {sample_seqs[i].seq_id: e for i, e in failed.items()}
+        errors = {seqs[i].seq_id: e for i, e in failed.items()}
         sampled = {
-            seq.seq_id: int(t)
-            for seq, t in zip(sample_seqs, out.token_ids, strict=True)
-            if t is not None
+            seq.seq_id: int(t) for seq, t in zip(seqs, out.token_ids, strict=True) if t is not None
         }
         lps = {
-            seq.seq_id: lp
-            for seq, lp in zip(sample_seqs, out.logprobs, strict=True)
-            if lp is not None
+            seq.seq_id: lp for seq, lp in zip(seqs, out.logprobs, strict=True) if lp is not None
         }
         return StepResult(sampled, lps, errors)
 
-    def _screen_ks(self, batch: ForwardBatch, seqs) -> list[int] | None:
-        """Each row's k where every row of the step can take the int8 screen (screen_k)."""
+    def _execute_spec(self, scheduled, verify, input_ids, batch, sample_seqs) -> StepResult:
+        """engine/speculative.py: sample the first rows, accept drafts equal to their sample,
+        sample the bonus rows of accepted ones, put rejected ones' states back, then draft."""
+        spec, be = self.spec, batch.backend
+        h = self.model.forward_hidden(input_ids, batch, self.caches)  # [T, H]
+        x = self.model.final_norm(h, be)  # every row: the MTP head reads them all
+        first = x.index_select(0, batch.logits_indices)
+        result = self._sample(first, sample_seqs, ks=self._screen_ks(len(sample_seqs), sample_seqs))
+        cu = [0]
+        for i, s in enumerate(scheduled):
+            cu.append(cu[-1] + s.num_new_tokens + (i in verify))
+        accepted, rejected = [], []
+        for i, v in verify.items():
+            seq_id = scheduled[i].seq.seq_id
+            (accepted if result.sampled.get(seq_id) == v.draft else rejected).append(i)
+        if accepted:
+            seqs = [scheduled[i].seq for i in accepted]
+            rows = torch.tensor([cu[i + 1] - 1 for i in accepted], device=x.device)
+            ks = self._screen_ks(len(seqs), seqs, shift=1)
+            drafted = [verify[i].draft for i in accepted]
+            bonus = self._sample(x.index_select(0, rows), seqs, ks=ks, drafted=drafted)
+            result.bonus = bonus.sampled
+            # a bonus row whose sampling failed: the step keeps the first token only
+            rejected += [i for i in accepted if scheduled[i].seq.seq_id not in bonus.sampled]
+        spec.stats.drafts += len(verify)
+        spec.stats.accepted += len(result.bonus)
+        if rejected:  # the state after the first row, without the draft
+            pairs = [(verify[i].spare, scheduled[i].seq.state_slot) for i in rejected]
+            self.caches.copy_states(pairs)
+        self._draft(scheduled, verify, x, batch, result, cu)
+        return result
+
+    def _draft(self, scheduled, verify, x, batch, result: StepResult, cu: list[int]) -> None:
+        """Run the MTP head over every row of the step with the token that follows each row,
+        and keep a greedy draft for each sampled sequence from its last confirmed row."""
+        spec = self.spec
+        nxt: list[int] = []
+        draft_rows: list[int] = []
+        draft_seqs: list[tuple[str, int]] = []  # (seq_id, draft position)
+        for i, s in enumerate(scheduled):
+            seq, start, n = s.seq, s.start, s.num_new_tokens
+            known = seq.token_ids[start + 1 : start + n + 1]  # the prompt's next tokens
+            y = result.sampled.get(seq.seq_id)
+            if len(known) < n:  # the last row's next token is the one sampled now
+                known.append(0 if y is None else y)
+            if i in verify:  # the draft row: followed by the bonus (garbage when rejected,
+                known.append(result.bonus.get(seq.seq_id, 0))  # overwritten before it is read)
+            nxt.extend(known)
+            if y is None or not eligible(seq.params):
+                spec.forget(seq.seq_id)
+                continue
+            took = seq.seq_id in result.bonus
+            row = cu[i + 1] - 1 - (i in verify and not took)  # the last confirmed row
+            pos = start + (row - cu[i])
+            draft_rows.append(row)
+            draft_seqs.append((seq.seq_id, pos + 2))
+        ids = torch.tensor(nxt, dtype=torch.long, device=x.device)
+        m = self.model.forward_mtp(ids, x, batch, self.caches)  # [T, H]
+        if not draft_rows:
+            return
+        m = m.index_select(0, torch.tensor(draft_rows, device=x.device))
+        tokens = None
+        if self.head_screen is not None and len(draft_rows) <= self.head_screen.max_rows:
+            tokens = self.head_screen.tokens(m)
+        if tokens is None:
+            tokens = self.model.head_logits(m).argmax(dim=-1).tolist()
+        for (seq_id, pos), t in zip(draft_seqs, tokens, strict=True):
+            spec.drafts[seq_id] = (pos, int(t))
+
+    def _screen_ks(self, num_rows: int, seqs, shift: int = 0) -> list[int] | None:
+        """Each row's k where every row of the step can take the int8 screen (screen_k);
+        shift: tokens each row's sequence has beyond its token_ids (a bonus row's draft)."""
         head = self.head_screen
-        if head is None or not 0 < len(seqs) == len(batch.logits_indices) <= head.max_rows:
+        if head is None or not 0 < len(seqs) == num_rows <= head.max_rows:
             return None
-        ks = [screen_k(s.params, len(s.token_ids) - s.num_prompt_tokens) for s in seqs]
+        ks = [screen_k(s.params, len(s.token_ids) + shift - s.num_prompt_tokens) for s in seqs]
         if None in ks:
             return None
         kind = "greedy" if max(ks) == 1 else "top-k"
@@ -302,6 +404,16 @@ class ModelRunner:
         else:
             self._screen_misses[kind] += 1
             self._screen_skip[kind] = min(64, 2 ** self._screen_misses[kind])
+
+
+def _with_drafts(scheduled, verify) -> list:
+    """The scheduled list as the batch runs it: verified sequences one token longer."""
+    if not verify:
+        return scheduled
+    return [
+        dataclasses.replace(s, num_new_tokens=s.num_new_tokens + 1) if i in verify else s
+        for i, s in enumerate(scheduled)
+    ]
 
 
 def screen_k(p, num_output: int) -> int | None:

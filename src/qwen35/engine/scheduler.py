@@ -51,6 +51,9 @@ class SchedulerConfig:
     # unless it is the step's first (so every item fits somewhere); 0: max_num_batched_tokens.
     max_num_encoder_tokens: int = 0
     eos_token_ids: tuple[int, ...] = ()
+    # speculative decoding: a decode step may also run this many draft tokens after the last
+    # token (KV blocks and budget for them; ScheduledSeq.lookahead); 0: off
+    num_lookahead_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
@@ -90,6 +93,9 @@ class ScheduledSeq:
     # (n, slot): after the first n new tokens (1 <= n <= num_new_tokens) copy the state into
     # checkpoint `slot` (ForwardBatch.state_checkpoints entry (i, n, slot)).
     checkpoints: list[tuple[int, int]] = field(default_factory=list)
+    # a decode step: positions start+1 .. start+lookahead have KV blocks and budget for draft
+    # tokens the runner may verify in the same forward (speculative decoding)
+    lookahead: int = 0
 
     @property
     def has_initial_state(self) -> bool:
@@ -101,6 +107,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     num_batched_tokens: int = 0
+    # set by update(): sequences that also took their accepted draft's bonus token
+    bonus_applied: set[str] = field(default_factory=set)
 
     @property
     def is_empty(self) -> bool:
@@ -215,6 +223,9 @@ class Scheduler:
             if n == 0:  # waits for the next step's encoder budget
                 i += 1
                 continue
+            la = self._lookahead(seq, n, budget)
+            if la and not self._grow(seq, n + la):
+                la = 0  # no block for a draft: decode without one rather than preempt
             while not self._grow(seq, n):
                 victim = self.running.pop()  # most recently admitted; never one scheduled already
                 self._preempt(victim)
@@ -224,7 +235,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 break
             out.scheduled.append(self._plan(seq, n, None))
-            budget -= n
+            out.scheduled[-1].lookahead = la
+            budget -= n + la
             i += 1
         # Admitting right after a preemption would only preempt again.
         while (
@@ -259,9 +271,17 @@ class Scheduler:
         out.num_batched_tokens = cfg.max_num_batched_tokens - budget
         return out
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+    def update(
+        self,
+        output: SchedulerOutput,
+        sampled: dict[str, int],
+        bonus: dict[str, int] | None = None,
+    ) -> list[Sequence]:
         """Apply a finished step: advance computed counts, append sampled tokens, register new
-        full blocks and checkpoints, finish sequences that hit a stop condition (returned)."""
+        full blocks and checkpoints, finish sequences that hit a stop condition (returned).
+        bonus: speculative decoding, seq_id -> the token after an accepted draft (the draft is
+        the sampled token, its KV already written): appended after the sampled one unless
+        that one finished the sequence (`output.bonus_applied` lists where it was)."""
         bs, finished = self.config.block_size, []
         for s in output.scheduled:
             seq = s.seq
@@ -286,9 +306,33 @@ class Scheduler:
                 if self._check_stop(seq):
                     self.running.remove(seq)
                     finished.append(seq)
+                elif bonus and seq.seq_id in bonus and s.lookahead:
+                    self._take_bonus(seq, bonus[seq.seq_id])
+                    output.bonus_applied.add(seq.seq_id)
+                    if self._check_stop(seq):
+                        self.running.remove(seq)
+                        finished.append(seq)
         return finished
 
+    def _take_bonus(self, seq: Sequence, token: int) -> None:
+        """The accepted draft (== the token just appended) was computed in the step: count it,
+        register the block it may fill, and append the token sampled after it."""
+        bs = self.config.block_size
+        seq.num_computed_tokens += 1
+        if self.config.enable_prefix_caching and seq.num_computed_tokens % bs == 0:
+            k = seq.num_computed_tokens // bs - 1
+            self.kv.register(seq.block_ids[k], self._hashes(seq)[k])
+        seq.token_ids.append(token)
+
     # ---- internals ----
+
+    def _lookahead(self, seq: Sequence, n: int, budget: int) -> int:
+        """Draft positions a decode step of seq gets (speculative decoding), within the budget
+        and max_model_len."""
+        la = self.config.num_lookahead_tokens
+        if not la or n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
+            return 0
+        return max(0, min(la, budget - 1, self.config.max_model_len - seq.num_tokens))
 
     def _chunk(self, seq: Sequence, start: int, budget: int) -> int:
         n = min(seq.num_tokens - start, budget)

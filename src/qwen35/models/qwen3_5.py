@@ -126,11 +126,13 @@ class Qwen35ForCausalLM(nn.Module):
         device=None,
         tp: TensorParallel = SINGLE,
         vision: bool | None = None,
+        mtp: bool = False,
     ):
         """tp: this process's rank of a tensor-parallel group (parallel/); it holds only its
         shard of every split weight and gets the full logits. vision: build the vision tower
         (default: when the config has one and tp is 1; under tensor parallelism the tower is
-        whole, on the rank that encodes images)."""
+        whole, on the rank that encodes images). mtp: build the multi-token-prediction head
+        (`mtp.*`, models/mtp.py) that drafts tokens for speculative decoding (one rank only)."""
         super().__init__()
         self.config = cfg
         self.tp = tp
@@ -142,9 +144,20 @@ class Qwen35ForCausalLM(nn.Module):
         # [V, H]; vocabulary-parallel like the embedding (logits gathered in compute_logits)
         self.lm_head = Linear(cfg.hidden_size, tp.vocab_rows(cfg.vocab_size), dtype, device)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section)
+        if mtp:
+            from qwen35.models.mtp import MTPHead
+
+            if tp.size > 1:
+                raise ValueError("the MTP head runs on one rank (no tensor parallelism)")
+            # its KV cache: one more attention entry, after the main model's
+            self.mtp = MTPHead(cfg, cfg.num_full_attention_layers, dtype, device)
         self.packed = False  # projections packed by post_load
         self._decode_plan = None  # models/cpu_decode.py, built at the first CPU decode step
         self.tie_weights()
+
+    @property
+    def has_mtp(self) -> bool:
+        return hasattr(self, "mtp")
 
     @property
     def has_vision(self) -> bool:
@@ -208,10 +221,7 @@ class Qwen35ForCausalLM(nn.Module):
         h = embed(self.model.embed_tokens, input_ids, self.tp)  # [T, H]
         if batch.mm_rows is not None:  # vision encoder outputs replace the pad tokens' rows
             h.index_copy_(0, batch.mm_rows, batch.mm_embeds.to(h.dtype))
-        if batch.mrope_positions is not None:
-            cos, sin = self.rotary.cos_sin_mrope(batch.mrope_positions, h.dtype)
-        else:
-            cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)  # [T, rotary_dim]
+        cos, sin = self._cos_sin(batch, h.dtype)
         plan = self._cpu_decode_plan(batch, caches)
         if plan is not None:  # a pure decode step on a CPU: the layers as one list of kernels
             delta = plan.run(h, cos, sin, batch, caches)
@@ -224,6 +234,22 @@ class Qwen35ForCausalLM(nn.Module):
         if batch.state_copies:
             caches.copy_states(batch.state_copies)
         return h
+
+    def _cos_sin(self, batch: ForwardBatch, dtype: torch.dtype):
+        if batch.mrope_positions is not None:
+            return self.rotary.cos_sin_mrope(batch.mrope_positions, dtype)
+        return self.rotary.cos_sin(batch.positions, dtype)  # [T, rotary_dim]
+
+    @torch.no_grad()
+    def forward_mtp(
+        self, next_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch, caches: ModelCaches
+    ) -> torch.Tensor:
+        """The MTP head over the rows of the step that made `hidden` (its final norm's output
+        [T, H]): next_ids [T] are the tokens that follow each row. -> the head's input rows
+        [T, H] (head_logits of a row: the draft of the token after next)."""
+        e = embed(self.model.embed_tokens, next_ids, self.tp)
+        cos, sin = self._cos_sin(batch, e.dtype)
+        return self.mtp(e, hidden, cos, sin, batch, caches)
 
     def _cpu_decode_plan(self, batch: ForwardBatch, caches: ModelCaches):
         """models/cpu_decode.py's plan when it applies to this step, else None (module path)."""

@@ -35,7 +35,7 @@ from qwen35.quant.layers import (
 )
 
 FORMATS = ("fp8", "int8", "int4")
-_LAYER = re.compile(r"^model\.layers\.\d+\.")
+_LAYER = re.compile(r"^(?:model|mtp)\.layers\.\d+\.")  # the MTP head's layer too
 
 
 def fp8_rule(cfg) -> set[str]:
@@ -102,7 +102,7 @@ def fp8_modules_in_checkpoint(cfg, files) -> list[str]:
     for path in files:
         with _open(path) as f:
             for key in f.keys():
-                t = map_key(key)
+                t = map_key(key, keep_mtp=True)  # (names the model lacks: not swapped)
                 if isinstance(t, str):
                     continue
                 p = t.param

@@ -1,0 +1,86 @@
+"""Speculative decoding with the checkpoint's MTP head: one draft token per decode step.
+
+A step of a sequence whose last token x_n sits at position n and that holds a draft d for
+position n+1 runs [x_n, d] as a 2-token chunk (the scheduler gave it a KV block and budget for
+n+1: `ScheduledSeq.lookahead`). Its first row is sampled as in any step, giving y; the draft is
+accepted iff y == d, and then the second row's token is sampled too (the bonus). So every token
+comes from the target model's own distribution, drawn in the same order from the same
+generator as without drafts (greedy and seeded requests give the same tokens as without
+speculation, up to the 2-token chunk's rounding against a single-token step); a bad draft costs
+time only, never a different output.
+
+On a rejection the DeltaNet state must not contain d: the state after x_n is saved during the
+forward into a spare slot (a `state_checkpoints` entry at offset 1) and copied back; the KV
+written for d is overwritten by the next step. On acceptance, d's KV and state are kept.
+
+Drafts: after every step the MTP head (models/mtp.py) runs over all rows of the step with the
+tokens that follow them (the prompt's next token, the sampled token, the bonus) and writes its
+own KV; the last confirmed row of each sequence gives the next draft (greedy). Sequences with
+structured outputs or logprobs are not drafted for (they decode one token per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpecStats:
+    drafts: int = 0  # drafts verified
+    accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafts if self.drafts else 0.0
+
+
+@dataclass
+class Verify:
+    """One sequence of the step verifying a draft."""
+
+    index: int  # in the scheduled list
+    draft: int
+    spare: int  # state slot holding the state after the first token
+
+
+@dataclass
+class SpecState:
+    """The runner's drafts between steps and the spare state slots it verifies with."""
+
+    spare_slots: range  # one per sequence that can verify in one step
+    drafts: dict[str, tuple[int, int]] = field(default_factory=dict)  # seq_id -> (pos, token)
+    stats: SpecStats = field(default_factory=SpecStats)
+    # bench / tests: fn(seq, position) -> a draft token that replaces the MTP head's
+    draft_override: object = None
+
+    def plan(self, scheduled) -> dict[int, Verify]:
+        """Which scheduled sequences verify a draft this step, with their spare slots."""
+        out: dict[int, Verify] = {}
+        spares = iter(self.spare_slots)
+        for i, s in enumerate(scheduled):
+            if not (s.lookahead and s.sample and s.num_new_tokens == 1):
+                continue
+            pos = s.start + 1
+            if self.draft_override is not None:
+                tok = self.draft_override(s.seq, pos)
+            else:
+                d = self.drafts.get(s.seq.seq_id)
+                tok = d[1] if d is not None and d[0] == pos else None
+            if tok is None or not eligible(s.seq.params):
+                continue
+            # a prefix-cache checkpoint after the first token already saves that state
+            ck = [slot for off, slot in s.checkpoints if off == 1]
+            spare = ck[0] if ck else next(spares, None)
+            if spare is None:
+                break
+            out[i] = Verify(i, int(tok), spare)
+        return out
+
+    def forget(self, seq_id: str) -> None:
+        self.drafts.pop(seq_id, None)
+
+
+def eligible(params) -> bool:
+    """Requests a draft is made for: not constrained by a grammar (its mask would have to
+    advance over the draft), no logprobs (one entry per step)."""
+    return params.structured_outputs is None and params.logprobs is None
