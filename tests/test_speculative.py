@@ -1,0 +1,232 @@
+"""Speculative decoding with the MTP head (engine/speculative.py, models/mtp.py).
+
+The MTP head against a plain reference (transformers' decoder layer over the whole sequence,
+the vLLM formula around it); the drafts the engine makes step by step against that reference;
+and the outputs with drafts == without (greedy, seeded sampling with penalties, stop rules,
+prefix caching, chunked prefill, preemption, dense and MoE), with the MTP head's own drafts
+(mostly rejected on random weights) and with an oracle that drafts the right token (accepted:
+the bonus path), sometimes corrupted."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from qwen35.engine.llm_engine import LLM
+from qwen35.errors import Qwen35Error
+from qwen35.request import SamplingParams
+from tiny import hf_torch_path, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spec") / "dense"
+    hf = save_checkpoint(d, mtp=True)
+    return d, hf
+
+
+@pytest.fixture(scope="module")
+def moe_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spec") / "moe"
+    hf = save_checkpoint(d, moe=True, experts="per_expert", mtp=True)
+    return d, hf
+
+
+def make(d, **kw) -> LLM:
+    kw.setdefault("dtype", "fp32")
+    kw.setdefault("verbose", False)
+    return LLM(str(d), **kw)
+
+
+def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 60) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(2, 256) for _ in range(rng.randrange(lo, hi))] for _ in range(n)]
+
+
+def oracle(reference: dict, wrong: float = 0.0, seed: int = 0):
+    """A draft_override that drafts the token the plain engine produced (accepted), or with
+    probability `wrong` a wrong one (rejected)."""
+    rng = random.Random(seed)
+
+    def draft(seq, pos):
+        full = reference[tuple(seq.token_ids[: seq.num_prompt_tokens])]
+        if pos >= len(full):
+            return None
+        return (full[pos] + 1) % 256 if rng.random() < wrong else full[pos]
+
+    return draft
+
+
+def outputs(outs) -> list[tuple]:
+    return [
+        (o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason,
+         o.outputs[0].stop_reason)
+        for o in outs
+    ]  # fmt: skip
+
+
+# ---- the MTP head ---------------------------------------------------------------------------
+def _reference_mtp_logits(d, hf, ids: list[int]) -> torch.Tensor:
+    """MTP logits at positions 0..T-2 of ids (row i predicts ids[i+2]), computed over the whole
+    sequence: transformers' main model and decoder layer, vLLM's formula around them."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5DecoderLayer
+
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        mtp = {k[len("mtp.") :]: f.get_tensor(k) for k in f.keys() if k.startswith("mtp.")}
+    cfg = hf.config
+    attn = cfg.layer_types.index("full_attention")
+    layer = Qwen3_5DecoderLayer(cfg, attn).float().eval()
+    layer.load_state_dict({k[len("layers.0.") :]: v for k, v in mtp.items() if "layers.0." in k})
+
+    def norm(x, w):
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * (1 + w)
+
+    x = torch.tensor([ids])
+    T = len(ids) - 1
+    with torch.no_grad(), hf_torch_path():
+        h = hf.model(x).last_hidden_state[:, :T]  # after the final norm
+        e = hf.model.embed_tokens(x[:, 1:])
+        z = torch.cat([norm(e, mtp["pre_fc_norm_embedding.weight"]),
+                       norm(h, mtp["pre_fc_norm_hidden.weight"])], -1) @ mtp["fc.weight"].T  # fmt: skip
+        pos = torch.arange(T)[None]
+        mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+        out = layer(z, hf.model.rotary_emb(z, pos), attention_mask=mask, position_ids=pos)
+        out = out[0] if isinstance(out, tuple) else out
+        return hf.lm_head(norm(out, mtp["norm.weight"]))[0]
+
+
+@pytest.mark.parametrize("accept", [False, True])
+def test_engine_drafts_equal_the_reference_mtp_head(ckpt, accept):
+    """Each step's draft (paged MTP KV filled over prefill chunks, decode rows and verify rows,
+    accepted or rejected) is the argmax of the whole-sequence reference at that position."""
+    d, hf = ckpt
+    p = prompts(1, seed=3, lo=20, hi=21)[0]
+    sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    plain = make(d).generate([p], sp)[0].outputs[0].token_ids
+    llm = make(d, num_speculative_tokens=1, max_num_batched_tokens=8, block_size=4)
+    eng, spec = llm.engine, llm.engine.runner.spec
+    if accept:
+        spec.draft_override = oracle({tuple(p): p + plain})
+    eng.add_request("r", p, sp)
+    drafts = []
+    while eng.has_unfinished_requests():
+        eng.step()
+        drafts += [v for k, v in spec.drafts.items() if k.startswith("r")]
+    full = p + plain
+    ref = _reference_mtp_logits(d, hf, full).argmax(-1).tolist()
+    assert len(set(drafts)) >= 8
+    for pos, tok in set(drafts):  # a draft for position pos comes from row pos - 2
+        assert tok == ref[pos - 2], (pos, tok)
+    assert (spec.stats.accepted == spec.stats.drafts) == accept and spec.stats.drafts > 5
+
+
+def test_mtp_is_loaded_and_counted(ckpt):
+    d, _ = ckpt
+    llm = make(d, num_speculative_tokens=1)
+    m = llm.engine.model
+    assert m.has_mtp and "mtp" not in m.load_report.skipped
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        w = f.get_tensor("mtp.fc.weight")
+    assert torch.equal(m.mtp.fc.weight, w)
+    caches = llm.engine.runner.caches
+    # one more K/V layer than the main model has, and a spare slot per running sequence
+    assert len(caches.key) == m.config.num_full_attention_layers + 1
+    plan = llm.engine.plan
+    assert plan.num_spare_slots == plan.num_state_slots
+    assert caches.num_slots == plan.num_state_slots * 2 + plan.num_checkpoint_slots
+    plain = make(d).engine.plan
+    assert plan.kv_bytes_per_token == plain.kv_bytes_per_token * 2  # (one attention layer)
+    assert "spare state slots" in plan.describe()
+
+
+def test_refusals(ckpt, tmp_path):
+    d, _ = ckpt
+    with pytest.raises(Qwen35Error, match="0 \\(off\\) or 1"):
+        make(d, num_speculative_tokens=2)
+    with pytest.raises(Qwen35Error, match="one rank"):
+        make(d, num_speculative_tokens=1, tensor_parallel_size=2)
+    bare = tmp_path / "no-mtp"
+    save_checkpoint(bare)  # a config without mtp_num_hidden_layers
+    with pytest.raises(Qwen35Error, match="no MTP head"):
+        make(bare, num_speculative_tokens=1)
+
+
+# ---- the same outputs with drafts as without ------------------------------------------------
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_greedy_and_seeded_sampling_equal_without_drafts(which, ckpt, moe_ckpt):
+    d, _ = ckpt if which == "dense" else moe_ckpt
+    ps = prompts(6, seed=1)
+    sps = [SamplingParams(max_tokens=18, temperature=0.0, ignore_eos=True)] * 2 + [
+        SamplingParams(max_tokens=18, temperature=0.8, top_p=0.9, top_k=40, seed=i,
+                       ignore_eos=True, presence_penalty=0.5 * (i % 2), min_tokens=3,
+                       repetition_penalty=1.1 if i == 4 else 1.0)
+        for i in range(2, 6)
+    ]  # fmt: skip
+    kw = dict(block_size=4, max_num_batched_tokens=32)
+    want = outputs(make(d, **kw).generate(ps, sps))
+    llm = make(d, num_speculative_tokens=1, **kw)
+    assert outputs(llm.generate(ps, sps)) == want  # the MTP head's drafts
+    reference = {tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)}
+    for wrong in (0.0, 0.3):
+        llm.engine.runner.spec.draft_override = oracle(reference, wrong)
+        before = llm.engine.runner.spec.stats.accepted
+        assert outputs(llm.generate(ps, sps)) == want
+        assert llm.engine.runner.spec.stats.accepted - before > 20
+        llm.engine.scheduler.check_integrity()
+    st = llm.engine.get_stats()
+    assert st["kv_blocks_used"] == 0 and st["state_slots_used"] == 0
+
+
+def test_preemption_and_n_equal_without_drafts(ckpt):
+    d, _ = ckpt
+    ps = prompts(5, seed=4, lo=20)
+    sp = SamplingParams(max_tokens=24, temperature=0.7, seed=5, n=2, ignore_eos=True)
+    kw = dict(block_size=4, max_num_batched_tokens=48)
+    want = make(d, **kw).generate(ps, sp)
+    flat = {tuple(p): p + o.outputs[0].token_ids for p, o in zip(ps, want, strict=True)}
+    llm = make(d, num_speculative_tokens=1, num_kv_blocks=48, **kw)
+    llm.engine.runner.spec.draft_override = oracle(flat, wrong=0.2)
+    got = llm.generate(ps, sp)
+    assert llm.engine.get_stats()["num_preemptions"] > 0
+    for a, b in zip(got, want, strict=True):
+        assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+
+
+def test_stop_rules_with_bonus_tokens(ckpt):
+    """Stop strings, stop ids, EOS and max_tokens landing on the sampled token or on the bonus
+    after it: the same text, tokens and finish reasons as without drafts (a bonus after a stop
+    string is dropped)."""
+    d, _ = ckpt
+    p = prompts(1, seed=10)[0]
+    plain = make(d)
+    full = plain.generate([p], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    toks = full[0].outputs[0].token_ids
+    text = full[0].outputs[0].text
+    spec = make(d, num_speculative_tokens=1)
+    spec.engine.runner.spec.draft_override = oracle({tuple(p): p + toks})
+    cases = [dict(max_tokens=k) for k in (1, 2, 3, 6, 7)]
+    cases += [dict(max_tokens=20, stop_token_ids=[toks[k]]) for k in (2, 3, 4, 5)]
+    cases += [dict(max_tokens=20, stop_token_ids=[toks[k]], min_tokens=k + 1) for k in (1, 2)]
+    cases += [dict(max_tokens=20, stop=[text[k : k + 2]]) for k in range(1, 12, 2)]
+    cases += [dict(max_tokens=20, stop=[text[k : k + 1]], include_stop_str_in_output=True)
+              for k in range(2, 10, 3)]  # fmt: skip
+    for c in cases:
+        sp = SamplingParams(temperature=0.0, ignore_eos=True, **c)
+        assert outputs(spec.generate([p], sp)) == outputs(plain.generate([p], sp)), c
+    eos = SamplingParams(max_tokens=20, temperature=0.0)  # the tiny model's EOS id 1 counts
+    assert outputs(spec.generate([p], eos)) == outputs(plain.generate([p], eos))
+    assert spec.engine.runner.spec.stats.accepted > 20
+
+
+def test_structured_and_logprob_requests_are_not_drafted(ckpt):
+    d, _ = ckpt
+    p = prompts(1, seed=12)[0]
+    llm = make(d, num_speculative_tokens=1)
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
+    out = llm.generate([p], sp)[0].outputs[0]
+    assert len(out.logprobs) == 6 and llm.engine.runner.spec.stats.drafts == 0
+    assert out.token_ids == make(d).generate([p], sp)[0].outputs[0].token_ids
