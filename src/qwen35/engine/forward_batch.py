@@ -135,6 +135,15 @@ class DecodeBatch:
     rows_by_slot: torch.Tensor | None = None  # [N] int64 token rows, slot-ascending
     slot_runs: list[tuple[int, int, int]] = field(default_factory=list)
     all_rows_in_slot_order: bool = False  # rows_by_slot is exactly 0..T-1
+    # CPU speculative verify steps (engine/speculative.py): the DeltaNet layers step the rows in
+    # phases, each a DecodeBatch over a contiguous row range (`row_range`, `in_slot_order`:
+    # its rows_by_slot is that range), the second phase's rows one token after the first's in
+    # the same slots; between them each layer copies the states `phase_copies` (src, dst).
+    # Attention and the projections take every row at once (per-row context lengths).
+    phases: list[DecodeBatch] | None = None
+    phase_copies: list[tuple[int, int]] = field(default_factory=list)
+    row_range: tuple[int, int] = (0, 0)
+    in_slot_order: bool = False
 
 
 @dataclass
@@ -178,10 +187,15 @@ class ForwardBatch:
         device: torch.device | str | None = None,
         backend: Backend | None = None,
         input_ids: Sequence[int] | None = None,
+        phase_split: int | None = None,
+        phase_copies: Sequence[tuple[int, int]] = (),
     ) -> ForwardBatch:
         """From host lists (tensors are accepted too; they are read on the host here, in the
         runner, never in the model). `state_checkpoints`: (i, n, dest) = after the first n new
-        tokens of sequence i copy its DeltaNet state into slot dest (1 <= n <= its tokens)."""
+        tokens of sequence i copy its DeltaNet state into slot dest (1 <= n <= its tokens).
+        phase_split (CPU, every sequence one token): entries from this index on are the next
+        token of earlier entries (the same state slots), run after them in DeltaNet layers,
+        with `phase_copies` (src, dst) of each layer's states in between (DecodeBatch.phases)."""
         cu = [int(c) for c in cu_seqlens]
         B = len(cu) - 1
         T = cu[-1] if cu else 0
@@ -259,12 +273,17 @@ class ForwardBatch:
                 all_rows=all_rows,
                 fresh_slots=up.add(torch.tensor(fresh, dtype=torch.long)) if fresh else None,
             )
-            if backend.device_type == "cpu":
-                by_slot = sorted(range(len(dec)), key=lambda j: dslots[j])
-                rows_by_slot = [rows[j] for j in by_slot]
-                decode.rows_by_slot = up.add(torch.tensor(rows_by_slot))
-                decode.slot_runs = consecutive_runs([dslots[j] for j in by_slot])
-                decode.all_rows_in_slot_order = rows_by_slot == list(range(T))
+            if phase_split is not None:
+                if prefill or len(dec) != B or not 0 < phase_split < B:
+                    raise ValueError("phase_split needs one token per sequence and two phases")
+                decode.phases = [
+                    _slot_order(DecodeBatch(None, None, None, None, 0), up, rows[a:b],
+                                dslots[a:b], T)  # fmt: skip
+                    for a, b in ((0, phase_split), (phase_split, B))
+                ]
+                decode.phase_copies = list(phase_copies)
+            elif backend.device_type == "cpu":
+                _slot_order(decode, up, rows, dslots, T)
         batch = cls(
             positions=dev_tensor(positions, torch.long),
             slot_mapping=dev_tensor(slot_mapping, torch.long),
@@ -278,6 +297,18 @@ class ForwardBatch:
         )
         up.send(batch)
         return batch
+
+
+def _slot_order(d: DecodeBatch, up, rows: list[int], slots: list[int], T: int) -> DecodeBatch:
+    """The CPU fields of d: its rows by state slot, runs of consecutive slots, row range."""
+    by_slot = sorted(range(len(rows)), key=lambda j: slots[j])
+    rows_by_slot = [rows[j] for j in by_slot]
+    d.rows_by_slot = up.add(torch.tensor(rows_by_slot))
+    d.slot_runs = consecutive_runs([slots[j] for j in by_slot])
+    d.all_rows_in_slot_order = rows_by_slot == list(range(T))
+    d.row_range = (min(rows), max(rows) + 1)
+    d.in_slot_order = rows_by_slot == list(range(*d.row_range))
+    return d
 
 
 class _Upload:
@@ -310,7 +341,8 @@ class _Upload:
             parts = flat.split([self.host[i].numel() for i in idx])
             for i, part in zip(idx, parts, strict=True):
                 views[i] = part.view(self.host[i].shape)
-        for obj in (batch, batch.decode):
+        phases = batch.decode.phases or [] if batch.decode is not None else []
+        for obj in (batch, batch.decode, *phases):
             if obj is None:
                 continue
             for name, value in vars(obj).items():

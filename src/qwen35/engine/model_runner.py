@@ -152,12 +152,15 @@ class ModelRunner:
             rec[dst_slot].copy_(rec[src_slot])
 
     def build_batch(
-        self, scheduled, verify: dict[int, Verify] | None = None
+        self, scheduled, verify: dict[int, Verify] | None = None, phased: bool = False
     ) -> tuple[torch.Tensor, ForwardBatch, list]:
         """The step's host lists -> input ids [T] and the ForwardBatch (all index tensors built
         here, so the model reads nothing back from the device). verify: scheduled index ->
-        a draft run after its last token (one more row; the state after the first row saved
-        into the spare slot)."""
+        a draft run after its last token, one more row whose DeltaNet step follows the state
+        after the first row, which is saved into the spare slot: as a 2-token chunk, or
+        (phased: a CPU step of one token per sequence) as decode rows after all the others
+        (DecodeBatch.phases: each row's arithmetic that of a decode step). `self.rows_of`:
+        each scheduled sequence's token rows."""
         verify = verify or {}
         bs = self.caches.block_size
         ids: list[int] = []
@@ -171,28 +174,46 @@ class ModelRunner:
         logits_rows: list[int] = []
         sample_seqs = []
         checkpoints: list[tuple[int, int, int]] = []
-        for i, s in enumerate(scheduled):
-            seq, start, n = s.seq, s.start, s.num_new_tokens
-            v = verify.get(i)
-            ids.extend(seq.token_ids[start : start + n])
-            if v is not None:
-                ids.append(v.draft)
-                n += 1
-                if (1, v.spare) not in s.checkpoints:
-                    checkpoints.append((i, 1, v.spare))
-            end = start + n
+        copies: list[tuple[int, int]] = []  # phased: after the first tokens
+
+        def add(seq, start: int, toks: list[int]) -> None:
+            end = start + len(toks)
+            ids.extend(toks)
             positions.extend(range(start, end))
             blocks = seq.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            cu.append(cu[-1] + n)
+            cu.append(cu[-1] + len(toks))
             context_lens.append(end)
             tables.append(blocks)
             state_slots.append(seq.state_slot)
             has_init.append(start > 0)
+
+        self.rows_of = []
+        for i, s in enumerate(scheduled):
+            seq, start, n = s.seq, s.start, s.num_new_tokens
+            v = verify.get(i)
+            toks = seq.token_ids[start : start + n]
+            ck = list(s.checkpoints)
+            if v is not None and phased:  # the draft row comes after every sequence's token
+                copies += [(seq.state_slot, v.spare)] + [
+                    (seq.state_slot, dest) for off, dest in ck if dest != v.spare
+                ]
+                ck = []
+            elif v is not None:
+                toks = toks + [v.draft]
+                if (1, v.spare) not in ck:
+                    ck.append((1, v.spare))
+            add(seq, start, toks)
+            self.rows_of.append(list(range(cu[-2], cu[-1])))
             if s.sample:
-                logits_rows.append(cu[-1] - 1 - (v is not None))
+                logits_rows.append(cu[-2] + n - 1)
                 sample_seqs.append(seq)
-            checkpoints.extend((i, off, dest) for off, dest in s.checkpoints)
+            checkpoints.extend((i, off, dest) for off, dest in ck)
+        split = len(scheduled) if phased and verify else None
+        for i, v in verify.items() if split is not None else ():
+            s = scheduled[i]
+            add(s.seq, s.start + 1, [v.draft])
+            self.rows_of[i].append(cu[-1] - 1)
         batch = ForwardBatch.build(
             positions=positions,
             cu_seqlens=cu,
@@ -206,6 +227,8 @@ class ModelRunner:
             device=self.device,
             backend=self.backend,
             input_ids=ids,  # sent with the other index tensors (one copy per dtype on a GPU)
+            phase_split=split,
+            phase_copies=copies,
         )
         return batch.input_ids, batch, sample_seqs
 
@@ -243,8 +266,15 @@ class ModelRunner:
             # cpu_decode.py); each row's arithmetic is the same in any order
             scheduled = sorted(scheduled, key=lambda s: s.seq.state_slot)
         verify = self.spec.plan(scheduled) if self.spec is not None else {}
-        input_ids, batch, sample_seqs = self.build_batch(scheduled, verify)
-        if self.vision is not None:  # images: encoder outputs and 3-D positions
+        mm = self.vision is not None and any(s.seq.mm_items for s in scheduled)
+        phased = (
+            bool(verify)
+            and self.device.type == "cpu"
+            and not mm
+            and all(s.num_new_tokens == 1 for s in scheduled)
+        )
+        input_ids, batch, sample_seqs = self.build_batch(scheduled, verify, phased)
+        if mm:  # images: encoder outputs and 3-D positions
             self.vision.apply(_with_drafts(scheduled, verify), batch)
         if self.spec is not None:
             return self._execute_spec(scheduled, verify, input_ids, batch, sample_seqs)
@@ -252,31 +282,40 @@ class ModelRunner:
         if ks is not None:  # every row keeps only its k largest logits (models/head_screen.py)
             h = self.model.forward_hidden(input_ids, batch, self.caches)
             h = h.index_select(0, batch.logits_indices)  # [S, H]
-            return self._sample(self.model.final_norm(h, batch.backend), sample_seqs, ks=ks)
+            tokens, logits = self._head(self.model.final_norm(h, batch.backend), ks)
+            return self._sample(sample_seqs, tokens, logits)
         logits = self.run_model(input_ids, batch)  # [S, V] fp32
-        return self._sample(None, sample_seqs, logits=logits)
+        return self._sample(sample_seqs, logits=logits)
 
-    def _sample(
-        self, x, seqs, *, logits=None, ks=None, drafted: list[int] | None = None
-    ) -> StepResult:
-        """Tokens for `seqs` from their head-input rows x [S, H] (or their `logits`): through
-        the head screen where every row allows it (ks: each row's k), else the full head, then
-        the structured-output mask and the sampler. drafted: speculative bonus rows, each
-        after its sequence's accepted draft (appended to its output for penalties and
-        min_tokens; no grammar: such sequences are not drafted for)."""
-        if not seqs:
-            return StepResult({}, {})
-        if logits is None and ks is not None:
-            if max(ks) == 1:  # all greedy: the tokens, no sampler
+    def _head(self, x, ks) -> tuple[list[int] | None, torch.Tensor | None]:
+        """Head-input rows x [S, H] -> (tokens, None) where every row is greedy and the int8
+        screen decides them all, else (None, logits [S, V]): screened (exact where it can
+        matter, -inf elsewhere: the sampler's draw is unchanged) or the full head. ks: each
+        row's k (screen_k), None: the full head."""
+        if ks is not None:
+            if max(ks) == 1:
                 tokens = self.head_screen.tokens(x)
                 self._screen_outcome("greedy", tokens is not None)
                 if tokens is not None:
-                    return StepResult({s.seq_id: t for s, t in zip(seqs, tokens, strict=True)}, {})
-            else:  # exact where it can matter, -inf elsewhere: the sampler's draw is unchanged
+                    return tokens, None
+            else:
                 logits = self.head_screen.logits(x, ks)
                 self._screen_outcome("top-k", logits is not None)
-        if logits is None:  # no screen, or undecided: the full head
-            logits = self.model.head_logits(x)
+                if logits is not None:
+                    return None, logits
+        return None, self.model.head_logits(x)
+
+    def _sample(
+        self, seqs, tokens=None, logits=None, drafted: list[int] | None = None
+    ) -> StepResult:
+        """The next token of each of `seqs`: the screen's greedy `tokens`, or drawn from their
+        `logits` [S, V] after the structured-output mask. drafted: speculative bonus rows,
+        each after its sequence's accepted draft (appended to its output for penalties and
+        min_tokens; no grammar: such sequences are not drafted for)."""
+        if not seqs:
+            return StepResult({}, {})
+        if tokens is not None:
+            return StepResult({s.seq_id: int(t) for s, t in zip(seqs, tokens, strict=True)}, {})
         extra = drafted or [None] * len(seqs)
         rows = [
             SamplingRow(
@@ -313,42 +352,52 @@ class ModelRunner:
         return StepResult(sampled, lps, errors)
 
     def _execute_spec(self, scheduled, verify, input_ids, batch, sample_seqs) -> StepResult:
-        """engine/speculative.py: sample the first rows, accept drafts equal to their sample,
-        sample the bonus rows of accepted ones, put rejected ones' states back, then draft."""
-        spec, be = self.spec, batch.backend
+        """engine/speculative.py: the head over the first rows and the draft rows at once (one
+        read of it), the first rows sampled, drafts equal to their sample accepted and their
+        bonus rows sampled, rejected ones' states put back; then the next drafts."""
+        spec, be, rows_of = self.spec, batch.backend, self.rows_of
         h = self.model.forward_hidden(input_ids, batch, self.caches)  # [T, H]
         x = self.model.final_norm(h, be)  # every row: the MTP head reads them all
-        first = x.index_select(0, batch.logits_indices)
-        result = self._sample(first, sample_seqs, ks=self._screen_ks(len(sample_seqs), sample_seqs))
-        cu = [0]
-        for i, s in enumerate(scheduled):
-            cu.append(cu[-1] + s.num_new_tokens + (i in verify))
+        order = list(verify)
+        S = len(sample_seqs)
+        rows = batch.logits_indices.tolist() + [rows_of[i][-1] for i in order]
+        seqs = sample_seqs + [scheduled[i].seq for i in order]
+        ks = self._screen_ks(len(seqs), seqs, shifts=[0] * S + [1] * len(order))
+        tokens, logits = None, None
+        if rows:
+            idx = torch.tensor(rows, dtype=torch.long, device=x.device)
+            tokens, logits = self._head(x.index_select(0, idx), ks)
+
+        def part(idx: list[int]):  # the head's output for some of the rows
+            if tokens is not None:
+                return {"tokens": [tokens[j] for j in idx]}
+            return {"logits": None if logits is None else logits[idx]}
+
+        result = self._sample(sample_seqs, **part(list(range(S))))
         accepted, rejected = [], []
-        for i, v in verify.items():
-            seq_id = scheduled[i].seq.seq_id
-            (accepted if result.sampled.get(seq_id) == v.draft else rejected).append(i)
+        for k, i in enumerate(order):
+            y = result.sampled.get(scheduled[i].seq.seq_id)
+            (accepted if y == verify[i].draft else rejected).append((k, i))
         if accepted:
-            seqs = [scheduled[i].seq for i in accepted]
-            rows = torch.tensor([cu[i + 1] - 1 for i in accepted], device=x.device)
-            ks = self._screen_ks(len(seqs), seqs, shift=1)
-            drafted = [verify[i].draft for i in accepted]
-            bonus = self._sample(x.index_select(0, rows), seqs, ks=ks, drafted=drafted)
+            bonus = self._sample([scheduled[i].seq for _, i in accepted],
+                                 **part([S + k for k, _ in accepted]),
+                                 drafted=[verify[i].draft for _, i in accepted])  # fmt: skip
             result.bonus = bonus.sampled
             # a bonus row whose sampling failed: the step keeps the first token only
-            rejected += [i for i in accepted if scheduled[i].seq.seq_id not in bonus.sampled]
+            rejected += [(k, i) for k, i in accepted if scheduled[i].seq.seq_id not in bonus.sampled]
         spec.stats.drafts += len(verify)
         spec.stats.accepted += len(result.bonus)
         if rejected:  # the state after the first row, without the draft
-            pairs = [(verify[i].spare, scheduled[i].seq.state_slot) for i in rejected]
+            pairs = [(verify[i].spare, scheduled[i].seq.state_slot) for _, i in rejected]
             self.caches.copy_states(pairs)
-        self._draft(scheduled, verify, x, batch, result, cu)
+        self._draft(scheduled, verify, x, batch, result, rows_of)
         return result
 
-    def _draft(self, scheduled, verify, x, batch, result: StepResult, cu: list[int]) -> None:
+    def _draft(self, scheduled, verify, x, batch, result: StepResult, rows_of) -> None:
         """Run the MTP head over every row of the step with the token that follows each row,
         and keep a greedy draft for each sampled sequence from its last confirmed row."""
         spec = self.spec
-        nxt: list[int] = []
+        nxt = [0] * x.shape[0]
         draft_rows: list[int] = []
         draft_seqs: list[tuple[str, int]] = []  # (seq_id, draft position)
         for i, s in enumerate(scheduled):
@@ -359,15 +408,14 @@ class ModelRunner:
                 known.append(0 if y is None else y)
             if i in verify:  # the draft row: followed by the bonus (garbage when rejected,
                 known.append(result.bonus.get(seq.seq_id, 0))  # overwritten before it is read)
-            nxt.extend(known)
+            for r, t in zip(rows_of[i], known, strict=True):
+                nxt[r] = t
             if y is None or not eligible(seq.params):
                 spec.forget(seq.seq_id)
                 continue
-            took = seq.seq_id in result.bonus
-            row = cu[i + 1] - 1 - (i in verify and not took)  # the last confirmed row
-            pos = start + (row - cu[i])
-            draft_rows.append(row)
-            draft_seqs.append((seq.seq_id, pos + 2))
+            k = len(rows_of[i]) - 1 - (i in verify and seq.seq_id not in result.bonus)
+            draft_rows.append(rows_of[i][k])  # the last confirmed row, at position start + k
+            draft_seqs.append((seq.seq_id, start + k + 2))
         ids = torch.tensor(nxt, dtype=torch.long, device=x.device)
         m = self.model.forward_mtp(ids, x, batch, self.caches)  # [T, H]
         if not draft_rows:
@@ -381,13 +429,17 @@ class ModelRunner:
         for (seq_id, pos), t in zip(draft_seqs, tokens, strict=True):
             spec.drafts[seq_id] = (pos, int(t))
 
-    def _screen_ks(self, num_rows: int, seqs, shift: int = 0) -> list[int] | None:
+    def _screen_ks(self, num_rows: int, seqs, shifts=None) -> list[int] | None:
         """Each row's k where every row of the step can take the int8 screen (screen_k);
-        shift: tokens each row's sequence has beyond its token_ids (a bonus row's draft)."""
+        shifts: tokens each row's sequence has beyond its token_ids (a bonus row's draft)."""
         head = self.head_screen
         if head is None or not 0 < len(seqs) == num_rows <= head.max_rows:
             return None
-        ks = [screen_k(s.params, len(s.token_ids) + shift - s.num_prompt_tokens) for s in seqs]
+        shifts = shifts or [0] * len(seqs)
+        ks = [
+            screen_k(s.params, len(s.token_ids) + d - s.num_prompt_tokens)
+            for s, d in zip(seqs, shifts, strict=True)
+        ]
         if None in ks:
             return None
         kind = "greedy" if max(ks) == 1 else "top-k"

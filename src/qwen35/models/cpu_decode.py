@@ -28,7 +28,7 @@ from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
 from qwen35.kernels import attention, small_ops
 from qwen35.layers.linear import MANY_MAX_ROWS, PACKED_MAX_ROWS, linear
 from qwen35.ops import moe as ops_moe
-from qwen35.ops.deltanet import gated_slot_runs
+from qwen35.ops.deltanet import copy_layer_states, gated_slot_runs
 from qwen35.quant.packing import QuantPack
 
 
@@ -187,8 +187,18 @@ def _moe(mlp, dtype):
 def _deltanet(conv_w, dt_bias, a_log, norm_w, eps, nk, i, proj, step):
     qkv, z, b, a = proj
     dn, _, batch, caches, _, _ = step
-    return gated_slot_runs(dn, qkv, z, a, b, conv_w, dt_bias, a_log, norm_w, eps, nk,
-                           batch.decode.slot_runs, caches.conv[i], caches.recurrent[i])  # fmt: skip
+    d, conv, rec = batch.decode, caches.conv[i], caches.recurrent[i]
+    if d.phases is None:
+        return gated_slot_runs(dn, qkv, z, a, b, conv_w, dt_bias, a_log, norm_w, eps, nk,
+                               d.slot_runs, conv, rec)  # fmt: skip
+    ys = []  # a speculative verify step: the draft rows after the others (DecodeBatch.phases)
+    for k, p in enumerate(d.phases):
+        r = slice(*p.row_range)
+        ys.append(gated_slot_runs(dn, qkv[r], z[r], a[r], b[r], conv_w, dt_bias, a_log, norm_w,
+                                  eps, nk, p.slot_runs, conv, rec))  # fmt: skip
+        if k == 0:
+            copy_layer_states(conv, rec, d.phase_copies)
+    return torch.cat(ys)
 
 
 def _attention(q_norm_w, k_norm_w, eps, scale, i, proj, step):
@@ -246,8 +256,11 @@ class DecodePlan:
             not batch.prefill
             and d is not None
             and batch.num_tokens <= PACKED_MAX_ROWS  # the modules' projections are packed too
-            and d.rows_by_slot is not None
-            and d.all_rows_in_slot_order
+            and (
+                d.all_rows_in_slot_order and d.rows_by_slot is not None
+                if d.phases is None
+                else all(p.in_slot_order for p in d.phases)
+            )
             and batch.mm_rows is None
             and be is not None
             and be.cpu_kernels is not None

@@ -193,10 +193,17 @@ def _prefill_fla(fla, qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache
 # ---- decode ---------------------------------------------------------------------------------
 def deltanet_decode(be: Backend, qkv, g, beta, conv_w, dims: Dims, d, conv_cache, rec_cache,
                     o) -> None:  # fmt: skip
-    """d: DecodeBatch. Writes o's decode rows; conv and recurrent states move by one token."""
+    """d: DecodeBatch. Writes o's decode rows; conv and recurrent states move by one token
+    (by one token per phase where d has phases: DecodeBatch.phases)."""
     if d.fresh_slots is not None:
         conv_cache.index_fill_(0, d.fresh_slots, 0)
         rec_cache.index_fill_(0, d.fresh_slots, 0)
+    if d.phases is not None:
+        for k, p in enumerate(d.phases):
+            deltanet_decode(be, qkv, g, beta, conv_w, dims, p, conv_cache, rec_cache, o)
+            if k == 0:
+                copy_layer_states(conv_cache, rec_cache, d.phase_copies)
+        return
     if d.rows_by_slot is not None:  # built for CPU backends
         _decode_slot_runs(be, qkv, g, beta, conv_w, dims, d, conv_cache, rec_cache, o)
         return
@@ -241,7 +248,7 @@ def deltanet_decode_gated(be: Backend, qkv, z, a, b, conv_w, dt_bias, A_log, nor
                               conv_cache, rec_cache)  # fmt: skip
     if (
         be.cpu_kernels is None
-        or d.rows_by_slot is None
+        or d.rows_by_slot is None  # (phased batches have none: the op-by-op path)
         or not d.all_rows_in_slot_order
         or rec_cache.dtype != torch.float32
         or qkv.dtype not in (torch.float32, torch.bfloat16)
@@ -257,6 +264,13 @@ def deltanet_decode_gated(be: Backend, qkv, z, a, b, conv_w, dt_bias, A_log, nor
         rec_cache.index_fill_(0, d.fresh_slots, 0)
     return gated_slot_runs(mod, qkv, z, a, b, conv_w, dt_bias, A_log, norm_w, eps, dims.nk,
                            d.slot_runs, conv_cache, rec_cache)  # fmt: skip
+
+
+def copy_layer_states(conv_cache, rec_cache, pairs) -> None:
+    """One layer's conv + recurrent state of slot src -> slot dst, for each (src, dst)."""
+    for src, dst in pairs:
+        conv_cache[dst].copy_(conv_cache[src])
+        rec_cache[dst].copy_(rec_cache[src])
 
 
 def _triton_decode_ok(be: Backend, qkv, dims: Dims, rec_cache) -> bool:
