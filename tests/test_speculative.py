@@ -109,6 +109,7 @@ def test_engine_drafts_equal_the_reference_mtp_head(ckpt, accept):
     plain = make(d).generate([p], sp)[0].outputs[0].token_ids
     llm = make(d, num_speculative_tokens=1, max_num_batched_tokens=8, block_size=4)
     eng, spec = llm.engine, llm.engine.runner.spec
+    spec.backoff = False  # a draft every step, however many are rejected
     if accept:
         spec.draft_override = oracle({tuple(p): p + plain})
     eng.add_request("r", p, sp)
@@ -169,6 +170,7 @@ def test_greedy_and_seeded_sampling_equal_without_drafts(which, ckpt, moe_ckpt):
     kw = dict(block_size=4, max_num_batched_tokens=32)
     want = outputs(make(d, **kw).generate(ps, sps))
     llm = make(d, num_speculative_tokens=1, **kw)
+    llm.engine.runner.spec.backoff = False
     assert outputs(llm.generate(ps, sps)) == want  # the MTP head's drafts
     reference = {tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)}
     for wrong in (0.0, 0.3):
@@ -230,3 +232,54 @@ def test_structured_and_logprob_requests_are_not_drafted(ckpt):
     out = llm.generate([p], sp)[0].outputs[0]
     assert len(out.logprobs) == 6 and llm.engine.runner.spec.stats.drafts == 0
     assert out.token_ids == make(d).generate([p], sp)[0].outputs[0].token_ids
+
+
+def test_drafts_pause_after_rejections(ckpt):
+    """Random MTP weights: drafts keep failing, so sequences pause drafting (fewer drafts than
+    steps), and an accepted draft ends the pause; outputs unchanged either way."""
+    from qwen35.engine.speculative import SpecState
+
+    d, _ = ckpt
+    p = prompts(1, seed=13)[0]
+    sp = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    want = make(d).generate([p], sp)[0].outputs[0].token_ids
+    llm = make(d, num_speculative_tokens=1)
+    assert llm.generate([p], sp)[0].outputs[0].token_ids == want
+    st = llm.engine.runner.spec.stats
+    assert 2 <= st.drafts < 20 and st.accepted < st.drafts
+    s = SpecState(range(0))
+    for ok in (False, False, False):
+        s.outcome("a", ok)
+    assert s.paused["a"] == 4 and [s.wants_draft("a") for _ in range(5)] == [False] * 4 + [True]
+    s.outcome("a", True)
+    assert "a" not in s.misses and s.wants_draft("a")
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_cpu_verify_steps_are_decode_rows_bf16_bitwise(ckpt, monkeypatch, quantization):
+    """On a CPU a decode step's drafts run as decode rows in two DeltaNet phases through the
+    decode plan (models/cpu_decode.py), so each row's arithmetic is a decode step's: bf16 and
+    int8 greedy tokens equal the plain engine's exactly (a 2-token chunk would differ by
+    chunked-vs-recurrent rounding)."""
+    from qwen35.models import cpu_decode
+
+    d, _ = ckpt
+    phased = []
+    run = cpu_decode.DecodePlan.run
+
+    def spy(self, h, cos, sin, batch, caches):
+        phased.append(batch.decode.phases is not None)
+        return run(self, h, cos, sin, batch, caches)
+
+    monkeypatch.setattr(cpu_decode.DecodePlan, "run", spy)
+    ps = prompts(4, seed=14)
+    sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    kw = dict(dtype="bf16", quantization=quantization)
+    want = [o.outputs[0].token_ids for o in make(d, **kw).generate(ps, sp)]
+    assert phased and not any(phased)
+    llm = make(d, num_speculative_tokens=1, **kw)
+    llm.engine.runner.spec.draft_override = oracle(
+        {tuple(p): p + w for p, w in zip(ps, want, strict=True)}, wrong=0.3
+    )
+    assert [o.outputs[0].token_ids for o in llm.generate(ps, sp)] == want
+    assert sum(phased) > 5 and llm.engine.runner.spec.stats.accepted > 10

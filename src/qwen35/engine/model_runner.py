@@ -140,7 +140,7 @@ class ModelRunner:
     def remove_sequence(self, seq_id: str) -> None:
         self._generators.pop(seq_id, None)
         if self.spec is not None:
-            self.spec.forget(seq_id)
+            self.spec.remove(seq_id)
         if self.vision is not None:
             self.vision.drop(seq_id)
 
@@ -385,8 +385,9 @@ class ModelRunner:
             result.bonus = bonus.sampled
             # a bonus row whose sampling failed: the step keeps the first token only
             rejected += [(k, i) for k, i in accepted if scheduled[i].seq.seq_id not in bonus.sampled]
-        spec.stats.drafts += len(verify)
-        spec.stats.accepted += len(result.bonus)
+        for i in verify:
+            seq_id = scheduled[i].seq.seq_id
+            spec.outcome(seq_id, seq_id in result.bonus)
         if rejected:  # the state after the first row, without the draft
             pairs = [(verify[i].spare, scheduled[i].seq.state_slot) for _, i in rejected]
             self.caches.copy_states(pairs)
@@ -410,7 +411,7 @@ class ModelRunner:
                 known.append(result.bonus.get(seq.seq_id, 0))  # overwritten before it is read)
             for r, t in zip(rows_of[i], known, strict=True):
                 nxt[r] = t
-            if y is None or not eligible(seq.params):
+            if y is None or not eligible(seq.params) or not spec.wants_draft(seq.seq_id):
                 spec.forget(seq.seq_id)
                 continue
             k = len(rows_of[i]) - 1 - (i in verify and seq.seq_id not in result.bonus)

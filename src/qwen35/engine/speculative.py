@@ -17,11 +17,20 @@ Drafts: after every step the MTP head (models/mtp.py) runs over all rows of the 
 tokens that follow them (the prompt's next token, the sampled token, the bonus) and writes its
 own KV; the last confirmed row of each sequence gives the next draft (greedy). Sequences with
 structured outputs or logprobs are not drafted for (they decode one token per step).
+
+A verify step costs more than a decode step (two rows through every layer, the head for both,
+the draft's head read), so drafts that keep failing cost time: after MISSES_BEFORE_PAUSE
+rejections in a row a sequence decodes without drafts for 2, 4, ... up to MAX_PAUSE steps
+(one draft after each pause probes again; an accepted one ends the back-off). The MTP layer
+still runs over its rows, so its KV stays complete for later drafts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+MISSES_BEFORE_PAUSE = 2
+MAX_PAUSE = 64
 
 
 @dataclass
@@ -52,6 +61,9 @@ class SpecState:
     stats: SpecStats = field(default_factory=SpecStats)
     # bench / tests: fn(seq, position) -> a draft token that replaces the MTP head's
     draft_override: object = None
+    backoff: bool = True  # pause drafting after rejections (tests switch it off)
+    misses: dict[str, int] = field(default_factory=dict)  # seq_id -> rejections in a row
+    paused: dict[str, int] = field(default_factory=dict)  # seq_id -> steps left without drafts
 
     def plan(self, scheduled) -> dict[int, Verify]:
         """Which scheduled sequences verify a draft this step, with their spare slots."""
@@ -77,7 +89,32 @@ class SpecState:
         return out
 
     def forget(self, seq_id: str) -> None:
+        """The sequence has no draft now (finished, not drafted for, paused)."""
         self.drafts.pop(seq_id, None)
+
+    def remove(self, seq_id: str) -> None:
+        self.forget(seq_id)
+        self.misses.pop(seq_id, None)
+        self.paused.pop(seq_id, None)
+
+    def outcome(self, seq_id: str, accepted: bool) -> None:
+        """Count a verified draft of the sequence (the back-off above)."""
+        self.stats.drafts += 1
+        self.stats.accepted += accepted
+        if accepted:
+            self.misses.pop(seq_id, None)
+            return
+        m = self.misses[seq_id] = self.misses.get(seq_id, 0) + 1
+        if m >= MISSES_BEFORE_PAUSE:
+            self.paused[seq_id] = min(MAX_PAUSE, 2 ** (m - MISSES_BEFORE_PAUSE + 1))
+
+    def wants_draft(self, seq_id: str) -> bool:
+        """Whether to draft for the sequence this step (not during a pause)."""
+        left = self.paused.get(seq_id, 0)
+        if left and self.backoff:
+            self.paused[seq_id] = left - 1
+            return False
+        return True
 
 
 def eligible(params) -> bool:
