@@ -270,7 +270,8 @@ def build_tiny_engine(path, **engine_kwargs):
     from qwen35.engine.llm_engine import LLMEngine
     from tiny import VOCAB_REAL, save_checkpoint
 
-    save_checkpoint(path, vocab_size=VOCAB_REAL, hidden_size=32, seed=0)
+    mtp = bool(engine_kwargs.get("num_speculative_tokens"))  # (speculative decoding drafts with it)
+    save_checkpoint(path, vocab_size=VOCAB_REAL, hidden_size=32, seed=0, mtp=mtp)
     kw = dict(max_model_len=512, max_num_seqs=16, max_memory="256MiB", verbose=False)
     kw.update(engine_kwargs)
     return LLMEngine(str(path), **kw)

@@ -15,6 +15,7 @@ from qwen35.benchmarks.common import BenchOptions, load_bench_model
 from qwen35.benchmarks.peers import PAIRS, _decode_order
 from qwen35.cli import main
 from qwen35.devices import default_dtype
+from qwen35.errors import Qwen35Error
 from tiny import tiny_config_dict
 
 
@@ -32,8 +33,9 @@ def doc(tiny_cfg) -> dict:
     from qwen35.benchmarks.runner import run_bench
 
     opts = BenchOptions(model=tiny_cfg, quick=True, threads=None, contexts=(32, 96))
-    # structured, vision and tp have tests of their own
-    return run_bench(opts, [w for w in WORKLOADS if w not in ("structured", "vision", "tp")])
+    # structured, vision, tp and spec have tests of their own
+    skip = ("structured", "vision", "tp", "spec")
+    return run_bench(opts, [w for w in WORKLOADS if w not in skip])
 
 
 def _finite_positive(x) -> bool:
@@ -295,3 +297,25 @@ def test_peers_removes_its_converted_weights(tiny_cfg, monkeypatch):
     with pytest.raises(RuntimeError, match="converter failure"):
         peers.run_peers(bm, opts)
     assert made and not made[0].parent.exists() and "hf" not in gguf._WORK
+
+
+def test_spec_workload(tmp_path, tiny_cfg):
+    """Speculative decoding vs plain on a tiny config with an MTP head: every engine's greedy
+    tokens equal the plain engine's, the oracle rows' acceptance follows their rate (100%:
+    every draft right), the MTP row drafts with the head."""
+    from qwen35.benchmarks.runner import run_bench
+
+    d = tiny_config_dict(model_type="qwen3_5_text", vocab_size=512, mtp_num_hidden_layers=1)
+    d["layer_types"] = ["linear_attention"] * 3 + ["full_attention"]
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(d))
+    doc = run_bench(BenchOptions(model=str(cfg), quick=True, rounds=2), ["spec"])
+    s = doc["workloads"]["spec"]
+    rows = s["engines"]
+    assert list(rows) == ["plain", "mtp", "oracle 100%", "oracle 80%", "oracle 60%"]
+    assert all(r["tokens_equal_plain"] for r in rows.values())
+    assert all(_finite_positive(r["decode_tokens_per_s"]) for r in rows.values())
+    assert rows["oracle 100%"]["acceptance"] == 1.0 and rows["mtp"]["drafts"] > 0
+    assert rows["plain"]["over_plain"] == 1.0 and rows["plain"]["acceptance"] is None
+    with pytest.raises(Qwen35Error, match="no MTP head"):  # a config without one
+        run_bench(BenchOptions(model=tiny_cfg, quick=True), ["spec"])

@@ -159,3 +159,26 @@ def test_bf16_close_to_fp32():
     b = bf16(ids_, backend=select_backend("cuda", dtype=torch.bfloat16))
     assert b.dtype == torch.float32
     assert ((a - b).abs().max() / a.abs().max()).item() < 5e-2
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_speculative_decoding_equals_plain_on_gpu(moe, tmp_path):
+    """MTP drafts on CUDA (verify steps as 2-token chunks, eager): fp32 greedy and seeded
+    tokens equal the plain engine's, with the MTP head's drafts and with oracle drafts."""
+    from test_speculative import oracle, outputs
+
+    d = tmp_path / "m"
+    save_checkpoint(d, moe=moe, mtp=True, experts="per_expert" if moe else "fused")
+    ps = prompts(4, seed=21, lo=3, hi=60)
+    sps = [SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)] * 2 + [
+        SamplingParams(max_tokens=16, temperature=0.8, seed=i, ignore_eos=True) for i in (2, 3)
+    ]
+    want = outputs(cuda(d, block_size=4).generate(ps, sps))
+    llm = cuda(d, block_size=4, num_speculative_tokens=1)
+    llm.engine.runner.spec.backoff = False
+    assert outputs(llm.generate(ps, sps)) == want
+    llm.engine.runner.spec.draft_override = oracle(
+        {tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)}, wrong=0.3
+    )
+    assert outputs(llm.generate(ps, sps)) == want
+    assert llm.engine.runner.spec.stats.accepted > 10

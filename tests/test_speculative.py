@@ -283,3 +283,37 @@ def test_cpu_verify_steps_are_decode_rows_bf16_bitwise(ckpt, monkeypatch, quanti
     )
     assert [o.outputs[0].token_ids for o in llm.generate(ps, sp)] == want
     assert sum(phased) > 5 and llm.engine.runner.spec.stats.accepted > 10
+
+
+def test_server_with_speculative_decoding(tmp_path):
+    """The HTTP server over an engine with MTP drafts: streamed == not streamed == an engine
+    without drafts (the real vocabulary and tokenizer), and /metrics counts the drafts."""
+    import httpx
+    import openai
+
+    from qwen35.server.app import ServerConfig, create_app
+    from server_fakes import ServerThread, build_tiny_engine
+
+    engine = build_tiny_engine(tmp_path / "m", num_speculative_tokens=1)
+    engine.runner.spec.backoff = False
+    plain = build_tiny_engine(tmp_path / "p")
+    srv = ServerThread(create_app(engine, ServerConfig(served_model_name="tiny")))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        kw = dict(model="tiny", prompt="The capital of France is", max_tokens=12, temperature=0,
+                  extra_body={"ignore_eos": True})  # fmt: skip
+        text = client.completions.create(**kw).choices[0].text
+        streamed = "".join(
+            c.text for ch in client.completions.create(stream=True, **kw) for c in ch.choices
+        )
+        want = []
+        plain.add_request("p", "The capital of France is",
+                          SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))  # fmt: skip
+        while plain.has_unfinished_requests():
+            want += [o.outputs[0].text for o in plain.step() if o.outputs]
+        assert text == streamed == "".join(want)
+        metrics = httpx.get(srv.url + "/metrics").text
+        assert "qwen35_spec_decode_num_draft_tokens_total" in metrics
+        assert engine.get_stats()["spec_drafts_total"] > 5
+    finally:
+        srv.close()

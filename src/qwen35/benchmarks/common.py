@@ -62,9 +62,12 @@ class BenchModel:
         return self.model.config
 
 
-def load_bench_model(opts: BenchOptions, quantization: str | None = None) -> BenchModel:
+def load_bench_model(
+    opts: BenchOptions, quantization: str | None = None, mtp: bool = False
+) -> BenchModel:
     """A model directory with safetensors loads its weights; anything else (catalog name, config
-    file, directory holding only config.json) gets seeded random weights."""
+    file, directory holding only config.json) gets seeded random weights. mtp: with the MTP
+    head (speculative decoding)."""
     from qwen35.loader import load_model, parse_dtype
 
     path = Path(opts.model).expanduser()
@@ -79,6 +82,7 @@ def load_bench_model(opts: BenchOptions, quantization: str | None = None) -> Ben
             seed=opts.seed,
             progress=False,
             quantization=quantization,
+            mtp=mtp,
         )
     except FileNotFoundError as e:
         raise Qwen35Error(f"--model {opts.model!r}: {e}") from None

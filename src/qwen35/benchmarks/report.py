@@ -55,6 +55,7 @@ def print_workload(doc: dict, key: str, con: Console) -> None:
         "quality": _quality,
         "peers": _peers,
         "tp": _tp,
+        "spec": _spec,
     }
     printers[key](con, doc["workloads"][key], _impl(doc))
 
@@ -196,6 +197,26 @@ def _multi_turn(con: Console, d: dict, impl: str) -> None:
         _x(d["ttft_ratio"]),
         _x(d["ttft_ratio_after_first_turn"]),
     )
+    con.print(t)
+
+
+def _spec(con: Console, d: dict, impl: str) -> None:
+    t = Table(
+        title=f"Speculative decoding, one MTP draft per step, batch 1 (prompt {d['prompt_len']}, "
+        f"{d['new_tokens']} new tokens, {d['rounds']} interleaved rounds; oracle rows: drafts "
+        "right at that rate)"
+    )
+    for c in ("engine", "decode tok/s", "x plain", "acceptance", "tokens = plain"):
+        t.add_column(c, justify="right")
+    for name, r in d["engines"].items():
+        acc = r["acceptance"]
+        t.add_row(
+            name,
+            _f(r["decode_tokens_per_s"]),
+            _x(r["over_plain"]),
+            "" if acc is None else f"{acc:.0%} of {r['drafts']}",
+            "yes" if r["tokens_equal_plain"] else "NO",
+        )
     con.print(t)
 
 

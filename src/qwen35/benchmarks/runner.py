@@ -25,6 +25,7 @@ def _workload_fns() -> dict[str, Callable]:
     from qwen35.benchmarks.parallel import run_tp
     from qwen35.benchmarks.peers import run_peers
     from qwen35.benchmarks.quality import run_quality
+    from qwen35.benchmarks.speculative import run_speculative
     from qwen35.benchmarks.structured import run_structured
     from qwen35.benchmarks.throughput import run_throughput
     from qwen35.benchmarks.vision import run_vision
@@ -40,6 +41,7 @@ def _workload_fns() -> dict[str, Callable]:
         "quality": run_quality,
         "peers": run_peers,
         "tp": run_tp,
+        "spec": run_speculative,
     }
 
 
@@ -71,7 +73,7 @@ def run_bench(
     runtime = configure_cpu_runtime(opts.threads)  # what every engine does at start
     say(f"loading {opts.model} ({opts.dtype})")
     t0 = time.perf_counter()
-    bm = load_bench_model(opts)
+    bm = load_bench_model(opts, mtp="spec" in workloads)  # (the MTP head: spec drafts with it)
     doc = {
         "schema": SCHEMA,
         "model": bm.config.name,

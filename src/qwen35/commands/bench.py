@@ -14,7 +14,7 @@ from qwen35.errors import Qwen35Error
 
 WORKLOAD_CHOICES = (
     "all", "decode", "throughput", "long-context", "multi-turn", "dtype", "structured", "vision",
-    "quality", "peers", "tp",
+    "quality", "peers", "tp", "spec",
 )  # fmt: skip
 
 
@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "vs none at batch 32, and schema compile time; vision = encoder images/s and TTFT of a "
         "chat with one 1024x1024 image; quality = fp8/int8/int4 vs bf16 (top-1 agreement, KL); "
         "peers = each weight format vs llama.cpp; tp = tokens/s of one process vs "
-        "--tensor-parallel-size ranks (default 2) on the same weights (only decode, "
+        "--tensor-parallel-size ranks (default 2) on the same weights; spec = batch-1 decode "
+        "with MTP drafts (and oracle drafts at 100/80/60%% acceptance) vs plain (only decode, "
         "throughput, long-context and multi-turn are part of all)",
     )
     p.add_argument(

@@ -422,10 +422,9 @@ class ModelRunner:
         if not draft_rows:
             return
         m = m.index_select(0, torch.tensor(draft_rows, device=x.device))
-        tokens = None
-        if self.head_screen is not None and len(draft_rows) <= self.head_screen.max_rows:
-            tokens = self.head_screen.tokens(m)
-        if tokens is None:
+        if self.head_screen is not None:  # a draft needs no exact argmax: the int8 screen's
+            tokens = self.head_screen.draft_tokens(m)
+        else:
             tokens = self.model.head_logits(m).argmax(dim=-1).tolist()
         for (seq_id, pos), t in zip(draft_seqs, tokens, strict=True):
             spec.drafts[seq_id] = (pos, int(t))

@@ -197,6 +197,14 @@ class HeadScreen:
         cand, exact = got
         return cand[argmax(exact)].tolist()
 
+    def draft_tokens(self, x: torch.Tensor) -> list[int]:
+        """Each row's largest screen logit: the int8 head's argmax, not guaranteed the exact
+        one (ties and near-ties may differ). For speculative drafts, where a wrong token costs
+        acceptance only (engine/speculative.py): one read of the int8 head, never a fallback."""
+        from qwen35.engine.sampler import argmax
+
+        return argmax(self.screen(x)).tolist()
+
     def logits(self, x: torch.Tensor, ks: list[int]) -> torch.Tensor | None:
         """Logits [S, V] fp32 for rows that keep only their ks[i] largest: exact (bitwise the
         full head's) at every token that can be among them, -inf elsewhere; or None."""

@@ -50,6 +50,16 @@ _ENGINE_SERIES = {
         "counter",
     ),
     "prefix_cache_hits": ("qwen35_prefix_cache_hits", "Prefix cache lookups that hit", "counter"),
+    "spec_drafts_total": (
+        "qwen35_spec_decode_num_draft_tokens",
+        "Speculative decoding: MTP draft tokens verified",
+        "counter",
+    ),
+    "spec_accepted_total": (
+        "qwen35_spec_decode_num_accepted_tokens",
+        "Speculative decoding: draft tokens accepted",
+        "counter",
+    ),
     "prefix_cache_hit_tokens": (
         "qwen35_prefix_cache_hit_tokens",
         "Prompt tokens served from the prefix cache",

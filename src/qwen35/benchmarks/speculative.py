@@ -1,0 +1,95 @@
+"""Speculative decoding with the MTP head against plain decoding: batch-1 decode tokens/s.
+
+Random weights give an MTP head whose drafts are almost never right, so this workload also
+drafts with an oracle at set acceptance rates: each round the plain engine decodes first, and
+the oracle drafts its token at each position with probability `acceptance`, a wrong one
+otherwise (engine/speculative.py `draft_override`). What a real checkpoint gains is read off
+the row of its acceptance rate (vLLM and SGLang report their MTP acceptance per model). Every
+engine shares one set of weights; rounds interleave the engines; tokens are checked equal to
+the plain engine's (greedy: the drafts never change the output).
+"""
+
+from __future__ import annotations
+
+import random
+
+from qwen35.benchmarks.common import BenchModel, BenchOptions, make_engine, ratio, timed_request
+
+ACCEPTANCE = (1.0, 0.8, 0.6)
+
+
+def sizes(opts: BenchOptions) -> dict:
+    if opts.quick:
+        return {"prompt_len": 16, "new_tokens": 8, "rounds": opts.rounds or 1}
+    return {"prompt_len": 256, "new_tokens": 64, "rounds": opts.rounds or 3}
+
+
+def _oracle(reference: list[int], acceptance: float, seed: int):
+    rng = random.Random(seed)
+
+    def draft(seq, pos):
+        if pos >= len(reference):
+            return None
+        tok = reference[pos]
+        return tok if rng.random() < acceptance else (tok + 1) % (1 << 20)
+
+    return draft
+
+
+def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
+    if not getattr(bm.model, "has_mtp", False):
+        from qwen35.errors import Qwen35Error
+
+        raise Qwen35Error(f"{bm.config.name} has no MTP head: the spec workload drafts with it")
+    sz = sizes(opts)
+    P, N = sz["prompt_len"], sz["new_tokens"]
+    kw = dict(max_num_seqs=1, max_model_len=P + N + 16, enable_prefix_caching=False)
+    plain = make_engine(bm, **kw)
+    spec = make_engine(bm, num_speculative_tokens=1, **kw)
+    names = ["plain", "mtp"] + [f"oracle {a:.0%}" for a in ACCEPTANCE]
+    rng = random.Random(opts.seed)
+    vocab = bm.config.vocab_size
+    for name, eng in (("plain", plain), ("spec", spec)):  # first calls pay one-off costs
+        timed_request(eng, [rng.randrange(vocab) for _ in range(8)], 4, f"warm-{name}")
+    secs = {n: 0.0 for n in names}
+    toks = {n: 0 for n in names}
+    acc = {n: [0, 0] for n in names}  # drafts verified, accepted
+    same = {n: True for n in names}
+    for r in range(sz["rounds"]):
+        prompt = [rng.randrange(vocab) for _ in range(P)]
+        reference = None
+        for name in names:
+            eng = plain if name == "plain" else spec
+            if eng is spec:
+                rs = eng.runner.spec
+                rs.draft_override = None
+                if name != "mtp":
+                    a = ACCEPTANCE[names.index(name) - 2]
+                    rs.draft_override = _oracle(prompt + reference, a, opts.seed + r)
+                before = (rs.stats.drafts, rs.stats.accepted)
+            _, steps, out = timed_request(eng, prompt, N, f"{name}-{r}")
+            secs[name] += sum(steps)
+            toks[name] += len(out) - 1  # after the first (prefill) token
+            if eng is spec:
+                acc[name][0] += rs.stats.drafts - before[0]
+                acc[name][1] += rs.stats.accepted - before[1]
+                same[name] &= out == reference
+            else:
+                reference = out
+    spec.runner.spec.draft_override = None
+    rows = {}
+    for name in names:
+        tps = toks[name] / secs[name] if secs[name] else float("nan")
+        drafts, accepted = acc[name]
+        rows[name] = {
+            "decode_tokens_per_s": tps,
+            "drafts": drafts,
+            "acceptance": accepted / drafts if drafts else None,
+            "tokens_equal_plain": same[name] if name != "plain" else True,
+        }
+    for name in names:
+        rows[name]["over_plain"] = ratio(
+            rows[name]["decode_tokens_per_s"], rows["plain"]["decode_tokens_per_s"]
+        )
+    del plain, spec
+    return {"prompt_len": P, "new_tokens": N, "rounds": sz["rounds"], "engines": rows}
