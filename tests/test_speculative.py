@@ -317,3 +317,32 @@ def test_server_with_speculative_decoding(tmp_path):
         assert engine.get_stats()["spec_drafts_total"] > 5
     finally:
         srv.close()
+
+
+def test_fp8_checkpoint_with_its_mtp_head(tmp_path):
+    """`qwen35 quantize --to fp8` puts the MTP layer in FP8 like the main layers (as the official
+    FP8 releases); it loads into FP8 modules, drafts, and the outputs equal those without drafts
+    and those of the BF16 checkpoint quantized in memory."""
+    from qwen35.quant.checkpoint import convert_checkpoint
+    from qwen35.quant.layers import Fp8Linear
+
+    src = tmp_path / "bf16"
+    save_checkpoint(src, dtype=torch.bfloat16, hidden_size=128, mtp=True)
+    out = convert_checkpoint(src, tmp_path / "fp8", to="fp8")
+    stored = {}
+    for file in out.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            stored.update({k: f.get_slice(k).get_dtype() for k in f.keys()})
+    assert stored["mtp.layers.0.self_attn.q_proj.weight"] == "F8_E4M3"
+    assert "mtp.layers.0.self_attn.q_proj.weight_scale_inv" in stored
+    ps = prompts(3, seed=15)
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    llm = make(out, dtype="bf16", num_speculative_tokens=1)
+    assert isinstance(llm.engine.model.mtp.layers[0].self_attn.q_proj, Fp8Linear)
+    llm.engine.runner.spec.backoff = False
+    got = [o.outputs[0].token_ids for o in llm.generate(ps, sp)]
+    assert got == [o.outputs[0].token_ids for o in make(out, dtype="bf16").generate(ps, sp)]
+    mem = make(src, dtype="bf16", quantization="fp8", num_speculative_tokens=1)
+    assert isinstance(mem.engine.model.mtp.layers[0].self_attn.q_proj, Fp8Linear)
+    assert [o.outputs[0].token_ids for o in mem.generate(ps, sp)] == got
+    assert llm.engine.runner.spec.stats.drafts > 5

@@ -4,9 +4,10 @@ Random weights give an MTP head whose drafts are almost never right, so this wor
 drafts with an oracle at set acceptance rates: each round the plain engine decodes first, and
 the oracle drafts its token at each position with probability `acceptance`, a wrong one
 otherwise (engine/speculative.py `draft_override`). What a real checkpoint gains is read off
-the row of its acceptance rate (vLLM and SGLang report their MTP acceptance per model). Every
-engine shares one set of weights; rounds interleave the engines; tokens are checked equal to
-the plain engine's (greedy: the drafts never change the output).
+the row of its acceptance rate. Every engine shares one set of weights; each round runs the
+plain engine, then the drafting ones in an order rotated round by round (the plain engine's
+tokens are the oracle's); tokens are checked equal to the plain engine's (greedy: the drafts
+never change the output).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
     for r in range(sz["rounds"]):
         prompt = [rng.randrange(vocab) for _ in range(P)]
         reference = None
-        for name in names:
+        k = r % (len(names) - 1)  # the drafting engines in a rotated order each round
+        for name in ["plain"] + names[1 + k :] + names[1 : 1 + k]:
             eng = plain if name == "plain" else spec
             if eng is spec:
                 rs = eng.runner.spec
