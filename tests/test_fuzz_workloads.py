@@ -3,8 +3,8 @@ found this project's batching, stop-string and multimodal bugs, kept as regressi
 
 - engine interleavings: requests arrive between steps and some are aborted mid-run, under
   prefix caching with random checkpoint intervals, KV pools small enough to preempt and
-  chunked prefill; every finished request equals its run alone in a fresh engine (fp32) and
-  the pools end empty;
+  chunked prefill, half the engines with MTP drafts (speculative decoding); every finished
+  request equals its run alone in a fresh engine without drafts (fp32) and the pools end empty;
 - stop rules: random stop strings cut from each prompt's own output, stop ids, min_tokens, n,
   special tokens kept or skipped; batched == alone (text, tokens, finish and stop reasons), no
   stop string inside the text after the first min_tokens tokens, max_tokens / min_tokens kept.
@@ -28,10 +28,21 @@ def _outs(out) -> list[tuple]:
     return [(tuple(o.token_ids), o.finish_reason) for o in sorted(out.outputs, key=lambda o: o.index)]
 
 
+def _lookup_draft(seq, pos):
+    """A draft from the sequence itself: the token that followed the last earlier occurrence of
+    its last token (tiny random models repeat themselves, so this is often right)."""
+    toks = seq.token_ids[:pos]
+    for i in range(len(toks) - 2, -1, -1):
+        if toks[i] == toks[-1]:
+            return toks[i + 1]
+    return None
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_random_interleavings_with_aborts_equal_each_request_alone(tmp_path, seed):
     rng = random.Random(seed)
-    save_checkpoint(tmp_path, moe=seed % 2 == 0, seed=seed, dtype=torch.float32)
+    save_checkpoint(tmp_path, moe=seed % 2 == 0, seed=seed, dtype=torch.float32, mtp=True)
+    accepted = 0  # drafts accepted over the engines with drafts
     for _ in range(8):
         bs = rng.choice([4, 8, 16])
         kw = dict(dtype="fp32", verbose=False, block_size=bs, max_model_len=160,
@@ -55,7 +66,12 @@ def test_random_interleavings_with_aborts_equal_each_request_alone(tmp_path, see
             return SamplingParams(max_tokens=m, temperature=1.0, seed=rng.randrange(1 << 20),
                                   ignore_eos=True, n=n)  # fmt: skip
 
-        eng = LLM(str(tmp_path), **kw).engine
+        spec = rng.random() < 0.5  # MTP drafts (the reference below decodes without)
+        eng = LLM(str(tmp_path), **kw, num_speculative_tokens=int(spec)).engine
+        if spec:
+            eng.runner.spec.backoff = False
+            if rng.random() < 0.5:  # drafts often right: the accept path too
+                eng.runner.spec.draft_override = _lookup_draft
         reqs, acc, done, aborted = {}, {}, {}, set()
         total, k = rng.randrange(4, 16), 0
         while k < total or eng.has_unfinished_requests():
@@ -72,9 +88,11 @@ def test_random_interleavings_with_aborts_equal_each_request_alone(tmp_path, see
                 if out.finished and out.request_id not in aborted:
                     done[out.request_id] = acc[out.request_id]
         assert (eng.scheduler.num_running, eng.scheduler.num_waiting) == (0, 0)
+        accepted += eng.get_stats().get("spec_accepted_total", 0)
         fresh = LLM(str(tmp_path), **{**kw, "enable_prefix_caching": False})
         for rid, out in done.items():
             assert _outs(out) == _outs(fresh.generate([reqs[rid][0]], reqs[rid][1])[0]), (rid, kw)
+    assert accepted > 0
 
 
 @pytest.mark.parametrize("seed", [1, 2])
