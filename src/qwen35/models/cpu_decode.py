@@ -215,9 +215,10 @@ class DecodePlan:
     """Every layer's decode-step operands, resolved once for a model (its weights: build a new
     plan after they move, Qwen35ForCausalLM.post_load drops it)."""
 
-    def __init__(self, model):
+    def __init__(self, model, layers=None):
+        """layers: these decoder layers (default: the model's; the MTP head's own layer)."""
         self.layers = []
-        for layer in model.model.layers:
+        for layer in model.model.layers if layers is None else layers:
             i, mlp = layer.cache_index, layer.mlp
             if layer.is_moe:  # the block's decode step, or its module (layers/moe.py)
                 ffn = (_moe(mlp, model.dtype), None)
@@ -248,6 +249,10 @@ class DecodePlan:
                             m.scale, i),  # fmt: skip
                 )
             self.layers.append(common + mixer)
+        self.has_deltanet = any(
+            layer.layer_type == "linear_attention"
+            for layer in (model.model.layers if layers is None else layers)
+        )
 
     @staticmethod
     def applies(batch: ForwardBatch) -> bool:
@@ -274,7 +279,7 @@ class DecodePlan:
         Qwen35ForCausalLM.forward_hidden's loop: returns the last layer's output, not yet
         added to h."""
         d = batch.decode
-        if d.fresh_slots is not None:  # new sequences start from zero states
+        if d.fresh_slots is not None and self.has_deltanet:  # new sequences: zero states
             for conv, rec in zip(caches.conv, caches.recurrent, strict=True):
                 conv.index_fill_(0, d.fresh_slots, 0)
                 rec.index_fill_(0, d.fresh_slots, 0)

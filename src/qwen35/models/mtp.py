@@ -55,12 +55,17 @@ class MTPHead(nn.Module):
         sin: torch.Tensor,
         batch: ForwardBatch,
         caches: ModelCaches,
+        plan=None,
     ) -> torch.Tensor:
         """-> [T, H] the head's input rows (norm applied) of every row; writes the layer's KV
-        at the batch's slots."""
+        at the batch's slots. plan: the layer as a CPU decode plan (models/cpu_decode.py),
+        for a pure decode step."""
         be = batch.backend
         e = self.pre_fc_norm_embedding(embeds, be)
         h = self.pre_fc_norm_hidden(hidden.to(e.dtype), be)
         x = self.fc(torch.cat([e, h], dim=-1))  # [T, H], the residual stream
-        delta = self.layers[0](x, None, cos, sin, batch, caches)
+        if plan is not None:
+            delta = plan.run(x, cos, sin, batch, caches)
+        else:
+            delta = self.layers[0](x, None, cos, sin, batch, caches)
         return self.norm.add_forward(x, delta, be)

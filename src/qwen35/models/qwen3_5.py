@@ -153,6 +153,7 @@ class Qwen35ForCausalLM(nn.Module):
             self.mtp = MTPHead(cfg, cfg.num_full_attention_layers, dtype, device)
         self.packed = False  # projections packed by post_load
         self._decode_plan = None  # models/cpu_decode.py, built at the first CPU decode step
+        self._mtp_plan = None  # the same for the MTP head's layer
         self.tie_weights()
 
     @property
@@ -188,7 +189,7 @@ class Qwen35ForCausalLM(nn.Module):
             if m is not self and callable(getattr(m, "pack", None)):
                 m.pack()
         self.packed = True
-        self._decode_plan = None  # it holds the weights: built again from the new ones
+        self._decode_plan = self._mtp_plan = None  # they hold the weights: built again
 
     def _apply(self, fn, recurse: bool = True):
         """`model.to(...)`, `.cuda()`, `.half()`: every parameter gets new storage, which
@@ -249,7 +250,12 @@ class Qwen35ForCausalLM(nn.Module):
         [T, H] (head_logits of a row: the draft of the token after next)."""
         e = embed(self.model.embed_tokens, next_ids, self.tp)
         cos, sin = self._cos_sin(batch, e.dtype)
-        return self.mtp(e, hidden, cos, sin, batch, caches)
+        plan = None  # a pure CPU decode step: the layer as the decode plan's kernel calls
+        if cpu_decode.DecodePlan.applies(batch) and cpu_decode.supported(self, caches):
+            if self._mtp_plan is None:
+                self._mtp_plan = cpu_decode.DecodePlan(self, self.mtp.layers)
+            plan = self._mtp_plan
+        return self.mtp(e, hidden, cos, sin, batch, caches, plan)
 
     def _cpu_decode_plan(self, batch: ForwardBatch, caches: ModelCaches):
         """models/cpu_decode.py's plan when it applies to this step, else None (module path)."""
