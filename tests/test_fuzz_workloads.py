@@ -70,6 +70,7 @@ def test_random_interleavings_with_aborts_equal_each_request_alone(tmp_path, see
         eng = LLM(str(tmp_path), **kw, num_speculative_tokens=int(spec)).engine
         if spec:
             eng.runner.spec.backoff = False
+            eng.runner.spec.max_verify_seqs = 1 << 10  # batched verify steps too
             if rng.random() < 0.5:  # drafts often right: the accept path too
                 eng.runner.spec.draft_override = _lookup_draft
         reqs, acc, done, aborted = {}, {}, {}, set()

@@ -176,6 +176,7 @@ def test_speculative_decoding_equals_plain_on_gpu(moe, tmp_path):
     want = outputs(cuda(d, block_size=4).generate(ps, sps))
     llm = cuda(d, block_size=4, num_speculative_tokens=1)
     llm.engine.runner.spec.backoff = False
+    llm.engine.runner.spec.max_verify_seqs = 1 << 10  # batched verify steps too
     assert outputs(llm.generate(ps, sps)) == want
     llm.engine.runner.spec.draft_override = oracle(
         {tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)}, wrong=0.3

@@ -36,9 +36,14 @@ def moe_ckpt(tmp_path_factory):
 
 
 def make(d, **kw) -> LLM:
+    """An LLM; with drafts, every batch size verifies them (engine/speculative.py
+    MAX_VERIFY_SEQS keeps larger batches from drafting; test_batches_over_the_limit_do_not_draft)."""
     kw.setdefault("dtype", "fp32")
     kw.setdefault("verbose", False)
-    return LLM(str(d), **kw)
+    llm = LLM(str(d), **kw)
+    if llm.engine.runner.spec is not None:
+        llm.engine.runner.spec.max_verify_seqs = 1 << 10
+    return llm
 
 
 def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 60) -> list[list[int]]:
@@ -346,3 +351,18 @@ def test_fp8_checkpoint_with_its_mtp_head(tmp_path):
     assert isinstance(mem.engine.model.mtp.layers[0].self_attn.q_proj, Fp8Linear)
     assert [o.outputs[0].token_ids for o in mem.generate(ps, sp)] == got
     assert llm.engine.runner.spec.stats.drafts > 5
+
+
+def test_batches_over_the_limit_do_not_draft(ckpt):
+    from qwen35.engine.speculative import MAX_VERIFY_SEQS
+
+    d, _ = ckpt
+    ps = prompts(MAX_VERIFY_SEQS + 1, seed=16, lo=20)
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    llm = LLM(str(d), dtype="fp32", verbose=False, num_speculative_tokens=1)
+    spec = llm.engine.runner.spec
+    spec.draft_override = lambda seq, pos: 5
+    llm.generate(ps, sp)
+    assert spec.stats.drafts == 0
+    llm.generate(ps[:MAX_VERIFY_SEQS], sp)
+    assert spec.stats.drafts > 0

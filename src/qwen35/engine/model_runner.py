@@ -398,6 +398,7 @@ class ModelRunner:
         """Run the MTP head over every row of the step with the token that follows each row,
         and keep a greedy draft for each sampled sequence from its last confirmed row."""
         spec = self.spec
+        many = len(result.sampled) > spec.max_verify_seqs  # the next step will verify none
         nxt = [0] * x.shape[0]
         draft_rows: list[int] = []
         draft_seqs: list[tuple[str, int]] = []  # (seq_id, draft position)
@@ -411,7 +412,7 @@ class ModelRunner:
                 known.append(result.bonus.get(seq.seq_id, 0))  # overwritten before it is read)
             for r, t in zip(rows_of[i], known, strict=True):
                 nxt[r] = t
-            if y is None or not eligible(seq.params) or not spec.wants_draft(seq.seq_id):
+            if y is None or many or not eligible(seq.params) or not spec.wants_draft(seq.seq_id):
                 spec.forget(seq.seq_id)
                 continue
             k = len(rows_of[i]) - 1 - (i in verify and seq.seq_id not in result.bonus)
