@@ -317,5 +317,7 @@ def test_spec_workload(tmp_path, tiny_cfg):
     assert all(_finite_positive(r["decode_tokens_per_s"]) for r in rows.values())
     assert rows["oracle 100%"]["acceptance"] == 1.0 and rows["mtp"]["drafts"] > 0
     assert rows["plain"]["over_plain"] == 1.0 and rows["plain"]["acceptance"] is None
+    assert set(s["batches"]) == {"2", "4"} and s["max_verify_seqs"] == 2
+    assert all(_finite_positive(b["oracle 100%"]) for b in s["batches"].values())
     with pytest.raises(Qwen35Error, match="no MTP head"):  # a config without one
         run_bench(BenchOptions(model=tiny_cfg, quick=True), ["spec"])

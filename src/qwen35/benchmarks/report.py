@@ -218,6 +218,12 @@ def _spec(con: Console, d: dict, impl: str) -> None:
             "yes" if r["tokens_equal_plain"] else "NO",
         )
     con.print(t)
+    for b, r in d.get("batches", {}).items():
+        con.print(
+            f"  {b} requests together, drafts always right: {_f(r['oracle 100%'])} tok/s vs "
+            f"plain {_f(r['plain'])} ({_x(r['over_plain'])}); steps sampling more than "
+            f"{d['max_verify_seqs']} sequences draft for none"
+        )
 
 
 def _dtype(con: Console, d: dict, impl: str) -> None:

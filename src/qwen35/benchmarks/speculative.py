@@ -13,10 +13,13 @@ never change the output).
 from __future__ import annotations
 
 import random
+import time
 
 from qwen35.benchmarks.common import BenchModel, BenchOptions, make_engine, ratio, timed_request
+from qwen35.engine.speculative import MAX_VERIFY_SEQS
 
 ACCEPTANCE = (1.0, 0.8, 0.6)
+BATCHES = (2, 4)  # also measured with always-right drafts: why larger batches do not draft
 
 
 def sizes(opts: BenchOptions) -> dict:
@@ -44,7 +47,7 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
         raise Qwen35Error(f"{bm.config.name} has no MTP head: the spec workload drafts with it")
     sz = sizes(opts)
     P, N = sz["prompt_len"], sz["new_tokens"]
-    kw = dict(max_num_seqs=1, max_model_len=P + N + 16, enable_prefix_caching=False)
+    kw = dict(max_num_seqs=max(BATCHES), max_model_len=P + N + 16, enable_prefix_caching=False)
     plain = make_engine(bm, **kw)
     spec = make_engine(bm, num_speculative_tokens=1, **kw)
     names = ["plain", "mtp"] + [f"oracle {a:.0%}" for a in ACCEPTANCE]
@@ -78,6 +81,7 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
                 same[name] &= out == reference
             else:
                 reference = out
+    batches = _batches(plain, spec, rng, vocab, P, N, sz["rounds"], opts.seed)
     spec.runner.spec.draft_override = None
     rows = {}
     for name in names:
@@ -94,4 +98,67 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
             rows[name]["decode_tokens_per_s"], rows["plain"]["decode_tokens_per_s"]
         )
     del plain, spec
-    return {"prompt_len": P, "new_tokens": N, "rounds": sz["rounds"], "engines": rows}
+    return {
+        "prompt_len": P,
+        "new_tokens": N,
+        "rounds": sz["rounds"],
+        "engines": rows,
+        "batches": batches,
+        "max_verify_seqs": MAX_VERIFY_SEQS,
+    }
+
+
+def _timed_batch(engine, prompts: list[list[int]], new_tokens: int, tag: str):
+    """Greedy requests together: (tokens after each one's first, seconds of those steps, each
+    request's tokens)."""
+    from qwen35.request import SamplingParams
+
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", p, sp)
+    out: dict[str, list[int]] = {f"{tag}-{i}": [] for i in range(len(prompts))}
+    secs, toks = 0.0, 0
+    while engine.has_unfinished_requests():
+        started = all(out.values())
+        t0 = time.perf_counter()
+        deltas = engine.step()
+        dt = time.perf_counter() - t0
+        n = 0
+        for o in deltas:
+            if o.outputs:
+                n += len(o.outputs[0].token_ids)
+                out[o.request_id] += o.outputs[0].token_ids
+        if started:
+            secs, toks = secs + dt, toks + n
+    return toks, secs, [out[f"{tag}-{i}"] for i in range(len(prompts))]
+
+
+def _batches(plain, spec, rng, vocab, P, N, rounds, seed) -> dict:
+    """Decode tokens/s of B requests together: plain vs always-right drafts for each (the
+    MAX_VERIFY_SEQS limit lifted for the measurement)."""
+    rs = spec.runner.spec
+    rs.max_verify_seqs = max(BATCHES)
+    res = {}
+    try:
+        for B in BATCHES:
+            acc = {"plain": [0, 0.0], "oracle 100%": [0, 0.0]}
+            for r in range(rounds):
+                ps = [[rng.randrange(vocab) for _ in range(P)] for _ in range(B)]
+                n, t, ref = _timed_batch(plain, ps, N, f"b{B}-{r}")
+                acc["plain"][0] += n
+                acc["plain"][1] += t
+                full = {tuple(p): p + o for p, o in zip(ps, ref, strict=True)}
+                rs.draft_override = lambda seq, pos, full=full: _oracle(
+                    full[tuple(seq.token_ids[: seq.num_prompt_tokens])], 1.0, seed
+                )(seq, pos)
+                n, t, out = _timed_batch(spec, ps, N, f"s{B}-{r}")
+                acc["oracle 100%"][0] += n
+                acc["oracle 100%"][1] += t
+                if out != ref:
+                    raise AssertionError(f"batch {B}: tokens with drafts differ from plain")
+            tps = {k: n / t if t else float("nan") for k, (n, t) in acc.items()}
+            res[str(B)] = {**tps, "over_plain": ratio(tps["oracle 100%"], tps["plain"])}
+    finally:
+        rs.max_verify_seqs = MAX_VERIFY_SEQS
+        rs.draft_override = None
+    return res
