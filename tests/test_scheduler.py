@@ -424,3 +424,47 @@ def test_scheduler_and_pools_import_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_lookahead_blocks_budget_and_bonus_tokens():
+    """Speculative decoding's seams: a decode step gets a block and budget for its draft
+    position (capped by max_model_len), prefills get none; a bonus token counts the draft as
+    computed, registers the block it fills and is dropped when the sampled token finished the
+    sequence."""
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=12,
+                          block_size=4, num_lookahead_tokens=1)  # fmt: skip
+    sched = Scheduler(cfg, num_blocks=16)
+    seq = make_seq(0, [5, 6, 7], max_tokens=8, ignore_eos=True)
+    sched.add(seq)
+    out = sched.schedule()
+    assert out.scheduled[0].lookahead == 0 and out.num_batched_tokens == 3  # a prefill
+    sched.update(out, {"s0": 8})  # 4 tokens, 3 computed
+    out = sched.schedule()
+    s = out.scheduled[0]
+    assert (s.start, s.num_new_tokens, s.lookahead) == (3, 1, 1)
+    assert out.num_batched_tokens == 2 and len(seq.block_ids) == 2  # position 4: a 2nd block
+    sched.update(out, {"s0": 9}, {"s0": 10})  # the draft (== 9) accepted, bonus 10
+    assert out.bonus_applied == {"s0"} and seq.token_ids[3:] == [8, 9, 10]
+    assert seq.num_computed_tokens == 5
+    assert sched.kv.block_hash[seq.block_ids[0]]  # the first full block is registered
+    out = sched.schedule()
+    sched.update(out, {"s0": 11})  # rejected: no bonus
+    assert out.bonus_applied == set() and seq.num_computed_tokens == 6
+    sched.check_integrity()
+    # max_model_len 12: the lookahead never reaches past it
+    while sched.has_unfinished():
+        out = sched.schedule()
+        s = out.scheduled[0]
+        assert s.start + 1 + s.lookahead <= cfg.max_model_len
+        sched.update(out, {"s0": 1}, {"s0": 2})
+        if sched.has_unfinished():
+            sched.check_integrity()
+    assert seq.num_output_tokens == 8 and seq.finish_reason == "length"
+    # the sampled token ends it (stop id): the bonus is not appended
+    seq = make_seq(1, [5, 6, 7], max_tokens=8, stop_token_ids=[3])
+    sched.add(seq)
+    sched.update(sched.schedule(), {"s1": 8})
+    out = sched.schedule()
+    sched.update(out, {"s1": 3}, {"s1": 4})
+    assert seq.token_ids[-1] == 3 and out.bonus_applied == set() and seq.is_finished
+    assert_all_released(sched)
