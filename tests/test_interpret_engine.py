@@ -277,3 +277,25 @@ def test_start_up_check_switches_off_kernels_that_do_not_build(
     assert got == dataclasses.replace(be, **{field: False})
     llm.engine.runner.backend = got
     assert ids(llm.generate(ps, sp)) == want
+
+
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_speculative_verify_steps_on_the_gpu_backend(which, tmp_path, calls):
+    """Speculative decoding on the GPU backend's kernels: verify steps are 2-token chunks (fla's
+    chunked prefill with a state checkpoint after the first token, Triton prefill attention
+    over the cached prefix), the MTP layer on the same batch; greedy tokens equal the CPU
+    engine without drafts, with the MTP head's drafts and with always-right ones."""
+    from test_speculative import oracle
+
+    save_checkpoint(tmp_path, moe=which == "moe", layout="vlm", mtp=True)
+    ps = prompts(2, seed=24, lo=3, hi=30)
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    kw = dict(block_size=BS)
+    want = ids(make(tmp_path, **kw).generate(ps, sp))
+    llm = _interpreted(tmp_path, calls.counted(_full()), num_speculative_tokens=1, **kw)
+    spec = llm.engine.runner.spec
+    spec.backoff, spec.max_verify_seqs = False, 8
+    assert ids(llm.generate(ps, sp)) == want
+    spec.draft_override = oracle({tuple(p): p + w for p, w in zip(ps, want, strict=True)})
+    assert ids(llm.generate(ps, sp)) == want
+    assert spec.stats.accepted > 4 and calls.n["chunk"] and calls.n["paged_prefill_attention"]

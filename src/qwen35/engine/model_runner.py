@@ -269,7 +269,7 @@ class ModelRunner:
         mm = self.vision is not None and any(s.seq.mm_items for s in scheduled)
         phased = (
             bool(verify)
-            and self.device.type == "cpu"
+            and self.backend.device_type == "cpu"
             and not mm
             and all(s.num_new_tokens == 1 for s in scheduled)
         )
