@@ -366,3 +366,39 @@ def test_batches_over_the_limit_do_not_draft(ckpt):
     assert spec.stats.drafts == 0
     llm.generate(ps[:MAX_VERIFY_SEQS], sp)
     assert spec.stats.drafts > 0
+
+
+def test_image_requests_with_drafts(tmp_path):
+    """A request with an image (M-RoPE positions; verify steps as 2-token chunks, the MTP layer
+    on the same 3-D positions) and a text one beside it: tokens equal an engine without drafts."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from test_vision_engine import PREPROCESSOR_JSON, make_llm, req
+    from test_vision_model import rand_image
+    from tiny import random_mtp
+    from tiny_vlm import save_vlm
+
+    save_vlm(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_JSON))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["text_config"]["mtp_num_hidden_layers"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    sd.update(random_mtp(cfg["text_config"], torch.Generator().manual_seed(3), torch.float32))
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    img = rand_image(90, 130, 0)
+    prompts_ = [req(img), [5, 6, 7, 8, 9, 10, 11]]
+    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in make_llm(tmp_path).generate(prompts_, sp)]
+    llm = make_llm(tmp_path, num_speculative_tokens=1)
+    spec = llm.engine.runner.spec
+    spec.backoff, spec.max_verify_seqs = False, 8
+    assert llm.engine.has_vision and llm.engine.model.has_mtp
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts_, sp)] == want
+    ids_ = llm.engine.mm_processor.process(req(img)["prompt_token_ids"], {"image": img}).token_ids
+    spec.draft_override = oracle({tuple(ids_): ids_ + want[0], (5, 6, 7, 8, 9, 10, 11): [
+        5, 6, 7, 8, 9, 10, 11] + want[1]})  # fmt: skip
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts_, sp)] == want
+    assert spec.stats.accepted > 8
