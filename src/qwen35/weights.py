@@ -142,24 +142,12 @@ def _open(path: Path):
 
 
 # ---- names --------------------------------------------------------------------------------------
-def _per_expert_target(m: re.Match) -> _Target:
-    proj = m["proj"]
-    param = f"{m['base']}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
-    param += "_scale_inv" if m["kind"] == "weight_scale_inv" else ""
-    return _Target(param, int(m["e"]), proj.removesuffix("_proj"))
-
-
 def map_key(key: str, keep_visual: bool = False, keep_mtp: bool = False) -> _Target | str:
     """The model target of a checkpoint key, or the skip-prefix (str) when it is ignored."""
     if keep_visual and key.startswith("model.visual."):
         return _Target(key)
-    if keep_mtp and key.startswith("mtp."):
-        m = _PER_EXPERT.match(key)
-        if m:
-            return _per_expert_target(m)
-        return _Target(key)
     for prefix, label in _SKIP_PREFIXES.items():
-        if key.startswith(prefix):
+        if key.startswith(prefix) and not (keep_mtp and label == "mtp"):
             return label
     if key.endswith("rotary_emb.inv_freq"):
         return "rotary_emb.inv_freq"  # a stale buffer; recomputed by the model
@@ -167,7 +155,10 @@ def map_key(key: str, keep_visual: bool = False, keep_mtp: bool = False) -> _Tar
         key = "model." + key[len("model.language_model.") :]
     m = _PER_EXPERT.match(key)
     if m:
-        return _per_expert_target(m)
+        proj = m["proj"]
+        param = f"{m['base']}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+        param += "_scale_inv" if m["kind"] == "weight_scale_inv" else ""
+        return _Target(param, int(m["e"]), proj.removesuffix("_proj"))
     return _Target(key)
 
 

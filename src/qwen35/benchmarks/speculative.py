@@ -50,7 +50,8 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
     kw = dict(max_num_seqs=max(BATCHES), max_model_len=P + N + 16, enable_prefix_caching=False)
     plain = make_engine(bm, **kw)
     spec = make_engine(bm, num_speculative_tokens=1, **kw)
-    names = ["plain", "mtp"] + [f"oracle {a:.0%}" for a in ACCEPTANCE]
+    rates = {f"oracle {a:.0%}": a for a in ACCEPTANCE}
+    names = ["plain", "mtp", *rates]
     rng = random.Random(opts.seed)
     vocab = bm.config.vocab_size
     for name, eng in (("plain", plain), ("spec", spec)):  # first calls pay one-off costs
@@ -69,8 +70,7 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
                 rs = eng.runner.spec
                 rs.draft_override = None
                 if name != "mtp":
-                    a = ACCEPTANCE[names.index(name) - 2]
-                    rs.draft_override = _oracle(prompt + reference, a, opts.seed + r)
+                    rs.draft_override = _oracle(prompt + reference, rates[name], opts.seed + r)
                 before = (rs.stats.drafts, rs.stats.accepted)
             _, steps, out = timed_request(eng, prompt, N, f"{name}-{r}")
             secs[name] += sum(steps)
@@ -147,10 +147,10 @@ def _batches(plain, spec, rng, vocab, P, N, rounds, seed) -> dict:
                 n, t, ref = _timed_batch(plain, ps, N, f"b{B}-{r}")
                 acc["plain"][0] += n
                 acc["plain"][1] += t
-                full = {tuple(p): p + o for p, o in zip(ps, ref, strict=True)}
-                rs.draft_override = lambda seq, pos, full=full: _oracle(
-                    full[tuple(seq.token_ids[: seq.num_prompt_tokens])], 1.0, seed
-                )(seq, pos)
+                oracles = {tuple(p): _oracle(p + o, 1.0, seed) for p, o in zip(ps, ref, strict=True)}
+                rs.draft_override = lambda seq, pos, oracles=oracles: oracles[
+                    tuple(seq.token_ids[: seq.num_prompt_tokens])
+                ](seq, pos)
                 n, t, out = _timed_batch(spec, ps, N, f"s{B}-{r}")
                 acc["oracle 100%"][0] += n
                 acc["oracle 100%"][1] += t

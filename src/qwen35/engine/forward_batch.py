@@ -31,6 +31,7 @@ import torch
 from qwen35.cache_spec import cache_spec
 from qwen35.config import ModelConfig
 from qwen35.ops.backend import Backend, select_backend
+from qwen35.ops.deltanet import copy_layer_states
 
 
 @dataclass
@@ -52,9 +53,7 @@ class ModelCaches:
     def copy_states(self, pairs: Sequence[tuple[int, int]]) -> None:
         """For each (src, dst): DeltaNet conv + recurrent state of slot src -> slot dst."""
         for conv, rec in zip(self.conv, self.recurrent, strict=False):
-            for src, dst in pairs:
-                conv[dst].copy_(conv[src])
-                rec[dst].copy_(rec[src])
+            copy_layer_states(conv, rec, pairs)
 
 
 

@@ -87,7 +87,7 @@ class ModelRunner:
             if not getattr(model, "has_mtp", False):
                 raise ValueError("speculative decoding needs a model loaded with its MTP head")
             self.spec = SpecState(spec_slots)
-            decode_graphs = None  # verify steps are 2-token chunks: eager
+            decode_graphs = None  # the MTP head reads every row's hidden state: eager steps
         self.graphs: DecodeGraphs | None = None
         if decode_graphs is not None:
             self.graphs = self._capture(decode_graphs)

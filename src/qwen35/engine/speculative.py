@@ -1,17 +1,20 @@
 """Speculative decoding with the checkpoint's MTP head: one draft token per decode step.
 
 A step of a sequence whose last token x_n sits at position n and that holds a draft d for
-position n+1 runs [x_n, d] as a 2-token chunk (the scheduler gave it a KV block and budget for
-n+1: `ScheduledSeq.lookahead`). Its first row is sampled as in any step, giving y; the draft is
+position n+1 also runs d (the scheduler gave it a KV block and budget for n+1:
+`ScheduledSeq.lookahead`). Its first row is sampled as in any step, giving y; the draft is
 accepted iff y == d, and then the second row's token is sampled too (the bonus). So every token
 comes from the target model's own distribution, drawn in the same order from the same
 generator as without drafts (greedy and seeded requests give the same tokens as without
-speculation, up to the 2-token chunk's rounding against a single-token step); a bad draft costs
-time only, never a different output.
+speculation); a bad draft costs time only, never a different output.
 
-On a rejection the DeltaNet state must not contain d: the state after x_n is saved during the
-forward into a spare slot (a `state_checkpoints` entry at offset 1) and copied back; the KV
-written for d is overwritten by the next step. On acceptance, d's KV and state are kept.
+On a CPU a pure decode step runs the drafts as decode rows that the DeltaNet layers step after
+the others (`DecodeBatch.phases`), so each row's arithmetic is a decode step's (bf16 tokens equal
+bit for bit); elsewhere [x_n, d] is a 2-token chunk (equal up to the chunked rule's rounding
+against a single-token step). On a rejection the DeltaNet state must not contain d: the state
+after x_n is saved during the forward into a spare slot (a phase copy, or a `state_checkpoints`
+entry at offset 1) and copied back; the KV written for d is overwritten by the next step. On
+acceptance, d's KV and state are kept.
 
 Drafts: after every step the MTP head (models/mtp.py) runs over all rows of the step with the
 tokens that follow them (the prompt's next token, the sampled token, the bonus) and writes its
@@ -45,16 +48,11 @@ class SpecStats:
     drafts: int = 0  # drafts verified
     accepted: int = 0
 
-    @property
-    def acceptance(self) -> float:
-        return self.accepted / self.drafts if self.drafts else 0.0
-
 
 @dataclass
 class Verify:
-    """One sequence of the step verifying a draft."""
+    """One sequence of the step verifying a draft (keyed by its index in the scheduled list)."""
 
-    index: int  # in the scheduled list
     draft: int
     spare: int  # state slot holding the state after the first token
 
@@ -95,7 +93,7 @@ class SpecState:
             spare = ck[0] if ck else next(spares, None)
             if spare is None:
                 break
-            out[i] = Verify(i, int(tok), spare)
+            out[i] = Verify(int(tok), spare)
         return out
 
     def forget(self, seq_id: str) -> None:

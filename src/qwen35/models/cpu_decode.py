@@ -28,7 +28,7 @@ from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
 from qwen35.kernels import attention, small_ops
 from qwen35.layers.linear import MANY_MAX_ROWS, PACKED_MAX_ROWS, linear
 from qwen35.ops import moe as ops_moe
-from qwen35.ops.deltanet import copy_layer_states, gated_slot_runs
+from qwen35.ops.deltanet import gated_slot_runs, over_phases
 from qwen35.quant.packing import QuantPack
 
 
@@ -191,14 +191,12 @@ def _deltanet(conv_w, dt_bias, a_log, norm_w, eps, nk, i, proj, step):
     if d.phases is None:
         return gated_slot_runs(dn, qkv, z, a, b, conv_w, dt_bias, a_log, norm_w, eps, nk,
                                d.slot_runs, conv, rec)  # fmt: skip
-    ys = []  # a speculative verify step: the draft rows after the others (DecodeBatch.phases)
-    for k, p in enumerate(d.phases):
+    def step(p):  # a speculative verify step: the draft rows after the others
         r = slice(*p.row_range)
-        ys.append(gated_slot_runs(dn, qkv[r], z[r], a[r], b[r], conv_w, dt_bias, a_log, norm_w,
-                                  eps, nk, p.slot_runs, conv, rec))  # fmt: skip
-        if k == 0:
-            copy_layer_states(conv, rec, d.phase_copies)
-    return torch.cat(ys)
+        return gated_slot_runs(dn, qkv[r], z[r], a[r], b[r], conv_w, dt_bias, a_log, norm_w, eps,
+                               nk, p.slot_runs, conv, rec)  # fmt: skip
+
+    return torch.cat(over_phases(d, conv, rec, step))
 
 
 def _attention(q_norm_w, k_norm_w, eps, scale, i, proj, step):
@@ -217,8 +215,10 @@ class DecodePlan:
 
     def __init__(self, model, layers=None):
         """layers: these decoder layers (default: the model's; the MTP head's own layer)."""
+        layers = model.model.layers if layers is None else layers
+        self.has_deltanet = any(layer.layer_type == "linear_attention" for layer in layers)
         self.layers = []
-        for layer in model.model.layers if layers is None else layers:
+        for layer in layers:
             i, mlp = layer.cache_index, layer.mlp
             if layer.is_moe:  # the block's decode step, or its module (layers/moe.py)
                 ffn = (_moe(mlp, model.dtype), None)
@@ -249,10 +249,6 @@ class DecodePlan:
                             m.scale, i),  # fmt: skip
                 )
             self.layers.append(common + mixer)
-        self.has_deltanet = any(
-            layer.layer_type == "linear_attention"
-            for layer in (model.model.layers if layers is None else layers)
-        )
 
     @staticmethod
     def applies(batch: ForwardBatch) -> bool:

@@ -250,17 +250,18 @@ class Qwen35ForCausalLM(nn.Module):
         [T, H] (head_logits of a row: the draft of the token after next)."""
         e = embed(self.model.embed_tokens, next_ids, self.tp)
         cos, sin = self._cos_sin(batch, e.dtype)
-        plan = None  # a pure CPU decode step: the layer as the decode plan's kernel calls
-        if cpu_decode.DecodePlan.applies(batch) and cpu_decode.supported(self, caches):
-            if self._mtp_plan is None:
-                self._mtp_plan = cpu_decode.DecodePlan(self, self.mtp.layers)
-            plan = self._mtp_plan
+        plan = self._cpu_decode_plan(batch, caches, mtp=True)
         return self.mtp(e, hidden, cos, sin, batch, caches, plan)
 
-    def _cpu_decode_plan(self, batch: ForwardBatch, caches: ModelCaches):
-        """models/cpu_decode.py's plan when it applies to this step, else None (module path)."""
+    def _cpu_decode_plan(self, batch: ForwardBatch, caches: ModelCaches, mtp: bool = False):
+        """models/cpu_decode.py's plan when it applies to this step, else None (module path);
+        mtp: the MTP head's layer's plan."""
         if not cpu_decode.DecodePlan.applies(batch) or not cpu_decode.supported(self, caches):
             return None
+        if mtp:
+            if self._mtp_plan is None:
+                self._mtp_plan = cpu_decode.DecodePlan(self, self.mtp.layers)
+            return self._mtp_plan
         if self._decode_plan is None:
             self._decode_plan = cpu_decode.DecodePlan(self)
         return self._decode_plan

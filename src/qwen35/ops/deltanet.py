@@ -199,10 +199,8 @@ def deltanet_decode(be: Backend, qkv, g, beta, conv_w, dims: Dims, d, conv_cache
         conv_cache.index_fill_(0, d.fresh_slots, 0)
         rec_cache.index_fill_(0, d.fresh_slots, 0)
     if d.phases is not None:
-        for k, p in enumerate(d.phases):
-            deltanet_decode(be, qkv, g, beta, conv_w, dims, p, conv_cache, rec_cache, o)
-            if k == 0:
-                copy_layer_states(conv_cache, rec_cache, d.phase_copies)
+        over_phases(d, conv_cache, rec_cache, lambda p: deltanet_decode(
+            be, qkv, g, beta, conv_w, dims, p, conv_cache, rec_cache, o))  # fmt: skip
         return
     if d.rows_by_slot is not None:  # built for CPU backends
         _decode_slot_runs(be, qkv, g, beta, conv_w, dims, d, conv_cache, rec_cache, o)
@@ -271,6 +269,18 @@ def copy_layer_states(conv_cache, rec_cache, pairs) -> None:
     for src, dst in pairs:
         conv_cache[dst].copy_(conv_cache[src])
         rec_cache[dst].copy_(rec_cache[src])
+
+
+def over_phases(d, conv_cache, rec_cache, step) -> list:
+    """A phased decode batch (DecodeBatch.phases, speculative verify steps) through one
+    DeltaNet layer: step(phase) for each phase in order, the layer's states copied
+    (d.phase_copies) after the first, before the draft rows step them; the results in order."""
+    out = []
+    for k, p in enumerate(d.phases):
+        out.append(step(p))
+        if k == 0:
+            copy_layer_states(conv_cache, rec_cache, d.phase_copies)
+    return out
 
 
 def _triton_decode_ok(be: Backend, qkv, dims: Dims, rec_cache) -> bool:
