@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 MISSES_BEFORE_PAUSE = 2
 MAX_PAUSE = 64
 # Steps that decode more sequences than this draft for none of them: a verify row costs a
-# decode row's compute, which batches already share the weight reads for. Measured (bench
-# spec_batch, Qwen3.5-0.8B bf16, 2 threads, Zen 5): drafts that are always right give 1.06-1.32x
-# at 2 sequences and 0.83x at 4 (8 rows: the head screen's row limit is passed too).
+# decode row's compute, which batches already share the weight reads for. Measured with
+# `qwen35 bench --workload spec` (its `batches`, drafts always right; bf16, 2 threads, Zen 5):
+# 0.8B 1.23x at 2 sequences and 0.83x at 4 (8 rows: past the head screen's row limit too);
+# 4B 0.94x and 1.03x in one noisy run. Not settled: see the README.
 MAX_VERIFY_SEQS = 2
 
 
