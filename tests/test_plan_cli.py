@@ -71,6 +71,26 @@ def test_text_only_and_kv_dtype(capsys):
     assert base["models"][0]["fits"]["bf16"] is None  # only the asked dtype
 
 
+def test_speculative_tokens(capsys):
+    """--num-speculative-tokens 1: caches of the MTP head's layer and spare states, one GPU per
+    replica, and launch commands that turn MTP drafts on in each engine."""
+    argv = ("-m", "9B", "--gpu", "H200", "-n", "2")
+    base = run_json(capsys, *argv)
+    spec = run_json(capsys, *argv, "--num-speculative-tokens", "1")
+    b, s = base["models"][0]["fits"]["bf16"], spec["models"][0]["fits"]["bf16"]
+    assert spec["request"]["num_speculative_tokens"] == 1
+    assert s["kv_bytes_per_token_per_gpu"] * 8 == b["kv_bytes_per_token_per_gpu"] * 9  # 8 + 1 layers
+    assert s["state_bytes_per_sequence_per_gpu"] == 2 * b["state_bytes_per_sequence_per_gpu"]
+    assert s["max_concurrency"] < b["max_concurrency"] and (s["tp"], s["dp"]) == (1, 2)
+    launch = spec["recommendation"]["launch"]
+    assert "--num-speculative-tokens 1" in launch["qwen35"]
+    assert '"method": "mtp"' in launch["vllm"] and "NEXTN" in launch["sglang"]
+    assert "speculative" not in json.dumps(base["recommendation"]["launch"])
+    assert main(["plan", *argv, "--num-speculative-tokens", "1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    assert "8 + 1 MTP layers" in out and "MTP drafts" in out and "Counted without drafts" in out
+
+
 def test_custom_config_and_gpu_memory(capsys, tmp_path):
     raw = dict(model_type="qwen3_5_text", vocab_size=1000, hidden_size=128, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
@@ -110,6 +130,8 @@ def test_model_and_gpu_views(capsys):
         (["--tp", "3"], "sizes that split all of them: 1, 2, 4, 8"),
         (["--dtype", "int8", "--cpu-bandwidth", "-1"], "--cpu-bandwidth must be a positive"),
         (["--cpu-bandwidth", "50"], "goes with --dtype int8 / int4"),
+        (["--num-speculative-tokens", "1", "--text-only"], "--text-only leaves out"),
+        (["-m", "27B", "--tp", "2", "--num-speculative-tokens", "1"], "drop --tp 2"),
     ],
 )
 def test_errors(capsys, argv, msg):

@@ -189,6 +189,47 @@ def test_cache_bytes_27b():
     assert tp8.state_bytes_per_sequence == 48 * (recurrent + conv) // 8
 
 
+def test_speculative_caches_and_fit():
+    """--num-speculative-tokens 1: the MTP head's attention layer adds K+V per token and every
+    running sequence holds a spare DeltaNet state (not a checkpoint: one state each)."""
+    cfg = cfg_of("27B")
+    base, spec = cache_spec(cfg), cache_spec(cfg, speculative_tokens=1)
+    assert spec.kv_bytes_per_token == (16 + 1) * 2 * 4 * 256 * 2
+    assert spec.state_bytes_per_sequence == base.state_bytes_per_sequence == 153_944_064
+    assert spec.running_state_bytes == 2 * 153_944_064 and base.running_state_bytes == 153_944_064
+    gpu = load_gpu("H100")
+    plain = plan_fit(cfg, gpu, num_gpus=2, context=32768)
+    drafts = plan_fit(cfg, gpu, num_gpus=2, context=32768, speculative_tokens=1)
+    assert (drafts.deployment.tp, drafts.deployment.dp) == (1, 2)  # replicas only
+    assert drafts.kv_bytes_per_token == spec.kv_bytes_per_token
+    assert drafts.state_bytes_per_sequence == spec.running_state_bytes
+    assert drafts.max_concurrency < plain.max_concurrency
+    small = custom_gpu(60, 3000)  # room for less than the model's longest context
+    assert (plan_fit(cfg, small, speculative_tokens=1).max_context
+            < plan_fit(cfg, small).max_context)  # fmt: skip
+    one = Deployment(cfg, speculative_tokens=1)
+    assert one.bytes_per_gpu(3, 1000) - Deployment(cfg).bytes_per_gpu(3, 1000) == 3 * (
+        base.state_bytes_per_sequence + 1000 * 2 * 4 * 256 * 2
+    )
+    for kwargs, msg in (
+        (dict(text_only=True), "--text-only leaves out"),
+        (dict(num_gpus=2, tp=2), "drop --tp 2"),
+        (dict(speculative_tokens=2), "0 or 1"),
+    ):
+        with pytest.raises(PlanError, match=msg):
+            plan_fit(cfg, gpu, **{"speculative_tokens": 1, **kwargs})
+    with pytest.raises(PlanError, match="drop --ep"):
+        plan_fit(cfg_of("35B-A3B"), gpu, num_gpus=2, ep=True, speculative_tokens=1)
+    bare = ModelConfig.from_hf(dict(model_type="qwen3_5_text", vocab_size=300, hidden_size=64,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
+        linear_value_head_dim=16, intermediate_size=80))  # no mtp_num_hidden_layers; fmt: skip
+    with pytest.raises(PlanError, match="no MTP head"):
+        plan_fit(bare, gpu, context=1024, speculative_tokens=1)
+    with pytest.raises(ValueError, match="no MTP head"):
+        cache_spec(bare, speculative_tokens=1)
+
+
 def test_cache_bytes_35b_a3b():
     spec = cache_spec(cfg_of("35B-A3B"))
     assert spec.kv_bytes_per_token == 10 * 2 * 2 * 256 * 2 == 20_480

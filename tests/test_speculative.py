@@ -147,6 +147,12 @@ def test_mtp_is_loaded_and_counted(ckpt):
     plain = make(d).engine.plan
     assert plan.kv_bytes_per_token == plain.kv_bytes_per_token * 2  # (one attention layer)
     assert "spare state slots" in plan.describe()
+    # the allocated tensors are what the plan (the planner's cache_spec) charged for them
+    kv = sum(t.nbytes for t in caches.key + caches.value)
+    assert kv == plan.num_blocks * plan.block_size * plan.kv_bytes_per_token
+    states = sum(t.nbytes for t in caches.conv + caches.recurrent)
+    slots = plan.num_state_slots + plan.num_spare_slots + plan.num_checkpoint_slots
+    assert states == slots * plan.state_bytes_per_sequence
 
 
 def test_refusals(ckpt, tmp_path):

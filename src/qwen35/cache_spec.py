@@ -78,6 +78,11 @@ class CacheSpec:
     attention: AttentionCacheSpec
     linear: LinearStateSpec
     tp: int = 1
+    # speculative decoding with the MTP head (engine/speculative.py): its attention layer keeps
+    # K and V for every token like the model's own, and every running sequence has a spare
+    # DeltaNet state (the state before a draft, restored when the draft is rejected)
+    mtp_layers: int = 0
+    spare_states: int = 0
 
     @property
     def num_attention_layers(self) -> int:
@@ -89,13 +94,19 @@ class CacheSpec:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Per rank: K + V of every full-attention layer for one token."""
-        return self.num_attention_layers * self.attention.bytes_per_token
+        """Per rank: K + V of every full-attention layer (and the MTP head's) for one token."""
+        return (self.num_attention_layers + self.mtp_layers) * self.attention.bytes_per_token
 
     @property
     def state_bytes_per_sequence(self) -> int:
-        """Per rank: conv + recurrent state of every DeltaNet layer for one sequence."""
+        """Per rank: conv + recurrent state of every DeltaNet layer for one sequence (what a
+        state slot and a prefix-cache checkpoint hold)."""
         return self.num_linear_layers * self.linear.bytes_per_sequence
+
+    @property
+    def running_state_bytes(self) -> int:
+        """Per rank: the states a running sequence holds (its slot and any spare)."""
+        return (1 + self.spare_states) * self.state_bytes_per_sequence
 
 
 def kv_heads_per_rank(num_kv_heads: int, tp: int) -> int:
@@ -116,10 +127,17 @@ def cache_spec(
     state_dtype: str | None = None,
     conv_dtype: str = "bf16",
     tp: int = 1,
+    speculative_tokens: int = 0,
 ) -> CacheSpec:
-    """The model's cache declaration. `state_dtype` defaults to the config's mamba_ssm_dtype (fp32)."""
+    """The model's cache declaration. `state_dtype` defaults to the config's mamba_ssm_dtype (fp32).
+    `speculative_tokens`: MTP drafts per step (0 or 1), which add the MTP head's KV layers and a
+    spare state per sequence."""
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
+    if speculative_tokens not in (0, 1):
+        raise ValueError(f"speculative_tokens must be 0 or 1, got {speculative_tokens}")
+    if speculative_tokens and not cfg.mtp_num_hidden_layers:
+        raise ValueError(f"{cfg.name} has no MTP head (mtp_num_hidden_layers = 0) to draft with")
     state_dtype = state_dtype or cfg.mamba_ssm_dtype
     for d in (kv_dtype, state_dtype, conv_dtype):
         dtype_bytes(d)
@@ -137,4 +155,8 @@ def cache_spec(
         recurrent_shape=(nv // tp, cfg.linear_key_head_dim, cfg.linear_value_head_dim),
         recurrent_dtype=state_dtype,
     )
-    return CacheSpec(layer_types=cfg.layer_types, attention=attn, linear=lin, tp=tp)
+    return CacheSpec(
+        layer_types=cfg.layer_types, attention=attn, linear=lin, tp=tp,
+        mtp_layers=cfg.mtp_num_hidden_layers if speculative_tokens else 0,
+        spare_states=speculative_tokens,
+    )  # fmt: skip

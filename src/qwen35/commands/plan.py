@@ -26,6 +26,7 @@ from qwen35.plan.planner import (
     PlanError,
     Recommendation,
     check_request,
+    check_speculative,
     plan_fit,
     recommend,
     summarize,
@@ -115,6 +116,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--text-only",
         action="store_true",
         help="leave out the vision tower and MTP head (a text-only deployment)",
+    )
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=0,
+        choices=(0, 1),
+        help="1: plan for drafting with the MTP head (its KV layer and a spare DeltaNet state per "
+        "sequence, as `qwen35 serve --num-speculative-tokens 1` allocates; one GPU per replica)",
     )
     p.add_argument(
         "--image",
@@ -212,6 +221,7 @@ def _fits(cfg: ModelConfig, dtypes: list[str], gpu, args) -> dict:
                 batch=args.batch,
                 text_only=args.text_only,
                 chunk_tokens=args.chunk,
+                speculative_tokens=args.num_speculative_tokens,
             )
         except LayoutError as e:
             out[d] = str(e)
@@ -257,11 +267,12 @@ def gather(args) -> tuple[list[Row], gpu_catalog.GpuSpec | None]:
                 f"--context {args.context:,} exceeds {cfg.name}'s maximum of "
                 f"{cfg.max_position_embeddings:,} tokens"
             )
+        check_speculative(cfg, args.num_speculative_tokens, args.tp, args.text_only, ep(cfg))
         if args.model and args.tp:  # an explicit layout for one model: refuse it if impossible
             bad = [d for d in dtypes if layout_problems(cfg, args.tp, ep(cfg), d)]
             if len(bad) == len(dtypes):
                 validate_layout(cfg, args.tp, ep(cfg), bad[0])
-        s = summarize(cfg, args.kv_dtype, args.state_dtype)
+        s = summarize(cfg, args.kv_dtype, args.state_dtype, args.num_speculative_tokens)
         rows.append(Row(s, dtypes, _fits(cfg, dtypes, gpu, args) if gpu else {}))
     return rows, gpu
 
@@ -348,6 +359,7 @@ def to_json(rows: list[Row], gpu, args, common: list[tuple] | None = None) -> di
             "batch": args.batch,
             "chunk": args.chunk,
             "text_only": args.text_only,
+            "num_speculative_tokens": args.num_speculative_tokens,
         },
         "gpu": gpu.to_json() if gpu else None,
         "models": models,

@@ -123,11 +123,11 @@ def plan_caches(
         raise Qwen35Error("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
     dname = str(model_dtype).removeprefix("torch.")
     # the caches the engine allocates (one tensor-parallel rank's shard when tp > 1)
-    spec = cache_spec(cfg, kv_dtype=dname, conv_dtype=dname, tp=tp)
+    spec = cache_spec(
+        cfg, kv_dtype=dname, conv_dtype=dname, tp=tp, speculative_tokens=int(speculative)
+    )
     kv_tok, st_seq = spec.kv_bytes_per_token, spec.state_bytes_per_sequence
-    if speculative:
-        kv_tok += spec.attention.bytes_per_token  # the MTP head's attention layer
-    per_slot = st_seq * (2 if speculative else 1)  # a running sequence's slot (+ its spare)
+    per_slot = spec.running_state_bytes  # a running sequence's slot (+ its spare)
     total = parse_bytes(max_memory)
     # GPU: the measured peak (measure_working_memory); else the planner's formula, model dtype
     working = working_bytes

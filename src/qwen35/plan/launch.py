@@ -36,6 +36,8 @@ def launch_commands(
     ours = f"--model {model} -tp {tp} --max-model-len {context} --device cuda"
     if ep:
         ours += " --enable-expert-parallel"
+    if dep.speculative_tokens:
+        ours += f" --num-speculative-tokens {dep.speculative_tokens}"
     if nodes == 1:
         qwen35 = f"qwen35 serve {ours}"
     else:
@@ -47,6 +49,11 @@ def launch_commands(
     vllm = f"vllm serve {model} --tensor-parallel-size {tp} --max-model-len {context}"
     if ep:
         vllm += " --enable-expert-parallel"
+    if dep.speculative_tokens:
+        vllm += (
+            " --speculative-config "
+            f"'{{\"method\": \"mtp\", \"num_speculative_tokens\": {dep.speculative_tokens}}}'"
+        )
     if nodes > 1:
         vllm += " --distributed-executor-backend ray   # on a Ray cluster spanning the nodes"
     sglang = (
@@ -54,6 +61,12 @@ def launch_commands(
     )
     if ep:
         sglang += f" --ep-size {tp}"
+    if dep.speculative_tokens:  # SGLang's MTP ("NEXTN"): steps x 1 draft, +1 verified token
+        k = dep.speculative_tokens
+        sglang += (
+            f" --speculative-algorithm NEXTN --speculative-num-steps {k} "
+            f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}"
+        )
     if nodes > 1:
         sglang += (
             f" --nnodes {nodes} --node-rank $NODE_RANK --dist-init-addr $MASTER_ADDR:{MASTER_PORT}"

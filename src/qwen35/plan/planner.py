@@ -124,6 +124,7 @@ class Deployment:
     ep: bool = False  # MoE: routed experts divided whole across all tp*dp GPUs
     text_only: bool = False
     chunk_tokens: int = DEFAULT_PREFILL_CHUNK
+    speculative_tokens: int = 0  # MTP drafts per step (`--num-speculative-tokens`)
 
     @property
     def num_gpus(self) -> int:
@@ -147,8 +148,9 @@ class Deployment:
     @cached_property
     def caches(self) -> CacheSpec:
         return cache_spec(
-            self.cfg, kv_dtype=self.kv_dtype, state_dtype=self.state_dtype, tp=self.tp
-        )
+            self.cfg, kv_dtype=self.kv_dtype, state_dtype=self.state_dtype, tp=self.tp,
+            speculative_tokens=self.speculative_tokens,
+        )  # fmt: skip
 
     def working(self, rows: int) -> int:
         # decode rows ride in the same token budget as a prefill chunk
@@ -161,7 +163,7 @@ class Deployment:
             self.rank_weights.total
             + runtime_overhead_bytes(self.tp)
             + self.working(max(seqs, 1))
-            + seqs * (spec.state_bytes_per_sequence + context * spec.kv_bytes_per_token)
+            + seqs * (spec.running_state_bytes + context * spec.kv_bytes_per_token)
         )
 
 
@@ -297,7 +299,7 @@ def fit(dep: Deployment, gpu: GpuSpec, context: int, batch: int = 1) -> Fit:
         overhead=runtime_overhead_bytes(dep.tp),
         working=dep.working(per_replica(dep, batch)),
         kv_bytes_per_token=spec.kv_bytes_per_token,
-        state_bytes_per_sequence=spec.state_bytes_per_sequence,
+        state_bytes_per_sequence=spec.running_state_bytes,
         max_context=mc,
         max_context_capped=bool(mc) and mc == dep.cfg.max_position_embeddings,
         max_concurrency=conc * dep.dp,
@@ -320,13 +322,18 @@ def plan_fit(
     batch: int = 1,
     text_only: bool = False,
     chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
+    speculative_tokens: int = 0,
 ) -> Fit:
     """Fit one model and dtype on `num_gpus` GPUs. Without `tp`, the smallest tensor-parallel
     size (dividing num_gpus, a valid layout) at which it fits; the other GPUs are replicas.
-    Raises LayoutError when no layout is possible (or the given `tp` is impossible)."""
+    Raises LayoutError when no layout is possible (or the given `tp` is impossible).
+    `speculative_tokens`: MTP drafts (the engine runs them at tp=1: replicas only)."""
     check_request(cfg, dtype, num_gpus, tp, context, batch)
     ep_size = num_gpus if ep and cfg.is_moe else 1
-    if tp is not None:
+    check_speculative(cfg, speculative_tokens, tp, text_only, ep_size)
+    if speculative_tokens:
+        sizes = [1]
+    elif tp is not None:
         validate_layout(cfg, tp, ep_size, dtype)  # before the caches are sized for it
         sizes = [tp]
     else:
@@ -338,8 +345,9 @@ def plan_fit(
     best = None
     for t in sizes:
         dep = Deployment(
-            cfg, dtype, kv_dtype, state_dtype, t, num_gpus // t, ep, text_only, chunk_tokens
-        )
+            cfg, dtype, kv_dtype, state_dtype, t, num_gpus // t, ep, text_only, chunk_tokens,
+            speculative_tokens,
+        )  # fmt: skip
         best = fit(dep, gpu, context, batch)
         if best.fits:
             break
@@ -370,6 +378,30 @@ def check_request(
         raise PlanError(f"--batch must be at least 1, got {batch}")
 
 
+def check_speculative(
+    cfg: ModelConfig, tokens: int, tp: int | None, text_only: bool, ep_size: int = 1
+) -> None:
+    """MTP drafts need the MTP head (loaded: not text-only) and one GPU per replica (the engine
+    refuses them with tensor or expert parallelism)."""
+    if tokens not in (0, 1):
+        raise PlanError(f"--num-speculative-tokens takes 0 or 1 (one MTP draft a step), got {tokens}")
+    if not tokens:
+        return
+    if not cfg.mtp_num_hidden_layers:
+        raise PlanError(f"{cfg.name} has no MTP head to draft with; drop --num-speculative-tokens")
+    if text_only:
+        raise PlanError(
+            "--num-speculative-tokens drafts with the MTP head, which --text-only leaves out; "
+            "drop one of them"
+        )
+    if (tp is not None and tp > 1) or ep_size > 1:
+        flag = f"--tp {tp}" if tp is not None and tp > 1 else "--ep"
+        raise PlanError(
+            "--num-speculative-tokens runs on one GPU per replica (the engine refuses it with "
+            f"tensor or expert parallelism); drop {flag} (more GPUs serve as replicas)"
+        )
+
+
 # ---- model summaries and recommendations ---------------------------------------------------
 
 
@@ -386,10 +418,15 @@ class ModelSummary:
 
 
 def summarize(
-    cfg: ModelConfig, kv_dtype: str = "bf16", state_dtype: str | None = None
+    cfg: ModelConfig,
+    kv_dtype: str = "bf16",
+    state_dtype: str | None = None,
+    speculative_tokens: int = 0,
 ) -> ModelSummary:
     fp8 = has_fp8(cfg)
-    spec = cache_spec(cfg, kv_dtype=kv_dtype, state_dtype=state_dtype)
+    spec = cache_spec(
+        cfg, kv_dtype=kv_dtype, state_dtype=state_dtype, speculative_tokens=speculative_tokens
+    )
 
     def sizes(text_only: bool) -> dict[str, int | None]:
         return {
@@ -403,7 +440,7 @@ def summarize(
         weights_bytes=sizes(False),
         weights_bytes_text_only=sizes(True),
         kv_bytes_per_token=spec.kv_bytes_per_token,
-        state_bytes_per_sequence=spec.state_bytes_per_sequence,
+        state_bytes_per_sequence=spec.running_state_bytes,
     )
 
 
@@ -455,6 +492,7 @@ __all__ = [
     "Recommendation",
     "PlanError",
     "check_request",
+    "check_speculative",
     "decode_step_bytes",
     "per_replica",
     "decode_step_flops",

@@ -77,6 +77,7 @@ def render(rows, gpu, args, common) -> None:
         f"context {args.context:,}, batch {args.batch}, KV {args.kv_dtype}, state "
         f"{args.state_dtype}, prefill chunk {args.chunk:,}"
         + (", text-only (no vision tower, no MTP head)" if args.text_only else "")
+        + (", MTP drafts (1 token a step)" if args.num_speculative_tokens else "")
     )
     if args.model:
         _model_detail(con, rows[0], args)
@@ -118,8 +119,12 @@ def _family_table(con: Console, rows, args) -> None:
             size_str(s.state_bytes_per_sequence),
         )
     con.print(t)
+    mtp = (
+        " and the MTP head's layer (--num-speculative-tokens), state/seq twice over: a spare "
+        "per sequence" if args.num_speculative_tokens else " only"
+    )
     con.print(
-        f"KV/token: K+V of the full-attention layers only ({args.kv_dtype}); state/seq: Gated "
+        f"KV/token: K+V of the full-attention layers{mtp} ({args.kv_dtype}); state/seq: Gated "
         f"DeltaNet recurrent ({args.state_dtype}) + conv state of the other 3/4 of the layers. "
         "FP8: e4m3 weights with 128x128 BF16 scales; embeddings, head, routers, norms and the "
         "vision tower stay BF16."
@@ -237,6 +242,11 @@ def _gpu_table(con: Console, rows, gpu, args, settings) -> None:
     con.print(
         "tok/s: decode roofline (bytes read per step over bandwidth, or FLOPs over the "
         "BF16 peak); an upper bound."
+        + (
+            " Counted without drafts: each accepted MTP draft adds a token to a step."
+            if args.num_speculative_tokens
+            else ""
+        )
     )
 
 
@@ -336,16 +346,21 @@ def _model_detail(con: Console, row, args) -> None:
             ep=args.ep,
             text_only=args.text_only,
             chunk_tokens=args.chunk,
+            speculative_tokens=args.num_speculative_tokens,
         )
         for d in row.dtypes
     }
     spec = next(iter(deps.values())).caches
+    mtp_kv = f" + {spec.mtp_layers} MTP" if spec.mtp_layers else ""
+    spare = f"{1 + spec.spare_states} states, one a spare for MTP drafts, x " * bool(
+        spec.spare_states
+    )
     con.print(
         f"Caches per GPU (tp={tp}): KV {spec.kv_bytes_per_token:,} B/token ({args.kv_dtype}: "
-        f"{spec.num_attention_layers} layers x {spec.attention.num_kv_heads} KV heads x "
-        f"{spec.attention.head_dim} x K,V); DeltaNet state {spec.state_bytes_per_sequence:,} "
-        f"B/sequence ({spec.num_linear_layers} layers x (recurrent {spec.linear.recurrent_bytes:,}"
-        f" + conv {spec.linear.conv_bytes:,})). Working memory ({args.chunk:,}-token chunk): "
+        f"{spec.num_attention_layers}{mtp_kv} layers x {spec.attention.num_kv_heads} KV heads x "
+        f"{spec.attention.head_dim} x K,V); DeltaNet state {spec.running_state_bytes:,} "
+        f"B/sequence ({spare}{spec.num_linear_layers} layers x (recurrent "
+        f"{spec.linear.recurrent_bytes:,} + conv {spec.linear.conv_bytes:,})). Working memory ({args.chunk:,}-token chunk): "
         f"{gib(working_memory_bytes(cfg, args.chunk, 1, tp=tp))} GiB; runtime overhead "
         f"{gib(runtime_overhead_bytes(tp))} GiB."
     )
@@ -407,6 +422,7 @@ def plot(rows, gpu, args) -> Path:
                     tp=args.tp or 1,
                     text_only=args.text_only,
                     chunk_tokens=args.chunk,
+                    speculative_tokens=args.num_speculative_tokens,
                 )
             )
             try:
