@@ -14,7 +14,7 @@ from qwen35.benchmarks import SCHEMA, WORKLOADS
 from qwen35.benchmarks.common import BenchOptions, load_bench_model
 from qwen35.benchmarks.peers import PAIRS, _decode_order
 from qwen35.cli import main
-from qwen35.devices import default_dtype
+from qwen35.devices import default_dtype, default_quantization, weights_label
 from qwen35.errors import Qwen35Error
 from tiny import tiny_config_dict
 
@@ -56,7 +56,10 @@ def test_document_schema(doc):
     }
     auto = {"fp32": "float32", "bf16": "bfloat16"}[default_dtype("cpu")]
     assert doc["dtype"] == auto  # --dtype auto: the engine's CPU default for this machine
-    assert doc["weight_bytes"] == doc["num_params"] * (4 if auto == "float32" else 2)
+    # ... on the weights it keeps (CPUs computing in fp32 keep a BF16 release's bf16 weights)
+    storage = default_quantization("auto", "cpu", None, "bfloat16")
+    assert doc["weights"] == weights_label(auto, storage)
+    assert doc["weight_bytes"] == doc["num_params"] * (4 if doc["weights"] == "float32" else 2)
     json.dumps(doc)  # serialisable as is
     names = [g["name"] for g in doc["goals"]]
     assert len(names) == 3 + len(doc["workloads"]["peers"]["goals"]) and all(
@@ -175,7 +178,7 @@ def test_dtype_workload(doc):
     d = doc["workloads"]["dtype"]
     f32, b16 = d["dtypes"]["float32"], d["dtypes"]["bfloat16"]
     assert f32["weight_bytes"] == 2 * b16["weight_bytes"]
-    assert d["dtypes"][doc["dtype"]]["weight_bytes"] == doc["weight_bytes"]
+    assert d["dtypes"][doc["weights"]]["weight_bytes"] == doc["weight_bytes"]
     for r in (f32, b16):
         assert _finite_positive(r["prefill_tokens_per_s"]) and _finite_positive(
             r["decode_ms_per_token"]
@@ -188,7 +191,13 @@ def test_dtype_workload(doc):
     assert d["int8_over_fp32"]["prefill"] == pytest.approx(
         i8["prefill_tokens_per_s"] / f32["prefill_tokens_per_s"]
     )
-    assert set(d["faster"].values()) <= {"float32", "bfloat16", "float32+int8"}
+    b16w = d["dtypes"]["float32+bf16"]  # fp32 compute on bf16-stored matrices (fp32 norms)
+    assert b16["weight_bytes"] < b16w["weight_bytes"] < 0.55 * f32["weight_bytes"]
+    assert _finite_positive(b16w["decode_ms_per_token"])
+    assert d["bf16_storage_over_fp32"]["decode"] == pytest.approx(
+        b16w["decode_tokens_per_s"] / f32["decode_tokens_per_s"]
+    )
+    assert set(d["faster"].values()) <= {"float32", "bfloat16", "float32+bf16", "float32+int8"}
 
 
 def test_structured_workload(tmp_path):

@@ -64,6 +64,25 @@ def test_tokens_equal_full_argmax(dtype, K):
     assert cand is not None and len(cand) < 0.1 * len(w)  # it screens
 
 
+@pytest.mark.parametrize("K", [64, 200])
+def test_fp32_rows_on_a_bf16_head(K):
+    """A model computing in fp32 on bf16-stored weights (--quantization bf16): the screen of the
+    bf16 head on fp32 rows gives the full head's argmax (fp32 logits, not rounded), up to 16
+    rows; bf16 rows are not its rows."""
+    w = _weights(3000, K, torch.bfloat16, seed=2)
+    head = HeadScreen(w, torch.float32)
+    assert head.max_rows == 16 and not head.rounded_output
+    g = torch.Generator().manual_seed(3)
+    for rows in (1, 3, 16):
+        for scale in (0.1, 1.0, 30.0):
+            x = torch.randn(rows, K, generator=g) * scale
+            got = head.tokens(x)
+            assert got is not None and got == full_argmax(w, x)
+    assert head.tokens(torch.randn(1, K, generator=g).bfloat16()) is None
+    with pytest.raises(ValueError):
+        HeadScreen(w.float(), torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_outlier_channels_and_tiny_rows(dtype):
     """Input rows with a few channels 100x the rest (as final-norm outputs have): still the full

@@ -159,3 +159,16 @@ def test_kv_heads_must_be_whole_fp8_blocks_per_rank():
     (why,) = layout_problems(cfg, 2, 1, "fp8")
     assert "self_attn.k_proj, self_attn.v_proj: 1 KV heads of 64 over 2 ranks give 64 rows" in why
     assert not layout_problems(cfg, 2, 1, "bf16")
+
+
+def test_bf16_storage_two_ranks_equal_one_process(tmp_path):
+    """fp32 compute on bf16-stored weights (`--quantization bf16`, what `--dtype auto` picks on
+    CPUs without native bf16) on 2 ranks: each rank's shard read into bf16 as stored, the
+    tokens of one fp32 process."""
+    d = tmp_path / "m"
+    save_checkpoint(d, moe=True, dtype=torch.bfloat16, num_key_value_heads=1, vocab_size=257)
+    ref_tokens, ref_logits, _ = run(d)
+    tokens, logits, _ = run(d, tensor_parallel_size=2, quantization="bf16")
+    assert tokens == ref_tokens
+    for a, b in zip(logits, ref_logits, strict=False):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

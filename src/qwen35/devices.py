@@ -3,7 +3,8 @@
 On a GPU the answer is bf16. On a CPU it depends on the silicon: with native bf16 arithmetic
 (Intel AMX or AVX512-BF16) bf16 matmuls are much faster than fp32 ones and read half the bytes,
 so bf16 wins everywhere. Without it (AVX2 only, e.g. AMD Zen 3) bf16 matmuls are emulated and
-slower than fp32, so fp32 is the default there. The measurements are in the README ("Dtype");
+slower than fp32, so fp32 compute is the default there, on weights kept in bf16 when the
+checkpoint stores them so (`default_quantization`). The measurements are in the README ("Dtype");
 `qwen35 bench --workload dtype` repeats them on any machine.
 """
 
@@ -55,3 +56,26 @@ def default_dtype(device: str) -> str:
 
 def resolve_dtype(dtype: str, device: str) -> str:
     return default_dtype(device) if dtype == "auto" else dtype
+
+
+def default_quantization(
+    dtype: str, device: str, quantization: str | None, stored_dtype: str
+) -> str | None:
+    """The weight storage `--dtype auto` goes with: where it computes in fp32 (a CPU without
+    native bf16), a checkpoint stored in BF16 keeps its weights in bf16 ("bf16": the very
+    values fp32 would widen them to, half the memory, 1.7x fp32's decode and fp32's prefill,
+    README "Dtype"). Anything chosen explicitly (a dtype, a quantization) is kept."""
+    if (
+        quantization is None
+        and dtype == "auto"
+        and str(device).startswith("cpu")
+        and default_dtype(device) == "fp32"
+        and stored_dtype.lower().removeprefix("torch.") in ("bfloat16", "bf16")
+    ):
+        return "bf16"
+    return quantization
+
+
+def weights_label(dtype: str, quantization: str | None) -> str:
+    """'float32', 'bfloat16', 'float32+bf16' (fp32 compute on bf16 weights), 'float32+int8'..."""
+    return dtype + (f"+{quantization}" if quantization else "")

@@ -105,7 +105,9 @@ def load_model(
     mtp: also build and load the multi-token-prediction head (`mtp.*`, strictly; speculative
     decoding drafts with it); the config must have one (mtp_num_hidden_layers).
     quantization: "fp8" / "int8" / "int4" quantizes the loaded weights in memory (qwen35.quant);
-    None keeps them as stored (an official FP8 checkpoint stays FP8).
+    "bf16" (with dtype fp32) stores the weights in bf16 and computes in fp32 (allocated so at
+    load: no fp32 copy of the weights); None keeps them as stored (an official FP8 checkpoint
+    stays FP8).
     Returns the model with `.config` (ModelConfig, unless the module already has a config),
     `.load_report` (LoadReport) and `.model_dir` (the local directory, for the tokenizer; None
     for random weights without a directory).
@@ -135,6 +137,7 @@ def load_model(
         )
         _check_mtp(cfg, mtp)
         model, _ = build_model(cfg, None, None, model_factory, tp, vision, mtp)
+        quantization = _bf16_storage(model, quantization, torch_dtype, report)
         if random_fp8(cfg, quantization):  # FP8 storage drawn directly (no BF16 copy first)
             from qwen35.quant.apply import rule_modules, swap_to_fp8_meta
 
@@ -163,6 +166,7 @@ def load_model(
         report.files = [f.name for f in files]
         _check_mtp(cfg, mtp)
         model, params = build_model(cfg, None, None, model_factory, vision=vision, mtp=mtp)
+        storage = _bf16_storage(model, quantization, torch_dtype, report)
         fp8_names: list[str] = []
         if cfg.quantization is not None:  # block FP8: the stored FP8 modules stay FP8
             from qwen35.quant.apply import fp8_modules_in_checkpoint, swap_to_fp8_meta
@@ -182,6 +186,7 @@ def load_model(
 
             shard = ShardReader(cfg, tp, {n: tuple(p.shape) for n, p in canonical.items()})
             model, _ = build_model(cfg, None, None, None, tp, vision)
+            _bf16_storage(model, quantization, torch_dtype)
             if fp8_names:
                 from qwen35.quant.apply import swap_to_fp8_meta
 
@@ -191,6 +196,7 @@ def load_model(
         show = progress if progress is not None else sys.stderr.isatty()
         read_into(s, params, report, show, shard)
         log.info("%s", report.summary())
+        quantization = storage
     # the name -> tensor view of the weights must not outlive the reads: packing (post_load) and
     # quantization replace tensors, and the originals would stay alive beside their copies
     del params
@@ -206,6 +212,33 @@ def load_model(
     model.load_report = report
     model.model_dir = directory
     return model
+
+
+def peek_config(model: str, load_format: str = "auto") -> ModelConfig:
+    """The model's config without reading any weight (layout checks before workers start, the
+    checkpoint's stored dtype for `--dtype auto`)."""
+    if load_format == "random" or model.startswith("random:"):
+        return _random_config(model.removeprefix("random:"))[0]
+    return ModelConfig.from_hf(resolve_model_dir(model))
+
+
+def _bf16_storage(model, quantization, dtype, report: LoadReport | None = None):
+    """quantization "bf16": the weights are allocated in bf16 on the meta model (quant/apply.py
+    bf16_storage_meta) and nothing is quantized after loading (returns None); else unchanged."""
+    if quantization != "bf16":
+        return quantization
+    if dtype != torch.float32:
+        raise Qwen35Error(
+            f"--quantization bf16 stores the weights in bf16 for an fp32 model (--dtype fp32); "
+            f"with --dtype {_name(dtype)} drop it (the weights are then {_name(dtype)} already)"
+        )
+    from qwen35.quant.apply import bf16_storage_meta
+
+    n = bf16_storage_meta(model, dtype)
+    model.quantization = "bf16"  # (as quantize_model_ marks its formats)
+    if report is not None:
+        report.notes.append(f"bf16 storage: {n} weight tensors in bf16, fp32 compute")
+    return None
 
 
 def _check_mtp(cfg: ModelConfig, mtp: bool) -> None:

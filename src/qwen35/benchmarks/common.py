@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qwen35.devices import resolve_dtype
+from qwen35.devices import default_quantization, resolve_dtype, weights_label
 from qwen35.errors import Qwen35Error
 
 
@@ -56,6 +56,12 @@ class BenchModel:
     weight_bytes: int = 0  # unique parameter bytes (a tied embedding counted once)
     num_params: int = 0
     hf: torch.nn.Module | None = field(default=None, repr=False)
+    quantization: str | None = None  # weight storage: int8 / int4 / fp8, or bf16 (fp32 compute)
+
+    @property
+    def label(self) -> str:
+        """'bfloat16', 'float32', 'float32+bf16' (fp32 compute on bf16 weights), ..."""
+        return weights_label(str(self.dtype).removeprefix("torch."), self.quantization)
 
     @property
     def config(self):
@@ -68,12 +74,15 @@ def load_bench_model(
     """A model directory with safetensors loads its weights; anything else (catalog name, config
     file, directory holding only config.json) gets seeded random weights. mtp: with the MTP
     head (speculative decoding)."""
-    from qwen35.loader import load_model, parse_dtype
+    from qwen35.loader import load_model, parse_dtype, peek_config
 
     path = Path(opts.model).expanduser()
     real = path.is_dir() and any(path.glob("*.safetensors"))
     dtype = resolve_dtype(opts.dtype, opts.device)
     try:
+        if quantization is None and opts.dtype == "auto" and dtype == "fp32":  # as the engine
+            stored = peek_config(opts.model, "auto" if real else "random").dtype
+            quantization = default_quantization(opts.dtype, opts.device, None, stored)
         model = load_model(
             opts.model,
             dtype=dtype,
@@ -95,6 +104,7 @@ def load_bench_model(
         device=torch.device(opts.device),
         weight_bytes=sum(p.numel() * p.element_size() for p in uniq),
         num_params=sum(p.numel() for p in uniq),
+        quantization=quantization,
     )
 
 

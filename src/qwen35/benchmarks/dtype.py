@@ -1,4 +1,4 @@
-"""fp32 vs bf16 weights (and fp32 with int8 weights) for our engine on this machine: prefill
+"""fp32 vs bf16 weights (and fp32 compute on bf16-stored or int8 weights) for our engine on this machine: prefill
 tokens/s and batch-1 decode.
 
 On a CPU the choice is a real trade-off (devices.py): bf16 halves the bytes a decode step
@@ -25,10 +25,17 @@ from qwen35.benchmarks.common import (
 )
 from qwen35.devices import AVX2_HIDES, avx2_forced
 
-# (name, compute dtype, weight-only quantization): fp32 and bf16 as they are, and fp32 compute
-# with int8 weights (widened per prefill chunk: fp32's prefill, a quarter of its decode bytes;
-# what CPUs without native bf16 are pointed to for decode speed, README "Dtype")
-ENGINES = (("float32", "fp32", None), ("bfloat16", "bf16", None), ("float32+int8", "fp32", "int8"))
+# (name, compute dtype, weight-only quantization): fp32 and bf16 as they are, fp32 compute on
+# bf16-stored weights (`--quantization bf16`: the same values as a BF16 checkpoint's, half
+# fp32's decode bytes, widened per prefill chunk), and fp32 compute with int8 weights (a
+# quarter of the bytes; changes the weights). The last two are for CPUs without native bf16,
+# README "Dtype".
+ENGINES = (
+    ("float32", "fp32", None),
+    ("bfloat16", "bf16", None),
+    ("float32+bf16", "fp32", "bf16"),
+    ("float32+int8", "fp32", "int8"),
+)
 
 
 def sizes(opts: BenchOptions) -> dict:
@@ -63,7 +70,7 @@ def run_dtype(bm: BenchModel, opts: BenchOptions) -> dict:
 
     sz = sizes(opts)
     P, N = sz["prompt_len"], sz["new_tokens"]
-    models = {str(bm.dtype).removeprefix("torch."): bm}
+    models = {bm.label: bm}
     for name, dtype, quant in ENGINES:
         if name not in models:
             models[name] = load_bench_model(dataclasses.replace(opts, dtype=dtype), quant)
@@ -108,6 +115,7 @@ def run_dtype(bm: BenchModel, opts: BenchOptions) -> dict:
         "cpu_bf16": cpu_bf16_support() if bm.device.type == "cpu" else {},
         "dtypes": rows,
         "bf16_over_fp32": over_fp32("bfloat16"),
+        "bf16_storage_over_fp32": over_fp32("float32+bf16"),
         "int8_over_fp32": over_fp32("float32+int8"),
         "faster": {
             k: max(rows, key=lambda n, k=k: rows[n][f"{k}_tokens_per_s"])

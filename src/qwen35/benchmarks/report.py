@@ -28,8 +28,9 @@ def print_report(doc: dict, console: Console | None = None) -> None:
 def print_header(doc: dict, con: Console) -> None:
     sysinfo = doc["system"]
     weights = "random weights" if doc["random_weights"] else "checkpoint weights"
+    dtype = doc.get("weights", doc["dtype"])  # (documents before "weights" have the dtype only)
     con.print(
-        f"[bold]qwen35 bench[/bold]: {doc['model']} ({weights}, {doc['dtype']}, "
+        f"[bold]qwen35 bench[/bold]: {doc['model']} ({weights}, {dtype}, "
         f"{doc['num_params'] / 1e9:.2f}B parameters, {doc['weight_bytes'] / 2**30:.2f} GiB) on "
         f"{sysinfo['cpu']}, {sysinfo['torch_threads']} threads, torch {sysinfo['torch']}, "
         f"transformers {sysinfo.get('transformers')}{_impl(doc)}; "
@@ -242,8 +243,10 @@ def _dtype(con: Console, d: dict, impl: str) -> None:
             _f(r["decode_ms_per_token"], ".1f"),
             _f(r["decode_tokens_per_s"]),
         )
-    for label, key in (("bf16 / fp32", "bf16_over_fp32"), ("fp32+int8 / fp32", "int8_over_fp32")):
-        if key in d:  # (documents written before the int8 row have only the first)
+    for label, key in (("bf16 / fp32", "bf16_over_fp32"),
+                       ("fp32+bf16 / fp32", "bf16_storage_over_fp32"),
+                       ("fp32+int8 / fp32", "int8_over_fp32")):  # fmt: skip
+        if key in d:  # (documents written before a row lack its ratio)
             x = d[key]
             t.add_row(label, "", _x(x["prefill"]), "", _x(x["decode"]))
     con.print(t)

@@ -79,7 +79,8 @@ def run_bench(
         "model": bm.config.name,
         "source": opts.model,
         "random_weights": bm.random_weights,
-        "dtype": str(bm.dtype).removeprefix("torch."),
+        "dtype": str(bm.dtype).removeprefix("torch."),  # compute
+        "weights": bm.label,  # and storage: "float32+bf16" is fp32 compute on bf16 weights
         "num_params": bm.num_params,
         "weight_bytes": bm.weight_bytes,
         "quick": opts.quick,

@@ -29,7 +29,7 @@ class LoadConfig:
     dtype: str = _opt(
         "auto",
         "weights and compute dtype (auto: bf16 on a GPU or a CPU with native bf16 - AMX / "
-        "AVX512-BF16 - else fp32)",
+        "AVX512-BF16 - else fp32 compute, on bf16-stored weights when the checkpoint is BF16)",
         choices=["auto", "bf16", "fp16", "fp32"],
     )
     load_format: str = _opt(
@@ -40,8 +40,9 @@ class LoadConfig:
     quantization: str | None = _opt(
         None,
         "quantize the weights at load: int8 / int4 (weight-only, for CPU decode) or fp8 (block "
-        "FP8 as the official releases); default: as stored (FP8 checkpoints stay FP8)",
-        choices=["fp8", "int8", "int4"],
+        "FP8 as the official releases); bf16 with --dtype fp32: weights stored in bf16, fp32 "
+        "compute (CPUs without native bf16); default: as stored (FP8 checkpoints stay FP8)",
+        choices=["fp8", "int8", "int4", "bf16"],
     )
     generation_config: str = _opt(
         "auto",

@@ -7,6 +7,7 @@
 //
 // - linear_bf16: bf16 weights. AVX512-BF16 CPUs (Zen 4, Sapphire Rapids) multiply bf16 pairs
 //   straight into fp32 (vdpbf16ps); other x86 CPUs widen bf16 to fp32 (a 16-bit shift) + FMA.
+//   fp32 rows (fp32 compute on bf16-stored weights) take the widening path on every CPU.
 // - linear_fp32: fp32 weights and rows, FMA.
 // - linear_int8: int8 weights with one scale per output row (weight-only: activations keep their
 //   precision). bf16 rows on AVX512-VBMI + BF16 CPUs: the FP8 scheme below with tables for the
@@ -647,16 +648,28 @@ void check_x(const torch::Tensor& x, const torch::Tensor& w, int64_t K) {
 
 }  // namespace
 
-// y [M, N] bf16 = x [M, K] bf16 @ w [N, K] bf16 ^T. avx2_only: the path of CPUs without
-// AVX512-BF16 (tests and benchmarks run both on one machine).
+// y [M, N] = x [M, K] @ w [N, K] bf16 ^T in x's dtype. bf16 x: AVX512-BF16 CPUs multiply the
+// pairs directly; avx2_only takes the path of CPUs without it (tests and benchmarks run both on
+// one machine). fp32 x (fp32 compute on bf16-stored weights, `--quantization bf16`): every CPU
+// widens the weights and FMAs in fp32, the rows as given.
 torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, bool avx2_only) {
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
   check_x(x, w, K);
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
-              "linear_bf16: bf16 x and w");
+  const bool rows32 = x.scalar_type() == at::kFloat;
+  TORCH_CHECK((rows32 || x.scalar_type() == at::kBFloat16) && w.scalar_type() == at::kBFloat16,
+              "linear_bf16: bf16 w, bf16 or fp32 x");
   auto y = torch::empty({M, N}, x.options());
-  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  const bool vl = !avx2_only && cpu_avx512();
+  if (rows32) {
+    const float* X = x.data_ptr<float>();
+    float* Y = y.data_ptr<float>();
+    for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
+      DISPATCH_MR(mr, fma_row, vl, X + m * K, W + n * K, out, K);
+    }, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v; });
+    return y;
+  }
+  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
   auto* Y = y.data_ptr<at::BFloat16>();
   const auto store = [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v; };
   if (!avx2_only && cpu_avx512_bf16()) {
@@ -667,7 +680,6 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, bool a
   }
   const auto xf = x.to(at::kFloat);
   const float* XF = xf.data_ptr<float>();
-  const bool vl = !avx2_only && cpu_avx512();
   for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
     DISPATCH_MR(mr, fma_row, vl, XF + m * K, W + n * K, out, K);
   }, store);
@@ -961,7 +973,7 @@ std::vector<std::string> isa() {  // the fast paths this CPU takes
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16", &linear_bf16, "x [M<=16, K] bf16 @ w [N, K] bf16 ^T",
+  m.def("linear_bf16", &linear_bf16, "x [M<=16, K] bf16 or fp32 @ w [N, K] bf16 ^T",
         py::arg("x"), py::arg("w"), py::arg("avx2_only") = false);
   m.def("linear_fp32", &linear_fp32, "x [M<=16, K] fp32 @ w [N, K] fp32 ^T", py::arg("x"),
         py::arg("w"), py::arg("avx2_only") = false);

@@ -32,12 +32,18 @@ GEMV_MAX_ROWS = {torch.bfloat16: 8, torch.float32: 16}
 MANY_MAX_ROWS = 4
 
 
+def bf16_stored(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """fp32 rows on a bf16-stored weight (`--quantization bf16`: fp32 compute, 2 bytes a weight)."""
+    return x.dtype == torch.float32 and w.dtype == torch.bfloat16
+
+
 def gemv_kernel_for(x: torch.Tensor, w: torch.Tensor):
-    """The GEMV module when `linear` runs x @ w^T through it (bf16 / fp32, few rows), else None."""
+    """The GEMV module when `linear` runs x @ w^T through it (bf16 / fp32 rows on weights of
+    their dtype or fp32 rows on bf16 weights, few rows), else None."""
     if not (
         x.dim() == 2
         and x.is_cpu
-        and x.dtype == w.dtype
+        and (x.dtype == w.dtype or bf16_stored(x, w))
         and x.shape[0] <= GEMV_MAX_ROWS.get(x.dtype, 0)
         and w.is_contiguous()
     ):
@@ -48,10 +54,14 @@ def gemv_kernel_for(x: torch.Tensor, w: torch.Tensor):
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ w[out, in]^T."""
+    """x [..., in] @ w[out, in]^T (in x's dtype)."""
     if (mod := gemv_kernel_for(x, w)) is not None:
         x = x.contiguous()
-        return mod.linear_bf16(x, w) if x.dtype == torch.bfloat16 else mod.linear_fp32(x, w)
+        return mod.linear_fp32(x, w) if w.dtype == torch.float32 else mod.linear_bf16(x, w)
+    if x.dtype != w.dtype:  # fp32 rows on bf16-stored weights, more rows than the kernel's
+        from qwen35.quant.matmul import widened_linear
+
+        return widened_linear(x, w)
     if x.dim() == 2 and x.shape[0] == 1 and x.is_cpu and w.dtype != torch.float32:
         # one row of bf16/fp16 without the kernel: torch.mv streams the weight faster than
         # the oneDNN GEMM F.linear takes

@@ -56,9 +56,11 @@ _BUILD_ROWS = 16384  # rows of the head quantised at a time (bounded temporary m
 
 
 class HeadScreen:
-    """The int8 screen of one lm_head weight [V, K] (fp32 or bf16, contiguous, on the CPU)."""
+    """The int8 screen of one lm_head weight [V, K] (fp32 or bf16, contiguous, on the CPU), for
+    head-input rows of `rows_dtype` (default: the weight's; fp32 rows on a bf16 head: a model
+    computing in fp32 on bf16-stored weights)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, rows_dtype: torch.dtype | None = None):
         if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(
                 f"a [V, K] fp32 / bf16 head is needed, got {weight.dtype} {tuple(weight.shape)}"
@@ -91,8 +93,11 @@ class HeadScreen:
             self.nq[i : i + len(w)] = n_q * (1 + 2.0**-8)
             self.tiny[i : i + len(w)] = tiny * 2
         # the exact rows must take the GEMV kernel, whose outputs don't depend on the row count
-        self.max_rows = min(GEMV_MAX_ROWS.get(weight.dtype, 0), SCREEN_MAX_ROWS[weight.dtype])
-        self.rounded_output = weight.dtype != torch.float32  # linear() gives logits in x's dtype
+        self.rows_dtype = rows = rows_dtype or weight.dtype
+        if rows != weight.dtype and not (rows == torch.float32 and weight.dtype == torch.bfloat16):
+            raise ValueError(f"{rows} rows on a {weight.dtype} head are not a GEMV kernel's")
+        self.max_rows = min(GEMV_MAX_ROWS.get(rows, 0), SCREEN_MAX_ROWS[rows])
+        self.rounded_output = rows != torch.float32  # linear() gives logits in x's dtype
 
     @classmethod
     def build(cls, model) -> HeadScreen | None:
@@ -112,7 +117,8 @@ class HeadScreen:
         rows = range(0, len(w), _BUILD_ROWS)
         if not all(bool(torch.isfinite(w[i : i + _BUILD_ROWS]).all()) for i in rows):
             return None
-        return cls(w)
+        compute = getattr(model, "dtype", w.dtype)  # fp32 on a bf16-stored head: fp32 rows
+        return cls(w, compute if compute in (torch.float32, torch.bfloat16) else None)
 
     @property
     def nbytes(self) -> int:
@@ -170,7 +176,7 @@ class HeadScreen:
 
         if (
             x.dim() != 2
-            or x.dtype != self.weight.dtype
+            or x.dtype != self.rows_dtype
             or not 0 < x.shape[0] <= self.max_rows
             or len(ks) != x.shape[0]
             or gemv.load() is None  # switched off since the build: the full head's path

@@ -38,12 +38,17 @@ from qwen35.parallel.linear import embed, gather_logits
 
 
 class Embedding(nn.Module):
+    # the rows' dtype when the table is stored narrower than the model computes (quant/apply.py
+    # bf16_storage_meta); None: the table's
+    out_dtype: torch.dtype | None = None
+
     def __init__(self, num: int, dim: int, dtype=None, device=None):
         super().__init__()
         self.weight = empty_param(num, dim, dtype=dtype, device=device)  # [V, H]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
-        return F.embedding(ids, self.weight)
+        h = F.embedding(ids, self.weight)
+        return h if self.out_dtype is None else h.to(self.out_dtype)
 
 
 class DecoderLayer(nn.Module):

@@ -10,22 +10,12 @@ import sys
 
 import torch
 
-from qwen35.config import ModelConfig
 from qwen35.errors import Qwen35Error
 from qwen35.parallel.context import TensorParallel
 from qwen35.parallel.group import WorkerGroup, broadcast, rank_device, torchrun_env
 
 log = logging.getLogger("qwen35")
 GiB = 1 << 30
-
-
-def peek_config(model: str, load_format: str) -> ModelConfig:
-    """The model's config without reading any weight (layout checks before workers start)."""
-    from qwen35.loader import _random_config, resolve_model_dir
-
-    if load_format == "random" or model.startswith("random:"):
-        return _random_config(model.removeprefix("random:"))[0]
-    return ModelConfig.from_hf(resolve_model_dir(model))
 
 
 def cpu_threads(requested: int | None, tp: int) -> int:
@@ -36,7 +26,7 @@ def cpu_threads(requested: int | None, tp: int) -> int:
 def start(ec, model: str, dtype: torch.dtype) -> tuple[WorkerGroup, TensorParallel, torch.device]:
     """Validate the layout, start the workers (or, under torchrun on a rank other than 0, run
     this process as a worker and exit), and return rank 0's group, context and device."""
-    from qwen35.loader import check_parallel_layout
+    from qwen35.loader import check_parallel_layout, peek_config
 
     size = ec.parallel.tensor_parallel_size
     ep = ec.parallel.enable_expert_parallel

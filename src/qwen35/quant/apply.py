@@ -8,6 +8,8 @@
   from the safetensors headers (a weight in F8_E4M3 or a `*_scale_inv` beside it) and swapped,
   still on the meta device, for FP8 modules whose parameters carry the checkpoint's names; the
   strict scan then checks every weight, scale, shape and dtype before any data is read.
+- `bf16_storage_meta(model, dtype)`: `--quantization bf16`, on meta before loading: weights
+  stored in bf16, computed in fp32 (CPUs without native bf16 arithmetic).
 - `quantize_model_(model, fmt)`: after loading, BF16 (or FP8) weights -> fp8 / int8 / int4.
   int8 / int4 cover the FP8 set plus lm_head and the embedding (per-row int8 in both modes,
   one shared tensor when tied: the 0.8B's tied head is a third of its bytes); int4 needs
@@ -32,6 +34,7 @@ from qwen35.quant.layers import (
     Int8Embedding,
     Int8Linear,
     IntExperts,
+    qparam,
 )
 
 FORMATS = ("fp8", "int8", "int4")
@@ -136,6 +139,38 @@ def swap_to_fp8_meta(model: nn.Module, names, cfg) -> list[str]:
             _set(model, name, new)
             swapped.append(name)
     return swapped
+
+
+# ---- bf16 storage, fp32 compute ------------------------------------------------------------------
+def bf16_storage_meta(model: nn.Module, dtype: torch.dtype) -> int:
+    """`--quantization bf16` on a model built on meta to compute in `dtype` (fp32): every plain
+    Linear weight, the routed experts and the embedding table (the tied head with it) are
+    allocated in bf16 instead, so the loader reads a BF16 checkpoint into them as stored (never
+    an fp32 copy of the model) and decode reads 2 bytes a weight; norms, conv, A_log / dt_bias,
+    the caches and all activations stay in `dtype`, as does the vision tower. Returns the
+    number of tensors so stored."""
+    from qwen35.models.qwen3_5 import Embedding
+    from qwen35.quant.layers import Bf16Experts
+
+    narrowed: dict[int, nn.Parameter] = {}  # one bf16 parameter per old one: ties stay tied
+    n = 0
+    for name, mod in list(model.named_modules()):
+        if "visual" in name.split("."):
+            continue
+        if type(mod) is Linear or type(mod) is Embedding:
+            old = mod.weight
+            if id(old) not in narrowed:
+                narrowed[id(old)] = qparam(torch.empty(old.shape, dtype=torch.bfloat16,
+                                                       device="meta"))  # fmt: skip
+                n += 1
+            mod.weight = narrowed[id(old)]
+            if type(mod) is Embedding:
+                mod.out_dtype = dtype
+        elif type(mod) is Experts:
+            E, twoI, H = mod.gate_up_proj.shape
+            _set(model, name, Bf16Experts(E, H, twoI // 2, device="meta"))
+            n += 2
+    return n
 
 
 # ---- in memory ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.layers.linear import Linear
+from qwen35.layers.linear import Linear, linear
 from qwen35.layers.moe import Experts
 from qwen35.quant import formats, matmul
 from qwen35.quant.formats import FP8_DTYPE
@@ -215,6 +215,28 @@ class Fp8Experts(Experts):
                 )
             )
         return torch.stack(gu), torch.stack(dn)
+
+
+class Bf16Experts(Experts):
+    """Routed experts stored in bf16 in a model that computes in fp32 (`--quantization bf16`):
+    the transformers-named fused tensors, one product per active expert through
+    layers/linear.py `linear` (our GEMV kernel for decode rows, a widened GEMM above)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, device=None):
+        nn.Module.__init__(self)
+        E, H, I = num_experts, hidden_size, intermediate_size
+        self.num_experts, self.intermediate_size = E, I
+        self.gate_up_proj = qparam(torch.empty(E, 2 * I, H, dtype=torch.bfloat16, device=device))
+        self.down_proj = qparam(torch.empty(E, H, I, dtype=torch.bfloat16, device=device))
+
+    def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return linear(x, self.gate_up_proj[e])
+
+    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
+        return linear(h, self.down_proj[e])
+
+    def dequantized(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
 
 
 class IntExperts(Experts):

@@ -49,6 +49,15 @@ def scratch(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) ->
     return buf[:n].view(shape)
 
 
+def widened_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ w [N, K]^T for a weight stored in a narrower float dtype than x (bf16 weights
+    of an fp32 model, `--quantization bf16`): widened into the reused buffer, then a GEMM (the
+    rows layers/linear.py `linear` does not give its GEMV kernel)."""
+    buf = scratch(tuple(w.shape), x.dtype, x.device)
+    buf.copy_(w)
+    return F.linear(x, buf)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 

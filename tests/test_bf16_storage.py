@@ -1,0 +1,125 @@
+"""fp32 compute on bf16-stored weights (`--quantization bf16`, and `--dtype auto` on CPUs
+without native bf16): the GEMV kernel's fp32-row path against its reference, the model equal to
+an fp32 model of the same BF16 checkpoint, the engine's tokens equal to fp32's (batched ==
+alone), and the default it becomes where fp32 is the compute dtype."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kernel_modules import native_or_skip, rows_alone_mismatches
+from qwen35 import LLM, devices
+from qwen35.errors import Qwen35Error
+from qwen35.kernels import gemv
+from qwen35.layers.linear import linear
+from qwen35.loader import load_model
+from qwen35.request import SamplingParams
+from tiny import save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    out = {}
+    for name, kw in (("dense", {}), ("moe", {"moe": True}),
+                     ("tied", {"tie_word_embeddings": True})):  # fmt: skip
+        d = tmp_path_factory.mktemp(name)
+        save_checkpoint(d, dtype=torch.bfloat16, **kw)
+        out[name] = d
+    return out
+
+
+@pytest.mark.parametrize("avx2_only", [False, True])
+@pytest.mark.parametrize("N,K", [(70, 333), (64, 64), (130, 1030)])
+def test_kernel_fp32_rows_on_bf16_weights(avx2_only, N, K):
+    mod = native_or_skip(gemv.GEMV, "the gemv kernel")
+    g = torch.Generator().manual_seed(N + K)
+    w = (torch.randn(N, K, generator=g) * 0.05).bfloat16()
+    x = torch.randn(16, K, generator=g)
+    for M in (1, 2, 3, 4, 5, 16):
+        y = mod.linear_bf16(x[:M].contiguous(), w, avx2_only)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, x[:M] @ w.float().T, atol=1e-5, rtol=1e-5)
+    # a row's sum does not depend on the rows beside it (batched == alone)
+    mism = rows_alone_mismatches(lambda v: mod.linear_bf16(v.contiguous(), w, avx2_only), x)
+    assert not any(mism.values()), mism
+
+
+def test_linear_dispatch_kernel_and_widened_gemm():
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(96, 200, generator=g) * 0.05).bfloat16()
+    for shape in ((1, 200), (16, 200), (17, 200), (40, 200), (2, 5, 200)):
+        x = torch.randn(*shape, generator=g)
+        y = linear(x, w)
+        assert y.dtype == torch.float32 and y.shape == (*shape[:-1], 96)
+        torch.testing.assert_close(y, x @ w.float().T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dense", "moe", "tied"])
+def test_model_equals_fp32_model_of_the_same_checkpoint(ckpts, name):
+    d = ckpts[name]
+    ref = load_model(str(d), dtype="fp32")
+    m = load_model(str(d), dtype="fp32", quantization="bf16")
+    assert m.dtype == torch.float32 and m.quantization == "bf16"
+    assert any("bf16 storage" in n for n in m.load_report.notes)
+    # every matrix but the conv kernel is stored in bf16; norms and DeltaNet scalars stay fp32
+    for pname, p in m.named_parameters():
+        big = p.dim() >= 2 and "conv1d" not in pname
+        assert p.dtype == (torch.bfloat16 if big else torch.float32), pname
+    tied = ref.lm_head.weight is ref.model.embed_tokens.weight
+    assert tied == (name == "tied") and (m.lm_head.weight is m.model.embed_tokens.weight) == tied
+    half = sum(p.nbytes for p in {p.data_ptr(): p for p in m.parameters()}.values())
+    full = sum(p.nbytes for p in {p.data_ptr(): p for p in ref.parameters()}.values())
+    assert half < 0.55 * full
+    ids = torch.randint(0, m.config.vocab_size, (1, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), ref(ids), atol=1e-5, rtol=1e-5)
+
+
+def _tokens(llm, prompts, n=12):
+    sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+
+
+@pytest.mark.parametrize("name", ["dense", "moe"])
+def test_engine_tokens_equal_fp32(ckpts, name):
+    d = ckpts[name]
+    prompts = [[5, 9, 2, 7, 11, 3], list(range(3, 40)), [17, 4]]
+    ref = _tokens(LLM(str(d), dtype="fp32", verbose=False), prompts)
+    llm = LLM(str(d), dtype="fp32", quantization="bf16", verbose=False)
+    assert llm.engine.model.quantization == "bf16"
+    screen = llm.engine.runner.head_screen  # the bf16 head's int8 screen, on fp32 rows
+    assert screen is None or screen.rows_dtype == torch.float32
+    assert _tokens(llm, prompts) == ref  # batched
+    assert [_tokens(llm, [p])[0] for p in prompts] == ref  # alone
+
+
+def test_refused_with_a_bf16_model(ckpts):
+    with pytest.raises(Qwen35Error, match="--dtype fp32"):
+        load_model(str(ckpts["dense"]), dtype="bf16", quantization="bf16")
+
+
+def test_dtype_auto_keeps_bf16_weights_where_it_computes_in_fp32(ckpts, tmp_path, monkeypatch):
+    """A CPU without native bf16 (flags hidden): --dtype auto computes in fp32 and keeps a BF16
+    checkpoint's weights in bf16; a checkpoint stored in fp32 stays fp32; explicit choices win."""
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.default_quantization("auto", "cpu", None, "bfloat16") == "bf16"
+    assert devices.default_quantization("auto", "cpu", "int8", "bfloat16") == "int8"
+    assert devices.default_quantization("fp32", "cpu", None, "bfloat16") is None
+    assert devices.default_quantization("auto", "cpu", None, "float32") is None
+    llm = LLM(str(ckpts["dense"]), verbose=False)  # dtype auto
+    assert llm.engine.engine_config.load.quantization == "bf16"
+    assert llm.engine.model.dtype == torch.float32
+    assert llm.engine.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    f32 = tmp_path / "f32"
+    save_checkpoint(f32, dtype=torch.float32)
+    cfg = json.loads((f32 / "config.json").read_text())
+    cfg["text_config"]["dtype"] = "float32"
+    (f32 / "config.json").write_text(json.dumps(cfg))
+    plain = LLM(str(f32), verbose=False)
+    assert plain.engine.engine_config.load.quantization is None
+    assert plain.engine.model.model.embed_tokens.weight.dtype == torch.float32
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.default_quantization("auto", "cpu", None, "bfloat16") is None
