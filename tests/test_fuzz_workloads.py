@@ -3,8 +3,9 @@ found this project's batching, stop-string and multimodal bugs, kept as regressi
 
 - engine interleavings: requests arrive between steps and some are aborted mid-run, under
   prefix caching with random checkpoint intervals, KV pools small enough to preempt and
-  chunked prefill, half the engines with MTP drafts (speculative decoding); every finished
-  request equals its run alone in a fresh engine without drafts (fp32) and the pools end empty;
+  chunked prefill, half the engines with MTP drafts (speculative decoding), some on bf16-stored
+  weights; every finished request equals its run alone in a fresh engine without drafts (fp32,
+  the same weight storage) and the pools end empty;
 - stop rules: random stop strings cut from each prompt's own output, stop ids, min_tokens, n,
   special tokens kept or skipped; batched == alone (text, tokens, finish and stop reasons), no
   stop string inside the text after the first min_tokens tokens, max_tokens / min_tokens kept.
@@ -43,12 +44,15 @@ def test_random_interleavings_with_aborts_equal_each_request_alone(tmp_path, see
     rng = random.Random(seed)
     save_checkpoint(tmp_path, moe=seed % 2 == 0, seed=seed, dtype=torch.float32, mtp=True)
     accepted = 0  # drafts accepted over the engines with drafts
+    storage = random.Random(seed + 100)  # (its own stream: the workloads stay those of before)
     for _ in range(8):
         bs = rng.choice([4, 8, 16])
         kw = dict(dtype="fp32", verbose=False, block_size=bs, max_model_len=160,
                   max_num_seqs=rng.choice([2, 4, 16]),
                   max_num_batched_tokens=rng.choice([8, 32, 256]),
                   enable_prefix_caching=rng.random() < 0.8)  # fmt: skip
+        if storage.random() < 0.4:  # fp32 compute on bf16-stored weights (--dtype auto on AVX2)
+            kw["quantization"] = "bf16"
         if rng.random() < 0.5:
             kw["checkpoint_interval"] = rng.choice([1, 2, 3]) * bs
         if rng.random() < 0.6:

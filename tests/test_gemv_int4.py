@@ -156,13 +156,19 @@ def test_int4_linear_dispatch(mod, monkeypatch, dtype):
     g = torch.Generator().manual_seed(21)
     xs = {m: torch.randn(m, k, generator=g).to(dtype) for m in (1, matmul.INT4_MAX_ROWS, 17, 64)}
     ys = {m: matmul.int4_linear(x, packed, sz, group, n) for m, x in xs.items()}
-    ours = dtype == torch.float32 or mod.int4_fast_supported()
+    ours = matmul.int4_rows_ours(mod, dtype)
+    assert ours == (dtype == torch.float32 or mod.int4_fast_supported()
+                    or not matmul.torch_int4_layout())  # fmt: skip
     assert matmul.INT4_MAX_ROWS == 16  # the rows below straddle it
     assert spy.calls == ["linear_int4"] * (2 * ours) + ["int4_dequant"] * 2
     monkeypatch.setenv("QWEN35_NO_KERNELS", "1")
     monkeypatch.setattr(gemv, "load_int4", gemv.INT4.load)
     for m, x in xs.items():
-        ref = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+        if matmul.torch_int4_layout():  # torch's kernel reads our layout here: it runs
+            ref = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+        else:  # (AVX2 CPUs: torch's layout differs) the PyTorch reference runs
+            w = formats.dequantize_int4_groups(matmul.unpack_int4(packed, n, k), sz, group, dtype)
+            ref = F.linear(x, w)
         assert rel_error(matmul.int4_linear(x, packed, sz, group, n), ref) == 0
         assert rel_error(ys[m], ref) < (4e-3 if dtype == torch.bfloat16 else 1e-5), m
     x3 = xs[17].view(1, 17, k)  # leading dims are kept

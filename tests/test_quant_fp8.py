@@ -51,8 +51,10 @@ def test_fp8_checkpoint_matches_dequantised_bf16(fp8_pair):
     ref = load_model(bf16_dir, dtype="bf16")
     a, b = m(_ids()), ref(_ids())
     # bf16: our FP8 kernel and a BF16 GEMM round differently (MoE routing may then flip a near
-    # tie), so the whole-tensor relative error is bounded rather than every element
-    assert ((a - b).norm() / b.norm()).item() < 0.03
+    # tie at a position or two: 0.17-0.23 there), so each position's relative error is bounded
+    # but for a few (on AVX2 CPUs the BF16 reference itself flips one more: whole tensor 3.2%)
+    per = ((a - b).float().norm(dim=-1) / b.float().norm(dim=-1)).flatten()  # [positions]
+    assert per.median().item() < 0.02 and (per > 0.03).sum().item() <= 3, per.topk(4)
     # fp32 compute: the dequantised weights are exact, so the logits agree to rounding
     a32 = load_model(fp8_dir, dtype="fp32")(_ids())
     b32 = load_model(bf16_dir, dtype="fp32")(_ids())

@@ -85,9 +85,15 @@ def test_fp8_avx2_kernel_rows_and_tails(dtype):
                        mod.fp8_linear(x, q, s.float(), 128, 128, avx2_only=True))  # fmt: skip
 
 
-def test_int4_unpack_inverts_torch_packing():
+def test_int4_pack_and_unpack_and_torchs_layout():
+    """Our packing inverts our unpack; it is torch's where torch runs its AVX512 code, and
+    torch_int4_layout says whether it is on this CPU (with AVX2 torch packs 32-row blocks)."""
     q = torch.randint(0, 16, (128, 96), dtype=torch.int32)
-    assert torch.equal(matmul.unpack_int4(matmul.pack_int4(q), 128, 96), q)
+    packed = matmul.pack_int4(q)
+    assert packed.shape == (128, 48) and packed.dtype == torch.uint8
+    assert torch.equal(matmul.unpack_int4(packed, 128, 96), q)
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(theirs, packed) == matmul.torch_int4_layout()
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

@@ -71,9 +71,18 @@ def default_quantization(
         and str(device).startswith("cpu")
         and default_dtype(device) == "fp32"
         and stored_dtype.lower().removeprefix("torch.") in ("bfloat16", "bf16")
+        and _bf16_rows_kernel()
     ):
         return "bf16"
     return quantization
+
+
+def _bf16_rows_kernel() -> bool:
+    """Our GEMV kernel runs here (x86-64 with AVX2 + FMA, built): it reads bf16 weights for fp32
+    decode rows. Without it every decode step would widen each matrix first, slower than fp32."""
+    from qwen35.kernels import gemv
+
+    return gemv.load() is not None
 
 
 def weights_label(dtype: str, quantization: str | None) -> str:

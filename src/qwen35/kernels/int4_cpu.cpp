@@ -1,6 +1,8 @@
-// int4 weights in torch's packed CPU layout, read directly: decode GEMVs (linear_int4) and the
-// unpack that feeds prefill's GEMM (int4_dequant). No repacking, so quant/ stores exactly what
-// torch's `_weight_int4pack_mm_for_cpu` takes.
+// int4 weights in torch's packed CPU layout of its AVX512 code, read directly: decode GEMVs
+// (linear_int4) and the unpack that feeds prefill's GEMM (int4_dequant). quant/matmul.py
+// pack_int4 writes this layout on every CPU, so where torch runs its AVX512 code its
+// `_weight_int4pack_mm_for_cpu` takes the same bytes (with AVX2 torch packs 32-row blocks, and
+// quant/matmul.py then keeps to these kernels: torch_int4_layout).
 //
 // Layout: packed [N, K/2] uint8 = [N/64, K, 32]: per block of 64 output rows and input k, byte d
 // holds row d in its low nibble and row d + 32 in its high one; scales_and_zeros [K/group, N, 2];
@@ -21,7 +23,8 @@
 // - otherwise (AVX2 + FMA, or fp32 x): nibbles -> fp32 (zero-extend, convert), FMA against the
 //   broadcast x[k], the same per-group fold without the offset; half a block (32 rows) a pass.
 //   Used for fp32 rows (torch's fp32 int4 kernel is far slower); bf16 rows on CPUs without
-//   VBMI + BF16 keep torch's kernel, which beat this path on Zen 4 (quant/matmul.py).
+//   VBMI + BF16 keep torch's kernel where it reads this layout (it beat this path on Zen 4),
+//   else this path (quant/matmul.py).
 // int4_dequant: W^T [K, N] (K-major, the order the bytes are in: each k's 64 rows of a block are
 // 32 contiguous bytes in and 64 contiguous values out, so no transpose; mm(x, W^T) runs as fast
 // as F.linear(x, W)); 13 G weights/s on 2 cores vs 0.9 for the scalar row-major [N, K] path

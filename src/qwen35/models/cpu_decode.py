@@ -66,12 +66,12 @@ def _direct(fn):
         mod, w, n, group = gemv.load_int4(), fn.weight, fn.out_features, fn.group
         sz = fn.scales_and_zeros.contiguous()  # as the module passes it
         if mod is not None:
-            fast = mod.int4_fast_supported()
+            bf16_ours = matmul.int4_rows_ours(mod, torch.bfloat16)
             return lambda x: (
                 mod.linear_int4(x.contiguous(), w, sz, group, n)
                 if x.shape[0] <= matmul.INT4_MAX_ROWS
                 and sz.dtype == x.dtype
-                and (x.dtype == torch.float32 or (fast and x.dtype == torch.bfloat16))
+                and (x.dtype == torch.float32 or (bf16_ours and x.dtype == torch.bfloat16))
                 else fn(x)
             )
     if type(fn) is Fp8Linear and fn.weight_scale_inv.is_contiguous():
@@ -82,6 +82,14 @@ def _direct(fn):
             return lambda x: (
                 mod.linear_fp8(x.contiguous(), w, scale, bo, bi, cvt)
                 if x.shape[0] <= gemv.MAX_ROWS and x.dtype == torch.bfloat16
+                else fn(x)
+            )
+        from qwen35.kernels import fp8 as fp8_kernel
+
+        if (avx2 := fp8_kernel.load()) is not None:  # CPUs without AVX512: fp8_cpu.cpp, as
+            return lambda x: (  # matmul.fp8_linear calls it for decode rows
+                avx2.fp8_linear(x.contiguous(), w, scale, bo, bi)
+                if x.shape[0] <= fp8_kernel.MAX_ROWS and x.dtype in (torch.bfloat16, torch.float32)
                 else fn(x)
             )
     return getattr(fn, "forward", fn)  # a module's forward without the module call

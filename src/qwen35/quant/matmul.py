@@ -4,7 +4,8 @@ CPU (measured with `bench/gemv.py` and `bench/quant_linear.py`):
 - few rows (decode): a kernel that reads the quantized bytes directly - ours
   (`kernels/gemv_cpu.cpp`) for int8 and, on AVX512-VBMI + BF16 CPUs, FP8 (elsewhere the AVX2
   `fp8_cpu.cpp` kernel); for int4 ours (`kernels/int4_cpu.cpp`) on AVX512-VBMI + BF16 CPUs and
-  for fp32 rows, elsewhere torch's `_weight_int4pack_mm_for_cpu`; memory-bound, so 1 or 0.5
+  for fp32 rows, elsewhere torch's `_weight_int4pack_mm_for_cpu` where it reads our int4
+  layout (torch's AVX512 one: `torch_int4_layout`; on AVX2 CPUs ours); memory-bound, so 1 or 0.5
   byte per weight instead of 2;
 - many rows (prefill): the packed-weight kernels run at a fraction of a GEMM's FLOP/s, so the
   weight is dequantised into one reused buffer and a regular GEMM runs on it (the buffer
@@ -13,6 +14,8 @@ GPU: block-FP8 GEMMs in `fp8_gpu` (int8 / int4 are CPU formats and dequantise th
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -156,22 +159,27 @@ def int4_linear(
     `group` inputs, scales_and_zeros [K/group, n, 2])."""
     x2 = _rows(x)
     # up to 16 rows, ours: bf16 rows on AVX512-VBMI + BF16 CPUs (torch's kernel beat our AVX2
-    # path), fp32 rows everywhere (torch's fp32 int4 kernel is several times slower)
+    # path) or where torch's kernel reads another layout, fp32 rows everywhere (torch's fp32
+    # int4 kernel is several times slower)
     if (kern := int4_kernel_for(x, sz)) is not None:
         y = kern.linear_int4(x2.contiguous(), packed, sz, group, n)
         return y.view(*x.shape[:-1], n)
     mod = None  # up to 16 rows otherwise: torch's kernel
-    if x2.shape[0] > INT4_MAX_ROWS and x.is_cpu and sz.dtype == x.dtype \
-            and x.dtype in (torch.bfloat16, torch.float32):  # fmt: skip
+    if (x2.shape[0] > INT4_MAX_ROWS or not torch_int4_layout()) and x.is_cpu \
+            and sz.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float32):  # fmt: skip
         from qwen35.kernels import gemv
 
         mod = gemv.load_int4()  # more rows: our unpack + a GEMM
-    if mod is None:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
-    else:
+    if mod is not None:
         wt = scratch((packed.shape[1] * 2, n), x.dtype, x.device)  # W^T [K, N]: K-major unpack
         mod.int4_dequant(packed, sz, group, wt.t())
         y = F.linear(x2, wt.t())
+    elif torch_int4_layout():
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
+    else:  # no kernel of ours, and torch's reads another layout here: the PyTorch reference
+        k = packed.shape[1] * 2
+        w = formats.dequantize_int4_groups(unpack_int4(packed, n, k), sz, group, x.dtype)
+        y = F.linear(x2, w)
     return y.view(*x.shape[:-1], n)
 
 
@@ -197,9 +205,15 @@ def int4_kernel_for(x: torch.Tensor, sz: torch.Tensor):
     from qwen35.kernels import gemv
 
     mod = gemv.load_int4()
-    if mod is None or not (x.dtype == torch.float32 or mod.int4_fast_supported()):
+    if mod is None or not int4_rows_ours(mod, x.dtype):
         return None
     return mod
+
+
+def int4_rows_ours(mod, dtype: torch.dtype) -> bool:
+    """Decode rows of `dtype` take our int4 kernel (module `mod`): fp32 rows always, bf16 rows
+    on AVX512-VBMI + BF16 CPUs or where torch's int4 kernel reads another layout than ours."""
+    return dtype == torch.float32 or mod.int4_fast_supported() or not torch_int4_layout()
 
 
 def int4_linear_many(xs: list, layers: list) -> torch.Tensor | None:
@@ -216,12 +230,33 @@ def int4_linear_many(xs: list, layers: list) -> torch.Tensor | None:
                                 sz, first.group, first.out_features)  # fmt: skip
 
 
-INT4_ROW_BLOCK = 64  # torch's CPU int4 packing interleaves rows in blocks of 64
+INT4_ROW_BLOCK = 64  # our int4 layout interleaves rows in blocks of 64 (torch's with AVX512)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q [N, K] int32 in [0, 15] (N % 64 == 0) -> torch's CPU int4 layout [N, K/2] uint8."""
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+    """q [N, K] int32 in [0, 15] (N % 64 == 0) -> [N, K/2] uint8: per block of 64 rows the
+    bytes are K-major, row d in the low nibble and row d + 32 in the high one. That is torch's
+    CPU int4 layout where torch runs its AVX512 code; with AVX2 (e.g. AMD Zen 3) torch packs
+    blocks of 32 rows instead, so the packing is ours and torch's kernel is used only where its
+    layout is this one (`torch_int4_layout`)."""
+    n, k = q.shape
+    b = q.reshape(n // INT4_ROW_BLOCK, 2, INT4_ROW_BLOCK // 2, k)  # [nb, lo | hi, 32, K]
+    byte = (b[:, 0] | (b[:, 1] << 4)).to(torch.uint8)  # [nb, 32, K]
+    return byte.transpose(1, 2).contiguous().view(n, k // 2)
+
+
+@functools.cache
+def torch_int4_layout() -> bool:
+    """Whether torch packs (and its `_weight_int4pack_mm_for_cpu` reads) our layout on this CPU:
+    its packing of a probe equals ours (torch picks the layout by the CPU capability it runs,
+    ATEN_CPU_CAPABILITY included)."""
+    q = (torch.arange(INT4_ROW_BLOCK)[:, None] * 7 + torch.arange(8)[None, :] * 3) % 16
+    q = q.to(torch.int32)
+    try:
+        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    except RuntimeError:
+        return False
+    return theirs.shape == (INT4_ROW_BLOCK, 4) and torch.equal(theirs, pack_int4(q))
 
 
 def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
