@@ -25,3 +25,13 @@ def test_attention_bench_runs(capsys):
     )
     out = capsys.readouterr().out
     assert out.count("L=") == 4 and "gather+SDPA" in out
+
+
+def test_dtype_batches_bench_runs(capsys, tmp_path):
+    from tiny import save_checkpoint
+
+    save_checkpoint(tmp_path / "m")
+    _load("dtype_batches").main(["--model", str(tmp_path / "m" / "config.json"), "--batches", "1",
+                                 "3", "--rounds", "1", "--threads", "1", "--new-tokens", "5"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("batch") == 2 and "fp32+bf16" in out and "x)" in out

@@ -210,14 +210,28 @@ void fma_row(bool vl, const float* X, const WT* w, float* out, int64_t K) {
   }
 }
 
-// ---- fp32, more than kMR input rows ----------------------------------------------------------
+// ---- fp32 rows, more than kMR of them ------------------------------------------------------
 // Above 4 rows an fp32 GEMV is compute-bound (the one-weight-row path ran at ~75 GFLOP/s on the
 // Zen 5 VM, torch's GEMM no faster): NW = 2 weight rows against up to 8 input rows per pass on
 // AVX512 (16 lanes), 4 on AVX2, each activation chunk loaded once for both weight rows
-// (bench/gemv.py --formats fp32).
+// (bench/gemv.py --formats fp32). WT: fp32 weights, or bf16 ones (fp32 compute on bf16-stored
+// weights) widened once per chunk for all the pass's rows.
 
-template <int MR, int NW>
-TARGET_AVX512 void fp32_rows_avx512(const float* X, int64_t K, const float* w, float* out0,
+TARGET_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+TARGET_AVX512 inline __m512 load16(const uint16_t* p) {  // bf16 -> fp32: the high half
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+TARGET_AVX512 inline __m512 load16(__mmask16 mk, const float* p) {
+  return _mm512_maskz_loadu_ps(mk, p);
+}
+TARGET_AVX512 inline __m512 load16(__mmask16 mk, const uint16_t* p) {
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+template <int MR, int NW, typename WT>
+TARGET_AVX512 void fp32_rows_avx512(const float* X, int64_t K, const WT* w, float* out0,
                                     float* out1) {
   __m512 acc[NW][MR];
   for (int j = 0; j < NW; ++j)
@@ -225,7 +239,7 @@ TARGET_AVX512 void fp32_rows_avx512(const float* X, int64_t K, const float* w, f
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {  // unmasked loads (masks on every load cost 3x on Zen 5)
     __m512 wv[NW];
-    for (int j = 0; j < NW; ++j) wv[j] = _mm512_loadu_ps(w + j * K + k);
+    for (int j = 0; j < NW; ++j) wv[j] = load16(w + j * K + k);
     for (int i = 0; i < MR; ++i) {
       const __m512 xv = _mm512_loadu_ps(X + i * K + k);
       for (int j = 0; j < NW; ++j) acc[j][i] = _mm512_fmadd_ps(xv, wv[j], acc[j][i]);
@@ -234,7 +248,7 @@ TARGET_AVX512 void fp32_rows_avx512(const float* X, int64_t K, const float* w, f
   if (k < K) {  // the last K % 16 inputs, masked (zeros past the end)
     const __mmask16 mk = static_cast<__mmask16>((1u << (K - k)) - 1);
     __m512 wv[NW];
-    for (int j = 0; j < NW; ++j) wv[j] = _mm512_maskz_loadu_ps(mk, w + j * K + k);
+    for (int j = 0; j < NW; ++j) wv[j] = load16(mk, w + j * K + k);
     for (int i = 0; i < MR; ++i) {
       const __m512 xv = _mm512_maskz_loadu_ps(mk, X + i * K + k);
       for (int j = 0; j < NW; ++j) acc[j][i] = _mm512_fmadd_ps(xv, wv[j], acc[j][i]);
@@ -246,8 +260,8 @@ TARGET_AVX512 void fp32_rows_avx512(const float* X, int64_t K, const float* w, f
   }
 }
 
-template <int NW>
-void fp32_rows_dispatch(int mr, const float* X, int64_t K, const float* w, float* o0, float* o1) {
+template <int NW, typename WT>
+void fp32_rows_dispatch(int mr, const float* X, int64_t K, const WT* w, float* o0, float* o1) {
   switch (mr) {
     case 1: fp32_rows_avx512<1, NW>(X, K, w, o0, o1); break;
     case 2: fp32_rows_avx512<2, NW>(X, K, w, o0, o1); break;
@@ -261,15 +275,15 @@ void fp32_rows_dispatch(int mr, const float* X, int64_t K, const float* w, float
 }
 
 // The AVX2 twin (16 ymm registers: up to 4 input rows x 2 weight rows, 8 lanes)
-template <int MR, int NW>
-void fp32_rows_avx2(const float* X, int64_t K, const float* w, float* out0, float* out1) {
+template <int MR, int NW, typename WT>
+void fp32_rows_avx2(const float* X, int64_t K, const WT* w, float* out0, float* out1) {
   __m256 acc[NW][MR];
   for (int j = 0; j < NW; ++j)
     for (int i = 0; i < MR; ++i) acc[j][i] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     __m256 wv[NW];
-    for (int j = 0; j < NW; ++j) wv[j] = _mm256_loadu_ps(w + j * K + k);
+    for (int j = 0; j < NW; ++j) wv[j] = load8_avx2(w + j * K + k);
     for (int i = 0; i < MR; ++i) {
       const __m256 xv = _mm256_loadu_ps(X + i * K + k);
       for (int j = 0; j < NW; ++j) acc[j][i] = _mm256_fmadd_ps(xv, wv[j], acc[j][i]);
@@ -279,16 +293,16 @@ void fp32_rows_avx2(const float* X, int64_t K, const float* w, float* out0, floa
     float s0 = gemv_rows::hsum8(acc[0][i]), s1 = 0.f;
     if constexpr (NW == 2) s1 = gemv_rows::hsum8(acc[1][i]);
     for (int64_t t = k; t < K; ++t) {  // the last K % 8 inputs
-      s0 += X[i * K + t] * w[t];
-      if constexpr (NW == 2) s1 += X[i * K + t] * w[K + t];
+      s0 += X[i * K + t] * load1(w + t);
+      if constexpr (NW == 2) s1 += X[i * K + t] * load1(w + K + t);
     }
     out0[i] = s0;
     if constexpr (NW == 2) out1[i] = s1;
   }
 }
 
-template <int NW>
-void fp32_rows_dispatch_avx2(int mr, const float* X, int64_t K, const float* w, float* o0,
+template <int NW, typename WT>
+void fp32_rows_dispatch_avx2(int mr, const float* X, int64_t K, const WT* w, float* o0,
                              float* o1) {
   switch (mr) {
     case 1: fp32_rows_avx2<1, NW>(X, K, w, o0, o1); break;
@@ -300,7 +314,8 @@ void fp32_rows_dispatch_avx2(int mr, const float* X, int64_t K, const float* w, 
 
 // y [M > kMR, N] fp32: weight rows in pairs (an odd last row of a range alone), input rows in
 // groups of 8 (AVX512) or 4 (AVX2)
-void linear_fp32_rows(const float* X, const float* W, float* Y, int64_t M, int64_t N, int64_t K,
+template <typename WT>
+void linear_fp32_rows(const float* X, const WT* W, float* Y, int64_t M, int64_t N, int64_t K,
                       bool avx512) {
   const int64_t group = avx512 ? 8 : 4;
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
@@ -310,7 +325,7 @@ void linear_fp32_rows(const float* X, const float* W, float* Y, int64_t M, int64
       for (int64_t m = 0; m < M; m += group) {
         const int mr = static_cast<int>(std::min<int64_t>(group, M - m));
         const float* xm = X + m * K;
-        const float* wn = W + n * K;
+        const WT* wn = W + n * K;
         if (avx512)
           pair ? fp32_rows_dispatch<2>(mr, xm, K, wn, o0, o1)
                : fp32_rows_dispatch<1>(mr, xm, K, wn, o0, o1);
@@ -664,6 +679,10 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, bool a
   if (rows32) {
     const float* X = x.data_ptr<float>();
     float* Y = y.data_ptr<float>();
+    if (M > kMR) {  // compute-bound: linear_fp32's pairs of weight rows, widened once a pass
+      linear_fp32_rows(X, W, Y, M, N, K, vl);
+      return y;
+    }
     for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
       DISPATCH_MR(mr, fma_row, vl, X + m * K, W + n * K, out, K);
     }, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v; });
