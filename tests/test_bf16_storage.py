@@ -128,3 +128,24 @@ def test_dtype_auto_keeps_bf16_weights_where_it_computes_in_fp32(ckpts, tmp_path
     assert plain.engine.model.model.embed_tokens.weight.dtype == torch.float32
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
     assert devices.default_quantization("auto", "cpu", None, "bfloat16") is None
+
+
+def test_moe_experts_in_one_call_equal_one_call_each(ckpts):
+    """A MoE layer's picked experts (decode rows): one `linear_bf16_many` call on fp32 rows gives
+    the bits of one call per expert, through the module and through the decode plan."""
+    from qwen35.models import cpu_decode
+    from qwen35.quant.layers import Bf16Experts
+
+    native_or_skip(gemv.GEMV, "the gemv kernel")
+    m = load_model(str(ckpts["moe"]), dtype="fp32", quantization="bf16")
+    ex = next(mod for mod in m.modules() if isinstance(mod, Bf16Experts))
+    H, I = ex.gate_up_proj.shape[2], ex.intermediate_size
+    g = torch.Generator().manual_seed(4)
+    es = [0, 3, 1]
+    for which, k in (("gate_up", H), ("down", I)):
+        xs = [torch.randn(r, k, generator=g) for r in (1, 2, 1)]
+        one = ex.gate_up if which == "gate_up" else ex.down
+        ref = torch.cat([one(x, e) for x, e in zip(xs, es, strict=True)])
+        assert ref.dtype == torch.float32
+        assert torch.equal(ex.many(which, xs, es), ref)
+        assert torch.equal(cpu_decode._experts_many(ex, torch.float32)(which, xs, es), ref)

@@ -810,21 +810,27 @@ std::vector<int64_t> row_starts(const std::vector<int64_t>& M) {
 torch::Tensor linear_bf16_many(const std::vector<torch::Tensor>& xs,
                                const std::vector<torch::Tensor>& ws, bool avx2_only) {
   const std::vector<int64_t> M = check_many(xs, ws, "linear_bf16_many");
-  TORCH_CHECK(xs[0].scalar_type() == at::kBFloat16 && ws[0].scalar_type() == at::kBFloat16,
-              "linear_bf16_many: bf16 x and w");
+  const bool rows32 = xs[0].scalar_type() == at::kFloat;  // fp32 compute on bf16 weights
+  TORCH_CHECK((rows32 || xs[0].scalar_type() == at::kBFloat16) &&
+                  ws[0].scalar_type() == at::kBFloat16,
+              "linear_bf16_many: bf16 w, bf16 or fp32 x");
   const int64_t C = xs.size(), N = ws[0].size(0), K = ws[0].size(1);
   const std::vector<int64_t> start = row_starts(M);
   torch::Tensor y = torch::empty({start[C], N}, xs[0].options());
   std::vector<torch::Tensor> xf;
   std::vector<const uint16_t*> W;
-  auto* Y = y.data_ptr<at::BFloat16>();
-  const bool avx512 = !avx2_only && cpu_avx512_bf16();
+  const bool avx512 = !rows32 && !avx2_only && cpu_avx512_bf16();
   for (int64_t c = 0; c < C; ++c) {
     W.push_back(reinterpret_cast<const uint16_t*>(ws[c].data_ptr()));
-    xf.push_back(avx512 ? xs[c] : xs[c].to(at::kFloat));
+    xf.push_back(avx512 || rows32 ? xs[c] : xs[c].to(at::kFloat));
   }
+  auto* Y = rows32 ? nullptr : y.data_ptr<at::BFloat16>();
+  float* Y32 = rows32 ? y.data_ptr<float>() : nullptr;
   const auto store = [&](int64_t c, int64_t m, int64_t n, float v) {
-    Y[(start[c] + m) * N + n] = v;
+    if (rows32)
+      Y32[(start[c] + m) * N + n] = v;
+    else
+      Y[(start[c] + m) * N + n] = v;
   };
   if (avx512) {
     for_rows_many(C, M, N, [&](int64_t c, int64_t n, int64_t m, int mr, float* out) {
@@ -996,7 +1002,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("avx2_only") = false);
   m.def("linear_fp32", &linear_fp32, "x [M<=16, K] fp32 @ w [N, K] fp32 ^T", py::arg("x"),
         py::arg("w"), py::arg("avx2_only") = false);
-  m.def("linear_bf16_many", &linear_bf16_many,
+  m.def("linear_bf16_many", &linear_bf16_many,  // (bf16 or fp32 rows)
         "[x_c @ w_c^T] stacked [sum M_c, N], bf16 weights of one shape", py::arg("xs"),
         py::arg("ws"), py::arg("avx2_only") = false);
   m.def("linear_int8_many", &linear_int8_many,

@@ -71,11 +71,12 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def linear_many(xs: list, ws: list) -> torch.Tensor | None:
     """torch.cat([linear(x_i, w_i)]) for bf16 weights of one shape, bit for bit, in one kernel
-    call (`linear_bf16_many`: a MoE layer's picked experts); None where `linear` would not take
-    the bf16 GEMV kernel for them (or more than MANY_MAX_ROWS rows)."""
+    call (`linear_bf16_many`: a MoE layer's picked experts; bf16 rows, or fp32 rows on
+    bf16-stored weights); None where `linear` would not take the bf16 GEMV kernel for them (or
+    more than MANY_MAX_ROWS rows)."""
     x = xs[0]
     mod = gemv_kernel_for(x, ws[0])
-    if mod is None or x.dtype != torch.bfloat16 or max(v.shape[0] for v in xs) > MANY_MAX_ROWS \
+    if mod is None or ws[0].dtype != torch.bfloat16 or max(v.shape[0] for v in xs) > MANY_MAX_ROWS \
             or not all(v.is_contiguous() for v in ws):  # fmt: skip
         return None
     return mod.linear_bf16_many([v.contiguous() for v in xs], ws)

@@ -105,20 +105,20 @@ def _projection(packed, *linears):
 
 def _experts_many(ex, dtype):
     """A MoE layer's experts as ops/moe.py `few_token_experts`' many(which, xs, experts) on
-    operands resolved once: the kernel call their module makes for few tokens (bf16 experts:
-    `linear_bf16_many`; int8 / int4 / FP8: `linear_int8_many` / `linear_int4_many` /
+    operands resolved once: the kernel call their module makes for few tokens (bf16 experts,
+    also bf16-stored ones under fp32 rows: `linear_bf16_many`; int8 / int4 / FP8: `linear_int8_many` / `linear_int4_many` /
     `linear_fp8_many`), without its per-call lookups and checks; None where a projection's
     module would not take one of these kernels for rows of `dtype` (the module runs then)."""
     from qwen35.layers.linear import gemv_kernel_for
     from qwen35.layers.moe import Experts
     from qwen35.quant import matmul
-    from qwen35.quant.layers import Fp8Experts, Int4Linear, Int8Linear, IntExperts
+    from qwen35.quant.layers import Bf16Experts, Fp8Experts, Int4Linear, Int8Linear, IntExperts
 
     probe = torch.zeros(1, 1, dtype=dtype)  # a decode row of the model's dtype
 
-    def plain(ws):  # bf16 experts [E, N, K] (layers/linear.py linear_many)
+    def plain(ws):  # bf16 experts [E, N, K] (layers/linear.py linear_many), bf16 or fp32 rows
         mod = gemv_kernel_for(probe, ws)
-        if mod is None or dtype != torch.bfloat16 or not ws.is_contiguous():
+        if mod is None or ws.dtype != torch.bfloat16 or not ws.is_contiguous():
             return None
         w = list(ws.unbind(0))
         return lambda xs, es: mod.linear_bf16_many(xs, [w[e] for e in es])
@@ -150,7 +150,7 @@ def _experts_many(ex, dtype):
         return lambda xs, es: mod.linear_fp8_many(xs, [w[e] for e in es], [s[e] for e in es],
                                                   bo, bi, cvt)  # fmt: skip
 
-    if type(ex) is Experts and ex.grouped:
+    if (type(ex) is Experts and ex.grouped) or (type(ex) is Bf16Experts and ex.num_total is None):
         fns = plain(ex.gate_up_proj), plain(ex.down_proj)
     elif type(ex) is IntExperts and ex.num_total is None:
         fns = quantized(list(ex.gate_up_q)), quantized(list(ex.down_q))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.layers.linear import Linear, linear
+from qwen35.layers.linear import Linear, linear, linear_many
 from qwen35.layers.moe import Experts
 from qwen35.quant import formats, matmul
 from qwen35.quant.formats import FP8_DTYPE
@@ -234,6 +234,12 @@ class Bf16Experts(Experts):
 
     def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
         return linear(h, self.down_proj[e])
+
+    def many(self, which: str, xs: list, experts: list) -> torch.Tensor | None:
+        """The k products stacked [k rows, N] by one `linear_bf16_many` call (the bits of one
+        call each), or None."""
+        w = self.gate_up_proj if which == "gate_up" else self.down_proj
+        return linear_many(xs, [w[e] for e in experts])
 
     def dequantized(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
