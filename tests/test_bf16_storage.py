@@ -101,9 +101,11 @@ def test_engine_tokens_equal_fp32(ckpts, name):
     assert [_tokens(llm, [p])[0] for p in prompts] == ref  # alone
 
 
-def test_refused_with_a_bf16_model(ckpts):
+def test_refused_with_a_bf16_model_or_off_the_cpu(ckpts):
     with pytest.raises(Qwen35Error, match="--dtype fp32"):
         load_model(str(ckpts["dense"]), dtype="bf16", quantization="bf16")
+    with pytest.raises(Qwen35Error, match="on a GPU run --dtype bf16"):
+        load_model(str(ckpts["dense"]), dtype="fp32", device="meta", quantization="bf16")
 
 
 def test_dtype_auto_keeps_bf16_weights_where_it_computes_in_fp32(ckpts, tmp_path, monkeypatch):

@@ -137,7 +137,7 @@ def load_model(
         )
         _check_mtp(cfg, mtp)
         model, _ = build_model(cfg, None, None, model_factory, tp, vision, mtp)
-        quantization = _bf16_storage(model, quantization, torch_dtype, report)
+        quantization = _bf16_storage(model, quantization, torch_dtype, dev, report)
         if random_fp8(cfg, quantization):  # FP8 storage drawn directly (no BF16 copy first)
             from qwen35.quant.apply import rule_modules, swap_to_fp8_meta
 
@@ -166,7 +166,7 @@ def load_model(
         report.files = [f.name for f in files]
         _check_mtp(cfg, mtp)
         model, params = build_model(cfg, None, None, model_factory, vision=vision, mtp=mtp)
-        storage = _bf16_storage(model, quantization, torch_dtype, report)
+        storage = _bf16_storage(model, quantization, torch_dtype, dev, report)
         fp8_names: list[str] = []
         if cfg.quantization is not None:  # block FP8: the stored FP8 modules stay FP8
             from qwen35.quant.apply import fp8_modules_in_checkpoint, swap_to_fp8_meta
@@ -186,7 +186,7 @@ def load_model(
 
             shard = ShardReader(cfg, tp, {n: tuple(p.shape) for n, p in canonical.items()})
             model, _ = build_model(cfg, None, None, None, tp, vision)
-            _bf16_storage(model, quantization, torch_dtype)
+            _bf16_storage(model, quantization, torch_dtype, dev)
             if fp8_names:
                 from qwen35.quant.apply import swap_to_fp8_meta
 
@@ -222,11 +222,16 @@ def peek_config(model: str, load_format: str = "auto") -> ModelConfig:
     return ModelConfig.from_hf(resolve_model_dir(model))
 
 
-def _bf16_storage(model, quantization, dtype, report: LoadReport | None = None):
+def _bf16_storage(model, quantization, dtype, device, report: LoadReport | None = None):
     """quantization "bf16": the weights are allocated in bf16 on the meta model (quant/apply.py
     bf16_storage_meta) and nothing is quantized after loading (returns None); else unchanged."""
     if quantization != "bf16":
         return quantization
+    if device.type != "cpu":
+        raise Qwen35Error(
+            "--quantization bf16 (fp32 compute on bf16-stored weights) is for CPUs without native "
+            "bf16; on a GPU run --dtype bf16"
+        )
     if dtype != torch.float32:
         raise Qwen35Error(
             f"--quantization bf16 stores the weights in bf16 for an fp32 model (--dtype fp32); "
