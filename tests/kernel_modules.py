@@ -21,6 +21,16 @@ def native_or_skip(native: Native, what: str):
     return m
 
 
+def cpu_kernels_or_skip() -> None:
+    """Skips a test about what the compiled CPU kernels do where they don't run here (no
+    compiler, a CPU without AVX2 + FMA, or QWEN35_NO_KERNELS set: the PyTorch paths run)."""
+    from qwen35.kernels import gemv
+
+    if gemv.load() is None:
+        pytest.skip("needs the compiled CPU kernels: none here (no compiler / AVX2, or "
+                    "QWEN35_NO_KERNELS is set)")  # fmt: skip
+
+
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """|a - b| / |b| (Frobenius norms, fp32)."""
     return ((a.float() - b.float()).norm() / b.float().norm()).item()

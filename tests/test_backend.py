@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
+from kernel_modules import cpu_kernels_or_skip
 from qwen35.config import ModelConfig
 from qwen35.engine.cuda_graphs import DecodeGraphs, graph_buckets
 from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
@@ -284,6 +285,7 @@ def test_cpu_experts_take_the_loop_with_the_gemv_matmuls(monkeypatch):
     layers/linear.py's `linear` (the GEMV kernels for few rows: faster than the grouped GEMM on
     CPUs), with the reference's results; a GPU backend, or a CPU without the kernels, keeps the
     grouped GEMM. (Up to FEW_TOKENS tokens the loop batches its calls: the test below.)"""
+    cpu_kernels_or_skip()
     import qwen35.layers.linear as linear_mod
     from qwen35.ops import moe
 
@@ -326,6 +328,7 @@ def test_few_token_moe_equals_the_expert_loop(quant, dtype, monkeypatch):
     tokens, as the loop does: beyond layers/linear.py GEMV_MAX_ROWS (8 bf16 rows) the router
     and the shared expert take a GEMM, whose rows differ from the GEMV's in the last bit (fp32's
     GEMV rows differ too)."""
+    cpu_kernels_or_skip()
     import qwen35.layers.moe as layer_moe
     from qwen35.layers.moe import SparseMoE
     from qwen35.ops import moe as ops_moe

@@ -112,6 +112,9 @@ def test_dtype_auto_keeps_bf16_weights_where_it_computes_in_fp32(ckpts, tmp_path
     """A CPU without native bf16 (flags hidden): --dtype auto computes in fp32 and keeps a BF16
     checkpoint's weights in bf16; a checkpoint stored in fp32 stays fp32; explicit choices win."""
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(devices, "_bf16_rows_kernel", lambda: False)  # no GEMV kernel: fp32
+    assert devices.default_quantization("auto", "cpu", None, "bfloat16") is None
+    monkeypatch.setattr(devices, "_bf16_rows_kernel", lambda: True)
     assert devices.default_quantization("auto", "cpu", None, "bfloat16") == "bf16"
     assert devices.default_quantization("auto", "cpu", "int8", "bfloat16") == "int8"
     assert devices.default_quantization("fp32", "cpu", None, "bfloat16") is None

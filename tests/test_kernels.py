@@ -242,6 +242,7 @@ def test_prebuild_builds_modules_side_by_side(monkeypatch):
     import threading
 
     monkeypatch.setattr(kernels.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("QWEN35_NO_KERNELS", raising=False)  # (it would make every load None)
     barrier = threading.Barrier(2, timeout=30)
 
     class Fake(kernels.Native):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from kernel_modules import cpu_kernels_or_skip
 from qwen35.engine.llm_engine import LLM
 from qwen35.errors import Qwen35Error
 from qwen35.request import SamplingParams
@@ -272,6 +273,7 @@ def test_cpu_verify_steps_are_decode_rows_bf16_bitwise(ckpt, monkeypatch, quanti
     decode plan (models/cpu_decode.py), so each row's arithmetic is a decode step's: bf16 and
     int8 greedy tokens equal the plain engine's exactly (a 2-token chunk would differ by
     chunked-vs-recurrent rounding)."""
+    cpu_kernels_or_skip()  # (the decode plan runs on them)
     from qwen35.models import cpu_decode
 
     d, _ = ckpt
