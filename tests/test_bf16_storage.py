@@ -154,3 +154,20 @@ def test_moe_experts_in_one_call_equal_one_call_each(ckpts):
         assert ref.dtype == torch.float32
         assert torch.equal(ex.many(which, xs, es), ref)
         assert torch.equal(cpu_decode._experts_many(ex, torch.float32)(which, xs, es), ref)
+
+
+def test_vision_tower_weights_stored_bf16(ckpts):
+    """The tower's projection weights are bf16 too (widened per call), its outputs the fp32
+    tower's on the same BF16 checkpoint."""
+    d = ckpts["dense"]
+    ref = load_model(str(d), dtype="fp32", vision=True)
+    m = load_model(str(d), dtype="fp32", vision=True, quantization="bf16")
+    blk = m.model.visual.blocks[0]
+    assert blk.attn.qkv.weight.dtype == torch.bfloat16 and blk.attn.qkv.bias.dtype == torch.float32
+    grids = [(1, 4, 6), (1, 2, 2)]
+    n = sum(t * h * w for t, h, w in grids)
+    px = torch.randn(n, 3 * 2 * 16 * 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = m.encode_vision(px, grids), ref.encode_vision(px, grids)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

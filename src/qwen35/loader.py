@@ -153,7 +153,7 @@ def load_model(
             "meaningless (benchmarks only)",
             cfg.name,
             n / 1e9,
-            report.dtype,
+            report.dtype + (" on bf16 weights" if getattr(model, "quantization", None) == "bf16" else ""),
         )
     else:
         directory = resolve_model_dir(path_or_name)

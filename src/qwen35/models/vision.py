@@ -28,7 +28,8 @@ class BiasLinear(nn.Module):
         self.bias = empty_param(n_out, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        w = self.weight  # bf16-stored under fp32 compute (quant/apply.py): widened per call
+        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), self.bias)
 
 
 class LayerNorm(nn.Module):

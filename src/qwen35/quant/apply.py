@@ -146,18 +146,18 @@ def bf16_storage_meta(model: nn.Module, dtype: torch.dtype) -> int:
     """`--quantization bf16` on a model built on meta to compute in `dtype` (fp32): every plain
     Linear weight, the routed experts and the embedding table (the tied head with it) are
     allocated in bf16 instead, so the loader reads a BF16 checkpoint into them as stored (never
-    an fp32 copy of the model) and decode reads 2 bytes a weight; norms, conv, A_log / dt_bias,
-    the caches and all activations stay in `dtype`, as does the vision tower. Returns the
-    number of tensors so stored."""
+    an fp32 copy of the model) and decode reads 2 bytes a weight; so are the vision tower's
+    projection weights (widened per call: encoding is compute-bound). Norms, conv, biases,
+    A_log / dt_bias, the caches and all activations stay in `dtype`. Returns the number of
+    tensors so stored."""
     from qwen35.models.qwen3_5 import Embedding
+    from qwen35.models.vision import BiasLinear
     from qwen35.quant.layers import Bf16Experts
 
     narrowed: dict[int, nn.Parameter] = {}  # one bf16 parameter per old one: ties stay tied
     n = 0
     for name, mod in list(model.named_modules()):
-        if "visual" in name.split("."):
-            continue
-        if type(mod) is Linear or type(mod) is Embedding:
+        if type(mod) in (Linear, Embedding, BiasLinear):  # (the vision tower's: weights only)
             old = mod.weight
             if id(old) not in narrowed:
                 narrowed[id(old)] = qparam(torch.empty(old.shape, dtype=torch.bfloat16,
