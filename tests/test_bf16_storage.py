@@ -171,3 +171,15 @@ def test_vision_tower_weights_stored_bf16(ckpts):
         got, want = m.encode_vision(px, grids), ref.encode_vision(px, grids)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_roofline_counts_bf16_weights_and_fp32_caches(ckpts):
+    """The decode bench's bytes per step: the weights as stored (bf16), the caches as the engine
+    allocates them (fp32, the compute dtype)."""
+    from qwen35.benchmarks.roofline import decode_bytes_per_step
+
+    d = ckpts["dense"]
+    f32 = decode_bytes_per_step(load_model(str(d), dtype="fp32"), 100)
+    b16 = decode_bytes_per_step(load_model(str(d), dtype="fp32", quantization="bf16"), 100)
+    assert b16["kv"] == f32["kv"] and b16["state"] == f32["state"]
+    assert 0.5 * f32["weights"] < b16["weights"] < 0.55 * f32["weights"]

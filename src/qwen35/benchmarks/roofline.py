@@ -65,7 +65,9 @@ def decode_bytes_per_step(model: torch.nn.Module, context_len: int, batch: int =
     docstring), with the caches as the engine allocates them (cache_spec, model dtype); for a
     tensor-parallel rank's model, what that rank moves."""
     cfg: ModelConfig = model.config
-    dname = str(next(model.parameters()).dtype).removeprefix("torch.")
+    # the compute dtype the engine allocates its caches in (not the weights': bf16 / int8 storage)
+    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+    dname = str(dtype).removeprefix("torch.")
     tp = getattr(model, "tp", None)
     size = tp.size if tp is not None else 1  # a tensor-parallel rank: its shard and caches
     spec = cache_spec(cfg, kv_dtype=dname, conv_dtype=dname, tp=size)
