@@ -63,7 +63,7 @@ def default_quantization(
 ) -> str | None:
     """The weight storage `--dtype auto` goes with: where it computes in fp32 (a CPU without
     native bf16), a checkpoint stored in BF16 keeps its weights in bf16 ("bf16": the very
-    values fp32 would widen them to, half the memory, 1.7x fp32's decode and fp32's prefill,
+    values fp32 would widen them to, half the memory, 1.05-1.7x fp32's decode, fp32's prefill,
     README "Dtype"). Anything chosen explicitly (a dtype, a quantization) is kept."""
     if (
         quantization is None
