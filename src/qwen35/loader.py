@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qwen35.config import ConfigError, ModelConfig
+from qwen35.devices import default_quantization
 from qwen35.errors import Qwen35Error
 from qwen35.parallel.context import SINGLE, TensorParallel
 from qwen35.weights import CheckpointError, LoadReport, checkpoint_files, mismatch_error, read_into
@@ -148,12 +149,13 @@ def load_model(
         init_random_(params, seed)  # shards are equal-sized: the ranks' draws stay in step
         _zero_padding(params, cfg, tp)
         n = sum(p.numel() for p in params.values())
+        bf16_weights = getattr(model, "quantization", None) == "bf16"
         log.warning(
             "random weights: %s (%.2fB parameters, %s) is NOT a real checkpoint; outputs are "
             "meaningless (benchmarks only)",
             cfg.name,
             n / 1e9,
-            report.dtype + (" on bf16 weights" if getattr(model, "quantization", None) == "bf16" else ""),
+            report.dtype + (" on bf16 weights" if bf16_weights else ""),
         )
     else:
         directory = resolve_model_dir(path_or_name)
@@ -220,6 +222,15 @@ def peek_config(model: str, load_format: str = "auto") -> ModelConfig:
     if load_format == "random" or model.startswith("random:"):
         return _random_config(model.removeprefix("random:"))[0]
     return ModelConfig.from_hf(resolve_model_dir(model))
+
+
+def auto_quantization(model: str, load_format: str, dtype: str, device) -> str | None:
+    """The weight storage `--dtype auto` goes with for `model` on `device`
+    (devices.default_quantization), reading only its config, and that only where a BF16
+    checkpoint would get one."""
+    if default_quantization(dtype, device, None, "bfloat16") is None:
+        return None
+    return default_quantization(dtype, device, None, peek_config(model, load_format).dtype)
 
 
 def _bf16_storage(model, quantization, dtype, device, report: LoadReport | None = None):

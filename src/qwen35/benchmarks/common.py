@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qwen35.devices import default_quantization, resolve_dtype, weights_label
+from qwen35.devices import resolve_dtype, weights_label
 from qwen35.errors import Qwen35Error
 
 
@@ -74,15 +74,15 @@ def load_bench_model(
     """A model directory with safetensors loads its weights; anything else (catalog name, config
     file, directory holding only config.json) gets seeded random weights. mtp: with the MTP
     head (speculative decoding)."""
-    from qwen35.loader import load_model, parse_dtype, peek_config
+    from qwen35.loader import auto_quantization, load_model, parse_dtype
 
     path = Path(opts.model).expanduser()
     real = path.is_dir() and any(path.glob("*.safetensors"))
     dtype = resolve_dtype(opts.dtype, opts.device)
     try:
-        if quantization is None and opts.dtype == "auto" and dtype == "fp32":  # as the engine
-            stored = peek_config(opts.model, "auto" if real else "random").dtype
-            quantization = default_quantization(opts.dtype, opts.device, None, stored)
+        if quantization is None:  # --dtype auto's weight storage, as the engine picks it
+            fmt = "auto" if real else "random"
+            quantization = auto_quantization(opts.model, fmt, opts.dtype, opts.device)
         model = load_model(
             opts.model,
             dtype=dtype,

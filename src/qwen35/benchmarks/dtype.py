@@ -1,5 +1,5 @@
-"""fp32 vs bf16 weights (and fp32 compute on bf16-stored or int8 weights) for our engine on this machine: prefill
-tokens/s and batch-1 decode.
+"""fp32 vs bf16 weights (and fp32 compute on bf16-stored or int8 weights) for our engine on
+this machine: prefill tokens/s and batch-1 decode.
 
 On a CPU the choice is a real trade-off (devices.py): bf16 halves the bytes a decode step
 reads, but without native bf16 arithmetic its matmuls are several times slower than fp32; with

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from qwen35.chat_format import ChatTemplate, check_text_only, default_thinking_for
-from qwen35.devices import default_dtype, default_quantization, resolve_dtype
+from qwen35.devices import resolve_dtype
 from qwen35.engine.cache_sizing import CachePlan, plan_caches
 from qwen35.engine.config import EngineConfig
 from qwen35.engine.forward_batch import allocate_caches
@@ -31,7 +31,7 @@ from qwen35.engine.scheduler import Scheduler, SchedulerConfig
 from qwen35.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus
 from qwen35.engine.structured import StructuredOutputManager
 from qwen35.errors import Qwen35Error
-from qwen35.loader import load_model, peek_config
+from qwen35.loader import auto_quantization, load_model
 from qwen35.multimodal.chat import extract_media
 from qwen35.multimodal.engine_glue import (
     encoder_working_memory,
@@ -117,12 +117,9 @@ class _Request:
 
 def _auto_storage(config: EngineConfig, model: str) -> EngineConfig:
     """--dtype auto on a CPU that computes in fp32: keep a BF16 checkpoint's weights in bf16
-    (devices.default_quantization; the engine config then says quantization "bf16")."""
-    ld, dev = config.load, config.device.device
-    if ld.dtype != "auto" or not str(dev).startswith("cpu") or default_dtype(dev) != "fp32":
-        return config
-    stored = peek_config(model, ld.load_format).dtype
-    quant = default_quantization(ld.dtype, dev, None, stored)
+    (loader.auto_quantization; the engine config then says quantization "bf16")."""
+    ld = config.load
+    quant = auto_quantization(model, ld.load_format, ld.dtype, config.device.device)
     return config if quant is None else config.replace(quantization=quant)
 
 

@@ -106,8 +106,9 @@ def _projection(packed, *linears):
 def _experts_many(ex, dtype):
     """A MoE layer's experts as ops/moe.py `few_token_experts`' many(which, xs, experts) on
     operands resolved once: the kernel call their module makes for few tokens (bf16 experts,
-    also bf16-stored ones under fp32 rows: `linear_bf16_many`; int8 / int4 / FP8: `linear_int8_many` / `linear_int4_many` /
-    `linear_fp8_many`), without its per-call lookups and checks; None where a projection's
+    also bf16-stored ones under fp32 rows: `linear_bf16_many`; int8 / int4 / FP8:
+    `linear_int8_many` / `linear_int4_many` / `linear_fp8_many`), without its per-call lookups
+    and checks; None where a projection's
     module would not take one of these kernels for rows of `dtype` (the module runs then)."""
     from qwen35.layers.linear import gemv_kernel_for
     from qwen35.layers.moe import Experts

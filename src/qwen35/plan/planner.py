@@ -384,7 +384,9 @@ def check_speculative(
     """MTP drafts need the MTP head (loaded: not text-only) and one GPU per replica (the engine
     refuses them with tensor or expert parallelism)."""
     if tokens not in (0, 1):
-        raise PlanError(f"--num-speculative-tokens takes 0 or 1 (one MTP draft a step), got {tokens}")
+        raise PlanError(
+            f"--num-speculative-tokens takes 0 or 1 (one MTP draft a step), got {tokens}"
+        )
     if not tokens:
         return
     if not cfg.mtp_num_hidden_layers:

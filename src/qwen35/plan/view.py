@@ -360,7 +360,8 @@ def _model_detail(con: Console, row, args) -> None:
         f"{spec.num_attention_layers}{mtp_kv} layers x {spec.attention.num_kv_heads} KV heads x "
         f"{spec.attention.head_dim} x K,V); DeltaNet state {spec.running_state_bytes:,} "
         f"B/sequence ({spare}{spec.num_linear_layers} layers x (recurrent "
-        f"{spec.linear.recurrent_bytes:,} + conv {spec.linear.conv_bytes:,})). Working memory ({args.chunk:,}-token chunk): "
+        f"{spec.linear.recurrent_bytes:,} + conv {spec.linear.conv_bytes:,})). Working memory "
+        f"({args.chunk:,}-token chunk): "
         f"{gib(working_memory_bytes(cfg, args.chunk, 1, tp=tp))} GiB; runtime overhead "
         f"{gib(runtime_overhead_bytes(tp))} GiB."
     )

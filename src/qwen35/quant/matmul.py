@@ -164,9 +164,10 @@ def int4_linear(
     if (kern := int4_kernel_for(x, sz)) is not None:
         y = kern.linear_int4(x2.contiguous(), packed, sz, group, n)
         return y.view(*x.shape[:-1], n)
-    mod = None  # up to 16 rows otherwise: torch's kernel
-    if (x2.shape[0] > INT4_MAX_ROWS or not torch_int4_layout()) and x.is_cpu \
-            and sz.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float32):  # fmt: skip
+    mod = None  # up to 16 rows otherwise: torch's kernel (or, where it reads another layout
+    # and ours did not load, the PyTorch reference below)
+    if x2.shape[0] > INT4_MAX_ROWS and x.is_cpu and sz.dtype == x.dtype \
+            and x.dtype in (torch.bfloat16, torch.float32):  # fmt: skip
         from qwen35.kernels import gemv
 
         mod = gemv.load_int4()  # more rows: our unpack + a GEMM
