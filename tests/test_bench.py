@@ -324,12 +324,19 @@ def test_spec_workload(tmp_path, tiny_cfg):
     doc = run_bench(BenchOptions(model=str(cfg), quick=True, rounds=2), ["spec"])
     s = doc["workloads"]["spec"]
     rows = s["engines"]
-    assert list(rows) == ["plain", "mtp", "oracle 100%", "oracle 80%", "oracle 60%"]
+    kinds = ["mtp", "oracle 100%", "oracle 80%", "oracle 60%"]
+    assert list(rows) == ["plain"] + [f"k={k} {n}" for k in (1, 3) for n in kinds]
     assert all(r["tokens_equal_plain"] for r in rows.values())
     assert all(_finite_positive(r["decode_tokens_per_s"]) for r in rows.values())
-    assert rows["oracle 100%"]["acceptance"] == 1.0 and rows["mtp"]["drafts"] > 0
+    for k in (1, 3):
+        right = rows[f"k={k} oracle 100%"]
+        assert right["acceptance"] == 1.0 and rows[f"k={k} mtp"]["drafts"] > 0
+        # always-right drafts: k + 1 tokens a step, fewer only where the request ends
+        assert k + 0.5 < right["accept_length"] <= k + 1
     assert rows["plain"]["over_plain"] == 1.0 and rows["plain"]["acceptance"] is None
-    assert set(s["batches"]) == {"2", "4"} and s["max_verify_seqs"] == 2
-    assert all(_finite_positive(b["oracle 100%"]) for b in s["batches"].values())
+    assert set(s["batches"]) == {"k=1", "k=3"} and s["max_verify_seqs"] == 2
+    assert all(set(b) == {"2", "4"} for b in s["batches"].values())
+    assert all(_finite_positive(b["oracle 100%"]) for per in s["batches"].values()
+               for b in per.values())  # fmt: skip
     with pytest.raises(Qwen35Error, match="no MTP head"):  # a config without one
         run_bench(BenchOptions(model=tiny_cfg, quick=True), ["spec"])

@@ -89,6 +89,15 @@ def test_speculative_tokens(capsys):
     assert main(["plan", *argv, "--num-speculative-tokens", "1"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
     assert "8 + 1 MTP layers" in out and "MTP drafts" in out and "Counted without drafts" in out
+    three = run_json(capsys, *argv, "--num-speculative-tokens", "3")
+    t = three["models"][0]["fits"]["bf16"]
+    assert t["kv_bytes_per_token_per_gpu"] == s["kv_bytes_per_token_per_gpu"]
+    assert t["state_bytes_per_sequence_per_gpu"] == 4 * b["state_bytes_per_sequence_per_gpu"]
+    launch = three["recommendation"]["launch"]
+    assert "--num-speculative-tokens 3" in launch["qwen35"]
+    assert '"num_speculative_tokens": 3' in launch["vllm"]
+    assert "--speculative-num-steps 3" in launch["sglang"]
+    assert "--speculative-num-draft-tokens 4" in launch["sglang"]
 
 
 def test_custom_config_and_gpu_memory(capsys, tmp_path):

@@ -197,6 +197,9 @@ def test_speculative_caches_and_fit():
     assert spec.kv_bytes_per_token == (16 + 1) * 2 * 4 * 256 * 2
     assert spec.state_bytes_per_sequence == base.state_bytes_per_sequence == 153_944_064
     assert spec.running_state_bytes == 2 * 153_944_064 and base.running_state_bytes == 153_944_064
+    three = cache_spec(cfg, speculative_tokens=3)  # a spare per draft; one MTP layer still
+    assert three.running_state_bytes == 4 * 153_944_064
+    assert three.kv_bytes_per_token == spec.kv_bytes_per_token
     gpu = load_gpu("H100")
     plain = plan_fit(cfg, gpu, num_gpus=2, context=32768)
     drafts = plan_fit(cfg, gpu, num_gpus=2, context=32768, speculative_tokens=1)
@@ -214,7 +217,7 @@ def test_speculative_caches_and_fit():
     for kwargs, msg in (
         (dict(text_only=True), "--text-only leaves out"),
         (dict(num_gpus=2, tp=2), "drop --tp 2"),
-        (dict(speculative_tokens=2), "0 or 1"),
+        (dict(speculative_tokens=6), "0 .. 5"),
     ):
         with pytest.raises(PlanError, match=msg):
             plan_fit(cfg, gpu, **{"speculative_tokens": 1, **kwargs})

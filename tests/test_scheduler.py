@@ -443,20 +443,20 @@ def test_lookahead_blocks_budget_and_bonus_tokens():
     s = out.scheduled[0]
     assert (s.start, s.num_new_tokens, s.lookahead) == (3, 1, 1)
     assert out.num_batched_tokens == 2 and len(seq.block_ids) == 2  # position 4: a 2nd block
-    sched.update(out, {"s0": 9}, {"s0": 10})  # the draft (== 9) accepted, bonus 10
-    assert out.bonus_applied == {"s0"} and seq.token_ids[3:] == [8, 9, 10]
+    sched.update(out, {"s0": 9}, {"s0": [10]})  # the draft (== 9) accepted, bonus 10
+    assert out.bonus_applied == {"s0": 1} and seq.token_ids[3:] == [8, 9, 10]
     assert seq.num_computed_tokens == 5
     assert sched.kv.block_hash[seq.block_ids[0]]  # the first full block is registered
     out = sched.schedule()
     sched.update(out, {"s0": 11})  # rejected: no bonus
-    assert out.bonus_applied == set() and seq.num_computed_tokens == 6
+    assert out.bonus_applied == {} and seq.num_computed_tokens == 6
     sched.check_integrity()
     # max_model_len 12: the lookahead never reaches past it
     while sched.has_unfinished():
         out = sched.schedule()
         s = out.scheduled[0]
         assert s.start + 1 + s.lookahead <= cfg.max_model_len
-        sched.update(out, {"s0": 1}, {"s0": 2})
+        sched.update(out, {"s0": 1}, {"s0": [2]})
         if sched.has_unfinished():
             sched.check_integrity()
     assert seq.num_output_tokens == 8 and seq.finish_reason == "length"
@@ -465,6 +465,56 @@ def test_lookahead_blocks_budget_and_bonus_tokens():
     sched.add(seq)
     sched.update(sched.schedule(), {"s1": 8})
     out = sched.schedule()
-    sched.update(out, {"s1": 3}, {"s1": 4})
-    assert seq.token_ids[-1] == 3 and out.bonus_applied == set() and seq.is_finished
+    sched.update(out, {"s1": 3}, {"s1": [4]})
+    assert seq.token_ids[-1] == 3 and out.bonus_applied == {} and seq.is_finished
     assert_all_released(sched)
+
+
+def test_lookahead_of_several_drafts():
+    """num_lookahead_tokens 3: blocks and budget for three draft positions (fewer near
+    max_model_len or the budget); bonus tokens count their drafts as computed, register the
+    blocks they fill and stop at the first that finishes the sequence; more bonus tokens than
+    draft positions are refused."""
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=14,
+                          block_size=4, num_lookahead_tokens=3)  # fmt: skip
+    sched = Scheduler(cfg, num_blocks=16)
+    seq = make_seq(0, [5, 6, 7], max_tokens=10, ignore_eos=True, stop_token_ids=[99])
+    sched.add(seq)
+    sched.update(sched.schedule(), {"s0": 8})  # prefill: 4 tokens, 3 computed
+    out = sched.schedule()
+    s = out.scheduled[0]
+    assert (s.start, s.num_new_tokens, s.lookahead) == (3, 1, 3)
+    assert out.num_batched_tokens == 4 and len(seq.block_ids) == 2  # positions 3..6
+    sched.update(out, {"s0": 9}, {"s0": [10, 11, 12]})  # drafts 9, 10, 11 accepted
+    assert out.bonus_applied == {"s0": 3} and seq.token_ids[3:] == [8, 9, 10, 11, 12]
+    assert seq.num_computed_tokens == 7
+    assert sched.kv.block_hash[seq.block_ids[0]] and not sched.kv.block_hash[seq.block_ids[1]]
+    out = sched.schedule()
+    assert out.scheduled[0].lookahead == 3
+    sched.update(out, {"s0": 13}, {"s0": [14]})  # position 7 (draft 13) fills the second block
+    assert sched.kv.block_hash[seq.block_ids[1]] and seq.num_computed_tokens == 9
+    out = sched.schedule()
+    with pytest.raises(ValueError, match="more bonus tokens"):
+        sched.update(out, {"s0": 13}, {"s0": [1, 2, 3, 4]})
+    sched.update(out, {"s0": 13}, {})  # (nothing was applied: the step again, no drafts)
+    seq2 = make_seq(1, [5, 6, 7], max_tokens=10, ignore_eos=True, stop_token_ids=[99])
+    sched.add(seq2)
+
+    def each(out, tok):
+        return {x.seq.seq_id: tok for x in out.scheduled if x.sample}
+
+    out = sched.schedule()
+    sched.update(out, each(out, 8))
+    out = sched.schedule()
+    sched.update(out, each(out, 9), {"s1": [99, 5]})  # the first bonus ends it: the second dropped
+    assert out.bonus_applied == {"s1": 1} and seq2.token_ids[-1] == 99 and seq2.is_finished
+    assert seq2.token_ids[3:] == [8, 9, 99]
+    # near max_model_len the lookahead shrinks: never a position past it
+    seq3 = make_seq(2, list(range(2, 13)), max_tokens=3, ignore_eos=True)
+    sched.add(seq3)
+    while not seq3.is_finished:
+        out = sched.schedule()
+        for x in out.scheduled:
+            assert x.start + 1 + x.lookahead <= cfg.max_model_len
+        sched.update(out, each(out, 1))
+    sched.check_integrity()

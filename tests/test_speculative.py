@@ -75,9 +75,11 @@ def outputs(outs) -> list[tuple]:
 
 
 # ---- the MTP head ---------------------------------------------------------------------------
-def _reference_mtp_logits(d, hf, ids: list[int]) -> torch.Tensor:
+def _reference_mtp_logits(d, hf, ids: list[int], chain: int = 0) -> torch.Tensor:
     """MTP logits at positions 0..T-2 of ids (row i predicts ids[i+2]), computed over the whole
-    sequence: transformers' main model and decoder layer, vLLM's formula around them."""
+    sequence: transformers' main model and decoder layer, vLLM's formula around them. chain:
+    that many more rows, each the head's own (normed) output row before it and the argmax
+    draft of that row (how drafts after the first are made, as in vLLM)."""
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5DecoderLayer
 
     with safe_open(str(d / "model.safetensors"), framework="pt") as f:
@@ -98,11 +100,18 @@ def _reference_mtp_logits(d, hf, ids: list[int]) -> torch.Tensor:
         e = hf.model.embed_tokens(x[:, 1:])
         z = torch.cat([norm(e, mtp["pre_fc_norm_embedding.weight"]),
                        norm(h, mtp["pre_fc_norm_hidden.weight"])], -1) @ mtp["fc.weight"].T  # fmt: skip
-        pos = torch.arange(T)[None]
-        mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
-        out = layer(z, hf.model.rotary_emb(z, pos), attention_mask=mask, position_ids=pos)
-        out = out[0] if isinstance(out, tuple) else out
-        return hf.lm_head(norm(out, mtp["norm.weight"]))[0]
+        for _ in range(chain + 1):
+            n = z.shape[1]
+            pos = torch.arange(n)[None]
+            mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
+            out = layer(z, hf.model.rotary_emb(z, pos), attention_mask=mask, position_ids=pos)
+            out = norm(out[0] if isinstance(out, tuple) else out, mtp["norm.weight"])
+            logits = hf.lm_head(out)[0]
+            nxt = hf.model.embed_tokens(logits[-1:].argmax(-1)[None])  # [1, 1, H]
+            z = torch.cat([z, torch.cat([norm(nxt, mtp["pre_fc_norm_embedding.weight"]),
+                                         norm(out[:, -1:], mtp["pre_fc_norm_hidden.weight"])],
+                                        -1) @ mtp["fc.weight"].T], 1)  # fmt: skip
+        return logits
 
 
 @pytest.mark.parametrize("accept", [False, True])
@@ -122,7 +131,7 @@ def test_engine_drafts_equal_the_reference_mtp_head(ckpt, accept):
     drafts = []
     while eng.has_unfinished_requests():
         eng.step()
-        drafts += [v for k, v in spec.drafts.items() if k.startswith("r")]
+        drafts += [(v.pos, v.tokens[0]) for k, v in spec.drafts.items() if k.startswith("r")]
     full = p + plain
     ref = _reference_mtp_logits(d, hf, full).argmax(-1).tolist()
     assert len(set(drafts)) >= 8
@@ -131,20 +140,49 @@ def test_engine_drafts_equal_the_reference_mtp_head(ckpt, accept):
     assert (spec.stats.accepted == spec.stats.drafts) == accept and spec.stats.drafts > 5
 
 
-def test_mtp_is_loaded_and_counted(ckpt):
+@pytest.mark.parametrize("k", [2, 3])
+def test_chained_drafts_equal_the_reference(ckpt, monkeypatch, k):
+    """Drafts after the first (the MTP head on its own output row and the draft before, at
+    the start of the next step) equal the whole-sequence reference chain, every step."""
+    from qwen35.engine.model_runner import ModelRunner
+
+    d, hf = ckpt
+    p = prompts(1, seed=5, lo=20, hi=21)[0]
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    plain = make(d).generate([p], sp)[0].outputs[0].token_ids
+    llm = make(d, num_speculative_tokens=k, max_num_batched_tokens=8, block_size=4)
+    llm.engine.runner.spec.backoff = False
+    seen = []
+    build = ModelRunner.build_batch
+
+    def spy(self, scheduled, verify=None, phased=False):
+        seen.extend((scheduled[i].start, list(v.drafts)) for i, v in (verify or {}).items())
+        return build(self, scheduled, verify, phased)
+
+    monkeypatch.setattr(ModelRunner, "build_batch", spy)
+    assert llm.generate([p], sp)[0].outputs[0].token_ids == plain
+    full = p + plain
+    assert len(seen) > 5 and max(len(dr) for _, dr in seen) == k
+    for start, drafts in seen:  # x_n at position start; the first draft from row start - 1
+        ref = _reference_mtp_logits(d, hf, full[: start + 1], chain=len(drafts) - 1)
+        assert drafts == ref[start - 1 :].argmax(-1).tolist(), (start, drafts)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_mtp_is_loaded_and_counted(ckpt, k):
     d, _ = ckpt
-    llm = make(d, num_speculative_tokens=1)
+    llm = make(d, num_speculative_tokens=k)
     m = llm.engine.model
     assert m.has_mtp and "mtp" not in m.load_report.skipped
     with safe_open(str(d / "model.safetensors"), framework="pt") as f:
         w = f.get_tensor("mtp.fc.weight")
     assert torch.equal(m.mtp.fc.weight, w)
     caches = llm.engine.runner.caches
-    # one more K/V layer than the main model has, and a spare slot per running sequence
+    # one more K/V layer than the main model has, and k spare slots per running sequence
     assert len(caches.key) == m.config.num_full_attention_layers + 1
     plan = llm.engine.plan
-    assert plan.num_spare_slots == plan.num_state_slots
-    assert caches.num_slots == plan.num_state_slots * 2 + plan.num_checkpoint_slots
+    assert plan.num_spare_slots == k * plan.num_state_slots
+    assert caches.num_slots == plan.num_state_slots * (1 + k) + plan.num_checkpoint_slots
     plain = make(d).engine.plan
     assert plan.kv_bytes_per_token == plain.kv_bytes_per_token * 2  # (one attention layer)
     assert "spare state slots" in plan.describe()
@@ -158,8 +196,8 @@ def test_mtp_is_loaded_and_counted(ckpt):
 
 def test_refusals(ckpt, tmp_path):
     d, _ = ckpt
-    with pytest.raises(Qwen35Error, match="0 \\(off\\) or 1"):
-        make(d, num_speculative_tokens=2)
+    with pytest.raises(Qwen35Error, match="0 \\(off\\) or 1 .. 5"):
+        make(d, num_speculative_tokens=6)
     with pytest.raises(Qwen35Error, match="one rank"):
         make(d, num_speculative_tokens=1, tensor_parallel_size=2)
     bare = tmp_path / "no-mtp"
@@ -169,8 +207,9 @@ def test_refusals(ckpt, tmp_path):
 
 
 # ---- the same outputs with drafts as without ------------------------------------------------
+@pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("which", ["dense", "moe"])
-def test_greedy_and_seeded_sampling_equal_without_drafts(which, ckpt, moe_ckpt):
+def test_greedy_and_seeded_sampling_equal_without_drafts(which, ckpt, moe_ckpt, k):
     d, _ = ckpt if which == "dense" else moe_ckpt
     ps = prompts(6, seed=1)
     sps = [SamplingParams(max_tokens=18, temperature=0.0, ignore_eos=True)] * 2 + [
@@ -181,28 +220,32 @@ def test_greedy_and_seeded_sampling_equal_without_drafts(which, ckpt, moe_ckpt):
     ]  # fmt: skip
     kw = dict(block_size=4, max_num_batched_tokens=32)
     want = outputs(make(d, **kw).generate(ps, sps))
-    llm = make(d, num_speculative_tokens=1, **kw)
+    llm = make(d, num_speculative_tokens=k, **kw)
     llm.engine.runner.spec.backoff = False
     assert outputs(llm.generate(ps, sps)) == want  # the MTP head's drafts
     reference = {tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)}
+    st = llm.engine.runner.spec.stats
     for wrong in (0.0, 0.3):
         llm.engine.runner.spec.draft_override = oracle(reference, wrong)
-        before = llm.engine.runner.spec.stats.accepted
+        before = (st.accepted, st.verifies)
         assert outputs(llm.generate(ps, sps)) == want
-        assert llm.engine.runner.spec.stats.accepted - before > 20
+        assert st.accepted - before[0] > 20
+        if k > 1 and wrong == 0:  # several drafts accepted per step
+            assert st.accepted - before[0] > 1.5 * (st.verifies - before[1])
         llm.engine.scheduler.check_integrity()
     st = llm.engine.get_stats()
     assert st["kv_blocks_used"] == 0 and st["state_slots_used"] == 0
 
 
-def test_preemption_and_n_equal_without_drafts(ckpt):
+@pytest.mark.parametrize("k", [1, 2])
+def test_preemption_and_n_equal_without_drafts(ckpt, k):
     d, _ = ckpt
     ps = prompts(5, seed=4, lo=20)
     sp = SamplingParams(max_tokens=24, temperature=0.7, seed=5, n=2, ignore_eos=True)
     kw = dict(block_size=4, max_num_batched_tokens=48)
     want = make(d, **kw).generate(ps, sp)
     flat = {tuple(p): p + o.outputs[0].token_ids for p, o in zip(ps, want, strict=True)}
-    llm = make(d, num_speculative_tokens=1, num_kv_blocks=48, **kw)
+    llm = make(d, num_speculative_tokens=k, num_kv_blocks=48, **kw)
     llm.engine.runner.spec.draft_override = oracle(flat, wrong=0.2)
     got = llm.generate(ps, sp)
     assert llm.engine.get_stats()["num_preemptions"] > 0
@@ -210,17 +253,18 @@ def test_preemption_and_n_equal_without_drafts(ckpt):
         assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
 
 
-def test_stop_rules_with_bonus_tokens(ckpt):
-    """Stop strings, stop ids, EOS and max_tokens landing on the sampled token or on the bonus
-    after it: the same text, tokens and finish reasons as without drafts (a bonus after a stop
-    string is dropped)."""
+@pytest.mark.parametrize("k", [1, 3])
+def test_stop_rules_with_bonus_tokens(ckpt, k):
+    """Stop strings, stop ids, EOS and max_tokens landing on the sampled token or on a bonus
+    after it: the same text, tokens and finish reasons as without drafts (bonus tokens after a
+    stop are dropped)."""
     d, _ = ckpt
     p = prompts(1, seed=10)[0]
     plain = make(d)
     full = plain.generate([p], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
     toks = full[0].outputs[0].token_ids
     text = full[0].outputs[0].text
-    spec = make(d, num_speculative_tokens=1)
+    spec = make(d, num_speculative_tokens=k)
     spec.engine.runner.spec.draft_override = oracle({tuple(p): p + toks})
     cases = [dict(max_tokens=k) for k in (1, 2, 3, 6, 7)]
     cases += [dict(max_tokens=20, stop_token_ids=[toks[k]]) for k in (2, 3, 4, 5)]
@@ -261,15 +305,16 @@ def test_drafts_pause_after_rejections(ckpt):
     assert 2 <= st.drafts < 20 and st.accepted < st.drafts
     s = SpecState(range(0))
     for ok in (False, False, False):
-        s.outcome("a", ok)
+        s.outcome("a", 1, int(ok))
     assert s.paused["a"] == 4 and [s.wants_draft("a") for _ in range(5)] == [False] * 4 + [True]
-    s.outcome("a", True)
+    s.outcome("a", 3, 1)
     assert "a" not in s.misses and s.wants_draft("a")
 
 
+@pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("quantization", [None, "int8"])
-def test_cpu_verify_steps_are_decode_rows_bf16_bitwise(ckpt, monkeypatch, quantization):
-    """On a CPU a decode step's drafts run as decode rows in two DeltaNet phases through the
+def test_cpu_verify_steps_are_decode_rows_bf16_bitwise(ckpt, monkeypatch, quantization, k):
+    """On a CPU a decode step's drafts run as decode rows in DeltaNet phases through the
     decode plan (models/cpu_decode.py), so each row's arithmetic is a decode step's: bf16 and
     int8 greedy tokens equal the plain engine's exactly (a 2-token chunk would differ by
     chunked-vs-recurrent rounding)."""
@@ -281,7 +326,7 @@ def test_cpu_verify_steps_are_decode_rows_bf16_bitwise(ckpt, monkeypatch, quanti
     run = cpu_decode.DecodePlan.run
 
     def spy(self, h, cos, sin, batch, caches):
-        phased.append(batch.decode.phases is not None)
+        phased.append(len(batch.decode.phases or ()))
         return run(self, h, cos, sin, batch, caches)
 
     monkeypatch.setattr(cpu_decode.DecodePlan, "run", spy)
@@ -290,12 +335,13 @@ def test_cpu_verify_steps_are_decode_rows_bf16_bitwise(ckpt, monkeypatch, quanti
     kw = dict(dtype="bf16", quantization=quantization)
     want = [o.outputs[0].token_ids for o in make(d, **kw).generate(ps, sp)]
     assert phased and not any(phased)
-    llm = make(d, num_speculative_tokens=1, **kw)
+    llm = make(d, num_speculative_tokens=k, **kw)
     llm.engine.runner.spec.draft_override = oracle(
         {tuple(p): p + w for p, w in zip(ps, want, strict=True)}, wrong=0.3
     )
     assert [o.outputs[0].token_ids for o in llm.generate(ps, sp)] == want
-    assert sum(phased) > 5 and llm.engine.runner.spec.stats.accepted > 10
+    assert sum(map(bool, phased)) > 5 and max(phased) == k + 1
+    assert llm.engine.runner.spec.stats.accepted > 10
 
 
 def test_server_with_speculative_decoding(tmp_path):
@@ -307,7 +353,7 @@ def test_server_with_speculative_decoding(tmp_path):
     from qwen35.server.app import ServerConfig, create_app
     from server_fakes import ServerThread, build_tiny_engine
 
-    engine = build_tiny_engine(tmp_path / "m", num_speculative_tokens=1)
+    engine = build_tiny_engine(tmp_path / "m", num_speculative_tokens=2)
     engine.runner.spec.backoff = False
     plain = build_tiny_engine(tmp_path / "p")
     srv = ServerThread(create_app(engine, ServerConfig(served_model_name="tiny")))
@@ -350,7 +396,7 @@ def test_fp8_checkpoint_with_its_mtp_head(tmp_path):
     assert "mtp.layers.0.self_attn.q_proj.weight_scale_inv" in stored
     ps = prompts(3, seed=15)
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    llm = make(out, dtype="bf16", num_speculative_tokens=1)
+    llm = make(out, dtype="bf16", num_speculative_tokens=2)
     assert isinstance(llm.engine.model.mtp.layers[0].self_attn.q_proj, Fp8Linear)
     llm.engine.runner.spec.backoff = False
     got = [o.outputs[0].token_ids for o in llm.generate(ps, sp)]
@@ -400,7 +446,7 @@ def test_image_requests_with_drafts(tmp_path):
     prompts_ = [req(img), [5, 6, 7, 8, 9, 10, 11]]
     sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in make_llm(tmp_path).generate(prompts_, sp)]
-    llm = make_llm(tmp_path, num_speculative_tokens=1)
+    llm = make_llm(tmp_path, num_speculative_tokens=2)
     spec = llm.engine.runner.spec
     spec.backoff, spec.max_verify_seqs = False, 8
     assert llm.engine.has_vision and llm.engine.model.has_mtp

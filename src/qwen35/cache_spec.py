@@ -72,6 +72,10 @@ class LinearStateSpec:
         return self.conv_bytes + self.recurrent_bytes
 
 
+# MTP drafts per decode step at most (`--num-speculative-tokens`; vLLM accepts 1..5 for Qwen 3.5)
+MAX_SPECULATIVE_TOKENS = 5
+
+
 @dataclass(frozen=True)
 class CacheSpec:
     layer_types: tuple[str, ...]
@@ -80,7 +84,7 @@ class CacheSpec:
     tp: int = 1
     # speculative decoding with the MTP head (engine/speculative.py): its attention layer keeps
     # K and V for every token like the model's own, and every running sequence has a spare
-    # DeltaNet state (the state before a draft, restored when the draft is rejected)
+    # DeltaNet state per draft (the state before it, restored when it is rejected)
     mtp_layers: int = 0
     spare_states: int = 0
 
@@ -130,12 +134,14 @@ def cache_spec(
     speculative_tokens: int = 0,
 ) -> CacheSpec:
     """The model's cache declaration. `state_dtype` defaults to the config's mamba_ssm_dtype (fp32).
-    `speculative_tokens`: MTP drafts per step (0 or 1), which add the MTP head's KV layers and a
-    spare state per sequence."""
+    `speculative_tokens`: MTP drafts per step (0 .. MAX_SPECULATIVE_TOKENS), which add the MTP
+    head's KV layers and a spare state per draft and sequence."""
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
-    if speculative_tokens not in (0, 1):
-        raise ValueError(f"speculative_tokens must be 0 or 1, got {speculative_tokens}")
+    if speculative_tokens not in range(MAX_SPECULATIVE_TOKENS + 1):
+        raise ValueError(
+            f"speculative_tokens must be 0 .. {MAX_SPECULATIVE_TOKENS}, got {speculative_tokens}"
+        )
     if speculative_tokens and not cfg.mtp_num_hidden_layers:
         raise ValueError(f"{cfg.name} has no MTP head (mtp_num_hidden_layers = 0) to draft with")
     state_dtype = state_dtype or cfg.mamba_ssm_dtype

@@ -203,28 +203,30 @@ def _multi_turn(con: Console, d: dict, impl: str) -> None:
 
 def _spec(con: Console, d: dict, impl: str) -> None:
     t = Table(
-        title=f"Speculative decoding, one MTP draft per step, batch 1 (prompt {d['prompt_len']}, "
-        f"{d['new_tokens']} new tokens, {d['rounds']} interleaved rounds; oracle rows: drafts "
+        title=f"Speculative decoding, k MTP drafts per step, batch 1 (prompt {d['prompt_len']}, "
+        f"{d['new_tokens']} new tokens, {d['rounds']} interleaved rounds; oracle rows: each draft "
         "right at that rate)"
     )
-    for c in ("engine", "decode tok/s", "x plain", "acceptance", "tokens = plain"):
+    for c in ("engine", "decode tok/s", "x plain", "acceptance", "tokens/step", "tokens = plain"):
         t.add_column(c, justify="right")
     for name, r in d["engines"].items():
-        acc = r["acceptance"]
+        acc, length = r["acceptance"], r.get("accept_length")
         t.add_row(
             name,
             _f(r["decode_tokens_per_s"]),
             _x(r["over_plain"]),
             "" if acc is None else f"{acc:.0%} of {r['drafts']}",
+            "" if length is None else f"{length:.2f}",
             "yes" if r["tokens_equal_plain"] else "NO",
         )
     con.print(t)
-    for b, r in d.get("batches", {}).items():
-        con.print(
-            f"  {b} requests together, drafts always right: {_f(r['oracle 100%'])} tok/s vs "
-            f"plain {_f(r['plain'])} ({_x(r['over_plain'])}); steps sampling more than "
-            f"{d['max_verify_seqs']} sequences draft for none"
-        )
+    for k, per in d.get("batches", {}).items():
+        for b, r in per.items():
+            con.print(
+                f"  {k}, {b} requests together, drafts always right: {_f(r['oracle 100%'])} "
+                f"tok/s vs plain {_f(r['plain'])} ({_x(r['over_plain'])}); steps sampling more "
+                f"than {d['max_verify_seqs']} sequences draft for none"
+            )
 
 
 def _dtype(con: Console, d: dict, impl: str) -> None:

@@ -1,13 +1,15 @@
 """Speculative decoding with the MTP head against plain decoding: batch-1 decode tokens/s.
 
-Random weights give an MTP head whose drafts are almost never right, so this workload also
-drafts with an oracle at set acceptance rates: each round the plain engine decodes first, and
-the oracle drafts its token at each position with probability `acceptance`, a wrong one
-otherwise (engine/speculative.py `draft_override`). What a real checkpoint gains is read off
-the row of its acceptance rate. Every engine shares one set of weights; each round runs the
-plain engine, then the drafting ones in an order rotated round by round (the plain engine's
-tokens are the oracle's); tokens are checked equal to the plain engine's (greedy: the drafts
-never change the output).
+Engines drafting DRAFT_TOKENS (1 and 3) tokens a step. Random weights give an MTP head whose
+drafts are almost never right, so this workload also drafts with an oracle at set acceptance
+rates: each round the plain engine decodes first, and the oracle drafts its token at each
+position with probability `acceptance`, a wrong one otherwise, each position on its own
+(engine/speculative.py `draft_override`; with k drafts a step accepts p + p^2 + .. + p^k of
+them on average). What a real checkpoint gains is read off the row of its acceptance rate (real
+MTP chains fall off along the chain: the row of a lower rate bounds the later drafts). Every
+engine shares one set of weights; each round runs the plain engine, then the drafting ones in
+an order rotated round by round (the plain engine's tokens are the oracle's); tokens are
+checked equal to the plain engine's (greedy: the drafts never change the output).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from qwen35.benchmarks.common import BenchModel, BenchOptions, make_engine, rati
 from qwen35.engine.speculative import MAX_VERIFY_SEQS
 
 ACCEPTANCE = (1.0, 0.8, 0.6)
+DRAFT_TOKENS = (1, 3)  # engines drafting this many tokens a step
 BATCHES = (2, 4)  # also measured with always-right drafts: why larger batches do not draft
 
 
@@ -49,59 +52,72 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
     P, N = sz["prompt_len"], sz["new_tokens"]
     kw = dict(max_num_seqs=max(BATCHES), max_model_len=P + N + 16, enable_prefix_caching=False)
     plain = make_engine(bm, **kw)
-    spec = make_engine(bm, num_speculative_tokens=1, **kw)
+    specs = {k: make_engine(bm, num_speculative_tokens=k, **kw) for k in DRAFT_TOKENS}
     rates = {f"oracle {a:.0%}": a for a in ACCEPTANCE}
-    names = ["plain", "mtp", *rates]
+    engine_of = {"plain": plain}
+    rate_of: dict[str, float | None] = {}
+    for k, eng in specs.items():
+        for r in ("mtp", *rates):
+            name = f"k={k} {r}"
+            engine_of[name], rate_of[name] = eng, rates.get(r)
+    names = list(engine_of)
     rng = random.Random(opts.seed)
     vocab = bm.config.vocab_size
-    for name, eng in (("plain", plain), ("spec", spec)):  # first calls pay one-off costs
-        timed_request(eng, [rng.randrange(vocab) for _ in range(8)], 4, f"warm-{name}")
+    for name, eng in (("plain", plain), *((f"k={k}", e) for k, e in specs.items())):
+        timed_request(eng, [rng.randrange(vocab) for _ in range(8)], 4, f"warm-{name}")  # (one-off costs)
     secs = {n: 0.0 for n in names}
     toks = {n: 0 for n in names}
-    acc = {n: [0, 0] for n in names}  # drafts verified, accepted
+    acc = {n: [0, 0, 0] for n in names}  # drafts verified, accepted, steps that verified
     same = {n: True for n in names}
     for r in range(sz["rounds"]):
         prompt = [rng.randrange(vocab) for _ in range(P)]
         reference = None
         k = r % (len(names) - 1)  # the drafting engines in a rotated order each round
         for name in ["plain"] + names[1 + k :] + names[1 : 1 + k]:
-            eng = plain if name == "plain" else spec
-            if eng is spec:
+            eng = engine_of[name]
+            if eng is not plain:
                 rs = eng.runner.spec
                 rs.draft_override = None
-                if name != "mtp":
-                    rs.draft_override = _oracle(prompt + reference, rates[name], opts.seed + r)
-                before = (rs.stats.drafts, rs.stats.accepted)
+                if rate_of[name] is not None:
+                    rs.draft_override = _oracle(prompt + reference, rate_of[name], opts.seed + r)
+                before = (rs.stats.drafts, rs.stats.accepted, rs.stats.verifies)
             _, steps, out = timed_request(eng, prompt, N, f"{name}-{r}")
             secs[name] += sum(steps)
             toks[name] += len(out) - 1  # after the first (prefill) token
-            if eng is spec:
-                acc[name][0] += rs.stats.drafts - before[0]
-                acc[name][1] += rs.stats.accepted - before[1]
+            if eng is not plain:
+                for j in range(3):
+                    acc[name][j] += (rs.stats.drafts, rs.stats.accepted, rs.stats.verifies)[j] - before[j]
                 same[name] &= out == reference
             else:
                 reference = out
-    batches = _batches(plain, spec, rng, vocab, P, N, sz["rounds"], opts.seed)
-    spec.runner.spec.draft_override = None
+    batches = {
+        f"k={k}": _batches(plain, eng, rng, vocab, P, N, sz["rounds"], opts.seed)
+        for k, eng in specs.items()
+    }
+    for eng in specs.values():
+        eng.runner.spec.draft_override = None
     rows = {}
     for name in names:
         tps = toks[name] / secs[name] if secs[name] else float("nan")
-        drafts, accepted = acc[name]
+        drafts, accepted, verifies = acc[name]
         rows[name] = {
             "decode_tokens_per_s": tps,
             "drafts": drafts,
             "acceptance": accepted / drafts if drafts else None,
+            # tokens a verifying step gives (SGLang's "accept length"): 1 + accepted drafts
+            "accept_length": 1 + accepted / verifies if verifies else None,
             "tokens_equal_plain": same[name] if name != "plain" else True,
         }
     for name in names:
         rows[name]["over_plain"] = ratio(
             rows[name]["decode_tokens_per_s"], rows["plain"]["decode_tokens_per_s"]
         )
-    del plain, spec
+    del plain, specs, engine_of
     return {
         "prompt_len": P,
         "new_tokens": N,
         "rounds": sz["rounds"],
+        "draft_tokens": list(DRAFT_TOKENS),
         "engines": rows,
         "batches": batches,
         "max_verify_seqs": MAX_VERIFY_SEQS,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen35 import catalog
+from qwen35.cache_spec import MAX_SPECULATIVE_TOKENS
 from qwen35.catalog import gpus as gpu_catalog
 from qwen35.config import ModelConfig
 from qwen35.plan import vision as plan_vision
@@ -121,9 +122,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--num-speculative-tokens",
         type=int,
         default=0,
-        choices=(0, 1),
-        help="1: plan for drafting with the MTP head (its KV layer and a spare DeltaNet state per "
-        "sequence, as `qwen35 serve --num-speculative-tokens 1` allocates; one GPU per replica)",
+        choices=range(MAX_SPECULATIVE_TOKENS + 1),
+        metavar=f"{{0..{MAX_SPECULATIVE_TOKENS}}}",
+        help="k > 0: plan for k MTP drafts a step (the MTP head's KV layer and k spare DeltaNet "
+        "states per sequence, as `qwen35 serve --num-speculative-tokens k` allocates; one GPU per "
+        "replica)",
     )
     p.add_argument(
         "--image",

@@ -66,8 +66,8 @@ class CachePlan:
     kv_bytes_per_token: int
     state_bytes_per_sequence: int
     cache_bytes: int
-    # speculative decoding: a spare DeltaNet state per running sequence (the state before a
-    # rejected draft), and the MTP head's KV layer (counted in kv_bytes_per_token)
+    # speculative decoding: a spare DeltaNet state per draft and running sequence (the state
+    # before a rejected draft), and the MTP head's KV layer (counted in kv_bytes_per_token)
     num_spare_slots: int = 0
 
     @property
@@ -112,22 +112,22 @@ def plan_caches(
     working_bytes: int | None = None,
     tp: int = 1,
     extra_working_bytes: int = 0,  # e.g. the vision encoder's temporaries
-    speculative: bool = False,
+    speculative: int = 0,
 ) -> CachePlan:
     """`working_bytes`: measured working memory (GPU: `measure_working_memory`), replacing the
     planner's formula. tp > 1: one tensor-parallel rank's caches (its shard of every KV and state
     tensor) under that rank's budget; weight_bytes is then the rank's. speculative: MTP drafts
-    (engine/speculative.py): every running sequence has a spare state slot, and every KV token
-    the MTP layer's K and V as well."""
+    (engine/speculative.py), drafts per step: every running sequence has a spare state slot per
+    draft, and every KV token the MTP layer's K and V as well."""
     if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
         raise Qwen35Error("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
     dname = str(model_dtype).removeprefix("torch.")
     # the caches the engine allocates (one tensor-parallel rank's shard when tp > 1)
     spec = cache_spec(
-        cfg, kv_dtype=dname, conv_dtype=dname, tp=tp, speculative_tokens=int(speculative)
+        cfg, kv_dtype=dname, conv_dtype=dname, tp=tp, speculative_tokens=speculative
     )
     kv_tok, st_seq = spec.kv_bytes_per_token, spec.state_bytes_per_sequence
-    per_slot = spec.running_state_bytes  # a running sequence's slot (+ its spare)
+    per_slot = spec.running_state_bytes  # a running sequence's slot (+ its spares)
     total = parse_bytes(max_memory)
     # GPU: the measured peak (measure_working_memory); else the planner's formula, model dtype
     working = working_bytes
@@ -186,7 +186,7 @@ def plan_caches(
     interval = default_checkpoint_interval(block_size)
     return CachePlan(
         num_blocks, block_size, slots, ckpts, interval, max_model_len, kv_tok, st_seq, budget,
-        num_spare_slots=slots if speculative else 0,
+        num_spare_slots=slots * speculative,
     )  # fmt: skip
 
 

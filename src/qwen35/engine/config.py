@@ -15,6 +15,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 
+from qwen35.cache_spec import MAX_SPECULATIVE_TOKENS
 from qwen35.errors import Qwen35Error
 
 
@@ -81,9 +82,9 @@ class SchedulingConfig:
     num_speculative_tokens: int = _opt(
         0,
         "speculative decoding: tokens the checkpoint's MTP head drafts per decode step, "
-        "verified in the same forward (0: off, 1: one draft; same tokens, fewer steps when "
+        "verified in the same forward (0: off; 1 .. 5; same tokens, fewer steps when "
         "drafts are accepted)",
-        choices=[0, 1],
+        choices=list(range(MAX_SPECULATIVE_TOKENS + 1)),
     )
 
 
@@ -230,10 +231,10 @@ class EngineConfig:
             not isinstance(s.max_model_len, int) or s.max_model_len < 2
         ):
             raise Qwen35Error(f"max_model_len must be an integer >= 2, got {s.max_model_len!r}")
-        if s.num_speculative_tokens not in (0, 1):
+        if s.num_speculative_tokens not in range(MAX_SPECULATIVE_TOKENS + 1):
             raise Qwen35Error(
-                f"num_speculative_tokens must be 0 (off) or 1 (one MTP draft per step), got "
-                f"{s.num_speculative_tokens!r}"
+                f"num_speculative_tokens must be 0 (off) or 1 .. {MAX_SPECULATIVE_TOKENS} (MTP "
+                f"drafts per step), got {s.num_speculative_tokens!r}"
             )
         if s.num_speculative_tokens and p.tensor_parallel_size > 1:
             raise Qwen35Error(

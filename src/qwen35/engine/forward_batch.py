@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
@@ -136,11 +137,12 @@ class DecodeBatch:
     all_rows_in_slot_order: bool = False  # rows_by_slot is exactly 0..T-1
     # CPU speculative verify steps (engine/speculative.py): the DeltaNet layers step the rows in
     # phases, each a DecodeBatch over a contiguous row range (`row_range`, `in_slot_order`:
-    # its rows_by_slot is that range), the second phase's rows one token after the first's in
-    # the same slots; between them each layer copies the states `phase_copies` (src, dst).
-    # Attention and the projections take every row at once (per-row context lengths).
+    # its rows_by_slot is that range), each later phase's rows one token after rows of the
+    # phase before in the same slots; after phase j (all but the last) each layer copies the
+    # states `phase_copies[j]` (src, dst). Attention and the projections take every row at
+    # once (per-row context lengths).
     phases: list[DecodeBatch] | None = None
-    phase_copies: list[tuple[int, int]] = field(default_factory=list)
+    phase_copies: list[list[tuple[int, int]]] = field(default_factory=list)
     row_range: tuple[int, int] = (0, 0)
     in_slot_order: bool = False
 
@@ -186,15 +188,16 @@ class ForwardBatch:
         device: torch.device | str | None = None,
         backend: Backend | None = None,
         input_ids: Sequence[int] | None = None,
-        phase_split: int | None = None,
-        phase_copies: Sequence[tuple[int, int]] = (),
+        phase_splits: Sequence[int] = (),
+        phase_copies: Sequence[Sequence[tuple[int, int]]] = (),
     ) -> ForwardBatch:
         """From host lists (tensors are accepted too; they are read on the host here, in the
         runner, never in the model). `state_checkpoints`: (i, n, dest) = after the first n new
         tokens of sequence i copy its DeltaNet state into slot dest (1 <= n <= its tokens).
-        phase_split (CPU, every sequence one token): entries from this index on are the next
-        token of earlier entries (the same state slots), run after them in DeltaNet layers,
-        with `phase_copies` (src, dst) of each layer's states in between (DecodeBatch.phases)."""
+        phase_splits (CPU, every sequence one token): the entries from each of these indices on
+        are the next tokens of entries of the phase before (the same state slots), run after
+        them in DeltaNet layers, with `phase_copies[j]` (src, dst) of each layer's states after
+        phase j (DecodeBatch.phases)."""
         cu = [int(c) for c in cu_seqlens]
         B = len(cu) - 1
         T = cu[-1] if cu else 0
@@ -272,15 +275,20 @@ class ForwardBatch:
                 all_rows=all_rows,
                 fresh_slots=up.add(torch.tensor(fresh, dtype=torch.long)) if fresh else None,
             )
-            if phase_split is not None:
-                if prefill or len(dec) != B or not 0 < phase_split < B:
-                    raise ValueError("phase_split needs one token per sequence and two phases")
+            if phase_splits:
+                bounds = [0, *phase_splits, B]
+                if (prefill or len(dec) != B or any(a >= b for a, b in pairwise(bounds))
+                        or len(phase_copies) != len(phase_splits)):  # fmt: skip
+                    raise ValueError(
+                        "phase_splits need one token per sequence, rising splits inside the "
+                        "batch and one list of copies per split"
+                    )
                 decode.phases = [
                     _slot_order(DecodeBatch(None, None, None, None, 0), up, rows[a:b],
                                 dslots[a:b], T)  # fmt: skip
-                    for a, b in ((0, phase_split), (phase_split, B))
+                    for a, b in pairwise(bounds)
                 ]
-                decode.phase_copies = list(phase_copies)
+                decode.phase_copies = [list(c) for c in phase_copies]
             elif backend.device_type == "cpu":
                 _slot_order(decode, up, rows, dslots, T)
         batch = cls(

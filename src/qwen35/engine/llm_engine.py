@@ -248,7 +248,7 @@ class LLMEngine:
             working_bytes=working,  # GPU: measured peak of one largest prefill chunk
             tp=ec.parallel.tensor_parallel_size,
             extra_working_bytes=encoder_working_memory(self.model, model_dir, ec),
-            speculative=spec,
+            speculative=sc.num_speculative_tokens,
         )
         self.max_model_len = self.plan.max_model_len
         if verbose:
@@ -288,6 +288,7 @@ class LLMEngine:
                 head_screen=self.head_screen,
                 spec_slots=range(first_spare, first_spare + self.plan.num_spare_slots)
                 if self.plan.num_spare_slots else None,
+                spec_tokens=sc.num_speculative_tokens,
             )  # fmt: skip
         else:
             from qwen35.parallel import setup as tp_setup
@@ -491,8 +492,8 @@ class LLMEngine:
             touched[req.request_id] = req
             if req.first_token is None:
                 req.first_token = now
-            # speculative decoding: the token after an accepted draft came in the same step
-            toks = [token, result.bonus[seq_id]] if seq_id in out.bonus_applied else [token]
+            # speculative decoding: the tokens after accepted drafts came in the same step
+            toks = [token, *result.bonus.get(seq_id, [])[: out.bonus_applied.get(seq_id, 0)]]
             try:
                 for k, tok in enumerate(toks):
                     self.structured.advance(seq_id, tok)

@@ -24,7 +24,7 @@ from qwen35.engine.sampler import (
     make_generator,
     sample_isolated,
 )
-from qwen35.engine.speculative import SpecState, Verify, eligible
+from qwen35.engine.speculative import Draft, SpecState, Verify, eligible
 from qwen35.engine.vision_inputs import VisionInputs
 from qwen35.kernels.unavailable import KernelUnavailable
 from qwen35.ops.backend import Backend, select_backend
@@ -47,8 +47,9 @@ class StepResult:
     sampled: dict[str, int]  # seq_id -> next token
     logprobs: dict[str, TokenLogprob]  # seq_id -> logprob info (only where asked)
     errors: dict[str, Exception] = field(default_factory=dict)  # seq_id -> why sampling failed
-    # speculative decoding: seq_id -> the token after its accepted draft (== its sampled token)
-    bonus: dict[str, int] = field(default_factory=dict)
+    # speculative decoding: seq_id -> the tokens sampled after its accepted drafts (the first
+    # draft == its sampled token, each later one == the bonus token before it)
+    bonus: dict[str, list[int]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -63,6 +64,7 @@ class ModelRunner:
         seed: int | None = None,  # the sampler's shared generator (unseeded requests)
         head_screen=None,  # models/head_screen.py HeadScreen: greedy / top-k rows skip the head
         spec_slots: range | None = None,  # speculative decoding (MTP drafts): spare state slots
+        spec_tokens: int = 1,  # drafts per step at most
     ):
         self.model = model
         self.caches = caches
@@ -86,7 +88,7 @@ class ModelRunner:
         if spec_slots is not None:
             if not getattr(model, "has_mtp", False):
                 raise ValueError("speculative decoding needs a model loaded with its MTP head")
-            self.spec = SpecState(spec_slots)
+            self.spec = SpecState(spec_slots, k=spec_tokens)
             decode_graphs = None  # the MTP head reads every row's hidden state: eager steps
         self.graphs: DecodeGraphs | None = None
         if decode_graphs is not None:
@@ -156,11 +158,11 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, ForwardBatch, list]:
         """The step's host lists -> input ids [T] and the ForwardBatch (all index tensors built
         here, so the model reads nothing back from the device). verify: scheduled index ->
-        a draft run after its last token, one more row whose DeltaNet step follows the state
-        after the first row, which is saved into the spare slot: as a 2-token chunk, or
-        (phased: a CPU step of one token per sequence) as decode rows after all the others
-        (DecodeBatch.phases: each row's arithmetic that of a decode step). `self.rows_of`:
-        each scheduled sequence's token rows."""
+        drafts run after its last token, rows whose DeltaNet steps follow the state after the
+        row before, each of which is saved into a spare slot: as one chunk with state
+        checkpoints, or (phased: a CPU step of one token per sequence) as decode rows after all
+        the others, the j-th drafts in phase j (DecodeBatch.phases: each row's arithmetic that
+        of a decode step). `self.rows_of`: each scheduled sequence's token rows."""
         verify = verify or {}
         bs = self.caches.block_size
         ids: list[int] = []
@@ -174,7 +176,8 @@ class ModelRunner:
         logits_rows: list[int] = []
         sample_seqs = []
         checkpoints: list[tuple[int, int, int]] = []
-        copies: list[tuple[int, int]] = []  # phased: after the first tokens
+        depth = max((len(v.drafts) for v in verify.values()), default=0) if phased else 0
+        copies: list[list[tuple[int, int]]] = [[] for _ in range(depth)]  # after each phase
 
         def add(seq, start: int, toks: list[int]) -> None:
             end = start + len(toks)
@@ -194,26 +197,29 @@ class ModelRunner:
             v = verify.get(i)
             toks = seq.token_ids[start : start + n]
             ck = list(s.checkpoints)
-            if v is not None and phased:  # the draft row comes after every sequence's token
-                copies += [(seq.state_slot, v.spare)] + [
-                    (seq.state_slot, dest) for off, dest in ck if dest != v.spare
-                ]
+            if v is not None and phased:  # the draft rows come after every sequence's token
+                for j, spare in enumerate(v.spares[: len(v.drafts)]):
+                    copies[j].append((seq.state_slot, spare))
+                copies[0] += [(seq.state_slot, dest) for off, dest in ck if dest != v.spares[0]]
                 ck = []
             elif v is not None:
-                toks = toks + [v.draft]
-                if (1, v.spare) not in ck:
-                    ck.append((1, v.spare))
+                toks = toks + v.drafts
+                ck += [(j + 1, x) for j, x in enumerate(v.spares[: len(v.drafts)])
+                       if (j + 1, x) not in ck]  # fmt: skip
             add(seq, start, toks)
             self.rows_of.append(list(range(cu[-2], cu[-1])))
             if s.sample:
                 logits_rows.append(cu[-2] + n - 1)
                 sample_seqs.append(seq)
             checkpoints.extend((i, off, dest) for off, dest in ck)
-        split = len(scheduled) if phased and verify else None
-        for i, v in verify.items() if split is not None else ():
-            s = scheduled[i]
-            add(s.seq, s.start + 1, [v.draft])
-            self.rows_of[i].append(cu[-1] - 1)
+        splits = []
+        for j in range(depth):  # phase j + 1: the (j+1)-th drafts
+            splits.append(cu[-1])
+            for i, v in verify.items():
+                if j < len(v.drafts):
+                    s = scheduled[i]
+                    add(s.seq, s.start + 1 + j, [v.drafts[j]])
+                    self.rows_of[i].append(cu[-1] - 1)
         batch = ForwardBatch.build(
             positions=positions,
             cu_seqlens=cu,
@@ -227,8 +233,8 @@ class ModelRunner:
             device=self.device,
             backend=self.backend,
             input_ids=ids,  # sent with the other index tensors (one copy per dtype on a GPU)
-            phase_split=split,
-            phase_copies=copies,
+            phase_splits=splits,
+            phase_copies=copies,  # (after each phase but the last)
         )
         return batch.input_ids, batch, sample_seqs
 
@@ -266,6 +272,8 @@ class ModelRunner:
             # cpu_decode.py); each row's arithmetic is the same in any order
             scheduled = sorted(scheduled, key=lambda s: s.seq.state_slot)
         verify = self.spec.plan(scheduled) if self.spec is not None else {}
+        if verify and self.spec.k > 1:
+            self._chain(scheduled, verify)
         mm = self.vision is not None and any(s.seq.mm_items for s in scheduled)
         phased = (
             bool(verify)
@@ -310,13 +318,13 @@ class ModelRunner:
     ) -> StepResult:
         """The next token of each of `seqs`: the screen's greedy `tokens`, or drawn from their
         `logits` [S, V] after the structured-output mask. drafted: speculative bonus rows,
-        each after its sequence's accepted draft (appended to its output for penalties and
+        each after its sequence's accepted drafts (appended to its output for penalties and
         min_tokens; no grammar: such sequences are not drafted for)."""
         if not seqs:
             return StepResult({}, {})
         if tokens is not None:
             return StepResult({s.seq_id: int(t) for s, t in zip(seqs, tokens, strict=True)}, {})
-        extra = drafted or [None] * len(seqs)
+        extra = drafted or [()] * len(seqs)
         rows = [
             SamplingRow(
                 params=seq.params,
@@ -324,8 +332,7 @@ class ModelRunner:
                 prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens]
                 if seq.params.repetition_penalty != 1.0
                 else (),
-                output_token_ids=seq.token_ids[seq.num_prompt_tokens :]
-                + ([] if d is None else [d]),
+                output_token_ids=seq.token_ids[seq.num_prompt_tokens :] + list(d),
                 generator=self._generators.get(seq.seq_id),
                 eos_token_ids=() if seq.params.ignore_eos else self.eos_token_ids,
             )
@@ -353,20 +360,23 @@ class ModelRunner:
 
     def _execute_spec(self, scheduled, verify, input_ids, batch, sample_seqs) -> StepResult:
         """engine/speculative.py: the head over the first rows and the draft rows at once (one
-        read of it), the first rows sampled, drafts equal to their sample accepted and their
-        bonus rows sampled, rejected ones' states put back; then the next drafts."""
+        read of it), the first rows sampled, then each accepted draft's row in turn (a draft
+        is accepted when it equals the token sampled before it), the states of sequences with
+        a rejected draft put back to the one after their last accepted row; then the next
+        drafts."""
         spec, be, rows_of = self.spec, batch.backend, self.rows_of
         h = self.model.forward_hidden(input_ids, batch, self.caches)  # [T, H]
         x = self.model.final_norm(h, be)  # every row: the MTP head reads them all
-        order = list(verify)
         S = len(sample_seqs)
-        rows = batch.logits_indices.tolist() + [rows_of[i][-1] for i in order]
-        seqs = sample_seqs + [scheduled[i].seq for i in order]
-        ks = self._screen_ks(len(seqs), seqs, shifts=[0] * S + [1] * len(order))
+        extra = [(i, j) for i in verify for j in range(1, len(rows_of[i]))]  # draft j's row
+        rows = batch.logits_indices.tolist() + [rows_of[i][j] for i, j in extra]
+        seqs = sample_seqs + [scheduled[i].seq for i, _ in extra]
+        ks = self._screen_ks(len(seqs), seqs, shifts=[0] * S + [j for _, j in extra])
         tokens, logits = None, None
         if rows:
             idx = torch.tensor(rows, dtype=torch.long, device=x.device)
             tokens, logits = self._head(x.index_select(0, idx), ks)
+        at = {ij: S + n for n, ij in enumerate(extra)}
 
         def part(idx: list[int]):  # the head's output for some of the rows
             if tokens is not None:
@@ -374,29 +384,38 @@ class ModelRunner:
             return {"logits": None if logits is None else logits[idx]}
 
         result = self._sample(sample_seqs, **part(list(range(S))))
-        accepted, rejected = [], []
-        for k, i in enumerate(order):
-            y = result.sampled.get(scheduled[i].seq.seq_id)
-            (accepted if y == verify[i].draft else rejected).append((k, i))
-        if accepted:
-            bonus = self._sample([scheduled[i].seq for _, i in accepted],
-                                 **part([S + k for k, _ in accepted]),
-                                 drafted=[verify[i].draft for _, i in accepted])  # fmt: skip
-            result.bonus = bonus.sampled
-            # a bonus row whose sampling failed: the step keeps the first token only
-            rejected += [(k, i) for k, i in accepted if scheduled[i].seq.seq_id not in bonus.sampled]
-        for i in verify:
-            seq_id = scheduled[i].seq.seq_id
-            spec.outcome(seq_id, seq_id in result.bonus)
-        if rejected:  # the state after the first row, without the draft
-            pairs = [(verify[i].spare, scheduled[i].seq.state_slot) for _, i in rejected]
-            self.caches.copy_states(pairs)
+        bonus: dict[int, list[int]] = {}
+        alive = [i for i in verify
+                 if result.sampled.get(scheduled[i].seq.seq_id) == verify[i].drafts[0]]  # fmt: skip
+        j = 1
+        while alive:  # the rows after the j-th drafts of sequences that accepted d_1..d_j
+            got = self._sample([scheduled[i].seq for i in alive], **part([at[i, j] for i in alive]),
+                               drafted=[verify[i].drafts[:j] for i in alive])  # fmt: skip
+            nxt = []
+            for i in alive:  # (a row whose sampling failed: the tokens before it stand)
+                y = got.sampled.get(scheduled[i].seq.seq_id)
+                if y is None:
+                    continue
+                bonus.setdefault(i, []).append(y)
+                if j < len(verify[i].drafts) and y == verify[i].drafts[j]:
+                    nxt.append(i)
+            alive, j = nxt, j + 1
+        result.bonus = {scheduled[i].seq.seq_id: b for i, b in bonus.items()}
+        back = []  # (spare, slot): the state after the last accepted row
+        for i, v in verify.items():
+            a = len(bonus.get(i, ()))
+            spec.outcome(scheduled[i].seq.seq_id, len(v.drafts), a)
+            if a < len(v.drafts):
+                back.append((v.spares[a], scheduled[i].seq.state_slot))
+        if back:
+            self.caches.copy_states(back)
         self._draft(scheduled, verify, x, batch, result, rows_of)
         return result
 
     def _draft(self, scheduled, verify, x, batch, result: StepResult, rows_of) -> None:
         """Run the MTP head over every row of the step with the token that follows each row,
-        and keep a greedy draft for each sampled sequence from its last confirmed row."""
+        and keep a greedy draft for each sampled sequence from its last confirmed row (with
+        the head's output row there, which the next step's chain continues from)."""
         spec = self.spec
         many = len(result.sampled) > spec.max_verify_seqs  # the next step will verify none
         nxt = [0] * x.shape[0]
@@ -408,27 +427,68 @@ class ModelRunner:
             y = result.sampled.get(seq.seq_id)
             if len(known) < n:  # the last row's next token is the one sampled now
                 known.append(0 if y is None else y)
-            if i in verify:  # the draft row: followed by the bonus (garbage when rejected,
-                known.append(result.bonus.get(seq.seq_id, 0))  # overwritten before it is read)
+            a = len(rows_of[i]) - 1  # the last confirmed row
+            if i in verify:  # draft j's row: followed by bonus j (garbage after a rejection,
+                b = result.bonus.get(seq.seq_id, [])  # overwritten before it is read)
+                a = len(b)
+                known += b + [0] * (len(verify[i].drafts) - a)
             for r, t in zip(rows_of[i], known, strict=True):
                 nxt[r] = t
             if y is None or many or not eligible(seq.params) or not spec.wants_draft(seq.seq_id):
                 spec.forget(seq.seq_id)
                 continue
-            k = len(rows_of[i]) - 1 - (i in verify and seq.seq_id not in result.bonus)
-            draft_rows.append(rows_of[i][k])  # the last confirmed row, at position start + k
-            draft_seqs.append((seq.seq_id, start + k + 2))
+            draft_rows.append(rows_of[i][a])  # at position start + a
+            draft_seqs.append((seq.seq_id, start + a + 2))
         ids = torch.tensor(nxt, dtype=torch.long, device=x.device)
         m = self.model.forward_mtp(ids, x, batch, self.caches)  # [T, H]
         if not draft_rows:
             return
         m = m.index_select(0, torch.tensor(draft_rows, device=x.device))
-        if self.head_screen is not None:  # a draft needs no exact argmax: the int8 screen's
-            tokens = self.head_screen.draft_tokens(m)
-        else:
-            tokens = self.model.head_logits(m).argmax(dim=-1).tolist()
-        for (seq_id, pos), t in zip(draft_seqs, tokens, strict=True):
-            spec.drafts[seq_id] = (pos, int(t))
+        tokens = self._draft_tokens(m)
+        for j, ((seq_id, pos), t) in enumerate(zip(draft_seqs, tokens, strict=True)):
+            spec.drafts[seq_id] = Draft(pos, [int(t)], m[j] if spec.k > 1 else None)
+
+    def _draft_tokens(self, m: torch.Tensor) -> list[int]:
+        """The MTP head's output rows [N, H] -> greedy drafts. A draft needs no exact argmax:
+        the int8 screen's where there is one."""
+        if self.head_screen is not None:
+            return self.head_screen.draft_tokens(m)
+        return self.model.head_logits(m).argmax(dim=-1).tolist()
+
+    def _chain(self, scheduled, verify) -> None:
+        """Extend each verifying sequence's drafts to its `want` (engine/speculative.py): the
+        MTP head again on its own last output row and the last draft, one decode row per
+        sequence, at the position before that draft's (KV there is rewritten by the step's
+        own MTP pass). Not for sequences with images (their positions are 3-D)."""
+        spec, bs = self.spec, self.caches.block_size
+        todo = []
+        for i, v in verify.items():
+            seq = scheduled[i].seq
+            d = spec.drafts.get(seq.seq_id)
+            if len(v.drafts) < v.want and d is not None and d.hidden is not None and not seq.mm_items:
+                todo.append((scheduled[i], v, d))
+        while todo:
+            pos = [s.start + len(v.drafts) - 1 for s, v, _ in todo]
+            batch = ForwardBatch.build(
+                positions=pos,
+                cu_seqlens=range(len(todo) + 1),
+                context_lens=[p + 1 for p in pos],
+                slot_mapping=[s.seq.block_ids[p // bs] * bs + p % bs
+                              for (s, _, _), p in zip(todo, pos, strict=True)],  # fmt: skip
+                block_tables=[s.seq.block_ids for s, _, _ in todo],
+                state_slots=[s.seq.state_slot for s, _, _ in todo],
+                has_initial_state=[True] * len(todo),
+                logits_indices=range(len(todo)),
+                device=self.device,
+                backend=self.backend,
+                input_ids=[v.drafts[-1] for _, v, _ in todo],
+            )
+            hidden = torch.stack([d.hidden for _, _, d in todo])
+            m = self.model.forward_mtp(batch.input_ids, hidden, batch, self.caches)  # [N, H]
+            for (_, v, d), row, t in zip(todo, m, self._draft_tokens(m), strict=True):
+                v.drafts.append(int(t))
+                d.hidden = row
+            todo = [e for e in todo if len(e[1].drafts) < e[1].want]
 
     def _screen_ks(self, num_rows: int, seqs, shifts=None) -> list[int] | None:
         """Each row's k where every row of the step can take the int8 screen (screen_k);
@@ -460,11 +520,13 @@ class ModelRunner:
 
 
 def _with_drafts(scheduled, verify) -> list:
-    """The scheduled list as the batch runs it: verified sequences one token longer."""
+    """The scheduled list as the batch runs it: verified sequences longer by their drafts."""
     if not verify:
         return scheduled
     return [
-        dataclasses.replace(s, num_new_tokens=s.num_new_tokens + 1) if i in verify else s
+        dataclasses.replace(s, num_new_tokens=s.num_new_tokens + len(verify[i].drafts))
+        if i in verify
+        else s
         for i, s in enumerate(scheduled)
     ]
 

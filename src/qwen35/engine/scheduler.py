@@ -107,8 +107,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     num_batched_tokens: int = 0
-    # set by update(): sequences that also took their accepted draft's bonus token
-    bonus_applied: set[str] = field(default_factory=set)
+    # set by update(): seq_id -> how many of its bonus tokens (speculative decoding) it took
+    bonus_applied: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -275,14 +275,18 @@ class Scheduler:
         self,
         output: SchedulerOutput,
         sampled: dict[str, int],
-        bonus: dict[str, int] | None = None,
+        bonus: dict[str, list[int]] | None = None,
     ) -> list[Sequence]:
         """Apply a finished step: advance computed counts, append sampled tokens, register new
         full blocks and checkpoints, finish sequences that hit a stop condition (returned).
-        bonus: speculative decoding, seq_id -> the token after an accepted draft (the draft is
-        the sampled token, its KV already written): appended after the sampled one unless
-        that one finished the sequence (`output.bonus_applied` lists where it was)."""
+        bonus: speculative decoding, seq_id -> the tokens sampled after its accepted drafts
+        (the first draft is the sampled token, each later one the bonus token before it, their
+        KV already written): appended after the sampled one until one finishes the sequence
+        (`output.bonus_applied`: how many each took)."""
         bs, finished = self.config.block_size, []
+        for s in output.scheduled if bonus else ():  # (checked before anything changes)
+            if len(bonus.get(s.seq.seq_id, ())) > s.lookahead:
+                raise ValueError(f"{s.seq.seq_id}: more bonus tokens than draft positions")
         for s in output.scheduled:
             seq = s.seq
             ckpt_hashes = [seq.block_hashes[(s.start + n) // bs - 1] for n, _ in s.checkpoints]
@@ -307,15 +311,17 @@ class Scheduler:
                     self.running.remove(seq)
                     finished.append(seq)
                 elif bonus and seq.seq_id in bonus and s.lookahead:
-                    self._take_bonus(seq, bonus[seq.seq_id])
-                    output.bonus_applied.add(seq.seq_id)
-                    if self._check_stop(seq):
-                        self.running.remove(seq)
-                        finished.append(seq)
+                    for n, token in enumerate(bonus[seq.seq_id], 1):
+                        self._take_bonus(seq, token)
+                        output.bonus_applied[seq.seq_id] = n
+                        if self._check_stop(seq):
+                            self.running.remove(seq)
+                            finished.append(seq)
+                            break
         return finished
 
     def _take_bonus(self, seq: Sequence, token: int) -> None:
-        """The accepted draft (== the token just appended) was computed in the step: count it,
+        """An accepted draft (== the token last appended) was computed in the step: count it,
         register the block it may fill, and append the token sampled after it."""
         bs = self.config.block_size
         seq.num_computed_tokens += 1

@@ -1,38 +1,47 @@
-"""Speculative decoding with the checkpoint's MTP head: one draft token per decode step.
+"""Speculative decoding with the checkpoint's MTP head: up to k draft tokens per decode step.
 
-A step of a sequence whose last token x_n sits at position n and that holds a draft d for
-position n+1 also runs d (the scheduler gave it a KV block and budget for n+1:
-`ScheduledSeq.lookahead`). Its first row is sampled as in any step, giving y; the draft is
-accepted iff y == d, and then the second row's token is sampled too (the bonus). So every token
+A step of a sequence whose last token x_n sits at position n and that holds drafts d_1..d_m
+(m <= k) for positions n+1..n+m also runs them (the scheduler gave it KV blocks and budget for
+them: `ScheduledSeq.lookahead`). Its first row is sampled as in any step, giving y_0; d_1 is
+accepted iff y_0 == d_1, and then d_1's row is sampled too (y_1, a bonus token), d_2 accepted
+iff y_1 == d_2, and so on: the step gives y_0 and one bonus per accepted draft. So every token
 comes from the target model's own distribution, drawn in the same order from the same
 generator as without drafts (greedy and seeded requests give the same tokens as without
 speculation); a bad draft costs time only, never a different output.
 
-On a CPU a pure decode step runs the drafts as decode rows that the DeltaNet layers step after
-the others (`DecodeBatch.phases`), so each row's arithmetic is a decode step's (bf16 tokens equal
-bit for bit); elsewhere [x_n, d] is a 2-token chunk (equal up to the chunked rule's rounding
-against a single-token step). On a rejection the DeltaNet state must not contain d: the state
-after x_n is saved during the forward into a spare slot (a phase copy, or a `state_checkpoints`
-entry at offset 1) and copied back; the KV written for d is overwritten by the next step. On
-acceptance, d's KV and state are kept.
+On a CPU a pure decode step runs the drafts as decode rows that the DeltaNet layers step in
+phases after the others (`DecodeBatch.phases`: phase j holds the j-th drafts), so each row's
+arithmetic is a decode step's (bf16 tokens equal bit for bit); elsewhere [x_n, d_1..d_m] is an
+(m+1)-token chunk (equal up to the chunked rule's rounding against single-token steps). A
+rejection must leave the DeltaNet state after the last accepted row: the state after each of
+the rows x_n, d_1..d_{m-1} is saved during the forward into the sequence's spare slots (phase
+copies, or `state_checkpoints` entries at offsets 1..m), and the right one is copied back; the
+KV written for rejected drafts is overwritten by later steps. With every draft accepted the
+state is the slot's own.
 
 Drafts: after every step the MTP head (models/mtp.py) runs over all rows of the step with the
-tokens that follow them (the prompt's next token, the sampled token, the bonus) and writes its
-own KV; the last confirmed row of each sequence gives the next draft (greedy). Sequences with
-structured outputs or logprobs are not drafted for (they decode one token per step).
+tokens that follow them (the prompt's next token, the sampled token, the bonus tokens) and writes
+its own KV; the last confirmed row of each sequence gives the first draft (greedy). Further
+drafts chain (as vLLM's and SGLang's MTP drafters do with one MTP layer): at the start of the
+next step, once the scheduler has given the KV blocks, the head runs again on its own output row
+and the previous draft, one row per sequence and draft, writing its KV at the positions the
+step's own MTP pass then overwrites with the main model's hidden states. Sequences with
+structured outputs or logprobs are not drafted for (they decode one token per step); sequences
+with images draft one token per step (the chain has no 3-D positions).
 
-A verify step costs more than a decode step (two rows through every layer, the head for both,
-the draft's head read), so drafts that keep failing cost time: after MISSES_BEFORE_PAUSE
-rejections in a row a sequence decodes without drafts for 2, 4, ... up to MAX_PAUSE steps
-(one draft after each pause probes again; an accepted one ends the back-off). Steps with more
-than MAX_VERIFY_SEQS sampling sequences verify no drafts (a larger batch already shares the
-weight reads a draft would save). The MTP layer still runs over every row, so its KV stays
-complete for later drafts.
+A verify step costs more than a decode step (more rows through every layer, the head for all,
+the drafts' head reads), so drafts that keep failing cost time: after MISSES_BEFORE_PAUSE steps
+in a row whose first draft was rejected a sequence decodes without drafts for 2, 4, ... up to
+MAX_PAUSE steps (one draft after each pause probes again; an accepted one ends the back-off).
+Steps with more than MAX_VERIFY_SEQS sampling sequences verify no drafts (a larger batch already
+shares the weight reads a draft would save). The MTP layer still runs over every row, so its KV
+stays complete for later drafts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import islice
 
 MISSES_BEFORE_PAUSE = 2
 MAX_PAUSE = 64
@@ -48,22 +57,35 @@ MAX_VERIFY_SEQS = 2
 class SpecStats:
     drafts: int = 0  # drafts verified
     accepted: int = 0
+    verifies: int = 0  # (sequence, step) pairs that verified drafts
 
 
 @dataclass
 class Verify:
-    """One sequence of the step verifying a draft (keyed by its index in the scheduled list)."""
+    """One sequence of the step verifying drafts (keyed by its index in the scheduled list)."""
 
-    draft: int
-    spare: int  # state slot holding the state after the first token
+    drafts: list[int]  # d_1..d_m, for the positions after the sequence's last token
+    spares: list[int]  # spares[j]: the state slot holding the state after row j (0..m-1)
+    want: int = 0  # drafts the step has room for (the runner's chain extends drafts to it)
+
+
+@dataclass
+class Draft:
+    """A sequence's drafts between steps: tokens for positions pos, pos+1, ...; hidden: the
+    MTP head's output row that made the last of them (the chain's next input), or None."""
+
+    pos: int
+    tokens: list[int]
+    hidden: object = None
 
 
 @dataclass
 class SpecState:
     """The runner's drafts between steps and the spare state slots it verifies with."""
 
-    spare_slots: range  # one per sequence that can verify in one step
-    drafts: dict[str, tuple[int, int]] = field(default_factory=dict)  # seq_id -> (pos, token)
+    spare_slots: range  # k per sequence that can verify in one step
+    k: int = 1  # drafts per step at most (num_speculative_tokens)
+    drafts: dict[str, Draft] = field(default_factory=dict)  # seq_id -> its drafts
     stats: SpecStats = field(default_factory=SpecStats)
     # bench / tests: fn(seq, position) -> a draft token that replaces the MTP head's
     draft_override: object = None
@@ -73,7 +95,9 @@ class SpecState:
     paused: dict[str, int] = field(default_factory=dict)  # seq_id -> steps left without drafts
 
     def plan(self, scheduled) -> dict[int, Verify]:
-        """Which scheduled sequences verify a draft this step, with their spare slots."""
+        """Which scheduled sequences verify drafts this step, with their spare slots: each
+        gets min(k, its lookahead) spares; its drafts so far (the runner's chain adds the
+        rest, up to `want`)."""
         out: dict[int, Verify] = {}
         if sum(s.sample for s in scheduled) > self.max_verify_seqs:
             return out
@@ -81,20 +105,26 @@ class SpecState:
         for i, s in enumerate(scheduled):
             if not (s.lookahead and s.sample and s.num_new_tokens == 1):
                 continue
+            want = min(self.k, s.lookahead)
             pos = s.start + 1
             if self.draft_override is not None:
-                tok = self.draft_override(s.seq, pos)
+                toks = []
+                for p in range(pos, pos + want):
+                    t = self.draft_override(s.seq, p)
+                    if t is None:
+                        break
+                    toks.append(int(t))
             else:
                 d = self.drafts.get(s.seq.seq_id)
-                tok = d[1] if d is not None and d[0] == pos else None
-            if tok is None or not eligible(s.seq.params):
+                toks = list(d.tokens[:want]) if d is not None and d.pos == pos else []
+            if not toks or not eligible(s.seq.params):
                 continue
             # a prefix-cache checkpoint after the first token already saves that state
             ck = [slot for off, slot in s.checkpoints if off == 1]
-            spare = ck[0] if ck else next(spares, None)
-            if spare is None:
+            slots = ck[:1] + list(islice(spares, want - len(ck[:1])))
+            if len(slots) < want:
                 break
-            out[i] = Verify(int(tok), spare)
+            out[i] = Verify(toks, slots, want)
         return out
 
     def forget(self, seq_id: str) -> None:
@@ -106,10 +136,12 @@ class SpecState:
         self.misses.pop(seq_id, None)
         self.paused.pop(seq_id, None)
 
-    def outcome(self, seq_id: str, accepted: bool) -> None:
-        """Count a verified draft of the sequence (the back-off above)."""
-        self.stats.drafts += 1
+    def outcome(self, seq_id: str, drafted: int, accepted: int) -> None:
+        """Count a sequence's verified drafts (the back-off above: a step whose first draft
+        was rejected is a miss)."""
+        self.stats.drafts += drafted
         self.stats.accepted += accepted
+        self.stats.verifies += 1
         if accepted:
             self.misses.pop(seq_id, None)
             return

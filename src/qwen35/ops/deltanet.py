@@ -274,12 +274,12 @@ def copy_layer_states(conv_cache, rec_cache, pairs) -> None:
 def over_phases(d, conv_cache, rec_cache, step) -> list:
     """A phased decode batch (DecodeBatch.phases, speculative verify steps) through one
     DeltaNet layer: step(phase) for each phase in order, the layer's states copied
-    (d.phase_copies) after the first, before the draft rows step them; the results in order."""
+    (d.phase_copies[j]) after phase j, before the next drafts step them; the results in order."""
     out = []
     for k, p in enumerate(d.phases):
         out.append(step(p))
-        if k == 0:
-            copy_layer_states(conv_cache, rec_cache, d.phase_copies)
+        if k < len(d.phase_copies):
+            copy_layer_states(conv_cache, rec_cache, d.phase_copies[k])
     return out
 
 

@@ -20,7 +20,13 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-from qwen35.cache_spec import CacheSpec, cache_spec, dtype_bytes, kv_heads_per_rank
+from qwen35.cache_spec import (
+    MAX_SPECULATIVE_TOKENS,
+    CacheSpec,
+    cache_spec,
+    dtype_bytes,
+    kv_heads_per_rank,
+)
 from qwen35.catalog.gpus import GpuSpec
 from qwen35.config import ModelConfig
 from qwen35.errors import Qwen35Error
@@ -383,9 +389,10 @@ def check_speculative(
 ) -> None:
     """MTP drafts need the MTP head (loaded: not text-only) and one GPU per replica (the engine
     refuses them with tensor or expert parallelism)."""
-    if tokens not in (0, 1):
+    if tokens not in range(MAX_SPECULATIVE_TOKENS + 1):
         raise PlanError(
-            f"--num-speculative-tokens takes 0 or 1 (one MTP draft a step), got {tokens}"
+            f"--num-speculative-tokens takes 0 .. {MAX_SPECULATIVE_TOKENS} (MTP drafts a step), "
+            f"got {tokens}"
         )
     if not tokens:
         return

@@ -77,7 +77,11 @@ def render(rows, gpu, args, common) -> None:
         f"context {args.context:,}, batch {args.batch}, KV {args.kv_dtype}, state "
         f"{args.state_dtype}, prefill chunk {args.chunk:,}"
         + (", text-only (no vision tower, no MTP head)" if args.text_only else "")
-        + (", MTP drafts (1 token a step)" if args.num_speculative_tokens else "")
+        + (
+            f", MTP drafts ({args.num_speculative_tokens} a step)"
+            if args.num_speculative_tokens
+            else ""
+        )
     )
     if args.model:
         _model_detail(con, rows[0], args)
@@ -119,9 +123,12 @@ def _family_table(con: Console, rows, args) -> None:
             size_str(s.state_bytes_per_sequence),
         )
     con.print(t)
+    k = args.num_speculative_tokens
     mtp = (
-        " and the MTP head's layer (--num-speculative-tokens), state/seq twice over: a spare "
-        "per sequence" if args.num_speculative_tokens else " only"
+        f" and the MTP head's layer (--num-speculative-tokens), state/seq {1 + k} times over: "
+        f"{'a spare' if k == 1 else f'{k} spares'} per sequence"
+        if k
+        else " only"
     )
     con.print(
         f"KV/token: K+V of the full-attention layers{mtp} ({args.kv_dtype}); state/seq: Gated "
@@ -352,9 +359,8 @@ def _model_detail(con: Console, row, args) -> None:
     }
     spec = next(iter(deps.values())).caches
     mtp_kv = f" + {spec.mtp_layers} MTP" if spec.mtp_layers else ""
-    spare = f"{1 + spec.spare_states} states, one a spare for MTP drafts, x " * bool(
-        spec.spare_states
-    )
+    n = spec.spare_states
+    spare = f"{1 + n} states, {'one a spare' if n == 1 else f'{n} spares'} for MTP drafts, x " * bool(n)
     con.print(
         f"Caches per GPU (tp={tp}): KV {spec.kv_bytes_per_token:,} B/token ({args.kv_dtype}: "
         f"{spec.num_attention_layers}{mtp_kv} layers x {spec.attention.num_kv_heads} KV heads x "
