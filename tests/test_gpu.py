@@ -161,10 +161,12 @@ def test_bf16_close_to_fp32():
     assert ((a - b).abs().max() / a.abs().max()).item() < 5e-2
 
 
+@pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("moe", [False, True])
-def test_speculative_decoding_equals_plain_on_gpu(moe, tmp_path):
-    """MTP drafts on CUDA (verify steps as 2-token chunks, eager): fp32 greedy and seeded
-    tokens equal the plain engine's, with the MTP head's drafts and with oracle drafts."""
+def test_speculative_decoding_equals_plain_on_gpu(moe, k, tmp_path):
+    """MTP drafts on CUDA (verify steps as (k+1)-token chunks, eager; chained drafts): fp32
+    greedy and seeded tokens equal the plain engine's, with the MTP head's drafts and with
+    oracle drafts."""
     from test_speculative import oracle, outputs
 
     d = tmp_path / "m"
@@ -174,7 +176,7 @@ def test_speculative_decoding_equals_plain_on_gpu(moe, tmp_path):
         SamplingParams(max_tokens=16, temperature=0.8, seed=i, ignore_eos=True) for i in (2, 3)
     ]
     want = outputs(cuda(d, block_size=4).generate(ps, sps))
-    llm = cuda(d, block_size=4, num_speculative_tokens=1)
+    llm = cuda(d, block_size=4, num_speculative_tokens=k)
     llm.engine.runner.spec.backoff = False
     llm.engine.runner.spec.max_verify_seqs = 1 << 10  # batched verify steps too
     assert outputs(llm.generate(ps, sps)) == want

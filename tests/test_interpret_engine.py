@@ -279,12 +279,13 @@ def test_start_up_check_switches_off_kernels_that_do_not_build(
     assert ids(llm.generate(ps, sp)) == want
 
 
-@pytest.mark.parametrize("which", ["dense", "moe"])
-def test_speculative_verify_steps_on_the_gpu_backend(which, tmp_path, calls):
-    """Speculative decoding on the GPU backend's kernels: verify steps are 2-token chunks (fla's
-    chunked prefill with a state checkpoint after the first token, Triton prefill attention
-    over the cached prefix), the MTP layer on the same batch; greedy tokens equal the CPU
-    engine without drafts, with the MTP head's drafts and with always-right ones."""
+@pytest.mark.parametrize("which,k", [("dense", 1), ("moe", 1), ("dense", 3)])
+def test_speculative_verify_steps_on_the_gpu_backend(which, k, tmp_path, calls):
+    """Speculative decoding on the GPU backend's kernels: verify steps are (k+1)-token chunks
+    (fla's chunked prefill with state checkpoints after each token but the last, Triton prefill
+    attention over the cached prefix), the MTP layer on the same batch, chained drafts as
+    decode rows of the MTP layer; greedy tokens equal the CPU engine without drafts, with the
+    MTP head's drafts and with always-right ones."""
     from test_speculative import oracle
 
     save_checkpoint(tmp_path, moe=which == "moe", layout="vlm", mtp=True)
@@ -292,7 +293,7 @@ def test_speculative_verify_steps_on_the_gpu_backend(which, tmp_path, calls):
     sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     kw = dict(block_size=BS)
     want = ids(make(tmp_path, **kw).generate(ps, sp))
-    llm = _interpreted(tmp_path, calls.counted(_full()), num_speculative_tokens=1, **kw)
+    llm = _interpreted(tmp_path, calls.counted(_full()), num_speculative_tokens=k, **kw)
     spec = llm.engine.runner.spec
     spec.backoff, spec.max_verify_seqs = False, 8
     assert ids(llm.generate(ps, sp)) == want

@@ -325,8 +325,11 @@ def test_cpu_verify_steps_are_decode_rows_bf16_bitwise(ckpt, monkeypatch, quanti
     phased = []
     run = cpu_decode.DecodePlan.run
 
+    rows = []
+
     def spy(self, h, cos, sin, batch, caches):
         phased.append(len(batch.decode.phases or ()))
+        rows.append(batch.num_tokens)
         return run(self, h, cos, sin, batch, caches)
 
     monkeypatch.setattr(cpu_decode.DecodePlan, "run", spy)
@@ -340,7 +343,10 @@ def test_cpu_verify_steps_are_decode_rows_bf16_bitwise(ckpt, monkeypatch, quanti
         {tuple(p): p + w for p, w in zip(ps, want, strict=True)}, wrong=0.3
     )
     assert [o.outputs[0].token_ids for o in llm.generate(ps, sp)] == want
-    assert sum(map(bool, phased)) > 5 and max(phased) == k + 1
+    # the steps stay within the bf16 GEMV rows (4 sequences share them: fewer drafts each)
+    assert sum(map(bool, phased)) > 5 and max(phased) >= 2 and max(rows) <= 8
+    assert llm.generate(ps[:1], sp)[0].outputs[0].token_ids == want[0]  # alone: k drafts
+    assert max(phased) == k + 1
     assert llm.engine.runner.spec.stats.accepted > 10
 
 
@@ -456,3 +462,41 @@ def test_image_requests_with_drafts(tmp_path):
         5, 6, 7, 8, 9, 10, 11] + want[1]})  # fmt: skip
     assert [o.outputs[0].token_ids for o in llm.generate(prompts_, sp)] == want
     assert spec.stats.accepted > 8
+
+
+def test_plan_shares_rows_and_spares():
+    """SpecState.plan: k drafts where the step's rows allow, one more each in turn where
+    `max_rows` does not; a prefix checkpoint after the first token serves as the first spare;
+    too few spares end the planning; steps already past max_rows are not limited."""
+    from types import SimpleNamespace as NS
+
+    from qwen35.engine.speculative import Draft, SpecState
+
+    def sched(i, start=10, la=3, ck=()):
+        seq = NS(seq_id=f"s{i}", params=SamplingParams(temperature=0.0))
+        return NS(seq=seq, start=start, num_new_tokens=1, lookahead=la, sample=True,
+                  checkpoints=list(ck))  # fmt: skip
+
+    st = SpecState(range(100, 112), k=3, max_rows=8, max_verify_seqs=8)
+    steps = [sched(i) for i in range(3)]
+    st.draft_override = lambda seq, pos: pos  # a draft at every position
+    v = st.plan(steps)  # 3 rows + 5 drafts: 2, 2, 1
+    assert [len(v[i].drafts) for i in range(3)] == [2, 2, 1] and v[0].drafts == [11, 12]
+    assert [s for i in range(3) for s in v[i].spares] == list(range(100, 105))
+    v = st.plan(steps[:1])  # alone: k drafts
+    assert v[0].drafts == [11, 12, 13] and v[0].want == 3
+    steps[0].lookahead = 1  # near max_model_len
+    assert st.plan(steps[:1])[0].drafts == [11]
+    v = st.plan([sched(0, ck=[(1, 7)])])  # the checkpoint slot saves the first state
+    assert v[0].spares == [7, 100, 101]
+    st.max_rows = 2  # past the limit: no drafts; a step longer than it: not limited
+    assert st.plan(steps[:2]) == {}
+    assert len(st.plan([sched(0), NS(**{**vars(sched(1)), "num_new_tokens": 9,
+                                        "sample": False})])[0].drafts) == 3  # fmt: skip
+    st.max_rows, st.spare_slots = None, range(100, 104)
+    assert [len(x.drafts) for x in st.plan([sched(i) for i in range(2)]).values()] == [3]
+    st.draft_override = None  # the MTP head's draft: its first token, the chain adds the rest
+    st.drafts["s0"] = Draft(11, [5], hidden=None)
+    st.drafts["s1"] = Draft(12, [6])  # for another position: stale
+    v = st.plan([sched(0), sched(1)])
+    assert list(v) == [0] and v[0].drafts == [5] and v[0].want == 3

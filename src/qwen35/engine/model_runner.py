@@ -88,7 +88,7 @@ class ModelRunner:
         if spec_slots is not None:
             if not getattr(model, "has_mtp", False):
                 raise ValueError("speculative decoding needs a model loaded with its MTP head")
-            self.spec = SpecState(spec_slots, k=spec_tokens)
+            self.spec = SpecState(spec_slots, k=spec_tokens, max_rows=_verify_rows(model, device))
             decode_graphs = None  # the MTP head reads every row's hidden state: eager steps
         self.graphs: DecodeGraphs | None = None
         if decode_graphs is not None:
@@ -549,6 +549,15 @@ def screen_k(p, num_output: int) -> int | None:
     if is_greedy(p):
         return 1
     return p.top_k if 0 < p.top_k <= MAX_TOP_K else None
+
+
+def _verify_rows(model: torch.nn.Module, device) -> int | None:
+    """SpecState.max_rows: on a CPU the GEMV kernels' row limit in the compute dtype."""
+    if torch.device(device).type != "cpu":
+        return None
+    from qwen35.layers.linear import GEMV_MAX_ROWS
+
+    return GEMV_MAX_ROWS.get(getattr(model, "dtype", None) or _dtype_of(model), 16)
 
 
 def _dtype_of(model: torch.nn.Module) -> torch.dtype:

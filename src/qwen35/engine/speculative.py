@@ -91,19 +91,27 @@ class SpecState:
     draft_override: object = None
     backoff: bool = True  # pause drafting after rejections (tests switch it off)
     max_verify_seqs: int = MAX_VERIFY_SEQS  # (tests raise it: batched verify steps)
+    # rows a verify step of at most this many rows keeps to (None: any). On a CPU the largest
+    # step whose projections stay GEMVs (layers/linear.py GEMV_MAX_ROWS): each row's arithmetic
+    # is then the same at any row count, so greedy tokens equal those without drafts bit for
+    # bit, and a row costs little beside the weight read (a GEMM past it does not). Steps
+    # already longer (prefill chunks) draft without the limit.
+    max_rows: int | None = None
     misses: dict[str, int] = field(default_factory=dict)  # seq_id -> rejections in a row
     paused: dict[str, int] = field(default_factory=dict)  # seq_id -> steps left without drafts
 
     def plan(self, scheduled) -> dict[int, Verify]:
         """Which scheduled sequences verify drafts this step, with their spare slots: each
-        gets min(k, its lookahead) spares; its drafts so far (the runner's chain adds the
-        rest, up to `want`)."""
-        out: dict[int, Verify] = {}
+        gets min(k, its lookahead) draft positions, fewer where a step within `max_rows`
+        would pass it (shared out one draft at a time); its drafts so far (the runner's chain
+        adds the rest, up to `want`)."""
         if sum(s.sample for s in scheduled) > self.max_verify_seqs:
-            return out
-        spares = iter(self.spare_slots)
+            return {}
+        cands = []  # (index, its drafts so far, draft positions wanted)
         for i, s in enumerate(scheduled):
             if not (s.lookahead and s.sample and s.num_new_tokens == 1):
+                continue
+            if not eligible(s.seq.params):
                 continue
             want = min(self.k, s.lookahead)
             pos = s.start + 1
@@ -114,13 +122,26 @@ class SpecState:
                     if t is None:
                         break
                     toks.append(int(t))
+                want = len(toks)
             else:
                 d = self.drafts.get(s.seq.seq_id)
                 toks = list(d.tokens[:want]) if d is not None and d.pos == pos else []
-            if not toks or not eligible(s.seq.params):
-                continue
+            if toks:
+                cands.append((i, toks, want))
+        rows = sum(s.num_new_tokens for s in scheduled)
+        if self.max_rows is not None and rows <= self.max_rows:  # (a longer step is a GEMM
+            room = self.max_rows - rows  # anyway): one more draft each in turn while rows last
+            got = [0] * len(cands)
+            while room > 0 and any(g < w for g, (_, _, w) in zip(got, cands, strict=True)):
+                for n, (_, _, w) in enumerate(cands):
+                    if got[n] < w and room > 0:
+                        got[n], room = got[n] + 1, room - 1
+            cands = [(i, t[:g], g) for g, (i, t, _) in zip(got, cands, strict=True) if g]
+        out: dict[int, Verify] = {}
+        spares = iter(self.spare_slots)
+        for i, toks, want in cands:
             # a prefix-cache checkpoint after the first token already saves that state
-            ck = [slot for off, slot in s.checkpoints if off == 1]
+            ck = [slot for off, slot in scheduled[i].checkpoints if off == 1]
             slots = ck[:1] + list(islice(spares, want - len(ck[:1])))
             if len(slots) < want:
                 break
