@@ -3,9 +3,9 @@ found this project's batching, stop-string and multimodal bugs, kept as regressi
 
 - engine interleavings: requests arrive between steps and some are aborted mid-run, under
   prefix caching with random checkpoint intervals, KV pools small enough to preempt and
-  chunked prefill, half the engines with MTP drafts (speculative decoding), some on bf16-stored
-  weights; every finished request equals its run alone in a fresh engine without drafts (fp32,
-  the same weight storage) and the pools end empty;
+  chunked prefill, half the engines with 1-3 MTP drafts a step (speculative decoding), some
+  on bf16-stored weights; every finished request equals its run alone in a fresh engine
+  without drafts (fp32, the same weight storage) and the pools end empty;
 - stop rules: random stop strings cut from each prompt's own output, stop ids, min_tokens, n,
   special tokens kept or skipped; batched == alone (text, tokens, finish and stop reasons), no
   stop string inside the text after the first min_tokens tokens, max_tokens / min_tokens kept.
@@ -45,6 +45,7 @@ def test_random_interleavings_with_aborts_equal_each_request_alone(tmp_path, see
     save_checkpoint(tmp_path, moe=seed % 2 == 0, seed=seed, dtype=torch.float32, mtp=True)
     accepted = 0  # drafts accepted over the engines with drafts
     storage = random.Random(seed + 100)  # (its own stream: the workloads stay those of before)
+    ks = []
     for _ in range(8):
         bs = rng.choice([4, 8, 16])
         kw = dict(dtype="fp32", verbose=False, block_size=bs, max_model_len=160,
@@ -71,7 +72,9 @@ def test_random_interleavings_with_aborts_equal_each_request_alone(tmp_path, see
                                   ignore_eos=True, n=n)  # fmt: skip
 
         spec = rng.random() < 0.5  # MTP drafts (the reference below decodes without)
-        eng = LLM(str(tmp_path), **kw, num_speculative_tokens=int(spec)).engine
+        k = storage.choice([1, 2, 3]) if spec else 0  # (drafts a step: the same own stream)
+        eng = LLM(str(tmp_path), **kw, num_speculative_tokens=k).engine
+        ks.append(k)
         if spec:
             eng.runner.spec.backoff = False
             eng.runner.spec.max_verify_seqs = 1 << 10  # batched verify steps too
@@ -97,7 +100,7 @@ def test_random_interleavings_with_aborts_equal_each_request_alone(tmp_path, see
         fresh = LLM(str(tmp_path), **{**kw, "enable_prefix_caching": False})
         for rid, out in done.items():
             assert _outs(out) == _outs(fresh.generate([reqs[rid][0]], reqs[rid][1])[0]), (rid, kw)
-    assert accepted > 0
+    assert accepted > 0 and max(ks) > 1
 
 
 @pytest.mark.parametrize("seed", [1, 2])
