@@ -338,5 +338,13 @@ def test_spec_workload(tmp_path, tiny_cfg):
     assert all(set(b) == {"2", "4"} for b in s["batches"].values())
     assert all(_finite_positive(b["oracle 100%"]) for per in s["batches"].values()
                for b in per.values())  # fmt: skip
+    two = run_bench(BenchOptions(model=str(cfg), quick=True, draft_tokens=(2,)), ["spec"])
+    assert list(two["workloads"]["spec"]["engines"])[1:] == [f"k=2 {n}" for n in kinds]
+    from qwen35.commands.bench import _draft_tokens
+
+    assert _draft_tokens("1,2") == (1, 2) and _draft_tokens(None) is None
+    for bad in ("0", "6", "x", "1,,2"):
+        with pytest.raises(Qwen35Error, match="--draft-tokens takes"):
+            _draft_tokens(bad)
     with pytest.raises(Qwen35Error, match="no MTP head"):  # a config without one
         run_bench(BenchOptions(model=tiny_cfg, quick=True), ["spec"])

@@ -35,6 +35,7 @@ class BenchOptions:
     hf_batch_size: int = 8  # transformers' static batch size in the throughput workload
     rounds: int | None = None  # interleaved repetitions in the decode workload
     formats: tuple[str, ...] | None = None  # peers workload: weight formats (None: all)
+    draft_tokens: tuple[int, ...] | None = None  # spec workload: k of each drafting engine
     tensor_parallel_size: int = 1  # decode: our engine on this many ranks; tp: vs one process
     enable_expert_parallel: bool = False
     progress: Callable[[str], None] | None = field(default=None, repr=False)  # long phases

@@ -1,6 +1,6 @@
 """Speculative decoding with the MTP head against plain decoding: batch-1 decode tokens/s.
 
-Engines drafting DRAFT_TOKENS (1 and 3) tokens a step. Random weights give an MTP head whose
+Engines drafting DRAFT_TOKENS (1 and 3; `--draft-tokens`) tokens a step. Random weights give an MTP head whose
 drafts are almost never right, so this workload also drafts with an oracle at set acceptance
 rates: each round the plain engine decodes first, and the oracle drafts its token at each
 position with probability `acceptance`, a wrong one otherwise, each position on its own
@@ -52,7 +52,8 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
     P, N = sz["prompt_len"], sz["new_tokens"]
     kw = dict(max_num_seqs=max(BATCHES), max_model_len=P + N + 16, enable_prefix_caching=False)
     plain = make_engine(bm, **kw)
-    specs = {k: make_engine(bm, num_speculative_tokens=k, **kw) for k in DRAFT_TOKENS}
+    ks = opts.draft_tokens or DRAFT_TOKENS
+    specs = {k: make_engine(bm, num_speculative_tokens=k, **kw) for k in ks}
     rates = {f"oracle {a:.0%}": a for a in ACCEPTANCE}
     engine_of = {"plain": plain}
     rate_of: dict[str, float | None] = {}
@@ -117,7 +118,7 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
         "prompt_len": P,
         "new_tokens": N,
         "rounds": sz["rounds"],
-        "draft_tokens": list(DRAFT_TOKENS),
+        "draft_tokens": list(ks),
         "engines": rows,
         "batches": batches,
         "max_verify_seqs": MAX_VERIFY_SEQS,

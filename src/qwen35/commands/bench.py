@@ -80,6 +80,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="peers workload: our weight formats, comma-separated (default fp32,bf16,int8,int4,"
         "fp8; each with its llama.cpp twin)",
     )
+    p.add_argument(
+        "--draft-tokens",
+        default=None,
+        help="spec workload: drafts a step of each drafting engine, comma-separated (default 1,3)",
+    )
     p.add_argument("--json", action="store_true", help="print the JSON document, not tables")
     p.add_argument("--out", default=None, help="also write the JSON document to this file")
 
@@ -109,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         hf_batch_size=args.hf_batch_size,
         rounds=args.rounds,
         formats=tuple(args.formats.split(",")) if args.formats else None,
+        draft_tokens=_draft_tokens(args.draft_tokens),
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
         progress=say,
@@ -142,3 +148,19 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
     return 0
+
+
+def _draft_tokens(text: str | None) -> tuple[int, ...] | None:
+    from qwen35.cache_spec import MAX_SPECULATIVE_TOKENS
+
+    if not text:
+        return None
+    try:
+        ks = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        ks = ()
+    if not ks or any(not 1 <= k <= MAX_SPECULATIVE_TOKENS for k in ks):
+        raise Qwen35Error(
+            f"--draft-tokens takes numbers 1 .. {MAX_SPECULATIVE_TOKENS}, comma-separated, got {text!r}"
+        )
+    return ks
