@@ -325,21 +325,24 @@ def test_spec_workload(tmp_path, tiny_cfg):
     s = doc["workloads"]["spec"]
     rows = s["engines"]
     kinds = ["mtp", "oracle 100%", "oracle 80%", "oracle 60%"]
-    assert list(rows) == ["plain"] + [f"k={k} {n}" for k in (1, 3) for n in kinds]
+    fixed = ["fixed oracle 80%", "fixed oracle 60%"]
+    assert list(rows) == ["plain"] + [f"k=1 {n}" for n in kinds] + [
+        f"k=3 {n}" for n in kinds + fixed]
     assert all(r["tokens_equal_plain"] for r in rows.values())
     assert all(_finite_positive(r["decode_tokens_per_s"]) for r in rows.values())
     for k in (1, 3):
         right = rows[f"k={k} oracle 100%"]
         assert right["acceptance"] == 1.0 and rows[f"k={k} mtp"]["drafts"] > 0
-        # always-right drafts: k + 1 tokens a step, fewer only where the request ends
-        assert k + 0.5 < right["accept_length"] <= k + 1
+        # always-right drafts: k + 1 tokens a step at k = 1 (fewer only where the request ends);
+        # at k = 3 as many as the measured step times make worth it (tiny models: few)
+        assert (k + 0.5 if k == 1 else 1.5) < right["accept_length"] <= k + 1
     assert rows["plain"]["over_plain"] == 1.0 and rows["plain"]["acceptance"] is None
     assert set(s["batches"]) == {"k=1", "k=3"} and s["max_verify_seqs"] == 2
     assert all(set(b) == {"2", "4"} for b in s["batches"].values())
     assert all(_finite_positive(b["oracle 100%"]) for per in s["batches"].values()
                for b in per.values())  # fmt: skip
     two = run_bench(BenchOptions(model=str(cfg), quick=True, draft_tokens=(2,)), ["spec"])
-    assert list(two["workloads"]["spec"]["engines"])[1:] == [f"k=2 {n}" for n in kinds]
+    assert list(two["workloads"]["spec"]["engines"])[1:] == [f"k=2 {n}" for n in kinds + fixed]
     from qwen35.commands.bench import _draft_tokens
 
     assert _draft_tokens("1,2") == (1, 2) and _draft_tokens(None) is None

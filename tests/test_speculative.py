@@ -36,14 +36,17 @@ def moe_ckpt(tmp_path_factory):
     return d, hf
 
 
-def make(d, **kw) -> LLM:
+def make(d, adaptive: bool = False, **kw) -> LLM:
     """An LLM; with drafts, every batch size verifies them (engine/speculative.py
-    MAX_VERIFY_SEQS keeps larger batches from drafting; test_batches_over_the_limit_do_not_draft)."""
+    MAX_VERIFY_SEQS keeps larger batches from drafting; test_batches_over_the_limit_do_not_draft)
+    and every step takes all the drafts it has room for unless `adaptive` (which decides by
+    measured step times: test_adaptive_draft_lengths)."""
     kw.setdefault("dtype", "fp32")
     kw.setdefault("verbose", False)
     llm = LLM(str(d), **kw)
     if llm.engine.runner.spec is not None:
         llm.engine.runner.spec.max_verify_seqs = 1 << 10
+        llm.engine.runner.spec.adaptive = adaptive
     return llm
 
 
@@ -207,9 +210,9 @@ def test_refusals(ckpt, tmp_path):
 
 
 # ---- the same outputs with drafts as without ------------------------------------------------
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k,adaptive", [(1, False), (3, False), (3, True)])
 @pytest.mark.parametrize("which", ["dense", "moe"])
-def test_greedy_and_seeded_sampling_equal_without_drafts(which, ckpt, moe_ckpt, k):
+def test_greedy_and_seeded_sampling_equal_without_drafts(which, ckpt, moe_ckpt, k, adaptive):
     d, _ = ckpt if which == "dense" else moe_ckpt
     ps = prompts(6, seed=1)
     sps = [SamplingParams(max_tokens=18, temperature=0.0, ignore_eos=True)] * 2 + [
@@ -220,7 +223,7 @@ def test_greedy_and_seeded_sampling_equal_without_drafts(which, ckpt, moe_ckpt, 
     ]  # fmt: skip
     kw = dict(block_size=4, max_num_batched_tokens=32)
     want = outputs(make(d, **kw).generate(ps, sps))
-    llm = make(d, num_speculative_tokens=k, **kw)
+    llm = make(d, num_speculative_tokens=k, adaptive=adaptive, **kw)
     llm.engine.runner.spec.backoff = False
     assert outputs(llm.generate(ps, sps)) == want  # the MTP head's drafts
     reference = {tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)}
@@ -230,7 +233,7 @@ def test_greedy_and_seeded_sampling_equal_without_drafts(which, ckpt, moe_ckpt, 
         before = (st.accepted, st.verifies)
         assert outputs(llm.generate(ps, sps)) == want
         assert st.accepted - before[0] > 20
-        if k > 1 and wrong == 0:  # several drafts accepted per step
+        if k > 1 and wrong == 0 and not adaptive:  # several drafts accepted per step
             assert st.accepted - before[0] > 1.5 * (st.verifies - before[1])
         llm.engine.scheduler.check_integrity()
     st = llm.engine.get_stats()
@@ -477,7 +480,7 @@ def test_plan_shares_rows_and_spares():
         return NS(seq=seq, start=start, num_new_tokens=1, lookahead=la, sample=True,
                   checkpoints=list(ck))  # fmt: skip
 
-    st = SpecState(range(100, 112), k=3, max_rows=8, max_verify_seqs=8)
+    st = SpecState(range(100, 112), k=3, max_rows=8, max_verify_seqs=8, adaptive=False)
     steps = [sched(i) for i in range(3)]
     st.draft_override = lambda seq, pos: pos  # a draft at every position
     v = st.plan(steps)  # 3 rows + 5 drafts: 2, 2, 1
@@ -500,3 +503,52 @@ def test_plan_shares_rows_and_spares():
     st.drafts["s1"] = Draft(12, [6])  # for another position: stale
     v = st.plan([sched(0), sched(1)])
     assert list(v) == [0] and v[0].drafts == [5] and v[0].want == 3
+
+
+def test_adaptive_draft_lengths():
+    """k > 1: drafts 2..k only while they raise the step's expected tokens per second, from the
+    measured seconds of steps by rows (StepCost: measured, interpolated, or extrapolated by
+    ROW_COST_PRIOR) and each sequence's decayed acceptance; the first draft always."""
+    from types import SimpleNamespace as NS
+
+    from qwen35.engine.speculative import ROW_COST_PRIOR, SpecState, StepCost
+
+    c = StepCost()
+    assert c(3) == pytest.approx(1 + 2 * ROW_COST_PRIOR)  # nothing measured: the prior
+    c.record(2, 2.0)
+    c.record(2, 3.0)  # a moving average
+    assert 2.0 < c(2) < 3.0
+    c.record(6, 4.0)
+    assert c(4) == pytest.approx(c(2) + (4.0 - c(2)) / 2)  # between two: on the line
+    assert c(8) == pytest.approx(4.0 * (1 + 8 * ROW_COST_PRIOR) / (1 + 6 * ROW_COST_PRIOR))
+
+    def sched(i):
+        seq = NS(seq_id=f"s{i}", params=SamplingParams(temperature=0.0))
+        return NS(seq=seq, start=10, num_new_tokens=1, lookahead=4, sample=True, checkpoints=[])
+
+    def lengths(st, n=1):
+        return [len(v.drafts) for v in st.plan([sched(i) for i in range(n)]).values()]
+
+    st = SpecState(range(100, 120), k=4, max_verify_seqs=8)
+    st.draft_override = lambda seq, pos: pos
+    for r in range(1, 10):  # rows cost nothing more: every draft
+        st.record(r, 1.0)
+    assert lengths(st) == [4]
+    for r in range(1, 10):  # a row costs a whole step: the first draft only
+        st.cost.secs[r] = float(r)
+    assert lengths(st) == [1]
+    for r in range(1, 10):  # a row costs 0.3 of a step: depends on the acceptance
+        st.cost.secs[r] = 1 + 0.3 * (r - 1)
+    assert lengths(st) == [2]  # 0.7 (the prior): the third draft adds 0.34 tokens for 0.3
+    for _ in range(20):
+        st.outcome("s0", 4, 4)  # always right
+    assert st.acceptance("s0") > 0.95 and lengths(st) == [4]
+    for _ in range(50):
+        st.outcome("s0", 2, 0)  # always wrong: tried one (the first), none after
+    assert st.acceptance("s0") < 0.15 and lengths(st) == [1]
+    st.accept.clear()  # two sequences: the likelier sequence's drafts first
+    for _ in range(20):
+        st.outcome("s1", 4, 4)
+    assert lengths(st, 2) == [1, 4]
+    st.remove("s1")
+    assert "s1" not in st.accept

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -261,6 +262,7 @@ class ModelRunner:
             raise  # the PyTorch path; this step's sequences fail (half a step may be written)
 
     def _execute(self, scheduled) -> StepResult:
+        t0 = time.perf_counter()
         for s in scheduled:
             if s.restore_from is not None:
                 self.copy_state(s.restore_from, s.seq.state_slot)
@@ -285,7 +287,10 @@ class ModelRunner:
         if mm:  # images: encoder outputs and 3-D positions
             self.vision.apply(_with_drafts(scheduled, verify), batch)
         if self.spec is not None:
-            return self._execute_spec(scheduled, verify, input_ids, batch, sample_seqs)
+            result = self._execute_spec(scheduled, verify, input_ids, batch, sample_seqs)
+            if not batch.prefill and batch.mm_rows is None:  # a pure decode step: its time by
+                self.spec.record(batch.num_tokens, time.perf_counter() - t0)  # rows (drafts)
+            return result
         ks = self._screen_ks(len(batch.logits_indices), sample_seqs)
         if ks is not None:  # every row keeps only its k largest logits (models/head_screen.py)
             h = self.model.forward_hidden(input_ids, batch, self.caches)

@@ -29,6 +29,15 @@ step's own MTP pass then overwrites with the main model's hidden states. Sequenc
 structured outputs or logprobs are not drafted for (they decode one token per step); sequences
 with images draft one token per step (the chain has no 3-D positions).
 
+How many drafts (k > 1): a draft is worth its row where the tokens it is expected to add outweigh
+what the row adds to the step's time, and both differ by model and machine (measured on a
+2-core CPU: a 4B model's third and fourth verify rows cost about 0.45 of a decode step each, a
+0.8B's about 0.1). So the runner times its pure decode steps by row count (`StepCost`) and each
+sequence's per-draft acceptance is tracked (decayed counts, `acceptance`); a step then gives a
+sequence its first draft and each further one while the expected tokens per second of the step
+rise (`adaptive`; off: always min(k, lookahead)). Unmeasured row counts are estimated from the
+nearest measured ones (ROW_COST_PRIOR per row), which tries them once their estimate wins.
+
 A verify step costs more than a decode step (more rows through every layer, the head for all,
 the drafts' head reads), so drafts that keep failing cost time: after MISSES_BEFORE_PAUSE steps
 in a row whose first draft was rejected a sequence decodes without drafts for 2, 4, ... up to
@@ -44,6 +53,10 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 MISSES_BEFORE_PAUSE = 2
+ACCEPT_PRIOR = (1.4, 2.0)  # (accepted, tried) before any verify: 0.7 a draft
+ACCEPT_DECAY = 0.9  # per verify step, on a sequence's counts
+ROW_COST_PRIOR = 0.15  # an unmeasured step: per row, this fraction of a 1-row step more
+STEP_COST_WEIGHT = 0.2  # of a new measurement in a row count's moving average
 MAX_PAUSE = 64
 # Steps that decode more sequences than this draft for none of them: a verify row costs a
 # decode row's compute, which batches already share the weight reads for. Measured with
@@ -58,6 +71,31 @@ class SpecStats:
     drafts: int = 0  # drafts verified
     accepted: int = 0
     verifies: int = 0  # (sequence, step) pairs that verified drafts
+
+
+@dataclass
+class StepCost:
+    """Seconds of pure decode steps by their rows (moving averages), and estimates for row
+    counts not measured yet: between two measured ones, on the line between them; beyond them,
+    the nearest one scaled by ROW_COST_PRIOR per row."""
+
+    secs: dict[int, float] = field(default_factory=dict)
+
+    def record(self, rows: int, secs: float) -> None:
+        old = self.secs.get(rows)
+        self.secs[rows] = secs if old is None else old + STEP_COST_WEIGHT * (secs - old)
+
+    def __call__(self, rows: int) -> float:
+        if rows in self.secs:
+            return self.secs[rows]
+        lo = max((r for r in self.secs if r < rows), default=None)
+        hi = min((r for r in self.secs if r > rows), default=None)
+        if lo is not None and hi is not None:
+            return self.secs[lo] + (self.secs[hi] - self.secs[lo]) * (rows - lo) / (hi - lo)
+        near = lo if lo is not None else hi
+        if near is None:
+            return 1.0 + ROW_COST_PRIOR * (rows - 1)
+        return self.secs[near] * (1 + ROW_COST_PRIOR * rows) / (1 + ROW_COST_PRIOR * near)
 
 
 @dataclass
@@ -97,6 +135,9 @@ class SpecState:
     # bit, and a row costs little beside the weight read (a GEMM past it does not). Steps
     # already longer (prefill chunks) draft without the limit.
     max_rows: int | None = None
+    adaptive: bool = True  # drafts 2..k only while they pay (above; tests switch it off)
+    cost: StepCost = field(default_factory=StepCost)
+    accept: dict[str, list[float]] = field(default_factory=dict)  # seq_id -> [accepted, tried]
     misses: dict[str, int] = field(default_factory=dict)  # seq_id -> rejections in a row
     paused: dict[str, int] = field(default_factory=dict)  # seq_id -> steps left without drafts
 
@@ -128,6 +169,8 @@ class SpecState:
                 toks = list(d.tokens[:want]) if d is not None and d.pos == pos else []
             if toks:
                 cands.append((i, toks, want))
+        if self.adaptive and self.k > 1 and cands:
+            cands = self._lengths(scheduled, cands)
         rows = sum(s.num_new_tokens for s in scheduled)
         if self.max_rows is not None and rows <= self.max_rows:  # (a longer step is a GEMM
             room = self.max_rows - rows  # anyway): one more draft each in turn while rows last
@@ -148,12 +191,41 @@ class SpecState:
             out[i] = Verify(toks, slots, want)
         return out
 
+    def acceptance(self, seq_id: str) -> float:
+        """The sequence's chance that a draft is accepted once those before it were."""
+        a, t = self.accept.get(seq_id, (0.0, 0.0))
+        return (a + ACCEPT_PRIOR[0]) / (t + ACCEPT_PRIOR[1])
+
+    def _lengths(self, scheduled, cands) -> list:
+        """Draft positions per candidate: one each, then one more at a time to the candidate
+        whose next draft is likeliest accepted, while that raises the step's expected tokens
+        per second (StepCost)."""
+        rows = sum(s.num_new_tokens for s in scheduled) + len(cands)
+        p = [self.acceptance(scheduled[i].seq.seq_id) for i, _, _ in cands]
+        got = [1] * len(cands)
+        tokens = sum(s.sample for s in scheduled) + sum(p)  # expected this step
+        while True:
+            n = max((n for n in range(len(cands)) if got[n] < cands[n][2]),
+                    key=lambda n: p[n] ** (got[n] + 1), default=None)  # fmt: skip
+            if n is None:
+                break
+            gain = p[n] ** (got[n] + 1)
+            if (tokens + gain) * self.cost(rows) <= tokens * self.cost(rows + 1):
+                break
+            got[n], tokens, rows = got[n] + 1, tokens + gain, rows + 1
+        return [(i, t[:g], g) for g, (i, t, _) in zip(got, cands, strict=True)]
+
+    def record(self, rows: int, secs: float) -> None:
+        """A pure decode step of `rows` rows took `secs` (StepCost)."""
+        self.cost.record(rows, secs)
+
     def forget(self, seq_id: str) -> None:
         """The sequence has no draft now (finished, not drafted for, paused)."""
         self.drafts.pop(seq_id, None)
 
     def remove(self, seq_id: str) -> None:
         self.forget(seq_id)
+        self.accept.pop(seq_id, None)
         self.misses.pop(seq_id, None)
         self.paused.pop(seq_id, None)
 
@@ -163,6 +235,9 @@ class SpecState:
         self.stats.drafts += drafted
         self.stats.accepted += accepted
         self.stats.verifies += 1
+        a, t = self.accept.get(seq_id, (0.0, 0.0))  # tried: the accepted ones and the first
+        tried = accepted + (accepted < drafted)  # rejected one (those after it were not)
+        self.accept[seq_id] = [ACCEPT_DECAY * a + accepted, ACCEPT_DECAY * t + tried]
         if accepted:
             self.misses.pop(seq_id, None)
             return
