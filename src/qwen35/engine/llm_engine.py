@@ -470,6 +470,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduled step. A sequence whose step fails (the model forward, its sampling or
         its detokenizing raised) ends its request with `error` set; the others go on."""
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         try:
             result = self.runner.execute(out.scheduled)
@@ -525,6 +526,8 @@ class LLMEngine:
                 f"the model step failed {self._failed_steps} times in a row (last: "
                 f"{next(iter(errors.values()), None)!r}); the engine cannot go on"
             )
+        if result.decode_rows:  # speculative decoding: the whole step's time by its rows
+            self.runner.spec.record(result.decode_rows, time.perf_counter() - t0)
         return outputs
 
     def _process_token(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +50,9 @@ class StepResult:
     # speculative decoding: seq_id -> the tokens sampled after its accepted drafts (the first
     # draft == its sampled token, each later one == the bonus token before it)
     bonus: dict[str, list[int]] = field(default_factory=dict)
+    # speculative decoding: the rows of a pure decode step (drafts included), which the engine
+    # times as a whole step for SpecState.record; None for other steps
+    decode_rows: int | None = None
 
 
 class ModelRunner:
@@ -262,7 +264,6 @@ class ModelRunner:
             raise  # the PyTorch path; this step's sequences fail (half a step may be written)
 
     def _execute(self, scheduled) -> StepResult:
-        t0 = time.perf_counter()
         for s in scheduled:
             if s.restore_from is not None:
                 self.copy_state(s.restore_from, s.seq.state_slot)
@@ -288,8 +289,8 @@ class ModelRunner:
             self.vision.apply(_with_drafts(scheduled, verify), batch)
         if self.spec is not None:
             result = self._execute_spec(scheduled, verify, input_ids, batch, sample_seqs)
-            if not batch.prefill and batch.mm_rows is None:  # a pure decode step: its time by
-                self.spec.record(batch.num_tokens, time.perf_counter() - t0)  # rows (drafts)
+            if not batch.prefill and batch.mm_rows is None:  # a pure decode step
+                result.decode_rows = batch.num_tokens
             return result
         ks = self._screen_ks(len(batch.logits_indices), sample_seqs)
         if ks is not None:  # every row keeps only its k largest logits (models/head_screen.py)

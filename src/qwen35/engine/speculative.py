@@ -32,10 +32,11 @@ with images draft one token per step (the chain has no 3-D positions).
 How many drafts (k > 1): a draft is worth its row where the tokens it is expected to add outweigh
 what the row adds to the step's time, and both differ by model and machine (measured on a
 2-core CPU: a 4B model's third and fourth verify rows cost about 0.45 of a decode step each, a
-0.8B's about 0.1). So the runner times its pure decode steps by row count (`StepCost`) and each
+0.8B's about 0.1). So the engine times its pure decode steps by row count, whole (scheduling,
+forward, sampling, drafting and detokenizing: what a token waits for; `StepCost`), and each
 sequence's per-draft acceptance is tracked (decayed counts, `acceptance`); a step then gives a
-sequence its first draft and each further one while the expected tokens per second of the step
-rise (`adaptive`; off: always min(k, lookahead)). Unmeasured row counts are estimated from the
+sequence its first draft and as many further ones as give the step the most expected tokens per
+second (`adaptive`; off: always min(k, lookahead)). Unmeasured row counts are estimated from the
 nearest measured ones (ROW_COST_PRIOR per row), which tries them once their estimate wins.
 
 A verify step costs more than a decode step (more rows through every layer, the head for all,
@@ -197,26 +198,32 @@ class SpecState:
         return (a + ACCEPT_PRIOR[0]) / (t + ACCEPT_PRIOR[1])
 
     def _lengths(self, scheduled, cands) -> list:
-        """Draft positions per candidate: one each, then one more at a time to the candidate
-        whose next draft is likeliest accepted, while that raises the step's expected tokens
-        per second (StepCost)."""
+        """Draft positions per candidate: one each, then more one at a time, each to the
+        candidate whose next draft is likeliest accepted; of these allotments the one with the
+        most expected tokens per second of step (StepCost; measured costs need not rise
+        evenly with rows, so not the first that stops improving)."""
         rows = sum(s.num_new_tokens for s in scheduled) + len(cands)
         p = [self.acceptance(scheduled[i].seq.seq_id) for i, _, _ in cands]
         got = [1] * len(cands)
         tokens = sum(s.sample for s in scheduled) + sum(p)  # expected this step
+        best, best_rate, order = 0, tokens / self.cost(rows), []
         while True:
             n = max((n for n in range(len(cands)) if got[n] < cands[n][2]),
                     key=lambda n: p[n] ** (got[n] + 1), default=None)  # fmt: skip
             if n is None:
                 break
-            gain = p[n] ** (got[n] + 1)
-            if (tokens + gain) * self.cost(rows) <= tokens * self.cost(rows + 1):
-                break
-            got[n], tokens, rows = got[n] + 1, tokens + gain, rows + 1
+            tokens += p[n] ** (got[n] + 1)
+            got[n], rows = got[n] + 1, rows + 1
+            order.append(n)
+            if tokens / self.cost(rows) > best_rate:
+                best, best_rate = len(order), tokens / self.cost(rows)
+        got = [1] * len(cands)
+        for n in order[:best]:
+            got[n] += 1
         return [(i, t[:g], g) for g, (i, t, _) in zip(got, cands, strict=True)]
 
     def record(self, rows: int, secs: float) -> None:
-        """A pure decode step of `rows` rows took `secs` (StepCost)."""
+        """A pure decode step of `rows` rows took `secs`, whole (StepCost)."""
         self.cost.record(rows, secs)
 
     def forget(self, seq_id: str) -> None:
