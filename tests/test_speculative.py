@@ -189,6 +189,12 @@ def test_mtp_is_loaded_and_counted(ckpt, k):
     plain = make(d).engine.plan
     assert plan.kv_bytes_per_token == plain.kv_bytes_per_token * 2  # (one attention layer)
     assert "spare state slots" in plan.describe()
+    assert llm.engine.runner.spec.adaptive is False  # (make() sets it: the engine's default
+    assert not LLM(str(d), dtype="fp32", verbose=False,  # below, then the option)
+                   num_speculative_tokens=k).engine.runner.spec.adaptive  # fmt: skip
+    adaptive = LLM(str(d), dtype="fp32", verbose=False, num_speculative_tokens=k,
+                   speculative_adaptive=True)  # fmt: skip
+    assert adaptive.engine.runner.spec.adaptive is True
     # the allocated tensors are what the plan (the planner's cache_spec) charged for them
     kv = sum(t.nbytes for t in caches.key + caches.value)
     assert kv == plan.num_blocks * plan.block_size * plan.kv_bytes_per_token
@@ -529,7 +535,7 @@ def test_adaptive_draft_lengths():
     def lengths(st, n=1):
         return [len(v.drafts) for v in st.plan([sched(i) for i in range(n)]).values()]
 
-    st = SpecState(range(100, 120), k=4, max_verify_seqs=8)
+    st = SpecState(range(100, 120), k=4, max_verify_seqs=8, adaptive=True)
     st.draft_override = lambda seq, pos: pos
     for r in range(1, 10):  # rows cost nothing more: every draft
         st.record(r, 1.0)

@@ -1,8 +1,8 @@
 """Speculative decoding with the MTP head against plain decoding: batch-1 decode tokens/s.
 
-Engines drafting DRAFT_TOKENS (1 and 3; `--draft-tokens`) tokens a step, as they come (their
-draft lengths adapted to measured step times and acceptance), and for k > 1 also with every
-step taking all k drafts ("fixed" rows, at the oracle rates below 100%). Random weights give an MTP head whose
+Engines drafting DRAFT_TOKENS (1 and 3; `--draft-tokens`) tokens a step, and for k > 1 also
+with `--speculative-adaptive` ("adaptive" rows, at the oracle rates below 100%: draft lengths
+chosen from measured step times and acceptance). Random weights give an MTP head whose
 drafts are almost never right, so this workload also drafts with an oracle at set acceptance
 rates: each round the plain engine decodes first, and the oracle drafts its token at each
 position with probability `acceptance`, a wrong one otherwise, each position on its own
@@ -59,13 +59,13 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
     rates = {f"oracle {a:.0%}": a for a in ACCEPTANCE}
     engine_of = {"plain": plain}
     rate_of: dict[str, float | None] = {}
-    fixed: set[str] = set()  # rows that take all k drafts every step (SpecState.adaptive off)
+    adaptive: set[str] = set()  # rows with --speculative-adaptive (SpecState.adaptive)
     for k, eng in specs.items():
-        for r in ("mtp", *rates, *(f"fixed {r}" for r in rates if k > 1 and rates[r] < 1)):
+        for r in ("mtp", *rates, *(f"adaptive {r}" for r in rates if k > 1 and rates[r] < 1)):
             name = f"k={k} {r}"
-            engine_of[name], rate_of[name] = eng, rates.get(r.removeprefix("fixed "))
-            if r.startswith("fixed"):
-                fixed.add(name)
+            engine_of[name], rate_of[name] = eng, rates.get(r.removeprefix("adaptive "))
+            if r.startswith("adaptive"):
+                adaptive.add(name)
     names = list(engine_of)
     rng = random.Random(opts.seed)
     vocab = bm.config.vocab_size
@@ -83,7 +83,7 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
             eng = engine_of[name]
             if eng is not plain:
                 rs = eng.runner.spec
-                rs.draft_override, rs.adaptive = None, name not in fixed
+                rs.draft_override, rs.adaptive = None, name in adaptive
                 if rate_of[name] is not None:
                     rs.draft_override = _oracle(prompt + reference, rate_of[name], opts.seed + r)
                 before = (rs.stats.drafts, rs.stats.accepted, rs.stats.verifies)
@@ -101,7 +101,7 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
         for k, eng in specs.items()
     }
     for eng in specs.values():
-        eng.runner.spec.draft_override, eng.runner.spec.adaptive = None, True
+        eng.runner.spec.draft_override, eng.runner.spec.adaptive = None, False
     rows = {}
     for name in names:
         tps = toks[name] / secs[name] if secs[name] else float("nan")

@@ -86,6 +86,12 @@ class SchedulingConfig:
         "drafts are accepted)",
         choices=list(range(MAX_SPECULATIVE_TOKENS + 1)),
     )
+    speculative_adaptive: bool = _opt(
+        False,
+        "speculative decoding, k > 1: draft only as many of the k tokens a step as measured step "
+        "times and acceptance make worth it (experimental: not reliably faster than k drafts "
+        "every step on a noisy machine)",
+    )
 
 
 @dataclass(frozen=True)

@@ -289,6 +289,7 @@ class LLMEngine:
                 spec_slots=range(first_spare, first_spare + self.plan.num_spare_slots)
                 if self.plan.num_spare_slots else None,
                 spec_tokens=sc.num_speculative_tokens,
+                spec_adaptive=sc.speculative_adaptive,
             )  # fmt: skip
         else:
             from qwen35.parallel import setup as tp_setup

@@ -68,6 +68,7 @@ class ModelRunner:
         head_screen=None,  # models/head_screen.py HeadScreen: greedy / top-k rows skip the head
         spec_slots: range | None = None,  # speculative decoding (MTP drafts): spare state slots
         spec_tokens: int = 1,  # drafts per step at most
+        spec_adaptive: bool = False,  # fewer where they do not pay (SpecState.adaptive)
     ):
         self.model = model
         self.caches = caches
@@ -91,7 +92,8 @@ class ModelRunner:
         if spec_slots is not None:
             if not getattr(model, "has_mtp", False):
                 raise ValueError("speculative decoding needs a model loaded with its MTP head")
-            self.spec = SpecState(spec_slots, k=spec_tokens, max_rows=_verify_rows(model, device))
+            self.spec = SpecState(spec_slots, k=spec_tokens, adaptive=spec_adaptive,
+                                  max_rows=_verify_rows(model, device))  # fmt: skip
             decode_graphs = None  # the MTP head reads every row's hidden state: eager steps
         self.graphs: DecodeGraphs | None = None
         if decode_graphs is not None:

@@ -36,7 +36,9 @@ what the row adds to the step's time, and both differ by model and machine (meas
 forward, sampling, drafting and detokenizing: what a token waits for; `StepCost`), and each
 sequence's per-draft acceptance is tracked (decayed counts, `acceptance`); a step then gives a
 sequence its first draft and as many further ones as give the step the most expected tokens per
-second (`adaptive`; off: always min(k, lookahead)). Unmeasured row counts are estimated from the
+second (`adaptive`, `--speculative-adaptive`; off, the default: always min(k, lookahead)).
+Measured, it is not reliably faster than k drafts every step: the step timings of a shared
+machine are too noisy for the choice (README, speculative decoding). Unmeasured row counts are estimated from the
 nearest measured ones (ROW_COST_PRIOR per row), which tries them once their estimate wins.
 
 A verify step costs more than a decode step (more rows through every layer, the head for all,
@@ -136,7 +138,7 @@ class SpecState:
     # bit, and a row costs little beside the weight read (a GEMM past it does not). Steps
     # already longer (prefill chunks) draft without the limit.
     max_rows: int | None = None
-    adaptive: bool = True  # drafts 2..k only while they pay (above; tests switch it off)
+    adaptive: bool = False  # drafts 2..k only where they pay (above; --speculative-adaptive)
     cost: StepCost = field(default_factory=StepCost)
     accept: dict[str, list[float]] = field(default_factory=dict)  # seq_id -> [accepted, tried]
     misses: dict[str, int] = field(default_factory=dict)  # seq_id -> rejections in a row
