@@ -29,17 +29,17 @@ step's own MTP pass then overwrites with the main model's hidden states. Sequenc
 structured outputs or logprobs are not drafted for (they decode one token per step); sequences
 with images draft one token per step (the chain has no 3-D positions).
 
-How many drafts (k > 1): a draft is worth its row where the tokens it is expected to add outweigh
-what the row adds to the step's time, and both differ by model and machine (measured on a
-2-core CPU: a 4B model's third and fourth verify rows cost about 0.45 of a decode step each, a
-0.8B's about 0.1). So the engine times its pure decode steps by row count, whole (scheduling,
-forward, sampling, drafting and detokenizing: what a token waits for; `StepCost`), and each
-sequence's per-draft acceptance is tracked (decayed counts, `acceptance`); a step then gives a
-sequence its first draft and as many further ones as give the step the most expected tokens per
-second (`adaptive`, `--speculative-adaptive`; off, the default: always min(k, lookahead)).
-Measured, it is not reliably faster than k drafts every step: the step timings of a shared
-machine are too noisy for the choice (README, speculative decoding). Unmeasured row counts are estimated from the
-nearest measured ones (ROW_COST_PRIOR per row), which tries them once their estimate wins.
+How many drafts (k > 1): by default min(k, lookahead) every step. A draft is worth its row
+where the tokens it is expected to add outweigh what the row adds to the step's time, and both
+differ by model and machine (measured on a 2-core CPU: a 4B model's third and fourth verify rows
+cost about 0.45 of a decode step each, a 0.8B's about 0.1). With `adaptive`
+(`--speculative-adaptive`, experimental) the engine times its pure decode steps by row count,
+whole (scheduling, forward, sampling, drafting and detokenizing; `StepCost`; unmeasured row
+counts estimated from the nearest measured ones, ROW_COST_PRIOR per row), each sequence's
+per-draft acceptance is tracked (decayed counts, `acceptance`), and a step gives a sequence its
+first draft and as many further ones as give the step the most expected tokens per second.
+Measured, that is not reliably faster than k drafts every step: a shared machine's step timings
+are too noisy for the choice (README, speculative decoding).
 
 A verify step costs more than a decode step (more rows through every layer, the head for all,
 the drafts' head reads), so drafts that keep failing cost time: after MISSES_BEFORE_PAUSE steps
