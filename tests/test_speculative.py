@@ -134,7 +134,7 @@ def test_engine_drafts_equal_the_reference_mtp_head(ckpt, accept):
     drafts = []
     while eng.has_unfinished_requests():
         eng.step()
-        drafts += [(v.pos, v.tokens[0]) for k, v in spec.drafts.items() if k.startswith("r")]
+        drafts += [(v.pos, v.token) for k, v in spec.drafts.items() if k.startswith("r")]
     full = p + plain
     ref = _reference_mtp_logits(d, hf, full).argmax(-1).tolist()
     assert len(set(drafts)) >= 8
@@ -232,6 +232,7 @@ def test_greedy_and_seeded_sampling_equal_without_drafts(which, ckpt, moe_ckpt, 
     llm = make(d, num_speculative_tokens=k, adaptive=adaptive, **kw)
     llm.engine.runner.spec.backoff = False
     assert outputs(llm.generate(ps, sps)) == want  # the MTP head's drafts
+    assert bool(llm.engine.runner.spec.cost.secs) == adaptive  # (only then steps are timed)
     reference = {tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)}
     st = llm.engine.runner.spec.stats
     for wrong in (0.0, 0.3):
@@ -505,8 +506,8 @@ def test_plan_shares_rows_and_spares():
     st.max_rows, st.spare_slots = None, range(100, 104)
     assert [len(x.drafts) for x in st.plan([sched(i) for i in range(2)]).values()] == [3]
     st.draft_override = None  # the MTP head's draft: its first token, the chain adds the rest
-    st.drafts["s0"] = Draft(11, [5], hidden=None)
-    st.drafts["s1"] = Draft(12, [6])  # for another position: stale
+    st.drafts["s0"] = Draft(11, 5, hidden=None)
+    st.drafts["s1"] = Draft(12, 6)  # for another position: stale
     v = st.plan([sched(0), sched(1)])
     assert list(v) == [0] and v[0].drafts == [5] and v[0].want == 3
 
@@ -538,7 +539,7 @@ def test_adaptive_draft_lengths():
     st = SpecState(range(100, 120), k=4, max_verify_seqs=8, adaptive=True)
     st.draft_override = lambda seq, pos: pos
     for r in range(1, 10):  # rows cost nothing more: every draft
-        st.record(r, 1.0)
+        st.cost.record(r, 1.0)
     assert lengths(st) == [4]
     for r in range(1, 10):  # a row costs a whole step: the first draft only
         st.cost.secs[r] = float(r)

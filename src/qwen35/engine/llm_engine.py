@@ -528,7 +528,7 @@ class LLMEngine:
                 f"{next(iter(errors.values()), None)!r}); the engine cannot go on"
             )
         if result.decode_rows:  # speculative decoding: the whole step's time by its rows
-            self.runner.spec.record(result.decode_rows, time.perf_counter() - t0)
+            self.runner.spec.cost.record(result.decode_rows, time.perf_counter() - t0)
         return outputs
 
     def _process_token(

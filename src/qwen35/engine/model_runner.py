@@ -50,8 +50,8 @@ class StepResult:
     # speculative decoding: seq_id -> the tokens sampled after its accepted drafts (the first
     # draft == its sampled token, each later one == the bonus token before it)
     bonus: dict[str, list[int]] = field(default_factory=dict)
-    # speculative decoding: the rows of a pure decode step (drafts included), which the engine
-    # times as a whole step for SpecState.record; None for other steps
+    # speculative decoding with SpecState.adaptive: the rows of a pure decode step (drafts
+    # included), which the engine times as a whole step into SpecState.cost; None otherwise
     decode_rows: int | None = None
 
 
@@ -291,8 +291,8 @@ class ModelRunner:
             self.vision.apply(_with_drafts(scheduled, verify), batch)
         if self.spec is not None:
             result = self._execute_spec(scheduled, verify, input_ids, batch, sample_seqs)
-            if not batch.prefill and batch.mm_rows is None:  # a pure decode step
-                result.decode_rows = batch.num_tokens
+            if self.spec.adaptive and not batch.prefill and batch.mm_rows is None:
+                result.decode_rows = batch.num_tokens  # a pure decode step: the engine times it
             return result
         ks = self._screen_ks(len(batch.logits_indices), sample_seqs)
         if ks is not None:  # every row keeps only its k largest logits (models/head_screen.py)
@@ -454,7 +454,7 @@ class ModelRunner:
         m = m.index_select(0, torch.tensor(draft_rows, device=x.device))
         tokens = self._draft_tokens(m)
         for j, ((seq_id, pos), t) in enumerate(zip(draft_seqs, tokens, strict=True)):
-            spec.drafts[seq_id] = Draft(pos, [int(t)], m[j] if spec.k > 1 else None)
+            spec.drafts[seq_id] = Draft(pos, int(t), m[j] if spec.k > 1 else None)
 
     def _draft_tokens(self, m: torch.Tensor) -> list[int]:
         """The MTP head's output rows [N, H] -> greedy drafts. A draft needs no exact argmax:

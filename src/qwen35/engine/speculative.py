@@ -112,11 +112,11 @@ class Verify:
 
 @dataclass
 class Draft:
-    """A sequence's drafts between steps: tokens for positions pos, pos+1, ...; hidden: the
-    MTP head's output row that made the last of them (the chain's next input), or None."""
+    """A sequence's first draft between steps: its token for position pos; hidden: the MTP
+    head's output row that made it (the next step's chain continues from it), or None."""
 
     pos: int
-    tokens: list[int]
+    token: int
     hidden: object = None
 
 
@@ -139,7 +139,7 @@ class SpecState:
     # already longer (prefill chunks) draft without the limit.
     max_rows: int | None = None
     adaptive: bool = False  # drafts 2..k only where they pay (above; --speculative-adaptive)
-    cost: StepCost = field(default_factory=StepCost)
+    cost: StepCost = field(default_factory=StepCost)  # (adaptive: the engine records steps)
     accept: dict[str, list[float]] = field(default_factory=dict)  # seq_id -> [accepted, tried]
     misses: dict[str, int] = field(default_factory=dict)  # seq_id -> rejections in a row
     paused: dict[str, int] = field(default_factory=dict)  # seq_id -> steps left without drafts
@@ -169,7 +169,7 @@ class SpecState:
                 want = len(toks)
             else:
                 d = self.drafts.get(s.seq.seq_id)
-                toks = list(d.tokens[:want]) if d is not None and d.pos == pos else []
+                toks = [d.token] if d is not None and d.pos == pos else []
             if toks:
                 cands.append((i, toks, want))
         if self.adaptive and self.k > 1 and cands:
@@ -223,10 +223,6 @@ class SpecState:
         for n in order[:best]:
             got[n] += 1
         return [(i, t[:g], g) for g, (i, t, _) in zip(got, cands, strict=True)]
-
-    def record(self, rows: int, secs: float) -> None:
-        """A pure decode step of `rows` rows took `secs`, whole (StepCost)."""
-        self.cost.record(rows, secs)
 
     def forget(self, seq_id: str) -> None:
         """The sequence has no draft now (finished, not drafted for, paused)."""
