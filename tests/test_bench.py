@@ -109,6 +109,28 @@ def test_cpu_description_names_family_and_model():
     assert cpu_description("model name\t: Some CPU\n") == "Some CPU"
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_peers_formats_compute_as_dtype_auto(native_bf16, monkeypatch):
+    """Each format runs as `--dtype auto` would here: on a CPU without native bf16 (Zen 3) the
+    bf16 / int8 / int4 / fp8 weights are read by fp32 compute (bf16 compute there is torch's
+    single-threaded fallback GEMM: a 2,048-token prefill took minutes); fp32 is fp32 everywhere;
+    an explicit --dtype is kept."""
+    from qwen35 import devices
+    from qwen35.benchmarks.common import BenchOptions
+    from qwen35.benchmarks.peers import format_options
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native_bf16)
+    auto = BenchOptions(dtype="auto", device="cpu")
+    c = "bf16" if native_bf16 else "fp32"
+    assert format_options("fp32", auto) == ("fp32", None)
+    assert format_options("bf16", auto) == (c, None if native_bf16 else "bf16")
+    for fmt in ("int8", "int4", "fp8"):
+        assert format_options(fmt, auto) == (c, fmt)
+    explicit = BenchOptions(dtype="bf16", device="cpu")
+    assert format_options("bf16", explicit) == ("bf16", None)
+    assert format_options("int8", explicit) == ("bf16", "int8")
+
+
 def test_peers_decode_order_pairs_twins():
     """Each of our formats decodes next to its llama.cpp twin, the pair's order alternating."""
     names = ["qwen35 fp32", "qwen35 bf16", "qwen35 fp8", "llama.cpp f32", "llama.cpp bf16"]

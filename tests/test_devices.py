@@ -26,6 +26,26 @@ def test_cpu_default_follows_flags(monkeypatch, flags, expected):
     assert devices.resolve_dtype("fp32", "cpu") == "fp32"  # explicit choices are kept
 
 
+@pytest.mark.parametrize(
+    "flags, dtype, device, warns",
+    [
+        ({"avx2", "fma"}, "bf16", "cpu", True),  # Zen 3: bf16 GEMMs emulated
+        ({"avx2", "fma"}, "auto", "cpu", False),  # auto computes in fp32 there
+        ({"avx2", "fma"}, "fp32", "cpu", False),
+        ({"avx2", "fma"}, "bf16", "cuda", False),
+        ({"avx512f", "avx512_bf16"}, "bf16", "cpu", False),
+    ],
+)
+def test_explicit_bf16_on_a_cpu_without_native_bf16_is_advised_against(
+    monkeypatch, flags, dtype, device, warns
+):
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset(flags))
+    advice = devices.dtype_advice(dtype, device)
+    assert (advice is not None) == warns
+    if warns:
+        assert "--dtype auto" in advice and "native bf16" in advice
+
+
 def test_gpu_default_is_bf16(monkeypatch):
     monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset())
     assert devices.default_dtype("cuda") == "bf16"

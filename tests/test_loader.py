@@ -491,3 +491,18 @@ def test_engine_with_random_weights_and_no_seed(tmp_path):
     b = LLMEngine(str(tmp_path), load_format="random", dtype="fp32", seed=0, verbose=False)
     for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_engine_advises_against_bf16_on_a_cpu_without_native_bf16(tmp_path, monkeypatch, caplog):
+    """An explicit --dtype bf16 where bf16 GEMMs are emulated (AVX2-only CPUs) is logged with what
+    to use instead; `auto` there computes in fp32 and says nothing."""
+    from qwen35 import devices
+    from qwen35.engine.llm_engine import LLMEngine
+
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
+    for dtype, said in (("bf16", True), ("fp32", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="qwen35"):
+            LLMEngine(str(tmp_path), load_format="random", dtype=dtype, max_model_len=64).shutdown()
+        assert ("--dtype auto" in caplog.text) == said, caplog.text

@@ -54,6 +54,19 @@ def default_dtype(device: str) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+def dtype_advice(dtype: str, device: str) -> str | None:
+    """A warning for an explicit `--dtype bf16` on a CPU without native bf16 arithmetic, where
+    torch's bf16 GEMMs are emulated (README "Dtype": prefill several times slower than `auto`,
+    which computes in fp32 on the same bf16 weights); None otherwise."""
+    if dtype != "bf16" or not str(device).startswith("cpu") or cpu_has_native_bf16():
+        return None
+    return (
+        "--dtype bf16 on a CPU without native bf16 arithmetic (no AVX512-BF16 / AMX): torch's "
+        "bf16 matmuls are emulated here and prefill runs several times slower than with "
+        "--dtype auto, which computes in fp32 on the same bf16 weights (same memory)"
+    )
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
     return default_dtype(device) if dtype == "auto" else dtype
 

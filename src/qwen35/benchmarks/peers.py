@@ -43,15 +43,29 @@ def sizes(opts: BenchOptions) -> dict:
     return {**sz, "prefill": tuple(opts.contexts or sz["prefill"])}
 
 
+def format_options(fmt: str, opts: BenchOptions) -> tuple[str, str | None]:
+    """(compute dtype, weight quantization) of our weight format `fmt`: fp32 is fp32 throughout;
+    the others compute in what `--dtype` gives here (auto: bf16 on CPUs with native bf16, fp32
+    on the others, e.g. AMD Zen 3, where torch's bf16 GEMMs are a slow single-threaded
+    fallback) on weights stored as `fmt` (bf16 storage with fp32 compute is `quantization bf16`)."""
+    from qwen35.devices import resolve_dtype
+
+    if fmt == "fp32":
+        return "fp32", None
+    compute = resolve_dtype(opts.dtype, opts.device)
+    if fmt == "bf16":
+        return compute, "bf16" if compute == "fp32" else None
+    return compute, fmt
+
+
 def _load_ours(bm: BenchModel, opts: BenchOptions, fmt: str):
     from qwen35.benchmarks.common import load_bench_model
+    from qwen35.loader import parse_dtype
 
-    same = {"fp32": "torch.float32", "bf16": "torch.bfloat16"}.get(fmt)
-    if same == str(bm.dtype):
+    dtype, quantization = format_options(fmt, opts)
+    if parse_dtype(dtype) == bm.dtype and quantization == bm.quantization:
         return bm
-    dtype = "fp32" if fmt == "fp32" else "bf16"
-    other = dataclasses.replace(opts, dtype=dtype)
-    return load_bench_model(other, quantization=None if fmt in ("fp32", "bf16") else fmt)
+    return load_bench_model(dataclasses.replace(opts, dtype=dtype), quantization=quantization)
 
 
 class _Ours:
@@ -93,7 +107,7 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
     big = max(sz["prefill"])
     max_len = big + max(sz["new"], sz["long_new"]) + 16
     engines: dict[str, object] = {}
-    weight_bytes = {}
+    weight_bytes, labels = {}, {}
     formats = opts.formats or OURS
     bad = [f for f in formats if f not in OURS]
     if bad or "bf16" not in formats:
@@ -106,6 +120,7 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
         engines[f"qwen35 {fmt}"] = ours = _Ours(m, max_len)
         head = ours.engine.head_screen  # the int8 screen of lm_head (models/head_screen.py)
         weight_bytes[f"qwen35 {fmt}"] = m.weight_bytes + (head.nbytes if head else 0)
+        labels[f"qwen35 {fmt}"] = m.label
     llama = gguf.available()
     if llama is None:
         opts.say("peers: converting the weights to GGUF with llama.cpp's converter")
@@ -150,6 +165,7 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
         d = median(decode[name])
         rows[name] = {
             "weight_bytes": weight_bytes[name],
+            "weights": labels.get(name, name.removeprefix("llama.cpp ")),  # compute+storage
             "decode_tokens_per_s": 1 / d,
             "decode_tokens_per_s_per_round": per_round[name],
             "prefill_tokens_per_s": {str(p): p / median(v) for p, v in prefill[name].items()},

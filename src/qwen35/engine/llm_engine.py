@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from qwen35.chat_format import ChatTemplate, check_text_only, default_thinking_for
-from qwen35.devices import resolve_dtype
+from qwen35.devices import dtype_advice, resolve_dtype
 from qwen35.engine.cache_sizing import CachePlan, plan_caches
 from qwen35.engine.config import EngineConfig
 from qwen35.engine.forward_batch import allocate_caches
@@ -149,6 +149,8 @@ class LLMEngine:
             config = _auto_storage(config, str(model))
         self.engine_config = ec = config
         dtype = resolve_dtype(ec.load.dtype, ec.device.device)  # auto: see devices.py
+        if verbose and (advice := dtype_advice(ec.load.dtype, ec.device.device)):
+            log.warning(advice)
         tp_size = ec.parallel.tensor_parallel_size
         threads = ec.device.threads
         self._threads_before = torch.get_num_threads()
