@@ -22,6 +22,7 @@ from qwen35.benchmarks.common import (
     ratio,
     timed_request,
 )
+from qwen35.devices import resolve_dtype
 
 OURS = ("fp32", "bf16", "int8", "int4", "fp8")
 PAIRS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
@@ -48,8 +49,6 @@ def format_options(fmt: str, opts: BenchOptions) -> tuple[str, str | None]:
     the others compute in what `--dtype` gives here (auto: bf16 on CPUs with native bf16, fp32
     on the others, e.g. AMD Zen 3, where torch's bf16 GEMMs are a slow single-threaded
     fallback) on weights stored as `fmt` (bf16 storage with fp32 compute is `quantization bf16`)."""
-    from qwen35.devices import resolve_dtype
-
     if fmt == "fp32":
         return "fp32", None
     compute = resolve_dtype(opts.dtype, opts.device)
@@ -107,7 +106,7 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
     big = max(sz["prefill"])
     max_len = big + max(sz["new"], sz["long_new"]) + 16
     engines: dict[str, object] = {}
-    weight_bytes, labels = {}, {}
+    weight_bytes = {}
     formats = opts.formats or OURS
     bad = [f for f in formats if f not in OURS]
     if bad or "bf16" not in formats:
@@ -120,7 +119,6 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
         engines[f"qwen35 {fmt}"] = ours = _Ours(m, max_len)
         head = ours.engine.head_screen  # the int8 screen of lm_head (models/head_screen.py)
         weight_bytes[f"qwen35 {fmt}"] = m.weight_bytes + (head.nbytes if head else 0)
-        labels[f"qwen35 {fmt}"] = m.label
     llama = gguf.available()
     if llama is None:
         opts.say("peers: converting the weights to GGUF with llama.cpp's converter")
@@ -161,11 +159,11 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
                     decode_long[name] += steps
                     long_round[name].append(1 / median(steps))
     rows = {}
-    for name in engines:
+    for name, eng in engines.items():
         d = median(decode[name])
         rows[name] = {
             "weight_bytes": weight_bytes[name],
-            "weights": labels.get(name, name.removeprefix("llama.cpp ")),  # compute+storage
+            "weights": eng.bm.label if isinstance(eng, _Ours) else name.removeprefix("llama.cpp "),
             "decode_tokens_per_s": 1 / d,
             "decode_tokens_per_s_per_round": per_round[name],
             "prefill_tokens_per_s": {str(p): p / median(v) for p, v in prefill[name].items()},

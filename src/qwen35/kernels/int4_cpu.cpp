@@ -213,7 +213,8 @@ void block1_avx2(const Block& b, const float* XF, const float* SX, const ST* SZ,
       _mm_prefetch(reinterpret_cast<const char*>(p + PF * 32), _MM_HINT_T0);
       const __m256 xv = _mm256_broadcast_ss(XF + k);
       for (int q = 0; q < 4; ++q) {
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q)));
+        const __m256i v =
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q)));
         acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m15)), xv, acc[q]);
         acc[4 + q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), xv, acc[4 + q]);
       }
@@ -236,7 +237,6 @@ void block_avx2(const Block& b, const float* XF, const float* SX, const ST* SZ, 
     half_avx2<MR>(b, 0, XF, SX, SZ, out);
     half_avx2<MR>(b, 1, XF, SX, SZ, out);
   }
-  half_avx2<MR>(b, 1, XF, SX, SZ, out);
 }
 
 void check_packed(const torch::Tensor& packed, const torch::Tensor& sz, int64_t group, int64_t N,
