@@ -115,10 +115,60 @@ def test_bad_input_is_refused(mod):
     bad[0, 0] = kc.shape[0]
     with pytest.raises(RuntimeError, match="outside the cache"):
         mod.paged_decode_attention(q, kc, vc, bad, torch.tensor([20], dtype=torch.int32), 1.0)
-    with pytest.raises(RuntimeError, match="share the model dtype"):
+    with pytest.raises(RuntimeError, match="caches of the model dtype, or bf16 / fp16"):
         mod.paged_decode_attention(
             q.bfloat16(), kc, vc, tables, torch.tensor([20], dtype=torch.int32), 1.0
         )
+    with pytest.raises(RuntimeError, match="K and V caches must share a dtype"):
+        mod.paged_decode_attention(
+            q, kc, vc.bfloat16(), tables, torch.tensor([20], dtype=torch.int32), 1.0
+        )
+
+
+@pytest.mark.parametrize("avx2_only", [False, True])
+@pytest.mark.parametrize("kv", [torch.bfloat16, torch.float16])
+def test_fp32_model_over_half_precision_caches(mod, kv, avx2_only):
+    """--kv-cache-dtype bf16 / fp16 under an fp32 model: the fp32 query against the caches is
+    bitwise the kernel on the same caches widened to fp32 (the loads are exact), so it agrees
+    with the gather + SDPA path and the naive reference, chunked (split-K) lengths included,
+    and batched == alone; pairs it does not take are refused."""
+    lens, nh, nkv, hd, bs = [2500, 1, 37, 1025], 8, 2, 256, 16
+    kc, vc, tables, kvs = _cache(lens, nkv, hd, bs, kv, seed=7)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(len(lens), nh, hd, generator=g)
+    gate = torch.randn(len(lens), nh, hd, generator=g)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    scale = hd**-0.5
+    out = mod.paged_decode_attention(q, kc, vc, tables, ctx, scale, gate, avx2_only)
+    assert out.dtype == torch.float32
+    wide = mod.paged_decode_attention(q, kc.float(), vc.float(), tables, ctx, scale, gate,
+                                      avx2_only)  # fmt: skip
+    assert torch.equal(out, wide)
+    ref = decode_attention(q, kc, vc, tables, ctx.long(), max(lens), scale)
+    torch.testing.assert_close(out, ref.mul(torch.sigmoid(gate)), atol=1e-5, rtol=1e-5)
+    plain = mod.paged_decode_attention(q, kc, vc, tables, ctx, scale, None, avx2_only)
+    for i, (k, v) in enumerate(kvs):
+        naive = naive_attention(q[i : i + 1], k.float(), v.float(), scale)[0]
+        torch.testing.assert_close(plain[i], naive, atol=1e-5, rtol=1e-5)
+        one = mod.paged_decode_attention(
+            q[i : i + 1], kc, vc, tables[i : i + 1], ctx[i : i + 1], scale, gate[i : i + 1],
+            avx2_only,
+        )
+        assert torch.equal(one[0], out[i])
+    # the fp32 pair's path: AVX512 with hd % 16 == 0 on AVX512 CPUs
+    flags = cpu_flags()
+    avx512 = all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+    assert mod.fast_path(torch.float32, hd, avx2_only, kv) == (avx512 and not avx2_only)
+    assert mod.fast_path(torch.float32, hd, avx2_only, kv) == mod.fast_path(
+        torch.float32, hd, avx2_only
+    )
+    assert not mod.fast_path(torch.bfloat16, hd, False, torch.float16)
+    assert attention.takes(torch.float32, kv) and attention.takes(kv, kv)
+    assert not attention.takes(torch.bfloat16, torch.float16)
+    assert not attention.takes(torch.float16, torch.bfloat16)
+    other = torch.float16 if kv == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(RuntimeError, match="got a .* cache under a"):
+        mod.paged_decode_attention(q.to(other), kc, vc, tables, ctx, scale)
 
 
 def test_dispatch_takes_the_kernel_and_switches_off(mod, monkeypatch):
@@ -150,19 +200,27 @@ def test_dispatch_takes_the_kernel_and_switches_off(mod, monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_layer_entry_equals_op_by_op(mod, dtype):
+@pytest.mark.parametrize(
+    "dtype,kv",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),  # --kv-cache-dtype bf16 under an fp32 model
+        (torch.float32, torch.float16),
+    ],
+)
+def test_fused_layer_entry_equals_op_by_op(mod, dtype, kv):
     """attention_decode_gated is bitwise the op-by-op CPU path of layers/full_attention.py:
     small_ops' q / k RMSNorms and rotary, write_kv, then this kernel with the output gate; the
     projections are column slices of one packed output (strided rows); the caches get the same
-    new K / V."""
+    new K / V (rounded to a bf16 / fp16 cache's dtype as write_kv's tensor copy rounds)."""
     from qwen35.kernels import small_ops
     from qwen35.layers.rotary import RotaryEmbedding
     from qwen35.ops.attention import write_kv
 
     so = native_or_skip(small_ops.SMALL_OPS, "the small-op kernels")
     lens, nh, nkv, hd, bs, rd = [150, 1, 37], 4, 2, 64, 16, 32
-    kc, vc, tables, _ = _cache(lens, nkv, hd, bs, dtype)
+    kc, vc, tables, _ = _cache(lens, nkv, hd, bs, kv)
     g = torch.Generator().manual_seed(5)
     N = len(lens)
     packed = torch.randn(N, nh * 2 * hd + 2 * nkv * hd, generator=g).to(dtype)

@@ -54,6 +54,17 @@ def run(d, **kw) -> tuple[list[list[int]], list[torch.Tensor], dict]:
     """Greedy tokens of two passes (the second hits the prefix cache), every step's logits."""
     llm = LLM(str(d), dtype="fp32", verbose=False, block_size=8, max_num_batched_tokens=32,
               num_kv_blocks=20, max_model_len=80, **kw)  # fmt: skip
+    try:
+        toks, logits = generate_with_logits(llm, [workload(), workload()[-2:]], GREEDY)
+        return toks, logits, {**llm.engine.get_stats(), "rank_memory": llm.engine.rank_memory}
+    finally:
+        llm.engine.shutdown()
+
+
+def generate_with_logits(llm, batches, params) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Each batch of prompts generated in turn: every request's tokens and every model step's
+    logits (those of steps that sample from the int8 screen of lm_head, models/head_screen.py,
+    do not come back: pass head_screen=False for all)."""
     logits: list[torch.Tensor] = []
     inner = llm.engine.runner.run_model
 
@@ -64,11 +75,10 @@ def run(d, **kw) -> tuple[list[list[int]], list[torch.Tensor], dict]:
 
     llm.engine.runner.run_model = spy
     try:
-        toks = [o.outputs[0].token_ids for o in llm.generate(workload(), GREEDY)]
-        toks += [o.outputs[0].token_ids for o in llm.generate(workload()[-2:], GREEDY)]
-        return toks, logits, {**llm.engine.get_stats(), "rank_memory": llm.engine.rank_memory}
+        toks = [o.outputs[0].token_ids for b in batches for o in llm.generate(b, params)]
+        return toks, logits
     finally:
-        llm.engine.shutdown()
+        llm.engine.runner.run_model = inner
 
 
 @pytest.mark.parametrize(

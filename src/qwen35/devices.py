@@ -71,6 +71,50 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return default_dtype(device) if dtype == "auto" else dtype
 
 
+def resolve_kv_dtype(
+    kv_cache_dtype: str, model_dtype: str, device: str, stored_below_fp32: bool = False
+) -> str:
+    """The K/V cache's dtype name ("float32", "bfloat16", "float16") for `--kv-cache-dtype`.
+    auto: the model's compute dtype, but bf16 for an fp32 model on a CPU whose weights are
+    stored below fp32 (bf16 / int8 / int4 / FP8: what `--dtype auto` runs on a CPU without
+    native bf16), as a bf16 model's cache would be: half the memory, and half the bytes a long
+    context reads per decoded token (README "KV cache dtype"). Another is taken where the
+    kernels read it (a CPU, an fp32 model: its query against bf16 / fp16 caches,
+    ops/attention.py), else refused."""
+    from qwen35.errors import Qwen35Error
+
+    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    model = str(model_dtype).removeprefix("torch.")
+    if kv_cache_dtype == "auto":
+        cpu = str(device).startswith("cpu")
+        return "bfloat16" if cpu and model == "float32" and stored_below_fp32 else model
+    kv = names.get(kv_cache_dtype, kv_cache_dtype)
+    if kv not in names.values():
+        raise Qwen35Error(f"--kv-cache-dtype must be auto, fp32, bf16 or fp16, got {kv_cache_dtype!r}")
+    if kv == model:
+        return kv
+    if not str(device).startswith("cpu"):
+        raise Qwen35Error(
+            f"--kv-cache-dtype {kv_cache_dtype} under a {model} model runs on a CPU only (the GPU "
+            "kernels read caches of the model's dtype): drop it, or use auto"
+        )
+    if model != "float32":
+        raise Qwen35Error(
+            f"--kv-cache-dtype {kv_cache_dtype} under a {model} model: the cache holds the "
+            "model's dtype, or bf16 / fp16 under an fp32 model (--dtype fp32, or auto on a CPU "
+            "without native bf16); use auto"
+        )
+    return kv
+
+
+def model_kv_dtype(model, device: str, kv_cache_dtype: str = "auto") -> str:
+    """resolve_kv_dtype for a loaded model (its compute dtype, and whether its weights are
+    stored below fp32: a quantized / bf16-stored model or an FP8 checkpoint)."""
+    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+    stored = getattr(model, "quantization", None) or model.config.quantization
+    return resolve_kv_dtype(kv_cache_dtype, str(dtype), device, bool(stored))
+
+
 def default_quantization(
     dtype: str, device: str, quantization: str | None, stored_dtype: str
 ) -> str | None:

@@ -62,15 +62,19 @@ def model_weights(model: torch.nn.Module) -> RankWeights:
 
 def decode_bytes_per_step(model: torch.nn.Module, context_len: int, batch: int = 1) -> dict:
     """Bytes one decode step of `batch` sequences at `context_len` moves (see the module
-    docstring), with the caches as the engine allocates them (cache_spec, model dtype); for a
-    tensor-parallel rank's model, what that rank moves."""
+    docstring), with the caches as the engine allocates them (cache_spec; K/V as
+    --kv-cache-dtype auto picks it); for a tensor-parallel rank's model, what that rank moves."""
+    from qwen35.devices import model_kv_dtype
+
     cfg: ModelConfig = model.config
-    # the compute dtype the engine allocates its caches in (not the weights': bf16 / int8 storage)
+    # the compute dtype the engine allocates its conv states in (not the weights' storage)
     dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
     dname = str(dtype).removeprefix("torch.")
+    device = getattr(model, "device", None) or next(model.parameters()).device
     tp = getattr(model, "tp", None)
     size = tp.size if tp is not None else 1  # a tensor-parallel rank: its shard and caches
-    spec = cache_spec(cfg, kv_dtype=dname, conv_dtype=dname, tp=size)
+    kv = model_kv_dtype(model, str(device))
+    spec = cache_spec(cfg, kv_dtype=kv, conv_dtype=dname, tp=size)
     return decode_bytes(
         model_weights(model),
         spec,

@@ -61,6 +61,14 @@ class CacheConfig:
         None,
         "memory for weights + caches + working memory, e.g. 8GiB (CPU default: 2 GiB of caches)",
     )
+    kv_cache_dtype: str = _opt(
+        "auto",
+        "dtype of the full-attention layers' K/V cache (auto: the model's compute dtype, but "
+        "bf16 for fp32 compute on a CPU over weights stored below fp32, as --dtype auto runs "
+        "on CPUs without native bf16); an fp32 model on a CPU may keep it in bf16 or fp16: "
+        "half the memory, and half the bytes a long context reads per decoded token",
+        choices=["auto", "bf16", "fp16", "fp32"],
+    )
     enable_prefix_caching: bool = _opt(True, "turn prefix caching off", flag="--no-prefix-caching")
     prefix_cache_memory: str | None = _opt(
         None,

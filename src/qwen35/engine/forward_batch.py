@@ -70,8 +70,10 @@ def allocate_caches(
     state_dtype: torch.dtype = torch.float32,
     tp: int = 1,
     mtp_layers: int = 0,
+    kv_dtype: torch.dtype | None = None,
 ) -> ModelCaches:
-    """Zeroed caches: KV [num_blocks, block_size, nkv, hd] per full-attention layer (dtype),
+    """Zeroed caches: KV [num_blocks, block_size, nkv, hd] per full-attention layer (kv_dtype,
+    default dtype),
     conv [num_slots, C, kernel-1] (dtype) and recurrent [num_slots, nv, dk, dv] (state_dtype)
     per DeltaNet layer. Zeros, not empty: padded gathers must never read NaN garbage.
     tp > 1: one tensor-parallel rank's shard (its KV heads, DeltaNet heads and conv channels).
@@ -84,8 +86,8 @@ def allocate_caches(
         return torch.zeros(shape, dtype=dt, device=device)
 
     return ModelCaches(
-        key=[zeros(kv_shape, dtype) for _ in range(n_attn)],
-        value=[zeros(kv_shape, dtype) for _ in range(n_attn)],
+        key=[zeros(kv_shape, kv_dtype or dtype) for _ in range(n_attn)],
+        value=[zeros(kv_shape, kv_dtype or dtype) for _ in range(n_attn)],
         conv=[zeros((num_slots, *spec.linear.conv_shape), dtype) for _ in range(n_lin)],
         recurrent=[
             zeros((num_slots, *spec.linear.recurrent_shape), state_dtype) for _ in range(n_lin)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from qwen35.chat_format import ChatTemplate, check_text_only, default_thinking_for
-from qwen35.devices import dtype_advice, resolve_dtype
+from qwen35.devices import dtype_advice, model_kv_dtype, resolve_dtype
 from qwen35.engine.cache_sizing import CachePlan, plan_caches
 from qwen35.engine.config import EngineConfig
 from qwen35.engine.forward_batch import allocate_caches
@@ -221,6 +221,7 @@ class LLMEngine:
             dict.fromkeys((*self.config.eos_token_ids, *self.tokenizer.eos_token_ids))
         )
         model_dtype = getattr(self.model, "dtype", None) or next(self.model.parameters()).dtype
+        kv_dtype = getattr(torch, model_kv_dtype(self.model, self.device, cc.kv_cache_dtype))
         self.head_screen = None  # models/head_screen.py: CPU, one rank, plain fp32 / bf16 head
         if self.device.type == "cpu" and self.workers is None and ec.device.head_screen:
             from qwen35.models.head_screen import HeadScreen
@@ -251,6 +252,7 @@ class LLMEngine:
             tp=ec.parallel.tensor_parallel_size,
             extra_working_bytes=encoder_working_memory(self.model, model_dir, ec),
             speculative=sc.num_speculative_tokens,
+            kv_dtype=kv_dtype,
         )
         self.max_model_len = self.plan.max_model_len
         if verbose:
@@ -272,6 +274,7 @@ class LLMEngine:
             block_size=cc.block_size,
             num_slots=first_spare + self.plan.num_spare_slots + graphs,
             dtype=model_dtype,
+            kv_dtype=kv_dtype,
         )
         tp_size = ec.parallel.tensor_parallel_size
         caches = allocate_caches(

@@ -4,7 +4,10 @@ against its cached K/V in place, through its block table, the output gate applie
     paged_decode_attention(q [N, nh, hd], key_cache, value_cache [blocks, bs, nkv, hd],
                            block_tables [N, W] int32, context_lens [N] int32, scale,
                            gate [N, nh, hd] or None, avx2_only=False) -> [N, nh, hd]
-    fast_path(dtype, head_dim, avx2_only=False) -> the AVX512-BF16 paths run (bf16 caches)
+    fast_path(dtype, head_dim, avx2_only=False, kv_dtype=None) -> the AVX512 paths run
+
+The caches hold the model dtype, or bf16 / fp16 under an fp32 model (`--kv-cache-dtype`;
+`takes`).
 
 Its PyTorch twin is ops/attention.py's `decode_attention` (gather the blocks, SDPA), which it
 replaces on CPU backends with kernels (tests/test_attention_cpu.py; bench/attention_cpu.py).
@@ -24,3 +27,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def load():
     """The compiled module or None (no compiler, QWEN35_NO_KERNELS=1, a CPU without AVX2)."""
     return ATTENTION.load()
+
+
+def takes(dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
+    """The kernel runs a model of `dtype` over caches of `kv_dtype`."""
+    if dtype not in DTYPES:
+        return False
+    return kv_dtype == dtype or (dtype == torch.float32 and kv_dtype in DTYPES)

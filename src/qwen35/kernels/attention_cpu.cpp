@@ -9,7 +9,9 @@
 // on AVX512-BF16 CPUs: the bf16 q.k products summed by vdpbf16ps, then scaled); the output is
 // rounded to the model dtype once, then multiplied by sigmoid(gate) rounded as the reference does
 // (o.mul_(torch.sigmoid(gate)) in the model dtype). Each task's arithmetic is independent of the
-// batch, so batched and single-sequence results are bitwise equal. bench/attention_cpu.py
+// batch, so batched and single-sequence results are bitwise equal. The caches hold the model
+// dtype, or bf16 / fp16 under an fp32 model (--kv-cache-dtype: half the bytes a long context
+// reads per token; the fp32 query against them as against an fp32 cache). bench/attention_cpu.py
 // times it against its AVX2 path and the gather + SDPA path.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -185,10 +187,10 @@ TARGET_AVX512 void pv_page512(const float* p, int64_t L, const T* v, int64_t str
 }
 
 // fast: the AVX512 paths (fast_path below)
-template <typename T>
-inline void scores_group(int R, bool fast, const T* qT, const float* qf, int64_t hd, const T* k,
+template <typename T, typename KV>
+inline void scores_group(int R, bool fast, const T* qT, const float* qf, int64_t hd, const KV* k,
                          int64_t stride, int n, float* s, int64_t L, float scale) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<KV, c10::BFloat16>) {
     if (fast) {
       DISPATCH_MR(R, scores_page_bf16, qT, hd, k, stride, n, s, L, scale);
       return;
@@ -202,8 +204,8 @@ inline void scores_group(int R, bool fast, const T* qT, const float* qf, int64_t
   DISPATCH_MR(R, scores_page, qf, hd, k, stride, n, s, L);
 }
 
-template <typename T>
-inline void pv_group(int R, bool fast, const float* p, int64_t L, const T* v, int64_t stride,
+template <typename KV>
+inline void pv_group(int R, bool fast, const float* p, int64_t L, const KV* v, int64_t stride,
                      int n, float* acc, int64_t hd) {
   if (fast) {
     DISPATCH_MR(R, pv_page512, p, L, v, stride, n, acc, hd);
@@ -278,9 +280,9 @@ inline void prefetch_page(const T* row, int64_t stride, int64_t n, int64_t hd) {
 // and a context of one chunk is computed exactly as without the split.
 constexpr int64_t kChunk = 1024;
 
-// fast: the AVX512 paths (fast_path)
-template <typename T>
-void decode_impl(const T* Q, const T* K, const T* V, const int64_t* tables, int64_t table_w,
+// fast: the AVX512 paths (fast_path); KV: the caches' dtype, T's or (T fp32) bf16 / fp16
+template <typename T, typename KV>
+void decode_impl(const T* Q, const KV* K, const KV* V, const int64_t* tables, int64_t table_w,
                  const int32_t* lens, const T* gate, int64_t gate_s0, int64_t gate_s1, T* O,
                  int64_t N, int64_t nh, int64_t nkv, int64_t hd, int64_t bs, float scale,
                  bool fast) {
@@ -308,13 +310,14 @@ void decode_impl(const T* Q, const T* K, const T* V, const int64_t* tables, int6
       const int64_t pb = c * chunk, pe = std::min(L, pb + chunk), Lc = pe - pb;
       const int64_t* table = tables + n * table_w;
       const T* Qg = Q + (n * nh + g * rep) * hd;  // the group's rep query heads
-      if (!(fast && std::is_same_v<T, c10::BFloat16>))  // bf16 fast path: q as it is
+      constexpr bool bf16_pair = std::is_same_v<T, c10::BFloat16> && std::is_same_v<KV, T>;
+      if (!(fast && bf16_pair))  // the bf16 fast path takes q as it is
         for (int64_t j = 0; j < rep * hd; ++j) q[j] = static_cast<float>(Qg[j]) * scale;
       s.resize(rep * Lc);
       for (int64_t r0 = 0; r0 < rep; r0 += 4) {  // scores, page by page
         const int R = static_cast<int>(std::min<int64_t>(4, rep - r0));
         for (int64_t p0 = pb; p0 < pe; p0 += bs) {
-          const T* k = K + (table[p0 / bs] * bs * nkv + g) * hd;
+          const KV* k = K + (table[p0 / bs] * bs * nkv + g) * hd;
           const int cnt = static_cast<int>(std::min(bs, pe - p0));
           if (p0 + bs < pe)
             prefetch_page(K + (table[p0 / bs + 1] * bs * nkv + g) * hd, stride,
@@ -328,7 +331,7 @@ void decode_impl(const T* Q, const T* K, const T* V, const int64_t* tables, int6
       for (int64_t r0 = 0; r0 < rep; r0 += 4) {
         const int R = static_cast<int>(std::min<int64_t>(4, rep - r0));
         for (int64_t p0 = pb; p0 < pe; p0 += bs) {
-          const T* v = V + (table[p0 / bs] * bs * nkv + g) * hd;
+          const KV* v = V + (table[p0 / bs] * bs * nkv + g) * hd;
           const int cnt = static_cast<int>(std::min(bs, pe - p0));
           if (p0 + bs < pe)
             prefetch_page(V + (table[p0 / bs + 1] * bs * nkv + g) * hd, stride,
@@ -398,13 +401,30 @@ torch::Tensor checked_tables(const torch::Tensor& block_tables, const torch::Ten
 }
 
 
-// the AVX512 paths run: bf16 caches with hd % 32 == 0 on AVX512-BF16 CPUs, fp32 / fp16 caches
-// with hd % 16 == 0 on AVX512 CPUs
-bool fast_path(at::ScalarType dt, int64_t hd, bool avx2_only) {
+// the AVX512 paths run: a bf16 model's bf16 caches with hd % 32 == 0 on AVX512-BF16 CPUs; an
+// fp32 model's caches (fp32, bf16, fp16) and fp16 caches with hd % 16 == 0 on AVX512 CPUs
+bool fast_path(at::ScalarType dt, int64_t hd, bool avx2_only, at::ScalarType kv) {
   if (avx2_only) return false;
-  if (dt == at::kBFloat16) return hd % 32 == 0 && cpu_isa::avx512_bf16();
-  if (dt != at::kFloat && dt != at::kHalf) return false;  // not a dtype the kernel takes
+  if (kv != dt && dt != at::kFloat) return false;  // not a pair the kernel takes
+  if (kv == at::kBFloat16 && dt == at::kBFloat16) return hd % 32 == 0 && cpu_isa::avx512_bf16();
+  if (kv != at::kFloat && kv != at::kHalf && kv != at::kBFloat16) return false;
+  if (kv == at::kBFloat16 && dt == at::kFloat) return hd % 16 == 0 && cpu_isa::avx512();
+  if (dt != at::kFloat && dt != at::kHalf) return false;
   return hd % 16 == 0 && cpu_isa::avx512();
+}
+
+// f(T{}, KV{}): the model dtype T and the caches' KV, which is T's or, under an fp32 model,
+// bf16 / fp16
+template <typename F>
+void dispatch_kv(at::ScalarType t, at::ScalarType kv, const char* what, F&& f) {
+  if (kv == t) {
+    dispatch(t, what, [&](auto tag) { f(tag, tag); });
+  } else {
+    TORCH_CHECK(t == at::kFloat && (kv == at::kBFloat16 || kv == at::kHalf), what,
+                ": caches of the model dtype, or bf16 / fp16 caches under an fp32 model, "
+                "expected; got a ", kv, " cache under a ", t, " model");
+    dispatch(kv, what, [&](auto tag) { f(float{}, tag); });
+  }
 }
 
 }  // namespace
@@ -425,9 +445,8 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q,            // [N, n
   const int64_t bs = key_cache.size(1), nkv = key_cache.size(2);
   TORCH_CHECK(key_cache.size(3) == hd && nh % nkv == 0,
               "paged_decode_attention: head dims of q and the caches differ");
-  TORCH_CHECK(q.scalar_type() == key_cache.scalar_type() &&
-                  q.scalar_type() == value_cache.scalar_type(),
-              "paged_decode_attention: q and the caches must share the model dtype");
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(),
+              "paged_decode_attention: the K and V caches must share a dtype");
   const auto tables = checked_tables(block_tables, context_lens, N, bs, key_cache.size(0));
   const int64_t* tab = tables.data_ptr<int64_t>();
   const auto lens = context_lens.data_ptr<int32_t>();
@@ -437,13 +456,15 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q,            // [N, n
                     gate->scalar_type() == q.scalar_type(),
                 "paged_decode_attention: gate must be [N, nh, hd] with a contiguous last dim");
   auto out = torch::empty_like(q);
-  dispatch(q.scalar_type(), "paged_decode_attention", [&](auto tag) {
+  const auto kv = key_cache.scalar_type();
+  dispatch_kv(q.scalar_type(), kv, "paged_decode_attention", [&](auto tag, auto kv_tag) {
     using T = decltype(tag);
+    using KV = decltype(kv_tag);
     const T* G = gated ? gate->data_ptr<T>() : nullptr;
     const int64_t gs0 = gated ? gate->stride(0) : 0, gs1 = gated ? gate->stride(1) : 0;
-    decode_impl(q.data_ptr<T>(), key_cache.data_ptr<T>(), value_cache.data_ptr<T>(), tab,
+    decode_impl(q.data_ptr<T>(), key_cache.data_ptr<KV>(), value_cache.data_ptr<KV>(), tab,
                 tables.stride(0), lens, G, gs0, gs1, out.data_ptr<T>(), N, nh, nkv, hd, bs,
-                static_cast<float>(scale), fast_path(q.scalar_type(), hd, avx2_only));
+                static_cast<float>(scale), fast_path(q.scalar_type(), hd, avx2_only, kv));
   });
   return out;
 }
@@ -471,12 +492,13 @@ torch::Tensor attention_decode_gated(const torch::Tensor& qg,  // [N, nh * 2 hd]
               "attention_decode_gated: contiguous caches [blocks, bs, nkv, hd] expected");
   const int64_t N = qg.size(0), bs = key_cache.size(1), nkv = key_cache.size(2),
                 hd = key_cache.size(3), nslots = key_cache.size(0) * bs;
-  const auto dt = key_cache.scalar_type();
-  const torch::Tensor& vc = value_cache;
-  for (const torch::Tensor* t : {&qg, &k, &v, &q_norm_w, &k_norm_w, &cos, &sin, &vc})
+  const auto dt = qg.scalar_type(), kvt = key_cache.scalar_type();
+  for (const torch::Tensor* t : {&qg, &k, &v, &q_norm_w, &k_norm_w, &cos, &sin})
     TORCH_CHECK(t->scalar_type() == dt && t->stride(-1) == 1,
-                "attention_decode_gated: projections, norm weights, cos / sin and the caches must "
-                "share the model dtype, with a contiguous last dim");
+                "attention_decode_gated: projections, norm weights and cos / sin must share the "
+                "model dtype, with a contiguous last dim");
+  TORCH_CHECK(value_cache.scalar_type() == kvt,
+              "attention_decode_gated: the K and V caches must share a dtype");
   TORCH_CHECK(qg.dim() == 2 && qg.size(1) % (2 * hd) == 0 && k.dim() == 2 && k.size(0) == N &&
                   k.size(1) == nkv * hd && v.sizes() == k.sizes() && q_norm_w.numel() == hd &&
                   k_norm_w.numel() == hd && cos.dim() == 2 && cos.size(0) == N &&
@@ -495,13 +517,16 @@ torch::Tensor attention_decode_gated(const torch::Tensor& qg,  // [N, nh * 2 hd]
   const auto tables = checked_tables(block_tables, context_lens, N, bs, key_cache.size(0));
   auto q = torch::empty({N, nh, hd}, qg.options());  // normed and rotated queries
   auto out = torch::empty({N, nh * hd}, q.options());
-  dispatch(dt, "attention_decode_gated", [&](auto tag) {
+  dispatch_kv(dt, kvt, "attention_decode_gated", [&](auto tag, auto kv_tag) {
     using T = decltype(tag);
+    using KV = decltype(kv_tag);
     const T *QG = qg.data_ptr<T>(), *Kp = k.data_ptr<T>(), *Vp = v.data_ptr<T>();
     const T *C = cos.data_ptr<T>(), *S = sin.data_ptr<T>();
     const T *QW = q_norm_w.data_ptr<T>(), *KW = k_norm_w.data_ptr<T>();
-    T *Q = q.data_ptr<T>(), *KC = key_cache.data_ptr<T>(), *VC = value_cache.data_ptr<T>();
+    T* Q = q.data_ptr<T>();
+    KV *KC = key_cache.data_ptr<KV>(), *VC = value_cache.data_ptr<KV>();
     const float e = static_cast<float>(eps);
+    std::vector<T> row(hd);  // a new K row in the model dtype, before its cache's rounding
     for (int64_t n = 0; n < N; ++n) {
       const T *c = C + n * rd, *s = S + n * rd;
       for (int64_t h = 0; h < nh; ++h) {
@@ -510,16 +535,24 @@ torch::Tensor attention_decode_gated(const torch::Tensor& qg,  // [N, nh * 2 hd]
         rows::rotate_row(qh, c, s, rd);
       }
       for (int64_t g = 0; g < nkv; ++g) {  // the new token's K and V into its cache slot
-        T* kc = KC + (slots[n] * nkv + g) * hd;
-        rows::norm_zc_row(Kp + n * k.stride(0) + g * hd, KW, kc, hd, e);
-        rows::rotate_row(kc, c, s, rd);
-        std::copy_n(Vp + n * v.stride(0) + g * hd, hd, VC + (slots[n] * nkv + g) * hd);
+        KV* kc = KC + (slots[n] * nkv + g) * hd;
+        const T* vn = Vp + n * v.stride(0) + g * hd;
+        KV* vc = VC + (slots[n] * nkv + g) * hd;
+        T* kr = std::is_same_v<T, KV> ? reinterpret_cast<T*>(kc) : row.data();
+        rows::norm_zc_row(Kp + n * k.stride(0) + g * hd, KW, kr, hd, e);
+        rows::rotate_row(kr, c, s, rd);
+        if constexpr (std::is_same_v<T, KV>) {
+          std::copy_n(vn, hd, vc);
+        } else {  // rounded to the cache's dtype as a tensor copy rounds (to nearest even)
+          for (int64_t j = 0; j < hd; ++j) kc[j] = static_cast<KV>(static_cast<float>(kr[j]));
+          for (int64_t j = 0; j < hd; ++j) vc[j] = static_cast<KV>(static_cast<float>(vn[j]));
+        }
       }
     }
     decode_impl(Q, KC, VC, tables.data_ptr<int64_t>(), tables.stride(0),
                 context_lens.data_ptr<int32_t>(), QG + hd, qg.stride(0), 2 * hd,
                 out.data_ptr<T>(), N, nh, nkv, hd, bs, static_cast<float>(scale),
-                fast_path(dt, hd, false));
+                fast_path(dt, hd, false, kvt));
   });
   return out;
 }
@@ -530,8 +563,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
         py::arg("context_lens"), py::arg("scale"), py::arg("gate") = py::none(),
         py::arg("avx2_only") = false);
-  m.def("fast_path", &fast_path, "the AVX512 paths run for caches of this dtype and head dim",
-        py::arg("dtype"), py::arg("head_dim"), py::arg("avx2_only") = false);
+  m.def(
+      "fast_path",
+      [](at::ScalarType dt, int64_t hd, bool avx2_only, c10::optional<at::ScalarType> kv) {
+        return fast_path(dt, hd, avx2_only, kv.value_or(dt));
+      },
+      "the AVX512 paths run for a model of this dtype and head dim (caches of kv_dtype: the "
+      "model's by default)",
+      py::arg("dtype"), py::arg("head_dim"), py::arg("avx2_only") = false,
+      py::arg("kv_dtype") = py::none());
   m.def("attention_decode_gated", &attention_decode_gated,
         "q/k norms, rotary, K/V cache write, paged decode attention and its gate in one call",
         py::arg("qg"), py::arg("k"), py::arg("v"), py::arg("q_norm_w"), py::arg("k_norm_w"),

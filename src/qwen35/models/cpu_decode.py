@@ -8,10 +8,10 @@ model, every weight and kernel a decoder layer's decode step touches, then runs 
 kernels in the same order as the modules' forwards would: results are bitwise the module
 path's (tests/test_cpu_decode.py).
 
-It applies to a step when: the model is on one rank, fp32 or bf16, the batch's backend has
-the CPU kernels (`QWEN35_NO_KERNELS=1` is honoured at any time), and the step is decode only
-with its rows in state-slot order (the engine's usual batch-1 step). Anything else takes the
-module path. A MoE block's step is in the plan too (`_moe`: the module's routing, the active
+It applies to a step when: the model is on one rank, fp32 or bf16 (its K/V caches may be bf16 /
+fp16 under fp32), the batch's backend has the CPU kernels (`QWEN35_NO_KERNELS=1` is honoured at
+any time), and the step is decode only with its rows in state-slot order (the engine's usual
+batch-1 step). Anything else takes the module path. A MoE block's step is in the plan too (`_moe`: the module's routing, the active
 experts' kernel calls resolved once, the shared expert as a dense FFN); blocks whose experts it
 cannot resolve, and steps of more than layers/linear.py MANY_MAX_ROWS rows, run the module
 (layers/moe.py).
@@ -34,13 +34,15 @@ from qwen35.quant.packing import QuantPack
 
 def supported(model, caches: ModelCaches) -> bool:
     """A plan can run this model on these caches: one tensor-parallel rank, packed projections,
-    fp32 / bf16 with fp32 DeltaNet states and K/V caches of the model dtype."""
+    fp32 / bf16 with fp32 DeltaNet states, conv states of the model dtype and K/V caches the
+    attention kernel takes under it (the model's; bf16 / fp16 under fp32: --kv-cache-dtype)."""
     dtype = model.dtype
     return (
         model.tp.size == 1
         and model.packed
         and dtype in (torch.float32, torch.bfloat16)
-        and all(c.dtype == dtype for c in caches.key + caches.value + caches.conv)
+        and all(c.dtype == dtype for c in caches.conv)
+        and all(attention.takes(dtype, c.dtype) for c in caches.key + caches.value)
         and all(r.dtype == torch.float32 for r in caches.recurrent)
     )
 

@@ -145,11 +145,11 @@ def paged_decode_attention(
 
         return kernel(q, key_cache, value_cache, d.block_tables, d.context_lens, scale, gate,
                       max_context=d.max_context)  # split-K at long contexts
-    if be.cpu_attention is not None and q.is_cpu and q.dtype == key_cache.dtype:
+    if be.cpu_attention is not None and q.is_cpu:
         from qwen35.kernels import attention
 
         mod = attention.load()  # None once QWEN35_NO_KERNELS=1 is set, at any time
-        if mod is not None and q.dtype in attention.DTYPES:
+        if mod is not None and attention.takes(q.dtype, key_cache.dtype):
             return mod.paged_decode_attention(
                 q.contiguous(), key_cache, value_cache, d.block_tables, d.context_lens, scale, gate
             )
@@ -165,7 +165,7 @@ def attention_decode_gated(be: Backend, qg, k, v, q_norm, k_norm, cos, sin, key_
     its projections (qg [N, nh * 2 hd] per head [query | gate], k, v [N, nkv * hd]; q_norm and
     k_norm the RMSNorm modules) in one call, bitwise the op-by-op path; the new K/V are written
     to their slots. o [N, nh * hd] in the model dtype, or None where it does not apply (the
-    caller runs the op-by-op path): no kernels, mixed dtypes.
+    caller runs the op-by-op path): no kernels, dtypes the kernel does not take.
     On the GPU path (Triton attention and pointwise kernels, every row a decode row): two
     launches, `_decode_triton`."""
     dt = key_cache.dtype
@@ -183,13 +183,13 @@ def attention_decode_gated(be: Backend, qg, k, v, q_norm, k_norm, cos, sin, key_
     if (
         be.cpu_attention is None
         or not qg.is_cpu
-        or not (qg.dtype == dt == value_cache.dtype == cos.dtype == q_norm.weight.dtype)
+        or not (qg.dtype == cos.dtype == q_norm.weight.dtype and dt == value_cache.dtype)
     ):
         return None
     from qwen35.kernels import attention
 
     mod = attention.load()  # None once QWEN35_NO_KERNELS=1 is set, at any time
-    if mod is None or dt not in attention.DTYPES:
+    if mod is None or not attention.takes(qg.dtype, dt):
         return None
     return mod.attention_decode_gated(
         qg, k, v, q_norm.weight, k_norm.weight, q_norm.eps, cos.contiguous(), sin.contiguous(),

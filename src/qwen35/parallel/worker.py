@@ -127,6 +127,7 @@ def rank_memory(model, caches, rank: int) -> dict:
         "rank": rank,
         "weights_bytes": weights,
         "kv_bytes_per_token": kv_tok,
+        "kv_dtype": str(kv[0].dtype).removeprefix("torch.") if kv else None,
         "state_bytes_per_sequence": st_seq,
         "kv_bytes": sum(t.numel() * t.element_size() for t in kv),
         "state_bytes": sum(t.numel() * t.element_size() for t in states),
