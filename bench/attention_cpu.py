@@ -2,14 +2,18 @@
 the PyTorch path it replaces (gather the context's blocks, then SDPA: ops/attention.py
 decode_attention), one query token per sequence, interleaved in one process.
 
-    python bench/attention_cpu.py [--contexts 256,2048,8192] [--dtypes bf16,fp32] [--batch 1]
-                                  [--rounds 7] [--threads 2] [--reps N]
+    python bench/attention_cpu.py [--contexts 256,2048,8192] [--dtypes bf16,fp32,fp32:bf16]
+                                  [--batch 1] [--rounds 7] [--threads 2] [--reps N] [--cold]
 
 Shapes of a Qwen3.5 gated attention layer (8 query heads, 2 KV heads, head dim 256: the 0.8B / 2B
 layer; 4B-397B have 2-4 KV heads with 4-16 query heads each), 16-token pages in shuffled order,
 the output gate applied. Each cell: median microseconds a layer's call and the K/V bytes it read
 per second (at batch 1 decode this is what a long context costs per attention layer and token).
 "AVX2" is the path CPUs without AVX512 take (bf16 caches: without AVX512-BF16).
+A dtype "fp32:bf16" is an fp32 model over bf16 caches (--kv-cache-dtype bf16). --cold reads a
+256 MiB buffer before every call, as a decode step's weights stream through the caches between
+its attention layers: each call then reads its K/V from memory (by default the same K/V are read
+call after call, and a short context's fit the L3).
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ from qwen35.ops.attention import decode_attention
 DT = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-def _case(L: int, n: int, dtype, nh=8, nkv=2, hd=256, bs=16, seed=0):
+def _case(L: int, n: int, dtype, nh=8, nkv=2, hd=256, bs=16, seed=0, kv_dtype=None):
     g = torch.Generator().manual_seed(seed)
     per = -(-L // bs)
-    kc = torch.randn(per * n + 1, bs, nkv, hd, generator=g).to(dtype)
-    vc = torch.randn(per * n + 1, bs, nkv, hd, generator=g).to(dtype)
+    kc = torch.randn(per * n + 1, bs, nkv, hd, generator=g).to(kv_dtype or dtype)
+    vc = torch.randn(per * n + 1, bs, nkv, hd, generator=g).to(kv_dtype or dtype)
     tables = torch.randperm(per * n, generator=g).view(n, per).to(torch.int32)
     q = torch.randn(n, nh, hd, generator=g).to(dtype)
     gate = torch.randn(n, nh, hd, generator=g).to(dtype)
@@ -59,24 +63,34 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None, help="calls a cell (default: ~2M K/V rows)")
+    ap.add_argument("--cold", action="store_true", help="K/V read from memory (see above)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     mod = attention.load()
     if mod is None:
         raise SystemExit("the CPU attention kernel is unavailable here (see the log)")
-    print(f"{torch.get_num_threads()} threads; batch {args.batch}; median us a call (K/V GB/s)")
+    cold = "; K/V cold (read from memory)" if args.cold else ""
+    print(f"{torch.get_num_threads()} threads; batch {args.batch}; median us a call (K/V GB/s){cold}")
+    flush = torch.ones(64 << 20) if args.cold else None
     for name in args.dtypes.split(","):
-        dtype = DT[name]
+        dtype, kv_dtype = (DT[n] for n in (name.split(":") * 2)[:2])
         for L in (int(c) for c in args.contexts.split(",")):
-            case = _case(L, args.batch, dtype)
+            case = _case(L, args.batch, dtype, kv_dtype=kv_dtype)
             paths = _paths(mod, *case)
             times = {k: [] for k in paths}
-            reps = args.reps or max(3, 2_000_000 // (L * args.batch))
+            reps = args.reps or (3 if args.cold else max(3, 2_000_000 // (L * args.batch)))
             for f in paths.values():
                 f()
-            for _ in range(args.rounds):
-                for k, f in paths.items():
+            for r in range(args.rounds):
+                for k, f in paths.items() if r % 2 == 0 else reversed(paths.items()):
+                    if flush is not None:  # one call a sample, each after the flush
+                        for _ in range(reps):
+                            flush.sum()
+                            t0 = time.perf_counter()
+                            f()
+                            times[k].append(time.perf_counter() - t0)
+                        continue
                     t0 = time.perf_counter()
                     for _ in range(reps):
                         f()
@@ -88,9 +102,9 @@ def main(argv: list[str] | None = None) -> None:
                 m = statistics.median(v)
                 cells.append(f"{k} {m * 1e6:8.1f} us ({kv / m / 1e9:5.1f})")
             fast = "AVX2"
-            if mod.fast_path(dtype, q.shape[-1]):
+            if mod.fast_path(dtype, q.shape[-1], False, kv_dtype):
                 fast = "AVX512-BF16" if dtype == torch.bfloat16 else "AVX512"
-            print(f"{name:5} L={L:6}  " + "  ".join(cells) + f"  [ours: {fast}]")
+            print(f"{name:9} L={L:6}  " + "  ".join(cells) + f"  [ours: {fast}]")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,14 @@ def _load(name: str):
 def test_attention_bench_runs(capsys):
     native_or_skip(attention.ATTENTION, "the CPU attention kernel")
     _load("attention_cpu").main(
-        ["--contexts", "17,40", "--dtypes", "bf16,fp32", "--rounds", "1", "--reps", "1"]
+        ["--contexts", "17,40", "--dtypes", "bf16,fp32,fp32:bf16", "--rounds", "1", "--reps", "1"]
     )
     out = capsys.readouterr().out
-    assert out.count("L=") == 4 and "gather+SDPA" in out
+    assert out.count("L=") == 6 and "gather+SDPA" in out and "fp32:bf16" in out
+    _load("attention_cpu").main(["--contexts", "40", "--dtypes", "fp32:fp16", "--rounds", "2",
+                                 "--reps", "1", "--cold"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "K/V cold" in out and out.count("L=") == 1
 
 
 def test_dtype_batches_bench_runs(capsys, tmp_path):
@@ -35,3 +39,14 @@ def test_dtype_batches_bench_runs(capsys, tmp_path):
                                  "3", "--rounds", "1", "--threads", "1", "--new-tokens", "5"])  # fmt: skip
     out = capsys.readouterr().out
     assert out.count("batch") == 2 and "fp32+bf16" in out and "x)" in out
+
+
+def test_kv_dtype_bench_runs(capsys, tmp_path):
+    from tiny import save_checkpoint
+
+    save_checkpoint(tmp_path / "m")
+    _load("kv_dtype").main(["--model", str(tmp_path / "m" / "config.json"), "--contexts", "40",
+                            "--rounds", "2", "--threads", "1", "--new-tokens", "4",
+                            "--quantization", "int8"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("context") == 1 and "bf16" in out and "x)" in out and "/8 tokens" in out
