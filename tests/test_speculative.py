@@ -322,8 +322,10 @@ def test_drafts_pause_after_rejections(ckpt):
 
 
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("quantization", [None, "int8"])
-def test_cpu_verify_steps_are_decode_rows_bf16_bitwise(ckpt, monkeypatch, quantization, k):
+@pytest.mark.parametrize(
+    "dtype,quantization", [("bf16", None), ("bf16", "int8"), ("fp32", "int8")]
+)  # fp32 on int8 weights: bf16 K/V caches (--kv-cache-dtype auto), the MTP layer's too
+def test_cpu_verify_steps_are_decode_rows_bf16_bitwise(ckpt, monkeypatch, dtype, quantization, k):
     """On a CPU a decode step's drafts run as decode rows in DeltaNet phases through the
     decode plan (models/cpu_decode.py), so each row's arithmetic is a decode step's: bf16 and
     int8 greedy tokens equal the plain engine's exactly (a 2-token chunk would differ by
@@ -345,16 +347,20 @@ def test_cpu_verify_steps_are_decode_rows_bf16_bitwise(ckpt, monkeypatch, quanti
     monkeypatch.setattr(cpu_decode.DecodePlan, "run", spy)
     ps = prompts(4, seed=14)
     sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    kw = dict(dtype="bf16", quantization=quantization)
-    want = [o.outputs[0].token_ids for o in make(d, **kw).generate(ps, sp)]
+    kw = dict(dtype=dtype, quantization=quantization)
+    plain = make(d, **kw)
+    assert all(c.dtype == torch.bfloat16 for c in plain.engine.runner.caches.key)
+    want = [o.outputs[0].token_ids for o in plain.generate(ps, sp)]
     assert phased and not any(phased)
     llm = make(d, num_speculative_tokens=k, **kw)
     llm.engine.runner.spec.draft_override = oracle(
         {tuple(p): p + w for p, w in zip(ps, want, strict=True)}, wrong=0.3
     )
     assert [o.outputs[0].token_ids for o in llm.generate(ps, sp)] == want
-    # the steps stay within the bf16 GEMV rows (4 sequences share them: fewer drafts each)
-    assert sum(map(bool, phased)) > 5 and max(phased) >= 2 and max(rows) <= 8
+    # the steps stay within the GEMV's rows (bf16 8, fp32 16; 4 sequences share them: fewer
+    # drafts each)
+    assert sum(map(bool, phased)) > 5 and max(phased) >= 2
+    assert max(rows) <= (8 if dtype == "bf16" else 16)
     assert llm.generate(ps[:1], sp)[0].outputs[0].token_ids == want[0]  # alone: k drafts
     assert max(phased) == k + 1
     assert llm.engine.runner.spec.stats.accepted > 10
