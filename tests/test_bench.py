@@ -78,8 +78,12 @@ def test_quality_and_peers_workloads(doc):
     p = doc["workloads"]["peers"]
     ours = {n for n in p["engines"] if n.startswith("qwen35 ")}
     assert ours == {f"qwen35 {f}" for f in ("fp32", "bf16", "int8", "int4", "fp8")}
-    for r in p["engines"].values():
+    for name, r in p["engines"].items():
         assert _finite_positive(r["decode_tokens_per_s"])
+        # K/V: bf16 under fp32 compute over weights stored below fp32 (--kv-cache-dtype auto)
+        low = name.startswith("qwen35 ") and "+" in r["weights"]
+        want = "bfloat16" if low else str(p_dtype(r["weights"]))
+        assert r["kv_cache"] == ("float16" if name.startswith("llama.cpp") else want)
         assert _finite_positive(r["decode_tokens_per_s_at_context"][str(p["long_context"])])
         for key in ("decode_tokens_per_s_per_round", "decode_tokens_per_s_at_context_per_round"):
             assert len(r[key]) == p["rounds"] and all(_finite_positive(x) for x in r[key])
@@ -98,6 +102,11 @@ def test_quality_and_peers_workloads(doc):
             assert got == pytest.approx([x / y for x, y in zip(a[key], b[key], strict=True)])
     if p["llama_cpp"] != "ran":
         assert isinstance(p["llama_cpp"], str) and p["llama_cpp"]  # the reason it was skipped
+
+
+def p_dtype(weights: str) -> str:
+    """The compute dtype of a peers row's weights label ('float32+int4' -> 'float32')."""
+    return weights.split("+")[0]
 
 
 def test_cpu_description_names_family_and_model():

@@ -144,6 +144,7 @@ def load_model(
 
             n_fp8 = len(swap_to_fp8_meta(model, rule_modules(model, cfg), cfg))
             report.notes.append(f"FP8: {n_fp8} modules in FP8 (random)")
+            model.quantization = "fp8"  # (as quantize_model_ marks its formats)
             quantization = None
         params = materialize(model, cfg, torch_dtype, dev)
         init_random_(params, seed)  # shards are equal-sized: the ranks' draws stay in step

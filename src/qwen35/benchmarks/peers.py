@@ -73,6 +73,7 @@ class _Ours:
         self.engine = make_engine(
             bm, max_num_seqs=1, max_model_len=max_len, enable_prefix_caching=False
         )
+        self.kv_cache = str(self.engine.runner.caches.key[0].dtype).removeprefix("torch.")
 
     def run(self, prompt: list[int], new: int, rid: str) -> tuple[float, list[float]]:
         prefill, steps, _ = timed_request(self.engine, prompt, new, rid)
@@ -164,6 +165,8 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
         rows[name] = {
             "weight_bytes": weight_bytes[name],
             "weights": eng.bm.label if isinstance(eng, _Ours) else name.removeprefix("llama.cpp "),
+            # the K/V cache's dtype (ours: --kv-cache-dtype auto; llama.cpp: its default f16)
+            "kv_cache": eng.kv_cache if isinstance(eng, _Ours) else "float16",
             "decode_tokens_per_s": 1 / d,
             "decode_tokens_per_s_per_round": per_round[name],
             "prefill_tokens_per_s": {str(p): p / median(v) for p, v in prefill[name].items()},

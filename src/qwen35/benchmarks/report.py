@@ -290,7 +290,7 @@ def _peers(con: Console, d: dict, impl: str = "") -> None:
         f"{d['new_tokens']} new tokens, {d['rounds']} interleaved rounds)"
     )
     sizes = next(iter(d["engines"].values()))["prefill_tokens_per_s"].keys()
-    for c in ("engine", "compute+weights", "weights GiB", "decode tok/s", "vs qwen35 bf16"):
+    for c in ("engine", "compute+weights", "KV", "weights GiB", "decode tok/s", "vs qwen35 bf16"):
         t.add_column(c, justify="right")
     for p in sizes:
         t.add_column(f"prefill@{p} tok/s", justify="right")
@@ -300,6 +300,7 @@ def _peers(con: Console, d: dict, impl: str = "") -> None:
         t.add_row(
             name,
             r.get("weights", ""),  # (older documents lack it)
+            r.get("kv_cache", "").replace("bfloat", "bf").replace("float", "fp"),
             _f(r["weight_bytes"] / 2**30),
             _f(r["decode_tokens_per_s"]),
             _x(r["decode_vs_qwen35_bf16"]),
