@@ -82,7 +82,7 @@ def test_quality_and_peers_workloads(doc):
         assert _finite_positive(r["decode_tokens_per_s"])
         # K/V: bf16 under fp32 compute over weights stored below fp32 (--kv-cache-dtype auto)
         low = name.startswith("qwen35 ") and "+" in r["weights"]
-        want = "bfloat16" if low else str(p_dtype(r["weights"]))
+        want = "bfloat16" if low else r["weights"].split("+")[0]  # (the compute dtype)
         assert r["kv_cache"] == ("float16" if name.startswith("llama.cpp") else want)
         assert _finite_positive(r["decode_tokens_per_s_at_context"][str(p["long_context"])])
         for key in ("decode_tokens_per_s_per_round", "decode_tokens_per_s_at_context_per_round"):
@@ -102,11 +102,6 @@ def test_quality_and_peers_workloads(doc):
             assert got == pytest.approx([x / y for x, y in zip(a[key], b[key], strict=True)])
     if p["llama_cpp"] != "ran":
         assert isinstance(p["llama_cpp"], str) and p["llama_cpp"]  # the reason it was skipped
-
-
-def p_dtype(weights: str) -> str:
-    """The compute dtype of a peers row's weights label ('float32+int4' -> 'float32')."""
-    return weights.split("+")[0]
 
 
 def test_cpu_description_names_family_and_model():

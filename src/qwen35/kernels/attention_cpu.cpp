@@ -401,26 +401,29 @@ torch::Tensor checked_tables(const torch::Tensor& block_tables, const torch::Ten
 }
 
 
+// the (model, caches) dtype pairs the kernel takes: the model's own (fp32, bf16, fp16), or bf16 /
+// fp16 caches under an fp32 model (kernels/attention.py `takes`)
+bool pair_taken(at::ScalarType dt, at::ScalarType kv) {
+  const auto half = [](at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; };
+  if (dt != at::kFloat && !half(dt)) return false;
+  return kv == dt || (dt == at::kFloat && half(kv));
+}
+
 // the AVX512 paths run: a bf16 model's bf16 caches with hd % 32 == 0 on AVX512-BF16 CPUs; an
 // fp32 model's caches (fp32, bf16, fp16) and fp16 caches with hd % 16 == 0 on AVX512 CPUs
 bool fast_path(at::ScalarType dt, int64_t hd, bool avx2_only, at::ScalarType kv) {
-  if (avx2_only) return false;
-  if (kv != dt && dt != at::kFloat) return false;  // not a pair the kernel takes
-  if (kv == at::kBFloat16 && dt == at::kBFloat16) return hd % 32 == 0 && cpu_isa::avx512_bf16();
-  if (kv != at::kFloat && kv != at::kHalf && kv != at::kBFloat16) return false;
-  if (kv == at::kBFloat16 && dt == at::kFloat) return hd % 16 == 0 && cpu_isa::avx512();
-  if (dt != at::kFloat && dt != at::kHalf) return false;
+  if (avx2_only || !pair_taken(dt, kv)) return false;
+  if (dt == at::kBFloat16) return hd % 32 == 0 && cpu_isa::avx512_bf16();
   return hd % 16 == 0 && cpu_isa::avx512();
 }
 
-// f(T{}, KV{}): the model dtype T and the caches' KV, which is T's or, under an fp32 model,
-// bf16 / fp16
+// f(T{}, KV{}): the model dtype T and the caches' KV (pair_taken)
 template <typename F>
 void dispatch_kv(at::ScalarType t, at::ScalarType kv, const char* what, F&& f) {
   if (kv == t) {
     dispatch(t, what, [&](auto tag) { f(tag, tag); });
   } else {
-    TORCH_CHECK(t == at::kFloat && (kv == at::kBFloat16 || kv == at::kHalf), what,
+    TORCH_CHECK(pair_taken(t, kv), what,
                 ": caches of the model dtype, or bf16 / fp16 caches under an fp32 model, "
                 "expected; got a ", kv, " cache under a ", t, " model");
     dispatch(kv, what, [&](auto tag) { f(float{}, tag); });

@@ -11,10 +11,10 @@ path's (tests/test_cpu_decode.py).
 It applies to a step when: the model is on one rank, fp32 or bf16 (its K/V caches may be bf16 /
 fp16 under fp32), the batch's backend has the CPU kernels (`QWEN35_NO_KERNELS=1` is honoured at
 any time), and the step is decode only with its rows in state-slot order (the engine's usual
-batch-1 step). Anything else takes the module path. A MoE block's step is in the plan too (`_moe`: the module's routing, the active
-experts' kernel calls resolved once, the shared expert as a dense FFN); blocks whose experts it
-cannot resolve, and steps of more than layers/linear.py MANY_MAX_ROWS rows, run the module
-(layers/moe.py).
+batch-1 step). Anything else takes the module path. A MoE block's step is in the plan too
+(`_moe`: the module's routing, the active experts' kernel calls resolved once, the shared
+expert as a dense FFN); blocks whose experts it cannot resolve, and steps of more than
+layers/linear.py MANY_MAX_ROWS rows, run the module (layers/moe.py).
 """
 
 from __future__ import annotations

@@ -79,9 +79,10 @@ def gather_memory(group: WorkerGroup, mine: dict) -> list[dict]:
 def describe_memory(rows: list[dict], num_blocks: int, block_size: int, num_slots: int) -> str:
     lines = []
     for m in rows:
+        kv_dtype = f" {m['kv_dtype']}" if m.get("kv_dtype") else ""  # (no attention layers: none)
         lines.append(
             f"rank {m['rank']}: weights {m['weights_bytes'] / GiB:.3f} GiB, KV "
-            f"{m['kv_bytes_per_token']} B/token{' ' + m['kv_dtype'] if m.get('kv_dtype') else ''} ({m['kv_bytes'] / GiB:.3f} GiB for "
+            f"{m['kv_bytes_per_token']} B/token{kv_dtype} ({m['kv_bytes'] / GiB:.3f} GiB for "
             f"{num_blocks}x{block_size} tokens), DeltaNet state {m['state_bytes_per_sequence']} "
             f"B/sequence ({m['state_bytes'] / GiB:.3f} GiB for {num_slots} slots)"
             + (  # models/head_screen.py
