@@ -14,7 +14,7 @@
 // reads per token; the fp32 query against them as against an fp32 cache). bench/attention_cpu.py
 // times it against its AVX2 path and the gather + SDPA path.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include "torch_ext.h"
 
 #include <algorithm>
 #include <cmath>

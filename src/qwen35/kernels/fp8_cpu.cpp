@@ -14,7 +14,7 @@
 // regular GEMM). The PyTorch twins are quant/formats.py dequantize_fp8_blocks (+ F.linear).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
+#include "torch_ext.h"
 
 #include "cpu_isa.h"
 #include "gemv_rows.h"

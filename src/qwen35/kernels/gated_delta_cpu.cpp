@@ -13,7 +13,7 @@
 // `avx2_only=True` takes those on any machine, for tests). A decode step of Qwen3.5-0.8B's 18
 // DeltaNet layers: see bench/deltanet_decode.py.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include "torch_ext.h"
 
 #include <cmath>
 #include <vector>

@@ -24,7 +24,7 @@
 // The PyTorch twins: F.linear on the (dequantised) weight (layers/linear.py, quant/matmul.py).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
+#include "torch_ext.h"
 
 #include "cpu_isa.h"
 #include "gemv_rows.h"

@@ -17,7 +17,7 @@
 // tests/test_head_screen.py checks both against the full head's argmax.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
+#include "torch_ext.h"
 
 #include "cpu_isa.h"
 

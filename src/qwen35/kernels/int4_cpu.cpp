@@ -33,7 +33,7 @@
 // The PyTorch twins: quant/matmul.py unpack_int4 + quant/formats.py dequantize_int4_groups.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
+#include "torch_ext.h"
 
 #include "cpu_isa.h"
 #include "gemv_rows.h"

@@ -28,7 +28,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <torch/extension.h>
+#include "torch_ext.h"
 #include <unistd.h>
 
 #include <atomic>

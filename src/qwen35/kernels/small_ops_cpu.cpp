@@ -13,7 +13,7 @@
 // Tensors are [R, D] or [A, B, D] views with a contiguous last dim (the column slices of a
 // packed projection's output qualify); outputs are fresh and contiguous.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include "torch_ext.h"
 
 #include <cmath>
 #include <cstdint>
