@@ -113,8 +113,8 @@ class Native:
 
 def prebuild(natives: list[Native]) -> None:
     """Load these modules at once, a thread each (up to the CPU count): a first build compiles
-    each source in one compiler process, 15-20 s apiece (kernels/torch_ext.h), which a CPU engine's first step would
-    otherwise wait for in turn. Already-built modules just load; failures are logged by `load`."""
+    each source in one compiler process, 15-20 s apiece (kernels/torch_ext.h), which a CPU
+    engine's first step would otherwise wait for in turn. Already-built modules just load; failures are logged by `load`."""
     todo = [n for n in natives if not n._tried and n.supported()]
     workers = min(len(todo), os.cpu_count() or 1)
     if workers < 2:
