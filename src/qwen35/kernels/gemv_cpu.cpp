@@ -446,6 +446,7 @@ TARGET_AVX512_FP8 void int8_row_to_bf16(const int8_t* w, int64_t K, uint16_t* wb
   __m512i t[8];
   int8_tables(t);
   for (int64_t k = 0; k < K; k += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + kInt8Prefetch, _MM_HINT_T0);
     __m512bh wa, wb;
     int8x64(load64(w + k, K - k), t, wa, wb);
     _mm512_storeu_si512(wbuf + k, (__m512i)wa);
