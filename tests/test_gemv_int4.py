@@ -30,6 +30,16 @@ def _quantized(n, k, group, dtype, seed):
     return q, sz, matmul.pack_int4(q)
 
 
+# fp32 rows against F.linear on the exact fp32 x: the AVX2 path quantises x to 16 bits per group
+# (|x - x^| <= amax / 65024: ~1.5e-5 of randn's norm), the VBMI path none (fp32 rows never take it)
+X16_TOL = 5e-5
+
+
+def _int16_x(mod, dtype, avx2_only: bool) -> bool:
+    """This call takes the AVX2 path, which quantises x to 16 bits (fp32 rows always do)."""
+    return avx2_only or dtype == torch.float32 or not mod.int4_fast_supported()
+
+
 def _paths(mod):
     """avx2_only values to test: the AVX512-VBMI + BF16 path only where the CPU has it."""
     return [False, True] if mod.int4_fast_supported() else [True]
@@ -43,11 +53,15 @@ def test_linear_int4_matches_reference(mod, dtype):
         for m in ROWS:
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
             ref = F.linear(x.float(), w)
+            twin = formats.int4_linear_i16_reference(x, q, sz, group)
             for avx2_only in _paths(mod):
                 y = mod.linear_int4(x, packed, sz, group, n, avx2_only)
                 assert y.dtype == dtype and y.shape == (m, n)
-                tol = 4e-3 if dtype == torch.bfloat16 else 1e-5  # bf16: the output's rounding
+                tol = 4e-3 if dtype == torch.bfloat16 else X16_TOL  # bf16: the output's rounding
                 assert rel_error(y, ref) < tol, (n, k, group, m, avx2_only)
+                if _int16_x(mod, dtype, avx2_only):  # its PyTorch twin: fp32 summation order
+                    tol = 4e-3 if dtype == torch.bfloat16 else 5e-6
+                    assert rel_error(y, twin) < tol, (n, k, group, m)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -85,6 +99,28 @@ def test_linear_int4_many_equals_one_call_each(mod, dtype):
                              [mats[0][1]] * 2, group, n)  # fmt: skip
     with pytest.raises(RuntimeError, match="as many"):
         mod.linear_int4_many(xs[:2], [mats[0][2]], [mats[0][1]] * 2, group, n)
+
+
+def test_avx2_path_quantises_x_within_its_bound_and_keeps_non_finite_rows_apart(mod):
+    """The AVX2 path's 16-bit x: within amax / 65024 of x per group (the PyTorch twin's
+    quantize_rows_i16, zero groups exact); a row with an inf or a NaN comes out NaN without
+    touching the other rows; groups above 2048 inputs (int32 sums) are refused."""
+    n, k, group = 128, 256, 64
+    _, sz, packed = _quantized(n, k, group, torch.float32, 5)
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(6)) * 10
+    x[3, :group] = 0
+    xh = formats.quantize_rows_i16(x, group)
+    amax = x.view(4, -1, group).abs().amax(-1, keepdim=True)
+    assert ((xh - x).view(4, -1, group).abs() <= amax / 65024 * (1 + 1e-6)).all()
+    assert torch.equal(xh[3, :group], x[3, :group])
+    x[1, 70], x[2, 5] = float("inf"), float("nan")
+    y = mod.linear_int4(x, packed, sz, group, n, True)
+    assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+    for r in (0, 3):
+        assert torch.equal(y[r], mod.linear_int4(x[r : r + 1], packed, sz, group, n, True)[0])
+    big = _quantized(64, 4096, 4096, torch.float32, 7)
+    with pytest.raises(RuntimeError, match="at most 2048"):
+        mod.linear_int4(torch.randn(1, 4096), big[2], big[1], 4096, 64, True)
 
 
 def test_linear_int4_decodes_every_nibble_exactly(mod):
@@ -170,6 +206,6 @@ def test_int4_linear_dispatch(mod, monkeypatch, dtype):
             w = formats.dequantize_int4_groups(matmul.unpack_int4(packed, n, k), sz, group, dtype)
             ref = F.linear(x, w)
         assert rel_error(matmul.int4_linear(x, packed, sz, group, n), ref) == 0
-        assert rel_error(ys[m], ref) < (4e-3 if dtype == torch.bfloat16 else 1e-5), m
+        assert rel_error(ys[m], ref) < (4e-3 if dtype == torch.bfloat16 else X16_TOL), m
     x3 = xs[17].view(1, 17, k)  # leading dims are kept
     assert matmul.int4_linear(x3, packed, sz, group, n).shape == (1, 17, n)

@@ -20,12 +20,14 @@
 //   sum x * (q - 8) = 16 * (acc - 1.5 * sx), and y += scale * that + zero * sx. (q in the top
 //   mantissa bits keeps the offset small, 1 against up to 0.94: q + 128 would cost 7 bits.)
 //   48 GB/s of int4 at 1 row on 2 Zen 4 cores, as fast as the bf16 GEMV streams: bench/gemv.py.
-// - otherwise (AVX2 + FMA, or fp32 x): nibbles -> fp32 (zero-extend, convert), FMA against the
-//   broadcast x[k], the same per-group fold without the offset; the whole block a pass for one
-//   input row, half a block (32 rows) a pass for 2-4 (registers).
+// - otherwise (AVX2, or fp32 x): x quantised to 16-bit integers per group (within amax / 65024
+//   of x: finer than bf16), the sums in integers with vpmaddubsw (nibbles times x's high and
+//   low bytes), exact; per group y += scale * xs * sum xq (q - 8) + zero * sum x. 1.1-1.6x the
+//   earlier fp32-convert + FMA path (bench/gemv.py, AVX2 path on Zen 4; README "Decode GEMVs").
 //   Used for fp32 rows (torch's fp32 int4 kernel is far slower); bf16 rows on CPUs without
-//   VBMI + BF16 keep torch's kernel where it reads this layout (it beat this path on Zen 4),
-//   else this path (quant/matmul.py).
+//   VBMI + BF16 keep torch's kernel where it reads this layout (it beat the fp32 path on Zen 4),
+//   else this path (quant/matmul.py). Its PyTorch twin: quant/formats.py
+//   int4_linear_i16_reference.
 // int4_dequant: W^T [K, N] (K-major, the order the bytes are in: each k's 64 rows of a block are
 // 32 contiguous bytes in and 64 contiguous values out, so no transpose; mm(x, W^T) runs as fast
 // as F.linear(x, W)); 13 G weights/s on 2 cores vs 0.9 for the scalar row-major [N, K] path
@@ -38,8 +40,11 @@
 #include "cpu_isa.h"
 #include "gemv_rows.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -132,111 +137,223 @@ TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, 
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i * 64 + 16 * j, tot[i][j]);
 }
 
-// ---- AVX2 + FMA, fp32 ----------------------------------------------------------------------
+// ---- AVX2, activations as 16-bit integers --------------------------------------------------
+// The float path (nibble -> fp32 convert -> FMA, 64 weights = 28 vector ops) ran at 11 GB/s of
+// int4 on Zen 3 where fp32 weights stream at 17.5: compute-bound. Here each input row is first
+// quantised per group to 16-bit integers (xq = round(x / xs), xs = amax / 32512, so
+// |x - xs xq| <= amax / 65024: finer than bf16's rounding of the group's largest value), split
+// into a signed high byte and a low one (xq = 256 hi + lo, hi in [-127, 127], lo in [-128, 127]),
+// and the sums run in integers: vpmaddubsw multiplies the unsigned nibbles q by the signed x
+// bytes and adds the pair (k, k + 1) per row, exactly (the two k's bytes interleaved by an
+// unpack). int16 sums widen to int32 every 8 k-pairs (8 x 2 x 15 x 128 < 2^15), so per group
+// and row D = sum xq (q - 8) is exact and y += scale * xs * D + zero * sum x (the zero term
+// with the exact fp32 sum of x). 128 weights = ~33 vector ops.
+// One input row a pass over the block (its accumulators take the 16 ymm registers); more rows
+// read the block again from the cache. A row's result therefore never depends on the other
+// rows of the call (batched == alone). x non-finite in a group: that group's xs is NaN (y NaN).
 
-// half h of a block: bytes 16h..16h+15 of each k = rows 16h.. (low nibbles) and 32+16h.. (high);
-// XF: MR rows of fp32 x; out [MR][64] (this half's 32 rows written)
-// software prefetch this many k (32 bytes each) ahead of the AVX2 passes: 1.07-1.28x at one
-// row, 1.08x at four on Zen 3 (bench/gemv.py --formats int4 --int4-fp32, against no prefetch)
+constexpr int kXqMax = 32512;  // |xq|: (xq + 128) >> 8 stays within a signed byte
+constexpr int64_t kMaxGroupI16 = 2048;  // sum over a group of |xq (q - 8)| within int32
+// software prefetch this many k (32 bytes each) ahead
 constexpr int64_t PF = 128;
-template <int MR, typename ST>
-void half_avx2(const Block& b, int h, const float* XF, const float* SX, const ST* SZ, float* out) {
-  const __m256i m15 = _mm256_set1_epi32(15);
-  __m256 tot[MR][4];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 4; ++j) tot[i][j] = _mm256_setzero_ps();
-  alignas(32) float s[32], z[32];
-  const int rows[4] = {16 * h, 16 * h + 8, 32 + 16 * h, 40 + 16 * h};
-  for (int64_t g = 0; g < b.ng; ++g) {
-    const ST* sz = SZ + (g * b.N + b.n0) * 2;
-    for (int j = 0; j < 4; ++j)
-      for (int r = 0; r < 8; ++r) {
-        s[8 * j + r] = as_float(sz[(rows[j] + r) * 2]);
-        z[8 * j + r] = as_float(sz[(rows[j] + r) * 2 + 1]);
-      }
-    // one k in flight for every row count (batched == alone; measured no slower at one row
-    // than two: the unpack, not the FMA latency, bounds this path)
-    __m256 acc[MR][4];
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
-    const int64_t k1 = (g + 1) * b.group;
-    for (int64_t k = g * b.group; k < k1; ++k) {
-      const uint8_t* p = b.p + k * 32 + 16 * h;
-      if (h == 0) _mm_prefetch(reinterpret_cast<const char*>(p + PF * 32), _MM_HINT_T0);
-      int64_t b0, b1;
-      std::memcpy(&b0, p, 8);
-      std::memcpy(&b1, p + 8, 8);
-      const __m256i v0 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(b0));
-      const __m256i v1 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(b1));
-      const __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_and_si256(v0, m15)),
-                           _mm256_cvtepi32_ps(_mm256_and_si256(v1, m15)),
-                           _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)),
-                           _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4))};
-      for (int i = 0; i < MR; ++i) {
-        const __m256 xv = _mm256_broadcast_ss(XF + i * b.K + k);
-        for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(w[j], xv, acc[i][j]);
-      }
-    }
-    for (int i = 0; i < MR; ++i) {
-      const float sx = SX[i * b.ng + g];
-      for (int j = 0; j < 4; ++j) {  // y += scale * (sum x q - 8 sx) + zero * sx
-        const __m256 t = _mm256_sub_ps(acc[i][j], _mm256_set1_ps(8.f * sx));
-        tot[i][j] = _mm256_fmadd_ps(_mm256_load_ps(z + 8 * j), _mm256_set1_ps(sx),
-                                    _mm256_fmadd_ps(_mm256_load_ps(s + 8 * j), t, tot[i][j]));
-      }
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + i * 64 + rows[j], tot[i][j]);
+
+// One input row, quantised as the AVX2 path reads it: per k a (hi, lo) byte pair split over two
+// arrays (a k-pair's two bytes adjacent in each), per group xs and sum xq.
+struct RowI16 {
+  const int8_t* hi;  // [K]
+  const int8_t* lo;  // [K]
+  const float* xs;   // [ng]
+  const int32_t* sq; // [ng] sum of xq
+  const float* sx;   // [ng] exact sum of x
+};
+
+template <typename T>
+inline __m256 load8f(const T* p) {  // (other dtypes: refused before any kernel runs)
+  alignas(32) float a[8];
+  for (int i = 0; i < 8; ++i) a[i] = as_float(p[i]);
+  return _mm256_load_ps(a);
+}
+inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8f(const at::BFloat16* p) {
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
-// one input row (batch-1 decode): the whole block in one pass, each k's 32 bytes read once, 8
-// accumulators; every output row summed in the same order as half_avx2's (batched == alone).
-// 1.6-1.9x half_avx2's two passes at one row on Zen 3 (6 -> 11 GB/s of int4, bench/gemv.py)
-template <typename ST>
-void block1_avx2(const Block& b, const float* XF, const float* SX, const ST* SZ, float* out) {
-  const __m256i m15 = _mm256_set1_epi32(15);
-  __m256 tot[8];
-  for (int j = 0; j < 8; ++j) tot[j] = _mm256_setzero_ps();
-  alignas(32) float s[64], z[64];
-  for (int64_t g = 0; g < b.ng; ++g) {
-    const ST* sz = SZ + (g * b.N + b.n0) * 2;
-    for (int r = 0; r < 64; ++r) {
-      s[r] = as_float(sz[2 * r]);
-      z[r] = as_float(sz[2 * r + 1]);
-    }
-    __m256 acc[8];  // rows 8j.. for j < 4 (low nibbles), 32 + 8(j - 4).. (high)
-    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-    const int64_t k1 = (g + 1) * b.group;
-    for (int64_t k = g * b.group; k < k1; ++k) {
-      const uint8_t* p = b.p + k * 32;
-      _mm_prefetch(reinterpret_cast<const char*>(p + PF * 32), _MM_HINT_T0);
-      const __m256 xv = _mm256_broadcast_ss(XF + k);
-      for (int q = 0; q < 4; ++q) {
-        const __m256i v =
-            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q)));
-        acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m15)), xv, acc[q]);
-        acc[4 + q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), xv, acc[4 + q]);
+// (8 lanes at a time: the quantisation is serial before the blocks' parallel_for)
+template <typename T>
+void quantize_rows_i16(const T* X, int64_t M, int64_t K, int64_t group, std::vector<int8_t>& hi,
+                       std::vector<int8_t>& lo, std::vector<float>& xs, std::vector<int32_t>& sq,
+                       std::vector<float>& sx) {
+  const int64_t ng = K / group, g8 = group / 8 * 8;
+  hi.assign(M * K, 0);
+  lo.assign(M * K, 0);
+  xs.assign(M * ng, 0.f);
+  sq.assign(M * ng, 0);
+  sx.assign(M * ng, 0.f);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < ng; ++g) {
+      const T* x = X + m * K + g * group;
+      __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps(), vbad = vmax;
+      for (int64_t k = 0; k < g8; k += 8) {
+        const __m256 v = load8f(x + k);
+        vsum = _mm256_add_ps(vsum, v);
+        vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, abs_mask));
+        vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // NaN
       }
+      float amax = hmax8(vmax), s = gemv_rows::hsum8(vsum);
+      bool bad = _mm256_movemask_ps(vbad) != 0;
+      for (int64_t k = g8; k < group; ++k) {
+        const float v = as_float(x[k]);
+        amax = std::max(amax, std::fabs(v));
+        s += v;
+        bad = bad || std::isnan(v);
+      }
+      sx[m * ng + g] = s;
+      if (bad || !std::isfinite(amax)) {  // NaN / inf input: the group's outputs become NaN
+        xs[m * ng + g] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      if (amax == 0.f) continue;  // all zero: xq = 0, xs = 0
+      const float inv = static_cast<float>(kXqMax) / amax;
+      xs[m * ng + g] = amax / static_cast<float>(kXqMax);
+      int8_t* h = hi.data() + m * K + g * group;
+      int8_t* l = lo.data() + m * K + g * group;
+      const __m256 vinv = _mm256_set1_ps(inv);
+      const __m256i qmax = _mm256_set1_epi32(kXqMax), qmin = _mm256_set1_epi32(-kXqMax);
+      __m256i vtot = _mm256_setzero_si256();
+      alignas(32) int32_t hq[8], lq[8];
+      for (int64_t k = 0; k < g8; k += 8) {
+        // round to nearest even (the default rounding mode), as torch.round / nearbyint
+        __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(load8f(x + k), vinv));
+        q = _mm256_max_epi32(qmin, _mm256_min_epi32(qmax, q));
+        vtot = _mm256_add_epi32(vtot, q);
+        const __m256i hv = _mm256_srai_epi32(_mm256_add_epi32(q, _mm256_set1_epi32(128)), 8);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(hq), hv);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lq),
+                           _mm256_sub_epi32(q, _mm256_slli_epi32(hv, 8)));
+        for (int i = 0; i < 8; ++i) h[k + i] = static_cast<int8_t>(hq[i]), l[k + i] = static_cast<int8_t>(lq[i]);
+      }
+      alignas(32) int32_t t8[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(t8), vtot);
+      int32_t total = 0;
+      for (int i = 0; i < 8; ++i) total += t8[i];
+      for (int64_t k = g8; k < group; ++k) {
+        int32_t q = static_cast<int32_t>(std::nearbyint(as_float(x[k]) * inv));
+        q = std::min(kXqMax, std::max(-kXqMax, q));
+        const int32_t hk = (q + 128) >> 8;  // arithmetic shift: floor
+        h[k] = static_cast<int8_t>(hk);
+        l[k] = static_cast<int8_t>(q - 256 * hk);
+        total += q;
+      }
+      sq[m * ng + g] = total;
     }
-    const float sx = SX[g];
-    for (int j = 0; j < 8; ++j) {
-      const __m256 t = _mm256_sub_ps(acc[j], _mm256_set1_ps(8.f * sx));
-      tot[j] = _mm256_fmadd_ps(_mm256_load_ps(z + 8 * j), _mm256_set1_ps(sx),
-                               _mm256_fmadd_ps(_mm256_load_ps(s + 8 * j), t, tot[j]));
-    }
-  }
-  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + 8 * j, tot[j]);
 }
 
-template <int MR, typename ST>
-void block_avx2(const Block& b, const float* XF, const float* SX, const ST* SZ, float* out) {
-  if constexpr (MR == 1) {
-    block1_avx2(b, XF, SX, SZ, out);
-  } else {  // (more rows' accumulators do not fit the 16 ymm registers in one pass)
-    half_avx2<MR>(b, 0, XF, SX, SZ, out);
-    half_avx2<MR>(b, 1, XF, SX, SZ, out);
+// 8 rows' (scale, zero) pairs -> scales, zeros (other dtypes: refused by check_packed)
+template <typename T>
+inline void scales8(const T* p, __m256& s, __m256& z) {
+  alignas(32) float a[8], b[8];
+  for (int i = 0; i < 8; ++i) a[i] = as_float(p[2 * i]), b[i] = as_float(p[2 * i + 1]);
+  s = _mm256_load_ps(a);
+  z = _mm256_load_ps(b);
+}
+inline void scales8(const at::BFloat16* p, __m256& s, __m256& z) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  z = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+inline void scales8(const float* p, __m256& s, __m256& z) {
+  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);  // s0 z0 .. s3 z3, s4 ..
+  // in-lane shuffles give rows (0 1 4 5 | 2 3 6 7): the 64-bit permute puts them in order
+  s = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+  z = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+}
+
+// first output row of int32 accumulator (j, h): the unpacks' row order (see block_i16)
+constexpr int kRow0[8] = {0, 16, 8, 24, 32, 48, 40, 56};
+
+// NR (1 or 2) input rows against a 64-row block: out [NR][64] fp32. The weight bytes are
+// unpacked once for the NR rows; integer sums are exact, so a row's result is the same bits
+// whichever rows share its pass (batched == alone).
+template <int NR, typename ST>
+void block_i16(const Block& b, const RowI16* x, const ST* SZ, float* out) {
+  const __m256i m15 = _mm256_set1_epi8(15);
+  alignas(32) float tot[NR][64] = {};
+  for (int64_t g = 0; g < b.ng; ++g) {
+    const ST* sz = SZ + (g * b.N + b.n0) * 2;
+    // int32 sums: [row][i] rows kRow0[i] .. + 7, sum over k of xq q
+    __m256i a32[NR][8];
+    for (int m = 0; m < NR; ++m)
+      for (int i = 0; i < 8; ++i) a32[m][i] = _mm256_setzero_si256();
+    const int64_t kg0 = g * b.group, kg1 = kg0 + b.group;
+    for (int64_t kc = kg0; kc < kg1; kc += 16) {  // 8 k-pairs: int16 sums stay exact
+      __m256i hi16[NR][4], lo16[NR][4];  // [row][u + 2 * nibble]
+      const int64_t kend = std::min(kc + 16, kg1);
+      // rows of the low unpack (u = 0), then of the high one over the same 512 bytes (from L1):
+      // 4 accumulators a row and loop fit the registers (8 in one loop spilled: 0.8x)
+      for (int u = 0; u < 2; ++u) {
+        __m256i h0[NR], l0[NR], h1[NR], l1[NR];
+        for (int m = 0; m < NR; ++m) h0[m] = l0[m] = h1[m] = l1[m] = _mm256_setzero_si256();
+        for (int64_t k = kc; k < kend; k += 2) {
+          const uint8_t* p = b.p + k * 32;
+          if (u == 0) {
+            _mm_prefetch(reinterpret_cast<const char*>(p + PF * 32), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(p + PF * 32 + 32), _MM_HINT_T0);
+          }
+          const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+          const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+          // per 128-bit lane, byte pairs (k, k + 1) of rows {0..7, 16..23} (u = 0) or
+          // {8..15, 24..31} (u = 1) in their low nibbles, the same + 32 in the high ones
+          const __m256i v = u == 0 ? _mm256_unpacklo_epi8(b0, b1) : _mm256_unpackhi_epi8(b0, b1);
+          const __m256i wl = _mm256_and_si256(v, m15);
+          const __m256i wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+          for (int m = 0; m < NR; ++m) {
+            int16_t ph, pl;
+            std::memcpy(&ph, x[m].hi + k, 2);
+            std::memcpy(&pl, x[m].lo + k, 2);
+            const __m256i xh = _mm256_set1_epi16(ph), xl = _mm256_set1_epi16(pl);
+            h0[m] = _mm256_add_epi16(h0[m], _mm256_maddubs_epi16(wl, xh));
+            l0[m] = _mm256_add_epi16(l0[m], _mm256_maddubs_epi16(wl, xl));
+            h1[m] = _mm256_add_epi16(h1[m], _mm256_maddubs_epi16(wh, xh));
+            l1[m] = _mm256_add_epi16(l1[m], _mm256_maddubs_epi16(wh, xl));
+          }
+        }
+        for (int m = 0; m < NR; ++m)
+          hi16[m][u] = h0[m], lo16[m][u] = l0[m], hi16[m][2 + u] = h1[m], lo16[m][2 + u] = l1[m];
+      }
+      for (int m = 0; m < NR; ++m)
+        for (int j = 0; j < 4; ++j) {  // widen: 256 hi + lo, rows of each 128-bit half apart
+          const __m256i h0 = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi16[m][j]));
+          const __m256i h1 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi16[m][j], 1));
+          const __m256i l0 = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo16[m][j]));
+          const __m256i l1 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(lo16[m][j], 1));
+          a32[m][2 * j] =
+              _mm256_add_epi32(a32[m][2 * j], _mm256_add_epi32(_mm256_slli_epi32(h0, 8), l0));
+          a32[m][2 * j + 1] =
+              _mm256_add_epi32(a32[m][2 * j + 1], _mm256_add_epi32(_mm256_slli_epi32(h1, 8), l1));
+        }
+    }
+    // y += scale * xs * (sum xq q - 8 sum xq) + zero * sum x
+    for (int i = 0; i < 8; ++i) {
+      const int r = kRow0[i];
+      __m256 sv, zv;
+      scales8(sz + 2 * r, sv, zv);
+      for (int m = 0; m < NR; ++m) {
+        const __m256i sq8 = _mm256_set1_epi32(8 * x[m].sq[g]);
+        const __m256 d = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a32[m][i], sq8)),
+                                       _mm256_set1_ps(x[m].xs[g]));
+        const __m256 t = _mm256_fmadd_ps(sv, d, _mm256_load_ps(tot[m] + r));
+        _mm256_store_ps(tot[m] + r, _mm256_fmadd_ps(zv, _mm256_set1_ps(x[m].sx[g]), t));
+      }
+    }
   }
+  std::memcpy(out, tot, sizeof(tot));
 }
 
 void check_packed(const torch::Tensor& packed, const torch::Tensor& sz, int64_t group, int64_t N,
@@ -345,26 +462,38 @@ void dequant_rows(const uint8_t* P, const ST* SZ, int64_t group, int64_t N, int6
 struct Call {
   const uint8_t* P;     // packed W
   const void* SZ;       // scales_and_zeros (x's dtype)
-  const void* X;        // x rows (bf16: the VBMI path) ...
-  const float* XF;      // ... or as fp32 (the AVX2 path)
+  const void* X;        // x rows (bf16: the VBMI path)
   std::vector<float> sx;  // per row and group: the sum of x
+  std::vector<int8_t> hi, lo;  // the AVX2 path: x quantised (quantize_rows_i16)
+  std::vector<float> xs;
+  std::vector<int32_t> sq;
   void* Y;              // y [M, n]
   int64_t M;
+
+  RowI16 row(int64_t m, int64_t K, int64_t ng) const {
+    return RowI16{hi.data() + m * K, lo.data() + m * K, xs.data() + m * ng, sq.data() + m * ng,
+                  sx.data() + m * ng};
+  }
 };
 
 // y: where its [M, n] result goes (rows of the caller's output)
 Call make_call(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& sz,
-               int64_t group, int64_t n, bool vbmi, torch::Tensor& xf, void* y) {
+               int64_t group, int64_t n, bool vbmi, void* y) {
   const int64_t M = x.size(0), K = x.size(1);
   check_packed(packed, sz, group, n, K);
   TORCH_CHECK(x.dim() == 2 && M <= kMaxRows && x.is_contiguous() && x.device().is_cpu(),
               "linear_int4: x [M <= 16, K] contiguous on the CPU");
   TORCH_CHECK(x.scalar_type() == sz.scalar_type(), "linear_int4: x and scales_and_zeros share a dtype");
-  xf = vbmi ? x : x.to(at::kFloat);  // the AVX2 path reads fp32 rows
-  return Call{packed.data_ptr<uint8_t>(), sz.data_ptr(), x.data_ptr(), vbmi ? nullptr : xf.data_ptr<float>(),
-              vbmi ? group_sums(x.data_ptr<at::BFloat16>(), M, K, group)
-                   : group_sums(xf.data_ptr<float>(), M, K, group),
-              y, M};
+  Call c{packed.data_ptr<uint8_t>(), sz.data_ptr(), x.data_ptr(), {}, {}, {}, {}, {}, y, M};
+  if (vbmi) {
+    c.sx = group_sums(x.data_ptr<at::BFloat16>(), M, K, group);
+  } else {
+    TORCH_CHECK(group <= kMaxGroupI16, "linear_int4: groups of at most 2048 inputs");
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int4_quantize_x", [&] {
+      quantize_rows_i16(x.data_ptr<scalar_t>(), M, K, group, c.hi, c.lo, c.xs, c.sq, c.sx);
+    });
+  }
+  return c;
 }
 
 // every 64-row block of every call, one parallel_for over all of them
@@ -385,7 +514,11 @@ void run_calls(const std::vector<Call>& calls, int64_t K, int64_t group, int64_t
           const auto* S = reinterpret_cast<const uint16_t*>(SZ);
           DISPATCH_MR(mr, block_vbmi, b, X, c.sx.data() + m * ng, S, out);
         } else {
-          DISPATCH_MR(mr, block_avx2, b, c.XF + m * K, c.sx.data() + m * ng, SZ, out);
+          RowI16 rows[kMR];
+          for (int r = 0; r < mr; ++r) rows[r] = c.row(m + r, K, ng);
+          int r = 0;
+          for (; r + 2 <= mr; r += 2) block_i16<2>(b, rows + r, SZ, out + r * 64);
+          if (r < mr) block_i16<1>(b, rows + r, SZ, out + r * 64);
         }
         for (int r = 0; r < mr; ++r)
           for (int d = 0; d < 64; ++d) Y[(m + r) * n + b.n0 + d] = out[r * 64 + d];
@@ -403,9 +536,9 @@ bool int4_fast_supported() { return cpu_vbmi_bf16(); }
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed,
                           const torch::Tensor& sz, int64_t group, int64_t n, bool avx2_only) {
   const bool vbmi = !avx2_only && x.scalar_type() == at::kBFloat16 && cpu_vbmi_bf16();
-  torch::Tensor xf, y = torch::empty({x.size(0), n}, x.options());
+  torch::Tensor y = torch::empty({x.size(0), n}, x.options());
   std::vector<Call> calls;
-  calls.push_back(make_call(x, packed, sz, group, n, vbmi, xf, y.data_ptr()));
+  calls.push_back(make_call(x, packed, sz, group, n, vbmi, y.data_ptr()));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "linear_int4", [&] {
     run_calls<scalar_t>(calls, x.size(1), group, n, vbmi);
   });
@@ -433,11 +566,10 @@ torch::Tensor linear_int4_many(const std::vector<torch::Tensor>& xs,
     rows += x.size(0);
   }
   torch::Tensor y = torch::empty({rows, n}, xs[0].options());
-  std::vector<torch::Tensor> xf(xs.size());
   std::vector<Call> calls;
   calls.reserve(xs.size());
   for (size_t i = 0, row = 0; i < xs.size(); row += xs[i].size(0), ++i)
-    calls.push_back(make_call(xs[i], packed[i], sz[i], group, n, vbmi, xf[i],
+    calls.push_back(make_call(xs[i], packed[i], sz[i], group, n, vbmi,
                               static_cast<char*>(y.data_ptr()) + row * n * y.element_size()));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "linear_int4_many", [&] {
     run_calls<scalar_t>(calls, K, group, n, vbmi);

@@ -11,6 +11,7 @@ fast path is tested against.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
@@ -103,3 +104,34 @@ def dequantize_int4_groups(q: torch.Tensor, sz: torch.Tensor, group: int, dtype=
     s = sz[..., 0].float().t().repeat_interleave(group, 1)  # [out, in]
     z = sz[..., 1].float().t().repeat_interleave(group, 1)
     return ((q.float() - 8) * s + z).to(dtype)
+
+
+INT16_X_MAX = 32512  # kernels/int4_cpu.cpp kXqMax: |xq| where (xq + 128) >> 8 is a signed byte
+
+
+def quantize_rows_i16(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] -> x^ [M, K] fp32 as the AVX2 int4 GEMV sees it (kernels/int4_cpu.cpp): per row
+    and group of `group` inputs, x rounded to a multiple of xs = amax / 32512 (|x - x^| <=
+    amax / 65024). A group with a non-finite value becomes NaN; an all-zero group stays zero."""
+    m, k = x.shape
+    xg = x.float().reshape(m, k // group, group)
+    amax = xg.abs().amax(-1, keepdim=True)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    xq = torch.round(xg * (INT16_X_MAX / safe)).clamp_(-INT16_X_MAX, INT16_X_MAX)
+    xh = xq * (safe / INT16_X_MAX)
+    xh = torch.where(torch.isfinite(amax), xh, torch.full_like(xh, float("nan")))
+    return xh.reshape(m, k)
+
+
+def int4_linear_i16_reference(
+    x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int
+) -> torch.Tensor:
+    """The PyTorch twin of the AVX2 int4 GEMV: x [M, K] @ W^T [K, N] fp32 with x quantised as
+    quantize_rows_i16 does, except that each group's zero point multiplies the exact sum of x
+    (the kernel keeps it: W = (q - 8) * scale + zero, y = sum x^ (q - 8) scale + zero sum x)."""
+    m, k = x.shape
+    xh = quantize_rows_i16(x, group)
+    w = dequantize_int4_groups(q, sz, group, torch.float32)  # [N, K]
+    ng = k // group
+    diff = x.float().reshape(m, ng, group).sum(-1) - xh.reshape(m, ng, group).sum(-1)  # [M, ng]
+    return F.linear(xh, w) + diff @ sz[..., 1].float()  # zeros [ng, N]
