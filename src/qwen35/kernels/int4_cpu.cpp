@@ -147,10 +147,11 @@ TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, 
 // bytes and adds the pair (k, k + 1) per row, exactly (the two k's bytes interleaved by an
 // unpack). int16 sums widen to int32 every 8 k-pairs (8 x 2 x 15 x 128 < 2^15), so per group
 // and row D = sum xq (q - 8) is exact and y += scale * xs * D + zero * sum x (the zero term
-// with the exact fp32 sum of x). 128 weights = ~33 vector ops.
-// One input row a pass over the block (its accumulators take the 16 ymm registers); more rows
-// read the block again from the cache. A row's result therefore never depends on the other
-// rows of the call (batched == alone). x non-finite in a group: that group's xs is NaN (y NaN).
+// with the exact fp32 sum of x). 128 weights = ~30 vector ops.
+// One or two input rows a pass over the block (4 int16 accumulators a row and half-block loop
+// fit the 16 ymm registers); more rows take more passes, the block then read from the cache.
+// Integer sums make a row's result independent of the rows beside it (batched == alone).
+// x non-finite in a group: that group's xs is NaN (the row's outputs NaN).
 
 constexpr int kXqMax = 32512;  // |xq|: (xq + 128) >> 8 stays within a signed byte
 constexpr int64_t kMaxGroupI16 = 2048;  // sum over a group of |xq (q - 8)| within int32
