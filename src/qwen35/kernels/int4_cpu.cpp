@@ -220,8 +220,10 @@ void quantize_rows_i16(const T* X, int64_t M, int64_t K, int64_t group, std::vec
         xs[m * ng + g] = std::numeric_limits<float>::quiet_NaN();
         continue;
       }
-      if (amax == 0.f) continue;  // all zero: xq = 0, xs = 0
       const float inv = static_cast<float>(kXqMax) / amax;
+      // all zero, or so small (amax < ~1e-34) that 1 / xs overflows: xq = 0, xs = 0 (the group
+      // then adds zero * sum x; its xs q terms would be below 1e-30)
+      if (amax == 0.f || !std::isfinite(inv)) continue;
       xs[m * ng + g] = amax / static_cast<float>(kXqMax);
       int8_t* h = hi.data() + m * K + g * group;
       int8_t* l = lo.data() + m * K + g * group;

@@ -112,13 +112,15 @@ INT16_X_MAX = 32512  # kernels/int4_cpu.cpp kXqMax: |xq| where (xq + 128) >> 8 i
 def quantize_rows_i16(x: torch.Tensor, group: int) -> torch.Tensor:
     """x [M, K] -> x^ [M, K] fp32 as the AVX2 int4 GEMV sees it (kernels/int4_cpu.cpp): per row
     and group of `group` inputs, x rounded to a multiple of xs = amax / 32512 (|x - x^| <=
-    amax / 65024). A group with a non-finite value becomes NaN; an all-zero group stays zero."""
+    amax / 65024). A group with a non-finite value becomes NaN; a group of zeros, or of values
+    so small (amax < ~1e-34) that 32512 / amax overflows, becomes zeros."""
     m, k = x.shape
     xg = x.float().reshape(m, k // group, group)
     amax = xg.abs().amax(-1, keepdim=True)
-    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-    xq = torch.round(xg * (INT16_X_MAX / safe)).clamp_(-INT16_X_MAX, INT16_X_MAX)
-    xh = xq * (safe / INT16_X_MAX)
+    inv = INT16_X_MAX / amax  # inf for zero (or below ~1e-34) groups: those become zeros
+    live = torch.isfinite(inv)
+    xq = torch.round(xg * torch.where(live, inv, 0)).clamp_(-INT16_X_MAX, INT16_X_MAX)
+    xh = xq * torch.where(live, amax / INT16_X_MAX, 0)
     xh = torch.where(torch.isfinite(amax), xh, torch.full_like(xh, float("nan")))
     return xh.reshape(m, k)
 
