@@ -107,7 +107,47 @@ def test_int8_matches_reference(mod, dtype, avx2_only):
             ref = x.float() @ (q.float() * s.float()[:, None]).T
             y = mod.linear_int8(x, q, s, avx2_only)
             assert y.dtype == dtype
-            assert rel_error(y, ref) < (4e-3 if dtype == torch.bfloat16 else 1e-5), (n, k, m)
+            i16 = _int8_i16(mod, dtype, avx2_only)
+            tol = 4e-3 if dtype == torch.bfloat16 else (X16_TOL if i16 else 1e-5)
+            assert rel_error(y, ref) < tol, (n, k, m)
+            if i16:  # its PyTorch twin (x rounded to 16 bits per group of 128): fp32 order only
+                twin = formats.int8_linear_i16_reference(x, q, s)
+                assert rel_error(y, twin) < (4e-3 if dtype == torch.bfloat16 else 5e-6), (n, k, m)
+
+
+# fp32 rows on the int8 AVX2 path against F.linear on the exact x: x is rounded to 16 bits per
+# group of 128 (|x - x^| <= amax / 65534: ~1.5e-5 of randn's norm)
+X16_TOL = 5e-5
+
+
+def _int8_i16(mod, dtype, avx2_only: bool) -> bool:
+    """linear_int8 takes the AVX2 integer path (no AVX512, or avx2_only; bf16 rows on
+    AVX512-VBMI + BF16 CPUs take the byte tables, fp32 rows on AVX512 CPUs the exact FMA)."""
+    tables = not avx2_only and dtype == torch.bfloat16 and mod.fp8_supported(128)
+    return not tables and (avx2_only or not mod.fp8_cvt_supported())
+
+
+def test_int8_avx2_path_keeps_non_finite_rows_apart(mod):
+    """A row with an inf or a NaN comes out NaN on the AVX2 integer path without touching the
+    other rows; a group of values too small for 16-bit rounding (amax < ~1e-34) counts as
+    zeros; a tail group shorter than 128 (K = 300) is quantised on its own."""
+    g = torch.Generator().manual_seed(9)
+    n, k = 70, 300
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, generator=g)
+    x = torch.randn(4, k, generator=g)
+    x[0, 128:256] *= 1e-37
+    x[3, 256:] *= 1000  # the tail group: its own scale
+    xh = formats.quantize_rows_i16(x, formats.INT8_X_GROUP, formats.INT8_X_MAX)
+    assert not xh[0, 128:256].any()
+    assert ((xh - x)[3, :256].abs() <= x[3, :256].abs().max() / 65534 * (1 + 1e-6)).all()
+    x[1, 7], x[2, 299] = float("inf"), float("nan")
+    y = mod.linear_int8(x, q, s, True)
+    assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+    for r in (0, 3):
+        assert torch.equal(y[r], mod.linear_int8(x[r : r + 1], q, s, True)[0])
+    ref = x[[0, 3]] @ (q.float() * s[:, None]).T
+    assert rel_error(y[[0, 3]], ref) < X16_TOL
 
 
 @pytest.mark.parametrize("avx2_only", [False, True])

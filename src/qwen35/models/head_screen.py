@@ -13,8 +13,9 @@ where err_v (built once from the weights) is the row's quantisation error ||W_v 
 (Cauchy-Schwarz) plus worst-case bounds of both sides' float rounding (the input rounded to bf16,
 fp32 accumulation over K terms, the output rounded to bf16), nq_v = ||s_v q_v||_2 carries the
 input's own int8 error where the screen quantises it (kernels/head_screen_cpu.cpp: blocks of 64,
-bytes times bytes on AVX512-VNNI; `candidates_reference`, the PyTorch twin, keeps fp32 rows and
-that term is 0), and tiny_v covers denormals flushed to zero.
+bytes times bytes on AVX512-VNNI; `candidates_reference`, the PyTorch twin, screens through the
+int8 GEMV, which on CPUs without AVX512 rounds its rows to 16 bits: the same term), and tiny_v
+covers denormals flushed to zero.
 
 With lo = screen - bound and hi = screen + bound, at least k tokens have a logit >= the k-th
 largest lo of the row, so every token among the k largest logits (ties included) has hi >= it.
@@ -42,6 +43,7 @@ import math
 import torch
 
 from qwen35.layers.linear import GEMV_MAX_ROWS, Linear, linear
+from qwen35.quant.formats import INT8_X_GROUP, INT8_X_MAX, quantize_rows_i16
 
 MAX_CANDIDATES = 4096  # more tokens left after the screen: the full head is as cheap
 # Rows up to which the screen beats the full head: the int8 screen's work grows with the rows
@@ -150,13 +152,20 @@ class HeadScreen:
         return int8_linear(x.float(), self.q, self.scale)
 
     def candidates_reference(self, x: torch.Tensor, ks: list[int]) -> torch.Tensor | None:
-        """The same from `screen` and torch ops (the input rows stay fp32: no ||x - x^|| term)."""
+        """The same from `screen` and torch ops. The int8 GEMV behind `screen` rounds its fp32
+        rows to 16 bits per group of 128 on CPUs without AVX512 (kernels/gemv_cpu.cpp), so the
+        bound carries nq_v ||x - x^|| for that rounding (where the rows stay exact the term only
+        widens the bound by ~1e-5 of ||x||)."""
         s = self.screen(x)  # [S, V]
         if not bool(torch.isfinite(s).all()):
             return None
-        xn = x.float().norm(dim=1, keepdim=True) * (1 + 2.0**-10)  # [S, 1]
-        # b = ||x|| err + tiny + slack for rounding s +- b in fp32
-        b = torch.addcmul(self.tiny, xn, self.err).add_(s.abs(), alpha=2.0**-18)  # [S, V]
+        xf = x.float()
+        xn = xf.norm(dim=1, keepdim=True) * (1 + 2.0**-10)  # [S, 1]
+        xh = quantize_rows_i16(xf, INT8_X_GROUP, INT8_X_MAX)
+        xe = (xf - xh).norm(dim=1, keepdim=True) * (1 + 2.0**-10)  # [S, 1]
+        # b = ||x|| err + ||x - x^|| nq + tiny + slack for rounding s +- b in fp32
+        b = torch.addcmul(self.tiny, xn, self.err).addcmul_(xe, self.nq)
+        b.add_(s.abs(), alpha=2.0**-18)  # [S, V]
         lo = s - b
         V = lo.shape[1]
         best = torch.stack([

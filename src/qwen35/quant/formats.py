@@ -109,20 +109,33 @@ def dequantize_int4_groups(q: torch.Tensor, sz: torch.Tensor, group: int, dtype=
 INT16_X_MAX = 32512  # kernels/int4_cpu.cpp kXqMax: |xq| where (xq + 128) >> 8 is a signed byte
 
 
-def quantize_rows_i16(x: torch.Tensor, group: int) -> torch.Tensor:
-    """x [M, K] -> x^ [M, K] fp32 as the AVX2 int4 GEMV sees it (kernels/int4_cpu.cpp): per row
-    and group of `group` inputs, x rounded to a multiple of xs = amax / 32512 (|x - x^| <=
-    amax / 65024). A group with a non-finite value becomes NaN; a group of zeros, or of values
-    so small (amax < ~1e-34) that 32512 / amax overflows, becomes zeros."""
+def quantize_rows_i16(x: torch.Tensor, group: int, qmax: int = INT16_X_MAX) -> torch.Tensor:
+    """x [M, K] -> x^ [M, K] fp32 as the AVX2 int4 / int8 GEMVs see it (kernels/int4_cpu.cpp,
+    gemv_cpu.cpp): per row and group of `group` inputs (the last one shorter when K is not a
+    multiple), x rounded to a multiple of xs = amax / qmax (|x - x^| <= amax / (2 qmax); int4's
+    qmax 32512, int8's 32767). A group with a non-finite value becomes NaN; a group of zeros, or
+    of values so small (amax < ~1e-34) that qmax / amax overflows, becomes zeros."""
     m, k = x.shape
-    xg = x.float().reshape(m, k // group, group)
+    pad = -k % group
+    xg = F.pad(x.float(), (0, pad)).reshape(m, (k + pad) // group, group)
     amax = xg.abs().amax(-1, keepdim=True)
-    inv = INT16_X_MAX / amax  # inf for zero (or below ~1e-34) groups: those become zeros
+    inv = qmax / amax  # inf for zero (or below ~1e-34) groups: those become zeros
     live = torch.isfinite(inv)
-    xq = torch.round(xg * torch.where(live, inv, 0)).clamp_(-INT16_X_MAX, INT16_X_MAX)
-    xh = xq * torch.where(live, amax / INT16_X_MAX, 0)
+    xq = torch.round(xg * torch.where(live, inv, 0)).clamp_(-qmax, qmax)
+    xh = xq * torch.where(live, amax / qmax, 0)
     xh = torch.where(torch.isfinite(amax), xh, torch.full_like(xh, float("nan")))
-    return xh.reshape(m, k)
+    return xh.reshape(m, k + pad)[:, :k]
+
+
+INT8_X_GROUP = 128  # kernels/gemv_cpu.cpp kI16Group
+INT8_X_MAX = 32767
+
+
+def int8_linear_i16_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The PyTorch twin of the int8 GEMV on CPUs without AVX512: x [M, K] @ (q [N, K] int8 *
+    scale [N])^T in fp32, x rounded to 16 bits per group of 128 inputs (quantize_rows_i16)."""
+    xh = quantize_rows_i16(x, INT8_X_GROUP, INT8_X_MAX)
+    return F.linear(xh, q.float()) * scale.float()
 
 
 def int4_linear_i16_reference(
