@@ -11,8 +11,10 @@
 // - linear_fp32: fp32 weights and rows, FMA.
 // - linear_int8: int8 weights with one scale per output row (weight-only: activations keep their
 //   precision). bf16 rows on AVX512-VBMI + BF16 CPUs: the FP8 scheme below with tables for the
-//   two's-complement values (sign bit set / clear, blended); otherwise int8 -> fp32 + FMA, 8
-//   weights a step (the 16-wide AVX512 sign extension measured slower on Zen 4: bench/gemv.py).
+//   two's-complement values (sign bit set / clear, blended); fp32 rows on other AVX512 CPUs:
+//   int8 -> fp32 + FMA, 8 weights a step (the 16-wide AVX512 sign extension measured slower on
+//   Zen 4: bench/gemv.py); CPUs without AVX512: x rounded to 16 bits per group of 128 and
+//   integer dot products (int8_rows_i16 below).
 // - linear_fp8: block-FP8 (e4m3, one fp32 scale per bo x bi block) for bf16 activations on
 //   AVX512-VBMI + BF16 CPUs: each weight byte becomes its exact bf16 through two 128-entry byte
 //   tables (vpermi2b: low and high byte), then vdpbf16ps. The byte unpack interleaves within
@@ -20,7 +22,8 @@
 //   CPUs (cvt = true): each byte's bits moved into an fp16, converted exactly, then FMA.
 // Above 4 rows the table paths convert each weight row once and run two at a time
 // (for_row_pairs). Full 64-byte chunks load unmasked (load64: masks cost 3x on Zen 5).
-// Every path accumulates exact products in fp32; results equal F.linear up to summation order.
+// Every path but the int8 AVX2 one accumulates exact products in fp32; results equal F.linear up
+// to summation order (the int8 AVX2 one: F.linear on x rounded to 16 bits, its PyTorch twin).
 // The PyTorch twins: F.linear on the (dequantised) weight (layers/linear.py, quant/matmul.py).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
