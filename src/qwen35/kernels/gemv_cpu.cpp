@@ -36,7 +36,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -248,30 +247,8 @@ RowsI16 quantize_rows_i16(const float* X, int64_t M, int64_t K) {
   r.xs.assign(M * r.ng, 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < r.ng; ++g) {
-      const int64_t k0 = g * kI16Group, k1 = std::min(K, k0 + kI16Group);
-      const float* x = X + m * K;
-      float amax = 0.f;
-      bool bad = false;
-      for (int64_t k = k0; k < k1; ++k) {
-        amax = std::max(amax, std::fabs(x[k]));
-        bad = bad || std::isnan(x[k]);
-      }
-      if (bad || !std::isfinite(amax)) {
-        r.xs[m * r.ng + g] = std::numeric_limits<float>::quiet_NaN();
-        continue;
-      }
-      const float inv = 32767.f / amax;
-      if (amax == 0.f || !std::isfinite(inv)) continue;  // zeros (or below ~1e-34): xq = 0
-      r.xs[m * r.ng + g] = amax / 32767.f;
-      int16_t* q = r.xq.data() + m * K;
-      int64_t k = k0;
-      const __m256 vinv = _mm256_set1_ps(inv);
-      for (; k + 8 <= k1; k += 8) {  // round to nearest even, as torch.round
-        const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
-        const __m128i p = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), p);  // |v| <= 32767: no saturation
-      }
-      for (; k < k1; ++k) q[k] = static_cast<int16_t>(std::nearbyint(x[k] * inv));
+      const int64_t k0 = m * K + g * kI16Group, n = std::min(K - g * kI16Group, kI16Group);
+      r.xs[m * r.ng + g] = gemv_rows::quantize_group_i16(X + k0, n, 32767, r.xq.data() + k0);
     }
   return r;
 }

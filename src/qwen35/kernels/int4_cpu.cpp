@@ -41,10 +41,8 @@
 #include "gemv_rows.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -168,26 +166,9 @@ struct RowI16 {
   const float* sx;   // [ng] exact sum of x
 };
 
-template <typename T>
-inline __m256 load8f(const T* p) {  // (other dtypes: refused before any kernel runs)
-  alignas(32) float a[8];
-  for (int i = 0; i < 8; ++i) a[i] = as_float(p[i]);
-  return _mm256_load_ps(a);
-}
-inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8f(const at::BFloat16* p) {
-  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-inline float hmax8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
-// (8 lanes at a time: the quantisation is serial before the blocks' parallel_for)
-template <typename T>
-void quantize_rows_i16(const T* X, int64_t M, int64_t K, int64_t group, std::vector<int8_t>& hi,
+// x rows [M, K] fp32 -> per group: (hi, lo) bytes, xs, sum xq, exact sum x (the rounding itself:
+// gemv_rows::quantize_group_i16, shared with the int8 GEMV)
+void quantize_rows_i16(const float* X, int64_t M, int64_t K, int64_t group, std::vector<int8_t>& hi,
                        std::vector<int8_t>& lo, std::vector<float>& xs, std::vector<int32_t>& sq,
                        std::vector<float>& sx) {
   const int64_t ng = K / group, g8 = group / 8 * 8;
@@ -196,63 +177,40 @@ void quantize_rows_i16(const T* X, int64_t M, int64_t K, int64_t group, std::vec
   xs.assign(M * ng, 0.f);
   sq.assign(M * ng, 0);
   sx.assign(M * ng, 0.f);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  std::vector<int16_t> q(group);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < ng; ++g) {
-      const T* x = X + m * K + g * group;
-      __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps(), vbad = vmax;
-      for (int64_t k = 0; k < g8; k += 8) {
-        const __m256 v = load8f(x + k);
-        vsum = _mm256_add_ps(vsum, v);
-        vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, abs_mask));
-        vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // NaN
-      }
-      float amax = hmax8(vmax), s = gemv_rows::hsum8(vsum);
-      bool bad = _mm256_movemask_ps(vbad) != 0;
-      for (int64_t k = g8; k < group; ++k) {
-        const float v = as_float(x[k]);
-        amax = std::max(amax, std::fabs(v));
-        s += v;
-        bad = bad || std::isnan(v);
-      }
+      const int64_t k0 = m * K + g * group;
+      const float* x = X + k0;
+      __m256 vsum = _mm256_setzero_ps();
+      for (int64_t k = 0; k < g8; k += 8) vsum = _mm256_add_ps(vsum, _mm256_loadu_ps(x + k));
+      float s = gemv_rows::hsum8(vsum);
+      for (int64_t k = g8; k < group; ++k) s += x[k];
       sx[m * ng + g] = s;
-      if (bad || !std::isfinite(amax)) {  // NaN / inf input: the group's outputs become NaN
-        xs[m * ng + g] = std::numeric_limits<float>::quiet_NaN();
-        continue;
-      }
-      const float inv = static_cast<float>(kXqMax) / amax;
-      // all zero, or so small (amax < ~1e-34) that 1 / xs overflows: xq = 0, xs = 0 (the group
-      // then adds zero * sum x; its xs q terms would be below 1e-30)
-      if (amax == 0.f || !std::isfinite(inv)) continue;
-      xs[m * ng + g] = amax / static_cast<float>(kXqMax);
-      int8_t* h = hi.data() + m * K + g * group;
-      int8_t* l = lo.data() + m * K + g * group;
-      const __m256 vinv = _mm256_set1_ps(inv);
-      const __m256i qmax = _mm256_set1_epi32(kXqMax), qmin = _mm256_set1_epi32(-kXqMax);
+      xs[m * ng + g] = gemv_rows::quantize_group_i16(x, group, kXqMax, q.data());
+      // hi = (q + 128) >> 8 (floor), lo = q - 256 hi; 16 at a time (q + 128 fits int16)
       __m256i vtot = _mm256_setzero_si256();
-      alignas(32) int32_t hq[8], lq[8];
-      for (int64_t k = 0; k < g8; k += 8) {
-        // round to nearest even (the default rounding mode), as torch.round / nearbyint
-        __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(load8f(x + k), vinv));
-        q = _mm256_max_epi32(qmin, _mm256_min_epi32(qmax, q));
-        vtot = _mm256_add_epi32(vtot, q);
-        const __m256i hv = _mm256_srai_epi32(_mm256_add_epi32(q, _mm256_set1_epi32(128)), 8);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(hq), hv);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(lq),
-                           _mm256_sub_epi32(q, _mm256_slli_epi32(hv, 8)));
-        for (int i = 0; i < 8; ++i) h[k + i] = static_cast<int8_t>(hq[i]), l[k + i] = static_cast<int8_t>(lq[i]);
+      int64_t k = 0;
+      for (; k + 16 <= group; k += 16) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.data() + k));
+        const __m256i h = _mm256_srai_epi16(_mm256_add_epi16(v, _mm256_set1_epi16(128)), 8);
+        const __m256i l = _mm256_sub_epi16(v, _mm256_slli_epi16(h, 8));
+        // in-lane pack (h 0-7, l 0-7 | h 8-15, l 8-15) -> (h 0-15 | l 0-15)
+        const __m256i hl = _mm256_permute4x64_epi64(_mm256_packs_epi16(h, l), 0xD8);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi.data() + k0 + k), _mm256_castsi256_si128(hl));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo.data() + k0 + k),
+                         _mm256_extracti128_si256(hl, 1));
+        vtot = _mm256_add_epi32(vtot, _mm256_madd_epi16(v, _mm256_set1_epi16(1)));
       }
       alignas(32) int32_t t8[8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(t8), vtot);
       int32_t total = 0;
       for (int i = 0; i < 8; ++i) total += t8[i];
-      for (int64_t k = g8; k < group; ++k) {
-        int32_t q = static_cast<int32_t>(std::nearbyint(as_float(x[k]) * inv));
-        q = std::min(kXqMax, std::max(-kXqMax, q));
-        const int32_t hk = (q + 128) >> 8;  // arithmetic shift: floor
-        h[k] = static_cast<int8_t>(hk);
-        l[k] = static_cast<int8_t>(q - 256 * hk);
-        total += q;
+      for (; k < group; ++k) {
+        const int32_t h = (q[k] + 128) >> 8;  // arithmetic shift: floor
+        hi[k0 + k] = static_cast<int8_t>(h);
+        lo[k0 + k] = static_cast<int8_t>(q[k] - 256 * h);
+        total += q[k];
       }
       sq[m * ng + g] = total;
     }
@@ -492,9 +450,14 @@ Call make_call(const torch::Tensor& x, const torch::Tensor& packed, const torch:
     c.sx = group_sums(x.data_ptr<at::BFloat16>(), M, K, group);
   } else {
     TORCH_CHECK(group <= kMaxGroupI16, "linear_int4: groups of at most 2048 inputs");
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int4_quantize_x", [&] {
-      quantize_rows_i16(x.data_ptr<scalar_t>(), M, K, group, c.hi, c.lo, c.xs, c.sq, c.sx);
-    });
+    std::vector<float> xf;  // bf16 rows widened (exact) without a torch op's overhead
+    if (x.scalar_type() == at::kBFloat16) {
+      const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
+      xf.resize(M * K);
+      for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(xb[i]);
+    }
+    const float* X = xf.empty() ? x.data_ptr<float>() : xf.data();  // (else fp32: check_packed)
+    quantize_rows_i16(X, M, K, group, c.hi, c.lo, c.xs, c.sq, c.sx);
   }
   return c;
 }
