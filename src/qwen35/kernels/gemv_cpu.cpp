@@ -234,6 +234,7 @@ void fma_row(bool vl, const float* X, const WT* w, float* out, int64_t K) {
 // group so small that 1 / xs overflows counts as zeros. PyTorch twin: quant/formats.py
 // int8_linear_i16_reference. AVX512 CPUs keep the exact FMA path (fp32 rows) or the byte tables.
 constexpr int64_t kI16Group = 128;
+constexpr int kI16Max = 32767;  // |xq| (quant/formats.py INT8_X_MAX)
 
 // x rows [M, K] fp32 -> xq [M, K] int16 and xs [M, ceil(K / 128)]
 struct RowsI16 {
@@ -248,7 +249,7 @@ RowsI16 quantize_rows_i16(const float* X, int64_t M, int64_t K) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < r.ng; ++g) {
       const int64_t k0 = m * K + g * kI16Group, n = std::min(K - g * kI16Group, kI16Group);
-      r.xs[m * r.ng + g] = gemv_rows::quantize_group_i16(X + k0, n, 32767, r.xq.data() + k0);
+      r.xs[m * r.ng + g] = gemv_rows::quantize_group_i16(X + k0, n, kI16Max, r.xq.data() + k0);
     }
   return r;
 }

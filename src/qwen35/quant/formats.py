@@ -106,10 +106,10 @@ def dequantize_int4_groups(q: torch.Tensor, sz: torch.Tensor, group: int, dtype=
     return ((q.float() - 8) * s + z).to(dtype)
 
 
-INT16_X_MAX = 32512  # kernels/int4_cpu.cpp kXqMax: |xq| where (xq + 128) >> 8 is a signed byte
+INT4_X_MAX = 32512  # kernels/int4_cpu.cpp kXqMax: |xq| where (xq + 128) >> 8 is a signed byte
 
 
-def quantize_rows_i16(x: torch.Tensor, group: int, qmax: int = INT16_X_MAX) -> torch.Tensor:
+def quantize_rows_i16(x: torch.Tensor, group: int, qmax: int = INT4_X_MAX) -> torch.Tensor:
     """x [M, K] -> x^ [M, K] fp32 as the AVX2 int4 / int8 GEMVs see it (kernels/int4_cpu.cpp,
     gemv_cpu.cpp): per row and group of `group` inputs (the last one shorter when K is not a
     multiple), x rounded to a multiple of xs = amax / qmax (|x - x^| <= amax / (2 qmax); int4's
@@ -128,7 +128,7 @@ def quantize_rows_i16(x: torch.Tensor, group: int, qmax: int = INT16_X_MAX) -> t
 
 
 INT8_X_GROUP = 128  # kernels/gemv_cpu.cpp kI16Group
-INT8_X_MAX = 32767
+INT8_X_MAX = 32767  # kernels/gemv_cpu.cpp kI16Max
 
 
 def int8_linear_i16_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
