@@ -1,0 +1,91 @@
+"""Whole-engine batch-1 decode step, this checkout against a git revision, in alternating
+processes (each process loads the model once and times one round), so kernel changes are
+measured where they land: ms per decode step after a 128-token and after a 2,048-token prompt.
+
+    python bench/decode_ab.py --baseline ef2cb38 --quantization int4 --rounds 4
+    QWEN35_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \\
+        python bench/decode_ab.py --baseline ef2cb38 --quantization int4   # as on an AVX2-only CPU
+
+The revision is checked out into a temporary git worktree and run from its own `src` (its
+kernels build beside this checkout's, keyed by their source). Qwen3.5-0.8B config, random
+weights, `--dtype auto`, greedy; medians of each round's steps, then per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ((128, 32), (2048, 12))  # (prompt tokens, decode steps timed)
+
+
+def one_round(quantization: str | None, threads: int) -> None:
+    """Runs in the child: prints the median ms per step after each prompt length."""
+    import torch
+
+    from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine, timed_request
+
+    torch.set_num_threads(threads)
+    bm = load_bench_model(BenchOptions(threads=threads), quantization=quantization)
+    eng = make_engine(bm, max_num_seqs=1, max_model_len=2300, enable_prefix_caching=False)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n, new in PROMPTS:
+        prompt = torch.randint(0, 150000, (n,), generator=g).tolist()
+        timed_request(eng, prompt[:16], 4, f"warm{n}")
+        _, steps, _ = timed_request(eng, prompt, new, f"r{n}")
+        out.append(statistics.median(steps) * 1e3)
+    print(" ".join(f"{v:.3f}" for v in out), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--baseline", metavar="REV", help="the git revision to compare with")
+    ap.add_argument("--quantization", default=None, help="int8 / int4 / fp8 / bf16 (default none)")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        one_round(a.quantization, a.threads)
+        return
+    if not a.baseline:
+        ap.error("--baseline REV is required")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(base),
+                        a.baseline], check=True)  # fmt: skip
+        try:
+            trees = {"new": ROOT / "src", "base": base / "src"}
+            times: dict[str, list[list[float]]] = {k: [] for k in trees}
+            for r in range(a.rounds):
+                for name in (("new", "base") if r % 2 == 0 else ("base", "new")):
+                    env = {**os.environ, "PYTHONPATH": str(trees[name])}
+                    cmd = [sys.executable, __file__, "--one", "--threads", str(a.threads)]
+                    if a.quantization:
+                        cmd += ["--quantization", a.quantization]
+                    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                    if res.returncode != 0:
+                        sys.exit(f"the {name} process failed:\n{res.stderr[-3000:]}")
+                    times[name].append([float(v) for v in res.stdout.split()[-len(PROMPTS):]])
+                    print(f"round {r + 1} {name}: " + " ".join(f"{v:.2f}" for v in times[name][-1]),
+                          flush=True)  # fmt: skip
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)],
+                           check=False)  # fmt: skip
+    for i, (n, _) in enumerate(PROMPTS):
+        new = [t[i] for t in times["new"]]
+        old = [t[i] for t in times["base"]]
+        ratios = ", ".join(f"{o / v:.2f}" for v, o in zip(new, old, strict=True))
+        print(f"after {n} tokens: median {statistics.median(new):.2f} vs {statistics.median(old):.2f}"
+              f" ms per step (base / new per round: {ratios})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
