@@ -122,6 +122,37 @@ def test_plan_calls_quantized_kernels_directly(quant, monkeypatch):
     assert len(calls) - in_plan > 4 and torch.equal(a, b)  # the layers' matmuls, module path
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plan_calls_plain_gemv_kernels_directly(dtype, monkeypatch):
+    """Plain fp32 / bf16 weights: the plan calls the GEMV kernel it resolved once, without
+    layers/linear.py `linear` (whose per-call kernel lookup it skips), for decode rows up to
+    GEMV_MAX_ROWS, and `linear` (torch's GEMM) for more rows; bitwise the module path both ways."""
+    from qwen35.layers.linear import GEMV_MAX_ROWS
+
+    be = _backend()
+    model = _model(False, dtype=dtype)
+    n = GEMV_MAX_ROWS[dtype] + 1  # sequences: one decode step past the kernel's rows
+    plan, modules = _run(model, be), _run(model, be)
+    for run in (plan, modules):  # room for n sequences (Seqs: 20 blocks each)
+        run.caches = allocate_caches(model.config, 20 * n, BS, n, dtype, "cpu")
+    calls = []
+    real = cpu_decode.linear
+    monkeypatch.setattr(cpu_decode, "linear", lambda *a: calls.append(len(a[0])) or real(*a))
+    g = torch.Generator().manual_seed(7)
+    tok = lambda k: torch.randint(2, 256, (k,), generator=g).tolist()  # noqa: E731
+    applies = cpu_decode.DecodePlan.applies
+    for items in ([(s, tok(6)) for s in range(n)], [(0, tok(1))], [(1, tok(1)), (2, tok(1))],
+                  [(s, tok(1)) for s in range(n)]):  # fmt: skip
+        calls.clear()
+        a = plan.step(items)
+        if all(len(t) == 1 for _, t in items):  # the plan: no `linear` call at kernel rows
+            assert (calls == []) == (len(items) <= GEMV_MAX_ROWS[dtype]), calls
+        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
+        b = modules.step(items)
+        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(applies))
+        assert torch.equal(a, b)
+
+
 def test_where_the_plan_does_not_apply(monkeypatch):
     """fp16 models, other cache dtypes, QWEN35_NO_KERNELS=1 (at any time): the module path."""
     be = _backend()

@@ -26,7 +26,14 @@ import torch
 from qwen35 import kernels
 from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
 from qwen35.kernels import attention, small_ops
-from qwen35.layers.linear import MANY_MAX_ROWS, PACKED_MAX_ROWS, linear
+from qwen35.layers.linear import (
+    GEMV_MAX_ROWS,
+    MANY_MAX_ROWS,
+    PACKED_MAX_ROWS,
+    Linear,
+    gemv_kernel_for,
+    linear,
+)
 from qwen35.ops import moe as ops_moe
 from qwen35.ops.deltanet import gated_slot_runs, over_phases
 from qwen35.quant.packing import QuantPack
@@ -94,15 +101,37 @@ def _direct(fn):
                 if x.shape[0] <= fp8_kernel.MAX_ROWS and x.dtype in (torch.bfloat16, torch.float32)
                 else fn(x)
             )
+    if type(fn) is Linear:
+        return _plain(fn.weight)
     return getattr(fn, "forward", fn)  # a module's forward without the module call
+
+
+def _plain(w: torch.Tensor):
+    """x -> layers/linear.py linear(x, w) for a plain fp32 / bf16 weight, with the GEMV kernel
+    it takes for decode rows resolved once: `linear` looks it up per call (gemv_kernel_for's
+    checks, the kernel switch's environment read: ~3-5 us, ~100 calls a token). Rows it would
+    not give the kernel go through `linear`."""
+    from qwen35.kernels import gemv
+
+    mod = gemv.load()
+    if mod is None or not w.is_cpu or not w.is_contiguous():
+        return lambda x: linear(x, w)
+    kernel = mod.linear_fp32 if w.dtype == torch.float32 else mod.linear_bf16
+    probe = lambda dt: torch.zeros(1, 1, dtype=dt)  # noqa: E731 - a decode row of dtype dt
+    takes = {dt for dt in (torch.float32, torch.bfloat16) if gemv_kernel_for(probe(dt), w)}
+    return lambda x: (
+        kernel(x.contiguous(), w)
+        if x.dtype in takes and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS[x.dtype]
+        else linear(x, w)
+    )
 
 
 def _projection(packed, *linears):
     """x -> the linears' outputs through their packed weight (layers/linear.py packed_linear)."""
     if not isinstance(packed, torch.Tensor):  # quantized: a QuantPack, one call for the outputs
         return QuantPack([(_direct(fn), sizes) for fn, sizes in packed.runs])
-    sizes = [lin.out_features for lin in linears]
-    return lambda x: linear(x, packed).split(sizes, dim=-1)
+    sizes, fn = [lin.out_features for lin in linears], _plain(packed)
+    return lambda x: fn(x).split_with_sizes(sizes, dim=-1)  # (Tensor.split's Python wrapper off)
 
 
 def _experts_many(ex, dtype):
@@ -112,7 +141,6 @@ def _experts_many(ex, dtype):
     `linear_int8_many` / `linear_int4_many` / `linear_fp8_many`), without its per-call lookups
     and checks; None where a projection's
     module would not take one of these kernels for rows of `dtype` (the module runs then)."""
-    from qwen35.layers.linear import gemv_kernel_for
     from qwen35.layers.moe import Experts
     from qwen35.quant import matmul
     from qwen35.quant.layers import Bf16Experts, Fp8Experts, Int4Linear, Int8Linear, IntExperts
@@ -178,7 +206,7 @@ def _moe(mlp, dtype):
         return mlp.forward
     sh = mlp.shared_expert
     sh_gate_up = _projection(sh.packed_gate_up, sh.gate_proj, sh.up_proj)
-    sh_down, sh_gate = _direct(sh.down_proj), mlp.shared_expert_gate.weight
+    sh_down, sh_gate = _direct(sh.down_proj), _plain(mlp.shared_expert_gate.weight)
 
     def run(x, backend):
         if x.shape[0] > min(ops_moe.FEW_TOKENS, MANY_MAX_ROWS):
@@ -186,7 +214,7 @@ def _moe(mlp, dtype):
         top_w, top_idx = mlp.route(x)
         routed = ops_moe.few_token_experts(x, top_idx, top_w, None, None, many)
         gate, up = sh_gate_up(x)
-        shared = torch.sigmoid(linear(x, sh_gate)) * sh_down(small_ops.load().silu_mul(gate, up))
+        shared = torch.sigmoid(sh_gate(x)) * sh_down(small_ops.load().silu_mul(gate, up))
         return routed + shared
 
     return run
