@@ -78,8 +78,13 @@ def test_plan_equals_module_path_bitwise(dtype, quant, moe, monkeypatch):
     monkeypatch.setattr(SparseMoE, "forward",
                         lambda self, x, *a: module_calls.append(len(x)) or real_forward(self, x, *a))  # fmt: skip
     # (FP8 experts' one-call kernel needs AVX512: CPUs without it run the block's module)
-    fp8_many = matmul.fp8_kernel_for(torch.zeros(1, 1, dtype=dtype), (128, 128)) is not None
-    resolved = moe and (dtype == torch.bfloat16 or quant == "int4") and (quant != "fp8" or fp8_many)
+    probe = torch.zeros(1, 1, dtype=dtype)
+    fp8_many = matmul.fp8_kernel_for(probe, (128, 128)) is not None
+    # (bf16 rows on int4 experts: our kernel on AVX512-VBMI + BF16, else torch's int4 matmul
+    # where its layout is another: the block's module then, e.g. under QWEN35_CPU_ISA=avx2)
+    int4_many = matmul.int4_kernel_for(probe, probe) is not None
+    resolved = (moe and (dtype == torch.bfloat16 or quant == "int4") and (quant != "fp8" or fp8_many)
+                and (quant != "int4" or int4_many))  # fmt: skip
     for items, expected in _script():
         runs.clear()
         module_calls.clear()
@@ -104,7 +109,11 @@ def test_plan_calls_quantized_kernels_directly(quant, monkeypatch):
     from qwen35.quant import matmul
 
     be = _backend()
-    model = _model(False, dtype=torch.bfloat16, quant=quant)
+    dtype = torch.bfloat16
+    bf16 = torch.zeros(1, 1, dtype=dtype)
+    if quant == "int4" and matmul.int4_kernel_for(bf16, bf16) is None:
+        dtype = torch.float32  # our int4 kernel takes bf16 rows on AVX512-VBMI + BF16 only
+    model = _model(False, dtype=dtype, quant=quant)
     plan, modules = _run(model, be), _run(model, be)
     calls = []
     name = f"{quant}_linear"
