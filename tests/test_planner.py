@@ -333,7 +333,7 @@ def test_plan_errors():
         (dict(dtype="fp8"), "no FP8 release"),
         (dict(num_gpus=0), "num-gpus"),
         (dict(num_gpus=8, tp=3), "divide"),
-        (dict(context=300_000), "max_position_embeddings"),
+        (dict(context=300_000), "native 262,144 tokens.*--yarn 4"),
         (dict(batch=0), "batch"),
     ):
         with pytest.raises(PlanError, match=msg):

@@ -8,7 +8,9 @@ No torch here: the planner imports this module.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,70 @@ class VisionConfig:
     video_token_id: int = 248057
     vision_start_token_id: int = 248053
     vision_end_token_id: int = 248054
+
+
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN RoPE scaling (`rope_parameters.rope_type: "yarn"`): Qwen's recipe past the native
+    262,144 tokens is factor 4 over original_max_position_embeddings 262,144 (~1M tokens).
+    The frequencies are transformers' `_compute_yarn_parameters` (layers/rotary.py)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None  # scales cos / sin; None: from factor (and mscales)
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    @property
+    def max_context(self) -> int:
+        """The context it extends to (as vLLM: original length x factor)."""
+        return int(self.original_max_position_embeddings * self.factor)
+
+    def cos_sin_scale(self) -> float:
+        """The factor on cos / sin (transformers' attention_factor)."""
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return float(mscale(self.factor, self.mscale) / mscale(self.factor, self.mscale_all_dim))
+        return mscale(self.factor)
+
+
+def parse_yarn(rope: dict, max_position_embeddings: int, where: str = "rope_parameters") -> Yarn:
+    """A `rope_type: "yarn"` dict -> Yarn, or ConfigError naming the key."""
+
+    def num(key: str, default=None, lo: float | None = None):
+        v = rope.get(key, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (lo is not None and v < lo):
+            bound = f" >= {lo:g}" if lo is not None else ""
+            raise ConfigError(f"'{where}.{key}' must be a number{bound}, got {v!r}")
+        return float(v)
+
+    factor = num("factor", lo=1.0)
+    if factor is None:
+        raise ConfigError(f"'{where}.factor' is required for rope_type 'yarn' (e.g. 4.0)")
+    original = num("original_max_position_embeddings", max_position_embeddings, lo=1)
+    return Yarn(
+        factor=factor,
+        original_max_position_embeddings=int(original),
+        beta_fast=num("beta_fast") or 32.0,  # (0 / None: the default, as transformers)
+        beta_slow=num("beta_slow") or 1.0,
+        attention_factor=num("attention_factor", lo=0.0),
+        mscale=num("mscale"),
+        mscale_all_dim=num("mscale_all_dim"),
+        truncate=bool(rope.get("truncate", True)),
+    )
+
+
+ROPE_TYPES = ("default", "yarn")
 
 
 @dataclass(frozen=True)
@@ -83,7 +149,8 @@ class ModelConfig:
     rope_theta: float = 10_000_000.0
     partial_rotary_factor: float = 0.25
     mrope_section: tuple[int, ...] = (11, 11, 10)
-    max_position_embeddings: int = 262_144
+    max_position_embeddings: int = 262_144  # with YaRN: the context it extends to
+    yarn: Yarn | None = None  # RoPE scaling past the native context (rope_type "yarn")
     tie_word_embeddings: bool = False
     eos_token_ids: tuple[int, ...] = ()
     mtp_num_hidden_layers: int = 0
@@ -120,6 +187,49 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def native_context(self) -> int:
+        """The context the model was trained for (YaRN's original length, else the maximum)."""
+        return self.yarn.original_max_position_embeddings if self.yarn else self.max_position_embeddings
+
+    def rope_parameters(self) -> dict:
+        """The text config's `rope_parameters` as config.json writes them (transformers, vLLM /
+        SGLang overrides)."""
+        rope = {
+            "rope_type": "default",
+            "rope_theta": self.rope_theta,
+            "partial_rotary_factor": self.partial_rotary_factor,
+            "mrope_section": list(self.mrope_section),
+            "mrope_interleaved": True,
+        }
+        if self.yarn is not None:
+            y = self.yarn
+            rope.update(rope_type="yarn", factor=y.factor,
+                        original_max_position_embeddings=y.original_max_position_embeddings)  # fmt: skip
+            if (y.beta_fast, y.beta_slow, y.truncate) != (32.0, 1.0, True):
+                rope.update(beta_fast=y.beta_fast, beta_slow=y.beta_slow, truncate=y.truncate)
+            for key in ("attention_factor", "mscale", "mscale_all_dim"):
+                if getattr(y, key) is not None:
+                    rope[key] = getattr(y, key)
+        return rope
+
+    def with_yarn(self, factor: float) -> ModelConfig:
+        """This model with YaRN RoPE scaling by `factor` over its native context (`--yarn`;
+        Qwen's recipe: 4 over 262,144 tokens), as its model card's rope_parameters edit does; a
+        config with YaRN already keeps its other YaRN parameters."""
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
+            1 < factor < math.inf
+        ):
+            raise ConfigError(f"--yarn must be a factor > 1 (Qwen's recipe: 4), got {factor!r}")
+        yarn = (
+            dataclasses.replace(self.yarn, factor=float(factor))
+            if self.yarn
+            else Yarn(float(factor), self.max_position_embeddings)
+        )
+        return dataclasses.replace(
+            self, yarn=yarn, max_position_embeddings=max(self.native_context, yarn.max_context)
+        )
 
     # ---- constructors ------------------------------------------------------------------
     @classmethod
@@ -203,6 +313,19 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
     rope_theta = rope.get("rope_theta", text.get("rope_theta", 10_000_000.0))
     prf = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
     mrope = tuple(rope.get("mrope_section") or (11, 11, 10))
+    max_pos = opt_int("max_position_embeddings", 262_144) or 262_144
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "mrope":  # older VL configs' name for the plain (multimodal) RoPE
+        rope_type = "default"
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(
+            f"'text_config.rope_parameters.rope_type' {rope_type!r} is not supported: qwen35 "
+            f"runs {' and '.join(repr(t) for t in ROPE_TYPES)} (Qwen's long-context recipe); "
+            "fix config.json or use --yarn FACTOR"
+        )
+    yarn = parse_yarn(rope, max_pos, "text_config.rope_parameters") if rope_type == "yarn" else None
+    if yarn is not None:  # the context YaRN extends to (vLLM derives its max length so)
+        max_pos = max(max_pos, yarn.max_context)
 
     is_moe = "moe" in model_type or "num_experts" in text
     moe: dict[str, int] = {}
@@ -294,7 +417,8 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
         rope_theta=float(rope_theta),
         partial_rotary_factor=float(prf),
         mrope_section=mrope,
-        max_position_embeddings=opt_int("max_position_embeddings", 262_144) or 262_144,
+        max_position_embeddings=max_pos,
+        yarn=yarn,
         tie_word_embeddings=bool(tie),
         eos_token_ids=eos_ids,
         mtp_num_hidden_layers=opt_int("mtp_num_hidden_layers", 0),

@@ -86,6 +86,7 @@ def load_model(
     vision: bool | str = False,
     quantization: str | None = None,
     mtp: bool = False,
+    yarn: float | None = None,
 ) -> nn.Module:
     """Load a Qwen 3.5 text model, in eval mode and without gradients.
 
@@ -105,6 +106,8 @@ def load_model(
     encodes images and sends the embeddings with each step (the other ranks load text only).
     mtp: also build and load the multi-token-prediction head (`mtp.*`, strictly; speculative
     decoding drafts with it); the config must have one (mtp_num_hidden_layers).
+    yarn: YaRN RoPE scaling by this factor over the native context (ModelConfig.with_yarn);
+    None: as the config says.
     quantization: "fp8" / "int8" / "int4" quantizes the loaded weights in memory (qwen35.quant);
     "bf16" (with dtype fp32) stores the weights in bf16 and computes in fp32 (allocated so at
     load: no fp32 copy of the weights); None keeps them as stored (an official FP8 checkpoint
@@ -130,6 +133,7 @@ def load_model(
         vision = load_format == "random" or _has_visual_tensors(path_or_name)
     if load_format == "random":
         cfg, directory = _random_config(path_or_name)
+        cfg = cfg if yarn is None else cfg.with_yarn(yarn)
         vision = bool(vision) and cfg.vision is not None
         _check_layout(cfg, tp, model_factory, quantization)
         torch_dtype = parse_dtype(dtype, cfg)
@@ -161,6 +165,7 @@ def load_model(
     else:
         directory = resolve_model_dir(path_or_name)
         cfg = ModelConfig.from_hf(directory)
+        cfg = cfg if yarn is None else cfg.with_yarn(yarn)
         vision = bool(vision) and cfg.vision is not None
         _check_layout(cfg, tp, model_factory, quantization)
         torch_dtype = parse_dtype(dtype, cfg)

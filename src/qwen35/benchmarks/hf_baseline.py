@@ -39,13 +39,7 @@ def hf_text_config(cfg: ModelConfig):
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": cfg.rope_theta,
-            "partial_rotary_factor": cfg.partial_rotary_factor,
-            "mrope_section": list(cfg.mrope_section),
-            "mrope_interleaved": True,
-        },
+        rope_parameters=cfg.rope_parameters(),
         eos_token_id=list(cfg.eos_token_ids) or None,
     )
     if cfg.is_moe:

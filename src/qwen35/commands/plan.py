@@ -28,6 +28,7 @@ from qwen35.plan.planner import (
     Recommendation,
     check_request,
     check_speculative,
+    context_error,
     plan_fit,
     recommend,
     summarize,
@@ -106,6 +107,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_CONTEXT,
         help=f"tokens per sequence (default {DEFAULT_CONTEXT}; 32K and 128k work)",
     )
+    p.add_argument(
+        "--yarn",
+        type=float,
+        metavar="FACTOR",
+        help="YaRN RoPE scaling past the native 262,144 tokens (Qwen's recipe: 4, up to "
+        "1,048,576; the engine's --yarn)",
+    )
     p.add_argument("--batch", type=int, default=1, help="concurrent sequences (default 1)")
     p.add_argument(
         "--chunk",
@@ -173,6 +181,17 @@ def _resolve_models(spec: str | None, dtype: str | None) -> list[tuple[ModelConf
     for d in dtypes:
         check_request(cfg, d, 1, None, 1, 1)  # dtype availability, with a clear message
     return [(cfg, dtypes)]
+
+
+def _with_yarn(models: list[tuple[ModelConfig, list[str]]], args):
+    """--yarn FACTOR: every model with YaRN RoPE scaling (the context it allows grows)."""
+    factor = getattr(args, "yarn", None)
+    if factor is None:
+        return models
+    try:
+        return [(c.with_yarn(factor), ds) for c, ds in models]
+    except ValueError as e:
+        raise PlanError(str(e)) from None
 
 
 def _resolve_name(spec: str) -> str:
@@ -251,7 +270,7 @@ def gather(args) -> tuple[list[Row], gpu_catalog.GpuSpec | None]:
         raise PlanError(f"--tp {args.tp} must be >= 1 and divide --num-gpus {args.num_gpus}")
     gpu = _resolve_gpu(args)
     rows = []
-    models = _resolve_models(args.model, args.dtype)
+    models = _with_yarn(_resolve_models(args.model, args.dtype), args)
     def ep(c: ModelConfig) -> int:  # expert-parallel size of an explicit layout
         return args.num_gpus if args.ep and c.is_moe else 1
 
@@ -266,10 +285,7 @@ def gather(args) -> tuple[list[Row], gpu_catalog.GpuSpec | None]:
             )
     for cfg, dtypes in models:
         if args.context > cfg.max_position_embeddings:
-            raise PlanError(
-                f"--context {args.context:,} exceeds {cfg.name}'s maximum of "
-                f"{cfg.max_position_embeddings:,} tokens"
-            )
+            raise PlanError(context_error(cfg, args.context))
         check_speculative(cfg, args.num_speculative_tokens, args.tp, args.text_only, ep(cfg))
         if args.model and args.tp:  # an explicit layout for one model: refuse it if impossible
             bad = [d for d in dtypes if layout_problems(cfg, args.tp, ep(cfg), d)]
@@ -341,6 +357,7 @@ def to_json(rows: list[Row], gpu, args, common: list[tuple] | None = None) -> di
             "kv_bytes_per_token": s.kv_bytes_per_token,
             "state_bytes_per_sequence": s.state_bytes_per_sequence,
             "max_position_embeddings": s.cfg.max_position_embeddings,
+            "yarn_factor": s.cfg.yarn.factor if s.cfg.yarn else None,
         }
         if gpu:
             m["fits"] = {
@@ -422,7 +439,7 @@ def _run_cpu(args) -> int:
         raise PlanError(
             f"--dtype {args.dtype} is a CPU weight-only format; GPU plans take bf16 / fp8"
         )
-    cfgs = [c for c, _ in _resolve_models(args.model, None)]
+    cfgs = [c for c, _ in _with_yarn(_resolve_models(args.model, None), args)]
     rows = cpu.cpu_rows(cfgs, args.dtype)
     if args.json:
         print(json.dumps({"schema": cpu.SCHEMA, "dtype": args.dtype, "models": rows}, indent=2))

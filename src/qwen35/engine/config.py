@@ -45,6 +45,14 @@ class LoadConfig:
         "compute (CPUs without native bf16); default: as stored (FP8 checkpoints stay FP8)",
         choices=["fp8", "int8", "int4", "bf16"],
     )
+    yarn: float | None = _opt(
+        None,
+        "YaRN RoPE scaling by this factor past the checkpoint's native context (Qwen's recipe: "
+        "4 -> 1,048,576 tokens, as its model card's rope_parameters edit; a checkpoint whose "
+        "config has YaRN uses it without this); can cost quality on short texts",
+        type=float,
+        metavar="FACTOR",
+    )
     generation_config: str = _opt(
         "auto",
         "request defaults for temperature / top_p / top_k / min_p / repetition_penalty: 'auto' "
@@ -255,6 +263,9 @@ class EngineConfig:
                 "speculative decoding (num_speculative_tokens) runs on one rank: drop it or "
                 "tensor_parallel_size"
             )
+        y = self.load.yarn
+        if y is not None and (isinstance(y, bool) or not isinstance(y, (int, float)) or not 1 < y < 1e6):
+            raise Qwen35Error(f"yarn must be a factor > 1 (Qwen's recipe: 4), got {y!r}")
         if self.device.threads is not None and self.device.threads < 1:
             raise Qwen35Error(f"threads must be >= 1, got {self.device.threads!r}")
         dev = str(self.device.device)
@@ -291,13 +302,14 @@ class EngineConfig:
                     action = "store_false" if f.default else "store_true"
                     g.add_argument(*flags, dest=f.name, action=action, help=meta["help"])
                     continue
-                kind = int if "int" in str(f.type) else str
+                kind = meta.get("type") or (int if "int" in str(f.type) else str)
                 g.add_argument(
                     *flags,
                     dest=f.name,
                     type=kind,
                     default=f.default,
                     choices=meta.get("choices"),
+                    metavar=meta.get("metavar"),
                     help=meta["help"],
                 )
 

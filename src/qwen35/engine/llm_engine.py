@@ -179,6 +179,12 @@ class LLMEngine:
         cc, sc = ec.cache, ec.scheduler
         if loaded is not None:
             self.model = loaded
+            y = loaded.config.yarn
+            if ec.load.yarn is not None and (y is None or y.factor != ec.load.yarn):
+                raise Qwen35Error(
+                    "yarn applies when the engine loads the model: pass a model path, or "
+                    "load_model(..., yarn=FACTOR)"
+                )
         else:
             kw = {} if tp is None else {"tp": tp}
             self.model = load_model(
@@ -192,6 +198,7 @@ class LLMEngine:
                 vision=False if ec.multimodal.vision_disabled else "auto",
                 quantization=ec.load.quantization,
                 mtp=bool(sc.num_speculative_tokens),
+                yarn=ec.load.yarn,
             )
         self.config = self.model.config
         self.model_name = model

@@ -148,7 +148,7 @@ class Qwen35ForCausalLM(nn.Module):
         self.model = Qwen35TextModel(cfg, dtype, device, tp, vision)
         # [V, H]; vocabulary-parallel like the embedding (logits gathered in compute_logits)
         self.lm_head = Linear(cfg.hidden_size, tp.vocab_rows(cfg.vocab_size), dtype, device)
-        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section)
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section, cfg.yarn)
         if mtp:
             from qwen35.models.mtp import MTPHead
 

@@ -68,6 +68,7 @@ def run_worker(
             seed=args["seed"],
             tp=tp,
             quantization=args["quantization"],
+            yarn=args.get("yarn"),
         )
         if device.type == "cpu":  # compile (first run on a machine) now, not inside a step
             from qwen35 import kernels

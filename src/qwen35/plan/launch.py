@@ -8,6 +8,8 @@ own GPUs, behind a load balancer.
 
 from __future__ import annotations
 
+import json
+
 from qwen35.plan.planner import Deployment
 
 GPUS_PER_NODE = 8
@@ -38,6 +40,9 @@ def launch_commands(
         ours += " --enable-expert-parallel"
     if dep.speculative_tokens:
         ours += f" --num-speculative-tokens {dep.speculative_tokens}"
+    yarn = dep.cfg.yarn
+    if yarn is not None:
+        ours += f" --yarn {yarn.factor:g}"
     if nodes == 1:
         qwen35 = f"qwen35 serve {ours}"
     else:
@@ -54,6 +59,8 @@ def launch_commands(
             " --speculative-config "
             f"'{{\"method\": \"mtp\", \"num_speculative_tokens\": {dep.speculative_tokens}}}'"
         )
+    if yarn is not None:  # the model card's rope_parameters edit, as an override
+        vllm += f" --hf-overrides '{_yarn_override(dep.cfg)}'"
     if nodes > 1:
         vllm += " --distributed-executor-backend ray   # on a Ray cluster spanning the nodes"
     sglang = (
@@ -67,8 +74,16 @@ def launch_commands(
             f" --speculative-algorithm NEXTN --speculative-num-steps {k} "
             f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}"
         )
+    if yarn is not None:
+        sglang += f" --json-model-override-args '{_yarn_override(dep.cfg)}'"
     if nodes > 1:
         sglang += (
             f" --nnodes {nodes} --node-rank $NODE_RANK --dist-init-addr $MASTER_ADDR:{MASTER_PORT}"
         )
     return {"qwen35": qwen35, "vllm": vllm, "sglang": sglang}
+
+
+
+def _yarn_override(cfg) -> str:
+    """The config.json override that gives vLLM / SGLang the planned YaRN scaling."""
+    return json.dumps({"text_config": {"rope_parameters": cfg.rope_parameters()}})

@@ -361,6 +361,26 @@ def plan_fit(
     return best
 
 
+def context_error(cfg: ModelConfig, context: int) -> str:
+    """Why `context` tokens don't fit the model's positions, and what extends them (YaRN)."""
+    if context < 1:
+        return f"--context must be at least 1, got {context:,}"
+    top = cfg.max_position_embeddings
+    if cfg.yarn is not None:
+        return (
+            f"--context {context:,} exceeds {cfg.name}'s {top:,} tokens with YaRN factor "
+            f"{cfg.yarn.factor:g} (native {cfg.native_context:,}); a larger --yarn extends it, "
+            "past what the model was tuned for"
+        )
+    head = f"--context {context:,} exceeds {cfg.name}'s native {top:,} tokens; YaRN RoPE scaling"
+    if context <= 4 * top:
+        return f"{head} extends it: add --yarn 4 (Qwen's recipe, up to {4 * top:,} tokens)"
+    return (
+        f"{head} extends it: --yarn {math.ceil(context / top)} would allow it, beyond Qwen's "
+        f"recipe (--yarn 4, up to {4 * top:,} tokens)"
+    )
+
+
 def check_request(
     cfg: ModelConfig, dtype: str, num_gpus: int, tp: int | None, context: int, batch: int
 ) -> None:
@@ -376,10 +396,7 @@ def check_request(
     if tp is not None and (tp < 1 or num_gpus % tp):
         raise PlanError(f"--tp {tp} must be >= 1 and divide --num-gpus {num_gpus}")
     if not 1 <= context <= cfg.max_position_embeddings:
-        raise PlanError(
-            f"--context {context:,} is outside 1..{cfg.max_position_embeddings:,} "
-            f"(the model's max_position_embeddings)"
-        )
+        raise PlanError(context_error(cfg, context))
     if batch < 1:
         raise PlanError(f"--batch must be at least 1, got {batch}")
 
