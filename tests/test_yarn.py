@@ -135,6 +135,11 @@ def test_engine_flag_loads_the_scaled_model(tmp_path):
     assert eng.model.config.yarn.factor == 4.0
     assert eng.model.config.max_position_embeddings == 4 * cfg["max_position_embeddings"]
     assert eng.model.rotary.yarn == eng.model.config.yarn
+    with pytest.raises(Qwen35Error, match="exceeds the model's 4,096 positions: YaRN extends"):
+        LLMEngine(str(path), load_format="random", max_model_len=5000, verbose=False)
+    eng = LLMEngine(str(path), load_format="random", yarn=2, max_model_len=5000, verbose=False,
+                    max_memory="1GiB")  # fmt: skip
+    assert eng.max_model_len == 5000
     loaded = load_model(str(path), dtype="fp32", load_format="random")
     with pytest.raises(Qwen35Error, match="yarn applies when the engine loads the model"):
         LLMEngine(loaded, yarn=4, verbose=False)
