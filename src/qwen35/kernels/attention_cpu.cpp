@@ -42,11 +42,24 @@ using namespace vec8;
 // are done together, so each K / V row is loaded once for all of them. Score rows have stride L
 // (the positions a task covers).
 
+// Memory: the pages of a context lie anywhere in the cache (block tables), so the hardware
+// prefetchers can't run ahead of a task; cold K / V (a decode step streams its weights between
+// the attention layers) were read at a quarter of the bandwidth a plain sum reaches. Each page
+// function therefore touches row t of the next page (`next`, `nn` rows; same KV head) while it
+// computes row t, into L1, and the task sends the pages kAhead further into L2 as it goes.
+constexpr int kL1 = 3, kL2 = 2;  // __builtin_prefetch locality: prefetcht0, prefetcht1
+template <int Locality = kL1>
+inline void prefetch_bytes(const void* p, int64_t from, int64_t to) {
+  for (int64_t b = from; b < to; b += 64)
+    __builtin_prefetch(static_cast<const char*>(p) + b, 0, Locality);
+}
+
 // s[r * L + t] = q_r . k_t for the page's positions t < n (q: R rows of hd, scaled, fp32)
 template <int R, typename T>
 void scores_page(const float* q, int64_t hd, const T* k, int64_t stride, int n, float* s,
-                 int64_t L) {
+                 int64_t L, const T* next, int nn) {
   for (int t = 0; t < n; ++t, k += stride) {
+    if (t < nn) prefetch_bytes(next + t * stride, 0, hd * static_cast<int64_t>(sizeof(T)));
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     int64_t j = 0;
@@ -67,9 +80,12 @@ void scores_page(const float* q, int64_t hd, const T* k, int64_t stride, int n, 
 // accumulator is kept in registers across the page)
 template <int R, typename T>
 void pv_page(const float* p, int64_t L, const T* v, int64_t stride, int n, float* acc,
-             int64_t hd) {
+             int64_t hd, const T* next, int nn) {
   int64_t j = 0;
   for (; j + 16 <= hd; j += 16) {
+    if (j * static_cast<int64_t>(sizeof(T)) % 64 == 0)  // the next page's lines of these lanes
+      for (int t = 0; t < nn; ++t)
+        prefetch_bytes(next + t * stride + j, 0, 16 * static_cast<int64_t>(sizeof(T)));
     __m256 a[R][2];
     for (int r = 0; r < R; ++r) {
       a[r][0] = _mm256_loadu_ps(acc + r * hd + j);
@@ -114,8 +130,10 @@ TARGET_AVX512 inline __m512 load16(const c10::BFloat16* p) {  // exact
 template <int R>
 TARGET_AVX512_BF16 void scores_page_bf16(const c10::BFloat16* q, int64_t hd,
                                          const c10::BFloat16* k, int64_t stride, int n, float* s,
-                                         int64_t L, float scale) {
+                                         int64_t L, float scale, const c10::BFloat16* next,
+                                         int nn) {
   for (int t = 0; t < n; ++t, k += stride) {
+    if (t < nn) prefetch_bytes(next + t * stride, 0, hd * 2);
     __m512 acc[R][2];  // two chains a head: vdpbf16ps's latency
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     int64_t j = 0;
@@ -138,8 +156,9 @@ TARGET_AVX512_BF16 void scores_page_bf16(const c10::BFloat16* q, int64_t hd,
 
 template <int R, typename T>  // fp32 / fp16 caches: q scaled, in fp32
 TARGET_AVX512 void scores_page512(const float* q, int64_t hd, const T* k, int64_t stride, int n,
-                                  float* s, int64_t L) {
+                                  float* s, int64_t L, const T* next, int nn) {
   for (int t = 0; t < n; ++t, k += stride) {
+    if (t < nn) prefetch_bytes(next + t * stride, 0, hd * static_cast<int64_t>(sizeof(T)));
     __m512 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     int64_t j = 0;
@@ -162,11 +181,12 @@ TARGET_AVX512 void scores_page512(const float* q, int64_t hd, const T* k, int64_
 // lanes [j, j + 16 C) of the R accumulators, over the page
 template <int R, int C, typename T>
 TARGET_AVX512 inline void pv_lanes512(const float* p, int64_t L, const T* vp, int64_t stride,
-                                      int n, float* acc, int64_t hd) {
+                                      int n, float* acc, int64_t hd, const T* next, int nn) {
   __m512 a[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) a[r][c] = _mm512_loadu_ps(acc + r * hd + 16 * c);
   for (int t = 0; t < n; ++t, vp += stride) {
+    if (t < nn) prefetch_bytes(next + t * stride, 0, 16 * C * static_cast<int64_t>(sizeof(T)));
     __m512 vv[C];
     for (int c = 0; c < C; ++c) vv[c] = load16(vp + 16 * c);
     for (int r = 0; r < R; ++r) {
@@ -180,38 +200,40 @@ TARGET_AVX512 inline void pv_lanes512(const float* p, int64_t L, const T* vp, in
 
 template <int R, typename T>  // hd % 16 == 0
 TARGET_AVX512 void pv_page512(const float* p, int64_t L, const T* v, int64_t stride, int n,
-                              float* acc, int64_t hd) {
+                              float* acc, int64_t hd, const T* next, int nn) {
   int64_t j = 0;
-  for (; j + 64 <= hd; j += 64) pv_lanes512<R, 4>(p, L, v + j, stride, n, acc + j, hd);
-  for (; j < hd; j += 16) pv_lanes512<R, 1>(p, L, v + j, stride, n, acc + j, hd);
+  for (; j + 64 <= hd; j += 64)
+    pv_lanes512<R, 4>(p, L, v + j, stride, n, acc + j, hd, next + j, nn);
+  for (; j < hd; j += 16) pv_lanes512<R, 1>(p, L, v + j, stride, n, acc + j, hd, next + j, nn);
 }
 
 // fast: the AVX512 paths (fast_path below)
 template <typename T, typename KV>
 inline void scores_group(int R, bool fast, const T* qT, const float* qf, int64_t hd, const KV* k,
-                         int64_t stride, int n, float* s, int64_t L, float scale) {
+                         int64_t stride, int n, float* s, int64_t L, float scale, const KV* next,
+                         int nn) {
   if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<KV, c10::BFloat16>) {
     if (fast) {
-      DISPATCH_MR(R, scores_page_bf16, qT, hd, k, stride, n, s, L, scale);
+      DISPATCH_MR(R, scores_page_bf16, qT, hd, k, stride, n, s, L, scale, next, nn);
       return;
     }
   } else {
     if (fast) {
-      DISPATCH_MR(R, scores_page512, qf, hd, k, stride, n, s, L);
+      DISPATCH_MR(R, scores_page512, qf, hd, k, stride, n, s, L, next, nn);
       return;
     }
   }
-  DISPATCH_MR(R, scores_page, qf, hd, k, stride, n, s, L);
+  DISPATCH_MR(R, scores_page, qf, hd, k, stride, n, s, L, next, nn);
 }
 
 template <typename KV>
 inline void pv_group(int R, bool fast, const float* p, int64_t L, const KV* v, int64_t stride,
-                     int n, float* acc, int64_t hd) {
+                     int n, float* acc, int64_t hd, const KV* next, int nn) {
   if (fast) {
-    DISPATCH_MR(R, pv_page512, p, L, v, stride, n, acc, hd);
+    DISPATCH_MR(R, pv_page512, p, L, v, stride, n, acc, hd, next, nn);
     return;
   }
-  DISPATCH_MR(R, pv_page, p, L, v, stride, n, acc, hd);
+  DISPATCH_MR(R, pv_page, p, L, v, stride, n, acc, hd, next, nn);
 }
 
 // p = exp(s - max(s)) in place; returns sum(p), max(s) in *max_out
@@ -265,12 +287,33 @@ void finish_row(const float* acc, float inv, const T* gate, T* o, int64_t hd) {
   }
 }
 
-// the next page's rows of one KV head towards the caches while this page is computed
-template <typename T>
+// a page's n rows of one KV head towards the caches (L1 or L2)
+template <int Locality, typename T>
 inline void prefetch_page(const T* row, int64_t stride, int64_t n, int64_t hd) {
   for (int64_t t = 0; t < n; ++t, row += stride)
-    for (int64_t b = 0; b < hd * static_cast<int64_t>(sizeof(T)); b += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
+    prefetch_bytes<Locality>(row, 0, hd * static_cast<int64_t>(sizeof(T)));
+}
+
+// pages ahead a task sends into L2 (bench/attention_cpu.py --cold, Zen 4: 1 page ahead into L1
+// only, as before, 6-8 GB/s of K / V; the next page's rows row by row into L1 plus 4 pages ahead
+// into L2, 10-16 GB/s; 8 ahead no better than 4)
+constexpr int64_t kAhead = 4;
+
+// One pass over a chunk's pages [pb, pe) of one KV head of cache C: fn(page rows, count, next
+// page's rows, their count) per page, with the prefetches above.
+template <typename KV, typename F>
+inline void walk_pages(const KV* C, const int64_t* table, int64_t pb, int64_t pe, int64_t bs,
+                       int64_t nkv, int64_t g, int64_t hd, F&& fn) {
+  const int64_t stride = nkv * hd;
+  const auto rows = [&](int64_t p0) { return C + (table[p0 / bs] * bs * nkv + g) * hd; };
+  const auto count = [&](int64_t p0) { return static_cast<int>(std::min(bs, pe - p0)); };
+  for (int64_t p0 = pb; p0 < pe; p0 += bs) {
+    if (p0 == pb) prefetch_page<kL1>(rows(p0), stride, count(p0), hd);
+    for (int64_t d = (p0 == pb ? 2 : kAhead); d <= kAhead; ++d)
+      if (p0 + d * bs < pe) prefetch_page<kL2>(rows(p0 + d * bs), stride, count(p0 + d * bs), hd);
+    const bool more = p0 + bs < pe;
+    fn(rows(p0), count(p0), more ? rows(p0 + bs) : rows(p0), more ? count(p0 + bs) : 0, p0);
+  }
 }
 
 // Split-K: a context longer than kChunk positions is cut into chunks of kChunk (whole pages), one
@@ -316,29 +359,21 @@ void decode_impl(const T* Q, const KV* K, const KV* V, const int64_t* tables, in
       s.resize(rep * Lc);
       for (int64_t r0 = 0; r0 < rep; r0 += 4) {  // scores, page by page
         const int R = static_cast<int>(std::min<int64_t>(4, rep - r0));
-        for (int64_t p0 = pb; p0 < pe; p0 += bs) {
-          const KV* k = K + (table[p0 / bs] * bs * nkv + g) * hd;
-          const int cnt = static_cast<int>(std::min(bs, pe - p0));
-          if (p0 + bs < pe)
-            prefetch_page(K + (table[p0 / bs + 1] * bs * nkv + g) * hd, stride,
-                          std::min(bs, pe - p0 - bs), hd);
-          scores_group(R, fast, Qg + r0 * hd, q.data() + r0 * hd, hd, k, stride, cnt,
-                       s.data() + r0 * Lc + (p0 - pb), Lc, scale);
-        }
+        walk_pages(K, table, pb, pe, bs, nkv, g, hd,
+                   [&](const KV* k, int cnt, const KV* next, int nn, int64_t p0) {
+                     scores_group(R, fast, Qg + r0 * hd, q.data() + r0 * hd, hd, k, stride, cnt,
+                                  s.data() + r0 * Lc + (p0 - pb), Lc, scale, next, nn);
+                   });
       }
       for (int64_t r = 0; r < rep; ++r) sum[r] = softmax_numerator(s.data() + r * Lc, Lc, &mx[r]);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t r0 = 0; r0 < rep; r0 += 4) {
         const int R = static_cast<int>(std::min<int64_t>(4, rep - r0));
-        for (int64_t p0 = pb; p0 < pe; p0 += bs) {
-          const KV* v = V + (table[p0 / bs] * bs * nkv + g) * hd;
-          const int cnt = static_cast<int>(std::min(bs, pe - p0));
-          if (p0 + bs < pe)
-            prefetch_page(V + (table[p0 / bs + 1] * bs * nkv + g) * hd, stride,
-                          std::min(bs, pe - p0 - bs), hd);
-          pv_group(R, fast, s.data() + r0 * Lc + (p0 - pb), Lc, v, stride, cnt,
-                   acc.data() + r0 * hd, hd);
-        }
+        walk_pages(V, table, pb, pe, bs, nkv, g, hd,
+                   [&](const KV* v, int cnt, const KV* next, int nn, int64_t p0) {
+                     pv_group(R, fast, s.data() + r0 * Lc + (p0 - pb), Lc, v, stride, cnt,
+                              acc.data() + r0 * hd, hd, next, nn);
+                   });
       }
       if (nc == 1) {  // the whole context: normalise and write
         for (int64_t r = 0; r < rep; ++r)
