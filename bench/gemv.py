@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from qwen35.benchmarks.common import kernel_sources_at
 from qwen35.kernels import fp8 as fp8_kernel
 from qwen35.kernels import gemv
 from qwen35.quant import formats, matmul
@@ -96,14 +95,7 @@ def _int4_paths(x, p4, sz4, sz4f, mod4, fp32: bool) -> dict:
 
 def _baseline(rev: str, folder: str):
     """(gemv, fp8, int4 modules) built from git revision `rev`'s kernel sources and headers."""
-    kdir = "src/qwen35/kernels"
-    files = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{kdir}"], check=True,
-                           capture_output=True, text=True).stdout.split()  # fmt: skip
-    for f in files:
-        if f.endswith((".cpp", ".h")):
-            blob = subprocess.run(["git", "show", f"{rev}:{kdir}/{f}"], check=True,
-                                  capture_output=True).stdout  # fmt: skip
-            (Path(folder) / f).write_bytes(blob)
+    kernel_sources_at(rev, folder)
     return tuple(n.from_folder(folder).load() for n in (gemv.GEMV, fp8_kernel.FP8, gemv.INT4))
 
 

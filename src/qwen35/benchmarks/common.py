@@ -10,6 +10,7 @@ import gc
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -241,3 +242,19 @@ def _loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def kernel_sources_at(rev: str, folder: str | Path) -> Path:
+    """Write git revision `rev`'s CPU kernel sources and headers (src/qwen35/kernels/*.cpp, *.h)
+    into `folder`, for `Native.from_folder` (bench/gemv.py, bench/attention_cpu.py --baseline:
+    a kernel as of a commit, built beside this checkout's)."""
+    kdir, folder = "src/qwen35/kernels", Path(folder)
+    root = Path(__file__).resolve().parents[3]
+    files = subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", f"{rev}:{kdir}"],
+                           check=True, capture_output=True, text=True).stdout.split()  # fmt: skip
+    for f in files:
+        if f.endswith((".cpp", ".h")):
+            blob = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{kdir}/{f}"], check=True,
+                                  capture_output=True).stdout  # fmt: skip
+            (folder / f).write_bytes(blob)
+    return folder
