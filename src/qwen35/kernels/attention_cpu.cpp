@@ -49,8 +49,8 @@ using namespace vec8;
 // computes row t, into L1, and the task sends the pages kAhead further into L2 as it goes.
 constexpr int kL1 = 3, kL2 = 2;  // __builtin_prefetch locality: prefetcht0, prefetcht1
 template <int Locality = kL1>
-inline void prefetch_bytes(const void* p, int64_t from, int64_t to) {
-  for (int64_t b = from; b < to; b += 64)
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64)
     __builtin_prefetch(static_cast<const char*>(p) + b, 0, Locality);
 }
 
@@ -59,7 +59,7 @@ template <int R, typename T>
 void scores_page(const float* q, int64_t hd, const T* k, int64_t stride, int n, float* s,
                  int64_t L, const T* next, int nn) {
   for (int t = 0; t < n; ++t, k += stride) {
-    if (t < nn) prefetch_bytes(next + t * stride, 0, hd * static_cast<int64_t>(sizeof(T)));
+    if (t < nn) prefetch_bytes(next + t * stride, hd * static_cast<int64_t>(sizeof(T)));
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     int64_t j = 0;
@@ -85,7 +85,7 @@ void pv_page(const float* p, int64_t L, const T* v, int64_t stride, int n, float
   for (; j + 16 <= hd; j += 16) {
     if (j * static_cast<int64_t>(sizeof(T)) % 64 == 0)  // the next page's lines of these lanes
       for (int t = 0; t < nn; ++t)
-        prefetch_bytes(next + t * stride + j, 0, 16 * static_cast<int64_t>(sizeof(T)));
+        prefetch_bytes(next + t * stride + j, 16 * static_cast<int64_t>(sizeof(T)));
     __m256 a[R][2];
     for (int r = 0; r < R; ++r) {
       a[r][0] = _mm256_loadu_ps(acc + r * hd + j);
@@ -133,7 +133,7 @@ TARGET_AVX512_BF16 void scores_page_bf16(const c10::BFloat16* q, int64_t hd,
                                          int64_t L, float scale, const c10::BFloat16* next,
                                          int nn) {
   for (int t = 0; t < n; ++t, k += stride) {
-    if (t < nn) prefetch_bytes(next + t * stride, 0, hd * 2);
+    if (t < nn) prefetch_bytes(next + t * stride, hd * 2);
     __m512 acc[R][2];  // two chains a head: vdpbf16ps's latency
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     int64_t j = 0;
@@ -158,7 +158,7 @@ template <int R, typename T>  // fp32 / fp16 caches: q scaled, in fp32
 TARGET_AVX512 void scores_page512(const float* q, int64_t hd, const T* k, int64_t stride, int n,
                                   float* s, int64_t L, const T* next, int nn) {
   for (int t = 0; t < n; ++t, k += stride) {
-    if (t < nn) prefetch_bytes(next + t * stride, 0, hd * static_cast<int64_t>(sizeof(T)));
+    if (t < nn) prefetch_bytes(next + t * stride, hd * static_cast<int64_t>(sizeof(T)));
     __m512 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     int64_t j = 0;
@@ -186,7 +186,7 @@ TARGET_AVX512 inline void pv_lanes512(const float* p, int64_t L, const T* vp, in
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) a[r][c] = _mm512_loadu_ps(acc + r * hd + 16 * c);
   for (int t = 0; t < n; ++t, vp += stride) {
-    if (t < nn) prefetch_bytes(next + t * stride, 0, 16 * C * static_cast<int64_t>(sizeof(T)));
+    if (t < nn) prefetch_bytes(next + t * stride, 16 * C * static_cast<int64_t>(sizeof(T)));
     __m512 vv[C];
     for (int c = 0; c < C; ++c) vv[c] = load16(vp + 16 * c);
     for (int r = 0; r < R; ++r) {
@@ -291,7 +291,7 @@ void finish_row(const float* acc, float inv, const T* gate, T* o, int64_t hd) {
 template <int Locality, typename T>
 inline void prefetch_page(const T* row, int64_t stride, int64_t n, int64_t hd) {
   for (int64_t t = 0; t < n; ++t, row += stride)
-    prefetch_bytes<Locality>(row, 0, hd * static_cast<int64_t>(sizeof(T)));
+    prefetch_bytes<Locality>(row, hd * static_cast<int64_t>(sizeof(T)));
 }
 
 // pages ahead a task sends into L2 (bench/attention_cpu.py --cold, Zen 4: 1 page ahead into L1

@@ -83,7 +83,6 @@ def launch_commands(
     return {"qwen35": qwen35, "vllm": vllm, "sglang": sglang}
 
 
-
 def _yarn_override(cfg) -> str:
     """The config.json override that gives vLLM / SGLang the planned YaRN scaling."""
     return json.dumps({"text_config": {"rope_parameters": cfg.rope_parameters()}})
