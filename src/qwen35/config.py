@@ -109,6 +109,16 @@ def parse_yarn(rope: dict, max_position_embeddings: int, where: str = "rope_para
 
 
 ROPE_TYPES = ("default", "yarn")
+QWEN_YARN_FACTOR = 4  # Qwen's long-context recipe: 262,144 -> 1,048,576 tokens
+
+
+def check_yarn_factor(factor) -> float:
+    """A `--yarn` factor (engine option, ModelConfig.with_yarn) as a float, or ConfigError."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 < factor < 1e6:
+        raise ConfigError(
+            f"--yarn must be a factor > 1 (Qwen's recipe: {QWEN_YARN_FACTOR}), got {factor!r}"
+        )
+    return float(factor)
 
 
 @dataclass(frozen=True)
@@ -214,18 +224,32 @@ class ModelConfig:
                     rope[key] = getattr(y, key)
         return rope
 
+    def yarn_advice(self, tokens: int) -> str:
+        """What lets `tokens` positions past this model's maximum run (the planner's and the
+        engine's refusals end with it)."""
+        top = self.max_position_embeddings
+        if self.yarn is not None:
+            return (
+                f"YaRN factor {self.yarn.factor:g} (native {self.native_context:,}); a larger "
+                "--yarn extends it, past what the model was tuned for"
+            )
+        q = QWEN_YARN_FACTOR
+        if tokens <= q * top:
+            return f"YaRN extends it (RoPE scaling): add --yarn {q} (Qwen's recipe, up to {q * top:,} tokens)"
+        return (
+            f"YaRN extends it (RoPE scaling): --yarn {math.ceil(tokens / top)} would allow it, "
+            f"beyond Qwen's recipe (--yarn {q}, up to {q * top:,} tokens)"
+        )
+
     def with_yarn(self, factor: float) -> ModelConfig:
         """This model with YaRN RoPE scaling by `factor` over its native context (`--yarn`;
         Qwen's recipe: 4 over 262,144 tokens), as its model card's rope_parameters edit does; a
         config with YaRN already keeps its other YaRN parameters."""
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
-            1 < factor < math.inf
-        ):
-            raise ConfigError(f"--yarn must be a factor > 1 (Qwen's recipe: 4), got {factor!r}")
+        factor = check_yarn_factor(factor)
         yarn = (
-            dataclasses.replace(self.yarn, factor=float(factor))
+            dataclasses.replace(self.yarn, factor=factor)
             if self.yarn
-            else Yarn(float(factor), self.max_position_embeddings)
+            else Yarn(factor, self.max_position_embeddings)
         )
         return dataclasses.replace(
             self, yarn=yarn, max_position_embeddings=max(self.native_context, yarn.max_context)

@@ -172,14 +172,9 @@ def plan_caches(
     capacity = num_blocks * block_size
     limit = min(cfg.max_position_embeddings, capacity)
     if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
-        top = cfg.max_position_embeddings
-        how = (
-            f"YaRN extends them: add --yarn 4 (Qwen's recipe, up to {4 * top:,} tokens)"
-            if cfg.yarn is None
-            else f"a larger --yarn than {cfg.yarn.factor:g} extends them, past what the model was tuned for"
-        )
         raise Qwen35Error(
-            f"--max-model-len {max_model_len:,} exceeds the model's {top:,} positions: {how}"
+            f"--max-model-len {max_model_len:,} exceeds the model's "
+            f"{cfg.max_position_embeddings:,} positions: {cfg.yarn_advice(max_model_len)}"
         )
     if max_model_len is None:
         max_model_len = limit

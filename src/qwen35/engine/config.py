@@ -16,6 +16,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 
 from qwen35.cache_spec import MAX_SPECULATIVE_TOKENS
+from qwen35.config import check_yarn_factor
 from qwen35.errors import Qwen35Error
 
 
@@ -263,9 +264,8 @@ class EngineConfig:
                 "speculative decoding (num_speculative_tokens) runs on one rank: drop it or "
                 "tensor_parallel_size"
             )
-        y = self.load.yarn
-        if y is not None and (isinstance(y, bool) or not isinstance(y, (int, float)) or not 1 < y < 1e6):
-            raise Qwen35Error(f"yarn must be a factor > 1 (Qwen's recipe: 4), got {y!r}")
+        if self.load.yarn is not None:
+            check_yarn_factor(self.load.yarn)
         if self.device.threads is not None and self.device.threads < 1:
             raise Qwen35Error(f"threads must be >= 1, got {self.device.threads!r}")
         dev = str(self.device.device)

@@ -366,19 +366,8 @@ def context_error(cfg: ModelConfig, context: int) -> str:
     if context < 1:
         return f"--context must be at least 1, got {context:,}"
     top = cfg.max_position_embeddings
-    if cfg.yarn is not None:
-        return (
-            f"--context {context:,} exceeds {cfg.name}'s {top:,} tokens with YaRN factor "
-            f"{cfg.yarn.factor:g} (native {cfg.native_context:,}); a larger --yarn extends it, "
-            "past what the model was tuned for"
-        )
-    head = f"--context {context:,} exceeds {cfg.name}'s native {top:,} tokens; YaRN RoPE scaling"
-    if context <= 4 * top:
-        return f"{head} extends it: add --yarn 4 (Qwen's recipe, up to {4 * top:,} tokens)"
-    return (
-        f"{head} extends it: --yarn {math.ceil(context / top)} would allow it, beyond Qwen's "
-        f"recipe (--yarn 4, up to {4 * top:,} tokens)"
-    )
+    limit = f"{top:,} tokens with" if cfg.yarn is not None else f"native {top:,} tokens;"
+    return f"--context {context:,} exceeds {cfg.name}'s {limit} {cfg.yarn_advice(context)}"
 
 
 def check_request(
