@@ -105,6 +105,10 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0: only the chosen one)
+    # top-n logprobs of each prompt token after the first, given the tokens before it (vLLM's
+    # prompt_logprobs; 0: only the prompt's own token); such a request computes its prompt
+    # itself (no prefix-cache hit) and returns them in its first output
+    prompt_logprobs: int | None = None
     min_tokens: int = 0
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100] (OpenAI)
@@ -162,6 +166,7 @@ class SamplingParams:
         real("presence_penalty", -2.0, 2.0)
         real("frequency_penalty", -2.0, 2.0)
         integer("logprobs", 0, 20, none_ok=True)
+        integer("prompt_logprobs", 0, 20, none_ok=True)
         integer("min_tokens", 0)
         if self.seed is not None:
             if not _is_int(self.seed):
@@ -244,6 +249,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: dict[int, float] = field(default_factory=dict)  # token id -> logprob, top-n
+    rank: int | None = None  # 1 + how many tokens are more likely (prompt logprobs only)
 
 
 @dataclass
@@ -266,6 +272,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # SamplingParams.prompt_logprobs: None for the first prompt token (nothing before it), then
+    # one per prompt token; in the request's first output only
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # arrival, first_token, finished times
     # Set (with finished=True) when the engine failed this request: a step raised while it ran.
     # Other requests go on; the text says what failed, for the log (not for clients).

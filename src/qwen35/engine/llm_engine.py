@@ -39,7 +39,13 @@ from qwen35.multimodal.engine_glue import (
     split_mm_prompt,
 )
 from qwen35.multimodal.sizing import MediaError
-from qwen35.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
+from qwen35.request import (
+    CompletionOutput,
+    RequestOutput,
+    SamplingParams,
+    SamplingParamsError,
+    TokenLogprob,
+)
 from qwen35.tokenizer import IncrementalDetokenizer, StopStringMatcher, load_tokenizer
 
 log = logging.getLogger("qwen35")
@@ -113,6 +119,7 @@ class _Request:
     arrival: float
     first_token: float | None = None
     error: str | None = None
+    prompt_logprobs_sent: bool = False
 
 
 def _auto_storage(config: EngineConfig, model: str) -> EngineConfig:
@@ -418,6 +425,12 @@ class LLMEngine:
             params.max_tokens = room
         elif params.max_tokens > room:
             raise PromptTooLongError(len(ids), params.max_tokens, self.max_model_len)
+        if params.prompt_logprobs is not None and self.workers is not None:
+            raise SamplingParamsError(
+                "prompt_logprobs is not available under tensor parallelism (--tp): serve the "
+                "model on one process to score prompts",
+                "prompt_logprobs",
+            )
         seq_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         taken = [x for x in seq_ids if x in self._seq_to_req or self.scheduler.get(x)]
         if taken:
@@ -435,6 +448,8 @@ class LLMEngine:
                 )
                 if mm is not None:
                     seq.mm_items, seq.mrope, seq.rope_delta = mm.items, mm.mrope, mm.rope_delta
+                if i == 0 and params.prompt_logprobs is not None:
+                    seq.prompt_logprobs = []  # (the first sequence computes them for all n)
                 detok = IncrementalDetokenizer(
                     self.tokenizer, skip_special_tokens=params.skip_special_tokens
                 )
@@ -499,6 +514,9 @@ class LLMEngine:
         for seq_id in errors:  # before update(), which then skips them
             self.scheduler.finish(seq_id, "error")
         finished = {s.seq_id for s in self.scheduler.update(out, result.sampled, result.bonus)}
+        for seq_id, lps in result.prompt_logprobs.items():
+            if seq_id not in errors:
+                self._seq_to_req[seq_id][1].seq.prompt_logprobs.extend(lps)
         now = time.time()
         touched: dict[str, _Request] = {}
         for seq_id, token in result.sampled.items():
@@ -528,7 +546,7 @@ class LLMEngine:
             for st in req.seqs:  # its other sequences stop too: the request has failed
                 self.scheduler.abort(st.seq.seq_id)
                 st.done = True
-        outputs = [self._delta(req, now) for req in touched.values()]
+        outputs = [d for req in touched.values() if (d := self._delta(req, now)) is not None]
         for req in touched.values():
             if all(st.done for st in req.seqs):
                 del self._requests[req.request_id]
@@ -580,8 +598,17 @@ class LLMEngine:
                 st.text += st.stop.feed(st.detok.flush())[0] + st.stop.flush()
         return stopped
 
-    def _delta(self, req: _Request, now: float) -> RequestOutput:
-        outs = []
+    def _delta(self, req: _Request, now: float) -> RequestOutput | None:
+        """What is new in the request; None: nothing to say yet (n > 1 with prompt logprobs:
+        a sibling's tokens wait for the first sequence's prompt, whose logprobs come first)."""
+        outs, prompt_lps = [], None
+        first = req.seqs[0].seq
+        if first.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            if first.needs_prompt_logprobs and req.error is None:
+                return None
+            if not first.needs_prompt_logprobs:  # (its prompt has run: the first token's step)
+                prompt_lps = [None, *first.prompt_logprobs]
+                req.prompt_logprobs_sent = True
         for i, st in enumerate(req.seqs):
             if st.final_sent:  # n > 1: a sibling still runs; this one has said all it will
                 continue
@@ -617,6 +644,7 @@ class LLMEngine:
             num_cached_tokens=max((st.seq.num_cached_tokens for st in req.seqs), default=0),
             metrics=metrics,
             error=req.error,
+            prompt_logprobs=prompt_lps,
         )
 
     def get_stats(self) -> dict:
@@ -771,6 +799,7 @@ def _merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
     acc.outputs = [by_index[i] for i in sorted(by_index)]
     acc.finished = delta.finished
     acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)
+    acc.prompt_logprobs = delta.prompt_logprobs or acc.prompt_logprobs
     acc.metrics = {**acc.metrics, **delta.metrics}
     acc.error = delta.error or acc.error
     return acc

@@ -32,6 +32,10 @@ from qwen35.request import TokenLogprob
 
 log = logging.getLogger("qwen35")
 
+# prompt logprobs: head rows at a time (their fp32 logits and log_softmax: 2 x 64 MB at a
+# vocabulary of 248K), so a long prompt chunk never holds the whole chunk's logits
+PROMPT_LOGPROB_ROWS = 64
+
 
 @dataclass(frozen=True)
 class GraphSpec:
@@ -53,6 +57,9 @@ class StepResult:
     # speculative decoding with SpecState.adaptive: the rows of a pure decode step (drafts
     # included), which the engine times as a whole step into SpecState.cost; None otherwise
     decode_rows: int | None = None
+    # SamplingParams.prompt_logprobs: seq_id -> those of the prompt positions this step ran
+    # (in order, continuing the sequence's prompt_logprobs)
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -289,10 +296,21 @@ class ModelRunner:
         input_ids, batch, sample_seqs = self.build_batch(scheduled, verify, phased)
         if mm:  # images: encoder outputs and 3-D positions
             self.vision.apply(_with_drafts(scheduled, verify), batch)
+        prompt = self._prompt_rows(scheduled)
         if self.spec is not None:
-            result = self._execute_spec(scheduled, verify, input_ids, batch, sample_seqs)
+            result = self._execute_spec(scheduled, verify, input_ids, batch, sample_seqs, prompt)
             if self.spec.adaptive and not batch.prefill and batch.mm_rows is None:
                 result.decode_rows = batch.num_tokens  # a pure decode step: the engine times it
+            return result
+        if prompt:  # every prompt row's logits, not only the sampled rows'
+            h = self.model.forward_hidden(input_ids, batch, self.caches)
+            plps = self._prompt_logprobs(h, prompt)
+            logits = None
+            if sample_seqs:
+                logits = self.model.compute_logits(h.index_select(0, batch.logits_indices),
+                                                   batch.backend)  # fmt: skip
+            result = self._sample(sample_seqs, logits=logits)
+            result.prompt_logprobs = plps
             return result
         ks = self._screen_ks(len(batch.logits_indices), sample_seqs)
         if ks is not None:  # every row keeps only its k largest logits (models/head_screen.py)
@@ -366,7 +384,46 @@ class ModelRunner:
         }
         return StepResult(sampled, lps, errors)
 
-    def _execute_spec(self, scheduled, verify, input_ids, batch, sample_seqs) -> StepResult:
+    def _prompt_rows(self, scheduled) -> list[tuple[str, list[int], list[int], int]]:
+        """Rows whose logits give prompt logprobs this step: (seq_id, token rows, the prompt
+        tokens they predict, top-n) per sequence that still needs some (`self.rows_of` after
+        build_batch: row j of a sequence is its position start + j)."""
+        want = []
+        for i, s in enumerate(scheduled):
+            seq = s.seq
+            if not seq.needs_prompt_logprobs:
+                continue
+            lo = max(s.start, len(seq.prompt_logprobs))  # (recomputed after a preemption: kept)
+            hi = min(s.start + s.num_new_tokens, seq.num_prompt_tokens - 1)
+            if lo < hi:
+                rows = self.rows_of[i][lo - s.start : hi - s.start]
+                want.append((seq.seq_id, rows, seq.token_ids[lo + 1 : hi + 1],
+                             seq.params.prompt_logprobs))  # fmt: skip
+        return want
+
+    def _prompt_logprobs(self, h: torch.Tensor, want) -> dict[str, list[TokenLogprob]]:
+        """log_softmax of the raw logits at each wanted row (a few rows at a time: the
+        vocabulary is wide): the next prompt token's logprob and rank, and the top-n."""
+        out: dict[str, list[TokenLogprob]] = {}
+        for seq_id, rows, targets, n in want:
+            lps = out.setdefault(seq_id, [])
+            for a in range(0, len(rows), PROMPT_LOGPROB_ROWS):
+                idx = torch.tensor(rows[a : a + PROMPT_LOGPROB_ROWS], device=h.device)
+                tok = torch.tensor(targets[a : a + PROMPT_LOGPROB_ROWS], device=h.device)
+                x = self.model.final_norm(h.index_select(0, idx), self.backend)
+                lp = torch.log_softmax(self.model.head_logits(x).float(), dim=-1)
+                chosen = lp.gather(1, tok[:, None])
+                rank = (lp > chosen).sum(dim=1) + 1
+                top_v, top_i = lp.topk(n, dim=-1) if n else (lp[:, :0], tok[:, None][:, :0])
+                for t, c, r, tv, ti in zip(targets[a : a + PROMPT_LOGPROB_ROWS],
+                                           chosen[:, 0].tolist(), rank.tolist(),
+                                           top_v.tolist(), top_i.tolist(), strict=True):  # fmt: skip
+                    lps.append(TokenLogprob(t, c, dict(zip(ti, tv, strict=True)), rank=r))
+        return out
+
+    def _execute_spec(
+        self, scheduled, verify, input_ids, batch, sample_seqs, prompt=()
+    ) -> StepResult:
         """engine/speculative.py: the head over the first rows and the draft rows at once (one
         read of it), the first rows sampled, then each accepted draft's row in turn (a draft
         is accepted when it equals the token sampled before it), the states of sequences with
@@ -374,6 +431,7 @@ class ModelRunner:
         drafts."""
         spec, be, rows_of = self.spec, batch.backend, self.rows_of
         h = self.model.forward_hidden(input_ids, batch, self.caches)  # [T, H]
+        plps = self._prompt_logprobs(h, prompt) if prompt else {}
         x = self.model.final_norm(h, be)  # every row: the MTP head reads them all
         S = len(sample_seqs)
         extra = [(i, j) for i in verify for j in range(1, len(rows_of[i]))]  # draft j's row
@@ -418,6 +476,7 @@ class ModelRunner:
         if back:
             self.caches.copy_states(back)
         self._draft(scheduled, verify, x, batch, result, rows_of)
+        result.prompt_logprobs = plps
         return result
 
     def _draft(self, scheduled, verify, x, batch, result: StepResult, rows_of) -> None:

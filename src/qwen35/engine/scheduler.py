@@ -374,8 +374,8 @@ class Scheduler:
         """Longest run of cached full blocks that ends at a state checkpoint and leaves at least
         one token to compute (the logits row to sample from). Where the KV match runs further
         than the checkpoint, remember that branch point: a checkpoint is placed there."""
-        if not self.config.enable_prefix_caching:
-            return [], None
+        if not self.config.enable_prefix_caching or seq.needs_prompt_logprobs:
+            return [], None  # (prompt logprobs: every prompt row's logits are needed)
         hashes = self._hashes(seq)
         blocks = self.kv.match_prefix(hashes[: (seq.num_tokens - 1) // self.config.block_size])
         seq.branch_point = len(blocks) * self.config.block_size

@@ -63,6 +63,10 @@ class Sequence:
     mm_items: list = field(default_factory=list)
     mrope: object = None
     rope_delta: int = 0
+    # SamplingParams.prompt_logprobs: the TokenLogprob of prompt token k + 1 at index k, as the
+    # prompt's chunks are computed (None: this sequence does not compute them; of a request's n
+    # sequences only the first does)
+    prompt_logprobs: list | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)
@@ -84,6 +88,13 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs still to compute: its prompt must run from the start (no prefix hit)."""
+        return self.prompt_logprobs is not None and (
+            len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+        )
 
     @property
     def is_finished(self) -> bool:

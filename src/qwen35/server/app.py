@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP app: `create_app(engine, ServerConfig(...))` -> FastAPI.
 
 Routes: GET /health, GET /metrics, GET /v1/models, POST /v1/completions, POST
-/v1/chat/completions. Every error is returned in OpenAI's shape. One pure-ASGI middleware
+/v1/chat/completions, and vLLM's POST /tokenize, POST /detokenize, GET /tokenizer_info. Every error is returned in OpenAI's shape. One pure-ASGI middleware
 gives each request an id (`x-request-id`), counts requests by endpoint/status, checks the API
 key (everything but /health) and turns any unexpected exception into a 500 with a generic
 message and the request id (the traceback goes to the log only); it is pure ASGI (not
@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from qwen35.server import serving_tokens
 from qwen35.server.async_engine import AsyncEngine
 from qwen35.server.metrics import CONTENT_TYPE, ServerMetrics
 from qwen35.server.protocol import APIError, ModelCard, ModelList, error_body
@@ -38,7 +39,10 @@ from qwen35.server.serving_completions import create_completion
 
 log = logging.getLogger("qwen35.server")
 
-ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+ENDPOINTS = (
+    "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+    "/tokenize", "/detokenize", "/tokenizer_info",
+)  # fmt: skip
 OPEN_PATHS = ("/health",)  # no API key needed (load balancers probe it)
 
 __all__ = ["ServerConfig", "ServerState", "create_app"]
@@ -108,6 +112,18 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(state, request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await serving_tokens.tokenize(state, request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await serving_tokens.detokenize(state, request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> Response:
+        return JSONResponse(serving_tokens.tokenizer_info(state))
 
     return app
 

@@ -82,6 +82,9 @@ class _Request(BaseModel):
     skip_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None  # token id (as a JSON key) -> bias in [-100, 100]
     best_of: int | None = None  # only best_of == n (no ranking of extra samples)
+    # vLLM's prompt_logprobs: each prompt token's logprob (and rank, and the top-n) given
+    # the tokens before it; completions return them per choice, chat completions once
+    prompt_logprobs: int | None = None
     # output constraints (server/structured.py): OpenAI's and vLLM's shapes
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -124,6 +127,7 @@ class _Request(BaseModel):
             ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs,
             min_tokens=self.min_tokens,
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=_token_keys(self.logit_bias),
@@ -241,6 +245,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # (vLLM's field)
 
 
 class CompletionChoice(BaseModel):
@@ -249,6 +254,7 @@ class CompletionChoice(BaseModel):
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # (vLLM's field)
 
 
 class CompletionResponse(BaseModel):

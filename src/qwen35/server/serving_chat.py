@@ -39,6 +39,7 @@ from qwen35.server.serving_common import (
     chat_logprobs,
     collect,
     engine_dead_error,
+    prompt_logprobs_json,
     raise_for_error,
     request_id_of,
     sse,
@@ -174,13 +175,15 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     created = int(time.time())
     builders = [ChoiceBuilder(prompt.thinking, prompt.tools) for _ in range(params.n)]
 
-    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+    def chunk(choices: list[dict], usage: dict | None = None, prompt_lps=None) -> str:
         body: dict[str, Any] = {
             "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": choices,
         }  # fmt: skip
         if usage is not None:
             body["usage"] = usage
+        if prompt_lps is not None:  # (vLLM's prompt_logprobs: in the first output's chunk)
+            body["prompt_logprobs"] = prompt_logprobs_json(state, prompt_lps)
         return sse(body)
 
     if req.stream:
@@ -204,8 +207,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                         lp = {"content": chat_logprobs(state, o.logprobs, top_n)}
                     if delta or lp or finish:
                         choices.append(_choice(o.index, delta, lp, finish, o.stop_reason))
-                if choices:
-                    yield chunk(choices)
+                if choices or out.prompt_logprobs is not None:
+                    yield chunk(choices, prompt_lps=out.prompt_logprobs)
             tracker.done()
             if req.include_usage:
                 yield chunk([], usage=tracker.usage())
@@ -216,11 +219,13 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     lps: list[list] = [[] for _ in range(params.n)]
     finish: list[str | None] = [None] * params.n
     stop_reason: list[Any] = [None] * params.n
+    prompt_lps = None
     async with aclosing(collect(request, stream, state.config.disconnect_poll_s)) as outs:
         try:
             async for out in outs:
                 raise_for_error(out, rid)
                 tracker.on_output(out)
+                prompt_lps = out.prompt_logprobs or prompt_lps
                 for o in out.outputs:
                     texts[o.index] += o.text
                     lps[o.index].extend(o.logprobs or [])
@@ -245,8 +250,9 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
             )
         )
     body = ChatCompletionResponse(
-        id=rid, created=created, model=model, choices=choices, usage=Usage(**tracker.usage())
-    )
+        id=rid, created=created, model=model, choices=choices, usage=Usage(**tracker.usage()),
+        prompt_logprobs=prompt_logprobs_json(state, prompt_lps),
+    )  # fmt: skip
     return JSONResponse(body.model_dump())
 
 

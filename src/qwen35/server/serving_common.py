@@ -260,26 +260,56 @@ def chat_logprobs(state: ServerState, entries: list[TokenLogprob], top_n: int) -
 
 
 def completion_logprobs(
-    state: ServerState, entries: list[TokenLogprob], top_n: int, offset: int
+    state: ServerState,
+    entries: list[TokenLogprob],
+    top_n: int,
+    offset: int,
+    first: int | None = None,
 ) -> dict[str, list]:
-    """Legacy completions logprobs; `offset` is the text length before the first token."""
+    """Legacy completions logprobs; `offset` is the text length before the first token.
+    first: echo's first prompt token, which has no logprob (nothing comes before it)."""
     res: dict[str, list] = {
         "tokens": [],
         "token_logprobs": [],
         "top_logprobs": [],
         "text_offset": [],
     }
-    for e in entries:
-        text = state.token_text(e.token_id)[0]
+    rows = [(first, None)] if first is not None else []
+    for tok, e in rows + [(e.token_id, e) for e in entries]:
+        text = state.token_text(tok)[0]
         res["tokens"].append(text)
-        res["token_logprobs"].append(safe_logprob(e.logprob))
-        top = sorted(e.top.items(), key=lambda kv: -kv[1])[:top_n]
+        res["token_logprobs"].append(None if e is None else safe_logprob(e.logprob))
+        top = [] if e is None else sorted(e.top.items(), key=lambda kv: -kv[1])[:top_n]
         res["top_logprobs"].append(
-            {state.token_text(t)[0]: safe_logprob(lp) for t, lp in top} if top_n else None
+            {state.token_text(t)[0]: safe_logprob(lp) for t, lp in top} if top else None
         )
         res["text_offset"].append(offset)
         offset += len(text)
     return res
+
+
+def prompt_logprobs_json(
+    state: ServerState, entries: list[TokenLogprob | None] | None
+) -> list[dict[str, Any] | None] | None:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then per token a map token
+    id -> {logprob, rank, decoded_token}: the prompt's own token first, then the top-n."""
+    if entries is None:
+        return None
+    out: list[dict[str, Any] | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        top = sorted(e.top.items(), key=lambda kv: -kv[1])
+        ranks = {t: r for r, (t, _) in enumerate(top, 1)}
+        ranks[e.token_id] = e.rank if e.rank is not None else ranks.get(e.token_id)
+        row = {}
+        for t, lp in [(e.token_id, e.logprob), *top]:
+            if str(t) not in row:
+                row[str(t)] = {"logprob": safe_logprob(lp), "rank": ranks[t],
+                               "decoded_token": state.token_text(t)[0]}  # fmt: skip
+        out.append(row)
+    return out
 
 
 SSE_DONE = "data: [DONE]\n\n"

@@ -28,6 +28,7 @@ from qwen35.server.serving_common import (
     collect,
     completion_logprobs,
     engine_dead_error,
+    prompt_logprobs_json,
     raise_for_error,
     request_id_of,
     sse,
@@ -62,10 +63,19 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     prompts = _prompts(req.prompt)
     if req.suffix:
         raise APIError("suffix is not supported", param="suffix")
-    if req.echo and req.logprobs is not None:
-        raise APIError("echo with logprobs is not supported (no prompt logprobs)", param="echo")
+    # max_tokens 0 with echo: only the prompt (scored with logprobs: lm-evaluation-harness's
+    # loglikelihood requests); the engine generates one token, which is dropped
+    prompt_only = req.echo and req.max_tokens == 0
+    if req.max_tokens == 0 and not req.echo:
+        raise APIError("max_tokens must be at least 1 (0 only with echo: the prompt alone)",
+                       param="max_tokens")  # fmt: skip
     try:
-        params = req.sampling_params(req.max_tokens, req.logprobs, state.default_sampling)
+        params = req.sampling_params(
+            1 if prompt_only else req.max_tokens, req.logprobs, state.default_sampling
+        )
+        if req.echo and req.logprobs is not None:  # the prompt's logprobs are echoed too
+            params.prompt_logprobs = max(req.logprobs, params.prompt_logprobs or 0)
+            params.validate()
     except SamplingParamsError as e:
         raise APIError(str(e), param=e.param) from None
     params.structured_outputs, spec_param = request_constraint(req)
@@ -83,28 +93,52 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     def choice_index(rid: str, index: int) -> int:
         return order[rid] * params.n + index
 
+    prompt_lps: dict[str, list] = {}  # request id -> its prompt logprobs (its first output's)
+    prompt_ids = {rid: p for rid, p, _ in requests}
+
+    def receive(out) -> None:
+        raise_for_error(out, out.request_id)
+        if out.prompt_logprobs is not None:
+            prompt_lps[out.request_id] = out.prompt_logprobs
+        if prompt_only:
+            for o in out.outputs:  # (the token generated to run the prompt: not returned)
+                o.text, o.token_ids = "", []
+                o.logprobs = [] if o.logprobs is not None else None
+                if o.finish_reason is not None:
+                    o.finish_reason, o.stop_reason = "length", None
+        tracker.on_output(out)
+
+    def echo_logprobs(rid: str) -> dict[str, list] | None:
+        """Legacy logprobs of an echoed prompt (its first token has none), or None."""
+        if not req.echo or req.logprobs is None or rid not in prompt_lps:
+            return None
+        ids = prompt_ids[rid]
+        return completion_logprobs(state, prompt_lps[rid][1:], top_n, 0, first=ids[0])
+
     if req.stream:
 
         async def events():
             offsets: dict[int, int] = {}  # choice -> text length so far (logprobs text_offset)
             async for out in stream:
-                raise_for_error(out, out.request_id)
-                tracker.on_output(out)
-                choices = []
+                receive(out)
+                rid, choices = out.request_id, []
                 for o in out.outputs:
-                    i = choice_index(out.request_id, o.index)
-                    text = o.text
-                    if i not in offsets and out.request_id in echo:
-                        text = echo[out.request_id] + text
-                    prev = offsets.get(i, 0)
-                    offsets[i] = prev + len(text)
-                    lp = None  # (echo never comes with logprobs)
+                    i = choice_index(rid, o.index)
+                    text, first = o.text, i not in offsets
+                    if first and rid in echo:
+                        text = echo[rid] + text
+                    prev = offsets.get(i, 0) if not first or rid not in echo else len(echo[rid])
+                    offsets[i] = prev + len(o.text)
+                    lp = None
                     if o.logprobs is not None and req.logprobs is not None:
                         lp = completion_logprobs(state, o.logprobs, top_n, prev)
-                    choices.append(
-                        {"index": i, "text": text, "logprobs": lp,
-                         "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
-                    )  # fmt: skip
+                    if first and (pre := echo_logprobs(rid)) is not None:
+                        lp = {k: pre[k] + (lp or {}).get(k, []) for k in pre}
+                    c = {"index": i, "text": text, "logprobs": lp,
+                         "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}  # fmt: skip
+                    if first and req.prompt_logprobs is not None:
+                        c["prompt_logprobs"] = prompt_logprobs_json(state, prompt_lps.get(rid))
+                    choices.append(c)
                 if choices:
                     yield sse(_chunk(base, created, model, choices))
             tracker.done()
@@ -117,13 +151,13 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     async with aclosing(collect(request, stream, state.config.disconnect_poll_s)) as outs:
         try:
             async for out in outs:
-                raise_for_error(out, out.request_id)
-                tracker.on_output(out)
+                receive(out)
                 for o in out.outputs:
                     i = choice_index(out.request_id, o.index)
                     a = acc.setdefault(
-                        i, {"text": echo.get(out.request_id, ""), "lps": [], "finish": None}
-                    )
+                        i, {"text": echo.get(out.request_id, ""), "lps": [], "finish": None,
+                            "rid": out.request_id}
+                    )  # fmt: skip
                     a["text"] += o.text
                     a["lps"].extend(o.logprobs or [])
                     a["finish"] = o.finish_reason or a["finish"]
@@ -132,18 +166,25 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         except EngineDeadError as e:
             raise engine_dead_error(e) from None
     tracker.done()
-    choices = [
-        CompletionChoice(
-            index=i,
-            text=a["text"],
-            logprobs=completion_logprobs(state, a["lps"], top_n, 0)
-            if req.logprobs is not None
-            else None,
-            finish_reason=a["finish"],
-            stop_reason=a.get("stop"),
+    choices = []
+    for i, a in sorted(acc.items()):
+        rid, lp = a["rid"], None
+        if req.logprobs is not None:
+            lp = completion_logprobs(state, a["lps"], top_n, len(echo.get(rid, "")))
+            if (pre := echo_logprobs(rid)) is not None:
+                lp = {k: pre[k] + lp[k] for k in pre}
+        choices.append(
+            CompletionChoice(
+                index=i,
+                text=a["text"],
+                logprobs=lp,
+                finish_reason=a["finish"],
+                stop_reason=a.get("stop"),
+                prompt_logprobs=prompt_logprobs_json(state, prompt_lps.get(rid))
+                if req.prompt_logprobs is not None
+                else None,
+            )
         )
-        for i, a in sorted(acc.items())
-    ]
     body = CompletionResponse(
         id=base, created=created, model=model, choices=choices, usage=Usage(**tracker.usage())
     )
