@@ -1,4 +1,4 @@
-"""Seeded fuzzing of both endpoints (issue 11): a few hundred randomized bad requests (wrong types,
+"""Seeded fuzzing of the POST endpoints (issue 11): a few hundred randomized bad requests (wrong types,
 extreme numbers, NaN, deep nesting, lone surrogates, huge lists, broken JSON and encodings,
 bad keys, streaming or not) on loopback. No answer may be a 5xx, every error is in OpenAI's
 shape, every stream ends with [DONE], and afterwards the engine is alive with nothing left
@@ -31,7 +31,7 @@ FIELDS = [
     "stream_options", "ignore_eos", "min_tokens", "include_stop_str_in_output",
     "skip_special_tokens", "user", "tools", "tool_choice", "chat_template_kwargs",
     "response_format", "parallel_tool_calls", "logit_bias", "best_of", "prompt", "messages",
-    "unknown_field",
+    "prompt_logprobs", "tokens", "add_special_tokens", "return_token_strs", "unknown_field",
 ]  # fmt: skip
 
 
@@ -65,10 +65,14 @@ def _value(rng: random.Random):
 
 
 def _body(rng: random.Random) -> tuple[str, bytes]:
-    chat = rng.random() < 0.5
+    r = rng.random()
+    chat = r < 0.45
     path = "/v1/chat/completions" if chat else "/v1/completions"
     body: dict = {"messages": USER} if chat else {"prompt": "Hello"}
     body["max_tokens"] = rng.choice([1, 2, 4])
+    if r > 0.9:  # the tokenizer endpoints
+        path = rng.choice(["/tokenize", "/detokenize"])
+        body = {"prompt": "Hello"} if path == "/tokenize" else {"tokens": [9707, 11]}
     if rng.random() < 0.3:
         body["stream"] = True
     if chat and rng.random() < 0.2:

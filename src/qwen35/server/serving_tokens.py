@@ -63,7 +63,8 @@ async def tokenize(state: ServerState, request: Request) -> Response:
 
 
 def _detokenize(state: ServerState, ids: list[int]) -> str:
-    vocab = state.engine.config.vocab_size
+    engine = state.engine  # (the model's vocabulary: the tokenizer's, padded)
+    vocab = getattr(getattr(engine, "config", None), "vocab_size", engine.tokenizer.vocab_size)
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:
         raise APIError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
