@@ -14,14 +14,8 @@ weights, `--dtype auto`, greedy; medians of each round's steps, then per-round r
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ((128, 32), (2048, 12))  # (prompt tokens, decode steps timed)
 
 
@@ -57,28 +51,12 @@ def main() -> None:
         return
     if not a.baseline:
         ap.error("--baseline REV is required")
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "base"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(base),
-                        a.baseline], check=True)  # fmt: skip
-        try:
-            trees = {"new": ROOT / "src", "base": base / "src"}
-            times: dict[str, list[list[float]]] = {k: [] for k in trees}
-            for r in range(a.rounds):
-                for name in (("new", "base") if r % 2 == 0 else ("base", "new")):
-                    env = {**os.environ, "PYTHONPATH": str(trees[name])}
-                    cmd = [sys.executable, __file__, "--one", "--threads", str(a.threads)]
-                    if a.quantization:
-                        cmd += ["--quantization", a.quantization]
-                    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                    if res.returncode != 0:
-                        sys.exit(f"the {name} process failed:\n{res.stderr[-3000:]}")
-                    times[name].append([float(v) for v in res.stdout.split()[-len(PROMPTS):]])
-                    print(f"round {r + 1} {name}: " + " ".join(f"{v:.2f}" for v in times[name][-1]),
-                          flush=True)  # fmt: skip
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)],
-                           check=False)  # fmt: skip
+    from qwen35.benchmarks.common import alternate_with_revision  # (the child may predate it)
+
+    cmd = [__file__, "--one", "--threads", str(a.threads)]
+    if a.quantization:
+        cmd += ["--quantization", a.quantization]
+    times = alternate_with_revision(a.baseline, a.rounds, cmd, len(PROMPTS))
     for i, (n, _) in enumerate(PROMPTS):
         new = [t[i] for t in times["new"]]
         old = [t[i] for t in times["base"]]

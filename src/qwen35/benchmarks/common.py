@@ -258,3 +258,38 @@ def kernel_sources_at(rev: str, folder: str | Path) -> Path:
                                   capture_output=True).stdout  # fmt: skip
             (folder / f).write_bytes(blob)
     return folder
+
+
+def alternate_with_revision(
+    rev: str, rounds: int, argv: list[str], width: int
+) -> dict[str, list[list[float]]]:
+    """Run `python argv` `rounds` times from this checkout's src ("new") and from git revision
+    `rev` checked out into a temporary worktree ("base"), alternating which goes first; each
+    run prints `width` numbers on its last line. -> {"new": [[...] per round], "base": ...}
+    (bench/decode_ab.py, bench/host_overhead.py: a change measured in whole processes)."""
+    import os
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parents[3]
+    times: dict[str, list[list[float]]] = {"new": [], "base": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base"
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "-q", "--detach", str(base),
+                        rev], check=True)  # fmt: skip
+        try:
+            trees = {"new": root / "src", "base": base / "src"}
+            for r in range(rounds):
+                for name in (("new", "base") if r % 2 == 0 else ("base", "new")):
+                    env = {**os.environ, "PYTHONPATH": str(trees[name])}
+                    res = subprocess.run([sys.executable, *argv], env=env, capture_output=True,
+                                         text=True)  # fmt: skip
+                    if res.returncode != 0:
+                        sys.exit(f"the {name} process failed:\n{res.stderr[-3000:]}")
+                    times[name].append([float(v) for v in res.stdout.split()[-width:]])
+                    print(f"round {r + 1} {name}: " + " ".join(f"{v:.3f}" for v in times[name][-1]),
+                          flush=True)  # fmt: skip
+        finally:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(base)],
+                           check=False)  # fmt: skip
+    return times

@@ -236,9 +236,11 @@ class ForwardBatch:
         else:
             width = max((len(t) for t in block_tables), default=1) or 1
             host_table = torch.zeros(len(block_tables), width, dtype=torch.int32)
-            for i, t in enumerate(block_tables):
+            for i, t in enumerate(block_tables):  # (rows may be host int32 tensors)
                 if len(t):
-                    host_table[i, : len(t)] = torch.tensor(list(t), dtype=torch.int32)
+                    host_table[i, : len(t)] = t if isinstance(t, torch.Tensor) else torch.tensor(
+                        list(t), dtype=torch.int32
+                    )
             table = up.add(host_table)
 
         prefill, dec = [], []

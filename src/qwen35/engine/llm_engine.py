@@ -613,7 +613,7 @@ class LLMEngine:
             if st.final_sent:  # n > 1: a sibling still runs; this one has said all it will
                 continue
             seq = st.seq
-            new_ids = seq.output_token_ids[st.sent_tokens :]
+            new_ids = seq.token_ids[seq.num_prompt_tokens + st.sent_tokens :]  # (no O(len) copy)
             new_lps = st.logprobs[st.sent_logprobs :] if req.params.logprobs is not None else None
             if not new_ids and not st.text and not (st.done and seq.finish_reason):
                 continue

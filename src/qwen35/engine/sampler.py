@@ -204,7 +204,9 @@ def _flat_keys(seqs: Sequence[Sequence[int] | torch.Tensor], rows: Sequence[int]
     parts = [torch.zeros(0, dtype=torch.long)]
     for seq, i in zip(seqs, rows, strict=True):  # per row, never per vocab entry
         if len(seq):
-            t = seq if isinstance(seq, torch.Tensor) else torch.tensor(seq, dtype=torch.long)
+            t = seq if isinstance(seq, torch.Tensor) else torch.tensor(
+                seq if isinstance(seq, list) else list(seq), dtype=torch.long
+            )  # (a TokenTail is read once, in order)
             t = t.to("cpu", torch.long)  # [n]
             lo, hi = int(t.min()), int(t.max())  # host tensor: no device sync
             if lo < 0 or hi >= vocab:

@@ -9,9 +9,38 @@ hit) and the generated tokens are recomputed with the prompt. No torch here.
 from __future__ import annotations
 
 import enum
+import itertools
+from collections import abc
 from dataclasses import dataclass, field
 
 from qwen35.request import SamplingParams
+
+
+class TokenTail(abc.Sequence):
+    """ids[start:] + extra, read-only, without copying ids (its length in O(1)): a sequence's
+    output tokens as the sampler reads them each step (only penalties iterate over them)."""
+
+    __slots__ = ("_ids", "_start", "_extra")
+
+    def __init__(self, ids: list[int], start: int, extra: abc.Sequence[int] = ()):
+        self._ids, self._start, self._extra = ids, start, tuple(extra)
+
+    def __len__(self) -> int:
+        return len(self._ids) - self._start + len(self._extra)
+
+    def __iter__(self):
+        yield from itertools.islice(self._ids, self._start, None)
+        yield from self._extra
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return list(self)[i]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError("TokenTail index out of range")
+        i %= n
+        k = len(self._ids) - self._start
+        return self._ids[self._start + i] if i < k else self._extra[i - k]
 
 
 class SequenceStatus(enum.Enum):
