@@ -1,4 +1,4 @@
-"""`qwen35 quantize IN_DIR OUT_DIR --to fp8 | bf16` (see qwen35.quant.checkpoint)."""
+"""`qwen35 quantize IN_DIR OUT_DIR --to fp8 | bf16 [--lora ADAPTER_DIR]` (see qwen35.quant.checkpoint)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("fp8", "bf16"),
         default="fp8",
         help="fp8: the official block-FP8 layout (e4m3, 128x128 BF16 scales); bf16: dequantise",
+    )
+    p.add_argument(
+        "--lora",
+        metavar="ADAPTER_DIR",
+        help="merge this PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) "
+        "into the weights first",
     )
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument(
@@ -34,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         shard_bytes=int(args.shard_size * 2**30),
         progress=sys.stderr.isatty(),
+        lora=args.lora,
     )
-    print(f"wrote {out} ({args.to})")
+    print(f"wrote {out} ({args.to}{', LoRA ' + args.lora + ' merged' if args.lora else ''})")
     return 0

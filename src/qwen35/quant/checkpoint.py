@@ -1,5 +1,6 @@
-"""`qwen35 quantize IN_DIR OUT_DIR --to fp8 | bf16`: write a model directory in the official
-block-FP8 layout, or dequantise one back to BF16.
+"""`qwen35 quantize IN_DIR OUT_DIR --to fp8 | bf16 [--lora ADAPTER]`: write a model directory in the
+official block-FP8 layout, or dequantise one back to BF16; with a PEFT LoRA adapter merged into
+its weights first (qwen35.lora): a LoRA fine-tune as a plain (or FP8) release.
 
 FP8 output (what vLLM, SGLang and this engine load): the same tensor names; every matrix of the
 FP8 rule (`quant.apply.fp8_rule`, also inside MTP layers) becomes e4m3 with a BF16
@@ -25,6 +26,7 @@ import torch
 
 from qwen35.config import ModelConfig
 from qwen35.errors import Qwen35Error
+from qwen35.lora import LoraAdapter
 from qwen35.quant import formats
 from qwen35.quant.apply import fp8_rule
 from qwen35.weights import _ST_DTYPES
@@ -72,7 +74,9 @@ def _quantize(key: str, t: torch.Tensor, kind: str, cfg: ModelConfig):
     return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
 
 
-def _convert(files: list[Path], cfg: ModelConfig, to: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _convert(
+    files: list[Path], cfg: ModelConfig, to: str, lora: LoraAdapter | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     rule = fp8_rule(cfg)
@@ -99,7 +103,8 @@ def _convert(files: list[Path], cfg: ModelConfig, to: str) -> Iterator[tuple[str
                     else:
                         with safe_open(str(where[scale]), framework="pt", device="cpu") as g:
                             s = g.get_tensor(scale)
-                    if to == "fp8":
+                    adapted = lora is not None and lora.delta_for(key) is not None
+                    if to == "fp8" and not adapted:
                         yield key, t
                         yield scale, s
                         continue
@@ -109,8 +114,11 @@ def _convert(files: list[Path], cfg: ModelConfig, to: str) -> Iterator[tuple[str
                         )
                     else:
                         t = formats.dequantize_fp8_blocks(t, s)
-                    yield key, t
-                    continue
+                    if not adapted:
+                        yield key, t
+                        continue
+                if lora is not None:
+                    t = lora.merge(key, t)  # (an FP8 weight dequantised above: quantised again)
                 kind = fp8_target(key, rule) if to == "fp8" else None
                 if kind is None:
                     yield key, t
@@ -136,7 +144,9 @@ def convert_checkpoint(
     force: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = False,
+    lora: str | Path | None = None,
 ) -> Path:
+    """lora: a PEFT LoRA adapter directory merged into the weights first (qwen35.lora)."""
     from safetensors.torch import save_file
 
     from qwen35.weights import checkpoint_files
@@ -153,6 +163,10 @@ def convert_checkpoint(
     cfg = ModelConfig.from_hf(src)
     files = checkpoint_files(src)
     total = _num_weights(files)
+    adapter = None
+    if lora is not None:  # checked against the base before anything is written
+        adapter = LoraAdapter(lora)
+        adapter.check_base(_shapes(files))
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
@@ -160,7 +174,7 @@ def convert_checkpoint(
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         names: list[str] = []
-        for key, t in _convert(files, cfg, to):
+        for key, t in _convert(files, cfg, to, adapter):
             t = t.contiguous()
             nbytes = t.numel() * t.element_size()
             # a scale stays in its weight's shard (it comes right after it)
@@ -223,6 +237,16 @@ def _index(tmp: Path, parts: list[str]) -> None:
                 total += math.prod(t.get_shape()) * _ST_DTYPES[t.get_dtype()].itemsize
     doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    out: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            out.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return out
 
 
 def _num_weights(files: list[Path]) -> int:
