@@ -129,6 +129,7 @@ class RequestTracker:
         self.start = time.perf_counter()
         self.last: float | None = None
         self._seen: set[str] = set()
+        self._cached: dict[str, int] = {}  # request id -> prompt tokens from the prefix cache
         self.num_prompt_tokens = 0
         self.num_generated = 0
 
@@ -139,6 +140,8 @@ class RequestTracker:
             self._seen.add(out.request_id)
             self.num_prompt_tokens += len(out.prompt_token_ids)
             self.m.prompt_tokens.inc(len(out.prompt_token_ids))
+        cached = getattr(out, "num_cached_tokens", 0) or 0
+        self._cached[out.request_id] = max(self._cached.get(out.request_id, 0), cached)
         new = sum(len(o.token_ids) for o in out.outputs)
         if new <= 0:
             return
@@ -153,11 +156,14 @@ class RequestTracker:
         self.num_generated += new
         self.m.generation_tokens.inc(new)
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's usage, with `prompt_tokens_details.cached_tokens`: the prompt tokens the
+        (hybrid) prefix cache served."""
         return {
             "prompt_tokens": self.num_prompt_tokens,
             "completion_tokens": self.num_generated,
             "total_tokens": self.num_prompt_tokens + self.num_generated,
+            "prompt_tokens_details": {"cached_tokens": sum(self._cached.values())},
         }
 
     def done(self) -> None:

@@ -210,6 +210,7 @@ class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: dict[str, int] | None = None  # {"cached_tokens": N}, as OpenAI's
 
 
 class FunctionCall(BaseModel):
