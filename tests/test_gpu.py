@@ -80,6 +80,23 @@ def test_prefix_caching_chunked_prefill_preemption(ckpts):
     assert got == ref and again == ref
 
 
+def test_prompt_logprobs_equal_the_cpu_engine(ckpts):
+    """fp32, chunked prompts beside other rows: the GPU's prompt logprobs (ranks and top-2
+    included) equal the CPU engine's (whose own oracle is transformers: test_prompt_logprobs)."""
+    d, _ = ckpts["moe"]
+    ps = prompts(3, seed=15, lo=20, hi=150)
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    want = make(d).generate(ps, sp)
+    got = cuda(d, block_size=16, max_num_batched_tokens=48).generate(ps, sp)
+    for g, w in zip(got, want, strict=True):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert len(g.prompt_logprobs) == len(w.prompt_logprobs) and g.prompt_logprobs[0] is None
+        for a, b in zip(g.prompt_logprobs[1:], w.prompt_logprobs[1:], strict=True):
+            assert a.token_id == b.token_id and abs(a.rank - b.rank) <= 1  # (near ties)
+            assert abs(a.logprob - b.logprob) < 1e-4
+            assert all(abs(a.top[t] - b.top[t]) < 1e-4 for t in set(a.top) & set(b.top))
+
+
 def test_seeded_sampling_is_batch_independent(ckpts):
     d, _ = ckpts["dense"]
     ps = prompts(3, seed=14)
