@@ -604,7 +604,8 @@ class LLMEngine:
         outs, prompt_lps = [], None
         first = req.seqs[0].seq
         if first.prompt_logprobs is not None and not req.prompt_logprobs_sent:
-            if first.needs_prompt_logprobs and req.error is None:
+            ended = req.error is not None or all(st.done for st in req.seqs)
+            if first.needs_prompt_logprobs and not ended:
                 return None
             if not first.needs_prompt_logprobs:  # (its prompt has run: the first token's step)
                 prompt_lps = [None, *first.prompt_logprobs]
