@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP app: `create_app(engine, ServerConfig(...))` -> FastAPI.
 
 Routes: GET /health, GET /metrics, GET /v1/models, POST /v1/completions, POST
-/v1/chat/completions, and vLLM's POST /tokenize, POST /detokenize, GET /tokenizer_info. Every error is returned in OpenAI's shape. One pure-ASGI middleware
-gives each request an id (`x-request-id`), counts requests by endpoint/status, checks the API
+/v1/chat/completions, POST /v1/responses (OpenAI's Responses API), and vLLM's POST /tokenize,
+POST /detokenize, GET /tokenizer_info. Every error is returned in OpenAI's shape. One pure-ASGI
+middleware gives each request an id (`x-request-id`), counts requests by endpoint/status, checks the API
 key (everything but /health) and turns any unexpected exception into a 500 with a generic
 message and the request id (the traceback goes to the log only); it is pure ASGI (not
 BaseHTTPMiddleware) so streaming and disconnect detection are untouched.
@@ -23,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qwen35.server import serving_tokens
+from qwen35.server import serving_responses, serving_tokens
 from qwen35.server.async_engine import AsyncEngine
 from qwen35.server.metrics import CONTENT_TYPE, ServerMetrics
 from qwen35.server.protocol import APIError, ModelCard, ModelList, error_body
@@ -41,7 +42,7 @@ log = logging.getLogger("qwen35.server")
 
 ENDPOINTS = (
     "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
-    "/tokenize", "/detokenize", "/tokenizer_info",
+    "/v1/responses", "/tokenize", "/detokenize", "/tokenizer_info",
 )  # fmt: skip
 OPEN_PATHS = ("/health",)  # no API key needed (load balancers probe it)
 
@@ -112,6 +113,10 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(state, request)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await serving_responses.create_response(state, request)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
