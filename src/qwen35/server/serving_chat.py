@@ -142,6 +142,21 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[ChatPr
     return prompt, {"prompt_token_ids": ids, "multi_modal_data": media}
 
 
+async def start_chat(
+    state: ServerState, req: ChatCompletionRequest, params, rid: str, prompt_param: str
+) -> tuple[ChatPrompt, Any]:
+    """Render and tokenize the chat, compile its constraint (response_format, tool_choice)
+    into `params`, queue it as request `rid` -> (the prompt, its output stream)."""
+    prompt, ids = await state.offload(prepare_chat, state, req)
+    spec, spec_param = request_constraint(
+        req, thinking=prompt.thinking, tools=prompt.tools,
+        tokenizer=getattr(state.engine, "tokenizer", None),
+    )  # fmt: skip
+    await precompile(state.engine, spec, spec_param)
+    params.structured_outputs = spec
+    return prompt, await add_to_engine(state, [(rid, ids, params)], prompt_param)
+
+
 def _logprobs_n(req: ChatCompletionRequest) -> int | None:
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs needs logprobs set to true", param="top_logprobs")
@@ -162,15 +177,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     except SamplingParamsError as e:
         param = "top_logprobs" if e.param == "logprobs" else e.param
         raise APIError(str(e), param=param) from None
-    prompt, ids = await state.offload(prepare_chat, state, req)
-    spec, spec_param = request_constraint(
-        req, thinking=prompt.thinking, tools=prompt.tools,
-        tokenizer=getattr(state.engine, "tokenizer", None),
-    )  # fmt: skip
-    await precompile(state.engine, spec, spec_param)
-    params.structured_outputs = spec
     rid = random_id("chatcmpl")
-    stream = await add_to_engine(state, [(rid, ids, params)], "messages")
+    prompt, stream = await start_chat(state, req, params, rid, "messages")
     tracker = state.metrics.tracker()
     created = int(time.time())
     builders = [ChoiceBuilder(prompt.thinking, prompt.tools) for _ in range(params.n)]

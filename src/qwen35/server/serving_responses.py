@@ -28,18 +28,16 @@ from qwen35.request import SamplingParamsError
 from qwen35.server.async_engine import EngineDeadError
 from qwen35.server.chat_output import ChoiceBuilder
 from qwen35.server.protocol import APIError, ChatCompletionRequest, random_id
-from qwen35.server.serving_chat import prepare_chat
+from qwen35.server.serving_chat import start_chat
 from qwen35.server.serving_common import (
     JSONResponse,
     ServerState,
     SSEResponse,
-    add_to_engine,
     collect,
     engine_dead_error,
     raise_for_error,
     request_id_of,
 )
-from qwen35.server.structured import precompile, request_constraint
 
 _PASSED = ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty",
            "presence_penalty", "frequency_penalty", "stop", "ignore_eos", "min_tokens",
@@ -261,15 +259,8 @@ async def create_response(state: ServerState, request: Request) -> Response:
         raise APIError(str(e), param=param) from None
     if params.n != 1:
         raise APIError("n is not a Responses API field", param="n")
-    prompt, ids = await state.offload(prepare_chat, state, chat)
-    spec, spec_param = request_constraint(
-        chat, thinking=prompt.thinking, tools=prompt.tools,
-        tokenizer=getattr(state.engine, "tokenizer", None),
-    )  # fmt: skip
-    await precompile(state.engine, spec, spec_param)
-    params.structured_outputs = spec
     rid = random_id("resp")
-    stream = await add_to_engine(state, [(rid, ids, params)], "input")
+    prompt, stream = await start_chat(state, chat, params, rid, "input")
     tracker = state.metrics.tracker()
     created = int(time.time())
     builder = ChoiceBuilder(prompt.thinking, prompt.tools)
