@@ -44,6 +44,7 @@ def test_text_and_reasoning(serve):
     assert r.status == "completed" and r.output_text == "Hi there!"
     assert [o.type for o in r.output] == ["reasoning", "message"]
     assert r.output[0].content[0].text == "Let me think."
+    assert r.usage.output_tokens_details.reasoning_tokens == len(eng.tokenizer.encode("Let me think."))
     assert r.usage.output_tokens == len(eng.reply_ids) + 1 and r.usage.input_tokens > 0  # (+ EOS)
     prompt = eng.added[-1][1]
     assert prompt.startswith("<|im_start|>system\nBe brief.\n\nStyle: plain.<|im_end|>")
@@ -57,6 +58,8 @@ def test_text_and_reasoning(serve):
     assert text == "Hi there!" and think.strip() == "Let me think."
     final = events[-1].response
     assert final.output_text == "Hi there!" and final.usage.output_tokens == r.usage.output_tokens
+    assert final.usage.output_tokens_details.reasoning_tokens == (
+        r.usage.output_tokens_details.reasoning_tokens)  # fmt: skip
 
 
 @pytest.mark.parametrize("streamed", [False, True])

@@ -237,14 +237,15 @@ def _response(rid, created, model, req, output, status, usage) -> dict[str, Any]
     }  # fmt: skip
 
 
-def _usage(u: dict[str, Any] | None) -> dict[str, Any] | None:
-    if u is None:
-        return None
+def _usage(state: ServerState, u: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's Responses usage; reasoning_tokens: the think block's text re-tokenized."""
     cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    think = "".join(it["content"][0]["text"] for it in items if it["type"] == "reasoning")
+    reasoning = min(len(state.engine.tokenizer.encode(think)), u["completion_tokens"])
     return {"input_tokens": u["prompt_tokens"],
             "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
             "output_tokens": u["completion_tokens"],
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": u["total_tokens"]}  # fmt: skip
 
 
@@ -293,7 +294,8 @@ async def create_response(state: ServerState, request: Request) -> Response:
         output.call(c.model_dump())
     status = "incomplete" if finish == "length" else "completed"
     _finish(output.items, status)
-    body = _response(rid, created, model, req, output.items, status, _usage(tracker.usage()))
+    usage = await state.offload(_usage, state, tracker.usage(), output.items)  # (tokenizes)
+    body = _response(rid, created, model, req, output.items, status, usage)
     return JSONResponse(body)
 
 
@@ -382,4 +384,5 @@ async def _events(state, req, rid, created, model, stream, tracker, builder):
     status = "incomplete" if finish == "length" else "completed"
     _finish(output.items, status)
     kind = "response.incomplete" if status == "incomplete" else "response.completed"
-    yield ev(kind, response=snapshot(status, _usage(tracker.usage())))
+    usage = await state.offload(_usage, state, tracker.usage(), output.items)
+    yield ev(kind, response=snapshot(status, usage))
