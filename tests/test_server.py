@@ -128,7 +128,11 @@ def test_chat_reasoning_routed(serve):
     assert m.reasoning_content.strip() == "Let me think." and m.content.strip() == "Hi there!"
     assert r.choices[0].finish_reason == "stop"
     assert eng.added[-1][1].endswith("<|im_start|>assistant\n<think>\n")
-    acc, _ = stream_chat(client, messages=USER, max_tokens=50)
+    think = len(eng.tokenizer.encode(m.reasoning_content))  # (OpenAI's usage detail)
+    assert r.usage.completion_tokens_details.reasoning_tokens == think
+    acc, chunks = stream_chat(client, messages=USER, max_tokens=50,
+                              stream_options={"include_usage": True})  # fmt: skip
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == think
     assert acc[0]["reasoning"].strip() == "Let me think."
     assert acc[0]["content"].strip() == "Hi there!" and acc[0]["finish"] == "stop"
 

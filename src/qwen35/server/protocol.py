@@ -211,6 +211,7 @@ class Usage(BaseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: dict[str, int] | None = None  # {"cached_tokens": N}, as OpenAI's
+    completion_tokens_details: dict[str, int] | None = None  # {"reasoning_tokens": N} (chat)
 
 
 class FunctionCall(BaseModel):

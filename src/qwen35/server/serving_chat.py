@@ -43,6 +43,7 @@ from qwen35.server.serving_common import (
     raise_for_error,
     request_id_of,
     sse,
+    with_reasoning_tokens,
 )
 from qwen35.server.structured import precompile, request_constraint
 
@@ -197,6 +198,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     if req.stream:
 
         async def events():
+            thought = [""] * params.n  # each choice's reasoning text (for the usage)
             first = {"role": "assistant", "content": ""}
             yield chunk([_choice(i, dict(first)) for i in range(params.n)])
             async for out in stream:
@@ -210,6 +212,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                     if o.finish_reason is not None:
                         delta = b.merge(delta, b.finish())
                         finish = b.finish_reason(o.finish_reason)
+                    thought[o.index] += delta.get("reasoning_content", "")
                     lp = None
                     if top_n is not None and o.logprobs:
                         lp = {"content": chat_logprobs(state, o.logprobs, top_n)}
@@ -219,7 +222,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                     yield chunk(choices, prompt_lps=out.prompt_logprobs)
             tracker.done()
             if req.include_usage:
-                yield chunk([], usage=tracker.usage())
+                usage = await state.offload(with_reasoning_tokens, state, tracker.usage(), thought)
+                yield chunk([], usage=usage)
 
         return SSEResponse(events(), stream.abort, request_id_of(request))
 
@@ -257,8 +261,10 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                 stop_reason=stop_reason[i],
             )
         )
+    thought = [c.message.reasoning_content or "" for c in choices]
+    usage = await state.offload(with_reasoning_tokens, state, tracker.usage(), thought)
     body = ChatCompletionResponse(
-        id=rid, created=created, model=model, choices=choices, usage=Usage(**tracker.usage()),
+        id=rid, created=created, model=model, choices=choices, usage=Usage(**usage),
         prompt_logprobs=prompt_logprobs_json(state, prompt_lps),
     )  # fmt: skip
     return JSONResponse(body.model_dump())

@@ -288,6 +288,14 @@ def completion_logprobs(
     return res
 
 
+def with_reasoning_tokens(state: ServerState, usage: dict[str, Any], reasoning: list[str]):
+    """usage + OpenAI's completion_tokens_details.reasoning_tokens: the think blocks' text
+    re-tokenized (run it on the worker pool)."""
+    n = sum(len(state.engine.tokenizer.encode(t)) for t in reasoning if t)
+    details = {"reasoning_tokens": min(n, usage["completion_tokens"])}
+    return {**usage, "completion_tokens_details": details}
+
+
 def prompt_logprobs_json(
     state: ServerState, entries: list[TokenLogprob | None] | None
 ) -> list[dict[str, Any] | None] | None:

@@ -37,6 +37,7 @@ from qwen35.server.serving_common import (
     engine_dead_error,
     raise_for_error,
     request_id_of,
+    with_reasoning_tokens,
 )
 
 _PASSED = ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty",
@@ -240,8 +241,9 @@ def _response(rid, created, model, req, output, status, usage) -> dict[str, Any]
 def _usage(state: ServerState, u: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
     """OpenAI's Responses usage; reasoning_tokens: the think block's text re-tokenized."""
     cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-    think = "".join(it["content"][0]["text"] for it in items if it["type"] == "reasoning")
-    reasoning = min(len(state.engine.tokenizer.encode(think)), u["completion_tokens"])
+    think = [it["content"][0]["text"] for it in items if it["type"] == "reasoning"]
+    reasoning = with_reasoning_tokens(state, u, think)["completion_tokens_details"]
+    reasoning = reasoning["reasoning_tokens"]
     return {"input_tokens": u["prompt_tokens"],
             "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
             "output_tokens": u["completion_tokens"],
