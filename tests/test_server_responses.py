@@ -112,7 +112,6 @@ def test_length_thinking_off_and_formats(serve):
 def test_bad_requests(serve):
     srv, _ = serve(FakeEngine())
     for body, param in [
-        ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
         ({"input": [{"type": "web_search_call"}]}, "input"),
         ({"input": [{"role": "robot", "content": "x"}]}, "input"),
         ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
@@ -124,6 +123,38 @@ def test_bad_requests(serve):
     ]:
         r = httpx.post(srv.url + "/v1/responses", json={"model": "tiny", **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+
+def test_previous_response_id_continues_a_stored_conversation(serve):
+    eng = FakeEngine(reply="Hi there!")
+    srv, client = serve(eng, max_stored_responses=2)
+    off = {"effort": "none"}
+    r1 = client.responses.create(model="tiny", instructions="Be brief.", input="My name is Ana.",
+                                 reasoning=off, max_output_tokens=20)  # fmt: skip
+    r2 = client.responses.create(model="tiny", previous_response_id=r1.id, reasoning=off,
+                                 input="What is my name?", max_output_tokens=20)  # fmt: skip
+    assert r2.previous_response_id == r1.id
+    prompt = eng.added[-1][1]
+    assert "Be brief." not in prompt  # (instructions are per response, as OpenAI's)
+    assert ("<|im_start|>user\nMy name is Ana.<|im_end|>\n<|im_start|>assistant\nHi there!"
+            "<|im_end|>\n<|im_start|>user\nWhat is my name?<|im_end|>") in prompt  # fmt: skip
+    # a third turn on top of the second: the whole chain
+    client.responses.create(model="tiny", previous_response_id=r2.id, input="And again?",
+                            reasoning=off, max_output_tokens=20)  # fmt: skip
+    assert eng.added[-1][1].count("<|im_start|>user") == 3
+    got = httpx.get(f"{srv.url}/v1/responses/{r2.id}").json()
+    assert Response.model_validate(got).id == r2.id and got["output"][0]["type"] == "message"
+    # at most 2 kept: r1 was dropped (r2 was used since)
+    r = httpx.post(srv.url + "/v1/responses",
+                   json={"input": "x", "previous_response_id": r1.id})  # fmt: skip
+    assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id"
+    d = httpx.delete(f"{srv.url}/v1/responses/{r2.id}").json()
+    assert d == {"id": r2.id, "object": "response.deleted", "deleted": True}
+    assert httpx.get(f"{srv.url}/v1/responses/{r2.id}").status_code == 404
+    nostore = client.responses.create(model="tiny", input="x", store=False, max_output_tokens=2)
+    assert httpx.get(f"{srv.url}/v1/responses/{nostore.id}").status_code == 404
+    streamed = stream(client, input="x", max_output_tokens=2)[-1].response
+    assert httpx.get(f"{srv.url}/v1/responses/{streamed.id}").json()["id"] == streamed.id
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue", type=int, default=None,
                    help="sequences (prompts x n) that may wait for a running slot; a request "
                         "that would exceed it gets 503 + Retry-After (>= 1; default: no limit)")  # fmt: skip
+    g.add_argument("--max-stored-responses", type=int, default=256,
+                   help="/v1/responses kept in memory for previous_response_id and GET "
+                        "/v1/responses/ID, least recently used dropped (0: none; default: 256)")  # fmt: skip
     g.add_argument("--max-body-bytes", type=_size, default=16 << 20,
                    help="largest request body accepted, else 413 (default: 16MiB)")  # fmt: skip
     lim = p.add_argument_group("per-request limits (a request over one gets a 400)")
@@ -144,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         limits=limits,
+        max_stored_responses=args.max_stored_responses,
     )
     transport = dataclasses.replace(
         transport, max_connections=_fit_open_files(transport.max_connections)

@@ -118,6 +118,14 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     async def responses(request: Request) -> Response:
         return await serving_responses.create_response(state, request)
 
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> Response:
+        return JSONResponse(serving_responses.stored_response(state, response_id))
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> Response:
+        return JSONResponse(serving_responses.stored_response(state, response_id, delete=True))
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         return await serving_tokens.tokenize(state, request)

@@ -5,6 +5,7 @@ clean-up when a client goes away."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import json
@@ -48,6 +49,9 @@ class ServerConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     worker_threads: int = 4  # parse / render / tokenize off the event loop and the engine thread
     disconnect_poll_s: float = 0.5  # how often non-streaming handlers check for a gone client
+    # /v1/responses kept in memory for previous_response_id and GET (least recently used
+    # dropped past it; 0: none stored)
+    max_stored_responses: int = 256
 
     def __post_init__(self) -> None:
         if self.max_queue is not None and (
@@ -59,6 +63,8 @@ class ServerConfig:
             )
         if self.max_body_bytes < 1 or self.worker_threads < 1:
             raise Qwen35Error("max_body_bytes and worker_threads must be >= 1")
+        if self.max_stored_responses < 0:
+            raise Qwen35Error("--max-stored-responses must be >= 0")
 
 
 @dataclass
@@ -69,6 +75,8 @@ class ServerState:
     config: ServerConfig
     pool: concurrent.futures.ThreadPoolExecutor | None = None
     _token_text: dict[int, tuple[str, list[int]]] = field(default_factory=dict)
+    # serving_responses.py: response id -> (its conversation as chat messages, its body)
+    responses: collections.OrderedDict = field(default_factory=collections.OrderedDict)
 
     def __post_init__(self) -> None:
         if self.pool is None:

@@ -9,8 +9,9 @@ does. The reply comes back as output items: a `reasoning` item (the think block)
 with one `output_text`, and a `function_call` per tool call; `status` "incomplete" with
 `incomplete_details.reason` "max_output_tokens" when the length ran out. Streaming sends the
 Responses events (response.created ... output_text.delta ... response.completed), each with its
-`sequence_number`. Nothing is stored: `previous_response_id` and `store: true` retrieval are not
-available (send the whole conversation in `input`).
+`sequence_number`. With `store` (the default) a finished response is kept in memory with its
+conversation (`--max-stored-responses`, least recently used dropped): `previous_response_id`
+continues it, GET / DELETE /v1/responses/{id} read or drop it.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class ResponsesRequest(BaseModel):
     reasoning: dict[str, Any] | None = None
     stream: bool = False
     previous_response_id: str | None = None
+    store: bool = True  # kept for previous_response_id and GET (--max-stored-responses)
     metadata: dict[str, Any] | None = None
     # the sampling fields the chat request has too (vLLM-style extras included)
     temperature: float | None = None
@@ -107,12 +109,10 @@ def _text(content: str | list[dict[str, Any]]) -> str:
     return "".join(p["text"] for p in content)
 
 
-def to_chat_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
-    """instructions + input items -> chat messages (consecutive function calls: one assistant
-    message with several tool calls)."""
+def input_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
+    """The input items -> chat messages (consecutive function calls: one assistant message
+    with several tool calls; developer messages are system messages)."""
     msgs: list[dict[str, Any]] = []
-    if req.instructions:
-        msgs.append({"role": "system", "content": req.instructions})
     items = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
     for i, it in enumerate(items):
         where = f"input[{i}]"
@@ -123,11 +123,7 @@ def to_chat_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
                 raise APIError(f"{where}.role must be user, system, developer or assistant, "
                                f"got {role!r}", param="input")  # fmt: skip
             role = "system" if role == "developer" else role
-            content = _content(it.get("content"), where)
-            if role == "system" and msgs and msgs[-1]["role"] == "system" and len(msgs) == 1:
-                # instructions + a system / developer message: Qwen's template takes one
-                content = _text(msgs.pop()["content"]) + "\n\n" + _text(content)
-            msgs.append({"role": role, "content": content})
+            msgs.append({"role": role, "content": _content(it.get("content"), where)})
         elif kind == "function_call":
             if not all(isinstance(it.get(k), str) for k in ("call_id", "name", "arguments")):
                 raise APIError(f"{where}: a function_call needs call_id, name and arguments "
@@ -154,10 +150,25 @@ def to_chat_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
     return msgs
 
 
-def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
-    if req.previous_response_id is not None:
-        raise APIError("previous_response_id is not supported: this server stores no responses; "
-                       "send the whole conversation in input", param="previous_response_id")  # fmt: skip
+def to_chat_messages(
+    req: ResponsesRequest, history: list[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """The stored conversation before (previous_response_id) + the input, with `instructions`
+    as the system message (merged with a leading system / developer message: Qwen's template
+    takes one). The instructions of earlier responses are not carried over, as OpenAI does."""
+    msgs = [dict(m) for m in history] + input_messages(req)
+    if req.instructions:
+        if msgs[0]["role"] == "system":
+            msgs[0] = {"role": "system",
+                       "content": req.instructions + "\n\n" + _text(msgs[0]["content"])}  # fmt: skip
+        else:
+            msgs.insert(0, {"role": "system", "content": req.instructions})
+    return msgs
+
+
+def to_chat_request(
+    req: ResponsesRequest, history: list[dict[str, Any]] = ()
+) -> ChatCompletionRequest:
     tools = None
     if req.tools:
         tools = []
@@ -174,7 +185,8 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
                            '"function", "name": ...}', param="tool_choice")  # fmt: skip
         choice = {"type": "function", "function": {"name": choice["name"]}}
     body: dict[str, Any] = {
-        "messages": to_chat_messages(req), "max_tokens": req.max_output_tokens, "tools": tools,
+        "messages": to_chat_messages(req, history), "max_tokens": req.max_output_tokens,
+        "tools": tools,
         "tool_choice": choice, "parallel_tool_calls": req.parallel_tool_calls,
         **{k: getattr(req, k) for k in _PASSED},
     }  # fmt: skip
@@ -230,7 +242,8 @@ def _response(rid, created, model, req, output, status, usage) -> dict[str, Any]
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
         "metadata": req.metadata or {}, "parallel_tool_calls": req.parallel_tool_calls,
-        "previous_response_id": None, "reasoning": req.reasoning, "store": False,
+        "previous_response_id": req.previous_response_id, "reasoning": req.reasoning,
+        "store": req.store,
         "temperature": req.temperature, "top_p": req.top_p,
         "text": req.text or {"format": {"type": "text"}},
         "tool_choice": req.tool_choice or "auto", "tools": req.tools or [],
@@ -254,7 +267,8 @@ def _usage(state: ServerState, u: dict[str, Any], items: list[dict[str, Any]]) -
 async def create_response(state: ServerState, request: Request) -> Response:
     req: ResponsesRequest = await state.read_request(request, ResponsesRequest)
     model = state.check_model(req.model)
-    chat = to_chat_request(req)
+    history = _history(state, req.previous_response_id)
+    chat = to_chat_request(req, history)
     try:
         params = chat.sampling_params(chat.max_tokens, None, state.default_sampling)
     except SamplingParamsError as e:
@@ -269,8 +283,8 @@ async def create_response(state: ServerState, request: Request) -> Response:
     builder = ChoiceBuilder(prompt.thinking, prompt.tools)
 
     if req.stream:
-        return SSEResponse(_events(state, req, rid, created, model, stream, tracker, builder),
-                           stream.abort, request_id_of(request))  # fmt: skip
+        events = _events(state, req, rid, created, model, stream, tracker, builder, history)
+        return SSEResponse(events, stream.abort, request_id_of(request))
 
     text, finish = "", None
     async with aclosing(collect(request, stream, state.config.disconnect_poll_s)) as outs:
@@ -298,10 +312,11 @@ async def create_response(state: ServerState, request: Request) -> Response:
     _finish(output.items, status)
     usage = await state.offload(_usage, state, tracker.usage(), output.items)  # (tokenizes)
     body = _response(rid, created, model, req, output.items, status, usage)
+    _keep(state, req, history, body)
     return JSONResponse(body)
 
 
-async def _events(state, req, rid, created, model, stream, tracker, builder):
+async def _events(state, req, rid, created, model, stream, tracker, builder, history):
     """Responses streaming events (`event:` lines and JSON with `type` and `sequence_number`)."""
     seq = 0
     output = _Output()
@@ -387,4 +402,54 @@ async def _events(state, req, rid, created, model, stream, tracker, builder):
     _finish(output.items, status)
     kind = "response.incomplete" if status == "incomplete" else "response.completed"
     usage = await state.offload(_usage, state, tracker.usage(), output.items)
-    yield ev(kind, response=snapshot(status, usage))
+    body = snapshot(status, usage)
+    _keep(state, req, history, body)
+    yield ev(kind, response=body)
+
+
+# ---- the in-memory store (previous_response_id, GET / DELETE /v1/responses/{id}) -----------------
+
+
+def _history(state: ServerState, rid: str | None) -> list[dict[str, Any]]:
+    if rid is None:
+        return []
+    kept = state.responses.get(rid)
+    if kept is None:
+        raise APIError(
+            f"no stored response {rid[:80]!r}: responses are kept in memory, the last "
+            f"{state.config.max_stored_responses} (--max-stored-responses), and lost on restart; "
+            "send the whole conversation in input",
+            404, "invalid_request_error", "previous_response_id", "response_not_found",
+        )  # fmt: skip
+    state.responses.move_to_end(rid)
+    return kept[0]
+
+
+def _keep(state: ServerState, req: ResponsesRequest, history: list, body: dict[str, Any]) -> None:
+    """Store a finished response with its conversation (no instructions: they are per response)."""
+    cap = state.config.max_stored_responses
+    if not req.store or cap == 0:
+        return
+    reply: dict[str, Any] = {"role": "assistant", "content": None}
+    text = "".join(p["text"] for it in body["output"] if it["type"] == "message"
+                   for p in it["content"])  # fmt: skip
+    calls = [{"id": it["call_id"], "type": "function",
+              "function": {"name": it["name"], "arguments": it["arguments"]}}
+             for it in body["output"] if it["type"] == "function_call"]  # fmt: skip
+    reply["content"] = text or (None if calls else "")
+    if calls:
+        reply["tool_calls"] = calls
+    state.responses[body["id"]] = ([*history, *input_messages(req), reply], body)
+    while len(state.responses) > cap:
+        state.responses.popitem(last=False)
+
+
+def stored_response(state: ServerState, rid: str, delete: bool = False) -> dict[str, Any]:
+    """GET /v1/responses/{id} (the body as returned) or DELETE it."""
+    kept = state.responses.pop(rid, None) if delete else state.responses.get(rid)
+    if kept is None:
+        raise APIError(f"no stored response {rid[:80]!r}", 404, "invalid_request_error", None,
+                       "response_not_found")  # fmt: skip
+    if delete:
+        return {"id": rid, "object": "response.deleted", "deleted": True}
+    return kept[1]
