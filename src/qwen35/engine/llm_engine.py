@@ -604,12 +604,11 @@ class LLMEngine:
         outs, prompt_lps = [], None
         first = req.seqs[0].seq
         if first.prompt_logprobs is not None and not req.prompt_logprobs_sent:
-            ended = req.error is not None or all(st.done for st in req.seqs)
-            if first.needs_prompt_logprobs and not ended:
-                return None
             if not first.needs_prompt_logprobs:  # (its prompt has run: the first token's step)
                 prompt_lps = [None, *first.prompt_logprobs]
                 req.prompt_logprobs_sent = True
+            elif req.error is None and not all(st.done for st in req.seqs):
+                return None
         for i, st in enumerate(req.seqs):
             if st.final_sent:  # n > 1: a sibling still runs; this one has said all it will
                 continue
