@@ -14,26 +14,11 @@ import torch
 from qwen35.lora import LoraError
 from qwen35.quant import formats
 from qwen35.quant.checkpoint import convert_checkpoint
-from tiny import hf_torch_path, save_checkpoint, save_fp8_checkpoint
+from tiny import hf_torch_path, save_checkpoint, save_fp8_checkpoint, save_lora_adapter
 
 peft = pytest.importorskip("peft", reason="peft (the [test] extra) is the oracle of LoRA merging")
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj",
-           "gate_proj", "up_proj", "down_proj"]  # fmt: skip
 IDS = [[5, 17, 99, 3, 42, 7, 200, 11, 64, 128, 9, 33]]
-
-
-def make_adapter(hf, path, **kw):
-    """A random (not zero-initialised) peft adapter on hf, saved to path; -> the peft model."""
-    cfg = peft.LoraConfig(r=4, lora_alpha=kw.pop("lora_alpha", 16), target_modules=TARGETS,
-                          init_lora_weights=False, **kw)  # fmt: skip
-    torch.manual_seed(0)
-    pm = peft.get_peft_model(hf, cfg)
-    for n, p in pm.named_parameters():  # peft's random init keeps B small: make it count
-        if "lora_B" in n:
-            p.data.normal_(0, 0.2)
-    pm.save_pretrained(str(path))
-    return pm
 
 
 def our_logits(d) -> torch.Tensor:
@@ -54,7 +39,7 @@ def test_merged_checkpoint_equals_peft(tmp_path, moe, rslora):
     src = tmp_path / "base"
     hf = save_checkpoint(src, moe=moe, layout="vlm", experts="per_expert")
     base = peft_logits(hf)
-    pm = make_adapter(hf, tmp_path / "adapter", use_rslora=rslora,
+    pm = save_lora_adapter(hf, tmp_path / "adapter", use_rslora=rslora,
                       alpha_pattern={"down_proj": 3.0})  # fmt: skip
     want = peft_logits(pm)
     assert (want - base).abs().max() > 1e-2  # the adapter changes the model
@@ -73,7 +58,7 @@ def test_fp8_base_is_merged_and_quantised_again(tmp_path):
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(str(ref), dtype=torch.float32)
-    make_adapter(hf, tmp_path / "adapter")
+    save_lora_adapter(hf, tmp_path / "adapter")
     merged = convert_checkpoint(fp8, tmp_path / "m-bf16", to="bf16", lora=tmp_path / "adapter")
     requant = convert_checkpoint(fp8, tmp_path / "m-fp8", to="fp8", lora=tmp_path / "adapter")
     from safetensors import safe_open
@@ -144,7 +129,7 @@ def test_cli(tmp_path, capsys):
 
     src = tmp_path / "base"
     hf = save_checkpoint(src)
-    make_adapter(hf, tmp_path / "adapter")
+    save_lora_adapter(hf, tmp_path / "adapter")
     assert main(["quantize", str(src), str(tmp_path / "out"), "--to", "bf16", "--lora",
                  str(tmp_path / "adapter")]) == 0  # fmt: skip
     assert "LoRA" in capsys.readouterr().out

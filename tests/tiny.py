@@ -337,3 +337,24 @@ def save_fp8_checkpoint(fp8_dir: Path, bf16_dir: Path, moe: bool, experts: str, 
         "weight_block_size": [128, 128],
     }
     (fp8_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+# ---- LoRA adapters (PEFT's own format, made by peft: the [test] extra) -------------------------
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj",
+                "gate_proj", "up_proj", "down_proj"]  # fmt: skip
+
+
+def save_lora_adapter(hf, path, seed: int = 0, targets=LORA_TARGETS, r: int = 4, **kw):
+    """A random (not zero-initialised) peft adapter on the transformers model hf, saved to path;
+    -> the peft model (hf is wrapped in place: pass a fresh model for each adapter)."""
+    import peft
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=kw.pop("lora_alpha", 16), target_modules=targets,
+                          init_lora_weights=False, **kw)  # fmt: skip
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(hf, cfg)
+    for n, p in pm.named_parameters():  # peft's random init keeps B small: make it count
+        if "lora_B" in n:
+            p.data.normal_(0, 0.2)
+    pm.save_pretrained(str(path))
+    return pm

@@ -184,6 +184,59 @@ class MultimodalConfig:
         return self.text_only or (lim is not None and not any(lim.values()))
 
 
+@dataclass(frozen=True)
+class LoraConfig:
+    # name -> PEFT adapter directory; the CLI's NAME=PATH items (vLLM's --lora-modules)
+    lora_modules: dict | None = _opt(
+        None,
+        "LoRA adapters served next to the base model, as NAME=PATH (PEFT directories): a "
+        "request whose `model` is NAME runs with that adapter; several may share one batch",
+        nargs="+",
+        metavar="NAME=PATH",
+    )
+    enable_lora: bool = _opt(
+        False,
+        "accept LoRA adapters loaded at run time (LLMEngine.add_lora; the server's "
+        "/v1/load_lora_adapter); implied by --lora-modules",
+    )
+    max_loras: int = _opt(8, "most LoRA adapters loaded at once")
+
+    def __post_init__(self) -> None:
+        mods = self.lora_modules
+        if mods is None:
+            return
+        if isinstance(mods, (list, tuple)):
+            pairs = {}
+            for item in mods:
+                name, eq, path = str(item).partition("=")
+                if not eq or not name.strip() or not path.strip():
+                    raise Qwen35Error(
+                        f"--lora-modules takes NAME=PATH items (e.g. sql=/adapters/sql), got "
+                        f"{item!r}"
+                    )
+                if name.strip() in pairs:
+                    raise Qwen35Error(f"--lora-modules names {name.strip()!r} twice")
+                pairs[name.strip()] = path.strip()
+            object.__setattr__(self, "lora_modules", pairs)
+        elif not isinstance(mods, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str) and v for k, v in mods.items()
+        ):
+            raise Qwen35Error(
+                'lora_modules must map names to adapter directories, e.g. {"sql": "/adapters/sql"}'
+            )
+        if not isinstance(self.max_loras, int) or self.max_loras < 1:
+            raise Qwen35Error(f"max_loras must be an integer >= 1, got {self.max_loras!r}")
+        if len(self.lora_modules) > self.max_loras:
+            raise Qwen35Error(
+                f"{len(self.lora_modules)} adapters in lora_modules but max_loras is "
+                f"{self.max_loras}: raise --max-loras"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_modules)
+
+
 _PARTS = {
     "load": LoadConfig,
     "cache": CacheConfig,
@@ -191,6 +244,7 @@ _PARTS = {
     "parallel": ParallelConfig,
     "device": DeviceConfig,
     "multimodal": MultimodalConfig,
+    "lora": LoraConfig,
 }
 
 
@@ -202,6 +256,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # seeds the sampler's shared generator, which requests without their own `seed` draw
     # from: the same requests in the same order sample the same tokens; None: a random seed
     seed: int | None = None
@@ -264,6 +319,11 @@ class EngineConfig:
                 "speculative decoding (num_speculative_tokens) runs on one rank: drop it or "
                 "tensor_parallel_size"
             )
+        if self.lora.enabled and p.tensor_parallel_size > 1:
+            raise Qwen35Error(
+                "LoRA adapters (lora_modules / enable_lora) run on one rank: drop them or "
+                "tensor_parallel_size (or merge the adapter: qwen35 quantize --lora)"
+            )
         if self.load.yarn is not None:
             check_yarn_factor(self.load.yarn)
         if self.device.threads is not None and self.device.threads < 1:
@@ -310,6 +370,7 @@ class EngineConfig:
                     default=f.default,
                     choices=meta.get("choices"),
                     metavar=meta.get("metavar"),
+                    nargs=meta.get("nargs"),
                     help=meta["help"],
                 )
 

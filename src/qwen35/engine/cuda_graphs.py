@@ -129,6 +129,7 @@ class DecodeGraphs:
         return (
             (bool(self.graphs) or self.eager)
             and not batch.prefill
+            and batch.lora is None  # adapters run eagerly (layers/lora.py)
             and d is not None
             and d.all_rows
             and d.fresh_slots is None

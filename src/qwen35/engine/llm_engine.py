@@ -24,6 +24,7 @@ from qwen35.devices import dtype_advice, model_kv_dtype, resolve_dtype
 from qwen35.engine.cache_sizing import CachePlan, plan_caches
 from qwen35.engine.config import EngineConfig
 from qwen35.engine.forward_batch import allocate_caches
+from qwen35.engine.lora_adapters import LoraAdapters
 from qwen35.engine.model_runner import GraphSpec, ModelRunner, StepResult
 from qwen35.engine.preflight import gpu_start
 from qwen35.engine.runtime import configure_cpu_runtime
@@ -120,6 +121,7 @@ class _Request:
     first_token: float | None = None
     error: str | None = None
     prompt_logprobs_sent: bool = False
+    lora: str | None = None  # the LoRA adapter's name
 
 
 def _auto_storage(config: EngineConfig, model: str) -> EngineConfig:
@@ -234,6 +236,16 @@ class LLMEngine:
         self.eos_token_ids = tuple(
             dict.fromkeys((*self.config.eos_token_ids, *self.tokenizer.eos_token_ids))
         )
+        self.loras = None  # engine/lora_adapters.py: LoRA adapters served per request
+        if ec.lora.enabled:
+            if not hasattr(self.model, "lora_step"):
+                raise Qwen35Error("this model cannot serve LoRA adapters per request")
+            self.loras = LoraAdapters(self.model, ec.lora.max_loras)
+            for name, path in (ec.lora.lora_modules or {}).items():
+                lora = self.loras.add(name, path)
+                if verbose:
+                    log.warning("LoRA adapter %r: rank %d, %.1f MiB (%s)", name, lora.rank,
+                                lora.nbytes / 2**20, path)  # fmt: skip
         model_dtype = getattr(self.model, "dtype", None) or next(self.model.parameters()).dtype
         kv_dtype = getattr(torch, model_kv_dtype(self.model, self.device, cc.kv_cache_dtype))
         self.head_screen = None  # models/head_screen.py: CPU, one rank, plain fp32 / bf16 head
@@ -260,7 +272,8 @@ class LLMEngine:
             enable_prefix_caching=cc.enable_prefix_caching,
             prefix_cache_memory=cc.prefix_cache_memory,
             weight_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters())
-            + head_bytes,
+            + head_bytes
+            + (self.loras.nbytes if self.loras is not None else 0),
             num_blocks_override=cc.num_kv_blocks,
             working_bytes=working,  # GPU: measured peak of one largest prefill chunk
             tp=ec.parallel.tensor_parallel_size,
@@ -401,11 +414,13 @@ class LLMEngine:
         prompt: str | list[int] | dict,
         params: SamplingParams,
         multi_modal_data: dict | None = None,
+        lora: str | None = None,
     ) -> None:
         """Queue a request (params.n sequences). prompt: text, token ids, or {"prompt" |
         "prompt_token_ids": ..., "multi_modal_data": {"image": ..., "video": ...}}; images need
-        one <|image_pad|> each in the prompt. All or nothing: every check runs before anything
-        is registered, and a failure while registering undoes what was done."""
+        one <|image_pad|> each in the prompt. lora: the name of a loaded LoRA adapter to run
+        with (`lora_modules`, add_lora). All or nothing: every check runs before anything is
+        registered, and a failure while registering undoes what was done."""
         params = dataclasses.replace(params).validate()  # our own copy: max_tokens is filled in
         params.check_vocab(self.config.vocab_size)
         if request_id in self._requests:
@@ -431,6 +446,14 @@ class LLMEngine:
                 "model on one process to score prompts",
                 "prompt_logprobs",
             )
+        adapter = None
+        if lora is not None:
+            if self.loras is None:
+                raise Qwen35Error(
+                    f"LoRA adapter {lora!r} requested but this engine serves none: start it "
+                    "with lora_modules (--lora-modules NAME=PATH) or enable_lora"
+                )
+            adapter = self.loras.get(lora)
         seq_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         taken = [x for x in seq_ids if x in self._seq_to_req or self.scheduler.get(x)]
         if taken:
@@ -439,8 +462,9 @@ class LLMEngine:
         if spec is not None:
             self.structured.compile(spec)  # cached when the server compiled it already
         req = _Request(
-            request_id, prompt if isinstance(prompt, str) else None, ids, params, [], time.time()
-        )
+            request_id, prompt if isinstance(prompt, str) else None, ids, params, [], time.time(),
+            lora=lora,
+        )  # fmt: skip
         try:
             for i, seq_id in enumerate(seq_ids):
                 seq = Sequence(
@@ -448,6 +472,8 @@ class LLMEngine:
                 )
                 if mm is not None:
                     seq.mm_items, seq.mrope, seq.rope_delta = mm.items, mm.mrope, mm.rope_delta
+                if adapter is not None:
+                    seq.lora_id, seq.cache_salt = adapter.id, adapter.cache_salt
                 if i == 0 and params.prompt_logprobs is not None:
                     seq.prompt_logprobs = []  # (the first sequence computes them for all n)
                 detok = IncrementalDetokenizer(
@@ -469,6 +495,35 @@ class LLMEngine:
             raise
         self._requests[request_id] = req
         self.stats_totals["prompt_tokens_total"] += len(ids)
+
+    # ---- LoRA adapters (engine/lora_adapters.py) --------------------------------------------
+    def add_lora(self, name: str, path) -> None:
+        """Load a PEFT LoRA adapter that requests may then name (`add_request(..., lora=name)`);
+        needs enable_lora or lora_modules. Raises (naming the file or module) and changes
+        nothing if the adapter cannot be served. path: a directory, or a qwen35.lora
+        LoraAdapter already read."""
+        if self.loras is None:
+            raise Qwen35Error(
+                "this engine was started without LoRA support: pass enable_lora=True "
+                "(--enable-lora) or lora_modules"
+            )
+        self.loras.add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload an adapter; refused while requests that use it run."""
+        if self.loras is None:
+            raise Qwen35Error("this engine serves no LoRA adapters")
+        self.loras.get(name)
+        using = sum(1 for r in self._requests.values() if r.lora == name)
+        if using:
+            raise Qwen35Error(
+                f"LoRA adapter {name!r} is in use by {using} request(s): unload it when they end"
+            )
+        self.loras.remove(name)
+
+    def list_loras(self) -> dict[str, str]:
+        """Loaded adapters: name -> the directory it was loaded from."""
+        return {} if self.loras is None else {x.name: x.path for x in self.loras.loaded.values()}
 
     def _mm_prompt(self, ids: list[int], mm_data: dict):
         if self.mm_processor is None:
@@ -704,9 +759,10 @@ class LLM:
         self,
         prompts: str | list[int] | abc.Sequence[str | list[int]],
         params: SamplingParams | abc.Sequence[SamplingParams] | None = None,
+        lora: str | None = None,
     ) -> list[RequestOutput]:
         """One output per prompt, in order. `params`: one SamplingParams for all prompts or one
-        per prompt. Raises RequestFailedError (after the others finish) if the engine failed
+        per prompt; `lora`: a loaded LoRA adapter's name (`lora_modules`). Raises RequestFailedError (after the others finish) if the engine failed
         some request; nothing is queued if any prompt is refused."""
         if not isinstance(prompts, (str, dict, abc.Sequence)):
             raise Qwen35Error(
@@ -727,7 +783,7 @@ class LLM:
         try:
             for p, sp in zip(plist, params, strict=True):
                 rid = self._new_id()
-                self.engine.add_request(rid, p, sp)
+                self.engine.add_request(rid, p, sp, lora=lora)
                 ids.append(rid)
         except BaseException:
             for rid in ids:  # all or none
@@ -750,12 +806,12 @@ class LLM:
         return outs
 
     def stream(
-        self, prompt: str | list[int], params: SamplingParams | None = None
+        self, prompt: str | list[int], params: SamplingParams | None = None, lora: str | None = None
     ) -> Iterator[RequestOutput]:
         """Deltas of one request as they are produced (other queued requests progress too).
         Raises RequestFailedError if the engine fails the request."""
         rid = self._new_id()
-        self.engine.add_request(rid, prompt, params or self.default_params())
+        self.engine.add_request(rid, prompt, params or self.default_params(), lora=lora)
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
@@ -768,7 +824,13 @@ class LLM:
         finally:
             self.engine.abort_request(rid)
 
-    def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs):
+    def chat(
+        self,
+        messages: list[dict],
+        params: SamplingParams | None = None,
+        lora: str | None = None,
+        **template_kwargs,
+    ):
         """Messages may carry image / video parts (OpenAI `image_url`, vLLM `video_url`)."""
         if not self.engine.has_vision:
             check_text_only(messages)  # names the part; the engine would refuse it later anyway
@@ -777,8 +839,8 @@ class LLM:
             messages, add_generation_prompt=True, **template_kwargs
         )
         if media:
-            return self.generate([{"prompt": prompt, "multi_modal_data": media}], params)[0]
-        return self.generate([prompt], params)[0]
+            prompt = {"prompt": prompt, "multi_modal_data": media}
+        return self.generate([prompt], params, lora=lora)[0]
 
 
 def _merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:

@@ -214,8 +214,12 @@ class ModelRunner:
         depth = max((len(v.drafts) for v in verify.values()), default=0) if phased else 0
         copies: list[list[tuple[int, int]]] = [[] for _ in range(depth)]  # after each phase
 
+        lora_rows: dict[int, list[int]] = {}  # adapter id -> its rows
+
         def add(seq, start: int, toks: list[int]) -> None:
             end = start + len(toks)
+            if seq.lora_id:
+                lora_rows.setdefault(seq.lora_id, []).extend(range(len(ids), len(ids) + len(toks)))
             ids.extend(toks)
             positions.extend(range(start, end))
             blocks = seq.block_ids
@@ -271,6 +275,8 @@ class ModelRunner:
             phase_splits=splits,
             phase_copies=copies,  # (after each phase but the last)
         )
+        if lora_rows:
+            batch.lora = lora_groups(lora_rows, cu[-1], self.device)
         return batch.input_ids, batch, sample_seqs
 
     def run_model(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -607,6 +613,14 @@ class ModelRunner:
         else:
             self._screen_misses[kind] += 1
             self._screen_skip[kind] = min(64, 2 ** self._screen_misses[kind])
+
+
+def lora_groups(rows: dict[int, list[int]], num_rows: int, device) -> list:
+    """ForwardBatch.lora from adapter id -> its rows: rows as an index tensor, or None where
+    one adapter has every row of the step."""
+    if len(rows) == 1 and len(next(iter(rows.values()))) == num_rows:
+        return [(next(iter(rows)), None)]
+    return [(aid, torch.tensor(r, dtype=torch.long).to(device)) for aid, r in rows.items()]
 
 
 def _with_drafts(scheduled, verify) -> list:

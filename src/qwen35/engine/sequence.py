@@ -96,6 +96,9 @@ class Sequence:
     # prompt's chunks are computed (None: this sequence does not compute them; of a request's n
     # sequences only the first does)
     prompt_logprobs: list | None = None
+    # the LoRA adapter it runs with (engine/lora_adapters.py id; its cache_salt keys the prefix
+    # cache by it); 0: the base model
+    lora_id: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)

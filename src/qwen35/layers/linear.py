@@ -83,7 +83,11 @@ def linear_many(xs: list, ws: list) -> torch.Tensor | None:
 
 
 class Linear(nn.Module):
-    """y = x @ weight^T with weight [out_features, in_features] (checkpoint layout)."""
+    """y = x @ weight^T with weight [out_features, in_features] (checkpoint layout), plus the
+    deltas of the step's LoRA adapters when some are attached (layers/lora.py). Quantized
+    subclasses (qwen35.quant) override `matmul`."""
+
+    lora = None  # layers/lora.py LoraDelta: adapters served per request
 
     def __init__(self, in_features: int, out_features: int, dtype=None, device=None):
         super().__init__()
@@ -92,6 +96,13 @@ class Linear(nn.Module):
         self.weight = empty_param(out_features, in_features, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        y = self.matmul(x)
+        if self.lora is not None:
+            self.lora.add_to(x, y)
+        return y
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight^T alone (no adapters)."""
         return linear(x, self.weight)
 
     def extra_repr(self) -> str:
@@ -123,9 +134,14 @@ def pack_linears(*linears: Linear) -> torch.Tensor:
 def packed_linear(x: torch.Tensor, packed: torch.Tensor | None, *linears: Linear):
     """The outputs of `linears` on x: one matmul on the packed weight for short inputs,
     one per linear otherwise. Outputs of the packed path are column views (not contiguous
-    when x has several rows)."""
-    if packed is not None and not isinstance(packed, torch.Tensor):
-        return packed(x)  # quantized weights: always packed (qwen35.quant.packing)
-    if packed is not None and x.shape[0] <= PACKED_MAX_ROWS:
-        return linear(x, packed).split([lin.out_features for lin in linears], dim=-1)
-    return tuple(lin(x) for lin in linears)
+    when x has several rows). LoRA adapters of the linears are added to their outputs."""
+    if packed is None or (isinstance(packed, torch.Tensor) and x.shape[0] > PACKED_MAX_ROWS):
+        return tuple(lin(x) for lin in linears)
+    if isinstance(packed, torch.Tensor):
+        outs = linear(x, packed).split([lin.out_features for lin in linears], dim=-1)
+    else:
+        outs = packed(x)  # quantized weights: always packed (qwen35.quant.packing)
+    for lin, y in zip(linears, outs, strict=True):
+        if lin.lora is not None:
+            lin.lora.add_to(x, y)
+    return outs

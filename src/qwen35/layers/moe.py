@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.layers.linear import Linear, empty_param, packed_linear
+from qwen35.layers.lora import adapted
 from qwen35.layers.mlp import MLP
 from qwen35.ops import moe as _ops_moe
 from qwen35.ops.backend import Backend
@@ -161,8 +162,13 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
         """[T, H] -> [T, H]; backend None: the reference expert loop."""
-        if backend is not None and backend.triton_moe:  # <= 16 tokens on the GPU: Triton
-            sh = self.shared_expert
+        sh = self.shared_expert
+        if (  # <= 16 tokens on the GPU: Triton, reading the router's and shared expert's weights
+            backend is not None
+            and backend.triton_moe
+            and not adapted(self.gate, self.shared_expert_gate, sh.gate_proj, sh.up_proj,
+                            sh.down_proj)  # fmt: skip
+        ):
             shared = (
                 self.shared_expert_gate.weight,
                 lambda x: packed_linear(x, sh.packed_gate_up, sh.gate_proj, sh.up_proj),

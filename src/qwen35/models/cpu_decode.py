@@ -58,8 +58,11 @@ def _direct(fn):
     """An int8 / int4 / FP8 linear (quant/layers.py) as the kernel call quant/matmul.py makes for
     decode rows, without the module call and dispatch checks around it (~5-10 us a call, ~100
     calls a token); rows or dtypes the kernel does not take go through the module. Anything else:
-    fn (a module's forward)."""
+    fn (a module's forward). fn may be a linear's `matmul` (a packed run of one, quant/packing.py)."""
     from qwen35.kernels import gemv
+
+    if isinstance(getattr(fn, "__self__", None), Linear):
+        fn = fn.__self__  # (a plan runs no LoRA adapters: models/qwen3_5.py _cpu_decode_plan)
     from qwen35.quant import matmul
     from qwen35.quant.layers import Fp8Linear, Int4Linear, Int8Linear
 
@@ -103,6 +106,8 @@ def _direct(fn):
             )
     if type(fn) is Linear:
         return _plain(fn.weight)
+    if isinstance(fn, Linear):
+        return fn.matmul  # without the module call
     return getattr(fn, "forward", fn)  # a module's forward without the module call
 
 

@@ -27,6 +27,7 @@ from qwen35.engine.forward_batch import ForwardBatch, ModelCaches, allocate_cach
 from qwen35.layers.deltanet import GatedDeltaNet
 from qwen35.layers.full_attention import GatedAttention
 from qwen35.layers.linear import Linear, empty_param
+from qwen35.layers.lora import LoraStep
 from qwen35.layers.mlp import MLP
 from qwen35.layers.moe import SparseMoE
 from qwen35.layers.norms import RMSNorm
@@ -159,6 +160,8 @@ class Qwen35ForCausalLM(nn.Module):
         self.packed = False  # projections packed by post_load
         self._decode_plan = None  # models/cpu_decode.py, built at the first CPU decode step
         self._mtp_plan = None  # the same for the MTP head's layer
+        # LoRA adapters served per request (layers/lora.py): the current step's rows per adapter
+        self.lora_step = LoraStep()
         self.tie_weights()
 
     @property
@@ -233,8 +236,12 @@ class Qwen35ForCausalLM(nn.Module):
             delta = plan.run(h, cos, sin, batch, caches)
         else:
             delta = None
-            for layer in self.model.layers:
-                delta = layer(h, delta, cos, sin, batch, caches)
+            self.lora_step.groups = batch.lora  # the adapted linears read it (layers/lora.py)
+            try:
+                for layer in self.model.layers:
+                    delta = layer(h, delta, cos, sin, batch, caches)
+            finally:
+                self.lora_step.groups = None
         if delta is not None:
             h.add_(delta)
         if batch.state_copies:
@@ -260,8 +267,8 @@ class Qwen35ForCausalLM(nn.Module):
 
     def _cpu_decode_plan(self, batch: ForwardBatch, caches: ModelCaches, mtp: bool = False):
         """models/cpu_decode.py's plan when it applies to this step, else None (module path);
-        mtp: the MTP head's layer's plan."""
-        if not cpu_decode.DecodePlan.applies(batch) or not cpu_decode.supported(self, caches):
+        mtp: the MTP head's layer's plan. Steps with LoRA rows take the module path."""
+        if (batch.lora is not None and not mtp) or not cpu_decode.DecodePlan.applies(batch) or not cpu_decode.supported(self, caches):
             return None
         if mtp:
             if self._mtp_plan is None:

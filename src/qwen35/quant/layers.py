@@ -51,7 +51,7 @@ class Fp8Linear(Linear):
     def dequantized(self, dtype) -> torch.Tensor:
         return formats.dequantize_fp8_blocks(self.weight, self.weight_scale_inv, dtype, self.block)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return matmul.fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
 
     def extra_repr(self) -> str:
@@ -73,7 +73,7 @@ class Int8Linear(Linear):
     def dequantized(self, dtype) -> torch.Tensor:
         return formats.dequantize_int8_rows(self.weight, self.weight_scale, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return matmul.int8_linear(x, self.weight, self.weight_scale)
 
     def extra_repr(self) -> str:
@@ -97,7 +97,7 @@ class Int4Linear(Linear):
         q = matmul.unpack_int4(self.weight, self.out_features, self.in_features)
         return formats.dequantize_int4_groups(q, self.scales_and_zeros, self.group, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         sz = self.scales_and_zeros
         sz = sz if sz.is_contiguous() else sz.contiguous()  # a row view of a packed group's
         return matmul.int4_linear(x, self.weight, sz, self.group, self.out_features)

@@ -48,9 +48,10 @@ def _view_rows(lin: Linear, name: str, full: torch.Tensor, row: int, n: int, dim
 
 
 def _pack_run(run: list[Linear]):
-    """One callable for consecutive linears of one format."""
+    """One callable for consecutive linears of one format (without their LoRA adapters, which
+    layers/linear.py packed_linear adds to each output)."""
     if len(run) == 1:
-        return run[0]
+        return run[0].matmul
     sizes = [lin.out_features for lin in run]
     total = sum(sizes)
     if type(run[0]) is Linear:
@@ -104,8 +105,8 @@ def pack_quantized(linears) -> QuantPack:
     out = []
     for run in runs:
         fn = _pack_run(run)
-        if fn is None:  # unpackable run: one matmul per member
-            out += [(lin, [lin.out_features]) for lin in run]
+        if fn is None:  # unpackable run: one matmul per member (adapters: packed_linear)
+            out += [(lin.matmul, [lin.out_features]) for lin in run]
         else:
             out.append((fn, [lin.out_features for lin in run]))
     return QuantPack(out)

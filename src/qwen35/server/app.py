@@ -2,7 +2,8 @@
 
 Routes: GET /health, GET /metrics, GET /v1/models, POST /v1/completions, POST
 /v1/chat/completions, POST /v1/responses (OpenAI's Responses API), and vLLM's POST /tokenize,
-POST /detokenize, GET /tokenizer_info. Every error is returned in OpenAI's shape. One pure-ASGI
+POST /detokenize, GET /tokenizer_info, POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+(serving_lora.py). Every error is returned in OpenAI's shape. One pure-ASGI
 middleware gives each request an id (`x-request-id`), counts requests by endpoint/status, checks the API
 key (everything but /health) and turns any unexpected exception into a 500 with a generic
 message and the request id (the traceback goes to the log only); it is pure ASGI (not
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qwen35.server import serving_responses, serving_tokens
+from qwen35.server import serving_lora, serving_responses, serving_tokens
 from qwen35.server.async_engine import AsyncEngine
 from qwen35.server.metrics import CONTENT_TYPE, ServerMetrics
 from qwen35.server.protocol import APIError, ModelCard, ModelList, error_body
@@ -42,7 +43,8 @@ log = logging.getLogger("qwen35.server")
 
 ENDPOINTS = (
     "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
-    "/v1/responses", "/tokenize", "/detokenize", "/tokenizer_info",
+    "/v1/responses", "/tokenize", "/detokenize", "/tokenizer_info", "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
 )  # fmt: skip
 OPEN_PATHS = ("/health",)  # no API key needed (load balancers probe it)
 
@@ -104,7 +106,8 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
             root=config.served_model_name,  # never the server's filesystem path
             max_model_len=getattr(engine, "max_model_len", None),
         )
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        cards = [card, *serving_lora.lora_cards(state)]  # LoRA adapters: models of their own
+        return JSONResponse(ModelList(data=cards).model_dump())
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -125,6 +128,14 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> Response:
         return JSONResponse(serving_responses.stored_response(state, response_id, delete=True))
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Response:
+        return await serving_lora.load_lora_adapter(state, request)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Response:
+        return await serving_lora.unload_lora_adapter(state, request)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:

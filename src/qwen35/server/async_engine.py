@@ -158,15 +158,20 @@ class AsyncEngine:
             )
 
     async def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        lora: str | None = None,
     ) -> RequestStream:
-        return await self.add_requests([(request_id, prompt, params)])
+        return await self.add_requests([(request_id, prompt, params)], lora)
 
     async def add_requests(
-        self, requests: list[tuple[str, str | list[int], SamplingParams]]
+        self, requests: list[tuple[str, str | list[int], SamplingParams]], lora: str | None = None
     ) -> RequestStream:
-        """Queue requests (all or none) and return their stream. Raises what engine.add_request
-        raises (SamplingParamsError, PromptTooLongError, ...), QueueFullError, EngineDeadError."""
+        """Queue requests (all or none; all with LoRA adapter `lora` when given) and return
+        their stream. Raises what engine.add_request raises (SamplingParamsError,
+        PromptTooLongError, ...), QueueFullError, EngineDeadError."""
         if not self.alive:
             raise EngineDeadError(self._dead_message())
         num_seqs = _num_seqs(requests)
@@ -175,7 +180,7 @@ class AsyncEngine:
             self._pending_adds += num_seqs
         stream = RequestStream([r[0] for r in requests], self, asyncio.get_running_loop())
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(("add", requests, stream, fut))
+        self._submit(("add", requests, stream, lora, fut))
         try:
             await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
@@ -185,6 +190,15 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the engine's thread between two steps (e.g. loading a LoRA adapter);
+        its result, or what it raised."""
+        if not self.alive:
+            raise EngineDeadError(self._dead_message())
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(("call", fn, args, fut))
+        return await asyncio.wrap_future(fut)
 
     def _submit(self, cmd: tuple) -> None:
         # under the lock that the loop's final drain takes: a command either lands before that
@@ -233,11 +247,14 @@ class AsyncEngine:
             cmd = self._cmds.popleft()
             kind = cmd[0]
             if kind == "add":
-                _, requests, stream, fut = cmd
+                _, requests, stream, lora, fut = cmd
                 added: list[str] = []
                 try:
                     for rid, prompt, params in requests:
-                        self.engine.add_request(rid, prompt, params)
+                        if lora is None:  # (engines without LoRA support take no such argument)
+                            self.engine.add_request(rid, prompt, params)
+                        else:
+                            self.engine.add_request(rid, prompt, params, lora=lora)
                         added.append(rid)
                         self._streams[rid] = stream
                 except Exception as e:
@@ -251,6 +268,12 @@ class AsyncEngine:
                     self._refresh_stats()  # before the pending count drops: admission sees both
                     with self._lock:
                         self._pending_adds -= _num_seqs(requests)
+            elif kind == "call":
+                _, fn, args, fut = cmd
+                try:
+                    fut.set_result(fn(*args))
+                except Exception as e:
+                    fut.set_exception(e)
             elif kind == "abort":
                 stream = self._streams.pop(cmd[1], None)
                 if stream is not None:
@@ -292,11 +315,12 @@ class AsyncEngine:
             self._fail_command(cmd)
 
     def _fail_command(self, cmd: tuple) -> None:
-        if cmd[0] != "add":
+        if cmd[0] == "abort":
             return  # an abort of a request that can no longer run: nothing to do
         fut = cmd[-1]
-        with self._lock:
-            self._pending_adds -= _num_seqs(cmd[1])
+        if cmd[0] == "add":
+            with self._lock:
+                self._pending_adds -= _num_seqs(cmd[1])
         if not fut.done():
             fut.set_exception(EngineDeadError(self._dead_message()))
 

@@ -144,10 +144,12 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[ChatPr
 
 
 async def start_chat(
-    state: ServerState, req: ChatCompletionRequest, params, rid: str, prompt_param: str
+    state: ServerState, req: ChatCompletionRequest, params, rid: str, prompt_param: str,
+    model: str,
 ) -> tuple[ChatPrompt, Any]:
     """Render and tokenize the chat, compile its constraint (response_format, tool_choice)
-    into `params`, queue it as request `rid` -> (the prompt, its output stream)."""
+    into `params`, queue it as request `rid` for `model` (state.check_model's answer) -> (the
+    prompt, its output stream)."""
     prompt, ids = await state.offload(prepare_chat, state, req)
     spec, spec_param = request_constraint(
         req, thinking=prompt.thinking, tools=prompt.tools,
@@ -155,7 +157,7 @@ async def start_chat(
     )  # fmt: skip
     await precompile(state.engine, spec, spec_param)
     params.structured_outputs = spec
-    return prompt, await add_to_engine(state, [(rid, ids, params)], prompt_param)
+    return prompt, await add_to_engine(state, [(rid, ids, params)], prompt_param, model)
 
 
 def _logprobs_n(req: ChatCompletionRequest) -> int | None:
@@ -179,7 +181,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         param = "top_logprobs" if e.param == "logprobs" else e.param
         raise APIError(str(e), param=param) from None
     rid = random_id("chatcmpl")
-    prompt, stream = await start_chat(state, req, params, rid, "messages")
+    prompt, stream = await start_chat(state, req, params, rid, "messages", model)
     tracker = state.metrics.tracker()
     created = int(time.time())
     builders = [ChoiceBuilder(prompt.thinking, prompt.tools) for _ in range(params.n)]

@@ -77,8 +77,18 @@ class ServerState:
     _token_text: dict[int, tuple[str, list[int]]] = field(default_factory=dict)
     # serving_responses.py: response id -> (its conversation as chat messages, its body)
     responses: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+    # LoRA adapters a request's `model` may name (serving_lora.py): name -> its directory
+    loras: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        list_loras = getattr(self.engine, "list_loras", None)
+        if list_loras is not None:
+            self.loras = dict(list_loras())
+        if self.config.served_model_name in self.loras:
+            raise Qwen35Error(
+                f"a LoRA adapter is named like the served model ({self.config.served_model_name!r})"
+                ": rename one (--lora-modules NAME=PATH, --served-model-name)"
+            )
         if self.pool is None:
             self.pool = concurrent.futures.ThreadPoolExecutor(
                 self.config.worker_threads, thread_name_prefix="qwen35-worker"
@@ -129,18 +139,27 @@ class ServerState:
         return ids
 
     def check_model(self, model: str | None) -> str:
+        """The model a request names: the served model (also by its path), or a LoRA adapter's
+        name; anything else is a 404."""
+        if model is not None and model in self.loras:
+            return model
         names = {self.config.served_model_name, self.config.model_path}
         if model is not None and model not in names:
             shown = model if len(model) <= 100 else model[:100] + "..."
+            extra = f" and the LoRA adapters {', '.join(sorted(self.loras))}" if self.loras else ""
             raise APIError(
                 f"The model `{shown}` does not exist; this server serves "
-                f"`{self.config.served_model_name}`",
+                f"`{self.config.served_model_name}`{extra}",
                 404,
                 "invalid_request_error",
                 "model",
                 "model_not_found",
             )
         return self.config.served_model_name
+
+    def lora_of(self, model: str) -> str | None:
+        """The LoRA adapter a checked model name runs with (None: the base model)."""
+        return model if model in self.loras else None
 
     def token_text(self, token_id: int) -> tuple[str, list[int]]:
         """A token's text and UTF-8 bytes for logprobs (`bytes:\\xe2` for partial characters)."""
@@ -161,14 +180,15 @@ class ServerState:
 
 
 async def add_to_engine(
-    state: ServerState, requests: list[tuple[str, Any, Any]], prompt_param: str
+    state: ServerState, requests: list[tuple[str, Any, Any]], prompt_param: str, model: str
 ) -> RequestStream:
-    """Queue requests, turning the engine's refusals into OpenAI errors."""
+    """Queue requests for `model` (check_model's answer: the base model or a LoRA adapter),
+    turning the engine's refusals into OpenAI errors."""
     from qwen35.engine import llm_engine as engine_mod  # PromptTooLongError lives with the engine
 
     too_long = getattr(engine_mod, "PromptTooLongError", ())
     try:
-        return await state.async_engine.add_requests(requests)
+        return await state.async_engine.add_requests(requests, state.lora_of(model))
     except SamplingParamsError as e:
         raise APIError(str(e), param=e.param) from None
     except too_long as e:  # type: ignore[misc]

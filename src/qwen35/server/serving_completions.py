@@ -85,7 +85,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     requests = [(f"{base}-{i}", p, dataclasses.replace(params)) for i, p in enumerate(ids)]
     order = {rid: i for i, (rid, _, _) in enumerate(requests)}
     echo = {rid: text for (rid, _, _), text in zip(requests, texts or [], strict=False)}
-    stream = await add_to_engine(state, requests, "prompt")
+    stream = await add_to_engine(state, requests, "prompt", model)
     tracker = state.metrics.tracker()
     created = int(time.time())
     top_n = req.logprobs or 0

@@ -277,7 +277,7 @@ async def create_response(state: ServerState, request: Request) -> Response:
     if params.n != 1:
         raise APIError("n is not a Responses API field", param="n")
     rid = random_id("resp")
-    prompt, stream = await start_chat(state, chat, params, rid, "input")
+    prompt, stream = await start_chat(state, chat, params, rid, "input", model)
     tracker = state.metrics.tracker()
     created = int(time.time())
     builder = ChoiceBuilder(prompt.thinking, prompt.tools)

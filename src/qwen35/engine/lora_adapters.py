@@ -1,0 +1,80 @@
+"""The engine's LoRA adapters, served per request: name -> adapter id, loaded onto the model.
+
+Each load gets a fresh id (never reused), so the prefix cache keys a sequence's blocks by the
+adapter that computed them (`cache_salt`): requests of one adapter share cached prefixes, never
+with the base model or another adapter, nor with an earlier adapter loaded under the same name.
+The weights are read and checked (every module a linear layer of the decoder, of the right
+shape) before anything is attached (layers/lora.py attach).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen35.errors import Qwen35Error
+from qwen35.layers.lora import attach, detach
+from qwen35.lora import LoraAdapter
+
+
+@dataclass(frozen=True)
+class LoadedLora:
+    name: str
+    path: str
+    id: int
+    rank: int  # largest r of its modules
+    nbytes: int  # its A and B on the model's device
+
+    @property
+    def cache_salt(self) -> str:
+        return f"lora:{self.id}"
+
+
+class LoraAdapters:
+    def __init__(self, model, max_loras: int):
+        self.model = model
+        self.max_loras = max_loras
+        self.loaded: dict[str, LoadedLora] = {}
+        self._ids = itertools.count(1)  # 0: the base model
+
+    def add(self, name: str, path: str | Path | LoraAdapter) -> LoadedLora:
+        """path: a PEFT adapter directory, or one already read (LoraAdapter: the server reads
+        the files off the engine thread)."""
+        if not isinstance(name, str) or not name.strip():
+            raise Qwen35Error("a LoRA adapter needs a non-empty name")
+        if name in self.loaded:
+            raise Qwen35Error(
+                f"a LoRA adapter named {name!r} is already loaded; unload it first or pick "
+                "another name"
+            )
+        if len(self.loaded) >= self.max_loras:
+            raise Qwen35Error(
+                f"{len(self.loaded)} LoRA adapters are loaded, the most max_loras allows: "
+                "unload one or raise --max-loras"
+            )
+        # reads and checks the files (LoraError names what is wrong)
+        adapter = path if isinstance(path, LoraAdapter) else LoraAdapter(path)
+        aid = next(self._ids)
+        nbytes = attach(self.model, aid, adapter)
+        rank = max(p.a.shape[0] for p in adapter.pairs.values())
+        lora = LoadedLora(name, str(adapter.path), aid, rank, nbytes)
+        self.loaded[name] = lora
+        return lora
+
+    def remove(self, name: str) -> None:
+        lora = self.loaded.pop(name, None)
+        if lora is None:
+            raise Qwen35Error(f"no LoRA adapter named {name!r} is loaded")
+        detach(self.model, lora.id)
+
+    def get(self, name: str) -> LoadedLora:
+        lora = self.loaded.get(name)
+        if lora is None:
+            have = ", ".join(sorted(self.loaded)) or "none"
+            raise Qwen35Error(f"no LoRA adapter named {name!r} is loaded (loaded: {have})")
+        return lora
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in self.loaded.values())
