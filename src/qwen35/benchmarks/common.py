@@ -110,15 +110,18 @@ def load_bench_model(
     )
 
 
-def timed_request(engine, prompt: list[int], new_tokens: int, rid: str):
+def timed_request(engine, prompt: list[int], new_tokens: int, rid: str, lora: str | None = None):
     """One greedy request run alone: (prefill seconds, each later step's seconds, its tokens).
     Prefill is every step up to the one that gives the first token: several when the prompt
     is longer than one step's token budget (counting only the first step overstated prefill
-    and put the other chunks among the decode steps)."""
+    and put the other chunks among the decode steps). lora: a loaded LoRA adapter's name."""
     from qwen35.request import SamplingParams
 
     sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    engine.add_request(rid, prompt, sp)
+    if lora is None:
+        engine.add_request(rid, prompt, sp)
+    else:
+        engine.add_request(rid, prompt, sp, lora=lora)
     prefill, steps, tokens = 0.0, [], []
     while engine.has_unfinished_requests():
         t0 = time.perf_counter()
