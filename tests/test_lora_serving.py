@@ -167,6 +167,25 @@ def test_engine_tokens_equal_the_merged_checkpoint_batched_and_alone(ckpt, tmp_p
     assert run(engine(d / "base"), [(p1, None)])[0] == together[0]
 
 
+def test_cpu_decode_plan_adds_the_adapters(ckpt, monkeypatch):
+    """Batch-1 CPU decode steps run models/cpu_decode.py's plan, adapters included: the same
+    tokens as the module path."""
+    from qwen35.models import cpu_decode
+
+    d = ckpt["dir"]
+    eng = engine(d / "base", lora_modules={"a": str(d / "a")})
+    runs = []
+    real_run = cpu_decode.DecodePlan.run
+    monkeypatch.setattr(cpu_decode.DecodePlan, "run",
+                        lambda self, *a: runs.append(1) or real_run(self, *a))  # fmt: skip
+    reqs = [(IDS, "a")]
+    planned = run(eng, reqs, 16)
+    assert len(runs) >= 14  # every decode step
+    monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda batch: False))
+    assert run(eng, reqs, 16) == planned
+    assert planned != run(eng, [(IDS, None)], 16)
+
+
 def test_prefix_cache_is_kept_per_adapter(ckpt):
     d = ckpt["dir"]
     eng = engine(d / "base", lora_modules={"a": str(d / "a")})

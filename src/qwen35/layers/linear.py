@@ -141,7 +141,8 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor | None, *linears: Linear
         outs = linear(x, packed).split([lin.out_features for lin in linears], dim=-1)
     else:
         outs = packed(x)  # quantized weights: always packed (qwen35.quant.packing)
-    for lin, y in zip(linears, outs, strict=True):
-        if lin.lora is not None:
-            lin.lora.add_to(x, y)
+    if any(lin.lora is not None for lin in linears):
+        from qwen35.layers.lora import add_lora
+
+        add_lora(x, outs, linears)
     return outs

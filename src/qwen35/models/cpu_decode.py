@@ -34,6 +34,7 @@ from qwen35.layers.linear import (
     gemv_kernel_for,
     linear,
 )
+from qwen35.layers.lora import add_lora
 from qwen35.ops import moe as ops_moe
 from qwen35.ops.deltanet import gated_slot_runs, over_phases
 from qwen35.quant.packing import QuantPack
@@ -62,7 +63,7 @@ def _direct(fn):
     from qwen35.kernels import gemv
 
     if isinstance(getattr(fn, "__self__", None), Linear):
-        fn = fn.__self__  # (a plan runs no LoRA adapters: models/qwen3_5.py _cpu_decode_plan)
+        fn = fn.__self__  # (without its LoRA adapters: the plan adds them, _with_lora)
     from qwen35.quant import matmul
     from qwen35.quant.layers import Fp8Linear, Int4Linear, Int8Linear
 
@@ -111,6 +112,28 @@ def _direct(fn):
     return getattr(fn, "forward", fn)  # a module's forward without the module call
 
 
+def _with_lora(fn, *linears):
+    """fn (the kernel calls of these linears' products, one output or a tuple of them) plus
+    the step's LoRA deltas of those linears that carry adapters (layers/lora.py); fn itself
+    when none does (attaching or dropping an adapter drops the plan)."""
+    if all(lin.lora is None for lin in linears):
+        return fn
+    if len(linears) == 1:
+        def one(x):
+            y = fn(x)
+            add_lora(x, (y,), linears)
+            return y
+
+        return one
+
+    def many(x):
+        outs = fn(x)
+        add_lora(x, outs, linears)
+        return outs
+
+    return many
+
+
 def _plain(w: torch.Tensor):
     """x -> layers/linear.py linear(x, w) for a plain fp32 / bf16 weight, with the GEMV kernel
     it takes for decode rows resolved once: `linear` looks it up per call (gemv_kernel_for's
@@ -132,11 +155,14 @@ def _plain(w: torch.Tensor):
 
 
 def _projection(packed, *linears):
-    """x -> the linears' outputs through their packed weight (layers/linear.py packed_linear)."""
+    """x -> the linears' outputs through their packed weight (layers/linear.py packed_linear),
+    LoRA deltas added."""
     if not isinstance(packed, torch.Tensor):  # quantized: a QuantPack, one call for the outputs
-        return QuantPack([(_direct(fn), sizes) for fn, sizes in packed.runs])
+        return _with_lora(QuantPack([(_direct(fn), sizes) for fn, sizes in packed.runs]),
+                          *linears)  # fmt: skip
     sizes, fn = [lin.out_features for lin in linears], _plain(packed)
-    return lambda x: fn(x).split_with_sizes(sizes, dim=-1)  # (Tensor.split's Python wrapper off)
+    # (Tensor.split's Python wrapper off)
+    return _with_lora(lambda x: fn(x).split_with_sizes(sizes, dim=-1), *linears)
 
 
 def _experts_many(ex, dtype):
@@ -211,7 +237,8 @@ def _moe(mlp, dtype):
         return mlp.forward
     sh = mlp.shared_expert
     sh_gate_up = _projection(sh.packed_gate_up, sh.gate_proj, sh.up_proj)
-    sh_down, sh_gate = _direct(sh.down_proj), _plain(mlp.shared_expert_gate.weight)
+    sh_down = _with_lora(_direct(sh.down_proj), sh.down_proj)
+    sh_gate = _with_lora(_plain(mlp.shared_expert_gate.weight), mlp.shared_expert_gate)
 
     def run(x, backend):
         if x.shape[0] > min(ops_moe.FEW_TOKENS, MANY_MAX_ROWS):
@@ -268,7 +295,7 @@ class DecodePlan:
                 ffn = (_moe(mlp, model.dtype), None)
             else:  # gate_up, then down of silu * up
                 ffn = (_projection(mlp.packed_gate_up, mlp.gate_proj, mlp.up_proj),
-                       _direct(mlp.down_proj))  # fmt: skip
+                       _with_lora(_direct(mlp.down_proj), mlp.down_proj))  # fmt: skip
             common = (
                 layer.input_layernorm.weight,
                 layer.input_layernorm.eps,
@@ -280,7 +307,7 @@ class DecodePlan:
                 m = layer.linear_attn
                 mixer = (
                     _projection(m.packed_in, *m.in_projs()),
-                    _direct(m.out_proj),
+                    _with_lora(_direct(m.out_proj), m.out_proj),
                     partial(_deltanet, m.conv1d.weight[:, 0, :], m.dt_bias, m.A_log,
                             m.norm.weight, m.norm.eps, m.dims.nk, i),  # fmt: skip
                 )
@@ -288,7 +315,7 @@ class DecodePlan:
                 m = layer.self_attn
                 mixer = (
                     _projection(m.packed_qkv, m.q_proj, m.k_proj, m.v_proj),
-                    _direct(m.o_proj),
+                    _with_lora(_direct(m.o_proj), m.o_proj),
                     partial(_attention, m.q_norm.weight, m.k_norm.weight, m.q_norm.eps,
                             m.scale, i),  # fmt: skip
                 )

@@ -232,16 +232,16 @@ class Qwen35ForCausalLM(nn.Module):
             h.index_copy_(0, batch.mm_rows, batch.mm_embeds.to(h.dtype))
         cos, sin = self._cos_sin(batch, h.dtype)
         plan = self._cpu_decode_plan(batch, caches)
-        if plan is not None:  # a pure decode step on a CPU: the layers as one list of kernels
-            delta = plan.run(h, cos, sin, batch, caches)
-        else:
-            delta = None
-            self.lora_step.groups = batch.lora  # the adapted linears read it (layers/lora.py)
-            try:
+        self.lora_step.groups = batch.lora  # the adapted linears read it (layers/lora.py)
+        try:
+            if plan is not None:  # a pure decode step on a CPU: the layers as one kernel list
+                delta = plan.run(h, cos, sin, batch, caches)
+            else:
+                delta = None
                 for layer in self.model.layers:
                     delta = layer(h, delta, cos, sin, batch, caches)
-            finally:
-                self.lora_step.groups = None
+        finally:
+            self.lora_step.groups = None
         if delta is not None:
             h.add_(delta)
         if batch.state_copies:
@@ -267,8 +267,8 @@ class Qwen35ForCausalLM(nn.Module):
 
     def _cpu_decode_plan(self, batch: ForwardBatch, caches: ModelCaches, mtp: bool = False):
         """models/cpu_decode.py's plan when it applies to this step, else None (module path);
-        mtp: the MTP head's layer's plan. Steps with LoRA rows take the module path."""
-        if (batch.lora is not None and not mtp) or not cpu_decode.DecodePlan.applies(batch) or not cpu_decode.supported(self, caches):
+        mtp: the MTP head's layer's plan."""
+        if not cpu_decode.DecodePlan.applies(batch) or not cpu_decode.supported(self, caches):
             return None
         if mtp:
             if self._mtp_plan is None:
