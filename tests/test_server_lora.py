@@ -118,3 +118,19 @@ def test_run_time_loading_needs_enable_lora(served):
         assert completion_text(srv, "sql", [1, 2, 3], 2)  # the static ones are served
     finally:
         srv.close()
+
+
+def test_generate_with_lora(served, capsys):
+    """`qwen35 generate --lora DIR` (and NAME of --lora-modules) runs with the adapter."""
+    from qwen35.cli import main
+
+    _, ref, d = served
+    common = ["generate", "--model", str(d / "base"), "--prompt", "Hello there", "--max-tokens",
+              "6", "--temperature", "0", "--dtype", "fp32", "--max-model-len", "256",
+              "--max-memory", "256MiB", "--text-only"]  # fmt: skip
+    want = ref.tokenizer.decode(reference(ref, ref.tokenizer.encode("Hello there"), "sql", 6))
+    for extra in (["--lora", str(d / "sql")], ["--lora-modules", f"x={d / 'sql'}", "--lora", "x"]):
+        assert main(common + extra) == 0
+        assert capsys.readouterr().out == want + "\n"
+    assert main(common) == 0
+    assert capsys.readouterr().out != want + "\n"  # (the base model's)

@@ -7,9 +7,11 @@ import sys
 
 from qwen35.commands.common import (
     add_engine_arguments,
+    add_lora_argument,
     add_sampling_arguments,
     add_thinking_argument,
     engine_config,
+    lora_name,
     sampling_params,
     thinking_kwargs,
 )
@@ -18,6 +20,7 @@ from qwen35.commands.common import (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p)
     add_sampling_arguments(p)
+    add_lora_argument(p)
     p.add_argument("--system", default=None, help="system prompt")
     add_thinking_argument(p)
 
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         )
         parser = ChatOutputParser(thinking_enabled=prompt_thinking_enabled(prompt), tools=None)
         text = ""
-        for delta in llm.stream(prompt, sampling_params(args)):
+        for delta in llm.stream(prompt, sampling_params(args), lora=lora_name(args)):
             for o in delta.outputs:
                 text += o.text
                 d = parser.feed(o.text)

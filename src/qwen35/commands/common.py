@@ -14,9 +14,41 @@ def add_engine_arguments(p: argparse.ArgumentParser, model_required: bool = True
 
 
 def engine_config(args: argparse.Namespace, **extra):
+    """The engine flags' EngineConfig; with `--lora` (add_lora_argument) that adapter is
+    served too (see lora_name)."""
     from qwen35.engine.config import EngineConfig
 
+    lora = getattr(args, "lora", None)
+    if lora is not None and lora not in _lora_names(args):
+        mods = list(args.lora_modules or []) + [f"{LORA_NAME}={lora}"]
+        args = argparse.Namespace(**{**vars(args), "lora_modules": mods})
     return EngineConfig.from_cli(args, **extra)
+
+
+LORA_NAME = "lora"  # the adapter `--lora DIR` serves
+
+
+def add_lora_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora",
+        default=None,
+        metavar="DIR|NAME",
+        help="run with this LoRA adapter: a PEFT adapter directory, or a NAME of "
+        "--lora-modules (to bake it into the weights instead: qwen35 quantize --lora)",
+    )
+
+
+def lora_name(args: argparse.Namespace) -> str | None:
+    """The adapter requests run with: --lora's NAME (of --lora-modules), or the one its
+    directory was served as; None without --lora."""
+    lora = getattr(args, "lora", None)
+    if lora is None:
+        return None
+    return lora if lora in _lora_names(args) else LORA_NAME
+
+
+def _lora_names(args: argparse.Namespace) -> set[str]:
+    return {item.partition("=")[0].strip() for item in getattr(args, "lora_modules", None) or []}
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

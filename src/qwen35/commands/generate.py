@@ -7,9 +7,11 @@ import sys
 
 from qwen35.commands.common import (
     add_engine_arguments,
+    add_lora_argument,
     add_sampling_arguments,
     add_thinking_argument,
     engine_config,
+    lora_name,
     sampling_params,
     thinking_kwargs,
 )
@@ -18,6 +20,7 @@ from qwen35.commands.common import (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p)
     add_sampling_arguments(p)
+    add_lora_argument(p)
     p.add_argument("--prompt", default=None, help="prompt text (default: read standard input)")
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt as a user message in the chat format"
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             [{"role": "user", "content": prompt}], add_generation_prompt=True, **kwargs
         )
     final = None
-    for delta in llm.stream(prompt, params):
+    for delta in llm.stream(prompt, params, lora=lora_name(args)):
         for o in delta.outputs:
             sys.stdout.write(o.text)
             sys.stdout.flush()
