@@ -1,6 +1,6 @@
 """What serving a LoRA adapter per request costs: decode steps of requests with an adapter
 against requests of the base model, in one engine (the adapter loaded throughout), rounds
-interleaved. Qwen3.5-0.8B config, random weights, `--dtype auto`, a random rank-r adapter on
+interleaved. Qwen3.5-0.8B config (--model: another catalog model), random weights, `--dtype auto`, a random rank-r adapter on
 every projection of the decoder (attention q/k/v/o, DeltaNet in_proj_qkv/z/a/b and out_proj,
 MLP gate/up/down), greedy; batch 1 and a batch of 4 (all base, all adapter, 2 + 2 mixed).
 
@@ -72,13 +72,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=32, help="decode steps per request")
     ap.add_argument("--quantization", default=None, help="int8 / int4 / fp8 / bf16")
+    ap.add_argument("--model", default="Qwen3.5-0.8B", help="catalog name (random weights)")
     a = ap.parse_args()
     import torch
 
     from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine
 
     torch.set_num_threads(a.threads)
-    bm = load_bench_model(BenchOptions(threads=a.threads), quantization=a.quantization)
+    bm = load_bench_model(BenchOptions(model=a.model, threads=a.threads),
+                          quantization=a.quantization)  # fmt: skip
     d = Path(tempfile.mkdtemp())
     write_adapter(bm.model, d / "adapter", a.rank)
     eng = make_engine(bm, max_num_seqs=4, max_model_len=512, enable_prefix_caching=False,
@@ -99,7 +101,7 @@ def main() -> None:
         for k in order:
             loras, n = cases[k]
             res[k].append(batch_step_ms(eng, prompts[:n], loras, a.tokens, f"r{r}{k[:7]}"))
-    print(f"Qwen3.5-0.8B config, {bm.label} weights, a rank-{a.rank} adapter on every "
+    print(f"{a.model} config, {bm.label} weights, a rank-{a.rank} adapter on every "
           f"projection, {a.threads} threads; ms per decode step, medians per round")  # fmt: skip
     for k in cases:
         print(f"  {k:32s} " + "  ".join(f"{v:7.2f}" for v in res[k]))

@@ -16,7 +16,7 @@ from qwen35.ops.backend import reference_backend, select_backend
 from qwen35.request import SamplingParams
 from test_backend import Seqs, _model, _script
 from test_engine import GREEDY, hf_greedy, ids, make, prompts
-from tiny import save_checkpoint
+from tiny import LORA_TARGETS, save_checkpoint, save_random_lora_adapter
 
 pytestmark = [
     pytest.mark.gpu,
@@ -95,6 +95,36 @@ def test_prompt_logprobs_equal_the_cpu_engine(ckpts):
             assert a.token_id == b.token_id and abs(a.rank - b.rank) <= 1  # (near ties)
             assert abs(a.logprob - b.logprob) < 1e-4
             assert all(abs(a.top[t] - b.top[t]) < 1e-4 for t in set(a.top) & set(b.top))
+
+
+def lora_tokens(llm, ps, loras) -> list[list[int]]:
+    """Greedy tokens of prompts ps run together, each with its LoRA adapter (None: base)."""
+    eng, sp = llm.engine, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    for i, (p, lora) in enumerate(zip(ps, loras, strict=True)):
+        eng.add_request(f"r{i}", p, sp, lora=lora)
+    out: dict[str, list[int]] = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            out.setdefault(o.request_id, []).extend(o.outputs[0].token_ids)
+    return [out[f"r{i}"] for i in range(len(ps))]
+
+
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_lora_adapters_equal_the_cpu_engine(which, ckpts, tmp_path):
+    """fp32: requests of two LoRA adapters and of the base model in one batch (steps with
+    adapter rows eager, the others from the decode graphs; MoE: no fused Triton MoE while the
+    shared expert is adapted) give the CPU engine's tokens (whose own oracle is peft:
+    test_lora_serving)."""
+    d, hf = ckpts[which]
+    targets = [*LORA_TARGETS, "in_proj_a", "in_proj_b", "shared_expert_gate"]
+    mods = {n: str(save_random_lora_adapter(hf, tmp_path / n, seed=s, targets=targets))
+            for n, s in (("a", 1), ("b", 2))}  # fmt: skip
+    ps = prompts(5, seed=16, lo=3, hi=60)
+    loras = [None, "a", "b", "a", None]
+    want = lora_tokens(make(d, lora_modules=mods), ps, loras)
+    assert want[1] != lora_tokens(make(d, lora_modules=mods), ps[1:2], [None])[0]
+    assert lora_tokens(cuda(d, lora_modules=mods), ps, loras) == want
+    assert lora_tokens(cuda(d, lora_modules=mods), ps[:1], [None]) == want[:1]  # graphs only
 
 
 def test_seeded_sampling_is_batch_independent(ckpts):

@@ -33,7 +33,7 @@ FIELDS = [
     "response_format", "parallel_tool_calls", "logit_bias", "best_of", "prompt", "messages",
     "prompt_logprobs", "tokens", "add_special_tokens", "return_token_strs", "input",
     "instructions", "max_output_tokens", "text", "reasoning", "previous_response_id",
-    "unknown_field",
+    "lora_name", "lora_path", "unknown_field",
 ]  # fmt: skip
 
 
@@ -72,7 +72,10 @@ def _body(rng: random.Random) -> tuple[str, bytes]:
     path = "/v1/chat/completions" if chat else "/v1/completions"
     body: dict = {"messages": USER} if chat else {"prompt": "Hello"}
     body["max_tokens"] = rng.choice([1, 2, 4])
-    if r > 0.9:  # the tokenizer endpoints
+    if r > 0.95:  # run-time LoRA adapters
+        path = rng.choice(["/v1/load_lora_adapter", "/v1/unload_lora_adapter"])
+        body = {"lora_name": "x", "lora_path": "/nonexistent"}
+    elif r > 0.9:  # the tokenizer endpoints
         path = rng.choice(["/tokenize", "/detokenize"])
         body = {"prompt": "Hello"} if path == "/tokenize" else {"tokens": [9707, 11]}
     elif r > 0.8:  # the Responses API
@@ -150,7 +153,7 @@ def test_fuzz_real_engine(tmp_path):
     gen = serving()
     start = next(gen)
     try:
-        srv, _ = start(build_tiny_engine(tmp_path / "tiny"), api_key=KEY)
+        srv, _ = start(build_tiny_engine(tmp_path / "tiny", enable_lora=True), api_key=KEY)
         statuses = _fuzz(srv, seed=99, count=150)
         assert statuses.get(200, 0) > 10, statuses
         assert srv.state.async_engine.alive

@@ -358,3 +358,24 @@ def save_lora_adapter(hf, path, seed: int = 0, targets=LORA_TARGETS, r: int = 4,
             p.data.normal_(0, 0.2)
     pm.save_pretrained(str(path))
     return pm
+
+
+def save_random_lora_adapter(hf, path, seed: int = 0, r: int = 4, targets=LORA_TARGETS):
+    """A PEFT-format adapter with random A and B on the linear layers of hf whose names end in
+    one of targets, written without peft (the GPU machine has none)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, mod in hf.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            key = f"base_model.model.{name}"
+            tensors[key + ".lora_A.weight"] = torch.randn(r, mod.in_features, generator=g) * 0.3
+            tensors[key + ".lora_B.weight"] = torch.randn(mod.out_features, r, generator=g) * 0.3
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(targets)}
+    ))  # fmt: skip
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return path

@@ -14,7 +14,8 @@ any time), and the step is decode only with its rows in state-slot order (the en
 batch-1 step). Anything else takes the module path. A MoE block's step is in the plan too
 (`_moe`: the module's routing, the active experts' kernel calls resolved once, the shared
 expert as a dense FFN); blocks whose experts it cannot resolve, and steps of more than
-layers/linear.py MANY_MAX_ROWS rows, run the module (layers/moe.py).
+layers/linear.py MANY_MAX_ROWS rows, run the module (layers/moe.py). LoRA adapters served per
+request are added after the kernels of the projections they adapt (`_with_lora`, layers/lora.py).
 """
 
 from __future__ import annotations
