@@ -227,7 +227,7 @@ def _adapter(path, tensors: dict, **cfg):
     return path
 
 
-def test_refusals(ckpt, tmp_path):
+def test_refusals(ckpt, tmp_path, monkeypatch):
     d = ckpt["dir"]
     eng = engine(d / "base", lora_modules={"a": str(d / "a")}, max_loras=2)
     with pytest.raises(Qwen35Error, match=r"no LoRA adapter named 'zz'.*loaded: a"):
@@ -252,6 +252,21 @@ def test_refusals(ckpt, tmp_path):
         assert eng.list_loras() == {"a": str(d / "a")}
     with pytest.raises(Qwen35Error, match="already loaded"):
         eng.add_lora("a", d / "b")
+    real_to, calls = torch.Tensor.to, []
+
+    def oom_on_fifth(self, *a, **k):  # the device runs out of memory half-way through
+        calls.append(1)
+        if len(calls) == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_to(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "to", oom_on_fifth)
+    with pytest.raises(LoraError, match="not enough cpu memory"):
+        eng.add_lora("big", d / "b")
+    monkeypatch.undo()
+    assert len(calls) == 5 and eng.list_loras() == {"a": str(d / "a")}
+    assert all(len(m.lora.pairs) == 1 for m in eng.model.modules()
+               if isinstance(m, Linear) and m.lora is not None)  # fmt: skip
     eng.add_lora("b", d / "b")
     with pytest.raises(Qwen35Error, match="max-loras"):
         eng.add_lora("c", d / "b")

@@ -31,11 +31,12 @@ class LoraStep:
 
 
 class LoraDelta:
-    """One linear layer's adapters: adapter id -> (A [r, in], (s * B)^T [r, out]) in fp32 on
-    the model's device. fp32 whatever the model's dtype: the products are tiny (r rows), and on
-    a CPU fp32 ones are ~3x faster than bf16 ones (oneDNN's bf16 set-up dominates), besides more
-    exact; B transposed: x_A @ B^T from a contiguous [r, out] is ~2.5x faster for a decode row
-    than F.linear on B [out, r] (MKL, 2 threads, r 16, out 3,584: 5.5 vs 15 us)."""
+    """One linear layer's adapters: adapter id -> (A [r, in], (s * B)^T [r, out]) on the
+    model's device, in fp32 on a CPU (the products are tiny, r rows, and fp32 ones are ~3x
+    faster there than bf16 ones, whose oneDNN set-up dominates; more exact too), else in the
+    model's dtype (half the memory: a rank-16 adapter on every projection of a 9B is ~0.27 GB
+    in fp32). B transposed: x_A @ B^T from a contiguous [r, out] is ~2.5x faster for a decode
+    row than F.linear on B [out, r] (MKL, 2 threads, r 16, out 3,584: 5.5 vs 15 us)."""
 
     __slots__ = ("step", "pairs")
 
@@ -45,8 +46,8 @@ class LoraDelta:
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor, xf: torch.Tensor | None = None) -> None:
         """y [T, out] += the delta of each of the step's adapters on its rows of x [T, in]
-        (in place: y may be a column view of a packed projection's output); xf: x in fp32,
-        when the caller has it (the projections of one input)."""
+        (in place: y may be a column view of a packed projection's output); xf: x in the
+        adapters' dtype, when the caller has it (the projections of one input)."""
         groups = self.step.groups
         if not groups:
             return
@@ -56,7 +57,7 @@ class LoraDelta:
                 continue
             a, bt = pair
             if xf is None:
-                xf = x.float()
+                xf = x.to(a.dtype)
             if rows is None:
                 y.add_(torch.mm(F.linear(xf, a), bt))
             else:
@@ -66,13 +67,13 @@ class LoraDelta:
 
 def add_lora(x: torch.Tensor, outs, linears) -> None:
     """The step's LoRA deltas of `linears` (those carrying adapters) added to their outputs
-    `outs` of the input x (x converted to fp32 once for all of them)."""
+    `outs` of the input x (x converted to the adapters' dtype once for all of them)."""
     xf = None
     for lin, y in zip(linears, outs, strict=True):
         d = lin.lora
-        if d is not None and d.step.groups:
+        if d is not None and d.step.groups and d.pairs:
             if xf is None:
-                xf = x.float()
+                xf = x.to(next(iter(d.pairs.values()))[0].dtype)
             d.add_to(x, y, xf)
 
 
@@ -114,16 +115,25 @@ def attach(model, aid: int, adapter) -> int:
                 f"{name} is [{want[0]}, {want[1]}]: an adapter for another model?"
             )
         plan.append((mod, p))
-    step = model.lora_step
     device = model.device
+    dtype = torch.float32 if device.type == "cpu" else model.dtype  # (LoraDelta)
+    try:  # every tensor on the device first: running out of memory attaches nothing
+        weights = [
+            (mod, p.a.to(device=device, dtype=dtype).contiguous(),
+             (p.b.float() * p.scale).t().contiguous().to(device=device, dtype=dtype))
+            for mod, p in plan
+        ]  # fmt: skip
+    except torch.OutOfMemoryError:
+        raise LoraError(
+            f"not enough {device.type} memory for the adapter's weights: unload another adapter "
+            "or leave memory free (--max-memory)"
+        ) from None
     nbytes = 0
-    for mod, p in plan:
+    for mod, a, bt in weights:
         if mod.lora is None:
-            mod.lora = LoraDelta(step)
-        a = p.a.to(device=device, dtype=torch.float32).contiguous()
-        b = (p.b.float() * p.scale).t().contiguous().to(device=device)
-        mod.lora.pairs[aid] = (a, b)
-        nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
+            mod.lora = LoraDelta(model.lora_step)
+        mod.lora.pairs[aid] = (a, bt)
+        nbytes += a.numel() * a.element_size() + bt.numel() * bt.element_size()
     model._decode_plan = None  # models/cpu_decode.py binds each linear's adapters: rebuilt
     return nbytes
 
