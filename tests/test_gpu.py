@@ -111,10 +111,10 @@ def lora_tokens(llm, ps, loras) -> list[list[int]]:
 
 @pytest.mark.parametrize("which", ["dense", "moe"])
 def test_lora_adapters_equal_the_cpu_engine(which, ckpts, tmp_path):
-    """fp32: requests of two LoRA adapters and of the base model in one batch (steps with
-    adapter rows eager, the others from the decode graphs; MoE: no fused Triton MoE while the
-    shared expert is adapted) give the CPU engine's tokens (whose own oracle is peft:
-    test_lora_serving)."""
+    """fp32: requests of two LoRA adapters and of the base model in one batch (stacked slots,
+    layers/lora.py LoraSlots: decode steps replay from the graphs; MoE: no fused Triton MoE)
+    give the CPU engine's tokens (per-adapter path, whose own oracle is peft: test_lora_serving);
+    eager steps too."""
     d, hf = ckpts[which]
     targets = [*LORA_TARGETS, "in_proj_a", "in_proj_b", "shared_expert_gate"]
     mods = {n: str(save_random_lora_adapter(hf, tmp_path / n, seed=s, targets=targets))
@@ -123,8 +123,10 @@ def test_lora_adapters_equal_the_cpu_engine(which, ckpts, tmp_path):
     loras = [None, "a", "b", "a", None]
     want = lora_tokens(make(d, lora_modules=mods), ps, loras)
     assert want[1] != lora_tokens(make(d, lora_modules=mods), ps[1:2], [None])[0]
-    assert lora_tokens(cuda(d, lora_modules=mods), ps, loras) == want
-    assert lora_tokens(cuda(d, lora_modules=mods), ps[:1], [None]) == want[:1]  # graphs only
+    gpu = cuda(d, lora_modules=mods)
+    assert gpu.engine.runner.graphs is not None and gpu.engine.loras.stacked
+    assert lora_tokens(gpu, ps, loras) == want
+    assert lora_tokens(cuda(d, lora_modules=mods, enforce_eager=True), ps, loras) == want
 
 
 def test_seeded_sampling_is_batch_independent(ckpts):

@@ -57,25 +57,31 @@ def load(ckpt, **kw):
 
 
 def mixed_forward(model, ids_of: dict) -> dict:
-    """One forward of a sequence per adapter name (None: the base model) -> logits per name."""
+    """One forward of a sequence per adapter name (None: the base model) -> logits per name;
+    ids_of: name -> the adapter's key (LoadedLora.key)."""
     names = list(ids_of)
     T = len(IDS)
     caches = allocate_caches(model.config, len(names), T, len(names), model.dtype, "cpu")
     batch = uncached_batch(len(names), T, "cpu")
-    batch.lora = [(ids_of[n], torch.arange(i * T, (i + 1) * T)) for i, n in enumerate(names)
-                  if n is not None]  # fmt: skip
+    if model.lora_step.stacked:  # each row's slot
+        batch.lora_slots = torch.tensor([ids_of[n] or 0 for n in names]).repeat_interleave(T)
+    else:
+        batch.lora = [(ids_of[n], torch.arange(i * T, (i + 1) * T)) for i, n in enumerate(names)
+                      if n is not None]  # fmt: skip
     out = model(torch.tensor(IDS * len(names)), batch, caches).view(len(names), T, -1)
     return {n: out[i] for i, n in enumerate(names)}
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["per-adapter", "stacked"])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "per-linear"])
-def test_one_forward_mixes_adapters_and_base(ckpt, packed, monkeypatch):
+def test_one_forward_mixes_adapters_and_base(ckpt, packed, stacked, monkeypatch):
+    """Per adapter (CPUs) and stacked into slots (GPUs; layers/lora.py LoraSlots) alike."""
     if not packed:  # prefills longer than this take one matmul per projection
         monkeypatch.setattr(linear_mod, "PACKED_MAX_ROWS", 0)
     model = load(ckpt)
-    reg = LoraAdapters(model, 4)
-    ids = {None: None, "a": reg.add("a", ckpt["dir"] / "a").id,
-           "b": reg.add("b", ckpt["dir"] / "b").id}  # fmt: skip
+    reg = LoraAdapters(model, 4, max_rank=8, stacked=stacked)
+    ids = {None: None, "a": reg.add("a", ckpt["dir"] / "a").key,
+           "b": reg.add("b", ckpt["dir"] / "b").key}  # fmt: skip
     got = mixed_forward(model, ids)
     for name, want in ckpt["want"].items():
         torch.testing.assert_close(got[name], want, rtol=0, atol=1e-4, msg=f"adapter {name}")
@@ -83,10 +89,74 @@ def test_one_forward_mixes_adapters_and_base(ckpt, packed, monkeypatch):
     batch_all = mixed_forward(model, {"a": ids["a"]})
     torch.testing.assert_close(batch_all["a"], ckpt["want"]["a"], rtol=0, atol=1e-4)
     reg.remove("a")
+    if stacked:  # a later adapter takes the freed slot, whose old rows are gone
+        ids["a"] = reg.add("a2", ckpt["dir"] / "a").key
+        assert ids["a"] == 1
+        got = mixed_forward(model, ids)
+        for name, want in ckpt["want"].items():
+            torch.testing.assert_close(got[name], want, rtol=0, atol=1e-4)
+        reg.remove("a2")
     reg.remove("b")
-    assert not [m for m in model.modules() if isinstance(m, Linear) and m.lora is not None]
+    if not stacked:
+        assert not [m for m in model.modules() if isinstance(m, Linear) and m.lora is not None]
+    else:
+        assert all(m.lora.a.abs().sum() == 0 for m in model.modules()
+                   if isinstance(m, Linear) and m.lora is not None)  # fmt: skip
     torch.testing.assert_close(model(torch.tensor([IDS]))[0], ckpt["want"][None], rtol=0,
                                atol=1e-4)  # fmt: skip
+
+
+def test_stacked_slots_replay_in_decode_graphs(ckpt):
+    """Stacked adapters in the static-buffer decode step a CUDA graph replays (run eagerly on a
+    CPU, through the GPU backend's PyTorch ops): no host sync in the forward, and each row's
+    logits equal the plain step's (rows of the base model, adapter a and adapter b; a bucket
+    of four, so one padding row)."""
+    from qwen35.engine.cuda_graphs import DecodeGraphs
+    from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
+    from qwen35.ops.backend import Backend
+    from test_backend import HostSyncs, _watched
+
+    model = load(ckpt)
+    reg = LoraAdapters(model, 4, max_rank=8, stacked=True)
+    keys = [0, reg.add("a", ckpt["dir"] / "a").key, reg.add("b", ckpt["dir"] / "b").key]
+    be, bs, T = Backend("cuda", grouped_mm=True), 16, len(IDS)  # (MoE: no host-read counts)
+    caches = allocate_caches(model.config, 100, bs, 9, model.dtype, "cpu")
+
+    def batch_of(lens, new):  # sequence i: blocks 20i.., state slot i
+        pos = [p for n, k in zip(lens, new, strict=True) for p in range(n, n + k)]
+        seq = [i for i, k in enumerate(new) for _ in range(k)]
+        cu = [0]
+        for k in new:
+            cu.append(cu[-1] + k)
+        return ForwardBatch.build(
+            positions=pos, cu_seqlens=cu, context_lens=[n + k for n, k in zip(lens, new, strict=True)],
+            slot_mapping=[(20 * i + p // bs) * bs + p % bs for i, p in zip(seq, pos, strict=True)],
+            block_tables=[list(range(20 * i, 20 * i + 20)) for i in range(3)],
+            state_slots=[0, 1, 2], has_initial_state=[n > 0 for n in lens],
+            logits_indices=[c - 1 for c in cu[1:]], backend=be,
+        ), torch.tensor([keys[i] for i in seq])  # fmt: skip
+
+    prefill, slots = batch_of([0, 0, 0], [T, T, T])
+    prefill.lora_slots = slots
+    model(torch.tensor(IDS * 3), prefill, caches)
+    copy = ModelCaches(*[[t.clone() for t in ts] for ts in
+                         (caches.key, caches.value, caches.conv, caches.recurrent)],
+                       block_size=bs)  # fmt: skip
+    graphs = DecodeGraphs(model, copy, be, 4, 20, pad_block=99, pad_slot=8)
+    graphs.eager = True
+    syncs = HostSyncs()
+    graphs.model = lambda *a: _watched(syncs, model, *a)
+    lens = [T, T, T]
+    for tok in ([3, 4, 5], [9, 9, 9]):
+        step, slots = batch_of(lens, [1, 1, 1])
+        step.lora_slots = slots
+        want = model(torch.tensor(tok), step, caches)
+        assert graphs.can_run(step)
+        got = graphs.run(torch.tensor(tok), step)
+        assert not syncs.seen, sorted(set(syncs.seen))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        lens = [n + 1 for n in lens]
+    assert (want[1] - want[0]).abs().max() > 1e-3  # the rows' adapters differ
 
 
 @pytest.mark.parametrize("quantization", ["int8", "fp8"])
@@ -94,7 +164,7 @@ def test_quantized_bases_add_each_adapter_once(ckpt, quantization):
     """int8 / FP8 projections run packed by format (quant/packing.py; a run of one linear calls
     its matmul): the adapters are added once, as on the per-linear path."""
     model = load(ckpt, quantization=quantization)
-    aid = LoraAdapters(model, 4).add("a", ckpt["dir"] / "a").id
+    aid = LoraAdapters(model, 4).add("a", ckpt["dir"] / "a").key
     packed = mixed_forward(model, {None: None, "a": aid})
     for m in model.modules():  # the per-linear path: every Linear.forward adds its own delta
         for attr in ("packed_in", "packed_qkv", "packed_gate_up"):
@@ -115,7 +185,7 @@ def test_bf16_model_adds_fp32_deltas(ckpt):
     from qwen35.loader import load_model
 
     model = load_model(str(ckpt["dir"] / "base"), dtype="bf16", vision=False)
-    aid = LoraAdapters(model, 4).add("a", ckpt["dir"] / "a").id
+    aid = LoraAdapters(model, 4).add("a", ckpt["dir"] / "a").key
     got = mixed_forward(model, {None: None, "a": aid})
     want = ckpt["want"]
     for name, tol in ((None, 0.02), ("a", 0.1)):  # within bf16's error of the fp32 oracle
@@ -165,6 +235,13 @@ def test_engine_tokens_equal_the_merged_checkpoint_batched_and_alone(ckpt, tmp_p
         assert got == want, name
     # a base request while adapters are loaded = an engine without them (the CPU decode plan)
     assert run(engine(d / "base"), [(p1, None)])[0] == together[0]
+    # stacked slots (a GPU's layout) give the same tokens; an adapter of a larger rank than
+    # the slots is refused by name of the flag
+    mods = {"a": str(d / "a"), "b": str(d / "b")}
+    assert run(engine(d / "base", lora_modules=mods, lora_stacked=True, max_lora_rank=8),
+               reqs) == together  # fmt: skip
+    with pytest.raises(LoraError, match="--max-lora-rank 8"):
+        engine(d / "base", lora_modules=mods, lora_stacked=True, max_lora_rank=4)
 
 
 def test_cpu_decode_plan_adds_the_adapters(ckpt, monkeypatch):

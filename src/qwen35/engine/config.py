@@ -200,8 +200,19 @@ class LoraConfig:
         "/v1/load_lora_adapter); implied by --lora-modules",
     )
     max_loras: int = _opt(8, "most LoRA adapters loaded at once")
+    max_lora_rank: int = _opt(
+        16,
+        "GPU: the largest adapter rank served (adapters are stacked into max-loras x "
+        "max-lora-rank slots allocated at start, which CUDA graphs read); CPUs: no limit",
+    )
+    # stacked slots (layers/lora.py LoraSlots) or one LoraDelta per adapter; None: stacked on a GPU
+    lora_stacked: bool | None = _opt(None, "LoRA slots stacked (tests)", cli=False)
 
     def __post_init__(self) -> None:
+        for name in ("max_loras", "max_lora_rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise Qwen35Error(f"{name} must be an integer >= 1, got {v!r}")
         mods = self.lora_modules
         if mods is None:
             return
@@ -224,8 +235,6 @@ class LoraConfig:
             raise Qwen35Error(
                 'lora_modules must map names to adapter directories, e.g. {"sql": "/adapters/sql"}'
             )
-        if not isinstance(self.max_loras, int) or self.max_loras < 1:
-            raise Qwen35Error(f"max_loras must be an integer >= 1, got {self.max_loras!r}")
         if len(self.lora_modules) > self.max_loras:
             raise Qwen35Error(
                 f"{len(self.lora_modules)} adapters in lora_modules but max_loras is "

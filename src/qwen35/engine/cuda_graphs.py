@@ -65,6 +65,11 @@ class DecodeGraphs:
         self.context_lens = torch.zeros(B, dtype=torch.int32, device=dev)
         self.state_slots = torch.zeros(B, dtype=torch.long, device=dev)
         self.rows = torch.arange(B, device=dev)
+        # stacked LoRA adapters (layers/lora.py LoraSlots): each row's adapter slot, 0: none
+        step = getattr(model, "lora_step", None)
+        self.lora_slots = None
+        if step is not None and step.stacked:
+            self.lora_slots = torch.zeros(B, dtype=torch.long, device=dev)
         self._pad(0)
         self._real = 0  # rows 0.._real-1 may hold a step's data; rows from _real on are padding
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -83,6 +88,8 @@ class DecodeGraphs:
         self.block_tables[r] = self.pad_block
         self.context_lens[r] = 1
         self.state_slots[r] = self.pad_slot
+        if self.lora_slots is not None:
+            self.lora_slots[r] = 0
 
     def _batch(self, n: int) -> ForwardBatch:
         d = DecodeBatch(
@@ -101,6 +108,7 @@ class DecodeGraphs:
             prefill=[],
             decode=d,
             backend=self.backend,
+            lora_slots=None if self.lora_slots is None else self.lora_slots[:n],
         )
 
     @torch.inference_mode()
@@ -129,7 +137,8 @@ class DecodeGraphs:
         return (
             (bool(self.graphs) or self.eager)
             and not batch.prefill
-            and batch.lora is None  # adapters run eagerly (layers/lora.py)
+            and batch.lora is None  # per-adapter LoRA runs eagerly; stacked slots replay
+            and (batch.lora_slots is None or self.lora_slots is not None)
             and d is not None
             and d.all_rows
             and d.fresh_slots is None
@@ -150,6 +159,11 @@ class DecodeGraphs:
         self.block_tables[:n, : d.block_tables.shape[1]].copy_(d.block_tables)
         self.context_lens[:n].copy_(d.context_lens)
         self.state_slots[:n].copy_(d.state_slots)
+        if self.lora_slots is not None:
+            if batch.lora_slots is not None:
+                self.lora_slots[:n].copy_(batch.lora_slots)
+            else:
+                self.lora_slots[:n].zero_()
         if n < self._real:  # rows n.. held the data of a larger step: padding again (only
             self._pad(n, self._real)  # then: six small fills a step saved while n stays put)
         self._real = n

@@ -170,9 +170,11 @@ class ForwardBatch:
     mm_embeds: torch.Tensor | None = None
     # the step's token ids [T] when build() was given them (sent with the other index tensors)
     input_ids: torch.Tensor | None = None
-    # LoRA adapters (set by the runner, layers/lora.py): [(adapter id, its rows [n] int64, or
-    # None for every row)] of the rows that run with one; None when none does
+    # LoRA adapters (set by the runner, layers/lora.py): per adapter, [(adapter id, its rows
+    # [n] int64, or None for every row)] of the rows that run with one; stacked, each row's
+    # adapter slot [T] int64 (0: none); None when no row runs with one
     lora: list[tuple[int, torch.Tensor | None]] | None = None
+    lora_slots: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -240,7 +240,9 @@ class LLMEngine:
         if ec.lora.enabled:
             if not hasattr(self.model, "lora_step"):
                 raise Qwen35Error("this model cannot serve LoRA adapters per request")
-            self.loras = LoraAdapters(self.model, ec.lora.max_loras)
+            lc = ec.lora
+            stacked = self.device.type == "cuda" if lc.lora_stacked is None else lc.lora_stacked
+            self.loras = LoraAdapters(self.model, lc.max_loras, lc.max_lora_rank, stacked)
             for name, path in (ec.lora.lora_modules or {}).items():
                 lora = self.loras.add(name, path)
                 if verbose:
@@ -473,7 +475,7 @@ class LLMEngine:
                 if mm is not None:
                     seq.mm_items, seq.mrope, seq.rope_delta = mm.items, mm.mrope, mm.rope_delta
                 if adapter is not None:
-                    seq.lora_id, seq.cache_salt = adapter.id, adapter.cache_salt
+                    seq.lora_id, seq.cache_salt = adapter.key, adapter.cache_salt
                 if i == 0 and params.prompt_logprobs is not None:
                     seq.prompt_logprobs = []  # (the first sequence computes them for all n)
                 detok = IncrementalDetokenizer(

@@ -1,10 +1,12 @@
-"""The engine's LoRA adapters, served per request: name -> adapter id, loaded onto the model.
+"""The engine's LoRA adapters, served per request: name -> adapter, loaded onto the model.
 
 Each load gets a fresh id (never reused), so the prefix cache keys a sequence's blocks by the
 adapter that computed them (`cache_salt`): requests of one adapter share cached prefixes, never
 with the base model or another adapter, nor with an earlier adapter loaded under the same name.
 The weights are read and checked (every module a linear layer of the decoder, of the right
-shape) before anything is attached (layers/lora.py attach).
+shape) before anything is attached. Two modes (layers/lora.py): per adapter (CPUs: no rank
+limit, memory as loaded) or stacked (GPUs: max_loras x max_lora_rank slots allocated at start,
+counted in the weights before the caches are sized; capturable by CUDA graphs).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen35.errors import Qwen35Error
-from qwen35.layers.lora import attach, detach
+from qwen35.layers.lora import attach, attach_slot, detach, detach_slot, init_slots
 from qwen35.lora import LoraAdapter
 
 
@@ -22,9 +24,10 @@ from qwen35.lora import LoraAdapter
 class LoadedLora:
     name: str
     path: str
-    id: int
+    id: int  # unique per load
+    key: int  # what the model knows it by (Sequence.lora_id): its id, or its slot when stacked
     rank: int  # largest r of its modules
-    nbytes: int  # its A and B on the model's device
+    nbytes: int  # its A and B on the model's device (stacked: 0, the slots are preallocated)
 
     @property
     def cache_salt(self) -> str:
@@ -32,11 +35,12 @@ class LoadedLora:
 
 
 class LoraAdapters:
-    def __init__(self, model, max_loras: int):
+    def __init__(self, model, max_loras: int, max_rank: int = 16, stacked: bool = False):
         self.model = model
-        self.max_loras = max_loras
+        self.max_loras, self.max_rank, self.stacked = max_loras, max_rank, stacked
         self.loaded: dict[str, LoadedLora] = {}
         self._ids = itertools.count(1)  # 0: the base model
+        self.slot_bytes = init_slots(model, max_loras, max_rank) if stacked else 0
 
     def add(self, name: str, path: str | Path | LoraAdapter) -> LoadedLora:
         """path: a PEFT adapter directory, or one already read (LoraAdapter: the server reads
@@ -56,9 +60,15 @@ class LoraAdapters:
         # reads and checks the files (LoraError names what is wrong)
         adapter = path if isinstance(path, LoraAdapter) else LoraAdapter(path)
         aid = next(self._ids)
-        nbytes = attach(self.model, aid, adapter)
         rank = max(p.a.shape[0] for p in adapter.pairs.values())
-        lora = LoadedLora(name, str(adapter.path), aid, rank, nbytes)
+        if self.stacked:
+            used = {x.key for x in self.loaded.values()}
+            key = next(s for s in range(1, self.max_loras + 1) if s not in used)
+            attach_slot(self.model, key, adapter, self.max_rank)
+            nbytes = 0
+        else:
+            key, nbytes = aid, attach(self.model, aid, adapter)
+        lora = LoadedLora(name, str(adapter.path), aid, key, rank, nbytes)
         self.loaded[name] = lora
         return lora
 
@@ -66,7 +76,10 @@ class LoraAdapters:
         lora = self.loaded.pop(name, None)
         if lora is None:
             raise Qwen35Error(f"no LoRA adapter named {name!r} is loaded")
-        detach(self.model, lora.id)
+        if self.stacked:
+            detach_slot(self.model, lora.key)
+        else:
+            detach(self.model, lora.key)
 
     def get(self, name: str) -> LoadedLora:
         lora = self.loaded.get(name)
@@ -77,4 +90,5 @@ class LoraAdapters:
 
     @property
     def nbytes(self) -> int:
-        return sum(x.nbytes for x in self.loaded.values())
+        """Device memory the adapters hold (stacked: the slots allocated at start)."""
+        return self.slot_bytes + sum(x.nbytes for x in self.loaded.values())

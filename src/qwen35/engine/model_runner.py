@@ -276,7 +276,13 @@ class ModelRunner:
             phase_copies=copies,  # (after each phase but the last)
         )
         if lora_rows:
-            batch.lora = lora_groups(lora_rows, cu[-1], self.device)
+            if self.model.lora_step.stacked:  # each row's slot (layers/lora.py LoraSlots)
+                slot_of = np.zeros(cu[-1], dtype=np.int64)
+                for key, rows in lora_rows.items():
+                    slot_of[rows] = key
+                batch.lora_slots = torch.from_numpy(slot_of).to(self.device)
+            else:
+                batch.lora = lora_groups(lora_rows, cu[-1], self.device)
         return batch.input_ids, batch, sample_seqs
 
     def run_model(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

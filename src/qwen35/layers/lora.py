@@ -6,12 +6,17 @@ s = lora_alpha / r, folded into B at load). The base weights stay shared and unt
 batch mixes requests of several adapters and of the base model.
 
 `LoraStep` is one object per model, shared by every adapted linear: the model's forward sets
-its `groups` (adapter id -> its rows of the step, from the runner's ForwardBatch.lora) for the
-duration of a forward, so the linears need no extra argument. `LoraDelta` is a linear's
-adapters (id -> A, s*B), attached as `linear.lora`; layers/linear.py `Linear.forward` and
-`packed_linear` add it, and the CPU decode plan (models/cpu_decode.py) after the kernels it
-resolved. Steps with LoRA rows run no CUDA graph and no fused GPU MoE over the router / shared
-expert weights (those read the weights directly).
+it from the runner's ForwardBatch for the duration of a forward, so the linears need no extra
+argument. Two ways to hold the adapters, chosen per engine (engine/lora_adapters.py):
+- per adapter (CPUs): `LoraDelta` on each adapted linear (adapter id -> A, (s B)^T), the step's
+  rows grouped by adapter (`LoraStep.groups`); each group costs two products of its own rows.
+- stacked (GPUs): `LoraSlots` on every adaptable linear, max_loras x max_lora_rank rows
+  allocated at start, the step's adapter slot per row (`LoraStep.slots`): two dense products
+  over all slots, masked per row; capturable by CUDA graphs.
+layers/linear.py `Linear.forward` and `packed_linear` add them, and the CPU decode plan
+(models/cpu_decode.py) after the kernels it resolved. Steps with adapters run no fused GPU MoE
+over the router / shared expert weights (it reads those weights directly); per-adapter steps
+run no CUDA graph.
 """
 
 from __future__ import annotations
@@ -21,13 +26,17 @@ import torch.nn.functional as F
 
 
 class LoraStep:
-    """The current forward's rows per adapter: [(adapter id, rows [n] int64 or None for all
-    rows)], or None when no row of the step uses an adapter."""
+    """The current forward's rows per adapter. Per-adapter mode (LoraDelta): `groups`, [(adapter
+    id, rows [n] int64 or None for all rows)]; stacked mode (LoraSlots): `slots`, each row's
+    adapter slot [T] int64 (0: none), a device tensor a CUDA graph reads. None: no row uses an
+    adapter."""
 
-    __slots__ = ("groups",)
+    __slots__ = ("groups", "slots", "stacked")
 
     def __init__(self) -> None:
         self.groups: list[tuple[int, torch.Tensor | None]] | None = None
+        self.slots: torch.Tensor | None = None
+        self.stacked = False  # the model's adapters are LoraSlots (init_slots)
 
 
 class LoraDelta:
@@ -43,6 +52,15 @@ class LoraDelta:
     def __init__(self, step: LoraStep) -> None:
         self.step = step
         self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def active(self) -> bool:
+        groups = self.step.groups
+        return bool(groups) and any(aid in self.pairs for aid, _ in groups)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.pairs.values()))[0].dtype
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor, xf: torch.Tensor | None = None) -> None:
         """y [T, out] += the delta of each of the step's adapters on its rows of x [T, in]
@@ -65,32 +83,120 @@ class LoraDelta:
                 y.index_add_(0, rows, d.to(y.dtype))
 
 
+class LoraSlots:
+    """One linear layer's adapters stacked for a GPU: slot j (1 .. S) holds an adapter's A in
+    rows (j-1) R .. j R - 1 of `a` [S R, in] and its (s B)^T in those of `bt` [S R, out] (R:
+    max_lora_rank; smaller ranks and layers an adapter does not adapt are zero rows), in the
+    model's dtype, allocated once. A step is then two dense products whatever its adapters:
+    h = x A^T [T, S R], each row's h kept only in its own slot's columns, y += h Bt: no host
+    sync and static shapes, so CUDA graphs capture it (the slot of each row is a device tensor,
+    LoraStep.slots); loading an adapter writes its slot in place, which the graphs then read."""
+
+    __slots__ = ("step", "a", "bt", "col_slot", "rank")
+
+    def __init__(self, step: LoraStep, lin, num_slots: int, rank: int, dtype, device) -> None:
+        self.step, self.rank = step, rank
+        n = num_slots * rank
+        self.a = torch.zeros(n, lin.in_features, dtype=dtype, device=device)
+        self.bt = torch.zeros(n, lin.out_features, dtype=dtype, device=device)
+        # the slot each column of h belongs to: 1 .. S
+        self.col_slot = torch.arange(1, num_slots + 1, device=device).repeat_interleave(rank)
+
+    @property
+    def active(self) -> bool:
+        return self.step.slots is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return (self.a.numel() + self.bt.numel()) * self.a.element_size()
+
+    def add_to(self, x: torch.Tensor, y: torch.Tensor, xf: torch.Tensor | None = None) -> None:
+        slots = self.step.slots
+        if slots is None:
+            return
+        xf = x.to(self.a.dtype) if xf is None else xf
+        h = F.linear(xf, self.a)  # [T, S R]
+        h = h * (self.col_slot == slots[:, None])  # each row: its own adapter's columns only
+        y.add_(torch.mm(h, self.bt).to(y.dtype))
+
+    def write(self, slot: int, a: torch.Tensor | None, bt: torch.Tensor | None) -> None:
+        """Slot `slot`'s rows: A [r, in] and (s B)^T [r, out] (r <= R), or zeros (None)."""
+        rows = slice((slot - 1) * self.rank, slot * self.rank)
+        self.a[rows].zero_()
+        self.bt[rows].zero_()
+        if a is not None:
+            self.a[rows][: a.shape[0]].copy_(a)
+            self.bt[rows][: bt.shape[0]].copy_(bt)
+
+
 def add_lora(x: torch.Tensor, outs, linears) -> None:
     """The step's LoRA deltas of `linears` (those carrying adapters) added to their outputs
     `outs` of the input x (x converted to the adapters' dtype once for all of them)."""
     xf = None
     for lin, y in zip(linears, outs, strict=True):
         d = lin.lora
-        if d is not None and d.step.groups and d.pairs:
+        if d is not None and d.active:
             if xf is None:
-                xf = x.to(next(iter(d.pairs.values()))[0].dtype)
+                xf = x.to(d.dtype)
             d.add_to(x, y, xf)
 
 
 def adapted(*linears) -> bool:
     """True while the current step adds an adapter to any of these linears (their weights must
     then not be read directly by a fused kernel)."""
-    for lin in linears:
-        d = getattr(lin, "lora", None)
-        if d is not None and d.step.groups and any(aid in d.pairs for aid, _ in d.step.groups):
-            return True
-    return False
+    return any(getattr(lin, "lora", None) is not None and lin.lora.active for lin in linears)
 
 
-def attach(model, aid: int, adapter) -> int:
-    """Attach a checked PEFT adapter (qwen35/lora.py LoraAdapter) to the model's linear layers
-    under id `aid`; all or nothing: every module is matched before any is attached. Returns the
-    bytes its weights take on the model's device."""
+def adaptable(model):
+    """(name, module) of every linear layer an adapter may target: the decoder's."""
+    from qwen35.layers.linear import Linear
+
+    for name, mod in model.named_modules():
+        if name.startswith("model.layers.") and isinstance(mod, Linear):
+            yield name, mod
+
+
+def init_slots(model, num_slots: int, rank: int) -> int:
+    """Stacked mode (LoraSlots on every adaptable linear, all slots empty); returns the bytes
+    allocated."""
+    step = model.lora_step
+    step.stacked = True
+    dtype, device = model.dtype, model.device
+    total = 0
+    for _, mod in adaptable(model):
+        mod.lora = LoraSlots(step, mod, num_slots, rank, dtype, device)
+        total += mod.lora.nbytes
+    model._decode_plan = None
+    return total
+
+
+def attach_slot(model, slot: int, adapter, max_rank: int) -> None:
+    """Write a checked adapter into slot `slot` of every adaptable linear (zeros where it adapts
+    nothing); refused if its rank exceeds the slots'."""
+    from qwen35.lora import LoraError
+
+    pairs = dict(_matched(model, adapter))
+    r = max(p.a.shape[0] for p in pairs.values())
+    if r > max_rank:
+        raise LoraError(
+            f"the adapter's rank is {r} but this engine's LoRA slots hold rank {max_rank}: "
+            f"start it with --max-lora-rank {r} or more"
+        )
+    for _, mod in adaptable(model):
+        p = pairs.get(mod)
+        if p is None:
+            mod.lora.write(slot, None, None)
+        else:
+            mod.lora.write(slot, p.a.to(mod.lora.dtype), (p.b.float() * p.scale).t())
+
+
+def _matched(model, adapter):
+    """(module, pair) for every pair of the adapter; refuses (LoraError) any that is not an
+    adaptable linear of the right shape."""
     from qwen35.layers.linear import Linear
     from qwen35.lora import LoraError
 
@@ -115,6 +221,16 @@ def attach(model, aid: int, adapter) -> int:
                 f"{name} is [{want[0]}, {want[1]}]: an adapter for another model?"
             )
         plan.append((mod, p))
+    return plan
+
+
+def attach(model, aid: int, adapter) -> int:
+    """Attach a checked PEFT adapter (qwen35/lora.py LoraAdapter) to the model's linear layers
+    under id `aid`; all or nothing: every module is matched before any is attached. Returns the
+    bytes its weights take on the model's device."""
+    from qwen35.lora import LoraError
+
+    plan = _matched(model, adapter)
     device = model.device
     dtype = torch.float32 if device.type == "cpu" else model.dtype  # (LoraDelta)
     try:  # every tensor on the device first: running out of memory attaches nothing
@@ -136,6 +252,12 @@ def attach(model, aid: int, adapter) -> int:
         nbytes += a.numel() * a.element_size() + bt.numel() * bt.element_size()
     model._decode_plan = None  # models/cpu_decode.py binds each linear's adapters: rebuilt
     return nbytes
+
+
+def detach_slot(model, slot: int) -> None:
+    """Zero slot `slot` of every adaptable linear (stacked mode)."""
+    for _, mod in adaptable(model):
+        mod.lora.write(slot, None, None)
 
 
 def detach(model, aid: int) -> None:

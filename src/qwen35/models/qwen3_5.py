@@ -232,7 +232,8 @@ class Qwen35ForCausalLM(nn.Module):
             h.index_copy_(0, batch.mm_rows, batch.mm_embeds.to(h.dtype))
         cos, sin = self._cos_sin(batch, h.dtype)
         plan = self._cpu_decode_plan(batch, caches)
-        self.lora_step.groups = batch.lora  # the adapted linears read it (layers/lora.py)
+        step = self.lora_step  # the adapted linears read it (layers/lora.py)
+        step.groups, step.slots = batch.lora, batch.lora_slots
         try:
             if plan is not None:  # a pure decode step on a CPU: the layers as one kernel list
                 delta = plan.run(h, cos, sin, batch, caches)
@@ -241,7 +242,7 @@ class Qwen35ForCausalLM(nn.Module):
                 for layer in self.model.layers:
                     delta = layer(h, delta, cos, sin, batch, caches)
         finally:
-            self.lora_step.groups = None
+            step.groups = step.slots = None
         if delta is not None:
             h.add_(delta)
         if batch.state_copies:
