@@ -280,6 +280,25 @@ def test_prefix_cache_is_kept_per_adapter(ckpt):
     assert run.cached == [0]
 
 
+def test_adapter_by_hub_id_from_the_local_cache(ckpt, tmp_path, monkeypatch):
+    """A Hub id resolves as model ids do: the Hugging Face cache first (offline here)."""
+    import shutil
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "hf" / "hub" / "models--test-org--sql-lora"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    shutil.copytree(ckpt["dir"] / "a", repo / "snapshots" / "0123abcd")
+    model = load(ckpt)
+    key = LoraAdapters(model, 2).add("sql", "test-org/sql-lora").key
+    torch.testing.assert_close(mixed_forward(model, {"sql": key})["sql"], ckpt["want"]["a"],
+                               rtol=0, atol=1e-4)  # fmt: skip
+    with pytest.raises(LoraError, match="local adapter directory"):
+        LoraAdapters(model, 2).add("x", "test-org/not-cached")
+
+
 def test_speculative_decoding_with_an_adapter(tmp_path):
     """Drafts come from the base model's MTP head; the adapter's verification decides: the
     same tokens as without drafts."""
@@ -366,6 +385,8 @@ def test_refusals(ckpt, tmp_path, monkeypatch):
     [
         ({"lora_modules": ["noequals"]}, "NAME=PATH"),
         ({"lora_modules": ["a=/x", "a=/y"]}, "twice"),
+        ({"lora_modules": ['{"name": "a"}']}, '"name" and "path"'),
+        ({"lora_modules": ["{broken"]}, "not valid JSON"),
         ({"lora_modules": {"a": "/x", "b": "/y"}, "max_loras": 1}, "max-loras"),
         ({"enable_lora": True, "tensor_parallel_size": 2}, "one rank"),
     ],
@@ -384,9 +405,10 @@ def test_cli_flags():
 
     p = argparse.ArgumentParser()
     EngineConfig.add_cli_arguments(p)
-    args = p.parse_args(["--model", "m", "--lora-modules", "sql=/ad/sql", "chat=/ad/chat",
+    args = p.parse_args(["--model", "m", "--lora-modules", "sql=/ad/sql",
+                         '{"name": "chat", "path": "org/chat-lora", "base_model_name": "m"}',
                          "--max-loras", "3"])  # fmt: skip
     cfg = EngineConfig.from_cli(args)
-    assert cfg.lora.lora_modules == {"sql": "/ad/sql", "chat": "/ad/chat"}
+    assert cfg.lora.lora_modules == {"sql": "/ad/sql", "chat": "org/chat-lora"}
     assert cfg.lora.max_loras == 3 and cfg.lora.enabled
     assert cfg.replace(seed=1).lora.lora_modules == cfg.lora.lora_modules

@@ -63,7 +63,7 @@ class LoraAdapter:
     """A PEFT LoRA adapter, checked; `delta_for(key, weight)` merges into one base weight."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser()
+        self.path = _adapter_dir(path)
         cfg = self._config()
         self.pairs: dict[str, _Pair] = {}  # normal base key -> its pair
         self.used: set[str] = set()
@@ -159,6 +159,25 @@ class LoraAdapter:
 
     def unused(self) -> list[str]:
         return [p.module for k, p in self.pairs.items() if k not in self.used]
+
+
+def _adapter_dir(source: str | Path) -> Path:
+    """A local adapter directory, or a Hub id's snapshot (the Hugging Face cache first, as
+    model ids are resolved: loader.py)."""
+    path = Path(source).expanduser()
+    text = str(source)
+    if path.exists() or text.startswith((".", "~", "/")):
+        return path
+    from qwen35.loader import _HUB_ID, _from_hub
+
+    if not _HUB_ID.match(text):
+        return path
+    from qwen35.weights import CheckpointError
+
+    try:
+        return _from_hub(text)
+    except CheckpointError as e:
+        raise LoraError(str(e).replace("local model directory", "local adapter directory")) from None
 
 
 def _alpha(cfg: dict, module: str) -> float:

@@ -48,7 +48,9 @@ def lora_name(args: argparse.Namespace) -> str | None:
 
 
 def _lora_names(args: argparse.Namespace) -> set[str]:
-    return {item.partition("=")[0].strip() for item in getattr(args, "lora_modules", None) or []}
+    from qwen35.engine.config import parse_lora_module
+
+    return {parse_lora_module(item)[0] for item in getattr(args, "lora_modules", None) or []}
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -219,15 +219,10 @@ class LoraConfig:
         if isinstance(mods, (list, tuple)):
             pairs = {}
             for item in mods:
-                name, eq, path = str(item).partition("=")
-                if not eq or not name.strip() or not path.strip():
-                    raise Qwen35Error(
-                        f"--lora-modules takes NAME=PATH items (e.g. sql=/adapters/sql), got "
-                        f"{item!r}"
-                    )
-                if name.strip() in pairs:
-                    raise Qwen35Error(f"--lora-modules names {name.strip()!r} twice")
-                pairs[name.strip()] = path.strip()
+                name, path = parse_lora_module(item)
+                if name in pairs:
+                    raise Qwen35Error(f"--lora-modules names {name!r} twice")
+                pairs[name] = path
             object.__setattr__(self, "lora_modules", pairs)
         elif not isinstance(mods, dict) or not all(
             isinstance(k, str) and k and isinstance(v, str) and v for k, v in mods.items()
@@ -244,6 +239,33 @@ class LoraConfig:
     @property
     def enabled(self) -> bool:
         return self.enable_lora or bool(self.lora_modules)
+
+
+def parse_lora_module(item) -> tuple[str, str]:
+    """One --lora-modules item: NAME=PATH, or vLLM's JSON {"name": ..., "path": ...}."""
+    text = str(item).strip()
+    if text.startswith("{"):
+        import json
+
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise Qwen35Error(f"--lora-modules item {text!r} is not valid JSON ({e})") from None
+        name, path = (d.get("name"), d.get("path")) if isinstance(d, dict) else (None, None)
+        if not isinstance(name, str) or not isinstance(path, str):
+            raise Qwen35Error(
+                f'--lora-modules JSON items need "name" and "path" strings, got {text!r}'
+            )
+    else:
+        name, eq, path = text.partition("=")
+        if not eq:
+            name = ""
+    if not name.strip() or not path.strip():
+        raise Qwen35Error(
+            f"--lora-modules takes NAME=PATH items (e.g. sql=/adapters/sql, or a Hub id for "
+            f'PATH) or JSON {{"name": ..., "path": ...}}, got {item!r}'
+        )
+    return name.strip(), path.strip()
 
 
 _PARTS = {

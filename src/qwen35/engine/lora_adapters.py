@@ -20,6 +20,10 @@ from qwen35.layers.lora import attach, attach_slot, detach, detach_slot, init_sl
 from qwen35.lora import LoraAdapter
 
 
+# adapter ids, unique in the process (engines may share one loaded model); 0: the base model
+_IDS = itertools.count(1)
+
+
 @dataclass(frozen=True)
 class LoadedLora:
     name: str
@@ -39,7 +43,6 @@ class LoraAdapters:
         self.model = model
         self.max_loras, self.max_rank, self.stacked = max_loras, max_rank, stacked
         self.loaded: dict[str, LoadedLora] = {}
-        self._ids = itertools.count(1)  # 0: the base model
         self.slot_bytes = init_slots(model, max_loras, max_rank) if stacked else 0
 
     def add(self, name: str, path: str | Path | LoraAdapter) -> LoadedLora:
@@ -59,7 +62,7 @@ class LoraAdapters:
             )
         # reads and checks the files (LoraError names what is wrong)
         adapter = path if isinstance(path, LoraAdapter) else LoraAdapter(path)
-        aid = next(self._ids)
+        aid = next(_IDS)
         rank = max(p.a.shape[0] for p in adapter.pairs.values())
         if self.stacked:
             used = {x.key for x in self.loaded.values()}
