@@ -19,7 +19,6 @@ from qwen35.errors import Qwen35Error
 from qwen35.layers.lora import attach, attach_slot, detach, detach_slot, init_slots
 from qwen35.lora import LoraAdapter
 
-
 # adapter ids, unique in the process (engines may share one loaded model); 0: the base model
 _IDS = itertools.count(1)
 
