@@ -312,6 +312,29 @@ def test_speculative_decoding_with_an_adapter(tmp_path):
         assert run(spec, prompts, 16) == want, k
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["per-adapter", "stacked"])
+def test_tensor_parallel_ranks_shard_the_adapters(ckpt, stacked):
+    """2 ranks (a spawned worker): each holds its part of every adapter (column-parallel
+    projections: B's rows, row-parallel: A's columns, summed by the layer's all-reduce); the
+    tokens equal one process's, for adapters given at start and loaded / unloaded at run time."""
+    d = ckpt["dir"]
+    reqs = [(IDS, None), (IDS, "a"), ([7, 3, 99, 12, 5], "b"), ([4, 4, 8], "a")]
+    kw = dict(lora_modules={"a": str(d / "a")}, enable_lora=True, max_lora_rank=8,
+              lora_stacked=stacked)  # fmt: skip
+    one = engine(d / "base", **kw)
+    one.add_lora("b", d / "b")
+    want = run(one, reqs)
+    tp = engine(d / "base", tensor_parallel_size=2, **kw)
+    try:
+        tp.add_lora("b", d / "b")
+        assert run(tp, reqs) == want
+        tp.remove_lora("a")
+        tp.add_lora("a", d / "a")  # (stacked: back into slot 1, freed just before)
+        assert run(tp, reqs) == want
+    finally:
+        tp.shutdown()
+
+
 def _adapter(path, tensors: dict, **cfg):
     from safetensors.torch import save_file
 
@@ -388,7 +411,7 @@ def test_refusals(ckpt, tmp_path, monkeypatch):
         ({"lora_modules": ['{"name": "a"}']}, '"name" and "path"'),
         ({"lora_modules": ["{broken"]}, "not valid JSON"),
         ({"lora_modules": {"a": "/x", "b": "/y"}, "max_loras": 1}, "max-loras"),
-        ({"enable_lora": True, "tensor_parallel_size": 2}, "one rank"),
+        ({"max_lora_rank": 0}, "max_lora_rank must be"),
     ],
 )
 def test_config_refusals(opts, match):

@@ -350,11 +350,6 @@ class EngineConfig:
                 "speculative decoding (num_speculative_tokens) runs on one rank: drop it or "
                 "tensor_parallel_size"
             )
-        if self.lora.enabled and p.tensor_parallel_size > 1:
-            raise Qwen35Error(
-                "LoRA adapters (lora_modules / enable_lora) run on one rank: drop them or "
-                "tensor_parallel_size (or merge the adapter: qwen35 quantize --lora)"
-            )
         if self.load.yarn is not None:
             check_yarn_factor(self.load.yarn)
         if self.device.threads is not None and self.device.threads < 1:

@@ -240,9 +240,16 @@ class LLMEngine:
         if ec.lora.enabled:
             if not hasattr(self.model, "lora_step"):
                 raise Qwen35Error("this model cannot serve LoRA adapters per request")
-            lc = ec.lora
-            stacked = self.device.type == "cuda" if lc.lora_stacked is None else lc.lora_stacked
-            self.loras = LoraAdapters(self.model, lc.max_loras, lc.max_lora_rank, stacked)
+            from qwen35.parallel.setup import lora_layout
+
+            stacked, max_loras, max_rank = lora_layout(ec, self.device)
+            send = None
+            if self.workers is not None:  # each change to the other ranks (after rank 0's)
+                from qwen35.parallel.group import broadcast
+
+                w = self.workers
+                send = lambda msg: w.guard(broadcast, w.control, msg)  # noqa: E731
+            self.loras = LoraAdapters(self.model, max_loras, max_rank, stacked, send)
             for name, path in (ec.lora.lora_modules or {}).items():
                 lora = self.loras.add(name, path)
                 if verbose:

@@ -38,9 +38,13 @@ class LoadedLora:
 
 
 class LoraAdapters:
-    def __init__(self, model, max_loras: int, max_rank: int = 16, stacked: bool = False):
+    def __init__(self, model, max_loras: int, max_rank: int = 16, stacked: bool = False,
+                 send=None):  # fmt: skip
+        """send: under tensor parallelism, fn(message) that gives each change to the other
+        ranks (parallel/worker.py apply_lora), after it worked here."""
         self.model = model
         self.max_loras, self.max_rank, self.stacked = max_loras, max_rank, stacked
+        self.send = send
         self.loaded: dict[str, LoadedLora] = {}
         self.slot_bytes = init_slots(model, max_loras, max_rank) if stacked else 0
 
@@ -70,6 +74,8 @@ class LoraAdapters:
             nbytes = 0
         else:
             key, nbytes = aid, attach(self.model, aid, adapter)
+        if self.send is not None:
+            self.send(("lora", "add", key, adapter, self.stacked, self.max_rank))
         lora = LoadedLora(name, str(adapter.path), aid, key, rank, nbytes)
         self.loaded[name] = lora
         return lora
@@ -82,6 +88,8 @@ class LoraAdapters:
             detach_slot(self.model, lora.key)
         else:
             detach(self.model, lora.key)
+        if self.send is not None:
+            self.send(("lora", "remove", lora.key, self.stacked))
 
     def get(self, name: str) -> LoadedLora:
         lora = self.loaded.get(name)

@@ -179,27 +179,29 @@ def attach_slot(model, slot: int, adapter, max_rank: int) -> None:
     nothing); refused if its rank exceeds the slots'."""
     from qwen35.lora import LoraError
 
-    pairs = dict(_matched(model, adapter))
-    r = max(p.a.shape[0] for p in pairs.values())
+    pairs = {mod: (a, bt) for mod, a, bt in _matched(model, adapter)}
+    r = max(a.shape[0] for a, _ in pairs.values())
     if r > max_rank:
         raise LoraError(
             f"the adapter's rank is {r} but this engine's LoRA slots hold rank {max_rank}: "
             f"start it with --max-lora-rank {r} or more"
         )
     for _, mod in adaptable(model):
-        p = pairs.get(mod)
-        if p is None:
-            mod.lora.write(slot, None, None)
-        else:
-            mod.lora.write(slot, p.a.to(mod.lora.dtype), (p.b.float() * p.scale).t())
+        a, bt = pairs.get(mod, (None, None))
+        mod.lora.write(slot, a, bt)
 
 
 def _matched(model, adapter):
-    """(module, pair) for every pair of the adapter; refuses (LoraError) any that is not an
+    """(module, A [r, in], (s B)^T [r, out]) in fp32 for every pair of the adapter, this
+    tensor-parallel rank's part of them (parallel/shard.py's rule of the module's weight:
+    output rows split -> B's rows, input columns split -> A's columns, whose partial products
+    the layer's all-reduce sums with its own); refuses (LoraError) any pair that is not an
     adaptable linear of the right shape."""
     from qwen35.layers.linear import Linear
     from qwen35.lora import LoraError
+    from qwen35.parallel.shard import shard_rule
 
+    tp = model.tp
     plan = []
     for key, p in adapter.pairs.items():
         name = key.removesuffix(".weight")
@@ -214,13 +216,22 @@ def _matched(model, adapter):
                 "shared expert): an adapter for another model, or one on the vision tower / "
                 "lm_head / experts; merge it instead: qwen35 quantize --lora"
             )
+        a, b = p.a.float(), p.b.float() * p.scale
+        full = (b.shape[0], a.shape[1])
+        rule = shard_rule(key, full, model.config, tp.rank, tp.size, tp.expert_parallel)
+        if rule is not None and all(s + n <= full[rule.dim] for s, n in rule.pieces):
+            if rule.dim == 0:
+                b = torch.cat([b[s : s + n] for s, n in rule.pieces])
+            else:
+                a = torch.cat([a[:, s : s + n] for s, n in rule.pieces], dim=1)
         want = (mod.out_features, mod.in_features)
-        if (p.b.shape[0], p.a.shape[1]) != want:
+        if (b.shape[0], a.shape[1]) != want:
+            shown = f"[{want[0]}, {want[1]}]" + (f" (rank {tp.rank} of {tp.size})" if tp.size > 1 else "")
             raise LoraError(
-                f"the adapter's {p.module} is [{p.b.shape[0]}, {p.a.shape[1]}] but the model's "
-                f"{name} is [{want[0]}, {want[1]}]: an adapter for another model?"
+                f"the adapter's {p.module} is [{full[0]}, {full[1]}] but the model's {name} is "
+                f"{shown}: an adapter for another model?"
             )
-        plan.append((mod, p))
+        plan.append((mod, a, b.t()))
     return plan
 
 
@@ -235,9 +246,9 @@ def attach(model, aid: int, adapter) -> int:
     dtype = torch.float32 if device.type == "cpu" else model.dtype  # (LoraDelta)
     try:  # every tensor on the device first: running out of memory attaches nothing
         weights = [
-            (mod, p.a.to(device=device, dtype=dtype).contiguous(),
-             (p.b.float() * p.scale).t().contiguous().to(device=device, dtype=dtype))
-            for mod, p in plan
+            (mod, a.to(device=device, dtype=dtype).contiguous(),
+             bt.contiguous().to(device=device, dtype=dtype))
+            for mod, a, bt in plan
         ]  # fmt: skip
     except torch.OutOfMemoryError:
         raise LoraError(

@@ -51,6 +51,8 @@ def start(ec, model: str, dtype: torch.dtype) -> tuple[WorkerGroup, TensorParall
         "expert_parallel": ep,
         "threads": cpu_threads(ec.device.threads, size) if device.type == "cpu" else None,
         "timeout": ec.parallel.distributed_timeout,
+        # LoRA adapters (engine/lora_adapters.py): whether stacked, and the slots; None: off
+        "lora": lora_layout(ec, device) if ec.lora.enabled else None,
     }
     env = torchrun_env()
     if env is not None and env[0] != 0:
@@ -62,6 +64,13 @@ def start(ec, model: str, dtype: torch.dtype) -> tuple[WorkerGroup, TensorParall
     group.start()
     local = env[2] if env is not None else 0
     return group, TensorParallel(0, size, ep), rank_device(ec.device.device, local)
+
+
+def lora_layout(ec, device: torch.device) -> tuple[bool, int, int]:
+    """(stacked, max_loras, max_lora_rank) of the engine's LoRA adapters (layers/lora.py)."""
+    lc = ec.lora
+    stacked = device.type == "cuda" if lc.lora_stacked is None else lc.lora_stacked
+    return stacked, lc.max_loras, lc.max_lora_rank
 
 
 def share_caches(group: WorkerGroup, **sizes) -> None:

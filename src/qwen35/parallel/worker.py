@@ -74,7 +74,14 @@ def run_worker(
             from qwen35 import kernels
 
             kernels.load()
+        if args.get("lora") is not None and args["lora"][0]:  # stacked LoRA slots
+            from qwen35.layers.lora import init_slots
+
+            init_slots(model, *args["lora"][1:])
         msg = broadcast(control)
+        while msg[0] == "lora":  # the adapters rank 0 loads before the caches
+            apply_lora(model, msg)
+            msg = broadcast(control)
         if msg[0] == "stop":
             return
         caches = allocate_caches(model.config, device=device, tp=size, **msg[1])
@@ -94,6 +101,9 @@ def _loop(model, caches, control, device) -> None:
         msg = broadcast(control)
         if msg[0] == "stop":
             return
+        if msg[0] == "lora":
+            apply_lora(model, msg)
+            continue
         _, restores, input_ids, batch = msg
         for src, dst in restores:  # prefix-cache state restores, in the order rank 0 did them
             for conv, rec in zip(caches.conv, caches.recurrent, strict=False):
@@ -104,16 +114,32 @@ def _loop(model, caches, control, device) -> None:
             model(input_ids.to(device), batch, caches)
 
 
+def apply_lora(model, msg) -> None:
+    """rank 0's LoRA change on this rank's shard: ("lora", "add", key, adapter, stacked,
+    max_rank) or ("lora", "remove", key, stacked) (engine/lora_adapters.py)."""
+    from qwen35.layers import lora
+
+    if msg[1] == "add":
+        _, _, key, adapter, stacked, max_rank = msg
+        if stacked:
+            lora.attach_slot(model, key, adapter, max_rank)
+        else:
+            lora.attach(model, key, adapter)
+    else:
+        _, _, key, stacked = msg
+        (lora.detach_slot if stacked else lora.detach)(model, key)
+
+
 def to_device(batch, device):
     """A ForwardBatch with its tensors on `device` (a no-op for CPU tensors on the CPU)."""
-    return dataclasses.replace(
-        batch,
-        **{
-            f.name: getattr(batch, f.name).to(device)
-            for f in dataclasses.fields(batch)
-            if isinstance(getattr(batch, f.name), torch.Tensor)
-        },
-    )
+    moved = {
+        f.name: getattr(batch, f.name).to(device)
+        for f in dataclasses.fields(batch)
+        if isinstance(getattr(batch, f.name), torch.Tensor)
+    }
+    if batch.lora is not None:  # [(adapter id, rows or None)]
+        moved["lora"] = [(k, None if r is None else r.to(device)) for k, r in batch.lora]
+    return dataclasses.replace(batch, **moved)
 
 
 def rank_memory(model, caches, rank: int) -> dict:
