@@ -435,3 +435,36 @@ def test_cli_flags():
     assert cfg.lora.lora_modules == {"sql": "/ad/sql", "chat": "org/chat-lora"}
     assert cfg.lora.max_loras == 3 and cfg.lora.enabled
     assert cfg.replace(seed=1).lora.lora_modules == cfg.lora.lora_modules
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_planner_counts_the_engines_lora_slots(ckpt, tp):
+    """`qwen35 plan --max-loras N --max-lora-rank R`: the bytes the engine's stacked slots take on
+    one GPU (layers/lora.py init_slots), per tensor-parallel rank too."""
+    from qwen35.config import ModelConfig
+    from qwen35.parallel.context import TensorParallel
+    from qwen35.plan.sharding import lora_slot_bytes
+
+    model = load(ckpt, tp=TensorParallel(0, tp))
+    got = LoraAdapters(model, 3, max_rank=8, stacked=True).slot_bytes
+    cfg = ModelConfig.from_hf(json.loads((ckpt["dir"] / "base" / "config.json").read_text()))
+    want = lora_slot_bytes(cfg, 3, 8, tp=tp)  # bf16 on a GPU; this fp32 model: twice that
+    assert got == 2 * want and want > 0
+
+
+def test_plan_cli_with_lora_slots(capsys):
+    from qwen35.cli import main
+
+    base = ["plan", "--model", "9B", "--gpu", "H100", "--context", "32K", "--json"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*base, "--max-loras", "8", "--max-lora-rank", "64"]) == 0
+    lora = json.loads(capsys.readouterr().out)
+    assert lora["request"]["max_loras"] == 8
+
+    def bf16(out):
+        return out["models"][0]["fits"]["bf16"]
+
+    grown = bf16(lora)["weights_bytes_per_gpu"] - bf16(plain)["weights_bytes_per_gpu"]
+    assert 0.5e9 < grown < 5e9  # ~0.27 GB a rank-16 adapter on every projection: 8 x rank 64
+    assert bf16(lora)["max_concurrency"] <= bf16(plain)["max_concurrency"]

@@ -137,6 +137,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "replica)",
     )
     p.add_argument(
+        "--max-loras",
+        type=int,
+        default=0,
+        metavar="N",
+        help="plan for N LoRA adapters served per request (as `qwen35 serve --enable-lora "
+        "--max-loras N` allocates on a GPU: N x --max-lora-rank rows on every decoder linear)",
+    )
+    p.add_argument("--max-lora-rank", type=int, default=16, metavar="R",
+                   help="with --max-loras: the largest adapter rank (default 16)")  # fmt: skip
+    p.add_argument(
         "--image",
         action="append",
         type=plan_vision.image_size,
@@ -244,6 +254,7 @@ def _fits(cfg: ModelConfig, dtypes: list[str], gpu, args) -> dict:
                 text_only=args.text_only,
                 chunk_tokens=args.chunk,
                 speculative_tokens=args.num_speculative_tokens,
+                lora_slots=(args.max_loras, args.max_lora_rank),
             )
         except LayoutError as e:
             out[d] = str(e)
@@ -380,6 +391,8 @@ def to_json(rows: list[Row], gpu, args, common: list[tuple] | None = None) -> di
             "chunk": args.chunk,
             "text_only": args.text_only,
             "num_speculative_tokens": args.num_speculative_tokens,
+            "max_loras": args.max_loras,
+            "max_lora_rank": args.max_lora_rank,
         },
         "gpu": gpu.to_json() if gpu else None,
         "models": models,
@@ -394,6 +407,8 @@ def to_json(rows: list[Row], gpu, args, common: list[tuple] | None = None) -> di
 
 
 def run(args) -> int:
+    if args.max_loras < 0 or args.max_lora_rank < 1:
+        raise PlanError("--max-loras must be >= 0 and --max-lora-rank >= 1")
     if args.cpu_bandwidth is not None and not args.cpu_bandwidth > 0:
         raise PlanError(f"--cpu-bandwidth must be a positive GB/s, got {args.cpu_bandwidth:g}")
     if args.dtype in ("int8", "int4"):

@@ -36,6 +36,7 @@ from qwen35.plan.sharding import (
     LayoutError,
     RankWeights,
     layout_problems,
+    lora_slot_bytes,
     rank_weights,
     validate_layout,
 )
@@ -131,6 +132,7 @@ class Deployment:
     text_only: bool = False
     chunk_tokens: int = DEFAULT_PREFILL_CHUNK
     speculative_tokens: int = 0  # MTP drafts per step (`--num-speculative-tokens`)
+    lora_slots: tuple[int, int] = (0, 0)  # LoRA adapters per request: (max_loras, max_lora_rank)
 
     @property
     def num_gpus(self) -> int:
@@ -142,8 +144,11 @@ class Deployment:
 
     @cached_property
     def rank_weights(self) -> RankWeights:
-        """What one GPU holds (validates the layout: raises LayoutError)."""
-        return rank_weights(self.cfg, self.dtype, self.tp, self.ep_size, self.text_only)
+        """What one GPU holds (validates the layout: raises LayoutError); LoRA slots are read
+        in full every step (dense)."""
+        w = rank_weights(self.cfg, self.dtype, self.tp, self.ep_size, self.text_only)
+        lora = lora_slot_bytes(self.cfg, *self.lora_slots, tp=self.tp)
+        return RankWeights(w.dense + lora, w.experts, w.embedding, w.idle)
 
     @cached_property
     def rank_params(self) -> RankWeights:
@@ -329,11 +334,13 @@ def plan_fit(
     text_only: bool = False,
     chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
     speculative_tokens: int = 0,
+    lora_slots: tuple[int, int] = (0, 0),
 ) -> Fit:
     """Fit one model and dtype on `num_gpus` GPUs. Without `tp`, the smallest tensor-parallel
     size (dividing num_gpus, a valid layout) at which it fits; the other GPUs are replicas.
     Raises LayoutError when no layout is possible (or the given `tp` is impossible).
-    `speculative_tokens`: MTP drafts (the engine runs them at tp=1: replicas only)."""
+    `speculative_tokens`: MTP drafts (the engine runs them at tp=1: replicas only).
+    `lora_slots`: (max_loras, max_lora_rank) of LoRA adapters served per request."""
     check_request(cfg, dtype, num_gpus, tp, context, batch)
     ep_size = num_gpus if ep and cfg.is_moe else 1
     check_speculative(cfg, speculative_tokens, tp, text_only, ep_size)
@@ -352,7 +359,7 @@ def plan_fit(
     for t in sizes:
         dep = Deployment(
             cfg, dtype, kv_dtype, state_dtype, t, num_gpus // t, ep, text_only, chunk_tokens,
-            speculative_tokens,
+            speculative_tokens, lora_slots,
         )  # fmt: skip
         best = fit(dep, gpu, context, batch)
         if best.fits:

@@ -187,3 +187,18 @@ def rank_weights(
         )
         acc[kind] += n
     return RankWeights(**acc)
+
+
+def lora_slot_bytes(cfg: ModelConfig, max_loras: int, max_rank: int, tp: int = 1) -> int:
+    """What one GPU holds for LoRA adapters served per request (`--enable-lora` / `--lora-modules`:
+    layers/lora.py LoraSlots): every linear layer of the decoder (the 2-D weights of its layers
+    but the routed experts) gets max_loras x max_rank rows of A [., in] and B^T [., out] of
+    this rank's in / out, in bf16."""
+    if not max_loras:
+        return 0
+    total = 0
+    for t in weight_tensors(cfg, text_only=True):
+        if ".layers." in t.name and len(t.shape) == 2 and not t.expert and t.part == "text":
+            out, inp = shard_shape(t, cfg, tp)
+            total += t.count * max_loras * max_rank * (out + inp) * 2
+    return total

@@ -354,6 +354,7 @@ def _model_detail(con: Console, row, args) -> None:
             text_only=args.text_only,
             chunk_tokens=args.chunk,
             speculative_tokens=args.num_speculative_tokens,
+            lora_slots=(args.max_loras, args.max_lora_rank),
         )
         for d in row.dtypes
     }
@@ -371,6 +372,14 @@ def _model_detail(con: Console, row, args) -> None:
         f"{gib(working_memory_bytes(cfg, args.chunk, 1, tp=tp))} GiB; runtime overhead "
         f"{gib(runtime_overhead_bytes(tp))} GiB."
     )
+    if args.max_loras:
+        from qwen35.plan.sharding import lora_slot_bytes
+
+        slots = lora_slot_bytes(cfg, args.max_loras, args.max_lora_rank, tp=tp)
+        con.print(
+            f"LoRA adapters per request: {args.max_loras} slots of rank {args.max_lora_rank} on "
+            f"every decoder linear, {gib(slots)} GiB per GPU (in the weights below)."
+        )
     spread = f" ({args.batch} over {dp} replicas)" if dp > 1 else ""
     _header(con, f"GiB per GPU for {batch} sequence(s){spread}, tp={tp}")
     m = Table(box=box.SIMPLE_HEAD, pad_edge=False)
