@@ -33,7 +33,8 @@ FIELDS = [
     "response_format", "parallel_tool_calls", "logit_bias", "best_of", "prompt", "messages",
     "prompt_logprobs", "tokens", "add_special_tokens", "return_token_strs", "input",
     "instructions", "max_output_tokens", "text", "reasoning", "previous_response_id",
-    "lora_name", "lora_path", "unknown_field",
+    "lora_name", "lora_path", "allowed_token_ids", "bad_words", "truncate_prompt_tokens",
+    "unknown_field",
 ]  # fmt: skip
 
 

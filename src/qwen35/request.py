@@ -18,6 +18,8 @@ from qwen35.errors import Qwen35Error
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 MAX_LOGIT_BIAS = 1024  # entries; each costs every decode step of its row
+MAX_ALLOWED_TOKENS = 1 << 17  # allowed_token_ids entries
+MAX_BAD_WORDS = 1024  # bad_words entries; each is matched against the output every step
 
 
 class SamplingParamsError(Qwen35Error, ValueError):
@@ -113,6 +115,15 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100] (OpenAI)
     structured_outputs: StructuredOutputs | None = None  # constrained decoding
+    # vLLM's: sample only among these token ids (e.g. a classifier's label tokens)
+    allowed_token_ids: list[int] | None = None
+    # vLLM's: words never generated: a word's last token is banned where the output ends in
+    # the tokens before it (each word with and without a leading space; the engine tokenizes
+    # them into bad_words_token_ids)
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None
+    # vLLM's: keep only the prompt's last N tokens (a prompt longer than the context is cut)
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -184,6 +195,30 @@ class SamplingParams:
             raise bad("stop_token_ids must be a list of non-negative integers", "stop_token_ids")
         if self.logit_bias is not None:
             self._validate_logit_bias()
+        integer("truncate_prompt_tokens", 1, none_ok=True)
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, list) or not ids or any(not _is_int(t) or t < 0 for t in ids):
+                raise bad("allowed_token_ids must be a non-empty list of token ids (integers "
+                          ">= 0)", "allowed_token_ids")  # fmt: skip
+            if len(ids) > MAX_ALLOWED_TOKENS:
+                raise bad(f"allowed_token_ids has {len(ids)} entries; at most "
+                          f"{MAX_ALLOWED_TOKENS} are allowed", "allowed_token_ids")  # fmt: skip
+        if self.bad_words is not None:
+            words = self.bad_words
+            if not isinstance(words, list) or any(
+                not isinstance(w, str) or not w.strip() for w in words
+            ):
+                raise bad("bad_words must be a list of non-empty strings", "bad_words")
+            if len(words) > MAX_BAD_WORDS:
+                raise bad(f"bad_words has {len(words)} entries; at most {MAX_BAD_WORDS} are "
+                          "allowed", "bad_words")  # fmt: skip
+        bw = self.bad_words_token_ids
+        if bw is not None and (not isinstance(bw, list) or any(
+            not isinstance(w, list) or not w or any(not _is_int(t) or t < 0 for t in w) for w in bw
+        )):  # fmt: skip
+            raise bad("bad_words_token_ids must be a list of non-empty lists of token ids",
+                      "bad_words_token_ids")  # fmt: skip
         if isinstance(self.structured_outputs, dict):  # the vLLM dict form
             try:
                 self.structured_outputs = StructuredOutputs(**self.structured_outputs)
@@ -221,6 +256,19 @@ class SamplingParams:
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids the request names must exist in the model's vocabulary."""
+        words = self.bad_words_token_ids or ()
+        bad = [t for w in words for t in w if t >= vocab_size]
+        if bad:
+            raise SamplingParamsError(
+                f"bad_words_token_ids names token {bad[0]}, outside the vocabulary of "
+                f"{vocab_size}", "bad_words_token_ids",
+            )  # fmt: skip
+        bad = [t for t in self.allowed_token_ids or () if t >= vocab_size]
+        if bad:
+            raise SamplingParamsError(
+                f"allowed_token_ids names token {bad[0]}, outside the vocabulary of {vocab_size}",
+                "allowed_token_ids",
+            )
         for tok in self.logit_bias or {}:
             if tok >= vocab_size:
                 raise SamplingParamsError(

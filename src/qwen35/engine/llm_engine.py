@@ -438,10 +438,19 @@ class LLMEngine:
         ids = self.encode_prompt(prompt)
         mm = None
         if multi_modal_data:
+            if params.truncate_prompt_tokens is not None:
+                raise SamplingParamsError(
+                    "truncate_prompt_tokens would cut images / videos out of the prompt: leave "
+                    "it out for multimodal prompts", "truncate_prompt_tokens",
+                )  # fmt: skip
             mm = self._mm_prompt(ids, multi_modal_data)
             ids = self._tokenizer_ids_in_vocab(mm.token_ids)  # (video timestamps are text)
+        if params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens :]
         if not ids:
             raise Qwen35Error("the prompt is empty")
+        if params.bad_words:
+            params.bad_words_token_ids = self._bad_words_ids(params.bad_words)
         room = self.max_model_len - len(ids)
         if params.max_tokens is None:
             if room < 1:
@@ -504,6 +513,17 @@ class LLMEngine:
             raise
         self._requests[request_id] = req
         self.stats_totals["prompt_tokens_total"] += len(ids)
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """vLLM's tokenization of bad_words: each word as written and with one leading space
+        (the form it takes after another word), distinct token sequences only."""
+        out: list[list[int]] = []
+        for w in words:
+            for text in (w.lstrip(), " " + w.lstrip()):
+                ids = self._tokenizer_ids_in_vocab(self.tokenizer.encode(text))
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     # ---- LoRA adapters (engine/lora_adapters.py) --------------------------------------------
     def add_lora(self, name: str, path) -> None:

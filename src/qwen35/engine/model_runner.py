@@ -652,6 +652,8 @@ def screen_k(p, num_output: int) -> int | None:
         p.logprobs is not None
         or has_penalties(p)
         or p.logit_bias
+        or p.allowed_token_ids
+        or p.bad_words_token_ids
         or p.structured_outputs is not None
         or num_output < p.min_tokens
     ):

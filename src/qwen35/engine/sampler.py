@@ -117,6 +117,7 @@ class Sampler:
         raw = logits.float()
         x = apply_min_tokens(raw, rows)
         x = apply_logit_bias(x, rows)
+        x = apply_allowed_and_bad_words(x, rows)
         x = apply_penalties(x, rows)
         greedy = [is_greedy(r.params) for r in rows]
         tokens = argmax(x) if any(greedy) else None  # [S]
@@ -249,6 +250,39 @@ def apply_logit_bias(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tens
     dev = x.device
     where = (torch.tensor(r_idx, device=dev), torch.tensor(t_idx, device=dev))
     return x.index_put(where, torch.tensor(vals, dtype=x.dtype, device=dev), accumulate=True)
+
+
+def banned_by_bad_words(row: SamplingRow) -> set[int]:
+    """Tokens a row may not sample now: each bad word's last token where the output ends in
+    the word's other tokens (a one-token word: always)."""
+    out = row.output_token_ids
+    n = len(out)
+    banned = set()
+    for word in row.params.bad_words_token_ids or ():
+        k = len(word) - 1
+        if k == 0 or (n >= k and all(out[n - k + j] == word[j] for j in range(k))):
+            banned.add(word[-1])
+    return banned
+
+
+def apply_allowed_and_bad_words(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """vLLM's allowed_token_ids (every other token -inf) and bad_words (banned_by_bad_words);
+    returns a new tensor if any row has either."""
+    todo = [(i, r) for i, r in enumerate(rows)
+            if r.params.allowed_token_ids or r.params.bad_words_token_ids]  # fmt: skip
+    if not todo:
+        return x
+    x = x.clone()
+    for i, r in todo:
+        if r.params.allowed_token_ids:
+            keep = torch.tensor(r.params.allowed_token_ids, device=x.device)
+            row = torch.full_like(x[i], -math.inf)
+            row[keep] = x[i, keep]
+            x[i] = row
+        banned = banned_by_bad_words(r)
+        if banned:
+            x[i, torch.tensor(sorted(banned), device=x.device)] = -math.inf
+    return x
 
 
 def apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -389,6 +423,13 @@ def reference_sample(
             x[t] = -math.inf
     for t, b in (p.logit_bias or {}).items():
         x[t] += b
+    if p.allowed_token_ids:
+        x = torch.where(torch.isin(torch.arange(x.shape[0]), torch.tensor(p.allowed_token_ids)),
+                        x, torch.tensor(-math.inf))  # fmt: skip
+    out = list(row.output_token_ids)
+    for word in p.bad_words_token_ids or ():
+        if len(word) == 1 or out[len(out) - len(word) + 1 :] == word[:-1]:
+            x[word[-1]] = -math.inf
     if p.repetition_penalty != 1.0:
         for t in set(row.prompt_token_ids) | set(row.output_token_ids):
             x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty

@@ -85,6 +85,10 @@ class _Request(BaseModel):
     # vLLM's prompt_logprobs: each prompt token's logprob (and rank, and the top-n) given
     # the tokens before it; completions return them per choice, chat completions once
     prompt_logprobs: int | None = None
+    # vLLM's: sample only among these tokens; words never generated; keep the prompt's last N
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
     # output constraints (server/structured.py): OpenAI's and vLLM's shapes
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -131,6 +135,9 @@ class _Request(BaseModel):
             min_tokens=self.min_tokens,
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=_token_keys(self.logit_bias),
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
         )
         return p.validate()
 

@@ -136,7 +136,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[ChatPr
     linear in the body). -> the prompt, and what goes to the engine (token ids, or with media
     {"prompt_token_ids", "multi_modal_data"})."""
     prompt = build_chat_prompt(state.engine, req)
-    ids = state.encode(prompt.text, "messages")
+    ids = state.encode(prompt.text, "messages", req.truncate_prompt_tokens)
     if not prompt.media:
         return prompt, ids
     media = load_server_media(state.engine, prompt.media)

@@ -124,8 +124,9 @@ class ServerState:
             parse_request, raw, model_cls, limits, self.prompt_limit, self.context_len
         )
 
-    def encode(self, prompt: str | list[int], param: str) -> list[int]:
-        """Token ids of a prompt, within the prompt limit (runs on a worker thread)."""
+    def encode(self, prompt: str | list[int], param: str, truncate: int | None = None) -> list[int]:
+        """Token ids of a prompt (its last `truncate` ones: vLLM's truncate_prompt_tokens),
+        within the prompt limit (runs on a worker thread)."""
         encode = getattr(self.engine, "encode_prompt", None)
         try:
             ids = encode(prompt) if encode is not None else _plain_encode(self.engine, prompt)
@@ -135,6 +136,8 @@ class ServerState:
             raise APIError(str(e), param=param) from None
         if not ids:
             raise APIError(f"{param} must not be empty", param=param)
+        if isinstance(truncate, int) and truncate >= 1:  # (else the sampling params refuse it)
+            ids = ids[-truncate:]
         check_prompt_tokens(len(ids), self.prompt_limit, self.context_len, param)
         return ids
 

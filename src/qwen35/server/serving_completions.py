@@ -47,13 +47,15 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
 
 
 def prepare_prompts(
-    state: ServerState, prompts: list[str | list[int]], echo: bool
+    state: ServerState, prompts: list[str | list[int]], echo: bool, truncate: int | None = None
 ) -> tuple[list[list[int]], list[str] | None]:
     """Token ids of every prompt (and their text for echo), on a worker thread."""
-    ids = [state.encode(p, "prompt") for p in prompts]
+    ids = [state.encode(p, "prompt", truncate) for p in prompts]
     if not echo:
         return ids, None
     tok = state.engine.tokenizer
+    if truncate is not None:  # echo what the model read
+        return ids, [tok.decode(i) for i in ids]
     return ids, [p if isinstance(p, str) else tok.decode(p) for p in prompts]
 
 
@@ -80,7 +82,8 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         raise APIError(str(e), param=e.param) from None
     params.structured_outputs, spec_param = request_constraint(req)
     await precompile(state.engine, params.structured_outputs, spec_param)
-    ids, texts = await state.offload(prepare_prompts, state, prompts, req.echo)
+    ids, texts = await state.offload(prepare_prompts, state, prompts, req.echo,
+                                     params.truncate_prompt_tokens)  # fmt: skip
     base = random_id("cmpl")
     requests = [(f"{base}-{i}", p, dataclasses.replace(params)) for i, p in enumerate(ids)]
     order = {rid: i for i, (rid, _, _) in enumerate(requests)}
