@@ -80,6 +80,9 @@ def test_models_and_requests_by_adapter(served):
     assert resp.status_code == 200 and resp.json()["model"] == "sql", resp.text
     r = post(srv, "/v1/completions", {**body, "model": "nope"})
     assert r.status_code == 404 and "sql" in r.json()["error"]["message"]
+    metrics = httpx.get(srv.url + "/metrics").text
+    assert "qwen35_lora_adapters_loaded 1.0" in metrics
+    assert 'qwen35_lora_requests{adapter="sql"} 0.0' in metrics
 
 
 def test_load_and_unload_at_run_time(served, tmp_path):

@@ -749,8 +749,18 @@ class LLMEngine:
             "prefix_cache_hit_tokens": pc.hit_tokens,
             "prefix_cache_checkpoints": pc.num_checkpoints,
             **self._spec_stats(),
+            **self._lora_stats(),
             **self.stats_totals,
         }
+
+    def _lora_stats(self) -> dict:
+        if self.loras is None:
+            return {}
+        running: dict[str, int] = {name: 0 for name in self.loras.loaded}
+        for r in self._requests.values():
+            if r.lora is not None:
+                running[r.lora] = running.get(r.lora, 0) + 1
+        return {"lora_adapters_loaded": len(self.loras.loaded), "lora_requests": running}
 
 
     def _spec_stats(self) -> dict:

@@ -65,6 +65,7 @@ _ENGINE_SERIES = {
         "Prompt tokens served from the prefix cache",
         "counter",
     ),
+    "lora_adapters_loaded": ("qwen35_lora_adapters_loaded", "LoRA adapters loaded", "gauge"),
 }
 
 
@@ -80,6 +81,13 @@ class _EngineCollector:
                 continue
             family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
             yield family(name, help_text, value=float(stats[key]))
+        per_adapter = stats.get("lora_requests")
+        if per_adapter is not None:  # {adapter name: its unfinished requests}
+            g = GaugeMetricFamily("qwen35_lora_requests", "Unfinished requests per LoRA adapter",
+                                  labels=["adapter"])  # fmt: skip
+            for name, n in sorted(per_adapter.items()):
+                g.add_metric([name], float(n))
+            yield g
         yield GaugeMetricFamily(
             "qwen35_engine_alive", "1 while the engine loop runs", value=float(self._alive())
         )
