@@ -139,6 +139,15 @@ def run(args: argparse.Namespace) -> int:
     )
     from qwen35.server.app import ServerConfig, create_app
 
+    if args.enable_lora:
+        print(
+            "warning: --enable-lora lets every client "
+            + ("holding the API key " if args.api_key else "")
+            + "load LoRA adapters from paths (or Hub ids) it names, through "
+            "/v1/load_lora_adapter: serve it on a trusted network"
+            + ("" if args.api_key else ", or set --api-key"),
+            file=sys.stderr,
+        )
     name = args.served_model_name or args.model
     config = ServerConfig(
         served_model_name=name,
