@@ -132,17 +132,19 @@ def cache_spec(
     conv_dtype: str = "bf16",
     tp: int = 1,
     speculative_tokens: int = 0,
+    mtp: bool = True,
 ) -> CacheSpec:
     """The model's cache declaration. `state_dtype` defaults to the config's mamba_ssm_dtype (fp32).
-    `speculative_tokens`: MTP drafts per step (0 .. MAX_SPECULATIVE_TOKENS), which add the MTP
-    head's KV layers and a spare state per draft and sequence."""
+    `speculative_tokens`: drafts per step (0 .. MAX_SPECULATIVE_TOKENS), which add a spare state
+    per draft and sequence, and with `mtp` (drafts from the MTP head, not n-gram lookup) the
+    head's KV layers."""
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
     if speculative_tokens not in range(MAX_SPECULATIVE_TOKENS + 1):
         raise ValueError(
             f"speculative_tokens must be 0 .. {MAX_SPECULATIVE_TOKENS}, got {speculative_tokens}"
         )
-    if speculative_tokens and not cfg.mtp_num_hidden_layers:
+    if speculative_tokens and mtp and not cfg.mtp_num_hidden_layers:
         raise ValueError(f"{cfg.name} has no MTP head (mtp_num_hidden_layers = 0) to draft with")
     state_dtype = state_dtype or cfg.mamba_ssm_dtype
     for d in (kv_dtype, state_dtype, conv_dtype):
@@ -163,6 +165,6 @@ def cache_spec(
     )
     return CacheSpec(
         layer_types=cfg.layer_types, attention=attn, linear=lin, tp=tp,
-        mtp_layers=cfg.mtp_num_hidden_layers if speculative_tokens else 0,
+        mtp_layers=cfg.mtp_num_hidden_layers if speculative_tokens and mtp else 0,
         spare_states=speculative_tokens,
     )  # fmt: skip

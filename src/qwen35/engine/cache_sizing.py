@@ -114,20 +114,22 @@ def plan_caches(
     extra_working_bytes: int = 0,  # e.g. the vision encoder's temporaries
     speculative: int = 0,
     kv_dtype=None,
+    speculative_mtp: bool = True,
 ) -> CachePlan:
     """`working_bytes`: measured working memory (GPU: `measure_working_memory`), replacing the
     planner's formula. tp > 1: one tensor-parallel rank's caches (its shard of every KV and state
     tensor) under that rank's budget; weight_bytes is then the rank's. speculative: MTP drafts
     (engine/speculative.py), drafts per step: every running sequence has a spare state slot per
-    draft, and every KV token the MTP layer's K and V as well. kv_dtype: the K/V caches'
-    (--kv-cache-dtype; default the model's)."""
+    draft, and every KV token the MTP layer's K and V as well (speculative_mtp; not for n-gram
+    drafts). kv_dtype: the K/V caches' (--kv-cache-dtype; default the model's)."""
     if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
         raise Qwen35Error("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
     dname = str(model_dtype).removeprefix("torch.")
     # the caches the engine allocates (one tensor-parallel rank's shard when tp > 1)
     kv_name = dname if kv_dtype is None else str(kv_dtype).removeprefix("torch.")
     spec = cache_spec(
-        cfg, kv_dtype=kv_name, conv_dtype=dname, tp=tp, speculative_tokens=speculative
+        cfg, kv_dtype=kv_name, conv_dtype=dname, tp=tp, speculative_tokens=speculative,
+        mtp=speculative_mtp,
     )
     kv_tok, st_seq = spec.kv_bytes_per_token, spec.state_bytes_per_sequence
     per_slot = spec.running_state_bytes  # a running sequence's slot (+ its spares)

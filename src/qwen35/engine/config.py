@@ -103,6 +103,15 @@ class SchedulingConfig:
         "drafts are accepted)",
         choices=list(range(MAX_SPECULATIVE_TOKENS + 1)),
     )
+    speculative_method: str = _opt(
+        "mtp",
+        "where drafts come from: the checkpoint's MTP head, or 'ngram' (prompt lookup: the tokens "
+        "that followed the last earlier occurrence of the text's final n-gram; no model, no MTP "
+        "weights needed: for outputs that copy their input, e.g. edits, extraction, RAG)",
+        choices=["mtp", "ngram"],
+    )
+    prompt_lookup_max: int = _opt(4, "ngram drafts: the longest n-gram matched")
+    prompt_lookup_min: int = _opt(2, "ngram drafts: the shortest n-gram matched")
     speculative_adaptive: bool = _opt(
         False,
         "speculative decoding, k > 1: draft only as many of the k tokens a step as measured step "
@@ -344,6 +353,12 @@ class EngineConfig:
             raise Qwen35Error(
                 f"num_speculative_tokens must be 0 (off) or 1 .. {MAX_SPECULATIVE_TOKENS} (MTP "
                 f"drafts per step), got {s.num_speculative_tokens!r}"
+            )
+        if not (isinstance(s.prompt_lookup_min, int) and isinstance(s.prompt_lookup_max, int)
+                and 1 <= s.prompt_lookup_min <= s.prompt_lookup_max):  # fmt: skip
+            raise Qwen35Error(
+                f"prompt_lookup_min and prompt_lookup_max must be integers with 1 <= min <= max, "
+                f"got {s.prompt_lookup_min!r} and {s.prompt_lookup_max!r}"
             )
         if s.num_speculative_tokens and p.tensor_parallel_size > 1:
             raise Qwen35Error(

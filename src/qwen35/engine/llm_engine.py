@@ -206,13 +206,14 @@ class LLMEngine:
                 **kw,
                 vision=False if ec.multimodal.vision_disabled else "auto",
                 quantization=ec.load.quantization,
-                mtp=bool(sc.num_speculative_tokens),
+                mtp=bool(sc.num_speculative_tokens) and sc.speculative_method == "mtp",
                 yarn=ec.load.yarn,
             )
         self.config = self.model.config
         self.model_name = model
         spec = bool(sc.num_speculative_tokens)
-        if spec and not getattr(self.model, "has_mtp", False):
+        mtp = spec and sc.speculative_method == "mtp"  # (ngram drafts need no MTP head)
+        if mtp and not getattr(self.model, "has_mtp", False):
             raise Qwen35Error(
                 "num_speculative_tokens needs the model loaded with its MTP head: pass a model "
                 "path, or load_model(..., mtp=True)"
@@ -289,6 +290,7 @@ class LLMEngine:
             extra_working_bytes=encoder_working_memory(self.model, model_dir, ec),
             speculative=sc.num_speculative_tokens,
             kv_dtype=kv_dtype,
+            speculative_mtp=mtp,
         )
         self.max_model_len = self.plan.max_model_len
         if verbose:
@@ -314,7 +316,7 @@ class LLMEngine:
         )
         tp_size = ec.parallel.tensor_parallel_size
         caches = allocate_caches(
-            self.config, device=self.device, tp=tp_size, mtp_layers=int(spec), **sizes
+            self.config, device=self.device, tp=tp_size, mtp_layers=int(mtp), **sizes
         )
         from qwen35.parallel.worker import rank_memory
 
@@ -331,6 +333,7 @@ class LLMEngine:
                 if self.plan.num_spare_slots else None,
                 spec_tokens=sc.num_speculative_tokens,
                 spec_adaptive=sc.speculative_adaptive,
+                spec_ngram=None if mtp else (sc.prompt_lookup_min, sc.prompt_lookup_max),
             )  # fmt: skip
         else:
             from qwen35.parallel import setup as tp_setup

@@ -78,6 +78,7 @@ class ModelRunner:
         spec_slots: range | None = None,  # speculative decoding (MTP drafts): spare state slots
         spec_tokens: int = 1,  # drafts per step at most
         spec_adaptive: bool = False,  # fewer where they do not pay (SpecState.adaptive)
+        spec_ngram: tuple[int, int] | None = None,  # n-gram drafts (min, max n), not the MTP head
     ):
         self.model = model
         self.caches = caches
@@ -100,11 +101,11 @@ class ModelRunner:
         )
         self.spec: SpecState | None = None  # engine/speculative.py
         if spec_slots is not None:
-            if not getattr(model, "has_mtp", False):
+            if spec_ngram is None and not getattr(model, "has_mtp", False):
                 raise ValueError("speculative decoding needs a model loaded with its MTP head")
             self.spec = SpecState(spec_slots, k=spec_tokens, adaptive=spec_adaptive,
-                                  max_rows=_verify_rows(model, device))  # fmt: skip
-            decode_graphs = None  # the MTP head reads every row's hidden state: eager steps
+                                  max_rows=_verify_rows(model, device), ngram=spec_ngram)  # fmt: skip
+            decode_graphs = None  # verify steps (and the MTP head's every row) run eagerly
         self.graphs: DecodeGraphs | None = None
         if decode_graphs is not None:
             self.graphs = self._capture(decode_graphs)
@@ -319,7 +320,7 @@ class ModelRunner:
             # cpu_decode.py); each row's arithmetic is the same in any order
             scheduled = sorted(scheduled, key=lambda s: s.seq.state_slot)
         verify = self.spec.plan(scheduled) if self.spec is not None else {}
-        if verify and self.spec.k > 1:
+        if verify and self.spec.k > 1 and self.spec.ngram is None:
             self._chain(scheduled, verify)
         mm = self.vision is not None and any(s.seq.mm_items for s in scheduled)
         phased = (
@@ -510,7 +511,8 @@ class ModelRunner:
                 back.append((v.spares[a], scheduled[i].seq.state_slot))
         if back:
             self.caches.copy_states(back)
-        self._draft(scheduled, verify, x, batch, result, rows_of)
+        if spec.ngram is None:  # (n-gram drafts are looked up when the next step is planned)
+            self._draft(scheduled, verify, x, batch, result, rows_of)
         result.prompt_logprobs = plps
         return result
 

@@ -139,6 +139,8 @@ class SpecState:
     # already longer (prefill chunks) draft without the limit.
     max_rows: int | None = None
     adaptive: bool = False  # drafts 2..k only where they pay (above; --speculative-adaptive)
+    # (min n, max n): drafts by prompt lookup (ngram_drafts) instead of the MTP head
+    ngram: tuple[int, int] | None = None
     cost: StepCost = field(default_factory=StepCost)  # (adaptive: the engine records steps)
     accept: dict[str, list[float]] = field(default_factory=dict)  # seq_id -> [accepted, tried]
     misses: dict[str, int] = field(default_factory=dict)  # seq_id -> rejections in a row
@@ -159,7 +161,11 @@ class SpecState:
                 continue
             want = min(self.k, s.lookahead)
             pos = s.start + 1
-            if self.draft_override is not None:
+            if self.ngram is not None:
+                if not self.wants_draft(s.seq.seq_id):
+                    continue
+                toks = ngram_drafts(s.seq.token_ids, pos, want, *self.ngram)
+            elif self.draft_override is not None:
                 toks = []
                 for p in range(pos, pos + want):
                     t = self.draft_override(s.seq, p)
@@ -257,6 +263,24 @@ class SpecState:
             self.paused[seq_id] = left - 1
             return False
         return True
+
+
+def ngram_drafts(tokens, end: int, k: int, n_min: int, n_max: int) -> list[int]:
+    """Prompt-lookup drafts (vLLM's `ngram` method, llama.cpp's lookup decoding): for n from
+    n_max down to n_min, the last n of tokens[:end] looked up in what comes before them; the
+    (up to k) tokens that followed their latest occurrence. [] when no n-gram recurs."""
+    if end < n_min + 1 or k < 1:
+        return []
+    import numpy as np
+
+    hist = np.asarray(tokens[:end], dtype=np.int64)
+    for n in range(min(n_max, end - 1), n_min - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(hist[: end - 1], n)  # starts < end-n
+        hits = np.flatnonzero((windows == hist[end - n :]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n  # the latest occurrence's continuation
+            return hist[start : min(start + k, end)].tolist()
+    return []
 
 
 def eligible(params) -> bool:
