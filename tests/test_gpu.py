@@ -124,7 +124,9 @@ def test_lora_adapters_equal_the_cpu_engine(which, ckpts, tmp_path):
     want = lora_tokens(make(d, lora_modules=mods), ps, loras)
     assert want[1] != lora_tokens(make(d, lora_modules=mods), ps[1:2], [None])[0]
     gpu = cuda(d, lora_modules=mods)
-    assert gpu.engine.runner.graphs is not None and gpu.engine.loras.stacked
+    assert gpu.engine.loras.stacked
+    if which == "dense":  # (MoE: graphs only where the grouped GEMM captures, without Triton MoE)
+        assert gpu.engine.runner.graphs is not None
     assert lora_tokens(gpu, ps, loras) == want
     assert lora_tokens(cuda(d, lora_modules=mods, enforce_eager=True), ps, loras) == want
 
