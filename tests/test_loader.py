@@ -17,7 +17,7 @@ from qwen35.benchmarks.hf_baseline import hf_text_config
 from qwen35.config import ModelConfig
 from qwen35.errors import Qwen35Error
 from qwen35.loader import CheckpointError, load_model, parse_dtype
-from tiny import save_checkpoint, tiny_config_dict
+from tiny import hub_snapshot, save_checkpoint, tiny_config_dict
 
 
 def hf_factory(cfg: ModelConfig, device: str = "cpu") -> torch.nn.Module:
@@ -336,13 +336,7 @@ def test_hub_id_not_cached_offline(tmp_path, monkeypatch):
 
 def test_hub_id_from_local_cache(tmp_path, monkeypatch):
     # a snapshot in the standard cache layout resolves without any network access
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    repo = tmp_path / "hf" / "hub" / "models--test-org--tiny-qwen"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0123abcd")
-    ref = save_checkpoint(repo / "snapshots" / "0123abcd", layout="vlm")
+    ref = save_checkpoint(hub_snapshot(tmp_path, monkeypatch, "test-org/tiny-qwen"), layout="vlm")
     model = load("test-org/tiny-qwen", dtype="fp32")
     assert_same_state(model, ref)
     assert model.load_report.source.endswith("0123abcd") and model.model_dir.name == "0123abcd"

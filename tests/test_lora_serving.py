@@ -21,7 +21,14 @@ from qwen35.layers.linear import Linear
 from qwen35.lora import LoraError
 from qwen35.models.qwen3_5 import uncached_batch
 from qwen35.request import SamplingParams
-from tiny import LORA_TARGETS, hf_model, hf_torch_path, save_checkpoint, save_lora_adapter
+from tiny import (
+    LORA_TARGETS,
+    hf_model,
+    hf_torch_path,
+    hub_snapshot,
+    save_checkpoint,
+    save_lora_adapter,
+)
 
 peft = pytest.importorskip("peft", reason="peft (the [test] extra) is the oracle of LoRA adapters")
 
@@ -284,13 +291,7 @@ def test_adapter_by_hub_id_from_the_local_cache(ckpt, tmp_path, monkeypatch):
     """A Hub id resolves as model ids do: the Hugging Face cache first (offline here)."""
     import shutil
 
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    repo = tmp_path / "hf" / "hub" / "models--test-org--sql-lora"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0123abcd")
-    shutil.copytree(ckpt["dir"] / "a", repo / "snapshots" / "0123abcd")
+    shutil.copytree(ckpt["dir"] / "a", hub_snapshot(tmp_path, monkeypatch, "test-org/sql-lora"))
     model = load(ckpt)
     key = LoraAdapters(model, 2).add("sql", "test-org/sql-lora").key
     torch.testing.assert_close(mixed_forward(model, {"sql": key})["sql"], ckpt["want"]["a"],

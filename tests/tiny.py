@@ -379,3 +379,15 @@ def save_random_lora_adapter(hf, path, seed: int = 0, r: int = 4, targets=LORA_T
     ))  # fmt: skip
     save_file(tensors, str(path / "adapter_model.safetensors"))
     return path
+
+
+def hub_snapshot(tmp_path, monkeypatch, repo_id: str) -> Path:
+    """An offline Hugging Face cache under tmp_path (HF_HOME, HF_HUB_OFFLINE) holding repo_id at
+    one revision: -> the snapshot directory to fill (created by the caller, e.g. copytree)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "hf" / "hub" / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    return repo / "snapshots" / "0123abcd"

@@ -501,14 +501,15 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _from_hub(repo_id: str) -> Path:
-    """The local snapshot of a Hub model: the cache first, a download only when online."""
+def _from_hub(repo_id: str, kind: str = "model") -> Path:
+    """The local snapshot of a Hub repository (a model; kind names it in errors, e.g. "adapter"):
+    the cache first, a download only when online."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise CheckpointError(
             f"{repo_id!r} looks like a Hub id but huggingface_hub is not installed; pass a "
-            "local model directory instead"
+            f"local {kind} directory instead"
         ) from None
     cache = _hub_cache_dir()
     fetch = f"`hf download {repo_id}` (or `huggingface-cli download {repo_id}`)"
@@ -526,7 +527,7 @@ def _from_hub(repo_id: str) -> Path:
     if _offline():
         raise CheckpointError(
             f"{where} (HF_HUB_OFFLINE is set); fetch it first "
-            f"with {fetch}, or pass a local model directory"
+            f"with {fetch}, or pass a local {kind} directory"
         )
     log.info("downloading %s from the Hugging Face Hub", repo_id)
     try:
@@ -535,5 +536,5 @@ def _from_hub(repo_id: str) -> Path:
         raise CheckpointError(
             f"{where} and could not be downloaded "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); fetch it with "
-            f"{fetch} where the Hub is reachable, or pass a local model directory"
+            f"{fetch} where the Hub is reachable, or pass a local {kind} directory"
         ) from None

@@ -175,9 +175,9 @@ def _adapter_dir(source: str | Path) -> Path:
     from qwen35.weights import CheckpointError
 
     try:
-        return _from_hub(text)
+        return _from_hub(text, kind="adapter")
     except CheckpointError as e:
-        raise LoraError(str(e).replace("local model directory", "local adapter directory")) from None
+        raise LoraError(str(e)) from None
 
 
 def _alpha(cfg: dict, module: str) -> float:

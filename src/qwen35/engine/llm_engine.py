@@ -804,8 +804,9 @@ class LLM:
         lora: str | None = None,
     ) -> list[RequestOutput]:
         """One output per prompt, in order. `params`: one SamplingParams for all prompts or one
-        per prompt; `lora`: a loaded LoRA adapter's name (`lora_modules`). Raises RequestFailedError (after the others finish) if the engine failed
-        some request; nothing is queued if any prompt is refused."""
+        per prompt; `lora`: a loaded LoRA adapter's name (`lora_modules`). Raises
+        RequestFailedError (after the others finish) if the engine failed some request; nothing
+        is queued if any prompt is refused."""
         if not isinstance(prompts, (str, dict, abc.Sequence)):
             raise Qwen35Error(
                 f"prompts must be a text, a list of token ids, a prompt dict, or a list of "

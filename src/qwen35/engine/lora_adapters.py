@@ -70,12 +70,12 @@ class LoraAdapters:
         if self.stacked:
             used = {x.key for x in self.loaded.values()}
             key = next(s for s in range(1, self.max_loras + 1) if s not in used)
-            attach_slot(self.model, key, adapter, self.max_rank)
+            attach_slot(self.model, key, adapter)
             nbytes = 0
         else:
             key, nbytes = aid, attach(self.model, aid, adapter)
         if self.send is not None:
-            self.send(("lora", "add", key, adapter, self.stacked, self.max_rank))
+            self.send(("lora", "add", key, adapter, self.stacked))
         lora = LoadedLora(name, str(adapter.path), aid, key, rank, nbytes)
         self.loaded[name] = lora
         return lora

@@ -151,12 +151,17 @@ def adapted(*linears) -> bool:
     return any(getattr(lin, "lora", None) is not None and lin.lora.active for lin in linears)
 
 
-def adaptable(model):
-    """(name, module) of every linear layer an adapter may target: the decoder's."""
+def _is_adaptable(name: str, mod) -> bool:
+    """A linear layer an adapter may target: the decoder's."""
     from qwen35.layers.linear import Linear
 
+    return name.startswith("model.layers.") and isinstance(mod, Linear)
+
+
+def adaptable(model):
+    """(name, module) of every linear layer an adapter may target."""
     for name, mod in model.named_modules():
-        if name.startswith("model.layers.") and isinstance(mod, Linear):
+        if _is_adaptable(name, mod):
             yield name, mod
 
 
@@ -174,13 +179,14 @@ def init_slots(model, num_slots: int, rank: int) -> int:
     return total
 
 
-def attach_slot(model, slot: int, adapter, max_rank: int) -> None:
+def attach_slot(model, slot: int, adapter) -> None:
     """Write a checked adapter into slot `slot` of every adaptable linear (zeros where it adapts
-    nothing); refused if its rank exceeds the slots'."""
+    nothing); refused if its rank exceeds the slots' (init_slots)."""
     from qwen35.lora import LoraError
 
     pairs = {mod: (a, bt) for mod, a, bt in _matched(model, adapter)}
     r = max(a.shape[0] for a, _ in pairs.values())
+    max_rank = next(mod.lora.rank for _, mod in adaptable(model))
     if r > max_rank:
         raise LoraError(
             f"the adapter's rank is {r} but this engine's LoRA slots hold rank {max_rank}: "
@@ -197,7 +203,6 @@ def _matched(model, adapter):
     output rows split -> B's rows, input columns split -> A's columns, whose partial products
     the layer's all-reduce sums with its own); refuses (LoraError) any pair that is not an
     adaptable linear of the right shape."""
-    from qwen35.layers.linear import Linear
     from qwen35.lora import LoraError
     from qwen35.parallel.shard import shard_rule
 
@@ -209,7 +214,7 @@ def _matched(model, adapter):
             mod = model.get_submodule(name)
         except AttributeError:
             mod = None
-        if not name.startswith("model.layers.") or not isinstance(mod, Linear):
+        if not _is_adaptable(name, mod):
             raise LoraError(
                 f"the adapter's {p.module} is not a linear layer of the decoder this engine can "
                 "adapt per request (attention, DeltaNet and MLP projections, the router, the "

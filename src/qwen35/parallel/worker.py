@@ -115,14 +115,14 @@ def _loop(model, caches, control, device) -> None:
 
 
 def apply_lora(model, msg) -> None:
-    """rank 0's LoRA change on this rank's shard: ("lora", "add", key, adapter, stacked,
-    max_rank) or ("lora", "remove", key, stacked) (engine/lora_adapters.py)."""
+    """rank 0's LoRA change on this rank's shard: ("lora", "add", key, adapter, stacked) or
+    ("lora", "remove", key, stacked) (engine/lora_adapters.py)."""
     from qwen35.layers import lora
 
     if msg[1] == "add":
-        _, _, key, adapter, stacked, max_rank = msg
+        _, _, key, adapter, stacked = msg
         if stacked:
-            lora.attach_slot(model, key, adapter, max_rank)
+            lora.attach_slot(model, key, adapter)
         else:
             lora.attach(model, key, adapter)
     else:
