@@ -50,3 +50,14 @@ def test_kv_dtype_bench_runs(capsys, tmp_path):
                             "--quantization", "int8"])  # fmt: skip
     out = capsys.readouterr().out
     assert out.count("context") == 1 and "bf16" in out and "x)" in out and "/8 tokens" in out
+
+
+def test_run_batch_bench_runs(capsys, tmp_path):
+    from tiny import save_checkpoint
+
+    save_checkpoint(tmp_path / "m")
+    _load("run_batch").main(["--model", str(tmp_path / "m" / "config.json"), "--requests", "3",
+                             "--tokens", "3", "--rounds", "2", "--threads", "1",
+                             "--dtype", "fp32"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "window 1" in out and "batched" in out and "[3, 3] of 3" in out  # fp32: batched == alone

@@ -14,6 +14,10 @@ COMMANDS = {
     "generate": ("generate", "generate text for a prompt, streamed to the terminal"),
     "chat": ("chat", "interactive chat with a model"),
     "serve": ("serve", "OpenAI-compatible HTTP server"),
+    "run-batch": (
+        "run_batch",
+        "offline batch of OpenAI requests from a JSONL file (the Batch API's format)",
+    ),
     "bench": ("bench", "benchmark the engine against transformers on the same model"),
     "quantize": (
         "quantize",
