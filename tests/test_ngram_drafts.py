@@ -5,6 +5,7 @@ with preemption-free prompts that repeat themselves (drafts accepted) and ones t
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -79,3 +80,20 @@ def test_refusals(ckpt):
     with pytest.raises(Qwen35Error, match="MTP"):  # the MTP method needs the head
         LLM(str(ckpt), dtype="fp32", verbose=False, num_speculative_tokens=1,
             max_memory="256MiB")  # fmt: skip
+
+
+def test_caches_equal_the_planners(ckpt):
+    """`qwen35 plan --speculative-method ngram` counts what the engine allocates: a spare state
+    per draft and sequence, and no MTP KV layer (the MTP method's plan has one more)."""
+    from qwen35.plan.planner import Deployment
+
+    engine = make(ckpt, 3).engine
+    plan, cfg = engine.plan, engine.config
+    ngram = Deployment(cfg, kv_dtype="fp32", speculative_tokens=3, speculative_method="ngram")
+    with_head = dataclasses.replace(cfg, mtp_num_hidden_layers=1)  # (this checkpoint has none)
+    mtp = Deployment(with_head, kv_dtype="fp32", speculative_tokens=3)
+    assert plan.kv_bytes_per_token == ngram.caches.kv_bytes_per_token
+    assert plan.kv_bytes_per_token < mtp.caches.kv_bytes_per_token
+    assert plan.num_spare_slots == 3 * plan.num_state_slots
+    assert ngram.caches.spare_states == 3 and ngram.caches.mtp_layers == 0
+    assert ngram.caches.running_state_bytes == 4 * ngram.caches.state_bytes_per_sequence

@@ -100,6 +100,25 @@ def test_speculative_tokens(capsys):
     assert "--speculative-num-draft-tokens 4" in launch["sglang"]
 
 
+def test_ngram_speculative_method(capsys):
+    """--speculative-method ngram: spare states without the MTP layer's KV, allowed --text-only,
+    and launch commands for n-gram drafts."""
+    argv = ("-m", "9B", "--gpu", "H200", "--num-speculative-tokens", "3")
+    mtp = run_json(capsys, *argv)
+    ngram = run_json(capsys, *argv, "--speculative-method", "ngram", "--text-only")
+    m, g = mtp["models"][0]["fits"]["bf16"], ngram["models"][0]["fits"]["bf16"]
+    assert ngram["request"]["speculative_method"] == "ngram"
+    assert g["kv_bytes_per_token_per_gpu"] * 9 == m["kv_bytes_per_token_per_gpu"] * 8  # no MTP layer
+    assert g["state_bytes_per_sequence_per_gpu"] == m["state_bytes_per_sequence_per_gpu"]
+    launch = ngram["recommendation"]["launch"]
+    assert "--num-speculative-tokens 3 --speculative-method ngram" in launch["qwen35"]
+    assert '"method": "ngram"' in launch["vllm"] and '"prompt_lookup_max": 4' in launch["vllm"]
+    assert "NEXTN" not in launch["sglang"]
+    assert main(["plan", *argv, "--speculative-method", "ngram"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "n-gram drafts (3 a step)" in out and "MTP layers" not in out
+
+
 def test_custom_config_and_gpu_memory(capsys, tmp_path):
     raw = dict(model_type="qwen3_5_text", vocab_size=1000, hidden_size=128, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,

@@ -4,6 +4,7 @@ the decode roofline and recommendations."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -231,6 +232,30 @@ def test_speculative_caches_and_fit():
         plan_fit(bare, gpu, context=1024, speculative_tokens=1)
     with pytest.raises(ValueError, match="no MTP head"):
         cache_spec(bare, speculative_tokens=1)
+
+
+def test_ngram_drafts_plan_no_mtp_kv():
+    """--speculative-method ngram: the spare states of the drafts, no MTP KV layer, no MTP head
+    needed (text-only and checkpoints without one plan fine); still one GPU per replica."""
+    cfg = cfg_of("27B")
+    mtp, ngram = cache_spec(cfg, speculative_tokens=3), cache_spec(cfg, speculative_tokens=3, mtp=False)
+    assert ngram.kv_bytes_per_token == cache_spec(cfg).kv_bytes_per_token < mtp.kv_bytes_per_token
+    assert ngram.running_state_bytes == mtp.running_state_bytes == 4 * 153_944_064
+    gpu = load_gpu("H100")
+    fit_mtp = plan_fit(cfg, gpu, context=32768, speculative_tokens=3)
+    fit_ngram = plan_fit(cfg, gpu, context=32768, speculative_tokens=3, speculative_method="ngram")
+    assert fit_ngram.kv_bytes_per_token == ngram.kv_bytes_per_token
+    assert fit_ngram.max_concurrency >= fit_mtp.max_concurrency
+    text = plan_fit(cfg, gpu, text_only=True, speculative_tokens=3, speculative_method="ngram")
+    assert text.deployment.text_only
+    with pytest.raises(PlanError, match="drop --tp 2"):
+        plan_fit(cfg, gpu, num_gpus=2, tp=2, speculative_tokens=1, speculative_method="ngram")
+    with pytest.raises(PlanError, match="mtp or ngram"):
+        plan_fit(cfg, gpu, speculative_tokens=1, speculative_method="eagle")
+    bare = dataclasses.replace(cfg, mtp_num_hidden_layers=0)
+    assert plan_fit(bare, gpu, speculative_tokens=1, speculative_method="ngram").fits
+    with pytest.raises(PlanError, match="--speculative-method ngram"):
+        plan_fit(bare, gpu, speculative_tokens=1)
 
 
 def test_cache_bytes_35b_a3b():

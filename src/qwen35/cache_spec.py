@@ -74,6 +74,9 @@ class LinearStateSpec:
 
 # MTP drafts per decode step at most (`--num-speculative-tokens`; vLLM accepts 1..5 for Qwen 3.5)
 MAX_SPECULATIVE_TOKENS = 5
+# where drafts come from (`--speculative-method`): the MTP head (its own KV layer), or prompt
+# lookup ("ngram": no model, no cache of its own)
+SPECULATIVE_METHODS = ("mtp", "ngram")
 
 
 @dataclass(frozen=True)

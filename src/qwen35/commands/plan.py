@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen35 import catalog
-from qwen35.cache_spec import MAX_SPECULATIVE_TOKENS
+from qwen35.cache_spec import MAX_SPECULATIVE_TOKENS, SPECULATIVE_METHODS
 from qwen35.catalog import gpus as gpu_catalog
 from qwen35.config import ModelConfig
 from qwen35.plan import vision as plan_vision
@@ -132,9 +132,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         choices=range(MAX_SPECULATIVE_TOKENS + 1),
         metavar=f"{{0..{MAX_SPECULATIVE_TOKENS}}}",
-        help="k > 0: plan for k MTP drafts a step (the MTP head's KV layer and k spare DeltaNet "
-        "states per sequence, as `qwen35 serve --num-speculative-tokens k` allocates; one GPU per "
-        "replica)",
+        help="k > 0: plan for k drafts a step (k spare DeltaNet states per sequence, and for "
+        "MTP drafts the MTP head's KV layer, as `qwen35 serve --num-speculative-tokens k` "
+        "allocates; one GPU per replica)",
+    )
+    p.add_argument(
+        "--speculative-method",
+        default="mtp",
+        choices=SPECULATIVE_METHODS,
+        help="with --num-speculative-tokens: drafts from the MTP head (default) or by prompt "
+        "lookup ('ngram': no MTP KV, works --text-only)",
     )
     p.add_argument(
         "--max-loras",
@@ -255,6 +262,7 @@ def _fits(cfg: ModelConfig, dtypes: list[str], gpu, args) -> dict:
                 chunk_tokens=args.chunk,
                 speculative_tokens=args.num_speculative_tokens,
                 lora_slots=(args.max_loras, args.max_lora_rank),
+                speculative_method=args.speculative_method,
             )
         except LayoutError as e:
             out[d] = str(e)
@@ -297,12 +305,14 @@ def gather(args) -> tuple[list[Row], gpu_catalog.GpuSpec | None]:
     for cfg, dtypes in models:
         if args.context > cfg.max_position_embeddings:
             raise PlanError(context_error(cfg, args.context))
-        check_speculative(cfg, args.num_speculative_tokens, args.tp, args.text_only, ep(cfg))
+        check_speculative(cfg, args.num_speculative_tokens, args.tp, args.text_only, ep(cfg),
+                          args.speculative_method)  # fmt: skip
         if args.model and args.tp:  # an explicit layout for one model: refuse it if impossible
             bad = [d for d in dtypes if layout_problems(cfg, args.tp, ep(cfg), d)]
             if len(bad) == len(dtypes):
                 validate_layout(cfg, args.tp, ep(cfg), bad[0])
-        s = summarize(cfg, args.kv_dtype, args.state_dtype, args.num_speculative_tokens)
+        s = summarize(cfg, args.kv_dtype, args.state_dtype, args.num_speculative_tokens,
+                      args.speculative_method)  # fmt: skip
         rows.append(Row(s, dtypes, _fits(cfg, dtypes, gpu, args) if gpu else {}))
     return rows, gpu
 
@@ -391,6 +401,7 @@ def to_json(rows: list[Row], gpu, args, common: list[tuple] | None = None) -> di
             "chunk": args.chunk,
             "text_only": args.text_only,
             "num_speculative_tokens": args.num_speculative_tokens,
+            "speculative_method": args.speculative_method,
             "max_loras": args.max_loras,
             "max_lora_rank": args.max_lora_rank,
         },

@@ -15,7 +15,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 
-from qwen35.cache_spec import MAX_SPECULATIVE_TOKENS
+from qwen35.cache_spec import MAX_SPECULATIVE_TOKENS, SPECULATIVE_METHODS
 from qwen35.config import check_yarn_factor
 from qwen35.errors import Qwen35Error
 
@@ -108,7 +108,7 @@ class SchedulingConfig:
         "where drafts come from: the checkpoint's MTP head, or 'ngram' (prompt lookup: the tokens "
         "that followed the last earlier occurrence of the text's final n-gram; no model, no MTP "
         "weights needed: for outputs that copy their input, e.g. edits, extraction, RAG)",
-        choices=["mtp", "ngram"],
+        choices=list(SPECULATIVE_METHODS),
     )
     prompt_lookup_max: int = _opt(4, "ngram drafts: the longest n-gram matched")
     prompt_lookup_min: int = _opt(2, "ngram drafts: the shortest n-gram matched")

@@ -38,8 +38,11 @@ def launch_commands(
     ours = f"--model {model} -tp {tp} --max-model-len {context} --device cuda"
     if ep:
         ours += " --enable-expert-parallel"
+    ngram = dep.speculative_tokens and dep.speculative_method == "ngram"
     if dep.speculative_tokens:
         ours += f" --num-speculative-tokens {dep.speculative_tokens}"
+    if ngram:
+        ours += " --speculative-method ngram"
     yarn = dep.cfg.yarn
     if yarn is not None:
         ours += f" --yarn {yarn.factor:g}"
@@ -54,11 +57,11 @@ def launch_commands(
     vllm = f"vllm serve {model} --tensor-parallel-size {tp} --max-model-len {context}"
     if ep:
         vllm += " --enable-expert-parallel"
-    if dep.speculative_tokens:
-        vllm += (
-            " --speculative-config "
-            f"'{{\"method\": \"mtp\", \"num_speculative_tokens\": {dep.speculative_tokens}}}'"
-        )
+    if dep.speculative_tokens:  # (our prompt-lookup defaults: n-grams of 2 to 4 tokens)
+        spec = {"method": "ngram" if ngram else "mtp", "num_speculative_tokens": dep.speculative_tokens}
+        if ngram:
+            spec.update(prompt_lookup_max=4, prompt_lookup_min=2)
+        vllm += f" --speculative-config '{json.dumps(spec)}'"
     if yarn is not None:  # the model card's rope_parameters edit, as an override
         vllm += f" --hf-overrides '{_yarn_override(dep.cfg)}'"
     if nodes > 1:
@@ -68,7 +71,7 @@ def launch_commands(
     )
     if ep:
         sglang += f" --ep-size {tp}"
-    if dep.speculative_tokens:  # SGLang's MTP ("NEXTN"): steps x 1 draft, +1 verified token
+    if dep.speculative_tokens and not ngram:  # SGLang's MTP ("NEXTN"): k steps, +1 verified
         k = dep.speculative_tokens
         sglang += (
             f" --speculative-algorithm NEXTN --speculative-num-steps {k} "
@@ -80,6 +83,8 @@ def launch_commands(
         sglang += (
             f" --nnodes {nodes} --node-rank $NODE_RANK --dist-init-addr $MASTER_ADDR:{MASTER_PORT}"
         )
+    if ngram:
+        sglang += "   # without drafts: n-gram drafts in SGLang are not checked for Qwen 3.5 here"
     return {"qwen35": qwen35, "vllm": vllm, "sglang": sglang}
 
 

@@ -22,6 +22,7 @@ from functools import cached_property
 
 from qwen35.cache_spec import (
     MAX_SPECULATIVE_TOKENS,
+    SPECULATIVE_METHODS,
     CacheSpec,
     cache_spec,
     dtype_bytes,
@@ -131,8 +132,9 @@ class Deployment:
     ep: bool = False  # MoE: routed experts divided whole across all tp*dp GPUs
     text_only: bool = False
     chunk_tokens: int = DEFAULT_PREFILL_CHUNK
-    speculative_tokens: int = 0  # MTP drafts per step (`--num-speculative-tokens`)
+    speculative_tokens: int = 0  # drafts per step (`--num-speculative-tokens`)
     lora_slots: tuple[int, int] = (0, 0)  # LoRA adapters per request: (max_loras, max_lora_rank)
+    speculative_method: str = "mtp"  # drafts from the MTP head (its KV layer) or "ngram" (none)
 
     @property
     def num_gpus(self) -> int:
@@ -160,7 +162,7 @@ class Deployment:
     def caches(self) -> CacheSpec:
         return cache_spec(
             self.cfg, kv_dtype=self.kv_dtype, state_dtype=self.state_dtype, tp=self.tp,
-            speculative_tokens=self.speculative_tokens,
+            speculative_tokens=self.speculative_tokens, mtp=self.speculative_method == "mtp",
         )  # fmt: skip
 
     def working(self, rows: int) -> int:
@@ -335,15 +337,17 @@ def plan_fit(
     chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
     speculative_tokens: int = 0,
     lora_slots: tuple[int, int] = (0, 0),
+    speculative_method: str = "mtp",
 ) -> Fit:
     """Fit one model and dtype on `num_gpus` GPUs. Without `tp`, the smallest tensor-parallel
     size (dividing num_gpus, a valid layout) at which it fits; the other GPUs are replicas.
     Raises LayoutError when no layout is possible (or the given `tp` is impossible).
-    `speculative_tokens`: MTP drafts (the engine runs them at tp=1: replicas only).
+    `speculative_tokens`: drafts a step, from the MTP head or (`speculative_method` "ngram") by
+    prompt lookup (the engine runs either at tp=1: replicas only).
     `lora_slots`: (max_loras, max_lora_rank) of LoRA adapters served per request."""
     check_request(cfg, dtype, num_gpus, tp, context, batch)
     ep_size = num_gpus if ep and cfg.is_moe else 1
-    check_speculative(cfg, speculative_tokens, tp, text_only, ep_size)
+    check_speculative(cfg, speculative_tokens, tp, text_only, ep_size, speculative_method)
     if speculative_tokens:
         sizes = [1]
     elif tp is not None:
@@ -359,7 +363,7 @@ def plan_fit(
     for t in sizes:
         dep = Deployment(
             cfg, dtype, kv_dtype, state_dtype, t, num_gpus // t, ep, text_only, chunk_tokens,
-            speculative_tokens, lora_slots,
+            speculative_tokens, lora_slots, speculative_method,
         )  # fmt: skip
         best = fit(dep, gpu, context, batch)
         if best.fits:
@@ -398,23 +402,31 @@ def check_request(
 
 
 def check_speculative(
-    cfg: ModelConfig, tokens: int, tp: int | None, text_only: bool, ep_size: int = 1
-) -> None:
-    """MTP drafts need the MTP head (loaded: not text-only) and one GPU per replica (the engine
-    refuses them with tensor or expert parallelism)."""
+    cfg: ModelConfig, tokens: int, tp: int | None, text_only: bool, ep_size: int = 1,
+    method: str = "mtp",
+) -> None:  # fmt: skip
+    """Drafts run on one GPU per replica (the engine refuses them with tensor or expert
+    parallelism); MTP drafts also need the MTP head (loaded: not text-only), n-gram ones nothing."""
+    if method not in SPECULATIVE_METHODS:
+        raise PlanError(
+            f"--speculative-method takes {' or '.join(SPECULATIVE_METHODS)}, got {method!r}"
+        )
     if tokens not in range(MAX_SPECULATIVE_TOKENS + 1):
         raise PlanError(
-            f"--num-speculative-tokens takes 0 .. {MAX_SPECULATIVE_TOKENS} (MTP drafts a step), "
+            f"--num-speculative-tokens takes 0 .. {MAX_SPECULATIVE_TOKENS} (drafts a step), "
             f"got {tokens}"
         )
     if not tokens:
         return
-    if not cfg.mtp_num_hidden_layers:
-        raise PlanError(f"{cfg.name} has no MTP head to draft with; drop --num-speculative-tokens")
-    if text_only:
+    if method == "mtp" and not cfg.mtp_num_hidden_layers:
+        raise PlanError(
+            f"{cfg.name} has no MTP head to draft with; drop --num-speculative-tokens, or draft "
+            "by prompt lookup (--speculative-method ngram)"
+        )
+    if method == "mtp" and text_only:
         raise PlanError(
             "--num-speculative-tokens drafts with the MTP head, which --text-only leaves out; "
-            "drop one of them"
+            "drop one of them, or draft by prompt lookup (--speculative-method ngram)"
         )
     if (tp is not None and tp > 1) or ep_size > 1:
         flag = f"--tp {tp}" if tp is not None and tp > 1 else "--ep"
@@ -444,11 +456,13 @@ def summarize(
     kv_dtype: str = "bf16",
     state_dtype: str | None = None,
     speculative_tokens: int = 0,
+    speculative_method: str = "mtp",
 ) -> ModelSummary:
     fp8 = has_fp8(cfg)
     spec = cache_spec(
-        cfg, kv_dtype=kv_dtype, state_dtype=state_dtype, speculative_tokens=speculative_tokens
-    )
+        cfg, kv_dtype=kv_dtype, state_dtype=state_dtype, speculative_tokens=speculative_tokens,
+        mtp=speculative_method == "mtp",
+    )  # fmt: skip
 
     def sizes(text_only: bool) -> dict[str, int | None]:
         return {

@@ -71,6 +71,10 @@ def _console() -> Console:
 # ---- views -----------------------------------------------------------------------------------
 
 
+def _drafts(args) -> str:
+    return "n-gram drafts" if args.speculative_method == "ngram" else "MTP drafts"
+
+
 def render(rows, gpu, args, common) -> None:
     con = _console()
     settings = (
@@ -78,7 +82,7 @@ def render(rows, gpu, args, common) -> None:
         f"{args.state_dtype}, prefill chunk {args.chunk:,}"
         + (", text-only (no vision tower, no MTP head)" if args.text_only else "")
         + (
-            f", MTP drafts ({args.num_speculative_tokens} a step)"
+            f", {_drafts(args)} ({args.num_speculative_tokens} a step)"
             if args.num_speculative_tokens
             else ""
         )
@@ -124,8 +128,9 @@ def _family_table(con: Console, rows, args) -> None:
         )
     con.print(t)
     k = args.num_speculative_tokens
+    head = " and the MTP head's layer" if args.speculative_method == "mtp" else ""
     mtp = (
-        f" and the MTP head's layer (--num-speculative-tokens), state/seq {1 + k} times over: "
+        f"{head} (--num-speculative-tokens), state/seq {1 + k} times over: "
         f"{'a spare' if k == 1 else f'{k} spares'} per sequence"
         if k
         else " only"
@@ -250,7 +255,7 @@ def _gpu_table(con: Console, rows, gpu, args, settings) -> None:
         "tok/s: decode roofline (bytes read per step over bandwidth, or FLOPs over the "
         "BF16 peak); an upper bound."
         + (
-            " Counted without drafts: each accepted MTP draft adds a token to a step."
+            f" Counted without drafts: each accepted {_drafts(args)[:-1]} adds a token to a step."
             if args.num_speculative_tokens
             else ""
         )
@@ -355,13 +360,14 @@ def _model_detail(con: Console, row, args) -> None:
             chunk_tokens=args.chunk,
             speculative_tokens=args.num_speculative_tokens,
             lora_slots=(args.max_loras, args.max_lora_rank),
+            speculative_method=args.speculative_method,
         )
         for d in row.dtypes
     }
     spec = next(iter(deps.values())).caches
     mtp_kv = f" + {spec.mtp_layers} MTP" if spec.mtp_layers else ""
     n = spec.spare_states
-    spare = f"{1 + n} states, {'one a spare' if n == 1 else f'{n} spares'} for MTP drafts, x " * bool(n)
+    spare = f"{1 + n} states, {'one a spare' if n == 1 else f'{n} spares'} for {_drafts(args)}, x " * bool(n)
     con.print(
         f"Caches per GPU (tp={tp}): KV {spec.kv_bytes_per_token:,} B/token ({args.kv_dtype}: "
         f"{spec.num_attention_layers}{mtp_kv} layers x {spec.attention.num_kv_heads} KV heads x "
@@ -439,6 +445,7 @@ def plot(rows, gpu, args) -> Path:
                     text_only=args.text_only,
                     chunk_tokens=args.chunk,
                     speculative_tokens=args.num_speculative_tokens,
+                    speculative_method=args.speculative_method,
                 )
             )
             try:
