@@ -39,6 +39,11 @@ class BenchOptions:
     draft_tokens: tuple[int, ...] | None = None  # spec workload: k of each drafting engine
     tensor_parallel_size: int = 1  # decode: our engine on this many ranks; tp: vs one process
     enable_expert_parallel: bool = False
+    # serve workload (serving.py): prompt / output tokens, Poisson request rate, in-flight cap
+    input_len: int | None = None
+    output_len: int | None = None
+    request_rate: float = float("inf")
+    max_concurrency: int | None = None
     progress: Callable[[str], None] | None = field(default=None, repr=False)  # long phases
 
     def say(self, msg: str) -> None:

@@ -57,6 +57,7 @@ def print_workload(doc: dict, key: str, con: Console) -> None:
         "peers": _peers,
         "tp": _tp,
         "spec": _spec,
+        "serve": _serve,
     }
     printers[key](con, doc["workloads"][key], _impl(doc))
 
@@ -334,3 +335,38 @@ def _tp(con: Console, d: dict, impl: str = "") -> None:
         t.add_row(r["workload"], r["engine"], str(r["threads"]), _f(r["tokens_per_s"], ".1f"),
                   "yes" if r["same_tokens"] else "NO")  # fmt: skip
     con.print(t)
+
+
+def _serve(con: Console, d: dict, impl: str = "") -> None:
+    rate = "all at once" if d["request_rate"] is None else f"{d['request_rate']:g} requests/s"
+    cap = "" if d["max_concurrency"] is None else f", at most {d['max_concurrency']} in flight"
+    where = d.get("base_url") or f"qwen35 serve vs the engine without HTTP, {d['rounds']} rounds"
+    t = Table(
+        title=f"Serving ({where}): {d['num_prompts']} streamed completions, prompts "
+        f"~{d['input_len']} tokens, {d['output_len']} out, {rate}{cap} (ms: mean / median / p99)"
+    )
+    for c in ("", "done", "req/s", "out tok/s", "total tok/s", "TTFT", "TPOT", "ITL", "E2E"):
+        t.add_column(c, justify="right")
+    sides = [("server", d["server"])] + ([("engine", d["engine"])] if "engine" in d else [])
+    for name, r in sides:
+        t.add_row(
+            name,
+            f"{r['completed']}" + (f" ({r['failed']} failed)" if r["failed"] else ""),
+            _f(r["request_throughput"]),
+            _f(r["output_throughput"], ".1f"),
+            _f(r["total_token_throughput"], ".1f"),
+            *(_ms3(r[k]) for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")),
+        )
+    con.print(t)
+    if "server_over_engine" in d:
+        per = " ".join(_x(x) for x in d["server_over_engine_per_round"])
+        con.print(f"  server / engine output throughput {_x(d['server_over_engine'])} (per round "
+                  f"{per}); the engine's TTFT counts from all requests added at once")  # fmt: skip
+    if d["server"].get("first_error"):
+        con.print(f"  first error: {d['server']['first_error']}", markup=False)
+
+
+def _ms3(m: dict) -> str:
+    if m["mean"] is None:
+        return "-"
+    return f"{m['mean']:.0f} / {m['median']:.0f} / {m['p99']:.0f}"

@@ -25,6 +25,7 @@ def _workload_fns() -> dict[str, Callable]:
     from qwen35.benchmarks.parallel import run_tp
     from qwen35.benchmarks.peers import run_peers
     from qwen35.benchmarks.quality import run_quality
+    from qwen35.benchmarks.serving import run_serve
     from qwen35.benchmarks.speculative import run_speculative
     from qwen35.benchmarks.structured import run_structured
     from qwen35.benchmarks.throughput import run_throughput
@@ -42,6 +43,7 @@ def _workload_fns() -> dict[str, Callable]:
         "peers": run_peers,
         "tp": run_tp,
         "spec": run_speculative,
+        "serve": run_serve,
     }
 
 

@@ -10,12 +10,10 @@ import argparse
 import json
 import sys
 
+from qwen35.benchmarks import WORKLOADS  # (constants only: no torch)
 from qwen35.errors import Qwen35Error
 
-WORKLOAD_CHOICES = (
-    "all", "decode", "throughput", "long-context", "multi-turn", "dtype", "structured", "vision",
-    "quality", "peers", "tp", "spec",
-)  # fmt: skip
+WORKLOAD_CHOICES = ("all", *WORKLOADS)
 
 
 def _contexts(text: str) -> tuple[int, ...]:
@@ -43,8 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "chat with one 1024x1024 image; quality = fp8/int8/int4 vs bf16 (top-1 agreement, KL); "
         "peers = each weight format vs llama.cpp; tp = tokens/s of one process vs "
         "--tensor-parallel-size ranks (default 2) on the same weights; spec = batch-1 decode "
-        "with MTP drafts (and oracle drafts at 100/80/60%% acceptance) vs plain (only decode, "
-        "throughput, long-context and multi-turn are part of all)",
+        "with MTP drafts (and oracle drafts at 100/80/60%% acceptance) vs plain; serve = "
+        "streamed completions through `qwen35 serve` (TTFT, TPOT, ITL, throughput) vs the engine "
+        "without HTTP, or through any server with --base-url (only decode, throughput, "
+        "long-context and multi-turn are part of all)",
     )
     p.add_argument(
         "--model",
@@ -85,6 +85,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="spec workload: drafts a step of each drafting engine, comma-separated (default 1,3)",
     )
+    g = p.add_argument_group("serve workload")
+    g.add_argument("--base-url", default=None,
+                   help="load this running OpenAI-compatible server (qwen35 serve, vLLM, SGLang, "
+                        "llama-server; e.g. http://127.0.0.1:8000) instead of our own: no model "
+                        "is loaded here")  # fmt: skip
+    g.add_argument("--served-model-name", default=None,
+                   help="with --base-url: the `model` to request (default: the first the server "
+                        "lists)")  # fmt: skip
+    g.add_argument("--api-key", default=None, help="with --base-url: a bearer key")
+    g.add_argument("--input-len", type=int, default=None,
+                   help="prompt tokens, +-25%% (default 256; quick 16)")  # fmt: skip
+    g.add_argument("--output-len", type=int, default=None,
+                   help="tokens generated per request (default 64; quick 4)")  # fmt: skip
+    g.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests per second, Poisson arrivals (default inf: all at once)")  # fmt: skip
+    g.add_argument("--max-concurrency", type=int, default=None,
+                   help="requests in flight at most (default: no limit)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the JSON document, not tables")
     p.add_argument("--out", default=None, help="also write the JSON document to this file")
 
@@ -117,8 +134,14 @@ def run(args: argparse.Namespace) -> int:
         draft_tokens=_draft_tokens(args.draft_tokens),
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        request_rate=args.request_rate,
+        max_concurrency=args.max_concurrency,
         progress=say,
     )
+    if args.base_url is not None:
+        return _run_external(args, opts)
     workloads = list(ALL) if args.workload == "all" else [args.workload]
     # random-weight and cache-plan notices would interleave with the tables
     logging.getLogger("qwen35").setLevel(logging.ERROR)
@@ -147,6 +170,31 @@ def run(args: argparse.Namespace) -> int:
     save(doc)
     if args.json:
         print(json.dumps(doc, indent=2))
+    return 0
+
+
+def _run_external(args: argparse.Namespace, opts) -> int:
+    """`--workload serve --base-url URL`: the load client alone against a running server."""
+    from qwen35.benchmarks import SCHEMA
+    from qwen35.benchmarks.serving import run_external, sizes
+
+    if args.workload != "serve":
+        raise Qwen35Error("--base-url measures a running server: use it with --workload serve")
+    if not args.base_url.startswith(("http://", "https://")):
+        raise Qwen35Error(f"--base-url must start with http:// or https://, got {args.base_url!r}")
+    result = run_external(args.base_url, sizes(opts), args.served_model_name, args.api_key)
+    doc = {"schema": SCHEMA, "workloads": {"serve": result}}
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(json.dumps(doc, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        from rich.console import Console
+
+        from qwen35.benchmarks.report import print_workload
+
+        print_workload(doc, "serve", Console())
     return 0
 
 
