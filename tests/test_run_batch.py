@@ -179,3 +179,33 @@ def test_command_refuses_bad_paths_before_loading(tmp_path):
     r = qwen35("run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "in.jsonl"),
                "--model", str(tmp_path / "no-model"))  # fmt: skip
     assert r.returncode == 2 and "must not be the input file" in r.stderr
+
+
+def test_the_engine_is_built_and_stepped_on_one_thread(setup, tmp_path, monkeypatch):
+    """`run-batch` and `serve` (commands/common.py engine_on_its_thread) build the engine on the
+    thread that steps it, not on the main thread (engine/engine_thread.py: OpenMP teams)."""
+    import threading
+
+    from qwen35.cli import main
+    from qwen35.engine import llm_engine
+
+    seen: dict[str, set[int]] = {"built": set(), "stepped": set()}
+
+    class Recording(llm_engine.LLMEngine):
+        def __init__(self, *a, **kw):
+            seen["built"].add(threading.get_ident())
+            super().__init__(*a, **kw)
+
+        def step(self):
+            seen["stepped"].add(threading.get_ident())
+            return super().step()
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", Recording)
+    d, _, _ = setup
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(line(*REQUESTS[0]) + "\n")
+    assert main(["run-batch", "-i", str(src), "-o", str(dst), "--model", str(d), "--max-memory",
+                 "256MiB", "--dtype", "fp32", "--text-only", "--served-model-name", "tiny"]) == 0  # fmt: skip
+    assert json.loads(dst.read_text())["response"]["status_code"] == 200
+    assert seen["stepped"] == seen["built"] and len(seen["built"]) == 1
+    assert threading.get_ident() not in seen["built"]

@@ -9,10 +9,11 @@ on its own thread with a plain HTTP/1.1 connection (stdlib only), so it measures
 takes token-id prompts (`qwen35 serve`, vLLM, SGLang, llama-server): `qwen35 bench --workload
 serve --base-url URL`.
 
-The workload without `--base-url` (`run_serve`) serves the bench model with `qwen35 serve`'s app
-on a loopback port and runs the same requests, round by round, through the server and straight
-through the engine (`LLMEngine.add_request` + `step`, no HTTP): the engine's rows are the
-baseline, and the ratio of output throughputs is what the server costs.
+The workload without `--base-url` (`run_serve`) starts `qwen35 serve` on the bench model in a
+process of its own (as deployed) and runs the same requests, round by round, through the server
+and straight through an engine in this process (`LLMEngine.add_request` + `step`, no HTTP): the
+engine's rows are the baseline, and the ratio of output throughputs is what serving costs. The
+client runs in this process, on threads, while the engine here is idle.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import multiprocessing
 import random
+import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -284,25 +286,27 @@ def _offline(engine, prompts: list[list[int]], output_len: int) -> tuple[list[Re
 
 def run_serve(bm, opts) -> dict:
     from qwen35.benchmarks.common import make_engine, median, ratio
-    from qwen35.server.app import ServerConfig
 
     spec = sizes(opts)
     rounds = opts.rounds or (1 if opts.quick else 2)
     prompts = random_prompts(spec, bm.config.vocab_size)
-    longest = max(map(len, prompts)) + spec.output_len
-    engine = make_engine(bm, max_num_seqs=spec.num_prompts, max_model_len=longest + 16)
-    config = ServerConfig(served_model_name="bench")
+    max_len = max(map(len, prompts)) + spec.output_len + 16
+    engine = make_engine(bm, max_num_seqs=spec.num_prompts, max_model_len=max_len)
     res: dict[str, list[dict]] = {"server": [], "engine": []}
     _offline(engine, prompts[:1], 2)  # warm-up (kernels, first-step allocations)
-    # the client in a process of its own, as a real one is (not sharing our GIL)
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
+    opts.say("serve: starting qwen35 serve")
+    server = ServeProcess(bm, opts, max_num_seqs=spec.num_prompts, max_model_len=max_len)
+    try:
+        run_load(server.url, "bench", prompts[:1], replace(spec, output_len=2))  # its warm-up
         for r in range(rounds):
             for side in ("server", "engine") if r % 2 == 0 else ("engine", "server"):
                 opts.say(f"serve: round {r + 1}/{rounds}, {side}")
                 if side == "engine":
                     res[side].append(summarize(*_offline(engine, prompts, spec.output_len)))
                 else:
-                    res[side].append(summarize(*_served(engine, config, prompts, spec, client)))
+                    res[side].append(summarize(*run_load(server.url, "bench", prompts, spec)))
+    finally:
+        server.close()
     failed = sum(x["failed"] for x in res["server"])
     if failed:
         raise Qwen35Error(f"serve workload: {failed} requests failed through the server: "
@@ -320,47 +324,69 @@ def run_serve(bm, opts) -> dict:
     }
 
 
-def _served(engine, config, prompts, spec, client) -> tuple[list[Record], float]:
-    from qwen35.server.app import create_app
-
-    srv = _LoopbackServer(create_app(engine, config))  # (an app's lifespan runs once)
-    try:
-        return client.submit(run_load, srv.url, "bench", prompts, spec).result()
-    finally:
-        srv.close()
-
-
 def _median_round(rows: list[dict]) -> dict:
     """The round whose output throughput is the median (a whole round: its numbers agree)."""
     order = sorted(rows, key=lambda x: x["output_throughput"] or 0.0)
     return order[(len(order) - 1) // 2]
 
 
-class _LoopbackServer:
-    """`qwen35 serve`'s app under uvicorn on a free loopback port, in a thread."""
+class ServeProcess:
+    """`qwen35 serve` on the bench model in a process of its own, as it is deployed (its engine
+    built and stepped on one thread: engine/engine_thread.py), on a free loopback port. It loads
+    the model again (random weights: the same config, its own seed)."""
 
-    def __init__(self, app):
-        import socket
+    def __init__(self, bm, opts, max_num_seqs: int, max_model_len: int, timeout: float = 900):
+        cmd = [sys.executable, "-m", "qwen35.cli", "serve", "--model", str(bm.source),
+               "--port", "0", "--served-model-name", "bench", "--log-level", "warning",
+               "--max-num-seqs", str(max_num_seqs), "--max-model-len", str(max_model_len),
+               "--dtype", opts.dtype, "--device", str(opts.device)]  # fmt: skip
+        if opts.threads:
+            cmd += ["--threads", str(opts.threads)]
+        if bm.random_weights:
+            cmd += ["--load-format", "random"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.log: list[str] = []
+        found = threading.Event()
+        self.url = ""
 
-        import uvicorn
+        def read() -> None:  # (drained to the end: a full pipe would stall the server)
+            for line in self.proc.stderr:
+                self.log.append(line)
+                m = re.search(r" on (http://[^\s/]+)/v1", line)
+                if m and not found.is_set():
+                    self.url = m.group(1)
+                    found.set()
+            found.set()
 
-        from qwen35.server.transport import TransportLimits, uvicorn_config
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        if not found.wait(timeout) or not self.url or not self._healthy(deadline):
+            self.close()
+            tail = "".join(self.log[-20:])
+            raise Qwen35Error(f"serve workload: `qwen35 serve` did not start:\n{tail}")
 
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        cfg = uvicorn_config(app, TransportLimits(), log_level="warning",
-                             timeout_graceful_shutdown=2)  # fmt: skip
-        self.server = uvicorn.Server(cfg)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
-                                       daemon=True)  # fmt: skip
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise Qwen35Error("serve workload: the server did not start")
-            time.sleep(0.02)
+    def _healthy(self, deadline: float) -> bool:
+        """/health answers 200 (the port is bound before the server listens)."""
+        url = urllib.parse.urlsplit(self.url)
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=5)
+            try:
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return True
+            except (OSError, http.client.HTTPException):
+                pass
+            finally:
+                conn.close()
+            time.sleep(0.1)
+        return False
 
     def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -25,6 +25,24 @@ def engine_config(args: argparse.Namespace, **extra):
     return EngineConfig.from_cli(args, **extra)
 
 
+def engine_on_its_thread(args: argparse.Namespace, **extra):
+    """(EngineThread, LLMEngine) for `serve` and `run-batch`: the engine is built on the thread
+    that will step it (engine/engine_thread.py); a load error is raised here."""
+    import sys
+
+    from qwen35.engine.engine_thread import EngineThread
+    from qwen35.engine.llm_engine import LLMEngine
+
+    thread = EngineThread()
+    try:
+        engine = thread.call(LLMEngine, args.model, engine_config(args, **extra),
+                             progress=sys.stderr.isatty())  # fmt: skip
+    except BaseException:
+        thread.close()
+        raise
+    return thread, engine
+
+
 LORA_NAME = "lora"  # the adapter `--lora DIR` serves
 
 

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 
-from qwen35.commands.common import add_engine_arguments, engine_config
+from qwen35.commands.common import add_engine_arguments, engine_on_its_thread
 from qwen35.errors import Qwen35Error
 
 
@@ -54,15 +54,13 @@ def run(args: argparse.Namespace) -> int:
         raise Qwen35Error(
             f"--max-concurrent-requests must be >= 1, got {args.max_concurrent_requests}"
         )
-    from qwen35.engine.llm_engine import LLMEngine
     from qwen35.server.app import ServerConfig, create_app
 
-    engine = LLMEngine(
-        args.model, engine_config(args, seed=args.seed), progress=sys.stderr.isatty()
-    )
+    thread, engine = engine_on_its_thread(args, seed=args.seed)
     try:
-        app = create_app(engine, ServerConfig(served_model_name=args.served_model_name
-                                              or args.model, model_path=args.model))  # fmt: skip
+        config = ServerConfig(served_model_name=args.served_model_name or args.model,
+                              model_path=args.model)  # fmt: skip
+        app = create_app(engine, config, thread)
         window = args.max_concurrent_requests or 4 * engine.plan.num_state_slots
         return asyncio.run(_run(app, args.input_file, args.output_file, window))
     finally:

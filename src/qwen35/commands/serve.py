@@ -8,7 +8,7 @@ import errno
 import os
 import sys
 
-from qwen35.commands.common import add_engine_arguments, engine_config
+from qwen35.commands.common import add_engine_arguments, engine_on_its_thread
 from qwen35.errors import Qwen35Error
 
 
@@ -167,13 +167,10 @@ def run(args: argparse.Namespace) -> int:
     # HTTP (the other ranks become workers inside LLMEngine and exit there)
     ranked = torchrun_env()
     sock = _listen_socket(args.host, args.port) if ranked is None or ranked[0] == 0 else None
-    from qwen35.engine.llm_engine import LLMEngine
     from qwen35.server.transport import run_server, uvicorn_config
 
     try:
-        engine = LLMEngine(
-            args.model, engine_config(args, seed=args.seed), progress=sys.stderr.isatty()
-        )
+        thread, engine = engine_on_its_thread(args, seed=args.seed)
     except BaseException:
         if sock is not None:
             sock.close()
@@ -185,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         import signal
 
         engine.workers.on_failure = lambda _msg: os.kill(os.getpid(), signal.SIGTERM)
-    app = create_app(engine, config)
+    app = create_app(engine, config, thread)
     port = sock.getsockname()[1]  # (--port 0: the one the system chose)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from qwen35.engine.engine_thread import EngineThread
 from qwen35.server import serving_lora, serving_responses, serving_tokens
 from qwen35.server.async_engine import AsyncEngine
 from qwen35.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -51,9 +52,10 @@ OPEN_PATHS = ("/health",)  # no API key needed (load balancers probe it)
 __all__ = ["ServerConfig", "ServerState", "create_app"]
 
 
-def create_app(engine: Any, config: ServerConfig) -> FastAPI:
-    """An app serving `engine` (an LLMEngine). Its loop thread runs while the app's lifespan does."""
-    async_engine = AsyncEngine(engine, max_queue=config.max_queue)
+def create_app(engine: Any, config: ServerConfig, thread: EngineThread | None = None) -> FastAPI:
+    """An app serving `engine` (an LLMEngine). Its loop runs while the app's lifespan does, on
+    `thread` (the EngineThread that built the engine: engine/engine_thread.py) or a new one."""
+    async_engine = AsyncEngine(engine, max_queue=config.max_queue, thread=thread)
     metrics = ServerMetrics(lambda: async_engine.stats, lambda: async_engine.alive)
     state = ServerState(engine, async_engine, metrics, config)
 

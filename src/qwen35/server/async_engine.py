@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from qwen35.engine.engine_thread import EngineThread
 from qwen35.request import RequestOutput, SamplingParams
 
 log = logging.getLogger("qwen35.server")
@@ -83,7 +84,7 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """Owns the engine loop thread.
+    """Runs the engine loop on its EngineThread.
 
     `max_queue` counts sequences (prompts x n), not HTTP requests: a request is refused (503)
     when, with its sequences, more than `max_queue` sequences would wait for a running slot
@@ -92,7 +93,9 @@ class AsyncEngine:
     it.
     """
 
-    def __init__(self, engine: Any, max_queue: int | None = None):
+    def __init__(self, engine: Any, max_queue: int | None = None, thread: EngineThread | None = None):
+        """`thread`: the EngineThread that built the engine, to run the loop on (on a CPU, one
+        thread builds and steps the engine: engine/engine_thread.py); None: a new one."""
         self.engine = engine
         self.max_queue = max_queue
         self.on_death: list[Callable[[], None]] = []
@@ -105,22 +108,31 @@ class AsyncEngine:
         self._stop = False
         self._closed = False  # the loop has drained its commands for the last time
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="qwen35-engine", daemon=True)
+        self._own_thread = thread is None
+        self._thread = thread or EngineThread()
+        self._loop: concurrent.futures.Future | None = None  # the loop, once started
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         self._refresh_stats()
-        self._thread.start()
+        self._loop = self._thread.submit(self._run)
+        if self._own_thread:
+            self._thread.close()  # (it ends with the loop)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop = True
         self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        if self._loop is not None:
+            concurrent.futures.wait([self._loop], timeout)
+
+    @property
+    def running(self) -> bool:
+        """The loop has started and not returned."""
+        return self._loop is not None and not self._loop.done()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None and not self._stop
+        return self.running and self.error is None and not self._stop
 
     # ---- handler side (event loop threads) -------------------------------------------------
     @property
