@@ -33,8 +33,8 @@ def doc(tiny_cfg) -> dict:
     from qwen35.benchmarks.runner import run_bench
 
     opts = BenchOptions(model=tiny_cfg, quick=True, threads=None, contexts=(32, 96))
-    # structured, vision, tp and spec have tests of their own
-    skip = ("structured", "vision", "tp", "spec")
+    # structured, vision, tp, spec and serve have tests of their own
+    skip = ("structured", "vision", "tp", "spec", "serve")
     return run_bench(opts, [w for w in WORKLOADS if w not in skip])
 
 
