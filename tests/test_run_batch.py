@@ -209,3 +209,39 @@ def test_the_engine_is_built_and_stepped_on_one_thread(setup, tmp_path, monkeypa
     assert json.loads(dst.read_text())["response"]["status_code"] == 200
     assert seen["stepped"] == seen["built"] and len(seen["built"]) == 1
     assert threading.get_ident() not in seen["built"]
+
+
+def test_reading_pauses_while_a_slow_first_request_holds_results_back():
+    """In-order output keeps later results until the first is written: reading stops once
+    PENDING_WINDOWS x window of them wait, and resumes when the slow one ends."""
+    from qwen35.server import batch
+
+    release = asyncio.Event()
+    consumed: list[int] = []
+
+    async def app(scope, receive, send):  # a server whose first request waits for `release`
+        body = json.loads((await receive())["body"])
+        if body["prompt"] == "slow":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": json.dumps({"p": body["prompt"]}).encode()})
+
+    def lines():
+        for i in range(100):
+            consumed.append(i)
+            yield line(f"r{i}", "/v1/completions", {"prompt": "slow" if i == 0 else str(i)})
+
+    async def go():
+        results: list[dict] = []
+        task = asyncio.ensure_future(batch.run_batch(app, lines(), 2, lambda r, _c: results.append(r)))
+        for _ in range(200):
+            await asyncio.sleep(0)
+        held = len(consumed)
+        assert held <= batch.PENDING_WINDOWS * 2 + 2 and not results  # paused, nothing written
+        release.set()
+        counts = await task
+        return held, results, counts
+
+    held, results, counts = asyncio.run(go())
+    assert counts.completed == 100 and len(consumed) == 100
+    assert [r["response"]["body"]["p"] for r in results] == ["slow"] + [str(i) for i in range(1, 100)]

@@ -25,6 +25,7 @@ from typing import Any
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 MAX_CUSTOM_ID = 512  # characters (OpenAI allows 64; vLLM does not limit it)
+PENDING_WINDOWS = 8  # results kept for in-order output: at most this many windows' worth
 
 
 @dataclass
@@ -200,7 +201,9 @@ async def run_batch(
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         await flush(wait=False)
-        while len(in_flight) >= window:
+        # at most `window` in flight, and at most PENDING_WINDOWS x window results held back
+        # behind a slow earlier one (it is in flight, so the wait ends when it does)
+        while len(in_flight) >= window or (in_flight and len(pending) >= PENDING_WINDOWS * window):
             await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
             await flush(wait=False)
     await flush(wait=True)
