@@ -35,6 +35,22 @@ def test_allowed_tokens_and_bad_words_match_the_reference():
     assert banned_by_bad_words(rows[1]) == {9, int(logits[1].argmax())}
 
 
+def test_allowed_ids_tensor_is_built_once_and_follows_a_new_list():
+    from qwen35.engine.sampler import apply_allowed_and_bad_words
+
+    x = torch.randn(2, 50)
+    p = SamplingParams(allowed_token_ids=[3, 7])
+    first = apply_allowed_and_bad_words(x, [SamplingRow(p), SamplingRow(SamplingParams())])
+    cached = p.__dict__["_allowed_ids_tensor"][1]
+    again = apply_allowed_and_bad_words(x, [SamplingRow(p), SamplingRow(SamplingParams())])
+    assert torch.equal(first, again) and p.__dict__["_allowed_ids_tensor"][1] is cached
+    assert torch.isfinite(first[0]).nonzero().flatten().tolist() == [3, 7]
+    assert torch.equal(first[1], x[1])
+    p.allowed_token_ids = [9]  # a new list on the same params: its own mask
+    third = apply_allowed_and_bad_words(x, [SamplingRow(p)])
+    assert torch.isfinite(third[0]).nonzero().flatten().tolist() == [9]
+
+
 @pytest.mark.parametrize(
     "kw,field",
     [({"allowed_token_ids": []}, "allowed_token_ids"), ({"allowed_token_ids": [-1]}, "allowed_token_ids"),

@@ -275,7 +275,7 @@ def apply_allowed_and_bad_words(x: torch.Tensor, rows: Sequence[SamplingRow]) ->
     x = x.clone()
     for i, r in todo:
         if r.params.allowed_token_ids:
-            keep = torch.tensor(r.params.allowed_token_ids, device=x.device)
+            keep = _allowed_ids(r.params, x.device)
             row = torch.full_like(x[i], -math.inf)
             row[keep] = x[i, keep]
             x[i] = row
@@ -283,6 +283,16 @@ def apply_allowed_and_bad_words(x: torch.Tensor, rows: Sequence[SamplingRow]) ->
         if banned:
             x[i, torch.tensor(sorted(banned), device=x.device)] = -math.inf
     return x
+
+
+def _allowed_ids(params: SamplingParams, device: torch.device) -> torch.Tensor:
+    """params.allowed_token_ids as a tensor on `device`, built once per request (kept on the
+    params object: a list of ~100K ids took milliseconds a step to convert)."""
+    cached = params.__dict__.get("_allowed_ids_tensor")
+    if cached is None or cached[0] is not params.allowed_token_ids or cached[1].device != device:
+        cached = (params.allowed_token_ids, torch.tensor(params.allowed_token_ids, device=device))
+        params.__dict__["_allowed_ids_tensor"] = cached
+    return cached[1]
 
 
 def apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
