@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="long-context sizes, comma-separated (default 1024,8192,32768; quick 64,256)",
     )
-    p.add_argument("--requests", type=int, default=None, help="throughput requests (default 32)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="throughput and serve workloads: requests (default 32)")
     p.add_argument(
         "--hf-batch-size", type=int, default=8, help="transformers' static batch size (default 8)"
     )
