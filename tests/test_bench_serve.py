@@ -127,3 +127,29 @@ def test_serve_workload_on_a_tiny_model(tmp_path):
         assert not math.isnan(d[side]["ttft_ms"]["mean"])
     assert len(d["server_over_engine_per_round"]) == 2 and d["server_over_engine"] > 0
     assert len(d["per_round"]["server"]) == 2
+
+
+def test_a_server_without_usage_counts_a_token_a_chunk():
+    import http.server
+    import threading
+
+    class SSE(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            for t in ("a", "b", "c"):
+                self.wfile.write(f'data: {{"choices": [{{"text": "{t}"}}]}}\n\n'.encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SSE)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        rec = send(f"http://127.0.0.1:{srv.server_address[1]}", "m", [1, 2], output_len=3)
+    finally:
+        srv.shutdown()
+    assert rec.ok and rec.output_tokens == 3 and len(rec.itl) == 2
