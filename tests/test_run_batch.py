@@ -245,3 +245,29 @@ def test_reading_pauses_while_a_slow_first_request_holds_results_back():
     held, results, counts = asyncio.run(go())
     assert counts.completed == 100 and len(consumed) == 100
     assert [r["response"]["body"]["p"] for r in results] == ["slow"] + [str(i) for i in range(1, 100)]
+
+
+def test_an_engine_failure_answers_every_line():
+    """The engine loop dies on its first step: each line still gets a result (the server's
+    error), none is dropped, and the app reports the engine dead (the command exits 1)."""
+    from qwen35.server.app import ServerConfig, create_app
+    from qwen35.server.batch import run_batch
+    from server_fakes import FakeEngine
+
+    engine = FakeEngine()
+    engine.fail_next_step = True
+    app = create_app(engine, ServerConfig(served_model_name="fake"))
+    results: list[dict] = []
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            counts = await run_batch(app, [line(f"r{i}", "/v1/completions", {"prompt": "hi"})
+                                           for i in range(6)], 2, lambda r, _c: results.append(r))  # fmt: skip
+            return counts, app.state.qwen35.async_engine.alive
+
+    counts, alive = asyncio.run(go())
+    assert not alive and counts.failed == counts.total == 6 == len(results)
+    assert [r["custom_id"] for r in results] == [f"r{i}" for i in range(6)]
+    assert all(r["response"]["status_code"] in (500, 503) for r in results)
+    assert results[-1]["response"]["status_code"] == 503
+    assert results[-1]["error"]["code"] == "engine_dead"
