@@ -75,12 +75,18 @@ class Record:
     sent_at: float = math.nan  # seconds from the load's start to this request's send
 
 
+def _connect(base_url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    """A connection to a base URL's server (http or https) and the path prefix its `/v1/...`
+    routes hang off (a `/v1` the URL ends in is the API's own)."""
+    url = urllib.parse.urlsplit(base_url)
+    cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    return cls(url.hostname, url.port, timeout=timeout), url.path.rstrip("/").removesuffix("/v1")
+
+
 def send(base_url: str, model: str | None, prompt: list[int], output_len: int,
          api_key: str | None = None, timeout: float = 600.0) -> Record:  # fmt: skip
     """One streamed completion; never raises (a failure is a Record with `error`)."""
     rec = Record(prompt_tokens=len(prompt))
-    url = urllib.parse.urlsplit(base_url)
-    conn_cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
     body = {"prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     if model:
@@ -88,12 +94,11 @@ def send(base_url: str, model: str | None, prompt: list[int], output_len: int,
     headers = {"content-type": "application/json"}
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
-    path = url.path.rstrip("/").removesuffix("/v1") + "/v1/completions"
-    conn = conn_cls(url.hostname, url.port, timeout=timeout)
+    conn, prefix = _connect(base_url, timeout)
     start = time.perf_counter()
     last = None
     try:
-        conn.request("POST", path, json.dumps(body), headers)
+        conn.request("POST", prefix + "/v1/completions", json.dumps(body), headers)
         resp = conn.getresponse()
         if resp.status != 200:
             rec.error = f"HTTP {resp.status}: {resp.read(500).decode('utf-8', 'replace')}"
@@ -178,6 +183,7 @@ def _stats_ms(xs: list[float]) -> dict:
 def summarize(records: list[Record], duration: float) -> dict:
     ok = [r for r in records if r.ok]
     out = sum(r.output_tokens for r in ok)
+    prompt = sum(r.prompt_tokens for r in ok)
     tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     errors = [r.error for r in records if not r.ok]
     return {
@@ -185,13 +191,11 @@ def summarize(records: list[Record], duration: float) -> dict:
         "failed": len(errors),
         "first_error": errors[0] if errors else None,
         "duration_s": duration,
-        "input_tokens": sum(r.prompt_tokens for r in ok),
+        "input_tokens": prompt,
         "output_tokens": out,
         "request_throughput": len(ok) / duration if duration else None,
         "output_throughput": out / duration if duration else None,
-        "total_token_throughput": (out + sum(r.prompt_tokens for r in ok)) / duration
-        if duration
-        else None,
+        "total_token_throughput": (out + prompt) / duration if duration else None,
         "ttft_ms": _stats_ms([r.ttft for r in ok]),
         "tpot_ms": _stats_ms(tpot),
         "itl_ms": _stats_ms([x for r in ok for x in r.itl]),
@@ -201,12 +205,10 @@ def summarize(records: list[Record], duration: float) -> dict:
 
 def served_model(base_url: str, api_key: str | None = None) -> str:
     """The first model a server lists at /v1/models."""
-    url = urllib.parse.urlsplit(base_url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn, prefix = _connect(base_url, 30)
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        conn.request("GET", url.path.rstrip("/").removesuffix("/v1") + "/v1/models",
-                     headers=headers)  # fmt: skip
+        conn.request("GET", prefix + "/v1/models", headers=headers)
         resp = conn.getresponse()
         body = resp.read()
         if resp.status != 200:
@@ -370,9 +372,8 @@ class ServeProcess:
 
     def _healthy(self, deadline: float) -> bool:
         """/health answers 200 (the port is bound before the server listens)."""
-        url = urllib.parse.urlsplit(self.url)
         while time.monotonic() < deadline and self.proc.poll() is None:
-            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=5)
+            conn, _ = _connect(self.url, 5)
             try:
                 conn.request("GET", "/health")
                 if conn.getresponse().status == 200:

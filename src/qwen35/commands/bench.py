@@ -152,14 +152,9 @@ def run(args: argparse.Namespace) -> int:
 
         con = Console()
 
-    def save(doc: dict) -> None:
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(json.dumps(doc, indent=2) + "\n")
-
     def on_workload(doc: dict, key: str) -> None:
         # long runs: each table (and the JSON so far) as soon as its workload ends
-        save(doc)
+        _save(doc, args.out)
         if con is not None:
             from qwen35.benchmarks.report import print_header, print_workload
 
@@ -168,10 +163,17 @@ def run(args: argparse.Namespace) -> int:
             print_workload(doc, key, con)
 
     doc = run_bench(opts, workloads, progress=say, on_workload=on_workload)
-    save(doc)
+    _save(doc, args.out)
     if args.json:
         print(json.dumps(doc, indent=2))
     return 0
+
+
+def _save(doc: dict, path: str | None) -> None:
+    """--out: the JSON document so far."""
+    if path:
+        with open(path, "w") as f:
+            f.write(json.dumps(doc, indent=2) + "\n")
 
 
 def _run_external(args: argparse.Namespace, opts) -> int:
@@ -185,9 +187,7 @@ def _run_external(args: argparse.Namespace, opts) -> int:
         raise Qwen35Error(f"--base-url must start with http:// or https://, got {args.base_url!r}")
     result = run_external(args.base_url, sizes(opts), args.served_model_name, args.api_key)
     doc = {"schema": SCHEMA, "workloads": {"serve": result}}
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(json.dumps(doc, indent=2) + "\n")
+    _save(doc, args.out)
     if args.json:
         print(json.dumps(doc, indent=2))
     else:

@@ -57,10 +57,13 @@ def launch_commands(
     vllm = f"vllm serve {model} --tensor-parallel-size {tp} --max-model-len {context}"
     if ep:
         vllm += " --enable-expert-parallel"
-    if dep.speculative_tokens:  # (our prompt-lookup defaults: n-grams of 2 to 4 tokens)
+    if dep.speculative_tokens:
         spec = {"method": "ngram" if ngram else "mtp", "num_speculative_tokens": dep.speculative_tokens}
-        if ngram:
-            spec.update(prompt_lookup_max=4, prompt_lookup_min=2)
+        if ngram:  # the engine's own prompt-lookup defaults (engine/config.py, no torch)
+            from qwen35.engine.config import SchedulingConfig
+
+            d = SchedulingConfig()
+            spec.update(prompt_lookup_max=d.prompt_lookup_max, prompt_lookup_min=d.prompt_lookup_min)
         vllm += f" --speculative-config '{json.dumps(spec)}'"
     if yarn is not None:  # the model card's rope_parameters edit, as an override
         vllm += f" --hf-overrides '{_yarn_override(dep.cfg)}'"

@@ -108,15 +108,17 @@ class AsyncEngine:
         self._stop = False
         self._closed = False  # the loop has drained its commands for the last time
         self.error: BaseException | None = None
-        self._own_thread = thread is None
-        self._thread = thread or EngineThread()
+        self._thread = thread  # None: one of its own, made at start
         self._loop: concurrent.futures.Future | None = None  # the loop, once started
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         self._refresh_stats()
+        own = self._thread is None
+        if own:
+            self._thread = EngineThread()
         self._loop = self._thread.submit(self._run)
-        if self._own_thread:
+        if own:
             self._thread.close()  # (it ends with the loop)
 
     def shutdown(self, timeout: float = 10.0) -> None:

@@ -38,9 +38,10 @@ class BatchCounts:
 class LineError(Exception):
     """A line that is not a runnable request (answered with `response: null`)."""
 
-    def __init__(self, message: str, code: str = "invalid_request"):
+    def __init__(self, message: str, code: str = "invalid_request", custom_id: str | None = None):
         super().__init__(message)
         self.code = code
+        self.custom_id = custom_id  # the line's, where it had a usable one
 
 
 def parse_line(line: str, lineno: int, seen: set[str]) -> tuple[str | None, str, bytes]:
@@ -59,35 +60,22 @@ def parse_line(line: str, lineno: int, seen: set[str]) -> tuple[str | None, str,
             "characters (it matches a result to its request)"
         )
     if custom_id in seen:
-        raise _with_id(
-            LineError(f"line {lineno}: custom_id {custom_id!r} repeats an earlier line's; "
-                      "each request needs its own", "duplicate_custom_id"),  # fmt: skip
-            custom_id,
-        )
+        raise LineError(f"line {lineno}: custom_id {custom_id!r} repeats an earlier line's; "
+                        "each request needs its own", "duplicate_custom_id", custom_id)  # fmt: skip
     seen.add(custom_id)
     method = item.get("method", "POST")
     url = item.get("url")
     if method != "POST" or url not in URLS:
-        raise _with_id(
-            LineError(f"line {lineno}: {method!r} {url!r} is not a batch endpoint; use "
-                      f"\"method\": \"POST\" and a url of {', '.join(URLS)}"),  # fmt: skip
-            custom_id,
-        )
+        raise LineError(f"line {lineno}: {method!r} {url!r} is not a batch endpoint; use "
+                        f"\"method\": \"POST\" and a url of {', '.join(URLS)}",
+                        custom_id=custom_id)  # fmt: skip
     body = item.get("body")
     if not isinstance(body, dict):
-        raise _with_id(LineError(f"line {lineno}: body must be a JSON object"), custom_id)
+        raise LineError(f"line {lineno}: body must be a JSON object", custom_id=custom_id)
     if body.get("stream"):
-        raise _with_id(
-            LineError(f"line {lineno}: \"stream\": true is not supported in a batch (each "
-                      "result is written whole); leave it out"),  # fmt: skip
-            custom_id,
-        )
+        raise LineError(f"line {lineno}: \"stream\": true is not supported in a batch (each "
+                        "result is written whole); leave it out", custom_id=custom_id)  # fmt: skip
     return custom_id, url, json.dumps(body).encode()
-
-
-def _with_id(e: LineError, custom_id: str) -> LineError:
-    e.custom_id = custom_id  # type: ignore[attr-defined]
-    return e
 
 
 def _short(e: BaseException) -> str:
@@ -187,14 +175,13 @@ async def run_batch(
             on_result(item, counts)
 
     in_flight: set[asyncio.Task] = set()
-    for index, line in enumerate(_lines(lines)):
-        lineno, text = line
+    for index, (lineno, text) in enumerate(_lines(lines)):
         counts.total += 1
         try:
             custom_id, url, body = parse_line(text, lineno, seen)
         except LineError as e:
             err = {"code": e.code, "message": str(e)}
-            pending[index] = result_line(getattr(e, "custom_id", None), None, None, None, err)
+            pending[index] = result_line(e.custom_id, None, None, None, err)
         else:
             task = asyncio.ensure_future(one(custom_id, url, body))
             pending[index] = task
