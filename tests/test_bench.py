@@ -32,7 +32,7 @@ def tiny_cfg(tmp_path_factory) -> str:
 def doc(tiny_cfg) -> dict:
     from qwen35.benchmarks.runner import run_bench
 
-    opts = BenchOptions(model=tiny_cfg, quick=True, threads=None, contexts=(32, 96))
+    opts = BenchOptions(model=tiny_cfg, quick=True, threads=None, contexts=(32, 96), batches=(1, 3))
     # structured, vision, tp, spec and serve have tests of their own
     skip = ("structured", "vision", "tp", "spec", "serve")
     return run_bench(opts, [w for w in WORKLOADS if w not in skip])
@@ -102,6 +102,14 @@ def test_quality_and_peers_workloads(doc):
             assert got == pytest.approx([x / y for x, y in zip(a[key], b[key], strict=True)])
     if p["llama_cpp"] != "ran":
         assert isinstance(p["llama_cpp"], str) and p["llama_cpp"]  # the reason it was skipped
+    # --batches 1,3: each engine's batched decode, a figure a round per batch size
+    assert p["batches"] == [1, 3] and p["batch_steps"] > 0
+    for r in p["engines"].values():
+        assert set(r["batched_decode_tokens_per_s"]) == {"1", "3"}
+        for b, each in r["batched_decode_tokens_per_s_per_round"].items():
+            assert len(each) == p["rounds"] and all(_finite_positive(x) for x in each)
+            assert r["batched_decode_tokens_per_s"][b] == pytest.approx(sorted(each)[len(each) // 2])
+    assert set(p["batched_decode_ratio_per_round"]) == set(p["decode_ratio_per_round"])
 
 
 def test_cpu_description_names_family_and_model():
@@ -315,6 +323,70 @@ def test_timed_request_counts_every_prefill_chunk(tiny_cfg):
     prefill, steps, tokens = timed_request(engine, list(range(3, 43)), 5, "chunked")
     assert len(tokens) == 5 and len(steps) == 4  # the first token ends the prefill
     assert len(calls) == 3 + 4 and prefill > 0  # 40 prompt tokens: 3 chunks of <= 16
+
+
+def test_timed_batch_times_only_steps_that_decode_every_sequence(tiny_cfg):
+    """Batched decode (peers --batches): prompts longer than a step's budget are prefilled over
+    several steps, some sequences decoding meanwhile; only later steps, each decoding all B, are
+    timed, and the requests are gone afterwards (the engine is free for the next run)."""
+    from qwen35.benchmarks.common import make_engine, timed_batch
+
+    bm = load_bench_model(BenchOptions(model=tiny_cfg, dtype="fp32", threads=1))
+    engine = make_engine(bm, max_num_batched_tokens=24, max_num_seqs=3, max_model_len=64)
+    rows = []
+    step = engine.step
+
+    def counting():
+        outs = step()
+        rows.append(len(outs))
+        return outs
+
+    engine.step = counting
+    prompts = [list(range(3 + i, 23 + i)) for i in range(3)]  # 60 prompt tokens: 3+ steps
+    times = timed_batch(engine, prompts, 5, "b")
+    assert len(times) == 5 and all(t > 0 for t in times)
+    assert rows[-5:] == [3] * 5 and len(rows) > 5  # prefill steps first, untimed
+    assert not engine.has_unfinished_requests()
+    # a sequence that finishes during the timed steps is an error, not a smaller batch
+    small = make_engine(bm, max_num_seqs=2, max_model_len=24)
+    with pytest.raises(RuntimeError, match="decoded"):
+        timed_batch(small, [list(range(3, 23)), list(range(4, 24))], 8, "short")
+    assert not small.has_unfinished_requests()
+
+
+def test_bench_batches_flag():
+    from qwen35.commands.bench import _batches
+
+    assert _batches("4,16") == (4, 16)
+    for bad in ("0", "x", "", "300"):
+        with pytest.raises(Exception, match="--batches"):
+            _batches(bad)
+
+
+@pytest.mark.slow
+def test_llama_cpp_batched_runner(tiny_cfg):
+    """llama.cpp's batched decode (peers --batches): B sequences in one context, each step one
+    token a sequence at its own next position. Needs llama-cpp-python and its converter."""
+    from qwen35.benchmarks import gguf
+
+    if (why := gguf.available()) is not None:
+        pytest.skip(f"llama.cpp: {why}")
+    import llama_cpp
+
+    opts = BenchOptions(model=tiny_cfg, quick=True, threads=1)
+    bm = load_bench_model(opts)
+    try:
+        runner = gguf.LlamaRunner(gguf.convert(bm, "f32", opts), 64, 1)
+        batch = gguf.LlamaBatchRunner(runner, 3, 24, 1)
+        prompts = [[5 + s] * 10 for s in range(3)]
+        times = batch.run(prompts, 4)
+        assert len(times) == 4 and all(t > 0 for t in times)
+        mem = llama_cpp.llama_get_memory(batch.ctx.ctx)
+        assert [llama_cpp.llama_memory_seq_pos_max(mem, s) for s in range(3)] == [13] * 3
+        batch.run(prompts, 2)  # the context is cleared between runs
+        assert [llama_cpp.llama_memory_seq_pos_max(mem, s) for s in range(3)] == [11] * 3
+    finally:
+        gguf.cleanup()
 
 
 def test_peers_removes_its_converted_weights(tiny_cfg, monkeypatch):

@@ -36,6 +36,7 @@ class BenchOptions:
     hf_batch_size: int = 8  # transformers' static batch size in the throughput workload
     rounds: int | None = None  # interleaved repetitions in the decode workload
     formats: tuple[str, ...] | None = None  # peers workload: weight formats (None: all)
+    batches: tuple[int, ...] | None = None  # peers workload: batched decode sizes (None: none)
     draft_tokens: tuple[int, ...] | None = None  # spec workload: k of each drafting engine
     tensor_parallel_size: int = 1  # decode: our engine on this many ranks; tp: vs one process
     enable_expert_parallel: bool = False
@@ -140,6 +141,38 @@ def timed_request(engine, prompt: list[int], new_tokens: int, rid: str, lora: st
             if o.outputs:
                 tokens.extend(o.outputs[0].token_ids)
     return prefill, steps, tokens
+
+
+def timed_batch(engine, prompts: list[list[int]], steps: int, tag: str) -> list[float]:
+    """The prompts added at once as greedy requests (ignore_eos): the seconds of each of the
+    first `steps` engine steps after every prompt has its first token (each step decodes them
+    all, none has finished yet); the requests are then aborted. The engine must hold
+    len(prompts) sequences of len(prompt) + `steps` + the prefill steps' tokens."""
+    from qwen35.request import SamplingParams
+
+    rids = [f"{tag}-{i}" for i in range(len(prompts))]
+    longest = max(len(p) for p in prompts)
+    sp = SamplingParams(
+        max_tokens=engine.max_model_len - longest, temperature=0.0, ignore_eos=True
+    )
+    for rid, p in zip(rids, prompts, strict=True):
+        engine.add_request(rid, p, sp)
+    started, times = set(), []
+    try:
+        while len(times) < steps:
+            all_started = len(started) == len(rids)
+            t0 = time.perf_counter()
+            outs = engine.step()
+            dt = time.perf_counter() - t0
+            if all_started:
+                if len(outs) != len(rids) or any(o.finished for o in outs):
+                    raise RuntimeError(f"{tag}: a batched step decoded {len(outs)} of {len(rids)}")
+                times.append(dt)
+            started.update(o.request_id for o in outs if o.outputs and o.outputs[0].token_ids)
+    finally:
+        for rid in rids:
+            engine.abort_request(rid)
+    return times
 
 
 def make_engine(bm: BenchModel, **kwargs):

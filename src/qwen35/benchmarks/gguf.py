@@ -200,3 +200,54 @@ class LlamaRunner:
             steps.append(time.perf_counter() - t0)
             tok = (tok * 31 + 7) % self.llm.n_vocab()
         return steps[0], steps[1:]
+
+
+class LlamaBatchRunner:
+    """B sequences decoding together in one llama.cpp context, as llama-server's parallel slots
+    do: `n_seq_max` = B (one recurrent state per sequence), every step one `llama_decode` of B
+    tokens (one a sequence, logits for each). Shares the weights of `runner`'s model."""
+
+    def __init__(self, runner: LlamaRunner, batch: int, max_len: int, threads: int | None):
+        import llama_cpp
+        from llama_cpp import _internals
+
+        n = threads or os.cpu_count() or 1
+        p = llama_cpp.llama_context_default_params()  # kv_unified etc. as llama.cpp defaults
+        p.n_ctx, p.n_seq_max = batch * max_len, batch
+        p.n_batch = max(batch, min(batch * max_len, 4096))
+        p.n_threads = p.n_threads_batch = n
+        self.batch = batch
+        self.ctx = _internals.LlamaContext(model=runner.llm._model, params=p, verbose=False)
+        self.buf = _internals.LlamaBatch(n_tokens=p.n_batch, embd=0, n_seq_max=1, verbose=False)
+        self.n_batch = p.n_batch
+        self.vocab = runner.llm.n_vocab()
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """items: (token, position, sequence, logits?) in one llama_decode."""
+        b = self.buf.batch
+        for i, (tok, pos, seq, logits) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(items)
+        self.ctx.decode(self.buf)
+
+    def run(self, prompts: list[list[int]], steps: int) -> list[float]:
+        """The prompts (one a sequence, equal lengths) prefilled in batches of n_batch tokens,
+        then `steps` timed decode steps of every sequence at once: each step's seconds."""
+        import llama_cpp
+
+        assert len(prompts) == self.batch and len({len(p) for p in prompts}) == 1
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx.ctx), True)
+        items = [(t, j, s, j == len(p) - 1) for s, p in enumerate(prompts) for j, t in enumerate(p)]
+        for i in range(0, len(items), self.n_batch):
+            self._decode(items[i : i + self.n_batch])
+        pos, times = len(prompts[0]), []
+        tok = prompts[0][-1]
+        for _ in range(steps):
+            step = [((tok + s) % self.vocab, pos, s, True) for s in range(self.batch)]
+            t0 = time.perf_counter()
+            self._decode(step)  # the tokens' values don't change the step's cost
+            times.append(time.perf_counter() - t0)
+            pos += 1
+            tok = (tok * 31 + 7) % self.vocab
+        return times

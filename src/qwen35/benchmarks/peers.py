@@ -6,7 +6,10 @@ installed): the same weights saved as a transformers checkpoint and converted by
 `convert_hf_to_gguf.py` to f32 / bf16 / q8_0 / q4_0 (`benchmarks/gguf.py`). Pairs: fp32-f32,
 bf16-bf16, int8-q8_0, int4-q4_0 (fp8 has no llama.cpp twin; its goal is int8's speed / 1.3).
 Measured per engine and round (rounds interleave all engines): batch-1 decode tokens/s (median
-step after a 128-token prompt) and prefill tokens/s at 512 and 2048 tokens.
+step after a 128-token prompt) and prefill tokens/s at 512 and 2048 tokens; with `--batches`,
+batched decode: B sequences of 128-token prompts decoding together, total tokens/s (ours: one
+engine step a token of each; llama.cpp: one `llama_decode` of B tokens in a context of B
+sequences, as llama-server's parallel slots).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from qwen35.benchmarks.common import (
     make_engine,
     median,
     ratio,
+    timed_batch,
     timed_request,
 )
 from qwen35.devices import resolve_dtype
@@ -41,6 +45,8 @@ def sizes(opts: BenchOptions) -> dict:
     else:
         sz = {"prompt": 128, "new": 32, "prefill": (512, 2048), "rounds": opts.rounds or 3}
         sz["long_new"] = 12  # decode steps timed after the longest prefill
+    sz["batches"] = tuple(opts.batches or ())  # batched decode: sequences decoding together
+    sz["batch_steps"] = 4 if opts.quick else 12  # timed steps of each batched run
     return {**sz, "prefill": tuple(opts.contexts or sz["prefill"])}
 
 
@@ -68,16 +74,35 @@ def _load_ours(bm: BenchModel, opts: BenchOptions, fmt: str):
 
 
 class _Ours:
-    def __init__(self, bm: BenchModel, max_len: int):
+    def __init__(self, bm: BenchModel, max_len: int, max_seqs: int = 1):
         self.bm = bm
         self.engine = make_engine(
-            bm, max_num_seqs=1, max_model_len=max_len, enable_prefix_caching=False
+            bm, max_num_seqs=max_seqs, max_model_len=max_len, enable_prefix_caching=False
         )
         self.kv_cache = str(self.engine.runner.caches.key[0].dtype).removeprefix("torch.")
 
     def run(self, prompt: list[int], new: int, rid: str) -> tuple[float, list[float]]:
         prefill, steps, _ = timed_request(self.engine, prompt, new, rid)
         return prefill, steps
+
+    def run_batch(self, prompts: list[list[int]], steps: int, rid: str) -> list[float]:
+        return timed_batch(self.engine, prompts, steps, rid)
+
+
+class _LlamaBatches:
+    """llama.cpp's batched decode: one context of B sequences per batch size, made on first use
+    (the weights are the batch-1 runner's)."""
+
+    def __init__(self, runner, max_len: int, threads: int | None):
+        self.runner, self.max_len, self.threads, self.ctx = runner, max_len, threads, {}
+
+    def run_batch(self, prompts: list[list[int]], steps: int, rid: str) -> list[float]:
+        from qwen35.benchmarks import gguf
+
+        b = len(prompts)
+        if b not in self.ctx:
+            self.ctx[b] = gguf.LlamaBatchRunner(self.runner, b, self.max_len, self.threads)
+        return self.ctx[b].run(prompts, steps)
 
 
 def _decode_order(engines: dict, r: int) -> list[str]:
@@ -106,7 +131,9 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
     sz = sizes(opts)
     big = max(sz["prefill"])
     max_len = big + max(sz["new"], sz["long_new"]) + 16
+    batch_len = sz["prompt"] + sz["batch_steps"] + 1  # a batched run's sequence length (llama.cpp)
     engines: dict[str, object] = {}
+    batchers: dict[str, object] = {}  # batched decode: ours are the engines themselves
     weight_bytes = {}
     formats = opts.formats or OURS
     bad = [f for f in formats if f not in OURS]
@@ -117,7 +144,8 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
     for fmt in formats:
         opts.say(f"peers: loading ours {fmt}")
         m = _load_ours(bm, opts, fmt)
-        engines[f"qwen35 {fmt}"] = ours = _Ours(m, max_len)
+        engines[f"qwen35 {fmt}"] = ours = _Ours(m, max_len, max(sz["batches"], default=1))
+        batchers[f"qwen35 {fmt}"] = ours
         head = ours.engine.head_screen  # the int8 screen of lm_head (models/head_screen.py)
         weight_bytes[f"qwen35 {fmt}"] = m.weight_bytes + (head.nbytes if head else 0)
     llama = gguf.available()
@@ -126,7 +154,8 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
         for q in [PAIRS[f] for f in formats if f in PAIRS]:
             try:
                 path = gguf.convert(bm, q, opts)
-                engines[f"llama.cpp {q}"] = gguf.LlamaRunner(path, max_len, opts.threads)
+                engines[f"llama.cpp {q}"] = runner = gguf.LlamaRunner(path, max_len, opts.threads)
+                batchers[f"llama.cpp {q}"] = _LlamaBatches(runner, batch_len, opts.threads)
                 weight_bytes[f"llama.cpp {q}"] = path.stat().st_size
             except gguf.GGUFError as e:
                 llama = f"llama.cpp {q}: {e}"
@@ -138,6 +167,7 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
     decode = {n: [] for n in engines}
     per_round = {n: [] for n in engines}  # each round's median step: paired ratios show the noise
     prefill = {n: {p: [] for p in sz["prefill"]} for n in engines}
+    batched = {n: {b: [] for b in sz["batches"]} for n in engines}  # each round's total tok/s
     decode_long = {n: [] for n in engines}  # steps after the longest prefill
     long_round = {n: [] for n in engines}  # and each round's median of them
     for r in range(sz["rounds"]):
@@ -150,6 +180,11 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
             _, steps = engines[name].run(prompt, sz["new"], f"{name}-d{r}")
             decode[name] += steps
             per_round[name].append(1 / median(steps))
+        for b in sz["batches"]:  # B sequences decoding together, pairs back to back as above
+            prompts = [[rng.randrange(V) for _ in range(sz["prompt"])] for _ in range(b)]
+            for name in _decode_order(engines, r):
+                steps = batchers[name].run_batch(prompts, sz["batch_steps"], f"{name}-b{b}-{r}")
+                batched[name][b].append(b / median(steps))
         for name in _decode_order(engines, r):  # prefills (and decode after the longest) paired too
             eng = engines[name]
             for p, toks in long.items():
@@ -172,8 +207,11 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
             "prefill_tokens_per_s": {str(p): p / median(v) for p, v in prefill[name].items()},
             "decode_tokens_per_s_at_context": {str(big): 1 / median(decode_long[name])},
             "decode_tokens_per_s_at_context_per_round": long_round[name],
+            # B sequences decoding together: total tokens/s (median over rounds; each round's)
+            "batched_decode_tokens_per_s": {str(b): median(v) for b, v in batched[name].items()},
+            "batched_decode_tokens_per_s_per_round": {str(b): v for b, v in batched[name].items()},
         }
-    goals, per_round_ratio, long_ratio, long_per_round = [], {}, {}, {}
+    goals, per_round_ratio, long_ratio, long_per_round, batch_ratio = [], {}, {}, {}, {}
     paired = lambda a, b, key: [x / y for x, y in zip(a[key], b[key], strict=True)]  # noqa: E731
     for ours, theirs in PAIRS.items():
         a, b = rows.get(f"qwen35 {ours}"), rows.get(f"llama.cpp {theirs}")
@@ -183,6 +221,10 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
             # rounds run the engines back to back: each round's ratio is a paired measure
             per_round_ratio[ours] = paired(a, b, "decode_tokens_per_s_per_round")
             long_per_round[ours] = paired(a, b, "decode_tokens_per_s_at_context_per_round")
+            key = "batched_decode_tokens_per_s_per_round"
+            batch_ratio[ours] = {
+                n: [x / y for x, y in zip(a[key][n], b[key][n], strict=True)] for n in a[key]
+            }
             goals.append(
                 goal(
                     f"{ours} decode vs llama.cpp {theirs} (x)",
@@ -217,5 +259,8 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
         "decode_ratio_per_round": per_round_ratio,  # ours vs llama.cpp, by our format
         "decode_at_context_ratio": long_ratio,  # the same after the longest prefill
         "decode_at_context_ratio_per_round": long_per_round,
+        "batches": list(sz["batches"]),
+        "batch_steps": sz["batch_steps"],
+        "batched_decode_ratio_per_round": batch_ratio,  # by our format, then batch size
         "goals": goals,
     }

@@ -319,6 +319,22 @@ def _peers(con: Console, d: dict, impl: str = "") -> None:
         rounds = " ".join(f"{r:.2f}x" for r in each_round.get(ours, []))
         con.print(f"  decode@{big} {ours} vs llama.cpp at the same precision: {_x(x)}"
                   + (f" (per round: {rounds})" if rounds else ""))  # fmt: skip
+    batches = [str(b) for b in d.get("batches", [])]  # (older documents lack them)
+    if not batches:
+        return
+    t = Table(
+        title=f"Batched decode: B sequences of {d['prompt_len']}-token prompts decoding together, "
+        f"total tok/s (median of {d['rounds']} rounds, {d['batch_steps']} steps each)"
+    )
+    t.add_column("engine", justify="right")
+    for b in batches:
+        t.add_column(f"B={b}", justify="right")
+    for name, r in d["engines"].items():
+        t.add_row(name, *(_f(r["batched_decode_tokens_per_s"][b], ".1f") for b in batches))
+    con.print(t)
+    for ours, by_b in d["batched_decode_ratio_per_round"].items():
+        con.print(f"  batched {ours} vs llama.cpp, per round: " + "; ".join(
+            f"B={b} " + " ".join(f"{x:.2f}x" for x in each) for b, each in by_b.items()))  # fmt: skip
 
 
 def _tp(con: Console, d: dict, impl: str = "") -> None:

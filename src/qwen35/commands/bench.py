@@ -28,6 +28,18 @@ def _contexts(text: str) -> tuple[int, ...]:
     return vals
 
 
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--batches {text!r}: write sequence counts separated by commas, e.g. 4,16"
+        ) from None
+    if not vals or any(v < 1 or v > 256 for v in vals):
+        raise argparse.ArgumentTypeError("--batches takes sequence counts from 1 to 256")
+    return vals
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workload",
@@ -82,6 +94,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "fp8; each with its llama.cpp twin)",
     )
     p.add_argument(
+        "--batches",
+        type=_batches,
+        default=None,
+        help="peers workload: also batched decode, B sequences decoding together (total tok/s, "
+        "ours vs llama.cpp's parallel sequences), for each B, comma-separated, e.g. 4,16 "
+        "(default: none)",
+    )
+    p.add_argument(
         "--draft-tokens",
         default=None,
         help="spec workload: drafts a step of each drafting engine, comma-separated (default 1,3)",
@@ -132,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         hf_batch_size=args.hf_batch_size,
         rounds=args.rounds,
         formats=tuple(args.formats.split(",")) if args.formats else None,
+        batches=args.batches,
         draft_tokens=_draft_tokens(args.draft_tokens),
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
