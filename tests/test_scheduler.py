@@ -357,7 +357,7 @@ def test_update_needs_sampled_token():
         sched.update(out, {})
 
 
-def random_workload(seed: int, prefix_caching: bool):
+def random_workload(seed: int, prefix_caching: bool, policy: str = "fcfs"):
     rng = random.Random(seed)
     bs = rng.choice([1, 2, 4, 8])
     max_len = 80
@@ -371,6 +371,7 @@ def random_workload(seed: int, prefix_caching: bool):
         checkpoint_prompt_end=rng.random() < 0.5,
         max_chunk_tokens=rng.choice([0, 0, 7]),
         eos_token_ids=(0,),
+        scheduling_policy=policy,
     )
     num_blocks = -(-max_len // bs) + rng.randint(0, 24 // bs)  # tight: forces preemption
     ckpts = rng.choice([1, 4, 16])
@@ -380,7 +381,8 @@ def random_workload(seed: int, prefix_caching: bool):
     for i in range(rng.randint(5, 14)):
         prompt = shared[: rng.randint(0, 40)] + [rng.randrange(VOCAB) for _ in range(5)]
         prompt = prompt[: rng.randint(1, len(prompt))]
-        params = SamplingParams(max_tokens=rng.randint(1, 40), min_tokens=rng.choice([0, 2]))
+        params = SamplingParams(max_tokens=rng.randint(1, 40), min_tokens=rng.choice([0, 2]),
+                                priority=rng.choice([0, -3, 2]) if policy == "priority" else 0)
         arrivals.append((rng.randint(0, 30), make_seq(i, prompt, **vars(params))))
     return rng, cfg, sched, arrivals
 
@@ -388,7 +390,8 @@ def random_workload(seed: int, prefix_caching: bool):
 @pytest.mark.parametrize("prefix_caching", [True, False])
 @pytest.mark.parametrize("seed", range(40))
 def test_randomized_workloads(seed, prefix_caching):
-    rng, cfg, sched, arrivals = random_workload(seed, prefix_caching)
+    policy = "priority" if seed % 4 == 3 else "fcfs"  # a quarter under the priority policy
+    rng, cfg, sched, arrivals = random_workload(seed, prefix_caching, policy)
     runner = FakeRunner(sched)
     done, aborted, _ = run_steps(sched, runner, arrivals, abort_prob=0.03, rng=rng)
     assert {s.seq_id for s in done} | aborted == {s.seq_id for _, s in arrivals}
@@ -518,3 +521,55 @@ def test_lookahead_of_several_drafts():
             assert x.start + 1 + x.lookahead <= cfg.max_model_len
         sched.update(out, each(out, 1))
     sched.check_integrity()
+
+
+def test_priority_policy_admits_by_priority_then_arrival():
+    cfg = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, block_size=4,
+                          max_model_len=64, scheduling_policy="priority")  # fmt: skip
+    sched = Scheduler(cfg, num_blocks=64)
+    runner = FakeRunner(sched)
+    for i, prio in enumerate([0, 5, -1, 5, -1]):
+        sched.add(make_seq(i, range(i, i + 5), max_tokens=3, priority=prio))
+    order = []
+    while sched.has_unfinished():
+        out = sched.schedule()
+        order += [s.seq.seq_id for s in out.scheduled if s.start == 0]
+        sched.update(out, runner.run(out))
+    assert order == ["s2", "s4", "s0", "s1", "s3"]
+    # FCFS ignores priorities (an engine refuses non-zero ones there: test_engine)
+    fcfs = Scheduler(SchedulerConfig(max_num_seqs=1, block_size=4, max_model_len=64), 64)
+    for i, prio in enumerate([0, 5, -1]):
+        fcfs.add(make_seq(i, range(i, i + 5), max_tokens=3, priority=prio))
+    assert [s.seq_id for s in fcfs.waiting] == ["s0", "s1", "s2"]
+
+
+def test_priority_policy_preempts_the_least_urgent():
+    """The cache runs out (as in test_preemption_recomputes_and_matches_reference, where FCFS
+    preempts s2, the last admitted): under the priority policy the running sequence of the
+    highest priority value goes, though admitted first, and waits at its place in order."""
+    cfg = SchedulerConfig(max_num_batched_tokens=64, block_size=4, max_model_len=40,
+                          scheduling_policy="priority")  # fmt: skip
+    sched = Scheduler(cfg, num_blocks=12, num_checkpoint_slots=0)
+    runner = FakeRunner(sched)
+    seqs = [make_seq(i, range(10 * i, 10 * i + 10), max_tokens=20, priority=p)
+            for i, p in enumerate([7, 0, 0])]  # fmt: skip
+    for s in seqs:
+        sched.add(s)
+    preempted = []
+    while sched.has_unfinished():
+        out = sched.schedule()
+        preempted += [p.seq_id for p in out.preempted]
+        for p in out.preempted:  # never one more urgent than a sequence that kept running
+            assert all(sched._order(p) > sched._order(r) for r in sched.running)
+        assert list(sched.waiting) == sorted(sched.waiting, key=sched._order)
+        sched.update(out, runner.run(out))
+        sched.check_integrity()
+    assert preempted and preempted[0] == "s0"
+    for s in seqs:
+        assert s.output_token_ids == reference_output(s.prompt_token_ids, s.params, cfg)
+    assert_all_released(sched)
+
+
+def test_scheduling_policy_is_checked():
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        SchedulerConfig(scheduling_policy="lifo")

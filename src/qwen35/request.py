@@ -20,6 +20,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed acc
 MAX_LOGIT_BIAS = 1024  # entries; each costs every decode step of its row
 MAX_ALLOWED_TOKENS = 1 << 17  # allowed_token_ids entries
 MAX_BAD_WORDS = 1024  # bad_words entries; each is matched against the output every step
+PRIORITY_MAX = 2**31 - 1  # |priority|: an int32, as a scheduler field anywhere
 
 
 class SamplingParamsError(Qwen35Error, ValueError):
@@ -124,6 +125,9 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] | None = None
     # vLLM's: keep only the prompt's last N tokens (a prompt longer than the context is cut)
     truncate_prompt_tokens: int | None = None
+    # vLLM's scheduling priority: lower runs earlier, on engines started with
+    # scheduling_policy="priority" (the others take only 0)
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -196,6 +200,7 @@ class SamplingParams:
         if self.logit_bias is not None:
             self._validate_logit_bias()
         integer("truncate_prompt_tokens", 1, none_ok=True)
+        integer("priority", -PRIORITY_MAX, PRIORITY_MAX)
         if self.allowed_token_ids is not None:
             ids = self.allowed_token_ids
             if not isinstance(ids, list) or not ids or any(not _is_int(t) or t < 0 for t in ids):

@@ -213,8 +213,9 @@ class LlamaBatchRunner:
 
         n = threads or os.cpu_count() or 1
         p = llama_cpp.llama_context_default_params()  # kv_unified etc. as llama.cpp defaults
-        p.n_ctx, p.n_seq_max = batch * max_len, batch
-        p.n_batch = max(batch, min(batch * max_len, 4096))
+        per_seq = -(-max_len // 256) * 256  # llama.cpp pads a context to 256 tokens
+        p.n_ctx, p.n_seq_max = batch * per_seq, batch
+        p.n_batch = max(batch, min(batch * per_seq, 4096))
         p.n_threads = p.n_threads_batch = n
         self.batch = batch
         self.ctx = _internals.LlamaContext(model=runner.llm._model, params=p, verbose=False)

@@ -96,6 +96,13 @@ class SchedulingConfig:
     )
     max_num_seqs: int = _opt(32, "most sequences running at once")
     max_num_batched_tokens: int = _opt(2048, "token budget per step")
+    scheduling_policy: str = _opt(
+        "fcfs",
+        "which waiting request runs next: 'fcfs' (arrival order) or 'priority' (each request's "
+        "`priority`, lower first, then arrival; when the cache runs out, the running sequence "
+        "of the lowest priority is preempted first)",
+        choices=["fcfs", "priority"],
+    )
     num_speculative_tokens: int = _opt(
         0,
         "speculative decoding: tokens the checkpoint's MTP head drafts per decode step, "

@@ -367,6 +367,7 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
             max_num_encoder_tokens=ec.multimodal.max_num_encoder_tokens or 0,
             num_lookahead_tokens=sc.num_speculative_tokens,
+            scheduling_policy=sc.scheduling_policy,
         )
         self.scheduler = Scheduler(
             sched_cfg,
@@ -435,6 +436,13 @@ class LLMEngine:
         registered, and a failure while registering undoes what was done."""
         params = dataclasses.replace(params).validate()  # our own copy: max_tokens is filled in
         params.check_vocab(self.config.vocab_size)
+        if params.priority and self.scheduler.config.scheduling_policy != "priority":
+            raise SamplingParamsError(
+                f"priority={params.priority} needs priority scheduling, which this engine does "
+                "not run: start it with --scheduling-policy priority (scheduling_policy="
+                "'priority'), or leave priority out",
+                "priority",
+            )
         if request_id in self._requests:
             raise Qwen35Error(f"request id {request_id!r} is already in use")
         prompt, multi_modal_data = split_mm_prompt(prompt, multi_modal_data)
@@ -802,9 +810,11 @@ class LLM:
         prompts: str | list[int] | abc.Sequence[str | list[int]],
         params: SamplingParams | abc.Sequence[SamplingParams] | None = None,
         lora: str | None = None,
+        priority: abc.Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """One output per prompt, in order. `params`: one SamplingParams for all prompts or one
-        per prompt; `lora`: a loaded LoRA adapter's name (`lora_modules`). Raises
+        per prompt; `lora`: a loaded LoRA adapter's name (`lora_modules`); `priority`: one per
+        prompt (vLLM's; engines with scheduling_policy="priority" run lower ones first). Raises
         RequestFailedError (after the others finish) if the engine failed some request; nothing
         is queued if any prompt is refused."""
         if not isinstance(prompts, (str, dict, abc.Sequence)):
@@ -822,6 +832,13 @@ class LLM:
                 f"got {len(plist)} prompts but {len(params)} SamplingParams: pass one "
                 "SamplingParams for all prompts, or exactly one per prompt"
             )
+        if priority is not None:
+            if isinstance(priority, (int, str)) or len(priority) != len(plist):
+                raise Qwen35Error(f"priority needs one integer per prompt ({len(plist)})")
+            params = [
+                dataclasses.replace(sp, priority=x)
+                for sp, x in zip(params, priority, strict=True)
+            ]
         ids: list[str] = []
         try:
             for p, sp in zip(plist, params, strict=True):

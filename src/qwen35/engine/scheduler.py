@@ -5,6 +5,9 @@ budget, so chunked prefill, decode and mixed batches are one code path. Running 
 first (oldest first), then waiting ones are admitted FCFS while budget, `max_num_seqs`, a state
 slot and KV blocks last. A running sequence that cannot get a block preempts the most recently
 admitted one (recompute: its caches are freed and it goes back to the front of `waiting`).
+Under `scheduling_policy="priority"` both orders are (params.priority, arrival) instead: running
+sequences are scheduled most urgent first, the least urgent is preempted, and waiting ones are
+admitted in that order (a running sequence is never preempted to admit a waiting one).
 
 Engine loop: `out = schedule()`; the runner executes `out.scheduled` (see ScheduledSeq);
 `finished = update(out, {seq_id: token})`; `finish(seq_id)` for stop strings; `abort(seq_id)`.
@@ -54,8 +57,15 @@ class SchedulerConfig:
     # speculative decoding: a decode step may also run this many draft tokens after the last
     # token (KV blocks and budget for them; ScheduledSeq.lookahead); 0: off
     num_lookahead_tokens: int = 0
+    # "fcfs": waiting sequences run in arrival order; "priority": by (params.priority, arrival),
+    # lower first, and a preemption takes the running sequence last in that order
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(
+                f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
+            )
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -173,8 +183,24 @@ class Scheduler:
             )
         seq.arrival = next(self._arrivals)
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self._enqueue(seq, front=False)
         self._seqs[seq.seq_id] = seq
+
+    def _order(self, seq: Sequence) -> tuple[int, int]:
+        """Where `seq` stands under the priority policy: lower runs first."""
+        return seq.params.priority, seq.arrival
+
+    def _enqueue(self, seq: Sequence, front: bool) -> None:
+        """Into `waiting`: FCFS at the back (new) or the front (preempted); by priority at its
+        place in (priority, arrival) order (a preempted sequence keeps its old arrival)."""
+        if self.config.scheduling_policy == "fcfs":
+            self.waiting.appendleft(seq) if front else self.waiting.append(seq)
+            return
+        key = self._order(seq)
+        i = len(self.waiting)
+        while i > 0 and self._order(self.waiting[i - 1]) > key:
+            i -= 1
+        self.waiting.insert(i, seq)
 
     def abort(self, seq_id: str) -> bool:
         return self.finish(seq_id, "abort")
@@ -216,6 +242,8 @@ class Scheduler:
         self.state.begin_step()
         self._encoder_used = 0
         budget = cfg.max_num_batched_tokens
+        if cfg.scheduling_policy == "priority":  # the most urgent first; the last is preempted
+            self.running.sort(key=self._order)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -440,7 +468,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._enqueue(seq, front=True)
 
     def _finish(self, seq: Sequence, status: SequenceStatus, stop_reason: int | str | None):
         self._release(seq)

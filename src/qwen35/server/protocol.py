@@ -89,6 +89,7 @@ class _Request(BaseModel):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
+    priority: int = 0  # vLLM's: lower runs earlier (servers started with --scheduling-policy priority)
     # output constraints (server/structured.py): OpenAI's and vLLM's shapes
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -138,6 +139,7 @@ class _Request(BaseModel):
             allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
+            priority=self.priority,
         )
         return p.validate()
 

@@ -43,7 +43,7 @@ from qwen35.server.serving_common import (
 
 _PASSED = ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty",
            "presence_penalty", "frequency_penalty", "stop", "ignore_eos", "min_tokens",
-           "skip_special_tokens", "logit_bias", "user")  # fmt: skip
+           "skip_special_tokens", "logit_bias", "user", "priority")  # fmt: skip
 
 
 class ResponsesRequest(BaseModel):
@@ -77,6 +77,7 @@ class ResponsesRequest(BaseModel):
     skip_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    priority: int = 0
 
 
 def _content(parts: Any, where: str) -> str | list[dict[str, Any]]:
