@@ -65,6 +65,36 @@ def test_completion_stream_batch_n_usage(serve):
     assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats(serve, path):
+    """vLLM's stream_options.continuous_usage_stats: with include_usage, every chunk with output
+    carries the usage so far (completion tokens growing to the final usage's count); without
+    include_usage, or without the option, only the last chunk has a usage."""
+    eng = FakeEngine(reply="one two three four five six")
+    srv, _ = serve(eng)
+    body = {"model": "tiny", "max_tokens": 5, "stream": True}
+    body.update({"prompt": "Hi"} if "chat" not in path else {"messages": USER})
+
+    def chunks(opts):
+        with httpx.stream("POST", srv.url + path, json={**body, "stream_options": opts}) as r:
+            return [json.loads(ln[6:]) for ln in r.iter_lines() if ln and ln != "data: [DONE]"]
+
+    got = chunks({"include_usage": True, "continuous_usage_stats": True})
+    with_output = [c for c in got if c["choices"] and any(
+        ch.get("text") or ch.get("delta", {}).get("content") or ch.get("delta", {}).get(
+            "reasoning_content") or ch.get("finish_reason") for ch in c["choices"])]  # fmt: skip
+    assert with_output and all("usage" in c for c in with_output)
+    counts = [c["usage"]["completion_tokens"] for c in with_output]
+    assert counts == sorted(counts) and 0 < counts[0] and counts[-1] == 5
+    assert got[-1]["choices"] == [] and got[-1]["usage"]["completion_tokens"] == 5
+    prompt = got[-1]["usage"]["prompt_tokens"]
+    assert all(c["usage"]["prompt_tokens"] == prompt for c in with_output)
+    for opts in ({"include_usage": True}, {"continuous_usage_stats": True}):
+        plain = chunks(opts)
+        with_usage = [c for c in plain if "usage" in c and c["usage"] is not None]
+        assert with_usage == ([plain[-1]] if opts.get("include_usage") else []), opts
+
+
 def test_completion_logprobs_stop_and_echo(serve):
     eng = FakeEngine(reply="Hello! How can I help?")
     _, client = serve(eng)

@@ -183,12 +183,17 @@ class ChatTemplate:
 
     @classmethod
     def from_model_dir(
-        cls, path: str | Path | None, default_thinking: bool | None = None
-    ) -> ChatTemplate:
+        cls, path: str | Path | None, default_thinking: bool | None = None,
+        override: str | None = None,
+    ) -> ChatTemplate:  # fmt: skip
         """The directory's own template, or the built-in renderer with `default_thinking` (a
         checkpoint's own template keeps its own thinking default: an "instruct" repack with a
-        thinking-off template stays off)."""
+        thinking-off template stays off). `override`: jinja text used instead of the
+        directory's template (`read_template_arg`; the directory still gives special tokens)."""
         if path is None:
+            if override is not None:
+                _compile(override)
+                return cls(override, None)
             return cls(None, default_thinking)
         d = Path(path)
         if not d.is_dir():
@@ -202,7 +207,7 @@ class ChatTemplate:
                 value = value.get("content")
             if key.endswith("_token") and isinstance(value, str):
                 specials[key] = value
-        source = _find_template(d, cfg)
+        source = override if override is not None else _find_template(d, cfg)
         if source is not None:
             _compile(source)  # fail now, not on the first request
             default_thinking = None
@@ -253,6 +258,33 @@ class ChatTemplate:
         if enable_thinking is not None:
             kwargs["enable_thinking"] = enable_thinking
         return render_jinja(self.source, msgs, tools, add_generation_prompt, **kwargs)
+
+
+def read_template_arg(arg: str) -> str:
+    """`--chat-template`'s value (vLLM's flag): the text of an existing file, else the template
+    itself when it reads as jinja (braces or a line break); compiled here, so a broken template
+    is refused before any weights load."""
+    path = Path(arg).expanduser()
+    try:
+        is_file = path.is_file()
+    except OSError:  # (a template text too long to be a path)
+        is_file = False
+    if is_file:
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ChatFormatError(f"--chat-template {arg}: cannot read it ({e})") from None
+    elif any(c in arg for c in "{}\n"):
+        source = arg
+    else:
+        raise ChatFormatError(
+            f"--chat-template {arg!r}: no such file, and not a jinja template; pass a template "
+            "file (e.g. chat_template.jinja) or the template text"
+        )
+    if not source.strip():
+        raise ChatFormatError(f"--chat-template {arg!r}: the template is empty")
+    _compile(source)
+    return source
 
 
 def _find_template(d: Path, tokenizer_config: dict[str, Any]) -> str | None:

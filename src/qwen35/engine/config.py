@@ -54,6 +54,12 @@ class LoadConfig:
         type=float,
         metavar="FACTOR",
     )
+    chat_template: str | None = _opt(
+        None,
+        "a jinja chat template used instead of the checkpoint's: a file (e.g. a fixed "
+        "chat_template.jinja) or the template text (vLLM's --chat-template)",
+        metavar="TEMPLATE",
+    )
     generation_config: str = _opt(
         "auto",
         "request defaults for temperature / top_p / top_k / min_p / repetition_penalty: 'auto' "

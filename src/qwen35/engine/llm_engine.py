@@ -19,7 +19,12 @@ from pathlib import Path
 
 import torch
 
-from qwen35.chat_format import ChatTemplate, check_text_only, default_thinking_for
+from qwen35.chat_format import (
+    ChatTemplate,
+    check_text_only,
+    default_thinking_for,
+    read_template_arg,
+)
 from qwen35.devices import dtype_advice, model_kv_dtype, resolve_dtype
 from qwen35.engine.cache_sizing import CachePlan, plan_caches
 from qwen35.engine.config import EngineConfig
@@ -186,6 +191,9 @@ class LLMEngine:
 
     def _init_engine(self, model, loaded, ec, dtype, progress, verbose, tp) -> None:
         cc, sc = ec.cache, ec.scheduler
+        template = None  # --chat-template: read and compiled before the weights load
+        if ec.load.chat_template is not None:
+            template = read_template_arg(ec.load.chat_template)
         if loaded is not None:
             self.model = loaded
             y = loaded.config.yarn
@@ -222,7 +230,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(model_dir)
         # the built-in renderer thinks by model size; a checkpoint's own template by itself
         self.chat_template = ChatTemplate.from_model_dir(
-            model_dir, default_thinking=default_thinking_for(self.config)
+            model_dir, default_thinking=default_thinking_for(self.config), override=template
         )
         thinking = self.chat_template.thinking_default()
         self.default_thinking = default_thinking_for(self.config) if thinking is None else thinking

@@ -55,6 +55,8 @@ def random_id(prefix: str) -> str:
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk with output carries the usage so far
+    continuous_usage_stats: bool = False
 
 
 class _Request(BaseModel):
@@ -146,6 +148,10 @@ class _Request(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
 
 def _token_keys(bias: dict[str, float] | None) -> dict[int, float] | None:

@@ -221,7 +221,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                     if delta or lp or finish:
                         choices.append(_choice(o.index, delta, lp, finish, o.stop_reason))
                 if choices or out.prompt_logprobs is not None:
-                    yield chunk(choices, prompt_lps=out.prompt_logprobs)
+                    usage = tracker.usage() if req.continuous_usage else None
+                    yield chunk(choices, usage=usage, prompt_lps=out.prompt_logprobs)
             tracker.done()
             if req.include_usage:
                 usage = await state.offload(with_reasoning_tokens, state, tracker.usage(), thought)

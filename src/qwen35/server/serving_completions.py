@@ -143,7 +143,8 @@ async def create_completion(state: ServerState, request: Request) -> Response:
                         c["prompt_logprobs"] = prompt_logprobs_json(state, prompt_lps.get(rid))
                     choices.append(c)
                 if choices:
-                    yield sse(_chunk(base, created, model, choices))
+                    usage = tracker.usage() if req.continuous_usage else None
+                    yield sse(_chunk(base, created, model, choices, usage=usage))
             tracker.done()
             if req.include_usage:
                 yield sse(_chunk(base, created, model, [], usage=tracker.usage()))
