@@ -3,11 +3,12 @@ processes (each process loads the model once and times one round), so kernel cha
 measured where they land: ms per decode step after a 128-token and after a 2,048-token prompt.
 
     python bench/decode_ab.py --baseline ef2cb38 --quantization int4 --rounds 4
+    python bench/decode_ab.py --baseline ef2cb38 --model DIR/config.json   # e.g. the MoE peers model
     QWEN35_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \\
         python bench/decode_ab.py --baseline ef2cb38 --quantization int4   # as on an AVX2-only CPU
 
 The revision is checked out into a temporary git worktree and run from its own `src` (its
-kernels build beside this checkout's, keyed by their source). Qwen3.5-0.8B config, random
+kernels build beside this checkout's, keyed by their source). Qwen3.5-0.8B config (or --model), random
 weights, `--dtype auto`, greedy; medians of each round's steps, then per-round ratios.
 """
 
@@ -19,19 +20,20 @@ import statistics
 PROMPTS = ((128, 32), (2048, 12))  # (prompt tokens, decode steps timed)
 
 
-def one_round(quantization: str | None, threads: int) -> None:
+def one_round(quantization: str | None, threads: int, model: str) -> None:
     """Runs in the child: prints the median ms per step after each prompt length."""
     import torch
 
     from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine, timed_request
 
     torch.set_num_threads(threads)
-    bm = load_bench_model(BenchOptions(threads=threads), quantization=quantization)
+    bm = load_bench_model(BenchOptions(model=model, threads=threads), quantization=quantization)
+    vocab = min(150000, bm.model.config.vocab_size)
     eng = make_engine(bm, max_num_seqs=1, max_model_len=2300, enable_prefix_caching=False)
     g = torch.Generator().manual_seed(0)
     out = []
     for n, new in PROMPTS:
-        prompt = torch.randint(0, 150000, (n,), generator=g).tolist()
+        prompt = torch.randint(0, vocab, (n,), generator=g).tolist()
         timed_request(eng, prompt[:16], 4, f"warm{n}")
         _, steps, _ = timed_request(eng, prompt, new, f"r{n}")
         out.append(statistics.median(steps) * 1e3)
@@ -43,17 +45,20 @@ def main() -> None:
     ap.add_argument("--baseline", metavar="REV", help="the git revision to compare with")
     ap.add_argument("--quantization", default=None, help="int8 / int4 / fp8 / bf16 (default none)")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--model", default="Qwen3.5-0.8B",
+                    help="catalog name or config.json (random weights), e.g. the MoE peers model "
+                         "of bench/moe_decode.py --write-config")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        one_round(a.quantization, a.threads)
+        one_round(a.quantization, a.threads, a.model)
         return
     if not a.baseline:
         ap.error("--baseline REV is required")
     from qwen35.benchmarks.common import alternate_with_revision  # (the child may predate it)
 
-    cmd = [__file__, "--one", "--threads", str(a.threads)]
+    cmd = [__file__, "--one", "--threads", str(a.threads), "--model", a.model]
     if a.quantization:
         cmd += ["--quantization", a.quantization]
     times = alternate_with_revision(a.baseline, a.rounds, cmd, len(PROMPTS))
