@@ -34,7 +34,7 @@ FIELDS = [
     "prompt_logprobs", "tokens", "add_special_tokens", "return_token_strs", "input",
     "instructions", "max_output_tokens", "text", "reasoning", "previous_response_id",
     "lora_name", "lora_path", "allowed_token_ids", "bad_words", "truncate_prompt_tokens",
-    "unknown_field",
+    "priority", "unknown_field",
 ]  # fmt: skip
 
 
