@@ -190,24 +190,21 @@ class ChatTemplate:
         checkpoint's own template keeps its own thinking default: an "instruct" repack with a
         thinking-off template stays off). `override`: jinja text used instead of the
         directory's template (`read_template_arg`; the directory still gives special tokens)."""
-        if path is None:
-            if override is not None:
-                _compile(override)
-                return cls(override, None)
-            return cls(None, default_thinking)
-        d = Path(path)
-        if not d.is_dir():
-            raise ChatFormatError(
-                f"model directory {d} does not exist: pass a checkpoint directory"
-            )
-        cfg = read_json_dict(d / "tokenizer_config.json", ChatFormatError)
-        specials = {}
-        for key, value in cfg.items():
-            if key.endswith("_token") and isinstance(value, dict):
-                value = value.get("content")
-            if key.endswith("_token") and isinstance(value, str):
-                specials[key] = value
-        source = override if override is not None else _find_template(d, cfg)
+        source, specials = override, {}
+        if path is not None:
+            d = Path(path)
+            if not d.is_dir():
+                raise ChatFormatError(
+                    f"model directory {d} does not exist: pass a checkpoint directory"
+                )
+            cfg = read_json_dict(d / "tokenizer_config.json", ChatFormatError)
+            for key, value in cfg.items():
+                if key.endswith("_token") and isinstance(value, dict):
+                    value = value.get("content")
+                if key.endswith("_token") and isinstance(value, str):
+                    specials[key] = value
+            if source is None:
+                source = _find_template(d, cfg)
         if source is not None:
             _compile(source)  # fail now, not on the first request
             default_thinking = None

@@ -10,7 +10,8 @@ checkpoint, converted with the vendored script (f32 / bf16 / q8_0), q4_0 then ma
 file with llama.cpp's own `llama_model_quantize`; `cleanup()` deletes them (the peers workload
 calls it when it ends, however it ends; at exit too). Random-weight models have no tokenizer, so the
 converter gets a placeholder vocabulary of the right size (the benchmark feeds token ids, never
-text). `LlamaRunner` times one prompt's prefill and each decode step through llama-cpp-python.
+text). `LlamaRunner` times one prompt's prefill and each decode step through llama-cpp-python,
+and (`run_batch`, `LlamaBatchRunner`) decode steps of several sequences at once.
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ class LlamaRunner:
     def __init__(self, path: Path, max_len: int, threads: int | None):
         import llama_cpp
 
-        n = threads or os.cpu_count() or 1
+        n = self.threads = threads or os.cpu_count() or 1
+        self.batched: dict[tuple[int, int], LlamaBatchRunner] = {}  # run_batch's contexts
         self.llm = llama_cpp.Llama(
             model_path=str(path),
             n_ctx=max_len,
@@ -200,6 +202,14 @@ class LlamaRunner:
             steps.append(time.perf_counter() - t0)
             tok = (tok * 31 + 7) % self.llm.n_vocab()
         return steps[0], steps[1:]
+
+    def run_batch(self, prompts: list[list[int]], steps: int, rid: str = "") -> list[float]:
+        """LlamaBatchRunner.run in a context of len(prompts) sequences on this model's weights,
+        made on first use for that batch and length."""
+        key = (len(prompts), len(prompts[0]) + steps + 1)
+        if key not in self.batched:
+            self.batched[key] = LlamaBatchRunner(self, *key, self.threads)
+        return self.batched[key].run(prompts, steps)
 
 
 class LlamaBatchRunner:

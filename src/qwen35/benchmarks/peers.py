@@ -89,22 +89,6 @@ class _Ours:
         return timed_batch(self.engine, prompts, steps, rid)
 
 
-class _LlamaBatches:
-    """llama.cpp's batched decode: one context of B sequences per batch size, made on first use
-    (the weights are the batch-1 runner's)."""
-
-    def __init__(self, runner, max_len: int, threads: int | None):
-        self.runner, self.max_len, self.threads, self.ctx = runner, max_len, threads, {}
-
-    def run_batch(self, prompts: list[list[int]], steps: int, rid: str) -> list[float]:
-        from qwen35.benchmarks import gguf
-
-        b = len(prompts)
-        if b not in self.ctx:
-            self.ctx[b] = gguf.LlamaBatchRunner(self.runner, b, self.max_len, self.threads)
-        return self.ctx[b].run(prompts, steps)
-
-
 def _decode_order(engines: dict, r: int) -> list[str]:
     """Round r's decode order: each of our formats next to its llama.cpp twin (if loaded),
     the pair's order alternating with the round."""
@@ -131,9 +115,7 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
     sz = sizes(opts)
     big = max(sz["prefill"])
     max_len = big + max(sz["new"], sz["long_new"]) + 16
-    batch_len = sz["prompt"] + sz["batch_steps"] + 1  # a batched run's sequence length (llama.cpp)
     engines: dict[str, object] = {}
-    batchers: dict[str, object] = {}  # batched decode: ours are the engines themselves
     weight_bytes = {}
     formats = opts.formats or OURS
     bad = [f for f in formats if f not in OURS]
@@ -145,7 +127,6 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
         opts.say(f"peers: loading ours {fmt}")
         m = _load_ours(bm, opts, fmt)
         engines[f"qwen35 {fmt}"] = ours = _Ours(m, max_len, max(sz["batches"], default=1))
-        batchers[f"qwen35 {fmt}"] = ours
         head = ours.engine.head_screen  # the int8 screen of lm_head (models/head_screen.py)
         weight_bytes[f"qwen35 {fmt}"] = m.weight_bytes + (head.nbytes if head else 0)
     llama = gguf.available()
@@ -154,8 +135,7 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
         for q in [PAIRS[f] for f in formats if f in PAIRS]:
             try:
                 path = gguf.convert(bm, q, opts)
-                engines[f"llama.cpp {q}"] = runner = gguf.LlamaRunner(path, max_len, opts.threads)
-                batchers[f"llama.cpp {q}"] = _LlamaBatches(runner, batch_len, opts.threads)
+                engines[f"llama.cpp {q}"] = gguf.LlamaRunner(path, max_len, opts.threads)
                 weight_bytes[f"llama.cpp {q}"] = path.stat().st_size
             except gguf.GGUFError as e:
                 llama = f"llama.cpp {q}: {e}"
@@ -183,7 +163,7 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
         for b in sz["batches"]:  # B sequences decoding together, pairs back to back as above
             prompts = [[rng.randrange(V) for _ in range(sz["prompt"])] for _ in range(b)]
             for name in _decode_order(engines, r):
-                steps = batchers[name].run_batch(prompts, sz["batch_steps"], f"{name}-b{b}-{r}")
+                steps = engines[name].run_batch(prompts, sz["batch_steps"], f"{name}-b{b}-{r}")
                 batched[name][b].append(b / median(steps))
         for name in _decode_order(engines, r):  # prefills (and decode after the longest) paired too
             eng = engines[name]
@@ -221,10 +201,8 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
             # rounds run the engines back to back: each round's ratio is a paired measure
             per_round_ratio[ours] = paired(a, b, "decode_tokens_per_s_per_round")
             long_per_round[ours] = paired(a, b, "decode_tokens_per_s_at_context_per_round")
-            key = "batched_decode_tokens_per_s_per_round"
-            batch_ratio[ours] = {
-                n: [x / y for x, y in zip(a[key][n], b[key][n], strict=True)] for n in a[key]
-            }
+            key = "batched_decode_tokens_per_s_per_round"  # {batch size: each round's}
+            batch_ratio[ours] = {n: paired(a[key], b[key], n) for n in a[key]}
             goals.append(
                 goal(
                     f"{ours} decode vs llama.cpp {theirs} (x)",

@@ -194,7 +194,10 @@ class Scheduler:
         """Into `waiting`: FCFS at the back (new) or the front (preempted); by priority at its
         place in (priority, arrival) order (a preempted sequence keeps its old arrival)."""
         if self.config.scheduling_policy == "fcfs":
-            self.waiting.appendleft(seq) if front else self.waiting.append(seq)
+            if front:
+                self.waiting.appendleft(seq)
+            else:
+                self.waiting.append(seq)
             return
         key = self._order(seq)
         i = len(self.waiting)
