@@ -197,11 +197,12 @@ def free_port() -> int:
 
 
 def start_serve(model, *args: str, timeout: float, env: dict | None = None,
-                launcher: tuple[str, ...] = ()):  # fmt: skip
+                launcher: tuple[str, ...] = (), verify=None):  # fmt: skip
     """`qwen35 serve --model MODEL --port <a free one> ARGS` in a subprocess (stdout and stderr
     piped together), returned once /health answers 200: (process, base url); the caller stops
     it. Fails with the process's output if it exits first (and kills it on a timeout).
-    `launcher`: interpreter arguments before `-m qwen35.cli` (e.g. torchrun's)."""
+    `launcher`: interpreter arguments before `-m qwen35.cli` (e.g. torchrun's). `verify`: an
+    ssl.SSLContext trusting the server's certificate, for one served over HTTPS."""
     import httpx
 
     port = free_port()
@@ -210,12 +211,12 @@ def start_serve(model, *args: str, timeout: float, env: dict | None = None,
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'http' if verify is None else 'https'}://127.0.0.1:{port}"
 
     def up() -> bool:
         assert proc.poll() is None, proc.stdout.read()
         try:
-            return httpx.get(url + "/health").status_code == 200
+            return httpx.get(url + "/health", verify=verify or True).status_code == 200
         except httpx.TransportError:
             return False
 
@@ -232,7 +233,7 @@ class ServerThread:
     """A real uvicorn server on 127.0.0.1 (a free port) in a background thread, with the
     server's connection guards (`transport`: a TransportLimits, default ones if None)."""
 
-    def __init__(self, app, log_level: str = "warning", transport=None):
+    def __init__(self, app, log_level: str = "warning", transport=None, **uvicorn_kwargs):
         import uvicorn
 
         from qwen35.server.transport import TransportLimits, uvicorn_config
@@ -241,9 +242,8 @@ class ServerThread:
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app
-        config = uvicorn_config(
-            app, transport or TransportLimits(), log_level=log_level, timeout_graceful_shutdown=2
-        )
+        config = uvicorn_config(app, transport or TransportLimits(), log_level=log_level,
+                                timeout_graceful_shutdown=2, **uvicorn_kwargs)  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, daemon=True

@@ -46,6 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "/v1/responses/ID, least recently used dropped (0: none; default: 256)")  # fmt: skip
     g.add_argument("--max-body-bytes", type=_size, default=16 << 20,
                    help="largest request body accepted, else 413 (default: 16MiB)")  # fmt: skip
+    g.add_argument("--ssl-certfile", default=None,
+                   help="serve HTTPS with this PEM certificate (chain); needs --ssl-keyfile")  # fmt: skip
+    g.add_argument("--ssl-keyfile", default=None,
+                   help="the PEM private key of --ssl-certfile (unencrypted)")  # fmt: skip
+    g.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="web pages (scheme://host[:port], or * for any) whose scripts may call "
+                        "the API from a browser (CORS; default: none)")  # fmt: skip
     lim = p.add_argument_group("per-request limits (a request over one gets a 400)")
     lim.add_argument("--max-seqs-per-request", type=int, default=128,
                      help="cap on n, on prompts per completions batch, and on prompts x n "
@@ -118,9 +125,32 @@ def _listen_socket(host: str, port: int):
     return sock
 
 
+def _check_tls(certfile: str | None, keyfile: str | None) -> bool:
+    """True to serve HTTPS; the pair is loaded once here so that a wrong file is refused
+    before the model loads (uvicorn loads it again when it starts)."""
+    if certfile is None and keyfile is None:
+        return False
+    if certfile is None or keyfile is None:
+        raise Qwen35Error("HTTPS needs both --ssl-certfile and --ssl-keyfile")
+    import ssl
+
+    for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if not os.path.isfile(path):
+            raise Qwen35Error(f"{flag} {path}: no such file")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as e:
+        raise Qwen35Error(
+            f"cannot use --ssl-certfile {certfile} with --ssl-keyfile {keyfile}: {e}; give a PEM "
+            "certificate and its unencrypted PEM private key"
+        ) from None
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise Qwen35Error(f"--port must be in [0, 65535], got {args.port}")
+    https = _check_tls(args.ssl_certfile, args.ssl_keyfile)
     from qwen35.server.limits import RequestLimits
     from qwen35.server.transport import TransportLimits
 
@@ -157,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         limits=limits,
         max_stored_responses=args.max_stored_responses,
+        allowed_origins=tuple(args.allowed_origins),
     )
     transport = dataclasses.replace(
         transport, max_connections=_fit_open_files(transport.max_connections)
@@ -186,13 +217,17 @@ def run(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]  # (--port 0: the one the system chose)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
-        f"serving {name} (context {engine.max_model_len} tokens) on http://{host}:{port}"
+        f"serving {name} (context {engine.max_model_len} tokens) on "
+        f"{'https' if https else 'http'}://{host}:{port}"
         f"/v1{' (API key required)' if config.api_key else ''}",
         file=sys.stderr,
     )
     # on shutdown, streams still open after 5 s are cancelled (and their requests aborted);
     # exit status 1 when the engine loop died, so a supervisor restarts the server
-    cfg = uvicorn_config(app, transport, host=args.host, port=port, log_level=args.log_level)
+    tls = {"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile} if https else {}
+    cfg = uvicorn_config(
+        app, transport, host=args.host, port=port, log_level=args.log_level, **tls
+    )
     try:
         status = run_server(app, cfg, sockets=[sock])
     finally:

@@ -7,7 +7,8 @@ POST /detokenize, GET /tokenizer_info, POST /v1/load_lora_adapter and /v1/unload
 middleware gives each request an id (`x-request-id`), counts requests by endpoint/status, checks the API
 key (everything but /health) and turns any unexpected exception into a 500 with a generic
 message and the request id (the traceback goes to the log only); it is pure ASGI (not
-BaseHTTPMiddleware) so streaming and disconnect detection are untouched.
+BaseHTTPMiddleware) so streaming and disconnect detection are untouched. With
+`allowed_origins` (`--allowed-origins`), Starlette's CORSMiddleware sits outside it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -71,6 +73,16 @@ def create_app(engine: Any, config: ServerConfig, thread: EngineThread | None = 
     app = FastAPI(title="qwen35", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.qwen35 = state
     app.add_middleware(_GuardMiddleware, state=state)
+    if config.allowed_origins:
+        # outside the guard (added last): a browser's preflight OPTIONS carries no API key and
+        # is answered here; the guard's own answers (401, 500) still get the CORS headers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allowed_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id", "retry-after"],
+        )
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from qwen35.server.protocol import APIError, error_body
 log = logging.getLogger("qwen35.server")
 
 RETRY_AFTER = {"retry-after": "1"}  # seconds; sent with every 503
+_ORIGIN = re.compile(r"https?://(\[[0-9a-fA-F:.]+\]|[^/\s:\[\]]+)(:[0-9]{1,5})?")
 
 
 @dataclass
@@ -52,6 +54,8 @@ class ServerConfig:
     # /v1/responses kept in memory for previous_response_id and GET (least recently used
     # dropped past it; 0: none stored)
     max_stored_responses: int = 256
+    # origins (scheme://host[:port], or "*") whose pages may call the API from a browser (CORS)
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_queue is not None and (
@@ -65,6 +69,13 @@ class ServerConfig:
             raise Qwen35Error("max_body_bytes and worker_threads must be >= 1")
         if self.max_stored_responses < 0:
             raise Qwen35Error("--max-stored-responses must be >= 0")
+        for origin in self.allowed_origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise Qwen35Error(
+                    f"--allowed-origins: {origin!r} is not an origin; give scheme://host[:port] "
+                    "as a browser sends it (e.g. http://localhost:3000, no path or trailing "
+                    "slash), or * for any"
+                )
 
 
 @dataclass
