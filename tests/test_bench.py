@@ -12,7 +12,7 @@ import torch
 
 from qwen35.benchmarks import SCHEMA, WORKLOADS
 from qwen35.benchmarks.common import BenchOptions, load_bench_model
-from qwen35.benchmarks.peers import PAIRS, _decode_order
+from qwen35.benchmarks.peers import PAIRS, _decode_order, _Ours, interleaved_steps
 from qwen35.cli import main
 from qwen35.devices import default_dtype, default_quantization, weights_label
 from qwen35.errors import Qwen35Error
@@ -152,6 +152,36 @@ def test_peers_decode_order_pairs_twins():
     assert _decode_order(engines, 0) == even and _decode_order(engines, 2) == even
     assert _decode_order(engines, 1) == odd
     assert _decode_order(dict.fromkeys(names[:3]), 1) == names[:3]  # llama.cpp not loaded
+
+
+def test_peers_pair_steps_alternate():
+    """A pair's decode steps alternate one by one, the first to step swapping each time; a run
+    that ends early drops out and the other finishes."""
+    log = []
+
+    def run(name, n):
+        for i in range(n):
+            log.append(name)
+            yield float(i)
+
+    times = interleaved_steps([run("a", 4), run("b", 4)])
+    assert times == [[0.0, 1.0, 2.0, 3.0]] * 2
+    assert log == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    log.clear()
+    assert interleaved_steps([run("a", 1), run("b", 3)]) == [[0.0], [0.0, 1.0, 2.0]]
+    assert log == ["a", "b", "b", "b"]
+
+
+def test_ours_steps_are_timed_requests_steps(tiny_cfg):
+    """_Ours.steps yields a request's decode steps (prefill untimed) as timed_request counts
+    them, and leaves the engine idle."""
+    bm = load_bench_model(BenchOptions(model=tiny_cfg, quick=True, threads=1))
+    ours = _Ours(bm, 64)
+    for prompt in ([3, 4, 5], list(range(2, 40))):
+        steps = list(ours.steps(prompt, 5, f"s{len(prompt)}"))
+        assert len(steps) == 4 and all(t > 0 for t in steps)
+        assert not ours.engine.has_unfinished_requests()
+        assert len(ours.run(prompt, 5, f"r{len(prompt)}")[1]) == 4
 
 
 def test_decode_workload(doc, tiny_cfg):
@@ -385,6 +415,10 @@ def test_llama_cpp_batched_runner(tiny_cfg):
         assert [llama_cpp.llama_memory_seq_pos_max(mem, s) for s in range(3)] == [13] * 3
         batch.run(prompts, 2)  # the context is cleared between runs
         assert [llama_cpp.llama_memory_seq_pos_max(mem, s) for s in range(3)] == [11] * 3
+        # batch 1, one decode step at a time (peers alternates them with ours)
+        assert len(list(runner.steps([5] * 10, 4))) == 3 and runner.llm.n_tokens == 13
+        prefill, steps = runner.run([5] * 10, 4)
+        assert prefill > 0 and len(steps) == 3 and runner.llm.n_tokens == 13
     finally:
         gguf.cleanup()
 

@@ -194,14 +194,22 @@ class LlamaRunner:
         self.llm.reset()
         t0 = time.perf_counter()
         self.llm.eval(prompt)
-        steps = [time.perf_counter() - t0]
-        tok = prompt[-1]
-        for _ in range(new - 1):
+        prefill = time.perf_counter() - t0
+        return prefill, list(self._decode(prompt[-1], new - 1))
+
+    def steps(self, prompt: list[int], new: int, rid: str = ""):
+        """The prompt's prefill (untimed), then each of `new` - 1 decode steps' seconds, yielded
+        one at a time (peers.py alternates them with our engine's steps)."""
+        self.llm.reset()
+        self.llm.eval(prompt)
+        yield from self._decode(prompt[-1], new - 1)
+
+    def _decode(self, tok: int, n: int):
+        for _ in range(n):
             t0 = time.perf_counter()
             self.llm.eval([tok])  # the token's value doesn't change the step's cost
-            steps.append(time.perf_counter() - t0)
+            yield time.perf_counter() - t0
             tok = (tok * 31 + 7) % self.llm.n_vocab()
-        return steps[0], steps[1:]
 
     def run_batch(self, prompts: list[list[int]], steps: int, rid: str = "") -> list[float]:
         """LlamaBatchRunner.run in a context of len(prompts) sequences on this model's weights,

@@ -6,7 +6,7 @@ installed): the same weights saved as a transformers checkpoint and converted by
 `convert_hf_to_gguf.py` to f32 / bf16 / q8_0 / q4_0 (`benchmarks/gguf.py`). Pairs: fp32-f32,
 bf16-bf16, int8-q8_0, int4-q4_0 (fp8 has no llama.cpp twin; its goal is int8's speed / 1.3).
 Measured per engine and round (rounds interleave all engines): batch-1 decode tokens/s (median
-step after a 128-token prompt) and prefill tokens/s at 512 and 2048 tokens; with `--batches`,
+step after a 128-token prompt; our format and its llama.cpp twin alternate step by step) and prefill tokens/s at 512 and 2048 tokens; with `--batches`,
 batched decode: B sequences of 128-token prompts decoding together, total tokens/s (ours: one
 engine step a token of each; llama.cpp: one `llama_decode` of B tokens in a context of B
 sequences, as llama-server's parallel slots).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 
 from qwen35.benchmarks.common import (
     BenchModel,
@@ -27,6 +28,7 @@ from qwen35.benchmarks.common import (
     timed_request,
 )
 from qwen35.devices import resolve_dtype
+from qwen35.request import SamplingParams
 
 OURS = ("fp32", "bf16", "int8", "int4", "fp8")
 PAIRS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
@@ -85,21 +87,58 @@ class _Ours:
         prefill, steps, _ = timed_request(self.engine, prompt, new, rid)
         return prefill, steps
 
+    def steps(self, prompt: list[int], new: int, rid: str):
+        """The request's decode steps one at a time (prefill untimed): yields each one's
+        seconds, `new` - 1 of them (timed_request's, so that a pair can alternate step by
+        step)."""
+        sp = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+        self.engine.add_request(rid, prompt, sp)
+        while not any(o.outputs and o.outputs[0].token_ids for o in self.engine.step()):
+            pass  # prefill, until the first token
+        while self.engine.has_unfinished_requests():
+            t0 = time.perf_counter()
+            self.engine.step()
+            yield time.perf_counter() - t0
+
     def run_batch(self, prompts: list[list[int]], steps: int, rid: str) -> list[float]:
         return timed_batch(self.engine, prompts, steps, rid)
 
 
-def _decode_order(engines: dict, r: int) -> list[str]:
-    """Round r's decode order: each of our formats next to its llama.cpp twin (if loaded),
-    the pair's order alternating with the round."""
-    order = []
+def _decode_pairs(engines: dict, r: int) -> list[list[str]]:
+    """Round r's pairs: each of our formats with its llama.cpp twin (alone where none is
+    loaded), which goes first alternating with the round."""
+    pairs = []
     for name in engines:
         if name.startswith("llama.cpp "):
             continue  # placed beside its twin
         twin = f"llama.cpp {PAIRS.get(name.removeprefix('qwen35 '), '')}"
         pair = [name, twin] if twin in engines else [name]
-        order += pair if r % 2 == 0 else pair[::-1]
-    return order
+        pairs.append(pair if r % 2 == 0 else pair[::-1])
+    return pairs
+
+
+def _decode_order(engines: dict, r: int) -> list[str]:
+    """Round r's order of runs: the pairs of `_decode_pairs` back to back."""
+    return [name for pair in _decode_pairs(engines, r) for name in pair]
+
+
+def interleaved_steps(runs: list) -> list[list[float]]:
+    """Step generators (each yields its decode steps' seconds) advanced alternately, one step
+    each, the first to step swapping every step, so that every engine's steps sample the same
+    seconds of the machine (whose memory bandwidth drifts 1.5x between minutes on a shared VM):
+    each one's list of seconds, in order; a run that ends early stops taking turns."""
+    times: list[list[float]] = [[] for _ in runs]
+    live = list(range(len(runs)))
+    turn = 0
+    while live:
+        for i in list(live) if turn % 2 == 0 else live[::-1]:
+            t = next(runs[i], None)
+            if t is None:
+                live.remove(i)
+            else:
+                times[i].append(t)
+        turn += 1
+    return times
 
 
 def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
@@ -156,10 +195,11 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
         long = {p: [rng.randrange(V) for _ in range(p)] for p in sz["prefill"]}
         # decode: each pair back to back (ours first in even rounds, llama.cpp first in odd ones),
         # so a pair's ratio sees the same minute of the machine's bandwidth, which drifts
-        for name in _decode_order(engines, r):
-            _, steps = engines[name].run(prompt, sz["new"], f"{name}-d{r}")
-            decode[name] += steps
-            per_round[name].append(1 / median(steps))
+        for pair in _decode_pairs(engines, r):  # a pair's steps alternate one by one
+            for name, steps in zip(pair, interleaved_steps(
+                [engines[n].steps(prompt, sz["new"], f"{n}-d{r}") for n in pair]), strict=True):  # fmt: skip
+                decode[name] += steps
+                per_round[name].append(1 / median(steps))
         for b in sz["batches"]:  # B sequences decoding together, pairs back to back as above
             prompts = [[rng.randrange(V) for _ in range(sz["prompt"])] for _ in range(b)]
             for name in _decode_order(engines, r):
