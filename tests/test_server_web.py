@@ -98,6 +98,12 @@ def test_tls_flags_checked_before_loading(cert, tmp_path, capsys):
     # a certificate given as the key
     assert main(["serve", "--model", "/x", "--ssl-certfile", crt, "--ssl-keyfile", crt]) == 2
     assert "cannot use --ssl-certfile" in capsys.readouterr().err
+    # an encrypted key: refused before the model loads, saying what to give
+    enc = str(tmp_path / "enc.pem")
+    subprocess.run(["openssl", "pkey", "-in", key, "-aes256", "-passout", "pass:x", "-out", enc],
+                   check=True, capture_output=True)  # fmt: skip
+    assert main(["serve", "--model", "/x", "--ssl-certfile", crt, "--ssl-keyfile", enc]) == 2
+    assert "unencrypted PEM private key" in capsys.readouterr().err
 
 
 def test_https_under_the_connection_guards(cert):

@@ -138,7 +138,10 @@ def _check_tls(certfile: str | None, keyfile: str | None) -> bool:
         if not os.path.isfile(path):
             raise Qwen35Error(f"{flag} {path}: no such file")
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+        # an encrypted key gets an empty password: refused (uvicorn could not decrypt it either),
+        # not a pass-phrase prompt on a terminal
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(certfile, keyfile, password=lambda: b"")
     except (ssl.SSLError, OSError) as e:
         raise Qwen35Error(
             f"cannot use --ssl-certfile {certfile} with --ssl-keyfile {keyfile}: {e}; give a PEM "
