@@ -116,11 +116,9 @@ def load_bench_model(
     )
 
 
-def timed_request(engine, prompt: list[int], new_tokens: int, rid: str, lora: str | None = None):
-    """One greedy request run alone: (prefill seconds, each later step's seconds, its tokens).
-    Prefill is every step up to the one that gives the first token: several when the prompt
-    is longer than one step's token budget (counting only the first step overstated prefill
-    and put the other chunks among the decode steps). lora: a loaded LoRA adapter's name."""
+def request_steps(engine, prompt: list[int], new_tokens: int, rid: str, lora: str | None = None):
+    """One greedy request run alone, an engine step at a time: yields each step's (seconds,
+    the tokens it gave). lora: a loaded LoRA adapter's name."""
     from qwen35.request import SamplingParams
 
     sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -128,18 +126,25 @@ def timed_request(engine, prompt: list[int], new_tokens: int, rid: str, lora: st
         engine.add_request(rid, prompt, sp)
     else:
         engine.add_request(rid, prompt, sp, lora=lora)
-    prefill, steps, tokens = 0.0, [], []
     while engine.has_unfinished_requests():
         t0 = time.perf_counter()
         outs = engine.step()
         dt = time.perf_counter() - t0
+        yield dt, [t for o in outs if o.outputs for t in o.outputs[0].token_ids]
+
+
+def timed_request(engine, prompt: list[int], new_tokens: int, rid: str, lora: str | None = None):
+    """One greedy request run alone: (prefill seconds, each later step's seconds, its tokens).
+    Prefill is every step up to the one that gives the first token: several when the prompt
+    is longer than one step's token budget (counting only the first step overstated prefill
+    and put the other chunks among the decode steps). lora: a loaded LoRA adapter's name."""
+    prefill, steps, tokens = 0.0, [], []
+    for dt, new in request_steps(engine, prompt, new_tokens, rid, lora):
         if tokens:
             steps.append(dt)
         else:
             prefill += dt
-        for o in outs:
-            if o.outputs:
-                tokens.extend(o.outputs[0].token_ids)
+        tokens.extend(new)
     return prefill, steps, tokens
 
 

@@ -6,17 +6,17 @@ installed): the same weights saved as a transformers checkpoint and converted by
 `convert_hf_to_gguf.py` to f32 / bf16 / q8_0 / q4_0 (`benchmarks/gguf.py`). Pairs: fp32-f32,
 bf16-bf16, int8-q8_0, int4-q4_0 (fp8 has no llama.cpp twin; its goal is int8's speed / 1.3).
 Measured per engine and round (rounds interleave all engines): batch-1 decode tokens/s (median
-step after a 128-token prompt; our format and its llama.cpp twin alternate step by step) and prefill tokens/s at 512 and 2048 tokens; with `--batches`,
-batched decode: B sequences of 128-token prompts decoding together, total tokens/s (ours: one
-engine step a token of each; llama.cpp: one `llama_decode` of B tokens in a context of B
-sequences, as llama-server's parallel slots).
+step after a 128-token prompt; our format and its llama.cpp twin alternate step by step) and
+prefill tokens/s at 512 and 2048 tokens; with `--batches`, batched decode: B sequences of
+128-token prompts decoding together, total tokens/s (ours: one engine step a token of each;
+llama.cpp: one `llama_decode` of B tokens in a context of B sequences, as llama-server's
+parallel slots).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-import time
 
 from qwen35.benchmarks.common import (
     BenchModel,
@@ -24,11 +24,11 @@ from qwen35.benchmarks.common import (
     make_engine,
     median,
     ratio,
+    request_steps,
     timed_batch,
     timed_request,
 )
 from qwen35.devices import resolve_dtype
-from qwen35.request import SamplingParams
 
 OURS = ("fp32", "bf16", "int8", "int4", "fp8")
 PAIRS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
@@ -91,14 +91,12 @@ class _Ours:
         """The request's decode steps one at a time (prefill untimed): yields each one's
         seconds, `new` - 1 of them (timed_request's, so that a pair can alternate step by
         step)."""
-        sp = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
-        self.engine.add_request(rid, prompt, sp)
-        while not any(o.outputs and o.outputs[0].token_ids for o in self.engine.step()):
-            pass  # prefill, until the first token
-        while self.engine.has_unfinished_requests():
-            t0 = time.perf_counter()
-            self.engine.step()
-            yield time.perf_counter() - t0
+        run = request_steps(self.engine, prompt, new, rid)
+        for _, tokens in run:  # prefill: every step up to the one that gives the first token
+            if tokens:
+                break
+        for dt, _ in run:
+            yield dt
 
     def run_batch(self, prompts: list[list[int]], steps: int, rid: str) -> list[float]:
         return timed_batch(self.engine, prompts, steps, rid)
