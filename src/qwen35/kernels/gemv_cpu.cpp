@@ -1109,6 +1109,194 @@ torch::Tensor linear_fp8_many(const std::vector<torch::Tensor>& xs,
   return y;
 }
 
+// ---- a MoE block's decode step in one call (bf16) --------------------------------------------
+// layers/moe.py SparseMoE.forward for a few bf16 rows with plain bf16 weights, its ops in its
+// order and rounded where its bf16 tensors round (logits, routing weights, every product,
+// silu(gate), silu * up, sigmoid(gate), the weighted shared output, the final sum), in three
+// passes over the weights: (router, shared gate, shared gate_up), (the picked experts' gate_up),
+// (their down, shared down), each one parallel_for over all its products' output rows; the
+// routing, sort by expert, SwiGLU and weighted sums between them on the calling thread. The
+// routing is the reference's (softmax over the logits in fp32, top-k, renormalised) with ties
+// going to the lower expert id; the routed pairs are summed per token in fp32 (the reference adds
+// them in bf16 one by one, in expert order: this rounds once). A row's products are linear_bf16's
+// bits for that row whichever rows share the step (batched == alone). PyTorch twin: the module
+// with backend None (tests/test_moe_cpu.py).
+namespace {
+
+struct Product {  // Y [M, N] (bf16) = X [M, K] @ W [N, K] ^T; XF: X widened (FMA paths)
+  const uint16_t* X;
+  const float* XF;
+  int64_t M;
+  const uint16_t* W;
+  int64_t N, K;
+  uint16_t* Y;
+};
+
+void run_products(const std::vector<Product>& ps, bool dpbf16, bool vl) {
+  std::vector<int64_t> end;
+  int64_t total = 0;
+  for (const auto& p : ps) end.push_back(total += p.N);
+  at::parallel_for(0, total, 64, [&](int64_t i0, int64_t i1) {
+    float out[kMR];
+    size_t c = std::upper_bound(end.begin(), end.end(), i0) - end.begin();
+    for (int64_t i = i0; i < i1; ++i) {
+      while (i >= end[c]) ++c;
+      const Product& p = ps[c];
+      const int64_t n = i - (end[c] - p.N), K = p.K;
+      for (int64_t m = 0; m < p.M; m += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, p.M - m));
+        if (dpbf16) {
+          DISPATCH_MR(mr, bf16_row_avx512, p.X + m * K, p.W + n * K, out, K);
+        } else {
+          DISPATCH_MR(mr, fma_row, vl, p.XF + m * K, p.W + n * K, out, K);
+        }
+        for (int r = 0; r < mr; ++r) p.Y[(m + r) * p.N + n] = c10::BFloat16(out[r]).x;
+      }
+    }
+  });
+}
+
+inline uint16_t bf16_bits(float v) { return c10::BFloat16(v).x; }
+inline float round_bf16(float v) { return bf16_to_float(bf16_bits(v)); }
+inline float silu_f(float v) { return v / (1.f + std::exp(-v)); }
+
+// rows of bf16 bits, widened to fp32 beside them where the FMA paths read them
+struct Buf {
+  std::vector<uint16_t> b;
+  std::vector<float> f;
+  Buf(int64_t n, bool widen) : b(n), f(widen ? n : 0) {}
+  void widen() {
+    for (size_t i = 0; i < f.size(); ++i) f[i] = bf16_to_float(b[i]);
+  }
+  const float* fp(int64_t off) const { return f.empty() ? nullptr : f.data() + off; }
+};
+
+void check_bf16(const torch::Tensor& t, int64_t dim, const char* what) {
+  TORCH_CHECK(t.dim() == dim && t.scalar_type() == at::kBFloat16 && t.is_contiguous() &&
+                  t.device().is_cpu(),
+              "moe_bf16: ", what, " must be a contiguous ", dim, "-D bf16 CPU tensor");
+}
+
+}  // namespace
+
+// x [T <= 16, H] bf16; router [E, H]; gate_up [E, 2I, H] (gate rows first); down [E, H, I];
+// shared_gate [1, H]; shared_gate_up [2Is, H] (gate rows first); shared_down [H, Is] -> [T, H]
+torch::Tensor moe_bf16(const torch::Tensor& x, const torch::Tensor& router,
+                       const torch::Tensor& gate_up, const torch::Tensor& down, int64_t top_k,
+                       const torch::Tensor& shared_gate, const torch::Tensor& shared_gate_up,
+                       const torch::Tensor& shared_down, bool avx2_only) {
+  check_bf16(x, 2, "x");
+  check_bf16(router, 2, "router");
+  check_bf16(gate_up, 3, "gate_up");
+  check_bf16(down, 3, "down");
+  check_bf16(shared_gate, 2, "shared_gate");
+  check_bf16(shared_gate_up, 2, "shared_gate_up");
+  check_bf16(shared_down, 2, "shared_down");
+  const int64_t T = x.size(0), H = x.size(1), E = router.size(0), I = down.size(2);
+  const int64_t Is = shared_down.size(1);
+  TORCH_CHECK(T >= 1 && T <= kMaxRows, "moe_bf16: 1 to ", kMaxRows, " rows");
+  TORCH_CHECK(router.size(1) == H && gate_up.size(0) == E && gate_up.size(1) == 2 * I &&
+                  gate_up.size(2) == H && down.size(0) == E && down.size(1) == H &&
+                  shared_gate.size(0) == 1 && shared_gate.size(1) == H &&
+                  shared_gate_up.size(0) == 2 * Is && shared_gate_up.size(1) == H &&
+                  shared_down.size(0) == H,
+              "moe_bf16: weight shapes do not match x [T, H]");
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_bf16: top_k must be in 1..num_experts");
+  const bool dp = !avx2_only && cpu_avx512_bf16(), vl = !avx2_only && cpu_avx512();
+  const auto W = [](const torch::Tensor& t) {
+    return reinterpret_cast<const uint16_t*>(t.data_ptr());
+  };
+  const auto* X = W(x);
+  // pass 1: router logits, the shared expert's gate logit and gate_up
+  Buf xb(T * H, !dp);
+  std::memcpy(xb.b.data(), X, T * H * sizeof(uint16_t));
+  xb.widen();
+  std::vector<uint16_t> logits(T * E), sgl(T), sgu(T * 2 * Is);
+  run_products({{X, xb.fp(0), T, W(router), E, H, logits.data()},
+                {X, xb.fp(0), T, W(shared_gate), 1, H, sgl.data()},
+                {X, xb.fp(0), T, W(shared_gate_up), 2 * Is, H, sgu.data()}}, dp, vl);
+  // routing: softmax in fp32, top-k (ties: the lower id), renormalised, rounded to bf16
+  const int64_t P = T * top_k;
+  std::vector<int64_t> expert(P);
+  std::vector<float> weight(P), p(E);
+  std::vector<char> taken(E);
+  for (int64_t t = 0; t < T; ++t) {
+    const uint16_t* l = logits.data() + t * E;
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) mx = std::max(mx, bf16_to_float(l[e]));
+    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(bf16_to_float(l[e]) - mx));
+    std::fill(taken.begin(), taken.end(), 0);
+    float top = 0.f;
+    for (int64_t j = 0; j < top_k; ++j) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+      taken[best] = 1;
+      expert[t * top_k + j] = best;
+      top += (weight[t * top_k + j] = p[best] / sum);
+    }
+    for (int64_t j = 0; j < top_k; ++j) weight[t * top_k + j] = round_bf16(weight[t * top_k + j] / top);
+  }
+  // the (token, choice) pairs sorted by expert (stable), each expert's rows gathered
+  std::vector<int64_t> order(P);
+  for (int64_t q = 0; q < P; ++q) order[q] = q;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return expert[a] < expert[b]; });
+  Buf xs(P * H, !dp);
+  for (int64_t q = 0; q < P; ++q)
+    std::memcpy(xs.b.data() + q * H, X + order[q] / top_k * H, H * sizeof(uint16_t));
+  xs.widen();
+  std::vector<uint16_t> gu(P * 2 * I);
+  std::vector<Product> pass;
+  std::vector<std::pair<int64_t, int64_t>> groups;  // (first sorted pair, rows) of each expert
+  for (int64_t q = 0; q < P;) {
+    int64_t r = q;
+    while (r < P && expert[order[r]] == expert[order[q]]) ++r;
+    groups.emplace_back(q, r - q);
+    pass.push_back({xs.b.data() + q * H, xs.fp(q * H), r - q,
+                    W(gate_up) + expert[order[q]] * 2 * I * H, 2 * I, H, gu.data() + q * 2 * I});
+    q = r;
+  }
+  run_products(pass, dp, vl);  // pass 2: the experts' gate_up
+  // SwiGLU: silu(gate) rounded, times up, rounded (routed pairs, then the shared expert's rows)
+  Buf h(P * I, !dp), hs(T * Is, !dp);
+  const auto swiglu = [](const uint16_t* g, int64_t n, uint16_t* out) {
+    for (int64_t j = 0; j < n; ++j)
+      out[j] = bf16_bits(round_bf16(silu_f(bf16_to_float(g[j]))) * bf16_to_float(g[n + j]));
+  };
+  for (int64_t q = 0; q < P; ++q) swiglu(gu.data() + q * 2 * I, I, h.b.data() + q * I);
+  for (int64_t t = 0; t < T; ++t) swiglu(sgu.data() + t * 2 * Is, Is, hs.b.data() + t * Is);
+  h.widen();
+  hs.widen();
+  // pass 3: the experts' down, the shared expert's down
+  std::vector<uint16_t> ys(P * H), ysh(T * H);
+  pass.clear();
+  for (const auto& [q, n] : groups)
+    pass.push_back({h.b.data() + q * I, h.fp(q * I), n, W(down) + expert[order[q]] * H * I, H, I,
+                    ys.data() + q * H});
+  pass.push_back({hs.b.data(), hs.fp(0), T, W(shared_down), H, Is, ysh.data()});
+  run_products(pass, dp, vl);
+  // out = routed + sigmoid(shared gate) * shared down, each weighted pair rounded as the
+  // reference's mul_, the routed sum in fp32 (expert order) rounded once
+  torch::Tensor y = torch::empty({T, H}, x.options());
+  auto* Y = reinterpret_cast<uint16_t*>(y.data_ptr());
+  std::vector<float> acc(T * H, 0.f);
+  for (int64_t q = 0; q < P; ++q) {
+    const int64_t t = order[q] / top_k;
+    const float w = weight[order[q]];
+    for (int64_t j = 0; j < H; ++j)
+      acc[t * H + j] += round_bf16(bf16_to_float(ys[q * H + j]) * w);
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const float g = round_bf16(1.f / (1.f + std::exp(-bf16_to_float(sgl[t]))));
+    for (int64_t j = 0; j < H; ++j) {
+      const float s = round_bf16(g * bf16_to_float(ysh[t * H + j]));
+      Y[t * H + j] = bf16_bits(round_bf16(acc[t * H + j]) + s);
+    }
+  }
+  return y;
+}
+
 std::vector<std::string> isa() {  // the fast paths this CPU takes
   std::vector<std::string> out;
   if (cpu_avx512()) out.emplace_back("avx512");
@@ -1137,5 +1325,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w"), py::arg("scale"), py::arg("bo"), py::arg("bi"), py::arg("cvt") = false);
   m.def("fp8_supported", &fp8_supported, "linear_fp8's byte tables run here for blocks of bi");
   m.def("fp8_cvt_supported", &fp8_cvt_supported, "linear_fp8's fp16-bit path runs here");
+  m.def("moe_bf16", &moe_bf16, "a MoE block's step on x [T<=16, H] bf16: routing, experts, shared",
+        py::arg("x"), py::arg("router"), py::arg("gate_up"), py::arg("down"), py::arg("top_k"),
+        py::arg("shared_gate"), py::arg("shared_gate_up"), py::arg("shared_down"),
+        py::arg("avx2_only") = false);
   m.def("isa", &isa, "the fast paths this CPU takes");
 }

@@ -26,6 +26,8 @@ from qwen35.ops import moe as _ops_moe
 from qwen35.ops.backend import Backend
 from qwen35.ops.moe import (
     ExpertWeights,
+    cpu_moe_step,
+    cpu_moe_takes,
     few_token_experts,
     fused_moe,
     grouped_experts_reference,
@@ -160,9 +162,27 @@ class SparseMoE(nn.Module):
         top_w = top_w / top_w.sum(-1, keepdim=True)
         return top_w.to(x.dtype), top_idx
 
+    def cpu_step(self):
+        """ops/moe.py `cpu_moe_step` on this block's weights (the one-call CPU step for a few
+        bf16 rows), or None: LoRA adapters on the router or shared expert, an unpacked shared
+        expert, experts it does not read. Built per call by forward; models/cpu_decode.py
+        resolves it once."""
+        sh = self.shared_expert
+        if adapted(self.gate, self.shared_expert_gate, sh.gate_proj, sh.up_proj, sh.down_proj):
+            return None
+        shared = (self.shared_expert_gate.weight, sh.packed_gate_up, sh.down_proj.weight)
+        return cpu_moe_step(self.gate.weight, self.top_k, self.experts.fused_weights(), shared)
+
     def forward(self, x: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
         """[T, H] -> [T, H]; backend None: the reference expert loop."""
         sh = self.shared_expert
+        if (  # a few bf16 rows with the CPU kernels: one call (ops/moe.py cpu_moe_step)
+            backend is not None
+            and backend.cpu_kernels is not None
+            and cpu_moe_takes(x)
+            and (step := self.cpu_step()) is not None
+        ):
+            return self.tp.all_reduce(step(x))
         if (  # <= 16 tokens on the GPU: Triton, reading the router's and shared expert's weights
             backend is not None
             and backend.triton_moe

@@ -230,9 +230,15 @@ def _experts_many(ex, dtype):
 
 def _moe(mlp, dtype):
     """A MoE block's decode step (layers/moe.py SparseMoE.forward for few rows, the same ops on
-    the same operands: the module's routing, `few_token_experts` on `_experts_many`, the shared
-    expert as a dense layer's FFN, then its gate), or the module's forward where the experts'
-    kernels are not resolved. More than MANY_MAX_ROWS rows take the module too."""
+    the same operands): bf16 blocks the one-call kernel takes, its call (`SparseMoE.cpu_step`);
+    else the module's routing, `few_token_experts` on `_experts_many`, the shared expert as a
+    dense layer's FFN, then its gate; or the module's forward where the experts' kernels are
+    not resolved. More than MANY_MAX_ROWS rows take the module too."""
+    if dtype == torch.bfloat16 and (step := mlp.cpu_step()) is not None:
+        return lambda x, backend: (
+            step(x) if x.shape[0] <= MANY_MAX_ROWS and ops_moe.cpu_moe_takes(x)
+            else mlp.forward(x, backend)
+        )  # fmt: skip
     many = _experts_many(mlp.experts, dtype)
     if many is None:
         return mlp.forward

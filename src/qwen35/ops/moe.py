@@ -9,7 +9,9 @@ Both paths sort the (token, choice) pairs by expert so each expert's rows are co
 `routed_experts(backend, ...)` picks: the grouped path on a GPU (where `backend.grouped_mm`, probed
 once in ops/backend.py, says it runs), the loop with the GEMV kernels on a CPU.
 `fused_moe(backend, ...)`: the whole block (routing, routed and shared experts) for a few tokens
-on the GPU in three Triton launches (kernels/triton_moe.py), or None where it does not apply.
+on the GPU in three Triton launches (kernels/triton_moe.py), or None where it does not apply;
+`cpu_moe_step(...)`: the same block for a few bf16 rows on a CPU in one call (gemv_cpu.cpp
+`moe_bf16`), resolved once for its weights.
 
 Shapes: x [T, H]; gate_up [E, 2I, H] (gate rows first); down [E, H, I]; top_idx, top_w [T, k].
 """
@@ -202,3 +204,34 @@ def fused_moe(be: Backend, x, router_w, top_k: int, experts, shared) -> torch.Te
         g, u = gate_up_fn(x)
         parts = SharedExpert(gate_w, g, u, down_w, down_s)
     return triton_moe.sparse_moe(x, logits, top_k, experts, parts)
+
+
+def cpu_moe_step(router_w, top_k: int, experts, shared):
+    """fn(x) -> the MoE block's output [T, H] by one gemv_cpu.cpp `moe_bf16` call (routing,
+    the picked experts, the shared expert; three fork / joins in all), for rows `cpu_moe_takes`;
+    or None where the call does not take these weights: no CPU kernels, anything but plain bf16
+    weights (int8 / int4 / FP8 experts, fp32 models and bf16-stored experts under them: the loop
+    above). The kernel's PyTorch twin is layers/moe.py's module with backend None: the same ops
+    rounded where they round (ties in the top-k go to the lower expert id; each token's routed
+    pairs summed in fp32, where the twin adds them in bf16). ~230 us of host work a layer at
+    batch 1 (router, top-k, sort, splits, SwiGLU, weighting: ~25 ops) becomes one call (README:
+    Model implementation). experts: ExpertWeights or None; shared: (shared_expert_gate weight
+    [1, H], the shared expert's packed gate_up [2Is, H], its down [H, Is])."""
+    from qwen35.kernels import gemv
+
+    mod = gemv.load()
+    if mod is None or experts is None or experts.gate_up_scale is not None:
+        return None
+    ws = (router_w, experts.gate_up, experts.down, *shared)
+    if not all(isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.is_cpu
+               and w.is_contiguous() for w in ws):  # fmt: skip
+        return None
+    gate_w, gate_up_w, down_w = shared
+    return lambda x: mod.moe_bf16(x.contiguous(), router_w, experts.gate_up, experts.down, top_k,
+                                  gate_w, gate_up_w, down_w)  # fmt: skip
+
+
+def cpu_moe_takes(x: torch.Tensor) -> bool:
+    """Rows `cpu_moe_step`'s call takes: 1 to FEW_TOKENS bf16 rows on a CPU."""
+    return (x.dtype == torch.bfloat16 and x.dim() == 2 and 1 <= x.shape[0] <= FEW_TOKENS
+            and x.device.type == "cpu")  # fmt: skip
