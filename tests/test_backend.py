@@ -327,15 +327,16 @@ def test_few_token_moe_equals_the_expert_loop(quant, dtype, monkeypatch):
     (counted; 20 tokens take the loop). bf16 also keeps batched == alone bit for bit up to 8
     tokens, as the loop does: beyond layers/linear.py GEMV_MAX_ROWS (8 bf16 rows) the router
     and the shared expert take a GEMM, whose rows differ from the GEMV's in the last bit (fp32's
-    GEMV rows differ too). (bf16 blocks with plain experts take the one-call kernel instead,
-    SparseMoE.cpu_step: off here; the loop still runs them with LoRA on the router or shared
-    expert. tests/test_moe_cpu.py tests the kernel.)"""
+    GEMV rows differ too). (With the CPU kernels a block's routing and weighted sum run in C++
+    instead, SparseMoE.cpu_step / cpu_routed, tests/test_moe_cpu.py: both off here; this path
+    runs with an adapter on the router, and its experts' calls without the kernels.)"""
     cpu_kernels_or_skip()
     import qwen35.layers.moe as layer_moe
     from qwen35.layers.moe import SparseMoE
     from qwen35.ops import moe as ops_moe
 
     monkeypatch.setattr(SparseMoE, "cpu_step", lambda self: None)
+    monkeypatch.setattr(SparseMoE, "cpu_routed", lambda self, x: None)
 
     model = _model(moe=True, dtype=dtype, quant=quant)
     be = select_backend("cpu", dtype=dtype)

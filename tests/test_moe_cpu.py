@@ -150,3 +150,79 @@ def test_not_taken_with_lora_on_the_router_or_quantized_experts():
         model = _model(moe=True, dtype=torch.bfloat16, quant=quant)
         blocks = [b for b in model.modules() if isinstance(b, SparseMoE)]
         assert blocks and all((b.cpu_step() is not None) == taken for b in blocks), quant
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_token_moe_equals_the_loop_on_its_routing(quant, dtype, monkeypatch):
+    """ops/moe.py `few_token_moe` (gemv_cpu.cpp `moe_route` + the experts' kernels +
+    `moe_combine`) runs a block's routed experts at 1-16 CPU rows for every expert format but
+    bf16's plain ones (`cpu_step` there; off here so the plain bf16 experts take it too): the
+    per-expert loop's result on the same routing (pairs summed in fp32 here, in the model dtype
+    there: tolerance), its routing the reference's but for ties, and batched == alone bit for
+    bit (up to the rows where the GEMVs keep a row's bits)."""
+    from test_backend import _model
+
+    _mod()
+    monkeypatch.setattr(SparseMoE, "cpu_step", lambda self: None)
+    runs, real = [], ops_moe.few_token_moe
+
+    def counted(x, *a):
+        out = real(x, *a)
+        runs.append(None if out is None else len(x))
+        return out
+
+    import qwen35.layers.moe as layer_moe
+
+    monkeypatch.setattr(layer_moe, "few_token_moe", counted)
+    model = _model(moe=True, dtype=dtype, quant=quant)
+    be = select_backend("cpu", dtype=dtype)
+    g = torch.Generator().manual_seed(11)
+    blocks = [b for b in model.modules() if isinstance(b, SparseMoE)]
+    Hm = model.config.hidden_size
+    with torch.inference_mode():
+        for block in blocks:
+            x = torch.randn(16, Hm, generator=g).to(dtype)
+            runs.clear()
+            fast = {n: block(x[:n], be) for n in (1, 2, 4, 8, 16)}
+            alone = torch.cat([block(x[t : t + 1], be) for t in range(16)])
+            assert runs == [1, 2, 4, 8, 16] + [1] * 16
+            mod = _mod()
+            xs, es, ns, w, token = mod.moe_route(x, block.gate.weight, block.top_k)
+            k = block.top_k
+            idx = torch.tensor(sum(([e] * n for e, n in zip(es, ns, strict=True)), []))  # by pair
+            top_idx = torch.empty(16, k, dtype=torch.long)
+            top_w = torch.empty(16, k, dtype=dtype)
+            fill = [0] * 16
+            for q in range(len(token)):
+                t = int(token[q])
+                top_idx[t, fill[t]], top_w[t, fill[t]] = idx[q], w[q]
+                fill[t] += 1
+            assert torch.equal(xs, x[token])
+            ref_w, ref_idx = block.route(x)  # the module's routing: the same picks (no ties)
+            assert torch.equal(ref_idx.sort(-1).values, top_idx.sort(-1).values)
+            torch.testing.assert_close(ref_w.sort(-1).values, top_w.sort(-1).values,
+                                       atol=0, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)  # fmt: skip
+            monkeypatch.setattr(ops_moe, "FEW_TOKENS", 0)  # the loop, on moe_route's routing
+            loop = block.experts(x, top_idx, top_w, be)
+            monkeypatch.setattr(ops_moe, "FEW_TOKENS", 16)
+            sh = block.shared_expert
+            want = loop + torch.sigmoid(block.shared_expert_gate(x)) * sh(x, be)
+            tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+            torch.testing.assert_close(fast[16], want, atol=tol, rtol=tol)
+            # (the shared expert takes a GEMM above 8 bf16 rows; fp32 GEMVs of more than 4 rows
+            # run two weight rows a pass, other bits: layers/linear.py, gemv_cpu.cpp)
+            for n in (1, 2, 4, 8) if dtype == torch.bfloat16 else (1, 2, 4):
+                assert torch.equal(fast[n], alone[:n]), n
+
+
+def test_moe_combine_refuses_bad_tokens():
+    mod = _mod()
+    ys = torch.zeros(4, 8, dtype=torch.bfloat16)
+    w = torch.ones(4, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="token index outside"):
+        mod.moe_combine(ys, w, torch.tensor([0, 1, 2, 3]), 3)
+    with pytest.raises(RuntimeError, match="weights \\[P\\] of ys's dtype"):
+        mod.moe_combine(ys, w.float(), torch.tensor([0, 1, 2, 3]), 4)
+    got = mod.moe_combine(ys + 1, w, torch.tensor([0, 1, 1, 0]), 2)
+    assert torch.equal(got, torch.full((2, 8), 2.0, dtype=torch.bfloat16))

@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -1177,6 +1178,59 @@ void check_bf16(const torch::Tensor& t, int64_t dim, const char* what) {
               "moe_bf16: ", what, " must be a contiguous ", dim, "-D bf16 CPU tensor");
 }
 
+// The routing of T rows of router logits [T, E] (the model dtype's values): softmax in fp32,
+// the top k (ties: the lower id), renormalised; round(w) gives the weights in the model dtype.
+// Returns the T * k (token, choice) pairs' experts and weights, and `order`: the pairs sorted by
+// expert (stable, so each expert's rows are in token order).
+struct Routing {
+  std::vector<int64_t> expert, order;
+  std::vector<float> weight;
+};
+
+template <typename Round>
+Routing route_rows(const float* logits, int64_t T, int64_t E, int64_t k, Round&& round) {
+  Routing r{std::vector<int64_t>(T * k), std::vector<int64_t>(T * k), std::vector<float>(T * k)};
+  std::vector<float> p(E);
+  std::vector<char> taken(E);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* l = logits + t * E;
+    float mx = -INFINITY, sum = 0.f, top = 0.f;
+    for (int64_t e = 0; e < E; ++e) mx = std::max(mx, l[e]);
+    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(l[e] - mx));
+    std::fill(taken.begin(), taken.end(), 0);
+    for (int64_t j = 0; j < k; ++j) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+      taken[best] = 1;
+      r.expert[t * k + j] = best;
+      top += (r.weight[t * k + j] = p[best] / sum);
+    }
+    for (int64_t j = 0; j < k; ++j) r.weight[t * k + j] = round(r.weight[t * k + j] / top);
+  }
+  for (int64_t q = 0; q < T * k; ++q) r.order[q] = q;
+  std::stable_sort(r.order.begin(), r.order.end(),
+                   [&](int64_t a, int64_t b) { return r.expert[a] < r.expert[b]; });
+  return r;
+}
+
+// acc [T, H] += round(ys[q] * w[q]) for every sorted pair q of token[q] (ys rows in sort order,
+// T: the element type, bf16 bits as uint16_t or float; round: to the model dtype)
+template <typename T, typename Round>
+void sum_pairs(const T* ys, int64_t P, int64_t H, const float* w, const int64_t* token,
+               float* acc, Round&& round) {
+  for (int64_t q = 0; q < P; ++q) {
+    float* a = acc + token[q] * H;
+    const T* y = ys + q * H;
+    for (int64_t j = 0; j < H; ++j) {
+      if constexpr (std::is_same_v<T, uint16_t>)
+        a[j] += round(bf16_to_float(y[j]) * w[q]);
+      else
+        a[j] += round(y[j] * w[q]);
+    }
+  }
+}
+
 }  // namespace
 
 // x [T <= 16, H] bf16; router [E, H]; gate_up [E, 2I, H] (gate rows first); down [E, H, I];
@@ -1215,33 +1269,13 @@ torch::Tensor moe_bf16(const torch::Tensor& x, const torch::Tensor& router,
   run_products({{X, xb.fp(0), T, W(router), E, H, logits.data()},
                 {X, xb.fp(0), T, W(shared_gate), 1, H, sgl.data()},
                 {X, xb.fp(0), T, W(shared_gate_up), 2 * Is, H, sgu.data()}}, dp, vl);
-  // routing: softmax in fp32, top-k (ties: the lower id), renormalised, rounded to bf16
+  // routing (route_rows), weights rounded to bf16; the pairs' rows gathered by expert
   const int64_t P = T * top_k;
-  std::vector<int64_t> expert(P);
-  std::vector<float> weight(P), p(E);
-  std::vector<char> taken(E);
-  for (int64_t t = 0; t < T; ++t) {
-    const uint16_t* l = logits.data() + t * E;
-    float mx = -INFINITY, sum = 0.f;
-    for (int64_t e = 0; e < E; ++e) mx = std::max(mx, bf16_to_float(l[e]));
-    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(bf16_to_float(l[e]) - mx));
-    std::fill(taken.begin(), taken.end(), 0);
-    float top = 0.f;
-    for (int64_t j = 0; j < top_k; ++j) {
-      int64_t best = -1;
-      for (int64_t e = 0; e < E; ++e)
-        if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
-      taken[best] = 1;
-      expert[t * top_k + j] = best;
-      top += (weight[t * top_k + j] = p[best] / sum);
-    }
-    for (int64_t j = 0; j < top_k; ++j) weight[t * top_k + j] = round_bf16(weight[t * top_k + j] / top);
-  }
-  // the (token, choice) pairs sorted by expert (stable), each expert's rows gathered
-  std::vector<int64_t> order(P);
-  for (int64_t q = 0; q < P; ++q) order[q] = q;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return expert[a] < expert[b]; });
+  std::vector<float> lf(T * E);
+  for (int64_t i = 0; i < T * E; ++i) lf[i] = bf16_to_float(logits[i]);
+  const Routing rt = route_rows(lf.data(), T, E, top_k, round_bf16);
+  const std::vector<int64_t>&expert = rt.expert, &order = rt.order;
+  const std::vector<float>& weight = rt.weight;
   Buf xs(P * H, !dp);
   for (int64_t q = 0; q < P; ++q)
     std::memcpy(xs.b.data() + q * H, X + order[q] / top_k * H, H * sizeof(uint16_t));
@@ -1280,19 +1314,85 @@ torch::Tensor moe_bf16(const torch::Tensor& x, const torch::Tensor& router,
   // reference's mul_, the routed sum in fp32 (expert order) rounded once
   torch::Tensor y = torch::empty({T, H}, x.options());
   auto* Y = reinterpret_cast<uint16_t*>(y.data_ptr());
-  std::vector<float> acc(T * H, 0.f);
-  for (int64_t q = 0; q < P; ++q) {
-    const int64_t t = order[q] / top_k;
-    const float w = weight[order[q]];
-    for (int64_t j = 0; j < H; ++j)
-      acc[t * H + j] += round_bf16(bf16_to_float(ys[q * H + j]) * w);
-  }
+  std::vector<float> acc(T * H, 0.f), ws(P);
+  std::vector<int64_t> token(P);
+  for (int64_t q = 0; q < P; ++q) ws[q] = weight[order[q]], token[q] = order[q] / top_k;
+  sum_pairs(ys.data(), P, H, ws.data(), token.data(), acc.data(), round_bf16);
   for (int64_t t = 0; t < T; ++t) {
     const float g = round_bf16(1.f / (1.f + std::exp(-bf16_to_float(sgl[t]))));
     for (int64_t j = 0; j < H; ++j) {
       const float s = round_bf16(g * bf16_to_float(ysh[t * H + j]));
       Y[t * H + j] = bf16_bits(round_bf16(acc[t * H + j]) + s);
     }
+  }
+  return y;
+}
+
+// The two ends of a MoE block's few-row step for experts of other formats (int8 / int4 / FP8,
+// fp32; ops/moe.py few_token_moe runs their products with their own kernels in between):
+// moe_route: x [T <= 16, H] bf16 or fp32, router [E, H] of its dtype -> (xs [T k, H]: each
+// (token, choice) pair's row of x, the pairs sorted by expert as moe_bf16 sorts them; the active
+// experts, ascending; each one's pair count; the pairs' weights [T k] in x's dtype; their tokens
+// [T k] int64). Logits are linear_bf16's / linear_fp32's, the routing moe_bf16's.
+// moe_combine: (ys [P, H], weights [P], tokens [P], T) -> [T, H]: per token the sum of its pairs'
+// round(ys * w) in fp32, in their order, rounded once (moe_bf16's weighted sum).
+std::tuple<torch::Tensor, std::vector<int64_t>, std::vector<int64_t>, torch::Tensor, torch::Tensor>
+moe_route(const torch::Tensor& x, const torch::Tensor& router, int64_t top_k) {
+  check_x(x, router, router.size(1));
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((bf16 || x.scalar_type() == at::kFloat) && router.scalar_type() == x.scalar_type(),
+              "moe_route: bf16 or fp32 x and a router of its dtype");
+  const int64_t T = x.size(0), H = x.size(1), E = router.size(0), P = T * top_k;
+  TORCH_CHECK(T >= 1 && top_k >= 1 && top_k <= E, "moe_route: 1 to ", kMaxRows,
+              " rows and top_k in 1..num_experts");
+  const torch::Tensor logits =
+      (bf16 ? linear_bf16(x, router, false) : linear_fp32(x, router, false)).to(at::kFloat);
+  const Routing rt = bf16 ? route_rows(logits.data_ptr<float>(), T, E, top_k, round_bf16)
+                          : route_rows(logits.data_ptr<float>(), T, E, top_k, [](float v) { return v; });
+  torch::Tensor xs = torch::empty({P, H}, x.options());
+  torch::Tensor w = torch::empty({P}, x.options().dtype(at::kFloat));
+  torch::Tensor token = torch::empty({P}, x.options().dtype(at::kLong));
+  const int64_t row = H * x.element_size();
+  const auto* X = static_cast<const char*>(x.data_ptr());
+  auto* XS = static_cast<char*>(xs.data_ptr());
+  std::vector<int64_t> experts, counts;
+  for (int64_t q = 0; q < P; ++q) {
+    const int64_t pair = rt.order[q], e = rt.expert[pair];
+    std::memcpy(XS + q * row, X + pair / top_k * row, row);
+    w.data_ptr<float>()[q] = rt.weight[pair];
+    token.data_ptr<int64_t>()[q] = pair / top_k;
+    if (experts.empty() || experts.back() != e)
+      experts.push_back(e), counts.push_back(0);
+    ++counts.back();
+  }
+  return {xs, experts, counts, w.to(x.scalar_type()), token};
+}
+
+torch::Tensor moe_combine(const torch::Tensor& ys, const torch::Tensor& weight,
+                          const torch::Tensor& token, int64_t T) {
+  const bool bf16 = ys.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(ys.dim() == 2 && ys.is_contiguous() && ys.device().is_cpu() &&
+                  (bf16 || ys.scalar_type() == at::kFloat),
+              "moe_combine: ys must be a contiguous [P, H] bf16 or fp32 CPU tensor");
+  const int64_t P = ys.size(0), H = ys.size(1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == P && weight.scalar_type() == ys.scalar_type() &&
+                  token.dim() == 1 && token.size(0) == P && token.scalar_type() == at::kLong,
+              "moe_combine: weights [P] of ys's dtype and tokens [P] int64 expected");
+  const torch::Tensor wf = weight.to(at::kFloat).contiguous(), tk = token.contiguous();
+  const int64_t* tok = tk.data_ptr<int64_t>();
+  for (int64_t q = 0; q < P; ++q)
+    TORCH_CHECK(tok[q] >= 0 && tok[q] < T, "moe_combine: a token index outside 0..T-1");
+  std::vector<float> acc(T * H, 0.f);
+  torch::Tensor y = torch::empty({T, H}, ys.options());
+  if (bf16) {
+    sum_pairs(reinterpret_cast<const uint16_t*>(ys.data_ptr()), P, H, wf.data_ptr<float>(), tok,
+              acc.data(), round_bf16);
+    auto* Y = reinterpret_cast<uint16_t*>(y.data_ptr());
+    for (int64_t i = 0; i < T * H; ++i) Y[i] = bf16_bits(acc[i]);
+  } else {
+    sum_pairs(ys.data_ptr<float>(), P, H, wf.data_ptr<float>(), tok, acc.data(),
+              [](float v) { return v; });
+    std::memcpy(y.data_ptr<float>(), acc.data(), T * H * sizeof(float));
   }
   return y;
 }
@@ -1329,5 +1429,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("router"), py::arg("gate_up"), py::arg("down"), py::arg("top_k"),
         py::arg("shared_gate"), py::arg("shared_gate_up"), py::arg("shared_down"),
         py::arg("avx2_only") = false);
+  m.def("moe_route", &moe_route, "a MoE block's routing for x [T<=16, H]: (xs, experts, counts, "
+        "weights, tokens), the pairs sorted by expert", py::arg("x"), py::arg("router"),
+        py::arg("top_k"));
+  m.def("moe_combine", &moe_combine, "per token the sum of its pairs' round(ys * w), fp32",
+        py::arg("ys"), py::arg("weights"), py::arg("tokens"), py::arg("T"));
   m.def("isa", &isa, "the fast paths this CPU takes");
 }

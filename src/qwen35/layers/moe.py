@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.layers.linear import Linear, empty_param, packed_linear
+from qwen35.layers.linear import Linear, empty_param, linear, linear_many, packed_linear
 from qwen35.layers.lora import adapted
 from qwen35.layers.mlp import MLP
 from qwen35.ops import moe as _ops_moe
@@ -29,6 +29,7 @@ from qwen35.ops.moe import (
     cpu_moe_step,
     cpu_moe_takes,
     few_token_experts,
+    few_token_moe,
     fused_moe,
     grouped_experts_reference,
     routed_experts,
@@ -168,10 +169,28 @@ class SparseMoE(nn.Module):
         expert, experts it does not read. Built per call by forward; models/cpu_decode.py
         resolves it once."""
         sh = self.shared_expert
-        if adapted(self.gate, self.shared_expert_gate, sh.gate_proj, sh.up_proj, sh.down_proj):
+        linears = (self.gate, self.shared_expert_gate, sh.gate_proj, sh.up_proj, sh.down_proj)
+        if any(lin.lora is not None for lin in linears):  # (attached: the plan outlives a step)
             return None
         shared = (self.shared_expert_gate.weight, sh.packed_gate_up, sh.down_proj.weight)
         return cpu_moe_step(self.gate.weight, self.top_k, self.experts.fused_weights(), shared)
+
+    def cpu_routed(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The routed experts of a few CPU rows by ops/moe.py `few_token_moe` (routing and the
+        weighted sum in C++, the experts by their kernels), or None: an adapter on the router,
+        only some experts here (expert parallelism), rows it does not take."""
+        ex = self.experts
+        if self.gate.lora is not None or ex.num_total is not None:
+            return None
+        if type(ex) is Experts:  # plain weights: layers/linear.py's GEMVs
+            gu, dn = ex.gate_up_proj, ex.down_proj
+            return few_token_moe(
+                x, self.gate.weight, self.top_k, lambda v, e: linear(v, gu[e]),
+                lambda h, e: linear(h, dn[e]),
+                lambda which, xs, es: linear_many(xs, [(gu if which == "gate_up" else dn)[e]
+                                                       for e in es]),
+            )  # fmt: skip
+        return few_token_moe(x, self.gate.weight, self.top_k, ex.gate_up, ex.down, ex.many)
 
     def forward(self, x: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
         """[T, H] -> [T, H]; backend None: the reference expert loop."""
@@ -199,7 +218,11 @@ class SparseMoE(nn.Module):
                           shared)  # fmt: skip
             if y is not None:
                 return self.tp.all_reduce(y)
-        top_w, top_idx = self.route(x, backend)  # (more tokens, or experts it does not read)
-        routed = self.experts(x, top_idx, top_w, backend)
+        routed = None  # (more tokens, or experts the fused paths do not read)
+        if backend is not None and backend.cpu_kernels is not None:
+            routed = self.cpu_routed(x)
+        if routed is None:
+            top_w, top_idx = self.route(x, backend)
+            routed = self.experts(x, top_idx, top_w, backend)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, backend)
         return self.tp.all_reduce(routed + shared)  # one all-reduce under tensor parallelism

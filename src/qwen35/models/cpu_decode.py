@@ -12,9 +12,9 @@ It applies to a step when: the model is on one rank, fp32 or bf16 (its K/V cache
 fp16 under fp32), the batch's backend has the CPU kernels (`QWEN35_NO_KERNELS=1` is honoured at
 any time), and the step is decode only with its rows in state-slot order (the engine's usual
 batch-1 step). Anything else takes the module path. A MoE block's step is in the plan too
-(`_moe`: the module's routing, the active experts' kernel calls resolved once, the shared
-expert as a dense FFN); blocks whose experts it cannot resolve, and steps of more than
-layers/linear.py MANY_MAX_ROWS rows, run the module (layers/moe.py). LoRA adapters served per
+(`_moe`: a bf16 block's one kernel call, else the C++ routing, the active experts' kernel
+calls resolved once, the shared expert as a dense FFN); blocks whose experts it cannot resolve,
+and steps of more than layers/linear.py MANY_MAX_ROWS rows, run the module (layers/moe.py). LoRA adapters served per
 request are added after the kernels of the projections they adapt (`_with_lora`, layers/lora.py).
 """
 
@@ -231,8 +231,9 @@ def _experts_many(ex, dtype):
 def _moe(mlp, dtype):
     """A MoE block's decode step (layers/moe.py SparseMoE.forward for few rows, the same ops on
     the same operands): bf16 blocks the one-call kernel takes, its call (`SparseMoE.cpu_step`);
-    else the module's routing, `few_token_experts` on `_experts_many`, the shared expert as a
-    dense layer's FFN, then its gate; or the module's forward where the experts' kernels are
+    else `few_token_moe` on `_experts_many` (the module's routing and `few_token_experts` with
+    an adapter on the router), the shared expert as a dense layer's FFN, then its gate; or the
+    module's forward where the experts' kernels are
     not resolved. More than MANY_MAX_ROWS rows take the module too."""
     if dtype == torch.bfloat16 and (step := mlp.cpu_step()) is not None:
         return lambda x, backend: (
@@ -242,16 +243,20 @@ def _moe(mlp, dtype):
     many = _experts_many(mlp.experts, dtype)
     if many is None:
         return mlp.forward
-    sh = mlp.shared_expert
+    sh, k = mlp.shared_expert, mlp.top_k
     sh_gate_up = _projection(sh.packed_gate_up, sh.gate_proj, sh.up_proj)
     sh_down = _with_lora(_direct(sh.down_proj), sh.down_proj)
     sh_gate = _with_lora(_plain(mlp.shared_expert_gate.weight), mlp.shared_expert_gate)
 
+    router = mlp.gate.weight if mlp.gate.lora is None else None  # (as SparseMoE.cpu_routed)
+
     def run(x, backend):
         if x.shape[0] > min(ops_moe.FEW_TOKENS, MANY_MAX_ROWS):
             return mlp.forward(x, backend)  # (`many` takes an expert's rows up to that)
-        top_w, top_idx = mlp.route(x)
-        routed = ops_moe.few_token_experts(x, top_idx, top_w, None, None, many)
+        routed = None if router is None else ops_moe.few_token_moe(x, router, k, None, None, many)
+        if routed is None:
+            top_w, top_idx = mlp.route(x)
+            routed = ops_moe.few_token_experts(x, top_idx, top_w, None, None, many)
         gate, up = sh_gate_up(x)
         shared = torch.sigmoid(sh_gate(x)) * sh_down(small_ops.load().silu_mul(gate, up))
         return routed + shared

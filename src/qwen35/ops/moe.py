@@ -11,7 +11,8 @@ once in ops/backend.py, says it runs), the loop with the GEMV kernels on a CPU.
 `fused_moe(backend, ...)`: the whole block (routing, routed and shared experts) for a few tokens
 on the GPU in three Triton launches (kernels/triton_moe.py), or None where it does not apply;
 `cpu_moe_step(...)`: the same block for a few bf16 rows on a CPU in one call (gemv_cpu.cpp
-`moe_bf16`), resolved once for its weights.
+`moe_bf16`), resolved once for its weights; `few_token_moe(...)`: the routed experts of a few CPU
+rows of any other expert format between a C++ routing call and a C++ weighted sum.
 
 Shapes: x [T, H]; gate_up [E, 2I, H] (gate rows first); down [E, H, I]; top_idx, top_w [T, k].
 """
@@ -64,6 +65,42 @@ def few_token_experts(x, top_idx, top_w, gate_up_fn, down_fn, many=None) -> torc
         ys = torch.cat([down_fn(h, e) for h, e in zip(hs, es, strict=True)])
     ys.mul_(top_w.reshape(-1, 1).index_select(0, order))  # [P, H]
     return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+
+def few_token_moe(x, router_w, top_k: int, gate_up_fn, down_fn, many=None):
+    """The routed experts of 1..FEW_TOKENS rows on a CPU from their router logits on: one
+    gemv_cpu.cpp `moe_route` call (logits, softmax, top-k with ties to the lower expert id,
+    renormalised weights, the pairs sorted by expert and their rows gathered), the experts'
+    products as in few_token_experts (`many`, or one call an expert), the SwiGLU of all of them
+    in one small-op call, and one `moe_combine` call (each token's weighted pairs summed in fp32,
+    rounded once): ~6 calls where routing and few_token_experts make ~30 (README: Model
+    implementation). The experts of every format take it (int8 / int4 / FP8 / fp32; bf16 blocks
+    take `cpu_moe_step`'s single call). None where it does not apply: no CPU kernels, a router of
+    another dtype than x's, rows that are not 1..FEW_TOKENS bf16 / fp32 rows."""
+    from qwen35.kernels import gemv
+
+    mod = gemv.load()
+    if (mod is None or router_w.dtype != x.dtype or x.dtype not in (torch.float32, torch.bfloat16)
+            or not takes_few_tokens(x) or not router_w.is_contiguous()):  # fmt: skip
+        return None
+    xs, es, ns, w, token = mod.moe_route(x.contiguous(), router_w, top_k)
+    parts = xs.split(ns)
+    gu = many and many("gate_up", parts, es)
+    if gu is None:
+        gu = torch.cat([gate_up_fn(v, e) for v, e in zip(parts, es, strict=True)])
+    h = _silu_mul(*gu.chunk(2, dim=-1))  # [P, I]
+    hs = h.split(ns)
+    ys = many and many("down", hs, es)
+    if ys is None:
+        ys = torch.cat([down_fn(v, e) for v, e in zip(hs, es, strict=True)])
+    return mod.moe_combine(ys.contiguous(), w, token, x.shape[0])
+
+
+def _silu_mul(gate, up):
+    from qwen35.kernels import small_ops
+
+    so = small_ops.load()
+    return F.silu(gate) * up if so is None else so.silu_mul(gate, up)
 
 
 # Up to this many tokens a CPU step takes few_token_experts (an expert then has at most this many
