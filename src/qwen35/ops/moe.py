@@ -84,12 +84,12 @@ def few_token_moe(x, router_w, top_k: int, gate_up_fn, down_fn, many=None):
             or not takes_few_tokens(x) or not router_w.is_contiguous()):  # fmt: skip
         return None
     xs, es, ns, w, token = mod.moe_route(x.contiguous(), router_w, top_k)
-    parts = xs.split(ns)
+    parts = xs.split_with_sizes(ns)  # (without Tensor.split's Python wrapper)
     gu = many and many("gate_up", parts, es)
     if gu is None:
         gu = torch.cat([gate_up_fn(v, e) for v, e in zip(parts, es, strict=True)])
     h = _silu_mul(*gu.chunk(2, dim=-1))  # [P, I]
-    hs = h.split(ns)
+    hs = h.split_with_sizes(ns)
     ys = many and many("down", hs, es)
     if ys is None:
         ys = torch.cat([down_fn(v, e) for v, e in zip(hs, es, strict=True)])

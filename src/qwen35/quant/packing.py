@@ -29,7 +29,7 @@ class QuantPack:
         outs: list[torch.Tensor] = []
         for fn, sizes in self.runs:
             y = fn(x)
-            outs.extend(y.split(sizes, dim=-1) if len(sizes) > 1 else (y,))
+            outs.extend(y.split_with_sizes(sizes, dim=-1) if len(sizes) > 1 else (y,))
         return tuple(outs)
 
 
