@@ -226,3 +226,25 @@ def test_moe_combine_refuses_bad_tokens():
         mod.moe_combine(ys, w.float(), torch.tensor([0, 1, 2, 3]), 4)
     got = mod.moe_combine(ys + 1, w, torch.tensor([0, 1, 1, 0]), 2)
     assert torch.equal(got, torch.full((2, 8), 2.0, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_row_poisons_only_itself(bad):
+    """A NaN / inf in one token's hidden state: that token's output is not finite, the other
+    rows' are their bits alone (routing, products and sums are per token), and the call returns
+    (no hang, no crash): both the one-call bf16 block and the C++ routing + combine."""
+    mod = _mod()
+    m = _block(seed=9)
+    x = torch.randn(4, H, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
+    x[2, 5] = bad
+    got = _call(mod, m, x)
+    assert not torch.isfinite(got[2]).all()
+    for t in (0, 1, 3):
+        assert torch.equal(got[t], _call(mod, m, x[t : t + 1])[0]), t
+    xs, es, ns, w, token = mod.moe_route(x, m.gate.weight, K)
+    assert sum(ns) == 4 * K and sorted(es) == es and len(set(es)) == len(es)
+    assert all(0 <= e < E for e in es)
+    ys = torch.randn(4 * K, H).to(torch.bfloat16)
+    out = mod.moe_combine(ys, w, token, 4)
+    keep = token != 2
+    assert torch.isfinite(out[[0, 1, 3]]).all() and torch.isfinite(w[keep]).all()
