@@ -1,8 +1,11 @@
-"""CPU MoE decode steps: ops/moe.py's few-token path (every active expert's products in one
-kernel call per projection) against the per-expert loop it replaced, interleaved in one process.
+"""CPU MoE decode steps: ops/moe.py's few-token paths (a bf16 block as one `moe_bf16` call; other
+formats' routing and weighted sum in C++ around one kernel call per projection) against the
+per-expert loop they replaced, or against the op-by-op few-token path (`--baseline ops`),
+interleaved in one process.
 
     python bench/moe_decode.py [--formats bf16 int8 int4 fp8] [--layers 8] [--experts 32]
                                [--rounds 60] [--threads 2] [--tokens 1 2 4] [--engine 4]
+                               [--baseline loop|ops]
     python bench/moe_decode.py --write-config DIR   # the model of the MoE peers run, then:
     qwen35 bench --workload peers --model DIR/config.json --formats bf16,int8,int4 \\
         --contexts 512,2048 --rounds 4 --threads 2
@@ -12,9 +15,11 @@ The model: Qwen3.5-35B-A3B's catalog config (hidden 2,048, top-8 experts of 512,
 that it and llama.cpp's copy fit 24 GiB; per layer a token reads what the real model reads (the
 same k experts' bytes). Timed: every SparseMoE block of the model on 1-16 tokens (a decode
 step of that many sequences; the rest of the step is the same code either way), the two paths
-alternating each round (`ops/moe.py FEW_TOKENS`); medians. `--engine N`: whole engine decode
-steps of N sequences instead (greedy, 128-token prompts; the loop also turns the decode plan's
-MoE step off), the two alternating every 10 steps. Results can only be compared within one run.
+alternating each round; medians. The baseline: `loop`, ops/moe.py FEW_TOKENS = 0 (the
+per-expert loop); `ops`, the few-token path op by op (routing by torch, `few_token_experts`:
+SparseMoE.cpu_step / cpu_routed off). `--engine N`: whole engine decode steps of N sequences
+instead (greedy, 128-token prompts; the loop also turns the decode plan's MoE step off), the two
+alternating every 10 steps. Results can only be compared within one run.
 """
 
 from __future__ import annotations
@@ -86,6 +91,8 @@ def main() -> None:
     ap.add_argument("--engine", type=int, default=0, metavar="N",
                     help="time whole engine steps of N sequences instead")  # fmt: skip
     ap.add_argument("--write-config", metavar="DIR", help="write the model's config.json, exit")
+    ap.add_argument("--baseline", choices=("loop", "ops"), default="loop",
+                    help="the per-expert loop, or the op-by-op few-token path")  # fmt: skip
     args = ap.parse_args()
     if args.write_config:
         print(write_config(Path(args.write_config), args.layers, args.experts))
@@ -110,19 +117,26 @@ def main() -> None:
         for n in args.tokens:
             xs = [torch.randn(n, bm.config.hidden_size, generator=g).bfloat16() for _ in range(16)]
             on, times = ops_moe.FEW_TOKENS, {True: [], False: []}
+            fused = SparseMoE.cpu_step, SparseMoE.cpu_routed
             with torch.inference_mode():
                 for r in range(args.rounds + 4):
                     for few in (True, False) if r % 2 == 0 else (False, True):
-                        ops_moe.FEW_TOKENS = on if few else 0
+                        if args.baseline == "loop":
+                            ops_moe.FEW_TOKENS = on if few else 0
+                        else:  # the C++ paths on or off
+                            SparseMoE.cpu_step, SparseMoE.cpu_routed = fused if few else (
+                                lambda self: None, lambda self, x: None)  # fmt: skip
                         t = time.perf_counter()
                         for b in blocks:
                             b(xs[r % len(xs)], be)
                         if r >= 4:  # the first rounds warm up
                             times[few].append(time.perf_counter() - t)
             ops_moe.FEW_TOKENS = on
-            fast, loop = (statistics.median(times[k]) * 1e3 for k in (True, False))
+            SparseMoE.cpu_step, SparseMoE.cpu_routed = fused
+            fast, base = (statistics.median(times[k]) * 1e3 for k in (True, False))
+            label = "per-expert loop" if args.baseline == "loop" else "op-by-op few-token path"
             print(f"{fmt}: {len(blocks)} MoE blocks at {n} token(s): few-token path {fast:.2f} ms, "
-                  f"per-expert loop {loop:.2f} ms, {loop / fast:.2f}x")  # fmt: skip
+                  f"{label} {base:.2f} ms, {base / fast:.2f}x")  # fmt: skip
         del bm
 
 
