@@ -80,7 +80,7 @@ def _engine_steps(bm, fmt: str, seqs: int, rounds: int, ops_moe) -> None:
           f"{loop / fast:.2f}x")  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"])
     ap.add_argument("--layers", type=int, default=8)
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--write-config", metavar="DIR", help="write the model's config.json, exit")
     ap.add_argument("--baseline", choices=("loop", "ops"), default="loop",
                     help="the per-expert loop, or the op-by-op few-token path")  # fmt: skip
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.write_config:
         print(write_config(Path(args.write_config), args.layers, args.experts))
         return

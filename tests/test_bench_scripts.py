@@ -61,3 +61,20 @@ def test_run_batch_bench_runs(capsys, tmp_path):
                              "--dtype", "fp32"])  # fmt: skip
     out = capsys.readouterr().out
     assert "window 1" in out and "batched" in out and "[3, 3] of 3" in out  # fp32: batched == alone
+
+
+def test_moe_decode_bench_runs(capsys):
+    """bench/moe_decode.py against both baselines on a one-layer model of 35B-A3B's shapes; the
+    class attributes it switches (SparseMoE.cpu_step / cpu_routed) are restored after."""
+    from kernel_modules import cpu_kernels_or_skip
+    from qwen35.layers.moe import SparseMoE
+
+    cpu_kernels_or_skip()
+    fused = SparseMoE.cpu_step, SparseMoE.cpu_routed
+    bench = _load("moe_decode")
+    for baseline, label in (("ops", "op-by-op few-token path"), ("loop", "per-expert loop")):
+        bench.main(["--layers", "1", "--experts", "8", "--rounds", "1", "--tokens", "1", "2",
+                    "--formats", "bf16", "int8", "--baseline", baseline])  # fmt: skip
+        out = capsys.readouterr().out
+        assert out.count(label) == 4 and out.count("x\n") == 4, out
+        assert (SparseMoE.cpu_step, SparseMoE.cpu_routed) == fused
