@@ -1,5 +1,5 @@
 """What a CPU without AVX512 (AVX2 + FMA only, e.g. AMD Zen 3) runs, on any x86-64 machine:
-the weight-format and decode-plan tests again in a subprocess under QWEN35_CPU_ISA=avx2 (our
+the weight-format, decode-plan and CPU MoE tests again in a subprocess under QWEN35_CPU_ISA=avx2 (our
 kernels' AVX2 paths, devices.py without the AVX512 / AMX flags), ONEDNN_MAX_CPU_ISA=AVX2 and
 ATEN_CPU_CAPABILITY=avx2 (torch's own kernels and int4 packing as there). Running the whole suite
 so found int4 reading torch's AVX2 packing wrongly (README "Quantized weights")."""
@@ -15,7 +15,8 @@ import pytest
 
 HERE = Path(__file__).parent
 TESTS = ["test_gemv_int4.py", "test_quant_int.py", "test_quant_fp8.py", "test_cpu_decode.py",
-         "test_bf16_storage.py", "test_gemv.py", "test_head_screen.py"]  # fmt: skip
+         "test_bf16_storage.py", "test_gemv.py", "test_head_screen.py",
+         "test_moe_cpu.py"]  # fmt: skip
 
 
 def test_weight_formats_and_decode_plan_as_on_an_avx2_cpu():
