@@ -1,8 +1,9 @@
 """What a CPU without AVX512 (AVX2 + FMA only, e.g. AMD Zen 3) runs, on any x86-64 machine:
 the weight-format, decode-plan and CPU MoE tests again in a subprocess under
 QWEN35_CPU_ISA=avx2 (our kernels' AVX2 paths, devices.py without the AVX512 / AMX flags),
-ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 (torch's own kernels and int4 packing as there). Running the whole suite
-so found int4 reading torch's AVX2 packing wrongly (README "Quantized weights")."""
+ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 (torch's own kernels and int4 packing as
+there). Running the whole suite so found int4 reading torch's AVX2 packing wrongly (README
+"Quantized weights")."""
 
 from __future__ import annotations
 
