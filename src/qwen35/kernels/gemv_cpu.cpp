@@ -31,6 +31,7 @@
 
 #include "cpu_isa.h"
 #include "gemv_rows.h"
+#include "small_rows.h"
 
 #include <algorithm>
 #include <cmath>
@@ -1133,6 +1134,9 @@ struct Product {  // Y [M, N] (bf16) = X [M, K] @ W [N, K] ^T; XF: X widened (FM
   uint16_t* Y;
 };
 
+inline uint16_t bf16_bits(float v) { return c10::BFloat16(v).x; }  // rounded to nearest even
+inline float round_bf16(float v) { return bf16_to_float(bf16_bits(v)); }
+
 void run_products(const std::vector<Product>& ps, bool dpbf16, bool vl) {
   std::vector<int64_t> end;
   int64_t total = 0;
@@ -1151,15 +1155,11 @@ void run_products(const std::vector<Product>& ps, bool dpbf16, bool vl) {
         } else {
           DISPATCH_MR(mr, fma_row, vl, p.XF + m * K, p.W + n * K, out, K);
         }
-        for (int r = 0; r < mr; ++r) p.Y[(m + r) * p.N + n] = c10::BFloat16(out[r]).x;
+        for (int r = 0; r < mr; ++r) p.Y[(m + r) * p.N + n] = bf16_bits(out[r]);
       }
     }
   });
 }
-
-inline uint16_t bf16_bits(float v) { return c10::BFloat16(v).x; }
-inline float round_bf16(float v) { return bf16_to_float(bf16_bits(v)); }
-inline float silu_f(float v) { return v / (1.f + std::exp(-v)); }
 
 // rows of bf16 bits, widened to fp32 beside them where the FMA paths read them
 struct Buf {
@@ -1180,17 +1180,21 @@ void check_bf16(const torch::Tensor& t, int64_t dim, const char* what) {
 
 // The routing of T rows of router logits [T, E] (the model dtype's values): softmax in fp32,
 // the top k (ties: the lower id), renormalised; round(w) gives the weights in the model dtype.
-// Returns the T * k (token, choice) pairs' experts and weights, and `order`: the pairs sorted by
-// expert (stable, so each expert's rows are in token order).
+// The T * k (token, choice) pairs sorted by expert (stable, so each expert's rows are in token
+// order): each sorted pair's token and weight, and the runs of pairs one expert takes.
 struct Routing {
-  std::vector<int64_t> expert, order;
+  struct Run {
+    int64_t expert, first, count;  // the run's sorted pairs [first, first + count)
+  };
+  std::vector<int64_t> token;
   std::vector<float> weight;
+  std::vector<Run> runs;
 };
 
 template <typename Round>
 Routing route_rows(const float* logits, int64_t T, int64_t E, int64_t k, Round&& round) {
-  Routing r{std::vector<int64_t>(T * k), std::vector<int64_t>(T * k), std::vector<float>(T * k)};
-  std::vector<float> p(E);
+  std::vector<int64_t> expert(T * k), order(T * k);  // (by pair t * k + j)
+  std::vector<float> weight(T * k), p(E);
   std::vector<char> taken(E);
   for (int64_t t = 0; t < T; ++t) {
     const float* l = logits + t * E;
@@ -1203,14 +1207,22 @@ Routing route_rows(const float* logits, int64_t T, int64_t E, int64_t k, Round&&
       for (int64_t e = 0; e < E; ++e)
         if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
       taken[best] = 1;
-      r.expert[t * k + j] = best;
-      top += (r.weight[t * k + j] = p[best] / sum);
+      expert[t * k + j] = best;
+      top += (weight[t * k + j] = p[best] / sum);
     }
-    for (int64_t j = 0; j < k; ++j) r.weight[t * k + j] = round(r.weight[t * k + j] / top);
+    for (int64_t j = 0; j < k; ++j) weight[t * k + j] = round(weight[t * k + j] / top);
   }
-  for (int64_t q = 0; q < T * k; ++q) r.order[q] = q;
-  std::stable_sort(r.order.begin(), r.order.end(),
-                   [&](int64_t a, int64_t b) { return r.expert[a] < r.expert[b]; });
+  for (int64_t q = 0; q < T * k; ++q) order[q] = q;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return expert[a] < expert[b]; });
+  Routing r;
+  for (int64_t q = 0; q < T * k; ++q) {
+    const int64_t pair = order[q], e = expert[pair];
+    r.token.push_back(pair / k);
+    r.weight.push_back(weight[pair]);
+    if (r.runs.empty() || r.runs.back().expert != e) r.runs.push_back({e, q, 0});
+    ++r.runs.back().count;
+  }
   return r;
 }
 
@@ -1274,29 +1286,21 @@ torch::Tensor moe_bf16(const torch::Tensor& x, const torch::Tensor& router,
   std::vector<float> lf(T * E);
   for (int64_t i = 0; i < T * E; ++i) lf[i] = bf16_to_float(logits[i]);
   const Routing rt = route_rows(lf.data(), T, E, top_k, round_bf16);
-  const std::vector<int64_t>&expert = rt.expert, &order = rt.order;
-  const std::vector<float>& weight = rt.weight;
   Buf xs(P * H, !dp);
   for (int64_t q = 0; q < P; ++q)
-    std::memcpy(xs.b.data() + q * H, X + order[q] / top_k * H, H * sizeof(uint16_t));
+    std::memcpy(xs.b.data() + q * H, X + rt.token[q] * H, H * sizeof(uint16_t));
   xs.widen();
   std::vector<uint16_t> gu(P * 2 * I);
   std::vector<Product> pass;
-  std::vector<std::pair<int64_t, int64_t>> groups;  // (first sorted pair, rows) of each expert
-  for (int64_t q = 0; q < P;) {
-    int64_t r = q;
-    while (r < P && expert[order[r]] == expert[order[q]]) ++r;
-    groups.emplace_back(q, r - q);
-    pass.push_back({xs.b.data() + q * H, xs.fp(q * H), r - q,
-                    W(gate_up) + expert[order[q]] * 2 * I * H, 2 * I, H, gu.data() + q * 2 * I});
-    q = r;
-  }
+  for (const auto& [e, q, n] : rt.runs)
+    pass.push_back({xs.b.data() + q * H, xs.fp(q * H), n, W(gate_up) + e * 2 * I * H, 2 * I, H,
+                    gu.data() + q * 2 * I});
   run_products(pass, dp, vl);  // pass 2: the experts' gate_up
   // SwiGLU: silu(gate) rounded, times up, rounded (routed pairs, then the shared expert's rows)
   Buf h(P * I, !dp), hs(T * Is, !dp);
   const auto swiglu = [](const uint16_t* g, int64_t n, uint16_t* out) {
     for (int64_t j = 0; j < n; ++j)
-      out[j] = bf16_bits(round_bf16(silu_f(bf16_to_float(g[j]))) * bf16_to_float(g[n + j]));
+      out[j] = bf16_bits(round_bf16(rows::silu(bf16_to_float(g[j]))) * bf16_to_float(g[n + j]));
   };
   for (int64_t q = 0; q < P; ++q) swiglu(gu.data() + q * 2 * I, I, h.b.data() + q * I);
   for (int64_t t = 0; t < T; ++t) swiglu(sgu.data() + t * 2 * Is, Is, hs.b.data() + t * Is);
@@ -1305,8 +1309,8 @@ torch::Tensor moe_bf16(const torch::Tensor& x, const torch::Tensor& router,
   // pass 3: the experts' down, the shared expert's down
   std::vector<uint16_t> ys(P * H), ysh(T * H);
   pass.clear();
-  for (const auto& [q, n] : groups)
-    pass.push_back({h.b.data() + q * I, h.fp(q * I), n, W(down) + expert[order[q]] * H * I, H, I,
+  for (const auto& [e, q, n] : rt.runs)
+    pass.push_back({h.b.data() + q * I, h.fp(q * I), n, W(down) + e * H * I, H, I,
                     ys.data() + q * H});
   pass.push_back({hs.b.data(), hs.fp(0), T, W(shared_down), H, Is, ysh.data()});
   run_products(pass, dp, vl);
@@ -1314,12 +1318,10 @@ torch::Tensor moe_bf16(const torch::Tensor& x, const torch::Tensor& router,
   // reference's mul_, the routed sum in fp32 (expert order) rounded once
   torch::Tensor y = torch::empty({T, H}, x.options());
   auto* Y = reinterpret_cast<uint16_t*>(y.data_ptr());
-  std::vector<float> acc(T * H, 0.f), ws(P);
-  std::vector<int64_t> token(P);
-  for (int64_t q = 0; q < P; ++q) ws[q] = weight[order[q]], token[q] = order[q] / top_k;
-  sum_pairs(ys.data(), P, H, ws.data(), token.data(), acc.data(), round_bf16);
+  std::vector<float> acc(T * H, 0.f);
+  sum_pairs(ys.data(), P, H, rt.weight.data(), rt.token.data(), acc.data(), round_bf16);
   for (int64_t t = 0; t < T; ++t) {
-    const float g = round_bf16(1.f / (1.f + std::exp(-bf16_to_float(sgl[t]))));
+    const float g = round_bf16(rows::sigmoid(bf16_to_float(sgl[t])));
     for (int64_t j = 0; j < H; ++j) {
       const float s = round_bf16(g * bf16_to_float(ysh[t * H + j]));
       Y[t * H + j] = bf16_bits(round_bf16(acc[t * H + j]) + s);
@@ -1355,16 +1357,11 @@ moe_route(const torch::Tensor& x, const torch::Tensor& router, int64_t top_k) {
   const int64_t row = H * x.element_size();
   const auto* X = static_cast<const char*>(x.data_ptr());
   auto* XS = static_cast<char*>(xs.data_ptr());
+  for (int64_t q = 0; q < P; ++q) std::memcpy(XS + q * row, X + rt.token[q] * row, row);
+  std::memcpy(w.data_ptr<float>(), rt.weight.data(), P * sizeof(float));
+  std::memcpy(token.data_ptr<int64_t>(), rt.token.data(), P * sizeof(int64_t));
   std::vector<int64_t> experts, counts;
-  for (int64_t q = 0; q < P; ++q) {
-    const int64_t pair = rt.order[q], e = rt.expert[pair];
-    std::memcpy(XS + q * row, X + pair / top_k * row, row);
-    w.data_ptr<float>()[q] = rt.weight[pair];
-    token.data_ptr<int64_t>()[q] = pair / top_k;
-    if (experts.empty() || experts.back() != e)
-      experts.push_back(e), counts.push_back(0);
-    ++counts.back();
-  }
+  for (const auto& run : rt.runs) experts.push_back(run.expert), counts.push_back(run.count);
   return {xs, experts, counts, w.to(x.scalar_type()), token};
 }
 

@@ -1,6 +1,7 @@
-// Row-level arithmetic of the small ops, shared by small_ops_cpu.cpp (one op per call) and
-// gated_delta_cpu.cpp (the DeltaNet decode step fused with its gates and output norm), so both
-// round exactly where the PyTorch references (layers/norms.py, layers/deltanet.py) round.
+// Row-level arithmetic of the small ops, shared by small_ops_cpu.cpp (one op per call),
+// gated_delta_cpu.cpp (the DeltaNet decode step fused with its gates and output norm) and
+// gemv_cpu.cpp's MoE step (silu, sigmoid), so all round exactly where the PyTorch references
+// (layers/norms.py, layers/deltanet.py, layers/moe.py) round.
 // (kernels/__init__.py's Native hashes this header with each source that includes it.)
 #pragma once
 #include <cmath>
@@ -16,6 +17,7 @@ inline T round_to(float v) {
 }
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
 
 template <typename T>
 inline float inv_rms(const T* x, int64_t d, float eps) {
@@ -84,7 +86,7 @@ inline void deltanet_gates_row(const T* ar, const T* br, const T* DT, const T* A
     const float x = static_cast<float>(ar[h]) + static_cast<float>(DT[h]);
     const float sp = x > 20.f ? x : std::log1p(std::exp(x));
     g[h] = sp * -std::exp(static_cast<float>(AL[h]));
-    beta[h] = round_to<T>(1.f / (1.f + std::exp(-static_cast<float>(br[h]))));
+    beta[h] = round_to<T>(sigmoid(static_cast<float>(br[h])));
   }
 }
 

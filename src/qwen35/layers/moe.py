@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.layers.linear import Linear, empty_param, linear, linear_many, packed_linear
+from qwen35.layers.linear import Linear, empty_param, linear, packed_linear
 from qwen35.layers.lora import adapted
 from qwen35.layers.mlp import MLP
 from qwen35.ops import moe as _ops_moe
@@ -32,6 +32,7 @@ from qwen35.ops.moe import (
     few_token_moe,
     fused_moe,
     grouped_experts_reference,
+    plain_many,
     routed_experts,
 )
 from qwen35.parallel.context import SINGLE, TensorParallel
@@ -182,14 +183,10 @@ class SparseMoE(nn.Module):
         ex = self.experts
         if self.gate.lora is not None or ex.num_total is not None:
             return None
-        if type(ex) is Experts:  # plain weights: layers/linear.py's GEMVs
+        if type(ex) is Experts:  # plain weights: layers/linear.py's GEMVs, as routed_experts
             gu, dn = ex.gate_up_proj, ex.down_proj
-            return few_token_moe(
-                x, self.gate.weight, self.top_k, lambda v, e: linear(v, gu[e]),
-                lambda h, e: linear(h, dn[e]),
-                lambda which, xs, es: linear_many(xs, [(gu if which == "gate_up" else dn)[e]
-                                                       for e in es]),
-            )  # fmt: skip
+            return few_token_moe(x, self.gate.weight, self.top_k, lambda v, e: linear(v, gu[e]),
+                                 lambda h, e: linear(h, dn[e]), plain_many(gu, dn))  # fmt: skip
         return few_token_moe(x, self.gate.weight, self.top_k, ex.gate_up, ex.down, ex.many)
 
     def forward(self, x: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:

@@ -14,8 +14,9 @@ any time), and the step is decode only with its rows in state-slot order (the en
 batch-1 step). Anything else takes the module path. A MoE block's step is in the plan too
 (`_moe`: a bf16 block's one kernel call, else the C++ routing, the active experts' kernel
 calls resolved once, the shared expert as a dense FFN); blocks whose experts it cannot resolve,
-and steps of more than layers/linear.py MANY_MAX_ROWS rows, run the module (layers/moe.py). LoRA adapters served per
-request are added after the kernels of the projections they adapt (`_with_lora`, layers/lora.py).
+and steps of more than layers/linear.py MANY_MAX_ROWS rows, run the module (layers/moe.py).
+LoRA adapters served per request are added after the kernels of the projections they adapt
+(`_with_lora`, layers/lora.py).
 """
 
 from __future__ import annotations
@@ -233,8 +234,8 @@ def _moe(mlp, dtype):
     the same operands): bf16 blocks the one-call kernel takes, its call (`SparseMoE.cpu_step`);
     else `few_token_moe` on `_experts_many` (the module's routing and `few_token_experts` with
     an adapter on the router), the shared expert as a dense layer's FFN, then its gate; or the
-    module's forward where the experts' kernels are
-    not resolved. More than MANY_MAX_ROWS rows take the module too."""
+    module's forward where the experts' kernels are not resolved. More than MANY_MAX_ROWS rows
+    take the module too."""
     if dtype == torch.bfloat16 and (step := mlp.cpu_step()) is not None:
         return lambda x, backend: (
             step(x) if x.shape[0] <= MANY_MAX_ROWS and ops_moe.cpu_moe_takes(x)

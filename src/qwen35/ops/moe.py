@@ -34,6 +34,15 @@ def _sort_pairs(top_idx: torch.Tensor):
     return flat, order, order // top_idx.shape[1]  # token of each sorted pair
 
 
+def _stacked(many, which: str, fn, parts, experts) -> torch.Tensor:
+    """Every active expert's `which` product of its rows, stacked: one many(which, parts,
+    experts) call where it takes them, else fn(rows, e) an expert."""
+    ys = many and many(which, parts, experts)
+    if ys is None:
+        ys = torch.cat([fn(v, e) for v, e in zip(parts, experts, strict=True)])
+    return ys
+
+
 def few_token_experts(x, top_idx, top_w, gate_up_fn, down_fn, many=None) -> torch.Tensor:
     """The routed experts of at most FEW_TOKENS tokens (CPU decode steps): the general loop
     below on the same sorted pairs, weighted by its one mul_ and summed by its one index_add_ in
@@ -55,14 +64,9 @@ def few_token_experts(x, top_idx, top_w, gate_up_fn, down_fn, many=None) -> torc
             es.append(e)
             ns.append(1)
     xs = x.index_select(0, token_of).split(ns)  # each expert's input rows
-    gu = many and many("gate_up", xs, es)
-    if gu is None:
-        gu = torch.cat([gate_up_fn(v, e) for v, e in zip(xs, es, strict=True)])
-    gate, up = gu.chunk(2, dim=-1)  # [P, I] each
+    gate, up = _stacked(many, "gate_up", gate_up_fn, xs, es).chunk(2, dim=-1)  # [P, I] each
     hs = (F.silu(gate) * up).split(ns)
-    ys = many and many("down", hs, es)
-    if ys is None:
-        ys = torch.cat([down_fn(h, e) for h, e in zip(hs, es, strict=True)])
+    ys = _stacked(many, "down", down_fn, hs, es)
     ys.mul_(top_w.reshape(-1, 1).index_select(0, order))  # [P, H]
     return torch.zeros_like(x).index_add_(0, token_of, ys)
 
@@ -85,14 +89,9 @@ def few_token_moe(x, router_w, top_k: int, gate_up_fn, down_fn, many=None):
         return None
     xs, es, ns, w, token = mod.moe_route(x.contiguous(), router_w, top_k)
     parts = xs.split_with_sizes(ns)  # (without Tensor.split's Python wrapper)
-    gu = many and many("gate_up", parts, es)
-    if gu is None:
-        gu = torch.cat([gate_up_fn(v, e) for v, e in zip(parts, es, strict=True)])
-    h = _silu_mul(*gu.chunk(2, dim=-1))  # [P, I]
-    hs = h.split_with_sizes(ns)
-    ys = many and many("down", hs, es)
-    if ys is None:
-        ys = torch.cat([down_fn(v, e) for v, e in zip(hs, es, strict=True)])
+    gu = _stacked(many, "gate_up", gate_up_fn, parts, es)
+    hs = _silu_mul(*gu.chunk(2, dim=-1)).split_with_sizes(ns)  # [P, I] by expert
+    ys = _stacked(many, "down", down_fn, hs, es)
     return mod.moe_combine(ys.contiguous(), w, token, x.shape[0])
 
 
@@ -164,6 +163,15 @@ def grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be: Backend | None = N
 CPU_GMM_MAX_ROWS = 16
 
 
+def plain_many(gate_up, down):
+    """many(which, xs, experts) for plain experts [E, N, K]: a few tokens' products in one
+    layers/linear.py `linear_many` call (bf16 weights), or None."""
+    from qwen35.layers.linear import linear_many
+
+    return lambda which, xs, experts: linear_many(
+        xs, [(gate_up if which == "gate_up" else down)[e] for e in experts])  # fmt: skip
+
+
 def routed_experts(be: Backend, x, gate_up, down, top_idx, top_w) -> torch.Tensor:
     if be.device_type != "cpu" or be.on_gpu_path(x):  # (tests run CUDA backends on CPU tensors)
         if be.grouped_mm and x.dtype == gate_up.dtype:
@@ -172,12 +180,10 @@ def routed_experts(be: Backend, x, gate_up, down, top_idx, top_w) -> torch.Tenso
     from qwen35.kernels import gemv
 
     if gemv.load() is not None:  # the CPU GEMV kernels, which layers/linear.py takes for few rows
-        from qwen35.layers.linear import linear, linear_many
+        from qwen35.layers.linear import linear
 
-        def many(which, xs, experts):  # a few tokens: the products in one kernel call (bf16)
-            return linear_many(xs, [(gate_up if which == "gate_up" else down)[e] for e in experts])
-
-        return grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=linear, many=many)
+        return grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=linear,
+                                         many=plain_many(gate_up, down))  # fmt: skip
     # no kernels (no compiler, not x86, QWEN35_NO_KERNELS=1): the grouped GEMM for few rows
     if be.grouped_mm and x.dtype == gate_up.dtype and x.shape[0] <= CPU_GMM_MAX_ROWS:
         return grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be)
@@ -270,5 +276,4 @@ def cpu_moe_step(router_w, top_k: int, experts, shared):
 
 def cpu_moe_takes(x: torch.Tensor) -> bool:
     """Rows `cpu_moe_step`'s call takes: 1 to FEW_TOKENS bf16 rows on a CPU."""
-    return (x.dtype == torch.bfloat16 and x.dim() == 2 and 1 <= x.shape[0] <= FEW_TOKENS
-            and x.device.type == "cpu")  # fmt: skip
+    return x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] >= 1 and takes_few_tokens(x)
