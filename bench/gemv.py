@@ -20,7 +20,8 @@ ours forced onto the AVX2 path (what a CPU without AVX512 runs). int8: torch's
 AVX512 CPUs too, there built with VL's registers; avx2-only: its AVX2 build) vs ours (AVX512-VBMI
 byte tables) vs ours-cvt (AVX512 without VBMI + BF16: fp16 bits converted).
 int4 (groups of 128, torch's packed layout; not for lm_head, which int4 keeps in int8): torch's
-`_weight_int4pack_mm_for_cpu` vs ours (int4_cpu.cpp: AVX512-VBMI + BF16) vs ours-avx2; with
+`_weight_int4pack_mm_for_cpu` vs ours (int4_cpu.cpp: AVX512-VBMI + BF16) vs ours-avx2, and both with
+8-bit activations (x8: ours-x8 the AVX512-VNNI path, ours-avx2-x8); with
 --int4-fp32 also both on fp32 rows. GB/s counts the packed weight bytes (0.5 per weight).
 """
 
@@ -86,6 +87,10 @@ def _int4_paths(x, p4, sz4, sz4f, mod4, fp32: bool) -> dict:
         if mod4.int4_fast_supported():
             paths["int4 ours"] = lambda: mod4.linear_int4(x, p4, sz4, 128, n)
         paths["int4 ours-avx2"] = lambda: mod4.linear_int4(x, p4, sz4, 128, n, True)
+        if hasattr(mod4, "int4_vnni_supported"):  # 8-bit activations (a --baseline may lack them)
+            if mod4.int4_vnni_supported():
+                paths["int4 ours-x8"] = lambda: mod4.linear_int4(x, p4, sz4, 128, n, x8=True)
+            paths["int4 ours-avx2-x8"] = lambda: mod4.linear_int4(x, p4, sz4, 128, n, True, True)
     if fp32:
         paths["int4 torch f32"] = lambda: int4(xf, p4, 128, sz4f)
         if mod4 is not None:

@@ -33,6 +33,8 @@ def _quantized(n, k, group, dtype, seed):
 # fp32 rows against F.linear on the exact fp32 x: the AVX2 path quantises x to 16 bits per group
 # (|x - x^| <= amax / 65024: ~1.5e-5 of randn's norm), the VBMI path none (fp32 rows never take it)
 X16_TOL = 5e-5
+# x8: x rounded to 8 bits per 32 inputs (|x - x^| <= amax / 254: ~0.5% of randn's norm)
+X8_TOL = 1.2e-2
 
 
 def _int16_x(mod, dtype, avx2_only: bool) -> bool:
@@ -41,8 +43,11 @@ def _int16_x(mod, dtype, avx2_only: bool) -> bool:
 
 
 def _paths(mod):
-    """avx2_only values to test: the AVX512-VBMI + BF16 path only where the CPU has it."""
-    return [False, True] if mod.int4_fast_supported() else [True]
+    """(avx2_only, x8) to test: the AVX512 paths (VBMI + BF16; VNNI for x8) only where the CPU
+    has them."""
+    fast = [(False, False)] if mod.int4_fast_supported() else []
+    vnni = [(False, True)] if mod.int4_vnni_supported() else []
+    return fast + [(True, False)] + vnni + [(True, True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -54,14 +59,15 @@ def test_linear_int4_matches_reference(mod, dtype):
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
             ref = F.linear(x.float(), w)
             twin = formats.int4_linear_i16_reference(x, q, sz, group)
-            for avx2_only in _paths(mod):
-                y = mod.linear_int4(x, packed, sz, group, n, avx2_only)
+            twin8 = formats.int4_linear_i16_reference(x, q, sz, group, x8=True)
+            for avx2_only, x8 in _paths(mod):
+                y = mod.linear_int4(x, packed, sz, group, n, avx2_only, x8)
                 assert y.dtype == dtype and y.shape == (m, n)
                 tol = 4e-3 if dtype == torch.bfloat16 else X16_TOL  # bf16: the output's rounding
-                assert rel_error(y, ref) < tol, (n, k, group, m, avx2_only)
-                if _int16_x(mod, dtype, avx2_only):  # its PyTorch twin: fp32 summation order
+                assert rel_error(y, ref) < (X8_TOL if x8 else tol), (n, k, group, m, avx2_only, x8)
+                if x8 or _int16_x(mod, dtype, avx2_only):  # its PyTorch twin: fp32 sum order
                     tol = 4e-3 if dtype == torch.bfloat16 else 5e-6
-                    assert rel_error(y, twin) < tol, (n, k, group, m)
+                    assert rel_error(y, twin8 if x8 else twin) < tol, (n, k, group, m, x8)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -71,11 +77,25 @@ def test_rows_of_a_batch_equal_each_row_alone(mod, dtype):
     n, k, group = 8192, 1024, 128
     q, sz, packed = _quantized(n, k, group, dtype, 3)
     x = torch.randn(16, k, generator=torch.Generator().manual_seed(4)).to(dtype)
-    for avx2_only in _paths(mod):
+    for path in _paths(mod):
         got = rows_alone_mismatches(
-            lambda r: mod.linear_int4(r, packed, sz, group, n, avx2_only), x  # noqa: B023
+            lambda r: mod.linear_int4(r, packed, sz, group, n, *path), x  # noqa: B023
         )
-        assert all(v == 0 for v in got.values()), (avx2_only, got)
+        assert all(v == 0 for v in got.values()), (path, got)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_x8_paths_agree_bit_for_bit(mod, dtype):
+    """The AVX512-VNNI x8 path (vpdpbusd) and the AVX2 one (vpmaddubsw) give the same bits: both
+    sum exactly in integers and take the same fp32 steps per x block and group."""
+    if not mod.int4_vnni_supported():
+        pytest.skip("this CPU has no AVX512-VNNI + VBMI: only the AVX2 x8 path runs here")
+    for i, (n, k, group) in enumerate(SHAPES):
+        _, sz, packed = _quantized(n, k, group, dtype, 30 + i)
+        for m in ROWS:
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype) * 3
+            vnni = mod.linear_int4(x, packed, sz, group, n, False, True)
+            assert torch.equal(vnni, mod.linear_int4(x, packed, sz, group, n, True, True)), (n, m)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -88,12 +108,12 @@ def test_linear_int4_many_equals_one_call_each(mod, dtype):
     for m in (1, 5):
         xs = [torch.randn(m, k, generator=torch.Generator().manual_seed(m + i)).to(dtype)
               for i in range(5)]  # fmt: skip
-        for avx2_only in _paths(mod):
+        for path in _paths(mod):
             got = mod.linear_int4_many(xs, [p for _, _, p in mats], [sz for _, sz, _ in mats],
-                                       group, n, avx2_only)  # fmt: skip
+                                       group, n, *path)  # fmt: skip
             assert got.shape == (5 * m, n) and got.dtype == dtype
             for x, (_, sz, packed), y in zip(xs, mats, got.split(m), strict=True):
-                assert torch.equal(y, mod.linear_int4(x, packed, sz, group, n, avx2_only))
+                assert torch.equal(y, mod.linear_int4(x, packed, sz, group, n, *path))
     with pytest.raises(RuntimeError, match="one K and dtype"):
         mod.linear_int4_many([xs[0], xs[1][:, :128].contiguous()], [mats[0][2]] * 2,
                              [mats[0][1]] * 2, group, n)  # fmt: skip
@@ -130,6 +150,43 @@ def test_avx2_path_quantises_x_within_its_bound_and_keeps_non_finite_rows_apart(
         mod.linear_int4(torch.randn(1, 4096), big[2], big[1], 4096, 64, True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_x8_quantises_x_per_32_inputs_and_keeps_non_finite_rows_apart(mod, dtype):
+    """x8 rounds x per block of 32 inputs (quantize_rows_i16 with qmax 127: within amax / 254 of
+    x, amax the block's own, so one large input coarsens only its block); a row with an inf or a
+    NaN comes out NaN on every x8 path without touching the other rows; groups that are not
+    whole 32-input blocks are refused with x8 (int4_linear then keeps 16 bits: int4_x8)."""
+    n, k, group = 128, 256, 64
+    q, sz, packed = _quantized(n, k, group, dtype, 8)
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(9))
+    x[2, 40] = 1000.0  # an outlier: its block of 32 (32..63) gets a step of ~8, others not
+    xh = formats.quantize_rows_i16(x, formats.INT4_X8_BLOCK, formats.INT4_X8_MAX)
+    amax = x.view(4, -1, 32).abs().amax(-1, keepdim=True)
+    assert ((xh - x).view(4, -1, 32).abs() <= amax / 254 * (1 + 1e-6)).all()
+    assert torch.equal(xh[2, :32], formats.quantize_rows_i16(x[2:3, :32], 32, 127)[0])
+    x = x.to(dtype)
+    twin = formats.int4_linear_i16_reference(x, q, sz, group, x8=True)
+    for avx2_only, x8 in _paths(mod):
+        if x8:
+            y = mod.linear_int4(x, packed, sz, group, n, avx2_only, True)
+            assert rel_error(y, twin) < (4e-3 if dtype == torch.bfloat16 else 5e-6)
+    x[1, 70], x[2, 5] = float("inf"), float("nan")
+    for avx2_only, x8 in _paths(mod):
+        if x8:
+            y = mod.linear_int4(x, packed, sz, group, n, avx2_only, True)
+            assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+            for r in (0, 3):
+                alone = mod.linear_int4(x[r : r + 1], packed, sz, group, n, avx2_only, True)
+                assert torch.equal(y[r], alone[0])
+    q48, sz48, packed48 = _quantized(64, 96, 48, dtype, 10)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        mod.linear_int4(x[:1, :96].contiguous(), packed48, sz48, 48, 64, False, True)
+    xr = x[:1, :96].nan_to_num()  # int4_linear keeps such a layer at 16 bits
+    w48 = formats.dequantize_int4_groups(q48, sz48, 48, torch.float32)
+    got = matmul.int4_linear(xr, packed48, sz48, 48, 64, x8=True)
+    assert rel_error(got, F.linear(xr.float(), w48)) < (4e-3 if dtype == torch.bfloat16 else X16_TOL)
+
+
 def test_linear_int4_decodes_every_nibble_exactly(mod):
     """Scale 1 and zero 0: each input row picks one weight column, which must come out as
     exactly q - 8 for all 16 codes, in every row position of a 64-row block."""
@@ -138,10 +195,10 @@ def test_linear_int4_decodes_every_nibble_exactly(mod):
     packed = matmul.pack_int4(q.to(torch.int32))
     sz = torch.stack([torch.ones(1, n), torch.zeros(1, n)], dim=-1).bfloat16()  # [1, N, 2]
     eye = torch.eye(k).bfloat16()
-    for avx2_only in _paths(mod):
+    for path in _paths(mod):
         for start in range(0, k, 16):
-            y = mod.linear_int4(eye[start : start + 16], packed, sz, k, n, avx2_only)
-            assert torch.equal(y.float(), (q[:, start : start + 16].T - 8).float()), avx2_only
+            y = mod.linear_int4(eye[start : start + 16], packed, sz, k, n, *path)
+            assert torch.equal(y.float(), (q[:, start : start + 16].T - 8).float()), path
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -187,20 +244,22 @@ class _Spy:
         return lambda *a, **k: self.calls.append(name) or fn(*a, **k)
 
 
+@pytest.mark.parametrize("x8", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_linear_dispatch(mod, monkeypatch, dtype):
-    """Up to INT4_MAX_ROWS rows take our kernel (bf16 rows where the AVX512-VBMI path exists,
-    else torch's kernel; fp32 rows on every CPU), more rows our K-major unpack + a GEMM; with
-    QWEN35_NO_KERNELS=1 everything runs torch's kernel, with the same results."""
+def test_int4_linear_dispatch(mod, monkeypatch, dtype, x8):
+    """Up to INT4_MAX_ROWS rows take our kernel (x8, Int4Linear's default: always; 16-bit: bf16
+    rows where the AVX512-VBMI path exists, else torch's kernel, fp32 rows on every CPU), more
+    rows our K-major unpack + a GEMM; with QWEN35_NO_KERNELS=1 everything runs torch's kernel,
+    with the same results (x8: within its rounding of x)."""
     spy = _Spy(mod)
     monkeypatch.setattr(gemv, "load_int4", lambda: spy)
     n, k, group = 128, 256, 64
     _, sz, packed = _quantized(n, k, group, dtype, 20)
     g = torch.Generator().manual_seed(21)
     xs = {m: torch.randn(m, k, generator=g).to(dtype) for m in (1, matmul.INT4_MAX_ROWS, 17, 64)}
-    ys = {m: matmul.int4_linear(x, packed, sz, group, n) for m, x in xs.items()}
-    ours = matmul.int4_rows_ours(mod, dtype)
-    assert ours == (dtype == torch.float32 or mod.int4_fast_supported()
+    ys = {m: matmul.int4_linear(x, packed, sz, group, n, x8) for m, x in xs.items()}
+    ours = matmul.int4_rows_ours(mod, dtype, x8)
+    assert ours == (x8 or dtype == torch.float32 or mod.int4_fast_supported()
                     or not matmul.torch_int4_layout())  # fmt: skip
     assert matmul.INT4_MAX_ROWS == 16  # the rows below straddle it
     assert spy.calls == ["linear_int4"] * (2 * ours) + ["int4_dequant"] * 2
@@ -212,7 +271,8 @@ def test_int4_linear_dispatch(mod, monkeypatch, dtype):
         else:  # (AVX2 CPUs: torch's layout differs) the PyTorch reference runs
             w = formats.dequantize_int4_groups(matmul.unpack_int4(packed, n, k), sz, group, dtype)
             ref = F.linear(x, w)
-        assert rel_error(matmul.int4_linear(x, packed, sz, group, n), ref) == 0
-        assert rel_error(ys[m], ref) < (4e-3 if dtype == torch.bfloat16 else X16_TOL), m
+        assert rel_error(matmul.int4_linear(x, packed, sz, group, n, x8), ref) == 0
+        tol = 4e-3 if dtype == torch.bfloat16 else X16_TOL
+        assert rel_error(ys[m], ref) < (X8_TOL if x8 and m <= 16 else tol), m
     x3 = xs[17].view(1, 17, k)  # leading dims are kept
-    assert matmul.int4_linear(x3, packed, sz, group, n).shape == (1, 17, n)
+    assert matmul.int4_linear(x3, packed, sz, group, n, x8).shape == (1, 17, n)

@@ -4,8 +4,9 @@
 - `linear_int8(x, q, scale)`: int8 weights, one scale per output row;
 - `linear_fp8(x, w, scale, bo, bi)`: block-FP8 weights, bf16 rows, on AVX512-VBMI + BF16 CPUs
   (`fp8_supported(bi)`; quant/matmul.py).
-`load_int4()` gives `int4_cpu.cpp`'s module: `linear_int4(x, packed, sz, group, n)` on torch's
-packed CPU int4 layout and `int4_dequant` (prefill's unpack), also used by quant/matmul.py.
+`load_int4()` gives `int4_cpu.cpp`'s module: `linear_int4(x, packed, sz, group, n, avx2_only,
+x8)` on torch's packed CPU int4 layout (x8: activations rounded to 8 bits per 32 inputs) and
+`int4_dequant` (prefill's unpack), also used by quant/matmul.py.
 `load_screen()` gives `head_screen_cpu.cpp`'s module (`screen`, `supported`) for
 models/head_screen.py.
 Each path is tested against F.linear on the (dequantised) weight, its PyTorch twin, and

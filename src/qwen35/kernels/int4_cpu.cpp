@@ -28,6 +28,10 @@
 //   VBMI + BF16 keep torch's kernel where it reads this layout (it beat the fp32 path on Zen 4),
 //   else this path (quant/matmul.py). Its PyTorch twin: quant/formats.py
 //   int4_linear_i16_reference.
+// - x8 (Int4Linear.x8, the default): x rounded to 8 bits per 32 inputs, as llama.cpp's q8_0,
+//   then integer dot products: vpdpbusd on AVX512-VNNI + VBMI CPUs (block_vnni), one vpmaddubsw
+//   a nibble vector and row on AVX2 (block_i8); the two give the same bits. Its PyTorch twin:
+//   int4_linear_i16_reference(x8=True).
 // int4_dequant: W^T [K, N] (K-major, the order the bytes are in: each k's 64 rows of a block are
 // 32 contiguous bytes in and 64 contiguous values out, so no transpose; mm(x, W^T) runs as fast
 // as F.linear(x, W)); 13 G weights/s on 2 cores vs 0.9 for the scalar row-major [N, K] path
@@ -135,6 +139,110 @@ TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, 
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i * 64 + 16 * j, tot[i][j]);
 }
 
+// ---- 8-bit activations: AVX512-VNNI (Zen 4, Sapphire Rapids) ------------------------------
+// x8: each input row rounded per block of 32 inputs to 8-bit integers (xq = round(x / xs), xs =
+// amax / 127, |x - xs xq| <= amax / 254), as llama.cpp's q8_0 rounds activations for its q4_0 /
+// q8_0 dot products (blocks of 32 keep an outlier's coarse step to its own 32 inputs); the sums
+// run in integers, exact, per block b: D_b = sum xq (q - 8); per weight group f = sum_b xs_b D_b
+// (fp32, in block order) and y += scale * f + zero * sum x (the zero term with the exact fp32 sum
+// of x). Four k of the block (128 bytes) are one byte
+// permute a 16 rows (vpermt2b: row r's bytes at k..k + 3 into one 32-bit lane; low nibbles rows
+// r, high ones r + 32), an and / a shift + and a nibble, and one vpdpbusd (64 unsigned nibbles
+// times the broadcast signed bytes x[k..k + 3], summed by 4 into 16 int32 lanes) per 16 rows and
+// input row: 256 weights = 14 vector ops for one row, against 30 for the bf16 path above.
+// (Per 32 inputs and 16 rows 3 more a row: D_b to fp32 times xs_b, added.)
+// The PyTorch twin: quant/formats.py int4_linear_i8_reference.
+
+#define TARGET_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vnni")))
+
+bool cpu_vnni_vbmi() {
+  static const bool ok = cpu_isa::avx512_vnni() && __builtin_cpu_supports("avx512vbmi");
+  return ok;
+}
+
+constexpr int64_t kX8Block = 32;  // x8: inputs that share one xs
+
+// One input row quantised as the integer paths read it: 16-bit xq as (hi, lo) byte pairs split
+// over two arrays (a k-pair's two bytes adjacent in each), xs and sum xq per weight group; or
+// (x8) 8-bit xq in hi, lo unused, xs and sum xq per block of kX8Block inputs. sx: the exact sum
+// of x per weight group.
+struct RowI16 {
+  const int8_t* hi;  // [K]
+  const int8_t* lo;  // [K]
+  const float* xs;   // [ng] (x8: [K / kX8Block])
+  const int32_t* sq; // [ng] (x8: [K / kX8Block]) sum of xq
+  const float* sx;   // [ng] exact sum of x
+};
+
+// 16 rows' (scale, zero) pairs -> scales, zeros
+TARGET_VNNI inline void scales16(const uint16_t* p, __m512& s, __m512& z) {
+  const __m512i v = _mm512_loadu_si512(p);
+  s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  z = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+TARGET_VNNI inline void scales16(const float* p, __m512& s, __m512& z) {
+  const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+  const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  s = _mm512_permutex2var_ps(a, ev, b);
+  z = _mm512_permutex2var_ps(a, _mm512_add_epi32(ev, _mm512_set1_epi32(1)), b);
+}
+
+// MR input rows against a 64-row block: out [MR][64] fp32
+template <int MR, typename ST>
+TARGET_VNNI void block_vnni(const Block& b, const RowI16* x, const ST* SZ, float* out) {
+  alignas(64) uint8_t ib[2][64];
+  for (int h = 0; h < 2; ++h)  // lane i: row 16h + i's bytes at k, k + 1, k + 2, k + 3
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 4; ++j) ib[h][4 * i + j] = static_cast<uint8_t>(32 * j + 16 * h + i);
+  const __m512i idx0 = _mm512_load_si512(ib[0]), idx1 = _mm512_load_si512(ib[1]);
+  const __m512i m15 = _mm512_set1_epi8(15);
+  __m512 tot[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) tot[i][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < b.ng; ++g) {
+    __m512 f[MR][4];  // sum over the group's x blocks of xs_b D_b
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) f[i][j] = _mm512_setzero_ps();
+    for (int64_t k0 = g * b.group; k0 < (g + 1) * b.group; k0 += kX8Block) {
+    __m512i acc[MR][4];  // [row][j]: rows 16j..16j+15 (j = 0, 1 low nibbles, 2, 3 high)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+    for (int64_t k = k0; k < k0 + kX8Block; k += 4) {
+      const __m512i r0 = _mm512_loadu_si512(b.p + k * 32), r1 = _mm512_loadu_si512(b.p + k * 32 + 64);
+      const __m512i p0 = _mm512_permutex2var_epi8(r0, idx0, r1);
+      const __m512i p1 = _mm512_permutex2var_epi8(r0, idx1, r1);
+      const __m512i w[4] = {_mm512_and_si512(p0, m15), _mm512_and_si512(p1, m15),
+                            _mm512_and_si512(_mm512_srli_epi16(p0, 4), m15),
+                            _mm512_and_si512(_mm512_srli_epi16(p1, 4), m15)};
+      for (int i = 0; i < MR; ++i) {
+        int32_t xp;
+        std::memcpy(&xp, x[i].hi + k, 4);
+        const __m512i xv = _mm512_set1_epi32(xp);
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[j], xv);
+      }
+    }
+    const int64_t xb = k0 / kX8Block;
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const __m512i d = _mm512_sub_epi32(acc[i][j], _mm512_set1_epi32(8 * x[i].sq[xb]));
+        f[i][j] = _mm512_add_ps(f[i][j], _mm512_mul_ps(_mm512_cvtepi32_ps(d),
+                                                       _mm512_set1_ps(x[i].xs[xb])));
+      }
+    }
+    const ST* sz = SZ + (g * b.N + b.n0) * 2;
+    for (int j = 0; j < 4; ++j) {
+      __m512 s, z;
+      scales16(sz + 32 * j, s, z);
+      for (int i = 0; i < MR; ++i)
+        tot[i][j] = _mm512_fmadd_ps(z, _mm512_set1_ps(x[i].sx[g]),
+                                    _mm512_fmadd_ps(s, f[i][j], tot[i][j]));
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i * 64 + 16 * j, tot[i][j]);
+}
+
 // ---- AVX2, activations as 16-bit integers --------------------------------------------------
 // The float path (nibble -> fp32 convert -> FMA, 64 weights = 28 vector ops) ran at 11 GB/s of
 // int4 on Zen 3 where fp32 weights stream at 17.5: compute-bound. Here each input row is first
@@ -156,21 +264,11 @@ constexpr int64_t kMaxGroupI16 = 2048;  // sum over a group of |xq (q - 8)| with
 // software prefetch this many k (32 bytes each) ahead
 constexpr int64_t PF = 128;
 
-// One input row, quantised as the AVX2 path reads it: per k a (hi, lo) byte pair split over two
-// arrays (a k-pair's two bytes adjacent in each), per group xs and sum xq.
-struct RowI16 {
-  const int8_t* hi;  // [K]
-  const int8_t* lo;  // [K]
-  const float* xs;   // [ng]
-  const int32_t* sq; // [ng] sum of xq
-  const float* sx;   // [ng] exact sum of x
-};
-
 // x rows [M, K] fp32 -> per group: (hi, lo) bytes, xs, sum xq, exact sum x (the rounding itself:
 // gemv_rows::quantize_group_i16, shared with the int8 GEMV)
-void quantize_rows_i16(const float* X, int64_t M, int64_t K, int64_t group, std::vector<int8_t>& hi,
-                       std::vector<int8_t>& lo, std::vector<float>& xs, std::vector<int32_t>& sq,
-                       std::vector<float>& sx) {
+void quantize_rows_i16(const float* X, int64_t M, int64_t K, int64_t group,
+                       std::vector<int8_t>& hi, std::vector<int8_t>& lo, std::vector<float>& xs,
+                       std::vector<int32_t>& sq, std::vector<float>& sx) {
   const int64_t ng = K / group, g8 = group / 8 * 8;
   hi.assign(M * K, 0);
   lo.assign(M * K, 0);
@@ -213,6 +311,70 @@ void quantize_rows_i16(const float* X, int64_t M, int64_t K, int64_t group, std:
         total += q[k];
       }
       sq[m * ng + g] = total;
+    }
+}
+
+// 8 inputs as fp32 (bf16 widened exactly)
+inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8f(const at::BFloat16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+// x rows [M, K] (fp32 or bf16) -> x8: per block of 32 inputs 8-bit xq (|xq| <= 127), xs =
+// amax / 127 and sum xq, per group the exact sum of x. The same rounding as
+// gemv_rows::quantize_group_i16(x, 32, 127) (the PyTorch twin's quantize_rows_i16), in one pass
+// over x without widening the rows first: a block with a NaN or an inf gets xs NaN, an all-zero
+// or tiny one (127 / amax overflows) xs 0, both with xq all zeros.
+template <typename T>
+void quantize_rows_x8(const T* X, int64_t M, int64_t K, int64_t group, std::vector<int8_t>& q8,
+                      std::vector<float>& xs, std::vector<int32_t>& sq, std::vector<float>& sx) {
+  static_assert(kX8Block == 32, "four 8-lane vectors a block");
+  const int64_t ng = K / group, nb = K / kX8Block;
+  q8.resize(M * K);
+  xs.resize(M * nb);
+  sq.resize(M * nb);
+  sx.resize(M * ng);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < ng; ++g) {
+      __m256 vsum = _mm256_setzero_ps();
+      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += kX8Block) {
+        const T* x = X + m * K + k0;
+        __m256 v[4], vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
+        for (int j = 0; j < 4; ++j) {
+          v[j] = load8f(x + 8 * j);
+          vsum = _mm256_add_ps(vsum, v[j]);
+          vmax = _mm256_max_ps(vmax, _mm256_and_ps(v[j], abs_mask));
+          vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(v[j], v[j], _CMP_UNORD_Q));
+        }
+        const float amax = gemv_rows::hmax8(vmax), inv = 127.f / amax;
+        const bool bad = _mm256_movemask_ps(vbad) != 0 || !std::isfinite(amax);
+        const int64_t b = m * nb + k0 / kX8Block;
+        int8_t* q = q8.data() + m * K + k0;
+        if (bad || amax == 0.f || !std::isfinite(inv)) {
+          std::memset(q, 0, kX8Block);
+          xs[b] = bad ? std::numeric_limits<float>::quiet_NaN() : 0.f;
+          sq[b] = 0;
+          continue;
+        }
+        const __m256 vinv = _mm256_set1_ps(inv);
+        const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
+        __m256i i[4], tot = _mm256_setzero_si256();
+        for (int j = 0; j < 4; ++j) {  // round to nearest even, as nearbyint / torch.round
+          i[j] = _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_mul_ps(v[j], vinv))));
+          tot = _mm256_add_epi32(tot, i[j]);
+        }
+        // packs interleave 128-bit lanes: dwords (a0-3 b0-3 c0-3 d0-3 | a4-7 ..) -> in order
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(p, order));
+        alignas(32) int32_t t8[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(t8), tot);
+        sq[b] = t8[0] + t8[1] + t8[2] + t8[3] + t8[4] + t8[5] + t8[6] + t8[7];
+        xs[b] = amax / 127.f;
+      }
+      sx[m * ng + g] = gemv_rows::hsum8(vsum);
     }
 }
 
@@ -310,6 +472,77 @@ void block_i16(const Block& b, const RowI16* x, const ST* SZ, float* out) {
         const __m256 d = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a32[m][i], sq8)),
                                        _mm256_set1_ps(x[m].xs[g]));
         const __m256 t = _mm256_fmadd_ps(sv, d, _mm256_load_ps(tot[m] + r));
+        _mm256_store_ps(tot[m] + r, _mm256_fmadd_ps(zv, _mm256_set1_ps(x[m].sx[g]), t));
+      }
+    }
+  }
+  std::memcpy(out, tot, sizeof(tot));
+}
+
+// x8 on AVX2: 8-bit xq (RowI16::hi), one vpmaddubsw a nibble vector and input row (the int16
+// pair sums are xq q themselves, no 256 hi + lo), both unpacks of a k-pair's 64 bytes in one loop
+// (8 int16 accumulators a row: NR 1 or 2 fit the 16 ymm registers). Sums exact, as block_i16's;
+// the same fp32 steps per x block and group as block_vnni, so the same bits.
+template <int NR, typename ST>
+void block_i8(const Block& b, const RowI16* x, const ST* SZ, float* out) {
+  static_assert(kX8Block % 16 == 0, "x blocks of whole 16-k chunks");
+  const __m256i m15 = _mm256_set1_epi8(15);
+  alignas(32) float tot[NR][64] = {};
+  for (int64_t g = 0; g < b.ng; ++g) {
+    const ST* sz = SZ + (g * b.N + b.n0) * 2;
+    alignas(32) float f[NR][64] = {};  // sum over the group's x blocks of xs_b D_b
+    for (int64_t k0 = g * b.group; k0 < (g + 1) * b.group; k0 += kX8Block) {
+    __m256i a32[NR][8];  // [row][i]: rows kRow0[i] .. + 7, as block_i16's
+    for (int m = 0; m < NR; ++m)
+      for (int i = 0; i < 8; ++i) a32[m][i] = _mm256_setzero_si256();
+    for (int64_t kc = k0; kc < k0 + kX8Block; kc += 16) {  // 8 k-pairs: int16 sums stay exact
+      __m256i s16[NR][4];  // [row][u + 2 * nibble]
+      for (int m = 0; m < NR; ++m)
+        for (int j = 0; j < 4; ++j) s16[m][j] = _mm256_setzero_si256();
+      for (int64_t k = kc; k < kc + 16; k += 2) {
+        const uint8_t* p = b.p + k * 32;
+        _mm_prefetch(reinterpret_cast<const char*>(p + PF * 32), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p + PF * 32 + 32), _MM_HINT_T0);
+        const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+        const __m256i v[2] = {_mm256_unpacklo_epi8(b0, b1), _mm256_unpackhi_epi8(b0, b1)};
+        __m256i w[4];
+        for (int u = 0; u < 2; ++u) {
+          w[u] = _mm256_and_si256(v[u], m15);
+          w[2 + u] = _mm256_and_si256(_mm256_srli_epi16(v[u], 4), m15);
+        }
+        for (int m = 0; m < NR; ++m) {
+          int16_t px;
+          std::memcpy(&px, x[m].hi + k, 2);
+          const __m256i xv = _mm256_set1_epi16(px);
+          for (int j = 0; j < 4; ++j)
+            s16[m][j] = _mm256_add_epi16(s16[m][j], _mm256_maddubs_epi16(w[j], xv));
+        }
+      }
+      for (int m = 0; m < NR; ++m)
+        for (int j = 0; j < 4; ++j) {  // widen (a 128-bit half's rows apart)
+          a32[m][2 * j] = _mm256_add_epi32(
+              a32[m][2 * j], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s16[m][j])));
+          a32[m][2 * j + 1] = _mm256_add_epi32(
+              a32[m][2 * j + 1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s16[m][j], 1)));
+        }
+    }
+    const int64_t xb = k0 / kX8Block;
+    for (int m = 0; m < NR; ++m)
+      for (int i = 0; i < 8; ++i) {
+        const __m256i sq8 = _mm256_set1_epi32(8 * x[m].sq[xb]);
+        const __m256 d = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a32[m][i], sq8)),
+                                       _mm256_set1_ps(x[m].xs[xb]));
+        float* fr = f[m] + kRow0[i];
+        _mm256_store_ps(fr, _mm256_add_ps(_mm256_load_ps(fr), d));
+      }
+    }
+    for (int i = 0; i < 8; ++i) {
+      const int r = kRow0[i];
+      __m256 sv, zv;
+      scales8(sz + 2 * r, sv, zv);
+      for (int m = 0; m < NR; ++m) {
+        const __m256 t = _mm256_fmadd_ps(sv, _mm256_load_ps(f[m] + r), _mm256_load_ps(tot[m] + r));
         _mm256_store_ps(tot[m] + r, _mm256_fmadd_ps(zv, _mm256_set1_ps(x[m].sx[g]), t));
       }
     }
@@ -419,35 +652,57 @@ void dequant_rows(const uint8_t* P, const ST* SZ, int64_t group, int64_t N, int6
   });
 }
 
+// How a call's blocks compute: bf16 x against bf16 1 + q/16 (AVX512-VBMI + BF16), 8-bit x with
+// vpdpbusd (AVX512-VNNI + VBMI), or on AVX2 16-bit / 8-bit x with vpmaddubsw.
+enum class Path { vbmi, vnni8, i16, i8 };
+
+// x8: activations rounded to 8 bits per 32 inputs (faster, llama.cpp's precision) rather than
+// kept at bf16 / rounded to 16 bits, where the groups are whole x blocks (else not: make_call
+// refuses); avx2_only: the paths of CPUs without AVX512 (tests and benchmarks run every path on
+// one machine).
+Path pick_path(at::ScalarType dt, int64_t group, bool avx2_only, bool x8) {
+  if (x8) {
+    TORCH_CHECK(group % kX8Block == 0, "linear_int4: x8 needs groups of a multiple of 32 inputs");
+    return !avx2_only && cpu_vnni_vbmi() ? Path::vnni8 : Path::i8;
+  }
+  return !avx2_only && dt == at::kBFloat16 && cpu_vbmi_bf16() ? Path::vbmi : Path::i16;
+}
+
 // One (x, W) product of linear_int4 / linear_int4_many: its inputs as the blocks read them.
 struct Call {
   const uint8_t* P;     // packed W
   const void* SZ;       // scales_and_zeros (x's dtype)
   const void* X;        // x rows (bf16: the VBMI path)
   std::vector<float> sx;  // per row and group: the sum of x
-  std::vector<int8_t> hi, lo;  // the AVX2 path: x quantised (quantize_rows_i16)
+  std::vector<int8_t> hi, lo;  // the integer paths: x quantised (quantize_rows_i16)
   std::vector<float> xs;
   std::vector<int32_t> sq;
   void* Y;              // y [M, n]
   int64_t M;
 
   RowI16 row(int64_t m, int64_t K, int64_t ng) const {
-    return RowI16{hi.data() + m * K, lo.data() + m * K, xs.data() + m * ng, sq.data() + m * ng,
+    const int64_t nq = static_cast<int64_t>(xs.size()) / M;  // ng, or x8's x blocks
+    return RowI16{hi.data() + m * K, lo.data() + m * K, xs.data() + m * nq, sq.data() + m * nq,
                   sx.data() + m * ng};
   }
 };
 
 // y: where its [M, n] result goes (rows of the caller's output)
 Call make_call(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& sz,
-               int64_t group, int64_t n, bool vbmi, void* y) {
+               int64_t group, int64_t n, Path path, void* y) {
   const int64_t M = x.size(0), K = x.size(1);
   check_packed(packed, sz, group, n, K);
   TORCH_CHECK(x.dim() == 2 && M <= kMaxRows && x.is_contiguous() && x.device().is_cpu(),
               "linear_int4: x [M <= 16, K] contiguous on the CPU");
   TORCH_CHECK(x.scalar_type() == sz.scalar_type(), "linear_int4: x and scales_and_zeros share a dtype");
   Call c{packed.data_ptr<uint8_t>(), sz.data_ptr(), x.data_ptr(), {}, {}, {}, {}, {}, y, M};
-  if (vbmi) {
+  if (path == Path::vbmi) {
     c.sx = group_sums(x.data_ptr<at::BFloat16>(), M, K, group);
+  } else if (path == Path::vnni8 || path == Path::i8) {
+    if (x.scalar_type() == at::kBFloat16)
+      quantize_rows_x8(x.data_ptr<at::BFloat16>(), M, K, group, c.hi, c.xs, c.sq, c.sx);
+    else
+      quantize_rows_x8(x.data_ptr<float>(), M, K, group, c.hi, c.xs, c.sq, c.sx);
   } else {
     TORCH_CHECK(group <= kMaxGroupI16, "linear_int4: groups of at most 2048 inputs");
     std::vector<float> xf;  // bf16 rows widened (exact) without a torch op's overhead
@@ -464,7 +719,7 @@ Call make_call(const torch::Tensor& x, const torch::Tensor& packed, const torch:
 
 // every 64-row block of every call, one parallel_for over all of them
 template <typename scalar_t>
-void run_calls(const std::vector<Call>& calls, int64_t K, int64_t group, int64_t n, bool vbmi) {
+void run_calls(const std::vector<Call>& calls, int64_t K, int64_t group, int64_t n, Path path) {
   const int64_t ng = K / group, nb = n / 64;
   at::parallel_for(0, static_cast<int64_t>(calls.size()) * nb, 1, [&](int64_t i0, int64_t i1) {
     alignas(64) float out[kMR * 64];
@@ -475,16 +730,26 @@ void run_calls(const std::vector<Call>& calls, int64_t K, int64_t group, int64_t
       auto* Y = static_cast<scalar_t*>(c.Y);
       for (int64_t m = 0; m < c.M; m += kMR) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, c.M - m));
-        if (vbmi) {
+        if (path == Path::vbmi) {
           const auto* X = static_cast<const uint16_t*>(c.X) + m * K;
           const auto* S = reinterpret_cast<const uint16_t*>(SZ);
           DISPATCH_MR(mr, block_vbmi, b, X, c.sx.data() + m * ng, S, out);
         } else {
           RowI16 rows[kMR];
           for (int r = 0; r < mr; ++r) rows[r] = c.row(m + r, K, ng);
-          int r = 0;
-          for (; r + 2 <= mr; r += 2) block_i16<2>(b, rows + r, SZ, out + r * 64);
-          if (r < mr) block_i16<1>(b, rows + r, SZ, out + r * 64);
+          if (path == Path::vnni8) {
+            using S = std::conditional_t<std::is_same_v<scalar_t, float>, float, uint16_t>;
+            DISPATCH_MR(mr, block_vnni, b, rows, reinterpret_cast<const S*>(SZ), out);
+          } else {
+            int r = 0;
+            if (path == Path::i8) {
+              for (; r + 2 <= mr; r += 2) block_i8<2>(b, rows + r, SZ, out + r * 64);
+              if (r < mr) block_i8<1>(b, rows + r, SZ, out + r * 64);
+            } else {
+              for (; r + 2 <= mr; r += 2) block_i16<2>(b, rows + r, SZ, out + r * 64);
+              if (r < mr) block_i16<1>(b, rows + r, SZ, out + r * 64);
+            }
+          }
         }
         for (int r = 0; r < mr; ++r)
           for (int d = 0; d < 64; ++d) Y[(m + r) * n + b.n0 + d] = out[r * 64 + d];
@@ -497,16 +762,17 @@ void run_calls(const std::vector<Call>& calls, int64_t K, int64_t group, int64_t
 
 bool int4_fast_supported() { return cpu_vbmi_bf16(); }
 
-// y [M, n] (x's dtype) = x [M <= 16, K] @ W^T. avx2_only: the path of CPUs without AVX512-VBMI +
-// BF16 (tests and benchmarks run both on one machine); fp32 x always takes it.
+// y [M, n] (x's dtype) = x [M <= 16, K] @ W^T. avx2_only, x8: pick_path (fp32 x without x8 takes
+// the 16-bit AVX2 path).
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed,
-                          const torch::Tensor& sz, int64_t group, int64_t n, bool avx2_only) {
-  const bool vbmi = !avx2_only && x.scalar_type() == at::kBFloat16 && cpu_vbmi_bf16();
+                          const torch::Tensor& sz, int64_t group, int64_t n, bool avx2_only,
+                          bool x8) {
+  const Path path = pick_path(x.scalar_type(), group, avx2_only, x8);
   torch::Tensor y = torch::empty({x.size(0), n}, x.options());
   std::vector<Call> calls;
-  calls.push_back(make_call(x, packed, sz, group, n, vbmi, y.data_ptr()));
+  calls.push_back(make_call(x, packed, sz, group, n, path, y.data_ptr()));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "linear_int4", [&] {
-    run_calls<scalar_t>(calls, x.size(1), group, n, vbmi);
+    run_calls<scalar_t>(calls, x.size(1), group, n, path);
   });
   return y;
 }
@@ -519,12 +785,12 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed,
 torch::Tensor linear_int4_many(const std::vector<torch::Tensor>& xs,
                                const std::vector<torch::Tensor>& packed,
                                const std::vector<torch::Tensor>& sz, int64_t group, int64_t n,
-                               bool avx2_only) {
+                               bool avx2_only, bool x8) {
   TORCH_CHECK(!xs.empty() && xs.size() == packed.size() && xs.size() == sz.size(),
               "linear_int4_many: as many x, packed and scales_and_zeros");
   const int64_t K = xs[0].size(1);
   const auto dt = xs[0].scalar_type();
-  const bool vbmi = !avx2_only && dt == at::kBFloat16 && cpu_vbmi_bf16();
+  const Path path = pick_path(dt, group, avx2_only, x8);
   int64_t rows = 0;
   for (const auto& x : xs) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == dt,
@@ -535,10 +801,10 @@ torch::Tensor linear_int4_many(const std::vector<torch::Tensor>& xs,
   std::vector<Call> calls;
   calls.reserve(xs.size());
   for (size_t i = 0, row = 0; i < xs.size(); row += xs[i].size(0), ++i)
-    calls.push_back(make_call(xs[i], packed[i], sz[i], group, n, vbmi,
+    calls.push_back(make_call(xs[i], packed[i], sz[i], group, n, path,
                               static_cast<char*>(y.data_ptr()) + row * n * y.element_size()));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "linear_int4_many", [&] {
-    run_calls<scalar_t>(calls, K, group, n, vbmi);
+    run_calls<scalar_t>(calls, K, group, n, path);
   });
   return y;
 }
@@ -570,11 +836,12 @@ void int4_dequant(const torch::Tensor& packed, const torch::Tensor& sz, int64_t 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int4", &linear_int4, "x [M<=16, K] @ W^T, W in torch's packed CPU int4 layout",
         py::arg("x"), py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("n"),
-        py::arg("avx2_only") = false);
+        py::arg("avx2_only") = false, py::arg("x8") = false);
   m.def("linear_int4_many", &linear_int4_many,
         "[x_i @ W_i^T] stacked [sum M_i, n], products of one shape, one parallel_for",
         py::arg("xs"), py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("n"),
-        py::arg("avx2_only") = false);
+        py::arg("avx2_only") = false, py::arg("x8") = false);
   m.def("int4_dequant", &int4_dequant, "torch's packed CPU int4 weight into out [N, K]");
   m.def("int4_fast_supported", &int4_fast_supported, "the AVX512-VBMI + BF16 path runs here");
+  m.def("int4_vnni_supported", &cpu_vnni_vbmi, "the AVX512-VNNI 8-bit activation path runs here");
 }

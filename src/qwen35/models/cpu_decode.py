@@ -80,10 +80,11 @@ def _direct(fn):
     if type(fn) is Int4Linear:
         mod, w, n, group = gemv.load_int4(), fn.weight, fn.out_features, fn.group
         sz = fn.scales_and_zeros.contiguous()  # as the module passes it
+        x8 = matmul.int4_x8(fn)
         if mod is not None:
-            bf16_ours = matmul.int4_rows_ours(mod, torch.bfloat16)
+            bf16_ours = matmul.int4_rows_ours(mod, torch.bfloat16, x8)
             return lambda x: (
-                mod.linear_int4(x.contiguous(), w, sz, group, n)
+                mod.linear_int4(x.contiguous(), w, sz, group, n, x8=x8)
                 if x.shape[0] <= matmul.INT4_MAX_ROWS
                 and sz.dtype == x.dtype
                 and (x.dtype == torch.float32 or (bf16_ours and x.dtype == torch.bfloat16))
@@ -190,12 +191,13 @@ def _experts_many(ex, dtype):
     def quantized(layers):  # quant/matmul.py int8_linear_many / int4_linear_many
         if all(type(m) is Int4Linear for m in layers):
             sz = [m.scales_and_zeros.contiguous() for m in layers]
-            mod = matmul.int4_kernel_for(probe, sz[0])
+            x8 = matmul.int4_x8(layers[0])
+            mod = matmul.int4_kernel_for(probe, sz[0], x8)
             if mod is None:
                 return None
             w, g, n = [m.weight for m in layers], layers[0].group, layers[0].out_features
             return lambda xs, es: mod.linear_int4_many(xs, [w[e] for e in es],
-                                                        [sz[e] for e in es], g, n)  # fmt: skip
+                                                        [sz[e] for e in es], g, n, x8=x8)  # fmt: skip
         if all(type(m) is Int8Linear for m in layers):
             scales = [m.weight_scale for m in layers]
             mod = matmul.int8_kernel_for(probe, scales[0])

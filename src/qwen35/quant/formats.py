@@ -138,14 +138,19 @@ def int8_linear_i16_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Ten
     return F.linear(xh, q.float()) * scale.float()
 
 
+INT4_X8_MAX, INT4_X8_BLOCK = 127, 32  # the int4 GEMVs' 8-bit activations (x8: int4_cpu.cpp)
+
+
 def int4_linear_i16_reference(
-    x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int
+    x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int, x8: bool = False
 ) -> torch.Tensor:
-    """The PyTorch twin of the AVX2 int4 GEMV: x [M, K] @ W^T [K, N] fp32 with x quantised as
+    """The PyTorch twin of the integer int4 GEMVs: x [M, K] @ W^T [K, N] fp32 with x quantised as
     quantize_rows_i16 does, except that each group's zero point multiplies the exact sum of x
-    (the kernel keeps it: W = (q - 8) * scale + zero, y = sum x^ (q - 8) scale + zero sum x)."""
+    (the kernel keeps it: W = (q - 8) * scale + zero, y = sum x^ (q - 8) scale + zero sum x).
+    x8: the 8-bit activations of the AVX2 and AVX512-VNNI x8 paths (x rounded per block of 32
+    inputs, not per group, to |xq| <= 127); else the 16-bit AVX2 path."""
     m, k = x.shape
-    xh = quantize_rows_i16(x, group)
+    xh = quantize_rows_i16(x, INT4_X8_BLOCK, INT4_X8_MAX) if x8 else quantize_rows_i16(x, group)
     w = dequantize_int4_groups(q, sz, group, torch.float32)  # [N, K]
     ng = k // group
     diff = x.float().reshape(m, ng, group).sum(-1) - xh.reshape(m, ng, group).sum(-1)  # [M, ng]

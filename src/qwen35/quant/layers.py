@@ -81,7 +81,13 @@ class Int8Linear(Linear):
 
 
 class Int4Linear(Linear):
-    """weight [out, in/2] uint8 in torch's CPU int4 layout, scales_and_zeros [in/g, out, 2]."""
+    """weight [out, in/2] uint8 in torch's CPU int4 layout, scales_and_zeros [in/g, out, 2].
+
+    x8: decode rows (up to 16) multiply with activations rounded to 8 bits per 32 inputs, as
+    llama.cpp's q4_0 does (kernels/int4_cpu.cpp; faster); False keeps them at bf16 / rounds
+    them to 16 bits (`--int4-activations 16bit`: set_int4_activations)."""
+
+    x8 = True
 
     def __init__(self, packed: torch.Tensor, sz: torch.Tensor, group: int, out_features: int):
         nn.Module.__init__(self)
@@ -100,7 +106,7 @@ class Int4Linear(Linear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         sz = self.scales_and_zeros
         sz = sz if sz.is_contiguous() else sz.contiguous()  # a row view of a packed group's
-        return matmul.int4_linear(x, self.weight, sz, self.group, self.out_features)
+        return matmul.int4_linear(x, self.weight, sz, self.group, self.out_features, self.x8)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, int4 groups of {self.group}"

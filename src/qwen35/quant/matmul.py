@@ -153,16 +153,17 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 
 
 def int4_linear(
-    x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, n: int
+    x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, n: int, x8: bool = True
 ) -> torch.Tensor:
     """x [..., K] @ W^T with W in torch's packed CPU int4 layout ([n, K/2] uint8, groups of
-    `group` inputs, scales_and_zeros [K/group, n, 2])."""
-    x2 = _rows(x)
-    # up to 16 rows, ours: bf16 rows on AVX512-VBMI + BF16 CPUs (torch's kernel beat our AVX2
-    # path) or where torch's kernel reads another layout, fp32 rows everywhere (torch's fp32
-    # int4 kernel is several times slower)
-    if (kern := int4_kernel_for(x, sz)) is not None:
-        y = kern.linear_int4(x2.contiguous(), packed, sz, group, n)
+    `group` inputs, scales_and_zeros [K/group, n, 2]). x8: up to 16 rows round x to 8 bits per
+    32 inputs in our kernel (Int4Linear.x8)."""
+    x2, x8 = _rows(x), x8 and group % 32 == 0
+    # up to 16 rows, ours: with x8, or bf16 rows on AVX512-VBMI + BF16 CPUs (torch's kernel beat
+    # our 16-bit AVX2 path) or where torch's kernel reads another layout, fp32 rows everywhere
+    # (torch's fp32 int4 kernel is several times slower)
+    if (kern := int4_kernel_for(x, sz, x8)) is not None:
+        y = kern.linear_int4(x2.contiguous(), packed, sz, group, n, x8=x8)
         return y.view(*x.shape[:-1], n)
     mod = None  # up to 16 rows otherwise: torch's kernel (or, where it reads another layout
     # and ours did not load, the PyTorch reference below)
@@ -197,8 +198,9 @@ def int8_linear_many(xs: list, layers: list) -> torch.Tensor | None:
                                  scales)  # fmt: skip
 
 
-def int4_kernel_for(x: torch.Tensor, sz: torch.Tensor):
-    """The int4 module when int4_linear runs x through its `linear_int4`, else None."""
+def int4_kernel_for(x: torch.Tensor, sz: torch.Tensor, x8: bool = False):
+    """The int4 module when int4_linear runs x through its `linear_int4` (with `x8`), else
+    None."""
     if not (x.is_cpu and sz.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float32)):
         return None
     if _rows(x).shape[0] > INT4_MAX_ROWS:
@@ -206,15 +208,27 @@ def int4_kernel_for(x: torch.Tensor, sz: torch.Tensor):
     from qwen35.kernels import gemv
 
     mod = gemv.load_int4()
-    if mod is None or not int4_rows_ours(mod, x.dtype):
+    if mod is None or not int4_rows_ours(mod, x.dtype, x8):
         return None
     return mod
 
 
-def int4_rows_ours(mod, dtype: torch.dtype) -> bool:
-    """Decode rows of `dtype` take our int4 kernel (module `mod`): fp32 rows always, bf16 rows
-    on AVX512-VBMI + BF16 CPUs or where torch's int4 kernel reads another layout than ours."""
-    return dtype == torch.float32 or mod.int4_fast_supported() or not torch_int4_layout()
+def int4_rows_ours(mod, dtype: torch.dtype, x8: bool = False) -> bool:
+    """Decode rows of `dtype` take our int4 kernel (module `mod`): with 8-bit activations (x8)
+    and fp32 rows always, bf16 rows on AVX512-VBMI + BF16 CPUs or where torch's int4 kernel reads
+    another layout than ours."""
+    return (
+        x8
+        or dtype == torch.float32
+        or mod.int4_fast_supported()
+        or not torch_int4_layout()
+    )
+
+
+def int4_x8(layer) -> bool:
+    """Whether an Int4Linear's decode rows take 8-bit activations (its x8, where its groups are
+    whole 32-input blocks)."""
+    return bool(layer.x8) and layer.group % 32 == 0
 
 
 def int4_linear_many(xs: list, layers: list) -> torch.Tensor | None:
@@ -224,11 +238,12 @@ def int4_linear_many(xs: list, layers: list) -> torch.Tensor | None:
     them."""
     first = layers[0]
     sz = [m.scales_and_zeros.contiguous() for m in layers]
-    mod = int4_kernel_for(xs[0], sz[0])
+    x8 = int4_x8(first)
+    mod = int4_kernel_for(xs[0], sz[0], x8)
     if mod is None or max(_rows(v).shape[0] for v in xs) > INT4_MAX_ROWS:
         return None
     return mod.linear_int4_many([_rows(x).contiguous() for x in xs], [m.weight for m in layers],
-                                sz, first.group, first.out_features)  # fmt: skip
+                                sz, first.group, first.out_features, x8=x8)  # fmt: skip
 
 
 INT4_ROW_BLOCK = 64  # our int4 layout interleaves rows in blocks of 64 (torch's with AVX512)
