@@ -4,7 +4,11 @@ One sequence of `positions` tokens (the BF16 model's own greedy continuation of 
 prompt, so the positions are what decoding would visit) is run through the BF16 model and
 through each format (fp8, int8, int4, quantized at load from the same weights). Per format:
 top-1 agreement (the share of positions where the next-token argmax is the same) and the mean
-KL(BF16 || format) of the next-token distributions. Logits are compared in chunks of rows so
+KL(BF16 || format) of the next-token distributions, twice: through one uncached pass (the
+prefill kernels: dequantise + GEMM) and through the cache in chunks of 16 tokens (every linear
+gets at most 16 rows: the decode kernels, whose rows come out as in a one-token step). "int4-x16"
+is int4 with the decode GEMVs' activations kept at bf16 / 16 bits instead of rounded to 8 bits per
+32 inputs (Int4Linear.x8): what that rounding costs. Logits are compared in chunks of rows so
 [positions, vocab] never lives in memory twice. With random weights (the default model) the
 distributions are nearly flat and the numbers only rank the formats; pass a checkpoint directory
 as --model for meaningful ones.
@@ -18,8 +22,9 @@ import torch
 
 from qwen35.benchmarks.common import BenchModel, BenchOptions, free_memory, load_bench_model
 
-FORMATS = ("fp8", "int8", "int4")
+FORMATS = ("fp8", "int8", "int4", "int4-x16")
 CHUNK = 128
+DECODE_ROWS = 16  # tokens a cached chunk: the decode kernels' row limit (kernels/gemv.py MAX_ROWS)
 
 
 def sizes(opts: BenchOptions) -> dict:
@@ -39,6 +44,42 @@ def _hidden(model, ids: torch.Tensor) -> torch.Tensor:
     T = ids.shape[0]
     caches = allocate_caches(model.config, 1, T, 1, model.dtype, ids.device)
     return model.forward_hidden(ids, uncached_batch(1, T, ids.device), caches)
+
+
+@torch.no_grad()
+def _hidden_decode(model, ids: torch.Tensor, rows: int = DECODE_ROWS) -> torch.Tensor:
+    """ids [T] -> last hidden states [T, H] through the cache, `rows` tokens a pass."""
+    from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
+
+    T = ids.shape[0]
+    caches = allocate_caches(model.config, 1, T, 1, model.dtype, ids.device)
+    out = []
+    for s in range(0, T, rows):
+        n = min(rows, T - s)
+        batch = ForwardBatch.build(
+            positions=range(s, s + n),
+            cu_seqlens=[0, n],
+            context_lens=[s + n],
+            slot_mapping=range(s, s + n),
+            block_tables=[[0]],
+            state_slots=[0],
+            has_initial_state=[s > 0],
+            logits_indices=range(n),
+            device=ids.device,
+        )
+        out.append(model.forward_hidden(ids[s : s + n], batch, caches))
+    return torch.cat(out)
+
+
+def _compare(base, ref_h: torch.Tensor, q, h: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(base || q)) of the next-token distributions."""
+    agree, kl = 0, 0.0
+    for i in range(0, h.shape[0], CHUNK):
+        lp_ref = torch.log_softmax(base.compute_logits(ref_h[i : i + CHUNK]), -1)
+        lp = torch.log_softmax(q.compute_logits(h[i : i + CHUNK]), -1)
+        agree += (lp_ref.argmax(-1) == lp.argmax(-1)).sum().item()
+        kl += (lp_ref.exp() * (lp_ref - lp)).sum().item()
+    return agree / h.shape[0], kl / h.shape[0]
 
 
 @torch.no_grad()
@@ -62,25 +103,30 @@ def run_quality(bm: BenchModel, opts: BenchOptions) -> dict:
         else load_bench_model(dataclasses.replace(opts, dtype="bf16"))
     )
     ids = _sequence(base, sz, opts.seed).to(base.device)
+    from qwen35.quant.layers import Int4Linear
+
     ref_h = _hidden(base.model, ids[:-1])  # [P, H]
+    ref_d = _hidden_decode(base.model, ids[:-1])
     rows = {}
     for fmt in FORMATS:
         opts.say(f"quality: {fmt}")
-        q = load_bench_model(dataclasses.replace(opts, dtype="bf16"), quantization=fmt)
-        h = _hidden(q.model, ids[:-1])
-        agree, kl = 0, 0.0
-        for i in range(0, h.shape[0], CHUNK):
-            lp_ref = torch.log_softmax(base.model.compute_logits(ref_h[i : i + CHUNK]), -1)
-            lp = torch.log_softmax(q.model.compute_logits(h[i : i + CHUNK]), -1)
-            agree += (lp_ref.argmax(-1) == lp.argmax(-1)).sum().item()
-            kl += (lp_ref.exp() * (lp_ref - lp)).sum().item()
-        n = h.shape[0]
+        q = load_bench_model(dataclasses.replace(opts, dtype="bf16"), quantization=fmt.split("-")[0])
+        x8 = Int4Linear.x8
+        Int4Linear.x8 = fmt != "int4-x16"
+        try:
+            h, hd = _hidden(q.model, ids[:-1]), _hidden_decode(q.model, ids[:-1])
+        finally:
+            Int4Linear.x8 = x8
+        agree, kl = _compare(base.model, ref_h, q.model, h)
+        d_agree, d_kl = _compare(base.model, ref_d, q.model, hd)
         rows[fmt] = {
             "weight_bytes": q.weight_bytes,
-            "top1_agreement": agree / n,
-            "mean_kl": kl / n,
+            "top1_agreement": agree,
+            "mean_kl": kl,
+            "decode_top1_agreement": d_agree,
+            "decode_mean_kl": d_kl,
         }
-        del q, h
+        del q, h, hd
         free_memory()
     return {
         "positions": sz["positions"],

@@ -275,13 +275,15 @@ def _structured(con: Console, d: dict) -> None:
 def _quality(con: Console, d: dict, impl: str = "") -> None:
     w = "random weights: ranks the formats only" if d["random_weights"] else "checkpoint"
     t = Table(title=f"Quantized vs BF16 on the same weights ({d['positions']} positions, {w})")
-    for c in ("format", "weights GiB", "top-1 agreement", "mean KL"):
+    for c in ("format", "weights GiB", "top-1 agreement", "mean KL", "decode kernels: top-1",
+              "mean KL"):  # fmt: skip
         t.add_column(c, justify="right")
-    t.add_row("bf16", _f(d["bf16_weight_bytes"] / 2**30), "1", "0")
+    t.add_row("bf16", _f(d["bf16_weight_bytes"] / 2**30), "1", "0", "1", "0")
     for name, r in d["formats"].items():
         t.add_row(
-            name, _f(r["weight_bytes"] / 2**30), _pct(r["top1_agreement"]), _f(r["mean_kl"], ".2e")
-        )
+            name, _f(r["weight_bytes"] / 2**30), _pct(r["top1_agreement"]), _f(r["mean_kl"], ".2e"),
+            _pct(r["decode_top1_agreement"]), _f(r["decode_mean_kl"], ".2e"),
+        )  # fmt: skip
     con.print(t)
 
 
