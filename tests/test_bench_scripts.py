@@ -78,3 +78,15 @@ def test_moe_decode_bench_runs(capsys):
         out = capsys.readouterr().out
         assert out.count(label) == 4 and out.count("x\n") == 4, out
         assert (SparseMoE.cpu_step, SparseMoE.cpu_routed) == fused
+
+
+def test_int4_x8_bench_runs(capsys, tmp_path):
+    from qwen35.quant.layers import Int4Linear
+    from tiny import save_checkpoint
+
+    save_checkpoint(tmp_path / "m")
+    _load("int4_x8").main(["--model", str(tmp_path / "m" / "config.json"), "--batches", "1", "2",
+                           "--steps", "3", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("batch") == 2 and "16-bit / x8" in out
+    assert Int4Linear.x8 is True  # restored
