@@ -43,7 +43,8 @@ def run(args) -> dict:
                                   enable_prefix_caching=False)  # fmt: skip
                 sp = SamplingParams(max_tokens=args.steps + 8, temperature=0.0, ignore_eos=True)
                 for i in range(b):
-                    eng.add_request(f"{x8}-{i}", torch.randint(0, vocab, (64,), generator=g).tolist(), sp)
+                    prompt = torch.randint(0, vocab, (64,), generator=g).tolist()
+                    eng.add_request(f"{x8}-{i}", prompt, sp)
                 for _ in range(4):  # prefill and the first decode steps, untimed
                     eng.step()
                 engines[x8], plans[x8] = eng, bm.model._decode_plan

@@ -184,7 +184,8 @@ def test_x8_quantises_x_per_32_inputs_and_keeps_non_finite_rows_apart(mod, dtype
     xr = x[:1, :96].nan_to_num()  # int4_linear keeps such a layer at 16 bits
     w48 = formats.dequantize_int4_groups(q48, sz48, 48, torch.float32)
     got = matmul.int4_linear(xr, packed48, sz48, 48, 64, x8=True)
-    assert rel_error(got, F.linear(xr.float(), w48)) < (4e-3 if dtype == torch.bfloat16 else X16_TOL)
+    tol = 4e-3 if dtype == torch.bfloat16 else X16_TOL
+    assert rel_error(got, F.linear(xr.float(), w48)) < tol
 
 
 def test_linear_int4_decodes_every_nibble_exactly(mod):

@@ -110,7 +110,8 @@ def run_quality(bm: BenchModel, opts: BenchOptions) -> dict:
     rows = {}
     for fmt in FORMATS:
         opts.say(f"quality: {fmt}")
-        q = load_bench_model(dataclasses.replace(opts, dtype="bf16"), quantization=fmt.split("-")[0])
+        quant = fmt.split("-")[0]  # (int4-x16: int4)
+        q = load_bench_model(dataclasses.replace(opts, dtype="bf16"), quantization=quant)
         x8 = Int4Linear.x8
         Int4Linear.x8 = fmt != "int4-x16"
         try:

@@ -151,7 +151,7 @@ TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, 
 // times the broadcast signed bytes x[k..k + 3], summed by 4 into 16 int32 lanes) per 16 rows and
 // input row: 256 weights = 14 vector ops for one row, against 30 for the bf16 path above.
 // (Per 32 inputs and 16 rows 3 more a row: D_b to fp32 times xs_b, added.)
-// The PyTorch twin: quant/formats.py int4_linear_i8_reference.
+// The PyTorch twin: quant/formats.py int4_linear_i16_reference(x8=True).
 
 #define TARGET_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vnni")))
@@ -205,30 +205,31 @@ TARGET_VNNI void block_vnni(const Block& b, const RowI16* x, const ST* SZ, float
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < 4; ++j) f[i][j] = _mm512_setzero_ps();
     for (int64_t k0 = g * b.group; k0 < (g + 1) * b.group; k0 += kX8Block) {
-    __m512i acc[MR][4];  // [row][j]: rows 16j..16j+15 (j = 0, 1 low nibbles, 2, 3 high)
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
-    for (int64_t k = k0; k < k0 + kX8Block; k += 4) {
-      const __m512i r0 = _mm512_loadu_si512(b.p + k * 32), r1 = _mm512_loadu_si512(b.p + k * 32 + 64);
-      const __m512i p0 = _mm512_permutex2var_epi8(r0, idx0, r1);
-      const __m512i p1 = _mm512_permutex2var_epi8(r0, idx1, r1);
-      const __m512i w[4] = {_mm512_and_si512(p0, m15), _mm512_and_si512(p1, m15),
-                            _mm512_and_si512(_mm512_srli_epi16(p0, 4), m15),
-                            _mm512_and_si512(_mm512_srli_epi16(p1, 4), m15)};
-      for (int i = 0; i < MR; ++i) {
-        int32_t xp;
-        std::memcpy(&xp, x[i].hi + k, 4);
-        const __m512i xv = _mm512_set1_epi32(xp);
-        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[j], xv);
+      __m512i acc[MR][4];  // [row][j]: rows 16j..16j+15 (j = 0, 1 low nibbles, 2, 3 high)
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+      for (int64_t k = k0; k < k0 + kX8Block; k += 4) {
+        const uint8_t* p = b.p + k * 32;
+        const __m512i r0 = _mm512_loadu_si512(p), r1 = _mm512_loadu_si512(p + 64);
+        const __m512i p0 = _mm512_permutex2var_epi8(r0, idx0, r1);
+        const __m512i p1 = _mm512_permutex2var_epi8(r0, idx1, r1);
+        const __m512i w[4] = {_mm512_and_si512(p0, m15), _mm512_and_si512(p1, m15),
+                              _mm512_and_si512(_mm512_srli_epi16(p0, 4), m15),
+                              _mm512_and_si512(_mm512_srli_epi16(p1, 4), m15)};
+        for (int i = 0; i < MR; ++i) {
+          int32_t xp;
+          std::memcpy(&xp, x[i].hi + k, 4);
+          const __m512i xv = _mm512_set1_epi32(xp);
+          for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[j], xv);
+        }
       }
-    }
-    const int64_t xb = k0 / kX8Block;
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < 4; ++j) {
-        const __m512i d = _mm512_sub_epi32(acc[i][j], _mm512_set1_epi32(8 * x[i].sq[xb]));
-        f[i][j] = _mm512_add_ps(f[i][j], _mm512_mul_ps(_mm512_cvtepi32_ps(d),
-                                                       _mm512_set1_ps(x[i].xs[xb])));
-      }
+      const int64_t xb = k0 / kX8Block;
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < 4; ++j) {
+          const __m512i d = _mm512_sub_epi32(acc[i][j], _mm512_set1_epi32(8 * x[i].sq[xb]));
+          f[i][j] = _mm512_add_ps(f[i][j], _mm512_mul_ps(_mm512_cvtepi32_ps(d),
+                                                         _mm512_set1_ps(x[i].xs[xb])));
+        }
     }
     const ST* sz = SZ + (g * b.N + b.n0) * 2;
     for (int j = 0; j < 4; ++j) {
@@ -363,11 +364,13 @@ void quantize_rows_x8(const T* X, int64_t M, int64_t K, int64_t group, std::vect
         const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
         __m256i i[4], tot = _mm256_setzero_si256();
         for (int j = 0; j < 4; ++j) {  // round to nearest even, as nearbyint / torch.round
-          i[j] = _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_mul_ps(v[j], vinv))));
+          const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], vinv));
+          i[j] = _mm256_max_epi32(lo, _mm256_min_epi32(hi, r));
           tot = _mm256_add_epi32(tot, i[j]);
         }
         // packs interleave 128-bit lanes: dwords (a0-3 b0-3 c0-3 d0-3 | a4-7 ..) -> in order
-        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+        const __m256i p =
+            _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(p, order));
         alignas(32) int32_t t8[8];
         _mm256_store_si256(reinterpret_cast<__m256i*>(t8), tot);
@@ -492,50 +495,50 @@ void block_i8(const Block& b, const RowI16* x, const ST* SZ, float* out) {
     const ST* sz = SZ + (g * b.N + b.n0) * 2;
     alignas(32) float f[NR][64] = {};  // sum over the group's x blocks of xs_b D_b
     for (int64_t k0 = g * b.group; k0 < (g + 1) * b.group; k0 += kX8Block) {
-    __m256i a32[NR][8];  // [row][i]: rows kRow0[i] .. + 7, as block_i16's
-    for (int m = 0; m < NR; ++m)
-      for (int i = 0; i < 8; ++i) a32[m][i] = _mm256_setzero_si256();
-    for (int64_t kc = k0; kc < k0 + kX8Block; kc += 16) {  // 8 k-pairs: int16 sums stay exact
-      __m256i s16[NR][4];  // [row][u + 2 * nibble]
+      __m256i a32[NR][8];  // [row][i]: rows kRow0[i] .. + 7, as block_i16's
       for (int m = 0; m < NR; ++m)
-        for (int j = 0; j < 4; ++j) s16[m][j] = _mm256_setzero_si256();
-      for (int64_t k = kc; k < kc + 16; k += 2) {
-        const uint8_t* p = b.p + k * 32;
-        _mm_prefetch(reinterpret_cast<const char*>(p + PF * 32), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(p + PF * 32 + 32), _MM_HINT_T0);
-        const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
-        const __m256i v[2] = {_mm256_unpacklo_epi8(b0, b1), _mm256_unpackhi_epi8(b0, b1)};
-        __m256i w[4];
-        for (int u = 0; u < 2; ++u) {
-          w[u] = _mm256_and_si256(v[u], m15);
-          w[2 + u] = _mm256_and_si256(_mm256_srli_epi16(v[u], 4), m15);
+        for (int i = 0; i < 8; ++i) a32[m][i] = _mm256_setzero_si256();
+      for (int64_t kc = k0; kc < k0 + kX8Block; kc += 16) {  // 8 k-pairs: int16 sums stay exact
+        __m256i s16[NR][4];  // [row][u + 2 * nibble]
+        for (int m = 0; m < NR; ++m)
+          for (int j = 0; j < 4; ++j) s16[m][j] = _mm256_setzero_si256();
+        for (int64_t k = kc; k < kc + 16; k += 2) {
+          const uint8_t* p = b.p + k * 32;
+          _mm_prefetch(reinterpret_cast<const char*>(p + PF * 32), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p + PF * 32 + 32), _MM_HINT_T0);
+          const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+          const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+          const __m256i v[2] = {_mm256_unpacklo_epi8(b0, b1), _mm256_unpackhi_epi8(b0, b1)};
+          __m256i w[4];
+          for (int u = 0; u < 2; ++u) {
+            w[u] = _mm256_and_si256(v[u], m15);
+            w[2 + u] = _mm256_and_si256(_mm256_srli_epi16(v[u], 4), m15);
+          }
+          for (int m = 0; m < NR; ++m) {
+            int16_t px;
+            std::memcpy(&px, x[m].hi + k, 2);
+            const __m256i xv = _mm256_set1_epi16(px);
+            for (int j = 0; j < 4; ++j)
+              s16[m][j] = _mm256_add_epi16(s16[m][j], _mm256_maddubs_epi16(w[j], xv));
+          }
         }
-        for (int m = 0; m < NR; ++m) {
-          int16_t px;
-          std::memcpy(&px, x[m].hi + k, 2);
-          const __m256i xv = _mm256_set1_epi16(px);
-          for (int j = 0; j < 4; ++j)
-            s16[m][j] = _mm256_add_epi16(s16[m][j], _mm256_maddubs_epi16(w[j], xv));
-        }
+        for (int m = 0; m < NR; ++m)
+          for (int j = 0; j < 4; ++j) {  // widen (a 128-bit half's rows apart)
+            a32[m][2 * j] = _mm256_add_epi32(
+                a32[m][2 * j], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s16[m][j])));
+            a32[m][2 * j + 1] = _mm256_add_epi32(
+                a32[m][2 * j + 1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s16[m][j], 1)));
+          }
       }
+      const int64_t xb = k0 / kX8Block;
       for (int m = 0; m < NR; ++m)
-        for (int j = 0; j < 4; ++j) {  // widen (a 128-bit half's rows apart)
-          a32[m][2 * j] = _mm256_add_epi32(
-              a32[m][2 * j], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s16[m][j])));
-          a32[m][2 * j + 1] = _mm256_add_epi32(
-              a32[m][2 * j + 1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s16[m][j], 1)));
+        for (int i = 0; i < 8; ++i) {
+          const __m256i sq8 = _mm256_set1_epi32(8 * x[m].sq[xb]);
+          const __m256 d = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a32[m][i], sq8)),
+                                         _mm256_set1_ps(x[m].xs[xb]));
+          float* fr = f[m] + kRow0[i];
+          _mm256_store_ps(fr, _mm256_add_ps(_mm256_load_ps(fr), d));
         }
-    }
-    const int64_t xb = k0 / kX8Block;
-    for (int m = 0; m < NR; ++m)
-      for (int i = 0; i < 8; ++i) {
-        const __m256i sq8 = _mm256_set1_epi32(8 * x[m].sq[xb]);
-        const __m256 d = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a32[m][i], sq8)),
-                                       _mm256_set1_ps(x[m].xs[xb]));
-        float* fr = f[m] + kRow0[i];
-        _mm256_store_ps(fr, _mm256_add_ps(_mm256_load_ps(fr), d));
-      }
     }
     for (int i = 0; i < 8; ++i) {
       const int r = kRow0[i];
