@@ -132,6 +132,38 @@ def test_int_model_close_to_bf16_and_planner_bytes(ckpt, fmt):
     assert abs(got - want) / want < 0.01
 
 
+def test_int4_activations_option(ckpt):
+    """`int4_activations` (`--int4-activations`): int8 (the default) rounds int4 decode rows'
+    activations to 8 bits per 32 inputs, 16bit keeps them; the engine sets Int4Linear.x8 for the
+    process and drops the model's decode plans (they read it when built); bad values are refused
+    with the option's name."""
+    from qwen35 import LLM, SamplingParams
+    from qwen35.errors import Qwen35Error
+
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    try:
+        llm = LLM(str(ckpt), dtype="bf16", quantization="int4", verbose=False,
+                  max_memory="256MiB", int4_activations="16bit")  # fmt: skip
+        assert Int4Linear.x8 is False
+        model = llm.engine.model
+        assert len(llm.generate([[5, 17, 42]], sp)[0].outputs[0].token_ids) == 6
+        lin = next(m for m in model.modules() if type(m) is Int4Linear)
+        x = torch.randn(1, lin.in_features, generator=torch.Generator().manual_seed(3)).bfloat16()
+        y16 = lin(x)
+        LLM(model, verbose=False, max_memory="256MiB")  # the default: int8
+        assert Int4Linear.x8 is True and model._decode_plan is None
+        y8 = lin(x)
+        ref = x.float() @ lin.dequantized(torch.float32).T
+        if matmul.int4_kernel_for(x, lin.scales_and_zeros, True) is not None:
+            assert not torch.equal(y8, y16)  # the 8-bit rounding of x shows
+        for y in (y8, y16):
+            torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=2e-2)
+        with pytest.raises(Qwen35Error, match="int4_activations must be one of int8, 16bit"):
+            LLM(model, verbose=False, int4_activations="int4")
+    finally:
+        Int4Linear.x8 = True
+
+
 @pytest.mark.parametrize("fmt", ["int8", pytest.param("int4", marks=pytest.mark.slow)])
 def test_int_batched_equals_alone(ckpt, fmt):
     from qwen35 import LLM, SamplingParams

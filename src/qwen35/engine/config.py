@@ -46,6 +46,14 @@ class LoadConfig:
         "compute (CPUs without native bf16); default: as stored (FP8 checkpoints stay FP8)",
         choices=["fp8", "int8", "int4", "bf16"],
     )
+    int4_activations: str = _opt(
+        "int8",
+        "int4 weights' decode rows (up to 16) on the CPU: int8 rounds the activations to 8 bits "
+        "per 32 inputs for integer dot products (faster; llama.cpp's q4_0 does the same), 16bit "
+        "keeps them at bf16 (AVX512-BF16 CPUs) or 16-bit integers (others): weight-only int4. "
+        "Process-wide (quant/layers.py Int4Linear.x8)",
+        choices=["int8", "16bit"],
+    )
     yarn: float | None = _opt(
         None,
         "YaRN RoPE scaling by this factor past the checkpoint's native context (Qwen's recipe: "
@@ -358,6 +366,13 @@ class EngineConfig:
         ):
             if not isinstance(value, int) or value < 1:
                 raise Qwen35Error(f"{name} must be an integer >= 1, got {value!r}")
+        for part in _PARTS:  # options with a fixed set of values (the CLI's choices)
+            for f in fields(getattr(self, part)):
+                value, allowed = getattr(getattr(self, part), f.name), f.metadata.get("choices")
+                if allowed is not None and value not in allowed and value != f.default:
+                    raise Qwen35Error(
+                        f"{f.name} must be one of {', '.join(map(str, allowed))}; got {value!r}"
+                    )
         if s.max_model_len is not None and (
             not isinstance(s.max_model_len, int) or s.max_model_len < 2
         ):

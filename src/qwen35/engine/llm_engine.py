@@ -218,6 +218,9 @@ class LLMEngine:
                 yarn=ec.load.yarn,
             )
         self.config = self.model.config
+        from qwen35.quant.layers import set_int4_activations
+
+        set_int4_activations(self.model, ec.load.int4_activations)  # (process-wide)
         self.model_name = model
         spec = bool(sc.num_speculative_tokens)
         mtp = spec and sc.speculative_method == "mtp"  # (ngram drafts need no MTP head)

@@ -46,6 +46,7 @@ def start(ec, model: str, dtype: torch.dtype) -> tuple[WorkerGroup, TensorParall
         "device": ec.device.device,
         "load_format": ec.load.load_format,
         "quantization": ec.load.quantization,
+        "int4_activations": ec.load.int4_activations,
         "yarn": ec.load.yarn,
         "seed": 0 if ec.seed is None else ec.seed,  # random weights: as rank 0's
         "expert_parallel": ep,

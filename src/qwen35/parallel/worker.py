@@ -70,6 +70,9 @@ def run_worker(
             quantization=args["quantization"],
             yarn=args.get("yarn"),
         )
+        from qwen35.quant.layers import set_int4_activations
+
+        set_int4_activations(model, args.get("int4_activations", "int8"))
         if device.type == "cpu":  # compile (first run on a machine) now, not inside a step
             from qwen35 import kernels
 

@@ -85,7 +85,8 @@ class Int4Linear(Linear):
 
     x8: decode rows (up to 16) multiply with activations rounded to 8 bits per 32 inputs, as
     llama.cpp's q4_0 does (kernels/int4_cpu.cpp; faster); False keeps them at bf16 / rounds
-    them to 16 bits (`--int4-activations 16bit`: set_int4_activations)."""
+    them to 16 bits (`--int4-activations 16bit`: set_int4_activations). A class setting: the
+    kernels read it per call, the CPU decode plan when it is built."""
 
     x8 = True
 
@@ -110,6 +111,17 @@ class Int4Linear(Linear):
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, int4 groups of {self.group}"
+
+
+def set_int4_activations(model: nn.Module, mode: str) -> None:
+    """`--int4-activations int8 | 16bit` for every Int4Linear of this process (Int4Linear.x8);
+    `model`'s CPU decode plans, which read it when built, are dropped to be built again."""
+    if mode not in ("int8", "16bit"):
+        raise ValueError(f"int4 activations are int8 or 16bit, not {mode!r}")
+    Int4Linear.x8 = mode == "int8"
+    for name in ("_decode_plan", "_mtp_plan"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
 
 
 class Int8Embedding(nn.Module):
