@@ -366,13 +366,10 @@ class EngineConfig:
         ):
             if not isinstance(value, int) or value < 1:
                 raise Qwen35Error(f"{name} must be an integer >= 1, got {value!r}")
-        for part in _PARTS:  # options with a fixed set of values (the CLI's choices)
-            for f in fields(getattr(self, part)):
-                value, allowed = getattr(getattr(self, part), f.name), f.metadata.get("choices")
-                if allowed is not None and value not in allowed and value != f.default:
-                    raise Qwen35Error(
-                        f"{f.name} must be one of {', '.join(map(str, allowed))}; got {value!r}"
-                    )
+        if self.load.int4_activations not in ("int8", "16bit"):
+            raise Qwen35Error(
+                f"int4_activations must be one of int8, 16bit; got {self.load.int4_activations!r}"
+            )
         if s.max_model_len is not None and (
             not isinstance(s.max_model_len, int) or s.max_model_len < 2
         ):
