@@ -144,8 +144,8 @@ TARGET_VBMI void block_vbmi(const Block& b, const uint16_t* X, const float* SX, 
 // amax / 127, |x - xs xq| <= amax / 254), as llama.cpp's q8_0 rounds activations for its q4_0 /
 // q8_0 dot products (blocks of 32 keep an outlier's coarse step to its own 32 inputs); the sums
 // run in integers, exact, per block b: D_b = sum xq (q - 8); per weight group f = sum_b xs_b D_b
-// (fp32, in block order) and y += scale * f + zero * sum x (the zero term with the exact fp32 sum
-// of x). Four k of the block (128 bytes) are one byte
+// (fp32, in block order) and y += scale * f + zero * sum_b xs_b sum xq (the rounded x's sum, so
+// that y is x^ @ W, x^ = xs xq, as prefill's GEMM computes it with x8). Four k of the block (128 bytes) are one byte
 // permute a 16 rows (vpermt2b: row r's bytes at k..k + 3 into one 32-bit lane; low nibbles rows
 // r, high ones r + 32), an and / a shift + and a nibble, and one vpdpbusd (64 unsigned nibbles
 // times the broadcast signed bytes x[k..k + 3], summed by 4 into 16 int32 lanes) per 16 rows and
@@ -323,10 +323,39 @@ inline __m256 load8f(const at::BFloat16* p) {
 }
 
 // x rows [M, K] (fp32 or bf16) -> x8: per block of 32 inputs 8-bit xq (|xq| <= 127), xs =
-// amax / 127 and sum xq, per group the exact sum of x. The same rounding as
+// amax / 127 and sum xq, per group the sum of the rounded x (sum over its blocks of xs sum xq,
+// fp32 in block order: the zero term then multiplies what the GEMM of longer inputs multiplies,
+// x^ = xs xq, so a row's result does not depend on its call's row count). The same rounding as
 // gemv_rows::quantize_group_i16(x, 32, 127) (the PyTorch twin's quantize_rows_i16), in one pass
 // over x without widening the rows first: a block with a NaN or an inf gets xs NaN, an all-zero
 // or tiny one (127 / amax overflows) xs 0, both with xq all zeros.
+// One block of 32 inputs rounded: xq into i[4] (8 int32 lanes each, in input order) and returns
+// xs; a block with a NaN or an inf: NaN, an all-zero or tiny one (127 / amax overflows): 0, both
+// with i all zeros.
+template <typename T>
+inline float round_block_x8(const T* x, __m256i* i) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 v[4], vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    v[j] = load8f(x + 8 * j);
+    vmax = _mm256_max_ps(vmax, _mm256_and_ps(v[j], abs_mask));
+    vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(v[j], v[j], _CMP_UNORD_Q));
+  }
+  const float amax = gemv_rows::hmax8(vmax), inv = 127.f / amax;
+  const bool bad = _mm256_movemask_ps(vbad) != 0 || !std::isfinite(amax);
+  if (bad || amax == 0.f || !std::isfinite(inv)) {
+    for (int j = 0; j < 4; ++j) i[j] = _mm256_setzero_si256();
+    return bad ? std::numeric_limits<float>::quiet_NaN() : 0.f;
+  }
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
+  for (int j = 0; j < 4; ++j) {  // round to nearest even, as nearbyint / torch.round
+    const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], vinv));
+    i[j] = _mm256_max_epi32(lo, _mm256_min_epi32(hi, r));
+  }
+  return amax / 127.f;
+}
+
 template <typename T>
 void quantize_rows_x8(const T* X, int64_t M, int64_t K, int64_t group, std::vector<int8_t>& q8,
                       std::vector<float>& xs, std::vector<int32_t>& sq, std::vector<float>& sx) {
@@ -336,48 +365,26 @@ void quantize_rows_x8(const T* X, int64_t M, int64_t K, int64_t group, std::vect
   xs.resize(M * nb);
   sq.resize(M * nb);
   sx.resize(M * ng);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < ng; ++g) {
-      __m256 vsum = _mm256_setzero_ps();
+      float gsum = 0.f;
       for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += kX8Block) {
-        const T* x = X + m * K + k0;
-        __m256 v[4], vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
-        for (int j = 0; j < 4; ++j) {
-          v[j] = load8f(x + 8 * j);
-          vsum = _mm256_add_ps(vsum, v[j]);
-          vmax = _mm256_max_ps(vmax, _mm256_and_ps(v[j], abs_mask));
-          vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(v[j], v[j], _CMP_UNORD_Q));
-        }
-        const float amax = gemv_rows::hmax8(vmax), inv = 127.f / amax;
-        const bool bad = _mm256_movemask_ps(vbad) != 0 || !std::isfinite(amax);
         const int64_t b = m * nb + k0 / kX8Block;
-        int8_t* q = q8.data() + m * K + k0;
-        if (bad || amax == 0.f || !std::isfinite(inv)) {
-          std::memset(q, 0, kX8Block);
-          xs[b] = bad ? std::numeric_limits<float>::quiet_NaN() : 0.f;
-          sq[b] = 0;
-          continue;
-        }
-        const __m256 vinv = _mm256_set1_ps(inv);
-        const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
-        __m256i i[4], tot = _mm256_setzero_si256();
-        for (int j = 0; j < 4; ++j) {  // round to nearest even, as nearbyint / torch.round
-          const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], vinv));
-          i[j] = _mm256_max_epi32(lo, _mm256_min_epi32(hi, r));
-          tot = _mm256_add_epi32(tot, i[j]);
-        }
+        __m256i i[4];
+        xs[b] = round_block_x8(X + m * K + k0, i);
+        const __m256i tot = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
         // packs interleave 128-bit lanes: dwords (a0-3 b0-3 c0-3 d0-3 | a4-7 ..) -> in order
         const __m256i p =
             _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(p, order));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q8.data() + m * K + k0),
+                            _mm256_permutevar8x32_epi32(p, order));
         alignas(32) int32_t t8[8];
         _mm256_store_si256(reinterpret_cast<__m256i*>(t8), tot);
         sq[b] = t8[0] + t8[1] + t8[2] + t8[3] + t8[4] + t8[5] + t8[6] + t8[7];
-        xs[b] = amax / 127.f;
+        gsum += xs[b] * static_cast<float>(sq[b]);  // (NaN for a bad block)
       }
-      sx[m * ng + g] = gemv_rows::hsum8(vsum);
+      sx[m * ng + g] = gsum;
     }
 }
 
@@ -812,6 +819,40 @@ torch::Tensor linear_int4_many(const std::vector<torch::Tensor>& xs,
   return y;
 }
 
+// x [M, K] (bf16 / fp32) -> x rounded as the x8 paths round it (xs_b * xq per block of 32 inputs,
+// in x's dtype): what longer inputs (prefill's dequantise + GEMM) multiply with x8, so that a
+// row's result does not depend on whether its call had more than 16 rows (batched == alone).
+torch::Tensor int4_x8_round(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.size(1) % kX8Block == 0 &&
+                  (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "int4_x8_round: x [M, K % 32 == 0] bf16 / fp32, contiguous on the CPU");
+  const int64_t n = x.numel() / kX8Block;  // blocks
+  torch::Tensor y = torch::empty_like(x);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const auto* X = static_cast<const char*>(x.data_ptr());
+  auto* Y = static_cast<char*>(y.data_ptr());
+  at::parallel_for(0, n, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      __m256i i[4];
+      const int64_t off = b * kX8Block * x.element_size();
+      const float xs = bf16 ? round_block_x8(reinterpret_cast<const at::BFloat16*>(X + off), i)
+                            : round_block_x8(reinterpret_cast<const float*>(X + off), i);
+      const __m256 vs = _mm256_set1_ps(xs);
+      for (int j = 0; j < 4; ++j) {
+        const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(i[j]), vs);  // NaN * 0: NaN
+        if (bf16) {  // round to nearest even, as static_cast / .to(bfloat16)
+          const __m256i h = bf16_rne_avx2(v);  // 8 words in the low halves of 32-bit lanes
+          const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(Y + off + 16 * j), w);
+        } else {
+          _mm256_storeu_ps(reinterpret_cast<float*>(Y + off) + 8 * j, v);
+        }
+      }
+    }
+  });
+  return y;
+}
+
 // W [N, K] in out's dtype (bf16 or fp32, as scales_and_zeros). out either contiguous (the
 // scalar reference) or the transpose of a contiguous [K, N] (the vector path: prefill's GEMM
 // input, mm(x, out.t()) = x @ W^T).
@@ -845,6 +886,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("xs"), py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("n"),
         py::arg("avx2_only") = false, py::arg("x8") = false);
   m.def("int4_dequant", &int4_dequant, "torch's packed CPU int4 weight into out [N, K]");
+  m.def("int4_x8_round", &int4_x8_round, "x rounded as the x8 paths round it, in x's dtype");
   m.def("int4_fast_supported", &int4_fast_supported, "the AVX512-VBMI + BF16 path runs here");
   m.def("int4_vnni_supported", &cpu_vnni_vbmi, "the AVX512-VNNI 8-bit activation path runs here");
 }

@@ -119,7 +119,10 @@ def quantize_rows_i16(x: torch.Tensor, group: int, qmax: int = INT4_X_MAX) -> to
     pad = -k % group
     xg = F.pad(x.float(), (0, pad)).reshape(m, (k + pad) // group, group)
     amax = xg.abs().amax(-1, keepdim=True)
-    inv = qmax / amax  # inf for zero (or below ~1e-34) groups: those become zeros
+    # inf for zero (or below ~1e-34) groups: those become zeros. A true division, as the kernels'
+    # qmax / amax (torch's `qmax / amax` multiplies by 1 / amax: a different rounding, which
+    # turned exact ties of x * inv the other way)
+    inv = torch.full_like(amax, float(qmax)) / amax
     live = torch.isfinite(inv)
     xq = torch.round(xg * torch.where(live, inv, 0)).clamp_(-qmax, qmax)
     xh = xq * torch.where(live, amax / qmax, 0)
@@ -148,10 +151,13 @@ def int4_linear_i16_reference(
     quantize_rows_i16 does, except that each group's zero point multiplies the exact sum of x
     (the kernel keeps it: W = (q - 8) * scale + zero, y = sum x^ (q - 8) scale + zero sum x).
     x8: the 8-bit activations of the AVX2 and AVX512-VNNI x8 paths (x rounded per block of 32
-    inputs, not per group, to |xq| <= 127); else the 16-bit AVX2 path."""
+    inputs, not per group, to |xq| <= 127), whose zero term multiplies the rounded x's sum: y =
+    x^ @ W; else the 16-bit AVX2 path."""
     m, k = x.shape
-    xh = quantize_rows_i16(x, INT4_X8_BLOCK, INT4_X8_MAX) if x8 else quantize_rows_i16(x, group)
     w = dequantize_int4_groups(q, sz, group, torch.float32)  # [N, K]
+    if x8:
+        return F.linear(quantize_rows_i16(x, INT4_X8_BLOCK, INT4_X8_MAX), w)
+    xh = quantize_rows_i16(x, group)
     ng = k // group
     diff = x.float().reshape(m, ng, group).sum(-1) - xh.reshape(m, ng, group).sum(-1)  # [M, ng]
     return F.linear(xh, w) + diff @ sz[..., 1].float()  # zeros [ng, N]

@@ -156,8 +156,9 @@ def int4_linear(
     x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, n: int, x8: bool = True
 ) -> torch.Tensor:
     """x [..., K] @ W^T with W in torch's packed CPU int4 layout ([n, K/2] uint8, groups of
-    `group` inputs, scales_and_zeros [K/group, n, 2]). x8: up to 16 rows round x to 8 bits per
-    32 inputs in our kernel (Int4Linear.x8)."""
+    `group` inputs, scales_and_zeros [K/group, n, 2]). x8 (Int4Linear.x8): x rounded to 8 bits
+    per 32 inputs, in our kernel up to 16 rows and before the GEMM above (where our module runs:
+    a row's result then does not depend on the rows beside it)."""
     x2, x8 = _rows(x), x8 and group % 32 == 0
     # up to 16 rows, ours: with x8, or bf16 rows on AVX512-VBMI + BF16 CPUs (torch's kernel beat
     # our 16-bit AVX2 path) or where torch's kernel reads another layout, fp32 rows everywhere
@@ -175,6 +176,8 @@ def int4_linear(
     if mod is not None:
         wt = scratch((packed.shape[1] * 2, n), x.dtype, x.device)  # W^T [K, N]: K-major unpack
         mod.int4_dequant(packed, sz, group, wt.t())
+        if x8:  # x rounded as the decode rows round it: a row's result does not depend on
+            x2 = mod.int4_x8_round(x2.contiguous())  # whether its call had more than 16 rows
         y = F.linear(x2, wt.t())
     elif torch_int4_layout():
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
