@@ -77,7 +77,7 @@ def test_quality_and_peers_workloads(doc):
         assert 0 <= r["top1_agreement"] <= 1 and r["mean_kl"] >= -1e-6
         assert 0 <= r["decode_top1_agreement"] <= 1 and r["decode_mean_kl"] >= -1e-6
     i4, x16 = q["formats"]["int4"], q["formats"]["int4-x16"]
-    assert i4["weight_bytes"] == x16["weight_bytes"] and i4["mean_kl"] == x16["mean_kl"]
+    assert i4["weight_bytes"] == x16["weight_bytes"]
     p = doc["workloads"]["peers"]
     ours = {n for n in p["engines"] if n.startswith("qwen35 ")}
     assert ours == {f"qwen35 {f}" for f in ("fp32", "bf16", "int8", "int4", "fp8")}

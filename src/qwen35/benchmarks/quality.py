@@ -7,8 +7,8 @@ top-1 agreement (the share of positions where the next-token argmax is the same)
 KL(BF16 || format) of the next-token distributions, twice: through one uncached pass (the
 prefill kernels: dequantise + GEMM) and through the cache in chunks of 16 tokens (every linear
 gets at most 16 rows: the decode kernels, whose rows come out as in a one-token step). "int4-x16"
-is int4 with the decode GEMVs' activations kept at bf16 / 16 bits instead of rounded to 8 bits per
-32 inputs (Int4Linear.x8): what that rounding costs. Logits are compared in chunks of rows so
+is int4 with its activations kept at bf16 / 16 bits instead of rounded to 8 bits per 32 inputs
+(`--int4-activations 16bit`, Int4Linear.x8 off): what that rounding costs. Logits are compared in chunks of rows so
 [positions, vocab] never lives in memory twice. With random weights (the default model) the
 distributions are nearly flat and the numbers only rank the formats; pass a checkpoint directory
 as --model for meaningful ones.
