@@ -24,7 +24,7 @@ import torch
 
 def run(args) -> dict:
     from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine
-    from qwen35.quant.layers import Int4Linear
+    from qwen35.quant.layers import Int4Linear, set_int4_activations
     from qwen35.request import SamplingParams
 
     torch.set_num_threads(args.threads)
@@ -59,7 +59,7 @@ def run(args) -> dict:
                       statistics.median(ratios))  # fmt: skip
             del engines, plans
     finally:
-        Int4Linear.x8, bm.model._decode_plan = True, None  # the default
+        set_int4_activations(bm.model, True)  # the default
     return out
 
 

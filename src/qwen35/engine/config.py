@@ -19,6 +19,8 @@ from qwen35.cache_spec import MAX_SPECULATIVE_TOKENS, SPECULATIVE_METHODS
 from qwen35.config import check_yarn_factor
 from qwen35.errors import Qwen35Error
 
+INT4_ACTIVATIONS = ("int8", "16bit")  # --int4-activations (quant/layers.py set_int4_activations)
+
 
 def _opt(default, help: str, **cli):
     """A field with its CLI help; `cli` may carry `choices`, `type`, `flag` or `cli=False`."""
@@ -52,7 +54,7 @@ class LoadConfig:
         "per 32 inputs for integer dot products (faster; llama.cpp's q4_0 does the same), 16bit "
         "keeps them at bf16 (AVX512-BF16 CPUs) or 16-bit integers (others): weight-only int4. "
         "Process-wide (quant/layers.py Int4Linear.x8)",
-        choices=["int8", "16bit"],
+        choices=list(INT4_ACTIVATIONS),
     )
     yarn: float | None = _opt(
         None,
@@ -366,10 +368,9 @@ class EngineConfig:
         ):
             if not isinstance(value, int) or value < 1:
                 raise Qwen35Error(f"{name} must be an integer >= 1, got {value!r}")
-        if self.load.int4_activations not in ("int8", "16bit"):
-            raise Qwen35Error(
-                f"int4_activations must be one of int8, 16bit; got {self.load.int4_activations!r}"
-            )
+        if self.load.int4_activations not in INT4_ACTIVATIONS:
+            raise Qwen35Error(f"int4_activations must be one of {', '.join(INT4_ACTIVATIONS)}; "
+                              f"got {self.load.int4_activations!r}")  # fmt: skip
         if s.max_model_len is not None and (
             not isinstance(s.max_model_len, int) or s.max_model_len < 2
         ):

@@ -220,7 +220,7 @@ class LLMEngine:
         self.config = self.model.config
         from qwen35.quant.layers import set_int4_activations
 
-        set_int4_activations(self.model, ec.load.int4_activations)  # (process-wide)
+        set_int4_activations(self.model, ec.load.int4_activations == "int8")  # (process-wide)
         self.model_name = model
         spec = bool(sc.num_speculative_tokens)
         mtp = spec and sc.speculative_method == "mtp"  # (ngram drafts need no MTP head)

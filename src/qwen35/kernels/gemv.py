@@ -21,7 +21,7 @@ from qwen35.kernels import Native
 MAX_ROWS = 16  # rows the kernels take; more rows are a GEMM (compute-bound): torch's
 
 GEMV = Native("gemv_cpu.cpp", ("-mavx2", "-mfma"))
-INT4 = Native("int4_cpu.cpp", ("-mavx2", "-mfma"))
+INT4 = Native("int4_cpu.cpp", ("-mavx2", "-mfma", "-mf16c"), needs=("avx2", "fma", "f16c"))
 # models/head_screen.py's int8 screen of lm_head (AVX512-VNNI CPUs; `supported()` says)
 SCREEN = Native(
     "head_screen_cpu.cpp", ("-mavx2", "-mfma"), needs=("avx2", "fma", "avx512_vnni")

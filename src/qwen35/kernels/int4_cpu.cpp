@@ -43,6 +43,7 @@
 
 #include "cpu_isa.h"
 #include "gemv_rows.h"
+#include "vec_avx2.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -315,29 +316,18 @@ void quantize_rows_i16(const float* X, int64_t M, int64_t K, int64_t group,
     }
 }
 
-// 8 inputs as fp32 (bf16 widened exactly)
-inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8f(const at::BFloat16* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-
-// x rows [M, K] (fp32 or bf16) -> x8: per block of 32 inputs 8-bit xq (|xq| <= 127), xs =
-// amax / 127 and sum xq, per group the sum of the rounded x (sum over its blocks of xs sum xq,
-// fp32 in block order: the zero term then multiplies what the GEMM of longer inputs multiplies,
-// x^ = xs xq, so a row's result does not depend on its call's row count). The same rounding as
-// gemv_rows::quantize_group_i16(x, 32, 127) (the PyTorch twin's quantize_rows_i16), in one pass
-// over x without widening the rows first: a block with a NaN or an inf gets xs NaN, an all-zero
-// or tiny one (127 / amax overflows) xs 0, both with xq all zeros.
-// One block of 32 inputs rounded: xq into i[4] (8 int32 lanes each, in input order) and returns
-// xs; a block with a NaN or an inf: NaN, an all-zero or tiny one (127 / amax overflows): 0, both
-// with i all zeros.
+// One block of 32 inputs (fp32 or bf16, read as they are: no widened copy of the rows) rounded
+// for x8: xq into i[4] (8 int32 lanes each, in input order), returns xs = amax / 127. The same
+// rounding as gemv_rows::quantize_group_i16(x, 32, 127) (the PyTorch twin's quantize_rows_i16),
+// specialised to one block of four vectors: the generic group rounding after a widening of the
+// rows was most of an x8 call's time. A block with a NaN or an inf: NaN, an all-zero or tiny one
+// (127 / amax overflows): 0, both with i all zeros.
 template <typename T>
 inline float round_block_x8(const T* x, __m256i* i) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 v[4], vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
   for (int j = 0; j < 4; ++j) {
-    v[j] = load8f(x + 8 * j);
+    v[j] = vec8::load8(x + 8 * j);
     vmax = _mm256_max_ps(vmax, _mm256_and_ps(v[j], abs_mask));
     vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(v[j], v[j], _CMP_UNORD_Q));
   }
@@ -356,6 +346,10 @@ inline float round_block_x8(const T* x, __m256i* i) {
   return amax / 127.f;
 }
 
+// x rows [M, K] (fp32 or bf16) -> x8: per block of 32 inputs 8-bit xq (|xq| <= 127), xs and sum
+// xq, per group the sum of the rounded x (sum over its blocks of xs sum xq, fp32 in block order:
+// the zero term then multiplies what the GEMM of longer inputs multiplies, x^ = xs xq, so a row's
+// result does not depend on its call's row count).
 template <typename T>
 void quantize_rows_x8(const T* X, int64_t M, int64_t K, int64_t group, std::vector<int8_t>& q8,
                       std::vector<float>& xs, std::vector<int32_t>& sq, std::vector<float>& sx) {
@@ -747,18 +741,19 @@ void run_calls(const std::vector<Call>& calls, int64_t K, int64_t group, int64_t
         } else {
           RowI16 rows[kMR];
           for (int r = 0; r < mr; ++r) rows[r] = c.row(m + r, K, ng);
-          if (path == Path::vnni8) {
-            using S = std::conditional_t<std::is_same_v<scalar_t, float>, float, uint16_t>;
-            DISPATCH_MR(mr, block_vnni, b, rows, reinterpret_cast<const S*>(SZ), out);
-          } else {
-            int r = 0;
-            if (path == Path::i8) {
+          using S = std::conditional_t<std::is_same_v<scalar_t, float>, float, uint16_t>;
+          int r = 0;  // the AVX2 paths: two rows a pass, then one
+          switch (path) {
+            case Path::vnni8:
+              DISPATCH_MR(mr, block_vnni, b, rows, reinterpret_cast<const S*>(SZ), out);
+              break;
+            case Path::i8:
               for (; r + 2 <= mr; r += 2) block_i8<2>(b, rows + r, SZ, out + r * 64);
               if (r < mr) block_i8<1>(b, rows + r, SZ, out + r * 64);
-            } else {
+              break;
+            default:
               for (; r + 2 <= mr; r += 2) block_i16<2>(b, rows + r, SZ, out + r * 64);
               if (r < mr) block_i16<1>(b, rows + r, SZ, out + r * 64);
-            }
           }
         }
         for (int r = 0; r < mr; ++r)
@@ -840,13 +835,10 @@ torch::Tensor int4_x8_round(const torch::Tensor& x) {
       const __m256 vs = _mm256_set1_ps(xs);
       for (int j = 0; j < 4; ++j) {
         const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(i[j]), vs);  // NaN * 0: NaN
-        if (bf16) {  // round to nearest even, as static_cast / .to(bfloat16)
-          const __m256i h = bf16_rne_avx2(v);  // 8 words in the low halves of 32-bit lanes
-          const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(Y + off + 16 * j), w);
-        } else {
-          _mm256_storeu_ps(reinterpret_cast<float*>(Y + off) + 8 * j, v);
-        }
+        if (bf16)  // round to nearest even, as .to(bfloat16)
+          vec8::store8(reinterpret_cast<at::BFloat16*>(Y + off) + 8 * j, v);
+        else
+          vec8::store8(reinterpret_cast<float*>(Y + off) + 8 * j, v);
       }
     }
   });

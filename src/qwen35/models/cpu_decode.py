@@ -80,7 +80,7 @@ def _direct(fn):
     if type(fn) is Int4Linear:
         mod, w, n, group = gemv.load_int4(), fn.weight, fn.out_features, fn.group
         sz = fn.scales_and_zeros.contiguous()  # as the module passes it
-        x8 = matmul.int4_x8(fn)
+        x8 = matmul.int4_x8(fn.x8, group)
         if mod is not None:
             bf16_ours = matmul.int4_rows_ours(mod, torch.bfloat16, x8)
             return lambda x: (
@@ -191,7 +191,7 @@ def _experts_many(ex, dtype):
     def quantized(layers):  # quant/matmul.py int8_linear_many / int4_linear_many
         if all(type(m) is Int4Linear for m in layers):
             sz = [m.scales_and_zeros.contiguous() for m in layers]
-            x8 = matmul.int4_x8(layers[0])
+            x8 = matmul.int4_x8(layers[0].x8, layers[0].group)
             mod = matmul.int4_kernel_for(probe, sz[0], x8)
             if mod is None:
                 return None

@@ -72,7 +72,7 @@ def run_worker(
         )
         from qwen35.quant.layers import set_int4_activations
 
-        set_int4_activations(model, args.get("int4_activations", "int8"))
+        set_int4_activations(model, args.get("int4_activations", "int8") == "int8")
         if device.type == "cpu":  # compile (first run on a machine) now, not inside a step
             from qwen35 import kernels
 

@@ -113,12 +113,11 @@ class Int4Linear(Linear):
         return f"{self.in_features} -> {self.out_features}, int4 groups of {self.group}"
 
 
-def set_int4_activations(model: nn.Module, mode: str) -> None:
-    """`--int4-activations int8 | 16bit` for every Int4Linear of this process (Int4Linear.x8);
-    `model`'s CPU decode plans, which read it when built, are dropped to be built again."""
-    if mode not in ("int8", "16bit"):
-        raise ValueError(f"int4 activations are int8 or 16bit, not {mode!r}")
-    Int4Linear.x8 = mode == "int8"
+def set_int4_activations(model: nn.Module, x8: bool) -> None:
+    """`--int4-activations int8` (x8) or `16bit` for every Int4Linear of this process
+    (Int4Linear.x8); `model`'s CPU decode plans, which read it when built, are dropped to be
+    built again."""
+    Int4Linear.x8 = x8
     for name in ("_decode_plan", "_mtp_plan"):
         if getattr(model, name, None) is not None:
             setattr(model, name, None)

@@ -159,7 +159,7 @@ def int4_linear(
     `group` inputs, scales_and_zeros [K/group, n, 2]). x8 (Int4Linear.x8): x rounded to 8 bits
     per 32 inputs, in our kernel up to 16 rows and before the GEMM above (where our module runs:
     a row's result then does not depend on the rows beside it)."""
-    x2, x8 = _rows(x), x8 and group % 32 == 0
+    x2, x8 = _rows(x), int4_x8(x8, group)
     # up to 16 rows, ours: with x8, or bf16 rows on AVX512-VBMI + BF16 CPUs (torch's kernel beat
     # our 16-bit AVX2 path) or where torch's kernel reads another layout, fp32 rows everywhere
     # (torch's fp32 int4 kernel is several times slower)
@@ -228,10 +228,10 @@ def int4_rows_ours(mod, dtype: torch.dtype, x8: bool = False) -> bool:
     )
 
 
-def int4_x8(layer) -> bool:
-    """Whether an Int4Linear's decode rows take 8-bit activations (its x8, where its groups are
-    whole 32-input blocks)."""
-    return bool(layer.x8) and layer.group % 32 == 0
+def int4_x8(x8: bool, group: int) -> bool:
+    """Whether int4 products with groups of `group` inputs take 8-bit activations: x8 asked
+    (Int4Linear.x8) and the groups are whole blocks of the rounding (formats.INT4_X8_BLOCK)."""
+    return bool(x8) and group % formats.INT4_X8_BLOCK == 0
 
 
 def int4_linear_many(xs: list, layers: list) -> torch.Tensor | None:
@@ -241,7 +241,7 @@ def int4_linear_many(xs: list, layers: list) -> torch.Tensor | None:
     them."""
     first = layers[0]
     sz = [m.scales_and_zeros.contiguous() for m in layers]
-    x8 = int4_x8(first)
+    x8 = int4_x8(first.x8, first.group)
     mod = int4_kernel_for(xs[0], sz[0], x8)
     if mod is None or max(_rows(v).shape[0] for v in xs) > INT4_MAX_ROWS:
         return None
