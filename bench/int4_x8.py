@@ -4,6 +4,7 @@ interleaved step by step (this VM's bandwidth moves minute to minute; only such 
 
     python bench/int4_x8.py [--model Qwen3.5-0.8B] [--batches 1 4 16] [--steps 40] [--threads 2]
     python bench/int4_x8.py --model DIR/config.json      # e.g. bench/moe_decode.py --write-config
+    python bench/int4_x8.py --batches --prefill 2048 --rounds 4   # prefill only
     QWEN35_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \\
         python bench/int4_x8.py --dtype fp32               # as on an AVX2-only CPU (Zen 3)
 
@@ -11,6 +12,8 @@ Per batch size: two engines over the same weights, one per setting, each with th
 random prompts in flight (prefill and a few steps untimed); then `--steps` decode steps each, in
 alternating order, the model's CPU decode plan (built per setting: it reads x8 when built)
 swapped in before each. Prints the median step of each and the median of the per-pair ratios.
+`--prefill N`: also one N-token prompt's prefill per setting and round (longer inputs round x
+before the GEMM under x8: what that pass costs), settings alternating, `--rounds` rounds.
 """
 
 from __future__ import annotations
@@ -58,22 +61,50 @@ def run(args) -> dict:
             out[b] = (statistics.median(times[True]) * 1e3, statistics.median(times[False]) * 1e3,
                       statistics.median(ratios))  # fmt: skip
             del engines, plans
+        if args.prefill:
+            out["prefill"] = _prefill(bm, args, vocab, g)
     finally:
         set_int4_activations(bm.model, True)  # the default
     return out
 
 
+def _prefill(bm, args, vocab: int, g) -> tuple[float, float, float]:
+    """(x8, 16-bit median tok/s, median of per-round ratios) of an args.prefill-token prefill."""
+    from qwen35.benchmarks.common import make_engine, timed_request
+    from qwen35.quant.layers import set_int4_activations
+
+    engines = {x8: make_engine(bm, max_num_seqs=1, max_model_len=args.prefill + 8,
+                               enable_prefix_caching=False,
+                               int4_activations="int8" if x8 else "16bit")
+               for x8 in (True, False)}  # fmt: skip
+    rates: dict = {True: [], False: []}
+    for r in range(args.rounds):
+        prompt = torch.randint(0, vocab, (args.prefill,), generator=g).tolist()
+        for x8 in (True, False) if r % 2 == 0 else (False, True):
+            set_int4_activations(bm.model, x8)
+            seconds, _, _ = timed_request(engines[x8], prompt, 1, f"p{r}{x8}")
+            rates[x8].append(args.prefill / seconds)
+    ratios = [n / o for n, o in zip(rates[True], rates[False], strict=True)]
+    return statistics.median(rates[True]), statistics.median(rates[False]), statistics.median(ratios)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="Qwen3.5-0.8B", help="catalog name or config.json")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 4, 16])
     ap.add_argument("--steps", type=int, default=40, help="timed decode steps per setting")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="auto", help="auto / bf16 / fp32 (compute dtype)")
+    ap.add_argument("--prefill", type=int, default=0, help="also time a prompt this long")
+    ap.add_argument("--rounds", type=int, default=4, help="prefill rounds per setting")
     args = ap.parse_args(argv)
     for b, (new, old, ratio) in run(args).items():
-        print(f"batch {b}: x8 {new:.2f} ms, 16-bit {old:.2f} ms per decode step "
-              f"(16-bit / x8, median of step pairs: {ratio:.2f}x)")  # fmt: skip
+        if b == "prefill":
+            print(f"prefill of {args.prefill}: x8 {new:.1f}, 16-bit {old:.1f} tok/s "
+                  f"(x8 / 16-bit, median of rounds: {ratio:.2f}x)")  # fmt: skip
+        else:
+            print(f"batch {b}: x8 {new:.2f} ms, 16-bit {old:.2f} ms per decode step "
+                  f"(16-bit / x8, median of step pairs: {ratio:.2f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

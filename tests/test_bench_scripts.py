@@ -86,7 +86,8 @@ def test_int4_x8_bench_runs(capsys, tmp_path):
 
     save_checkpoint(tmp_path / "m")
     _load("int4_x8").main(["--model", str(tmp_path / "m" / "config.json"), "--batches", "1", "2",
-                           "--steps", "3", "--threads", "1"])  # fmt: skip
+                           "--steps", "3", "--threads", "1", "--prefill", "40",
+                           "--rounds", "2"])  # fmt: skip
     out = capsys.readouterr().out
-    assert out.count("batch") == 2 and "16-bit / x8" in out
+    assert out.count("batch") == 2 and "16-bit / x8" in out and "prefill of 40" in out
     assert Int4Linear.x8 is True  # restored
