@@ -4,6 +4,9 @@ set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# a step that runs out of time is stopped with SIGABRT: faulthandler then prints where every
+# thread was (the first H200 call lost four steps to timeouts without a line of why)
+export PYTHONFAULTHANDLER=1
 # the GPU tests compare with CPU engines: run those on the PyTorch reference ops, not the C++ CPU
 # kernels (compiling six of them would take minutes of the device budget; they have CPU tests)
 export QWEN35_NO_KERNELS=1
@@ -17,6 +20,19 @@ step() {  # step SECONDS NAME COMMAND...: a bounded step, its output appended to
   local secs=$1 name=$2
   shift 2
   echo "=== $name ($(date -u +%T))" | tee -a "$LOG"
-  timeout "$secs" "$@" 2>&1 | tee -a "$LOG" | tail -25
+  timeout -s ABRT -k 5 "$secs" "$@" 2>&1 | tee -a "$LOG" | tail -25
   echo "=== $name rc=${PIPESTATUS[0]}" | tee -a "$LOG"
+}
+
+gpu_pytest() {  # gpu_pytest SECONDS LOGFILE TEST_FILES...: pytest -m gpu, bounded
+  local secs=$1 log=$2
+  shift 2
+  local pt="" rc
+  python3 -c "import pytest_timeout" 2>/dev/null && pt="--timeout=60"  # one hanging test
+  # SIGINT first: pytest stops and prints its summary; report_failures printed each failure
+  timeout -s INT -k 15 "$secs" python3 -m pytest -q -m gpu "$@" -p no:cacheprovider \
+    -p report_failures -rfEs --tb=short --durations=8 $pt >"$log" 2>&1
+  rc=$?
+  echo "=== pytest $* rc=$rc" | tee -a "$LOG"
+  grep -E "^(=== FAILED|FAILED|ERROR)|passed|failed" "$log" | tail -30
 }

@@ -209,6 +209,11 @@ def test_decode_workload(doc, tiny_cfg):
     table, row = raw["vocab_size"] * raw["hidden_size"] * width, raw["hidden_size"] * width
     assert b["weights"] == doc["weight_bytes"] - table + row
     assert d["roofline_tokens_per_s"] == pytest.approx(d["read_bandwidth_gbps"] * 1e9 / b["total"])
+    # --batches: B sequences decoding together in an engine of their own
+    assert [r["batch"] for r in d["batched"]] == [1, 3]
+    for r in d["batched"]:
+        assert r["num_steps_timed"] == d["rounds"] * d["new_tokens"]
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["ms_per_step"])
 
 
 def test_throughput_workload(doc):

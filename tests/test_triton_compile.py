@@ -40,17 +40,19 @@ TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
-                 target: GPUTarget = SM90, spills_ok: bool = False):  # fmt: skip
+                 target: GPUTarget = SM90, spills_ok: bool = False, **options):  # fmt: skip
     """fn compiled for sm_90 (or `target`). signature: every argument's Triton type ('*bf16', 'i32', 'fp32';
     'constexpr' for those in constexprs), in order. Register spills fail the test unless
     `spills_ok` (known ones: fp32 variants that only test / reference models run, and the
     block-FP8 GEMM that runs where torch's blockwise `_scaled_mm` does not; listed by
-    bench/gpu_kernel_resources.py)."""
+    bench/gpu_kernel_resources.py). options: further compile options, as the launcher passes
+    them (enable_fp_fusion)."""
     assert list(signature) == fn.arg_names, (list(signature), fn.arg_names)
     for k in constexprs:
         signature[k] = "constexpr"
     src = ASTSource(fn, signature, constexprs)
-    k = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    k = triton.compile(src, target=target,
+                       options={"num_warps": num_warps, "num_stages": num_stages, **options})
     assert k.asm.get("cubin"), f"{fn.__name__}: no cubin"  # ptxas ran
     assert k.metadata.shared <= SMEM_LIMIT, f"{fn.__name__}: {k.metadata.shared} B shared memory"
     use = resources(k)
@@ -142,7 +144,9 @@ def test_norm_and_pointwise_kernels_compile(dtype):
     for half in (32, 64):  # rotary_dim 64 (head_dim 256 x 0.25) and 128
         sig = dict(Q=p, K=p, COS=p, SIN=p, stride_qt="i32", stride_qh="i32", stride_kt="i32",
                    stride_kh="i32", stride_ct="i32", NH="i32", HALF=0, BLOCK=0)  # fmt: skip
-        compile_sm90(tp._rotary_kernel, sig, dict(HALF=half, BLOCK=max(16, half)))
+        k = compile_sm90(tp._rotary_kernel, sig, dict(HALF=half, BLOCK=max(16, half)),
+                         **tp.NO_FMA)  # fmt: skip
+        assert_rounds_like_torch(k)
     compile_sm90(tp._silu_mul_kernel, dict(G=p, U=p, O=p, stride_g="i32", stride_u="i32",
                  stride_o="i32", N="i32", BLOCK=0), dict(BLOCK=1024))  # fmt: skip
 
@@ -236,10 +240,21 @@ def test_qk_norm_rotary_cache_compiles(dtype):
                    stride_qgt=i, stride_kt=i, stride_vt=i, stride_ct=i, stride_qot=i,
                    stride_cslot=i, NH=i, eps="fp32", HD=0, BLOCK_HD=0, HALF=0, BLOCK_HALF=0,
                    BLOCK_PASS=0)  # fmt: skip
-        compile_sm90(tp._qk_norm_rotary_cache_kernel, sig, dict(
+        k = compile_sm90(tp._qk_norm_rotary_cache_kernel, sig, dict(
             HD=hd, BLOCK_HD=hd, HALF=rd // 2, BLOCK_HALF=max(16, rd // 2),
             BLOCK_PASS=triton.next_power_of_2(hd - rd),
-        ))  # fmt: skip
+        ), **tp.NO_FMA)  # fmt: skip
+        assert_rounds_like_torch(k)
+
+
+def assert_rounds_like_torch(k):
+    """No fused multiply-add in the PTX: each product rounded before its sum, as torch's
+    separate ops round (with fusion on, the rotary's bf16 product and sum became one
+    fma.rn.bf16 and differed from torch by an ulp on an H200)."""
+    import re
+
+    fmas = re.findall(r"\bfma\.\S+", k.asm["ptx"])
+    assert not fmas, f"{k.name}: {sorted(set(fmas))}"
 
 
 def test_fp8_block_gemm_does_not_build_before_sm89_and_says_so():

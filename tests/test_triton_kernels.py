@@ -496,12 +496,16 @@ def test_block_fp8_kernel_matches_dequantised_reference(M, N, K):
     assert y.shape == (M, N) and y.dtype == torch.bfloat16
     assert _rel(y, want) < 0.03
     # that error is all: against the same quantized activations the kernel is exact up to fp32
-    # summation order (fp32 output: no final rounding; the interpreter's bf16 cast truncates)
+    # summation order (fp32 output: no final rounding; the interpreter's bf16 cast truncates).
+    # On Hopper, tiles of 64+ rows take wgmma, whose e4m3 products accumulate with ~14 mantissa
+    # bits inside each 128-wide K block (DeepSeek-V3 report, 3.3.2; the kernel adds each block
+    # into fp32 after its scales): 1.2e-4 seen on an H200 at 130 rows, under 1e-5 at 1 and 7
+    exact = 5e-4 if ON_GPU and M >= 64 else 1e-5
     x32 = x.float()
     xq, xs = fp8_gpu.quantize_activations(x32)
     x_deq = xq.float() * xs.repeat_interleave(128, 1)[:, :K]
     w_deq = dequantize_fp8_blocks(w, s, torch.float32, (128, 128))
-    assert _rel(fp8_gpu._triton_kernel()(x32, w, s, (128, 128)), x_deq @ w_deq.T) < 1e-5
+    assert _rel(fp8_gpu._triton_kernel()(x32, w, s, (128, 128)), x_deq @ w_deq.T) < exact
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -14,7 +14,8 @@ its reference to GPU kernels). The slow interpreter tests run in a separate venv
 is there: the `gpu` tests run the compiled kernels). `patch_fla_for_interpreter()` makes fla-core
 0.6's kernels run interpreted; two things stand in the way, neither touching the arithmetic:
 - its autotuned kernels benchmark every config, which needs a GPU driver: the first config is
-  taken (configs change tile sizes and warps, not results);
+  taken (configs change tile sizes and warps, not results), untimed and not looked up in
+  Triton's disk cache of tuning results (both need the driver on triton 3.6);
 - its kernels loop `for i_t in range(NT)` and call `i_t.to(tl.int64)`: compiled, a loop variable
   is a Triton scalar; the interpreter hands out Python ints. Inside an interpreted kernel, the
   `range` of fla's kernel modules yields interpreter scalars instead (outside, the builtin).
@@ -57,12 +58,20 @@ def patch_fla_for_interpreter() -> bool:
     from triton.runtime import autotuner, interpreter
 
     autotuner.Autotuner.prune_configs = lambda self, kwargs: self.configs[:1]
+    # triton 3.6 still "benchmarks" the one config left, and looks up its disk cache of tuning
+    # results, both through the GPU driver: neither is needed to take the first config
+    autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0]
+    autotuner.Autotuner.check_disk_cache = lambda self, key, configs, bench_fn: bench_fn() and False
     builtin_tl_range = tl.range  # the interpreter swaps tl.range only while a kernel runs
 
     def kernel_range(*args):
         if tl.range is builtin_tl_range:  # host code of the same module
             return builtins.range(*args)
-        return (interpreter._implicit_cvt(i) for i in builtins.range(*(int(a) for a in args)))
+        return (interpreter._implicit_cvt(i) for i in builtins.range(*map(_int, args)))
+
+    def _int(a) -> int:  # an interpreter scalar holds a 1-element array (numpy 2 refuses int())
+        data = getattr(getattr(a, "handle", None), "data", a)
+        return int(data.item() if hasattr(data, "item") else data)
 
     kinds = (triton.runtime.JITFunction, autotuner.Autotuner, autotuner.Heuristics)
     for name, mod in list(sys.modules.items()):

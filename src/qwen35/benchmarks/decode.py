@@ -6,6 +6,10 @@ is the median of the decode steps (not the prefill) over all rounds: for us the 
 each `LLMEngine.step()` (scheduler, runner, sampler and detokenizer included), for transformers
 the gap between consecutive tokens inside `generate`.
 
+With `--batches B,...` (one process), also batched decode: B sequences of the same prompt length
+decoding together in one engine (max_num_seqs=B, its own CUDA graphs on a GPU), the median step
+over the rounds; total tokens/s = B / step (the issue's batch-32 figure). Ours only.
+
 With `-tp N` our engine runs on N ranks (benchmarks/parallel.py) and the roofline counts what
 rank 0 moves: on GPUs its shard over one GPU's bandwidth (the per-GPU roofline); on a CPU, where
 the ranks share one memory bus, N times that.
@@ -23,6 +27,7 @@ from qwen35.benchmarks.common import (
     make_engine,
     median,
     ratio,
+    timed_batch,
     timed_request,
 )
 from qwen35.benchmarks.roofline import (
@@ -57,10 +62,37 @@ def run_decode(bm: BenchModel, opts: BenchOptions) -> dict:
     else:
         engine = make_engine(bm, max_num_seqs=1, max_model_len=P + N + 16)
     try:
-        return _run(engine, bm, opts, sz)
+        out = _run(engine, bm, opts, sz)
     finally:
         if n > 1:
             engine.shutdown()
+    if opts.batches and n == 1:
+        del engine
+        out["batched"] = _batched(bm, opts, sz)
+    return out
+
+
+def _batched(bm: BenchModel, opts: BenchOptions, sz: dict) -> list[dict]:
+    """B sequences decoding together, for each B of --batches: the median step (all rounds)."""
+    from qwen35.benchmarks.common import free_memory
+
+    P, N = sz["prompt_len"], sz["new_tokens"]
+    rng = random.Random(opts.seed + 1)
+    rows = []
+    for B in opts.batches:
+        opts.say(f"batched decode, {B} sequences")
+        free_memory()
+        # room for the steps that decode earlier requests while later ones prefill
+        engine = make_engine(bm, max_num_seqs=B, max_model_len=P + 2 * N + 16,
+                             enable_prefix_caching=False)  # fmt: skip
+        prompts = [[rng.randrange(bm.config.vocab_size) for _ in range(P)] for _ in range(B)]
+        times = [t for r in range(sz["rounds"]) for t in timed_batch(engine, prompts, N, f"b{B}-{r}")]
+        ms = median(times) * 1e3
+        rows.append({"batch": B, "ms_per_step": ms, "tokens_per_s": B * 1e3 / ms,
+                     "num_steps_timed": len(times),
+                     "cuda_graphs": engine.runner.graphs is not None})  # fmt: skip
+        del engine
+    return rows
 
 
 def _run(engine, bm: BenchModel, opts: BenchOptions, sz: dict) -> dict:

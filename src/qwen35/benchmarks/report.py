@@ -90,7 +90,7 @@ def _decode(con: Console, d: dict, impl: str) -> None:
     o, h = d["ours"], d["transformers"]
     t.add_row(
         "qwen35",
-        _f(o["ms_per_token"], ".1f"),
+        _f(o["ms_per_token"], ".2f"),
         _f(o["tokens_per_s"]),
         _f(o["prefill_s"]),
         _x(d["speedup_vs_transformers"]),
@@ -99,7 +99,7 @@ def _decode(con: Console, d: dict, impl: str) -> None:
     if h:
         t.add_row(
             f"transformers{impl}",
-            _f(h["ms_per_token"], ".1f"),
+            _f(h["ms_per_token"], ".2f"),
             _f(h["tokens_per_s"]),
             _f(h["prefill_s"]),
             "1.00x",
@@ -108,7 +108,7 @@ def _decode(con: Console, d: dict, impl: str) -> None:
     b = d["bytes_per_step"]
     t.add_row(
         "roofline",
-        _f(1e3 / roof, ".1f"),
+        _f(1e3 / roof, ".2f"),
         _f(roof),
         "",
         "",
@@ -121,6 +121,12 @@ def _decode(con: Console, d: dict, impl: str) -> None:
             f"  GPU ({o.get('backend')}, CUDA graphs {'on' if p['cuda_graphs'] else 'off'}): "
             f"{p['kernels_per_token']:.0f} kernels per token, busy {p['gpu_busy_ms_per_token']:.2f}"
             f" of {p['wall_ms_per_token']:.2f} ms ({p['gpu_busy_fraction']:.0%})"
+        )
+    for r in d.get("batched") or ():
+        con.print(
+            f"  batched decode, {r['batch']} sequences: {r['ms_per_step']:.2f} ms / step, "
+            f"{r['tokens_per_s']:.0f} tokens/s (median of {r['num_steps_timed']} steps"
+            + (", CUDA graphs" if r["cuda_graphs"] else "") + ")"
         )
 
 

@@ -97,9 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--batches",
         type=_batches,
         default=None,
-        help="peers workload: also batched decode, B sequences decoding together (total tok/s, "
-        "ours vs llama.cpp's parallel sequences), for each B, comma-separated, e.g. 4,16 "
-        "(default: none)",
+        help="peers and decode workloads: also batched decode, B sequences decoding together "
+        "(total tok/s; peers: ours vs llama.cpp's parallel sequences), for each B, "
+        "comma-separated, e.g. 4,16 (default: none)",
     )
     p.add_argument(
         "--draft-tokens",

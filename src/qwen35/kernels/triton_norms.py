@@ -75,7 +75,9 @@ def rms_norm_zc(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
     y = torch.empty_like(x2)
     if x2.shape[0]:
         B = triton.next_power_of_2(D)
-        _rms_zc_kernel[(x2.shape[0],)](x2, weight, y, D, eps, BLOCK=B, num_warps=_warps(B))
+        _rms_zc_kernel[(x2.shape[0],)](
+            x2, weight, y, D, eps, BLOCK=B, num_warps=_warps(B), enable_fp_fusion=False
+        )  # the q/k norm: rounds as qk_norm_rotary_cache (triton_pointwise.NO_FMA)
     return y.view(x.shape)
 
 

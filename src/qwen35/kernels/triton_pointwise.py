@@ -13,7 +13,11 @@ PyTorch formulations take 4-8 kernels and temporaries.
 Numerics follow the references exactly (layers/rotary.py `apply_rotary`, ops/pointwise.py
 `silu_mul_reference`): every product and sum is rounded to the model dtype where PyTorch rounds
 it (products of two bf16 values are exact in fp32, so the rounded results match bit for bit);
-SiLU runs in fp32 and is rounded once, as torch's bf16 silu does.
+SiLU runs in fp32 and is rounded once, as torch's bf16 silu does. The rotary kernels launch
+with `enable_fp_fusion=False` (NO_FMA): left to itself the compiler narrows each rounded fp32
+product to a bf16 multiply and contracts it with the sum into one `fma.rn.bf16`, skipping the
+product's rounding (seen on an H200: 3% of bf16 elements one ulp off torch; fp32 sums off in
+the last bit; tests/test_triton_compile.py checks the PTX).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import triton
 import triton.language as tl
 
 from qwen35.kernels.unavailable import launcher
+
+NO_FMA = {"enable_fp_fusion": False}  # round every product where PyTorch rounds it
 
 
 @triton.jit
@@ -79,7 +85,7 @@ def rotary_qk_(
     half = rd // 2
     _rotary_kernel[(T, nh + nkv)](
         q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), nh,
-        HALF=half, BLOCK=max(16, triton.next_power_of_2(half)),
+        HALF=half, BLOCK=max(16, triton.next_power_of_2(half)), **NO_FMA,
     )  # fmt: skip
 
 
@@ -189,6 +195,6 @@ def qk_norm_rotary_cache(
             qg.stride(0), k.stride(0), v.stride(0), cos.stride(0), q.stride(0), nkv * hd, nh, eps,
             HD=hd, BLOCK_HD=triton.next_power_of_2(hd), HALF=half,
             BLOCK_HALF=max(16, triton.next_power_of_2(half)),
-            BLOCK_PASS=max(16, triton.next_power_of_2(max(hd - rd, 1))),
+            BLOCK_PASS=max(16, triton.next_power_of_2(max(hd - rd, 1))), **NO_FMA,
         )  # fmt: skip
     return q

@@ -193,7 +193,14 @@ def _select(device_type: str, kernels: bool, dtype: torch.dtype) -> Backend:
 
 
 def load_fla():
-    """fla-core's gated delta rule kernels (the `qwen35[gpu]` extra), or None."""
+    """fla-core's gated delta rule kernels (the `qwen35[gpu]` extra), or None. On a GPU with
+    configs shipped in kernels/fla_configs/, fla takes them instead of autotuning at start."""
+    try:
+        from qwen35.kernels import fla_configs
+
+        fla_configs.use_shipped()
+    except Exception as e:  # (no CUDA device to name: fla autotunes as it would)
+        log.info("fla-core configs not set (%s)", str(e)[:120])
     try:
         from fla.ops.gated_delta_rule import (
             chunk_gated_delta_rule,

@@ -1,0 +1,39 @@
+"""fla-core's autotuning results on this GPU, as the config files qwen35 ships
+(src/qwen35/kernels/fla_configs/<GPU>/): read from Triton's cache directory, where every run on
+this machine left them (fla's FLA_CACHE_RESULTS default), and written in fla's format.
+
+    python bench/fla_configs.py --out $OUT/fla_configs   # after the runs that autotuned
+
+bench/gpu_check.sh runs it last and packs the folder; copy its <GPU> folder into
+src/qwen35/kernels/fla_configs/ (merging: entries of other shapes stay) and commit it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from qwen35.kernels import fla_configs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="folder to write <GPU folder>/<kernel>.json to")
+    ap.add_argument("--cache-dir", default=os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache"))
+    ap.add_argument("--gpu", default=None, help="GPU name (default: CUDA device 0's)")
+    args = ap.parse_args()
+    gpu = args.gpu
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0)
+    found = fla_configs.from_triton_cache(Path(args.cache_dir))
+    d = fla_configs.dump(args.out, gpu, found)
+    for name, content in sorted(found.items()):
+        print(f"{name}: {len(content['autotune_entries'])} tuned shapes")
+    print(f"{len(found)} fla kernels -> {d}")
+
+
+if __name__ == "__main__":
+    main()
