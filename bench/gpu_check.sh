@@ -66,7 +66,7 @@ step 130 "9B decode" $B --model Qwen3.5-9B --workload decode --no-baseline --bat
 step 60 "0.8B decode" $B --model Qwen3.5-0.8B --workload decode --no-baseline --batches 32 \
   --out "$OUT/08b_decode.json"
 # 3. prefill 4K / 32K: fla + Triton vs the PyTorch reference backend
-step 50 "9B prefill" python3 bench/gpu_prefill.py --model Qwen3.5-9B --reps 1 \
+step 55 "9B prefill" python3 bench/gpu_prefill.py --model Qwen3.5-9B --reps 1 --profile \
   --out "$OUT/9b_prefill.json"
 # 4. what fla chose, for src/qwen35/kernels/fla_configs/ (the next starts skip the autotuning)
 step 15 "fla configs" python3 bench/fla_configs.py --out /tmp/fla_configs

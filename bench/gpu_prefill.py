@@ -5,12 +5,16 @@ PyTorch reference backend, interleaved (GPU; also runs on a CPU at small sizes).
 
 Random weights (catalog name). One ForwardBatch of T tokens from position 0 (no chunking, so
 it measures the kernels: fla's chunked gated delta rule vs ours, SDPA attention, the GEMMs), the
-median of --reps runs after a warm-up. Prints a table; --out writes JSON.
+median of --reps runs after a warm-up. Prints a table; --out writes JSON. --profile: one more fast
+run per size under torch.profiler, its kernels by device time (the first H200 run: 9B at 4K
+reached 23.7K tok/s, ~42% of what its FLOPs allow at the measured matrix rate; this says where
+the rest goes).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -30,6 +34,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 32768])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="kernels by device time (CUDA)")
     args = ap.parse_args()
     bm = load_bench_model(BenchOptions(model=args.model, dtype=args.dtype, device=args.device))
     model, dev = bm.model, bm.device
@@ -42,11 +47,7 @@ def main() -> None:
         times = {k: [] for k in backends}
         for rep in range(args.reps + 1):
             for name, be in backends.items():
-                batch = ForwardBatch.build(
-                    positions=range(T), cu_seqlens=[0, T], context_lens=[T],
-                    slot_mapping=range(T), block_tables=[list(range(nb))], state_slots=[0],
-                    has_initial_state=[False], logits_indices=[T - 1], device=dev, backend=be,
-                )  # fmt: skip
+                batch = prefill_batch(T, nb, dev, be)
                 sync(dev)
                 t0 = time.perf_counter()
                 with torch.inference_mode():
@@ -57,16 +58,48 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append({"tokens": T, **{f"{k}_tok_s": T / v for k, v in med.items()},
                      "speedup": med["reference"] / med["fast"]})  # fmt: skip
+        if args.profile and dev.type == "cuda":
+            batch = prefill_batch(T, nb, dev, backends["fast"])
+            rows[-1]["fast_top_kernels"] = profile_kernels(functools.partial(model, ids, batch, caches))
         del caches
     print(f"prefill, {args.model} ({bm.dtype}, {dev}), fast = {backends['fast'].name}")
     print(f"{'tokens':>7} {'fast tok/s':>11} {'reference tok/s':>16} {'speedup':>8}")
     for r in rows:
         print(f"{r['tokens']:>7} {r['fast_tok_s']:>11.0f} {r['reference_tok_s']:>16.0f} "
               f"{r['speedup']:>7.2f}x")  # fmt: skip
+    for r in rows:
+        for k in r.get("fast_top_kernels", []):
+            print(f"  {r['tokens']:>6} tokens: {k['ms']:8.2f} ms  x{k['count']:<4} {k['name'][:80]}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"model": args.model, "backend": backends["fast"].name, "rows": rows}, f,
                       indent=2)  # fmt: skip
+
+
+def prefill_batch(T: int, nb: int, dev, be) -> ForwardBatch:
+    """One fresh sequence of T tokens from position 0 in blocks 0..nb-1 of size 16."""
+    return ForwardBatch.build(
+        positions=range(T), cu_seqlens=[0, T], context_lens=[T], slot_mapping=range(T),
+        block_tables=[list(range(nb))], state_slots=[0], has_initial_state=[False],
+        logits_indices=[T - 1], device=dev, backend=be,
+    )  # fmt: skip
+
+
+def profile_kernels(run, top: int = 12) -> list[dict]:
+    """One call of run() under torch.profiler: its CUDA kernels by summed device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    by: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            row = by.setdefault(e.name[:100], [0, 0.0])
+            row[0] += 1
+            row[1] += e.time_range.elapsed_us() / 1e3
+    rows = sorted(by.items(), key=lambda kv: -kv[1][1])[:top]
+    return [{"name": n, "count": c, "ms": ms} for n, (c, ms) in rows]
 
 
 if __name__ == "__main__":

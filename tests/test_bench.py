@@ -490,3 +490,28 @@ def test_spec_workload(tmp_path, tiny_cfg):
             _draft_tokens(bad)
     with pytest.raises(Qwen35Error, match="no MTP head"):  # a config without one
         run_bench(BenchOptions(model=tiny_cfg, quick=True), ["spec"])
+
+
+def test_decode_report_shows_the_gpu_profile_and_batches(doc):
+    """The decode table's GPU lines (filled on CUDA only): kernels per token, busy time, the
+    kernels that take it, and the batched rows."""
+    import copy
+    import io
+
+    from rich.console import Console
+
+    from qwen35.benchmarks.report import print_workload
+
+    d = copy.deepcopy(doc)
+    d["workloads"]["decode"]["ours"]["gpu_profile"] = {
+        "steps": 8, "kernels_per_token": 535.0, "gpu_busy_ms_per_token": 4.83,
+        "wall_ms_per_token": 7.48, "gpu_busy_fraction": 0.65, "cuda_graphs": True,
+        "backend": "cuda+fla", "top_kernels": [
+            {"name": "_moe_gate_up_kernel", "per_token": 40.0, "us_per_token": 1234.5}],
+    }  # fmt: skip
+    buf = io.StringIO()
+    print_workload(d, "decode", Console(file=buf, width=400))
+    out = buf.getvalue()
+    assert "535 kernels per token, busy 4.83 of 7.48 ms (65%)" in out
+    assert "1234.5 us" in out and "_moe_gate_up_kernel" in out
+    assert "batched decode, 3 sequences" in out

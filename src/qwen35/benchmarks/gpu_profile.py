@@ -4,7 +4,9 @@
 torch.profiler (CPU + CUDA activities) and counts the CUDA kernels it records (kernels launched
 by a CUDA graph replay are recorded too) and their summed device time. busy = kernel time /
 wall time of the steps: a launch-bound step (Python and launch overhead) shows many kernels and
-a low fraction; a replayed graph of memory-bound kernels approaches 1.
+a low fraction; a replayed graph of memory-bound kernels approaches 1. `top_kernels`: where the
+busy time goes, by kernel name (the first H200 run had only the totals: 35B-A3B busy 4.8 ms a
+token against a 1.7 ms roofline, with nothing saying which kernels).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import time
 import torch
 
 from qwen35.request import SamplingParams
+
+TOP = 12  # kernels listed by device time
 
 
 def profile_decode(engine, prompt: list[int], steps: int = 8, rid: str = "profile") -> dict:
@@ -33,10 +37,16 @@ def profile_decode(engine, prompt: list[int], steps: int = 8, rid: str = "profil
     while engine.has_unfinished_requests():
         engine.step()
     kernels, busy_us = 0, 0.0
+    by_name: dict[str, list] = {}
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             kernels += 1
-            busy_us += evt.time_range.elapsed_us()
+            us = evt.time_range.elapsed_us()
+            busy_us += us
+            row = by_name.setdefault(evt.name[:100], [0, 0.0])
+            row[0] += 1
+            row[1] += us
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:TOP]
     return {
         "steps": steps,
         "kernels_per_token": kernels / steps,
@@ -45,4 +55,7 @@ def profile_decode(engine, prompt: list[int], steps: int = 8, rid: str = "profil
         "gpu_busy_fraction": (busy_us / 1e6) / wall if wall else None,
         "cuda_graphs": engine.runner.graphs is not None,
         "backend": engine.runner.backend.name,
+        "top_kernels": [
+            {"name": n, "per_token": c / steps, "us_per_token": us / steps} for n, (c, us) in top
+        ],
     }

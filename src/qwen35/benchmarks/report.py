@@ -122,6 +122,8 @@ def _decode(con: Console, d: dict, impl: str) -> None:
             f"{p['kernels_per_token']:.0f} kernels per token, busy {p['gpu_busy_ms_per_token']:.2f}"
             f" of {p['wall_ms_per_token']:.2f} ms ({p['gpu_busy_fraction']:.0%})"
         )
+        for k in p.get("top_kernels", [])[:8]:
+            con.print(f"    {k['us_per_token']:8.1f} us  x{k['per_token']:<5.0f} {k['name'][:70]}")
     for r in d.get("batched") or ():
         con.print(
             f"  batched decode, {r['batch']} sequences: {r['ms_per_step']:.2f} ms / step, "
