@@ -515,3 +515,19 @@ def test_decode_report_shows_the_gpu_profile_and_batches(doc):
     assert "535 kernels per token, busy 4.83 of 7.48 ms (65%)" in out
     assert "1234.5 us" in out and "_moe_gate_up_kernel" in out
     assert "batched decode, 3 sequences" in out
+
+
+def test_gpu_idle_gaps_are_found_and_placed():
+    """gpu_profile.idle_gaps: overlapping kernels leave no gap; gaps under 5 us are not idle;
+    the longest place (the kernels either side) first, per token."""
+    from qwen35.benchmarks.gpu_profile import idle_gaps
+
+    spans = [(0, 10, "a"), (5, 12, "b"),  # overlap: none
+             (14, 20, "c"),  # 2 us: too short to count
+             (120, 130, "sample"), (140, 150, "a"),  # 100 us after c, 10 us after sample
+             (350, 360, "sample")]  # 200 us after a  # fmt: skip
+    g = idle_gaps(spans, steps=2)
+    assert g["gpu_idle_ms_per_token"] == pytest.approx((100 + 10 + 200) / 1e3 / 2)
+    assert [(x["after"], x["before"]) for x in g["idle_gaps"]] == [
+        ("a", "sample"), ("c", "sample"), ("sample", "a")]
+    assert g["idle_gaps"][0]["us_per_token"] == pytest.approx(100)

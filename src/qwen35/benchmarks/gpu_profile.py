@@ -38,6 +38,7 @@ def profile_decode(engine, prompt: list[int], steps: int = 8, rid: str = "profil
         engine.step()
     kernels, busy_us = 0, 0.0
     by_name: dict[str, list] = {}
+    spans = []
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             kernels += 1
@@ -46,6 +47,7 @@ def profile_decode(engine, prompt: list[int], steps: int = 8, rid: str = "profil
             row = by_name.setdefault(evt.name[:100], [0, 0.0])
             row[0] += 1
             row[1] += us
+            spans.append((evt.time_range.start, evt.time_range.end, evt.name[:60]))
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:TOP]
     return {
         "steps": steps,
@@ -58,4 +60,29 @@ def profile_decode(engine, prompt: list[int], steps: int = 8, rid: str = "profil
         "top_kernels": [
             {"name": n, "per_token": c / steps, "us_per_token": us / steps} for n, (c, us) in top
         ],
+        **idle_gaps(spans, steps),
+    }
+
+
+def idle_gaps(spans: list[tuple[float, float, str]], steps: int, top: int = 6) -> dict:
+    """Where the GPU waits between kernels (start, end in us, name; any order): the idle time
+    per token in gaps of 5 us or more, and the longest gaps' places (the kernels on either
+    side, summed over the steps): a host sync or host work between two launches shows here."""
+    spans = sorted(spans)
+    places: dict[tuple[str, str], list] = {}
+    idle, end = 0.0, None
+    prev = ""
+    for start, stop, name in spans:
+        if end is not None and start - end >= 5:
+            idle += start - end
+            row = places.setdefault((prev, name), [0, 0.0])
+            row[0] += 1
+            row[1] += start - end
+        if end is None or stop > end:
+            end, prev = stop, name
+    worst = sorted(places.items(), key=lambda kv: -kv[1][1])[:top]
+    return {
+        "gpu_idle_ms_per_token": idle / 1e3 / steps,
+        "idle_gaps": [{"after": a, "before": b, "per_token": c / steps, "us_per_token": us / steps}
+                      for (a, b), (c, us) in worst],  # fmt: skip
     }

@@ -124,6 +124,11 @@ def _decode(con: Console, d: dict, impl: str) -> None:
         )
         for k in p.get("top_kernels", [])[:8]:
             con.print(f"    {k['us_per_token']:8.1f} us  x{k['per_token']:<5.0f} {k['name'][:70]}")
+        if p.get("idle_gaps"):
+            con.print(f"  GPU idle between kernels: {p['gpu_idle_ms_per_token']:.2f} ms per token, most:")
+        for g in p.get("idle_gaps", [])[:4]:
+            con.print(f"    {g['us_per_token']:8.1f} us  x{g['per_token']:<4.1f} after "
+                      f"{g['after'][:40]} before {g['before'][:40]}")  # fmt: skip
     for r in d.get("batched") or ():
         con.print(
             f"  batched decode, {r['batch']} sequences: {r['ms_per_step']:.2f} ms / step, "
