@@ -3,6 +3,7 @@ block size does not matter, seeds reproduce, stop strings, n > 1, abort frees ev
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -42,10 +43,18 @@ def make(d, **kw) -> LLM:
 
 
 def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy tokens, exactly n, EOS a token like any other (as ignore_eos has
+    it). min_new_tokens=n, used before, masks EOS out instead: a prompt whose greedy token is
+    EOS then differs (tests/test_gpu.py's prompts do, on dense and MoE: its failure on the
+    H200, and on the CPU engine alike)."""
+    gc = copy.deepcopy(hf.generation_config)
+    gc.eos_token_id = []  # no EOS: never stops, never masked
+    gc.pad_token_id = 0  # (one unpadded row; transformers takes EOS's id for it otherwise)
     with hf_torch_path():  # the plain PyTorch reference, also where fla-core is installed
         out = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n
+            torch.tensor([prompt]), generation_config=gc, max_new_tokens=n, do_sample=False
         )
+    assert out.shape[1] == len(prompt) + n
     return out[0, len(prompt) :].tolist()
 
 
