@@ -29,6 +29,9 @@ gpu_pytest() {  # gpu_pytest SECONDS LOGFILE TEST_FILES...: pytest -m gpu, bound
   shift 2
   local pt="" rc
   python3 -c "import pytest_timeout" 2>/dev/null && pt="--timeout=60"  # one hanging test
+  # pytest-xdist (on the image): the tests' time is mostly compiling (Triton, fla's autotuning),
+  # CPU work that six processes share out; each holds its own small models on the one GPU
+  python3 -c "import xdist" 2>/dev/null && pt="$pt -n 6"
   # SIGINT first: pytest stops and prints its summary; report_failures printed each failure
   timeout -s INT -k 15 "$secs" python3 -m pytest -q -m gpu "$@" -p no:cacheprovider \
     -p report_failures -rfEs --tb=short --durations=8 $pt >"$log" 2>&1
