@@ -4,13 +4,18 @@ this machine left them (fla's FLA_CACHE_RESULTS default), and written in fla's f
 
     python bench/fla_configs.py --out $OUT/fla_configs   # after the runs that autotuned
 
-bench/gpu_check.sh runs it last and packs the folder; copy its <GPU> folder into
-src/qwen35/kernels/fla_configs/ (merging: entries of other shapes stay) and commit it.
+bench/gpu_check.sh runs it last and packs the folder; merge what comes back into the shipped
+files (entries of other shapes stay) and commit them:
+
+    mkdir /tmp/f && tar xzf fla_configs.tgz -C /tmp/f
+    python bench/fla_configs.py --merge /tmp/f/NVIDIA_H200 --gpu "NVIDIA H200" \
+        --out src/qwen35/kernels/fla_configs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -22,13 +27,18 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="folder to write <GPU folder>/<kernel>.json to")
     ap.add_argument("--cache-dir", default=os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache"))
     ap.add_argument("--gpu", default=None, help="GPU name (default: CUDA device 0's)")
+    ap.add_argument("--merge", default=None,
+                    help="a folder of fla config files to merge in, instead of Triton's cache")
     args = ap.parse_args()
     gpu = args.gpu
     if gpu is None:
         import torch
 
         gpu = torch.cuda.get_device_name(0)
-    found = fla_configs.from_triton_cache(Path(args.cache_dir))
+    if args.merge:
+        found = {f.stem: json.loads(f.read_text()) for f in Path(args.merge).glob("*.json")}
+    else:
+        found = fla_configs.from_triton_cache(Path(args.cache_dir))
     d = fla_configs.dump(args.out, gpu, found)
     for name, content in sorted(found.items()):
         print(f"{name}: {len(content['autotune_entries'])} tuned shapes")

@@ -6,9 +6,9 @@
 # What the first H200 session (2026-12-04) learnt: on a fresh machine fla-core autotunes every
 #   kernel at its first call, minutes in all, and each step that met it first ran out of time
 #   (the 9B decode spent its whole 75 s in fla's autotuner). So the first model step gets the
-#   most time, fla's choices come back as config files (commit them between the two calls:
-#   tar xzf fla_configs.tgz -C src/qwen35/kernels/fla_configs), and the transformers baselines
-#   (they autotune fla again at their own shapes) wait for the second call.
+#   most time, fla's choices come back as config files (merge and commit them between the two
+#   calls: bench/fla_configs.py's docstring says how), and the transformers baselines (they
+#   autotune fla again at their own shapes) wait for the second call.
 # Budget: the step timeouts add up to ~400 s (run with timeout_s=450); a machine start costs
 #   ~35 s of the 15-minute device budget, leaving ~380 s for gpu_check_more.sh.
 #
