@@ -131,6 +131,14 @@ def test_configs_from_tritons_cache_directory(tmp_path):
     assert set(found) == {"chunk_fwd_kernel_o"}
     entries = found["chunk_fwd_kernel_o"]["autotune_entries"].values()
     assert sorted(e["config"]["kwargs"]["BV"] for e in entries) == [64, 128]
+    # merged into what is there, also into a file with no entries yet (fla's legacy kind)
+    (tmp_path / "out" / "NVIDIA_H200").mkdir(parents=True)
+    (tmp_path / "out" / "NVIDIA_H200" / "chunk_fwd_kernel_o.json").write_text("{}")
     d = fla_configs.dump(tmp_path / "out", "NVIDIA H200", found)
     data = json.loads((d / "chunk_fwd_kernel_o.json").read_text())
     assert len(data["autotune_entries"]) == 2 and "pre_hook" not in json.dumps(data)
+    assert "triton_version" not in found["chunk_fwd_kernel_o"]  # (the caller's dict untouched)
+    fla_configs.dump(tmp_path / "out", "NVIDIA H200", {"chunk_fwd_kernel_o": {
+        "kernel_name": "chunk_fwd_kernel_o", "autotune_entries": {"h": next(iter(entries))}}})
+    data = json.loads((d / "chunk_fwd_kernel_o.json").read_text())
+    assert len(data["autotune_entries"]) == 3  # entries of other shapes stay

@@ -63,23 +63,26 @@ def use_shipped(gpu_name: str | None = None) -> Path | None:
     return d
 
 
+def _fla_autotuners():
+    """(kernel name, autotuner) of every fla-core autotuner alive in this process."""
+    from triton.runtime.autotuner import Autotuner
+
+    for obj in gc.get_objects():
+        if isinstance(obj, Autotuner):
+            fn = getattr(obj.fn, "fn", obj.fn)  # (under a Heuristics)
+            if getattr(fn, "__module__", "").startswith("fla."):
+                yield getattr(obj, "kernel_name", fn.__name__), obj
+
+
 def tuned() -> dict[str, dict]:
     """Every fla autotuner in this process that has chosen configs: kernel name -> fla's file
     content (autotune_entries keyed by fla's key hash)."""
-    from triton.runtime.autotuner import Autotuner
-
     out: dict[str, dict] = {}
-    for obj in gc.get_objects():
-        if not isinstance(obj, Autotuner) or not obj.cache:
-            continue
-        fn = getattr(obj.fn, "fn", obj.fn)
-        if not getattr(fn, "__module__", "").startswith("fla."):
-            continue
-        name = getattr(obj, "kernel_name", fn.__name__)
-        entries = out.setdefault(name, {"kernel_name": name, "autotune_entries": {}})
+    for name, obj in _fla_autotuners():
         for key, cfg in obj.cache.items():
             h, entry = _entry(key, {**vars(cfg), "kwargs": dict(cfg.kwargs)})
-            entries["autotune_entries"][h] = entry
+            out.setdefault(name, {"kernel_name": name, "autotune_entries": {}})
+            out[name]["autotune_entries"][h] = entry
     return out
 
 
@@ -97,15 +100,12 @@ def fla_kernel_names() -> set[str]:
     """The names of fla's autotuned kernels (its kernel modules imported)."""
     import importlib
 
-    from triton.runtime.autotuner import Autotuner
-
     for m in ("fla.ops.gated_delta_rule", "fla.modules.causal_conv1d", "fla.modules.l2norm"):
         try:
             importlib.import_module(m)
         except Exception:
             pass
-    return {getattr(o, "kernel_name", getattr(o.fn, "__name__", "")) for o in gc.get_objects()
-            if isinstance(o, Autotuner) and getattr(o.fn, "__module__", "").startswith("fla.")}
+    return {name for name, _ in _fla_autotuners()}
 
 
 def from_triton_cache(cache_dir: str | Path) -> dict[str, dict]:
@@ -137,11 +137,9 @@ def dump(out: str | Path, gpu_name: str, found: dict[str, dict] | None = None) -
     d.mkdir(parents=True, exist_ok=True)
     for name, content in (tuned() if found is None else found).items():
         path = d / f"{name}.json"
-        if path.exists():
-            old = json.loads(path.read_text())
-            old.get("autotune_entries", {}).update(content["autotune_entries"])
-            content["autotune_entries"] = old.get("autotune_entries", {})
-        content["triton_version"] = triton.__version__
+        entries = json.loads(path.read_text()).get("autotune_entries", {}) if path.exists() else {}
+        entries.update(content["autotune_entries"])
+        content = {**content, "autotune_entries": entries, "triton_version": triton.__version__}
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
         tmp.replace(path)
