@@ -89,17 +89,13 @@ def profile_kernels(run, top: int = 12) -> list[dict]:
     """One call of run() under torch.profiler: its CUDA kernels by summed device time."""
     from torch.profiler import ProfilerActivity, profile
 
+    from qwen35.benchmarks.gpu_profile import kernels_by_time
+
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    by: dict[str, list] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            row = by.setdefault(e.name[:100], [0, 0.0])
-            row[0] += 1
-            row[1] += e.time_range.elapsed_us() / 1e3
-    rows = sorted(by.items(), key=lambda kv: -kv[1][1])[:top]
-    return [{"name": n, "count": c, "ms": ms} for n, (c, ms) in rows]
+    cuda = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [{"name": n, "count": c, "ms": us / 1e3} for n, (c, us) in kernels_by_time(cuda, top)]
 
 
 if __name__ == "__main__":

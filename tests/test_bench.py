@@ -531,3 +531,17 @@ def test_gpu_idle_gaps_are_found_and_placed():
     assert [(x["after"], x["before"]) for x in g["idle_gaps"]] == [
         ("a", "sample"), ("c", "sample"), ("sample", "a")]
     assert g["idle_gaps"][0]["us_per_token"] == pytest.approx(100)
+
+
+def test_kernels_by_time_sums_launches_by_name():
+    """gpu_profile.kernels_by_time (decode profile and bench/gpu_prefill.py --profile)."""
+    from types import SimpleNamespace
+
+    from qwen35.benchmarks.gpu_profile import kernels_by_time
+
+    ev = lambda name, us: SimpleNamespace(  # noqa: E731
+        name=name, time_range=SimpleNamespace(elapsed_us=lambda: us))
+    events = [ev("gemv", 10.0), ev("norm", 2.0), ev("gemv", 12.0), ev("x" * 150, 5.0)]
+    assert kernels_by_time(events) == [("gemv", (2, 22.0)), ("x" * 100, (1, 5.0)),
+                                       ("norm", (1, 2.0))]  # fmt: skip
+    assert kernels_by_time(events, top=1) == [("gemv", (2, 22.0))]

@@ -36,19 +36,10 @@ def profile_decode(engine, prompt: list[int], steps: int = 8, rid: str = "profil
         wall = time.perf_counter() - t0
     while engine.has_unfinished_requests():
         engine.step()
-    kernels, busy_us = 0, 0.0
-    by_name: dict[str, list] = {}
-    spans = []
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
-            kernels += 1
-            us = evt.time_range.elapsed_us()
-            busy_us += us
-            row = by_name.setdefault(evt.name[:100], [0, 0.0])
-            row[0] += 1
-            row[1] += us
-            spans.append((evt.time_range.start, evt.time_range.end, evt.name[:60]))
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:TOP]
+    cuda = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels, busy_us = len(cuda), sum(e.time_range.elapsed_us() for e in cuda)
+    top = kernels_by_time(cuda)
+    spans = [(e.time_range.start, e.time_range.end, e.name[:60]) for e in cuda]
     return {
         "steps": steps,
         "kernels_per_token": kernels / steps,
@@ -62,6 +53,16 @@ def profile_decode(engine, prompt: list[int], steps: int = 8, rid: str = "profil
         ],
         **idle_gaps(spans, steps),
     }
+
+
+def kernels_by_time(events, top: int = TOP) -> list[tuple[str, tuple[int, float]]]:
+    """CUDA profiler events summed by kernel name: (name, (launches, us)), most time first."""
+    by_name: dict[str, list] = {}
+    for e in events:
+        row = by_name.setdefault(e.name[:100], [0, 0.0])
+        row[0] += 1
+        row[1] += e.time_range.elapsed_us()
+    return [(n, (c, us)) for n, (c, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]]
 
 
 def idle_gaps(spans: list[tuple[float, float, str]], steps: int, top: int = 6) -> dict:
