@@ -69,6 +69,5 @@ step 60 "0.8B decode" $B --model Qwen3.5-0.8B --workload decode --no-baseline --
 step 55 "9B prefill" python3 bench/gpu_prefill.py --model Qwen3.5-9B --reps 1 --profile \
   --out "$OUT/9b_prefill.json"
 # 4. what fla chose, for src/qwen35/kernels/fla_configs/ (the next starts skip the autotuning)
-step 15 "fla configs" python3 bench/fla_configs.py --out /tmp/fla_configs
-tar czf "$OUT/fla_configs.tgz" -C /tmp/fla_configs . && ls -l "$OUT/fla_configs.tgz" | tee -a "$LOG"
+pack_fla_configs
 date -u | tee -a "$LOG"

@@ -24,6 +24,5 @@ step 70 "35B-A3B-FP8 decode" $B --model Qwen3.5-35B-A3B-FP8 --workload decode --
   --out "$OUT/35b_fp8_decode.json"
 # fla's configs again: this call's transformers runs tune fla at their own (not varlen) shapes,
 # which the first call's configs do not match; merge into kernels/fla_configs/ as before
-step 15 "fla configs" python3 bench/fla_configs.py --out /tmp/fla_configs
-tar czf "$OUT/fla_configs.tgz" -C /tmp/fla_configs . && ls -l "$OUT/fla_configs.tgz" | tee -a "$LOG"
+pack_fla_configs
 date -u | tee -a "$LOG"

@@ -39,3 +39,8 @@ gpu_pytest() {  # gpu_pytest SECONDS LOGFILE TEST_FILES...: pytest -m gpu, bound
   echo "=== pytest $* rc=$rc" | tee -a "$LOG"
   grep -E "^(=== FAILED|FAILED|ERROR)|passed|failed" "$log" | tail -30
 }
+
+pack_fla_configs() {  # fla's tuned configs of this machine's runs -> $OUT/fla_configs.tgz
+  step 15 "fla configs" python3 bench/fla_configs.py --out /tmp/fla_configs
+  tar czf "$OUT/fla_configs.tgz" -C /tmp/fla_configs . && ls -l "$OUT/fla_configs.tgz" | tee -a "$LOG"
+}
