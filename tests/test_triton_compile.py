@@ -132,8 +132,9 @@ def test_norm_and_pointwise_kernels_compile(dtype):
     for D in (128, 256, 1024, 2048, 4096, 5120, 8192):  # head dims, dv, hidden sizes
         B = triton.next_power_of_2(D)
         w = tn._warps(B)  # as the launchers pass it: a row's values spread over the warps
-        compile_sm90(tn._rms_zc_kernel, dict(X=p, W=p, Y=p, D="i32", eps="fp32", BLOCK=0),
-                     dict(BLOCK=B), num_warps=w)  # fmt: skip
+        k = compile_sm90(tn._rms_zc_kernel, dict(X=p, W=p, Y=p, D="i32", eps="fp32", BLOCK=0),
+                         dict(BLOCK=B), num_warps=w, **tp.NO_FMA)  # fmt: skip (as launched)
+        assert_rounds_like_torch(k)
         compile_sm90(tn._add_rms_zc_kernel, dict(H=p, X=p, W=p, Y=p, stride_h="i32",
                      stride_x="i32", D="i32", eps="fp32", BLOCK=0), dict(BLOCK=B),
                      num_warps=w)  # fmt: skip
