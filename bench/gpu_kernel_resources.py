@@ -8,7 +8,9 @@ cuobjdump that ships with Triton.
 Needs Triton (no GPU, no TRITON_INTERPRET). Occupancy: resident blocks per SM from registers
 (65,536 per SM, allocated per warp in units of 256) and shared memory (228 KiB per SM, 1 KiB
 reserved per block), at most 32 blocks and 64 warps; a spill (stack or local bytes > 0) goes to
-local memory. Register counts are what ptxas allocates, not a speed: they say where a kernel
+local memory. `loads`: the most global loads a thread has in flight at once (its SASS's
+scoreboards, test_triton_compile.loads_in_flight): a memory-bound kernel's latency hiding.
+Register counts are what ptxas allocates, not a speed: they say where a kernel
 cannot hide memory latency, not what it runs at.
 """
 
@@ -57,12 +59,12 @@ def main() -> None:
         blocks, resident = occupancy(use["regs"], warps, use["shared"])
         rows.append(dict(kernel=name, sm=arch, warps=warps, constexprs=const, **use,
                          blocks_per_sm=blocks, warps_per_sm=resident))  # fmt: skip
-    print(f"\n{'kernel':24} sm warps regs spill(B) smem(KiB) blocks/SM warps/SM  constexprs")
+    print(f"\n{'kernel':24} sm warps regs spill(B) smem(KiB) blocks/SM warps/SM loads  constexprs")
     for r in rows:
         const = " ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         print(f"{r['kernel']:24} {r['sm']:2} {r['warps']:5} {r['regs']:4} "
               f"{r['stack'] + r['local']:8} {r['shared'] / 1024:9.1f} {r['blocks_per_sm']:9} "
-              f"{r['warps_per_sm']:8}  {const}")  # fmt: skip
+              f"{r['warps_per_sm']:8} {r['loads_in_flight']:5}  {const}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)

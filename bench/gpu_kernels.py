@@ -6,10 +6,12 @@
 Each row: microseconds per call (triton.testing.do_bench: warm-up, then the median of repeated
 calls, the L2 cache flushed between them) and the GB/s of the bytes the call has to read, side
 by side with the path it replaced, in one run:
-- moe: the Triton MoE block (kernels/triton_moe.py; 16 / 32 / 64 rows per program) vs the
-  grouped-GEMM path (router softmax/top-k, sort by expert, two torch._grouped_mm, the shared
-  expert's MLP), bf16 at the 35B-A3B and 122B-A10B shapes, 1 / 4 / 16 tokens; FP8 experts
-  (e4m3, 128x128 scales): the Triton MoE vs the per-expert loop of block-FP8 GEMMs.
+- moe: the Triton MoE block (kernels/triton_moe.py; rows per program BN x reduction chunk BK:
+  4x128 the default, 8x128, 16x128, 4x256; the router and shared expert's inputs packed in
+  one matmul (SparseMoE.pack, the loader's default) or apart) vs the grouped-GEMM path
+  (router softmax/top-k, sort by expert, two torch._grouped_mm, the shared expert's MLP), bf16
+  at the 35B-A3B and 122B-A10B shapes, 1 / 4 / 16 tokens; FP8 experts (e4m3, 128x128
+  scales): the Triton MoE vs the per-expert loop of block-FP8 GEMMs.
 - fp8: the weight-only FP8 GEMV (quant/fp8_gpu.py; 32 / 64 / 128 weight rows per program) vs
   activation quantization + the blockwise GEMM (torch._scaled_mm where it runs, and the Triton
   block kernel), 1 / 16 rows, 27B projections.
@@ -65,22 +67,28 @@ def moe(dev, dtype, out: list) -> None:
         m = SparseMoE(H, E, k, inter, inter, dtype=dtype, device=dev)
         for p in m.parameters():
             p.normal_(0, H**-0.5)
-        m.shared_expert.pack()
+        m.pack()  # as the loader leaves it: router + shared gate / up + shared gate in one
+        packed = m.packed_router
         expert_bytes = 3 * inter * H * dtype.itemsize
         for T in (1, 4, 16):
             x = torch.randn(T, H, device=dev, dtype=dtype)
             read = min(T * k, E) * expert_bytes + expert_bytes  # picked experts (at most) + shared
-            for bn in (16, 32, 64):
-                _patch_block(bn)
-                row(out, f"moe {name} {_dt(dtype)} T={T} triton BN={bn}", bench(m, x, fused), read,
-                    T=T, model=name)  # fmt: skip
+            for bn, bk in ((4, 128), (8, 128), (16, 128), (4, 256)):
+                _patch_block(bn, bk)
+                row(out, f"moe {name} {_dt(dtype)} T={T} triton BN={bn} BK={bk}",
+                    bench(m, x, fused), read, T=T, model=name, BN=bn, BK=bk)  # fmt: skip
             _patch_block(None)
+            m.packed_router = None  # the router and the shared expert's gate / up apart
+            row(out, f"moe {name} {_dt(dtype)} T={T} triton, router apart", bench(m, x, fused),
+                read, T=T, model=name)  # fmt: skip
+            m.packed_router = packed
             row(out, f"moe {name} {_dt(dtype)} T={T} grouped GEMM path", bench(m, x, grouped), read,
                 T=T, model=name)  # fmt: skip
         m.experts = Fp8Experts.quantize(m.experts)
         sh = m.shared_expert
         for lin in ("gate_proj", "up_proj", "down_proj"):
             setattr(sh, lin, Fp8Linear.quantize(getattr(sh, lin).weight))
+        m.pack()  # (FP8 shared expert: not with the bf16 router; the MLP packs alone)
         sh.pack()
         for T in (1, 16):
             x = torch.randn(T, H, device=dev, dtype=dtype)
@@ -94,12 +102,13 @@ def _dt(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _patch_block(bn):
+def _patch_block(bn, bk=None):
     from qwen35.kernels import triton_moe
 
     orig = getattr(triton_moe, "_orig_sparse_moe", None) or triton_moe.sparse_moe
     triton_moe._orig_sparse_moe = orig
-    triton_moe.sparse_moe = orig if bn is None else (lambda *a, **kw: orig(*a, **kw, block_n=bn))
+    triton_moe.sparse_moe = orig if bn is None else (
+        lambda *a, **kw: orig(*a, **kw, block_n=bn, block_k=bk or triton_moe.BK))  # fmt: skip
 
 
 def fp8(dev, dtype, out: list) -> None:

@@ -174,7 +174,7 @@ def test_quantized_bases_add_each_adapter_once(ckpt, quantization):
     aid = LoraAdapters(model, 4).add("a", ckpt["dir"] / "a").key
     packed = mixed_forward(model, {None: None, "a": aid})
     for m in model.modules():  # the per-linear path: every Linear.forward adds its own delta
-        for attr in ("packed_in", "packed_qkv", "packed_gate_up"):
+        for attr in ("packed_in", "packed_qkv", "packed_gate_up", "packed_router"):
             if getattr(m, attr, None) is not None:
                 setattr(m, attr, None)
     single = mixed_forward(model, {None: None, "a": aid})

@@ -30,13 +30,15 @@ def _pair(moe: bool):
 
 
 def _packed_tensors(model):
+    """Every packed weight, those that are views of another (a MoE block's shared expert's
+    gate_up, inside the block's packed_router) left out."""
     out = []
     for m in model.modules():
-        for name in ("packed_in", "packed_qkv", "packed_gate_up"):
+        for name in ("packed_in", "packed_qkv", "packed_gate_up", "packed_router"):
             t = getattr(m, name, None)
             if t is not None:
                 out.append(t)
-    return out
+    return [t for t in out if not any(t is not o and t._base is o for o in out)]
 
 
 @pytest.mark.parametrize("moe", [False, True])
@@ -51,14 +53,21 @@ def test_packed_views_share_one_weight(moe):
     assert len(tensors) == cfg.num_hidden_layers + n_mlp
     # every projection weight lies inside one packed tensor: no second copy of the weights
     spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors]
-    inside = 0
+    inside, padding = 0, 0
     for name, p in packed.named_parameters():
         leaf = name.rsplit(".", 2)[-2]  # the module: gate_proj in ...gate_proj.weight
-        if leaf.startswith("in_proj_") or leaf in PACKED:
+        router = moe and leaf in ("gate", "shared_expert_gate")  # packed with the shared expert
+        if leaf.startswith("in_proj_") or leaf in PACKED or router:
             assert any(a <= p.data_ptr() < b for a, b in spans), name
             assert p.is_contiguous()
             inside += p.numel()
-    assert inside == sum(t.numel() for t in tensors)
+    for m in packed.modules():  # zero rows to a multiple of 16 after a MoE block's four matrices
+        if getattr(m, "packed_router", None) is not None:
+            rows = m.gate.out_features + 2 * m.shared_expert.gate_proj.out_features + 1
+            padding += (-rows % 16) * m.packed_router.shape[1]
+            assert m.packed_router.shape[0] % 16 == 0
+            assert not m.packed_router[rows:].any()
+    assert inside + padding == sum(t.numel() for t in tensors)
 
 
 def test_load_state_dict_after_packing_writes_the_packed_weight():

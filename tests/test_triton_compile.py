@@ -40,17 +40,24 @@ TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
-                 target: GPUTarget = SM90, spills_ok: bool = False, **options):  # fmt: skip
+                 target: GPUTarget = SM90, spills_ok: bool = False, aligned: bool = False,
+                 **options):  # fmt: skip
     """fn compiled for sm_90 (or `target`). signature: every argument's Triton type ('*bf16', 'i32', 'fp32';
     'constexpr' for those in constexprs), in order. Register spills fail the test unless
     `spills_ok` (known ones: fp32 variants that only test / reference models run, and the
     block-FP8 GEMM that runs where torch's blockwise `_scaled_mm` does not; listed by
     bench/gpu_kernel_resources.py). options: further compile options, as the launcher passes
-    them (enable_fp_fusion)."""
+    them (enable_fp_fusion). aligned: every pointer 16-byte aligned and every integer a multiple
+    of 16, as Triton specialises a launch with such arguments (the catalog models' shapes):
+    the loads vectorise, and registers are what those launches take."""
     assert list(signature) == fn.arg_names, (list(signature), fn.arg_names)
     for k in constexprs:
         signature[k] = "constexpr"
-    src = ASTSource(fn, signature, constexprs)
+    attrs = None
+    if aligned:
+        attrs = {(j,): [["tt.divisibility", 16]] for j, (k, t) in enumerate(signature.items())
+                 if t != "constexpr"}  # fmt: skip
+    src = ASTSource(fn, signature, constexprs, attrs)
     k = triton.compile(src, target=target,
                        options={"num_warps": num_warps, "num_stages": num_stages, **options})
     assert k.asm.get("cubin"), f"{fn.__name__}: no cubin"  # ptxas ran
@@ -71,7 +78,8 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 def resources(k) -> dict:
     """Registers per thread, stack and local (spill) bytes, static shared memory of a compiled
     kernel, read from its cubin by the cuobjdump that ships with Triton (no GPU needed); the
-    shared memory Triton allocates dynamically is k.metadata.shared."""
+    shared memory Triton allocates dynamically is k.metadata.shared; `loads_in_flight` from its
+    SASS."""
     import re
     import subprocess
     import tempfile
@@ -81,10 +89,41 @@ def resources(k) -> dict:
         f.flush()
         out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True,
                              text=True, check=True).stdout  # fmt: skip
+        sass = subprocess.run([CUOBJDUMP, "--dump-sass", f.name], capture_output=True,
+                              text=True, check=True).stdout  # fmt: skip
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     assert m, out[-500:]
     regs, stack, _, local = (int(x) for x in m.groups())
-    return dict(regs=regs, stack=stack, local=local, shared=k.metadata.shared)
+    return dict(regs=regs, stack=stack, local=local, shared=k.metadata.shared,
+                loads_in_flight=loads_in_flight(sass))  # fmt: skip
+
+
+def loads_in_flight(sass: str) -> int:
+    """The most global loads (LDG) a thread has issued and not yet waited for, at any point of
+    the SASS in program order (loops counted once): how much memory latency the kernel can hide.
+    Each sm_70+ instruction's control bits (bits 105-125 of its 128: stall, yield, the
+    scoreboard it sets when done, the one for its reads, the scoreboards it waits on) are
+    decoded from cuobjdump's hex; a load adds to the scoreboard it sets, a wait clears it."""
+    import re
+
+    pending, peak = [0] * 6, 0
+    lines = sass.splitlines()
+    for a, b in zip(lines, lines[1:], strict=False):
+        m = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(.*?);\s+/\* 0x[0-9a-f]{16} \*/", a)
+        m2 = re.match(r"\s+/\* (0x[0-9a-f]{16}) \*/", b)
+        if not (m and m2):
+            continue
+        ctrl = int(m2.group(1), 16) >> 41
+        write_sb, wait_mask = (ctrl >> 5) & 7, (ctrl >> 11) & 0x3F
+        for sb in range(6):
+            if wait_mask >> sb & 1:
+                pending[sb] = 0
+        op = m.group(1).split()
+        op = op[1] if op[0].startswith("@") else op[0]
+        if op.startswith("LDG") and write_sb < 6:
+            pending[write_sb] += 1
+        peak = max(peak, sum(pending))
+    return peak
 
 
 def _ptr(dtype) -> str:
@@ -213,21 +252,32 @@ def test_moe_kernels_compile(dtype):
     for fp8 in (False, True):  # plain experts in the model dtype, or e4m3 with block scales
         w = "*u8" if fp8 else p  # (e4m3 read as bytes: kernels/triton_fp8.py)
         sig = dict(X=p, stride_xt=i, IDX="*i64", W=w, stride_we=i, stride_wn=i, WS="*fp32",
-                   stride_wse=i, stride_wsr=i, HBUF=p, stride_hp=i, H=i, I=i, NBH=i, K_TOP=0,
+                   stride_wse=i, stride_wsr=i, HBUF=p, stride_hp=i, I=i, NBH=i, H=0, K_TOP=0,
                    FP8=0, BO=0, BN=0, BK=0)  # fmt: skip
-        for target in (SM90, SM80):  # bytes: the FP8 experts build for an A100 too
-            compile_sm90(tm._gate_up_kernel, dict(sig), dict(K_TOP=8, FP8=fp8, BO=tm.FP8_BLOCK,
-                         BN=tm.BN, BK=tm.BK), target=target)  # fmt: skip
-        for shared in (True, False):
-            sig = dict(HBUF=p, stride_hp=i, IDX="*i64", TW=p, D=w, stride_de=i, stride_dn=i,
-                       DS="*fp32", stride_dse=i, stride_dsr=i, X=p, stride_xt=i, SGW=p, SG=p,
-                       stride_sg=i, SU=p, stride_su=i, SD=w, stride_sdn=i, SDS="*fp32",
-                       stride_sdsr=i, Y=p, stride_yt=i, H=i, I=i, IS=i, K_TOP=0, FP8=0,
-                       HAS_SHARED=0, SD_FP8=0, BO=0, BN=0, BK=0)  # fmt: skip
-            for target in (SM90, SM80):
-                compile_sm90(tm._down_kernel, dict(sig), dict(K_TOP=10, FP8=fp8,
-                             HAS_SHARED=shared, SD_FP8=fp8, BO=tm.FP8_BLOCK, BN=tm.BN, BK=tm.BK),
-                             target=target, spills_ok=fp8)  # fmt: skip  (24 B on sm_90)
+        # (H, I, top-k) of 35B-A3B, 122B-A10B, 397B-A17B: shapes are constexprs (loops unrolled)
+        for H, I, k in ((2048, 512, 8), (3072, 1024, 8), (4096, 1024, 10)):
+            for target in (SM90, SM80):  # bytes: the FP8 experts build for an A100 too
+                compile_sm90(tm._gate_up_kernel, dict(sig), dict(H=H, K_TOP=k, FP8=fp8,
+                             BO=tm.FP8_BLOCK, BN=tm.BN, BK=tm.BK), target=target,
+                             aligned=True)  # fmt: skip
+            for shared, logit in ((True, True), (True, False), (False, False)):
+                sig_d = dict(HBUF=p, stride_hp=i, IDX="*i64", TW=p, D=w, stride_de=i,
+                             stride_dn=i, DS="*fp32", stride_dse=i, stride_dsr=i, X=p,
+                             stride_xt=i, SGW=p, stride_sgw=i, SG=p, stride_sg=i, SU=p,
+                             stride_su=i, SD=w, stride_sdn=i, SDS="*fp32", stride_sdsr=i, Y=p,
+                             stride_yt=i, H=0, I=0, IS=0, K_TOP=0, KP=0, FP8=0, HAS_SHARED=0,
+                             SD_FP8=0, GATE_LOGIT=0, BO=0, BN=0, BK=0)  # fmt: skip
+                const = dict(H=H, I=I, IS=I if shared else 0, K_TOP=k,
+                             KP=triton.next_power_of_2(k), FP8=fp8, HAS_SHARED=shared,
+                             SD_FP8=fp8, GATE_LOGIT=logit, BO=tm.FP8_BLOCK, BN=tm.BN, BK=tm.BK)
+                for target in (SM90, SM80):
+                    compile_sm90(tm._down_kernel, dict(sig_d), dict(const), target=target,
+                                 aligned=True)
+        # strides that are not multiples of 16 (the tests' odd sizes): builds; scalar loads
+        compile_sm90(tm._gate_up_kernel, dict(sig), dict(H=80, K_TOP=3, FP8=fp8, BO=tm.FP8_BLOCK,
+                     BN=tm.BN, BK=tm.BK), spills_ok=True)  # fmt: skip
+        compile_sm90(tm._down_kernel, dict(sig_d), dict(const, H=80, I=40, IS=24, K_TOP=3, KP=4),
+                     spills_ok=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

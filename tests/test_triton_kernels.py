@@ -271,8 +271,10 @@ def test_deltanet_decode_gated_triton_equals_op_by_op(dtype):
     assert not torch.equal(r1, rec) and torch.equal(r1[0], rec[0])
 
 
-def _moe_block(dtype, H=80, E=12, k=3, inter=40, shared_inter=24, seed=14, fp8=False):
-    """A SparseMoE with random weights, packed as the loader leaves it; odd sizes: H and the
+def _moe_block(dtype, H=80, E=12, k=3, inter=40, shared_inter=24, seed=14, fp8=False,
+               packed=True):  # fmt: skip
+    """A SparseMoE with random weights, packed as the loader leaves it (packed=False: only the
+    shared expert's gate / up, the router and shared_expert_gate apart); odd sizes: H and the
     intermediate sizes are not multiples of the kernels' blocks. fp8: the routed experts and
     the shared expert's projections in e4m3 with 128 x 128 block scales (as the official FP8
     releases; router and shared_expert_gate stay in the model dtype), and a reference block
@@ -305,6 +307,8 @@ def _moe_block(dtype, H=80, E=12, k=3, inter=40, shared_inter=24, seed=14, fp8=F
             plain.weight.data = lin.dequantized(dtype)
             setattr(ref.shared_expert, name, plain)
         ref.shared_expert.pack()
+    if packed:
+        m.pack()  # (with FP8 shared experts: not with the router; the shared expert packs alone)
     m.shared_expert.pack()
     return m, ref, g
 
@@ -341,11 +345,14 @@ def test_moe_router_kernel_equals_route(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T", [1, 3, 16])
-def test_fused_moe_equals_reference(dtype, T):
+@pytest.mark.parametrize("T,packed", [(1, True), (3, True), (16, True), (1, False), (3, False)])
+def test_fused_moe_equals_reference(dtype, T, packed):
     """The block through the three Triton kernels (routing, gate_up + SiLU, down + weighted sum
-    + the gated shared expert) against SparseMoE's reference loop; rows of x strided."""
-    m, _, g = _moe_block(dtype)
+    + the gated shared expert) against SparseMoE's reference loop; rows of x strided. packed:
+    router, shared gate / up and shared_expert_gate in one matmul (SparseMoE.pack), the shared
+    gate's logit read from it; else two matmuls and the logit computed in the down kernel."""
+    m, _, g = _moe_block(dtype, packed=packed)
+    assert (m.packed_router is not None) == packed
     x = torch.randn(T, 85, generator=g).to(DEV, dtype)[:, 5:]
     got, calls = _fused_calls(lambda: m(x, MOE_BE))
     assert calls == 1, "the fused path was not taken"

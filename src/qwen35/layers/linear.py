@@ -109,7 +109,7 @@ class Linear(nn.Module):
         return f"{self.in_features} -> {self.out_features}"
 
 
-def pack_linears(*linears: Linear) -> torch.Tensor:
+def pack_linears(*linears: Linear, rows_multiple: int = 1) -> torch.Tensor:
     """Copy the linears' weights into one [sum(out), in] tensor and make each weight a row-slice
     view of it (contiguous; parameter names and state_dict unchanged; no extra memory after).
 
@@ -117,12 +117,19 @@ def pack_linears(*linears: Linear) -> torch.Tensor:
     fork/join and loop set-up per call (Qwen3.5-0.8B decode: 187 -> 97 GEMVs per token).
     Call once the weights are loaded and on their final device (the loader's post_load):
     moving the model afterwards gives the parameters new storage and breaks the packing.
-    Quantized linears (qwen35.quant) pack by format instead: the result is then a callable."""
+    Quantized linears (qwen35.quant) pack by format instead: the result is then a callable.
+    rows_multiple: zero rows after the last linear's up to a multiple of it (16: the matmul's
+    output has a row stride that Triton specialises on, so kernels reading its column slices
+    can vectorise their loads)."""
     if any(type(lin) is not Linear for lin in linears):
         from qwen35.quant.packing import pack_quantized
 
         return pack_quantized(linears)
-    w = torch.cat([lin.weight.detach() for lin in linears])  # [sum(out), in]
+    ws = [lin.weight.detach() for lin in linears]
+    pad = -sum(w.shape[0] for w in ws) % rows_multiple
+    if pad:
+        ws.append(ws[0].new_zeros(pad, ws[0].shape[1]))
+    w = torch.cat(ws)  # [sum(out) (+ pad), in]
     row = 0
     for lin in linears:
         n = lin.out_features

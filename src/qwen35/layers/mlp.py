@@ -30,10 +30,14 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, dtype, device)  # [H, I]
         self.tp = tp if reduce else SINGLE  # down_proj is row-parallel: sum its outputs
         self.packed_gate_up: torch.Tensor | None = None  # [2I, H], see pack()
+        # a MoE block's shared expert: the block packed gate_proj and up_proj with its router
+        # (layers/moe.py SparseMoE.pack, which runs first) and set packed_gate_up to their rows
+        self.packed_by_parent = False
 
     def pack(self) -> None:
         """One [2I, H] weight for gate_proj and up_proj (after loading)."""
-        self.packed_gate_up = pack_linears(self.gate_proj, self.up_proj)
+        if not self.packed_by_parent:
+            self.packed_gate_up = pack_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
         """[T, H] -> [T, H]."""

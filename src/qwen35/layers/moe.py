@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.layers.linear import Linear, empty_param, linear, packed_linear
+from qwen35.layers.linear import Linear, empty_param, linear, pack_linears, packed_linear
 from qwen35.layers.lora import adapted
 from qwen35.layers.mlp import MLP
 from qwen35.ops import moe as _ops_moe
@@ -149,6 +149,24 @@ class SparseMoE(nn.Module):
             hidden_size, shared_intermediate_size, dtype, device, tp, reduce=False
         )
         self.shared_expert_gate = Linear(hidden_size, 1, dtype, device)  # [1, H]
+        self.packed_router: torch.Tensor | None = None  # + the shared expert's inputs, see pack()
+
+    def pack(self) -> None:
+        """One [E + 2 Is + 1 (+ zero rows to a multiple of 16), H] weight for the four matrices
+        that read the block's input (router, the shared expert's gate_proj and up_proj,
+        shared_expert_gate), where all four are plain weights of one dtype: the GPU's decode
+        step (ops/moe.py fused_moe) reads them in one matmul instead of two and the Triton down
+        kernel takes the shared gate's logit from it. The shared expert's packed_gate_up
+        becomes a view of its rows (the MLP's own pack() then leaves it)."""
+        sh = self.shared_expert
+        lins = (self.gate, sh.gate_proj, sh.up_proj, self.shared_expert_gate)
+        sh.packed_by_parent = False
+        self.packed_router = None
+        if all(type(lin) is Linear for lin in lins) and len({lin.weight.dtype for lin in lins}) == 1:
+            self.packed_router = pack_linears(*lins, rows_multiple=16)
+            E, Is = self.gate.out_features, sh.gate_proj.out_features
+            sh.packed_gate_up = self.packed_router[E : E + 2 * Is]
+            sh.packed_by_parent = True
 
     def route(self, x: torch.Tensor, backend: Backend | None = None):
         """x: [T, H] -> (top_w [T, k] in x.dtype, top_idx [T, k]). With the Triton MoE (GPU)
@@ -212,7 +230,7 @@ class SparseMoE(nn.Module):
                 getattr(sh.down_proj, "weight_scale_inv", None),  # FP8 (quant/layers.py)
             )
             y = fused_moe(backend, x, self.gate.weight, self.top_k, self.experts.fused_weights(),
-                          shared)  # fmt: skip
+                          shared, packed=self.packed_router)  # fmt: skip
             if y is not None:
                 return self.tp.all_reduce(y)
         routed = None  # (more tokens, or experts the fused paths do not read)

@@ -213,16 +213,20 @@ class SharedExpert:
     up: torch.Tensor  # [T, Is] up_proj(x)
     down: torch.Tensor  # [H, Is], model dtype or e4m3
     down_scale: torch.Tensor | None = None  # [ceil(H/128), ceil(Is/128)] with an e4m3 down
+    gate_logit: torch.Tensor | None = None  # [T] shared_expert_gate(x) (strided), if computed
 
 
-def fused_moe(be: Backend, x, router_w, top_k: int, experts, shared) -> torch.Tensor | None:
+def fused_moe(be: Backend, x, router_w, top_k: int, experts, shared,
+              packed: torch.Tensor | None = None) -> torch.Tensor | None:  # fmt: skip
     """The MoE block's output [T, H] from kernels/triton_moe.py (router logits by one matmul),
     or None where it does not apply: no Triton MoE, more than FUSED_MAX_TOKENS tokens, weights
     it does not read (quantized other than FP8 with 128 x 128 blocks, another dtype). Under
     tensor parallelism each rank's output is its partial sum (experts split by intermediate
     size; the caller all-reduces).
     experts: ExpertWeights or None; shared: None or (shared_expert_gate weight [1, H],
-    fn x -> (gate [T, Is], up [T, Is]), down weight [H, Is], its FP8 scales or None)."""
+    fn x -> (gate [T, Is], up [T, Is]), down weight [H, Is], its FP8 scales or None).
+    packed: SparseMoE.packed_router (router, the shared expert's gate and up, shared_expert_gate in
+    one weight, with shared) or None: their products then come from one matmul."""
     if experts is None or not (be.triton_moe and be.on_gpu_path(x)) or x.dim() != 2:
         return None
     if x.shape[0] > FUSED_MAX_TOKENS or not x.dtype.is_floating_point or x.dtype.itemsize < 2:
@@ -240,6 +244,13 @@ def fused_moe(be: Backend, x, router_w, top_k: int, experts, shared) -> torch.Te
     from qwen35.kernels import triton_moe
 
     x = x.contiguous()
+    if packed is not None and shared is not None and packed.dtype == x.dtype:
+        gate_w, _, down_w, down_s = shared
+        E, Is = router_w.shape[0], down_w.shape[1]
+        out = F.linear(x, packed)  # [T, E + 2 Is + 1 + padding]
+        logits, g, u = out[:, :E], out[:, E : E + Is], out[:, E + Is : E + 2 * Is]
+        parts = SharedExpert(gate_w, g, u, down_w, down_s, gate_logit=out[:, E + 2 * Is])
+        return triton_moe.sparse_moe(x, logits, top_k, experts, parts)
     logits = F.linear(x, router_w)  # [T, E]
     parts = None
     if shared is not None:
