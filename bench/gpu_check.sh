@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The first of two prepared H200 calls (device tool; the second is bench/gpu_check_more.sh):
 #   install carried wheels -> pytest -m gpu -> Qwen3.5-9B and 0.8B (random bf16 weights):
-#   decode at batch 1 (kernels per token, GPU-busy fraction) and batch 32, prefill 4K / 32K (fast
-#   vs reference backend) -> fla-core's tuned configs, packed for kernels/fla_configs/.
+#   decode at batch 1 (kernels per token, GPU-busy fraction) and batch 32 -> the Triton MoE
+#   kernels' block sizes (bench/gpu_kernels.py --only moe) -> fla-core's tuned configs, packed
+#   for kernels/fla_configs/.
 # What the first H200 session (2026-12-04) learnt: on a fresh machine fla-core autotunes every
 #   kernel at its first call, minutes in all, and each step that met it first ran out of time
 #   (the 9B decode spent its whole 75 s in fla's autotuner). So the first model step gets the
@@ -65,9 +66,9 @@ step 130 "9B decode" $B --model Qwen3.5-9B --workload decode --no-baseline --bat
   --out "$OUT/9b_decode.json"
 step 60 "0.8B decode" $B --model Qwen3.5-0.8B --workload decode --no-baseline --batches 32 \
   --out "$OUT/08b_decode.json"
-# 3. prefill 4K / 32K: fla + Triton vs the PyTorch reference backend
-step 55 "9B prefill" python3 bench/gpu_prefill.py --model Qwen3.5-9B --reps 1 --profile \
-  --out "$OUT/9b_prefill.json"
+# 3. the MoE decode kernels rebuilt for loads in flight (2026-12-04, second session: compiled and
+# interpreted only): block sizes and the packed router against the grouped-GEMM path
+step 60 "MoE kernels" python3 bench/gpu_kernels.py --only moe --out "$OUT/moe_kernels.json"
 # 4. what fla chose, for src/qwen35/kernels/fla_configs/ (the next starts skip the autotuning)
 pack_fla_configs
 date -u | tee -a "$LOG"

@@ -266,10 +266,12 @@ def test_moe_kernels_compile(dtype):
                              stride_xt=i, SGW=p, stride_sgw=i, SG=p, stride_sg=i, SU=p,
                              stride_su=i, SD=w, stride_sdn=i, SDS="*fp32", stride_sdsr=i, Y=p,
                              stride_yt=i, H=0, I=0, IS=0, K_TOP=0, KP=0, FP8=0, HAS_SHARED=0,
-                             SD_FP8=0, GATE_LOGIT=0, BO=0, BN=0, BK=0)  # fmt: skip
+                             SD_FP8=0, GATE_LOGIT=0, UNROLL=0, BO=0, BN=0, BK=0)  # fmt: skip
                 const = dict(H=H, I=I, IS=I if shared else 0, K_TOP=k,
                              KP=triton.next_power_of_2(k), FP8=fp8, HAS_SHARED=shared,
-                             SD_FP8=fp8, GATE_LOGIT=logit, BO=tm.FP8_BLOCK, BN=tm.BN, BK=tm.BK)
+                             SD_FP8=fp8, GATE_LOGIT=logit,
+                             UNROLL=triton.next_power_of_2(k) * I <= tm.UNROLL_MAX,
+                             BO=tm.FP8_BLOCK, BN=tm.BN, BK=tm.BK)
                 for target in (SM90, SM80):
                     compile_sm90(tm._down_kernel, dict(sig_d), dict(const), target=target,
                                  aligned=True)

@@ -362,6 +362,22 @@ def test_fused_moe_equals_reference(dtype, T, packed):
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fused_moe_loop_not_unrolled(fp8, monkeypatch):
+    """The down kernel's loop over I as a loop (UNROLL off: what 397B-A17B's shapes take) gives
+    what the unrolled one gives."""
+    from qwen35.kernels import triton_moe
+
+    dtype = torch.float32
+    m, _, g = _moe_block(dtype, H=200, inter=136, shared_inter=136, fp8=fp8)
+    x = torch.randn(3, 200, generator=g).to(DEV, dtype)
+    want = m(x, MOE_BE)
+    monkeypatch.setattr(triton_moe, "UNROLL_MAX", 0)
+    got, calls = _fused_calls(lambda: m(x, MOE_BE))
+    assert calls == 1
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 5])
 def test_fused_moe_reads_fp8_experts(dtype, T):

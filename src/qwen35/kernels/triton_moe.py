@@ -61,6 +61,10 @@ if TYPE_CHECKING:
 # rows per program, reduction chunk: small tiles and many programs (decode is memory-bound:
 # what matters is how many loads are in flight, bench/gpu_kernels.py compares some)
 BN, BK = 4, 128
+# the down kernel unrolls its loop over I where k (rounded up to a power of two) x I is at most
+# this (35B-A3B: 8 x 512, 122B-A10B: 8 x 1024); above (397B-A17B: 16 x 1024) the unrolled
+# loop spills registers on sm_90
+UNROLL_MAX = 8192
 FP8_BLOCK = 128  # FP8 weights: the scale blocks must be 128 x 128 (BK == 128)
 
 
@@ -141,13 +145,28 @@ def _w32(w, FP8: tl.constexpr):
 
 
 @triton.jit
+def _down_chunk(acc, k0, rows, vecs, w, e, n, mj, mn, m2, DS, stride_dse, stride_dsr,
+                I: tl.constexpr, FP8: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """acc [KP, BN, BK] + the k experts' products of one chunk of I (see _down_kernel)."""
+    k = k0 + tl.arange(0, BK)[None, None, :]
+    m3 = m2 & (k < I)
+    h = tl.load(vecs + k, mask=m3, other=0.0).to(tl.float32) * w[:, None, None]
+    part = _w32(tl.load(rows + k, mask=m3, other=0), FP8) * h
+    if FP8:  # one fp32 scale per 128 x 128 block (BK == 128)
+        sc = tl.load(DS + e[:, None] * stride_dse + (n // BO)[None, :] * stride_dsr + k0 // BK,
+                     mask=mj[:, None] & mn[None, :], other=0.0)  # fmt: skip
+        part *= (sc * UNSCALE)[:, :, None]
+    return acc + part
+
+
+@triton.jit
 def _down_kernel(
     HBUF, stride_hp, IDX, TW, D, stride_de, stride_dn, DS, stride_dse, stride_dsr,
     X, stride_xt, SGW, stride_sgw, SG, stride_sg, SU, stride_su, SD, stride_sdn, SDS, stride_sdsr,
     Y, stride_yt, H: tl.constexpr, I: tl.constexpr, IS: tl.constexpr,
     K_TOP: tl.constexpr, KP: tl.constexpr, FP8: tl.constexpr, HAS_SHARED: tl.constexpr,
-    SD_FP8: tl.constexpr, GATE_LOGIT: tl.constexpr, BO: tl.constexpr, BN: tl.constexpr,
-    BK: tl.constexpr,
+    SD_FP8: tl.constexpr, GATE_LOGIT: tl.constexpr, UNROLL: tl.constexpr, BO: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -164,16 +183,14 @@ def _down_kernel(
     vecs = HBUF + pair[:, None, None] * stride_hp + 0 * n[None, :, None]  # (in the tile's layout)
     m2 = mj[:, None, None] & mn[None, :, None]
     acc = tl.zeros([KP, BN, BK], dtype=tl.float32)
-    for k0 in range(0, I, BK):
-        k = k0 + tl.arange(0, BK)[None, None, :]
-        m3 = m2 & (k < I)
-        h = tl.load(vecs + k, mask=m3, other=0.0).to(tl.float32) * w[:, None, None]
-        part = _w32(tl.load(rows + k, mask=m3, other=0), FP8) * h
-        if FP8:  # one fp32 scale per 128 x 128 block (BK == 128)
-            sc = tl.load(DS + e[:, None] * stride_dse + (n // BO)[None, :] * stride_dsr + k0 // BK,
-                         mask=mj[:, None] & mn[None, :], other=0.0)  # fmt: skip
-            part *= (sc * UNSCALE)[:, :, None]
-        acc += part
+    if UNROLL:  # the chunks' loads issue together (where the registers allow: KP x I small)
+        for k0 in tl.static_range(0, I, BK):
+            acc = _down_chunk(acc, k0, rows, vecs, w, e, n, mj, mn, m2, DS, stride_dse,
+                              stride_dsr, I, FP8, BO, BK)  # fmt: skip
+    else:
+        for k0 in range(0, I, BK):
+            acc = _down_chunk(acc, k0, rows, vecs, w, e, n, mj, mn, m2, DS, stride_dse,
+                              stride_dsr, I, FP8, BO, BK)  # fmt: skip
     out = tl.sum(tl.sum(acc, 2), 0)  # [BN]
     if HAS_SHARED:
         if GATE_LOGIT:  # the shared expert's gate logit, from the router's matmul
@@ -267,13 +284,14 @@ def sparse_moe(
         is_ = sd.shape[1]
     else:  # unread (HAS_SHARED=False)
         sd_fp8, sgw, sg, su, sd, sds, is_ = False, x, x, x, x, x, 0
+    kp = triton.next_power_of_2(top_k)
     _down_kernel[(T, triton.cdiv(H, block_n))](
         hbuf, hbuf.stride(0), idx, tw, dn, dn.stride(0), dn.stride(1), ds, ds.stride(0),
         ds.stride(1) if fp8 else 0, x, x.stride(0), sgw, sgw.stride(0) if gate_logit else 0, sg,
         sg.stride(0), su, su.stride(0), sd, sd.stride(0), sds, sds.stride(0) if sd_fp8 else 0, y,
-        y.stride(0), H=H, I=Ii, IS=is_, K_TOP=top_k, KP=triton.next_power_of_2(top_k), FP8=fp8,
-        HAS_SHARED=sh is not None, SD_FP8=sd_fp8, GATE_LOGIT=gate_logit, BO=FP8_BLOCK,
-        BN=block_n, BK=bk,
+        y.stride(0), H=H, I=Ii, IS=is_, K_TOP=top_k, KP=kp, FP8=fp8,
+        HAS_SHARED=sh is not None, SD_FP8=sd_fp8, GATE_LOGIT=gate_logit,
+        UNROLL=kp * Ii <= UNROLL_MAX, BO=FP8_BLOCK, BN=block_n, BK=bk,
     )  # fmt: skip
     return y
     gs = experts.gate_up_scale if fp8 else x  # (unread without FP8)
@@ -298,6 +316,7 @@ def sparse_moe(
         is_ = sd.shape[1]
     else:  # unread (HAS_SHARED=False)
         sd_fp8, sgw, sg, su, sd, sds, is_ = False, x, x, x, x, x, 0
+    kp = triton.next_power_of_2(top_k)
     _down_kernel[(T, triton.cdiv(H, block_n))](
         hbuf, hbuf.stride(0), idx, tw, dn, dn.stride(0), dn.stride(1), ds, ds.stride(0),
         ds.stride(1) if fp8 else 0, x, x.stride(0), sgw, sg, sg.stride(0), su, su.stride(0), sd,
