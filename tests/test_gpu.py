@@ -154,6 +154,23 @@ def test_seeded_sampling_is_batch_independent(ckpts):
     assert [ids(llm.generate([p], sp))[0] for p in ps] == a
 
 
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_multi_step_equals_single_steps_in_graphs(which, ckpts):
+    """num_scheduler_steps=4 on the GPU (CUDA graphs replayed back to back, each fed the last
+    one's tokens on the device): greedy and seeded tokens equal single steps', with preemption
+    and prefix caching about."""
+    d, _ = ckpts[which]
+    shared = prompts(1, seed=15, lo=40, hi=41)[0]
+    ps = [shared + p for p in prompts(6, seed=16, lo=5, hi=40)]
+    greedy = SamplingParams(max_tokens=21, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=13, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    kw = dict(block_size=4, max_model_len=128, num_kv_blocks=90, max_num_batched_tokens=24)
+    one, four = cuda(d, **kw), cuda(d, num_scheduler_steps=4, **kw)
+    assert four.engine.runner.graphs is not None
+    for sp in (greedy, seeded):
+        assert ids(four.generate(ps, sp)) == ids(one.generate(ps, sp))
+
+
 def _on_cuda(caches, dtype):
     """The Seqs caches moved to the GPU (recurrent states stay fp32)."""
     mv = lambda ts, dt: [t.to("cuda", dt) for t in ts]  # noqa: E731

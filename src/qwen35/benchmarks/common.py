@@ -38,6 +38,7 @@ class BenchOptions:
     formats: tuple[str, ...] | None = None  # peers workload: weight formats (None: all)
     batches: tuple[int, ...] | None = None  # peers workload: batched decode sizes (None: none)
     draft_tokens: tuple[int, ...] | None = None  # spec workload: k of each drafting engine
+    scheduler_steps: int = 1  # decode workload: our engine's num_scheduler_steps
     tensor_parallel_size: int = 1  # decode: our engine on this many ranks; tp: vs one process
     enable_expert_parallel: bool = False
     # serve workload (serving.py): prompt / output tokens, Poisson request rate, in-flight cap
@@ -140,8 +141,8 @@ def timed_request(engine, prompt: list[int], new_tokens: int, rid: str, lora: st
     and put the other chunks among the decode steps). lora: a loaded LoRA adapter's name."""
     prefill, steps, tokens = 0.0, [], []
     for dt, new in request_steps(engine, prompt, new_tokens, rid, lora):
-        if tokens:
-            steps.append(dt)
+        if tokens:  # a multi-step round's k tokens count as k steps of dt / k
+            steps += [dt / len(new)] * len(new) if new else [dt]
         else:
             prefill += dt
         tokens.extend(new)
@@ -152,7 +153,8 @@ def timed_batch(engine, prompts: list[list[int]], steps: int, tag: str) -> list[
     """The prompts added at once as greedy requests (ignore_eos): the seconds of each of the
     first `steps` engine steps after every prompt has its first token (each step decodes them
     all, none has finished yet); the requests are then aborted. The engine must hold
-    len(prompts) sequences of len(prompt) + `steps` + the prefill steps' tokens."""
+    len(prompts) sequences of len(prompt) + `steps` + the prefill steps' tokens. A multi-step
+    round (num_scheduler_steps) that gives each sequence k tokens counts as k steps of dt / k."""
     from qwen35.request import SamplingParams
 
     rids = [f"{tag}-{i}" for i in range(len(prompts))]
@@ -172,7 +174,8 @@ def timed_batch(engine, prompts: list[list[int]], steps: int, tag: str) -> list[
             if all_started:
                 if len(outs) != len(rids) or any(o.finished for o in outs):
                     raise RuntimeError(f"{tag}: a batched step decoded {len(outs)} of {len(rids)}")
-                times.append(dt)
+                k = max(1, len(outs[0].outputs[0].token_ids))
+                times += [dt / k] * k
             started.update(o.request_id for o in outs if o.outputs and o.outputs[0].token_ids)
     finally:
         for rid in rids:

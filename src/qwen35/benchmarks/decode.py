@@ -10,6 +10,10 @@ With `--batches B,...` (one process), also batched decode: B sequences of the sa
 decoding together in one engine (max_num_seqs=B, its own CUDA graphs on a GPU), the median step
 over the rounds; total tokens/s = B / step (the issue's batch-32 figure). Ours only.
 
+With `--scheduler-steps K` our engine runs K decode steps per scheduling round
+(num_scheduler_steps, multi-step decoding; a round's time is spread over its K tokens); the JSON
+says which.
+
 With `-tp N` our engine runs on N ranks (benchmarks/parallel.py) and the roofline counts what
 rank 0 moves: on GPUs its shard over one GPU's bandwidth (the per-GPU roofline); on a CPU, where
 the ranks share one memory bus, N times that.
@@ -60,7 +64,8 @@ def run_decode(bm: BenchModel, opts: BenchOptions) -> dict:
         opts.say(f"starting {n} ranks")
         engine = parallel_engine(bm, opts, n, max_num_seqs=1, max_model_len=P + N + 16)
     else:
-        engine = make_engine(bm, max_num_seqs=1, max_model_len=P + N + 16)
+        engine = make_engine(bm, max_num_seqs=1, max_model_len=P + N + 16,
+                             num_scheduler_steps=opts.scheduler_steps)  # fmt: skip
     try:
         out = _run(engine, bm, opts, sz)
     finally:
@@ -84,12 +89,13 @@ def _batched(bm: BenchModel, opts: BenchOptions, sz: dict) -> list[dict]:
         free_memory()
         # room for the steps that decode earlier requests while later ones prefill
         engine = make_engine(bm, max_num_seqs=B, max_model_len=P + 2 * N + 16,
-                             enable_prefix_caching=False)  # fmt: skip
+                             enable_prefix_caching=False,
+                             num_scheduler_steps=opts.scheduler_steps)  # fmt: skip
         prompts = [[rng.randrange(bm.config.vocab_size) for _ in range(P)] for _ in range(B)]
         times = [t for r in range(sz["rounds"]) for t in timed_batch(engine, prompts, N, f"b{B}-{r}")]
         ms = median(times) * 1e3
         rows.append({"batch": B, "ms_per_step": ms, "tokens_per_s": B * 1e3 / ms,
-                     "num_steps_timed": len(times),
+                     "num_steps_timed": len(times), "num_scheduler_steps": opts.scheduler_steps,
                      "cuda_graphs": engine.runner.graphs is not None})  # fmt: skip
         del engine
     return rows
@@ -158,6 +164,7 @@ def _run(engine, bm: BenchModel, opts: BenchOptions, sz: dict) -> dict:
             "num_steps_timed": len(ours_steps),
             "backend": engine.runner.backend.name,
             "cuda_graphs": engine.runner.graphs is not None,
+            "num_scheduler_steps": opts.scheduler_steps,
             "gpu_profile": profile,
         },
         "transformers": None

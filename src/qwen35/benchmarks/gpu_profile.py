@@ -23,25 +23,29 @@ TOP = 12  # kernels listed by device time
 def profile_decode(engine, prompt: list[int], steps: int = 8, rid: str = "profile") -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    sp = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    k = getattr(engine.runner, "decode_steps", 1)  # tokens a step (multi-step decoding)
+    sp = SamplingParams(max_tokens=(steps + 4) * k, temperature=0.0, ignore_eos=True)
     engine.add_request(rid, prompt, sp)
     for _ in range(3):  # prefill + warm decode steps
         engine.step()
     torch.cuda.synchronize()
+    tokens = 0
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
-            engine.step()
+            tokens += sum(len(o.outputs[0].token_ids) for o in engine.step() if o.outputs)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     while engine.has_unfinished_requests():
         engine.step()
+    engine_steps, steps = steps, max(tokens, 1)  # per token from here on
     cuda = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels, busy_us = len(cuda), sum(e.time_range.elapsed_us() for e in cuda)
     top = kernels_by_time(cuda)
     spans = [(e.time_range.start, e.time_range.end, e.name[:60]) for e in cuda]
     return {
-        "steps": steps,
+        "steps": engine_steps,
+        "tokens": tokens,
         "kernels_per_token": kernels / steps,
         "gpu_busy_ms_per_token": busy_us / 1e3 / steps,
         "wall_ms_per_token": wall * 1e3 / steps,

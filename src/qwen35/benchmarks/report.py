@@ -83,6 +83,8 @@ def _decode(con: Console, d: dict, impl: str) -> None:
         title=f"Batch-1 decode (prompt {d['prompt_len']}, {d['new_tokens']} new tokens, "
         f"median of {d['ours']['num_steps_timed']} steps over {d['rounds']} rounds)"
         + (f"; qwen35 on {n} tensor-parallel ranks" if n > 1 else "")
+        + (f"; qwen35 runs {k} decode steps a scheduling round"
+           if (k := d["ours"].get("num_scheduler_steps", 1)) > 1 else "")  # fmt: skip
     )
     for c in ("", "ms / token", "tokens/s", "prefill s", "vs transformers", "of roofline"):
         t.add_column(c, justify="right")

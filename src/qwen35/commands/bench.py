@@ -102,6 +102,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "comma-separated, e.g. 4,16 (default: none)",
     )
     p.add_argument(
+        "--scheduler-steps",
+        type=int,
+        default=1,
+        metavar="K",
+        help="decode workload: our engine runs K decode steps per scheduling round "
+        "(--num-scheduler-steps, multi-step decoding; default 1)",
+    )
+    p.add_argument(
         "--draft-tokens",
         default=None,
         help="spec workload: drafts a step of each drafting engine, comma-separated (default 1,3)",
@@ -154,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         formats=tuple(args.formats.split(",")) if args.formats else None,
         batches=args.batches,
         draft_tokens=_draft_tokens(args.draft_tokens),
+        scheduler_steps=args.scheduler_steps,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
         input_len=args.input_len,

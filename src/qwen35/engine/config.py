@@ -19,6 +19,7 @@ from qwen35.cache_spec import MAX_SPECULATIVE_TOKENS, SPECULATIVE_METHODS
 from qwen35.config import check_yarn_factor
 from qwen35.errors import Qwen35Error
 
+MAX_SCHEDULER_STEPS = 16  # decode steps per scheduling round (num_scheduler_steps)
 INT4_ACTIVATIONS = ("int8", "16bit")  # --int4-activations (quant/layers.py set_int4_activations)
 
 
@@ -135,6 +136,17 @@ class SchedulingConfig:
     )
     prompt_lookup_max: int = _opt(4, "ngram drafts: the longest n-gram matched")
     prompt_lookup_min: int = _opt(2, "ngram drafts: the shortest n-gram matched")
+    num_scheduler_steps: int = _opt(
+        1,
+        "decode steps run back to back per scheduling round, each fed the tokens the last one "
+        "sampled on the device (vLLM's multi-step scheduling): the host schedules, builds the "
+        "batch and reads tokens once per k tokens instead of every token, so a GPU waits on "
+        "Python k times less often; tokens stream k at a time, and a sequence that stops mid-way "
+        "wastes the rest of its k. Rows with logprobs, penalties, logit bias, allowed / bad "
+        "words, a grammar or pending min_tokens, and steps with prefill chunks, run one step. "
+        "1: off",
+        choices=list(range(1, MAX_SCHEDULER_STEPS + 1)),
+    )
     speculative_adaptive: bool = _opt(
         False,
         "speculative decoding, k > 1: draft only as many of the k tokens a step as measured step "
@@ -385,6 +397,22 @@ class EngineConfig:
             raise Qwen35Error(
                 f"prompt_lookup_min and prompt_lookup_max must be integers with 1 <= min <= max, "
                 f"got {s.prompt_lookup_min!r} and {s.prompt_lookup_max!r}"
+            )
+        if s.num_scheduler_steps not in range(1, MAX_SCHEDULER_STEPS + 1):
+            raise Qwen35Error(
+                f"num_scheduler_steps must be 1 (off) .. {MAX_SCHEDULER_STEPS}, got "
+                f"{s.num_scheduler_steps!r}"
+            )
+        if s.num_scheduler_steps > 1 and s.num_speculative_tokens:
+            raise Qwen35Error(
+                "num_scheduler_steps > 1 and speculative decoding both use the decode step's "
+                "lookahead positions: choose one (set num_scheduler_steps to 1 or "
+                "num_speculative_tokens to 0)"
+            )
+        if s.num_scheduler_steps > 1 and p.tensor_parallel_size > 1:
+            raise Qwen35Error(
+                "num_scheduler_steps > 1 runs on one rank for now: drop it or "
+                "tensor_parallel_size"
             )
         if s.num_speculative_tokens and p.tensor_parallel_size > 1:
             raise Qwen35Error(

@@ -345,6 +345,7 @@ class LLMEngine:
                 spec_tokens=sc.num_speculative_tokens,
                 spec_adaptive=sc.speculative_adaptive,
                 spec_ngram=None if mtp else (sc.prompt_lookup_min, sc.prompt_lookup_max),
+                decode_steps=sc.num_scheduler_steps,
             )  # fmt: skip
         else:
             from qwen35.parallel import setup as tp_setup
@@ -377,7 +378,8 @@ class LLMEngine:
             checkpoint_interval=cc.checkpoint_interval or self.plan.checkpoint_interval,
             eos_token_ids=self.eos_token_ids,
             max_num_encoder_tokens=ec.multimodal.max_num_encoder_tokens or 0,
-            num_lookahead_tokens=sc.num_speculative_tokens,
+            # positions a decode step may run past its token: drafts, or multi-step decoding
+            num_lookahead_tokens=sc.num_speculative_tokens or sc.num_scheduler_steps - 1,
             scheduling_policy=sc.scheduling_policy,
         )
         self.scheduler = Scheduler(

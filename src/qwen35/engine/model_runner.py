@@ -79,6 +79,7 @@ class ModelRunner:
         spec_tokens: int = 1,  # drafts per step at most
         spec_adaptive: bool = False,  # fewer where they do not pay (SpecState.adaptive)
         spec_ngram: tuple[int, int] | None = None,  # n-gram drafts (min, max n), not the MTP head
+        decode_steps: int = 1,  # multi-step decoding (EngineConfig num_scheduler_steps)
     ):
         self.model = model
         self.caches = caches
@@ -99,6 +100,7 @@ class ModelRunner:
         self.vision = (
             VisionInputs(model, self.device) if getattr(model, "has_vision", False) else None
         )
+        self.decode_steps = decode_steps
         self.spec: SpecState | None = None  # engine/speculative.py
         if spec_slots is not None:
             if spec_ngram is None and not getattr(model, "has_mtp", False):
@@ -190,7 +192,11 @@ class ModelRunner:
         return buf[: len(ids)]
 
     def build_batch(
-        self, scheduled, verify: dict[int, Verify] | None = None, phased: bool = False
+        self,
+        scheduled,
+        verify: dict[int, Verify] | None = None,
+        phased: bool = False,
+        input_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ForwardBatch, list]:
         """The step's host lists -> input ids [T] and the ForwardBatch (all index tensors built
         here, so the model reads nothing back from the device). verify: scheduled index ->
@@ -198,7 +204,9 @@ class ModelRunner:
         row before, each of which is saved into a spare slot: as one chunk with state
         checkpoints, or (phased: a CPU step of one token per sequence) as decode rows after all
         the others, the j-th drafts in phase j (DecodeBatch.phases: each row's arithmetic that
-        of a decode step). `self.rows_of`: each scheduled sequence's token rows."""
+        of a decode step). `self.rows_of`: each scheduled sequence's token rows. input_ids: the
+        step's token ids already on the device (multi-step decoding: the tokens the step before
+        sampled, one a sequence; they are not in seq.token_ids yet)."""
         verify = verify or {}
         bs = self.caches.block_size
         ids: list[int] = []
@@ -235,7 +243,7 @@ class ModelRunner:
         for i, s in enumerate(scheduled):
             seq, start, n = s.seq, s.start, s.num_new_tokens
             v = verify.get(i)
-            toks = seq.token_ids[start : start + n]
+            toks = seq.token_ids[start : start + n] if input_ids is None else [0] * n
             ck = list(s.checkpoints)
             if v is not None and phased:  # the draft rows come after every sequence's token
                 for j, spare in enumerate(v.spares[: len(v.drafts)]):
@@ -272,7 +280,8 @@ class ModelRunner:
             state_checkpoints=checkpoints,
             device=self.device,
             backend=self.backend,
-            input_ids=ids,  # sent with the other index tensors (one copy per dtype on a GPU)
+            # sent with the other index tensors (one copy per dtype on a GPU)
+            input_ids=ids if input_ids is None else input_ids,
             phase_splits=splits,
             phase_copies=copies,  # (after each phase but the last)
         )
@@ -319,6 +328,8 @@ class ModelRunner:
             # states in place on runs of slots and the decode plan applies (models/
             # cpu_decode.py); each row's arithmetic is the same in any order
             scheduled = sorted(scheduled, key=lambda s: s.seq.state_slot)
+        if self.decode_steps > 1 and self.spec is None and (k := self._steps(scheduled)) > 1:
+            return self._multi_step(scheduled, k)
         verify = self.spec.plan(scheduled) if self.spec is not None else {}
         if verify and self.spec.k > 1 and self.spec.ngram is None:
             self._chain(scheduled, verify)
@@ -386,20 +397,7 @@ class ModelRunner:
             return StepResult({}, {})
         if tokens is not None:
             return StepResult({s.seq_id: int(t) for s, t in zip(seqs, tokens, strict=True)}, {})
-        extra = drafted or [()] * len(seqs)
-        rows = [
-            SamplingRow(
-                params=seq.params,
-                # the prompt is read only by the repetition penalty: skip the copy otherwise
-                prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens]
-                if seq.params.repetition_penalty != 1.0
-                else (),
-                output_token_ids=TokenTail(seq.token_ids, seq.num_prompt_tokens, d),
-                generator=self._generators.get(seq.seq_id),
-                eos_token_ids=() if seq.params.ignore_eos else self.eos_token_ids,
-            )
-            for seq, d in zip(seqs, extra, strict=True)
-        ]
+        rows = self._rows(seqs, drafted)
         logits = logits.float()
         dead: dict[int, Exception] = {}  # rows the processor left no token: not sampled
         if self.logits_processor is not None and drafted is None:
@@ -419,6 +417,63 @@ class ModelRunner:
             seq.seq_id: lp for seq, lp in zip(seqs, out.logprobs, strict=True) if lp is not None
         }
         return StepResult(sampled, lps, errors)
+
+    def _rows(self, seqs, drafted: list[int] | None = None) -> list[SamplingRow]:
+        """The sampler's row of each sequence (drafted: see _sample)."""
+        extra = drafted or [()] * len(seqs)
+        return [
+            SamplingRow(
+                params=seq.params,
+                # the prompt is read only by the repetition penalty: skip the copy otherwise
+                prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens]
+                if seq.params.repetition_penalty != 1.0
+                else (),
+                output_token_ids=TokenTail(seq.token_ids, seq.num_prompt_tokens, d),
+                generator=self._generators.get(seq.seq_id),
+                eos_token_ids=() if seq.params.ignore_eos else self.eos_token_ids,
+            )
+            for seq, d in zip(seqs, extra, strict=True)
+        ]
+
+    # ---- multi-step decoding --------------------------------------------------------------
+    def _steps(self, scheduled) -> int:
+        """How many decode steps this scheduled step can run back to back (1: one, as usual):
+        every sequence decodes one token with lookahead positions (the scheduler's
+        num_lookahead_tokens), its sampling needs nothing from the host (`device_sampled`), no
+        images (3-D positions); 1 + the fewest lookahead positions of them."""
+        k = self.decode_steps
+        for s in scheduled:
+            seq = s.seq
+            if s.num_new_tokens != 1 or not s.sample or seq.mm_items or seq.needs_prompt_logprobs:
+                return 1
+            if not device_sampled(seq.params, seq.num_output_tokens):
+                return 1
+            k = min(k, 1 + s.lookahead)
+        return k
+
+    def _multi_step(self, scheduled, k: int) -> StepResult:
+        """k decode steps of the scheduled sequences back to back, each fed the tokens the one
+        before sampled, on the device: one read of the tokens at the end (k per sequence: the
+        first as the step's sampled token, the rest as bonus tokens, which the scheduler takes
+        as speculative decoding's accepted drafts: stops checked after each, the KV of those
+        after a stop never read). Positions start + j; the scheduler gave every sequence KV
+        blocks up to start + k - 1 (its lookahead)."""
+        seqs = [s.seq for s in scheduled]
+        rows = self._rows(seqs)
+        input_ids, batch, _ = self.build_batch(scheduled)
+        out = []
+        for j in range(k):
+            if j:
+                later = [dataclasses.replace(s, start=s.start + j, restore_from=None, checkpoints=[])
+                         for s in scheduled]  # fmt: skip
+                input_ids, batch, _ = self.build_batch(later, input_ids=out[-1])
+            logits = self.run_model(input_ids, batch)  # [S, V]
+            out.append(self.sampler.tokens(logits, rows))
+        tokens = torch.stack(out, dim=1).tolist()  # [S, k]: the one host read
+        return StepResult(
+            {seq.seq_id: t[0] for seq, t in zip(seqs, tokens, strict=True)}, {},
+            bonus={seq.seq_id: t[1:] for seq, t in zip(seqs, tokens, strict=True)},
+        )  # fmt: skip
 
     def _prompt_rows(self, scheduled) -> list[tuple[str, list[int], list[int], int]]:
         """Rows whose logits give prompt logprobs this step: (seq_id, token rows, the prompt
@@ -650,7 +705,19 @@ def screen_k(p, num_output: int) -> int | None:
     (logprobs, penalties, logit bias, pending min_tokens, a grammar, no top-k)."""
     from qwen35.models.head_screen import MAX_TOP_K
 
-    if (
+    if not device_sampled(p, num_output):
+        return None
+    if is_greedy(p):
+        return 1
+    return p.top_k if 0 < p.top_k <= MAX_TOP_K else None
+
+
+def device_sampled(p, num_output: int) -> bool:
+    """A row whose next token the sampler draws from its logits and the request's parameters
+    alone (greedy, or temperature / top-k / top-p / min-p with the request's or the shared
+    generator): nothing read from the host's token lists, no logprobs to return. Not: logprobs,
+    penalties, logit bias, allowed / bad words, a grammar, min_tokens still pending."""
+    return not (
         p.logprobs is not None
         or has_penalties(p)
         or p.logit_bias
@@ -658,11 +725,7 @@ def screen_k(p, num_output: int) -> int | None:
         or p.bad_words_token_ids
         or p.structured_outputs is not None
         or num_output < p.min_tokens
-    ):
-        return None
-    if is_greedy(p):
-        return 1
-    return p.top_k if 0 < p.top_k <= MAX_TOP_K else None
+    )
 
 
 def _verify_rows(model: torch.nn.Module, device) -> int | None:

@@ -109,6 +109,19 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """logits: [S, V] (any float dtype; computed in float32), one SamplingRow per row."""
+        tokens, raw, processed = self._tokens(logits, rows)
+        src = raw if self.logprobs_mode == "raw" else processed
+        pending = logprob_tensors(src, rows, tokens)  # queued before the first device sync
+        token_ids = tokens.tolist()
+        return SamplerOutput(token_ids, to_token_logprobs(rows, token_ids, pending))
+
+    def tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """The rows' next tokens [S] int64 on the logits' device, read nothing back to the host
+        (multi-step decoding feeds them to the next step; no logprobs)."""
+        return self._tokens(logits, rows)[0]
+
+    def _tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]):
+        """(tokens [S], raw fp32 logits, the processed logits the tokens were drawn from)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"logits must be [num_rows, vocab] with one SamplingRow per row, got shape "
@@ -135,10 +148,7 @@ class Sampler:
                 tokens = tokens.index_copy(0, idx_t, drawn)
                 if self.logprobs_mode == "processed":
                     processed = x.index_copy(0, idx_t, sub)
-        src = raw if self.logprobs_mode == "raw" else processed
-        pending = logprob_tensors(src, rows, tokens)  # queued before the first device sync
-        token_ids = tokens.tolist()
-        return SamplerOutput(token_ids, to_token_logprobs(rows, token_ids, pending))
+        return tokens, raw, processed
 
     def _draw(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """One sample per row of masked, temperature-scaled logits x: [R, V] -> [R] int64."""

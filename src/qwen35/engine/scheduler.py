@@ -364,12 +364,16 @@ class Scheduler:
     # ---- internals ----
 
     def _lookahead(self, seq: Sequence, n: int, budget: int) -> int:
-        """Draft positions a decode step of seq gets (speculative decoding), within the budget
-        and max_model_len."""
+        """Positions past its token a decode step of seq gets (speculative decoding's drafts, or
+        the further steps of multi-step decoding), within the budget, max_model_len and the
+        tokens max_tokens leaves after the one this step samples."""
         la = self.config.num_lookahead_tokens
         if not la or n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
             return 0
-        return max(0, min(la, budget - 1, self.config.max_model_len - seq.num_tokens))
+        la = min(la, budget - 1, self.config.max_model_len - seq.num_tokens)
+        if seq.params.max_tokens is not None:
+            la = min(la, seq.params.max_tokens - seq.num_output_tokens - 1)
+        return max(0, la)
 
     def _chunk(self, seq: Sequence, start: int, budget: int) -> int:
         n = min(seq.num_tokens - start, budget)
