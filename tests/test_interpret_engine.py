@@ -166,6 +166,27 @@ def test_engine_greedy_equals_reference(which, ckpts, calls):
     assert (n["sparse_moe"] > 0) == (which == "moe"), n  # the decode steps' MoE blocks
 
 
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_engine_multi_step_on_the_gpu_backend(which, ckpts, calls, monkeypatch):
+    """num_scheduler_steps=3 through the GPU backend's kernels (each round's later steps fed the
+    tokens the step before sampled, as tensors): the CPU engine's single-step greedy tokens."""
+    from qwen35.engine.model_runner import ModelRunner
+
+    d = ckpts[which]
+    ps = prompts(2, seed=24, lo=3, hi=20)
+    sp = SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
+    kw = dict(block_size=BS, max_num_batched_tokens=32)
+    want = ids(make(d, **kw).generate(ps, sp))
+    rounds = []
+    orig = ModelRunner._multi_step
+    monkeypatch.setattr(ModelRunner, "_multi_step",
+                        lambda self, sc, k: rounds.append(k) or orig(self, sc, k))  # fmt: skip
+    llm = _interpreted(d, calls.counted(_full()), num_scheduler_steps=3, **kw)
+    assert ids(llm.generate(ps, sp)) == want
+    assert rounds and max(rounds) == 3
+    assert calls.n["paged_decode_attention"] and calls.n["conv_update_"], calls.n
+
+
 def test_engine_fp8_moe_equals_cpu_engine(tmp_path, calls):
     """An official-layout FP8 MoE checkpoint (experts per expert, e4m3 with 128 x 128 blocks):
     the interpreted GPU backend's decode steps take the Triton MoE, which reads the experts as
