@@ -294,34 +294,3 @@ def sparse_moe(
         UNROLL=kp * Ii <= UNROLL_MAX, BO=FP8_BLOCK, BN=block_n, BK=bk,
     )  # fmt: skip
     return y
-    gs = experts.gate_up_scale if fp8 else x  # (unread without FP8)
-    ds = experts.down_scale if fp8 else x
-    if fp8:
-        assert gs.stride(2) == 1 and ds.stride(2) == 1
-    if fp8:  # e4m3 read as bytes (kernels/triton_fp8.py): builds before sm_89 too
-        gu, dn = bits(gu), bits(dn)
-    _gate_up_kernel[(T * top_k, triton.cdiv(Ii, block_n))](
-        x, x.stride(0), idx, gu, gu.stride(0), gu.stride(1), gs, gs.stride(0),
-        gs.stride(1) if fp8 else 0, hbuf, hbuf.stride(0), H, Ii, triton.cdiv(Ii, FP8_BLOCK),
-        K_TOP=top_k, FP8=fp8, BO=FP8_BLOCK, BN=block_n, BK=BK,
-    )  # fmt: skip
-    sh = shared
-    if sh is not None:
-        sd_fp8 = sh.down_scale is not None
-        assert sh.gate.stride(1) == 1 and sh.up.stride(1) == 1 and sh.down.stride(1) == 1
-        assert sh.gate_weight.is_contiguous()
-        sgw, sg, su, sd = sh.gate_weight, sh.gate, sh.up, sh.down
-        sd = bits(sd) if sd_fp8 else sd
-        sds = sh.down_scale if sd_fp8 else x
-        is_ = sd.shape[1]
-    else:  # unread (HAS_SHARED=False)
-        sd_fp8, sgw, sg, su, sd, sds, is_ = False, x, x, x, x, x, 0
-    kp = triton.next_power_of_2(top_k)
-    _down_kernel[(T, triton.cdiv(H, block_n))](
-        hbuf, hbuf.stride(0), idx, tw, dn, dn.stride(0), dn.stride(1), ds, ds.stride(0),
-        ds.stride(1) if fp8 else 0, x, x.stride(0), sgw, sg, sg.stride(0), su, su.stride(0), sd,
-        sd.stride(0), sds, sds.stride(0) if sd_fp8 else 0, y, y.stride(0), H, Ii, is_,
-        K_TOP=top_k, FP8=fp8, HAS_SHARED=sh is not None, SD_FP8=sd_fp8, BO=FP8_BLOCK,
-        BN=block_n, BK=BK,
-    )  # fmt: skip
-    return y
