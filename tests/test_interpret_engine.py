@@ -320,4 +320,7 @@ def test_speculative_verify_steps_on_the_gpu_backend(which, k, tmp_path, calls):
     assert ids(llm.generate(ps, sp)) == want
     spec.draft_override = oracle({tuple(p): p + w for p, w in zip(ps, want, strict=True)})
     assert ids(llm.generate(ps, sp)) == want
-    assert spec.stats.accepted > 4 and calls.n["chunk"] and calls.n["paged_prefill_attention"]
+    # always-right drafts: at least 2 a sequence in its 5 tokens after the prefill (no draft
+    # positions past max_tokens: the last token comes alone)
+    assert spec.stats.accepted >= 2 * len(ps)
+    assert calls.n["chunk"] and calls.n["paged_prefill_attention"]
