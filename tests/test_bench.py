@@ -392,6 +392,27 @@ def test_timed_batch_times_only_steps_that_decode_every_sequence(tiny_cfg):
     assert not small.has_unfinished_requests()
 
 
+def test_decode_workload_with_scheduler_steps(tiny_cfg):
+    """--scheduler-steps 3: the K-step engine and a single-step one on the same weights, round
+    by round (their tokens must agree, or the workload fails), at batch 1 and batched; a round's
+    time counts as its K tokens'; timed_batch spreads a round over its tokens."""
+    from qwen35.benchmarks.common import make_engine, timed_batch
+    from qwen35.benchmarks.runner import run_bench
+
+    opts = BenchOptions(model=tiny_cfg, quick=True, baseline=False, batches=(2,),
+                        scheduler_steps=3)  # fmt: skip
+    d = run_bench(opts, ["decode"])["workloads"]["decode"]
+    assert d["ours"]["num_scheduler_steps"] == 3
+    assert _finite_positive(d["single_step"]["ms_per_token"])
+    assert _finite_positive(d["multi_step_speedup"])
+    (b,) = d["batched"]
+    assert b["num_scheduler_steps"] == 3 and _finite_positive(b["multi_step_speedup"])
+    bm = load_bench_model(BenchOptions(model=tiny_cfg, dtype="fp32", threads=1))
+    engine = make_engine(bm, max_num_seqs=2, max_model_len=64, num_scheduler_steps=3)
+    times = timed_batch(engine, [list(range(3, 13)), list(range(4, 14))], 6, "k3")
+    assert len(times) == 6 and times[0] == times[1] == times[2]  # one round: 3 equal shares
+
+
 def test_bench_batches_flag():
     from qwen35.commands.bench import _batches
 

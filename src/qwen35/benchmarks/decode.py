@@ -10,9 +10,11 @@ With `--batches B,...` (one process), also batched decode: B sequences of the sa
 decoding together in one engine (max_num_seqs=B, its own CUDA graphs on a GPU), the median step
 over the rounds; total tokens/s = B / step (the issue's batch-32 figure). Ours only.
 
-With `--scheduler-steps K` our engine runs K decode steps per scheduling round
-(num_scheduler_steps, multi-step decoding; a round's time is spread over its K tokens); the JSON
-says which.
+With `--scheduler-steps K` (K > 1) our engine runs K decode steps per scheduling round
+(num_scheduler_steps, multi-step decoding; a round's time is spread over its K tokens), and a
+second engine on the same weights with single steps runs beside it, round by round (batch 1 and
+each --batches size): `ours` is the K-step engine, `single_step` the other, and
+`multi_step_speedup` their ratio.
 
 With `-tp N` our engine runs on N ranks (benchmarks/parallel.py) and the roofline counts what
 rank 0 moves: on GPUs its shard over one GPU's bandwidth (the per-GPU roofline); on a CPU, where
@@ -66,8 +68,11 @@ def run_decode(bm: BenchModel, opts: BenchOptions) -> dict:
     else:
         engine = make_engine(bm, max_num_seqs=1, max_model_len=P + N + 16,
                              num_scheduler_steps=opts.scheduler_steps)  # fmt: skip
+    single = None  # multi-step decoding's baseline: the same engine with single steps
+    if opts.scheduler_steps > 1 and n == 1:
+        single = make_engine(bm, max_num_seqs=1, max_model_len=P + N + 16)
     try:
-        out = _run(engine, bm, opts, sz)
+        out = _run(engine, bm, opts, sz, single)
     finally:
         if n > 1:
             engine.shutdown()
@@ -88,27 +93,38 @@ def _batched(bm: BenchModel, opts: BenchOptions, sz: dict) -> list[dict]:
         opts.say(f"batched decode, {B} sequences")
         free_memory()
         # room for the steps that decode earlier requests while later ones prefill
-        engine = make_engine(bm, max_num_seqs=B, max_model_len=P + 2 * N + 16,
-                             enable_prefix_caching=False,
-                             num_scheduler_steps=opts.scheduler_steps)  # fmt: skip
+        ks = [opts.scheduler_steps] + ([1] if opts.scheduler_steps > 1 else [])
+        engines = {k: make_engine(bm, max_num_seqs=B, max_model_len=P + 2 * N + 16,
+                                  enable_prefix_caching=False, num_scheduler_steps=k)
+                   for k in ks}  # fmt: skip
         prompts = [[rng.randrange(bm.config.vocab_size) for _ in range(P)] for _ in range(B)]
-        times = [t for r in range(sz["rounds"]) for t in timed_batch(engine, prompts, N, f"b{B}-{r}")]
-        ms = median(times) * 1e3
-        rows.append({"batch": B, "ms_per_step": ms, "tokens_per_s": B * 1e3 / ms,
-                     "num_steps_timed": len(times), "num_scheduler_steps": opts.scheduler_steps,
-                     "cuda_graphs": engine.runner.graphs is not None})  # fmt: skip
-        del engine
+        times = {k: [] for k in ks}
+        for r in range(sz["rounds"]):  # the engines alternate round by round
+            for k, engine in engines.items():
+                times[k] += timed_batch(engine, prompts, N, f"b{B}-{r}-k{k}")
+        ms = median(times[ks[0]]) * 1e3
+        row = {"batch": B, "ms_per_step": ms, "tokens_per_s": B * 1e3 / ms,
+               "num_steps_timed": len(times[ks[0]]), "num_scheduler_steps": ks[0],
+               "cuda_graphs": engines[ks[0]].runner.graphs is not None}  # fmt: skip
+        if len(ks) > 1:
+            ms1 = median(times[1]) * 1e3
+            row["single_step"] = {"ms_per_step": ms1, "tokens_per_s": B * 1e3 / ms1}
+            row["multi_step_speedup"] = ms1 / ms
+        rows.append(row)
+        del engines
     return rows
 
 
-def _run(engine, bm: BenchModel, opts: BenchOptions, sz: dict) -> dict:
+def _run(engine, bm: BenchModel, opts: BenchOptions, sz: dict, single=None) -> dict:
     P, N = sz["prompt_len"], sz["new_tokens"]
     cfg = bm.config
     rng = random.Random(opts.seed)
     hf = bm.hf if opts.baseline else None
-    ours_steps, hf_steps, bandwidths = [], [], []
+    ours_steps, hf_steps, bandwidths, single_steps = [], [], [], []
     ours_prefill, hf_prefill, agree = [], [], []
     _ours(engine, [rng.randrange(cfg.vocab_size) for _ in range(P)], 2, "warmup")
+    if single is not None:
+        _ours(single, [rng.randrange(cfg.vocab_size) for _ in range(P)], 2, "warmup-1")
     if hf is not None:
         from qwen35.benchmarks.hf_baseline import hf_generate
 
@@ -118,6 +134,11 @@ def _run(engine, bm: BenchModel, opts: BenchOptions, sz: dict) -> dict:
         steps, tokens = _ours(engine, prompt, N, f"decode-{r}")
         ours_prefill.append(steps[0])
         ours_steps += steps[1:]
+        if single is not None:  # the same request, single steps
+            one, one_tokens = _ours(single, prompt, N, f"decode-{r}-k1")
+            single_steps += one[1:]
+            if one_tokens != tokens:
+                raise RuntimeError("multi-step decoding gave other tokens than single steps")
         if hf is not None:
             hf_tokens, times, _ = hf_generate(hf, [prompt], N)
             gaps = [b - a for a, b in itertools.pairwise(times)]
@@ -178,6 +199,12 @@ def _run(engine, bm: BenchModel, opts: BenchOptions, sz: dict) -> dict:
             # weights can flip an argmax in the last bits; information only)
             "greedy_tokens_agreeing": agree,
         },
+        "single_step": None
+        if single is None
+        else {"ms_per_token": median(single_steps) * 1e3,
+              "tokens_per_s": 1 / median(single_steps),
+              "num_steps_timed": len(single_steps)},  # fmt: skip
+        "multi_step_speedup": median(single_steps) * 1e3 / ours_ms if single is not None else None,
         "speedup_vs_transformers": vs_hf,
         "fraction_of_roofline": of_roof,
         "goals": [

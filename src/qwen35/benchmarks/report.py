@@ -98,6 +98,15 @@ def _decode(con: Console, d: dict, impl: str) -> None:
         _x(d["speedup_vs_transformers"]),
         _pct(d["fraction_of_roofline"]),
     )
+    if (one := d.get("single_step")) is not None:  # --scheduler-steps K: the same, single steps
+        t.add_row(
+            "qwen35, single steps",
+            _f(one["ms_per_token"], ".2f"),
+            _f(one["tokens_per_s"]),
+            "",
+            f"multi-step {_x(d['multi_step_speedup'])}",
+            _pct(one["tokens_per_s"] / roof),
+        )
     if h:
         t.add_row(
             f"transformers{impl}",
@@ -136,6 +145,8 @@ def _decode(con: Console, d: dict, impl: str) -> None:
             f"  batched decode, {r['batch']} sequences: {r['ms_per_step']:.2f} ms / step, "
             f"{r['tokens_per_s']:.0f} tokens/s (median of {r['num_steps_timed']} steps"
             + (", CUDA graphs" if r["cuda_graphs"] else "") + ")"
+            + (f"; single steps {r['single_step']['ms_per_step']:.2f} ms, multi-step "
+               f"{_x(r['multi_step_speedup'])}" if r.get("single_step") else "")  # fmt: skip
         )
 
 
