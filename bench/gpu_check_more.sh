@@ -12,7 +12,9 @@
 #   4. FP8 MoE decode: Qwen3.5-35B-A3B-FP8 with random e4m3 weights (~35 GB).
 #   5. bench/gpu_kernels.py: our other decode kernels against the paths they replaced, at the
 #      real shapes (FP8 GEMV vs quantize + scaled GEMM; split-K vs unsplit decode attention at
-#      1K-32K; DeltaNet gates in the kernel vs apart).
+#      1K-32K; a 2,048-token prefill chunk after 2K-30K cached tokens: our Triton paged kernel vs
+#      gather + SDPA (FlashAttention with a bottom-right causal bias); DeltaNet gates in the
+#      kernel vs apart).
 # (The 9B prefill with its kernels by device time, `python3 bench/gpu_prefill.py --model
 #  Qwen3.5-9B --reps 1 --profile`, waits for a call with time to spare: 29.5K tok/s at 32K on
 #  2026-12-04.)
@@ -26,11 +28,11 @@ step 50 "35B-A3B decode" $B --model Qwen3.5-35B-A3B --workload decode --no-basel
   --out "$OUT/35b_decode.json"
 step 60 "0.8B decode, 4 steps a round" $B --model Qwen3.5-0.8B --workload decode --no-baseline \
   --batches 32 --scheduler-steps 4 --out "$OUT/08b_decode_k4.json"
-step 90 "0.8B throughput" $B --model Qwen3.5-0.8B --workload throughput --hf-batch-size 32 \
+step 85 "0.8B throughput" $B --model Qwen3.5-0.8B --workload throughput --hf-batch-size 32 \
   --out "$OUT/08b_throughput.json"
 step 60 "35B-A3B-FP8 decode" $B --model Qwen3.5-35B-A3B-FP8 --workload decode --no-baseline \
   --out "$OUT/35b_fp8_decode.json"
-step 40 "kernels vs what they replaced" python3 bench/gpu_kernels.py --only fp8,attention,deltanet \
+step 45 "kernels vs what they replaced" python3 bench/gpu_kernels.py --only fp8,attention,deltanet \
   --out "$OUT/kernels.json"
 # fla's configs again: this call's transformers runs tune fla at their own (not varlen) shapes,
 # which the first call's configs do not match; merge into kernels/fla_configs/ as before

@@ -16,7 +16,10 @@ by side with the path it replaced, in one run:
   activation quantization + the blockwise GEMM (torch._scaled_mm where it runs, and the Triton
   block kernel), 1 / 16 rows, 27B projections.
 - attention: paged decode attention at 1K / 8K / 32K tokens, batch 1 / 32: split-K (the
-  default) vs one program per (sequence, KV head), 9B heads (16 query, 4 KV, head_dim 256).
+  default) vs one program per (sequence, KV head), 9B heads (16 query, 4 KV, head_dim 256);
+  and a 2,048-token prefill chunk after 2K / 14K / 30K cached tokens (chunked prefill of a long
+  prompt): the Triton paged kernel vs gather + SDPA with a bottom-right causal bias vs with a
+  boolean mask (`tflops` per row).
 - deltanet: a decode step of one DeltaNet layer between its projections at the 9B shapes: conv +
   recurrent step with its gates + gated norm (3 launches) vs the gates op by op first.
 --dry-run (CPU, Triton's interpreter, tiny sizes) calls every path once and times nothing.
@@ -158,6 +161,64 @@ def attention(dev, dtype, out: list) -> None:
                     kw["split_tokens"] = tokens
                 us = bench(ta.paged_decode_attention, q, kc, vc, tables, lens, hd**-0.5, gate, **kw)
                 row(out, f"attention N={N} ctx={ctx} {label}", us, kv, N=N, ctx=ctx)
+    prefill_continuation(dev, dtype, out, nh, nkv, hd, bs)
+
+
+def prefill_continuation(dev, dtype, out: list, nh: int, nkv: int, hd: int, bs: int) -> None:
+    """A prefill chunk over its cached prefix (the engine's chunked prefill of a long prompt,
+    2,048 tokens a step by default): our Triton paged kernel (the GPU path) vs gathering the
+    context's K/V and torch's SDPA with a bottom-right causal bias (FlashAttention where torch
+    has it) vs the same with a boolean mask (the PyTorch path). `GB/s` here is the K/V bytes;
+    TFLOP/s in the row's `tflops`."""
+    from qwen35.kernels import triton_attention as ta
+
+    Tq = 2048 if not DRY else 48
+    for start in (2048, 14336, 30720) if not DRY else (32, 80):
+        ctx = start + Tq
+        W = -(-ctx // bs)
+        kc = torch.randn(W, bs, nkv, hd, device=dev, dtype=dtype)
+        vc = torch.randn_like(kc)
+        table = torch.arange(W, device=dev, dtype=torch.int32)
+        q = torch.randn(Tq, nh, hd, device=dev, dtype=dtype)
+        scale = hd**-0.5
+        flops = 4 * nh * hd * Tq * (start + (Tq + 1) / 2)  # QK^T and PV over the causal part
+
+        kv = 2 * ctx * nkv * hd * dtype.itemsize
+        ref = _sdpa_mask(q, kc, vc, table, ctx, scale).float()  # the three compute one thing
+        for got in (ta.paged_prefill_attention(q, kc, vc, table, start, scale),
+                    _sdpa_lower_right(q, kc, vc, table, ctx, scale)[0].transpose(0, 1)):  # fmt: skip
+            err = (got.float() - ref).abs().max().item()
+            assert err < (1e-4 if dtype == torch.float32 else 3e-2), f"prefill paths differ: {err}"
+        for label, fn, args in (
+            ("Triton paged", ta.paged_prefill_attention, (q, kc, vc, table, start, scale)),
+            ("gather + SDPA lower-right causal", _sdpa_lower_right, (q, kc, vc, table, ctx, scale)),
+            ("gather + SDPA boolean mask", _sdpa_mask, (q, kc, vc, table, ctx, scale)),
+        ):
+            try:
+                us = bench(fn, *args)
+            except Exception as e:  # e.g. no SDPA kernel takes the bias at this head_dim
+                print(f"  prefill chunk {Tq} after {start}: {label}: {type(e).__name__}: {e}"[:200])
+                continue
+            row(out, f"prefill chunk {Tq} after {start} {label}", us, kv, start=start,
+                tflops=flops / (us * 1e-6) / 1e12 if us else None)  # fmt: skip
+
+
+def _sdpa_lower_right(q, kc, vc, table, ctx: int, scale: float):
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    from qwen35.ops.attention import gather_kv
+
+    k, v = gather_kv(kc, table, ctx), gather_kv(vc, table, ctx)
+    qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))
+    bias = causal_lower_right(q.shape[0], ctx)
+    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=scale, enable_gqa=True)
+
+
+def _sdpa_mask(q, kc, vc, table, ctx: int, scale: float):
+    from qwen35.ops.attention import gather_kv, prefill_attention
+
+    return prefill_attention(q, gather_kv(kc, table, ctx), gather_kv(vc, table, ctx), scale)
 
 
 def deltanet(dev, dtype, out: list) -> None:
