@@ -184,3 +184,30 @@ def test_serve_command_in_a_subprocess(tmp_path):
         status = proc.wait(30)
     # a clean stop: uvicorn re-raises the signal once shut down (only an engine failure exits 1)
     assert status in (0, -signal.SIGTERM), status
+
+
+def test_multi_step_server_streams_rounds_with_single_steps_text(real, tmp_path):
+    """A server whose engine runs 4 decode steps a round (--num-scheduler-steps 4): completions,
+    streamed or not, with a stop string met inside a round, give the single-step server's text;
+    the stream arrives in rounds of tokens."""
+    from server_fakes import serving_tiny_engine
+
+    _, client1, _, _ = real  # (the same checkpoint: build_tiny_engine's fixed seed)
+    gen = serving_tiny_engine(tmp_path / "k4", max_num_seqs=8, num_scheduler_steps=4)
+    srv, client4, engine = next(gen)
+    try:
+        assert engine.runner.decode_steps == 4
+        kw = dict(model="tiny", prompt="The capital of France is", max_tokens=11, temperature=0,
+                  extra_body={"ignore_eos": True})  # fmt: skip
+        one = client1.completions.create(**kw).choices[0].text
+        assert client4.completions.create(**kw).choices[0].text == one
+        pieces = [ch.choices[0].text for ch in client4.completions.create(**kw, stream=True)
+                  if ch.choices and ch.choices[0].text]  # fmt: skip
+        assert "".join(pieces) == one and len(pieces) < 11  # fewer chunks than tokens
+        stop = one[len(one) // 2 : len(one) // 2 + 2]
+        a = client1.completions.create(**kw, stop=[stop]).choices[0]
+        b = client4.completions.create(**kw, stop=[stop]).choices[0]
+        assert (b.text, b.finish_reason) == (a.text, a.finish_reason) == (one[: one.index(stop)],
+                                                                          "stop")  # fmt: skip
+    finally:
+        next(gen, None)
