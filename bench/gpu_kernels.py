@@ -192,6 +192,8 @@ def prefill_continuation(dev, dtype, out: list, nh: int, nkv: int, hd: int, bs: 
         for label, fn, args in (
             ("Triton paged", ta.paged_prefill_attention, (q, kc, vc, table, start, scale)),
             ("gather + SDPA lower-right causal", _sdpa_lower_right, (q, kc, vc, table, ctx, scale)),
+            ("gather + SDPA lower-right, cuDNN", _sdpa_lower_right,
+             (q, kc, vc, table, ctx, scale, "CUDNN_ATTENTION")),
             ("gather + SDPA boolean mask", _sdpa_mask, (q, kc, vc, table, ctx, scale)),
         ):
             try:
@@ -203,8 +205,12 @@ def prefill_continuation(dev, dtype, out: list, nh: int, nkv: int, hd: int, bs: 
                 tflops=flops / (us * 1e-6) / 1e12 if us else None)  # fmt: skip
 
 
-def _sdpa_lower_right(q, kc, vc, table, ctx: int, scale: float):
+def _sdpa_lower_right(q, kc, vc, table, ctx: int, scale: float, backend: str | None = None):
+    """backend: one of torch's SDPBackend names to force (None: torch's choice)."""
+    import contextlib
+
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
     from qwen35.ops.attention import gather_kv
@@ -212,7 +218,10 @@ def _sdpa_lower_right(q, kc, vc, table, ctx: int, scale: float):
     k, v = gather_kv(kc, table, ctx), gather_kv(vc, table, ctx)
     qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))
     bias = causal_lower_right(q.shape[0], ctx)
-    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=scale, enable_gqa=True)
+    forced = sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext()
+    with forced:
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=scale,
+                                              enable_gqa=True)  # fmt: skip
 
 
 def _sdpa_mask(q, kc, vc, table, ctx: int, scale: float):
