@@ -6,6 +6,7 @@ of the given numbers of generated tokens.
 
     python bench/host_overhead.py [--seqs 32] [--outputs 0,4000] [--steps 200]
     python bench/host_overhead.py --baseline REV --rounds 3    # against a git revision
+    python bench/host_overhead.py --seqs 1 --scheduler-steps 4  # multi-step: per token
 
 With --baseline, this checkout and the revision (a temporary git worktree) run in alternating
 processes. Prints ms per step outside the forward (and the forward's, for scale).
@@ -22,8 +23,10 @@ import time
 from pathlib import Path
 
 
-def one_round(seqs: int, outputs: list[int], steps: int) -> None:
-    """Runs in the child: prints ms per step outside the forward after each output length."""
+def one_round(seqs: int, outputs: list[int], steps: int, k: int = 1) -> None:
+    """Runs in the child: prints ms per step outside the forward after each output length
+    (k > 1: multi-step decoding, k decode steps a round; then per decode step of a sequence,
+    i.e. per token)."""
     import torch
 
     from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine
@@ -43,7 +46,8 @@ def one_round(seqs: int, outputs: list[int], steps: int) -> None:
     }  # fmt: skip
     (d / "config.json").write_text(json.dumps(cfg))
     bm = load_bench_model(BenchOptions(model=str(d / "config.json"), dtype="float32"))
-    eng = make_engine(bm, max_num_seqs=seqs, max_model_len=max(outputs) + steps + 256)
+    eng = make_engine(bm, max_num_seqs=seqs, max_model_len=max(outputs) + steps + 256,
+                      num_scheduler_steps=k)  # fmt: skip
     model, forward = eng.runner.model, [0.0, 0]
 
     def timed(f):
@@ -63,18 +67,24 @@ def one_round(seqs: int, outputs: list[int], steps: int) -> None:
     sp = SamplingParams(max_tokens=max(outputs) + steps + 64, temperature=0.0, ignore_eos=True)
     for i in range(seqs):
         eng.add_request(f"r{i}", list(range(2, 40)), sp)
+    made = [0]  # tokens of sequence r0 so far
+
+    def step() -> int:  # one engine step; the tokens it gave each sequence
+        new = sum(len(o.outputs[0].token_ids) for o in eng.step() if o.request_id == "r0")
+        made[0] += new
+        return new
+
     for _ in range(8):  # the prompts' prefill and the first decode steps are not timed
-        eng.step()
-    done, out = 0, []
+        step()
+    out = []
     for n in sorted(outputs):
-        for _ in range(n - done):
-            eng.step()
-        forward[0], t = 0.0, time.perf_counter()
-        for _ in range(steps):
-            eng.step()
+        while made[0] < n:
+            step()
+        forward[0], t, tokens = 0.0, time.perf_counter(), 0
+        while tokens < steps:  # `steps` decode steps of every sequence (k a round)
+            tokens += step()
         total = time.perf_counter() - t
-        done = n + steps
-        out += [(total - forward[0]) / steps * 1e3, forward[0] / steps * 1e3]
+        out += [(total - forward[0]) / tokens * 1e3, forward[0] / tokens * 1e3]
     print(" ".join(f"{v:.4f}" for v in out), flush=True)
 
 
@@ -85,14 +95,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--baseline", metavar="REV", help="also time this git revision")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--scheduler-steps", type=int, default=1, metavar="K",
+                    help="multi-step decoding: K decode steps a round (ms are then per token)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     outputs = sorted(int(x) for x in a.outputs.split(","))
     if a.one:
-        one_round(a.seqs, outputs, a.steps)
+        one_round(a.seqs, outputs, a.steps, a.scheduler_steps)
         return
     argv = [__file__, "--one", "--seqs", str(a.seqs), "--outputs", a.outputs,
             "--steps", str(a.steps)]  # fmt: skip
+    if a.scheduler_steps != 1:
+        argv += ["--scheduler-steps", str(a.scheduler_steps)]
     if a.baseline is None:
         import subprocess
 
