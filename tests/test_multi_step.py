@@ -105,6 +105,9 @@ def test_seeded_sampling_and_rows_that_need_the_host(ckpt, monkeypatch):  # noqa
     ks = _counting(monkeypatch)
     multi = make(d, num_scheduler_steps=4)
     assert ids(multi.generate(ps, sp)) == ids(single.generate(ps, sp)) and ks
+    two = SamplingParams(n=2, max_tokens=9, temperature=0.8, seed=5, ignore_eos=True)
+    both = lambda outs: [[c.token_ids for c in o.outputs] for o in outs]  # noqa: E731
+    assert both(multi.generate(ps, two)) == both(single.generate(ps, two))
     for host in (dict(logprobs=2), dict(repetition_penalty=1.3), dict(min_tokens=12)):
         ks.clear()
         sp2 = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, **host)
