@@ -171,6 +171,40 @@ def test_multi_step_equals_single_steps_in_graphs(which, ckpts):
         assert ids(four.generate(ps, sp)) == ids(one.generate(ps, sp))
 
 
+def test_multi_step_rounds_run_ahead_of_the_gpu(ckpts, monkeypatch):
+    """Inside a multi-step round, building step j + 1, launching it and sampling from it make
+    no synchronizing CUDA call (torch's sync debug mode raises on one): the host runs ahead of
+    the GPU until the round's one read of its tokens."""
+    from qwen35.engine.model_runner import ModelRunner
+    from qwen35.engine.sampler import Sampler
+
+    d, _ = ckpts["dense"]
+    build, tokens = ModelRunner.build_batch, Sampler.tokens
+    watched = []
+
+    def watched_build(self, scheduled, verify=None, phased=False, input_ids=None):
+        if input_ids is not None:  # a round's later step: from here to its tokens, no sync
+            torch.cuda.set_sync_debug_mode("error")
+            watched.append(len(scheduled))
+        return build(self, scheduled, verify, phased, input_ids)
+
+    def watched_tokens(self, logits, rows):
+        try:
+            return tokens(self, logits, rows)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(ModelRunner, "build_batch", watched_build)
+    monkeypatch.setattr(Sampler, "tokens", watched_tokens)
+    llm = cuda(d, num_scheduler_steps=4)
+    sp = SamplingParams(max_tokens=17, temperature=0.0, ignore_eos=True)
+    try:
+        got = ids(llm.generate(prompts(3, seed=17), sp))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert watched and all(len(t) == 17 for t in got)
+
+
 def _on_cuda(caches, dtype):
     """The Seqs caches moved to the GPU (recurrent states stay fp32)."""
     mv = lambda ts, dt: [t.to("cuda", dt) for t in ts]  # noqa: E731

@@ -335,7 +335,11 @@ class _Upload:
     here they are concatenated on the host and sent once per dtype, each field a view of the
     device buffer. `add(host)` returns a placeholder; `send(batch)` replaces every placeholder
     among the batch's (and its DecodeBatch's) fields with its device view. On a CPU the host
-    tensors are the result as they are."""
+    tensors are the result as they are.
+    On CUDA the buffer goes through pinned memory with a non-blocking copy: a blocking copy
+    from pageable memory waits for the stream, i.e. for every step queued before it, which
+    would stall multi-step decoding's host (it builds step j + 1 while step j runs). torch's
+    pinned-memory cache keeps the host block until the copy is done."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -353,7 +357,7 @@ class _Upload:
         views: list[torch.Tensor | None] = [None] * len(self.host)
         for dtype in {t.dtype for t in self.host}:
             idx = [i for i, t in enumerate(self.host) if t.dtype == dtype]
-            flat = torch.cat([self.host[i].reshape(-1) for i in idx]).to(self.device)
+            flat = _to_device(torch.cat([self.host[i].reshape(-1) for i in idx]), self.device)
             parts = flat.split([self.host[i].numel() for i in idx])
             for i, part in zip(idx, parts, strict=True):
                 views[i] = part.view(self.host[i].shape)
@@ -364,6 +368,19 @@ class _Upload:
             for name, value in vars(obj).items():
                 if isinstance(value, _Pending):
                     setattr(obj, name, views[value.index])
+
+
+_PINNED = [True]  # False once pinning failed in this process (e.g. a locked-memory limit)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """host -> device without waiting for the device's stream (CUDA: through pinned memory)."""
+    if device.type == "cuda" and _PINNED[0]:
+        try:
+            return host.pin_memory().to(device, non_blocking=True)
+        except RuntimeError:  # no pinned memory to be had: the blocking copy
+            _PINNED[0] = False
+    return host.to(device)
 
 
 @dataclass(frozen=True)
