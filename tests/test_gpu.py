@@ -172,9 +172,9 @@ def test_multi_step_equals_single_steps_in_graphs(which, ckpts):
 
 
 def test_multi_step_rounds_run_ahead_of_the_gpu(ckpts, monkeypatch):
-    """Inside a multi-step round, building step j + 1, launching it and sampling from it make
-    no synchronizing CUDA call (torch's sync debug mode raises on one): the host runs ahead of
-    the GPU until the round's one read of its tokens."""
+    """Inside a multi-step round, building step j + 1, launching it and sampling from it (greedy
+    rows, and sampled rows with a top-k) make no synchronizing CUDA call (torch's sync debug
+    mode raises on one): the host runs ahead of the GPU until the round's one read."""
     from qwen35.engine.model_runner import ModelRunner
     from qwen35.engine.sampler import Sampler
 
@@ -197,9 +197,12 @@ def test_multi_step_rounds_run_ahead_of_the_gpu(ckpts, monkeypatch):
     monkeypatch.setattr(ModelRunner, "build_batch", watched_build)
     monkeypatch.setattr(Sampler, "tokens", watched_tokens)
     llm = cuda(d, num_scheduler_steps=4)
-    sp = SamplingParams(max_tokens=17, temperature=0.0, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=17, temperature=0.0, ignore_eos=True)
+    # sampled with a top-k (the checkpoints' generation_config has one): also no sync
+    sampled = SamplingParams(max_tokens=17, temperature=0.8, top_k=20, top_p=0.9, seed=3,
+                             ignore_eos=True)  # fmt: skip
     try:
-        got = ids(llm.generate(prompts(3, seed=17), sp))
+        got = ids(llm.generate(prompts(3, seed=17), [greedy, sampled, sampled]))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert watched and all(len(t) == 17 for t in got)

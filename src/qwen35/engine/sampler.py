@@ -65,6 +65,15 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def device_tensor(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.tensor(values, device=device), but on CUDA without waiting for the stream (a
+    blocking copy from pageable memory does: a sync per step of multi-step decoding's rounds)."""
+    from qwen35.engine.forward_batch import _to_device
+
+    host = torch.tensor(values, dtype=dtype)
+    return host if device.type == "cpu" else _to_device(host, device)
+
+
 def is_greedy(p: SamplingParams) -> bool:
     return p.temperature < GREEDY_EPS
 
@@ -138,13 +147,13 @@ class Sampler:
         if not all(greedy):
             idx = [i for i, g in enumerate(greedy) if not g]
             sub_rows = [rows[i] for i in idx]
-            sub = x if len(idx) == len(rows) else x[torch.tensor(idx, device=x.device)]
+            sub = x if len(idx) == len(rows) else x[device_tensor(idx, x.device)]
             sub = apply_top_filters(sub, [r.params for r in sub_rows])  # [R, V], new tensor
             drawn = self._draw(sub, sub_rows)  # [R]
             if tokens is None:
                 tokens, processed = drawn, sub
             else:
-                idx_t = torch.tensor(idx, device=x.device)
+                idx_t = device_tensor(idx, x.device)
                 tokens = tokens.index_copy(0, idx_t, drawn)
                 if self.logprobs_mode == "processed":
                     processed = x.index_copy(0, idx_t, sub)
@@ -168,7 +177,7 @@ class Sampler:
             else:
                 free = [i for i, r in enumerate(rows) if r.generator is None]
                 noise = torch.empty(len(free), x.shape[1], device=x.device)  # [F, V]
-                q[torch.tensor(free, device=x.device)] = exponential_(noise, g)
+                q[device_tensor(free, x.device)] = exponential_(noise, g)
         for i in own:  # the one loop that cannot be vectorised: one generator per request
             g = rows[i].generator
             if g.device.type != x.device.type or (g.device.index or 0) != (x.device.index or 0):
@@ -351,8 +360,8 @@ def filter_thresholds(x: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Te
     needs more than K tokens to reach its mass (a flat distribution), found with one sync.
     """
     vocab, ninf = x.shape[1], -math.inf
-    prm = torch.tensor(
-        [[p.min_p, p.top_p, min(p.top_k, vocab) or vocab] for p in ps], device=x.device
+    prm = device_tensor(
+        [[p.min_p, p.top_p, min(p.top_k, vocab) or vocab] for p in ps], x.device, torch.float32
     )  # [R, 3]: one host->device copy
     min_p, top_p, k = prm[:, 0:1], prm[:, 1:2], prm[:, 2:3].long()  # [R, 1] each
     thr = torch.full_like(min_p, ninf)  # [R, 1]
@@ -382,8 +391,10 @@ def filter_thresholds(x: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Te
         norm = srt.logsumexp(dim=-1, keepdim=True)
         probs = (srt - (norm if lse is None else torch.where(k_on, norm, lse))).exp()  # [R, K]
         cum = probs.cumsum(dim=-1)  # [R, K]
+        if num == vocab or all(0 < p.top_k < vocab or p.top_p >= 1.0 for p in ps):
+            break  # every row's cutoff is among the candidates: no need to look (no sync)
         covered = k_on | (top_p >= 1.0) | (cum[:, -1:] >= top_p)  # the cutoff is within K
-        if num == vocab or bool(covered.all()):  # the one sync, only without top-k
+        if bool(covered.all()):  # the one sync, only for top-p rows without a top-k
             break
         num = vocab
     # [R, 1]; >= 1 in exact arithmetic as top_p > 0, but a top_p that is 0 in float32 or NaN
@@ -395,7 +406,7 @@ def filter_thresholds(x: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Te
 
 def apply_top_filters(x: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Tensor:
     """Temperature, then min-p, top-k, top-p as -inf masks. x: [R, V] -> new [R, V]."""
-    temp = torch.tensor([p.temperature for p in ps], device=x.device)[:, None]  # [R, 1]
+    temp = device_tensor([p.temperature for p in ps], x.device, torch.float32)[:, None]  # [R, 1]
     x = x / temp  # [R, V]
     return x.masked_fill_(x < filter_thresholds(x, ps), -math.inf)
 
