@@ -36,6 +36,18 @@ def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 90) -> list[list[int]]
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 
+def shared_prefix_workload(seed: int, n: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """n prompts, most starting with part of one 40-token prefix (prefix-cache hits), 1-29 own
+    tokens each, and greedy params of 1-23 output tokens (ignore_eos)."""
+    rng = random.Random(seed)
+    base = [rng.randrange(2, 256) for _ in range(40)]
+    ps = [base[: rng.randrange(0, 41)] + [rng.randrange(2, 256) for _ in range(rng.randrange(1, 30))]
+          for _ in range(n)]  # fmt: skip
+    sps = [SamplingParams(max_tokens=rng.randrange(1, 24), temperature=0.0, ignore_eos=True)
+           for _ in ps]  # fmt: skip
+    return ps, sps
+
+
 def make(d, **kw) -> LLM:
     kw.setdefault("dtype", "fp32")
     kw.setdefault("verbose", False)
@@ -244,12 +256,7 @@ def test_random_workload_equals_each_request_alone(which, quant, ckpt, moe_ckpt)
     uneven output lengths, up to 16 rows a step (the few-token MoE path, its int4 kernels).
     Each request's greedy tokens equal its run alone in a plain engine."""
     d, _ = ckpt if which == "dense" else moe_ckpt
-    rng = random.Random(11)
-    base = [rng.randrange(2, 256) for _ in range(40)]
-    ps = [base[: rng.randrange(0, 41)] + [rng.randrange(2, 256) for _ in range(rng.randrange(1, 30))]
-          for _ in range(14)]  # fmt: skip
-    sps = [SamplingParams(max_tokens=rng.randrange(1, 24), temperature=0.0, ignore_eos=True)
-           for _ in ps]  # fmt: skip
+    ps, sps = shared_prefix_workload(11, 14)
     kw = dict(block_size=4, quantization=quant)
     busy = make(d, max_num_seqs=16, max_num_batched_tokens=32, num_kv_blocks=48,
                 max_model_len=96, **kw)  # fmt: skip

@@ -4,14 +4,19 @@ give every request the tokens single steps give; stops inside a round end the re
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from qwen35.engine.model_runner import ModelRunner
 from qwen35.errors import Qwen35Error
 from qwen35.request import SamplingParams
-from test_engine import ckpt, ids, make, moe_ckpt, prompts  # noqa: F401  (fixtures)
+from test_engine import (  # noqa: F401  (ckpt, moe_ckpt: fixtures)
+    ckpt,
+    ids,
+    make,
+    moe_ckpt,
+    prompts,
+    shared_prefix_workload,
+)
 
 
 def _counting(monkeypatch) -> list[int]:
@@ -33,12 +38,7 @@ def test_random_workload_equals_single_steps(which, ckpt, moe_ckpt, monkeypatch)
     that chunks prompts beside decode rows, uneven max_tokens (rounds cut short by them): each
     request's greedy tokens equal single-step decoding's, in fewer engine steps."""
     d, _ = ckpt if which == "dense" else moe_ckpt
-    rng = random.Random(3)
-    base = [rng.randrange(2, 256) for _ in range(40)]
-    ps = [base[: rng.randrange(0, 41)] + [rng.randrange(2, 256) for _ in range(rng.randrange(1, 30))]
-          for _ in range(10)]  # fmt: skip
-    sps = [SamplingParams(max_tokens=rng.randrange(1, 24), temperature=0.0, ignore_eos=True)
-           for _ in ps]  # fmt: skip
+    ps, sps = shared_prefix_workload(3, 10)
     kw = dict(block_size=4, max_num_seqs=16, max_num_batched_tokens=32, max_model_len=96)
     single = ids(make(d, **kw).generate(ps, sps))
     ks = _counting(monkeypatch)
@@ -48,7 +48,7 @@ def test_random_workload_equals_single_steps(which, ckpt, moe_ckpt, monkeypatch)
     assert [len(t) for t in got] == [sp.max_tokens for sp in sps]
     assert ks and max(ks) == 4 and min(ks) >= 2  # rounds ran; some cut short by max_tokens
     stats = multi.engine.get_stats()
-    assert stats["prefix_cache_hit_tokens"] > 0
+    assert stats["prefix_cache_hit_tokens"] > 0 and stats["num_preemptions"] > 0
 
 
 def test_preemption_under_multi_step(ckpt, monkeypatch):  # noqa: F811
