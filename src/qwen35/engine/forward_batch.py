@@ -357,7 +357,7 @@ class _Upload:
         views: list[torch.Tensor | None] = [None] * len(self.host)
         for dtype in {t.dtype for t in self.host}:
             idx = [i for i, t in enumerate(self.host) if t.dtype == dtype]
-            flat = _to_device(torch.cat([self.host[i].reshape(-1) for i in idx]), self.device)
+            flat = send_to_device(torch.cat([self.host[i].reshape(-1) for i in idx]), self.device)
             parts = flat.split([self.host[i].numel() for i in idx])
             for i, part in zip(idx, parts, strict=True):
                 views[i] = part.view(self.host[i].shape)
@@ -373,7 +373,7 @@ class _Upload:
 _PINNED = [True]  # False once pinning failed in this process (e.g. a locked-memory limit)
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+def send_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """host -> device without waiting for the device's stream (CUDA: through pinned memory)."""
     if device.type == "cuda" and _PINNED[0]:
         try:

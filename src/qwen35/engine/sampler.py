@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen35.engine.forward_batch import send_to_device
 from qwen35.kernels import small_ops
 from qwen35.request import SamplingParams, TokenLogprob
 
@@ -68,10 +69,8 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 def device_tensor(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """torch.tensor(values, device=device), but on CUDA without waiting for the stream (a
     blocking copy from pageable memory does: a sync per step of multi-step decoding's rounds)."""
-    from qwen35.engine.forward_batch import _to_device
-
     host = torch.tensor(values, dtype=dtype)
-    return host if device.type == "cpu" else _to_device(host, device)
+    return host if device.type == "cpu" else send_to_device(host, device)
 
 
 def is_greedy(p: SamplingParams) -> bool:
