@@ -244,19 +244,19 @@ def fused_moe(be: Backend, x, router_w, top_k: int, experts, shared,
     from qwen35.kernels import triton_moe
 
     x = x.contiguous()
-    if packed is not None and shared is not None and packed.dtype == x.dtype:
-        gate_w, _, down_w, down_s = shared
+    if shared is None:
+        return triton_moe.sparse_moe(x, F.linear(x, router_w), top_k, experts, None)
+    gate_w, gate_up_fn, down_w, down_s = shared
+    logit = None  # shared_expert_gate(x), where the packed matmul gives it
+    if packed is not None and packed.dtype == x.dtype:  # router and shared inputs at once
         E, Is = router_w.shape[0], down_w.shape[1]
         out = F.linear(x, packed)  # [T, E + 2 Is + 1 + padding]
         logits, g, u = out[:, :E], out[:, E : E + Is], out[:, E + Is : E + 2 * Is]
-        parts = SharedExpert(gate_w, g, u, down_w, down_s, gate_logit=out[:, E + 2 * Is])
-        return triton_moe.sparse_moe(x, logits, top_k, experts, parts)
-    logits = F.linear(x, router_w)  # [T, E]
-    parts = None
-    if shared is not None:
-        gate_w, gate_up_fn, down_w, down_s = shared
+        logit = out[:, E + 2 * Is]
+    else:
+        logits = F.linear(x, router_w)  # [T, E]
         g, u = gate_up_fn(x)
-        parts = SharedExpert(gate_w, g, u, down_w, down_s)
+    parts = SharedExpert(gate_w, g, u, down_w, down_s, gate_logit=logit)
     return triton_moe.sparse_moe(x, logits, top_k, experts, parts)
 
 
