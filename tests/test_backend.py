@@ -422,6 +422,8 @@ def test_select_backend():
     assert not select_backend("cpu").can_capture
     assert Backend("cuda", triton_attention=True).can_capture
     assert Backend("cuda", fla=1, triton_attention=True).name == "cuda+fla+triton-attention"
+    sdpa = Backend("cuda", triton_attention=True, chunk_attention="sdpa")  # engine/preflight.py
+    assert sdpa.name == "cuda+triton-attention+sdpa-chunks"
 
 
 def test_graph_buckets():

@@ -135,6 +135,34 @@ def test_paged_prefill_equals_reference(dtype, start, Tq):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_paths_are_timed_and_agree(dtype):
+    """engine/preflight.py's start-up choice runs both ways a chunk after a cached prefix can
+    attend (the paged kernel; the context gathered for SDPA with a bottom-right causal bias)
+    for real, and both give the reference's output."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from qwen35.engine.preflight import time_chunk_attention
+    from qwen35.ops.attention import cached_prefill_attention
+
+    be = Backend("cuda", triton_attention=True, interpret=not ON_GPU)
+    cfg = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    times = time_chunk_attention(cfg, dtype, torch.device(DEV), be, 8, queries=6, start=30,
+                                 reps=1)  # fmt: skip
+    assert all(0 < t < float("inf") for t in times.values()), times
+    g = torch.Generator().manual_seed(3)
+    start, Tq, scale = 29, 7, 32**-0.5
+    kc, vc = _cache(32, 8, 2, 32, dtype, g)
+    row = torch.randperm(32, generator=g)[:6].int().to(DEV)
+    q = torch.randn(Tq, 4, 32, generator=g).to(DEV, dtype)
+    ref = prefill_attention(q, gather_kv(kc, row, start + Tq), gather_kv(vc, row, start + Tq), scale)
+    for path in ("triton", "sdpa"):
+        got = cached_prefill_attention(dataclasses.replace(be, chunk_attention=path), q, kc, vc,
+                                       row, start, scale)  # fmt: skip
+        assert _rel(got, ref) < (1e-5 if dtype == torch.float32 else 2e-2), path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_norms_equal_reference(dtype):
     g = torch.Generator().manual_seed(7)
     x = (torch.randn(5, 3, 48, generator=g) * 3).to(DEV, dtype)

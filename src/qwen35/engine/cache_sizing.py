@@ -215,7 +215,8 @@ def measure_working_memory(model, chunk_tokens: int, sampled_rows: int, block_si
     """GPU: the peak memory one forward of a fresh `chunk_tokens`-token prefill allocates above
     what is allocated now (its own small caches excluded), plus the fp32 logits of
     `sampled_rows` rows twice over (logits and the sampler's working copy). A chunk continuing a
-    long context reads the paged cache in place (Triton attention), so this chunk is the peak.
+    long context reads the paged cache in place (Triton attention), so this chunk is the peak;
+    where start-up chose SDPA for such chunks, engine/preflight.py adds the K/V they gather.
     """
     import torch
 

@@ -13,15 +13,30 @@ for Triton. The steps (two sequences of different lengths, their own blocks and 
    a MoE block of few tokens);
 3. a decode step of both (split-K decode attention), then one of the short sequence alone.
 
-Then `cache_sizing.measure_working_memory` measures the largest prefill chunk with the checked
-backend (inside `with_fallbacks` too: its chunk may take kernels these steps did not).
+Then `choose_chunk_attention` times the two ways a prefill chunk after a cached prefix can attend
+(our paged Triton kernel, or the context gathered for torch's SDPA / FlashAttention) on this GPU
+and keeps the faster, and `cache_sizing.measure_working_memory` measures the largest prefill
+chunk with the checked backend (inside `with_fallbacks` too: its chunk may take kernels these
+steps did not), plus the K/V an SDPA chunk gathers where that path was chosen.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+import statistics
+import time
+
 import torch
 
+from qwen35.errors import Qwen35Error
 from qwen35.ops.backend import Backend, select_backend, with_fallbacks
+
+log = logging.getLogger("qwen35")
+CHUNK_PATHS = ("triton", "sdpa")
+# the timed chunk: 2,048 queries (the default chunk) after 6,144 cached tokens
+CHUNK_QUERIES, CHUNK_START = 2048, 6144
 
 LONG, SHORT = 520, 5  # prompt tokens of the two scratch sequences (LONG > 512: split-K decode)
 CONTINUE = 3  # tokens of the chunk that continues each
@@ -39,9 +54,78 @@ def gpu_start(model, dtype, chunk_tokens: int, sampled_rows: int, block_size: in
     if not alone:
         return be, None
     be = check_kernels(model, be, block_size)
-    return with_fallbacks(
+    be = choose_chunk_attention(model, be, dtype, block_size)
+    be, working = with_fallbacks(
         be, lambda b: measure_working_memory(model, chunk_tokens, sampled_rows, block_size, b)
     )
+    if be.chunk_attention == "sdpa" and be.triton_attention:
+        from qwen35.ops.attention import sdpa_gather_bytes
+
+        working += sdpa_gather_bytes(model.config, dtype)
+    return be, working
+
+
+def choose_chunk_attention(model, be: Backend, dtype, block_size: int,
+                           queries: int = CHUNK_QUERIES, start: int = CHUNK_START) -> Backend:  # fmt: skip
+    """`be` with `chunk_attention` set to the faster path on this device (`time_chunk_attention`),
+    or to $QWEN35_CHUNK_ATTENTION (triton | sdpa) where set. Without our Triton attention the
+    PyTorch path runs whatever this says: unchanged."""
+    forced = os.environ.get("QWEN35_CHUNK_ATTENTION")
+    if forced:
+        if forced not in CHUNK_PATHS:
+            raise Qwen35Error(f"QWEN35_CHUNK_ATTENTION={forced!r}: use one of {CHUNK_PATHS}, or "
+                              "unset it to time both at start")  # fmt: skip
+        return dataclasses.replace(be, chunk_attention=forced)
+    if not be.triton_attention:
+        return be
+    times = time_chunk_attention(model.config, dtype, model.device, be, block_size, queries, start)
+    best = min(times, key=times.get)
+    log.info("prefill chunks after a cached prefix: %s; taking %s", ", ".join(
+        f"{k} {v * 1e3:.2f} ms" for k, v in times.items()), best)  # fmt: skip
+    return dataclasses.replace(be, chunk_attention=best)
+
+
+def time_chunk_attention(cfg, dtype, device, be: Backend, block_size: int, queries: int,
+                         start: int, reps: int = 3) -> dict[str, float]:  # fmt: skip
+    """Seconds one layer's chunk of `queries` after `start` cached tokens takes on each path
+    (median of `reps`, paths alternating, after one untimed call each; inf where a path raises:
+    e.g. no SDPA kernel takes the bias here), random K/V in scratch caches of this model's
+    attention shape."""
+    from qwen35.ops.attention import cached_prefill_attention
+
+    ctx = start + queries
+    nb = -(-ctx // block_size)
+    g = torch.Generator(device=device).manual_seed(0)
+    shape = (nb, block_size, cfg.num_key_value_heads, cfg.head_dim)
+    kc = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    vc = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    q = torch.randn(queries, cfg.num_attention_heads, cfg.head_dim, generator=g, device=device,
+                    dtype=dtype)  # fmt: skip
+    row = torch.arange(nb, device=device, dtype=torch.int32)
+    scale = cfg.head_dim**-0.5
+    runs = {p: dataclasses.replace(be, chunk_attention=p) for p in CHUNK_PATHS}
+    times: dict[str, list[float]] = {p: [] for p in CHUNK_PATHS}
+
+    def call(p):
+        with torch.inference_mode():
+            cached_prefill_attention(runs[p], q, kc, vc, row, start, scale)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for rep in range(reps + 1):
+        for p in CHUNK_PATHS if rep % 2 else CHUNK_PATHS[::-1]:
+            if times[p] is None:
+                continue
+            try:
+                t0 = time.perf_counter()
+                call(p)
+            except Exception as e:  # noqa: BLE001 (the other path serves)
+                log.info("prefill chunk path %s does not run here: %s: %s", p, type(e).__name__, e)
+                times[p] = None
+                continue
+            if rep:
+                times[p].append(time.perf_counter() - t0)
+    return {p: statistics.median(t) if t else float("inf") for p, t in times.items()}
 
 
 def check_kernels(model, backend: Backend, block_size: int, long: int = LONG) -> Backend:

@@ -7,7 +7,8 @@ Dispatch (backend chosen once, ops/backend.py):
 - `attention_decode_gated(...)`: a pure decode step on a CPU with the kernels, from the q/k/v
   projections to the gated output in one call (norms, rotary and the cache write fused);
 - `cached_prefill_attention(backend, q, k_cache, v_cache, block_row, start_pos, scale)`: one
-  prefill chunk continuing a cached prefix.
+  prefill chunk continuing a cached prefix (GPU path: the paged Triton kernel or the context
+  gathered for FlashAttention, whichever engine/preflight.py timed faster at start).
 
 Cache layout (forward_batch.py): K and V of one layer are [num_blocks, block_size, nkv, hd];
 token t lives at flat slot `block * block_size + offset`. A sequence's blocks are listed in its
@@ -79,14 +80,22 @@ def prefill_attention(
     k: torch.Tensor,  # [Tk, nkv, hd] the whole context (cached + new), Tk >= Tq
     v: torch.Tensor,  # [Tk, nkv, hd]
     scale: float,
+    lower_right: bool = False,
 ) -> torch.Tensor:
-    """Causal attention with the queries at the end of the context. Returns [Tq, nh, hd]."""
+    """Causal attention with the queries at the end of the context. Returns [Tq, nh, hd].
+    lower_right: a chunk after cached tokens takes torch's bottom-right causal bias, which
+    FlashAttention runs on a GPU (a boolean mask rules it out), instead of a boolean mask."""
     Tq, Tk = q.shape[0], k.shape[0]
     # 4-D [1, heads, T, hd]: with 3-D inputs the CPU SDPA falls back to its slow math path
     qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
     if Tq == Tk:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    elif lower_right:
+        from torch.nn.attention.bias import causal_lower_right
+
+        bias = causal_lower_right(Tq, Tk)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=scale, enable_gqa=gqa)
     else:
         # SDPA's is_causal aligns top-left; with cached tokens the queries sit bottom-right.
         qpos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
@@ -222,11 +231,32 @@ def cached_prefill_attention(
     scale: float,
 ) -> torch.Tensor:
     """[Tq, nh, hd]: a prefill chunk over its cached prefix and itself."""
-    if _triton_ok(be, q):
+    ctx = start_pos + q.shape[0]
+    path = chunk_attention_path(be, q, ctx)
+    if path == "triton":
         from qwen35.kernels.triton_attention import paged_prefill_attention as kernel
 
         return kernel(q, key_cache, value_cache, block_row, start_pos, scale)
-    ctx = start_pos + q.shape[0]
     kk = gather_kv(key_cache, block_row, ctx).to(q.dtype)  # [ctx, nkv, hd]
     vv = gather_kv(value_cache, block_row, ctx).to(q.dtype)
-    return prefill_attention(q, kk, vv, scale)
+    return prefill_attention(q, kk, vv, scale, lower_right=path == "sdpa")
+
+
+# The GPU path's SDPA chunks gather their context: up to this many tokens (the working memory
+# counts the gathered K/V of this many, engine/preflight.py), longer contexts take the paged kernel.
+SDPA_MAX_CONTEXT = 65536
+
+
+def chunk_attention_path(be: Backend, q: torch.Tensor, ctx: int) -> str:
+    """How a prefill chunk of context `ctx` attends: "triton" (the paged kernel), "sdpa" (gather +
+    SDPA with a bottom-right causal bias: FlashAttention on a GPU; the backend's
+    `chunk_attention`, at most SDPA_MAX_CONTEXT tokens) or "reference" (gather + SDPA with a
+    boolean mask: the PyTorch path)."""
+    if not _triton_ok(be, q):
+        return "reference"
+    return "sdpa" if be.chunk_attention == "sdpa" and ctx <= SDPA_MAX_CONTEXT else "triton"
+
+
+def sdpa_gather_bytes(cfg, dtype: torch.dtype) -> int:
+    """The K and V one SDPA chunk gathers at most (SDPA_MAX_CONTEXT tokens of one layer)."""
+    return 2 * SDPA_MAX_CONTEXT * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize

@@ -48,6 +48,11 @@ class Backend:
     grouped_mm: bool = False  # torch._grouped_mm works for the model dtype on this device
     # the MoE block of a few tokens in three Triton kernels (kernels/triton_moe.py)
     triton_moe: bool = False
+    # a prefill chunk after a cached prefix on the GPU path (ops/attention.py
+    # cached_prefill_attention): "triton", our paged kernel reading the cache in place, or
+    # "sdpa", the context gathered and torch's SDPA with a bottom-right causal bias
+    # (FlashAttention); engine/preflight.py times both at start and takes the faster
+    chunk_attention: str = "triton"
     # tests only (interpreter_backend): the Triton kernels also take CPU tensors, which Triton
     # runs through its interpreter (TRITON_INTERPRET=1), and ops choose as they would on a GPU
     interpret: bool = False
@@ -69,6 +74,8 @@ class Backend:
             parts.append("fla")
         if self.triton_attention:
             parts.append("triton-attention")
+            if self.chunk_attention == "sdpa":  # prefill chunks after a cached prefix: SDPA
+                parts.append("sdpa-chunks")
         if self.triton_norms:
             parts.append("triton-norms")
         if self.triton_pointwise:
