@@ -177,15 +177,18 @@ def test_gpu_start_checks_kernels_on_one_device_only(monkeypatch):
     import qwen35.engine.cache_sizing as cs
     import qwen35.engine.preflight as pf
 
-    checked, measured = [], []
-    monkeypatch.setattr(pf, "check_kernels", lambda m, be, bs: checked.append(be) or "checked")
+    checked, chosen, measured = [], [], []
+    after_check, after_choice = Backend("cuda"), Backend("cuda", chunk_attention="sdpa")
+    monkeypatch.setattr(pf, "check_kernels", lambda m, be, bs: checked.append(be) or after_check)
+    monkeypatch.setattr(pf, "choose_chunk_attention",  # times the chunk paths (on a GPU)
+                        lambda m, be, dt, bs: chosen.append(be) or after_choice)  # fmt: skip
     monkeypatch.setattr(cs, "measure_working_memory",
                         lambda m, t, r, bs, be: measured.append(be) or 123)  # fmt: skip
     model = _model()
-    assert pf.gpu_start(model, torch.float32, 64, 2, BS) == ("checked", 123)
-    assert measured == ["checked"] and len(checked) == 1
+    assert pf.gpu_start(model, torch.float32, 64, 2, BS) == (after_choice, 123)
+    assert chosen == [after_check] and measured == [after_choice] and len(checked) == 1
     ran = []
     monkeypatch.setattr(model, "forward", lambda *a, **k: ran.append(1))
     be, working = pf.gpu_start(model, torch.float32, 64, 2, BS, alone=False)
-    assert working is None and len(checked) == 1 and len(measured) == 1 and not ran
+    assert working is None and len(checked) == len(chosen) == len(measured) == 1 and not ran
     assert be is pf.select_backend(model.device, dtype=torch.float32)
