@@ -9,6 +9,14 @@ median of --reps runs after a warm-up. Prints a table; --out writes JSON. --prof
 run per size under torch.profiler, its kernels by device time (the first H200 run: 9B at 4K
 reached 23.7K tok/s, ~42% of what its FLOPs allow at the measured matrix rate; this says where
 the rest goes).
+
+    python bench/gpu_prefill.py --model Qwen3.5-9B --engine --tokens 8192 32768
+
+--engine: what a user's prompt gets instead, through the engine: a T-token prompt's time to
+its first token (one request, max_tokens 1, prefilled --max-num-batched-tokens a step, every
+chunk after the first attending over the cached ones), with each way a chunk after a cached
+prefix can attend (the paged Triton kernel, the gathered context through SDPA), the engine's
+backend switched between them, prompts alternating; the engine's own start-up choice printed.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
 from qwen35.ops.backend import reference_backend, select_backend
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="Qwen3.5-0.8B")
     ap.add_argument("--device", default="cuda")
@@ -35,8 +43,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="kernels by device time (CUDA)")
-    args = ap.parse_args()
+    ap.add_argument("--engine", action="store_true", help="through the engine, chunk paths A/B")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    args = ap.parse_args(argv)
     bm = load_bench_model(BenchOptions(model=args.model, dtype=args.dtype, device=args.device))
+    if args.engine:
+        return engine_prefill(bm, args)
     model, dev = bm.model, bm.device
     backends = {"fast": select_backend(dev, dtype=bm.dtype), "reference": reference_backend(dev)}
     rows = []
@@ -74,6 +86,56 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"model": args.model, "backend": backends["fast"].name, "rows": rows}, f,
                       indent=2)  # fmt: skip
+
+
+def engine_prefill(bm, args) -> None:
+    """--engine: time to first token of one T-token prompt per chunk path (module docstring)."""
+    import dataclasses
+
+    from qwen35.benchmarks.common import make_engine
+    from qwen35.request import SamplingParams
+
+    T_max = max(args.tokens)
+    engine = make_engine(bm, max_model_len=T_max + 16,
+                         max_num_batched_tokens=args.max_num_batched_tokens)  # fmt: skip
+    runner = engine.runner
+    chosen = runner.backend
+    # without our Triton attention every chunk gathers its context for the PyTorch path
+    paths = ("triton", "sdpa") if chosen.triton_attention else ("reference",)
+    said = chosen.chunk_attention if chosen.triton_attention else "reference"
+    g = torch.Generator().manual_seed(0)
+    sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    rows, n = [], 0
+    for T in args.tokens:
+        times = {p: [] for p in paths}
+        for rep in range(args.reps + 1):
+            for p in paths if rep % 2 else paths[::-1]:
+                if p != "reference":
+                    runner.backend = dataclasses.replace(chosen, chunk_attention=p)
+                ids = torch.randint(0, bm.model.config.vocab_size, (T,), generator=g).tolist()
+                n += 1
+                sync(bm.device)
+                t0 = time.perf_counter()
+                engine.add_request(f"p{n}", ids, sp)  # a fresh prompt: no prefix-cache hit
+                while engine.has_unfinished_requests():
+                    engine.step()
+                if rep:
+                    times[p].append(time.perf_counter() - t0)
+        rows.append({"tokens": T, **{f"{p}_tok_s": T / statistics.median(v)
+                                     for p, v in times.items()}})  # fmt: skip
+    runner.backend = chosen
+    print(f"prompt prefill through the engine, {args.model} ({bm.dtype}, {bm.device}), "
+          f"{args.max_num_batched_tokens} tokens a step; start-up chose {said!r}"
+          f" ({chosen.name})")  # fmt: skip
+    for r in rows:
+        print(f"{r['tokens']:>7} tokens: " + "  ".join(
+            f"{p} {r[f'{p}_tok_s']:.0f} tok/s" for p in paths))  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"model": args.model, "backend": chosen.name, "engine": True,
+                       "chosen": said,
+                       "max_num_batched_tokens": args.max_num_batched_tokens, "rows": rows},
+                      f, indent=2)  # fmt: skip
 
 
 def prefill_batch(T: int, nb: int, dev, be) -> ForwardBatch:

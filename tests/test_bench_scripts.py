@@ -31,6 +31,27 @@ def test_attention_bench_runs(capsys):
     assert "K/V cold" in out and out.count("L=") == 1
 
 
+def test_prefill_bench_runs_through_the_engine(capsys, tmp_path):
+    """bench/gpu_prefill.py --engine (on a CPU: the PyTorch chunk path only) and the plain
+    forward mode, tiny model, prompts over several chunks."""
+    import json
+
+    from tiny import save_checkpoint
+
+    save_checkpoint(tmp_path / "m")
+    cfg = str(tmp_path / "m" / "config.json")
+    _load("gpu_prefill").main(["--model", cfg, "--device", "cpu", "--engine", "--tokens", "40",
+                               "70", "--reps", "1", "--max-num-batched-tokens", "32", "--out",
+                               str(tmp_path / "e.json")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "start-up chose 'reference'" in out and out.count("reference ") == 2
+    doc = json.loads((tmp_path / "e.json").read_text())
+    assert doc["engine"] and [r["tokens"] for r in doc["rows"]] == [40, 70]
+    assert all(r["reference_tok_s"] > 0 for r in doc["rows"])
+    _load("gpu_prefill").main(["--model", cfg, "--device", "cpu", "--tokens", "40", "--reps", "1"])
+    assert "speedup" in capsys.readouterr().out
+
+
 def test_dtype_batches_bench_runs(capsys, tmp_path):
     from tiny import save_checkpoint
 
