@@ -166,6 +166,24 @@ def test_engine_greedy_equals_reference(which, ckpts, calls):
     assert (n["sparse_moe"] > 0) == (which == "moe"), n  # the decode steps' MoE blocks
 
 
+def test_engine_with_sdpa_chunks_equals_reference(ckpts, calls):
+    """The GPU backend with prefill chunks after a cached prefix on the SDPA path (what
+    engine/preflight.py picks where it times faster): chunked prompts and prefix-cache hits give
+    the reference engine's greedy tokens, and no chunk takes the paged prefill kernel."""
+    d = ckpts["dense"]
+    shared = prompts(1, seed=31, lo=40, hi=41)[0]
+    ps = [shared + p for p in prompts(2, seed=32, lo=2, hi=20)]
+    sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    kw = dict(block_size=BS, max_num_batched_tokens=32)
+    want = ids(make(d, **kw).generate(ps, sp))
+    llm = _interpreted(d, calls.counted(dataclasses.replace(_full(), chunk_attention="sdpa")), **kw)
+    assert ids(llm.generate(ps, sp)) == want
+    assert ids(llm.generate(ps, sp)) == want  # from the cached prefixes
+    assert llm.engine.get_stats()["prefix_cache_hit_tokens"] > 0
+    n = calls.n
+    assert n["chunk"] and n["paged_decode_attention"] and not n["paged_prefill_attention"], n
+
+
 @pytest.mark.parametrize("which", ["dense", "moe"])
 def test_engine_multi_step_on_the_gpu_backend(which, ckpts, calls, monkeypatch):
     """num_scheduler_steps=3 through the GPU backend's kernels (each round's later steps fed the
