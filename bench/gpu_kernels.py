@@ -186,7 +186,7 @@ def prefill_continuation(dev, dtype, out: list, nh: int, nkv: int, hd: int, bs: 
         kv = 2 * ctx * nkv * hd * dtype.itemsize
         ref = _sdpa_mask(q, kc, vc, table, ctx, scale).float()  # the three compute one thing
         for got in (ta.paged_prefill_attention(q, kc, vc, table, start, scale),
-                    _sdpa_lower_right(q, kc, vc, table, ctx, scale)[0].transpose(0, 1)):  # fmt: skip
+                    _sdpa_lower_right(q, kc, vc, table, ctx, scale)):  # fmt: skip
             err = (got.float() - ref).abs().max().item()
             assert err < (1e-4 if dtype == torch.float32 else 3e-2), f"prefill paths differ: {err}"
         for label, fn, args in (
@@ -206,22 +206,18 @@ def prefill_continuation(dev, dtype, out: list, nh: int, nkv: int, hd: int, bs: 
 
 
 def _sdpa_lower_right(q, kc, vc, table, ctx: int, scale: float, backend: str | None = None):
-    """backend: one of torch's SDPBackend names to force (None: torch's choice)."""
+    """The engine's SDPA chunk path (ops/attention.py: gather, then SDPA with a bottom-right
+    causal bias); backend: one of torch's SDPBackend names to force (None: torch's choice)."""
     import contextlib
 
-    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.bias import causal_lower_right
 
-    from qwen35.ops.attention import gather_kv
+    from qwen35.ops.attention import gather_kv, prefill_attention
 
     k, v = gather_kv(kc, table, ctx), gather_kv(vc, table, ctx)
-    qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))
-    bias = causal_lower_right(q.shape[0], ctx)
     forced = sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext()
     with forced:
-        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=scale,
-                                              enable_gqa=True)  # fmt: skip
+        return prefill_attention(q, k, v, scale, lower_right=True)
 
 
 def _sdpa_mask(q, kc, vc, table, ctx: int, scale: float):
