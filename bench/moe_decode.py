@@ -6,6 +6,7 @@ interleaved in one process.
     python bench/moe_decode.py [--formats bf16 int8 int4 fp8] [--layers 8] [--experts 32]
                                [--rounds 60] [--threads 2] [--tokens 1 2 4] [--engine 4]
                                [--baseline loop|ops]
+    python bench/moe_decode.py --dtype fp32 --formats bf16   # bf16-stored, fp32 compute (Zen 3)
     python bench/moe_decode.py --write-config DIR   # the model of the MoE peers run, then:
     qwen35 bench --workload peers --model DIR/config.json --formats bf16,int8,int4 \\
         --contexts 512,2048 --rounds 4 --threads 2
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--write-config", metavar="DIR", help="write the model's config.json, exit")
     ap.add_argument("--baseline", choices=("loop", "ops"), default="loop",
                     help="the per-expert loop, or the op-by-op few-token path")  # fmt: skip
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                    help="compute dtype; fp32 with the bf16 format: bf16-stored weights, as "
+                         "--dtype auto on CPUs without native bf16")  # fmt: skip
     args = ap.parse_args(argv)
     if args.write_config:
         print(write_config(Path(args.write_config), args.layers, args.experts))
@@ -105,17 +109,19 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory(prefix="qwen35-moe-")  # removed at exit
     path = write_config(Path(tmp.name), args.layers, args.experts)
-    opts = BenchOptions(model=str(path), threads=args.threads, dtype="bf16")
-    be = select_backend("cpu", dtype=torch.bfloat16)
+    opts = BenchOptions(model=str(path), threads=args.threads, dtype=args.dtype)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    be = select_backend("cpu", dtype=dtype)
     for fmt in args.formats:
-        bm = load_bench_model(opts, quantization=None if fmt == "bf16" else fmt)
+        plain = fmt == "bf16" and dtype == torch.bfloat16
+        bm = load_bench_model(opts, quantization=None if plain else fmt)
         if args.engine:
             _engine_steps(bm, fmt, args.engine, args.rounds, ops_moe)
             continue
         blocks = [m for m in bm.model.modules() if isinstance(m, SparseMoE)]
         g = torch.Generator().manual_seed(0)
         for n in args.tokens:
-            xs = [torch.randn(n, bm.config.hidden_size, generator=g).bfloat16() for _ in range(16)]
+            xs = [torch.randn(n, bm.config.hidden_size, generator=g).to(dtype) for _ in range(16)]
             on, times = ops_moe.FEW_TOKENS, {True: [], False: []}
             fused = SparseMoE.cpu_step, SparseMoE.cpu_routed
             with torch.inference_mode():

@@ -99,6 +99,9 @@ def test_moe_decode_bench_runs(capsys):
         out = capsys.readouterr().out
         assert out.count(label) == 4 and out.count("x\n") == 4, out
         assert (SparseMoE.cpu_step, SparseMoE.cpu_routed) == fused
+    bench.main(["--layers", "1", "--experts", "8", "--rounds", "1", "--formats", "bf16",
+                "--baseline", "ops", "--dtype", "fp32"])  # bf16-stored, fp32 compute  # fmt: skip
+    assert capsys.readouterr().out.count("op-by-op few-token path") == 1
 
 
 def test_int4_x8_bench_runs(capsys, tmp_path):

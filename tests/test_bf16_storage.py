@@ -156,6 +156,47 @@ def test_moe_experts_in_one_call_equal_one_call_each(ckpts):
         assert torch.equal(cpu_decode._experts_many(ex, torch.float32)(which, xs, es), ref)
 
 
+def test_moe_routing_in_cpp_on_a_bf16_stored_router(ckpts, monkeypatch):
+    """fp32 rows on a bf16-stored router: ops/moe.py `few_token_moe` (gemv_cpu.cpp `moe_route`,
+    the logits by linear_bf16's fp32-row path, as the module's own `linear` computes them) runs
+    the block's routed experts, in the module and in the decode plan (it refused a router of
+    another dtype than x's, leaving torch's ~20-op routing on every decode step): the torch
+    routing's result within fp32 rounding, batched == alone."""
+    import qwen35.layers.moe as layer_moe
+    from qwen35.layers.moe import SparseMoE
+    from qwen35.models import cpu_decode
+    from qwen35.ops import moe as ops_moe
+    from qwen35.ops.backend import select_backend
+
+    native_or_skip(gemv.GEMV, "the gemv kernel")
+    m = load_model(str(ckpts["moe"]), dtype="fp32", quantization="bf16")
+    blocks = [b for b in m.modules() if isinstance(b, SparseMoE)]
+    assert blocks and all(b.gate.weight.dtype == torch.bfloat16 for b in blocks)
+    taken, real = [], ops_moe.few_token_moe
+
+    def counted(x, *a):
+        out = real(x, *a)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(layer_moe, "few_token_moe", counted)
+    monkeypatch.setattr(ops_moe, "few_token_moe", counted)  # (the decode plan's)
+    be = select_backend("cpu", dtype=torch.float32)
+    x = torch.randn(4, m.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    cpu_routed = SparseMoE.cpu_routed
+    with torch.inference_mode():
+        for b in blocks:
+            taken.clear()
+            got, plan = b(x, be), cpu_decode._moe(b, torch.float32)(x, be)
+            alone = torch.cat([b(x[t : t + 1], be) for t in range(4)])
+            assert taken == [True] * 6
+            monkeypatch.setattr(SparseMoE, "cpu_routed", lambda self, x: None)
+            ref = b(x, be)  # torch's routing, then the experts' few-token path
+            monkeypatch.setattr(SparseMoE, "cpu_routed", cpu_routed)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            assert torch.equal(plan, got) and torch.equal(alone, got)
+
+
 def test_vision_tower_weights_stored_bf16(ckpts):
     """The tower's projection weights are bf16 too (widened per call), its outputs the fp32
     tower's on the same BF16 checkpoint."""

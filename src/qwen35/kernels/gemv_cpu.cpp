@@ -1332,7 +1332,8 @@ torch::Tensor moe_bf16(const torch::Tensor& x, const torch::Tensor& router,
 
 // The two ends of a MoE block's few-row step for experts of other formats (int8 / int4 / FP8,
 // fp32; ops/moe.py few_token_moe runs their products with their own kernels in between):
-// moe_route: x [T <= 16, H] bf16 or fp32, router [E, H] of its dtype -> (xs [T k, H]: each
+// moe_route: x [T <= 16, H] bf16 or fp32, router [E, H] of its dtype or bf16 under fp32 x
+// (`--quantization bf16`: bf16-stored weights, fp32 compute) -> (xs [T k, H]: each
 // (token, choice) pair's row of x, the pairs sorted by expert as moe_bf16 sorts them; the active
 // experts, ascending; each one's pair count; the pairs' weights [T k] in x's dtype; their tokens
 // [T k] int64). Logits are linear_bf16's / linear_fp32's, the routing moe_bf16's.
@@ -1342,13 +1343,15 @@ std::tuple<torch::Tensor, std::vector<int64_t>, std::vector<int64_t>, torch::Ten
 moe_route(const torch::Tensor& x, const torch::Tensor& router, int64_t top_k) {
   check_x(x, router, router.size(1));
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  TORCH_CHECK((bf16 || x.scalar_type() == at::kFloat) && router.scalar_type() == x.scalar_type(),
-              "moe_route: bf16 or fp32 x and a router of its dtype");
+  const bool bf16_router = router.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((bf16 || x.scalar_type() == at::kFloat) &&
+                  (router.scalar_type() == x.scalar_type() || bf16_router),
+              "moe_route: bf16 or fp32 x and a router of its dtype (or bf16 under fp32 x)");
   const int64_t T = x.size(0), H = x.size(1), E = router.size(0), P = T * top_k;
   TORCH_CHECK(T >= 1 && top_k >= 1 && top_k <= E, "moe_route: 1 to ", kMaxRows,
               " rows and top_k in 1..num_experts");
   const torch::Tensor logits =
-      (bf16 ? linear_bf16(x, router, false) : linear_fp32(x, router, false)).to(at::kFloat);
+      (bf16_router ? linear_bf16(x, router, false) : linear_fp32(x, router, false)).to(at::kFloat);
   const Routing rt = bf16 ? route_rows(logits.data_ptr<float>(), T, E, top_k, round_bf16)
                           : route_rows(logits.data_ptr<float>(), T, E, top_k, [](float v) { return v; });
   torch::Tensor xs = torch::empty({P, H}, x.options());

@@ -80,11 +80,14 @@ def few_token_moe(x, router_w, top_k: int, gate_up_fn, down_fn, many=None):
     rounded once): ~6 calls where routing and few_token_experts make ~30 (README: Model
     implementation). The experts of every format take it (int8 / int4 / FP8 / fp32; bf16 blocks
     take `cpu_moe_step`'s single call). None where it does not apply: no CPU kernels, a router of
-    another dtype than x's, rows that are not 1..FEW_TOKENS bf16 / fp32 rows."""
+    another dtype than x's (but a bf16 one under fp32 rows, `--quantization bf16`: its logits
+    are then linear_bf16's fp32 rows, as layers/linear.py `linear` computes them), rows that are
+    not 1..FEW_TOKENS bf16 / fp32 rows."""
     from qwen35.kernels import gemv
 
     mod = gemv.load()
-    if (mod is None or router_w.dtype != x.dtype or x.dtype not in (torch.float32, torch.bfloat16)
+    router_ok = router_w.dtype in (x.dtype, torch.bfloat16)  # (bf16-stored under fp32 rows)
+    if (mod is None or not router_ok or x.dtype not in (torch.float32, torch.bfloat16)
             or not takes_few_tokens(x) or not router_w.is_contiguous()):  # fmt: skip
         return None
     xs, es, ns, w, token = mod.moe_route(x.contiguous(), router_w, top_k)
