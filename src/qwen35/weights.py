@@ -141,6 +141,18 @@ def _open(path: Path):
         ) from None
 
 
+def stored_embedding_dtype(files: list[Path]) -> str | None:
+    """The safetensors dtype ("BF16", "F32", ...) the checkpoint stores its token embeddings in
+    (what its unquantized weights are stored in; a config's torch_dtype may be missing or say
+    otherwise), from the headers only; None if no embedding table is found."""
+    for path in files:
+        with _open(path) as f:
+            for key in f.keys():
+                if key.endswith("embed_tokens.weight") and not key.startswith("mtp."):
+                    return f.get_slice(key).get_dtype()
+    return None
+
+
 # ---- names --------------------------------------------------------------------------------------
 def map_key(key: str, keep_visual: bool = False, keep_mtp: bool = False) -> _Target | str:
     """The model target of a checkpoint key, or the skip-prefix (str) when it is ignored."""
