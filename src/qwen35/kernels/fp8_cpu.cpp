@@ -45,6 +45,10 @@ inline void fp8x16(const uint8_t* p, __m256& lo, __m256& hi) {
 }
 
 
+// Weight bytes are software-prefetched this far ahead (into the next rows near a row's end), as
+// gemv_cpu.cpp's int8 rows (kInt8Prefetch)
+constexpr int kPrefetch = 2048;
+
 // One output row against MR <= 4 input rows (fp32, row stride K), accumulators in registers:
 // per block of bi inputs the partial dot products (4 independent chains a row, for every row
 // count: a row's sum is then the same bits whichever rows share its pass) are scaled; a block's
@@ -63,7 +67,8 @@ __attribute__((always_inline)) inline void fp8_rows(const float* X, int64_t K, c
     for (int i = 0; i < MR; ++i)
       for (int u = 0; u < 2 * U; ++u) acc[i][u] = _mm256_setzero_ps();
     int64_t k = k0;
-    for (; k + 16 * U <= k1; k += 16 * U)
+    for (; k + 16 * U <= k1; k += 16 * U) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch, _MM_HINT_T0);
       for (int u = 0; u < U; ++u) {
         __m256 lo, hi;
         fp8x16(w + k + 16 * u, lo, hi);
@@ -73,6 +78,7 @@ __attribute__((always_inline)) inline void fp8_rows(const float* X, int64_t K, c
           acc[i][2 * u + 1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + 8), acc[i][2 * u + 1]);
         }
       }
+    }
     for (; k + 16 <= k1; k += 16) {
       __m256 lo, hi;
       fp8x16(w + k, lo, hi);
