@@ -276,17 +276,20 @@ def _bf16_storage(model, quantization, dtype, device, report: LoadReport | None 
 def _unquantized_in_bf16(model, cfg, quantization, dtype, device, files: list[Path] | None,
                          report=None) -> None:  # fmt: skip
     """A quantized model computing in fp32 on a CPU (`--dtype auto` where the CPU has no native
-    bf16, or `--dtype fp32`) from a checkpoint that stores its unquantized weights in BF16
-    (the embedding table's dtype in the headers of `files`, read only here; a BF16 checkpoint,
-    an official FP8 one; random weights, files None: the config's dtype): the weights that stay unquantized (embeddings, lm_head, routers,
-    in_proj_a / b, the vision tower; all of them under FP8) are allocated in bf16 on the meta
-    model, as `--quantization bf16` allocates every weight (quant/apply.py bf16_storage_meta):
-    the checkpoint's own values, so nothing is rounded, and the model's memory is the planner's
-    figure for the format (BF16 besides the quantized tensors) instead of twice that for those
-    tensors (the 0.8B's FP8 model: 1.41 -> 0.94 GiB). Only where our GEMV kernel reads bf16
-    weights for fp32 rows (else every decode step would widen them first)."""
+    bf16, or `--dtype fp32`) from a checkpoint that stores its unquantized weights in BF16 (a
+    BF16 checkpoint, an official FP8 one: the embedding table's dtype in the headers of `files`,
+    read only here; random weights, files None: the config's dtype): the weights that stay
+    unquantized (embeddings, lm_head, routers, in_proj_a / b, the vision tower; all of them
+    under FP8) are allocated in bf16 on the meta model, as `--quantization bf16` allocates every
+    weight (quant/apply.py bf16_storage_meta): the checkpoint's own values, so nothing is
+    rounded, and the model's memory is the planner's figure for the format (BF16 besides the
+    quantized tensors) instead of twice that for those tensors (the 0.8B's FP8 model: 1.41 ->
+    0.94 GiB). Only where our GEMV kernel reads bf16 weights for fp32 rows (else every decode
+    step would widen them first); a model `--quantization bf16` already narrowed is left."""
     quantized = quantization in ("fp8", "int8", "int4") or cfg.quantization is not None
     if not (quantized and device.type == "cpu" and dtype == torch.float32):
+        return
+    if getattr(model, "quantization", None) == "bf16":
         return
     stored = (files and stored_embedding_dtype(files)) or cfg.dtype
     if str(stored).lower().removeprefix("torch.") not in ("bfloat16", "bf16"):
