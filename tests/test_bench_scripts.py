@@ -104,6 +104,19 @@ def test_moe_decode_bench_runs(capsys):
     assert capsys.readouterr().out.count("op-by-op few-token path") == 1
 
 
+def test_decode_formats_bench_runs(capsys, tmp_path):
+    """bench/decode_formats.py: formats alternating step by step, a line a round and the
+    medians with each format's ratio to the first."""
+    from tiny import save_checkpoint
+
+    save_checkpoint(tmp_path / "m")
+    _load("decode_formats").main(["--model", str(tmp_path / "m" / "config.json"), "--formats",
+                                  "int8,fp8,bf16", "--rounds", "2", "--steps", "3", "--prompt",
+                                  "8", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("round ") == 2 and out.count("fp8/int8") == 3 and "median:" in out, out
+
+
 def test_int4_x8_bench_runs(capsys, tmp_path):
     from qwen35.quant.layers import Int4Linear
     from tiny import save_checkpoint
