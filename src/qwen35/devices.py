@@ -127,11 +127,17 @@ def default_quantization(
         and dtype == "auto"
         and str(device).startswith("cpu")
         and default_dtype(device) == "fp32"
-        and stored_dtype.lower().removeprefix("torch.") in ("bfloat16", "bf16")
+        and stored_as_bf16(stored_dtype)
         and _bf16_rows_kernel()
     ):
         return "bf16"
     return quantization
+
+
+def stored_as_bf16(name: str) -> bool:
+    """A stored dtype's name (a config's "bfloat16", torch's "torch.bfloat16", safetensors'
+    "BF16") says bf16."""
+    return str(name).lower().removeprefix("torch.") in ("bfloat16", "bf16")
 
 
 def _bf16_rows_kernel() -> bool:

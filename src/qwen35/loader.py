@@ -149,8 +149,9 @@ def load_model(
         )
         _check_mtp(cfg, mtp)
         model, _ = build_model(cfg, None, None, model_factory, tp, vision, mtp)
+        if _unquantized_in_bf16(cfg, quantization, torch_dtype, dev, None):
+            _narrow_unquantized(model, torch_dtype, report)
         quantization = _bf16_storage(model, quantization, torch_dtype, dev, report)
-        _unquantized_in_bf16(model, cfg, quantization, torch_dtype, dev, None, report)
         if random_fp8(cfg, quantization):  # FP8 storage drawn directly (no BF16 copy first)
             from qwen35.quant.apply import rule_modules, swap_to_fp8_meta
 
@@ -183,7 +184,9 @@ def load_model(
         _check_mtp(cfg, mtp)
         model, params = build_model(cfg, None, None, model_factory, vision=vision, mtp=mtp)
         storage = _bf16_storage(model, quantization, torch_dtype, dev, report)
-        _unquantized_in_bf16(model, cfg, storage, torch_dtype, dev, files, report)
+        narrow = _unquantized_in_bf16(cfg, quantization, torch_dtype, dev, files)
+        if narrow:
+            _narrow_unquantized(model, torch_dtype, report)
         fp8_names: list[str] = []
         if cfg.quantization is not None:  # block FP8: the stored FP8 modules stay FP8
             from qwen35.quant.apply import fp8_modules_in_checkpoint, swap_to_fp8_meta
@@ -203,8 +206,9 @@ def load_model(
 
             shard = ShardReader(cfg, tp, {n: tuple(p.shape) for n, p in canonical.items()})
             model, _ = build_model(cfg, None, None, None, tp, vision)
-            _unquantized_in_bf16(model, cfg, _bf16_storage(model, quantization, torch_dtype, dev),
-                                 torch_dtype, dev, files)  # fmt: skip
+            _bf16_storage(model, quantization, torch_dtype, dev)
+            if narrow:
+                _narrow_unquantized(model, torch_dtype)
             if fp8_names:
                 from qwen35.quant.apply import swap_to_fp8_meta
 
@@ -273,32 +277,34 @@ def _bf16_storage(model, quantization, dtype, device, report: LoadReport | None 
     return None
 
 
-def _unquantized_in_bf16(model, cfg, quantization, dtype, device, files: list[Path] | None,
-                         report=None) -> None:  # fmt: skip
-    """A quantized model computing in fp32 on a CPU (`--dtype auto` where the CPU has no native
-    bf16, or `--dtype fp32`) from a checkpoint that stores its unquantized weights in BF16 (a
-    BF16 checkpoint, an official FP8 one: the embedding table's dtype in the headers of `files`,
-    read only here; random weights, files None: the config's dtype): the weights that stay
-    unquantized (embeddings, lm_head, routers, in_proj_a / b, the vision tower; all of them
-    under FP8) are allocated in bf16 on the meta model, as `--quantization bf16` allocates every
-    weight (quant/apply.py bf16_storage_meta): the checkpoint's own values, so nothing is
-    rounded, and the model's memory is the planner's figure for the format (BF16 besides the
-    quantized tensors) instead of twice that for those tensors (the 0.8B's FP8 model: 1.41 ->
-    0.94 GiB). Only where our GEMV kernel reads bf16 weights for fp32 rows (else every decode
-    step would widen them first); a model `--quantization bf16` already narrowed is left."""
-    quantized = quantization in ("fp8", "int8", "int4") or cfg.quantization is not None
+def _unquantized_in_bf16(cfg, quantization, dtype, device, files: list[Path] | None) -> bool:
+    """Whether a quantized model computing in fp32 on a CPU (`--dtype auto` where the CPU has no
+    native bf16, or `--dtype fp32`) keeps the weights that stay unquantized (embeddings,
+    lm_head, routers, in_proj_a / b, the vision tower; all of them under FP8) in bf16
+    (_narrow_unquantized): where the checkpoint stores them in BF16 (a BF16 checkpoint, an
+    official FP8 one: the embedding table's dtype in the headers of `files`, read only here;
+    random weights, files None: the config's dtype). They are the checkpoint's own values, so
+    nothing is rounded, and the model's memory is the planner's figure for the format (BF16
+    besides the quantized tensors) instead of twice that for those tensors (the 0.8B's FP8
+    model: 1.41 -> 0.94 GiB). Only where our GEMV kernel reads bf16 weights for fp32 rows (else
+    every decode step would widen them first); `--quantization bf16` narrows every weight
+    itself (_bf16_storage)."""
+    from qwen35.devices import _bf16_rows_kernel, stored_as_bf16
+
+    quantized = quantization in ("fp8", "int8", "int4") or (
+        cfg.quantization is not None and quantization != "bf16"
+    )
     if not (quantized and device.type == "cpu" and dtype == torch.float32):
-        return
-    if getattr(model, "quantization", None) == "bf16":
-        return
+        return False
     stored = (files and stored_embedding_dtype(files)) or cfg.dtype
-    if str(stored).lower().removeprefix("torch.") not in ("bfloat16", "bf16"):
-        return
-    from qwen35.devices import _bf16_rows_kernel
+    return stored_as_bf16(stored) and _bf16_rows_kernel()
+
+
+def _narrow_unquantized(model, dtype, report: LoadReport | None = None) -> None:
+    """The plain weights of the meta model allocated in bf16 (quant/apply.py bf16_storage_meta,
+    as `--quantization bf16` does); the quantized modules are swapped in after."""
     from qwen35.quant.apply import bf16_storage_meta
 
-    if not _bf16_rows_kernel():
-        return
     n = bf16_storage_meta(model, dtype)
     if report is not None:
         report.notes.append(f"{n} unquantized weight tensors stored in bf16, fp32 compute")
