@@ -10,7 +10,8 @@ the whole head (`full`: `runner.head_screen` set to None), alternating every rou
 memory bandwidth's drift hits both alike. Also the head's build time, its bytes, and the
 screen's candidates per step. Medians of the steps' wall times; the tokens of both modes must be
 equal (the run stops otherwise). Writes bench/results/head_screen.json. `--head-only`: the head
-alone at 1-16 rows (what SCREEN_MAX_ROWS in models/head_screen.py is set from).
+alone at 1-16 rows (what SCREEN_MAX_ROWS in models/head_screen.py is set from): the full head, the
+screen (kernels/head_screen_cpu.cpp) and the screen through its PyTorch twin.
 """
 
 from __future__ import annotations
@@ -49,38 +50,54 @@ def _steps(engine, n: int, rid: str, batch: int, top_k: int) -> tuple[list[float
 
 def head_only(fmt: str, rounds: int) -> dict:
     """The 0.8B-sized head alone (248320 x 1024, random): the full head (layers.linear) vs the
-    screen + exact rows (HeadScreen.tokens), 1-16 rows, caches evicted before every call."""
+    screen + exact rows (HeadScreen.tokens) vs the same through the screen's PyTorch twin
+    (`candidates_reference`: `twin`), 1-16 rows, caches evicted before every call. fmt
+    "bf16:fp32": a bf16 head under fp32 rows (--dtype auto on CPUs without native bf16)."""
+    from qwen35.kernels import gemv
     from qwen35.layers.linear import GEMV_MAX_ROWS, linear
 
     dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+    rows = torch.float32 if fmt in ("fp32", "bf16:fp32") else torch.bfloat16
     V, K = 248320, 1024
     w = (torch.randn(V, K) * 0.02).to(dtype)
-    head = HeadScreen(w)
-    head.max_rows = GEMV_MAX_ROWS[dtype]  # past SCREEN_MAX_ROWS too: that is what is measured
+    head = HeadScreen(w, rows)
+    head.max_rows = GEMV_MAX_ROWS[rows]  # past SCREEN_MAX_ROWS too: that is what is measured
+    kernel = gemv.load_screen
+
+    def twin(x, ks):
+        gemv.load_screen = lambda: None
+        try:
+            return head._exact(x, ks)
+        finally:
+            gemv.load_screen = kernel
+
     evict = [torch.randn(V, K // 2) for _ in range(2)]  # 1 GB read between calls
     out = {}
+    calls = {"full": lambda x, ks: linear(x, w), "screen": head._exact, "twin": twin}
     for M in (1, 2, 4, 8, 16):
-        if M > GEMV_MAX_ROWS[dtype]:
+        if M > GEMV_MAX_ROWS[rows]:
             break
-        x = torch.randn(M, K).to(dtype)
-        ms: dict[str, list[float]] = {"full": [], "screen": []}
+        x = torch.randn(M, K).to(rows)
+        ms: dict[str, list[float]] = {m: [] for m in calls}
         for _ in range(rounds):
-            for mode in ms:
+            for mode, call in calls.items():
                 for t in evict:
                     t.sum()
                 t0 = time.perf_counter()
-                linear(x, w) if mode == "full" else head._exact(x, [1] * M)
+                call(x, [1] * M)
                 ms[mode].append(time.perf_counter() - t0)
         med = {m: statistics.median(v) * 1e3 for m, v in ms.items()}
         out[M] = med
         print(f"{fmt} head alone, {M} rows: full {med['full']:.2f} ms, screen {med['screen']:.2f}"
-              f" ({med['full'] / med['screen']:.2f}x)")  # fmt: skip
+              f" ({med['full'] / med['screen']:.2f}x), its PyTorch twin {med['twin']:.2f}"
+              f" (kernel {med['twin'] / med['screen']:.2f}x)")  # fmt: skip
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--formats", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--formats", nargs="+", default=["fp32", "bf16"],
+                    help="fp32 bf16; --head-only also bf16:fp32 (a bf16 head, fp32 rows)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)

@@ -25,12 +25,18 @@ pytestmark = pytest.mark.skipif(
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(params=["kernel", "reference"], autouse=True)
+@pytest.fixture(params=["kernel", "kernel-avx2", "reference"], autouse=True)
 def screen_path(request, monkeypatch):
-    """Every test on both screens: kernels/head_screen_cpu.cpp and the PyTorch twin."""
+    """Every test on the three screens: kernels/head_screen_cpu.cpp with its AVX512-VNNI dots
+    and with its AVX2 ones, and the PyTorch twin."""
     if request.param == "kernel":
+        mod = gemv.load_screen()
+        if mod is None or not mod.vnni():
+            pytest.skip("the kernel's int8 x int8 dots need AVX512-VNNI, which this CPU lacks")
+    elif request.param == "kernel-avx2":
         if gemv.load_screen() is None:
-            pytest.skip("head_screen_cpu.cpp needs AVX512-VNNI, which this CPU lacks")
+            pytest.skip("head_screen_cpu.cpp did not build (no compiler / AVX2)")
+        monkeypatch.setattr(HeadScreen, "avx2_only", True)
     else:
         monkeypatch.setattr(gemv, "load_screen", lambda: None)
     return request.param

@@ -7,7 +7,7 @@
 `load_int4()` gives `int4_cpu.cpp`'s module: `linear_int4(x, packed, sz, group, n, avx2_only,
 x8)` on torch's packed CPU int4 layout (x8: activations rounded to 8 bits per 32 inputs) and
 `int4_dequant` (prefill's unpack), also used by quant/matmul.py.
-`load_screen()` gives `head_screen_cpu.cpp`'s module (`screen`, `supported`) for
+`load_screen()` gives `head_screen_cpu.cpp`'s module (`screen`, `vnni`) for
 models/head_screen.py.
 Each path is tested against F.linear on the (dequantised) weight, its PyTorch twin, and
 `bench/gemv.py` measures it against torch's own kernels. `avx2_only=True` runs the bf16
@@ -22,10 +22,9 @@ MAX_ROWS = 16  # rows the kernels take; more rows are a GEMM (compute-bound): to
 
 GEMV = Native("gemv_cpu.cpp", ("-mavx2", "-mfma"))
 INT4 = Native("int4_cpu.cpp", ("-mavx2", "-mfma", "-mf16c"), needs=("avx2", "fma", "f16c"))
-# models/head_screen.py's int8 screen of lm_head (AVX512-VNNI CPUs; `supported()` says)
-SCREEN = Native(
-    "head_screen_cpu.cpp", ("-mavx2", "-mfma"), needs=("avx2", "fma", "avx512_vnni")
-)
+# models/head_screen.py's int8 screen of lm_head (int8 x int8 dots on AVX512-VNNI CPUs, int16 x
+# int8 ones on AVX2: `vnni()` says which)
+SCREEN = Native("head_screen_cpu.cpp", ("-mavx2", "-mfma"), needs=("avx2", "fma"))
 
 
 def load():
@@ -39,6 +38,5 @@ def load_int4():
 
 
 def load_screen():
-    """`head_screen_cpu.cpp`'s module where this CPU runs it (AVX512-VNNI), else None."""
-    mod = SCREEN.load()
-    return mod if mod is not None and mod.supported() else None
+    """`head_screen_cpu.cpp`'s module, or None as `load`."""
+    return SCREEN.load()

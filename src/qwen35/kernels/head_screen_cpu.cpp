@@ -1,25 +1,32 @@
 // The int8 screen of lm_head for greedy / top-k decode rows (models/head_screen.py), in one call:
 //
 //   screen(x [M, K] fp32, q [V, K] int8, scale [V], err [V], nq [V], tiny [V], ks [M], rounded,
-//          limit) -> candidates [C] int64 (ascending token ids), or empty when more than `limit`
+//          limit, avx2_only) -> candidates [C] int64 (ascending token ids), or empty when more
+//          than `limit`
 //
-// 1. Each input row is quantised to int8 in blocks of 64 (one fp32 scale a block, so an
-//    outlier channel costs only its block), and its exact quantisation error ||x - x^||_2 kept.
-// 2. Every head row v: s_v = scale_v * sum_b xs_b * (integer dot of block b), the integer dots
-//    by AVX512-VNNI's vpdpbusd (unsigned x signed bytes: the weight bytes flipped to q + 128,
-//    the 128 * sum(x^) this adds taken off exactly, by starting each block's int32 lanes at
-//    -128 * their x^ sums). It reads a byte a weight at the memory bandwidth.
+// 1. Each input row is rounded to integers, and its exact rounding error ||x - x^||_2 kept:
+//    on AVX512-VNNI CPUs to int8 in blocks of 64 (one fp32 scale a block, so an outlier channel
+//    costs only its block); elsewhere (AVX2, or avx2_only) to int16 in groups of 128, as
+//    linear_int8's AVX2 path rounds them (gemv_rows.h quantize_rows_i16).
+// 2. Every head row v: s_v = scale_v * sum_b xs_b * (integer dot of block b). VNNI: vpdpbusd
+//    (unsigned x signed bytes: the weight bytes flipped to q + 128, the 128 * sum(x^) this adds
+//    taken off exactly, by starting each block's int32 lanes at -128 * their x^ sums). AVX2:
+//    gemv_rows.h int8_rows_i16 (vpmaddwd), the same sums as linear_int8 gives. Either reads a
+//    byte a weight at the memory bandwidth.
 // 3. The bound b_v = ||x|| err_v + ||x - x^|| nq_v (1 + 2^-6) + tiny_v + 2^-18 |s_v|
 //    (head_screen.py derives it), T = the ks[m]-th largest s_v - b_v of each input row (lowered
 //    by 2^-6 |T| where the exact logits are rounded to bf16), and the tokens with
-//    s_v + b_v >= T for some input row, in order.
-// head_screen.py's `candidates_reference` is the PyTorch twin (fp32 input rows, linear_int8);
-// tests/test_head_screen.py checks both against the full head's argmax.
+//    s_v + b_v >= T for some input row, in order (AVX2 for both dots: these passes read 16 bytes
+//    a token, memory-bound either way).
+// head_screen.py's `candidates_reference` is the PyTorch twin (fp32 input rows, linear_int8, the
+// bound's terms in torch ops: ~4 ms a token on the 0.8B's head on a Zen 3, where this takes
+// under 1); tests/test_head_screen.py checks all three against the full head's argmax.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include "torch_ext.h"
 
 #include "cpu_isa.h"
+#include "gemv_rows.h"
 
 #include <algorithm>
 #include <functional>
@@ -33,16 +40,25 @@ namespace {
 
 constexpr int64_t kBlock = 64;
 
-struct Rows {  // the input rows, quantised
-  int64_t M, K, nb;
-  std::vector<int8_t> xq;       // [M, nb * 64], zeros past K
-  std::vector<int32_t> negcor;  // [M, nb, 16]: -128 * the sum of each lane's 4 x^ bytes
-  std::vector<float> xs;        // [M, nb]
+struct Rows {  // the input rows, rounded to integers
+  int64_t M, K;
+  bool vnni;  // int8 blocks of 64 (AVX512-VNNI) or int16 groups of 128 (AVX2)
+  int64_t nb = 0;
+  std::vector<int8_t> xq;       // VNNI: [M, nb * 64], zeros past K
+  std::vector<int32_t> negcor;  // VNNI: [M, nb, 16]: -128 * the sum of each lane's 4 x^ bytes
+  std::vector<float> xs;        // VNNI: [M, nb]
+  gemv_rows::RowsI16 i16;       // AVX2: linear_int8's rounding
   std::vector<float> xn, xe;    // [M]: ||x||, ||x - x^|| (rounded up)
 };
 
-Rows quantise(const float* X, int64_t M, int64_t K) {
-  Rows r{M, K, (K + kBlock - 1) / kBlock, {}, {}, {}, {}, {}};
+void set_norms(Rows& r, int64_t m, double n2, double e2) {
+  r.xn[m] = static_cast<float>(std::sqrt(n2) * (1 + 0x1p-10));
+  r.xe[m] = static_cast<float>(std::sqrt(e2) * (1 + 0x1p-10));
+}
+
+Rows quantise_vnni(const float* X, int64_t M, int64_t K) {
+  Rows r{M, K, true};
+  r.nb = (K + kBlock - 1) / kBlock;
   r.xq.assign(M * r.nb * kBlock, 0);
   r.negcor.assign(M * r.nb * 16, 0);
   r.xs.assign(M * r.nb, 0.f);
@@ -68,8 +84,27 @@ Rows quantise(const float* X, int64_t M, int64_t K) {
         e2 += d * d;
       }
     }
-    r.xn[m] = static_cast<float>(std::sqrt(n2) * (1 + 0x1p-10));
-    r.xe[m] = static_cast<float>(std::sqrt(e2) * (1 + 0x1p-10));
+    set_norms(r, m, n2, e2);
+  }
+  return r;
+}
+
+// (x is finite: head_screen.py screens only finite rows)
+Rows quantise_i16(const float* X, int64_t M, int64_t K) {
+  Rows r{M, K, false};
+  r.i16 = gemv_rows::quantize_rows_i16(X, M, K);
+  r.xn.assign(M, 0.f);
+  r.xe.assign(M, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    double n2 = 0, e2 = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const double x = X[m * K + k];
+      const double d = x - static_cast<double>(r.i16.xs[m * r.i16.ng + k / gemv_rows::kI16Group]) *
+                               r.i16.xq[m * K + k];
+      n2 += x * x;
+      e2 += d * d;
+    }
+    set_norms(r, m, n2, e2);
   }
   return r;
 }
@@ -130,17 +165,13 @@ TARGET_VNNI void dot_row_rows(const Rows& r, int64_t m0, const int8_t* w, float 
   for (int i = 0; i < MR; ++i) s[m0 + i] = _mm512_reduce_add_ps(acc[i]) * scale;
 }
 
-}  // namespace
-
-bool supported() { return cpu_isa::avx512_vnni(); }
-
-// The bound of 16 head rows v..v+15 against input row m (s: their screen values)
-TARGET_VNNI inline __m512 bound16(const Rows& r, int64_t m, const float* E, const float* NQ,
-                                  const float* TI, __m512 s) {
-  const __m512 abs_s = _mm512_abs_ps(s);
-  __m512 b = _mm512_fmadd_ps(_mm512_set1_ps(r.xn[m]), _mm512_loadu_ps(E), _mm512_loadu_ps(TI));
-  b = _mm512_fmadd_ps(_mm512_set1_ps(r.xe[m] * (1 + 0x1p-6f)), _mm512_loadu_ps(NQ), b);
-  return _mm512_fmadd_ps(_mm512_set1_ps(0x1p-18f), abs_s, b);
+// The bound of 8 head rows v..v+7 against input row m (s: their screen values)
+inline __m256 bound8(const Rows& r, int64_t m, const float* E, const float* NQ, const float* TI,
+                     __m256 s) {
+  const __m256 abs_s = _mm256_and_ps(s, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
+  __m256 b = _mm256_fmadd_ps(_mm256_set1_ps(r.xn[m]), _mm256_loadu_ps(E), _mm256_loadu_ps(TI));
+  b = _mm256_fmadd_ps(_mm256_set1_ps(r.xe[m] * (1 + 0x1p-6f)), _mm256_loadu_ps(NQ), b);
+  return _mm256_fmadd_ps(_mm256_set1_ps(0x1p-18f), abs_s, b);
 }
 
 struct Head {  // the screen's weights and bounds (head_screen.py's tensors)
@@ -149,53 +180,65 @@ struct Head {  // the screen's weights and bounds (head_screen.py's tensors)
   int64_t V;
 };
 
-constexpr int64_t kGrain = 1024;  // head rows a task (a multiple of 16)
+constexpr int64_t kGrain = 1024;  // head rows a task (a multiple of 8)
 
 inline float bound1(const Rows& r, const Head& h, int64_t m, int64_t v, float sv) {
   return r.xn[m] * h.E[v] + r.xe[m] * h.NQ[v] * (1 + 0x1p-6f) + h.TI[v] + 0x1p-18f * std::fabs(sv);
 }
 
+// head row v's screen values against every input row into one[M]
+void dot_head_row(const Rows& r, const Head& h, int64_t v, float* one) {
+  const int8_t* w = h.Q + v * r.K;
+  const int64_t M = r.M;
+  if (!r.vnni) {  // linear_int8's AVX2 rows, then its scale (the same bits)
+    for (int64_t m = 0; m < M; m += gemv_rows::kMR) {
+      const int mr = static_cast<int>(std::min<int64_t>(gemv_rows::kMR, M - m));
+      DISPATCH_MR(mr, gemv_rows::int8_rows_i16, r.i16, m, w, one + m);
+    }
+    for (int64_t m = 0; m < M; ++m) one[m] *= h.S[v];
+  } else if (M == 1) {  // batch-1 decode: four chains along the row
+    dot_row(r, w, h.S[v], one);
+  } else {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) dot_row_rows<4>(r, m, w, h.S[v], one);
+    for (; m + 2 <= M; m += 2) dot_row_rows<2>(r, m, w, h.S[v], one);
+    for (; m < M; ++m) dot_row_rows<1>(r, m, w, h.S[v], one);
+  }
+}
+
 // chunk c: the screen values into s [M, ld] and each input row's max(s - b) into best [M]
-TARGET_VNNI void dot_chunk(const Rows& r, const Head& h, int64_t c, float* s, int64_t ld,
-                           float* best) {
+void dot_chunk(const Rows& r, const Head& h, int64_t c, float* s, int64_t ld, float* best) {
   const int64_t M = r.M, v0 = c * kGrain, v1 = std::min(h.V, v0 + kGrain);
   float one[64];
   for (int64_t v = v0; v < v1; ++v) {
-    if (M == 1) {  // batch-1 decode: four chains along the row
-      dot_row(r, h.Q + v * r.K, h.S[v], one);
-    } else {
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) dot_row_rows<4>(r, m, h.Q + v * r.K, h.S[v], one);
-      for (; m + 2 <= M; m += 2) dot_row_rows<2>(r, m, h.Q + v * r.K, h.S[v], one);
-      for (; m < M; ++m) dot_row_rows<1>(r, m, h.Q + v * r.K, h.S[v], one);
-    }
+    dot_head_row(r, h, v, one);
     for (int64_t m = 0; m < M; ++m) s[m * ld + v] = one[m];
   }
   for (int64_t m = 0; m < M; ++m) {
     const float* sm = s + m * ld;
-    __m512 lo = _mm512_set1_ps(-INFINITY);
+    __m256 lo = _mm256_set1_ps(-INFINITY);
     int64_t v = v0;
-    for (; v + 16 <= v1; v += 16) {
-      const __m512 sv = _mm512_loadu_ps(sm + v);
-      lo = _mm512_max_ps(lo, _mm512_sub_ps(sv, bound16(r, m, h.E + v, h.NQ + v, h.TI + v, sv)));
+    for (; v + 8 <= v1; v += 8) {
+      const __m256 sv = _mm256_loadu_ps(sm + v);
+      lo = _mm256_max_ps(lo, _mm256_sub_ps(sv, bound8(r, m, h.E + v, h.NQ + v, h.TI + v, sv)));
     }
-    float b = _mm512_reduce_max_ps(lo);
+    float b = gemv_rows::hmax8(lo);
     for (; v < v1; ++v) b = std::max(b, sm[v] - bound1(r, h, m, v, sm[v]));
     best[m] = b;
   }
 }
 
 // chunk c: its tokens whose upper bound reaches T for some input row, in order (stops past limit)
-TARGET_VNNI void keep_chunk(const Rows& r, const Head& h, int64_t c, const float* s, int64_t ld,
-                            const float* T, int64_t limit, std::vector<int64_t>& out) {
+void keep_chunk(const Rows& r, const Head& h, int64_t c, const float* s, int64_t ld,
+                const float* T, int64_t limit, std::vector<int64_t>& out) {
   const int64_t M = r.M, v0 = c * kGrain, v1 = std::min(h.V, v0 + kGrain);
   int64_t v = v0;
-  for (; v + 16 <= v1; v += 16) {
-    __mmask16 hit = 0;
+  for (; v + 8 <= v1; v += 8) {
+    int hit = 0;
     for (int64_t m = 0; m < M; ++m) {
-      const __m512 sv = _mm512_loadu_ps(s + m * ld + v);
-      const __m512 hi = _mm512_add_ps(sv, bound16(r, m, h.E + v, h.NQ + v, h.TI + v, sv));
-      hit |= _mm512_cmp_ps_mask(hi, _mm512_set1_ps(T[m]), _CMP_GE_OQ);
+      const __m256 sv = _mm256_loadu_ps(s + m * ld + v);
+      const __m256 hi = _mm256_add_ps(sv, bound8(r, m, h.E + v, h.NQ + v, h.TI + v, sv));
+      hit |= _mm256_movemask_ps(_mm256_cmp_ps(hi, _mm256_set1_ps(T[m]), _CMP_GE_OQ));
     }
     for (; hit; hit &= hit - 1) out.push_back(v + __builtin_ctz(hit));
     if (static_cast<int64_t>(out.size()) > limit) return;  // undecided anyway
@@ -209,18 +252,18 @@ TARGET_VNNI void keep_chunk(const Rows& r, const Head& h, int64_t c, const float
 }
 
 // chunk c, input row m: the lower bounds s - b of its tokens that are >= lower, appended to out
-TARGET_VNNI void collect_lo(const Rows& r, const Head& h, int64_t c, int64_t m, const float* s,
-                            int64_t ld, float lower, std::vector<float>& out) {
+void collect_lo(const Rows& r, const Head& h, int64_t c, int64_t m, const float* s, int64_t ld,
+                float lower, std::vector<float>& out) {
   const int64_t v0 = c * kGrain, v1 = std::min(h.V, v0 + kGrain);
   const float* sm = s + m * ld;
-  alignas(64) float lo[16];
+  alignas(32) float lo[8];
   int64_t v = v0;
-  for (; v + 16 <= v1; v += 16) {
-    const __m512 sv = _mm512_loadu_ps(sm + v);
-    const __m512 l = _mm512_sub_ps(sv, bound16(r, m, h.E + v, h.NQ + v, h.TI + v, sv));
-    __mmask16 hit = _mm512_cmp_ps_mask(l, _mm512_set1_ps(lower), _CMP_GE_OQ);
+  for (; v + 8 <= v1; v += 8) {
+    const __m256 sv = _mm256_loadu_ps(sm + v);
+    const __m256 l = _mm256_sub_ps(sv, bound8(r, m, h.E + v, h.NQ + v, h.TI + v, sv));
+    int hit = _mm256_movemask_ps(_mm256_cmp_ps(l, _mm256_set1_ps(lower), _CMP_GE_OQ));
     if (!hit) continue;
-    _mm512_store_ps(lo, l);
+    _mm256_store_ps(lo, l);
     for (; hit; hit &= hit - 1) out.push_back(lo[__builtin_ctz(hit)]);
   }
   for (; v < v1; ++v) {
@@ -283,10 +326,13 @@ torch::Tensor screen_impl(const Rows& r, const Head& h, const std::vector<int64_
   return out;
 }
 
+}  // namespace
+
+bool vnni() { return cpu_isa::avx512_vnni(); }
+
 torch::Tensor screen(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                      const torch::Tensor& err, const torch::Tensor& nq, const torch::Tensor& tiny,
-                     const std::vector<int64_t>& ks, bool rounded, int64_t limit) {
-  TORCH_CHECK(supported(), "head screen: needs AVX512-VNNI");
+                     const std::vector<int64_t>& ks, bool rounded, int64_t limit, bool avx2_only) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x [M, K] fp32");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() &&
                   q.size(1) == x.size(1), "q [V, K] int8");
@@ -294,16 +340,17 @@ torch::Tensor screen(const torch::Tensor& x, const torch::Tensor& q, const torch
   for (const auto* t : {&scale, &err, &nq, &tiny})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == V && t->scalar_type() == at::kFloat &&
                     t->is_contiguous(), "scale / err / nq / tiny: [V] fp32");
-  const Rows r = quantise(x.data_ptr<float>(), x.size(0), x.size(1));
   TORCH_CHECK(x.size(0) <= 64, "head screen: at most 64 input rows");
   TORCH_CHECK(static_cast<int64_t>(ks.size()) == x.size(0), "head screen: one k per input row");
   for (const int64_t k : ks) TORCH_CHECK(k >= 1, "head screen: k >= 1");
+  const Rows r = vnni() && !avx2_only ? quantise_vnni(x.data_ptr<float>(), x.size(0), x.size(1))
+                                      : quantise_i16(x.data_ptr<float>(), x.size(0), x.size(1));
   const Head h{q.data_ptr<int8_t>(), scale.data_ptr<float>(), err.data_ptr<float>(),
                nq.data_ptr<float>(), tiny.data_ptr<float>(), V};
   return screen_impl(r, h, ks, rounded, limit);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("supported", &supported, "this CPU has AVX512-VNNI (screen runs here)");
+  m.def("vnni", &vnni, "this CPU has AVX512-VNNI (the screen's int8 x int8 dots run here)");
   m.def("screen", &screen, "head_screen.py's candidates: int8 screen of lm_head + bounds");
 }

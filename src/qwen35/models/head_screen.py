@@ -12,10 +12,10 @@ bf16's), screens the vocabulary first. For every token v and input row x,
 where err_v (built once from the weights) is the row's quantisation error ||W_v - s_v q_v||_2
 (Cauchy-Schwarz) plus worst-case bounds of both sides' float rounding (the input rounded to bf16,
 fp32 accumulation over K terms, the output rounded to bf16), nq_v = ||s_v q_v||_2 carries the
-input's own int8 error where the screen quantises it (kernels/head_screen_cpu.cpp: blocks of 64,
-bytes times bytes on AVX512-VNNI; `candidates_reference`, the PyTorch twin, screens through the
-int8 GEMV, which on CPUs without AVX512 rounds its rows to 16 bits: the same term), and tiny_v
-covers denormals flushed to zero.
+input's own rounding error where the screen rounds it (kernels/head_screen_cpu.cpp: to int8 in
+blocks of 64, bytes times bytes, on AVX512-VNNI; elsewhere to 16 bits per 128 as the AVX2 int8
+GEMV does; `candidates_reference`, the PyTorch twin, screens through the int8 GEMV, which rounds
+its rows the same way on CPUs without AVX512), and tiny_v covers denormals flushed to zero.
 
 With lo = screen - bound and hi = screen + bound, at least k tokens have a logit >= the k-th
 largest lo of the row, so every token among the k largest logits (ties included) has hi >= it.
@@ -61,6 +61,8 @@ class HeadScreen:
     """The int8 screen of one lm_head weight [V, K] (fp32 or bf16, contiguous, on the CPU), for
     head-input rows of `rows_dtype` (default: the weight's; fp32 rows on a bf16 head: a model
     computing in fp32 on bf16-stored weights)."""
+
+    avx2_only = False  # the kernel's AVX2 dots on an AVX512-VNNI CPU too (tests)
 
     def __init__(self, weight: torch.Tensor, rows_dtype: torch.dtype | None = None):
         if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16):
@@ -131,7 +133,7 @@ class HeadScreen:
     # ---- the screen ----------------------------------------------------------------------
     def candidates(self, x: torch.Tensor, ks: list[int]) -> torch.Tensor | None:
         """Ascending token ids that can be among row i's ks[i] largest logits (ties included),
-        or None (undecided): kernels/head_screen_cpu.cpp on AVX512-VNNI CPUs, else
+        or None (undecided): kernels/head_screen_cpu.cpp where it loads, else
         `candidates_reference`."""
         from qwen35.kernels import gemv
 
@@ -140,7 +142,7 @@ class HeadScreen:
             return self.candidates_reference(x, ks)
         cand = mod.screen(
             x.float().contiguous(), self.q, self.scale, self.err, self.nq, self.tiny, list(ks),
-            self.rounded_output, MAX_CANDIDATES,
+            self.rounded_output, MAX_CANDIDATES, self.avx2_only,
         )  # fmt: skip
         return cand if len(cand) else None
 
