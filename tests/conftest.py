@@ -7,8 +7,18 @@ def pytest_sessionstart(session):
     """Compile every CPU kernel module before the first test, side by side (kernels.prebuild:
     a thread each, up to the CPU count). A fresh checkout otherwise compiles them one after
     another as tests first need them (~206 s on a 2-core Zen 3, where the side-by-side build
-    takes ~110 s); already-built modules just load."""
+    takes ~110 s); already-built modules just load. A module that fails to build where this
+    machine should build it stops the run."""
     from qwen35 import kernels
 
     if kernels.supported():
         kernels.prebuild(kernels.every_module())
+        # a module this machine should build that did not (a compile error) would otherwise
+        # only turn its tests into skips and the engine onto its PyTorch fallbacks
+        broken = [n.source for n in kernels.every_module() if n.supported() and n.load() is None]
+        if broken:
+            import pytest
+
+            pytest.exit(f"CPU kernels failed to build here: {', '.join(broken)} (the compiler's "
+                        "output is in the log above; QWEN35_NO_KERNELS=1 tests the fallbacks)",
+                        returncode=3)  # fmt: skip

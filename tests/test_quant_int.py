@@ -47,10 +47,20 @@ def test_fp8_kernel_decodes_every_byte_exactly():
     assert torch.equal(out[0], q[0].float())
 
 
+@pytest.fixture(params=[False, True], ids=["denormals", "flush-denormals"])
+def flush_denormal(request):
+    """Both MXCSR states: the engine flushes denormals (engine/runtime.py), and fp8_cpu.cpp's
+    decode reads e4m3 subnormals as fp32 denormals, so it must clear DAZ for itself."""
+    torch.set_flush_denormal(request.param)
+    yield request.param
+    torch.set_flush_denormal(False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_avx2_kernel_rows_and_tails(dtype):
+def test_fp8_avx2_kernel_rows_and_tails(dtype, flush_denormal):
     """fp8_cpu.cpp's fp8_linear (the CPUs without AVX512's path) called directly: 1-16 rows in
-    groups of up to 4, blocks with a partial last chunk (K % 16 != 0), every byte exact."""
+    groups of up to 4, blocks with a partial last chunk (K % 16 != 0), every byte exact (the
+    subnormal ones too, with denormals flushed or not)."""
     mod = fp8_kernel.load()
     if mod is None:
         pytest.skip("no compiler / AVX2+F16C here: the PyTorch path runs instead")

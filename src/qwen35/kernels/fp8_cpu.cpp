@@ -1,9 +1,16 @@
 // Block-FP8 (e4m3, one fp32 scale per bo x bi block) weights on the CPU, read directly.
 //
-// e4m3 -> fp16 is a bit move: sign to bit 15, exponent+mantissa (7 bits) to bits 7..13. The fp16
-// value is the e4m3 value times 2^-8 (exponent bias 15 instead of 7), subnormals included, so
-// F16C's exact fp16 -> fp32 conversion gives every weight in 3 integer ops + 1 conversion per 8,
-// and the 2^8 goes into the block scale. (e4m3fn's NaN byte 0x7f is not expected in weights.)
+// fp8_linear (decode GEMV): e4m3 -> fp32 is a bit move. Sign-extend the byte to 32 bits, shift
+// left by 20 (sign to bit 31 over copies of it, exponent to bits 26..23, mantissa to 22..20)
+// and clear bits 30..27: the fp32 value is the e4m3 value times 2^-120, e4m3's subnormals
+// (exponent 0) becoming fp32 denormals with the same bits, so 3 integer ops per 8 weights
+// give every weight exactly. The input rows are scaled by 2^64 (exact; inputs up to 2^64 in
+// magnitude), so products are the true ones times 2^-56, normal down to |w x| = 2^-70, and the
+// 2^56 goes into the block scale. Denormal inputs must be honoured: the call clears MXCSR's DAZ
+// (which the engine sets, engine/runtime.py) in each thread it runs on and restores it after.
+// Before (session 31 and earlier) the byte went to fp16 bits and F16C's vcvtph2ps, which reads
+// denormals whatever DAZ says: 1.16-1.2x slower streaming on a Zen 3, where it was
+// compute-bound (README "FP8 on this Zen 3"). (e4m3fn's NaN byte 0x7f is not expected in weights.)
 //
 // fp8_linear: y [M, N] = x [M, K] @ W^T for a few rows (decode), W [N, K] read once: per output
 // row, each 16-weight chunk is converted once and used for up to 4 input rows (gemv_cpu.cpp's
@@ -11,7 +18,9 @@
 // scaled; one horizontal sum per row and input row at the end. (A first version kept one
 // accumulator per input row in an array indexed at run time: 10 GB/s, latency-bound.)
 // fp8_dequant: W [N, K] in the output's dtype (prefill: dequantise into a reused buffer, then a
-// regular GEMM). The PyTorch twins are quant/formats.py dequantize_fp8_blocks (+ F.linear).
+// regular GEMM) through fp16 bits (fp8x16_f16 below: the fp16 value is the e4m3 value times
+// 2^-8, subnormals included, F16C converts it exactly). The PyTorch twins are quant/formats.py
+// dequantize_fp8_blocks (+ F.linear).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include "torch_ext.h"
@@ -36,7 +45,7 @@ inline float fp8_scalar(uint8_t v) {  // e4m3fn -> float (exact)
 
 // 16 e4m3 bytes -> two __m256 of (value * 2^-8): sign-extended to 16 bits, shifted left by 7
 // (sign to bit 15, exponent + mantissa to bits 13..7), bit 14 (a sign copy) cleared
-inline void fp8x16(const uint8_t* p, __m256& lo, __m256& hi) {
+inline void fp8x16_f16(const uint8_t* p, __m256& lo, __m256& hi) {
   const __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m256i f16 =
       _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16(static_cast<int16_t>(0xBFFF)));
@@ -44,12 +53,32 @@ inline void fp8x16(const uint8_t* p, __m256& lo, __m256& hi) {
   hi = _mm256_cvtph_ps(_mm256_extracti128_si256(f16, 1));
 }
 
+// 16 e4m3 bytes -> two __m256 of (value * 2^-120) as fp32 bits (denormal for e4m3 subnormals)
+inline void fp8x16(const uint8_t* p, __m256& lo, __m256& hi) {
+  const __m256i keep = _mm256_set1_epi32(static_cast<int>(0x87F00000u));
+  const __m256i a = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+  lo = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(a, 20), keep));
+  hi = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b, 20), keep));
+}
+
+constexpr float kXScale = 0x1p64f;    // the input rows' scale (exact)
+constexpr float kWScale = 0x1p56f;    // 2^120 / 2^64: what each block scale is multiplied by
+
+// MXCSR's DAZ cleared while alive (fp8x16's denormal weights read as themselves), then restored
+struct DenormalInputs {
+  unsigned csr = _mm_getcsr();
+  DenormalInputs() { _mm_setcsr(csr & ~0x0040u); }
+  ~DenormalInputs() { _mm_setcsr(csr); }
+};
+
 
 // Weight bytes are software-prefetched this far ahead (into the next rows near a row's end), as
 // gemv_cpu.cpp's int8 rows (kInt8Prefetch)
 constexpr int kPrefetch = 2048;
 
-// One output row against MR <= 4 input rows (fp32, row stride K), accumulators in registers:
+// One output row against MR <= 4 input rows (fp32 times kXScale, row stride K), accumulators in
+// registers (DAZ off: DenormalInputs):
 // per block of bi inputs the partial dot products (4 independent chains a row, for every row
 // count: a row's sum is then the same bits whichever rows share its pass) are scaled; a block's
 // last K % 16 weights are summed in scalar. Inlined into the two builds below.
@@ -88,15 +117,15 @@ __attribute__((always_inline)) inline void fp8_rows(const float* X, int64_t K, c
         acc[i][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + 8), acc[i][1]);
       }
     }
-    const __m256 sv = _mm256_set1_ps(srow[b] * 256.f);
+    const __m256 sv = _mm256_set1_ps(srow[b] * kWScale);
     for (int i = 0; i < MR; ++i) {
       __m256 a = acc[i][0];
       for (int u = 1; u < 2 * U; ++u) a = _mm256_add_ps(a, acc[i][u]);
       tot[i] = _mm256_fmadd_ps(a, sv, tot[i]);
     }
-    for (; k < k1; ++k) {  // a block's last K % 16 weights
+    for (; k < k1; ++k) {  // a block's last K % 16 weights (x back to its own scale: exact)
       const float wv = fp8_scalar(w[k]) * srow[b];
-      for (int i = 0; i < MR; ++i) tail[i] += wv * X[i * K + k];
+      for (int i = 0; i < MR; ++i) tail[i] += wv * (X[i * K + k] * (1.f / kXScale));
     }
   }
   for (int i = 0; i < MR; ++i) out[i] = gemv_rows::hsum8(tot[i]) + tail[i];
@@ -129,6 +158,7 @@ void linear_impl(const float* X, const uint8_t* W, const float* S, T* Y, int64_t
                  int64_t K, int64_t bo, int64_t bi, bool vl) {
   const int64_t nbi = (K + bi - 1) / bi;
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    const DenormalInputs daz_off;
     float out[gemv_rows::kMR];
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t m = 0; m < M; m += gemv_rows::kMR) {
@@ -155,7 +185,7 @@ void dequant_impl(const uint8_t* W, const float* S, T* O, int64_t N, int64_t K, 
         int64_t k = k0;
         for (; k + 16 <= k1; k += 16) {
           __m256 lo, hi;
-          fp8x16(w + k, lo, hi);
+          fp8x16_f16(w + k, lo, hi);
           _mm256_store_ps(buf, _mm256_mul_ps(lo, sv));
           _mm256_store_ps(buf + 8, _mm256_mul_ps(hi, sv));
           for (int j = 0; j < 16; ++j) o[k + j] = static_cast<T>(buf[j]);
@@ -180,7 +210,7 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, 
                          int64_t bi, bool avx2_only) {
   check(w, scale, bo, bi);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1) && x.size(0) <= kMaxRows, "x: [M<=16, K]");
-  const auto xf = x.to(torch::kFloat32).contiguous();
+  const auto xf = x.to(torch::kFloat32).mul(static_cast<double>(kXScale)).contiguous();  // exact
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
   const auto* W = reinterpret_cast<const uint8_t*>(w.data_ptr());
   const bool vl = !avx2_only && cpu_isa::avx512();
