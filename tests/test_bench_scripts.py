@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from kernel_modules import native_or_skip
-from qwen35.kernels import attention
+from qwen35.kernels import attention, gemv
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -128,3 +130,14 @@ def test_int4_x8_bench_runs(capsys, tmp_path):
     out = capsys.readouterr().out
     assert out.count("batch") == 2 and "16-bit / x8" in out and "prefill of 40" in out
     assert Int4Linear.x8 is True  # restored
+
+
+@pytest.mark.slow  # builds a second gemv_cpu.cpp (~40 s on 2 cores)
+def test_gemv_many_bench_runs_against_a_revision(capsys):
+    """bench/gemv_many.py: the many-product GEMVs of this checkout and of a git revision (here
+    HEAD's sources, built beside), outputs checked equal, a line per format and shape."""
+    native_or_skip(gemv.GEMV, "the gemv kernel")
+    _load("gemv_many").main(["--baseline", "HEAD", "--shapes", "64x128", "40x200", "--experts",
+                             "3", "--rounds", "1", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("ours / base") == 4 and "int8 3 x [40 x 200]" in out, out
