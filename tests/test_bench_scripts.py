@@ -141,3 +141,15 @@ def test_gemv_many_bench_runs_against_a_revision(capsys):
                              "3", "--rounds", "1", "--threads", "1"])  # fmt: skip
     out = capsys.readouterr().out
     assert out.count("ours / base") == 4 and "int8 3 x [40 x 200]" in out, out
+
+
+def test_gemv_many_bench_fp8_runs(capsys):
+    """bench/gemv_many.py --formats fp8: one fp8_linear_many call against one fp8_linear call a
+    product (outputs checked equal), no revision needed."""
+    from qwen35.kernels import fp8
+
+    native_or_skip(fp8.FP8, "the FP8 kernel")
+    _load("gemv_many").main(["--formats", "fp8", "--shapes", "64x200", "--experts", "3",
+                             "--rounds", "1", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("ours / base") == 1 and "one call a product" in out, out

@@ -95,6 +95,31 @@ def test_fp8_avx2_kernel_rows_and_tails(dtype, flush_denormal):
                        mod.fp8_linear(x, q, s.float(), 128, 128, avx2_only=True))  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_avx2_many_products_equal_one_call_each(dtype, flush_denormal):
+    """fp8_cpu.cpp's fp8_linear_many (a MoE layer's picked experts in one parallel_for) gives
+    every row the bits fp8_linear gives it alone, in both builds, 1-4 rows a product, odd K;
+    quant/matmul.py fp8_linear_many takes it where gemv_cpu.cpp's AVX512 paths do not run."""
+    mod = fp8_kernel.load()
+    if mod is None:
+        pytest.skip("no compiler / AVX2+F16C here: the PyTorch path runs instead")
+    g = torch.Generator().manual_seed(11)
+    n, k = 70, 333
+    pairs = [formats.quantize_fp8_blocks(torch.randn(n, k, generator=g)) for _ in range(5)]
+    ws, ss = [p[0] for p in pairs], [p[1].float() for p in pairs]
+    xs = [torch.randn(m, k, generator=g).to(dtype) for m in (1, 3, 2, 4, 1)]
+    for avx2_only in (False, True):
+        got = mod.fp8_linear_many(xs, ws, ss, 128, 128, avx2_only)
+        one = torch.cat([mod.fp8_linear(x, w, s, 128, 128, avx2_only)
+                         for x, w, s in zip(xs, ws, ss, strict=True)])  # fmt: skip
+        assert got.dtype == dtype and torch.equal(got, one), avx2_only
+    want = torch.cat([matmul.fp8_linear(x, w, s, (128, 128)) for x, w, s in zip(xs, ws, ss, strict=True)])
+    got = matmul.fp8_linear_many(xs[:4], ws[:4], ss[:4], (128, 128))
+    assert got is not None and torch.equal(got, want[: sum(len(x) for x in xs[:4])])
+    with pytest.raises(RuntimeError, match="one shape"):
+        mod.fp8_linear_many(xs[:2], [ws[0], ws[1][:10].contiguous()], [ss[0], ss[1][:1]], 128, 128)
+
+
 def test_int4_pack_and_unpack_and_torchs_layout():
     """Our packing inverts our unpack; it is torch's where torch runs its AVX512 code, and
     torch_int4_layout says whether it is on this CPU (with AVX2 torch packs 32-row blocks)."""

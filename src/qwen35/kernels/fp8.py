@@ -4,6 +4,8 @@
   -> y [M, N]`: decode rows read the FP8 weight directly (1 byte per weight from memory), any
   AVX2 + F16C CPU (on AVX512 CPUs built with VL's 32 registers: 3-4 rows in one pass, the same
   bits; `avx2_only` runs the AVX2 build there, for tests and benchmarks);
+- `fp8_linear_many(xs, ws, scales, bo, bi, avx2_only=False)`: [fp8_linear(x_c, w_c, scale_c)]
+  stacked, in one parallel_for (a MoE layer's picked FP8 experts; each row the same bits);
 - `fp8_dequant(w, scale, out, bo, bi)`: the weight in out's dtype (prefill's GEMM input).
 On AVX512-VBMI + BF16 CPUs, bf16 decode rows take `gemv_cpu.cpp`'s `linear_fp8` instead
 (quant/matmul.py). Their PyTorch twins are `qwen35.quant.formats.dequantize_fp8_blocks`

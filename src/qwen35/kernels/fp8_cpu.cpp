@@ -12,7 +12,9 @@
 // denormals whatever DAZ says: 1.16-1.2x slower streaming on a Zen 3, where it was
 // compute-bound (README "FP8 on this Zen 3"). (e4m3fn's NaN byte 0x7f is not expected in weights.)
 //
-// fp8_linear: y [M, N] = x [M, K] @ W^T for a few rows (decode), W [N, K] read once: per output
+// fp8_linear: y [M, N] = x [M, K] @ W^T for a few rows (decode), W [N, K] read once
+// (fp8_linear_many: several such products of one shape, a MoE layer's picked experts, in one
+// parallel_for, each row the bits fp8_linear gives it): per output
 // row, each 16-weight chunk is converted once and used for up to 4 input rows (gemv_cpu.cpp's
 // scheme: accumulators in registers, >= 4 chains); per block the partial dot products are
 // scaled; one horizontal sum per row and input row at the end. (A first version kept one
@@ -153,19 +155,33 @@ void fp8_row(bool vl, const float* X, int64_t K, const uint8_t* w, const float* 
   }
 }
 
+// One x [M <= 16, K] (fp32, times kXScale) against one weight: y rows row0 .. row0 + M - 1
+struct Product {
+  const float* X;
+  const uint8_t* W;
+  const float* S;
+  int64_t M, row0;
+};
+
+// every product's rows, all in one parallel_for over (product, output row): one fork / join for
+// a MoE layer's picked experts, each row computed as for a product alone (the same bits)
 template <typename T>
-void linear_impl(const float* X, const uint8_t* W, const float* S, T* Y, int64_t M, int64_t N,
-                 int64_t K, int64_t bo, int64_t bi, bool vl) {
-  const int64_t nbi = (K + bi - 1) / bi;
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+void linear_impl(const std::vector<Product>& ps, T* Y, int64_t N, int64_t K, int64_t bo,
+                 int64_t bi, bool vl) {
+  const int64_t nbi = (K + bi - 1) / bi, C = static_cast<int64_t>(ps.size());
+  at::parallel_for(0, C * N, 64, [&](int64_t i0, int64_t i1) {
     const DenormalInputs daz_off;
     float out[gemv_rows::kMR];
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m = 0; m < M; m += gemv_rows::kMR) {
-        const int mr = static_cast<int>(std::min<int64_t>(gemv_rows::kMR, M - m));
-        DISPATCH_MR(mr, fp8_row, vl, X + m * K, K, W + n * K, S + (n / bo) * nbi, bi, out);
-        for (int i = 0; i < mr; ++i) Y[(m + i) * N + n] = static_cast<T>(out[i]);
+    int64_t c = i0 / N, n = i0 % N;
+    for (int64_t i = i0; i < i1; ++i) {
+      const Product& p = ps[c];
+      for (int64_t m = 0; m < p.M; m += gemv_rows::kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(gemv_rows::kMR, p.M - m));
+        DISPATCH_MR(mr, fp8_row, vl, p.X + m * K, K, p.W + n * K, p.S + (n / bo) * nbi, bi, out);
+        for (int r = 0; r < mr; ++r) Y[(p.row0 + m + r) * N + n] = static_cast<T>(out[r]);
       }
+      if (++n == N) n = 0, ++c;
+    }
   });
 }
 
@@ -204,26 +220,58 @@ void check(const torch::Tensor& w, const torch::Tensor& scale, int64_t bo, int64
               "scale: [ceil(N/bo), ceil(K/bi)]");
 }
 
+// y [sum M_c, N] = [x_c @ dequant(w_c)^T] stacked, the x_c [M_c <= 16, K] of one dtype (bf16 or
+// fp32), the w_c of one shape
+torch::Tensor linear_products(const std::vector<torch::Tensor>& xs,
+                              const std::vector<torch::Tensor>& ws,
+                              const std::vector<torch::Tensor>& scales, int64_t bo, int64_t bi,
+                              bool avx2_only, const char* name) {
+  TORCH_CHECK(!xs.empty() && xs.size() == ws.size() && ws.size() == scales.size(), name,
+              ": one w and one scale for each x");
+  const int64_t N = ws[0].size(0), K = ws[0].size(1);
+  const auto dtype = xs[0].scalar_type();
+  TORCH_CHECK(dtype == torch::kBFloat16 || dtype == torch::kFloat32, name,
+              ": x must be bf16 or fp32");
+  std::vector<torch::Tensor> xf;  // kept alive while the products point into them
+  std::vector<Product> ps;
+  int64_t rows = 0;
+  for (size_t c = 0; c < xs.size(); ++c) {
+    check(ws[c], scales[c], bo, bi);
+    TORCH_CHECK(ws[c].size(0) == N && ws[c].size(1) == K, name, ": weights of one shape");
+    TORCH_CHECK(xs[c].dim() == 2 && xs[c].size(1) == K && xs[c].size(0) >= 1 &&
+                    xs[c].size(0) <= kMaxRows && xs[c].scalar_type() == dtype,
+                name, ": x [1..16, K], one dtype");
+    xf.push_back(xs[c].to(torch::kFloat32).mul(static_cast<double>(kXScale)).contiguous());  // exact
+    ps.push_back({xf.back().data_ptr<float>(), reinterpret_cast<const uint8_t*>(ws[c].data_ptr()),
+                  scales[c].data_ptr<float>(), xs[c].size(0), rows});
+    rows += xs[c].size(0);
+  }
+  auto y = torch::empty({rows, N}, xs[0].options());
+  const bool vl = !avx2_only && cpu_isa::avx512();
+  if (dtype == torch::kBFloat16)
+    linear_impl(ps, y.data_ptr<at::BFloat16>(), N, K, bo, bi, vl);
+  else
+    linear_impl(ps, y.data_ptr<float>(), N, K, bo, bi, vl);
+  return y;
+}
+
 }  // namespace
 
 torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t bo,
                          int64_t bi, bool avx2_only) {
   check(w, scale, bo, bi);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1) && x.size(0) <= kMaxRows, "x: [M<=16, K]");
-  const auto xf = x.to(torch::kFloat32).mul(static_cast<double>(kXScale)).contiguous();  // exact
-  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
-  const auto* W = reinterpret_cast<const uint8_t*>(w.data_ptr());
-  const bool vl = !avx2_only && cpu_isa::avx512();
-  if (x.scalar_type() == torch::kBFloat16) {
-    linear_impl(xf.data_ptr<float>(), W, scale.data_ptr<float>(), y.data_ptr<at::BFloat16>(),
-                x.size(0), w.size(0), w.size(1), bo, bi, vl);
-  } else if (x.scalar_type() == torch::kFloat32) {
-    linear_impl(xf.data_ptr<float>(), W, scale.data_ptr<float>(), y.data_ptr<float>(), x.size(0),
-                w.size(0), w.size(1), bo, bi, vl);
-  } else {
-    TORCH_CHECK(false, "fp8_linear: x must be bf16 or fp32");
-  }
-  return y;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1) && x.size(0) <= kMaxRows,
+              "x: [M<=16, K]");
+  if (x.size(0) == 0) return torch::empty({0, w.size(0)}, x.options());
+  return linear_products({x}, {w}, {scale}, bo, bi, avx2_only, "fp8_linear");
+}
+
+// [fp8_linear(x_c, w_c, scale_c)] stacked: a MoE layer's picked FP8 experts in one call
+torch::Tensor fp8_linear_many(const std::vector<torch::Tensor>& xs,
+                              const std::vector<torch::Tensor>& ws,
+                              const std::vector<torch::Tensor>& scales, int64_t bo, int64_t bi,
+                              bool avx2_only) {
+  return linear_products(xs, ws, scales, bo, bi, avx2_only, "fp8_linear_many");
 }
 
 void fp8_dequant(torch::Tensor w, torch::Tensor scale, torch::Tensor out, int64_t bo, int64_t bi) {
@@ -243,6 +291,9 @@ void fp8_dequant(torch::Tensor w, torch::Tensor scale, torch::Tensor out, int64_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_linear", &fp8_linear, "x [M, K] @ dequant(w [N, K] fp8, block scales)^T",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bo"), py::arg("bi"),
+        py::arg("avx2_only") = false);
+  m.def("fp8_linear_many", &fp8_linear_many, "[fp8_linear(x_c, w_c, scale_c)] stacked",
+        py::arg("xs"), py::arg("ws"), py::arg("scales"), py::arg("bo"), py::arg("bi"),
         py::arg("avx2_only") = false);
   m.def("fp8_dequant", &fp8_dequant, "dequantise block-FP8 w into out");
 }

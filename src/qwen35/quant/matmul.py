@@ -111,15 +111,22 @@ def fp8_kernel_for(x: torch.Tensor, block):
 
 def fp8_linear_many(xs: list, ws: list, scales: list, block) -> torch.Tensor | None:
     """torch.cat([fp8_linear(x_i, w_i, scale_i, block)]) for FP8 weights of one shape, bit for
-    bit, in one kernel call (`linear_fp8_many`: a MoE layer's picked FP8 experts); None where
-    fp8_linear would not take that kernel (no AVX512, not bf16 rows, more than MANY_MAX_ROWS
-    rows)."""
-    got = fp8_kernel_for(xs[0], block)
-    if got is None or max(_rows(v).shape[0] for v in xs) > MANY_MAX_ROWS:
+    bit, in one kernel call (a MoE layer's picked FP8 experts): gemv_cpu.cpp's `linear_fp8_many`
+    where fp8_linear takes its `linear_fp8` (AVX512, bf16 rows), else fp8_cpu.cpp's
+    `fp8_linear_many` (the AVX2 kernel, bf16 or fp32 rows); None where fp8_linear would take
+    neither, or past MANY_MAX_ROWS rows."""
+    if not xs[0].is_cpu or max(_rows(v).shape[0] for v in xs) > MANY_MAX_ROWS:
         return None
-    fast, cvt = got
-    return fast.linear_fp8_many([_rows(v).contiguous() for v in xs], ws, scales, block[0],
-                                block[1], cvt)  # fmt: skip
+    rows = [_rows(v).contiguous() for v in xs]
+    if (got := fp8_kernel_for(xs[0], block)) is not None:
+        fast, cvt = got
+        return fast.linear_fp8_many(rows, ws, scales, block[0], block[1], cvt)
+    from qwen35.kernels import fp8 as kern
+
+    mod = kern.load()
+    if mod is None or xs[0].dtype not in (torch.bfloat16, torch.float32):
+        return None
+    return mod.fp8_linear_many(rows, ws, scales, block[0], block[1])
 
 
 def int8_ok(k: int) -> bool:
