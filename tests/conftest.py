@@ -12,11 +12,12 @@ def pytest_sessionstart(session):
     from qwen35 import kernels
 
     if kernels.supported():
-        kernels.prebuild(kernels.every_module())
+        modules = kernels.every_module()
+        kernels.prebuild(modules)
         # with a toolchain here, a module this machine should build that did not (a compile
         # error) would otherwise only turn its tests into skips and the engine onto its PyTorch
         # fallbacks (without one, they skip saying so)
-        broken = [n.source for n in kernels.every_module() if n.supported() and n.load() is None]
+        broken = [n.source for n in modules if n.supported() and n.load() is None]
         if broken and _toolchain():
             import pytest
 

@@ -75,10 +75,6 @@ struct DenormalInputs {
 };
 
 
-// Weight bytes are software-prefetched this far ahead (into the next rows near a row's end), as
-// gemv_cpu.cpp's int8 rows (kInt8Prefetch)
-constexpr int kPrefetch = 2048;
-
 // One output row against MR <= 4 input rows (fp32 times kXScale, row stride K), accumulators in
 // registers (DAZ off: DenormalInputs):
 // per block of bi inputs the partial dot products (4 independent chains a row, for every row
@@ -99,7 +95,7 @@ __attribute__((always_inline)) inline void fp8_rows(const float* X, int64_t K, c
       for (int u = 0; u < 2 * U; ++u) acc[i][u] = _mm256_setzero_ps();
     int64_t k = k0;
     for (; k + 16 * U <= k1; k += 16 * U) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + k) + gemv_rows::kInt8Prefetch, _MM_HINT_T0);
       for (int u = 0; u < U; ++u) {
         __m256 lo, hi;
         fp8x16(w + k + 16 * u, lo, hi);

@@ -849,12 +849,9 @@ torch::Tensor linear_bf16_many(const std::vector<torch::Tensor>& xs,
   const std::vector<int64_t> start = row_starts(M);
   torch::Tensor y = torch::empty({start[C], N}, xs[0].options());
   std::vector<torch::Tensor> xf;
-  std::vector<const uint16_t*> W;
+  const std::vector<const uint16_t*> W = data_ptrs<const uint16_t>(ws);
   const bool avx512 = !rows32 && !avx2_only && cpu_avx512_bf16();
-  for (int64_t c = 0; c < C; ++c) {
-    W.push_back(reinterpret_cast<const uint16_t*>(ws[c].data_ptr()));
-    xf.push_back(avx512 || rows32 ? xs[c] : xs[c].to(at::kFloat));
-  }
+  for (int64_t c = 0; c < C; ++c) xf.push_back(avx512 || rows32 ? xs[c] : xs[c].to(at::kFloat));
   auto* Y = rows32 ? nullptr : y.data_ptr<at::BFloat16>();
   float* Y32 = rows32 ? y.data_ptr<float>() : nullptr;
   const auto store = [&](int64_t c, int64_t m, int64_t n, float v) {
