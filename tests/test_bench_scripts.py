@@ -153,3 +153,13 @@ def test_gemv_many_bench_fp8_runs(capsys):
                              "--rounds", "1", "--threads", "1"])  # fmt: skip
     out = capsys.readouterr().out
     assert out.count("ours / base") == 1 and "one call a product" in out, out
+
+
+def test_int4_prefill_bench_runs(capsys):
+    """bench/int4_prefill.py: the int4 kernel at many rows against the dequantise + GEMM path
+    (outputs checked within 1e-5), a line per shape and row count."""
+    native_or_skip(gemv.INT4, "the int4 kernel")
+    _load("int4_prefill").main(["--shapes", "128x256", "--rows", "3", "40", "--rounds", "1",
+                                "--reps", "1", "--threads", "1", "--avx2-only"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("kernel / gemm") == 2 and "[128 x 256] 40 rows" in out, out

@@ -85,6 +85,25 @@ def test_rows_of_a_batch_equal_each_row_alone(mod, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_x8_panel_rows_equal_each_row_alone(mod, dtype):
+    """The AVX2 x8 path takes a call's rows 4 at a time against an unpacked panel of the block
+    once an item of the call has 4 rows or more (kPanelMinRows; items of up to 128 rows, so the
+    counts straddle both), block_i8 below: every row's result is the bits it gets alone (1 row:
+    block_i8), partial last tiles of 1-3 rows included; and the same as the VNNI path's where the
+    CPU has it."""
+    counts = (3, 4, 5, 7, 17, 127, 128, 129, 262)
+    for i, (n, k, group) in enumerate([*SHAPES[:4], (256, 1024, 128)]):
+        _, sz, packed = _quantized(n, k, group, dtype, 40 + i)
+        x = torch.randn(max(counts), k, generator=torch.Generator().manual_seed(i)).to(dtype) * 3
+        alone = torch.cat([mod.linear_int4(r[None], packed, sz, group, n, True, True) for r in x])
+        for m in counts:
+            y = mod.linear_int4(x[:m], packed, sz, group, n, True, True)
+            assert torch.equal(y, alone[:m]), (n, k, group, m, int((y != alone[:m]).sum()))
+        if mod.int4_vnni_supported():
+            assert torch.equal(mod.linear_int4(x, packed, sz, group, n, False, True), alone)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_x8_paths_agree_bit_for_bit(mod, dtype):
     """The AVX512-VNNI x8 path (vpdpbusd) and the AVX2 one (vpmaddubsw) give the same bits: both
     sum exactly in integers and take the same fp32 steps per x block and group."""
@@ -246,8 +265,6 @@ def test_int4_dequant_matches_reference(mod, dtype):
 def test_bad_inputs_are_refused(mod):
     q, sz, packed = _quantized(64, 128, 64, torch.bfloat16, 0)
     x = torch.randn(2, 128).bfloat16()
-    with pytest.raises(RuntimeError, match="M <= 16"):
-        mod.linear_int4(torch.randn(17, 128).bfloat16(), packed, sz, 64, 64)
     with pytest.raises(RuntimeError, match="share a dtype"):
         mod.linear_int4(x.float(), packed, sz, 64, 64)
     with pytest.raises(RuntimeError, match="scales_and_zeros"):
@@ -274,7 +291,8 @@ class _Spy:
 def test_int4_linear_dispatch(mod, monkeypatch, dtype, x8):
     """Up to INT4_MAX_ROWS rows take our kernel (x8, Int4Linear's default: always; 16-bit: bf16
     rows where the AVX512-VBMI path exists, else torch's kernel, fp32 rows on every CPU), more
-    rows our K-major unpack + a GEMM (x8: on x rounded as the kernel rounds it); with
+    rows our K-major unpack + a GEMM (x8: on x rounded as the kernel rounds it; on CPUs without
+    AVX512 x8 keeps the kernel: int4_prefill_kernel_for); with
     QWEN35_NO_KERNELS=1 everything runs torch's kernel, with the same results (x8: within its
     rounding of x)."""
     spy = _Spy(mod)
@@ -289,6 +307,8 @@ def test_int4_linear_dispatch(mod, monkeypatch, dtype, x8):
                     or not matmul.torch_int4_layout())  # fmt: skip
     assert matmul.INT4_MAX_ROWS == 16  # the rows below straddle it
     above = ["int4_dequant", "int4_x8_round"] if x8 else ["int4_dequant"]  # x8: x rounded too
+    if x8 and matmul.int4_prefill_in_kernel():  # a CPU without AVX512: the kernel at any rows
+        above = ["linear_int4"]
     assert spy.calls == ["linear_int4"] * (2 * ours) + above * 2
     monkeypatch.setenv("QWEN35_NO_KERNELS", "1")
     monkeypatch.setattr(gemv, "load_int4", gemv.INT4.load)

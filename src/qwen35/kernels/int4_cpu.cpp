@@ -8,9 +8,12 @@
 // holds row d in its low nibble and row d + 32 in its high one; scales_and_zeros [K/group, N, 2];
 // W = (q - 8) * scale + zero with q in [0, 15].
 //
-// linear_int4, y [M <= 16, N] = x [M, K] @ W^T, the 64-row blocks split over threads in
-// contiguous ranges, each block streamed once per 4 input rows (linear_int4_many: several such
-// products of one shape, all their blocks in one parallel_for; a MoE layer's picked experts):
+// linear_int4, y [M, N] = x [M, K] @ W^T, the 64-row blocks (and chunks of 128 input rows) split
+// over threads in contiguous ranges, each block streamed once per 4 input rows (linear_int4_many:
+// several such products of one shape, all their blocks in one parallel_for; a MoE layer's picked
+// experts). Decode's rows (up to 16) on every path; with x8 on CPUs without AVX512 also prefill's
+// (quant/matmul.py int4_prefill_kernel_for: the panel path below, 1.6-2.2x the unpack + fp32 GEMM
+// that longer inputs take elsewhere):
 // - AVX512-VBMI + BF16 (Zen 4, Sapphire Rapids), bf16 x: one 64-byte load covers k and k + 1 of
 //   all 64 rows; two byte permutes (vpermb) put row r's two bytes in the low bytes of one 32-bit
 //   lane's two words, and a shift + a ternary-logic op turn each word into the bf16 1 + q/16
@@ -56,7 +59,6 @@
 
 namespace {
 
-using gemv_rows::kMaxRows;
 using gemv_rows::kMR;
 using gemv_rows::bf16_to_float;
 
@@ -360,26 +362,29 @@ void quantize_rows_x8(const T* X, int64_t M, int64_t K, int64_t group, std::vect
   sq.resize(M * nb);
   sx.resize(M * ng);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < ng; ++g) {
-      float gsum = 0.f;
-      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += kX8Block) {
-        const int64_t b = m * nb + k0 / kX8Block;
-        __m256i i[4];
-        xs[b] = round_block_x8(X + m * K + k0, i);
-        const __m256i tot = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-        // packs interleave 128-bit lanes: dwords (a0-3 b0-3 c0-3 d0-3 | a4-7 ..) -> in order
-        const __m256i p =
-            _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q8.data() + m * K + k0),
-                            _mm256_permutevar8x32_epi32(p, order));
-        alignas(32) int32_t t8[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(t8), tot);
-        sq[b] = t8[0] + t8[1] + t8[2] + t8[3] + t8[4] + t8[5] + t8[6] + t8[7];
-        gsum += xs[b] * static_cast<float>(sq[b]);  // (NaN for a bad block)
+  // rows apart over threads (prefill's; a decode call's few rows stay on the calling thread)
+  at::parallel_for(0, M, 32, [&](int64_t r0, int64_t r1) {
+    for (int64_t m = r0; m < r1; ++m)
+      for (int64_t g = 0; g < ng; ++g) {
+        float gsum = 0.f;
+        for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += kX8Block) {
+          const int64_t b = m * nb + k0 / kX8Block;
+          __m256i i[4];
+          xs[b] = round_block_x8(X + m * K + k0, i);
+          const __m256i tot = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+          // packs interleave 128-bit lanes: dwords (a0-3 b0-3 c0-3 d0-3 | a4-7 ..) -> in order
+          const __m256i p =
+              _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(q8.data() + m * K + k0),
+                              _mm256_permutevar8x32_epi32(p, order));
+          alignas(32) int32_t t8[8];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(t8), tot);
+          sq[b] = t8[0] + t8[1] + t8[2] + t8[3] + t8[4] + t8[5] + t8[6] + t8[7];
+          gsum += xs[b] * static_cast<float>(sq[b]);  // (NaN for a bad block)
+        }
+        sx[m * ng + g] = gsum;
       }
-      sx[m * ng + g] = gsum;
-    }
+  });
 }
 
 // 8 rows' (scale, zero) pairs -> scales, zeros (other dtypes: refused by check_packed)
@@ -554,6 +559,98 @@ void block_i8(const Block& b, const RowI16* x, const ST* SZ, float* out) {
   std::memcpy(out, tot, sizeof(tot));
 }
 
+// ---- x8 on AVX2, many input rows (prefill) ------------------------------------------------
+// block_i8 unpacks the nibbles for every pair of input rows: 26 vector ops a k-pair for 8
+// vpmaddubsw. With more rows (an item of run_calls: up to kRowChunk of them against one 64-row
+// block) the block is unpacked once into a panel in the order vpmaddubsw wants: per 16 output
+// rows (a slice) and 4 k, two vectors of 8 rows x q at k..k+3 (nibbles as bytes). One
+// vpmaddubsw then multiplies 8 rows' 4 q by the broadcast x8 bytes x[k..k+3] (pair sums in two
+// int16 lanes a row), an x block's 8 of them add in int16 (8 x 2 x 15 x 127 < 2^15) and one
+// vpmaddwd against ones widens them into the rows' int32 sums. Tile: 4 input rows x 16 output
+// rows, 8 int16 accumulators; per 4 k two loads, four broadcasts, 8 vpmaddubsw + 8 adds. The
+// integer sums are exact and the fp32 steps per x block and group are block_i8's, in its order:
+// the same bits (a row's result does not depend on how many rows its call had).
+constexpr int64_t kPanelSlice = 16;  // output rows of a slice (two vectors of 8)
+
+// the 64-row block at p ([K, 32] bytes) -> panel [4 slices][K / 4][2][32]
+void unpack_panel(const uint8_t* p, int64_t K, uint8_t* panel) {
+  const __m256i m15 = _mm256_set1_epi8(15);
+  for (int64_t kq = 0; kq < K / 4; ++kq) {
+    const auto* s = reinterpret_cast<const __m256i*>(p + kq * 128);
+    const __m256i a0 = _mm256_loadu_si256(s), a1 = _mm256_loadu_si256(s + 1);
+    const __m256i a2 = _mm256_loadu_si256(s + 2), a3 = _mm256_loadu_si256(s + 3);
+    // words of rows (0-7 | 16-23) and (8-15 | 24-31): (k, k + 1), (k + 2, k + 3)
+    const __m256i t0 = _mm256_unpacklo_epi8(a0, a1), t1 = _mm256_unpackhi_epi8(a0, a1);
+    const __m256i t2 = _mm256_unpacklo_epi8(a2, a3), t3 = _mm256_unpackhi_epi8(a2, a3);
+    // dwords (k .. k + 3) of rows (0-3 | 16-19), (4-7 | 20-23), (8-11 | 24-27), (12-15 | 28-31)
+    const __m256i u[4] = {_mm256_unpacklo_epi16(t0, t2), _mm256_unpackhi_epi16(t0, t2),
+                          _mm256_unpacklo_epi16(t1, t3), _mm256_unpackhi_epi16(t1, t3)};
+    for (int nib = 0; nib < 2; ++nib) {  // low nibbles: rows 0-31, high: 32-63
+      __m256i l[4];
+      for (int i = 0; i < 4; ++i)
+        l[i] = _mm256_and_si256(nib ? _mm256_srli_epi16(u[i], 4) : u[i], m15);
+      const __m256i rows8[4] = {_mm256_permute2x128_si256(l[0], l[1], 0x20),   // +0..7
+                                _mm256_permute2x128_si256(l[2], l[3], 0x20),   // +8..15
+                                _mm256_permute2x128_si256(l[0], l[1], 0x31),   // +16..23
+                                _mm256_permute2x128_si256(l[2], l[3], 0x31)};  // +24..31
+      for (int v = 0; v < 4; ++v) {
+        const int64_t slice = 2 * nib + v / 2;
+        auto* o = panel + (slice * (K / 4) + kq) * 64 + (v % 2) * 32;
+        _mm256_store_si256(reinterpret_cast<__m256i*>(o), rows8[v]);
+      }
+    }
+  }
+}
+
+// NR (1..4) input rows against one slice (panel: [K / 4][2][32]; its first output row in the
+// block: r0): out [NR][16] fp32
+template <int NR, typename ST>
+void tile_x8(const uint8_t* panel, const Block& b, int r0, const RowI16* x, const ST* SZ,
+             float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(32) float tot[NR][16] = {};
+  for (int64_t g = 0; g < b.ng; ++g) {
+    alignas(32) float f[NR][16] = {};  // sum over the group's x blocks of xs_b D_b
+    for (int64_t k0 = g * b.group; k0 < (g + 1) * b.group; k0 += kX8Block) {
+      __m256i acc[NR][2];
+      for (int m = 0; m < NR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k0 + kX8Block; k += 4) {
+        const auto* w = reinterpret_cast<const __m256i*>(panel + k * 16);
+        const __m256i w0 = _mm256_load_si256(w), w1 = _mm256_load_si256(w + 1);
+        for (int m = 0; m < NR; ++m) {
+          int32_t xp;
+          std::memcpy(&xp, x[m].hi + k, 4);
+          const __m256i xv = _mm256_set1_epi32(xp);
+          acc[m][0] = _mm256_add_epi16(acc[m][0], _mm256_maddubs_epi16(w0, xv));
+          acc[m][1] = _mm256_add_epi16(acc[m][1], _mm256_maddubs_epi16(w1, xv));
+        }
+      }
+      const int64_t xb = k0 / kX8Block;
+      for (int m = 0; m < NR; ++m) {
+        const __m256i sq8 = _mm256_set1_epi32(8 * x[m].sq[xb]);
+        const __m256 xs = _mm256_set1_ps(x[m].xs[xb]);
+        for (int v = 0; v < 2; ++v) {
+          const __m256i a32 = _mm256_madd_epi16(acc[m][v], ones);
+          const __m256 d = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a32, sq8)), xs);
+          float* fr = f[m] + 8 * v;
+          _mm256_store_ps(fr, _mm256_add_ps(_mm256_load_ps(fr), d));
+        }
+      }
+    }
+    const ST* sz = SZ + (g * b.N + b.n0 + r0) * 2;
+    for (int v = 0; v < 2; ++v) {
+      __m256 sv, zv;
+      scales8(sz + 16 * v, sv, zv);
+      for (int m = 0; m < NR; ++m) {
+        const __m256 t = _mm256_fmadd_ps(sv, _mm256_load_ps(f[m] + 8 * v),
+                                         _mm256_load_ps(tot[m] + 8 * v));
+        _mm256_store_ps(tot[m] + 8 * v, _mm256_fmadd_ps(zv, _mm256_set1_ps(x[m].sx[g]), t));
+      }
+    }
+  }
+  std::memcpy(out, tot, sizeof(tot));
+}
+
 void check_packed(const torch::Tensor& packed, const torch::Tensor& sz, int64_t group, int64_t N,
                   int64_t K) {
   TORCH_CHECK(packed.device().is_cpu() && sz.device().is_cpu(), "int4: CPU tensors only");
@@ -696,8 +793,8 @@ Call make_call(const torch::Tensor& x, const torch::Tensor& packed, const torch:
                int64_t group, int64_t n, Path path, void* y) {
   const int64_t M = x.size(0), K = x.size(1);
   check_packed(packed, sz, group, n, K);
-  TORCH_CHECK(x.dim() == 2 && M <= kMaxRows && x.is_contiguous() && x.device().is_cpu(),
-              "linear_int4: x [M <= 16, K] contiguous on the CPU");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
+              "linear_int4: x [M, K] contiguous on the CPU");
   TORCH_CHECK(x.scalar_type() == sz.scalar_type(), "linear_int4: x and scales_and_zeros share a dtype");
   Call c{packed.data_ptr<uint8_t>(), sz.data_ptr(), x.data_ptr(), {}, {}, {}, {}, {}, y, M};
   if (path == Path::vbmi) {
@@ -721,19 +818,66 @@ Call make_call(const torch::Tensor& x, const torch::Tensor& packed, const torch:
   return c;
 }
 
-// every 64-row block of every call, one parallel_for over all of them
+// input rows a work item of run_calls takes against one 64-row block: more (prefill's) rows are
+// split into chunks of these, so that a long input's blocks x chunks keep every thread busy
+// (the 0.8B's down projection has 16 blocks); a block (16-112 KB) stays in L2 over a chunk
+constexpr int64_t kRowChunk = 128;
+// rows from which an item takes the panel (below: block_i8, which unpacks as it goes)
+constexpr int64_t kPanelMinRows = 4;
+
+// the x8 AVX2 path's rows [m0, m1) of call c against block b through the panel (unpacked here
+// into panel: [4 slices][K / 4][2][32] bytes)
+template <typename scalar_t>
+void panel_rows(const Call& c, const Block& b, int64_t m0, int64_t m1, uint8_t* panel) {
+  unpack_panel(b.p, b.K, panel);
+  const auto* SZ = static_cast<const scalar_t*>(c.SZ);
+  auto* Y = static_cast<scalar_t*>(c.Y);
+  alignas(64) float out[4 * kPanelSlice];
+  for (int64_t j = 0; j < 64 / kPanelSlice; ++j) {
+    const uint8_t* slice = panel + j * (b.K / 4) * 64;
+    const int r0 = static_cast<int>(j * kPanelSlice);
+    for (int64_t m = m0; m < m1; m += 4) {
+      const int mr = static_cast<int>(std::min<int64_t>(4, m1 - m));
+      RowI16 rows[4];
+      for (int r = 0; r < mr; ++r) rows[r] = c.row(m + r, b.K, b.ng);
+      switch (mr) {
+        case 4: tile_x8<4>(slice, b, r0, rows, SZ, out); break;
+        case 3: tile_x8<3>(slice, b, r0, rows, SZ, out); break;
+        case 2: tile_x8<2>(slice, b, r0, rows, SZ, out); break;
+        default: tile_x8<1>(slice, b, r0, rows, SZ, out);
+      }
+      for (int r = 0; r < mr; ++r)
+        for (int d = 0; d < kPanelSlice; ++d)
+          Y[(m + r) * b.N + b.n0 + r0 + d] = out[r * kPanelSlice + d];
+    }
+  }
+}
+
+// every 64-row block of every call (and, past kRowChunk rows, every chunk of its rows), one
+// parallel_for over all of them
 template <typename scalar_t>
 void run_calls(const std::vector<Call>& calls, int64_t K, int64_t group, int64_t n, Path path) {
   const int64_t ng = K / group, nb = n / 64;
-  at::parallel_for(0, static_cast<int64_t>(calls.size()) * nb, 1, [&](int64_t i0, int64_t i1) {
+  int64_t chunks = 1;
+  for (const Call& c : calls) chunks = std::max(chunks, (c.M + kRowChunk - 1) / kRowChunk);
+  const int64_t items = static_cast<int64_t>(calls.size()) * nb * chunks;
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     alignas(64) float out[kMR * 64];
+    std::vector<__m256i> panel;  // the x8 AVX2 path past kPanelMinRows rows: 64 K bytes
     for (int64_t i = i0; i < i1; ++i) {
-      const Call& c = calls[i / nb];
-      const Block b{c.P + (i % nb) * K * 32, K, group, ng, n, (i % nb) * 64};
+      const int64_t blk = (i / chunks) % nb, chunk = i % chunks;
+      const Call& c = calls[i / chunks / nb];
+      const Block b{c.P + blk * K * 32, K, group, ng, n, blk * 64};
       const auto* SZ = static_cast<const scalar_t*>(c.SZ);
       auto* Y = static_cast<scalar_t*>(c.Y);
-      for (int64_t m = 0; m < c.M; m += kMR) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, c.M - m));
+      const int64_t m1 = std::min(c.M, (chunk + 1) * kRowChunk);
+      if (path == Path::i8 && m1 - chunk * kRowChunk >= kPanelMinRows) {
+        panel.resize(K * 2);
+        panel_rows<scalar_t>(c, b, chunk * kRowChunk, m1, reinterpret_cast<uint8_t*>(panel.data()));
+        continue;
+      }
+      for (int64_t m = chunk * kRowChunk; m < m1; m += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
         if (path == Path::vbmi) {
           const auto* X = static_cast<const uint16_t*>(c.X) + m * K;
           const auto* S = reinterpret_cast<const uint16_t*>(SZ);
@@ -767,7 +911,7 @@ void run_calls(const std::vector<Call>& calls, int64_t K, int64_t group, int64_t
 
 bool int4_fast_supported() { return cpu_vbmi_bf16(); }
 
-// y [M, n] (x's dtype) = x [M <= 16, K] @ W^T. avx2_only, x8: pick_path (fp32 x without x8 takes
+// y [M, n] (x's dtype) = x [M, K] @ W^T. avx2_only, x8: pick_path (fp32 x without x8 takes
 // the 16-bit AVX2 path).
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed,
                           const torch::Tensor& sz, int64_t group, int64_t n, bool avx2_only,
@@ -870,7 +1014,7 @@ void int4_dequant(const torch::Tensor& packed, const torch::Tensor& sz, int64_t 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_int4", &linear_int4, "x [M<=16, K] @ W^T, W in torch's packed CPU int4 layout",
+  m.def("linear_int4", &linear_int4, "x [M, K] @ W^T, W in torch's packed CPU int4 layout",
         py::arg("x"), py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("n"),
         py::arg("avx2_only") = false, py::arg("x8") = false);
   m.def("linear_int4_many", &linear_int4_many,

@@ -1,0 +1,111 @@
+"""int4 weights at many input rows (prefill, batched decode) with 8-bit activations (x8): the
+kernel (`int4_cpu.cpp` `linear_int4`: integer sums; past 4 rows an item, the AVX2 path's panel)
+against what long inputs took before, the K-major unpack + int4_x8_round + an fp32 GEMM
+(`int4_dequant`, F.linear), and optionally a git revision's kernel (whose `linear_int4` may
+refuse more than 16 rows: those cells are left out), interleaved in one process.
+
+    python bench/int4_prefill.py [--rows 4 16 64 512 2048] [--shapes 7168x1024 1024x3584]
+                                 [--baseline REV] [--rounds 3] [--threads 2] [--avx2-only]
+
+Shapes N x K: Qwen3.5-0.8B's gate_up (7,168 x 1,024) and down (1,024 x 3,584) projections, groups
+of 128, fp32 rows (`--dtype auto` on CPUs without native bf16). The kernel's outputs are checked
+bitwise against the baseline's and within 1e-5 of the GEMM's; prints medians, GOP/s (2 M N K a
+call) and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from qwen35.benchmarks.common import kernel_sources_at
+from qwen35.kernels import gemv
+from qwen35.quant.layers import Int4Linear
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def one_count(mod, base, lin: Int4Linear, x: torch.Tensor, args) -> None:
+    """Times the paths at x's row count against one weight; prints a line."""
+    packed, sz = lin.weight, lin.scales_and_zeros.contiguous()
+    (m, k), n = x.shape, lin.out_features
+    wt = torch.empty(k, n)  # W^T, K-major: int4_linear's buffer
+
+    def gemm():
+        mod.int4_dequant(packed, sz, 128, wt.t())
+        return F.linear(mod.int4_x8_round(x), wt.t())
+
+    def ours(m=mod):
+        return m.linear_int4(x, packed, sz, 128, n, args.avx2_only, True)
+
+    fns = {"kernel": ours, "gemm": gemm}
+    y = ours()
+    err = ((y - gemm()).abs().max() / y.abs().max()).item()
+    if err > 1e-5:
+        raise SystemExit(f"[{n} x {k}] at {m} rows: the kernel is {err:.1e} off the GEMM")
+    if base is not None:
+        try:
+            yb = ours(base)
+        except RuntimeError:  # that revision refuses this many rows
+            yb = None
+        if yb is not None:
+            if not torch.equal(y, yb):
+                raise SystemExit(f"[{n} x {k}] at {m} rows: the two builds' outputs differ")
+            fns["base"] = lambda: ours(base)
+    ms: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(args.rounds):  # the order alternates by round
+        for name in fns if r % 2 == 0 else list(fns)[::-1]:
+            ms[name].append(_median_ms(fns[name], args.reps))
+    med = {name: statistics.median(v) for name, v in ms.items()}
+    cells = ", ".join(f"{name} {t:.2f} ms ({2 * m * n * k / t / 1e6:.0f} GOP/s)"
+                      for name, t in med.items())  # fmt: skip
+    ratios = ", ".join(f"kernel / {name} {med[name] / med['kernel']:.2f}x"
+                       for name in med if name != "kernel")  # fmt: skip
+    print(f"[{n} x {k}] {m} rows: {cells}; {ratios}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", nargs="+", type=int, default=[4, 16, 64, 512, 2048])
+    ap.add_argument("--shapes", nargs="+", default=["7168x1024", "1024x3584"], help="N x K")
+    ap.add_argument("--baseline", metavar="REV", help="also the int4 kernel of this revision")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--avx2-only", action="store_true",
+                    help="the AVX2 path on any CPU (AVX512-VNNI CPUs run their own otherwise)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    mod = gemv.load_int4()
+    if mod is None:
+        raise SystemExit("the int4 kernel did not build here (no compiler / AVX2)")
+    base = None
+    if args.baseline:
+        base = gemv.INT4.from_folder(kernel_sources_at(args.baseline, tempfile.mkdtemp())).load()
+        if base is None:
+            raise SystemExit(f"the kernels of {args.baseline} did not build here")
+    g = torch.Generator().manual_seed(0)
+    for shape in args.shapes:
+        n, k = (int(v) for v in shape.split("x"))
+        lin = Int4Linear.quantize((torch.randn(n, k, generator=g) * 0.02).bfloat16(), 128,
+                                  torch.float32)  # fmt: skip
+        for m in args.rows:
+            one_count(mod, base, lin, torch.randn(m, k, generator=g), args)
+
+
+if __name__ == "__main__":
+    main()
