@@ -168,11 +168,12 @@ constexpr int64_t kX8Block = 32;  // x8: inputs that share one xs
 
 // One input row quantised as the integer paths read it: 16-bit xq as (hi, lo) byte pairs split
 // over two arrays (a k-pair's two bytes adjacent in each), xs and sum xq per weight group; or
-// (x8) 8-bit xq in hi, lo unused, xs and sum xq per block of kX8Block inputs. sx: the exact sum
+// (x8) 8-bit xq in hi (lo: xq + 128 for the panel path), xs and sum xq per block of kX8Block
+// inputs. sx: the exact sum
 // of x per weight group.
 struct RowI16 {
   const int8_t* hi;  // [K]
-  const int8_t* lo;  // [K]
+  const int8_t* lo;  // [K] (x8: the panel path's xq + 128, unsigned; else unused)
   const float* xs;   // [ng] (x8: [K / kX8Block])
   const int32_t* sq; // [ng] (x8: [K / kX8Block]) sum of xq
   const float* sx;   // [ng] exact sum of x
@@ -563,19 +564,28 @@ void block_i8(const Block& b, const RowI16* x, const ST* SZ, float* out) {
 // block_i8 unpacks the nibbles for every pair of input rows: 26 vector ops a k-pair for 8
 // vpmaddubsw. With more rows (an item of run_calls: up to kRowChunk of them against one 64-row
 // block) the block is unpacked once into a panel in the order vpmaddubsw wants: per 16 output
-// rows (a slice) and 4 k, two vectors of 8 rows x q at k..k+3 (nibbles as bytes). One
-// vpmaddubsw then multiplies 8 rows' 4 q by the broadcast x8 bytes x[k..k+3] (pair sums in two
-// int16 lanes a row), an x block's 8 of them add in int16 (8 x 2 x 15 x 127 < 2^15) and one
-// vpmaddwd against ones widens them into the rows' int32 sums. Tile: 4 input rows x 16 output
-// rows, 8 int16 accumulators; per 4 k two loads, four broadcasts, 8 vpmaddubsw + 8 adds. The
-// integer sums are exact and the fp32 steps per x block and group are block_i8's, in its order:
-// the same bits (a row's result does not depend on how many rows its call had).
+// rows (a slice) and 4 k, two vectors of 8 rows x (q - 8) at k..k+3, signed bytes. One
+// vpmaddubsw then multiplies the broadcast bytes xq + 128 at k..k+3 (unsigned: RowI16::lo here)
+// by 8 rows' 4 (q - 8), the weights its memory operand (pair sums in two int16 lanes a row; the
+// weights in registers, xq signed, ran 0.85-0.95x as fast: GCC spilled), an x block's 8 of them
+// add in int16 (8 x 2 x 255 x 8 < 2^15) and one vpmaddwd against ones widens them into the rows'
+// int32 sums, sum (xq + 128)(q - 8) = D + 128 sum (q - 8): the panel keeps 128 sum (q - 8) per
+// x block and row (wsum) to take off. Tile: 4 input rows x 16 output rows, 8 int16
+// accumulators; per 4 k four broadcasts, 8 vpmaddubsw + 8 adds. The integer sums are exact and
+// the fp32 steps per x block and group are block_i8's, in its order: the same bits (a row's
+// result does not depend on how many rows its call had).
 constexpr int64_t kPanelSlice = 16;  // output rows of a slice (two vectors of 8)
 
-// the 64-row block at p ([K, 32] bytes) -> panel [4 slices][K / 4][2][32]
-void unpack_panel(const uint8_t* p, int64_t K, uint8_t* panel) {
-  const __m256i m15 = _mm256_set1_epi8(15);
+// the 64-row block at p ([K, 32] bytes) -> panel [4 slices][K / 4][2][32] of q - 8 and wsum
+// [4 slices][K / 32][2][8]: 128 x the sum of q - 8 over each x block, per output row
+void unpack_panel(const uint8_t* p, int64_t K, uint8_t* panel, int32_t* wsum) {
+  const __m256i m15 = _mm256_set1_epi8(15), m8 = _mm256_set1_epi8(8);
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  constexpr int64_t kQuads = kX8Block / 4;  // 4-k steps an x block
+  __m256i ws[8];  // [4 nib + v]: an x block's sums of q - 8, rows of rows8[v] below
   for (int64_t kq = 0; kq < K / 4; ++kq) {
+    if (kq % kQuads == 0)
+      for (int v = 0; v < 8; ++v) ws[v] = _mm256_setzero_si256();
     const auto* s = reinterpret_cast<const __m256i*>(p + kq * 128);
     const __m256i a0 = _mm256_loadu_si256(s), a1 = _mm256_loadu_si256(s + 1);
     const __m256i a2 = _mm256_loadu_si256(s + 2), a3 = _mm256_loadu_si256(s + 3);
@@ -588,7 +598,7 @@ void unpack_panel(const uint8_t* p, int64_t K, uint8_t* panel) {
     for (int nib = 0; nib < 2; ++nib) {  // low nibbles: rows 0-31, high: 32-63
       __m256i l[4];
       for (int i = 0; i < 4; ++i)
-        l[i] = _mm256_and_si256(nib ? _mm256_srli_epi16(u[i], 4) : u[i], m15);
+        l[i] = _mm256_sub_epi8(_mm256_and_si256(nib ? _mm256_srli_epi16(u[i], 4) : u[i], m15), m8);
       const __m256i rows8[4] = {_mm256_permute2x128_si256(l[0], l[1], 0x20),   // +0..7
                                 _mm256_permute2x128_si256(l[2], l[3], 0x20),   // +8..15
                                 _mm256_permute2x128_si256(l[0], l[1], 0x31),   // +16..23
@@ -597,16 +607,24 @@ void unpack_panel(const uint8_t* p, int64_t K, uint8_t* panel) {
         const int64_t slice = 2 * nib + v / 2;
         auto* o = panel + (slice * (K / 4) + kq) * 64 + (v % 2) * 32;
         _mm256_store_si256(reinterpret_cast<__m256i*>(o), rows8[v]);
+        ws[4 * nib + v] = _mm256_add_epi32(
+            ws[4 * nib + v], _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, rows8[v]), ones16));
       }
     }
+    if (kq % kQuads == kQuads - 1)
+      for (int i = 0; i < 8; ++i) {  // i = 4 nib + v: slice 2 nib + v / 2, its vector v % 2
+        const int64_t slice = 2 * (i / 4) + (i % 4) / 2;
+        auto* o = wsum + ((slice * (K / kX8Block) + kq / kQuads) * 2 + i % 2) * 8;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_slli_epi32(ws[i], 7));
+      }
   }
 }
 
-// NR (1..4) input rows against one slice (panel: [K / 4][2][32]; its first output row in the
-// block: r0): out [NR][16] fp32
+// NR (1..4) input rows against one slice (panel: [K / 4][2][32], wsum [K / 32][2][8]; its
+// first output row in the block: r0): out [NR][16] fp32
 template <int NR, typename ST>
-void tile_x8(const uint8_t* panel, const Block& b, int r0, const RowI16* x, const ST* SZ,
-             float* out) {
+void tile_x8(const uint8_t* panel, const int32_t* wsum, const Block& b, int r0, const RowI16* x,
+             const ST* SZ, float* out) {
   const __m256i ones = _mm256_set1_epi16(1);
   alignas(32) float tot[NR][16] = {};
   for (int64_t g = 0; g < b.ng; ++g) {
@@ -614,24 +632,26 @@ void tile_x8(const uint8_t* panel, const Block& b, int r0, const RowI16* x, cons
     for (int64_t k0 = g * b.group; k0 < (g + 1) * b.group; k0 += kX8Block) {
       __m256i acc[NR][2];
       for (int m = 0; m < NR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+#pragma GCC unroll 8
       for (int64_t k = k0; k < k0 + kX8Block; k += 4) {
         const auto* w = reinterpret_cast<const __m256i*>(panel + k * 16);
-        const __m256i w0 = _mm256_load_si256(w), w1 = _mm256_load_si256(w + 1);
         for (int m = 0; m < NR; ++m) {
           int32_t xp;
-          std::memcpy(&xp, x[m].hi + k, 4);
+          std::memcpy(&xp, x[m].lo + k, 4);
           const __m256i xv = _mm256_set1_epi32(xp);
-          acc[m][0] = _mm256_add_epi16(acc[m][0], _mm256_maddubs_epi16(w0, xv));
-          acc[m][1] = _mm256_add_epi16(acc[m][1], _mm256_maddubs_epi16(w1, xv));
+          acc[m][0] = _mm256_add_epi16(acc[m][0], _mm256_maddubs_epi16(xv, _mm256_load_si256(w)));
+          acc[m][1] =
+              _mm256_add_epi16(acc[m][1], _mm256_maddubs_epi16(xv, _mm256_load_si256(w + 1)));
         }
       }
       const int64_t xb = k0 / kX8Block;
+      const auto* wb = reinterpret_cast<const __m256i*>(wsum + xb * 16);
       for (int m = 0; m < NR; ++m) {
-        const __m256i sq8 = _mm256_set1_epi32(8 * x[m].sq[xb]);
         const __m256 xs = _mm256_set1_ps(x[m].xs[xb]);
-        for (int v = 0; v < 2; ++v) {
+        for (int v = 0; v < 2; ++v) {  // D = a32 - 128 sum (q - 8), exact
           const __m256i a32 = _mm256_madd_epi16(acc[m][v], ones);
-          const __m256 d = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a32, sq8)), xs);
+          const __m256i d32 = _mm256_sub_epi32(a32, _mm256_loadu_si256(wb + v));
+          const __m256 d = _mm256_mul_ps(_mm256_cvtepi32_ps(d32), xs);
           float* fr = f[m] + 8 * v;
           _mm256_store_ps(fr, _mm256_add_ps(_mm256_load_ps(fr), d));
         }
@@ -769,6 +789,13 @@ Path pick_path(at::ScalarType dt, int64_t group, bool avx2_only, bool x8) {
   return !avx2_only && dt == at::kBFloat16 && cpu_vbmi_bf16() ? Path::vbmi : Path::i16;
 }
 
+// input rows a work item of run_calls takes against one 64-row block: more (prefill's) rows are
+// split into chunks of these, so that a long input's blocks x chunks keep every thread busy
+// (the 0.8B's down projection has 16 blocks); a block (16-112 KB) stays in L2 over a chunk
+constexpr int64_t kRowChunk = 128;
+// rows from which an item takes the panel (below: block_i8, which unpacks as it goes)
+constexpr int64_t kPanelMinRows = 4;
+
 // One (x, W) product of linear_int4 / linear_int4_many: its inputs as the blocks read them.
 struct Call {
   const uint8_t* P;     // packed W
@@ -804,6 +831,10 @@ Call make_call(const torch::Tensor& x, const torch::Tensor& packed, const torch:
       quantize_rows_x8(x.data_ptr<at::BFloat16>(), M, K, group, c.hi, c.xs, c.sq, c.sx);
     else
       quantize_rows_x8(x.data_ptr<float>(), M, K, group, c.hi, c.xs, c.sq, c.sx);
+    if (path == Path::i8 && M >= kPanelMinRows) {  // the panel path's unsigned xq + 128
+      c.lo.resize(M * K);
+      for (int64_t i = 0; i < M * K; ++i) c.lo[i] = static_cast<int8_t>(c.hi[i] ^ 0x80);
+    }
   } else {
     TORCH_CHECK(group <= kMaxGroupI16, "linear_int4: groups of at most 2048 inputs");
     std::vector<float> xf;  // bf16 rows widened (exact) without a torch op's overhead
@@ -818,33 +849,29 @@ Call make_call(const torch::Tensor& x, const torch::Tensor& packed, const torch:
   return c;
 }
 
-// input rows a work item of run_calls takes against one 64-row block: more (prefill's) rows are
-// split into chunks of these, so that a long input's blocks x chunks keep every thread busy
-// (the 0.8B's down projection has 16 blocks); a block (16-112 KB) stays in L2 over a chunk
-constexpr int64_t kRowChunk = 128;
-// rows from which an item takes the panel (below: block_i8, which unpacks as it goes)
-constexpr int64_t kPanelMinRows = 4;
 
 // the x8 AVX2 path's rows [m0, m1) of call c against block b through the panel (unpacked here
-// into panel: [4 slices][K / 4][2][32] bytes)
+// into panel: [4 slices][K / 4][2][32] bytes, then wsum [4][K / 32][2][8] int32: 72 K bytes)
 template <typename scalar_t>
 void panel_rows(const Call& c, const Block& b, int64_t m0, int64_t m1, uint8_t* panel) {
-  unpack_panel(b.p, b.K, panel);
+  auto* wsum = reinterpret_cast<int32_t*>(panel + b.K * 64);
+  unpack_panel(b.p, b.K, panel, wsum);
   const auto* SZ = static_cast<const scalar_t*>(c.SZ);
   auto* Y = static_cast<scalar_t*>(c.Y);
   alignas(64) float out[4 * kPanelSlice];
   for (int64_t j = 0; j < 64 / kPanelSlice; ++j) {
     const uint8_t* slice = panel + j * (b.K / 4) * 64;
+    const int32_t* ws = wsum + j * (b.K / kX8Block) * 16;
     const int r0 = static_cast<int>(j * kPanelSlice);
     for (int64_t m = m0; m < m1; m += 4) {
       const int mr = static_cast<int>(std::min<int64_t>(4, m1 - m));
       RowI16 rows[4];
       for (int r = 0; r < mr; ++r) rows[r] = c.row(m + r, b.K, b.ng);
       switch (mr) {
-        case 4: tile_x8<4>(slice, b, r0, rows, SZ, out); break;
-        case 3: tile_x8<3>(slice, b, r0, rows, SZ, out); break;
-        case 2: tile_x8<2>(slice, b, r0, rows, SZ, out); break;
-        default: tile_x8<1>(slice, b, r0, rows, SZ, out);
+        case 4: tile_x8<4>(slice, ws, b, r0, rows, SZ, out); break;
+        case 3: tile_x8<3>(slice, ws, b, r0, rows, SZ, out); break;
+        case 2: tile_x8<2>(slice, ws, b, r0, rows, SZ, out); break;
+        default: tile_x8<1>(slice, ws, b, r0, rows, SZ, out);
       }
       for (int r = 0; r < mr; ++r)
         for (int d = 0; d < kPanelSlice; ++d)
@@ -863,7 +890,7 @@ void run_calls(const std::vector<Call>& calls, int64_t K, int64_t group, int64_t
   const int64_t items = static_cast<int64_t>(calls.size()) * nb * chunks;
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     alignas(64) float out[kMR * 64];
-    std::vector<__m256i> panel;  // the x8 AVX2 path past kPanelMinRows rows: 64 K bytes
+    std::vector<__m256i> panel;  // the x8 AVX2 path from kPanelMinRows rows: 72 K bytes
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t blk = (i / chunks) % nb, chunk = i % chunks;
       const Call& c = calls[i / chunks / nb];
@@ -872,7 +899,7 @@ void run_calls(const std::vector<Call>& calls, int64_t K, int64_t group, int64_t
       auto* Y = static_cast<scalar_t*>(c.Y);
       const int64_t m1 = std::min(c.M, (chunk + 1) * kRowChunk);
       if (path == Path::i8 && m1 - chunk * kRowChunk >= kPanelMinRows) {
-        panel.resize(K * 2);
+        panel.resize(K * 2 + K / 4);
         panel_rows<scalar_t>(c, b, chunk * kRowChunk, m1, reinterpret_cast<uint8_t*>(panel.data()));
         continue;
       }
