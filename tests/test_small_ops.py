@@ -3,6 +3,8 @@ their dispatch."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,6 +114,44 @@ def test_rotary_matches_reference(mod, dtype):
     assert torch.equal(q[..., rd:], rq[..., rd:])  # the dims past rotary_dim pass through
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_conv_matches_reference(mod, dtype):
+    """causal_conv1d_silu against ops/conv.py causal_conv1d: chunk lengths below, at and above
+    the K - 1 rows that read the state, with a state and without, rows strided (a column slice
+    of the packed projection), channels with a tail shorter than a vector; bf16 / fp16 bit for
+    bit (the same fp32 sums, rounded once), fp32 within its ulps (the SiLU's exp)."""
+    from qwen35.ops.conv import causal_conv1d
+
+    g = torch.Generator().manual_seed(7)
+    for T in (1, 2, 3, 5, 64, 130):
+        for C, K in ((256, 4), (77, 4), (40, 2)):
+            x = torch.randn(T, C + 24, generator=g).mul_(2).to(dtype)[:, 16 : 16 + C]
+            w = torch.randn(C, K, generator=g).to(dtype)
+            state = torch.randn(C, K - 1, generator=g).to(dtype)
+            for s in (None, state):
+                got, ref = mod.causal_conv1d_silu(x, w, s), causal_conv1d(x, w, s)
+                assert got.shape == ref.shape and got.dtype == dtype
+                if dtype == torch.float32:
+                    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+                else:
+                    assert torch.equal(got, ref), (T, C, K, s is None)
+
+
+def test_causal_conv_continues_from_its_state(mod):
+    """A chunk continued from the conv state after the rows before it gives the rows the whole
+    sequence gives, bit for bit (prefill split into chunks, or after a cached prefix)."""
+    from qwen35.ops.conv import conv_state_at
+
+    x = torch.randn(40, 64).to(torch.bfloat16)
+    w = torch.randn(64, 4).to(torch.bfloat16)
+    whole = mod.causal_conv1d_silu(x, w)
+    for a in (1, 2, 3, 17):
+        state = conv_state_at(x[:a], None, a, 4).contiguous()
+        assert torch.equal(mod.causal_conv1d_silu(x[a:], w, state), whole[a:]), a
+    with pytest.raises(RuntimeError, match=r"state \[C, K - 1\]"):
+        mod.causal_conv1d_silu(x, w, torch.zeros(64, 2).to(torch.bfloat16))
+
+
 def test_rows_are_independent(mod):
     """Batched and single-row calls give bitwise the same rows (batch invariance)."""
     x, z = _packed(7, [256, 256], torch.bfloat16, seed=4)
@@ -156,7 +196,19 @@ def test_dispatch_takes_the_kernels_and_switches_off(mod, monkeypatch):
     bias, alog = torch.randn(4), torch.randn(4)
     cos, sin = RotaryEmbedding(8, 1e4).cos_sin(torch.tensor([3, 9]), torch.float32)
 
+    dims = deltanet_ops.Dims(nk=1, nv=2, dk=4, dv=4, kernel_size=4)  # conv channels 16
+    qkv, conv_w = torch.randn(5, 16), torch.randn(16, 4)
+    seq = SimpleNamespace(rows=slice(0, 5), slot=1, has_initial_state=True, checkpoints=[],
+                          num_tokens=5)  # fmt: skip
+
+    caches = torch.randn(2, 16, 3), torch.randn(2, 2, 4, 4)  # conv, recurrent
+    log_decay, beta = -torch.rand(5, 2), torch.rand(5, 2)
+
     def run(backend):
+        conv_cache, rec_cache = (c.clone() for c in caches)
+        o = torch.empty(5, 2, 4)
+        deltanet_ops.deltanet_prefill(backend, qkv, log_decay, beta, conv_w, dims, [seq],
+                                      conv_cache, rec_cache, o)  # fmt: skip
         out = [
             norm(x, backend),
             norm.add_forward(x.clone(), z, backend),
@@ -164,13 +216,14 @@ def test_dispatch_takes_the_kernels_and_switches_off(mod, monkeypatch):
             silu_mul(backend, x.clone(), z),
             *deltanet_ops.deltanet_gates(backend, a, b, bias, alog),
             *apply_rotary_qk(x[:, None].clone(), z[:, None].clone(), cos, sin, backend),
+            o, conv_cache, rec_cache,
         ]
         return out
 
     fast = run(be)
     assert sorted(set(calls)) == [
-        "add_rms_norm_zc_", "deltanet_gates", "gated_rms_norm", "rms_norm_zc", "rotary_qk_",
-        "silu_mul",
+        "add_rms_norm_zc_", "causal_conv1d_silu", "deltanet_gates", "gated_rms_norm",
+        "rms_norm_zc", "rotary_qk_", "silu_mul",
     ]  # fmt: skip
     calls.clear()
     ref = run(reference_backend("cpu"))

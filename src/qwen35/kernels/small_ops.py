@@ -5,7 +5,9 @@
 - `silu_mul(gate, up)`: SwiGLU's activation (ops/pointwise.py);
 - `deltanet_gates(a, b, dt_bias, A_log) -> (g fp32, beta)`: layers/deltanet.py;
 - `rotary_qk_(q, k, cos, sin)`: partial NeoX rotary of q and k in place (layers/rotary.py).
-- `argmax_rows(x)`: the first index of each fp32 row's maximum (engine/sampler.py's argmax).
+- `argmax_rows(x)`: the first index of each fp32 row's maximum (engine/sampler.py's argmax);
+- `causal_conv1d_silu(x, w, state=None)`: DeltaNet's causal conv + SiLU over a prefill chunk
+  (ops/deltanet.py; reference: ops/conv.py causal_conv1d).
 
 Each replaces a chain of 4-12 PyTorch ops by one call (at batch-1 decode the step is bound by
 per-op dispatch: bench/small_ops.py). Their PyTorch references stay beside the dispatch and

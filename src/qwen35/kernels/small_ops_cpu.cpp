@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "small_rows.h"
 #include "vec_avx2.h"
@@ -273,6 +274,75 @@ torch::Tensor argmax_rows(const torch::Tensor& x) {
   return out;
 }
 
+// Gated DeltaNet's causal depthwise conv over one sequence's prefill chunk x [T, C], then SiLU
+// (ops/conv.py causal_conv1d, the reference): u[t, c] = silu(round(sum_j w[c, j] in[t - (K - 1)
+// + j, c])), the inputs before the chunk from state [C, K - 1] (None: zeros). The sums in fp32
+// in the reference's order (tap K - 1, then taps 0 .. K - 2, each a product then an add),
+// rounded once to x's dtype, SiLU in it: one pass over x where the reference makes 2K - 1 over
+// [T, C] (its addcmul_ / mul / silu passes: ~5% of a 512-token int4 prefill of the 0.8B).
+torch::Tensor causal_conv1d_silu(const torch::Tensor& x, const torch::Tensor& w,
+                                 const c10::optional<torch::Tensor>& state) {
+  const Rows rx(x, "causal_conv1d_silu");
+  TORCH_CHECK(x.dim() == 2, "causal_conv1d_silu: x must be [T, C]");
+  const int64_t T = rx.n, C = rx.d;
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == C && w.size(1) >= 1 && w.size(1) <= 16 &&
+                  w.scalar_type() == x.scalar_type(),
+              "causal_conv1d_silu: weight [C, K <= 16] in x's dtype");
+  const int64_t K = w.size(1);
+  if (state.has_value())
+    TORCH_CHECK(state->dim() == 2 && state->size(0) == C && state->size(1) == K - 1 &&
+                    state->scalar_type() == x.scalar_type(),
+                "causal_conv1d_silu: state [C, K - 1] in x's dtype");
+  auto y = torch::empty({T, C}, x.options());
+  dispatch(x.scalar_type(), "causal_conv1d_silu", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    // the weight as [K, C] fp32 and the state as [K - 1, C] fp32 rows, oldest first (exact)
+    std::vector<float> wt(K * C), prev((K - 1) * C, 0.f);
+    const scalar_t* w0 = w.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < K; ++j)
+        wt[j * C + c] = static_cast<float>(w0[c * w.stride(0) + j * w.stride(1)]);
+    if (state.has_value()) {
+      const scalar_t* s0 = state->data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t j = 0; j < K - 1; ++j)
+          prev[j * C + c] = static_cast<float>(s0[c * state->stride(0) + j * state->stride(1)]);
+    }
+    const scalar_t* X = x.data_ptr<scalar_t>();
+    const float* W = wt.data();
+    const float* P = prev.data();
+    scalar_t* Y = y.data_ptr<scalar_t>();
+    each_row(T, C * K, [&](int64_t t) {
+      const scalar_t* src[16];  // tap j's input row (x, or the state's fp32 row)
+      const float* srcf[16];
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t tt = t - (K - 1) + j;
+        src[j] = tt >= 0 ? X + rx.at(tt) : nullptr;
+        srcf[j] = tt >= 0 ? nullptr : P + (K - 1 + tt) * C;
+      }
+      scalar_t* yr = Y + t * C;
+      int64_t c = 0;
+      for (; c + 8 <= C; c += 8) {
+        __m256 acc = _mm256_mul_ps(load8(src[K - 1] + c), load8(W + (K - 1) * C + c));
+        for (int64_t j = 0; j < K - 1; ++j) {
+          const __m256 in = src[j] ? load8(src[j] + c) : load8(srcf[j] + c);
+          acc = _mm256_add_ps(acc, _mm256_mul_ps(in, load8(W + j * C + c)));
+        }
+        store8(yr + c, silu8(round8<scalar_t>(acc)));
+      }
+      for (; c < C; ++c) {
+        float acc = static_cast<float>(src[K - 1][c]) * W[(K - 1) * C + c];
+        for (int64_t j = 0; j < K - 1; ++j) {
+          const float in = src[j] ? static_cast<float>(src[j][c]) : srcf[j][c];
+          acc += in * W[j * C + c];
+        }
+        yr[c] = round_to<scalar_t>(silu(static_cast<float>(round_to<scalar_t>(acc))));
+      }
+    });
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_zc", &rms_norm_zc, "zero-centred RMSNorm");
   m.def("add_rms_norm_zc_", &add_rms_norm_zc_, "h += delta in place, then its RMSNorm");
@@ -281,4 +351,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("deltanet_gates", &deltanet_gates, "DeltaNet's g (fp32) and beta from a and b");
   m.def("rotary_qk_", &rotary_qk_, "NeoX partial rotary of q and k, in place");
   m.def("argmax_rows", &argmax_rows, "first index of each fp32 row's maximum (NaN first)");
+  m.def("causal_conv1d_silu", &causal_conv1d_silu,
+        "DeltaNet's causal conv over a prefill chunk (state or zeros before it), then SiLU",
+        py::arg("x"), py::arg("w"), py::arg("state") = py::none());
 }
