@@ -163,3 +163,15 @@ def test_int4_prefill_bench_runs(capsys):
                                 "--reps", "1", "--threads", "1", "--avx2-only"])  # fmt: skip
     out = capsys.readouterr().out
     assert out.count("kernel / gemm") == 2 and "[128 x 256] 40 rows" in out, out
+
+
+def test_small_ops_bench_runs(capsys):
+    """bench/small_ops.py: each fused op against its reference (outputs checked first), a line
+    per op and row count (the conv at prefill rows only)."""
+    from qwen35.kernels import small_ops
+
+    native_or_skip(small_ops.SMALL_OPS, "the small-op kernels")
+    _load("small_ops").main(["--rows", "1", "8", "--rounds", "1", "--reps", "1", "--threads",
+                             "1", "--dtype", "bf16"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("x\n") == 7 and "causal_conv1d at 8 rows" in out, out
