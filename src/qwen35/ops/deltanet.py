@@ -77,7 +77,7 @@ def _split_qkv(u, dims: Dims):
 def _conv_prefill(xs, conv_w, sp, conv_cache, K, cpu=None):
     """One sequence's causal conv (from its slot's state or zeros) and its conv states. cpu:
     kernels/small_ops.py's module (`causal_conv1d_silu`: one pass where causal_conv1d, its
-    reference, makes 2K - 1; 9x at 512 tokens of the 0.8B) or None."""
+    reference, makes 2K - 1; 4x at 512 tokens of the 0.8B: bench/small_ops.py) or None."""
     state = conv_cache[sp.slot] if sp.has_initial_state else None  # [C, K-1]
     if cpu is not None and xs.stride(-1) == 1 and conv_cache.dtype == xs.dtype:
         u = cpu.causal_conv1d_silu(xs, conv_w, state)
