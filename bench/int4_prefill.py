@@ -18,24 +18,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
 
-from qwen35.benchmarks.common import kernel_sources_at
+from qwen35.benchmarks.common import kernel_sources_at, median_seconds
 from qwen35.kernels import gemv
 from qwen35.quant.layers import Int4Linear
 
 
 def _median_ms(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+    return median_seconds(fn, reps) * 1e3
 
 
 def one_count(mod, base, lin: Int4Linear, x: torch.Tensor, args) -> None:

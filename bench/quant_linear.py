@@ -12,26 +12,15 @@ vector K-major path against the scalar row-major reference.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from qwen35.benchmarks.common import median_seconds
 from qwen35.kernels import fp8 as fp8_kernel
 from qwen35.kernels import gemv
 from qwen35.quant import formats, matmul
 from qwen35.quant.layers import Int4Linear, Int8Linear
-
-
-def timed(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main() -> None:
@@ -57,8 +46,8 @@ def main() -> None:
     if mod4 is not None:
         wt = torch.empty(a.k, a.n, dtype=torch.bfloat16).t()
         args = (i4.weight, i4.scales_and_zeros, 128)
-        row_ms = timed(lambda: mod4.int4_dequant(*args, buf), a.reps) * 1e3
-        kmaj_ms = timed(lambda: mod4.int4_dequant(*args, wt), a.reps) * 1e3
+        row_ms = median_seconds(lambda: mod4.int4_dequant(*args, buf), a.reps) * 1e3
+        kmaj_ms = median_seconds(lambda: mod4.int4_dequant(*args, wt), a.reps) * 1e3
         gw = a.n * a.k / 1e6
         print(
             f"int4_dequant: scalar [N, K] {row_ms:.3f} ms ({gw / row_ms:.2f} G weights/s), "
@@ -70,7 +59,7 @@ def main() -> None:
         x = torch.randn(m, a.k).bfloat16()
         cells = [f"{m:>5}"]
         for fn in _paths(m, x, w, i8, i4, q8, s8, mod, mod4, buf).values():
-            cells.append(f"{timed(fn, a.reps) * 1e3:9.3f}" if fn else f"{'-':>9}")
+            cells.append(f"{median_seconds(fn, a.reps) * 1e3:9.3f}" if fn else f"{'-':>9}")
         print(" ".join(cells))
 
 

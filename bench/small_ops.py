@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
+from qwen35.benchmarks.common import median_seconds
 from qwen35.kernels import small_ops
 from qwen35.layers.norms import gated_rms_norm, rms_norm_zc
 from qwen35.ops.conv import causal_conv1d
@@ -25,13 +25,7 @@ from qwen35.ops.pointwise import silu_mul_reference
 
 
 def _us(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e6
+    return median_seconds(fn, reps) * 1e6
 
 
 def cases(mod, rows: int, dtype: torch.dtype) -> dict:

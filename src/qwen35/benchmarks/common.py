@@ -241,6 +241,17 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def median_seconds(fn, reps: int) -> float:
+    """Median wall seconds of fn() over `reps` calls after one warm-up call (CPU benchmarks)."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 def cpu_description(cpuinfo: str | None = None) -> str:
     """The CPU's model name, with its family / model numbers where /proc/cpuinfo has them: VMs
     often name every AMD EPYC alike, and Zen 4 (family 25) and Zen 5 (26) have measured opposite
