@@ -35,6 +35,8 @@ INT8_MAX_ROWS = 16
 # 0.9) + a BF16 GEMM wins: 7168 x 1024 at 32 / 64 / 256 rows 2.0 / 3.1 / 9.8 ms vs 2.7 / 5.4 /
 # 21.6 for torch's kernel (1024 x 3584: 0.86 vs 1.02 ms at 24 rows, 0.80 vs 0.75 at 16). Without
 # the compiled module torch's kernel runs at every size (unpacking in PyTorch is slower still).
+# With 8-bit activations on CPUs without AVX512, our kernel at every row count instead (its
+# integer panel path: int4_prefill_kernel_for).
 INT4_MAX_ROWS = 16
 
 _scratch: dict[tuple, torch.Tensor] = {}
