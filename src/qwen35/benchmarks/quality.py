@@ -5,13 +5,16 @@ prompt, so the positions are what decoding would visit) is run through the BF16 
 through each format (fp8, int8, int4, quantized at load from the same weights). Per format:
 top-1 agreement (the share of positions where the next-token argmax is the same) and the mean
 KL(BF16 || format) of the next-token distributions, twice: through one uncached pass (the
-prefill kernels: dequantise + GEMM) and through the cache in chunks of 16 tokens (every linear
+prefill paths: dequantise + GEMM, or int4's integer kernel on CPUs without AVX512) and through
+the cache in chunks of 16 tokens (every linear
 gets at most 16 rows: the decode kernels, whose rows come out as in a one-token step). "int4-x16"
 is int4 with its activations kept at bf16 / 16 bits instead of rounded to 8 bits per 32 inputs
 (`--int4-activations 16bit`, Int4Linear.x8 off): what that rounding costs. Logits are compared in chunks of rows so
 [positions, vocab] never lives in memory twice. With random weights (the default model) the
 distributions are nearly flat and the numbers only rank the formats; pass a checkpoint directory
-as --model for meaningful ones.
+as --model for meaningful ones. Compute is in bf16 where the device has it natively, else (a CPU
+without AVX512-BF16 / AMX, whose bf16 GEMMs torch emulates: a run took 45+ min on a Zen 3) in fp32
+on the same BF16-stored weights (`--dtype auto`'s choice): the BF16 model's weights either way.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import dataclasses
 import torch
 
 from qwen35.benchmarks.common import BenchModel, BenchOptions, free_memory, load_bench_model
+from qwen35.loader import parse_dtype
 
 FORMATS = ("fp8", "int8", "int4", "int4-x16")
 CHUNK = 128
@@ -95,13 +99,20 @@ def _sequence(bm: BenchModel, sz: dict, seed: int) -> torch.Tensor:
     return torch.cat([ids, rest])[: sz["positions"] + 1]
 
 
+def compute_dtype(device) -> str:
+    """bf16 where `--dtype auto` computes in it, else fp32 (on bf16-stored weights)."""
+    from qwen35.devices import default_dtype
+
+    return default_dtype(str(device))
+
+
 def run_quality(bm: BenchModel, opts: BenchOptions) -> dict:
     sz = sizes(opts)
-    base = (
-        bm
-        if str(bm.dtype) == "torch.bfloat16"
-        else load_bench_model(dataclasses.replace(opts, dtype="bf16"))
-    )
+    cd = compute_dtype(bm.device)
+    at = dataclasses.replace(opts, dtype=cd)
+    stored = "bf16" if cd == "fp32" else None  # the BF16 model's weights under fp32 compute
+    same = str(bm.dtype) == str(parse_dtype(cd)) and bm.quantization == stored
+    base = bm if same else load_bench_model(at, quantization=stored)
     ids = _sequence(base, sz, opts.seed).to(base.device)
     from qwen35.quant.layers import Int4Linear
 
@@ -111,7 +122,7 @@ def run_quality(bm: BenchModel, opts: BenchOptions) -> dict:
     for fmt in FORMATS:
         opts.say(f"quality: {fmt}")
         quant = fmt.split("-")[0]  # (int4-x16: int4)
-        q = load_bench_model(dataclasses.replace(opts, dtype="bf16"), quantization=quant)
+        q = load_bench_model(at, quantization=quant)
         x8 = Int4Linear.x8
         Int4Linear.x8 = fmt != "int4-x16"
         try:
@@ -132,6 +143,7 @@ def run_quality(bm: BenchModel, opts: BenchOptions) -> dict:
     return {
         "positions": sz["positions"],
         "random_weights": bm.random_weights,
+        "compute_dtype": cd,
         "bf16_weight_bytes": base.weight_bytes,
         "formats": rows,
     }
