@@ -292,7 +292,7 @@ def test_int4_linear_dispatch(mod, monkeypatch, dtype, x8):
     """Up to INT4_MAX_ROWS rows take our kernel (x8, Int4Linear's default: always; 16-bit: bf16
     rows where the AVX512-VBMI path exists, else torch's kernel, fp32 rows on every CPU), more
     rows our K-major unpack + a GEMM (x8: on x rounded as the kernel rounds it; on CPUs without
-    AVX512 x8 keeps the kernel: int4_prefill_kernel_for); with
+    AVX512 x8 keeps the kernel: int4_kernel_for); with
     QWEN35_NO_KERNELS=1 everything runs torch's kernel, with the same results (x8: within its
     rounding of x)."""
     spy = _Spy(mod)

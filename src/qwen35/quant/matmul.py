@@ -11,7 +11,7 @@ CPU (measured with `bench/gemv.py` and `bench/quant_linear.py`):
   weight is dequantised into one reused buffer and a regular GEMM runs on it (the buffer
   costs one layer's largest matrix, never a copy of the model); except int4 with 8-bit
   activations on CPUs without AVX512, whose integer kernel beats the fp32 GEMM at every row
-  count (`int4_prefill_kernel_for`, bench/int4_prefill.py).
+  count (`int4_kernel_for`, bench/int4_prefill.py).
 GPU: block-FP8 GEMMs in `fp8_gpu` (int8 / int4 are CPU formats and dequantise there).
 """
 
@@ -36,7 +36,7 @@ INT8_MAX_ROWS = 16
 # 21.6 for torch's kernel (1024 x 3584: 0.86 vs 1.02 ms at 24 rows, 0.80 vs 0.75 at 16). Without
 # the compiled module torch's kernel runs at every size (unpacking in PyTorch is slower still).
 # With 8-bit activations on CPUs without AVX512, our kernel at every row count instead (its
-# integer panel path: int4_prefill_kernel_for).
+# integer panel path: int4_kernel_for).
 INT4_MAX_ROWS = 16
 
 _scratch: dict[tuple, torch.Tensor] = {}
@@ -169,14 +169,13 @@ def int4_linear(
     """x [..., K] @ W^T with W in torch's packed CPU int4 layout ([n, K/2] uint8, groups of
     `group` inputs, scales_and_zeros [K/group, n, 2]). x8 (Int4Linear.x8): x rounded to 8 bits
     per 32 inputs, in our kernel up to 16 rows (at any row count on CPUs without AVX512:
-    int4_prefill_kernel_for) and before the GEMM above (where our module runs: a row's result
+    int4_kernel_for) and before the GEMM above (where our module runs: a row's result
     then does not depend on the rows beside it)."""
     x2, x8 = _rows(x), int4_x8(x8, group)
     # up to 16 rows, ours: with x8, or bf16 rows on AVX512-VBMI + BF16 CPUs (torch's kernel beat
     # our 16-bit AVX2 path) or where torch's kernel reads another layout, fp32 rows everywhere
     # (torch's fp32 int4 kernel is several times slower)
-    if (kern := int4_kernel_for(x, sz, x8)) is not None or \
-            (kern := int4_prefill_kernel_for(x, sz, x8)) is not None:  # fmt: skip
+    if (kern := int4_kernel_for(x, sz, x8)) is not None:
         y = kern.linear_int4(x2.contiguous(), packed, sz, group, n, x8=x8)
         return y.view(*x.shape[:-1], n)
     mod = None  # up to 16 rows otherwise: torch's kernel (or, where it reads another layout
@@ -216,10 +215,15 @@ def int8_linear_many(xs: list, layers: list) -> torch.Tensor | None:
 
 def int4_kernel_for(x: torch.Tensor, sz: torch.Tensor, x8: bool = False):
     """The int4 module when int4_linear runs x through its `linear_int4` (with `x8`), else
-    None."""
+    None. Up to INT4_MAX_ROWS rows (decode) as int4_rows_ours says; more (prefill) only with
+    8-bit activations on CPUs without AVX512 (int4_prefill_in_kernel), where the kernel's integer
+    sums (vpmaddubsw on a panel of the unpacked nibbles) beat dequantising + the fp32 GEMM:
+    1.6-2.2x at 512-2,048 rows, 3-4x at 64 (bench/int4_prefill.py, Zen 3), and a row's result is
+    the same bits at any row count. AVX512 CPUs keep the GEMM there (their VNNI path at these
+    sizes against their BF16 / AVX512 GEMMs is unmeasured)."""
     if not (x.is_cpu and sz.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float32)):
         return None
-    if _rows(x).shape[0] > INT4_MAX_ROWS:
+    if _rows(x).shape[0] > INT4_MAX_ROWS and not (x8 and int4_prefill_in_kernel()):
         return None
     from qwen35.kernels import gemv
 
@@ -229,26 +233,9 @@ def int4_kernel_for(x: torch.Tensor, sz: torch.Tensor, x8: bool = False):
     return mod
 
 
-def int4_prefill_kernel_for(x: torch.Tensor, sz: torch.Tensor, x8: bool):
-    """The int4 module when int4_linear runs more than INT4_MAX_ROWS rows of x through its
-    `linear_int4` too (prefill), else None: with 8-bit activations on CPUs without AVX512, where
-    the kernel's integer sums (vpmaddubsw on a panel of the unpacked nibbles) beat dequantising
-    + the fp32 GEMM: 1.6-2.2x at 512-2,048 rows, 3-4x at 64 (bench/int4_prefill.py, Zen 3), and
-    a row's result is the same bits at any row count. AVX512 CPUs keep the GEMM (their VNNI
-    path at these sizes against their BF16 / AVX512 GEMMs is unmeasured)."""
-    if not (x8 and x.is_cpu and sz.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float32)):
-        return None
-    from qwen35.kernels import gemv
-
-    mod = gemv.load_int4()
-    if mod is None or not int4_prefill_in_kernel():
-        return None
-    return mod
-
-
 def int4_prefill_in_kernel() -> bool:
     """Whether long int4 inputs with 8-bit activations take the integer kernel here (a CPU
-    without AVX512: int4_prefill_kernel_for)."""
+    without AVX512: int4_kernel_for)."""
     from qwen35.devices import cpu_flags
 
     return "avx512f" not in cpu_flags()
