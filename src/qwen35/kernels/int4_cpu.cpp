@@ -12,7 +12,7 @@
 // over threads in contiguous ranges, each block streamed once per 4 input rows (linear_int4_many:
 // several such products of one shape, all their blocks in one parallel_for; a MoE layer's picked
 // experts). Decode's rows (up to 16) on every path; with x8 on CPUs without AVX512 also prefill's
-// (quant/matmul.py int4_prefill_kernel_for: the panel path below, 1.6-2.2x the unpack + fp32 GEMM
+// (quant/matmul.py int4_kernel_for: the panel path below, 1.6-2.2x the unpack + fp32 GEMM
 // that longer inputs take elsewhere):
 // - AVX512-VBMI + BF16 (Zen 4, Sapphire Rapids), bf16 x: one 64-byte load covers k and k + 1 of
 //   all 64 rows; two byte permutes (vpermb) put row r's two bytes in the low bytes of one 32-bit
@@ -352,13 +352,16 @@ inline float round_block_x8(const T* x, __m256i* i) {
 // x rows [M, K] (fp32 or bf16) -> x8: per block of 32 inputs 8-bit xq (|xq| <= 127), xs and sum
 // xq, per group the sum of the rounded x (sum over its blocks of xs sum xq, fp32 in block order:
 // the zero term then multiplies what the GEMM of longer inputs multiplies, x^ = xs xq, so a row's
-// result does not depend on its call's row count).
+// result does not depend on its call's row count). biased: also xq + 128 as unsigned bytes (the
+// panel path's operand), or nullptr.
 template <typename T>
 void quantize_rows_x8(const T* X, int64_t M, int64_t K, int64_t group, std::vector<int8_t>& q8,
-                      std::vector<float>& xs, std::vector<int32_t>& sq, std::vector<float>& sx) {
+                      std::vector<float>& xs, std::vector<int32_t>& sq, std::vector<float>& sx,
+                      std::vector<int8_t>* biased) {
   static_assert(kX8Block == 32, "four 8-lane vectors a block");
   const int64_t ng = K / group, nb = K / kX8Block;
   q8.resize(M * K);
+  if (biased) biased->resize(M * K);
   xs.resize(M * nb);
   sq.resize(M * nb);
   sx.resize(M * ng);
@@ -376,8 +379,11 @@ void quantize_rows_x8(const T* X, int64_t M, int64_t K, int64_t group, std::vect
           // packs interleave 128-bit lanes: dwords (a0-3 b0-3 c0-3 d0-3 | a4-7 ..) -> in order
           const __m256i p =
               _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(q8.data() + m * K + k0),
-                              _mm256_permutevar8x32_epi32(p, order));
+          const __m256i q = _mm256_permutevar8x32_epi32(p, order);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(q8.data() + m * K + k0), q);
+          if (biased)  // xq + 128 = xq ^ 0x80 as a byte
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(biased->data() + m * K + k0),
+                                _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80))));
           alignas(32) int32_t t8[8];
           _mm256_store_si256(reinterpret_cast<__m256i*>(t8), tot);
           sq[b] = t8[0] + t8[1] + t8[2] + t8[3] + t8[4] + t8[5] + t8[6] + t8[7];
@@ -827,14 +833,12 @@ Call make_call(const torch::Tensor& x, const torch::Tensor& packed, const torch:
   if (path == Path::vbmi) {
     c.sx = group_sums(x.data_ptr<at::BFloat16>(), M, K, group);
   } else if (path == Path::vnni8 || path == Path::i8) {
+    // the panel path's unsigned xq + 128 in lo
+    std::vector<int8_t>* biased = path == Path::i8 && M >= kPanelMinRows ? &c.lo : nullptr;
     if (x.scalar_type() == at::kBFloat16)
-      quantize_rows_x8(x.data_ptr<at::BFloat16>(), M, K, group, c.hi, c.xs, c.sq, c.sx);
+      quantize_rows_x8(x.data_ptr<at::BFloat16>(), M, K, group, c.hi, c.xs, c.sq, c.sx, biased);
     else
-      quantize_rows_x8(x.data_ptr<float>(), M, K, group, c.hi, c.xs, c.sq, c.sx);
-    if (path == Path::i8 && M >= kPanelMinRows) {  // the panel path's unsigned xq + 128
-      c.lo.resize(M * K);
-      for (int64_t i = 0; i < M * K; ++i) c.lo[i] = static_cast<int8_t>(c.hi[i] ^ 0x80);
-    }
+      quantize_rows_x8(x.data_ptr<float>(), M, K, group, c.hi, c.xs, c.sq, c.sx, biased);
   } else {
     TORCH_CHECK(group <= kMaxGroupI16, "linear_int4: groups of at most 2048 inputs");
     std::vector<float> xf;  // bf16 rows widened (exact) without a torch op's overhead
