@@ -24,6 +24,7 @@ import dataclasses
 import torch
 
 from qwen35.benchmarks.common import BenchModel, BenchOptions, free_memory, load_bench_model
+from qwen35.devices import default_dtype
 from qwen35.loader import parse_dtype
 
 FORMATS = ("fp8", "int8", "int4", "int4-x16")
@@ -99,16 +100,9 @@ def _sequence(bm: BenchModel, sz: dict, seed: int) -> torch.Tensor:
     return torch.cat([ids, rest])[: sz["positions"] + 1]
 
 
-def compute_dtype(device) -> str:
-    """bf16 where `--dtype auto` computes in it, else fp32 (on bf16-stored weights)."""
-    from qwen35.devices import default_dtype
-
-    return default_dtype(str(device))
-
-
 def run_quality(bm: BenchModel, opts: BenchOptions) -> dict:
     sz = sizes(opts)
-    cd = compute_dtype(bm.device)
+    cd = default_dtype(str(bm.device))  # --dtype auto's: fp32 on CPUs without native bf16
     at = dataclasses.replace(opts, dtype=cd)
     stored = "bf16" if cd == "fp32" else None  # the BF16 model's weights under fp32 compute
     same = str(bm.dtype) == str(parse_dtype(cd)) and bm.quantization == stored
