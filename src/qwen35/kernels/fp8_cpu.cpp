@@ -165,18 +165,13 @@ template <typename T>
 void linear_impl(const std::vector<Product>& ps, T* Y, int64_t N, int64_t K, int64_t bo,
                  int64_t bi, bool vl) {
   const int64_t nbi = (K + bi - 1) / bi, C = static_cast<int64_t>(ps.size());
-  at::parallel_for(0, C * N, 64, [&](int64_t i0, int64_t i1) {
-    const DenormalInputs daz_off;
+  gemv_rows::for_product_rows<DenormalInputs>(C, N, [&](int64_t c, int64_t n) {
     float out[gemv_rows::kMR];
-    int64_t c = i0 / N, n = i0 % N;
-    for (int64_t i = i0; i < i1; ++i) {
-      const Product& p = ps[c];
-      for (int64_t m = 0; m < p.M; m += gemv_rows::kMR) {
-        const int mr = static_cast<int>(std::min<int64_t>(gemv_rows::kMR, p.M - m));
-        DISPATCH_MR(mr, fp8_row, vl, p.X + m * K, K, p.W + n * K, p.S + (n / bo) * nbi, bi, out);
-        for (int r = 0; r < mr; ++r) Y[(p.row0 + m + r) * N + n] = static_cast<T>(out[r]);
-      }
-      if (++n == N) n = 0, ++c;
+    const Product& p = ps[c];
+    for (int64_t m = 0; m < p.M; m += gemv_rows::kMR) {
+      const int mr = static_cast<int>(std::min<int64_t>(gemv_rows::kMR, p.M - m));
+      DISPATCH_MR(mr, fp8_row, vl, p.X + m * K, K, p.W + n * K, p.S + (n / bo) * nbi, bi, out);
+      for (int r = 0; r < mr; ++r) Y[(p.row0 + m + r) * N + n] = static_cast<T>(out[r]);
     }
   });
 }

@@ -84,14 +84,10 @@ void for_rows(int64_t M, int64_t N, Row&& row, Store&& store) {
 // result is the one for_rows gives it (the same calls), only the split over threads differs.
 template <typename Row, typename Store>
 void for_rows_many(int64_t C, const std::vector<int64_t>& M, int64_t N, Row&& row, Store&& store) {
-  at::parallel_for(0, C * N, 64, [&](int64_t i0, int64_t i1) {
+  gemv_rows::for_product_rows(C, N, [&](int64_t c, int64_t n) {
     float out[kMR];
-    int64_t c = i0 / N, n = i0 % N;  // (one division a range: a short row is ~100 cycles)
-    for (int64_t i = i0; i < i1; ++i) {
-      row(c, n, 0, static_cast<int>(M[c]), out);
-      for (int64_t r = 0; r < M[c]; ++r) store(c, r, n, out[r]);
-      if (++n == N) n = 0, ++c;
-    }
+    row(c, n, 0, static_cast<int>(M[c]), out);
+    for (int64_t r = 0; r < M[c]; ++r) store(c, r, n, out[r]);
   });
 }
 

@@ -5,6 +5,7 @@
 // rows (also attention_cpu.cpp's, over up to 4 query heads of a KV group).
 // (kernels/__init__.py's Native hashes this header with each source of this folder.)
 #pragma once
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -18,6 +19,24 @@ namespace gemv_rows {
 
 constexpr int64_t kMaxRows = 16;  // input rows the kernels take; more are a GEMM
 constexpr int kMR = 4;            // input rows per pass over a weight row / block
+
+struct NoGuard {};
+
+// fn(c, n) for every output row n < N of C products (a MoE layer's picked experts: C weights of
+// one shape), all in one parallel_for over C * N, so a layer pays one fork / join (tasks of at
+// least 64 rows). A Guard is constructed once per task and lives while the task runs (fp8's
+// MXCSR setting). A row's result does not depend on the split over threads.
+template <typename Guard = NoGuard, typename Fn>
+void for_product_rows(int64_t C, int64_t N, Fn&& fn) {
+  at::parallel_for(0, C * N, 64, [&](int64_t i0, int64_t i1) {
+    const Guard guard;
+    int64_t c = i0 / N, n = i0 % N;  // (one division a task: a short row is ~100 cycles)
+    for (int64_t i = i0; i < i1; ++i) {
+      fn(c, n);
+      if (++n == N) n = 0, ++c;
+    }
+  });
+}
 
 inline float bf16_to_float(uint16_t v) {  // exact: bf16 is the high half of fp32's bits
   const uint32_t u = static_cast<uint32_t>(v) << 16;

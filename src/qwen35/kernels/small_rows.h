@@ -21,8 +21,24 @@ inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
 
 template <typename T>
 inline float inv_rms(const T* x, int64_t d, float eps) {
-  float ss = 0.f;
-  for (int64_t j = 0; j < d; ++j) {
+  // Two 8-lane fp32 accumulators (the reference's torch reduction sums in lanes too; neither
+  // order is the other's, so callers compare within a rounding, not bitwise).
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) {
+    const __m256 v0 = vec8::load8(x + j), v1 = vec8::load8(x + j + 8);
+    a0 = _mm256_fmadd_ps(v0, v0, a0);
+    a1 = _mm256_fmadd_ps(v1, v1, a1);
+  }
+  for (; j + 8 <= d; j += 8) {
+    const __m256 v = vec8::load8(x + j);
+    a0 = _mm256_fmadd_ps(v, v, a0);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
+  float ss = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+             ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  for (; j < d; ++j) {
     const float v = static_cast<float>(x[j]);
     ss += v * v;
   }
@@ -33,7 +49,11 @@ inline float inv_rms(const T* x, int64_t d, float eps) {
 template <typename T>
 inline void norm_zc_row(const T* x, const T* w, T* y, int64_t d, float eps) {
   const float inv = inv_rms(x, d, eps);
-  for (int64_t j = 0; j < d; ++j)
+  const __m256 vinv = _mm256_set1_ps(inv), one = _mm256_set1_ps(1.f);
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8)
+    vec8::store8(y + j, _mm256_mul_ps(_mm256_mul_ps(vec8::load8(x + j), vinv), _mm256_add_ps(one, vec8::load8(w + j))));
+  for (; j < d; ++j)
     y[j] = round_to<T>(static_cast<float>(x[j]) * inv * (1.f + static_cast<float>(w[j])));
 }
 
