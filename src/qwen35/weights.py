@@ -423,11 +423,21 @@ def read_into(
     report: LoadReport,
     progress: bool,
     shard=None,
+    on_read=None,
 ) -> None:
     """Copy every planned tensor into its parameter, one memory-mapped file at a time.
 
     shard: a tensor-parallel rank's reader (parallel/loading.py) that copies only the rank's
-    slices of each tensor, `shard(entry, safetensors_slice, param) -> bytes read`."""
+    slices of each tensor, `shard(entry, safetensors_slice, param) -> bytes read`.
+    on_read: a QuantizeOnRead (quant/apply.py): parameters left on meta are allocated by it, and
+    it hears of every tensor written."""
+    if on_read is not None:
+        on_read.expect(Counter(e.target.param for es in s.plan.values() for e in es))
+
+    def param(name: str) -> torch.Tensor:
+        p = params[name]
+        return on_read.allocate(name) if p.is_meta and on_read is not None else p
+
     total = sum(e.nbytes for entries in s.plan.values() for e in entries)
     bar = _progress_bar(total) if progress else None
     cast: Counter = Counter()
@@ -441,7 +451,7 @@ def read_into(
                 for e in entries:
                     if shard is not None:
                         try:
-                            nbytes = shard(e, f.get_slice(e.key), params[e.target.param])
+                            nbytes = shard(e, f.get_slice(e.key), param(e.target.param))
                         except Exception as exc:
                             raise CheckpointError(
                                 f"cannot read tensor {e.key} from {path}: {exc} "
@@ -449,10 +459,12 @@ def read_into(
                             ) from None
                         report.num_tensors += 1 if nbytes else 0
                         report.num_bytes += nbytes
+                        if on_read is not None:
+                            on_read.written(e.target.param)
                         if bar is not None:
                             bar[0].update(bar[1], advance=e.nbytes)
                         continue
-                    dst = _dest(params[e.target.param], e.target)
+                    dst = _dest(param(e.target.param), e.target)
                     try:
                         src = f.get_tensor(e.key)
                     except Exception as exc:  # safetensors raises its own types on bad data
@@ -463,7 +475,9 @@ def read_into(
                     if src.dtype != dst.dtype:
                         cast[f"{e.st_dtype}->{str(dst.dtype).removeprefix('torch.')}"] += 1
                     dst.copy_(src)  # casts (e.g. the fp32 A_log / norm weights) on the way
-                    del src
+                    del src, dst
+                    if on_read is not None:
+                        on_read.written(e.target.param)
                     report.num_tensors += 1
                     report.num_bytes += e.nbytes
                     if bar is not None:

@@ -197,32 +197,46 @@ def _int_experts(mod: Experts, fmt: str, dtype) -> IntExperts:
     )
 
 
+def check_format(fmt: str, device: torch.device) -> None:
+    from qwen35.errors import Qwen35Error
+
+    if fmt not in FORMATS:
+        raise Qwen35Error(f"unknown quantization {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt == "int4" and device.type != "cpu":
+        raise Qwen35Error("int4 is a CPU format (torch's CPU int4 kernels); on a GPU use fp8")
+
+
+_INT = (Int8Linear, Int4Linear, IntExperts)
+
+
+@torch.no_grad()
+def quantize_module_(model: nn.Module, name: str, fmt: str, dtype, block) -> None:
+    """Rule module `name` to `fmt` in place; a module already in the format is left alone."""
+    mod = model.get_submodule(name)
+    if fmt == "fp8":
+        if isinstance(mod, Experts) and not isinstance(mod, Fp8Experts):
+            _set(model, name, Fp8Experts.quantize(mod, block))
+        elif type(mod) is Linear:
+            _set(model, name, Fp8Linear.quantize(mod.weight.detach(), block))
+    elif isinstance(mod, _INT):
+        return
+    elif isinstance(mod, Experts):
+        _set(model, name, _int_experts(mod, fmt, dtype))
+    else:
+        _set(model, name, _int_linear(_dense(mod, dtype), fmt, dtype))
+
+
 @torch.no_grad()
 def quantize_model_(model: nn.Module, fmt: str, dtype: torch.dtype | None = None) -> None:
-    """Quantize a loaded model in place (before post_load packs the projections)."""
-    if fmt not in FORMATS:
-        from qwen35.errors import Qwen35Error
-
-        raise Qwen35Error(f"unknown quantization {fmt!r}; use one of {', '.join(FORMATS)}")
+    """Quantize a loaded model in place (before post_load packs the projections); modules that
+    QuantizeOnRead already quantized stay as they are."""
     cfg = model.config
-    if fmt == "int4" and model.model.norm.weight.device.type != "cpu":
-        from qwen35.errors import Qwen35Error
-
-        raise Qwen35Error("int4 is a CPU format (torch's CPU int4 kernels); on a GPU use fp8")
+    check_format(fmt, model.model.norm.weight.device)
     dtype = dtype or model.model.norm.weight.dtype
     block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
     for name in rule_modules(model, cfg):
-        mod = model.get_submodule(name)
-        if fmt == "fp8":
-            if isinstance(mod, Experts) and not isinstance(mod, Fp8Experts):
-                _set(model, name, Fp8Experts.quantize(mod, block))
-            elif type(mod) is Linear:
-                _set(model, name, Fp8Linear.quantize(mod.weight.detach(), block))
-        elif isinstance(mod, Experts):
-            _set(model, name, _int_experts(mod, fmt, dtype))
-        else:
-            _set(model, name, _int_linear(_dense(mod, dtype), fmt, dtype))
-    if fmt in ("int8", "int4"):
+        quantize_module_(model, name, fmt, dtype, block)
+    if fmt in ("int8", "int4") and not isinstance(model.lm_head, Int8Linear):
         emb = model.model.embed_tokens
         tied = model.lm_head.weight is emb.weight
         head = Int8Linear.quantize(model.lm_head.weight.detach(), dtype)
@@ -230,3 +244,90 @@ def quantize_model_(model: nn.Module, fmt: str, dtype: torch.dtype | None = None
         src = head if tied else Int8Linear.quantize(emb.weight.detach(), dtype)
         model.model.embed_tokens = Int8Embedding(src, dtype)
     model.quantization = fmt
+
+
+# ---- while loading ------------------------------------------------------------------------------
+class QuantizeOnRead:
+    """Quantizes each module as soon as its weights are read, so that loading never holds the
+    whole model in BF16 (27B to int4: ~14.5 GiB at the end, 51 GiB in BF16 before; a BF16
+    122B-A10B to FP8 on one GPU): the loader leaves the modules' weights on the meta device
+    (`deferred`), allocates each when its first tensor arrives (`allocate`) and reports every
+    tensor written (`written`); once all of a module's tensors are in, it becomes the module
+    quantize_model_ would have made of it (the same function, the same values) and its BF16
+    weights are dropped. Peak memory: the quantized model plus the modules in flight (the
+    checkpoint's tensors of a module are next to each other in its files: about one layer).
+    The modules: rule_modules not already in FP8 (those of an FP8 checkpoint are read as
+    they are and converted by quantize_model_ after loading, as before)."""
+
+    RELEASE_EVERY = 1 << 30  # bytes of unquantized weights freed between two release() calls
+
+    def __init__(self, model: nn.Module, cfg, fmt: str, dtype, device, alloc, release=None):
+        check_format(fmt, device)
+        self.model, self.fmt, self.dtype, self.alloc = model, fmt, dtype, alloc
+        self.release = release  # hands freed heap memory back to the OS (loader.release_heap)
+        self.freed = 0
+        self.block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
+        self.owner: dict[str, str] = {}  # deferred parameter -> its module
+        self.left: dict[str, set[str]] = {}  # module -> its parameters not complete yet
+        for name in rule_modules(model, cfg):
+            mod = model.get_submodule(name)
+            if isinstance(mod, (Fp8Linear, Fp8Experts)) or not (
+                type(mod) is Linear or isinstance(mod, Experts)
+            ):
+                continue
+            params = [f"{name}.{n}" for n, _ in mod.named_parameters()]
+            self.left[name] = set(params)
+            self.owner.update(dict.fromkeys(params, name))
+        # parameter -> tensors still to be written into it (random weights: one draw each)
+        self.pending: dict[str, int] = dict.fromkeys(self.owner, 1)
+        self.live = self.peak = 0  # bytes of BF16 weights allocated and not yet quantized
+        self.allocated = 0  # bytes of BF16 weights allocated in all
+
+    def deferred(self) -> set[int]:
+        """ids of the (meta) parameters to leave unallocated."""
+        return {id(self.model.get_parameter(p)) for p in self.owner}
+
+    def expect(self, counts: dict[str, int]) -> None:
+        """How many tensors will be written into each deferred parameter."""
+        self.pending = {p: counts.get(p, 0) for p in self.owner}
+        missing = [p for p, n in self.pending.items() if n == 0]
+        if missing:  # the scan reports missing tensors before this: an internal error
+            raise RuntimeError(f"nothing to read into {missing[:3]}")
+
+    def allocate(self, name: str) -> torch.Tensor:
+        """Deferred parameter `name`, allocated in its module (the only reference kept: the
+        module's replacement frees it)."""
+        mod_name, _, leaf = name.rpartition(".")
+        mod = self.model.get_submodule(mod_name)
+        if not mod._parameters[leaf].is_meta:  # allocated by an earlier tensor
+            return mod._parameters[leaf]
+        q = self.alloc(mod._parameters[leaf])
+        mod._parameters[leaf] = q
+        self.live += q.numel() * q.element_size()
+        self.allocated += q.numel() * q.element_size()
+        self.peak = max(self.peak, self.live)
+        return q
+
+    def written(self, name: str) -> None:
+        if name not in self.owner:
+            return
+        self.pending[name] -= 1
+        if self.pending[name]:
+            return
+        mod_name = self.owner[name]
+        self.left[mod_name].discard(name)
+        if not self.left[mod_name]:
+            mod = self.model.get_submodule(mod_name)
+            nbytes = sum(p.numel() * p.element_size() for p in mod.parameters())
+            del mod
+            quantize_module_(self.model, mod_name, self.fmt, self.dtype, self.block)
+            self.live -= nbytes
+            self.freed += nbytes
+            if self.release is not None and self.freed >= self.RELEASE_EVERY:
+                self.release()  # (small modules are freed into the C heap, not to the OS)
+                self.freed = 0
+
+    def finish(self) -> None:
+        undone = [m for m, ps in self.left.items() if ps]
+        if undone:
+            raise RuntimeError(f"modules never completed while loading: {undone[:3]}")
