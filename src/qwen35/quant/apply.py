@@ -249,8 +249,7 @@ def quantize_model_(model: nn.Module, fmt: str, dtype: torch.dtype | None = None
 # ---- while loading ------------------------------------------------------------------------------
 class QuantizeOnRead:
     """Quantizes each module as soon as its weights are read, so that loading never holds the
-    whole model in BF16 (27B to int4: ~14.5 GiB at the end, 51 GiB in BF16 before; a BF16
-    122B-A10B to FP8 on one GPU): the loader leaves the modules' weights on the meta device
+    whole model in BF16 (27B to int4: ~14.5 GiB at the end, 51 GiB in BF16 before): the loader leaves the modules' weights on the meta device
     (`deferred`), allocates each when its first tensor arrives (`allocate`) and reports every
     tensor written (`written`); once all of a module's tensors are in, it becomes the module
     quantize_model_ would have made of it (the same function, the same values) and its BF16
