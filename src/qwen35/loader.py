@@ -9,8 +9,6 @@ builds those on a real device itself (`with torch.device("cpu"):`), or loading s
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import os
 import re
@@ -22,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qwen35 import heap
 from qwen35.config import ConfigError, ModelConfig
 from qwen35.devices import default_quantization
 from qwen35.errors import Qwen35Error
@@ -237,7 +236,7 @@ def load_model(
         report.notes.append(f"quantized in memory to {quantization}")
     _finish(model, cfg)
     if dev.type == "cpu":
-        release_heap()  # what quantizing and post_load's packing freed
+        heap.release()  # what quantizing and post_load's packing freed
     report.seconds_total = time.perf_counter() - t0
     model.load_report = report
     model.model_dir = directory
@@ -292,27 +291,7 @@ def _quantize_on_read(model, cfg, quantization, dtype, device):
     from qwen35.quant.apply import QuantizeOnRead
 
     return QuantizeOnRead(model, cfg, quantization, dtype, device,
-                          lambda p: allocate(p, dtype, device), release_heap)  # fmt: skip
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def release_heap() -> None:
-    """Return the C heap's free pages to the OS (glibc's malloc_trim; elsewhere nothing).
-    Tensors under glibc's mmap threshold (which grows to 32 MiB as large blocks are freed) live
-    in the heap, and after quantizing the 2B, its freed BF16 weights kept ~0.9 GiB resident
-    beside the 1.3 GiB model."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+                          lambda p: allocate(p, dtype, device), heap.release)  # fmt: skip
 
 
 def _deferred(on_read) -> set[int]:

@@ -24,6 +24,7 @@ import re
 import torch
 from torch import nn
 
+from qwen35 import heap
 from qwen35.layers.linear import Linear
 from qwen35.layers.moe import Experts
 from qwen35.plan.params import int4_group, text_tensors
@@ -190,11 +191,13 @@ def _int_experts(mod: Experts, fmt: str, dtype) -> IntExperts:
         gu, dn = mod.gate_up_proj.detach(), mod.down_proj.detach()
     I, H = mod.intermediate_size, gu.shape[2]
     gu_fmt = fmt if int4_group(I, H) else "int8"  # as the planner counts gate and up
-    return IntExperts(
-        [_int_linear(gu[e], gu_fmt, dtype) for e in range(gu.shape[0])],
-        [_int_linear(dn[e], fmt, dtype) for e in range(dn.shape[0])],
-        mod.intermediate_size,
-    )
+    gate_up, down = [], []
+    for e in range(gu.shape[0]):
+        gate_up.append(_int_linear(gu[e], gu_fmt, dtype))
+        down.append(_int_linear(dn[e], fmt, dtype))
+        if e % 32 == 31 and gu.device.type == "cpu":
+            heap.release()  # each expert's temporaries, freed into the heap (qwen35/heap.py)
+    return IntExperts(gate_up, down, mod.intermediate_size)
 
 
 def check_format(fmt: str, device: torch.device) -> None:
@@ -263,7 +266,7 @@ class QuantizeOnRead:
     def __init__(self, model: nn.Module, cfg, fmt: str, dtype, device, alloc, release=None):
         check_format(fmt, device)
         self.model, self.fmt, self.dtype, self.alloc = model, fmt, dtype, alloc
-        self.release = release  # hands freed heap memory back to the OS (loader.release_heap)
+        self.release = release  # hands freed heap memory back to the OS (qwen35/heap.py)
         self.freed = 0
         self.block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
         self.owner: dict[str, str] = {}  # deferred parameter -> its module

@@ -1,0 +1,30 @@
+"""Returning the C heap's free memory to the OS (glibc's malloc_trim; elsewhere nothing).
+
+Tensors below glibc's mmap threshold (which grows to 32 MiB as large blocks are freed) live in
+the heap, and freed ones stay resident until trimmed: quantizing the 2B's weights while loading
+left ~0.9 GiB of them beside its 1.3 GiB model, and quantizing one layer of 35B-A3B's experts
+(256 experts, ~12 small temporaries each) grew the heap by 1-3 GiB. The loader releases after
+loading, every GiB of weights it quantized, and every 32 experts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release() -> None:
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
