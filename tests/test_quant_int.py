@@ -339,3 +339,12 @@ def test_random_weights_quantized_while_drawn_equal_quantized_after(ckpt, fmt, m
     )  # fmt: skip
     _assert_same_tensors(streamed, after)
     assert on_read.peak <= on_read.allocated / 2
+
+
+def test_load_peak_is_the_planners_largest_module(ckpt, monkeypatch):
+    """`qwen35 plan --dtype int4`'s load peak counts the largest module in BF16 (a MoE layer's
+    experts): the most unquantized weight bytes the loader held at once."""
+    from qwen35.plan.cpu import largest_module_bytes
+
+    streamed, on_read, _ = _load_both_ways(monkeypatch, ckpt, dtype="bf16", quantization="int4")
+    assert on_read.peak == largest_module_bytes(streamed.config)

@@ -1,7 +1,7 @@
 """`qwen35 plan --dtype int8 | int4`: weight-only CPU formats, which the GPU planner does not
 serve. Per model: the bytes the engine holds (text model, as it loads) in BF16 and in the chosen
-format, and the bytes one batch-1 decode step reads (all weights but the embedding rows not
-looked up), from the same byte formulas the quantizing loader is tested against
+format, the memory loading needs on the way (`load_peak_bytes`), and the bytes one batch-1
+decode step reads (all weights but the embedding rows not looked up), from the same byte formulas the quantizing loader is tested against
 (`plan.params.tensor_bytes`). No torch.
 """
 
@@ -34,6 +34,26 @@ def head_screen_bytes(cfg: ModelConfig) -> int:
     return cfg.vocab_size * (cfg.hidden_size + 16)
 
 
+def largest_module_bytes(cfg: ModelConfig) -> int:
+    """BF16 bytes of the largest module the loader quantizes at once (quant/apply.py
+    QuantizeOnRead): one layer's routed experts (gate, up and down of every expert), else the
+    largest single projection."""
+    text = text_tensors(cfg)
+    one = max(t.numel * 2 for t in text if t.fp8 and not t.expert)
+    if cfg.is_moe:
+        layers = cfg.num_hidden_layers
+        one = max(one, sum(t.params * 2 for t in text if t.expert) // layers)
+    return one
+
+
+def load_peak_bytes(cfg: ModelConfig, dtype: str) -> int:
+    """Memory while loading to `dtype` (int8 / int4): the quantized model, plus the embedding
+    (and an untied head) read in BF16 and quantized after the rest, plus the largest module in
+    BF16 (the modules are quantized as their tensors arrive)."""
+    vocab = sum(tensor_bytes(t, "bf16") for t in text_tensors(cfg) if t.split == "vocab")
+    return weight_bytes(cfg, dtype, text_only=True) + vocab + largest_module_bytes(cfg)
+
+
 def cpu_rows(cfgs: list[ModelConfig], dtype: str) -> list[dict]:
     rows = []
     for c in cfgs:
@@ -46,6 +66,7 @@ def cpu_rows(cfgs: list[ModelConfig], dtype: str) -> list[dict]:
                 "bf16": weight_bytes(c, "bf16", text_only=True) + screen,
                 dtype: weight_bytes(c, dtype, text_only=True),
             },
+            "load_peak_bytes": {dtype: load_peak_bytes(c, dtype)},
             "head_screen_bytes": screen,
             "decode_read_bytes_per_token": {
                 "bf16": bf16_read,
@@ -61,14 +82,16 @@ def render(rows: list[dict], dtype: str, bandwidth_gb_s: float | None) -> None:
     from rich.table import Table
 
     t = Table(title=f"CPU weight-only {dtype}: text model as the engine loads it (GiB = 2^30 B)")
-    cols = ["model", "BF16 GiB", f"{dtype} GiB", "read/token BF16 (greedy)", f"read/token {dtype}"]
+    cols = ["model", "BF16 GiB", f"{dtype} GiB", "load peak GiB", "read/token BF16 (greedy)",
+            f"read/token {dtype}"]  # fmt: skip
     if bandwidth_gb_s:
         cols += [f"decode tok/s at {bandwidth_gb_s:g} GB/s (roofline)"]
     for c in cols:
         t.add_column(c, justify="left" if c == "model" else "right", no_wrap=c == "model")
     for r in rows:
         w, rd = r["weights_bytes"], r["decode_read_bytes_per_token"]
-        cells = [r["name"], f"{w['bf16'] / 2**30:.2f}", f"{w[dtype] / 2**30:.2f}"]
+        cells = [r["name"], f"{w['bf16'] / 2**30:.2f}", f"{w[dtype] / 2**30:.2f}",
+                 f"{r['load_peak_bytes'][dtype] / 2**30:.2f}"]  # fmt: skip
         cells += [f"{rd['bf16'] / 2**30:.2f} ({rd['bf16_greedy'] / 2**30:.2f})"]
         cells += [f"{rd[dtype] / 2**30:.2f}"]
         if bandwidth_gb_s:
@@ -80,6 +103,11 @@ def render(rows: list[dict], dtype: str, bandwidth_gb_s: float | None) -> None:
         + ("in int4 (groups of 128, out % 64 == 0; else int8)" if dtype == "int4" else "in int8")
         + "; embedding and lm_head per-row int8; norms, routers, in_proj_a/b, conv stay BF16. "
         "Run with `--quantization " + dtype + "`."
+    )
+    print(
+        "Load peak: each module is quantized as soon as its tensors are read, so loading holds "
+        "the quantized model, the BF16 embedding (quantized last) and the largest module in BF16 "
+        "(a MoE layer's experts), never the whole BF16 model."
     )
     print(
         "BF16 includes the int8 screen of lm_head a CPU engine keeps for greedy and top-k "
