@@ -243,3 +243,16 @@ def test_corrupt_fp8_checkpoint_refused_before_reading(tmp_path, monkeypatch, ki
         load_model(bad)
     shown = name if kind != "missing" else "layers.3.self_attn.o_proj.weight_scale_inv"
     assert shown in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_fp8_checkpoint_to_int_while_reading_equals_after(fp8_pair, fmt, monkeypatch):
+    """An official FP8 checkpoint loaded as int8 / int4: each FP8 module (weights and scales)
+    converted as soon as it is read, the same model as converting after loading."""
+    from test_quant_int import _assert_same_tensors, _load_both_ways
+
+    streamed, on_read, after = _load_both_ways(
+        monkeypatch, fp8_pair[0], dtype="bf16", quantization=fmt
+    )
+    _assert_same_tensors(streamed, after)
+    assert on_read.allocated > 0 and on_read.peak <= on_read.allocated / 2

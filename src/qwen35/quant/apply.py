@@ -258,8 +258,7 @@ class QuantizeOnRead:
     quantize_model_ would have made of it (the same function, the same values) and its BF16
     weights are dropped. Peak memory: the quantized model plus the modules in flight (the
     checkpoint's tensors of a module are next to each other in its files: about one layer).
-    The modules: rule_modules not already in FP8 (those of an FP8 checkpoint are read as
-    they are and converted by quantize_model_ after loading, as before)."""
+    The modules: rule_modules, BF16 or (an official FP8 checkpoint to int8 / int4) FP8."""
 
     RELEASE_EVERY = 1 << 30  # bytes of unquantized weights freed between two release() calls
 
@@ -273,10 +272,10 @@ class QuantizeOnRead:
         self.left: dict[str, set[str]] = {}  # module -> its parameters not complete yet
         for name in rule_modules(model, cfg):
             mod = model.get_submodule(name)
-            if isinstance(mod, (Fp8Linear, Fp8Experts)) or not (
-                type(mod) is Linear or isinstance(mod, Experts)
-            ):
+            if not isinstance(mod, (Linear, Experts)) or isinstance(mod, _INT):
                 continue
+            if fmt == "fp8" and isinstance(mod, (Fp8Linear, Fp8Experts)):
+                continue  # an FP8 checkpoint loaded as FP8: nothing to convert
             params = [f"{name}.{n}" for n, _ in mod.named_parameters()]
             self.left[name] = set(params)
             self.owner.update(dict.fromkeys(params, name))
