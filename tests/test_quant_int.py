@@ -314,6 +314,24 @@ def _assert_same_tensors(a, b):
     assert not bad, bad[:5]
 
 
+@pytest.fixture(scope="module")
+def tied_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tied")
+    save_checkpoint(d, dtype=torch.bfloat16, tie_word_embeddings=True, **DENSE)
+    return d
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_tied_table_quantized_while_reading(tied_ckpt, fmt, monkeypatch):
+    """A tied embedding / head: the one table becomes one int8 matrix as soon as it is read,
+    shared by the head and the embedding as quantizing after loading shares it."""
+    streamed, on_read, after = _load_both_ways(monkeypatch, tied_ckpt, dtype="bf16",
+                                               quantization=fmt)  # fmt: skip
+    _assert_same_tensors(streamed, after)
+    assert streamed.model.embed_tokens.weight is streamed.lm_head.weight
+    assert "model.embed_tokens.weight" in on_read.owner and "lm_head.weight" not in on_read.owner
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
 def test_quantized_while_reading_equals_quantized_after(ckpt, fmt, monkeypatch):
     """Loading quantizes each module as soon as its tensors are read, so the BF16 model is never
@@ -325,6 +343,7 @@ def test_quantized_while_reading_equals_quantized_after(ckpt, fmt, monkeypatch):
     assert streamed.quantization == after.quantization == fmt
     assert on_read.allocated > 0 and on_read.peak <= on_read.allocated / 2
     assert on_read.live == 0 and any("while reading" in n for n in streamed.load_report.notes)
+    assert ("lm_head.weight" in on_read.owner) == (fmt != "fp8")  # int8 / int4: the head too
     ids = torch.tensor([[5, 17, 42, 7, 99]])
     assert torch.equal(streamed(ids), after(ids))
 
@@ -343,7 +362,8 @@ def test_random_weights_quantized_while_drawn_equal_quantized_after(ckpt, fmt, m
 
 def test_load_peak_is_the_planners_largest_module(ckpt, monkeypatch):
     """`qwen35 plan --dtype int4`'s load peak counts the largest module in BF16 (a MoE layer's
-    experts): the most unquantized weight bytes the loader held at once."""
+    experts, the embedding or head, a projection): the most unquantized weight bytes the loader
+    held at once."""
     from qwen35.plan.cpu import largest_module_bytes
 
     streamed, on_read, _ = _load_both_ways(monkeypatch, ckpt, dtype="bf16", quantization="int4")

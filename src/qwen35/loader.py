@@ -160,7 +160,7 @@ def load_model(
             report.notes.append(f"FP8: {n_fp8} modules in FP8 (random)")
             model.quantization = "fp8"  # (as quantize_model_ marks its formats)
             quantization = None
-        on_read = _quantize_on_read(model, cfg, quantization, torch_dtype, dev)
+        on_read = _quantize_on_read(model, cfg, quantization, torch_dtype, dev, tp.size == 1)
         params = materialize(model, cfg, torch_dtype, dev, _deferred(on_read))
         init_random_(params, seed, on_read)  # shards are equal-sized: the ranks' draws in step
         _finish_reading(on_read, report)
@@ -216,7 +216,8 @@ def load_model(
                 from qwen35.quant.apply import swap_to_fp8_meta
 
                 swap_to_fp8_meta(model, fp8_names, cfg)  # the same modules, at shard sizes
-        on_read = _quantize_on_read(model, cfg, storage, torch_dtype, dev)
+        vocab = tp.size == 1 and s.tied_duplicate is None  # (QuantizeOnRead's docstring)
+        on_read = _quantize_on_read(model, cfg, storage, torch_dtype, dev, vocab)
         params = materialize(model, cfg, torch_dtype, dev, _deferred(on_read))
         _zero_padding(params, cfg, tp)
         show = progress if progress is not None else sys.stderr.isatty()
@@ -284,14 +285,15 @@ def _bf16_storage(model, quantization, dtype, device, report: LoadReport | None 
     return None
 
 
-def _quantize_on_read(model, cfg, quantization, dtype, device):
+def _quantize_on_read(model, cfg, quantization, dtype, device, vocab: bool):
     """A QuantizeOnRead for `quantization` (fp8 / int8 / int4 in memory), else None."""
     if quantization not in ("fp8", "int8", "int4"):
         return None
     from qwen35.quant.apply import QuantizeOnRead
 
+    _tie(model, cfg)  # (materialize ties too; the deferred tensors are found after it)
     return QuantizeOnRead(model, cfg, quantization, dtype, device,
-                          lambda p: allocate(p, dtype, device), heap.release)  # fmt: skip
+                          lambda p: allocate(p, dtype, device), heap.release, vocab)  # fmt: skip
 
 
 def _deferred(on_read) -> set[int]:
@@ -538,6 +540,7 @@ def init_random_(params: dict[str, torch.Tensor], seed: int = 0, on_read=None) -
             else:
                 p.normal_(0.0, 0.02, generator=g)
             if on_read is not None:
+                del p  # (the module's last BF16 tensor: freed when it is quantized)
                 on_read.written(name)
 
 

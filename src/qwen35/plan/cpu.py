@@ -36,10 +36,10 @@ def head_screen_bytes(cfg: ModelConfig) -> int:
 
 def largest_module_bytes(cfg: ModelConfig) -> int:
     """BF16 bytes of the largest module the loader quantizes at once (quant/apply.py
-    QuantizeOnRead): one layer's routed experts (gate, up and down of every expert), else the
-    largest single projection."""
+    QuantizeOnRead): one layer's routed experts (gate, up and down of every expert), the
+    embedding table or the head, or the largest single projection."""
     text = text_tensors(cfg)
-    one = max(t.numel * 2 for t in text if t.fp8 and not t.expert)
+    one = max(t.numel * 2 for t in text if t.fp8 or t.split == "vocab")
     if cfg.is_moe:
         layers = cfg.num_hidden_layers
         one = max(one, sum(t.params * 2 for t in text if t.expert) // layers)
@@ -47,11 +47,9 @@ def largest_module_bytes(cfg: ModelConfig) -> int:
 
 
 def load_peak_bytes(cfg: ModelConfig, dtype: str) -> int:
-    """Memory while loading to `dtype` (int8 / int4): the quantized model, plus the embedding
-    (and an untied head) read in BF16 and quantized after the rest, plus the largest module in
-    BF16 (the modules are quantized as their tensors arrive)."""
-    vocab = sum(tensor_bytes(t, "bf16") for t in text_tensors(cfg) if t.split == "vocab")
-    return weight_bytes(cfg, dtype, text_only=True) + vocab + largest_module_bytes(cfg)
+    """Memory while loading to `dtype` (int8 / int4) on one device: the quantized model plus the
+    largest module in BF16 (each module is quantized as soon as its tensors arrive)."""
+    return weight_bytes(cfg, dtype, text_only=True) + largest_module_bytes(cfg)
 
 
 def cpu_rows(cfgs: list[ModelConfig], dtype: str) -> list[dict]:
@@ -106,8 +104,8 @@ def render(rows: list[dict], dtype: str, bandwidth_gb_s: float | None) -> None:
     )
     print(
         "Load peak: each module is quantized as soon as its tensors are read, so loading holds "
-        "the quantized model, the BF16 embedding (quantized last) and the largest module in BF16 "
-        "(a MoE layer's experts), never the whole BF16 model."
+        "the quantized model and the largest module in BF16 (a MoE layer's experts, or the "
+        "embedding table), never the whole BF16 model."
     )
     print(
         "BF16 includes the int8 screen of lm_head a CPU engine keeps for greedy and top-k "

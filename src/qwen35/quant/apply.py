@@ -239,14 +239,28 @@ def quantize_model_(model: nn.Module, fmt: str, dtype: torch.dtype | None = None
     block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
     for name in rule_modules(model, cfg):
         quantize_module_(model, name, fmt, dtype, block)
-    if fmt in ("int8", "int4") and not isinstance(model.lm_head, Int8Linear):
-        emb = model.model.embed_tokens
-        tied = model.lm_head.weight is emb.weight
-        head = Int8Linear.quantize(model.lm_head.weight.detach(), dtype)
-        model.lm_head = head
+    if fmt in ("int8", "int4"):
+        quantize_vocab_(model, dtype, "lm_head")
+        quantize_vocab_(model, dtype, "model.embed_tokens")
+    model.quantization = fmt
+
+
+VOCAB = ("model.embed_tokens", "lm_head")  # per-row int8 under int8 and int4
+
+
+@torch.no_grad()
+def quantize_vocab_(model: nn.Module, dtype, name: str) -> None:
+    """lm_head or the embedding to per-row int8 (a tied pair: both from one int8 matrix), unless
+    already done."""
+    emb, head = model.model.embed_tokens, model.lm_head
+    if isinstance(emb if name == "model.embed_tokens" else head, (Int8Embedding, Int8Linear)):
+        return
+    tied = not isinstance(head, Int8Linear) and head.weight is emb.weight
+    if name == "lm_head" or tied:
+        model.lm_head = head = Int8Linear.quantize(head.weight.detach(), dtype)
+    if name == "model.embed_tokens" or tied:
         src = head if tied else Int8Linear.quantize(emb.weight.detach(), dtype)
         model.model.embed_tokens = Int8Embedding(src, dtype)
-    model.quantization = fmt
 
 
 # ---- while loading ------------------------------------------------------------------------------
@@ -258,11 +272,15 @@ class QuantizeOnRead:
     quantize_model_ would have made of it (the same function, the same values) and its BF16
     weights are dropped. Peak memory: the quantized model plus the modules in flight (the
     checkpoint's tensors of a module are next to each other in its files: about one layer).
-    The modules: rule_modules, BF16 or (an official FP8 checkpoint to int8 / int4) FP8."""
+    The modules: rule_modules, BF16 or (an official FP8 checkpoint to int8 / int4) FP8; under
+    int8 / int4 also lm_head and the embedding (`vocab`; the loader leaves them to the end where
+    their BF16 values are still needed: a tied head's stored duplicate is compared with the
+    embedding, tensor parallelism zeroes the vocabulary's padding rows)."""
 
     RELEASE_EVERY = 1 << 30  # bytes of unquantized weights freed between two release() calls
 
-    def __init__(self, model: nn.Module, cfg, fmt: str, dtype, device, alloc, release=None):
+    def __init__(self, model: nn.Module, cfg, fmt: str, dtype, device, alloc, release=None,
+                 vocab: bool = True):  # fmt: skip
         check_format(fmt, device)
         self.model, self.fmt, self.dtype, self.alloc = model, fmt, dtype, alloc
         self.release = release  # hands freed heap memory back to the OS (qwen35/heap.py)
@@ -270,15 +288,28 @@ class QuantizeOnRead:
         self.block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
         self.owner: dict[str, str] = {}  # deferred parameter -> its module
         self.left: dict[str, set[str]] = {}  # module -> its parameters not complete yet
-        for name in rule_modules(model, cfg):
+        names = rule_modules(model, cfg)
+        if vocab and fmt in ("int8", "int4"):
+            names += VOCAB  # (tied: one parameter, which names it first)
+        seen: set[int] = set()
+        for name in names:
             mod = model.get_submodule(name)
-            if not isinstance(mod, (Linear, Experts)) or isinstance(mod, _INT):
+            if not isinstance(mod, (Linear, Experts)) and name not in VOCAB:
                 continue
-            if fmt == "fp8" and isinstance(mod, (Fp8Linear, Fp8Experts)):
-                continue  # an FP8 checkpoint loaded as FP8: nothing to convert
-            params = [f"{name}.{n}" for n, _ in mod.named_parameters()]
-            self.left[name] = set(params)
-            self.owner.update(dict.fromkeys(params, name))
+            if isinstance(mod, _INT) or (fmt == "fp8" and isinstance(mod, (Fp8Linear, Fp8Experts))):
+                continue  # already in the format (an FP8 checkpoint loaded as FP8)
+            params = [f"{name}.{n}" for n, p in mod.named_parameters() if id(p) not in seen]
+            seen.update(id(p) for p in mod.parameters())
+            if params:
+                self.left[name] = set(params)
+                self.owner.update(dict.fromkeys(params, name))
+        # every (module, attribute) holding a deferred parameter: a tied head shares the table
+        ids = {id(model.get_parameter(p)): p for p in self.owner}
+        self.slots: dict[str, list[tuple[nn.Module, str]]] = {p: [] for p in self.owner}
+        for mod in model.modules():
+            for leaf, p in mod._parameters.items():
+                if p is not None and id(p) in ids:
+                    self.slots[ids[id(p)]].append((mod, leaf))
         # parameter -> tensors still to be written into it (random weights: one draw each)
         self.pending: dict[str, int] = dict.fromkeys(self.owner, 1)
         self.live = self.peak = 0  # bytes of BF16 weights allocated and not yet quantized
@@ -286,7 +317,7 @@ class QuantizeOnRead:
 
     def deferred(self) -> set[int]:
         """ids of the (meta) parameters to leave unallocated."""
-        return {id(self.model.get_parameter(p)) for p in self.owner}
+        return {id(m._parameters[leaf]) for slots in self.slots.values() for m, leaf in slots}
 
     def expect(self, counts: dict[str, int]) -> None:
         """How many tensors will be written into each deferred parameter."""
@@ -298,12 +329,13 @@ class QuantizeOnRead:
     def allocate(self, name: str) -> torch.Tensor:
         """Deferred parameter `name`, allocated in its module (the only reference kept: the
         module's replacement frees it)."""
-        mod_name, _, leaf = name.rpartition(".")
-        mod = self.model.get_submodule(mod_name)
+        slots = self.slots[name]
+        mod, leaf = slots[0]
         if not mod._parameters[leaf].is_meta:  # allocated by an earlier tensor
             return mod._parameters[leaf]
         q = self.alloc(mod._parameters[leaf])
-        mod._parameters[leaf] = q
+        for mod, leaf in slots:
+            mod._parameters[leaf] = q
         self.live += q.numel() * q.element_size()
         self.allocated += q.numel() * q.element_size()
         self.peak = max(self.peak, self.live)
@@ -321,7 +353,10 @@ class QuantizeOnRead:
             mod = self.model.get_submodule(mod_name)
             nbytes = sum(p.numel() * p.element_size() for p in mod.parameters())
             del mod
-            quantize_module_(self.model, mod_name, self.fmt, self.dtype, self.block)
+            if mod_name in VOCAB:
+                quantize_vocab_(self.model, self.dtype, mod_name)
+            else:
+                quantize_module_(self.model, mod_name, self.fmt, self.dtype, self.block)
             self.live -= nbytes
             self.freed += nbytes
             if self.release is not None and self.freed >= self.RELEASE_EVERY:
