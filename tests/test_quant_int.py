@@ -3,6 +3,9 @@ models close to BF16 (documented tolerance), batched == alone, memory == the pla
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -292,15 +295,26 @@ def _load_both_ways(monkeypatch, *args, **kwargs):
     QuantizeOnRead, and the model quantized after loading (the path before it)."""
     import qwen35.loader as loader
 
-    made = []
+    made, bf16 = [], []
     make = loader._quantize_on_read
 
     def spy(*a):
         made.append(make(*a))
+        alloc = made[-1].alloc
+
+        def recorded(p):  # every unquantized tensor it allocates, weakly
+            q = alloc(p)
+            bf16.append(weakref.ref(q))
+            return q
+
+        made[-1].alloc = recorded
         return made[-1]
 
     monkeypatch.setattr(loader, "_quantize_on_read", spy)
     streamed = load_model(*args, **kwargs)
+    gc.collect()
+    alive = [r() for r in bf16 if r() is not None]
+    assert bf16 and not alive, f"{len(alive)} of {len(bf16)} BF16 tensors still referenced"
     monkeypatch.setattr(loader, "_quantize_on_read", lambda *a: None)
     after = load_model(*args, **kwargs)
     (on_read,) = made

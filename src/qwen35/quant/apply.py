@@ -353,6 +353,8 @@ class QuantizeOnRead:
             mod = self.model.get_submodule(mod_name)
             nbytes = sum(p.numel() * p.element_size() for p in mod.parameters())
             del mod
+            for p in [p for p, m in self.owner.items() if m == mod_name]:
+                del self.slots[p]  # (they hold the old module: it must go once replaced)
             if mod_name in VOCAB:
                 quantize_vocab_(self.model, self.dtype, mod_name)
             else:
