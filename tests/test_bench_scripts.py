@@ -175,3 +175,22 @@ def test_small_ops_bench_runs(capsys):
                              "1", "--dtype", "bf16"])  # fmt: skip
     out = capsys.readouterr().out
     assert out.count("x\n") == 7 and "causal_conv1d at 8 rows" in out, out
+
+
+def test_load_memory_bench_runs(capsys, tmp_path):
+    """bench/load_memory.py on a tiny checkpoint: the peak and loaded memory it samples, and the
+    plan's figures beside them (the tiny model's bytes are below the sampling's resolution)."""
+    import sys
+
+    import torch
+
+    from tiny import save_checkpoint
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("RssAnon is Linux's")
+    save_checkpoint(tmp_path, dtype=torch.bfloat16, intermediate_size=128)
+    out = _load("load_memory").main([str(tmp_path), "--quantization", "int4"])
+    assert out["peak_bytes"] >= out["loaded_bytes"] > 0
+    assert abs(out["weights_bytes"] - out["plan_weights_bytes"]) / out["plan_weights_bytes"] < 0.01
+    assert out["plan_load_peak_bytes"] > out["plan_weights_bytes"]
+    assert "while reading" in capsys.readouterr().out
