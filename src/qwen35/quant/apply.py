@@ -266,12 +266,13 @@ def quantize_vocab_(model: nn.Module, dtype, name: str) -> None:
 # ---- while loading ------------------------------------------------------------------------------
 class QuantizeOnRead:
     """Quantizes each module as soon as its weights are read, so that loading never holds the
-    whole model in BF16 (27B to int4: ~14.5 GiB at the end, 51 GiB in BF16 before): the loader leaves the modules' weights on the meta device
-    (`deferred`), allocates each when its first tensor arrives (`allocate`) and reports every
-    tensor written (`written`); once all of a module's tensors are in, it becomes the module
-    quantize_model_ would have made of it (the same function, the same values) and its BF16
-    weights are dropped. Peak memory: the quantized model plus the modules in flight (the
-    checkpoint's tensors of a module are next to each other in its files: about one layer).
+    whole model in BF16 (27B to int4: ~14.5 GiB at the end, 51 GiB in BF16 before). The loader
+    leaves the modules' weights on the meta device (`deferred`), allocates each when its first
+    tensor arrives (`allocate`) and reports every tensor written (`written`); once all of a
+    module's tensors are in, it becomes the module quantize_model_ would have made of it (the
+    same functions, the same values) and its BF16 weights are dropped. Peak memory: the
+    quantized model plus the modules in flight (a module's tensors are next to each other in
+    the checkpoint's files; plan/cpu.py load_peak_bytes counts the largest).
     The modules: rule_modules, BF16 or (an official FP8 checkpoint to int8 / int4) FP8; under
     int8 / int4 also lm_head and the embedding (`vocab`; the loader leaves them to the end where
     their BF16 values are still needed: a tied head's stored duplicate is compared with the
