@@ -500,3 +500,27 @@ def test_engine_advises_against_bf16_on_a_cpu_without_native_bf16(tmp_path, monk
         with caplog.at_level(logging.WARNING, logger="qwen35"):
             LLMEngine(str(tmp_path), load_format="random", dtype=dtype, max_model_len=64).shutdown()
         assert ("--dtype auto" in caplog.text) == said, caplog.text
+
+
+@pytest.mark.parametrize("quantization", [None, "int4"])
+def test_warns_before_loading_more_than_the_machine_has(tmp_path, monkeypatch, caplog, quantization):
+    """On a CPU, a load that needs more memory than /proc/meminfo's MemAvailable is warned about
+    before any weight is read (the OS would kill it minutes in, silently), with the int4 option's
+    need; none when it fits."""
+    import qwen35.loader as loader
+    from qwen35.plan.cpu import load_peak_bytes
+
+    save_checkpoint(tmp_path, dtype=torch.bfloat16, intermediate_size=128)
+    monkeypatch.setattr(loader, "available_memory", lambda: 1000)
+    with caplog.at_level(logging.WARNING, logger="qwen35.loader"):
+        m = loader.load_model(tmp_path, dtype="bf16", quantization=quantization)
+    (msg,) = [r.getMessage() for r in caplog.records if "is available" in r.getMessage()]
+    assert "the system may kill the process" in msg and "0.0 GiB is available" in msg
+    assert ("--quantization int4 needs about" in msg) == (quantization is None)
+    if quantization:
+        assert f"{load_peak_bytes(m.config, 'int4') / 2**30:.1f} GiB of memory" in msg
+    caplog.clear()
+    monkeypatch.setattr(loader, "available_memory", lambda: 1 << 40)
+    with caplog.at_level(logging.WARNING, logger="qwen35.loader"):
+        loader.load_model(tmp_path, dtype="bf16", quantization=quantization)
+    assert not [r for r in caplog.records if "is available" in r.getMessage()]

@@ -161,6 +161,7 @@ def load_model(
             model.quantization = "fp8"  # (as quantize_model_ marks its formats)
             quantization = None
         on_read = _quantize_on_read(model, cfg, quantization, torch_dtype, dev, tp.size == 1)
+        _warn_if_short_of_memory(model, cfg, torch_dtype, dev, on_read, tp)
         params = materialize(model, cfg, torch_dtype, dev, _deferred(on_read))
         init_random_(params, seed, on_read)  # shards are equal-sized: the ranks' draws in step
         _finish_reading(on_read, report)
@@ -218,6 +219,7 @@ def load_model(
                 swap_to_fp8_meta(model, fp8_names, cfg)  # the same modules, at shard sizes
         vocab = tp.size == 1 and s.tied_duplicate is None  # (QuantizeOnRead's docstring)
         on_read = _quantize_on_read(model, cfg, storage, torch_dtype, dev, vocab)
+        _warn_if_short_of_memory(model, cfg, torch_dtype, dev, on_read, tp)
         params = materialize(model, cfg, torch_dtype, dev, _deferred(on_read))
         _zero_padding(params, cfg, tp)
         show = progress if progress is not None else sys.stderr.isatty()
@@ -294,6 +296,51 @@ def _quantize_on_read(model, cfg, quantization, dtype, device, vocab: bool):
     _tie(model, cfg)  # (materialize ties too; the deferred tensors are found after it)
     return QuantizeOnRead(model, cfg, quantization, dtype, device,
                           lambda p: allocate(p, dtype, device), heap.release, vocab)  # fmt: skip
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _warn_if_short_of_memory(model, cfg, dtype, device, on_read, tp) -> None:
+    """Before any weight is read on a CPU: warn when loading needs more than the machine has
+    available (the OS would kill the process minutes in, without a message), with the
+    `--quantization` that needs less. Needed: what materialize allocates, or under int8 / int4
+    the plan's load peak (plan/cpu.py: the quantized model + its largest module in BF16)."""
+    if device.type != "cpu" or tp.size > 1:  # (ranks share one machine: the engine's business)
+        return
+    free = available_memory()
+    if free is None:
+        return
+    from qwen35.plan.cpu import largest_module_bytes, load_peak_bytes
+
+    fmt = on_read.fmt if on_read is not None else None
+    if fmt in ("int8", "int4"):
+        need = load_peak_bytes(cfg, fmt)
+    else:  # as allocated (fp8 in memory: ~1 byte a deferred weight, one module in BF16)
+        deferred = on_read.deferred() if on_read is not None else set()
+        need = sum(p.numel() if id(p) in deferred else allocate_bytes(p, dtype)
+                   for p in model.parameters())  # fmt: skip
+        need += largest_module_bytes(cfg) if deferred else 0
+    if need <= free:
+        return
+    advice = ""
+    if fmt != "int4":
+        advice = (f"; --quantization int4 needs about {load_peak_bytes(cfg, 'int4') / 2**30:.1f} "
+                  "GiB (`qwen35 plan --dtype int4`)")  # fmt: skip
+    log.warning(
+        "loading %s needs about %.1f GiB of memory and %.1f GiB is available: the system may "
+        "kill the process while it loads%s",
+        cfg.name, need / 2**30, free / 2**30, advice,
+    )  # fmt: skip
 
 
 def _deferred(on_read) -> set[int]:
@@ -470,11 +517,21 @@ def _tie(model: nn.Module, cfg: ModelConfig) -> None:
         head.weight = emb.weight
 
 
-def allocate(p: torch.Tensor, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
-    """An uninitialised parameter for meta parameter p: in dtype on device (quantized storage,
-    integer or marked keep_dtype, keeps its own dtype)."""
+def _allocated_dtype(p: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """What materialize allocates meta parameter p in: dtype, unless it is quantized storage
+    (integer, or marked keep_dtype), which keeps its own."""
     own = not p.is_floating_point() or getattr(p, "keep_dtype", False)
-    return nn.Parameter(torch.empty(p.shape, dtype=p.dtype if own else dtype, device=device), False)
+    return p.dtype if own else dtype
+
+
+def allocate(p: torch.Tensor, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    """An uninitialised parameter for meta parameter p (dtype: _allocated_dtype) on device."""
+    dt = _allocated_dtype(p, dtype)
+    return nn.Parameter(torch.empty(p.shape, dtype=dt, device=device), False)
+
+
+def allocate_bytes(p: torch.Tensor, dtype: torch.dtype) -> int:
+    return p.numel() * _allocated_dtype(p, dtype).itemsize
 
 
 def materialize(
