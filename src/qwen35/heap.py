@@ -4,7 +4,9 @@ Tensors below glibc's mmap threshold (which grows to 32 MiB as large blocks are 
 the heap, and freed ones stay resident until trimmed: quantizing the 2B's weights while loading
 left ~0.9 GiB of them beside its 1.3 GiB model, and quantizing one layer of 35B-A3B's experts
 (256 experts, ~12 small temporaries each) grew the heap by 1-3 GiB. The loader releases after
-loading, every GiB of weights it quantized, and every 32 experts.
+loading, every GiB of weights it quantized, and every 32 experts. (An engine's CPU runtime,
+engine/runtime.py keep_freed_memory_in_heap, serves every allocation from the heap on purpose:
+these calls are then what gives the loader's freed memory back.)
 """
 
 from __future__ import annotations
