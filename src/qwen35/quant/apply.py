@@ -15,6 +15,8 @@
   one shared tensor when tied: the 0.8B's tied head is a third of its bytes); int4 needs
   out % 64 == 0 and in % 32 == 0 (torch's CPU layout), other matrices get int8
   (`plan.params.int4_group`, the same rule the planner counts with).
+- `QuantizeOnRead`: the same conversions module by module while the loader reads (or draws)
+  the weights, so the BF16 model is never whole in memory; quantize_model_ then finds them done.
 """
 
 from __future__ import annotations
