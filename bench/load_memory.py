@@ -18,18 +18,13 @@ import json
 import threading
 import time
 
+from qwen35.heap import proc_bytes
+
 GiB = 2**30
 
 
 def rss_anon() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_bytes("/proc/self/status", "RssAnon")
 
 
 class PeakSampler:

@@ -1,4 +1,6 @@
-"""Returning the C heap's free memory to the OS (glibc's malloc_trim; elsewhere nothing).
+"""Process and machine memory: `release` returns the C heap's free memory to the OS (glibc's
+malloc_trim; elsewhere nothing), `proc_bytes` reads a figure of /proc/meminfo or
+/proc/self/status (Linux).
 
 Tensors below glibc's mmap threshold (which grows to 32 MiB as large blocks are freed) live in
 the heap, and freed ones stay resident until trimmed: quantizing the 2B's weights while loading
@@ -30,3 +32,16 @@ def release() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def proc_bytes(path: str, field: str) -> int | None:
+    """The `field:` line of a /proc file given in kB (MemAvailable of /proc/meminfo, RssAnon of
+    /proc/self/status, ...) in bytes, or None where there is none."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

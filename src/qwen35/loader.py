@@ -161,8 +161,9 @@ def load_model(
             model.quantization = "fp8"  # (as quantize_model_ marks its formats)
             quantization = None
         on_read = _quantize_on_read(model, cfg, quantization, torch_dtype, dev, tp.size == 1)
-        _warn_if_short_of_memory(model, cfg, torch_dtype, dev, on_read, tp)
-        params = materialize(model, cfg, torch_dtype, dev, _deferred(on_read))
+        defer = _deferred(on_read)
+        _warn_if_short_of_memory(model, cfg, torch_dtype, dev, on_read, defer, tp)
+        params = materialize(model, cfg, torch_dtype, dev, defer)
         init_random_(params, seed, on_read)  # shards are equal-sized: the ranks' draws in step
         _finish_reading(on_read, report)
         _zero_padding(params, cfg, tp)
@@ -219,8 +220,9 @@ def load_model(
                 swap_to_fp8_meta(model, fp8_names, cfg)  # the same modules, at shard sizes
         vocab = tp.size == 1 and s.tied_duplicate is None  # (QuantizeOnRead's docstring)
         on_read = _quantize_on_read(model, cfg, storage, torch_dtype, dev, vocab)
-        _warn_if_short_of_memory(model, cfg, torch_dtype, dev, on_read, tp)
-        params = materialize(model, cfg, torch_dtype, dev, _deferred(on_read))
+        defer = _deferred(on_read)
+        _warn_if_short_of_memory(model, cfg, torch_dtype, dev, on_read, defer, tp)
+        params = materialize(model, cfg, torch_dtype, dev, defer)
         _zero_padding(params, cfg, tp)
         show = progress if progress is not None else sys.stderr.isatty()
         read_into(s, params, report, show, shard, on_read)
@@ -295,22 +297,15 @@ def _quantize_on_read(model, cfg, quantization, dtype, device, vocab: bool):
 
     _tie(model, cfg)  # (materialize ties too; the deferred tensors are found after it)
     return QuantizeOnRead(model, cfg, quantization, dtype, device,
-                          lambda p: allocate(p, dtype, device), heap.release, vocab)  # fmt: skip
+                          lambda p: allocate(p, dtype, device), vocab)  # fmt: skip
 
 
 def available_memory() -> int | None:
     """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return heap.proc_bytes("/proc/meminfo", "MemAvailable")
 
 
-def _warn_if_short_of_memory(model, cfg, dtype, device, on_read, tp) -> None:
+def _warn_if_short_of_memory(model, cfg, dtype, device, on_read, defer: set[int], tp) -> None:
     """Before any weight is read on a CPU: warn when loading needs more than the machine has
     available (the OS would kill the process minutes in, without a message), with the
     `--quantization` that needs less. Needed: what materialize allocates, or under int8 / int4
@@ -326,10 +321,9 @@ def _warn_if_short_of_memory(model, cfg, dtype, device, on_read, tp) -> None:
     if fmt in ("int8", "int4"):
         need = load_peak_bytes(cfg, fmt)
     else:  # as allocated (fp8 in memory: ~1 byte a deferred weight, one module in BF16)
-        deferred = on_read.deferred() if on_read is not None else set()
-        need = sum(p.numel() if id(p) in deferred else allocate_bytes(p, dtype)
+        need = sum(p.numel() if id(p) in defer else allocate_bytes(p, dtype)
                    for p in model.parameters())  # fmt: skip
-        need += largest_module_bytes(cfg) if deferred else 0
+        need += largest_module_bytes(cfg) if defer else 0
     if need <= free:
         return
     advice = ""

@@ -55,6 +55,11 @@ def fp8_rule(cfg) -> set[str]:
     return out
 
 
+def fp8_block(cfg) -> tuple[int, int]:
+    """The FP8 block size: the checkpoint's `weight_block_size`, else the official 128 x 128."""
+    return cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
+
+
 def _excluded(name: str, cfg) -> bool:
     q = cfg.quantization
     skip = q.modules_to_not_convert if q is not None else ()
@@ -130,7 +135,7 @@ def fp8_modules_in_checkpoint(cfg, files) -> list[str]:
 def swap_to_fp8_meta(model: nn.Module, names, cfg) -> list[str]:
     """Swap the named modules (on meta) for FP8 ones of the same (local) sizes; returns the
     names swapped (a name the model lacks is left to the checkpoint scan to report)."""
-    block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
+    block = fp8_block(cfg)
     swapped = []
     for name in names:
         try:
@@ -238,7 +243,7 @@ def quantize_model_(model: nn.Module, fmt: str, dtype: torch.dtype | None = None
     cfg = model.config
     check_format(fmt, model.model.norm.weight.device)
     dtype = dtype or model.model.norm.weight.dtype
-    block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
+    block = fp8_block(cfg)
     for name in rule_modules(model, cfg):
         quantize_module_(model, name, fmt, dtype, block)
     if fmt in ("int8", "int4"):
@@ -280,15 +285,13 @@ class QuantizeOnRead:
     their BF16 values are still needed: a tied head's stored duplicate is compared with the
     embedding, tensor parallelism zeroes the vocabulary's padding rows)."""
 
-    RELEASE_EVERY = 1 << 30  # bytes of unquantized weights freed between two release() calls
+    RELEASE_EVERY = 1 << 30  # bytes of unquantized weights freed between two heap.release()
 
-    def __init__(self, model: nn.Module, cfg, fmt: str, dtype, device, alloc, release=None,
-                 vocab: bool = True):  # fmt: skip
+    def __init__(self, model: nn.Module, cfg, fmt: str, dtype, device, alloc, vocab: bool = True):
         check_format(fmt, device)
         self.model, self.fmt, self.dtype, self.alloc = model, fmt, dtype, alloc
-        self.release = release  # hands freed heap memory back to the OS (qwen35/heap.py)
         self.freed = 0
-        self.block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
+        self.block = fp8_block(cfg)
         self.owner: dict[str, str] = {}  # deferred parameter -> its module
         self.left: dict[str, set[str]] = {}  # module -> its parameters not complete yet
         names = rule_modules(model, cfg)
@@ -364,8 +367,8 @@ class QuantizeOnRead:
                 quantize_module_(self.model, mod_name, self.fmt, self.dtype, self.block)
             self.live -= nbytes
             self.freed += nbytes
-            if self.release is not None and self.freed >= self.RELEASE_EVERY:
-                self.release()  # (small modules are freed into the C heap, not to the OS)
+            if self.freed >= self.RELEASE_EVERY:
+                heap.release()  # (small modules are freed into the C heap, not to the OS)
                 self.freed = 0
 
     def finish(self) -> None:
