@@ -258,6 +258,63 @@ def test_int8_rows_in_chunks_equal_one_pass(dtype):
     assert torch.equal(q1, ref_q) and torch.equal(s1, ref_s)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+def test_fp32_rows_past_the_kernel_run_it_in_chunks(fmt):
+    """fp32 rows past the CPU kernels' 16, up to CHUNKED_MAX_ROWS (the rows of a MoE prefill's
+    experts), take the kernel 16 rows a call: the bits of those calls; past the cap, the
+    dequantised / widened weight and torch's GEMM, close to the same products."""
+    from qwen35.kernels import gemv
+    from qwen35.layers import linear as lin
+
+    if gemv.load() is None:
+        pytest.skip("the CPU kernels did not build here (no compiler, or QWEN35_NO_KERNELS)")
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(96, 256, generator=g) * 0.05
+    mod = gemv.load()
+    if fmt == "int8":
+        q, s = formats.quantize_int8_rows(w, torch.float32)
+        fn, dt, ref_w = (lambda x: matmul.int8_linear(x, q, s)), torch.int8, q.float() * s[:, None]
+        kernel = lambda x: mod.linear_int8(x, q, s)  # noqa: E731
+    else:
+        wb = w.bfloat16()
+        fn, dt, ref_w = (lambda x: lin.linear(x, wb)), torch.bfloat16, wb.float()
+        kernel = lambda x: mod.linear_bf16(x, wb)  # noqa: E731
+    cap = lin.CHUNKED_MAX_ROWS[dt]
+    assert cap > 16
+    x = torch.randn(cap + 8, 256, generator=g)
+    for m in (17, cap):  # chunks of 16 and a partial last one
+        want = torch.cat([kernel(x[i : min(i + 16, m)]) for i in range(0, m, 16)])
+        assert torch.equal(fn(x[:m]), want)
+    alone = fn(x[:cap])
+    calls = []
+    real = lin.in_chunks
+    lin.in_chunks = lambda *a: calls.append(1) or real(*a)
+    try:
+        import qwen35.quant.matmul as mm
+
+        mm.in_chunks = lin.in_chunks
+        above = fn(x)  # past the cap: one GEMM
+        assert not calls
+        fn(x[:cap])
+        assert calls
+    finally:
+        lin.in_chunks = mm.in_chunks = real
+    torch.testing.assert_close(above[:cap], alone, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(above, x @ ref_w.T, atol=2e-3, rtol=2e-3)
+
+
+def test_int8_dequantised_gemm_equals_reference_products():
+    """Past the kernels, int8_linear dequantises into the scratch buffer (copy + in-place scale:
+    the products torch.mul(q, scale) gives, without its slow mixed-dtype loop) before the GEMM."""
+    g = torch.Generator().manual_seed(10)
+    w = torch.randn(64, 160, generator=g) * 0.05
+    for dtype in (torch.float32, torch.bfloat16):
+        q, s = formats.quantize_int8_rows(w, dtype)
+        x = torch.randn(70, 160, generator=g).to(dtype)
+        want = torch.nn.functional.linear(x, torch.mul(q, s[:, None]).to(dtype))
+        assert torch.equal(matmul.int8_linear(x, q, s), want)
+
+
 def test_int4_groups_in_chunks_equal_one_pass():
     g = torch.Generator().manual_seed(6)
     w = (torch.randn(40, 256, generator=g) * torch.rand(40, 1, generator=g)).bfloat16()

@@ -30,6 +30,24 @@ GEMV_MAX_ROWS = {torch.bfloat16: 8, torch.float32: 16}
 # Rows per product the bf16 / int8 / FP8 many-kernels take (one pass of the GEMV kernels'
 # row group, gemv_rows.h kMR); more and their Python wrappers say None.
 MANY_MAX_ROWS = 4
+# fp32 rows past the CPU kernels' 16 that still take them, 16 rows a call, by weight dtype: up to this many rows the chunks beat dequantising /
+# widening the weight + torch's fp32 GEMM (`python bench/chunked_rows.py`, Zen 3: FILL). These are
+# the sizes of a MoE prefill's experts (~T/32 rows each on 35B-A3B); bf16 rows keep their GEMMs.
+CHUNKED_MAX_ROWS = {torch.bfloat16: 48, torch.int8: 32}
+
+
+def chunked(x: torch.Tensor, w_dtype: torch.dtype) -> bool:
+    """Whether fp32 rows x [M, K] on a CPU run a kernel in 16-row chunks (in_chunks) for a
+    weight stored as w_dtype."""
+    return (x.dim() == 2 and x.dtype == torch.float32 and x.is_cpu
+            and x.shape[0] <= CHUNKED_MAX_ROWS.get(w_dtype, 0))  # fmt: skip
+
+
+def in_chunks(fn, x: torch.Tensor, step: int) -> torch.Tensor:
+    """fn(rows) -> [r, N] on x [M, K] (contiguous) in chunks of at most `step` rows, stacked."""
+    if x.shape[0] <= step:
+        return fn(x)
+    return torch.cat([fn(x[i : i + step]) for i in range(0, x.shape[0], step)])
 
 
 def bf16_stored(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -58,6 +76,9 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if (mod := gemv_kernel_for(x, w)) is not None:
         x = x.contiguous()
         return mod.linear_fp32(x, w) if w.dtype == torch.float32 else mod.linear_bf16(x, w)
+    if chunked(x, w.dtype) and (mod := gemv_kernel_for(x[:16], w)) is not None:
+        fn = mod.linear_fp32 if w.dtype == torch.float32 else mod.linear_bf16
+        return in_chunks(lambda v: fn(v, w), x.contiguous(), 16)
     if x.dtype != w.dtype:  # fp32 rows on bf16-stored weights, more rows than the kernel's
         from qwen35.quant.matmul import widened_linear
 
