@@ -70,7 +70,7 @@ def main() -> None:
                         lin.CHUNKED_MAX_ROWS.clear()
                         if on:
                             lin.CHUNKED_MAX_ROWS[dt] = m
-                        t[on].append(median_seconds(lambda: fn(x), a.reps) * 1e3)
+                        t[on].append(median_seconds(lambda fn=fn, x=x: fn(x), a.reps) * 1e3)
                 lin.CHUNKED_MAX_ROWS.clear()
                 lin.CHUNKED_MAX_ROWS.update(saved)
                 c, g = statistics.median(t[True]), statistics.median(t[False])
