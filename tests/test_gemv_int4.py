@@ -323,3 +323,30 @@ def test_int4_linear_dispatch(mod, monkeypatch, dtype, x8):
         assert rel_error(ys[m], ref) < (X8_TOL if x8 else tol), m
     x3 = xs[17].view(1, 17, k)  # leading dims are kept
     assert matmul.int4_linear(x3, packed, sz, group, n, x8).shape == (1, 17, n)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16])
+def test_quantize_kernel_equals_pytorch_twin(mod, wdtype, sdtype):
+    """int4_quantize (what loading with --quantization int4 runs) gives the bits of
+    quantize_int4_groups + pack_int4: every byte and every scale / zero, for the three checkpoint
+    dtypes, groups of 32-256 and odd group tails for the vector loop, groups of zeros (signed
+    too: the 1e-12 floor of the scale), constant and tiny groups, rows of large magnitude."""
+    g = torch.Generator().manual_seed(21)
+    for n, k, group in SHAPES + [(64, 48, 24), (64, 60, 20), (128, 2048, 128)]:
+        w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) * 0.1
+        w[0, :group] = 0.0
+        w[1, :group] = -0.0
+        w[2] = 0.37  # constant groups
+        w[3] *= 1e-30  # tiny
+        w[4] *= 1e4
+        w[5, ::3] = -w[5, ::3].abs()
+        w = w.to(wdtype)
+        q, sz = formats.quantize_int4_groups(w, group, sdtype)
+        packed, sz2 = mod.int4_quantize(w, group, sdtype)
+        assert torch.equal(packed, matmul.pack_int4(q)), (n, k, group)
+        assert sz2.dtype == sdtype and torch.equal(sz2, sz), (n, k, group)
+        got_p, got_sz = matmul.quantize_int4(w, group, sdtype)  # and through the dispatch
+        assert torch.equal(got_p, packed) and torch.equal(got_sz, sz)
+    with pytest.raises(RuntimeError, match="N % 64"):
+        mod.int4_quantize(torch.zeros(63, 128), 128, torch.float32)

@@ -439,3 +439,30 @@ def test_load_peak_is_the_planners_largest_module(ckpt, monkeypatch):
 
     streamed, on_read, _ = _load_both_ways(monkeypatch, ckpt, dtype="bf16", quantization="int4")
     assert on_read.peak == largest_module_bytes(streamed.config)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16])
+def test_int8_quantize_kernel_equals_pytorch_twin(wdtype, sdtype):
+    """gemv_cpu.cpp's int8_quantize (what loading with --quantization int8 / int4 runs for int8
+    matrices and the vocabulary tables) gives quantize_int8_rows' bits: rows of zeros (both
+    signs: the 1e-12 floor), constant, tiny and large rows, odd K for the scalar tail."""
+    from qwen35.kernels import gemv
+
+    mod = gemv.load()
+    if mod is None:
+        pytest.skip("the CPU kernels did not build here (no compiler, or QWEN35_NO_KERNELS)")
+    g = torch.Generator().manual_seed(22)
+    for n, k in [(37, 50), (16, 8), (5, 3), (300, 1024)]:
+        w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)
+        w[0] = 0.0
+        w[1] = -0.0
+        w[2] = -0.61
+        w[3] *= 1e-30
+        w[4] *= 1e4
+        w = w.to(wdtype)
+        q, s = formats.quantize_int8_rows(w, sdtype)
+        q2, s2 = mod.int8_quantize(w, sdtype)
+        assert torch.equal(q2, q) and s2.dtype == sdtype and torch.equal(s2, s), (n, k)
+        q3, s3 = matmul.quantize_int8(w, sdtype)
+        assert torch.equal(q3, q) and torch.equal(s3, s)

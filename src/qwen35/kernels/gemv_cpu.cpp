@@ -1317,7 +1317,81 @@ std::vector<std::string> isa() {  // the fast paths this CPU takes
   return out;
 }
 
+namespace {
+
+// int8_quantize's rows: each to fp32 (exact), amax = max |w|, scale = max(amax / 127, 1e-12)
+// rounded to S, q = clamp(round(w / scale), -127, 127) with round half to even: quant/formats.py
+// quantize_int8_rows op for op (the same fp32 operations, so the same bits)
+template <typename T, typename S>
+void quantize_int8_impl(const T* W, int64_t N, int64_t K, int8_t* Q, S* scale) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(K);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* w = W + n * K;
+      for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(w[k]);
+      float amax = 0.f;
+      int64_t k = 0;
+      if (K >= 8) {
+        __m256 m = _mm256_setzero_ps();
+        for (; k + 8 <= K; k += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(&row[k]), absmask));
+        alignas(32) float m8[8];
+        _mm256_store_ps(m8, m);
+        for (int i = 0; i < 8; ++i) amax = std::max(amax, m8[i]);
+      }
+      for (; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+      const S s = static_cast<S>(std::max(amax / 127.0f, 1e-12f));
+      const float sf = static_cast<float>(s);
+      scale[n] = s;
+      const __m256 sv = _mm256_set1_ps(sf);
+      int8_t* q = Q + n * K;
+      alignas(32) int32_t t[8];
+      for (k = 0; k + 8 <= K; k += 8) {
+        __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(&row[k]), sv),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(t), _mm256_cvtps_epi32(v));
+        for (int i = 0; i < 8; ++i) q[k + i] = static_cast<int8_t>(t[i]);
+      }
+      for (; k < K; ++k)
+        q[k] = static_cast<int8_t>(std::min(std::max(std::nearbyint(row[k] / sf), -127.f), 127.f));
+    }
+  });
+}
+
+template <typename T>
+void quantize_int8_to(const T* W, int64_t N, int64_t K, int8_t* Q, const torch::Tensor& scale) {
+  if (scale.scalar_type() == at::kFloat)
+    quantize_int8_impl(W, N, K, Q, scale.data_ptr<float>());
+  else
+    quantize_int8_impl(W, N, K, Q, scale.data_ptr<at::BFloat16>());
+}
+
+}  // namespace
+
+// w [N, K] (fp32 / bf16 / fp16) -> (q [N, K] int8, scale [N] in scale_dtype: fp32 or bf16)
+std::vector<torch::Tensor> int8_quantize(const torch::Tensor& w, at::ScalarType scale_dtype) {
+  TORCH_CHECK(w.dim() == 2 && w.device().is_cpu(), "int8_quantize: w [N, K] on the CPU");
+  TORCH_CHECK(scale_dtype == at::kFloat || scale_dtype == at::kBFloat16,
+              "int8_quantize: scales fp32 or bf16");
+  const auto wc = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  auto q = torch::empty({N, K}, w.options().dtype(at::kChar));
+  auto scale = torch::empty({N}, w.options().dtype(scale_dtype));
+  int8_t* Q = q.data_ptr<int8_t>();
+  switch (wc.scalar_type()) {
+    case at::kFloat: quantize_int8_to(wc.data_ptr<float>(), N, K, Q, scale); break;
+    case at::kBFloat16: quantize_int8_to(wc.data_ptr<at::BFloat16>(), N, K, Q, scale); break;
+    case at::kHalf: quantize_int8_to(wc.data_ptr<at::Half>(), N, K, Q, scale); break;
+    default: TORCH_CHECK(false, "int8_quantize: w must be fp32, bf16 or fp16");
+  }
+  return {q, scale};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_quantize", &int8_quantize,
+        "w [N, K] -> (q, scale): quant/formats.py quantize_int8_rows");
   m.def("linear_bf16", &linear_bf16, "x [M<=16, K] bf16 or fp32 @ w [N, K] bf16 ^T",
         py::arg("x"), py::arg("w"), py::arg("avx2_only") = false);
   m.def("linear_fp32", &linear_fp32, "x [M<=16, K] fp32 @ w [N, K] fp32 ^T", py::arg("x"),

@@ -49,6 +49,7 @@
 #include "vec_avx2.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -1044,7 +1045,128 @@ void int4_dequant(const torch::Tensor& packed, const torch::Tensor& sz, int64_t 
   }
 }
 
+namespace {
+
+// a weight row [K] (fp32 / bf16 / fp16, exactly) into fp32
+template <typename T>
+void row_to_float(const T* w, int64_t K, float* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(out, w, K * sizeof(float));
+  } else if constexpr (std::is_same_v<T, at::Half>) {
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8)
+      _mm256_storeu_ps(out + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
+    for (; k < K; ++k) out[k] = static_cast<float>(w[k]);
+  } else {
+    for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(w[k]);  // bf16: a shift, exact
+  }
+}
+
+template <typename S>
+inline float round_to(float v) {  // the value as scales_and_zeros' dtype holds it
+  return static_cast<float>(static_cast<S>(v));  // (bf16: round to nearest even, as torch's .to)
+}
+
+// W [N, K] -> packed [N / 64, K, 32] bytes + scales_and_zeros [K / group, N, 2], one 64-row block
+// a task: each row to fp32, per group of `group` inputs lo / hi its min / max, scale = max((hi -
+// lo) / 15, 1e-12) and zero = lo + 8 scale each rounded to S, q = clamp(round((w - zero) / scale
+// + 8), 0, 15) with round half to even: quant/formats.py quantize_int4_groups op for op (the
+// same fp32 operations, so the same bits), then pack_int4's layout.
+template <typename T, typename S>
+void quantize_impl(const T* W, int64_t N, int64_t K, int64_t group, uint8_t* P, S* SZ) {
+  at::parallel_for(0, N / 64, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> row(K);
+    std::vector<uint8_t> q(64 * K);
+    const __m256 eight = _mm256_set1_ps(8.f), fifteen = _mm256_set1_ps(15.f),
+                 zero_v = _mm256_setzero_ps();
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t d = 0; d < 64; ++d) {
+        const int64_t n = b * 64 + d;
+        row_to_float(W + n * K, K, row.data());
+        uint8_t* qd = q.data() + d;  // q [K, 64]: input k's 64 rows together
+        for (int64_t g = 0; g < K / group; ++g) {
+          const float* x = row.data() + g * group;
+          float lo = x[0], hi = x[0];
+          int64_t j0 = 0;
+          if (group >= 8) {
+            __m256 vlo = _mm256_loadu_ps(x), vhi = vlo;
+            for (j0 = 8; j0 + 8 <= group; j0 += 8) {
+              const __m256 v = _mm256_loadu_ps(x + j0);
+              vlo = _mm256_min_ps(vlo, v), vhi = _mm256_max_ps(vhi, v);
+            }
+            alignas(32) float l8[8], h8[8];
+            _mm256_store_ps(l8, vlo), _mm256_store_ps(h8, vhi);
+            for (int i = 0; i < 8; ++i) lo = std::min(lo, l8[i]), hi = std::max(hi, h8[i]);
+          }
+          for (int64_t j = j0; j < group; ++j) lo = std::min(lo, x[j]), hi = std::max(hi, x[j]);
+          const float scale = round_to<S>(std::max((hi - lo) / 15.0f, 1e-12f));
+          const float zero = round_to<S>(lo + 8.0f * scale);  // (8 scale is exact)
+          SZ[(g * N + n) * 2] = static_cast<S>(scale);
+          SZ[(g * N + n) * 2 + 1] = static_cast<S>(zero);
+          const __m256 sv = _mm256_set1_ps(scale), zv = _mm256_set1_ps(zero);
+          int64_t j = 0;
+          for (; j + 8 <= group; j += 8) {
+            __m256 v = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), zv), sv);
+            v = _mm256_round_ps(_mm256_add_ps(v, eight), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            v = _mm256_min_ps(_mm256_max_ps(v, zero_v), fifteen);
+            alignas(32) int32_t t[8];
+            _mm256_store_si256(reinterpret_cast<__m256i*>(t), _mm256_cvtps_epi32(v));
+            for (int i = 0; i < 8; ++i) qd[(g * group + j + i) * 64] = static_cast<uint8_t>(t[i]);
+          }
+          for (; j < group; ++j) {
+            const float v = std::nearbyint((x[j] - zero) / scale + 8.0f);
+            qd[(g * group + j) * 64] = static_cast<uint8_t>(std::min(std::max(v, 0.f), 15.f));
+          }
+        }
+      }
+      uint8_t* out = P + b * K * 32;  // [K, 32]: row d low nibble, row d + 32 high
+      for (int64_t k = 0; k < K; ++k) {  // (q <= 15: shifting 16-bit lanes by 4 stays in bytes)
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.data() + k * 64));
+        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.data() + k * 64 + 32));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k * 32),
+                            _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)));
+      }
+    }
+  });
+}
+
+template <typename T>
+void quantize_to(const T* W, int64_t N, int64_t K, int64_t group, uint8_t* P,
+                 const torch::Tensor& sz) {
+  if (sz.scalar_type() == at::kFloat)
+    quantize_impl(W, N, K, group, P, sz.data_ptr<float>());
+  else
+    quantize_impl(W, N, K, group, P, sz.data_ptr<at::BFloat16>());
+}
+
+}  // namespace
+
+// w [N, K] (fp32 / bf16 / fp16; N % 64 == 0, K % group == 0) -> (packed [N, K/2] uint8, this
+// file's layout; scales_and_zeros [K / group, N, 2] in sz_dtype: fp32 or bf16)
+std::vector<torch::Tensor> int4_quantize(const torch::Tensor& w, int64_t group,
+                                         at::ScalarType sz_dtype) {
+  TORCH_CHECK(w.dim() == 2 && w.device().is_cpu(), "int4_quantize: w [N, K] on the CPU");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(N % 64 == 0 && group > 0 && K % group == 0 && K % 2 == 0,
+              "int4_quantize: N % 64 == 0 and K % group == 0");
+  TORCH_CHECK(sz_dtype == at::kFloat || sz_dtype == at::kBFloat16,
+              "int4_quantize: scales_and_zeros fp32 or bf16");
+  const auto wc = w.contiguous();
+  auto packed = torch::empty({N, K / 2}, w.options().dtype(at::kByte));
+  auto sz = torch::empty({K / group, N, 2}, w.options().dtype(sz_dtype));
+  uint8_t* P = packed.data_ptr<uint8_t>();
+  switch (wc.scalar_type()) {
+    case at::kFloat: quantize_to(wc.data_ptr<float>(), N, K, group, P, sz); break;
+    case at::kBFloat16: quantize_to(wc.data_ptr<at::BFloat16>(), N, K, group, P, sz); break;
+    case at::kHalf: quantize_to(wc.data_ptr<at::Half>(), N, K, group, P, sz); break;
+    default: TORCH_CHECK(false, "int4_quantize: w must be fp32, bf16 or fp16");
+  }
+  return {packed, sz};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_quantize", &int4_quantize,
+        "w [N, K] -> (packed, scales_and_zeros): quant/formats.py quantize_int4_groups + pack_int4");
   m.def("linear_int4", &linear_int4, "x [M, K] @ W^T, W in torch's packed CPU int4 layout",
         py::arg("x"), py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("n"),
         py::arg("avx2_only") = false, py::arg("x8") = false);

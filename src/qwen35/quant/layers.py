@@ -68,7 +68,7 @@ class Int8Linear(Linear):
 
     @classmethod
     def quantize(cls, w: torch.Tensor, dtype) -> Int8Linear:
-        return cls(*formats.quantize_int8_rows(w, dtype))
+        return cls(*matmul.quantize_int8(w, dtype))
 
     def dequantized(self, dtype) -> torch.Tensor:
         return formats.dequantize_int8_rows(self.weight, self.weight_scale, dtype)
@@ -97,8 +97,7 @@ class Int4Linear(Linear):
 
     @classmethod
     def quantize(cls, w: torch.Tensor, group: int, dtype) -> Int4Linear:
-        q, sz = formats.quantize_int4_groups(w, group, dtype)
-        return cls(matmul.pack_int4(q), sz, group, w.shape[0])
+        return cls(*matmul.quantize_int4(w, group, dtype), group, w.shape[0])
 
     def dequantized(self, dtype) -> torch.Tensor:
         q = matmul.unpack_int4(self.weight, self.out_features, self.in_features)

@@ -283,6 +283,36 @@ def int4_linear_many(xs: list, layers: list) -> torch.Tensor | None:
 INT4_ROW_BLOCK = 64  # our int4 layout interleaves rows in blocks of 64 (torch's with AVX512)
 
 
+def quantize_int8(w: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q [N, K] int8, scale [N] in dtype): our `int8_quantize` kernel where it
+    runs (as quantize_int4), else formats.quantize_int8_rows (the same bits: tested)."""
+    from qwen35.kernels import gemv
+
+    mod = gemv.load() if w.is_cpu and w.dim() == 2 else None
+    if (mod is not None and dtype in (torch.float32, torch.bfloat16)
+            and w.dtype in (torch.float32, torch.bfloat16, torch.float16)):  # fmt: skip
+        q, scale = mod.int8_quantize(w, dtype)
+        return q, scale
+    return formats.quantize_int8_rows(w, dtype)
+
+
+def quantize_int4(w: torch.Tensor, group: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (packed [N, K/2] uint8, scales_and_zeros [K/group, N, 2] in dtype): our
+    `int4_quantize` kernel where it runs (CPU, fp32 / bf16 / fp16 weights, fp32 / bf16 scales),
+    else its PyTorch twin formats.quantize_int4_groups + pack_int4 (the same bits: tested). The
+    kernel is what makes loading with `--quantization int4` bound by the reading, not by this:
+    1024 x 2048 bf16 in ~2 ms vs ~10-14 (Zen 3, 2 threads; Qwen3.5-35B-A3B is 17,000 of them)."""
+    from qwen35.kernels import gemv
+
+    mod = gemv.load_int4() if w.is_cpu else None
+    if (mod is not None and dtype in (torch.float32, torch.bfloat16)
+            and w.dtype in (torch.float32, torch.bfloat16, torch.float16)):  # fmt: skip
+        packed, sz = mod.int4_quantize(w, group, dtype)
+        return packed, sz
+    q, sz = formats.quantize_int4_groups(w, group, dtype)
+    return pack_int4(q), sz
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """q [N, K] int32 in [0, 15] (N % 64 == 0) -> [N, K/2] uint8: per block of 64 rows the
     bytes are K-major, row d in the low nibble and row d + 32 in the high one. That is torch's
