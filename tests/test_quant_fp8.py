@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from qwen35.loader import build_model, load_model
 from qwen35.plan.params import weight_bytes
+from qwen35.quant import formats, matmul
 from qwen35.quant.checkpoint import convert_checkpoint
 from qwen35.quant.layers import Fp8Experts, Fp8Linear
 from qwen35.weights import CheckpointError
@@ -256,3 +257,43 @@ def test_fp8_checkpoint_to_int_while_reading_equals_after(fp8_pair, fmt, monkeyp
     )
     _assert_same_tensors(streamed, after)
     assert on_read.allocated > 0 and on_read.peak <= on_read.allocated / 2
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sdtype", [torch.bfloat16, torch.float32])
+def test_fp8_quantize_kernel_equals_pytorch_twin(wdtype, sdtype):
+    """fp8_cpu.cpp's fp8_quantize (qwen35 quantize --to fp8 and in-memory FP8 on a CPU) gives
+    quantize_fp8_blocks' bits: partial blocks, other block shapes, zero / tiny / large rows; and
+    its 8-lane e4m3 conversion equals torch's cast on every value class (subnormals, the
+    rounding boundaries, both signs, zeros, +-448)."""
+    from qwen35.kernels import fp8 as fp8_kernel
+
+    mod = fp8_kernel.load()
+    if mod is None:
+        pytest.skip("no compiler / AVX2 + F16C here: the PyTorch formula runs instead")
+    g = torch.Generator().manual_seed(23)
+    for n, k, blk in [(128, 128, (128, 128)), (70, 333, (128, 128)), (300, 1000, (128, 128)),
+                      (64, 96, (32, 48)), (9, 7, (4, 3))]:  # fmt: skip
+        w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)
+        w[0, : k // 2] = 0.0
+        w[1] = -0.0
+        w[2] *= 1e-6
+        w[3] *= 1e4
+        w = w.to(wdtype)
+        q, s = formats.quantize_fp8_blocks(w, blk, sdtype)
+        q2, s2 = mod.fp8_quantize(w, blk[0], blk[1], sdtype)
+        assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)), (n, k, blk)
+        assert s2.dtype == sdtype and torch.equal(s2, s), (n, k, blk)
+        q3, s3 = matmul.quantize_fp8(w, blk, sdtype)
+        assert torch.equal(q3.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s3, s)
+    # one block whose amax is 448: scale 1, so q is the cast of the values themselves
+    sub = torch.arange(0, 2**-6, 2**-12)  # e4m3 subnormals and the halfway points between them
+    x = torch.cat([torch.linspace(-448, 448, 40001), torch.logspace(-12, 2.65, 20000),
+                   -torch.logspace(-12, 2.65, 20000), sub, -sub, sub + 2**-13,
+                   torch.tensor([0.0, -0.0, 2**-6, 2**-7, 2**-9, 2**-10, 1.5 * 2**-10, 447.9, 448.0,
+                                 -448.0, 0.9999, 1.0625, 1.1875])])  # fmt: skip
+    x = torch.cat([x, torch.zeros(-x.numel() % 8)]).reshape(1, -1)
+    got, scale = mod.fp8_quantize(x, 1, x.shape[1], torch.float32)
+    want = x.clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert float(scale) == 1.0
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))

@@ -26,10 +26,12 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include "torch_ext.h"
+#include <c10/util/Float8_e4m3fn.h>
 
 #include "cpu_isa.h"
 #include "gemv_rows.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -279,7 +281,136 @@ void fp8_dequant(torch::Tensor w, torch::Tensor scale, torch::Tensor out, int64_
   }
 }
 
+namespace {
+
+template <typename T>
+inline float to_f(T v) {
+  return static_cast<float>(v);
+}
+
+// fp32 -> e4m3fn bits for 8 values of at most 448 in magnitude (or NaN), rounded to nearest even:
+// c10's fp8e4m3fn_from_fp32_value (torch's .to(float8_e4m3fn)) in 8 lanes, step for step
+inline __m128i e4m3_bits8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i sign = _mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m256i f = _mm256_xor_si256(bits, sign);  // |v|
+  // below 2^-6 (e4m3's smallest normal): add 2^-5 * 2^... (c10's denorm_mask, 141 << 23) in fp32,
+  // the low byte of the sum's bits minus the mask's is the subnormal (or zero) code
+  const __m256i denorm_mask = _mm256_set1_epi32(141 << 23);
+  const __m256i sub = _mm256_sub_epi32(
+      _mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(f), _mm256_castsi256_ps(denorm_mask))),
+      denorm_mask);
+  // normal: rebias the exponent, round half to even on bit 20, take bits 20..27
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(f, 20), _mm256_set1_epi32(1));
+  const __m256i nrm = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(f, _mm256_set1_epi32(static_cast<int>(
+                                               (static_cast<uint32_t>(7 - 127) << 23) + 0x7FFFF))),
+                       odd),
+      20);
+  const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(121 << 23), f);  // f < 2^-6 (f >= 0)
+  const __m256i nan = _mm256_cmpgt_epi32(f, _mm256_set1_epi32((1087 << 20) - 1));  // c10: 0x7f
+  __m256i r = _mm256_blendv_epi8(nrm, sub, small);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7f), nan);
+  r = _mm256_or_si256(_mm256_and_si256(r, _mm256_set1_epi32(0xff)), _mm256_srli_epi32(sign, 24));
+  // 8 int32 (each < 256) -> 8 bytes
+  const __m256i p16 = _mm256_packus_epi32(r, r);  // [a0..3 a0..3 | a4..7 a4..7] as u16
+  const __m256i p8 = _mm256_packus_epi16(p16, p16);
+  return _mm_unpacklo_epi32(_mm256_castsi256_si128(p8), _mm256_extracti128_si256(p8, 1));
+}
+
+// quant/formats.py quantize_fp8_blocks op for op: per bo x bi block amax = max |w| (fp32),
+// scale = max(amax / 448, 1e-12) rounded to S, q = e4m3(clamp(w / scale, -448, 448))
+template <typename T, typename S>
+void fp8_quantize_impl(const T* W, int64_t N, int64_t K, int64_t bo, int64_t bi, uint8_t* Q,
+                       S* SC) {
+  const int64_t nbo = (N + bo - 1) / bo, nbi = (K + bi - 1) / bi;
+  at::parallel_for(0, nbo, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> row(K), amax(nbi), sf(nbi);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 lim = _mm256_set1_ps(448.f), nlim = _mm256_set1_ps(-448.f);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * bo, r1 = std::min(N, r0 + bo);
+      std::fill(amax.begin(), amax.end(), 0.f);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t k = 0; k < K; ++k) row[k] = to_f(W[r * K + k]);
+        for (int64_t c = 0; c < nbi; ++c) {
+          const int64_t k0 = c * bi, k1 = std::min(K, k0 + bi);
+          float m = amax[c];
+          int64_t k = k0;
+          if (k1 - k0 >= 8) {
+            __m256 mv = _mm256_setzero_ps();
+            for (; k + 8 <= k1; k += 8) mv = _mm256_max_ps(mv, _mm256_and_ps(_mm256_loadu_ps(&row[k]), absmask));
+            alignas(32) float m8[8];
+            _mm256_store_ps(m8, mv);
+            for (int i = 0; i < 8; ++i) m = std::max(m, m8[i]);
+          }
+          for (; k < k1; ++k) m = std::max(m, std::fabs(row[k]));
+          amax[c] = m;
+        }
+      }
+      for (int64_t c = 0; c < nbi; ++c) {
+        const S s = static_cast<S>(std::max(amax[c] / 448.0f, 1e-12f));
+        SC[b * nbi + c] = s;
+        sf[c] = static_cast<float>(s);
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t k = 0; k < K; ++k) row[k] = to_f(W[r * K + k]);
+        uint8_t* q = Q + r * K;
+        for (int64_t c = 0; c < nbi; ++c) {
+          const int64_t k0 = c * bi, k1 = std::min(K, k0 + bi);
+          const __m256 sv = _mm256_set1_ps(sf[c]);
+          int64_t k = k0;
+          for (; k + 8 <= k1; k += 8) {
+            __m256 v = _mm256_div_ps(_mm256_loadu_ps(&row[k]), sv);
+            v = _mm256_min_ps(lim, _mm256_max_ps(nlim, v));  // (a NaN stays NaN: e4m3's 0x7f)
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), e4m3_bits8(v));
+          }
+          for (; k < k1; ++k) {
+            const float v = std::min(std::max(row[k] / sf[c], -448.f), 448.f);
+            q[k] = c10::Float8_e4m3fn(v).x;
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void fp8_quantize_to(const T* W, int64_t N, int64_t K, int64_t bo, int64_t bi, uint8_t* Q,
+                     const torch::Tensor& scale) {
+  if (scale.scalar_type() == at::kFloat)
+    fp8_quantize_impl(W, N, K, bo, bi, Q, scale.data_ptr<float>());
+  else
+    fp8_quantize_impl(W, N, K, bo, bi, Q, scale.data_ptr<at::BFloat16>());
+}
+
+}  // namespace
+
+// w [N, K] (fp32 / bf16 / fp16) -> (q [N, K] float8_e4m3fn, scale_inv [ceil(N/bo), ceil(K/bi)]
+// in scale_dtype: bf16 or fp32)
+std::vector<torch::Tensor> fp8_quantize(const torch::Tensor& w, int64_t bo, int64_t bi,
+                                        at::ScalarType scale_dtype) {
+  TORCH_CHECK(w.dim() == 2 && w.device().is_cpu() && bo > 0 && bi > 0,
+              "fp8_quantize: w [N, K] on the CPU, positive block sizes");
+  TORCH_CHECK(scale_dtype == at::kFloat || scale_dtype == at::kBFloat16,
+              "fp8_quantize: scales fp32 or bf16");
+  const auto wc = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  auto q = torch::empty({N, K}, w.options().dtype(at::kFloat8_e4m3fn));
+  auto scale = torch::empty({(N + bo - 1) / bo, (K + bi - 1) / bi}, w.options().dtype(scale_dtype));
+  auto* Q = reinterpret_cast<uint8_t*>(q.data_ptr());
+  switch (wc.scalar_type()) {
+    case at::kFloat: fp8_quantize_to(wc.data_ptr<float>(), N, K, bo, bi, Q, scale); break;
+    case at::kBFloat16: fp8_quantize_to(wc.data_ptr<at::BFloat16>(), N, K, bo, bi, Q, scale); break;
+    case at::kHalf: fp8_quantize_to(wc.data_ptr<at::Half>(), N, K, bo, bi, Q, scale); break;
+    default: TORCH_CHECK(false, "fp8_quantize: w must be fp32, bf16 or fp16");
+  }
+  return {q, scale};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fp8_quantize", &fp8_quantize,
+        "w [N, K] -> (q e4m3, block scales): quant/formats.py quantize_fp8_blocks");
   m.def("fp8_linear", &fp8_linear, "x [M, K] @ dequant(w [N, K] fp8, block scales)^T",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bo"), py::arg("bi"),
         py::arg("avx2_only") = false);

@@ -27,7 +27,7 @@ import torch
 from qwen35.config import ModelConfig
 from qwen35.errors import Qwen35Error
 from qwen35.lora import LoraAdapter
-from qwen35.quant import formats
+from qwen35.quant import formats, matmul
 from qwen35.quant.apply import fp8_rule
 from qwen35.weights import _ST_DTYPES
 
@@ -64,13 +64,13 @@ def scale_name(key: str, kind: str) -> str:
 
 def _quantize(key: str, t: torch.Tensor, kind: str, cfg: ModelConfig):
     if kind == "linear":
-        return formats.quantize_fp8_blocks(t)
+        return matmul.quantize_fp8(t)
     if key.endswith("gate_up_proj") and cfg.moe_intermediate_size % formats.BLOCK:
         raise Qwen35Error(
             f"{key}: fused experts with moe_intermediate_size {cfg.moe_intermediate_size} "
             f"(not a multiple of {formats.BLOCK}) cannot share FP8 blocks between gate and up"
         )
-    qs = [formats.quantize_fp8_blocks(t[e]) for e in range(t.shape[0])]
+    qs = [matmul.quantize_fp8(t[e]) for e in range(t.shape[0])]
     return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
 
 

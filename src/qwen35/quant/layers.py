@@ -44,7 +44,7 @@ class Fp8Linear(Linear):
     @classmethod
     def quantize(cls, w: torch.Tensor, block=(128, 128)) -> Fp8Linear:
         m = cls(w.shape[1], w.shape[0], block, device=w.device)
-        q, s = formats.quantize_fp8_blocks(w, block)
+        q, s = matmul.quantize_fp8(w, block)
         m.weight.data, m.weight_scale_inv.data = q, s.float()
         return m
 
@@ -161,13 +161,11 @@ class Fp8Experts(Experts):
         m = cls(E, H, I, block, device=ex.gate_up_proj.device)
         for e in range(E):
             for half in (0, 1):
-                q, s = formats.quantize_fp8_blocks(
-                    ex.gate_up_proj[e, half * I : (half + 1) * I], block
-                )
+                q, s = matmul.quantize_fp8(ex.gate_up_proj[e, half * I : (half + 1) * I], block)
                 nb = s.shape[0]
                 m.gate_up_proj.data[e, half * I : (half + 1) * I] = q
                 m.gate_up_proj_scale_inv.data[e, half * nb : (half + 1) * nb] = s.float()
-            q, s = formats.quantize_fp8_blocks(ex.down_proj[e], block)
+            q, s = matmul.quantize_fp8(ex.down_proj[e], block)
             m.down_proj.data[e], m.down_proj_scale_inv.data[e] = q, s.float()
         return m
 

@@ -283,6 +283,21 @@ def int4_linear_many(xs: list, layers: list) -> torch.Tensor | None:
 INT4_ROW_BLOCK = 64  # our int4 layout interleaves rows in blocks of 64 (torch's with AVX512)
 
 
+def quantize_fp8(w: torch.Tensor, block=(formats.BLOCK, formats.BLOCK),
+                 scale_dtype=torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """formats.quantize_fp8_blocks(w, block, scale_dtype) by fp8_cpu.cpp's `fp8_quantize`
+    where it runs (CPU weights of fp32 / bf16 / fp16, bf16 / fp32 scales; the same bits for
+    finite weights: tested), e.g. `qwen35 quantize --to fp8`: 1024 x 2048 in ~0.7 ms vs ~4."""
+    from qwen35.kernels import fp8 as kern
+
+    mod = kern.load() if w.is_cpu and w.dim() == 2 else None
+    if (mod is not None and scale_dtype in (torch.float32, torch.bfloat16)
+            and w.dtype in (torch.float32, torch.bfloat16, torch.float16)):  # fmt: skip
+        q, scale = mod.fp8_quantize(w, block[0], block[1], scale_dtype)
+        return q, scale
+    return formats.quantize_fp8_blocks(w, block, scale_dtype)
+
+
 def quantize_int8(w: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (q [N, K] int8, scale [N] in dtype): our `int8_quantize` kernel where it
     runs (as quantize_int4), else formats.quantize_int8_rows (the same bits: tested)."""
