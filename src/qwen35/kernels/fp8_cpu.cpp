@@ -326,7 +326,6 @@ void fp8_quantize_impl(const T* W, int64_t N, int64_t K, int64_t bo, int64_t bi,
   const int64_t nbo = (N + bo - 1) / bo, nbi = (K + bi - 1) / bi;
   at::parallel_for(0, nbo, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> row(K), amax(nbi), sf(nbi);
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 lim = _mm256_set1_ps(448.f), nlim = _mm256_set1_ps(-448.f);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * bo, r1 = std::min(N, r0 + bo);
@@ -334,18 +333,8 @@ void fp8_quantize_impl(const T* W, int64_t N, int64_t K, int64_t bo, int64_t bi,
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t k = 0; k < K; ++k) row[k] = to_f(W[r * K + k]);
         for (int64_t c = 0; c < nbi; ++c) {
-          const int64_t k0 = c * bi, k1 = std::min(K, k0 + bi);
-          float m = amax[c];
-          int64_t k = k0;
-          if (k1 - k0 >= 8) {
-            __m256 mv = _mm256_setzero_ps();
-            for (; k + 8 <= k1; k += 8) mv = _mm256_max_ps(mv, _mm256_and_ps(_mm256_loadu_ps(&row[k]), absmask));
-            alignas(32) float m8[8];
-            _mm256_store_ps(m8, mv);
-            for (int i = 0; i < 8; ++i) m = std::max(m, m8[i]);
-          }
-          for (; k < k1; ++k) m = std::max(m, std::fabs(row[k]));
-          amax[c] = m;
+          const int64_t k0 = c * bi;
+          amax[c] = gemv_rows::abs_max(&row[k0], std::min(K, k0 + bi) - k0, amax[c]);
         }
       }
       for (int64_t c = 0; c < nbi; ++c) {

@@ -1326,28 +1326,19 @@ template <typename T, typename S>
 void quantize_int8_impl(const T* W, int64_t N, int64_t K, int8_t* Q, S* scale) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> row(K);
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
     for (int64_t n = n0; n < n1; ++n) {
       const T* w = W + n * K;
       for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(w[k]);
-      float amax = 0.f;
-      int64_t k = 0;
-      if (K >= 8) {
-        __m256 m = _mm256_setzero_ps();
-        for (; k + 8 <= K; k += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(&row[k]), absmask));
-        alignas(32) float m8[8];
-        _mm256_store_ps(m8, m);
-        for (int i = 0; i < 8; ++i) amax = std::max(amax, m8[i]);
-      }
-      for (; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+      const float amax = gemv_rows::abs_max(row.data(), K, 0.f);
       const S s = static_cast<S>(std::max(amax / 127.0f, 1e-12f));
       const float sf = static_cast<float>(s);
       scale[n] = s;
       const __m256 sv = _mm256_set1_ps(sf);
       int8_t* q = Q + n * K;
       alignas(32) int32_t t[8];
-      for (k = 0; k + 8 <= K; k += 8) {
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) {
         __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(&row[k]), sv),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);

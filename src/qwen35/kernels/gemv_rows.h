@@ -60,6 +60,19 @@ inline float hmax8(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
+// max(m, |x[0]|, ..., |x[n - 1]|) (no NaNs; exact in any order): the quantizers' amax
+inline float abs_max(const float* x, int64_t n, float m) {
+  int64_t k = 0;
+  if (n >= 8) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 v = _mm256_setzero_ps();
+    for (; k + 8 <= n; k += 8) v = _mm256_max_ps(v, _mm256_and_ps(_mm256_loadu_ps(x + k), absmask));
+    m = std::max(m, hmax8(v));
+  }
+  for (; k < n; ++k) m = std::max(m, std::fabs(x[k]));
+  return m;
+}
+
 // One group of n inputs rounded to 16-bit integers for the AVX2 integer GEMVs (int8 in
 // gemv_cpu.cpp, int4 in int4_cpu.cpp): q[k] = round(x[k] / xs) (nearest even, as torch.round),
 // |q| <= qmax, and returns xs = amax / qmax. A group with a NaN or an inf returns NaN (its outputs
