@@ -524,3 +524,29 @@ def test_warns_before_loading_more_than_the_machine_has(tmp_path, monkeypatch, c
     with caplog.at_level(logging.WARNING, logger="qwen35.loader"):
         loader.load_model(tmp_path, dtype="bf16", quantization=quantization)
     assert not [r for r in caplog.records if "is available" in r.getMessage()]
+
+
+def test_large_random_tensors_are_drawn_in_chunks_independent_of_threads(monkeypatch):
+    """init_random_ draws a large CPU matrix chunk by chunk on torch's threads, each chunk from
+    its own seeded generator: the same values at 1 and 2 threads and at every call with the seed,
+    other values with another seed, N(0, 0.02), and no two chunks alike."""
+    import qwen35.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "RANDOM_CHUNK", 1000)
+    threads = torch.get_num_threads()
+
+    def draw(seed, n_threads):
+        torch.set_num_threads(n_threads)
+        p = torch.empty(11, 500, dtype=torch.bfloat16)  # 5.5 chunks
+        loader_mod.init_random_({"model.layers.0.mlp.up_proj.weight": p}, seed=seed)
+        return p
+
+    try:
+        a, b, c = draw(3, 1), draw(3, 2), draw(4, 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    flat = a.float().view(-1)
+    assert abs(flat.std().item() - 0.02) < 0.002 and abs(flat.mean().item()) < 0.002
+    chunks = flat[:5000].view(5, 1000)
+    assert all(not torch.equal(chunks[i], chunks[j]) for i in range(5) for j in range(i + 1, 5))
