@@ -259,7 +259,7 @@ def test_int8_rows_in_chunks_equal_one_pass(dtype):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "bf16"])
-def test_fp32_rows_past_the_kernel_run_it_in_chunks(fmt):
+def test_fp32_rows_past_the_kernel_run_it_in_chunks(fmt, monkeypatch):
     """fp32 rows past the CPU kernels' 16, up to CHUNKED_MAX_ROWS (the rows of a MoE prefill's
     experts), take the kernel 16 rows a call: the bits of those calls; past the cap, the
     dequantised / widened weight and torch's GEMM, close to the same products."""
@@ -288,17 +288,13 @@ def test_fp32_rows_past_the_kernel_run_it_in_chunks(fmt):
     alone = fn(x[:cap])
     calls = []
     real = lin.in_chunks
-    lin.in_chunks = lambda *a: calls.append(1) or real(*a)
-    try:
-        import qwen35.quant.matmul as mm
-
-        mm.in_chunks = lin.in_chunks
-        above = fn(x)  # past the cap: one GEMM
-        assert not calls
-        fn(x[:cap])
-        assert calls
-    finally:
-        lin.in_chunks = mm.in_chunks = real
+    counted = lambda *a: calls.append(1) or real(*a)  # noqa: E731
+    monkeypatch.setattr(lin, "in_chunks", counted)
+    monkeypatch.setattr(matmul, "in_chunks", counted)
+    above = fn(x)  # past the cap: one GEMM
+    assert not calls
+    fn(x[:cap])
+    assert calls
     torch.testing.assert_close(above[:cap], alone, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(above, x @ ref_w.T, atol=2e-3, rtol=2e-3)
 

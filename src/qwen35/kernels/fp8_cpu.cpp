@@ -283,11 +283,6 @@ void fp8_dequant(torch::Tensor w, torch::Tensor scale, torch::Tensor out, int64_
 
 namespace {
 
-template <typename T>
-inline float to_f(T v) {
-  return static_cast<float>(v);
-}
-
 // fp32 -> e4m3fn bits for 8 values of at most 448 in magnitude (or NaN), rounded to nearest even:
 // c10's fp8e4m3fn_from_fp32_value (torch's .to(float8_e4m3fn)) in 8 lanes, step for step
 inline __m128i e4m3_bits8(__m256 v) {
@@ -331,7 +326,7 @@ void fp8_quantize_impl(const T* W, int64_t N, int64_t K, int64_t bo, int64_t bi,
       const int64_t r0 = b * bo, r1 = std::min(N, r0 + bo);
       std::fill(amax.begin(), amax.end(), 0.f);
       for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t k = 0; k < K; ++k) row[k] = to_f(W[r * K + k]);
+        gemv_rows::row_to_float(W + r * K, K, row.data());
         for (int64_t c = 0; c < nbi; ++c) {
           const int64_t k0 = c * bi;
           amax[c] = gemv_rows::abs_max(&row[k0], std::min(K, k0 + bi) - k0, amax[c]);
@@ -343,7 +338,7 @@ void fp8_quantize_impl(const T* W, int64_t N, int64_t K, int64_t bo, int64_t bi,
         sf[c] = static_cast<float>(s);
       }
       for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t k = 0; k < K; ++k) row[k] = to_f(W[r * K + k]);
+        gemv_rows::row_to_float(W + r * K, K, row.data());
         uint8_t* q = Q + r * K;
         for (int64_t c = 0; c < nbi; ++c) {
           const int64_t k0 = c * bi, k1 = std::min(K, k0 + bi);

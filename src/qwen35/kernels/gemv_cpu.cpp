@@ -1328,8 +1328,7 @@ void quantize_int8_impl(const T* W, int64_t N, int64_t K, int8_t* Q, S* scale) {
     std::vector<float> row(K);
     const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
     for (int64_t n = n0; n < n1; ++n) {
-      const T* w = W + n * K;
-      for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(w[k]);
+      gemv_rows::row_to_float(W + n * K, K, row.data());
       const float amax = gemv_rows::abs_max(row.data(), K, 0.f);
       const S s = static_cast<S>(std::max(amax / 127.0f, 1e-12f));
       const float sf = static_cast<float>(s);

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace gemv_rows {
@@ -58,6 +59,15 @@ inline float hmax8(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// a weight row w [K] (fp32 / bf16 / fp16) into fp32, exactly: the quantizers' input
+template <typename T>
+inline void row_to_float(const T* w, int64_t K, float* out) {
+  if constexpr (std::is_same_v<T, float>)
+    std::memcpy(out, w, K * sizeof(float));
+  else
+    for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(w[k]);
 }
 
 // max(m, |x[0]|, ..., |x[n - 1]|) (no NaNs; exact in any order): the quantizers' amax

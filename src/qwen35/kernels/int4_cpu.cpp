@@ -1047,21 +1047,6 @@ void int4_dequant(const torch::Tensor& packed, const torch::Tensor& sz, int64_t 
 
 namespace {
 
-// a weight row [K] (fp32 / bf16 / fp16, exactly) into fp32
-template <typename T>
-void row_to_float(const T* w, int64_t K, float* out) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(out, w, K * sizeof(float));
-  } else if constexpr (std::is_same_v<T, at::Half>) {
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8)
-      _mm256_storeu_ps(out + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
-    for (; k < K; ++k) out[k] = static_cast<float>(w[k]);
-  } else {
-    for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(w[k]);  // bf16: a shift, exact
-  }
-}
-
 template <typename S>
 inline float round_to(float v) {  // the value as scales_and_zeros' dtype holds it
   return static_cast<float>(static_cast<S>(v));  // (bf16: round to nearest even, as torch's .to)
@@ -1082,7 +1067,7 @@ void quantize_impl(const T* W, int64_t N, int64_t K, int64_t group, uint8_t* P, 
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t d = 0; d < 64; ++d) {
         const int64_t n = b * 64 + d;
-        row_to_float(W + n * K, K, row.data());
+        gemv_rows::row_to_float(W + n * K, K, row.data());
         uint8_t* qd = q.data() + d;  // q [K, 64]: input k's 64 rows together
         for (int64_t g = 0; g < K / group; ++g) {
           const float* x = row.data() + g * group;

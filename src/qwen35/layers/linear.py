@@ -30,9 +30,12 @@ GEMV_MAX_ROWS = {torch.bfloat16: 8, torch.float32: 16}
 # Rows per product the bf16 / int8 / FP8 many-kernels take (one pass of the GEMV kernels'
 # row group, gemv_rows.h kMR); more and their Python wrappers say None.
 MANY_MAX_ROWS = 4
-# fp32 rows past the CPU kernels' 16 that still take them, 16 rows a call, by weight dtype: up to this many rows the chunks beat dequantising /
-# widening the weight + torch's fp32 GEMM (`python bench/chunked_rows.py`, Zen 3: FILL). These are
-# the sizes of a MoE prefill's experts (~T/32 rows each on 35B-A3B); bf16 rows keep their GEMMs.
+# fp32 rows past the CPU kernels' 16 that still take them, 16 rows a call, by weight dtype: up to
+# this many rows the chunks beat dequantising / widening the weight + torch's fp32 GEMM (`python
+# bench/chunked_rows.py`, Zen 3, 2 threads, 1024 x 2048 / 2048 x 512: int8 1.80x / 1.38x at 24
+# rows, 1.36x / 1.02x at 32, 0.91x at 48; bf16-stored 1.31x / 1.10x at 48, 0.91x at 64; fp32
+# weights and the AVX2 FP8 kernel lose from 24-32 rows and are not chunked). These are the sizes
+# of a MoE prefill's experts (~T/32 rows each on 35B-A3B); bf16 rows keep their GEMMs.
 CHUNKED_MAX_ROWS = {torch.bfloat16: 48, torch.int8: 32}
 
 

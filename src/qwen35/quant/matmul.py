@@ -85,11 +85,10 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block) -> 
     mod = kern.load()
     if (
         mod is not None
-        and (x2.shape[0] <= kern.MAX_ROWS or chunked(x2, w.dtype))
+        and x2.shape[0] <= kern.MAX_ROWS
         and x.dtype in (torch.bfloat16, torch.float32)
     ):
-        y = in_chunks(lambda v: mod.fp8_linear(v, w, scale, block[0], block[1]),
-                      x2.contiguous(), kern.MAX_ROWS)  # fmt: skip
+        y = mod.fp8_linear(x2.contiguous(), w, scale, block[0], block[1])
     else:
         buf = scratch(tuple(w.shape), x.dtype, x.device)
         if mod is not None and x.dtype in (torch.bfloat16, torch.float32):
@@ -283,6 +282,14 @@ def int4_linear_many(xs: list, layers: list) -> torch.Tensor | None:
 INT4_ROW_BLOCK = 64  # our int4 layout interleaves rows in blocks of 64 (torch's with AVX512)
 
 
+def _quantizer(load, w: torch.Tensor, scale_dtype):
+    """The kernel module load() gives where its C++ quantizer takes w: a CPU matrix of fp32 /
+    bf16 / fp16 weights, scales in fp32 or bf16; else None (the PyTorch formula runs)."""
+    takes = (w.is_cpu and w.dim() == 2 and scale_dtype in (torch.float32, torch.bfloat16)
+             and w.dtype in (torch.float32, torch.bfloat16, torch.float16))  # fmt: skip
+    return load() if takes else None
+
+
 def quantize_fp8(w: torch.Tensor, block=(formats.BLOCK, formats.BLOCK),
                  scale_dtype=torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
     """formats.quantize_fp8_blocks(w, block, scale_dtype) by fp8_cpu.cpp's `fp8_quantize`
@@ -290,11 +297,8 @@ def quantize_fp8(w: torch.Tensor, block=(formats.BLOCK, formats.BLOCK),
     finite weights: tested), e.g. `qwen35 quantize --to fp8`: 1024 x 2048 in ~0.7 ms vs ~4."""
     from qwen35.kernels import fp8 as kern
 
-    mod = kern.load() if w.is_cpu and w.dim() == 2 else None
-    if (mod is not None and scale_dtype in (torch.float32, torch.bfloat16)
-            and w.dtype in (torch.float32, torch.bfloat16, torch.float16)):  # fmt: skip
-        q, scale = mod.fp8_quantize(w, block[0], block[1], scale_dtype)
-        return q, scale
+    if (mod := _quantizer(kern.load, w, scale_dtype)) is not None:
+        return tuple(mod.fp8_quantize(w, block[0], block[1], scale_dtype))
     return formats.quantize_fp8_blocks(w, block, scale_dtype)
 
 
@@ -303,11 +307,8 @@ def quantize_int8(w: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     runs (as quantize_int4), else formats.quantize_int8_rows (the same bits: tested)."""
     from qwen35.kernels import gemv
 
-    mod = gemv.load() if w.is_cpu and w.dim() == 2 else None
-    if (mod is not None and dtype in (torch.float32, torch.bfloat16)
-            and w.dtype in (torch.float32, torch.bfloat16, torch.float16)):  # fmt: skip
-        q, scale = mod.int8_quantize(w, dtype)
-        return q, scale
+    if (mod := _quantizer(gemv.load, w, dtype)) is not None:
+        return tuple(mod.int8_quantize(w, dtype))
     return formats.quantize_int8_rows(w, dtype)
 
 
@@ -319,11 +320,8 @@ def quantize_int4(w: torch.Tensor, group: int, dtype) -> tuple[torch.Tensor, tor
     1024 x 2048 bf16 in ~2 ms vs ~10-14 (Zen 3, 2 threads; Qwen3.5-35B-A3B is 17,000 of them)."""
     from qwen35.kernels import gemv
 
-    mod = gemv.load_int4() if w.is_cpu else None
-    if (mod is not None and dtype in (torch.float32, torch.bfloat16)
-            and w.dtype in (torch.float32, torch.bfloat16, torch.float16)):  # fmt: skip
-        packed, sz = mod.int4_quantize(w, group, dtype)
-        return packed, sz
+    if (mod := _quantizer(gemv.load_int4, w, dtype)) is not None:
+        return tuple(mod.int4_quantize(w, group, dtype))
     q, sz = formats.quantize_int4_groups(w, group, dtype)
     return pack_int4(q), sz
 
