@@ -133,10 +133,13 @@ class SpecState:
     backoff: bool = True  # pause drafting after rejections (tests switch it off)
     max_verify_seqs: int = MAX_VERIFY_SEQS  # (tests raise it: batched verify steps)
     # rows a verify step of at most this many rows keeps to (None: any). On a CPU the largest
-    # step whose projections stay GEMVs (layers/linear.py GEMV_MAX_ROWS): each row's arithmetic
-    # is then the same at any row count, so greedy tokens equal those without drafts bit for
-    # bit, and a row costs little beside the weight read (a GEMM past it does not). Steps
-    # already longer (prefill chunks) draft without the limit.
+    # step whose projections stay GEMVs (layers/linear.py GEMV_MAX_ROWS), where a row costs
+    # little beside the weight read (a GEMM past it does not). In bf16 each row's arithmetic is
+    # then a decode row's at any row count, so greedy tokens equal those without drafts bit for
+    # bit; fp32 rows past 4 take the kernels' paired-weight-row path (gemv_cpu.cpp
+    # linear_fp32_rows), whose sums may differ from a decode row's in the last bit, so there
+    # tokens are equal except at near-ties. Steps already longer (prefill chunks) draft without
+    # the limit.
     max_rows: int | None = None
     adaptive: bool = False  # drafts 2..k only where they pay (above; --speculative-adaptive)
     # (min n, max n): drafts by prompt lookup (ngram_drafts) instead of the MTP head
