@@ -99,7 +99,9 @@ def render(rows: list[dict], dtype: str, bandwidth_gb_s: float | None) -> None:
     print(
         f"{dtype}: attention / DeltaNet / MLP / expert projections "
         + ("in int4 (groups of 128, out % 64 == 0; else int8)" if dtype == "int4" else "in int8")
-        + "; embedding and lm_head per-row int8; norms, routers, in_proj_a/b, conv stay BF16. "
+        + ("; lm_head (a tied embedding with it) int6 in groups of 32, an untied embedding per-row int8"
+           if dtype == "int4" else "; embedding and lm_head per-row int8")
+        + "; norms, routers, in_proj_a/b, conv stay BF16. "
         "Run with `--quantization " + dtype + "`."
     )
     print(

@@ -26,6 +26,9 @@ SCALE_BYTES = 2  # BF16 weight_scale_inv: the only scale dtype that reproduces t
 # weight-only int8 / int4 (CPU, quantized at load by qwen35.quant; the engine stores exactly these)
 INT8_SCALE_BYTES = 2  # one BF16 scale per output row
 INT4_GROUP_BYTES = 4  # one BF16 scale + one BF16 zero per (group, output row)
+# lm_head (or the tied embedding) under int4: 6-bit weights in blocks of 64 inputs, 48 bytes + a
+# BF16 scale per group of 32
+INT6_BLOCK, INT6_BLOCK_BYTES = 64, 48 + 2 * 2
 WEIGHT_DTYPES = ("bf16", "fp8", "int8", "int4")
 
 
@@ -75,9 +78,15 @@ def int4_group(out: int, inp: int) -> int | None:
 
 def int_quantized(t: Tensor) -> bool:
     """Whether weight-only int8 / int4 quantizes `t`: the FP8 set plus the embedding and lm_head
-    of the text model (both per-row int8, also under int4)."""
+    of the text model (per-row int8; under int4 lm_head, or a tied embedding, int6: output_head)."""
     head = t.name.endswith(("embed_tokens.weight", "lm_head.weight")) and t.part == "text"
     return t.fp8 or head
+
+
+def output_head(t: Tensor) -> bool:
+    """lm_head, or the embedding a tied model reads every step as its head."""
+    return t.part == "text" and (t.name.endswith("lm_head.weight")
+                                 or (t.name.endswith("embed_tokens.weight") and not t.embedding))  # fmt: skip
 
 
 def tensor_bytes(
@@ -92,6 +101,8 @@ def tensor_bytes(
         return count * (numel * FP8_BYTES + fp8_block_scales(shape) * SCALE_BYTES)
     if dtype in ("int8", "int4") and int_quantized(t):
         out, inp = shape[0], numel // shape[0]
+        if dtype == "int4" and output_head(t) and inp % INT6_BLOCK == 0:
+            return count * out * (inp // INT6_BLOCK) * INT6_BLOCK_BYTES
         g = int4_group(out, inp) if dtype == "int4" and t.fp8 else None
         if g:
             return count * (numel // 2 + out * (inp // g) * INT4_GROUP_BYTES)

@@ -11,8 +11,9 @@
 - `bf16_storage_meta(model, dtype)`: `--quantization bf16`, on meta before loading: weights
   stored in bf16, computed in fp32 (CPUs without native bf16 arithmetic).
 - `quantize_model_(model, fmt)`: after loading, BF16 (or FP8) weights -> fp8 / int8 / int4.
-  int8 / int4 cover the FP8 set plus lm_head and the embedding (per-row int8 in both modes,
-  one shared tensor when tied: the 0.8B's tied head is a third of its bytes); int4 needs
+  int8 / int4 cover the FP8 set plus lm_head and the embedding (per-row int8, but lm_head int6
+  under int4: `head_format`; one shared tensor when tied: the 0.8B's tied head is a third of its
+  bytes); int4 needs
   out % 64 == 0 and in % 32 == 0 (torch's CPU layout), other matrices get int8
   (`plan.params.int4_group`, the same rule the planner counts with).
 - `QuantizeOnRead`: the same conversions module by module while the loader reads (or draws)
@@ -29,11 +30,13 @@ from torch import nn
 from qwen35 import heap
 from qwen35.layers.linear import Linear
 from qwen35.layers.moe import Experts
-from qwen35.plan.params import int4_group, text_tensors
+from qwen35.plan.params import INT6_BLOCK, int4_group, text_tensors
 from qwen35.quant.layers import (
     Fp8Experts,
     Fp8Linear,
     Int4Linear,
+    Int6Embedding,
+    Int6Linear,
     Int8Embedding,
     Int8Linear,
     IntExperts,
@@ -247,27 +250,42 @@ def quantize_model_(model: nn.Module, fmt: str, dtype: torch.dtype | None = None
     for name in rule_modules(model, cfg):
         quantize_module_(model, name, fmt, dtype, block)
     if fmt in ("int8", "int4"):
-        quantize_vocab_(model, dtype, "lm_head")
-        quantize_vocab_(model, dtype, "model.embed_tokens")
+        quantize_vocab_(model, dtype, "lm_head", fmt)
+        quantize_vocab_(model, dtype, "model.embed_tokens", fmt)
     model.quantization = fmt
 
 
-VOCAB = ("model.embed_tokens", "lm_head")  # per-row int8 under int8 and int4
+VOCAB = ("model.embed_tokens", "lm_head")  # per-row int8 under int8; under int4 the head int6
+
+
+def head_format(fmt: str, in_features: int) -> str:
+    """lm_head's format under weight-only `fmt`: int6 under int4 (6.5 bits a weight, the head
+    being the largest read of a decode step; inputs in blocks of 64), else per-row int8. As the
+    planner counts it (plan/params.py tensor_bytes)."""
+    return "int6" if fmt == "int4" and in_features % INT6_BLOCK == 0 else "int8"
 
 
 @torch.no_grad()
-def quantize_vocab_(model: nn.Module, dtype, name: str) -> None:
-    """lm_head or the embedding to per-row int8 (a tied pair: both from one int8 matrix), unless
-    already done."""
+def quantize_vocab_(model: nn.Module, dtype, name: str, fmt: str = "int8") -> None:
+    """lm_head (head_format) or the embedding (per-row int8) to their formats; a tied pair both
+    from the head's one matrix. Unless already done."""
     emb, head = model.model.embed_tokens, model.lm_head
-    if isinstance(emb if name == "model.embed_tokens" else head, (Int8Embedding, Int8Linear)):
+    heads = (Int8Linear, Int6Linear)
+    if isinstance(emb if name == "model.embed_tokens" else head,
+                  (Int8Embedding, Int6Embedding, *heads)):  # fmt: skip
         return
-    tied = not isinstance(head, Int8Linear) and head.weight is emb.weight
+    tied = not isinstance(head, heads) and head.weight is emb.weight
     if name == "lm_head" or tied:
-        model.lm_head = head = Int8Linear.quantize(head.weight.detach(), dtype)
+        w = head.weight.detach()
+        model.lm_head = head = (Int6Linear.quantize(w) if head_format(fmt, w.shape[1]) == "int6"
+                                else Int8Linear.quantize(w, dtype))  # fmt: skip
     if name == "model.embed_tokens" or tied:
-        src = head if tied else Int8Linear.quantize(emb.weight.detach(), dtype)
-        model.model.embed_tokens = Int8Embedding(src, dtype)
+        if tied:
+            kind = Int6Embedding if isinstance(head, Int6Linear) else Int8Embedding
+            model.model.embed_tokens = kind(head, dtype)
+        else:
+            model.model.embed_tokens = Int8Embedding(Int8Linear.quantize(emb.weight.detach(), dtype),
+                                                     dtype)  # fmt: skip
 
 
 # ---- while loading ------------------------------------------------------------------------------
@@ -362,7 +380,7 @@ class QuantizeOnRead:
             for p in [p for p, m in self.owner.items() if m == mod_name]:
                 del self.slots[p]  # (they hold the old module: it must go once replaced)
             if mod_name in VOCAB:
-                quantize_vocab_(self.model, self.dtype, mod_name)
+                quantize_vocab_(self.model, self.dtype, mod_name, self.fmt)
             else:
                 quantize_module_(self.model, mod_name, self.fmt, self.dtype, self.block)
             self.live -= nbytes

@@ -5,7 +5,9 @@ fast path is tested against.
   `weight_scale_inv` [ceil(out/128), ceil(in/128)] = amax(block) / 448, W = q * scale;
 - int8 weight-only: symmetric per output channel, scale = amax(row) / 127, W = q * scale;
 - int4 weight-only: asymmetric per output channel and group of `group` inputs (torch's CPU
-  int4 layout): W = (q - 8) * scale + zero with q in [0, 15].
+  int4 layout): W = (q - 8) * scale + zero with q in [0, 15];
+- int6 (lm_head under int4): symmetric per output row and group of 32 inputs, scale = amax / 31
+  in bf16, W = q * scale with q in [-31, 31], 48 bytes per two groups (kernels/int6_cpu.cpp).
 """
 
 from __future__ import annotations
@@ -104,6 +106,63 @@ def dequantize_int4_groups(q: torch.Tensor, sz: torch.Tensor, group: int, dtype=
     s = sz[..., 0].float().t().repeat_interleave(group, 1)  # [out, in]
     z = sz[..., 1].float().t().repeat_interleave(group, 1)
     return ((q.float() - 8) * s + z).to(dtype)
+
+
+INT6_GROUP, INT6_BLOCK, INT6_BLOCK_BYTES, INT6_MAX = 32, 64, 48, 31
+
+
+def quantize_int6_groups(w: torch.Tensor, chunk: int = 1 << 22):
+    """w [out, in] (in % 64 == 0) -> (packed [out, in / 64 * 48] uint8, scales [out, in / 32]
+    bf16): per group of 32 inputs scale = amax / 31 rounded to bf16, q = round(w / scale) in
+    [-31, 31], stored u = q + 32 in blocks of two groups (64 inputs, 48 bytes): each group's 16
+    bytes of low nibbles (byte j: input j low, j + 16 high), then 16 bytes of the top 2 bits
+    (byte r: bits 0-1 input r of the first group, 2-3 input r of the second, 4-5 input 16 + r
+    of the first, 6-7 input 16 + r of the second): kernels/int6_cpu.cpp unpacks a block with a
+    few 256-bit ops."""
+    out, inp = w.shape
+    if inp % INT6_BLOCK:
+        raise ValueError(f"int6 needs inputs in blocks of {INT6_BLOCK}, got {inp}")
+    nb = inp // INT6_BLOCK
+    packed = torch.empty(out, nb * INT6_BLOCK_BYTES, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(out, 2 * nb, dtype=torch.bfloat16, device=w.device)
+    step = max(1, chunk // inp)
+    for r in range(0, out, step):
+        g = w[r : r + step].float().view(-1, 2 * nb, INT6_GROUP)
+        s = (g.abs().amax(-1) / INT6_MAX).clamp(min=1e-30).to(torch.bfloat16)
+        u = (torch.round(g / s.float()[..., None]).clamp_(-INT6_MAX, INT6_MAX) + 32).to(torch.uint8)
+        u = u.view(len(g), nb, 2, 2, 16)  # [rows, block, group, half, r]
+        low, top = u & 0x0F, u >> 4
+        nib = (low[:, :, :, 0] | (low[:, :, :, 1] << 4)).flatten(2)  # [rows, block, 32]
+        hb = (top[:, :, 0, 0] | (top[:, :, 1, 0] << 2) | (top[:, :, 0, 1] << 4)
+              | (top[:, :, 1, 1] << 6))  # [rows, block, 16]  # fmt: skip
+        packed[r : r + step] = torch.cat([nib, hb], -1).view(len(g), -1)
+        scales[r : r + step] = s
+    return packed, scales
+
+
+def int6_codes(packed: torch.Tensor) -> torch.Tensor:
+    """packed [out, nb * 48] uint8 -> q [out, nb * 64] int8 in [-31, 31] (the stored values)."""
+    out = packed.shape[0]
+    b = packed.view(out, -1, INT6_BLOCK_BYTES)
+    nib, hb = b[..., :32].reshape(out, -1, 2, 16), b[..., 32:]  # [out, block, group, r]
+    low = torch.stack([nib & 0x0F, nib >> 4], 3)  # [out, block, group, half, r]
+    top = torch.stack([torch.stack([(hb >> (2 * (2 * half + grp))) & 3 for half in (0, 1)], 2)
+                       for grp in (0, 1)], 2)  # fmt: skip
+    return ((low | (top << 4)).to(torch.int16) - 32).to(torch.int8).view(out, -1)
+
+
+def dequantize_int6(packed: torch.Tensor, scales: torch.Tensor, dtype=torch.float32):
+    """packed, scales (quantize_int6_groups) -> W [out, in] in dtype (products in fp32)."""
+    q = int6_codes(packed).float().view(packed.shape[0], -1, INT6_GROUP)
+    return (q * scales.float()[..., None]).view(packed.shape[0], -1).to(dtype)
+
+
+def int6_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor):
+    """The PyTorch twin of kernels/int6_cpu.cpp linear_int6: x [M, K] rounded to 8 bits per 32
+    inputs (quantize_rows_i16(x, 32, 127)) @ W^T, in fp32 (the kernel sums in another order:
+    equal within fp32 rounding)."""
+    xh = quantize_rows_i16(x, INT6_GROUP, INT4_X8_MAX)
+    return F.linear(xh, dequantize_int6(packed, scales))
 
 
 INT4_X_MAX = 32512  # kernels/int4_cpu.cpp kXqMax: |xq| where (xq + 128) >> 8 is a signed byte

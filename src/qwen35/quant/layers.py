@@ -80,6 +80,30 @@ class Int8Linear(Linear):
         return f"{self.in_features} -> {self.out_features}, int8"
 
 
+class Int6Linear(Linear):
+    """lm_head under int4: weight [out, in / 32 * 24] uint8 in 6-bit groups of 32 inputs,
+    weight_scale [out, in / 32] bf16 (quant/formats.py quantize_int6_groups). 6.5 bits a weight
+    where per-row int8 takes 8 (llama.cpp keeps its q4_0 models' output in q6_K alike)."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = scales.shape[0], scales.shape[1] * formats.INT6_GROUP
+        self.weight, self.weight_scale = qparam(packed), qparam(scales)
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> Int6Linear:
+        return cls(*formats.quantize_int6_groups(w))
+
+    def dequantized(self, dtype) -> torch.Tensor:
+        return formats.dequantize_int6(self.weight, self.weight_scale, dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul.int6_linear(x, self.weight, self.weight_scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, int6 groups of {formats.INT6_GROUP}"
+
+
 class Int4Linear(Linear):
     """weight [out, in/2] uint8 in torch's CPU int4 layout, scales_and_zeros [in/g, out, 2].
 
@@ -133,6 +157,20 @@ class Int8Embedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
         rows = F.embedding(ids, self.weight)  # [T, H] int8
         return rows.to(self.dtype) * self.weight_scale[ids][:, None].to(self.dtype)
+
+
+class Int6Embedding(nn.Module):
+    """Rows of an Int6Linear lm_head's matrix (tied embeddings under int4), dequantised as looked
+    up."""
+
+    def __init__(self, head: Int6Linear, dtype: torch.dtype):
+        super().__init__()
+        self.weight, self.weight_scale, self.dtype = head.weight, head.weight_scale, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
+        flat = ids.reshape(-1)
+        rows = formats.dequantize_int6(self.weight[flat], self.weight_scale[flat], self.dtype)
+        return rows.view(*ids.shape, -1)
 
 
 class Fp8Experts(Experts):

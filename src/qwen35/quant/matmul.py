@@ -168,6 +168,28 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return y.view(*x.shape[:-1], q.shape[0])
 
 
+INT6_VOCAB_CHUNK = 16384  # rows of W dequantised at a time without the kernel
+
+
+def int6_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ W^T with W in 6-bit groups of 32 (formats.quantize_int6_groups: lm_head under
+    int4): kernels/int6_cpu.cpp 16 rows a call (each call streams W once; more rows, more
+    calls: still far cheaper than dequantising a 248K-row head for a GEMM), else the PyTorch
+    twin in chunks of the vocabulary (no kernel, another device)."""
+    from qwen35.kernels import gemv
+
+    x2, n = _rows(x), packed.shape[0]
+    kern = gemv.load_int6() if x.is_cpu and x.dtype in (torch.float32, torch.bfloat16) else None
+    if kern is not None:
+        y = in_chunks(lambda v: kern.linear_int6(v, packed, scales), x2.contiguous(),
+                      gemv.MAX_ROWS)  # fmt: skip
+    else:
+        y = torch.cat([formats.int6_linear_reference(x2, packed[r : r + INT6_VOCAB_CHUNK],
+                                                     scales[r : r + INT6_VOCAB_CHUNK])
+                       for r in range(0, n, INT6_VOCAB_CHUNK)], -1).to(x.dtype)  # fmt: skip
+    return y.view(*x.shape[:-1], n)
+
+
 def int4_linear(
     x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, n: int, x8: bool = True
 ) -> torch.Tensor:

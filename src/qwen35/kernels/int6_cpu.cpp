@@ -1,0 +1,180 @@
+// int6 weights for lm_head under `--quantization int4` (llama.cpp keeps its q4_0 models' output
+// matrix in 6.56-bit q6_K for the same reason: the head is the largest single read of a decode
+// step, and 4 bits cost it too much accuracy). 6.5 bits a weight against per-row int8's 8.
+//
+// Layout (quant/formats.py quantize_int6_groups, its PyTorch twin): u = q + 32 in [1, 63], W = q *
+// scale, one bf16 scale per group of 32 inputs ([N, K / 32]); per output row, blocks of two
+// groups (64 inputs) of 48 bytes: each group's 16 bytes of low nibbles (byte j: input j in the
+// low nibble, j + 16 in the high one), then 16 bytes of top bits (byte r: bits 0-1 input r of
+// the first group, 2-3 input r of the second, 4-5 input 16 + r of the first, 6-7 input 16 + r
+// of the second). So one 32-byte load and an and / shift give the low nibbles of two 32-byte
+// vectors (W1: inputs 0..15 of both groups, W2: inputs 16..31), and a 16-byte broadcast with
+// two per-64-bit-lane shifts and an and their top bits in place.
+//
+// linear_int6: y [M <= 16, N] = x [M, K] @ W^T. Activations rounded to 8 bits per 32 inputs
+// (as the int4 GEMVs and llama.cpp's q8 activations: quant/formats.py quantize_rows_i16(x, 32,
+// 127)) and laid out as W1 / W2 are; per block and input row two vpmaddubsw (unsigned u times
+// signed xq, pairs of products <= 16,002), one 16-bit add (<= 32,004), one vpmaddwd into 8 int32
+// lanes (4 per group), minus the rows' precomputed 32 * sum xq per lane (the offset of u):
+// sum q * xq exactly; then converted and scaled by scale * xs into 8 fp32 lanes; one horizontal
+// sum a row at the end (even and odd blocks in two accumulators). Each input row's arithmetic does not depend on the other rows of the
+// call (batched == alone, bit for bit). AVX2 + FMA. Its PyTorch twin: int6_linear_reference.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include "torch_ext.h"
+
+#include "gemv_rows.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGroup = 32, kBlock = 64, kBlockBytes = 48;
+constexpr int kXMax = 127;
+
+// One input row rounded to 8 bits per group, as the kernel reads it: per block xq [64] in the
+// weights' order (W1's 32 bytes: inputs 0..15 of each group; W2's: inputs 16..31), off [8]
+// (32 * the sum of xq over each int32 lane's inputs), xs [8] (the groups' steps, 4 lanes each).
+// A group with a non-finite value gets xs NaN (its outputs NaN, as the reference's); a group of
+// zeros (or with 127 / amax overflowing) zeros.
+void round_row(const float* x, int64_t K, int8_t* xq, int32_t* off, float* xs) {
+  alignas(32) int8_t q[kBlock];
+  for (int64_t b = 0; b * kBlock < K; ++b) {
+    for (int g = 0; g < 2; ++g) {
+      const float* v = x + b * kBlock + g * kGroup;
+      float amax = 0.f;
+      bool finite = true;
+      for (int j = 0; j < kGroup; ++j) {
+        amax = std::max(amax, std::fabs(v[j]));
+        finite = finite && std::isfinite(v[j]);
+      }
+      const float inv = static_cast<float>(kXMax) / amax;  // (a true division: the reference's)
+      const bool live = finite && std::isfinite(inv);
+      for (int j = 0; j < kGroup; ++j) {
+        const float r = live ? std::nearbyint(v[j] * inv) : 0.f;
+        q[g * kGroup + j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, r)));
+      }
+      const float step = !finite ? std::nanf("") : (live ? amax / kXMax : 0.f);
+      for (int l = 0; l < 4; ++l) xs[b * 8 + g * 4 + l] = step;
+    }
+    int8_t* o = xq + b * kBlock;  // [g0 0..15 | g1 0..15] then [g0 16..31 | g1 16..31]
+    std::memcpy(o, q, 16), std::memcpy(o + 16, q + 32, 16);
+    std::memcpy(o + 32, q + 16, 16), std::memcpy(o + 48, q + 48, 16);
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o));
+    const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o + 32));
+    const __m256i c32 = _mm256_set1_epi8(32);
+    const __m256i sum = _mm256_madd_epi16(
+        _mm256_add_epi16(_mm256_maddubs_epi16(c32, x1), _mm256_maddubs_epi16(c32, x2)),
+        _mm256_set1_epi16(1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(off + b * 8), sum);
+  }
+}
+
+// One block's 64 weights as two vectors of unsigned u (W1: inputs 0..15 of both groups, W2:
+// inputs 16..31) and its scales [s0 x4 | s1 x4]
+inline void unpack_block(const uint8_t* q, const uint16_t* sc, __m256i& w1, __m256i& w2,
+                         __m256& s) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+  const __m256i nib = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i hb =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32)));
+  w1 = _mm256_or_si256(_mm256_and_si256(nib, m4),
+                       _mm256_and_si256(_mm256_sllv_epi64(hb, _mm256_set_epi64x(2, 2, 4, 4)), m30));
+  w2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(nib, 4), m4),
+                       _mm256_and_si256(_mm256_srlv_epi64(hb, _mm256_set_epi64x(2, 2, 0, 0)), m30));
+  uint32_t s2;
+  std::memcpy(&s2, sc, 4);  // two bf16 -> fp32, each over its group's 4 lanes
+  const __m128i sv = _mm_unpacklo_epi16(_mm_setzero_si128(), _mm_cvtsi32_si128(static_cast<int>(s2)));
+  s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(sv)),
+                               _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
+}
+
+// acc + (sum q * xq of one block and input row in 8 int32 lanes) * scale * xs
+inline __m256 block_row(__m256 acc, __m256i w1, __m256i w2, __m256 s, const int8_t* x,
+                        const int32_t* off, const float* xs) {
+  const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
+  const __m256i d = _mm256_sub_epi32(
+      _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w1, x1), _mm256_maddubs_epi16(w2, x2)),
+                        _mm256_set1_epi16(1)),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off)));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s, _mm256_loadu_ps(xs)), acc);
+}
+
+// One output row (nb blocks at p, 2 nb scales at sc) against M rounded input rows: even and odd
+// blocks into two accumulators a row (more independent work in flight), added at the end
+void row_dot(const uint8_t* p, const uint16_t* sc, int64_t nb, int M, const int8_t* xq,
+             const int32_t* off, const float* xs, float* out) {
+  __m256 acc0[gemv_rows::kMaxRows], acc1[gemv_rows::kMaxRows];
+  for (int i = 0; i < M; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  const int64_t K = nb * kBlock;
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    __m256i a1, a2, b1, b2;
+    __m256 sa, sb;
+    unpack_block(p + b * kBlockBytes, sc + 2 * b, a1, a2, sa);
+    unpack_block(p + (b + 1) * kBlockBytes, sc + 2 * b + 2, b1, b2, sb);
+    for (int i = 0; i < M; ++i) {
+      const int64_t o = (i * nb + b) * 8;
+      acc0[i] = block_row(acc0[i], a1, a2, sa, xq + i * K + b * kBlock, off + o, xs + o);
+      acc1[i] = block_row(acc1[i], b1, b2, sb, xq + i * K + (b + 1) * kBlock, off + o + 8,
+                          xs + o + 8);
+    }
+  }
+  if (b < nb) {
+    __m256i a1, a2;
+    __m256 sa;
+    unpack_block(p + b * kBlockBytes, sc + 2 * b, a1, a2, sa);
+    for (int i = 0; i < M; ++i) {
+      const int64_t o = (i * nb + b) * 8;
+      acc0[i] = block_row(acc0[i], a1, a2, sa, xq + i * K + b * kBlock, off + o, xs + o);
+    }
+  }
+  for (int i = 0; i < M; ++i) out[i] = gemv_rows::hsum8(_mm256_add_ps(acc0[i], acc1[i]));
+}
+
+}  // namespace
+
+torch::Tensor linear_int6(const torch::Tensor& x, const torch::Tensor& packed,
+                          const torch::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= gemv_rows::kMaxRows && x.is_cpu(),
+              "linear_int6: x [M <= 16, K] on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "linear_int6: fp32 or bf16 x");
+  const int64_t M = x.size(0), K = x.size(1), nb = K / kBlock, N = packed.size(0);
+  TORCH_CHECK(K % kBlock == 0, "linear_int6: K must be a multiple of 64");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() &&
+                  packed.size(1) == nb * kBlockBytes,
+              "linear_int6: packed [N, K / 64 * 48] uint8, contiguous");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.dim() == 2 &&
+                  scales.is_contiguous() && scales.size(0) == N && scales.size(1) == 2 * nb,
+              "linear_int6: scales [N, K / 32] bf16, contiguous");
+  const auto xf = x.to(at::kFloat).contiguous();
+  std::vector<int8_t> xq(M * K);
+  std::vector<int32_t> off(M * nb * 8);
+  std::vector<float> xs(M * nb * 8);
+  for (int64_t i = 0; i < M; ++i)
+    round_row(xf.data_ptr<float>() + i * K, K, xq.data() + i * K, off.data() + i * nb * 8,
+              xs.data() + i * nb * 8);
+  auto y = torch::empty({M, N}, x.options().dtype(at::kFloat));
+  float* Y = y.data_ptr<float>();
+  const auto* P = packed.data_ptr<uint8_t>();
+  const auto* S = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+    float out[gemv_rows::kMaxRows];
+    for (int64_t n = n0; n < n1; ++n) {
+      row_dot(P + n * nb * kBlockBytes, S + n * 2 * nb, nb, static_cast<int>(M), xq.data(),
+              off.data(), xs.data(), out);
+      for (int64_t i = 0; i < M; ++i) Y[i * N + n] = out[i];
+    }
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_int6", &linear_int6,
+        "x [M <= 16, K] @ W^T, W in 6-bit blocks of 64 (quant/formats.py quantize_int6_groups)");
+}
