@@ -19,7 +19,7 @@ ours forced onto the AVX2 path (what a CPU without AVX512 runs). int8: torch's
 `_weight_int8pack_mm` vs ours. FP8: the AVX2/F16C kernel (fp8_cpu.cpp; fp32 rows take it on
 AVX512 CPUs too, there built with VL's registers; avx2-only: its AVX2 build) vs ours (AVX512-VBMI
 byte tables) vs ours-cvt (AVX512 without VBMI + BF16: fp16 bits converted).
-int4 (groups of 128, torch's packed layout; not for lm_head, which int4 keeps in int8): torch's
+int4 (groups of 128, torch's packed layout; not for lm_head, which int4 keeps in int6: bench/int6_head.py): torch's
 `_weight_int4pack_mm_for_cpu` vs ours (int4_cpu.cpp: AVX512-VBMI + BF16) vs ours-avx2, and both with
 8-bit activations (x8: ours-x8 the AVX512-VNNI path, ours-avx2-x8); with
 --int4-fp32 also both on fp32 rows. GB/s counts the packed weight bytes (0.5 per weight).
@@ -147,7 +147,7 @@ def main() -> None:
             q8s.append(formats.quantize_int8_rows(w, torch.bfloat16) if "int8" in fmts else None)
             f8 = formats.quantize_fp8_blocks(w) if "fp8" in fmts else None
             f8s.append((f8[0], f8[1].float()) if f8 else (None, None))
-            int4 = "int4" in fmts and n % 64 == 0 and name != "lm_head"  # lm_head stays int8
+            int4 = "int4" in fmts and n % 64 == 0 and name != "lm_head"  # lm_head: int6
             i4s.append(_int4(w, a.int4_fp32) if int4 else None)
             ws.append(None if int4_only else w)
             w32s.append(w.float() if "fp32" in fmts else None)

@@ -165,6 +165,15 @@ def test_int4_prefill_bench_runs(capsys):
     assert out.count("kernel / gemm") == 2 and "[128 x 256] 40 rows" in out, out
 
 
+def test_int6_head_bench_runs(capsys):
+    """bench/int6_head.py: the int6 head against the int8 one, a line per shape and row count."""
+    native_or_skip(gemv.INT6, "the int6 kernel")
+    _load("int6_head").main(["--shapes", "640x128", "--rows", "1,2", "--rounds", "2",
+                             "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("int8 / int6 time") == 2 and "640 x 128, 2 row(s)" in out, out
+
+
 def test_small_ops_bench_runs(capsys):
     """bench/small_ops.py: each fused op against its reference (outputs checked first), a line
     per op and row count (the conv at prefill rows only)."""

@@ -25,6 +25,7 @@
 
 #include "gemv_rows.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -34,6 +35,7 @@ namespace {
 
 constexpr int64_t kGroup = 32, kBlock = 64, kBlockBytes = 48;
 constexpr int kXMax = 127;
+constexpr int kMR = 4;  // input rows per pass over a weight row
 
 // One input row rounded to 8 bits per group, as the kernel reads it: per block xq [64] in the
 // weights' order (W1's 32 bytes: inputs 0..15 of each group; W2's: inputs 16..31), off [8]
@@ -74,9 +76,8 @@ void round_row(const float* x, int64_t K, int8_t* xq, int32_t* off, float* xs) {
 }
 
 // One block's 64 weights as two vectors of unsigned u (W1: inputs 0..15 of both groups, W2:
-// inputs 16..31) and its scales [s0 x4 | s1 x4]
-inline void unpack_block(const uint8_t* q, const uint16_t* sc, __m256i& w1, __m256i& w2,
-                         __m256& s) {
+// inputs 16..31)
+inline void unpack_block(const uint8_t* q, __m256i& w1, __m256i& w2) {
   const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
   const __m256i nib = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
   const __m256i hb =
@@ -85,11 +86,6 @@ inline void unpack_block(const uint8_t* q, const uint16_t* sc, __m256i& w1, __m2
                        _mm256_and_si256(_mm256_sllv_epi64(hb, _mm256_set_epi64x(2, 2, 4, 4)), m30));
   w2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(nib, 4), m4),
                        _mm256_and_si256(_mm256_srlv_epi64(hb, _mm256_set_epi64x(2, 2, 0, 0)), m30));
-  uint32_t s2;
-  std::memcpy(&s2, sc, 4);  // two bf16 -> fp32, each over its group's 4 lanes
-  const __m128i sv = _mm_unpacklo_epi16(_mm_setzero_si128(), _mm_cvtsi32_si128(static_cast<int>(s2)));
-  s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(sv)),
-                               _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
 }
 
 // acc + (sum q * xq of one block and input row in 8 int32 lanes) * scale * xs
@@ -104,36 +100,58 @@ inline __m256 block_row(__m256 acc, __m256i w1, __m256i w2, __m256 s, const int8
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s, _mm256_loadu_ps(xs)), acc);
 }
 
-// One output row (nb blocks at p, 2 nb scales at sc) against M rounded input rows: even and odd
-// blocks into two accumulators a row (more independent work in flight), added at the end
-void row_dot(const uint8_t* p, const uint16_t* sc, int64_t nb, int M, const int8_t* xq,
-             const int32_t* off, const float* xs, float* out) {
-  __m256 acc0[gemv_rows::kMaxRows], acc1[gemv_rows::kMaxRows];
-  for (int i = 0; i < M; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
-  const int64_t K = nb * kBlock;
+struct Rows {  // MR rounded input rows: xq [MR][K], off and xs [MR][nb * 8]
+  const int8_t* xq;
+  const int32_t* off;
+  const float* xs;
+  int64_t K, nb;
+};
+
+// One output row (nb blocks at p, 2 nb bf16 scales at sc) against MR input rows; the scales of
+// four blocks widened at once, then each block's [s0 x4 | s1 x4] by one permute. Even and odd
+// blocks into two accumulators a row (more independent work in flight), added at the end: the
+// same operations for a row at any MR.
+template <int MR>
+void row_dot(const uint8_t* p, const uint16_t* sc, const Rows& r, float* out) {
+  __m256 acc0[MR], acc1[MR];
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  const int64_t nb = r.nb, K = r.K;
+  const __m256i lo = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+  const __m256i hi = _mm256_set_epi32(3, 3, 3, 3, 2, 2, 2, 2);
   int64_t b = 0;
-  for (; b + 2 <= nb; b += 2) {
-    __m256i a1, a2, b1, b2;
-    __m256 sa, sb;
-    unpack_block(p + b * kBlockBytes, sc + 2 * b, a1, a2, sa);
-    unpack_block(p + (b + 1) * kBlockBytes, sc + 2 * b + 2, b1, b2, sb);
-    for (int i = 0; i < M; ++i) {
-      const int64_t o = (i * nb + b) * 8;
-      acc0[i] = block_row(acc0[i], a1, a2, sa, xq + i * K + b * kBlock, off + o, xs + o);
-      acc1[i] = block_row(acc1[i], b1, b2, sb, xq + i * K + (b + 1) * kBlock, off + o + 8,
-                          xs + o + 8);
+  for (; b + 4 <= nb; b += 4) {  // 4 blocks: 8 scales in one 16-byte load
+    const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 2 * b));
+    const __m256 sa = _mm256_castsi256_ps(_mm256_set_m128i(_mm_unpackhi_epi16(_mm_setzero_si128(), s8),
+                                                           _mm_unpacklo_epi16(_mm_setzero_si128(), s8)));
+    for (int h = 0; h < 4; h += 2) {
+      __m256i a1, a2, b1, b2;
+      unpack_block(p + (b + h) * kBlockBytes, a1, a2);
+      unpack_block(p + (b + h + 1) * kBlockBytes, b1, b2);
+      // scales of blocks b + h, b + h + 1: lanes (2h, 2h + 1) and (2h + 2, 2h + 3) of sa
+      const __m256 s0 = _mm256_permutevar8x32_ps(sa, h == 0 ? lo : _mm256_add_epi32(lo, _mm256_set1_epi32(4)));
+      const __m256 s1 = _mm256_permutevar8x32_ps(sa, h == 0 ? hi : _mm256_add_epi32(hi, _mm256_set1_epi32(4)));
+      for (int i = 0; i < MR; ++i) {
+        const int64_t o = i * nb * 8 + (b + h) * 8;
+        acc0[i] = block_row(acc0[i], a1, a2, s0, r.xq + i * K + (b + h) * kBlock, r.off + o, r.xs + o);
+        acc1[i] = block_row(acc1[i], b1, b2, s1, r.xq + i * K + (b + h + 1) * kBlock, r.off + o + 8,
+                            r.xs + o + 8);
+      }
     }
   }
-  if (b < nb) {
+  for (; b < nb; ++b) {  // the last 1-3 blocks (K not a multiple of 256), even / odd as above
+    uint32_t s2;
+    std::memcpy(&s2, sc + 2 * b, 4);
+    const __m128i sv = _mm_unpacklo_epi16(_mm_setzero_si128(), _mm_cvtsi32_si128(static_cast<int>(s2)));
+    const __m256 s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(sv)), lo);
     __m256i a1, a2;
-    __m256 sa;
-    unpack_block(p + b * kBlockBytes, sc + 2 * b, a1, a2, sa);
-    for (int i = 0; i < M; ++i) {
-      const int64_t o = (i * nb + b) * 8;
-      acc0[i] = block_row(acc0[i], a1, a2, sa, xq + i * K + b * kBlock, off + o, xs + o);
+    unpack_block(p + b * kBlockBytes, a1, a2);
+    for (int i = 0; i < MR; ++i) {
+      const int64_t o = i * nb * 8 + b * 8;
+      __m256& acc = (b % 2 == 0) ? acc0[i] : acc1[i];
+      acc = block_row(acc, a1, a2, s, r.xq + i * K + b * kBlock, r.off + o, r.xs + o);
     }
   }
-  for (int i = 0; i < M; ++i) out[i] = gemv_rows::hsum8(_mm256_add_ps(acc0[i], acc1[i]));
+  for (int i = 0; i < MR; ++i) out[i] = gemv_rows::hsum8(_mm256_add_ps(acc0[i], acc1[i]));
 }
 
 }  // namespace
@@ -164,11 +182,21 @@ torch::Tensor linear_int6(const torch::Tensor& x, const torch::Tensor& packed,
   const auto* P = packed.data_ptr<uint8_t>();
   const auto* S = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    float out[gemv_rows::kMaxRows];
+    float out[kMR];
     for (int64_t n = n0; n < n1; ++n) {
-      row_dot(P + n * nb * kBlockBytes, S + n * 2 * nb, nb, static_cast<int>(M), xq.data(),
-              off.data(), xs.data(), out);
-      for (int64_t i = 0; i < M; ++i) Y[i * N + n] = out[i];
+      const uint8_t* p = P + n * nb * kBlockBytes;
+      const uint16_t* sc = S + n * 2 * nb;
+      for (int64_t m = 0; m < M; m += kMR) {  // input rows in passes of up to kMR
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
+        const Rows r{xq.data() + m * K, off.data() + m * nb * 8, xs.data() + m * nb * 8, K, nb};
+        switch (mr) {
+          case 1: row_dot<1>(p, sc, r, out); break;
+          case 2: row_dot<2>(p, sc, r, out); break;
+          case 3: row_dot<3>(p, sc, r, out); break;
+          default: row_dot<4>(p, sc, r, out); break;
+        }
+        for (int i = 0; i < mr; ++i) Y[(m + i) * N + n] = out[i];
+      }
     }
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());

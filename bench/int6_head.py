@@ -1,0 +1,59 @@
+"""lm_head GEMVs under int4: the int6 head (kernels/int6_cpu.cpp, 6.5 bits a weight) against the
+per-row int8 head it replaced (kernels/gemv_cpu.cpp linear_int8, fp32 scales as on CPUs without
+native bf16), calls alternating, medians.
+
+    python bench/int6_head.py [--shapes 248320x1024,248320x2048] [--rows 1,4] [--rounds 8]
+                              [--threads 2]
+
+Each head is larger than any cache (the 0.8B's: 248,320 x 1,024), so every call streams it from
+memory, as a decode step does. Prints ms per call, GB/s of weight bytes (scales included) and
+int8 / int6 time. Ratios only within one run (the VM's bandwidth drifts between minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> None:
+    from qwen35.kernels import gemv
+    from qwen35.quant import formats
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="248320x1024,248320x2048")
+    ap.add_argument("--rows", default="1,4")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    m6, m8 = gemv.load_int6(), gemv.load()
+    if m6 is None or m8 is None:
+        raise SystemExit("the CPU kernels did not load (no compiler / AVX2, or QWEN35_NO_KERNELS=1)")
+    g = torch.Generator().manual_seed(0)
+    for shape in args.shapes.split(","):
+        N, K = map(int, shape.split("x"))
+        w = torch.randn(N, K, generator=g) * 0.05
+        p, s = formats.quantize_int6_groups(w)
+        q8, s8 = formats.quantize_int8_rows(w, torch.float32)
+        del w
+        b6, b8 = p.numel() + s.numel() * 2, q8.numel() + s8.numel() * 4
+        for M in map(int, args.rows.split(",")):
+            x = torch.randn(M, K, generator=g)
+            t6, t8 = [], []
+            for r in range(args.rounds):
+                for fn, ts in ((lambda: m6.linear_int6(x, p, s), t6),
+                               (lambda: m8.linear_int8(x, q8, s8), t8))[:: 1 if r % 2 else -1]:  # fmt: skip
+                    t = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t)
+            a, b = statistics.median(t6), statistics.median(t8)
+            print(f"{N} x {K}, {M} row(s): int6 {a * 1e3:.2f} ms ({b6 / a / 1e9:.1f} GB/s), "
+                  f"int8 {b * 1e3:.2f} ms ({b8 / b / 1e9:.1f} GB/s), int8 / int6 time {b / a:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
