@@ -44,11 +44,11 @@ def main(argv: list[str] | None = None) -> None:
         for M in map(int, args.rows.split(",")):
             x = torch.randn(M, K, generator=g)
             t6, t8 = [], []
+            paths = [(m6.linear_int6, (x, p, s), t6), (m8.linear_int8, (x, q8, s8), t8)]
             for r in range(args.rounds):
-                for fn, ts in ((lambda: m6.linear_int6(x, p, s), t6),
-                               (lambda: m8.linear_int8(x, q8, s8), t8))[:: 1 if r % 2 else -1]:  # fmt: skip
+                for fn, operands, ts in paths[:: 1 if r % 2 else -1]:
                     t = time.perf_counter()
-                    fn()
+                    fn(*operands)
                     ts.append(time.perf_counter() - t)
             a, b = statistics.median(t6), statistics.median(t8)
             print(f"{N} x {K}, {M} row(s): int6 {a * 1e3:.2f} ms ({b6 / a / 1e9:.1f} GB/s), "

@@ -134,3 +134,19 @@ def test_int4_models_keep_the_head_in_int6(tmp_path, tied):
     # int8 keeps the per-row int8 head
     assert not isinstance(load_model(tmp_path, dtype="bf16", quantization="int8").lm_head,
                           Int6Linear)  # fmt: skip
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_kernel_equals_pytorch_twin(wdtype):
+    mod = _kernel()
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(97, 320, generator=g) * 0.1
+    w[0, :32] = 0  # a zero group
+    w[1, 64:96] = 1e-38  # a tiny one: scale clamped to 1e-30
+    w[2, 5] = 1e4  # an outlier
+    w[3, :32] = torch.tensor([31.0] + [i + 0.5 for i in range(-15, 16)])  # scale 1: exact halves
+    w = w.to(wdtype)
+    got = mod.int6_quantize(w)
+    want = formats.quantize_int6_groups(w)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert all(torch.equal(a, b) for a, b in zip(matmul.quantize_int6(w), want, strict=True))

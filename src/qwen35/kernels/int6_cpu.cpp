@@ -154,6 +154,40 @@ void row_dot(const uint8_t* p, const uint16_t* sc, const Rows& r, float* out) {
   for (int i = 0; i < MR; ++i) out[i] = gemv_rows::hsum8(_mm256_add_ps(acc0[i], acc1[i]));
 }
 
+// int6_quantize's rows: each to fp32 (exact); per group of 32 scale = max(amax / 31, 1e-30)
+// rounded to bf16, q = clamp(round(w / scale), -31, 31) with round half to even, packed: quant/
+// formats.py quantize_int6_groups op for op (the same fp32 operations, so the same bits)
+template <typename T>
+void quantize_int6_impl(const T* W, int64_t N, int64_t K, uint8_t* P, at::BFloat16* S) {
+  const int64_t nb = K / kBlock;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(K);
+    uint8_t u[kBlock];
+    for (int64_t n = n0; n < n1; ++n) {
+      gemv_rows::row_to_float(W + n * K, K, row.data());
+      for (int64_t b = 0; b < nb; ++b) {
+        for (int g = 0; g < 2; ++g) {
+          const float* v = row.data() + b * kBlock + g * kGroup;
+          const float amax = gemv_rows::abs_max(v, kGroup, 0.f);
+          const at::BFloat16 sb = static_cast<at::BFloat16>(std::max(amax / 31.0f, 1e-30f));
+          S[n * 2 * nb + 2 * b + g] = sb;
+          const float sf = static_cast<float>(sb);
+          for (int j = 0; j < kGroup; ++j)
+            u[g * kGroup + j] = static_cast<uint8_t>(
+                std::min(std::max(std::nearbyint(v[j] / sf), -31.f), 31.f) + 32.f);
+        }
+        uint8_t* o = P + n * nb * kBlockBytes + b * kBlockBytes;
+        for (int g = 0; g < 2; ++g)
+          for (int j = 0; j < 16; ++j)
+            o[g * 16 + j] = (u[g * kGroup + j] & 15) | ((u[g * kGroup + 16 + j] & 15) << 4);
+        for (int r = 0; r < 16; ++r)
+          o[32 + r] = (u[r] >> 4) | ((u[kGroup + r] >> 4) << 2) | ((u[16 + r] >> 4) << 4) |
+                      ((u[kGroup + 16 + r] >> 4) << 6);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 torch::Tensor linear_int6(const torch::Tensor& x, const torch::Tensor& packed,
@@ -202,7 +236,27 @@ torch::Tensor linear_int6(const torch::Tensor& x, const torch::Tensor& packed,
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+std::vector<torch::Tensor> int6_quantize(const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.device().is_cpu() && w.size(1) % kBlock == 0,
+              "int6_quantize: w [N, K] on the CPU, K a multiple of 64");
+  const auto wc = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  auto packed = torch::empty({N, K / kBlock * kBlockBytes}, w.options().dtype(at::kByte));
+  auto scales = torch::empty({N, K / kGroup}, w.options().dtype(at::kBFloat16));
+  uint8_t* P = packed.data_ptr<uint8_t>();
+  auto* S = scales.data_ptr<at::BFloat16>();
+  switch (wc.scalar_type()) {
+    case at::kFloat: quantize_int6_impl(wc.data_ptr<float>(), N, K, P, S); break;
+    case at::kBFloat16: quantize_int6_impl(wc.data_ptr<at::BFloat16>(), N, K, P, S); break;
+    case at::kHalf: quantize_int6_impl(wc.data_ptr<at::Half>(), N, K, P, S); break;
+    default: TORCH_CHECK(false, "int6_quantize: w must be fp32, bf16 or fp16");
+  }
+  return {packed, scales};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int6_quantize", &int6_quantize,
+        "w [N, K] -> (packed, scales): quant/formats.py quantize_int6_groups");
   m.def("linear_int6", &linear_int6,
         "x [M <= 16, K] @ W^T, W in 6-bit blocks of 64 (quant/formats.py quantize_int6_groups)");
 }

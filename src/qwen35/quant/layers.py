@@ -92,7 +92,7 @@ class Int6Linear(Linear):
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> Int6Linear:
-        return cls(*formats.quantize_int6_groups(w))
+        return cls(*matmul.quantize_int6(w))
 
     def dequantized(self, dtype) -> torch.Tensor:
         return formats.dequantize_int6(self.weight, self.weight_scale, dtype)

@@ -334,6 +334,16 @@ def quantize_int8(w: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return formats.quantize_int8_rows(w, dtype)
 
 
+def quantize_int6(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (packed, scales): our `int6_quantize` kernel where it runs (as quantize_int4),
+    else formats.quantize_int6_groups (the same bits: tested)."""
+    from qwen35.kernels import gemv
+
+    if (mod := _quantizer(gemv.load_int6, w, torch.bfloat16)) is not None and w.shape[1] % 64 == 0:
+        return tuple(mod.int6_quantize(w))
+    return formats.quantize_int6_groups(w)
+
+
 def quantize_int4(w: torch.Tensor, group: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (packed [N, K/2] uint8, scales_and_zeros [K/group, N, 2] in dtype): our
     `int4_quantize` kernel where it runs (CPU, fp32 / bf16 / fp16 weights, fp32 / bf16 scales),
