@@ -4,6 +4,11 @@ native bf16), calls alternating, medians.
 
     python bench/int6_head.py [--shapes 248320x1024,248320x2048] [--rows 1,4] [--rounds 8]
                               [--threads 2]
+    python bench/int6_head.py --engine Qwen3.5-0.8B [--rounds 40]   # or a config.json
+
+--engine: whole batch-1 decode steps of that model under `--quantization int4` (random weights,
+128-token prompt), its int6 head and an int8 head made of the int6 head's values swapped in
+every 8 steps (the first step after a swap not timed), in one process: medians and int8 / int6.
 
 Each head is larger than any cache (the 0.8B's: 248,320 x 1,024), so every call streams it from
 memory, as a decode step does. Prints ms per call, GB/s of weight bytes (scales included) and
@@ -28,8 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", default="1,4")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engine", help="a catalog model or config.json: whole decode steps instead")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.engine:
+        return engine_steps(args)
     m6, m8 = gemv.load_int6(), gemv.load()
     if m6 is None or m8 is None:
         raise SystemExit("the CPU kernels did not load (no compiler / AVX2, or QWEN35_NO_KERNELS=1)")
@@ -53,6 +61,40 @@ def main(argv: list[str] | None = None) -> None:
             a, b = statistics.median(t6), statistics.median(t8)
             print(f"{N} x {K}, {M} row(s): int6 {a * 1e3:.2f} ms ({b6 / a / 1e9:.1f} GB/s), "
                   f"int8 {b * 1e3:.2f} ms ({b8 / b / 1e9:.1f} GB/s), int8 / int6 time {b / a:.2f}")  # fmt: skip
+
+
+def engine_steps(args) -> None:
+    from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine
+    from qwen35.quant.layers import Int6Linear, Int8Linear
+    from qwen35.request import SamplingParams
+
+    bm = load_bench_model(BenchOptions(model=args.engine, threads=args.threads),
+                          quantization="int4")  # fmt: skip
+    model = bm.model
+    heads = {"int6": model.lm_head}
+    if not isinstance(heads["int6"], Int6Linear):
+        raise SystemExit(f"{args.engine}: its int4 head is not int6 (hidden size not a multiple of 64)")
+    heads["int8"] = Int8Linear.quantize(heads["int6"].dequantized(torch.float32), model.dtype)
+    steps = 9 * args.rounds + 5
+    eng = make_engine(bm, max_num_seqs=1, max_model_len=128 + steps + 16, enable_prefix_caching=False)
+    sp = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    vocab = model.config.vocab_size
+    eng.add_request("r", [(7 * i + 2) % vocab for i in range(128)], sp)
+    for _ in range(5):
+        eng.step()
+    ts: dict[str, list[float]] = {"int6": [], "int8": []}
+    for r in range(args.rounds):
+        name = ("int6", "int8")[r % 2]
+        model.lm_head = heads[name]
+        eng.step()
+        for _ in range(8):
+            t = time.perf_counter()
+            eng.step()
+            ts[name].append(time.perf_counter() - t)
+    model.lm_head = heads["int6"]
+    a, b = statistics.median(ts["int6"]), statistics.median(ts["int8"])
+    print(f"{args.engine} int4 decode step: int6 head {a * 1e3:.2f} ms, int8 head {b * 1e3:.2f} ms, "
+          f"int8 / int6 {b / a:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from kernel_modules import native_or_skip
 from qwen35.kernels import attention, gemv
@@ -172,6 +173,17 @@ def test_int6_head_bench_runs(capsys):
                              "--threads", "1"])  # fmt: skip
     out = capsys.readouterr().out
     assert out.count("int8 / int6 time") == 2 and "640 x 128, 2 row(s)" in out, out
+
+
+def test_int6_head_bench_engine_runs(capsys, tmp_path):
+    """bench/int6_head.py --engine: whole decode steps of an int4 model, its two heads swapped."""
+    from tiny import save_checkpoint
+
+    native_or_skip(gemv.INT6, "the int6 kernel")
+    save_checkpoint(tmp_path, dtype=torch.bfloat16, moe=False, intermediate_size=128)
+    _load("int6_head").main(["--engine", str(tmp_path / "config.json"), "--rounds", "2",
+                             "--threads", "1"])  # fmt: skip
+    assert "int8 / int6" in capsys.readouterr().out
 
 
 def test_small_ops_bench_runs(capsys):
