@@ -150,3 +150,17 @@ def test_quantize_kernel_equals_pytorch_twin(wdtype):
     want = formats.quantize_int6_groups(w)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert all(torch.equal(a, b) for a, b in zip(matmul.quantize_int6(w), want, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_rows_kernel_equals_dequantised_rows(dtype):
+    mod = _kernel()
+    g = torch.Generator().manual_seed(8)
+    packed, scales = formats.quantize_int6_groups(torch.randn(50, 192, generator=g))
+    ids = torch.tensor([3, 0, 49, 3, 17])
+    want = formats.dequantize_int6(packed[ids], scales[ids], dtype)
+    got = mod.int6_rows(packed, scales, ids, dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert mod.int6_rows(packed, scales, ids[:0], dtype).shape == (0, 192)
+    with pytest.raises(RuntimeError, match="an id outside"):
+        mod.int6_rows(packed, scales, torch.tensor([50]), dtype)

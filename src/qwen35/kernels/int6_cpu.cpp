@@ -254,7 +254,52 @@ std::vector<torch::Tensor> int6_quantize(const torch::Tensor& w) {
   return {packed, scales};
 }
 
+// int6_rows: rows `ids` of W [N, K] (an Int6Embedding's look-ups) -> [T, K] in `dtype`: q * scale in
+// fp32 (exact: a 6-bit integer times a bf16), rounded once to dtype; formats.dequantize_int6's
+// values
+torch::Tensor int6_rows(const torch::Tensor& packed, const torch::Tensor& scales,
+                        const torch::Tensor& ids, at::ScalarType dtype) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() &&
+                  packed.size(1) % kBlockBytes == 0,
+              "int6_rows: packed [N, K / 64 * 48] uint8, contiguous");
+  const int64_t N = packed.size(0), nb = packed.size(1) / kBlockBytes, K = nb * kBlock;
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() &&
+                  scales.dim() == 2 && scales.size(0) == N && scales.size(1) == 2 * nb,
+              "int6_rows: scales [N, K / 32] bf16, contiguous");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1, "int6_rows: ids [T] int64");
+  const auto idc = ids.contiguous();
+  const int64_t T = idc.size(0);
+  const int64_t* id = idc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(id[t] >= 0 && id[t] < N, "int6_rows: an id outside 0..", N - 1);
+  auto out = torch::empty({T, K}, packed.options().dtype(at::kFloat));
+  float* O = out.data_ptr<float>();
+  const auto* P = packed.data_ptr<uint8_t>();
+  const auto* S = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* p = P + id[t] * nb * kBlockBytes;
+      const uint16_t* sc = S + id[t] * 2 * nb;
+      float* o = O + t * K;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* q = p + b * kBlockBytes;
+        for (int g = 0; g < 2; ++g) {
+          const float s = gemv_rows::bf16_to_float(sc[2 * b + g]);
+          for (int half = 0; half < 2; ++half)
+            for (int r = 0; r < 16; ++r) {
+              const int low = half ? q[g * 16 + r] >> 4 : q[g * 16 + r] & 15;
+              const int top = (q[32 + r] >> (2 * (2 * half + g))) & 3;
+              o[b * kBlock + g * kGroup + half * 16 + r] = static_cast<float>((low | top << 4) - 32) * s;
+            }
+        }
+      }
+    }
+  });
+  return dtype == at::kFloat ? out : out.to(dtype);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int6_rows", &int6_rows, "rows ids of W as [T, K] in dtype: quant/formats.py dequantize_int6's");
   m.def("int6_quantize", &int6_quantize,
         "w [N, K] -> (packed, scales): quant/formats.py quantize_int6_groups");
   m.def("linear_int6", &linear_int6,

@@ -168,8 +168,13 @@ class Int6Embedding(nn.Module):
         self.weight, self.weight_scale, self.dtype = head.weight, head.weight_scale, dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
+        from qwen35.kernels import gemv
+
         flat = ids.reshape(-1)
-        rows = formats.dequantize_int6(self.weight[flat], self.weight_scale[flat], self.dtype)
+        if self.weight.is_cpu and (mod := gemv.load_int6()) is not None:  # (a decode step's row:
+            rows = mod.int6_rows(self.weight, self.weight_scale, flat, self.dtype)  # ~20 ops less)
+        else:
+            rows = formats.dequantize_int6(self.weight[flat], self.weight_scale[flat], self.dtype)
         return rows.view(*ids.shape, -1)
 
 
