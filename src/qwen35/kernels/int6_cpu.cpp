@@ -17,8 +17,14 @@
 // signed xq, pairs of products <= 16,002), one 16-bit add (<= 32,004), one vpmaddwd into 8 int32
 // lanes (4 per group), minus the rows' precomputed 32 * sum xq per lane (the offset of u):
 // sum q * xq exactly; then converted and scaled by scale * xs into 8 fp32 lanes; one horizontal
-// sum a row at the end (even and odd blocks in two accumulators). Each input row's arithmetic does not depend on the other rows of the
-// call (batched == alone, bit for bit). AVX2 + FMA. Its PyTorch twin: int6_linear_reference.
+// sum a row at the end (even and odd blocks in two accumulators). Each input row's arithmetic
+// does not depend on the other rows of the call (batched == alone, bit for bit). AVX2 + FMA.
+// Its PyTorch twin: int6_linear_reference. Also int6_quantize (the format, bit for bit the
+// PyTorch formula) and int6_rows (an Int6Embedding's looked-up rows).
+//
+// Measured (bench/int6_head.py, Zen 3, 2 threads): the 0.8B's head at one row 1.06-1.19x the
+// per-row int8 GEMV's time, 2,048 inputs 1.26x; near compute-bound on AVX2 (~18 GB/s a core with
+// the head in cache against int8's ~27), so 2-16 rows gain less (1.02-1.12x).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include "torch_ext.h"
