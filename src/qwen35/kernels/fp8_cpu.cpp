@@ -383,12 +383,8 @@ std::vector<torch::Tensor> fp8_quantize(const torch::Tensor& w, int64_t bo, int6
   auto q = torch::empty({N, K}, w.options().dtype(at::kFloat8_e4m3fn));
   auto scale = torch::empty({(N + bo - 1) / bo, (K + bi - 1) / bi}, w.options().dtype(scale_dtype));
   auto* Q = reinterpret_cast<uint8_t*>(q.data_ptr());
-  switch (wc.scalar_type()) {
-    case at::kFloat: fp8_quantize_to(wc.data_ptr<float>(), N, K, bo, bi, Q, scale); break;
-    case at::kBFloat16: fp8_quantize_to(wc.data_ptr<at::BFloat16>(), N, K, bo, bi, Q, scale); break;
-    case at::kHalf: fp8_quantize_to(wc.data_ptr<at::Half>(), N, K, bo, bi, Q, scale); break;
-    default: TORCH_CHECK(false, "fp8_quantize: w must be fp32, bf16 or fp16");
-  }
+  gemv_rows::with_weight_dtype(
+      wc, "fp8_quantize", [&](const auto* W) { fp8_quantize_to(W, N, K, bo, bi, Q, scale); });
   return {q, scale};
 }
 

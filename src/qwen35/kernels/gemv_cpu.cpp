@@ -1370,12 +1370,8 @@ std::vector<torch::Tensor> int8_quantize(const torch::Tensor& w, at::ScalarType 
   auto q = torch::empty({N, K}, w.options().dtype(at::kChar));
   auto scale = torch::empty({N}, w.options().dtype(scale_dtype));
   int8_t* Q = q.data_ptr<int8_t>();
-  switch (wc.scalar_type()) {
-    case at::kFloat: quantize_int8_to(wc.data_ptr<float>(), N, K, Q, scale); break;
-    case at::kBFloat16: quantize_int8_to(wc.data_ptr<at::BFloat16>(), N, K, Q, scale); break;
-    case at::kHalf: quantize_int8_to(wc.data_ptr<at::Half>(), N, K, Q, scale); break;
-    default: TORCH_CHECK(false, "int8_quantize: w must be fp32, bf16 or fp16");
-  }
+  gemv_rows::with_weight_dtype(
+      wc, "int8_quantize", [&](const auto* W) { quantize_int8_to(W, N, K, Q, scale); });
   return {q, scale};
 }
 

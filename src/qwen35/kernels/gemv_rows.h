@@ -6,6 +6,7 @@
 // (kernels/__init__.py's Native hashes this header with each source of this folder.)
 #pragma once
 #include <ATen/Parallel.h>
+#include "torch_ext.h"
 #include <immintrin.h>
 
 #include <algorithm>
@@ -68,6 +69,18 @@ inline void row_to_float(const T* w, int64_t K, float* out) {
     std::memcpy(out, w, K * sizeof(float));
   else
     for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(w[k]);
+}
+
+// fn(w's data as const T*) for the quantizers' weight dtypes (fp32 / bf16 / fp16), else an error
+// naming the quantizer `who`
+template <typename Fn>
+void with_weight_dtype(const at::Tensor& w, const char* who, Fn&& fn) {
+  switch (w.scalar_type()) {
+    case at::kFloat: fn(w.data_ptr<float>()); break;
+    case at::kBFloat16: fn(w.data_ptr<at::BFloat16>()); break;
+    case at::kHalf: fn(w.data_ptr<at::Half>()); break;
+    default: TORCH_CHECK(false, who, ": w must be fp32, bf16 or fp16");
+  }
 }
 
 // max(m, |x[0]|, ..., |x[n - 1]|) (no NaNs; exact in any order): the quantizers' amax

@@ -1140,12 +1140,8 @@ std::vector<torch::Tensor> int4_quantize(const torch::Tensor& w, int64_t group,
   auto packed = torch::empty({N, K / 2}, w.options().dtype(at::kByte));
   auto sz = torch::empty({K / group, N, 2}, w.options().dtype(sz_dtype));
   uint8_t* P = packed.data_ptr<uint8_t>();
-  switch (wc.scalar_type()) {
-    case at::kFloat: quantize_to(wc.data_ptr<float>(), N, K, group, P, sz); break;
-    case at::kBFloat16: quantize_to(wc.data_ptr<at::BFloat16>(), N, K, group, P, sz); break;
-    case at::kHalf: quantize_to(wc.data_ptr<at::Half>(), N, K, group, P, sz); break;
-    default: TORCH_CHECK(false, "int4_quantize: w must be fp32, bf16 or fp16");
-  }
+  gemv_rows::with_weight_dtype(
+      wc, "int4_quantize", [&](const auto* W) { quantize_to(W, N, K, group, P, sz); });
   return {packed, sz};
 }
 

@@ -43,29 +43,18 @@ constexpr int64_t kGroup = 32, kBlock = 64, kBlockBytes = 48;
 constexpr int kXMax = 127;
 constexpr int kMR = 4;  // input rows per pass over a weight row
 
-// One input row rounded to 8 bits per group, as the kernel reads it: per block xq [64] in the
-// weights' order (W1's 32 bytes: inputs 0..15 of each group; W2's: inputs 16..31), off [8]
-// (32 * the sum of xq over each int32 lane's inputs), xs [8] (the groups' steps, 4 lanes each).
-// A group with a non-finite value gets xs NaN (its outputs NaN, as the reference's); a group of
-// zeros (or with 127 / amax overflowing) zeros.
+// One input row rounded to 8 bits per group (gemv_rows::quantize_group_i16 with qmax 127, the
+// int4 x8 paths' rounding), as the kernel reads it: per block xq [64] in the weights' order
+// (W1's 32 bytes: inputs 0..15 of each group; W2's: inputs 16..31), off [8] (32 * the sum of xq
+// over each int32 lane's inputs), xs [8] (the groups' steps, 4 lanes each; NaN for a group with
+// a NaN or an inf, 0 for one of zeros: its xq all zeros).
 void round_row(const float* x, int64_t K, int8_t* xq, int32_t* off, float* xs) {
   alignas(32) int8_t q[kBlock];
+  int16_t q16[kGroup];
   for (int64_t b = 0; b * kBlock < K; ++b) {
     for (int g = 0; g < 2; ++g) {
-      const float* v = x + b * kBlock + g * kGroup;
-      float amax = 0.f;
-      bool finite = true;
-      for (int j = 0; j < kGroup; ++j) {
-        amax = std::max(amax, std::fabs(v[j]));
-        finite = finite && std::isfinite(v[j]);
-      }
-      const float inv = static_cast<float>(kXMax) / amax;  // (a true division: the reference's)
-      const bool live = finite && std::isfinite(inv);
-      for (int j = 0; j < kGroup; ++j) {
-        const float r = live ? std::nearbyint(v[j] * inv) : 0.f;
-        q[g * kGroup + j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, r)));
-      }
-      const float step = !finite ? std::nanf("") : (live ? amax / kXMax : 0.f);
+      const float step = gemv_rows::quantize_group_i16(x + b * kBlock + g * kGroup, kGroup, kXMax, q16);
+      for (int j = 0; j < kGroup; ++j) q[g * kGroup + j] = static_cast<int8_t>(q16[j]);
       for (int l = 0; l < 4; ++l) xs[b * 8 + g * 4 + l] = step;
     }
     int8_t* o = xq + b * kBlock;  // [g0 0..15 | g1 0..15] then [g0 16..31 | g1 16..31]
@@ -251,12 +240,8 @@ std::vector<torch::Tensor> int6_quantize(const torch::Tensor& w) {
   auto scales = torch::empty({N, K / kGroup}, w.options().dtype(at::kBFloat16));
   uint8_t* P = packed.data_ptr<uint8_t>();
   auto* S = scales.data_ptr<at::BFloat16>();
-  switch (wc.scalar_type()) {
-    case at::kFloat: quantize_int6_impl(wc.data_ptr<float>(), N, K, P, S); break;
-    case at::kBFloat16: quantize_int6_impl(wc.data_ptr<at::BFloat16>(), N, K, P, S); break;
-    case at::kHalf: quantize_int6_impl(wc.data_ptr<at::Half>(), N, K, P, S); break;
-    default: TORCH_CHECK(false, "int6_quantize: w must be fp32, bf16 or fp16");
-  }
+  gemv_rows::with_weight_dtype(
+      wc, "int6_quantize", [&](const auto* W) { quantize_int6_impl(W, N, K, P, S); });
   return {packed, scales};
 }
 

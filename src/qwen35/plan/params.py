@@ -83,6 +83,13 @@ def int_quantized(t: Tensor) -> bool:
     return t.fp8 or head
 
 
+def head_format(fmt: str, in_features: int) -> str:
+    """lm_head's format under weight-only `fmt` ("int8" / "int4"), as qwen35.quant stores it: int6
+    under int4 (6.5 bits a weight, the head being the largest read of a decode step; inputs in
+    blocks of 64), else per-row int8."""
+    return "int6" if fmt == "int4" and in_features % INT6_BLOCK == 0 else "int8"
+
+
 def output_head(t: Tensor) -> bool:
     """lm_head, or the embedding a tied model reads every step as its head."""
     return t.part == "text" and (t.name.endswith("lm_head.weight")
@@ -101,7 +108,7 @@ def tensor_bytes(
         return count * (numel * FP8_BYTES + fp8_block_scales(shape) * SCALE_BYTES)
     if dtype in ("int8", "int4") and int_quantized(t):
         out, inp = shape[0], numel // shape[0]
-        if dtype == "int4" and output_head(t) and inp % INT6_BLOCK == 0:
+        if output_head(t) and head_format(dtype, inp) == "int6":
             return count * out * (inp // INT6_BLOCK) * INT6_BLOCK_BYTES
         g = int4_group(out, inp) if dtype == "int4" and t.fp8 else None
         if g:

@@ -12,10 +12,9 @@
   stored in bf16, computed in fp32 (CPUs without native bf16 arithmetic).
 - `quantize_model_(model, fmt)`: after loading, BF16 (or FP8) weights -> fp8 / int8 / int4.
   int8 / int4 cover the FP8 set plus lm_head and the embedding (per-row int8, but lm_head int6
-  under int4: `head_format`; one shared tensor when tied: the 0.8B's tied head is a third of its
-  bytes); int4 needs
-  out % 64 == 0 and in % 32 == 0 (torch's CPU layout), other matrices get int8
-  (`plan.params.int4_group`, the same rule the planner counts with).
+  under int4: `plan.params.head_format`; one shared tensor when tied: the 0.8B's tied head is a
+  third of its bytes); int4 needs out % 64 == 0 and in % 32 == 0 (torch's CPU layout), other
+  matrices get int8 (`plan.params.int4_group`). Both rules are the ones the planner counts with.
 - `QuantizeOnRead`: the same conversions module by module while the loader reads (or draws)
   the weights, so the BF16 model is never whole in memory; quantize_model_ then finds them done.
 """
@@ -30,7 +29,7 @@ from torch import nn
 from qwen35 import heap
 from qwen35.layers.linear import Linear
 from qwen35.layers.moe import Experts
-from qwen35.plan.params import INT6_BLOCK, int4_group, text_tensors
+from qwen35.plan.params import head_format, int4_group, text_tensors
 from qwen35.quant.layers import (
     Fp8Experts,
     Fp8Linear,
@@ -256,13 +255,6 @@ def quantize_model_(model: nn.Module, fmt: str, dtype: torch.dtype | None = None
 
 
 VOCAB = ("model.embed_tokens", "lm_head")  # per-row int8 under int8; under int4 the head int6
-
-
-def head_format(fmt: str, in_features: int) -> str:
-    """lm_head's format under weight-only `fmt`: int6 under int4 (6.5 bits a weight, the head
-    being the largest read of a decode step; inputs in blocks of 64), else per-row int8. As the
-    planner counts it (plan/params.py tensor_bytes)."""
-    return "int6" if fmt == "int4" and in_features % INT6_BLOCK == 0 else "int8"
 
 
 @torch.no_grad()

@@ -108,7 +108,8 @@ def dequantize_int4_groups(q: torch.Tensor, sz: torch.Tensor, group: int, dtype=
     return ((q.float() - 8) * s + z).to(dtype)
 
 
-INT6_GROUP, INT6_BLOCK, INT6_BLOCK_BYTES, INT6_MAX = 32, 64, 48, 31
+# (plan/params.py INT6_BLOCK_BYTES counts a block's two bf16 scales too: 48 + 4)
+INT6_GROUP, INT6_BLOCK, INT6_CODE_BYTES, INT6_MAX = 32, 64, 48, 31
 
 
 def quantize_int6_groups(w: torch.Tensor, chunk: int = 1 << 22):
@@ -123,7 +124,7 @@ def quantize_int6_groups(w: torch.Tensor, chunk: int = 1 << 22):
     if inp % INT6_BLOCK:
         raise ValueError(f"int6 needs inputs in blocks of {INT6_BLOCK}, got {inp}")
     nb = inp // INT6_BLOCK
-    packed = torch.empty(out, nb * INT6_BLOCK_BYTES, dtype=torch.uint8, device=w.device)
+    packed = torch.empty(out, nb * INT6_CODE_BYTES, dtype=torch.uint8, device=w.device)
     scales = torch.empty(out, 2 * nb, dtype=torch.bfloat16, device=w.device)
     step = max(1, chunk // inp)
     for r in range(0, out, step):
@@ -143,7 +144,7 @@ def quantize_int6_groups(w: torch.Tensor, chunk: int = 1 << 22):
 def int6_codes(packed: torch.Tensor) -> torch.Tensor:
     """packed [out, nb * 48] uint8 -> q [out, nb * 64] int8 in [-31, 31] (the stored values)."""
     out = packed.shape[0]
-    b = packed.view(out, -1, INT6_BLOCK_BYTES)
+    b = packed.view(out, -1, INT6_CODE_BYTES)
     nib, hb = b[..., :32].reshape(out, -1, 2, 16), b[..., 32:]  # [out, block, group, r]
     low = torch.stack([nib & 0x0F, nib >> 4], 3)  # [out, block, group, half, r]
     top = torch.stack([torch.stack([(hb >> (2 * (2 * half + grp))) & 3 for half in (0, 1)], 2)

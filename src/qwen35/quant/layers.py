@@ -81,7 +81,7 @@ class Int8Linear(Linear):
 
 
 class Int6Linear(Linear):
-    """lm_head under int4: weight [out, in / 32 * 24] uint8 in 6-bit groups of 32 inputs,
+    """lm_head under int4: weight [out, in / 64 * 48] uint8, 6-bit codes in groups of 32 inputs,
     weight_scale [out, in / 32] bf16 (quant/formats.py quantize_int6_groups). 6.5 bits a weight
     where per-row int8 takes 8 (llama.cpp keeps its q4_0 models' output in q6_K alike)."""
 

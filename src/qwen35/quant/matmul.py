@@ -339,7 +339,8 @@ def quantize_int6(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     else formats.quantize_int6_groups (the same bits: tested)."""
     from qwen35.kernels import gemv
 
-    if (mod := _quantizer(gemv.load_int6, w, torch.bfloat16)) is not None and w.shape[1] % 64 == 0:
+    blocks = w.dim() == 2 and w.shape[1] % formats.INT6_BLOCK == 0  # (else the formula's error)
+    if blocks and (mod := _quantizer(gemv.load_int6, w, torch.bfloat16)) is not None:
         return tuple(mod.int6_quantize(w))
     return formats.quantize_int6_groups(w)
 
