@@ -11,7 +11,10 @@ minutes hits all of them alike:
   (ops/deltanet.py deltanet_decode_gated, ops/attention.py attention_decode_gated);
 - `plan`: the CPU decode plan too (models/cpu_decode.py), the engine's default;
 - MoE models also `plan-moe-module`: the plan with its MoE blocks through their module (the
-  plan's MoE step off), e.g. `--model DIR/config.json` of bench/moe_decode.py.
+  plan's MoE step off), e.g. `--model DIR/config.json` of bench/moe_decode.py; and with int4
+  experts `plan-moe-calls`: the plan's MoE step as its separate kernel calls (few_token_moe and
+  the shared expert) instead of int4_cpu.cpp's one `Int4Moe` call a block (`_int4_block` off).
+`--dtype`: the rows' dtype of quantized formats (default bf16; `auto`: the engine's default).
 Medians of the steps' wall times. `--fake-gemv` replaces every dense GEMV by its stored output
 (bf16 / fp32 only) to isolate what is not weight streaming. Results can only be compared
 within one run. Writes bench/results/decode_overhead.json.
@@ -59,6 +62,16 @@ def _moe_module_plan(model):
         cpu_decode._moe = real
 
 
+def _moe_calls_plan(model):
+    """The model's decode plan with its int4 MoE blocks as separate kernel calls."""
+    real = cpu_decode._int4_block
+    cpu_decode._int4_block = lambda mlp, dtype: None
+    try:
+        return cpu_decode.DecodePlan(model)
+    finally:
+        cpu_decode._int4_block = real
+
+
 def _fake_gemvs() -> None:
     """Every dense linear returns a stored output for its shapes (no weight is read)."""
     real, stored = linear_mod.linear, {}
@@ -91,6 +104,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--fake-gemv", action="store_true")
     ap.add_argument("--model", default=None, help="a config.json (default: Qwen3.5-0.8B's)")
+    ap.add_argument("--dtype", default="bf16", help="quantized formats' rows: bf16, fp32, auto")
     args = ap.parse_args()
     if args.fake_gemv:
         _fake_gemvs()
@@ -98,7 +112,8 @@ def main() -> None:
                 applies=cpu_decode.DecodePlan.applies)  # fmt: skip
     results = {}
     for fmt in args.formats:
-        opts = BenchOptions(dtype="fp32" if fmt == "fp32" else "bf16", threads=args.threads)
+        dtype = fmt if fmt in ("fp32", "bf16") else args.dtype
+        opts = BenchOptions(dtype=dtype, threads=args.threads)
         if args.model:
             opts.model = args.model
         quant = None if fmt in ("fp32", "bf16") else fmt
@@ -109,7 +124,9 @@ def main() -> None:
         plans, modes = None, MODES
         if any(layer.is_moe for layer in bm.model.model.layers):
             plans = {"plan": bm.model._decode_plan, "plan-moe-module": _moe_module_plan(bm.model)}
-            modes = (*MODES, "plan-moe-module")
+            if fmt == "int4":
+                plans["plan-moe-calls"] = _moe_calls_plan(bm.model)
+            modes = (*MODES, *(m for m in plans if m != "plan"))
         times = {m: [] for m in modes}
         for r in range(args.rounds):
             for mode in modes:
@@ -121,8 +138,8 @@ def main() -> None:
         print(f"{fmt}{' (GEMVs faked)' if args.fake_gemv else ''}: median step ms "
               + ", ".join(f"{m} {v:.2f}" for m, v in med.items())
               + f"; modules / plan {med['modules'] / med['plan']:.3f}x"
-              + (f", plan-moe-module / plan {med['plan-moe-module'] / med['plan']:.3f}x"
-                 if plans else ""))  # fmt: skip
+              + "".join(f", {m} / plan {med[m] / med['plan']:.3f}x"
+                        for m in (plans or ()) if m != "plan"))  # fmt: skip
     out = Path(__file__).with_name("results") / "decode_overhead.json"
     out.parent.mkdir(exist_ok=True)
     doc = {"threads": torch.get_num_threads(), "fake_gemv": args.fake_gemv, "formats": results}

@@ -46,6 +46,7 @@
 
 #include "cpu_isa.h"
 #include "gemv_rows.h"
+#include "small_rows.h"
 #include "vec_avx2.h"
 
 #include <algorithm>
@@ -990,6 +991,133 @@ torch::Tensor linear_int4_many(const std::vector<torch::Tensor>& xs,
   return y;
 }
 
+// A MoE block's int4 experts for a decode step, their tensors held once (models/cpu_decode.py
+// builds one a block whose routed and shared experts are Int4Linear with one x8 and scale
+// dtype; the experts share a group size, the shared expert's two may have their own): between
+// gemv_cpu.cpp's moe_route (routing; the pairs' rows sorted by expert) and moe_combine (the
+// weighted sum), one call runs what ops/moe.py few_token_moe's middle and the shared expert
+// otherwise run in ~10 Python-level calls (~40% of a MoE block's time outside its kernels on
+// Zen 3): every routed pair's and the shared expert's gate_up products in one parallel_for,
+// their SwiGLU (small_rows.h silu_mul_row: small_ops_cpu.cpp silu_mul's arithmetic), their
+// down products in another. Each product is the Call linear_int4 / linear_int4_many makes for
+// it: the same bits as those calls.
+class Int4Moe {
+ public:
+  Int4Moe(std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> gate_up_sz,
+          std::vector<torch::Tensor> down, std::vector<torch::Tensor> down_sz,
+          torch::Tensor shared_gate_up, torch::Tensor shared_gate_up_sz, torch::Tensor shared_down,
+          torch::Tensor shared_down_sz, int64_t group, int64_t shared_gate_up_group,
+          int64_t shared_down_group, bool x8)
+      : gu_(std::move(gate_up)), gu_sz_(std::move(gate_up_sz)), dn_(std::move(down)),
+        dn_sz_(std::move(down_sz)), sgu_(std::move(shared_gate_up)),
+        sgu_sz_(std::move(shared_gate_up_sz)), sdn_(std::move(shared_down)),
+        sdn_sz_(std::move(shared_down_sz)), group_(group), sgu_group_(shared_gate_up_group),
+        sdn_group_(shared_down_group), x8_(x8) {
+    const int64_t E = static_cast<int64_t>(gu_.size());
+    TORCH_CHECK(E >= 1 && gu_sz_.size() == gu_.size() && dn_.size() == gu_.size() &&
+                    dn_sz_.size() == gu_.size(),
+                "Int4Moe: as many gate_up, down and scales_and_zeros as experts");
+    H_ = gu_[0].size(1) * 2, I2_ = gu_[0].size(0), Is2_ = sgu_.size(0);
+    TORCH_CHECK(I2_ % 2 == 0 && Is2_ % 2 == 0 && dn_[0].size(0) == H_ &&
+                    dn_[0].size(1) * 4 == I2_ && sgu_.size(1) * 2 == H_ && sdn_.size(0) == H_ &&
+                    sdn_.size(1) * 4 == Is2_,
+                "Int4Moe: gate_up [2I, H], down [H, I], shared [2Is, H] and [H, Is] expected");
+    for (int64_t e = 0; e < E; ++e) {  // what make_call checks per call, once
+      check_packed(gu_[e], gu_sz_[e], group, I2_, H_);
+      check_packed(dn_[e], dn_sz_[e], group, H_, I2_ / 2);
+      TORCH_CHECK(gu_[e].sizes() == gu_[0].sizes() && dn_[e].sizes() == dn_[0].sizes() &&
+                      gu_sz_[e].scalar_type() == gu_sz_[0].scalar_type() &&
+                      dn_sz_[e].scalar_type() == gu_sz_[0].scalar_type(),
+                  "Int4Moe: every expert of one shape and scale dtype");
+    }
+    check_packed(sgu_, sgu_sz_, sgu_group_, Is2_, H_);
+    check_packed(sdn_, sdn_sz_, sdn_group_, H_, Is2_ / 2);
+    TORCH_CHECK(sgu_sz_.scalar_type() == gu_sz_[0].scalar_type() &&
+                    sdn_sz_.scalar_type() == gu_sz_[0].scalar_type(),
+                "Int4Moe: the shared expert's scales in the experts' dtype");
+  }
+
+  // (xs [P, H]: the pairs' rows sorted by expert, experts: the active ones, counts: each one's
+  // pairs (moe_route's), x [T, H]) -> {ys [P, H]: each pair's down(SwiGLU(gate_up)), sh [T, H]:
+  // the shared expert's output}, in x's dtype (that of the scales: fp32 or bf16)
+  std::vector<torch::Tensor> run(const torch::Tensor& xs, const std::vector<int64_t>& experts,
+                                 const std::vector<int64_t>& counts, const torch::Tensor& x) const {
+    const auto dt = x.scalar_type();
+    TORCH_CHECK(dt == gu_sz_[0].scalar_type() && xs.scalar_type() == dt,
+                "Int4Moe: x and xs in the scales' dtype");
+    TORCH_CHECK(x.dim() == 2 && xs.dim() == 2 && x.size(1) == H_ && xs.size(1) == H_ &&
+                    x.is_contiguous() && xs.is_contiguous(),
+                "Int4Moe: contiguous x [T, H] and xs [P, H] expected");
+    TORCH_CHECK(experts.size() == counts.size(), "Int4Moe: a count per expert");
+    const int64_t P = xs.size(0), T = x.size(0), E = static_cast<int64_t>(gu_.size());
+    int64_t total = 0;
+    for (size_t i = 0; i < experts.size(); ++i) {
+      TORCH_CHECK(experts[i] >= 0 && experts[i] < E && counts[i] >= 1,
+                  "Int4Moe: an expert id outside 0..E-1 or an empty run");
+      total += counts[i];
+    }
+    TORCH_CHECK(total == P, "Int4Moe: the counts must add up to xs's rows");
+    const Path path = pick_path(dt, group_, false, x8_);  // (x8: each group a multiple of 32)
+    pick_path(dt, sgu_group_, false, x8_), pick_path(dt, sdn_group_, false, x8_);
+    const int64_t I = I2_ / 2, Is = Is2_ / 2;
+    const auto opt = x.options();
+    torch::Tensor gu = torch::empty({P, I2_}, opt), sgu = torch::empty({T, Is2_}, opt);
+    torch::Tensor h = torch::empty({P, I}, opt), sh = torch::empty({T, Is}, opt);
+    torch::Tensor ys = torch::empty({P, H_}, opt), ysh = torch::empty({T, H_}, opt);
+    const auto body = [&](auto tag) {
+      using scalar_t = decltype(tag);
+      const int64_t sz = sizeof(scalar_t);
+      auto rows = [&](const torch::Tensor& t, int64_t row, int64_t n) {
+        return t.narrow(0, row, n);
+      };
+      auto at_row = [&](const torch::Tensor& t, int64_t row) {
+        return static_cast<char*>(t.data_ptr()) + row * t.size(1) * sz;
+      };
+      // pass 1: gate_up (the shared expert's with the routed ones where it has their width
+      // and group: run_calls takes products of one shape)
+      std::vector<Call> calls, shared;
+      for (size_t i = 0, row = 0; i < experts.size(); row += counts[i], ++i)
+        calls.push_back(make_call(rows(xs, row, counts[i]), gu_[experts[i]], gu_sz_[experts[i]],
+                                  group_, I2_, path, at_row(gu, row)));
+      (Is2_ == I2_ && sgu_group_ == group_ ? calls : shared)
+          .push_back(make_call(x, sgu_, sgu_sz_, sgu_group_, Is2_, path, sgu.data_ptr()));
+      run_calls<scalar_t>(calls, H_, group_, I2_, path);
+      if (!shared.empty()) run_calls<scalar_t>(shared, H_, sgu_group_, Is2_, path);
+      // SwiGLU of every row
+      const auto* G = gu.data_ptr<scalar_t>();
+      const auto* SG = sgu.data_ptr<scalar_t>();
+      auto* Hp = h.data_ptr<scalar_t>();
+      auto* SH = sh.data_ptr<scalar_t>();
+      for (int64_t q = 0; q < P; ++q)
+        rows::silu_mul_row(G + q * I2_, G + q * I2_ + I, Hp + q * I, I);
+      for (int64_t t = 0; t < T; ++t)
+        rows::silu_mul_row(SG + t * Is2_, SG + t * Is2_ + Is, SH + t * Is, Is);
+      // pass 2: down (the same)
+      calls.clear();
+      shared.clear();
+      for (size_t i = 0, row = 0; i < experts.size(); row += counts[i], ++i)
+        calls.push_back(make_call(rows(h, row, counts[i]), dn_[experts[i]], dn_sz_[experts[i]],
+                                  group_, H_, path, at_row(ys, row)));
+      (Is == I && sdn_group_ == group_ ? calls : shared)
+          .push_back(make_call(sh, sdn_, sdn_sz_, sdn_group_, H_, path, ysh.data_ptr()));
+      run_calls<scalar_t>(calls, I, group_, H_, path);
+      if (!shared.empty()) run_calls<scalar_t>(shared, Is, sdn_group_, H_, path);
+    };
+    if (dt == at::kFloat)
+      body(float{});
+    else
+      body(at::BFloat16{});
+    return {ys, ysh};
+  }
+
+ private:
+  std::vector<torch::Tensor> gu_, gu_sz_, dn_, dn_sz_;
+  torch::Tensor sgu_, sgu_sz_, sdn_, sdn_sz_;
+  int64_t group_, sgu_group_, sdn_group_;
+  bool x8_;
+  int64_t H_ = 0, I2_ = 0, Is2_ = 0;
+};
+
 // x [M, K] (bf16 / fp32) -> x rounded as the x8 paths round it (xs_b * xq per block of 32 inputs,
 // in x's dtype): what longer inputs (prefill's dequantise + GEMM) multiply with x8, so that a
 // row's result does not depend on whether its call had more than 16 rows (batched == alone).
@@ -1155,6 +1283,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[x_i @ W_i^T] stacked [sum M_i, n], products of one shape, one parallel_for",
         py::arg("xs"), py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("n"),
         py::arg("avx2_only") = false, py::arg("x8") = false);
+  py::class_<Int4Moe>(m, "Int4Moe")
+      .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                    std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
+                    torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t,
+                    bool>(),
+           py::arg("gate_up"), py::arg("gate_up_sz"), py::arg("down"), py::arg("down_sz"),
+           py::arg("shared_gate_up"), py::arg("shared_gate_up_sz"), py::arg("shared_down"),
+           py::arg("shared_down_sz"), py::arg("group"), py::arg("shared_gate_up_group"),
+           py::arg("shared_down_group"), py::arg("x8"))
+      .def("run", &Int4Moe::run,
+           "(xs, experts, counts, x) -> [ys, shared]: a MoE block's int4 experts, few rows");
   m.def("int4_dequant", &int4_dequant, "torch's packed CPU int4 weight into out [N, K]");
   m.def("int4_x8_round", &int4_x8_round, "x rounded as the x8 paths round it, in x's dtype");
   m.def("int4_fast_supported", &int4_fast_supported, "the AVX512-VBMI + BF16 path runs here");

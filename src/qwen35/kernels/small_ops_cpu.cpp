@@ -142,18 +142,8 @@ torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
     const scalar_t* U = up.data_ptr<scalar_t>();
     scalar_t* Y = y.data_ptr<scalar_t>();
     const int64_t d = rg.d;
-    each_row(rg.n, d, [&](int64_t r) {
-      const scalar_t* gr = G + rg.at(r);
-      const scalar_t* ur = U + ru.at(r);
-      scalar_t* yr = Y + r * d;
-      int64_t j = 0;
-      for (; j + 8 <= d; j += 8)
-        store8(yr + j, _mm256_mul_ps(round8<scalar_t>(silu8(load8(gr + j))), load8(ur + j)));
-      for (; j < d; ++j) {
-        const float s = static_cast<float>(round_to<scalar_t>(silu(static_cast<float>(gr[j]))));
-        yr[j] = round_to<scalar_t>(s * static_cast<float>(ur[j]));
-      }
-    });
+    each_row(rg.n, d,
+             [&](int64_t r) { rows::silu_mul_row(G + rg.at(r), U + ru.at(r), Y + r * d, d); });
   });
   return y;
 }

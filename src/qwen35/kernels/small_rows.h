@@ -1,7 +1,7 @@
 // Row-level arithmetic of the small ops, shared by small_ops_cpu.cpp (one op per call),
-// gated_delta_cpu.cpp (the DeltaNet decode step fused with its gates and output norm) and
-// gemv_cpu.cpp's MoE step (silu, sigmoid), so all round exactly where the PyTorch references
-// (layers/norms.py, layers/deltanet.py, layers/moe.py) round.
+// gated_delta_cpu.cpp (the DeltaNet decode step fused with its gates and output norm),
+// gemv_cpu.cpp's MoE step (silu, sigmoid) and int4_cpu.cpp's (SwiGLU), so all round exactly
+// where the PyTorch references (layers/norms.py, layers/deltanet.py, layers/moe.py) round.
 // (kernels/__init__.py's Native hashes this header with each source that includes it.)
 #pragma once
 #include <cmath>
@@ -43,6 +43,20 @@ inline float inv_rms(const T* x, int64_t d, float eps) {
     ss += v * v;
   }
   return 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+}
+
+// SwiGLU's activation of one row: silu(gate) rounded to the model dtype, times up, rounded
+// (ops/pointwise.py silu_mul; small_ops_cpu.cpp silu_mul, int4_cpu.cpp's MoE block).
+template <typename T>
+inline void silu_mul_row(const T* g, const T* u, T* y, int64_t d) {
+  using namespace vec8;
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8)
+    store8(y + j, _mm256_mul_ps(round8<T>(silu8(load8(g + j))), load8(u + j)));
+  for (; j < d; ++j) {
+    const float s = static_cast<float>(round_to<T>(silu(static_cast<float>(g[j]))));
+    y[j] = round_to<T>(s * static_cast<float>(u[j]));
+  }
 }
 
 // Zero-centred RMSNorm of one row: y = x * inv_rms(x) * (1 + w), fp32, rounded once.
