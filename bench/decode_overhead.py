@@ -1,7 +1,7 @@
 """Batch-1 CPU decode steps with the per-token Python cut in stages, interleaved in one process.
 
     python bench/decode_overhead.py [--formats bf16 int4] [--rounds 6] [--steps 32] [--threads N]
-                                    [--fake-gemv] [--model CONFIG]
+                                    [--fake-gemv] [--model CONFIG] [--dtype D] [--batch N]
 
 Qwen3.5-0.8B config (or --model's), random weights, one engine per format; the same decode steps
 (128-token prompt) run in three modes, round-robin, so the memory bandwidth's drift between
@@ -11,13 +11,14 @@ minutes hits all of them alike:
   (ops/deltanet.py deltanet_decode_gated, ops/attention.py attention_decode_gated);
 - `plan`: the CPU decode plan too (models/cpu_decode.py), the engine's default;
 - MoE models also `plan-moe-module`: the plan with its MoE blocks through their module (the
-  plan's MoE step off), e.g. `--model DIR/config.json` of bench/moe_decode.py; and with int4
-  experts `plan-moe-calls`: the plan's MoE step as its separate kernel calls (few_token_moe and
-  the shared expert) instead of int4_cpu.cpp's one `Int4Moe` call a block (`_int4_block` off).
+  plan's MoE step off), e.g. `--model DIR/config.json` of bench/moe_decode.py; and with int4 /
+  int8 experts `plan-moe-calls`: the plan's MoE step as its separate kernel calls (few_token_moe
+  and the shared expert) instead of one `Int4Moe` / `Int8Moe` call a block (`_quant_block` off).
 `--dtype`: the rows' dtype of quantized formats (default bf16; `auto`: the engine's default).
-Medians of the steps' wall times. `--fake-gemv` replaces every dense GEMV by its stored output
-(bf16 / fp32 only) to isolate what is not weight streaming. Results can only be compared
-within one run. Writes bench/results/decode_overhead.json.
+`--batch N`: N sequences decoding together (prefilled one a step first). Medians of the steps' wall
+times. `--fake-gemv` replaces every dense GEMV by its stored output (bf16 / fp32 only) to isolate
+what is not weight streaming. Results can only be compared within one run. Writes
+bench/results/decode_overhead.json.
 """
 
 from __future__ import annotations
@@ -63,13 +64,13 @@ def _moe_module_plan(model):
 
 
 def _moe_calls_plan(model):
-    """The model's decode plan with its int4 MoE blocks as separate kernel calls."""
-    real = cpu_decode._int4_block
-    cpu_decode._int4_block = lambda mlp, dtype: None
+    """The model's decode plan with its int4 / int8 MoE blocks as separate kernel calls."""
+    real = cpu_decode._quant_block
+    cpu_decode._quant_block = lambda mlp, dtype: None
     try:
         return cpu_decode.DecodePlan(model)
     finally:
-        cpu_decode._int4_block = real
+        cpu_decode._quant_block = real
 
 
 def _fake_gemvs() -> None:
@@ -85,15 +86,16 @@ def _fake_gemvs() -> None:
     linear_mod.linear = cpu_decode.linear = fake
 
 
-def _steps(engine, n: int, rid: str) -> list[float]:
+def _steps(engine, n: int, rid: str, batch: int = 1) -> list[float]:
     sp = SamplingParams(max_tokens=n + 2, temperature=0.0, ignore_eos=True)
-    engine.add_request(rid, list(range(100, 228)), sp)
+    for b in range(batch):
+        engine.add_request(f"{rid}-{b}", list(range(100 + b, 228 + b)), sp)
     times = []
     while engine.has_unfinished_requests():
         t0 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t0)
-    return times[2:]  # the prefill and the first decode step (plan built) left out
+    return times[batch + 1 :]  # the prefills and the first decode step (plan built) left out
 
 
 def main() -> None:
@@ -105,6 +107,7 @@ def main() -> None:
     ap.add_argument("--fake-gemv", action="store_true")
     ap.add_argument("--model", default=None, help="a config.json (default: Qwen3.5-0.8B's)")
     ap.add_argument("--dtype", default="bf16", help="quantized formats' rows: bf16, fp32, auto")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     args = ap.parse_args()
     if args.fake_gemv:
         _fake_gemvs()
@@ -118,20 +121,20 @@ def main() -> None:
             opts.model = args.model
         quant = None if fmt in ("fp32", "bf16") else fmt
         bm = load_bench_model(opts, quantization=quant)
-        engine = make_engine(bm, max_model_len=1024)
+        engine = make_engine(bm, max_model_len=1024, max_num_seqs=max(args.batch, 1))
         _set_mode("plan", real)
         _steps(engine, 4, "warm")  # (builds the plan)
         plans, modes = None, MODES
         if any(layer.is_moe for layer in bm.model.model.layers):
             plans = {"plan": bm.model._decode_plan, "plan-moe-module": _moe_module_plan(bm.model)}
-            if fmt == "int4":
+            if fmt in ("int4", "int8"):
                 plans["plan-moe-calls"] = _moe_calls_plan(bm.model)
             modes = (*MODES, *(m for m in plans if m != "plan"))
         times = {m: [] for m in modes}
         for r in range(args.rounds):
             for mode in modes:
                 _set_mode(mode, real, plans, bm.model)
-                times[mode] += _steps(engine, args.steps, f"{fmt}-{r}-{mode}")
+                times[mode] += _steps(engine, args.steps, f"{fmt}-{r}-{mode}", args.batch)
         _set_mode("plan", real, plans, bm.model)
         med = {m: statistics.median(t) * 1e3 for m, t in times.items()}
         results[fmt] = {"median_step_ms": med, "steps": {m: len(t) for m, t in times.items()}}
@@ -142,7 +145,8 @@ def main() -> None:
                         for m in (plans or ()) if m != "plan"))  # fmt: skip
     out = Path(__file__).with_name("results") / "decode_overhead.json"
     out.parent.mkdir(exist_ok=True)
-    doc = {"threads": torch.get_num_threads(), "fake_gemv": args.fake_gemv, "formats": results}
+    doc = {"threads": torch.get_num_threads(), "fake_gemv": args.fake_gemv, "batch": args.batch,
+           "formats": results}  # fmt: skip
     out.write_text(json.dumps(doc, indent=1) + "\n")
 
 

@@ -103,28 +103,30 @@ def test_plan_equals_module_path_bitwise(dtype, quant, moe, monkeypatch):
 
 @pytest.mark.parametrize("shared", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_moe_block_in_one_call_equals_module_path(dtype, shared, monkeypatch):
-    """An int4 MoE block's decode step through int4_cpu.cpp's `Int4Moe` (`_int4_block`: the
-    routed and shared experts' products and SwiGLUs in one call between moe_route and
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_quantized_moe_block_in_one_call_equals_module_path(quant, dtype, shared, monkeypatch):
+    """An int4 / int8 MoE block's decode step through `Int4Moe` / `Int8Moe` (`_quant_block`:
+    the routed and shared experts' products and SwiGLUs in one call between moe_route and
     moe_combine) equals the module path bit for bit, with the shared expert as wide as the
-    experts (one parallel_for a pass) and wider (two); up to 16 rows (6 here: past the other
-    formats' MANY_MAX_ROWS, where their blocks take the module)."""
+    experts (int4: one parallel_for a pass) and wider (two); int4 up to 16 rows (6 here: past
+    MANY_MAX_ROWS), int8 up to MANY_MAX_ROWS (the module past it)."""
+    from qwen35.layers.linear import MANY_MAX_ROWS
     from qwen35.layers.moe import SparseMoE
 
     be = _backend()
     probe = torch.zeros(1, 1, dtype=dtype)
-    if matmul.int4_kernel_for(probe, probe, True) is None:
+    if quant == "int4" and matmul.int4_kernel_for(probe, probe, True) is None:
         pytest.skip(f"our int4 kernel does not take {dtype} rows on this CPU (torch's does)")
-    model = _model(True, dtype=dtype, quant="int4", moe_intermediate_size=64,
+    model = _model(True, dtype=dtype, quant=quant, moe_intermediate_size=64,
                    shared_expert_intermediate_size=shared)  # fmt: skip
-    runs, real = [], cpu_decode._int4_block
+    runs, real = [], cpu_decode._quant_block
 
     def spy(mlp, dt):
         run = real(mlp, dt)
         assert run is not None  # every block of this model resolves
         return lambda x, b: runs.append(len(x)) or run(x, b)
 
-    monkeypatch.setattr(cpu_decode, "_int4_block", spy)
+    monkeypatch.setattr(cpu_decode, "_quant_block", spy)
     module_calls, real_forward = [], SparseMoE.forward
     monkeypatch.setattr(SparseMoE, "forward",
                         lambda self, x, *a: module_calls.append(len(x)) or real_forward(self, x, *a))  # fmt: skip
@@ -133,6 +135,7 @@ def test_int4_moe_block_in_one_call_equals_module_path(dtype, shared, monkeypatc
         run.caches = allocate_caches(model.config, 120, BS, 8, dtype, "cpu")
     applies = cpu_decode.DecodePlan.applies
     moe_layers = sum(layer.is_moe for layer in model.model.layers)
+    most = 16 if quant == "int4" else MANY_MAX_ROWS
     g = torch.Generator().manual_seed(5)
     six = [(s, torch.randint(2, 256, (1,), generator=g).tolist()) for s in range(6)]
     for items, expected in [*_script(), (six, True), (six, True)]:  # (slots 4, 5 fresh)
@@ -140,32 +143,39 @@ def test_int4_moe_block_in_one_call_equals_module_path(dtype, shared, monkeypatc
         module_calls.clear()
         a = plan.step(items)
         if expected:
-            assert runs == [len(items)] * moe_layers and module_calls == []
+            assert runs == [len(items)] * moe_layers
+            assert module_calls == ([] if len(items) <= most else runs)
         monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
         b = modules.step(items)
         monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(applies))
         assert torch.equal(a, b)
 
 
-def test_int4_moe_block_refuses_bad_inputs():
-    """Int4Moe.run checks what it is given: counts that do not add up to the rows, an expert
-    id out of range, rows of another dtype."""
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_quantized_moe_blocks_refuse_bad_inputs(quant):
+    """Int4Moe / Int8Moe.run check what they are given: counts that do not add up to the rows,
+    an expert id out of range, an empty run, rows of another dtype than the scales."""
     from qwen35.kernels import gemv
-    from qwen35.quant.matmul import quantize_int4
+    from qwen35.quant.matmul import quantize_int4, quantize_int8
 
-    g4 = gemv.load_int4()
-    if g4 is None:
-        pytest.skip("the int4 kernel is not available here (no compiler or no AVX2)")
+    mod = gemv.load_int4() if quant == "int4" else gemv.load()
+    if mod is None:
+        pytest.skip("the CPU kernels are not available here (no compiler or no AVX2)")
     gen = torch.Generator().manual_seed(0)
-    w = lambda n, k: quantize_int4(torch.randn(n, k, generator=gen), 32, torch.float32)  # noqa: E731
-    (gu, gu_sz), (dn, dn_sz) = w(128, 64), w(64, 64)
-    block = g4.Int4Moe([gu, gu], [gu_sz, gu_sz], [dn, dn], [dn_sz, dn_sz], gu, gu_sz, dn, dn_sz,
-                       32, 32, 32, True)  # fmt: skip
+    if quant == "int4":
+        w = lambda n, k: quantize_int4(torch.randn(n, k, generator=gen), 32, torch.float32)  # noqa: E731
+        (gu, gu_s), (dn, dn_s) = w(128, 64), w(64, 64)
+        block = mod.Int4Moe([gu, gu], [gu_s, gu_s], [dn, dn], [dn_s, dn_s], gu, gu_s, dn, dn_s,
+                            32, 32, 32, True)  # fmt: skip
+    else:
+        w = lambda n, k: quantize_int8(torch.randn(n, k, generator=gen), torch.float32)  # noqa: E731
+        (gu, gu_s), (dn, dn_s) = w(128, 64), w(64, 64)
+        block = mod.Int8Moe([gu, gu], [gu_s, gu_s], [dn, dn], [dn_s, dn_s], gu, gu_s, dn, dn_s)
     x = torch.randn(2, 64)
     ys, shared = block.run(x[[0, 1, 1]], [0, 1], [2, 1], x)
     assert ys.shape == (3, 64) and shared.shape == (2, 64)
-    for args, msg in [(([0, 1], [2, 2]), "add up"), (([0, 2], [2, 1]), "outside"),
-                      (([0, 1], [3, 0]), "empty run")]:  # fmt: skip
+    for args, msg in [(([0, 1], [2, 2]), "add up"), (([0, 1], [1, 1]), "add up"),
+                      (([0, 2], [2, 1]), "outside"), (([0, 1], [3, 0]), "empty run")]:  # fmt: skip
         with pytest.raises(RuntimeError, match=msg):
             block.run(x[[0, 1, 1]], *args, x)
     with pytest.raises(RuntimeError, match="dtype"):

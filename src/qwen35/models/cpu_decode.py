@@ -14,9 +14,9 @@ any time), and the step is decode only with its rows in state-slot order (the en
 batch-1 step). Anything else takes the module path. A MoE block's step is in the plan too
 (`_moe`: a bf16 block's one kernel call, else the C++ routing, the active experts' kernel
 calls resolved once, the shared expert as a dense FFN; int4 blocks one int4_cpu.cpp `Int4Moe`
-call between the routing and the weighted sum); blocks whose experts it cannot resolve, and
-steps of more than layers/linear.py MANY_MAX_ROWS rows (int4 blocks: 16), run the module
-(layers/moe.py).
+call between the routing and the weighted sum, int8 blocks gemv_cpu.cpp's `Int8Moe`); blocks
+whose experts it cannot resolve, and steps of more than layers/linear.py MANY_MAX_ROWS rows
+(int4 blocks: 16), run the module (layers/moe.py).
 LoRA adapters served per request are added after the kernels of the projections they adapt
 (`_with_lora`, layers/lora.py).
 """
@@ -233,55 +233,53 @@ def _experts_many(ex, dtype):
     return lambda which, xs, es: (gate_up if which == "gate_up" else down)(xs, es)
 
 
-def _int4_block(mlp, dtype):
-    """An int4 MoE block's decode step with int4_cpu.cpp's `Int4Moe` holding its experts: x ->
-    gemv_cpu.cpp `moe_route`, one `Int4Moe.run` (the routed and shared experts' products and
-    SwiGLUs), `moe_combine`, then the shared expert's gate as `_moe` applies it: 3 kernel calls
-    and 3 small ops where few_token_moe + the shared expert make ~10 calls with their Python
-    between (the same kernels on the same operands: the same bits), for steps of up to 16 rows
-    (`_moe`'s other blocks: MANY_MAX_ROWS; the module above either). None unless every expert,
-    the shared expert's packed gate_up and its down are Int4Linear of one x8 and scale dtype
-    whose kernel takes `dtype` rows (the experts of one group size), the router a plain weight
-    moe_route takes, and no adapter on the router or shared expert."""
+def _quant_block(mlp, dtype):
+    """An int4 / int8 MoE block's decode step with its experts held by one C++ object
+    (int4_cpu.cpp `Int4Moe`, gemv_cpu.cpp `Int8Moe`): x -> gemv_cpu.cpp `moe_route`, one
+    `run` (the routed and shared experts' products and SwiGLUs), `moe_combine`, then the shared
+    expert's gate as `_moe` applies it: 3 kernel calls and 3 small ops where few_token_moe + the
+    shared expert make ~10 calls with their Python between (the same kernels on the same
+    operands: the same bits), for steps of up to 16 rows (int4) / MANY_MAX_ROWS (int8, as
+    `_moe`'s other blocks; the module above). None unless every expert, the shared expert's
+    packed gate_up and its down are Int4Linear (of one x8 and scale dtype whose kernel takes
+    `dtype` rows, the experts of one group size) or all Int8Linear (contiguous scales of
+    `dtype`), the router a plain weight moe_route takes, and no adapter on the router or
+    shared expert."""
     from qwen35.kernels import gemv
     from qwen35.quant import matmul
-    from qwen35.quant.layers import Int4Linear, IntExperts
+    from qwen35.quant.layers import Int4Linear, Int8Linear, IntExperts
 
-    ex, sh = mlp.experts, mlp.shared_expert
+    ex, sh, g = mlp.experts, mlp.shared_expert, gemv.load()
     pack = sh.packed_gate_up
-    if (type(ex) is not IntExperts or ex.num_total is not None or not isinstance(pack, QuantPack)
-            or len(pack.runs) != 1 or type(mlp.gate) is not Linear):  # fmt: skip
+    if (g is None or type(ex) is not IntExperts or ex.num_total is not None
+            or not isinstance(pack, QuantPack) or len(pack.runs) != 1
+            or type(mlp.gate) is not Linear):  # fmt: skip
         return None
     sh_gate_up, sh_down = pack.runs[0][0], sh.down_proj
-    linears = (mlp.gate, mlp.shared_expert_gate, sh.gate_proj, sh.up_proj, sh_down)
     experts = [*ex.gate_up_q, *ex.down_q]
     layers = [*experts, sh_gate_up, sh_down]
-    if any(lin.lora is not None for lin in linears) or any(
-        type(m) is not Int4Linear or m.scales_and_zeros.dtype != dtype for m in layers
+    router, probe = mlp.gate.weight, torch.zeros(1, 1, dtype=dtype)
+    if (any(lin.lora is not None for lin in (mlp.gate, mlp.shared_expert_gate, sh.gate_proj,
+                                             sh.up_proj, sh_down))
+            or not router.is_contiguous() or router.dtype not in (dtype, torch.bfloat16)
+            or any(type(m) is not type(layers[0]) for m in layers)):  # fmt: skip
+        return None
+    if type(layers[0]) is Int4Linear:
+        block, rows = _int4_held(ex, sh_gate_up, sh_down, dtype), min(ops_moe.FEW_TOKENS,
+                                                                      matmul.INT4_MAX_ROWS)
+    elif type(layers[0]) is Int8Linear and all(
+        matmul.int8_kernel_for(probe, m.weight_scale) is not None for m in layers
     ):  # fmt: skip
+        held = lambda ms: ([m.weight for m in ms], [m.weight_scale for m in ms])  # noqa: E731
+        block = g.Int8Moe(*held(ex.gate_up_q), *held(ex.down_q), sh_gate_up.weight,
+                          sh_gate_up.weight_scale, sh_down.weight, sh_down.weight_scale)  # fmt: skip
+        rows = min(ops_moe.FEW_TOKENS, MANY_MAX_ROWS)  # (linear_int8_many's rows a product)
+    else:
         return None
-    x8 = matmul.int4_x8(layers[0].x8, layers[0].group)
-    if any(m.group != experts[0].group for m in experts) or any(
-        matmul.int4_x8(m.x8, m.group) != x8 for m in layers
-    ):  # fmt: skip
+    if block is None:
         return None
-    router, g, g4 = mlp.gate.weight, gemv.load(), gemv.load_int4()
-    probe = torch.zeros(1, 1, dtype=dtype)
-    if (g is None or g4 is None or not hasattr(g4, "Int4Moe") or not router.is_contiguous()
-            or router.dtype not in (dtype, torch.bfloat16)
-            or matmul.int4_kernel_for(probe, layers[0].scales_and_zeros, x8) is None):  # fmt: skip
-        return None
-
-    def held(ms):
-        return [m.weight for m in ms], [m.scales_and_zeros.contiguous() for m in ms]
-
-    (sgu, sgu_sz), (sdn, sdn_sz) = ((m.weight, m.scales_and_zeros.contiguous())
-                                    for m in (sh_gate_up, sh_down))  # fmt: skip
-    block = g4.Int4Moe(*held(ex.gate_up_q), *held(ex.down_q), sgu, sgu_sz, sdn, sdn_sz,
-                       experts[0].group, sh_gate_up.group, sh_down.group, x8)  # fmt: skip
     route, combine, k = g.moe_route, g.moe_combine, mlp.top_k
     sh_gate = _plain(mlp.shared_expert_gate.weight)
-    rows = min(ops_moe.FEW_TOKENS, matmul.INT4_MAX_ROWS)  # (the module's kernels take them too)
 
     def run(x, backend):
         if x.shape[0] > rows or x.dtype != dtype:
@@ -292,6 +290,31 @@ def _int4_block(mlp, dtype):
         return combine(ys, w, token, x.shape[0]) + torch.sigmoid(sh_gate(x)) * shared
 
     return run
+
+
+def _int4_held(ex, sh_gate_up, sh_down, dtype):
+    """_quant_block's Int4Moe, or None: scales of another dtype than the rows, groups or x8
+    that differ, rows our kernel does not take (torch's int4 kernel then: the module)."""
+    from qwen35.kernels import gemv
+    from qwen35.quant import matmul
+
+    experts = [*ex.gate_up_q, *ex.down_q]
+    layers = [*experts, sh_gate_up, sh_down]
+    x8 = matmul.int4_x8(layers[0].x8, layers[0].group)
+    g4, probe = gemv.load_int4(), torch.zeros(1, 1, dtype=dtype)
+    if (g4 is None or any(m.scales_and_zeros.dtype != dtype for m in layers)
+            or any(m.group != experts[0].group for m in experts)
+            or any(matmul.int4_x8(m.x8, m.group) != x8 for m in layers)
+            or matmul.int4_kernel_for(probe, layers[0].scales_and_zeros, x8) is None):  # fmt: skip
+        return None
+
+    def held(ms):
+        return [m.weight for m in ms], [m.scales_and_zeros.contiguous() for m in ms]
+
+    (sgu, sgu_sz), (sdn, sdn_sz) = ((m.weight, m.scales_and_zeros.contiguous())
+                                    for m in (sh_gate_up, sh_down))  # fmt: skip
+    return g4.Int4Moe(*held(ex.gate_up_q), *held(ex.down_q), sgu, sgu_sz, sdn, sdn_sz,
+                      experts[0].group, sh_gate_up.group, sh_down.group, x8)  # fmt: skip
 
 
 def _moe(mlp, dtype):
@@ -306,7 +329,7 @@ def _moe(mlp, dtype):
             step(x) if x.shape[0] <= MANY_MAX_ROWS and ops_moe.cpu_moe_takes(x)
             else mlp.forward(x, backend)
         )  # fmt: skip
-    if (run := _int4_block(mlp, dtype)) is not None:
+    if (run := _quant_block(mlp, dtype)) is not None:
         return run
     many = _experts_many(mlp.experts, dtype)
     if many is None:
