@@ -12,8 +12,9 @@ minutes hits all of them alike:
 - `plan`: the CPU decode plan too (models/cpu_decode.py), the engine's default;
 - MoE models also `plan-moe-module`: the plan with its MoE blocks through their module (the
   plan's MoE step off), e.g. `--model DIR/config.json` of bench/moe_decode.py; and with int4 /
-  int8 experts `plan-moe-calls`: the plan's MoE step as its separate kernel calls (few_token_moe
-  and the shared expert) instead of one `Int4Moe` / `Int8Moe` call a block (`_quant_block` off).
+  int8 / FP8 experts `plan-moe-calls`: the plan's MoE step without `_quant_block` (the separate
+  kernel calls of few_token_moe and the shared expert, or the module where those do not resolve:
+  FP8 on AVX2) instead of one `Int4Moe` / `Int8Moe` / `Fp8Moe` call a block.
 `--dtype`: the rows' dtype of quantized formats (default bf16; `auto`: the engine's default).
 `--batch N`: N sequences decoding together (prefilled one a step first). Medians of the steps' wall
 times. `--fake-gemv` replaces every dense GEMV by its stored output (bf16 / fp32 only) to isolate
@@ -64,7 +65,7 @@ def _moe_module_plan(model):
 
 
 def _moe_calls_plan(model):
-    """The model's decode plan with its int4 / int8 MoE blocks as separate kernel calls."""
+    """The model's decode plan without its int4 / int8 / FP8 MoE blocks' one-call objects."""
     real = cpu_decode._quant_block
     cpu_decode._quant_block = lambda mlp, dtype: None
     try:
@@ -127,7 +128,7 @@ def main() -> None:
         plans, modes = None, MODES
         if any(layer.is_moe for layer in bm.model.model.layers):
             plans = {"plan": bm.model._decode_plan, "plan-moe-module": _moe_module_plan(bm.model)}
-            if fmt in ("int4", "int8"):
+            if fmt in ("int4", "int8", "fp8"):
                 plans["plan-moe-calls"] = _moe_calls_plan(bm.model)
             modes = (*MODES, *(m for m in plans if m != "plan"))
         times = {m: [] for m in modes}

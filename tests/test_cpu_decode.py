@@ -101,15 +101,16 @@ def test_plan_equals_module_path_bitwise(dtype, quant, moe, monkeypatch):
             assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("shared", [64, 128])
+@pytest.mark.parametrize("wider", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_quantized_moe_block_in_one_call_equals_module_path(quant, dtype, shared, monkeypatch):
-    """An int4 / int8 MoE block's decode step through `Int4Moe` / `Int8Moe` (`_quant_block`:
-    the routed and shared experts' products and SwiGLUs in one call between moe_route and
-    moe_combine) equals the module path bit for bit, with the shared expert as wide as the
-    experts (int4: one parallel_for a pass) and wider (two); int4 up to 16 rows (6 here: past
-    MANY_MAX_ROWS), int8 up to MANY_MAX_ROWS (the module past it)."""
+@pytest.mark.parametrize("quant", ["int4", "int8", "fp8"])
+def test_quantized_moe_block_in_one_call_equals_module_path(quant, dtype, wider, monkeypatch):
+    """An int4 / int8 / FP8 MoE block's decode step through `Int4Moe` / `Int8Moe` / `Fp8Moe`
+    (`_quant_block`: the routed and shared experts' products and SwiGLUs in one call between
+    moe_route and moe_combine) equals the module path bit for bit, with the shared expert as
+    wide as the experts (int4: one parallel_for a pass) and twice as wide (two); int4 up to 16
+    rows (6 here: past MANY_MAX_ROWS), int8 / FP8 up to MANY_MAX_ROWS (the module past it).
+    (FP8 with bf16 rows on AVX512 CPUs keeps `_moe`'s per-call path on gemv_cpu.cpp's kernel.)"""
     from qwen35.layers.linear import MANY_MAX_ROWS
     from qwen35.layers.moe import SparseMoE
 
@@ -117,8 +118,11 @@ def test_quantized_moe_block_in_one_call_equals_module_path(quant, dtype, shared
     probe = torch.zeros(1, 1, dtype=dtype)
     if quant == "int4" and matmul.int4_kernel_for(probe, probe, True) is None:
         pytest.skip(f"our int4 kernel does not take {dtype} rows on this CPU (torch's does)")
-    model = _model(True, dtype=dtype, quant=quant, moe_intermediate_size=64,
-                   shared_expert_intermediate_size=shared)  # fmt: skip
+    if quant == "fp8" and matmul.fp8_kernel_for(probe, (128, 128)) is not None:
+        pytest.skip(f"{dtype} rows take gemv_cpu.cpp's FP8 kernel on this CPU (AVX512)")
+    inter = 128 if quant == "fp8" else 64  # (FP8: gate and up one product, I % 128 == 0)
+    model = _model(True, dtype=dtype, quant=quant, moe_intermediate_size=inter,
+                   shared_expert_intermediate_size=inter * wider)  # fmt: skip
     runs, real = [], cpu_decode._quant_block
 
     def spy(mlp, dt):
@@ -151,14 +155,15 @@ def test_quantized_moe_block_in_one_call_equals_module_path(quant, dtype, shared
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
+@pytest.mark.parametrize("quant", ["int4", "int8", "fp8"])
 def test_quantized_moe_blocks_refuse_bad_inputs(quant):
-    """Int4Moe / Int8Moe.run check what they are given: counts that do not add up to the rows,
-    an expert id out of range, an empty run, rows of another dtype than the scales."""
-    from qwen35.kernels import gemv
-    from qwen35.quant.matmul import quantize_int4, quantize_int8
+    """Int4Moe / Int8Moe / Fp8Moe.run check what they are given: counts that do not add up to
+    the rows, an expert id out of range, an empty run, rows of another dtype than the scales
+    (int4 / int8) or than each other."""
+    from qwen35.kernels import fp8, gemv
+    from qwen35.quant.matmul import quantize_fp8, quantize_int4, quantize_int8
 
-    mod = gemv.load_int4() if quant == "int4" else gemv.load()
+    mod = {"int4": gemv.load_int4, "int8": gemv.load, "fp8": fp8.load}[quant]()
     if mod is None:
         pytest.skip("the CPU kernels are not available here (no compiler or no AVX2)")
     gen = torch.Generator().manual_seed(0)
@@ -167,10 +172,15 @@ def test_quantized_moe_blocks_refuse_bad_inputs(quant):
         (gu, gu_s), (dn, dn_s) = w(128, 64), w(64, 64)
         block = mod.Int4Moe([gu, gu], [gu_s, gu_s], [dn, dn], [dn_s, dn_s], gu, gu_s, dn, dn_s,
                             32, 32, 32, True)  # fmt: skip
-    else:
+    elif quant == "int8":
         w = lambda n, k: quantize_int8(torch.randn(n, k, generator=gen), torch.float32)  # noqa: E731
         (gu, gu_s), (dn, dn_s) = w(128, 64), w(64, 64)
         block = mod.Int8Moe([gu, gu], [gu_s, gu_s], [dn, dn], [dn_s, dn_s], gu, gu_s, dn, dn_s)
+    else:
+        w = lambda n, k: quantize_fp8(torch.randn(n, k, generator=gen), (32, 32), torch.float32)  # noqa: E731
+        (gu, gu_s), (dn, dn_s) = w(128, 64), w(64, 64)
+        block = mod.Fp8Moe([gu, gu], [gu_s, gu_s], [dn, dn], [dn_s, dn_s], gu, gu_s, dn, dn_s,
+                           32, 32)  # fmt: skip
     x = torch.randn(2, 64)
     ys, shared = block.run(x[[0, 1, 1]], [0, 1], [2, 1], x)
     assert ys.shape == (3, 64) and shared.shape == (2, 64)
@@ -179,7 +189,7 @@ def test_quantized_moe_blocks_refuse_bad_inputs(quant):
         with pytest.raises(RuntimeError, match=msg):
             block.run(x[[0, 1, 1]], *args, x)
     with pytest.raises(RuntimeError, match="dtype"):
-        block.run(x[[0, 1, 1]].bfloat16(), [0, 1], [2, 1], x.bfloat16())
+        block.run(x[[0, 1, 1]].bfloat16(), [0, 1], [2, 1], x if quant == "fp8" else x.bfloat16())
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4", "fp8"])

@@ -30,6 +30,7 @@
 
 #include "cpu_isa.h"
 #include "gemv_rows.h"
+#include "moe_block.h"
 
 #include <algorithm>
 #include <cmath>
@@ -267,6 +268,56 @@ torch::Tensor fp8_linear_many(const std::vector<torch::Tensor>& xs,
   return linear_products(xs, ws, scales, bo, bi, avx2_only, "fp8_linear_many");
 }
 
+// A MoE block's FP8 experts for a decode step, their tensors held once (moe_block.h; the
+// products by linear_products, as fp8_linear_many / fp8_linear compute them for the module
+// path on CPUs whose bf16 rows do not take gemv_cpu.cpp's linear_fp8, and for fp32 rows).
+// Every projection of one block size; gate_up in one product (I a multiple of bo).
+class Fp8Moe {
+ public:
+  Fp8Moe(std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> gate_up_scale,
+         std::vector<torch::Tensor> down, std::vector<torch::Tensor> down_scale,
+         torch::Tensor shared_gate_up, torch::Tensor shared_gate_up_scale,
+         torch::Tensor shared_down, torch::Tensor shared_down_scale, int64_t bo, int64_t bi)
+      : w_{std::move(gate_up), std::move(down)}, s_{std::move(gate_up_scale), std::move(down_scale)},
+        sw_{std::move(shared_gate_up), std::move(shared_down)},
+        ss_{std::move(shared_gate_up_scale), std::move(shared_down_scale)}, bo_(bo), bi_(bi) {
+    TORCH_CHECK(!w_[0].empty() && s_[0].size() == w_[0].size() && w_[1].size() == w_[0].size() &&
+                    s_[1].size() == w_[0].size() && bo > 0 && bi > 0,
+                "Fp8Moe: as many gate_up, down and scales as experts, positive blocks");
+    const int64_t H = w_[0][0].size(1), I2 = w_[0][0].size(0), Is2 = sw_[0].size(0);
+    const auto ok = [&](const torch::Tensor& w, const torch::Tensor& sc, int64_t N, int64_t K) {
+      check(w, sc, bo, bi);
+      return w.size(0) == N && w.size(1) == K && w.device().is_cpu();
+    };
+    bool shapes = I2 % (2 * bo) == 0 && Is2 % 2 == 0 && ok(sw_[0], ss_[0], Is2, H) &&
+                  ok(sw_[1], ss_[1], H, Is2 / 2);
+    for (size_t e = 0; e < w_[0].size(); ++e)
+      shapes = shapes && ok(w_[0][e], s_[0][e], I2, H) && ok(w_[1][e], s_[1][e], H, I2 / 2);
+    TORCH_CHECK(shapes, "Fp8Moe: e4m3 gate_up [2I, H] (I a multiple of bo), down [H, I] (the "
+                "shared expert's [2Is, H], [H, Is]) with their block scales");
+  }
+
+  std::vector<torch::Tensor> run(const torch::Tensor& xs, const std::vector<int64_t>& experts,
+                                 const std::vector<int64_t>& counts, const torch::Tensor& x) const {
+    const auto many = [&](const std::vector<torch::Tensor>& parts, const std::vector<int64_t>& es,
+                          bool down) {
+      std::vector<torch::Tensor> w, sc;
+      for (int64_t e : es) w.push_back(w_[down][e]), sc.push_back(s_[down][e]);
+      return linear_products(parts, w, sc, bo_, bi_, false, "Fp8Moe");
+    };
+    const auto shared = [&](const torch::Tensor& rows, bool down) {
+      return linear_products({rows}, {sw_[down]}, {ss_[down]}, bo_, bi_, false, "Fp8Moe");
+    };
+    return moe_block::run(xs, experts, counts, x, static_cast<int64_t>(w_[0].size()), "Fp8Moe",
+                          many, shared);
+  }
+
+ private:
+  std::vector<torch::Tensor> w_[2], s_[2];  // [gate_up, down] of every expert
+  torch::Tensor sw_[2], ss_[2];             // the shared expert's
+  int64_t bo_, bi_;
+};
+
 void fp8_dequant(torch::Tensor w, torch::Tensor scale, torch::Tensor out, int64_t bo, int64_t bi) {
   check(w, scale, bo, bi);
   TORCH_CHECK(out.sizes() == w.sizes() && out.is_contiguous(), "out: [N, K] contiguous");
@@ -398,4 +449,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("xs"), py::arg("ws"), py::arg("scales"), py::arg("bo"), py::arg("bi"),
         py::arg("avx2_only") = false);
   m.def("fp8_dequant", &fp8_dequant, "dequantise block-FP8 w into out");
+  py::class_<Fp8Moe>(m, "Fp8Moe")
+      .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                    std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
+                    torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t>(),
+           py::arg("gate_up"), py::arg("gate_up_scale"), py::arg("down"), py::arg("down_scale"),
+           py::arg("shared_gate_up"), py::arg("shared_gate_up_scale"), py::arg("shared_down"),
+           py::arg("shared_down_scale"), py::arg("bo"), py::arg("bi"))
+      .def("run", &Fp8Moe::run,
+           "(xs, experts, counts, x) -> [ys, shared]: a MoE block's FP8 experts, few rows");
 }

@@ -31,6 +31,7 @@
 
 #include "cpu_isa.h"
 #include "gemv_rows.h"
+#include "moe_block.h"
 #include "small_rows.h"
 
 #include <algorithm>
@@ -1309,85 +1310,53 @@ torch::Tensor moe_combine(const torch::Tensor& ys, const torch::Tensor& weight,
   return y;
 }
 
-// A MoE block's int8 experts for a decode step, their tensors held once (int4_cpu.cpp Int4Moe's
-// twin; models/cpu_decode.py `_quant_block`): between moe_route and moe_combine, the routed
-// pairs' gate_up products (one linear_int8_many call), the shared expert's (linear_int8), the
-// SwiGLUs (small_rows.h silu_mul_row: small_ops_cpu.cpp silu_mul's arithmetic), then the downs
-// the same way: the calls and the bits of ops/moe.py few_token_moe's middle and the shared
-// expert, without the Python between them. Up to 4 rows (linear_int8_many's kMR).
+// A MoE block's int8 experts for a decode step, their tensors held once (moe_block.h; its
+// products by linear_int8_many for the routed pairs, linear_int8 for the shared expert, as the
+// module path's calls). Up to 4 rows (linear_int8_many's kMR).
 class Int8Moe {
  public:
   Int8Moe(std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> gate_up_scale,
           std::vector<torch::Tensor> down, std::vector<torch::Tensor> down_scale,
           torch::Tensor shared_gate_up, torch::Tensor shared_gate_up_scale,
           torch::Tensor shared_down, torch::Tensor shared_down_scale)
-      : gu_(std::move(gate_up)), gu_s_(std::move(gate_up_scale)), dn_(std::move(down)),
-        dn_s_(std::move(down_scale)), sgu_(std::move(shared_gate_up)),
-        sgu_s_(std::move(shared_gate_up_scale)), sdn_(std::move(shared_down)),
-        sdn_s_(std::move(shared_down_scale)) {
-    TORCH_CHECK(!gu_.empty() && gu_s_.size() == gu_.size() && dn_.size() == gu_.size() &&
-                    dn_s_.size() == gu_.size(),
+      : w_{std::move(gate_up), std::move(down)}, s_{std::move(gate_up_scale), std::move(down_scale)},
+        sw_{std::move(shared_gate_up), std::move(shared_down)},
+        ss_{std::move(shared_gate_up_scale), std::move(shared_down_scale)} {
+    TORCH_CHECK(!w_[0].empty() && s_[0].size() == w_[0].size() && w_[1].size() == w_[0].size() &&
+                    s_[1].size() == w_[0].size(),
                 "Int8Moe: as many gate_up, down and scales as experts");
-    const int64_t H = gu_[0].size(1), I2 = gu_[0].size(0), Is2 = sgu_.size(0);
+    const int64_t H = w_[0][0].size(1), I2 = w_[0][0].size(0), Is2 = sw_[0].size(0);
     const auto ok = [](const torch::Tensor& q, const torch::Tensor& sc, int64_t N, int64_t K) {
       return q.dim() == 2 && q.size(0) == N && q.size(1) == K && q.is_contiguous() &&
              q.scalar_type() == at::kChar && q.device().is_cpu() && sc.dim() == 1 &&
              sc.size(0) == N && sc.is_contiguous();
     };
-    bool shapes = I2 % 2 == 0 && Is2 % 2 == 0 && ok(sgu_, sgu_s_, Is2, H) &&
-                  ok(sdn_, sdn_s_, H, Is2 / 2);
-    for (size_t e = 0; e < gu_.size(); ++e)
-      shapes = shapes && ok(gu_[e], gu_s_[e], I2, H) && ok(dn_[e], dn_s_[e], H, I2 / 2);
+    bool shapes = I2 % 2 == 0 && Is2 % 2 == 0 && ok(sw_[0], ss_[0], Is2, H) &&
+                  ok(sw_[1], ss_[1], H, Is2 / 2);
+    for (size_t e = 0; e < w_[0].size(); ++e)
+      shapes = shapes && ok(w_[0][e], s_[0][e], I2, H) && ok(w_[1][e], s_[1][e], H, I2 / 2);
     TORCH_CHECK(shapes, "Int8Moe: int8 gate_up [2I, H], down [H, I] (the shared expert's [2Is, H], "
                 "[H, Is]), contiguous, each with a contiguous scale a row");
   }
 
-  // as Int4Moe::run: (xs [P, H] the pairs' rows by expert, experts, counts, x [T, H]) ->
-  // {ys [P, H], the shared expert's output [T, H]}
   std::vector<torch::Tensor> run(const torch::Tensor& xs, const std::vector<int64_t>& experts,
                                  const std::vector<int64_t>& counts, const torch::Tensor& x) const {
-    TORCH_CHECK(experts.size() == counts.size() && !experts.empty(), "Int8Moe: a count per expert");
-    TORCH_CHECK(xs.dim() == 2 && xs.is_contiguous() && xs.scalar_type() == x.scalar_type() &&
-                    (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-                "Int8Moe: contiguous xs [P, H] and x [T, H], fp32 or bf16, one dtype");
-    std::vector<torch::Tensor> parts, q, sc;
-    int64_t row = 0;
-    for (size_t i = 0; i < experts.size(); ++i) {
-      const int64_t e = experts[i];
-      TORCH_CHECK(e >= 0 && e < static_cast<int64_t>(gu_.size()) && counts[i] >= 1,
-                  "Int8Moe: an expert id outside 0..E-1 or an empty run");
-      TORCH_CHECK(row + counts[i] <= xs.size(0), "Int8Moe: the counts must add up to xs's rows");
-      parts.push_back(xs.narrow(0, row, counts[i]));
-      q.push_back(gu_[e]), sc.push_back(gu_s_[e]);
-      row += counts[i];
-    }
-    TORCH_CHECK(row == xs.size(0), "Int8Moe: the counts must add up to xs's rows");
-    const torch::Tensor gu = linear_int8_many(parts, q, sc, false);
-    const torch::Tensor sgu = linear_int8(x, sgu_, sgu_s_, false);
-    const torch::Tensor h = swiglu(gu), sh = swiglu(sgu);
-    row = 0;
-    for (size_t i = 0; i < experts.size(); row += counts[i], ++i)
-      parts[i] = h.narrow(0, row, counts[i]), q[i] = dn_[experts[i]], sc[i] = dn_s_[experts[i]];
-    return {linear_int8_many(parts, q, sc, false), linear_int8(sh, sdn_, sdn_s_, false)};
+    const auto many = [&](const std::vector<torch::Tensor>& parts, const std::vector<int64_t>& es,
+                          bool down) {
+      std::vector<torch::Tensor> q, sc;
+      for (int64_t e : es) q.push_back(w_[down][e]), sc.push_back(s_[down][e]);
+      return linear_int8_many(parts, q, sc, false);
+    };
+    const auto shared = [&](const torch::Tensor& rows, bool down) {
+      return linear_int8(rows, sw_[down], ss_[down], false);
+    };
+    return moe_block::run(xs, experts, counts, x, static_cast<int64_t>(w_[0].size()), "Int8Moe",
+                          many, shared);
   }
 
  private:
-  static torch::Tensor swiglu(const torch::Tensor& gu) {  // [R, 2N] (gate, up) -> [R, N]
-    const int64_t R = gu.size(0), N = gu.size(1) / 2;
-    torch::Tensor h = torch::empty({R, N}, gu.options());
-    const auto rows = [&](const auto* G, auto* Y) {
-      for (int64_t r = 0; r < R; ++r)
-        rows::silu_mul_row(G + r * 2 * N, G + r * 2 * N + N, Y + r * N, N);
-    };
-    if (gu.scalar_type() == at::kFloat)
-      rows(gu.data_ptr<float>(), h.data_ptr<float>());
-    else
-      rows(gu.data_ptr<at::BFloat16>(), h.data_ptr<at::BFloat16>());
-    return h;
-  }
-
-  std::vector<torch::Tensor> gu_, gu_s_, dn_, dn_s_;
-  torch::Tensor sgu_, sgu_s_, sdn_, sdn_s_;
+  std::vector<torch::Tensor> w_[2], s_[2];  // [gate_up, down] of every expert
+  torch::Tensor sw_[2], ss_[2];             // the shared expert's
 };
 
 std::vector<std::string> isa() {  // the fast paths this CPU takes

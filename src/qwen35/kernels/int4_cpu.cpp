@@ -46,7 +46,7 @@
 
 #include "cpu_isa.h"
 #include "gemv_rows.h"
-#include "small_rows.h"
+#include "moe_block.h"
 #include "vec_avx2.h"
 
 #include <algorithm>
@@ -991,16 +991,12 @@ torch::Tensor linear_int4_many(const std::vector<torch::Tensor>& xs,
   return y;
 }
 
-// A MoE block's int4 experts for a decode step, their tensors held once (models/cpu_decode.py
-// builds one a block whose routed and shared experts are Int4Linear with one x8 and scale
-// dtype; the experts share a group size, the shared expert's two may have their own): between
-// gemv_cpu.cpp's moe_route (routing; the pairs' rows sorted by expert) and moe_combine (the
-// weighted sum), one call runs what ops/moe.py few_token_moe's middle and the shared expert
-// otherwise run in ~10 Python-level calls (~40% of a MoE block's time outside its kernels on
-// Zen 3): every routed pair's and the shared expert's gate_up products in one parallel_for,
-// their SwiGLU (small_rows.h silu_mul_row: small_ops_cpu.cpp silu_mul's arithmetic), their
-// down products in another. Each product is the Call linear_int4 / linear_int4_many makes for
-// it: the same bits as those calls.
+// A MoE block's int4 experts for a decode step, their tensors held once (moe_block.h; the
+// experts share a group size, the shared expert's two projections may have their own): every
+// routed pair's and the shared expert's gate_up products in one parallel_for (where the shared
+// expert has the experts' width and group; else two), the SwiGLUs, the down products likewise.
+// Each product is the Call linear_int4 / linear_int4_many makes for it: the same bits. Up to 16
+// rows (the int4 kernels').
 class Int4Moe {
  public:
   Int4Moe(std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> gate_up_sz,
@@ -1042,62 +1038,40 @@ class Int4Moe {
   // the shared expert's output}, in x's dtype (that of the scales: fp32 or bf16)
   std::vector<torch::Tensor> run(const torch::Tensor& xs, const std::vector<int64_t>& experts,
                                  const std::vector<int64_t>& counts, const torch::Tensor& x) const {
+    const int64_t E = static_cast<int64_t>(gu_.size());
+    moe_block::check_runs(xs, x, experts, counts, E, "Int4Moe");
     const auto dt = x.scalar_type();
-    TORCH_CHECK(dt == gu_sz_[0].scalar_type() && xs.scalar_type() == dt,
-                "Int4Moe: x and xs in the scales' dtype");
-    TORCH_CHECK(x.dim() == 2 && xs.dim() == 2 && x.size(1) == H_ && xs.size(1) == H_ &&
-                    x.is_contiguous() && xs.is_contiguous(),
-                "Int4Moe: contiguous x [T, H] and xs [P, H] expected");
-    TORCH_CHECK(experts.size() == counts.size(), "Int4Moe: a count per expert");
-    const int64_t P = xs.size(0), T = x.size(0), E = static_cast<int64_t>(gu_.size());
-    int64_t total = 0;
-    for (size_t i = 0; i < experts.size(); ++i) {
-      TORCH_CHECK(experts[i] >= 0 && experts[i] < E && counts[i] >= 1,
-                  "Int4Moe: an expert id outside 0..E-1 or an empty run");
-      total += counts[i];
-    }
-    TORCH_CHECK(total == P, "Int4Moe: the counts must add up to xs's rows");
+    TORCH_CHECK(dt == gu_sz_[0].scalar_type() && x.size(1) == H_,
+                "Int4Moe: x [T, H] and xs [P, H] in the scales' dtype");
     const Path path = pick_path(dt, group_, false, x8_);  // (x8: each group a multiple of 32)
     pick_path(dt, sgu_group_, false, x8_), pick_path(dt, sdn_group_, false, x8_);
-    const int64_t I = I2_ / 2, Is = Is2_ / 2;
-    const auto opt = x.options();
-    torch::Tensor gu = torch::empty({P, I2_}, opt), sgu = torch::empty({T, Is2_}, opt);
-    torch::Tensor h = torch::empty({P, I}, opt), sh = torch::empty({T, Is}, opt);
-    torch::Tensor ys = torch::empty({P, H_}, opt), ysh = torch::empty({T, H_}, opt);
+    const int64_t P = xs.size(0), T = x.size(0), I = I2_ / 2, Is = Is2_ / 2;
+    const std::vector<torch::Tensor> xrows = moe_block::runs_of(xs, counts);
+    torch::Tensor gu = torch::empty({P, I2_}, x.options()), sgu = torch::empty({T, Is2_}, x.options());
+    torch::Tensor ys = torch::empty({P, H_}, x.options()), ysh = torch::empty({T, H_}, x.options());
     const auto body = [&](auto tag) {
       using scalar_t = decltype(tag);
-      const int64_t sz = sizeof(scalar_t);
-      auto rows = [&](const torch::Tensor& t, int64_t row, int64_t n) {
-        return t.narrow(0, row, n);
-      };
-      auto at_row = [&](const torch::Tensor& t, int64_t row) {
-        return static_cast<char*>(t.data_ptr()) + row * t.size(1) * sz;
+      const auto at_row = [](const torch::Tensor& t, int64_t row) {
+        return static_cast<char*>(t.data_ptr()) + row * t.size(1) * t.element_size();
       };
       // pass 1: gate_up (the shared expert's with the routed ones where it has their width
       // and group: run_calls takes products of one shape)
       std::vector<Call> calls, shared;
       for (size_t i = 0, row = 0; i < experts.size(); row += counts[i], ++i)
-        calls.push_back(make_call(rows(xs, row, counts[i]), gu_[experts[i]], gu_sz_[experts[i]],
-                                  group_, I2_, path, at_row(gu, row)));
+        calls.push_back(make_call(xrows[i], gu_[experts[i]], gu_sz_[experts[i]], group_, I2_,
+                                  path, at_row(gu, row)));
       (Is2_ == I2_ && sgu_group_ == group_ ? calls : shared)
           .push_back(make_call(x, sgu_, sgu_sz_, sgu_group_, Is2_, path, sgu.data_ptr()));
       run_calls<scalar_t>(calls, H_, group_, I2_, path);
       if (!shared.empty()) run_calls<scalar_t>(shared, H_, sgu_group_, Is2_, path);
-      // SwiGLU of every row
-      const auto* G = gu.data_ptr<scalar_t>();
-      const auto* SG = sgu.data_ptr<scalar_t>();
-      auto* Hp = h.data_ptr<scalar_t>();
-      auto* SH = sh.data_ptr<scalar_t>();
-      for (int64_t q = 0; q < P; ++q)
-        rows::silu_mul_row(G + q * I2_, G + q * I2_ + I, Hp + q * I, I);
-      for (int64_t t = 0; t < T; ++t)
-        rows::silu_mul_row(SG + t * Is2_, SG + t * Is2_ + Is, SH + t * Is, Is);
+      const torch::Tensor h = moe_block::swiglu(gu), sh = moe_block::swiglu(sgu);
+      const std::vector<torch::Tensor> hrows = moe_block::runs_of(h, counts);
       // pass 2: down (the same)
       calls.clear();
       shared.clear();
       for (size_t i = 0, row = 0; i < experts.size(); row += counts[i], ++i)
-        calls.push_back(make_call(rows(h, row, counts[i]), dn_[experts[i]], dn_sz_[experts[i]],
-                                  group_, H_, path, at_row(ys, row)));
+        calls.push_back(make_call(hrows[i], dn_[experts[i]], dn_sz_[experts[i]], group_, H_, path,
+                                  at_row(ys, row)));
       (Is == I && sdn_group_ == group_ ? calls : shared)
           .push_back(make_call(sh, sdn_, sdn_sz_, sdn_group_, H_, path, ysh.data_ptr()));
       run_calls<scalar_t>(calls, I, group_, H_, path);

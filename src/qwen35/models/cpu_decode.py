@@ -13,10 +13,10 @@ fp16 under fp32), the batch's backend has the CPU kernels (`QWEN35_NO_KERNELS=1`
 any time), and the step is decode only with its rows in state-slot order (the engine's usual
 batch-1 step). Anything else takes the module path. A MoE block's step is in the plan too
 (`_moe`: a bf16 block's one kernel call, else the C++ routing, the active experts' kernel
-calls resolved once, the shared expert as a dense FFN; int4 blocks one int4_cpu.cpp `Int4Moe`
-call between the routing and the weighted sum, int8 blocks gemv_cpu.cpp's `Int8Moe`); blocks
-whose experts it cannot resolve, and steps of more than layers/linear.py MANY_MAX_ROWS rows
-(int4 blocks: 16), run the module (layers/moe.py).
+calls resolved once, the shared expert as a dense FFN; int4 / int8 / FP8 blocks one call of a
+C++ object holding their experts between the routing and the weighted sum, `_quant_block`);
+blocks whose experts it cannot resolve, and steps of more than layers/linear.py MANY_MAX_ROWS
+rows (int4 blocks: 16), run the module (layers/moe.py).
 LoRA adapters served per request are added after the kernels of the projections they adapt
 (`_with_lora`, layers/lora.py).
 """
@@ -234,50 +234,40 @@ def _experts_many(ex, dtype):
 
 
 def _quant_block(mlp, dtype):
-    """An int4 / int8 MoE block's decode step with its experts held by one C++ object
-    (int4_cpu.cpp `Int4Moe`, gemv_cpu.cpp `Int8Moe`): x -> gemv_cpu.cpp `moe_route`, one
-    `run` (the routed and shared experts' products and SwiGLUs), `moe_combine`, then the shared
-    expert's gate as `_moe` applies it: 3 kernel calls and 3 small ops where few_token_moe + the
-    shared expert make ~10 calls with their Python between (the same kernels on the same
-    operands: the same bits), for steps of up to 16 rows (int4) / MANY_MAX_ROWS (int8, as
-    `_moe`'s other blocks; the module above). None unless every expert, the shared expert's
-    packed gate_up and its down are Int4Linear (of one x8 and scale dtype whose kernel takes
-    `dtype` rows, the experts of one group size) or all Int8Linear (contiguous scales of
-    `dtype`), the router a plain weight moe_route takes, and no adapter on the router or
-    shared expert."""
+    """An int4 / int8 / FP8 MoE block's decode step with its experts held by one C++ object
+    (int4_cpu.cpp `Int4Moe`, gemv_cpu.cpp `Int8Moe`, fp8_cpu.cpp `Fp8Moe`; kernels/moe_block.h):
+    x -> gemv_cpu.cpp `moe_route`, one `run` (the routed and shared experts' products and
+    SwiGLUs), `moe_combine`, then the shared expert's gate as `_moe` applies it: 3 kernel calls
+    and 3 small ops where few_token_moe + the shared expert make ~10 calls with their Python
+    between (the same kernels on the same operands: the same bits), for steps of up to 16 rows
+    (int4) / MANY_MAX_ROWS (int8, FP8: as `_moe`'s other blocks; the module above). None unless
+    the experts and the shared expert's packed gate_up and down are all of one format the
+    object takes for `dtype` rows (`_int4_held`, `_int8_held`, `_fp8_held`), the router a plain
+    weight moe_route takes, and no adapter on the router or shared expert."""
     from qwen35.kernels import gemv
     from qwen35.quant import matmul
-    from qwen35.quant.layers import Int4Linear, Int8Linear, IntExperts
+    from qwen35.quant.layers import Fp8Experts, Int4Linear, IntExperts
 
     ex, sh, g = mlp.experts, mlp.shared_expert, gemv.load()
     pack = sh.packed_gate_up
-    if (g is None or type(ex) is not IntExperts or ex.num_total is not None
+    if (g is None or type(ex) not in (IntExperts, Fp8Experts) or ex.num_total is not None
             or not isinstance(pack, QuantPack) or len(pack.runs) != 1
             or type(mlp.gate) is not Linear):  # fmt: skip
         return None
-    sh_gate_up, sh_down = pack.runs[0][0], sh.down_proj
-    experts = [*ex.gate_up_q, *ex.down_q]
-    layers = [*experts, sh_gate_up, sh_down]
-    router, probe = mlp.gate.weight, torch.zeros(1, 1, dtype=dtype)
+    sh_gate_up, sh_down, router = pack.runs[0][0], sh.down_proj, mlp.gate.weight
     if (any(lin.lora is not None for lin in (mlp.gate, mlp.shared_expert_gate, sh.gate_proj,
                                              sh.up_proj, sh_down))
             or not router.is_contiguous() or router.dtype not in (dtype, torch.bfloat16)
-            or any(type(m) is not type(layers[0]) for m in layers)):  # fmt: skip
+            or type(sh_gate_up) is not type(sh_down)):  # fmt: skip
         return None
-    if type(layers[0]) is Int4Linear:
-        block, rows = _int4_held(ex, sh_gate_up, sh_down, dtype), min(ops_moe.FEW_TOKENS,
-                                                                      matmul.INT4_MAX_ROWS)
-    elif type(layers[0]) is Int8Linear and all(
-        matmul.int8_kernel_for(probe, m.weight_scale) is not None for m in layers
-    ):  # fmt: skip
-        held = lambda ms: ([m.weight for m in ms], [m.weight_scale for m in ms])  # noqa: E731
-        block = g.Int8Moe(*held(ex.gate_up_q), *held(ex.down_q), sh_gate_up.weight,
-                          sh_gate_up.weight_scale, sh_down.weight, sh_down.weight_scale)  # fmt: skip
-        rows = min(ops_moe.FEW_TOKENS, MANY_MAX_ROWS)  # (linear_int8_many's rows a product)
+    if type(ex) is Fp8Experts:
+        held = _fp8_held
     else:
-        return None
+        held = _int4_held if type(sh_down) is Int4Linear else _int8_held
+    block = held(ex, sh_gate_up, sh_down, dtype)
     if block is None:
         return None
+    rows = min(ops_moe.FEW_TOKENS, matmul.INT4_MAX_ROWS if held is _int4_held else MANY_MAX_ROWS)
     route, combine, k = g.moe_route, g.moe_combine, mlp.top_k
     sh_gate = _plain(mlp.shared_expert_gate.weight)
 
@@ -292,14 +282,55 @@ def _quant_block(mlp, dtype):
     return run
 
 
-def _int4_held(ex, sh_gate_up, sh_down, dtype):
-    """_quant_block's Int4Moe, or None: scales of another dtype than the rows, groups or x8
-    that differ, rows our kernel does not take (torch's int4 kernel then: the module)."""
+def _int8_held(ex, sh_gate_up, sh_down, dtype):
+    """_quant_block's Int8Moe, or None: other layers than Int8Linear, scales that are not
+    contiguous in the rows' dtype (the module's int8 kernel takes them only so)."""
     from qwen35.kernels import gemv
     from qwen35.quant import matmul
+    from qwen35.quant.layers import Int8Linear
+
+    layers, probe = [*ex.gate_up_q, *ex.down_q, sh_gate_up, sh_down], torch.zeros(1, 1, dtype=dtype)
+    if any(type(m) is not Int8Linear or matmul.int8_kernel_for(probe, m.weight_scale) is None
+           for m in layers):  # fmt: skip
+        return None
+    held = lambda ms: ([m.weight for m in ms], [m.weight_scale for m in ms])  # noqa: E731
+    return gemv.load().Int8Moe(*held(ex.gate_up_q), *held(ex.down_q), sh_gate_up.weight,
+                               sh_gate_up.weight_scale, sh_down.weight, sh_down.weight_scale)
+
+
+def _fp8_held(ex, sh_gate_up, sh_down, dtype):
+    """_quant_block's Fp8Moe, or None: the shared expert not Fp8Linear of the experts' block,
+    gate and up not one product (I % bo), bf16 rows that gemv_cpu.cpp's linear_fp8 takes
+    (AVX512 CPUs: `_moe`'s per-call path with it), no fp8_cpu.cpp module, other rows."""
+    from qwen35.kernels import fp8 as fp8_kernel
+    from qwen35.quant import matmul
+    from qwen35.quant.layers import Fp8Linear
+
+    mod, block = fp8_kernel.load(), ex.block
+    shared = (sh_gate_up, sh_down)
+    if (mod is None or dtype not in (torch.float32, torch.bfloat16)
+            or ex.intermediate_size % block[0]
+            or any(type(m) is not Fp8Linear or tuple(m.block) != block for m in shared)
+            or matmul.fp8_kernel_for(torch.zeros(1, 1, dtype=dtype), block) is not None):  # fmt: skip
+        return None
+    return mod.Fp8Moe(list(ex.gate_up_proj.unbind(0)), list(ex.gate_up_proj_scale_inv.unbind(0)),
+                      list(ex.down_proj.unbind(0)), list(ex.down_proj_scale_inv.unbind(0)),
+                      sh_gate_up.weight, sh_gate_up.weight_scale_inv, sh_down.weight,
+                      sh_down.weight_scale_inv, *block)  # fmt: skip
+
+
+def _int4_held(ex, sh_gate_up, sh_down, dtype):
+    """_quant_block's Int4Moe, or None: other layers than Int4Linear, scales of another dtype
+    than the rows, groups or x8 that differ, rows our kernel does not take (torch's int4 kernel
+    then: the module)."""
+    from qwen35.kernels import gemv
+    from qwen35.quant import matmul
+    from qwen35.quant.layers import Int4Linear
 
     experts = [*ex.gate_up_q, *ex.down_q]
     layers = [*experts, sh_gate_up, sh_down]
+    if any(type(m) is not Int4Linear for m in layers):
+        return None
     x8 = matmul.int4_x8(layers[0].x8, layers[0].group)
     g4, probe = gemv.load_int4(), torch.zeros(1, 1, dtype=dtype)
     if (g4 is None or any(m.scales_and_zeros.dtype != dtype for m in layers)
