@@ -108,10 +108,10 @@ def test_quantized_moe_block_in_one_call_equals_module_path(quant, dtype, wider,
     """An int4 / int8 / FP8 MoE block's decode step through `Int4Moe` / `Int8Moe` / `Fp8Moe`
     (`_quant_block`: the routed and shared experts' products and SwiGLUs in one call between
     moe_route and moe_combine) equals the module path bit for bit, with the shared expert as
-    wide as the experts (int4: one parallel_for a pass) and twice as wide (two); int4 up to 16
-    rows (6 here: past MANY_MAX_ROWS), int8 / FP8 up to MANY_MAX_ROWS (the module past it).
-    (FP8 with bf16 rows on AVX512 CPUs keeps `_moe`'s per-call path on gemv_cpu.cpp's kernel.)"""
-    from qwen35.layers.linear import MANY_MAX_ROWS
+    wide as the experts (int4: one parallel_for a pass) and twice as wide (two); up to 16 rows
+    (6 here: past MANY_MAX_ROWS), also with one expert taking more rows than linear_int8_many
+    does (6 fresh sequences of one token: every row routed alike). (FP8 with bf16 rows on AVX512
+    CPUs keeps `_moe`'s per-call path on gemv_cpu.cpp's kernel.)"""
     from qwen35.layers.moe import SparseMoE
 
     be = _backend()
@@ -134,25 +134,25 @@ def test_quantized_moe_block_in_one_call_equals_module_path(quant, dtype, wider,
     module_calls, real_forward = [], SparseMoE.forward
     monkeypatch.setattr(SparseMoE, "forward",
                         lambda self, x, *a: module_calls.append(len(x)) or real_forward(self, x, *a))  # fmt: skip
-    plan, modules = _run(model, be), _run(model, be)
-    for run in (plan, modules):  # room for 6 sequences (Seqs: 20 blocks each)
-        run.caches = allocate_caches(model.config, 120, BS, 8, dtype, "cpu")
     applies = cpu_decode.DecodePlan.applies
     moe_layers = sum(layer.is_moe for layer in model.model.layers)
-    most = 16 if quant == "int4" else MANY_MAX_ROWS
     g = torch.Generator().manual_seed(5)
     six = [(s, torch.randint(2, 256, (1,), generator=g).tolist()) for s in range(6)]
-    for items, expected in [*_script(), (six, True), (six, True)]:  # (slots 4, 5 fresh)
-        runs.clear()
-        module_calls.clear()
-        a = plan.step(items)
-        if expected:
-            assert runs == [len(items)] * moe_layers
-            assert module_calls == ([] if len(items) <= most else runs)
-        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
-        b = modules.step(items)
-        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(applies))
-        assert torch.equal(a, b)
+    alike = [(s, [42]) for s in range(6)]
+    for script in ([*_script(), (six, True), (six, True)], [(alike, True)]):  # (slots 4, 5 fresh)
+        plan, modules = _run(model, be), _run(model, be)
+        for run in (plan, modules):  # room for 6 sequences (Seqs: 20 blocks each)
+            run.caches = allocate_caches(model.config, 120, BS, 8, dtype, "cpu")
+        for items, expected in script:
+            runs.clear()
+            module_calls.clear()
+            a = plan.step(items)
+            if expected:
+                assert runs == [len(items)] * moe_layers and module_calls == []
+            monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
+            b = modules.step(items)
+            monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(applies))
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8", "fp8"])

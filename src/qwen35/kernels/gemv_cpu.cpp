@@ -26,6 +26,7 @@
 // to summation order (the int8 AVX2 one: F.linear on x rounded to 16 bits, its PyTorch twin).
 // The PyTorch twins: F.linear on the (dequantised) weight (layers/linear.py, quant/matmul.py).
 #include <ATen/Parallel.h>
+#include <ATen/ops/cat.h>
 #include <immintrin.h>
 #include "torch_ext.h"
 
@@ -1311,8 +1312,9 @@ torch::Tensor moe_combine(const torch::Tensor& ys, const torch::Tensor& weight,
 }
 
 // A MoE block's int8 experts for a decode step, their tensors held once (moe_block.h; its
-// products by linear_int8_many for the routed pairs, linear_int8 for the shared expert, as the
-// module path's calls). Up to 4 rows (linear_int8_many's kMR).
+// products as the module path makes them: the routed pairs' by one linear_int8_many call where
+// every expert has at most 4 rows (its kMR), else one linear_int8 call an expert; the shared
+// expert's by linear_int8). Up to 16 rows (linear_int8's).
 class Int8Moe {
  public:
   Int8Moe(std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> gate_up_scale,
@@ -1344,8 +1346,16 @@ class Int8Moe {
     const auto many = [&](const std::vector<torch::Tensor>& parts, const std::vector<int64_t>& es,
                           bool down) {
       std::vector<torch::Tensor> q, sc;
-      for (int64_t e : es) q.push_back(w_[down][e]), sc.push_back(s_[down][e]);
-      return linear_int8_many(parts, q, sc, false);
+      bool few = true;
+      for (size_t i = 0; i < es.size(); ++i) {
+        q.push_back(w_[down][es[i]]), sc.push_back(s_[down][es[i]]);
+        few = few && parts[i].size(0) <= kMR;
+      }
+      if (few) return linear_int8_many(parts, q, sc, false);
+      std::vector<torch::Tensor> ys;
+      for (size_t i = 0; i < es.size(); ++i)
+        ys.push_back(linear_int8(parts[i], q[i], sc[i], false));
+      return at::cat(ys);
     };
     const auto shared = [&](const torch::Tensor& rows, bool down) {
       return linear_int8(rows, sw_[down], ss_[down], false);

@@ -16,7 +16,7 @@ batch-1 step). Anything else takes the module path. A MoE block's step is in the
 calls resolved once, the shared expert as a dense FFN; int4 / int8 / FP8 blocks one call of a
 C++ object holding their experts between the routing and the weighted sum, `_quant_block`);
 blocks whose experts it cannot resolve, and steps of more than layers/linear.py MANY_MAX_ROWS
-rows (int4 blocks: 16), run the module (layers/moe.py).
+rows (those blocks: 16), run the module (layers/moe.py).
 LoRA adapters served per request are added after the kernels of the projections they adapt
 (`_with_lora`, layers/lora.py).
 """
@@ -240,10 +240,11 @@ def _quant_block(mlp, dtype):
     SwiGLUs), `moe_combine`, then the shared expert's gate as `_moe` applies it: 3 kernel calls
     and 3 small ops where few_token_moe + the shared expert make ~10 calls with their Python
     between (the same kernels on the same operands: the same bits), for steps of up to 16 rows
-    (int4) / MANY_MAX_ROWS (int8, FP8: as `_moe`'s other blocks; the module above). None unless
+    (the module above; `_moe`'s other blocks: MANY_MAX_ROWS). None unless
     the experts and the shared expert's packed gate_up and down are all of one format the
     object takes for `dtype` rows (`_int4_held`, `_int8_held`, `_fp8_held`), the router a plain
     weight moe_route takes, and no adapter on the router or shared expert."""
+    from qwen35.kernels import fp8 as fp8_kernel
     from qwen35.kernels import gemv
     from qwen35.quant import matmul
     from qwen35.quant.layers import Fp8Experts, Int4Linear, IntExperts
@@ -267,7 +268,7 @@ def _quant_block(mlp, dtype):
     block = held(ex, sh_gate_up, sh_down, dtype)
     if block is None:
         return None
-    rows = min(ops_moe.FEW_TOKENS, matmul.INT4_MAX_ROWS if held is _int4_held else MANY_MAX_ROWS)
+    rows = min(ops_moe.FEW_TOKENS, matmul.INT4_MAX_ROWS, matmul.INT8_MAX_ROWS, fp8_kernel.MAX_ROWS)
     route, combine, k = g.moe_route, g.moe_combine, mlp.top_k
     sh_gate = _plain(mlp.shared_expert_gate.weight)
 
