@@ -278,23 +278,16 @@ class Fp8Moe {
          std::vector<torch::Tensor> down, std::vector<torch::Tensor> down_scale,
          torch::Tensor shared_gate_up, torch::Tensor shared_gate_up_scale,
          torch::Tensor shared_down, torch::Tensor shared_down_scale, int64_t bo, int64_t bi)
-      : w_{std::move(gate_up), std::move(down)}, s_{std::move(gate_up_scale), std::move(down_scale)},
-        sw_{std::move(shared_gate_up), std::move(shared_down)},
-        ss_{std::move(shared_gate_up_scale), std::move(shared_down_scale)}, bo_(bo), bi_(bi) {
-    TORCH_CHECK(!w_[0].empty() && s_[0].size() == w_[0].size() && w_[1].size() == w_[0].size() &&
-                    s_[1].size() == w_[0].size() && bo > 0 && bi > 0,
-                "Fp8Moe: as many gate_up, down and scales as experts, positive blocks");
-    const int64_t H = w_[0][0].size(1), I2 = w_[0][0].size(0), Is2 = sw_[0].size(0);
-    const auto ok = [&](const torch::Tensor& w, const torch::Tensor& sc, int64_t N, int64_t K) {
-      check(w, sc, bo, bi);
-      return w.size(0) == N && w.size(1) == K && w.device().is_cpu();
-    };
-    bool shapes = I2 % (2 * bo) == 0 && Is2 % 2 == 0 && ok(sw_[0], ss_[0], Is2, H) &&
-                  ok(sw_[1], ss_[1], H, Is2 / 2);
-    for (size_t e = 0; e < w_[0].size(); ++e)
-      shapes = shapes && ok(w_[0][e], s_[0][e], I2, H) && ok(w_[1][e], s_[1][e], H, I2 / 2);
-    TORCH_CHECK(shapes, "Fp8Moe: e4m3 gate_up [2I, H] (I a multiple of bo), down [H, I] (the "
-                "shared expert's [2Is, H], [H, Is]) with their block scales");
+      : h_(std::move(gate_up), std::move(gate_up_scale), std::move(down), std::move(down_scale),
+           std::move(shared_gate_up), std::move(shared_gate_up_scale), std::move(shared_down),
+           std::move(shared_down_scale), "Fp8Moe",
+           [&](const torch::Tensor& w, const torch::Tensor& sc, int64_t N, int64_t K) {
+             TORCH_CHECK(bo > 0 && bi > 0, "Fp8Moe: positive blocks");
+             check(w, sc, bo, bi);
+             return w.size(0) == N && w.size(1) == K && w.device().is_cpu();
+           }),
+        bo_(bo), bi_(bi) {
+    TORCH_CHECK(h_.w[0][0].size(0) % (2 * bo) == 0, "Fp8Moe: I must be a multiple of bo");
   }
 
   std::vector<torch::Tensor> run(const torch::Tensor& xs, const std::vector<int64_t>& experts,
@@ -302,19 +295,17 @@ class Fp8Moe {
     const auto many = [&](const std::vector<torch::Tensor>& parts, const std::vector<int64_t>& es,
                           bool down) {
       std::vector<torch::Tensor> w, sc;
-      for (int64_t e : es) w.push_back(w_[down][e]), sc.push_back(s_[down][e]);
+      for (int64_t e : es) w.push_back(h_.w[down][e]), sc.push_back(h_.s[down][e]);
       return linear_products(parts, w, sc, bo_, bi_, false, "Fp8Moe");
     };
     const auto shared = [&](const torch::Tensor& rows, bool down) {
-      return linear_products({rows}, {sw_[down]}, {ss_[down]}, bo_, bi_, false, "Fp8Moe");
+      return linear_products({rows}, {h_.sw[down]}, {h_.ss[down]}, bo_, bi_, false, "Fp8Moe");
     };
-    return moe_block::run(xs, experts, counts, x, static_cast<int64_t>(w_[0].size()), "Fp8Moe",
-                          many, shared);
+    return moe_block::run(xs, experts, counts, x, h_.experts(), "Fp8Moe", many, shared);
   }
 
  private:
-  std::vector<torch::Tensor> w_[2], s_[2];  // [gate_up, down] of every expert
-  torch::Tensor sw_[2], ss_[2];             // the shared expert's
+  moe_block::Held h_;
   int64_t bo_, bi_;
 };
 

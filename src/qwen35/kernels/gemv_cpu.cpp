@@ -1321,25 +1321,14 @@ class Int8Moe {
           std::vector<torch::Tensor> down, std::vector<torch::Tensor> down_scale,
           torch::Tensor shared_gate_up, torch::Tensor shared_gate_up_scale,
           torch::Tensor shared_down, torch::Tensor shared_down_scale)
-      : w_{std::move(gate_up), std::move(down)}, s_{std::move(gate_up_scale), std::move(down_scale)},
-        sw_{std::move(shared_gate_up), std::move(shared_down)},
-        ss_{std::move(shared_gate_up_scale), std::move(shared_down_scale)} {
-    TORCH_CHECK(!w_[0].empty() && s_[0].size() == w_[0].size() && w_[1].size() == w_[0].size() &&
-                    s_[1].size() == w_[0].size(),
-                "Int8Moe: as many gate_up, down and scales as experts");
-    const int64_t H = w_[0][0].size(1), I2 = w_[0][0].size(0), Is2 = sw_[0].size(0);
-    const auto ok = [](const torch::Tensor& q, const torch::Tensor& sc, int64_t N, int64_t K) {
-      return q.dim() == 2 && q.size(0) == N && q.size(1) == K && q.is_contiguous() &&
-             q.scalar_type() == at::kChar && q.device().is_cpu() && sc.dim() == 1 &&
-             sc.size(0) == N && sc.is_contiguous();
-    };
-    bool shapes = I2 % 2 == 0 && Is2 % 2 == 0 && ok(sw_[0], ss_[0], Is2, H) &&
-                  ok(sw_[1], ss_[1], H, Is2 / 2);
-    for (size_t e = 0; e < w_[0].size(); ++e)
-      shapes = shapes && ok(w_[0][e], s_[0][e], I2, H) && ok(w_[1][e], s_[1][e], H, I2 / 2);
-    TORCH_CHECK(shapes, "Int8Moe: int8 gate_up [2I, H], down [H, I] (the shared expert's [2Is, H], "
-                "[H, Is]), contiguous, each with a contiguous scale a row");
-  }
+      : h_(std::move(gate_up), std::move(gate_up_scale), std::move(down), std::move(down_scale),
+           std::move(shared_gate_up), std::move(shared_gate_up_scale), std::move(shared_down),
+           std::move(shared_down_scale), "Int8Moe",
+           [](const torch::Tensor& q, const torch::Tensor& sc, int64_t N, int64_t K) {
+             return q.dim() == 2 && q.size(0) == N && q.size(1) == K && q.is_contiguous() &&
+                    q.scalar_type() == at::kChar && q.device().is_cpu() && sc.dim() == 1 &&
+                    sc.size(0) == N && sc.is_contiguous();
+           }) {}
 
   std::vector<torch::Tensor> run(const torch::Tensor& xs, const std::vector<int64_t>& experts,
                                  const std::vector<int64_t>& counts, const torch::Tensor& x) const {
@@ -1348,7 +1337,7 @@ class Int8Moe {
       std::vector<torch::Tensor> q, sc;
       bool few = true;
       for (size_t i = 0; i < es.size(); ++i) {
-        q.push_back(w_[down][es[i]]), sc.push_back(s_[down][es[i]]);
+        q.push_back(h_.w[down][es[i]]), sc.push_back(h_.s[down][es[i]]);
         few = few && parts[i].size(0) <= kMR;
       }
       if (few) return linear_int8_many(parts, q, sc, false);
@@ -1358,15 +1347,13 @@ class Int8Moe {
       return at::cat(ys);
     };
     const auto shared = [&](const torch::Tensor& rows, bool down) {
-      return linear_int8(rows, sw_[down], ss_[down], false);
+      return linear_int8(rows, h_.sw[down], h_.ss[down], false);
     };
-    return moe_block::run(xs, experts, counts, x, static_cast<int64_t>(w_[0].size()), "Int8Moe",
-                          many, shared);
+    return moe_block::run(xs, experts, counts, x, h_.experts(), "Int8Moe", many, shared);
   }
 
  private:
-  std::vector<torch::Tensor> w_[2], s_[2];  // [gate_up, down] of every expert
-  torch::Tensor sw_[2], ss_[2];             // the shared expert's
+  moe_block::Held h_;
 };
 
 std::vector<std::string> isa() {  // the fast paths this CPU takes

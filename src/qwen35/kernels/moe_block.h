@@ -15,6 +15,35 @@
 
 namespace moe_block {
 
+// Every expert's [gate_up, down] weights and their scales, and the shared expert's, held for
+// the objects' lifetime; ok(w, scale, N, K) checks one projection of [N, K] (gate_up [2I, H],
+// down [H, I]; the shared expert's [2Is, H], [H, Is]).
+struct Held {
+  std::vector<torch::Tensor> w[2], s[2];
+  torch::Tensor sw[2], ss[2];
+
+  template <typename Ok>
+  Held(std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> gate_up_scale,
+       std::vector<torch::Tensor> down, std::vector<torch::Tensor> down_scale,
+       torch::Tensor shared_gate_up, torch::Tensor shared_gate_up_scale, torch::Tensor shared_down,
+       torch::Tensor shared_down_scale, const char* name, Ok&& ok)
+      : w{std::move(gate_up), std::move(down)}, s{std::move(gate_up_scale), std::move(down_scale)},
+        sw{std::move(shared_gate_up), std::move(shared_down)},
+        ss{std::move(shared_gate_up_scale), std::move(shared_down_scale)} {
+    TORCH_CHECK(!w[0].empty() && s[0].size() == w[0].size() && w[1].size() == w[0].size() &&
+                    s[1].size() == w[0].size(),
+                name, ": as many gate_up, down and scales as experts");
+    const int64_t H = w[0][0].size(1), I2 = w[0][0].size(0), Is2 = sw[0].size(0);
+    bool shapes = I2 % 2 == 0 && Is2 % 2 == 0 && ok(sw[0], ss[0], Is2, H) &&
+                  ok(sw[1], ss[1], H, Is2 / 2);
+    for (size_t e = 0; e < w[0].size(); ++e)
+      shapes = shapes && ok(w[0][e], s[0][e], I2, H) && ok(w[1][e], s[1][e], H, I2 / 2);
+    TORCH_CHECK(shapes, name, ": gate_up [2I, H], down [H, I] (the shared expert's [2Is, H], "
+                "[H, Is]) of the format, each with its scales");
+  }
+  int64_t experts() const { return static_cast<int64_t>(w[0].size()); }
+};
+
 // experts / counts (moe_route's) checked against xs [P, H] and E experts
 inline void check_runs(const torch::Tensor& xs, const torch::Tensor& x,
                        const std::vector<int64_t>& experts, const std::vector<int64_t>& counts,
