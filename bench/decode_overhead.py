@@ -11,11 +11,12 @@ minutes hits all of them alike:
   (ops/deltanet.py deltanet_decode_gated, ops/attention.py attention_decode_gated);
 - `plan`: the CPU decode plan too (models/cpu_decode.py), the engine's default;
 - MoE models also `plan-moe-module`: the plan with its MoE blocks through their module (the
-  plan's MoE step off), e.g. `--model DIR/config.json` of bench/moe_decode.py; and with int4 /
-  int8 / FP8 experts `plan-moe-calls`: the plan's MoE step without `_quant_block` (the separate
-  kernel calls of few_token_moe and the shared expert, or the module where those do not resolve:
-  FP8 on AVX2) instead of one `Int4Moe` / `Int8Moe` / `Fp8Moe` call a block.
-`--dtype`: the rows' dtype of quantized formats (default bf16; `auto`: the engine's default).
+  plan's MoE step off), e.g. `--model DIR/config.json` of bench/moe_decode.py; and
+  `plan-moe-calls`: the plan's MoE step without `_held_block` (the separate kernel calls of
+  few_token_moe and the shared expert, or the module where those do not resolve: FP8 on AVX2)
+  instead of one `Int4Moe` / `Int8Moe` / `Fp8Moe` / `Bf16Moe` call a block.
+`--dtype`: the rows' dtype of quantized formats (default bf16; `auto`: the engine's default, which
+for `bf16` on a CPU without native bf16 is fp32 rows on bf16-stored weights).
 `--batch N`: N sequences decoding together (prefilled one a step first). Medians of the steps' wall
 times. `--fake-gemv` replaces every dense GEMV by its stored output (bf16 / fp32 only) to isolate
 what is not weight streaming. Results can only be compared within one run. Writes
@@ -66,12 +67,12 @@ def _moe_module_plan(model):
 
 def _moe_calls_plan(model):
     """The model's decode plan without its int4 / int8 / FP8 MoE blocks' one-call objects."""
-    real = cpu_decode._quant_block
-    cpu_decode._quant_block = lambda mlp, dtype: None
+    real = cpu_decode._held_block
+    cpu_decode._held_block = lambda mlp, dtype: None
     try:
         return cpu_decode.DecodePlan(model)
     finally:
-        cpu_decode._quant_block = real
+        cpu_decode._held_block = real
 
 
 def _fake_gemvs() -> None:
@@ -116,7 +117,9 @@ def main() -> None:
                 applies=cpu_decode.DecodePlan.applies)  # fmt: skip
     results = {}
     for fmt in args.formats:
-        dtype = fmt if fmt in ("fp32", "bf16") else args.dtype
+        # (bf16 with --dtype auto: the engine's default, fp32 rows on bf16 storage where the CPU
+        # has no native bf16)
+        dtype = fmt if fmt == "fp32" or (fmt == "bf16" and args.dtype != "auto") else args.dtype
         opts = BenchOptions(dtype=dtype, threads=args.threads)
         if args.model:
             opts.model = args.model
@@ -128,7 +131,7 @@ def main() -> None:
         plans, modes = None, MODES
         if any(layer.is_moe for layer in bm.model.model.layers):
             plans = {"plan": bm.model._decode_plan, "plan-moe-module": _moe_module_plan(bm.model)}
-            if fmt in ("int4", "int8", "fp8"):
+            if fmt in ("int4", "int8", "fp8", "bf16"):
                 plans["plan-moe-calls"] = _moe_calls_plan(bm.model)
             modes = (*MODES, *(m for m in plans if m != "plan"))
         times = {m: [] for m in modes}

@@ -103,11 +103,13 @@ def test_plan_equals_module_path_bitwise(dtype, quant, moe, monkeypatch):
 
 @pytest.mark.parametrize("wider", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("quant", ["int4", "int8", "fp8"])
-def test_quantized_moe_block_in_one_call_equals_module_path(quant, dtype, wider, monkeypatch):
-    """An int4 / int8 / FP8 MoE block's decode step through `Int4Moe` / `Int8Moe` / `Fp8Moe`
-    (`_quant_block`: the routed and shared experts' products and SwiGLUs in one call between
-    moe_route and moe_combine) equals the module path bit for bit, with the shared expert as
+@pytest.mark.parametrize("quant", ["int4", "int8", "fp8", "bf16"])
+def test_held_moe_block_in_one_call_equals_module_path(quant, dtype, wider, monkeypatch,
+                                                        tmp_path):  # fmt: skip
+    """An int4 / int8 / FP8 / bf16-stored (fp32 rows) MoE block's decode step through
+    `Int4Moe` / `Int8Moe` / `Fp8Moe` / `Bf16Moe` (`_held_block`: the routed and shared experts'
+    products and SwiGLUs in one call between moe_route and moe_combine) equals the module path
+    bit for bit, with the shared expert as
     wide as the experts (int4: one parallel_for a pass) and twice as wide (two); up to 16 rows
     (6 here: past MANY_MAX_ROWS), also with one expert taking more rows than linear_int8_many
     does (6 fresh sequences of one token: every row routed alike). (FP8 with bf16 rows on AVX512
@@ -121,16 +123,25 @@ def test_quantized_moe_block_in_one_call_equals_module_path(quant, dtype, wider,
     if quant == "fp8" and matmul.fp8_kernel_for(probe, (128, 128)) is not None:
         pytest.skip(f"{dtype} rows take gemv_cpu.cpp's FP8 kernel on this CPU (AVX512)")
     inter = 128 if quant == "fp8" else 64  # (FP8: gate and up one product, I % 128 == 0)
-    model = _model(True, dtype=dtype, quant=quant, moe_intermediate_size=inter,
-                   shared_expert_intermediate_size=inter * wider)  # fmt: skip
-    runs, real = [], cpu_decode._quant_block
+    sizes = dict(moe_intermediate_size=inter, shared_expert_intermediate_size=inter * wider)
+    if quant == "bf16":  # bf16 storage under fp32 rows (the loader's; bf16 rows: moe_bf16)
+        if dtype == torch.bfloat16:
+            pytest.skip("bf16 rows on bf16 experts take moe_bf16's one call (SparseMoE.cpu_step)")
+        from qwen35.loader import load_model
+        from tiny import save_checkpoint
+
+        save_checkpoint(tmp_path, dtype=torch.bfloat16, moe=True, **sizes)
+        model = load_model(str(tmp_path), dtype="fp32", quantization="bf16")
+    else:
+        model = _model(True, dtype=dtype, quant=quant, **sizes)
+    runs, real = [], cpu_decode._held_block
 
     def spy(mlp, dt):
         run = real(mlp, dt)
         assert run is not None  # every block of this model resolves
         return lambda x, b: runs.append(len(x)) or run(x, b)
 
-    monkeypatch.setattr(cpu_decode, "_quant_block", spy)
+    monkeypatch.setattr(cpu_decode, "_held_block", spy)
     module_calls, real_forward = [], SparseMoE.forward
     monkeypatch.setattr(SparseMoE, "forward",
                         lambda self, x, *a: module_calls.append(len(x)) or real_forward(self, x, *a))  # fmt: skip
@@ -156,7 +167,7 @@ def test_quantized_moe_block_in_one_call_equals_module_path(quant, dtype, wider,
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8", "fp8"])
-def test_quantized_moe_blocks_refuse_bad_inputs(quant):
+def test_held_moe_blocks_refuse_bad_inputs(quant):
     """Int4Moe / Int8Moe / Fp8Moe.run check what they are given: counts that do not add up to
     the rows, an expert id out of range, an empty run, rows of another dtype than the scales
     (int4 / int8) or than each other."""

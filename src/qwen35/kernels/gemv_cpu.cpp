@@ -1356,6 +1356,48 @@ class Int8Moe {
   moe_block::Held h_;
 };
 
+// A MoE block's bf16-stored experts under fp32 rows (`--quantization bf16`, the default on CPUs
+// without native bf16) for a decode step, as Int8Moe: the routed pairs' products by one
+// linear_bf16_many call where every expert has at most 4 rows, else one linear_bf16 call an
+// expert (fp32 rows past 4 take its paired-row path: as the module's calls), the shared
+// expert's by linear_bf16. (bf16 rows take moe_bf16's single call.) Up to 16 rows.
+class Bf16Moe {
+ public:
+  Bf16Moe(std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down,
+          torch::Tensor shared_gate_up, torch::Tensor shared_down)
+      : h_(gate_up, std::vector<torch::Tensor>(gate_up.size()), std::move(down),
+           std::vector<torch::Tensor>(gate_up.size()), std::move(shared_gate_up), {},
+           std::move(shared_down), {}, "Bf16Moe",
+           [](const torch::Tensor& w, const torch::Tensor&, int64_t N, int64_t K) {
+             return w.dim() == 2 && w.size(0) == N && w.size(1) == K && w.is_contiguous() &&
+                    w.scalar_type() == at::kBFloat16 && w.device().is_cpu();
+           }) {}
+
+  std::vector<torch::Tensor> run(const torch::Tensor& xs, const std::vector<int64_t>& experts,
+                                 const std::vector<int64_t>& counts, const torch::Tensor& x) const {
+    const auto many = [&](const std::vector<torch::Tensor>& parts, const std::vector<int64_t>& es,
+                          bool down) {
+      std::vector<torch::Tensor> w;
+      bool few = true;
+      for (size_t i = 0; i < es.size(); ++i) {
+        w.push_back(h_.w[down][es[i]]);
+        few = few && parts[i].size(0) <= kMR;
+      }
+      if (few) return linear_bf16_many(parts, w, false);
+      std::vector<torch::Tensor> ys;
+      for (size_t i = 0; i < es.size(); ++i) ys.push_back(linear_bf16(parts[i], w[i], false));
+      return at::cat(ys);
+    };
+    const auto shared = [&](const torch::Tensor& rows, bool down) {
+      return linear_bf16(rows, h_.sw[down], false);
+    };
+    return moe_block::run(xs, experts, counts, x, h_.experts(), "Bf16Moe", many, shared);
+  }
+
+ private:
+  moe_block::Held h_;  // (no scales)
+};
+
 std::vector<std::string> isa() {  // the fast paths this CPU takes
   std::vector<std::string> out;
   if (cpu_avx512()) out.emplace_back("avx512");
@@ -1453,6 +1495,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("top_k"));
   m.def("moe_combine", &moe_combine, "per token the sum of its pairs' round(ys * w), fp32",
         py::arg("ys"), py::arg("weights"), py::arg("tokens"), py::arg("T"));
+  py::class_<Bf16Moe>(m, "Bf16Moe")
+      .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
+                    torch::Tensor>(),
+           py::arg("gate_up"), py::arg("down"), py::arg("shared_gate_up"), py::arg("shared_down"))
+      .def("run", &Bf16Moe::run,
+           "(xs, experts, counts, x) -> [ys, shared]: a MoE block's bf16 experts, fp32 rows");
   py::class_<Int8Moe>(m, "Int8Moe")
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                     std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,

@@ -13,10 +13,10 @@ fp16 under fp32), the batch's backend has the CPU kernels (`QWEN35_NO_KERNELS=1`
 any time), and the step is decode only with its rows in state-slot order (the engine's usual
 batch-1 step). Anything else takes the module path. A MoE block's step is in the plan too
 (`_moe`: a bf16 block's one kernel call, else the C++ routing, the active experts' kernel
-calls resolved once, the shared expert as a dense FFN; int4 / int8 / FP8 blocks one call of a
-C++ object holding their experts between the routing and the weighted sum, `_quant_block`);
-blocks whose experts it cannot resolve, and steps of more than layers/linear.py MANY_MAX_ROWS
-rows (those blocks: 16), run the module (layers/moe.py).
+calls resolved once, the shared expert as a dense FFN; int4 / int8 / FP8 / bf16-stored blocks
+one call of a C++ object holding their experts between the routing and the weighted sum,
+`_held_block`); blocks whose experts it cannot resolve, and steps of more than
+layers/linear.py MANY_MAX_ROWS rows (those blocks: 16), run the module (layers/moe.py).
 LoRA adapters served per request are added after the kernels of the projections they adapt
 (`_with_lora`, layers/lora.py).
 """
@@ -233,42 +233,49 @@ def _experts_many(ex, dtype):
     return lambda which, xs, es: (gate_up if which == "gate_up" else down)(xs, es)
 
 
-def _quant_block(mlp, dtype):
-    """An int4 / int8 / FP8 MoE block's decode step with its experts held by one C++ object
-    (int4_cpu.cpp `Int4Moe`, gemv_cpu.cpp `Int8Moe`, fp8_cpu.cpp `Fp8Moe`; kernels/moe_block.h):
+def _held_block(mlp, dtype):
+    """A MoE block's decode step with its experts held by one C++ object (int4_cpu.cpp
+    `Int4Moe`, gemv_cpu.cpp `Int8Moe` / `Bf16Moe`, fp8_cpu.cpp `Fp8Moe`; kernels/moe_block.h):
     x -> gemv_cpu.cpp `moe_route`, one `run` (the routed and shared experts' products and
     SwiGLUs), `moe_combine`, then the shared expert's gate as `_moe` applies it: 3 kernel calls
     and 3 small ops where few_token_moe + the shared expert make ~10 calls with their Python
     between (the same kernels on the same operands: the same bits), for steps of up to 16 rows
-    (the module above; `_moe`'s other blocks: MANY_MAX_ROWS). None unless
-    the experts and the shared expert's packed gate_up and down are all of one format the
-    object takes for `dtype` rows (`_int4_held`, `_int8_held`, `_fp8_held`), the router a plain
-    weight moe_route takes, and no adapter on the router or shared expert."""
+    (the module above; `_moe`'s other blocks: MANY_MAX_ROWS). None unless the experts and the
+    shared expert's packed gate_up and down are all int4 / int8 / FP8, or bf16-stored under fp32
+    rows, in a form the object takes for `dtype` rows (`_int4_held`, `_int8_held`, `_fp8_held`,
+    `_bf16_held`), the router a plain weight moe_route takes, and no adapter on the router or
+    shared expert."""
     from qwen35.kernels import fp8 as fp8_kernel
     from qwen35.kernels import gemv
+    from qwen35.layers.moe import Experts
     from qwen35.quant import matmul
-    from qwen35.quant.layers import Fp8Experts, Int4Linear, IntExperts
+    from qwen35.quant.layers import Bf16Experts, Fp8Experts, Int4Linear, IntExperts
 
     ex, sh, g = mlp.experts, mlp.shared_expert, gemv.load()
-    pack = sh.packed_gate_up
-    if (g is None or type(ex) not in (IntExperts, Fp8Experts) or ex.num_total is not None
-            or not isinstance(pack, QuantPack) or len(pack.runs) != 1
-            or type(mlp.gate) is not Linear):  # fmt: skip
+    pack, sh_down, router = sh.packed_gate_up, sh.down_proj, mlp.gate.weight
+    if isinstance(pack, QuantPack):  # quantized: one packed linear
+        sh_gate_up = pack.runs[0][0] if len(pack.runs) == 1 else None
+    else:  # plain: the packed weight
+        sh_gate_up = pack if type(sh_down) is Linear else None
+    if (g is None or sh_gate_up is None or ex.num_total is not None
+            or type(mlp.gate) is not Linear or not router.is_contiguous()
+            or router.dtype not in (dtype, torch.bfloat16)
+            or any(lin.lora is not None for lin in (mlp.gate, mlp.shared_expert_gate,
+                                                    sh.gate_proj, sh.up_proj, sh_down))):  # fmt: skip
         return None
-    sh_gate_up, sh_down, router = pack.runs[0][0], sh.down_proj, mlp.gate.weight
-    if (any(lin.lora is not None for lin in (mlp.gate, mlp.shared_expert_gate, sh.gate_proj,
-                                             sh.up_proj, sh_down))
-            or not router.is_contiguous() or router.dtype not in (dtype, torch.bfloat16)
-            or type(sh_gate_up) is not type(sh_down)):  # fmt: skip
-        return None
-    if type(ex) is Fp8Experts:
+    if type(ex) in (Experts, Bf16Experts) and isinstance(sh_gate_up, torch.Tensor):
+        held = _bf16_held
+    elif type(ex) is Fp8Experts:
         held = _fp8_held
-    else:
+    elif type(ex) is IntExperts:
         held = _int4_held if type(sh_down) is Int4Linear else _int8_held
+    else:
+        return None
     block = held(ex, sh_gate_up, sh_down, dtype)
     if block is None:
         return None
-    rows = min(ops_moe.FEW_TOKENS, matmul.INT4_MAX_ROWS, matmul.INT8_MAX_ROWS, fp8_kernel.MAX_ROWS)
+    rows = min(ops_moe.FEW_TOKENS, matmul.INT4_MAX_ROWS, matmul.INT8_MAX_ROWS, fp8_kernel.MAX_ROWS,
+               GEMV_MAX_ROWS[torch.float32])  # fmt: skip
     route, combine, k = g.moe_route, g.moe_combine, mlp.top_k
     sh_gate = _plain(mlp.shared_expert_gate.weight)
 
@@ -283,8 +290,22 @@ def _quant_block(mlp, dtype):
     return run
 
 
+def _bf16_held(ex, sh_gate_up, sh_down, dtype):
+    """_held_block's Bf16Moe, or None: rows other than fp32 (bf16 rows take moe_bf16's one call,
+    `SparseMoE.cpu_step`), weights other than contiguous bf16, the shared expert's in another
+    dtype."""
+    from qwen35.kernels import gemv
+
+    ws = (ex.gate_up_proj, ex.down_proj, sh_gate_up, sh_down.weight)
+    if dtype != torch.float32 or any(w.dtype != torch.bfloat16 or not w.is_contiguous()
+                                     for w in ws):  # fmt: skip
+        return None
+    return gemv.load().Bf16Moe(list(ex.gate_up_proj.unbind(0)), list(ex.down_proj.unbind(0)),
+                               sh_gate_up, sh_down.weight)  # fmt: skip
+
+
 def _int8_held(ex, sh_gate_up, sh_down, dtype):
-    """_quant_block's Int8Moe, or None: other layers than Int8Linear, scales that are not
+    """_held_block's Int8Moe, or None: other layers than Int8Linear, scales that are not
     contiguous in the rows' dtype (the module's int8 kernel takes them only so)."""
     from qwen35.kernels import gemv
     from qwen35.quant import matmul
@@ -300,7 +321,7 @@ def _int8_held(ex, sh_gate_up, sh_down, dtype):
 
 
 def _fp8_held(ex, sh_gate_up, sh_down, dtype):
-    """_quant_block's Fp8Moe, or None: the shared expert not Fp8Linear of the experts' block,
+    """_held_block's Fp8Moe, or None: the shared expert not Fp8Linear of the experts' block,
     gate and up not one product (I % bo), bf16 rows that gemv_cpu.cpp's linear_fp8 takes
     (AVX512 CPUs: `_moe`'s per-call path with it), no fp8_cpu.cpp module, other rows."""
     from qwen35.kernels import fp8 as fp8_kernel
@@ -321,7 +342,7 @@ def _fp8_held(ex, sh_gate_up, sh_down, dtype):
 
 
 def _int4_held(ex, sh_gate_up, sh_down, dtype):
-    """_quant_block's Int4Moe, or None: other layers than Int4Linear, scales of another dtype
+    """_held_block's Int4Moe, or None: other layers than Int4Linear, scales of another dtype
     than the rows, groups or x8 that differ, rows our kernel does not take (torch's int4 kernel
     then: the module)."""
     from qwen35.kernels import gemv
@@ -352,7 +373,7 @@ def _int4_held(ex, sh_gate_up, sh_down, dtype):
 def _moe(mlp, dtype):
     """A MoE block's decode step (layers/moe.py SparseMoE.forward for few rows, the same ops on
     the same operands): bf16 blocks the one-call kernel takes, its call (`SparseMoE.cpu_step`);
-    else `few_token_moe` on `_experts_many` (the module's routing and `few_token_experts` with
+    blocks `_held_block` takes, its object's call; else `few_token_moe` on `_experts_many` (the module's routing and `few_token_experts` with
     an adapter on the router), the shared expert as a dense layer's FFN, then its gate; or the
     module's forward where the experts' kernels are not resolved. More than MANY_MAX_ROWS rows
     take the module too."""
@@ -361,7 +382,7 @@ def _moe(mlp, dtype):
             step(x) if x.shape[0] <= MANY_MAX_ROWS and ops_moe.cpu_moe_takes(x)
             else mlp.forward(x, backend)
         )  # fmt: skip
-    if (run := _quant_block(mlp, dtype)) is not None:
+    if (run := _held_block(mlp, dtype)) is not None:
         return run
     many = _experts_many(mlp.experts, dtype)
     if many is None:
