@@ -159,9 +159,10 @@ def test_moe_experts_in_one_call_equal_one_call_each(ckpts):
 def test_moe_routing_in_cpp_on_a_bf16_stored_router(ckpts, monkeypatch):
     """fp32 rows on a bf16-stored router: ops/moe.py `few_token_moe` (gemv_cpu.cpp `moe_route`,
     the logits by linear_bf16's fp32-row path, as the module's own `linear` computes them) runs
-    the block's routed experts, in the module and in the decode plan (it refused a router of
-    another dtype than x's, leaving torch's ~20-op routing on every decode step): the torch
-    routing's result within fp32 rounding, batched == alone."""
+    the block's routed experts in the module, and `moe_route` the decode plan's (its one-call
+    Bf16Moe step, `_held_block`) (it refused a router of another dtype than x's, leaving torch's
+    ~20-op routing on every decode step): the torch routing's result within fp32 rounding,
+    batched == alone, the plan's step == the module's."""
     import qwen35.layers.moe as layer_moe
     from qwen35.layers.moe import SparseMoE
     from qwen35.models import cpu_decode
@@ -187,9 +188,10 @@ def test_moe_routing_in_cpp_on_a_bf16_stored_router(ckpts, monkeypatch):
     with torch.inference_mode():
         for b in blocks:
             taken.clear()
+            assert cpu_decode._held_block(b, torch.float32) is not None
             got, plan = b(x, be), cpu_decode._moe(b, torch.float32)(x, be)
             alone = torch.cat([b(x[t : t + 1], be) for t in range(4)])
-            assert taken == [True] * 6
+            assert taken == [True] * 5  # (the module's calls; the plan calls moe_route itself)
             monkeypatch.setattr(SparseMoE, "cpu_routed", lambda self, x: None)
             ref = b(x, be)  # torch's routing, then the experts' few-token path
             monkeypatch.setattr(SparseMoE, "cpu_routed", cpu_routed)
