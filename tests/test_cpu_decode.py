@@ -166,6 +166,33 @@ def test_held_moe_block_in_one_call_equals_module_path(quant, dtype, wider, monk
             assert torch.equal(a, b)
 
 
+def test_bf16_moe_block_call_takes_up_to_16_rows(monkeypatch):
+    """A bf16 MoE block's plan step is moe_bf16's one call (`SparseMoE.cpu_step`) for up to
+    FEW_TOKENS rows, as the module calls it (6 rows here, past MANY_MAX_ROWS): no module call,
+    the module path's logits bit for bit."""
+    from qwen35.layers.moe import SparseMoE
+
+    be = _backend()
+    model = _model(True, dtype=torch.bfloat16)
+    module_calls, real_forward = [], SparseMoE.forward
+    monkeypatch.setattr(SparseMoE, "forward",
+                        lambda self, x, *a: module_calls.append(len(x)) or real_forward(self, x, *a))  # fmt: skip
+    plan, modules = _run(model, be), _run(model, be)
+    for run in (plan, modules):  # room for 6 sequences (Seqs: 20 blocks each)
+        run.caches = allocate_caches(model.config, 120, BS, 8, torch.bfloat16, "cpu")
+    applies = cpu_decode.DecodePlan.applies
+    g = torch.Generator().manual_seed(6)
+    for _ in range(2):
+        items = [(s, torch.randint(2, 256, (1,), generator=g).tolist()) for s in range(6)]
+        module_calls.clear()
+        a = plan.step(items)
+        assert module_calls == []
+        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
+        b = modules.step(items)
+        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(applies))
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("quant", ["int4", "int8", "fp8"])
 def test_held_moe_blocks_refuse_bad_inputs(quant):
     """Int4Moe / Int8Moe / Fp8Moe.run check what they are given: counts that do not add up to

@@ -375,12 +375,11 @@ def _moe(mlp, dtype):
     the same operands): bf16 blocks the one-call kernel takes, its call (`SparseMoE.cpu_step`);
     blocks `_held_block` takes, its object's call; else `few_token_moe` on `_experts_many` (the module's routing and `few_token_experts` with
     an adapter on the router), the shared expert as a dense layer's FFN, then its gate; or the
-    module's forward where the experts' kernels are not resolved. More than MANY_MAX_ROWS rows
-    take the module too."""
+    module's forward where the experts' kernels are not resolved. More rows than the path takes
+    (MANY_MAX_ROWS; the one-call paths: 16) take the module too."""
     if dtype == torch.bfloat16 and (step := mlp.cpu_step()) is not None:
-        return lambda x, backend: (
-            step(x) if x.shape[0] <= MANY_MAX_ROWS and ops_moe.cpu_moe_takes(x)
-            else mlp.forward(x, backend)
+        return lambda x, backend: (  # (up to FEW_TOKENS rows, as the module calls it)
+            step(x) if ops_moe.cpu_moe_takes(x) else mlp.forward(x, backend)
         )  # fmt: skip
     if (run := _held_block(mlp, dtype)) is not None:
         return run
