@@ -440,7 +440,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("xs"), py::arg("ws"), py::arg("scales"), py::arg("bo"), py::arg("bi"),
         py::arg("avx2_only") = false);
   m.def("fp8_dequant", &fp8_dequant, "dequantise block-FP8 w into out");
-  py::class_<Fp8Moe>(m, "Fp8Moe")
+  py::class_<Fp8Moe>(m, "Fp8Moe", py::module_local())
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                     std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
                     torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t>(),

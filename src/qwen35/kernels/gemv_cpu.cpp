@@ -1495,13 +1495,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("top_k"));
   m.def("moe_combine", &moe_combine, "per token the sum of its pairs' round(ys * w), fp32",
         py::arg("ys"), py::arg("weights"), py::arg("tokens"), py::arg("T"));
-  py::class_<Bf16Moe>(m, "Bf16Moe")
+  py::class_<Bf16Moe>(m, "Bf16Moe", py::module_local())
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
                     torch::Tensor>(),
            py::arg("gate_up"), py::arg("down"), py::arg("shared_gate_up"), py::arg("shared_down"))
       .def("run", &Bf16Moe::run,
            "(xs, experts, counts, x) -> [ys, shared]: a MoE block's bf16 experts, fp32 rows");
-  py::class_<Int8Moe>(m, "Int8Moe")
+  py::class_<Int8Moe>(m, "Int8Moe", py::module_local())
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                     std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
                     torch::Tensor, torch::Tensor, torch::Tensor>(),

@@ -1257,7 +1257,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[x_i @ W_i^T] stacked [sum M_i, n], products of one shape, one parallel_for",
         py::arg("xs"), py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("n"),
         py::arg("avx2_only") = false, py::arg("x8") = false);
-  py::class_<Int4Moe>(m, "Int4Moe")
+  py::class_<Int4Moe>(m, "Int4Moe", py::module_local())
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                     std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
                     torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t,
