@@ -235,7 +235,8 @@ def test_held_moe_blocks_refuse_bad_inputs(quant):
 def test_plan_calls_quantized_kernels_directly(quant, monkeypatch):
     """The plan calls the int8 / int4 / FP8 kernels without the modules around them (the bitwise test
     above would pass through the modules too): a decode step through the plan makes no
-    quant.matmul call, and its logits equal the module path's."""
+    quant.matmul call, nor a layers/linear.py `linear` kernel lookup for the bf16 members packed
+    beside them (DeltaNet's in_proj_b/a), and its logits equal the module path's."""
     from qwen35.quant import matmul
 
     be = _backend()
@@ -245,17 +246,25 @@ def test_plan_calls_quantized_kernels_directly(quant, monkeypatch):
         dtype = torch.float32  # our int4 kernel takes bf16 rows on AVX512-VBMI + BF16 only
     model = _model(False, dtype=dtype, quant=quant)
     plan, modules = _run(model, be), _run(model, be)
-    calls = []
+    calls, plain = [], []
     name = f"{quant}_linear"
     real = getattr(matmul, name)
     monkeypatch.setattr(matmul, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    import qwen35.layers.linear as linear_mod
+
+    real_lookup = linear_mod.gemv_kernel_for  # `linear`'s per-call lookup (DeltaNet's bf16
+    # in_proj_b/a run: the plan resolves its kernel once)
+    monkeypatch.setattr(linear_mod, "gemv_kernel_for",
+                        lambda *a: plain.append(1) or real_lookup(*a))  # fmt: skip
     prefill = [(0, list(range(5, 26)))]
     plan.step(prefill)
     modules.step(prefill)
     calls.clear()
+    plain.clear()
     a = plan.step([(0, [7])])
     in_plan = len(calls)
     assert in_plan <= 1  # the int8 lm_head (computed after the layers) goes through quant.matmul
+    assert len(plain) == (quant == "fp8")  # (FP8 keeps lm_head bf16: its module, after the layers)
     monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
     b = modules.step([(0, [7])])
     assert len(calls) - in_plan > 4 and torch.equal(a, b)  # the layers' matmuls, module path

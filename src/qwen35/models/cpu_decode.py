@@ -86,7 +86,7 @@ def _direct(fn):
         if mod is not None:
             bf16_ours = matmul.int4_rows_ours(mod, torch.bfloat16, x8)
             return lambda x: (
-                mod.linear_int4(x.contiguous(), w, sz, group, n, x8=x8)
+                mod.linear_int4(x.contiguous(), w, sz, group, n, False, x8)  # (positional: faster)
                 if x.shape[0] <= matmul.INT4_MAX_ROWS
                 and sz.dtype == x.dtype
                 and (x.dtype == torch.float32 or (bf16_ours and x.dtype == torch.bfloat16))
@@ -163,6 +163,12 @@ def _projection(packed, *linears):
     """x -> the linears' outputs through their packed weight (layers/linear.py packed_linear),
     LoRA deltas added."""
     if not isinstance(packed, torch.Tensor):  # quantized: a QuantPack, one call for the outputs
+        if len(packed.runs) == 1:  # one format: its call, split (without QuantPack's loop)
+            (fn, sizes), = packed.runs
+            fn = _direct(fn)
+            one = (lambda x: (fn(x),)) if len(sizes) == 1 else \
+                (lambda x: fn(x).split_with_sizes(sizes, dim=-1))  # fmt: skip
+            return _with_lora(one, *linears)
         return _with_lora(QuantPack([(_direct(fn), sizes) for fn, sizes in packed.runs]),
                           *linears)  # fmt: skip
     sizes, fn = [lin.out_features for lin in linears], _plain(packed)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwen35.layers.linear import Linear, linear
+from qwen35.layers.linear import Linear
 from qwen35.quant.layers import Fp8Linear, Int4Linear, Int8Linear
 
 
@@ -60,7 +60,9 @@ def _pack_run(run: list[Linear]):
         for lin in run:
             lin.weight = nn.Parameter(w[row : row + lin.out_features], requires_grad=False)
             row += lin.out_features
-        return lambda x: linear(x, w)
+        packed = Linear(run[0].in_features, total, device="meta")  # (its matmul: linear(x, w),
+        packed.weight = nn.Parameter(w, requires_grad=False)  # which the CPU decode plan resolves)
+        return packed.matmul
     if isinstance(run[0], Int8Linear):
         q = torch.cat([lin.weight for lin in run])
         s = torch.cat([lin.weight_scale for lin in run])
