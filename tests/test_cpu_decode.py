@@ -194,6 +194,36 @@ def test_bf16_moe_block_call_takes_up_to_16_rows(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_held_moe_block_refused_by_its_object_falls_back(monkeypatch):
+    """An object whose own checks refuse the block's tensors (a layout the Python checks let
+    through) leaves the block to `_moe`'s other paths: the plan is built and its steps equal
+    the module path's, instead of a failed step."""
+    from qwen35.kernels import gemv
+
+    be = _backend()
+    probe = torch.zeros(1, 1, dtype=torch.float32)
+    g4 = gemv.load_int4()
+    if g4 is None or matmul.int4_kernel_for(probe, probe, True) is None:
+        pytest.skip("the int4 kernel is not available here (no compiler or no AVX2)")
+
+    def refuse(*a, **k):
+        raise RuntimeError("Int4Moe: refused")
+
+    monkeypatch.setattr(g4, "Int4Moe", refuse)
+    model = _model(True, dtype=torch.float32, quant="int4", moe_intermediate_size=64,
+                   shared_expert_intermediate_size=64)  # fmt: skip
+    mlp = next(layer.mlp for layer in model.model.layers if layer.is_moe)
+    assert cpu_decode._held_block(mlp, torch.float32) is None
+    plan, modules = _run(model, be), _run(model, be)
+    applies = cpu_decode.DecodePlan.applies
+    for items, _ in _script():
+        a = plan.step(items)
+        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
+        b = modules.step(items)
+        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(applies))
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("quant", ["int4", "int8", "fp8"])
 def test_held_moe_blocks_refuse_bad_inputs(quant):
     """Int4Moe / Int8Moe / Fp8Moe.run check what they are given: counts that do not add up to

@@ -277,7 +277,10 @@ def _held_block(mlp, dtype):
         held = _int4_held if type(sh_down) is Int4Linear else _int8_held
     else:
         return None
-    block = held(ex, sh_gate_up, sh_down, dtype)
+    try:
+        block = held(ex, sh_gate_up, sh_down, dtype)
+    except RuntimeError:  # a layout the object's own checks refuse: the other paths run the block
+        return None
     if block is None:
         return None
     rows = min(ops_moe.FEW_TOKENS, matmul.INT4_MAX_ROWS, matmul.INT8_MAX_ROWS, fp8_kernel.MAX_ROWS,
@@ -379,9 +382,10 @@ def _int4_held(ex, sh_gate_up, sh_down, dtype):
 def _moe(mlp, dtype):
     """A MoE block's decode step (layers/moe.py SparseMoE.forward for few rows, the same ops on
     the same operands): bf16 blocks the one-call kernel takes, its call (`SparseMoE.cpu_step`);
-    blocks `_held_block` takes, its object's call; else `few_token_moe` on `_experts_many` (the module's routing and `few_token_experts` with
-    an adapter on the router), the shared expert as a dense layer's FFN, then its gate; or the
-    module's forward where the experts' kernels are not resolved. More rows than the path takes
+    blocks `_held_block` takes, its object's call; else `few_token_moe` on `_experts_many` (the
+    module's routing and `few_token_experts` with an adapter on the router), the shared expert
+    as a dense layer's FFN, then its gate; or the module's forward where the experts' kernels
+    are not resolved. More rows than the path takes
     (MANY_MAX_ROWS; the one-call paths: 16) take the module too."""
     if dtype == torch.bfloat16 and (step := mlp.cpu_step()) is not None:
         return lambda x, backend: (  # (up to FEW_TOKENS rows, as the module calls it)
