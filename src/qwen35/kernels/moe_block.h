@@ -1,11 +1,11 @@
-// The experts of a MoE block's decode step in one call, for the quantized formats' C++ objects
-// (gemv_cpu.cpp Int8Moe, fp8_cpu.cpp Fp8Moe, int4_cpu.cpp Int4Moe; models/cpu_decode.py
-// `_quant_block` builds one a block): between gemv_cpu.cpp's moe_route (the pairs' rows sorted
-// by expert) and moe_combine (their weighted sum), the routed pairs' gate_up products, the
-// shared expert's, the SwiGLUs (small_rows.h silu_mul_row: small_ops_cpu.cpp silu_mul's
-// arithmetic) and the down products, each product by the call ops/moe.py few_token_moe and the
-// shared expert's module make for it (the same bits), without the Python between them.
-// (kernels/__init__.py's Native hashes this header with each source.)
+// The experts of a MoE block's decode step in one call, for the formats' C++ objects
+// (gemv_cpu.cpp Int8Moe / Bf16Moe, fp8_cpu.cpp Fp8Moe; int4_cpu.cpp Int4Moe uses the checks and
+// the SwiGLU; models/cpu_decode.py `_held_block` builds one a block): between gemv_cpu.cpp's
+// moe_route (the pairs' rows sorted by expert) and moe_combine (their weighted sum), the routed
+// pairs' gate_up products, the shared expert's, the SwiGLUs (small_rows.h silu_mul_row:
+// small_ops_cpu.cpp silu_mul's arithmetic) and the down products, each product by the call
+// ops/moe.py few_token_moe and the shared expert's module make for it (the same bits), without
+// the Python between them. (kernels/__init__.py's Native hashes this header with each source.)
 #pragma once
 #include <cstdint>
 #include <vector>
