@@ -55,24 +55,16 @@ def _set_mode(mode: str, real: dict, plans: dict | None = None, model=None) -> N
         model._decode_plan = plans[mode if mode in plans else "plan"]
 
 
-def _moe_module_plan(model):
-    """The model's decode plan with its MoE blocks through their module."""
-    real = cpu_decode._moe
-    cpu_decode._moe = lambda mlp, dtype: mlp.forward
+def _plan_with(model, name: str, stand_in):
+    """The model's decode plan built with models/cpu_decode.py's `name` replaced: `_moe` by the
+    module's forward (`plan-moe-module`), `_held_block` by None (`plan-moe-calls`: no one-call
+    objects for int4 / int8 / FP8 / bf16-stored blocks)."""
+    real = getattr(cpu_decode, name)
+    setattr(cpu_decode, name, stand_in)
     try:
         return cpu_decode.DecodePlan(model)
     finally:
-        cpu_decode._moe = real
-
-
-def _moe_calls_plan(model):
-    """The model's decode plan without its int4 / int8 / FP8 MoE blocks' one-call objects."""
-    real = cpu_decode._held_block
-    cpu_decode._held_block = lambda mlp, dtype: None
-    try:
-        return cpu_decode.DecodePlan(model)
-    finally:
-        cpu_decode._held_block = real
+        setattr(cpu_decode, name, real)
 
 
 def _fake_gemvs() -> None:
@@ -130,9 +122,10 @@ def main() -> None:
         _steps(engine, 4, "warm")  # (builds the plan)
         plans, modes = None, MODES
         if any(layer.is_moe for layer in bm.model.model.layers):
-            plans = {"plan": bm.model._decode_plan, "plan-moe-module": _moe_module_plan(bm.model)}
+            plans = {"plan": bm.model._decode_plan,
+                     "plan-moe-module": _plan_with(bm.model, "_moe", lambda mlp, dt: mlp.forward)}
             if fmt in ("int4", "int8", "fp8", "bf16"):
-                plans["plan-moe-calls"] = _moe_calls_plan(bm.model)
+                plans["plan-moe-calls"] = _plan_with(bm.model, "_held_block", lambda mlp, dt: None)
             modes = (*MODES, *(m for m in plans if m != "plan"))
         times = {m: [] for m in modes}
         for r in range(args.rounds):

@@ -42,6 +42,13 @@ def _script():
     ]
 
 
+def _module_step(modules, items, monkeypatch):
+    """modules.step(items) through the module path (the decode plan switched off for it)."""
+    with monkeypatch.context() as m:
+        m.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
+        return modules.step(items)
+
+
 def _spy_runs(monkeypatch) -> list:
     runs = []
     real = cpu_decode.DecodePlan.run
@@ -73,7 +80,6 @@ def test_plan_equals_module_path_bitwise(dtype, quant, moe, monkeypatch):
                    **({"moe_intermediate_size": 128} if moe and quant == "fp8" else {}))  # fmt: skip
     plan, modules = _run(model, be), _run(model, be)
     runs = _spy_runs(monkeypatch)
-    applies = cpu_decode.DecodePlan.applies
     module_calls, real_forward = [], SparseMoE.forward
     monkeypatch.setattr(SparseMoE, "forward",
                         lambda self, x, *a: module_calls.append(len(x)) or real_forward(self, x, *a))  # fmt: skip
@@ -92,9 +98,7 @@ def test_plan_equals_module_path_bitwise(dtype, quant, moe, monkeypatch):
         assert len(runs) == expected
         if moe and expected:  # the plan ran: its MoE step where the kernels resolve
             assert (module_calls == []) == resolved, module_calls
-        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
-        b = modules.step(items)
-        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(applies))
+        b = _module_step(modules, items, monkeypatch)
         assert torch.equal(a, b)
     for name in ("key", "value", "conv", "recurrent"):
         for x, y in zip(getattr(plan.caches, name), getattr(modules.caches, name), strict=True):
@@ -146,7 +150,6 @@ def test_held_moe_block_in_one_call_equals_module_path(quant, dtype, wider, monk
     module_calls, real_forward = [], SparseMoE.forward
     monkeypatch.setattr(SparseMoE, "forward",
                         lambda self, x, *a: module_calls.append(len(x)) or real_forward(self, x, *a))  # fmt: skip
-    applies = cpu_decode.DecodePlan.applies
     moe_layers = sum(layer.is_moe for layer in model.model.layers)
     g = torch.Generator().manual_seed(5)
     six = [(s, torch.randint(2, 256, (1,), generator=g).tolist()) for s in range(6)]
@@ -161,9 +164,7 @@ def test_held_moe_block_in_one_call_equals_module_path(quant, dtype, wider, monk
             a = plan.step(items)
             if expected:
                 assert runs == [len(items)] * moe_layers and module_calls == []
-            monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
-            b = modules.step(items)
-            monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(applies))
+            b = _module_step(modules, items, monkeypatch)
             assert torch.equal(a, b)
 
 
@@ -181,16 +182,13 @@ def test_bf16_moe_block_call_takes_up_to_16_rows(monkeypatch):
     plan, modules = _run(model, be), _run(model, be)
     for run in (plan, modules):  # room for 6 sequences (Seqs: 20 blocks each)
         run.caches = allocate_caches(model.config, 120, BS, 8, torch.bfloat16, "cpu")
-    applies = cpu_decode.DecodePlan.applies
     g = torch.Generator().manual_seed(6)
     for _ in range(2):
         items = [(s, torch.randint(2, 256, (1,), generator=g).tolist()) for s in range(6)]
         module_calls.clear()
         a = plan.step(items)
         assert module_calls == []
-        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
-        b = modules.step(items)
-        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(applies))
+        b = _module_step(modules, items, monkeypatch)
         assert torch.equal(a, b)
 
 
@@ -215,12 +213,9 @@ def test_held_moe_block_refused_by_its_object_falls_back(monkeypatch):
     mlp = next(layer.mlp for layer in model.model.layers if layer.is_moe)
     assert cpu_decode._held_block(mlp, torch.float32) is None
     plan, modules = _run(model, be), _run(model, be)
-    applies = cpu_decode.DecodePlan.applies
     for items, _ in _script():
         a = plan.step(items)
-        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
-        b = modules.step(items)
-        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(applies))
+        b = _module_step(modules, items, monkeypatch)
         assert torch.equal(a, b)
 
 
@@ -295,8 +290,7 @@ def test_plan_calls_quantized_kernels_directly(quant, monkeypatch):
     in_plan = len(calls)
     assert in_plan <= 1  # the int8 lm_head (computed after the layers) goes through quant.matmul
     assert len(plain) == (quant == "fp8")  # (FP8 keeps lm_head bf16: its module, after the layers)
-    monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
-    b = modules.step([(0, [7])])
+    b = _module_step(modules, [(0, [7])], monkeypatch)
     assert len(calls) - in_plan > 4 and torch.equal(a, b)  # the layers' matmuls, module path
 
 
@@ -318,16 +312,13 @@ def test_plan_calls_plain_gemv_kernels_directly(dtype, monkeypatch):
     monkeypatch.setattr(cpu_decode, "linear", lambda *a: calls.append(len(a[0])) or real(*a))
     g = torch.Generator().manual_seed(7)
     tok = lambda k: torch.randint(2, 256, (k,), generator=g).tolist()  # noqa: E731
-    applies = cpu_decode.DecodePlan.applies
     for items in ([(s, tok(6)) for s in range(n)], [(0, tok(1))], [(1, tok(1)), (2, tok(1))],
                   [(s, tok(1)) for s in range(n)]):  # fmt: skip
         calls.clear()
         a = plan.step(items)
         if all(len(t) == 1 for _, t in items):  # the plan: no `linear` call at kernel rows
             assert (calls == []) == (len(items) <= GEMV_MAX_ROWS[dtype]), calls
-        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(lambda b: False))
-        b = modules.step(items)
-        monkeypatch.setattr(cpu_decode.DecodePlan, "applies", staticmethod(applies))
+        b = _module_step(modules, items, monkeypatch)
         assert torch.equal(a, b)
 
 

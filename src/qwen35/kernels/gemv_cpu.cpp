@@ -1311,6 +1311,20 @@ torch::Tensor moe_combine(const torch::Tensor& ys, const torch::Tensor& weight,
   return y;
 }
 
+// A held MoE block's routed products (Int8Moe, Bf16Moe) as the module path makes them: one
+// many() call where every expert's part has at most kMR rows (the many-kernels' limit), else
+// one one(i) call a part, stacked.
+template <typename Many, typename One>
+torch::Tensor many_or_each(const std::vector<torch::Tensor>& parts, Many&& many, One&& one) {
+  for (const auto& p : parts) {
+    if (p.size(0) <= kMR) continue;
+    std::vector<torch::Tensor> ys;
+    for (size_t i = 0; i < parts.size(); ++i) ys.push_back(one(i));
+    return at::cat(ys);
+  }
+  return many();
+}
+
 // A MoE block's int8 experts for a decode step, their tensors held once (moe_block.h; its
 // products as the module path makes them: the routed pairs' by one linear_int8_many call where
 // every expert has at most 4 rows (its kMR), else one linear_int8 call an expert; the shared
@@ -1335,16 +1349,10 @@ class Int8Moe {
     const auto many = [&](const std::vector<torch::Tensor>& parts, const std::vector<int64_t>& es,
                           bool down) {
       std::vector<torch::Tensor> q, sc;
-      bool few = true;
-      for (size_t i = 0; i < es.size(); ++i) {
-        q.push_back(h_.w[down][es[i]]), sc.push_back(h_.s[down][es[i]]);
-        few = few && parts[i].size(0) <= kMR;
-      }
-      if (few) return linear_int8_many(parts, q, sc, false);
-      std::vector<torch::Tensor> ys;
-      for (size_t i = 0; i < es.size(); ++i)
-        ys.push_back(linear_int8(parts[i], q[i], sc[i], false));
-      return at::cat(ys);
+      for (int64_t e : es) q.push_back(h_.w[down][e]), sc.push_back(h_.s[down][e]);
+      return many_or_each(
+          parts, [&] { return linear_int8_many(parts, q, sc, false); },
+          [&](size_t i) { return linear_int8(parts[i], q[i], sc[i], false); });
     };
     const auto shared = [&](const torch::Tensor& rows, bool down) {
       return linear_int8(rows, h_.sw[down], h_.ss[down], false);
@@ -1378,15 +1386,10 @@ class Bf16Moe {
     const auto many = [&](const std::vector<torch::Tensor>& parts, const std::vector<int64_t>& es,
                           bool down) {
       std::vector<torch::Tensor> w;
-      bool few = true;
-      for (size_t i = 0; i < es.size(); ++i) {
-        w.push_back(h_.w[down][es[i]]);
-        few = few && parts[i].size(0) <= kMR;
-      }
-      if (few) return linear_bf16_many(parts, w, false);
-      std::vector<torch::Tensor> ys;
-      for (size_t i = 0; i < es.size(); ++i) ys.push_back(linear_bf16(parts[i], w[i], false));
-      return at::cat(ys);
+      for (int64_t e : es) w.push_back(h_.w[down][e]);
+      return many_or_each(
+          parts, [&] { return linear_bf16_many(parts, w, false); },
+          [&](size_t i) { return linear_bf16(parts[i], w[i], false); });
     };
     const auto shared = [&](const torch::Tensor& rows, bool down) {
       return linear_bf16(rows, h_.sw[down], false);

@@ -1,7 +1,8 @@
 // Row-level arithmetic of the small ops, shared by small_ops_cpu.cpp (one op per call),
 // gated_delta_cpu.cpp (the DeltaNet decode step fused with its gates and output norm),
-// gemv_cpu.cpp's MoE step (silu, sigmoid) and int4_cpu.cpp's (SwiGLU), so all round exactly
-// where the PyTorch references (layers/norms.py, layers/deltanet.py, layers/moe.py) round.
+// gemv_cpu.cpp's MoE step (silu, sigmoid) and moe_block.h's held MoE blocks (SwiGLU), so all
+// round exactly where the PyTorch references (layers/norms.py, layers/deltanet.py,
+// layers/moe.py) round.
 // (kernels/__init__.py's Native hashes this header with each source that includes it.)
 #pragma once
 #include <cmath>
@@ -46,7 +47,7 @@ inline float inv_rms(const T* x, int64_t d, float eps) {
 }
 
 // SwiGLU's activation of one row: silu(gate) rounded to the model dtype, times up, rounded
-// (ops/pointwise.py silu_mul; small_ops_cpu.cpp silu_mul, int4_cpu.cpp's MoE block).
+// (ops/pointwise.py silu_mul; small_ops_cpu.cpp silu_mul, moe_block.h swiglu).
 template <typename T>
 inline void silu_mul_row(const T* g, const T* u, T* y, int64_t d) {
   using namespace vec8;
