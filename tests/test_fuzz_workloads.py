@@ -24,7 +24,7 @@ import re
 import pytest
 import torch
 
-from qwen35.engine.llm_engine import LLM, _merge
+from qwen35.engine.llm_engine import LLM, RequestFailedError, _merge
 from qwen35.request import SamplingParams, StructuredOutputs
 from tiny import VOCAB_REAL, save_checkpoint
 
@@ -189,6 +189,14 @@ def _feature_params(rng: random.Random, structured: bool, priority: bool) -> Sam
         d["stop_token_ids"] = [rng.randrange(2, 250) for _ in range(3)]
     if rng.random() < 0.25:
         d["logprobs"] = rng.choice([0, 1, 3])
+    if rng.random() < 0.1:
+        d["prompt_logprobs"] = rng.choice([0, 2])
+    if rng.random() < 0.1:  # with a grammar these may leave no token: the request fails, alone
+        d["allowed_token_ids"] = rng.sample(range(2, 250), 20)
+    if rng.random() < 0.1:
+        d["bad_words_token_ids"] = [[rng.randrange(2, 250)], [rng.randrange(2, 250)] * 2]
+    if rng.random() < 0.1:
+        d["truncate_prompt_tokens"] = rng.randrange(1, 20)
     if structured and rng.random() < 0.3:
         d["structured_outputs"] = rng.choice([
             StructuredOutputs(regex="[a-z]{1,8}"), StructuredOutputs(choice=_CHOICES),
@@ -200,8 +208,13 @@ def _feature_params(rng: random.Random, structured: bool, priority: bool) -> Sam
 
 
 def _check_output(sp: SamplingParams, out) -> None:
-    """What holds for any finished request: no error, the length limits, the grammar."""
+    """What holds for any finished request: no error (but where its constraints left no
+    token: NoTokenAllowedError, and nothing outside them emitted), the length limits, the
+    grammar."""
     so = sp.structured_outputs
+    if out.error is not None:
+        assert out.error.startswith("NoTokenAllowedError") and sp.allowed_token_ids, (sp, out)
+        return
     for c in out.outputs:
         assert c.finish_reason in ("stop", "length"), (sp, c)
         assert len(c.token_ids) <= sp.max_tokens, (sp, c)
@@ -290,6 +303,9 @@ def test_random_feature_combinations_equal_each_request_alone(tmp_path, seed):
         if path == small and q != "int4":
             fresh = LLM(str(path), **{**kw, "enable_prefix_caching": False}, **policy)
             for rid, out in done.items():
-                alone = fresh.generate([reqs[rid][0]], reqs[rid][1])[0]
-                assert _outs(out) == _outs(alone), (rid, reqs[rid][1], kw, extra)
+                try:
+                    alone = fresh.generate([reqs[rid][0]], reqs[rid][1])[0]
+                except RequestFailedError as e:
+                    alone = e.outputs[0]
+                assert (_outs(out), out.error) == (_outs(alone), alone.error), (rid, kw, extra)
     assert modes == {"multi-step", "ngram", "plain"}

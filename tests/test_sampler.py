@@ -485,6 +485,34 @@ def test_sample_isolated_fails_only_the_bad_row():
     assert errors == {} and out.token_ids == [int(x[0].argmax())]
 
 
+def test_a_row_its_constraints_leave_no_token_fails_alone():
+    """allowed_token_ids that bad_words ban, or that are only stop ids while min_tokens waits:
+    every logit -inf, whose argmax (token 0) was drawn as if allowed. Now that row has no token
+    and an error naming its constraints, in the batched call (no retry: the seeded rows beside
+    it draw what they draw alone, their generators advanced once)."""
+    x = rand_logits(4, 40, seed=7)
+    rows = [
+        SamplingRow(SP(temperature=1.0, seed=3), generator=make_generator(3)),
+        SamplingRow(SP(temperature=0, allowed_token_ids=[5, 9], bad_words_token_ids=[[5], [9]])),
+        SamplingRow(SP(temperature=0.7, seed=4, allowed_token_ids=[2], min_tokens=3,
+                       stop_token_ids=[2]), output_token_ids=[7], generator=make_generator(4)),
+        SamplingRow(SP(temperature=0.5, seed=5, logprobs=2), generator=make_generator(5)),
+    ]  # fmt: skip
+    out, errors = sample_isolated(Sampler(), x, rows)
+    assert sorted(errors) == [1, 2] and out.token_ids[1] is None and out.token_ids[2] is None
+    assert "allowed_token_ids and bad_words" in str(errors[1])
+    assert "allowed_token_ids and min_tokens" in str(errors[2])
+    assert all(isinstance(e, sampler_mod.NoTokenAllowedError) for e in errors.values())
+    for i in (0, 3):
+        alone = Sampler()(x[i : i + 1], [fresh(rows[i])])
+        assert out.token_ids[i] == alone.token_ids[0]
+    assert out.logprobs[3] is not None and out.logprobs[2] is None
+    # the same rows without the contradiction draw a token, and the check costs nothing
+    # where no row has a constraint that could ban every token
+    ok = Sampler()(x[1:2], [SamplingRow(SP(temperature=0, allowed_token_ids=[5, 9]))])
+    assert ok.errors == {} and ok.token_ids[0] in (5, 9)
+
+
 @pytest.mark.parametrize(
     "kw,param",
     [

@@ -100,6 +100,20 @@ def test_a_grammar_this_model_cannot_follow_says_why(real):
     assert "structured output cannot continue" in event["message"]
 
 
+def test_constraints_that_ban_every_token_say_so(real):
+    """allowed_token_ids whose only id is a stop id that min_tokens holds back: no token can
+    be sampled; the 500 carries the engine's reason (written for the client), not token 0."""
+    srv, _ = real
+    body = {"max_tokens": 4, "prompt": "a", "allowed_token_ids": [5], "stop_token_ids": [5],
+            "min_tokens": 2}  # fmt: skip
+    r = post(srv, "/v1/completions", body)
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert err["code"] == "generation_failed" and "no token can be sampled" in err["message"]
+    assert "allowed_token_ids and min_tokens" in err["message"]
+    assert_healthy(srv)
+
+
 def test_a_request_the_engine_fails_is_an_error_for_it_only(real):
     srv, engine = real
     original = engine.runner.sampler

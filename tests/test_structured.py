@@ -205,6 +205,35 @@ def test_a_grammar_that_needs_the_eos_token_fails_its_request_clearly(tmp_path):
     assert len(llm.generate([[5, 6, 7]], free)[0].outputs[0].token_ids) == 3
 
 
+def test_allowed_token_ids_that_leave_the_grammar_no_token_fail_the_request_clearly(llm):
+    """A grammar and allowed_token_ids with nothing in common: the grammar's mask leaves
+    tokens, the sampler's allowed ids then none, and the row's argmax (token 0, '!') was drawn,
+    outside both; the grammar's matcher then failed and the output went on unconstrained (a
+    random workload found it). Now the request fails saying which constraints banned every
+    token, emits nothing, and the requests beside it are unaffected."""
+    from qwen35.engine.llm_engine import RequestFailedError
+
+    tok = llm.engine.tokenizer
+    allowed = [i for i in range(5000) if tok.decode([i]).isdigit()]  # the ten digits
+    assert len(allowed) == 10
+    plain = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    alone = llm.generate([[7, 8, 9]], plain)[0].outputs[0].token_ids
+    sp = SamplingParams(max_tokens=8, temperature=0, allowed_token_ids=allowed,
+                        structured_outputs=so(choice=["yes", "no"]))  # fmt: skip
+    with pytest.raises(RequestFailedError) as e:
+        llm.generate([[5, 6, 7], [7, 8, 9]], [sp, plain])
+    failed, other = e.value.outputs
+    assert "NoTokenAllowedError" in failed.error and "allowed_token_ids and the structured" \
+        in failed.error and failed.outputs[0].finish_reason == "error"  # fmt: skip
+    assert failed.outputs[0].token_ids == []  # nothing outside the grammar was emitted
+    assert other.error is None and other.outputs[0].token_ids == alone
+    # allowed ids that can spell a choice and end it (the EOS id): it is followed
+    digits = SamplingParams(max_tokens=8, temperature=0, allowed_token_ids=[*allowed, IM_END],
+                            structured_outputs=so(choice=[tok.decode([allowed[3]])]))  # fmt: skip
+    c = llm.generate([[5, 6, 7]], digits)[0].outputs[0]
+    assert (c.text, c.finish_reason) == (tok.decode([allowed[3]]), "stop")
+
+
 def test_n_stop_and_max_tokens(llm):
     out = llm.generate(["n"], SamplingParams(n=3, max_tokens=48, temperature=1.0, seed=3,
                                              structured_outputs=so(json=SMALL)))[0]  # fmt: skip

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,8 +51,15 @@ class SamplingRow:
 
 @dataclass(slots=True)
 class SamplerOutput:
-    token_ids: list[int]  # [S]
+    token_ids: list[int]  # [S]; None in the rows of `errors`
     logprobs: list[TokenLogprob | None]  # [S]; None where params.logprobs is None
+    errors: dict[int, Exception] = field(default_factory=dict)  # row -> why it has no token
+
+
+class NoTokenAllowedError(ValueError):
+    """A row whose constraints ban every token at this step (allowed_token_ids, bad words,
+    min_tokens and a grammar leave nothing): its request fails with this message instead of
+    drawing a banned token (an all -inf row's argmax is token 0)."""
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -117,19 +124,28 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """logits: [S, V] (any float dtype; computed in float32), one SamplingRow per row."""
-        tokens, raw, processed = self._tokens(logits, rows)
+        tokens, raw, processed, dead = self._tokens(logits, rows)
         src = raw if self.logprobs_mode == "raw" else processed
         pending = logprob_tensors(src, rows, tokens)  # queued before the first device sync
+        if dead is not None:  # read with the tokens: -1 where a row has no token
+            tokens = tokens.masked_fill(dead, -1)
         token_ids = tokens.tolist()
-        return SamplerOutput(token_ids, to_token_logprobs(rows, token_ids, pending))
+        lps = to_token_logprobs(rows, token_ids, pending)
+        errors: dict[int, Exception] = {}
+        for i in (i for i, t in enumerate(token_ids) if t < 0):
+            token_ids[i] = lps[i] = None  # type: ignore[call-overload]
+            errors[i] = NoTokenAllowedError(_dead_end(rows[i]))
+        return SamplerOutput(token_ids, lps, errors)
 
     def tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """The rows' next tokens [S] int64 on the logits' device, read nothing back to the host
-        (multi-step decoding feeds them to the next step; no logprobs)."""
+        (multi-step decoding feeds them to the next step; no logprobs; its rows have none of
+        the constraints that can ban every token: model_runner.device_sampled)."""
         return self._tokens(logits, rows)[0]
 
     def _tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]):
-        """(tokens [S], raw fp32 logits, the processed logits the tokens were drawn from)."""
+        """(tokens [S], raw fp32 logits, the processed logits the tokens were drawn from, the
+        rows whose constraints left no token [S] bool or None where no row has such constraints)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"logits must be [num_rows, vocab] with one SamplingRow per row, got shape "
@@ -140,6 +156,7 @@ class Sampler:
         x = apply_logit_bias(x, rows)
         x = apply_allowed_and_bad_words(x, rows)
         x = apply_penalties(x, rows)
+        dead = torch.isneginf(x).all(dim=-1) if any(_can_ban_all(r) for r in rows) else None
         greedy = [is_greedy(r.params) for r in rows]
         tokens = argmax(x) if any(greedy) else None  # [S]
         processed = x
@@ -156,7 +173,7 @@ class Sampler:
                 tokens = tokens.index_copy(0, idx_t, drawn)
                 if self.logprobs_mode == "processed":
                     processed = x.index_copy(0, idx_t, sub)
-        return tokens, raw, processed
+        return tokens, raw, processed, dead
 
     def _draw(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """One sample per row of masked, temperature-scaled logits x: [R, V] -> [R] int64."""
@@ -198,7 +215,8 @@ def sample_isolated(
     attempt may have advanced their generators); steps without a failure are unaffected.
     """
     try:
-        return sampler(logits, rows), {}
+        out = sampler(logits, rows)
+        return out, dict(out.errors)
     except Exception as batch_error:
         if len(rows) == 1:
             return SamplerOutput([None], [None]), {0: batch_error}  # type: ignore[list-item]
@@ -215,6 +233,8 @@ def sample_isolated(
         else:
             tokens.append(one.token_ids[0])
             lps.append(one.logprobs[0])
+            if one.errors:
+                errors[i] = one.errors[0]
     return SamplerOutput(tokens, lps), errors  # type: ignore[arg-type]
 
 
@@ -232,6 +252,30 @@ def _flat_keys(seqs: Sequence[Sequence[int] | torch.Tensor], rows: Sequence[int]
                 raise ValueError(f"token id out of range [0, {vocab}): min {lo}, max {hi}")
             parts.append(t + i * vocab)
     return torch.cat(parts)  # [N]
+
+
+def _can_ban_all(r: SamplingRow) -> bool:
+    """Whether the row's constraints can leave it no token (the grammar's mask came before the
+    sampler; min_tokens bans its stop ids, which may be all a grammar or allowed ids leave)."""
+    p = r.params
+    return bool(p.allowed_token_ids or p.bad_words_token_ids or p.structured_outputs is not None
+                or len(r.output_token_ids) < p.min_tokens)  # fmt: skip
+
+
+def _dead_end(r: SamplingRow) -> str:
+    """What banned every token of row r, for its request's error."""
+    p = r.params
+    what = [name for name, on in (
+        ("allowed_token_ids", p.allowed_token_ids),
+        ("bad_words", p.bad_words_token_ids),
+        ("the structured output's grammar", p.structured_outputs is not None),
+        ("min_tokens (end-of-sequence and stop ids wait for it)",
+         len(r.output_token_ids) < p.min_tokens),
+    ) if on]  # fmt: skip
+    return (f"no token can be sampled after {len(r.output_token_ids)} generated tokens: "
+            f"{' and '.join(what) or 'the logits'} leave every token banned; loosen them so that "
+            "they always leave one (e.g. allowed_token_ids that can spell what the grammar needs, and "
+            "an end-of-sequence id to end it)")
 
 
 def apply_min_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

@@ -253,7 +253,7 @@ def internal_error_body(request_id: str | None) -> dict:
 
 
 # errors whose message the engine wrote for the client (no internals): passed on as they are
-CLIENT_FACING = ("StructuredOutputError: ",)
+CLIENT_FACING = ("StructuredOutputError: ", "NoTokenAllowedError: ")
 
 
 def raise_for_error(out: Any, request_id: str) -> None:
