@@ -102,15 +102,23 @@ def test_a_grammar_this_model_cannot_follow_says_why(real):
 
 def test_constraints_that_ban_every_token_say_so(real):
     """allowed_token_ids whose only id is a stop id that min_tokens holds back: no token can
-    be sampled; the 500 carries the engine's reason (written for the client), not token 0."""
+    be sampled. The request's own constraints contradict each other: a 400 with the engine's
+    reason (not token 0, nor a 500), an error event when streamed; the server serves on."""
     srv, _ = real
-    body = {"max_tokens": 4, "prompt": "a", "allowed_token_ids": [5], "stop_token_ids": [5],
-            "min_tokens": 2}  # fmt: skip
-    r = post(srv, "/v1/completions", body)
-    assert r.status_code == 500, r.text
-    err = r.json()["error"]
-    assert err["code"] == "generation_failed" and "no token can be sampled" in err["message"]
-    assert "allowed_token_ids and min_tokens" in err["message"]
+    body = {"max_tokens": 4, "allowed_token_ids": [5], "stop_token_ids": [5], "min_tokens": 2}
+    for path, extra in (("/v1/completions", {"prompt": "a"}),
+                        ("/v1/chat/completions", {"messages": USER})):  # fmt: skip
+        r = post(srv, path, {**body, **extra})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "no_token_allowed" and err["type"] == "invalid_request_error"
+        assert "no token can be sampled" in err["message"]
+        assert "allowed_token_ids and min_tokens" in err["message"]
+    streamed = {**body, "prompt": "a", "stream": True}
+    with httpx.stream("POST", srv.url + "/v1/completions", json=streamed, timeout=60) as s:
+        lines = [ln for ln in s.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    assert "no token can be sampled" in json.loads(lines[-2][len("data: ") :])["error"]["message"]
     assert_healthy(srv)
 
 

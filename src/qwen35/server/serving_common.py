@@ -254,15 +254,21 @@ def internal_error_body(request_id: str | None) -> dict:
 
 # errors whose message the engine wrote for the client (no internals): passed on as they are
 CLIENT_FACING = ("StructuredOutputError: ", "NoTokenAllowedError: ")
+# of those, the ones the request's own constraints caused (they contradict each other): a 400
+CLIENT_CAUSED = ("NoTokenAllowedError: ",)
 
 
 def raise_for_error(out: Any, request_id: str) -> None:
     """The engine failed this request (its other requests go on): a 500 without internals
     (the engine logged them with the request id), or with the cause where the engine wrote it
-    for the client (a grammar that cannot continue with this model)."""
+    for the client (a grammar that cannot continue with this model), or a 400 where the
+    request's own constraints left no token to sample."""
     err = getattr(out, "error", None)
     if err:
         said = next((err[len(p) :] for p in CLIENT_FACING if err.startswith(p)), None)
+        if err.startswith(CLIENT_CAUSED):
+            raise APIError(f"{said} ({request_id})", 400, "invalid_request_error",
+                           code="no_token_allowed")  # fmt: skip
         raise APIError(
             f"{said} ({request_id})" if said else
             f"the server failed while generating this request ({request_id}); other requests "
