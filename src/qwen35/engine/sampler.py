@@ -156,7 +156,7 @@ class Sampler:
         x = apply_logit_bias(x, rows)
         x = apply_allowed_and_bad_words(x, rows)
         x = apply_penalties(x, rows)
-        dead = torch.isneginf(x).all(dim=-1) if any(_can_ban_all(r) for r in rows) else None
+        dead = _no_token_left(x, rows)
         greedy = [is_greedy(r.params) for r in rows]
         tokens = argmax(x) if any(greedy) else None  # [S]
         processed = x
@@ -260,6 +260,19 @@ def _can_ban_all(r: SamplingRow) -> bool:
     p = r.params
     return bool(p.allowed_token_ids or p.bad_words_token_ids or p.structured_outputs is not None
                 or len(r.output_token_ids) < p.min_tokens)  # fmt: skip
+
+
+def _no_token_left(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
+    """[S] bool: the rows whose every logit is -inf (a NaN row is not), checked among the rows
+    whose constraints can do that only (one max over each of them); None where there are none."""
+    risky = [i for i, r in enumerate(rows) if _can_ban_all(r)]
+    if not risky:
+        return None
+    if len(risky) == len(rows):
+        return x.amax(dim=-1) == -math.inf
+    idx = device_tensor(risky, x.device)
+    dead = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
+    return dead.index_copy_(0, idx, x.index_select(0, idx).amax(dim=-1) == -math.inf)
 
 
 def _dead_end(r: SamplingRow) -> str:
