@@ -119,6 +119,33 @@ def test_killed_worker_fails_fast_and_leaves_nothing(dense):
     assert not multiprocessing.active_children()
 
 
+def test_a_script_that_builds_the_engine_at_import_says_how_to_fix_it(dense, tmp_path):
+    """Spawned workers import the user's script again as their __main__: one that creates
+    LLM(tensor_parallel_size=2) at import time kills every worker before it can report
+    anything, and the error said only "exited (1)". It now says to put the call under
+    `if __name__ == "__main__":`; the guarded script runs."""
+    import subprocess
+    import sys
+
+    body = (f"from qwen35.engine.llm_engine import LLM\n"
+            f"llm = LLM({str(dense)!r}, tensor_parallel_size=2, dtype='fp32', verbose=False)\n"
+            "print('tokens', llm.generate([[5, 6, 7]])[0].outputs[0].token_ids)\n"
+            "llm.engine.shutdown()\n")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    script = tmp_path / "unguarded.py"
+    script.write_text(body)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                       timeout=300)  # fmt: skip
+    assert r.returncode != 0 and 'if __name__ == "__main__":' in r.stderr.splitlines()[-1]
+    guarded = tmp_path / "guarded.py"
+    lines = body.splitlines()
+    guarded.write_text(lines[0] + "\nif __name__ == '__main__':\n" +
+                       "".join(f"    {ln}\n" for ln in lines[1:]))  # fmt: skip
+    r = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, env=env,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 0 and "tokens [" in r.stdout, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("which,ep", [("dense", False), ("moe", True)])
 def test_rank_memory_equals_the_planners_per_gpu_figures(which, ep, dense, moe):
     d = dense if which == "dense" else moe

@@ -102,6 +102,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# A worker that exits while starting without reporting an error died before worker_main ran:
+# most often a script that builds the engine at import time, which every spawned worker
+# re-imports as its __main__ (Python's own error, printed above, says so too)
+_STARTUP_HINT = (
+    "; it died before it could report why (its error is above). A script that creates the "
+    "engine at import time does this: workers start by importing the script again, so put "
+    'LLM(..., tensor_parallel_size=N) under `if __name__ == "__main__":`'
+)
+
+
 class WorkerGroup:
     """Rank 0's handle on the group. `start()` returns once the default group is formed."""
 
@@ -162,6 +172,8 @@ class WorkerGroup:
 
         waiting = set(range(1, self.size))
         while waiting:
+            if self.failure is not None and "\n  rank" not in self.failure:
+                raise WorkerDiedError(self.failure + _STARTUP_HINT)  # (it reported nothing)
             self.check()
             try:
                 waiting.discard(ready.get(timeout=0.1))
