@@ -36,6 +36,23 @@ def test_generate_streams_text(model_dir):
     assert "[finish: length]" in r.stderr and r.stdout.strip()
     again = qwen35(*args, stdin="Hello there")  # prompt from standard input
     assert again.returncode == 0 and again.stdout == r.stdout  # greedy: same text
+    # the model as a positional argument, as `vllm serve MODEL`: the same run
+    positional = qwen35("generate", *args[2:3], *args[3:], "--prompt", "Hello there")
+    assert positional.returncode == 0 and positional.stdout == r.stdout, positional.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "run-batch"])
+def test_the_model_is_given_once(command, capsys):
+    """MODEL or --model MODEL: neither, or two different ones, is a usage error that says so."""
+    from qwen35.cli import main
+
+    own = ["-i", "in.jsonl", "-o", "out.jsonl"] if command == "run-batch" else []
+    with pytest.raises(SystemExit) as e:
+        main([command, *own])
+    assert e.value.code == 2 and f"qwen35 {command} MODEL (or --model MODEL)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([command, "a", "--model", "b", *own])
+    assert e.value.code == 2 and "two models given" in capsys.readouterr().err
 
 
 def test_chat_history_and_reset(model_dir):

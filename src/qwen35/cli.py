@@ -47,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if not argv else 2
+    if hasattr(args, "model_arg"):  # the engine commands: MODEL or --model MODEL
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        here = sub.choices[args.command]
+        if args.model_arg is not None:
+            if args.model not in (None, args.model_arg):
+                here.error(f"two models given: {args.model_arg!r} and --model {args.model!r}; "
+                           "give it once")  # fmt: skip
+            args.model = args.model_arg
+        if args._model_required and not args.model:
+            here.error(f"a model is required: qwen35 {args.command} MODEL (or --model MODEL)")
     try:
         return int(args._run(args) or 0)
     except Qwen35Error as e:

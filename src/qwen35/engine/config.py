@@ -437,13 +437,14 @@ class EngineConfig:
         """Add `--model` and a flag per engine option; with `only`, just those options' flags
         (commands such as `bench` that take a few engine options next to their own)."""
         g = parser.add_argument_group("engine")
-        if only is None:
+        if only is None:  # `qwen35 serve MODEL` as `vllm serve MODEL`, or --model MODEL
+            g.add_argument("model_arg", nargs="?", metavar="MODEL", help="the model, as --model")
             g.add_argument(
                 "--model",
-                required=model_required,
                 help="model directory, Hub id (Qwen/Qwen3.5-0.8B) or, with --load-format random, "
                 "a catalog name",
             )
+            parser.set_defaults(_model_required=model_required)
         for part in _PARTS.values():
             for f in fields(part):
                 meta = f.metadata
@@ -473,7 +474,7 @@ class EngineConfig:
     def from_cli(cls, args: argparse.Namespace, **extra) -> EngineConfig:
         owner = _flat_fields()
         options = {k: getattr(args, k) for k in owner if hasattr(args, k)}
-        return cls.create(args.model, **options, **extra)
+        return cls.create(args.model or getattr(args, "model_arg", None) or "", **options, **extra)
 
 
 def _flat_fields() -> dict[str, str]:
