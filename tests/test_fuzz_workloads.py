@@ -35,6 +35,30 @@ def _outs(out) -> list[tuple]:
     return [(tuple(o.token_ids), o.finish_reason) for o in sorted(out.outputs, key=lambda o: o.index)]
 
 
+def _drive(eng, rng: random.Random, total: int, make, abort_p: float):
+    """Requests from make() -> (prompt, params) arrive between the engine's steps (another one
+    with probability 0.4 a step, or one when nothing runs), a running one is aborted with
+    probability abort_p a step, until all have ended; the pools end empty. Returns (requests,
+    finished ones' merged outputs, aborted ids)."""
+    reqs, acc, done, aborted = {}, {}, {}, set()
+    k = 0
+    while k < total or eng.has_unfinished_requests():
+        while k < total and (rng.random() < 0.4 or not eng.has_unfinished_requests()):
+            reqs[f"r{k}"] = make()
+            eng.add_request(f"r{k}", *reqs[f"r{k}"])
+            k += 1
+        live = [r for r in reqs if r not in done and r not in aborted]
+        if live and rng.random() < abort_p:
+            aborted.add(r := rng.choice(live))
+            eng.abort_request(r)
+        for out in eng.step():
+            acc[out.request_id] = _merge(acc.get(out.request_id), out)
+            if out.finished and out.request_id not in aborted:
+                done[out.request_id] = acc[out.request_id]
+    assert (eng.scheduler.num_running, eng.scheduler.num_waiting) == (0, 0)
+    return reqs, done, aborted
+
+
 def _lookup_draft(seq, pos):
     """A draft from the sequence itself: the token that followed the last earlier occurrence of
     its last token (tiny random models repeat themselves, so this is often right)."""
@@ -88,22 +112,7 @@ def test_random_interleavings_with_aborts_equal_each_request_alone(tmp_path, see
             # steps before it, which the workload stream's draws depend on, do not move it)
             if storage.random() < 0.75:
                 eng.runner.spec.draft_override = _lookup_draft
-        reqs, acc, done, aborted = {}, {}, {}, set()
-        total, k = rng.randrange(4, 16), 0
-        while k < total or eng.has_unfinished_requests():
-            while k < total and (rng.random() < 0.4 or not eng.has_unfinished_requests()):
-                reqs[f"r{k}"] = (prompt(), params())
-                eng.add_request(f"r{k}", *reqs[f"r{k}"])
-                k += 1
-            live = [r for r in reqs if r not in done and r not in aborted]
-            if live and rng.random() < 0.08:
-                aborted.add(r := rng.choice(live))
-                eng.abort_request(r)
-            for out in eng.step():
-                acc[out.request_id] = _merge(acc.get(out.request_id), out)
-                if out.finished and out.request_id not in aborted:
-                    done[out.request_id] = acc[out.request_id]
-        assert (eng.scheduler.num_running, eng.scheduler.num_waiting) == (0, 0)
+        reqs, done, _ = _drive(eng, rng, rng.randrange(4, 16), lambda: (prompt(), params()), 0.08)
         accepted += eng.get_stats().get("spec_accepted_total", 0)
         fresh = LLM(str(tmp_path), **{**kw, "enable_prefix_caching": False})
         for rid, out in done.items():
@@ -281,22 +290,10 @@ def test_random_feature_combinations_equal_each_request_alone(tmp_path, seed):
             p = shared + [rng.randrange(2, 250) for _ in range(rng.randrange(1, 30))]
             return p + p[: rng.randrange(1, len(p) + 1)] if rng.random() < 0.3 else p  # repeats
 
-        reqs, acc, done, aborted = {}, {}, {}, set()
-        total, k = rng.randrange(4, 14), 0
-        while k < total or eng.has_unfinished_requests():
-            while k < total and (rng.random() < 0.4 or not eng.has_unfinished_requests()):
-                reqs[f"r{k}"] = (prompt(), _feature_params(rng, path == real, priority))
-                eng.add_request(f"r{k}", *reqs[f"r{k}"])
-                k += 1
-            live = [r for r in reqs if r not in done and r not in aborted]
-            if live and rng.random() < 0.05:
-                aborted.add(r := rng.choice(live))
-                eng.abort_request(r)
-            for out in eng.step():
-                acc[out.request_id] = _merge(acc.get(out.request_id), out)
-                if out.finished and out.request_id not in aborted:
-                    done[out.request_id] = acc[out.request_id]
-        assert (eng.scheduler.num_running, eng.scheduler.num_waiting) == (0, 0)
+        reqs, done, aborted = _drive(
+            eng, rng, rng.randrange(4, 14),
+            lambda s=path == real, p=priority: (prompt(), _feature_params(rng, s, p)), 0.05,
+        )  # fmt: skip
         assert set(done) | aborted == set(reqs)
         for rid, out in done.items():
             _check_output(reqs[rid][1], out)
