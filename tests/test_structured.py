@@ -205,7 +205,7 @@ def test_a_grammar_that_needs_the_eos_token_fails_its_request_clearly(tmp_path):
     assert len(llm.generate([[5, 6, 7]], free)[0].outputs[0].token_ids) == 3
 
 
-def test_allowed_token_ids_that_leave_the_grammar_no_token_fail_the_request_clearly(llm):
+def test_allowed_token_ids_that_leave_the_grammar_no_token_fail_the_request_clearly(llm, caplog):
     """A grammar and allowed_token_ids with nothing in common: the grammar's mask leaves
     tokens, the sampler's allowed ids then none, and the row's argmax (token 0, '!') was drawn,
     outside both; the grammar's matcher then failed and the output went on unconstrained (a
@@ -227,6 +227,9 @@ def test_allowed_token_ids_that_leave_the_grammar_no_token_fail_the_request_clea
         in failed.error and failed.outputs[0].finish_reason == "error"  # fmt: skip
     assert failed.outputs[0].token_ids == []  # nothing outside the grammar was emitted
     assert other.error is None and other.outputs[0].token_ids == alone
+    # the client's own contradiction: a warning in the server's log, not an error
+    said = [r for r in caplog.records if "NoTokenAllowedError" in r.getMessage()]
+    assert said and all(r.levelname == "WARNING" for r in said)
     # allowed ids that can spell a choice and end it (the EOS id): it is followed
     digits = SamplingParams(max_tokens=8, temperature=0, allowed_token_ids=[*allowed, IM_END],
                             structured_outputs=so(choice=[tok.decode([allowed[3]])]))  # fmt: skip

@@ -33,6 +33,7 @@ from qwen35.engine.lora_adapters import LoraAdapters
 from qwen35.engine.model_runner import GraphSpec, ModelRunner, StepResult
 from qwen35.engine.preflight import gpu_start
 from qwen35.engine.runtime import configure_cpu_runtime
+from qwen35.engine.sampler import NoTokenAllowedError
 from qwen35.engine.scheduler import Scheduler, SchedulerConfig
 from qwen35.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus
 from qwen35.engine.structured import StructuredOutputManager
@@ -650,7 +651,11 @@ class LLMEngine:
             if req.error is None:
                 req.error = f"{type(e).__name__}: {e}"
                 self.stats_totals["request_errors_total"] += 1
-                log.error("request %s failed: %s", req.request_id, req.error)
+                # what the request itself asked for (constraints that leave no token, a grammar
+                # this checkpoint cannot follow) is the client's, not the server's, failure
+                mine = isinstance(e, (NoTokenAllowedError, SamplingParamsError))
+                log.log(logging.WARNING if mine else logging.ERROR, "request %s failed: %s",
+                        req.request_id, req.error)  # fmt: skip
             for st in req.seqs:  # its other sequences stop too: the request has failed
                 self.scheduler.abort(st.seq.seq_id)
                 st.done = True
