@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import json
+import logging
 import re
 import threading
 
@@ -220,7 +221,7 @@ def test_allowed_token_ids_that_leave_the_grammar_no_token_fail_the_request_clea
     alone = llm.generate([[7, 8, 9]], plain)[0].outputs[0].token_ids
     sp = SamplingParams(max_tokens=8, temperature=0, allowed_token_ids=allowed,
                         structured_outputs=so(choice=["yes", "no"]))  # fmt: skip
-    with pytest.raises(RequestFailedError) as e:
+    with caplog.at_level(logging.WARNING, logger="qwen35"), pytest.raises(RequestFailedError) as e:
         llm.generate([[5, 6, 7], [7, 8, 9]], [sp, plain])
     failed, other = e.value.outputs
     assert "NoTokenAllowedError" in failed.error and "allowed_token_ids and the structured" \
