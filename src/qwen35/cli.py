@@ -36,7 +36,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         if name == chosen:
             mod = importlib.import_module(f"qwen35.commands.{module}")
             mod.add_arguments(p)
-            p.set_defaults(_run=mod.run)
+            p.set_defaults(_run=mod.run, _parser=p)
     return parser
 
 
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     if hasattr(args, "model_arg"):  # the engine commands: MODEL or --model MODEL
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        here = sub.choices[args.command]
+        here = args._parser
         if args.model_arg is not None:
             if args.model not in (None, args.model_arg):
                 here.error(f"two models given: {args.model_arg!r} and --model {args.model!r}; "

@@ -254,18 +254,21 @@ def _flat_keys(seqs: Sequence[Sequence[int] | torch.Tensor], rows: Sequence[int]
     return torch.cat(parts)  # [N]
 
 
-def _can_ban_all(r: SamplingRow) -> bool:
-    """Whether the row's constraints can leave it no token (the grammar's mask came before the
-    sampler; min_tokens bans its stop ids, which may be all a grammar or allowed ids leave)."""
-    p = r.params
-    return bool(p.allowed_token_ids or p.bad_words_token_ids or p.structured_outputs is not None
-                or len(r.output_token_ids) < p.min_tokens)  # fmt: skip
+# The constraints that can leave a row no token (the grammar's mask came before the sampler;
+# min_tokens bans its stop ids, which may be all a grammar or allowed ids leave): name, test
+_BANS = (
+    ("allowed_token_ids", lambda r: bool(r.params.allowed_token_ids)),
+    ("bad_words", lambda r: bool(r.params.bad_words_token_ids)),
+    ("the structured output's grammar", lambda r: r.params.structured_outputs is not None),
+    ("min_tokens (end-of-sequence and stop ids wait for it)",
+     lambda r: len(r.output_token_ids) < r.params.min_tokens),
+)  # fmt: skip
 
 
 def _no_token_left(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
     """[S] bool: the rows whose every logit is -inf (a NaN row is not), checked among the rows
     whose constraints can do that only (one max over each of them); None where there are none."""
-    risky = [i for i, r in enumerate(rows) if _can_ban_all(r)]
+    risky = [i for i, r in enumerate(rows) if any(on(r) for _, on in _BANS)]
     if not risky:
         return None
     if len(risky) == len(rows):
@@ -277,14 +280,7 @@ def _no_token_left(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor
 
 def _dead_end(r: SamplingRow) -> str:
     """What banned every token of row r, for its request's error."""
-    p = r.params
-    what = [name for name, on in (
-        ("allowed_token_ids", p.allowed_token_ids),
-        ("bad_words", p.bad_words_token_ids),
-        ("the structured output's grammar", p.structured_outputs is not None),
-        ("min_tokens (end-of-sequence and stop ids wait for it)",
-         len(r.output_token_ids) < p.min_tokens),
-    ) if on]  # fmt: skip
+    what = [name for name, on in _BANS if on(r)]
     return (f"no token can be sampled after {len(r.output_token_ids)} generated tokens: "
             f"{' and '.join(what) or 'the logits'} leave every token banned; loosen them so that "
             "they always leave one (e.g. allowed_token_ids that can spell what the grammar needs, and "

@@ -123,6 +123,7 @@ class WorkerGroup:
         self.procs: list = []
         self.control = None
         self.failure: str | None = None
+        self._silent = False  # the dead worker reported no error (set before failure)
         self.on_failure: Callable[[str], None] | None = None
         self.grace_s = 15.0
         self._busy_since: float | None = None  # rank 0 inside a collective since
@@ -172,8 +173,8 @@ class WorkerGroup:
 
         waiting = set(range(1, self.size))
         while waiting:
-            if self.failure is not None and "\n  rank" not in self.failure:
-                raise WorkerDiedError(self.failure + _STARTUP_HINT)  # (it reported nothing)
+            if self.failure is not None and self._silent:
+                raise WorkerDiedError(self.failure + _STARTUP_HINT)
             self.check()
             try:
                 waiting.discard(ready.get(timeout=0.1))
@@ -248,6 +249,7 @@ class WorkerGroup:
                 detail += f"\n  rank {r}: {text}"
         except Exception:
             pass
+        self._silent = not detail
         self.failure = (
             f"tensor-parallel worker rank {rank} (pid {p.pid}) {how}; the engine cannot continue "
             f"and must be restarted{detail}"
