@@ -12,7 +12,8 @@ every 8 steps (the first step after a swap not timed), in one process: medians a
 
 Each head is larger than any cache (the 0.8B's: 248,320 x 1,024), so every call streams it from
 memory, as a decode step does. Prints ms per call, GB/s of weight bytes (scales included) and
-int8 / int6 time. Ratios only within one run (the VM's bandwidth drifts between minutes).
+int8 / int6 time; on AVX512-VNNI CPUs also the int6 kernel's AVX2 path (what Zen 3 runs) and
+AVX2 / VNNI time. Ratios only within one run (the VM's bandwidth drifts between minutes).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     m6, m8 = gemv.load_int6(), gemv.load()
     if m6 is None or m8 is None:
         raise SystemExit("the CPU kernels did not load (no compiler / AVX2, or QWEN35_NO_KERNELS=1)")
+    vnni = m6.int6_vnni_supported()
     g = torch.Generator().manual_seed(0)
     for shape in args.shapes.split(","):
         N, K = map(int, shape.split("x"))
@@ -51,16 +53,22 @@ def main(argv: list[str] | None = None) -> None:
         b6, b8 = p.numel() + s.numel() * 2, q8.numel() + s8.numel() * 4
         for M in map(int, args.rows.split(",")):
             x = torch.randn(M, K, generator=g)
-            t6, t8 = [], []
+            t6, t8, t6a = [], [], []
             paths = [(m6.linear_int6, (x, p, s), t6), (m8.linear_int8, (x, q8, s8), t8)]
+            if vnni:  # the AVX2 path beside the VNNI one (the same bits)
+                paths.append((lambda *o: m6.linear_int6(*o, avx2_only=True), (x, p, s), t6a))
             for r in range(args.rounds):
                 for fn, operands, ts in paths[:: 1 if r % 2 else -1]:
                     t = time.perf_counter()
                     fn(*operands)
                     ts.append(time.perf_counter() - t)
             a, b = statistics.median(t6), statistics.median(t8)
-            print(f"{N} x {K}, {M} row(s): int6 {a * 1e3:.2f} ms ({b6 / a / 1e9:.1f} GB/s), "
-                  f"int8 {b * 1e3:.2f} ms ({b8 / b / 1e9:.1f} GB/s), int8 / int6 time {b / a:.2f}")  # fmt: skip
+            line = (f"{N} x {K}, {M} row(s): int6 {a * 1e3:.2f} ms ({b6 / a / 1e9:.1f} GB/s), "
+                    f"int8 {b * 1e3:.2f} ms ({b8 / b / 1e9:.1f} GB/s), int8 / int6 time {b / a:.2f}")
+            if t6a:
+                c = statistics.median(t6a)
+                line += f"; int6 AVX2 path {c * 1e3:.2f} ms, AVX2 / VNNI time {c / a:.2f}"
+            print(line)
 
 
 def engine_steps(args) -> None:

@@ -1,7 +1,7 @@
 """lm_head under int4 in 6-bit groups of 32 (quant/formats.py quantize_int6_groups,
 kernels/int6_cpu.cpp): the layout against a scalar packer, the kernel against its PyTorch twin
-(fp32 / bf16 rows, zero groups, outliers, NaN), rows alone == batched bit for bit, more than 16
-rows and the path without the kernel, and int4 models (tied and untied) holding it with the
+(fp32 / bf16 rows, zero groups, outliers, NaN), rows alone == batched bit for bit, the AVX512-VNNI path == the AVX2 one bit for bit, more than
+16 rows and the path without the kernel, and int4 models (tied and untied) holding it with the
 planner's bytes."""
 
 from __future__ import annotations
@@ -91,6 +91,30 @@ def test_rows_alone_equal_batched():
     x = torch.randn(16, 320, generator=g)
     got = rows_alone_mismatches(lambda r: mod.linear_int6(r, packed, scales), x)
     assert all(v == 0 for v in got.values()), got
+
+
+@pytest.mark.parametrize("K", [64, 192, 1024])  # one block, an odd last one, pairs only
+def test_vnni_path_equals_avx2_path_bit_for_bit(K):
+    """The AVX512-VNNI path (two blocks a pass, up to 8 rows) gives the AVX2 path's bits at
+    every row count, outliers, zero groups and NaN rows included (what Zen 3 computes is what
+    Zen 4 / Sapphire Rapids compute)."""
+    mod = _kernel()
+    if not mod.int6_vnni_supported():
+        pytest.skip("this CPU has no AVX512-VNNI (QWEN35_CPU_ISA=avx2, or an AVX2-only CPU)")
+    g = torch.Generator().manual_seed(K)
+    w = torch.randn(701, K, generator=g) * 0.05
+    w[3, :32] = 0
+    w[7, 5] = 3.0
+    packed, scales = formats.quantize_int6_groups(w)
+    for M in (1, 2, 4, 5, 8, 9, 16):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randn(M, K, generator=g) * 4).to(dtype)
+            x[0, :32] = 0
+            if M > 4:
+                x[4, K - 1] = float("nan")
+            a = mod.linear_int6(x, packed, scales)
+            b = mod.linear_int6(x, packed, scales, avx2_only=True)
+            assert torch.equal(a, b) if M <= 4 else torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
 
 
 def test_many_rows_and_without_the_kernel(monkeypatch):

@@ -18,17 +18,22 @@
 // lanes (4 per group), minus the rows' precomputed 32 * sum xq per lane (the offset of u):
 // sum q * xq exactly; then converted and scaled by scale * xs into 8 fp32 lanes; one horizontal
 // sum a row at the end (even and odd blocks in two accumulators). Each input row's arithmetic
-// does not depend on the other rows of the call (batched == alone, bit for bit). AVX2 + FMA.
+// does not depend on the other rows of the call (batched == alone, bit for bit). AVX2 + FMA;
+// on AVX512-VNNI CPUs row_dot_vnni (below: the same bits, two blocks a pass, 8 rows a pass).
 // Its PyTorch twin: int6_linear_reference. Also int6_quantize (the format, bit for bit the
 // PyTorch formula) and int6_rows (an Int6Embedding's looked-up rows).
 //
 // Measured (bench/int6_head.py, Zen 3, 2 threads): the 0.8B's head at one row 1.06-1.19x the
 // per-row int8 GEMV's time, 2,048 inputs 1.26x; near compute-bound on AVX2 (~18 GB/s a core with
-// the head in cache against int8's ~27), so 2-16 rows gain less (1.02-1.12x).
+// the head in cache against int8's ~27), so 2-16 rows gain less (1.02-1.12x). The VNNI path
+// (bench/int6_head.py, Zen 4, 2 threads, 16 rounds; AVX2 / VNNI time): 248,320 x 1,024 at 1 /
+// 2 / 4 / 8 rows 1.15 / 1.33 / 1.53 / 1.83x, x 2,048 1.08 / 1.27 / 1.67 / 1.46x (one row is
+// bandwidth-bound either way: 55-61 GB/s).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include "torch_ext.h"
 
+#include "cpu_isa.h"
 #include "gemv_rows.h"
 
 #include <algorithm>
@@ -41,17 +46,21 @@ namespace {
 
 constexpr int64_t kGroup = 32, kBlock = 64, kBlockBytes = 48;
 constexpr int kXMax = 127;
-constexpr int kMR = 4;  // input rows per pass over a weight row
+constexpr int kMR = 4;  // input rows per pass over a weight row (AVX2: 16 registers)
+constexpr int kMRVnni = 8;  // (AVX512: 32)
 
 // One input row rounded to 8 bits per group (gemv_rows::quantize_group_i16 with qmax 127, the
 // int4 x8 paths' rounding), as the kernel reads it: per block xq [64] in the weights' order
 // (W1's 32 bytes: inputs 0..15 of each group; W2's: inputs 16..31), off [8] (32 * the sum of xq
 // over each int32 lane's inputs), xs [8] (the groups' steps, 4 lanes each; NaN for a group with
 // a NaN or an inf, 0 for one of zeros: its xq all zeros).
-void round_row(const float* x, int64_t K, int8_t* xq, int32_t* off, float* xs) {
+// pairs (the VNNI path): two blocks b (even), b + 1 as [x1 of b | x1 of b + 1 | x2 of b | x2 of
+// b + 1] (row_dot_vnni's 64-byte loads); an odd last block as above.
+void round_row(const float* x, int64_t K, int8_t* xq, int32_t* off, float* xs, bool pairs) {
   alignas(32) int8_t q[kBlock];
   int16_t q16[kGroup];
-  for (int64_t b = 0; b * kBlock < K; ++b) {
+  const int64_t nb = K / kBlock;
+  for (int64_t b = 0; b < nb; ++b) {
     for (int g = 0; g < 2; ++g) {
       const float step = gemv_rows::quantize_group_i16(x + b * kBlock + g * kGroup, kGroup, kXMax, q16);
       for (int j = 0; j < kGroup; ++j) q[g * kGroup + j] = static_cast<int8_t>(q16[j]);
@@ -67,6 +76,14 @@ void round_row(const float* x, int64_t K, int8_t* xq, int32_t* off, float* xs) {
         _mm256_add_epi16(_mm256_maddubs_epi16(c32, x1), _mm256_maddubs_epi16(c32, x2)),
         _mm256_set1_epi16(1));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(off + b * 8), sum);
+  }
+  if (!pairs) return;
+  for (int64_t i = 0; i < nb * 8; ++i) off[i] = -off[i];  // row_dot_vnni's dot products start from it
+  alignas(64) int8_t t[2 * kBlock];
+  for (int64_t b = 0; b + 2 <= nb; b += 2) {
+    int8_t* o = xq + b * kBlock;
+    std::memcpy(t, o, 2 * kBlock);
+    std::memcpy(o + 32, t + 64, 32), std::memcpy(o + 64, t + 32, 32);
   }
 }
 
@@ -149,6 +166,78 @@ void row_dot(const uint8_t* p, const uint16_t* sc, const Rows& r, float* out) {
   for (int i = 0; i < MR; ++i) out[i] = gemv_rows::hsum8(_mm256_add_ps(acc0[i], acc1[i]));
 }
 
+// ---- AVX512-VNNI (Zen 4, Sapphire Rapids): two blocks a 512-bit pass ---------------------
+// The same integers and fp32 operations as row_dot, lane for lane: a pass holds block b (even) in
+// its low 256 bits and b + 1 in its high ones, so the accumulator's low half is row_dot's acc0
+// and its high half acc1; the integer dot products are two vpdpbusd (exact, as maddubs + madd
+// are: no 16-bit pair sum reaches the saturation bound); an odd last block goes to the low half.
+// So both paths give the same bits (tests/test_int6_head.py compares them).
+#define TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+TARGET_VNNI inline void unpack_pair(const uint8_t* q, __m512i& w1, __m512i& w2) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+  const __m512i nib = _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kBlockBytes)), 1);
+  const __m512i hb = _mm512_inserti64x4(
+      _mm512_castsi256_si512(
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32)))),
+      _mm256_broadcastsi128_si256(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kBlockBytes + 32))),
+      1);
+  w1 = _mm512_or_si512(_mm512_and_si512(nib, m4),
+                       _mm512_and_si512(_mm512_sllv_epi64(hb, _mm512_set_epi64(2, 2, 4, 4, 2, 2, 4, 4)), m30));
+  w2 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(nib, 4), m4),
+                       _mm512_and_si512(_mm512_srlv_epi64(hb, _mm512_set_epi64(2, 2, 0, 0, 2, 2, 0, 0)), m30));
+}
+
+template <int MR>
+TARGET_VNNI void row_dot_vnni(const uint8_t* p, const uint16_t* sc, const Rows& r, float* out) {
+  __m512 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t nb = r.nb, K = r.K;
+  const __m512i sidx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    __m512i w1, w2;
+    unpack_pair(p + b * kBlockBytes, w1, w2);
+    const __m128i s4 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + 2 * b));
+    const __m512 s = _mm512_permutexvar_ps(
+        sidx, _mm512_castps128_ps512(_mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), s4))));
+    for (int i = 0; i < MR; ++i) {
+      const int8_t* x = r.xq + i * K + b * kBlock;  // round_row's pair layout: x1 x1' x2 x2'
+      const int64_t o = i * nb * 8 + b * 8;
+      __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(r.off + o), w1, _mm512_loadu_si512(x));
+      d = _mm512_dpbusd_epi32(d, w2, _mm512_loadu_si512(x + 64));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, _mm512_loadu_ps(r.xs + o)), acc[i]);
+    }
+  }
+  __m256 lo[MR], hi[MR];
+  for (int i = 0; i < MR; ++i) {
+    lo[i] = _mm512_castps512_ps256(acc[i]);
+    hi[i] = _mm512_extractf32x8_ps(acc[i], 1);
+  }
+  if (b < nb) {  // an odd last block: even, so the low half (row_dot's acc0)
+    uint32_t s2;
+    std::memcpy(&s2, sc + 2 * b, 4);
+    const __m128i sv = _mm_unpacklo_epi16(_mm_setzero_si128(), _mm_cvtsi32_si128(static_cast<int>(s2)));
+    const __m256 s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(sv)),
+                                              _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
+    __m256i a1, a2;
+    unpack_block(p + b * kBlockBytes, a1, a2);
+    for (int i = 0; i < MR; ++i) {
+      const int64_t o = i * nb * 8 + b * 8;
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.xq + i * K + b * kBlock));
+      const __m256i x2 =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.xq + i * K + b * kBlock + 32));
+      __m256i d = _mm256_dpbusd_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.off + o)), a1, x1);
+      d = _mm256_dpbusd_epi32(d, a2, x2);
+      lo[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s, _mm256_loadu_ps(r.xs + o)), lo[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) out[i] = gemv_rows::hsum8(_mm256_add_ps(lo[i], hi[i]));
+}
+
 // int6_quantize's rows: each to fp32 (exact); per group of 32 scale = max(amax / 31, 1e-30)
 // rounded to bf16, q = clamp(round(w / scale), -31, 31) with round half to even, packed: quant/
 // formats.py quantize_int6_groups op for op (the same fp32 operations, so the same bits)
@@ -186,7 +275,7 @@ void quantize_int6_impl(const T* W, int64_t N, int64_t K, uint8_t* P, at::BFloat
 }  // namespace
 
 torch::Tensor linear_int6(const torch::Tensor& x, const torch::Tensor& packed,
-                          const torch::Tensor& scales) {
+                          const torch::Tensor& scales, bool avx2_only) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= gemv_rows::kMaxRows && x.is_cpu(),
               "linear_int6: x [M <= 16, K] on the CPU");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
@@ -199,30 +288,45 @@ torch::Tensor linear_int6(const torch::Tensor& x, const torch::Tensor& packed,
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.dim() == 2 &&
                   scales.is_contiguous() && scales.size(0) == N && scales.size(1) == 2 * nb,
               "linear_int6: scales [N, K / 32] bf16, contiguous");
+  const bool vnni = !avx2_only && cpu_isa::avx512_vnni();
   const auto xf = x.to(at::kFloat).contiguous();
   std::vector<int8_t> xq(M * K);
   std::vector<int32_t> off(M * nb * 8);
   std::vector<float> xs(M * nb * 8);
   for (int64_t i = 0; i < M; ++i)
     round_row(xf.data_ptr<float>() + i * K, K, xq.data() + i * K, off.data() + i * nb * 8,
-              xs.data() + i * nb * 8);
+              xs.data() + i * nb * 8, vnni);
   auto y = torch::empty({M, N}, x.options().dtype(at::kFloat));
   float* Y = y.data_ptr<float>();
   const auto* P = packed.data_ptr<uint8_t>();
   const auto* S = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    float out[kMR];
+    float out[kMRVnni];
+    const int64_t step = vnni ? kMRVnni : kMR;
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* p = P + n * nb * kBlockBytes;
       const uint16_t* sc = S + n * 2 * nb;
-      for (int64_t m = 0; m < M; m += kMR) {  // input rows in passes of up to kMR
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m));
+      for (int64_t m = 0; m < M; m += step) {  // input rows in passes of up to step
+        const int mr = static_cast<int>(std::min<int64_t>(step, M - m));
         const Rows r{xq.data() + m * K, off.data() + m * nb * 8, xs.data() + m * nb * 8, K, nb};
-        switch (mr) {
-          case 1: row_dot<1>(p, sc, r, out); break;
-          case 2: row_dot<2>(p, sc, r, out); break;
-          case 3: row_dot<3>(p, sc, r, out); break;
-          default: row_dot<4>(p, sc, r, out); break;
+        if (vnni) {
+          switch (mr) {
+            case 1: row_dot_vnni<1>(p, sc, r, out); break;
+            case 2: row_dot_vnni<2>(p, sc, r, out); break;
+            case 3: row_dot_vnni<3>(p, sc, r, out); break;
+            case 4: row_dot_vnni<4>(p, sc, r, out); break;
+            case 5: row_dot_vnni<5>(p, sc, r, out); break;
+            case 6: row_dot_vnni<6>(p, sc, r, out); break;
+            case 7: row_dot_vnni<7>(p, sc, r, out); break;
+            default: row_dot_vnni<8>(p, sc, r, out); break;
+          }
+        } else {
+          switch (mr) {
+            case 1: row_dot<1>(p, sc, r, out); break;
+            case 2: row_dot<2>(p, sc, r, out); break;
+            case 3: row_dot<3>(p, sc, r, out); break;
+            default: row_dot<4>(p, sc, r, out); break;
+          }
         }
         for (int i = 0; i < mr; ++i) Y[(m + i) * N + n] = out[i];
       }
@@ -294,5 +398,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int6_quantize", &int6_quantize,
         "w [N, K] -> (packed, scales): quant/formats.py quantize_int6_groups");
   m.def("linear_int6", &linear_int6,
-        "x [M <= 16, K] @ W^T, W in 6-bit blocks of 64 (quant/formats.py quantize_int6_groups)");
+        "x [M <= 16, K] @ W^T, W in 6-bit blocks of 64 (quant/formats.py quantize_int6_groups); "
+        "avx2_only: the AVX2 path where AVX512-VNNI runs (the same bits)",
+        py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("avx2_only") = false);
+  m.def("int6_vnni_supported", &cpu_isa::avx512_vnni, "the AVX512-VNNI path runs here");
 }
