@@ -281,7 +281,7 @@ class _Spy:
 
     def __getattr__(self, name):
         fn = getattr(self.mod, name)
-        if name == "int4_fast_supported":
+        if name in ("int4_fast_supported", "int4_vnni_supported"):
             return fn
         return lambda *a, **k: self.calls.append(name) or fn(*a, **k)
 
@@ -291,8 +291,9 @@ class _Spy:
 def test_int4_linear_dispatch(mod, monkeypatch, dtype, x8):
     """Up to INT4_MAX_ROWS rows take our kernel (x8, Int4Linear's default: always; 16-bit: bf16
     rows where the AVX512-VBMI path exists, else torch's kernel, fp32 rows on every CPU), more
-    rows our K-major unpack + a GEMM (x8: on x rounded as the kernel rounds it; on CPUs without
-    AVX512 x8 keeps the kernel: int4_kernel_for); with
+    rows our K-major unpack + a GEMM (x8: on x rounded as the kernel rounds it; where
+    int4_prefill_in_kernel says so, CPUs without AVX512 and AVX512-VNNI ones without AMX, x8
+    keeps the kernel); with
     QWEN35_NO_KERNELS=1 everything runs torch's kernel, with the same results (x8: within its
     rounding of x)."""
     spy = _Spy(mod)
@@ -307,7 +308,7 @@ def test_int4_linear_dispatch(mod, monkeypatch, dtype, x8):
                     or not matmul.torch_int4_layout())  # fmt: skip
     assert matmul.INT4_MAX_ROWS == 16  # the rows below straddle it
     above = ["int4_dequant", "int4_x8_round"] if x8 else ["int4_dequant"]  # x8: x rounded too
-    if x8 and matmul.int4_prefill_in_kernel():  # a CPU without AVX512: the kernel at any rows
+    if x8 and matmul.int4_prefill_in_kernel():  # the kernel at any rows
         above = ["linear_int4"]
     assert spy.calls == ["linear_int4"] * (2 * ours) + above * 2
     monkeypatch.setenv("QWEN35_NO_KERNELS", "1")
@@ -323,6 +324,42 @@ def test_int4_linear_dispatch(mod, monkeypatch, dtype, x8):
         assert rel_error(ys[m], ref) < (X8_TOL if x8 else tol), m
     x3 = xs[17].view(1, 17, k)  # leading dims are kept
     assert matmul.int4_linear(x3, packed, sz, group, n, x8).shape == (1, 17, n)
+
+
+@pytest.mark.parametrize(
+    "flags,vnni,want",
+    [({"avx2"}, False, True),  # AVX2 CPUs (Zen 3): the kernel
+     ({"avx2", "avx512f", "avx512_vnni"}, True, True),  # Zen 4 / 5: the VNNI kernel
+     ({"avx2", "avx512f", "avx512_vnni", "amx_bf16", "amx_tile"}, True, False),  # SPR: AMX GEMM
+     ({"avx2", "avx512f"}, False, False)],  # AVX512 without VNNI + VBMI: the GEMM
+)  # fmt: skip
+def test_which_cpus_prefill_int4_in_the_kernel(monkeypatch, flags, vnni, want):
+    """int4_prefill_in_kernel: the kernel where it was measured faster than dequantising + the
+    GEMM (bench/int4_prefill.py), the GEMM elsewhere."""
+    from qwen35 import devices
+
+    class Mod:
+        def int4_vnni_supported(self):
+            return vnni
+
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(gemv, "load_int4", lambda: Mod())
+    assert matmul.int4_prefill_in_kernel() is want
+
+
+def test_long_inputs_in_the_kernel_equal_each_row_alone(mod):
+    """Where long x8 inputs take the kernel (int4_prefill_in_kernel), a row's result is the
+    same bits in a call of 1, 16, 17 or 300 rows: a prompt prefilled beside others gives what
+    it gives alone."""
+    if not matmul.int4_prefill_in_kernel():
+        pytest.skip("this CPU prefills int4 by dequantising + its GEMM (int4_prefill_in_kernel)")
+    n, k, group = 192, 384, 128
+    for dtype in (torch.bfloat16, torch.float32):
+        _, sz, packed = _quantized(n, k, group, dtype, 22)
+        x = torch.randn(300, k, generator=torch.Generator().manual_seed(23)).to(dtype)
+        y = matmul.int4_linear(x, packed, sz, group, n, True)
+        for rows in (slice(0, 1), slice(5, 21), slice(40, 57), slice(299, 300)):
+            assert torch.equal(matmul.int4_linear(x[rows], packed, sz, group, n, True), y[rows])
 
 
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])

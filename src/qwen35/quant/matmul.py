@@ -243,17 +243,15 @@ def int8_linear_many(xs: list, layers: list) -> torch.Tensor | None:
 def int4_kernel_for(x: torch.Tensor, sz: torch.Tensor, x8: bool = False):
     """The int4 module when int4_linear runs x through its `linear_int4` (with `x8`), else
     None. Up to INT4_MAX_ROWS rows (decode) as int4_rows_ours says; more (prefill) only with
-    8-bit activations on CPUs without AVX512 (int4_prefill_in_kernel), where the kernel's integer
-    sums (vpmaddubsw on a panel of the unpacked nibbles) beat dequantising + the fp32 GEMM:
-    1.6-2.2x at 512-2,048 rows, 3-4x at 64 (bench/int4_prefill.py, Zen 3), and a row's result is
-    the same bits at any row count. AVX512 CPUs keep the GEMM there (their VNNI path at these
-    sizes against their BF16 / AVX512 GEMMs is unmeasured)."""
+    8-bit activations where int4_prefill_in_kernel says the kernel's integer sums beat
+    dequantising + the GEMM; a row's result is then the same bits at any row count (a prompt
+    prefilled alone or beside others, a decode row beside a prefill chunk)."""
     if not (x.is_cpu and sz.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float32)):
-        return None
-    if _rows(x).shape[0] > INT4_MAX_ROWS and not (x8 and int4_prefill_in_kernel()):
         return None
     from qwen35.kernels import gemv
 
+    if _rows(x).shape[0] > INT4_MAX_ROWS and not (x8 and int4_prefill_in_kernel()):
+        return None
     mod = gemv.load_int4()
     if mod is None or not int4_rows_ours(mod, x.dtype, x8):
         return None
@@ -261,11 +259,25 @@ def int4_kernel_for(x: torch.Tensor, sz: torch.Tensor, x8: bool = False):
 
 
 def int4_prefill_in_kernel() -> bool:
-    """Whether long int4 inputs with 8-bit activations take the integer kernel here (a CPU
-    without AVX512: int4_kernel_for)."""
+    """Whether long int4 inputs with 8-bit activations take the integer kernel here rather than
+    dequantising + torch's GEMM: on CPUs without AVX512 (the AVX2 path: vpmaddubsw on a panel of
+    the unpacked nibbles; 1.6-2.2x the fp32 GEMM at 512-2,048 rows, 3-4x at 64:
+    bench/int4_prefill.py, Zen 3) and on AVX512-VNNI + VBMI CPUs without AMX (the vpdpbusd path;
+    Zen 5, bf16 rows against the bf16 GEMM: 1.08-1.14x at 512-2,048 rows, 1.7x at 64; fp32 rows
+    against the fp32 GEMM 2.8-7.6x: `bench/int4_prefill.py --dtype bf16`). AMX CPUs (Sapphire
+    Rapids) keep their GEMM (AMX's bf16 tiles; unmeasured against the kernel), as do AVX512 CPUs
+    without VNNI + VBMI (Skylake, Ice Lake without VBMI: the kernel's AVX2 path against their
+    AVX512 GEMM, unmeasured)."""
     from qwen35.devices import cpu_flags
 
-    return "avx512f" not in cpu_flags()
+    flags = cpu_flags()  # (QWEN35_CPU_ISA=avx2 hides the AVX512 and AMX ones)
+    if "avx512f" not in flags:
+        return True
+    from qwen35.kernels import gemv
+
+    mod = gemv.load_int4()
+    return mod is not None and not any(f.startswith("amx") for f in flags) \
+        and mod.int4_vnni_supported()  # fmt: skip
 
 
 def int4_rows_ours(mod, dtype: torch.dtype, x8: bool = False) -> bool:
