@@ -329,6 +329,22 @@ def test_cli_errors(tiny_cfg, capsys):
     assert e.value.code == 2
 
 
+def test_peers_formats_are_checked_before_any_model_loads(monkeypatch, capsys):
+    """A --formats the peers workload cannot run is refused at once, not after the minutes of
+    loading the model (a 4B took 3.5 of them)."""
+    from qwen35.benchmarks import common, runner
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded before --formats was checked")
+
+    for mod in (common, runner):
+        monkeypatch.setattr(mod, "load_bench_model", no_load)
+    assert main(["bench", "--workload", "peers", "--formats", "int4,int8"]) == 2
+    assert "--formats takes bf16 and any of" in capsys.readouterr().err
+    assert main(["bench", "--workload", "peers", "--formats", "bf16,int5"]) == 2
+    assert "int5" in capsys.readouterr().err
+
+
 def test_baseline_label_names_each_kernel_package(monkeypatch):
     """transformers takes fla's delta rule and causal-conv1d's conv each where importable; the
     label must not call a run with fla "torch fallback" (the H200 run has fla, not the conv)."""

@@ -148,18 +148,26 @@ def run_peers(bm: BenchModel, opts: BenchOptions) -> dict:
         gguf.cleanup()  # the converted weights: GBs in the temp dir
 
 
+def check_formats(formats: tuple[str, ...] | None) -> tuple[str, ...]:
+    """--formats as the peers workload runs it (default: all of OURS), or a Qwen35Error saying
+    what it takes (`qwen35 bench` checks it before loading any model)."""
+    formats = formats or OURS
+    bad = [f for f in formats if f not in OURS]
+    if bad or "bf16" not in formats:
+        from qwen35.errors import Qwen35Error
+
+        raise Qwen35Error(f"--formats takes bf16 and any of {', '.join(OURS)}; got "
+                          f"{','.join(formats)}")  # fmt: skip
+    return formats
+
+
 def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
     sz = sizes(opts)
     big = max(sz["prefill"])
     max_len = big + max(sz["new"], sz["long_new"]) + 16
     engines: dict[str, object] = {}
     weight_bytes = {}
-    formats = opts.formats or OURS
-    bad = [f for f in formats if f not in OURS]
-    if bad or "bf16" not in formats:
-        from qwen35.errors import Qwen35Error
-
-        raise Qwen35Error(f"--formats takes bf16 and any of {', '.join(OURS)}; got {formats}")
+    formats = check_formats(opts.formats)
     for fmt in formats:
         opts.say(f"peers: loading ours {fmt}")
         m = _load_ours(bm, opts, fmt)

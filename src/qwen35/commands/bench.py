@@ -174,6 +174,10 @@ def run(args: argparse.Namespace) -> int:
     if args.base_url is not None:
         return _run_external(args, opts)
     workloads = list(ALL) if args.workload == "all" else [args.workload]
+    if "peers" in workloads:  # a typo must not cost the minutes of loading the model first
+        from qwen35.benchmarks.peers import check_formats
+
+        check_formats(opts.formats)
     # random-weight and cache-plan notices would interleave with the tables
     logging.getLogger("qwen35").setLevel(logging.ERROR)
     con = None
