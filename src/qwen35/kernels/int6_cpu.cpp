@@ -26,7 +26,7 @@
 // Measured (bench/int6_head.py, Zen 3, 2 threads): the 0.8B's head at one row 1.06-1.19x the
 // per-row int8 GEMV's time, 2,048 inputs 1.26x; near compute-bound on AVX2 (~18 GB/s a core with
 // the head in cache against int8's ~27), so 2-16 rows gain less (1.02-1.12x). The VNNI path
-// (bench/int6_head.py, Zen 4, 2 threads, 16 rounds; AVX2 / VNNI time): 248,320 x 1,024 at 1 /
+// (bench/int6_head.py, Zen 5, 2 threads, 16 rounds; AVX2 / VNNI time): 248,320 x 1,024 at 1 /
 // 2 / 4 / 8 rows 1.15 / 1.33 / 1.53 / 1.83x, x 2,048 1.08 / 1.27 / 1.67 / 1.46x (one row is
 // bandwidth-bound either way: 55-61 GB/s).
 #include <ATen/Parallel.h>
