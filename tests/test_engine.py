@@ -188,6 +188,32 @@ def test_stop_string_completed_by_the_last_token_is_a_stop(ckpt):
         assert len(out.token_ids) == k + 1
 
 
+def test_a_stop_id_ends_the_text_without_its_own(ckpt):
+    """A stop id stays in token_ids but its text is not the output's (vLLM excludes the
+    stopping token from detokenization), unless include_stop_str_in_output; streamed alike."""
+    d, _ = ckpt
+    llm = make(d)
+    p = prompts(1, seed=12)[0]
+    full = llm.generate([p], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0]
+    toks, pieces = full.outputs[0].token_ids, _token_texts(llm, full.outputs[0].token_ids)
+    k = next(k for k in range(2, len(toks)) if pieces[k] and toks[k] not in toks[:k])
+
+    def text_of(n: int) -> str:  # the first n tokens' text as a finished output has it
+        from qwen35.tokenizer import IncrementalDetokenizer
+
+        detok = IncrementalDetokenizer(llm.tokenizer)
+        return "".join(detok.add(t) for t in toks[:n]) + detok.flush()
+
+    for include in (False, True):
+        sp = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True,
+                            stop_token_ids=[toks[k]], include_stop_str_in_output=include)  # fmt: skip
+        out = llm.generate([p], sp)[0].outputs[0]
+        assert (out.finish_reason, out.stop_reason) == ("stop", toks[k])
+        assert out.token_ids == toks[: k + 1]
+        assert out.text == text_of(k + 1 if include else k), include
+        assert "".join(o.text for d_ in llm.stream(p, sp) for o in d_.outputs) == out.text
+
+
 def test_min_tokens_holds_stop_strings_back(ckpt):
     """No stop string may end in the text of the first min_tokens tokens (as EOS and stop ids
     may not be among them; vLLM's rule): the first occurrence after them stops."""

@@ -684,8 +684,15 @@ class LLMEngine:
             st.logprobs.append(result.logprobs[seq_id])
         seq = st.seq  # (update() has appended the token: a stop string may end in the text of
         # tokens after the first min_tokens, as EOS and stop ids may only follow them)
+        # The EOS or stop id that ended the sequence stays in its token ids but not in its text,
+        # unless include_stop_str_in_output (as vLLM: a stop id's text is not the output's)
+        ended_by_id = (not pending and seq_id in finished
+                       and seq.status is SequenceStatus.FINISHED_STOPPED
+                       and not isinstance(seq.stop_reason, str)
+                       and not seq.params.include_stop_str_in_output)  # fmt: skip
         emit, stopped, stop_str = st.stop.feed(
-            st.detok.add(token), check=seq.num_output_tokens - pending > seq.params.min_tokens
+            "" if ended_by_id else st.detok.add(token),
+            check=seq.num_output_tokens - pending > seq.params.min_tokens,
         )
         st.text += emit
         if pending:
