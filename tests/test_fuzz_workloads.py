@@ -233,7 +233,7 @@ def _check_output(sp: SamplingParams, out) -> None:
             assert len(c.logprobs) == len(c.token_ids), (sp, c)
         if so is None:
             continue
-        whole = c.finish_reason == "stop"
+        whole = c.finish_reason == "stop" and c.stop_reason is None  # (a stop id / string cuts it)
         if so.regex is not None:
             assert re.fullmatch("[a-z]{1,8}" if whole else "[a-z]{0,8}", c.text), (sp, c)
         elif so.choice is not None:

@@ -238,6 +238,26 @@ def test_allowed_token_ids_that_leave_the_grammar_no_token_fail_the_request_clea
     assert (c.text, c.finish_reason) == (tok.decode([allowed[3]]), "stop")
 
 
+def test_a_grammar_that_ends_before_min_tokens_ends_the_output(llm):
+    """min_tokens holds EOS back, but a complete grammar allows nothing else: the output ends
+    there (finish "stop", valid, shorter than min_tokens) instead of failing with
+    NoTokenAllowedError (a wider run of the feature-combination fuzz found the failure); a
+    grammar that can go on still waits for min_tokens; allowed ids that leave only a stop id
+    still fail (the client's own contradiction, tests/test_sampler.py)."""
+    for choices in (["yes", "no"], ["maybe"]):
+        sp = SamplingParams(max_tokens=12, temperature=0, min_tokens=8,
+                            structured_outputs=so(choice=choices))  # fmt: skip
+        out = llm.generate([[5, 6, 7]], sp)[0]
+        c = out.outputs[0]
+        assert out.error is None and c.finish_reason == "stop" and c.text in choices
+        assert len(c.token_ids) < 8 and c.stop_reason is None  # an end-of-sequence id ended it
+    # a regex that can keep going: min_tokens is honoured, the text still matches
+    sp = SamplingParams(max_tokens=12, temperature=0, min_tokens=5,
+                        structured_outputs=so(regex="[a-z]{1,40}"))  # fmt: skip
+    c = llm.generate([[5, 6, 7]], sp)[0].outputs[0]
+    assert re.fullmatch("[a-z]{1,40}", c.text) and len(c.token_ids) >= 5
+
+
 def test_n_stop_and_max_tokens(llm):
     out = llm.generate(["n"], SamplingParams(n=3, max_tokens=48, temperature=1.0, seed=3,
                                              structured_outputs=so(json=SMALL)))[0]  # fmt: skip

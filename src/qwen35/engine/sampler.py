@@ -58,8 +58,9 @@ class SamplerOutput:
 
 class NoTokenAllowedError(ValueError):
     """A row whose constraints ban every token at this step (allowed_token_ids, bad words,
-    min_tokens and a grammar leave nothing): its request fails with this message instead of
-    drawing a banned token (an all -inf row's argmax is token 0)."""
+    a grammar, or min_tokens holding back the only ids allowed ids leave): its request fails
+    with this message instead of drawing a banned token (an all -inf row's argmax is token 0).
+    (min_tokens never fails a grammar's row: apply_min_tokens lets the grammar end it.)"""
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -288,7 +289,10 @@ def _dead_end(r: SamplingRow) -> str:
 
 
 def apply_min_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """-inf on EOS / stop ids of rows still under min_tokens; returns a new tensor if any."""
+    """-inf on EOS / stop ids of rows still under min_tokens; returns a new tensor if any.
+    A row with a grammar keeps them where the ban would leave it nothing (the grammar is
+    complete and allows only its end): the output ends there, shorter than min_tokens, rather
+    than failing (scheduler.py `_check_stop` stops on them); checked on the device, no sync."""
     r_idx: list[int] = []
     t_idx: list[int] = []
     for i, r in enumerate(rows):
@@ -301,7 +305,14 @@ def apply_min_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tens
     if not r_idx:
         return x
     where = (torch.tensor(r_idx, device=x.device), torch.tensor(t_idx, device=x.device))
-    return x.index_put(where, torch.tensor(-math.inf, device=x.device))
+    out = x.index_put(where, torch.tensor(-math.inf, device=x.device))
+    grammar = sorted({i for i in r_idx if rows[i].params.structured_outputs is not None})
+    if grammar:
+        idx = device_tensor(grammar, x.device)
+        banned = out.index_select(0, idx)
+        left = banned.amax(dim=1, keepdim=True) > -math.inf  # [G, 1]: a token besides the stops
+        out.index_copy_(0, idx, torch.where(left, banned, x.index_select(0, idx)))
+    return out
 
 
 def apply_logit_bias(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

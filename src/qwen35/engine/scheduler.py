@@ -448,7 +448,9 @@ class Scheduler:
     def _check_stop(self, seq: Sequence) -> bool:
         p, tok = seq.params, seq.token_ids[-1]
         status, reason = None, None
-        if seq.num_output_tokens >= p.min_tokens:
+        # before min_tokens EOS / stop ids are banned, except where a grammar allows nothing
+        # else (sampler.apply_min_tokens): such a token ends the output
+        if seq.num_output_tokens >= p.min_tokens or p.structured_outputs is not None:
             if not p.ignore_eos and tok in self.config.eos_token_ids:
                 status = SequenceStatus.FINISHED_STOPPED
             elif tok in p.stop_token_ids:
