@@ -242,7 +242,7 @@ def _check_output(sp: SamplingParams, out) -> None:
             assert isinstance(json.loads(c.text)["a"], int), (sp, c)
 
 
-@pytest.mark.parametrize("seed", range(1, 9))
+@pytest.mark.parametrize("seed", [*range(1, 9), 19, 36])  # 19, 36: found the last two bugs
 def test_random_feature_combinations_equal_each_request_alone(tmp_path, seed):
     """Engine options (multi-step decoding, n-gram drafts, priority scheduling, quantized
     weights, prefix caching, pools small enough to preempt, chunked prefill) crossed with
@@ -254,7 +254,8 @@ def test_random_feature_combinations_equal_each_request_alone(tmp_path, seed):
     of a batched prefill into ~1e-3 ones that flip a seeded draw now and then), each finished
     request equals its run alone in a plain engine (a scratch run of 70 seeds found only such
     flips, and one in fp32 on the real vocabulary, where two logits 3e-6 apart straddled a
-    top_p cut)."""
+    top_p cut). Seeds 19 and 36 (of 9-139, run on a Zen 5) found a stop id's text in the
+    output and a complete grammar failing under min_tokens, both fixed since."""
     rng = random.Random(seed)
     small, real = tmp_path / "small", tmp_path / "real"
     save_checkpoint(small, moe=seed % 2 == 1, seed=seed, dtype=torch.float32)
