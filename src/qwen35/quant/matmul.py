@@ -266,8 +266,9 @@ def int4_prefill_in_kernel() -> bool:
     Zen 5, bf16 rows against the bf16 GEMM: 1.08-1.14x at 512-2,048 rows, 1.7x at 64; fp32 rows
     against the fp32 GEMM 2.8-7.6x: `bench/int4_prefill.py --dtype bf16`). AMX CPUs (Sapphire
     Rapids) keep their GEMM (AMX's bf16 tiles; unmeasured against the kernel), as do AVX512 CPUs
-    without VNNI + VBMI (Skylake, Ice Lake without VBMI: the kernel's AVX2 path against their
-    AVX512 GEMM, unmeasured)."""
+    without VNNI + VBMI (Skylake, Cascade Lake: the kernel's AVX2 path against their AVX512 GEMM,
+    unmeasured). Zen 4 and Ice Lake run Zen 5's instructions (on Zen 4 at half width): the
+    kernel, by the same measure, not measured there."""
     from qwen35.devices import cpu_flags
 
     flags = cpu_flags()  # (QWEN35_CPU_ISA=avx2 hides the AVX512 and AMX ones)
