@@ -347,6 +347,27 @@ def test_which_cpus_prefill_int4_in_the_kernel(monkeypatch, flags, vnni, want):
     assert matmul.int4_prefill_in_kernel() is want
 
 
+@pytest.mark.parametrize("kernels", [True, False])
+def test_groups_torch_cannot_take_run_ours_or_the_reference(mod, monkeypatch, kernels):
+    """A CPU whose decode rows would take torch's int4 kernel (AVX512 without VBMI: Skylake,
+    Cascade Lake; here by patching int4_rows_ours) with a layer in groups torch refuses (48:
+    inputs no multiple of 32): our kernel runs it, or without kernels the PyTorch reference
+    (torch's raised "expect qGroupSize to be 32, 64, 128 or 256")."""
+    monkeypatch.setattr(matmul, "int4_rows_ours", lambda *a, **k: False)
+    if not kernels:
+        monkeypatch.setenv("QWEN35_NO_KERNELS", "1")
+    q48, sz48, packed48 = _quantized(64, 96, 48, torch.bfloat16, 30)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(31)).bfloat16()
+    got = matmul.int4_linear(x, packed48, sz48, 48, 64, x8=True)
+    w48 = formats.dequantize_int4_groups(q48, sz48, 48, torch.float32)
+    assert rel_error(got, F.linear(x.float(), w48)) < 4e-3
+    if matmul.torch_int4_layout():  # torch's kernel still runs the groups it takes
+        q, sz, packed = _quantized(64, 128, 64, torch.bfloat16, 32)
+        x2 = torch.randn(3, 128, generator=torch.Generator().manual_seed(33)).bfloat16()
+        ref = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, 64, sz)
+        assert torch.equal(matmul.int4_linear(x2, packed, sz, 64, 64, x8=False), ref)
+
+
 def test_long_inputs_in_the_kernel_equal_each_row_alone(mod):
     """Where long x8 inputs take the kernel (int4_prefill_in_kernel), a row's result is the
     same bits in a call of 1, 16, 17 or 300 rows: a prompt prefilled beside others gives what
