@@ -393,8 +393,12 @@ def test_few_token_moe_equals_the_expert_loop(quant, dtype, monkeypatch):
     assert shared  # the grouping of several rows an expert was exercised
     assert checked_alone or dtype != torch.bfloat16
     probe = torch.zeros(1, model.config.hidden_size, dtype=dtype)
+    from qwen35.quant.layers import Int4Linear
+
+    i4 = next((m for m in model.modules() if isinstance(m, Int4Linear)), None)
+    x8 = i4 is not None and matmul.int4_x8(i4.x8, i4.group)  # (the layers' own activations)
     takes = {  # where one call each takes our kernel, the few-token path takes its many-form
-        "int4_linear_many": matmul.int4_kernel_for(probe, probe) is not None,
+        "int4_linear_many": matmul.int4_kernel_for(probe, probe, x8) is not None,
         "int8_linear_many": True,
         "linear_many": dtype == torch.bfloat16,
         # gemv_cpu.cpp's AVX512 paths (bf16 rows), else fp8_cpu.cpp's (any CPU it builds on)
@@ -406,7 +410,7 @@ def test_few_token_moe_equals_the_expert_loop(quant, dtype, monkeypatch):
     }[quant]  # fmt: skip
     assert {name for name, _, _ in many} <= kinds and (many or not kinds), set(many)
     most = {"int4_linear_many": 16}  # rows a product each many-kernel takes (the others: 4)
-    assert all(took == (takes[name] and rows <= most.get(name, 4)) for name, took, rows in many)
+    assert all(took == (takes[name] and rows <= most.get(name, 4)) for name, took, rows in many), (takes, many)
 
 
 def _fp8_gemv() -> bool:
