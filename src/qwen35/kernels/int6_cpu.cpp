@@ -112,6 +112,15 @@ inline __m256 block_row(__m256 acc, __m256i w1, __m256i w2, __m256 s, const int8
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s, _mm256_loadu_ps(xs)), acc);
 }
 
+// one block's two bf16 scales (at sc) as fp32 lanes [s0 x4 | s1 x4]: its groups' lanes
+inline __m256 block_scales(const uint16_t* sc) {
+  uint32_t s2;
+  std::memcpy(&s2, sc, 4);
+  const __m128i sv = _mm_unpacklo_epi16(_mm_setzero_si128(), _mm_cvtsi32_si128(static_cast<int>(s2)));
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(sv)),
+                                  _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
+}
+
 struct Rows {  // MR rounded input rows: xq [MR][K], off and xs [MR][nb * 8]
   const int8_t* xq;
   const int32_t* off;
@@ -151,10 +160,7 @@ void row_dot(const uint8_t* p, const uint16_t* sc, const Rows& r, float* out) {
     }
   }
   for (; b < nb; ++b) {  // the last 1-3 blocks (K not a multiple of 256), even / odd as above
-    uint32_t s2;
-    std::memcpy(&s2, sc + 2 * b, 4);
-    const __m128i sv = _mm_unpacklo_epi16(_mm_setzero_si128(), _mm_cvtsi32_si128(static_cast<int>(s2)));
-    const __m256 s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(sv)), lo);
+    const __m256 s = block_scales(sc + 2 * b);
     __m256i a1, a2;
     unpack_block(p + b * kBlockBytes, a1, a2);
     for (int i = 0; i < MR; ++i) {
@@ -218,11 +224,7 @@ TARGET_VNNI void row_dot_vnni(const uint8_t* p, const uint16_t* sc, const Rows& 
     hi[i] = _mm512_extractf32x8_ps(acc[i], 1);
   }
   if (b < nb) {  // an odd last block: even, so the low half (row_dot's acc0)
-    uint32_t s2;
-    std::memcpy(&s2, sc + 2 * b, 4);
-    const __m128i sv = _mm_unpacklo_epi16(_mm_setzero_si128(), _mm_cvtsi32_si128(static_cast<int>(s2)));
-    const __m256 s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(sv)),
-                                              _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
+    const __m256 s = block_scales(sc + 2 * b);
     __m256i a1, a2;
     unpack_block(p + b * kBlockBytes, a1, a2);
     for (int i = 0; i < MR; ++i) {

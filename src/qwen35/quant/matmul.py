@@ -218,7 +218,7 @@ def int4_linear(
         if x8:  # x rounded as the decode rows round it: a row's result does not depend on
             x2 = mod.int4_x8_round(x2.contiguous())  # whether its call had more than 16 rows
         y = F.linear(x2, wt.t())
-    elif torch_int4_layout() and group in TORCH_INT4_GROUPS:
+    elif torch_int4_takes(group):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
     else:  # no kernel of ours, and torch's reads another layout here: the PyTorch reference
         k = packed.shape[1] * 2
@@ -253,9 +253,9 @@ def int4_kernel_for(x: torch.Tensor, sz: torch.Tensor, x8: bool = False):
     if _rows(x).shape[0] > INT4_MAX_ROWS and not (x8 and int4_prefill_in_kernel()):
         return None
     mod = gemv.load_int4()
-    groups = sz.shape[0]  # (K / group)
-    torch_takes = x.shape[-1] % groups == 0 and x.shape[-1] // groups in TORCH_INT4_GROUPS
-    if mod is None or not (int4_rows_ours(mod, x.dtype, x8) or not torch_takes):
+    K, groups = x.shape[-1], sz.shape[0]  # (sz: [K / group, n, 2])
+    torch_takes = K % groups == 0 and torch_int4_takes(K // groups)
+    if mod is None or (torch_takes and not int4_rows_ours(mod, x.dtype, x8)):
         return None
     return mod
 
@@ -389,6 +389,12 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 # the group sizes torch's `_weight_int4pack_mm_for_cpu` takes; other groups (layers whose inputs
 # are no multiple of 32) run our kernel, or the PyTorch reference without it
 TORCH_INT4_GROUPS = (32, 64, 128, 256)
+
+
+def torch_int4_takes(group: int) -> bool:
+    """Whether torch's `_weight_int4pack_mm_for_cpu` runs our packed weights in groups of
+    `group` here: it reads our layout and takes that group size."""
+    return group in TORCH_INT4_GROUPS and torch_int4_layout()
 
 
 @functools.cache
