@@ -6,6 +6,7 @@ refuse more than 16 rows: those cells are left out), interleaved in one process.
 
     python bench/int4_prefill.py [--rows 4 16 64 512 2048] [--shapes 7168x1024 1024x3584]
                                  [--baseline REV] [--rounds 3] [--threads 2] [--avx2-only]
+    python bench/int4_prefill.py --engine Qwen3.5-0.8B [--tokens 2048] [--rounds 6]   # whole prefills
 
 Shapes N x K: Qwen3.5-0.8B's gate_up (7,168 x 1,024) and down (1,024 x 3,584) projections, groups
 of 128, fp32 rows (`--dtype auto` on CPUs without native bf16; `--dtype bf16`: bf16 rows, a bf16
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 
 import torch
 import torch.nn.functional as F
@@ -84,8 +86,14 @@ def main(argv: list[str] | None = None) -> None:
                     "bf16 on a bf16 unpack)")
     ap.add_argument("--avx2-only", action="store_true",
                     help="the AVX2 path on any CPU (AVX512-VNNI CPUs run their own otherwise)")
+    ap.add_argument("--engine", metavar="MODEL",
+                    help="a catalog model or config.json: whole prefills of one prompt under "
+                    "--quantization int4 instead, the kernel rule and dequantise + GEMM alternating")
+    ap.add_argument("--tokens", type=int, default=2048, help="--engine: the prompt's tokens")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.engine:
+        return engine_prefills(args)
     torch.set_flush_denormal(True)
     mod = gemv.load_int4()
     if mod is None:
@@ -102,6 +110,41 @@ def main(argv: list[str] | None = None) -> None:
         lin = Int4Linear.quantize((torch.randn(n, k, generator=g) * 0.02).bfloat16(), 128, dt)
         for m in args.rows:
             one_count(mod, base, lin, torch.randn(m, k, generator=g).to(dt), args)
+
+
+def engine_prefills(args) -> None:
+    """One `--tokens` prompt prefilled by the engine (int4 weights, random, the engine's dtype),
+    `--rounds` x 2 times: long inputs through the kernel where this CPU's rule
+    (`quant/matmul.py int4_prefill_in_kernel`) says so, and through dequantise + GEMM (the rule
+    patched off), the order alternating by round. Prints medians and gemm / kernel time."""
+    from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine
+    from qwen35.quant import matmul
+    from qwen35.request import SamplingParams
+
+    bm = load_bench_model(BenchOptions(model=args.engine, threads=args.threads),
+                          quantization="int4")  # fmt: skip
+    rule = matmul.int4_prefill_in_kernel
+    if not rule():
+        print("this CPU prefills int4 by dequantise + GEMM already: both runs are the same path")
+    eng = make_engine(bm, max_num_seqs=1, max_model_len=args.tokens + 16,
+                      enable_prefix_caching=False, max_num_batched_tokens=args.tokens)  # fmt: skip
+    vocab = bm.model.config.vocab_size
+    ts: dict[str, list[float]] = {"kernel": [], "gemm": []}
+    try:
+        for r in range(args.rounds):
+            for name in ("kernel", "gemm") if r % 2 == 0 else ("gemm", "kernel"):
+                matmul.int4_prefill_in_kernel = rule if name == "kernel" else (lambda: False)
+                prompt = [(13 * i + r) % vocab for i in range(args.tokens)]
+                eng.add_request(f"{name}{r}", prompt, SamplingParams(max_tokens=1, temperature=0.0))
+                t = time.perf_counter()
+                while eng.has_unfinished_requests():
+                    eng.step()
+                ts[name].append(time.perf_counter() - t)
+    finally:
+        matmul.int4_prefill_in_kernel = rule
+    a, b = statistics.median(ts["kernel"]), statistics.median(ts["gemm"])
+    print(f"{args.engine} int4 prefill of {args.tokens} tokens: kernel {args.tokens / a:.1f} tok/s, "
+          f"gemm {args.tokens / b:.1f} tok/s, gemm / kernel time {b / a:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -166,6 +166,21 @@ def test_int4_prefill_bench_runs(capsys):
     assert out.count("kernel / gemm") == 2 and "[128 x 256] 40 rows" in out, out
 
 
+def test_int4_prefill_bench_engine_runs(capsys, tmp_path):
+    """bench/int4_prefill.py --engine: whole int4 prefills, the kernel rule and the GEMM
+    alternating; the rule is restored afterwards."""
+    from qwen35.quant import matmul
+    from tiny import save_checkpoint
+
+    native_or_skip(gemv.INT4, "the int4 kernel")
+    rule = matmul.int4_prefill_in_kernel
+    save_checkpoint(tmp_path, dtype=torch.bfloat16, moe=False, intermediate_size=128)
+    _load("int4_prefill").main(["--engine", str(tmp_path / "config.json"), "--tokens", "40",
+                                "--rounds", "2", "--threads", "1"])  # fmt: skip
+    assert "gemm / kernel time" in capsys.readouterr().out
+    assert matmul.int4_prefill_in_kernel is rule
+
+
 def test_int6_head_bench_runs(capsys):
     """bench/int6_head.py: the int6 head against the int8 one, a line per shape and row count."""
     native_or_skip(gemv.INT6, "the int6 kernel")
