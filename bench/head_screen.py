@@ -1,7 +1,7 @@
 """CPU decode steps with and without the int8 screen of lm_head, interleaved in one run.
 
     python bench/head_screen.py [--formats fp32 bf16] [--rounds 6] [--steps 32] [--threads N]
-                                [--batch B] [--top-k K] [--head-only]
+                                [--batch B] [--top-k K] [--head-only] [--rescore]
 
 Qwen3.5-0.8B config, random weights, one engine per format (models/head_screen.py built by the
 engine); the same decode steps (128-token prompts; greedy, or with `--top-k K` seeded samples
@@ -11,7 +11,9 @@ memory bandwidth's drift hits both alike. Also the head's build time, its bytes,
 screen's candidates per step. Medians of the steps' wall times; the tokens of both modes must be
 equal (the run stops otherwise). Writes bench/results/head_screen.json. `--head-only`: the head
 alone at 1-16 rows (what SCREEN_MAX_ROWS in models/head_screen.py is set from): the full head, the
-screen (kernels/head_screen_cpu.cpp) and the screen through its PyTorch twin.
+screen (kernels/head_screen_cpu.cpp), the same with the kernel's VNNI dots one input row at a
+time (as before 4-16 rows went into a vector's lanes) and the screen through its PyTorch twin.
+`--rescore`: the exact logits of 4,096-16,384 candidates (the screen's second half) alone.
 """
 
 from __future__ import annotations
@@ -71,9 +73,19 @@ def head_only(fmt: str, rounds: int) -> dict:
         finally:
             gemv.load_screen = kernel
 
+    def rowwise(x, ks):  # the kernel's one-input-row-at-a-time dots at every row count
+        mod = kernel()
+        old = mod.set_lanes_min_rows(99)
+        try:
+            return head._exact(x, ks)
+        finally:
+            mod.set_lanes_min_rows(old)
+
     evict = [torch.randn(V, K // 2) for _ in range(2)]  # 1 GB read between calls
     out = {}
     calls = {"full": lambda x, ks: linear(x, w), "screen": head._exact, "twin": twin}
+    if kernel() is not None and kernel().vnni():
+        calls["rowwise"] = rowwise
     for M in (1, 2, 4, 8, 16):
         if M > GEMV_MAX_ROWS[rows]:
             break
@@ -90,7 +102,40 @@ def head_only(fmt: str, rounds: int) -> dict:
         out[M] = med
         print(f"{fmt} head alone, {M} rows: full {med['full']:.2f} ms, screen {med['screen']:.2f}"
               f" ({med['full'] / med['screen']:.2f}x), its PyTorch twin {med['twin']:.2f}"
-              f" (kernel {med['twin'] / med['screen']:.2f}x)")  # fmt: skip
+              f" (kernel {med['twin'] / med['screen']:.2f}x)"
+              + (f", its row-by-row VNNI dots {med['rowwise']:.2f}" if "rowwise" in med else ""))  # fmt: skip
+    return out
+
+
+def rescore(fmt: str, rounds: int) -> dict:
+    """The screen's second half alone: the exact logits of C candidates (their weight rows
+    gathered, then the GEMV kernel) at the most rows the screen takes, the rows gathered into
+    HeadScreen's reused buffer vs a fresh tensor each call, alternating; the full head beside."""
+    from qwen35.layers.linear import linear
+    from qwen35.models.head_screen import SCREEN_MAX_ROWS
+
+    dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+    V, K = 248320, 1024
+    w = (torch.randn(V, K) * 0.02).to(dtype)
+    head = HeadScreen(w)
+    M = min(head.max_rows, SCREEN_MAX_ROWS[dtype])
+    x = torch.randn(M, K).to(dtype)
+    out = {}
+    for C in (4096, 8192, 16384):
+        cand = torch.randperm(V)[:C].sort().values
+        calls = {"reused": lambda cand=cand: linear(x, head._gather(cand)),
+                 "fresh": lambda cand=cand: linear(x, w.index_select(0, cand)),
+                 "full": lambda: linear(x, w)}  # fmt: skip
+        ms: dict[str, list[float]] = {m: [] for m in calls}
+        for _ in range(rounds):
+            for mode, call in calls.items():
+                t0 = time.perf_counter()
+                call()
+                ms[mode].append(time.perf_counter() - t0)
+        med = {m: statistics.median(v) * 1e3 for m, v in ms.items()}
+        out[C] = med
+        print(f"{fmt}, {M} rows, {C} candidates: exact logits {med['reused']:.2f} ms (a fresh "
+              f"gather {med['fresh']:.2f}); the full head {med['full']:.2f}")  # fmt: skip
     return out
 
 
@@ -104,8 +149,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     ap.add_argument("--top-k", type=int, default=0, help="sampled rows with this top_k")
     ap.add_argument("--head-only", action="store_true", help="time the head alone, 1-16 rows")
+    ap.add_argument("--rescore", action="store_true",
+                    help="time the exact logits of 4K-16K candidates alone")  # fmt: skip
     args = ap.parse_args()
     results = {}
+    if args.rescore:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        for f in args.formats:
+            rescore(f, args.rounds)
+        return
     if args.head_only:
         torch.set_num_threads(args.threads or torch.get_num_threads())
         doc = {f: head_only(f, args.rounds) for f in args.formats}

@@ -89,6 +89,50 @@ def test_fp32_rows_on_a_bf16_head(K):
         HeadScreen(w.float(), torch.bfloat16)
 
 
+def _vnni_values_reference(x: torch.Tensor, head: HeadScreen) -> torch.Tensor:
+    """The VNNI screen's values in float64: each input row rounded to int8 per block of 64
+    (scale amax / 127, round half to even), exact integer dots, scaled per block and per row."""
+    M, K = x.shape
+    nb = -(-K // 64)
+    xp = torch.zeros(M, nb * 64)
+    xp[:, :K] = x
+    xb = xp.view(M, nb, 64)
+    xs = xb.abs().amax(dim=2) / 127  # [M, nb] fp32, as the kernel divides
+    xq = torch.where(xs[..., None] > 0, (xb / xs[..., None]).clamp(-127, 127).round(), 0.0)
+    qp = torch.zeros(len(head.q), nb * 64, dtype=torch.float64)
+    qp[:, :K] = head.q.double()
+    dots = torch.einsum("mbk,vbk->mvb", xq.double(), qp.view(-1, nb, 64))  # exact integers
+    return (dots * xs.double()[:, None, :]).sum(dim=2) * head.scale.double()  # [M, V]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 16])
+def test_vnni_dot_layouts_equal_the_exact_screen(rows, screen_path):
+    """kernels/head_screen_cpu.cpp's VNNI dots: one input row at a time (1-3 rows), 4-8 rows in
+    a vector's lanes two head rows at a time (dot_pairs), 9-16 one head row at a time
+    (dot_lanes): each gives the screen values of the exact integer sums (float64 reference)
+    within fp32 rounding, with the row-by-row path forced as well; V not a multiple of 8 (a
+    chunk's last rows take the one-row pass), a partial last block, outlier channels."""
+    if screen_path != "kernel":
+        pytest.skip("the VNNI kernel's own layouts (the other paths: the tests above)")
+    mod = gemv.load_screen()
+    V, K = 2053, 200
+    head = HeadScreen(_weights(V, K, torch.float32, seed=9))
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(rows, K, generator=g) * torch.logspace(-2, 1, rows)[:, None]
+    x[:, [3, 150]] *= 50
+    want = _vnni_values_reference(x, head)
+    tol = 1e-5 * float(want.abs().max())
+    old = mod.set_lanes_min_rows(99)  # row by row
+    try:
+        for lanes_from in (99, 1, old):
+            mod.set_lanes_min_rows(lanes_from)
+            got = mod.values(x, head.q, head.scale, False).double()
+            assert (got - want).abs().max() <= tol, (lanes_from, float((got - want).abs().max()))
+    finally:
+        mod.set_lanes_min_rows(old)
+    assert head.tokens(x) == full_argmax(head.weight, x)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_outlier_channels_and_tiny_rows(dtype):
     """Input rows with a few channels 100x the rest (as final-norm outputs have): still the full

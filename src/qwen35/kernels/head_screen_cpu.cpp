@@ -32,6 +32,7 @@
 #include <functional>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #define TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
@@ -39,6 +40,20 @@
 namespace {
 
 constexpr int64_t kBlock = 64;
+constexpr int kLanesNV = 8;          // head rows a dot_lanes pass
+constexpr int64_t kLanesMinRows = 4;  // input rows from which the lanes layout runs (VNNI)
+constexpr int64_t kLanesMaxRows = 16;
+int64_t lanes_min_rows = kLanesMinRows;  // set_lanes_min_rows: tests and bench/head_screen.py
+
+// VNNI, 2 to kLanesMaxRows input rows: the rows in the lanes of one vector (dot_lanes)
+// Up to 8 rows: two head rows a vector (lanes 0-7: head row v's input rows, 8-15: v + 1's),
+// the input rows' part repeated in both halves.
+struct Lanes {
+  bool pairs = false;        // M <= 8: two head rows a vector
+  std::vector<int8_t> xt;    // [nb, 16 quads, 16 lanes, 4 bytes] (rows >= M zero)
+  std::vector<int32_t> neg;  // [nb, 16]: each row's block correction (its 16 negcor lanes)
+  std::vector<float> xs;     // [nb, 16]
+};
 
 struct Rows {  // the input rows, rounded to integers
   int64_t M, K;
@@ -49,6 +64,8 @@ struct Rows {  // the input rows, rounded to integers
   std::vector<float> xs;        // VNNI: [M, nb]
   gemv_rows::RowsI16 i16;       // AVX2: linear_int8's rounding
   std::vector<float> xn, xe;    // [M]: ||x||, ||x - x^|| (rounded up)
+  bool use_lanes = false;       // VNNI rows also laid out for dot_lanes
+  Lanes L;
 };
 
 void set_norms(Rows& r, int64_t m, double n2, double e2) {
@@ -165,6 +182,113 @@ TARGET_VNNI void dot_row_rows(const Rows& r, int64_t m0, const int8_t* w, float 
   for (int i = 0; i < MR; ++i) s[m0 + i] = _mm512_reduce_add_ps(acc[i]) * scale;
 }
 
+// 2 to 16 input rows (VNNI): the rows in the lanes of one vector instead, so that one vpdpbusd
+// gives 16 rows' dots of 4 inputs (one head row's 4 bytes broadcast) and a block's int32 sums
+// are scaled once for all rows (struct Lanes).
+// Per (row, block) the same exact int32 sum as dot_row's lanes give together; in fp32 one term
+// a block instead of 16 (the bound covers any order of at most K terms).
+void build_lanes(Rows& r) {
+  Lanes& L = r.L;
+  r.use_lanes = true;
+  L.pairs = r.M <= 8;
+  L.xt.assign(r.nb * 16 * 64, 0);
+  L.neg.assign(r.nb * 16, 0);
+  L.xs.assign(r.nb * 16, 0.f);
+  for (int64_t m = 0; m < r.M; ++m)
+    for (int64_t b = 0; b < r.nb; ++b) {
+      const int8_t* q = r.xq.data() + (m * r.nb + b) * kBlock;
+      const int32_t* c = r.negcor.data() + (m * r.nb + b) * 16;
+      int32_t neg = 0;
+      for (int l = 0; l < 16; ++l) neg += c[l];
+      for (const int64_t lane : {m, m + 8}) {
+        if (lane != m && !L.pairs) break;
+        for (int64_t j = 0; j < 16; ++j)
+          for (int t = 0; t < 4; ++t) L.xt[((b * 16 + j) * 16 + lane) * 4 + t] = q[j * 4 + t];
+        L.neg[b * 16 + lane] = neg;
+        L.xs[b * 16 + lane] = r.xs[m * r.nb + b];
+      }
+    }
+}
+
+// NV consecutive head rows (w: the first, K bytes each) against every input row: tile [NV][16]
+// (lane m: input row m, already times the head row's scale). Each weight block is flipped to
+// unsigned once into wb, whose 4-byte groups are broadcast to the vpdpbusd of all 16 rows.
+template <int NV>
+TARGET_VNNI void dot_lanes(const Rows& r, const Lanes& L, const int8_t* w, const float* scale,
+                           float* tile) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t K = r.K, full = K / kBlock;
+  const __mmask64 tail = K % kBlock ? (~0ull >> (kBlock - K % kBlock)) : 0;
+  __m512 f[NV];
+  for (int v = 0; v < NV; ++v) f[v] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < r.nb; ++b) {
+    __m512i a[NV], wf[NV];
+    const __m512i neg = _mm512_loadu_si512(L.neg.data() + b * 16);
+    for (int v = 0; v < NV; ++v) {
+      const int8_t* p = w + v * K + b * kBlock;
+      // the next pass's rows (NV K bytes on), in order: a line a head row and block
+      _mm_prefetch(reinterpret_cast<const char*>(w + NV * K + (b * NV + v) * kBlock), _MM_HINT_T0);
+      const __m512i wv = b < full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(tail, p);
+      wf[v] = _mm512_xor_si512(wv, flip);
+      a[v] = neg;
+    }
+    const int8_t* xb = L.xt.data() + b * 16 * 64;
+    for (int j = 0; j < 16; ++j) {
+      const __m512i xv = _mm512_loadu_si512(xb + j * 64);
+      const __m512i idx = _mm512_set1_epi32(j);
+      for (int v = 0; v < NV; ++v)
+        a[v] = _mm512_dpbusd_epi32(a[v], _mm512_permutexvar_epi32(idx, wf[v]), xv);
+    }
+    const __m512 xs = _mm512_loadu_ps(L.xs.data() + b * 16);
+    for (int v = 0; v < NV; ++v) f[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[v]), xs, f[v]);
+  }
+  for (int v = 0; v < NV; ++v)
+    _mm512_store_ps(tile + v * 16, _mm512_mul_ps(f[v], _mm512_set1_ps(scale[v])));
+}
+
+// dot_lanes for up to 8 input rows: NP pairs of head rows (2 NP consecutive rows from w), each
+// pair in one vector (Lanes::pairs), its two weight blocks' 4-byte groups broadcast into the two
+// halves by one two-source permute. Half the vpdpbusd of dot_lanes, the same per-row sums.
+template <int NP>
+TARGET_VNNI void dot_pairs(const Rows& r, const Lanes& L, const int8_t* w, const float* scale,
+                           float* tile) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t K = r.K, full = K / kBlock;
+  const __mmask64 tail = K % kBlock ? (~0ull >> (kBlock - K % kBlock)) : 0;
+  __m512 f[NP];
+  for (int p = 0; p < NP; ++p) f[p] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < r.nb; ++b) {
+    __m512i a[NP], wf[2 * NP];
+    const __m512i neg = _mm512_loadu_si512(L.neg.data() + b * 16);
+    for (int v = 0; v < 2 * NP; ++v) {
+      const int8_t* p = w + v * K + b * kBlock;
+      _mm_prefetch(reinterpret_cast<const char*>(w + 2 * NP * K + (b * 2 * NP + v) * kBlock),
+                   _MM_HINT_T0);
+      const __m512i wv = b < full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(tail, p);
+      wf[v] = _mm512_xor_si512(wv, flip);
+    }
+    for (int p = 0; p < NP; ++p) a[p] = neg;
+    const int8_t* xb = L.xt.data() + b * 16 * 64;
+    for (int j = 0; j < 16; ++j) {
+      const __m512i xv = _mm512_loadu_si512(xb + j * 64);
+      // lanes 0-7: group j of the first block, 8-15: group j of the second (index bit 4)
+      const __m512i idx = _mm512_mask_set1_epi32(_mm512_set1_epi32(j), 0xFF00, 16 + j);
+      for (int p = 0; p < NP; ++p)
+        a[p] = _mm512_dpbusd_epi32(a[p], _mm512_permutex2var_epi32(wf[2 * p], idx, wf[2 * p + 1]),
+                                   xv);
+    }
+    const __m512 xs = _mm512_loadu_ps(L.xs.data() + b * 16);
+    for (int p = 0; p < NP; ++p) f[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[p]), xs, f[p]);
+  }
+  for (int p = 0; p < NP; ++p) {
+    const __m512 sc =
+        _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(scale[2 * p]), _mm512_set1_ps(scale[2 * p + 1]));
+    const __m512 y = _mm512_mul_ps(f[p], sc);
+    _mm256_store_ps(tile + 2 * p * 16, _mm512_castps512_ps256(y));
+    _mm256_store_ps(tile + (2 * p + 1) * 16, _mm512_extractf32x8_ps(y, 1));
+  }
+}
+
 // The bound of 8 head rows v..v+7 against input row m (s: their screen values)
 inline __m256 bound8(const Rows& r, int64_t m, const float* E, const float* NQ, const float* TI,
                      __m256 s) {
@@ -209,10 +333,25 @@ void dot_head_row(const Rows& r, const Head& h, int64_t v, float* one) {
 // chunk c: the screen values into s [M, ld] and each input row's max(s - b) into best [M]
 void dot_chunk(const Rows& r, const Head& h, int64_t c, float* s, int64_t ld, float* best) {
   const int64_t M = r.M, v0 = c * kGrain, v1 = std::min(h.V, v0 + kGrain);
-  float one[64];
-  for (int64_t v = v0; v < v1; ++v) {
-    dot_head_row(r, h, v, one);
-    for (int64_t m = 0; m < M; ++m) s[m * ld + v] = one[m];
+  if (r.use_lanes) {
+    alignas(64) float tile[kLanesNV * 16];
+    for (int64_t v = v0; v < v1;) {
+      const int nv = v + kLanesNV <= v1 ? kLanesNV : 1;
+      if (nv == 1)  // the chunk's last rows (V not a multiple of 8)
+        dot_lanes<1>(r, r.L, h.Q + v * r.K, h.S + v, tile);
+      else if (r.L.pairs)
+        dot_pairs<kLanesNV / 2>(r, r.L, h.Q + v * r.K, h.S + v, tile);
+      else
+        dot_lanes<kLanesNV>(r, r.L, h.Q + v * r.K, h.S + v, tile);
+      for (int i = 0; i < nv; ++i, ++v)
+        for (int64_t m = 0; m < M; ++m) s[m * ld + v] = tile[i * 16 + m];
+    }
+  } else {
+    float one[64];
+    for (int64_t v = v0; v < v1; ++v) {
+      dot_head_row(r, h, v, one);
+      for (int64_t m = 0; m < M; ++m) s[m * ld + v] = one[m];
+    }
   }
   for (int64_t m = 0; m < M; ++m) {
     const float* sm = s + m * ld;
@@ -330,6 +469,19 @@ torch::Tensor screen_impl(const Rows& r, const Head& h, const std::vector<int64_
 
 bool vnni() { return cpu_isa::avx512_vnni(); }
 
+int64_t set_lanes_min_rows(int64_t n) {
+  const int64_t old = lanes_min_rows;
+  lanes_min_rows = n;
+  return old;
+}
+
+Rows rows_for(const torch::Tensor& x, bool avx2_only) {
+  Rows r = vnni() && !avx2_only ? quantise_vnni(x.data_ptr<float>(), x.size(0), x.size(1))
+                                : quantise_i16(x.data_ptr<float>(), x.size(0), x.size(1));
+  if (r.vnni && r.M >= lanes_min_rows && r.M <= kLanesMaxRows) build_lanes(r);
+  return r;
+}
+
 torch::Tensor screen(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                      const torch::Tensor& err, const torch::Tensor& nq, const torch::Tensor& tiny,
                      const std::vector<int64_t>& ks, bool rounded, int64_t limit, bool avx2_only) {
@@ -343,14 +495,39 @@ torch::Tensor screen(const torch::Tensor& x, const torch::Tensor& q, const torch
   TORCH_CHECK(x.size(0) <= 64, "head screen: at most 64 input rows");
   TORCH_CHECK(static_cast<int64_t>(ks.size()) == x.size(0), "head screen: one k per input row");
   for (const int64_t k : ks) TORCH_CHECK(k >= 1, "head screen: k >= 1");
-  const Rows r = vnni() && !avx2_only ? quantise_vnni(x.data_ptr<float>(), x.size(0), x.size(1))
-                                      : quantise_i16(x.data_ptr<float>(), x.size(0), x.size(1));
+  const Rows r = rows_for(x, avx2_only);
   const Head h{q.data_ptr<int8_t>(), scale.data_ptr<float>(), err.data_ptr<float>(),
                nq.data_ptr<float>(), tiny.data_ptr<float>(), V};
   return screen_impl(r, h, ks, rounded, limit);
 }
 
+// The screen values s [M, V] alone (no bound): tests compare the dot layouts with them
+torch::Tensor values(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                     bool avx2_only) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  x.size(0) <= 64, "x [M <= 64, K] fp32");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() &&
+                  q.size(1) == x.size(1) && scale.numel() == q.size(0) &&
+                  scale.scalar_type() == at::kFloat && scale.is_contiguous(), "q [V, K], scale [V]");
+  const Rows r = rows_for(x, avx2_only);
+  const int64_t V = q.size(0), M = r.M, chunks = (V + kGrain - 1) / kGrain, ld = chunks * kGrain;
+  const std::vector<float> zeros(ld, 0.f);
+  const Head h{q.data_ptr<int8_t>(), scale.data_ptr<float>(), zeros.data(), zeros.data(),
+               zeros.data(), V};
+  std::vector<float> s(M * ld), best(chunks * M);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) dot_chunk(r, h, c, s.data(), ld, best.data() + c * M);
+  });
+  auto out = torch::empty({M, V}, torch::kFloat32);
+  for (int64_t m = 0; m < M; ++m)
+    std::copy(s.begin() + m * ld, s.begin() + m * ld + V, out.data_ptr<float>() + m * V);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vnni", &vnni, "this CPU has AVX512-VNNI (the screen's int8 x int8 dots run here)");
+  m.def("set_lanes_min_rows", &set_lanes_min_rows,
+        "input rows from which VNNI screens take the lanes layout (> 16: never); returns the old");
+  m.def("values", &values, "the screen values [M, V] alone (tests)");
   m.def("screen", &screen, "head_screen.py's candidates: int8 screen of lm_head + bounds");
 }

@@ -27,7 +27,7 @@ logits row that is -inf outside the candidates (`logits`): the sampler's top-k m
 exactly what it leaves of the full row, so its draw is the same, seeded or not. bf16 heads round
 the logits: tokens that can round to the same value as the k-th are kept too.
 tests/test_head_screen.py also breaks it on purpose (ties, rounded ties, a row the int8 screen
-ranks wrong). When the screen cannot decide cheaply (more than MAX_CANDIDATES tokens left, a
+ranks wrong). When the screen cannot decide cheaply (more than max_candidates tokens left, a
 non-finite input) both return None and the caller computes the full logits.
 
 Only rows that need nothing else use it (engine/model_runner.py `screen_k`: no logprobs,
@@ -45,14 +45,25 @@ import torch
 from qwen35.layers.linear import GEMV_MAX_ROWS, Linear, linear
 from qwen35.quant.formats import INT8_X_GROUP, INT8_X_MAX, quantize_rows_i16
 
-MAX_CANDIDATES = 4096  # more tokens left after the screen: the full head is as cheap
-# Rows up to which the screen beats the full head: the int8 screen's work grows with the rows
-# (its byte dot products run per input row) while the bf16 GEMV's row groups share their weight
-# loads. `python bench/head_screen.py --head-only --rounds 5 --threads 2` (the 0.8B's head, caches
-# cold, Zen 5 VM): bf16 full vs screen 11.5 / 6.9 ms at 1 row, 14.8 / 8.0 at 4, 16.5 / 21.3 at 8
-# (at 4 rows 0.95x when the VM's memory was faster, before the kernel shared weight loads
-# between rows); fp32 2.8-3.4x at 1-16 rows. The exact rows also need layers.linear's GEMV path.
-SCREEN_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 4}
+MAX_CANDIDATES = 4096  # per 4 input rows (max_candidates): more left after the screen, full head
+# The exact logits of C candidates cost their weight rows' gather and a C-row product: `python
+# bench/head_screen.py --rescore` (the 0.8B's head, Zen 5 VM, 2 threads): bf16 at 8 rows 0.6 /
+# 1.5 / 3.5 ms for 4,096 / 8,192 / 16,384 candidates, the full head 15 ms; fp32 at 16 rows 2.2 /
+# 4.5 / 9.9 against 64-74 ms. Gathered into a reused buffer: a fresh one of 32 MB or more met
+# page faults, ~8 ms more a call.
+# Rows up to which the screen beats the full head (and the exact rows take layers.linear's GEMV
+# kernel, as the full head does: bf16 up to 8 rows). `python bench/head_screen.py --head-only
+# --rounds 5 --threads 2` (the 0.8B's head, caches cold, Zen 5 VM), bf16 full vs screen: 11.5 /
+# 6.9 ms at 1 row, 14.8 / 8.0 at 4; at 8 rows 16.5 / 21.3 before the VNNI kernel put 4-16 input
+# rows in a vector's lanes (kernels/head_screen_cpu.cpp dot_pairs / dot_lanes), 15 / ~7 after;
+# fp32 2.8-3.4x at 1-16 rows before, (numbers in README "Head screen past 4 rows").
+SCREEN_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
+
+
+def max_candidates(rows: int) -> int:
+    return MAX_CANDIDATES * max(1, -(-rows // 4))
+
+
 MAX_TOP_K = 256  # sampled rows with a larger top_k read the full head
 _BUILD_ROWS = 16384  # rows of the head quantised at a time (bounded temporary memory)
 
@@ -142,7 +153,7 @@ class HeadScreen:
             return self.candidates_reference(x, ks)
         cand = mod.screen(
             x.float().contiguous(), self.q, self.scale, self.err, self.nq, self.tiny, list(ks),
-            self.rounded_output, MAX_CANDIDATES, self.avx2_only,
+            self.rounded_output, max_candidates(len(x)), self.avx2_only,
         )  # fmt: skip
         return cand if len(cand) else None
 
@@ -178,7 +189,7 @@ class HeadScreen:
             best = best - best.abs() * 2.0**-6
         keep = (s + b >= best).any(dim=0)  # [V]
         cand = keep.nonzero().flatten()
-        return cand if len(cand) <= MAX_CANDIDATES else None
+        return cand if len(cand) <= max_candidates(len(x)) else None
 
     # ---- what the runner calls -------------------------------------------------------------
     def _exact(self, x: torch.Tensor, ks: list[int]):
@@ -197,10 +208,20 @@ class HeadScreen:
         cand = self.candidates(x, ks)
         if cand is None:
             return None
-        exact = linear(x.contiguous(), self.weight.index_select(0, cand)).float()  # [S, C]
+        exact = linear(x.contiguous(), self._gather(cand)).float()  # [S, C]
         if not bool(torch.isfinite(exact).all()):
             return None  # the full path's NaN / inf handling decides
         return cand, exact
+
+    def _gather(self, cand: torch.Tensor) -> torch.Tensor:
+        """The candidates' weight rows [C, K], in a buffer kept for the next step (grown to the
+        most candidates seen; consumed by the product right after)."""
+        n, K = len(cand), self.weight.shape[1]
+        buf = getattr(self, "_rows", None)
+        if buf is None or buf.shape[0] < n:
+            with torch.inference_mode(False):  # writable in and out of inference mode
+                buf = self._rows = torch.empty(n, K, dtype=self.weight.dtype)
+        return torch.index_select(self.weight, 0, cand, out=buf[:n])
 
     def tokens(self, x: torch.Tensor) -> list[int] | None:
         """Normed hidden rows x [S, K] (the head's input, its dtype) -> each row's greedy token
