@@ -55,8 +55,8 @@ MAX_CANDIDATES = 4096  # per 4 input rows (max_candidates): more left after the 
 # kernel, as the full head does: bf16 up to 8 rows). `python bench/head_screen.py --head-only
 # --rounds 5 --threads 2` (the 0.8B's head, caches cold, Zen 5 VM), bf16 full vs screen: 11.5 /
 # 6.9 ms at 1 row, 14.8 / 8.0 at 4; at 8 rows 16.5 / 21.3 before the VNNI kernel put 4-16 input
-# rows in a vector's lanes (kernels/head_screen_cpu.cpp dot_pairs / dot_lanes), 15 / ~7 after;
-# fp32 2.8-3.4x at 1-16 rows before, (numbers in README "Head screen past 4 rows").
+# rows in a vector's lanes (kernels/head_screen_cpu.cpp dot_pairs / dot_lanes), 13.4 / 8.4 after;
+# fp32 at 16 rows 66 / 17 ms (43.8 before). README "Head screen past 4 rows".
 SCREEN_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
 
 
