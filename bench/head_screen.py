@@ -1,12 +1,13 @@
 """CPU decode steps with and without the int8 screen of lm_head, interleaved in one run.
 
     python bench/head_screen.py [--formats fp32 bf16] [--rounds 6] [--steps 32] [--threads N]
-                                [--batch B] [--top-k K] [--head-only] [--rescore]
+                                [--batch B] [--top-k K] [--gemm] [--head-only] [--rescore]
 
 Qwen3.5-0.8B config, random weights, one engine per format (models/head_screen.py built by the
 engine); the same decode steps (128-token prompts; greedy, or with `--top-k K` seeded samples
 at temperature 0.7, top_k K, top_p 0.8) run with the screen (`screen`) and with
-the whole head (`full`: `runner.head_screen` set to None), alternating every round, so the
+the whole head (`full`: `runner.head_screen` set to None; `--gemm` adds the whole head through
+torch's GEMM past 8 bf16 rows, as before layers.linear.head_linear), alternating every round, so the
 memory bandwidth's drift hits both alike. Also the head's build time, its bytes, and the
 screen's candidates per step. Medians of the steps' wall times; the tokens of both modes must be
 equal (the run stops otherwise). Writes bench/results/head_screen.json. `--head-only`: the head
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine
+from qwen35.layers.linear import HEAD_GEMV_MAX_ROWS
 from qwen35.models.head_screen import HeadScreen
 from qwen35.request import SamplingParams
 
@@ -55,15 +57,17 @@ def head_only(fmt: str, rounds: int) -> dict:
     screen + exact rows (HeadScreen.tokens) vs the same through the screen's PyTorch twin
     (`candidates_reference`: `twin`), 1-16 rows, caches evicted before every call. fmt
     "bf16:fp32": a bf16 head under fp32 rows (--dtype auto on CPUs without native bf16)."""
+    import torch.nn.functional as F
+
     from qwen35.kernels import gemv
-    from qwen35.layers.linear import GEMV_MAX_ROWS, linear
+    from qwen35.layers.linear import head_linear
 
     dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
     rows = torch.float32 if fmt in ("fp32", "bf16:fp32") else torch.bfloat16
     V, K = 248320, 1024
     w = (torch.randn(V, K) * 0.02).to(dtype)
     head = HeadScreen(w, rows)
-    head.max_rows = GEMV_MAX_ROWS[rows]  # past SCREEN_MAX_ROWS too: that is what is measured
+    head.max_rows = 16  # past SCREEN_MAX_ROWS too: that is what is measured
     kernel = gemv.load_screen
 
     def twin(x, ks):
@@ -83,12 +87,13 @@ def head_only(fmt: str, rounds: int) -> dict:
 
     evict = [torch.randn(V, K // 2) for _ in range(2)]  # 1 GB read between calls
     out = {}
-    calls = {"full": lambda x, ks: linear(x, w), "screen": head._exact, "twin": twin}
+    # full: what the engine's head runs (bf16 past 8 rows: the GEMV kernel 8 rows a call); gemm:
+    # torch's GEMM, which bf16 rows past 8 took before
+    calls = {"full": lambda x, ks: head_linear(x, w), "screen": head._exact, "twin": twin,
+             "gemm": lambda x, ks: F.linear(x, w)}  # fmt: skip
     if kernel() is not None and kernel().vnni():
         calls["rowwise"] = rowwise
     for M in (1, 2, 4, 8, 16):
-        if M > GEMV_MAX_ROWS[rows]:
-            break
         x = torch.randn(M, K).to(rows)
         ms: dict[str, list[float]] = {m: [] for m in calls}
         for _ in range(rounds):
@@ -103,7 +108,8 @@ def head_only(fmt: str, rounds: int) -> dict:
         print(f"{fmt} head alone, {M} rows: full {med['full']:.2f} ms, screen {med['screen']:.2f}"
               f" ({med['full'] / med['screen']:.2f}x), its PyTorch twin {med['twin']:.2f}"
               f" (kernel {med['twin'] / med['screen']:.2f}x)"
-              + (f", its row-by-row VNNI dots {med['rowwise']:.2f}" if "rowwise" in med else ""))  # fmt: skip
+              + (f", its row-by-row VNNI dots {med['rowwise']:.2f}" if "rowwise" in med else "")
+              + f"; torch's GEMM {med['gemm']:.2f}")  # fmt: skip
     return out
 
 
@@ -149,6 +155,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     ap.add_argument("--top-k", type=int, default=0, help="sampled rows with this top_k")
     ap.add_argument("--head-only", action="store_true", help="time the head alone, 1-16 rows")
+    ap.add_argument("--gemm", action="store_true",
+                    help="a third mode: the full head through torch's GEMM past 8 bf16 rows")
     ap.add_argument("--rescore", action="store_true",
                     help="time the exact logits of 4K-16K candidates alone")  # fmt: skip
     args = ap.parse_args()
@@ -190,17 +198,22 @@ def main() -> None:
         head.tokens, head.logits = counted(head.tokens), counted(head.logits)
 
         _steps(engine, 4, "warm", args.batch, args.top_k)
-        times: dict[str, list[float]] = {m: [] for m in MODES}
+        modes = MODES + (("gemm",) if args.gemm else ())
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        kernel_rows = dict(HEAD_GEMV_MAX_ROWS)
         for r in range(args.rounds):
             toks = {}
-            for mode in MODES if r % 2 == 0 else MODES[::-1]:
+            for mode in modes if r % 2 == 0 else modes[::-1]:
                 engine.runner.head_screen = head if mode == "screen" else None
+                HEAD_GEMV_MAX_ROWS.clear()  # gemm: bf16 rows past 8 through torch's GEMM
+                HEAD_GEMV_MAX_ROWS.update({} if mode == "gemm" else kernel_rows)
                 rid = f"{fmt}-{r}-{mode}"
                 t, toks[mode] = _steps(engine, args.steps, rid, args.batch, args.top_k)
                 times[mode] += t
             if toks["full"] != toks["screen"]:
                 raise SystemExit(f"{fmt}: the screen changed the tokens: {toks}")
         engine.runner.head_screen = head
+        HEAD_GEMV_MAX_ROWS.update(kernel_rows)
         med = {m: statistics.median(t) * 1e3 for m, t in times.items()}
         results[fmt] = {
             "median_step_ms": med,
@@ -212,6 +225,8 @@ def main() -> None:
             "candidates_random_row": cands,
             "screen_decided": sum(decided) / max(1, len(decided)),
         }
+        if "gemm" in med:
+            print(f"{fmt}: the full head through torch's GEMM past 8 bf16 rows {med['gemm']:.2f}")
         print(f"{fmt}: median step ms full {med['full']:.2f}, screen {med['screen']:.2f} "
               f"({med['full'] / med['screen']:.3f}x); screen {head.nbytes / 2**20:.0f} MiB "
               f"built in {build_s:.2f} s; {cands} candidates for a random row; the screen "

@@ -12,7 +12,7 @@ import torch
 
 from qwen35.engine.sampler import argmax
 from qwen35.kernels import gemv
-from qwen35.layers.linear import linear
+from qwen35.layers.linear import head_linear, linear
 from qwen35.models import head_screen
 from qwen35.models.head_screen import HeadScreen
 from qwen35.request import SamplingParams
@@ -43,8 +43,8 @@ def screen_path(request, monkeypatch):
 
 
 def full_argmax(w: torch.Tensor, x: torch.Tensor) -> list[int]:
-    """What the engine does without the screen: the full head, then the sampler's argmax."""
-    return argmax(linear(x, w).float()).tolist()
+    """What the engine does without the screen: the full head (head_linear), then the argmax."""
+    return argmax(head_linear(x, w).float()).tolist()
 
 
 def _weights(V: int, K: int, dtype, seed: int = 0) -> torch.Tensor:
@@ -87,50 +87,6 @@ def test_fp32_rows_on_a_bf16_head(K):
     assert head.tokens(torch.randn(1, K, generator=g).bfloat16()) is None
     with pytest.raises(ValueError):
         HeadScreen(w.float(), torch.bfloat16)
-
-
-def _vnni_values_reference(x: torch.Tensor, head: HeadScreen) -> torch.Tensor:
-    """The VNNI screen's values in float64: each input row rounded to int8 per block of 64
-    (scale amax / 127, round half to even), exact integer dots, scaled per block and per row."""
-    M, K = x.shape
-    nb = -(-K // 64)
-    xp = torch.zeros(M, nb * 64)
-    xp[:, :K] = x
-    xb = xp.view(M, nb, 64)
-    xs = xb.abs().amax(dim=2) / 127  # [M, nb] fp32, as the kernel divides
-    xq = torch.where(xs[..., None] > 0, (xb / xs[..., None]).clamp(-127, 127).round(), 0.0)
-    qp = torch.zeros(len(head.q), nb * 64, dtype=torch.float64)
-    qp[:, :K] = head.q.double()
-    dots = torch.einsum("mbk,vbk->mvb", xq.double(), qp.view(-1, nb, 64))  # exact integers
-    return (dots * xs.double()[:, None, :]).sum(dim=2) * head.scale.double()  # [M, V]
-
-
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 16])
-def test_vnni_dot_layouts_equal_the_exact_screen(rows, screen_path):
-    """kernels/head_screen_cpu.cpp's VNNI dots: one input row at a time (1-3 rows), 4-8 rows in
-    a vector's lanes two head rows at a time (dot_pairs), 9-16 one head row at a time
-    (dot_lanes): each gives the screen values of the exact integer sums (float64 reference)
-    within fp32 rounding, with the row-by-row path forced as well; V not a multiple of 8 (a
-    chunk's last rows take the one-row pass), a partial last block, outlier channels."""
-    if screen_path != "kernel":
-        pytest.skip("the VNNI kernel's own layouts (the other paths: the tests above)")
-    mod = gemv.load_screen()
-    V, K = 2053, 200
-    head = HeadScreen(_weights(V, K, torch.float32, seed=9))
-    g = torch.Generator().manual_seed(10)
-    x = torch.randn(rows, K, generator=g) * torch.logspace(-2, 1, rows)[:, None]
-    x[:, [3, 150]] *= 50
-    want = _vnni_values_reference(x, head)
-    tol = 1e-5 * float(want.abs().max())
-    old = mod.set_lanes_min_rows(99)  # row by row
-    try:
-        for lanes_from in (99, 1, old):
-            mod.set_lanes_min_rows(lanes_from)
-            got = mod.values(x, head.q, head.scale, False).double()
-            assert (got - want).abs().max() <= tol, (lanes_from, float((got - want).abs().max()))
-    finally:
-        mod.set_lanes_min_rows(old)
-    assert head.tokens(x) == full_argmax(head.weight, x)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -255,7 +211,7 @@ def test_topk_logits_keep_every_top_token_exactly(dtype):
         x = torch.randn(rows, K, generator=g).to(dtype)
         x[0] = (w[4000].float() * 3).to(dtype)  # row 0: the tied rows are its largest logits
         ks = [[1, 5, 20, 40, 41, 60, 256][i % 7] for i in range(rows)]
-        full = linear(x, w).float()
+        full = head_linear(x, w).float()
         screened = head.logits(x, ks)
         assert screened is not None
         _kept_exact(full, screened, ks)
@@ -280,7 +236,7 @@ def test_sampler_draws_the_same_from_screened_logits():
         x = torch.randn(len(kinds), K, generator=g) * (0.5 + trial / 10)
         ps = [SamplingParams(seed=trial * 10 + i, **kw) for i, kw in enumerate(kinds)]
         ks = [p.top_k or 1 for p in ps]
-        full = linear(x, w).float()
+        full = head_linear(x, w).float()
         screened = head.logits(x, ks)
         assert screened is not None
         draws = []
@@ -406,3 +362,17 @@ def test_plan_counts_the_screen(ckpt):
     assert abs(row["weights_bytes"]["bf16"] - held) / held < 0.01
     rd = row["decode_read_bytes_per_token"]
     assert rd["bf16"] - rd["bf16_greedy"] == cfg.vocab_size * cfg.hidden_size * 2 - head.nbytes
+
+
+def test_head_rows_past_the_bf16_kernel_limit():
+    """bf16 rows 9-16: head_linear runs the GEMV kernel 8 rows a call, so each row's logits are
+    the bits it gets alone (torch's GEMM at 16 rows gives no such promise), and the screen takes
+    those steps, its exact rows through the same call."""
+    w = _weights(3000, 96, torch.bfloat16, seed=11)
+    x = torch.randn(16, 96, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    for rows in (9, 12, 16):
+        alone = torch.cat([linear(x[i : i + 1], w) for i in range(rows)])
+        assert torch.equal(head_linear(x[:rows], w), alone)
+    head = HeadScreen(w)
+    assert head.max_rows == 16
+    assert head.tokens(x) == full_argmax(w, x)

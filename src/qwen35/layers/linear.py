@@ -93,6 +93,29 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+# lm_head rows past the bf16 GEMV kernel's 8 that still take it, 8 rows a call (head_linear)
+HEAD_GEMV_MAX_ROWS = {torch.bfloat16: 16}
+
+
+def head_linear(x: torch.Tensor, w: torch.Tensor, fn=None) -> torch.Tensor:
+    """`linear` for lm_head: bf16 rows past the GEMV kernel's limit, up to HEAD_GEMV_MAX_ROWS,
+    run it in chunks of that limit instead of torch's GEMM. Every output row is then the
+    kernel's, whatever the rows beside it, which the head screen's exact rows need to be the
+    full head's bits (models/head_screen.py), and a row's logits do not depend on the batch; at
+    16 rows of the 0.8B's head the chunks take about what the GEMM takes (`python
+    bench/head_screen.py --head-only`). fn: what computes a chunk (default `linear`; the
+    model passes lm_head itself, so adapters apply)."""
+    fn = fn or (lambda v: linear(v, w))
+    step = GEMV_MAX_ROWS.get(x.dtype, 0)
+    if (
+        x.dim() == 2
+        and step < x.shape[0] <= HEAD_GEMV_MAX_ROWS.get(x.dtype, 0)
+        and gemv_kernel_for(x[:step], w) is not None
+    ):
+        return in_chunks(fn, x.contiguous(), step)
+    return fn(x)
+
+
 def linear_many(xs: list, ws: list) -> torch.Tensor | None:
     """torch.cat([linear(x_i, w_i)]) for bf16 weights of one shape, bit for bit, in one kernel
     call (`linear_bf16_many`: a MoE layer's picked experts; bf16 rows, or fp32 rows on

@@ -20,9 +20,9 @@ its rows the same way on CPUs without AVX512), and tiny_v covers denormals flush
 With lo = screen - bound and hi = screen + bound, at least k tokens have a logit >= the k-th
 largest lo of the row, so every token among the k largest logits (ties included) has hi >= it.
 Those candidates (tens to hundreds of 248K) get their logits computed exactly as the full head
-computes them, through the same `layers.linear.linear` call on the same input rows, whose GEMV
-kernel gives every output from its own weight row and the input rows alone. Greedy rows take
-the first maximum among them: the full head's argmax, bit for bit (`tokens`). Other rows get a
+computes them, through the same `layers.linear.head_linear` call on the same input rows, whose
+GEMV kernel gives every output from its own weight row and input row alone (bf16: 8 rows a
+call). Greedy rows take the first maximum among them: the full head's argmax, bit for bit (`tokens`). Other rows get a
 logits row that is -inf outside the candidates (`logits`): the sampler's top-k mask leaves
 exactly what it leaves of the full row, so its draw is the same, seeded or not. bf16 heads round
 the logits: tokens that can round to the same value as the k-th are kept too.
@@ -42,7 +42,7 @@ import math
 
 import torch
 
-from qwen35.layers.linear import GEMV_MAX_ROWS, Linear, linear
+from qwen35.layers.linear import GEMV_MAX_ROWS, HEAD_GEMV_MAX_ROWS, Linear, head_linear
 from qwen35.quant.formats import INT8_X_GROUP, INT8_X_MAX, quantize_rows_i16
 
 MAX_CANDIDATES = 4096  # per 4 input rows (max_candidates): more left after the screen, full head
@@ -57,7 +57,7 @@ MAX_CANDIDATES = 4096  # per 4 input rows (max_candidates): more left after the 
 # 6.9 ms at 1 row, 14.8 / 8.0 at 4; at 8 rows 16.5 / 21.3 before the VNNI kernel put 4-16 input
 # rows in a vector's lanes (kernels/head_screen_cpu.cpp dot_pairs / dot_lanes), 13.4 / 8.4 after;
 # fp32 at 16 rows 66 / 17 ms (43.8 before). README "Head screen past 4 rows".
-SCREEN_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
+SCREEN_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 16}
 
 
 def max_candidates(rows: int) -> int:
@@ -111,7 +111,8 @@ class HeadScreen:
         self.rows_dtype = rows = rows_dtype or weight.dtype
         if rows != weight.dtype and not (rows == torch.float32 and weight.dtype == torch.bfloat16):
             raise ValueError(f"{rows} rows on a {weight.dtype} head are not a GEMV kernel's")
-        self.max_rows = min(GEMV_MAX_ROWS.get(rows, 0), SCREEN_MAX_ROWS[rows])
+        kernel_rows = max(GEMV_MAX_ROWS.get(rows, 0), HEAD_GEMV_MAX_ROWS.get(rows, 0))
+        self.max_rows = min(kernel_rows, SCREEN_MAX_ROWS[rows])
         self.rounded_output = rows != torch.float32  # linear() gives logits in x's dtype
 
     @classmethod
@@ -208,7 +209,7 @@ class HeadScreen:
         cand = self.candidates(x, ks)
         if cand is None:
             return None
-        exact = linear(x.contiguous(), self._gather(cand)).float()  # [S, C]
+        exact = head_linear(x.contiguous(), self._gather(cand)).float()  # [S, C]
         if not bool(torch.isfinite(exact).all()):
             return None  # the full path's NaN / inf handling decides
         return cand, exact

@@ -1,0 +1,90 @@
+"""kernels/head_screen_cpu.cpp's VNNI dot layouts for 4-16 input rows (the rows in a vector's
+lanes) against the exact screen values, and the engine's bf16 steps past 8 rows taking the
+screen (tests/test_head_screen.py runs the rest on all three screen paths)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen35.kernels import gemv
+from qwen35.models.head_screen import HeadScreen
+from qwen35.request import SamplingParams
+from test_head_screen import _weights, full_argmax
+from tiny import save_checkpoint
+
+
+def vnni_kernel():
+    mod = gemv.load_screen() if gemv.load() is not None else None
+    if mod is None or not mod.vnni():
+        pytest.skip("the screen kernel's int8 x int8 dots need AVX512-VNNI (and the kernels)")
+    return mod
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("head_screen_lanes") / "dense"
+    save_checkpoint(d, moe=False, layout="vlm", vocab_size=6000)
+    return d
+
+
+def _vnni_values_reference(x: torch.Tensor, head: HeadScreen) -> torch.Tensor:
+    """The VNNI screen's values in float64: each input row rounded to int8 per block of 64
+    (scale amax / 127, round half to even), exact integer dots, scaled per block and per row."""
+    M, K = x.shape
+    nb = -(-K // 64)
+    xp = torch.zeros(M, nb * 64)
+    xp[:, :K] = x
+    xb = xp.view(M, nb, 64)
+    xs = xb.abs().amax(dim=2) / 127  # [M, nb] fp32, as the kernel divides
+    xq = torch.where(xs[..., None] > 0, (xb / xs[..., None]).clamp(-127, 127).round(), 0.0)
+    qp = torch.zeros(len(head.q), nb * 64, dtype=torch.float64)
+    qp[:, :K] = head.q.double()
+    dots = torch.einsum("mbk,vbk->mvb", xq.double(), qp.view(-1, nb, 64))  # exact integers
+    return (dots * xs.double()[:, None, :]).sum(dim=2) * head.scale.double()  # [M, V]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 16])
+def test_vnni_dot_layouts_equal_the_exact_screen(rows):
+    """kernels/head_screen_cpu.cpp's VNNI dots: one input row at a time (1-3 rows), 4-8 rows in
+    a vector's lanes two head rows at a time (dot_pairs), 9-16 one head row at a time
+    (dot_lanes): each gives the screen values of the exact integer sums (float64 reference)
+    within fp32 rounding, with the row-by-row path forced as well; V not a multiple of 8 (a
+    chunk's last rows take the one-row pass), a partial last block, outlier channels."""
+    mod = vnni_kernel()
+    V, K = 2053, 200
+    head = HeadScreen(_weights(V, K, torch.float32, seed=9))
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(rows, K, generator=g) * torch.logspace(-2, 1, rows)[:, None]
+    x[:, [3, 150]] *= 50
+    want = _vnni_values_reference(x, head)
+    tol = 1e-5 * float(want.abs().max())
+    old = mod.set_lanes_min_rows(99)  # row by row
+    try:
+        for lanes_from in (99, 1, old):
+            mod.set_lanes_min_rows(lanes_from)
+            got = mod.values(x, head.q, head.scale, False).double()
+            assert (got - want).abs().max() <= tol, (lanes_from, float((got - want).abs().max()))
+    finally:
+        mod.set_lanes_min_rows(old)
+    assert head.tokens(x) == full_argmax(head.weight, x)
+
+
+def test_engine_bf16_batch_past_8_rows(ckpt):
+    """12 greedy sequences decoding together in bf16: the screen's tokens, the full head's, and
+    each sequence's alone are the same."""
+    from qwen35.engine.llm_engine import LLM
+
+    vnni_kernel()
+    prompts = [[5 + i, 9, 200 - i, 17] + [3] * i for i in range(12)]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    kw = dict(dtype="bf16", verbose=False, max_memory="200MiB", max_num_seqs=16)
+    on = LLM(str(ckpt), **kw)
+    calls = []
+    real = on.engine.head_screen.tokens
+    on.engine.runner.head_screen.tokens = lambda x: calls.append(len(x)) or real(x)
+    off = LLM(str(ckpt), head_screen=False, **kw)
+    got = [o.outputs[0].token_ids for o in on.generate(prompts, greedy)]
+    assert max(calls) == 12
+    assert got == [o.outputs[0].token_ids for o in off.generate(prompts, greedy)]
+    assert got == [off.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
