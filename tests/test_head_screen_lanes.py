@@ -73,9 +73,12 @@ def test_vnni_dot_layouts_equal_the_exact_screen(rows):
 def test_engine_bf16_batch_past_8_rows(ckpt):
     """12 greedy sequences decoding together in bf16: the screen's tokens, the full head's, and
     each sequence's alone are the same."""
+    from qwen35.devices import cpu_has_native_bf16
     from qwen35.engine.llm_engine import LLM
 
     vnni_kernel()
+    if not cpu_has_native_bf16():
+        pytest.skip("bf16 heads take the screen past 8 rows on CPUs with native bf16 only")
     prompts = [[5 + i, 9, 200 - i, 17] + [3] * i for i in range(12)]
     greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     kw = dict(dtype="bf16", verbose=False, max_memory="200MiB", max_num_seqs=16)

@@ -93,12 +93,23 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
-# lm_head rows past the bf16 GEMV kernel's 8 that still take it, 8 rows a call (head_linear)
+# lm_head rows past the bf16 GEMV kernel's 8 that still take it, 8 rows a call (head_linear), on
+# CPUs with native bf16 dot products: on AVX2 ones the kernel widens bf16 and 16 rows of the
+# 0.8B's head took 79 ms in chunks against 34 for torch's GEMM (QWEN35_CPU_ISA=avx2
+# ATEN_CPU_CAPABILITY=avx2 on the Zen 5, `bench/head_screen.py --head-only`)
 HEAD_GEMV_MAX_ROWS = {torch.bfloat16: 16}
 
 
+def head_gemv_max_rows(dtype: torch.dtype) -> int:
+    """Rows of `dtype` up to which head_linear keeps lm_head on the GEMV kernel."""
+    from qwen35.devices import cpu_has_native_bf16
+
+    extra = HEAD_GEMV_MAX_ROWS.get(dtype, 0)
+    return extra if extra and cpu_has_native_bf16() else GEMV_MAX_ROWS.get(dtype, 0)
+
+
 def head_linear(x: torch.Tensor, w: torch.Tensor, fn=None) -> torch.Tensor:
-    """`linear` for lm_head: bf16 rows past the GEMV kernel's limit, up to HEAD_GEMV_MAX_ROWS,
+    """`linear` for lm_head: bf16 rows past the GEMV kernel's limit, up to head_gemv_max_rows,
     run it in chunks of that limit instead of torch's GEMM. Every output row is then the
     kernel's, whatever the rows beside it, which the head screen's exact rows need to be the
     full head's bits (models/head_screen.py), and a row's logits do not depend on the batch; at
@@ -109,7 +120,7 @@ def head_linear(x: torch.Tensor, w: torch.Tensor, fn=None) -> torch.Tensor:
     step = GEMV_MAX_ROWS.get(x.dtype, 0)
     if (
         x.dim() == 2
-        and step < x.shape[0] <= HEAD_GEMV_MAX_ROWS.get(x.dtype, 0)
+        and step < x.shape[0] <= head_gemv_max_rows(x.dtype)
         and gemv_kernel_for(x[:step], w) is not None
     ):
         return in_chunks(fn, x.contiguous(), step)

@@ -42,7 +42,7 @@ import math
 
 import torch
 
-from qwen35.layers.linear import GEMV_MAX_ROWS, HEAD_GEMV_MAX_ROWS, Linear, head_linear
+from qwen35.layers.linear import Linear, head_gemv_max_rows, head_linear
 from qwen35.quant.formats import INT8_X_GROUP, INT8_X_MAX, quantize_rows_i16
 
 MAX_CANDIDATES = 4096  # per 4 input rows (max_candidates): more left after the screen, full head
@@ -111,8 +111,7 @@ class HeadScreen:
         self.rows_dtype = rows = rows_dtype or weight.dtype
         if rows != weight.dtype and not (rows == torch.float32 and weight.dtype == torch.bfloat16):
             raise ValueError(f"{rows} rows on a {weight.dtype} head are not a GEMV kernel's")
-        kernel_rows = max(GEMV_MAX_ROWS.get(rows, 0), HEAD_GEMV_MAX_ROWS.get(rows, 0))
-        self.max_rows = min(kernel_rows, SCREEN_MAX_ROWS[rows])
+        self.max_rows = min(head_gemv_max_rows(rows), SCREEN_MAX_ROWS[rows])
         self.rounded_output = rows != torch.float32  # linear() gives logits in x's dtype
 
     @classmethod
