@@ -115,8 +115,9 @@ def head_only(fmt: str, rounds: int) -> dict:
 
 def rescore(fmt: str, rounds: int) -> dict:
     """The screen's second half alone: the exact logits of C candidates (their weight rows
-    gathered, then the GEMV kernel) at the most rows the screen takes, the rows gathered into
-    HeadScreen's reused buffer vs a fresh tensor each call, alternating; the full head beside."""
+    gathered, then the GEMV kernel) at the most rows the screen takes, the rows gathered into a
+    fresh tensor each call (as HeadScreen does) and into a buffer kept between calls,
+    alternating; the full head beside."""
     from qwen35.layers.linear import linear
     from qwen35.models.head_screen import SCREEN_MAX_ROWS
 
@@ -129,8 +130,9 @@ def rescore(fmt: str, rounds: int) -> dict:
     out = {}
     for C in (4096, 8192, 16384):
         cand = torch.randperm(V)[:C].sort().values
-        calls = {"reused": lambda cand=cand: linear(x, head._gather(cand)),
-                 "fresh": lambda cand=cand: linear(x, w.index_select(0, cand)),
+        buf = torch.empty(C, K, dtype=dtype)
+        calls = {"reused": lambda c=cand, b=buf: linear(x, torch.index_select(w, 0, c, out=b)),
+                 "fresh": lambda c=cand: linear(x, w.index_select(0, c)),
                  "full": lambda: linear(x, w)}  # fmt: skip
         ms: dict[str, list[float]] = {m: [] for m in calls}
         for _ in range(rounds):
@@ -140,8 +142,9 @@ def rescore(fmt: str, rounds: int) -> dict:
                 ms[mode].append(time.perf_counter() - t0)
         med = {m: statistics.median(v) * 1e3 for m, v in ms.items()}
         out[C] = med
-        print(f"{fmt}, {M} rows, {C} candidates: exact logits {med['reused']:.2f} ms (a fresh "
-              f"gather {med['fresh']:.2f}); the full head {med['full']:.2f}")  # fmt: skip
+        print(f"{fmt}, {M} rows, {C} candidates ({C * K * w.element_size() >> 20} MiB): exact "
+              f"logits {med['fresh']:.2f} ms (gathered into a kept buffer {med['reused']:.2f}); "
+              f"the full head {med['full']:.2f}")  # fmt: skip
     return out
 
 

@@ -383,3 +383,11 @@ def test_head_rows_past_the_bf16_kernel_limit():
         assert torch.equal(head_linear(x[:rows], w), alone)
     assert head.max_rows == 16
     assert head.tokens(x) == full_argmax(w, x)
+
+
+def test_candidate_limit_grows_with_rows_and_stays_under_the_gather_bound():
+    mc, cap = head_screen.max_candidates, head_screen.GATHER_MAX_BYTES
+    assert [mc(r) for r in (1, 4, 5, 8, 16)] == [4096, 4096, 8192, 8192, 16384]
+    assert mc(16, 1024 * 4) == cap // 4096 < 16384  # fp32 rows of 1,024: the byte bound
+    head = HeadScreen(_weights(500, 64, torch.bfloat16))
+    assert head.limit(16) == 16384 and head.limit(16) * 64 * 2 <= cap

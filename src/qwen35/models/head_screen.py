@@ -48,9 +48,11 @@ from qwen35.quant.formats import INT8_X_GROUP, INT8_X_MAX, quantize_rows_i16
 MAX_CANDIDATES = 4096  # per 4 input rows (max_candidates): more left after the screen, full head
 # The exact logits of C candidates cost their weight rows' gather and a C-row product: `python
 # bench/head_screen.py --rescore` (the 0.8B's head, Zen 5 VM, 2 threads): bf16 at 8 rows 0.6 /
-# 1.5 / 3.5 ms for 4,096 / 8,192 / 16,384 candidates, the full head 15 ms; fp32 at 16 rows 2.2 /
-# 4.5 / 9.9 against 64-74 ms. Gathered into a reused buffer: a fresh one of 32 MB or more met
-# page faults, ~8 ms more a call.
+# 1.7 / 3.5 ms for 4,096 / 8,192 / 16,384 candidates, the full head 12-15 ms; fp32 at 16 rows 2.4
+# / 4.8 / 8.9 against 67-68 ms. But a fresh gather of 32 MiB or more is a new mapping each call
+# (glibc serves blocks that large by mmap), whose page faults cost 8-18 ms more: the gathered
+# rows stay under GATHER_MAX_BYTES (transient, as the head's own product's output is).
+GATHER_MAX_BYTES = 24 << 20
 # Rows up to which the screen beats the full head (and the exact rows take layers.linear's GEMV
 # kernel, as the full head does: bf16 up to 8 rows). `python bench/head_screen.py --head-only
 # --rounds 5 --threads 2` (the 0.8B's head, caches cold, Zen 5 VM), bf16 full vs screen: 11.5 /
@@ -60,8 +62,11 @@ MAX_CANDIDATES = 4096  # per 4 input rows (max_candidates): more left after the 
 SCREEN_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 16}
 
 
-def max_candidates(rows: int) -> int:
-    return MAX_CANDIDATES * max(1, -(-rows // 4))
+def max_candidates(rows: int, row_bytes: int = 0) -> int:
+    """The most candidates the exact step takes for `rows` input rows, weight rows of
+    `row_bytes` each (0: no byte bound)."""
+    n = MAX_CANDIDATES * max(1, -(-rows // 4))
+    return min(n, GATHER_MAX_BYTES // row_bytes) if row_bytes else n
 
 
 MAX_TOP_K = 256  # sampled rows with a larger top_k read the full head
@@ -153,7 +158,7 @@ class HeadScreen:
             return self.candidates_reference(x, ks)
         cand = mod.screen(
             x.float().contiguous(), self.q, self.scale, self.err, self.nq, self.tiny, list(ks),
-            self.rounded_output, max_candidates(len(x)), self.avx2_only,
+            self.rounded_output, self.limit(len(x)), self.avx2_only,
         )  # fmt: skip
         return cand if len(cand) else None
 
@@ -189,7 +194,7 @@ class HeadScreen:
             best = best - best.abs() * 2.0**-6
         keep = (s + b >= best).any(dim=0)  # [V]
         cand = keep.nonzero().flatten()
-        return cand if len(cand) <= max_candidates(len(x)) else None
+        return cand if len(cand) <= self.limit(len(x)) else None
 
     # ---- what the runner calls -------------------------------------------------------------
     def _exact(self, x: torch.Tensor, ks: list[int]):
@@ -208,20 +213,14 @@ class HeadScreen:
         cand = self.candidates(x, ks)
         if cand is None:
             return None
-        exact = head_linear(x.contiguous(), self._gather(cand)).float()  # [S, C]
+        exact = head_linear(x.contiguous(), self.weight.index_select(0, cand)).float()  # [S, C]
         if not bool(torch.isfinite(exact).all()):
             return None  # the full path's NaN / inf handling decides
         return cand, exact
 
-    def _gather(self, cand: torch.Tensor) -> torch.Tensor:
-        """The candidates' weight rows [C, K], in a buffer kept for the next step (grown to the
-        most candidates seen; consumed by the product right after)."""
-        n, K = len(cand), self.weight.shape[1]
-        buf = getattr(self, "_rows", None)
-        if buf is None or buf.shape[0] < n:
-            with torch.inference_mode(False):  # writable in and out of inference mode
-                buf = self._rows = torch.empty(n, K, dtype=self.weight.dtype)
-        return torch.index_select(self.weight, 0, cand, out=buf[:n])
+    def limit(self, rows: int) -> int:
+        """The most candidates a screen of `rows` input rows may leave (max_candidates)."""
+        return max_candidates(rows, self.weight.shape[1] * self.weight.element_size())
 
     def tokens(self, x: torch.Tensor) -> list[int] | None:
         """Normed hidden rows x [S, K] (the head's input, its dtype) -> each row's greedy token
