@@ -47,11 +47,11 @@ from qwen35.quant.formats import INT8_X_GROUP, INT8_X_MAX, quantize_rows_i16
 
 MAX_CANDIDATES = 4096  # per 4 input rows (max_candidates): more left after the screen, full head
 # The exact logits of C candidates cost their weight rows' gather and a C-row product: `python
-# bench/head_screen.py --rescore` (the 0.8B's head, Zen 5 VM, 2 threads): bf16 at 8 rows 0.6 /
-# 1.7 / 3.5 ms for 4,096 / 8,192 / 16,384 candidates, the full head 12-15 ms; fp32 at 16 rows 2.4
-# / 4.8 / 8.9 against 67-68 ms. But a fresh gather of 32 MiB or more is a new mapping each call
-# (glibc serves blocks that large by mmap), whose page faults cost 8-18 ms more: the gathered
-# rows stay under GATHER_MAX_BYTES (transient, as the head's own product's output is).
+# bench/head_screen.py --rescore --rounds 5` (the 0.8B's head, Zen 5 VM, 2 threads): bf16 at 16
+# rows 0.75 / 2.1 ms for 4,096 / 8,192 candidates, the full head 23 ms; fp32 at 16 rows 1.7 ms for
+# 4,096 against 63. But a gather of 32 MiB or more is a new mapping each call (glibc serves
+# blocks that large by mmap), whose page faults cost 7-14 ms more (11.0 vs 4.0 ms into a kept
+# buffer for 16,384 bf16 rows): the gathered rows stay under GATHER_MAX_BYTES, transient.
 GATHER_MAX_BYTES = 24 << 20
 # Rows up to which the screen beats the full head (and the exact rows take layers.linear's GEMV
 # kernel, as the full head does: bf16 up to 8 rows). `python bench/head_screen.py --head-only
