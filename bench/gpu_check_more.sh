@@ -21,8 +21,10 @@
 #      tokens through the engine, time to first token with each chunk path (bench/gpu_prefill.py
 #      --engine: the paged Triton kernel vs the gathered context through SDPA, the engine's own
 #      start-up choice printed): the prefill a user gets, 2,048 tokens a step, where the 29.5K
-#      tok/s of the first session was one unchunked forward. Run with timeout_s=390 to give it
-#      its 60 s; at 330 it is cut and the rest comes back.
+#      tok/s of the first session was one unchunked forward; and the chosen path with the
+#      prefix cache's state checkpoints 2,048 tokens apart instead of ~256 (each checkpoint
+#      splits fla's chunked call: 8 calls a layer a step at 256; --checkpoint-interval). Run
+#      with timeout_s=390 to give it its 60 s; at 330 it is cut and the rest comes back.
 # (The 9B prefill with its kernels by device time, `python3 bench/gpu_prefill.py --model
 #  Qwen3.5-9B --reps 1 --profile`, waits for a call with time to spare: 29.5K tok/s at 32K on
 #  2026-12-04.)
@@ -47,5 +49,6 @@ step 40 "kernels vs what they replaced" python3 bench/gpu_kernels.py --only fp8,
 # which the first call's configs do not match; merge into kernels/fla_configs/ as before
 pack_fla_configs
 step 60 "9B prompt prefill through the engine, chunk paths" python3 bench/gpu_prefill.py \
-  --model Qwen3.5-9B --engine --tokens 8192 32768 --reps 2 --out "$OUT/9b_engine_prefill.json"
+  --model Qwen3.5-9B --engine --tokens 8192 32768 --reps 2 --checkpoint-interval 2048 \
+  --out "$OUT/9b_engine_prefill.json"
 date -u | tee -a "$LOG"

@@ -17,6 +17,11 @@ its first token (one request, max_tokens 1, prefilled --max-num-batched-tokens a
 chunk after the first attending over the cached ones), with each way a chunk after a cached
 prefix can attend (the paged Triton kernel, the gathered context through SDPA), the engine's
 backend switched between them, prompts alternating; the engine's own start-up choice printed.
+`--checkpoint-interval N` adds the chosen path with the prefix cache's DeltaNet state
+checkpoints N tokens apart instead of the default ~256 (0: none inside the prompt): on a GPU
+fla's chunked kernel hands out final states only, so every checkpoint splits its call
+(ops/deltanet.py `_prefill_fla`), 8 calls a layer for a 2,048-token step at 256; what those
+splits cost is this row against the chosen path's.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true", help="kernels by device time (CUDA)")
     ap.add_argument("--engine", action="store_true", help="through the engine, chunk paths A/B")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--checkpoint-interval", type=int, default=None,
+                    help="--engine: also the chosen path with DeltaNet state checkpoints this many "
+                         "tokens apart (0: none inside a prompt)")  # fmt: skip
     args = ap.parse_args(argv)
     bm = load_bench_model(BenchOptions(model=args.model, dtype=args.dtype, device=args.device))
     if args.engine:
@@ -101,8 +109,20 @@ def engine_prefill(bm, args) -> None:
     runner = engine.runner
     chosen = runner.backend
     # without our Triton attention every chunk gathers its context for the PyTorch path
-    paths = ("triton", "sdpa") if chosen.triton_attention else ("reference",)
+    paths = ["triton", "sdpa"] if chosen.triton_attention else ["reference"]
     said = chosen.chunk_attention if chosen.triton_attention else "reference"
+    sched = engine.scheduler
+    default = sched.config
+    intervals = {p: default for p in paths}
+    if args.checkpoint_interval is not None:  # the start-up's path, checkpoints further apart
+        iv = args.checkpoint_interval
+        p = f"{said}-ckpt{iv}"
+        bs = default.block_size
+        none = iv == 0  # no checkpoint inside a prompt at all
+        iv = -(-(T_max + 1) // bs) * bs if none else iv
+        intervals[p] = dataclasses.replace(default, checkpoint_interval=iv,
+                                           checkpoint_prompt_end=default.checkpoint_prompt_end and not none)  # fmt: skip
+        paths.append(p)
     g = torch.Generator().manual_seed(0)
     sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     rows, n = [], 0
@@ -110,8 +130,10 @@ def engine_prefill(bm, args) -> None:
         times = {p: [] for p in paths}
         for rep in range(args.reps + 1):
             for p in paths if rep % 2 else paths[::-1]:
-                if p != "reference":
-                    runner.backend = dataclasses.replace(chosen, chunk_attention=p)
+                sched.config = intervals[p]
+                attention = p.split("-ckpt")[0]
+                if attention != "reference":
+                    runner.backend = dataclasses.replace(chosen, chunk_attention=attention)
                 ids = torch.randint(0, bm.model.config.vocab_size, (T,), generator=g).tolist()
                 n += 1
                 sync(bm.device)
@@ -123,10 +145,10 @@ def engine_prefill(bm, args) -> None:
                     times[p].append(time.perf_counter() - t0)
         rows.append({"tokens": T, **{f"{p}_tok_s": T / statistics.median(v)
                                      for p, v in times.items()}})  # fmt: skip
-    runner.backend = chosen
+    runner.backend, sched.config = chosen, default
     print(f"prompt prefill through the engine, {args.model} ({bm.dtype}, {bm.device}), "
-          f"{args.max_num_batched_tokens} tokens a step; start-up chose {said!r}"
-          f" ({chosen.name})")  # fmt: skip
+          f"{args.max_num_batched_tokens} tokens a step, state checkpoints every "
+          f"{default.checkpoint_interval} tokens; start-up chose {said!r} ({chosen.name})")  # fmt: skip
     for r in rows:
         print(f"{r['tokens']:>7} tokens: " + "  ".join(
             f"{p} {r[f'{p}_tok_s']:.0f} tok/s" for p in paths))  # fmt: skip

@@ -53,6 +53,12 @@ def test_prefill_bench_runs_through_the_engine(capsys, tmp_path):
     assert all(r["reference_tok_s"] > 0 for r in doc["rows"])
     _load("gpu_prefill").main(["--model", cfg, "--device", "cpu", "--tokens", "40", "--reps", "1"])
     assert "speedup" in capsys.readouterr().out
+    for iv in ("0", "32"):  # the chosen path again, state checkpoints further apart (0: none)
+        _load("gpu_prefill").main(["--model", cfg, "--device", "cpu", "--engine", "--tokens", "70",
+                                   "--reps", "1", "--max-num-batched-tokens", "32",
+                                   "--checkpoint-interval", iv])  # fmt: skip
+        out = capsys.readouterr().out
+        assert f"reference-ckpt{iv} " in out and "checkpoints every 256 tokens" in out, out
 
 
 def test_dtype_batches_bench_runs(capsys, tmp_path):
