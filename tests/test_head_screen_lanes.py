@@ -71,8 +71,9 @@ def test_vnni_dot_layouts_equal_the_exact_screen(rows):
 
 
 def test_engine_bf16_batch_past_8_rows(ckpt):
-    """12 greedy sequences decoding together in bf16: the screen's tokens, the full head's, and
-    each sequence's alone are the same."""
+    """12 greedy sequences decoding together in bf16 take the screen (12 rows a step), and give
+    the full head's tokens. (Each alone is not asserted: past 8 bf16 rows the other matmuls are
+    torch's GEMM, whose bits may differ from the GEMV kernel's a row alone takes.)"""
     from qwen35.devices import cpu_has_native_bf16
     from qwen35.engine.llm_engine import LLM
 
@@ -90,4 +91,3 @@ def test_engine_bf16_batch_past_8_rows(ckpt):
     got = [o.outputs[0].token_ids for o in on.generate(prompts, greedy)]
     assert max(calls) == 12
     assert got == [o.outputs[0].token_ids for o in off.generate(prompts, greedy)]
-    assert got == [off.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
