@@ -210,28 +210,34 @@ void build_lanes(Rows& r) {
     }
 }
 
+// Block b of NW consecutive head rows (w: the first, K bytes each), flipped to unsigned bytes
+// (q + 128: vpdpbusd's unsigned side), past K zeros (flipped: 128, against x^ = 0 there); the
+// next pass's rows (NW K bytes on) prefetched in order, a line a head row and block.
+template <int NW>
+TARGET_VNNI inline void load_blocks(const int8_t* w, int64_t K, int64_t b, __m512i* wf) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __mmask64 tail = K % kBlock ? (~0ull >> (kBlock - K % kBlock)) : 0;
+  for (int v = 0; v < NW; ++v) {
+    const int8_t* p = w + v * K + b * kBlock;
+    _mm_prefetch(reinterpret_cast<const char*>(w + NW * K + (b * NW + v) * kBlock), _MM_HINT_T0);
+    const __m512i wv = b < K / kBlock ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(tail, p);
+    wf[v] = _mm512_xor_si512(wv, flip);
+  }
+}
+
 // NV consecutive head rows (w: the first, K bytes each) against every input row: tile [NV][16]
-// (lane m: input row m, already times the head row's scale). Each weight block is flipped to
-// unsigned once into wb, whose 4-byte groups are broadcast to the vpdpbusd of all 16 rows.
+// (lane m: input row m, already times the head row's scale). Each weight block is loaded and
+// flipped once, its 4-byte groups broadcast (vpermd) to the vpdpbusd of all 16 rows.
 template <int NV>
 TARGET_VNNI void dot_lanes(const Rows& r, const Lanes& L, const int8_t* w, const float* scale,
                            float* tile) {
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const int64_t K = r.K, full = K / kBlock;
-  const __mmask64 tail = K % kBlock ? (~0ull >> (kBlock - K % kBlock)) : 0;
   __m512 f[NV];
   for (int v = 0; v < NV; ++v) f[v] = _mm512_setzero_ps();
   for (int64_t b = 0; b < r.nb; ++b) {
     __m512i a[NV], wf[NV];
+    load_blocks<NV>(w, r.K, b, wf);
     const __m512i neg = _mm512_loadu_si512(L.neg.data() + b * 16);
-    for (int v = 0; v < NV; ++v) {
-      const int8_t* p = w + v * K + b * kBlock;
-      // the next pass's rows (NV K bytes on), in order: a line a head row and block
-      _mm_prefetch(reinterpret_cast<const char*>(w + NV * K + (b * NV + v) * kBlock), _MM_HINT_T0);
-      const __m512i wv = b < full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(tail, p);
-      wf[v] = _mm512_xor_si512(wv, flip);
-      a[v] = neg;
-    }
+    for (int v = 0; v < NV; ++v) a[v] = neg;
     const int8_t* xb = L.xt.data() + b * 16 * 64;
     for (int j = 0; j < 16; ++j) {
       const __m512i xv = _mm512_loadu_si512(xb + j * 64);
@@ -252,21 +258,12 @@ TARGET_VNNI void dot_lanes(const Rows& r, const Lanes& L, const int8_t* w, const
 template <int NP>
 TARGET_VNNI void dot_pairs(const Rows& r, const Lanes& L, const int8_t* w, const float* scale,
                            float* tile) {
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const int64_t K = r.K, full = K / kBlock;
-  const __mmask64 tail = K % kBlock ? (~0ull >> (kBlock - K % kBlock)) : 0;
   __m512 f[NP];
   for (int p = 0; p < NP; ++p) f[p] = _mm512_setzero_ps();
   for (int64_t b = 0; b < r.nb; ++b) {
     __m512i a[NP], wf[2 * NP];
+    load_blocks<2 * NP>(w, r.K, b, wf);
     const __m512i neg = _mm512_loadu_si512(L.neg.data() + b * 16);
-    for (int v = 0; v < 2 * NP; ++v) {
-      const int8_t* p = w + v * K + b * kBlock;
-      _mm_prefetch(reinterpret_cast<const char*>(w + 2 * NP * K + (b * 2 * NP + v) * kBlock),
-                   _MM_HINT_T0);
-      const __m512i wv = b < full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(tail, p);
-      wf[v] = _mm512_xor_si512(wv, flip);
-    }
     for (int p = 0; p < NP; ++p) a[p] = neg;
     const int8_t* xb = L.xt.data() + b * 16 * 64;
     for (int j = 0; j < 16; ++j) {
