@@ -22,8 +22,8 @@ largest lo of the row, so every token among the k largest logits (ties included)
 Those candidates (tens to hundreds of 248K) get their logits computed exactly as the full head
 computes them, through the same `layers.linear.head_linear` call on the same input rows, whose
 GEMV kernel gives every output from its own weight row and input row alone (bf16: 8 rows a
-call). Greedy rows take the first maximum among them: the full head's argmax, bit for bit (`tokens`). Other rows get a
-logits row that is -inf outside the candidates (`logits`): the sampler's top-k mask leaves
+call). Greedy rows take the first maximum among them: the full head's argmax, bit for bit
+(`tokens`). Other rows get a logits row that is -inf outside the candidates (`logits`): the sampler's top-k mask leaves
 exactly what it leaves of the full row, so its draw is the same, seeded or not. bf16 heads round
 the logits: tokens that can round to the same value as the k-th are kept too.
 tests/test_head_screen.py also breaks it on purpose (ties, rounded ties, a row the int8 screen
@@ -53,9 +53,10 @@ MAX_CANDIDATES = 4096  # per 4 input rows (max_candidates): more left after the 
 # blocks that large by mmap), whose page faults cost 7-14 ms more (11.0 vs 4.0 ms into a kept
 # buffer for 16,384 bf16 rows): the gathered rows stay under GATHER_MAX_BYTES, transient.
 GATHER_MAX_BYTES = 24 << 20
-# Rows up to which the screen beats the full head (and the exact rows take layers.linear's GEMV
-# kernel, as the full head does: bf16 up to 8 rows). `python bench/head_screen.py --head-only
-# --rounds 5 --threads 2` (the 0.8B's head, caches cold, Zen 5 VM), bf16 full vs screen: 11.5 /
+# Rows up to which the screen beats the full head (and the exact rows take the GEMV kernel, as the
+# full head does: head_gemv_max_rows, bf16 up to 16 rows where bf16 is native, else 8). `python
+# bench/head_screen.py --head-only --rounds 5 --threads 2` (the 0.8B's head, caches cold, Zen 5
+# VM), bf16 full vs screen: 11.5 /
 # 6.9 ms at 1 row, 14.8 / 8.0 at 4; at 8 rows 16.5 / 21.3 before the VNNI kernel put 4-16 input
 # rows in a vector's lanes (kernels/head_screen_cpu.cpp dot_pairs / dot_lanes), 13.4 / 8.4 after;
 # fp32 at 16 rows 66 / 17 ms (43.8 before). README "Head screen past 4 rows".
