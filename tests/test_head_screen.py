@@ -365,16 +365,16 @@ def test_plan_counts_the_screen(ckpt):
 
 
 def test_head_rows_past_the_bf16_kernel_limit():
-    """bf16 rows 9-16 on CPUs with native bf16: head_linear runs the GEMV kernel 8 rows a call,
+    """bf16 rows 9-16 on AVX512-BF16 CPUs: head_linear runs the GEMV kernel 8 rows a call,
     so each row's logits are the bits it gets alone (torch's GEMM at 16 rows gives no such
     promise), and the screen takes those steps, its exact rows through the same call. Elsewhere
-    (QWEN35_CPU_ISA=avx2 here) the GEMM, and the screen up to 8 rows."""
-    from qwen35.devices import cpu_has_native_bf16
+    (QWEN35_CPU_ISA=avx2 here, AMX CPUs) the GEMM, and the screen up to 8 rows."""
+    from qwen35.layers.linear import head_gemv_max_rows
 
     w = _weights(3000, 96, torch.bfloat16, seed=11)
     x = torch.randn(16, 96, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
     head = HeadScreen(w)
-    if not cpu_has_native_bf16():
+    if head_gemv_max_rows(torch.bfloat16) == 8:
         assert head.max_rows == 8
         assert torch.equal(head_linear(x, w), torch.nn.functional.linear(x, w))
         return
@@ -391,3 +391,17 @@ def test_candidate_limit_grows_with_rows_and_stays_under_the_gather_bound():
     assert mc(16, 1024 * 4) == cap // 4096 < 16384  # fp32 rows of 1,024: the byte bound
     head = HeadScreen(_weights(500, 64, torch.bfloat16))
     assert head.limit(16) == 16384 and head.limit(16) * 64 * 2 <= cap
+
+
+def test_which_cpus_keep_the_head_on_the_gemv_kernel(monkeypatch):
+    """head_gemv_max_rows: bf16 to 16 rows with AVX512-BF16 and no AMX (measured), else the
+    GEMV's own 8 (AVX2: the kernel widens bf16, slower than the GEMM; AMX: its GEMM, unmeasured);
+    fp32 rows the GEMV's 16 everywhere."""
+    from qwen35 import devices
+    from qwen35.layers.linear import head_gemv_max_rows
+
+    for flags, bf16 in [({"avx2", "avx512f", "avx512_bf16"}, 16), ({"avx2"}, 8),
+                        ({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, 8)]:  # fmt: skip
+        monkeypatch.setattr(devices, "cpu_flags", lambda f=frozenset(flags): f)
+        assert head_gemv_max_rows(torch.bfloat16) == bf16, flags
+        assert head_gemv_max_rows(torch.float32) == 16

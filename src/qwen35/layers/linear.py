@@ -94,18 +94,21 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 # lm_head rows past the bf16 GEMV kernel's 8 that still take it, 8 rows a call (head_linear), on
-# CPUs with native bf16 dot products: on AVX2 ones the kernel widens bf16 and 16 rows of the
-# 0.8B's head took 79 ms in chunks against 34 for torch's GEMM (QWEN35_CPU_ISA=avx2
-# ATEN_CPU_CAPABILITY=avx2 on the Zen 5, `bench/head_screen.py --head-only`)
+# CPUs with AVX512-BF16 dot products and no AMX (measured on a Zen 5). On AVX2 ones the kernel
+# widens bf16 and 16 rows of the 0.8B's head took 79 ms in chunks against 34 for torch's GEMM
+# (QWEN35_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 on the Zen 5, `bench/head_screen.py --head-only`);
+# AMX CPUs (Sapphire Rapids) keep their GEMM's bf16 tiles (unmeasured against the chunks).
 HEAD_GEMV_MAX_ROWS = {torch.bfloat16: 16}
 
 
 def head_gemv_max_rows(dtype: torch.dtype) -> int:
     """Rows of `dtype` up to which head_linear keeps lm_head on the GEMV kernel."""
-    from qwen35.devices import cpu_has_native_bf16
+    from qwen35.devices import cpu_flags
 
+    flags = cpu_flags()  # (QWEN35_CPU_ISA=avx2 hides the AVX512 and AMX ones)
     extra = HEAD_GEMV_MAX_ROWS.get(dtype, 0)
-    return extra if extra and cpu_has_native_bf16() else GEMV_MAX_ROWS.get(dtype, 0)
+    chunks = "avx512_bf16" in flags and not any(f.startswith("amx") for f in flags)
+    return extra if extra and chunks else GEMV_MAX_ROWS.get(dtype, 0)
 
 
 def head_linear(x: torch.Tensor, w: torch.Tensor, fn=None) -> torch.Tensor:
