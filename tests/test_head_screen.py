@@ -254,6 +254,8 @@ def test_screen_k_says_which_rows_take_the_screen():
     assert screen_k(sp(temperature=0), 0) == 1
     assert screen_k(sp(temperature=0.7, top_k=20, top_p=0.8, min_p=0.1), 0) == 20
     assert screen_k(sp(temperature=0.7, top_k=MAX_TOP_K), 0) == MAX_TOP_K
+    # sampled with top_k = 1: drawn among the ties of the largest logit, not the greedy path
+    assert screen_k(sp(temperature=0.7, top_k=1), 0) == 2
     assert screen_k(sp(temperature=0.7, top_k=MAX_TOP_K + 1), 0) is None
     assert screen_k(sp(temperature=0.7), 0) is None  # no top-k: the whole distribution
     assert screen_k(sp(temperature=0.7, top_p=0.9), 0) is None

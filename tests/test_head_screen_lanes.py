@@ -91,3 +91,53 @@ def test_engine_bf16_batch_past_8_rows(ckpt):
     got = [o.outputs[0].token_ids for o in on.generate(prompts, greedy)]
     assert max(calls) == 12
     assert got == [o.outputs[0].token_ids for o in off.generate(prompts, greedy)]
+
+
+@pytest.mark.parametrize("seed", [3, 4, 19, 35])  # 19, 35: sampled top_k = 1 rows with ties
+def test_bf16_engine_with_and_without_the_screen_random_workloads(tmp_path, seed):
+    """Random mixed requests (greedy, seeded top-k / top-p samples, logprobs, penalties) on bf16
+    engines of up to 16 sequences, dense and MoE: the same tokens and logprobs with the screen as
+    without it (steps whose rows all take it use it, up to 16 rows; the others the full head).
+    Seeds 19 and 35 found sampled top_k = 1 rows taking the greedy-only path (the first of
+    several tokens tied at the largest bf16 logit) where the sampler draws among the ties
+    (40 seeds checked, 2026-12-05)."""
+    import random
+
+    from qwen35.engine.llm_engine import LLM
+
+    rng = random.Random(seed)
+    save_checkpoint(tmp_path / "m", moe=seed % 3 == 0, layout="vlm", vocab_size=6000, seed=seed)
+    kw = dict(dtype="bf16", verbose=False, max_memory="300MiB", max_num_seqs=rng.choice([12, 16]),
+              max_num_batched_tokens=rng.choice([64, 512]))  # fmt: skip
+    prompts, params = [], []
+    for _ in range(rng.randint(14, 22)):
+        prompts.append([rng.randrange(3, 5900) for _ in range(rng.randint(2, 24))])
+        n, kind = rng.randint(6, 16), rng.random()
+        if kind < 0.45:
+            sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        elif kind < 0.9:
+            sp = SamplingParams(max_tokens=n, temperature=rng.choice([0.5, 1.2]),
+                                top_k=rng.choice([1, 5, 20, 50]), top_p=rng.choice([1.0, 0.9]),
+                                seed=rng.randrange(1000), ignore_eos=True)  # fmt: skip
+        elif kind < 0.95:  # rows that need the full head (short: the rest then screen)
+            sp = SamplingParams(max_tokens=2, temperature=0.0, logprobs=2, ignore_eos=True)
+        else:
+            sp = SamplingParams(max_tokens=3, temperature=0.7, seed=rng.randrange(1000),
+                                presence_penalty=0.5, ignore_eos=True)  # fmt: skip
+        params.append(sp)
+
+    def run(screen: bool):
+        llm = LLM(str(tmp_path / "m"), head_screen=screen, **kw)
+        calls = []
+        if screen:
+            head = llm.engine.runner.head_screen
+            tokens, logits = head.tokens, head.logits
+            head.tokens = lambda x: calls.append(len(x)) or tokens(x)
+            head.logits = lambda x, ks: calls.append(len(x)) or logits(x, ks)
+        out = [(o.outputs[0].token_ids,
+                [(t.token_id, t.logprob, sorted(t.top.items())) for t in o.outputs[0].logprobs or []])
+               for o in llm.generate(prompts, params)]  # fmt: skip
+        return out, calls
+
+    (on, calls), (off, _) = run(True), run(False)
+    assert max(calls) > 8 and on == off  # (steps of 9-16 rows took it)

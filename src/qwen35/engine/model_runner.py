@@ -700,16 +700,19 @@ def _with_drafts(scheduled, verify) -> list:
 
 def screen_k(p, num_output: int) -> int | None:
     """How many of its largest logits a row's next token depends on, where that is all it
-    depends on: 1 for greedy, top_k for sampled rows with 0 < top_k <= MAX_TOP_K (their
-    temperature, min-p and top-p act within those); None where anything reads other logits
-    (logprobs, penalties, logit bias, pending min_tokens, a grammar, no top-k)."""
+    depends on: 1 for greedy, top_k (at least 2) for sampled rows with 0 < top_k <= MAX_TOP_K
+    (their temperature, min-p and top-p act within those); None where anything reads other
+    logits (logprobs, penalties, logit bias, pending min_tokens, a grammar, no top-k)."""
     from qwen35.models.head_screen import MAX_TOP_K
 
     if not device_sampled(p, num_output):
         return None
     if is_greedy(p):
         return 1
-    return p.top_k if 0 < p.top_k <= MAX_TOP_K else None
+    # a sampled row with top_k = 1 still draws among the tokens tied with its largest logit (the
+    # sampler keeps ties): k = 2 keeps it off the greedy-only path (HeadScreen.tokens, the
+    # first of them), and its screened logits hold those ties exactly
+    return max(2, p.top_k) if 0 < p.top_k <= MAX_TOP_K else None
 
 
 def device_sampled(p, num_output: int) -> bool:
