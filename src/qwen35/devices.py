@@ -47,6 +47,12 @@ def cpu_has_native_bf16() -> bool:
     return any(f in cpu_flags() for f in NATIVE_BF16_FLAGS)
 
 
+def cpu_has_amx() -> bool:
+    """AMX tiles (Sapphire Rapids and later): torch's bf16 GEMMs run on them, so the paths that
+    beat its GEMM elsewhere (int4 prefill, lm_head chunks) keep it here (unmeasured against it)."""
+    return any(f.startswith("amx") for f in cpu_flags())
+
+
 def default_dtype(device: str) -> str:
     """`--dtype auto`: bf16 on a GPU and on a CPU with native bf16, fp32 on other CPUs."""
     if not str(device).startswith("cpu"):

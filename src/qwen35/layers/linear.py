@@ -103,11 +103,11 @@ HEAD_GEMV_MAX_ROWS = {torch.bfloat16: 16}
 
 def head_gemv_max_rows(dtype: torch.dtype) -> int:
     """Rows of `dtype` up to which head_linear keeps lm_head on the GEMV kernel."""
-    from qwen35.devices import cpu_flags
+    from qwen35.devices import cpu_flags, cpu_has_amx
 
-    flags = cpu_flags()  # (QWEN35_CPU_ISA=avx2 hides the AVX512 and AMX ones)
+    # (QWEN35_CPU_ISA=avx2 hides the AVX512 and AMX flags)
     extra = HEAD_GEMV_MAX_ROWS.get(dtype, 0)
-    chunks = "avx512_bf16" in flags and not any(f.startswith("amx") for f in flags)
+    chunks = "avx512_bf16" in cpu_flags() and not cpu_has_amx()
     return extra if extra and chunks else GEMV_MAX_ROWS.get(dtype, 0)
 
 

@@ -271,16 +271,14 @@ def int4_prefill_in_kernel() -> bool:
     without VNNI + VBMI (Skylake, Cascade Lake: the kernel's AVX2 path against their AVX512 GEMM,
     unmeasured). Zen 4 and Ice Lake run Zen 5's instructions (on Zen 4 at half width): the
     kernel, by the same measure, not measured there."""
-    from qwen35.devices import cpu_flags
+    from qwen35.devices import cpu_flags, cpu_has_amx
 
-    flags = cpu_flags()  # (QWEN35_CPU_ISA=avx2 hides the AVX512 and AMX ones)
-    if "avx512f" not in flags:
+    if "avx512f" not in cpu_flags():  # (QWEN35_CPU_ISA=avx2 hides the AVX512 and AMX ones)
         return True
     from qwen35.kernels import gemv
 
     mod = gemv.load_int4()
-    return mod is not None and not any(f.startswith("amx") for f in flags) \
-        and mod.int4_vnni_supported()  # fmt: skip
+    return mod is not None and not cpu_has_amx() and mod.int4_vnni_supported()
 
 
 def int4_rows_ours(mod, dtype: torch.dtype, x8: bool = False) -> bool:
