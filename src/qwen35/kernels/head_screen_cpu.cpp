@@ -32,7 +32,6 @@
 #include <functional>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #define TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
@@ -45,9 +44,9 @@ constexpr int64_t kLanesMinRows = 4;  // input rows from which the lanes layout 
 constexpr int64_t kLanesMaxRows = 16;
 int64_t lanes_min_rows = kLanesMinRows;  // set_lanes_min_rows: tests and bench/head_screen.py
 
-// VNNI, 2 to kLanesMaxRows input rows: the rows in the lanes of one vector (dot_lanes)
-// Up to 8 rows: two head rows a vector (lanes 0-7: head row v's input rows, 8-15: v + 1's),
-// the input rows' part repeated in both halves.
+// VNNI, lanes_min_rows to kLanesMaxRows input rows: the rows in the lanes of one vector
+// (dot_lanes). Up to 8 rows: two head rows a vector (lanes 0-7: head row v's input rows, 8-15:
+// v + 1's), the input rows' part repeated in both halves (dot_pairs).
 struct Lanes {
   bool pairs = false;        // M <= 8: two head rows a vector
   std::vector<int8_t> xt;    // [nb, 16 quads, 16 lanes, 4 bytes] (rows >= M zero)
@@ -182,7 +181,7 @@ TARGET_VNNI void dot_row_rows(const Rows& r, int64_t m0, const int8_t* w, float 
   for (int i = 0; i < MR; ++i) s[m0 + i] = _mm512_reduce_add_ps(acc[i]) * scale;
 }
 
-// 2 to 16 input rows (VNNI): the rows in the lanes of one vector instead, so that one vpdpbusd
+// 4 to 16 input rows (VNNI): the rows in the lanes of one vector instead, so that one vpdpbusd
 // gives 16 rows' dots of 4 inputs (one head row's 4 bytes broadcast) and a block's int32 sums
 // are scaled once for all rows (struct Lanes).
 // Per (row, block) the same exact int32 sum as dot_row's lanes give together; in fp32 one term
@@ -433,25 +432,38 @@ float kth_lower(const Rows& r, const Head& h, const float* s, int64_t ld, const 
   return all[k - 1];
 }
 
+struct Dots {  // every chunk's dot_chunk output
+  int64_t chunks, ld;
+  std::vector<float> s;     // [M, ld]: the screen values
+  std::vector<float> best;  // [chunks, M]: per chunk and input row, max(s - b)
+};
+
+Dots dot_all(const Rows& r, const Head& h) {
+  const int64_t M = r.M, chunks = (h.V + kGrain - 1) / kGrain;
+  Dots d{chunks, chunks * kGrain, std::vector<float>(M * chunks * kGrain),
+         std::vector<float>(chunks * M, -INFINITY)};
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) dot_chunk(r, h, c, d.s.data(), d.ld, d.best.data() + c * M);
+  });
+  return d;
+}
+
 torch::Tensor screen_impl(const Rows& r, const Head& h, const std::vector<int64_t>& ks,
                           bool rounded, int64_t limit) {
   const int64_t M = r.M;
-  const int64_t chunks = (h.V + kGrain - 1) / kGrain, ld = chunks * kGrain;
-  std::vector<float> s(M * ld);                    // [M, ld]: the screen values
-  std::vector<float> best(chunks * M, -INFINITY);  // per chunk and input row: max(s - b)
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) dot_chunk(r, h, c, s.data(), ld, best.data() + c * M);
-  });
+  const Dots d = dot_all(r, h);
+  const int64_t chunks = d.chunks, ld = d.ld;
+  const float *s = d.s.data(), *best = d.best.data();
   std::vector<float> T(M, -INFINITY);  // per input row: its ks[m]-th largest s - b
   for (int64_t c = 0; c < chunks; ++c)
     for (int64_t m = 0; m < M; ++m) T[m] = std::max(T[m], best[c * M + m]);
   for (int64_t m = 0; m < M; ++m)
-    if (ks[m] > 1) T[m] = kth_lower(r, h, s.data(), ld, best.data(), chunks, m, ks[m]);
+    if (ks[m] > 1) T[m] = kth_lower(r, h, s, ld, best, chunks, m, ks[m]);
   if (rounded)  // bf16 logits: every token that can round to the same value as the maximum
     for (auto& t : T) t -= std::fabs(t) * 0x1p-6f;
   std::vector<std::vector<int64_t>> kept(chunks);  // each chunk's in order, chunks in order
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) keep_chunk(r, h, c, s.data(), ld, T.data(), limit, kept[c]);
+    for (int64_t c = c0; c < c1; ++c) keep_chunk(r, h, c, s, ld, T.data(), limit, kept[c]);
   });
   int64_t n = 0;
   for (const auto& k : kept) n += static_cast<int64_t>(k.size());
@@ -507,17 +519,14 @@ torch::Tensor values(const torch::Tensor& x, const torch::Tensor& q, const torch
                   q.size(1) == x.size(1) && scale.numel() == q.size(0) &&
                   scale.scalar_type() == at::kFloat && scale.is_contiguous(), "q [V, K], scale [V]");
   const Rows r = rows_for(x, avx2_only);
-  const int64_t V = q.size(0), M = r.M, chunks = (V + kGrain - 1) / kGrain, ld = chunks * kGrain;
-  const std::vector<float> zeros(ld, 0.f);
+  const int64_t V = q.size(0), M = r.M;
+  const std::vector<float> zeros((V + kGrain - 1) / kGrain * kGrain, 0.f);  // no bound terms
   const Head h{q.data_ptr<int8_t>(), scale.data_ptr<float>(), zeros.data(), zeros.data(),
                zeros.data(), V};
-  std::vector<float> s(M * ld), best(chunks * M);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) dot_chunk(r, h, c, s.data(), ld, best.data() + c * M);
-  });
+  const Dots d = dot_all(r, h);
   auto out = torch::empty({M, V}, torch::kFloat32);
   for (int64_t m = 0; m < M; ++m)
-    std::copy(s.begin() + m * ld, s.begin() + m * ld + V, out.data_ptr<float>() + m * V);
+    std::copy(d.s.begin() + m * d.ld, d.s.begin() + m * d.ld + V, out.data_ptr<float>() + m * V);
   return out;
 }
 
