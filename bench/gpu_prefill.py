@@ -109,20 +109,20 @@ def engine_prefill(bm, args) -> None:
     runner = engine.runner
     chosen = runner.backend
     # without our Triton attention every chunk gathers its context for the PyTorch path
-    paths = ["triton", "sdpa"] if chosen.triton_attention else ["reference"]
     said = chosen.chunk_attention if chosen.triton_attention else "reference"
     sched = engine.scheduler
     default = sched.config
-    intervals = {p: default for p in paths}
+    # label -> (chunk attention path, scheduler config)
+    variants = {p: (p, default) for p in
+                (("triton", "sdpa") if chosen.triton_attention else ("reference",))}  # fmt: skip
     if args.checkpoint_interval is not None:  # the start-up's path, checkpoints further apart
-        iv = args.checkpoint_interval
-        p = f"{said}-ckpt{iv}"
-        bs = default.block_size
+        iv, bs = args.checkpoint_interval, default.block_size
         none = iv == 0  # no checkpoint inside a prompt at all
-        iv = -(-(T_max + 1) // bs) * bs if none else iv
-        intervals[p] = dataclasses.replace(default, checkpoint_interval=iv,
-                                           checkpoint_prompt_end=default.checkpoint_prompt_end and not none)  # fmt: skip
-        paths.append(p)
+        config = dataclasses.replace(
+            default, checkpoint_interval=-(-(T_max + 1) // bs) * bs if none else iv,
+            checkpoint_prompt_end=default.checkpoint_prompt_end and not none)  # fmt: skip
+        variants[f"{said}-ckpt{iv}"] = (said, config)
+    paths = list(variants)
     g = torch.Generator().manual_seed(0)
     sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     rows, n = [], 0
@@ -130,8 +130,7 @@ def engine_prefill(bm, args) -> None:
         times = {p: [] for p in paths}
         for rep in range(args.reps + 1):
             for p in paths if rep % 2 else paths[::-1]:
-                sched.config = intervals[p]
-                attention = p.split("-ckpt")[0]
+                attention, sched.config = variants[p]
                 if attention != "reference":
                     runner.backend = dataclasses.replace(chosen, chunk_attention=attention)
                 ids = torch.randint(0, bm.model.config.vocab_size, (T,), generator=g).tolist()
