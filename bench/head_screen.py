@@ -52,6 +52,20 @@ def _steps(engine, n: int, rid: str, batch: int, top_k: int) -> tuple[list[float
     return times[2:], tokens  # the prefill and the first decode step left out
 
 
+def _interleaved(calls: dict, rounds: int, before=None) -> dict[str, float]:
+    """Median ms of each call, the calls one after another in every round (before(): run ahead
+    of each, untimed)."""
+    ms: dict[str, list[float]] = {m: [] for m in calls}
+    for _ in range(rounds):
+        for mode, call in calls.items():
+            if before is not None:
+                before()
+            t0 = time.perf_counter()
+            call()
+            ms[mode].append(time.perf_counter() - t0)
+    return {m: statistics.median(v) * 1e3 for m, v in ms.items()}
+
+
 def head_only(fmt: str, rounds: int) -> dict:
     """The 0.8B-sized head alone (248320 x 1024, random): the full head (layers.linear) vs the
     screen + exact rows (HeadScreen.tokens) vs the same through the screen's PyTorch twin
@@ -95,15 +109,8 @@ def head_only(fmt: str, rounds: int) -> dict:
         calls["rowwise"] = rowwise
     for M in (1, 2, 4, 8, 16):
         x = torch.randn(M, K).to(rows)
-        ms: dict[str, list[float]] = {m: [] for m in calls}
-        for _ in range(rounds):
-            for mode, call in calls.items():
-                for t in evict:
-                    t.sum()
-                t0 = time.perf_counter()
-                call(x, [1] * M)
-                ms[mode].append(time.perf_counter() - t0)
-        med = {m: statistics.median(v) * 1e3 for m, v in ms.items()}
+        med = _interleaved({m: lambda c=c, x=x: c(x, [1] * len(x)) for m, c in calls.items()}, rounds,
+                           before=lambda: [t.sum() for t in evict])  # fmt: skip
         out[M] = med
         print(f"{fmt} head alone, {M} rows: full {med['full']:.2f} ms, screen {med['screen']:.2f}"
               f" ({med['full'] / med['screen']:.2f}x), its PyTorch twin {med['twin']:.2f}"
@@ -115,33 +122,25 @@ def head_only(fmt: str, rounds: int) -> dict:
 
 def rescore(fmt: str, rounds: int) -> dict:
     """The screen's second half alone: the exact logits of C candidates (their weight rows
-    gathered, then the GEMV kernel) at the most rows the screen takes, the rows gathered into a
+    gathered, then layers.linear.head_linear) at the most rows the screen takes, the rows gathered into a
     fresh tensor each call (as HeadScreen does) and into a buffer kept between calls,
     alternating; the full head beside."""
-    from qwen35.layers.linear import linear
+    from qwen35.layers.linear import head_gemv_max_rows, head_linear
     from qwen35.models.head_screen import SCREEN_MAX_ROWS
 
     dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
     V, K = 248320, 1024
     w = (torch.randn(V, K) * 0.02).to(dtype)
-    head = HeadScreen(w)
-    M = min(head.max_rows, SCREEN_MAX_ROWS[dtype])
+    M = min(head_gemv_max_rows(dtype), SCREEN_MAX_ROWS[dtype])  # HeadScreen.max_rows
     x = torch.randn(M, K).to(dtype)
     out = {}
     for C in (4096, 8192, 16384):
         cand = torch.randperm(V)[:C].sort().values
         buf = torch.empty(C, K, dtype=dtype)
-        calls = {"reused": lambda c=cand, b=buf: linear(x, torch.index_select(w, 0, c, out=b)),
-                 "fresh": lambda c=cand: linear(x, w.index_select(0, c)),
-                 "full": lambda: linear(x, w)}  # fmt: skip
-        ms: dict[str, list[float]] = {m: [] for m in calls}
-        for _ in range(rounds):
-            for mode, call in calls.items():
-                t0 = time.perf_counter()
-                call()
-                ms[mode].append(time.perf_counter() - t0)
-        med = {m: statistics.median(v) * 1e3 for m, v in ms.items()}
-        out[C] = med
+        out[C] = med = _interleaved({  # head_linear: as HeadScreen._exact and the full head
+            "reused": lambda c=cand, b=buf: head_linear(x, torch.index_select(w, 0, c, out=b)),
+            "fresh": lambda c=cand: head_linear(x, w.index_select(0, c)),
+            "full": lambda: head_linear(x, w)}, rounds)  # fmt: skip
         print(f"{fmt}, {M} rows, {C} candidates ({C * K * w.element_size() >> 20} MiB): exact "
               f"logits {med['fresh']:.2f} ms (gathered into a kept buffer {med['reused']:.2f}); "
               f"the full head {med['full']:.2f}")  # fmt: skip

@@ -48,9 +48,9 @@ from qwen35.quant.formats import INT8_X_GROUP, INT8_X_MAX, quantize_rows_i16
 MAX_CANDIDATES = 4096  # per 4 input rows (max_candidates): more left after the screen, full head
 # The exact logits of C candidates cost their weight rows' gather and a C-row product: `python
 # bench/head_screen.py --rescore --rounds 5` (the 0.8B's head, Zen 5 VM, 2 threads): bf16 at 16
-# rows 0.75 / 2.1 ms for 4,096 / 8,192 candidates, the full head 23 ms; fp32 at 16 rows 1.7 ms for
+# rows 0.9 / 2.4 ms for 4,096 / 8,192 candidates, the full head 30 ms; fp32 at 16 rows 1.9 ms for
 # 4,096 against 63. But a gather of 32 MiB or more is a new mapping each call (glibc serves
-# blocks that large by mmap), whose page faults cost 7-14 ms more (11.0 vs 4.0 ms into a kept
+# blocks that large by mmap), whose page faults cost 7-14 ms more (12.4 vs 4.7 ms into a kept
 # buffer for 16,384 bf16 rows): the gathered rows stay under GATHER_MAX_BYTES, transient.
 GATHER_MAX_BYTES = 24 << 20
 # Rows up to which the screen beats the full head (and the exact rows take the GEMV kernel, as the
