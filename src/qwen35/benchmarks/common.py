@@ -191,7 +191,11 @@ def make_engine(bm: BenchModel, **kwargs):
 
 
 def free_memory() -> None:
+    """Collect what is unreferenced and hand freed heap memory back (qwen35/heap.py)."""
+    from qwen35 import heap
+
     gc.collect()
+    heap.release()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -6,8 +6,10 @@
 (`vendor/llama.cpp/`): point `QWEN35_LLAMA_CPP_DIR` at that llama.cpp directory.
 
 `convert(bm, "f32" | "bf16" | "q8_0" | "q4_0")`: the model's weights saved as a transformers text
-checkpoint, converted with the vendored script (f32 / bf16 / q8_0), q4_0 then made from the f32
-file with llama.cpp's own `llama_model_quantize`; `cleanup()` deletes them (the peers workload
+checkpoint (shards of ~1 GiB, so that writing it holds one shard's bf16 copy beside the model),
+converted with the vendored script (f32 / bf16 / q8_0), q4_0 then made from the bf16 file with
+llama.cpp's own `llama_model_quantize` (the same bytes as from an f32 file: the weights are bf16
+values, widened exactly; half the disk and time); `cleanup()` deletes them (the peers workload
 calls it when it ends, however it ends; at exit too). Random-weight models have no tokenizer, so the
 converter gets a placeholder vocabulary of the right size (the benchmark feeds token ids, never
 text). `LlamaRunner` times one prompt's prefill and each decode step through llama-cpp-python,
@@ -93,12 +95,23 @@ def _hf_dir(bm, opts) -> Path:
     hf = work / "hf"
     hf.mkdir()
     cfg = bm.config
-    sd = {}
-    for name, p in bm.model.named_parameters():
-        sd.setdefault(name, p.detach().bfloat16().contiguous().clone())
+    params = dict(bm.model.named_parameters())
     if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    save_file(sd, str(hf / "model.safetensors"), metadata={"format": "pt"})
+        params.pop("lm_head.weight", None)
+    shards = _shards([(n, p.numel() * 2) for n, p in params.items()], SHARD_BYTES)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    for fname, shard in zip(names, shards, strict=True):  # one shard's copy in memory at a time
+        sd = {n: params[n].detach().bfloat16().contiguous().clone() for n in shard}
+        save_file(sd, str(hf / fname), metadata={"format": "pt"})
+        del sd
+    if len(shards) > 1:
+        index = {n: fname for fname, shard in zip(names, shards, strict=True) for n in shard}
+        total = sum(p.numel() * 2 for p in params.values())
+        (hf / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1)
+        )
     text = {
         "architectures": ["Qwen3_5MoeForCausalLM" if cfg.is_moe else "Qwen3_5ForCausalLM"],
         "model_type": "qwen3_5_moe_text" if cfg.is_moe else "qwen3_5_text",
@@ -138,6 +151,22 @@ def _hf_dir(bm, opts) -> Path:
     return hf
 
 
+SHARD_BYTES = 1 << 30  # the checkpoint's shard size (bf16 bytes)
+
+
+def _shards(sizes: list[tuple[str, int]], limit: int) -> list[list[str]]:
+    """Tensor names in order, cut into shards of at most `limit` bytes (a larger tensor alone)."""
+    out: list[list[str]] = []
+    used = limit
+    for name, n in sizes:
+        if used + n > limit:
+            out.append([])
+            used = 0
+        out[-1].append(name)
+        used += n
+    return out
+
+
 def cleanup() -> None:
     """Remove this run's checkpoint and GGUF files (several GB per model in the temp dir;
     a llama.cpp engine that still maps one keeps reading it until it closes)."""
@@ -152,7 +181,7 @@ def convert(bm, quant: str, opts) -> Path:
     if out.exists():
         return out
     if quant == "q4_0":
-        return _quantize(convert(bm, "f32", opts), out)
+        return _quantize(convert(bm, "bf16", opts), out)
     cmd = [sys.executable, "-c", _CONVERT, str(llama_dir()), str(hf)]
     cmd += ["--outtype", quant, "--outfile", str(out), "--no-mtp"]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -189,6 +218,13 @@ class LlamaRunner:
             n_threads_batch=n,
             verbose=False,
         )
+
+    def close(self) -> None:
+        """Free the contexts and the model (its mapped GGUF file)."""
+        for b in self.batched.values():
+            b.ctx.close()
+        self.batched.clear()
+        self.llm.close()
 
     def run(self, prompt: list[int], new: int, rid: str = "") -> tuple[float, list[float]]:
         self.llm.reset()

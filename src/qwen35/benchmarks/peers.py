@@ -21,6 +21,7 @@ import random
 from qwen35.benchmarks.common import (
     BenchModel,
     BenchOptions,
+    free_memory,
     make_engine,
     median,
     ratio,
@@ -101,6 +102,11 @@ class _Ours:
     def run_batch(self, prompts: list[list[int]], steps: int, rid: str) -> list[float]:
         return timed_batch(self.engine, prompts, steps, rid)
 
+    def close(self) -> None:
+        """Drop the engine and model (their memory goes with the last reference)."""
+        self.engine.shutdown()
+        self.engine = self.bm = None
+
 
 def _decode_pairs(engines: dict, r: int) -> list[list[str]]:
     """Round r's pairs: each of our formats with its llama.cpp twin (alone where none is
@@ -161,73 +167,165 @@ def check_formats(formats: tuple[str, ...] | None) -> tuple[str, ...]:
     return formats
 
 
+def _load_engine(name: str, bm: BenchModel, opts: BenchOptions, paths: dict, max_len: int,
+                 sz: dict, gguf) -> tuple[object, dict]:  # fmt: skip
+    """One engine of the workload and its row's facts (weight bytes, weights label, K/V dtype),
+    which outlive it."""
+    if name.startswith("qwen35 "):
+        fmt = name.removeprefix("qwen35 ")
+        opts.say(f"peers: loading ours {fmt}")
+        m = _load_ours(bm, opts, fmt)
+        ours = _Ours(m, max_len, max(sz["batches"], default=1))
+        head = ours.engine.head_screen  # the int8 screen of lm_head (models/head_screen.py)
+        facts = {"weight_bytes": m.weight_bytes + (head.nbytes if head else 0),
+                 "weights": m.label, "kv_cache": ours.kv_cache}  # fmt: skip
+        return ours, facts
+    q = name.removeprefix("llama.cpp ")
+    facts = {"weight_bytes": paths[q].stat().st_size, "weights": q, "kv_cache": "float16"}
+    return gguf.LlamaRunner(paths[q], max_len, opts.threads), facts
+
+
+def our_bytes(bm: BenchModel, fmt: str, opts: BenchOptions) -> int:
+    """What loading our format `fmt` adds to memory: 0 where it is the bench model itself, else
+    the planner's weight bytes of its storage (plan/params.py, the loader's formulas), plus an
+    int8 copy of lm_head (the head screen) and 10% for caches and the engine's buffers."""
+    from qwen35.loader import parse_dtype
+    from qwen35.plan.params import weight_bytes
+
+    dtype, quantization = format_options(fmt, opts)
+    if parse_dtype(dtype) == bm.dtype and quantization == bm.quantization:
+        return 0
+    cfg = bm.config
+    n = weight_bytes(cfg, quantization or "bf16", text_only=True)
+    if quantization is None and parse_dtype(dtype).itemsize == 4:
+        n *= 2  # fp32 weights
+    return int(1.1 * (n + cfg.vocab_size * cfg.hidden_size))
+
+
+def engine_groups(bm: BenchModel, formats: tuple[str, ...], paths: dict, opts: BenchOptions,
+                  available: int | None = None) -> tuple[list[list[str]], dict[str, str]]:  # fmt: skip
+    """Which engines run together: ([engine names measured together], {engine: why not run}).
+    All of them in one group (rounds interleave every engine) when their memory fits what the
+    machine has available now (MemAvailable; unknown: assumed to fit); else one group a format,
+    ours and its llama.cpp twin (GGUF file size: llama.cpp maps it whole), each freed before
+    the next loads: a pair that does not fit runs ours alone, a format whose own weights do
+    not fit is skipped. Without this a 4B's five engines (~30 GB) were killed by the OOM killer
+    on a 24 GiB machine, with nothing said."""
+    from qwen35.heap import proc_bytes
+
+    if available is None:
+        available = proc_bytes("/proc/meminfo", "MemAvailable")
+    need = {f"qwen35 {f}": our_bytes(bm, f, opts) for f in formats}
+    need |= {f"llama.cpp {q}": p.stat().st_size for q, p in paths.items()}
+    pairs = []
+    for f in formats:
+        twin = f"llama.cpp {PAIRS.get(f, '')}"
+        pairs.append([f"qwen35 {f}"] + ([twin] if twin in need else []))
+    if available is None or sum(need.values()) <= available:
+        return [[n for pair in pairs for n in pair]], {}
+    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+    groups, skipped = [], {}
+    for pair in pairs:
+        while pair and sum(need[n] for n in pair) > available:
+            gone = pair.pop()  # the twin first, then ours
+            skipped[gone] = (f"needs {gib(sum(need[n] for n in pair + [gone]))} with "
+                             f"{'its pair' if pair else 'the bench model'}, "
+                             f"{gib(available)} available")  # fmt: skip
+        if pair:
+            groups.append(pair)
+    return groups, skipped
+
+
+class _Results:
+    """Each engine's timings, gathered over the groups of engines it ran in."""
+
+    def __init__(self, sz: dict, vocab_size: int):
+        self.sz, self.V = sz, vocab_size
+        self.decode: dict[str, list] = {}
+        self.per_round: dict[str, list] = {}  # each round's median step: paired ratios show noise
+        self.prefill: dict[str, dict] = {}
+        self.batched: dict[str, dict] = {}  # each round's total tok/s by batch size
+        self.decode_long: dict[str, list] = {}  # steps after the longest prefill
+        self.long_round: dict[str, list] = {}  # and each round's median of them
+
+    def measure(self, engines: dict, rng: random.Random, opts: BenchOptions) -> None:
+        """sz's rounds over these engines, interleaved (pairs back to back, alternating)."""
+        sz = self.sz
+        big = max(sz["prefill"])
+        V = self.V
+        for name in engines:
+            self.decode[name], self.per_round[name] = [], []
+            self.prefill[name] = {p: [] for p in sz["prefill"]}
+            self.batched[name] = {b: [] for b in sz["batches"]}
+            self.decode_long[name], self.long_round[name] = [], []
+        for name, eng in engines.items():  # warm-up
+            eng.run([rng.randrange(V) for _ in range(8)], 2, f"warm-{name}")
+        for r in range(sz["rounds"]):
+            opts.say(f"peers: round {r + 1}/{sz['rounds']}")
+            prompt = [rng.randrange(V) for _ in range(sz["prompt"])]
+            long = {p: [rng.randrange(V) for _ in range(p)] for p in sz["prefill"]}
+            # decode: each pair back to back (ours first in even rounds, llama.cpp first in odd
+            # ones), so a pair's ratio sees the same minute of the machine's bandwidth, which drifts
+            for pair in _decode_pairs(engines, r):  # a pair's steps alternate one by one
+                for name, steps in zip(pair, interleaved_steps(
+                    [engines[n].steps(prompt, sz["new"], f"{n}-d{r}") for n in pair]), strict=True):  # fmt: skip
+                    self.decode[name] += steps
+                    self.per_round[name].append(1 / median(steps))
+            for b in sz["batches"]:  # B sequences decoding together, pairs back to back as above
+                prompts = [[rng.randrange(V) for _ in range(sz["prompt"])] for _ in range(b)]
+                for name in _decode_order(engines, r):
+                    steps = engines[name].run_batch(prompts, sz["batch_steps"], f"{name}-b{b}-{r}")
+                    self.batched[name][b].append(b / median(steps))
+            for name in _decode_order(engines, r):  # prefills (and decode after the longest)
+                eng = engines[name]
+                for p, toks in long.items():
+                    new = 1 + (sz["long_new"] if p == big else 0)
+                    first, steps = eng.run(toks, new, f"{name}-p{p}-{r}")
+                    self.prefill[name][p].append(first)
+                    if p == big:
+                        self.decode_long[name] += steps
+                        self.long_round[name].append(1 / median(steps))
+
+
 def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
     sz = sizes(opts)
     big = max(sz["prefill"])
     max_len = big + max(sz["new"], sz["long_new"]) + 16
-    engines: dict[str, object] = {}
-    weight_bytes = {}
     formats = check_formats(opts.formats)
-    for fmt in formats:
-        opts.say(f"peers: loading ours {fmt}")
-        m = _load_ours(bm, opts, fmt)
-        engines[f"qwen35 {fmt}"] = ours = _Ours(m, max_len, max(sz["batches"], default=1))
-        head = ours.engine.head_screen  # the int8 screen of lm_head (models/head_screen.py)
-        weight_bytes[f"qwen35 {fmt}"] = m.weight_bytes + (head.nbytes if head else 0)
     llama = gguf.available()
+    paths = {}  # llama.cpp twin -> its GGUF file, all converted before any engine of ours loads
     if llama is None:
         opts.say("peers: converting the weights to GGUF with llama.cpp's converter")
         for q in [PAIRS[f] for f in formats if f in PAIRS]:
             try:
-                path = gguf.convert(bm, q, opts)
-                engines[f"llama.cpp {q}"] = gguf.LlamaRunner(path, max_len, opts.threads)
-                weight_bytes[f"llama.cpp {q}"] = path.stat().st_size
+                paths[q] = gguf.convert(bm, q, opts)
             except gguf.GGUFError as e:
-                llama = f"llama.cpp {q}: {e}"
+                llama, paths = f"llama.cpp {q}: {e}", {}
                 break
+    groups, skipped = engine_groups(bm, formats, paths, opts)
+    info: dict[str, dict] = {}  # each engine's row facts, kept after it is freed
+    acc = _Results(sz, bm.config.vocab_size)
     rng = random.Random(opts.seed)
-    V = bm.config.vocab_size
-    for name, eng in engines.items():  # warm-up
-        eng.run([rng.randrange(V) for _ in range(8)], 2, f"warm-{name}")
-    decode = {n: [] for n in engines}
-    per_round = {n: [] for n in engines}  # each round's median step: paired ratios show the noise
-    prefill = {n: {p: [] for p in sz["prefill"]} for n in engines}
-    batched = {n: {b: [] for b in sz["batches"]} for n in engines}  # each round's total tok/s
-    decode_long = {n: [] for n in engines}  # steps after the longest prefill
-    long_round = {n: [] for n in engines}  # and each round's median of them
-    for r in range(sz["rounds"]):
-        opts.say(f"peers: round {r + 1}/{sz['rounds']}")
-        prompt = [rng.randrange(V) for _ in range(sz["prompt"])]
-        long = {p: [rng.randrange(V) for _ in range(p)] for p in sz["prefill"]}
-        # decode: each pair back to back (ours first in even rounds, llama.cpp first in odd ones),
-        # so a pair's ratio sees the same minute of the machine's bandwidth, which drifts
-        for pair in _decode_pairs(engines, r):  # a pair's steps alternate one by one
-            for name, steps in zip(pair, interleaved_steps(
-                [engines[n].steps(prompt, sz["new"], f"{n}-d{r}") for n in pair]), strict=True):  # fmt: skip
-                decode[name] += steps
-                per_round[name].append(1 / median(steps))
-        for b in sz["batches"]:  # B sequences decoding together, pairs back to back as above
-            prompts = [[rng.randrange(V) for _ in range(sz["prompt"])] for _ in range(b)]
-            for name in _decode_order(engines, r):
-                steps = engines[name].run_batch(prompts, sz["batch_steps"], f"{name}-b{b}-{r}")
-                batched[name][b].append(b / median(steps))
-        for name in _decode_order(engines, r):  # prefills (and decode after the longest) paired too
-            eng = engines[name]
-            for p, toks in long.items():
-                new = 1 + (sz["long_new"] if p == big else 0)
-                first, steps = eng.run(toks, new, f"{name}-p{p}-{r}")
-                prefill[name][p].append(first)
-                if p == big:
-                    decode_long[name] += steps
-                    long_round[name].append(1 / median(steps))
+    for group in groups:
+        if len(groups) > 1:
+            opts.say(f"peers: {' and '.join(group)} (one pair at a time: memory)")
+        engines: dict[str, object] = {}
+        for name in group:
+            engines[name], info[name] = _load_engine(name, bm, opts, paths, max_len, sz, gguf)
+        acc.measure(engines, rng, opts)
+        for eng in engines.values():  # the next pair's memory (bm itself stays: the bench's model)
+            eng.close()
+        del engines
+        free_memory()
     rows = {}
-    for name, eng in engines.items():
+    decode, per_round, prefill = acc.decode, acc.per_round, acc.prefill
+    decode_long, long_round, batched = acc.decode_long, acc.long_round, acc.batched
+    for name in info:
         d = median(decode[name])
         rows[name] = {
-            "weight_bytes": weight_bytes[name],
-            "weights": eng.bm.label if isinstance(eng, _Ours) else name.removeprefix("llama.cpp "),
-            # the K/V cache's dtype (ours: --kv-cache-dtype auto; llama.cpp: its default f16)
-            "kv_cache": eng.kv_cache if isinstance(eng, _Ours) else "float16",
+            # weights: the format's label; kv_cache: the K/V cache's dtype (ours:
+            # --kv-cache-dtype auto; llama.cpp: its default f16)
+            **info[name],
             "decode_tokens_per_s": 1 / d,
             "decode_tokens_per_s_per_round": per_round[name],
             "prefill_tokens_per_s": {str(p): p / median(v) for p, v in prefill[name].items()},
@@ -279,6 +377,10 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
         "long_context_new_tokens": sz["long_new"],
         "rounds": sz["rounds"],
         "llama_cpp": llama or "ran",
+        # engines measured together (rounds interleave them): all at once, or one pair at a
+        # time where together they would not fit in memory; engines not run, and why
+        "groups": groups,
+        "skipped": skipped,
         "engines": rows,
         "decode_ratio_per_round": per_round_ratio,  # ours vs llama.cpp, by our format
         "decode_at_context_ratio": long_ratio,  # the same after the longest prefill

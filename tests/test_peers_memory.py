@@ -1,0 +1,137 @@
+"""The peers workload on models whose engines do not fit in memory together (a 4B's five engines
+are ~30 GB): one pair at a time, what cannot fit skipped with the reason, every engine freed
+before the next pair loads; the converter's checkpoint written in shards. No timings asserted."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+
+import pytest
+from safetensors.torch import load_file
+
+from qwen35.benchmarks import gguf, peers
+from qwen35.benchmarks.common import BenchOptions, load_bench_model
+from tiny import tiny_config_dict
+
+FORMATS = ("bf16", "int8", "int4", "fp8")
+
+
+@pytest.fixture(scope="module")
+def bm_opts(tmp_path_factory):
+    d = tiny_config_dict(model_type="qwen3_5_text", vocab_size=512)
+    d["layer_types"] = ["linear_attention"] * 3 + ["full_attention"]
+    path = tmp_path_factory.mktemp("peers") / "config.json"
+    path.write_text(json.dumps(d))
+    opts = BenchOptions(model=str(path), quick=True, threads=None, formats=FORMATS)
+    return load_bench_model(opts), opts
+
+
+class _File:
+    def __init__(self, n):
+        self.n = n
+
+    def stat(self):
+        return type("S", (), {"st_size": self.n})()
+
+
+def test_groups_all_together_when_they_fit(bm_opts):
+    bm, opts = bm_opts
+    paths = {"bf16": _File(100), "q8_0": _File(60), "q4_0": _File(40)}
+    groups, skipped = peers.engine_groups(bm, FORMATS, paths, opts, available=1 << 40)
+    assert groups == [["qwen35 bf16", "llama.cpp bf16", "qwen35 int8", "llama.cpp q8_0",
+                       "qwen35 int4", "llama.cpp q4_0", "qwen35 fp8"]]  # fmt: skip
+    assert skipped == {}
+    # unknown memory (no /proc/meminfo): assumed to fit, as before
+    assert peers.engine_groups(bm, FORMATS, paths, opts, available=None)[0] == groups
+
+
+def test_groups_one_pair_at_a_time_and_what_cannot_fit(bm_opts):
+    bm, opts = bm_opts
+    need = {f: peers.our_bytes(bm, f, opts) for f in FORMATS}
+    assert need["bf16"] == 0  # the bench model itself (loaded already)
+    assert need["int4"] < need["int8"] < need["fp8"] * 1.2 and need["int8"] > 0
+    q8, q4 = need["int8"], need["int4"]
+    # every pair fits alone, not all together
+    paths = {"bf16": _File(q8), "q8_0": _File(q8), "q4_0": _File(q4)}
+    avail = 2 * q8 + 1
+    groups, skipped = peers.engine_groups(bm, FORMATS, paths, opts, available=avail)
+    assert groups == [["qwen35 bf16", "llama.cpp bf16"], ["qwen35 int8", "llama.cpp q8_0"],
+                      ["qwen35 int4", "llama.cpp q4_0"], ["qwen35 fp8"]]  # fmt: skip
+    assert skipped == {}
+    # a twin that does not fit beside ours is skipped (ours runs alone); ours too large: gone
+    paths["q8_0"] = _File(q8 + 2)
+    groups, skipped = peers.engine_groups(bm, FORMATS, paths, opts, available=avail)
+    assert ["qwen35 int8"] in groups and "llama.cpp q8_0" not in str(groups)
+    assert set(skipped) == {"llama.cpp q8_0"} and "available" in skipped["llama.cpp q8_0"]
+    groups, skipped = peers.engine_groups(bm, FORMATS, paths, opts, available=q4 + 1)
+    assert groups[0] == ["qwen35 bf16"] and ["qwen35 int4"] in groups
+    assert {"qwen35 int8", "qwen35 fp8", "llama.cpp bf16"} <= set(skipped)
+    assert "with the bench model" in skipped["qwen35 int8"]
+
+
+def test_peers_one_pair_at_a_time_end_to_end(bm_opts, monkeypatch):
+    """Forced into pairs (memory said to be short): every engine measured, rows and ratios as
+    in one group, each engine freed (nothing keeps its model alive) before the next loads."""
+    bm, opts = bm_opts
+
+    def pairs(bm, formats, paths, opts):  # engine_groups' answer when memory is short
+        twin = lambda f: [f"llama.cpp {peers.PAIRS[f]}"] if peers.PAIRS.get(f) in paths else []  # noqa: E731
+        return [[f"qwen35 {f}", *twin(f)] for f in formats], {}
+
+    monkeypatch.setattr(peers, "engine_groups", pairs)
+    alive = {}
+    load = peers._load_engine
+
+    def tracked(name, *a):
+        eng, facts = load(name, *a)
+        if isinstance(eng, peers._Ours) and eng.bm is not bm:
+            for g in alive.values():  # the pair before this one is gone already
+                gc.collect()
+                assert g() is None
+            alive[name] = weakref.ref(eng.bm.model)
+        return eng, facts
+
+    monkeypatch.setattr(peers, "_load_engine", tracked)
+    doc = peers.run_peers(bm, opts)
+    assert len(doc["groups"]) == len(FORMATS) and doc["skipped"] == {}
+    assert [g[0] for g in doc["groups"]] == [f"qwen35 {f}" for f in FORMATS]
+    assert {f"qwen35 {f}" for f in FORMATS} <= set(doc["engines"])
+    for r in doc["engines"].values():
+        assert r["decode_tokens_per_s"] > 0 and len(r["decode_tokens_per_s_per_round"]) == 1
+    if doc["llama_cpp"] == "ran":
+        assert set(doc["decode_ratio_per_round"]) == {"bf16", "int8", "int4"}
+    gc.collect()
+    assert alive and all(g() is None for g in alive.values())
+
+
+def test_checkpoint_in_shards_equals_one_file(bm_opts, monkeypatch):
+    """The converter's transformers checkpoint: shards with an index (one shard's bf16 copy in
+    memory at a time) hold exactly what one file holds."""
+    bm, opts = bm_opts
+    assert peers  # (the module above, whose workload writes it)
+    whole = load_file(str(gguf._hf_dir(bm, opts) / "model.safetensors"))
+    gguf.cleanup()
+    monkeypatch.setattr(gguf, "SHARD_BYTES", 64 << 10)
+    try:
+        hf = gguf._hf_dir(bm, opts)
+        index = json.loads((hf / "model.safetensors.index.json").read_text())
+        files = sorted(set(index["weight_map"].values()))
+        assert len(files) > 2 and not (hf / "model.safetensors").exists()
+        got = {}
+        for f in files:
+            part = load_file(str(hf / f))
+            assert sum(t.numel() * 2 for t in part.values()) <= 64 << 10 or len(part) == 1
+            got |= part
+        assert set(got) == set(whole) == set(index["weight_map"])
+        assert all(got[n].equal(whole[n]) for n in whole)
+        assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in whole.values())
+    finally:
+        gguf.cleanup()
+
+
+def test_shards_cut_in_order():
+    assert gguf._shards([("a", 3), ("b", 3), ("c", 5), ("d", 1), ("e", 2)], 6) == [
+        ["a", "b"], ["c", "d"], ["e"]]  # fmt: skip
+    assert gguf._shards([("big", 10), ("x", 1)], 4) == [["big"], ["x"]]
