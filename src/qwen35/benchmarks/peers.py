@@ -5,7 +5,8 @@ llama.cpp (optional, through `llama-cpp-python`; skipped with the reason when it
 installed): the same weights saved as a transformers checkpoint and converted by llama.cpp's own
 `convert_hf_to_gguf.py` to f32 / bf16 / q8_0 / q4_0 (`benchmarks/gguf.py`). Pairs: fp32-f32,
 bf16-bf16, int8-q8_0, int4-q4_0 (fp8 has no llama.cpp twin; its goal is int8's speed / 1.3).
-Measured per engine and round (rounds interleave all engines): batch-1 decode tokens/s (median
+Measured per engine and round (rounds interleave all engines; where they would not fit in memory
+together, one format and its twin at a time: `engine_groups`): batch-1 decode tokens/s (median
 step after a 128-token prompt; our format and its llama.cpp twin alternate step by step) and
 prefill tokens/s at 512 and 2048 tokens; with `--batches`, batched decode: B sequences of
 128-token prompts decoding together, total tokens/s (ours: one engine step a token of each;
