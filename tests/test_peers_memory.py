@@ -4,6 +4,7 @@ before the next pair loads; the converter's checkpoint written in shards. No tim
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import weakref
@@ -39,10 +40,10 @@ class _File:
 def test_groups_all_together_when_they_fit(bm_opts):
     bm, opts = bm_opts
     paths = {"bf16": _File(100), "q8_0": _File(60), "q4_0": _File(40)}
-    groups, skipped = peers.engine_groups(bm, FORMATS, paths, opts, available=1 << 40)
+    groups, skipped, release = peers.engine_groups(bm, FORMATS, paths, opts, available=1 << 40)
     assert groups == [["qwen35 bf16", "llama.cpp bf16", "qwen35 int8", "llama.cpp q8_0",
                        "qwen35 int4", "llama.cpp q4_0", "qwen35 fp8"]]  # fmt: skip
-    assert skipped == {}
+    assert skipped == {} and release is None
     # unknown memory (no /proc/meminfo): assumed to fit, as before
     assert peers.engine_groups(bm, FORMATS, paths, opts, available=None)[0] == groups
 
@@ -56,19 +57,31 @@ def test_groups_one_pair_at_a_time_and_what_cannot_fit(bm_opts):
     # every pair fits alone, not all together
     paths = {"bf16": _File(q8), "q8_0": _File(q8), "q4_0": _File(q4)}
     avail = 2 * q8 + 1
-    groups, skipped = peers.engine_groups(bm, FORMATS, paths, opts, available=avail)
+    groups, skipped, release = peers.engine_groups(bm, FORMATS, paths, opts, available=avail)
     assert groups == [["qwen35 bf16", "llama.cpp bf16"], ["qwen35 int8", "llama.cpp q8_0"],
                       ["qwen35 int4", "llama.cpp q4_0"], ["qwen35 fp8"]]  # fmt: skip
-    assert skipped == {}
-    # a twin that does not fit beside ours is skipped (ours runs alone); ours too large: gone
-    paths["q8_0"] = _File(q8 + 2)
-    groups, skipped = peers.engine_groups(bm, FORMATS, paths, opts, available=avail)
-    assert ["qwen35 int8"] in groups and "llama.cpp q8_0" not in str(groups)
+    assert skipped == {} and release is None
+    # the bench model's own format runs first, whatever the order asked
+    order = ("int8", "bf16", "int4")
+    got = peers.engine_groups(bm, order, paths, opts, available=avail)[0]
+    assert [g[0] for g in got] == ["qwen35 bf16", "qwen35 int8", "qwen35 int4"]
+    # a pair that fits only without the bench model's weights: they are freed before it
+    w = bm.weight_bytes
+    paths["q8_0"] = _File(avail - q8 + w // 2)
+    groups, skipped, release = peers.engine_groups(bm, FORMATS, paths, opts, available=avail)
+    assert skipped == {} and release == 1 and groups[1] == ["qwen35 int8", "llama.cpp q8_0"]
+    # a twin that does not fit beside ours even then is skipped (ours runs alone)
+    paths["q8_0"] = _File(avail - q8 + w + 1)
+    groups, skipped, release = peers.engine_groups(bm, FORMATS, paths, opts, available=avail)
+    assert ["qwen35 int8"] in groups and "llama.cpp q8_0" not in str(groups) and release is None
     assert set(skipped) == {"llama.cpp q8_0"} and "available" in skipped["llama.cpp q8_0"]
-    groups, skipped = peers.engine_groups(bm, FORMATS, paths, opts, available=q4 + 1)
+    # ours too large even alone (and a bench model too small to make room): skipped
+    paths["q8_0"] = _File(q8)
+    small = dataclasses.replace(bm, weight_bytes=0)
+    groups, skipped, release = peers.engine_groups(small, FORMATS, paths, opts, available=q4 + 1)
     assert groups[0] == ["qwen35 bf16"] and ["qwen35 int4"] in groups
     assert {"qwen35 int8", "qwen35 fp8", "llama.cpp bf16"} <= set(skipped)
-    assert "with the bench model" in skipped["qwen35 int8"]
+    assert "with nothing else loaded" in skipped["qwen35 int8"]
 
 
 def test_peers_one_pair_at_a_time_end_to_end(bm_opts, monkeypatch):
@@ -78,7 +91,7 @@ def test_peers_one_pair_at_a_time_end_to_end(bm_opts, monkeypatch):
 
     def pairs(bm, formats, paths, opts):  # engine_groups' answer when memory is short
         twin = lambda f: [f"llama.cpp {peers.PAIRS[f]}"] if peers.PAIRS.get(f) in paths else []  # noqa: E731
-        return [[f"qwen35 {f}", *twin(f)] for f in formats], {}
+        return [[f"qwen35 {f}", *twin(f)] for f in formats], {}, 1  # the bench model freed too
 
     monkeypatch.setattr(peers, "engine_groups", pairs)
     alive = {}
@@ -94,8 +107,16 @@ def test_peers_one_pair_at_a_time_end_to_end(bm_opts, monkeypatch):
         return eng, facts
 
     monkeypatch.setattr(peers, "_load_engine", tracked)
+    first = weakref.ref(bm.model)
+    before = {n: t.clone() for n, t in bm.model.state_dict().items()}
     doc = peers.run_peers(bm, opts)
     assert len(doc["groups"]) == len(FORMATS) and doc["skipped"] == {}
+    assert doc["bench_model_released_before_group"] == 1
+    # the bench model was freed after its own pair and loaded again at the end, the same weights
+    gc.collect()
+    assert first() is None and bm.model is not None and not isinstance(bm.model, peers._Released)
+    after = bm.model.state_dict()
+    assert set(after) == set(before) and all(after[n].equal(before[n]) for n in before)
     assert [g[0] for g in doc["groups"]] == [f"qwen35 {f}" for f in FORMATS]
     assert {f"qwen35 {f}" for f in FORMATS} <= set(doc["engines"])
     for r in doc["engines"].values():

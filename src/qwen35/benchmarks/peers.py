@@ -204,37 +204,68 @@ def our_bytes(bm: BenchModel, fmt: str, opts: BenchOptions) -> int:
 
 
 def engine_groups(bm: BenchModel, formats: tuple[str, ...], paths: dict, opts: BenchOptions,
-                  available: int | None = None) -> tuple[list[list[str]], dict[str, str]]:  # fmt: skip
-    """Which engines run together: ([engine names measured together], {engine: why not run}).
-    All of them in one group (rounds interleave every engine) when their memory fits what the
-    machine has available now (MemAvailable; unknown: assumed to fit); else one group a format,
-    ours and its llama.cpp twin (GGUF file size: llama.cpp maps it whole), each freed before
-    the next loads: a pair that does not fit runs ours alone, a format whose own weights do
-    not fit is skipped. Without this a 4B's five engines (~30 GB) were killed by the OOM killer
-    on a 24 GiB machine, with nothing said."""
+                  available: int | None = None) -> tuple[list[list[str]], dict[str, str], int | None]:  # fmt: skip
+    """Which engines run together: ([engine names measured together], {engine: why not run},
+    the group before which the bench model is let go, or None). All of them in one group
+    (rounds interleave every engine) when their memory fits what the machine has available now
+    (MemAvailable; unknown: assumed to fit); else one group a format, ours and its llama.cpp
+    twin (GGUF file size: llama.cpp maps it whole), each freed before the next loads, the bench
+    model's own format first: a later pair that fits only without the bench model's weights
+    (a 9B's 18 GB of bf16 on a 24 GiB machine) gets them freed before it runs (`_release`,
+    reloaded at the end); a pair that still does not fit runs ours alone, a format whose own
+    weights do not fit is skipped. Without this a 4B's five engines (~30 GB) were killed by
+    the OOM killer on a 24 GiB machine, with nothing said."""
     from qwen35.heap import proc_bytes
 
     if available is None:
         available = proc_bytes("/proc/meminfo", "MemAvailable")
     need = {f"qwen35 {f}": our_bytes(bm, f, opts) for f in formats}
     need |= {f"llama.cpp {q}": p.stat().st_size for q, p in paths.items()}
+    own = {f"qwen35 {f}" for f in formats if need[f"qwen35 {f}"] == 0}  # the bench model itself
     pairs = []
     for f in formats:
         twin = f"llama.cpp {PAIRS.get(f, '')}"
         pairs.append([f"qwen35 {f}"] + ([twin] if twin in need else []))
     if available is None or sum(need.values()) <= available:
-        return [[n for pair in pairs for n in pair]], {}
+        return [[n for pair in pairs for n in pair]], {}, None
+    pairs.sort(key=lambda pair: pair[0] not in own)  # (stable: the formats' order otherwise)
+    first = 1 if pairs[0][0] in own else 0  # the first group that runs without the bench model
     gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
-    groups, skipped = [], {}
-    for pair in pairs:
-        while pair and sum(need[n] for n in pair) > available:
+    groups, skipped, release_at = [], {}, None
+    for i, pair in enumerate(pairs):
+        room = available + (bm.weight_bytes if i >= first else 0)
+        while pair and sum(need[n] for n in pair) > room:
             gone = pair.pop()  # the twin first, then ours
             skipped[gone] = (f"needs {gib(sum(need[n] for n in pair + [gone]))} with "
-                             f"{'its pair' if pair else 'the bench model'}, "
-                             f"{gib(available)} available")  # fmt: skip
+                             f"{'its pair' if pair else 'nothing else loaded'}, "
+                             f"{gib(room)} available")  # fmt: skip
+        if pair and sum(need[n] for n in pair) > available and release_at is None:
+            release_at = len(groups)
         if pair:
             groups.append(pair)
-    return groups, skipped
+    return groups, skipped, release_at
+
+
+def _release(bm: BenchModel) -> None:
+    """The bench model's weights freed (its config kept): a later pair needs the memory."""
+    bm.model = _Released(bm.model.config, getattr(bm.model, "mtp", None) is not None)
+    free_memory()
+
+
+class _Released:
+    """What stays of a released bench model until `_restore` loads it again."""
+
+    def __init__(self, config, mtp: bool):
+        self.config, self.mtp = config, mtp
+
+
+def _restore(bm: BenchModel, opts: BenchOptions) -> None:
+    """The released bench model loaded again as the bench loaded it (seeded random weights
+    are drawn the same), for whatever runs after this workload."""
+    from qwen35.benchmarks.common import load_bench_model
+
+    if isinstance(bm.model, _Released):
+        bm.model = load_bench_model(opts, quantization=bm.quantization, mtp=bm.model.mtp).model
 
 
 class _Results:
@@ -303,21 +334,27 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
             except gguf.GGUFError as e:
                 llama, paths = f"llama.cpp {q}: {e}", {}
                 break
-    groups, skipped = engine_groups(bm, formats, paths, opts)
+    groups, skipped, release_at = engine_groups(bm, formats, paths, opts)
     info: dict[str, dict] = {}  # each engine's row facts, kept after it is freed
     acc = _Results(sz, bm.config.vocab_size)
     rng = random.Random(opts.seed)
-    for group in groups:
-        if len(groups) > 1:
-            opts.say(f"peers: {' and '.join(group)} (one pair at a time: memory)")
-        engines: dict[str, object] = {}
-        for name in group:
-            engines[name], info[name] = _load_engine(name, bm, opts, paths, max_len, sz, gguf)
-        acc.measure(engines, rng, opts)
-        for eng in engines.values():  # the next pair's memory (bm itself stays: the bench's model)
-            eng.close()
-        del engines
-        free_memory()
+    try:
+        for i, group in enumerate(groups):
+            if i == release_at:
+                opts.say("peers: the bench model's weights freed for the next pairs (memory)")
+                _release(bm)
+            if len(groups) > 1:
+                opts.say(f"peers: {' and '.join(group)} (one pair at a time: memory)")
+            engines: dict[str, object] = {}
+            for name in group:
+                engines[name], info[name] = _load_engine(name, bm, opts, paths, max_len, sz, gguf)
+            acc.measure(engines, rng, opts)
+            for eng in engines.values():  # the next pair's memory (bm: see _release)
+                eng.close()
+            del engines
+            free_memory()
+    finally:
+        _restore(bm, opts)  # also when a pair failed: the bench goes on with its model
     rows = {}
     decode, per_round, prefill = acc.decode, acc.per_round, acc.prefill
     decode_long, long_round, batched = acc.decode_long, acc.long_round, acc.batched
@@ -379,9 +416,11 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
         "rounds": sz["rounds"],
         "llama_cpp": llama or "ran",
         # engines measured together (rounds interleave them): all at once, or one pair at a
-        # time where together they would not fit in memory; engines not run, and why
+        # time where together they would not fit in memory; engines not run, and why; the
+        # group before which the bench model's weights were freed (None: kept)
         "groups": groups,
         "skipped": skipped,
+        "bench_model_released_before_group": release_at,
         "engines": rows,
         "decode_ratio_per_round": per_round_ratio,  # ours vs llama.cpp, by our format
         "decode_at_context_ratio": long_ratio,  # the same after the longest prefill
