@@ -89,7 +89,7 @@ def test_peers_one_pair_at_a_time_end_to_end(bm_opts, monkeypatch):
     in one group, each engine freed (nothing keeps its model alive) before the next loads."""
     bm, opts = bm_opts
 
-    def pairs(bm, formats, paths, opts):  # engine_groups' answer when memory is short
+    def pairs(bm, formats, paths, opts, available=None):  # engine_groups' answer, memory short
         twin = lambda f: [f"llama.cpp {peers.PAIRS[f]}"] if peers.PAIRS.get(f) in paths else []  # noqa: E731
         return [[f"qwen35 {f}", *twin(f)] for f in formats], {}, 1  # the bench model freed too
 
@@ -125,6 +125,68 @@ def test_peers_one_pair_at_a_time_end_to_end(bm_opts, monkeypatch):
         assert set(doc["decode_ratio_per_round"]) == {"bf16", "int8", "int4"}
     gc.collect()
     assert alive and all(g() is None for g in alive.values())
+
+
+class _FakeLlama:
+    """llama.cpp's stand-in: a GGUF 'conversion' that records whether the bench model's weights
+    were loaded while it ran, and runners that time nothing real."""
+
+    GGUFError = gguf.GGUFError
+
+    def __init__(self, tmp_path, bm):
+        self.tmp, self.bm, self.converted_while = tmp_path, bm, []
+
+    def available(self):
+        return None
+
+    def checkpoint(self, bm):
+        self.written_with = not isinstance(bm.model, peers._Released)
+
+    def convert(self, bm, q, opts):
+        self.converted_while.append(isinstance(bm.model, peers._Released))
+        path = self.tmp / f"{q}.gguf"
+        path.write_bytes(b"x" * 100)
+        return path
+
+    class LlamaRunner:
+        def __init__(self, path, max_len, threads):
+            pass
+
+        def run(self, prompt, new, rid=""):
+            return 1e-3, [1e-3] * (new - 1)
+
+        def steps(self, prompt, new, rid=""):
+            yield from [1e-3] * (new - 1)
+
+        def run_batch(self, prompts, steps, rid=""):
+            return [1e-3] * steps
+
+        def close(self):
+            pass
+
+
+def test_bench_model_freed_while_llama_cpp_converts(bm_opts, tmp_path, monkeypatch):
+    """Where the converter would not fit beside the bench model (a 9B's bf16 on 24 GiB), its
+    weights are freed after the checkpoint is written, loaded again for its own pair, and
+    are the same weights at the end."""
+    bm, opts = bm_opts
+    fake = _FakeLlama(tmp_path, bm)
+    monkeypatch.setattr(peers, "converter_bytes", lambda bm: 1 << 60)
+    seen = {}
+    load = peers._load_engine
+
+    def tracked(name, *a):
+        seen[name] = not isinstance(bm.model, peers._Released)
+        return load(name, *a)
+
+    monkeypatch.setattr(peers, "_load_engine", tracked)
+    before = {n: t.clone() for n, t in bm.model.state_dict().items()}
+    doc = peers._run_peers(bm, dataclasses.replace(opts, formats=("bf16", "int4")), fake)
+    assert fake.written_with and fake.converted_while == [True, True]
+    assert seen["qwen35 bf16"]  # its own pair: loaded again before it
+    assert set(doc["engines"]) == {"qwen35 bf16", "llama.cpp bf16", "qwen35 int4", "llama.cpp q4_0"}
+    after = bm.model.state_dict()
+    assert all(after[n].equal(before[n]) for n in before)
 
 
 def test_checkpoint_in_shards_equals_one_file(bm_opts, monkeypatch):

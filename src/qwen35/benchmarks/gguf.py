@@ -84,6 +84,12 @@ c.main()
 """
 
 
+def checkpoint(bm) -> Path:
+    """The model's weights as a transformers text checkpoint, written now (once per run; the
+    conversions read it, not the model)."""
+    return _hf_dir(bm, None)
+
+
 def _hf_dir(bm, opts) -> Path:
     """The model's weights as a transformers text checkpoint (written once per run)."""
     if "hf" in _WORK:

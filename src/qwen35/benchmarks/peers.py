@@ -31,6 +31,7 @@ from qwen35.benchmarks.common import (
     timed_request,
 )
 from qwen35.devices import resolve_dtype
+from qwen35.heap import proc_bytes
 
 OURS = ("fp32", "bf16", "int8", "int4", "fp8")
 PAIRS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
@@ -215,8 +216,6 @@ def engine_groups(bm: BenchModel, formats: tuple[str, ...], paths: dict, opts: B
     reloaded at the end); a pair that still does not fit runs ours alone, a format whose own
     weights do not fit is skipped. Without this a 4B's five engines (~30 GB) were killed by
     the OOM killer on a 24 GiB machine, with nothing said."""
-    from qwen35.heap import proc_bytes
-
     if available is None:
         available = proc_bytes("/proc/meminfo", "MemAvailable")
     need = {f"qwen35 {f}": our_bytes(bm, f, opts) for f in formats}
@@ -247,9 +246,23 @@ def engine_groups(bm: BenchModel, formats: tuple[str, ...], paths: dict, opts: B
 
 
 def _release(bm: BenchModel) -> None:
-    """The bench model's weights freed (its config kept): a later pair needs the memory."""
-    bm.model = _Released(bm.model.config, getattr(bm.model, "mtp", None) is not None)
-    free_memory()
+    """The bench model's weights freed (its config kept): a later pair, or llama.cpp's
+    converter, needs the memory. Nothing where they are freed already."""
+    if not isinstance(bm.model, _Released):
+        bm.model = _Released(bm.model.config, getattr(bm.model, "mtp", None) is not None)
+        free_memory()
+
+
+def converter_bytes(bm: BenchModel) -> int:
+    """What llama.cpp's converter may hold at once (it widens a tensor to fp32 and writes a
+    converted copy): twice the largest tensor in fp32, plus 1 GiB for itself."""
+    largest = max(p.numel() for p in bm.model.parameters())
+    return 2 * 4 * largest + (1 << 30)
+
+
+def _uses_bench_model(bm: BenchModel, group: list[str], opts: BenchOptions) -> bool:
+    return any(n.startswith("qwen35 ") and our_bytes(bm, n.removeprefix("qwen35 "), opts) == 0
+               for n in group)  # fmt: skip
 
 
 class _Released:
@@ -328,19 +341,29 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
     paths = {}  # llama.cpp twin -> its GGUF file, all converted before any engine of ours loads
     if llama is None:
         opts.say("peers: converting the weights to GGUF with llama.cpp's converter")
+        gguf.checkpoint(bm)  # what the converter reads, written while the weights are here
+        room = proc_bytes("/proc/meminfo", "MemAvailable")
+        if room is not None and room < converter_bytes(bm):
+            opts.say("peers: the bench model's weights freed while llama.cpp converts (memory)")
+            _release(bm)
         for q in [PAIRS[f] for f in formats if f in PAIRS]:
             try:
                 paths[q] = gguf.convert(bm, q, opts)
             except gguf.GGUFError as e:
                 llama, paths = f"llama.cpp {q}: {e}", {}
                 break
-    groups, skipped, release_at = engine_groups(bm, formats, paths, opts)
+    room = proc_bytes("/proc/meminfo", "MemAvailable")  # (as if the bench model were loaded)
+    if room is not None and isinstance(bm.model, _Released):
+        room -= bm.weight_bytes
+    groups, skipped, release_at = engine_groups(bm, formats, paths, opts, available=room)
     info: dict[str, dict] = {}  # each engine's row facts, kept after it is freed
     acc = _Results(sz, bm.config.vocab_size)
     rng = random.Random(opts.seed)
     try:
         for i, group in enumerate(groups):
-            if i == release_at:
+            if _uses_bench_model(bm, group, opts):
+                _restore(bm, opts)  # (freed while llama.cpp converted)
+            elif release_at is not None and i >= release_at and not isinstance(bm.model, _Released):
                 opts.say("peers: the bench model's weights freed for the next pairs (memory)")
                 _release(bm)
             if len(groups) > 1:
