@@ -139,6 +139,12 @@ class _FakeLlama:
     def available(self):
         return None
 
+    def remove_stale(self):
+        return []
+
+    def check_disk(self, num_params, quants):
+        self.disk_checked = quants
+
     def checkpoint(self, bm):
         self.written_with = not isinstance(bm.model, peers._Released)
 
@@ -218,3 +224,37 @@ def test_shards_cut_in_order():
     assert gguf._shards([("a", 3), ("b", 3), ("c", 5), ("d", 1), ("e", 2)], 6) == [
         ["a", "b"], ["c", "d"], ["e"]]  # fmt: skip
     assert gguf._shards([("big", 10), ("x", 1)], 4) == [["big"], ["x"]]
+
+
+def test_no_room_on_disk_skips_llama_cpp_with_the_reason(bm_opts, tmp_path, monkeypatch):
+    """Too little disk for the conversions: said before any is tried (not a converter's
+    traceback halfway), llama.cpp skipped with the reason, ours still measured."""
+    bm, opts = bm_opts
+    fake = _FakeLlama(tmp_path, bm)
+    fake.check_disk = gguf.check_disk
+    monkeypatch.setattr(gguf.shutil, "disk_usage", lambda p: type("U", (), {"free": 1 << 10})())
+    with pytest.raises(gguf.GGUFError, match=r"needs ~.* GiB in .*0\.0 GiB free.*TMPDIR"):
+        gguf.check_disk(bm.num_params * 1000, ["bf16", "q4_0"])
+    doc = peers._run_peers(bm, dataclasses.replace(opts, formats=("bf16", "int8")), fake)
+    assert "TMPDIR" in doc["llama_cpp"] and fake.converted_while == []
+    assert set(doc["engines"]) == {"qwen35 bf16", "qwen35 int8"}
+    gguf.check_disk(100, ["bf16", "q8_0", "q4_0"])  # 1 KiB is enough for 100 parameters
+
+
+def test_work_folders_of_killed_runs_are_removed(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(gguf.tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    for name, pid in (("dead", dead), ("mine", str(__import__("os").getpid())), ("old", None)):
+        d = tmp_path / (gguf.PREFIX + name)
+        (d / "hf").mkdir(parents=True)
+        if pid is not None:
+            (d / "pid").write_text(pid)
+    (tmp_path / "other-dead").mkdir()
+    (tmp_path / "other-dead" / "pid").write_text(dead)
+    assert gguf.remove_stale() == [tmp_path / (gguf.PREFIX + "dead")]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["other-dead", gguf.PREFIX + "mine", gguf.PREFIX + "old"]

@@ -96,8 +96,9 @@ def _hf_dir(bm, opts) -> Path:
         return _WORK["hf"]
     from safetensors.torch import save_file
 
-    work = Path(tempfile.mkdtemp(prefix="qwen35-gguf-"))
+    work = Path(tempfile.mkdtemp(prefix=PREFIX))
     atexit.register(shutil.rmtree, work, True)  # also if the run dies before cleanup()
+    (work / "pid").write_text(str(os.getpid()))  # (a run killed outright: remove_stale)
     hf = work / "hf"
     hf.mkdir()
     cfg = bm.config
@@ -179,6 +180,52 @@ def cleanup() -> None:
     hf = _WORK.pop("hf", None)
     if hf is not None:
         shutil.rmtree(hf.parent, ignore_errors=True)
+
+
+PREFIX = "qwen35-gguf-"
+# bytes per parameter of each file (q8_0: 34 bytes a block of 32; q4_0: 18, with its q6_K head)
+FILE_BYTES = {"hf": 2.0, "f32": 4.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 0.65}
+
+
+def remove_stale() -> list[Path]:
+    """Remove the work folders of earlier runs whose process is gone (killed outright, e.g. by
+    the OOM killer, before its clean-up ran: a 4B's 32 GB stayed behind and the next run's
+    conversion ran out of disk). Folders of live processes, and those without a pid file, stay."""
+    gone = []
+    for d in Path(tempfile.gettempdir()).glob(PREFIX + "*"):
+        try:
+            pid = int((d / "pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        gone.append(d)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # (someone else's process)
+    return True
+
+
+def check_disk(num_params: int, quants: list[str]) -> None:
+    """A GGUFError saying how much room the conversions need where there is not that much free
+    in the temp folder (the checkpoint, each file, and the bf16 file q4_0 is made from)."""
+    files = {"hf", *quants} | ({"bf16"} if "q4_0" in quants else set())
+    need = 1.05 * num_params * sum(FILE_BYTES[f] for f in files)
+    tmp = tempfile.gettempdir()
+    free = shutil.disk_usage(tmp).free
+    if free < need:
+        raise GGUFError(
+            f"converting to {', '.join(quants)} needs ~{need / 2**30:.1f} GiB in {tmp}, "
+            f"{free / 2**30:.1f} GiB free: free some, or point TMPDIR at a larger disk"
+        )
 
 
 def convert(bm, quant: str, opts) -> Path:

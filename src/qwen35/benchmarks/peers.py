@@ -339,6 +339,14 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
     formats = check_formats(opts.formats)
     llama = gguf.available()
     paths = {}  # llama.cpp twin -> its GGUF file, all converted before any engine of ours loads
+    quants = [PAIRS[f] for f in formats if f in PAIRS]
+    if llama is None:
+        for d in gguf.remove_stale():
+            opts.say(f"peers: removed {d}, the converted weights of a run that was killed")
+        try:
+            gguf.check_disk(bm.num_params, quants)
+        except gguf.GGUFError as e:
+            llama = f"llama.cpp: {e}"
     if llama is None:
         opts.say("peers: converting the weights to GGUF with llama.cpp's converter")
         gguf.checkpoint(bm)  # what the converter reads, written while the weights are here
@@ -346,7 +354,7 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
         if room is not None and room < converter_bytes(bm):
             opts.say("peers: the bench model's weights freed while llama.cpp converts (memory)")
             _release(bm)
-        for q in [PAIRS[f] for f in formats if f in PAIRS]:
+        for q in quants:
             try:
                 paths[q] = gguf.convert(bm, q, opts)
             except gguf.GGUFError as e:
