@@ -10,10 +10,12 @@ import json
 import weakref
 
 import pytest
+from rich.console import Console
 from safetensors.torch import load_file
 
 from qwen35.benchmarks import gguf, peers
 from qwen35.benchmarks.common import BenchOptions, load_bench_model
+from qwen35.benchmarks.report import print_workload
 from tiny import tiny_config_dict
 
 FORMATS = ("bf16", "int8", "int4", "fp8")
@@ -238,6 +240,14 @@ def test_no_room_on_disk_skips_llama_cpp_with_the_reason(bm_opts, tmp_path, monk
     doc = peers._run_peers(bm, dataclasses.replace(opts, formats=("bf16", "int8")), fake)
     assert "TMPDIR" in doc["llama_cpp"] and fake.converted_while == []
     assert set(doc["engines"]) == {"qwen35 bf16", "qwen35 int8"}
+    # what the report says: the reason, and (a document of pairs) the pairs and what was skipped
+    doc |= {"groups": [["qwen35 bf16"], ["qwen35 int8"]], "skipped": {"llama.cpp bf16": "needs X"}}
+    con = Console(record=True, width=200)
+    print_workload({"workloads": {"peers": doc}}, "peers", con)
+    text = con.export_text()
+    assert "llama.cpp skipped: llama.cpp: converting" in text and "TMPDIR" in text
+    assert "one pair at a time (memory): qwen35 bf16; qwen35 int8" in text
+    assert "llama.cpp bf16 skipped: needs X" in text
     gguf.check_disk(100, ["bf16", "q8_0", "q4_0"])  # 1 KiB is enough for 100 parameters
 
 

@@ -339,6 +339,13 @@ def _peers(con: Console, d: dict, impl: str = "") -> None:
     con.print(t)
     if d["llama_cpp"] != "ran":
         con.print(f"  llama.cpp skipped: {d['llama_cpp']}")
+    groups = d.get("groups") or []  # (older documents lack them)
+    if len(groups) > 1:
+        con.print("  one pair at a time (memory): " + "; ".join(" + ".join(g) for g in groups)
+                  + " (rounds interleave within a pair; 'vs qwen35 bf16' compares pairs run "
+                  "minutes apart)")  # fmt: skip
+    for name, why in d.get("skipped", {}).items():
+        con.print(f"  {name} skipped: {why}")
     for ours, each in d["decode_ratio_per_round"].items():
         con.print(f"  decode {ours} vs llama.cpp at the same precision, per round: "
                   + " ".join(f"{x:.2f}x" for x in each))  # fmt: skip
