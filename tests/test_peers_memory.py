@@ -189,8 +189,14 @@ def test_bench_model_freed_while_llama_cpp_converts(bm_opts, tmp_path, monkeypat
 
     monkeypatch.setattr(peers, "_load_engine", tracked)
     before = {n: t.clone() for n, t in bm.model.state_dict().items()}
-    doc = peers._run_peers(bm, dataclasses.replace(opts, formats=("bf16", "int4")), fake)
+    doc = peers._run_peers(bm, dataclasses.replace(opts, formats=("bf16", "int4"), rounds=3), fake)
     assert fake.written_with and fake.converted_while == [True, True]
+    # the summaries are the medians of the paired per-round ratios
+    for f in ("bf16", "int4"):
+        each = doc["decode_at_context_ratio_per_round"][f]
+        assert len(each) == 3 and doc["decode_at_context_ratio"][f] == sorted(each)[1]
+        g = next(g for g in doc["goals"] if g["name"].startswith(f"{f} decode vs"))
+        assert g["measured"] == sorted(doc["decode_ratio_per_round"][f])[1]
     assert seen["qwen35 bf16"]  # its own pair: loaded again before it
     assert set(doc["engines"]) == {"qwen35 bf16", "llama.cpp bf16", "qwen35 int4", "llama.cpp q4_0"}
     after = bm.model.state_dict()
