@@ -98,6 +98,9 @@ def test_load_and_unload_at_run_time(served, tmp_path):
         ({"lora_name": "x", "lora_path": str(tmp_path)}, 400, "adapter_config.json"),
         ({"lora_name": "tiny", "lora_path": str(d / "sql")}, 400, "already served"),
         ({"lora_name": "x"}, 400, "lora_path"),
+        # paths the OS refuses (found by the server fuzz: a 500 before)
+        ({"lora_name": "x", "lora_path": "x" * 5000}, 400, "File name too long"),
+        ({"lora_name": "x", "lora_path": "/" + "y" * 300}, 400, "File name too long"),
     ):
         r = post(srv, "/v1/load_lora_adapter", body)
         assert r.status_code == status and words in r.json()["error"]["message"], r.text

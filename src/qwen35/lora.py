@@ -63,12 +63,18 @@ class LoraAdapter:
     """A PEFT LoRA adapter, checked; `delta_for(key, weight)` merges into one base weight."""
 
     def __init__(self, path: str | Path):
-        self.path = _adapter_dir(path)
-        cfg = self._config()
+        try:  # a path the OS refuses (too long, no permission): a LoraError, not a crash
+            self.path = _adapter_dir(path)
+            cfg = self._config()
+            tensors = self._tensors()
+        except OSError as e:
+            shown = str(path) if len(str(path)) <= 120 else str(path)[:120] + "..."
+            raise LoraError(f"cannot read a LoRA adapter at {shown!r}: "
+                            f"{e.strerror or e}") from None  # fmt: skip
         self.pairs: dict[str, _Pair] = {}  # normal base key -> its pair
         self.used: set[str] = set()
         a_b: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in self._tensors().items():
+        for key, t in tensors.items():
             m = _KEY.match(key)
             if m is None:
                 raise LoraError(
