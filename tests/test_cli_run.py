@@ -69,3 +69,16 @@ def test_chat_history_and_reset(model_dir):
 def test_bad_model_is_a_clear_error(tmp_path):
     r = qwen35("generate", "--model", str(tmp_path / "nope"), "--prompt", "x")
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", [["plan", "-m"], ["generate", "--prompt", "x", "--model"]])
+def test_a_path_the_os_refuses_is_a_clear_error(command, capsys):
+    """A model path the OS refuses (here too long for it) is an error line naming the reason
+    and the path (cut to 120 characters), not a traceback; exit status 2."""
+    from qwen35.cli import main
+
+    for path in ("x" * 300, "/" + "y" * 300 + "/config.json"):
+        assert main([*command, path]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: File name too long: ") and err.rstrip().endswith("...")
+        assert len(err) < 200

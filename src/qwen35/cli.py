@@ -61,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     except Qwen35Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path the OS refused (too long, no permission, a full disk, ...)
+        if e.filename is None:
+            raise
+        name = str(e.filename)
+        name = name if len(name) <= 120 else name[:120] + "..."
+        print(f"error: {e.strerror or e}: {name}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
