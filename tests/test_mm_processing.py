@@ -125,6 +125,8 @@ def test_media_sources(tmp_path):
         load_image(_png_url(a), MediaOptions(max_bytes=100))
     with pytest.raises(MediaError, match="no media file"):
         load_image(str(tmp_path / "missing.png"), opts)
+    with pytest.raises(MediaError, match="File name too long"):  # an OSError before
+        load_image(str(tmp_path / ("x" * 300)), opts)
     with pytest.raises(MediaError, match="at least 2 frames"):
         preprocess_video([a], DEFAULT)
     with pytest.raises(MediaError, match="aspect ratio"):

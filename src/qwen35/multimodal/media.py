@@ -84,11 +84,15 @@ def source_bytes(source: str, opts: MediaOptions) -> tuple[bytes, str]:
     if not opts.allow_local_files:
         raise MediaError("media must be a data: URL (base64) or an allowed https URL, not a path")
     p = Path(source).expanduser()
-    if not p.is_file():
-        raise MediaError(f"no media file at {source!r}")
-    if p.stat().st_size > opts.max_bytes:
-        raise MediaError(f"{source} is larger than the {opts.max_bytes} byte limit")
-    return p.read_bytes(), source
+    shown = source if len(source) <= 120 else source[:120] + "..."
+    try:
+        if not p.is_file():
+            raise MediaError(f"no media file at {shown!r}")
+        if p.stat().st_size > opts.max_bytes:
+            raise MediaError(f"{shown} is larger than the {opts.max_bytes} byte limit")
+        return p.read_bytes(), shown
+    except OSError as e:  # too long a name, no permission, ...
+        raise MediaError(f"cannot read the media file {shown!r}: {e.strerror or e}") from None
 
 
 def load_image(source, opts: MediaOptions):
