@@ -274,3 +274,31 @@ def test_work_folders_of_killed_runs_are_removed(tmp_path, monkeypatch):
     assert gguf.remove_stale() == [tmp_path / (gguf.PREFIX + "dead")]
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["other-dead", gguf.PREFIX + "mine", gguf.PREFIX + "old"]
+
+
+def test_bench_model_not_reloaded_when_nothing_follows(bm_opts, monkeypatch):
+    """The last workload of a run (runner.run_bench says so) leaves a freed bench model freed:
+    reloading a 9B's weights nobody reads again took ~40 s."""
+    bm, opts = bm_opts
+    monkeypatch.setattr(peers, "engine_groups",
+                        lambda bm, formats, paths, opts, available=None: ([[f"qwen35 {f}"] for f in formats], {}, 1))  # fmt: skip
+    monkeypatch.setattr(bm, "needed_after", False)
+    try:
+        peers.run_peers(bm, dataclasses.replace(opts, formats=("bf16", "int4")))
+        assert isinstance(bm.model, peers._Released)
+    finally:
+        peers._restore(bm, opts)  # (the module's other tests use it)
+    assert not isinstance(bm.model, peers._Released)
+
+
+def test_runner_says_whether_a_workload_follows(bm_opts, monkeypatch):
+    from qwen35.benchmarks import runner
+
+    bm, opts = bm_opts
+    seen = []
+    monkeypatch.setattr(runner, "load_bench_model", lambda opts, mtp=False: bm)
+    monkeypatch.setattr(runner, "_workload_fns", lambda: {
+        w: (lambda bm, opts: seen.append(bm.needed_after) or {}) for w in ("quality", "peers")})  # fmt: skip
+    runner.run_bench(dataclasses.replace(opts, baseline=False), ["quality", "peers"])
+    assert seen == [True, False]
+    bm.needed_after = True

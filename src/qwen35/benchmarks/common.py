@@ -66,6 +66,7 @@ class BenchModel:
     num_params: int = 0
     hf: torch.nn.Module | None = field(default=None, repr=False)
     quantization: str | None = None  # weight storage: int8 / int4 / fp8, or bf16 (fp32 compute)
+    needed_after: bool = True  # a later workload of the run uses the model (runner.run_bench)
 
     @property
     def label(self) -> str:

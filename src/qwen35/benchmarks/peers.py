@@ -384,8 +384,9 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
                 eng.close()
             del engines
             free_memory()
-    finally:
-        _restore(bm, opts)  # also when a pair failed: the bench goes on with its model
+    finally:  # also when a pair failed; not where no later workload of the run needs it
+        if bm.needed_after:
+            _restore(bm, opts)
     rows = {}
     decode, per_round, prefill = acc.decode, acc.per_round, acc.prefill
     decode_long, long_round, batched = acc.decode_long, acc.long_round, acc.batched

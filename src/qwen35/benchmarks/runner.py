@@ -101,8 +101,9 @@ def run_bench(
         bm.hf = build_hf_model(bm.model)
         doc["baseline_implementation"] = implementation(bm.device)
     fns = _workload_fns()
-    for w in workloads:
+    for i, w in enumerate(workloads):
         say(f"running {w}")
+        bm.needed_after = i < len(workloads) - 1  # (peers may free it and need not reload it)
         t = time.perf_counter()
         result = fns[w](bm, opts)
         doc["seconds"][w] = time.perf_counter() - t
