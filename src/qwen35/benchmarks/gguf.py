@@ -36,6 +36,10 @@ class GGUFError(Qwen35Error):
 
 
 _WORK: dict[str, Path] = {}
+PREFIX = "qwen35-gguf-"  # this run's work folder in the temp folder: PREFIX + a random suffix
+SHARD_BYTES = 1 << 30  # the checkpoint's shard size (bf16 bytes)
+# bytes per parameter of each file (q8_0: 34 bytes a block of 32; q4_0: 18, with its q6_K head)
+FILE_BYTES = {"hf": 2.0, "f32": 4.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 0.65}
 
 
 def llama_dir() -> Path | None:
@@ -158,9 +162,6 @@ def _hf_dir(bm, opts) -> Path:
     return hf
 
 
-SHARD_BYTES = 1 << 30  # the checkpoint's shard size (bf16 bytes)
-
-
 def _shards(sizes: list[tuple[str, int]], limit: int) -> list[list[str]]:
     """Tensor names in order, cut into shards of at most `limit` bytes (a larger tensor alone)."""
     out: list[list[str]] = []
@@ -180,11 +181,6 @@ def cleanup() -> None:
     hf = _WORK.pop("hf", None)
     if hf is not None:
         shutil.rmtree(hf.parent, ignore_errors=True)
-
-
-PREFIX = "qwen35-gguf-"
-# bytes per parameter of each file (q8_0: 34 bytes a block of 32; q4_0: 18, with its q6_K head)
-FILE_BYTES = {"hf": 2.0, "f32": 4.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 0.65}
 
 
 def remove_stale() -> list[Path]:
