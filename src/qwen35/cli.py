@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from qwen35.errors import Qwen35Error
+from qwen35.errors import Qwen35Error, shown
 
 # subcommand -> (module under qwen35.commands, one-line help)
 COMMANDS = {
@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path the OS refused (too long, no permission, a full disk, ...)
         if e.filename is None:
             raise
-        name = str(e.filename)
-        name = name if len(name) <= 120 else name[:120] + "..."
-        print(f"error: {e.strerror or e}: {name}", file=sys.stderr)
+        print(f"error: {e.strerror or e}: {shown(e.filename)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

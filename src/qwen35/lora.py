@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from qwen35.errors import Qwen35Error
+from qwen35.errors import Qwen35Error, shown
 
 _KEY = re.compile(r"^base_model\.model\.(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 # adapter features whose weights are not a plain low-rank delta of one base weight
@@ -68,8 +68,7 @@ class LoraAdapter:
             cfg = self._config()
             tensors = self._tensors()
         except OSError as e:
-            shown = str(path) if len(str(path)) <= 120 else str(path)[:120] + "..."
-            raise LoraError(f"cannot read a LoRA adapter at {shown!r}: "
+            raise LoraError(f"cannot read a LoRA adapter at {shown(path)!r}: "
                             f"{e.strerror or e}") from None  # fmt: skip
         self.pairs: dict[str, _Pair] = {}  # normal base key -> its pair
         self.used: set[str] = set()

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from qwen35.errors import shown
 from qwen35.multimodal.sizing import MediaError
 
 MAX_DECODED_PIXELS = 1 << 28  # refuse decompression bombs (268M pixels)
@@ -84,15 +85,15 @@ def source_bytes(source: str, opts: MediaOptions) -> tuple[bytes, str]:
     if not opts.allow_local_files:
         raise MediaError("media must be a data: URL (base64) or an allowed https URL, not a path")
     p = Path(source).expanduser()
-    shown = source if len(source) <= 120 else source[:120] + "..."
+    name = shown(source)
     try:
         if not p.is_file():
-            raise MediaError(f"no media file at {shown!r}")
+            raise MediaError(f"no media file at {name!r}")
         if p.stat().st_size > opts.max_bytes:
-            raise MediaError(f"{shown} is larger than the {opts.max_bytes} byte limit")
-        return p.read_bytes(), shown
+            raise MediaError(f"{name} is larger than the {opts.max_bytes} byte limit")
+        return p.read_bytes(), name
     except OSError as e:  # too long a name, no permission, ...
-        raise MediaError(f"cannot read the media file {shown!r}: {e.strerror or e}") from None
+        raise MediaError(f"cannot read the media file {name!r}: {e.strerror or e}") from None
 
 
 def load_image(source, opts: MediaOptions):

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from qwen35.errors import shown
+
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 MAX_CUSTOM_ID = 512  # characters (OpenAI allows 64; vLLM does not limit it)
 PENDING_WINDOWS = 8  # results kept for in-order output: at most this many windows' worth
@@ -79,8 +81,7 @@ def parse_line(line: str, lineno: int, seen: set[str]) -> tuple[str | None, str,
 
 
 def _short(e: BaseException) -> str:
-    text = str(e)
-    return text if len(text) <= 200 else text[:200] + "..."
+    return shown(e, 200)
 
 
 def result_line(custom_id: str | None, status: int | None, request_id: str | None,

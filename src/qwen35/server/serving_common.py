@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse as _StarletteJSONResponse
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from qwen35.errors import Qwen35Error
+from qwen35.errors import Qwen35Error, shown
 from qwen35.request import SamplingParamsError, TokenLogprob
 from qwen35.server.async_engine import (
     AsyncEngine,
@@ -159,10 +159,9 @@ class ServerState:
             return model
         names = {self.config.served_model_name, self.config.model_path}
         if model is not None and model not in names:
-            shown = model if len(model) <= 100 else model[:100] + "..."
             extra = f" and the LoRA adapters {', '.join(sorted(self.loras))}" if self.loras else ""
             raise APIError(
-                f"The model `{shown}` does not exist; this server serves "
+                f"The model `{shown(model, 100)}` does not exist; this server serves "
                 f"`{self.config.served_model_name}`{extra}",
                 404,
                 "invalid_request_error",
