@@ -68,13 +68,20 @@ def format_options(fmt: str, opts: BenchOptions) -> tuple[str, str | None]:
     return compute, fmt
 
 
-def _load_ours(bm: BenchModel, opts: BenchOptions, fmt: str):
-    from qwen35.benchmarks.common import load_bench_model
+def is_bench_format(bm: BenchModel, fmt: str, opts: BenchOptions) -> bool:
+    """Whether our format `fmt` is the bench model itself (its compute dtype and storage)."""
     from qwen35.loader import parse_dtype
 
     dtype, quantization = format_options(fmt, opts)
-    if parse_dtype(dtype) == bm.dtype and quantization == bm.quantization:
+    return parse_dtype(dtype) == bm.dtype and quantization == bm.quantization
+
+
+def _load_ours(bm: BenchModel, opts: BenchOptions, fmt: str):
+    from qwen35.benchmarks.common import load_bench_model
+
+    if is_bench_format(bm, fmt, opts):
         return bm
+    dtype, quantization = format_options(fmt, opts)
     return load_bench_model(dataclasses.replace(opts, dtype=dtype), quantization=quantization)
 
 
@@ -194,9 +201,9 @@ def our_bytes(bm: BenchModel, fmt: str, opts: BenchOptions) -> int:
     from qwen35.loader import parse_dtype
     from qwen35.plan.params import weight_bytes
 
-    dtype, quantization = format_options(fmt, opts)
-    if parse_dtype(dtype) == bm.dtype and quantization == bm.quantization:
+    if is_bench_format(bm, fmt, opts):
         return 0
+    dtype, quantization = format_options(fmt, opts)
     cfg = bm.config
     n = weight_bytes(cfg, quantization or "bf16", text_only=True)
     if quantization is None and parse_dtype(dtype).itemsize == 4:
@@ -220,7 +227,7 @@ def engine_groups(bm: BenchModel, formats: tuple[str, ...], paths: dict, opts: B
         available = proc_bytes("/proc/meminfo", "MemAvailable")
     need = {f"qwen35 {f}": our_bytes(bm, f, opts) for f in formats}
     need |= {f"llama.cpp {q}": p.stat().st_size for q, p in paths.items()}
-    own = {f"qwen35 {f}" for f in formats if need[f"qwen35 {f}"] == 0}  # the bench model itself
+    own = {f"qwen35 {f}" for f in formats if is_bench_format(bm, f, opts)}
     pairs = []
     for f in formats:
         twin = f"llama.cpp {PAIRS.get(f, '')}"
@@ -261,7 +268,7 @@ def converter_bytes(bm: BenchModel) -> int:
 
 
 def _uses_bench_model(bm: BenchModel, group: list[str], opts: BenchOptions) -> bool:
-    return any(n.startswith("qwen35 ") and our_bytes(bm, n.removeprefix("qwen35 "), opts) == 0
+    return any(n.startswith("qwen35 ") and is_bench_format(bm, n.removeprefix("qwen35 "), opts)
                for n in group)  # fmt: skip
 
 
