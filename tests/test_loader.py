@@ -165,7 +165,7 @@ def test_tied_head_only(tmp_path):
 def test_only_one_file_open_at_a_time(tmp_path, monkeypatch):
     # peak memory: a shard's mmap is closed before the next is opened
     save_checkpoint(tmp_path, moe=True, shards=3)
-    real_open, state = weights._open, {"open": 0, "max": 0, "calls": 0}
+    real_open, state = weights.open_safetensors, {"open": 0, "max": 0, "calls": 0}
 
     class Handle:
         def __init__(self, path):
@@ -181,7 +181,7 @@ def test_only_one_file_open_at_a_time(tmp_path, monkeypatch):
             state["open"] -= 1
             return self.h.__exit__(*a)
 
-    monkeypatch.setattr(weights, "_open", Handle)
+    monkeypatch.setattr(weights, "open_safetensors", Handle)
     load(tmp_path, dtype="fp32")
     assert state["max"] == 1 and state["calls"] == 6  # 3 header scans + 3 data passes
 

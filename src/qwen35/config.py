@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwen35.errors import Qwen35Error
+from qwen35.errors import Qwen35Error, shown
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 LAYER_KINDS = ("linear_attention", "full_attention")
@@ -277,7 +277,16 @@ class ModelConfig:
             raw = source
         if not isinstance(raw, dict):
             raise ConfigError("config must be a JSON object")
-        return _parse(raw, name or "custom")
+        try:
+            return _parse(raw, name or "custom")
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
+            # a value of the wrong kind that no check below names (the checks name their field)
+            raise ConfigError(
+                f"the config of {name or 'custom'} has a value of the wrong type or range "
+                f"({type(e).__name__}: {shown(e)}); fix config.json or re-download it"
+            ) from None
 
 
 def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
@@ -303,6 +312,22 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
         if typ is float and (isinstance(val, bool) or not isinstance(val, (int, float))):
             raise ConfigError(f"'text_config.{key}' must be a number, got {val!r}")
         return val
+
+    def opt_num(key: str, default: float, where: dict | None = None, top: float = math.inf):
+        """A finite number in (0, top]: text_config[key] (or where[key]), else default."""
+        src = text if where is None else where
+        val = src.get(key, default)
+        if val is None:
+            return default
+        if (
+            isinstance(val, bool)
+            or not isinstance(val, (int, float))
+            or not 0 < val <= top
+            or not math.isfinite(val)
+        ):
+            rng = "a positive number" if top == math.inf else f"a number in (0, {top:g}]"
+            raise ConfigError(f"'text_config.{key}' must be {rng}, got {val!r}")
+        return float(val)
 
     def opt_int(key: str, default: int) -> int:
         val = text.get(key, default)
@@ -334,9 +359,17 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise ConfigError("'text_config.rope_parameters' must be an object")
-    rope_theta = rope.get("rope_theta", text.get("rope_theta", 10_000_000.0))
-    prf = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
-    mrope = tuple(rope.get("mrope_section") or (11, 11, 10))
+    rope_theta = opt_num("rope_theta", opt_num("rope_theta", 10_000_000.0), rope)
+    prf = opt_num("partial_rotary_factor", opt_num("partial_rotary_factor", 0.25), rope, 1.0)
+    mrope = rope.get("mrope_section") or (11, 11, 10)
+    if not isinstance(mrope, (list, tuple)) or not all(
+        isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in mrope
+    ):
+        raise ConfigError(
+            f"'text_config.rope_parameters.mrope_section' must list non-negative integers, "
+            f"got {mrope!r}"
+        )
+    mrope = tuple(mrope)
     max_pos = opt_int("max_position_embeddings", 262_144) or 262_144
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "mrope":  # older VL configs' name for the plain (multimodal) RoPE
@@ -380,7 +413,9 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
         )
 
     eos = text.get("eos_token_id", raw.get("eos_token_id"))
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos_ids):
+        raise ConfigError(f"'eos_token_id' must be a token id or a list of them, got {eos!r}")
     tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
 
     vision = None
@@ -402,6 +437,12 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
             )
         except KeyError as e:
             raise ConfigError(f"missing required key 'vision_config.{e.args[0]}'") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"'vision_config' has a value of the wrong type: {shown(e)}") from None
+        if min(vision.depth, vision.hidden_size, vision.num_heads, vision.intermediate_size,
+               vision.out_hidden_size, vision.patch_size, vision.temporal_patch_size,
+               vision.in_channels, vision.spatial_merge_size) <= 0:  # fmt: skip
+            raise ConfigError(f"'vision_config' sizes must be positive integers, got {vision}")
 
     quant = None
     qc = raw.get("quantization_config") or text.get("quantization_config")
@@ -437,9 +478,9 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
         linear_value_head_dim=req("linear_value_head_dim"),
         linear_conv_kernel_dim=opt_int("linear_conv_kernel_dim", 4) or 4,
         intermediate_size=intermediate,
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta),
-        partial_rotary_factor=float(prf),
+        rms_norm_eps=opt_num("rms_norm_eps", 1e-6),
+        rope_theta=rope_theta,
+        partial_rotary_factor=prf,
         mrope_section=mrope,
         max_position_embeddings=max_pos,
         yarn=yarn,

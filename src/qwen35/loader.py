@@ -30,6 +30,7 @@ from qwen35.weights import (
     LoadReport,
     checkpoint_files,
     mismatch_error,
+    open_safetensors,
     read_into,
     stored_embedding_dtype,
 )
@@ -192,24 +193,18 @@ def load_model(
         narrow = _unquantized_in_bf16(cfg, quantization, torch_dtype, dev, files)
         if narrow:
             _narrow_unquantized(model, torch_dtype, report)
-        fp8_names: list[str] = []
-        if cfg.quantization is not None:  # block FP8: the stored FP8 modules stay FP8
-            from qwen35.quant.apply import fp8_modules_in_checkpoint, swap_to_fp8_meta
-
-            fp8_names = swap_to_fp8_meta(model, fp8_modules_in_checkpoint(cfg, files), cfg)
-            report.notes.append(f"FP8: {len(fp8_names)} modules kept in FP8")
-        canonical, aliases = _canonical(model)
         ts = time.perf_counter()
-        s = scan_headers(files, canonical, aliases)
+        s, fp8_names = _scan_against(model, cfg, files, directory)
         report.seconds_scan = time.perf_counter() - ts
         report.skipped = dict(s.skipped)
-        if s.missing or s.unexpected or s.mismatched:
-            raise mismatch_error(str(directory), cfg, s)
+        if fp8_names:
+            report.notes.append(f"FP8: {len(fp8_names)} modules kept in FP8")
         shard = None
         if tp.size > 1:  # scanned against the full model; allocate and read the rank's shard
             from qwen35.parallel.loading import ShardReader
 
-            shard = ShardReader(cfg, tp, {n: tuple(p.shape) for n, p in canonical.items()})
+            full = _canonical(model)[0]  # the scanned (full-size) parameters
+            shard = ShardReader(cfg, tp, {n: tuple(p.shape) for n, p in full.items()})
             model, _ = build_model(cfg, None, None, None, tp, vision)
             _bf16_storage(model, quantization, torch_dtype, dev)
             if narrow:
@@ -449,16 +444,44 @@ def _default_factory(
     return Qwen35ForCausalLM(cfg, device=torch.device("meta"), tp=tp, vision=vision, mtp=mtp)
 
 
+def _scan_against(model: nn.Module, cfg: ModelConfig, files: list[Path], directory: Path):
+    """Every header of `files` matched to `model`'s (meta) parameters, the stored FP8 modules
+    turned FP8 first; reads no tensor data. Returns (the scan, the FP8 module names); a missing,
+    unexpected or mis-shaped tensor is a CheckpointError naming them."""
+    fp8_names: list[str] = []
+    if cfg.quantization is not None:  # block FP8: the stored FP8 modules stay FP8
+        from qwen35.quant.apply import fp8_modules_in_checkpoint, swap_to_fp8_meta
+
+        fp8_names = swap_to_fp8_meta(model, fp8_modules_in_checkpoint(cfg, files), cfg)
+    canonical, aliases = _canonical(model)
+    s = scan_headers(files, canonical, aliases)
+    if s.missing or s.unexpected or s.mismatched:
+        raise mismatch_error(str(directory), cfg, s)
+    return s, fp8_names
+
+
+def check_checkpoint(directory: str | Path) -> tuple[ModelConfig, list[Path]]:
+    """A model directory's config and weight files, checked against each other as loading
+    checks them (headers only: every tensor present, no stranger, each shape, dtype and FP8
+    scale right; the vision tower when the checkpoint stores one; `mtp.*` not checked).
+    Returns (config, safetensors files)."""
+    directory = Path(directory)
+    cfg = ModelConfig.from_hf(directory)
+    files = checkpoint_files(directory)
+    vision = cfg.vision is not None and _has_visual_tensors(directory)
+    model, _ = build_model(cfg, None, None, None, vision=vision)
+    _scan_against(model, cfg, files, directory)
+    return cfg, files
+
+
 def _has_visual_tensors(source) -> bool:
     """Whether the checkpoint stores a vision tower (headers only)."""
     try:
         files = checkpoint_files(resolve_model_dir(source))
     except Qwen35Error:
         return False  # load_model reports the real problem
-    from safetensors import safe_open
-
     for f in files:
-        with safe_open(str(f), framework="pt") as h:
+        with open_safetensors(f) as h:
             if any(k.startswith("model.visual.") for k in h.keys()):
                 return True
     log.warning("%s has no vision tower (model.visual.*): loading it text only", source)

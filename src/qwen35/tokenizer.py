@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from qwen35.errors import Qwen35Error
+from qwen35.errors import Qwen35Error, shown
 
 # Added tokens that survive skip_special_tokens (special=false in the official tokenizer_config).
 KEPT_ON_SKIP = frozenset(
@@ -152,7 +152,7 @@ class Tokenizer:
         )  # dropped by skip_special_tokens
         eos: list[int] = []
         for e in eos_tokens:
-            tid = e if isinstance(e, int) else self.token_to_id(e)
+            tid = e if isinstance(e, int) else self.token_to_id(e) if isinstance(e, str) else None
             if tid is not None and tid not in eos:
                 eos.append(tid)
         self.eos_token_ids: tuple[int, ...] = tuple(eos)
@@ -251,6 +251,11 @@ def load_tokenizer(model_dir: str | Path | None = None) -> Tokenizer:
     eos: list[Any] = []
     gen_eos = read_json_dict(d / "generation_config.json").get("eos_token_id")
     eos += gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+        raise TokenizerError(
+            f"{d / 'generation_config.json'}: 'eos_token_id' must be a token id or a list of "
+            f"them, got {shown(repr(gen_eos))}"
+        )
     cfg_eos = tok_cfg.get("eos_token")
     if isinstance(cfg_eos, dict):
         cfg_eos = cfg_eos.get("content")

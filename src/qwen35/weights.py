@@ -106,6 +106,13 @@ def checkpoint_files(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index: {e!r}") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v for v in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{index} is not a valid safetensors index: 'weight_map' must map tensor names "
+                "to shard file names (incomplete download? re-download it)"
+            )
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (directory / n).is_file()]
         if missing:
@@ -130,7 +137,8 @@ def checkpoint_files(directory: Path) -> list[Path]:
     )
 
 
-def _open(path: Path):
+def open_safetensors(path: Path):
+    """safe_open(path), a corrupt or unreadable file a CheckpointError naming it."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -146,7 +154,7 @@ def stored_embedding_dtype(files: list[Path]) -> str | None:
     (what its unquantized weights are stored in; a config's torch_dtype may be missing or say
     otherwise), from the headers only; None if no embedding table is found."""
     for path in files:
-        with _open(path) as f:
+        with open_safetensors(path) as f:
             for key in f.keys():
                 if key.endswith("embed_tokens.weight") and not key.startswith("mtp."):
                     return f.get_slice(key).get_dtype()
@@ -225,7 +233,7 @@ def scan(
     tied_head: tuple[Path, _Entry] | None = None
     for path in files:
         entries: list[_Entry] = []
-        with _open(path) as f:
+        with open_safetensors(path) as f:
             for key in f.keys():
                 sl = f.get_slice(key)
                 shape, st_dtype = tuple(sl.get_shape()), sl.get_dtype()
@@ -447,7 +455,7 @@ def read_into(
             if not entries:
                 continue
             # one open handle at a time: the mmap of a shard is released before the next
-            with _open(path) as f:
+            with open_safetensors(path) as f:
                 for e in entries:
                     if shard is not None:
                         try:
@@ -493,7 +501,7 @@ def read_into(
 
 def _check_tied(s: _Scan, params: dict[str, torch.Tensor], report: LoadReport) -> None:
     e, path = s.tied_duplicate, s.tied_file
-    with _open(path) as f:
+    with open_safetensors(path) as f:
         head = f.get_tensor(e.key)
     emb = params[e.target.param]
     same = torch.equal(head.to(emb.dtype).to(emb.device), emb)

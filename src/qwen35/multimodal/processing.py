@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from qwen35.errors import shown
 from qwen35.multimodal.sizing import (
     MediaError,
     VisionPreprocessConfig,
@@ -61,21 +63,50 @@ def load_preprocess_config(model_dir: str | Path | None) -> VisionPreprocessConf
             raw = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise MediaError(f"{p} is not valid JSON") from None
-        size = raw.get("size") or {}
-        lo = size.get("shortest_edge", raw.get("min_pixels"))
-        hi = size.get("longest_edge", raw.get("max_pixels"))
-        if lo is not None:
-            upd["video_min_pixels" if video else "min_pixels"] = int(lo)
-        if hi is not None:
-            upd["video_max_pixels" if video else "max_pixels"] = int(hi)
-        if not video:
-            for key in ("patch_size", "temporal_patch_size", "merge_size"):
-                if key in raw:
-                    upd[key] = int(raw[key])
-            for key in ("image_mean", "image_std"):
-                if key in raw:
-                    upd[key] = tuple(float(x) for x in raw[key])
+        try:
+            upd.update(_preprocess_fields(raw, video))
+        except (TypeError, ValueError, AttributeError) as e:
+            raise MediaError(
+                f"{p} has a value of the wrong type ({shown(e)}); fix it or re-download it"
+            ) from None
     return replace(cfg, **upd)
+
+
+def _preprocess_fields(raw: dict, video: bool) -> dict:
+    """The fields of one preprocessor config qwen35 reads; ValueError / TypeError when bad."""
+
+    def positive(key: str, v) -> int:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {v!r}")
+        return int(v)
+
+    if not isinstance(raw, dict):
+        raise TypeError("not a JSON object")
+    upd: dict = {}
+    size = raw.get("size") or {}
+    lo = size.get("shortest_edge", raw.get("min_pixels"))
+    hi = size.get("longest_edge", raw.get("max_pixels"))
+    if lo is not None:
+        upd["video_min_pixels" if video else "min_pixels"] = positive("shortest_edge", lo)
+    if hi is not None:
+        upd["video_max_pixels" if video else "max_pixels"] = positive("longest_edge", hi)
+    if not video:
+        for key in ("patch_size", "temporal_patch_size", "merge_size"):
+            if key in raw:
+                upd[key] = positive(key, raw[key])
+        for key in ("image_mean", "image_std"):
+            if key in raw:
+                v = raw[key]
+                ok = isinstance(v, list) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in v
+                )
+                vals = tuple(float(x) for x in v) if ok else ()
+                if len(vals) != 3 or not all(math.isfinite(x) for x in vals):
+                    raise ValueError(f"{key} must be 3 finite numbers, got {raw[key]!r}")
+                if key == "image_std" and min(vals) <= 0:
+                    raise ValueError(f"image_std must be positive, got {raw[key]!r}")
+                upd[key] = vals
+    return upd
 
 
 def to_rgb_array(image) -> np.ndarray:

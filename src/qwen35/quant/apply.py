@@ -107,13 +107,13 @@ def fp8_layout_from_checkpoint(model: nn.Module, cfg, files) -> list[str]:
 
 def fp8_modules_in_checkpoint(cfg, files) -> list[str]:
     """Names of the modules an FP8 checkpoint stores in FP8 (from its headers)."""
-    from qwen35.weights import CheckpointError, _open, map_key
+    from qwen35.weights import CheckpointError, map_key, open_safetensors
 
     block = cfg.quantization.weight_block_size
     names: set[str] = set()
     fused_scales = []
     for path in files:
-        with _open(path) as f:
+        with open_safetensors(path) as f:
             for key in f.keys():
                 t = map_key(key, keep_mtp=True)  # (names the model lacks: not swapped)
                 if isinstance(t, str):

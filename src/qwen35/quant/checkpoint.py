@@ -29,7 +29,7 @@ from qwen35.errors import Qwen35Error
 from qwen35.lora import LoraAdapter
 from qwen35.quant import formats, matmul
 from qwen35.quant.apply import fp8_rule
-from qwen35.weights import _ST_DTYPES
+from qwen35.weights import _ST_DTYPES, open_safetensors
 
 QUANT_CONFIG = {
     "quant_method": "fp8",
@@ -77,15 +77,13 @@ def _quantize(key: str, t: torch.Tensor, kind: str, cfg: ModelConfig):
 def _convert(
     files: list[Path], cfg: ModelConfig, to: str, lora: LoraAdapter | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
     rule = fp8_rule(cfg)
     where: dict[str, Path] = {}  # every tensor's shard: a scale may sit in another shard
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with open_safetensors(path) as f:
             where.update(dict.fromkeys(f.keys(), path))
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with open_safetensors(path) as f:
             for key in f.keys():
                 if key.endswith("_scale_inv"):
                     continue  # written with (or folded into) its weight
@@ -101,7 +99,7 @@ def _convert(
                     if where[scale] == path:
                         s = f.get_tensor(scale)
                     else:
-                        with safe_open(str(where[scale]), framework="pt", device="cpu") as g:
+                        with open_safetensors(where[scale]) as g:
                             s = g.get_tensor(scale)
                     adapted = lora is not None and lora.delta_for(key) is not None
                     if to == "fp8" and not adapted:
@@ -149,7 +147,7 @@ def convert_checkpoint(
     """lora: a PEFT LoRA adapter directory merged into the weights first (qwen35.lora)."""
     from safetensors.torch import save_file
 
-    from qwen35.weights import checkpoint_files
+    from qwen35.loader import check_checkpoint
 
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if to not in ("fp8", "bf16"):
@@ -160,8 +158,7 @@ def convert_checkpoint(
         raise Qwen35Error(f"{dst} exists; pass --force to replace it")
     if dst.resolve() == src.resolve():
         raise Qwen35Error("OUT_DIR must differ from IN_DIR")
-    cfg = ModelConfig.from_hf(src)
-    files = checkpoint_files(src)
+    cfg, files = check_checkpoint(src)  # refused before anything is read or written
     total = _num_weights(files)
     adapter = None
     if lora is not None:  # checked against the base before anything is written
@@ -223,14 +220,12 @@ def _write(tensors: dict, tmp: Path, i: int, save_file) -> str:
 
 
 def _index(tmp: Path, parts: list[str]) -> None:
-    from safetensors import safe_open
-
     n = len(parts)
     weight_map, total = {}, 0
     for i, part in enumerate(parts):
         final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         (tmp / part).rename(tmp / final)
-        with safe_open(str(tmp / final), framework="pt") as f:
+        with open_safetensors(tmp / final) as f:
             for k in f.keys():
                 weight_map[k] = final
                 t = f.get_slice(k)
@@ -240,21 +235,17 @@ def _index(tmp: Path, parts: list[str]) -> None:
 
 
 def _shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
     out: dict[str, tuple[int, ...]] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             out.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     return out
 
 
 def _num_weights(files: list[Path]) -> int:
-    from safetensors import safe_open
-
     n = 0
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             n += sum(not k.endswith("_scale_inv") for k in f.keys())
     return n
 
