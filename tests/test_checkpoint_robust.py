@@ -156,6 +156,9 @@ def test_quantize_checks_the_weights_before_writing(bases, tmp_path, capsys):
         ("eos_token_id", [1, 0.5], "'eos_token_id' must be a token id or a list of them"),
         ("vision:depth", "x", "'vision_config' has a value of the wrong type"),
         ("vision:num_heads", -1, "'vision_config' sizes must be positive integers"),
+        # each built 10**12 modules (memory ran out) before anything compared them with weights
+        ("vision:depth", 10**12, "'vision_config.depth' is 1,000,000,000,000: beyond"),
+        ("num_hidden_layers", 10**12, "'text_config.num_hidden_layers' is 1,000,000,000,000"),
     ],
 )
 def test_config_values_of_the_wrong_type_name_the_field(bases, tmp_path, capsys, field, value,
@@ -168,10 +171,25 @@ def test_config_values_of_the_wrong_type_name_the_field(bases, tmp_path, capsys,
         cfg["text_config"]["rope_parameters"][field] = value
     else:
         cfg["text_config"][field] = value
+        cfg["text_config"].pop("layer_types") if field == "num_hidden_layers" else None
     (d / "config.json").write_text(json.dumps(cfg))
     for argv in (generate(d), ["plan", "-m", str(d), "--context", "4096"]):
         rc, err = run_cli(argv, capsys)
         assert rc == 2 and message in err, err
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("weight_block_size", [0.5, 128]), ("weight_block_size", 128), ("modules_to_not_convert", "x")],
+)
+def test_fp8_quantization_config_of_the_wrong_type(bases, tmp_path, capsys, field, value):
+    """A block size of 0.5 was an integer modulo by zero in the first FP8 layer."""
+    d = copy(bases["fp8moe"], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"][field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    rc, err = run_cli(generate(d), capsys)
+    assert rc == 2 and f"'quantization_config.{field}' must be" in err, err
 
 
 def test_generation_config_eos_of_the_wrong_type(bases, tmp_path, capsys):
@@ -298,7 +316,7 @@ def _fuzz(bases, tmp_path, capsys, base: str, seeds) -> None:
         for _ in range(r.choice([1, 1, 1, 2])):
             try:
                 done.append(_mutate(d, r))
-            except (ValueError, UnicodeDecodeError, KeyError, IndexError, struct.error):
+            except (ValueError, OSError, KeyError, IndexError, struct.error):
                 done.append("(a second change to a file the first broke)")
         which = r.choice(["generate", "generate", "chat", "plan", "quantize"])
         argv = {

@@ -289,6 +289,20 @@ class ModelConfig:
             ) from None
 
 
+# The largest value a config size may take: far past any Qwen 3.5 model (a 10**12 in a damaged
+# config would otherwise build 10**12 layer modules, or allocate for them, before any check).
+_MAX_SIZE = 1 << 24
+_MAX_COUNT = {"num_hidden_layers": 1024, "mtp_num_hidden_layers": 64, "depth": 1024}
+
+
+def _at_most(field: str, val: int) -> int:
+    top = _MAX_COUNT.get(field.rsplit(".", 1)[-1], _MAX_SIZE)
+    if isinstance(val, int) and val > top:
+        raise ConfigError(f"'{field}' is {val:,}: beyond anything this engine can build "
+                          f"(at most {top:,}); fix config.json")  # fmt: skip
+    return val
+
+
 def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
     top_type = raw.get("model_type")
     text = raw.get("text_config")
@@ -309,6 +323,8 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
         val = text[key]
         if typ is int and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
             raise ConfigError(f"'text_config.{key}' must be a positive integer, got {val!r}")
+        if typ is int:
+            _at_most(f"text_config.{key}", val)
         if typ is float and (isinstance(val, bool) or not isinstance(val, (int, float))):
             raise ConfigError(f"'text_config.{key}' must be a number, got {val!r}")
         return val
@@ -335,7 +351,7 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
             return default
         if isinstance(val, bool) or not isinstance(val, int) or val < 0:
             raise ConfigError(f"'text_config.{key}' must be a non-negative integer, got {val!r}")
-        return val
+        return _at_most(f"text_config.{key}", val)
 
     num_layers = req("num_hidden_layers")
     layer_types = text.get("layer_types")
@@ -439,6 +455,8 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
             raise ConfigError(f"missing required key 'vision_config.{e.args[0]}'") from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"'vision_config' has a value of the wrong type: {shown(e)}") from None
+        for f in dataclasses.fields(vision):
+            _at_most(f"vision_config.{f.name}", getattr(vision, f.name))
         if min(vision.depth, vision.hidden_size, vision.num_heads, vision.intermediate_size,
                vision.out_hidden_size, vision.patch_size, vision.temporal_patch_size,
                vision.in_channels, vision.spatial_merge_size) <= 0:  # fmt: skip
@@ -454,12 +472,26 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
                 "format is understood"
             )
         block = qc.get("weight_block_size") or [128, 128]
+        if (
+            not isinstance(block, list)
+            or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+        ):
+            raise ConfigError(
+                f"'quantization_config.weight_block_size' must be two positive integers "
+                f"([128, 128] in the official releases), got {block!r}"
+            )
+        skip = qc.get("modules_to_not_convert") or []
+        if not isinstance(skip, list) or not all(isinstance(m, str) for m in skip):
+            raise ConfigError(
+                f"'quantization_config.modules_to_not_convert' must be a list of module names, got {skip!r}"
+            )
         quant = QuantConfig(
             quant_method="fp8",
             fmt=qc.get("fmt", "e4m3"),
             weight_block_size=(int(block[0]), int(block[1])),
             activation_scheme=qc.get("activation_scheme", "dynamic"),
-            modules_to_not_convert=tuple(qc.get("modules_to_not_convert") or ()),
+            modules_to_not_convert=tuple(skip),
         )
 
     return ModelConfig(
