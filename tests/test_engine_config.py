@@ -27,6 +27,7 @@ def test_unknown_option_suggests_the_near_one():
 @pytest.mark.parametrize(
     "opts",
     [{"max_num_seqs": 0}, {"block_size": -1}, {"max_model_len": 1}, {"threads": 0},
+     {"threads": 99999999999},  # torch's ValueError (Overflow when unpacking long) before
      {"device": "tpu"}, {"device": "cuda:x"}],  # (device tpu: torch's RuntimeError before)
 )  # fmt: skip
 def test_invalid_values_are_refused(opts):

@@ -177,11 +177,19 @@ def test_a_tp_size_some_models_cannot_take(capsys):
     assert any(isinstance(f, dict) for f in fits["Qwen3.5-397B-A17B"].values())
 
 
-def test_bad_context_syntax(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["plan", "--context", "lots"])
+@pytest.mark.parametrize("args", [["--context", "lots"], ["--chunk", "inf"], ["--context", "nan"]])
+def test_bad_context_syntax(capsys, args):
+    with pytest.raises(SystemExit) as e:  # (--chunk inf: an OverflowError traceback before)
+        main(["plan", *args])
     assert e.value.code == 2
     assert "not a token count" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--gpu-memory", "inf"], ["--gpu-memory", "80", "--gpu-bandwidth",
+                                  "inf"], ["-m", "0.8B", "--dtype", "int4", "--cpu-bandwidth", "inf"]])  # fmt: skip
+def test_infinite_gpu_and_cpu_figures_are_refused(capsys, args):
+    assert main(["plan", *args]) == 2  # (an 'inf tok/s' column before)
+    assert "must be a positive" in capsys.readouterr().err
 
 
 def test_plot(capsys, tmp_path):

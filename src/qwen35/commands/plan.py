@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def _tokens(text: str) -> int:
     scale = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
     try:
         return int(float(t[:-1] if scale > 1 else t) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or inf / nan
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a token count (e.g. 32768 or 32K)"
         ) from None
@@ -223,9 +224,9 @@ def _resolve_name(spec: str) -> str:
 
 
 def _resolve_gpu(args) -> gpu_catalog.GpuSpec | None:
-    if args.gpu_memory is not None and not args.gpu_memory > 0:
+    if args.gpu_memory is not None and not 0 < args.gpu_memory < math.inf:
         raise PlanError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory:g}")
-    if args.gpu_bandwidth is not None and not args.gpu_bandwidth > 0:
+    if args.gpu_bandwidth is not None and not 0 < args.gpu_bandwidth < math.inf:
         raise PlanError(f"--gpu-bandwidth must be a positive GB/s, got {args.gpu_bandwidth:g}")
     if args.gpu:
         g = gpu_catalog.load_gpu(args.gpu)
@@ -420,7 +421,7 @@ def to_json(rows: list[Row], gpu, args, common: list[tuple] | None = None) -> di
 def run(args) -> int:
     if args.max_loras < 0 or args.max_lora_rank < 1:
         raise PlanError("--max-loras must be >= 0 and --max-lora-rank >= 1")
-    if args.cpu_bandwidth is not None and not args.cpu_bandwidth > 0:
+    if args.cpu_bandwidth is not None and not 0 < args.cpu_bandwidth < math.inf:
         raise PlanError(f"--cpu-bandwidth must be a positive GB/s, got {args.cpu_bandwidth:g}")
     if args.dtype in ("int8", "int4"):
         return _run_cpu(args)

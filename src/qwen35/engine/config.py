@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
@@ -421,8 +422,12 @@ class EngineConfig:
             )
         if self.load.yarn is not None:
             check_yarn_factor(self.load.yarn)
-        if self.device.threads is not None and self.device.threads < 1:
-            raise Qwen35Error(f"threads must be >= 1, got {self.device.threads!r}")
+        most = max(1024, os.cpu_count() or 1)  # torch would start them all (or overflow)
+        if self.device.threads is not None and not 1 <= self.device.threads <= most:
+            raise Qwen35Error(
+                f"threads must be 1 to {most} (this machine has {os.cpu_count()} CPUs), got "
+                f"{self.device.threads!r}"
+            )
         dev = str(self.device.device)
         if not re.fullmatch(r"cpu|cuda(:\d+)?", dev):
             raise Qwen35Error(f"device must be cpu, cuda or cuda:N, got {dev!r}")
