@@ -99,6 +99,11 @@ def _adapter_dir(tmp_path, cfg: dict, tensors: dict):
         ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
         ({"bias": "all"}, None, "biases"),
         ({"peft_type": "IA3"}, None, "not a LoRA adapter"),
+        # each an AttributeError / re.error traceback, or NaN weights, before
+        ({"alpha_pattern": 10**12}, None, "alpha_pattern must map module patterns to numbers"),
+        ({"alpha_pattern": {"out_proj": "x"}}, None, "alpha_pattern must map"),
+        ({"alpha_pattern": {"(": 4}}, None, "not a regular expression"),
+        ({"lora_alpha": float("nan")}, None, "lora_alpha must be a number"),
         ({}, {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(2, 256)},
          "not a LoRA A / B weight"),
         ({}, {"base_model.model.model.layers.0.linear_attn.out_proj.lora_A.weight":

@@ -114,8 +114,18 @@ class LoraAdapter:
             used.append(f"trained biases (bias {cfg['bias']!r})")
         if used:
             raise LoraError(f"{f}: cannot merge an adapter with {', '.join(used)}")
-        if not isinstance(cfg.get("lora_alpha", 8), (int, float)):
-            raise LoraError(f"{f}: lora_alpha must be a number")
+        if not _finite(cfg.get("lora_alpha", 8)):
+            raise LoraError(f"{f}: lora_alpha must be a number, got {cfg.get('lora_alpha')!r}")
+        pattern = cfg.get("alpha_pattern") or {}
+        if not isinstance(pattern, dict) or not all(_finite(v) for v in pattern.values()):
+            raise LoraError(f"{f}: alpha_pattern must map module patterns to numbers, got "
+                            f"{shown(repr(pattern))}")  # fmt: skip
+        for pat in pattern:
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise LoraError(f"{f}: alpha_pattern key {shown(pat)!r} is not a regular "
+                                f"expression ({e})") from None  # fmt: skip
         return cfg
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -183,6 +193,10 @@ def _adapter_dir(source: str | Path) -> Path:
         return _from_hub(text, kind="adapter")
     except CheckpointError as e:
         raise LoraError(str(e)) from None
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _alpha(cfg: dict, module: str) -> float:
