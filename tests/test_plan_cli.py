@@ -215,3 +215,18 @@ def test_plan_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stdout
+
+
+def test_a_model_with_a_short_native_context_is_planned_at_it(tmp_path, capsys):
+    """Without --context a model whose native context is under the 32K default is planned at
+    its own (it was an error asking for --yarn); an explicit --context past it still is."""
+    from tiny import tiny_config_dict
+
+    cfg = {"model_type": "qwen3_5_text", **tiny_config_dict(max_position_embeddings=4096)}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert main(["plan", "-m", str(tmp_path), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["request"]["context"] == 4096
+    assert "note: planning at 4,096 tokens, the native context of" in out.err
+    assert main(["plan", "-m", str(tmp_path), "--context", "8192"]) == 2
+    assert "exceeds" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,8 +106,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--context",
         type=_tokens,
-        default=DEFAULT_CONTEXT,
-        help=f"tokens per sequence (default {DEFAULT_CONTEXT}; 32K and 128k work)",
+        default=None,
+        help=f"tokens per sequence (default {DEFAULT_CONTEXT}, or a shorter model's native "
+        "context; 32K and 128k work)",
     )
     p.add_argument(
         "--yarn",
@@ -284,13 +286,20 @@ def gather(args) -> tuple[list[Row], gpu_catalog.GpuSpec | None]:
         ("--context", args.context),
         ("--chunk", args.chunk),
     ):
-        if val < 1:
+        if val is not None and val < 1:
             raise PlanError(f"{flag} must be at least 1, got {val}")
     if args.tp is not None and (args.tp < 1 or args.num_gpus % args.tp):
         raise PlanError(f"--tp {args.tp} must be >= 1 and divide --num-gpus {args.num_gpus}")
     gpu = _resolve_gpu(args)
     rows = []
     models = _with_yarn(_resolve_models(args.model, args.dtype), args)
+    if args.context is None:  # the default: 32K, or a shorter model's whole native context
+        native = min(c.max_position_embeddings for c, _ in models)
+        args.context = min(DEFAULT_CONTEXT, native)
+        if args.context < DEFAULT_CONTEXT:
+            print(f"note: planning at {native:,} tokens, the native context of "
+                  f"{min(models, key=lambda m: m[0].max_position_embeddings)[0].name} "
+                  f"(--context N to choose)", file=sys.stderr)  # fmt: skip
     def ep(c: ModelConfig) -> int:  # expert-parallel size of an explicit layout
         return args.num_gpus if args.ep and c.is_moe else 1
 
