@@ -59,6 +59,7 @@ def assert_idle_and_working(llm, reference) -> None:
         ({"repetition_penalty": math.inf}, "repetition_penalty"),
         ({"n": 33, "seed": 2**64 - 32}, "seed"),
         ({"logit_bias": {10**6: 5.0}}, "logit_bias"),  # not in the vocabulary
+        ({"n": 2**63}, "n"),  # a MemoryError building 2**63 sequence ids before
     ],
 )
 def test_refused_params_register_nothing(llm, reference, kw, param):
@@ -118,6 +119,20 @@ def test_generate_params_must_match_prompts(llm, reference):
         llm.generate([PROMPT, [5] * 100, PROMPT], GREEDY)
     with pytest.raises(Qwen35Error, match="got int"):  # (a TypeError from indexing it before)
         llm.generate(5, GREEDY)
+    # each a bare TypeError from deep inside before ('int' / 'float' object is not iterable,
+    # replace() should be called on dataclass instances)
+    for prompts, params, match in (
+        ({"prompt": 3}, GREEDY, "a prompt must be a text or a list of token ids, got int"),
+        ([[1.5]], GREEDY, "prompt token ids must be a non-empty list of ints"),
+        ([[True, 5]], GREEDY, "prompt token ids must be a non-empty list of ints"),
+        ([PROMPT], [{"max_tokens": 2}], "params must be a SamplingParams, got dict"),
+    ):
+        with pytest.raises(Qwen35Error, match=match):
+            llm.generate(prompts, params)
+    with pytest.raises(Qwen35Error, match="a prompt must be a text"):
+        next(llm.stream(3, GREEDY))
+    with pytest.raises(Qwen35Error, match="messages must be a list of message objects"):
+        llm.chat(None, GREEDY)
     assert_idle_and_working(llm, reference)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from qwen35.errors import Qwen35Error
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+MAX_N = 1 << 16  # sequences one request may ask for (each a Sequence, a state slot when run)
 MAX_LOGIT_BIAS = 1024  # entries; each costs every decode step of its row
 MAX_ALLOWED_TOKENS = 1 << 17  # allowed_token_ids entries
 MAX_BAD_WORDS = 1024  # bad_words entries; each is matched against the output every step
@@ -166,7 +167,7 @@ class SamplingParams:
                 raise bad(f"{name} must be a finite number in {rng}, got {v!r}{note}", name)
             return f
 
-        integer("n", 1)
+        integer("n", 1, MAX_N)
         integer("max_tokens", 1, none_ok=True)
         real("temperature", 0.0, 2.0)
         real("top_p", 0.0, 1.0, lo_open=True)

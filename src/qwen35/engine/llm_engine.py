@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from qwen35.chat_format import (
+    ChatFormatError,
     ChatTemplate,
     check_text_only,
     default_thinking_for,
@@ -410,8 +411,13 @@ class LLMEngine:
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self._tokenizer_ids_in_vocab(self.tokenizer.encode(prompt))
+        if not isinstance(prompt, (list, tuple)):
+            raise Qwen35Error(
+                f"a prompt must be a text or a list of token ids, got {type(prompt).__name__}"
+            )
         if not prompt or not all(
-            isinstance(t, int) and 0 <= t < self.config.vocab_size for t in prompt
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.config.vocab_size
+            for t in prompt
         ):
             raise Qwen35Error(
                 f"prompt token ids must be a non-empty list of ints in [0, {self.config.vocab_size})"
@@ -448,6 +454,11 @@ class LLMEngine:
         one <|image_pad|> each in the prompt. lora: the name of a loaded LoRA adapter to run
         with (`lora_modules`, add_lora). All or nothing: every check runs before anything is
         registered, and a failure while registering undoes what was done."""
+        if not isinstance(params, SamplingParams):
+            raise Qwen35Error(
+                f"params must be a SamplingParams, got {type(params).__name__}"
+                + (": SamplingParams(**that_dict)" if isinstance(params, dict) else "")
+            )
         params = dataclasses.replace(params).validate()  # our own copy: max_tokens is filled in
         params.check_vocab(self.config.vocab_size)
         if params.priority and self.scheduler.config.scheduling_policy != "priority":
@@ -917,6 +928,10 @@ class LLM:
         **template_kwargs,
     ):
         """Messages may carry image / video parts (OpenAI `image_url`, vLLM `video_url`)."""
+        if not isinstance(messages, list):
+            raise ChatFormatError(
+                f"messages must be a list of message objects, got {type(messages).__name__}"
+            )
         if not self.engine.has_vision:
             check_text_only(messages)  # names the part; the engine would refuse it later anyway
         messages, media = extract_media(messages)
