@@ -298,3 +298,12 @@ def test_stop_chunking_invariance(seed, include):
     assert _run(StopStringMatcher(stops, include), chunks) == expect
     assert _run(StopStringMatcher(stops, include), list(text)) == expect
     assert _run(StopStringMatcher(stops, include), [text]) == expect
+
+
+@pytest.mark.parametrize("backend", ["tokenizer.json", "builtin"])
+def test_lone_surrogates_encode_as_replacement_characters(tmp_path, backend):
+    """Text with lone surrogates (stdin's undecodable bytes under surrogateescape, a JSON
+    "\\ud800" escape) is encoded as if each were U+FFFD; the HF back end raised a TypeError
+    ("TextInputSequence must be str"), which ended `qwen35 chat` with a traceback."""
+    tok = _train_tiny(tmp_path) if backend == "tokenizer.json" else load_tokenizer(None)
+    assert tok.encode("a\udcff\ud800b \U0001f600") == tok.encode("a\ufffd\ufffdb \U0001f600")

@@ -168,6 +168,11 @@ class Tokenizer:
         return self._b.byte_level
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates: stdin's undecodable bytes, JSON "\ud800"
+                text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
         return self._b.encode(text, add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
