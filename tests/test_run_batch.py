@@ -172,6 +172,9 @@ def test_command_refuses_bad_paths_before_loading(tmp_path):
     r = qwen35("run-batch", "-i", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o"),
                "--model", str(tmp_path / "no-model"))  # fmt: skip
     assert r.returncode == 2 and "missing.jsonl: no such file" in r.stderr
+    r = qwen35("run-batch", "-i", str(tmp_path), "-o", str(tmp_path / "o"),
+               "--model", str(tmp_path / "no-model"))  # fmt: skip
+    assert r.returncode == 2 and f"{tmp_path}: a folder, not a file" in r.stderr
     (tmp_path / "in.jsonl").write_text("")
     r = qwen35("run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "x" / "o"),
                "--model", str(tmp_path / "no-model"))  # fmt: skip

@@ -36,7 +36,8 @@ def _check_paths(args: argparse.Namespace) -> None:
     """Refuse unusable files before the model loads (minutes, for a big one)."""
     src, dst = args.input_file, args.output_file
     if src != "-" and not os.path.isfile(src):
-        raise Qwen35Error(f"--input-file {src}: no such file")
+        what = "a folder, not a file" if os.path.isdir(src) else "no such file"
+        raise Qwen35Error(f"--input-file {src}: {what}")
     if dst == "-":
         return
     folder = os.path.dirname(os.path.abspath(dst))

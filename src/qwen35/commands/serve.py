@@ -136,7 +136,8 @@ def _check_tls(certfile: str | None, keyfile: str | None) -> bool:
 
     for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
         if not os.path.isfile(path):
-            raise Qwen35Error(f"{flag} {path}: no such file")
+            what = "a folder, not a file" if os.path.isdir(path) else "no such file"
+            raise Qwen35Error(f"{flag} {path}: {what}")
     try:
         # an encrypted key gets an empty password: refused (uvicorn could not decrypt it either),
         # not a pass-phrase prompt on a terminal
