@@ -143,6 +143,14 @@ def test_quantize_checks_the_weights_before_writing(bases, tmp_path, capsys):
     assert rc == 0 and (tmp_path / "o" / "model.safetensors.index.json").is_file(), err
 
 
+@pytest.mark.parametrize("size", ["nan", "inf", "0", "-1"])
+def test_quantize_shard_size_must_be_a_positive_number(bases, tmp_path, capsys, size):
+    argv = ["quantize", str(bases["dense"]), str(tmp_path / "o"), "--shard-size", size]
+    rc, err = run_cli(argv, capsys)  # (nan: a ValueError traceback before, inf an OverflowError)
+    assert rc == 2 and "--shard-size must be a positive number of GiB" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 # ---- config, generation and preprocessor files ---------------------------------------------------
 @pytest.mark.parametrize(
     "field,value,message",

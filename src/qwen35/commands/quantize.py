@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -31,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from qwen35.errors import Qwen35Error
     from qwen35.quant.checkpoint import convert_checkpoint
 
-    if args.shard_size <= 0:
-        raise Qwen35Error("--shard-size must be positive")
+    if not 0 < args.shard_size < math.inf:  # (nan / inf: a ValueError / OverflowError below)
+        raise Qwen35Error(f"--shard-size must be a positive number of GiB, got {args.shard_size}")
     out = convert_checkpoint(
         args.in_dir,
         args.out_dir,
