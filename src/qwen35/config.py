@@ -289,6 +289,11 @@ class ModelConfig:
             ) from None
 
 
+def non_negative_int(v: object) -> bool:
+    """An int >= 0 that is not a bool (JSON's true would pass isinstance(v, int))."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 # The largest value a config size may take: far past any Qwen 3.5 model (a 10**12 in a damaged
 # config would otherwise build 10**12 layer modules, or allocate for them, before any check).
 _MAX_SIZE = 1 << 24
@@ -378,9 +383,7 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
     rope_theta = opt_num("rope_theta", opt_num("rope_theta", 10_000_000.0), rope)
     prf = opt_num("partial_rotary_factor", opt_num("partial_rotary_factor", 0.25), rope, 1.0)
     mrope = rope.get("mrope_section") or (11, 11, 10)
-    if not isinstance(mrope, (list, tuple)) or not all(
-        isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in mrope
-    ):
+    if not isinstance(mrope, (list, tuple)) or not all(non_negative_int(m) for m in mrope):
         raise ConfigError(
             f"'text_config.rope_parameters.mrope_section' must list non-negative integers, "
             f"got {mrope!r}"
@@ -430,7 +433,7 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
 
     eos = text.get("eos_token_id", raw.get("eos_token_id"))
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos_ids):
+    if not all(non_negative_int(i) for i in eos_ids):
         raise ConfigError(f"'eos_token_id' must be a token id or a list of them, got {eos!r}")
     tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
 
@@ -475,7 +478,7 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
         if (
             not isinstance(block, list)
             or len(block) != 2
-            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+            or not all(non_negative_int(b) and b > 0 for b in block)
         ):
             raise ConfigError(
                 f"'quantization_config.weight_block_size' must be two positive integers "

@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from qwen35.config import non_negative_int
 from qwen35.errors import Qwen35Error, shown
 
 # Added tokens that survive skip_special_tokens (special=false in the official tokenizer_config).
@@ -256,7 +257,7 @@ def load_tokenizer(model_dir: str | Path | None = None) -> Tokenizer:
     eos: list[Any] = []
     gen_eos = read_json_dict(d / "generation_config.json").get("eos_token_id")
     eos += gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+    if not all(non_negative_int(i) for i in eos):
         raise TokenizerError(
             f"{d / 'generation_config.json'}: 'eos_token_id' must be a token id or a list of "
             f"them, got {shown(repr(gen_eos))}"

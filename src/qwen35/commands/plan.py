@@ -294,12 +294,11 @@ def gather(args) -> tuple[list[Row], gpu_catalog.GpuSpec | None]:
     rows = []
     models = _with_yarn(_resolve_models(args.model, args.dtype), args)
     if args.context is None:  # the default: 32K, or a shorter model's whole native context
-        native = min(c.max_position_embeddings for c, _ in models)
-        args.context = min(DEFAULT_CONTEXT, native)
+        shortest = min((c for c, _ in models), key=lambda c: c.max_position_embeddings)
+        args.context = min(DEFAULT_CONTEXT, shortest.max_position_embeddings)
         if args.context < DEFAULT_CONTEXT:
-            print(f"note: planning at {native:,} tokens, the native context of "
-                  f"{min(models, key=lambda m: m[0].max_position_embeddings)[0].name} "
-                  f"(--context N to choose)", file=sys.stderr)  # fmt: skip
+            print(f"note: planning at {args.context:,} tokens, the native context of "
+                  f"{shortest.name} (--context N to choose)", file=sys.stderr)  # fmt: skip
     def ep(c: ModelConfig) -> int:  # expert-parallel size of an explicit layout
         return args.num_gpus if args.ep and c.is_moe else 1
 

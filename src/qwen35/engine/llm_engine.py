@@ -26,6 +26,7 @@ from qwen35.chat_format import (
     default_thinking_for,
     read_template_arg,
 )
+from qwen35.config import non_negative_int
 from qwen35.devices import dtype_advice, model_kv_dtype, resolve_dtype
 from qwen35.engine.cache_sizing import CachePlan, plan_caches
 from qwen35.engine.config import EngineConfig
@@ -416,8 +417,7 @@ class LLMEngine:
                 f"a prompt must be a text or a list of token ids, got {type(prompt).__name__}"
             )
         if not prompt or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.config.vocab_size
-            for t in prompt
+            non_negative_int(t) and t < self.config.vocab_size for t in prompt
         ):
             raise Qwen35Error(
                 f"prompt token ids must be a non-empty list of ints in [0, {self.config.vocab_size})"
