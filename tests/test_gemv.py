@@ -155,11 +155,14 @@ def test_int8_avx2_path_keeps_non_finite_rows_apart(mod):
 def test_rows_of_a_batch_equal_each_row_alone(mod, kind, avx2_only):
     """Every input row's result is bitwise what it gets alone, whatever rows share the call (a
     decode row's logits do not depend on the other sequences of its step). Many outputs (8,191:
-    odd, a range's last row alone; K 1,003: every path's tail), since a summation order that
+    odd, a range's last row alone; K 1,103: every path's tail), since a summation order that
     changes with the row count flips only ~1 bf16 output in 10^4. fp32 above 4 rows takes the
-    two-weight-row path, whose sums differ from the one-row path's: checked within each."""
+    two-weight-row path, whose sums differ from the one-row path's: checked within each. 9 and
+    16 rows of 1,103 inputs are past the size where the kernels take output rows in tiles
+    (gemv_cpu.cpp tile_rows; the byte tables' converted rows: 16 rows), so the tiles and a range's
+    partial last tile are checked too."""
     g = torch.Generator().manual_seed(5)
-    N, K = 8191, 1003
+    N, K = 8191, 1103
     w = torch.randn(N, K, generator=g) * 0.05
     x = torch.randn(16, K, generator=g)
     if kind == "bf16":
@@ -232,14 +235,15 @@ def test_fp8_rows_of_a_batch_equal_each_row_alone(mod):
     between the two weight rows of a pair at row 31 / 32)."""
     paths = _fp8_paths(mod)
     g = torch.Generator().manual_seed(6)
-    q, s = formats.quantize_fp8_blocks(torch.randn(71, 200, generator=g), block=(32, 128))
-    s = s.float()
-    x = torch.randn(16, 200, generator=g).bfloat16()
-    for cvt in paths:
-        y = mod.linear_fp8(x, q, s, 32, 128, cvt)
-        for i in range(16):
-            one = mod.linear_fp8(x[i : i + 1], q, s, 32, 128, cvt)[0]
-            assert torch.equal(one, y[i]), (i, cvt)
+    for n, k in ((71, 200), (333, 1100)):  # 16 rows of 1,100: tiles of converted rows
+        q, s = formats.quantize_fp8_blocks(torch.randn(n, k, generator=g), block=(32, 128))
+        s = s.float()
+        x = torch.randn(16, k, generator=g).bfloat16()
+        for cvt in paths:
+            y = mod.linear_fp8(x, q, s, 32, 128, cvt)
+            for i in range(16):
+                one = mod.linear_fp8(x[i : i + 1], q, s, 32, 128, cvt)[0]
+                assert torch.equal(one, y[i]), (n, k, i, cvt)
 
 
 def test_dispatch_takes_the_kernel_and_switches_off(mod, monkeypatch):

@@ -84,11 +84,12 @@ def test_kernel_matches_reference(dtype, N, K):
     assert y[1].isnan().all() and y[0].isfinite().all()
 
 
-def test_rows_alone_equal_batched():
+@pytest.mark.parametrize("K", [320, 2048])  # 2,048: passes of 4 rows, in tiles of output rows
+def test_rows_alone_equal_batched(K):
     mod = _kernel()
     g = torch.Generator().manual_seed(3)
-    packed, scales = formats.quantize_int6_groups(torch.randn(4099, 320, generator=g))
-    x = torch.randn(16, 320, generator=g)
+    packed, scales = formats.quantize_int6_groups(torch.randn(4099, K, generator=g))
+    x = torch.randn(16, K, generator=g)
     got = rows_alone_mismatches(lambda r: mod.linear_int6(r, packed, scales), x)
     assert all(v == 0 for v in got.values()), got
 
