@@ -5,6 +5,11 @@ native bf16), calls alternating, medians.
     python bench/int6_head.py [--shapes 248320x1024,248320x2048] [--rows 1,4] [--rounds 8]
                               [--threads 2]
     python bench/int6_head.py --engine Qwen3.5-0.8B [--rounds 40]   # or a config.json
+    python bench/int6_head.py --baseline REV --rows 1,4,8,16 --shapes 248320x2048,248320x4096
+
+--baseline REV: the int6 kernel as of that git revision (its sources built beside this
+checkout's) alternating with this checkout's, instead of the int8 head: ms per call of both,
+REV / this time, and whether their outputs are the same bits.
 
 --engine: whole batch-1 decode steps of that model under `--quantization int4` (random weights,
 128-token prompt), its int6 head and an int8 head made of the int6 head's values swapped in
@@ -35,10 +40,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engine", help="a catalog model or config.json: whole decode steps instead")
+    ap.add_argument("--baseline", metavar="REV", help="this kernel against git revision REV's")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.engine:
         return engine_steps(args)
+    if args.baseline:
+        return against_revision(args)
     m6, m8 = gemv.load_int6(), gemv.load()
     if m6 is None or m8 is None:
         raise SystemExit("the CPU kernels did not load (no compiler / AVX2, or QWEN35_NO_KERNELS=1)")
@@ -69,6 +77,36 @@ def main(argv: list[str] | None = None) -> None:
                 c = statistics.median(t6a)
                 line += f"; int6 AVX2 path {c * 1e3:.2f} ms, AVX2 / VNNI time {c / a:.2f}"
             print(line)
+
+
+def against_revision(args) -> None:
+    import tempfile
+
+    from qwen35.benchmarks.common import kernel_sources_at
+    from qwen35.kernels import gemv
+    from qwen35.quant import formats
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = gemv.INT6.from_folder(kernel_sources_at(args.baseline, tmp)).load()
+    new = gemv.load_int6()
+    if base is None or new is None:
+        raise SystemExit("the int6 kernels did not build here")
+    g = torch.Generator().manual_seed(0)
+    for shape in args.shapes.split(","):
+        N, K = map(int, shape.split("x"))
+        p, s = formats.quantize_int6_groups(torch.randn(N, K, generator=g) * 0.05)
+        for M in map(int, args.rows.split(",")):
+            x = torch.randn(M, K, generator=g)
+            same = torch.equal(new.linear_int6(x, p, s), base.linear_int6(x, p, s))
+            ts: dict[str, list[float]] = {"new": [], "base": []}
+            for r in range(args.rounds):
+                for name, mod in (("new", new), ("base", base))[:: 1 if r % 2 else -1]:
+                    t = time.perf_counter()
+                    mod.linear_int6(x, p, s)
+                    ts[name].append(time.perf_counter() - t)
+            a, b = statistics.median(ts["new"]), statistics.median(ts["base"])
+            print(f"{N} x {K}, {M} row(s): {a * 1e3:.2f} ms, {args.baseline} {b * 1e3:.2f} ms, "
+                  f"{args.baseline} / this {b / a:.2f}, same bits: {same}")  # fmt: skip
 
 
 def engine_steps(args) -> None:

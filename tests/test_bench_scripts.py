@@ -196,6 +196,16 @@ def test_int6_head_bench_runs(capsys):
     assert out.count("int8 / int6 time") == 2 and "640 x 128, 2 row(s)" in out, out
 
 
+def test_int6_head_bench_against_a_revision_runs(capsys):
+    """bench/int6_head.py --baseline REV: the kernel as of a commit beside this one (HEAD's own
+    sources here: the same bits)."""
+    native_or_skip(gemv.INT6, "the int6 kernel")
+    _load("int6_head").main(["--baseline", "HEAD", "--shapes", "640x128", "--rows", "1,9",
+                             "--rounds", "2", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("HEAD / this") == 2 and "9 row(s)" in out, out
+
+
 def test_int6_head_bench_engine_runs(capsys, tmp_path):
     """bench/int6_head.py --engine: whole decode steps of an int4 model, its two heads swapped."""
     from tiny import save_checkpoint
