@@ -82,6 +82,9 @@ def test_kernel_matches_reference(dtype, N, K):
     x[1, 3] = float("nan")
     y = mod.linear_int6(x, packed, scales)
     assert y[1].isnan().all() and y[0].isfinite().all()
+    # no rows (a step whose rows all stop short of their logits): an empty result, no crash (the
+    # passes' row count once divided by zero here: SIGFPE)
+    assert mod.linear_int6(torch.zeros(0, K, dtype=dtype), packed, scales).shape == (0, N)
 
 
 @pytest.mark.parametrize("K", [320, 2048])  # 2,048: passes of 4 rows, in tiles of output rows

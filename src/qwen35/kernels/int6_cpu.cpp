@@ -314,8 +314,10 @@ torch::Tensor linear_int6(const torch::Tensor& x, const torch::Tensor& packed,
     // rows a pass: up to the path's registers and at most 24 KiB of rounded rows (2 K bytes
     // each; a pass of 30-32 KiB ran at half the speed: K = 2,048 x 8 rows, 4,096 x 4, 5,120 x
     // 3), the passes as even as they go (4,096 x 4 rows: 2 + 2 took 30 ms, 3 + 1 44 ms)
-    const int64_t cap = std::max<int64_t>(1, std::min<int64_t>(vnni ? kMRVnni : kMR, (12 << 10) / K));
-    const int64_t step = (M + (M + cap - 1) / cap - 1) / ((M + cap - 1) / cap);
+    const int64_t cap =
+        std::max<int64_t>(1, std::min<int64_t>(vnni ? kMRVnni : kMR, (12 << 10) / std::max<int64_t>(K, 1)));
+    const int64_t passes = std::max<int64_t>(1, (M + cap - 1) / cap);  // (M = 0: none run)
+    const int64_t step = std::max<int64_t>(1, (M + passes - 1) / passes);
     for (int64_t t0 = n0; t0 < n1; t0 += tile)
     for (int64_t m = 0; m < M; m += step)  // input rows in passes of up to step
     for (int64_t n = t0; n < std::min(n1, t0 + tile); ++n) {
