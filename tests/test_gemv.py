@@ -84,9 +84,10 @@ def test_fp8_many_products_equal_one_call_each(mod, cvt):
 @pytest.mark.parametrize("avx2_only", [False, True])
 def test_fp32_matches_reference(mod, avx2_only):
     """Above 4 rows AVX512 CPUs take pairs of weight rows against groups of 8 input rows: odd N
-    (a range's last row alone), K % 16 tails, 5-16 rows (groups of 8 + the rest)."""
+    (a range's last row alone), K % 16 tails, 5-16 rows (groups of 8 + the rest); 67 x 1,024:
+    past 16 KiB of rows, output rows in tiles (gemv_cpu.cpp tile_rows), the last one odd."""
     g = torch.Generator().manual_seed(4)
-    for n, k in SHAPES:
+    for n, k in [*SHAPES, (67, 1024)]:
         w = torch.randn(n, k, generator=g)
         for m in [*ROWS, 8, 9, 13]:
             x = torch.randn(m, k, generator=g)

@@ -358,11 +358,15 @@ template <typename WT>
 void linear_fp32_rows(const float* X, const WT* W, float* Y, int64_t M, int64_t N, int64_t K,
                       bool avx512) {
   const int64_t group = avx512 ? 8 : 4;
+  // tiles of output rows (tile_rows; an even count, so the pairs are the untiled loop's)
+  const int64_t tile = std::max<int64_t>(2, tile_rows(M, 4 * M * K, sizeof(WT) * K) / 2 * 2);
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     float o0[8], o1[8];
-    for (int64_t n = n0; n < n1; n += 2) {
-      const bool pair = n + 1 < n1;
-      for (int64_t m = 0; m < M; m += group) {
+    for (int64_t t0 = n0; t0 < n1; t0 += tile)
+    for (int64_t m = 0; m < M; m += group)
+    for (int64_t n = t0, t1 = std::min(n1, t0 + tile); n < t1; n += 2) {
+      const bool pair = n + 1 < t1;
+      {
         const int mr = static_cast<int>(std::min<int64_t>(group, M - m));
         const float* xm = X + m * K;
         const WT* wn = W + n * K;
