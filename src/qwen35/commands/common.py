@@ -4,6 +4,7 @@ of `generate --chat` and `chat`."""
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_engine_arguments(p: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -114,3 +115,12 @@ def add_thinking_argument(p: argparse.ArgumentParser, when: str = "") -> None:
 def thinking_kwargs(args: argparse.Namespace) -> dict:
     """The chat template's keyword arguments for --thinking (none for "default")."""
     return {} if args.thinking == "default" else {"enable_thinking": args.thinking == "on"}
+
+
+def require_file(flag: str, path: str) -> None:
+    """Refuse `path` given with `flag` unless it is a file: a folder or a missing path, named."""
+    if not os.path.isfile(path):
+        from qwen35.errors import Qwen35Error
+
+        what = "a folder, not a file" if os.path.isdir(path) else "no such file"
+        raise Qwen35Error(f"{flag} {path}: {what}")

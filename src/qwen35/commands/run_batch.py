@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 
-from qwen35.commands.common import add_engine_arguments, engine_on_its_thread
+from qwen35.commands.common import add_engine_arguments, engine_on_its_thread, require_file
 from qwen35.errors import Qwen35Error
 
 
@@ -35,9 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check_paths(args: argparse.Namespace) -> None:
     """Refuse unusable files before the model loads (minutes, for a big one)."""
     src, dst = args.input_file, args.output_file
-    if src != "-" and not os.path.isfile(src):
-        what = "a folder, not a file" if os.path.isdir(src) else "no such file"
-        raise Qwen35Error(f"--input-file {src}: {what}")
+    if src != "-":
+        require_file("--input-file", src)
     if dst == "-":
         return
     folder = os.path.dirname(os.path.abspath(dst))

@@ -8,7 +8,7 @@ import errno
 import os
 import sys
 
-from qwen35.commands.common import add_engine_arguments, engine_on_its_thread
+from qwen35.commands.common import add_engine_arguments, engine_on_its_thread, require_file
 from qwen35.errors import Qwen35Error
 
 
@@ -135,9 +135,7 @@ def _check_tls(certfile: str | None, keyfile: str | None) -> bool:
     import ssl
 
     for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
-        if not os.path.isfile(path):
-            what = "a folder, not a file" if os.path.isdir(path) else "no such file"
-            raise Qwen35Error(f"{flag} {path}: {what}")
+        require_file(flag, path)
     try:
         # an encrypted key gets an empty password: refused (uvicorn could not decrypt it either),
         # not a pass-phrase prompt on a terminal

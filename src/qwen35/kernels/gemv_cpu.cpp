@@ -65,10 +65,6 @@ bool cpu_avx512_bf16() { return cpu_isa::avx512_bf16(); }
 bool cpu_avx512_fp8() { return cpu_isa::avx512_bf16_vbmi(); }
 
 
-// fn(n, out) for every output row n, out[i] = its dot product with input row i (i < mr); the
-// rows are split over threads in contiguous ranges (at least 64 rows a task, so small matrices
-// don't pay a fork per row); store(n, i, value) writes the result. tile (tile_rows) > 1: output
-// rows in tiles of that many, each tile's passes of kMR input rows one after the other.
 // Output rows a tile where M input rows of x_bytes in all take several passes of kMR and x is
 // past ~16 KiB: ~32 KiB of weights (row_bytes a row), so that a pass's input rows stay in L1
 // across the tile and the tile is read again from L2, where row by row every weight row walks
@@ -81,6 +77,10 @@ inline int64_t tile_rows(int64_t M, int64_t x_bytes, int64_t row_bytes,
   return M > kMR && x_bytes > x_max ? std::max<int64_t>(1, tile_bytes / row_bytes) : 1;
 }
 
+// fn(n, out) for every output row n, out[i] = its dot product with input row i (i < mr); the
+// rows are split over threads in contiguous ranges (at least 64 rows a task, so small matrices
+// don't pay a fork per row); store(n, i, value) writes the result. tile (tile_rows) > 1: output
+// rows in tiles of that many, each tile's passes of kMR input rows one after the other.
 template <typename Row, typename Store>
 void for_rows(int64_t M, int64_t N, Row&& row, Store&& store, int64_t tile = 1) {
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
@@ -123,7 +123,7 @@ void for_row_pairs(int64_t M, int64_t N, int64_t Kp, Convert&& convert, Pair&& p
     std::vector<uint16_t> wbuf(2 * pairs * Kp);
     float out[2][kMR];
     int64_t n = n0;
-    for (; n + 1 < n1; n += 2 * pairs) {
+    while (n + 1 < n1) {
       const int64_t np = std::min(pairs, (n1 - n) / 2);  // whole pairs in this tile
       for (int64_t j = 0; j < 2 * np; ++j) convert(n + j, wbuf.data() + j * Kp);
       for (int64_t m = 0; m < M; m += kMR) {
@@ -135,10 +135,7 @@ void for_row_pairs(int64_t M, int64_t N, int64_t Kp, Convert&& convert, Pair&& p
             store(m + i, n + 2 * p, out[0][i]), store(m + i, n + 2 * p + 1, out[1][i]);
         }
       }
-      if (np < pairs) {  // the range's last whole pairs: continue with its odd row, if any
-        n += 2 * np;
-        break;
-      }
+      n += 2 * np;  // (then a range's odd last row, if any, below)
     }
     for (; n < n1; ++n)
       for (int64_t m = 0; m < M; m += kMR) {
@@ -366,20 +363,18 @@ void linear_fp32_rows(const float* X, const WT* W, float* Y, int64_t M, int64_t 
     for (int64_t m = 0; m < M; m += group)
     for (int64_t n = t0, t1 = std::min(n1, t0 + tile); n < t1; n += 2) {
       const bool pair = n + 1 < t1;
-      {
-        const int mr = static_cast<int>(std::min<int64_t>(group, M - m));
-        const float* xm = X + m * K;
-        const WT* wn = W + n * K;
-        if (avx512)
-          pair ? fp32_rows_dispatch<2>(mr, xm, K, wn, o0, o1)
-               : fp32_rows_dispatch<1>(mr, xm, K, wn, o0, o1);
-        else
-          pair ? fp32_rows_dispatch_avx2<2>(mr, xm, K, wn, o0, o1)
-               : fp32_rows_dispatch_avx2<1>(mr, xm, K, wn, o0, o1);
-        for (int i = 0; i < mr; ++i) {
-          Y[(m + i) * N + n] = o0[i];
-          if (pair) Y[(m + i) * N + n + 1] = o1[i];
-        }
+      const int mr = static_cast<int>(std::min<int64_t>(group, M - m));
+      const float* xm = X + m * K;
+      const WT* wn = W + n * K;
+      if (avx512)
+        pair ? fp32_rows_dispatch<2>(mr, xm, K, wn, o0, o1)
+             : fp32_rows_dispatch<1>(mr, xm, K, wn, o0, o1);
+      else
+        pair ? fp32_rows_dispatch_avx2<2>(mr, xm, K, wn, o0, o1)
+             : fp32_rows_dispatch_avx2<1>(mr, xm, K, wn, o0, o1);
+      for (int i = 0; i < mr; ++i) {
+        Y[(m + i) * N + n] = o0[i];
+        if (pair) Y[(m + i) * N + n + 1] = o1[i];
       }
     }
   });

@@ -309,44 +309,42 @@ torch::Tensor linear_int6(const torch::Tensor& x, const torch::Tensor& packed,
   // where row by row every weight row walked all M rows' bytes (32 KiB at 16 rows of 1,024
   // inputs, past L1 with the weights streaming through). Loop order only: the same bits.
   const int64_t tile = std::max<int64_t>(1, (32 << 10) / (nb * kBlockBytes));
+  // rows a pass: up to the path's registers and at most 24 KiB of rounded rows (2 K bytes each;
+  // a pass of 30-32 KiB ran at half the speed: K = 2,048 x 8 rows, 4,096 x 4, 5,120 x 3), the
+  // passes as even as they go (4,096 x 4 rows: 2 + 2 took 30 ms, 3 + 1 44 ms)
+  const int64_t cap = std::max<int64_t>(
+      1, std::min<int64_t>(vnni ? kMRVnni : kMR, (12 << 10) / std::max<int64_t>(K, 1)));
+  const int64_t passes = std::max<int64_t>(1, (M + cap - 1) / cap);  // (M = 0: none run)
+  const int64_t step = std::max<int64_t>(1, (M + passes - 1) / passes);
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
     float out[kMRVnni];
-    // rows a pass: up to the path's registers and at most 24 KiB of rounded rows (2 K bytes
-    // each; a pass of 30-32 KiB ran at half the speed: K = 2,048 x 8 rows, 4,096 x 4, 5,120 x
-    // 3), the passes as even as they go (4,096 x 4 rows: 2 + 2 took 30 ms, 3 + 1 44 ms)
-    const int64_t cap =
-        std::max<int64_t>(1, std::min<int64_t>(vnni ? kMRVnni : kMR, (12 << 10) / std::max<int64_t>(K, 1)));
-    const int64_t passes = std::max<int64_t>(1, (M + cap - 1) / cap);  // (M = 0: none run)
-    const int64_t step = std::max<int64_t>(1, (M + passes - 1) / passes);
     for (int64_t t0 = n0; t0 < n1; t0 += tile)
     for (int64_t m = 0; m < M; m += step)  // input rows in passes of up to step
     for (int64_t n = t0; n < std::min(n1, t0 + tile); ++n) {
       const uint8_t* p = P + n * nb * kBlockBytes;
       const uint16_t* sc = S + n * 2 * nb;
-      {
-        const int mr = static_cast<int>(std::min<int64_t>(step, M - m));
-        const Rows r{xq.data() + m * K, off.data() + m * nb * 8, xs.data() + m * nb * 8, K, nb};
-        if (vnni) {
-          switch (mr) {
-            case 1: row_dot_vnni<1>(p, sc, r, out); break;
-            case 2: row_dot_vnni<2>(p, sc, r, out); break;
-            case 3: row_dot_vnni<3>(p, sc, r, out); break;
-            case 4: row_dot_vnni<4>(p, sc, r, out); break;
-            case 5: row_dot_vnni<5>(p, sc, r, out); break;
-            case 6: row_dot_vnni<6>(p, sc, r, out); break;
-            case 7: row_dot_vnni<7>(p, sc, r, out); break;
-            default: row_dot_vnni<8>(p, sc, r, out); break;
-          }
-        } else {
-          switch (mr) {
-            case 1: row_dot<1>(p, sc, r, out); break;
-            case 2: row_dot<2>(p, sc, r, out); break;
-            case 3: row_dot<3>(p, sc, r, out); break;
-            default: row_dot<4>(p, sc, r, out); break;
-          }
+      const int mr = static_cast<int>(std::min<int64_t>(step, M - m));
+      const Rows r{xq.data() + m * K, off.data() + m * nb * 8, xs.data() + m * nb * 8, K, nb};
+      if (vnni) {
+        switch (mr) {
+          case 1: row_dot_vnni<1>(p, sc, r, out); break;
+          case 2: row_dot_vnni<2>(p, sc, r, out); break;
+          case 3: row_dot_vnni<3>(p, sc, r, out); break;
+          case 4: row_dot_vnni<4>(p, sc, r, out); break;
+          case 5: row_dot_vnni<5>(p, sc, r, out); break;
+          case 6: row_dot_vnni<6>(p, sc, r, out); break;
+          case 7: row_dot_vnni<7>(p, sc, r, out); break;
+          default: row_dot_vnni<8>(p, sc, r, out); break;
         }
-        for (int i = 0; i < mr; ++i) Y[(m + i) * N + n] = out[i];
+      } else {
+        switch (mr) {
+          case 1: row_dot<1>(p, sc, r, out); break;
+          case 2: row_dot<2>(p, sc, r, out); break;
+          case 3: row_dot<3>(p, sc, r, out); break;
+          default: row_dot<4>(p, sc, r, out); break;
+        }
       }
+      for (int i = 0; i < mr; ++i) Y[(m + i) * N + n] = out[i];
     }
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
