@@ -246,3 +246,15 @@ def test_load_memory_bench_runs(capsys, tmp_path):
     assert abs(out["weights_bytes"] - out["plan_weights_bytes"]) / out["plan_weights_bytes"] < 0.01
     assert out["plan_load_peak_bytes"] > out["plan_weights_bytes"]
     assert "while reading" in capsys.readouterr().out
+
+
+def test_nonfinite_check_bench_runs(capsys, tmp_path):
+    """bench/nonfinite_check.py on a tiny checkpoint: the count's rate beside torch's, loads
+    with the check and without it."""
+    from tiny import save_checkpoint
+
+    save_checkpoint(tmp_path, dtype=torch.bfloat16, vocab_size=512)
+    out = _load("nonfinite_check").main([str(tmp_path), "--rounds", "2", "--count-numel", "4096"])
+    assert [len(v) for v in out["load_seconds"].values()] == [2, 2]
+    text = capsys.readouterr().out
+    assert "count_nonfinite" in text and "torch isfinite" in text and "load unchecked" in text

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from qwen35.errors import Qwen35Error, shown
+from qwen35.weights import CheckpointError, check_finite
 
 _KEY = re.compile(r"^base_model\.model\.(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 # adapter features whose weights are not a plain low-rank delta of one base weight
@@ -137,9 +138,15 @@ class LoraAdapter:
                 self.path / "adapter_model.bin").is_file() else ""  # fmt: skip
             raise LoraError(f"{self.path} has no adapter_model.safetensors{other}")
         try:
-            return load_file(str(f))
+            tensors = load_file(str(f))
         except Exception as e:  # safetensors raises its own error types
             raise LoraError(f"cannot read {f}: {e}") from None
+        for key, t in tensors.items():  # NaN / inf would make every adapted output garbage
+            try:
+                check_finite(key, t, str(f))
+            except CheckpointError as e:
+                raise LoraError(str(e)) from None
+        return tensors
 
     def check_base(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Every adapter module must be a 2-D weight of the base (checkpoint key -> shape) of

@@ -18,6 +18,8 @@ from memory-mapped safetensors, each file closed before the next is opened.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import time
 from collections import Counter, defaultdict
@@ -62,6 +64,7 @@ class LoadReport:
     skipped: dict[str, int] = field(default_factory=dict)  # prefix -> tensors skipped
     cast: dict[str, int] = field(default_factory=dict)  # "F32->bfloat16" -> tensors
     notes: list[str] = field(default_factory=list)
+    nonfinite_checked: bool = False  # every tensor read was counted for NaN / inf (check_finite)
     seconds_scan: float = 0.0
     seconds_read: float = 0.0
     seconds_total: float = 0.0
@@ -424,6 +427,64 @@ def _norm(entry: str) -> str:
     return entry.split(" ")[0].replace("model.language_model.", "model.")
 
 
+# ---- NaN / inf ------------------------------------------------------------------------------
+# Every tensor a load copies is checked for NaN and infinite values (as llama.cpp's
+# --check-tensors, but always): a fine-tune that diverged, or values past fp16's range converted
+# to it, would otherwise load silently and answer with one repeated token (int8 quantizing turns
+# the NaNs into plausible-looking garbage). The CPU count is one pass at memory speed in
+# kernels/small_ops_cpu.cpp (~26 GB/s on 2 Zen 5 cores: <1 s for the 9B's 18 GB); torch's
+# isfinite ran at 0.5 GB/s there, so without compiled kernels a CPU load is not checked
+# (LoadReport.nonfinite_checked False; GPU tensors are counted with torch's ops).
+ALLOW_NONFINITE_ENV = "QWEN35_ALLOW_NONFINITE_WEIGHTS"
+_EXPONENT_BITS = {  # dtype: (integer view, the mask whose bits all set mean NaN / inf)
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float8_e4m3fn: (torch.uint8, 0x7F),  # (its only non-finite code: NaN)
+    torch.float8_e5m2: (torch.uint8, 0x7C),
+}
+
+
+def count_nonfinite(t: torch.Tensor) -> int | None:
+    """NaN / inf elements of t (0 for integer tensors); None where they cannot be counted fast
+    (a CPU tensor without the compiled kernels)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    if t.device.type == "cpu":
+        from qwen35.kernels import small_ops
+
+        mod = small_ops.load()
+        return None if mod is None else int(mod.count_nonfinite(t.contiguous()))
+    if t.dtype not in _EXPONENT_BITS:
+        return int((~torch.isfinite(t)).sum())
+    view, mask = _EXPONENT_BITS[t.dtype]
+    return int(((t.contiguous().view(view) & mask) == mask).sum())
+
+
+def check_finite(key: str, t: torch.Tensor, where: str, source: torch.Tensor | None = None):
+    """Raise CheckpointError if t (tensor `key` of `where`, as loaded) holds NaN or inf values
+    (with QWEN35_ALLOW_NONFINITE_WEIGHTS=1: a warning). source: what t was converted from, to
+    tell values past t's dtype's range from values stored non-finite. Returns whether t was
+    checked (count_nonfinite)."""
+    bad = count_nonfinite(t)
+    if not bad:
+        return bad is not None
+    name = str(t.dtype).removeprefix("torch.")
+    if source is not None and source.dtype != t.dtype and count_nonfinite(source) == 0:
+        msg = (f"{where}: tensor {key} holds {bad:,} infinite values (of {t.numel():,}) once "
+               f"converted to {name}: the file's values are finite but past {name}'s range; "
+               "load it in another --dtype (bf16 or fp32)")  # fmt: skip
+    else:
+        msg = (f"{where}: tensor {key} holds {bad:,} NaN or infinite values (of {t.numel():,}): "
+               "the checkpoint is damaged (a fine-tune that diverged?) and the model would "
+               "answer garbage")  # fmt: skip
+    if os.environ.get(ALLOW_NONFINITE_ENV) == "1":
+        logging.getLogger("qwen35.loader").warning("%s (loading it anyway: %s=1)", msg,
+                                                   ALLOW_NONFINITE_ENV)  # fmt: skip
+        return True
+    raise CheckpointError(f"{msg}. Set {ALLOW_NONFINITE_ENV}=1 to load it anyway")
+
+
 # ---- read ---------------------------------------------------------------------------------------
 def read_into(
     s: _Scan,
@@ -449,6 +510,7 @@ def read_into(
     total = sum(e.nbytes for entries in s.plan.values() for e in entries)
     bar = _progress_bar(total) if progress else None
     cast: Counter = Counter()
+    checked = True  # (every tensor counted: the shard reader's too)
     t0 = time.perf_counter()
     try:
         for path, entries in s.plan.items():
@@ -460,6 +522,8 @@ def read_into(
                     if shard is not None:
                         try:
                             nbytes = shard(e, f.get_slice(e.key), param(e.target.param))
+                        except CheckpointError:
+                            raise
                         except Exception as exc:
                             raise CheckpointError(
                                 f"cannot read tensor {e.key} from {path}: {exc} "
@@ -483,6 +547,7 @@ def read_into(
                     if src.dtype != dst.dtype:
                         cast[f"{e.st_dtype}->{str(dst.dtype).removeprefix('torch.')}"] += 1
                     dst.copy_(src)  # casts (e.g. the fp32 A_log / norm weights) on the way
+                    checked &= check_finite(e.key, dst, str(path), src)
                     del src, dst
                     if on_read is not None:
                         on_read.written(e.target.param)
@@ -496,6 +561,7 @@ def read_into(
         if bar is not None:
             bar[0].stop()
     report.cast = dict(cast)
+    report.nonfinite_checked = checked and (shard is None or getattr(shard, "checked", True))
     report.seconds_read = time.perf_counter() - t0
 
 

@@ -10,11 +10,14 @@
 // the reference rounds; only the order of the sum of squares and libm's exp/log1p differ
 // (fp32 ulps). Rows are independent, so batched and single-row results are bitwise equal.
 //
+// And one load-time pass: count_nonfinite, the NaN / inf elements of a checkpoint tensor.
+//
 // Tensors are [R, D] or [A, B, D] views with a contiguous last dim (the column slices of a
 // packed projection's output qualify); outputs are fresh and contiguous.
 #include <ATen/Parallel.h>
 #include "torch_ext.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -333,6 +336,51 @@ torch::Tensor causal_conv1d_silu(const torch::Tensor& x, const torch::Tensor& w,
   return y;
 }
 
+// ---- load time: NaN / inf weights ----------------------------------------------------------
+// Elements of p [n] whose bits & mask == value: an exponent of all ones (NaN or +-inf) in
+// bf16 / fp16 / fp32 / fp64 / e5m2, e4m3fn's NaN code S.1111.111 (it has no inf). Blocks of
+// 64K elements counted in 32 bits, which the compiler vectorises: a pass at memory speed
+// (the weights.py check on every tensor a checkpoint load copies).
+template <typename U>
+int64_t count_bits(const U* p, int64_t n, U mask, U value) {
+  return at::parallel_reduce(
+      0, n, int64_t(1) << 16, int64_t(0),
+      [&](int64_t a, int64_t b, int64_t acc) {
+        for (int64_t i = a; i < b; i += int64_t(1) << 16) {
+          const int64_t e = std::min(b, i + (int64_t(1) << 16));
+          uint32_t c = 0;
+          for (int64_t j = i; j < e; ++j) c += (p[j] & mask) == value;
+          acc += c;
+        }
+        return acc;
+      },
+      [](int64_t x, int64_t y) { return x + y; });
+}
+
+int64_t count_nonfinite(const torch::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "count_nonfinite: a contiguous CPU tensor");
+  const int64_t n = t.numel();
+  const void* p = t.data_ptr();
+  switch (t.scalar_type()) {
+    case at::kBFloat16:
+      return count_bits<uint16_t>(static_cast<const uint16_t*>(p), n, 0x7F80, 0x7F80);
+    case at::kHalf:
+      return count_bits<uint16_t>(static_cast<const uint16_t*>(p), n, 0x7C00, 0x7C00);
+    case at::kFloat:
+      return count_bits<uint32_t>(static_cast<const uint32_t*>(p), n, 0x7F800000u, 0x7F800000u);
+    case at::kDouble:
+      return count_bits<uint64_t>(static_cast<const uint64_t*>(p), n, 0x7FF0000000000000ull,
+                                  0x7FF0000000000000ull);
+    case at::kFloat8_e4m3fn:
+      return count_bits<uint8_t>(static_cast<const uint8_t*>(p), n, 0x7F, 0x7F);
+    case at::kFloat8_e5m2:
+      return count_bits<uint8_t>(static_cast<const uint8_t*>(p), n, 0x7C, 0x7C);
+    default:
+      TORCH_CHECK(!t.is_floating_point(), "count_nonfinite: unsupported dtype ", t.scalar_type());
+      return 0;  // integers are always finite
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_zc", &rms_norm_zc, "zero-centred RMSNorm");
   m.def("add_rms_norm_zc_", &add_rms_norm_zc_, "h += delta in place, then its RMSNorm");
@@ -344,4 +392,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_conv1d_silu", &causal_conv1d_silu,
         "DeltaNet's causal conv over a prefill chunk (state or zeros before it), then SiLU",
         py::arg("x"), py::arg("w"), py::arg("state") = py::none());
+  m.def("count_nonfinite", &count_nonfinite, "NaN / inf elements of a contiguous tensor");
 }

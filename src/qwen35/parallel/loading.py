@@ -14,6 +14,7 @@ import torch
 from qwen35.config import ModelConfig
 from qwen35.parallel.context import TensorParallel
 from qwen35.parallel.shard import copies, scale_rule, shard_rule, weight_of_scale
+from qwen35.weights import check_finite
 
 _VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
 
@@ -38,6 +39,7 @@ class ShardReader:
         self.cfg, self.tp, self.full_shapes = cfg, tp, full_shapes
         q = cfg.quantization
         self.block = tuple(q.weight_block_size) if q is not None else (128, 128)
+        self.checked = True  # every slice copied was counted for NaN / inf (LoadReport)
 
     def rule(self, name: str):
         """This rank's rule for parameter `name` (an FP8 scale follows its weight's rule)."""
@@ -57,7 +59,9 @@ class ShardReader:
         nbytes = 0
         for src_idx, dst_idx in copies(rule, _region(entry.target, full)):
             src = sl[src_idx] if src_idx else sl[:]
-            param[dst_idx].copy_(src)  # casts (the fp32 A_log / norms) on the way
+            dst = param[dst_idx]
+            dst.copy_(src)  # casts (the fp32 A_log / norms) on the way
+            self.checked &= check_finite(entry.key, dst, "the checkpoint", src)
             nbytes += src.numel() * src.element_size()
         return nbytes
 

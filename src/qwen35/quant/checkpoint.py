@@ -29,7 +29,7 @@ from qwen35.errors import Qwen35Error
 from qwen35.lora import LoraAdapter
 from qwen35.quant import formats, matmul
 from qwen35.quant.apply import fp8_rule
-from qwen35.weights import _ST_DTYPES, open_safetensors
+from qwen35.weights import _ST_DTYPES, check_finite, open_safetensors
 
 QUANT_CONFIG = {
     "quant_method": "fp8",
@@ -88,6 +88,7 @@ def _convert(
                 if key.endswith("_scale_inv"):
                     continue  # written with (or folded into) its weight
                 t = f.get_tensor(key)
+                check_finite(key, t, str(path))  # (NaN in, garbage out: refused, as loading does)
                 scale = next(
                     (n for n in (key + "_scale_inv", scale_name(key, "linear")) if n in where),
                     None,
@@ -101,6 +102,7 @@ def _convert(
                     else:
                         with open_safetensors(where[scale]) as g:
                             s = g.get_tensor(scale)
+                    check_finite(scale, s, str(where[scale]))
                     adapted = lora is not None and lora.delta_for(key) is not None
                     if to == "fp8" and not adapted:
                         yield key, t
