@@ -57,7 +57,7 @@ cat "$LOG"
 # failure must not hide the others. Stopped with SIGINT, pytest still prints its summary;
 # report_failures prints each traceback at once in any case.
 gpu_pytest 150 "$OUT/pytest.log" tests/test_gpu.py tests/test_quant_gpu.py \
-  tests/test_triton_kernels.py
+  tests/test_triton_kernels.py tests/test_nonfinite_weights.py
 
 B="python3 -m qwen35.cli bench --device cuda"
 # 2. decode at batch 1 (+ profile) and 32: the headline numbers. The 9B meets fla's

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from qwen35 import weights
 from qwen35.loader import load_model
 from qwen35.parallel.context import TensorParallel
 from qwen35.weights import ALLOW_NONFINITE_ENV, CheckpointError, count_nonfinite
@@ -43,10 +44,11 @@ def _poison(d, fragment: str, value: float, every: int = 7) -> str:
     "dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64,
               torch.float8_e4m3fn, torch.float8_e5m2],  # fmt: skip
 )
-def test_count_equals_isfinite(dtype):
+def test_count_equals_isfinite(dtype, monkeypatch):
     _kernels()
+    monkeypatch.setattr(weights, "_COUNT_CHUNK", 1000)
     g = torch.Generator().manual_seed(0)
-    n = 3 * 65536 + 5  # several of the kernel's 64K blocks, and a tail
+    n = 3 * 65537  # several of the kernel's 64K blocks, and a tail
     x = torch.randn(n, generator=g).to(dtype)
     idx = torch.randint(0, n, (300,), generator=g)
     x[idx[:100]] = float("nan")
@@ -59,6 +61,9 @@ def test_count_equals_isfinite(dtype):
     assert want > 250
     assert count_nonfinite(x) == want
     assert count_nonfinite(x[1::2]) == int((~torch.isfinite(x[1::2].double())).sum())  # a view
+    assert weights._count_torch(x) == want  # (the GPU's count)
+    assert count_nonfinite(x.view(3, -1)[:, :-2]) == want - int(  # rows of a non-contiguous view
+        (~torch.isfinite(x.view(3, -1)[:, -2:].double())).sum())
     big = torch.tensor([torch.finfo(dtype).max, torch.finfo(dtype).min, 0.0, -0.0],
                        dtype=torch.float64).to(dtype)
     assert count_nonfinite(big) == 0  # the largest finite values are finite
@@ -187,3 +192,15 @@ def test_lora_adapter_refused(tmp_path):
     with pytest.raises(LoraError) as e:
         LoraAdapter(a)
     assert key in str(e.value) and "NaN or infinite" in str(e.value)
+
+
+@pytest.mark.gpu
+def test_gpu_load_refuses(clean, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    d = _copy(clean, tmp_path)
+    key = _poison(d, VICTIM, math.nan)
+    with pytest.raises(CheckpointError) as e:
+        load_model(d, dtype="bf16", device="cuda")
+    assert key in str(e.value)
+    assert load_model(clean, dtype="bf16", device="cuda").load_report.nonfinite_checked

@@ -445,20 +445,39 @@ _EXPONENT_BITS = {  # dtype: (integer view, the mask whose bits all set mean NaN
 }
 
 
+_COUNT_CHUNK = 1 << 26  # elements a GPU count takes at once (its temporaries: ~3 bytes each)
+
+
 def count_nonfinite(t: torch.Tensor) -> int | None:
     """NaN / inf elements of t (0 for integer tensors); None where they cannot be counted fast
-    (a CPU tensor without the compiled kernels)."""
+    (a CPU tensor without the compiled kernels). Allocates no copy of t: a non-contiguous view
+    is counted a slice of its first dim at a time, a GPU tensor in chunks."""
     if not t.is_floating_point() or t.numel() == 0:
         return 0
+    if not t.is_contiguous():
+        if t.dim() == 1:
+            return count_nonfinite(t.contiguous())
+        counts = [count_nonfinite(row) for row in t]
+        return None if None in counts else sum(counts)
     if t.device.type == "cpu":
         from qwen35.kernels import small_ops
 
         mod = small_ops.load()
-        return None if mod is None else int(mod.count_nonfinite(t.contiguous()))
-    if t.dtype not in _EXPONENT_BITS:
-        return int((~torch.isfinite(t)).sum())
-    view, mask = _EXPONENT_BITS[t.dtype]
-    return int(((t.contiguous().view(view) & mask) == mask).sum())
+        return None if mod is None else int(mod.count_nonfinite(t))
+    return _count_torch(t)
+
+
+def _count_torch(t: torch.Tensor) -> int:
+    """count_nonfinite of a contiguous tensor with torch's ops (GPU tensors), in chunks."""
+    flat, total = t.reshape(-1), 0
+    for i in range(0, flat.numel(), _COUNT_CHUNK):
+        c = flat[i : i + _COUNT_CHUNK]
+        if t.dtype in _EXPONENT_BITS:
+            view, mask = _EXPONENT_BITS[t.dtype]
+            total += int(((c.view(view) & mask) == mask).sum())
+        else:
+            total += int((~torch.isfinite(c)).sum())
+    return total
 
 
 def check_finite(key: str, t: torch.Tensor, where: str, source: torch.Tensor | None = None):
