@@ -47,6 +47,13 @@ SHAPES = {  # name: (out, in) of Qwen3.5-0.8B's decode matrices
     "deltanet in_proj": (8192, 1024),  # qkv + z (8224 with the bf16 b / a rows, not int4)
     "out_proj": (1024, 2048),
 }
+MORE_SHAPES = {  # larger models' (--shapes names them; not run by default)
+    "2B mlp gate_up": (12288, 2048),
+    "2B mlp down": (2048, 6144),
+    "2B lm_head": (248320, 2048),
+    "9B mlp gate_up": (24576, 4096),
+    "9B mlp down": (4096, 12288),
+}
 BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "fp8": 1, "int4": 0.5}
 MIN_BYTES = 256 << 20
 
@@ -114,7 +121,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,16")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names")
+    ap.add_argument("--shapes", default=",".join(SHAPES),
+                    help=f"comma-separated names (also: {', '.join(MORE_SHAPES)})")
     ap.add_argument("--formats", default="fp32,bf16,int8,fp8,int4", help="comma-separated")
     ap.add_argument("--int4-fp32", action="store_true", help="also int4 on fp32 rows")
     ap.add_argument("--baseline", metavar="REV", help="also our kernels as of this git revision")
@@ -134,7 +142,7 @@ def main() -> None:
         if base[0] is None:
             raise SystemExit(f"the kernels of {a.baseline} did not build here")
     for name in a.shapes.split(","):
-        n, k = SHAPES[name]
+        n, k = {**SHAPES, **MORE_SHAPES}[name]
         copies = max(1, -(-MIN_BYTES // (n * k * 2)))
         int4_only = fmts <= {"int4"}
         if int4_only:  # cycle 4x as many copies: the packed weight is a quarter of bf16's

@@ -298,12 +298,15 @@ def test_plan_calls_quantized_kernels_directly(quant, monkeypatch):
 def test_plan_calls_plain_gemv_kernels_directly(dtype, monkeypatch):
     """Plain fp32 / bf16 weights: the plan calls the GEMV kernel it resolved once, without
     layers/linear.py `linear` (whose per-call kernel lookup it skips), for decode rows up to
-    GEMV_MAX_ROWS, and `linear` (torch's GEMM) for more rows; bitwise the module path both ways."""
-    from qwen35.layers.linear import GEMV_MAX_ROWS
+    gemv_max_rows (the tiny model's rows are short: bf16 up to 16 where the tiles run), and
+    `linear` (torch's GEMM) for more rows; bitwise the module path both ways."""
+    from qwen35.layers.linear import gemv_max_rows
 
     be = _backend()
     model = _model(False, dtype=dtype)
-    n = GEMV_MAX_ROWS[dtype] + 1  # sequences: one decode step past the kernel's rows
+    w = model.model.layers[0].mlp.down_proj.weight
+    limit = gemv_max_rows(torch.zeros(1, 1, dtype=dtype), w)
+    n = limit + 1  # sequences: one decode step past the kernel's rows
     plan, modules = _run(model, be), _run(model, be)
     for run in (plan, modules):  # room for n sequences (Seqs: 20 blocks each)
         run.caches = allocate_caches(model.config, 20 * n, BS, n, dtype, "cpu")
@@ -317,7 +320,7 @@ def test_plan_calls_plain_gemv_kernels_directly(dtype, monkeypatch):
         calls.clear()
         a = plan.step(items)
         if all(len(t) == 1 for _, t in items):  # the plan: no `linear` call at kernel rows
-            assert (calls == []) == (len(items) <= GEMV_MAX_ROWS[dtype]), calls
+            assert (calls == []) == (len(items) <= limit), calls
         b = _module_step(modules, items, monkeypatch)
         assert torch.equal(a, b)
 

@@ -263,7 +263,7 @@ def test_dispatch_takes_the_kernel_and_switches_off(mod, monkeypatch):
     q, s = formats.quantize_int8_rows(w, torch.bfloat16)
     fast8 = matmul.int8_linear(x[:3], q, s)
     assert len(calls) == 3
-    too_many = torch.randn(rows[torch.bfloat16] + 1, 64, generator=g).bfloat16()
+    too_many = torch.randn(linear_mod.gemv_max_rows(x, w) + 1, 64, generator=g).bfloat16()
     linear_mod.linear(too_many, w)  # a GEMM: torch's, the kernel is not asked
     linear_mod.linear(torch.randn(rows[torch.float32] + 1, 64), w32)
     assert len(calls) == 3
@@ -272,3 +272,36 @@ def test_dispatch_takes_the_kernel_and_switches_off(mod, monkeypatch):
     assert rel_error(linear_mod.linear(x32, w32), fast32) < 1e-6
     assert rel_error(matmul.int8_linear(x[:3], q, s), fast8) < 4e-3
     assert len(calls) == 6
+
+
+def test_bf16_rows_past_8_take_the_tiles_where_they_beat_the_gemm(mod, monkeypatch):
+    """bf16 rows 9-16 take the kernel (its register tiles) on AVX512-BF16 CPUs without AMX where
+    a weight row has at most BF16_TILED_MAX_K inputs: each output row is then the row alone's,
+    bit for bit; longer rows, and CPUs without the tiles (QWEN35_CPU_ISA=avx2), keep the GEMM."""
+    from qwen35 import devices
+
+    calls = []
+    real = gemv.load
+    monkeypatch.setattr(gemv, "load", lambda: calls.append(1) or real())
+    g = torch.Generator().manual_seed(5)
+    K = linear_mod.BF16_TILED_MAX_K
+    w, w_long = (torch.randn(70, k, generator=g).bfloat16() for k in (K, K + 128))
+    x = torch.randn(16, K + 128, generator=g).bfloat16()
+    tiles = linear_mod.bf16_tiles()
+    y = linear_mod.linear(x[:, :K], w)
+    assert len(calls) == (1 if tiles else 0)
+    alone = torch.cat([linear_mod.linear(x[i : i + 1, :K], w) for i in range(16)])
+    if tiles:
+        assert torch.equal(y, alone)
+    assert rel_error(y, alone) < 4e-3
+    calls.clear()
+    linear_mod.linear(x, w_long)  # rows past BF16_TILED_MAX_K inputs: the GEMM
+    assert calls == []
+    devices.cpu_flags.cache_clear()
+    monkeypatch.setenv("QWEN35_CPU_ISA", "avx2")
+    try:
+        assert not linear_mod.bf16_tiles()
+        assert linear_mod.gemv_max_rows(x[:, :K], w) == linear_mod.GEMV_MAX_ROWS[torch.bfloat16]
+    finally:
+        monkeypatch.delenv("QWEN35_CPU_ISA")
+        devices.cpu_flags.cache_clear()

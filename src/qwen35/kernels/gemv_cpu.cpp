@@ -21,7 +21,8 @@
 //   128-bit lanes, so the activations are permuted the same way once per call. Other AVX512
 //   CPUs (cvt = true): each byte's bits moved into an fp16, converted exactly, then FMA.
 // Above 4 rows the table paths convert each weight row once and run two at a time
-// (for_row_pairs). Full 64-byte chunks load unmasked (load64: masks cost 3x on Zen 5).
+// (for_row_pairs); bf16 rows from 5 on AVX512-BF16 CPUs run in register tiles of 2 input rows
+// x 3 weight rows (bf16_rows_tiled: the same bits as the passes). Full 64-byte chunks load unmasked (load64: masks cost 3x on Zen 5).
 // Every path but the int8 AVX2 one accumulates exact products in fp32; results equal F.linear up
 // to summation order (the int8 AVX2 one: F.linear on x rounded to 16 bits, its PyTorch twin).
 // The PyTorch twins: F.linear on the (dequantised) weight (layers/linear.py, quant/matmul.py).
@@ -174,6 +175,132 @@ TARGET_AVX512_BF16 void bf16_row_avx512(const uint16_t* X, const uint16_t* w, fl
     for (int u = 1; u < U; ++u) acc[i][0] = _mm512_add_ps(acc[i][0], acc[i][u]);
     out[i] = _mm512_reduce_add_ps(acc[i][0]);
   }
+}
+
+// Several bf16 input rows: register tiles of MR input rows x NR weight rows, each of the MR x NR
+// sums in bf16_row_avx512's kU chains, order and final sum (the same bits: batched == alone),
+// so a 32-input chunk of a weight row, once loaded, meets MR input rows and a chunk of an input
+// row NR weight rows: (MR + NR) loads for MR x NR dot products, where bf16_row_avx512 has 1 + MR
+// for MR. 2 x 3 tiles: 24 accumulators + 3 weight chunks + 1 input chunk of the 32 registers.
+// Inputs [k0, k1) of rows of K (k0 a multiple of 128; k1 too, or K: the rest, as
+// bf16_row_avx512 takes it); state: the chains between calls on consecutive ranges (read
+// unless k0 == 0, written unless k1 == K, where the sums go to out [MR][NR] instead).
+// pf / pf_lines: lines of 64 bytes to prefetch meanwhile, spread over the loop (the next
+// tile's weights: at these row counts the loop is compute-bound, and the prefetch keeps the
+// memory busy under it).
+template <int MR, int NR>
+TARGET_AVX512_BF16 void bf16_tile_avx512(const uint16_t* X, const uint16_t* W, int64_t K,
+                                         int64_t k0, int64_t k1, float* state, float* out) {
+  constexpr int U = kU;
+  __m512 acc[MR][NR][U];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      for (int u = 0; u < U; ++u)
+        acc[i][j][u] = k0 == 0 ? _mm512_setzero_ps()
+                                : _mm512_loadu_ps(state + ((i * NR + j) * U + u) * 16);
+  int64_t k = k0;
+  for (; k + 32 * U <= k1; k += 32 * U) {
+    for (int u = 0; u < U; ++u) {
+      __m512bh wv[NR];
+      for (int j = 0; j < NR; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(W + j * K + k + 32 * u);
+      for (int i = 0; i < MR; ++i) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(X + i * K + k + 32 * u);
+        for (int j = 0; j < NR; ++j) acc[i][j][u] = _mm512_dpbf16_ps(acc[i][j][u], xv, wv[j]);
+      }
+    }
+  }
+  if (k1 < K) {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j)
+        for (int u = 0; u < U; ++u)
+          _mm512_storeu_ps(state + ((i * NR + j) * U + u) * 16, acc[i][j][u]);
+    return;
+  }
+  for (; k < K; k += 32) {  // bf16_row_avx512's rest: chain 0, the last K % 32 inputs masked
+    const __mmask32 mk = K - k >= 32 ? ~0u : static_cast<__mmask32>((1u << (K - k)) - 1);
+    __m512bh wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mk, W + j * K + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mk, X + i * K + k);
+      for (int j = 0; j < NR; ++j) acc[i][j][0] = _mm512_dpbf16_ps(acc[i][j][0], xv, wv[j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      for (int u = 1; u < U; ++u) acc[i][j][0] = _mm512_add_ps(acc[i][j][0], acc[i][j][u]);
+      out[i * NR + j] = _mm512_reduce_add_ps(acc[i][j][0]);
+    }
+}
+
+// y [M, N] = X [M, K] @ W [N, K]^T by bf16_tile_avx512, from kTiledMinRows input rows: output
+// rows in tasks of kTileRows, a task's tiles pass by pass of 2 input rows (the task's weights
+// stay in L1 / L2 across its passes). Input rows past kTileBlock bytes in all are taken in
+// even blocks of inputs (multiples of 128) under that size, each block through every tile of
+// the task before the next (the chains kept between blocks in `state`), so a block's input rows
+// stay in the caches. Under each block, the weights the next one reads (the task's next
+// inputs, or the next task's first block) are prefetched, a share before each tile: into L1
+// where they fit in kTilePrefetchL1, else into L2. `python bench/gemv.py --formats bf16
+// --baseline REV --rows 2,3,4,6,8,12,16 --shapes ...` (Zen 5, 2 threads) set these: 6 rows a
+// task against 12 and 24, 64 KiB blocks against 24-96 KiB and none, passes outermost against
+// tiles outermost; below 5 rows the row-by-row passes (for_rows) are as fast or faster.
+constexpr int64_t kTiledMinRows = 5;
+constexpr int64_t kTileRows = 6;
+constexpr int64_t kTileBlock = 64 << 10;
+constexpr int64_t kTilePrefetchL1 = 24 << 10;
+
+template <typename Store>
+void bf16_rows_tiled(const uint16_t* X, const uint16_t* W, int64_t M, int64_t N, int64_t K,
+                     Store&& store) {
+  constexpr int NR = 3;
+  const int64_t nb = std::max<int64_t>(1, (2 * M * K + kTileBlock - 1) / kTileBlock);
+  const int64_t kb = std::max<int64_t>(128, ((K + nb - 1) / nb + 127) / 128 * 128);
+  const int64_t tasks = (N + kTileRows - 1) / kTileRows;
+  const int64_t blocks = (K + kb - 1) / kb, passes = (M + 1) / 2;
+  at::parallel_for(0, tasks, std::max<int64_t>(1, 64 / kTileRows), [&](int64_t t0, int64_t t1) {
+    const int64_t subtiles = (kTileRows + NR - 1) / NR;  // per task
+    std::vector<float> state(blocks > 1 ? passes * subtiles * 2 * NR * kU * 16 : 0);
+    float out[2 * NR];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTileRows, n1 = std::min(N, n0 + kTileRows);
+      const int64_t nsub = (n1 - n0 + NR - 1) / NR;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t k0 = b * kb, k1 = b + 1 == blocks ? K : k0 + kb;
+        // the weights the next block reads (this task's next inputs, or the next task's first),
+        // prefetched a share a call while this block runs
+        const bool last = b + 1 == blocks;
+        const int64_t next_n1 = t + 1 < t1 ? std::min(N, n1 + kTileRows) : n1;
+        const int64_t pn0 = last ? n1 : n0, pn1 = last ? next_n1 : n1;
+        const int64_t pk0 = last ? 0 : k1, pk1 = std::min(K, pk0 + kb);
+        const int64_t lpr = (pk1 - pk0) * 2 / 64, lines = (pn1 - pn0) * lpr;
+        const bool l1 = lines * 64 <= kTilePrefetchL1;
+        const char* pbase = reinterpret_cast<const char*>(W + pn0 * K + pk0);
+        const int64_t calls = nsub * passes, per = (lines + calls - 1) / calls;
+        for (int64_t q = 0; q < calls; ++q) {
+          for (int64_t L = q * per; L < std::min(lines, (q + 1) * per); ++L) {
+            const char* a = pbase + (L / lpr) * K * 2 + (L % lpr) * 64;
+            if (l1) _mm_prefetch(a, _MM_HINT_T0); else _mm_prefetch(a, _MM_HINT_T1);
+          }
+          const int64_t n = n0 + NR * (q % nsub), m = 2 * (q / nsub);  // passes outermost
+          const int nr = static_cast<int>(std::min<int64_t>(NR, n1 - n));
+          const int mr = static_cast<int>(std::min<int64_t>(2, M - m));
+          const uint16_t *x = X + m * K, *w = W + n * K;
+          float* st = blocks == 1 ? nullptr  // (one block: no state)
+                                  : state.data() + ((m / 2) * subtiles + (n - n0) / NR) * 2 * NR * kU * 16;
+          switch (mr * 4 + nr) {
+            case 5: bf16_tile_avx512<1, 1>(x, w, K, k0, k1, st, out); break;
+            case 6: bf16_tile_avx512<1, 2>(x, w, K, k0, k1, st, out); break;
+            case 7: bf16_tile_avx512<1, 3>(x, w, K, k0, k1, st, out); break;
+            case 9: bf16_tile_avx512<2, 1>(x, w, K, k0, k1, st, out); break;
+            case 10: bf16_tile_avx512<2, 2>(x, w, K, k0, k1, st, out); break;
+            default: bf16_tile_avx512<2, 3>(x, w, K, k0, k1, st, out); break;
+          }
+          if (k1 == K)
+            for (int i = 0; i < mr; ++i)
+              for (int j = 0; j < nr; ++j) store(m + i, n + j, out[i * nr + j]);
+        }
+      }
+    }
+  });
 }
 
 // ---- bf16 / int8 via fp32 FMA, AVX2 (any x86-64 of the last decade) and AVX512 -------------
@@ -733,6 +860,10 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, bool a
   auto* Y = y.data_ptr<at::BFloat16>();
   const auto store = [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v; };
   if (!avx2_only && cpu_avx512_bf16()) {
+    if (M >= kTiledMinRows) {  // (the same bits as for_rows' passes)
+      bf16_rows_tiled(X, W, M, N, K, store);
+      return y;
+    }
     for_rows(M, N, [&](int64_t n, int64_t m, int mr, float* out) {
       DISPATCH_MR(mr, bf16_row_avx512, X + m * K, W + n * K, out, K);
     }, store, tile_rows(M, 2 * M * K, 2 * K));

@@ -27,6 +27,13 @@ def empty_param(*shape: int, dtype: torch.dtype | None, device: torch.device | s
 # (bench/gemv.py on a Zen 4, 2 threads: bf16 at 8 rows the kernel is 1.5x torch, at 16 rows
 # 0.9x; fp32 3x torch at 1 row, 1.6x at 16 rows, where oneDNN's fp32 GEMM is still slow.)
 GEMV_MAX_ROWS = {torch.bfloat16: 8, torch.float32: 16}
+# bf16 rows past GEMV_MAX_ROWS that still take the kernel, up to BF16_TILED_MAX_ROWS, on CPUs
+# with AVX512-BF16 dot products and no AMX, where a weight row has at most BF16_TILED_MAX_K
+# inputs: there its register tiles (gemv_cpu.cpp bf16_rows_tiled) beat torch's GEMM (`python
+# bench/gemv.py --formats bf16 --rows 12,16 --shapes ...`, Zen 5, 2 threads: K = 1,024 / 2,048
+# 1.15-1.43x at 12-16 rows; K = 3,584 / 6,144 0.78-1.0x, so those keep the GEMM). Every output row
+# is then the one the row alone gives (the kernel's bits at any row count).
+BF16_TILED_MAX_ROWS, BF16_TILED_MAX_K = 16, 2048
 # Rows per product the bf16 / int8 / FP8 many-kernels take (one pass of the GEMV kernels'
 # row group, gemv_rows.h kMR); more and their Python wrappers say None.
 MANY_MAX_ROWS = 4
@@ -58,6 +65,22 @@ def bf16_stored(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and w.dtype == torch.bfloat16
 
 
+def bf16_tiles() -> bool:
+    """Whether this CPU runs the bf16 kernel's register tiles in place of torch's GEMM (AVX512-BF16,
+    no AMX; QWEN35_CPU_ISA=avx2 hides them, as it hides them from the kernels)."""
+    from qwen35.devices import cpu_flags, cpu_has_amx
+
+    return "avx512_bf16" in cpu_flags() and not cpu_has_amx()
+
+
+def gemv_max_rows(x: torch.Tensor, w: torch.Tensor) -> int:
+    """Rows of x up to which x @ w^T takes the GEMV kernel on a CPU (GEMV_MAX_ROWS, bf16 rows
+    up to BF16_TILED_MAX_ROWS where bf16_tiles and w's rows are short enough)."""
+    if x.dtype == torch.bfloat16 and w.shape[-1] <= BF16_TILED_MAX_K and bf16_tiles():
+        return BF16_TILED_MAX_ROWS
+    return GEMV_MAX_ROWS.get(x.dtype, 0)
+
+
 def gemv_kernel_for(x: torch.Tensor, w: torch.Tensor):
     """The GEMV module when `linear` runs x @ w^T through it (bf16 / fp32 rows on weights of
     their dtype or fp32 rows on bf16 weights, few rows), else None."""
@@ -65,7 +88,7 @@ def gemv_kernel_for(x: torch.Tensor, w: torch.Tensor):
         x.dim() == 2
         and x.is_cpu
         and (x.dtype == w.dtype or bf16_stored(x, w))
-        and x.shape[0] <= GEMV_MAX_ROWS.get(x.dtype, 0)
+        and x.shape[0] <= gemv_max_rows(x, w)
         and w.is_contiguous()
     ):
         return None
@@ -121,7 +144,7 @@ def head_linear(x: torch.Tensor, w: torch.Tensor, fn=None) -> torch.Tensor:
     (`--batch 16 --gemm`). fn: what computes a chunk (default `linear`; the model passes
     lm_head itself, so adapters apply)."""
     fn = fn or (lambda v: linear(v, w))
-    step = GEMV_MAX_ROWS.get(x.dtype, 0)
+    step = gemv_max_rows(x, w)  # (16 bf16 rows where the kernel's tiles take them: one call)
     if (
         x.dim() == 2
         and step < x.shape[0] <= head_gemv_max_rows(x.dtype)

@@ -36,6 +36,7 @@ from qwen35.layers.linear import (
     PACKED_MAX_ROWS,
     Linear,
     gemv_kernel_for,
+    gemv_max_rows,
     linear,
 )
 from qwen35.layers.lora import add_lora
@@ -151,10 +152,11 @@ def _plain(w: torch.Tensor):
         return lambda x: linear(x, w)
     kernel = mod.linear_fp32 if w.dtype == torch.float32 else mod.linear_bf16
     probe = lambda dt: torch.zeros(1, 1, dtype=dt)  # noqa: E731 - a decode row of dtype dt
-    takes = {dt for dt in (torch.float32, torch.bfloat16) if gemv_kernel_for(probe(dt), w)}
+    rows = {dt: gemv_max_rows(probe(dt), w) for dt in (torch.float32, torch.bfloat16)
+            if gemv_kernel_for(probe(dt), w)}  # fmt: skip
     return lambda x: (
         kernel(x.contiguous(), w)
-        if x.dtype in takes and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS[x.dtype]
+        if x.dtype in rows and x.dim() == 2 and x.shape[0] <= rows[x.dtype]
         else linear(x, w)
     )
 
