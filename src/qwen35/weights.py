@@ -432,8 +432,8 @@ def _norm(entry: str) -> str:
 # --check-tensors, but always): a fine-tune that diverged, or values past fp16's range converted
 # to it, would otherwise load silently and answer with one repeated token (int8 quantizing turns
 # the NaNs into plausible-looking garbage). The CPU count is one pass at memory speed in
-# kernels/small_ops_cpu.cpp (~26 GB/s on 2 Zen 5 cores: <1 s for the 9B's 18 GB); torch's
-# isfinite ran at 0.5 GB/s there, so without compiled kernels a CPU load is not checked
+# kernels/small_ops_cpu.cpp (33 GB/s on 2 Zen 5 cores: <1 s for the 9B's 18 GB); torch's
+# isfinite ran at 0.4 GB/s there, so without compiled kernels a CPU load is not checked
 # (LoadReport.nonfinite_checked False; GPU tensors are counted with torch's ops).
 ALLOW_NONFINITE_ENV = "QWEN35_ALLOW_NONFINITE_WEIGHTS"
 _EXPONENT_BITS = {  # dtype: (integer view, the mask whose bits all set mean NaN / inf)
