@@ -8,6 +8,7 @@ times, and each cell is the median ms per call plus the weight bytes per second 
     python bench/gemv.py [--rows 1,4,16] [--threads 2] [--rounds 5] [--formats fp32,bf16,int8,fp8,int4]
     python bench/gemv.py --formats int4 --shapes "mlp gate_up,mlp down,deltanet in_proj,out_proj"
     python bench/gemv.py --baseline 4e8b8e6 --rows 1,2,4,8  # also our kernels as of a commit
+    python bench/gemv.py --formats bf16 --rows 8,16 --shapes "2B mlp gate_up,2B mlp down"  # MORE_SHAPES
 
 --baseline REV: the kernel sources and headers of that git revision are built beside the
 checkout's (`Native.from_folder`) and each of our paths also runs from them ("<path>@base",
