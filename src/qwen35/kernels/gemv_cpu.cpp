@@ -184,10 +184,9 @@ TARGET_AVX512_BF16 void bf16_row_avx512(const uint16_t* X, const uint16_t* w, fl
 // for MR. 2 x 3 tiles: 24 accumulators + 3 weight chunks + 1 input chunk of the 32 registers.
 // Inputs [k0, k1) of rows of K (k0 a multiple of 128; k1 too, or K: the rest, as
 // bf16_row_avx512 takes it); state: the chains between calls on consecutive ranges (read
-// unless k0 == 0, written unless k1 == K, where the sums go to out [MR][NR] instead).
-// pf / pf_lines: lines of 64 bytes to prefetch meanwhile, spread over the loop (the next
-// tile's weights: at these row counts the loop is compute-bound, and the prefetch keeps the
-// memory busy under it).
+// unless k0 == 0, written unless k1 == K, where the sums go to out [MR][NR] instead). (A twin
+// of bf16_row_avx512, which is the NR = 1 case: the one-row kernel kept as it is, since calling
+// this one for it ran 0.91-0.99x at 1-4 rows, `bench/gemv.py --baseline`.)
 template <int MR, int NR>
 TARGET_AVX512_BF16 void bf16_tile_avx512(const uint16_t* X, const uint16_t* W, int64_t K,
                                          int64_t k0, int64_t k1, float* state, float* out) {
@@ -284,8 +283,8 @@ void bf16_rows_tiled(const uint16_t* X, const uint16_t* W, int64_t M, int64_t N,
           const int nr = static_cast<int>(std::min<int64_t>(NR, n1 - n));
           const int mr = static_cast<int>(std::min<int64_t>(2, M - m));
           const uint16_t *x = X + m * K, *w = W + n * K;
-          float* st = blocks == 1 ? nullptr  // (one block: no state)
-                                  : state.data() + ((m / 2) * subtiles + (n - n0) / NR) * 2 * NR * kU * 16;
+          const int64_t tile = (m / 2) * subtiles + (n - n0) / NR;  // its state (blocks > 1)
+          float* st = blocks == 1 ? nullptr : state.data() + tile * 2 * NR * kU * 16;
           switch (mr * 4 + nr) {
             case 5: bf16_tile_avx512<1, 1>(x, w, K, k0, k1, st, out); break;
             case 6: bf16_tile_avx512<1, 2>(x, w, K, k0, k1, st, out); break;
