@@ -138,7 +138,8 @@ def test_tensor_parallel_rank_refuses(clean, tmp_path):
     key = _poison(d, VICTIM, math.nan)
     with pytest.raises(CheckpointError) as e:
         load_model(d, dtype="fp32", tp=TensorParallel(1, 2))
-    assert key in str(e.value) and "NaN or infinite" in str(e.value)
+    msg = str(e.value)
+    assert key in msg and "NaN or infinite" in msg and str(d / "model.safetensors") in msg, msg
     assert load_model(clean, dtype="fp32", tp=TensorParallel(1, 2)).load_report.nonfinite_checked
 
 

@@ -516,7 +516,7 @@ def read_into(
     """Copy every planned tensor into its parameter, one memory-mapped file at a time.
 
     shard: a tensor-parallel rank's reader (parallel/loading.py) that copies only the rank's
-    slices of each tensor, `shard(entry, safetensors_slice, param) -> bytes read`.
+    slices of each tensor, `shard(entry, safetensors_slice, param, file) -> bytes read`.
     on_read: a QuantizeOnRead (quant/apply.py): parameters left on meta are allocated by it, and
     it hears of every tensor written."""
     if on_read is not None:
@@ -540,7 +540,7 @@ def read_into(
                 for e in entries:
                     if shard is not None:
                         try:
-                            nbytes = shard(e, f.get_slice(e.key), param(e.target.param))
+                            nbytes = shard(e, f.get_slice(e.key), param(e.target.param), str(path))
                         except CheckpointError:
                             raise
                         except Exception as exc:

@@ -52,7 +52,7 @@ class ShardReader:
                        tp.expert_parallel)  # fmt: skip
         return scale_rule(w, len(self.full_shapes[weight]), self.block, name)
 
-    def __call__(self, entry, sl, param: torch.Tensor) -> int:
+    def __call__(self, entry, sl, param: torch.Tensor, file: str) -> int:
         name = entry.target.param
         full = self.full_shapes[name]
         rule = self.rule(name)
@@ -61,7 +61,7 @@ class ShardReader:
             src = sl[src_idx] if src_idx else sl[:]
             dst = param[dst_idx]
             dst.copy_(src)  # casts (the fp32 A_log / norms) on the way
-            self.checked &= check_finite(entry.key, dst, "the checkpoint", src)
+            self.checked &= check_finite(entry.key, dst, file, src)
             nbytes += src.numel() * src.element_size()
         return nbytes
 
