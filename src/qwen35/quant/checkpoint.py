@@ -75,13 +75,14 @@ def _quantize(key: str, t: torch.Tensor, kind: str, cfg: ModelConfig):
 
 
 def _convert(
-    files: list[Path], cfg: ModelConfig, to: str, lora: LoraAdapter | None = None
+    files: list[Path],
+    where: dict[str, Path],
+    cfg: ModelConfig,
+    to: str,
+    lora: LoraAdapter | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """where: every tensor's shard (`_headers`; a scale may sit in another shard)."""
     rule = fp8_rule(cfg)
-    where: dict[str, Path] = {}  # every tensor's shard: a scale may sit in another shard
-    for path in files:
-        with open_safetensors(path) as f:
-            where.update(dict.fromkeys(f.keys(), path))
     for path in files:
         with open_safetensors(path) as f:
             for key in f.keys():
@@ -161,11 +162,12 @@ def convert_checkpoint(
     if dst.resolve() == src.resolve():
         raise Qwen35Error("OUT_DIR must differ from IN_DIR")
     cfg, files = check_checkpoint(src)  # refused before anything is read or written
-    total = _num_weights(files)
+    where, shapes = _headers(files)
+    total = sum(not k.endswith("_scale_inv") for k in where)  # the bar's steps
     adapter = None
     if lora is not None:  # checked against the base before anything is written
         adapter = LoraAdapter(lora)
-        adapter.check_base(_shapes(files))
+        adapter.check_base(shapes)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
@@ -173,7 +175,7 @@ def convert_checkpoint(
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         names: list[str] = []
-        for key, t in _convert(files, cfg, to, adapter):
+        for key, t in _convert(files, where, cfg, to, adapter):
             t = t.contiguous()
             nbytes = t.numel() * t.element_size()
             # a scale stays in its weight's shard (it comes right after it)
@@ -236,20 +238,16 @@ def _index(tmp: Path, parts: list[str]) -> None:
     (tmp / "model.safetensors.index.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def _shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    out: dict[str, tuple[int, ...]] = {}
+def _headers(files: list[Path]) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:
+    """Every tensor's shard file and shape, from one read of each shard's header."""
+    where: dict[str, Path] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for path in files:
         with open_safetensors(path) as f:
-            out.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-    return out
-
-
-def _num_weights(files: list[Path]) -> int:
-    n = 0
-    for path in files:
-        with open_safetensors(path) as f:
-            n += sum(not k.endswith("_scale_inv") for k in f.keys())
-    return n
+            for k in f.keys():
+                where[k] = path
+                shapes[k] = tuple(f.get_slice(k).get_shape())
+    return where, shapes
 
 
 def _bar(total: int, to: str):
