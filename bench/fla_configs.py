@@ -8,8 +8,11 @@ bench/gpu_check.sh runs it last and packs the folder; merge what comes back into
 files (entries of other shapes stay) and commit them:
 
     mkdir /tmp/f && tar xzf fla_configs.tgz -C /tmp/f
-    python bench/fla_configs.py --merge /tmp/f/NVIDIA_H200 --gpu "NVIDIA H200" \
-        --out src/qwen35/kernels/fla_configs
+    for d in /tmp/f/*/; do python bench/fla_configs.py --merge "$d" \
+        --out src/qwen35/kernels/fla_configs; done
+
+(one folder per GPU, named as fla names it: NVIDIA_H200, NVIDIA_H100_80GB_HBM3, ...; merging
+takes the GPU from the folder's name unless --gpu names it.)
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def main() -> None:
                     help="a folder of fla config files to merge in, instead of Triton's cache")
     args = ap.parse_args()
     gpu = args.gpu
+    if gpu is None and args.merge:
+        gpu = Path(args.merge).name  # fla's folder name: its sanitizing leaves it as it is
     if gpu is None:
         import torch
 

@@ -28,8 +28,8 @@
 # (The 9B prefill with its kernels by device time, `python3 bench/gpu_prefill.py --model
 #  Qwen3.5-9B --reps 1 --profile`, waits for a call with time to spare: 29.5K tok/s at 32K on
 #  2026-12-04.)
-# Same wheels (.whl/, carried): run(command="bash bench/gpu_check_more.sh", carry=[".whl"],
-#   timeout_s=390) — or what is left of the device budget after the first call (the device tool cuts a
+# Same wheels (.whl/, carried), same kind as call 1: run(command="bash bench/gpu_check_more.sh",
+#   carry=[".whl"], kind="nvidia-h200", timeout_s=390) — or what is left of the device budget after the first call (the device tool cuts a
 #   call to it): step 6 is then the one cut. Results under $OUT.
 # First H200 session (2026-12-04): 35B-A3B decode 5.8 ms/token, 535 kernels per token.
 source bench/gpu_env.sh  # OUT, the wheels, PYTHONPATH, step()
