@@ -115,7 +115,7 @@ def test_bad_input_is_refused(mod):
     bad[0, 0] = kc.shape[0]
     with pytest.raises(RuntimeError, match="outside the cache"):
         mod.paged_decode_attention(q, kc, vc, bad, torch.tensor([20], dtype=torch.int32), 1.0)
-    with pytest.raises(RuntimeError, match="caches of the model dtype, or bf16 / fp16"):
+    with pytest.raises(RuntimeError, match="caches of the model dtype, fp8 caches, or bf16 / fp16"):
         mod.paged_decode_attention(
             q.bfloat16(), kc, vc, tables, torch.tensor([20], dtype=torch.int32), 1.0
         )
@@ -171,6 +171,41 @@ def test_fp32_model_over_half_precision_caches(mod, kv, avx2_only):
         mod.paged_decode_attention(q.to(other), kc, vc, tables, ctx, scale)
 
 
+@pytest.mark.parametrize("avx2_only", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_caches_under_any_model(mod, dtype, avx2_only):
+    """--kv-cache-dtype fp8: e4m3 caches widened exactly as read (vec8::load8 / load16's fp16
+    trick, subnormals and +-448 included): under an fp32 model bitwise the kernel on the same
+    caches widened to fp32; under bf16 / fp16 within the model dtype's rounding of the PyTorch
+    path (gather, widen, SDPA); split-K lengths; batched == alone."""
+    lens, nh, nkv, hd, bs = [2500, 1, 37, 1025], 8, 2, 256, 16
+    k32, v32, tables, _ = _cache(lens, nkv, hd, bs, torch.float32, seed=9)
+    k32[0, 0, 0, :8] = torch.tensor([448.0, -448.0, 2.0**-9, -(2.0**-9), 2.0**-7, 0.0, 1e-4, 300])
+    kc, vc = (k32 * 4).to(torch.float8_e4m3fn), v32.to(torch.float8_e4m3fn)
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(len(lens), nh, hd, generator=g).to(dtype)
+    gate = torch.randn(len(lens), nh, hd, generator=g).to(dtype)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    scale = hd**-0.5 / 4
+    out = mod.paged_decode_attention(q, kc, vc, tables, ctx, scale, gate, avx2_only)
+    assert out.dtype == dtype
+    wide = [kc.float(), vc.float()]
+    if dtype == torch.float32:
+        assert torch.equal(out, mod.paged_decode_attention(q, *wide, tables, ctx, scale, gate,
+                                                           avx2_only))  # fmt: skip
+    ref = decode_attention(q.float(), *wide, tables, ctx.long(), max(lens), scale)
+    ref = ref.to(dtype).mul_(torch.sigmoid(gate))
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    for i in range(len(lens)):
+        one = mod.paged_decode_attention(q[i : i + 1], kc, vc, tables[i : i + 1], ctx[i : i + 1],
+                                         scale, gate[i : i + 1], avx2_only)  # fmt: skip
+        assert torch.equal(one[0], out[i])
+    assert attention.takes(dtype, torch.float8_e4m3fn)
+    avx512 = all(f in cpu_flags() for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+    assert mod.fast_path(dtype, hd, avx2_only, torch.float8_e4m3fn) == (avx512 and not avx2_only)
+
+
 def test_dispatch_takes_the_kernel_and_switches_off(mod, monkeypatch):
     from types import SimpleNamespace
 
@@ -207,6 +242,8 @@ def test_dispatch_takes_the_kernel_and_switches_off(mod, monkeypatch):
         (torch.bfloat16, torch.bfloat16),
         (torch.float32, torch.bfloat16),  # --kv-cache-dtype bf16 under an fp32 model
         (torch.float32, torch.float16),
+        (torch.float32, torch.float8_e4m3fn),  # --kv-cache-dtype fp8
+        (torch.bfloat16, torch.float8_e4m3fn),
     ],
 )
 def test_fused_layer_entry_equals_op_by_op(mod, dtype, kv):

@@ -123,12 +123,14 @@ def test_working_memory_counts_the_gathered_context(monkeypatch, path):
     dtype = torch.bfloat16
     be = Backend(device_type="cuda", triton_attention=True)
     monkeypatch.setattr(preflight, "select_backend", lambda *a, **k: be)
-    monkeypatch.setattr(preflight, "check_kernels", lambda model, b, bs: b)
+    monkeypatch.setattr(preflight, "check_kernels", lambda model, b, bs, **k: b)
     monkeypatch.setattr(preflight, "choose_chunk_attention",
-                        lambda model, b, dt, bs: dataclasses.replace(b, chunk_attention=path))  # fmt: skip
+                        lambda model, b, dt, bs, **k: dataclasses.replace(b, chunk_attention=path))  # fmt: skip
     monkeypatch.setattr(cache_sizing, "measure_working_memory", lambda *a, **k: 1000)
     got_be, working = preflight.gpu_start(_model(), dtype, 2048, 8, 16)
     assert got_be.chunk_attention == path
     gathered = 2 * SDPA_MAX_CONTEXT * CFG.num_key_value_heads * CFG.head_dim * 2
     assert sdpa_gather_bytes(CFG, dtype) == gathered
+    # fp8 caches: gathered as fp8 (1 byte), then widened to the model dtype
+    assert sdpa_gather_bytes(CFG, dtype, torch.float8_e4m3fn) == gathered * 3 // 2
     assert working == 1000 + (gathered if path == "sdpa" else 0)

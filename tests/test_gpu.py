@@ -69,6 +69,34 @@ def test_greedy_equals_transformers_eager_and_cpu(which, ckpts):
     assert not any(diffs.values()), f"(prompt, its length, first differing token): {diffs}"
 
 
+def test_fp8_kv_cache_on_the_gpu(ckpts):
+    """--kv-cache-dtype fp8 on CUDA (the Triton kernels widen e4m3 as they read; the decode graph
+    captures write_kv's byte copy): fp32 model, graphs == eager == the CPU engine on fp8 caches,
+    batched == alone; the caches are fp8, half a bf16 cache's bytes per token."""
+    d, _ = ckpts["dense"]
+    ps = prompts(6, seed=21, lo=3, hi=140)
+    llm = cuda(d, block_size=16, kv_cache_dtype="fp8")
+    eng = llm.engine
+    assert eng.runner.caches.key[0].dtype == torch.float8_e4m3fn
+    if eng.runner.backend.can_capture:
+        assert eng.runner.graphs is not None, "decode graphs were not captured (see the log)"
+    got = ids(llm.generate(ps, GREEDY))
+    runs = {
+        "alone": [ids(llm.generate([p], GREEDY))[0] for p in ps],
+        "eager": ids(cuda(d, block_size=16, kv_cache_dtype="fp8", enforce_eager=True)
+                     .generate(ps, GREEDY)),  # fmt: skip
+        "cpu engine": ids(make(d, kv_cache_dtype="fp8").generate(ps, GREEDY)),
+    }
+    diffs = {name: [(i, first_difference(r[i], got[i])) for i in range(len(ps)) if r[i] != got[i]]
+             for name, r in runs.items()}  # fmt: skip
+    assert not any(diffs.values()), f"(prompt, first differing token) vs graphs batched: {diffs}"
+    bf16 = cuda(d, block_size=16, dtype="bf16", kv_cache_dtype="fp8")
+    half = cuda(d, block_size=16, dtype="bf16")
+    assert 2 * bf16.engine.plan.kv_bytes_per_token == half.engine.plan.kv_bytes_per_token
+    assert ids(bf16.generate(ps[:2], GREEDY)) == [ids(bf16.generate([p], GREEDY))[0]
+                                                  for p in ps[:2]]  # fmt: skip
+
+
 @pytest.mark.parametrize("which", ["dense", "moe"])
 def test_start_up_check_keeps_every_kernel_on_hopper(which, ckpts):
     """engine/preflight.py switches nothing off on an H100 / H200: every kernel family of the

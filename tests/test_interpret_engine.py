@@ -166,6 +166,26 @@ def test_engine_greedy_equals_reference(which, ckpts, calls):
     assert (n["sparse_moe"] > 0) == (which == "moe"), n  # the decode steps' MoE blocks
 
 
+def test_engine_on_fp8_caches_equals_reference(ckpts, calls):
+    """--kv-cache-dtype fp8 through the GPU backend's kernels (Triton paged decode and prefill
+    attention widening e4m3 tiles, the fused q/k-norm + rotary + cache-write kernel left for
+    write_kv's byte copy): the reference engine's greedy tokens on fp8 caches, chunked prefill
+    and a prefix-cache hit included."""
+    d = ckpts["dense"]
+    shared = prompts(1, seed=41, lo=36, hi=37)[0]
+    ps = [shared + p for p in prompts(2, seed=42, lo=2, hi=20)]
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    kw = dict(block_size=BS, max_num_batched_tokens=32, kv_cache_dtype="fp8")
+    want = ids(make(d, **kw).generate(ps, sp))
+    llm = _interpreted(d, calls.counted(_full()), **kw)
+    assert llm.engine.runner.caches.key[0].dtype == torch.float8_e4m3fn
+    assert ids(llm.generate(ps, sp)) == want
+    assert ids(llm.generate(ps, sp)) == want  # from the cached prefixes
+    assert llm.engine.get_stats()["prefix_cache_hit_tokens"] > 0
+    n = calls.n
+    assert n["paged_decode_attention"] and n["paged_prefill_attention"], n
+
+
 def test_engine_with_sdpa_chunks_equals_reference(ckpts, calls):
     """The GPU backend with prefill chunks after a cached prefix on the SDPA path (what
     engine/preflight.py picks where it times faster): chunked prompts and prefix-cache hits give

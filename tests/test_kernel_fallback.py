@@ -113,6 +113,19 @@ def test_preflight_steps_run_and_switch_off_what_does_not_build():
     ref = reference_backend("cpu")
     run_steps(model, ref, BS)  # the four steps build and run (fresh, continuing, decodes)
     assert check_kernels(model, ref, BS) is ref  # nothing fails: the backend as it was
+    fp8 = []  # --kv-cache-dtype fp8: the steps run on fp8 caches (their kernels' variants)
+    inner = model.forward
+
+    def spy(ids, batch, caches):
+        fp8.append(caches.key[0].dtype)
+        return inner(ids, batch, caches)
+
+    model.forward = spy
+    try:
+        assert check_kernels(model, ref, BS, kv_dtype=torch.float8_e4m3fn) is ref
+    finally:
+        del model.forward
+    assert fp8 and set(fp8) == {torch.float8_e4m3fn}
     on = dataclasses.replace(ref, triton_norms=True)  # (on CPU tensors it dispatches nothing)
     wrapped = Unbuildable(model, "triton_norms")
     got = check_kernels(wrapped, on, BS)
@@ -179,11 +192,12 @@ def test_gpu_start_checks_kernels_on_one_device_only(monkeypatch):
 
     checked, chosen, measured = [], [], []
     after_check, after_choice = Backend("cuda"), Backend("cuda", chunk_attention="sdpa")
-    monkeypatch.setattr(pf, "check_kernels", lambda m, be, bs: checked.append(be) or after_check)
+    monkeypatch.setattr(pf, "check_kernels",
+                        lambda m, be, bs, **k: checked.append(be) or after_check)  # fmt: skip
     monkeypatch.setattr(pf, "choose_chunk_attention",  # times the chunk paths (on a GPU)
-                        lambda m, be, dt, bs: chosen.append(be) or after_choice)  # fmt: skip
+                        lambda m, be, dt, bs, **k: chosen.append(be) or after_choice)  # fmt: skip
     monkeypatch.setattr(cs, "measure_working_memory",
-                        lambda m, t, r, bs, be: measured.append(be) or 123)  # fmt: skip
+                        lambda m, t, r, bs, be, kv=None: measured.append(be) or 123)  # fmt: skip
     model = _model()
     assert pf.gpu_start(model, torch.float32, 64, 2, BS) == (after_choice, 123)
     assert chosen == [after_check] and measured == [after_choice] and len(checked) == 1

@@ -130,15 +130,18 @@ def _ptr(dtype) -> str:
     return "*" + TY[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype,kv", [(torch.bfloat16, None), (torch.float32, None),
+                                      (torch.bfloat16, "*fp8e4nv")])  # fmt: skip
 @pytest.mark.parametrize("hd,rep,bs", [(256, 8, 16), (256, 4, 32), (128, 1, 16), (32, 2, 16)])
-def test_paged_attention_compiles(dtype, hd, rep, bs):
+def test_paged_attention_compiles(dtype, kv, hd, rep, bs):
+    """kv: fp8 (e4m3) caches under a bf16 model (--kv-cache-dtype fp8), widened as read."""
     from qwen35.kernels import triton_attention as ta
 
     p, i = _ptr(dtype), "i32"
+    c = kv or p
     ieee = dtype == torch.float32
     for splits in (1, ta.MAX_SPLITS):  # one pass, or split-K with partials in fp32
-        sig = dict(Q=p, K=p, V=p, O=p, G=p, PART="*fp32" if splits > 1 else p,
+        sig = dict(Q=p, K=c, V=c, O=p, G=p, PART="*fp32" if splits > 1 else p,
                    block_tables="*i32", context_lens="*i32", scale="fp32")  # fmt: skip
         sig |= {n: i for n in ta._decode_kernel.arg_names if n.startswith("stride")}
         sig |= dict(SPLITS=i, BS=0, REP=0, BLOCK_R=0, HD=0, BLOCK_T=0, HAS_GATE=0, IEEE=0,
@@ -153,7 +156,7 @@ def test_paged_attention_compiles(dtype, hd, rep, bs):
                MAX_S=0, BLOCK_T=0)  # fmt: skip
     compile_sm90(ta._combine_kernel, sig, dict(HD=hd, HAS_GATE=True,
                  SPLIT_TOKENS=ta.SPLIT_TOKENS, MAX_S=ta.MAX_SPLITS, BLOCK_T=ta.BLOCK_T))  # fmt: skip
-    sig = dict(Q=p, K=p, V=p, O=p, block_table="*i32", start_pos=i, Tq=i, scale="fp32")
+    sig = dict(Q=p, K=c, V=c, O=p, block_table="*i32", start_pos=i, Tq=i, scale="fp32")
     sig |= {n: i for n in ta._prefill_kernel.arg_names if n.startswith("stride")}
     sig |= dict(BS=0, REP=0, HD=0, BLOCK_M=0, BLOCK_T=0, IEEE=0, UPCAST=0)
     for block_m in (16, 32):

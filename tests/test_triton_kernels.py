@@ -69,12 +69,17 @@ def _cache(num_blocks, bs, nkv, hd, dtype, g):
     return k, v
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# (dtype, cache dtype): the model's own, or fp8 caches (--kv-cache-dtype fp8) widened as read
+KV_PAIRS = [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float8_e4m3fn),
+            (torch.float32, torch.float8_e4m3fn)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,kv", KV_PAIRS)
 @pytest.mark.parametrize("bs,nh,nkv,hd", [(16, 4, 2, 32), (4, 8, 2, 64), (16, 2, 2, 16)])
-def test_paged_decode_equals_reference(dtype, bs, nh, nkv, hd):
+def test_paged_decode_equals_reference(dtype, kv, bs, nh, nkv, hd):
     g = torch.Generator().manual_seed(bs + nh + hd)
     N, W = 5, 12
-    kc, vc = _cache(64, bs, nkv, hd, dtype, g)
+    kc, vc = _cache(64, bs, nkv, hd, kv or dtype, g)
     tables = torch.stack([torch.randperm(64, generator=g)[:W] for _ in range(N)]).int().to(DEV)
     lens = torch.tensor([1, 7, bs * W, 33, bs + 1], dtype=torch.int32).clamp(max=bs * W).to(DEV)
     q = torch.randn(N, nh, hd, generator=g).to(DEV, dtype)
@@ -116,18 +121,18 @@ def test_decode_split_count():
     assert ta.num_splits(10**6) == ta.MAX_SPLITS
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,kv", KV_PAIRS)
 @pytest.mark.parametrize("start,Tq", [(0, 9), (37, 20), (5, 40)])
-def test_paged_prefill_equals_reference(dtype, start, Tq):
+def test_paged_prefill_equals_reference(dtype, kv, start, Tq):
     g = torch.Generator().manual_seed(start + Tq)
     bs, nh, nkv, hd = 8, 4, 2, 32
     ctx = start + Tq
     nb = -(-ctx // bs)
-    kc, vc = _cache(32, bs, nkv, hd, dtype, g)
+    kc, vc = _cache(32, bs, nkv, hd, kv or dtype, g)
     row = torch.randperm(32, generator=g)[: nb + 2].int().to(DEV)
     q = torch.randn(Tq, nh, hd, generator=g).to(DEV, dtype)
     scale = hd**-0.5
-    kk, vv = gather_kv(kc, row, ctx), gather_kv(vc, row, ctx)
+    kk, vv = gather_kv(kc, row, ctx).to(dtype), gather_kv(vc, row, ctx).to(dtype)
     ref = prefill_attention(q, kk, vv, scale)
     got = ta.paged_prefill_attention(q, kc, vc, row, start, scale)
     tol = 1e-5 if dtype == torch.float32 else 2e-2

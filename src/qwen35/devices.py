@@ -86,18 +86,22 @@ def resolve_kv_dtype(
     native bf16), as a bf16 model's cache would be: half the memory, and half the bytes a long
     context reads per decoded token (README "KV cache dtype"). Another is taken where the
     kernels read it (a CPU, an fp32 model: its query against bf16 / fp16 caches,
-    ops/attention.py), else refused."""
+    ops/attention.py), else refused. fp8 ("float8_e4m3fn": values stored as they are, no scale,
+    saturating at +-448) goes under any model dtype, on a CPU and on a GPU: every attention path
+    widens it to the model dtype as it reads (C++ and Triton kernels, the PyTorch reference)."""
     from qwen35.errors import Qwen35Error
 
-    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "float8_e4m3fn"}
     model = str(model_dtype).removeprefix("torch.")
     if kv_cache_dtype == "auto":
         cpu = str(device).startswith("cpu")
         return "bfloat16" if cpu and model == "float32" and stored_below_fp32 else model
     kv = names.get(kv_cache_dtype, kv_cache_dtype)
     if kv not in names.values():
-        raise Qwen35Error(f"--kv-cache-dtype must be auto, fp32, bf16 or fp16, got {kv_cache_dtype!r}")
-    if kv == model:
+        raise Qwen35Error(
+            f"--kv-cache-dtype must be auto, fp32, bf16, fp16 or fp8, got {kv_cache_dtype!r}"
+        )
+    if kv == model or kv == "float8_e4m3fn":
         return kv
     if not str(device).startswith("cpu"):
         raise Qwen35Error(
@@ -107,8 +111,8 @@ def resolve_kv_dtype(
     if model != "float32":
         raise Qwen35Error(
             f"--kv-cache-dtype {kv_cache_dtype} under a {model} model: the cache holds the "
-            "model's dtype, or bf16 / fp16 under an fp32 model (--dtype fp32, or auto on a CPU "
-            "without native bf16); use auto"
+            "model's dtype, fp8 under any model, or bf16 / fp16 under an fp32 model (--dtype "
+            "fp32, or auto on a CPU without native bf16); use auto or fp8"
         )
     return kv
 

@@ -211,12 +211,13 @@ def _default_budget(device, working: int) -> int:
 
 
 def measure_working_memory(model, chunk_tokens: int, sampled_rows: int, block_size: int,
-                           backend=None) -> int:  # fmt: skip
+                           backend=None, kv_dtype=None) -> int:  # fmt: skip
     """GPU: the peak memory one forward of a fresh `chunk_tokens`-token prefill allocates above
     what is allocated now (its own small caches excluded), plus the fp32 logits of
     `sampled_rows` rows twice over (logits and the sampler's working copy). A chunk continuing a
     long context reads the paged cache in place (Triton attention), so this chunk is the peak;
     where start-up chose SDPA for such chunks, engine/preflight.py adds the K/V they gather.
+    kv_dtype: the K/V caches' (--kv-cache-dtype; default the model's).
     """
     import torch
 
@@ -227,7 +228,7 @@ def measure_working_memory(model, chunk_tokens: int, sampled_rows: int, block_si
     cfg = model.config
     T = chunk_tokens
     nb = -(-T // block_size)
-    caches = allocate_caches(cfg, nb, block_size, 1, model.dtype, dev)
+    caches = allocate_caches(cfg, nb, block_size, 1, model.dtype, dev, kv_dtype=kv_dtype)
     batch = ForwardBatch.build(
         positions=range(T),
         cu_seqlens=[0, T],

@@ -283,6 +283,7 @@ class LLMEngine:
             backend, working = gpu_start(
                 self.model, model_dtype, sc.max_num_batched_tokens, sc.max_num_seqs, cc.block_size,
                 alone=self.workers is None,  # (a tensor-parallel rank: the planner's formula)
+                kv_dtype=kv_dtype,
             )  # fmt: skip
         self.plan: CachePlan = plan_caches(
             self.config,

@@ -43,30 +43,34 @@ CONTINUE = 3  # tokens of the chunk that continues each
 
 
 def gpu_start(model, dtype, chunk_tokens: int, sampled_rows: int, block_size: int,
-              alone: bool = True):  # fmt: skip
+              alone: bool = True, kv_dtype=None):  # fmt: skip
     """(the backend to serve with, the working memory of the largest prefill chunk) on a GPU.
     alone=False (one tensor-parallel rank): select_backend's backend and None (the caller takes
     the planner's formula): a rank's forward all-reduces with ranks that are not running it,
-    so neither the start-up steps nor the measurement can run on one rank alone."""
+    so neither the start-up steps nor the measurement can run on one rank alone. kv_dtype: the
+    K/V caches' (default dtype): the steps run on caches of it (fp8 caches take the attention
+    kernels' fp8 variants, which a GPU before sm_89 cannot build: the PyTorch path then)."""
     from qwen35.engine.cache_sizing import measure_working_memory
 
     be = select_backend(model.device, dtype=dtype)
     if not alone:
         return be, None
-    be = check_kernels(model, be, block_size)
-    be = choose_chunk_attention(model, be, dtype, block_size)
+    be = check_kernels(model, be, block_size, kv_dtype=kv_dtype)
+    be = choose_chunk_attention(model, be, dtype, block_size, kv_dtype=kv_dtype)
     be, working = with_fallbacks(
-        be, lambda b: measure_working_memory(model, chunk_tokens, sampled_rows, block_size, b)
+        be, lambda b: measure_working_memory(model, chunk_tokens, sampled_rows, block_size, b,
+                                             kv_dtype)  # fmt: skip
     )
     if be.chunk_attention == "sdpa" and be.triton_attention:
         from qwen35.ops.attention import sdpa_gather_bytes
 
-        working += sdpa_gather_bytes(model.config, dtype)
+        working += sdpa_gather_bytes(model.config, dtype, kv_dtype)
     return be, working
 
 
 def choose_chunk_attention(model, be: Backend, dtype, block_size: int,
-                           queries: int = CHUNK_QUERIES, start: int = CHUNK_START) -> Backend:  # fmt: skip
+                           queries: int = CHUNK_QUERIES, start: int = CHUNK_START,
+                           kv_dtype=None) -> Backend:  # fmt: skip
     """`be` with `chunk_attention` set to the faster path on this device (`time_chunk_attention`),
     or to $QWEN35_CHUNK_ATTENTION (triton | sdpa) where set. Without our Triton attention the
     PyTorch path runs whatever this says: unchanged."""
@@ -78,7 +82,8 @@ def choose_chunk_attention(model, be: Backend, dtype, block_size: int,
         return dataclasses.replace(be, chunk_attention=forced)
     if not be.triton_attention:
         return be
-    times = time_chunk_attention(model.config, dtype, model.device, be, block_size, queries, start)
+    times = time_chunk_attention(model.config, dtype, model.device, be, block_size, queries, start,
+                                 kv_dtype=kv_dtype)  # fmt: skip
     best = min(times, key=times.get)
     log.info("prefill chunks after a cached prefix: %s; taking %s", ", ".join(
         f"{k} {v * 1e3:.2f} ms" for k, v in times.items()), best)  # fmt: skip
@@ -86,7 +91,7 @@ def choose_chunk_attention(model, be: Backend, dtype, block_size: int,
 
 
 def time_chunk_attention(cfg, dtype, device, be: Backend, block_size: int, queries: int,
-                         start: int, reps: int = 3) -> dict[str, float]:  # fmt: skip
+                         start: int, reps: int = 3, kv_dtype=None) -> dict[str, float]:  # fmt: skip
     """Seconds one layer's chunk of `queries` after `start` cached tokens takes on each path
     (median of `reps`, paths alternating, after one untimed call each; inf where a path raises:
     e.g. no SDPA kernel takes the bias here), random K/V in scratch caches of this model's
@@ -97,8 +102,8 @@ def time_chunk_attention(cfg, dtype, device, be: Backend, block_size: int, queri
     nb = -(-ctx // block_size)
     g = torch.Generator(device=device).manual_seed(0)
     shape = (nb, block_size, cfg.num_key_value_heads, cfg.head_dim)
-    kc = torch.randn(shape, generator=g, device=device, dtype=dtype)
-    vc = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    kc = torch.randn(shape, generator=g, device=device, dtype=dtype).to(kv_dtype or dtype)
+    vc = torch.randn(shape, generator=g, device=device, dtype=dtype).to(kv_dtype or dtype)
     q = torch.randn(queries, cfg.num_attention_heads, cfg.head_dim, generator=g, device=device,
                     dtype=dtype)  # fmt: skip
     row = torch.arange(nb, device=device, dtype=torch.int32)
@@ -128,20 +133,22 @@ def time_chunk_attention(cfg, dtype, device, be: Backend, block_size: int, queri
     return {p: statistics.median(t) if t else float("inf") for p, t in times.items()}
 
 
-def check_kernels(model, backend: Backend, block_size: int, long: int = LONG) -> Backend:
+def check_kernels(model, backend: Backend, block_size: int, long: int = LONG,
+                  kv_dtype=None) -> Backend:  # fmt: skip
     """`backend` without the kernel families this GPU cannot build. `long`: tests under
     Triton's interpreter take a shorter first sequence (no split-K decode then)."""
-    return with_fallbacks(backend, lambda be: run_steps(model, be, block_size, long))[0]
+    return with_fallbacks(backend, lambda be: run_steps(model, be, block_size, long, kv_dtype))[0]
 
 
-def run_steps(model, be: Backend, block_size: int, long: int = LONG) -> None:
+def run_steps(model, be: Backend, block_size: int, long: int = LONG, kv_dtype=None) -> None:
     from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
 
     cfg, dev = model.config, model.device
     final = (long + CONTINUE + 1, SHORT + CONTINUE + 2)  # context of each after the last step
     per_seq = [-(-n // block_size) for n in final]
     tables = [list(range(per_seq[0])), list(range(per_seq[0], sum(per_seq)))]
-    caches = allocate_caches(cfg, sum(per_seq), block_size, 2, model.dtype, dev)
+    caches = allocate_caches(cfg, sum(per_seq), block_size, 2, model.dtype, dev,
+                             kv_dtype=kv_dtype)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
 
     def step(seqs: list[tuple[int, int, int]]) -> None:

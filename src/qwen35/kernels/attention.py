@@ -6,8 +6,8 @@ against its cached K/V in place, through its block table, the output gate applie
                            gate [N, nh, hd] or None, avx2_only=False) -> [N, nh, hd]
     fast_path(dtype, head_dim, avx2_only=False, kv_dtype=None) -> the AVX512 paths run
 
-The caches hold the model dtype, or bf16 / fp16 under an fp32 model (`--kv-cache-dtype`;
-`takes`).
+The caches hold the model dtype, bf16 / fp16 under an fp32 model, or fp8 (e4m3) under any model
+(`--kv-cache-dtype`; `takes`).
 
 Its PyTorch twin is ops/attention.py's `decode_attention` (gather the blocks, SDPA), which it
 replaces on CPU backends with kernels (tests/test_attention_cpu.py; bench/attention_cpu.py).
@@ -33,4 +33,6 @@ def takes(dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
     """The kernel runs a model of `dtype` over caches of `kv_dtype`."""
     if dtype not in DTYPES:
         return False
-    return kv_dtype == dtype or (dtype == torch.float32 and kv_dtype in DTYPES)
+    if kv_dtype in (dtype, torch.float8_e4m3fn):
+        return True
+    return dtype == torch.float32 and kv_dtype in DTYPES

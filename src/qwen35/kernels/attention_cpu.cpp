@@ -11,7 +11,8 @@
 // (o.mul_(torch.sigmoid(gate)) in the model dtype). Each task's arithmetic is independent of the
 // batch, so batched and single-sequence results are bitwise equal. The caches hold the model
 // dtype, or bf16 / fp16 under an fp32 model (--kv-cache-dtype: half the bytes a long context
-// reads per token; the fp32 query against them as against an fp32 cache). bench/attention_cpu.py
+// reads per token; the fp32 query against them as against an fp32 cache), or fp8 e4m3 under
+// any model (widened exactly as read, the scaled fp32 query against it). bench/attention_cpu.py
 // times it against its AVX2 path and the gather + SDPA path.
 #include <ATen/Parallel.h>
 #include "torch_ext.h"
@@ -125,6 +126,13 @@ TARGET_AVX512 inline __m512 load16(const c10::Half* p) {  // exact
 TARGET_AVX512 inline __m512 load16(const c10::BFloat16* p) {  // exact
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+TARGET_AVX512 inline __m512 load16(const c10::Float8_e4m3fn* p) {  // exact: vec8::load8's way
+  const __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i h =
+      _mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16(static_cast<int16_t>(0xBFFF)));
+  return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
 }
 
 template <int R>
@@ -436,19 +444,20 @@ torch::Tensor checked_tables(const torch::Tensor& block_tables, const torch::Ten
 }
 
 
-// the (model, caches) dtype pairs the kernel takes: the model's own (fp32, bf16, fp16), or bf16 /
-// fp16 caches under an fp32 model (kernels/attention.py `takes`)
+// the (model, caches) dtype pairs the kernel takes: the model's own (fp32, bf16, fp16), bf16 /
+// fp16 caches under an fp32 model, fp8 (e4m3fn) caches under any (kernels/attention.py `takes`)
 bool pair_taken(at::ScalarType dt, at::ScalarType kv) {
   const auto half = [](at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; };
   if (dt != at::kFloat && !half(dt)) return false;
-  return kv == dt || (dt == at::kFloat && half(kv));
+  return kv == dt || kv == at::kFloat8_e4m3fn || (dt == at::kFloat && half(kv));
 }
 
-// the AVX512 paths run: a bf16 model's bf16 caches with hd % 32 == 0 on AVX512-BF16 CPUs; an
-// fp32 model's caches (fp32, bf16, fp16) and fp16 caches with hd % 16 == 0 on AVX512 CPUs
+// the AVX512 paths run: a bf16 model's bf16 caches with hd % 32 == 0 on AVX512-BF16 CPUs; the
+// other pairs (fp32 / fp16 caches, an fp32 model's bf16 caches, fp8 caches: the scaled fp32
+// query against the widened keys) with hd % 16 == 0 on AVX512 CPUs
 bool fast_path(at::ScalarType dt, int64_t hd, bool avx2_only, at::ScalarType kv) {
   if (avx2_only || !pair_taken(dt, kv)) return false;
-  if (dt == at::kBFloat16) return hd % 32 == 0 && cpu_isa::avx512_bf16();
+  if (dt == at::kBFloat16 && kv == at::kBFloat16) return hd % 32 == 0 && cpu_isa::avx512_bf16();
   return hd % 16 == 0 && cpu_isa::avx512();
 }
 
@@ -457,10 +466,12 @@ template <typename F>
 void dispatch_kv(at::ScalarType t, at::ScalarType kv, const char* what, F&& f) {
   if (kv == t) {
     dispatch(t, what, [&](auto tag) { f(tag, tag); });
+  } else if (kv == at::kFloat8_e4m3fn) {
+    dispatch(t, what, [&](auto tag) { f(tag, c10::Float8_e4m3fn{}); });
   } else {
     TORCH_CHECK(pair_taken(t, kv), what,
-                ": caches of the model dtype, or bf16 / fp16 caches under an fp32 model, "
-                "expected; got a ", kv, " cache under a ", t, " model");
+                ": caches of the model dtype, fp8 caches, or bf16 / fp16 caches under an fp32 "
+                "model, expected; got a ", kv, " cache under a ", t, " model");
     dispatch(kv, what, [&](auto tag) { f(float{}, tag); });
   }
 }

@@ -9,8 +9,9 @@ cache (layout in engine/forward_batch.py: [num_blocks, block_size, nkv, hd]).
 - `paged_prefill_attention`: the queries of one prefill chunk that continues a cached prefix
   (positions start_pos .. start_pos+Tq-1) over the whole cached context, causal.
 
-Both compute in fp32 (scores, softmax, accumulator); P is cast to the cache dtype for the P.V
-product as FlashAttention does. fp32 inputs use IEEE fp32 dots (no TF32) so fp32 runs stay
+Both compute in fp32 (scores, softmax, accumulator); P is cast to the model dtype for the P.V
+product as FlashAttention does. fp8 (e4m3) caches (--kv-cache-dtype fp8) are widened to the model
+dtype as each tile is read. fp32 inputs use IEEE fp32 dots (no TF32) so fp32 runs stay
 comparable token for token with the PyTorch reference (ops/attention.py), which stays beside
 them. Also runs under TRITON_INTERPRET=1 on a CPU (tests/test_triton_kernels.py, tests/test_interpret_engine.py).
 """
@@ -64,7 +65,8 @@ def _attend_tile(
     d = tl.arange(0, HD)
     blk = tl.load(table + pos // BS, mask=tmask, other=0).to(tl.int64)
     off = pos % BS
-    k = _load_kv(K, blk, off, kvh, d, tmask, stride_kb, stride_kt, stride_kh, UPCAST)
+    # (.to(q.dtype): fp8 caches widened to the model dtype as read; a no-op otherwise)
+    k = _load_kv(K, blk, off, kvh, d, tmask, stride_kb, stride_kt, stride_kh, UPCAST).to(q.dtype)
     s = tl.where(ok, _dot(q, tl.trans(k), IEEE) * scale, float("-inf"))  # [R, T]
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row with no key so far (prefill rows past Tq) keeps p = alpha = 0, not NaN; a decode
@@ -73,7 +75,7 @@ def _attend_tile(
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_kv(V, blk, off, kvh, d, tmask, stride_vb, stride_vt, stride_vh, UPCAST)
+    v = _load_kv(V, blk, off, kvh, d, tmask, stride_vb, stride_vt, stride_vh, UPCAST).to(q.dtype)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return m_new, l_i, acc
 

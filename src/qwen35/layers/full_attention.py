@@ -82,6 +82,10 @@ class GatedAttention(nn.Module):
             o = paged_decode_attention(be, q, key_cache, value_cache, d, self.scale, gate)
             return self.tp.all_reduce(self.o_proj(o.view(T, nh * hd)))
         o = q.new_empty(T, nh, hd)
+        if key_cache.dtype != k.dtype:  # K / V as the cache holds them (bf16 / fp16 under fp32,
+            # fp8): a prompt attends to the values its later chunks, a prefix-cache hit and the
+            # decode steps read back, so results do not depend on how a prompt was cut
+            k, v = k.to(key_cache.dtype).to(k.dtype), v.to(value_cache.dtype).to(v.dtype)
         for sp in batch.prefill:
             r = sp.rows
             if sp.start_pos == 0:  # the context is exactly the new tokens

@@ -10,7 +10,8 @@ Dispatch (backend chosen once, ops/backend.py):
   prefill chunk continuing a cached prefix (GPU path: the paged Triton kernel or the context
   gathered for FlashAttention, whichever engine/preflight.py timed faster at start).
 
-Cache layout (forward_batch.py): K and V of one layer are [num_blocks, block_size, nkv, hd];
+Cache layout (forward_batch.py): K and V of one layer are [num_blocks, block_size, nkv, hd]
+(the model dtype, bf16 / fp16 under an fp32 model on a CPU, or fp8 e4m3 under any: read widened);
 token t lives at flat slot `block * block_size + offset`. A sequence's blocks are listed in its
 row of `block_tables`. Query head h uses KV head h // (nh / nkv) (GQA).
 """
@@ -53,8 +54,11 @@ def write_kv(
     slot_mapping: torch.Tensor,  # [T] int64 flat slots
 ) -> None:
     nkv, hd = k.shape[1:]
-    key_cache.view(-1, nkv, hd).index_copy_(0, slot_mapping, k.to(key_cache.dtype))
-    value_cache.view(-1, nkv, hd).index_copy_(0, slot_mapping, v.to(value_cache.dtype))
+    for cache, x in ((key_cache, k), (value_cache, v)):
+        x = x.to(cache.dtype)  # (to fp8: round to nearest even, saturating at +-448)
+        if cache.dtype.itemsize == 1:  # index_copy_ takes no fp8 on a CPU: as bytes
+            cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+        cache.view(-1, nkv, hd).index_copy_(0, slot_mapping, x)
 
 
 def gather_kv(
@@ -70,9 +74,11 @@ def gather_kv(
 
 def _gather_blocks(cache: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """cache[idx] for block ids idx [...]: [..., block_size, nkv, hd]. index_select over whole
-    blocks as rows is faster on a CPU than advanced indexing (which goes element-wise)."""
-    rows = cache.view(cache.shape[0], -1).index_select(0, idx.reshape(-1).long())
-    return rows.view(*idx.shape, *cache.shape[1:])
+    blocks as rows is faster on a CPU than advanced indexing (which goes element-wise). fp8
+    caches are selected as bytes (index_select does not take fp8 on every device)."""
+    rows = cache.view(torch.uint8) if cache.dtype.itemsize == 1 else cache
+    rows = rows.view(cache.shape[0], -1).index_select(0, idx.reshape(-1).long())
+    return rows.view(cache.dtype).view(*idx.shape, *cache.shape[1:])
 
 
 def prefill_attention(
@@ -257,6 +263,8 @@ def chunk_attention_path(be: Backend, q: torch.Tensor, ctx: int) -> str:
     return "sdpa" if be.chunk_attention == "sdpa" and ctx <= SDPA_MAX_CONTEXT else "triton"
 
 
-def sdpa_gather_bytes(cfg, dtype: torch.dtype) -> int:
-    """The K and V one SDPA chunk gathers at most (SDPA_MAX_CONTEXT tokens of one layer)."""
-    return 2 * SDPA_MAX_CONTEXT * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+def sdpa_gather_bytes(cfg, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> int:
+    """The K and V one SDPA chunk gathers at most (SDPA_MAX_CONTEXT tokens of one layer), in
+    the model dtype, and first in the caches' where that differs (fp8: gathered, then widened)."""
+    per = dtype.itemsize + (kv_dtype.itemsize if kv_dtype not in (None, dtype) else 0)
+    return 2 * SDPA_MAX_CONTEXT * cfg.num_key_value_heads * cfg.head_dim * per

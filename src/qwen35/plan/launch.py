@@ -46,6 +46,9 @@ def launch_commands(
     yarn = dep.cfg.yarn
     if yarn is not None:
         ours += f" --yarn {yarn.factor:g}"
+    fp8_kv = dep.kv_dtype == "fp8"
+    if fp8_kv:  # e4m3, unscaled: vLLM's "fp8" without calibrated scales, SGLang's "fp8_e4m3"
+        ours += " --kv-cache-dtype fp8"
     if nodes == 1:
         qwen35 = f"qwen35 serve {ours}"
     else:
@@ -67,6 +70,10 @@ def launch_commands(
         vllm += f" --speculative-config '{json.dumps(spec)}'"
     if yarn is not None:  # the model card's rope_parameters edit, as an override
         vllm += f" --hf-overrides '{_yarn_override(dep.cfg)}'"
+    if fp8_kv:
+        vllm += " --kv-cache-dtype fp8"
+    if dep.state_dtype == "bf16":
+        vllm += " --mamba-ssm-cache-dtype bfloat16"
     if nodes > 1:
         vllm += " --distributed-executor-backend ray   # on a Ray cluster spanning the nodes"
     sglang = (
@@ -82,6 +89,10 @@ def launch_commands(
         )
     if yarn is not None:
         sglang += f" --json-model-override-args '{_yarn_override(dep.cfg)}'"
+    if fp8_kv:
+        sglang += " --kv-cache-dtype fp8_e4m3"
+    if dep.state_dtype == "bf16":
+        sglang += " --mamba-ssm-dtype bfloat16"
     if nodes > 1:
         sglang += (
             f" --nnodes {nodes} --node-rank $NODE_RANK --dist-init-addr $MASTER_ADDR:{MASTER_PORT}"
