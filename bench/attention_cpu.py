@@ -13,7 +13,8 @@ per second (at batch 1 decode this is what a long context costs per attention la
 "AVX2" is the path CPUs without AVX512 take (bf16 caches: without AVX512-BF16). --baseline REV
 also runs both our paths as built from that git revision's kernel sources ("@base"; their
 outputs are checked equal to this checkout's where the arithmetic did not change).
-A dtype "fp32:bf16" is an fp32 model over bf16 caches (--kv-cache-dtype bf16). --cold reads a
+A dtype "fp32:bf16" is an fp32 model over bf16 caches (--kv-cache-dtype bf16), "bf16:fp8" a bf16
+model over fp8 caches (--kv-cache-dtype fp8). --cold reads a
 256 MiB buffer before every call, as a decode step's weights stream through the caches between
 its attention layers: each call then reads its K/V from memory (by default the same K/V are read
 call after call, and a short context's fit the L3).
@@ -29,10 +30,12 @@ import time
 import torch
 
 from qwen35.benchmarks.common import kernel_sources_at
+from qwen35.devices import cpu_flags
 from qwen35.kernels import attention
 from qwen35.ops.attention import decode_attention
 
-DT = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+DT = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16,
+      "fp8": torch.float8_e4m3fn}  # fmt: skip
 
 
 def _case(L: int, n: int, dtype, nh=8, nkv=2, hd=256, bs=16, seed=0, kv_dtype=None):
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
                 cells.append(f"{k} {m * 1e6:8.1f} us ({kv / m / 1e9:5.1f})")
             fast = "AVX2"
             if mod.fast_path(dtype, q.shape[-1], False, kv_dtype):
-                fast = "AVX512-BF16" if dtype == torch.bfloat16 else "AVX512"
+                bf16 = dtype == torch.bfloat16 and kv_dtype in (dtype, DT["fp8"])
+                fast = "AVX512-BF16" if bf16 and "avx512_bf16" in cpu_flags() else "AVX512"
             print(f"{name:9} L={L:6}  " + "  ".join(cells) + f"  [ours: {fast}]")
 
 

@@ -175,9 +175,9 @@ def test_fp32_model_over_half_precision_caches(mod, kv, avx2_only):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fp8_caches_under_any_model(mod, dtype, avx2_only):
     """--kv-cache-dtype fp8: e4m3 caches widened exactly as read (vec8::load8 / load16's fp16
-    trick, subnormals and +-448 included): under an fp32 model bitwise the kernel on the same
-    caches widened to fp32; under bf16 / fp16 within the model dtype's rounding of the PyTorch
-    path (gather, widen, SDPA); split-K lengths; batched == alone."""
+    trick, subnormals and +-448 included; under a bf16 model packed to bf16 for vdpbf16ps):
+    bitwise the kernel on the same caches widened to the model dtype, within the model dtype's
+    rounding of the PyTorch path (gather, widen, SDPA); split-K lengths; batched == alone."""
     lens, nh, nkv, hd, bs = [2500, 1, 37, 1025], 8, 2, 256, 16
     k32, v32, tables, _ = _cache(lens, nkv, hd, bs, torch.float32, seed=9)
     k32[0, 0, 0, :8] = torch.tensor([448.0, -448.0, 2.0**-9, -(2.0**-9), 2.0**-7, 0.0, 1e-4, 300])
@@ -189,10 +189,10 @@ def test_fp8_caches_under_any_model(mod, dtype, avx2_only):
     scale = hd**-0.5 / 4
     out = mod.paged_decode_attention(q, kc, vc, tables, ctx, scale, gate, avx2_only)
     assert out.dtype == dtype
+    same = mod.paged_decode_attention(q, kc.to(dtype), vc.to(dtype), tables, ctx, scale, gate,
+                                      avx2_only)  # fmt: skip
+    assert torch.equal(out, same)
     wide = [kc.float(), vc.float()]
-    if dtype == torch.float32:
-        assert torch.equal(out, mod.paged_decode_attention(q, *wide, tables, ctx, scale, gate,
-                                                           avx2_only))  # fmt: skip
     ref = decode_attention(q.float(), *wide, tables, ctx.long(), max(lens), scale)
     ref = ref.to(dtype).mul_(torch.sigmoid(gate))
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]

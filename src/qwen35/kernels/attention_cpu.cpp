@@ -135,25 +135,35 @@ TARGET_AVX512 inline __m512 load16(const c10::Float8_e4m3fn* p) {  // exact: vec
   return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
 }
 
-template <int R>
-TARGET_AVX512_BF16 void scores_page_bf16(const c10::BFloat16* q, int64_t hd,
-                                         const c10::BFloat16* k, int64_t stride, int n, float* s,
-                                         int64_t L, float scale, const c10::BFloat16* next,
-                                         int nn) {
+// 32 keys as bf16 pairs for vdpbf16ps: bf16 as stored; e4m3 widened exactly (load16), then
+// packed to bf16 exactly (an e4m3 value has 4 significant bits)
+TARGET_AVX512_BF16 inline __m512bh load32bh(const c10::BFloat16* p) {
+  return (__m512bh)_mm512_loadu_si512(p);
+}
+TARGET_AVX512_BF16 inline __m512bh load32bh(const c10::Float8_e4m3fn* p) {
+  return _mm512_cvtne2ps_pbh(load16(p + 16), load16(p));
+}
+
+// a bf16 model's scores over bf16 or fp8 keys: the bf16 query and key products (exact in fp32)
+// summed by vdpbf16ps, then scaled
+template <int R, typename KV>
+TARGET_AVX512_BF16 void scores_page_bf16(const c10::BFloat16* q, int64_t hd, const KV* k,
+                                         int64_t stride, int n, float* s, int64_t L, float scale,
+                                         const KV* next, int nn) {
   for (int t = 0; t < n; ++t, k += stride) {
-    if (t < nn) prefetch_bytes(next + t * stride, hd * 2);
+    if (t < nn) prefetch_bytes(next + t * stride, hd * static_cast<int64_t>(sizeof(KV)));
     __m512 acc[R][2];  // two chains a head: vdpbf16ps's latency
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 64 <= hd; j += 64)
       for (int u = 0; u < 2; ++u) {
-        const __m512bh kv = (__m512bh)_mm512_loadu_si512(k + j + 32 * u);
+        const __m512bh kv = load32bh(k + j + 32 * u);
         for (int r = 0; r < R; ++r)
           acc[r][u] = _mm512_dpbf16_ps(
               acc[r][u], (__m512bh)_mm512_loadu_si512(q + r * hd + j + 32 * u), kv);
       }
     for (; j < hd; j += 32) {
-      const __m512bh kv = (__m512bh)_mm512_loadu_si512(k + j);
+      const __m512bh kv = load32bh(k + j);
       for (int r = 0; r < R; ++r)
         acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(q + r * hd + j), kv);
     }
@@ -215,17 +225,27 @@ TARGET_AVX512 void pv_page512(const float* p, int64_t L, const T* v, int64_t str
   for (; j < hd; j += 16) pv_lanes512<R, 1>(p, L, v + j, stride, n, acc + j, hd, next + j, nn);
 }
 
-// fast: the AVX512 paths (fast_path below)
+// a bf16 model over bf16 or fp8 caches: scores_page_bf16 runs (with `fast`, bf16_dots below)
 template <typename T, typename KV>
-inline void scores_group(int R, bool fast, const T* qT, const float* qf, int64_t hd, const KV* k,
-                         int64_t stride, int n, float* s, int64_t L, float scale, const KV* next,
-                         int nn) {
-  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<KV, c10::BFloat16>) {
-    if (fast) {
+constexpr bool kBf16Dots = std::is_same_v<T, c10::BFloat16> &&
+                           (std::is_same_v<KV, c10::BFloat16> ||
+                            std::is_same_v<KV, c10::Float8_e4m3fn>);
+
+// those pairs take it on AVX512-BF16 CPUs with hd % 32 == 0 (fast_path: bf16 caches need it)
+bool bf16_dots(bool fast, int64_t hd) { return fast && hd % 32 == 0 && cpu_isa::avx512_bf16(); }
+
+// fast: the AVX512 paths (fast_path below); dots: bf16_dots
+template <typename T, typename KV>
+inline void scores_group(int R, bool fast, bool dots, const T* qT, const float* qf, int64_t hd,
+                         const KV* k, int64_t stride, int n, float* s, int64_t L, float scale,
+                         const KV* next, int nn) {
+  if constexpr (kBf16Dots<T, KV>) {
+    if (dots) {
       DISPATCH_MR(R, scores_page_bf16, qT, hd, k, stride, n, s, L, scale, next, nn);
       return;
     }
-  } else {
+  }
+  if constexpr (!std::is_same_v<T, c10::BFloat16> || !std::is_same_v<KV, c10::BFloat16>) {
     if (fast) {
       DISPATCH_MR(R, scores_page512, qf, hd, k, stride, n, s, L, next, nn);
       return;
@@ -339,6 +359,7 @@ void decode_impl(const T* Q, const KV* K, const KV* V, const int64_t* tables, in
                  bool fast) {
   const int64_t rep = nh / nkv, stride = nkv * hd;
   const int64_t chunk = std::max<int64_t>(bs, kChunk / bs * bs);
+  const bool dots = kBf16Dots<T, KV> && bf16_dots(fast, hd);
   std::vector<int64_t> first(N + 1, 0);  // task index of each sequence's first (KV head, chunk)
   bool split = false;
   for (int64_t n = 0; n < N; ++n) {
@@ -361,16 +382,15 @@ void decode_impl(const T* Q, const KV* K, const KV* V, const int64_t* tables, in
       const int64_t pb = c * chunk, pe = std::min(L, pb + chunk), Lc = pe - pb;
       const int64_t* table = tables + n * table_w;
       const T* Qg = Q + (n * nh + g * rep) * hd;  // the group's rep query heads
-      constexpr bool bf16_pair = std::is_same_v<T, c10::BFloat16> && std::is_same_v<KV, T>;
-      if (!(fast && bf16_pair))  // the bf16 fast path takes q as it is
+      if (!(kBf16Dots<T, KV> && dots))  // the bf16 dot products take q as it is
         for (int64_t j = 0; j < rep * hd; ++j) q[j] = static_cast<float>(Qg[j]) * scale;
       s.resize(rep * Lc);
       for (int64_t r0 = 0; r0 < rep; r0 += 4) {  // scores, page by page
         const int R = static_cast<int>(std::min<int64_t>(4, rep - r0));
         walk_pages(K, table, pb, pe, bs, nkv, g, hd,
                    [&](const KV* k, int cnt, const KV* next, int nn, int64_t p0) {
-                     scores_group(R, fast, Qg + r0 * hd, q.data() + r0 * hd, hd, k, stride, cnt,
-                                  s.data() + r0 * Lc + (p0 - pb), Lc, scale, next, nn);
+                     scores_group(R, fast, dots, Qg + r0 * hd, q.data() + r0 * hd, hd, k, stride,
+                                  cnt, s.data() + r0 * Lc + (p0 - pb), Lc, scale, next, nn);
                    });
       }
       for (int64_t r = 0; r < rep; ++r) sum[r] = softmax_numerator(s.data() + r * Lc, Lc, &mx[r]);
@@ -454,7 +474,8 @@ bool pair_taken(at::ScalarType dt, at::ScalarType kv) {
 
 // the AVX512 paths run: a bf16 model's bf16 caches with hd % 32 == 0 on AVX512-BF16 CPUs; the
 // other pairs (fp32 / fp16 caches, an fp32 model's bf16 caches, fp8 caches: the scaled fp32
-// query against the widened keys) with hd % 16 == 0 on AVX512 CPUs
+// query against the widened keys, or under a bf16 model bf16 dot products where bf16_dots)
+// with hd % 16 == 0 on AVX512 CPUs
 bool fast_path(at::ScalarType dt, int64_t hd, bool avx2_only, at::ScalarType kv) {
   if (avx2_only || !pair_taken(dt, kv)) return false;
   if (dt == at::kBFloat16 && kv == at::kBFloat16) return hd % 32 == 0 && cpu_isa::avx512_bf16();
