@@ -72,7 +72,8 @@ def test_document_schema(doc):
 
 def test_quality_and_peers_workloads(doc):
     q = doc["workloads"]["quality"]
-    assert set(q["formats"]) == {"fp8", "int8", "int4", "int4-x16"}
+    assert set(q["formats"]) == {"fp8", "int8", "int4", "int4-x16", "kv-fp8"}
+    assert q["formats"]["kv-fp8"]["weight_bytes"] == q["bf16_weight_bytes"]
     for r in q["formats"].values():
         assert 0 <= r["top1_agreement"] <= 1 and r["mean_kl"] >= -1e-6
         assert 0 <= r["decode_top1_agreement"] <= 1 and r["decode_mean_kl"] >= -1e-6
@@ -234,8 +235,11 @@ def test_long_context_workload(doc):
     assert [r["context_len"] for r in lc["rows"]] == [32, 96]
     for r in lc["rows"]:
         assert _finite_positive(r["hybrid_ms"]) and _finite_positive(r["full_attention_ms"])
+        assert _finite_positive(r["hybrid_fp8_kv_ms"])
     # 4 layers: 1 full-attention layer in the hybrid, 4 in the override
     assert lc["kv_bytes_per_token"]["full"] == 4 * lc["kv_bytes_per_token"]["hybrid"]
+    itemsize = getattr(torch, doc["dtype"]).itemsize  # the model's K/V against fp8's 1 byte
+    assert lc["kv_bytes_per_token"]["hybrid"] == itemsize * lc["kv_bytes_per_token"]["hybrid_fp8"]
     assert lc["state_bytes_per_sequence"]["full"] == 0
 
 

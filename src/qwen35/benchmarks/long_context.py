@@ -1,5 +1,6 @@
 """Decode step time at long contexts: the hybrid model vs the same model with every layer full
-attention (the article's cheap long-context decoding, as a measured ratio).
+attention (the article's cheap long-context decoding, as a measured ratio), and the hybrid model
+on fp8 K/V caches (--kv-cache-dtype fp8: half a bf16 cache's bytes per token).
 
 A decode step's cost depends on sizes, not values, so no 32K-token prefill is run: the paged
 KV cache (context_len tokens) and the DeltaNet states are filled with random values and one
@@ -27,6 +28,7 @@ from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
 DEFAULT_CONTEXTS = (1024, 8192, 32768)
 QUICK_CONTEXTS = (64, 256)
 BLOCK_SIZE = CacheConfig().block_size  # the engine's default
+FP8 = torch.float8_e4m3fn
 
 
 def all_full_attention(cfg: ModelConfig) -> ModelConfig:
@@ -39,16 +41,22 @@ def all_full_attention(cfg: ModelConfig) -> ModelConfig:
 
 @torch.inference_mode()
 def decode_step(
-    model: torch.nn.Module, context_len: int, device: torch.device, seed: int = 0
+    model: torch.nn.Module,
+    context_len: int,
+    device: torch.device,
+    seed: int = 0,
+    kv_dtype: torch.dtype | None = None,
 ) -> Callable[[], None]:
-    """A warmed-up decode step of one sequence whose cache holds context_len - 1 tokens."""
+    """A warmed-up decode step of one sequence whose cache holds context_len - 1 tokens
+    (kv_dtype: the K/V caches', default the model's)."""
     cfg = model.config
     dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
     nb = math.ceil(context_len / BLOCK_SIZE)
-    caches = allocate_caches(cfg, nb, BLOCK_SIZE, 1, dtype, device)
+    caches = allocate_caches(cfg, nb, BLOCK_SIZE, 1, dtype, device, kv_dtype=kv_dtype)
     g = torch.Generator(device=device).manual_seed(seed)
     for t in (*caches.key, *caches.value, *caches.conv):
-        t.normal_(0.0, 1.0, generator=g)
+        # (normal_ takes no fp8: drawn in fp32, then stored)
+        t.copy_(torch.empty(t.shape, device=device).normal_(0.0, 1.0, generator=g))
     for t in caches.recurrent:
         t.normal_(0.0, 0.05, generator=g)
     pos = context_len - 1
@@ -96,12 +104,14 @@ def run_long_context(bm: BenchModel, opts: BenchOptions) -> dict:
         steps = {
             "hybrid_ms": decode_step(bm.model, c, bm.device),
             "full_attention_ms": decode_step(full, c, bm.device),
+            "hybrid_fp8_kv_ms": decode_step(bm.model, c, bm.device, kv_dtype=FP8),
         }
         for key, ts in interleaved_times(steps, reps, bm.device).items():
             rows[c][key] = median(ts) * 1e3
         opts.say(
             f"  context {c}: hybrid {rows[c]['hybrid_ms']:.1f} ms, all full attention "
-            f"{rows[c]['full_attention_ms']:.1f} ms"
+            f"{rows[c]['full_attention_ms']:.1f} ms, hybrid on fp8 K/V "
+            f"{rows[c]['hybrid_fp8_kv_ms']:.1f} ms"
         )
         del steps
         free_memory()
@@ -109,6 +119,7 @@ def run_long_context(bm: BenchModel, opts: BenchOptions) -> dict:
     free_memory()
     for r in rows.values():
         r["full_over_hybrid"] = ratio(r["full_attention_ms"], r["hybrid_ms"])
+        r["hybrid_over_fp8_kv"] = ratio(r["hybrid_ms"], r["hybrid_fp8_kv_ms"])
     kv_h = cache_spec(cfg, kv_dtype=dname, conv_dtype=dname)
     kv_f = cache_spec(full_cfg, kv_dtype=dname, conv_dtype=dname)
     first, last = rows[contexts[0]], rows[contexts[-1]]
@@ -117,7 +128,11 @@ def run_long_context(bm: BenchModel, opts: BenchOptions) -> dict:
         "reps": reps,
         "contexts": list(contexts),
         "weight_bytes": {"hybrid": bm.weight_bytes, "full": full_weight_bytes},
-        "kv_bytes_per_token": {"hybrid": kv_h.kv_bytes_per_token, "full": kv_f.kv_bytes_per_token},
+        "kv_bytes_per_token": {
+            "hybrid": kv_h.kv_bytes_per_token,
+            "full": kv_f.kv_bytes_per_token,
+            "hybrid_fp8": cache_spec(cfg, kv_dtype="fp8", conv_dtype=dname).kv_bytes_per_token,
+        },
         "state_bytes_per_sequence": {
             "hybrid": kv_h.state_bytes_per_sequence,
             "full": kv_f.state_bytes_per_sequence,

@@ -9,7 +9,8 @@ prefill paths: dequantise + GEMM, or int4's integer kernel on CPUs without AVX51
 the cache in chunks of 16 tokens (every linear
 gets at most 16 rows: the decode kernels, whose rows come out as in a one-token step). "int4-x16"
 is int4 with its activations kept at bf16 / 16 bits instead of rounded to 8 bits per 32 inputs
-(`--int4-activations 16bit`, Int4Linear.x8 off): what that rounding costs. Logits are compared in chunks of rows so
+(`--int4-activations 16bit`, Int4Linear.x8 off): what that rounding costs. "kv-fp8" is the BF16
+model itself on fp8 K/V caches (`--kv-cache-dtype fp8`). Logits are compared in chunks of rows so
 [positions, vocab] never lives in memory twice. With random weights (the default model) the
 distributions are nearly flat and the numbers only rank the formats; pass a checkpoint directory
 as --model for meaningful ones. Compute is in bf16 where the device has it natively, else (a CPU
@@ -41,23 +42,24 @@ def sizes(opts: BenchOptions) -> dict:
 
 
 @torch.no_grad()
-def _hidden(model, ids: torch.Tensor) -> torch.Tensor:
-    """ids [T] -> last hidden states [T, H] (one uncached pass)."""
+def _hidden(model, ids: torch.Tensor, kv_dtype=None) -> torch.Tensor:
+    """ids [T] -> last hidden states [T, H] (one uncached pass; kv_dtype: the K/V caches',
+    default the model's: a prompt attends to its K/V as they hold them)."""
     from qwen35.engine.forward_batch import allocate_caches
     from qwen35.models.qwen3_5 import uncached_batch
 
     T = ids.shape[0]
-    caches = allocate_caches(model.config, 1, T, 1, model.dtype, ids.device)
+    caches = allocate_caches(model.config, 1, T, 1, model.dtype, ids.device, kv_dtype=kv_dtype)
     return model.forward_hidden(ids, uncached_batch(1, T, ids.device), caches)
 
 
 @torch.no_grad()
-def _hidden_decode(model, ids: torch.Tensor, rows: int = DECODE_ROWS) -> torch.Tensor:
+def _hidden_decode(model, ids: torch.Tensor, rows: int = DECODE_ROWS, kv_dtype=None) -> torch.Tensor:
     """ids [T] -> last hidden states [T, H] through the cache, `rows` tokens a pass."""
     from qwen35.engine.forward_batch import ForwardBatch, allocate_caches
 
     T = ids.shape[0]
-    caches = allocate_caches(model.config, 1, T, 1, model.dtype, ids.device)
+    caches = allocate_caches(model.config, 1, T, 1, model.dtype, ids.device, kv_dtype=kv_dtype)
     out = []
     for s in range(0, T, rows):
         n = min(rows, T - s)
@@ -134,6 +136,15 @@ def run_quality(bm: BenchModel, opts: BenchOptions) -> dict:
         }
         del q, h, hd
         free_memory()
+    # the BF16 model's own weights on fp8 K/V caches (--kv-cache-dtype fp8): what the cache costs
+    opts.say("quality: kv-fp8")
+    fp8 = torch.float8_e4m3fn
+    h = _hidden(base.model, ids[:-1], kv_dtype=fp8)
+    hd = _hidden_decode(base.model, ids[:-1], kv_dtype=fp8)
+    agree, kl = _compare(base.model, ref_h, base.model, h)
+    d_agree, d_kl = _compare(base.model, ref_d, base.model, hd)
+    rows["kv-fp8"] = {"weight_bytes": base.weight_bytes, "top1_agreement": agree, "mean_kl": kl,
+                      "decode_top1_agreement": d_agree, "decode_mean_kl": d_kl}  # fmt: skip
     return {
         "positions": sz["positions"],
         "random_weights": bm.random_weights,

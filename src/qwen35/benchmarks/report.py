@@ -187,9 +187,11 @@ def _long_context(con: Console, d: dict, impl: str) -> None:
     kv = d["kv_bytes_per_token"]
     t = Table(
         title=f"Decode step time vs context (KV per token: hybrid {kv['hybrid']} B, all-full "
-        f"{kv['full']} B; median of {d['reps']}, steps interleaved)"
+        f"{kv['full']} B, hybrid on fp8 K/V {kv.get('hybrid_fp8', '-')} B; median of "
+        f"{d['reps']}, steps interleaved)"
     )
-    for c in ("context", "hybrid ms", "all full attention ms", "full / hybrid"):
+    for c in ("context", "hybrid ms", "all full attention ms", "full / hybrid",
+              "hybrid, fp8 K/V ms", "speed-up"):  # fmt: skip
         t.add_column(c, justify="right")
     for r in d["rows"]:
         t.add_row(
@@ -197,6 +199,8 @@ def _long_context(con: Console, d: dict, impl: str) -> None:
             _f(r["hybrid_ms"], ".1f"),
             _f(r["full_attention_ms"], ".1f"),
             _x(r["full_over_hybrid"]),
+            _f(r.get("hybrid_fp8_kv_ms"), ".1f"),
+            _x(r.get("hybrid_over_fp8_kv")),
         )
     con.print(t)
 
