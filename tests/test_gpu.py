@@ -97,6 +97,27 @@ def test_fp8_kv_cache_on_the_gpu(ckpts):
                                                   for p in ps[:2]]  # fmt: skip
 
 
+def test_bf16_recurrent_states_on_the_gpu(ckpts):
+    """--mamba-ssm-cache-dtype bf16 on CUDA (the Triton recurrent step widens each state tile,
+    steps it in fp32, stores it rounded): fp32 model, graphs batched == alone == eager == the CPU
+    engine on bf16 states (prefix caching off: a hit resumes from a checkpoint rounded where a
+    whole prompt ran on in fp32)."""
+    d, _ = ckpts["dense"]
+    ps = prompts(6, seed=22, lo=3, hi=140)
+    kw = dict(block_size=16, mamba_ssm_cache_dtype="bf16", enable_prefix_caching=False)
+    llm = cuda(d, **kw)
+    assert llm.engine.runner.caches.recurrent[0].dtype == torch.bfloat16
+    got = ids(llm.generate(ps, GREEDY))
+    runs = {
+        "alone": [ids(llm.generate([p], GREEDY))[0] for p in ps],
+        "eager": ids(cuda(d, enforce_eager=True, **kw).generate(ps, GREEDY)),
+        "cpu engine": ids(make(d, **kw).generate(ps, GREEDY)),
+    }
+    diffs = {name: [(i, first_difference(r[i], got[i])) for i in range(len(ps)) if r[i] != got[i]]
+             for name, r in runs.items()}  # fmt: skip
+    assert not any(diffs.values()), f"(prompt, first differing token) vs graphs batched: {diffs}"
+
+
 @pytest.mark.parametrize("which", ["dense", "moe"])
 def test_start_up_check_keeps_every_kernel_on_hopper(which, ckpts):
     """engine/preflight.py switches nothing off on an H100 / H200: every kernel family of the

@@ -77,7 +77,7 @@ def test_bad_input_is_refused():
     with pytest.raises(RuntimeError, match="must share the model dtype"):
         mod.deltanet_decode(qkv, conv.float(), w, logdecay, beta, S, nk)
     with pytest.raises(RuntimeError, match="layouts or dtypes"):
-        mod.deltanet_decode(qkv, conv, w, logdecay, beta, S.bfloat16(), nk)  # fp32 states only
+        mod.deltanet_decode(qkv, conv, w, logdecay, beta, S.half(), nk)  # fp32 / bf16 states only
 
 
 def _decode_once(layer, cfg, g, dtype, backend) -> None:
@@ -284,6 +284,45 @@ def test_kernel_equals_the_torch_step(avx2_only, dtype, nk, nv, dk, dv, K):
     assert torch.equal(conv, conv_ref)  # the conv states shift exactly
     torch.testing.assert_close(o, o_ref.float(), **tol)
     torch.testing.assert_close(S, S_ref, **tol)
+
+
+@pytest.mark.parametrize("avx2_only", [False, True], ids=["widest", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dk,dv", [(128, 128), (16, 44)])
+def test_bf16_states_are_fp32_states_rounded(avx2_only, dtype, dk, dv):
+    """--mamba-ssm-cache-dtype bf16: each head's bf16 state widened, stepped as an fp32 state,
+    rounded back to nearest even: bitwise the kernel on the widened fp32 state with its result
+    rounded (the PyTorch path's S.float() ... S.copy_(S32)), outputs bitwise too; batched ==
+    alone; and the gated entry the same way."""
+    mod = _module()
+    g = torch.Generator().manual_seed(7)
+    nk, nv, K, n = 1, 2, 4, 3
+    C = 2 * nk * dk + nv * dv
+    qkv, conv, w, logdecay, beta, S = _random_inputs(n, C, K, nv, dk, dv, dtype, g)
+    Sb = S.bfloat16()
+    conv_b, conv_f, S_f = conv.clone(), conv.clone(), Sb.float()
+    o_b = mod.deltanet_decode(qkv, conv_b, w, logdecay, beta, Sb, nk, avx2_only=avx2_only)
+    o_f = mod.deltanet_decode(qkv, conv_f, w, logdecay, beta, S_f, nk, avx2_only=avx2_only)
+    assert Sb.dtype == torch.bfloat16 and o_b.dtype == torch.float32
+    assert torch.equal(o_b, o_f) and torch.equal(Sb, S_f.bfloat16()) and torch.equal(conv_b, conv_f)
+    assert not torch.equal(Sb.float(), S_f)  # (the rounding happened)
+    for i in range(n):  # batched == alone
+        r = slice(i, i + 1)
+        S_i, conv_i = S[r].bfloat16(), conv[r].clone()
+        o_i = mod.deltanet_decode(qkv[r], conv_i, w, logdecay[r], beta[r], S_i, nk,
+                                  avx2_only=avx2_only)  # fmt: skip
+        assert torch.equal(o_i[0], o_b[i]) and torch.equal(S_i[0], Sb[i])
+    z = torch.randn(n, nv * dv, generator=g).to(dtype)
+    a, b = torch.randn(n, nv, generator=g).to(dtype), torch.randn(n, nv, generator=g).to(dtype)
+    dt_bias, a_log = torch.rand(nv).to(dtype), torch.rand(nv).to(dtype)
+    norm_w = torch.randn(dv).to(dtype)
+    Sb, S_f = S.bfloat16(), S.bfloat16().float()
+    args = (qkv, z, a, b)
+    y_b = mod.deltanet_decode_gated(*args, conv.clone(), w, dt_bias, a_log, Sb, norm_w, 1e-6, nk,
+                                    avx2_only=avx2_only)  # fmt: skip
+    y_f = mod.deltanet_decode_gated(*args, conv.clone(), w, dt_bias, a_log, S_f, norm_w, 1e-6, nk,
+                                    avx2_only=avx2_only)  # fmt: skip
+    assert torch.equal(y_b, y_f) and torch.equal(Sb, S_f.bfloat16())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -203,10 +203,12 @@ def test_deltanet_decode_kernels_compile(dtype):
                stride_cs_c="i32", SLOTS="*i64", U=p, stride_un="i32", C="i32", K=0,
                BLOCK_C=0)  # fmt: skip
     compile_sm90(tdn._conv_update_kernel, sig, dict(K=4, BLOCK_C=256))
-    for (dk, dv), raw in itertools.product(((128, 128), (64, 64), (16, 16)), (False, True)):
-        # Qwen 3.5's head dims and the tests' tiny model; gates given (a, b raw) or computed
+    for (dk, dv), raw, st in itertools.product(((128, 128), (64, 64), (16, 16)), (False, True),
+                                               ("*fp32", "*bf16")):  # fmt: skip
+        # Qwen 3.5's head dims and the tests' tiny model; gates given (a, b raw) or computed;
+        # fp32 or bf16 states (--mamba-ssm-cache-dtype bf16)
         sig = dict(U=p, stride_un="i32", G=p if raw else "*fp32", stride_gn="i32", B=p,
-                   stride_bn="i32", DT=p, ALOG=p, S="*fp32", stride_s_slot="i32", SLOTS="*i64",
+                   stride_bn="i32", DT=p, ALOG=p, S=st, stride_s_slot="i32", SLOTS="*i64",
                    O=p if raw else "*fp32", stride_on="i32", scale="fp32", R=0, KD=0, DK=0,
                    DV=0, BV=0, RAW_GATES=0)  # fmt: skip
         compile_sm90(tdn._recurrent_kernel, sig, dict(

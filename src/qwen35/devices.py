@@ -117,6 +117,26 @@ def resolve_kv_dtype(
     return kv
 
 
+def resolve_state_dtype(mamba_ssm_cache_dtype: str, config_dtype: str = "float32") -> str:
+    """The DeltaNet recurrent states' dtype name for `--mamba-ssm-cache-dtype`: auto is the
+    checkpoint's mamba_ssm_dtype (fp32 in every Qwen 3.5 release); fp32 or bf16 as asked. The
+    states are computed in fp32 either way; bf16 rounds what each step stores."""
+    from qwen35.errors import Qwen35Error
+
+    names = {"fp32": "float32", "bf16": "bfloat16"}
+    if mamba_ssm_cache_dtype == "auto":
+        got = names.get(config_dtype, config_dtype)
+    else:
+        got = names.get(mamba_ssm_cache_dtype, "")
+    if got not in names.values():
+        raise Qwen35Error(
+            f"--mamba-ssm-cache-dtype must be auto, fp32 or bf16, got {mamba_ssm_cache_dtype!r}"
+            + (f" (auto: the checkpoint's mamba_ssm_dtype {config_dtype!r})"
+               if mamba_ssm_cache_dtype == "auto" else "")  # fmt: skip
+        )
+    return got
+
+
 def model_kv_dtype(model, device: str, kv_cache_dtype: str = "auto") -> str:
     """resolve_kv_dtype for a loaded model (its compute dtype, and whether its weights are
     stored below fp32: a quantized / bf16-stored model or an FP8 checkpoint)."""

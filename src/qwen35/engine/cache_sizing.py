@@ -115,13 +115,15 @@ def plan_caches(
     speculative: int = 0,
     kv_dtype=None,
     speculative_mtp: bool = True,
+    state_dtype=None,
 ) -> CachePlan:
     """`working_bytes`: measured working memory (GPU: `measure_working_memory`), replacing the
     planner's formula. tp > 1: one tensor-parallel rank's caches (its shard of every KV and state
     tensor) under that rank's budget; weight_bytes is then the rank's. speculative: MTP drafts
     (engine/speculative.py), drafts per step: every running sequence has a spare state slot per
     draft, and every KV token the MTP layer's K and V as well (speculative_mtp; not for n-gram
-    drafts). kv_dtype: the K/V caches' (--kv-cache-dtype; default the model's)."""
+    drafts). kv_dtype: the K/V caches' (--kv-cache-dtype; default the model's). state_dtype:
+    the DeltaNet recurrent states' (--mamba-ssm-cache-dtype; default the config's, fp32)."""
     if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
         raise Qwen35Error("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
     dname = str(model_dtype).removeprefix("torch.")
@@ -130,6 +132,7 @@ def plan_caches(
     spec = cache_spec(
         cfg, kv_dtype=kv_name, conv_dtype=dname, tp=tp, speculative_tokens=speculative,
         mtp=speculative_mtp,
+        state_dtype=None if state_dtype is None else str(state_dtype).removeprefix("torch."),
     )
     kv_tok, st_seq = spec.kv_bytes_per_token, spec.state_bytes_per_sequence
     per_slot = spec.running_state_bytes  # a running sequence's slot (+ its spares)

@@ -98,6 +98,14 @@ class CacheConfig:
         "model: half a bf16 cache's memory again, a little accuracy (README \"FP8 KV cache\")",
         choices=["auto", "bf16", "fp16", "fp32", "fp8"],
     )
+    mamba_ssm_cache_dtype: str = _opt(
+        "auto",
+        "dtype of the Gated DeltaNet recurrent states (auto: the checkpoint's mamba_ssm_dtype, "
+        "fp32); bf16 halves them (vLLM's --mamba-ssm-cache-dtype, SGLang's --mamba-ssm-dtype): "
+        "more sequences in the same memory, each step's state rounded to bf16 (README \"State "
+        "dtype\")",
+        choices=["auto", "fp32", "bf16"],
+    )
     enable_prefix_caching: bool = _opt(True, "turn prefix caching off", flag="--no-prefix-caching")
     prefix_cache_memory: str | None = _opt(
         None,

@@ -27,7 +27,7 @@ from qwen35.chat_format import (
     read_template_arg,
 )
 from qwen35.config import non_negative_int
-from qwen35.devices import dtype_advice, model_kv_dtype, resolve_dtype
+from qwen35.devices import dtype_advice, model_kv_dtype, resolve_dtype, resolve_state_dtype
 from qwen35.engine.cache_sizing import CachePlan, plan_caches
 from qwen35.engine.config import EngineConfig
 from qwen35.engine.forward_batch import allocate_caches
@@ -272,6 +272,9 @@ class LLMEngine:
                                 lora.nbytes / 2**20, path)  # fmt: skip
         model_dtype = getattr(self.model, "dtype", None) or next(self.model.parameters()).dtype
         kv_dtype = getattr(torch, model_kv_dtype(self.model, self.device, cc.kv_cache_dtype))
+        state_dtype = getattr(
+            torch, resolve_state_dtype(cc.mamba_ssm_cache_dtype, self.config.mamba_ssm_dtype)
+        )
         self.head_screen = None  # models/head_screen.py: CPU, one rank, plain fp32 / bf16 head
         if self.device.type == "cpu" and self.workers is None and ec.device.head_screen:
             from qwen35.models.head_screen import HeadScreen
@@ -306,6 +309,7 @@ class LLMEngine:
             speculative=sc.num_speculative_tokens,
             kv_dtype=kv_dtype,
             speculative_mtp=mtp,
+            state_dtype=state_dtype,
         )
         self.max_model_len = self.plan.max_model_len
         if verbose:
@@ -328,6 +332,7 @@ class LLMEngine:
             num_slots=first_spare + self.plan.num_spare_slots + graphs,
             dtype=model_dtype,
             kv_dtype=kv_dtype,
+            state_dtype=state_dtype,
         )
         tp_size = ec.parallel.tensor_parallel_size
         caches = allocate_caches(

@@ -143,9 +143,12 @@ void conv_taps(const T* x, T* states, const T* W, int64_t c0, int64_t c1, int64_
 // then the recurrent step at the top of this file. Rounding follows the PyTorch path: the conv accumulates in fp32
 // and is rounded to the model dtype, SiLU runs on that value and is rounded again; q, k, v are
 // those rounded values in fp32. Returns o [n, nv, dv] fp32.
-template <typename T>
+// States ST fp32, or bf16 (--mamba-ssm-cache-dtype bf16): a head's bf16 state is widened into
+// an fp32 copy (exact), stepped as an fp32 state is, and rounded back to nearest even, as the
+// PyTorch path's S.float() ... S.copy_(S32) does.
+template <typename T, typename ST>
 void deltanet_decode_impl(const T* X, int64_t x_stride, T* CS, const T* W, const float* G,
-                          const T* Bt, float* S, float* O, int64_t n, int64_t C, int64_t Kc,
+                          const T* Bt, ST* S, float* O, int64_t n, int64_t C, int64_t Kc,
                           int64_t nk, int64_t nv, int64_t dk, int64_t dv, bool wide) {
   const int64_t kd = nk * dk, r = nv / nk;
   std::vector<float> u(n * C);  // conv outputs after SiLU, rounded to T, as fp32
@@ -187,6 +190,7 @@ void deltanet_decode_impl(const T* X, int64_t x_stride, T* CS, const T* W, const
   const float scale = 1.f / std::sqrt(static_cast<float>(dk));
   at::parallel_for(0, n * nv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(dk), k(dk), uk(dv), uq(dv), delta(dv);
+    std::vector<float> wide_state(std::is_same_v<ST, float> ? 0 : dk * dv);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t i = idx / nv, h = idx % nv, kh = h / r;
       const float* ui = u.data() + i * C;
@@ -204,7 +208,16 @@ void deltanet_decode_impl(const T* X, int64_t x_stride, T* CS, const T* W, const
       }
       const float* v = ui + 2 * kd + h * dv;
       const float a = std::exp(G[idx]), b = static_cast<float>(Bt[idx]);
-      float* sh = S + idx * dk * dv;
+      float* sh;
+      if constexpr (std::is_same_v<ST, float>) {
+        sh = S + idx * dk * dv;
+      } else {
+        sh = wide_state.data();
+        const ST* src = S + idx * dk * dv;
+        int64_t e = 0;
+        for (; e + 8 <= dk * dv; e += 8) _mm256_storeu_ps(sh + e, vec8::load8(src + e));
+        for (; e < dk * dv; ++e) sh[e] = static_cast<float>(src[e]);
+      }
       float* oh = O + idx * dv;
       float kq = 0.f;
       for (int64_t t = 0; t < dk; ++t) kq += k[t] * q[t];
@@ -214,8 +227,23 @@ void deltanet_decode_impl(const T* X, int64_t x_stride, T* CS, const T* W, const
         oh[j] = a * uq[j] + kq * delta[j];
       }
       state_update(sh, k.data(), delta.data(), a, dk, dv, wide);
+      if constexpr (!std::is_same_v<ST, float>) {
+        ST* dst = S + idx * dk * dv;
+        int64_t e = 0;
+        for (; e + 8 <= dk * dv; e += 8) vec8::store8(dst + e, _mm256_loadu_ps(sh + e));
+        for (; e < dk * dv; ++e) dst[e] = static_cast<ST>(sh[e]);
+      }
     }
   });
+}
+
+// f(ST{}): the states' dtype, fp32 or bf16
+template <typename F>
+void dispatch_state(const torch::Tensor& state, F&& f) {
+  if (state.scalar_type() == at::kFloat)
+    f(float{});
+  else
+    f(c10::BFloat16{});
 }
 
 // The shapes and layouts both entries below take (qkv rows may be strided, e.g. the columns of a
@@ -225,8 +253,9 @@ void check_step(const torch::Tensor& qkv, const torch::Tensor& conv_state,
   const int64_t n = qkv.size(0), C = qkv.size(1), Kc = conv_w.size(1);
   const int64_t nv = state.size(1), dk = state.size(2), dv = state.size(3);
   TORCH_CHECK(qkv.stride(1) == 1 && conv_state.is_contiguous() && conv_w.is_contiguous() &&
-                  state.is_contiguous() && state.scalar_type() == at::kFloat,
-              "deltanet_decode: layouts or dtypes not as expected");
+                  state.is_contiguous() &&
+                  (state.scalar_type() == at::kFloat || state.scalar_type() == at::kBFloat16),
+              "deltanet_decode: layouts or dtypes not as expected (states fp32 or bf16)");
   TORCH_CHECK(qkv.scalar_type() == conv_state.scalar_type() &&
                   qkv.scalar_type() == conv_w.scalar_type(),
               "deltanet_decode: qkv, conv state and conv weight must share the model dtype");
@@ -240,7 +269,7 @@ torch::Tensor deltanet_decode(const torch::Tensor& qkv,   // [n, C] model dtype,
                               const torch::Tensor& conv_w,  // [C, K] model dtype
                               const torch::Tensor& g,       // [n, nv] fp32 log-decay
                               const torch::Tensor& beta,    // [n, nv] model dtype
-                              torch::Tensor& state,         // [n, nv, dk, dv] fp32, in place
+                              torch::Tensor& state,  // [n, nv, dk, dv] fp32 / bf16, in place
                               int64_t nk, bool avx2_only) {
   check_step(qkv, conv_state, conv_w, state, nk);
   TORCH_CHECK(g.scalar_type() == at::kFloat && beta.scalar_type() == qkv.scalar_type(),
@@ -249,14 +278,17 @@ torch::Tensor deltanet_decode(const torch::Tensor& qkv,   // [n, C] model dtype,
   const int64_t nv = state.size(1), dk = state.size(2), dv = state.size(3);
   auto gc = g.contiguous();
   auto bc = beta.contiguous();
-  auto out = torch::empty({n, nv, dv}, state.options());
+  auto out = torch::empty({n, nv, dv}, state.options().dtype(at::kFloat));
   const auto dt = qkv.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "deltanet_decode", [&] {
-    deltanet_decode_impl<scalar_t>(qkv.data_ptr<scalar_t>(), qkv.stride(0),
-                                   conv_state.data_ptr<scalar_t>(), conv_w.data_ptr<scalar_t>(),
-                                   gc.data_ptr<float>(), bc.data_ptr<scalar_t>(),
-                                   state.data_ptr<float>(), out.data_ptr<float>(), n, C, Kc, nk,
-                                   nv, dk, dv, cpu_avx512f() && !avx2_only);
+    dispatch_state(state, [&](auto st) {
+      using ST = decltype(st);
+      deltanet_decode_impl<scalar_t, ST>(
+          qkv.data_ptr<scalar_t>(), qkv.stride(0), conv_state.data_ptr<scalar_t>(),
+          conv_w.data_ptr<scalar_t>(), gc.data_ptr<float>(), bc.data_ptr<scalar_t>(),
+          state.data_ptr<ST>(), out.data_ptr<float>(), n, C, Kc, nk, nv, dk, dv,
+          cpu_avx512f() && !avx2_only);
+    });
   });
   return out;
 }
@@ -298,9 +330,13 @@ torch::Tensor deltanet_decode_gated(const torch::Tensor& qkv,  // [n, C]
     for (int64_t i = 0; i < n; ++i)
       rows::deltanet_gates_row(A + i * a.stride(0), B + i * b.stride(0), dt_bias.data_ptr<T>(),
                                a_log.data_ptr<T>(), nv, g.data() + i * nv, beta.data() + i * nv);
-    deltanet_decode_impl<T>(qkv.data_ptr<T>(), qkv.stride(0), conv_state.data_ptr<T>(),
-                            conv_w.data_ptr<T>(), g.data(), beta.data(), state.data_ptr<float>(),
-                            o.data(), n, C, Kc, nk, nv, dk, dv, cpu_avx512f() && !avx2_only);
+    dispatch_state(state, [&](auto st) {
+      using ST = decltype(st);
+      deltanet_decode_impl<T, ST>(qkv.data_ptr<T>(), qkv.stride(0), conv_state.data_ptr<T>(),
+                                  conv_w.data_ptr<T>(), g.data(), beta.data(),
+                                  state.data_ptr<ST>(), o.data(), n, C, Kc, nk, nv, dk, dv,
+                                  cpu_avx512f() && !avx2_only);
+    });
     const T* Z = z.data_ptr<T>();
     const T* W = norm_w.data_ptr<T>();
     T* Y = y.data_ptr<T>();

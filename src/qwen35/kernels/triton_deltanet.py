@@ -109,10 +109,11 @@ def _recurrent_kernel(
         a = tl.exp(gv.to(tl.float32))
         beta = bv.to(tl.float32)
     sp = S + slot * stride_s_slot + hv * DK * DV + dk[:, None] * DV + dv[None, :]
-    s = tl.load(sp, mask=mv[None, :], other=0.0) * a  # [DK, BV] decayed
+    # (bf16 states, --mamba-ssm-cache-dtype bf16: widened, stepped in fp32, stored rounded)
+    s = tl.load(sp, mask=mv[None, :], other=0.0).to(tl.float32) * a  # [DK, BV] decayed
     delta = (v - tl.sum(s * k[:, None], 0)) * beta  # [BV]
     s = s + k[:, None] * delta[None, :]
-    tl.store(sp, s, mask=mv[None, :])
+    tl.store(sp, s.to(S.dtype.element_ty), mask=mv[None, :])
     out = tl.sum(s * q[:, None], 0)
     tl.store(O + n * stride_on + hv * DV + dv, out.to(O.dtype.element_ty), mask=mv)
 
@@ -122,7 +123,7 @@ def recurrent_step_(
     u: torch.Tensor,  # [N, C] conv outputs, channels [q | k | v]
     g: torch.Tensor,  # [N, nv] fp32 log-decay, or the a projection when gates is given
     beta: torch.Tensor,  # [N, nv], or the b projection when gates is given
-    rec_cache: torch.Tensor,  # [slots, nv, dk, dv] fp32, updated in place at state_slots
+    rec_cache: torch.Tensor,  # [slots, nv, dk, dv] fp32 / bf16, updated in place at state_slots
     state_slots: torch.Tensor,  # [N] int64
     num_key_heads: int,
     gates: tuple[torch.Tensor, torch.Tensor] | None = None,  # (dt_bias, A_log) [nv] each
@@ -134,7 +135,7 @@ def recurrent_step_(
     rounded to b's dtype (one launch instead of seven: a decode step is launch-bound)."""
     N = u.shape[0]
     _, nv, dk, dv = rec_cache.shape
-    assert rec_cache.dtype == torch.float32 and rec_cache[0].is_contiguous()
+    assert rec_cache.dtype in (torch.float32, torch.bfloat16) and rec_cache[0].is_contiguous()
     assert g.stride(-1) == 1 and beta.stride(-1) == 1
     o = torch.empty(N, nv, dv, dtype=out_dtype, device=u.device)
     dt, alog = gates if gates is not None else (g, g)  # (unread without RAW_GATES)
@@ -149,4 +150,4 @@ def recurrent_step_(
 
 
 def supported(dk: int, rec_cache: torch.Tensor) -> bool:
-    return dk & (dk - 1) == 0 and rec_cache.dtype == torch.float32
+    return dk & (dk - 1) == 0 and rec_cache.dtype in (torch.float32, torch.bfloat16)

@@ -47,7 +47,7 @@ from qwen35.quant.packing import QuantPack
 
 def supported(model, caches: ModelCaches) -> bool:
     """A plan can run this model on these caches: one tensor-parallel rank, packed projections,
-    fp32 / bf16 with fp32 DeltaNet states, conv states of the model dtype and K/V caches the
+    fp32 / bf16 with fp32 or bf16 DeltaNet states, conv states of the model dtype and K/V caches the
     attention kernel takes under it (the model's; bf16 / fp16 under fp32: --kv-cache-dtype)."""
     dtype = model.dtype
     return (
@@ -56,7 +56,7 @@ def supported(model, caches: ModelCaches) -> bool:
         and dtype in (torch.float32, torch.bfloat16)
         and all(c.dtype == dtype for c in caches.conv)
         and all(attention.takes(dtype, c.dtype) for c in caches.key + caches.value)
-        and all(r.dtype == torch.float32 for r in caches.recurrent)
+        and all(r.dtype in (torch.float32, torch.bfloat16) for r in caches.recurrent)
     )
 
 

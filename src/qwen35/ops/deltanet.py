@@ -30,6 +30,10 @@ from qwen35.ops.backend import Backend
 from qwen35.ops.conv import causal_conv1d, causal_conv1d_update_, conv_state_at
 from qwen35.ops.gated_delta import CHUNK_SIZE, chunk_gated_delta_rule, gated_delta_step_, l2norm_qk
 
+# the recurrent states' dtypes the compiled and Triton decode steps keep in place (computed in
+# fp32; bf16: --mamba-ssm-cache-dtype bf16, rounded as each step stores them)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+
 
 @dataclass(frozen=True)
 class Dims:
@@ -244,7 +248,7 @@ def deltanet_decode_gated(be: Backend, qkv, z, a, b, conv_w, dt_bias, A_log, nor
     """A pure decode batch on a CPU with the compiled kernels: y [N, Vd] in the model dtype
     (out_proj's input), bitwise what deltanet_gates -> deltanet_decode -> the gated RMSNorm
     give, in one kernel call per run of slots. None where it does not apply (the caller takes
-    that op-by-op path): no kernels, rows not in slot order, fp16/64 states.
+    that op-by-op path): no kernels, rows not in slot order, states other than fp32 / bf16.
     On the GPU path (Triton DeltaNet and norms): three launches, the gates computed in the
     recurrent kernel (`_decode_triton`)."""
     if _triton_decode_ok(be, qkv, dims, rec_cache) and be.triton_norms and d.all_rows:
@@ -254,7 +258,7 @@ def deltanet_decode_gated(be: Backend, qkv, z, a, b, conv_w, dt_bias, A_log, nor
         be.cpu_kernels is None
         or d.rows_by_slot is None  # (phased batches have none: the op-by-op path)
         or not d.all_rows_in_slot_order
-        or rec_cache.dtype != torch.float32
+        or rec_cache.dtype not in STATE_DTYPES
         or qkv.dtype not in (torch.float32, torch.bfloat16)
     ):
         return None
@@ -294,7 +298,7 @@ def _triton_decode_ok(be: Backend, qkv, dims: Dims, rec_cache) -> bool:
         be.triton_deltanet
         and be.on_gpu_path(qkv)
         and dims.dk & (dims.dk - 1) == 0
-        and rec_cache.dtype == torch.float32
+        and rec_cache.dtype in STATE_DTYPES
     )
 
 
@@ -360,7 +364,7 @@ def _decode_slot_runs(be, qkv, g, beta, conv_w, dims, d, conv_cache, rec_cache, 
     if not d.all_rows_in_slot_order:  # gather the decode rows into slot order
         qkv, g, beta = (t.index_select(0, d.rows_by_slot) for t in (qkv, g, beta))
     fused = None
-    if be.cpu_kernels is not None and rec_cache.is_cpu and rec_cache.dtype == torch.float32:
+    if be.cpu_kernels is not None and rec_cache.is_cpu and rec_cache.dtype in STATE_DTYPES:
         from qwen35 import kernels
 
         mod = kernels.load()  # None once QWEN35_NO_KERNELS=1 is set, at any time

@@ -91,11 +91,12 @@ def describe_memory(rows: list[dict], num_blocks: int, block_size: int, num_slot
     lines = []
     for m in rows:
         kv_dtype = f" {m['kv_dtype']}" if m.get("kv_dtype") else ""  # (no attention layers: none)
+        state_dtype = f" (recurrent {m['state_dtype']})" if m.get("state_dtype") else ""
         lines.append(
             f"rank {m['rank']}: weights {m['weights_bytes'] / GiB:.3f} GiB, KV "
             f"{m['kv_bytes_per_token']} B/token{kv_dtype} ({m['kv_bytes'] / GiB:.3f} GiB for "
             f"{num_blocks}x{block_size} tokens), DeltaNet state {m['state_bytes_per_sequence']} "
-            f"B/sequence ({m['state_bytes'] / GiB:.3f} GiB for {num_slots} slots)"
+            f"B/sequence{state_dtype} ({m['state_bytes'] / GiB:.3f} GiB for {num_slots} slots)"
             + (  # models/head_screen.py
                 f", int8 screen of lm_head {m['head_screen_bytes'] / GiB:.3f} GiB"
                 if m.get("head_screen_bytes")

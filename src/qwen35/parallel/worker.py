@@ -159,6 +159,10 @@ def rank_memory(model, caches, rank: int) -> dict:
         "kv_bytes_per_token": kv_tok,
         "kv_dtype": str(kv[0].dtype).removeprefix("torch.") if kv else None,
         "state_bytes_per_sequence": st_seq,
+        # the recurrent states' (--mamba-ssm-cache-dtype); conv states hold the model dtype
+        "state_dtype": (
+            str(caches.recurrent[0].dtype).removeprefix("torch.") if caches.recurrent else None
+        ),
         "kv_bytes": sum(t.numel() * t.element_size() for t in kv),
         "state_bytes": sum(t.numel() * t.element_size() for t in states),
     }
