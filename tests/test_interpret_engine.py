@@ -186,6 +186,23 @@ def test_engine_on_fp8_caches_equals_reference(ckpts, calls):
     assert n["paged_decode_attention"] and n["paged_prefill_attention"], n
 
 
+def test_engine_on_bf16_states_equals_reference(ckpts, calls):
+    """--mamba-ssm-cache-dtype bf16 through the GPU backend's kernels (fla's chunked prefill from
+    and to bf16 slots, our Triton recurrent step widening and rounding each tile): the reference
+    engine's greedy tokens on bf16 states, chunked prefill included."""
+    d = ckpts["dense"]
+    ps = prompts(3, seed=43, lo=3, hi=40)
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    kw = dict(block_size=BS, max_num_batched_tokens=32, mamba_ssm_cache_dtype="bf16",
+              enable_prefix_caching=False)  # fmt: skip
+    want = ids(make(d, **kw).generate(ps, sp))
+    llm = _interpreted(d, calls.counted(_full()), **kw)
+    assert llm.engine.runner.caches.recurrent[0].dtype == torch.bfloat16
+    assert ids(llm.generate(ps, sp)) == want
+    n = calls.n
+    assert n["chunk"] and n["conv_update_"], n  # fla's prefill, our recurrent decode step
+
+
 def test_engine_with_sdpa_chunks_equals_reference(ckpts, calls):
     """The GPU backend with prefill chunks after a cached prefix on the SDPA path (what
     engine/preflight.py picks where it times faster): chunked prompts and prefix-cache hits give
