@@ -3,7 +3,7 @@ compute; weights as --quantization stores them), one engine per cache dtype shar
 weights, the engines alternating round by round in one process.
 
     python bench/kv_dtype.py [--model Qwen3.5-0.8B] [--quantization int4] [--contexts 2048 4096]
-                             [--kv fp32 bf16 fp16] [--rounds 4] [--new-tokens 48] [--threads 2]
+                             [--kv fp32 bf16 fp16 fp8] [--rounds 4] [--new-tokens 48] [--threads 2]
 
 Every round sends each engine the same prompt per context; the first round prefills it, later
 rounds find it in the prefix cache (only the last few tokens are recomputed), so the rounds time
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     p.add_argument("--quantization", default="int4", choices=["none", "bf16", "int8", "int4"])
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--kv", nargs="+", default=["fp32", "bf16", "fp16"],
-                   choices=["fp32", "bf16", "fp16"])  # fmt: skip
+                   choices=["fp32", "bf16", "fp16", "fp8"])  # fmt: skip
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=2)

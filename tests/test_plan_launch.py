@@ -41,7 +41,7 @@ def test_cache_dtypes_reach_every_command():
     it planned: qwen35's --kv-cache-dtype fp8, vLLM's fp8 / bfloat16 SSM cache, SGLang's."""
     dep = Deployment(load_model_config("27B"), "bf16", kv_dtype="fp8", state_dtype="bf16", tp=2)
     cmds = launch_commands(dep, 32768)
-    assert cmds["qwen35"].endswith(" --kv-cache-dtype fp8")
+    assert cmds["qwen35"].endswith(" --kv-cache-dtype fp8 --mamba-ssm-cache-dtype bf16")
     assert "--kv-cache-dtype fp8 --mamba-ssm-cache-dtype bfloat16" in cmds["vllm"]
     assert "--kv-cache-dtype fp8_e4m3 --mamba-ssm-dtype bfloat16" in cmds["sglang"]
     plain = launch_commands(Deployment(load_model_config("27B"), "bf16", tp=2), 32768)

@@ -96,12 +96,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="with --dtype int8/int4: memory bandwidth in GB/s for a decode roofline",
     )
-    p.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="KV cache (bf16)")
+    p.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16",
+                   help="KV cache (bf16; fp8: the engine's --kv-cache-dtype fp8)")  # fmt: skip
     p.add_argument(
         "--state-dtype",
         choices=("fp32", "bf16"),
         default="fp32",
-        help="DeltaNet recurrent state (fp32, as the checkpoints' mamba_ssm_dtype)",
+        help="DeltaNet recurrent state (fp32, as the checkpoints' mamba_ssm_dtype; bf16: the "
+        "engine's --mamba-ssm-cache-dtype bf16)",
     )
     p.add_argument(
         "--context",

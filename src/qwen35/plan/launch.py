@@ -49,6 +49,8 @@ def launch_commands(
     fp8_kv = dep.kv_dtype == "fp8"
     if fp8_kv:  # e4m3, unscaled: vLLM's "fp8" without calibrated scales, SGLang's "fp8_e4m3"
         ours += " --kv-cache-dtype fp8"
+    if dep.state_dtype == "bf16":  # (vLLM's flag name; SGLang's --mamba-ssm-dtype)
+        ours += " --mamba-ssm-cache-dtype bf16"
     if nodes == 1:
         qwen35 = f"qwen35 serve {ours}"
     else:
