@@ -81,12 +81,12 @@ def main() -> None:
                           enable_prefix_caching=False, **kw)  # fmt: skip
         for i, p in enumerate(ps):
             eng.add_request(f"acc-{name}-{i}", p, sp)
-        done = {}
+        done: dict[str, list[int]] = {}
         while eng.has_unfinished_requests():
-            for o in eng.step():
-                if o.finished:
-                    done[o.request_id] = o.outputs[0].token_ids
+            for o in eng.step():  # (each step's new tokens)
+                done.setdefault(o.request_id, []).extend(o.outputs[0].token_ids)
         out[name] = [done[f"acc-{name}-{i}"] for i in range(len(ps))]
+        assert all(len(t) == 32 for t in out[name]), [len(t) for t in out[name]]
     for name, toks in out.items():
         same = sum(
             next((j for j, (a, b) in enumerate(zip(t, ref, strict=True)) if a != b), len(ref))

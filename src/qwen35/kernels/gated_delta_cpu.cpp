@@ -48,19 +48,40 @@ void state_t_cols(const float* S, const float* k, const float* q, int64_t dk, in
 
 bool cpu_avx512f() { return cpu_isa::avx512f(); }
 
+// 16 state values: fp32, or bf16 (--mamba-ssm-cache-dtype bf16) widened exactly / rounded to
+// nearest even as a tensor copy rounds (NaN stays NaN: vec8::store8's rounding, 16 lanes)
+__attribute__((target("avx512f"))) inline __m512 load_state16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+__attribute__((target("avx512f"))) inline __m512 load_state16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+__attribute__((target("avx512f"))) inline void store_state16(float* p, __m512 v) {
+  _mm512_storeu_ps(p, v);
+}
+__attribute__((target("avx512f"))) inline void store_state16(c10::BFloat16* p, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+
 // AVX-512 (32 registers): all dv = 16 NV columns of uk and uq stay in registers and S streams
 // row by row in one pass (bench: ~25% faster than the AVX2 column blocks on a Zen 4).
-template <int NV>
-__attribute__((target("avx512f"))) void state_t_512(const float* S, const float* k,
+template <int NV, typename ST = float>
+__attribute__((target("avx512f"))) void state_t_512(const ST* S, const float* k,
                                                      const float* q, int64_t dk, float* uk,
                                                      float* uq) {
   __m512 ak[NV], aq[NV];
   for (int u = 0; u < NV; ++u) ak[u] = aq[u] = _mm512_setzero_ps();
   for (int64_t t = 0; t < dk; ++t) {
-    const float* row = S + t * 16 * NV;
+    const ST* row = S + t * 16 * NV;
     const __m512 kt = _mm512_set1_ps(k[t]), qt = _mm512_set1_ps(q[t]);
     for (int u = 0; u < NV; ++u) {
-      const __m512 s = _mm512_loadu_ps(row + 16 * u);
+      const __m512 s = load_state16(row + 16 * u);
       ak[u] = _mm512_fmadd_ps(s, kt, ak[u]);
       aq[u] = _mm512_fmadd_ps(s, qt, aq[u]);
     }
@@ -72,18 +93,18 @@ __attribute__((target("avx512f"))) void state_t_512(const float* S, const float*
 }
 
 // S = a S + k delta^T with delta's dv = 16 NV values in registers.
-template <int NV>
-__attribute__((target("avx512f"))) void update_512(float* S, const float* k, const float* delta,
+template <int NV, typename ST = float>
+__attribute__((target("avx512f"))) void update_512(ST* S, const float* k, const float* delta,
                                                     float a, int64_t dk) {
   __m512 d[NV];
   for (int u = 0; u < NV; ++u) d[u] = _mm512_loadu_ps(delta + 16 * u);
   const __m512 va = _mm512_set1_ps(a);
   for (int64_t t = 0; t < dk; ++t) {
-    float* row = S + t * 16 * NV;
+    ST* row = S + t * 16 * NV;
     const __m512 kt = _mm512_set1_ps(k[t]);
     for (int u = 0; u < NV; ++u) {
-      const __m512 s = _mm512_mul_ps(va, _mm512_loadu_ps(row + 16 * u));
-      _mm512_storeu_ps(row + 16 * u, _mm512_fmadd_ps(kt, d[u], s));
+      const __m512 s = _mm512_mul_ps(va, load_state16(row + 16 * u));
+      store_state16(row + 16 * u, _mm512_fmadd_ps(kt, d[u], s));
     }
   }
 }
@@ -208,9 +229,14 @@ void deltanet_decode_impl(const T* X, int64_t x_stride, T* CS, const T* W, const
       }
       const float* v = ui + 2 * kd + h * dv;
       const float a = std::exp(G[idx]), b = static_cast<float>(Bt[idx]);
+      // bf16 states on the AVX-512 row paths (Qwen 3.5's dv = 128) are widened and rounded
+      // in registers as the two passes stream them (the same values as through wide_state)
+      const bool in_regs = !std::is_same_v<ST, float> && wide && (dv == 128 || dv == 64);
       float* sh;
       if constexpr (std::is_same_v<ST, float>) {
         sh = S + idx * dk * dv;
+      } else if (in_regs) {
+        sh = nullptr;
       } else {
         sh = wide_state.data();
         const ST* src = S + idx * dk * dv;
@@ -221,10 +247,21 @@ void deltanet_decode_impl(const T* X, int64_t x_stride, T* CS, const T* W, const
       float* oh = O + idx * dv;
       float kq = 0.f;
       for (int64_t t = 0; t < dk; ++t) kq += k[t] * q[t];
-      state_t_times(sh, k.data(), q.data(), dk, dv, uk.data(), uq.data(), wide);
+      ST* st = S + idx * dk * dv;
+      if (in_regs) {
+        if (dv == 128) state_t_512<8>(st, k.data(), q.data(), dk, uk.data(), uq.data());
+        else state_t_512<4>(st, k.data(), q.data(), dk, uk.data(), uq.data());
+      } else {
+        state_t_times(sh, k.data(), q.data(), dk, dv, uk.data(), uq.data(), wide);
+      }
       for (int64_t j = 0; j < dv; ++j) {
         delta[j] = b * (v[j] - a * uk[j]);
         oh[j] = a * uq[j] + kq * delta[j];
+      }
+      if (in_regs) {
+        if (dv == 128) update_512<8>(st, k.data(), delta.data(), a, dk);
+        else update_512<4>(st, k.data(), delta.data(), a, dk);
+        continue;
       }
       state_update(sh, k.data(), delta.data(), a, dk, dv, wide);
       if constexpr (!std::is_same_v<ST, float>) {
