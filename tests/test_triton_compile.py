@@ -160,9 +160,10 @@ def test_paged_attention_compiles(dtype, kv, hd, rep, bs):
     sig |= {n: i for n in ta._prefill_kernel.arg_names if n.startswith("stride")}
     sig |= dict(BS=0, REP=0, HD=0, BLOCK_M=0, BLOCK_T=0, IEEE=0, UPCAST=0)
     for block_m in (16, 32):
+        warps = ta.prefill_warps(block_m, torch.float8_e4m3fn if kv else dtype)
         compile_sm90(ta._prefill_kernel, dict(sig), dict(
             BS=bs, REP=rep, HD=hd, BLOCK_M=block_m, BLOCK_T=ta.BLOCK_T, IEEE=ieee, UPCAST=False,
-        ), spills_ok=ieee)  # fmt: skip
+        ), num_warps=warps, spills_ok=ieee)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
