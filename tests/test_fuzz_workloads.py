@@ -278,6 +278,9 @@ def test_random_feature_combinations_equal_each_request_alone(tmp_path, seed):
             kw["quantization"] = q
         if rng.random() < 0.5:
             kw["num_kv_blocks"] = -(-200 // bs) + rng.randrange(1, 25)
+        # K/V caches (their own stream: the other draws of a seed stay as they were): fp8 and
+        # bf16 caches keep a request's results independent of its batch and of prefix hits
+        kw["kv_cache_dtype"] = random.Random(seed * 31 + e).choice(["auto", "fp8", "bf16"])
         mode = ["multi-step", "ngram", "plain", "multi-step", "ngram"][(e + seed) % 5]
         modes.add(mode)
         extra: dict = {}
