@@ -211,3 +211,29 @@ def test_multi_step_server_streams_rounds_with_single_steps_text(real, tmp_path)
                                                                           "stop")  # fmt: skip
     finally:
         next(gen, None)
+
+
+def test_a_closed_app_lets_its_engine_go(tmp_path):
+    """Once its app has served and shut down, nothing keeps the engine alive: FastAPI caches
+    what it learns of each endpoint function in module-level lru_caches, and the routes were
+    closures over the engine (a process serving app after app, as the tests do, kept every
+    engine: ~50 MB each with the real vocabulary)."""
+    import gc
+    import weakref
+
+    from server_fakes import build_tiny_engine, serving
+
+    gen = serving()
+    start = next(gen)
+    engine = build_tiny_engine(tmp_path / "tiny")
+    gone = weakref.ref(engine)
+    srv, _ = start(engine)
+    for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                       ("/v1/chat/completions", {"messages": USER, "max_tokens": 2})):  # fmt: skip
+        assert httpx.post(srv.url + path, json=body, timeout=30).status_code == 200
+    for path in ("/health", "/v1/models", "/metrics", "/tokenizer_info"):
+        assert httpx.get(srv.url + path, timeout=30).status_code == 200
+    next(gen, None)  # the servers close
+    del engine, srv, start, gen
+    gc.collect()
+    assert gone() is None

@@ -101,69 +101,100 @@ def create_app(engine: Any, config: ServerConfig, thread: EngineThread | None = 
             error_body(str(e.detail), kind), status_code=e.status_code, headers=e.headers
         )
 
-    @app.get("/health")
-    async def health() -> Response:
-        if async_engine.alive:
-            return JSONResponse({"status": "ok"})
-        msg = async_engine._dead_message()  # generic: the error itself is in the log only
-        body = error_body(msg, "server_error", code="engine_dead")
-        return JSONResponse(body, 503, headers=RETRY_AFTER)
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.get("/v1/models")
-    async def models() -> JSONResponse:
-        card = ModelCard(
-            id=config.served_model_name,
-            root=config.served_model_name,  # never the server's filesystem path
-            max_model_len=getattr(engine, "max_model_len", None),
-        )
-        cards = [card, *serving_lora.lora_cards(state)]  # LoRA adapters: models of their own
-        return JSONResponse(ModelList(data=cards).model_dump())
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await create_completion(state, request)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await create_chat_completion(state, request)
-
-    @app.post("/v1/responses")
-    async def responses(request: Request) -> Response:
-        return await serving_responses.create_response(state, request)
-
-    @app.get("/v1/responses/{response_id}")
-    async def get_response(response_id: str) -> Response:
-        return JSONResponse(serving_responses.stored_response(state, response_id))
-
-    @app.delete("/v1/responses/{response_id}")
-    async def delete_response(response_id: str) -> Response:
-        return JSONResponse(serving_responses.stored_response(state, response_id, delete=True))
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(request: Request) -> Response:
-        return await serving_lora.load_lora_adapter(state, request)
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(request: Request) -> Response:
-        return await serving_lora.unload_lora_adapter(state, request)
-
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
-        return await serving_tokens.tokenize(state, request)
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> Response:
-        return await serving_tokens.detokenize(state, request)
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info() -> Response:
-        return JSONResponse(serving_tokens.tokenizer_info(state))
-
+    for method, path, handler in ROUTES:
+        app.add_api_route(path, handler, methods=[method])
     return app
+
+
+# The route handlers find the server's state on the app (`request.app.state.qwen35`), not in a
+# closure: FastAPI caches what it learns of each endpoint function in module-level lru_caches,
+# which kept every app's engine alive for the life of the process (a test process serving
+# many apps grew by an engine each).
+def _state(request: Request) -> ServerState:
+    return request.app.state.qwen35
+
+
+async def health(request: Request) -> Response:
+    async_engine = _state(request).async_engine
+    if async_engine.alive:
+        return JSONResponse({"status": "ok"})
+    msg = async_engine._dead_message()  # generic: the error itself is in the log only
+    body = error_body(msg, "server_error", code="engine_dead")
+    return JSONResponse(body, 503, headers=RETRY_AFTER)
+
+
+async def prometheus(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def models(request: Request) -> JSONResponse:
+    state = _state(request)
+    name = state.config.served_model_name
+    card = ModelCard(
+        id=name,
+        root=name,  # never the server's filesystem path
+        max_model_len=getattr(state.engine, "max_model_len", None),
+    )
+    cards = [card, *serving_lora.lora_cards(state)]  # LoRA adapters: models of their own
+    return JSONResponse(ModelList(data=cards).model_dump())
+
+
+async def completions(request: Request) -> Response:
+    return await create_completion(_state(request), request)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await create_chat_completion(_state(request), request)
+
+
+async def responses(request: Request) -> Response:
+    return await serving_responses.create_response(_state(request), request)
+
+
+async def get_response(request: Request, response_id: str) -> Response:
+    return JSONResponse(serving_responses.stored_response(_state(request), response_id))
+
+
+async def delete_response(request: Request, response_id: str) -> Response:
+    state = _state(request)
+    return JSONResponse(serving_responses.stored_response(state, response_id, delete=True))
+
+
+async def load_lora_adapter(request: Request) -> Response:
+    return await serving_lora.load_lora_adapter(_state(request), request)
+
+
+async def unload_lora_adapter(request: Request) -> Response:
+    return await serving_lora.unload_lora_adapter(_state(request), request)
+
+
+async def tokenize(request: Request) -> Response:
+    return await serving_tokens.tokenize(_state(request), request)
+
+
+async def detokenize(request: Request) -> Response:
+    return await serving_tokens.detokenize(_state(request), request)
+
+
+async def tokenizer_info(request: Request) -> Response:
+    return JSONResponse(serving_tokens.tokenizer_info(_state(request)))
+
+
+ROUTES = (
+    ("GET", "/health", health),
+    ("GET", "/metrics", prometheus),
+    ("GET", "/v1/models", models),
+    ("POST", "/v1/completions", completions),
+    ("POST", "/v1/chat/completions", chat_completions),
+    ("POST", "/v1/responses", responses),
+    ("GET", "/v1/responses/{response_id}", get_response),
+    ("DELETE", "/v1/responses/{response_id}", delete_response),
+    ("POST", "/v1/load_lora_adapter", load_lora_adapter),
+    ("POST", "/v1/unload_lora_adapter", unload_lora_adapter),
+    ("POST", "/tokenize", tokenize),
+    ("POST", "/detokenize", detokenize),
+    ("GET", "/tokenizer_info", tokenizer_info),
+)
 
 
 class _GuardMiddleware:
