@@ -5,6 +5,7 @@ against the default caches' and the largest logit difference of the first step.
 
     python bench/cache_dtypes.py [--model Qwen3.5-0.8B] [--batches 1,16,32] [--prompt 512]
                                  [--steps 16] [--rounds 3] [--threads 2] [--dtype auto]
+                                 [--device cuda]
 
 Each cell: the median seconds of a decode step of B sequences (every sequence past its prompt of
 --prompt random tokens; timed_batch), and tokens/s. Random weights (a checkpoint directory as
@@ -39,10 +40,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    bm = load_bench_model(BenchOptions(model=args.model, dtype=args.dtype))
+    bm = load_bench_model(BenchOptions(model=args.model, dtype=args.dtype, device=args.device))
     rng = random.Random(0)
     print(f"{args.model}, {bm.dtype}, {torch.get_num_threads()} threads, prompt {args.prompt}, "
           f"{args.steps} steps x {args.rounds} rounds a cell (median ms a step, tok/s)")  # fmt: skip

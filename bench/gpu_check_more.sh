@@ -51,4 +51,9 @@ pack_fla_configs
 step 60 "9B prompt prefill through the engine, chunk paths" python3 bench/gpu_prefill.py \
   --model Qwen3.5-9B --engine --tokens 8192 32768 --reps 2 --checkpoint-interval 2048 \
   --out "$OUT/9b_engine_prefill.json"
+# 7. (what time is left after that) the smaller caches on the GPU: fp8 K/V and bf16 DeltaNet
+# states against the default caches, batched decode of the 0.8B (Triton kernels widening fp8 tiles
+# and bf16 state tiles; CPU-measured 0.96-1.02x there, README "FP8 KV cache")
+step 45 "0.8B decode on fp8 K/V and bf16 states" python3 bench/cache_dtypes.py --device cuda \
+  --batches 1,32 --prompt 512 --steps 16 --rounds 2
 date -u | tee -a "$LOG"
