@@ -12,7 +12,7 @@
 // batch, so batched and single-sequence results are bitwise equal. The caches hold the model
 // dtype, or bf16 / fp16 under an fp32 model (--kv-cache-dtype: half the bytes a long context
 // reads per token; the fp32 query against them as against an fp32 cache), or fp8 e4m3 under
-// any model (widened exactly as read, the scaled fp32 query against it). bench/attention_cpu.py
+// any model (widened exactly as read, as value x 2^-8: kKvScale). bench/attention_cpu.py
 // times it against its AVX2 path and the gather + SDPA path.
 #include <ATen/Parallel.h>
 #include "torch_ext.h"
@@ -55,6 +55,28 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
     __builtin_prefetch(static_cast<const char*>(p) + b, 0, Locality);
 }
 
+// fp8 (e4m3fn) caches are read as value x 2^-8, exactly: each byte sign-extended to 16 bits and
+// shifted left by 7 is the fp16 of that once bit 14 (a sign copy) is cleared, subnormals included
+// (the NaN byte, never written by a saturating cast of finite values, reads as 1.875). The 2^8
+// goes into the query's scale and the output's normaliser instead (kKvScale): powers of two,
+// so the sums are those of the exact values, bit for bit.
+template <typename KV>
+constexpr float kKvScale = std::is_same_v<KV, c10::Float8_e4m3fn> ? 256.f : 1.f;
+
+inline __m256 kv_load8(const c10::Float8_e4m3fn* p) {
+  const __m128i b = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_cvtph_ps(
+      _mm_and_si128(_mm_slli_epi16(b, 7), _mm_set1_epi16(static_cast<int16_t>(0xBFFF))));
+}
+template <typename KV>
+inline __m256 kv_load8(const KV* p) {
+  return load8(p);
+}
+template <typename KV>
+inline float kv_value(KV x) {  // one element, as the loads give it
+  return static_cast<float>(x) * (1.f / kKvScale<KV>);
+}
+
 // s[r * L + t] = q_r . k_t for the page's positions t < n (q: R rows of hd, scaled, fp32)
 template <int R, typename T>
 void scores_page(const float* q, int64_t hd, const T* k, int64_t stride, int n, float* s,
@@ -65,13 +87,13 @@ void scores_page(const float* q, int64_t hd, const T* k, int64_t stride, int n, 
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     int64_t j = 0;
     for (; j + 8 <= hd; j += 8) {
-      const __m256 kv = load8(k + j);
+      const __m256 kv = kv_load8(k + j);
       for (int r = 0; r < R; ++r)
         acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * hd + j), kv, acc[r]);
     }
     for (int r = 0; r < R; ++r) {
       float out = gemv_rows::hsum8(acc[r]);
-      for (int64_t jj = j; jj < hd; ++jj) out += q[r * hd + jj] * static_cast<float>(k[jj]);
+      for (int64_t jj = j; jj < hd; ++jj) out += q[r * hd + jj] * kv_value(k[jj]);
       s[r * L + t] = out;
     }
   }
@@ -94,7 +116,7 @@ void pv_page(const float* p, int64_t L, const T* v, int64_t stride, int n, float
     }
     const T* vp = v + j;
     for (int t = 0; t < n; ++t, vp += stride) {
-      const __m256 v0 = load8(vp), v1 = load8(vp + 8);
+      const __m256 v0 = kv_load8(vp), v1 = kv_load8(vp + 8);
       for (int r = 0; r < R; ++r) {
         const __m256 pr = _mm256_set1_ps(p[r * L + t]);
         a[r][0] = _mm256_fmadd_ps(pr, v0, a[r][0]);
@@ -110,7 +132,7 @@ void pv_page(const float* p, int64_t L, const T* v, int64_t stride, int n, float
     for (int r = 0; r < R; ++r) {
       float a = acc[r * hd + j];
       for (int t = 0; t < n; ++t)
-        a = std::fma(p[r * L + t], static_cast<float>(v[t * stride + j]), a);
+        a = std::fma(p[r * L + t], kv_value(v[t * stride + j]), a);
       acc[r * hd + j] = a;
     }
 }
@@ -128,11 +150,10 @@ TARGET_AVX512 inline __m512 load16(const c10::BFloat16* p) {  // exact
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-TARGET_AVX512 inline __m512 load16(const c10::Float8_e4m3fn* p) {  // exact: vec8::load8's way
+TARGET_AVX512 inline __m512 load16(const c10::Float8_e4m3fn* p) {  // value x 2^-8: kv_load8's way
   const __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256i h =
-      _mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16(static_cast<int16_t>(0xBFFF)));
-  return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
+  return _mm512_cvtph_ps(
+      _mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16(static_cast<int16_t>(0xBFFF))));
 }
 
 // 32 keys as bf16 pairs for vdpbf16ps: bf16 as stored; e4m3 widened exactly (load16), then
@@ -383,14 +404,16 @@ void decode_impl(const T* Q, const KV* K, const KV* V, const int64_t* tables, in
       const int64_t* table = tables + n * table_w;
       const T* Qg = Q + (n * nh + g * rep) * hd;  // the group's rep query heads
       if (!(kBf16Dots<T, KV> && dots))  // the bf16 dot products take q as it is
-        for (int64_t j = 0; j < rep * hd; ++j) q[j] = static_cast<float>(Qg[j]) * scale;
+        for (int64_t j = 0; j < rep * hd; ++j)
+          q[j] = static_cast<float>(Qg[j]) * scale * kKvScale<KV>;
       s.resize(rep * Lc);
       for (int64_t r0 = 0; r0 < rep; r0 += 4) {  // scores, page by page
         const int R = static_cast<int>(std::min<int64_t>(4, rep - r0));
         walk_pages(K, table, pb, pe, bs, nkv, g, hd,
                    [&](const KV* k, int cnt, const KV* next, int nn, int64_t p0) {
                      scores_group(R, fast, dots, Qg + r0 * hd, q.data() + r0 * hd, hd, k, stride,
-                                  cnt, s.data() + r0 * Lc + (p0 - pb), Lc, scale, next, nn);
+                                  cnt, s.data() + r0 * Lc + (p0 - pb), Lc, scale * kKvScale<KV>,
+                                  next, nn);
                    });
       }
       for (int64_t r = 0; r < rep; ++r) sum[r] = softmax_numerator(s.data() + r * Lc, Lc, &mx[r]);
@@ -405,7 +428,7 @@ void decode_impl(const T* Q, const KV* K, const KV* V, const int64_t* tables, in
       }
       if (nc == 1) {  // the whole context: normalise and write
         for (int64_t r = 0; r < rep; ++r)
-          finish_row(acc.data() + r * hd, 1.f / sum[r], gate_row(n, g * rep + r),
+          finish_row(acc.data() + r * hd, 1.f / sum[r] * kKvScale<KV>, gate_row(n, g * rep + r),
                      out_row(n, g * rep + r), hd);
         continue;
       }
@@ -433,8 +456,8 @@ void decode_impl(const T* Q, const KV* K, const KV* V, const int64_t* tables, in
           const float* a = pc + 2 * rep + r * hd;
           for (int64_t j = 0; j < hd; ++j) acc[j] += a[j] * w;
         }
-        finish_row(acc.data(), 1.f / total, gate_row(n, g * rep + r), out_row(n, g * rep + r),
-                   hd);
+        finish_row(acc.data(), 1.f / total * kKvScale<KV>, gate_row(n, g * rep + r),
+                   out_row(n, g * rep + r), hd);
       }
     }
   });

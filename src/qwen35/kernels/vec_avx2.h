@@ -10,7 +10,6 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
-#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 
 namespace vec8 {
@@ -22,14 +21,6 @@ inline __m256 load8(const c10::BFloat16* p) {  // bf16 -> fp32 is exact: the hig
 }
 inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-// e4m3fn -> fp32, exact: each byte sign-extended to 16 bits and shifted left by 7 is the fp16 of
-// value * 2^-8 once bit 14 (a sign copy) is cleared, subnormals included; times 2^8 after the
-// widening. (The NaN byte, never written by a saturating cast of finite values, reads as 480.)
-inline __m256 load8(const c10::Float8_e4m3fn* p) {
-  const __m128i b = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m128i h = _mm_and_si128(_mm_slli_epi16(b, 7), _mm_set1_epi16(static_cast<int16_t>(0xBFFF)));
-  return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.f));
 }
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 inline void store8(c10::BFloat16* p, __m256 v) {  // round to nearest even, NaN stays NaN
