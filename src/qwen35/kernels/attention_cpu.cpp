@@ -57,7 +57,7 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
 
 // fp8 (e4m3fn) caches are read as value x 2^-8, exactly: each byte sign-extended to 16 bits and
 // shifted left by 7 is the fp16 of that once bit 14 (a sign copy) is cleared, subnormals included
-// (the NaN byte, never written by a saturating cast of finite values, reads as 1.875). The 2^8
+// (the NaN byte, never written by a saturating cast of finite values, reads as 480). The 2^8
 // goes into the query's scale and the output's normaliser instead (kKvScale): powers of two,
 // so the sums are those of the exact values, bit for bit.
 template <typename KV>
@@ -403,7 +403,7 @@ void decode_impl(const T* Q, const KV* K, const KV* V, const int64_t* tables, in
       const int64_t pb = c * chunk, pe = std::min(L, pb + chunk), Lc = pe - pb;
       const int64_t* table = tables + n * table_w;
       const T* Qg = Q + (n * nh + g * rep) * hd;  // the group's rep query heads
-      if (!(kBf16Dots<T, KV> && dots))  // the bf16 dot products take q as it is
+      if (!dots)  // the bf16 dot products take q as it is
         for (int64_t j = 0; j < rep * hd; ++j)
           q[j] = static_cast<float>(Qg[j]) * scale * kKvScale<KV>;
       s.resize(rep * Lc);

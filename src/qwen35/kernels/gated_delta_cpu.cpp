@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "gemv_rows.h"
 #include "small_rows.h"
 #include "vec_avx2.h"
 
@@ -164,9 +165,9 @@ void conv_taps(const T* x, T* states, const T* W, int64_t c0, int64_t c1, int64_
 // then the recurrent step at the top of this file. Rounding follows the PyTorch path: the conv accumulates in fp32
 // and is rounded to the model dtype, SiLU runs on that value and is rounded again; q, k, v are
 // those rounded values in fp32. Returns o [n, nv, dv] fp32.
-// States ST fp32, or bf16 (--mamba-ssm-cache-dtype bf16): a head's bf16 state is widened into
-// an fp32 copy (exact), stepped as an fp32 state is, and rounded back to nearest even, as the
-// PyTorch path's S.float() ... S.copy_(S32) does.
+// States ST fp32, or bf16 (--mamba-ssm-cache-dtype bf16): a head's bf16 state is widened
+// (exact), stepped as an fp32 state is, and rounded back to nearest even, as the PyTorch path's
+// S.float() ... S.copy_(S32) does (in registers on the AVX-512 row passes, else in a copy).
 template <typename T, typename ST>
 void deltanet_decode_impl(const T* X, int64_t x_stride, T* CS, const T* W, const float* G,
                           const T* Bt, ST* S, float* O, int64_t n, int64_t C, int64_t Kc,
@@ -209,9 +210,14 @@ void deltanet_decode_impl(const T* X, int64_t x_stride, T* CS, const T* W, const
     }
   });
   const float scale = 1.f / std::sqrt(static_cast<float>(dk));
+  constexpr bool fp32_states = std::is_same_v<ST, float>;
+  // bf16 states on the AVX-512 row passes (Qwen 3.5's dv = 128) are widened and rounded in
+  // registers as the two passes stream them; elsewhere through an fp32 copy of the head (the
+  // same values either way)
+  const bool in_regs = !fp32_states && wide && (dv == 128 || dv == 64);
   at::parallel_for(0, n * nv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(dk), k(dk), uk(dv), uq(dv), delta(dv);
-    std::vector<float> wide_state(std::is_same_v<ST, float> ? 0 : dk * dv);
+    std::vector<float> wide_state(fp32_states || in_regs ? 0 : dk * dv);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t i = idx / nv, h = idx % nv, kh = h / r;
       const float* ui = u.data() + i * C;
@@ -229,25 +235,17 @@ void deltanet_decode_impl(const T* X, int64_t x_stride, T* CS, const T* W, const
       }
       const float* v = ui + 2 * kd + h * dv;
       const float a = std::exp(G[idx]), b = static_cast<float>(Bt[idx]);
-      // bf16 states on the AVX-512 row paths (Qwen 3.5's dv = 128) are widened and rounded
-      // in registers as the two passes stream them (the same values as through wide_state)
-      const bool in_regs = !std::is_same_v<ST, float> && wide && (dv == 128 || dv == 64);
-      float* sh;
-      if constexpr (std::is_same_v<ST, float>) {
-        sh = S + idx * dk * dv;
-      } else if (in_regs) {
-        sh = nullptr;
-      } else {
+      ST* st = S + idx * dk * dv;
+      float* sh = nullptr;  // the head's state in fp32 where the passes take fp32
+      if constexpr (fp32_states) {
+        sh = st;
+      } else if (!in_regs) {
         sh = wide_state.data();
-        const ST* src = S + idx * dk * dv;
-        int64_t e = 0;
-        for (; e + 8 <= dk * dv; e += 8) _mm256_storeu_ps(sh + e, vec8::load8(src + e));
-        for (; e < dk * dv; ++e) sh[e] = static_cast<float>(src[e]);
+        gemv_rows::row_to_float(st, dk * dv, sh);
       }
       float* oh = O + idx * dv;
       float kq = 0.f;
       for (int64_t t = 0; t < dk; ++t) kq += k[t] * q[t];
-      ST* st = S + idx * dk * dv;
       if (in_regs) {
         if (dv == 128) state_t_512<8>(st, k.data(), q.data(), dk, uk.data(), uq.data());
         else state_t_512<4>(st, k.data(), q.data(), dk, uk.data(), uq.data());
@@ -261,14 +259,13 @@ void deltanet_decode_impl(const T* X, int64_t x_stride, T* CS, const T* W, const
       if (in_regs) {
         if (dv == 128) update_512<8>(st, k.data(), delta.data(), a, dk);
         else update_512<4>(st, k.data(), delta.data(), a, dk);
-        continue;
-      }
-      state_update(sh, k.data(), delta.data(), a, dk, dv, wide);
-      if constexpr (!std::is_same_v<ST, float>) {
-        ST* dst = S + idx * dk * dv;
-        int64_t e = 0;
-        for (; e + 8 <= dk * dv; e += 8) vec8::store8(dst + e, _mm256_loadu_ps(sh + e));
-        for (; e < dk * dv; ++e) dst[e] = static_cast<ST>(sh[e]);
+      } else {
+        state_update(sh, k.data(), delta.data(), a, dk, dv, wide);
+        if constexpr (!fp32_states) {  // the fp32 copy rounded back to nearest even
+          int64_t e = 0;
+          for (; e + 8 <= dk * dv; e += 8) vec8::store8(st + e, _mm256_loadu_ps(sh + e));
+          for (; e < dk * dv; ++e) st[e] = static_cast<ST>(sh[e]);
+        }
       }
     }
   });

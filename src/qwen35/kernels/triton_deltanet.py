@@ -147,7 +147,3 @@ def recurrent_step_(
         RAW_GATES=gates is not None,
     )  # fmt: skip
     return o
-
-
-def supported(dk: int, rec_cache: torch.Tensor) -> bool:
-    return dk & (dk - 1) == 0 and rec_cache.dtype in (torch.float32, torch.bfloat16)

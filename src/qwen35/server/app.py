@@ -139,16 +139,14 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse(ModelList(data=cards).model_dump())
 
 
-async def completions(request: Request) -> Response:
-    return await create_completion(_state(request), request)
+def _with_state(serve):
+    """The route handler of `serve(state, request)` (a serving module's coroutine)."""
 
+    async def handler(request: Request) -> Response:
+        return await serve(_state(request), request)
 
-async def chat_completions(request: Request) -> Response:
-    return await create_chat_completion(_state(request), request)
-
-
-async def responses(request: Request) -> Response:
-    return await serving_responses.create_response(_state(request), request)
+    handler.__name__ = serve.__name__
+    return handler
 
 
 async def get_response(request: Request, response_id: str) -> Response:
@@ -160,22 +158,6 @@ async def delete_response(request: Request, response_id: str) -> Response:
     return JSONResponse(serving_responses.stored_response(state, response_id, delete=True))
 
 
-async def load_lora_adapter(request: Request) -> Response:
-    return await serving_lora.load_lora_adapter(_state(request), request)
-
-
-async def unload_lora_adapter(request: Request) -> Response:
-    return await serving_lora.unload_lora_adapter(_state(request), request)
-
-
-async def tokenize(request: Request) -> Response:
-    return await serving_tokens.tokenize(_state(request), request)
-
-
-async def detokenize(request: Request) -> Response:
-    return await serving_tokens.detokenize(_state(request), request)
-
-
 async def tokenizer_info(request: Request) -> Response:
     return JSONResponse(serving_tokens.tokenizer_info(_state(request)))
 
@@ -184,15 +166,15 @@ ROUTES = (
     ("GET", "/health", health),
     ("GET", "/metrics", prometheus),
     ("GET", "/v1/models", models),
-    ("POST", "/v1/completions", completions),
-    ("POST", "/v1/chat/completions", chat_completions),
-    ("POST", "/v1/responses", responses),
+    ("POST", "/v1/completions", _with_state(create_completion)),
+    ("POST", "/v1/chat/completions", _with_state(create_chat_completion)),
+    ("POST", "/v1/responses", _with_state(serving_responses.create_response)),
     ("GET", "/v1/responses/{response_id}", get_response),
     ("DELETE", "/v1/responses/{response_id}", delete_response),
-    ("POST", "/v1/load_lora_adapter", load_lora_adapter),
-    ("POST", "/v1/unload_lora_adapter", unload_lora_adapter),
-    ("POST", "/tokenize", tokenize),
-    ("POST", "/detokenize", detokenize),
+    ("POST", "/v1/load_lora_adapter", _with_state(serving_lora.load_lora_adapter)),
+    ("POST", "/v1/unload_lora_adapter", _with_state(serving_lora.unload_lora_adapter)),
+    ("POST", "/tokenize", _with_state(serving_tokens.tokenize)),
+    ("POST", "/detokenize", _with_state(serving_tokens.detokenize)),
     ("GET", "/tokenizer_info", tokenizer_info),
 )
 
