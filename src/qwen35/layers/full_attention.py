@@ -82,8 +82,9 @@ class GatedAttention(nn.Module):
             o = paged_decode_attention(be, q, key_cache, value_cache, d, self.scale, gate)
             return self.tp.all_reduce(self.o_proj(o.view(T, nh * hd)))
         o = q.new_empty(T, nh, hd)
-        if key_cache.dtype != k.dtype:  # K / V as the cache holds them (bf16 / fp16 under fp32,
-            # fp8): a prompt attends to the values its later chunks, a prefix-cache hit and the
+        if key_cache.dtype != k.dtype and any(sp.start_pos == 0 for sp in batch.prefill):
+            # K / V as the cache holds them (bf16 / fp16 under fp32, fp8) for the prompts
+            # attending to their own: the values their later chunks, a prefix-cache hit and the
             # decode steps read back, so results do not depend on how a prompt was cut
             k, v = k.to(key_cache.dtype).to(k.dtype), v.to(value_cache.dtype).to(v.dtype)
         for sp in batch.prefill:
