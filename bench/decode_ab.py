@@ -10,7 +10,7 @@ measured where they land: ms per decode step after a 128-token and after a 2,048
 
 The revision is checked out into a temporary git worktree and run from its own `src` (its
 kernels build beside this checkout's, keyed by their source). Qwen3.5-0.8B config (or --model), random
-weights, `--dtype auto`, greedy; medians of each round's steps, then per-round ratios.
+weights, `--dtype auto` (or --dtype), greedy; medians of each round's steps, then per-round ratios.
 `--batch B`: B sequences of 128-token prompts decoding together instead (benchmarks/common.py
 timed_batch: ms per step of all B, 24 steps a round); no 2,048-token prompt.
 """
@@ -26,7 +26,8 @@ PROMPTS = ((128, 32), (2048, 12))  # (prompt tokens, decode steps timed)
 BATCH_STEPS = 24  # --batch: steps timed a round
 
 
-def one_round(quantization: str | None, threads: int, model: str, batch: int = 1) -> None:
+def one_round(quantization: str | None, threads: int, model: str, batch: int = 1,
+              dtype: str = "auto") -> None:
     """Runs in the child: prints the median ms per step after each prompt length (batch > 1:
     of `batch` sequences decoding together, after 128-token prompts)."""
     import torch
@@ -40,7 +41,8 @@ def one_round(quantization: str | None, threads: int, model: str, batch: int = 1
     )
 
     torch.set_num_threads(threads)
-    bm = load_bench_model(BenchOptions(model=model, threads=threads), quantization=quantization)
+    opts = BenchOptions(model=model, threads=threads, dtype=dtype)
+    bm = load_bench_model(opts, quantization=quantization)
     vocab = min(150000, bm.model.config.vocab_size)
     g = torch.Generator().manual_seed(0)
     if batch > 1:
@@ -72,17 +74,18 @@ def main() -> None:
                          "of bench/moe_decode.py --write-config")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")
+    ap.add_argument("--dtype", default="auto", help="compute dtype (default auto)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        one_round(a.quantization, a.threads, a.model, a.batch)
+        one_round(a.quantization, a.threads, a.model, a.batch, a.dtype)
         return
     if not a.baseline:
         ap.error("--baseline REV is required")
     from qwen35.benchmarks.common import alternate_with_revision  # (the child may predate it)
 
     cmd = [__file__, "--one", "--threads", str(a.threads), "--model", a.model,
-           "--batch", str(a.batch)]  # fmt: skip
+           "--batch", str(a.batch), "--dtype", a.dtype]  # fmt: skip
     if a.quantization:
         cmd += ["--quantization", a.quantization]
     prompts = PROMPTS if a.batch == 1 else PROMPTS[:1]

@@ -43,6 +43,19 @@ def cpu_flags() -> frozenset[str]:
     return flags
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("AuthenticAMD", "GenuineIntel"; "" where there is none)."""
+    if sys.platform.startswith("linux"):
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+    return ""
+
+
 def cpu_has_native_bf16() -> bool:
     return any(f in cpu_flags() for f in NATIVE_BF16_FLAGS)
 

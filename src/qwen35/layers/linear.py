@@ -7,6 +7,8 @@ device or directly on the target device costs no more than the allocation.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,16 +43,30 @@ MANY_MAX_ROWS = 4
 # this many rows the chunks beat dequantising / widening the weight + torch's fp32 GEMM (`python
 # bench/chunked_rows.py`, Zen 3, 2 threads, 1024 x 2048 / 2048 x 512: int8 1.80x / 1.38x at 24
 # rows, 1.36x / 1.02x at 32, 0.91x at 48; bf16-stored 1.31x / 1.10x at 48, 0.91x at 64; fp32
-# weights and the AVX2 FP8 kernel lose from 24-32 rows and are not chunked). These are the sizes
-# of a MoE prefill's experts (~T/32 rows each on 35B-A3B); bf16 rows keep their GEMMs.
-CHUNKED_MAX_ROWS = {torch.bfloat16: 48, torch.int8: 32}
+# weights and the AVX2 FP8 kernel lose from 24-32 rows there). These are the sizes of a MoE
+# prefill's experts (~T/32 rows each on 35B-A3B) and of decode batches past 16; bf16 rows keep
+# their GEMMs. fp32 weights take the chunks on AVX-512 CPUs only, where the kernel's 16-wide FMAs
+# beat torch's fp32 GEMM, which runs no faster there than under AVX2 (`python bench/chunked_rows.py
+# --formats fp32 --shapes 7168x1024,1024x3584,8192x1024,1024x2048`, Zen 5 VM, 2 threads: 1.36-1.76x
+# at 24-48 rows; the 0.8B's lm_head at 24 / 32 / 48 rows 1.76x / 1.84x / 1.48x).
+CHUNKED_MAX_ROWS = {torch.bfloat16: 48, torch.int8: 32, torch.float32: 48}
+CHUNKED_NEEDS = {torch.float32: "avx512f"}  # CPU flag a weight dtype's chunks need
+
+
+def chunked_max_rows(w_dtype: torch.dtype) -> int:
+    """fp32 rows up to which a weight stored as w_dtype takes a kernel in 16-row chunks on this
+    CPU (0: never)."""
+    from qwen35.devices import cpu_flags
+
+    need = CHUNKED_NEEDS.get(w_dtype)
+    return CHUNKED_MAX_ROWS.get(w_dtype, 0) if need is None or need in cpu_flags() else 0
 
 
 def chunked(x: torch.Tensor, w_dtype: torch.dtype) -> bool:
-    """Whether fp32 rows x [M, K] on a CPU run a kernel in 16-row chunks (in_chunks) for a
-    weight stored as w_dtype."""
+    """Whether fp32 rows x [M, K] on a CPU, more than a kernel call's 16, run a kernel in 16-row
+    chunks (in_chunks) for a weight stored as w_dtype."""
     return (x.dim() == 2 and x.dtype == torch.float32 and x.is_cpu
-            and x.shape[0] <= CHUNKED_MAX_ROWS.get(w_dtype, 0))  # fmt: skip
+            and 16 < x.shape[0] <= chunked_max_rows(w_dtype))  # fmt: skip
 
 
 def in_chunks(fn, x: torch.Tensor, step: int) -> torch.Tensor:
@@ -97,6 +113,42 @@ def gemv_kernel_for(x: torch.Tensor, w: torch.Tensor):
     return gemv.load()  # None once QWEN35_NO_KERNELS=1 is set, at any time
 
 
+# fp32 GEMMs through oneDNN instead of MKL: "onednn" / "mkl" (QWEN35_FP32_GEMM), default by CPU
+# vendor. torch's fp32 F.linear on a CPU is MKL's sgemm, which on AMD CPUs takes a slower code
+# path than on Intel ones; oneDNN's (torch.ops.mkldnn._linear_pointwise, what Inductor runs) picks
+# its kernels by ISA alone (`python bench/fp32_gemm.py`, Zen 5 VM, 2 threads: the 0.8B's MLP
+# gate_up at 32 / 256 / 2,048 rows 2.5x / 2.7x / 2.0x; both differ from one row's product alone
+# in the last bits). Intel CPUs keep MKL (unmeasured here).
+FP32_GEMM_ENV = "QWEN35_FP32_GEMM"
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_fp32() -> bool:
+    """Whether fp32 GEMMs on the CPU take oneDNN (`gemm`)."""
+    import os
+
+    from qwen35.devices import cpu_vendor
+
+    choice = os.environ.get(FP32_GEMM_ENV, "")
+    if choice not in ("", "onednn", "mkl"):
+        raise ValueError(f"{FP32_GEMM_ENV}={choice!r}: use onednn or mkl (or leave it unset)")
+    usable = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return usable and (choice == "onednn" or (not choice and cpu_vendor() == "AuthenticAMD"))
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ w [N, K]^T (+ bias) through a library GEMM: F.linear, or oneDNN's for fp32 on
+    the CPUs `onednn_fp32` picks."""
+    if x.dtype == w.dtype == torch.float32 and x.is_cpu and onednn_fp32() \
+            and (bias is None or bias.dtype == torch.float32):  # fmt: skip
+        return _onednn_linear(x, w, bias)
+    return F.linear(x, w, bias)
+
+
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ w[out, in]^T (in x's dtype)."""
     if (mod := gemv_kernel_for(x, w)) is not None:
@@ -113,7 +165,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         # one row of bf16/fp16 without the kernel: torch.mv streams the weight faster than
         # the oneDNN GEMM F.linear takes
         return torch.mv(w, x[0])[None]
-    return F.linear(x, w)
+    return gemm(x, w)
 
 
 # lm_head rows past the bf16 GEMV kernel's 8 that still take it, 8 rows a call (head_linear), on

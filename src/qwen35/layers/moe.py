@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.layers.linear import Linear, empty_param, linear, pack_linears, packed_linear
+from qwen35.layers.linear import Linear, empty_param, gemm, linear, pack_linears, packed_linear
 from qwen35.layers.lora import adapted
 from qwen35.layers.mlp import MLP
 from qwen35.ops import moe as _ops_moe
@@ -65,7 +65,7 @@ class Experts(nn.Module):
         return ExpertWeights(self.gate_up_proj, self.down_proj)
 
     def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:  # [n, H] -> [n, 2I]
-        return F.linear(x, self.gate_up_proj[e])
+        return gemm(x, self.gate_up_proj[e])
 
     def many(self, which: str, xs: list, experts: list) -> torch.Tensor | None:
         """The gate_up / down products of xs[i] by experts[i], stacked [sum rows, N], in one call
@@ -73,7 +73,7 @@ class Experts(nn.Module):
         return None
 
     def down(self, h: torch.Tensor, e: int) -> torch.Tensor:  # [n, I] -> [n, H]
-        return F.linear(h, self.down_proj[e])
+        return gemm(h, self.down_proj[e])
 
     def forward(
         self,

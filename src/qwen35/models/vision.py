@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.config import VisionConfig
-from qwen35.layers.linear import empty_param
+from qwen35.layers.linear import empty_param, gemm
 from qwen35.layers.rotary import rotate_half
 
 
@@ -29,7 +29,7 @@ class BiasLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight  # bf16-stored under fp32 compute (quant/apply.py): widened per call
-        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), self.bias)
+        return gemm(x, w if w.dtype == x.dtype else w.to(x.dtype), self.bias)
 
 
 class LayerNorm(nn.Module):
@@ -53,7 +53,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, C*tp*p*p] -> [N, D]
         w = self.proj.weight
-        return F.linear(x.to(w.dtype), w.flatten(1), self.proj.bias)
+        return gemm(x.to(w.dtype), w.flatten(1), self.proj.bias)
 
 
 class VisionAttention(nn.Module):

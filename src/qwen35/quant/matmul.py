@@ -22,7 +22,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from qwen35.layers.linear import MANY_MAX_ROWS, chunked, in_chunks
+from qwen35.layers.linear import MANY_MAX_ROWS, chunked, gemm, in_chunks
 from qwen35.quant import formats
 
 # bench/quant_linear.py, 3584 x 1024, 2 threads: int8 kernel 0.10 / 0.78 ms at 1 / 16 rows vs
@@ -62,7 +62,7 @@ def widened_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     rows layers/linear.py `linear` does not give its GEMV kernel)."""
     buf = scratch(tuple(w.shape), x.dtype, x.device)
     buf.copy_(w)
-    return F.linear(x, buf)
+    return gemm(x, buf)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block) -> 
             mod.fp8_dequant(w, scale, buf, block[0], block[1])
         else:
             buf.copy_(formats.dequantize_fp8_blocks(w, scale, x.dtype, block))
-        y = F.linear(x2, buf)
+        y = gemm(x2, buf)
     return y.view(*x.shape[:-1], w.shape[0])
 
 
@@ -164,7 +164,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     # [N, K] in x.dtype: the same products as torch.mul(q, scale[:, None], out=buf), whose
     # mixed-dtype loop took 3.8 ms for 1024 x 2048 where these two take 0.27 (Zen 3, 2 threads)
     buf.copy_(q).mul_(scale[:, None])
-    y = F.linear(x2, buf)
+    y = gemm(x2, buf)
     return y.view(*x.shape[:-1], q.shape[0])
 
 
@@ -217,7 +217,7 @@ def int4_linear(
         mod.int4_dequant(packed, sz, group, wt.t())
         if x8:  # x rounded as the decode rows round it: a row's result does not depend on
             x2 = mod.int4_x8_round(x2.contiguous())  # whether its call had more than 16 rows
-        y = F.linear(x2, wt.t())
+        y = gemm(x2, wt.t())
     elif torch_int4_takes(group):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
     else:  # no kernel of ours, and torch's reads another layout here: the PyTorch reference
