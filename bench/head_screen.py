@@ -11,7 +11,7 @@ torch's GEMM past 8 bf16 rows, as before layers.linear.head_linear), alternating
 memory bandwidth's drift hits both alike. Also the head's build time, its bytes, and the
 screen's candidates per step. Medians of the steps' wall times; the tokens of both modes must be
 equal (the run stops otherwise). Writes bench/results/head_screen.json. `--head-only`: the head
-alone at 1-16 rows (what SCREEN_MAX_ROWS in models/head_screen.py is set from): the full head, the
+alone at 1-16 rows (--rows: more; HeadScreen.max_rows is set from these): the full head, the
 screen (kernels/head_screen_cpu.cpp), the same with the kernel's VNNI dots one input row at a
 time (as before 4-16 rows went into a vector's lanes) and the screen through its PyTorch twin.
 `--rescore`: the exact logits of 4,096-16,384 candidates (the screen's second half) alone.
@@ -66,22 +66,22 @@ def _interleaved(calls: dict, rounds: int, before=None) -> dict[str, float]:
     return {m: statistics.median(v) * 1e3 for m, v in ms.items()}
 
 
-def head_only(fmt: str, rounds: int) -> dict:
+def head_only(fmt: str, rounds: int, rows_list=(1, 2, 4, 8, 16)) -> dict:
     """The 0.8B-sized head alone (248320 x 1024, random): the full head (layers.linear) vs the
     screen + exact rows (HeadScreen.tokens) vs the same through the screen's PyTorch twin
     (`candidates_reference`: `twin`), 1-16 rows, caches evicted before every call. fmt
     "bf16:fp32": a bf16 head under fp32 rows (--dtype auto on CPUs without native bf16)."""
-    import torch.nn.functional as F
 
     from qwen35.kernels import gemv
-    from qwen35.layers.linear import head_linear
+    from qwen35.layers.linear import gemm, head_linear
+    from qwen35.quant.matmul import widened_linear
 
     dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
     rows = torch.float32 if fmt in ("fp32", "bf16:fp32") else torch.bfloat16
     V, K = 248320, 1024
     w = (torch.randn(V, K) * 0.02).to(dtype)
     head = HeadScreen(w, rows)
-    head.max_rows = 16  # past SCREEN_MAX_ROWS too: that is what is measured
+    head.max_rows = max(rows_list)  # past HeadScreen's own limit too: that is what is measured
     kernel = gemv.load_screen
 
     def twin(x, ks):
@@ -104,10 +104,10 @@ def head_only(fmt: str, rounds: int) -> dict:
     # full: what the engine's head runs (bf16 past 8 rows: the GEMV kernel 8 rows a call); gemm:
     # torch's GEMM, which bf16 rows past 8 took before
     calls = {"full": lambda x, ks: head_linear(x, w), "screen": head._exact, "twin": twin,
-             "gemm": lambda x, ks: F.linear(x, w)}  # fmt: skip
+             "gemm": lambda x, ks: widened_linear(x, w) if x.dtype != w.dtype else gemm(x, w)}  # fmt: skip
     if kernel() is not None and kernel().vnni():
         calls["rowwise"] = rowwise
-    for M in (1, 2, 4, 8, 16):
+    for M in rows_list:
         x = torch.randn(M, K).to(rows)
         med = _interleaved({m: lambda c=c, x=x: c(x, [1] * len(x)) for m, c in calls.items()}, rounds,
                            before=lambda: [t.sum() for t in evict])  # fmt: skip
@@ -116,7 +116,7 @@ def head_only(fmt: str, rounds: int) -> dict:
               f" ({med['full'] / med['screen']:.2f}x), its PyTorch twin {med['twin']:.2f}"
               f" (kernel {med['twin'] / med['screen']:.2f}x)"
               + (f", its row-by-row VNNI dots {med['rowwise']:.2f}" if "rowwise" in med else "")
-              + f"; torch's GEMM {med['gemm']:.2f}")  # fmt: skip
+              + f"; the library GEMM (layers.linear.gemm) {med['gemm']:.2f}")  # fmt: skip
     return out
 
 
@@ -125,13 +125,13 @@ def rescore(fmt: str, rounds: int) -> dict:
     gathered, then layers.linear.head_linear) at the most rows the screen takes, the rows gathered into a
     fresh tensor each call (as HeadScreen does) and into a buffer kept between calls,
     alternating; the full head beside."""
-    from qwen35.layers.linear import head_gemv_max_rows, head_linear
-    from qwen35.models.head_screen import SCREEN_MAX_ROWS
+    from qwen35.layers.linear import head_kernel_rows, head_linear
+    from qwen35.models.head_screen import SCREEN_ROWS
 
     dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
     V, K = 248320, 1024
     w = (torch.randn(V, K) * 0.02).to(dtype)
-    M = min(head_gemv_max_rows(dtype), SCREEN_MAX_ROWS[dtype])  # HeadScreen.max_rows
+    M = min(head_kernel_rows(dtype, w), SCREEN_ROWS)  # the rows of one screen's exact step
     x = torch.randn(M, K).to(dtype)
     out = {}
     for C in (4096, 8192, 16384):
@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     ap.add_argument("--top-k", type=int, default=0, help="sampled rows with this top_k")
     ap.add_argument("--head-only", action="store_true", help="time the head alone, 1-16 rows")
+    ap.add_argument("--rows", default="1,2,4,8,16", help="--head-only: row counts")
     ap.add_argument("--gemm", action="store_true",
                     help="a third mode: the full head through torch's GEMM past 8 bf16 rows")
     ap.add_argument("--rescore", action="store_true",
@@ -170,7 +171,8 @@ def main() -> None:
         return
     if args.head_only:
         torch.set_num_threads(args.threads or torch.get_num_threads())
-        doc = {f: head_only(f, args.rounds) for f in args.formats}
+        rows = [int(r) for r in args.rows.split(",")]
+        doc = {f: head_only(f, args.rounds, rows) for f in args.formats}
         out = Path(__file__).with_name("results") / "head_screen_alone.json"
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps(doc, indent=1) + "\n")

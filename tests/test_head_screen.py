@@ -73,13 +73,14 @@ def test_tokens_equal_full_argmax(dtype, K):
 @pytest.mark.parametrize("K", [64, 200])
 def test_fp32_rows_on_a_bf16_head(K):
     """A model computing in fp32 on bf16-stored weights (--quantization bf16): the screen of the
-    bf16 head on fp32 rows gives the full head's argmax (fp32 logits, not rounded), up to 16
-    rows; bf16 rows are not its rows."""
+    bf16 head on fp32 rows gives the full head's argmax (fp32 logits, not rounded), up to 48
+    rows (the full head's 16-row kernel chunks), screened 16 rows at a time; bf16 rows are not
+    its rows."""
     w = _weights(3000, K, torch.bfloat16, seed=2)
     head = HeadScreen(w, torch.float32)
-    assert head.max_rows == 16 and not head.rounded_output
+    assert head.max_rows == 48 and not head.rounded_output
     g = torch.Generator().manual_seed(3)
-    for rows in (1, 3, 16):
+    for rows in (1, 3, 16, 17, 40, 48):
         for scale in (0.1, 1.0, 30.0):
             x = torch.randn(rows, K, generator=g) * scale
             got = head.tokens(x)
@@ -400,10 +401,44 @@ def test_which_cpus_keep_the_head_on_the_gemv_kernel(monkeypatch):
     GEMV's own 8 (AVX2: the kernel widens bf16, slower than the GEMM; AMX: its GEMM, unmeasured);
     fp32 rows the GEMV's 16 everywhere."""
     from qwen35 import devices
-    from qwen35.layers.linear import head_gemv_max_rows
+    from qwen35.layers.linear import head_gemv_max_rows, head_kernel_rows
 
     for flags, bf16 in [({"avx2", "avx512f", "avx512_bf16"}, 16), ({"avx2"}, 8),
                         ({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, 8)]:  # fmt: skip
         monkeypatch.setattr(devices, "cpu_flags", lambda f=frozenset(flags): f)
         assert head_gemv_max_rows(torch.bfloat16) == bf16, flags
         assert head_gemv_max_rows(torch.float32) == 16
+        # fp32 rows: also the 16-row chunks of fp32 weights (AVX-512) and bf16-stored ones (any)
+        w32, w16 = torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.bfloat16)
+        assert head_kernel_rows(torch.float32, w32) == (48 if "avx512f" in flags else 16), flags
+        assert head_kernel_rows(torch.float32, w16) == 48
+        assert head_kernel_rows(torch.bfloat16, w16) == bf16
+
+
+def test_rows_past_16_screened_in_groups_one_undecided(monkeypatch):
+    """fp32 rows past 16 (the full head's 16-row kernel chunks; bf16-stored head here, so on any
+    CPU): screened 16 at a time; a group the screen leaves undecided gets its full logits from the
+    same kernel call, the others stay screened: the full head's tokens and top-k logits; every
+    group undecided: None (the caller's full head)."""
+    w = _weights(3000, 96, torch.bfloat16, seed=13)
+    head = HeadScreen(w, torch.float32)
+    assert head.max_rows == 48
+    x = torch.randn(40, 96, generator=torch.Generator().manual_seed(14))
+    real = head.candidates
+    seen = []
+
+    def second_undecided(rows, ks):
+        seen.append(len(rows))
+        return None if len(seen) % 3 == 2 else real(rows, ks)
+
+    monkeypatch.setattr(head, "candidates", second_undecided)
+    assert head.tokens(x) == full_argmax(w, x)
+    assert seen == [16, 16, 8]
+    full = head_linear(x, w).float()
+    ks = [1 + i % 7 for i in range(40)]
+    got = head.logits(x, ks)
+    assert torch.equal(got[16:32], full[16:32])  # the undecided group: whole rows
+    _kept_exact(full[:16], got[:16], ks[:16])
+    _kept_exact(full[32:], got[32:], ks[32:])
+    monkeypatch.setattr(head, "candidates", lambda rows, ks: None)
+    assert head.tokens(x) is None and head.logits(x, ks) is None

@@ -141,3 +141,25 @@ def test_bf16_engine_with_and_without_the_screen_random_workloads(tmp_path, seed
 
     (on, calls), (off, _) = run(True), run(False)
     assert max(calls) > 8 and on == off  # (steps of 9-16 rows took it)
+
+
+def test_engine_fp32_batch_past_16_rows(ckpt):
+    """24 greedy sequences decoding together in fp32 on the bf16-stored head (`--quantization
+    bf16`; its rows take the GEMV kernel 16 at a time on every CPU) take the screen, 24 rows a
+    step in two groups, and give the full head's tokens."""
+    from qwen35.engine.llm_engine import LLM
+
+    if gemv.load() is None:
+        pytest.skip("the CPU GEMV kernels are not available (no compiler / AVX2)")
+    prompts = [[5 + i, 9, 200 - i, 17] + [3] * (i % 5) for i in range(24)]
+    greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    kw = dict(dtype="fp32", quantization="bf16", verbose=False, max_memory="300MiB",
+              max_num_seqs=32)  # fmt: skip
+    on = LLM(str(ckpt), **kw)
+    calls = []
+    real = on.engine.runner.head_screen.tokens
+    on.engine.runner.head_screen.tokens = lambda x: calls.append(len(x)) or real(x)
+    off = LLM(str(ckpt), head_screen=False, **kw)
+    got = [o.outputs[0].token_ids for o in on.generate(prompts, greedy)]
+    assert max(calls) == 24
+    assert got == [o.outputs[0].token_ids for o in off.generate(prompts, greedy)]

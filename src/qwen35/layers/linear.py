@@ -186,6 +186,14 @@ def head_gemv_max_rows(dtype: torch.dtype) -> int:
     return extra if extra and chunks else GEMV_MAX_ROWS.get(dtype, 0)
 
 
+def head_kernel_rows(x_dtype: torch.dtype, w: torch.Tensor) -> int:
+    """Rows of x_dtype up to which head_linear(x, w) on a CPU gives every row the GEMV kernel's
+    output (what the row gets alone): bf16 head_gemv_max_rows; fp32 rows also the 16-row chunks
+    `linear` takes up to chunked_max_rows. The head screen's exact rows need that."""
+    n = head_gemv_max_rows(x_dtype)
+    return max(n, chunked_max_rows(w.dtype)) if x_dtype == torch.float32 else n
+
+
 def head_linear(x: torch.Tensor, w: torch.Tensor, fn=None) -> torch.Tensor:
     """`linear` for lm_head: bf16 rows past the GEMV kernel's limit, up to head_gemv_max_rows,
     run it in chunks of that limit instead of torch's GEMM. Every output row is then the

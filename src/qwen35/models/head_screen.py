@@ -42,7 +42,7 @@ import math
 
 import torch
 
-from qwen35.layers.linear import Linear, head_gemv_max_rows, head_linear
+from qwen35.layers.linear import Linear, head_kernel_rows, head_linear
 from qwen35.quant.formats import INT8_X_GROUP, INT8_X_MAX, quantize_rows_i16
 
 MAX_CANDIDATES = 4096  # per 4 input rows (max_candidates): more left after the screen, full head
@@ -53,14 +53,15 @@ MAX_CANDIDATES = 4096  # per 4 input rows (max_candidates): more left after the 
 # blocks that large by mmap), whose page faults cost 7-14 ms more (12.4 vs 4.7 ms into a kept
 # buffer for 16,384 bf16 rows): the gathered rows stay under GATHER_MAX_BYTES, transient.
 GATHER_MAX_BYTES = 24 << 20
-# Rows up to which the screen beats the full head (and the exact rows take the GEMV kernel, as the
-# full head does: head_gemv_max_rows, bf16 up to 16 rows where bf16 is native, else 8). `python
-# bench/head_screen.py --head-only --rounds 5 --threads 2` (the 0.8B's head, caches cold, Zen 5
-# VM), bf16 full vs screen: 11.5 /
-# 6.9 ms at 1 row, 14.8 / 8.0 at 4; at 8 rows 16.5 / 21.3 before the VNNI kernel put 4-16 input
-# rows in a vector's lanes (kernels/head_screen_cpu.cpp dot_pairs / dot_lanes), 13.4 / 8.4 after;
-# fp32 at 16 rows 66 / 17 ms (43.8 before). README "Head screen past 4 rows".
-SCREEN_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 16}
+# The screen takes every step whose rows the full head gives from the GEMV kernel
+# (layers/linear.py head_kernel_rows: bf16 up to 16 rows where bf16 is native, else 8; fp32 rows
+# 16, or 48 where `linear` takes the kernel in 16-row chunks), in groups of SCREEN_ROWS (the
+# kernel's 16 lanes), and beats the full head at all of them. `python bench/head_screen.py
+# --head-only --rounds 5 --threads 2` (the 0.8B's head, caches cold, Zen 5 VM), bf16 full vs
+# screen: 11.5 / 6.9 ms at 1 row, 14.8 / 8.0 at 4; at 8 rows 16.5 / 21.3 before the VNNI kernel
+# put 4-16 input rows in a vector's lanes (kernels/head_screen_cpu.cpp dot_pairs / dot_lanes),
+# 13.4 / 8.4 after; fp32 at 16 rows 66 / 17 ms (43.8 before). README "Head screen past 4 rows".
+SCREEN_ROWS = 16
 
 
 def max_candidates(rows: int, row_bytes: int = 0) -> int:
@@ -117,7 +118,7 @@ class HeadScreen:
         self.rows_dtype = rows = rows_dtype or weight.dtype
         if rows != weight.dtype and not (rows == torch.float32 and weight.dtype == torch.bfloat16):
             raise ValueError(f"{rows} rows on a {weight.dtype} head are not a GEMV kernel's")
-        self.max_rows = min(head_gemv_max_rows(rows), SCREEN_MAX_ROWS[rows])
+        self.max_rows = head_kernel_rows(rows, weight)
         self.rounded_output = rows != torch.float32  # linear() gives logits in x's dtype
 
     @classmethod
@@ -199,7 +200,10 @@ class HeadScreen:
 
     # ---- what the runner calls -------------------------------------------------------------
     def _exact(self, x: torch.Tensor, ks: list[int]):
-        """(candidates [C], their exact logits [S, C] fp32), or None."""
+        """[(first row, candidates [C], their exact logits [S, C] fp32)], one per group of up to
+        SCREEN_ROWS rows; a group the screen leaves undecided (of several) gets its full logits
+        [S, V] (the same call as the full head's chunk: the same bits) and candidates None. None
+        where no group is decided or a row is not finite."""
         from qwen35.kernels import gemv
 
         if (
@@ -211,13 +215,20 @@ class HeadScreen:
             or not bool(torch.isfinite(x).all())
         ):
             return None
-        cand = self.candidates(x, ks)
-        if cand is None:
-            return None
-        exact = head_linear(x.contiguous(), self.weight.index_select(0, cand)).float()  # [S, C]
-        if not bool(torch.isfinite(exact).all()):
-            return None  # the full path's NaN / inf handling decides
-        return cand, exact
+        groups = []
+        for i in range(0, len(x), SCREEN_ROWS):
+            rows = x[i : i + SCREEN_ROWS].contiguous()
+            cand = self.candidates(rows, ks[i : i + SCREEN_ROWS])
+            groups.append([i, rows, cand])
+        if all(cand is None for _, _, cand in groups):
+            return None  # the caller's full head, at no extra cost
+        for g in groups:
+            i, rows, cand = g
+            w = self.weight if cand is None else self.weight.index_select(0, cand)
+            g[1] = exact = head_linear(rows, w).float()  # [S, C] (undecided: [S, V])
+            if not bool(torch.isfinite(exact).all()):
+                return None  # the full path's NaN / inf handling decides
+        return [(i, cand, exact) for i, exact, cand in groups]
 
     def limit(self, rows: int) -> int:
         """The most candidates a screen of `rows` input rows may leave (max_candidates)."""
@@ -232,8 +243,11 @@ class HeadScreen:
         got = self._exact(x, [1] * len(x))
         if got is None:
             return None
-        cand, exact = got
-        return cand[argmax(exact)].tolist()
+        out = []
+        for _, cand, exact in got:
+            best = argmax(exact)
+            out += (best if cand is None else cand[best]).tolist()
+        return out
 
     def draft_tokens(self, x: torch.Tensor) -> list[int]:
         """Each row's largest screen logit: the int8 head's argmax, not guaranteed the exact
@@ -249,7 +263,10 @@ class HeadScreen:
         got = self._exact(x, ks)
         if got is None:
             return None
-        cand, exact = got
         out = torch.full((len(x), self.weight.shape[0]), -math.inf)
-        out.index_copy_(1, cand, exact)
+        for i, cand, exact in got:
+            if cand is None:
+                out[i : i + len(exact)] = exact
+            else:
+                out[i : i + len(exact)].index_copy_(1, cand, exact)
         return out
