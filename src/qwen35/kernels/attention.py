@@ -6,6 +6,15 @@ against its cached K/V in place, through its block table, the output gate applie
                            gate [N, nh, hd] or None, avx2_only=False) -> [N, nh, hd]
     fast_path(dtype, head_dim, avx2_only=False, kv_dtype=None) -> the AVX512 paths run
 
+and causal prefill attention for bf16 models on AVX512-BF16 CPUs (`attention_prefill_cpu.cpp`):
+
+    prefill_attention(q [Tq, nh, hd] bf16, key_cache, value_cache [blocks, bs, nkv, hd] bf16 or
+                      fp8, block_row [W] int32, start, scale) -> [Tq, nh, hd]
+
+the queries at positions start .. start + Tq - 1 over the context's K/V, read through the block
+row (`load_prefill`, `prefill_takes`; its PyTorch twin: ops/attention.py prefill_attention, SDPA;
+tests/test_attention_prefill.py, bench/attention_prefill.py).
+
 The caches hold the model dtype, bf16 / fp16 under an fp32 model, or fp8 (e4m3) under any model
 (`--kv-cache-dtype`; `takes`).
 
@@ -36,3 +45,19 @@ def takes(dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
     if kv_dtype in (dtype, torch.float8_e4m3fn):
         return True
     return dtype == torch.float32 and kv_dtype in DTYPES
+
+
+PREFILL = Native("attention_prefill_cpu.cpp", ("-mavx2", "-mfma"), needs=("avx512_bf16",))
+
+
+def load_prefill():
+    """`attention_prefill_cpu.cpp`'s module, or None (no compiler, QWEN35_NO_KERNELS=1, a CPU
+    without AVX512-BF16, QWEN35_CPU_ISA=avx2)."""
+    return PREFILL.load()
+
+
+def prefill_takes(q: torch.Tensor, key_cache: torch.Tensor) -> bool:
+    """The prefill kernel runs these queries over this cache: a bf16 model, bf16 or fp8 caches,
+    a head dim of a multiple of 32."""
+    return (q.dtype == torch.bfloat16 and q.is_cpu and q.shape[-1] % 32 == 0
+            and key_cache.dtype in (torch.bfloat16, torch.float8_e4m3fn))  # fmt: skip

@@ -21,6 +21,7 @@ from qwen35.layers.rotary import apply_rotary_qk
 from qwen35.ops.attention import (
     attention_decode_gated,
     cached_prefill_attention,
+    cpu_prefill_kernel,
     paged_decode_attention,
     prefill_attention,
     write_kv,
@@ -89,7 +90,8 @@ class GatedAttention(nn.Module):
             k, v = k.to(key_cache.dtype).to(k.dtype), v.to(value_cache.dtype).to(v.dtype)
         for sp in batch.prefill:
             r = sp.rows
-            if sp.start_pos == 0:  # the context is exactly the new tokens
+            if sp.start_pos == 0 and cpu_prefill_kernel(be, q, key_cache) is None:
+                # the context is exactly the new tokens
                 o[r] = prefill_attention(q[r], k[r], v[r], self.scale)
             else:
                 row = batch.block_tables[sp.index]

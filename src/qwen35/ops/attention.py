@@ -227,6 +227,18 @@ def _decode_triton(be, qg, k, v, q_norm, k_norm, cos, sin, key_cache, value_cach
     return paged_decode_attention(be, q, key_cache, value_cache, d, scale, gate).view(N, nh * hd)
 
 
+def cpu_prefill_kernel(be: Backend, q: torch.Tensor, key_cache: torch.Tensor):
+    """The CPU prefill attention kernel's module where it runs these queries over this cache
+    (kernels/attention.py: bf16 models on AVX512-BF16 CPUs), else None. It takes every chunk of
+    a prompt, the first too, from the cache: the same bits however the prompt was cut."""
+    if be.cpu_prefill_attention is None or not q.is_cpu:
+        return None
+    from qwen35.kernels import attention
+
+    mod = attention.load_prefill()  # None once QWEN35_NO_KERNELS=1 is set, at any time
+    return mod if mod is not None and attention.prefill_takes(q, key_cache) else None
+
+
 def cached_prefill_attention(
     be: Backend,
     q: torch.Tensor,  # [Tq, nh, hd] at positions start_pos ..
@@ -236,7 +248,11 @@ def cached_prefill_attention(
     start_pos: int,
     scale: float,
 ) -> torch.Tensor:
-    """[Tq, nh, hd]: a prefill chunk over its cached prefix and itself."""
+    """[Tq, nh, hd]: a prefill chunk over its cached prefix and itself (start_pos 0: the
+    CPU kernel's first chunk, `cpu_prefill_kernel`)."""
+    if (mod := cpu_prefill_kernel(be, q, key_cache)) is not None:
+        return mod.prefill_attention(q.contiguous(), key_cache, value_cache,
+                                     block_row.to(torch.int32).contiguous(), start_pos, scale)  # fmt: skip
     ctx = start_pos + q.shape[0]
     path = chunk_attention_path(be, q, ctx)
     if path == "triton":

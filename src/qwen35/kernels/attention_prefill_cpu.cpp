@@ -1,0 +1,315 @@
+// Causal prefill attention on the CPU for bf16 models (AVX512-BF16): the queries of one prompt
+// chunk, at positions start .. start + Tq - 1, against its whole context read from the paged
+// K/V cache (bf16, or fp8 e4m3 widened exactly), through its block table. torch's CPU SDPA
+// (the path this replaces, ops/attention.py prefill_attention) ran at 50-160 GFLOP/s on a 2-core
+// Zen 5 where bf16 GEMMs reach 450; `bench/attention_prefill.py` times both.
+//
+// Flash-attention order with a fixed cut: keys in blocks of kKB aligned at absolute positions
+// 0, kKB, 2 kKB, ... For one query row (query position p, query head) every block up to p's:
+//   s = (q . k) * scale over the block (vdpbf16ps, the head dim's pairs in order: fp32 sums);
+//   keys after p masked; m' = max(m, max s); P = exp(s - m') (0 where masked);
+//   l = l exp(m - m') + sum P; O = O exp(m - m') + P V (P rounded to bf16, V bf16, fp32 sums,
+//   keys in order)
+// and o = round_bf16(O / l). Each row's arithmetic depends on its position and its keys alone:
+// not on how the prompt was cut into chunks, on a prefix-cache hit, the batch or the threads,
+// so a chunked prompt, a prefix hit and a whole prompt give the same bits.
+//
+// Layout: K and V of the context are first packed per KV head and key block (parallel over
+// blocks): K as [hd / 2][kKB] pairs (k_t[2d], k_t[2d + 1]) so that one 64-byte load holds 16
+// keys' pairs of one head-dim pair, which a broadcast query pair meets in one vdpbf16ps (16
+// scores a register, no horizontal sums); V as [kKB / 2][hd] pairs (v_2u[j], v_2u+1[j]) for
+// P V (16 outputs a register, two keys a step). A task is one KV head and kQB query positions,
+// its R query heads (GQA) together: rows (position, head), tiles of kSR rows x kKB keys for
+// the scores and kPR rows x 128 head dims for P V. Tasks are ordered early / late query blocks
+// alternately, so the causal work splits evenly between at::parallel_for's contiguous ranges.
+#include <ATen/Parallel.h>
+#include "torch_ext.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <immintrin.h>
+
+#include "cpu_isa.h"
+
+namespace {
+
+#define TARGET_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+constexpr int kKB = 64;   // keys a block
+constexpr int kQB = 16;   // query positions a task
+constexpr int kSR = 6;    // rows a scores tile (6 x 4 accumulators)
+constexpr int kPR = 3;    // rows a P V tile (3 x 8 accumulators)
+constexpr int kPH = 128;  // head dims a P V tile (then 64 / 32 for the rest)
+
+// exp(x) by vec_avx2.h exp8's scheme (range reduction by ln 2, degree-5 polynomial), 16 lanes
+TARGET_AVX512_BF16 inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)),
+                    _mm512_set1_ps(-88.3762626647949f));
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x), _mm512_set1_ps(1.f));
+  const __m512i e =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+inline uint16_t bf16_bits(uint16_t v) { return v; }
+inline uint16_t bf16_bits(c10::Float8_e4m3fn v) {  // exact: e4m3 has 4 significant bits
+  const float f = static_cast<float>(v);
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// K / V of positions [b kKB, b kKB + kKB) of KV head h, from the pages (keys past ctx: 0)
+template <typename KV>
+void pack_block(const KV* kc, const KV* vc, const int32_t* row, int64_t bs, int64_t sblock,
+                int64_t stok, int64_t h, int64_t hd, int64_t b, int64_t ctx, uint32_t* kp,
+                uint32_t* vp) {
+  std::vector<uint16_t> kb(kKB * hd, 0), vb(kKB * hd, 0);  // [key][hd]
+  for (int t = 0; t < kKB; ++t) {
+    const int64_t pos = b * kKB + t;
+    if (pos >= ctx) break;
+    const int64_t off = row[pos / bs] * sblock + (pos % bs) * stok + h * hd;
+    for (int64_t j = 0; j < hd; ++j) {
+      kb[t * hd + j] = bf16_bits(kc[off + j]);
+      vb[t * hd + j] = bf16_bits(vc[off + j]);
+    }
+  }
+  for (int64_t d = 0; d < hd / 2; ++d)  // K: [hd / 2][kKB] pairs
+    for (int t = 0; t < kKB; ++t)
+      kp[d * kKB + t] = kb[t * hd + 2 * d] | static_cast<uint32_t>(kb[t * hd + 2 * d + 1]) << 16;
+  for (int u = 0; u < kKB / 2; ++u)  // V: [kKB / 2][hd] pairs
+    for (int64_t j = 0; j < hd; ++j)
+      vp[u * hd + j] = vb[2 * u * hd + j] | static_cast<uint32_t>(vb[(2 * u + 1) * hd + j]) << 16;
+}
+
+// s[r][t] = (q_r . k_t) * scale for MR rows (q: bf16 rows of hd, as pairs) and the block's keys
+template <int MR>
+TARGET_AVX512_BF16 void scores_tile(const uint32_t* const* q, const uint32_t* kp, int64_t hd,
+                                    float scale, float* s) {
+  __m512 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < hd / 2; ++d) {
+    __m512bh k[4];
+    for (int c = 0; c < 4; ++c) k[c] = (__m512bh)_mm512_loadu_si512(kp + d * kKB + 16 * c);
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh qv = (__m512bh)_mm512_set1_epi32(static_cast<int>(q[r][d]));
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qv, k[c]);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(s + r * kKB + 16 * c, _mm512_mul_ps(acc[r][c], sc));
+}
+
+// O[r][j0 .. j0 + 16 C) = O alpha_r + sum over the block's key pairs u (in order) of P V
+template <int MR, int C>
+TARGET_AVX512_BF16 void pv_tile(const uint32_t* const* p, const float* alpha, const uint32_t* vp,
+                                int64_t hd, int64_t j0, int pairs, float* const* o) {
+  __m512 acc[MR][C];
+  for (int r = 0; r < MR; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o[r] + j0 + 16 * c), a);
+  }
+  for (int u = 0; u < pairs; ++u) {
+    __m512bh v[C];
+    for (int c = 0; c < C; ++c) v[c] = (__m512bh)_mm512_loadu_si512(vp + u * hd + j0 + 16 * c);
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh pv = (__m512bh)_mm512_set1_epi32(static_cast<int>(p[r][u]));
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pv, v[c]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(o[r] + j0 + 16 * c, acc[r][c]);
+}
+
+#define TILE_SWITCH(n, F, ...)                 \
+  switch (n) {                                 \
+    case 1: F<1>(__VA_ARGS__); break;          \
+    case 2: F<2>(__VA_ARGS__); break;          \
+    case 3: F<3>(__VA_ARGS__); break;          \
+    case 4: F<4>(__VA_ARGS__); break;          \
+    case 5: F<5>(__VA_ARGS__); break;          \
+    default: F<6>(__VA_ARGS__); break;         \
+  }
+
+// One task: KV head h, query positions [i0, i1) of the chunk, its R query heads.
+TARGET_AVX512_BF16 void task(const uint16_t* Q, uint16_t* O, const uint32_t* kp_all,
+                             const uint32_t* vp_all, int64_t nblk, int64_t h, int64_t R,
+                             int64_t nh, int64_t hd, int64_t i0, int64_t i1, int64_t start,
+                             float scale) {
+  const int64_t rows = (i1 - i0) * R;
+  std::vector<const uint32_t*> q(rows);
+  std::vector<float> acc(rows * hd, 0.f), s(kSR * kKB), m(rows, -std::numeric_limits<float>::infinity()),
+      l(rows, 0.f), alpha(rows);
+  std::vector<uint32_t> p(rows * (kKB / 2));
+  std::vector<const uint32_t*> prow(rows);
+  std::vector<float*> orow(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r / R, head = h * R + r % R;
+    q[r] = reinterpret_cast<const uint32_t*>(Q + (i * nh + head) * hd);
+    prow[r] = p.data() + r * (kKB / 2);
+    orow[r] = acc.data() + r * hd;
+  }
+  const int64_t last = (start + i1 - 1) / kKB;  // the block of the chunk's last position
+  for (int64_t b = 0; b <= last; ++b) {
+    const uint32_t* kp = kp_all + (h * nblk + b) * (hd / 2) * kKB;
+    const uint32_t* vp = vp_all + (h * nblk + b) * (kKB / 2) * hd;
+    for (int64_t r0 = 0; r0 < rows; r0 += kSR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kSR, rows - r0));
+      TILE_SWITCH(mr, scores_tile, q.data() + r0, kp, hd, scale, s.data());
+      for (int r = 0; r < mr; ++r) {  // softmax update of row r0 + r
+        const int64_t row = r0 + r, pos = start + i0 + row / R;
+        const int64_t valid = std::min<int64_t>(kKB, pos - b * kKB + 1);  // keys <= pos
+        float* sr = s.data() + r * kKB;
+        uint16_t* pr = reinterpret_cast<uint16_t*>(p.data() + row * (kKB / 2));
+        if (valid <= 0) {  // the whole block after this position: nothing changes
+          alpha[row] = 1.f;
+          std::memset(pr, 0, kKB * 2);
+          continue;
+        }
+        const __mmask64 mask64 = valid >= 64 ? ~0ull : (1ull << valid) - 1;
+        __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        for (int c = 0; c < 4; ++c)
+          mx = _mm512_mask_max_ps(mx, static_cast<__mmask16>(mask64 >> (16 * c)), mx,
+                                  _mm512_loadu_ps(sr + 16 * c));
+        const float mnew = std::max(m[row], _mm512_reduce_max_ps(mx));
+        alpha[row] = std::exp(m[row] - mnew);  // 0 at the first block (m = -inf)
+        m[row] = mnew;
+        __m512 sum = _mm512_setzero_ps();
+        const __m512 vm = _mm512_set1_ps(mnew);
+        for (int c = 0; c < 4; ++c) {
+          const __mmask16 k16 = static_cast<__mmask16>(mask64 >> (16 * c));
+          const __m512 e = _mm512_maskz_mov_ps(k16, exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * c), vm)));
+          sum = _mm512_add_ps(sum, e);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + 16 * c), (__m256i)_mm512_cvtneps_pbh(e));
+        }
+        l[row] = l[row] * alpha[row] + _mm512_reduce_add_ps(sum);
+      }
+    }
+    const int pairs = static_cast<int>(std::min<int64_t>(kKB, start + i1 - b * kKB) + 1) / 2;
+    for (int64_t r0 = 0; r0 < rows; r0 += kPR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kPR, rows - r0));
+      for (int64_t j0 = 0; j0 < hd;) {  // head dims 128 at a time, then 64 / 32
+        const int c = hd - j0 >= kPH ? kPH / 16 : hd - j0 >= 64 ? 4 : 2;
+        const uint32_t* const* pr = prow.data() + r0;
+        const float* al = alpha.data() + r0;
+        float* const* orr = orow.data() + r0;
+#define PV(MR, C) pv_tile<MR, C>(pr, al, vp, hd, j0, pairs, orr)
+        if (c == 8) {
+          if (mr == 1) PV(1, 8); else if (mr == 2) PV(2, 8); else PV(3, 8);
+        } else if (c == 4) {
+          if (mr == 1) PV(1, 4); else if (mr == 2) PV(2, 4); else PV(3, 4);
+        } else {
+          if (mr == 1) PV(1, 2); else if (mr == 2) PV(2, 2); else PV(3, 2);
+        }
+#undef PV
+        j0 += 16 * c;
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r / R, head = h * R + r % R;
+    const __m512 inv = _mm512_set1_ps(1.f / l[r]);
+    uint16_t* out = O + (i * nh + head) * hd;
+    for (int64_t j = 0; j < hd; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(orow[r] + j), inv)));
+  }
+}
+
+template <typename KV>
+void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+         const torch::Tensor& row, int64_t start, double scale, torch::Tensor& out) {
+  const int64_t Tq = q.size(0), nh = q.size(1), hd = q.size(2);
+  const int64_t bs = kc.size(1), nkv = kc.size(2), R = nh / nkv;
+  const int64_t ctx = start + Tq, nblk = (ctx + kKB - 1) / kKB;
+  auto kp = torch::empty({nkv * nblk * (hd / 2) * kKB}, q.options().dtype(at::kInt));
+  auto vp = torch::empty({nkv * nblk * (kKB / 2) * hd}, q.options().dtype(at::kInt));
+  uint32_t* kpp = reinterpret_cast<uint32_t*>(kp.data_ptr<int32_t>());
+  uint32_t* vpp = reinterpret_cast<uint32_t*>(vp.data_ptr<int32_t>());
+  const KV* kcp = reinterpret_cast<const KV*>(kc.data_ptr());
+  const KV* vcp = reinterpret_cast<const KV*>(vc.data_ptr());
+  const int32_t* rp = row.data_ptr<int32_t>();
+  const int64_t sblock = kc.stride(0), stok = kc.stride(1);
+  at::parallel_for(0, nkv * nblk, 1, [&](int64_t a, int64_t z) {
+    for (int64_t t = a; t < z; ++t) {
+      const int64_t h = t / nblk, b = t % nblk;
+      pack_block(kcp, vcp, rp, bs, sblock, stok, h, hd, b, ctx, kpp + t * (hd / 2) * kKB,
+                 vpp + t * (kKB / 2) * hd);
+    }
+  });
+  const int64_t nqb = (Tq + kQB - 1) / kQB;
+  std::vector<int64_t> order(nqb);  // early and late query blocks alternately
+  for (int64_t j = 0; j < nqb; ++j) order[j] = j % 2 == 0 ? j / 2 : nqb - 1 - j / 2;
+  const uint16_t* Q = reinterpret_cast<const uint16_t*>(q.data_ptr());
+  uint16_t* O = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, nkv * nqb, 1, [&](int64_t a, int64_t z) {
+    for (int64_t t = a; t < z; ++t) {
+      const int64_t h = t % nkv, qb = order[t / nkv];
+      task(Q, O, kpp, vpp, nblk, h, R, nh, hd, qb * kQB, std::min(Tq, (qb + 1) * kQB), start,
+           static_cast<float>(scale));
+    }
+  });
+}
+
+bool supported() { return cpu_isa::avx512_bf16(); }
+
+torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& key_cache,
+                                const torch::Tensor& value_cache, const torch::Tensor& block_row,
+                                int64_t start, double scale) {
+  TORCH_CHECK(supported(), "prefill_attention: needs an AVX512-BF16 CPU");
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kBFloat16 && q.is_contiguous(),
+              "prefill_attention: q [Tq, nh, hd] bf16 contiguous expected");
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes() &&
+                  key_cache.scalar_type() == value_cache.scalar_type() &&
+                  key_cache.stride(3) == 1 && key_cache.stride(2) == key_cache.size(3) &&
+                  key_cache.strides() == value_cache.strides(),
+              "prefill_attention: caches [blocks, bs, nkv, hd] with rows of hd contiguous expected");
+  const int64_t hd = q.size(2), nh = q.size(1), nkv = key_cache.size(2);
+  TORCH_CHECK(key_cache.size(3) == hd && hd % 32 == 0 && nh % nkv == 0,
+              "prefill_attention: head dim a multiple of 32, query heads a multiple of KV heads");
+  TORCH_CHECK(block_row.dim() == 1 && block_row.scalar_type() == at::kInt && block_row.is_contiguous(),
+              "prefill_attention: block_row [W] int32 expected");
+  TORCH_CHECK(start >= 0 && (start + q.size(0) + key_cache.size(1) - 1) / key_cache.size(1) <=
+                                block_row.size(0),
+              "prefill_attention: the block row is shorter than the context");
+  auto out = torch::empty_like(q);
+  if (q.size(0) == 0) return out;
+  if (key_cache.scalar_type() == at::kBFloat16)
+    run<uint16_t>(q, key_cache, value_cache, block_row, start, scale, out);
+  else if (key_cache.scalar_type() == at::kFloat8_e4m3fn)
+    run<c10::Float8_e4m3fn>(q, key_cache, value_cache, block_row, start, scale, out);
+  else
+    TORCH_CHECK(false, "prefill_attention: bf16 or fp8 (e4m3) caches expected, got ",
+                key_cache.scalar_type());
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("prefill_attention", &prefill_attention,
+        "causal attention of q [Tq, nh, hd] bf16 at positions start.. over the paged K/V of "
+        "positions 0 .. start + Tq - 1",
+        py::arg("q"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_row"),
+        py::arg("start"), py::arg("scale"));
+  m.def("supported", &supported, "an AVX512-BF16 CPU");
+}
