@@ -1,12 +1,12 @@
-"""Prefill attention of a bf16 model on the CPU: our kernel (kernels/attention_prefill_cpu.cpp,
+"""Prefill attention on the CPU: our kernel (kernels/attention_prefill_cpu.cpp,
 reading the paged cache) vs the PyTorch path it replaces (ops/attention.py: torch's SDPA, causal on
 a first chunk's own K/V; the context gathered from the cache + a boolean mask for a chunk after a
 cached prefix), interleaved in one process.
 
     python bench/attention_prefill.py [--chunk 2048] [--contexts 2048,8192,32768] [--heads 8,2]
-                                      [--head-dim 256] [--threads 2] [--rounds 3]
+                                      [--head-dim 256] [--dtype bf16|fp32] [--threads 2] [--rounds 3]
 
-`--engine 2048,8192`: whole prompts of these lengths prefilled by a bf16 Qwen3.5-0.8B engine (random
+`--engine 2048,8192`: whole prompts of these lengths prefilled by a --dtype Qwen3.5-0.8B engine (random
 weights, the prompt cut into --chunk-token steps) with the kernel and without it (the PyTorch path),
 alternating round by round: prefill tokens/s.
 
@@ -28,11 +28,11 @@ from qwen35.kernels import attention
 from qwen35.ops import attention as ops
 
 
-def engine_prefill(lengths: list[int], chunk: int, rounds: int) -> None:
+def engine_prefill(lengths: list[int], chunk: int, rounds: int, dtype: str) -> None:
     from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine, timed_request
     from qwen35.layers import full_attention
 
-    bm = load_bench_model(BenchOptions(dtype="bf16"))
+    bm = load_bench_model(BenchOptions(dtype=dtype))
     eng = make_engine(bm, max_num_seqs=1, max_model_len=max(lengths) + 8,
                       max_num_batched_tokens=chunk, enable_prefix_caching=False)  # fmt: skip
     real = ops.cpu_prefill_kernel
@@ -49,7 +49,7 @@ def engine_prefill(lengths: list[int], chunk: int, rounds: int) -> None:
                 t[mode].append(pre)
         ops.cpu_prefill_kernel = full_attention.cpu_prefill_kernel = real
         med = {m: statistics.median(v) for m, v in t.items()}
-        print(f"engine prefill of {n} tokens ({chunk} a step): SDPA {n / med['sdpa']:7.1f} tok/s, "
+        print(f"{dtype} engine prefill of {n} tokens ({chunk} a step): SDPA {n / med['sdpa']:7.1f} tok/s, "
               f"kernel {n / med['kernel']:7.1f} tok/s: {med['sdpa'] / med['kernel']:.2f}x (per "
               f"round {', '.join(f'{a / b:.2f}' for a, b in zip(t['sdpa'], t['kernel'], strict=True))})",
               flush=True)  # fmt: skip
@@ -64,29 +64,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--engine", default="", help="whole-prompt lengths through the engine")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.engine:
-        engine_prefill([int(n) for n in a.engine.split(",")], a.chunk, a.rounds)
+        engine_prefill([int(n) for n in a.engine.split(",")], a.chunk, a.rounds, a.dtype)
         return
     mod = attention.load_prefill()
-    if mod is None:
-        raise SystemExit("the prefill kernel does not run here (needs AVX512-BF16 and a compiler)")
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    if mod is None or (dtype == torch.bfloat16 and not mod.bf16_supported()):
+        raise SystemExit(f"the prefill kernel does not run {a.dtype} here (bf16: AVX512-BF16)")
     nh, nkv = (int(v) for v in a.heads.split(","))
     hd = a.head_dim
     g = torch.Generator().manual_seed(0)
-    print(f"{torch.get_num_threads()} threads; {nh} query heads, {nkv} KV heads, head dim {hd}")
+    print(f"{torch.get_num_threads()} threads; {a.dtype}; {nh} query heads, {nkv} KV heads, "
+          f"head dim {hd}")  # fmt: skip
     for ctx in (int(c) for c in a.contexts.split(",")):
-        one_layer(mod, ctx, min(a.chunk, ctx), nh, nkv, hd, a.rounds, g)
+        one_layer(mod, ctx, min(a.chunk, ctx), nh, nkv, hd, a.rounds, g, dtype)
 
 
-def one_layer(mod, ctx: int, tq: int, nh: int, nkv: int, hd: int, rounds: int, g) -> None:
+def one_layer(mod, ctx: int, tq: int, nh: int, nkv: int, hd: int, rounds: int, g,
+              dtype: torch.dtype) -> None:  # fmt: skip
     start, bs, scale = ctx - tq, 16, hd**-0.5
     nb = -(-ctx // bs)
     row = torch.randperm(nb, generator=g).to(torch.int32)
-    kc = torch.randn(nb, bs, nkv, hd, generator=g).bfloat16()
-    vc = torch.randn(nb, bs, nkv, hd, generator=g).bfloat16()
-    q = torch.randn(tq, nh, hd, generator=g).bfloat16()
+    kc = torch.randn(nb, bs, nkv, hd, generator=g).to(dtype)
+    vc = torch.randn(nb, bs, nkv, hd, generator=g).to(dtype)
+    q = torch.randn(tq, nh, hd, generator=g).to(dtype)
     k, v = (ops.gather_kv(c, row, ctx) for c in (kc, vc))
 
     def sdpa():

@@ -6,10 +6,12 @@ against its cached K/V in place, through its block table, the output gate applie
                            gate [N, nh, hd] or None, avx2_only=False) -> [N, nh, hd]
     fast_path(dtype, head_dim, avx2_only=False, kv_dtype=None) -> the AVX512 paths run
 
-and causal prefill attention for bf16 models on AVX512-BF16 CPUs (`attention_prefill_cpu.cpp`):
+and causal prefill attention for bf16 models on AVX512-BF16 CPUs and fp32 models on AVX2 ones
+(`attention_prefill_cpu.cpp`):
 
-    prefill_attention(q [Tq, nh, hd] bf16, key_cache, value_cache [blocks, bs, nkv, hd] bf16 or
-                      fp8, block_row [W] int32, start, scale) -> [Tq, nh, hd]
+    prefill_attention(q [Tq, nh, hd] bf16 / fp32, key_cache, value_cache [blocks, bs, nkv, hd]
+                      (bf16: bf16 or fp8; fp32: fp32, bf16, fp16 or fp8), block_row [W] int32,
+                      start, scale) -> [Tq, nh, hd]
 
 the queries at positions start .. start + Tq - 1 over the context's K/V, read through the block
 row (`load_prefill`, `prefill_takes`; its PyTorch twin: ops/attention.py prefill_attention, SDPA;
@@ -47,17 +49,25 @@ def takes(dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and kv_dtype in DTYPES
 
 
-PREFILL = Native("attention_prefill_cpu.cpp", ("-mavx2", "-mfma"), needs=("avx512_bf16",))
+PREFILL = Native("attention_prefill_cpu.cpp", ("-mavx2", "-mfma", "-mf16c"),
+                 needs=("avx2", "fma", "f16c"))  # fmt: skip
 
 
 def load_prefill():
     """`attention_prefill_cpu.cpp`'s module, or None (no compiler, QWEN35_NO_KERNELS=1, a CPU
-    without AVX512-BF16, QWEN35_CPU_ISA=avx2)."""
+    without AVX2)."""
     return PREFILL.load()
 
 
-def prefill_takes(q: torch.Tensor, key_cache: torch.Tensor) -> bool:
-    """The prefill kernel runs these queries over this cache: a bf16 model, bf16 or fp8 caches,
-    a head dim of a multiple of 32."""
-    return (q.dtype == torch.bfloat16 and q.is_cpu and q.shape[-1] % 32 == 0
-            and key_cache.dtype in (torch.bfloat16, torch.float8_e4m3fn))  # fmt: skip
+PREFILL_CACHES = {
+    torch.bfloat16: (torch.bfloat16, torch.float8_e4m3fn),
+    torch.float32: (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn),
+}
+
+
+def prefill_takes(mod, q: torch.Tensor, key_cache: torch.Tensor) -> bool:
+    """The prefill kernel `mod` runs these queries over this cache: a bf16 model (on AVX512-BF16
+    CPUs) or an fp32 one, a cache dtype it reads, a head dim of a multiple of 32."""
+    return (q.is_cpu and q.shape[-1] % 32 == 0
+            and key_cache.dtype in PREFILL_CACHES.get(q.dtype, ())
+            and (q.dtype != torch.bfloat16 or mod.bf16_supported()))  # fmt: skip

@@ -1,6 +1,8 @@
-// Causal prefill attention on the CPU for bf16 models (AVX512-BF16): the queries of one prompt
-// chunk, at positions start .. start + Tq - 1, against its whole context read from the paged
-// K/V cache (bf16, or fp8 e4m3 widened exactly), through its block table. torch's CPU SDPA
+// Causal prefill attention on the CPU: the queries of one prompt chunk, at positions start ..
+// start + Tq - 1, against its whole context read from the paged K/V cache through its block
+// table. bf16 models on AVX512-BF16 CPUs over bf16 or fp8 caches (vdpbf16ps); fp32 models on
+// any AVX2 + FMA CPU over fp32, bf16, fp16 or fp8 caches (8-lane FMAs; P stays fp32, as in
+// SDPA's fp32 path). Caches are widened exactly as read. torch's CPU SDPA
 // (the path this replaces, ops/attention.py prefill_attention) ran at 50-160 GFLOP/s on a 2-core
 // Zen 5 where bf16 GEMMs reach 450; `bench/attention_prefill.py` times both.
 //
@@ -35,6 +37,7 @@
 #include <immintrin.h>
 
 #include "cpu_isa.h"
+#include "vec_avx2.h"
 
 namespace {
 
@@ -270,14 +273,195 @@ void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& v
   });
 }
 
+// ---- fp32 models: AVX2 + FMA, 8 lanes ------------------------------------------------------
+// K packed as [hd][kKB] (a head dim's 64 keys in a row), V as [kKB][hd], both fp32; scores in
+// tiles of kSR rows x 16 keys, P V in tiles of kPR rows x 32 head dims; P kept in fp32.
+
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_f32(c10::Half v) { return static_cast<float>(v); }
+inline float to_f32(c10::Float8_e4m3fn v) { return static_cast<float>(v); }
+
+template <typename KV>
+void pack_block_f32(const KV* kc, const KV* vc, const int32_t* row, int64_t bs, int64_t sblock,
+                    int64_t stok, int64_t h, int64_t hd, int64_t b, int64_t ctx, float* kp,
+                    float* vp) {
+  std::fill(kp, kp + hd * kKB, 0.f);
+  std::fill(vp, vp + hd * kKB, 0.f);
+  for (int t = 0; t < kKB; ++t) {
+    const int64_t pos = b * kKB + t;
+    if (pos >= ctx) break;
+    const int64_t off = row[pos / bs] * sblock + (pos % bs) * stok + h * hd;
+    for (int64_t j = 0; j < hd; ++j) {
+      kp[j * kKB + t] = to_f32(kc[off + j]);
+      vp[t * hd + j] = to_f32(vc[off + j]);
+    }
+  }
+}
+
+template <int MR>
+TARGET_AVX2 void scores_tile_f32(const float* const* q, const float* kp, int64_t hd, float scale,
+                                 float* s) {
+  for (int c0 = 0; c0 < kKB; c0 += 16) {
+    __m256 acc[MR][2];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; ++d) {
+      const __m256 k0 = _mm256_loadu_ps(kp + d * kKB + c0), k1 = _mm256_loadu_ps(kp + d * kKB + c0 + 8);
+      for (int r = 0; r < MR; ++r) {
+        const __m256 qv = _mm256_broadcast_ss(q[r] + d);
+        acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
+      }
+    }
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (int r = 0; r < MR; ++r) {
+      _mm256_storeu_ps(s + r * kKB + c0, _mm256_mul_ps(acc[r][0], sc));
+      _mm256_storeu_ps(s + r * kKB + c0 + 8, _mm256_mul_ps(acc[r][1], sc));
+    }
+  }
+}
+
+template <int MR>
+TARGET_AVX2 void pv_tile_f32(const float* const* p, const float* alpha, const float* vp,
+                             int64_t hd, int keys, float* const* o) {
+  for (int64_t j0 = 0; j0 < hd; j0 += 32) {
+    __m256 acc[MR][4];
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_set1_ps(alpha[r]);
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_mul_ps(_mm256_loadu_ps(o[r] + j0 + 8 * c), a);
+    }
+    for (int t = 0; t < keys; ++t) {
+      __m256 v[4];
+      for (int c = 0; c < 4; ++c) v[c] = _mm256_loadu_ps(vp + t * hd + j0 + 8 * c);
+      for (int r = 0; r < MR; ++r) {
+        const __m256 pv = _mm256_broadcast_ss(p[r] + t);
+        for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_fmadd_ps(pv, v[c], acc[r][c]);
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o[r] + j0 + 8 * c, acc[r][c]);
+  }
+}
+
+// the softmax update of one row over a block's scores s (valid keys first, >= 1): P into p
+TARGET_AVX2 void softmax_row_f32(const float* s, int valid, float* m, float* l, float* alpha,
+                                 float* p) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int t = 0; t < valid; ++t) mx = std::max(mx, s[t]);
+  const float mnew = std::max(*m, mx);
+  *alpha = std::exp(*m - mnew);
+  *m = mnew;
+  const __m256 vm = _mm256_set1_ps(mnew);
+  __m256 sum = _mm256_setzero_ps();
+  for (int t = 0; t < kKB; t += 8) {
+    const __m256 e = vec8::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
+    const __m256i lane = _mm256_add_epi32(_mm256_set1_epi32(t), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(valid), lane));
+    const __m256 pe = _mm256_and_ps(e, keep);
+    sum = _mm256_add_ps(sum, pe);
+    _mm256_storeu_ps(p + t, pe);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sum);
+  float total = 0.f;
+  for (float v : lanes) total += v;
+  *l = *l * *alpha + total;
+}
+
+TARGET_AVX2 void task_f32(const float* Q, float* O, const float* kp_all, const float* vp_all,
+                          int64_t nblk, int64_t h, int64_t R, int64_t nh, int64_t hd, int64_t i0,
+                          int64_t i1, int64_t start, float scale) {
+  const int64_t rows = (i1 - i0) * R;
+  std::vector<const float*> q(rows), prow(rows);
+  std::vector<float*> orow(rows);
+  std::vector<float> acc(rows * hd, 0.f), s(kSR * kKB), p(rows * kKB),
+      m(rows, -std::numeric_limits<float>::infinity()), l(rows, 0.f), alpha(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r / R, head = h * R + r % R;
+    q[r] = Q + (i * nh + head) * hd;
+    prow[r] = p.data() + r * kKB;
+    orow[r] = acc.data() + r * hd;
+  }
+  const int64_t last = (start + i1 - 1) / kKB;
+  for (int64_t b = 0; b <= last; ++b) {
+    const float* kp = kp_all + (h * nblk + b) * hd * kKB;
+    const float* vp = vp_all + (h * nblk + b) * kKB * hd;
+    for (int64_t r0 = 0; r0 < rows; r0 += kSR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kSR, rows - r0));
+      TILE_SWITCH(mr, scores_tile_f32, q.data() + r0, kp, hd, scale, s.data());
+      for (int r = 0; r < mr; ++r) {
+        const int64_t row = r0 + r, pos = start + i0 + row / R;
+        const int64_t valid = std::min<int64_t>(kKB, pos - b * kKB + 1);
+        if (valid <= 0) {  // the whole block after this position: nothing changes
+          alpha[row] = 1.f;
+          std::fill(p.begin() + row * kKB, p.begin() + (row + 1) * kKB, 0.f);
+          continue;
+        }
+        softmax_row_f32(s.data() + r * kKB, static_cast<int>(valid), &m[row], &l[row],
+                        &alpha[row], p.data() + row * kKB);
+      }
+    }
+    const int keys = static_cast<int>(std::min<int64_t>(kKB, start + i1 - b * kKB));
+    for (int64_t r0 = 0; r0 < rows; r0 += kPR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kPR, rows - r0));
+      if (mr == 1) pv_tile_f32<1>(prow.data() + r0, alpha.data() + r0, vp, hd, keys, orow.data() + r0);
+      else if (mr == 2) pv_tile_f32<2>(prow.data() + r0, alpha.data() + r0, vp, hd, keys, orow.data() + r0);
+      else pv_tile_f32<3>(prow.data() + r0, alpha.data() + r0, vp, hd, keys, orow.data() + r0);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r / R, head = h * R + r % R;
+    const float inv = 1.f / l[r];
+    float* out = O + (i * nh + head) * hd;
+    for (int64_t j = 0; j < hd; ++j) out[j] = orow[r][j] * inv;
+  }
+}
+
+template <typename KV>
+void run_f32(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+             const torch::Tensor& row, int64_t start, double scale, torch::Tensor& out) {
+  const int64_t Tq = q.size(0), nh = q.size(1), hd = q.size(2);
+  const int64_t bs = kc.size(1), nkv = kc.size(2), R = nh / nkv;
+  const int64_t ctx = start + Tq, nblk = (ctx + kKB - 1) / kKB;
+  auto kp = torch::empty({nkv * nblk * hd * kKB}, q.options());
+  auto vp = torch::empty({nkv * nblk * kKB * hd}, q.options());
+  float* kpp = kp.data_ptr<float>();
+  float* vpp = vp.data_ptr<float>();
+  const KV* kcp = reinterpret_cast<const KV*>(kc.data_ptr());
+  const KV* vcp = reinterpret_cast<const KV*>(vc.data_ptr());
+  const int32_t* rp = row.data_ptr<int32_t>();
+  const int64_t sblock = kc.stride(0), stok = kc.stride(1);
+  at::parallel_for(0, nkv * nblk, 1, [&](int64_t a, int64_t z) {
+    for (int64_t t = a; t < z; ++t)
+      pack_block_f32(kcp, vcp, rp, bs, sblock, stok, t / nblk, hd, t % nblk, ctx,
+                     kpp + t * hd * kKB, vpp + t * kKB * hd);
+  });
+  const int64_t nqb = (Tq + kQB - 1) / kQB;
+  std::vector<int64_t> order(nqb);
+  for (int64_t j = 0; j < nqb; ++j) order[j] = j % 2 == 0 ? j / 2 : nqb - 1 - j / 2;
+  const float* Q = q.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, nkv * nqb, 1, [&](int64_t a, int64_t z) {
+    for (int64_t t = a; t < z; ++t) {
+      const int64_t h = t % nkv, qb = order[t / nkv];
+      task_f32(Q, O, kpp, vpp, nblk, h, R, nh, hd, qb * kQB, std::min(Tq, (qb + 1) * kQB), start,
+               static_cast<float>(scale));
+    }
+  });
+}
+
 bool supported() { return cpu_isa::avx512_bf16(); }
 
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& key_cache,
                                 const torch::Tensor& value_cache, const torch::Tensor& block_row,
                                 int64_t start, double scale) {
-  TORCH_CHECK(supported(), "prefill_attention: needs an AVX512-BF16 CPU");
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kBFloat16 && q.is_contiguous(),
-              "prefill_attention: q [Tq, nh, hd] bf16 contiguous expected");
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() &&
+                  (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat),
+              "prefill_attention: q [Tq, nh, hd] bf16 or fp32 contiguous expected");
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(!bf16 || supported(), "prefill_attention: bf16 queries need an AVX512-BF16 CPU");
   TORCH_CHECK(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes() &&
                   key_cache.scalar_type() == value_cache.scalar_type() &&
                   key_cache.stride(3) == 1 && key_cache.stride(2) == key_cache.size(3) &&
@@ -293,13 +477,22 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& key
               "prefill_attention: the block row is shorter than the context");
   auto out = torch::empty_like(q);
   if (q.size(0) == 0) return out;
-  if (key_cache.scalar_type() == at::kBFloat16)
+  const auto kv = key_cache.scalar_type();
+  if (bf16 && kv == at::kBFloat16)
     run<uint16_t>(q, key_cache, value_cache, block_row, start, scale, out);
-  else if (key_cache.scalar_type() == at::kFloat8_e4m3fn)
+  else if (bf16 && kv == at::kFloat8_e4m3fn)
     run<c10::Float8_e4m3fn>(q, key_cache, value_cache, block_row, start, scale, out);
+  else if (!bf16 && kv == at::kFloat)
+    run_f32<float>(q, key_cache, value_cache, block_row, start, scale, out);
+  else if (!bf16 && kv == at::kBFloat16)
+    run_f32<c10::BFloat16>(q, key_cache, value_cache, block_row, start, scale, out);
+  else if (!bf16 && kv == at::kHalf)
+    run_f32<c10::Half>(q, key_cache, value_cache, block_row, start, scale, out);
+  else if (!bf16 && kv == at::kFloat8_e4m3fn)
+    run_f32<c10::Float8_e4m3fn>(q, key_cache, value_cache, block_row, start, scale, out);
   else
-    TORCH_CHECK(false, "prefill_attention: bf16 or fp8 (e4m3) caches expected, got ",
-                key_cache.scalar_type());
+    TORCH_CHECK(false, "prefill_attention: caches of ", kv, " under ", q.scalar_type(),
+                " queries: bf16 takes bf16 or fp8 (e4m3) caches, fp32 fp32 / bf16 / fp16 / fp8");
   return out;
 }
 
@@ -307,9 +500,9 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& key
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention,
-        "causal attention of q [Tq, nh, hd] bf16 at positions start.. over the paged K/V of "
+        "causal attention of q [Tq, nh, hd] bf16 / fp32 at positions start.. over the paged K/V of "
         "positions 0 .. start + Tq - 1",
         py::arg("q"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_row"),
         py::arg("start"), py::arg("scale"));
-  m.def("supported", &supported, "an AVX512-BF16 CPU");
+  m.def("bf16_supported", &supported, "bf16 queries run here (an AVX512-BF16 CPU)");
 }

@@ -229,14 +229,15 @@ def _decode_triton(be, qg, k, v, q_norm, k_norm, cos, sin, key_cache, value_cach
 
 def cpu_prefill_kernel(be: Backend, q: torch.Tensor, key_cache: torch.Tensor):
     """The CPU prefill attention kernel's module where it runs these queries over this cache
-    (kernels/attention.py: bf16 models on AVX512-BF16 CPUs), else None. It takes every chunk of
-    a prompt, the first too, from the cache: the same bits however the prompt was cut."""
+    (kernels/attention.py: bf16 models on AVX512-BF16 CPUs, fp32 ones), else None. It takes
+    every chunk of a prompt, the first too, from the cache: the same bits however the prompt was
+    cut."""
     if be.cpu_prefill_attention is None or not q.is_cpu:
         return None
     from qwen35.kernels import attention
 
     mod = attention.load_prefill()  # None once QWEN35_NO_KERNELS=1 is set, at any time
-    return mod if mod is not None and attention.prefill_takes(q, key_cache) else None
+    return mod if mod is not None and attention.prefill_takes(mod, q, key_cache) else None
 
 
 def cached_prefill_attention(

@@ -37,7 +37,7 @@ class Backend:
     # the fused small ops on the CPU (kernels/small_ops.py: norms, SiLU * mul, DeltaNet gates)
     cpu_small_ops: Any = None
     cpu_attention: Any = None  # paged decode attention on the CPU (kernels/attention.py)
-    # causal prefill attention of bf16 models over the paged cache (kernels/attention.py)
+    # causal prefill attention of bf16 / fp32 models over the paged cache (kernels/attention.py)
     cpu_prefill_attention: Any = None
     fla: Any = None  # fla-core's ops (namespace: chunk, fused_recurrent, conv or None), or None
     triton_attention: bool = False  # our Triton paged attention (kernels/triton_attention.py)
@@ -175,14 +175,14 @@ def _select(device_type: str, kernels: bool, dtype: torch.dtype) -> Backend:
         # the modules every CPU step uses, compiled side by side on a machine's first run
         cpu_kernels.prebuild(
             [cpu_kernels.DELTANET, small_ops.SMALL_OPS, attention.ATTENTION, gemv.GEMV,
-             gemv.SCREEN] + ([attention.PREFILL] if dtype == torch.bfloat16 else [])  # fmt: skip
+             gemv.SCREEN, attention.PREFILL]  # fmt: skip
         )
         return Backend(
             "cpu",
             cpu_kernels=cpu_kernels.load(),
             cpu_small_ops=small_ops.load(),
             cpu_attention=attention.load(),
-            cpu_prefill_attention=attention.load_prefill() if dtype == torch.bfloat16 else None,
+            cpu_prefill_attention=attention.load_prefill(),
             grouped_mm=_grouped_mm_works("cpu", dtype),
         )
     if device_type == "cuda":
