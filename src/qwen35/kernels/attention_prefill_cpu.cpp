@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include <immintrin.h>
@@ -79,21 +80,41 @@ inline uint16_t bf16_bits(c10::Float8_e4m3fn v) {  // exact: e4m3 has 4 signific
   return static_cast<uint16_t>(u >> 16);
 }
 
-// K / V of positions [b kKB, b kKB + kKB) of KV head h, from the pages (keys past ctx: 0)
+// A context's K / V in the paged cache: rows of hd values, through the block row
 template <typename KV>
-void pack_block(const KV* kc, const KV* vc, const int32_t* row, int64_t bs, int64_t sblock,
-                int64_t stok, int64_t h, int64_t hd, int64_t b, int64_t ctx, uint32_t* kp,
-                uint32_t* vp) {
-  std::vector<uint16_t> kb(kKB * hd, 0), vb(kKB * hd, 0);  // [key][hd]
-  for (int t = 0; t < kKB; ++t) {
-    const int64_t pos = b * kKB + t;
-    if (pos >= ctx) break;
-    const int64_t off = row[pos / bs] * sblock + (pos % bs) * stok + h * hd;
-    for (int64_t j = 0; j < hd; ++j) {
-      kb[t * hd + j] = bf16_bits(kc[off + j]);
-      vb[t * hd + j] = bf16_bits(vc[off + j]);
+struct Pages {
+  const KV *k, *v;
+  const int32_t* row;
+  int64_t bs, sblock, stok, hd, ctx;
+  // fn(t, k row, v row) for KV head h's positions b kKB + t below ctx, t < kKB ascending
+  template <typename F>
+  void block_rows(int64_t h, int64_t b, F&& fn) const {
+    for (int t = 0; t < kKB && b * kKB + t < ctx; ++t) {
+      const int64_t pos = b * kKB + t;
+      const int64_t off = row[pos / bs] * sblock + (pos % bs) * stok + h * hd;
+      fn(t, k + off, v + off);
     }
   }
+};
+
+template <typename KV>
+Pages<KV> pages_of(const torch::Tensor& kc, const torch::Tensor& vc, const torch::Tensor& row,
+                   int64_t ctx) {
+  return {reinterpret_cast<const KV*>(kc.data_ptr()), reinterpret_cast<const KV*>(vc.data_ptr()),
+          row.data_ptr<int32_t>(), kc.size(1), kc.stride(0), kc.stride(1), kc.size(3), ctx};
+}
+
+// K / V of block b of KV head h as bf16 pairs (keys past ctx: 0)
+template <typename KV>
+void pack_block(const Pages<KV>& pg, int64_t h, int64_t b, uint32_t* kp, uint32_t* vp) {
+  const int64_t hd = pg.hd;
+  std::vector<uint16_t> kb(kKB * hd, 0), vb(kKB * hd, 0);  // [key][hd]
+  pg.block_rows(h, b, [&](int t, const KV* k, const KV* v) {
+    for (int64_t j = 0; j < hd; ++j) {
+      kb[t * hd + j] = bf16_bits(k[j]);
+      vb[t * hd + j] = bf16_bits(v[j]);
+    }
+  });
   for (int64_t d = 0; d < hd / 2; ++d)  // K: [hd / 2][kKB] pairs
     for (int t = 0; t < kKB; ++t)
       kp[d * kKB + t] = kb[t * hd + 2 * d] | static_cast<uint32_t>(kb[t * hd + 2 * d + 1]) << 16;
@@ -238,39 +259,41 @@ TARGET_AVX512_BF16 void task(const uint16_t* Q, uint16_t* O, const uint32_t* kp_
   }
 }
 
+// The context packed block by block (pack(h, b, kp, vp): KV head h's block b into kn / vn
+// elements), then the tasks (task(kp, vp, nblk, h, i0, i1): KV head h, query positions [i0,
+// i1)), early and late query blocks alternately.
+template <typename P, typename Pack, typename Task>
+void run_tasks(int64_t Tq, int64_t nkv, int64_t ctx, int64_t kn, int64_t vn, Pack&& pack,
+               Task&& task) {
+  const int64_t nblk = (ctx + kKB - 1) / kKB;
+  std::unique_ptr<P[]> kp(new P[nkv * nblk * kn]), vp(new P[nkv * nblk * vn]);
+  at::parallel_for(0, nkv * nblk, 1, [&](int64_t a, int64_t z) {
+    for (int64_t t = a; t < z; ++t) pack(t / nblk, t % nblk, kp.get() + t * kn, vp.get() + t * vn);
+  });
+  const int64_t nqb = (Tq + kQB - 1) / kQB;
+  std::vector<int64_t> order(nqb);
+  for (int64_t j = 0; j < nqb; ++j) order[j] = j % 2 == 0 ? j / 2 : nqb - 1 - j / 2;
+  at::parallel_for(0, nkv * nqb, 1, [&](int64_t a, int64_t z) {
+    for (int64_t t = a; t < z; ++t) {
+      const int64_t qb = order[t / nkv];
+      task(kp.get(), vp.get(), nblk, t % nkv, qb * kQB, std::min(Tq, (qb + 1) * kQB));
+    }
+  });
+}
+
 template <typename KV>
 void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
          const torch::Tensor& row, int64_t start, double scale, torch::Tensor& out) {
-  const int64_t Tq = q.size(0), nh = q.size(1), hd = q.size(2);
-  const int64_t bs = kc.size(1), nkv = kc.size(2), R = nh / nkv;
-  const int64_t ctx = start + Tq, nblk = (ctx + kKB - 1) / kKB;
-  auto kp = torch::empty({nkv * nblk * (hd / 2) * kKB}, q.options().dtype(at::kInt));
-  auto vp = torch::empty({nkv * nblk * (kKB / 2) * hd}, q.options().dtype(at::kInt));
-  uint32_t* kpp = reinterpret_cast<uint32_t*>(kp.data_ptr<int32_t>());
-  uint32_t* vpp = reinterpret_cast<uint32_t*>(vp.data_ptr<int32_t>());
-  const KV* kcp = reinterpret_cast<const KV*>(kc.data_ptr());
-  const KV* vcp = reinterpret_cast<const KV*>(vc.data_ptr());
-  const int32_t* rp = row.data_ptr<int32_t>();
-  const int64_t sblock = kc.stride(0), stok = kc.stride(1);
-  at::parallel_for(0, nkv * nblk, 1, [&](int64_t a, int64_t z) {
-    for (int64_t t = a; t < z; ++t) {
-      const int64_t h = t / nblk, b = t % nblk;
-      pack_block(kcp, vcp, rp, bs, sblock, stok, h, hd, b, ctx, kpp + t * (hd / 2) * kKB,
-                 vpp + t * (kKB / 2) * hd);
-    }
-  });
-  const int64_t nqb = (Tq + kQB - 1) / kQB;
-  std::vector<int64_t> order(nqb);  // early and late query blocks alternately
-  for (int64_t j = 0; j < nqb; ++j) order[j] = j % 2 == 0 ? j / 2 : nqb - 1 - j / 2;
+  const int64_t Tq = q.size(0), nh = q.size(1), hd = q.size(2), nkv = kc.size(2);
+  const Pages<KV> pg = pages_of<KV>(kc, vc, row, start + Tq);
   const uint16_t* Q = reinterpret_cast<const uint16_t*>(q.data_ptr());
   uint16_t* O = reinterpret_cast<uint16_t*>(out.data_ptr());
-  at::parallel_for(0, nkv * nqb, 1, [&](int64_t a, int64_t z) {
-    for (int64_t t = a; t < z; ++t) {
-      const int64_t h = t % nkv, qb = order[t / nkv];
-      task(Q, O, kpp, vpp, nblk, h, R, nh, hd, qb * kQB, std::min(Tq, (qb + 1) * kQB), start,
-           static_cast<float>(scale));
-    }
-  });
+  run_tasks<uint32_t>(
+      Tq, nkv, start + Tq, (hd / 2) * kKB, (kKB / 2) * hd,
+      [&](int64_t h, int64_t b, uint32_t* kp, uint32_t* vp) { pack_block(pg, h, b, kp, vp); },
+      [&](const uint32_t* kp, const uint32_t* vp, int64_t nblk, int64_t h, int64_t i0, int64_t i1) {
+        task(Q, O, kp, vp, nblk, h, nh / nkv, nh, hd, i0, i1, start, static_cast<float>(scale));
+      });
 }
 
 // ---- fp32 models: AVX2 + FMA, 8 lanes ------------------------------------------------------
@@ -284,21 +307,18 @@ inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_f32(c10::Half v) { return static_cast<float>(v); }
 inline float to_f32(c10::Float8_e4m3fn v) { return static_cast<float>(v); }
 
+// K / V of block b of KV head h in fp32: K [hd][kKB], V [kKB][hd] (keys past ctx: 0)
 template <typename KV>
-void pack_block_f32(const KV* kc, const KV* vc, const int32_t* row, int64_t bs, int64_t sblock,
-                    int64_t stok, int64_t h, int64_t hd, int64_t b, int64_t ctx, float* kp,
-                    float* vp) {
+void pack_block_f32(const Pages<KV>& pg, int64_t h, int64_t b, float* kp, float* vp) {
+  const int64_t hd = pg.hd;
   std::fill(kp, kp + hd * kKB, 0.f);
   std::fill(vp, vp + hd * kKB, 0.f);
-  for (int t = 0; t < kKB; ++t) {
-    const int64_t pos = b * kKB + t;
-    if (pos >= ctx) break;
-    const int64_t off = row[pos / bs] * sblock + (pos % bs) * stok + h * hd;
+  pg.block_rows(h, b, [&](int t, const KV* k, const KV* v) {
     for (int64_t j = 0; j < hd; ++j) {
-      kp[j * kKB + t] = to_f32(kc[off + j]);
-      vp[t * hd + j] = to_f32(vc[off + j]);
+      kp[j * kKB + t] = to_f32(k[j]);
+      vp[t * hd + j] = to_f32(v[j]);
     }
-  }
+  });
 }
 
 template <int MR>
@@ -422,34 +442,16 @@ TARGET_AVX2 void task_f32(const float* Q, float* O, const float* kp_all, const f
 template <typename KV>
 void run_f32(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
              const torch::Tensor& row, int64_t start, double scale, torch::Tensor& out) {
-  const int64_t Tq = q.size(0), nh = q.size(1), hd = q.size(2);
-  const int64_t bs = kc.size(1), nkv = kc.size(2), R = nh / nkv;
-  const int64_t ctx = start + Tq, nblk = (ctx + kKB - 1) / kKB;
-  auto kp = torch::empty({nkv * nblk * hd * kKB}, q.options());
-  auto vp = torch::empty({nkv * nblk * kKB * hd}, q.options());
-  float* kpp = kp.data_ptr<float>();
-  float* vpp = vp.data_ptr<float>();
-  const KV* kcp = reinterpret_cast<const KV*>(kc.data_ptr());
-  const KV* vcp = reinterpret_cast<const KV*>(vc.data_ptr());
-  const int32_t* rp = row.data_ptr<int32_t>();
-  const int64_t sblock = kc.stride(0), stok = kc.stride(1);
-  at::parallel_for(0, nkv * nblk, 1, [&](int64_t a, int64_t z) {
-    for (int64_t t = a; t < z; ++t)
-      pack_block_f32(kcp, vcp, rp, bs, sblock, stok, t / nblk, hd, t % nblk, ctx,
-                     kpp + t * hd * kKB, vpp + t * kKB * hd);
-  });
-  const int64_t nqb = (Tq + kQB - 1) / kQB;
-  std::vector<int64_t> order(nqb);
-  for (int64_t j = 0; j < nqb; ++j) order[j] = j % 2 == 0 ? j / 2 : nqb - 1 - j / 2;
+  const int64_t Tq = q.size(0), nh = q.size(1), hd = q.size(2), nkv = kc.size(2);
+  const Pages<KV> pg = pages_of<KV>(kc, vc, row, start + Tq);
   const float* Q = q.data_ptr<float>();
   float* O = out.data_ptr<float>();
-  at::parallel_for(0, nkv * nqb, 1, [&](int64_t a, int64_t z) {
-    for (int64_t t = a; t < z; ++t) {
-      const int64_t h = t % nkv, qb = order[t / nkv];
-      task_f32(Q, O, kpp, vpp, nblk, h, R, nh, hd, qb * kQB, std::min(Tq, (qb + 1) * kQB), start,
-               static_cast<float>(scale));
-    }
-  });
+  run_tasks<float>(
+      Tq, nkv, start + Tq, hd * kKB, kKB * hd,
+      [&](int64_t h, int64_t b, float* kp, float* vp) { pack_block_f32(pg, h, b, kp, vp); },
+      [&](const float* kp, const float* vp, int64_t nblk, int64_t h, int64_t i0, int64_t i1) {
+        task_f32(Q, O, kp, vp, nblk, h, nh / nkv, nh, hd, i0, i1, start, static_cast<float>(scale));
+      });
 }
 
 bool supported() { return cpu_isa::avx512_bf16(); }
