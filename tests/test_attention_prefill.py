@@ -89,7 +89,8 @@ def test_narrower_caches_read_as_their_values(dtype, tol):
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 def test_bitwise_whatever_the_cut_the_pages_and_the_threads(dtype, tol):
     """A 333-token context: all queries at once, in chunks of 100 / 77 / 156 after their prefix,
-    in other block sizes and tables, with 1 and 2 threads: the same bits for every query."""
+    in other block sizes and tables, with 1 and 2 threads (fp32: 8 and 16 lanes): the same bits
+    for every query."""
     g = torch.Generator().manual_seed(5)
     nh, nkv, hd, ctx = 8, 2, 128, 333
     q = torch.randn(ctx, nh, hd, generator=g).to(dtype)
@@ -109,6 +110,13 @@ def test_bitwise_whatever_the_cut_the_pages_and_the_threads(dtype, tol):
         assert torch.equal(mod.prefill_attention(q, kc, vc, row, 0, 0.1), whole)
     finally:
         torch.set_num_threads(threads)
+    if dtype == torch.float32:  # the 8-lane tiles (AVX2 CPUs) give the 16-lane ones' bits
+        assert torch.equal(mod.prefill_attention(q, kc, vc, row, 0, 0.1, avx2_only=True), whole)
+        for hd2 in (32, 96):  # the 32-wide P V passes
+            q2, k2, v2 = q[..., :hd2].contiguous(), k[..., :hd2].contiguous(), v[..., :hd2].contiguous()
+            kc2, vc2, row2 = paged(k2, v2, 16, g, dtype)
+            assert torch.equal(mod.prefill_attention(q2, kc2, vc2, row2, 0, 0.1),
+                               mod.prefill_attention(q2, kc2, vc2, row2, 0, 0.1, avx2_only=True))
 
 
 def test_bad_inputs_are_refused_with_what_was_wrong():

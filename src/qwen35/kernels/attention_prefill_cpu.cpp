@@ -44,6 +44,7 @@ namespace {
 
 #define TARGET_AVX512_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
 constexpr int kKB = 64;   // keys a block
 constexpr int kQB = 16;   // query positions a task
@@ -296,7 +297,7 @@ void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& v
       });
 }
 
-// ---- fp32 models: AVX2 + FMA, 8 lanes ------------------------------------------------------
+// ---- fp32 models: AVX2 + FMA, 8 lanes (16 on AVX-512 CPUs) ----------------------------------
 // K packed as [hd][kKB] (a head dim's 64 keys in a row), V as [kKB][hd], both fp32; scores in
 // tiles of kSR rows x 16 keys, P V in tiles of kPR rows x 32 head dims; P kept in fp32.
 
@@ -365,6 +366,50 @@ TARGET_AVX2 void pv_tile_f32(const float* const* p, const float* alpha, const fl
   }
 }
 
+// The same two tiles with 16 lanes (AVX-512 CPUs): 64 keys a row, 128 (or 32) head dims a pass.
+// Every lane sums the same terms in the same order as above: the results are bitwise the 8-lane
+// path's (tests run both).
+template <int MR>
+TARGET_AVX512 void scores_tile_f32x16(const float* const* q, const float* kp, int64_t hd,
+                                           float scale, float* s) {
+  __m512 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < hd; ++d) {
+    __m512 k[4];
+    for (int c = 0; c < 4; ++c) k[c] = _mm512_loadu_ps(kp + d * kKB + 16 * c);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 qv = _mm512_set1_ps(q[r][d]);
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(qv, k[c], acc[r][c]);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(s + r * kKB + 16 * c, _mm512_mul_ps(acc[r][c], sc));
+}
+
+template <int MR, int C>
+TARGET_AVX512 void pv_tile_f32x16(const float* const* p, const float* alpha, const float* vp,
+                                       int64_t hd, int keys, float* const* o) {
+  for (int64_t j0 = 0; j0 < hd; j0 += 16 * C) {
+    __m512 acc[MR][C];
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(alpha[r]);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o[r] + j0 + 16 * c), a);
+    }
+    for (int t = 0; t < keys; ++t) {
+      __m512 v[C];
+      for (int c = 0; c < C; ++c) v[c] = _mm512_loadu_ps(vp + t * hd + j0 + 16 * c);
+      for (int r = 0; r < MR; ++r) {
+        const __m512 pv = _mm512_set1_ps(p[r][t]);
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(pv, v[c], acc[r][c]);
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(o[r] + j0 + 16 * c, acc[r][c]);
+  }
+}
+
 // the softmax update of one row over a block's scores s (valid keys first, >= 1): P into p
 TARGET_AVX2 void softmax_row_f32(const float* s, int valid, float* m, float* l, float* alpha,
                                  float* p) {
@@ -392,7 +437,7 @@ TARGET_AVX2 void softmax_row_f32(const float* s, int valid, float* m, float* l, 
 
 TARGET_AVX2 void task_f32(const float* Q, float* O, const float* kp_all, const float* vp_all,
                           int64_t nblk, int64_t h, int64_t R, int64_t nh, int64_t hd, int64_t i0,
-                          int64_t i1, int64_t start, float scale) {
+                          int64_t i1, int64_t start, float scale, bool wide) {
   const int64_t rows = (i1 - i0) * R;
   std::vector<const float*> q(rows), prow(rows);
   std::vector<float*> orow(rows);
@@ -410,7 +455,11 @@ TARGET_AVX2 void task_f32(const float* Q, float* O, const float* kp_all, const f
     const float* vp = vp_all + (h * nblk + b) * kKB * hd;
     for (int64_t r0 = 0; r0 < rows; r0 += kSR) {
       const int mr = static_cast<int>(std::min<int64_t>(kSR, rows - r0));
-      TILE_SWITCH(mr, scores_tile_f32, q.data() + r0, kp, hd, scale, s.data());
+      if (wide) {
+        TILE_SWITCH(mr, scores_tile_f32x16, q.data() + r0, kp, hd, scale, s.data());
+      } else {
+        TILE_SWITCH(mr, scores_tile_f32, q.data() + r0, kp, hd, scale, s.data());
+      }
       for (int r = 0; r < mr; ++r) {
         const int64_t row = r0 + r, pos = start + i0 + row / R;
         const int64_t valid = std::min<int64_t>(kKB, pos - b * kKB + 1);
@@ -426,9 +475,20 @@ TARGET_AVX2 void task_f32(const float* Q, float* O, const float* kp_all, const f
     const int keys = static_cast<int>(std::min<int64_t>(kKB, start + i1 - b * kKB));
     for (int64_t r0 = 0; r0 < rows; r0 += kPR) {
       const int mr = static_cast<int>(std::min<int64_t>(kPR, rows - r0));
-      if (mr == 1) pv_tile_f32<1>(prow.data() + r0, alpha.data() + r0, vp, hd, keys, orow.data() + r0);
-      else if (mr == 2) pv_tile_f32<2>(prow.data() + r0, alpha.data() + r0, vp, hd, keys, orow.data() + r0);
-      else pv_tile_f32<3>(prow.data() + r0, alpha.data() + r0, vp, hd, keys, orow.data() + r0);
+      const float* const* pr = prow.data() + r0;
+      const float* al = alpha.data() + r0;
+      float* const* orr = orow.data() + r0;
+#define PV(MR) pv_tile_f32<MR>(pr, al, vp, hd, keys, orr)
+#define PV16(MR, C) pv_tile_f32x16<MR, C>(pr, al, vp, hd, keys, orr)
+      if (wide && hd % 128 == 0) {
+        if (mr == 1) PV16(1, 8); else if (mr == 2) PV16(2, 8); else PV16(3, 8);
+      } else if (wide) {
+        if (mr == 1) PV16(1, 2); else if (mr == 2) PV16(2, 2); else PV16(3, 2);
+      } else {
+        if (mr == 1) PV(1); else if (mr == 2) PV(2); else PV(3);
+      }
+#undef PV16
+#undef PV
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -441,7 +501,8 @@ TARGET_AVX2 void task_f32(const float* Q, float* O, const float* kp_all, const f
 
 template <typename KV>
 void run_f32(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
-             const torch::Tensor& row, int64_t start, double scale, torch::Tensor& out) {
+             const torch::Tensor& row, int64_t start, double scale, torch::Tensor& out,
+             bool wide) {
   const int64_t Tq = q.size(0), nh = q.size(1), hd = q.size(2), nkv = kc.size(2);
   const Pages<KV> pg = pages_of<KV>(kc, vc, row, start + Tq);
   const float* Q = q.data_ptr<float>();
@@ -450,7 +511,8 @@ void run_f32(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tenso
       Tq, nkv, start + Tq, hd * kKB, kKB * hd,
       [&](int64_t h, int64_t b, float* kp, float* vp) { pack_block_f32(pg, h, b, kp, vp); },
       [&](const float* kp, const float* vp, int64_t nblk, int64_t h, int64_t i0, int64_t i1) {
-        task_f32(Q, O, kp, vp, nblk, h, nh / nkv, nh, hd, i0, i1, start, static_cast<float>(scale));
+        task_f32(Q, O, kp, vp, nblk, h, nh / nkv, nh, hd, i0, i1, start, static_cast<float>(scale),
+                 wide);
       });
 }
 
@@ -458,7 +520,7 @@ bool supported() { return cpu_isa::avx512_bf16(); }
 
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& key_cache,
                                 const torch::Tensor& value_cache, const torch::Tensor& block_row,
-                                int64_t start, double scale) {
+                                int64_t start, double scale, bool avx2_only) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() &&
                   (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat),
               "prefill_attention: q [Tq, nh, hd] bf16 or fp32 contiguous expected");
@@ -480,18 +542,19 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& key
   auto out = torch::empty_like(q);
   if (q.size(0) == 0) return out;
   const auto kv = key_cache.scalar_type();
+  const bool wide = !avx2_only && cpu_isa::avx512();  // fp32: the 16-lane tiles
   if (bf16 && kv == at::kBFloat16)
     run<uint16_t>(q, key_cache, value_cache, block_row, start, scale, out);
   else if (bf16 && kv == at::kFloat8_e4m3fn)
     run<c10::Float8_e4m3fn>(q, key_cache, value_cache, block_row, start, scale, out);
   else if (!bf16 && kv == at::kFloat)
-    run_f32<float>(q, key_cache, value_cache, block_row, start, scale, out);
+    run_f32<float>(q, key_cache, value_cache, block_row, start, scale, out, wide);
   else if (!bf16 && kv == at::kBFloat16)
-    run_f32<c10::BFloat16>(q, key_cache, value_cache, block_row, start, scale, out);
+    run_f32<c10::BFloat16>(q, key_cache, value_cache, block_row, start, scale, out, wide);
   else if (!bf16 && kv == at::kHalf)
-    run_f32<c10::Half>(q, key_cache, value_cache, block_row, start, scale, out);
+    run_f32<c10::Half>(q, key_cache, value_cache, block_row, start, scale, out, wide);
   else if (!bf16 && kv == at::kFloat8_e4m3fn)
-    run_f32<c10::Float8_e4m3fn>(q, key_cache, value_cache, block_row, start, scale, out);
+    run_f32<c10::Float8_e4m3fn>(q, key_cache, value_cache, block_row, start, scale, out, wide);
   else
     TORCH_CHECK(false, "prefill_attention: caches of ", kv, " under ", q.scalar_type(),
                 " queries: bf16 takes bf16 or fp8 (e4m3) caches, fp32 fp32 / bf16 / fp16 / fp8");
@@ -505,6 +568,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "causal attention of q [Tq, nh, hd] bf16 / fp32 at positions start.. over the paged K/V of "
         "positions 0 .. start + Tq - 1",
         py::arg("q"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_row"),
-        py::arg("start"), py::arg("scale"));
+        py::arg("start"), py::arg("scale"), py::arg("avx2_only") = false);
   m.def("bf16_supported", &supported, "bf16 queries run here (an AVX512-BF16 CPU)");
 }
