@@ -134,7 +134,7 @@ def every_module() -> list[Native]:
     from qwen35.parallel import shm
 
     return [gemv.GEMV, attention.ATTENTION, gemv.INT4, DELTANET, shm.SHM, small_ops.SMALL_OPS,
-            fp8.FP8, gemv.SCREEN]  # fmt: skip
+            fp8.FP8, gemv.SCREEN, attention.PREFILL]  # fmt: skip
 
 
 DELTANET = Native("gated_delta_cpu.cpp", ("-mavx2", "-mfma", "-mf16c"), needs=("avx2", "fma", "f16c"))
