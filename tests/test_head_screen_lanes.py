@@ -139,8 +139,13 @@ def test_bf16_engine_with_and_without_the_screen_random_workloads(tmp_path, seed
                for o in llm.generate(prompts, params)]  # fmt: skip
         return out, calls
 
+    from qwen35.layers.linear import head_gemv_max_rows
+
     (on, calls), (off, _) = run(True), run(False)
-    assert max(calls) > 8 and on == off  # (steps of 9-16 rows took it)
+    assert on == off
+    # steps of 9-16 rows took it, on CPUs whose bf16 head takes the GEMV kernel that far (AVX512-
+    # BF16 without AMX; a VNNI CPU without BF16, e.g. Ice Lake, stops at 8)
+    assert 8 < max(calls) <= 16 if head_gemv_max_rows(torch.bfloat16) == 16 else max(calls) <= 8
 
 
 def test_engine_fp32_batch_past_16_rows(ckpt):
