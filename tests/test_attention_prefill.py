@@ -133,7 +133,10 @@ def test_bad_inputs_are_refused_with_what_was_wrong():
     with pytest.raises(RuntimeError, match="int32"):
         mod.prefill_attention(q, kc, kc, row.long(), 0, 1.0)
     with pytest.raises(RuntimeError, match="bf16 takes bf16 or fp8"):
-        mod.prefill_attention(q.bfloat16(), kc.half(), kc.half(), row, 0, 1.0)
+        mod.prefill_attention(q, kc.to(torch.int8), kc.to(torch.int8), row, 0, 1.0)
+    if not BF16:
+        with pytest.raises(RuntimeError, match="bf16 queries need an AVX512-BF16 CPU"):
+            mod.prefill_attention(q.bfloat16(), kc.bfloat16(), kc.bfloat16(), row, 0, 1.0)
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
