@@ -258,21 +258,17 @@ def test_int8_rows_in_chunks_equal_one_pass(dtype):
     assert torch.equal(q1, ref_q) and torch.equal(s1, ref_s)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "bf16", "fp32"])
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
 def test_fp32_rows_past_the_kernel_run_it_in_chunks(fmt, monkeypatch):
     """fp32 rows past the CPU kernels' 16, up to CHUNKED_MAX_ROWS (the rows of a MoE prefill's
     experts, decode batches), take the kernel 16 rows a call: the bits of those calls; past the
-    cap, the dequantised / widened weight and torch's GEMM, close to the same products. fp32
-    weights only on AVX-512 CPUs (CHUNKED_NEEDS)."""
-    from qwen35.devices import cpu_flags
+    cap, the dequantised / widened weight and torch's GEMM, close to the same products. (fp32
+    weights: the GEMM past 16 rows, test_gemv.py.)"""
     from qwen35.kernels import gemv
     from qwen35.layers import linear as lin
 
     if gemv.load() is None:
         pytest.skip("the CPU kernels did not build here (no compiler, or QWEN35_NO_KERNELS)")
-    if fmt == "fp32" and "avx512f" not in cpu_flags():
-        assert lin.chunked_max_rows(torch.float32) == 0  # AVX2: torch's GEMM past 16 rows
-        pytest.skip("fp32 weights take the chunks on AVX-512 CPUs only; this one has none")
     g = torch.Generator().manual_seed(9)
     w = torch.randn(96, 256, generator=g) * 0.05
     mod = gemv.load()
@@ -280,9 +276,6 @@ def test_fp32_rows_past_the_kernel_run_it_in_chunks(fmt, monkeypatch):
         q, s = formats.quantize_int8_rows(w, torch.float32)
         fn, dt, ref_w = (lambda x: matmul.int8_linear(x, q, s)), torch.int8, q.float() * s[:, None]
         kernel = lambda x: mod.linear_int8(x, q, s)  # noqa: E731
-    elif fmt == "fp32":
-        fn, dt, ref_w = (lambda x: lin.linear(x, w)), torch.float32, w
-        kernel = lambda x: mod.linear_fp32(x, w)  # noqa: E731
     else:
         wb = w.bfloat16()
         fn, dt, ref_w = (lambda x: lin.linear(x, wb)), torch.bfloat16, wb.float()

@@ -43,23 +43,17 @@ MANY_MAX_ROWS = 4
 # this many rows the chunks beat dequantising / widening the weight + torch's fp32 GEMM (`python
 # bench/chunked_rows.py`, Zen 3, 2 threads, 1024 x 2048 / 2048 x 512: int8 1.80x / 1.38x at 24
 # rows, 1.36x / 1.02x at 32, 0.91x at 48; bf16-stored 1.31x / 1.10x at 48, 0.91x at 64; fp32
-# weights and the AVX2 FP8 kernel lose from 24-32 rows there). These are the sizes of a MoE
-# prefill's experts (~T/32 rows each on 35B-A3B) and of decode batches past 16; bf16 rows keep
-# their GEMMs. fp32 weights take the chunks on AVX-512 CPUs only, where the kernel's 16-wide FMAs
-# beat torch's fp32 GEMM, which runs no faster there than under AVX2 (`python bench/chunked_rows.py
-# --formats fp32 --shapes 7168x1024,1024x3584,8192x1024,1024x2048`, Zen 5 VM, 2 threads: 1.36-1.76x
-# at 24-48 rows; the 0.8B's lm_head at 24 / 32 / 48 rows 1.76x / 1.84x / 1.48x).
-CHUNKED_MAX_ROWS = {torch.bfloat16: 48, torch.int8: 32, torch.float32: 48}
-CHUNKED_NEEDS = {torch.float32: "avx512f"}  # CPU flag a weight dtype's chunks need
+# weights and the AVX2 FP8 kernel lose from 24-32 rows and are not chunked). These are the sizes
+# of a MoE prefill's experts (~T/32 rows each on 35B-A3B) and of decode batches past 16; bf16 rows
+# keep their GEMMs. Against oneDNN's fp32 GEMM (`gemm`, AMD CPUs since session 46; the same bench,
+# Zen 5 VM): bf16-stored 1.06-1.66x at 24-32 rows, 0.89-1.26x at 48; int8 0.75-1.12x at 32 (AVX-512)
+# and 0.78-1.46x (as an AVX2 CPU runs it); fp32 weights 0.49-0.91x at 24-96 rows, so they stay off.
+CHUNKED_MAX_ROWS = {torch.bfloat16: 48, torch.int8: 32}
 
 
 def chunked_max_rows(w_dtype: torch.dtype) -> int:
-    """fp32 rows up to which a weight stored as w_dtype takes a kernel in 16-row chunks on this
-    CPU (0: never)."""
-    from qwen35.devices import cpu_flags
-
-    need = CHUNKED_NEEDS.get(w_dtype)
-    return CHUNKED_MAX_ROWS.get(w_dtype, 0) if need is None or need in cpu_flags() else 0
+    """fp32 rows up to which a weight stored as w_dtype takes a kernel in 16-row chunks (0: never)."""
+    return CHUNKED_MAX_ROWS.get(w_dtype, 0)
 
 
 def chunked(x: torch.Tensor, w_dtype: torch.dtype) -> bool:

@@ -55,7 +55,7 @@ MAX_CANDIDATES = 4096  # per 4 input rows (max_candidates): more left after the 
 GATHER_MAX_BYTES = 24 << 20
 # The screen takes every step whose rows the full head gives from the GEMV kernel
 # (layers/linear.py head_kernel_rows: bf16 up to 16 rows where bf16 is native, else 8; fp32 rows
-# 16, or 48 where `linear` takes the kernel in 16-row chunks), in groups of SCREEN_ROWS (the
+# 16, or 48 on bf16-stored heads, which `linear` runs 16 rows a call), in groups of SCREEN_ROWS (the
 # kernel's 16 lanes), and beats the full head at all of them. `python bench/head_screen.py
 # --head-only --rounds 5 --threads 2` (the 0.8B's head, caches cold, Zen 5 VM), bf16 full vs
 # screen: 11.5 / 6.9 ms at 1 row, 14.8 / 8.0 at 4; at 8 rows 16.5 / 21.3 before the VNNI kernel
