@@ -1,9 +1,9 @@
 // Causal prefill attention on the CPU: the queries of one prompt chunk, at positions start ..
 // start + Tq - 1, against its whole context read from the paged K/V cache through its block
 // table. bf16 models on AVX512-BF16 CPUs over bf16 or fp8 caches (vdpbf16ps); fp32 models on
-// any AVX2 + FMA CPU over fp32, bf16, fp16 or fp8 caches (8-lane FMAs; P stays fp32, as in
-// SDPA's fp32 path). Caches are widened exactly as read. torch's CPU SDPA
-// (the path this replaces, ops/attention.py prefill_attention) ran at 50-160 GFLOP/s on a 2-core
+// any AVX2 + FMA CPU over fp32, bf16, fp16 or fp8 caches (FMAs, 16 lanes on AVX-512 CPUs, else 8;
+// P stays fp32, as in SDPA's fp32 path). Caches are widened exactly as read. torch's CPU SDPA
+// (the path this replaces, ops/attention.py prefill_attention) ran at 30-175 GFLOP/s on a 2-core
 // Zen 5 where bf16 GEMMs reach 450; `bench/attention_prefill.py` times both.
 //
 // Flash-attention order with a fixed cut: keys in blocks of kKB aligned at absolute positions
@@ -303,11 +303,6 @@ void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& v
 
 #define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-inline float to_f32(float v) { return v; }
-inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float to_f32(c10::Half v) { return static_cast<float>(v); }
-inline float to_f32(c10::Float8_e4m3fn v) { return static_cast<float>(v); }
-
 // K / V of block b of KV head h in fp32: K [hd][kKB], V [kKB][hd] (keys past ctx: 0)
 template <typename KV>
 void pack_block_f32(const Pages<KV>& pg, int64_t h, int64_t b, float* kp, float* vp) {
@@ -316,8 +311,8 @@ void pack_block_f32(const Pages<KV>& pg, int64_t h, int64_t b, float* kp, float*
   std::fill(vp, vp + hd * kKB, 0.f);
   pg.block_rows(h, b, [&](int t, const KV* k, const KV* v) {
     for (int64_t j = 0; j < hd; ++j) {
-      kp[j * kKB + t] = to_f32(k[j]);
-      vp[t * hd + j] = to_f32(v[j]);
+      kp[j * kKB + t] = static_cast<float>(k[j]);
+      vp[t * hd + j] = static_cast<float>(v[j]);
     }
   });
 }

@@ -83,15 +83,17 @@ class GatedAttention(nn.Module):
             o = paged_decode_attention(be, q, key_cache, value_cache, d, self.scale, gate)
             return self.tp.all_reduce(self.o_proj(o.view(T, nh * hd)))
         o = q.new_empty(T, nh, hd)
-        if key_cache.dtype != k.dtype and any(sp.start_pos == 0 for sp in batch.prefill):
+        # first chunks attend to their own K / V here, unless the CPU kernel reads every chunk
+        # from the cache
+        fresh = cpu_prefill_kernel(be, q, key_cache) is None
+        if fresh and key_cache.dtype != k.dtype and any(sp.start_pos == 0 for sp in batch.prefill):
             # K / V as the cache holds them (bf16 / fp16 under fp32, fp8) for the prompts
             # attending to their own: the values their later chunks, a prefix-cache hit and the
             # decode steps read back, so results do not depend on how a prompt was cut
             k, v = k.to(key_cache.dtype).to(k.dtype), v.to(value_cache.dtype).to(v.dtype)
         for sp in batch.prefill:
             r = sp.rows
-            if sp.start_pos == 0 and cpu_prefill_kernel(be, q, key_cache) is None:
-                # the context is exactly the new tokens
+            if sp.start_pos == 0 and fresh:  # the context is exactly the new tokens
                 o[r] = prefill_attention(q[r], k[r], v[r], self.scale)
             else:
                 row = batch.block_tables[sp.index]

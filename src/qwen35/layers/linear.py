@@ -51,16 +51,11 @@ MANY_MAX_ROWS = 4
 CHUNKED_MAX_ROWS = {torch.bfloat16: 48, torch.int8: 32}
 
 
-def chunked_max_rows(w_dtype: torch.dtype) -> int:
-    """fp32 rows up to which a weight stored as w_dtype takes a kernel in 16-row chunks (0: never)."""
-    return CHUNKED_MAX_ROWS.get(w_dtype, 0)
-
-
 def chunked(x: torch.Tensor, w_dtype: torch.dtype) -> bool:
     """Whether fp32 rows x [M, K] on a CPU, more than a kernel call's 16, run a kernel in 16-row
     chunks (in_chunks) for a weight stored as w_dtype."""
     return (x.dim() == 2 and x.dtype == torch.float32 and x.is_cpu
-            and 16 < x.shape[0] <= chunked_max_rows(w_dtype))  # fmt: skip
+            and 16 < x.shape[0] <= CHUNKED_MAX_ROWS.get(w_dtype, 0))  # fmt: skip
 
 
 def in_chunks(fn, x: torch.Tensor, step: int) -> torch.Tensor:
@@ -183,9 +178,9 @@ def head_gemv_max_rows(dtype: torch.dtype) -> int:
 def head_kernel_rows(x_dtype: torch.dtype, w: torch.Tensor) -> int:
     """Rows of x_dtype up to which head_linear(x, w) on a CPU gives every row the GEMV kernel's
     output (what the row gets alone): bf16 head_gemv_max_rows; fp32 rows also the 16-row chunks
-    `linear` takes up to chunked_max_rows. The head screen's exact rows need that."""
+    `linear` takes up to CHUNKED_MAX_ROWS. The head screen's exact rows need that."""
     n = head_gemv_max_rows(x_dtype)
-    return max(n, chunked_max_rows(w.dtype)) if x_dtype == torch.float32 else n
+    return max(n, CHUNKED_MAX_ROWS.get(w.dtype, 0)) if x_dtype == torch.float32 else n
 
 
 def head_linear(x: torch.Tensor, w: torch.Tensor, fn=None) -> torch.Tensor:

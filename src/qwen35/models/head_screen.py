@@ -215,20 +215,20 @@ class HeadScreen:
             or not bool(torch.isfinite(x).all())
         ):
             return None
-        groups = []
-        for i in range(0, len(x), SCREEN_ROWS):
-            rows = x[i : i + SCREEN_ROWS].contiguous()
-            cand = self.candidates(rows, ks[i : i + SCREEN_ROWS])
-            groups.append([i, rows, cand])
-        if all(cand is None for _, _, cand in groups):
+        starts = range(0, len(x), SCREEN_ROWS)
+        parts = [x[i : i + SCREEN_ROWS].contiguous() for i in starts]
+        cands = [self.candidates(rows, ks[i : i + SCREEN_ROWS])
+                 for i, rows in zip(starts, parts, strict=True)]  # fmt: skip
+        if all(cand is None for cand in cands):
             return None  # the caller's full head, at no extra cost
-        for g in groups:
-            i, rows, cand = g
+        groups = []
+        for i, rows, cand in zip(starts, parts, cands, strict=True):
             w = self.weight if cand is None else self.weight.index_select(0, cand)
-            g[1] = exact = head_linear(rows, w).float()  # [S, C] (undecided: [S, V])
+            exact = head_linear(rows, w).float()  # [S, C] (undecided: [S, V])
             if not bool(torch.isfinite(exact).all()):
                 return None  # the full path's NaN / inf handling decides
-        return [(i, cand, exact) for i, exact, cand in groups]
+            groups.append((i, cand, exact))
+        return groups
 
     def limit(self, rows: int) -> int:
         """The most candidates a screen of `rows` input rows may leave (max_candidates)."""
