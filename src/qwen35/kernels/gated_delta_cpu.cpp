@@ -387,6 +387,328 @@ torch::Tensor deltanet_decode_gated(const torch::Tensor& qkv,  // [n, C]
   return y;
 }
 
+// ---- prefill: the chunked gated delta rule, one value head a task --------------------------------
+// ops/gated_delta.py chunk_gated_delta_rule is the PyTorch twin (the math is there). Per value
+// head h, chunk by chunk of kC positions (the last zero-padded: g = 0, beta = 0 leave the state
+// as it is), with the state S [dk, dv] fp32 in the thread's buffer:
+//   q, k l2-normalised (q times scale); gam = cumsum g; D[i][j] = exp(gam_i - gam_j) for j <= i,
+//   else 0 (exponents under -60 give 0, as the twin's _exp_cut);
+//   A = strictly_lower((beta k) k^T * D); [U | W] = (I + A)^-1 [beta v | beta exp(gam) k] by
+//   forward substitution;
+//   V' = U - W S;  O = (q exp(gam)) S + ((q k^T) * D) V';  S = exp(gam_last) S + K_dec^T V'
+//   with K_dec = k exp(gam_last - gam).
+// A chunk's rows stay in L1 / L2 (~0.35 MB at head dims 128) and every product is a tile of
+// fp32 FMAs; the twin's batched matmuls over the whole prompt (MKL's bmm: 80-160 GFLOP/s on AMD
+// CPUs) streamed 16 MB intermediates between them (`bench/deltanet_prefill.py`). Each output
+// sums its terms in the same order on the AVX2 and AVX-512 paths: the same bits.
+
+constexpr int64_t kC = 64;  // positions a chunk (ops/gated_delta.py CHUNK_SIZE)
+constexpr float kExpCut = -60.f;
+
+enum class Acc { kSet, kAdd, kSub };  // C = A B, C += A B, C -= A B
+
+// C [M, N] (op)= A [M, K] @ B [K, N], row-major with leading dims; M % 4 == 0, N % 16 == 0.
+// Each output: its start (0 or C) and K FMAs in order of k.
+template <Acc mode>
+void gemm_avx2(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+               int64_t ldb, float* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; i += 4)
+    for (int64_t j = 0; j < N; j += 16) {
+      __m256 acc[4][2];
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 2; ++c)
+          acc[r][c] = mode == Acc::kSet ? _mm256_setzero_ps()
+                                        : _mm256_loadu_ps(C + (i + r) * ldc + j + 8 * c);
+      for (int64_t k = 0; k < K; ++k) {
+        const __m256 b0 = _mm256_loadu_ps(B + k * ldb + j), b1 = _mm256_loadu_ps(B + k * ldb + j + 8);
+        for (int r = 0; r < 4; ++r) {
+          const __m256 a = _mm256_broadcast_ss(A + (i + r) * lda + k);
+          if constexpr (mode == Acc::kSub) {
+            acc[r][0] = _mm256_fnmadd_ps(a, b0, acc[r][0]);
+            acc[r][1] = _mm256_fnmadd_ps(a, b1, acc[r][1]);
+          } else {
+            acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+          }
+        }
+      }
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 2; ++c) _mm256_storeu_ps(C + (i + r) * ldc + j + 8 * c, acc[r][c]);
+    }
+}
+
+// the same, 4 rows x 16 NV columns a tile of 512-bit registers
+template <Acc mode, int NV>
+__attribute__((target("avx512f,fma"))) void gemm_tile16(int64_t i, int64_t j, int64_t K,
+                                                        const float* A, int64_t lda,
+                                                        const float* B, int64_t ldb, float* C,
+                                                        int64_t ldc) {
+  __m512 acc[4][NV];
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < NV; ++c)
+      acc[r][c] = mode == Acc::kSet ? _mm512_setzero_ps()
+                                    : _mm512_loadu_ps(C + (i + r) * ldc + j + 16 * c);
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[NV];
+    for (int c = 0; c < NV; ++c) b[c] = _mm512_loadu_ps(B + k * ldb + j + 16 * c);
+    for (int r = 0; r < 4; ++r) {
+      const __m512 a = _mm512_set1_ps(A[(i + r) * lda + k]);
+      for (int c = 0; c < NV; ++c)
+        acc[r][c] = mode == Acc::kSub ? _mm512_fnmadd_ps(a, b[c], acc[r][c])
+                                      : _mm512_fmadd_ps(a, b[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(C + (i + r) * ldc + j + 16 * c, acc[r][c]);
+}
+
+template <Acc mode>
+void gemm(bool wide, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+          int64_t ldb, float* C, int64_t ldc) {
+  if (!wide) return gemm_avx2<mode>(M, N, K, A, lda, B, ldb, C, ldc);
+  for (int64_t i = 0; i < M; i += 4) {
+    int64_t j = 0;
+    for (; j + 64 <= N; j += 64) gemm_tile16<mode, 4>(i, j, K, A, lda, B, ldb, C, ldc);
+    for (; j < N; j += 16) gemm_tile16<mode, 1>(i, j, K, A, lda, B, ldb, C, ldc);
+  }
+}
+
+// X [kC, N] = (I + A)^-1 X for A [kC, kC] strictly lower (ld kC): row i minus A[i][j] row j for
+// j < i in order (rows above already solved); N % 16 == 0
+void solve_avx2(const float* A, float* X, int64_t N, int64_t ldx) {
+  for (int64_t j0 = 0; j0 < N; j0 += 16)
+    for (int64_t i = 1; i < kC; ++i) {
+      float* xi = X + i * ldx + j0;
+      __m256 x0 = _mm256_loadu_ps(xi), x1 = _mm256_loadu_ps(xi + 8);
+      for (int64_t j = 0; j < i; ++j) {
+        const __m256 a = _mm256_broadcast_ss(A + i * kC + j);
+        x0 = _mm256_fnmadd_ps(a, _mm256_loadu_ps(X + j * ldx + j0), x0);
+        x1 = _mm256_fnmadd_ps(a, _mm256_loadu_ps(X + j * ldx + j0 + 8), x1);
+      }
+      _mm256_storeu_ps(xi, x0);
+      _mm256_storeu_ps(xi + 8, x1);
+    }
+}
+
+template <int NV>
+__attribute__((target("avx512f,fma"))) void solve_cols16(const float* A, float* X, int64_t j0,
+                                                         int64_t ldx) {
+  for (int64_t i = 1; i < kC; ++i) {
+    float* xi = X + i * ldx + j0;
+    __m512 x[NV];
+    for (int c = 0; c < NV; ++c) x[c] = _mm512_loadu_ps(xi + 16 * c);
+    for (int64_t j = 0; j < i; ++j) {
+      const __m512 a = _mm512_set1_ps(A[i * kC + j]);
+      for (int c = 0; c < NV; ++c)
+        x[c] = _mm512_fnmadd_ps(a, _mm512_loadu_ps(X + j * ldx + j0 + 16 * c), x[c]);
+    }
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(xi + 16 * c, x[c]);
+  }
+}
+
+void solve(bool wide, const float* A, float* X, int64_t N, int64_t ldx) {
+  if (!wide) return solve_avx2(A, X, N, ldx);
+  int64_t j = 0;
+  for (; j + 64 <= N; j += 64) solve_cols16<4>(A, X, j, ldx);
+  for (; j < N; j += 16) solve_cols16<1>(A, X, j, ldx);
+}
+
+// exp(x), 0 for x < kExpCut (and -inf), 8 lanes
+inline __m256 exp_cut8(__m256 x) {
+  return _mm256_and_ps(vec8::exp8(x), _mm256_cmp_ps(x, _mm256_set1_ps(kExpCut), _CMP_GE_OQ));
+}
+
+// a row of d values (d % 8 == 0) into fp32 dst, times inv_norm(row) * mul where l2 (1 /
+// sqrt(sum of squares + eps), the squares summed in 8 lanes, then the lanes in a fixed order)
+template <typename T>
+void load_row(const T* x, int64_t d, bool l2, float mul, float* dst) {
+  float f = mul;
+  if (l2) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < d; j += 8) {
+      const __m256 v = vec8::load8(x + j);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    alignas(32) float l[8];
+    _mm256_store_ps(l, acc);
+    const float ss = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+    f = 1.f / std::sqrt(ss + 1e-6f) * mul;  // ops/gated_delta.py L2NORM_EPS
+  }
+  const __m256 m = _mm256_set1_ps(f);
+  for (int64_t j = 0; j < d; j += 8) _mm256_storeu_ps(dst + j, _mm256_mul_ps(vec8::load8(x + j), m));
+}
+
+struct ChunkHead {  // one value head's pointers (rows strided) and the shared sizes
+  int64_t T, dk, dv, q_stride, k_stride, v_stride, o_stride, g_stride;
+  float scale;
+  bool l2, wide;
+};
+
+// One value head through all its chunks: S [dk, dv] in / out; after chunk n the state is also
+// copied to ck_out[c] where ck[c] == (n + 1) kC (ck sorted, ck_stride floats apart).
+template <typename T>
+void chunk_head(const ChunkHead& p, const T* Qh, const T* Kh, const T* Vh, const float* G,
+                const float* Bt, T* Oh, float* S, const int64_t* ck, int64_t nck, float* ck_out,
+                int64_t ck_stride, std::vector<float>& buf) {
+  const int64_t dk = p.dk, dv = p.dv, ldx = dv + dk;
+  buf.resize(3 * kC * dk + kC * ldx + 3 * kC * kC + kC * dv + 4 * kC);
+  float* Q = buf.data();          // [kC, dk] normalised, then times exp(gam)
+  float* K = Q + kC * dk;         // [kC, dk]
+  float* Kt = K + kC * dk;        // [dk, kC], then K_dec^T
+  float* X = Kt + kC * dk;        // [kC, dv + dk]: [U | W], then [V' | W]
+  float* A = X + kC * ldx;        // [kC, kC]
+  float* P = A + kC * kC;         // [kC, kC]
+  float* D = P + kC * kC;         // [kC, kC]
+  float* O = D + kC * kC;         // [kC, dv]
+  float* gam = O + kC * dv;       // [kC]
+  float* beta = gam + kC;         // [kC]
+  float* eg = beta + kC;          // [kC] exp(gam)
+  float* dl = eg + kC;            // [kC] exp(gam_last - gam)
+  int64_t c = 0;
+  for (int64_t t0 = 0; t0 < p.T; t0 += kC) {
+    const int64_t L = std::min(kC, p.T - t0);
+    float run = 0.f;
+    for (int64_t i = 0; i < kC; ++i) {
+      if (i < L) {
+        const int64_t t = t0 + i;
+        load_row(Qh + t * p.q_stride, dk, p.l2, p.scale, Q + i * dk);
+        load_row(Kh + t * p.k_stride, dk, p.l2, 1.f, K + i * dk);
+        load_row(Vh + t * p.v_stride, dv, false, 1.f, X + i * ldx);
+        run += G[t * p.g_stride];
+        beta[i] = Bt[t * p.g_stride];
+      } else {
+        std::fill(Q + i * dk, Q + (i + 1) * dk, 0.f);
+        std::fill(K + i * dk, K + (i + 1) * dk, 0.f);
+        std::fill(X + i * ldx, X + i * ldx + dv, 0.f);
+        beta[i] = 0.f;
+      }
+      gam[i] = run;
+    }
+    const __m256 last = _mm256_set1_ps(gam[kC - 1]);
+    for (int64_t i = 0; i < kC; i += 8) {
+      const __m256 g8 = _mm256_loadu_ps(gam + i);
+      _mm256_storeu_ps(eg + i, exp_cut8(g8));
+      _mm256_storeu_ps(dl + i, exp_cut8(_mm256_sub_ps(last, g8)));
+    }
+    float decay;  // exp(gam_last): the state's decay over the chunk
+    {
+      alignas(32) float l[8];
+      _mm256_store_ps(l, exp_cut8(last));
+      decay = l[0];
+    }
+    for (int64_t i = 0; i < kC; ++i) {  // D, zero above the diagonal
+      const __m256 gi = _mm256_set1_ps(gam[i]);
+      for (int64_t j = 0; j < kC; j += 8) {
+        __m256 d = _mm256_setzero_ps();
+        if (j <= i) {
+          const __m256 idx = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(j)),
+                                           _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
+          d = _mm256_and_ps(exp_cut8(_mm256_sub_ps(gi, _mm256_loadu_ps(gam + j))),
+                            _mm256_cmp_ps(idx, _mm256_set1_ps(static_cast<float>(i)), _CMP_LE_OQ));
+        }
+        _mm256_storeu_ps(D + i * kC + j, d);
+      }
+    }
+    for (int64_t i = 0; i < kC; ++i)  // K^T
+      for (int64_t d = 0; d < dk; ++d) Kt[d * kC + i] = K[i * dk + d];
+    // A = strictly_lower(beta_i (k_i . k_j) D_ij); the right-hand sides [beta v | beta exp(gam) k]
+    gemm<Acc::kSet>(p.wide, kC, kC, dk, K, dk, Kt, kC, A, kC);
+    for (int64_t i = 0; i < kC; ++i) {
+      const __m256 b = _mm256_set1_ps(beta[i]);
+      for (int64_t j = 0; j < kC; j += 8) {
+        float* a = A + i * kC + j;
+        _mm256_storeu_ps(a, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(a), b), _mm256_loadu_ps(D + i * kC + j)));
+      }
+      A[i * kC + i] = 0.f;
+      float* x = X + i * ldx;
+      const __m256 be = _mm256_set1_ps(eg[i]);
+      for (int64_t j = 0; j < dv; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), b));
+      for (int64_t j = 0; j < dk; j += 8)
+        _mm256_storeu_ps(x + dv + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(K + i * dk + j), b), be));
+    }
+    solve(p.wide, A, X, ldx, ldx);
+    gemm<Acc::kSub>(p.wide, kC, dv, dk, X + dv, ldx, S, dv, X, ldx);  // V' = U - W S
+    gemm<Acc::kSet>(p.wide, kC, kC, dk, Q, dk, Kt, kC, P, kC);        // P = (q k^T) D
+    for (int64_t i = 0; i < kC * kC; i += 8)
+      _mm256_storeu_ps(P + i, _mm256_mul_ps(_mm256_loadu_ps(P + i), _mm256_loadu_ps(D + i)));
+    for (int64_t i = 0; i < kC; ++i) {
+      const __m256 e = _mm256_set1_ps(eg[i]);
+      for (int64_t j = 0; j < dk; j += 8)
+        _mm256_storeu_ps(Q + i * dk + j, _mm256_mul_ps(_mm256_loadu_ps(Q + i * dk + j), e));
+    }
+    gemm<Acc::kSet>(p.wide, kC, dv, dk, Q, dk, S, dv, O, dv);  // O = (q exp(gam)) S
+    gemm<Acc::kAdd>(p.wide, kC, dv, kC, P, kC, X, ldx, O, dv);  //   + P V'
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t j = 0; j < dv; j += 8)
+        vec8::store8(Oh + (t0 + i) * p.o_stride + j, _mm256_loadu_ps(O + i * dv + j));
+    // S = exp(gam_last) S + K_dec^T V'
+    const __m256 dec = _mm256_set1_ps(decay);
+    for (int64_t i = 0; i < dk * dv; i += 8)
+      _mm256_storeu_ps(S + i, _mm256_mul_ps(_mm256_loadu_ps(S + i), dec));
+    for (int64_t d = 0; d < dk; ++d)
+      for (int64_t j = 0; j < kC; j += 8)
+        _mm256_storeu_ps(Kt + d * kC + j, _mm256_mul_ps(_mm256_loadu_ps(Kt + d * kC + j), _mm256_loadu_ps(dl + j)));
+    gemm<Acc::kAdd>(p.wide, dk, dv, kC, Kt, kC, X, ldx, S, dv);
+    for (; c < nck && ck[c] <= t0 + kC; ++c)
+      if (ck[c] == t0 + kC) std::copy(S, S + dk * dv, ck_out + c * ck_stride);
+  }
+}
+
+// The chunked gated delta rule of one sequence: q, k [T, Hk, dk] and v [T, Hv, dv] of the model
+// dtype (rows may be strided: views of the conv's output), g and beta [T, Hv] fp32, the state
+// [Hv, dk, dv] fp32 (in: the initial state; out: the final one), o [T, Hv, dv] written (rows
+// may be strided). ck: offsets (multiples of 64 in 1..T, ascending) after which the state is
+// copied into ck_states [len(ck), Hv, dk, dv] fp32. dk, dv multiples of 16.
+void deltanet_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                    const torch::Tensor& g, const torch::Tensor& beta, torch::Tensor& state,
+                    torch::Tensor& o, const std::vector<int64_t>& ck, torch::Tensor& ck_states,
+                    double scale, bool l2norm, bool avx2_only) {
+  TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes() && v.dim() == 3 && o.sizes() == v.sizes() &&
+                  v.size(0) == q.size(0) && v.size(1) % q.size(1) == 0,
+              "deltanet_chunk: q, k [T, Hk, dk], v and o [T, Hv, dv] expected");
+  const int64_t T = q.size(0), Hk = q.size(1), dk = q.size(2), Hv = v.size(1), dv = v.size(2);
+  TORCH_CHECK(dk % 16 == 0 && dv % 16 == 0, "deltanet_chunk: head dims must be multiples of 16");
+  for (const torch::Tensor* t : {&q, &k, &v, const_cast<const torch::Tensor*>(&o)})
+    TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->stride(2) == 1 &&
+                    t->stride(1) == t->size(2),
+                "deltanet_chunk: q, k, v and o of one dtype, each row's heads contiguous");
+  TORCH_CHECK(g.scalar_type() == at::kFloat && beta.scalar_type() == at::kFloat &&
+                  g.is_contiguous() && beta.is_contiguous() && g.sizes() == beta.sizes() &&
+                  g.dim() == 2 && g.size(0) == T && g.size(1) == Hv,
+              "deltanet_chunk: g and beta contiguous fp32 [T, Hv] expected");
+  TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && state.dim() == 3 &&
+                  state.size(0) == Hv && state.size(1) == dk && state.size(2) == dv,
+              "deltanet_chunk: the state must be contiguous fp32 [Hv, dk, dv]");
+  const int64_t nck = static_cast<int64_t>(ck.size());
+  TORCH_CHECK(ck_states.scalar_type() == at::kFloat && ck_states.is_contiguous() &&
+                  ck_states.numel() == nck * Hv * dk * dv,
+              "deltanet_chunk: ck_states must be contiguous fp32 [len(ck), Hv, dk, dv]");
+  for (int64_t c = 0; c < nck; ++c)
+    TORCH_CHECK(ck[c] % kC == 0 && ck[c] > 0 && ck[c] <= T && (c == 0 || ck[c] > ck[c - 1]),
+                "deltanet_chunk: checkpoint offsets must be ascending multiples of 64 in 1..T");
+  const ChunkHead p{T, dk, dv, q.stride(0), k.stride(0), v.stride(0), o.stride(0), Hv,
+                    static_cast<float>(scale), l2norm, cpu_avx512f() && !avx2_only};
+  const int64_t r = Hv / Hk;
+  const float* G = g.data_ptr<float>();
+  const float* B = beta.data_ptr<float>();
+  float* S = state.data_ptr<float>();
+  float* CK = ck_states.data_ptr<float>();
+  vec8::dispatch(q.scalar_type(), "deltanet_chunk", [&](auto tag) {
+    using T_ = decltype(tag);
+    const T_* Q = q.data_ptr<T_>();
+    const T_* K = k.data_ptr<T_>();
+    const T_* V = v.data_ptr<T_>();
+    T_* O = o.data_ptr<T_>();
+    at::parallel_for(0, Hv, 1, [&](int64_t h0, int64_t h1) {
+      std::vector<float> buf;
+      for (int64_t h = h0; h < h1; ++h)
+        chunk_head<T_>(p, Q + (h / r) * dk, K + (h / r) * dk, V + h * dv, G + h, B + h,
+                       O + h * dv, S + h * dk * dv, ck.data(), nck, CK + h * dk * dv,
+                       Hv * dk * dv, buf);
+    });
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("deltanet_decode", &deltanet_decode, "DeltaNet decode after the projections (in place)",
         py::arg("qkv"), py::arg("conv_state"), py::arg("conv_w"), py::arg("g"), py::arg("beta"),
@@ -396,4 +718,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("z"), py::arg("a"), py::arg("b"), py::arg("conv_state"), py::arg("conv_w"),
         py::arg("dt_bias"), py::arg("A_log"), py::arg("state"), py::arg("norm_w"), py::arg("eps"),
         py::arg("num_key_heads"), py::arg("avx2_only") = false);
+  m.def("deltanet_chunk", &deltanet_chunk,
+        "the chunked gated delta rule of one sequence (prefill; state in place)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("g"), py::arg("beta"), py::arg("state"), py::arg("o"),
+        py::arg("ck"), py::arg("ck_states"), py::arg("scale"), py::arg("l2norm"),
+        py::arg("avx2_only") = false);
 }

@@ -67,7 +67,33 @@ def deltanet_prefill(be: Backend, qkv, g, beta, conv_w, dims: Dims, prefill, con
         _prefill_fla(be.fla, qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o)
     else:
         cpu = small_ops.for_backend(be, qkv)  # the conv in one C++ pass, or None
-        _prefill_torch(qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o, cpu)
+        chunk = chunk_kernel(be, qkv, dims)  # the chunked rule in one C++ call, or None
+        _prefill_torch(qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o, cpu, chunk)
+
+
+def chunk_kernel(be: Backend, qkv, dims: Dims):
+    """kernels/gated_delta_cpu.cpp's module where its `deltanet_chunk` takes this layer's
+    prefill (CPU tensors of fp32 / bf16 / fp16, head dims multiples of 16), else None."""
+    mod = be.cpu_kernels
+    if (mod is None or not qkv.is_cpu or qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+            or dims.dk % 16 or dims.dv % 16 or not hasattr(mod, "deltanet_chunk")):  # fmt: skip
+        return None
+    return mod
+
+
+def chunk_native(mod, q, k, v, g, beta, S, out, states_at, avx2_only: bool = False):
+    """chunk_gated_delta_rule(q, k, v, g, beta, S, use_qk_l2norm=True, out=out,
+    states_at=states_at) of one sequence through the C++ kernel (its twin: same math, sums in
+    another order): q, k [T, nk, dk], v, out [T, nv, dv], g, beta [T, nv], S [nv, dk, dv] or None,
+    states_at [(t, dest [nv, dk, dv])]. Returns the final state [nv, dk, dv] fp32."""
+    nv, dk, dv = v.shape[1], k.shape[2], v.shape[2]
+    state = torch.zeros(nv, dk, dv) if S is None else S.to(torch.float32, copy=True).contiguous()
+    ck = torch.empty(len(states_at), nv, dk, dv)
+    mod.deltanet_chunk(q, k, v, g.float().contiguous(), beta.float().contiguous(), state, out,
+                       [t for t, _ in states_at], ck, dk**-0.5, True, avx2_only)  # fmt: skip
+    for (_, dest), s in zip(states_at, ck):
+        dest.copy_(s)
+    return state
 
 
 def _split_qkv(u, dims: Dims):
@@ -93,18 +119,25 @@ def _conv_prefill(xs, conv_w, sp, conv_cache, K, cpu=None):
     return u
 
 
-def _prefill_torch(qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o, cpu=None):
+def _prefill_torch(qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o, cpu=None,
+                   chunk=None):  # fmt: skip
+    """chunk: chunk_kernel's module (the rule through chunk_native) or None (its PyTorch twin)."""
     for sp in prefill:
         u = _conv_prefill(qkv[sp.rows], conv_w, sp, conv_cache, dims.kernel_size, cpu)
         q, k, v = _split_qkv(u, dims)
         gs, bs, os = g[sp.rows], beta[sp.rows], o[sp.rows]
         S = rec_cache[sp.slot][None] if sp.has_initial_state else None  # [1, nv, dk, dv]
         for a, b, inside in segments(sp.checkpoints, sp.num_tokens, CHUNK_SIZE):
-            _, S = chunk_gated_delta_rule(
-                q[None, a:b], k[None, a:b], v[None, a:b], gs[None, a:b], bs[None, a:b], S,
-                use_qk_l2norm=True, out=os[None, a:b],
-                states_at=[(n - a, rec_cache[dest][None]) for n, dest in inside],
-            )  # fmt: skip
+            states_at = [(n - a, rec_cache[dest][None]) for n, dest in inside]
+            if chunk is not None:
+                S = chunk_native(chunk, q[a:b], k[a:b], v[a:b], gs[a:b], bs[a:b],
+                                 None if S is None else S[0], os[a:b],
+                                 [(t, d[0]) for t, d in states_at])[None]  # fmt: skip
+            else:
+                _, S = chunk_gated_delta_rule(
+                    q[None, a:b], k[None, a:b], v[None, a:b], gs[None, a:b], bs[None, a:b], S,
+                    use_qk_l2norm=True, out=os[None, a:b], states_at=states_at,
+                )  # fmt: skip
             for n, dest in sp.checkpoints:
                 if n == b:
                     rec_cache[dest] = S[0]
