@@ -91,7 +91,7 @@ def chunk_native(mod, q, k, v, g, beta, S, out, states_at, avx2_only: bool = Fal
     ck = torch.empty(len(states_at), nv, dk, dv)
     mod.deltanet_chunk(q, k, v, g.float().contiguous(), beta.float().contiguous(), state, out,
                        [t for t, _ in states_at], ck, dk**-0.5, True, avx2_only)  # fmt: skip
-    for (_, dest), s in zip(states_at, ck):
+    for (_, dest), s in zip(states_at, ck, strict=True):
         dest.copy_(s)
     return state
 
