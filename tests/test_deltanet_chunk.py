@@ -102,6 +102,17 @@ def test_checkpoints_and_a_prompt_cut_on_the_chunk_grid_are_bitwise(mod):
     assert torch.equal(torch.cat([o1, o2]), o) and torch.equal(S2, S)
 
 
+def test_short_prompts_take_narrower_chunks_with_the_same_bits(mod):
+    """A prompt under 64 tokens runs one chunk of its length rounded up to 16 (less work); the
+    padding adds exact zeros, so its outputs are those of the same tokens at the head of a longer
+    prompt (a 64-row chunk, where later rows never reach earlier ones)."""
+    q, k, v, g, beta, s0 = _inputs(70, seed=6)
+    o, _, _ = _run(mod, q, k, v, g, beta, s0)
+    for T in (1, 5, 16, 17, 33, 48, 63):
+        o_short, _, _ = _run(mod, *(x[:T] for x in (q, k, v, g, beta)), s0)
+        assert torch.equal(o_short, o[:T]), T
+
+
 def test_strong_decay_stays_finite_and_exact(mod):
     """Decays that underflow fp32 within a chunk (the twin cuts exponents under -60 to 0, so do
     we): no NaN, no denormal blow-up, the recurrence's result."""

@@ -473,15 +473,15 @@ void gemm(bool wide, int64_t M, int64_t N, int64_t K, const float* A, int64_t ld
   }
 }
 
-// X [kC, N] = (I + A)^-1 X for A [kC, kC] strictly lower (ld kC): row i minus A[i][j] row j for
+// X [C, N] = (I + A)^-1 X for A [C, C] strictly lower (ld C): row i minus A[i][j] row j for
 // j < i in order (rows above already solved); N % 16 == 0
-void solve_avx2(const float* A, float* X, int64_t N, int64_t ldx) {
+void solve_avx2(const float* A, float* X, int64_t C, int64_t N, int64_t ldx) {
   for (int64_t j0 = 0; j0 < N; j0 += 16)
-    for (int64_t i = 1; i < kC; ++i) {
+    for (int64_t i = 1; i < C; ++i) {
       float* xi = X + i * ldx + j0;
       __m256 x0 = _mm256_loadu_ps(xi), x1 = _mm256_loadu_ps(xi + 8);
       for (int64_t j = 0; j < i; ++j) {
-        const __m256 a = _mm256_broadcast_ss(A + i * kC + j);
+        const __m256 a = _mm256_broadcast_ss(A + i * C + j);
         x0 = _mm256_fnmadd_ps(a, _mm256_loadu_ps(X + j * ldx + j0), x0);
         x1 = _mm256_fnmadd_ps(a, _mm256_loadu_ps(X + j * ldx + j0 + 8), x1);
       }
@@ -491,14 +491,14 @@ void solve_avx2(const float* A, float* X, int64_t N, int64_t ldx) {
 }
 
 template <int NV>
-__attribute__((target("avx512f,fma"))) void solve_cols16(const float* A, float* X, int64_t j0,
-                                                         int64_t ldx) {
-  for (int64_t i = 1; i < kC; ++i) {
+__attribute__((target("avx512f,fma"))) void solve_cols16(const float* A, float* X, int64_t C,
+                                                         int64_t j0, int64_t ldx) {
+  for (int64_t i = 1; i < C; ++i) {
     float* xi = X + i * ldx + j0;
     __m512 x[NV];
     for (int c = 0; c < NV; ++c) x[c] = _mm512_loadu_ps(xi + 16 * c);
     for (int64_t j = 0; j < i; ++j) {
-      const __m512 a = _mm512_set1_ps(A[i * kC + j]);
+      const __m512 a = _mm512_set1_ps(A[i * C + j]);
       for (int c = 0; c < NV; ++c)
         x[c] = _mm512_fnmadd_ps(a, _mm512_loadu_ps(X + j * ldx + j0 + 16 * c), x[c]);
     }
@@ -506,11 +506,11 @@ __attribute__((target("avx512f,fma"))) void solve_cols16(const float* A, float* 
   }
 }
 
-void solve(bool wide, const float* A, float* X, int64_t N, int64_t ldx) {
-  if (!wide) return solve_avx2(A, X, N, ldx);
+void solve(bool wide, const float* A, float* X, int64_t C, int64_t N, int64_t ldx) {
+  if (!wide) return solve_avx2(A, X, C, N, ldx);
   int64_t j = 0;
-  for (; j + 64 <= N; j += 64) solve_cols16<4>(A, X, j, ldx);
-  for (; j < N; j += 16) solve_cols16<1>(A, X, j, ldx);
+  for (; j + 64 <= N; j += 64) solve_cols16<4>(A, X, C, j, ldx);
+  for (; j < N; j += 16) solve_cols16<1>(A, X, C, j, ldx);
 }
 
 // exp(x), 0 for x < kExpCut (and -inf), 8 lanes
@@ -551,24 +551,27 @@ void chunk_head(const ChunkHead& p, const T* Qh, const T* Kh, const T* Vh, const
                 const float* Bt, T* Oh, float* S, const int64_t* ck, int64_t nck, float* ck_out,
                 int64_t ck_stride, std::vector<float>& buf) {
   const int64_t dk = p.dk, dv = p.dv, ldx = dv + dk;
-  buf.resize(3 * kC * dk + kC * ldx + 3 * kC * kC + kC * dv + 4 * kC);
-  float* Q = buf.data();          // [kC, dk] normalised, then times exp(gam)
-  float* K = Q + kC * dk;         // [kC, dk]
-  float* Kt = K + kC * dk;        // [dk, kC], then K_dec^T
-  float* X = Kt + kC * dk;        // [kC, dv + dk]: [U | W], then [V' | W]
-  float* A = X + kC * ldx;        // [kC, kC]
-  float* P = A + kC * kC;         // [kC, kC]
-  float* D = P + kC * kC;         // [kC, kC]
-  float* O = D + kC * kC;         // [kC, dv]
-  float* gam = O + kC * dv;       // [kC]
-  float* beta = gam + kC;         // [kC]
-  float* eg = beta + kC;          // [kC] exp(gam)
-  float* dl = eg + kC;            // [kC] exp(gam_last - gam)
+  // rows a chunk: kC, or a prompt shorter than that rounded up to 16 (the padding's zero terms
+  // leave every sum as it is: the same bits as kC, less work for short prompts)
+  const int64_t C = p.T >= kC ? kC : (p.T + 15) / 16 * 16;
+  buf.resize(3 * C * dk + C * ldx + 3 * C * C + C * dv + 4 * C);
+  float* Q = buf.data();  // [C, dk] normalised, then times exp(gam)
+  float* K = Q + C * dk;  // [C, dk]
+  float* Kt = K + C * dk;  // [dk, C], then K_dec^T
+  float* X = Kt + C * dk;  // [C, dv + dk]: [U | W], then [V' | W]
+  float* A = X + C * ldx;  // [C, C]
+  float* P = A + C * C;  // [C, C]
+  float* D = P + C * C;  // [C, C]
+  float* O = D + C * C;  // [C, dv]
+  float* gam = O + C * dv;  // [C]
+  float* beta = gam + C;  // [C]
+  float* eg = beta + C;  // [C] exp(gam)
+  float* dl = eg + C;  // [C] exp(gam_last - gam)
   int64_t c = 0;
-  for (int64_t t0 = 0; t0 < p.T; t0 += kC) {
-    const int64_t L = std::min(kC, p.T - t0);
+  for (int64_t t0 = 0; t0 < p.T; t0 += C) {
+    const int64_t L = std::min(C, p.T - t0);
     float run = 0.f;
-    for (int64_t i = 0; i < kC; ++i) {
+    for (int64_t i = 0; i < C; ++i) {
       if (i < L) {
         const int64_t t = t0 + i;
         load_row(Qh + t * p.q_stride, dk, p.l2, p.scale, Q + i * dk);
@@ -584,8 +587,8 @@ void chunk_head(const ChunkHead& p, const T* Qh, const T* Kh, const T* Vh, const
       }
       gam[i] = run;
     }
-    const __m256 last = _mm256_set1_ps(gam[kC - 1]);
-    for (int64_t i = 0; i < kC; i += 8) {
+    const __m256 last = _mm256_set1_ps(gam[C - 1]);
+    for (int64_t i = 0; i < C; i += 8) {
       const __m256 g8 = _mm256_loadu_ps(gam + i);
       _mm256_storeu_ps(eg + i, exp_cut8(g8));
       _mm256_storeu_ps(dl + i, exp_cut8(_mm256_sub_ps(last, g8)));
@@ -596,9 +599,9 @@ void chunk_head(const ChunkHead& p, const T* Qh, const T* Kh, const T* Vh, const
       _mm256_store_ps(l, exp_cut8(last));
       decay = l[0];
     }
-    for (int64_t i = 0; i < kC; ++i) {  // D, zero above the diagonal
+    for (int64_t i = 0; i < C; ++i) {  // D, zero above the diagonal
       const __m256 gi = _mm256_set1_ps(gam[i]);
-      for (int64_t j = 0; j < kC; j += 8) {
+      for (int64_t j = 0; j < C; j += 8) {
         __m256 d = _mm256_setzero_ps();
         if (j <= i) {
           const __m256 idx = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(j)),
@@ -606,38 +609,38 @@ void chunk_head(const ChunkHead& p, const T* Qh, const T* Kh, const T* Vh, const
           d = _mm256_and_ps(exp_cut8(_mm256_sub_ps(gi, _mm256_loadu_ps(gam + j))),
                             _mm256_cmp_ps(idx, _mm256_set1_ps(static_cast<float>(i)), _CMP_LE_OQ));
         }
-        _mm256_storeu_ps(D + i * kC + j, d);
+        _mm256_storeu_ps(D + i * C + j, d);
       }
     }
-    for (int64_t i = 0; i < kC; ++i)  // K^T
-      for (int64_t d = 0; d < dk; ++d) Kt[d * kC + i] = K[i * dk + d];
+    for (int64_t i = 0; i < C; ++i)  // K^T
+      for (int64_t d = 0; d < dk; ++d) Kt[d * C + i] = K[i * dk + d];
     // A = strictly_lower(beta_i (k_i . k_j) D_ij); the right-hand sides [beta v | beta exp(gam) k]
-    gemm<Acc::kSet>(p.wide, kC, kC, dk, K, dk, Kt, kC, A, kC);
-    for (int64_t i = 0; i < kC; ++i) {
+    gemm<Acc::kSet>(p.wide, C, C, dk, K, dk, Kt, C, A, C);
+    for (int64_t i = 0; i < C; ++i) {
       const __m256 b = _mm256_set1_ps(beta[i]);
-      for (int64_t j = 0; j < kC; j += 8) {
-        float* a = A + i * kC + j;
-        _mm256_storeu_ps(a, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(a), b), _mm256_loadu_ps(D + i * kC + j)));
+      for (int64_t j = 0; j < C; j += 8) {
+        float* a = A + i * C + j;
+        _mm256_storeu_ps(a, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(a), b), _mm256_loadu_ps(D + i * C + j)));
       }
-      A[i * kC + i] = 0.f;
+      A[i * C + i] = 0.f;
       float* x = X + i * ldx;
       const __m256 be = _mm256_set1_ps(eg[i]);
       for (int64_t j = 0; j < dv; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), b));
       for (int64_t j = 0; j < dk; j += 8)
         _mm256_storeu_ps(x + dv + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(K + i * dk + j), b), be));
     }
-    solve(p.wide, A, X, ldx, ldx);
-    gemm<Acc::kSub>(p.wide, kC, dv, dk, X + dv, ldx, S, dv, X, ldx);  // V' = U - W S
-    gemm<Acc::kSet>(p.wide, kC, kC, dk, Q, dk, Kt, kC, P, kC);        // P = (q k^T) D
-    for (int64_t i = 0; i < kC * kC; i += 8)
+    solve(p.wide, A, X, C, ldx, ldx);
+    gemm<Acc::kSub>(p.wide, C, dv, dk, X + dv, ldx, S, dv, X, ldx);  // V' = U - W S
+    gemm<Acc::kSet>(p.wide, C, C, dk, Q, dk, Kt, C, P, C);        // P = (q k^T) D
+    for (int64_t i = 0; i < C * C; i += 8)
       _mm256_storeu_ps(P + i, _mm256_mul_ps(_mm256_loadu_ps(P + i), _mm256_loadu_ps(D + i)));
-    for (int64_t i = 0; i < kC; ++i) {
+    for (int64_t i = 0; i < C; ++i) {
       const __m256 e = _mm256_set1_ps(eg[i]);
       for (int64_t j = 0; j < dk; j += 8)
         _mm256_storeu_ps(Q + i * dk + j, _mm256_mul_ps(_mm256_loadu_ps(Q + i * dk + j), e));
     }
-    gemm<Acc::kSet>(p.wide, kC, dv, dk, Q, dk, S, dv, O, dv);  // O = (q exp(gam)) S
-    gemm<Acc::kAdd>(p.wide, kC, dv, kC, P, kC, X, ldx, O, dv);  //   + P V'
+    gemm<Acc::kSet>(p.wide, C, dv, dk, Q, dk, S, dv, O, dv);  // O = (q exp(gam)) S
+    gemm<Acc::kAdd>(p.wide, C, dv, C, P, C, X, ldx, O, dv);  //   + P V'
     for (int64_t i = 0; i < L; ++i)
       for (int64_t j = 0; j < dv; j += 8)
         vec8::store8(Oh + (t0 + i) * p.o_stride + j, _mm256_loadu_ps(O + i * dv + j));
@@ -646,9 +649,9 @@ void chunk_head(const ChunkHead& p, const T* Qh, const T* Kh, const T* Vh, const
     for (int64_t i = 0; i < dk * dv; i += 8)
       _mm256_storeu_ps(S + i, _mm256_mul_ps(_mm256_loadu_ps(S + i), dec));
     for (int64_t d = 0; d < dk; ++d)
-      for (int64_t j = 0; j < kC; j += 8)
-        _mm256_storeu_ps(Kt + d * kC + j, _mm256_mul_ps(_mm256_loadu_ps(Kt + d * kC + j), _mm256_loadu_ps(dl + j)));
-    gemm<Acc::kAdd>(p.wide, dk, dv, kC, Kt, kC, X, ldx, S, dv);
+      for (int64_t j = 0; j < C; j += 8)
+        _mm256_storeu_ps(Kt + d * C + j, _mm256_mul_ps(_mm256_loadu_ps(Kt + d * C + j), _mm256_loadu_ps(dl + j)));
+    gemm<Acc::kAdd>(p.wide, dk, dv, C, Kt, C, X, ldx, S, dv);
     for (; c < nck && ck[c] <= t0 + kC; ++c)
       if (ck[c] == t0 + kC) std::copy(S, S + dk * dv, ck_out + c * ck_stride);
   }
