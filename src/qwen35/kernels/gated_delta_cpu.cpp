@@ -1,4 +1,5 @@
-// The gated delta rule's decode step on the CPU, fused: two passes over each head's state.
+// The gated delta rule on the CPU: the decode step, fused (two passes over each head's state;
+// this part of the file), and a prefill's chunked form (`deltanet_chunk`, further down).
 //
 // Per head (state S [dk, dv] fp32, a = exp(g)):
 //   u_k = S^T k, u_q = S^T q            (one read of S)
