@@ -33,6 +33,8 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <immintrin.h>
@@ -175,9 +177,10 @@ TARGET_AVX512_BF16 void pv_tile(const uint32_t* const* p, const float* alpha, co
     default: F<6>(__VA_ARGS__); break;         \
   }
 
-// One task: KV head h, query positions [i0, i1) of the chunk, its R query heads.
-TARGET_AVX512_BF16 void task(const uint16_t* Q, uint16_t* O, const uint32_t* kp_all,
-                             const uint32_t* vp_all, int64_t nblk, int64_t h, int64_t R,
+// One task: KV head h, query positions [i0, i1) of the chunk, its R query heads; block(b): KV
+// head h's packed block b (K, V pointers).
+template <typename Block>
+TARGET_AVX512_BF16 void task(const uint16_t* Q, uint16_t* O, Block&& block, int64_t h, int64_t R,
                              int64_t nh, int64_t hd, int64_t i0, int64_t i1, int64_t start,
                              float scale) {
   const int64_t rows = (i1 - i0) * R;
@@ -195,8 +198,7 @@ TARGET_AVX512_BF16 void task(const uint16_t* Q, uint16_t* O, const uint32_t* kp_
   }
   const int64_t last = (start + i1 - 1) / kKB;  // the block of the chunk's last position
   for (int64_t b = 0; b <= last; ++b) {
-    const uint32_t* kp = kp_all + (h * nblk + b) * (hd / 2) * kKB;
-    const uint32_t* vp = vp_all + (h * nblk + b) * (kKB / 2) * hd;
+    const auto [kp, vp] = block(b);
     for (int64_t r0 = 0; r0 < rows; r0 += kSR) {
       const int mr = static_cast<int>(std::min<int64_t>(kSR, rows - r0));
       TILE_SWITCH(mr, scores_tile, q.data() + r0, kp, hd, scale, s.data());
@@ -261,23 +263,44 @@ TARGET_AVX512_BF16 void task(const uint16_t* Q, uint16_t* O, const uint32_t* kp_
 }
 
 // The context packed block by block (pack(h, b, kp, vp): KV head h's block b into kn / vn
-// elements), then the tasks (task(kp, vp, nblk, h, i0, i1): KV head h, query positions [i0,
-// i1)), early and late query blocks alternately.
+// elements), then the tasks (task(block, h, i0, i1): KV head h, query positions [i0, i1),
+// block(b) its packed block b), early and late query blocks alternately. A chunk of one query
+// block (Tq <= kQB: speculative verification, short prompts after a prefix) has one task a KV
+// head, which packs each block as it reaches it into a buffer of one block: no context-sized
+// buffers (at 8K tokens of fp32 K / V, 32 MB, whose fresh pages cost more than the attention).
 template <typename P, typename Pack, typename Task>
 void run_tasks(int64_t Tq, int64_t nkv, int64_t ctx, int64_t kn, int64_t vn, Pack&& pack,
                Task&& task) {
   const int64_t nblk = (ctx + kKB - 1) / kKB;
+  const int64_t nqb = (Tq + kQB - 1) / kQB;
+  if (nqb == 1) {
+    at::parallel_for(0, nkv, 1, [&](int64_t a, int64_t z) {
+      std::unique_ptr<P[]> kb(new P[kn]), vb(new P[vn]);
+      for (int64_t h = a; h < z; ++h) {
+        const auto block = [&](int64_t b) {
+          pack(h, b, kb.get(), vb.get());
+          return std::pair<const P*, const P*>(kb.get(), vb.get());
+        };
+        task(block, h, int64_t{0}, Tq);
+      }
+    });
+    return;
+  }
   std::unique_ptr<P[]> kp(new P[nkv * nblk * kn]), vp(new P[nkv * nblk * vn]);
   at::parallel_for(0, nkv * nblk, 1, [&](int64_t a, int64_t z) {
     for (int64_t t = a; t < z; ++t) pack(t / nblk, t % nblk, kp.get() + t * kn, vp.get() + t * vn);
   });
-  const int64_t nqb = (Tq + kQB - 1) / kQB;
   std::vector<int64_t> order(nqb);
   for (int64_t j = 0; j < nqb; ++j) order[j] = j % 2 == 0 ? j / 2 : nqb - 1 - j / 2;
   at::parallel_for(0, nkv * nqb, 1, [&](int64_t a, int64_t z) {
     for (int64_t t = a; t < z; ++t) {
       const int64_t qb = order[t / nkv];
-      task(kp.get(), vp.get(), nblk, t % nkv, qb * kQB, std::min(Tq, (qb + 1) * kQB));
+      const int64_t h = t % nkv;
+      const auto block = [&](int64_t b) {
+        return std::pair<const P*, const P*>(kp.get() + (h * nblk + b) * kn,
+                                             vp.get() + (h * nblk + b) * vn);
+      };
+      task(block, h, qb * kQB, std::min(Tq, (qb + 1) * kQB));
     }
   });
 }
@@ -292,8 +315,8 @@ void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& v
   run_tasks<uint32_t>(
       Tq, nkv, start + Tq, (hd / 2) * kKB, (kKB / 2) * hd,
       [&](int64_t h, int64_t b, uint32_t* kp, uint32_t* vp) { pack_block(pg, h, b, kp, vp); },
-      [&](const uint32_t* kp, const uint32_t* vp, int64_t nblk, int64_t h, int64_t i0, int64_t i1) {
-        task(Q, O, kp, vp, nblk, h, nh / nkv, nh, hd, i0, i1, start, static_cast<float>(scale));
+      [&](auto&& block, int64_t h, int64_t i0, int64_t i1) {
+        task(Q, O, block, h, nh / nkv, nh, hd, i0, i1, start, static_cast<float>(scale));
       });
 }
 
@@ -303,18 +326,58 @@ void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& v
 
 #define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-// K / V of block b of KV head h in fp32: K [hd][kKB], V [kKB][hd] (keys past ctx: 0)
+// 8 cache values widened to fp32 (exact for every cache dtype)
 template <typename KV>
-void pack_block_f32(const Pages<KV>& pg, int64_t h, int64_t b, float* kp, float* vp) {
+TARGET_AVX2 inline __m256 widen8(const KV* p) {
+  if constexpr (std::is_same_v<KV, c10::Float8_e4m3fn>) {
+    alignas(32) float f[8];
+    for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(p[i]);
+    return _mm256_load_ps(f);
+  } else {
+    return vec8::load8(p);
+  }
+}
+
+// r[i][j] <- r[j][i] for 8 rows of 8 lanes
+TARGET_AVX2 inline void transpose8(__m256* r) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// K / V of block b of KV head h in fp32: K [hd][kKB], V [kKB][hd] (keys past ctx: 0); K in
+// 8 x 8 transposes (a 4-query chunk at 8K spent most of its time here, value by value)
+template <typename KV>
+TARGET_AVX2 void pack_block_f32(const Pages<KV>& pg, int64_t h, int64_t b, float* kp, float* vp) {
   const int64_t hd = pg.hd;
-  std::fill(kp, kp + hd * kKB, 0.f);
-  std::fill(vp, vp + hd * kKB, 0.f);
+  const KV* krow[kKB];
+  int n = 0;  // keys in this block
   pg.block_rows(h, b, [&](int t, const KV* k, const KV* v) {
-    for (int64_t j = 0; j < hd; ++j) {
-      kp[j * kKB + t] = static_cast<float>(k[j]);
-      vp[t * hd + j] = static_cast<float>(v[j]);
-    }
+    krow[t] = k;
+    n = t + 1;
+    for (int64_t j = 0; j < hd; j += 8) _mm256_storeu_ps(vp + t * hd + j, widen8(v + j));
   });
+  std::fill(vp + n * hd, vp + kKB * hd, 0.f);
+  for (int t0 = 0; t0 < kKB; t0 += 8)
+    for (int64_t j0 = 0; j0 < hd; j0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = t0 + i < n ? widen8(krow[t0 + i] + j0) : _mm256_setzero_ps();
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kp + (j0 + i) * kKB + t0, r[i]);
+    }
 }
 
 template <int MR>
@@ -430,9 +493,10 @@ TARGET_AVX2 void softmax_row_f32(const float* s, int valid, float* m, float* l, 
   *l = *l * *alpha + total;
 }
 
-TARGET_AVX2 void task_f32(const float* Q, float* O, const float* kp_all, const float* vp_all,
-                          int64_t nblk, int64_t h, int64_t R, int64_t nh, int64_t hd, int64_t i0,
-                          int64_t i1, int64_t start, float scale, bool wide) {
+template <typename Block>
+TARGET_AVX2 void task_f32(const float* Q, float* O, Block&& block, int64_t h, int64_t R,
+                          int64_t nh, int64_t hd, int64_t i0, int64_t i1, int64_t start,
+                          float scale, bool wide) {
   const int64_t rows = (i1 - i0) * R;
   std::vector<const float*> q(rows), prow(rows);
   std::vector<float*> orow(rows);
@@ -446,8 +510,7 @@ TARGET_AVX2 void task_f32(const float* Q, float* O, const float* kp_all, const f
   }
   const int64_t last = (start + i1 - 1) / kKB;
   for (int64_t b = 0; b <= last; ++b) {
-    const float* kp = kp_all + (h * nblk + b) * hd * kKB;
-    const float* vp = vp_all + (h * nblk + b) * kKB * hd;
+    const auto [kp, vp] = block(b);
     for (int64_t r0 = 0; r0 < rows; r0 += kSR) {
       const int mr = static_cast<int>(std::min<int64_t>(kSR, rows - r0));
       if (wide) {
@@ -505,8 +568,8 @@ void run_f32(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tenso
   run_tasks<float>(
       Tq, nkv, start + Tq, hd * kKB, kKB * hd,
       [&](int64_t h, int64_t b, float* kp, float* vp) { pack_block_f32(pg, h, b, kp, vp); },
-      [&](const float* kp, const float* vp, int64_t nblk, int64_t h, int64_t i0, int64_t i1) {
-        task_f32(Q, O, kp, vp, nblk, h, nh / nkv, nh, hd, i0, i1, start, static_cast<float>(scale),
+      [&](auto&& block, int64_t h, int64_t i0, int64_t i1) {
+        task_f32(Q, O, block, h, nh / nkv, nh, hd, i0, i1, start, static_cast<float>(scale),
                  wide);
       });
 }
