@@ -88,7 +88,8 @@ def test_narrower_caches_read_as_their_values(dtype, tol):
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 def test_bitwise_whatever_the_cut_the_pages_and_the_threads(dtype, tol):
-    """A 333-token context: all queries at once, in chunks of 100 / 77 / 156 after their prefix,
+    """A 333-token context: all queries at once, in chunks of 100 / 7 / 16 / 54 / 156 after their
+    prefix (7 and 16: one query block, whose task packs each key block as it reaches it),
     in other block sizes and tables, with 1 and 2 threads (fp32: 8 and 16 lanes): the same bits
     for every query."""
     g = torch.Generator().manual_seed(5)
@@ -98,7 +99,7 @@ def test_bitwise_whatever_the_cut_the_pages_and_the_threads(dtype, tol):
     kc, vc, row = paged(k, v, 16, g, dtype)
     whole = mod.prefill_attention(q, kc, vc, row, 0, 0.1)
     parts, s = [], 0
-    for n in (100, 77, 156):
+    for n in (100, 7, 16, 54, 156):
         parts.append(mod.prefill_attention(q[s : s + n].contiguous(), kc, vc, row, s, 0.1))
         s += n
     assert torch.equal(torch.cat(parts), whole)
