@@ -29,7 +29,13 @@ from qwen35.ops import attention as ops
 
 
 def engine_prefill(lengths: list[int], chunk: int, rounds: int, dtype: str) -> None:
-    from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine, timed_request
+    from qwen35.benchmarks.common import (
+        BenchOptions,
+        alternating_prefills,
+        load_bench_model,
+        make_engine,
+        timed_request,
+    )
     from qwen35.layers import full_attention
 
     bm = load_bench_model(BenchOptions(dtype=dtype))
@@ -38,16 +44,14 @@ def engine_prefill(lengths: list[int], chunk: int, rounds: int, dtype: str) -> N
     real = ops.cpu_prefill_kernel
     g = torch.Generator().manual_seed(1)
     timed_request(eng, list(range(2, 66)), 1, "warm")
+    def use(fn):
+        ops.cpu_prefill_kernel = full_attention.cpu_prefill_kernel = fn
+
+    modes = {"sdpa": lambda: use(lambda *a: None), "kernel": lambda: use(real)}
     for n in lengths:
         prompt = torch.randint(2, 150000, (n,), generator=g).tolist()
-        t: dict[str, list[float]] = {"sdpa": [], "kernel": []}
-        for r in range(rounds):
-            for mode in ("sdpa", "kernel") if r % 2 == 0 else ("kernel", "sdpa"):
-                fn = real if mode == "kernel" else (lambda *a: None)
-                ops.cpu_prefill_kernel = full_attention.cpu_prefill_kernel = fn
-                pre, _, _ = timed_request(eng, prompt, 1, f"{n}-{r}-{mode}")
-                t[mode].append(pre)
-        ops.cpu_prefill_kernel = full_attention.cpu_prefill_kernel = real
+        t = alternating_prefills(eng, prompt, rounds, modes)
+        use(real)
         med = {m: statistics.median(v) for m, v in t.items()}
         print(f"{dtype} engine prefill of {n} tokens ({chunk} a step): SDPA {n / med['sdpa']:7.1f} tok/s, "
               f"kernel {n / med['kernel']:7.1f} tok/s: {med['sdpa'] / med['kernel']:.2f}x (per "

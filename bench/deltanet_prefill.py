@@ -64,7 +64,13 @@ def one_layer(mod, T: int, hk: int, hv: int, hd: int, dtype, rounds: int) -> Non
 
 
 def engine_prefill(lengths: list[int], chunk: int, rounds: int, dtype: str, model: str) -> None:
-    from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine, timed_request
+    from qwen35.benchmarks.common import (
+        BenchOptions,
+        alternating_prefills,
+        load_bench_model,
+        make_engine,
+        timed_request,
+    )
 
     bm = load_bench_model(BenchOptions(dtype=dtype, model=model))
     eng = make_engine(bm, max_num_seqs=1, max_model_len=max(lengths) + 8,
@@ -72,14 +78,11 @@ def engine_prefill(lengths: list[int], chunk: int, rounds: int, dtype: str, mode
     real = ops.chunk_kernel
     g = torch.Generator().manual_seed(1)
     timed_request(eng, list(range(2, 66)), 1, "warm")
+    modes = {"twin": lambda: setattr(ops, "chunk_kernel", lambda *a: None),
+             "kernel": lambda: setattr(ops, "chunk_kernel", real)}  # fmt: skip
     for n in lengths:
         prompt = torch.randint(2, 150000, (n,), generator=g).tolist()
-        t: dict[str, list[float]] = {"twin": [], "kernel": []}
-        for r in range(rounds):
-            for mode in ("twin", "kernel") if r % 2 == 0 else ("kernel", "twin"):
-                ops.chunk_kernel = real if mode == "kernel" else (lambda *a: None)
-                pre, _, _ = timed_request(eng, prompt, 1, f"{n}-{r}-{mode}")
-                t[mode].append(pre)
+        t = alternating_prefills(eng, prompt, rounds, modes)
         ops.chunk_kernel = real
         med = {m: statistics.median(v) for m, v in t.items()}
         print(f"{dtype} {model} prefill of {n} tokens ({chunk} a step): twin {n / med['twin']:7.1f} "

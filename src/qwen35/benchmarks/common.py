@@ -150,6 +150,19 @@ def timed_request(engine, prompt: list[int], new_tokens: int, rid: str, lora: st
     return prefill, steps, tokens
 
 
+def alternating_prefills(engine, prompt: list[int], rounds: int, modes: dict) -> dict:
+    """{mode: [prefill seconds of `prompt` a round]}: modes {name: fn() that switches the engine
+    to it}, run in turn each round, the order reversed every other round (bench scripts' A/B of a
+    kernel against its fallback inside one engine)."""
+    names = list(modes)
+    t: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            modes[name]()
+            t[name].append(timed_request(engine, prompt, 1, f"{len(prompt)}-{r}-{name}")[0])
+    return t
+
+
 def timed_batch(engine, prompts: list[list[int]], steps: int, tag: str) -> list[float]:
     """The prompts added at once as greedy requests (ignore_eos): the seconds of each of the
     first `steps` engine steps after every prompt has its first token (each step decodes them
