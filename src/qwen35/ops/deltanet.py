@@ -2,7 +2,8 @@
 gated delta rule), one dispatch per step kind over the backend (ops/backend.py):
 
 - `deltanet_prefill`: the step's prefill chunks. Reference / CPU: per sequence, the chunked
-  PyTorch rule (ops/gated_delta.py), split only at checkpoints off its chunk grid. With fla-core:
+  rule, split only at checkpoints off its chunk grid: the compiled kernel's `deltanet_chunk` on
+  CPUs with the kernels (`chunk_native`), else its PyTorch twin (ops/gated_delta.py). With fla-core:
   the causal conv of all sequences in one varlen `causal_conv1d` call, then all sequences in one
   varlen `chunk_gated_delta_rule` call per round, a round ending at each prefix-cache checkpoint
   (fla hands out final states only).
@@ -68,14 +69,16 @@ def deltanet_prefill(be: Backend, qkv, g, beta, conv_w, dims: Dims, prefill, con
     else:
         cpu = small_ops.for_backend(be, qkv)  # the conv in one C++ pass, or None
         chunk = chunk_kernel(be, qkv, dims)  # the chunked rule in one C++ call, or None
-        _prefill_torch(qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o, cpu, chunk)
+        _prefill_per_sequence(qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o, cpu,
+                              chunk)  # fmt: skip
 
 
 def chunk_kernel(be: Backend, qkv, dims: Dims):
     """kernels/gated_delta_cpu.cpp's module where its `deltanet_chunk` takes this layer's
     prefill (CPU tensors of fp32 / bf16 / fp16, head dims multiples of 16), else None."""
     mod = be.cpu_kernels
-    if (mod is None or not qkv.is_cpu or qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+    if (mod is None or not qkv.is_cpu
+            or qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16)
             or dims.dk % 16 or dims.dv % 16 or not hasattr(mod, "deltanet_chunk")):  # fmt: skip
         return None
     return mod
@@ -119,9 +122,11 @@ def _conv_prefill(xs, conv_w, sp, conv_cache, K, cpu=None):
     return u
 
 
-def _prefill_torch(qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o, cpu=None,
-                   chunk=None):  # fmt: skip
-    """chunk: chunk_kernel's module (the rule through chunk_native) or None (its PyTorch twin)."""
+def _prefill_per_sequence(qkv, g, beta, conv_w, dims, prefill, conv_cache, rec_cache, o,
+                          cpu=None, chunk=None):  # fmt: skip
+    """Each prefill sequence in turn: its causal conv (cpu: small_ops' module, or None), then the
+    chunked rule per segment between checkpoints off the chunk grid (chunk: chunk_kernel's
+    module, through chunk_native; None: the PyTorch twin, chunk_gated_delta_rule)."""
     for sp in prefill:
         u = _conv_prefill(qkv[sp.rows], conv_w, sp, conv_cache, dims.kernel_size, cpu)
         q, k, v = _split_qkv(u, dims)
