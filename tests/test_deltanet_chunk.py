@@ -152,3 +152,40 @@ def test_layer_prefill_takes_it_where_it_applies(mod, monkeypatch):
     odd = deltanet_ops.Dims(nk=1, nv=2, dk=8, dv=32, kernel_size=4)
     assert deltanet_ops.chunk_kernel(be, qkv, odd) is None
     assert deltanet_ops.chunk_kernel(be, qkv.double(), dims) is None
+
+
+def test_random_shapes_against_the_twin(mod):
+    """Random lengths (1-400), GQA groups, head dims (multiples of 16), dtypes, decays, initial
+    states and checkpoints: the twin's outputs, states and checkpoint states within a rounding,
+    and each prompt cut at a random checkpoint continuing to the same bits."""
+    rng = torch.Generator().manual_seed(11)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    for case in range(24):
+        T = int(torch.randint(1, 401, (1,), generator=rng))
+        Hk, r = pick([1, 2, 3]), pick([1, 2, 4])
+        dk, dv = pick([16, 32, 64]), pick([16, 48, 64])
+        dtype = pick([torch.float32, torch.bfloat16])
+        q, k, v, g, beta, s0 = _inputs(T, Hk=Hk, Hv=Hk * r, dk=dk, dv=dv, dtype=dtype, seed=case,
+                                       decay=pick([0.1, 2.0, 30.0]))  # fmt: skip
+        init = s0 if pick([True, False]) else None
+        grid = list(range(64, T + 1, 64))
+        ck = [t for t in grid if pick([True, False])]
+        o, S, states = _run(mod, q, k, v, g, beta, init, ck=ck)
+        ref_o = torch.empty_like(o)
+        dests = torch.empty(len(ck), Hk * r, dk, dv)
+        _, ref_S = chunk_gated_delta_rule(
+            q[None], k[None], v[None], g[None], beta[None], None if init is None else init[None],
+            use_qk_l2norm=True, out=ref_o[None],
+            states_at=[(t, dests[i][None]) for i, t in enumerate(ck)],
+        )  # fmt: skip
+        tol = 2e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(o.float(), ref_o.float(), atol=tol, rtol=tol, msg=f"case {case}")
+        torch.testing.assert_close(S, ref_S[0], atol=5e-5, rtol=5e-5, msg=f"case {case}")
+        torch.testing.assert_close(states, dests, atol=5e-5, rtol=5e-5, msg=f"case {case}")
+        if ck:
+            t, i = ck[0], 0
+            o2, S2, _ = _run(mod, *(x[t:] for x in (q, k, v, g, beta)), states[i].clone())
+            assert torch.equal(o2, o[t:]) and torch.equal(S2, S), case
