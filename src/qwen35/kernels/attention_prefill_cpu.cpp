@@ -338,25 +338,6 @@ TARGET_AVX2 inline __m256 widen8(const KV* p) {
   }
 }
 
-// r[i][j] <- r[j][i] for 8 rows of 8 lanes
-TARGET_AVX2 inline void transpose8(__m256* r) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
-    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
-  }
-}
-
 // K / V of block b of KV head h in fp32: K [hd][kKB], V [kKB][hd] (keys past ctx: 0); K in
 // 8 x 8 transposes (a 4-query chunk at 8K spent most of its time here, value by value)
 template <typename KV>
@@ -375,7 +356,7 @@ TARGET_AVX2 void pack_block_f32(const Pages<KV>& pg, int64_t h, int64_t b, float
       __m256 r[8];
       for (int i = 0; i < 8; ++i)
         r[i] = t0 + i < n ? widen8(krow[t0 + i] + j0) : _mm256_setzero_ps();
-      transpose8(r);
+      vec8::transpose8(r);
       for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kp + (j0 + i) * kKB + t0, r[i]);
     }
 }

@@ -1,6 +1,6 @@
 // 8 lanes of fp32 (AVX2 + FMA + F16C), shared by the CPU kernels of this folder: loads and
-// stores of each model dtype (bf16 rounds to nearest even, as torch), exp and SiLU, and the
-// dispatch over those dtypes.
+// stores of each model dtype (bf16 rounds to nearest even, as torch), exp and SiLU, an 8 x 8
+// transpose, and the dispatch over those dtypes.
 // (kernels/__init__.py's Native hashes this header with each source that includes it.)
 #pragma once
 #include <immintrin.h>
@@ -75,6 +75,24 @@ inline __m256 exp8(__m256 x) {
   const __m256i e = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+// r[i][j] <- r[j][i] for 8 rows of 8 lanes
+inline void transpose8(__m256* r) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
 }
 inline __m256 silu8(__m256 v) {
   const __m256 one = _mm256_set1_ps(1.f);
