@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include "torch_ext.h"
 
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -721,9 +722,11 @@ void deltanet_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch:
     const T_* K = k.data_ptr<T_>();
     const T_* V = v.data_ptr<T_>();
     T_* O = o.data_ptr<T_>();
-    at::parallel_for(0, Hv, 1, [&](int64_t h0, int64_t h1) {
+    // heads handed out one at a time (a thread that runs slower takes fewer)
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(Hv, at::get_num_threads()), 1, [&](int64_t, int64_t) {
       std::vector<float> buf;
-      for (int64_t h = h0; h < h1; ++h)
+      for (int64_t h; (h = next.fetch_add(1)) < Hv;)
         chunk_head<T_>(p, Q + (h / r) * dk, K + (h / r) * dk, V + h * dv, G + h, B + h,
                        O + h * dv, S + h * dk * dv, ck.data(), nck, CK + h * dk * dv,
                        Hv * dk * dv, buf);
