@@ -77,15 +77,22 @@ def test_head_dims_and_dtypes_against_the_pytorch_twin(mod, dims):
         torch.testing.assert_close(S, ref_S[0], atol=2e-5, rtol=2e-5)
 
 
-def test_avx2_path_equals_the_avx512_path_bit_for_bit(mod):
+def test_avx2_path_and_one_thread_equal_the_avx512_path_bit_for_bit(mod):
     """Every output sums its terms in the same order in 8 and 16 lanes (on a CPU without
-    AVX-512 both calls take the AVX2 path, and the check holds trivially)."""
+    AVX-512 both calls take the AVX2 path, and the check holds trivially), and a head's
+    arithmetic does not depend on which thread takes it."""
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v, g, beta, s0 = _inputs(200, Hk=2, Hv=4, dk=128, dv=128, dtype=dtype, seed=9)
         wide = _run(mod, q, k, v, g, beta, s0, ck=(64, 192))
         narrow = _run(mod, q, k, v, g, beta, s0, ck=(64, 192), avx2_only=True)
-        for a, b in zip(wide, narrow, strict=True):
-            assert torch.equal(a, b)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            alone = _run(mod, q, k, v, g, beta, s0, ck=(64, 192))
+        finally:
+            torch.set_num_threads(threads)
+        for a, b, c in zip(wide, narrow, alone, strict=True):
+            assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def test_checkpoints_and_a_prompt_cut_on_the_chunk_grid_are_bitwise(mod):
