@@ -22,12 +22,13 @@
 // scores a register, no horizontal sums); V as [kKB / 2][hd] pairs (v_2u[j], v_2u+1[j]) for
 // P V (16 outputs a register, two keys a step). A task is one KV head and kQB query positions,
 // its R query heads (GQA) together: rows (position, head), tiles of kSR rows x kKB keys for
-// the scores and kPR rows x 128 head dims for P V. Tasks are ordered early / late query blocks
-// alternately, so the causal work splits evenly between at::parallel_for's contiguous ranges.
+// the scores and kPR rows x 128 head dims for P V. Threads take tasks one at a time, the latest
+// query blocks (the most causal work) first, so they finish together.
 #include <ATen/Parallel.h>
 #include "torch_ext.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -264,7 +265,7 @@ TARGET_AVX512_BF16 void task(const uint16_t* Q, uint16_t* O, Block&& block, int6
 
 // The context packed block by block (pack(h, b, kp, vp): KV head h's block b into kn / vn
 // elements), then the tasks (task(block, h, i0, i1): KV head h, query positions [i0, i1),
-// block(b) its packed block b), early and late query blocks alternately. A chunk of one query
+// block(b) its packed block b), handed out one at a time, latest query blocks first. A chunk of one query
 // block (Tq <= kQB: speculative verification, short prompts after a prefix) has one task a KV
 // head, which packs each block as it reaches it into a buffer of one block: no context-sized
 // buffers (at 8K tokens of fp32 K / V, 32 MB, whose fresh pages cost more than the attention).
@@ -290,11 +291,12 @@ void run_tasks(int64_t Tq, int64_t nkv, int64_t ctx, int64_t kn, int64_t vn, Pac
   at::parallel_for(0, nkv * nblk, 1, [&](int64_t a, int64_t z) {
     for (int64_t t = a; t < z; ++t) pack(t / nblk, t % nblk, kp.get() + t * kn, vp.get() + t * vn);
   });
-  std::vector<int64_t> order(nqb);
-  for (int64_t j = 0; j < nqb; ++j) order[j] = j % 2 == 0 ? j / 2 : nqb - 1 - j / 2;
-  at::parallel_for(0, nkv * nqb, 1, [&](int64_t a, int64_t z) {
-    for (int64_t t = a; t < z; ++t) {
-      const int64_t qb = order[t / nkv];
+  // tasks handed out one at a time, the latest query blocks (the most keys) first
+  std::atomic<int64_t> next{0};
+  const int64_t tasks = nkv * nqb;
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
+      const int64_t qb = nqb - 1 - t / nkv;
       const int64_t h = t % nkv;
       const auto block = [&](int64_t b) {
         return std::pair<const P*, const P*>(kp.get() + (h * nblk + b) * kn,
