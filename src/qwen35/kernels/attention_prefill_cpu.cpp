@@ -265,10 +265,11 @@ TARGET_AVX512_BF16 void task(const uint16_t* Q, uint16_t* O, Block&& block, int6
 
 // The context packed block by block (pack(h, b, kp, vp): KV head h's block b into kn / vn
 // elements), then the tasks (task(block, h, i0, i1): KV head h, query positions [i0, i1),
-// block(b) its packed block b), handed out one at a time, latest query blocks first. A chunk of one query
-// block (Tq <= kQB: speculative verification, short prompts after a prefix) has one task a KV
-// head, which packs each block as it reaches it into a buffer of one block: no context-sized
-// buffers (at 8K tokens of fp32 K / V, 32 MB, whose fresh pages cost more than the attention).
+// block(b) its packed block b), handed out one at a time, latest query blocks first. A chunk of
+// one query block (Tq <= kQB: speculative verification, short prompts after a prefix) has one
+// task a KV head, which packs each block as it reaches it into a buffer of one block: no
+// context-sized buffers (at 8K tokens of fp32 K / V, 32 MB, whose fresh pages cost more than
+// the attention).
 template <typename P, typename Pack, typename Task>
 void run_tasks(int64_t Tq, int64_t nkv, int64_t ctx, int64_t kn, int64_t vn, Pack&& pack,
                Task&& task) {
