@@ -40,7 +40,7 @@ def _run(mod, q, k, v, g, beta, s0, ck=(), avx2_only=False):
     o = torch.empty(T, Hv, dv, dtype=v.dtype)
     states = torch.empty(len(ck), Hv, dk, dv)
     mod.deltanet_chunk(q, k, v, g.contiguous(), beta.float().contiguous(), state, o, list(ck),
-                       states, dk**-0.5, True, avx2_only)  # fmt: skip
+                       states, dk**-0.5, avx2_only)  # fmt: skip
     return o, state, states
 
 

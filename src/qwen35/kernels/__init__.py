@@ -14,7 +14,7 @@ several modules side by side (the CPU backend's).
 - `deltanet_decode_gated(qkv, z, a, b, conv_state, conv_w, dt_bias, A_log, state, norm_w, eps,
   num_key_heads)`: the same step with the gates before it and the gated output norm after it,
   bitwise the op-by-op path, one call a layer at pure decode steps (ops/deltanet.py).
-- `deltanet_chunk(q, k, v, g, beta, state, o, ck, ck_states, scale, l2norm, avx2_only=False)`:
+- `deltanet_chunk(q, k, v, g, beta, state, o, ck, ck_states, scale, avx2_only=False)`:
   a prefill's chunked gated delta rule, one value head a task, chunk by chunk in L1 / L2
   (ops/deltanet.py chunk_native; its PyTorch twin ops/gated_delta.py chunk_gated_delta_rule;
   bench/deltanet_prefill.py times both).

@@ -27,6 +27,10 @@
 
 namespace {
 
+// q and k are l2-normalised: times 1 / sqrt(sum of squares + kL2NormEps)
+// (ops/gated_delta.py L2NORM_EPS)
+constexpr float kL2NormEps = 1e-6f;
+
 // Columns j0 .. j0 + 8 NV of uk = S^T k and uq = S^T q, the accumulators in registers while the
 // rows of S stream past (S [dk, dv] row-major).
 template <int NV>
@@ -230,7 +234,7 @@ void deltanet_decode_impl(const T* X, int64_t x_stride, T* CS, const T* W, const
         sq += q[t] * q[t];
         sk += k[t] * k[t];
       }
-      const float iq = 1.f / std::sqrt(sq + 1e-6f), ik = 1.f / std::sqrt(sk + 1e-6f);
+      const float iq = 1.f / std::sqrt(sq + kL2NormEps), ik = 1.f / std::sqrt(sk + kL2NormEps);
       for (int64_t t = 0; t < dk; ++t) {
         q[t] = q[t] * iq * scale;
         k[t] = k[t] * ik;
@@ -521,7 +525,8 @@ inline __m256 exp_cut8(__m256 x) {
 }
 
 // a row of d values (d % 8 == 0) into fp32 dst, times inv_norm(row) * mul where l2 (1 /
-// sqrt(sum of squares + eps), the squares summed in 8 lanes, then the lanes in a fixed order)
+// sqrt(sum of squares + kL2NormEps), the squares summed in 8 lanes, then the lanes in a fixed
+// order)
 template <typename T>
 void load_row(const T* x, int64_t d, bool l2, float mul, float* dst) {
   float f = mul;
@@ -534,7 +539,7 @@ void load_row(const T* x, int64_t d, bool l2, float mul, float* dst) {
     alignas(32) float l[8];
     _mm256_store_ps(l, acc);
     const float ss = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
-    f = 1.f / std::sqrt(ss + 1e-6f) * mul;  // ops/gated_delta.py L2NORM_EPS
+    f = 1.f / std::sqrt(ss + kL2NormEps) * mul;
   }
   const __m256 m = _mm256_set1_ps(f);
   for (int64_t j = 0; j < d; j += 8) _mm256_storeu_ps(dst + j, _mm256_mul_ps(vec8::load8(x + j), m));
@@ -549,7 +554,7 @@ inline void prefetch_row(const T* x, int64_t d) {
 struct ChunkHead {  // one value head's pointers (rows strided) and the shared sizes
   int64_t T, dk, dv, q_stride, k_stride, v_stride, o_stride, g_stride;
   float scale;
-  bool l2, wide;
+  bool wide;
 };
 
 // One value head through all its chunks: S [dk, dv] in / out; after chunk n the state is also
@@ -582,8 +587,8 @@ void chunk_head(const ChunkHead& p, const T* Qh, const T* Kh, const T* Vh, const
     for (int64_t i = 0; i < C; ++i) {
       if (i < L) {
         const int64_t t = t0 + i;
-        load_row(Qh + t * p.q_stride, dk, p.l2, p.scale, Q + i * dk);
-        load_row(Kh + t * p.k_stride, dk, p.l2, 1.f, K + i * dk);
+        load_row(Qh + t * p.q_stride, dk, true, p.scale, Q + i * dk);
+        load_row(Kh + t * p.k_stride, dk, true, 1.f, K + i * dk);
         load_row(Vh + t * p.v_stride, dv, false, 1.f, X + i * ldx);
         run += G[t * p.g_stride];
         beta[i] = Bt[t * p.g_stride];
@@ -681,11 +686,12 @@ void chunk_head(const ChunkHead& p, const T* Qh, const T* Kh, const T* Vh, const
 // dtype (rows may be strided: views of the conv's output), g and beta [T, Hv] fp32, the state
 // [Hv, dk, dv] fp32 (in: the initial state; out: the final one), o [T, Hv, dv] written (rows
 // may be strided). ck: offsets (multiples of 64 in 1..T, ascending) after which the state is
-// copied into ck_states [len(ck), Hv, dk, dv] fp32. dk, dv multiples of 16.
+// copied into ck_states [len(ck), Hv, dk, dv] fp32. dk, dv multiples of 16. q and k are
+// l2-normalised here (q times scale), as the layer's use_qk_l2norm asks.
 void deltanet_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                     const torch::Tensor& g, const torch::Tensor& beta, torch::Tensor& state,
                     torch::Tensor& o, const std::vector<int64_t>& ck, torch::Tensor& ck_states,
-                    double scale, bool l2norm, bool avx2_only) {
+                    double scale, bool avx2_only) {
   TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes() && v.dim() == 3 && o.sizes() == v.sizes() &&
                   v.size(0) == q.size(0) && v.size(1) % q.size(1) == 0,
               "deltanet_chunk: q, k [T, Hk, dk], v and o [T, Hv, dv] expected");
@@ -710,7 +716,7 @@ void deltanet_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch:
     TORCH_CHECK(ck[c] % kC == 0 && ck[c] > 0 && ck[c] <= T && (c == 0 || ck[c] > ck[c - 1]),
                 "deltanet_chunk: checkpoint offsets must be ascending multiples of 64 in 1..T");
   const ChunkHead p{T, dk, dv, q.stride(0), k.stride(0), v.stride(0), o.stride(0), Hv,
-                    static_cast<float>(scale), l2norm, cpu_avx512f() && !avx2_only};
+                    static_cast<float>(scale), cpu_avx512f() && !avx2_only};
   const int64_t r = Hv / Hk;
   const float* G = g.data_ptr<float>();
   const float* B = beta.data_ptr<float>();
@@ -746,6 +752,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("deltanet_chunk", &deltanet_chunk,
         "the chunked gated delta rule of one sequence (prefill; state in place)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("g"), py::arg("beta"), py::arg("state"), py::arg("o"),
-        py::arg("ck"), py::arg("ck_states"), py::arg("scale"), py::arg("l2norm"),
+        py::arg("ck"), py::arg("ck_states"), py::arg("scale"),
         py::arg("avx2_only") = false);
 }

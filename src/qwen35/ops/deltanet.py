@@ -79,7 +79,7 @@ def chunk_kernel(be: Backend, qkv, dims: Dims):
     mod = be.cpu_kernels
     if (mod is None or not qkv.is_cpu
             or qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-            or dims.dk % 16 or dims.dv % 16 or not hasattr(mod, "deltanet_chunk")):  # fmt: skip
+            or dims.dk % 16 or dims.dv % 16):  # fmt: skip
         return None
     return mod
 
@@ -93,7 +93,7 @@ def chunk_native(mod, q, k, v, g, beta, S, out, states_at, avx2_only: bool = Fal
     state = torch.zeros(nv, dk, dv) if S is None else S.to(torch.float32, copy=True).contiguous()
     ck = torch.empty(len(states_at), nv, dk, dv)
     mod.deltanet_chunk(q, k, v, g.float().contiguous(), beta.float().contiguous(), state, out,
-                       [t for t, _ in states_at], ck, dk**-0.5, True, avx2_only)  # fmt: skip
+                       [t for t, _ in states_at], ck, dk**-0.5, avx2_only)  # fmt: skip
     for (_, dest), s in zip(states_at, ck, strict=True):
         dest.copy_(s)
     return state
