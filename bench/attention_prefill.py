@@ -29,34 +29,16 @@ from qwen35.ops import attention as ops
 
 
 def engine_prefill(lengths: list[int], chunk: int, rounds: int, dtype: str) -> None:
-    from qwen35.benchmarks.common import (
-        BenchOptions,
-        alternating_prefills,
-        load_bench_model,
-        make_engine,
-        timed_request,
-    )
+    from qwen35.benchmarks.common import BenchOptions, prefill_ab
     from qwen35.layers import full_attention
 
-    bm = load_bench_model(BenchOptions(dtype=dtype))
-    eng = make_engine(bm, max_num_seqs=1, max_model_len=max(lengths) + 8,
-                      max_num_batched_tokens=chunk, enable_prefix_caching=False)  # fmt: skip
     real = ops.cpu_prefill_kernel
-    g = torch.Generator().manual_seed(1)
-    timed_request(eng, list(range(2, 66)), 1, "warm")
+
     def use(fn):
         ops.cpu_prefill_kernel = full_attention.cpu_prefill_kernel = fn
 
-    modes = {"sdpa": lambda: use(lambda *a: None), "kernel": lambda: use(real)}
-    for n in lengths:
-        prompt = torch.randint(2, 150000, (n,), generator=g).tolist()
-        t = alternating_prefills(eng, prompt, rounds, modes)
-        use(real)
-        med = {m: statistics.median(v) for m, v in t.items()}
-        print(f"{dtype} engine prefill of {n} tokens ({chunk} a step): SDPA {n / med['sdpa']:7.1f} tok/s, "
-              f"kernel {n / med['kernel']:7.1f} tok/s: {med['sdpa'] / med['kernel']:.2f}x (per "
-              f"round {', '.join(f'{a / b:.2f}' for a, b in zip(t['sdpa'], t['kernel'], strict=True))})",
-              flush=True)  # fmt: skip
+    modes = {"SDPA": lambda: use(lambda *a: None), "kernel": lambda: use(real)}
+    prefill_ab(BenchOptions(dtype=dtype), lengths, chunk, rounds, modes, f"{dtype} engine")
 
 
 def main() -> None:

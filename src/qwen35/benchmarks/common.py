@@ -150,17 +150,33 @@ def timed_request(engine, prompt: list[int], new_tokens: int, rid: str, lora: st
     return prefill, steps, tokens
 
 
-def alternating_prefills(engine, prompt: list[int], rounds: int, modes: dict) -> dict:
-    """{mode: [prefill seconds of `prompt` a round]}: modes {name: fn() that switches the engine
-    to it}, run in turn each round, the order reversed every other round (bench scripts' A/B of a
-    kernel against its fallback inside one engine)."""
+def prefill_ab(opts: BenchOptions, lengths: list[int], chunk: int, rounds: int, modes: dict,
+               label: str) -> None:
+    """Bench scripts' A/B of a prefill kernel against its fallback in one engine: whole prompts
+    of each length, prefilled by a one-sequence engine of opts' model (steps of `chunk` tokens)
+    under each of the two modes {name: fn() that switches the engine to it}, in turn each round,
+    the order reversed every other round. Prints tokens/s of each mode and the first's time over
+    the second's (the median, and per round); leaves the last mode switched on."""
+    bm = load_bench_model(opts)
+    eng = make_engine(bm, max_num_seqs=1, max_model_len=max(lengths) + 8,
+                      max_num_batched_tokens=chunk, enable_prefix_caching=False)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    timed_request(eng, list(range(2, 66)), 1, "warm")
     names = list(modes)
-    t: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            modes[name]()
-            t[name].append(timed_request(engine, prompt, 1, f"{len(prompt)}-{r}-{name}")[0])
-    return t
+    a, b = names
+    for n in lengths:
+        prompt = torch.randint(2, 150000, (n,), generator=g).tolist()
+        t: dict[str, list[float]] = {m: [] for m in names}
+        for r in range(rounds):
+            for m in names if r % 2 == 0 else names[::-1]:
+                modes[m]()
+                t[m].append(timed_request(eng, prompt, 1, f"{n}-{r}-{m}")[0])
+        modes[b]()
+        med = {m: statistics.median(v) for m, v in t.items()}
+        per_round = ", ".join(f"{x / y:.2f}" for x, y in zip(t[a], t[b], strict=True))
+        print(f"{label} prefill of {n} tokens ({chunk} a step): {a} {n / med[a]:7.1f} tok/s, {b} "
+              f"{n / med[b]:7.1f} tok/s: {med[a] / med[b]:.2f}x (per round {per_round})",
+              flush=True)  # fmt: skip
 
 
 def timed_batch(engine, prompts: list[list[int]], steps: int, tag: str) -> list[float]:
