@@ -92,9 +92,10 @@ def reference_output(prompt, params: SamplingParams, cfg: SchedulerConfig) -> li
             return out
 
 
-def run_steps(sched, runner, arrivals=(), abort_prob=0.0, rng=None, max_steps=20_000):
+def run_steps(sched, runner, arrivals=(), abort_prob=0.0, rng=None, max_steps=20_000, cap=0):
     """Drive the scheduler to completion, checking invariants after every step.
-    arrivals: list of (step, Sequence). Returns (finished sequences, aborted ids, steps)."""
+    arrivals: list of (step, Sequence); cap: every step's decode_prefill_cap. Returns (finished
+    sequences, aborted ids, steps)."""
     cfg = sched.config
     pending = sorted(arrivals, key=lambda a: a[0])
     done, aborted, step = [], set(), 0
@@ -106,8 +107,11 @@ def run_steps(sched, runner, arrivals=(), abort_prob=0.0, rng=None, max_steps=20
             assert sched.abort(victim)
             aborted.add(victim)
             sched.check_integrity()
-        out = sched.schedule()
+        decoding = any(s.num_tokens - s.num_computed_tokens == 1 for s in sched.running)
+        out = sched.schedule(cap)
         sched.check_integrity()
+        if cap and decoding:
+            assert out.num_prefill_tokens <= cap
         assert out.num_batched_tokens == sum(s.num_new_tokens for s in out.scheduled)
         assert out.num_batched_tokens <= cfg.max_num_batched_tokens
         assert len(out.scheduled) <= cfg.max_num_seqs
@@ -212,6 +216,42 @@ def test_max_chunk_tokens_lets_prefills_share_a_step():
         sched.add(make_seq(i, range(i, i + 40), max_tokens=2))
     out = sched.schedule()
     assert [s.num_new_tokens for s in out.scheduled] == [8, 8, 8]
+
+
+def test_decode_prefill_cap_paces_prompts_only_while_sequences_decode():
+    cfg = SchedulerConfig(max_num_batched_tokens=2048, block_size=16, max_model_len=4096)
+    sched = Scheduler(cfg, num_blocks=1024)
+    runner = FakeRunner(sched)
+    a = make_seq(0, range(2, 12), max_tokens=100)
+    sched.add(a)
+    out = sched.schedule(128)  # nothing decodes yet: no cap
+    assert [s.num_new_tokens for s in out.scheduled] == [10]
+    sched.update(out, runner.run(out))
+    b, c = make_seq(1, [5] * 1000), make_seq(2, [6] * 300)
+    sched.add(b)
+    sched.add(c)
+    chunks = []
+    while b.num_computed_tokens < 1000:
+        out = sched.schedule(100)  # a decodes: 100 prompt tokens a step, cut on the 64 grid
+        rows = {s.seq.seq_id: s for s in out.scheduled}
+        assert rows["s0"].num_new_tokens == 1 and rows["s0"].is_decode  # a every step
+        assert "s2" not in rows  # c waits: b took the step's prompt tokens
+        chunks.append((rows["s1"].start, rows["s1"].num_new_tokens))
+        assert out.num_prefill_tokens == chunks[-1][1]
+        sched.update(out, runner.run(out))
+    assert all(n == 64 for _, n in chunks[:-1]) and chunks[-1] == (960, 40)
+    assert all((start + n) % 64 == 0 for start, n in chunks[:-1])
+    sched.abort("s0")
+    sched.abort("s1")
+    out = sched.schedule(100)  # nothing decodes: c takes its whole prompt
+    assert [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled] == [("s2", 300)]
+    sched.update(out, runner.run(out))
+    d = make_seq(3, [7] * 300)
+    sched.add(d)
+    out = sched.schedule(0)  # c decodes, but 0 is no cap
+    assert [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled] == [("s2", 1), ("s3", 300)]
+    sched.update(out, runner.run(out))
+    assert c.output_token_ids == reference_output(c.prompt_token_ids, c.params, cfg)[:2]
 
 
 def test_max_num_seqs_and_state_slots_cap_concurrency():
@@ -393,7 +433,8 @@ def test_randomized_workloads(seed, prefix_caching):
     policy = "priority" if seed % 4 == 3 else "fcfs"  # a quarter under the priority policy
     rng, cfg, sched, arrivals = random_workload(seed, prefix_caching, policy)
     runner = FakeRunner(sched)
-    done, aborted, _ = run_steps(sched, runner, arrivals, abort_prob=0.03, rng=rng)
+    cap = random.Random(seed + 1000).choice([0, 0, 1, 5, 70])  # prompt chunks paced or not
+    done, aborted, _ = run_steps(sched, runner, arrivals, abort_prob=0.03, rng=rng, cap=cap)
     assert {s.seq_id for s in done} | aborted == {s.seq_id for _, s in arrivals}
     for s in done:
         ref = reference_output(s.prompt_token_ids, s.params, cfg)

@@ -295,7 +295,11 @@ def run_serve(bm, opts) -> dict:
     rounds = opts.rounds or (1 if opts.quick else 2)
     prompts = random_prompts(spec, bm.config.vocab_size)
     max_len = max(map(len, prompts)) + spec.output_len + 16
-    engine = make_engine(bm, max_num_seqs=spec.num_prompts, max_model_len=max_len)
+    from qwen35.commands.serve import SERVE_DECODE_STEP_MS
+
+    # paced as `qwen35 serve` paces its prompt chunks, so the two differ by the HTTP layer only
+    engine = make_engine(bm, max_num_seqs=spec.num_prompts, max_model_len=max_len,
+                         max_decode_step_ms=SERVE_DECODE_STEP_MS)  # fmt: skip
     res: dict[str, list[dict]] = {"server": [], "engine": []}
     _offline(engine, prompts[:1], 2)  # warm-up (kernels, first-step allocations)
     opts.say("serve: starting qwen35 serve")

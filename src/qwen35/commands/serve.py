@@ -11,6 +11,11 @@ import sys
 from qwen35.commands.common import add_engine_arguments, engine_on_its_thread, require_file
 from qwen35.errors import Qwen35Error
 
+# --max-decode-step-ms under `serve`: on a 2-core CPU this keeps a stream's longest wait behind
+# a 2,048-token prompt at ~1 s (Qwen3.5-0.8B; 3 s unpaced) / ~1.5 s (4B; 18 s unpaced), for 4% /
+# 19% more time to that prompt's first token (bench/decode_stalls.py)
+SERVE_DECODE_STEP_MS = 1000.0
+
 
 def _size(text: str) -> int:
     units = {"": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
@@ -202,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
     sock = _listen_socket(args.host, args.port) if ranked is None or ranked[0] == 0 else None
     from qwen35.server.transport import run_server, uvicorn_config
 
+    if args.max_decode_step_ms is None:  # streams in flight: pace prompt chunks (prefill_pacer)
+        args.max_decode_step_ms = SERVE_DECODE_STEP_MS
     try:
         thread, engine = engine_on_its_thread(args, seed=args.seed)
     except BaseException:

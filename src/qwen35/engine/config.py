@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Collection
@@ -124,6 +125,17 @@ class SchedulingConfig:
     )
     max_num_seqs: int = _opt(32, "most sequences running at once")
     max_num_batched_tokens: int = _opt(2048, "token budget per step")
+    max_decode_step_ms: float | None = _opt(
+        None,
+        "while sequences are decoding, cut prompt chunks (on 64-token boundaries, at least 128 "
+        "tokens) so a step takes about this long at the prefill rate the engine measures: "
+        "streams in flight keep getting tokens while a long prompt prefills (on a CPU a "
+        "2,048-token chunk takes seconds). Default: 1000 under `qwen35 serve`, off elsewhere "
+        "(offline batches keep whole chunks: more throughput, and a schedule of token counts "
+        "alone, so the same requests give the same tokens). 0: off",
+        type=float,
+        metavar="MS",
+    )
     scheduling_policy: str = _opt(
         "fcfs",
         "which waiting request runs next: 'fcfs' (arrival order) or 'priority' (each request's "
@@ -398,6 +410,11 @@ class EngineConfig:
             not isinstance(s.max_model_len, int) or s.max_model_len < 2
         ):
             raise Qwen35Error(f"max_model_len must be an integer >= 2, got {s.max_model_len!r}")
+        ms = s.max_decode_step_ms
+        if ms is not None and (isinstance(ms, bool) or not isinstance(ms, (int, float))
+                               or not 0 <= ms < math.inf):  # fmt: skip
+            raise Qwen35Error(f"max_decode_step_ms must be a number of milliseconds >= 0 (0: off), "
+                              f"got {ms!r}")  # fmt: skip
         if s.num_speculative_tokens not in range(MAX_SPECULATIVE_TOKENS + 1):
             raise Qwen35Error(
                 f"num_speculative_tokens must be 0 (off) or 1 .. {MAX_SPECULATIVE_TOKENS} (MTP "

@@ -33,6 +33,7 @@ from qwen35.engine.config import EngineConfig
 from qwen35.engine.forward_batch import allocate_caches
 from qwen35.engine.lora_adapters import LoraAdapters
 from qwen35.engine.model_runner import GraphSpec, ModelRunner, StepResult
+from qwen35.engine.prefill_pacer import PrefillPacer
 from qwen35.engine.preflight import gpu_start
 from qwen35.engine.runtime import configure_cpu_runtime
 from qwen35.engine.sampler import NoTokenAllowedError
@@ -397,6 +398,7 @@ class LLMEngine:
             num_slots=self.plan.num_state_slots,
             num_checkpoint_slots=self.plan.num_checkpoint_slots,
         )
+        self.pacer = PrefillPacer(sc.max_decode_step_ms or 0)
         self._requests: dict[str, _Request] = {}
         self._seq_to_req: dict[str, tuple[_Request, _SeqState]] = {}
         self._ids = itertools.count()
@@ -625,9 +627,10 @@ class LLMEngine:
         """One scheduled step. A sequence whose step fails (the model forward, its sampling or
         its detokenizing raised) ends its request with `error` set; the others go on."""
         t0 = time.perf_counter()
-        out = self.scheduler.schedule()
+        out = self.scheduler.schedule(self.pacer.cap())
         try:
             result = self.runner.execute(out.scheduled)
+            self.pacer.record(out.num_prefill_tokens, time.perf_counter() - t0)
         except Exception as e:
             if getattr(e, "fatal", False):  # e.g. a tensor-parallel worker died: no retry
                 raise

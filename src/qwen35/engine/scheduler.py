@@ -24,6 +24,10 @@ from qwen35.engine.kv_cache import KVBlockPool, _check, extend_block_hashes
 from qwen35.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus
 from qwen35.engine.state_cache import StatePool
 
+# Prompt chunks cut by a step's prefill cap end on multiples of this many positions: the CPU
+# DeltaNet kernel's chunk grid, where a cut prompt continues to the uncut prompt's bits.
+PREFILL_GRID = 64
+
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -111,6 +115,11 @@ class ScheduledSeq:
     def has_initial_state(self) -> bool:
         return self.start > 0
 
+    @property
+    def is_decode(self) -> bool:
+        """One token that reaches the end of what is known (a prompt's last lone token too)."""
+        return self.num_new_tokens == 1 and self.sample
+
 
 @dataclass
 class SchedulerOutput:
@@ -123,6 +132,11 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Tokens of the step's prompt chunks (rows that are not a decode step's)."""
+        return sum(s.num_new_tokens for s in self.scheduled if not s.is_decode)
 
 
 @dataclass
@@ -170,6 +184,7 @@ class Scheduler:
         self._stats = PrefixCacheStats()
         self.num_preemptions = 0
         self._encoder_used = 0  # vision-encoder tokens scheduled in the current step
+        self._prefill_cap = self._prefill_left = 0  # the current step's prompt tokens: cap, left
 
     # ---- requests ----
 
@@ -240,11 +255,18 @@ class Scheduler:
 
     # ---- one step ----
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, decode_prefill_cap: int = 0) -> SchedulerOutput:
+        """decode_prefill_cap: in a step where a running sequence decodes, at most this many
+        prompt tokens (chunks cut there end on the PREFILL_GRID where they can), so streams in
+        flight are not held up behind a long prompt (the engine's PrefillPacer sets it); 0: none."""
         cfg, out = self.config, SchedulerOutput()
         self.state.begin_step()
         self._encoder_used = 0
         budget = cfg.max_num_batched_tokens
+        decoding = decode_prefill_cap > 0 and any(
+            s.num_tokens - s.num_computed_tokens == 1 for s in self.running
+        )
+        self._prefill_cap = self._prefill_left = decode_prefill_cap if decoding else budget
         if cfg.scheduling_policy == "priority":  # the most urgent first; the last is preempted
             self.running.sort(key=self._order)
         i = 0
@@ -376,9 +398,19 @@ class Scheduler:
         return max(0, la)
 
     def _chunk(self, seq: Sequence, start: int, budget: int) -> int:
-        n = min(seq.num_tokens - start, budget)
+        left = seq.num_tokens - start
+        n = min(left, budget)
         n = min(n, self.config.max_chunk_tokens) if self.config.max_chunk_tokens else n
-        return self._encoder_fit(seq, start, n)[0] if seq.mm_items else n
+        if left > 1 and n > self._prefill_left:  # a prompt chunk past the step's prefill cap
+            first = self._prefill_left == self._prefill_cap  # no other prompt rows this step
+            n = self._prefill_left
+            on_grid = (start + n) // PREFILL_GRID * PREFILL_GRID - start
+            # off the grid only where nothing else prefills (a cap below the grid's step)
+            n = on_grid if on_grid > 0 else (n if first else 0)
+        n = self._encoder_fit(seq, start, n)[0] if seq.mm_items else n
+        if left > 1:
+            self._prefill_left -= n
+        return n
 
     def _encoder_fit(self, seq: Sequence, start: int, n: int) -> tuple[int, int]:
         """Cut n before the first image / video whose encoding would pass the step's encoder
