@@ -44,3 +44,19 @@ def test_a_context_the_cache_cannot_hold_says_where_the_memory_went():
     with pytest.raises(Qwen35Error, match=why):
         plan_caches(cfg, max_model_len=cap + 16, **kw)
     assert plan_caches(cfg, max_model_len=cap, **kw).max_model_len == cap
+
+
+def test_the_log_line_says_what_the_cache_allows():
+    from qwen35.engine.cache_sizing import CachePlan
+
+    def plan(blocks, slots, max_len):
+        return CachePlan(num_blocks=blocks, block_size=16, num_state_slots=slots,
+                         num_checkpoint_slots=2, checkpoint_interval=256, max_model_len=max_len,
+                         kv_bytes_per_token=100, state_bytes_per_sequence=1000,
+                         cache_bytes=0).describe()  # fmt: skip
+
+    line = plan(1024, 8, 4096)  # 16,384 tokens: four at the longest
+    assert "one sequence of up to 4096 tokens, or 4 concurrent sequences at that length" in line
+    line = plan(1024, 32, 16384)  # one at the longest: what 32 at once leave each
+    assert line.endswith("one sequence of up to 16384 tokens, or 32 concurrent sequences of 512 "
+                         "tokens each")  # fmt: skip

@@ -85,13 +85,17 @@ class CachePlan:
             if self.num_spare_slots
             else ""
         )
-        per_seq = max(1, self.kv_tokens // max(1, self.max_model_len))
+        at_most = min(self.num_state_slots, max(1, self.kv_tokens // max(1, self.max_model_len)))
+        if at_most > 1:
+            allows = f", or {at_most} concurrent sequences at that length"
+        else:  # one at the longest: say what every slot in use leaves each
+            each = self.kv_tokens // max(1, self.num_state_slots)
+            allows = f", or {self.num_state_slots} concurrent sequences of {each} tokens each"
         return (
             f"cache: {self.num_blocks} KV blocks x {self.block_size} tokens = {self.kv_tokens} tokens "
             f"({g(kv)}), {self.num_state_slots} DeltaNet state slots ({g(st)}), "
             f"{self.num_checkpoint_slots} prefix-cache state checkpoints ({g(ck)}){spare}; "
-            f"allows one sequence of up to {self.max_model_len} tokens, or "
-            f"{min(self.num_state_slots, per_seq)} concurrent sequences at that length"
+            f"allows one sequence of up to {self.max_model_len} tokens{allows}"
         )
 
 
