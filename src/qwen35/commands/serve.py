@@ -225,6 +225,9 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(engine, config, thread)
     port = sock.getsockname()[1]  # (--port 0: the one the system chose)
     host = f"[{args.host}]" if ":" in args.host else args.host
+    if engine.pacer.target_s:
+        print(f"prompt chunks paced to ~{engine.pacer.target_s * 1000:.0f} ms a step while "
+              "sequences decode (--max-decode-step-ms; 0: whole chunks)", file=sys.stderr)  # fmt: skip
     print(
         f"serving {name} (context {engine.max_model_len} tokens) on "
         f"{'https' if https else 'http'}://{host}:{port}"
