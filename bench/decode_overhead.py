@@ -18,7 +18,8 @@ minutes hits all of them alike:
 `--dtype`: the rows' dtype of quantized formats (default bf16; `auto`: the engine's default, which
 for `bf16` on a CPU without native bf16 is fp32 rows on bf16-stored weights).
 `--batch N`: N sequences decoding together (prefilled one a step first). Medians of the steps' wall
-times. `--fake-gemv` replaces every dense GEMV by its stored output (bf16 / fp32 only) to isolate
+times. `--fake-gemv` replaces every dense GEMV (the decode plan's own calls too) by its stored output
+(bf16 / fp32 only; the lm_head screen and the experts are not faked) to isolate
 what is not weight streaming. Results can only be compared within one run. Writes
 bench/results/decode_overhead.json.
 """
@@ -78,6 +79,20 @@ def _fake_gemvs() -> None:
         return stored[key]
 
     linear_mod.linear = cpu_decode.linear = fake
+    real_plain = cpu_decode._plain  # the decode plan's own kernel calls (resolved once a weight)
+
+    def plain(w):
+        fn = real_plain(w)
+
+        def call(x):
+            key = (x.shape, w.shape, w.dtype, "plan")
+            if key not in stored:
+                stored[key] = fn(x)
+            return stored[key]
+
+        return call
+
+    cpu_decode._plain = plain
 
 
 def _steps(engine, n: int, rid: str, batch: int = 1) -> list[float]:
