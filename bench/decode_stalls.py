@@ -59,7 +59,7 @@ def one_round(engine, streams: list[list[int]], prompt: list[int], tag: str) -> 
             engine.abort_request(rid)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="Qwen3.5-0.8B")
     ap.add_argument("--dtype", default="auto")
@@ -68,18 +68,18 @@ def main() -> None:
     ap.add_argument("--step-ms", type=float, default=1000.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     bm = load_bench_model(BenchOptions(model=a.model, dtype=a.dtype, threads=a.threads))
-    common = dict(max_num_seqs=a.streams + 1, max_model_len=a.prompt + 4096,
+    common = dict(max_num_seqs=a.streams + 1, max_model_len=a.prompt + 2200,
                   enable_prefix_caching=False)  # fmt: skip
     engines = {
         "whole chunks": make_engine(bm, max_decode_step_ms=0, **common),
         f"paced ({a.step_ms:.0f} ms)": make_engine(bm, max_decode_step_ms=a.step_ms, **common),
     }
-    g = torch.Generator().manual_seed(3)
-    streams = [torch.randint(2, 150000, (64,), generator=g).tolist() for _ in range(a.streams)]
-    prompt = torch.randint(2, 150000, (a.prompt,), generator=g).tolist()
+    g, vocab = torch.Generator().manual_seed(3), bm.config.vocab_size
+    streams = [torch.randint(2, vocab, (64,), generator=g).tolist() for _ in range(a.streams)]
+    prompt = torch.randint(2, vocab, (a.prompt,), generator=g).tolist()
     for name, e in engines.items():  # warm-up: kernels, and the pacer's first prefill rate
         one_round(e, streams[:1], prompt[:256], f"warm-{name}")
     rows: dict[str, list[dict]] = {n: [] for n in engines}

@@ -258,3 +258,15 @@ def test_nonfinite_check_bench_runs(capsys, tmp_path):
     assert [len(v) for v in out["load_seconds"].values()] == [2, 2]
     text = capsys.readouterr().out
     assert "count_nonfinite" in text and "torch isfinite" in text and "load unchecked" in text
+
+
+def test_decode_stalls_bench_runs(capsys, tmp_path):
+    from tiny import save_checkpoint
+
+    save_checkpoint(tmp_path / "m")
+    _load("decode_stalls").main(["--model", str(tmp_path / "m" / "config.json"), "--dtype",
+                                 "fp32", "--streams", "2", "--prompt", "300", "--rounds", "2",
+                                 "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "whole chunks" in out and "paced (1000 ms)" in out
+    assert "equal in every round and engine" in out
