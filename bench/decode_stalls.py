@@ -2,15 +2,17 @@
 prompt's time to first token, with prompt chunks paced (`max_decode_step_ms`, engine/
 prefill_pacer.py) and without (whole `max_num_batched_tokens` chunks).
 
-    python bench/decode_stalls.py [--model Qwen3.5-0.8B] [--streams 4] [--prompt 2048]
+    python bench/decode_stalls.py [--model Qwen3.5-0.8B] [--streams 4] [--prompt 4096]
                                   [--step-ms 1000] [--rounds 3] [--threads 2]
 
 Each round, for each engine in turn (order reversed every other round; both share one set of
 random weights): --streams greedy requests of 64-token prompts start decoding, then a prompt of
---prompt tokens arrives; steps run until it has its first token. Reported, medians over rounds:
-the prompt's time to first token (from its arrival), the longest and the mean wait of the streams
-between tokens in that window, and the streams' tokens in it. The prompt's first token is checked
-equal in both engines (the cut on 64-token boundaries keeps a prompt's result).
+--prompt tokens arrives, and after its first step a 32-token request; steps run until both have
+their first token. Reported, medians over rounds: the prompt's time to first token (from its
+arrival), the longest and the mean wait of the streams between tokens until then, the streams'
+tokens in it, and the short request's time to first token (paced, it starts beside the long
+prompt's chunk: Scheduler short_first). The prompt's first token is checked equal in both
+engines (the cut on 64-token boundaries keeps a prompt's result).
 """
 
 from __future__ import annotations
@@ -25,35 +27,42 @@ from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine
 from qwen35.request import SamplingParams
 
 
-def one_round(engine, streams: list[list[int]], prompt: list[int], tag: str) -> dict:
+def one_round(engine, streams: list[list[int]], prompt: list[int], short: list[int],
+              tag: str) -> dict:
     sp = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
     ids = [f"{tag}-s{i}" for i in range(len(streams))]
     for rid, p in zip(ids, streams, strict=True):
         engine.add_request(rid, p, sp)
     started: set[str] = set()
+    one = SamplingParams(max_tokens=1, temperature=0.0)
+    long_id, short_id = f"{tag}-long", f"{tag}-short"
     try:
         while len(started) < len(ids):  # the streams' prefill, then each has a token
             started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
         engine.step()  # one plain decode step
-        long_id = f"{tag}-long"
-        engine.add_request(long_id, prompt, SamplingParams(max_tokens=1, temperature=0.0))
+        engine.add_request(long_id, prompt, one)
         t0 = last = time.perf_counter()
         gaps: list[float] = []
-        tokens, first = 0, None
-        while first is None:
+        tokens, first, ttft, short_at, short_ttft, k = 0, None, 0.0, 0.0, None, 0
+        while first is None or short_ttft is None:
+            if k == 1:  # a short request arrives after the long prompt's first step
+                engine.add_request(short_id, short, one)
+                short_at = time.perf_counter()
             outs = engine.step()
-            now = time.perf_counter()
+            now, k = time.perf_counter(), k + 1
             got = [o for o in outs if o.request_id in ids and o.outputs[0].token_ids]
-            if got:
+            if got and first is None:
                 gaps.append(now - last)
                 last = now
                 tokens += sum(len(o.outputs[0].token_ids) for o in got)
             for o in outs:
-                if o.request_id == long_id and o.outputs[0].token_ids:
-                    first = o.outputs[0].token_ids[0]
-        return {"ttft": now - t0, "max_gap": max(gaps, default=now - t0),
-                "mean_gap": statistics.mean(gaps) if gaps else now - t0, "tokens": tokens,
-                "first": first}  # fmt: skip
+                if o.request_id == long_id and o.outputs[0].token_ids and first is None:
+                    first, ttft = o.outputs[0].token_ids[0], now - t0
+                if o.request_id == short_id and o.outputs[0].token_ids:
+                    short_ttft = now - short_at
+        return {"ttft": ttft, "max_gap": max(gaps, default=ttft),
+                "mean_gap": statistics.mean(gaps) if gaps else ttft, "tokens": tokens,
+                "short_ttft": short_ttft, "first": first}  # fmt: skip
     finally:
         for rid in ids:
             engine.abort_request(rid)
@@ -64,14 +73,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="Qwen3.5-0.8B")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--streams", type=int, default=4)
-    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--prompt", type=int, default=4096)
     ap.add_argument("--step-ms", type=float, default=1000.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     bm = load_bench_model(BenchOptions(model=a.model, dtype=a.dtype, threads=a.threads))
-    common = dict(max_num_seqs=a.streams + 1, max_model_len=a.prompt + 2200,
+    common = dict(max_num_seqs=a.streams + 2, max_model_len=a.prompt + 2200,
                   enable_prefix_caching=False)  # fmt: skip
     engines = {
         "whole chunks": make_engine(bm, max_decode_step_ms=0, **common),
@@ -80,25 +89,26 @@ def main(argv: list[str] | None = None) -> None:
     g, vocab = torch.Generator().manual_seed(3), bm.config.vocab_size
     streams = [torch.randint(2, vocab, (64,), generator=g).tolist() for _ in range(a.streams)]
     prompt = torch.randint(2, vocab, (a.prompt,), generator=g).tolist()
+    short = torch.randint(2, vocab, (32,), generator=g).tolist()
     for name, e in engines.items():  # warm-up: kernels, and the pacer's first prefill rate
-        one_round(e, streams[:1], prompt[:256], f"warm-{name}")
+        one_round(e, streams[:1], prompt[:256], short, f"warm-{name}")
     rows: dict[str, list[dict]] = {n: [] for n in engines}
     names = list(engines)
     for r in range(a.rounds):
         for n in names if r % 2 == 0 else names[::-1]:
-            rows[n].append(one_round(engines[n], streams, prompt, f"{n}-{r}"))
+            rows[n].append(one_round(engines[n], streams, prompt, short, f"{n}-{r}"))
             print(f"round {r} {n}: " + ", ".join(
                 f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in rows[n][-1].items()), flush=True)  # fmt: skip
     print(f"\n{a.model} ({bm.label}), {a.streams} streams decoding, a {a.prompt}-token prompt "
           f"arrives; medians of {a.rounds} rounds, {a.threads} threads")  # fmt: skip
     print(f"{'engine':<18} {'TTFT s':>8} {'longest wait s':>15} {'mean wait s':>12} "
-          f"{'stream tokens':>14}")  # fmt: skip
+          f"{'stream tokens':>14} {'short TTFT s':>13}")  # fmt: skip
     for n, rs in rows.items():
-        med = {k: statistics.median(x[k] for x in rs) for k in ("ttft", "max_gap", "mean_gap",
-                                                                "tokens")}  # fmt: skip
+        med = {k: statistics.median(x[k] for x in rs)
+               for k in ("ttft", "max_gap", "mean_gap", "tokens", "short_ttft")}
         print(f"{n:<18} {med['ttft']:8.2f} {med['max_gap']:15.2f} {med['mean_gap']:12.2f} "
-              f"{med['tokens']:14.0f}")  # fmt: skip
+              f"{med['tokens']:14.0f} {med['short_ttft']:13.2f}")  # fmt: skip
     firsts = {x["first"] for rs in rows.values() for x in rs}
     print("the prompt's first token: " + ("equal in every round and engine" if len(firsts) == 1
                                           else f"DIFFERS: {sorted(firsts)}"))  # fmt: skip

@@ -81,8 +81,8 @@ def run(engine, cap_rate: float | None, long_prompt: list[int], streams: list[li
         engine.pacer.record = lambda *a: None
     schedule, chunks = engine.scheduler.schedule, []
 
-    def watch(cap=0):
-        out = schedule(cap)
+    def watch(cap=0, short_first=False):
+        out = schedule(cap, short_first)
         chunks.extend((s.start, s.num_new_tokens) for s in out.scheduled
                       if s.seq.seq_id.startswith("long") and not s.is_decode)  # fmt: skip
         return out
@@ -127,3 +127,31 @@ def test_paced_engine_keeps_streams_going_and_gives_the_same_tokens(ckpt):
     assert [n for _, n in chunks] == [128] * 5 + [60]
     assert steady, "a stream waited a step while the prompt prefilled"
     assert got == ref
+
+
+def test_a_short_request_starts_beside_a_long_prompt(ckpt):
+    """Paced (as under `serve`), a short prompt that arrives while a long one prefills is taken
+    whole in the next step; unpaced, it waits for the long prompt's last chunk. Same tokens."""
+    from qwen35.engine.llm_engine import LLMEngine
+
+    rng = random.Random(7)
+    long_prompt = [rng.randrange(2, 256) for _ in range(900)]
+    short = [rng.randrange(2, 256) for _ in range(20)]
+    kw = dict(dtype="fp32", verbose=False, max_num_batched_tokens=256, max_model_len=1024,
+              enable_prefix_caching=False)  # fmt: skip
+    got = {}
+    for paced in (False, True):
+        engine = LLMEngine(str(ckpt), max_decode_step_ms=1000 if paced else 0, **kw)
+        sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        engine.add_request("long", long_prompt, sp)
+        engine.step()  # its first chunk
+        engine.add_request("short", short, sp)
+        order, toks = [], {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.outputs[0].token_ids and o.request_id not in toks:
+                    order.append(o.request_id)
+                toks.setdefault(o.request_id, []).extend(o.outputs[0].token_ids)
+        got[paced] = toks
+        assert order == (["short", "long"] if paced else ["long", "short"])
+    assert got[True] == got[False]

@@ -14,6 +14,7 @@ import random
 
 import pytest
 
+from qwen35.engine import scheduler as scheduler_mod
 from qwen35.engine.scheduler import Scheduler, SchedulerConfig
 from qwen35.engine.sequence import Sequence, SequenceStatus
 from qwen35.request import SamplingParams
@@ -92,10 +93,11 @@ def reference_output(prompt, params: SamplingParams, cfg: SchedulerConfig) -> li
             return out
 
 
-def run_steps(sched, runner, arrivals=(), abort_prob=0.0, rng=None, max_steps=20_000, cap=0):
+def run_steps(sched, runner, arrivals=(), abort_prob=0.0, rng=None, max_steps=20_000, cap=0,
+              short_first=False):  # fmt: skip
     """Drive the scheduler to completion, checking invariants after every step.
-    arrivals: list of (step, Sequence); cap: every step's decode_prefill_cap. Returns (finished
-    sequences, aborted ids, steps)."""
+    arrivals: list of (step, Sequence); cap, short_first: every step's schedule() arguments.
+    Returns (finished sequences, aborted ids, steps)."""
     cfg = sched.config
     pending = sorted(arrivals, key=lambda a: a[0])
     done, aborted, step = [], set(), 0
@@ -108,7 +110,7 @@ def run_steps(sched, runner, arrivals=(), abort_prob=0.0, rng=None, max_steps=20
             aborted.add(victim)
             sched.check_integrity()
         decoding = any(s.num_tokens - s.num_computed_tokens == 1 for s in sched.running)
-        out = sched.schedule(cap)
+        out = sched.schedule(cap, short_first)
         sched.check_integrity()
         if cap and decoding:
             assert out.num_prefill_tokens <= cap
@@ -252,6 +254,48 @@ def test_decode_prefill_cap_paces_prompts_only_while_sequences_decode():
     assert [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled] == [("s2", 1), ("s3", 300)]
     sched.update(out, runner.run(out))
     assert c.output_token_ids == reference_output(c.prompt_token_ids, c.params, cfg)[:2]
+
+
+@pytest.mark.parametrize("cap", [0, 576])
+def test_short_prompts_start_beside_a_long_prompts_chunk(cap):
+    cfg = SchedulerConfig(max_num_batched_tokens=2048, block_size=16, max_model_len=8192)
+    sched = Scheduler(cfg, num_blocks=2048, num_slots=4 if cap else 3)
+    runner = FakeRunner(sched)
+    streams = []
+    if cap:  # a sequence decoding: the step's prompt tokens are capped
+        streams.append(make_seq(9, range(2, 12), max_tokens=200))
+        sched.add(streams[0])
+        out = sched.schedule(cap, short_first=True)
+        sched.update(out, runner.run(out))
+    allowance = cap or 2048
+    long = make_seq(0, [5] * 5000, max_tokens=2)
+    sched.add(long)
+    out = sched.schedule(cap, short_first=True)
+    sched.update(out, runner.run(out))
+    assert long.num_computed_tokens == allowance  # alone: the whole allowance
+    a, b, c = make_seq(1, [6] * 100, max_tokens=2), make_seq(2, [7] * 60, max_tokens=2), \
+        make_seq(3, [8] * 30, max_tokens=2)  # fmt: skip
+    for seq in (a, b, c):
+        sched.add(seq)
+    out = sched.schedule(cap, short_first=True)
+    rows = {s.seq.seq_id: s.num_new_tokens for s in out.scheduled if not s.is_decode}
+    # a and b fit beside a grid step of the long prompt; c finds no free state slot: it waits
+    end = (allowance + allowance - 160) // 64 * 64
+    assert rows == {"s0": end - allowance, "s1": 100, "s2": 60}
+    assert out.num_prefill_tokens <= allowance
+    sched.update(out, runner.run(out))
+    assert a.num_output_tokens == b.num_output_tokens == 1  # both sampled their first token
+    long_prompt = make_seq(4, [9] * 3000, max_tokens=2)
+    sched.add(long_prompt)  # behind c; a long prompt is not reserved for: FCFS as before
+    without = Scheduler(cfg, num_blocks=2048, num_slots=3)
+    for seq in (make_seq(0, [5] * 5000), make_seq(1, [6] * 100)):
+        without.add(seq)
+    out = without.schedule(cap)  # short_first off: the long prompt's chunk takes the step
+    assert [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled] == [("s0", 2048)]
+    done, _, _ = run_steps(sched, runner, short_first=True, cap=cap)
+    for seq in done:
+        assert seq.output_token_ids == reference_output(seq.prompt_token_ids, seq.params, cfg)
+    assert {s.seq_id for s in done} >= {"s0", "s1", "s2", "s3", "s4"}
 
 
 def test_max_num_seqs_and_state_slots_cap_concurrency():
@@ -429,17 +473,39 @@ def random_workload(seed: int, prefix_caching: bool, policy: str = "fcfs"):
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
 @pytest.mark.parametrize("seed", range(40))
-def test_randomized_workloads(seed, prefix_caching):
+def test_randomized_workloads(seed, prefix_caching, monkeypatch):
     policy = "priority" if seed % 4 == 3 else "fcfs"  # a quarter under the priority policy
     rng, cfg, sched, arrivals = random_workload(seed, prefix_caching, policy)
     runner = FakeRunner(sched)
-    cap = random.Random(seed + 1000).choice([0, 0, 1, 5, 70])  # prompt chunks paced or not
-    done, aborted, _ = run_steps(sched, runner, arrivals, abort_prob=0.03, rng=rng, cap=cap)
+    pace = random.Random(seed + 1000)  # prompt chunks paced or not, short prompts first or not
+    cap, short_first = pace.choice([0, 0, 1, 5, 70]), pace.random() < 0.5
+    # a grid of this workload's scale (prompts of up to 45 tokens), so that cuts and
+    # reservations happen (test_short_first_reserves_in_random_workloads counts them)
+    monkeypatch.setattr(scheduler_mod, "PREFILL_GRID", pace.choice([2, 4, 8, 64]))
+    done, aborted, _ = run_steps(sched, runner, arrivals, abort_prob=0.03, rng=rng, cap=cap,
+                                 short_first=short_first)  # fmt: skip
     assert {s.seq_id for s in done} | aborted == {s.seq_id for _, s in arrivals}
     for s in done:
         ref = reference_output(s.prompt_token_ids, s.params, cfg)
         assert s.output_token_ids == ref, s.seq_id
     assert_all_released(sched)
+
+
+def test_short_first_reserves_in_random_workloads(monkeypatch):
+    """The random workloads above do reserve for short prompts (at their small grids)."""
+    real, reserved = scheduler_mod.Scheduler._short_reserve, []
+
+    def counting(self, allowance):
+        reserved.append(real(self, allowance))
+        return reserved[-1]
+
+    monkeypatch.setattr(scheduler_mod.Scheduler, "_short_reserve", counting)
+    monkeypatch.setattr(scheduler_mod, "PREFILL_GRID", 4)
+    for seed in range(8):
+        rng, _, sched, arrivals = random_workload(seed, True)
+        run_steps(sched, FakeRunner(sched), arrivals, abort_prob=0.03, rng=rng, cap=70,
+                  short_first=True)  # fmt: skip
+    assert sum(r > 0 for r in reserved) >= 20, reserved
 
 
 def test_randomized_workloads_exercise_every_path():

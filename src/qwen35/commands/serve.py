@@ -12,8 +12,9 @@ from qwen35.commands.common import add_engine_arguments, engine_on_its_thread, r
 from qwen35.errors import Qwen35Error
 
 # --max-decode-step-ms under `serve`: on a 2-core CPU this keeps a stream's longest wait behind
-# a 2,048-token prompt at ~1 s (Qwen3.5-0.8B; 3 s unpaced) / ~1.5 s (4B; 18 s unpaced), for 4% /
-# 19% more time to that prompt's first token (bench/decode_stalls.py)
+# a 4,096-token prompt at ~1 s (Qwen3.5-0.8B; 3.8 s unpaced) / ~1.6 s (4B; 19 s unpaced), and a
+# short request arriving meanwhile starts in ~1 s (4 s / 20 s), for 14% / 25% more time to the
+# long prompt's first token (bench/decode_stalls.py)
 SERVE_DECODE_STEP_MS = 1000.0
 
 

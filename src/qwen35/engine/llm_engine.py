@@ -627,7 +627,7 @@ class LLMEngine:
         """One scheduled step. A sequence whose step fails (the model forward, its sampling or
         its detokenizing raised) ends its request with `error` set; the others go on."""
         t0 = time.perf_counter()
-        out = self.scheduler.schedule(self.pacer.cap())
+        out = self.scheduler.schedule(self.pacer.cap(), short_first=self.pacer.short_first)
         try:
             result = self.runner.execute(out.scheduled)
             self.pacer.record(out.num_prefill_tokens, time.perf_counter() - t0)

@@ -6,7 +6,10 @@ tens of milliseconds. On a CPU the same chunk takes seconds (Qwen3.5-4B in bf16 
 decodes, the engine therefore cuts prompt chunks to what its measured prefill rate gets through
 in `--max-decode-step-ms`: streams keep getting tokens while a long prompt prefills, and a prompt
 alone (nothing decoding) still takes whole budgets. On a GPU the rate is high enough that the cap
-stays above the budget. No torch here; the engine times its steps and feeds them in.
+stays above the budget. With pacing on, a short request that arrives while a long prompt
+prefills also starts at once, its prompt taken whole beside that prompt's chunk, instead of
+waiting for the long prompt's last chunk (`Scheduler._short_reserve`). No torch here; the engine
+times its steps and feeds them in.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ class PrefillPacer:
         self.target_s = target_ms / 1000.0
         self.smoothing = smoothing
         self.rate: float | None = None  # prompt tokens a second; None until a step prefilled
+        # with pacing on, short prompts at the head of the queue also start beside a long
+        # prompt's chunk instead of after its last (Scheduler.schedule short_first)
+        self.short_first = bool(target_ms)
 
     def cap(self) -> int:
         """The next step's decode_prefill_cap (Scheduler.schedule); 0: no cap."""

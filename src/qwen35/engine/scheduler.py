@@ -184,7 +184,8 @@ class Scheduler:
         self._stats = PrefixCacheStats()
         self.num_preemptions = 0
         self._encoder_used = 0  # vision-encoder tokens scheduled in the current step
-        self._prefill_cap = self._prefill_left = 0  # the current step's prompt tokens: cap, left
+        self._prefill_left = 0  # prompt tokens the current step may still take (schedule())
+        self._prefill_taken = False  # whether a prompt chunk is in the current step yet
 
     # ---- requests ----
 
@@ -255,10 +256,13 @@ class Scheduler:
 
     # ---- one step ----
 
-    def schedule(self, decode_prefill_cap: int = 0) -> SchedulerOutput:
+    def schedule(self, decode_prefill_cap: int = 0, short_first: bool = False) -> SchedulerOutput:
         """decode_prefill_cap: in a step where a running sequence decodes, at most this many
         prompt tokens (chunks cut there end on the PREFILL_GRID where they can), so streams in
-        flight are not held up behind a long prompt (the engine's PrefillPacer sets it); 0: none."""
+        flight are not held up behind a long prompt (the engine's PrefillPacer sets it); 0: none.
+        short_first: the prompts at the head of the queue that fit whole beside a running
+        prompt's chunk (of at least one PREFILL_GRID) are admitted this step rather than after
+        that prompt's last chunk (`_short_reserve`)."""
         cfg, out = self.config, SchedulerOutput()
         self.state.begin_step()
         self._encoder_used = 0
@@ -266,7 +270,9 @@ class Scheduler:
         decoding = decode_prefill_cap > 0 and any(
             s.num_tokens - s.num_computed_tokens == 1 for s in self.running
         )
-        self._prefill_cap = self._prefill_left = decode_prefill_cap if decoding else budget
+        allowance = decode_prefill_cap if decoding else budget
+        reserve = self._short_reserve(allowance) if short_first else 0
+        self._prefill_left, self._prefill_taken = allowance - reserve, False
         if cfg.scheduling_policy == "priority":  # the most urgent first; the last is preempted
             self.running.sort(key=self._order)
         i = 0
@@ -291,6 +297,7 @@ class Scheduler:
             out.scheduled[-1].lookahead = la
             budget -= n + la
             i += 1
+        self._prefill_left += reserve  # the queue's short prompts, admitted below
         # Admitting right after a preemption would only preempt again.
         while (
             not out.preempted
@@ -402,15 +409,33 @@ class Scheduler:
         n = min(left, budget)
         n = min(n, self.config.max_chunk_tokens) if self.config.max_chunk_tokens else n
         if left > 1 and n > self._prefill_left:  # a prompt chunk past the step's prefill cap
-            first = self._prefill_left == self._prefill_cap  # no other prompt rows this step
             n = self._prefill_left
             on_grid = (start + n) // PREFILL_GRID * PREFILL_GRID - start
             # off the grid only where nothing else prefills (a cap below the grid's step)
-            n = on_grid if on_grid > 0 else (n if first else 0)
+            n = on_grid if on_grid > 0 else (0 if self._prefill_taken else n)
         n = self._encoder_fit(seq, start, n)[0] if seq.mm_items else n
         if left > 1:
             self._prefill_left -= n
+            self._prefill_taken |= n > 0
         return n
+
+    def _short_reserve(self, allowance: int) -> int:
+        """Prompt tokens held back from the running prompts' chunks this step for the prompts
+        at the head of the queue (in order) that fit whole beside at least one PREFILL_GRID of
+        theirs, within the free state slots and max_num_seqs: a short request then starts now,
+        not after a long prompt's last chunk. 0 when no running prompt is mid-prefill."""
+        if not self.waiting or not any(
+            s.num_tokens - s.num_computed_tokens > 1 for s in self.running
+        ):
+            return 0
+        room = allowance - PREFILL_GRID
+        seats = min(self.state.num_free_slots, self.config.max_num_seqs - len(self.running))
+        total = 0
+        for seq in itertools.islice(self.waiting, max(0, seats)):
+            if total + seq.num_tokens > room:
+                break
+            total += seq.num_tokens
+        return total
 
     def _encoder_fit(self, seq: Sequence, start: int, n: int) -> tuple[int, int]:
         """Cut n before the first image / video whose encoding would pass the step's encoder
