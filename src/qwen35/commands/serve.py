@@ -228,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     if engine.pacer.target_s:
         print(f"prompt chunks paced to ~{engine.pacer.target_s * 1000:.0f} ms a step while "
-              "sequences decode (--max-decode-step-ms; 0: whole chunks)", file=sys.stderr)  # fmt: skip
+              "sequences decode, short prompts taken beside long ones (--max-decode-step-ms; 0: "
+              "off)", file=sys.stderr)  # fmt: skip
     print(
         f"serving {name} (context {engine.max_model_len} tokens) on "
         f"{'https' if https else 'http'}://{host}:{port}"
