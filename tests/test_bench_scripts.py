@@ -270,3 +270,12 @@ def test_decode_stalls_bench_runs(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "whole chunks" in out and "paced (1000 ms)" in out
     assert "equal in every round and engine" in out
+
+
+def test_gil_wait_bench_runs(capsys, tmp_path):
+    from tiny import save_checkpoint
+
+    save_checkpoint(tmp_path / "m")
+    _load("gil_wait").main(["--model", str(tmp_path / "m" / "config.json"), "--dtype", "fp32",
+                            "--prompt", "200", "--threads", "1"])  # fmt: skip
+    assert "wake-up lateness median" in capsys.readouterr().out

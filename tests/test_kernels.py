@@ -389,3 +389,22 @@ def test_cpu_isa_avx2_takes_every_kernels_avx2_path():
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.split("\n")[0] == "[] fp32"
         assert torch.equal(torch.load(f"{tmp}/out.pt"), want)
+
+
+def test_every_kernel_binding_releases_the_gil():
+    """`qwen35 serve` answers HTTP on one thread while the engine steps on another: a binding
+    that kept the GIL would stall the event loop for the kernel's whole length (bench/gil_wait.py).
+    Every function binding of every kernel module takes QWEN35_NOGIL (the shared-memory all-reduce
+    releases it itself, around its waits)."""
+    import re
+
+    folder = Path(kernels.__file__).parent
+    bound = 0
+    for src in sorted(folder.glob("*.cpp")):
+        if src.name == "shm_allreduce_cpu.cpp":
+            continue
+        module = src.read_text().split("PYBIND11_MODULE", 1)[1]
+        for m in re.finditer(r'\.def\("(\w+)", &[\w:]+,([^;]*?)\)(?:;|\s*\.def)', module):
+            assert "QWEN35_NOGIL" in m.group(2), f"{src.name}: {m.group(1)} keeps the GIL"
+            bound += 1
+    assert bound >= 50

@@ -651,7 +651,7 @@ torch::Tensor attention_decode_gated(const torch::Tensor& qg,  // [N, nh * 2 hd]
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention,
+  m.def("paged_decode_attention", &paged_decode_attention, QWEN35_NOGIL,
         "decode attention over the paged KV cache (one query per sequence)", py::arg("q"),
         py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
         py::arg("context_lens"), py::arg("scale"), py::arg("gate") = py::none(),
@@ -665,7 +665,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "model's by default)",
       py::arg("dtype"), py::arg("head_dim"), py::arg("avx2_only") = false,
       py::arg("kv_dtype") = py::none());
-  m.def("attention_decode_gated", &attention_decode_gated,
+  m.def("attention_decode_gated", &attention_decode_gated, QWEN35_NOGIL,
         "q/k norms, rotary, K/V cache write, paged decode attention and its gate in one call",
         py::arg("qg"), py::arg("k"), py::arg("v"), py::arg("q_norm_w"), py::arg("k_norm_w"),
         py::arg("eps"), py::arg("cos"), py::arg("sin"), py::arg("key_cache"),

@@ -606,10 +606,10 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& key
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("prefill_attention", &prefill_attention,
+  m.def("prefill_attention", &prefill_attention, QWEN35_NOGIL,
         "causal attention of q [Tq, nh, hd] bf16 / fp32 at positions start.. over the paged K/V of "
         "positions 0 .. start + Tq - 1",
         py::arg("q"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_row"),
         py::arg("start"), py::arg("scale"), py::arg("avx2_only") = false);
-  m.def("bf16_supported", &supported, "bf16 queries run here (an AVX512-BF16 CPU)");
+  m.def("bf16_supported", &supported, QWEN35_NOGIL, "bf16 queries run here (an AVX512-BF16 CPU)");
 }

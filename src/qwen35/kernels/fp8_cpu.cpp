@@ -431,15 +431,15 @@ std::vector<torch::Tensor> fp8_quantize(const torch::Tensor& w, int64_t bo, int6
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fp8_quantize", &fp8_quantize,
+  m.def("fp8_quantize", &fp8_quantize, QWEN35_NOGIL,
         "w [N, K] -> (q e4m3, block scales): quant/formats.py quantize_fp8_blocks");
-  m.def("fp8_linear", &fp8_linear, "x [M, K] @ dequant(w [N, K] fp8, block scales)^T",
+  m.def("fp8_linear", &fp8_linear, QWEN35_NOGIL, "x [M, K] @ dequant(w [N, K] fp8, block scales)^T",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bo"), py::arg("bi"),
         py::arg("avx2_only") = false);
-  m.def("fp8_linear_many", &fp8_linear_many, "[fp8_linear(x_c, w_c, scale_c)] stacked",
+  m.def("fp8_linear_many", &fp8_linear_many, QWEN35_NOGIL, "[fp8_linear(x_c, w_c, scale_c)] stacked",
         py::arg("xs"), py::arg("ws"), py::arg("scales"), py::arg("bo"), py::arg("bi"),
         py::arg("avx2_only") = false);
-  m.def("fp8_dequant", &fp8_dequant, "dequantise block-FP8 w into out");
+  m.def("fp8_dequant", &fp8_dequant, QWEN35_NOGIL, "dequantise block-FP8 w into out");
   py::class_<Fp8Moe>(m, "Fp8Moe", py::module_local())
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                     std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
@@ -447,6 +447,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("gate_up"), py::arg("gate_up_scale"), py::arg("down"), py::arg("down_scale"),
            py::arg("shared_gate_up"), py::arg("shared_gate_up_scale"), py::arg("shared_down"),
            py::arg("shared_down_scale"), py::arg("bo"), py::arg("bi"))
-      .def("run", &Fp8Moe::run,
+      .def("run", &Fp8Moe::run, QWEN35_NOGIL,
            "(xs, experts, counts, x) -> [ys, shared]: a MoE block's FP8 experts, few rows");
 }

@@ -741,15 +741,15 @@ void deltanet_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch:
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("deltanet_decode", &deltanet_decode, "DeltaNet decode after the projections (in place)",
+  m.def("deltanet_decode", &deltanet_decode, QWEN35_NOGIL, "DeltaNet decode after the projections (in place)",
         py::arg("qkv"), py::arg("conv_state"), py::arg("conv_w"), py::arg("g"), py::arg("beta"),
         py::arg("state"), py::arg("num_key_heads"), py::arg("avx2_only") = false);
-  m.def("deltanet_decode_gated", &deltanet_decode_gated,
+  m.def("deltanet_decode_gated", &deltanet_decode_gated, QWEN35_NOGIL,
         "the DeltaNet decode step with its gates and gated output norm (in place)", py::arg("qkv"),
         py::arg("z"), py::arg("a"), py::arg("b"), py::arg("conv_state"), py::arg("conv_w"),
         py::arg("dt_bias"), py::arg("A_log"), py::arg("state"), py::arg("norm_w"), py::arg("eps"),
         py::arg("num_key_heads"), py::arg("avx2_only") = false);
-  m.def("deltanet_chunk", &deltanet_chunk,
+  m.def("deltanet_chunk", &deltanet_chunk, QWEN35_NOGIL,
         "the chunked gated delta rule of one sequence (prefill; state in place)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("g"), py::arg("beta"), py::arg("state"), py::arg("o"),
         py::arg("ck"), py::arg("ck_states"), py::arg("scale"),

@@ -1626,41 +1626,41 @@ std::vector<torch::Tensor> int8_quantize(const torch::Tensor& w, at::ScalarType 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_quantize", &int8_quantize,
+  m.def("int8_quantize", &int8_quantize, QWEN35_NOGIL,
         "w [N, K] -> (q, scale): quant/formats.py quantize_int8_rows");
-  m.def("linear_bf16", &linear_bf16, "x [M<=16, K] bf16 or fp32 @ w [N, K] bf16 ^T",
+  m.def("linear_bf16", &linear_bf16, QWEN35_NOGIL, "x [M<=16, K] bf16 or fp32 @ w [N, K] bf16 ^T",
         py::arg("x"), py::arg("w"), py::arg("avx2_only") = false);
-  m.def("linear_fp32", &linear_fp32, "x [M<=16, K] fp32 @ w [N, K] fp32 ^T", py::arg("x"),
+  m.def("linear_fp32", &linear_fp32, QWEN35_NOGIL, "x [M<=16, K] fp32 @ w [N, K] fp32 ^T", py::arg("x"),
         py::arg("w"), py::arg("avx2_only") = false);
-  m.def("linear_bf16_many", &linear_bf16_many,  // (bf16 or fp32 rows)
+  m.def("linear_bf16_many", &linear_bf16_many, QWEN35_NOGIL,  // (bf16 or fp32 rows)
         "[x_c @ w_c^T] stacked [sum M_c, N], bf16 weights of one shape", py::arg("xs"),
         py::arg("ws"), py::arg("avx2_only") = false);
-  m.def("linear_int8_many", &linear_int8_many,
+  m.def("linear_int8_many", &linear_int8_many, QWEN35_NOGIL,
         "[x_c @ (q_c * scale_c)^T] stacked [sum M_c, N], one shape", py::arg("xs"),
         py::arg("qs"), py::arg("scales"), py::arg("avx2_only") = false);
-  m.def("linear_fp8_many", &linear_fp8_many,
+  m.def("linear_fp8_many", &linear_fp8_many, QWEN35_NOGIL,
         "[x_c @ block-FP8 w_c ^T] stacked [sum M_c, N], bf16 x, one shape", py::arg("xs"),
         py::arg("ws"), py::arg("scales"), py::arg("bo"), py::arg("bi"), py::arg("cvt") = false);
-  m.def("linear_int8", &linear_int8, "x [M<=16, K] @ (q [N, K] int8 * scale [N])^T",
+  m.def("linear_int8", &linear_int8, QWEN35_NOGIL, "x [M<=16, K] @ (q [N, K] int8 * scale [N])^T",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("avx2_only") = false);
-  m.def("linear_fp8", &linear_fp8, "x [M<=16, K] bf16 @ block-FP8 w ^T", py::arg("x"),
+  m.def("linear_fp8", &linear_fp8, QWEN35_NOGIL, "x [M<=16, K] bf16 @ block-FP8 w ^T", py::arg("x"),
         py::arg("w"), py::arg("scale"), py::arg("bo"), py::arg("bi"), py::arg("cvt") = false);
-  m.def("fp8_supported", &fp8_supported, "linear_fp8's byte tables run here for blocks of bi");
-  m.def("fp8_cvt_supported", &fp8_cvt_supported, "linear_fp8's fp16-bit path runs here");
-  m.def("moe_bf16", &moe_bf16, "a MoE block's step on x [T<=16, H] bf16: routing, experts, shared",
+  m.def("fp8_supported", &fp8_supported, QWEN35_NOGIL, "linear_fp8's byte tables run here for blocks of bi");
+  m.def("fp8_cvt_supported", &fp8_cvt_supported, QWEN35_NOGIL, "linear_fp8's fp16-bit path runs here");
+  m.def("moe_bf16", &moe_bf16, QWEN35_NOGIL, "a MoE block's step on x [T<=16, H] bf16: routing, experts, shared",
         py::arg("x"), py::arg("router"), py::arg("gate_up"), py::arg("down"), py::arg("top_k"),
         py::arg("shared_gate"), py::arg("shared_gate_up"), py::arg("shared_down"),
         py::arg("avx2_only") = false);
-  m.def("moe_route", &moe_route, "a MoE block's routing for x [T<=16, H]: (xs, experts, counts, "
+  m.def("moe_route", &moe_route, QWEN35_NOGIL, "a MoE block's routing for x [T<=16, H]: (xs, experts, counts, "
         "weights, tokens), the pairs sorted by expert", py::arg("x"), py::arg("router"),
         py::arg("top_k"));
-  m.def("moe_combine", &moe_combine, "per token the sum of its pairs' round(ys * w), fp32",
+  m.def("moe_combine", &moe_combine, QWEN35_NOGIL, "per token the sum of its pairs' round(ys * w), fp32",
         py::arg("ys"), py::arg("weights"), py::arg("tokens"), py::arg("T"));
   py::class_<Bf16Moe>(m, "Bf16Moe", py::module_local())
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
                     torch::Tensor>(),
            py::arg("gate_up"), py::arg("down"), py::arg("shared_gate_up"), py::arg("shared_down"))
-      .def("run", &Bf16Moe::run,
+      .def("run", &Bf16Moe::run, QWEN35_NOGIL,
            "(xs, experts, counts, x) -> [ys, shared]: a MoE block's bf16 experts, fp32 rows");
   py::class_<Int8Moe>(m, "Int8Moe", py::module_local())
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>,
@@ -1669,7 +1669,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("gate_up"), py::arg("gate_up_scale"), py::arg("down"), py::arg("down_scale"),
            py::arg("shared_gate_up"), py::arg("shared_gate_up_scale"), py::arg("shared_down"),
            py::arg("shared_down_scale"))
-      .def("run", &Int8Moe::run,
+      .def("run", &Int8Moe::run, QWEN35_NOGIL,
            "(xs, experts, counts, x) -> [ys, shared]: a MoE block's int8 experts, few rows");
-  m.def("isa", &isa, "the fast paths this CPU takes");
+  m.def("isa", &isa, QWEN35_NOGIL, "the fast paths this CPU takes");
 }

@@ -531,9 +531,9 @@ torch::Tensor values(const torch::Tensor& x, const torch::Tensor& q, const torch
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("vnni", &vnni, "this CPU has AVX512-VNNI (the screen's int8 x int8 dots run here)");
-  m.def("set_lanes_min_rows", &set_lanes_min_rows,
+  m.def("vnni", &vnni, QWEN35_NOGIL, "this CPU has AVX512-VNNI (the screen's int8 x int8 dots run here)");
+  m.def("set_lanes_min_rows", &set_lanes_min_rows, QWEN35_NOGIL,
         "input rows from which VNNI screens take the lanes layout (> 16: never); returns the old");
-  m.def("values", &values, "the screen values [M, V] alone (tests)");
-  m.def("screen", &screen, "head_screen.py's candidates: int8 screen of lm_head + bounds");
+  m.def("values", &values, QWEN35_NOGIL, "the screen values [M, V] alone (tests)");
+  m.def("screen", &screen, QWEN35_NOGIL, "head_screen.py's candidates: int8 screen of lm_head + bounds");
 }

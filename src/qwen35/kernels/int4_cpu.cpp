@@ -1248,12 +1248,12 @@ std::vector<torch::Tensor> int4_quantize(const torch::Tensor& w, int64_t group,
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_quantize", &int4_quantize,
+  m.def("int4_quantize", &int4_quantize, QWEN35_NOGIL,
         "w [N, K] -> (packed, scales_and_zeros): quant/formats.py quantize_int4_groups + pack_int4");
-  m.def("linear_int4", &linear_int4, "x [M, K] @ W^T, W in torch's packed CPU int4 layout",
+  m.def("linear_int4", &linear_int4, QWEN35_NOGIL, "x [M, K] @ W^T, W in torch's packed CPU int4 layout",
         py::arg("x"), py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("n"),
         py::arg("avx2_only") = false, py::arg("x8") = false);
-  m.def("linear_int4_many", &linear_int4_many,
+  m.def("linear_int4_many", &linear_int4_many, QWEN35_NOGIL,
         "[x_i @ W_i^T] stacked [sum M_i, n], products of one shape, one parallel_for",
         py::arg("xs"), py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("n"),
         py::arg("avx2_only") = false, py::arg("x8") = false);
@@ -1266,10 +1266,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("shared_gate_up"), py::arg("shared_gate_up_sz"), py::arg("shared_down"),
            py::arg("shared_down_sz"), py::arg("group"), py::arg("shared_gate_up_group"),
            py::arg("shared_down_group"), py::arg("x8"))
-      .def("run", &Int4Moe::run,
+      .def("run", &Int4Moe::run, QWEN35_NOGIL,
            "(xs, experts, counts, x) -> [ys, shared]: a MoE block's int4 experts, few rows");
-  m.def("int4_dequant", &int4_dequant, "torch's packed CPU int4 weight into out [N, K]");
-  m.def("int4_x8_round", &int4_x8_round, "x rounded as the x8 paths round it, in x's dtype");
-  m.def("int4_fast_supported", &int4_fast_supported, "the AVX512-VBMI + BF16 path runs here");
-  m.def("int4_vnni_supported", &cpu_vnni_vbmi, "the AVX512-VNNI 8-bit activation path runs here");
+  m.def("int4_dequant", &int4_dequant, QWEN35_NOGIL, "torch's packed CPU int4 weight into out [N, K]");
+  m.def("int4_x8_round", &int4_x8_round, QWEN35_NOGIL, "x rounded as the x8 paths round it, in x's dtype");
+  m.def("int4_fast_supported", &int4_fast_supported, QWEN35_NOGIL, "the AVX512-VBMI + BF16 path runs here");
+  m.def("int4_vnni_supported", &cpu_vnni_vbmi, QWEN35_NOGIL, "the AVX512-VNNI 8-bit activation path runs here");
 }

@@ -409,12 +409,12 @@ torch::Tensor int6_rows(const torch::Tensor& packed, const torch::Tensor& scales
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int6_rows", &int6_rows, "rows ids of W as [T, K] in dtype: quant/formats.py dequantize_int6's");
-  m.def("int6_quantize", &int6_quantize,
+  m.def("int6_rows", &int6_rows, QWEN35_NOGIL, "rows ids of W as [T, K] in dtype: quant/formats.py dequantize_int6's");
+  m.def("int6_quantize", &int6_quantize, QWEN35_NOGIL,
         "w [N, K] -> (packed, scales): quant/formats.py quantize_int6_groups");
-  m.def("linear_int6", &linear_int6,
+  m.def("linear_int6", &linear_int6, QWEN35_NOGIL,
         "x [M <= 16, K] @ W^T, W in 6-bit blocks of 64 (quant/formats.py quantize_int6_groups); "
         "avx2_only: the AVX2 path where AVX512-VNNI runs (the same bits)",
         py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("avx2_only") = false);
-  m.def("int6_vnni_supported", &cpu_isa::avx512_vnni, "the AVX512-VNNI path runs here");
+  m.def("int6_vnni_supported", &cpu_isa::avx512_vnni, QWEN35_NOGIL, "the AVX512-VNNI path runs here");
 }

@@ -382,15 +382,15 @@ int64_t count_nonfinite(const torch::Tensor& t) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm_zc", &rms_norm_zc, "zero-centred RMSNorm");
-  m.def("add_rms_norm_zc_", &add_rms_norm_zc_, "h += delta in place, then its RMSNorm");
-  m.def("gated_rms_norm", &gated_rms_norm, "DeltaNet's gated RMSNorm");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up");
-  m.def("deltanet_gates", &deltanet_gates, "DeltaNet's g (fp32) and beta from a and b");
-  m.def("rotary_qk_", &rotary_qk_, "NeoX partial rotary of q and k, in place");
-  m.def("argmax_rows", &argmax_rows, "first index of each fp32 row's maximum (NaN first)");
-  m.def("causal_conv1d_silu", &causal_conv1d_silu,
+  m.def("rms_norm_zc", &rms_norm_zc, QWEN35_NOGIL, "zero-centred RMSNorm");
+  m.def("add_rms_norm_zc_", &add_rms_norm_zc_, QWEN35_NOGIL, "h += delta in place, then its RMSNorm");
+  m.def("gated_rms_norm", &gated_rms_norm, QWEN35_NOGIL, "DeltaNet's gated RMSNorm");
+  m.def("silu_mul", &silu_mul, QWEN35_NOGIL, "silu(gate) * up");
+  m.def("deltanet_gates", &deltanet_gates, QWEN35_NOGIL, "DeltaNet's g (fp32) and beta from a and b");
+  m.def("rotary_qk_", &rotary_qk_, QWEN35_NOGIL, "NeoX partial rotary of q and k, in place");
+  m.def("argmax_rows", &argmax_rows, QWEN35_NOGIL, "first index of each fp32 row's maximum (NaN first)");
+  m.def("causal_conv1d_silu", &causal_conv1d_silu, QWEN35_NOGIL,
         "DeltaNet's causal conv over a prefill chunk (state or zeros before it), then SiLU",
         py::arg("x"), py::arg("w"), py::arg("state") = py::none());
-  m.def("count_nonfinite", &count_nonfinite, "NaN / inf elements of a contiguous tensor");
+  m.def("count_nonfinite", &count_nonfinite, QWEN35_NOGIL, "NaN / inf elements of a contiguous tensor");
 }

@@ -11,6 +11,12 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/csrc/utils/pybind.h>
 
+// A kernel's binding runs it without the GIL (after its arguments are converted, before its
+// result is): `qwen35 serve` steps the engine on one thread and answers HTTP on another, whose
+// event loop would otherwise wait for every long kernel (a prefill chunk's attention: up to a
+// second at long contexts). No kernel touches a Python object inside.
+#define QWEN35_NOGIL pybind11::call_guard<pybind11::gil_scoped_release>()
+
 namespace torch {
 using at::empty;
 using at::empty_like;
