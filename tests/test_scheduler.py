@@ -298,6 +298,25 @@ def test_short_prompts_start_beside_a_long_prompts_chunk(cap):
     assert {s.seq_id for s in done} >= {"s0", "s1", "s2", "s3", "s4"}
 
 
+def test_a_cap_above_the_budget_reserves_within_the_budget():
+    """On a GPU the pacer's cap exceeds the step's budget: the budget is the allowance."""
+    cfg = SchedulerConfig(max_num_batched_tokens=256, block_size=16, max_model_len=4096)
+    sched = Scheduler(cfg, num_blocks=1024)
+    runner = FakeRunner(sched)
+    for seq in (make_seq(0, range(2, 12), max_tokens=50), make_seq(1, [5] * 2000)):
+        sched.add(seq)
+    for _ in range(2):  # s0 prefilled and decoding, s1 mid-prefill
+        out = sched.schedule(10_000, short_first=True)
+        sched.update(out, runner.run(out))
+    sched.add(make_seq(2, [6] * 100))
+    out = sched.schedule(10_000, short_first=True)
+    rows = {s.seq.seq_id: (s.start, s.num_new_tokens) for s in out.scheduled}
+    assert rows["s0"][1] == 1 and rows["s2"] == (0, 100)
+    start, n = rows["s1"]  # at most 256 - 100, ending on the 64-token grid
+    assert n <= 156 and (start + n) % 64 == 0 and n > 156 - 64
+    assert out.num_batched_tokens <= 256
+
+
 def test_max_num_seqs_and_state_slots_cap_concurrency():
     cfg = SchedulerConfig(
         max_num_seqs=3, max_num_batched_tokens=1000, block_size=4, max_model_len=64

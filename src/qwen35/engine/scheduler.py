@@ -270,7 +270,7 @@ class Scheduler:
         decoding = decode_prefill_cap > 0 and any(
             s.num_tokens - s.num_computed_tokens == 1 for s in self.running
         )
-        allowance = decode_prefill_cap if decoding else budget
+        allowance = min(decode_prefill_cap, budget) if decoding else budget
         reserve = self._short_reserve(allowance) if short_first else 0
         self._prefill_left, self._prefill_taken = allowance - reserve, False
         if cfg.scheduling_policy == "priority":  # the most urgent first; the last is preempted
