@@ -16,7 +16,9 @@ from tiny import save_checkpoint
 
 def test_cap_follows_the_measured_rate():
     p = PrefillPacer(1000)
-    assert p.cap() == 0  # nothing measured: whole chunks
+    assert p.cap() == MIN_PREFILL_CAP  # nothing measured yet: the floor, whose step is timed
+    p.record(64, 0.5)  # too few prompt tokens to say anything: ignored
+    assert p.cap() == MIN_PREFILL_CAP
     p.record(2048, 2.0)  # 1,024 tokens a second
     assert p.cap() == 1024
     p.record(100, 10.0)  # too few prompt tokens to say anything: ignored
@@ -155,3 +157,19 @@ def test_a_short_request_starts_beside_a_long_prompt(ckpt):
         got[paced] = toks
         assert order == (["short", "long"] if paced else ["long", "short"])
     assert got[True] == got[False]
+
+
+def test_the_first_paced_step_is_the_floor_until_a_rate_is_measured(ckpt):
+    """At a server's start the streams' own short prompts time nothing (under 128 tokens): a
+    long prompt beside them starts with one floor-sized chunk, whose time sets the rate, rather
+    than a whole budget (seconds on a CPU)."""
+    from qwen35.engine.llm_engine import LLMEngine
+
+    rng = random.Random(9)
+    streams = [[rng.randrange(2, 256) for _ in range(12)]]
+    long_prompt = [rng.randrange(2, 256) for _ in range(700)]
+    engine = LLMEngine(str(ckpt), dtype="fp32", verbose=False, max_num_batched_tokens=2048,
+                       max_model_len=1024, enable_prefix_caching=False, max_decode_step_ms=1000)  # fmt: skip
+    _, chunks, _ = run(engine, None, long_prompt, streams)
+    assert engine.pacer.rate is not None
+    assert chunks[0] == (0, MIN_PREFILL_CAP) and sum(n for _, n in chunks) == 700

@@ -38,9 +38,13 @@ class PrefillPacer:
         self.short_first = bool(target_ms)
 
     def cap(self) -> int:
-        """The next step's decode_prefill_cap (Scheduler.schedule); 0: no cap."""
-        if not self.target_s or self.rate is None:
+        """The next step's decode_prefill_cap (Scheduler.schedule); 0: no cap. Before any step
+        has been timed, the floor: that first paced step (at a server's start, a long prompt
+        beside a stream whose own short prompt said nothing) is measured and sets the rate."""
+        if not self.target_s:
             return 0
+        if self.rate is None:
+            return MIN_PREFILL_CAP
         tokens = int(self.rate * self.target_s) // PREFILL_GRID * PREFILL_GRID
         return max(MIN_PREFILL_CAP, tokens)
 
