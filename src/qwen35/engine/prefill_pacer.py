@@ -33,9 +33,12 @@ class PrefillPacer:
         self.target_s = target_ms / 1000.0
         self.smoothing = smoothing
         self.rate: float | None = None  # prompt tokens a second; None until a step prefilled
-        # with pacing on, short prompts at the head of the queue also start beside a long
-        # prompt's chunk instead of after its last (Scheduler.schedule short_first)
-        self.short_first = bool(target_ms)
+
+    @property
+    def short_first(self) -> bool:
+        """With pacing on, short prompts at the head of the queue also start beside a long
+        prompt's chunk instead of after its last (Scheduler.schedule short_first)."""
+        return bool(self.target_s)
 
     def cap(self) -> int:
         """The next step's decode_prefill_cap (Scheduler.schedule); 0: no cap. Before any step

@@ -267,11 +267,11 @@ class Scheduler:
         self.state.begin_step()
         self._encoder_used = 0
         budget = cfg.max_num_batched_tokens
-        decoding = decode_prefill_cap > 0 and any(
-            s.num_tokens - s.num_computed_tokens == 1 for s in self.running
-        )
+        left = {s.num_tokens - s.num_computed_tokens for s in self.running}  # 1: decoding
+        decoding = decode_prefill_cap > 0 and 1 in left
         allowance = min(decode_prefill_cap, budget) if decoding else budget
-        reserve = self._short_reserve(allowance) if short_first else 0
+        prefilling = any(n > 1 for n in left)  # a running prompt mid-prefill
+        reserve = self._short_reserve(allowance) if short_first and prefilling else 0
         self._prefill_left, self._prefill_taken = allowance - reserve, False
         if cfg.scheduling_policy == "priority":  # the most urgent first; the last is preempted
             self.running.sort(key=self._order)
@@ -423,11 +423,7 @@ class Scheduler:
         """Prompt tokens held back from the running prompts' chunks this step for the prompts
         at the head of the queue (in order) that fit whole beside at least one PREFILL_GRID of
         theirs, within the free state slots and max_num_seqs: a short request then starts now,
-        not after a long prompt's last chunk. 0 when no running prompt is mid-prefill."""
-        if not self.waiting or not any(
-            s.num_tokens - s.num_computed_tokens > 1 for s in self.running
-        ):
-            return 0
+        not after a long prompt's last chunk (schedule() asks only while one is mid-prefill)."""
         room = allowance - PREFILL_GRID
         seats = min(self.state.num_free_slots, self.config.max_num_seqs - len(self.running))
         total = 0
