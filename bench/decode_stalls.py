@@ -3,7 +3,7 @@ prompt's time to first token, with prompt chunks paced (`max_decode_step_ms`, en
 prefill_pacer.py) and without (whole `max_num_batched_tokens` chunks).
 
     python bench/decode_stalls.py [--model Qwen3.5-0.8B] [--streams 4] [--prompt 4096]
-                                  [--step-ms 1000] [--rounds 3] [--threads 2]
+                                  [--step-ms 1000] [--rounds 3] [--threads 2] [--offline N]
 
 Each round, for each engine in turn (order reversed every other round; both share one set of
 random weights): --streams greedy requests of 64-token prompts start decoding, then a prompt of
@@ -68,6 +68,36 @@ def one_round(engine, streams: list[list[int]], prompt: list[int], short: list[i
             engine.abort_request(rid)
 
 
+def offline_batch(bm, step_ms: float, requests: int, rounds: int) -> None:
+    """The throughput workload's mixed requests (benchmarks/throughput.py: prompts 64-1024,
+    outputs 32-256, all added at once) through an unpaced and a paced engine in turn: what pacing
+    would cost an offline batch (why only `serve` turns it on)."""
+    import time
+
+    from qwen35.benchmarks.throughput import make_requests
+
+    reqs = make_requests(requests, (64, 1024), (32, 256), bm.config.vocab_size, 0)
+    longest = max(len(p) + o for p, o in reqs)
+    engines = {ms: make_engine(bm, max_num_seqs=32, max_model_len=longest, max_decode_step_ms=ms)
+               for ms in (0, step_ms)}  # fmt: skip
+    secs: dict[float, list[float]] = {ms: [] for ms in engines}
+    for r in range(rounds):
+        for ms in list(engines) if r % 2 == 0 else list(engines)[::-1]:
+            e = engines[ms]
+            for i, (p, o) in enumerate(reqs):
+                e.add_request(f"{r}-{i}", p, SamplingParams(max_tokens=o, temperature=0.0,
+                                                            ignore_eos=True))  # fmt: skip
+            t0 = time.perf_counter()
+            while e.has_unfinished_requests():
+                e.step()
+            secs[ms].append(time.perf_counter() - t0)
+    generated = sum(o for _, o in reqs)
+    for ms, v in secs.items():
+        print(f"{requests} requests at once, max_decode_step_ms {ms:g}: "
+              f"{generated / statistics.median(v):.1f} generated tok/s "
+              f"(rounds {', '.join(f'{x:.1f}' for x in v)} s)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="Qwen3.5-0.8B")
@@ -77,9 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--step-ms", type=float, default=1000.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--offline", type=int, default=0, metavar="N",
+                    help="instead: N mixed requests at once, unpaced vs paced (offline_batch)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     bm = load_bench_model(BenchOptions(model=a.model, dtype=a.dtype, threads=a.threads))
+    if a.offline:
+        return offline_batch(bm, a.step_ms, a.offline, a.rounds)
     common = dict(max_num_seqs=a.streams + 2, max_model_len=a.prompt + 2200,
                   enable_prefix_caching=False)  # fmt: skip
     engines = {

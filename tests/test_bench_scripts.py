@@ -270,6 +270,10 @@ def test_decode_stalls_bench_runs(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "whole chunks" in out and "paced (1000 ms)" in out
     assert "equal in every round and engine" in out
+    _load("decode_stalls").main(["--model", str(tmp_path / "m" / "config.json"), "--dtype",
+                                 "fp32", "--offline", "3", "--rounds", "1", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "max_decode_step_ms 0:" in out and "max_decode_step_ms 1000:" in out
 
 
 def test_gil_wait_bench_runs(capsys, tmp_path):
