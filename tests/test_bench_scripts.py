@@ -271,6 +271,11 @@ def test_decode_stalls_bench_runs(capsys, tmp_path):
     assert "whole chunks" in out and "paced (1000 ms)" in out
     assert "equal in every round and engine" in out
     _load("decode_stalls").main(["--model", str(tmp_path / "m" / "config.json"), "--dtype",
+                                 "fp32", "--streams", "1", "--prompt", "300", "--queued", "200",
+                                 "--rounds", "1", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "200-token one queued" in out and "queued TTFT s" in out
+    _load("decode_stalls").main(["--model", str(tmp_path / "m" / "config.json"), "--dtype",
                                  "fp32", "--offline", "3", "--rounds", "1", "--threads", "1"])  # fmt: skip
     out = capsys.readouterr().out
     assert "max_decode_step_ms 0:" in out and "max_decode_step_ms 1000:" in out

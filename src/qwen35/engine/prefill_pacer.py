@@ -8,7 +8,7 @@ in `--max-decode-step-ms`: streams keep getting tokens while a long prompt prefi
 alone (nothing decoding) still takes whole budgets. On a GPU the rate is high enough that the cap
 stays above the budget. With pacing on, a short request that arrives while a long prompt
 prefills also starts at once, its prompt taken whole beside that prompt's chunk, instead of
-waiting for the long prompt's last chunk (`Scheduler._short_reserve`). No torch here; the engine
+waiting for the long prompt's last chunk (`Scheduler._short_picks`). No torch here; the engine
 times its steps and feeds them in.
 """
 

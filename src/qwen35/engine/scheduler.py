@@ -3,7 +3,8 @@
 Each step every sequence's `num_computed_tokens` catches up with `num_tokens` under one token
 budget, so chunked prefill, decode and mixed batches are one code path. Running sequences go
 first (oldest first), then waiting ones are admitted FCFS while budget, `max_num_seqs`, a state
-slot and KV blocks last. A running sequence that cannot get a block preempts the most recently
+slot and KV blocks last (with `short_first`, short prompts that fit beside a running prompt's
+chunk first: `Scheduler._short_picks`). A running sequence that cannot get a block preempts the most recently
 admitted one (recompute: its caches are freed and it goes back to the front of `waiting`).
 Under `scheduling_policy="priority"` both orders are (params.priority, arrival) instead: running
 sequences are scheduled most urgent first, the least urgent is preempted, and waiting ones are
@@ -27,6 +28,9 @@ from qwen35.engine.state_cache import StatePool
 # Prompt chunks cut by a step's prefill cap end on multiples of this many positions: the CPU
 # DeltaNet kernel's chunk grid, where a cut prompt continues to the uncut prompt's bits.
 PREFILL_GRID = 64
+# How far down the waiting queue a step looks for short prompts to start beside a long one's
+# chunk (Scheduler._short_picks).
+SHORT_SCAN = 128
 
 
 def cdiv(a: int, b: int) -> int:
@@ -260,9 +264,10 @@ class Scheduler:
         """decode_prefill_cap: in a step where a running sequence decodes, at most this many
         prompt tokens (chunks cut there end on the PREFILL_GRID where they can), so streams in
         flight are not held up behind a long prompt (the engine's PrefillPacer sets it); 0: none.
-        short_first: the prompts at the head of the queue that fit whole beside a running
-        prompt's chunk (of at least one PREFILL_GRID) are admitted this step rather than after
-        that prompt's last chunk (`_short_reserve`)."""
+        short_first: the waiting prompts that fit whole beside a running prompt's chunk (of at
+        least one PREFILL_GRID) are admitted this step rather than after that prompt's last
+        chunk, also past waiting prompts that do not fit where those keep their seat and
+        memory (`_short_picks`)."""
         cfg, out = self.config, SchedulerOutput()
         self.state.begin_step()
         self._encoder_used = 0
@@ -271,7 +276,8 @@ class Scheduler:
         decoding = decode_prefill_cap > 0 and 1 in left
         allowance = min(decode_prefill_cap, budget) if decoding else budget
         prefilling = any(n > 1 for n in left)  # a running prompt mid-prefill
-        reserve = self._short_reserve(allowance) if short_first and prefilling else 0
+        picks = self._short_picks(allowance) if short_first and prefilling else []
+        reserve = sum(s.num_tokens for s in picks)
         self._prefill_left, self._prefill_taken = allowance - reserve, False
         if cfg.scheduling_policy == "priority":  # the most urgent first; the last is preempted
             self.running.sort(key=self._order)
@@ -297,36 +303,19 @@ class Scheduler:
             out.scheduled[-1].lookahead = la
             budget -= n + la
             i += 1
-        self._prefill_left += reserve  # the queue's short prompts, admitted below
+        self._prefill_left += reserve  # the queue's short prompts, admitted first
         # Admitting right after a preemption would only preempt again.
-        while (
-            not out.preempted
-            and self.waiting
-            and budget > 0
-            and len(self.running) < cfg.max_num_seqs
-            and self.state.num_free_slots
-        ):
-            seq = self.waiting[0]
-            hit_blocks, ckpt = self._lookup(seq)
-            hit = len(hit_blocks) * cfg.block_size
-            n = self._chunk(seq, hit, budget)
-            if n == 0:
+        for seq in picks if not out.preempted else ():
+            if not (budget > 0 and self._has_seat()):
                 break
-            need = cdiv(hit + n, cfg.block_size) - len(hit_blocks)
-            if need > self.kv.num_free_blocks - self.kv.num_evictable_among(hit_blocks):
+            n = self._admit(seq, budget, out)
+            if not n:
+                break
+            budget -= n
+        while not out.preempted and self.waiting and budget > 0 and self._has_seat():
+            n = self._admit(self.waiting[0], budget, out)
+            if not n:
                 break  # FCFS: later requests wait behind the head
-            self.waiting.popleft()
-            self._count_query(seq, hit)
-            self.kv.acquire(hit_blocks)
-            seq.block_ids = hit_blocks + self.kv.allocate(need)
-            seq.num_computed_tokens = hit
-            if seq.num_preemptions == 0:
-                seq.num_cached_tokens = hit
-            seq.state_slot = self.state.allocate_slot()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            restore = self.state.restore(ckpt) if ckpt is not None else None
-            out.scheduled.append(self._plan(seq, n, restore))
             budget -= n
         out.num_batched_tokens = cfg.max_num_batched_tokens - budget
         return out
@@ -419,19 +408,66 @@ class Scheduler:
             self._prefill_taken |= n > 0
         return n
 
-    def _short_reserve(self, allowance: int) -> int:
-        """Prompt tokens held back from the running prompts' chunks this step for the prompts
-        at the head of the queue (in order) that fit whole beside at least one PREFILL_GRID of
-        theirs, within the free state slots and max_num_seqs: a short request then starts now,
-        not after a long prompt's last chunk (schedule() asks only while one is mid-prefill)."""
+    def _has_seat(self) -> bool:
+        return len(self.running) < self.config.max_num_seqs and self.state.num_free_slots > 0
+
+    def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput) -> int:
+        """Start waiting `seq` with a chunk of at most `budget` tokens after its cached prefix
+        -> the chunk's tokens; 0 (nothing changed) where no token fits the step or its KV
+        blocks are not free."""
+        cfg, left, taken = self.config, self._prefill_left, self._prefill_taken
+        hit_blocks, ckpt = self._lookup(seq)
+        hit = len(hit_blocks) * cfg.block_size
+        n = self._chunk(seq, hit, budget)
+        need = cdiv(hit + n, cfg.block_size) - len(hit_blocks)
+        if n == 0 or need > self.kv.num_free_blocks - self.kv.num_evictable_among(hit_blocks):
+            self._prefill_left, self._prefill_taken = left, taken
+            return 0
+        self.waiting.remove(seq)
+        self._count_query(seq, hit)
+        self.kv.acquire(hit_blocks)
+        seq.block_ids = hit_blocks + self.kv.allocate(need)
+        seq.num_computed_tokens = hit
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = hit
+        seq.state_slot = self.state.allocate_slot()
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        restore = self.state.restore(ckpt) if ckpt is not None else None
+        out.scheduled.append(self._plan(seq, n, restore))
+        return n
+
+    def _short_picks(self, allowance: int) -> list[Sequence]:
+        """The waiting prompts (in queue order) to start this step beside the running prompts'
+        chunk, which keeps at least one PREFILL_GRID: those that fit whole in the rest of the
+        allowance, within the free state slots and max_num_seqs (schedule() asks only while a
+        prompt is mid-prefill). A short request then starts now, not after a long prompt's last
+        chunk, also behind waiting prompts that do not fit: it may pass them (the first of
+        them could not start before the running prompts' last chunk anyway) where it leaves
+        that one a seat and the KV blocks of its whole prompt after the running prompts' own,
+        so a passed prompt never waits for a seat or memory that a later short one took."""
         room = allowance - PREFILL_GRID
         seats = min(self.state.num_free_slots, self.config.max_num_seqs - len(self.running))
-        total = 0
-        for seq in itertools.islice(self.waiting, max(0, seats)):
-            if total + seq.num_tokens > room:
+        bs, picks, total, passed = self.config.block_size, [], 0, False
+        blocks = 0  # once a prompt is passed: the free KV blocks nobody ahead needs
+        for seq in itertools.islice(self.waiting, SHORT_SCAN):
+            if len(picks) + passed >= seats or total >= room:
                 break
+            need = cdiv(seq.num_tokens, bs)
+            if total + seq.num_tokens > room:
+                if not passed:  # the first that does not fit: keep what it will need
+                    passed = True
+                    blocks = self.kv.num_free_blocks - need - sum(
+                        max(0, cdiv(s.num_tokens, bs) - len(s.block_ids)) for s in self.running
+                    ) - sum(cdiv(s.num_tokens, bs) for s in picks)  # fmt: skip
+                continue
+            if passed:
+                if need > blocks:
+                    continue
+                blocks -= need
+            picks.append(seq)
             total += seq.num_tokens
-        return total
+        return picks
 
     def _encoder_fit(self, seq: Sequence, start: int, n: int) -> tuple[int, int]:
         """Cut n before the first image / video whose encoding would pass the step's encoder
