@@ -4,8 +4,9 @@ Each step every sequence's `num_computed_tokens` catches up with `num_tokens` un
 budget, so chunked prefill, decode and mixed batches are one code path. Running sequences go
 first (oldest first), then waiting ones are admitted FCFS while budget, `max_num_seqs`, a state
 slot and KV blocks last (with `short_first`, short prompts that fit beside a running prompt's
-chunk first: `Scheduler._short_picks`). A running sequence that cannot get a block preempts the most recently
-admitted one (recompute: its caches are freed and it goes back to the front of `waiting`).
+chunk first: `Scheduler._short_picks`). A running sequence that cannot get a block preempts the
+most recently admitted one (recompute: its caches are freed and it goes back to the front of
+`waiting`).
 Under `scheduling_policy="priority"` both orders are (params.priority, arrival) instead: running
 sequences are scheduled most urgent first, the least urgent is preempted, and waiting ones are
 admitted in that order (a running sequence is never preempted to admit a waiting one).
