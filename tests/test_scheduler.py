@@ -298,9 +298,10 @@ def test_short_prompts_start_beside_a_long_prompts_chunk(cap):
     assert {s.seq_id for s in done} >= {"s0", "s1", "s2", "s3", "s4"}
 
 
-def _long_prefilling(num_slots, num_blocks, cap=576):
+def _long_prefilling(num_slots, num_blocks, cap=576, policy="fcfs"):
     """A stream decoding and a 5,000-token prompt mid-prefill (capped at `cap` a step)."""
-    cfg = SchedulerConfig(max_num_batched_tokens=2048, block_size=16, max_model_len=6144)
+    cfg = SchedulerConfig(max_num_batched_tokens=2048, block_size=16, max_model_len=6144,
+                          scheduling_policy=policy)  # fmt: skip
     sched = Scheduler(cfg, num_blocks=num_blocks, num_slots=num_slots)
     runner = FakeRunner(sched)
     for seq in (make_seq(9, range(2, 12), max_tokens=400), make_seq(0, [5] * 5000, max_tokens=2)):
@@ -350,6 +351,17 @@ def test_a_short_prompt_does_not_take_a_passed_prompts_seat():
     assert sched._short_picks(576) == []
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_a_short_prompt_passes_only_as_urgent_prompts_under_priority(policy):
+    _, sched, _ = _long_prefilling(num_slots=6, num_blocks=2048, policy=policy)
+    sched.add(make_seq(1, [6] * 3000, priority=0))
+    sched.add(make_seq(2, [7] * 100, priority=1))  # less urgent than the prompt it would pass
+    sched.add(make_seq(3, [8] * 50, priority=0))
+    picks = [s.seq_id for s in sched._short_picks(576)]
+    # priority: the queue is (priority, arrival): s3 passes s1, s2 (less urgent) does not
+    assert picks == (["s2", "s3"] if policy == "fcfs" else ["s3"])
+
+
 def test_a_short_prompt_does_not_take_a_passed_prompts_memory():
     # 509 blocks of 16 tokens: the running prompt's 5,000 (313), the stream's (1) and the
     # passed one's 3,000 (188) leave 7 blocks: a 100-token prompt (7 blocks) may pass, a
@@ -368,16 +380,19 @@ def run_mixed_workload(seed: int) -> int:
     prompts first: every request completes with the reference tokens. -> the steps in which a
     short prompt passed a waiting one."""
     rng = random.Random(seed)
+    policy = "priority" if seed % 3 == 2 else "fcfs"  # a third under the priority policy
     cfg = SchedulerConfig(max_num_seqs=rng.randint(2, 6), max_num_batched_tokens=64,
                           max_model_len=400, block_size=8, eos_token_ids=(0,),
-                          enable_prefix_caching=rng.random() < 0.5)  # fmt: skip
+                          enable_prefix_caching=rng.random() < 0.5,
+                          scheduling_policy=policy)  # fmt: skip
     sched = Scheduler(cfg, num_blocks=50 + rng.randint(0, 100), num_slots=rng.randint(2, 6),
                       num_checkpoint_slots=4)  # fmt: skip
     arrivals = []
     for i in range(24):
         n = rng.randint(150, 390) if rng.random() < 0.3 else rng.randint(1, 20)
         prompt = [rng.randrange(1, VOCAB) for _ in range(n)]
-        arrivals.append((rng.randint(0, 60), make_seq(i, prompt, max_tokens=rng.randint(1, 9))))
+        arrivals.append((rng.randint(0, 60), make_seq(i, prompt, max_tokens=rng.randint(1, 9),
+                                                      priority=rng.choice([0, 0, 1]))))  # fmt: skip
     passing, real = [], sched._short_picks
 
     def watch(allowance):

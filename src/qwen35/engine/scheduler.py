@@ -446,23 +446,28 @@ class Scheduler:
         chunk, also behind waiting prompts that do not fit: it may pass them (the first of
         them could not start before the running prompts' last chunk anyway) where it leaves
         that one a seat and the KV blocks of its whole prompt after the running prompts' own,
-        so a passed prompt never waits for a seat or memory that a later short one took."""
+        so a passed prompt never waits for a seat or memory that a later short one took. Under
+        the priority policy only prompts as urgent as the passed one pass it."""
         room = allowance - PREFILL_GRID
         seats = min(self.state.num_free_slots, self.config.max_num_seqs - len(self.running))
+        by_priority = self.config.scheduling_policy == "priority"
+        rank = (lambda s: s.params.priority) if by_priority else (lambda s: 0)
         bs, picks, total, passed = self.config.block_size, [], 0, False
-        blocks = 0  # once a prompt is passed: the free KV blocks nobody ahead needs
+        blocks = urgency = 0  # once a prompt is passed: the free KV blocks nobody ahead needs
         for seq in itertools.islice(self.waiting, SHORT_SCAN):
             if len(picks) + passed >= seats or total >= room:
                 break
             need = cdiv(seq.num_tokens, bs)
             if total + seq.num_tokens > room:
                 if not passed:  # the first that does not fit: keep what it will need
-                    passed = True
+                    passed, urgency = True, rank(seq)
                     blocks = self.kv.num_free_blocks - need - sum(
                         max(0, cdiv(s.num_tokens, bs) - len(s.block_ids)) for s in self.running
                     ) - sum(cdiv(s.num_tokens, bs) for s in picks)  # fmt: skip
                 continue
             if passed:
+                if rank(seq) > urgency:
+                    break  # priority policy: never pass a more urgent prompt
                 if need > blocks:
                     continue
                 blocks -= need
