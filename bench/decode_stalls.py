@@ -4,15 +4,15 @@ prefill_pacer.py) and without (whole `max_num_batched_tokens` chunks).
 
     python bench/decode_stalls.py [--model Qwen3.5-0.8B] [--streams 4] [--prompt 4096]
                                   [--step-ms 1000] [--rounds 3] [--threads 2] [--queued N]
-                                  [--offline N]
+                                  [--short 32] [--offline N]
 
 Each round, for each engine in turn (order reversed every other round; both share one set of
 random weights): --streams greedy requests of 64-token prompts start decoding, then a prompt of
---prompt tokens arrives, and after its first step a 32-token request; steps run until both have
-their first token. Reported, medians over rounds: the prompt's time to first token (from its
-arrival), the longest and the mean wait of the streams between tokens until then, the streams'
-tokens in it, and the short request's time to first token (paced, it starts beside the long
-prompt's chunk: Scheduler short_first). --queued N: a second prompt of N tokens arrives with the
+--prompt tokens arrives, and after its first step a request of --short tokens; steps run until
+both have their first token. Reported, medians over rounds: the prompt's time to first token
+(from its arrival), the longest and the mean wait of the streams between tokens until then, the
+streams' tokens in it, and the short request's time to first token (paced, it starts beside the
+long prompt's chunk, in shares where it does not fit whole: Scheduler short_first). --queued N: a second prompt of N tokens arrives with the
 first, ahead of the short request (which, paced, passes it: Scheduler._short_picks); its time to
 first token is reported too, and the round runs until it has one. The prompt's first token is
 checked equal in both engines (the cut on 64-token boundaries keeps a prompt's result).
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--step-ms", type=float, default=1000.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--short", type=int, default=32, help="the short request's prompt tokens")
     ap.add_argument("--queued", type=int, default=0, metavar="N",
                     help="a second prompt of N tokens arrives with the first, ahead of the short one")
     ap.add_argument("--offline", type=int, default=0, metavar="N",
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     g, vocab = torch.Generator().manual_seed(3), bm.config.vocab_size
     streams = [torch.randint(2, vocab, (64,), generator=g).tolist() for _ in range(a.streams)]
     prompt = torch.randint(2, vocab, (a.prompt,), generator=g).tolist()
-    short = torch.randint(2, vocab, (32,), generator=g).tolist()
+    short = torch.randint(2, vocab, (a.short,), generator=g).tolist()
     queued = torch.randint(2, vocab, (a.queued,), generator=g).tolist() if a.queued else None
     for name, e in engines.items():  # warm-up: kernels, and the pacer's first prefill rate
         one_round(e, streams[:1], prompt[:256], short, f"warm-{name}")
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
                 for k, v in rows[n][-1].items()), flush=True)  # fmt: skip
     also = f" with a {a.queued}-token one queued behind it" if a.queued else ""
     print(f"\n{a.model} ({bm.label}), {a.streams} streams decoding, a {a.prompt}-token prompt "
-          f"arrives{also}; medians of {a.rounds} rounds, {a.threads} threads")  # fmt: skip
+          f"arrives{also}, then a {a.short}-token one; medians of {a.rounds} rounds, "
+          f"{a.threads} threads")  # fmt: skip
     print(f"{'engine':<18} {'TTFT s':>8} {'longest wait s':>15} {'mean wait s':>12} "
           f"{'stream tokens':>14} {'short TTFT s':>13}"
           + (f" {'queued TTFT s':>14}" if a.queued else ""))  # fmt: skip

@@ -341,6 +341,33 @@ def test_a_short_prompt_passes_a_waiting_long_one(cap):
     assert starts[False] <= starts[True] <= starts[False] + 1, starts
 
 
+def test_a_short_prompt_too_long_for_the_room_goes_on_in_shares():
+    """At the 128-token floor (a larger model on a CPU) the room beside a long prompt's grid
+    step is 64 tokens: a 200-token chat turn starts there and goes on ahead of the long prompt
+    in the next steps, the long one keeping 64 a step; a later 20-token turn goes first."""
+    cfg, sched, runner = _long_prefilling(num_slots=6, num_blocks=2048, cap=128)
+    long = sched.running[1]
+    chat = make_seq(1, [6] * 200, max_tokens=2)
+    sched.add(chat)
+    rows = []
+    for step in range(5):
+        if step == 2:
+            sched.add(make_seq(2, [7] * 20, max_tokens=2))
+        before = long.num_computed_tokens
+        out = sched.schedule(128, short_first=True)
+        got = {s.seq.seq_id: s.num_new_tokens for s in out.scheduled if not s.is_decode}
+        sched.update(out, runner.run(out))
+        assert long.num_computed_tokens - before == 64 and out.num_prefill_tokens <= 128
+        rows.append((got.get("s1", 0), got.get("s2", 0)))
+    # the chat turn 64 a step; the later 20-token turn whole, before the chat turn's share
+    # (the 44 tokens left of the room are not a grid step: none for the chat turn there)
+    assert rows == [(64, 0), (64, 0), (0, 20), (64, 0), (8, 0)]
+    assert chat.num_output_tokens == 1
+    done, _, _ = run_steps(sched, runner, cap=128, short_first=True)
+    for seq in done:
+        assert seq.output_token_ids == reference_output(seq.prompt_token_ids, seq.params, cfg)
+
+
 def test_a_short_prompt_does_not_take_a_passed_prompts_seat():
     _, sched, _ = _long_prefilling(num_slots=3, num_blocks=2048)
     sched.add(make_seq(1, [6] * 3000))
@@ -348,7 +375,7 @@ def test_a_short_prompt_does_not_take_a_passed_prompts_seat():
     out = sched.schedule(576, short_first=True)
     assert {s.seq.seq_id for s in out.scheduled} == {"s9", "s0"}
     sched.add(make_seq(3, [8] * 50))
-    assert sched._short_picks(576) == []
+    assert sched._short_picks(576 - 64) == []
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "priority"])
@@ -357,7 +384,7 @@ def test_a_short_prompt_passes_only_as_urgent_prompts_under_priority(policy):
     sched.add(make_seq(1, [6] * 3000, priority=0))
     sched.add(make_seq(2, [7] * 100, priority=1))  # less urgent than the prompt it would pass
     sched.add(make_seq(3, [8] * 50, priority=0))
-    picks = [s.seq_id for s in sched._short_picks(576)]
+    picks = [s.seq_id for s in sched._short_picks(576 - 64)]
     # priority: the queue is (priority, arrival): s3 passes s1, s2 (less urgent) does not
     assert picks == (["s2", "s3"] if policy == "fcfs" else ["s3"])
 
@@ -372,7 +399,7 @@ def test_a_short_prompt_does_not_take_a_passed_prompts_memory():
         sched.add(make_seq(2, [7] * n))
         running = sum(-(-s.num_tokens // 16) - len(s.block_ids) for s in sched.running)
         assert sched.kv.num_free_blocks - running - 188 == 7
-        assert [s.seq_id for s in sched._short_picks(576)] == (["s2"] if fits else [])
+        assert [s.seq_id for s in sched._short_picks(576 - 64)] == (["s2"] if fits else [])
 
 
 def run_mixed_workload(seed: int) -> int:
@@ -395,14 +422,15 @@ def run_mixed_workload(seed: int) -> int:
                                                       priority=rng.choice([0, 0, 1]))))  # fmt: skip
     passing, real = [], sched._short_picks
 
-    def watch(allowance):
-        picks = real(allowance)
+    def watch(room):
+        picks = real(room)
         passing.append(any(s is not w for s, w in zip(picks, sched.waiting, strict=False)))
         return picks
 
     sched._short_picks = watch
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:  # the workload's scale: chat turns, documents
         mp.setattr(scheduler_mod, "PREFILL_GRID", 8)
+        mp.setattr(scheduler_mod, "SHORT_PROMPT_TOKENS", 100)
         done, _, _ = run_steps(sched, FakeRunner(sched), arrivals, cap=32, short_first=True)
     assert {s.seq_id for s in done} == {s.seq_id for _, s in arrivals}
     for s in done:
@@ -636,13 +664,14 @@ def test_randomized_workloads(seed, prefix_caching, monkeypatch):
 def test_short_first_reserves_in_random_workloads(monkeypatch):
     """The random workloads above do start short prompts beside long ones (at their small
     grids)."""
-    real, reserved = scheduler_mod.Scheduler._short_picks, []
+    real, reserved = scheduler_mod.Scheduler._short_grants, []
 
-    def counting(self, allowance):
-        reserved.append(sum(s.num_tokens for s in real(self, allowance)))
-        return real(self, allowance)
+    def counting(self, allowance, grants):
+        picks = real(self, allowance, grants)
+        reserved.append(sum(grants[s.seq_id] for s in picks))
+        return picks
 
-    monkeypatch.setattr(scheduler_mod.Scheduler, "_short_picks", counting)
+    monkeypatch.setattr(scheduler_mod.Scheduler, "_short_grants", counting)
     monkeypatch.setattr(scheduler_mod, "PREFILL_GRID", 4)
     for seed in range(12):
         rng, _, sched, arrivals = random_workload(seed, True)

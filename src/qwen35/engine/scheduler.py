@@ -32,6 +32,10 @@ PREFILL_GRID = 64
 # How far down the waiting queue a step looks for short prompts to start beside a long one's
 # chunk (Scheduler._short_picks).
 SHORT_SCAN = 128
+# A prompt of up to this many tokens that does not fit whole beside a long prompt's chunk still
+# starts beside it, chunk by chunk, ahead of the long one (Scheduler._short_picks): a chat turn
+# with its system prompt, where a step allows few prompt tokens (a larger model on a CPU).
+SHORT_PROMPT_TOKENS = 1024
 
 
 def cdiv(a: int, b: int) -> int:
@@ -191,6 +195,7 @@ class Scheduler:
         self._encoder_used = 0  # vision-encoder tokens scheduled in the current step
         self._prefill_left = 0  # prompt tokens the current step may still take (schedule())
         self._prefill_taken = False  # whether a prompt chunk is in the current step yet
+        self._short_ids: set[str] = set()  # short prompts started beside a long one, mid-prefill
 
     # ---- requests ----
 
@@ -277,15 +282,15 @@ class Scheduler:
         decoding = decode_prefill_cap > 0 and 1 in left
         allowance = min(decode_prefill_cap, budget) if decoding else budget
         prefilling = any(n > 1 for n in left)  # a running prompt mid-prefill
-        picks = self._short_picks(allowance) if short_first and prefilling else []
-        reserve = sum(s.num_tokens for s in picks)
-        self._prefill_left, self._prefill_taken = allowance - reserve, False
+        grants: dict[str, int] = {}  # short prompts' tokens of the allowance, ahead of the rest
+        picks = self._short_grants(allowance, grants) if short_first and prefilling else []
+        self._prefill_left, self._prefill_taken = allowance - sum(grants.values()), False
         if cfg.scheduling_policy == "priority":  # the most urgent first; the last is preempted
             self.running.sort(key=self._order)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = self._chunk(seq, seq.num_computed_tokens, budget)
+            n = self._chunk(seq, seq.num_computed_tokens, budget, grants.get(seq.seq_id))
             if n == 0:  # waits for the next step's encoder budget
                 i += 1
                 continue
@@ -304,14 +309,14 @@ class Scheduler:
             out.scheduled[-1].lookahead = la
             budget -= n + la
             i += 1
-        self._prefill_left += reserve  # the queue's short prompts, admitted first
         # Admitting right after a preemption would only preempt again.
-        for seq in picks if not out.preempted else ():
+        for seq in picks if not out.preempted else ():  # the queue's short prompts first
             if not (budget > 0 and self._has_seat()):
                 break
-            n = self._admit(seq, budget, out)
+            n = self._admit(seq, budget, out, grants[seq.seq_id])
             if not n:
                 break
+            self._short_ids.add(seq.seq_id)
             budget -= n
         while not out.preempted and self.waiting and budget > 0 and self._has_seat():
             n = self._admit(self.waiting[0], budget, out)
@@ -394,7 +399,15 @@ class Scheduler:
             la = min(la, seq.params.max_tokens - seq.num_output_tokens - 1)
         return max(0, la)
 
-    def _chunk(self, seq: Sequence, start: int, budget: int) -> int:
+    def _chunk(self, seq: Sequence, start: int, budget: int, grant: int | None = None) -> int:
+        """Tokens of seq from `start` this step: within the budget, max_chunk_tokens, the step's
+        prefill allowance for prompt chunks (`_prefill_left`; `grant`: this many of its own
+        instead, a short prompt's share: _short_grants) and the encoder budget."""
+        if grant is not None:
+            shared, self._prefill_left = self._prefill_left, grant
+            n = self._chunk(seq, start, budget)
+            self._prefill_left = shared
+            return n
         left = seq.num_tokens - start
         n = min(left, budget)
         n = min(n, self.config.max_chunk_tokens) if self.config.max_chunk_tokens else n
@@ -412,14 +425,15 @@ class Scheduler:
     def _has_seat(self) -> bool:
         return len(self.running) < self.config.max_num_seqs and self.state.num_free_slots > 0
 
-    def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput) -> int:
+    def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput,
+               grant: int | None = None) -> int:  # fmt: skip
         """Start waiting `seq` with a chunk of at most `budget` tokens after its cached prefix
-        -> the chunk's tokens; 0 (nothing changed) where no token fits the step or its KV
-        blocks are not free."""
+        (and of its `grant`, if given: see _chunk) -> the chunk's tokens; 0 (nothing changed)
+        where no token fits the step or its KV blocks are not free."""
         cfg, left, taken = self.config, self._prefill_left, self._prefill_taken
         hit_blocks, ckpt = self._lookup(seq)
         hit = len(hit_blocks) * cfg.block_size
-        n = self._chunk(seq, hit, budget)
+        n = self._chunk(seq, hit, budget, grant)
         need = cdiv(hit + n, cfg.block_size) - len(hit_blocks)
         if n == 0 or need > self.kv.num_free_blocks - self.kv.num_evictable_among(hit_blocks):
             self._prefill_left, self._prefill_taken = left, taken
@@ -438,28 +452,51 @@ class Scheduler:
         out.scheduled.append(self._plan(seq, n, restore))
         return n
 
-    def _short_picks(self, allowance: int) -> list[Sequence]:
-        """The waiting prompts (in queue order) to start this step beside the running prompts'
-        chunk, which keeps at least one PREFILL_GRID: those that fit whole in the rest of the
-        allowance, within the free state slots and max_num_seqs (schedule() asks only while a
-        prompt is mid-prefill). A short request then starts now, not after a long prompt's last
-        chunk, also behind waiting prompts that do not fit: it may pass them (the first of
-        them could not start before the running prompts' last chunk anyway) where it leaves
-        that one a seat and the KV blocks of its whole prompt after the running prompts' own,
-        so a passed prompt never waits for a seat or memory that a later short one took. Under
-        the priority policy only prompts as urgent as the passed one pass it."""
+    def _short_grants(self, allowance: int, grants: dict[str, int]) -> list[Sequence]:
+        """Short prompts first (schedule() asks only while a prompt is mid-prefill): of the
+        allowance, all but one PREFILL_GRID (what a long prompt keeps) goes to short prompts,
+        the fewest tokens first: those started in earlier steps and still mid-prefill, and
+        waiting ones (`_short_picks`); the last may get a share on the grid and go on in the
+        next steps. Fills `grants` (seq_id -> prompt tokens); -> the waiting ones to admit."""
         room = allowance - PREFILL_GRID
+        mid = {s.seq_id for s in self.running if s.num_tokens - s.num_computed_tokens > 1}
+        self._short_ids &= mid
+        wants = [(s.num_tokens - s.num_computed_tokens, 0, i, s)
+                 for i, s in enumerate(self.running) if s.seq_id in self._short_ids]  # fmt: skip
+        wants += [(s.num_tokens, 1, i, s) for i, s in enumerate(self._short_picks(room))]
+        wants.sort(key=lambda w: w[:3])  # fewest tokens; a started prompt before a new one
+        picks = []
+        for left, waiting, _, seq in wants:
+            g = left if left <= room else room // PREFILL_GRID * PREFILL_GRID
+            if g <= 0:
+                break
+            grants[seq.seq_id] = g
+            room -= g
+            if waiting:
+                picks.append(seq)
+        return picks
+
+    def _short_picks(self, room: int) -> list[Sequence]:
+        """The waiting prompts (in queue order) that may start this step beside the running
+        prompts' chunks: the short ones (whole in `room` prompt tokens, or of up to
+        SHORT_PROMPT_TOKENS), within the free state slots and max_num_seqs. A short request then
+        starts now, not after a long prompt's last chunk, also behind waiting prompts that are
+        not short: it may pass them (the first of them could not start before the running
+        prompts' last chunk anyway) where it leaves that one a seat and the KV blocks of its
+        whole prompt after the running prompts' own, so a passed prompt never waits for a seat
+        or memory that a later short one took. Under the priority policy only prompts as
+        urgent as the passed one pass it."""
         seats = min(self.state.num_free_slots, self.config.max_num_seqs - len(self.running))
         by_priority = self.config.scheduling_policy == "priority"
         rank = (lambda s: s.params.priority) if by_priority else (lambda s: 0)
-        bs, picks, total, passed = self.config.block_size, [], 0, False
+        bs, picks, passed = self.config.block_size, [], False
         blocks = urgency = 0  # once a prompt is passed: the free KV blocks nobody ahead needs
         for seq in itertools.islice(self.waiting, SHORT_SCAN):
-            if len(picks) + passed >= seats or total >= room:
+            if len(picks) + passed >= seats or room <= 0:
                 break
             need = cdiv(seq.num_tokens, bs)
-            if total + seq.num_tokens > room:
-                if not passed:  # the first that does not fit: keep what it will need
+            if seq.num_tokens > max(room, SHORT_PROMPT_TOKENS):
+                if not passed:  # the first that is not short: keep what it will need
                     passed, urgency = True, rank(seq)
                     blocks = self.kv.num_free_blocks - need - sum(
                         max(0, cdiv(s.num_tokens, bs) - len(s.block_ids)) for s in self.running
@@ -472,7 +509,6 @@ class Scheduler:
                     continue
                 blocks -= need
             picks.append(seq)
-            total += seq.num_tokens
         return picks
 
     def _encoder_fit(self, seq: Sequence, start: int, n: int) -> tuple[int, int]:
