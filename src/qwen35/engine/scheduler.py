@@ -3,8 +3,8 @@
 Each step every sequence's `num_computed_tokens` catches up with `num_tokens` under one token
 budget, so chunked prefill, decode and mixed batches are one code path. Running sequences go
 first (oldest first), then waiting ones are admitted FCFS while budget, `max_num_seqs`, a state
-slot and KV blocks last (with `short_first`, short prompts that fit beside a running prompt's
-chunk first: `Scheduler._short_picks`). A running sequence that cannot get a block preempts the
+slot and KV blocks last (with `short_first`, short prompts go ahead of a running prompt's
+chunk: `Scheduler._short_grants`). A running sequence that cannot get a block preempts the
 most recently admitted one (recompute: its caches are freed and it goes back to the front of
 `waiting`).
 Under `scheduling_policy="priority"` both orders are (params.priority, arrival) instead: running
@@ -270,10 +270,10 @@ class Scheduler:
         """decode_prefill_cap: in a step where a running sequence decodes, at most this many
         prompt tokens (chunks cut there end on the PREFILL_GRID where they can), so streams in
         flight are not held up behind a long prompt (the engine's PrefillPacer sets it); 0: none.
-        short_first: the waiting prompts that fit whole beside a running prompt's chunk (of at
-        least one PREFILL_GRID) are admitted this step rather than after that prompt's last
-        chunk, also past waiting prompts that do not fit where those keep their seat and
-        memory (`_short_picks`)."""
+        short_first: short prompts (running or waiting) take the allowance ahead of a running
+        prompt's chunk, which keeps one PREFILL_GRID, rather than waiting for its last chunk,
+        also past waiting prompts that are not short where those keep their seat and memory
+        (`_short_grants`)."""
         cfg, out = self.config, SchedulerOutput()
         self.state.begin_step()
         self._encoder_used = 0
