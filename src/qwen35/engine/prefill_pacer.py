@@ -36,8 +36,8 @@ class PrefillPacer:
 
     @property
     def short_first(self) -> bool:
-        """With pacing on, short prompts at the head of the queue also start beside a long
-        prompt's chunk instead of after its last (Scheduler.schedule short_first)."""
+        """With pacing on, short prompts also go ahead of a long prompt's chunk instead of
+        after its last (Scheduler.schedule short_first)."""
         return bool(self.target_s)
 
     def cap(self) -> int:
