@@ -8,8 +8,8 @@ in `--max-decode-step-ms`: streams keep getting tokens while a long prompt prefi
 alone (nothing decoding) still takes whole budgets. On a GPU the rate is high enough that the cap
 stays above the budget. With pacing on, a short request that arrives while a long prompt
 prefills also starts at once, its prompt taken beside that prompt's chunk (whole, or in shares
-ahead of it), instead of waiting for the long prompt's last chunk (`Scheduler._short_grants`). No torch here; the engine
-times its steps and feeds them in.
+ahead of it), instead of waiting for the long prompt's last chunk (`Scheduler._short_grants`).
+No torch here; the engine times its steps and feeds them in.
 """
 
 from __future__ import annotations
