@@ -489,3 +489,67 @@ def test_media_parts_and_check_text_only():
         check_text_only(msgs)
     assert e.value.param == "messages[1].content[1]"
     check_text_only([{"role": "user", "content": [{"type": "text", "text": "only text"}]}, *PLAIN])
+
+
+# ---- continue_final_message (vLLM's and transformers' flag) ----------------------------------
+PREFILL = PLAIN + [{"role": "assistant", "content": "Sure, here is "}]
+CONTINUE = [
+    ("assistant-prefill", PREFILL),
+    ("assistant-parts", PLAIN + [{"role": "assistant", "content": [
+        {"type": "text", "text": "A "}, {"type": "text", "text": "B\n"}]}]),
+    ("user-continued", [{"role": "user", "content": "Tell me about"}]),
+    ("after-tool-results", weather_messages() + [{"role": "assistant", "content": "Paris is"}]),
+    ("with-reasoning-and-calls", PLAIN + [{"role": "assistant", "content": "Calling.",
+                                           "reasoning_content": "r", "tool_calls": [_call("Rome")]}]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CONTINUE, ids=[c[0] for c in CONTINUE])
+def test_continue_final_message_equals_transformers(case):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    _, msgs = case
+    theirs, _ = render_jinja_template(
+        [normalize_messages(msgs)], chat_template=TEMPLATE, add_generation_prompt=False,
+        continue_final_message=True,
+    )  # fmt: skip
+    for tpl in (ChatTemplate(TEMPLATE), _builtin(), _builtin(default_thinking=False)):
+        for think in (None, False):
+            out = tpl.render(msgs, add_generation_prompt=False, continue_final_message=True,
+                             enable_thinking=think)  # fmt: skip
+            assert out == theirs[0]
+    assert msgs[-1]["content"] == case[1][-1]["content"]  # the caller's messages untouched
+
+
+def test_continue_final_message_text():
+    want = PLAIN_TEXT + "<|im_start|>assistant\n<think>\n\n</think>\n\nSure, here is"
+    assert _builtin().render(PREFILL, add_generation_prompt=False,
+                             continue_final_message=True) == want  # fmt: skip
+    assert not prompt_thinking_enabled(want)
+    # a template that keeps the message's trailing space keeps it in the cut too (transformers)
+    raw = ChatTemplate("{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    assert raw.render(PREFILL, add_generation_prompt=False,
+                      continue_final_message=True) == "[You are a helpful assistant.][Hi!][Sure, here is "  # fmt: skip
+    # no content: the model continues where the text would start (after the think block)
+    for content in (None, "", " \n"):
+        empty = PLAIN + [{"role": "assistant", "content": content, "reasoning_content": "plan"}]
+        for tpl in (_builtin(), ChatTemplate(TEMPLATE)):
+            out = tpl.render(empty, add_generation_prompt=False, continue_final_message=True)
+            assert out == PLAIN_TEXT + "<|im_start|>assistant\n<think>\nplan\n</think>\n\n"
+
+
+@pytest.mark.parametrize("tpl", [None, TEMPLATE], ids=["builtin", "jinja"])
+def test_continue_final_message_errors(tpl):
+    t = ChatTemplate(tpl) if tpl else _builtin()
+    with pytest.raises(ChatFormatError, match="cannot both be true") as e:
+        t.render(PREFILL, continue_final_message=True)
+    assert e.value.param == "continue_final_message"
+    image_only = [{"role": "user", "content": [{"type": "image", "image": "a"}]}]
+    with pytest.raises(ChatFormatError, match="no text to continue"):
+        t.render(image_only, add_generation_prompt=False, continue_final_message=True)
+    with pytest.raises(ChatFormatError, match="No messages provided"):
+        t.render([], add_generation_prompt=False, continue_final_message=True)
+    # a template that leaves out the final message's text has no place to continue it from
+    first_only = ChatTemplate("{{ messages[0].content }}")
+    with pytest.raises(ChatFormatError, match="does not write the final message"):
+        first_only.render(PREFILL, add_generation_prompt=False, continue_final_message=True)

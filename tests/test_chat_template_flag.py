@@ -50,6 +50,12 @@ def test_engine_renders_with_the_given_template(ckpt, tmp_path):
     out = llm.chat(msgs, SamplingParams(max_tokens=1))
     want = "<<user>>hello\n<<assistant>>"
     assert out.prompt_token_ids == llm.tokenizer.encode(want)
+    # LLM.chat's continue_final_message (vLLM's): the prompt ends inside the final message
+    msgs += [{"role": "assistant", "content": "Sure: "}]
+    out = llm.chat(msgs, SamplingParams(max_tokens=1), add_generation_prompt=False,
+                   continue_final_message=True)  # fmt: skip
+    # (this template keeps the trailing space; Qwen's trims it)
+    assert llm.tokenizer.decode(out.prompt_token_ids).endswith("<<assistant>>Sure: ")
     default = make(ckpt)
     assert default.engine.chat_template.source != TEMPLATE
 

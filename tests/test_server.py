@@ -184,6 +184,39 @@ def test_chat_thinking_off(serve):
     assert chunks[0].choices[0].delta.role == "assistant"
 
 
+def test_chat_continue_final_message_and_echo(serve):
+    """vLLM's chat extras: the prompt ends inside the final (assistant) message so the model
+    continues it; echo puts that message's text before the reply; add_generation_prompt off
+    ends the prompt after the last message's turn."""
+    eng = FakeEngine(reply="a fine day.")
+    srv, client = serve(eng)
+    msgs = USER + [{"role": "assistant", "content": "Today is "}]
+    extra = {"add_generation_prompt": False, "continue_final_message": True}
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=50,
+                                       extra_body=extra)  # fmt: skip
+    assert eng.added[-1][1].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nToday is")
+    assert r.choices[0].message.content == "a fine day." and not r.choices[0].message.reasoning_content
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=50,
+                                       extra_body={**extra, "echo": True})  # fmt: skip
+    assert r.choices[0].message.content == "Today is a fine day."
+    acc, chunks = stream_chat(client, messages=msgs, max_tokens=50, n=2,
+                              extra_body={**extra, "echo": True})  # fmt: skip
+    assert [acc[i]["content"] for i in (0, 1)] == ["Today is a fine day."] * 2
+    assert chunks[0].choices[0].delta.content == "Today is "
+    # echo only repeats an assistant message; a user message is not part of the reply
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=50,
+                                       extra_body={"echo": True, **off})  # fmt: skip
+    assert r.choices[0].message.content == "a fine day."
+    # add_generation_prompt off: the prompt ends with the last message's end of turn
+    client.chat.completions.create(model="tiny", messages=USER, max_tokens=5,
+                                   extra_body={"add_generation_prompt": False})  # fmt: skip
+    assert eng.added[-1][1].endswith("<|im_start|>user\nHi!<|im_end|>\n")
+    # /tokenize renders the same prompt
+    r = httpx.post(srv.url + "/tokenize", json={"messages": msgs, **extra})
+    assert eng.tokenizer.decode(r.json()["tokens"]).endswith("</think>\n\nToday is")
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("inside_think", [False, True])
 def test_chat_tool_calls(serve, stream, inside_think):
@@ -300,6 +333,9 @@ BAD_REQUESTS = [
     ("chat", {"messages": USER, "tools": TOOLS,
               "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ("chat", {"messages": USER, "response_format": {"type": "xml"}}, "response_format"),
+    ("chat", {"messages": USER, "continue_final_message": True}, "continue_final_message"),
+    ("chat", {"messages": [{"role": "user", "content": []}], "continue_final_message": True,
+              "add_generation_prompt": False}, "continue_final_message"),
     ("completions", {"prompt": "x", "logprobs": 30}, "logprobs"),
     ("completions", {"prompt": "x", "stop": [""]}, "stop"),
     ("completions", {}, "prompt"),

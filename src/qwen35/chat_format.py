@@ -229,10 +229,50 @@ class ChatTemplate:
         tools: list[Any] | None = None,
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
+        continue_final_message: bool = False,
         **template_kwargs: Any,
     ) -> str:
-        """The prompt text. `enable_thinking` must be a real bool; anything else means default."""
+        """The prompt text. `enable_thinking` must be a real bool; anything else means default.
+
+        `continue_final_message` (vLLM's and transformers' flag; needs add_generation_prompt
+        False): the text ends inside the last message, right after its text, so the model
+        continues it: an assistant reply begun by the client ("prefill"). As transformers does
+        it: a marker and a space follow the final message's last text part, and the text is cut
+        at the marker; where the template trims the message (Qwen's does), so is its end. What
+        the template writes after that text (the end of turn, any tool calls) goes. A final
+        message without content continues from where its text would be."""
         msgs = normalize_messages(messages)
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ChatFormatError(
+                    "continue_final_message and add_generation_prompt cannot both be true: set "
+                    "add_generation_prompt to false to continue the final message",
+                    "continue_final_message",
+                )
+            tail = _mark_final(msgs)
+            text = self._render(msgs, tools, False, enable_thinking, **template_kwargs)
+            if text.count(CONTINUE_MARK) != 1:
+                raise ChatFormatError(
+                    "continue_final_message: the chat template does not write the final "
+                    "message's text once, so there is no place to continue it from",
+                    "continue_final_message",
+                )
+            # (as transformers: a template that trimmed the message also loses its space here;
+            # only the message's own trailing whitespace goes, not the template's before it)
+            cut = text.index(CONTINUE_MARK)
+            if text[cut : cut + len(CONTINUE_MARK) + 1] != CONTINUE_MARK + " ":
+                cut -= min(tail, len(text[:cut]) - len(text[:cut].rstrip()))
+            return text[:cut]
+        return self._render(msgs, tools, add_generation_prompt, enable_thinking, **template_kwargs)
+
+    def _render(
+        self,
+        msgs: list[dict[str, Any]],
+        tools: list[Any] | None,
+        add_generation_prompt: bool,
+        enable_thinking: bool | None,
+        **template_kwargs: Any,
+    ) -> str:
         if tools is not None and not isinstance(tools, (list, tuple)):
             raise ChatFormatError(
                 f"tools must be a list of tool objects, got {type(tools).__name__}"
@@ -255,6 +295,39 @@ class ChatTemplate:
         if enable_thinking is not None:
             kwargs["enable_thinking"] = enable_thinking
         return render_jinja(self.source, msgs, tools, add_generation_prompt, **kwargs)
+
+
+# Follows the final message's text under continue_final_message; the rendered text is cut there.
+CONTINUE_MARK = "\x00qwen35:continue\x00"
+
+
+def _mark_final(msgs: list[dict[str, Any]]) -> int:
+    """Append CONTINUE_MARK and a space to the final message's text (its last text part) ->
+    how many whitespace characters that text ended in."""
+    if not msgs:
+        raise ChatFormatError("No messages provided.")
+    msg = msgs[-1]
+    content = msg.get("content")
+    if content is None or isinstance(content, str):
+        text = content or ""
+        msg["content"] = text + CONTINUE_MARK + " "
+        return _trailing_space(text)
+    if isinstance(content, (list, tuple)):
+        for part in reversed(content):
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                text = part["text"]
+                part["text"] = text + CONTINUE_MARK + " "
+                return _trailing_space(text)
+    raise ChatFormatError(
+        "continue_final_message: the final message has no text to continue (its content has "
+        "no text part)",
+        "continue_final_message",
+    )
+
+
+def _trailing_space(text: str) -> int:
+    # (a text of only whitespace: a template that trims it leaves none of it before the mark)
+    return len(text) - len(text.rstrip()) if text.strip() else 0
 
 
 def read_template_arg(arg: str) -> str:

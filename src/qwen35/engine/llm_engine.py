@@ -934,9 +934,13 @@ class LLM:
         messages: list[dict],
         params: SamplingParams | None = None,
         lora: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         **template_kwargs,
     ):
-        """Messages may carry image / video parts (OpenAI `image_url`, vLLM `video_url`)."""
+        """Messages may carry image / video parts (OpenAI `image_url`, vLLM `video_url`).
+        continue_final_message (with add_generation_prompt=False): the model continues the
+        final message (e.g. an assistant reply begun by the caller) instead of starting a turn."""
         if not isinstance(messages, list):
             raise ChatFormatError(
                 f"messages must be a list of message objects, got {type(messages).__name__}"
@@ -945,8 +949,9 @@ class LLM:
             check_text_only(messages)  # names the part; the engine would refuse it later anyway
         messages, media = extract_media(messages)
         prompt = self.engine.chat_template.render(
-            messages, add_generation_prompt=True, **template_kwargs
-        )
+            messages, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, **template_kwargs,
+        )  # fmt: skip
         if media:
             prompt = {"prompt": prompt, "multi_modal_data": media}
         return self.generate([prompt], params, lora=lora)[0]

@@ -208,6 +208,11 @@ class ChatCompletionRequest(_Request):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's chat extras: no assistant header after the messages; or end the prompt inside the
+    # final message so the model continues it; echo puts that message's text before the reply
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    echo: bool = False
 
 
 class CompletionRequest(_Request):

@@ -84,8 +84,14 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
             f"chat_template_kwargs.enable_thinking must be true or false, got {thinking!r}",
             param="chat_template_kwargs.enable_thinking",
         )
-    for reserved in ("messages", "tools", "add_generation_prompt"):
+    for reserved in ("messages", "tools", "add_generation_prompt", "continue_final_message"):
         kwargs.pop(reserved, None)
+    if req.continue_final_message and req.add_generation_prompt:
+        raise APIError(
+            "continue_final_message and add_generation_prompt cannot both be true: set "
+            '"add_generation_prompt": false to continue the final message',
+            param="continue_final_message",
+        )
     messages = [m.model_dump(exclude_unset=True) for m in req.messages]
     if not getattr(engine, "has_vision", False):
         try:  # names the first image / video part (messages[i].content[j])
@@ -104,8 +110,9 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
         )
     try:
         text = engine.chat_template.render(
-            messages, tools=tools, add_generation_prompt=True, enable_thinking=thinking, **kwargs
-        )
+            messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
+            enable_thinking=thinking, continue_final_message=req.continue_final_message, **kwargs,
+        )  # fmt: skip
     except (ChatFormatError, TypeError, ValueError) as e:
         param = getattr(e, "param", None) or "messages"
         raise APIError(
@@ -185,6 +192,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     tracker = state.metrics.tracker()
     created = int(time.time())
     builders = [ChoiceBuilder(prompt.thinking, prompt.tools) for _ in range(params.n)]
+    echo = _echo_text(req)
 
     def chunk(choices: list[dict], usage: dict | None = None, prompt_lps=None) -> str:
         body: dict[str, Any] = {
@@ -201,7 +209,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
 
         async def events():
             thought = [""] * params.n  # each choice's reasoning text (for the usage)
-            first = {"role": "assistant", "content": ""}
+            first = {"role": "assistant", "content": echo}
             yield chunk([_choice(i, dict(first)) for i in range(params.n)])
             async for out in stream:
                 raise_for_error(out, rid)
@@ -253,6 +261,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     choices = []
     for i, b in enumerate(builders):
         message = b.message(texts[i])
+        if echo:
+            message.content = echo + (message.content or "")
         choices.append(
             ChatChoice(
                 index=i,
@@ -271,6 +281,17 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         prompt_logprobs=prompt_logprobs_json(state, prompt_lps),
     )  # fmt: skip
     return JSONResponse(body.model_dump())
+
+
+def _echo_text(req: ChatCompletionRequest) -> str:
+    """vLLM's `echo` for chat: the final message's text goes before the reply when that message
+    is the assistant's (a reply the model continues under continue_final_message)."""
+    last = req.messages[-1] if req.echo and req.messages else None
+    if last is None or last.role != "assistant":
+        return ""
+    if isinstance(last.content, list):
+        return "".join(p["text"] for p in last.content if isinstance(p.get("text"), str))
+    return last.content or ""
 
 
 def _choice(

@@ -24,6 +24,8 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None  # ... or chat messages (rendered as for a chat)
     tools: list[Tool] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True  # (chat messages: as in a chat request)
+    continue_final_message: bool = False
     add_special_tokens: bool = True  # (Qwen's tokenizer adds none either way)
     return_token_strs: bool = False
 
@@ -40,8 +42,11 @@ def _tokenize(state: ServerState, req: TokenizeRequest) -> list[int]:
         raise APIError("send either prompt or messages", param="prompt")
     text = req.prompt
     if req.messages is not None:
-        chat = ChatCompletionRequest(messages=req.messages, tools=req.tools,
-                                     chat_template_kwargs=req.chat_template_kwargs)  # fmt: skip
+        chat = ChatCompletionRequest(
+            messages=req.messages, tools=req.tools, chat_template_kwargs=req.chat_template_kwargs,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+        )  # fmt: skip
         text = build_chat_prompt(state.engine, chat).text
     try:
         return state.engine.tokenizer.encode(text)
