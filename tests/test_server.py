@@ -217,6 +217,58 @@ def test_chat_continue_final_message_and_echo(serve):
     assert eng.tokenizer.decode(r.json()["tokens"]).endswith("</think>\n\nToday is")
 
 
+def test_return_token_ids_and_include_reasoning(serve):
+    """vLLM's return_token_ids: the prompt's ids once (chat: in the response / first chunk;
+    completions: per choice) and each choice's generated ids (streamed: each chunk's own);
+    include_reasoning false drops reasoning_content but still counts its tokens."""
+    eng = FakeEngine(reply="Let me think.\n</think>\n\nHi there!")
+    srv, client = serve(eng)
+    url = srv.url + "/v1/chat/completions"
+    body = {"messages": USER, "max_tokens": 50, "n": 2, "return_token_ids": True}
+    r = httpx.post(url, json=body).json()
+    want_prompt = eng.tokenizer.encode(eng.added[-1][1])
+    assert r["prompt_token_ids"] == want_prompt
+    assert [c["token_ids"] for c in r["choices"]] == [eng.reply_ids + [eng.eos]] * 2
+    plain = httpx.post(url, json={"messages": USER, "max_tokens": 50}).json()
+    assert plain["prompt_token_ids"] is None and plain["choices"][0]["token_ids"] is None
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=50, n=2, stream=True,
+        extra_body={"return_token_ids": True}))  # fmt: skip
+    assert chunks[0].model_extra["prompt_token_ids"] == want_prompt
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all("prompt_token_ids" not in c.model_extra for c in chunks[1:])
+    for i in (0, 1):
+        got = [t for c in chunks for ch in c.choices if ch.index == i
+               for t in (ch.model_extra.get("token_ids") or [])]  # fmt: skip
+        assert got == eng.reply_ids + [eng.eos]
+    # completions: per choice, streamed and not
+    r = client.completions.create(model="tiny", prompt=["a b", "c"], max_tokens=3,
+                                  extra_body={"return_token_ids": True})  # fmt: skip
+    assert [c.model_extra["prompt_token_ids"] for c in r.choices] == [
+        eng.tokenizer.encode("a b"), eng.tokenizer.encode("c")]
+    assert all(c.model_extra["token_ids"] == eng.reply_ids[:3] for c in r.choices)
+    got: dict[int, list] = {}
+    prompts: dict[int, list] = {}
+    for ch in client.completions.create(model="tiny", prompt=[[5, 6, 7]], max_tokens=3, n=2,
+                                        stream=True, extra_body={"return_token_ids": True}):
+        for c in ch.choices:
+            got.setdefault(c.index, []).extend(c.model_extra["token_ids"])
+            if "prompt_token_ids" in c.model_extra:
+                assert c.index not in prompts
+                prompts[c.index] = c.model_extra["prompt_token_ids"]
+    assert got == {0: eng.reply_ids[:3], 1: eng.reply_ids[:3]}
+    assert prompts == {0: [5, 6, 7], 1: [5, 6, 7]}
+    # include_reasoning false: no reasoning_content, the usage still counts it
+    r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=50,
+                                       extra_body={"include_reasoning": False})  # fmt: skip
+    m = r.choices[0].message
+    assert m.reasoning_content is None and m.content.strip() == "Hi there!"
+    assert r.usage.completion_tokens_details.reasoning_tokens > 0
+    acc, _ = stream_chat(client, messages=USER, max_tokens=50,
+                         extra_body={"include_reasoning": False})  # fmt: skip
+    assert acc[0]["reasoning"] == "" and acc[0]["content"].strip() == "Hi there!"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("inside_think", [False, True])
 def test_chat_tool_calls(serve, stream, inside_think):
@@ -334,6 +386,8 @@ BAD_REQUESTS = [
               "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ("chat", {"messages": USER, "response_format": {"type": "xml"}}, "response_format"),
     ("chat", {"messages": USER, "continue_final_message": True}, "continue_final_message"),
+    ("chat", {"messages": USER, "use_beam_search": True}, "use_beam_search"),
+    ("completions", {"prompt": "x", "use_beam_search": True}, "use_beam_search"),
     ("chat", {"messages": [{"role": "user", "content": []}], "continue_final_message": True,
               "add_generation_prompt": False}, "continue_final_message"),
     ("completions", {"prompt": "x", "logprobs": 30}, "logprobs"),

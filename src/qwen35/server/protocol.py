@@ -92,6 +92,9 @@ class _Request(BaseModel):
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
     priority: int = 0  # vLLM's: lower runs earlier (servers started with --scheduling-policy priority)
+    # vLLM's: the prompt's and each choice's token ids in the reply (RL and debugging clients)
+    return_token_ids: bool = False
+    use_beam_search: bool = False  # refused: no beam search here (never silently sampled)
     # output constraints (server/structured.py): OpenAI's and vLLM's shapes
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -112,6 +115,12 @@ class _Request(BaseModel):
         def pick(name: str, given, openai):
             return given if given is not None else d.get(name, openai)
 
+        if self.use_beam_search:
+            raise SamplingParamsError(
+                "use_beam_search is not supported: this engine samples (or decodes greedily "
+                "with temperature 0); drop use_beam_search, or request n samples and pick",
+                "use_beam_search",
+            )
         if self.best_of is not None and self.best_of != self.n:
             raise SamplingParamsError(
                 f"best_of={self.best_of} is not supported: only best_of == n ({self.n}), which "
@@ -213,6 +222,7 @@ class ChatCompletionRequest(_Request):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     echo: bool = False
+    include_reasoning: bool = True  # vLLM's: false leaves reasoning_content out of the reply
 
 
 class CompletionRequest(_Request):
@@ -258,6 +268,7 @@ class ChatChoice(BaseModel):
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # (vLLM's, with return_token_ids)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -268,6 +279,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     prompt_logprobs: list[dict[str, Any] | None] | None = None  # (vLLM's field)
+    prompt_token_ids: list[int] | None = None  # (vLLM's, with return_token_ids)
 
 
 class CompletionChoice(BaseModel):
@@ -277,6 +289,8 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_logprobs: list[dict[str, Any] | None] | None = None  # (vLLM's field)
+    token_ids: list[int] | None = None  # (vLLM's, with return_token_ids)
+    prompt_token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -194,13 +194,16 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     builders = [ChoiceBuilder(prompt.thinking, prompt.tools) for _ in range(params.n)]
     echo = _echo_text(req)
 
-    def chunk(choices: list[dict], usage: dict | None = None, prompt_lps=None) -> str:
+    def chunk(choices: list[dict], usage: dict | None = None, prompt_lps=None, prompt_ids=None
+              ) -> str:  # fmt: skip
         body: dict[str, Any] = {
             "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": choices,
         }  # fmt: skip
         if usage is not None:
             body["usage"] = usage
+        if prompt_ids is not None:  # (vLLM's return_token_ids: the prompt's, in the first chunk)
+            body["prompt_token_ids"] = prompt_ids
         if prompt_lps is not None:  # (vLLM's prompt_logprobs: in the first output's chunk)
             body["prompt_logprobs"] = prompt_logprobs_json(state, prompt_lps)
         return sse(body)
@@ -210,10 +213,15 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         async def events():
             thought = [""] * params.n  # each choice's reasoning text (for the usage)
             first = {"role": "assistant", "content": echo}
-            yield chunk([_choice(i, dict(first)) for i in range(params.n)])
+            first_chunk = [_choice(i, dict(first)) for i in range(params.n)]
+            if not req.return_token_ids:
+                yield chunk(first_chunk)
             async for out in stream:
                 raise_for_error(out, rid)
                 tracker.on_output(out)
+                if first_chunk and req.return_token_ids:  # (the prompt ids come with the first)
+                    yield chunk(first_chunk, prompt_ids=out.prompt_token_ids)
+                first_chunk = None
                 choices = []
                 for o in out.outputs:
                     b = builders[o.index]
@@ -223,11 +231,17 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                         delta = b.merge(delta, b.finish())
                         finish = b.finish_reason(o.finish_reason)
                     thought[o.index] += delta.get("reasoning_content", "")
+                    if not req.include_reasoning:
+                        delta.pop("reasoning_content", None)
                     lp = None
                     if top_n is not None and o.logprobs:
                         lp = {"content": chat_logprobs(state, o.logprobs, top_n)}
-                    if delta or lp or finish:
-                        choices.append(_choice(o.index, delta, lp, finish, o.stop_reason))
+                    ids = o.token_ids if req.return_token_ids else None
+                    if delta or lp or finish or ids:
+                        c = _choice(o.index, delta, lp, finish, o.stop_reason)
+                        if ids is not None:
+                            c["token_ids"] = list(ids)
+                        choices.append(c)
                 if choices or out.prompt_logprobs is not None:
                     usage = tracker.usage() if req.continuous_usage else None
                     yield chunk(choices, usage=usage, prompt_lps=out.prompt_logprobs)
@@ -239,6 +253,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         return SSEResponse(events(), stream.abort, request_id_of(request))
 
     texts = [""] * params.n
+    token_ids: list[list[int]] = [[] for _ in range(params.n)]
+    prompt_ids = None
     lps: list[list] = [[] for _ in range(params.n)]
     finish: list[str | None] = [None] * params.n
     stop_reason: list[Any] = [None] * params.n
@@ -249,8 +265,10 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                 raise_for_error(out, rid)
                 tracker.on_output(out)
                 prompt_lps = out.prompt_logprobs or prompt_lps
+                prompt_ids = out.prompt_token_ids
                 for o in out.outputs:
                     texts[o.index] += o.text
+                    token_ids[o.index].extend(o.token_ids)
                     lps[o.index].extend(o.logprobs or [])
                     finish[o.index] = o.finish_reason or finish[o.index]
                     if o.stop_reason is not None:
@@ -272,13 +290,18 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                 else None,
                 finish_reason=b.finish_reason(finish[i]) if finish[i] else None,
                 stop_reason=stop_reason[i],
+                token_ids=token_ids[i] if req.return_token_ids else None,
             )
         )
     thought = [c.message.reasoning_content or "" for c in choices]
+    if not req.include_reasoning:  # (still counted in the usage's reasoning_tokens)
+        for c in choices:
+            c.message.reasoning_content = None
     usage = await state.offload(with_reasoning_tokens, state, tracker.usage(), thought)
     body = ChatCompletionResponse(
         id=rid, created=created, model=model, choices=choices, usage=Usage(**usage),
         prompt_logprobs=prompt_logprobs_json(state, prompt_lps),
+        prompt_token_ids=list(prompt_ids or []) if req.return_token_ids else None,
     )  # fmt: skip
     return JSONResponse(body.model_dump())
 

@@ -141,6 +141,10 @@ async def create_completion(state: ServerState, request: Request) -> Response:
                          "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}  # fmt: skip
                     if first and req.prompt_logprobs is not None:
                         c["prompt_logprobs"] = prompt_logprobs_json(state, prompt_lps.get(rid))
+                    if req.return_token_ids:  # (vLLM's: the prompt's with a choice's first)
+                        c["token_ids"] = list(o.token_ids)
+                        if first:
+                            c["prompt_token_ids"] = list(out.prompt_token_ids)
                     choices.append(c)
                 if choices:
                     usage = tracker.usage() if req.continuous_usage else None
@@ -160,9 +164,11 @@ async def create_completion(state: ServerState, request: Request) -> Response:
                     i = choice_index(out.request_id, o.index)
                     a = acc.setdefault(
                         i, {"text": echo.get(out.request_id, ""), "lps": [], "finish": None,
-                            "rid": out.request_id}
+                            "rid": out.request_id, "ids": [],
+                            "prompt_ids": list(out.prompt_token_ids)}
                     )  # fmt: skip
                     a["text"] += o.text
+                    a["ids"].extend(o.token_ids)
                     a["lps"].extend(o.logprobs or [])
                     a["finish"] = o.finish_reason or a["finish"]
                     if o.stop_reason is not None:
@@ -187,6 +193,8 @@ async def create_completion(state: ServerState, request: Request) -> Response:
                 prompt_logprobs=prompt_logprobs_json(state, prompt_lps.get(rid))
                 if req.prompt_logprobs is not None
                 else None,
+                token_ids=a["ids"] if req.return_token_ids else None,
+                prompt_token_ids=a["prompt_ids"] if req.return_token_ids else None,
             )
         )
     body = CompletionResponse(
