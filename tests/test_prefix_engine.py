@@ -119,3 +119,27 @@ def test_switch_and_stats(ckpt):
     assert s["prefix_cache_hits"] >= 1 and s["prefix_cache_hit_tokens"] >= 160
     run_each(off, [p, p])
     assert off.engine.get_stats()["prefix_cache_hits"] == 0
+
+
+def test_cache_salt_keeps_tenants_apart(ckpt):
+    """vLLM's cache_salt: equal prompts hit the cache only under the same salt (and outputs
+    stay equal to uncached ones whatever the salt)."""
+    import dataclasses
+
+    on, off = pair(ckpt)
+    prompt = rand_tokens(100, 3)
+
+    def run(salt):
+        params = dataclasses.replace(GREEDY, cache_salt=salt)
+        return on.generate([prompt], params)[0]
+
+    want = off.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    first = run("tenant-a")
+    assert first.num_cached_tokens == 0 and first.outputs[0].token_ids == want
+    assert run("tenant-b").num_cached_tokens == 0  # another salt: no hit
+    assert run(None).num_cached_tokens == 0  # no salt is a salt of its own
+    again = run("tenant-a")
+    assert again.num_cached_tokens >= 100 // BS * BS - BS and again.outputs[0].token_ids == want
+    assert run(None).num_cached_tokens > 0
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        run("")

@@ -388,6 +388,7 @@ BAD_REQUESTS = [
     ("chat", {"messages": USER, "continue_final_message": True}, "continue_final_message"),
     ("chat", {"messages": USER, "use_beam_search": True}, "use_beam_search"),
     ("completions", {"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+    ("completions", {"prompt": "x", "cache_salt": ""}, "cache_salt"),
     ("chat", {"messages": [{"role": "user", "content": []}], "continue_final_message": True,
               "add_generation_prompt": False}, "continue_final_message"),
     ("completions", {"prompt": "x", "logprobs": 30}, "logprobs"),

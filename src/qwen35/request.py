@@ -21,6 +21,7 @@ MAX_N = 1 << 16  # sequences one request may ask for (each a Sequence, a state s
 MAX_LOGIT_BIAS = 1024  # entries; each costs every decode step of its row
 MAX_ALLOWED_TOKENS = 1 << 17  # allowed_token_ids entries
 MAX_BAD_WORDS = 1024  # bad_words entries; each is matched against the output every step
+MAX_SALT = 1024  # cache_salt characters
 PRIORITY_MAX = 2**31 - 1  # |priority|: an int32, as a scheduler field anywhere
 
 
@@ -129,6 +130,9 @@ class SamplingParams:
     # vLLM's scheduling priority: lower runs earlier, on engines started with
     # scheduling_policy="priority" (the others take only 0)
     priority: int = 0
+    # vLLM's cache_salt: prompts share prefix-cache blocks only with requests of the same salt
+    # (one tenant's cached prompts cannot be detected by another's timing)
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -202,6 +206,10 @@ class SamplingParams:
             self._validate_logit_bias()
         integer("truncate_prompt_tokens", 1, none_ok=True)
         integer("priority", -PRIORITY_MAX, PRIORITY_MAX)
+        salt = self.cache_salt
+        if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > MAX_SALT):
+            raise bad(f"cache_salt must be a non-empty string of at most {MAX_SALT} characters",
+                      "cache_salt")  # fmt: skip
         if self.allowed_token_ids is not None:
             ids = self.allowed_token_ids
             if not isinstance(ids, list) or not ids or any(not _is_int(t) or t < 0 for t in ids):

@@ -536,6 +536,8 @@ class LLMEngine:
                     seq.mm_items, seq.mrope, seq.rope_delta = mm.items, mm.mrope, mm.rope_delta
                 if adapter is not None:
                     seq.lora_id, seq.cache_salt = adapter.key, adapter.cache_salt
+                if params.cache_salt is not None:  # (a request's own salt, and its adapter's)
+                    seq.cache_salt = f"{seq.cache_salt or ''}\x00{params.cache_salt}"
                 if i == 0 and params.prompt_logprobs is not None:
                     seq.prompt_logprobs = []  # (the first sequence computes them for all n)
                 detok = IncrementalDetokenizer(

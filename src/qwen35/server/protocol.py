@@ -94,6 +94,7 @@ class _Request(BaseModel):
     priority: int = 0  # vLLM's: lower runs earlier (servers started with --scheduling-policy priority)
     # vLLM's: the prompt's and each choice's token ids in the reply (RL and debugging clients)
     return_token_ids: bool = False
+    cache_salt: str | None = None  # vLLM's: prefix-cache hits only among the same salt
     use_beam_search: bool = False  # refused: no beam search here (never silently sampled)
     # output constraints (server/structured.py): OpenAI's and vLLM's shapes
     response_format: dict[str, Any] | None = None
@@ -151,6 +152,7 @@ class _Request(BaseModel):
             bad_words=self.bad_words,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             priority=self.priority,
+            cache_salt=self.cache_salt,
         )
         return p.validate()
 
