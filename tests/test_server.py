@@ -258,6 +258,23 @@ def test_return_token_ids_and_include_reasoning(serve):
                 prompts[c.index] = c.model_extra["prompt_token_ids"]
     assert got == {0: eng.reply_ids[:3], 1: eng.reply_ids[:3]}
     assert prompts == {0: [5, 6, 7], 1: [5, 6, 7]}
+    # return_tokens_as_token_ids: logprobs name tokens "token_id:N" (chat and completions)
+    r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, logprobs=True,
+                                       top_logprobs=2,
+                                       extra_body={"return_tokens_as_token_ids": True})  # fmt: skip
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == [f"token_id:{t}" for t in eng.reply_ids[:3]]
+    assert content[0].top_logprobs[0].token == f"token_id:{eng.reply_ids[0]}"
+    assert content[0].bytes == list(eng.tokenizer.decode([eng.reply_ids[0]]).encode())
+    for stream in (False, True):
+        r = client.completions.create(model="tiny", prompt="a b", max_tokens=3, logprobs=1,
+                                      stream=stream,
+                                      extra_body={"return_tokens_as_token_ids": True})  # fmt: skip
+        chunks = list(r) if stream else [r]
+        toks = [t for ch in chunks for c in ch.choices for t in c.logprobs.tokens]
+        assert toks == [f"token_id:{t}" for t in eng.reply_ids[:3]]
+        tops = [k for ch in chunks for c in ch.choices for d in c.logprobs.top_logprobs for k in d]
+        assert tops == toks
     # include_reasoning false: no reasoning_content, the usage still counts it
     r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=50,
                                        extra_body={"include_reasoning": False})  # fmt: skip

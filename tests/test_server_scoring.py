@@ -98,6 +98,13 @@ def test_prompt_only_and_streaming_echo(real):
     w = whole["choices"][0]
     assert text == w["text"]
     assert lps == {k: w["logprobs"][k] for k in lps}
+    # vLLM's return_tokens_as_token_ids: the echoed prompt's and the output's tokens by id
+    ids = post(srv, "/v1/completions", {"prompt": p, "max_tokens": 3, "echo": True, "logprobs": 1,
+                                        "temperature": 0, "return_tokens_as_token_ids": True,
+                                        "return_token_ids": True}).json()["choices"][0]  # fmt: skip
+    assert ids["prompt_token_ids"] == p and len(ids["token_ids"]) == 3
+    assert ids["logprobs"]["tokens"] == [f"token_id:{t}" for t in p + ids["token_ids"]]
+    assert ids["logprobs"]["text_offset"] == w["logprobs"]["text_offset"]
 
 
 def test_prompt_logprobs_field(real):

@@ -94,6 +94,7 @@ class _Request(BaseModel):
     priority: int = 0  # vLLM's: lower runs earlier (servers started with --scheduling-policy priority)
     # vLLM's: the prompt's and each choice's token ids in the reply (RL and debugging clients)
     return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N"
     cache_salt: str | None = None  # vLLM's: prefix-cache hits only among the same salt
     use_beam_search: bool = False  # refused: no beam search here (never silently sampled)
     # output constraints (server/structured.py): OpenAI's and vLLM's shapes

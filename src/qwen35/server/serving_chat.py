@@ -193,6 +193,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     created = int(time.time())
     builders = [ChoiceBuilder(prompt.thinking, prompt.tools) for _ in range(params.n)]
     echo = _echo_text(req)
+    as_ids = req.return_tokens_as_token_ids
 
     def chunk(choices: list[dict], usage: dict | None = None, prompt_lps=None, prompt_ids=None
               ) -> str:  # fmt: skip
@@ -235,7 +236,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                         delta.pop("reasoning_content", None)
                     lp = None
                     if top_n is not None and o.logprobs:
-                        lp = {"content": chat_logprobs(state, o.logprobs, top_n)}
+                        lp = {"content": chat_logprobs(state, o.logprobs, top_n, as_ids)}
                     ids = o.token_ids if req.return_token_ids else None
                     if delta or lp or finish or ids:
                         c = _choice(o.index, delta, lp, finish, o.stop_reason)
@@ -285,7 +286,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
             ChatChoice(
                 index=i,
                 message=message,
-                logprobs={"content": chat_logprobs(state, lps[i], top_n)}
+                logprobs={"content": chat_logprobs(state, lps[i], top_n, as_ids)}
                 if top_n is not None
                 else None,
                 finish_reason=b.finish_reason(finish[i]) if finish[i] else None,

@@ -283,19 +283,27 @@ def safe_logprob(x: float) -> float:
     return x if math.isfinite(x) else -9999.0
 
 
-def chat_logprobs(state: ServerState, entries: list[TokenLogprob], top_n: int) -> list[dict]:
+def _name(state: ServerState, token_id: int, as_ids: bool) -> str:
+    """A token as logprobs name it: its text, or vLLM's return_tokens_as_token_ids form
+    "token_id:N" (for tokens whose text is not a whole character, or to skip re-tokenizing)."""
+    return f"token_id:{token_id}" if as_ids else state.token_text(token_id)[0]
+
+
+def chat_logprobs(
+    state: ServerState, entries: list[TokenLogprob], top_n: int, as_ids: bool = False
+) -> list[dict]:
     out = []
     for e in entries:
-        text, raw = state.token_text(e.token_id)
+        raw = state.token_text(e.token_id)[1]
         top = sorted(e.top.items(), key=lambda kv: -kv[1])[:top_n]
         out.append(
             {
-                "token": text,
+                "token": _name(state, e.token_id, as_ids),
                 "logprob": safe_logprob(e.logprob),
                 "bytes": raw,
                 "top_logprobs": [
                     {
-                        "token": state.token_text(t)[0],
+                        "token": _name(state, t, as_ids),
                         "logprob": safe_logprob(lp),
                         "bytes": state.token_text(t)[1],
                     }
@@ -312,9 +320,11 @@ def completion_logprobs(
     top_n: int,
     offset: int,
     first: int | None = None,
+    as_ids: bool = False,
 ) -> dict[str, list]:
     """Legacy completions logprobs; `offset` is the text length before the first token.
-    first: echo's first prompt token, which has no logprob (nothing comes before it)."""
+    first: echo's first prompt token, which has no logprob (nothing comes before it).
+    as_ids: tokens named "token_id:N" (text offsets still count their text)."""
     res: dict[str, list] = {
         "tokens": [],
         "token_logprobs": [],
@@ -324,11 +334,11 @@ def completion_logprobs(
     rows = [(first, None)] if first is not None else []
     for tok, e in rows + [(e.token_id, e) for e in entries]:
         text = state.token_text(tok)[0]
-        res["tokens"].append(text)
+        res["tokens"].append(_name(state, tok, as_ids))
         res["token_logprobs"].append(None if e is None else safe_logprob(e.logprob))
         top = [] if e is None else sorted(e.top.items(), key=lambda kv: -kv[1])[:top_n]
         res["top_logprobs"].append(
-            {state.token_text(t)[0]: safe_logprob(lp) for t, lp in top} if top else None
+            {_name(state, t, as_ids): safe_logprob(lp) for t, lp in top} if top else None
         )
         res["text_offset"].append(offset)
         offset += len(text)

@@ -92,6 +92,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     tracker = state.metrics.tracker()
     created = int(time.time())
     top_n = req.logprobs or 0
+    as_ids = req.return_tokens_as_token_ids
 
     def choice_index(rid: str, index: int) -> int:
         return order[rid] * params.n + index
@@ -116,7 +117,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         if not req.echo or req.logprobs is None or rid not in prompt_lps:
             return None
         ids = prompt_ids[rid]
-        return completion_logprobs(state, prompt_lps[rid][1:], top_n, 0, first=ids[0])
+        return completion_logprobs(state, prompt_lps[rid][1:], top_n, 0, first=ids[0], as_ids=as_ids)
 
     if req.stream:
 
@@ -134,7 +135,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
                     offsets[i] = prev + len(o.text)
                     lp = None
                     if o.logprobs is not None and req.logprobs is not None:
-                        lp = completion_logprobs(state, o.logprobs, top_n, prev)
+                        lp = completion_logprobs(state, o.logprobs, top_n, prev, as_ids=as_ids)
                     if first and (pre := echo_logprobs(rid)) is not None:
                         lp = {k: pre[k] + (lp or {}).get(k, []) for k in pre}
                     c = {"index": i, "text": text, "logprobs": lp,
@@ -180,7 +181,8 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     for i, a in sorted(acc.items()):
         rid, lp = a["rid"], None
         if req.logprobs is not None:
-            lp = completion_logprobs(state, a["lps"], top_n, len(echo.get(rid, "")))
+            lp = completion_logprobs(state, a["lps"], top_n, len(echo.get(rid, "")),
+                                     as_ids=as_ids)  # fmt: skip
             if (pre := echo_logprobs(rid)) is not None:
                 lp = {k: pre[k] + lp[k] for k in pre}
         choices.append(
