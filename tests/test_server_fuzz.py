@@ -34,7 +34,10 @@ FIELDS = [
     "prompt_logprobs", "tokens", "add_special_tokens", "return_token_strs", "input",
     "instructions", "max_output_tokens", "text", "reasoning", "previous_response_id",
     "lora_name", "lora_path", "allowed_token_ids", "bad_words", "truncate_prompt_tokens",
-    "priority", "unknown_field",
+    "priority", "add_generation_prompt", "continue_final_message", "include_reasoning",
+    "return_token_ids", "return_tokens_as_token_ids", "use_beam_search", "cache_salt",
+    "system", "stop_sequences", "thinking", "output_config", "metadata",
+    "unknown_field",
 ]  # fmt: skip
 
 
@@ -81,6 +84,9 @@ def _body(rng: random.Random) -> tuple[str, bytes]:
         body = {"prompt": "Hello"} if path == "/tokenize" else {"tokens": [9707, 11]}
     elif r > 0.8:  # the Responses API
         path, body = "/v1/responses", {"input": "Hello", "max_output_tokens": 2}
+    elif r > 0.72:  # Anthropic's Messages API
+        path = rng.choice(["/v1/messages", "/v1/messages", "/v1/messages/count_tokens"])
+        body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
     if rng.random() < 0.3:
         body["stream"] = True
     if chat and rng.random() < 0.2:
@@ -125,13 +131,19 @@ def _fuzz(srv, seed: int, count: int) -> dict[int, int]:
                 text = r.read().decode("utf-8", "replace")
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             assert r.status_code < 500, (i, path, raw[:300], r.status_code, text[:500])
+            anthropic = path.startswith("/v1/messages")  # (Anthropic's shapes)
             if r.status_code >= 400:
-                err = json.loads(text)["error"]
-                assert set(err) == {"message", "type", "param", "code"}, (i, text)
+                body = json.loads(text)
+                err = body["error"]
+                if anthropic:
+                    assert body["type"] == "error" and set(err) == {"type", "message"}, (i, text)
+                else:
+                    assert set(err) == {"message", "type", "param", "code"}, (i, text)
             elif r.headers["content-type"].startswith("text/event-stream"):
                 lines = [ln for ln in text.split("\n") if ln]
-                assert lines[-1] == "data: [DONE]", (i, raw[:300], text[-500:])
-                events = [json.loads(ln[6:]) for ln in lines[:-1] if ln.startswith("data: ")]
+                last = "data: [DONE]" if not anthropic else 'data: {"type": "message_stop"}'
+                assert lines[-1] == last, (i, raw[:300], text[-500:])
+                events = [json.loads(ln[6:]) for ln in lines if ln.startswith("data: {")]
                 assert not any(e.get("error") for e in events), (i, raw[:300], text[-500:])
     return statuses
 

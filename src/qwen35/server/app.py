@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP app: `create_app(engine, ServerConfig(...))` -> FastAPI.
 
 Routes: GET /health, GET /metrics, GET /v1/models, POST /v1/completions, POST
-/v1/chat/completions, POST /v1/responses (OpenAI's Responses API), and vLLM's POST /tokenize,
+/v1/chat/completions, POST /v1/responses (OpenAI's Responses API), POST /v1/messages and
+/v1/messages/count_tokens (Anthropic's Messages API: serving_messages.py), and vLLM's POST /tokenize,
 POST /detokenize, GET /tokenizer_info, POST /v1/load_lora_adapter and /v1/unload_lora_adapter
 (serving_lora.py). Every error is returned in OpenAI's shape. One pure-ASGI
 middleware gives each request an id (`x-request-id`), counts requests by endpoint/status, checks the API
@@ -28,7 +29,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen35.engine.engine_thread import EngineThread
-from qwen35.server import serving_lora, serving_responses, serving_tokens
+from qwen35.server import serving_lora, serving_messages, serving_responses, serving_tokens
 from qwen35.server.async_engine import AsyncEngine
 from qwen35.server.metrics import CONTENT_TYPE, ServerMetrics
 from qwen35.server.protocol import APIError, ModelCard, ModelList, error_body
@@ -47,7 +48,7 @@ log = logging.getLogger("qwen35.server")
 ENDPOINTS = (
     "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
     "/v1/responses", "/tokenize", "/detokenize", "/tokenizer_info", "/v1/load_lora_adapter",
-    "/v1/unload_lora_adapter",
+    "/v1/unload_lora_adapter", "/v1/messages", "/v1/messages/count_tokens",
 )  # fmt: skip
 OPEN_PATHS = ("/health",)  # no API key needed (load balancers probe it)
 
@@ -169,6 +170,8 @@ ROUTES = (
     ("POST", "/v1/completions", _with_state(create_completion)),
     ("POST", "/v1/chat/completions", _with_state(create_chat_completion)),
     ("POST", "/v1/responses", _with_state(serving_responses.create_response)),
+    ("POST", "/v1/messages", _with_state(serving_messages.create_message)),
+    ("POST", "/v1/messages/count_tokens", _with_state(serving_messages.count_tokens)),
     ("GET", "/v1/responses/{response_id}", get_response),
     ("DELETE", "/v1/responses/{response_id}", delete_response),
     ("POST", "/v1/load_lora_adapter", _with_state(serving_lora.load_lora_adapter)),
@@ -211,27 +214,41 @@ class _GuardMiddleware:
             key = self.state.config.api_key
             if key and path not in OPEN_PATHS and not _authorized(scope, key):
                 body = error_body(
-                    "invalid or missing API key: send `Authorization: Bearer <key>`",
+                    "invalid or missing API key: send `Authorization: Bearer <key>` (or "
+                    "`x-api-key: <key>`)",
                     code="invalid_api_key",
                 )
-                await _send_json(send_counted, 401, body, {"www-authenticate": "Bearer"})
+                await _send_json(send_counted, 401, _shaped(path, body, "authentication_error"),
+                                 {"www-authenticate": "Bearer"})  # fmt: skip
                 return
             await self.app(scope, receive, send_counted)
         except Exception:
             log.exception("internal error (request id %s, %s)", request_id, path)
             if not started:  # else the connection is cut; the client sees an incomplete reply
-                await _send_json(send_counted, 500, internal_error_body(request_id), {})
+                body = _shaped(path, internal_error_body(request_id), "api_error")
+                await _send_json(send_counted, 500, body, {})
         finally:
             self.state.metrics.requests.labels(endpoint, str(status)).inc()
 
 
+def _shaped(path: str, body: dict, anthropic_type: str) -> dict:
+    """An OpenAI-shaped error body, in Anthropic's shape on its endpoints (/v1/messages...)."""
+    if not path.startswith("/v1/messages"):
+        return body
+    return {"type": "error", "error": {"type": anthropic_type, "message": body["error"]["message"]}}
+
+
 def _authorized(scope: Scope, key: str) -> bool:
+    """`Authorization: Bearer <key>` (OpenAI clients) or `x-api-key: <key>` (Anthropic's)."""
     # compared as bytes: hmac.compare_digest refuses str with non-ASCII characters
+    expected = key.encode("utf-8")
     for name, value in scope.get("headers", []):
         if name == b"authorization":
             scheme, _, token = value.partition(b" ")
-            expected = key.encode("utf-8")
-            return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected)
+            if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected):
+                return True
+        elif name == b"x-api-key" and hmac.compare_digest(value.strip(), expected):
+            return True
     return False
 
 

@@ -389,24 +389,32 @@ def sse(data: Any) -> str:
     return f"data: {text}\n\n"
 
 
-async def guarded_events(events: AsyncIterator[str], request_id: str | None) -> AsyncIterator[str]:
-    """An SSE body that always ends with `data: [DONE]`: an engine that died, an APIError or an
-    internal error becomes an error event first (internal details go to the log only)."""
+async def guarded_events(
+    events: AsyncIterator[str],
+    request_id: str | None,
+    done: bool = True,
+    error_event: Callable[[dict], str] = sse,
+) -> AsyncIterator[str]:
+    """An SSE body that always ends with `data: [DONE]` (unless `done` is False: Anthropic's
+    streams end with their last event): an engine that died, an APIError or an internal error
+    becomes an error event first (`error_event` of its OpenAI-shaped body; internal details go
+    to the log only)."""
     try:
         async for item in events:
             yield item
     except EngineDeadError as e:
-        yield sse(error_body(str(e), "server_error", code="engine_dead"))
+        yield error_event(error_body(str(e), "server_error", code="engine_dead"))
     except APIError as e:  # raised on purpose mid-stream (e.g. the engine failed this request)
-        yield sse(e.body())
+        yield error_event(e.body())
     except Exception:
         log.exception("internal error in a stream (request id %s)", request_id)
-        yield sse(internal_error_body(request_id))
+        yield error_event(internal_error_body(request_id))
     finally:
         aclose = getattr(events, "aclose", None)
         if aclose is not None:
             await aclose()
-    yield SSE_DONE
+    if done:
+        yield SSE_DONE
 
 
 class SSEResponse(StreamingResponse):
@@ -419,8 +427,11 @@ class SSEResponse(StreamingResponse):
         content: AsyncIterator[str],
         on_close: Callable[[], None],
         request_id: str | None = None,
+        done: bool = True,
+        error_event: Callable[[dict], str] = sse,
     ):
-        super().__init__(guarded_events(content, request_id), media_type="text/event-stream")
+        super().__init__(guarded_events(content, request_id, done, error_event),
+                         media_type="text/event-stream")  # fmt: skip
         self.headers["cache-control"] = "no-cache"
         self._on_close = on_close
 
