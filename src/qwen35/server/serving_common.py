@@ -13,6 +13,7 @@ import logging
 import math
 import re
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -453,6 +454,27 @@ async def _next(stream: RequestStream) -> Any:
         return await stream.__anext__()
     except StopAsyncIteration:
         return _EXHAUSTED
+
+
+async def collect_text(
+    state: ServerState, request: Request, stream: RequestStream, rid: str, tracker: Any
+) -> tuple[str, str | None, Any]:
+    """A one-sequence request's whole output -> (text, finish_reason, stop_reason); the
+    Responses and Messages endpoints' non-streaming replies."""
+    text, finish, stop = "", None, None
+    async with aclosing(collect(request, stream, state.config.disconnect_poll_s)) as outs:
+        try:
+            async for out in outs:
+                raise_for_error(out, rid)
+                tracker.on_output(out)
+                for o in out.outputs:
+                    text += o.text
+                    finish = o.finish_reason or finish
+                    stop = o.stop_reason if o.stop_reason is not None else stop
+        except EngineDeadError as e:
+            raise engine_dead_error(e) from None
+    tracker.done()
+    return text, finish, stop
 
 
 async def collect(request: Request, stream: RequestStream, poll_s: float) -> AsyncIterator[Any]:

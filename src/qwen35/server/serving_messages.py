@@ -27,7 +27,6 @@ come in Anthropic's shape `{"type": "error", "error": {"type", "message"}}`.
 from __future__ import annotations
 
 import json
-from contextlib import aclosing
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -35,7 +34,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from qwen35.request import SamplingParamsError
-from qwen35.server.async_engine import EngineDeadError
 from qwen35.server.chat_output import ChoiceBuilder
 from qwen35.server.limits import check_request_size
 from qwen35.server.protocol import APIError, ChatCompletionRequest, random_id
@@ -44,8 +42,7 @@ from qwen35.server.serving_common import (
     JSONResponse,
     ServerState,
     SSEResponse,
-    collect,
-    engine_dead_error,
+    collect_text,
     raise_for_error,
     request_id_of,
 )
@@ -317,19 +314,7 @@ async def _create_message(state: ServerState, request: Request) -> Response:
         return SSEResponse(events, stream.abort, request_id_of(request), done=False,
                            error_event=_error_event)  # fmt: skip
 
-    text, finish, stop = "", None, None
-    async with aclosing(collect(request, stream, state.config.disconnect_poll_s)) as outs:
-        try:
-            async for out in outs:
-                raise_for_error(out, rid)
-                tracker.on_output(out)
-                for o in out.outputs:
-                    text += o.text
-                    finish = o.finish_reason or finish
-                    stop = o.stop_reason if o.stop_reason is not None else stop
-        except EngineDeadError as e:
-            raise engine_dead_error(e) from None
-    tracker.done()
+    text, finish, stop = await collect_text(state, request, stream, rid, tracker)
     m = builder.message(text)
     content: list[dict[str, Any]] = []
     if m.reasoning_content:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import aclosing
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -26,7 +25,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from qwen35.request import SamplingParamsError
-from qwen35.server.async_engine import EngineDeadError
 from qwen35.server.chat_output import ChoiceBuilder
 from qwen35.server.protocol import APIError, ChatCompletionRequest, random_id
 from qwen35.server.serving_chat import start_chat
@@ -34,8 +32,7 @@ from qwen35.server.serving_common import (
     JSONResponse,
     ServerState,
     SSEResponse,
-    collect,
-    engine_dead_error,
+    collect_text,
     raise_for_error,
     request_id_of,
     with_reasoning_tokens,
@@ -287,18 +284,7 @@ async def create_response(state: ServerState, request: Request) -> Response:
         events = _events(state, req, rid, created, model, stream, tracker, builder, history)
         return SSEResponse(events, stream.abort, request_id_of(request))
 
-    text, finish = "", None
-    async with aclosing(collect(request, stream, state.config.disconnect_poll_s)) as outs:
-        try:
-            async for out in outs:
-                raise_for_error(out, rid)
-                tracker.on_output(out)
-                for o in out.outputs:
-                    text += o.text
-                    finish = o.finish_reason or finish
-        except EngineDeadError as e:
-            raise engine_dead_error(e) from None
-    tracker.done()
+    text, finish, _ = await collect_text(state, request, stream, rid, tracker)
     m = builder.message(text)
     output = _Output()
     if m.reasoning_content:
