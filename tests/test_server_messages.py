@@ -244,3 +244,52 @@ def test_real_engine_stream_equals_whole(real):
         assert isinstance(json.loads(r.content[0].text)["a"], int)
     else:
         assert r.stop_reason == "max_tokens" and r.content[0].text.startswith("{")
+
+
+def test_real_engine_images_in_user_and_tool_result(real):
+    """Image blocks (base64) in a user message and inside a tool_result (a tool's screenshot)
+    reach the vision tower: the prompt has as many tokens as the equivalent chat request's."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    srv, client, engine = real
+    assert engine.has_vision
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(
+        buf, format="PNG")
+    data = base64.b64encode(buf.getvalue()).decode()
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": data}}  # fmt: skip
+    msgs = [{"role": "user", "content": [image, {"type": "text", "text": "Shot it again."}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "shot",
+                                                "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                          "content": [image, {"type": "text", "text": "ok"}]}]}]  # fmt: skip
+    tool = {"name": "shot", "input_schema": {"type": "object", "properties": {}}}
+    r = claude(srv).messages.create(model="tiny", max_tokens=2, messages=msgs, tools=[tool],
+                                    thinking={"type": "disabled"})  # fmt: skip
+    url = f"data:image/png;base64,{data}"
+    part = {"type": "image_url", "image_url": {"url": url}}
+    chat = client.chat.completions.create(model="tiny", max_tokens=2, messages=[
+        {"role": "user", "content": [part, {"type": "text", "text": "Shot it again."}]},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "t1", "type": "function", "function": {"name": "shot", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "t1", "content": [part, {"type": "text", "text": "ok"}]}],
+        tools=[{"type": "function", "function": {"name": "shot", "parameters": tool[
+            "input_schema"]}}], extra_body={"chat_template_kwargs": {"enable_thinking": False}})  # fmt: skip
+    assert r.usage.input_tokens + r.usage.cache_read_input_tokens == chat.usage.prompt_tokens
+    from qwen35.multimodal.sizing import image_grid, num_tokens
+
+    eng_text = engine.chat_template.render(
+        [{"role": "user", "content": [part, {"type": "text", "text": "Shot it again."}]},
+         {"role": "assistant", "content": "", "tool_calls": [
+             {"id": "t1", "type": "function", "function": {"name": "shot", "arguments": {}}}]},
+         {"role": "tool", "content": [part, {"type": "text", "text": "ok"}]}],
+        tools=[{"type": "function", "function": {"name": "shot", "parameters": tool[
+            "input_schema"]}}], enable_thinking=False)  # fmt: skip
+    assert eng_text.count("<|image_pad|>") == 2  # each image: one placeholder -> its tokens
+    n_img = num_tokens(image_grid(64, 48))
+    assert chat.usage.prompt_tokens == len(engine.tokenizer.encode(eng_text)) - 2 + 2 * n_img

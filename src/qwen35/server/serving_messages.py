@@ -120,6 +120,21 @@ def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
+def _result(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A tool_result's content: a string, or text and image blocks (a screenshot a tool took)."""
+    if not isinstance(content, list) or not any(
+        isinstance(b, dict) and b.get("type") == "image" for b in content
+    ):
+        return _text_of(content, where)
+    parts = []
+    for j, b in enumerate(content):
+        if isinstance(b, dict) and b.get("type") == "image":
+            parts.append(_image(b, f"{where}[{j}]"))
+        else:
+            parts.append({"type": "text", "text": _text_of([b], where)})
+    return parts
+
+
 def _user(content: Any, where: str) -> list[dict[str, Any]]:
     """A user message -> its tool results (tool messages) first, then one user message with the
     text and image parts (a turn that answers tools and adds words, as Anthropic clients send)."""
@@ -136,9 +151,8 @@ def _user(content: Any, where: str) -> list[dict[str, Any]]:
         elif kind == "image":
             parts.append(_image(b, at))
         elif kind == "tool_result" and isinstance(b.get("tool_use_id"), str):
-            result = b.get("content", "")
             tools.append({"role": "tool", "tool_call_id": b["tool_use_id"],
-                          "content": _text_of(result, f"{at}.content")})  # fmt: skip
+                          "content": _result(b.get("content", ""), f"{at}.content")})  # fmt: skip
         else:
             raise APIError(f"{at}: unsupported block {kind!r} in a user message (text, image and "
                            "tool_result with a tool_use_id are)", param="messages")  # fmt: skip
