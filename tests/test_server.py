@@ -169,7 +169,7 @@ def test_chat_reasoning_routed(serve):
 
 def test_chat_thinking_off(serve):
     eng = FakeEngine(reply="Hi there!")
-    _, client = serve(eng)
+    srv, client = serve(eng)
     kw = dict(
         messages=USER,
         max_tokens=50,
@@ -182,6 +182,18 @@ def test_chat_thinking_off(serve):
     acc, chunks = stream_chat(client, **kw)
     assert acc[0]["content"] == "Hi there!" and acc[0]["reasoning"] == ""
     assert chunks[0].choices[0].delta.role == "assistant"
+    # OpenAI's reasoning_effort: "none" / "minimal" off, others on; enable_thinking wins
+    for effort, closed in (("none", True), ("minimal", True), ("low", False), ("high", False)):
+        client.chat.completions.create(model="tiny", messages=USER, max_tokens=2,
+                                       reasoning_effort=effort)  # fmt: skip
+        assert eng.added[-1][1].endswith("<think>\n\n</think>\n\n") == closed, effort
+    on = {"chat_template_kwargs": {"enable_thinking": True}}
+    client.chat.completions.create(model="tiny", messages=USER, max_tokens=2,
+                                   reasoning_effort="none", extra_body=on)  # fmt: skip
+    assert eng.added[-1][1].endswith("<think>\n")
+    r = httpx.post(srv.url + "/v1/chat/completions",
+                   json={"messages": USER, "reasoning_effort": "extreme"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_effort"
 
 
 def test_chat_continue_final_message_and_echo(serve):

@@ -226,6 +226,9 @@ class ChatCompletionRequest(_Request):
     continue_final_message: bool = False
     echo: bool = False
     include_reasoning: bool = True  # vLLM's: false leaves reasoning_content out of the reply
+    # OpenAI's: "none" / "minimal" turn Qwen's thinking off, other values on (as the Responses
+    # API's reasoning.effort here); chat_template_kwargs.enable_thinking, when given, wins
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
 
 
 class CompletionRequest(_Request):

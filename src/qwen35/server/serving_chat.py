@@ -79,6 +79,8 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
         raise APIError('tool_choice "required" needs a non-empty tools list', param="tool_choice")
     kwargs = dict(req.chat_template_kwargs or {})
     thinking = kwargs.pop("enable_thinking", None)
+    if thinking is None and req.reasoning_effort is not None:
+        thinking = req.reasoning_effort not in ("none", "minimal")
     if thinking is not None and not isinstance(thinking, bool):
         raise APIError(
             f"chat_template_kwargs.enable_thinking must be true or false, got {thinking!r}",
