@@ -133,6 +133,11 @@ class SamplingParams:
     # vLLM's cache_salt: prompts share prefix-cache blocks only with requests of the same salt
     # (one tenant's cached prompts cannot be detected by another's timing)
     cache_salt: str | None = None
+    # vLLM's thinking_token_budget: a reply that is still inside the think block the prompt
+    # opened after this many tokens gets its end-of-think token next (then it answers); the
+    # engine fills think_end_token_id (None: the prompt leaves the model not thinking)
+    thinking_token_budget: int | None = None
+    think_end_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -206,6 +211,7 @@ class SamplingParams:
             self._validate_logit_bias()
         integer("truncate_prompt_tokens", 1, none_ok=True)
         integer("priority", -PRIORITY_MAX, PRIORITY_MAX)
+        integer("thinking_token_budget", 0, none_ok=True)
         salt = self.cache_salt
         if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > MAX_SALT):
             raise bad(f"cache_salt must be a non-empty string of at most {MAX_SALT} characters",

@@ -444,6 +444,23 @@ class LLMEngine:
             )
         return ids
 
+    def _think_end_if_open(self, ids: list[int]) -> int | None:
+        """The end-of-think token id where the prompt leaves the model inside a think block
+        (its last <think> after its last </think>): what thinking_token_budget forces; None
+        where the prompt does not (thinking off, or a completion prompt without one)."""
+        start, end = (self.tokenizer.token_to_id(t) for t in ("<think>", "</think>"))
+        if start is None or end is None or max(start, end) >= self.config.vocab_size:
+            raise SamplingParamsError(
+                "thinking_token_budget needs <think> and </think> tokens, which this model's "
+                "tokenizer does not have", "thinking_token_budget",
+            )  # fmt: skip
+        for t in reversed(ids):
+            if t == end:
+                return None
+            if t == start:
+                return end
+        return None
+
     @property
     def has_vision(self) -> bool:
         """True when images and videos are accepted (the vision tower is loaded)."""
@@ -495,6 +512,8 @@ class LLMEngine:
             raise Qwen35Error("the prompt is empty")
         if params.bad_words:
             params.bad_words_token_ids = self._bad_words_ids(params.bad_words)
+        if params.thinking_token_budget is not None:
+            params.think_end_token_id = self._think_end_if_open(ids)
         room = self.max_model_len - len(ids)
         if params.max_tokens is None:
             if room < 1:

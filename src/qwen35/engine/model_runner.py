@@ -719,7 +719,8 @@ def device_sampled(p, num_output: int) -> bool:
     """A row whose next token the sampler draws from its logits and the request's parameters
     alone (greedy, or temperature / top-k / top-p / min-p with the request's or the shared
     generator): nothing read from the host's token lists, no logprobs to return. Not: logprobs,
-    penalties, logit bias, allowed / bad words, a grammar, min_tokens still pending."""
+    penalties, logit bias, allowed / bad words, a grammar, min_tokens or a thinking budget
+    still pending."""
     return not (
         p.logprobs is not None
         or has_penalties(p)
@@ -728,6 +729,7 @@ def device_sampled(p, num_output: int) -> bool:
         or p.bad_words_token_ids
         or p.structured_outputs is not None
         or num_output < p.min_tokens
+        or (p.think_end_token_id is not None and num_output <= (p.thinking_token_budget or 0))
     )
 
 

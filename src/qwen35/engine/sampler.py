@@ -5,6 +5,7 @@ Order of operations (vLLM v1's order, so results match what users expect from it
    then logit_bias (OpenAI: added to the logits, greedy rows included).
 2. penalties: repetition (HF/vLLM: over prompt + output, positive logits divided, negative
    multiplied), then frequency and presence (OpenAI: over output tokens only).
+   Then vLLM's thinking_token_budget: a row at its budget inside a think block may only close it.
 3. greedy rows (temperature < 1e-5) take the argmax of the penalised logits.
 4. sampled rows: divide by temperature, then min-p, top-k, top-p masks, then one draw with the
    exponential race: argmax(probs / q), q ~ Exp(1), which samples exactly from `probs`.
@@ -157,6 +158,7 @@ class Sampler:
         x = apply_logit_bias(x, rows)
         x = apply_allowed_and_bad_words(x, rows)
         x = apply_penalties(x, rows)
+        x = apply_thinking_budget(x, rows)
         dead = _no_token_left(x, rows)
         greedy = [is_greedy(r.params) for r in rows]
         tokens = argmax(x) if any(greedy) else None  # [S]
@@ -367,6 +369,28 @@ def apply_allowed_and_bad_words(x: torch.Tensor, rows: Sequence[SamplingRow]) ->
     return x
 
 
+def thinking_budget_due(row: SamplingRow) -> bool:
+    """Whether the row must close its think block now: exactly thinking_token_budget tokens
+    generated, none of them the end-of-think token (the scan runs once, at that position)."""
+    p, out = row.params, row.output_token_ids
+    return (p.think_end_token_id is not None and p.thinking_token_budget is not None
+            and len(out) == p.thinking_token_budget and p.think_end_token_id not in out)  # fmt: skip
+
+
+def apply_thinking_budget(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """vLLM's thinking_token_budget: a due row (thinking_budget_due) gets only its end-of-think
+    token (logit 0, every other -inf; whatever earlier constraints did); returns a new tensor
+    if any row is due."""
+    due = [i for i, r in enumerate(rows) if thinking_budget_due(r)]
+    if not due:
+        return x
+    x = x.clone()
+    for i in due:
+        x[i] = -math.inf
+        x[i, rows[i].params.think_end_token_id] = 0.0
+    return x
+
+
 def _allowed_ids(params: SamplingParams, device: torch.device) -> torch.Tensor:
     """params.allowed_token_ids as a tensor on `device`, built once per request (kept on the
     params object: a list of ~100K ids took milliseconds a step to convert)."""
@@ -529,6 +553,10 @@ def reference_sample(
             x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
     for t in set(row.output_token_ids):
         x[t] -= p.frequency_penalty * list(row.output_token_ids).count(t) + p.presence_penalty
+    if (p.think_end_token_id is not None and p.thinking_token_budget == len(out)
+            and p.think_end_token_id not in out):  # fmt: skip
+        x = torch.full_like(x, -math.inf)
+        x[p.think_end_token_id] = 0.0
     if is_greedy(p):
         token = int(x.argmax())
     else:

@@ -96,6 +96,7 @@ class _Request(BaseModel):
     return_token_ids: bool = False
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N"
     cache_salt: str | None = None  # vLLM's: prefix-cache hits only among the same salt
+    thinking_token_budget: int | None = None  # vLLM's: think at most this many tokens
     use_beam_search: bool = False  # refused: no beam search here (never silently sampled)
     # output constraints (server/structured.py): OpenAI's and vLLM's shapes
     response_format: dict[str, Any] | None = None
@@ -154,6 +155,7 @@ class _Request(BaseModel):
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             priority=self.priority,
             cache_salt=self.cache_salt,
+            thinking_token_budget=self.thinking_token_budget,
         )
         return p.validate()
 

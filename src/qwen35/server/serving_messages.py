@@ -11,7 +11,8 @@ tool calls; `tools` (custom tools: name, description, input_schema) are function
 `tool_choice` auto / any / tool / none is "auto" / "required" / a named tool / "none"
 (`disable_parallel_tool_use`: one call); `thinking` {"type": "enabled"} / {"type": "disabled"}
 turns Qwen's thinking on / off (without it, the model's default: on for 4B and larger;
-`budget_tokens` is not enforced; "adaptive" and "between_tools": the default);
+`budget_tokens` caps the think block: the chat's thinking_token_budget; "adaptive" and
+"between_tools": the default);
 A final assistant message is a prefill: the reply continues its text (chat's
 continue_final_message). `output_config.format` (a JSON schema) constrains the text as the chat's `response_format`
 does; `stop_sequences`, `temperature`, `top_p`, `top_k` and
@@ -253,6 +254,9 @@ def to_chat_request(state: ServerState, req: MessagesRequest) -> ChatCompletionR
     thinking = (req.thinking or {}).get("type")
     if thinking in ("enabled", "disabled"):
         body["chat_template_kwargs"] = {"enable_thinking": thinking == "enabled"}
+        budget = (req.thinking or {}).get("budget_tokens")
+        if thinking == "enabled" and budget is not None:
+            body["thinking_token_budget"] = budget
     elif thinking not in (None, "adaptive", "between_tools"):  # (those: the model's default)
         raise APIError('thinking.type must be "enabled", "disabled", "adaptive" or '
                        '"between_tools"', param="thinking")  # fmt: skip
