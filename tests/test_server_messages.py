@@ -293,3 +293,17 @@ def test_real_engine_images_in_user_and_tool_result(real):
     assert eng_text.count("<|image_pad|>") == 2  # each image: one placeholder -> its tokens
     n_img = num_tokens(image_grid(64, 48))
     assert chat.usage.prompt_tokens == len(engine.tokenizer.encode(eng_text)) - 2 + 2 * n_img
+
+
+def test_max_tokens_beyond_the_context_is_cut_to_fit(serve):
+    """Anthropic clients send max_tokens 32,000 whatever the server: here it becomes what the
+    context leaves after the prompt (the chat endpoint keeps refusing it, as vLLM does)."""
+    eng = FakeEngine(reply="ok", max_model_len=512)
+    srv, client = serve(eng)
+    user = [{"role": "user", "content": "Hi"}]
+    with claude(srv).messages.stream(model="tiny", max_tokens=32000, messages=user) as s:
+        r = s.get_final_message()  # (the SDK streams such a request)
+    prompt = len(eng.tokenizer.encode(eng.added[-1][1]))
+    assert r.stop_reason == "end_turn" and eng.added[-1][2].max_tokens == 512 - prompt
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": user, "max_tokens": 32000})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"

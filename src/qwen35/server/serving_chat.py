@@ -154,12 +154,17 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[ChatPr
 
 async def start_chat(
     state: ServerState, req: ChatCompletionRequest, params, rid: str, prompt_param: str,
-    model: str,
+    model: str, fit_max_tokens: bool = False,
 ) -> tuple[ChatPrompt, Any]:
     """Render and tokenize the chat, compile its constraint (response_format, tool_choice)
     into `params`, queue it as request `rid` for `model` (state.check_model's answer) -> (the
-    prompt, its output stream)."""
+    prompt, its output stream). fit_max_tokens: a max_tokens beyond the context left after the
+    prompt becomes what is left (Anthropic clients send 32,000 whatever the server's context)
+    instead of a context_length_exceeded error."""
     prompt, ids = await state.offload(prepare_chat, state, req)
+    room = (state.context_len or 0) - len(ids) if isinstance(ids, list) else 0
+    if fit_max_tokens and params.max_tokens is not None and 0 < room < params.max_tokens:
+        params.max_tokens = room
     spec, spec_param = request_constraint(
         req, thinking=prompt.thinking, tools=prompt.tools,
         tokenizer=getattr(state.engine, "tokenizer", None),

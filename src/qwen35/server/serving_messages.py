@@ -16,7 +16,8 @@ turns Qwen's thinking on / off (without it, the model's default: on for 4B and l
 A final assistant message is a prefill: the reply continues its text (chat's
 continue_final_message). `output_config.format` (a JSON schema) constrains the text as the chat's `response_format`
 does; `stop_sequences`, `temperature`, `top_p`, `top_k` and
-`max_tokens` (required, as Anthropic's API has it) are the chat fields. The reply's content is a
+`max_tokens` (required, as Anthropic's API has it; more than the context leaves after the prompt
+is cut to what it leaves: clients send 32,000 whatever the server) are the chat fields. The reply's content is a
 `thinking` block (the think block, empty signature), a `text` block and a `tool_use` block per
 call; `stop_reason` end_turn / max_tokens / stop_sequence / tool_use; `usage.input_tokens`
 excludes the prompt tokens the prefix cache served (`cache_read_input_tokens`), as Anthropic
@@ -324,7 +325,8 @@ async def _create_message(state: ServerState, request: Request) -> Response:
         param = {"stop": "stop_sequences"}.get(e.param, e.param)
         raise APIError(str(e), param=param) from None
     rid = random_id("msg")
-    prompt, stream = await start_chat(state, chat, params, rid, "messages", model)
+    prompt, stream = await start_chat(state, chat, params, rid, "messages", model,
+                                      fit_max_tokens=True)  # fmt: skip
     tracker = state.metrics.tracker()
     builder = ChoiceBuilder(prompt.thinking, prompt.tools)
     if req.stream:
