@@ -288,3 +288,13 @@ def test_gil_wait_bench_runs(capsys, tmp_path):
     _load("gil_wait").main(["--model", str(tmp_path / "m" / "config.json"), "--dtype", "fp32",
                             "--prompt", "200", "--threads", "1"])  # fmt: skip
     assert "wake-up lateness median" in capsys.readouterr().out
+
+
+def test_thinking_budget_bench_runs(capsys, tmp_path):
+    from tiny import VOCAB_REAL, save_checkpoint
+
+    save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32, layout="vlm")
+    _load("thinking_budget").main(["--model", str(tmp_path / "m"), "--dtype", "fp32",
+                                   "--tokens", "6", "--rounds", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "budget halfway" in out and out.count("tok/s") == 3

@@ -75,7 +75,7 @@ def test_engine_closes_the_think_block_at_the_budget(ckpt, engine_kw):
     thinking = llm.tokenizer.encode(llm.engine.chat_template.render(msgs, enable_thinking=True))
     free = _run(make(ckpt), thinking)
     assert end not in free[:5]  # (random weights: the model does not close it by itself)
-    for budget in (0, 1, 4):
+    for budget in (0, 1, 4, 6):
         got = _run(llm, thinking, budget)
         assert got[:budget] == free[:budget] and got[budget] == end, budget
     if "num_speculative_tokens" in engine_kw:  # drafts of the free run (the one at the budget

@@ -446,9 +446,12 @@ class ModelRunner:
             seq = s.seq
             if s.num_new_tokens != 1 or not s.sample or seq.mm_items or seq.needs_prompt_logprobs:
                 return 1
-            if not device_sampled(seq.params, seq.num_output_tokens):
+            p, n = seq.params, seq.num_output_tokens
+            if not device_sampled(p, n):
                 return 1
             k = min(k, 1 + s.lookahead)
+            if p.think_end_token_id is not None and n < p.thinking_token_budget:
+                k = min(k, p.thinking_token_budget - n)  # (the budget's position: one step)
         return k
 
     def _multi_step(self, scheduled, k: int) -> StepResult:
@@ -719,8 +722,9 @@ def device_sampled(p, num_output: int) -> bool:
     """A row whose next token the sampler draws from its logits and the request's parameters
     alone (greedy, or temperature / top-k / top-p / min-p with the request's or the shared
     generator): nothing read from the host's token lists, no logprobs to return. Not: logprobs,
-    penalties, logit bias, allowed / bad words, a grammar, min_tokens or a thinking budget
-    still pending."""
+    penalties, logit bias, allowed / bad words, a grammar, min_tokens still pending, the
+    position where a thinking budget may force the end of the think block (its row is the
+    only one that needs the host: multi-step decoding stops short of it, `_steps`)."""
     return not (
         p.logprobs is not None
         or has_penalties(p)
@@ -729,7 +733,7 @@ def device_sampled(p, num_output: int) -> bool:
         or p.bad_words_token_ids
         or p.structured_outputs is not None
         or num_output < p.min_tokens
-        or (p.think_end_token_id is not None and num_output <= (p.thinking_token_budget or 0))
+        or (p.think_end_token_id is not None and num_output == p.thinking_token_budget)
     )
 
 
