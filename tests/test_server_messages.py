@@ -307,3 +307,18 @@ def test_max_tokens_beyond_the_context_is_cut_to_fit(serve):
     assert r.stop_reason == "end_turn" and eng.added[-1][2].max_tokens == 512 - prompt
     r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": user, "max_tokens": 32000})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_model_aliases(serve):
+    """--served-model-name A B: requests may name any of them (e.g. the model an Anthropic client
+    asks for), replies carry the first; /v1/models lists each."""
+    srv, client = serve(FakeEngine(reply="ok"), model_aliases=("claude-sonnet-4-5",))
+    r = claude(srv).messages.create(model="claude-sonnet-4-5", max_tokens=5,
+                                    messages=[{"role": "user", "content": "Hi"}])  # fmt: skip
+    assert r.model == "tiny"
+    assert client.chat.completions.create(model="claude-sonnet-4-5", max_tokens=2,
+                                          messages=[{"role": "user", "content": "x"}]).model == "tiny"
+    assert [m.id for m in client.models.list().data] == ["tiny", "claude-sonnet-4-5"]
+    with pytest.raises(anthropic.NotFoundError):
+        claude(srv).messages.create(model="claude-opus", max_tokens=5,
+                                    messages=[{"role": "user", "content": "Hi"}])  # fmt: skip

@@ -171,14 +171,22 @@ def test_serve_command_in_a_subprocess(tmp_path):
     from tiny import VOCAB_REAL, save_checkpoint
 
     save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32)
-    proc, url = start_serve(tmp_path / "m", "--served-model-name", "tiny", "--api-key", "k",
-                            "--max-memory", "256MiB", "--log-level", "warning", timeout=120)  # fmt: skip
+    proc, url = start_serve(tmp_path / "m", "--served-model-name", "tiny", "claude-x",
+                            "--api-key", "k", "--max-memory", "256MiB", "--log-level", "warning",
+                            timeout=120)  # fmt: skip
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
         r = client.completions.create(model="tiny", prompt="Hi", max_tokens=3,
                                       extra_body={"ignore_eos": True})  # fmt: skip
         assert r.usage.completion_tokens == 3
         assert httpx.get(url + "/v1/models").status_code == 401
+        # Anthropic's client, its key header and a second served name
+        import anthropic
+
+        c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
+        m = c.messages.create(model="claude-x", max_tokens=3,
+                              messages=[{"role": "user", "content": "Hi"}])  # fmt: skip
+        assert m.model == "tiny" and m.usage.output_tokens <= 3
     finally:
         proc.terminate()
         status = proc.wait(30)

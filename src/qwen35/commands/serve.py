@@ -39,8 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--served-model-name", default=None,
-                   help="model id clients send as `model` (default: --model as given)")  # fmt: skip
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model id clients send as `model` (default: --model as given); several "
+                        "names: any is accepted, replies carry the first (e.g. the names an "
+                        "Anthropic client sends)")  # fmt: skip
     g.add_argument("--api-key", default=os.environ.get("QWEN35_API_KEY"),
                    help="require `Authorization: Bearer KEY` on every route but /health "
                         "(default: $QWEN35_API_KEY)")  # fmt: skip
@@ -186,9 +188,10 @@ def run(args: argparse.Namespace) -> int:
             + ("" if args.api_key else ", or set --api-key"),
             file=sys.stderr,
         )
-    name = args.served_model_name or args.model
+    names = args.served_model_name or [args.model]
     config = ServerConfig(
-        served_model_name=name,
+        served_model_name=names[0],
+        model_aliases=tuple(dict.fromkeys(n for n in names[1:] if n != names[0])),
         model_path=args.model,
         api_key=args.api_key or None,
         max_queue=args.max_queue,
@@ -231,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
               "sequences decode, short prompts taken beside long ones (--max-decode-step-ms; 0: "
               "off)", file=sys.stderr)  # fmt: skip
     print(
-        f"serving {name} (context {engine.max_model_len} tokens) on "
+        f"serving {' / '.join(names)} (context {engine.max_model_len} tokens) on "
         f"{'https' if https else 'http'}://{host}:{port}"
         f"/v1{' (API key required)' if config.api_key else ''}",
         file=sys.stderr,

@@ -130,13 +130,10 @@ async def prometheus(request: Request) -> Response:
 
 async def models(request: Request) -> JSONResponse:
     state = _state(request)
-    name = state.config.served_model_name
-    card = ModelCard(
-        id=name,
-        root=name,  # never the server's filesystem path
-        max_model_len=getattr(state.engine, "max_model_len", None),
-    )
-    cards = [card, *serving_lora.lora_cards(state)]  # LoRA adapters: models of their own
+    root = state.config.served_model_name  # never the server's filesystem path
+    ctx = getattr(state.engine, "max_model_len", None)
+    cards = [ModelCard(id=n, root=root, max_model_len=ctx) for n in state.model_names]
+    cards += serving_lora.lora_cards(state)  # LoRA adapters: models of their own
     return JSONResponse(ModelList(data=cards).model_dump())
 
 

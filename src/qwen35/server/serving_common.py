@@ -46,6 +46,8 @@ _ORIGIN = re.compile(r"https?://(\[[0-9a-fA-F:.]+\]|[^/\s:\[\]]+)(:[0-9]{1,5})?"
 class ServerConfig:
     served_model_name: str
     model_path: str | None = None  # also accepted as `model` in requests
+    # more names accepted as `model` (vLLM's --served-model-name A B ...: replies say the first)
+    model_aliases: tuple[str, ...] = ()
     api_key: str | None = None
     max_queue: int | None = None  # sequences allowed to wait for a running slot (None: no cap)
     max_body_bytes: int = 16 * 1024 * 1024
@@ -96,10 +98,11 @@ class ServerState:
         list_loras = getattr(self.engine, "list_loras", None)
         if list_loras is not None:
             self.loras = dict(list_loras())
-        if self.config.served_model_name in self.loras:
+        clash = next((n for n in self.model_names if n in self.loras), None)
+        if clash is not None:
             raise Qwen35Error(
-                f"a LoRA adapter is named like the served model ({self.config.served_model_name!r})"
-                ": rename one (--lora-modules NAME=PATH, --served-model-name)"
+                f"a LoRA adapter is named like the served model ({clash!r}): rename one "
+                "(--lora-modules NAME=PATH, --served-model-name)"
             )
         if self.pool is None:
             self.pool = concurrent.futures.ThreadPoolExecutor(
@@ -153,12 +156,17 @@ class ServerState:
         check_prompt_tokens(len(ids), self.prompt_limit, self.context_len, param)
         return ids
 
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """The served model's names: --served-model-name's (first: the one replies carry)."""
+        return (self.config.served_model_name, *self.config.model_aliases)
+
     def check_model(self, model: str | None) -> str:
-        """The model a request names: the served model (also by its path), or a LoRA adapter's
-        name; anything else is a 404."""
+        """The model a request names: the served model (by any of its names, or its path), or
+        a LoRA adapter's name; anything else is a 404."""
         if model is not None and model in self.loras:
             return model
-        names = {self.config.served_model_name, self.config.model_path}
+        names = {*self.model_names, self.config.model_path}
         if model is not None and model not in names:
             extra = f" and the LoRA adapters {', '.join(sorted(self.loras))}" if self.loras else ""
             raise APIError(

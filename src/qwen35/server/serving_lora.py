@@ -54,7 +54,7 @@ async def load_lora_adapter(state: ServerState, request: Request) -> Response:
     name = req.lora_name.strip()
     if not name:
         raise APIError("lora_name must not be empty", param="lora_name")
-    if name in state.loras or name in (state.config.served_model_name, state.config.model_path):
+    if name in state.loras or name in (*state.model_names, state.config.model_path):
         raise APIError(
             f"a model named {name!r} is already served: unload it first or pick another name",
             param="lora_name",
