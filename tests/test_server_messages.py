@@ -126,12 +126,32 @@ def test_streaming_events_equal_the_reply(serve):
     assert text == whole.content[1].text
     assert [b.model_dump() for b in final.content] == [b.model_dump() for b in whole.content]
     assert final.stop_reason == "end_turn" and final.usage.output_tokens == whole.usage.output_tokens
+    assert final.usage.input_tokens == whole.usage.input_tokens
     # the raw events: message_start first, message_stop last, no OpenAI [DONE]
     r = httpx.post(srv.url + "/v1/messages", json={**kw, "stream": True})
     names = [ln[7:] for ln in r.text.splitlines() if ln.startswith("event: ")]
     assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
     assert "[DONE]" not in r.text
     assert names.count("content_block_start") == names.count("content_block_stop") == 2
+
+
+def test_pings_while_no_token_comes(serve, monkeypatch):
+    """message_start goes at once; a stream waiting for its first token (a long prefill) gets
+    `ping` events, which the SDK skips."""
+    from qwen35.server import serving_messages
+
+    monkeypatch.setattr(serving_messages, "PING_S", 0.05)
+    eng = FakeEngine(reply="Hi there")
+    srv, _ = serve(eng)
+    eng.step_delay = 0.3
+    kw = dict(model="tiny", max_tokens=3, messages=[{"role": "user", "content": "Hi"}],
+              thinking={"type": "disabled"})  # fmt: skip
+    r = httpx.post(srv.url + "/v1/messages", json={**kw, "stream": True}, timeout=30)
+    names = [ln[7:] for ln in r.text.splitlines() if ln.startswith("event: ")]
+    assert names[0] == "message_start" and names[1] == "ping"
+    with claude(srv).messages.stream(**kw) as s:
+        final = s.get_final_message()
+    assert final.content[0].text == eng.tokenizer.decode(eng.reply_ids[:3])
 
 
 def test_stop_reasons(serve):

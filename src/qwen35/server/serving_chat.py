@@ -54,6 +54,8 @@ class ChatPrompt:
     thinking: bool  # the prompt leaves the model inside an open <think> block
     tools: list[dict[str, Any]] | None  # the tools rendered (and parsed for)
     media: dict[str, list] | None = None  # image / video sources in prompt order
+    num_tokens: int | None = None  # its token ids (start_chat; None with images: the engine
+    # expands each placeholder to the image's tokens)
 
 
 def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
@@ -162,6 +164,7 @@ async def start_chat(
     prompt becomes what is left (Anthropic clients send 32,000 whatever the server's context)
     instead of a context_length_exceeded error."""
     prompt, ids = await state.offload(prepare_chat, state, req)
+    prompt.num_tokens = len(ids) if isinstance(ids, list) else None
     room = (state.context_len or 0) - len(ids) if isinstance(ids, list) else 0
     if fit_max_tokens and params.max_tokens is not None and 0 < room < params.max_tokens:
         params.max_tokens = room

@@ -21,13 +21,15 @@ is cut to what it leaves: clients send 32,000 whatever the server) are the chat 
 `thinking` block (the think block, empty signature), a `text` block and a `tool_use` block per
 call; `stop_reason` end_turn / max_tokens / stop_sequence / tool_use; `usage.input_tokens`
 excludes the prompt tokens the prefix cache served (`cache_read_input_tokens`), as Anthropic
-counts them. Streaming sends Anthropic's events (message_start, content_block_start / delta /
-stop, message_delta, message_stop; an `error` event if the request fails mid-stream). Errors
+counts them. Streaming sends Anthropic's events (message_start at once, `ping` while no token
+comes, content_block_start / delta / stop, message_delta, message_stop; an `error` event if the
+request fails mid-stream). Errors
 come in Anthropic's shape `{"type": "error", "error": {"type", "message"}}`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -48,6 +50,8 @@ from qwen35.server.serving_common import (
     raise_for_error,
     request_id_of,
 )
+
+PING_S = 10.0  # a stream waiting this long for its first (or next) token sends a `ping`
 
 # HTTP status -> Anthropic's error type
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
@@ -330,7 +334,7 @@ async def _create_message(state: ServerState, request: Request) -> Response:
     tracker = state.metrics.tracker()
     builder = ChoiceBuilder(prompt.thinking, prompt.tools)
     if req.stream:
-        events = _events(rid, model, stream, tracker, builder)
+        events = _events(rid, model, stream, tracker, builder, prompt.num_tokens or 0)
         return SSEResponse(events, stream.abort, request_id_of(request), done=False,
                            error_event=_error_event)  # fmt: skip
 
@@ -346,8 +350,10 @@ async def _create_message(state: ServerState, request: Request) -> Response:
     return JSONResponse(_message(rid, model, content, reason, _usage(tracker.usage())))
 
 
-async def _events(rid, model, stream, tracker, builder):
-    """Anthropic's streaming events (`event:` lines, JSON with `type`)."""
+async def _events(rid, model, stream, tracker, builder, prompt_tokens: int):
+    """Anthropic's streaming events (`event:` lines, JSON with `type`): message_start at once
+    (usage: the prompt's tokens; message_delta's usage splits off the cached ones), a `ping`
+    every PING_S while no token comes (a long prompt's prefill on a CPU), the blocks, the end."""
     index = -1  # the open content block's index
     kind: str | None = None  # its type: "thinking" / "text" (tool_use blocks open and close)
     has_calls = False
@@ -391,14 +397,20 @@ async def _events(rid, model, stream, tracker, builder):
                     ev("content_block_stop", index=index)]  # fmt: skip
         return out
 
-    started, finish, stop = False, None, None
-    async for out in stream:
+    usage = {"input_tokens": prompt_tokens, "output_tokens": 0, "cache_read_input_tokens": 0,
+             "cache_creation_input_tokens": 0}  # fmt: skip
+    yield ev("message_start", message=_message(rid, model, [], (None, None), usage))
+    finish, stop = None, None
+    while True:
+        try:  # (cancelling the wait drops nothing: RequestStream's queue keeps its items)
+            out = await asyncio.wait_for(anext(stream), PING_S)
+        except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11)
+            yield ev("ping")
+            continue
+        except StopAsyncIteration:
+            break
         raise_for_error(out, rid)
         tracker.on_output(out)
-        if not started:  # (the prompt's token counts come with the first output)
-            started = True
-            usage = {**_usage(tracker.usage()), "output_tokens": 0}
-            yield ev("message_start", message=_message(rid, model, [], (None, None), usage))
         for o in out.outputs:
             for e in emit(builder.feed(o.text)):
                 yield e
