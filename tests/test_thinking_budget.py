@@ -126,6 +126,16 @@ def test_servers_fields(ckpt):
                                 extra_body={"temperature": 0})  # fmt: skip
         assert out.content[0].type == "thinking" and out.content[0].thinking == m[
             "reasoning_content"]
+        # with a response_format: free until the forced </think>, then the JSON constraint
+        fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+            "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            **body, "max_tokens": 24, "thinking_token_budget": 2, "response_format": fmt,
+            "ignore_eos": False}).json()  # fmt: skip
+        m = r["choices"][0]["message"]
+        assert m["reasoning_content"].strip() == tok.decode(
+            tok.encode(free["choices"][0]["message"]["reasoning_content"])[:2]).strip()
+        assert m["content"].lstrip().startswith("{"), m
         r = httpx.post(srv.url + "/v1/chat/completions", timeout=60,
                        json={**body, "thinking_token_budget": -2})  # fmt: skip
         assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget"
