@@ -8,6 +8,7 @@ import errno
 import os
 import sys
 
+from qwen35.commands import vllm_flags
 from qwen35.commands.common import add_engine_arguments, engine_on_its_thread, require_file
 from qwen35.errors import Qwen35Error
 
@@ -36,6 +37,7 @@ def _size(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p)
+    vllm_flags.add_arguments(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     g.add_argument("--port", type=int, default=8000)
@@ -158,6 +160,7 @@ def _check_tls(certfile: str | None, keyfile: str | None) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    vllm_flags.apply(args)  # (vLLM's flags mapped onto this engine's options)
     if not 0 <= args.port <= 65535:
         raise Qwen35Error(f"--port must be in [0, 65535], got {args.port}")
     https = _check_tls(args.ssl_certfile, args.ssl_keyfile)
