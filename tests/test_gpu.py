@@ -352,3 +352,29 @@ def test_speculative_decoding_equals_plain_on_gpu(moe, k, tmp_path):
     )
     assert outputs(llm.generate(ps, sps)) == want
     assert llm.engine.runner.spec.stats.accepted > 10
+
+
+def test_thinking_budget_on_the_gpu(tmp_path):
+    """thinking_token_budget on CUDA (graphs, and 4-step rounds that stop short of the budget's
+    position): the tokens before the budget equal the unbudgeted run's, then </think>."""
+    from tiny import VOCAB_REAL
+
+    d = tmp_path / "m"
+    save_checkpoint(d, vocab_size=VOCAB_REAL, layout="vlm")
+    for kw in ({}, {"num_scheduler_steps": 4}):
+        llm = cuda(d, **kw)
+        end = llm.tokenizer.token_to_id("</think>")
+        msgs = [{"role": "user", "content": "Why is the sky blue?"}]
+        p = llm.tokenizer.encode(llm.engine.chat_template.render(msgs, enable_thinking=True))
+
+        def run(budget, llm=llm, p=p):
+            sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                                thinking_token_budget=budget)  # fmt: skip
+            return llm.generate([p], sp)[0].outputs[0].token_ids
+
+        free = run(None)
+        for budget in (0, 3, 6):
+            got = run(budget)
+            if end in free[:budget]:
+                continue  # (the model closed it itself)
+            assert got[:budget] == free[:budget] and got[budget] == end, (kw, budget)
