@@ -55,6 +55,17 @@ def test_the_model_is_given_once(command, capsys):
     assert e.value.code == 2 and "two models given" in capsys.readouterr().err
 
 
+def test_generate_thinking_budget(model_dir):
+    """--thinking-budget N: with thinking on, </think> comes after N tokens; the text before it is
+    the unbudgeted run's."""
+    args = ["generate", "--model", str(model_dir), "--chat", "--thinking", "on", "--max-tokens",
+            "6", "--temperature", "0", "--ignore-eos", "--max-memory", "256MiB", "--prompt", "Why?"]
+    free, capped = qwen35(*args), qwen35(*args, "--thinking-budget", "2")
+    assert free.returncode == capped.returncode == 0, capped.stderr
+    head, sep, _ = capped.stdout.partition("</think>")
+    assert sep and "</think>" not in free.stdout and free.stdout.startswith(head) and head
+
+
 def test_chat_history_and_reset(model_dir):
     r = qwen35("chat", "--model", str(model_dir), "--max-tokens", "4", "--temperature", "0",
                "--ignore-eos", "--max-memory", "256MiB",

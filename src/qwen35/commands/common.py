@@ -84,6 +84,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--thinking-budget", type=int, default=None, metavar="N",
+                   help="think at most N tokens, then answer (</think> is forced; chat prompts "
+                        "with thinking on)")  # fmt: skip
 
 
 def sampling_params(args: argparse.Namespace):
@@ -100,6 +103,7 @@ def sampling_params(args: argparse.Namespace):
         seed=args.seed,
         stop=list(args.stop),
         ignore_eos=args.ignore_eos,
+        thinking_token_budget=args.thinking_budget,
     ).validate()
 
 
