@@ -301,6 +301,9 @@ def test_real_engine_images_in_user_and_tool_result(real):
         tools=[{"type": "function", "function": {"name": "shot", "parameters": tool[
             "input_schema"]}}], extra_body={"chat_template_kwargs": {"enable_thinking": False}})  # fmt: skip
     assert r.usage.input_tokens + r.usage.cache_read_input_tokens == chat.usage.prompt_tokens
+    n = claude(srv).messages.count_tokens(model="tiny", messages=msgs, tools=[tool],
+                                          thinking={"type": "disabled"})  # fmt: skip
+    assert n.input_tokens == chat.usage.prompt_tokens
     from qwen35.multimodal.sizing import image_grid, num_tokens
 
     eng_text = engine.chat_template.render(

@@ -41,7 +41,7 @@ from qwen35.request import SamplingParamsError
 from qwen35.server.chat_output import ChoiceBuilder
 from qwen35.server.limits import check_request_size
 from qwen35.server.protocol import APIError, ChatCompletionRequest, random_id
-from qwen35.server.serving_chat import build_chat_prompt, start_chat
+from qwen35.server.serving_chat import prepare_chat, start_chat
 from qwen35.server.serving_common import (
     JSONResponse,
     ServerState,
@@ -432,8 +432,13 @@ async def count_tokens(state: ServerState, request: Request) -> Response:
         state.check_model(req.model)
         chat = to_chat_request(state, req)
 
-        def count() -> int:
-            return len(state.encode(build_chat_prompt(state.engine, chat).text, "messages"))
+        def count() -> int:  # (images: the tokens each placeholder expands to)
+            _, ids = prepare_chat(state, chat)
+            if isinstance(ids, dict):
+                mm = state.engine.mm_processor
+                ids = mm.expand(ids["prompt_token_ids"], ids["multi_modal_data"].get("image", []),
+                                ids["multi_modal_data"].get("video", [])).token_ids  # fmt: skip
+            return len(ids)
 
         return JSONResponse({"input_tokens": await state.offload(count)})
     except APIError as e:
