@@ -402,6 +402,27 @@ def test_a_short_prompt_does_not_take_a_passed_prompts_memory():
         assert [s.seq_id for s in sched._short_picks(576 - 64)] == (["s2"] if fits else [])
 
 
+@pytest.mark.parametrize("threshold, starts", [(1024, True), (600, True), (599, False), (0, False)])
+def test_short_prompt_tokens_draws_the_line(threshold, starts):
+    """--short-prompt-tokens (vLLM's --long-prefill-token-threshold): a 600-token prompt that
+    does not fit beside a long prompt's paced chunk starts in shares ahead of it only when it is
+    short by that line."""
+    cfg = SchedulerConfig(max_num_batched_tokens=2048, block_size=16, max_model_len=6144,
+                          short_prompt_tokens=threshold)  # fmt: skip
+    sched = Scheduler(cfg, num_blocks=2048, num_slots=4)
+    runner = FakeRunner(sched)
+    for seq in (make_seq(9, range(2, 12), max_tokens=400), make_seq(0, [5] * 5000, max_tokens=2)):
+        sched.add(seq)
+        out = sched.schedule(192, short_first=True)
+        sched.update(out, runner.run(out))
+    sched.add(make_seq(1, [6] * 600, max_tokens=2))
+    out = sched.schedule(192, short_first=True)
+    rows = {s.seq.seq_id: s.num_new_tokens for s in out.scheduled if not s.is_decode}
+    assert ("s1" in rows) == starts, rows
+    with pytest.raises(ValueError, match="short_prompt_tokens"):
+        SchedulerConfig(short_prompt_tokens=-1)
+
+
 def run_mixed_workload(seed: int) -> int:
     """Documents and chat turns mixed, memory and seats tight, prompt chunks paced and short
     prompts first: every request completes with the reference tokens. -> the steps in which a
@@ -411,7 +432,7 @@ def run_mixed_workload(seed: int) -> int:
     cfg = SchedulerConfig(max_num_seqs=rng.randint(2, 6), max_num_batched_tokens=64,
                           max_model_len=400, block_size=8, eos_token_ids=(0,),
                           enable_prefix_caching=rng.random() < 0.5,
-                          scheduling_policy=policy)  # fmt: skip
+                          scheduling_policy=policy, short_prompt_tokens=100)  # fmt: skip
     sched = Scheduler(cfg, num_blocks=50 + rng.randint(0, 100), num_slots=rng.randint(2, 6),
                       num_checkpoint_slots=4)  # fmt: skip
     arrivals = []
@@ -430,7 +451,6 @@ def run_mixed_workload(seed: int) -> int:
     sched._short_picks = watch
     with pytest.MonkeyPatch.context() as mp:  # the workload's scale: chat turns, documents
         mp.setattr(scheduler_mod, "PREFILL_GRID", 8)
-        mp.setattr(scheduler_mod, "SHORT_PROMPT_TOKENS", 100)
         done, _, _ = run_steps(sched, FakeRunner(sched), arrivals, cap=32, short_first=True)
     assert {s.seq_id for s in done} == {s.seq_id for _, s in arrivals}
     for s in done:

@@ -73,3 +73,16 @@ def test_gpu_memory_utilization_on_a_gpu(monkeypatch):
     assert vllm_flags.gpu_memory(0.5, "cuda", None) == str(40 << 30)
     args = parse(["serve", "m", "--device", "cuda:0", "--gpu-memory-utilization", "0.25"])
     assert EngineConfig.from_cli(args).cache.max_memory == str(20 << 30)
+
+
+def test_long_prefill_token_threshold_reaches_the_scheduler(tmp_path):
+    from test_engine import make
+    from tiny import save_checkpoint
+
+    args = parse(["serve", "m", "--long-prefill-token-threshold", "300"])
+    assert EngineConfig.from_cli(args).scheduler.short_prompt_tokens == 300
+    save_checkpoint(tmp_path / "m")
+    llm = make(tmp_path / "m", short_prompt_tokens=300)
+    assert llm.engine.scheduler.config.short_prompt_tokens == 300
+    with pytest.raises(Qwen35Error, match="short_prompt_tokens"):
+        make(tmp_path / "m", short_prompt_tokens=-1)

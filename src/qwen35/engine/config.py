@@ -125,13 +125,21 @@ class SchedulingConfig:
     )
     max_num_seqs: int = _opt(32, "most sequences running at once")
     max_num_batched_tokens: int = _opt(2048, "token budget per step")
+    short_prompt_tokens: int = _opt(
+        1024,
+        "with --max-decode-step-ms on, prompts of up to this many tokens are short: they start "
+        "beside a long prompt's chunk (in shares ahead of it) instead of after its last; vLLM's "
+        "--long-prefill-token-threshold (also accepted) draws the same line. 0: only prompts "
+        "that fit whole beside the chunk",
+        aliases=["--long-prefill-token-threshold"],
+    )
     max_decode_step_ms: float | None = _opt(
         None,
         "while sequences are decoding, cut prompt chunks (on 64-token boundaries, at least 128 "
         "tokens) so a step takes about this long at the prefill rate the engine measures: "
         "streams in flight keep getting tokens while a long prompt prefills (on a CPU a "
         "2,048-token chunk takes seconds); with it on, short prompts (up to 1,024 tokens) also go "
-        "ahead of a long prompt's chunk instead of after its last. Default: 1000 "
+        "ahead of a long prompt's chunk instead of after its last (--short-prompt-tokens). Default: 1000 "
         "under `qwen35 serve`, off elsewhere "
         "(offline batches keep whole chunks: more throughput, and a schedule of token counts "
         "alone, so the same requests give the same tokens). 0: off",
@@ -412,6 +420,10 @@ class EngineConfig:
             not isinstance(s.max_model_len, int) or s.max_model_len < 2
         ):
             raise Qwen35Error(f"max_model_len must be an integer >= 2, got {s.max_model_len!r}")
+        if isinstance(s.short_prompt_tokens, bool) or not isinstance(s.short_prompt_tokens, int) \
+                or s.short_prompt_tokens < 0:  # fmt: skip
+            raise Qwen35Error(f"short_prompt_tokens must be an integer >= 0, got "
+                              f"{s.short_prompt_tokens!r}")  # fmt: skip
         ms = s.max_decode_step_ms
         if ms is not None and (isinstance(ms, bool) or not isinstance(ms, (int, float))
                                or not 0 <= ms < math.inf):  # fmt: skip

@@ -391,6 +391,7 @@ class LLMEngine:
             # positions a decode step may run past its token: drafts, or multi-step decoding
             num_lookahead_tokens=sc.num_speculative_tokens or sc.num_scheduler_steps - 1,
             scheduling_policy=sc.scheduling_policy,
+            short_prompt_tokens=sc.short_prompt_tokens,
         )
         self.scheduler = Scheduler(
             sched_cfg,

@@ -73,12 +73,17 @@ class SchedulerConfig:
     # "fcfs": waiting sequences run in arrival order; "priority": by (params.priority, arrival),
     # lower first, and a preemption takes the running sequence last in that order
     scheduling_policy: str = "fcfs"
+    # prompts of up to this many tokens are short: they go ahead of a long prompt's chunk when
+    # short prompts go first (schedule(short_first=True)); vLLM's long_prefill_token_threshold
+    short_prompt_tokens: int = SHORT_PROMPT_TOKENS
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(
                 f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
             )
+        if self.short_prompt_tokens < 0:
+            raise ValueError(f"short_prompt_tokens must be >= 0, got {self.short_prompt_tokens}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -479,7 +484,7 @@ class Scheduler:
     def _short_picks(self, room: int) -> list[Sequence]:
         """The waiting prompts (in queue order) that may start this step beside the running
         prompts' chunks: the short ones (whole in `room` prompt tokens, or of up to
-        SHORT_PROMPT_TOKENS), within the free state slots and max_num_seqs. A short request then
+        config.short_prompt_tokens), within the free state slots and max_num_seqs. A short request then
         starts now, not after a long prompt's last chunk, also behind waiting prompts that are
         not short: it may pass them (the first of them could not start before the running
         prompts' last chunk anyway) where it leaves that one a seat and the KV blocks of its
@@ -495,7 +500,7 @@ class Scheduler:
             if len(picks) + passed >= seats or room <= 0:
                 break
             need = cdiv(seq.num_tokens, bs)
-            if seq.num_tokens > max(room, SHORT_PROMPT_TOKENS):
+            if seq.num_tokens > max(room, self.config.short_prompt_tokens):
                 if not passed:  # the first that is not short: keep what it will need
                     passed, urgency = True, rank(seq)
                     blocks = self.kv.num_free_blocks - need - sum(
