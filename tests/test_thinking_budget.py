@@ -141,3 +141,64 @@ def test_servers_fields(ckpt):
         assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget"
     finally:
         srv.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_budgets_batched_equal_alone(tmp_path, seed):
+    """Requests with random budgets (prompts that open a think block or not, greedy or seeded,
+    n, stop ids, min_tokens) arriving between steps of engines with MTP or n-gram drafts,
+    multi-step rounds or neither, prefix caching and preemption about: every output closes its
+    think block at its budget, and equals its run alone in a plain engine."""
+    import random
+
+    from test_fuzz_workloads import _drive, _outs
+
+    rng = random.Random(seed)
+    d = tmp_path / "m"
+    save_checkpoint(d, vocab_size=VOCAB_REAL, hidden_size=32, layout="vlm", mtp=True, seed=seed,
+                    dtype=torch.float32)  # fmt: skip
+    forced = 0  # outputs checked closing at their budget
+    for mode in ("mtp", "ngram", "steps", "plain"):
+        bs = rng.choice([4, 8, 16])
+        kw = dict(dtype="fp32", verbose=False, block_size=bs, max_model_len=160,
+                  max_num_seqs=rng.choice([2, 4, 16]), max_num_batched_tokens=rng.choice([8, 32, 256]),
+                  enable_prefix_caching=rng.random() < 0.7)  # fmt: skip
+        if rng.random() < 0.5:
+            kw["num_kv_blocks"] = -(-160 // bs) + rng.randrange(1, 20)
+        extra = {"mtp": dict(num_speculative_tokens=2), "steps": dict(num_scheduler_steps=3),
+                 "ngram": dict(num_speculative_tokens=2, speculative_method="ngram"),
+                 "plain": {}}[mode]  # fmt: skip
+        llm = make(d, **kw, **extra)
+        if mode == "mtp":
+            llm.engine.runner.spec.backoff = False
+        start, end = (llm.tokenizer.token_to_id(t) for t in ("<think>", "</think>"))
+
+        def prompt(start=start):
+            p = [rng.randrange(2, 5000) for _ in range(rng.randrange(3, 40))]
+            return p + [start, 198] if rng.random() < 0.8 else p  # (198: "\n")
+
+        def params():
+            kw2 = dict(max_tokens=rng.randrange(1, 20), ignore_eos=True, n=rng.choice([1, 1, 2]),
+                       thinking_token_budget=rng.randrange(0, 12))  # fmt: skip
+            if rng.random() < 0.5:
+                kw2.update(temperature=0.8, seed=rng.randrange(1 << 20))
+            else:
+                kw2["temperature"] = 0.0
+            if rng.random() < 0.2:
+                kw2["min_tokens"] = rng.randrange(0, 6)
+            return SamplingParams(**kw2)
+
+        reqs, done, _ = _drive(llm.engine, rng, rng.randrange(4, 12), lambda: (prompt(), params()),
+                               0.05)  # fmt: skip
+        fresh = make(d, **{**kw, "enable_prefix_caching": False})
+        for rid, out in done.items():
+            p, sp = reqs[rid]
+            b = sp.thinking_token_budget
+            for c in out.outputs:
+                toks = list(c.token_ids)
+                if p[-2:] == [start, 198] and len(toks) > b and end not in toks[:b]:
+                    assert toks[b] == end, (rid, mode, b, toks)
+                    forced += 1
+            assert _outs(out) == _outs(fresh.generate([p], sp)[0]), (rid, mode, kw)
+    assert forced >= 5
