@@ -497,6 +497,9 @@ CONTINUE = [
     ("assistant-prefill", PREFILL),
     ("assistant-parts", PLAIN + [{"role": "assistant", "content": [
         {"type": "text", "text": "A "}, {"type": "text", "text": "B\n"}]}]),
+    ("parts-ending-in-space", PLAIN + [{"role": "assistant", "content": [
+        {"type": "text", "text": "abc\n"}, {"type": "text", "text": "  "},
+        {"type": "text", "text": ""}]}]),
     ("user-continued", [{"role": "user", "content": "Tell me about"}]),
     ("after-tool-results", weather_messages() + [{"role": "assistant", "content": "Paris is"}]),
     ("with-reasoning-and-calls", PLAIN + [{"role": "assistant", "content": "Calling.",
