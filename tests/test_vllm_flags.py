@@ -65,14 +65,15 @@ def test_parsers_for_other_formats_are_refused(capsys):
 def test_gpu_memory_utilization_on_a_gpu(monkeypatch):
     import torch
 
-    class Props:
-        total_memory = 80 << 30
-
+    free = [79 << 30]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free[0], 80 << 30))
     assert vllm_flags.gpu_memory(0.5, "cuda", None) == str(40 << 30)
     args = parse(["serve", "m", "--device", "cuda:0", "--gpu-memory-utilization", "0.25"])
     assert EngineConfig.from_cli(args).cache.max_memory == str(20 << 30)
+    free[0] = 30 << 30  # another process holds 50 GiB
+    with pytest.raises(Qwen35Error, match="only 30.0 GiB are free"):
+        vllm_flags.gpu_memory(0.5, "cuda", None)
 
 
 def test_long_prefill_token_threshold_reaches_the_scheduler(tmp_path):

@@ -94,5 +94,12 @@ def gpu_memory(fraction: float, device: str, max_memory: str | None) -> str:
 
     if not torch.cuda.is_available():
         raise Qwen35Error("--gpu-memory-utilization: no CUDA device is available")
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    return str(int(total * fraction))
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    want = int(total * fraction)
+    if want > free:  # (as vLLM: the share must be free when the server starts)
+        raise Qwen35Error(
+            f"--gpu-memory-utilization {fraction}: {want / 2**30:.1f} GiB of {device}'s "
+            f"{total / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB are free (other processes "
+            "hold the rest): lower it, or free the GPU"
+        )
+    return str(want)
