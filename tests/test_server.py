@@ -29,6 +29,9 @@ def test_models_health_and_completion(serve):
     eng = FakeEngine()
     srv, client = serve(eng)
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"  # GET /v1/models/{id}
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4/x")
     assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
     r = client.completions.create(model="tiny", prompt="Hi there", max_tokens=4)
     assert r.choices[0].text == eng.tokenizer.decode(eng.reply_ids[:4])

@@ -29,6 +29,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen35.engine.engine_thread import EngineThread
+from qwen35.errors import shown
 from qwen35.server import serving_lora, serving_messages, serving_responses, serving_tokens
 from qwen35.server.async_engine import AsyncEngine
 from qwen35.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -128,13 +129,24 @@ async def prometheus(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
-async def models(request: Request) -> JSONResponse:
-    state = _state(request)
+def _cards(state: ServerState) -> list[ModelCard]:
     root = state.config.served_model_name  # never the server's filesystem path
     ctx = getattr(state.engine, "max_model_len", None)
     cards = [ModelCard(id=n, root=root, max_model_len=ctx) for n in state.model_names]
-    cards += serving_lora.lora_cards(state)  # LoRA adapters: models of their own
-    return JSONResponse(ModelList(data=cards).model_dump())
+    return cards + serving_lora.lora_cards(state)  # LoRA adapters: models of their own
+
+
+async def models(request: Request) -> JSONResponse:
+    return JSONResponse(ModelList(data=_cards(_state(request))).model_dump())
+
+
+async def model(request: Request, model_id: str) -> JSONResponse:
+    """GET /v1/models/{id} (OpenAI's `models.retrieve`): the card, or a 404."""
+    card = next((c for c in _cards(_state(request)) if c.id == model_id), None)
+    if card is None:
+        raise APIError(f"The model `{shown(model_id, 100)}` does not exist", 404,
+                       "invalid_request_error", "model", "model_not_found")  # fmt: skip
+    return JSONResponse(card.model_dump())
 
 
 def _with_state(serve):
@@ -164,6 +176,7 @@ ROUTES = (
     ("GET", "/health", health),
     ("GET", "/metrics", prometheus),
     ("GET", "/v1/models", models),
+    ("GET", "/v1/models/{model_id:path}", model),
     ("POST", "/v1/completions", _with_state(create_completion)),
     ("POST", "/v1/chat/completions", _with_state(create_chat_completion)),
     ("POST", "/v1/responses", _with_state(serving_responses.create_response)),
