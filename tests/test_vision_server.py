@@ -81,6 +81,37 @@ def test_bad_media_is_400(server, part, needle):
     assert needle in r.json()["error"]["message"]
 
 
+def test_mm_processor_kwargs_bound_the_image_tokens(server):
+    """vLLM's mm_processor_kwargs min_pixels / max_pixels per request: a smaller max_pixels
+    gives the image fewer tokens (the same resize formula the planner uses); values beyond the
+    server's bound, unknown keys and min > max are 400s naming the field."""
+    import dataclasses
+
+    from qwen35.multimodal.sizing import VisionPreprocessConfig
+
+    srv, client, engine = server
+    msgs = image_msg(data_url(320, 240))
+    extra = {"chat_template_kwargs": {"enable_thinking": False}}
+    whole = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=1,
+                                           extra_body=extra)  # fmt: skip
+    small = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=1, extra_body={
+        **extra, "mm_processor_kwargs": {"max_pixels": 128 * 128}})  # fmt: skip
+    pre = engine.mm_processor.pre
+    tokens = lambda cfg: num_tokens(image_grid(320, 240, cfg))  # noqa: E731
+    bounded = dataclasses.replace(pre, min_pixels=min(pre.min_pixels, 128 * 128),
+                                  max_pixels=128 * 128)  # (a max below the min lowers it too)
+    assert tokens(bounded) < tokens(pre)
+    assert whole.usage.prompt_tokens - small.usage.prompt_tokens == tokens(pre) - tokens(bounded)
+    assert isinstance(pre, VisionPreprocessConfig)
+    for kw, says in (({"max_pixels": pre.max_pixels + 1}, "max_pixels must be"),
+                     ({"min_pixels": 5000, "max_pixels": 4096}, "above max_pixels"),
+                     ({"fps": 2}, "fps not supported")):  # fmt: skip
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": msgs, "max_tokens": 1, "mm_processor_kwargs": kw})
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "mm_processor_kwargs"
+
+
 def test_animated_gif_as_video(server):
     srv, client, engine = server
     frames = [Image.fromarray(np.full((40, 56, 3), 40 * i, np.uint8)) for i in range(5)]

@@ -103,6 +103,26 @@ class MultimodalProcessor:
             out[kind] = [self._one(kind, v, media) for v in values]
         return out
 
+    def with_image_pixels(self, min_pixels: int | None, max_pixels: int | None):
+        """This processor with a request's own image size bounds (vLLM's mm_processor_kwargs
+        min_pixels / max_pixels), within [the resize factor's square, this one's max_pixels]:
+        a request may ask for fewer image tokens, never for more than the server's bound."""
+        import copy
+        import dataclasses
+
+        pre, lo_limit = self.pre, self.pre.factor * self.pre.factor
+        hi = pre.max_pixels if max_pixels is None else max_pixels
+        lo = min(pre.min_pixels, hi) if min_pixels is None else min_pixels  # (a low max: the min too)
+        for name, v in (("min_pixels", lo), ("max_pixels", hi)):
+            if isinstance(v, bool) or not isinstance(v, int) or not lo_limit <= v <= pre.max_pixels:
+                raise MediaError(f"mm_processor_kwargs.{name} must be an integer in [{lo_limit}, "
+                                 f"{pre.max_pixels}] (this server's max_pixels), got {v!r}")  # fmt: skip
+        if lo > hi:
+            raise MediaError(f"mm_processor_kwargs: min_pixels {lo} is above max_pixels {hi}")
+        out = copy.copy(self)
+        out.pre = dataclasses.replace(pre, min_pixels=lo, max_pixels=hi)
+        return out
+
     def _one(self, kind: str, value, media: MediaOptions) -> ProcessedMedia:
         if isinstance(value, ProcessedMedia):
             if value.kind != kind:

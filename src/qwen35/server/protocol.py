@@ -228,6 +228,8 @@ class ChatCompletionRequest(_Request):
     continue_final_message: bool = False
     echo: bool = False
     include_reasoning: bool = True  # vLLM's: false leaves reasoning_content out of the reply
+    # vLLM's: the image processor's min_pixels / max_pixels for this request (fewer tokens)
+    mm_processor_kwargs: dict[str, Any] | None = None
     # OpenAI's: "none" / "minimal" turn Qwen's thinking off, other values on (as the Responses
     # API's reasoning.effort here); chat_template_kwargs.enable_thinking, when given, wins
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None

@@ -131,11 +131,22 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
     return ChatPrompt(text, prompt_thinking_enabled(text), tools, media or None)
 
 
-def load_server_media(engine: Any, media: dict[str, list]) -> dict[str, list]:
+def load_server_media(engine: Any, media: dict[str, list], kwargs: dict | None = None
+                      ) -> dict[str, list]:  # fmt: skip
     """Decode data: URLs, fetch allowed http(s) URLs (never server files) and preprocess (on
-    the worker thread, not the event loop or the engine thread); bad media is a 400."""
+    the worker thread, not the event loop or the engine thread); bad media is a 400. kwargs:
+    vLLM's mm_processor_kwargs (min_pixels / max_pixels of images)."""
     proc = engine.mm_processor
     opts = replace(proc.media, allow_local_files=False)
+    if kwargs:
+        unknown = sorted(set(kwargs) - {"min_pixels", "max_pixels"})
+        if unknown:
+            raise APIError(f"mm_processor_kwargs: {', '.join(map(str, unknown))} not supported "
+                           "(min_pixels, max_pixels are)", param="mm_processor_kwargs")  # fmt: skip
+        try:
+            proc = proc.with_image_pixels(kwargs.get("min_pixels"), kwargs.get("max_pixels"))
+        except MediaError as e:
+            raise APIError(str(e), param="mm_processor_kwargs") from None
     try:
         return proc.preprocess(media, opts)
     except MediaError as e:
@@ -150,7 +161,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[ChatPr
     ids = state.encode(prompt.text, "messages", req.truncate_prompt_tokens)
     if not prompt.media:
         return prompt, ids
-    media = load_server_media(state.engine, prompt.media)
+    media = load_server_media(state.engine, prompt.media, req.mm_processor_kwargs)
     return prompt, {"prompt_token_ids": ids, "multi_modal_data": media}
 
 
