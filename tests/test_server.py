@@ -232,6 +232,28 @@ def test_chat_continue_final_message_and_echo(serve):
     assert eng.tokenizer.decode(r.json()["tokens"]).endswith("</think>\n\nToday is")
 
 
+def test_request_chat_template(serve):
+    """vLLM's per-request chat_template: a 400 unless the server trusts request templates
+    (--trust-request-chat-template), then rendered instead of the model's (never ignored)."""
+    tpl = ("{% for m in messages %}<<{{ m.role }}>>{{ m.content }}\n{% endfor %}"
+           "{% if add_generation_prompt %}<<assistant>>{% endif %}")  # fmt: skip
+    eng = FakeEngine(reply="ok")
+    srv, _ = serve(eng)
+    body = {"messages": USER, "max_tokens": 2, "chat_template": tpl}
+    r = httpx.post(srv.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template"
+    assert "--trust-request-chat-template" in r.json()["error"]["message"] and not eng.added
+    eng2 = FakeEngine(reply="ok")
+    srv2, _ = serve(eng2, trust_request_chat_template=True)
+    r = httpx.post(srv2.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 200 and eng2.added[-1][1] == "<<user>>Hi!\n<<assistant>>"
+    r = httpx.post(srv2.url + "/tokenize", json={"messages": USER, "chat_template": tpl})
+    assert eng2.tokenizer.decode(r.json()["tokens"]) == "<<user>>Hi!\n<<assistant>>"
+    for bad, says in (("{% for m in messages %}", "does not compile"), ("  ", "empty")):
+        r = httpx.post(srv2.url + "/v1/chat/completions", json={**body, "chat_template": bad})
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+
+
 def test_return_token_ids_and_include_reasoning(serve):
     """vLLM's return_token_ids: the prompt's ids once (chat: in the response / first chunk;
     completions: per choice) and each choice's generated ids (streamed: each chunk's own);

@@ -210,6 +210,15 @@ class ChatTemplate:
             default_thinking = None
         return cls(source, default_thinking, specials)
 
+    @classmethod
+    def from_source(cls, source: str, special_tokens: dict[str, str] | None = None) -> ChatTemplate:
+        """A template from jinja text (a request's own: vLLM's `chat_template` field), compiled
+        now (ChatFormatError if it does not), with its own thinking default."""
+        if not isinstance(source, str) or not source.strip():
+            raise ChatFormatError("the chat template is empty")
+        _compile(source)
+        return cls(source, None, dict(special_tokens or {}))
+
     def thinking_default(self) -> bool | None:
         """Whether a prompt rendered without enable_thinking leaves the model thinking (None if
         a one-message probe does not render)."""

@@ -45,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model id clients send as `model` (default: --model as given); several "
                         "names: any is accepted, replies carry the first (e.g. the names an "
                         "Anthropic client sends)")  # fmt: skip
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="render a request's own `chat_template` (vLLM's flag; jinja runs "
+                        "sandboxed, but a template can loop for long); without it such a "
+                        "request is a 400")  # fmt: skip
     g.add_argument("--api-key", default=os.environ.get("QWEN35_API_KEY"),
                    help="require `Authorization: Bearer KEY` on every route but /health "
                         "(default: $QWEN35_API_KEY)")  # fmt: skip
@@ -195,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(
         served_model_name=names[0],
         model_aliases=tuple(dict.fromkeys(n for n in names[1:] if n != names[0])),
+        trust_request_chat_template=args.trust_request_chat_template,
         model_path=args.model,
         api_key=args.api_key or None,
         max_queue=args.max_queue,

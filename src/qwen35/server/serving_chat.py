@@ -17,7 +17,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from qwen35.chat_format import ChatFormatError, check_text_only, prompt_thinking_enabled
+from qwen35.chat_format import (
+    ChatFormatError,
+    ChatTemplate,
+    check_text_only,
+    prompt_thinking_enabled,
+)
 from qwen35.multimodal.chat import extract_media
 from qwen35.multimodal.sizing import MediaError
 from qwen35.request import SamplingParamsError
@@ -58,8 +63,28 @@ class ChatPrompt:
     # expands each placeholder to the image's tokens)
 
 
-def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
-    """The prompt text for a chat request; bad messages / tools / kwargs are 400s."""
+def request_template(engine: Any, req: ChatCompletionRequest, trusted: bool) -> Any:
+    """The template a request renders with: the engine's, or its own `chat_template` (vLLM's
+    field) where the server trusts request templates (--trust-request-chat-template: jinja runs
+    sandboxed, but a template can still loop for long); else that field is a 400, never
+    silently ignored."""
+    if req.chat_template is None:
+        return engine.chat_template
+    if not trusted:
+        raise APIError("this server does not render a request's own chat_template: start it "
+                       "with --trust-request-chat-template (as vLLM), or give the template at "
+                       "start-up with --chat-template", param="chat_template")  # fmt: skip
+    try:
+        return ChatTemplate.from_source(req.chat_template, engine.chat_template.special_tokens)
+    except ChatFormatError as e:
+        raise APIError(str(e), param="chat_template") from None
+
+
+def build_chat_prompt(engine: Any, req: ChatCompletionRequest, trusted: bool = False
+                      ) -> ChatPrompt:  # fmt: skip
+    """The prompt text for a chat request; bad messages / tools / kwargs are 400s. trusted:
+    the server renders a request's own chat_template (request_template)."""
+    template = request_template(engine, req, trusted)
     # exclude_unset keeps what the client sent (explicit nulls too), in its order, for tojson
     tools = (
         [{"type": "function", **t.model_dump(exclude_unset=True)} for t in req.tools]
@@ -113,7 +138,7 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest) -> ChatPrompt:
             param="messages",
         )
     try:
-        text = engine.chat_template.render(
+        text = template.render(
             messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
             enable_thinking=thinking, continue_final_message=req.continue_final_message, **kwargs,
         )  # fmt: skip
@@ -157,7 +182,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[ChatPr
     """Render and tokenize, and decode + preprocess images (on a worker thread: all cost time
     linear in the body). -> the prompt, and what goes to the engine (token ids, or with media
     {"prompt_token_ids", "multi_modal_data"})."""
-    prompt = build_chat_prompt(state.engine, req)
+    prompt = build_chat_prompt(state.engine, req, state.config.trust_request_chat_template)
     ids = state.encode(prompt.text, "messages", req.truncate_prompt_tokens)
     if not prompt.media:
         return prompt, ids

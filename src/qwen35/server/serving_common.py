@@ -48,6 +48,7 @@ class ServerConfig:
     model_path: str | None = None  # also accepted as `model` in requests
     # more names accepted as `model` (vLLM's --served-model-name A B ...: replies say the first)
     model_aliases: tuple[str, ...] = ()
+    trust_request_chat_template: bool = False  # a request's own `chat_template` is rendered
     api_key: str | None = None
     max_queue: int | None = None  # sequences allowed to wait for a running slot (None: no cap)
     max_body_bytes: int = 16 * 1024 * 1024

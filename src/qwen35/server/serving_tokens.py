@@ -24,6 +24,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None  # ... or chat messages (rendered as for a chat)
     tools: list[Tool] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
     add_generation_prompt: bool = True  # (chat messages: as in a chat request)
     continue_final_message: bool = False
     add_special_tokens: bool = True  # (Qwen's tokenizer adds none either way)
@@ -44,10 +45,12 @@ def _tokenize(state: ServerState, req: TokenizeRequest) -> list[int]:
     if req.messages is not None:
         chat = ChatCompletionRequest(
             messages=req.messages, tools=req.tools, chat_template_kwargs=req.chat_template_kwargs,
+            chat_template=req.chat_template,
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
         )  # fmt: skip
-        text = build_chat_prompt(state.engine, chat).text
+        text = build_chat_prompt(state.engine, chat,
+                                 state.config.trust_request_chat_template).text  # fmt: skip
     try:
         return state.engine.tokenizer.encode(text)
     except UnicodeError:
