@@ -249,6 +249,10 @@ def test_request_chat_template(serve):
     assert r.status_code == 200 and eng2.added[-1][1] == "<<user>>Hi!\n<<assistant>>"
     r = httpx.post(srv2.url + "/tokenize", json={"messages": USER, "chat_template": tpl})
     assert eng2.tokenizer.decode(r.json()["tokens"]) == "<<user>>Hi!\n<<assistant>>"
+    doc_tpl = "{% for d in documents %}[{{ d.title }}]{% endfor %}" + tpl  # vLLM's documents
+    r = httpx.post(srv2.url + "/v1/chat/completions", json={
+        **body, "chat_template": doc_tpl, "documents": [{"title": "A", "text": "t"}]})
+    assert r.status_code == 200 and eng2.added[-1][1].startswith("[A]<<user>>")
     for bad, says in (("{% for m in messages %}", "does not compile"), ("  ", "empty")):
         r = httpx.post(srv2.url + "/v1/chat/completions", json={**body, "chat_template": bad})
         assert r.status_code == 400 and says in r.json()["error"]["message"], r.text

@@ -229,6 +229,7 @@ class ChatCompletionRequest(_Request):
     echo: bool = False
     include_reasoning: bool = True  # vLLM's: false leaves reasoning_content out of the reply
     chat_template: str | None = None  # vLLM's: this request's own (--trust-request-chat-template)
+    documents: list[dict[str, Any]] | None = None  # vLLM's: passed to the template (RAG ones)
     # vLLM's: the image processor's min_pixels / max_pixels for this request (fewer tokens)
     mm_processor_kwargs: dict[str, Any] | None = None
     # OpenAI's: "none" / "minimal" turn Qwen's thinking off, other values on (as the Responses

@@ -115,6 +115,8 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest, trusted: bool = F
         )
     for reserved in ("messages", "tools", "add_generation_prompt", "continue_final_message"):
         kwargs.pop(reserved, None)
+    if req.documents is not None:  # (a template that reads `documents`; Qwen's does not)
+        kwargs["documents"] = req.documents
     if req.continue_final_message and req.add_generation_prompt:
         raise APIError(
             "continue_final_message and add_generation_prompt cannot both be true: set "
