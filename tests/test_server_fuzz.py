@@ -36,7 +36,8 @@ FIELDS = [
     "lora_name", "lora_path", "allowed_token_ids", "bad_words", "truncate_prompt_tokens",
     "priority", "add_generation_prompt", "continue_final_message", "include_reasoning",
     "return_token_ids", "return_tokens_as_token_ids", "use_beam_search", "cache_salt",
-    "system", "stop_sequences", "thinking", "output_config", "metadata",
+    "system", "stop_sequences", "thinking", "output_config", "metadata", "chat_template",
+    "documents", "mm_processor_kwargs", "reasoning_effort", "thinking_token_budget",
     "unknown_field",
 ]  # fmt: skip
 
