@@ -345,3 +345,22 @@ def test_model_aliases(serve):
     with pytest.raises(anthropic.NotFoundError):
         claude(srv).messages.create(model="claude-opus", max_tokens=5,
                                     messages=[{"role": "user", "content": "Hi"}])  # fmt: skip
+
+
+def test_real_engine_second_turn_reads_the_prefix_cache(real):
+    """An agent loop's next request repeats the conversation: usage.cache_read_input_tokens
+    counts what the hybrid prefix cache served, and input_tokens the rest."""
+    srv, _, _ = real
+    c = claude(srv)
+    system = "You are a careful assistant. " * 40
+    msgs = [{"role": "user", "content": "List three colours."}]
+    first = c.messages.create(model="tiny", max_tokens=6, system=system, messages=msgs,
+                              thinking={"type": "disabled"})  # fmt: skip
+    reply = [{"type": b.type, "text": b.text} for b in first.content if b.type == "text"]
+    msgs += [{"role": "assistant", "content": reply or "ok"},
+             {"role": "user", "content": "And three more."}]
+    second = c.messages.create(model="tiny", max_tokens=6, system=system, messages=msgs,
+                               thinking={"type": "disabled"})  # fmt: skip
+    assert second.usage.cache_read_input_tokens >= 200
+    total = second.usage.input_tokens + second.usage.cache_read_input_tokens
+    assert total > first.usage.input_tokens + first.usage.cache_read_input_tokens
