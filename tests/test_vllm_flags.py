@@ -13,7 +13,8 @@ from qwen35.errors import Qwen35Error
 
 RECIPE = ["serve", "Qwen/Qwen3.5-35B-A3B", "--port", "8000", "--max-model-len", "262144",
           "--reasoning-parser", "qwen3", "--enable-auto-tool-choice", "--tool-call-parser",
-          "qwen3_coder", "--trust-remote-code"]  # fmt: skip
+          "qwen3_coder", "--trust-remote-code", "--enable-prefix-caching",
+          "--enable-chunked-prefill", "--disable-log-requests", "--disable-log-stats"]  # fmt: skip
 
 
 def parse(argv):
@@ -30,6 +31,8 @@ def test_a_recipe_command_line_parses_to_the_same_engine():
 
 
 def test_mapped_flags():
+    off = EngineConfig.from_cli(parse(["serve", "m", "--no-enable-prefix-caching"]))
+    assert not off.cache.enable_prefix_caching
     args = parse(["serve", "m", "--language-model-only", "--speculative-config",
                   '{"method": "qwen3_next_mtp", "num_speculative_tokens": 2}'])  # fmt: skip
     cfg = EngineConfig.from_cli(args)
@@ -87,3 +90,18 @@ def test_long_prefill_token_threshold_reaches_the_scheduler(tmp_path):
     assert llm.engine.scheduler.config.short_prompt_tokens == 300
     with pytest.raises(Qwen35Error, match="short_prompt_tokens"):
         make(tmp_path / "m", short_prompt_tokens=-1)
+
+
+def test_vllm_dtype_names():
+    """--dtype bfloat16 (vLLM's / torch's names) is --dtype bf16; likewise the cache dtypes and
+    LLM(dtype="bfloat16"); the help lists this engine's names only."""
+    args = parse(["serve", "m", "--dtype", "bfloat16", "--kv-cache-dtype", "fp8_e4m3",
+                  "--mamba-ssm-cache-dtype", "bfloat16"])  # fmt: skip
+    cfg = EngineConfig.from_cli(args)
+    assert (cfg.load.dtype, cfg.cache.kv_cache_dtype, cfg.cache.mamba_ssm_cache_dtype) == (
+        "bf16", "fp8", "bf16")
+    assert EngineConfig.create("m", dtype="half").load.dtype == "fp16"
+    help_text = build_parser(["serve"]).parse_args(["serve", "m"])._parser.format_help()
+    assert "--dtype {auto,bf16,fp16,fp32}" in help_text and "bfloat16" not in help_text
+    with pytest.raises(SystemExit):
+        parse(["serve", "m", "--dtype", "int3"])

@@ -251,8 +251,9 @@ def run(args: argparse.Namespace) -> int:
     # exit status 1 when the engine loop died, so a supervisor restarts the server
     tls = {"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile} if https else {}
     cfg = uvicorn_config(
-        app, transport, host=args.host, port=port, log_level=args.log_level, **tls
-    )
+        app, transport, host=args.host, port=port, log_level=args.log_level, **tls,
+        access_log=not args._vllm_disable_log_requests,  # (vLLM's --disable-log-requests)
+    )  # fmt: skip
     try:
         status = run_server(app, cfg, sockets=[sock])
     finally:

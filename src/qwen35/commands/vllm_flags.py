@@ -4,8 +4,11 @@ command line runs as written (`vllm serve Qwen/Qwen3.5-35B-A3B --reasoning-parse
 
 Some need nothing here: Qwen 3.5's think blocks and tool calls are always parsed
 (`--reasoning-parser`, `--enable-auto-tool-choice`, `--tool-call-parser`: only the parsers that
-read Qwen 3.5's formats are accepted), and nothing from a checkpoint runs as code
-(`--trust-remote-code`). The others map onto this engine's options: `--language-model-only` is
+read Qwen 3.5's formats are accepted), nothing from a checkpoint runs as code
+(`--trust-remote-code`), prefix caching and chunked prefill are on (`--enable-prefix-caching`,
+`--enable-chunked-prefill`; `--no-enable-prefix-caching` is `--no-prefix-caching`), and no
+periodic stats are logged (`--disable-log-stats`); `--disable-log-requests` turns the access
+log's line a request off. The others map onto this engine's options: `--language-model-only` is
 `--text-only`, `--speculative-config '{"method": "mtp", "num_speculative_tokens": 2}'` sets
 `--speculative-method` / `--num-speculative-tokens` (/ `--prompt-lookup-max` / `-min` for
 "ngram"), and `--gpu-memory-utilization F` makes `--max-memory` F x the GPU's memory.
@@ -36,6 +39,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trust-remote-code", action="store_true",
                    help="accepted: no checkpoint code is ever run")  # fmt: skip
     g.add_argument("--language-model-only", action="store_true", help="as --text-only")
+    g.add_argument("--enable-prefix-caching", action="store_true",
+                   help="accepted: prefix caching is on by default")  # fmt: skip
+    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false", help="as --no-prefix-caching")  # fmt: skip
+    for flag, what in (("--enable-chunked-prefill", "accepted: prompts are always chunked"),
+                       ("--disable-log-requests", "no access-log line per request"),
+                       ("--disable-log-stats", "accepted: no periodic stats are logged")):  # fmt: skip
+        g.add_argument(flag, action="store_true", dest="_vllm_" + flag[2:].replace("-", "_"),
+                       help=what)  # fmt: skip
     g.add_argument("--speculative-config", metavar="JSON",
                    help='e.g. \'{"method": "mtp", "num_speculative_tokens": 2}\' (method mtp or '
                         "ngram; ngram also prompt_lookup_max / _min): sets --speculative-method "

@@ -26,8 +26,15 @@ INT4_ACTIVATIONS = ("int8", "16bit")  # --int4-activations (quant/layers.py set_
 
 
 def _opt(default, help: str, **cli):
-    """A field with its CLI help; `cli` may carry `choices`, `type`, `flag` or `cli=False`."""
+    """A field with its CLI help; `cli` may carry `choices`, `type`, `flag`, `value_aliases`
+    (other names of choices: vLLM's dtype names) or `cli=False`."""
     return field(default=default, metadata={"help": help, **cli})
+
+
+# vLLM's (and torch's) dtype names -> this engine's, for --dtype / --kv-cache-dtype /
+# --mamba-ssm-cache-dtype and LLM(dtype="bfloat16")
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
+               "float": "fp32"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class LoadConfig:
         "weights and compute dtype (auto: bf16 on a GPU or a CPU with native bf16 - AMX / "
         "AVX512-BF16 - else fp32 compute, on bf16-stored weights when the checkpoint is BF16)",
         choices=["auto", "bf16", "fp16", "fp32"],
+        value_aliases=DTYPE_NAMES,
     )
     load_format: str = _opt(
         "auto",
@@ -98,6 +106,7 @@ class CacheConfig:
         "unscaled, saturating at +-448, as vLLM's fp8 without calibrated scales) under any "
         "model: half a bf16 cache's memory again, a little accuracy (README \"FP8 KV cache\")",
         choices=["auto", "bf16", "fp16", "fp32", "fp8"],
+        value_aliases={**DTYPE_NAMES, "fp8_e4m3": "fp8"},
     )
     mamba_ssm_cache_dtype: str = _opt(
         "auto",
@@ -106,6 +115,7 @@ class CacheConfig:
         "more sequences in the same memory, each step's state rounded to bf16 (README \"State "
         "dtype\")",
         choices=["auto", "fp32", "bf16"],
+        value_aliases={"float32": "fp32", "float": "fp32", "bfloat16": "bf16"},
     )
     enable_prefix_caching: bool = _opt(True, "turn prefix caching off", flag="--no-prefix-caching")
     prefix_cache_memory: str | None = _opt(
@@ -379,7 +389,8 @@ class EngineConfig:
             if key == "seed":
                 top["seed"] = value
             elif key in owner:
-                parts[owner[key]][key] = value
+                aliases = _field(owner[key], key).metadata.get("value_aliases") or {}
+                parts[owner[key]][key] = aliases.get(value, value) if isinstance(value, str) else value
             else:
                 import difflib
 
@@ -505,13 +516,17 @@ class EngineConfig:
                     g.add_argument(*flags, dest=f.name, action=action, help=meta["help"])
                     continue
                 kind = meta.get("type") or (int if "int" in str(f.type) else str)
+                choices, metavar = meta.get("choices"), meta.get("metavar")
+                if choices and meta.get("value_aliases"):  # accepted, not listed
+                    metavar = metavar or "{" + ",".join(map(str, choices)) + "}"
+                    choices = [*choices, *meta["value_aliases"]]
                 g.add_argument(
                     *flags,
                     dest=f.name,
                     type=kind,
                     default=f.default,
-                    choices=meta.get("choices"),
-                    metavar=meta.get("metavar"),
+                    choices=choices,
+                    metavar=metavar,
                     nargs=meta.get("nargs"),
                     help=meta["help"],
                 )
@@ -521,6 +536,10 @@ class EngineConfig:
         owner = _flat_fields()
         options = {k: getattr(args, k) for k in owner if hasattr(args, k)}
         return cls.create(args.model or getattr(args, "model_arg", None) or "", **options, **extra)
+
+
+def _field(part: str, name: str):
+    return next(f for f in fields(_PARTS[part]) if f.name == name)
 
 
 def _flat_fields() -> dict[str, str]:
