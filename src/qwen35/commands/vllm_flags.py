@@ -39,10 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trust-remote-code", action="store_true",
                    help="accepted: no checkpoint code is ever run")  # fmt: skip
     g.add_argument("--language-model-only", action="store_true", help="as --text-only")
-    g.add_argument("--enable-prefix-caching", action="store_true",
-                   help="accepted: prefix caching is on by default")  # fmt: skip
+    # (the engine's own enable_prefix_caching, default on; no default of their own)
+    g.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true",
+                   default=argparse.SUPPRESS, help="accepted: prefix caching is on by default")
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
-                   action="store_false", help="as --no-prefix-caching")  # fmt: skip
+                   action="store_false", default=argparse.SUPPRESS,
+                   help="as --no-prefix-caching")  # fmt: skip
     for flag, what in (("--enable-chunked-prefill", "accepted: prompts are always chunked"),
                        ("--disable-log-requests", "no access-log line per request"),
                        ("--disable-log-stats", "accepted: no periodic stats are logged")):  # fmt: skip

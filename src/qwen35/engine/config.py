@@ -148,8 +148,8 @@ class SchedulingConfig:
         "while sequences are decoding, cut prompt chunks (on 64-token boundaries, at least 128 "
         "tokens) so a step takes about this long at the prefill rate the engine measures: "
         "streams in flight keep getting tokens while a long prompt prefills (on a CPU a "
-        "2,048-token chunk takes seconds); with it on, short prompts (up to 1,024 tokens) also go "
-        "ahead of a long prompt's chunk instead of after its last (--short-prompt-tokens). Default: 1000 "
+        "2,048-token chunk takes seconds); with it on, short prompts (--short-prompt-tokens) "
+        "also go ahead of a long prompt's chunk instead of after its last. Default: 1000 "
         "under `qwen35 serve`, off elsewhere "
         "(offline batches keep whole chunks: more throughput, and a schedule of token counts "
         "alone, so the same requests give the same tokens). 0: off",

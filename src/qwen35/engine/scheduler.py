@@ -484,12 +484,12 @@ class Scheduler:
     def _short_picks(self, room: int) -> list[Sequence]:
         """The waiting prompts (in queue order) that may start this step beside the running
         prompts' chunks: the short ones (whole in `room` prompt tokens, or of up to
-        config.short_prompt_tokens), within the free state slots and max_num_seqs. A short request then
-        starts now, not after a long prompt's last chunk, also behind waiting prompts that are
-        not short: it may pass them (the first of them could not start before the running
-        prompts' last chunk anyway) where it leaves that one a seat and the KV blocks of its
-        whole prompt after the running prompts' own, so a passed prompt never waits for a seat
-        or memory that a later short one took. Under the priority policy only prompts as
+        config.short_prompt_tokens), within the free state slots and max_num_seqs. A short
+        request then starts now, not after a long prompt's last chunk, also behind waiting
+        prompts that are not short: it may pass them (the first of them could not start before
+        the running prompts' last chunk anyway) where it leaves that one a seat and the KV
+        blocks of its whole prompt after the running prompts' own, so a passed prompt never
+        waits for a seat or memory that a later short one took. Under the priority policy only prompts as
         urgent as the passed one pass it."""
         seats = min(self.state.num_free_slots, self.config.max_num_seqs - len(self.running))
         by_priority = self.config.scheduling_policy == "priority"

@@ -1,10 +1,11 @@
 """The OpenAI-compatible HTTP app: `create_app(engine, ServerConfig(...))` -> FastAPI.
 
-Routes: GET /health, GET /metrics, GET /v1/models, POST /v1/completions, POST
-/v1/chat/completions, POST /v1/responses (OpenAI's Responses API), POST /v1/messages and
-/v1/messages/count_tokens (Anthropic's Messages API: serving_messages.py), and vLLM's POST /tokenize,
-POST /detokenize, GET /tokenizer_info, POST /v1/load_lora_adapter and /v1/unload_lora_adapter
-(serving_lora.py). Every error is returned in OpenAI's shape. One pure-ASGI
+Routes: GET /health, GET /metrics, GET /v1/models (and /v1/models/{id}), POST /v1/completions,
+POST /v1/chat/completions, POST /v1/responses (OpenAI's Responses API), POST /v1/messages and
+/v1/messages/count_tokens (Anthropic's Messages API: serving_messages.py), and vLLM's POST
+/tokenize, POST /detokenize, GET /tokenizer_info, POST /v1/load_lora_adapter and
+/v1/unload_lora_adapter (serving_lora.py). Every error is returned in OpenAI's shape (Anthropic's
+on /v1/messages...). One pure-ASGI
 middleware gives each request an id (`x-request-id`), counts requests by endpoint/status, checks the API
 key (everything but /health) and turns any unexpected exception into a 500 with a generic
 message and the request id (the traceback goes to the log only); it is pure ASGI (not

@@ -203,9 +203,10 @@ async def start_chat(
     instead of a context_length_exceeded error."""
     prompt, ids = await state.offload(prepare_chat, state, req)
     prompt.num_tokens = len(ids) if isinstance(ids, list) else None
-    room = (state.context_len or 0) - len(ids) if isinstance(ids, list) else 0
-    if fit_max_tokens and params.max_tokens is not None and 0 < room < params.max_tokens:
-        params.max_tokens = room
+    if fit_max_tokens and prompt.num_tokens and params.max_tokens is not None:
+        room = (state.context_len or 0) - prompt.num_tokens
+        if 0 < room < params.max_tokens:
+            params.max_tokens = room
     spec, spec_param = request_constraint(
         req, thinking=prompt.thinking, tools=prompt.tools,
         tokenizer=getattr(state.engine, "tokenizer", None),

@@ -117,7 +117,8 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         if not req.echo or req.logprobs is None or rid not in prompt_lps:
             return None
         ids = prompt_ids[rid]
-        return completion_logprobs(state, prompt_lps[rid][1:], top_n, 0, first=ids[0], as_ids=as_ids)
+        return completion_logprobs(state, prompt_lps[rid][1:], top_n, 0, first=ids[0],
+                                   as_ids=as_ids)  # fmt: skip
 
     if req.stream:
 

@@ -1,30 +1,27 @@
-"""POST /v1/messages: Anthropic's Messages API over the chat pipeline (vLLM and llama.cpp's
-server offer it too), so Anthropic clients (the `anthropic` SDK, tools that take an
-ANTHROPIC_BASE_URL) can use a Qwen 3.5 server; POST /v1/messages/count_tokens counts a request's
-prompt tokens.
+"""POST /v1/messages: Anthropic's Messages API over the chat pipeline (vLLM and llama.cpp's server
+offer it too), so Anthropic clients (the `anthropic` SDK, tools that take an ANTHROPIC_BASE_URL) can
+use a Qwen 3.5 server; POST /v1/messages/count_tokens counts a request's prompt tokens.
 
 The request becomes a chat request, rendered, constrained and sampled exactly as
 /v1/chat/completions does: `system` (a string or text blocks, joined by blank lines) is the system
-message; user `text` / `image` blocks become text / image parts, `tool_result` blocks tool
-messages; assistant `text`, `thinking` and `tool_use` blocks become its content, reasoning and
-tool calls; `tools` (custom tools: name, description, input_schema) are function tools;
-`tool_choice` auto / any / tool / none is "auto" / "required" / a named tool / "none"
-(`disable_parallel_tool_use`: one call); `thinking` {"type": "enabled"} / {"type": "disabled"}
-turns Qwen's thinking on / off (without it, the model's default: on for 4B and larger;
-`budget_tokens` caps the think block: the chat's thinking_token_budget; "adaptive" and
-"between_tools": the default);
-A final assistant message is a prefill: the reply continues its text (chat's
-continue_final_message). `output_config.format` (a JSON schema) constrains the text as the chat's `response_format`
-does; `stop_sequences`, `temperature`, `top_p`, `top_k` and
-`max_tokens` (required, as Anthropic's API has it; more than the context leaves after the prompt
-is cut to what it leaves: clients send 32,000 whatever the server) are the chat fields. The reply's content is a
-`thinking` block (the think block, empty signature), a `text` block and a `tool_use` block per
-call; `stop_reason` end_turn / max_tokens / stop_sequence / tool_use; `usage.input_tokens`
-excludes the prompt tokens the prefix cache served (`cache_read_input_tokens`), as Anthropic
-counts them. Streaming sends Anthropic's events (message_start at once, `ping` while no token
-comes, content_block_start / delta / stop, message_delta, message_stop; an `error` event if the
-request fails mid-stream). Errors
-come in Anthropic's shape `{"type": "error", "error": {"type", "message"}}`.
+message; user `text` / `image` blocks become text / image parts, `tool_result` blocks tool messages;
+assistant `text`, `thinking` and `tool_use` blocks become its content, reasoning and tool calls;
+`tools` (custom tools: name, description, input_schema) are function tools; `tool_choice` auto / any
+/ tool / none is "auto" / "required" / a named tool / "none" (`disable_parallel_tool_use`: one
+call); `thinking` {"type": "enabled"} / {"type": "disabled"} turns Qwen's thinking on / off (without
+it, the model's default: on for 4B and larger; `budget_tokens` caps the think block: the chat's
+thinking_token_budget; "adaptive" and "between_tools": the default). A final assistant message is a
+prefill: the reply continues its text (chat's continue_final_message). `output_config.format` (a
+JSON schema) constrains the text as the chat's `response_format` does; `stop_sequences`,
+`temperature`, `top_p`, `top_k` and `max_tokens` (required, as Anthropic's API has it; more than the
+context leaves after the prompt is cut to what it leaves: clients send 32,000 whatever the server)
+are the chat fields. The reply's content is a `thinking` block (the think block, empty signature), a
+`text` block and a `tool_use` block per call; `stop_reason` end_turn / max_tokens / stop_sequence /
+tool_use; `usage.input_tokens` excludes the prompt tokens the prefix cache served
+(`cache_read_input_tokens`), as Anthropic counts them. Streaming sends Anthropic's events
+(message_start at once, `ping` while no token comes, content_block_start / delta / stop,
+message_delta, message_stop; an `error` event if the request fails mid-stream). Errors come in
+Anthropic's shape `{"type": "error", "error": {"type", "message"}}`.
 """
 
 from __future__ import annotations
@@ -97,8 +94,8 @@ def _error_event(body: dict[str, Any]) -> str:
 
 
 # ---- request -> chat request ------------------------------------------------------------------
-def _text_of(blocks: Any, where: str) -> str:
-    """A string, or text blocks joined (system prompts, tool results)."""
+def _text_of(blocks: Any, where: str, sep: str = "") -> str:
+    """A string, or text blocks joined by `sep` (system prompts, tool results)."""
     if isinstance(blocks, str):
         return blocks
     if not isinstance(blocks, list):
@@ -109,7 +106,7 @@ def _text_of(blocks: Any, where: str) -> str:
             raise APIError(f"{where}[{j}] must be a text block ({{\"type\": \"text\", \"text\": "
                            "...}})", param=where)  # fmt: skip
         texts.append(b["text"])
-    return "\n\n".join(texts) if where == "system" else "".join(texts)
+    return sep.join(texts)
 
 
 def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
@@ -200,7 +197,7 @@ def _assistant(content: Any, where: str) -> dict[str, Any]:
 def to_chat_messages(req: MessagesRequest) -> list[dict[str, Any]]:
     msgs: list[dict[str, Any]] = []
     if req.system is not None:
-        system = _text_of(req.system, "system")
+        system = _text_of(req.system, "system", sep="\n\n")
         if system:
             msgs.append({"role": "system", "content": system})
     if not req.messages:
@@ -226,8 +223,9 @@ def _tools(req: MessagesRequest) -> tuple[list[dict[str, Any]] | None, Any, bool
         tools = []
         for i, t in enumerate(req.tools):
             if t.get("type") not in (None, "custom") or not isinstance(t.get("name"), str):
-                raise APIError(f"tools[{i}]: only custom tools (name, description, input_schema) "
-                               f"are supported, got type {t.get('type')!r}", param="tools")  # fmt: skip
+                raise APIError(f"tools[{i}]: only custom tools (name, description, "
+                               f"input_schema) are supported, got type {t.get('type')!r}",
+                               param="tools")  # fmt: skip
             fn = {"name": t["name"]}
             if isinstance(t.get("description"), str):
                 fn["description"] = t["description"]
@@ -432,12 +430,11 @@ async def count_tokens(state: ServerState, request: Request) -> Response:
         state.check_model(req.model)
         chat = to_chat_request(state, req)
 
-        def count() -> int:  # (images: the tokens each placeholder expands to)
-            _, ids = prepare_chat(state, chat)
+        def count() -> int:  # (images: the tokens each placeholder expands to, as the engine's
+            _, ids = prepare_chat(state, chat)  # add_request has them; processed ones pass)
             if isinstance(ids, dict):
                 mm = state.engine.mm_processor
-                ids = mm.expand(ids["prompt_token_ids"], ids["multi_modal_data"].get("image", []),
-                                ids["multi_modal_data"].get("video", [])).token_ids  # fmt: skip
+                ids = mm.process(ids["prompt_token_ids"], ids["multi_modal_data"]).token_ids
             return len(ids)
 
         return JSONResponse({"input_tokens": await state.offload(count)})
