@@ -254,10 +254,29 @@ def peek_config(model: str, load_format: str = "auto") -> ModelConfig:
 def auto_quantization(model: str, load_format: str, dtype: str, device) -> str | None:
     """The weight storage `--dtype auto` goes with for `model` on `device`
     (devices.default_quantization), reading only its config, and that only where a BF16
-    checkpoint would get one."""
+    checkpoint would get one. A quantized GGUF file on a CPU: int8 or int4, whatever the CPU
+    (gguf_checkpoint.default_quantization: its memory stays near the file's)."""
+    gguf = _gguf_default(model, load_format, dtype, device)
+    if gguf is not None:
+        return gguf
     if default_quantization(dtype, device, None, "bfloat16") is None:
         return None
     return default_quantization(dtype, device, None, peek_config(model, load_format).dtype)
+
+
+def _gguf_default(model: str, load_format: str, dtype: str, device) -> str | None:
+    if load_format == "random" or dtype != "auto" or not str(device).startswith("cpu"):
+        return None
+    path = Path(str(model)).expanduser()
+    if not (path.is_file() and path.suffix.lower() == ".gguf") and not (path / "gguf.json").is_file():
+        return None
+    from qwen35.gguf_checkpoint import pointer_info
+
+    quant = pointer_info(resolve_model_dir(path)).get("default_quantization")
+    if quant is not None:
+        log.info("%s holds quantized weights: loading them as %s (pass --dtype or "
+                 "--quantization to choose)", path.name, quant)  # fmt: skip
+    return quant
 
 
 def _bf16_storage(model, quantization, dtype, device, report: LoadReport | None = None):
@@ -484,7 +503,11 @@ def _has_visual_tensors(source) -> bool:
         with open_safetensors(f) as h:
             if any(k.startswith("model.visual.") for k in h.keys()):
                 return True
-    log.warning("%s has no vision tower (model.visual.*): loading it text only", source)
+    if files and all(f.suffix.lower() == ".gguf" for f in files):
+        log.info("%s: a GGUF file holds the text model only (llama.cpp keeps the vision tower in "
+                 "a separate mmproj file, which qwen35 does not read): text only", source)  # fmt: skip
+    else:
+        log.warning("%s has no vision tower (model.visual.*): loading it text only", source)
     return False
 
 
@@ -664,6 +687,10 @@ def resolve_model_dir(source: str | Path) -> Path:
     if path.is_dir():
         return path
     if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            from qwen35.gguf_checkpoint import model_dir
+
+            return model_dir(path)
         if path.suffix in (".json", ".safetensors"):
             return path.parent
         raise CheckpointError(f"{path} is a file; pass the model directory that contains it")

@@ -102,7 +102,13 @@ class _Entry:
 
 # ---- files --------------------------------------------------------------------------------------
 def checkpoint_files(directory: Path) -> list[Path]:
-    """The safetensors files of a model directory, from its index when sharded."""
+    """The safetensors files of a model directory, from its index when sharded (a GGUF file's
+    model directory: its GGUF files, gguf_checkpoint.py)."""
+    from qwen35.gguf_checkpoint import pointed
+
+    gguf_files = pointed(directory)
+    if gguf_files is not None:
+        return gguf_files
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -141,8 +147,14 @@ def checkpoint_files(directory: Path) -> list[Path]:
 
 
 def open_safetensors(path: Path):
-    """safe_open(path), a corrupt or unreadable file a CheckpointError naming it."""
+    """safe_open(path), a corrupt or unreadable file a CheckpointError naming it; a GGUF file
+    is read through gguf_checkpoint.GGUFCheckpoint (the same interface)."""
     from safetensors import SafetensorError, safe_open
+
+    if str(path).lower().endswith(".gguf"):
+        from qwen35.gguf_checkpoint import GGUFCheckpoint
+
+        return GGUFCheckpoint(path)
 
     try:
         return safe_open(str(path), framework="pt", device="cpu")

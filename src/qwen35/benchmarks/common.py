@@ -87,7 +87,9 @@ def load_bench_model(
     from qwen35.loader import auto_quantization, load_model, parse_dtype
 
     path = Path(opts.model).expanduser()
-    real = path.is_dir() and any(path.glob("*.safetensors"))
+    real = (path.is_dir() and any(path.glob("*.safetensors"))) or (
+        path.is_file() and path.suffix.lower() == ".gguf"
+    )
     dtype = resolve_dtype(opts.dtype, opts.device)
     try:
         if quantization is None:  # --dtype auto's weight storage, as the engine picks it

@@ -1,0 +1,654 @@
+"""llama.cpp's GGUF files as a checkpoint: `qwen35 serve --model Qwen3.5-9B-Q4_K_M.gguf`.
+
+A GGUF file of the `qwen35` / `qwen35moe` architectures (llama.cpp's `convert_hf_to_gguf.py`,
+then `llama-quantize`) holds the text model, its MTP layer, the vocabulary and the chat template,
+under llama.cpp's tensor names and with the converter's edits applied. Read here through the
+`gguf` package (llama.cpp's own reader, memory-mapped; numpy dequantizers for every ggml type):
+
+- `model_dir(path)`: a small directory beside nothing else (in the cache, `QWEN35_CACHE_DIR` or
+  `~/.cache/qwen35/gguf/`, made once per file and reused) with the config.json the file's
+  metadata gives, the chat template, a tokenizer.json when the vocabulary is not Qwen 3.5's own
+  (the bundled one is used when it is), and `gguf.json` naming the GGUF file(s). The loader takes
+  that directory like any other (`weights.checkpoint_files` returns the GGUF files).
+- `GGUFCheckpoint(path)`: what `weights.open_safetensors` returns for a `.gguf` file: the file's
+  tensors under the transformers names (`model.layers.N...`, `lm_head.weight`, `mtp.*`) and shapes,
+  each read by undoing the converter's edits: norm weights stored as 1 + w (all but the gated
+  DeltaNet norm), `ssm_a` stored as -exp(A_log), the conv kernel squeezed, DeltaNet V heads
+  reordered from grouped-by-K-head to tiled order (when value heads outnumber key heads), routed
+  experts as separate gate / up tensors. Quantized tensors (Q8_0, Q4_K, ...) are dequantized to
+  fp32 (exact: scale x integer); F32 / F16 / BF16 ones are read as stored.
+
+The weights then take whatever storage the engine is asked for (`--quantization int8 | int4 |
+fp8`, else the dtype); a quantized file without `--quantization` on a CPU loads as int8 (Q8_0 and
+other 5-8 bit types) or int4 (4-bit and smaller types) so that its memory stays near the file's
+(`default_quantization`). This is a second quantization, not llama.cpp's own kernels: logits are
+close to llama.cpp's on the same file, not equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qwen35.weights import CheckpointError
+
+ARCHS = {"qwen35": False, "qwen35moe": True}  # GGUF architecture -> MoE
+POINTER = "gguf.json"  # in a model_dir: the GGUF file(s) it stands for
+_SPLIT = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
+# bits per weight above which a quantized file loads as int8 rather than int4
+_INT8_FROM_BITS = 5.0
+
+
+class GGUFError(CheckpointError):
+    pass
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+def _require_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise GGUFError(
+            "reading .gguf files needs the `gguf` package (llama.cpp's reader): "
+            "pip install 'qwen35[gguf]' (or pip install gguf)"
+        ) from None
+    return gguf
+
+
+# ---- files ---------------------------------------------------------------------------------------
+def shard_paths(path: Path) -> list[Path]:
+    """A GGUF file, or all shards of a split one (`name-00001-of-00003.gguf`: any shard names
+    them all); a missing shard is an error naming it."""
+    m = _SPLIT.match(path.name)
+    if m is None:
+        return [path]
+    n = int(m["n"])
+    paths = [path.with_name(f"{m['stem']}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise GGUFError(f"{path.name} is one of {n} shards but {', '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} missing from {path.parent} "
+                        "(incomplete download?)")  # fmt: skip
+    return paths
+
+
+@lru_cache(maxsize=64)
+def _reader(path: str):
+    gguf = _require_gguf()
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError / struct errors / OSError on bad files
+        raise GGUFError(f"cannot read {path} as GGUF: {e} (truncated or corrupt file?)") from None
+
+
+def _value(r, key: str, default=None):
+    f = r.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+def metadata(path: Path) -> dict:
+    """The first shard's key/values, without the vocabulary arrays."""
+    r = _reader(str(shard_paths(path)[0]))
+    skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+            "tokenizer.ggml.scores")  # fmt: skip
+    return {k: _value(r, k) for k in r.fields if k not in skip and not k.startswith("GGUF.")}
+
+
+# ---- config -------------------------------------------------------------------------------------
+def _tensor_shapes(paths: list[Path]) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for p in paths:
+        for t in _reader(str(p)).tensors:
+            out[t.name] = tuple(int(d) for d in reversed(t.shape.tolist()))  # numpy order
+    return out
+
+
+def hf_config(path: Path) -> dict:
+    """The transformers text config (flat, `qwen3_5_text` / `qwen3_5_moe_text`) of a GGUF file,
+    from its metadata and tensor shapes."""
+    meta = metadata(path)
+    arch = meta.get("general.architecture")
+    if arch not in ARCHS:
+        raise GGUFError(
+            f"{path.name} holds a {arch!r} model; qwen35 reads the Qwen 3.5 architectures "
+            f"({', '.join(ARCHS)}) of llama.cpp's converter"
+        )
+    moe = ARCHS[arch]
+    shapes = _tensor_shapes(shard_paths(path))
+
+    def get(key, default=None, required=True):
+        v = meta.get(f"{arch}.{key}", default)
+        if v is None and required:
+            raise GGUFError(f"{path.name}: metadata key {arch}.{key} is missing")
+        if isinstance(v, float):  # stored as float32: its shortest decimal (1e-06, not 9.99e-07)
+            v = float(str(np.float32(v)))
+        return v
+
+    n_mtp = int(get("nextn_predict_layers", 0))
+    n_layers = int(get("block_count")) - n_mtp
+    recurrent = get("attention.recurrent_layers", required=False)
+    if recurrent is not None:
+        kinds = ["linear_attention" if r else "full_attention" for r in list(recurrent)[:n_layers]]
+    else:
+        every = int(get("full_attention_interval", 4))
+        kinds = ["full_attention" if (i + 1) % every == 0 else "linear_attention"
+                 for i in range(n_layers)]  # fmt: skip
+    head_dim = int(get("attention.key_length"))
+    rope_dim = int(get("rope.dimension_count", head_dim // 4))
+    sections = [int(s) for s in get("rope.dimension_sections", [11, 11, 10, 0])]
+    while len(sections) > 3 and sections[-1] == 0:
+        sections.pop()
+    inner = int(get("ssm.inner_size"))
+    v_heads = int(get("ssm.time_step_rank"))
+    vocab = shapes["token_embd.weight"][0]
+    rope = {
+        "rope_type": "default",
+        "rope_theta": float(get("rope.freq_base", 10_000_000.0)),
+        "partial_rotary_factor": rope_dim / head_dim,
+        "mrope_section": sections,
+        "mrope_interleaved": True,
+    }
+    if get("rope.scaling.type", required=False) == "yarn":
+        rope.update(
+            rope_type="yarn",
+            factor=float(get("rope.scaling.factor")),
+            original_max_position_embeddings=int(get("rope.scaling.original_context_length")),
+        )
+    cfg = {
+        "architectures": ["Qwen3_5MoeForCausalLM" if moe else "Qwen3_5ForCausalLM"],
+        "model_type": "qwen3_5_moe_text" if moe else "qwen3_5_text",
+        "vocab_size": vocab,
+        "hidden_size": int(get("embedding_length")),
+        "num_hidden_layers": n_layers,
+        "layer_types": kinds,
+        "num_attention_heads": int(get("attention.head_count")),
+        "num_key_value_heads": int(get("attention.head_count_kv")),
+        "head_dim": head_dim,
+        "linear_num_key_heads": int(get("ssm.group_count")),
+        "linear_num_value_heads": v_heads,
+        "linear_key_head_dim": int(get("ssm.state_size")),
+        "linear_value_head_dim": inner // v_heads,
+        "linear_conv_kernel_dim": int(get("ssm.conv_kernel")),
+        "max_position_embeddings": int(get("context_length", 262_144)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "tie_word_embeddings": "output.weight" not in shapes,
+        "rope_parameters": rope,
+        "mtp_num_hidden_layers": n_mtp,
+        "dtype": _stored_dtype(shard_paths(path)),
+    }
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    if eos is not None:
+        cfg["eos_token_id"] = int(eos)
+    if moe:
+        cfg.update(
+            num_experts=int(get("expert_count")),
+            num_experts_per_tok=int(get("expert_used_count")),
+            moe_intermediate_size=int(get("expert_feed_forward_length")),
+            shared_expert_intermediate_size=int(get("expert_shared_feed_forward_length", 0)),
+        )
+    else:
+        cfg["intermediate_size"] = int(get("feed_forward_length"))
+    return cfg
+
+
+def _types(paths: list[Path]) -> Counter:
+    """Weights per ggml type over the 2-D and 3-D tensors."""
+    c: Counter = Counter()
+    for p in paths:
+        for t in _reader(str(p)).tensors:
+            if len(t.shape) >= 2:
+                c[t.tensor_type.name] += int(t.n_elements)
+    return c
+
+
+def _stored_dtype(paths: list[Path]) -> str:
+    """The config dtype `--dtype auto` reads: float32 for an F32 file, bfloat16 otherwise."""
+    top = _types(paths).most_common(1)
+    return "float32" if top and top[0][0] == "F32" else "bfloat16"
+
+
+def file_type(paths: list[Path]) -> str:
+    """The most common ggml type of the matrices ("Q4_K", "Q8_0", "BF16", ...)."""
+    top = _types(paths).most_common(1)
+    return top[0][0] if top else "F32"
+
+
+def default_quantization(paths: list[Path]) -> str | None:
+    """The CPU weight format that keeps a quantized file's memory near its own: int8 for files
+    of more than 5 bits a weight (bytes per weight of the matrices), int4 for smaller ones; None
+    for F32 / F16 / BF16 files."""
+    gguf = _require_gguf()
+    weights = nbytes = 0
+    quantized = False
+    for p in paths:
+        for t in _reader(str(p)).tensors:
+            if len(t.shape) < 2:
+                continue
+            weights += int(t.n_elements)
+            nbytes += int(t.n_bytes)
+            quantized |= t.tensor_type not in (
+                gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                gguf.GGMLQuantizationType.BF16)  # fmt: skip
+    if not quantized or weights == 0:
+        return None
+    return "int8" if 8 * nbytes / weights > _INT8_FROM_BITS else "int4"
+
+
+# ---- names and the converter's edits ------------------------------------------------------------
+_LAYER = {  # llama.cpp name (after blk.N.) -> transformers name (after model.layers.N.)
+    "attn_norm.weight": "input_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ssm_a": "linear_attn.A_log",
+    "ssm_conv1d.weight": "linear_attn.conv1d.weight",
+    "ssm_dt.bias": "linear_attn.dt_bias",
+    "ssm_alpha.weight": "linear_attn.in_proj_a.weight",
+    "ssm_beta.weight": "linear_attn.in_proj_b.weight",
+    "attn_qkv.weight": "linear_attn.in_proj_qkv.weight",
+    "attn_gate.weight": "linear_attn.in_proj_z.weight",
+    "ssm_norm.weight": "linear_attn.norm.weight",
+    "ssm_out.weight": "linear_attn.out_proj.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_down_exps.weight": "mlp.experts.down_proj",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+}
+_MTP = {  # the MTP layer's own tensors (blk.<num_hidden_layers + j>.nextn.*)
+    "nextn.eh_proj.weight": "fc.weight",
+    "nextn.enorm.weight": "pre_fc_norm_embedding.weight",
+    "nextn.hnorm.weight": "pre_fc_norm_hidden.weight",
+    "nextn.shared_head_norm.weight": "norm.weight",
+}
+_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output.weight": "lm_head.weight",
+    "output_norm.weight": "model.norm.weight",
+}
+_EXPERTS = ("ffn_gate_exps.weight", "ffn_up_exps.weight")  # -> mlp.experts.gate_up_proj
+
+
+class _Layout:
+    """What the converter's edits depend on."""
+
+    def __init__(self, cfg: dict):
+        self.layers = cfg["num_hidden_layers"]
+        self.k_heads = cfg["linear_num_key_heads"]
+        self.v_heads = cfg["linear_num_value_heads"]
+        self.dk = cfg["linear_key_head_dim"]
+        self.dv = cfg["linear_value_head_dim"]
+
+    def untile(self, t: torch.Tensor, dim: int, head_dim: int) -> torch.Tensor:
+        """V heads in tiled order (v0 of every K head, then v1, ...) back to grouped order (every
+        V head of K head 0, then of K head 1, ...): the inverse of the converter's reorder."""
+        if self.k_heads == self.v_heads:
+            return t
+        r = self.v_heads // self.k_heads
+        shape = list(t.shape)
+        dim %= len(shape)
+        t = t.reshape(*shape[:dim], r, self.k_heads, head_dim, *shape[dim + 1 :])
+        return t.transpose(dim, dim + 1).contiguous().reshape(shape)
+
+
+def _hf_name(name: str, layout: _Layout) -> str | None:
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    m = re.match(r"^blk\.(\d+)\.(.+)$", name)
+    if m is None:
+        return None
+    i, rest = int(m[1]), m[2]
+    if i >= layout.layers:  # the MTP layer(s)
+        j = i - layout.layers
+        if rest in _MTP:
+            return f"mtp.{_MTP[rest]}" if j == 0 else None
+        inner = _LAYER.get(rest)
+        return f"mtp.layers.{j}.{inner}" if inner else None
+    inner = _LAYER.get(rest)
+    return f"model.layers.{i}.{inner}" if inner else None
+
+
+def _undo(hf: str, gname: str, t: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """The converter's edit of one tensor, undone (t is fresh: edited in place where it can)."""
+    if gname.endswith("norm.weight") and not gname.endswith("ssm_norm.weight"):
+        return t.sub_(1)  # stored as 1 + w (the MTP layer's enorm / hnorm too)
+    if hf.endswith("linear_attn.A_log"):
+        return layout.untile(torch.log(-t.float()).to(t.dtype), 0, 1)
+    if hf.endswith("linear_attn.dt_bias"):
+        return layout.untile(t, 0, 1)
+    if hf.endswith(("in_proj_a.weight", "in_proj_b.weight")):
+        return layout.untile(t, 0, 1)
+    if hf.endswith("in_proj_z.weight"):
+        return layout.untile(t, 0, layout.dv)
+    if hf.endswith("in_proj_qkv.weight") or hf.endswith("conv1d.weight"):
+        qk = 2 * layout.k_heads * layout.dk
+        t = torch.cat([t[:qk], layout.untile(t[qk:], 0, layout.dv)])
+        return t.unsqueeze(1) if hf.endswith("conv1d.weight") else t  # [C, K] -> [C, 1, K]
+    if hf.endswith("out_proj.weight"):
+        return layout.untile(t, 1, layout.dv)
+    return t
+
+
+# ---- reading ------------------------------------------------------------------------------------
+_ST_NAMES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}  # others: dequantized to F32
+_DEQUANT_CHUNK = 1 << 22  # weights dequantized at a time (numpy's temporaries stay small)
+
+
+def _read(t) -> torch.Tensor:
+    """One GGUF tensor as a torch tensor in numpy (row-major) order: F32 / F16 / BF16 as
+    stored, anything else dequantized to fp32."""
+    gguf = _require_gguf()
+    q = gguf.GGMLQuantizationType
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    data = t.data
+    if t.tensor_type == q.F32:
+        return torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)
+    if t.tensor_type == q.F16:
+        return torch.from_numpy(np.array(data, dtype=np.float16)).reshape(shape)
+    if t.tensor_type == q.BF16:
+        raw = np.array(data).view(np.int16)
+        return torch.from_numpy(raw).view(torch.bfloat16).reshape(shape)
+    out = torch.empty(shape, dtype=torch.float32)
+    flat = out.view(-1, shape[-1])
+    rows = np.asarray(data).reshape(-1, data.shape[-1])
+    step = max(1, _DEQUANT_CHUNK // shape[-1])
+    for r in range(0, rows.shape[0], step):
+        part = gguf.quants.dequantize(np.array(rows[r : r + step]), t.tensor_type)
+        flat[r : r + step] = torch.from_numpy(part.reshape(-1, shape[-1]))
+    return out
+
+
+class _Slice:
+    """safetensors' slice interface over one presented tensor."""
+
+    def __init__(self, ck: GGUFCheckpoint, key: str):
+        self._ck, self._key = ck, key
+
+    def get_shape(self) -> list[int]:
+        return list(self._ck._shapes[self._key])
+
+    def get_dtype(self) -> str:
+        return self._ck._dtypes[self._key]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._ck.get_tensor(self._key)[index]
+
+
+class GGUFCheckpoint:
+    """One GGUF file read as a safetensors file of transformers names (weights.open_safetensors
+    returns this for .gguf paths): keys(), get_slice(key), get_tensor(key), a context manager."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        shards = shard_paths(self.path)
+        self._layout = _Layout(hf_config(shards[0]))
+        # every shard's tensors (a fused expert tensor's up half may sit in the next shard);
+        # keys are presented by the shard that holds their first part
+        self._tensors = {t.name: t for p in shards for t in _reader(str(p)).tensors}
+        here = {t.name for t in _reader(str(self.path)).tensors}
+        self._sources: dict[str, list[str]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}
+        self.unknown: list[str] = []
+        for name, t in self._tensors.items():
+            if "ffn_up_exps" in name and name.replace("ffn_up_exps", "ffn_gate_exps") in (
+                self._tensors
+            ):
+                if name.replace("ffn_up_exps", "ffn_gate_exps") not in here:
+                    continue  # presented with its gate half by that half's shard
+            elif name not in here:
+                continue
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            dtype = _ST_NAMES.get(t.tensor_type.name, "F32")
+            m = re.match(r"^blk\.(\d+)\.(ffn_(?:gate|up)_exps\.weight)$", name)
+            if m is not None:  # gate and up: one fused [E, 2I, H] tensor
+                i = int(m[1])
+                base = f"model.layers.{i}" if i < self._layout.layers else (
+                    f"mtp.layers.{i - self._layout.layers}")  # fmt: skip
+                key = f"{base}.mlp.experts.gate_up_proj"
+                src = self._sources.setdefault(key, [])
+                src.append(name)
+                src.sort(key=lambda n: _EXPERTS.index(n.split(".", 2)[2]))
+                prev = self._shapes.get(key)
+                self._shapes[key] = (shape[0], shape[1] * len(src), shape[2])
+                if prev is not None and self._dtypes[key] != dtype:
+                    dtype = "F32"  # mixed types: both read as fp32
+                self._dtypes[key] = dtype
+                continue
+            key = _hf_name(name, self._layout)
+            if key is None:
+                self.unknown.append(name)
+                continue
+            if key.endswith("conv1d.weight"):
+                shape = (shape[0], 1, shape[1])
+            if key.endswith("shared_expert_gate.weight") and len(shape) == 1:
+                shape = (1, shape[0])  # llama-quantize drops the leading 1 ([1, H] -> [H])
+            if key.endswith("A_log") and dtype != "F32":
+                dtype = "F32"
+            self._sources[key] = [name]
+            self._shapes[key] = shape
+            self._dtypes[key] = dtype
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def keys(self) -> list[str]:
+        return list(self._sources)
+
+    def get_slice(self, key: str) -> _Slice:
+        if key not in self._sources:
+            raise KeyError(key)
+        return _Slice(self, key)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        names = self._sources[key]
+        parts = [_read(self._tensors[n]) for n in names]
+        if len(parts) > 1:
+            if len({p.dtype for p in parts}) > 1:
+                parts = [p.float() for p in parts]
+            return torch.cat(parts, dim=1)
+        t = parts[0]
+        if key.endswith("shared_expert_gate.weight"):
+            t = t.reshape(self._shapes[key])
+        want = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        t = _undo(key, names[0], t.clone() if t.dtype != torch.float32 else t, self._layout)
+        return t.to(want[self._dtypes[key]])
+
+
+# ---- the model directory ------------------------------------------------------------------------
+def cache_root() -> Path:
+    base = os.environ.get("QWEN35_CACHE_DIR")
+    root = Path(base).expanduser() if base else Path.home() / ".cache" / "qwen35"
+    return root / "gguf"
+
+
+def pointed(directory: Path) -> list[Path] | None:
+    """The GGUF files a model_dir stands for (None for an ordinary directory)."""
+    p = directory / POINTER
+    if not p.is_file():
+        return None
+    try:
+        files = [Path(f) for f in json.loads(p.read_text())["files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GGUFError(f"{p} is not a valid GGUF pointer ({e!r}); delete {directory}") from None
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise GGUFError(f"{directory} stands for {', '.join(missing)}, which no longer "
+                        f"exist{'s' if len(missing) == 1 else ''}; pass the .gguf file again")  # fmt: skip
+    return files
+
+
+def model_dir(path: str | Path) -> Path:
+    """The model directory (config, chat template, tokenizer; see the module doc) of a GGUF
+    file, made in the cache on first use (written to a temporary name, then renamed)."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise GGUFError(f"no GGUF file at {path}")
+    paths = shard_paths(path)
+    st = [p.stat() for p in paths]
+    key = hashlib.sha256(
+        json.dumps([[str(p), s.st_size, s.st_mtime_ns] for p, s in zip(paths, st, strict=True)])
+        .encode()
+    ).hexdigest()[:16]  # fmt: skip
+    stem = _SPLIT.sub(r"\g<stem>", paths[0].name).removesuffix(".gguf")
+    out = cache_root() / f"{stem}-{key}"
+    if (out / POINTER).is_file():
+        return out
+    cfg = hf_config(paths[0])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        meta = metadata(paths[0])
+        template = meta.get("tokenizer.chat_template")
+        if isinstance(template, str) and template.strip():
+            (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+        tok = _tokenizer_files(paths[0], cfg["vocab_size"])
+        for name, text in tok.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        info = {"files": [str(p) for p in paths], "file_type": file_type(paths),
+                "default_quantization": default_quantization(paths)}  # fmt: skip
+        (tmp / POINTER).write_text(json.dumps(info, indent=2))
+        try:
+            tmp.rename(out)
+        except OSError:  # made meanwhile by another process: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def pointer_info(directory: Path) -> dict:
+    try:
+        return json.loads((directory / POINTER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ---- the vocabulary -----------------------------------------------------------------------------
+def _tokenizer_files(path: Path, vocab_size: int) -> dict[str, str]:
+    """{} when the file's vocabulary is Qwen 3.5's own (the bundled one serves it), else a
+    tokenizer.json (and tokenizer_config.json) built from the file's BPE vocabulary."""
+    r = _reader(str(path))
+    model = _value(r, "tokenizer.ggml.model")
+    tokens = _value(r, "tokenizer.ggml.tokens")
+    if tokens is None:
+        raise GGUFError(f"{path.name} has no vocabulary (tokenizer.ggml.tokens)")
+    if _is_qwen35_vocab(tokens):
+        return {}
+    if model != "gpt2":
+        raise GGUFError(
+            f"{path.name}'s vocabulary is a {model!r} tokenizer that is not Qwen 3.5's; "
+            "qwen35 rebuilds byte-level BPE ('gpt2') vocabularies only"
+        )
+    merges = _value(r, "tokenizer.ggml.merges") or []
+    types = _value(r, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    files = _bpe_tokenizer(list(tokens), list(merges), list(types))
+    eos = [_value(r, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")]
+    eos = sorted({int(i) for i in eos if i is not None})
+    if eos:  # the stop tokens (the bundled vocabulary's defaults do not apply)
+        files["generation_config.json"] = json.dumps({"eos_token_id": eos})
+    return files
+
+
+def _is_qwen35_vocab(tokens) -> bool:
+    from qwen35.tokenizer import _TiktokenBackend
+
+    try:
+        ref = _TiktokenBackend()
+    except ImportError:
+        return False
+    n = max([ref.n_vocab - 1, *ref.added.values()]) + 1
+    if len(tokens) < n:
+        return False
+    for i in range(n):
+        want = ref.id_to_token(i)
+        if want is not None and tokens[i] != want:
+            return False
+    return True
+
+
+# Qwen 3.5's pre-tokenizer split (the official tokenizer.json's)
+_PRE_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+"
+    r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def _bpe_tokenizer(tokens: list[str], merges: list[str], types: list[int]) -> dict[str, str]:
+    """tokenizer.json + tokenizer_config.json for a GGUF byte-level BPE vocabulary: BPE over the
+    regular tokens, control and user-defined tokens as added tokens (control ones special)."""
+    vocab = {}
+    added = []
+    for i, (tok, typ) in enumerate(zip(tokens, types, strict=True)):
+        if typ in (_CONTROL, _USER_DEFINED):
+            added.append({"id": i, "content": tok, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False,
+                          "special": typ == _CONTROL})  # fmt: skip
+        if tok not in vocab:  # added tokens too: `tokenizers` takes their ids from the vocab
+            vocab[tok] = i
+    pairs = [m.split(" ", 1) for m in merges]
+    # a merge of tokens the vocabulary lacks would make `tokenizers` abort: left out
+    pairs = [p for p in pairs if len(p) == 2 and p[0] in vocab and p[1] in vocab
+             and p[0] + p[1] in vocab]  # fmt: skip
+    tj = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": _PRE_SPLIT}, "behavior": "Isolated",
+                 "invert": False},  # fmt: skip
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                 "use_regex": False},  # fmt: skip
+            ],
+        },
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                    "use_regex": False},  # fmt: skip
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": pairs,
+        },
+    }
+    return {"tokenizer.json": json.dumps(tj, ensure_ascii=False)}

