@@ -67,15 +67,17 @@ def write_gguf(
     token_types: list[int] | None = None,
     chat_template: str | None = None,
     eos: int = 1,
+    types: dict[str, str] | None = None,
 ) -> Path:
     """src: a checkpoint directory (tests/tiny.py save_checkpoint, layout "vlm", fused experts);
     qtype: the ggml type of the 2-D weights (F32, F16, BF16, Q8_0, Q4_0, Q5_1, ...; 1-D tensors
-    stay F32 and the routers F32, as the converter keeps them)."""
+    stay F32 and the routers F32, as the converter keeps them); types: {GGUF tensor name: type}
+    for some tensors (a mixed file, as llama-quantize's Q4_K_M)."""
     import gguf
 
     cfg = json.loads((src / "config.json").read_text())
     text = cfg.get("text_config", cfg)
-    moe = "num_experts" in text
+    moe = bool(text.get("num_experts"))
     arch = "qwen35moe" if moe else "qwen35"
     n = text["num_hidden_layers"]
     n_mtp = text.get("mtp_num_hidden_layers", 0)
@@ -125,12 +127,16 @@ def write_gguf(
         w.add_chat_template(chat_template)
 
     q = gguf.GGMLQuantizationType[qtype]
-    with safe_open(str(src / "model.safetensors"), "pt") as f:
-        sd = {key: f.get_tensor(key).float() for key in f.keys()}
+    sd = {}
+    for path in sorted(src.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            sd.update({key: f.get_tensor(key).float() for key in f.keys()})
 
     def put(name: str, t: torch.Tensor, matrix_type: bool = True):
         a = t.contiguous().numpy().astype(np.float32)
         kind = q if (matrix_type and a.ndim >= 2) else gguf.GGMLQuantizationType.F32
+        if types and name in types:
+            kind = gguf.GGMLQuantizationType[types[name]]
         if a.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
             kind = gguf.GGMLQuantizationType.F16  # (the converter's fallback)
         if kind == gguf.GGMLQuantizationType.F32:

@@ -105,6 +105,51 @@ def test_default_storage_follows_the_file(tmp_path):
     assert engine.model.quantization == "int4"
 
 
+@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_int4_keeps_4bit_values(tmp_path, moe, qtype):
+    """Under int4 a 4-bit tensor keeps the file's values (its lattices become int4 groups of 32:
+    equal up to the scales' rounding to the model dtype), where requantizing by min / max would
+    move them; a tensor of more than 5 bits (Q8_0 here) becomes int8, as faithful."""
+    from qwen35.gguf_checkpoint import GGUFCheckpoint
+    from qwen35.quant.layers import Int4Linear, Int8Linear, IntExperts
+
+    src = _checkpoint(tmp_path, moe, hidden_size=128, intermediate_size=128,
+                      moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                      linear_value_head_dim=32, linear_key_head_dim=32)  # fmt: skip
+    f = write_gguf(src, tmp_path / "m.gguf", qtype, types={"blk.1.attn_gate.weight": "Q8_0"})
+    ck = GGUFCheckpoint(f)
+    n = 0
+    for key in ck.keys():
+        hint = ck.int4_hint(key)
+        if isinstance(hint, tuple):
+            n += 1
+            ref = ck.lattice_reference(key)
+            for a, b in zip(hint, ref, strict=True):
+                assert torch.allclose(a, b, rtol=1e-6, atol=0), key
+    assert n >= 8
+    assert ck.int4_hint("model.layers.1.linear_attn.in_proj_z.weight") == "int8"
+    exact = load_model(f, dtype="fp32")
+    model = load_model(f, dtype="fp32", quantization="int4")
+    want = exact.state_dict()
+    checked = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, Int4Linear) and mod.group == 32 and ".experts." not in name:
+            w = want[name + ".weight"]
+            step = ck.int4_hint(name + ".weight")[0].repeat_interleave(32, 1)
+            assert (mod.dequantized(torch.float32) - w).abs().max() <= 1e-5 * step.max(), name
+            checked += 1
+        if isinstance(mod, IntExperts):
+            gu = want[name + ".gate_up_proj"]
+            for e, lin in enumerate(mod.gate_up_q):
+                assert isinstance(lin, Int4Linear) and lin.group == 32
+                assert torch.allclose(lin.dequantized(torch.float32), gu[e], atol=1e-6)
+            checked += 1
+    assert checked >= 6
+    z = model.get_submodule("model.layers.1.linear_attn.in_proj_z")
+    assert isinstance(z, Int8Linear)
+
+
 def _qwen_tokens() -> list[str]:
     from qwen35.tokenizer import _TiktokenBackend
 
@@ -280,3 +325,36 @@ def test_logits_near_llama_cpp_on_the_same_file(tmp_path, moe, ftype):
           f"{scale:.3g}, argmax equal {(got.argmax(-1) == want.argmax(-1)).mean():.3f}")  # fmt: skip
     assert np.abs(got - want).max() <= (1e-3 if ftype == "f32" else 0.05) * scale
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= (1.0 if ftype == "f32" else 0.9)
+
+
+@pytest.mark.slow
+def test_q4_k_m_file_keeps_its_values_under_int4(tmp_path):
+    """A Q4_K_M file from llama.cpp's own quantizer: every Q4_K tensor's lattices (from the
+    block headers) equal the plain reading's, and the int4 model holds the file's values."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the peers extra)")
+    from qwen35.gguf_checkpoint import GGUFCheckpoint
+    from qwen35.quant.layers import Int4Linear
+
+    src = _checkpoint(tmp_path, False, hidden_size=256, intermediate_size=512,
+                      linear_value_head_dim=32, linear_key_head_dim=32)  # fmt: skip
+    f32 = write_gguf(src, tmp_path / "m-f32.gguf", "F32")
+    f = tmp_path / "m-q4_k_m.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(f).encode(), params) == 0
+    ck = GGUFCheckpoint(f)
+    hints = {k: ck.int4_hint(k) for k in ck.keys()}
+    lattices = [k for k, h in hints.items() if isinstance(h, tuple)]
+    assert len(lattices) >= 8 and "int8" in hints.values()  # Q4_K and Q6_K tensors
+    for k in lattices:
+        for a, b in zip(hints[k], ck.lattice_reference(k), strict=True):
+            assert torch.allclose(a, b, rtol=1e-6, atol=0), k
+    exact = load_model(f, dtype="fp32").state_dict()
+    model = load_model(f, dtype="fp32", quantization="int4")
+    n = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, Int4Linear) and mod.group == 32:
+            want = exact[name + ".weight"]
+            assert (mod.dequantized(torch.float32) - want).abs().max() <= 1e-6 * want.abs().max()
+            n += 1
+    assert n >= 8

@@ -19,9 +19,9 @@ under llama.cpp's tensor names and with the converter's edits applied. Read here
   fp32 (exact: scale x integer); F32 / F16 / BF16 ones are read as stored.
 
 The weights then take whatever storage the engine is asked for (`--quantization int8 | int4 |
-fp8`, else the dtype); a quantized file without `--quantization` on a CPU loads as int8 (Q8_0 and
-other 5-8 bit types) or int4 (4-bit and smaller types) so that its memory stays near the file's
-(`default_quantization`). This is a second quantization, not llama.cpp's own kernels: logits are
+fp8`, else the dtype); a quantized file with `--dtype auto` on a CPU loads as int4 (files mostly
+of 5 bits a weight or fewer: Q4_K_M, Q4_0, IQ4_XS, ...) or int8 (Q5_K_M, Q6_K, Q8_0, ...) so that
+its memory stays near the file's (`default_quantization`). This is a second quantization, not llama.cpp's own kernels: logits are
 close to llama.cpp's on the same file, not equal.
 """
 
@@ -45,8 +45,8 @@ from qwen35.weights import CheckpointError
 ARCHS = {"qwen35": False, "qwen35moe": True}  # GGUF architecture -> MoE
 POINTER = "gguf.json"  # in a model_dir: the GGUF file(s) it stands for
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
-# bits per weight above which a quantized file loads as int8 rather than int4
-_INT8_FROM_BITS = 5.0
+# bits per weight of a file's main type up to which it loads as int4 (else int8)
+_INT4_UP_TO_BITS = 5.0
 
 
 class GGUFError(CheckpointError):
@@ -230,24 +230,16 @@ def file_type(paths: list[Path]) -> str:
 
 
 def default_quantization(paths: list[Path]) -> str | None:
-    """The CPU weight format that keeps a quantized file's memory near its own: int8 for files
-    of more than 5 bits a weight (bytes per weight of the matrices), int4 for smaller ones; None
-    for F32 / F16 / BF16 files."""
+    """The CPU weight format that keeps a quantized file's memory near its own, from the type
+    holding most of its matrix weights: int4 for types of 5 bits a weight or fewer (Q4_K, Q4_0,
+    IQ4_XS, Q3_K, ...; a Q4_K_M file's Q6_K tensors go along), int8 for larger ones (Q5_K, Q6_K,
+    Q8_0, ...); None for F32 / F16 / BF16 files."""
     gguf = _require_gguf()
-    weights = nbytes = 0
-    quantized = False
-    for p in paths:
-        for t in _reader(str(p)).tensors:
-            if len(t.shape) < 2:
-                continue
-            weights += int(t.n_elements)
-            nbytes += int(t.n_bytes)
-            quantized |= t.tensor_type not in (
-                gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                gguf.GGMLQuantizationType.BF16)  # fmt: skip
-    if not quantized or weights == 0:
+    top = file_type(paths)
+    if top in ("F32", "F16", "BF16", "F64"):
         return None
-    return "int8" if 8 * nbytes / weights > _INT8_FROM_BITS else "int4"
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[top]]
+    return "int4" if 8 * size / block <= _INT4_UP_TO_BITS else "int8"
 
 
 # ---- names and the converter's edits ------------------------------------------------------------
@@ -358,13 +350,31 @@ _ST_NAMES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}  # others: dequantized 
 _DEQUANT_CHUNK = 1 << 22  # weights dequantized at a time (numpy's temporaries stay small)
 
 
-def _read(t) -> torch.Tensor:
+# 4-bit types whose blocks hold 16-level lattices of 32 values: (block bytes, offset and length
+# of the packed 4-bit codes in a block); a tensor of these keeps its values under int4
+_LATTICE = {"Q4_0": (18, 2, 16), "Q4_1": (20, 4, 16), "Q4_K": (144, 16, 128)}
+_INT8_ABOVE_BITS = 5.0  # quantized types of more bits a weight stay faithful as int8 under int4
+
+
+def _bits(t) -> float:
+    gguf = _require_gguf()
+    block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+    return 8 * size / block
+
+
+def _read(t, codes: int | None = None) -> torch.Tensor:
     """One GGUF tensor as a torch tensor in numpy (row-major) order: F32 / F16 / BF16 as
-    stored, anything else dequantized to fp32."""
+    stored, anything else dequantized to fp32. codes (a _LATTICE type): every 4-bit code set to
+    that value first (0: each lattice's zero point, 1: zero point + step)."""
     gguf = _require_gguf()
     q = gguf.GGMLQuantizationType
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     data = t.data
+    if codes is not None:
+        nbytes, start, length = _LATTICE[t.tensor_type.name]
+        blocks = np.array(data).reshape(-1, nbytes)
+        blocks[:, start : start + length] = codes * 0x11
+        data = blocks.reshape(data.shape)
     if t.tensor_type == q.F32:
         return torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)
     if t.tensor_type == q.F16:
@@ -380,6 +390,37 @@ def _read(t) -> torch.Tensor:
         part = gguf.quants.dequantize(np.array(rows[r : r + step]), t.tensor_type)
         flat[r : r + step] = torch.from_numpy(part.reshape(-1, shape[-1]))
     return out
+
+
+def _block_lattice(t) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q4_0 / Q4_1 / Q4_K tensor's lattices from its block headers: (step, zero) fp32
+    [..., in/32] with value = zero + step * code (Q4_0: d and -8d; Q4_1: d and m; Q4_K: d x
+    6-bit scale and -dmin x 6-bit min of each 32-value sub-block)."""
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    kind = t.tensor_type.name
+    nbytes = _LATTICE[kind][0]
+    b = np.asarray(t.data).reshape(-1, nbytes)
+
+    def half(i: int) -> np.ndarray:
+        return b[:, i : i + 2].copy().view(np.float16)[:, 0].astype(np.float32)
+
+    if kind == "Q4_0":
+        step = half(0)[:, None]
+        zero = -8 * step
+    elif kind == "Q4_1":
+        step, zero = half(0)[:, None], half(2)[:, None]
+    else:  # Q4_K: 8 sub-blocks of 32 a 256-value super-block, 6-bit scales and mins packed
+        d, dmin = half(0)[:, None], half(2)[:, None]
+        sc = b[:, 4:16].astype(np.int32)
+        scale = np.empty((len(b), 8), np.int32)
+        mins = np.empty((len(b), 8), np.int32)
+        scale[:, :4], mins[:, :4] = sc[:, 0:4] & 63, sc[:, 4:8] & 63
+        scale[:, 4:] = (sc[:, 8:12] & 0xF) | ((sc[:, 0:4] >> 6) << 4)
+        mins[:, 4:] = (sc[:, 8:12] >> 4) | ((sc[:, 4:8] >> 6) << 4)
+        step, zero = d * scale, -dmin * mins
+    groups = shape[:-1] + (shape[-1] // 32,)
+    return tuple(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(groups)
+                 for x in (step, zero))  # fmt: skip
 
 
 class _Slice:
@@ -467,9 +508,48 @@ class GGUFCheckpoint:
             raise KeyError(key)
         return _Slice(self, key)
 
-    def get_tensor(self, key: str) -> torch.Tensor:
+    def int4_hint(self, key: str):
+        """How int4 should hold this matrix (quant/apply.py _int_linear): its 4-bit lattices
+        (step, zero) [..., in/32] for Q4_0 / Q4_1 / Q4_K tensors, "int8" for quantized types of
+        more than 5 bits a weight (a Q4_K_M file's Q6_K tensors), else None (int4 groups)."""
+        names = self._sources.get(key, [])
+        ts = [self._tensors[n] for n in names]
+        if not ts or len(self._shapes[key]) < 2 or key.endswith(("embed_tokens.weight",
+                                                                  "lm_head.weight")):  # fmt: skip
+            return None
+        kinds = {t.tensor_type.name for t in ts}
+        if kinds <= set(_LATTICE) and self._shapes[key][-1] % 32 == 0:
+            parts = [_block_lattice(t) for t in ts]
+            step, zero = (torch.cat([p[i] for p in parts], dim=1) if len(parts) > 1
+                          else parts[0][i] for i in (0, 1))  # fmt: skip
+            if key.endswith("out_proj.weight"):  # whole heads of dv columns move: dv / 32 here
+                if self._layout.dv % 32:
+                    return None
+                return tuple(self._layout.untile(x, 1, self._layout.dv // 32) for x in
+                             (step, zero))  # fmt: skip
+            return tuple(_undo(key, names[0], x, self._layout) for x in (step, zero))
+        if any(k not in _ST_NAMES and _bits(t) > _INT8_ABOVE_BITS for k, t in
+               zip([t.tensor_type.name for t in ts], ts, strict=True)):  # fmt: skip
+            return "int8"
+        return None
+
+    def lattice_reference(self, key: str):
+        """int4_hint's lattices found the plain way (tests): the tensor read with every 4-bit
+        code set to 0 (the zero points) and to 1 (plus the steps), edits undone as for the
+        values; None where a group of 32 is not one lattice."""
+        zero = self.get_tensor(key, codes=0).float()
+        step = self.get_tensor(key, codes=1).float() - zero
+        groups = zero.shape[:-1] + (zero.shape[-1] // 32, 32)
+        z, st = zero.reshape(groups), step.reshape(groups)
+        if not (torch.equal(z, z[..., :1].expand(groups))
+                and torch.equal(st, st[..., :1].expand(groups))):  # fmt: skip
+            return None
+        return st[..., 0].contiguous(), z[..., 0].contiguous()
+
+    def get_tensor(self, key: str, codes: int | None = None) -> torch.Tensor:
+        """The tensor under its transformers name and shape, edits undone (codes: _read's)."""
         names = self._sources[key]
-        parts = [_read(self._tensors[n]) for n in names]
+        parts = [_read(self._tensors[n], codes) for n in names]
         if len(parts) > 1:
             if len({p.dtype for p in parts}) > 1:
                 parts = [p.float() for p in parts]

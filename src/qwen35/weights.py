@@ -581,6 +581,8 @@ def read_into(
                     checked &= check_finite(e.key, dst, str(path), src)
                     del src, dst
                     if on_read is not None:
+                        if e.target.expert is None and hasattr(f, "int4_hint"):  # a GGUF file
+                            on_read.hint(e.target.param, f.int4_hint(e.key))
                         on_read.written(e.target.param)
                     report.num_tensors += 1
                     report.num_bytes += e.nbytes

@@ -188,22 +188,35 @@ def _dense(mod: nn.Module, dtype) -> torch.Tensor:
     return mod.dequantized(dtype) if hasattr(mod, "dequantized") else mod.weight.detach()
 
 
-def _int_linear(w: torch.Tensor, fmt: str, dtype) -> Linear:
+def _int_linear(w: torch.Tensor, fmt: str, dtype, hint=None) -> Linear:
+    """hint (int4 only; what a GGUF file's tensor was, gguf_checkpoint.int4_hint): "int8" for a
+    tensor of more than 5 bits a weight (kept faithful rather than cut to 4), or its 4-bit
+    lattices (step, zero) [out, in/32], whose values are kept as they are."""
+    if fmt == "int4" and hint == "int8":
+        return Int8Linear.quantize(w, dtype)
+    if fmt == "int4" and isinstance(hint, tuple) and w.shape[0] % 64 == 0:
+        return Int4Linear.on_lattice(w, *hint, dtype)
     g = int4_group(*w.shape) if fmt == "int4" else None
     return Int4Linear.quantize(w, g, dtype) if g else Int8Linear.quantize(w, dtype)
 
 
-def _int_experts(mod: Experts, fmt: str, dtype) -> IntExperts:
+def _part(hint, e: int):
+    """Expert e's hint of a [E, ...] one."""
+    return tuple(t[e] for t in hint) if isinstance(hint, tuple) else hint
+
+
+def _int_experts(mod: Experts, fmt: str, dtype, hints: dict | None = None) -> IntExperts:
     if isinstance(mod, Fp8Experts):
         gu, dn = mod.dequantized(dtype)
     else:
         gu, dn = mod.gate_up_proj.detach(), mod.down_proj.detach()
     I, H = mod.intermediate_size, gu.shape[2]
     gu_fmt = fmt if int4_group(I, H) else "int8"  # as the planner counts gate and up
+    hints = hints or {}
     gate_up, down = [], []
     for e in range(gu.shape[0]):
-        gate_up.append(_int_linear(gu[e], gu_fmt, dtype))
-        down.append(_int_linear(dn[e], fmt, dtype))
+        gate_up.append(_int_linear(gu[e], gu_fmt, dtype, _part(hints.get("gate_up_proj"), e)))
+        down.append(_int_linear(dn[e], fmt, dtype, _part(hints.get("down_proj"), e)))
         if e % 32 == 31 and gu.device.type == "cpu":
             heap.release()  # each expert's temporaries, freed into the heap (qwen35/heap.py)
     return IntExperts(gate_up, down, mod.intermediate_size)
@@ -222,8 +235,10 @@ _INT = (Int8Linear, Int4Linear, IntExperts)
 
 
 @torch.no_grad()
-def quantize_module_(model: nn.Module, name: str, fmt: str, dtype, block) -> None:
-    """Rule module `name` to `fmt` in place; a module already in the format is left alone."""
+def quantize_module_(model: nn.Module, name: str, fmt: str, dtype, block, hints=None) -> None:
+    """Rule module `name` to `fmt` in place; a module already in the format is left alone.
+    hints: {parameter leaf name: hint} (_int_linear), from a GGUF file (QuantizeOnRead)."""
+    hints = hints or {}
     mod = model.get_submodule(name)
     if fmt == "fp8":
         if isinstance(mod, Experts) and not isinstance(mod, Fp8Experts):
@@ -233,9 +248,9 @@ def quantize_module_(model: nn.Module, name: str, fmt: str, dtype, block) -> Non
     elif isinstance(mod, _INT):
         return
     elif isinstance(mod, Experts):
-        _set(model, name, _int_experts(mod, fmt, dtype))
+        _set(model, name, _int_experts(mod, fmt, dtype, hints))
     else:
-        _set(model, name, _int_linear(_dense(mod, dtype), fmt, dtype))
+        _set(model, name, _int_linear(_dense(mod, dtype), fmt, dtype, hints.get("weight")))
 
 
 @torch.no_grad()
@@ -330,6 +345,13 @@ class QuantizeOnRead:
         self.pending: dict[str, int] = dict.fromkeys(self.owner, 1)
         self.live = self.peak = 0  # bytes of BF16 weights allocated and not yet quantized
         self.allocated = 0  # bytes of BF16 weights allocated in all
+        self.hints: dict[str, object] = {}  # parameter -> its GGUF hint (_int_linear)
+
+    def hint(self, name: str, hint) -> None:
+        """What the source file says of parameter `name` (a GGUF tensor's int4 hint); heard
+        before `written(name)`. Kept only where this load makes int4 of it."""
+        if hint is not None and self.fmt == "int4" and name in self.owner:
+            self.hints[name] = hint
 
     def deferred(self) -> set[int]:
         """ids of the (meta) parameters to leave unallocated."""
@@ -374,7 +396,9 @@ class QuantizeOnRead:
             if mod_name in VOCAB:
                 quantize_vocab_(self.model, self.dtype, mod_name, self.fmt)
             else:
-                quantize_module_(self.model, mod_name, self.fmt, self.dtype, self.block)
+                hints = {p.removeprefix(mod_name + "."): self.hints.pop(p)
+                         for p in [p for p in self.hints if self.owner[p] == mod_name]}  # fmt: skip
+                quantize_module_(self.model, mod_name, self.fmt, self.dtype, self.block, hints)
             self.live -= nbytes
             self.freed += nbytes
             if self.freed >= self.RELEASE_EVERY:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 BLOCK = 128
+INT4_LATTICE = 32  # inputs per lattice of GGUF's 4-bit blocks (int4_on_lattice)
 
 
 def _blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
@@ -99,6 +100,25 @@ def quantize_int4_groups(w: torch.Tensor, group: int, dtype=torch.bfloat16, chun
         q[r : r + step] = qc.view(-1, inp)
         sz[:, r : r + step] = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [ng, rows, 2]
     return q, sz
+
+
+def int4_on_lattice(w: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, dtype=torch.bfloat16):
+    """w [out, in] whose groups of 32 inputs already lie on 16-level lattices w = zero + step * q,
+    q in [0, 15] (a GGUF file's Q4_0 / Q4_1 / Q4_K blocks; step, zero [out, in/32]) -> the int4
+    groups of 32 that hold those very values (q [out, in] int32, scales_and_zeros [in/32, out, 2]
+    in dtype): scale = step, zero + 8 * step in torch's convention; only the scales' rounding to
+    dtype differs from the lattice (requantizing by min / max would pick another grid whenever a
+    group does not reach both ends)."""
+    step, zero = step.float(), zero.float()
+    neg = step < 0  # (Q4_0's d takes the sign of the group's extreme) the same lattice upside down
+    zero = torch.where(neg, zero + 15 * step, zero)
+    step = step.abs()
+    s = step.repeat_interleave(INT4_LATTICE, 1)
+    z = zero.repeat_interleave(INT4_LATTICE, 1)
+    q = torch.where(s > 0, (w.float() - z) / s.clamp(min=1e-30), torch.zeros_like(s))
+    q = q.round_().clamp_(0, 15).to(torch.int32)
+    sz = torch.stack([step, zero + 8 * step], -1).transpose(0, 1)
+    return q, sz.to(dtype).contiguous()
 
 
 def dequantize_int4_groups(q: torch.Tensor, sz: torch.Tensor, group: int, dtype=torch.bfloat16):
