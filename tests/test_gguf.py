@@ -240,6 +240,22 @@ def test_bad_files_are_refused_with_the_reason(tmp_path):
     w.close()
     with pytest.raises(GGUFError, match="'llama' model; qwen35 reads"):
         load_model(tmp_path / "llama.gguf")
+    r = gguf.GGUFReader(str(f))  # the F32 file again, with one tensor more
+
+    w = gguf.GGUFWriter(str(tmp_path / "more.gguf"), "qwen35")
+    for field in r.fields.values():
+        if not field.name.startswith(("GGUF.", "general.architecture")):
+            w.add_key_value(field.name, field.contents(), field.types[0],
+                            field.types[-1] if len(field.types) > 1 else None)  # fmt: skip
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data))
+    w.add_tensor("blk.0.ssm_new.weight", np.zeros((4, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=r"(?s)unexpected.*blk\.0\.ssm_new\.weight"):
+        load_model(tmp_path / "more.gguf")
     with pytest.raises(GGUFError, match="00002-of-00002.gguf is missing"):
         part = tmp_path / "m-00001-of-00002.gguf"
         part.write_bytes(f.read_bytes())

@@ -481,9 +481,9 @@ class GGUFCheckpoint:
                 self._dtypes[key] = dtype
                 continue
             key = _hf_name(name, self._layout)
-            if key is None:
+            if key is None:  # presented as it is: the loader's strict scan names it unexpected
                 self.unknown.append(name)
-                continue
+                key = name
             if key.endswith("conv1d.weight"):
                 shape = (shape[0], 1, shape[1])
             if key.endswith("shared_expert_gate.weight") and len(shape) == 1:
