@@ -374,3 +374,21 @@ def test_q4_k_m_file_keeps_its_values_under_int4(tmp_path):
             assert (mod.dequantized(torch.float32) - want).abs().max() <= 1e-6 * want.abs().max()
             n += 1
     assert n >= 8
+
+
+def test_later_loads_read_the_cached_tensor_table(tmp_path, monkeypatch):
+    """Once its model directory exists a file loads without the `gguf` header parser (seconds
+    over a real vocabulary): the cached table gives the same tensors."""
+    from qwen35 import gguf_checkpoint
+
+    src = _checkpoint(tmp_path, moe=True)
+    f = write_gguf(src, tmp_path / "m.gguf", "Q8_0")
+    want = load_model(f, dtype="fp32").state_dict()
+
+    def no_reader(path):
+        raise AssertionError(f"the header of {path} was parsed again")
+
+    monkeypatch.setattr(gguf_checkpoint, "_reader", no_reader)
+    got = load_model(f, dtype="fp32").state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
