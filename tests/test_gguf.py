@@ -392,3 +392,27 @@ def test_later_loads_read_the_cached_tensor_table(tmp_path, monkeypatch):
     got = load_model(f, dtype="fp32").state_dict()
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("to", ["bf16", "fp8"])
+def test_quantize_writes_a_gguf_file_as_a_checkpoint(tmp_path, to):
+    """`qwen35 quantize FILE.gguf OUT --to bf16 | fp8`: a safetensors checkpoint (transformers
+    names, the file's config, tokenizer and template; nothing that points back at the file)
+    that loads to the model the file gives."""
+    from qwen35.quant.checkpoint import convert_checkpoint
+
+    src = _checkpoint(tmp_path, moe=True, moe_intermediate_size=128)
+    f = write_gguf(src, tmp_path / "m.gguf", "Q8_0", chat_template="{{ 'x' }}")
+    out = convert_checkpoint(f, tmp_path / "out", to=to)
+    names = {p.name for p in out.iterdir()}
+    assert "gguf.json" not in names and "tensors.json" not in names
+    assert {"config.json", "chat_template.jinja", "tokenizer.json"} <= names
+    want = load_model(f, dtype="bf16", mtp=True).state_dict()
+    got = load_model(out, dtype="bf16", mtp=True)
+    if to == "fp8":
+        assert got.config.quantization is not None
+        return
+    got = got.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k

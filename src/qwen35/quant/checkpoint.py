@@ -155,6 +155,11 @@ def convert_checkpoint(
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if to not in ("fp8", "bf16"):
         raise Qwen35Error(f"--to must be fp8 or bf16, got {to!r}")
+    gguf = src.is_file() and src.suffix.lower() == ".gguf"
+    if gguf:  # llama.cpp's file: its model directory (gguf_checkpoint.py) is read as any other
+        from qwen35.gguf_checkpoint import model_dir
+
+        src = model_dir(src)
     if not (src / "config.json").is_file():
         raise Qwen35Error(f"{src} has no config.json: pass a model directory")
     if dst.exists() and not force:
@@ -176,6 +181,8 @@ def convert_checkpoint(
         size = 0
         names: list[str] = []
         for key, t in _convert(files, where, cfg, to, adapter):
+            if gguf and t.dim() >= 2 and t.dtype == torch.float32:
+                t = t.to(torch.bfloat16)  # dequantized matrices: BF16 as the official releases
             t = t.contiguous()
             nbytes = t.numel() * t.element_size()
             # a scale stays in its weight's shard (it comes right after it)
@@ -198,6 +205,8 @@ def convert_checkpoint(
                 not in (
                     "config.json",
                     "model.safetensors.index.json",
+                    "gguf.json",  # (a GGUF file's model directory: what stands for the file)
+                    "tensors.json",
                 )
             ):
                 shutil.copy2(p, tmp / p.name)
