@@ -191,3 +191,72 @@ def write_gguf(
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+_VISION = {"attn.qkv": "attn_qkv", "attn.proj": "attn_out", "mlp.linear_fc1": "ffn_up",
+           "mlp.linear_fc2": "ffn_down", "norm1": "ln1", "norm2": "ln2"}  # fmt: skip
+_VISION_TOP = {"merger.linear_fc1": "mm.0", "merger.linear_fc2": "mm.2", "merger.norm": "v.post_ln",
+               "patch_embed.proj": "v.patch_embd", "pos_embed": "v.position_embd"}  # fmt: skip
+
+
+def write_mmproj(src: Path, out: Path, qtype: str = "F32", eps: float = 1e-6) -> Path:
+    """The vision tower of a VLM checkpoint directory as llama.cpp's `convert_hf_to_gguf.py
+    --mmproj` writes it (Qwen3-VL's clip layout: the Conv3D patch kernel split per frame,
+    matrices in qtype, 1-D tensors and the patch kernels F32, as the converter keeps them)."""
+    import gguf
+
+    cfg = json.loads((src / "config.json").read_text())
+    v = cfg["vision_config"]
+    pre = json.loads((src / "preprocessor_config.json").read_text())
+    w = gguf.GGUFWriter(str(out), "clip")
+    w.add_type(gguf.GGUFType.MMPROJ)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_uint32("clip.vision.projection_dim", v["out_hidden_size"])
+    w.add_uint32("clip.vision.image_size", int(v["num_position_embeddings"] ** 0.5 * v["patch_size"]))
+    w.add_uint32("clip.vision.patch_size", v["patch_size"])
+    w.add_uint32("clip.vision.embedding_length", v["hidden_size"])
+    w.add_uint32("clip.vision.feed_forward_length", v["intermediate_size"])
+    w.add_uint32("clip.vision.block_count", v["depth"])
+    w.add_uint32("clip.vision.attention.head_count", v["num_heads"])
+    w.add_array("clip.vision.image_mean", pre["image_mean"])
+    w.add_array("clip.vision.image_std", pre["image_std"])
+    w.add_string("clip.projector_type", "qwen3vl_merger")
+    w.add_bool("clip.use_gelu", True)
+    w.add_uint32("clip.vision.spatial_merge_size", v["spatial_merge_size"])
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", eps)
+    w.add_array("clip.vision.is_deepstack_layers", [False] * v["depth"])
+    q = gguf.GGMLQuantizationType[qtype]
+    sd = {}
+    for path in sorted(src.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            sd.update({k: f.get_tensor(k).float() for k in f.keys() if ".visual." in k})
+    for key in sorted(sd):
+        rest = key.split(".visual.", 1)[1]
+        base, _, leaf = rest.rpartition(".")
+        a = sd[key].contiguous().numpy().astype(np.float32)
+        if base == "patch_embed.proj" and leaf == "weight":
+            half = qtype in ("F16", "BF16")
+            for i, name in enumerate(("v.patch_embd.weight", "v.patch_embd.weight.1")):
+                x = np.ascontiguousarray(a[:, :, i])
+                if half:
+                    w.add_tensor(name, gguf.quants.quantize(x, q), raw_dtype=q)
+                else:
+                    w.add_tensor(name, x)
+            continue
+        if base.startswith("blocks."):
+            _, i, inner = base.split(".", 2)
+            name = f"v.blk.{i}.{_VISION[inner]}.{leaf}"
+        else:
+            name = f"{_VISION_TOP[base]}.{leaf}"
+        kind = q if a.ndim >= 2 and base != "pos_embed" else gguf.GGMLQuantizationType.F32
+        if kind != gguf.GGMLQuantizationType.F32 and a.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
+            kind = gguf.GGMLQuantizationType.F16
+        if kind == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, a)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

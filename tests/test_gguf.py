@@ -16,7 +16,7 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra (pip install gguf) reads GGUF files")
 
-from gguf_writer import write_gguf  # noqa: E402
+from gguf_writer import write_gguf, write_mmproj  # noqa: E402
 from qwen35.config import ModelConfig  # noqa: E402
 from qwen35.gguf_checkpoint import GGUFError, model_dir  # noqa: E402
 from qwen35.loader import auto_quantization, load_model  # noqa: E402
@@ -416,3 +416,75 @@ def test_quantize_writes_a_gguf_file_as_a_checkpoint(tmp_path, to):
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16"])
+def test_vision_tower_from_the_mmproj_beside_the_file(tmp_path, qtype):
+    """An `mmproj*.gguf` beside the model file (llama.cpp's vision tower) makes the model a VLM:
+    the tower's weights equal the checkpoint's, the vision token ids come from the vocabulary,
+    and an image request gives the tokens the checkpoint directory gives."""
+    from qwen35 import LLM
+    from test_vision_engine import GREEDY, PREPROCESSOR_JSON, rand_image, req
+    from tiny_vlm import IMAGE_ID, VEND_ID, VIDEO_ID, VSTART_ID, save_vlm
+
+    src = tmp_path / "vlm"
+    save_vlm(src)
+    (src / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_JSON))
+    tokens = [f"<t{i}>" for i in range(256)]
+    for i, t in ((IMAGE_ID, "<|image_pad|>"), (VIDEO_ID, "<|video_pad|>"),
+                 (VSTART_ID, "<|vision_start|>"), (VEND_ID, "<|vision_end|>")):  # fmt: skip
+        tokens[i] = t
+    models = tmp_path / "models"
+    models.mkdir()
+    f = write_gguf(src, models / "m.gguf", "F32", tokens=tokens, eos=1)
+    write_mmproj(src, models / f"mmproj-{qtype}.gguf", qtype)
+    # a GGUF file has no pixel bounds: both sides preprocess with the official defaults
+    (src / "preprocessor_config.json").unlink()
+    want = load_model(src, dtype="fp32", vision=True).state_dict()
+    got = load_model(f, dtype="fp32", vision="auto").state_dict()
+    assert got.keys() == want.keys() and any(k.startswith("model.visual.") for k in got)
+    for k in want:
+        tol = 0 if qtype == "F32" or not k.startswith("model.visual.") else 1e-3
+        assert torch.allclose(got[k], want[k], rtol=tol, atol=tol or 2e-7), k
+    cfg = ModelConfig.from_hf(model_dir(f))
+    assert (cfg.vision.image_token_id, cfg.vision.vision_start_token_id) == (IMAGE_ID, VSTART_ID)
+    opts = dict(dtype="fp32", max_num_seqs=2, max_model_len=512, block_size=8)
+    img = rand_image(90, 130, 0)
+    ours = LLM(str(f), **opts)
+    assert ours.engine.has_vision
+    a = ours.generate(req(img), GREEDY)[0].outputs[0].token_ids
+    b = LLM(str(src), **opts).generate(req(img), GREEDY)[0].outputs[0].token_ids
+    assert a == b
+    # two towers beside it: none is guessed (text only, a warning names them)
+    (models / "mmproj-other.gguf").write_bytes((models / f"mmproj-{qtype}.gguf").read_bytes())
+    (models / "m.gguf").touch()  # (a new model directory: the key has the file's time)
+    text_only = load_model(f, dtype="fp32", vision="auto").state_dict()
+    assert not any(k.startswith("model.visual.") for k in text_only)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+def test_mmproj_writer_equals_llama_cpp_converter(tmp_path, outtype):
+    """tests/gguf_writer.py write_mmproj writes what `convert_hf_to_gguf.py --mmproj` writes."""
+    from qwen35.benchmarks.gguf import _CONVERT
+    from test_vision_engine import PREPROCESSOR_JSON
+    from tiny_vlm import save_vlm
+
+    src = tmp_path / "vlm"
+    save_vlm(src)
+    (src / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_JSON))
+    conv = tmp_path / "conv.gguf"
+    subprocess.run([sys.executable, "-c", _CONVERT, str(_llama_dir()), str(src), "--outtype",
+                    outtype, "--mmproj", "--outfile", str(conv)], check=True,
+                   capture_output=True)  # fmt: skip
+    ours = write_mmproj(src, tmp_path / "ours.gguf", outtype.upper())
+    a, b = gguf.GGUFReader(str(conv)), gguf.GGUFReader(str(ours))
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert ta.keys() == tb.keys()
+    for n, t in ta.items():
+        assert (t.tensor_type, list(t.shape)) == (tb[n].tensor_type, list(tb[n].shape)), n
+        assert np.array_equal(np.asarray(t.data), np.asarray(tb[n].data)), n
+    keys = {k for k in a.fields if k.startswith("clip.")}
+    assert keys == {k for k in b.fields if k.startswith("clip.")}
+    for k in keys:
+        assert a.fields[k].contents() == b.fields[k].contents(), k

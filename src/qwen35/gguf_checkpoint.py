@@ -2,27 +2,30 @@
 
 A GGUF file of the `qwen35` / `qwen35moe` architectures (llama.cpp's `convert_hf_to_gguf.py`,
 then `llama-quantize`) holds the text model, its MTP layer, the vocabulary and the chat template,
-under llama.cpp's tensor names and with the converter's edits applied. Read here through the
-`gguf` package (llama.cpp's own reader, memory-mapped; numpy dequantizers for every ggml type):
+under llama.cpp's tensor names and with the converter's edits applied; the vision tower is a
+separate `mmproj*.gguf`, used when exactly one sits beside the model file. Read through the
+`gguf` package (llama.cpp's own reader; numpy dequantizers for every ggml type):
 
-- `model_dir(path)`: a small directory beside nothing else (in the cache, `QWEN35_CACHE_DIR` or
-  `~/.cache/qwen35/gguf/`, made once per file and reused) with the config.json the file's
-  metadata gives, the chat template, a tokenizer.json when the vocabulary is not Qwen 3.5's own
-  (the bundled one is used when it is), and `gguf.json` naming the GGUF file(s). The loader takes
-  that directory like any other (`weights.checkpoint_files` returns the GGUF files).
-- `GGUFCheckpoint(path)`: what `weights.open_safetensors` returns for a `.gguf` file: the file's
-  tensors under the transformers names (`model.layers.N...`, `lm_head.weight`, `mtp.*`) and shapes,
-  each read by undoing the converter's edits: norm weights stored as 1 + w (all but the gated
-  DeltaNet norm), `ssm_a` stored as -exp(A_log), the conv kernel squeezed, DeltaNet V heads
+- `model_dir(path)`: a small directory in the cache (`QWEN35_CACHE_DIR` or `~/.cache/qwen35/gguf/`,
+  made once per file and reused) with the config.json the metadata gives (the VLM layout with a
+  tower), the chat template, a tokenizer.json when the vocabulary is not Qwen 3.5's own (the
+  bundled one serves it when it is), the files' tensor tables (`tensors.json`: later loads map the
+  files without parsing their headers) and `gguf.json` naming the files. The loader takes that
+  directory like any other (`weights.checkpoint_files` returns the GGUF files).
+- `GGUFCheckpoint(path)`: what `weights.open_safetensors` returns for a `.gguf` file: its tensors
+  under the transformers names (`model.layers.N...`, `lm_head.weight`, `mtp.*`, `model.visual.*`)
+  and shapes, each read by undoing the converter's edits: norm weights stored as 1 + w (all but
+  the gated DeltaNet norm), `ssm_a` as -exp(A_log), the conv kernel squeezed, DeltaNet V heads
   reordered from grouped-by-K-head to tiled order (when value heads outnumber key heads), routed
-  experts as separate gate / up tensors. Quantized tensors (Q8_0, Q4_K, ...) are dequantized to
-  fp32 (exact: scale x integer); F32 / F16 / BF16 ones are read as stored.
+  experts as separate gate / up tensors, the patch kernel per frame. Quantized tensors (Q8_0,
+  Q4_K, ...) are dequantized to fp32 (exact: scale x integer); F32 / F16 / BF16 ones are read as
+  stored. `int4_hint(key)` tells int4 how to keep a tensor (its 4-bit lattices, or int8).
 
 The weights then take whatever storage the engine is asked for (`--quantization int8 | int4 |
 fp8`, else the dtype); a quantized file with `--dtype auto` on a CPU loads as int4 (files mostly
 of 5 bits a weight or fewer: Q4_K_M, Q4_0, IQ4_XS, ...) or int8 (Q5_K_M, Q6_K, Q8_0, ...) so that
-its memory stays near the file's (`default_quantization`). This is a second quantization, not llama.cpp's own kernels: logits are
-close to llama.cpp's on the same file, not equal.
+its memory stays near the file's (`default_quantization`). These are qwen35's kernels, not
+llama.cpp's: logits are close to llama.cpp's on the same file, not equal.
 """
 
 from __future__ import annotations
@@ -337,6 +340,98 @@ _GLOBAL = {
 _EXPERTS = ("ffn_gate_exps.weight", "ffn_up_exps.weight")  # -> mlp.experts.gate_up_proj
 
 
+_VISION = {  # llama.cpp's mmproj name -> transformers name (after model.visual.)
+    "attn_qkv": "attn.qkv", "attn_out": "attn.proj", "ffn_up": "mlp.linear_fc1",
+    "ffn_down": "mlp.linear_fc2", "ln1": "norm1", "ln2": "norm2",
+}  # fmt: skip
+_VISION_TOP = {
+    "mm.0": "merger.linear_fc1", "mm.2": "merger.linear_fc2", "v.post_ln": "merger.norm",
+    "v.patch_embd": "patch_embed.proj", "v.position_embd": "pos_embed",
+}  # fmt: skip
+_VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                  "vision_start_token_id": "<|vision_start|>",
+                  "vision_end_token_id": "<|vision_end|>"}  # fmt: skip
+
+
+def _vision_name(name: str) -> str | None:
+    m = re.match(r"^v\.blk\.(\d+)\.(\w+)\.(weight|bias)$", name)
+    if m is not None and m[2] in _VISION:
+        return f"model.visual.blocks.{m[1]}.{_VISION[m[2]]}.{m[3]}"
+    base, _, leaf = name.rpartition(".")
+    if base in _VISION_TOP and leaf in ("weight", "bias"):
+        return f"model.visual.{_VISION_TOP[base]}.{leaf}"
+    return None
+
+
+def find_mmproj(path: Path) -> Path | None:
+    """The vision tower beside a model file: the one `mmproj*.gguf` in its folder (as llama.cpp's
+    `-hf` downloads and LM Studio keep them); several: none is guessed (logged)."""
+    found = sorted(p for p in path.parent.iterdir()
+                   if p.is_file() and p.name.lower().startswith("mmproj")
+                   and p.name.lower().endswith(".gguf"))  # fmt: skip
+    if len(found) > 1:
+        import logging
+
+        logging.getLogger("qwen35.loader").warning(
+            "%s: several vision towers beside it (%s): text only; keep one mmproj file there",
+            path.name, ", ".join(p.name for p in found))  # fmt: skip
+        return None
+    return found[0] if found else None
+
+
+def vision_config(mmproj: Path, text: dict, tokens: list[str] | None) -> tuple[dict, dict]:
+    """(the VLM config.json around a text config, preprocessor_config.json) from an mmproj
+    file's `clip.vision.*` metadata; the vision token ids from the vocabulary."""
+    meta = metadata(mmproj)
+    if meta.get("general.architecture") != "clip" or meta.get("clip.projector_type") not in (
+        "qwen3vl_merger", None
+    ):
+        raise GGUFError(f"{mmproj.name} is not a Qwen 3.5 vision tower (clip, qwen3vl_merger): "
+                        f"architecture {meta.get('general.architecture')!r}, projector "
+                        f"{meta.get('clip.projector_type')!r}")  # fmt: skip
+    if any(meta.get("clip.vision.is_deepstack_layers") or []):
+        raise GGUFError(f"{mmproj.name}: a tower with deepstack layers is Qwen3-VL's, not 3.5's")
+    shapes = _tensor_shapes([mmproj])
+
+    def get(key):
+        v = meta.get(f"clip.vision.{key}")
+        if v is None:
+            raise GGUFError(f"{mmproj.name}: metadata key clip.vision.{key} is missing")
+        return v
+
+    vision = {
+        "model_type": "qwen3_5_vision",
+        "depth": int(get("block_count")),
+        "hidden_size": int(get("embedding_length")),
+        "num_heads": int(get("attention.head_count")),
+        "intermediate_size": int(get("feed_forward_length")),
+        "out_hidden_size": int(get("projection_dim")),
+        "patch_size": int(get("patch_size")),
+        "temporal_patch_size": 1 + ("v.patch_embd.weight.1" in shapes),
+        "in_channels": int(shapes["v.patch_embd.weight"][1]),
+        "spatial_merge_size": int(get("spatial_merge_size")),
+        "num_position_embeddings": int(shapes["v.position_embd.weight"][0]),
+        "hidden_act": "gelu_pytorch_tanh",
+    }
+    cfg = {
+        "architectures": [text["architectures"][0].replace("ForCausalLM",
+                                                           "ForConditionalGeneration")],
+        "model_type": text["model_type"].removesuffix("_text"),
+        "tie_word_embeddings": text["tie_word_embeddings"],
+        "text_config": text,
+        "vision_config": vision,
+    }  # fmt: skip
+    if tokens is not None:
+        index = {t: i for i, t in enumerate(tokens) if t in _VISION_TOKENS.values()}
+        cfg.update({k: index[t] for k, t in _VISION_TOKENS.items() if t in index})
+    pre = {"patch_size": vision["patch_size"], "temporal_patch_size": vision["temporal_patch_size"],
+           "merge_size": vision["spatial_merge_size"]}  # fmt: skip
+    for key in ("image_mean", "image_std"):
+        if meta.get(f"clip.vision.{key}") is not None:
+            pre[key] = [float(str(np.float32(x))) for x in meta[f"clip.vision.{key}"]]
+    return cfg, pre
+
+
 class _Layout:
     """What the converter's edits depend on."""
 
@@ -497,18 +592,22 @@ class GGUFCheckpoint:
 
     def __init__(self, path: Path):
         self.path = Path(path).expanduser().resolve()
+        self._sources: dict[str, list[str]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}
+        self.unknown: list[str] = []
+        if self.path in _MMPROJ:  # a model's vision tower
+            self._vision(_tables(_MMPROJ[self.path], [self.path])[self.path])
+            return
         shards = shard_paths(self.path)
         d = model_dir(shards[0])
-        self._layout = _Layout(json.loads((d / "config.json").read_text()))
+        raw = json.loads((d / "config.json").read_text())
+        self._layout = _Layout(raw.get("text_config", raw))
         # every shard's tensors (a fused expert tensor's up half may sit in the next shard);
         # keys are presented by the shard that holds their first part
         tables = _tables(d, shards)
         self._tensors = {t.name: t for p in shards for t in tables[p]}
         here = {t.name for t in tables[self.path]}
-        self._sources: dict[str, list[str]] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._dtypes: dict[str, str] = {}
-        self.unknown: list[str] = []
         for name, t in self._tensors.items():
             if "ffn_up_exps" in name and name.replace("ffn_up_exps", "ffn_gate_exps") in (
                 self._tensors
@@ -547,6 +646,23 @@ class GGUFCheckpoint:
             self._sources[key] = [name]
             self._shapes[key] = shape
             self._dtypes[key] = dtype
+
+    def _vision(self, tensors: list) -> None:
+        self._tensors = {t.name: t for t in tensors}
+        for name, t in self._tensors.items():
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            dtype = _ST_NAMES.get(t.tensor_type.name, "F32")
+            if name == "v.patch_embd.weight.1":
+                continue  # the second frame's kernel: stacked with the first
+            key = _vision_name(name)
+            if key is None:
+                self.unknown.append(name)
+                key = name
+            src = [name]
+            if name == "v.patch_embd.weight":  # [C, 3, P, P] per frame -> [C, 3, T, P, P]
+                src += ["v.patch_embd.weight.1"] * ("v.patch_embd.weight.1" in self._tensors)
+                shape = (shape[0], shape[1], len(src), shape[2], shape[3])
+            self._sources[key], self._shapes[key], self._dtypes[key] = src, shape, dtype
 
     def __enter__(self):
         return self
@@ -604,6 +720,10 @@ class GGUFCheckpoint:
         """The tensor under its transformers name and shape, edits undone (codes: _read's)."""
         names = self._sources[key]
         parts = [_read(self._tensors[n], codes) for n in names]
+        if key.startswith("model.visual."):
+            want = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+            t = torch.stack(parts, dim=2) if key.endswith("patch_embed.proj.weight") else parts[0]
+            return t.to(want[self._dtypes[key]])
         if len(parts) > 1:
             if len({p.dtype for p in parts}) > 1:
                 parts = [p.float() for p in parts]
@@ -623,13 +743,21 @@ def cache_root() -> Path:
     return root / "gguf"
 
 
+_MMPROJ: dict[Path, Path] = {}  # a vision tower file -> the model_dir it belongs to (pointed)
+
+
 def pointed(directory: Path) -> list[Path] | None:
-    """The GGUF files a model_dir stands for (None for an ordinary directory)."""
+    """The GGUF files a model_dir stands for, the vision tower's last (None for an ordinary
+    directory)."""
     p = directory / POINTER
     if not p.is_file():
         return None
     try:
-        files = [Path(f) for f in json.loads(p.read_text())["files"]]
+        info = json.loads(p.read_text())
+        files = [Path(f) for f in info["files"]]
+        if info.get("mmproj"):
+            files.append(Path(info["mmproj"]))
+            _MMPROJ[files[-1]] = directory
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise GGUFError(f"{p} is not a valid GGUF pointer ({e!r}); delete {directory}") from None
     missing = [str(f) for f in files if not f.is_file()]
@@ -646,9 +774,11 @@ def model_dir(path: str | Path) -> Path:
     if not path.is_file():
         raise GGUFError(f"no GGUF file at {path}")
     paths = shard_paths(path)
-    st = [p.stat() for p in paths]
+    mmproj = find_mmproj(paths[0])
+    every = paths + [mmproj] * (mmproj is not None)
+    st = [p.stat() for p in every]
     key = hashlib.sha256(
-        json.dumps([[str(p), s.st_size, s.st_mtime_ns] for p, s in zip(paths, st, strict=True)])
+        json.dumps([[str(p), s.st_size, s.st_mtime_ns] for p, s in zip(every, st, strict=True)])
         .encode()
     ).hexdigest()[:16]  # fmt: skip
     stem = _SPLIT.sub(r"\g<stem>", paths[0].name).removesuffix(".gguf")
@@ -659,7 +789,13 @@ def model_dir(path: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if mmproj is not None:
+            tokens = _value(_reader(str(paths[0])), "tokenizer.ggml.tokens")
+            full, pre = vision_config(mmproj, cfg, tokens)
+            (tmp / "config.json").write_text(json.dumps(full, indent=2))
+            (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+        else:
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         meta = metadata(paths[0])
         template = meta.get("tokenizer.chat_template")
         if isinstance(template, str) and template.strip():
@@ -668,8 +804,9 @@ def model_dir(path: str | Path) -> Path:
         for name, text in tok.items():
             (tmp / name).write_text(text, encoding="utf-8")
         info = {"files": [str(p) for p in paths], "file_type": file_type(paths),
-                "default_quantization": default_quantization(paths)}  # fmt: skip
-        (tmp / INDEX).write_text(json.dumps({str(p): _table(p) for p in paths}))
+                "default_quantization": default_quantization(paths),
+                "mmproj": str(mmproj) if mmproj else None}  # fmt: skip
+        (tmp / INDEX).write_text(json.dumps({str(p): _table(p) for p in every}))
         (tmp / POINTER).write_text(json.dumps(info, indent=2))
         try:
             tmp.rename(out)

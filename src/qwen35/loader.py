@@ -504,8 +504,8 @@ def _has_visual_tensors(source) -> bool:
             if any(k.startswith("model.visual.") for k in h.keys()):
                 return True
     if files and all(f.suffix.lower() == ".gguf" for f in files):
-        log.info("%s: a GGUF file holds the text model only (llama.cpp keeps the vision tower in "
-                 "a separate mmproj file, which qwen35 does not read): text only", source)  # fmt: skip
+        log.info("%s: no vision tower (llama.cpp keeps it in an mmproj*.gguf file; put the one "
+                 "for this model beside it for images): text only", source)  # fmt: skip
     else:
         log.warning("%s has no vision tower (model.visual.*): loading it text only", source)
     return False
