@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quantization", default=None, help="ours: instead of the file's default")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--gguf-int4", default="keep", choices=("keep", "requantize"),
+                    help="ours under int4: keep the file's 4-bit values, or requantize")  # fmt: skip
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -44,7 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     d = model_dir(path)
     t_dir = time.perf_counter() - t0
     max_len = args.prompt + args.tokens + 16
-    opts = {} if args.quantization is None else {"quantization": args.quantization}
+    opts = {"gguf_int4": args.gguf_int4}
+    if args.quantization is not None:
+        opts["quantization"] = args.quantization
     t0 = time.perf_counter()
     ours = LLMEngine(str(path), max_num_seqs=1, max_model_len=max_len, enable_prefix_caching=False,
                      verbose=False, **opts)  # fmt: skip
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         "file_type": file_type(shard_paths(path)),
         "file_gib": round(sum(p.stat().st_size for p in shard_paths(path)) / 2**30, 3),
         "ours_storage": getattr(ours.model, "quantization", None) or str(ours.model.dtype),
+        "gguf_int4": args.gguf_int4,
         "first_model_dir_s": round(t_dir, 2),
         "load_s": {"qwen35": round(t_load, 2), "llama.cpp": round(t_llama, 2)},
         "model_dir": str(d),

@@ -148,6 +148,11 @@ def test_int4_keeps_4bit_values(tmp_path, moe, qtype):
     assert checked >= 6
     z = model.get_submodule("model.layers.1.linear_attn.in_proj_z")
     assert isinstance(z, Int8Linear)
+    # --gguf-int4 requantize: every matrix in int4's own groups, as from a BF16 checkpoint
+    again = load_model(f, dtype="fp32", quantization="int4", gguf_int4="requantize")
+    groups = {m.group for m in again.modules() if isinstance(m, Int4Linear)}
+    assert groups and 32 not in groups
+    assert isinstance(again.get_submodule("model.layers.1.linear_attn.in_proj_z"), Int4Linear)
 
 
 def _qwen_tokens() -> list[str]:

@@ -96,6 +96,7 @@ def load_model(
     quantization: str | None = None,
     mtp: bool = False,
     yarn: float | None = None,
+    gguf_int4: str = "keep",
 ) -> nn.Module:
     """Load a Qwen 3.5 text model, in eval mode and without gradients.
 
@@ -117,6 +118,8 @@ def load_model(
     decoding drafts with it); the config must have one (mtp_num_hidden_layers).
     yarn: YaRN RoPE scaling by this factor over the native context (ModelConfig.with_yarn);
     None: as the config says.
+    gguf_int4: a GGUF file under int4: "keep" its 4-bit values (gguf_checkpoint int4_hint) or
+    "requantize" every matrix to int4 groups of 128.
     quantization: "fp8" / "int8" / "int4" quantizes the loaded weights in memory (qwen35.quant);
     "bf16" (with dtype fp32) stores the weights in bf16 and computes in fp32 (allocated so at
     load: no fp32 copy of the weights); None keeps them as stored (an official FP8 checkpoint
@@ -215,6 +218,8 @@ def load_model(
                 swap_to_fp8_meta(model, fp8_names, cfg)  # the same modules, at shard sizes
         vocab = tp.size == 1 and s.tied_duplicate is None  # (QuantizeOnRead's docstring)
         on_read = _quantize_on_read(model, cfg, storage, torch_dtype, dev, vocab)
+        if on_read is not None and gguf_int4 == "requantize":
+            on_read.take_hints = False
         defer = _deferred(on_read)
         _warn_if_short_of_memory(model, cfg, torch_dtype, dev, on_read, defer, tp)
         params = materialize(model, cfg, torch_dtype, dev, defer)

@@ -22,6 +22,7 @@ from qwen35.config import check_yarn_factor
 from qwen35.errors import Qwen35Error
 
 MAX_SCHEDULER_STEPS = 16  # decode steps per scheduling round (num_scheduler_steps)
+GGUF_INT4 = ("keep", "requantize")  # --gguf-int4 (gguf_checkpoint.GGUFCheckpoint.int4_hint)
 INT4_ACTIVATIONS = ("int8", "16bit")  # --int4-activations (quant/layers.py set_int4_activations)
 
 
@@ -66,6 +67,13 @@ class LoadConfig:
         "keeps them at bf16 (AVX512-BF16 CPUs) or 16-bit integers (others): weight-only int4. "
         "Process-wide (quant/layers.py Int4Linear.x8)",
         choices=list(INT4_ACTIVATIONS),
+    )
+    gguf_int4: str = _opt(
+        "keep",
+        "a GGUF file loaded as int4: keep (its Q4_0 / Q4_1 / Q4_K tensors keep the file's values "
+        "as int4 groups of 32, its 5-8 bit tensors become int8) or requantize (every matrix "
+        "requantized to int4 groups of 128: faster decode, a second 4-bit rounding)",
+        choices=list(GGUF_INT4),
     )
     yarn: float | None = _opt(
         None,
@@ -424,6 +432,9 @@ class EngineConfig:
         ):
             if not isinstance(value, int) or value < 1:
                 raise Qwen35Error(f"{name} must be an integer >= 1, got {value!r}")
+        if self.load.gguf_int4 not in GGUF_INT4:
+            raise Qwen35Error(f"gguf_int4 must be one of {', '.join(GGUF_INT4)}; "
+                              f"got {self.load.gguf_int4!r}")  # fmt: skip
         if self.load.int4_activations not in INT4_ACTIVATIONS:
             raise Qwen35Error(f"int4_activations must be one of {', '.join(INT4_ACTIVATIONS)}; "
                               f"got {self.load.int4_activations!r}")  # fmt: skip

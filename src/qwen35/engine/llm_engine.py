@@ -220,6 +220,7 @@ class LLMEngine:
                 quantization=ec.load.quantization,
                 mtp=bool(sc.num_speculative_tokens) and sc.speculative_method == "mtp",
                 yarn=ec.load.yarn,
+                gguf_int4=ec.load.gguf_int4,
             )
         self.config = self.model.config
         from qwen35.quant.layers import set_int4_activations

@@ -346,11 +346,12 @@ class QuantizeOnRead:
         self.live = self.peak = 0  # bytes of BF16 weights allocated and not yet quantized
         self.allocated = 0  # bytes of BF16 weights allocated in all
         self.hints: dict[str, object] = {}  # parameter -> its GGUF hint (_int_linear)
+        self.take_hints = True  # False: --gguf-int4 requantize
 
     def hint(self, name: str, hint) -> None:
         """What the source file says of parameter `name` (a GGUF tensor's int4 hint); heard
         before `written(name)`. Kept only where this load makes int4 of it."""
-        if hint is not None and self.fmt == "int4" and name in self.owner:
+        if hint is not None and self.take_hints and self.fmt == "int4" and name in self.owner:
             self.hints[name] = hint
 
     def deferred(self) -> set[int]:
