@@ -513,30 +513,38 @@ def _read(t, codes: int | None = None) -> torch.Tensor:
     """One GGUF tensor as a torch tensor in numpy (row-major) order: F32 / F16 / BF16 as
     stored, anything else dequantized to fp32. codes (a _LATTICE type): every 4-bit code set to
     that value first (0: each lattice's zero point, 1: zero point + step)."""
-    gguf = _require_gguf()
-    q = gguf.GGMLQuantizationType
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    data = t.data
+    out = torch.empty(shape, dtype=_read_dtype(t))
+    _read_rows(t, 0, out.view(-1, shape[-1]), codes)
+    return out
+
+
+def _read_dtype(t) -> torch.dtype:
+    return {"F16": torch.float16, "BF16": torch.bfloat16}.get(t.tensor_type.name, torch.float32)
+
+
+def _read_rows(t, first: int, out: torch.Tensor, codes: int | None = None) -> None:
+    """Rows first .. first + len(out) of the tensor's [rows, in] view into out [n, in] (a
+    contiguous block of _read_dtype(t)): a fused expert tensor is filled expert by expert,
+    without a copy of each half."""
+    gguf = _require_gguf()
+    rows = np.asarray(t.data).reshape(-1, t.data.shape[-1])[first : first + len(out)]
     if codes is not None:
         nbytes, start, length = _LATTICE[t.tensor_type.name]
-        blocks = np.array(data).reshape(-1, nbytes)
+        blocks = np.array(rows).reshape(-1, nbytes)
         blocks[:, start : start + length] = codes * 0x11
-        data = blocks.reshape(data.shape)
-    if t.tensor_type == q.F32:
-        return torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)
-    if t.tensor_type == q.F16:
-        return torch.from_numpy(np.array(data, dtype=np.float16)).reshape(shape)
-    if t.tensor_type == q.BF16:
-        raw = np.array(data).view(np.int16)
-        return torch.from_numpy(raw).view(torch.bfloat16).reshape(shape)
-    out = torch.empty(shape, dtype=torch.float32)
-    flat = out.view(-1, shape[-1])
-    rows = np.asarray(data).reshape(-1, data.shape[-1])
-    step = max(1, _DEQUANT_CHUNK // shape[-1])
-    for r in range(0, rows.shape[0], step):
+        rows = blocks.reshape(rows.shape)
+    kind = t.tensor_type.name
+    if kind in ("F32", "F16"):
+        out.copy_(torch.from_numpy(np.array(rows)))
+        return
+    if kind == "BF16":
+        out.copy_(torch.from_numpy(np.array(rows).view(np.int16)).view(torch.bfloat16))
+        return
+    step = max(1, _DEQUANT_CHUNK // out.shape[-1])
+    for r in range(0, len(rows), step):
         part = gguf.quants.dequantize(np.array(rows[r : r + step]), t.tensor_type)
-        flat[r : r + step] = torch.from_numpy(part.reshape(-1, shape[-1]))
-    return out
+        out[r : r + step] = torch.from_numpy(part.reshape(-1, out.shape[-1]))
 
 
 def _block_lattice(t) -> tuple[torch.Tensor, torch.Tensor]:
@@ -719,21 +727,37 @@ class GGUFCheckpoint:
     def get_tensor(self, key: str, codes: int | None = None) -> torch.Tensor:
         """The tensor under its transformers name and shape, edits undone (codes: _read's)."""
         names = self._sources[key]
+        if key.endswith("mlp.experts.gate_up_proj") and len(names) == 2:
+            return self._fused(names, codes)
         parts = [_read(self._tensors[n], codes) for n in names]
         if key.startswith("model.visual."):
             want = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
             t = torch.stack(parts, dim=2) if key.endswith("patch_embed.proj.weight") else parts[0]
             return t.to(want[self._dtypes[key]])
-        if len(parts) > 1:
-            if len({p.dtype for p in parts}) > 1:
-                parts = [p.float() for p in parts]
-            return torch.cat(parts, dim=1)
         t = parts[0]
         if key.endswith("shared_expert_gate.weight"):
             t = t.reshape(self._shapes[key])
         want = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
         t = _undo(key, names[0], t.clone() if t.dtype != torch.float32 else t, self._layout)
         return t.to(want[self._dtypes[key]])
+
+    def _fused(self, names: list[str], codes: int | None) -> torch.Tensor:
+        """gate [E, I, H] and up [E, I, H] as [E, 2I, H], each expert's halves read into place
+        (a 35B-A3B layer: 2 GB in fp32, where reading both then concatenating held 4)."""
+        gate, up = (self._tensors[n] for n in names)
+        E, I, H = (int(d) for d in reversed(gate.shape.tolist()))
+        dtypes = {_read_dtype(gate), _read_dtype(up)}
+        out = torch.empty(E, 2 * I, H, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+        for e in range(E):
+            for half, t in enumerate((gate, up)):
+                dst = out[e, half * I : (half + 1) * I]
+                if _read_dtype(t) == out.dtype:
+                    _read_rows(t, e * I, dst, codes)
+                else:  # mixed types: through a block of the half's own dtype
+                    tmp = torch.empty(I, H, dtype=_read_dtype(t))
+                    _read_rows(t, e * I, tmp, codes)
+                    dst.copy_(tmp)
+        return out
 
 
 # ---- the model directory ------------------------------------------------------------------------
