@@ -581,7 +581,8 @@ def read_into(
                     checked &= check_finite(e.key, dst, str(path), src)
                     del src, dst
                     if on_read is not None:
-                        if e.target.expert is None and hasattr(f, "int4_hint"):  # a GGUF file
+                        if e.target.expert is None and hasattr(f, "int4_hint") and \
+                                on_read.wants_hint(e.target.param):  # a GGUF file under int4
                             on_read.hint(e.target.param, f.int4_hint(e.key))
                         on_read.written(e.target.param)
                     report.num_tensors += 1

@@ -348,10 +348,14 @@ class QuantizeOnRead:
         self.hints: dict[str, object] = {}  # parameter -> its GGUF hint (_int_linear)
         self.take_hints = True  # False: --gguf-int4 requantize
 
+    def wants_hint(self, name: str) -> bool:
+        """Whether this load makes int4 of parameter `name` and takes a source file's hints."""
+        return self.take_hints and self.fmt == "int4" and name in self.owner
+
     def hint(self, name: str, hint) -> None:
         """What the source file says of parameter `name` (a GGUF tensor's int4 hint); heard
-        before `written(name)`. Kept only where this load makes int4 of it."""
-        if hint is not None and self.take_hints and self.fmt == "int4" and name in self.owner:
+        before `written(name)`. Kept only where wants_hint."""
+        if hint is not None and self.wants_hint(name):
             self.hints[name] = hint
 
     def deferred(self) -> set[int]:
