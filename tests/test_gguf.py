@@ -444,6 +444,10 @@ def test_vision_tower_from_the_mmproj_beside_the_file(tmp_path, qtype):
     f = write_gguf(src, models / "m.gguf", "F32", tokens=tokens, eos=1)
     write_mmproj(src, models / f"mmproj-{qtype}.gguf", qtype)
     # a GGUF file has no pixel bounds: both sides preprocess with the official defaults
+    src_copy = tmp_path / "vlm-copy"  # (the processor config the writer reads, kept aside)
+    src_copy.mkdir()
+    for p in src.iterdir():
+        (src_copy / p.name).write_bytes(p.read_bytes())
     (src / "preprocessor_config.json").unlink()
     want = load_model(src, dtype="fp32", vision=True).state_dict()
     got = load_model(f, dtype="fp32", vision="auto").state_dict()
@@ -460,11 +464,12 @@ def test_vision_tower_from_the_mmproj_beside_the_file(tmp_path, qtype):
     a = ours.generate(req(img), GREEDY)[0].outputs[0].token_ids
     b = LLM(str(src), **opts).generate(req(img), GREEDY)[0].outputs[0].token_ids
     assert a == b
-    # two towers beside it: none is guessed (text only, a warning names them)
-    (models / "mmproj-other.gguf").write_bytes((models / f"mmproj-{qtype}.gguf").read_bytes())
-    (models / "m.gguf").touch()  # (a new model directory: the key has the file's time)
-    text_only = load_model(f, dtype="fp32", vision="auto").state_dict()
-    assert not any(k.startswith("model.visual.") for k in text_only)
+    # several towers beside it (a repository's copies): the most precise one
+    from qwen35.gguf_checkpoint import find_mmproj
+
+    write_mmproj(src_copy, models / "mmproj-BF16.gguf", "BF16")
+    assert find_mmproj(f) == models / ("mmproj-F32.gguf" if qtype == "F32" else
+                                       "mmproj-BF16.gguf")  # fmt: skip
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 A GGUF file of the `qwen35` / `qwen35moe` architectures (llama.cpp's `convert_hf_to_gguf.py`,
 then `llama-quantize`) holds the text model, its MTP layer, the vocabulary and the chat template,
 under llama.cpp's tensor names and with the converter's edits applied; the vision tower is a
-separate `mmproj*.gguf`, used when exactly one sits beside the model file. Read through the
+separate `mmproj*.gguf` beside the model file (of several, the most precise). Read through the
 `gguf` package (llama.cpp's own reader; numpy dequantizers for every ggml type):
 
 - `model_dir(path)`: a small directory in the cache (`QWEN35_CACHE_DIR` or `~/.cache/qwen35/gguf/`,
@@ -364,19 +364,22 @@ def _vision_name(name: str) -> str | None:
 
 
 def find_mmproj(path: Path) -> Path | None:
-    """The vision tower beside a model file: the one `mmproj*.gguf` in its folder (as llama.cpp's
-    `-hf` downloads and LM Studio keep them); several: none is guessed (logged)."""
+    """The vision tower beside a model file: an `mmproj*.gguf` in its folder (as llama.cpp's
+    `-hf` downloads and LM Studio keep them); of several (a repository's F32 / BF16 / F16
+    copies), the most precise (its matrices' type: F32, BF16, F16, then quantized), logged."""
     found = sorted(p for p in path.parent.iterdir()
                    if p.is_file() and p.name.lower().startswith("mmproj")
                    and p.name.lower().endswith(".gguf"))  # fmt: skip
-    if len(found) > 1:
-        import logging
+    if len(found) <= 1:
+        return found[0] if found else None
+    rank = {"F32": 0, "BF16": 1, "F16": 2}
+    best = min(found, key=lambda p: (rank.get(file_type([p]), 3), p.name))
+    import logging
 
-        logging.getLogger("qwen35.loader").warning(
-            "%s: several vision towers beside it (%s): text only; keep one mmproj file there",
-            path.name, ", ".join(p.name for p in found))  # fmt: skip
-        return None
-    return found[0] if found else None
+    logging.getLogger("qwen35.loader").info(
+        "%s: vision tower %s (the most precise of %s)", path.name, best.name,
+        ", ".join(p.name for p in found))  # fmt: skip
+    return best
 
 
 def vision_config(mmproj: Path, text: dict, tokens: list[str] | None) -> tuple[dict, dict]:
