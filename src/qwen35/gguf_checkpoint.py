@@ -809,7 +809,7 @@ def model_dir(path: str | Path) -> Path:
         .encode()
     ).hexdigest()[:16]  # fmt: skip
     stem = _SPLIT.sub(r"\g<stem>", paths[0].name).removesuffix(".gguf")
-    out = cache_root() / f"{stem}-{key}"
+    out = cache_root() / key / stem  # (named as the file: the model's name in logs and tables)
     if (out / POINTER).is_file():
         return out
     cfg = hf_config(paths[0])
