@@ -190,6 +190,12 @@ def _resolve_models(spec: str | None, dtype: str | None) -> list[tuple[ModelConf
             out = [(c, [dtype]) for c, ds in out if dtype in ds]
         return out
     path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        raise PlanError(
+            f"{spec}: qwen35 plan does not read GGUF files yet (a GGUF load keeps 4-bit tensors in "
+            "int4 groups of 32, which the plan's int4 rows do not count); plan the model by its "
+            "name, e.g. -m 9B --dtype int4, or load the file: its memory is logged at start"
+        )
     if path.exists() or spec.endswith(".json") or spec.startswith(("/", ".", "~")):
         cfg = ModelConfig.from_hf(path)  # a missing path gets "no config file at ..."
         forced = "fp8" if cfg.quantization else None
