@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quantization", default=None, help="ours: instead of the file's default")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--gguf-int4", default="keep", choices=("keep", "requantize"),
-                    help="ours under int4: keep the file's 4-bit values, or requantize")  # fmt: skip
+                    help="ours under int4: keep the file's 4-bit values, or "
+                         "requantize")  # fmt: skip
     args = ap.parse_args(argv)
 
     import numpy as np

@@ -58,10 +58,6 @@ class GGUFError(CheckpointError):
     pass
 
 
-def is_gguf(path: str | Path) -> bool:
-    return str(path).lower().endswith(".gguf")
-
-
 def _require_gguf():
     try:
         import gguf
@@ -101,10 +97,7 @@ def _reader(path: str):
 
 def _value(r, key: str, default=None):
     f = r.fields.get(key)
-    if f is None:
-        return default
-    v = f.contents()
-    return v
+    return default if f is None else f.contents()
 
 
 def metadata(path: Path) -> dict:
@@ -116,6 +109,11 @@ def metadata(path: Path) -> dict:
 
 
 INDEX = "tensors.json"  # in a model_dir: each file's tensor table (_table)
+
+
+def _shape(t) -> tuple[int, ...]:
+    """A tensor's shape in numpy (row-major) order; GGUF lists it fastest dimension first."""
+    return tuple(int(d) for d in reversed(t.shape.tolist()))
 
 
 @dataclass
@@ -170,7 +168,7 @@ def _tensor_shapes(paths: list[Path]) -> dict[str, tuple[int, ...]]:
     out = {}
     for p in paths:
         for t in _reader(str(p)).tensors:
-            out[t.name] = tuple(int(d) for d in reversed(t.shape.tolist()))  # numpy order
+            out[t.name] = _shape(t)
     return out
 
 
@@ -274,8 +272,7 @@ def _types(paths: list[Path]) -> Counter:
 
 def _stored_dtype(paths: list[Path]) -> str:
     """The config dtype `--dtype auto` reads: float32 for an F32 file, bfloat16 otherwise."""
-    top = _types(paths).most_common(1)
-    return "float32" if top and top[0][0] == "F32" else "bfloat16"
+    return "float32" if file_type(paths) == "F32" else "bfloat16"
 
 
 def file_type(paths: list[Path]) -> str:
@@ -480,10 +477,8 @@ def _undo(hf: str, gname: str, t: torch.Tensor, layout: _Layout) -> torch.Tensor
         return t.sub_(1)  # stored as 1 + w (the MTP layer's enorm / hnorm too)
     if hf.endswith("linear_attn.A_log"):
         return layout.untile(torch.log(-t.float()).to(t.dtype), 0, 1)
-    if hf.endswith("linear_attn.dt_bias"):
-        return layout.untile(t, 0, 1)
-    if hf.endswith(("in_proj_a.weight", "in_proj_b.weight")):
-        return layout.untile(t, 0, 1)
+    if hf.endswith(("linear_attn.dt_bias", "in_proj_a.weight", "in_proj_b.weight")):
+        return layout.untile(t, 0, 1)  # one value per V head
     if hf.endswith("in_proj_z.weight"):
         return layout.untile(t, 0, layout.dv)
     if hf.endswith("in_proj_qkv.weight") or hf.endswith("conv1d.weight"):
@@ -496,7 +491,8 @@ def _undo(hf: str, gname: str, t: torch.Tensor, layout: _Layout) -> torch.Tensor
 
 
 # ---- reading ------------------------------------------------------------------------------------
-_ST_NAMES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}  # others: dequantized to F32
+# the types read as stored (safetensors' names are ggml's); the others are dequantized to F32
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DEQUANT_CHUNK = 1 << 22  # weights dequantized at a time (numpy's temporaries stay small)
 
 
@@ -516,14 +512,20 @@ def _read(t, codes: int | None = None) -> torch.Tensor:
     """One GGUF tensor as a torch tensor in numpy (row-major) order: F32 / F16 / BF16 as
     stored, anything else dequantized to fp32. codes (a _LATTICE type): every 4-bit code set to
     that value first (0: each lattice's zero point, 1: zero point + step)."""
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    shape = _shape(t)
     out = torch.empty(shape, dtype=_read_dtype(t))
     _read_rows(t, 0, out.view(-1, shape[-1]), codes)
     return out
 
 
 def _read_dtype(t) -> torch.dtype:
-    return {"F16": torch.float16, "BF16": torch.bfloat16}.get(t.tensor_type.name, torch.float32)
+    return _TORCH_DTYPES.get(t.tensor_type.name, torch.float32)
+
+
+def _st_dtype(t) -> str:
+    """The safetensors dtype a tensor is presented in."""
+    name = t.tensor_type.name
+    return name if name in _TORCH_DTYPES else "F32"
 
 
 def _read_rows(t, first: int, out: torch.Tensor, codes: int | None = None) -> None:
@@ -554,7 +556,7 @@ def _block_lattice(t) -> tuple[torch.Tensor, torch.Tensor]:
     """A Q4_0 / Q4_1 / Q4_K tensor's lattices from its block headers: (step, zero) fp32
     [..., in/32] with value = zero + step * code (Q4_0: d and -8d; Q4_1: d and m; Q4_K: d x
     6-bit scale and -dmin x 6-bit min of each 32-value sub-block)."""
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    shape = _shape(t)
     kind = t.tensor_type.name
     nbytes = _LATTICE[kind][0]
     b = np.asarray(t.data).reshape(-1, nbytes)
@@ -627,8 +629,8 @@ class GGUFCheckpoint:
                     continue  # presented with its gate half by that half's shard
             elif name not in here:
                 continue
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            dtype = _ST_NAMES.get(t.tensor_type.name, "F32")
+            shape = _shape(t)
+            dtype = _st_dtype(t)
             m = re.match(r"^blk\.(\d+)\.(ffn_(?:gate|up)_exps\.weight)$", name)
             if m is not None:  # gate and up: one fused [E, 2I, H] tensor
                 i = int(m[1])
@@ -661,8 +663,8 @@ class GGUFCheckpoint:
     def _vision(self, tensors: list) -> None:
         self._tensors = {t.name: t for t in tensors}
         for name, t in self._tensors.items():
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            dtype = _ST_NAMES.get(t.tensor_type.name, "F32")
+            shape = _shape(t)
+            dtype = _st_dtype(t)
             if name == "v.patch_embd.weight.1":
                 continue  # the second frame's kernel: stacked with the first
             key = _vision_name(name)
@@ -709,8 +711,8 @@ class GGUFCheckpoint:
                 return tuple(self._layout.untile(x, 1, self._layout.dv // 32) for x in
                              (step, zero))  # fmt: skip
             return tuple(_undo(key, names[0], x, self._layout) for x in (step, zero))
-        if any(k not in _ST_NAMES and _bits(t) > _INT8_ABOVE_BITS for k, t in
-               zip([t.tensor_type.name for t in ts], ts, strict=True)):  # fmt: skip
+        if any(t.tensor_type.name not in _TORCH_DTYPES and _bits(t) > _INT8_ABOVE_BITS
+               for t in ts):  # fmt: skip
             return "int8"
         return None
 
@@ -734,21 +736,19 @@ class GGUFCheckpoint:
             return self._fused(names, codes)
         parts = [_read(self._tensors[n], codes) for n in names]
         if key.startswith("model.visual."):
-            want = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
             t = torch.stack(parts, dim=2) if key.endswith("patch_embed.proj.weight") else parts[0]
-            return t.to(want[self._dtypes[key]])
+            return t.to(_TORCH_DTYPES[self._dtypes[key]])
         t = parts[0]
         if key.endswith("shared_expert_gate.weight"):
             t = t.reshape(self._shapes[key])
-        want = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-        t = _undo(key, names[0], t.clone() if t.dtype != torch.float32 else t, self._layout)
-        return t.to(want[self._dtypes[key]])
+        t = _undo(key, names[0], t, self._layout)
+        return t.to(_TORCH_DTYPES[self._dtypes[key]])
 
     def _fused(self, names: list[str], codes: int | None) -> torch.Tensor:
         """gate [E, I, H] and up [E, I, H] as [E, 2I, H], each expert's halves read into place
         (a 35B-A3B layer: 2 GB in fp32, where reading both then concatenating held 4)."""
         gate, up = (self._tensors[n] for n in names)
-        E, I, H = (int(d) for d in reversed(gate.shape.tolist()))
+        E, I, H = _shape(gate)
         dtypes = {_read_dtype(gate), _read_dtype(up)}
         out = torch.empty(E, 2 * I, H, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
         for e in range(E):
@@ -790,7 +790,8 @@ def pointed(directory: Path) -> list[Path] | None:
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise GGUFError(f"{directory} stands for {', '.join(missing)}, which no longer "
-                        f"exist{'s' if len(missing) == 1 else ''}; pass the .gguf file again")  # fmt: skip
+                        f"exist{'s' if len(missing) == 1 else ''}; pass the .gguf file "
+                        "again")  # fmt: skip
     return files
 
 
@@ -827,7 +828,7 @@ def model_dir(path: str | Path) -> Path:
         template = meta.get("tokenizer.chat_template")
         if isinstance(template, str) and template.strip():
             (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
-        tok = _tokenizer_files(paths[0], cfg["vocab_size"])
+        tok = _tokenizer_files(paths[0])
         for name, text in tok.items():
             (tmp / name).write_text(text, encoding="utf-8")
         info = {"files": [str(p) for p in paths], "file_type": file_type(paths),
@@ -853,9 +854,10 @@ def pointer_info(directory: Path) -> dict:
 
 
 # ---- the vocabulary -----------------------------------------------------------------------------
-def _tokenizer_files(path: Path, vocab_size: int) -> dict[str, str]:
+def _tokenizer_files(path: Path) -> dict[str, str]:
     """{} when the file's vocabulary is Qwen 3.5's own (the bundled one serves it), else a
-    tokenizer.json (and tokenizer_config.json) built from the file's BPE vocabulary."""
+    tokenizer.json built from the file's BPE vocabulary and a generation_config.json with its
+    stop ids."""
     r = _reader(str(path))
     model = _value(r, "tokenizer.ggml.model")
     tokens = _value(r, "tokenizer.ggml.tokens")
@@ -879,10 +881,10 @@ def _tokenizer_files(path: Path, vocab_size: int) -> dict[str, str]:
 
 
 def _is_qwen35_vocab(tokens) -> bool:
-    from qwen35.tokenizer import _TiktokenBackend
+    from qwen35.tokenizer import _builtin_backend
 
     try:
-        ref = _TiktokenBackend()
+        ref = _builtin_backend()  # (cached: the engine's tokenizer then reuses it)
     except ImportError:
         return False
     n = max([ref.n_vocab - 1, *ref.added.values()]) + 1
@@ -904,8 +906,8 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
 def _bpe_tokenizer(tokens: list[str], merges: list[str], types: list[int]) -> dict[str, str]:
-    """tokenizer.json + tokenizer_config.json for a GGUF byte-level BPE vocabulary: BPE over the
-    regular tokens, control and user-defined tokens as added tokens (control ones special)."""
+    """tokenizer.json for a GGUF byte-level BPE vocabulary: BPE over the regular tokens, control
+    and user-defined tokens as added tokens (control ones special)."""
     vocab = {}
     added = []
     for i, (tok, typ) in enumerate(zip(tokens, types, strict=True)):

@@ -272,10 +272,11 @@ def auto_quantization(model: str, load_format: str, dtype: str, device) -> str |
 def _gguf_default(model: str, load_format: str, dtype: str, device) -> str | None:
     if load_format == "random" or dtype != "auto" or not str(device).startswith("cpu"):
         return None
+    from qwen35.gguf_checkpoint import POINTER, pointer_info
+
     path = Path(str(model)).expanduser()
-    if not (path.is_file() and path.suffix.lower() == ".gguf") and not (path / "gguf.json").is_file():
+    if not (path.is_file() and path.suffix.lower() == ".gguf") and not (path / POINTER).is_file():
         return None
-    from qwen35.gguf_checkpoint import pointer_info
 
     quant = pointer_info(resolve_model_dir(path)).get("default_quantization")
     if quant is not None:

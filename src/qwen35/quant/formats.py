@@ -102,7 +102,9 @@ def quantize_int4_groups(w: torch.Tensor, group: int, dtype=torch.bfloat16, chun
     return q, sz
 
 
-def int4_on_lattice(w: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, dtype=torch.bfloat16):
+def int4_on_lattice(
+    w: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, dtype=torch.bfloat16
+):
     """w [out, in] whose groups of 32 inputs already lie on 16-level lattices w = zero + step * q,
     q in [0, 15] (a GGUF file's Q4_0 / Q4_1 / Q4_K blocks; step, zero [out, in/32]) -> the int4
     groups of 32 that hold those very values (q [out, in] int32, scales_and_zeros [in/32, out, 2]
