@@ -20,7 +20,7 @@ ours forced onto the AVX2 path (what a CPU without AVX512 runs). int8: torch's
 `_weight_int8pack_mm` vs ours. FP8: the AVX2/F16C kernel (fp8_cpu.cpp; fp32 rows take it on
 AVX512 CPUs too, there built with VL's registers; avx2-only: its AVX2 build) vs ours (AVX512-VBMI
 byte tables) vs ours-cvt (AVX512 without VBMI + BF16: fp16 bits converted).
-int4 (groups of 128, torch's packed layout; not for lm_head, which int4 keeps in int6: bench/int6_head.py): torch's
+int4 (groups of 128, --int4-group for others; torch's packed layout; not for lm_head, which int4 keeps in int6: bench/int6_head.py): torch's
 `_weight_int4pack_mm_for_cpu` vs ours (int4_cpu.cpp: AVX512-VBMI + BF16) vs ours-avx2, and both with
 8-bit activations (x8: ours-x8 the AVX512-VNNI path, ours-avx2-x8); with
 --int4-fp32 also both on fp32 rows. GB/s counts the packed weight bytes (0.5 per weight).
@@ -87,22 +87,22 @@ def _paths(x, w, w32, q8, s8, f8, fs8, mod, fmod) -> dict:
     return paths
 
 
-def _int4_paths(x, p4, sz4, sz4f, mod4, fp32: bool) -> dict:
+def _int4_paths(x, p4, sz4, sz4f, mod4, fp32: bool, g: int = 128) -> dict:
     n, xf = p4.shape[0], x.float()
     int4 = torch.ops.aten._weight_int4pack_mm_for_cpu
-    paths = {"int4 torch": lambda: int4(x, p4, 128, sz4)}
+    paths = {"int4 torch": lambda: int4(x, p4, g, sz4)}
     if mod4 is not None:
         if mod4.int4_fast_supported():
-            paths["int4 ours"] = lambda: mod4.linear_int4(x, p4, sz4, 128, n)
-        paths["int4 ours-avx2"] = lambda: mod4.linear_int4(x, p4, sz4, 128, n, True)
+            paths["int4 ours"] = lambda: mod4.linear_int4(x, p4, sz4, g, n)
+        paths["int4 ours-avx2"] = lambda: mod4.linear_int4(x, p4, sz4, g, n, True)
         if hasattr(mod4, "int4_vnni_supported"):  # 8-bit activations (a --baseline may lack them)
             if mod4.int4_vnni_supported():
-                paths["int4 ours-x8"] = lambda: mod4.linear_int4(x, p4, sz4, 128, n, x8=True)
-            paths["int4 ours-avx2-x8"] = lambda: mod4.linear_int4(x, p4, sz4, 128, n, True, True)
+                paths["int4 ours-x8"] = lambda: mod4.linear_int4(x, p4, sz4, g, n, x8=True)
+            paths["int4 ours-avx2-x8"] = lambda: mod4.linear_int4(x, p4, sz4, g, n, True, True)
     if fp32:
-        paths["int4 torch f32"] = lambda: int4(xf, p4, 128, sz4f)
+        paths["int4 torch f32"] = lambda: int4(xf, p4, g, sz4f)
         if mod4 is not None:
-            paths["int4 ours f32"] = lambda: mod4.linear_int4(xf, p4, sz4f, 128, n)
+            paths["int4 ours f32"] = lambda: mod4.linear_int4(xf, p4, sz4f, g, n)
     return paths
 
 
@@ -126,6 +126,8 @@ def main() -> None:
                     help=f"comma-separated names (also: {', '.join(MORE_SHAPES)})")
     ap.add_argument("--formats", default="fp32,bf16,int8,fp8,int4", help="comma-separated")
     ap.add_argument("--int4-fp32", action="store_true", help="also int4 on fp32 rows")
+    ap.add_argument("--int4-group", type=int, default=128,
+                    help="int4 group size (32: a GGUF file's 4-bit tensors kept, --gguf-int4 keep)")
     ap.add_argument("--baseline", metavar="REV", help="also our kernels as of this git revision")
     a = ap.parse_args()
     fmts = set(a.formats.split(","))
@@ -157,7 +159,7 @@ def main() -> None:
             f8 = formats.quantize_fp8_blocks(w) if "fp8" in fmts else None
             f8s.append((f8[0], f8[1].float()) if f8 else (None, None))
             int4 = "int4" in fmts and n % 64 == 0 and name != "lm_head"  # lm_head: int6
-            i4s.append(_int4(w, a.int4_fp32) if int4 else None)
+            i4s.append(_int4(w, a.int4_fp32, a.int4_group) if int4 else None)
             ws.append(None if int4_only else w)
             w32s.append(w.float() if "fp32" in fmts else None)
         labels = None
@@ -174,9 +176,10 @@ def main() -> None:
                         paths = _with_base(paths, _paths(x, ws[c], w32s[c], q8, s8, f8, fs8,
                                                          base[0], base[1]))  # fmt: skip
                 if i4s[c] is not None:
-                    paths.update(_int4_paths(x, *i4s[c], mod4, a.int4_fp32))
+                    paths.update(_int4_paths(x, *i4s[c], mod4, a.int4_fp32, a.int4_group))
                     if base:
-                        paths = _with_base(paths, _int4_paths(x, *i4s[c], base[2], a.int4_fp32))
+                        paths = _with_base(paths, _int4_paths(x, *i4s[c], base[2], a.int4_fp32,
+                                                                a.int4_group))
                 per_copy.append({lb: fn for lb, fn in paths.items() if lb.split()[0] in fmts})
             for _ in range(a.rounds):  # interleaved: every path once per round
                 for label in per_copy[0]:  # each path walks all copies: none is still in cache
@@ -201,9 +204,9 @@ def main() -> None:
             print(f"{rows:>4} " + " ".join(cells))
 
 
-def _int4(w: torch.Tensor, fp32: bool):
-    """(packed, scales_and_zeros bf16, the same in fp32 or None), groups of 128."""
-    q, sz = formats.quantize_int4_groups(w, 128, torch.bfloat16)
+def _int4(w: torch.Tensor, fp32: bool, group: int = 128):
+    """(packed, scales_and_zeros bf16, the same in fp32 or None), groups of `group`."""
+    q, sz = formats.quantize_int4_groups(w, group, torch.bfloat16)
     return matmul.pack_int4(q), sz, sz.float() if fp32 else None
 
 

@@ -382,6 +382,61 @@ def test_q4_k_m_file_keeps_its_values_under_int4(tmp_path):
     assert n >= 8
 
 
+def _plan(capsys, *args) -> tuple[int, str, str]:
+    from qwen35.cli import main
+
+    rc = main(["plan", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_plan_counts_the_file_as_the_engine_loads_it(tmp_path, capsys, monkeypatch, moe):
+    """`qwen35 plan -m FILE.gguf`: the file's storage on a CPU by default (int4 for a 4-bit
+    file: Q4_0 tensors kept in groups of 32, a Q8_0 one in int8, an F16 one in groups of 128),
+    weights equal to the bytes the engine holds, byte for byte, under int4 and int8; the file's size and type; a GPU plan of its BF16 form that names
+    the file in its launch commands."""
+    import json
+
+    src = _checkpoint(tmp_path, moe, hidden_size=128, intermediate_size=128,
+                      moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                      linear_value_head_dim=32, linear_key_head_dim=32)  # fmt: skip
+    f = write_gguf(src, tmp_path / "m.gguf", "Q4_0",
+                   types={"blk.1.attn_gate.weight": "Q8_0", "blk.0.attn_qkv.weight": "F16"})
+    rc, out, _ = _plan(capsys, "-m", f, "--json")
+    assert rc == 0
+    doc = json.loads(out)
+    assert doc["dtype"] == "int4"
+    (row,) = doc["models"]
+    assert row["file"] == {"path": str(f.resolve()), "bytes": f.stat().st_size, "type": "Q4_0"}
+    import qwen35.loader as loader
+
+    made, make = [], loader._quantize_on_read
+    monkeypatch.setattr(loader, "_quantize_on_read", lambda *a: made.append(make(*a)) or made[-1])
+    for fmt in ("int4", "int8"):
+        if fmt == "int8":
+            rc, out, _ = _plan(capsys, "-m", f, "--dtype", "int8", "--json")
+            row = json.loads(out)["models"][0]
+        m = load_model(f, dtype="bf16", quantization=fmt)
+        got = sum(p.numel() * p.element_size() for p in m.parameters())
+        assert row["weights_bytes"][fmt] == got, fmt
+        assert row["load_peak_bytes"][fmt] == got + made[-1].peak, fmt
+        if fmt == "int4":  # groups of 32 where the file had Q4_0: more than the name's plan
+            requantized = load_model(f, dtype="bf16", quantization=fmt, gguf_int4="requantize")
+            assert got > sum(p.numel() * p.element_size() for p in requantized.parameters())
+    rc, out, _ = _plan(capsys, "-m", f)
+    assert rc == 0 and "file GiB" in out and "(Q4_0)" in out and "groups of 32" in out
+    rc, out, err = _plan(capsys, "-m", f, "--gpu", "H100", "--json")
+    assert rc == 0 and "holds m.gguf's weights in BF16" in err
+    doc = json.loads(out)
+    assert doc["models"][0]["weights_bytes"]["bf16"] > 2 * f.stat().st_size
+    assert f"--model {f}" in doc["recommendation"]["launch"]["qwen35"]
+    rc, _, err = _plan(capsys, "-m", f, "--dtype", "fp8")
+    assert rc == 2 and "loads on a GPU as BF16" in err
+    rc, _, err = _plan(capsys, "-m", tmp_path / "none.gguf")
+    assert rc == 2 and "no GGUF file at" in err
+
+
 def test_later_loads_read_the_cached_tensor_table(tmp_path, monkeypatch):
     """Once its model directory exists a file loads without the `gguf` header parser (seconds
     over a real vocabulary): the cached table gives the same tensors."""

@@ -691,30 +691,36 @@ class GGUFCheckpoint:
             raise KeyError(key)
         return _Slice(self, key)
 
-    def int4_hint(self, key: str):
-        """How int4 should hold this matrix (quant/apply.py _int_linear): its 4-bit lattices
-        (step, zero) [..., in/32] for Q4_0 / Q4_1 / Q4_K tensors, "int8" for quantized types of
-        more than 5 bits a weight (a Q4_K_M file's Q6_K tensors), else None (int4 groups)."""
+    def int4_kind(self, key: str) -> str | None:
+        """What int4_hint gives for this tensor, told without reading it (qwen35 plan counts the
+        file's bytes by it): "lattice", "int8" or None."""
         names = self._sources.get(key, [])
         ts = [self._tensors[n] for n in names]
         if not ts or len(self._shapes[key]) < 2 or key.endswith(("embed_tokens.weight",
                                                                   "lm_head.weight")):  # fmt: skip
             return None
-        kinds = {t.tensor_type.name for t in ts}
-        if kinds <= set(_LATTICE) and self._shapes[key][-1] % 32 == 0:
-            parts = [_block_lattice(t) for t in ts]
-            step, zero = (torch.cat([p[i] for p in parts], dim=1) if len(parts) > 1
-                          else parts[0][i] for i in (0, 1))  # fmt: skip
-            if key.endswith("out_proj.weight"):  # whole heads of dv columns move: dv / 32 here
-                if self._layout.dv % 32:
-                    return None
-                return tuple(self._layout.untile(x, 1, self._layout.dv // 32) for x in
-                             (step, zero))  # fmt: skip
-            return tuple(_undo(key, names[0], x, self._layout) for x in (step, zero))
+        if {t.tensor_type.name for t in ts} <= set(_LATTICE) and self._shapes[key][-1] % 32 == 0:
+            # out_proj: whole heads of dv columns move (undone by groups: dv / 32 of them)
+            return None if key.endswith("out_proj.weight") and self._layout.dv % 32 else "lattice"
         if any(t.tensor_type.name not in _TORCH_DTYPES and _bits(t) > _INT8_ABOVE_BITS
                for t in ts):  # fmt: skip
             return "int8"
         return None
+
+    def int4_hint(self, key: str):
+        """How int4 should hold this matrix (quant/apply.py _int_linear): its 4-bit lattices
+        (step, zero) [..., in/32] for Q4_0 / Q4_1 / Q4_K tensors, "int8" for quantized types of
+        more than 5 bits a weight (a Q4_K_M file's Q6_K tensors), else None (int4 groups)."""
+        kind = self.int4_kind(key)
+        if kind != "lattice":
+            return kind
+        names = self._sources[key]
+        parts = [_block_lattice(self._tensors[n]) for n in names]
+        step, zero = (torch.cat([p[i] for p in parts], dim=1) if len(parts) > 1
+                      else parts[0][i] for i in (0, 1))  # fmt: skip
+        if key.endswith("out_proj.weight"):
+            return tuple(self._layout.untile(x, 1, self._layout.dv // 32) for x in (step, zero))
+        return tuple(_undo(key, names[0], x, self._layout) for x in (step, zero))
 
     def lattice_reference(self, key: str):
         """int4_hint's lattices found the plain way (tests): the tensor read with every 4-bit

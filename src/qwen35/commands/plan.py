@@ -7,6 +7,7 @@ Offline and torch-free: everything comes from the bundled configs (or a config.j
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -17,9 +18,10 @@ from qwen35 import catalog
 from qwen35.cache_spec import MAX_SPECULATIVE_TOKENS, SPECULATIVE_METHODS
 from qwen35.catalog import gpus as gpu_catalog
 from qwen35.config import ModelConfig
+from qwen35.plan import gguf as plan_gguf
 from qwen35.plan import vision as plan_vision
 from qwen35.plan.launch import launch_commands
-from qwen35.plan.params import has_fp8
+from qwen35.plan.params import has_fp8, text_tensors, weight_bytes
 from qwen35.plan.planner import (
     DEFAULT_CONTEXT,
     DEFAULT_PREFILL_CHUNK,
@@ -56,8 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         "-m",
-        help="model name (27B, Qwen3.5-35B-A3B-FP8) or a config.json "
-        "/ model directory; default: all eight",
+        help="model name (27B, Qwen3.5-35B-A3B-FP8), a config.json / model directory, or a "
+        "llama.cpp GGUF file (planned as the engine loads it: on a CPU in the file's own "
+        "storage, with --gpu in BF16); default: all eight",
     )
     p.add_argument("--gpu", "-g", help="GPU name from the catalog (RTX 4090, H100, MI300X, ...)")
     p.add_argument(
@@ -190,12 +193,17 @@ def _resolve_models(spec: str | None, dtype: str | None) -> list[tuple[ModelConf
             out = [(c, [dtype]) for c, ds in out if dtype in ds]
         return out
     path = Path(spec).expanduser()
-    if path.suffix.lower() == ".gguf":
-        raise PlanError(
-            f"{spec}: qwen35 plan does not read GGUF files yet (a GGUF load keeps 4-bit tensors in "
-            "int4 groups of 32, which the plan's int4 rows do not count); plan the model by its "
-            "name, e.g. -m 9B --dtype int4, or load the file: its memory is logged at start"
-        )
+    if plan_gguf.is_gguf(spec):  # on a GPU: dequantized to BF16 (the CPU plan: _run_cpu)
+        m = _gguf(spec)
+        if dtype not in (None, "bf16"):
+            raise PlanError(f"{spec}: a GGUF file loads on a GPU as BF16 (plan --dtype bf16), on "
+                            "a CPU as int4 / int8 (plan --dtype int4 | int8)")  # fmt: skip
+        cpu = (f"; on a CPU it keeps them in {m.storage}: qwen35 plan -m {spec} without --gpu"
+               if m.storage else "")
+        print(f"note: on a GPU the engine holds {path.name}'s weights in BF16 "
+              f"({weight_bytes(m.cfg, 'bf16') / 2**30:.2f} GiB, the file {m.file_bytes / 2**30:.2f}"
+              f" GiB){cpu}", file=sys.stderr)  # fmt: skip
+        return [(m.cfg, ["bf16"])]
     if path.exists() or spec.endswith(".json") or spec.startswith(("/", ".", "~")):
         cfg = ModelConfig.from_hf(path)  # a missing path gets "no config file at ..."
         forced = "fp8" if cfg.quantization else None
@@ -220,6 +228,11 @@ def _with_yarn(models: list[tuple[ModelConfig, list[str]]], args):
         return [(c.with_yarn(factor), ds) for c, ds in models]
     except ValueError as e:
         raise PlanError(str(e)) from None
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf(spec: str) -> plan_gguf.GgufModel:
+    return plan_gguf.load(spec)  # (a bad file: GGUFError, which the CLI prints as it is)
 
 
 def _resolve_name(spec: str) -> str:
@@ -365,7 +378,7 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 1)
 
 
-def _rec_json(r: Recommendation | None, gpu=None) -> dict | None:
+def _rec_json(r: Recommendation | None, gpu=None, model: str | None = None) -> dict | None:
     if r is None:
         return None
     return {
@@ -374,7 +387,7 @@ def _rec_json(r: Recommendation | None, gpu=None) -> dict | None:
         "dtype": r.fit.deployment.dtype,
         "tp": r.fit.deployment.tp,
         "why": r.why,
-        "launch": launch_commands(r.fit.deployment, r.fit.context),
+        "launch": launch_commands(r.fit.deployment, r.fit.context, model),
     }
 
 
@@ -424,7 +437,8 @@ def to_json(rows: list[Row], gpu, args, common: list[tuple] | None = None) -> di
         },
         "gpu": gpu.to_json() if gpu else None,
         "models": models,
-        "recommendation": _rec_json(_recommend(rows)) if gpu else None,
+        "recommendation": (_rec_json(_recommend(rows), model=plan_gguf.launch_model(args.model))
+                           if gpu else None),  # fmt: skip
     }
     if common is not None:
         out["recommendations_common_gpus"] = [_rec_json(rec, g) for g, rec in common]
@@ -439,6 +453,9 @@ def run(args) -> int:
         raise PlanError("--max-loras must be >= 0 and --max-lora-rank >= 1")
     if args.cpu_bandwidth is not None and not 0 < args.cpu_bandwidth < math.inf:
         raise PlanError(f"--cpu-bandwidth must be a positive GB/s, got {args.cpu_bandwidth:g}")
+    gpu_asked = args.gpu or args.gpu_memory is not None
+    if plan_gguf.is_gguf(args.model) and args.dtype is None and not gpu_asked:
+        args.dtype = _gguf(args.model).storage  # as `--dtype auto` loads it on a CPU
     if args.dtype in ("int8", "int4"):
         return _run_cpu(args)
     if args.cpu_bandwidth is not None:
@@ -482,8 +499,14 @@ def _run_cpu(args) -> int:
         raise PlanError(
             f"--dtype {args.dtype} is a CPU weight-only format; GPU plans take bf16 / fp8"
         )
-    cfgs = [c for c, _ in _with_yarn(_resolve_models(args.model, None), args)]
-    rows = cpu.cpu_rows(cfgs, args.dtype)
+    if plan_gguf.is_gguf(args.model):
+        m = _gguf(args.model)
+        (cfg, _), = _with_yarn([(m.cfg, [])], args)
+        rows = cpu.cpu_rows([cfg], args.dtype, plan_gguf.bytes_of(m, text_tensors(cfg)))
+        rows[0]["file"] = {"path": str(m.path), "bytes": m.file_bytes, "type": m.file_type}
+    else:
+        cfgs = [c for c, _ in _with_yarn(_resolve_models(args.model, None), args)]
+        rows = cpu.cpu_rows(cfgs, args.dtype)
     if args.json:
         print(json.dumps({"schema": cpu.SCHEMA, "dtype": args.dtype, "models": rows}, indent=2))
     else:

@@ -26,6 +26,7 @@ SCALE_BYTES = 2  # BF16 weight_scale_inv: the only scale dtype that reproduces t
 # weight-only int8 / int4 (CPU, quantized at load by qwen35.quant; the engine stores exactly these)
 INT8_SCALE_BYTES = 2  # one BF16 scale per output row
 INT4_GROUP_BYTES = 4  # one BF16 scale + one BF16 zero per (group, output row)
+INT4_LATTICE_GROUP = 32  # a GGUF file's 4-bit tensors kept under int4 (gguf_checkpoint int4_hint)
 # lm_head (or the tied embedding) under int4: 6-bit weights in blocks of 64 inputs, 48 bytes + a
 # BF16 scale per group of 32
 INT6_BLOCK, INT6_BLOCK_BYTES = 64, 48 + 2 * 2
@@ -76,6 +77,19 @@ def int4_group(out: int, inp: int) -> int | None:
     return next((g for g in (128, 64, 32) if inp % g == 0), None)
 
 
+def int_matrix_bytes(out: int, inp: int, fmt: str, kept: str | None = None) -> int:
+    """Bytes of one [out, inp] matrix in weight-only `fmt` ("int8" / "int4") as quant/apply.py
+    _int_linear stores it: int4 groups (int4_group) or, where none fits, per-row int8. kept (a
+    GGUF file's tensor under int4, gguf_checkpoint int4_kind): "lattice", its 4-bit values kept
+    in groups of 32; "int8", a type of more than 5 bits a weight held in int8."""
+    if fmt == "int4" and kept == "lattice" and out % 64 == 0:
+        return out * inp // 2 + out * (inp // INT4_LATTICE_GROUP) * INT4_GROUP_BYTES
+    g = int4_group(out, inp) if fmt == "int4" and kept != "int8" else None
+    if g:
+        return out * inp // 2 + out * (inp // g) * INT4_GROUP_BYTES
+    return out * inp + out * INT8_SCALE_BYTES
+
+
 def int_quantized(t: Tensor) -> bool:
     """Whether weight-only int8 / int4 quantizes `t`: the FP8 set plus the embedding and lm_head
     of the text model (per-row int8; under int4 lm_head, or a tied embedding, int6: output_head)."""
@@ -110,10 +124,7 @@ def tensor_bytes(
         out, inp = shape[0], numel // shape[0]
         if output_head(t) and head_format(dtype, inp) == "int6":
             return count * out * (inp // INT6_BLOCK) * INT6_BLOCK_BYTES
-        g = int4_group(out, inp) if dtype == "int4" and t.fp8 else None
-        if g:
-            return count * (numel // 2 + out * (inp // g) * INT4_GROUP_BYTES)
-        return count * (numel + out * INT8_SCALE_BYTES)
+        return count * int_matrix_bytes(out, inp, dtype if t.fp8 else "int8")
     return count * numel * BF16_BYTES
 
 

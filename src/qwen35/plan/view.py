@@ -246,10 +246,11 @@ def _gpu_table(con: Console, rows, gpu, args, settings) -> None:
             f"[bold]Recommendation:[/] [bold cyan]{d.cfg.name} {d.dtype.upper()}[/] "
             f"({layout_str(rec.fit)}): {rec.why}"
         )
+        from qwen35.plan.gguf import launch_model
         from qwen35.plan.launch import launch_commands
 
         replicas = f" (x{d.dp} replicas)" if d.dp > 1 else ""
-        for engine, cmd in launch_commands(d, args.context).items():
+        for engine, cmd in launch_commands(d, args.context, launch_model(args.model)).items():
             con.print(f"  {engine}{replicas}: {cmd}", markup=False, soft_wrap=True)
     con.print(
         "tok/s: decode roofline (bytes read per step over bandwidth, or FLOPs over the "

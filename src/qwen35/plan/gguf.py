@@ -1,0 +1,115 @@
+"""`qwen35 plan -m FILE.gguf`: a llama.cpp GGUF file planned as the engine loads it.
+
+The config comes from the file's metadata (gguf_checkpoint.model_dir: the cached model
+directory a load uses too). On a CPU (the file's home) the weights take the storage `--dtype
+auto` gives the file (int4 for 4-bit files, int8 for 8-bit ones) or `--dtype int8 | int4`, and
+each tensor is counted as the loader stores it: under int4 a Q4_0 / Q4_1 / Q4_K tensor keeps its
+values in int4 groups of 32, one of more than 5 bits a weight (a Q4_K_M's Q6_K tensors) becomes
+int8, the rest int4 groups of 128 (`plan.params.int_matrix_bytes`, from the file's tensor types:
+`GGUFCheckpoint.int4_kind`). On a GPU the engine dequantizes the file to BF16, which the GPU
+planner counts from the config.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen35.config import ModelConfig
+from qwen35.plan.params import Tensor, int_matrix_bytes, int_quantized, tensor_bytes
+
+_PRE = "model.language_model"
+_EXPERTS = {  # a GGUF checkpoint's fused expert tensors -> the inventory's per-expert names
+    "mlp.experts.gate_up_proj": ("mlp.experts.{e}.gate_proj.weight",
+                                 "mlp.experts.{e}.up_proj.weight"),
+    "mlp.experts.down_proj": ("mlp.experts.{e}.down_proj.weight",),
+}  # fmt: skip
+
+
+@dataclass
+class GgufModel:
+    path: Path
+    cfg: ModelConfig
+    file_bytes: int  # all shards
+    file_type: str  # the type of most matrix weights ("Q4_K", "Q8_0", ...)
+    storage: str | None  # what `--dtype auto` loads it as on a CPU: "int4", "int8" or None
+    # text tensors: (transformers name, shape, int4_kind), as GGUFCheckpoint presents them
+    tensors: list[tuple[str, tuple[int, ...], str | None]]
+
+
+def is_gguf(spec: str | None) -> bool:
+    return spec is not None and Path(spec).suffix.lower() == ".gguf"
+
+
+def launch_model(spec: str | None) -> str | None:
+    """What the launch commands name for a GGUF file: its path (else None: the Hub id)."""
+    return str(Path(spec).expanduser()) if is_gguf(spec) else None
+
+
+def load(spec: str) -> GgufModel:
+    """The file's config, size, type and text tensors (the first use writes the cached model
+    directory, ~5 s for the vocabulary; later ones read it)."""
+    from qwen35.gguf_checkpoint import GGUFCheckpoint, model_dir, pointer_info, shard_paths
+
+    path = Path(spec).expanduser().resolve()
+    d = model_dir(path)
+    info = pointer_info(d)
+    shards = shard_paths(path)
+    tensors = []
+    for shard in shards:
+        ck = GGUFCheckpoint(shard)
+        for key in ck.keys():
+            if not key.startswith(("mtp.", "model.visual.")):
+                tensors.append((key, tuple(ck.get_slice(key).get_shape()), ck.int4_kind(key)))
+    return GgufModel(path, ModelConfig.from_hf(d), sum(p.stat().st_size for p in shards),
+                     info.get("file_type", "?"), info.get("default_quantization"), tensors)  # fmt: skip
+
+
+def inventory_names(key: str) -> tuple[str, ...]:
+    """The plan inventory's names (plan.params.text_tensors) of a GGUF checkpoint's tensor."""
+    m = re.match(r"^model\.layers\.\d+\.(.+)$", key)
+    if m is None:
+        return (f"{_PRE}.{key.removeprefix('model.')}",) if key.startswith("model.") else (key,)
+    rest = m[1]
+    return tuple(f"{_PRE}.layers.{{i}}.{r}" for r in _EXPERTS.get(rest, (rest,)))
+
+
+def bytes_by_tensor(model: GgufModel, inventory: list[Tensor], fmt: str) -> dict[str, int]:
+    """{inventory name: bytes of all its copies} with the file's tensors stored in `fmt` ("int8"
+    / "int4"; "bf16": 2 bytes a weight), each as the quantizing loader stores it (module doc)."""
+    by_name = {t.name: t for t in inventory}
+    out = {t.name: 0 for t in inventory}
+    for key, shape, kind in model.tensors:
+        names = inventory_names(key)
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ValueError(f"{model.path.name}: tensor {key} has no place in the plan of "
+                             f"{model.cfg.name} ({missing[0]})")  # fmt: skip
+        if len(names) > 1:  # the gate and up halves of a fused [E, 2I, H]
+            shape = (shape[0], shape[1] // len(names), shape[2])
+        for n in names:
+            out[n] += _bytes(by_name[n], shape, fmt, kind)
+    return out
+
+
+def _bytes(t: Tensor, shape: tuple[int, ...], fmt: str, kind: str | None) -> int:
+    if fmt not in ("int8", "int4") or not int_quantized(t) or kind is None or not t.fp8:
+        copies = shape[0] if t.expert else 1
+        return tensor_bytes(t, fmt, shape=shape[1:] if t.expert else shape, count=copies)
+    if t.expert:  # [E, out, in]: each expert's matrix (quant/apply.py _int_experts)
+        return shape[0] * int_matrix_bytes(shape[1], shape[2], fmt, kind)
+    return int_matrix_bytes(shape[0], shape[-1], fmt, kind)
+
+
+def bytes_of(model: GgufModel, inventory: list[Tensor]) -> Callable[[Tensor, str], int]:
+    """A `tensor_bytes` stand-in for plan.cpu: an inventory tensor's bytes from the file."""
+    cache: dict[str, dict[str, int]] = {}
+
+    def of(t: Tensor, fmt: str) -> int:
+        if fmt not in cache:
+            cache[fmt] = bytes_by_tensor(model, inventory, fmt)
+        return cache[fmt][t.name]
+
+    return of
