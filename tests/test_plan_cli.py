@@ -153,7 +153,7 @@ def test_model_and_gpu_views(capsys):
         (["-m", "9B", "--dtype", "fp8"], "no FP8 release"),
         (["-m", "35B-A3B-FP8", "--tp", "8"], "64 per rank"),
         (["-m", "/nonexistent/config.json"], "no config file"),
-        (["-m", "Qwen3.5-9B-Q4_K_M.gguf"], "does not read GGUF files yet"),
+        (["-m", "Qwen3.5-9B-Q4_K_M.gguf"], "no GGUF file at"),
         # the whole family at a size that splits none of it (a ValueError traceback before)
         (["--tp", "3"], "--tp 3 cannot split any Qwen 3.5 model"),
         (["--tp", "3"], "sizes that split all of them: 1, 2, 4, 8"),
