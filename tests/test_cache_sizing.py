@@ -60,3 +60,33 @@ def test_the_log_line_says_what_the_cache_allows():
     line = plan(1024, 32, 16384)  # one at the longest: what 32 at once leave each
     assert line.endswith("one sequence of up to 16384 tokens, or 32 concurrent sequences of 512 "
                          "tokens each")  # fmt: skip
+
+
+def test_a_budget_below_one_state_slot_is_refused_not_a_dead_engine():
+    """A --max-memory just above weights + working memory: the one DeltaNet state slot kept
+    whatever the budget does not fit. Refused with the numbers (an engine with -1 prefix-cache
+    checkpoints and an empty state pool died at start with an IndexError before); any larger
+    budget that is taken gives a usable pool."""
+    import pytest
+
+    from qwen35.engine.cache_sizing import plan_caches
+    from qwen35.errors import Qwen35Error
+    from qwen35.plan.planner import working_memory_bytes
+
+    cfg = _model().config
+    kw = dict(model_dtype=torch.float32, device="cpu", max_num_seqs=4, max_num_batched_tokens=64,
+              block_size=16, enable_prefix_caching=True, prefix_cache_memory=None,
+              weight_bytes=1 << 20, max_model_len=None)  # fmt: skip
+    base = (1 << 20) + working_memory_bytes(cfg, 64, 4, dtype="float32")
+    slot = plan_caches(cfg, max_memory="3MiB", **kw).state_bytes_per_sequence
+    with pytest.raises(Qwen35Error, match="not even one sequence's DeltaNet state"):
+        plan_caches(cfg, max_memory=base + slot // 2, **kw)
+    taken = 0
+    for extra in range(1, 8 * slot, 499):
+        try:
+            p = plan_caches(cfg, max_memory=base + extra, **kw)
+        except Qwen35Error:
+            continue
+        taken += 1
+        assert p.num_state_slots >= 1 and p.num_checkpoint_slots >= 0 and p.num_blocks >= 1
+    assert taken

@@ -99,6 +99,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="with --dtype int8/int4: memory bandwidth in GB/s for a decode roofline",
     )
+    p.add_argument(
+        "--cpu-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="with --dtype int8/int4 (or a GGUF file): the memory a CPU engine is given (`serve "
+        "--max-memory`): whether --batch sequences of --context tokens fit, the longest context "
+        "and the most sequences, sized as the engine sizes its caches",
+    )
     p.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16",
                    help="KV cache (bf16; fp8: the engine's --kv-cache-dtype fp8)")  # fmt: skip
     p.add_argument(
@@ -453,13 +462,16 @@ def run(args) -> int:
         raise PlanError("--max-loras must be >= 0 and --max-lora-rank >= 1")
     if args.cpu_bandwidth is not None and not 0 < args.cpu_bandwidth < math.inf:
         raise PlanError(f"--cpu-bandwidth must be a positive GB/s, got {args.cpu_bandwidth:g}")
+    if args.cpu_memory is not None and not 0 < args.cpu_memory < math.inf:
+        raise PlanError(f"--cpu-memory must be a positive number of GiB, got {args.cpu_memory:g}")
     gpu_asked = args.gpu or args.gpu_memory is not None
     if plan_gguf.is_gguf(args.model) and args.dtype is None and not gpu_asked:
         args.dtype = _gguf(args.model).storage  # as `--dtype auto` loads it on a CPU
     if args.dtype in ("int8", "int4"):
         return _run_cpu(args)
-    if args.cpu_bandwidth is not None:
-        raise PlanError("--cpu-bandwidth goes with --dtype int8 / int4 (the CPU weight-only plans)")
+    for flag, val in (("--cpu-bandwidth", args.cpu_bandwidth), ("--cpu-memory", args.cpu_memory)):
+        if val is not None:
+            raise PlanError(f"{flag} goes with --dtype int8 / int4 (the CPU weight-only plans)")
     rows, gpu = gather(args)
     common = None
     if gpu is None and args.model is None:
@@ -492,6 +504,15 @@ def run(args) -> int:
     return 0
 
 
+def _serve_model(cfg: ModelConfig, spec: str | None) -> str:
+    """What `--model` names for a planned model: the directory given (a config.json's), else
+    the Hub id of a catalog name."""
+    path = Path(spec).expanduser() if spec else None
+    if path is not None and path.exists():
+        return str(path.parent if path.is_file() else path)
+    return f"Qwen/{cfg.name}" if cfg.name.startswith("Qwen3.5-") else cfg.name
+
+
 def _run_cpu(args) -> int:
     from qwen35.plan import cpu
 
@@ -502,11 +523,28 @@ def _run_cpu(args) -> int:
     if plan_gguf.is_gguf(args.model):
         m = _gguf(args.model)
         (cfg, _), = _with_yarn([(m.cfg, [])], args)
-        rows = cpu.cpu_rows([cfg], args.dtype, plan_gguf.bytes_of(m, text_tensors(cfg)))
+        cfgs = [cfg]
+        rows = cpu.cpu_rows(cfgs, args.dtype, plan_gguf.bytes_of(m, text_tensors(cfg)))
         rows[0]["file"] = {"path": str(m.path), "bytes": m.file_bytes, "type": m.file_type}
     else:
         cfgs = [c for c, _ in _with_yarn(_resolve_models(args.model, None), args)]
         rows = cpu.cpu_rows(cfgs, args.dtype)
+    if args.cpu_memory is not None:
+        for flag, val in (("--batch", args.batch), ("--context", args.context),
+                          ("--chunk", args.chunk)):  # fmt: skip
+            if val is not None and val < 1:
+                raise PlanError(f"{flag} must be at least 1, got {val}")
+        for c, r in zip(cfgs, rows, strict=True):
+            context = args.context or min(DEFAULT_CONTEXT, c.max_position_embeddings)
+            if context > c.max_position_embeddings:
+                raise PlanError(context_error(c, context))
+            r["memory"] = cpu.memory_fit(
+                c, r["weights_bytes"][args.dtype], int(args.cpu_memory * 2**30), context,
+                args.batch, args.chunk, args.kv_dtype, args.state_dtype)  # fmt: skip
+            r["memory"]["serve"] = cpu.serve_command(
+                plan_gguf.launch_model(args.model) or _serve_model(c, args.model), args.dtype,
+                plan_gguf.is_gguf(args.model), args.cpu_memory, context, args.batch,
+                args.chunk, args.kv_dtype, args.state_dtype)  # fmt: skip
     if args.json:
         print(json.dumps({"schema": cpu.SCHEMA, "dtype": args.dtype, "models": rows}, indent=2))
     else:

@@ -161,6 +161,13 @@ def plan_caches(
     if st_seq and slots * per_slot > budget // 2:
         slots = max(1, (budget // 2) // per_slot)
     rest = budget - slots * per_slot
+    if rest <= 0:  # (one slot is kept whatever the budget: it may not even fit)
+        raise Qwen35Error(
+            f"{'--max-memory ' + size_str(total) if total is not None else 'the memory'} leaves "
+            f"{size_str(budget)} for caches after the weights ({size_str(weight_bytes)}) and "
+            f"working memory ({size_str(working)}): not even one sequence's DeltaNet state "
+            f"({size_str(per_slot)}) and a KV block; raise it, or lower --max-num-batched-tokens"
+        )
     ckpts = 0
     if enable_prefix_caching and st_seq:
         pc = parse_bytes(prefix_cache_memory, "--prefix-cache-memory")

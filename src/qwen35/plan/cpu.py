@@ -11,6 +11,7 @@ from qwen35.config import ModelConfig
 from qwen35.plan.params import tensor_bytes, text_tensors, weight_bytes
 
 SCHEMA = "qwen35.plan-cpu/1"
+DEFAULT_MAX_NUM_SEQS = 32  # the engine's --max-num-seqs
 
 
 def decode_read_bytes(cfg: ModelConfig, dtype: str, bytes_of=tensor_bytes) -> int:
@@ -84,6 +85,93 @@ def cpu_rows(cfgs: list[ModelConfig], dtype: str, bytes_of=tensor_bytes) -> list
     return rows
 
 
+def memory_fit(cfg: ModelConfig, weights: int, memory: int, context: int, batch: int,
+               chunk: int, kv_dtype: str = "bf16", state_dtype: str | None = None) -> dict:
+    """What a CPU engine given `memory` bytes (`qwen35 serve --max-memory`) holds beside these
+    weights, sized by the engine's own function (engine/cache_sizing.py plan_caches: working
+    memory of a `chunk`-token step, a DeltaNet state per sequence, prefix-cache checkpoints, KV
+    blocks with the rest; caches in BF16 or `kv_dtype`): whether `batch` sequences of `context`
+    tokens fit, the longest context `batch` sequences can each have, and how many sequences of
+    `context` tokens the cache holds at once."""
+    from qwen35.engine.cache_sizing import plan_caches, size_str
+    from qwen35.errors import Qwen35Error
+
+    def caches(seqs: int, length: int | None):
+        return plan_caches(cfg, model_dtype="bfloat16", device="cpu", max_memory=memory,
+                           max_num_seqs=seqs, max_num_batched_tokens=chunk, block_size=16,
+                           max_model_len=length, enable_prefix_caching=True,
+                           prefix_cache_memory=None, weight_bytes=weights, kv_dtype=kv_dtype,
+                           state_dtype=state_dtype)  # fmt: skip
+
+    out = {"memory_bytes": memory, "context": context, "batch": batch}
+    try:
+        whole = caches(batch, None)  # as large as the memory allows
+    except Qwen35Error as e:
+        return out | {"fits": False, "reason": str(e), "max_context": 0, "max_concurrency": 0}
+    out["kv_bytes_per_token"] = whole.kv_bytes_per_token
+    out["state_bytes_per_sequence"] = whole.state_bytes_per_sequence
+    # the longest context each of `batch` sequences can have at once
+    out["max_context"] = (min(whole.max_model_len, whole.kv_tokens // batch)
+                          if whole.num_state_slots >= batch else 0)  # fmt: skip
+    try:  # sequences of `context` tokens at once, with the engine's default 32 slots (or more)
+        at = caches(max(batch, DEFAULT_MAX_NUM_SEQS), context)
+        out["max_concurrency"] = min(at.num_state_slots, at.kv_tokens // context)
+    except Qwen35Error:
+        out["max_concurrency"] = 0
+    out["fits"] = out["max_context"] >= context
+    out["reason"] = None if out["fits"] else (
+        f"{batch} sequence(s) of {context:,} tokens need {batch * context:,} KV tokens and "
+        f"{batch} DeltaNet state slots; {size_str(memory)} leaves room for "
+        f"{whole.kv_tokens:,} tokens and {whole.num_state_slots} slots")  # fmt: skip
+    return out
+
+
+def serve_command(model: str, dtype: str, gguf: bool, memory_gib: float, context: int,
+                  batch: int, chunk: int, kv_dtype: str, state_dtype: str | None) -> str:
+    """The `qwen35 serve` line that runs what memory_fit planned (text only: the plan counts the
+    text model; a GGUF file loads in its own storage, `--dtype auto`)."""
+    cmd = f"qwen35 serve --model {model}" + ("" if gguf else f" --quantization {dtype}")
+    if gguf and dtype == "int8":
+        cmd += " --quantization int8"
+    cmd += (f" --text-only --max-memory {memory_gib:g}GiB --max-model-len {context}"
+            f" --max-num-seqs {batch}")  # fmt: skip
+    if chunk != 2048:
+        cmd += f" --max-num-batched-tokens {chunk}"
+    if kv_dtype == "fp8":
+        cmd += " --kv-cache-dtype fp8"
+    if state_dtype == "bf16":
+        cmd += " --mamba-ssm-cache-dtype bf16"
+    return cmd
+
+
+def _render_memory(rows: list[dict], dtype: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m0 = rows[0]["memory"]
+    ctx, b, gib = m0["context"], m0["batch"], m0["memory_bytes"] / 2**30
+    t = Table(title=f"CPU engine given {gib:g} GiB (serve --max-memory): {b} x {ctx:,} tokens")
+    cols = ["model", f"{dtype} GiB", "KV KiB/token", "state MiB/seq", f"{b} x {ctx:,}",
+            f"max context x {b}", f"seqs @ {ctx:,} (32 slots)"]  # fmt: skip
+    for c in cols:
+        t.add_column(c, justify="left" if c == "model" else "right", no_wrap=c == "model")
+    for r in rows:
+        m = r["memory"]
+        kv, st = m.get("kv_bytes_per_token"), m.get("state_bytes_per_sequence")
+        t.add_row(r["name"], f"{r['weights_bytes'][dtype] / 2**30:.2f}",
+                  "-" if kv is None else f"{kv / 1024:.1f}",
+                  "-" if st is None else f"{st / 2**20:.2f}", "fits" if m["fits"] else "no",
+                  f"{m['max_context']:,}", f"{m['max_concurrency']:,}")  # fmt: skip
+    Console().print(t)
+    for r in rows:
+        m = r["memory"]
+        print(f"  {m['serve']}" if m["fits"] else f"{r['name']}: {m['reason']}")
+    print("Sized as the engine sizes its caches (engine/cache_sizing.py): weights, one step's "
+          "working memory (--chunk), a DeltaNet state per sequence, prefix-cache checkpoints (a "
+          "quarter of the rest), KV blocks with what is left; caches in BF16 (--kv-dtype fp8 "
+          "halves KV). The text model (--text-only: a vision tower adds its BF16 weights).")
+
+
 def render(rows: list[dict], dtype: str, bandwidth_gb_s: float | None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -111,6 +199,8 @@ def render(rows: list[dict], dtype: str, bandwidth_gb_s: float | None) -> None:
             cells.append(f"{bandwidth_gb_s * 1e9 / rd[dtype]:.1f}")
         t.add_row(*cells)
     Console().print(t)
+    if rows and rows[0].get("memory"):
+        _render_memory(rows, dtype)
     gguf = any(files)
     if gguf and dtype == "int4":
         what = ("in int4 as the file has them: its Q4_0 / Q4_1 / Q4_K tensors kept in groups of "
