@@ -105,9 +105,22 @@ def test_default_storage_follows_the_file(tmp_path):
     assert engine.model.quantization == "int4"
 
 
+def _assert_lattice(ck, key: str, hint) -> None:
+    """A lattice hint (step, zero, codes) read from the block headers and packed codes is what
+    the plain reading finds (lattice_reference: every code set to 0, then 1), and zero + step *
+    code gives the tensor's values."""
+    step, zero, codes = hint
+    for a, b in zip((step, zero), ck.lattice_reference(key), strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=0), key
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15, key
+    values = ck.get_tensor(key).float()
+    lattice = zero.repeat_interleave(32, -1) + step.repeat_interleave(32, -1) * codes.float()
+    assert torch.allclose(lattice, values, rtol=0, atol=1e-6 * float(step.abs().max())), key
+
+
 @pytest.mark.parametrize("moe", [False, True])
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
-def test_int4_keeps_4bit_values(tmp_path, moe, qtype):
+def test_int4_keeps_4bit_values(tmp_path, monkeypatch, moe, qtype):
     """Under int4 a 4-bit tensor keeps the file's values (its lattices become int4 groups of 32:
     equal up to the scales' rounding to the model dtype), where requantizing by min / max would
     move them; a tensor of more than 5 bits (Q8_0 here) becomes int8, as faithful."""
@@ -124,13 +137,26 @@ def test_int4_keeps_4bit_values(tmp_path, moe, qtype):
         hint = ck.int4_hint(key)
         if isinstance(hint, tuple):
             n += 1
-            ref = ck.lattice_reference(key)
-            for a, b in zip(hint, ref, strict=True):
-                assert torch.allclose(a, b, rtol=1e-6, atol=0), key
+            _assert_lattice(ck, key, hint)
     assert n >= 8
     assert ck.int4_hint("model.layers.1.linear_attn.in_proj_z.weight") == "int8"
     exact = load_model(f, dtype="fp32")
+    read, get = [], GGUFCheckpoint.get_tensor
+    monkeypatch.setattr(GGUFCheckpoint, "get_tensor",
+                        lambda self, k, *a: read.append(k) or get(self, k, *a))  # fmt: skip
     model = load_model(f, dtype="fp32", quantization="int4")
+    lattices = {k for k in ck.keys() if isinstance(ck.int4_hint(k), tuple)
+                and not k.startswith("mtp.")}  # (the MTP layer: not loaded here)
+    assert len(lattices - set(read)) >= 6  # made from their codes: the values never read
+    # the same model as finding each code again from the values (the way before the codes)
+    hint = GGUFCheckpoint.int4_hint
+    monkeypatch.setattr(GGUFCheckpoint, "int4_hint", lambda self, k: (
+        h[:2] + (None,) if isinstance(h := hint(self, k), tuple) else h))  # fmt: skip
+    read.clear()
+    again = load_model(f, dtype="fp32", quantization="int4").state_dict()
+    assert lattices <= set(read)
+    assert again.keys() == model.state_dict().keys()
+    assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
     want = exact.state_dict()
     checked = 0
     for name, mod in model.named_modules():
@@ -369,8 +395,7 @@ def test_q4_k_m_file_keeps_its_values_under_int4(tmp_path):
     lattices = [k for k, h in hints.items() if isinstance(h, tuple)]
     assert len(lattices) >= 8 and "int8" in hints.values()  # Q4_K and Q6_K tensors
     for k in lattices:
-        for a, b in zip(hints[k], ck.lattice_reference(k), strict=True):
-            assert torch.allclose(a, b, rtol=1e-6, atol=0), k
+        _assert_lattice(ck, k, hints[k])
     exact = load_model(f, dtype="fp32").state_dict()
     model = load_model(f, dtype="fp32", quantization="int4")
     n = 0

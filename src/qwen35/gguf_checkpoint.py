@@ -493,7 +493,14 @@ def _undo(hf: str, gname: str, t: torch.Tensor, layout: _Layout) -> torch.Tensor
 # ---- reading ------------------------------------------------------------------------------------
 # the types read as stored (safetensors' names are ggml's); the others are dequantized to F32
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_DEQUANT_CHUNK = 1 << 22  # weights dequantized at a time (numpy's temporaries stay small)
+# weights dequantized at a time: numpy's temporaries stay in the caches (chunks of 64K ran the
+# Q6_K / Q4_K dequantizers at 585 / 620 M weights/s on the Zen 5 VM; 4M ones at 290 / 330, the
+# gguf package's own 16-row groups at 286 / 433)
+_DEQUANT_CHUNK = 1 << 16
+# types dequantized by the gguf package's class for the type on whole chunks (its dequantize
+# splits them into 16-row groups and joins the results: a copy); the rest (IQ types: lookup
+# grids the package loads first) through its dequantize
+_DIRECT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 
 
 # 4-bit types whose blocks hold 16-level lattices of 32 values: (block bytes, offset and length
@@ -547,8 +554,11 @@ def _read_rows(t, first: int, out: torch.Tensor, codes: int | None = None) -> No
         out.copy_(torch.from_numpy(np.array(rows).view(np.int16)).view(torch.bfloat16))
         return
     step = max(1, _DEQUANT_CHUNK // out.shape[-1])
+    direct = getattr(gguf.quants, kind, None) if kind in _DIRECT else None
     for r in range(0, len(rows), step):
-        part = gguf.quants.dequantize(np.array(rows[r : r + step]), t.tensor_type)
+        block = np.array(rows[r : r + step])
+        part = (direct.dequantize_rows(block) if direct is not None
+                else gguf.quants.dequantize(block, t.tensor_type))  # fmt: skip
         out[r : r + step] = torch.from_numpy(part.reshape(-1, out.shape[-1]))
 
 
@@ -581,6 +591,20 @@ def _block_lattice(t) -> tuple[torch.Tensor, torch.Tensor]:
     groups = shape[:-1] + (shape[-1] // 32,)
     return tuple(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(groups)
                  for x in (step, zero))  # fmt: skip
+
+
+def _block_codes(t) -> torch.Tensor:
+    """A Q4_0 / Q4_1 / Q4_K tensor's 4-bit codes in value order, uint8 [..., in] (value = zero
+    + step * code with _block_lattice's lattices): each 16-byte (Q4_0 / Q4_1) or 32-byte (Q4_K)
+    run of packed bytes holds its run's first half of values in the low nibbles and the second
+    half in the high ones."""
+    nbytes, start, length = _LATTICE[t.tensor_type.name]
+    run = 16 if length == 16 else 32
+    qs = np.asarray(t.data).reshape(-1, nbytes)[:, start : start + length].reshape(-1, run)
+    codes = np.empty((len(qs), 2 * run), np.uint8)
+    np.bitwise_and(qs, 15, out=codes[:, :run])
+    np.right_shift(qs, 4, out=codes[:, run:])
+    return torch.from_numpy(codes).reshape(_shape(t))
 
 
 class _Slice:
@@ -708,19 +732,24 @@ class GGUFCheckpoint:
         return None
 
     def int4_hint(self, key: str):
-        """How int4 should hold this matrix (quant/apply.py _int_linear): its 4-bit lattices
-        (step, zero) [..., in/32] for Q4_0 / Q4_1 / Q4_K tensors, "int8" for quantized types of
-        more than 5 bits a weight (a Q4_K_M file's Q6_K tensors), else None (int4 groups)."""
+        """How int4 should hold this matrix (quant/apply.py _int_linear): for Q4_0 / Q4_1 / Q4_K
+        tensors their 4-bit lattices and codes (step, zero [..., in/32] fp32, codes [..., in]
+        uint8; value = zero + step * code), so that neither the values need be read nor the
+        codes found again; "int8" for quantized types of more than 5 bits a weight (a Q4_K_M
+        file's Q6_K tensors); else None (int4 groups)."""
         kind = self.int4_kind(key)
         if kind != "lattice":
             return kind
         names = self._sources[key]
-        parts = [_block_lattice(self._tensors[n]) for n in names]
-        step, zero = (torch.cat([p[i] for p in parts], dim=1) if len(parts) > 1
-                      else parts[0][i] for i in (0, 1))  # fmt: skip
-        if key.endswith("out_proj.weight"):
-            return tuple(self._layout.untile(x, 1, self._layout.dv // 32) for x in (step, zero))
-        return tuple(_undo(key, names[0], x, self._layout) for x in (step, zero))
+        parts = [(*_block_lattice(self._tensors[n]), _block_codes(self._tensors[n]))
+                 for n in names]  # fmt: skip
+        step, zero, codes = (torch.cat([p[i] for p in parts], dim=1) if len(parts) > 1
+                             else parts[0][i] for i in range(3))  # fmt: skip
+        codes = _undo(key, names[0], codes, self._layout)  # (out_proj: whole heads of dv columns)
+        if key.endswith("out_proj.weight"):  # the lattices: dv / 32 groups a head
+            return (*(self._layout.untile(x, 1, self._layout.dv // 32) for x in (step, zero)),
+                    codes)  # fmt: skip
+        return (*(_undo(key, names[0], x, self._layout) for x in (step, zero)), codes)
 
     def lattice_reference(self, key: str):
         """int4_hint's lattices found the plain way (tests): the tensor read with every 4-bit

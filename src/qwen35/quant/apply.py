@@ -191,18 +191,39 @@ def _dense(mod: nn.Module, dtype) -> torch.Tensor:
 def _int_linear(w: torch.Tensor, fmt: str, dtype, hint=None) -> Linear:
     """hint (int4 only; what a GGUF file's tensor was, gguf_checkpoint.int4_hint): "int8" for a
     tensor of more than 5 bits a weight (kept faithful rather than cut to 4), or its 4-bit
-    lattices (step, zero) [out, in/32], whose values are kept as they are."""
+    lattices and codes (step, zero [out, in/32], codes [out, in]), whose values are kept as they
+    are (from the codes: w is not read, QuantizeOnRead.skips_values)."""
     if fmt == "int4" and hint == "int8":
         return Int8Linear.quantize(w, dtype)
-    if fmt == "int4" and isinstance(hint, tuple) and w.shape[0] % 64 == 0:
-        return Int4Linear.on_lattice(w, *hint, dtype)
+    if fmt == "int4" and isinstance(hint, tuple) and lattice_rows_ok(w.shape[0]):
+        return Int4Linear.on_lattice(w, hint[0], hint[1], dtype, codes=hint[2])
     g = int4_group(*w.shape) if fmt == "int4" else None
     return Int4Linear.quantize(w, g, dtype) if g else Int8Linear.quantize(w, dtype)
 
 
+def lattice_rows_ok(out: int) -> bool:
+    """Whether a matrix of `out` rows takes a GGUF lattice hint (torch's int4 layout: blocks of
+    64 rows); one that does not is quantized from its values."""
+    return out % 64 == 0
+
+
+def takes_lattice(mod: nn.Module, leaf: str, fmt: str) -> bool:
+    """Whether quantize_module_ makes int4 of parameter `leaf` of `mod` from a lattice hint
+    alone (the codes), never reading the parameter's values: as _int_linear / _int_experts
+    decide."""
+    if fmt != "int4":
+        return False
+    if isinstance(mod, Experts) and not isinstance(mod, (Fp8Experts, IntExperts)):
+        I, H = mod.intermediate_size, mod.gate_up_proj.shape[2]
+        if leaf == "gate_up_proj":
+            return int4_group(I, H) is not None and lattice_rows_ok(2 * I)
+        return leaf == "down_proj" and lattice_rows_ok(H)
+    return type(mod) is Linear and leaf == "weight" and lattice_rows_ok(mod.out_features)
+
+
 def _part(hint, e: int):
     """Expert e's hint of a [E, ...] one."""
-    return tuple(t[e] for t in hint) if isinstance(hint, tuple) else hint
+    return tuple(t if t is None else t[e] for t in hint) if isinstance(hint, tuple) else hint
 
 
 def _int_experts(mod: Experts, fmt: str, dtype, hints: dict | None = None) -> IntExperts:
@@ -357,6 +378,17 @@ class QuantizeOnRead:
         before `written(name)`. Kept only where wants_hint."""
         if hint is not None and self.wants_hint(name):
             self.hints[name] = hint
+
+    def skips_values(self, name: str) -> bool:
+        """Whether parameter `name` (whole, one tensor) is made from its hint's lattice codes
+        alone (takes_lattice): its values need not be read (a GGUF Q4_K tensor: no dequantizing
+        to fp32 and finding its codes again)."""
+        hint = self.hints.get(name)
+        if not (isinstance(hint, tuple) and len(hint) == 3 and hint[2] is not None) or \
+                self.pending.get(name) != 1:  # fmt: skip
+            return False
+        mod, leaf = self.slots[name][0]
+        return takes_lattice(mod, leaf, self.fmt)
 
     def deferred(self) -> set[int]:
         """ids of the (meta) parameters to leave unallocated."""

@@ -103,22 +103,29 @@ def quantize_int4_groups(w: torch.Tensor, group: int, dtype=torch.bfloat16, chun
 
 
 def int4_on_lattice(
-    w: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, dtype=torch.bfloat16
+    w: torch.Tensor | None, step: torch.Tensor, zero: torch.Tensor, dtype=torch.bfloat16,
+    codes: torch.Tensor | None = None,
 ):
     """w [out, in] whose groups of 32 inputs already lie on 16-level lattices w = zero + step * q,
     q in [0, 15] (a GGUF file's Q4_0 / Q4_1 / Q4_K blocks; step, zero [out, in/32]) -> the int4
     groups of 32 that hold those very values (q [out, in] int32, scales_and_zeros [in/32, out, 2]
     in dtype): scale = step, zero + 8 * step in torch's convention; only the scales' rounding to
     dtype differs from the lattice (requantizing by min / max would pick another grid whenever a
-    group does not reach both ends)."""
+    group does not reach both ends). codes: the q themselves (the file's, [out, in] uint8), so
+    that w is not needed (None) and no q is found again."""
     step, zero = step.float(), zero.float()
     neg = step < 0  # (Q4_0's d takes the sign of the group's extreme) the same lattice upside down
     zero = torch.where(neg, zero + 15 * step, zero)
     step = step.abs()
-    s = step.repeat_interleave(INT4_LATTICE, 1)
-    z = zero.repeat_interleave(INT4_LATTICE, 1)
-    q = torch.where(s > 0, (w.float() - z) / s.clamp(min=1e-30), torch.zeros_like(s))
-    q = q.round_().clamp_(0, 15).to(torch.int32)
+    if codes is not None:
+        q = codes.to(torch.int32)
+        if bool(neg.any()):
+            q = torch.where(neg.repeat_interleave(INT4_LATTICE, 1), 15 - q, q)
+    else:
+        s = step.repeat_interleave(INT4_LATTICE, 1)
+        z = zero.repeat_interleave(INT4_LATTICE, 1)
+        q = torch.where(s > 0, (w.float() - z) / s.clamp(min=1e-30), torch.zeros_like(s))
+        q = q.round_().clamp_(0, 15).to(torch.int32)
     sz = torch.stack([step, zero + 8 * step], -1).transpose(0, 1)
     return q, sz.to(dtype).contiguous()
 

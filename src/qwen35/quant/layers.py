@@ -124,11 +124,12 @@ class Int4Linear(Linear):
         return cls(*matmul.quantize_int4(w, group, dtype), group, w.shape[0])
 
     @classmethod
-    def on_lattice(cls, w: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, dtype):
+    def on_lattice(cls, w: torch.Tensor | None, step: torch.Tensor, zero: torch.Tensor, dtype,
+                   codes: torch.Tensor | None = None):  # fmt: skip
         """Groups of 32 on the given lattices (formats.int4_on_lattice): a GGUF file's 4-bit
-        values kept as they are, not quantized again."""
-        q, sz = formats.int4_on_lattice(w, step, zero, dtype)
-        return cls(matmul.pack_int4(q), sz, formats.INT4_LATTICE, w.shape[0])
+        values kept as they are, not quantized again (codes: its 4-bit codes; w then unused)."""
+        q, sz = formats.int4_on_lattice(w, step, zero, dtype, codes)
+        return cls(matmul.pack_int4(q), sz, formats.INT4_LATTICE, step.shape[0])
 
     def dequantized(self, dtype) -> torch.Tensor:
         q = matmul.unpack_int4(self.weight, self.out_features, self.in_features)
