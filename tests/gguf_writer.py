@@ -125,6 +125,14 @@ def write_gguf(
     w.add_eos_token_id(eos)
     if chat_template is not None:
         w.add_chat_template(chat_template)
+    gen = src / "generation_config.json"  # its sampling, as the converter's metadata.py copies it
+    if gen.is_file():
+        g = json.loads(gen.read_text())
+        for key, add in (("top_k", w.add_sampling_top_k), ("top_p", w.add_sampling_top_p),
+                         ("min_p", w.add_sampling_min_p), ("temperature", w.add_sampling_temp),
+                         ("repetition_penalty", w.add_sampling_penalty_repeat)):  # fmt: skip
+            if g.get(key) is not None:
+                add(g[key])
 
     q = gguf.GGMLQuantizationType[qtype]
     sd = {}

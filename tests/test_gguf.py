@@ -31,10 +31,14 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("QWEN35_CACHE_DIR", str(tmp_path / "cache"))
 
 
+SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}  # (as Qwen's files)
+
+
 def _checkpoint(tmp_path, moe=False, **kw) -> Path:
     d = tmp_path / ("moe" if moe else "dense")
     if not (d / "config.json").exists():
         save_checkpoint(d, moe=moe, layout="vlm", mtp=True, **{"vocab_size": 512, **kw})
+        (d / "generation_config.json").write_text(json.dumps({**SAMPLING, "eos_token_id": 1}))
     return d
 
 
@@ -67,6 +71,11 @@ def test_config_from_metadata(tmp_path, moe):
         assert getattr(b, field) == getattr(a, field), field
     assert b.dtype == "bfloat16"
     assert model_dir(tmp_path / "m.gguf") == d  # made once, reused
+    # the file's recommended sampling (llama.cpp's converter copies the checkpoint's) as the
+    # request defaults a server and LLM.generate take (generation_config.py)
+    from qwen35.generation_config import sampling_defaults
+
+    assert sampling_defaults(d) == SAMPLING
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_1", "F16", "BF16"])
@@ -323,8 +332,9 @@ def test_writer_equals_llama_cpp_converter(tmp_path, moe, outtype):
         assert list(t.shape) == list(tb[n].shape), n
         assert np.array_equal(np.asarray(t.data), np.asarray(tb[n].data)), n
     arch = "qwen35moe" if moe else "qwen35"
-    keys = {k for k in a.fields if k.startswith(arch + ".")}
-    assert keys == {k for k in b.fields if k.startswith(arch + ".")}
+    keys = {k for k in a.fields if k.startswith((arch + ".", "general.sampling."))}
+    assert keys == {k for k in b.fields if k.startswith((arch + ".", "general.sampling."))}
+    assert "general.sampling.temp" in keys  # (the checkpoint's generation_config.json)
     for k in keys:
         assert a.fields[k].contents() == b.fields[k].contents(), k
 

@@ -49,6 +49,7 @@ from qwen35.weights import CheckpointError
 
 ARCHS = {"qwen35": False, "qwen35moe": True}  # GGUF architecture -> MoE
 POINTER = "gguf.json"  # in a model_dir: the GGUF file(s) it stands for
+_DIR_VERSION = 2  # of what a model_dir holds (2: the file's sampling defaults): in its cache key
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 # bits per weight of a file's main type up to which it loads as int4 (else int8)
 _INT4_UP_TO_BITS = 5.0
@@ -109,6 +110,22 @@ def metadata(path: Path) -> dict:
 
 
 INDEX = "tensors.json"  # in a model_dir: each file's tensor table (_table)
+# llama.cpp's converter copies the checkpoint's generation_config.json sampling into these keys
+_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
+             "general.sampling.top_p": "top_p", "general.sampling.min_p": "min_p",
+             "general.sampling.penalty_repeat": "repetition_penalty"}  # fmt: skip
+
+
+def sampling_defaults(meta: dict) -> dict:
+    """The file's recommended sampling (`general.sampling.*`, which llama.cpp's converter takes
+    from the checkpoint's generation_config.json) under generation_config.json's names, float32
+    values as written (0.6, not 0.6000000238)."""
+    out = {}
+    for key, name in _SAMPLING.items():
+        v = meta.get(key)
+        if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+            out[name] = int(v) if name == "top_k" else float(str(np.float32(v)))
+    return out
 
 
 def _shape(t) -> tuple[int, ...]:
@@ -840,10 +857,9 @@ def model_dir(path: str | Path) -> Path:
     mmproj = find_mmproj(paths[0])
     every = paths + [mmproj] * (mmproj is not None)
     st = [p.stat() for p in every]
-    key = hashlib.sha256(
-        json.dumps([[str(p), s.st_size, s.st_mtime_ns] for p, s in zip(every, st, strict=True)])
-        .encode()
-    ).hexdigest()[:16]  # fmt: skip
+    key = hashlib.sha256(json.dumps(
+        [_DIR_VERSION, [[str(p), s.st_size, s.st_mtime_ns] for p, s in zip(every, st, strict=True)]]
+    ).encode()).hexdigest()[:16]  # fmt: skip
     stem = _SPLIT.sub(r"\g<stem>", paths[0].name).removesuffix(".gguf")
     out = cache_root() / key / stem  # (named as the file: the model's name in logs and tables)
     if (out / POINTER).is_file():
@@ -864,6 +880,10 @@ def model_dir(path: str | Path) -> Path:
         if isinstance(template, str) and template.strip():
             (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
         tok = _tokenizer_files(paths[0])
+        sampling = sampling_defaults(meta)
+        if sampling:  # the request defaults (generation_config.py), beside any stop ids
+            gen = json.loads(tok.get("generation_config.json", "{}"))
+            tok["generation_config.json"] = json.dumps({**gen, **sampling})
         for name, text in tok.items():
             (tmp / name).write_text(text, encoding="utf-8")
         info = {"files": [str(p) for p in paths], "file_type": file_type(paths),
