@@ -429,8 +429,9 @@ def _plan(capsys, *args) -> tuple[int, str, str]:
 def test_plan_counts_the_file_as_the_engine_loads_it(tmp_path, capsys, monkeypatch, moe):
     """`qwen35 plan -m FILE.gguf`: the file's storage on a CPU by default (int4 for a 4-bit
     file: Q4_0 tensors kept in groups of 32, a Q8_0 one in int8, an F16 one in groups of 128),
-    weights equal to the bytes the engine holds, byte for byte, under int4 and int8; the file's size and type; a GPU plan of its BF16 form that names
-    the file in its launch commands."""
+    weights equal to the bytes the engine holds, byte for byte, under int4 and int8; the file's
+    size and type; a GPU plan of its BF16 (or FP8, quantized at load) form whose launch commands
+    name the file."""
     import json
 
     src = _checkpoint(tmp_path, moe, hidden_size=128, intermediate_size=128,
@@ -466,8 +467,15 @@ def test_plan_counts_the_file_as_the_engine_loads_it(tmp_path, capsys, monkeypat
     doc = json.loads(out)
     assert doc["models"][0]["weights_bytes"]["bf16"] > 2 * f.stat().st_size
     assert f"--model {f}" in doc["recommendation"]["launch"]["qwen35"]
-    rc, _, err = _plan(capsys, "-m", f, "--dtype", "fp8")
-    assert rc == 2 and "loads on a GPU as BF16" in err
+    rc, out, _ = _plan(capsys, "-m", f, "--dtype", "fp8", "--gpu", "H100", "--json")
+    assert rc == 0 and "fp8" in json.loads(out)["models"][0]["fits"]  # (too small for 128-blocks)
+    from qwen35.plan.gguf import launch_model
+    from qwen35.plan.launch import launch_commands
+    from qwen35.plan.planner import Deployment
+
+    dep = Deployment(ModelConfig.from_hf(model_dir(f)), dtype="fp8")
+    launch = launch_commands(dep, 4096, launch_model(str(f)))["qwen35"]
+    assert f"--model {f}" in launch and "--quantization fp8" in launch  # quantized at load
     rc, _, err = _plan(capsys, "-m", tmp_path / "none.gguf")
     assert rc == 2 and "no GGUF file at" in err
 

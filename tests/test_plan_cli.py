@@ -150,7 +150,6 @@ def test_model_and_gpu_views(capsys):
         (["--context", "300K"], "exceeds"),
         (["--batch", "0"], "--batch"),
         (["--gpu-memory", "-2"], "positive"),
-        (["-m", "9B", "--dtype", "fp8"], "no FP8 release"),
         (["-m", "35B-A3B-FP8", "--tp", "8"], "64 per rank"),
         (["-m", "/nonexistent/config.json"], "no config file"),
         (["-m", "Qwen3.5-9B-Q4_K_M.gguf"], "no GGUF file at"),
@@ -167,6 +166,30 @@ def test_errors(capsys, argv, msg):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err
+
+
+def test_fp8_without_a_release_is_quantized_at_load(capsys):
+    """--dtype fp8 for a model without an FP8 checkpoint (9B): planned in the official block
+    layout the engine quantizes the BF16 weights into at load, and launched so (the base
+    repository with --quantization fp8 in all three engines); a model with a release (27B)
+    keeps its -FP8 repository."""
+    from qwen35.catalog import load_model_config
+    from qwen35.plan.params import weight_bytes
+
+    d = run_json(capsys, "-m", "9B", "--dtype", "fp8", "--gpu", "RTX 4090", "--text-only")
+    fit = d["models"][0]["fits"]["fp8"]
+    assert fit["fits"] and d["models"][0]["fits"]["bf16"] is None
+    cfg = load_model_config("Qwen3.5-9B")
+    assert fit["weights_bytes_per_gpu"] == weight_bytes(cfg, "fp8", text_only=True)
+    launch = d["recommendation"]["launch"]
+    for engine in ("qwen35", "vllm", "sglang"):
+        assert " Qwen/Qwen3.5-9B " in launch[engine] and "--quantization fp8" in launch[engine]
+    d = run_json(capsys, "-m", "27B", "--dtype", "fp8", "--gpu", "H100 SXM", "--text-only")
+    launch = d["recommendation"]["launch"]
+    assert "Qwen/Qwen3.5-27B-FP8 " in launch["vllm"] and "--quantization" not in launch["vllm"]
+    main(["plan", "--dtype", "fp8", "--gpu", "RTX 4090"])
+    assert "FP8 of Qwen3.5-0.8B, Qwen3.5-2B, Qwen3.5-4B, Qwen3.5-9B (no FP8 checkpoint)" in \
+        " ".join(capsys.readouterr().out.split())
 
 
 def test_a_tp_size_some_models_cannot_take(capsys):

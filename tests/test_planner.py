@@ -355,7 +355,6 @@ def test_auto_tp_uses_the_fewest_ranks_that_fit():
 def test_plan_errors():
     cfg, gpu = cfg_of("9B"), load_gpu("RTX 4090")
     for kwargs, msg in (
-        (dict(dtype="fp8"), "no FP8 release"),
         (dict(num_gpus=0), "num-gpus"),
         (dict(num_gpus=8, tp=3), "divide"),
         (dict(context=300_000), "native 262,144 tokens.*--yarn 4"),

@@ -90,7 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         choices=("bf16", "fp8", "int8", "int4"),
-        help="weights; default: bf16 and fp8 where they exist. int8 / int4: the CPU weight-only "
+        help="weights; default: bf16, and fp8 where an FP8 checkpoint exists (--dtype fp8 plans "
+        "any model: without one the engine quantizes at load, --quantization fp8). int8 / int4: "
+        "the CPU weight-only "
         "formats (--quantization), sizes and decode bytes per token",
     )
     p.add_argument(
@@ -198,21 +200,22 @@ def _resolve_models(spec: str | None, dtype: str | None) -> list[tuple[ModelConf
     if spec is None:
         cfgs = [catalog.load_model_config(n) for n in catalog.base_model_names()]
         out = [(c, [d for d in ("bf16", "fp8") if d != "fp8" or has_fp8(c)]) for c in cfgs]
-        if dtype:
-            out = [(c, [dtype]) for c, ds in out if dtype in ds]
+        if dtype:  # (FP8 for every model: the ones without a release quantized at load)
+            out = [(c, [dtype]) for c, _ in out]
         return out
     path = Path(spec).expanduser()
     if plan_gguf.is_gguf(spec):  # on a GPU: dequantized to BF16 (the CPU plan: _run_cpu)
         m = _gguf(spec)
-        if dtype not in (None, "bf16"):
-            raise PlanError(f"{spec}: a GGUF file loads on a GPU as BF16 (plan --dtype bf16), on "
-                            "a CPU as int4 / int8 (plan --dtype int4 | int8)")  # fmt: skip
+        if dtype not in (None, "bf16", "fp8"):
+            raise PlanError(f"{spec}: a GGUF file loads on a GPU as BF16 (or FP8: plan --dtype "
+                            "fp8), on a CPU as int4 / int8 (plan --dtype int4 | int8)")  # fmt: skip
         cpu = (f"; on a CPU it keeps them in {m.storage}: qwen35 plan -m {spec} without --gpu"
                if m.storage else "")
-        print(f"note: on a GPU the engine holds {path.name}'s weights in BF16 "
+        print(f"note: on a GPU the engine holds {path.name}'s weights in BF16 (--quantization "
+              "fp8: in FP8, quantized at load) "
               f"({weight_bytes(m.cfg, 'bf16') / 2**30:.2f} GiB, the file {m.file_bytes / 2**30:.2f}"
               f" GiB){cpu}", file=sys.stderr)  # fmt: skip
-        return [(m.cfg, ["bf16"])]
+        return [(m.cfg, [dtype or "bf16"])]
     if path.exists() or spec.endswith(".json") or spec.startswith(("/", ".", "~")):
         cfg = ModelConfig.from_hf(path)  # a missing path gets "no config file at ..."
         forced = "fp8" if cfg.quantization else None

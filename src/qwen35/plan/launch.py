@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import json
 
+from qwen35.plan.params import has_fp8
 from qwen35.plan.planner import Deployment
 
 GPUS_PER_NODE = 8
 MASTER_PORT = 29500
 
 
+def fp8_at_load(dep: Deployment) -> bool:
+    """FP8 planned for a model without an FP8 checkpoint: the engine quantizes the BF16 weights
+    at load (`--quantization fp8`) into the official layout the planner counts."""
+    return dep.dtype == "fp8" and not has_fp8(dep.cfg)
+
+
 def hub_id(dep: Deployment) -> str:
-    """The Hub repository of the planned weights (the FP8 release for dtype fp8)."""
+    """The Hub repository of the planned weights (the FP8 release for dtype fp8, where one
+    exists)."""
     name = dep.cfg.name
     if "/" in name or not name.startswith("Qwen3.5-"):
         return name  # a local config or fine-tune: the user's own path
-    if dep.dtype == "fp8" and not name.endswith("-FP8"):
+    if dep.dtype == "fp8" and not name.endswith("-FP8") and not fp8_at_load(dep):
         name += "-FP8"
     return f"Qwen/{name}"
 
@@ -36,6 +44,8 @@ def launch_commands(
     nodes = -(-tp // gpus_per_node)
     per_node = min(tp, gpus_per_node)
     ours = f"--model {model} -tp {tp} --max-model-len {context} --device cuda"
+    at_load = " --quantization fp8" if fp8_at_load(dep) else ""  # (all three engines' flag)
+    ours += at_load
     if ep:
         ours += " --enable-expert-parallel"
     ngram = dep.speculative_tokens and dep.speculative_method == "ngram"
@@ -59,7 +69,7 @@ def launch_commands(
             f"--master-addr $MASTER_ADDR --master-port {MASTER_PORT} -m qwen35.cli serve {ours}"
             "   # on every node; NODE_RANK 0 serves HTTP"
         )
-    vllm = f"vllm serve {model} --tensor-parallel-size {tp} --max-model-len {context}"
+    vllm = f"vllm serve {model} --tensor-parallel-size {tp} --max-model-len {context}{at_load}"
     if ep:
         vllm += " --enable-expert-parallel"
     if dep.speculative_tokens:
@@ -80,6 +90,7 @@ def launch_commands(
         vllm += " --distributed-executor-backend ray   # on a Ray cluster spanning the nodes"
     sglang = (
         f"python -m sglang.launch_server --model-path {model} --tp {tp} --context-length {context}"
+        + at_load
     )
     if ep:
         sglang += f" --ep-size {tp}"

@@ -386,11 +386,6 @@ def check_request(
 ) -> None:
     if dtype not in ("bf16", "fp8"):
         raise PlanError(f"--dtype must be bf16 or fp8, got {dtype!r}")
-    if dtype == "fp8" and not has_fp8(cfg):
-        raise PlanError(
-            f"{cfg.name} has no FP8 release (FP8 checkpoints exist for 27B, 35B-A3B, 122B-A10B, "
-            "397B-A17B, or configs with an fp8 quantization_config); use --dtype bf16"
-        )
     if num_gpus < 1:
         raise PlanError(f"--num-gpus must be at least 1, got {num_gpus}")
     if tp is not None and (tp < 1 or num_gpus % tp):

@@ -97,6 +97,10 @@ def render(rows, gpu, args, common) -> None:
         _gpu_table(con, rows, gpu, args, settings)
     if args.model is None:
         _moe_vs_dense(con, rows, gpu, args)
+    at_load = [r.summary.cfg.name for r in rows if "fp8" in r.dtypes and not has_fp8(r.summary.cfg)]
+    if at_load:
+        con.print(f"FP8 of {', '.join(at_load)} (no FP8 checkpoint): the BF16 weights quantized at "
+                  "load (--quantization fp8) into the official block layout counted here.")  # fmt: skip
 
 
 def _header(con: Console, text: str) -> None:
