@@ -546,8 +546,8 @@ def _run_cpu(args) -> int:
                 args.batch, args.chunk, args.kv_dtype, args.state_dtype)  # fmt: skip
             r["memory"]["serve"] = cpu.serve_command(
                 plan_gguf.launch_model(args.model) or _serve_model(c, args.model), args.dtype,
-                plan_gguf.is_gguf(args.model), args.cpu_memory, context, args.batch,
-                args.chunk, args.kv_dtype, args.state_dtype)  # fmt: skip
+                args.cpu_memory, context, args.batch, args.chunk, args.kv_dtype,
+                args.state_dtype)  # fmt: skip
     if args.json:
         print(json.dumps({"schema": cpu.SCHEMA, "dtype": args.dtype, "models": rows}, indent=2))
     else:

@@ -126,13 +126,11 @@ def memory_fit(cfg: ModelConfig, weights: int, memory: int, context: int, batch:
     return out
 
 
-def serve_command(model: str, dtype: str, gguf: bool, memory_gib: float, context: int,
-                  batch: int, chunk: int, kv_dtype: str, state_dtype: str | None) -> str:
+def serve_command(model: str, dtype: str, memory_gib: float, context: int, batch: int,
+                  chunk: int, kv_dtype: str, state_dtype: str | None) -> str:
     """The `qwen35 serve` line that runs what memory_fit planned (text only: the plan counts the
-    text model; a GGUF file loads in its own storage, `--dtype auto`)."""
-    cmd = f"qwen35 serve --model {model}" + ("" if gguf else f" --quantization {dtype}")
-    if gguf and dtype == "int8":
-        cmd += " --quantization int8"
+    text model; the format named even where it is a GGUF file's default)."""
+    cmd = f"qwen35 serve --model {model} --quantization {dtype}"
     cmd += (f" --text-only --max-memory {memory_gib:g}GiB --max-model-len {context}"
             f" --max-num-seqs {batch}")  # fmt: skip
     if chunk != 2048:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen35.config import ModelConfig
-from qwen35.plan.params import Tensor, int_matrix_bytes, int_quantized, tensor_bytes
+from qwen35.plan.params import Tensor, int_matrix_bytes, tensor_bytes
+from qwen35.plan.planner import PlanError
 
 _PRE = "model.language_model"
 _EXPERTS = {  # a GGUF checkpoint's fused expert tensors -> the inventory's per-expert names
@@ -85,8 +86,8 @@ def bytes_by_tensor(model: GgufModel, inventory: list[Tensor], fmt: str) -> dict
         names = inventory_names(key)
         missing = [n for n in names if n not in by_name]
         if missing:
-            raise ValueError(f"{model.path.name}: tensor {key} has no place in the plan of "
-                             f"{model.cfg.name} ({missing[0]})")  # fmt: skip
+            raise PlanError(f"{model.path.name}: tensor {key} has no place in the plan of "
+                            f"{model.cfg.name} ({missing[0]})")  # fmt: skip
         if len(names) > 1:  # the gate and up halves of a fused [E, 2I, H]
             shape = (shape[0], shape[1] // len(names), shape[2])
         for n in names:
@@ -95,7 +96,10 @@ def bytes_by_tensor(model: GgufModel, inventory: list[Tensor], fmt: str) -> dict
 
 
 def _bytes(t: Tensor, shape: tuple[int, ...], fmt: str, kind: str | None) -> int:
-    if fmt not in ("int8", "int4") or not int_quantized(t) or kind is None or not t.fp8:
+    """One GGUF tensor's bytes: a projection with a kind (int4_kind) by int_matrix_bytes, as
+    quant/apply.py _int_linear stores it; anything else (the vocabulary tables, norms, routers,
+    a projection the file keeps in 16 bits) by tensor_bytes' own rules."""
+    if fmt not in ("int8", "int4") or kind is None or not t.fp8:
         copies = shape[0] if t.expert else 1
         return tensor_bytes(t, fmt, shape=shape[1:] if t.expert else shape, count=copies)
     if t.expert:  # [E, out, in]: each expert's matrix (quant/apply.py _int_experts)
