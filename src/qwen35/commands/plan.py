@@ -470,11 +470,15 @@ def run(args) -> int:
     gpu_asked = args.gpu or args.gpu_memory is not None
     if plan_gguf.is_gguf(args.model) and args.dtype is None and not gpu_asked:
         args.dtype = _gguf(args.model).storage  # as `--dtype auto` loads it on a CPU
-    if args.dtype in ("int8", "int4"):
+    if args.cpu_memory is not None and not gpu_asked and args.dtype in (None, "bf16"):
+        args.dtype = "bf16"  # a CPU engine's memory, the model as stored
+    if args.dtype in ("int8", "int4") or (args.dtype == "bf16" and args.cpu_memory is not None
+                                          and not gpu_asked):  # fmt: skip
         return _run_cpu(args)
     for flag, val in (("--cpu-bandwidth", args.cpu_bandwidth), ("--cpu-memory", args.cpu_memory)):
         if val is not None:
-            raise PlanError(f"{flag} goes with --dtype int8 / int4 (the CPU weight-only plans)")
+            raise PlanError(f"{flag} goes with the CPU plans (--dtype int8 / int4, or "
+                            "--cpu-memory without --gpu)")  # fmt: skip
     rows, gpu = gather(args)
     common = None
     if gpu is None and args.model is None:

@@ -61,27 +61,28 @@ def text_bytes(cfg: ModelConfig, dtype: str, bytes_of=tensor_bytes) -> int:
 
 
 def cpu_rows(cfgs: list[ModelConfig], dtype: str, bytes_of=tensor_bytes) -> list[dict]:
-    """One row per model (bytes_of: as decode_read_bytes'; the BF16 columns always count 2 bytes
-    a weight: a checkpoint's BF16 form)."""
+    """One row per model in `dtype` ("int8" / "int4", or "bf16": the model as stored, with the
+    head screen) beside its BF16 form (bytes_of: as decode_read_bytes'; the BF16 columns always
+    count 2 bytes a weight: a checkpoint's BF16 form)."""
     rows = []
     for c in cfgs:
         screen = head_screen_bytes(c)
         head = c.vocab_size * c.hidden_size * 2  # the bf16 head the screen stands in for
         bf16_read = decode_read_bytes(c, "bf16")
-        rows.append({
+        bf16 = weight_bytes(c, "bf16", text_only=True) + screen  # (loaded as stored: its peak)
+        row = {
             "name": c.name,
-            "weights_bytes": {  # as the engine holds them (bf16: with the screen)
-                "bf16": weight_bytes(c, "bf16", text_only=True) + screen,
-                dtype: text_bytes(c, dtype, bytes_of),
-            },
-            "load_peak_bytes": {dtype: load_peak_bytes(c, dtype, bytes_of)},
+            "weights_bytes": {"bf16": bf16},  # as the engine holds them (bf16: with the screen)
+            "load_peak_bytes": {"bf16": bf16},
             "head_screen_bytes": screen,
-            "decode_read_bytes_per_token": {
-                "bf16": bf16_read,
-                "bf16_greedy": bf16_read - head + screen,
-                dtype: decode_read_bytes(c, dtype, bytes_of),
-            },
-        })  # fmt: skip
+            "decode_read_bytes_per_token": {"bf16": bf16_read,
+                                            "bf16_greedy": bf16_read - head + screen},
+        }  # fmt: skip
+        if dtype != "bf16":
+            row["weights_bytes"][dtype] = text_bytes(c, dtype, bytes_of)
+            row["load_peak_bytes"] = {dtype: load_peak_bytes(c, dtype, bytes_of)}
+            row["decode_read_bytes_per_token"][dtype] = decode_read_bytes(c, dtype, bytes_of)
+        rows.append(row)
     return rows
 
 
@@ -130,7 +131,8 @@ def serve_command(model: str, dtype: str, memory_gib: float, context: int, batch
                   chunk: int, kv_dtype: str, state_dtype: str | None) -> str:
     """The `qwen35 serve` line that runs what memory_fit planned (text only: the plan counts the
     text model; the format named even where it is a GGUF file's default)."""
-    cmd = f"qwen35 serve --model {model} --quantization {dtype}"
+    fmt = "--dtype bf16" if dtype == "bf16" else f"--quantization {dtype}"
+    cmd = f"qwen35 serve --model {model} {fmt}"
     cmd += (f" --text-only --max-memory {memory_gib:g}GiB --max-model-len {context}"
             f" --max-num-seqs {batch}")  # fmt: skip
     if chunk != 2048:
@@ -174,11 +176,13 @@ def render(rows: list[dict], dtype: str, bandwidth_gb_s: float | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"CPU weight-only {dtype}: text model as the engine loads it (GiB = 2^30 B)")
+    quant = dtype != "bf16"  # (bf16: the model as stored, one set of columns)
+    kind = f"weight-only {dtype}" if quant else "BF16"
+    t = Table(title=f"CPU {kind}: text model as the engine loads it (GiB = 2^30 B)")
     files = [r.get("file") for r in rows]
-    cols = ["model"] + ["file GiB"] * any(files)
-    cols += ["BF16 GiB", f"{dtype} GiB", "load peak GiB", "read/token BF16 (greedy)",
-             f"read/token {dtype}"]  # fmt: skip
+    cols = ["model"] + ["file GiB"] * any(files) + ["BF16 GiB"]
+    cols += [f"{dtype} GiB", "load peak GiB"] * quant + ["read/token BF16 (greedy)"]
+    cols += [f"read/token {dtype}"] * quant
     if bandwidth_gb_s:
         cols += [f"decode tok/s at {bandwidth_gb_s:g} GB/s (roofline)"]
     for c in cols:
@@ -189,16 +193,22 @@ def render(rows: list[dict], dtype: str, bandwidth_gb_s: float | None) -> None:
         if any(files):
             f = r.get("file")
             cells.append(f"{f['bytes'] / 2**30:.2f} ({f['type']})" if f else "")
-        cells += [f"{w['bf16'] / 2**30:.2f}", f"{w[dtype] / 2**30:.2f}",
-                  f"{r['load_peak_bytes'][dtype] / 2**30:.2f}"]  # fmt: skip
+        cells.append(f"{w['bf16'] / 2**30:.2f}")
+        if quant:
+            cells += [f"{w[dtype] / 2**30:.2f}", f"{r['load_peak_bytes'][dtype] / 2**30:.2f}"]
         cells += [f"{rd['bf16'] / 2**30:.2f} ({rd['bf16_greedy'] / 2**30:.2f})"]
-        cells += [f"{rd[dtype] / 2**30:.2f}"]
+        cells += [f"{rd[dtype] / 2**30:.2f}"] * quant
         if bandwidth_gb_s:
             cells.append(f"{bandwidth_gb_s * 1e9 / rd[dtype]:.1f}")
         t.add_row(*cells)
     Console().print(t)
     if rows and rows[0].get("memory"):
         _render_memory(rows, dtype)
+    if not quant:
+        print("BF16: the weights as stored, with the int8 screen of lm_head a CPU engine keeps "
+              "for greedy and top-k requests (read instead of the head: the greedy figure; "
+              "--no-head-screen drops it); --dtype int8 | int4 for the weight-only formats.")
+        return
     gguf = any(files)
     if gguf and dtype == "int4":
         what = ("in int4 as the file has them: its Q4_0 / Q4_1 / Q4_K tensors kept in groups of "
