@@ -478,6 +478,10 @@ def test_plan_counts_the_file_as_the_engine_loads_it(tmp_path, capsys, monkeypat
     assert f"--model {f}" in launch and "--quantization fp8" in launch  # quantized at load
     rc, _, err = _plan(capsys, "-m", tmp_path / "none.gguf")
     assert rc == 2 and "no GGUF file at" in err
+    f16 = write_gguf(src, tmp_path / "m-f16.gguf", "F16")  # a 16-bit file: the CPU's BF16 plan
+    rc, out, _ = _plan(capsys, "-m", f16, "--json")
+    row = json.loads(out)["models"][0]
+    assert rc == 0 and json.loads(out)["dtype"] == "bf16" and row["file"]["type"] == "F16"
 
 
 def test_later_loads_read_the_cached_tensor_table(tmp_path, monkeypatch):

@@ -468,12 +468,13 @@ def run(args) -> int:
     if args.cpu_memory is not None and not 0 < args.cpu_memory < math.inf:
         raise PlanError(f"--cpu-memory must be a positive number of GiB, got {args.cpu_memory:g}")
     gpu_asked = args.gpu or args.gpu_memory is not None
-    if plan_gguf.is_gguf(args.model) and args.dtype is None and not gpu_asked:
-        args.dtype = _gguf(args.model).storage  # as `--dtype auto` loads it on a CPU
+    gguf = plan_gguf.is_gguf(args.model)
+    if gguf and args.dtype is None and not gpu_asked:  # as `--dtype auto` loads it on a CPU
+        args.dtype = _gguf(args.model).storage or "bf16"
     if args.cpu_memory is not None and not gpu_asked and args.dtype in (None, "bf16"):
         args.dtype = "bf16"  # a CPU engine's memory, the model as stored
-    if args.dtype in ("int8", "int4") or (args.dtype == "bf16" and args.cpu_memory is not None
-                                          and not gpu_asked):  # fmt: skip
+    cpu_bf16 = args.dtype == "bf16" and not gpu_asked and (gguf or args.cpu_memory is not None)
+    if args.dtype in ("int8", "int4") or cpu_bf16:
         return _run_cpu(args)
     for flag, val in (("--cpu-bandwidth", args.cpu_bandwidth), ("--cpu-memory", args.cpu_memory)):
         if val is not None:
