@@ -575,6 +575,46 @@ def test_vision_tower_from_the_mmproj_beside_the_file(tmp_path, qtype):
                                        "mmproj-BF16.gguf")  # fmt: skip
 
 
+def test_mmproj_named_anywhere(tmp_path):
+    """`--mmproj PATH` (llama.cpp's flag, EngineConfig.load.mmproj): a tower file in another
+    folder under any name (an Ollama blob, a shared download) makes the model file a VLM, the
+    same tower weights as beside it; without it the file loads text only; bad uses are refused
+    with the reason."""
+    from qwen35 import LLM
+    from qwen35.errors import Qwen35Error
+    from qwen35.gguf_checkpoint import _EXPLICIT_MMPROJ
+    from test_vision_engine import PREPROCESSOR_JSON
+    from tiny_vlm import IMAGE_ID, VEND_ID, VIDEO_ID, VSTART_ID, save_vlm
+
+    src = tmp_path / "vlm"
+    save_vlm(src)
+    (src / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_JSON))
+    tokens = [f"<t{i}>" for i in range(256)]
+    for i, t in ((IMAGE_ID, "<|image_pad|>"), (VIDEO_ID, "<|video_pad|>"),
+                 (VSTART_ID, "<|vision_start|>"), (VEND_ID, "<|vision_end|>")):  # fmt: skip
+        tokens[i] = t
+    (tmp_path / "models").mkdir()
+    (tmp_path / "towers").mkdir()
+    f = write_gguf(src, tmp_path / "models" / "m.gguf", "F32", tokens=tokens, eos=1)
+    tower = write_mmproj(src, tmp_path / "towers" / "sha256-0123abcd", "F32")
+    opts = dict(dtype="fp32", max_num_seqs=2, max_model_len=256, block_size=8, verbose=False)
+    try:
+        assert not LLM(str(f), **opts).engine.has_vision  # nothing beside it: text only
+        llm = LLM(str(f), mmproj=str(tower), **opts)
+        assert llm.engine.has_vision
+        want = load_model(src, dtype="fp32", vision=True).state_dict()
+        got = llm.engine.model.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want if k.startswith("model.visual."))
+        for bad, why in ((tmp_path / "towers" / "none.gguf", "no such file"),
+                         (f, "is not a vision tower file")):  # fmt: skip
+            with pytest.raises(Qwen35Error, match=why):
+                LLM(str(f), mmproj=str(bad), **opts)
+        with pytest.raises(Qwen35Error, match="goes with a GGUF model file"):
+            LLM(str(src), mmproj=str(tower), **opts)
+    finally:
+        _EXPLICIT_MMPROJ.clear()  # (process-wide, as the flag is)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
 def test_mmproj_writer_equals_llama_cpp_converter(tmp_path, outtype):

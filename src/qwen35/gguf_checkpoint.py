@@ -377,10 +377,38 @@ def _vision_name(name: str) -> str | None:
     return None
 
 
+_EXPLICIT_MMPROJ: dict[Path, Path] = {}  # model file -> the tower `--mmproj` named for it
+
+
+def is_tower(path: str | Path) -> bool:
+    """Whether a checkpoint file is a model's vision tower (read as GGUF whatever its name)."""
+    return Path(path).expanduser().resolve() in _MMPROJ
+
+
+def use_mmproj(model: str | Path, mmproj: str | Path) -> None:
+    """`--mmproj PATH` (llama.cpp's flag): this vision tower for this model file, wherever it is
+    (an Ollama blob, another folder), instead of looking beside the file (find_mmproj), for the
+    rest of the process."""
+    m, t = Path(model).expanduser().resolve(), Path(mmproj).expanduser().resolve()
+    if m.suffix.lower() != ".gguf":
+        raise GGUFError(f"--mmproj {mmproj}: a vision tower file goes with a GGUF model file "
+                        f"(--model FILE.gguf), not {model}")  # fmt: skip
+    if not t.is_file():
+        raise GGUFError(f"--mmproj {mmproj}: no such file")
+    arch = _value(_reader(str(t)), "general.architecture")
+    if arch != "clip":
+        raise GGUFError(f"--mmproj {mmproj} is not a vision tower file (its architecture is "
+                        f"{arch!r}, llama.cpp's mmproj files say 'clip')")  # fmt: skip
+    _EXPLICIT_MMPROJ[m] = t
+
+
 def find_mmproj(path: Path) -> Path | None:
-    """The vision tower beside a model file: an `mmproj*.gguf` in its folder (as llama.cpp's
-    `-hf` downloads and LM Studio keep them); of several (a repository's F32 / BF16 / F16
-    copies), the most precise (its matrices' type: F32, BF16, F16, then quantized), logged."""
+    """The vision tower of a model file: the one `--mmproj` named (use_mmproj), else an
+    `mmproj*.gguf` beside it (as llama.cpp's `-hf` downloads and LM Studio keep them); of several
+    (a repository's F32 / BF16 / F16 copies), the most precise (its matrices' type: F32, BF16,
+    F16, then quantized), logged."""
+    if Path(path).resolve() in _EXPLICIT_MMPROJ:
+        return _EXPLICIT_MMPROJ[Path(path).resolve()]
     found = sorted(p for p in path.parent.iterdir()
                    if p.is_file() and p.name.lower().startswith("mmproj")
                    and p.name.lower().endswith(".gguf"))  # fmt: skip

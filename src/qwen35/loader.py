@@ -511,7 +511,8 @@ def _has_visual_tensors(source) -> bool:
                 return True
     if files and all(f.suffix.lower() == ".gguf" for f in files):
         log.info("%s: no vision tower (llama.cpp keeps it in an mmproj*.gguf file; put the one "
-                 "for this model beside it for images): text only", source)  # fmt: skip
+                 "for this model beside it, or name it with --mmproj, for images): text only",
+                 source)  # fmt: skip
     else:
         log.warning("%s has no vision tower (model.visual.*): loading it text only", source)
     return False

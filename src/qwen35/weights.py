@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -151,7 +152,8 @@ def open_safetensors(path: Path):
     is read through gguf_checkpoint.GGUFCheckpoint (the same interface)."""
     from safetensors import SafetensorError, safe_open
 
-    if str(path).lower().endswith(".gguf"):
+    gguf = sys.modules.get("qwen35.gguf_checkpoint")  # (a tower named by --mmproj: any name)
+    if str(path).lower().endswith(".gguf") or (gguf is not None and gguf.is_tower(path)):
         from qwen35.gguf_checkpoint import GGUFCheckpoint
 
         return GGUFCheckpoint(path)

@@ -68,6 +68,11 @@ class LoadConfig:
         "Process-wide (quant/layers.py Int4Linear.x8)",
         choices=list(INT4_ACTIVATIONS),
     )
+    mmproj: str | None = _opt(
+        None,
+        "a GGUF model's vision tower file (llama.cpp's --mmproj), wherever it is; default: an "
+        "mmproj*.gguf beside the model file",
+    )
     gguf_int4: str = _opt(
         "keep",
         "a GGUF file loaded as int4: keep (its Q4_0 / Q4_1 / Q4_K tensors keep the file's values "

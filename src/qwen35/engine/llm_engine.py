@@ -163,6 +163,12 @@ class LLMEngine:
             config = EngineConfig.create(str(model), **options)
         elif options:
             config = config.replace(**options)
+        if config.load.mmproj is not None:  # before anything reads the file's model directory
+            if loaded is not None:
+                raise Qwen35Error("mmproj applies when the engine loads a GGUF file: pass its path")
+            from qwen35.gguf_checkpoint import use_mmproj
+
+            use_mmproj(str(model), config.load.mmproj)
         if loaded is None and config.load.quantization is None:  # --dtype auto's storage
             config = _auto_storage(config, str(model))
         self.engine_config = ec = config
