@@ -407,8 +407,8 @@ def find_mmproj(path: Path) -> Path | None:
     `mmproj*.gguf` beside it (as llama.cpp's `-hf` downloads and LM Studio keep them); of several
     (a repository's F32 / BF16 / F16 copies), the most precise (its matrices' type: F32, BF16,
     F16, then quantized), logged."""
-    if Path(path).resolve() in _EXPLICIT_MMPROJ:
-        return _EXPLICIT_MMPROJ[Path(path).resolve()]
+    if (named := _EXPLICIT_MMPROJ.get(Path(path).resolve())) is not None:
+        return named
     found = sorted(p for p in path.parent.iterdir()
                    if p.is_file() and p.name.lower().startswith("mmproj")
                    and p.name.lower().endswith(".gguf"))  # fmt: skip
@@ -678,7 +678,7 @@ class GGUFCheckpoint:
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, str] = {}
         self.unknown: list[str] = []
-        if self.path in _MMPROJ:  # a model's vision tower
+        if is_tower(self.path):  # a model's vision tower
             self._vision(_tables(_MMPROJ[self.path], [self.path])[self.path])
             return
         shards = shard_paths(self.path)

@@ -20,11 +20,12 @@ from qwen35.catalog import gpus as gpu_catalog
 from qwen35.config import ModelConfig
 from qwen35.plan import gguf as plan_gguf
 from qwen35.plan import vision as plan_vision
-from qwen35.plan.launch import launch_commands
+from qwen35.plan.launch import hub_id, launch_commands
 from qwen35.plan.params import has_fp8, text_tensors, weight_bytes
 from qwen35.plan.planner import (
     DEFAULT_CONTEXT,
     DEFAULT_PREFILL_CHUNK,
+    Deployment,
     Fit,
     LayoutError,
     ModelSummary,
@@ -514,11 +515,11 @@ def run(args) -> int:
 
 def _serve_model(cfg: ModelConfig, spec: str | None) -> str:
     """What `--model` names for a planned model: the directory given (a config.json's), else
-    the Hub id of a catalog name."""
+    the Hub id of a catalog name (launch.hub_id)."""
     path = Path(spec).expanduser() if spec else None
     if path is not None and path.exists():
         return str(path.parent if path.is_file() else path)
-    return f"Qwen/{cfg.name}" if cfg.name.startswith("Qwen3.5-") else cfg.name
+    return hub_id(Deployment(cfg))
 
 
 def _run_cpu(args) -> int:

@@ -8,10 +8,10 @@ formulas the quantizing loader is tested against (`plan.params.tensor_bytes`). N
 from __future__ import annotations
 
 from qwen35.config import ModelConfig
+from qwen35.engine.config import CacheConfig, SchedulingConfig
 from qwen35.plan.params import tensor_bytes, text_tensors, weight_bytes
 
 SCHEMA = "qwen35.plan-cpu/1"
-DEFAULT_MAX_NUM_SEQS = 32  # the engine's --max-num-seqs
 
 
 def decode_read_bytes(cfg: ModelConfig, dtype: str, bytes_of=tensor_bytes) -> int:
@@ -99,7 +99,8 @@ def memory_fit(cfg: ModelConfig, weights: int, memory: int, context: int, batch:
 
     def caches(seqs: int, length: int | None):
         return plan_caches(cfg, model_dtype="bfloat16", device="cpu", max_memory=memory,
-                           max_num_seqs=seqs, max_num_batched_tokens=chunk, block_size=16,
+                           max_num_seqs=seqs, max_num_batched_tokens=chunk,
+                           block_size=CacheConfig().block_size,
                            max_model_len=length, enable_prefix_caching=True,
                            prefix_cache_memory=None, weight_bytes=weights, kv_dtype=kv_dtype,
                            state_dtype=state_dtype)  # fmt: skip
@@ -114,8 +115,8 @@ def memory_fit(cfg: ModelConfig, weights: int, memory: int, context: int, batch:
     # the longest context each of `batch` sequences can have at once
     out["max_context"] = (min(whole.max_model_len, whole.kv_tokens // batch)
                           if whole.num_state_slots >= batch else 0)  # fmt: skip
-    try:  # sequences of `context` tokens at once, with the engine's default 32 slots (or more)
-        at = caches(max(batch, DEFAULT_MAX_NUM_SEQS), context)
+    try:  # sequences of `context` tokens at once, with the engine's default slots (or more)
+        at = caches(max(batch, SchedulingConfig().max_num_seqs), context)
         out["max_concurrency"] = min(at.num_state_slots, at.kv_tokens // context)
     except Qwen35Error:
         out["max_concurrency"] = 0
@@ -135,7 +136,7 @@ def serve_command(model: str, dtype: str, memory_gib: float, context: int, batch
     cmd = f"qwen35 serve --model {model} {fmt}"
     cmd += (f" --text-only --max-memory {memory_gib:g}GiB --max-model-len {context}"
             f" --max-num-seqs {batch}")  # fmt: skip
-    if chunk != 2048:
+    if chunk != SchedulingConfig().max_num_batched_tokens:
         cmd += f" --max-num-batched-tokens {chunk}"
     if kv_dtype == "fp8":
         cmd += " --kv-cache-dtype fp8"
@@ -151,8 +152,9 @@ def _render_memory(rows: list[dict], dtype: str) -> None:
     m0 = rows[0]["memory"]
     ctx, b, gib = m0["context"], m0["batch"], m0["memory_bytes"] / 2**30
     t = Table(title=f"CPU engine given {gib:g} GiB (serve --max-memory): {b} x {ctx:,} tokens")
+    slots = SchedulingConfig().max_num_seqs
     cols = ["model", f"{dtype} GiB", "KV KiB/token", "state MiB/seq", f"{b} x {ctx:,}",
-            f"max context x {b}", f"seqs @ {ctx:,} (32 slots)"]  # fmt: skip
+            f"max context x {b}", f"seqs @ {ctx:,} ({slots} slots)"]  # fmt: skip
     for c in cols:
         t.add_column(c, justify="left" if c == "model" else "right", no_wrap=c == "model")
     for r in rows:

@@ -77,12 +77,18 @@ def int4_group(out: int, inp: int) -> int | None:
     return next((g for g in (128, 64, 32) if inp % g == 0), None)
 
 
+def lattice_rows_ok(out: int) -> bool:
+    """Whether a matrix of `out` rows keeps a GGUF file's 4-bit lattices under int4 (torch's int4
+    layout: blocks of 64 rows); one that does not is quantized from its values."""
+    return out % 64 == 0
+
+
 def int_matrix_bytes(out: int, inp: int, fmt: str, kept: str | None = None) -> int:
     """Bytes of one [out, inp] matrix in weight-only `fmt` ("int8" / "int4") as quant/apply.py
     _int_linear stores it: int4 groups (int4_group) or, where none fits, per-row int8. kept (a
     GGUF file's tensor under int4, gguf_checkpoint int4_kind): "lattice", its 4-bit values kept
     in groups of 32; "int8", a type of more than 5 bits a weight held in int8."""
-    if fmt == "int4" and kept == "lattice" and out % 64 == 0:
+    if fmt == "int4" and kept == "lattice" and lattice_rows_ok(out):
         return out * inp // 2 + out * (inp // INT4_LATTICE_GROUP) * INT4_GROUP_BYTES
     g = int4_group(out, inp) if fmt == "int4" and kept != "int8" else None
     if g:

@@ -29,7 +29,7 @@ from torch import nn
 from qwen35 import heap
 from qwen35.layers.linear import Linear
 from qwen35.layers.moe import Experts
-from qwen35.plan.params import head_format, int4_group, text_tensors
+from qwen35.plan.params import head_format, int4_group, lattice_rows_ok, text_tensors
 from qwen35.quant.layers import (
     Fp8Experts,
     Fp8Linear,
@@ -199,12 +199,6 @@ def _int_linear(w: torch.Tensor, fmt: str, dtype, hint=None) -> Linear:
         return Int4Linear.on_lattice(w, hint[0], hint[1], dtype, codes=hint[2])
     g = int4_group(*w.shape) if fmt == "int4" else None
     return Int4Linear.quantize(w, g, dtype) if g else Int8Linear.quantize(w, dtype)
-
-
-def lattice_rows_ok(out: int) -> bool:
-    """Whether a matrix of `out` rows takes a GGUF lattice hint (torch's int4 layout: blocks of
-    64 rows); one that does not is quantized from its values."""
-    return out % 64 == 0
 
 
 def takes_lattice(mod: nn.Module, leaf: str, fmt: str) -> bool:
