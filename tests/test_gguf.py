@@ -526,13 +526,10 @@ def test_quantize_writes_a_gguf_file_as_a_checkpoint(tmp_path, to):
         assert torch.equal(got[k], want[k]), k
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16"])
-def test_vision_tower_from_the_mmproj_beside_the_file(tmp_path, qtype):
-    """An `mmproj*.gguf` beside the model file (llama.cpp's vision tower) makes the model a VLM:
-    the tower's weights equal the checkpoint's, the vision token ids come from the vocabulary,
-    and an image request gives the tokens the checkpoint directory gives."""
-    from qwen35 import LLM
-    from test_vision_engine import GREEDY, PREPROCESSOR_JSON, rand_image, req
+def _vlm_source(tmp_path) -> tuple[Path, list[str]]:
+    """A tiny VLM checkpoint (with its processor config) and a 256-token vocabulary holding its
+    vision tokens where its config says: what a GGUF file and its mmproj are written from."""
+    from test_vision_engine import PREPROCESSOR_JSON
     from tiny_vlm import IMAGE_ID, VEND_ID, VIDEO_ID, VSTART_ID, save_vlm
 
     src = tmp_path / "vlm"
@@ -542,6 +539,19 @@ def test_vision_tower_from_the_mmproj_beside_the_file(tmp_path, qtype):
     for i, t in ((IMAGE_ID, "<|image_pad|>"), (VIDEO_ID, "<|video_pad|>"),
                  (VSTART_ID, "<|vision_start|>"), (VEND_ID, "<|vision_end|>")):  # fmt: skip
         tokens[i] = t
+    return src, tokens
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16"])
+def test_vision_tower_from_the_mmproj_beside_the_file(tmp_path, qtype):
+    """An `mmproj*.gguf` beside the model file (llama.cpp's vision tower) makes the model a VLM:
+    the tower's weights equal the checkpoint's, the vision token ids come from the vocabulary,
+    and an image request gives the tokens the checkpoint directory gives."""
+    from qwen35 import LLM
+    from test_vision_engine import GREEDY, rand_image, req
+    from tiny_vlm import IMAGE_ID, VSTART_ID
+
+    src, tokens = _vlm_source(tmp_path)
     models = tmp_path / "models"
     models.mkdir()
     f = write_gguf(src, models / "m.gguf", "F32", tokens=tokens, eos=1)
@@ -583,16 +593,8 @@ def test_mmproj_named_anywhere(tmp_path):
     from qwen35 import LLM
     from qwen35.errors import Qwen35Error
     from qwen35.gguf_checkpoint import _EXPLICIT_MMPROJ
-    from test_vision_engine import PREPROCESSOR_JSON
-    from tiny_vlm import IMAGE_ID, VEND_ID, VIDEO_ID, VSTART_ID, save_vlm
 
-    src = tmp_path / "vlm"
-    save_vlm(src)
-    (src / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_JSON))
-    tokens = [f"<t{i}>" for i in range(256)]
-    for i, t in ((IMAGE_ID, "<|image_pad|>"), (VIDEO_ID, "<|video_pad|>"),
-                 (VSTART_ID, "<|vision_start|>"), (VEND_ID, "<|vision_end|>")):  # fmt: skip
-        tokens[i] = t
+    src, tokens = _vlm_source(tmp_path)
     (tmp_path / "models").mkdir()
     (tmp_path / "towers").mkdir()
     f = write_gguf(src, tmp_path / "models" / "m.gguf", "F32", tokens=tokens, eos=1)
@@ -620,12 +622,8 @@ def test_mmproj_named_anywhere(tmp_path):
 def test_mmproj_writer_equals_llama_cpp_converter(tmp_path, outtype):
     """tests/gguf_writer.py write_mmproj writes what `convert_hf_to_gguf.py --mmproj` writes."""
     from qwen35.benchmarks.gguf import _CONVERT
-    from test_vision_engine import PREPROCESSOR_JSON
-    from tiny_vlm import save_vlm
 
-    src = tmp_path / "vlm"
-    save_vlm(src)
-    (src / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_JSON))
+    src, _ = _vlm_source(tmp_path)
     conv = tmp_path / "conv.gguf"
     subprocess.run([sys.executable, "-c", _CONVERT, str(_llama_dir()), str(src), "--outtype",
                     outtype, "--mmproj", "--outfile", str(conv)], check=True,
