@@ -40,6 +40,29 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _ollama_models(args: argparse.Namespace) -> None:
+    """`ollama:NAME` as the model (model_source.py): its GGUF blob, its vision tower as --mmproj
+    unless one is named, and a server's default names Ollama's (clients keep their `model`)."""
+    from qwen35.model_source import is_ollama, resolve_ollama
+
+    for attr in ("model", "in_dir"):  # (in_dir: qwen35 quantize)
+        spec = getattr(args, attr, None)
+        if not is_ollama(spec):
+            continue
+        src = resolve_ollama(spec)
+        setattr(args, attr, src.path)
+        if src.mmproj is not None and args.command != "plan":  # (plans count the text weights)
+            if hasattr(args, "mmproj"):
+                args.mmproj = args.mmproj or src.mmproj
+            else:
+                from qwen35.gguf_checkpoint import use_mmproj
+
+                use_mmproj(src.path, src.mmproj)
+        if args.command in ("serve", "run-batch") and not args.served_model_name:
+            names = list(src.names)
+            args.served_model_name = names if args.command == "serve" else names[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
@@ -57,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if args._model_required and not args.model:
             here.error(f"a model is required: qwen35 {args.command} MODEL (or --model MODEL)")
     try:
+        _ollama_models(args)
         return int(args._run(args) or 0)
     except Qwen35Error as e:
         print(f"error: {e}", file=sys.stderr)

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qwen35.model_source import is_gguf_file
 from qwen35.weights import CheckpointError
 
 ARCHS = {"qwen35": False, "qwen35moe": True}  # GGUF architecture -> MoE
@@ -210,6 +211,10 @@ def hf_config(path: Path) -> dict:
             v = float(str(np.float32(v)))
         return v
 
+    if get("ssm.v_head_reordered", True) is False:  # (Ollama's key: llama.cpp always tiles)
+        raise GGUFError(f"{path.name} says its DeltaNet V heads are not tiled "
+                        f"({arch}.ssm.v_head_reordered = false), the layout of Qwen3-Next files; "
+                        "qwen35 reads Qwen 3.5 files as llama.cpp and Ollama write them")  # fmt: skip
     n_mtp = int(get("nextn_predict_layers", 0))
     n_layers = int(get("block_count")) - n_mtp
     recurrent = get("attention.recurrent_layers", required=False)
@@ -390,7 +395,7 @@ def use_mmproj(model: str | Path, mmproj: str | Path) -> None:
     (an Ollama blob, another folder), instead of looking beside the file (find_mmproj), for the
     rest of the process."""
     m, t = Path(model).expanduser().resolve(), Path(mmproj).expanduser().resolve()
-    if m.suffix.lower() != ".gguf":
+    if not is_gguf_file(m):
         raise GGUFError(f"--mmproj {mmproj}: a vision tower file goes with a GGUF model file "
                         f"(--model FILE.gguf), not {model}")  # fmt: skip
     if not t.is_file():

@@ -24,6 +24,7 @@ from qwen35 import heap
 from qwen35.config import ConfigError, ModelConfig
 from qwen35.devices import default_quantization
 from qwen35.errors import Qwen35Error
+from qwen35.model_source import is_gguf_file, is_ollama, resolve_ollama
 from qwen35.parallel.context import SINGLE, TensorParallel
 from qwen35.weights import (
     CheckpointError,
@@ -133,6 +134,7 @@ def load_model(
         raise Qwen35Error(f"unknown load_format {load_format!r}; use one of {LOAD_FORMATS}")
     if isinstance(path_or_name, str) and path_or_name.startswith("random:"):
         path_or_name, load_format = path_or_name[len("random:") :], "random"
+    path_or_name = local_model(path_or_name)
     dev = parse_device(device)
     if mtp and model_factory is not None:
         raise Qwen35Error("mtp=True builds the default model (no model_factory)")
@@ -269,13 +271,28 @@ def auto_quantization(model: str, load_format: str, dtype: str, device) -> str |
     return default_quantization(dtype, device, None, peek_config(model, load_format).dtype)
 
 
+def local_model(source):
+    """An Ollama model (`ollama:NAME`, model_source.py) as its GGUF blob, its vision tower
+    (when the manifest has one and no `--mmproj` named another) registered for it; any other
+    source unchanged."""
+    if not is_ollama(source):
+        return source
+    src = resolve_ollama(source)
+    if src.mmproj is not None:
+        from qwen35.gguf_checkpoint import find_mmproj, use_mmproj
+
+        if find_mmproj(Path(src.path)) is None:
+            use_mmproj(src.path, src.mmproj)
+    return src.path
+
+
 def _gguf_default(model: str, load_format: str, dtype: str, device) -> str | None:
     if load_format == "random" or dtype != "auto" or not str(device).startswith("cpu"):
         return None
     from qwen35.gguf_checkpoint import POINTER, pointer_info
 
     path = Path(str(model)).expanduser()
-    if not (path.is_file() and path.suffix.lower() == ".gguf") and not (path / POINTER).is_file():
+    if not is_gguf_file(path) and not (path / POINTER).is_file():
         return None
 
     quant = pointer_info(resolve_model_dir(path)).get("default_quantization")
@@ -509,7 +526,7 @@ def _has_visual_tensors(source) -> bool:
         with open_safetensors(f) as h:
             if any(k.startswith("model.visual.") for k in h.keys()):
                 return True
-    if files and all(f.suffix.lower() == ".gguf" for f in files):
+    if files and all(is_gguf_file(f) for f in files):
         log.info("%s: no vision tower (llama.cpp keeps it in an mmproj*.gguf file; put the one "
                  "for this model beside it, or name it with --mmproj, for images): text only",
                  source)  # fmt: skip
@@ -694,7 +711,7 @@ def resolve_model_dir(source: str | Path) -> Path:
     if path.is_dir():
         return path
     if path.is_file():
-        if path.suffix.lower() == ".gguf":
+        if is_gguf_file(path):
             from qwen35.gguf_checkpoint import model_dir
 
             return model_dir(path)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from qwen35.errors import Qwen35Error
+from qwen35.model_source import is_gguf_file
 
 MAX_LISTED = 10  # names listed per kind of problem in an error message
 
@@ -153,7 +154,7 @@ def open_safetensors(path: Path):
     from safetensors import SafetensorError, safe_open
 
     gguf = sys.modules.get("qwen35.gguf_checkpoint")  # (a tower named by --mmproj: any name)
-    if str(path).lower().endswith(".gguf") or (gguf is not None and gguf.is_tower(path)):
+    if is_gguf_file(path) or (gguf is not None and gguf.is_tower(path)):
         from qwen35.gguf_checkpoint import GGUFCheckpoint
 
         return GGUFCheckpoint(path)

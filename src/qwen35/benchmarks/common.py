@@ -20,6 +20,7 @@ import torch
 
 from qwen35.devices import resolve_dtype, weights_label
 from qwen35.errors import Qwen35Error
+from qwen35.model_source import is_gguf_file
 
 
 @dataclass
@@ -87,9 +88,7 @@ def load_bench_model(
     from qwen35.loader import auto_quantization, load_model, parse_dtype
 
     path = Path(opts.model).expanduser()
-    real = (path.is_dir() and any(path.glob("*.safetensors"))) or (
-        path.is_file() and path.suffix.lower() == ".gguf"
-    )
+    real = (path.is_dir() and any(path.glob("*.safetensors"))) or is_gguf_file(path)
     dtype = resolve_dtype(opts.dtype, opts.device)
     try:
         if quantization is None:  # --dtype auto's weight storage, as the engine picks it

@@ -60,8 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         "-m",
         help="model name (27B, Qwen3.5-35B-A3B-FP8), a config.json / model directory, or a "
-        "llama.cpp GGUF file (planned as the engine loads it: on a CPU in the file's own "
-        "storage, with --gpu in BF16); default: all eight",
+        "llama.cpp GGUF file or a model Ollama has pulled (ollama:NAME[:TAG]), planned as the "
+        "engine loads it: on a CPU in the file's own storage, with --gpu in BF16; default: all "
+        "eight",
     )
     p.add_argument("--gpu", "-g", help="GPU name from the catalog (RTX 4090, H100, MI300X, ...)")
     p.add_argument(

@@ -9,7 +9,8 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("in_dir", help="model directory (config.json + safetensors), or a llama.cpp "
-                   "GGUF file (written as a safetensors checkpoint)")
+                   "GGUF file or Ollama model, ollama:NAME (written as a safetensors "
+                   "checkpoint)")  # fmt: skip
     p.add_argument("out_dir", help="directory to write (must not exist unless --force)")
     p.add_argument(
         "--to",

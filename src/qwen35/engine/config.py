@@ -514,8 +514,9 @@ class EngineConfig:
             g.add_argument("model_arg", nargs="?", metavar="MODEL", help="the model, as --model")
             g.add_argument(
                 "--model",
-                help="model directory, Hub id (Qwen/Qwen3.5-0.8B) or, with --load-format random, "
-                "a catalog name",
+                help="model directory, Hub id (Qwen/Qwen3.5-0.8B), llama.cpp GGUF file, a model "
+                "Ollama has pulled (ollama:qwen3.5:0.8b) or, with --load-format random, a catalog "
+                "name",
             )
             parser.set_defaults(_model_required=model_required)
         for part in _PARTS.values():

@@ -42,6 +42,7 @@ from qwen35.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus
 from qwen35.engine.structured import StructuredOutputManager
 from qwen35.errors import Qwen35Error
 from qwen35.loader import auto_quantization, load_model
+from qwen35.model_source import is_ollama, resolve_ollama
 from qwen35.multimodal.chat import extract_media
 from qwen35.multimodal.engine_glue import (
     encoder_working_memory,
@@ -159,10 +160,16 @@ class LLMEngine:
             # an already-loaded model (from load_model): engines can share one set of weights
             report = getattr(loaded, "load_report", None)
             model = report.source if report is not None else loaded.config.name
+        tower = None
+        if is_ollama(model):  # `ollama:NAME`: its GGUF blob, and its vision tower (model_source)
+            src = resolve_ollama(model)
+            model, tower = src.path, src.mmproj
         if config is None:
             config = EngineConfig.create(str(model), **options)
         elif options:
             config = config.replace(**options)
+        if tower is not None and config.load.mmproj is None:
+            config = config.replace(mmproj=tower)
         if config.load.mmproj is not None:  # before anything reads the file's model directory
             if loaded is not None:
                 raise Qwen35Error("mmproj applies when the engine loads a GGUF file: pass its path")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen35.config import ModelConfig
+from qwen35.model_source import is_gguf_file, ollama_name_of
 from qwen35.plan.params import Tensor, int_matrix_bytes, tensor_bytes
 from qwen35.plan.planner import PlanError
 
@@ -41,7 +42,9 @@ class GgufModel:
 
 
 def is_gguf(spec: str | None) -> bool:
-    return spec is not None and Path(spec).suffix.lower() == ".gguf"
+    """A GGUF file (suffix or magic bytes: model_source.is_gguf_file), or a path named .gguf
+    (its loading then says what is wrong with it)."""
+    return spec is not None and (Path(spec).suffix.lower() == ".gguf" or is_gguf_file(spec))
 
 
 def launch_model(spec: str | None) -> str | None:
@@ -64,7 +67,8 @@ def load(spec: str) -> GgufModel:
         for key in ck.keys():
             if not key.startswith(("mtp.", "model.visual.")):
                 tensors.append((key, tuple(ck.get_slice(key).get_shape()), ck.int4_kind(key)))
-    return GgufModel(path, ModelConfig.from_hf(d), sum(p.stat().st_size for p in shards),
+    cfg = ModelConfig.from_hf(d, name=ollama_name_of(path))  # (an Ollama blob: its name)
+    return GgufModel(path, cfg, sum(p.stat().st_size for p in shards),
                      info.get("file_type", "?"), info.get("default_quantization"), tensors)  # fmt: skip
 
 

@@ -27,6 +27,7 @@ import torch
 from qwen35.config import ModelConfig
 from qwen35.errors import Qwen35Error
 from qwen35.lora import LoraAdapter
+from qwen35.model_source import is_gguf_file
 from qwen35.quant import formats, matmul
 from qwen35.quant.apply import fp8_rule
 from qwen35.weights import _ST_DTYPES, check_finite, open_safetensors
@@ -155,7 +156,7 @@ def convert_checkpoint(
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if to not in ("fp8", "bf16"):
         raise Qwen35Error(f"--to must be fp8 or bf16, got {to!r}")
-    gguf = src.is_file() and src.suffix.lower() == ".gguf"
+    gguf = is_gguf_file(src)
     if gguf:  # llama.cpp's file: its model directory (gguf_checkpoint.py) is read as any other
         from qwen35.gguf_checkpoint import model_dir
 

@@ -1,0 +1,216 @@
+"""What a model argument names, told without torch: a GGUF file (by its suffix or, for a file
+without one, its magic bytes) and a model that Ollama has pulled (`ollama:NAME[:TAG]`).
+
+Ollama keeps what it pulls as content-addressed blobs: a manifest per model
+(`<models>/manifests/<host>/<namespace>/<model>/<tag>`, a Docker image manifest) lists layers by
+media type and digest, and each layer's bytes are `<models>/blobs/sha256-<hex>`. The weights
+layer (`application/vnd.ollama.image.model`) is a GGUF file in llama.cpp's layout (what
+`ollama pull hf.co/...` downloads is the repository's file itself; Ollama's own converter writes
+the Qwen 3.5 names, keys and edits llama.cpp's does), and the vision tower, when the model has
+one, is its own layer (`application/vnd.ollama.image.projector`, llama.cpp's mmproj layout). So
+`ollama:qwen3.5:0.8b` is that blob with that tower (`--mmproj`), served under Ollama's name.
+<models> is $OLLAMA_MODELS, else ~/.ollama/models, else the Linux service's
+/usr/share/ollama/.ollama/models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen35.errors import Qwen35Error, shown
+
+GGUF_MAGIC = b"GGUF"
+OLLAMA_PREFIX = "ollama:"
+_HOST, _NAMESPACE, _TAG = "registry.ollama.ai", "library", "latest"
+_MODEL_LAYER = "application/vnd.ollama.image.model"
+_PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
+_ADAPTER_LAYER = "application/vnd.ollama.image.adapter"
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    """A file named *.gguf, or any file that starts with GGUF's magic bytes (an Ollama blob, a
+    download saved without its suffix)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return False
+    if p.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model argument made local: `path` is what the loader reads (a file, a directory, a Hub
+    id), `mmproj` the vision tower that goes with it (None: as usual), `names` what a server
+    answers to by default (Ollama's names for an Ollama model; empty: the argument)."""
+
+    path: str
+    mmproj: str | None = None
+    names: tuple[str, ...] = ()
+
+
+def local(spec: str) -> Source:
+    """`ollama:NAME` resolved to its blobs (resolve_ollama); anything else as it is."""
+    if not is_ollama(spec):
+        return Source(str(spec))
+    return resolve_ollama(spec)
+
+
+def is_ollama(spec) -> bool:
+    return isinstance(spec, str) and spec.lower().startswith(OLLAMA_PREFIX)
+
+
+@dataclass(frozen=True)
+class OllamaName:
+    host: str
+    namespace: str
+    model: str
+    tag: str
+
+    def parts(self) -> tuple[str, str, str, str]:
+        return self.host, self.namespace, self.model, self.tag
+
+    def short(self) -> str:
+        """As `ollama list` shows it: the default host and namespace left out."""
+        lead = [] if self.host == _HOST else [self.host]
+        if lead or self.namespace != _NAMESPACE:
+            lead.append(self.namespace)
+        return "/".join([*lead, self.model]) + f":{self.tag}"
+
+
+def parse_ollama_name(spec: str) -> OllamaName:
+    """`[ollama:][host/][namespace/]model[:tag]` as Ollama reads a model name (host
+    registry.ollama.ai, namespace library and tag latest by default)."""
+    text = spec[len(OLLAMA_PREFIX):] if is_ollama(spec) else spec
+    text = text.strip()
+    if "@" in text:
+        raise Qwen35Error(f"{shown(spec)}: name the model by its tag (NAME:TAG), not a digest")
+    head, slash, last = text.rpartition("/")
+    model, colon, tag = last.partition(":")
+    parts = head.split("/") if slash else []
+    if not model or (colon and not tag) or len(parts) > 2 or any(not p for p in parts):
+        raise Qwen35Error(
+            f"{shown(spec)} is not an Ollama model name: use ollama:MODEL[:TAG], e.g. "
+            "ollama:qwen3.5:0.8b or ollama:hf.co/unsloth/Qwen3.5-0.8B-GGUF:Q4_K_M"
+        )
+    if len(parts) == 2:
+        host, namespace = parts
+    else:
+        host, namespace = _HOST, (parts[0] if parts else _NAMESPACE)
+    return OllamaName(host, namespace, model, tag or _TAG)
+
+
+def ollama_dirs() -> list[Path]:
+    """Where Ollama may keep its models, in the order it would be looked for."""
+    env = os.environ.get("OLLAMA_MODELS")
+    if env:
+        return [Path(env).expanduser()]
+    return [Path("~/.ollama/models").expanduser(), Path("/usr/share/ollama/.ollama/models")]
+
+
+def _manifest(root: Path, name: OllamaName) -> Path | None:
+    """The manifest file, the name matched case-insensitively as Ollama does."""
+    here = root / "manifests"
+    for part in name.parts():
+        exact = here / part
+        if exact.exists():
+            here = exact
+            continue
+        try:
+            near = [p for p in here.iterdir() if p.name.lower() == part.lower()]
+        except OSError:
+            return None
+        if not near:
+            return None
+        here = near[0]
+    return here if here.is_file() else None
+
+
+def installed(root: Path) -> list[str]:
+    """The models under an Ollama directory, named as `ollama list` names them."""
+    base = root / "manifests"
+    if not base.is_dir():
+        return []
+    out = []
+    for p in base.glob("*/*/*/*"):
+        if p.is_file():
+            out.append(OllamaName(*p.relative_to(base).parts).short())
+    return sorted(out)
+
+
+def _blob(root: Path, digest: str) -> Path:
+    return root / "blobs" / digest.replace(":", "-")
+
+
+def resolve_ollama(spec: str) -> Source:
+    """The GGUF blob (and vision tower) of a model Ollama has pulled; refused with the reason
+    where there is none or it is not a GGUF model."""
+    name = parse_ollama_name(spec)
+    roots = [r for r in ollama_dirs() if r.is_dir()]
+    if not roots:
+        where = " or ".join(str(r) for r in ollama_dirs())
+        raise Qwen35Error(
+            f"{shown(spec)}: no Ollama models directory ({where}); pull the model with Ollama "
+            "first, or set OLLAMA_MODELS to the directory that holds its manifests/ and blobs/"
+        )
+    found = next(((r, m) for r in roots if (m := _manifest(r, name)) is not None), None)
+    if found is None:
+        have = sorted({n for r in roots for n in installed(r)})
+        import difflib
+
+        near = difflib.get_close_matches(name.short(), have, n=3, cutoff=0.5)
+        hint = (f"; did you mean {', '.join(near)}?" if near else
+                f"; installed: {', '.join(have[:8])}{' ...' if len(have) > 8 else ''}"
+                if have else "; none is installed")  # fmt: skip
+        raise Qwen35Error(f"Ollama has no model {name.short()} in {roots[0]}{hint} "
+                          f"(`ollama pull {name.short()}` fetches it)")  # fmt: skip
+    root, manifest = found
+    try:
+        layers = json.loads(manifest.read_text()).get("layers") or []
+        kinds = {layer["mediaType"]: layer["digest"] for layer in layers}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise Qwen35Error(f"{manifest}: not an Ollama manifest ({e})") from None
+    if _ADAPTER_LAYER in kinds:
+        raise Qwen35Error(f"{name.short()} is a base model plus an Ollama adapter layer; serve the "
+                          "base model with the adapter as --lora-modules NAME=PEFT_DIR")  # fmt: skip
+    if _MODEL_LAYER not in kinds:
+        raise Qwen35Error(f"{name.short()}: its manifest has no GGUF weights layer "
+                          f"({_MODEL_LAYER}); layers: {', '.join(sorted(kinds)) or 'none'}")  # fmt: skip
+    model = _blob(root, kinds[_MODEL_LAYER])
+    if not model.is_file():
+        raise Qwen35Error(f"{name.short()}: its weights blob {model} is missing (an interrupted "
+                          "pull? `ollama pull` it again)")  # fmt: skip
+    if not is_gguf_file(model):
+        raise Qwen35Error(f"{name.short()}: its weights blob {model} is not a GGUF file")
+    tower = kinds.get(_PROJECTOR_LAYER)
+    tower_path = _blob(root, tower) if tower is not None else None
+    mmproj = str(tower_path) if tower_path is not None and tower_path.is_file() else None
+    typed = spec[len(OLLAMA_PREFIX):].strip()
+    names = tuple(dict.fromkeys([typed, name.short()]))
+    return Source(str(model), mmproj, names)
+
+
+def ollama_name_of(path: str | Path) -> str | None:
+    """The Ollama name of a weights blob (`<models>/blobs/sha256-HEX`): the first manifest, as
+    `ollama list` orders names, whose weights layer it is; None for any other file."""
+    p = Path(path).expanduser()
+    if p.parent.name != "blobs" or not p.name.startswith("sha256-"):
+        return None
+    root, digest = p.parent.parent, p.name.replace("-", ":", 1)
+    for name in installed(root):
+        manifest = _manifest(root, parse_ollama_name(name))
+        try:
+            layers = json.loads(manifest.read_text()).get("layers") or []
+            if any(x.get("mediaType") == _MODEL_LAYER and x.get("digest") == digest
+                   for x in layers):  # fmt: skip
+                return name
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
