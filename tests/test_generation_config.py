@@ -54,3 +54,29 @@ def test_engine_and_llm_use_the_defaults(ckpt):
     assert a == b
     off = LLM(str(ckpt), dtype="fp32", verbose=False, generation_config="none")
     assert off.engine.default_sampling == {} and off.default_params() == SamplingParams()
+
+
+def test_override_generation_config(ckpt, capsys):
+    """vLLM's --override-generation-config: defaults over the checkpoint's (auto) or over
+    OpenAI's (none), penalties included; a key or value the engine cannot take is refused with
+    the reason, on the command line as a usage error."""
+    from qwen35.cli import main
+    from qwen35.engine.llm_engine import LLM
+    from qwen35.errors import Qwen35Error
+
+    over = {"top_p": 0.5, "presence_penalty": 1.5}
+    llm = LLM(str(ckpt), dtype="fp32", verbose=False, override_generation_config=over)
+    assert llm.engine.default_sampling == {"temperature": 0.0, "top_k": 20, "top_p": 0.5,
+                                           "presence_penalty": 1.5}  # fmt: skip
+    assert llm.default_params().presence_penalty == 1.5
+    off = LLM(str(ckpt), dtype="fp32", verbose=False, generation_config="none",
+              override_generation_config=over)  # fmt: skip
+    assert off.engine.default_sampling == over
+    for bad, why in (({"max_new_tokens": 5}, "not a request default"),
+                     ({"top_p": 2.0}, "top_p=2.0"), ({"top_k": "20"}, "not a number"),
+                     ([1], "must be a JSON object")):  # fmt: skip
+        with pytest.raises(Qwen35Error, match=why):
+            LLM(str(ckpt), dtype="fp32", verbose=False, override_generation_config=bad)
+    with pytest.raises(SystemExit):
+        main(["generate", str(ckpt), "--override-generation-config", "{temperature: 1}"])
+    assert "not JSON" in capsys.readouterr().err

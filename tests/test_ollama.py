@@ -27,6 +27,8 @@ from qwen35.model_source import (  # noqa: E402
 
 MODEL = "application/vnd.ollama.image.model"
 PROJECTOR = "application/vnd.ollama.image.projector"
+PARAMS = "application/vnd.ollama.image.params"
+SAMPLING = {"temperature": 0.6, "top_k": 20, "repetition_penalty": 1.1}  # (params' valid ones)
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +95,10 @@ def _vlm_store(tmp_path, monkeypatch):
     f = write_gguf(src, models / "m.gguf", "F32", tokens=tokens, eos=1)
     tower = write_mmproj(src, models / "mmproj-F32.gguf", "F32")
     store = tmp_path / "ollama"
-    layers = {MODEL: _blob(store, f), PROJECTOR: _blob(store, tower),
+    params = tmp_path / "params.json"  # (as a Modelfile's PARAMETER lines are kept)
+    params.write_text(json.dumps({"temperature": 0.6, "top_k": 20, "repeat_penalty": 1.1,
+                                  "top_p": "high", "stop": ["<|im_end|>"], "num_ctx": 4096}))
+    layers = {MODEL: _blob(store, f), PROJECTOR: _blob(store, tower), PARAMS: _blob(store, params),
               "application/vnd.ollama.image.template": "sha256:" + "1" * 64}  # fmt: skip
     _manifest(store, "registry.ollama.ai/library/tiny/latest", layers)
     f16 = write_gguf(src, tmp_path / "m-f16.gguf", "F16", tokens=tokens, eos=1)
@@ -105,8 +110,9 @@ def _vlm_store(tmp_path, monkeypatch):
 def test_an_ollama_model_is_its_blobs(tmp_path, monkeypatch):
     """`ollama:tiny` loads the model blob as the GGUF file it is (no .gguf suffix: read by its
     magic bytes) with the projector blob as its vision tower: the same weights, and the same
-    tokens for an image request, as the file with its mmproj beside it; a manifest without a
-    projector loads text only."""
+    tokens for an image request, as the file with its mmproj beside it; its params layer's
+    sampling values the engine takes become its request defaults (unless the options give
+    their own); a manifest without a projector loads text only, without params no defaults."""
     from qwen35 import LLM
     from qwen35.loader import load_model
     from test_vision_engine import GREEDY, rand_image, req
@@ -115,7 +121,7 @@ def test_an_ollama_model_is_its_blobs(tmp_path, monkeypatch):
     src = resolve_ollama("ollama:tiny")
     assert Path(src.path) == store / "blobs" / layers[MODEL].replace(":", "-")
     assert Path(src.mmproj) == store / "blobs" / layers[PROJECTOR].replace(":", "-")
-    assert src.names == ("tiny", "tiny:latest")
+    assert src.names == ("tiny", "tiny:latest") and dict(src.sampling) == SAMPLING
     assert is_gguf_file(src.path) and not is_gguf_file(tmp_path / "vlm" / "config.json")
     assert resolve_ollama("ollama:TINY:LATEST").path == src.path  # (names: any case)
 
@@ -127,16 +133,19 @@ def test_an_ollama_model_is_its_blobs(tmp_path, monkeypatch):
     opts = dict(dtype="fp32", max_num_seqs=2, max_model_len=256, block_size=8, verbose=False)
     img = rand_image(90, 130, 0)
     ours = LLM("ollama:tiny", **opts)
-    assert ours.engine.has_vision
+    assert ours.engine.has_vision and ours.engine.default_sampling == SAMPLING
+    mine = LLM("ollama:tiny", override_generation_config={"top_p": 0.5}, **opts)
+    assert mine.engine.default_sampling == {"top_p": 0.5}  # (the user's own, not Ollama's)
     a = ours.generate(req(img), GREEDY)[0].outputs[0].token_ids
     assert a == LLM(str(f), **opts).generate(req(img), GREEDY)[0].outputs[0].token_ids
     text = LLM("ollama:hf.co/someone/Tiny-GGUF:F16", **opts)
-    assert not text.engine.has_vision
+    assert not text.engine.has_vision and text.engine.default_sampling == {}
 
 
 def test_the_cli_serves_it_under_ollamas_names(tmp_path, monkeypatch, capsys):
     """The commands take `ollama:NAME` where they take a model: the engine commands get the blob
-    and its tower as --mmproj (one named on the command line wins), `serve` answers to the
+    and its tower as --mmproj, its sampling as --override-generation-config (one named on the
+    command line wins), `serve` answers to the
     name typed and Ollama's full name (clients that called Ollama keep their `model`), and
     `plan` plans the blob as the GGUF file it is, `quantize` writes it out with its tower."""
     from qwen35.cli import _ollama_models, main
@@ -145,10 +154,11 @@ def test_the_cli_serves_it_under_ollamas_names(tmp_path, monkeypatch, capsys):
     blob = str(store / "blobs" / layers[MODEL].replace(":", "-"))
     tower = str(store / "blobs" / layers[PROJECTOR].replace(":", "-"))
     args = argparse.Namespace(command="serve", model="ollama:tiny", mmproj=None,
-                              served_model_name=None)  # fmt: skip
+                              served_model_name=None, override_generation_config=None)  # fmt: skip
     _ollama_models(args)
     assert (args.model, args.mmproj, args.served_model_name) == (blob, tower,
                                                                  ["tiny", "tiny:latest"])  # fmt: skip
+    assert args.override_generation_config == SAMPLING
     args = argparse.Namespace(command="serve", model="ollama:tiny", mmproj="/x/mine.gguf",
                               served_model_name=["mine"])  # fmt: skip
     _ollama_models(args)

@@ -135,19 +135,23 @@ def test_generation_config_defaults_fill_unset_fields(serve):
     """The engine's request defaults (a checkpoint's generation_config.json) apply to fields a
     request leaves unset, in completions and chat; a request's own values win, 0 included."""
     eng = FakeEngine()
-    eng.default_sampling = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    eng.default_sampling = {"temperature": 0.6, "top_p": 0.95, "top_k": 20,
+                            "presence_penalty": 1.5}  # (--override-generation-config's too)
     _, client = serve(eng)
     client.completions.create(model="tiny", prompt="x", max_tokens=2)
     p = eng.added[-1][2]
     assert (p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty) == (
         0.6, 0.95, 20, 0.0, 1.0,
     )  # fmt: skip
+    assert (p.presence_penalty, p.frequency_penalty) == (1.5, 0.0)
     client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0,
-        extra_body={"top_k": 0},
+        extra_body={"top_k": 0}, presence_penalty=0,
     )  # fmt: skip
     p = eng.added[-1][2]
-    assert (p.temperature, p.top_p, p.top_k) == (0.0, 0.95, 0)
+    assert (p.temperature, p.top_p, p.top_k, p.presence_penalty) == (0.0, 0.95, 0, 0.0)
+    client.responses.create(model="tiny", input="hi", max_output_tokens=2)
+    assert eng.added[-1][2].presence_penalty == 1.5
 
 
 # ---- fake engine: chat, reasoning, tools -------------------------------------------------------

@@ -42,7 +42,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def _ollama_models(args: argparse.Namespace) -> None:
     """`ollama:NAME` as the model (model_source.py): its GGUF blob, its vision tower as --mmproj
-    unless one is named, and a server's default names Ollama's (clients keep their `model`)."""
+    and its sampling parameters as --override-generation-config unless those are given, and a
+    server's default names Ollama's (clients keep their `model`)."""
     from qwen35.model_source import is_ollama, resolve_ollama
 
     for attr in ("model", "in_dir"):  # (in_dir: qwen35 quantize)
@@ -58,6 +59,8 @@ def _ollama_models(args: argparse.Namespace) -> None:
                 from qwen35.gguf_checkpoint import use_mmproj
 
                 use_mmproj(src.path, src.mmproj)
+        if src.sampling and getattr(args, "override_generation_config", False) is None:
+            args.override_generation_config = dict(src.sampling)
         if args.command in ("serve", "run-batch") and not args.served_model_name:
             names = list(src.names)
             args.served_model_name = names if args.command == "serve" else names[0]

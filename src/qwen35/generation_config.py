@@ -5,7 +5,9 @@ server and `LLM.generate(prompts)` without params use these for the fields a req
 unset: temperature, top_p, top_k, min_p, repetition_penalty; a request's own values always win,
 and `--generation-config none` gives OpenAI's defaults (temperature 1, no top-k). EOS ids from
 the same file are read by tokenizer.py. A value that is not a valid setting is skipped with a
-warning (the file is the checkpoint's, not the user's request).
+warning (the file is the checkpoint's, not the user's request). `--override-generation-config
+JSON` (vLLM's flag) sets defaults over the file's (or over OpenAI's with `none`), presence and
+frequency penalties too; its values are the user's, so a bad one is refused (check_overrides).
 """
 
 from __future__ import annotations
@@ -17,6 +19,31 @@ from typing import Any
 log = logging.getLogger("qwen35")
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# --override-generation-config (vLLM's flag) may also set these
+OVERRIDE_KEYS = (*SAMPLING_KEYS, "presence_penalty", "frequency_penalty")
+
+
+def check_overrides(overrides) -> dict[str, Any]:
+    """`--override-generation-config`'s request defaults, checked: a JSON object of
+    OVERRIDE_KEYS with valid values (SamplingParams' own checks), else a Qwen35Error naming
+    what is wrong."""
+    from qwen35.errors import Qwen35Error
+    from qwen35.request import SamplingParams
+
+    if not isinstance(overrides, dict):
+        raise Qwen35Error(f"override_generation_config must be a JSON object such as "
+                          f'{{"temperature": 0.7}}, got {type(overrides).__name__}')  # fmt: skip
+    for k, v in overrides.items():
+        if k not in OVERRIDE_KEYS:
+            raise Qwen35Error(f"override_generation_config: {k!r} is not a request default this "
+                              f"engine takes ({', '.join(OVERRIDE_KEYS)})")  # fmt: skip
+        try:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"not a number: {v!r}")
+            SamplingParams(**{k: v}).validate()
+        except (ValueError, TypeError) as e:
+            raise Qwen35Error(f"override_generation_config: {k}={v!r}: {e}") from None
+    return dict(overrides)
 
 
 def sampling_defaults(model_dir: Path | str | None) -> dict[str, Any]:
@@ -49,9 +76,11 @@ def sampling_defaults(model_dir: Path | str | None) -> dict[str, Any]:
     return out
 
 
-def describe(defaults: dict[str, Any]) -> str:
+def describe(defaults: dict[str, Any], overridden: bool = False) -> str:
     items = ", ".join(f"{k}={v}" for k, v in defaults.items())
+    where = ("generation_config.json and --override-generation-config" if overridden
+             else "generation_config.json")  # fmt: skip
     return (
-        f"request defaults from generation_config.json: {items} (a request's own values win; "
+        f"request defaults from {where}: {items} (a request's own values win; "
         "--generation-config none for OpenAI's)"
     )

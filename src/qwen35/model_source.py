@@ -28,6 +28,11 @@ _HOST, _NAMESPACE, _TAG = "registry.ollama.ai", "library", "latest"
 _MODEL_LAYER = "application/vnd.ollama.image.model"
 _PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
 _ADAPTER_LAYER = "application/vnd.ollama.image.adapter"
+_PARAMS_LAYER = "application/vnd.ollama.image.params"
+# Ollama's parameter names -> the request defaults they become (--override-generation-config)
+_PARAMS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+           "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+           "frequency_penalty": "frequency_penalty"}  # fmt: skip
 
 
 def is_gguf_file(path: str | Path) -> bool:
@@ -49,11 +54,13 @@ def is_gguf_file(path: str | Path) -> bool:
 class Source:
     """A model argument made local: `path` is what the loader reads (a file, a directory, a Hub
     id), `mmproj` the vision tower that goes with it (None: as usual), `names` what a server
-    answers to by default (Ollama's names for an Ollama model; empty: the argument)."""
+    answers to by default (Ollama's names for an Ollama model; empty: the argument), `sampling`
+    request defaults that come with it (an Ollama model's parameters)."""
 
     path: str
     mmproj: str | None = None
     names: tuple[str, ...] = ()
+    sampling: tuple[tuple[str, float], ...] = ()
 
 
 def local(spec: str) -> Source:
@@ -194,7 +201,29 @@ def resolve_ollama(spec: str) -> Source:
     mmproj = str(tower_path) if tower_path is not None and tower_path.is_file() else None
     typed = spec[len(OLLAMA_PREFIX):].strip()
     names = tuple(dict.fromkeys([typed, name.short()]))
-    return Source(str(model), mmproj, names)
+    params = kinds.get(_PARAMS_LAYER)
+    sampling = _sampling(_blob(root, params)) if params is not None else ()
+    return Source(str(model), mmproj, names, sampling)
+
+
+def _sampling(params: Path) -> tuple[tuple[str, float], ...]:
+    """The request defaults among an Ollama params layer's values (`PARAMETER temperature 0.6`
+    in its Modelfile): the valid ones of those the engine takes, the rest (stop, num_ctx, ...)
+    left to the engine's own settings."""
+    from qwen35.generation_config import check_overrides
+
+    try:
+        values = json.loads(params.read_text())
+    except (OSError, ValueError):
+        return ()
+    out = []
+    for k, v in (values.items() if isinstance(values, dict) else ()):
+        if k in _PARAMS:
+            try:
+                out.append(tuple(check_overrides({_PARAMS[k]: v}).items())[0])
+            except Qwen35Error:
+                continue
+    return tuple(out)
 
 
 def ollama_name_of(path: str | Path) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -24,6 +25,17 @@ from qwen35.errors import Qwen35Error
 MAX_SCHEDULER_STEPS = 16  # decode steps per scheduling round (num_scheduler_steps)
 GGUF_INT4 = ("keep", "requantize")  # --gguf-int4 (gguf_checkpoint.GGUFCheckpoint.int4_hint)
 INT4_ACTIVATIONS = ("int8", "16bit")  # --int4-activations (quant/layers.py set_int4_activations)
+
+
+def json_object(text: str) -> dict:
+    """A flag's JSON object (argparse type): a clear usage error for anything else."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object {{...}} is needed, got {text!r}")
+    return value
 
 
 def _opt(default, help: str, **cli):
@@ -100,6 +112,15 @@ class LoadConfig:
         "takes the checkpoint's generation_config.json (as vLLM), 'none' OpenAI's (temperature "
         "1, no top-k); a request's own values always win",
         choices=["auto", "none"],
+    )
+    override_generation_config: dict | None = _opt(
+        None,
+        "request defaults over --generation-config's (vLLM's flag), a JSON object: e.g. "
+        '\'{"temperature": 0.7, "top_p": 0.8, "presence_penalty": 1.5}\' (temperature, top_p, '
+        "top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty); a request's "
+        "own values always win",
+        type=json_object,
+        metavar="JSON",
     )
 
 
@@ -490,6 +511,10 @@ class EngineConfig:
             )
         if self.load.yarn is not None:
             check_yarn_factor(self.load.yarn)
+        if self.load.override_generation_config is not None:
+            from qwen35.generation_config import check_overrides
+
+            check_overrides(self.load.override_generation_config)
         most = max(1024, os.cpu_count() or 1)  # torch would start them all (or overflow)
         if self.device.threads is not None and not 1 <= self.device.threads <= most:
             raise Qwen35Error(

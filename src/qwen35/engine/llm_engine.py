@@ -142,6 +142,17 @@ def _auto_storage(config: EngineConfig, model: str) -> EngineConfig:
     return config if quant is None else config.replace(quantization=quant)
 
 
+def ollama_defaults(config: EngineConfig, src) -> EngineConfig:
+    """An Ollama model's vision tower and sampling parameters (model_source.Source) where the
+    options name none of their own."""
+    extra = {}
+    if src.mmproj is not None and config.load.mmproj is None:
+        extra["mmproj"] = src.mmproj
+    if src.sampling and config.load.override_generation_config is None:
+        extra["override_generation_config"] = dict(src.sampling)
+    return config.replace(**extra) if extra else config
+
+
 class LLMEngine:
     """The step-wise engine. Options: an `EngineConfig`, or its flat keyword options
     (`LLMEngine(path, max_num_seqs=4)`); `model` may also be an already-loaded module."""
@@ -160,16 +171,16 @@ class LLMEngine:
             # an already-loaded model (from load_model): engines can share one set of weights
             report = getattr(loaded, "load_report", None)
             model = report.source if report is not None else loaded.config.name
-        tower = None
-        if is_ollama(model):  # `ollama:NAME`: its GGUF blob, and its vision tower (model_source)
-            src = resolve_ollama(model)
-            model, tower = src.path, src.mmproj
+        ollama = None
+        if is_ollama(model):  # `ollama:NAME`: its GGUF blob, vision tower, sampling (model_source)
+            ollama = resolve_ollama(model)
+            model = ollama.path
         if config is None:
             config = EngineConfig.create(str(model), **options)
         elif options:
             config = config.replace(**options)
-        if tower is not None and config.load.mmproj is None:
-            config = config.replace(mmproj=tower)
+        if ollama is not None:
+            config = ollama_defaults(config, ollama)
         if config.load.mmproj is not None:  # before anything reads the file's model directory
             if loaded is not None:
                 raise Qwen35Error("mmproj applies when the engine loads a GGUF file: pass its path")
@@ -258,11 +269,15 @@ class LLMEngine:
         # the checkpoint's recommended sampling for what a request leaves unset
         self.default_sampling: dict = {}
         if ec.load.generation_config == "auto":
-            from qwen35.generation_config import describe, sampling_defaults
+            from qwen35.generation_config import sampling_defaults
 
             self.default_sampling = sampling_defaults(model_dir)
-            if self.default_sampling and verbose:
-                log.warning(describe(self.default_sampling))
+        overrides = ec.load.override_generation_config or {}
+        self.default_sampling.update(overrides)  # (checked by EngineConfig.validate)
+        if self.default_sampling and verbose:
+            from qwen35.generation_config import describe
+
+            log.warning(describe(self.default_sampling, overridden=bool(overrides)))
         self.eos_token_ids = tuple(
             dict.fromkeys((*self.config.eos_token_ids, *self.tokenizer.eos_token_ids))
         )

@@ -70,8 +70,8 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None  # (unset: the engine's default, else 0)
+    frequency_penalty: float | None = None
     user: str | None = None
     # vLLM-style extras (the engine's other sampling options)
     top_k: int | None = None
@@ -138,8 +138,8 @@ class _Request(BaseModel):
             top_k=pick("top_k", self.top_k, 0),
             min_p=pick("min_p", self.min_p, 0.0),
             repetition_penalty=pick("repetition_penalty", self.repetition_penalty, 1.0),
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
+            presence_penalty=pick("presence_penalty", self.presence_penalty, 0.0),
+            frequency_penalty=pick("frequency_penalty", self.frequency_penalty, 0.0),
             seed=self.seed,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []),
