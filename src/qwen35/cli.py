@@ -40,17 +40,18 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def _ollama_models(args: argparse.Namespace) -> None:
-    """`ollama:NAME` as the model (model_source.py): its GGUF blob, its vision tower as --mmproj
-    and its sampling parameters as --override-generation-config unless those are given, and a
-    server's default names Ollama's (clients keep their `model`)."""
-    from qwen35.model_source import is_ollama, resolve_ollama
+def _local_models(args: argparse.Namespace) -> None:
+    """`ollama:NAME` or `USER/REPO-GGUF[:QUANT]` as the model (model_source.py): its GGUF file,
+    its vision tower as --mmproj and (Ollama) its sampling parameters as
+    --override-generation-config unless those are given, and a server's default names the ones
+    typed (Ollama's full name too: clients keep their `model`)."""
+    from qwen35.model_source import local, needs_resolving
 
     for attr in ("model", "in_dir"):  # (in_dir: qwen35 quantize)
         spec = getattr(args, attr, None)
-        if not is_ollama(spec):
+        if not needs_resolving(spec):
             continue
-        src = resolve_ollama(spec)
+        src = local(spec, download=args.command != "plan")  # (a plan never downloads)
         setattr(args, attr, src.path)
         if src.mmproj is not None and args.command != "plan":  # (plans count the text weights)
             if hasattr(args, "mmproj"):
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if args._model_required and not args.model:
             here.error(f"a model is required: qwen35 {args.command} MODEL (or --model MODEL)")
     try:
-        _ollama_models(args)
+        _local_models(args)
         return int(args._run(args) or 0)
     except Qwen35Error as e:
         print(f"error: {e}", file=sys.stderr)

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qwen35.model_source import is_gguf_file
+from qwen35.model_source import file_path, is_gguf_file
 from qwen35.weights import CheckpointError
 
 ARCHS = {"qwen35": False, "qwen35moe": True}  # GGUF architecture -> MoE
@@ -387,14 +387,14 @@ _EXPLICIT_MMPROJ: dict[Path, Path] = {}  # model file -> the tower `--mmproj` na
 
 def is_tower(path: str | Path) -> bool:
     """Whether a checkpoint file is a model's vision tower (read as GGUF whatever its name)."""
-    return Path(path).expanduser().resolve() in _MMPROJ
+    return file_path(path) in _MMPROJ
 
 
 def use_mmproj(model: str | Path, mmproj: str | Path) -> None:
     """`--mmproj PATH` (llama.cpp's flag): this vision tower for this model file, wherever it is
     (an Ollama blob, another folder), instead of looking beside the file (find_mmproj), for the
     rest of the process."""
-    m, t = Path(model).expanduser().resolve(), Path(mmproj).expanduser().resolve()
+    m, t = file_path(model), file_path(mmproj)
     if not is_gguf_file(m):
         raise GGUFError(f"--mmproj {mmproj}: a vision tower file goes with a GGUF model file "
                         f"(--model FILE.gguf), not {model}")  # fmt: skip
@@ -412,7 +412,7 @@ def find_mmproj(path: Path) -> Path | None:
     `mmproj*.gguf` beside it (as llama.cpp's `-hf` downloads and LM Studio keep them); of several
     (a repository's F32 / BF16 / F16 copies), the most precise (its matrices' type: F32, BF16,
     F16, then quantized), logged."""
-    if (named := _EXPLICIT_MMPROJ.get(Path(path).resolve())) is not None:
+    if (named := _EXPLICIT_MMPROJ.get(file_path(path))) is not None:
         return named
     found = sorted(p for p in path.parent.iterdir()
                    if p.is_file() and p.name.lower().startswith("mmproj")
@@ -678,7 +678,7 @@ class GGUFCheckpoint:
     returns this for .gguf paths): keys(), get_slice(key), get_tensor(key), a context manager."""
 
     def __init__(self, path: Path):
-        self.path = Path(path).expanduser().resolve()
+        self.path = file_path(path)
         self._sources: dict[str, list[str]] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, str] = {}
@@ -883,7 +883,7 @@ def pointed(directory: Path) -> list[Path] | None:
 def model_dir(path: str | Path) -> Path:
     """The model directory (config, chat template, tokenizer; see the module doc) of a GGUF
     file, made in the cache on first use (written to a temporary name, then renamed)."""
-    path = Path(path).expanduser().resolve()
+    path = file_path(path)
     if not path.is_file():
         raise GGUFError(f"no GGUF file at {path}")
     paths = shard_paths(path)

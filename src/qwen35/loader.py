@@ -10,7 +10,6 @@ builds those on a real device itself (`with torch.device("cpu"):`), or loading s
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import time
@@ -24,7 +23,7 @@ from qwen35 import heap
 from qwen35.config import ConfigError, ModelConfig
 from qwen35.devices import default_quantization
 from qwen35.errors import Qwen35Error
-from qwen35.model_source import is_gguf_file, is_ollama, resolve_ollama
+from qwen35.model_source import hub_cache_dir, hub_offline, is_gguf_file, local, needs_resolving
 from qwen35.parallel.context import SINGLE, TensorParallel
 from qwen35.weights import (
     CheckpointError,
@@ -272,12 +271,12 @@ def auto_quantization(model: str, load_format: str, dtype: str, device) -> str |
 
 
 def local_model(source):
-    """An Ollama model (`ollama:NAME`, model_source.py) as its GGUF blob, its vision tower
-    (when the manifest has one and no `--mmproj` named another) registered for it; any other
-    source unchanged."""
-    if not is_ollama(source):
+    """An Ollama model (`ollama:NAME`) or a Hub GGUF repository (`USER/REPO-GGUF:QUANT`) as its
+    local GGUF file (model_source.py), its vision tower (when it has one and no `--mmproj`
+    named another) registered for it; any other source unchanged."""
+    if not needs_resolving(source):
         return source
-    src = resolve_ollama(source)
+    src = local(source)
     if src.mmproj is not None:
         from qwen35.gguf_checkpoint import find_mmproj, use_mmproj
 
@@ -733,19 +732,6 @@ def resolve_model_dir(source: str | Path) -> Path:
     return _from_hub(f"Qwen/{name}")  # a catalog name: its official repository
 
 
-def _hub_cache_dir() -> str | None:
-    # read here, not at import: huggingface_hub freezes HF_HOME when it is first imported
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return str(Path(os.environ["HF_HOME"]) / "hub")
-    return None
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
 def _from_hub(repo_id: str, kind: str = "model") -> Path:
     """The local snapshot of a Hub repository (a model; kind names it in errors, e.g. "adapter"):
     the cache first, a download only when online."""
@@ -756,7 +742,7 @@ def _from_hub(repo_id: str, kind: str = "model") -> Path:
             f"{repo_id!r} looks like a Hub id but huggingface_hub is not installed; pass a "
             f"local {kind} directory instead"
         ) from None
-    cache = _hub_cache_dir()
+    cache = hub_cache_dir()
     fetch = f"`hf download {repo_id}` (or `huggingface-cli download {repo_id}`)"
     try:
         return Path(
@@ -769,7 +755,7 @@ def _from_hub(repo_id: str, kind: str = "model") -> Path:
     where = f"no local directory {repo_id!r}, and as a Hub id it is not in " + (
         cache or "the Hugging Face cache"
     )
-    if _offline():
+    if hub_offline():
         raise CheckpointError(
             f"{where} (HF_HUB_OFFLINE is set); fetch it first "
             f"with {fetch}, or pass a local {kind} directory"

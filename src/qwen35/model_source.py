@@ -1,5 +1,12 @@
 """What a model argument names, told without torch: a GGUF file (by its suffix or, for a file
-without one, its magic bytes) and a model that Ollama has pulled (`ollama:NAME[:TAG]`).
+without one, its magic bytes), a model that Ollama has pulled (`ollama:NAME[:TAG]`), and a GGUF
+repository on the Hugging Face Hub (`USER/REPO-GGUF[:QUANT]`, llama.cpp's `-hf` form).
+
+A GGUF repository holds one file (or one split set) per quantization and, for a VLM, mmproj
+files: `unsloth/Qwen3.5-4B-GGUF:Q4_K_M` is the file whose name has that tag (Q4_K_M when none
+is given, else the only one), its shards, and an mmproj (F16, else BF16, else F32, else any) as
+its vision tower; the Hugging Face cache is looked in first, and only what is chosen is
+downloaded.
 
 Ollama keeps what it pulls as content-addressed blobs: a manifest per model
 (`<models>/manifests/<host>/<namespace>/<model>/<tag>`, a Docker image manifest) lists layers by
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +41,13 @@ _PARAMS_LAYER = "application/vnd.ollama.image.params"
 _PARAMS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
            "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
            "frequency_penalty": "frequency_penalty"}  # fmt: skip
+
+
+def file_path(path: str | Path) -> Path:
+    """A file's absolute path with symbolic links kept: a file in the Hugging Face cache is a
+    link into its blobs/, and its name (split shards, the model's name) and the folder it sits
+    in (an mmproj beside it) are the link's, not the blob's."""
+    return Path(os.path.abspath(Path(path).expanduser()))
 
 
 def is_gguf_file(path: str | Path) -> bool:
@@ -63,11 +78,145 @@ class Source:
     sampling: tuple[tuple[str, float], ...] = ()
 
 
-def local(spec: str) -> Source:
-    """`ollama:NAME` resolved to its blobs (resolve_ollama); anything else as it is."""
-    if not is_ollama(spec):
-        return Source(str(spec))
-    return resolve_ollama(spec)
+def needs_resolving(spec) -> bool:
+    """Whether `local` turns this model argument into something else: an Ollama name, or a Hub
+    GGUF repository (a path that exists is always itself)."""
+    return is_ollama(spec) or is_hub_gguf(spec)
+
+
+def local(spec: str, download: bool = True) -> Source:
+    """`ollama:NAME` resolved to its blobs (resolve_ollama), `USER/REPO-GGUF[:QUANT]` to its
+    file in the Hugging Face cache (resolve_hub_gguf; download: fetch it when not there);
+    anything else as it is."""
+    if is_ollama(spec):
+        return resolve_ollama(spec)
+    if is_hub_gguf(spec):
+        return resolve_hub_gguf(spec, download)
+    return Source(str(spec))
+
+
+# ---- the Hugging Face cache -------------------------------------------------------------------
+def hub_cache_dir() -> str | None:
+    # read here, not at import: huggingface_hub freezes HF_HOME when it is first imported
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+_HUB_GGUF = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+?)(?::(?P<tag>[\w.-]+))?$")
+DEFAULT_QUANT = "Q4_K_M"  # (llama.cpp's -hf default)
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+_TOWER_ORDER = ("F16", "BF16", "F32")
+
+
+def is_hub_gguf(spec) -> bool:
+    """USER/REPO:QUANT, or USER/REPO whose name says GGUF; not a path that exists."""
+    if not isinstance(spec, str) or Path(spec).expanduser().exists():
+        return False
+    m = _HUB_GGUF.match(spec)
+    return m is not None and (m["tag"] is not None or "gguf" in m["repo"].lower())
+
+
+def _tag_matches(name: str, tag: str) -> bool:
+    """The quantization tag as a whole part of the file's path: Q4_K in x-Q4_K.gguf, not in
+    x-Q4_K_M.gguf; UD-Q4_K_XL in x-UD-Q4_K_XL.gguf; a Q4_K_M/ folder of shards too."""
+    return re.search(rf"(^|[-_./]){re.escape(tag)}([-./]|$)", name, re.IGNORECASE) is not None
+
+
+def pick_gguf(names: list[str], tag: str | None, repo: str) -> tuple[list[str], str | None]:
+    """(the model file's shards, the vision tower or None) among a repository's file names."""
+    ggufs = sorted(n for n in names if n.lower().endswith(".gguf"))
+    towers = [n for n in ggufs if Path(n).name.lower().startswith("mmproj")]
+    models = [n for n in ggufs if n not in towers]
+    if not models:
+        raise Qwen35Error(f"{repo} holds no GGUF model file; pass a repository of GGUF files "
+                          "(USER/REPO-GGUF:QUANT) or a model directory")  # fmt: skip
+    firsts = [n for n in models if _SHARD.search(n) is None or _SHARD.search(n)[1] == "00001"]
+    chosen = [n for n in firsts if _tag_matches(n, tag or DEFAULT_QUANT)]
+    if not chosen and tag is None and len(firsts) == 1:
+        chosen = firsts
+    if not chosen:
+        have = ", ".join(Path(n).name for n in firsts[:12]) + (" ..." if len(firsts) > 12 else "")
+        what = f"no {tag} file" if tag else f"no {DEFAULT_QUANT} file (the default)"
+        raise Qwen35Error(f"{repo} has {what}; name one of its files' quantizations as "
+                          f"{repo}:QUANT: {have}")  # fmt: skip
+    first = min(chosen, key=lambda n: (n.count("/"), n))
+    m = _SHARD.search(first)
+    shards = [first]
+    if m is not None:
+        stem = first[: m.start()]
+        shards = [f"{stem}-{i:05d}-of-{m[2]}.gguf" for i in range(1, int(m[2]) + 1)]
+        missing = [n for n in shards if n not in names]
+        if missing:
+            raise Qwen35Error(f"{repo}: {first} is one of {int(m[2])} shards but {missing[0]} is not "
+                              "in the repository")  # fmt: skip
+
+    def rank(n: str):
+        kinds = [k for k in _TOWER_ORDER if _tag_matches(Path(n).name, k)]
+        return (_TOWER_ORDER.index(kinds[0]) if kinds else len(_TOWER_ORDER), n)
+
+    return shards, (min(towers, key=rank) if towers else None)
+
+
+def _cached_snapshot(repo: str) -> Path | None:
+    """The repository's cached snapshot directory (its main revision), without the network."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, local_files_only=True, cache_dir=hub_cache_dir(),
+                                      allow_patterns=["*.gguf"]))  # fmt: skip
+    except Exception:  # not cached (LocalEntryNotFoundError and friends)
+        return None
+
+
+def resolve_hub_gguf(spec: str, download: bool = True) -> Source:
+    """A Hub GGUF repository's chosen file (and tower) in the Hugging Face cache: the cached
+    snapshot when it holds them, else the repository's file list and a download of just those
+    (huggingface_hub); offline (HF_HUB_OFFLINE), without it or without `download`, the reason
+    and how to fetch."""
+    m = _HUB_GGUF.match(spec)
+    repo, tag = m["repo"], m["tag"]
+    snap = _cached_snapshot(repo)
+    if snap is not None:
+        names = [p.relative_to(snap).as_posix() for p in snap.rglob("*.gguf")]
+        try:
+            shards, tower = pick_gguf(names, tag, repo)
+            return Source(str(snap / shards[0]), str(snap / tower) if tower else None, (spec,))
+        except Qwen35Error:
+            if hub_offline() or not download:
+                raise
+    fetch = f"`hf download {repo} --include '*{tag or DEFAULT_QUANT}*'`"
+    if hub_offline() or not download:
+        why = "HF_HUB_OFFLINE is set" if download else "qwen35 plan reads the file, not the Hub"
+        raise Qwen35Error(f"{repo}{f':{tag}' if tag else ''} is not in the Hugging Face cache "
+                          f"({why}); fetch it first with {fetch}, or pass a local GGUF "
+                          "file")  # fmt: skip
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+    except ImportError:
+        raise Qwen35Error(f"{spec!r} names a Hub GGUF repository but huggingface_hub is not "
+                          "installed; pass a local GGUF file instead") from None
+    try:
+        names = HfApi().list_repo_files(repo)
+    except Exception as e:
+        raise Qwen35Error(f"cannot list {repo} on the Hugging Face Hub ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); fetch it with {fetch} "
+                          "where the Hub is reachable, or pass a local GGUF file") from None
+    shards, tower = pick_gguf(names, tag, repo)
+    try:
+        paths = [hf_hub_download(repo, n, cache_dir=hub_cache_dir()) for n in shards]
+        tower_path = hf_hub_download(repo, tower, cache_dir=hub_cache_dir()) if tower else None
+    except Exception as e:
+        raise Qwen35Error(f"downloading {repo}'s {Path(shards[0]).name} failed "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          f"try again, or fetch it with {fetch}") from None
+    return Source(paths[0], tower_path, (spec,))
 
 
 def is_ollama(spec) -> bool:

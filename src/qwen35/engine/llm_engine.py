@@ -42,7 +42,7 @@ from qwen35.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus
 from qwen35.engine.structured import StructuredOutputManager
 from qwen35.errors import Qwen35Error
 from qwen35.loader import auto_quantization, load_model
-from qwen35.model_source import is_ollama, resolve_ollama
+from qwen35.model_source import local, needs_resolving
 from qwen35.multimodal.chat import extract_media
 from qwen35.multimodal.engine_glue import (
     encoder_working_memory,
@@ -142,9 +142,9 @@ def _auto_storage(config: EngineConfig, model: str) -> EngineConfig:
     return config if quant is None else config.replace(quantization=quant)
 
 
-def ollama_defaults(config: EngineConfig, src) -> EngineConfig:
-    """An Ollama model's vision tower and sampling parameters (model_source.Source) where the
-    options name none of their own."""
+def source_defaults(config: EngineConfig, src) -> EngineConfig:
+    """A resolved model's vision tower and sampling parameters (model_source.Source: an Ollama
+    model's, a Hub GGUF repository's mmproj) where the options name none of their own."""
     extra = {}
     if src.mmproj is not None and config.load.mmproj is None:
         extra["mmproj"] = src.mmproj
@@ -171,16 +171,16 @@ class LLMEngine:
             # an already-loaded model (from load_model): engines can share one set of weights
             report = getattr(loaded, "load_report", None)
             model = report.source if report is not None else loaded.config.name
-        ollama = None
-        if is_ollama(model):  # `ollama:NAME`: its GGUF blob, vision tower, sampling (model_source)
-            ollama = resolve_ollama(model)
-            model = ollama.path
+        source = None
+        if needs_resolving(model):  # ollama:NAME, USER/REPO-GGUF:QUANT: a GGUF file (model_source)
+            source = local(model)
+            model = source.path
         if config is None:
             config = EngineConfig.create(str(model), **options)
         elif options:
             config = config.replace(**options)
-        if ollama is not None:
-            config = ollama_defaults(config, ollama)
+        if source is not None:
+            config = source_defaults(config, source)
         if config.load.mmproj is not None:  # before anything reads the file's model directory
             if loaded is not None:
                 raise Qwen35Error("mmproj applies when the engine loads a GGUF file: pass its path")

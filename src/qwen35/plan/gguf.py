@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen35.config import ModelConfig
-from qwen35.model_source import is_gguf_file, ollama_name_of
+from qwen35.model_source import file_path, is_gguf_file, ollama_name_of
 from qwen35.plan.params import Tensor, int_matrix_bytes, tensor_bytes
 from qwen35.plan.planner import PlanError
 
@@ -57,7 +57,7 @@ def load(spec: str) -> GgufModel:
     directory, ~5 s for the vocabulary; later ones read it)."""
     from qwen35.gguf_checkpoint import GGUFCheckpoint, model_dir, pointer_info, shard_paths
 
-    path = Path(spec).expanduser().resolve()
+    path = file_path(spec)
     d = model_dir(path)
     info = pointer_info(d)
     shards = shard_paths(path)

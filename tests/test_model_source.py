@@ -1,8 +1,10 @@
-"""Models that Ollama has pulled (`ollama:NAME[:TAG]`, model_source.py): the name read as Ollama
-reads it, the manifest's GGUF blob loaded as the file it is and its projector blob as the vision
-tower, a server answering to Ollama's names; a store without the model, or a manifest that is not
-a GGUF model, refused with the reason. The store is built here as Ollama lays it out (manifests/
-HOST/NAMESPACE/MODEL/TAG, blobs/sha256-HEX); GGUF files as tests/gguf_writer.py writes them."""
+"""What a model argument names (model_source.py): GGUF files by their magic bytes; models that
+Ollama has pulled (`ollama:NAME[:TAG]`): the name read as Ollama reads it, the manifest's GGUF
+blob loaded as the file it is, its projector blob as the vision tower and its params as request
+defaults, a server answering to Ollama's names; Hub GGUF repositories (`USER/REPO-GGUF[:QUANT]`):
+the file of that quantization (and an mmproj) picked from the repository, from the Hugging Face
+cache. What is not there, or not a GGUF model, is refused with the reason. Ollama's store and the
+Hub cache are built here as they are laid out; GGUF files as tests/gguf_writer.py writes them."""
 
 from __future__ import annotations
 
@@ -148,24 +150,24 @@ def test_the_cli_serves_it_under_ollamas_names(tmp_path, monkeypatch, capsys):
     command line wins), `serve` answers to the
     name typed and Ollama's full name (clients that called Ollama keep their `model`), and
     `plan` plans the blob as the GGUF file it is, `quantize` writes it out with its tower."""
-    from qwen35.cli import _ollama_models, main
+    from qwen35.cli import _local_models, main
 
     _, f, store, layers = _vlm_store(tmp_path, monkeypatch)
     blob = str(store / "blobs" / layers[MODEL].replace(":", "-"))
     tower = str(store / "blobs" / layers[PROJECTOR].replace(":", "-"))
     args = argparse.Namespace(command="serve", model="ollama:tiny", mmproj=None,
                               served_model_name=None, override_generation_config=None)  # fmt: skip
-    _ollama_models(args)
+    _local_models(args)
     assert (args.model, args.mmproj, args.served_model_name) == (blob, tower,
                                                                  ["tiny", "tiny:latest"])  # fmt: skip
     assert args.override_generation_config == SAMPLING
     args = argparse.Namespace(command="serve", model="ollama:tiny", mmproj="/x/mine.gguf",
                               served_model_name=["mine"])  # fmt: skip
-    _ollama_models(args)
+    _local_models(args)
     assert (args.mmproj, args.served_model_name) == ("/x/mine.gguf", ["mine"])
     args = argparse.Namespace(command="run-batch", model="ollama:tiny", mmproj=None,
                               served_model_name=None)  # fmt: skip
-    _ollama_models(args)
+    _local_models(args)
     assert args.served_model_name == "tiny"
 
     assert main(["plan", "-m", "ollama:tiny"]) == 0
@@ -233,3 +235,121 @@ def test_ollamas_layout_key_is_read(tmp_path, monkeypatch):
         else:
             with pytest.raises(gc.GGUFError, match="V heads are not tiled"):
                 gc.model_dir(f)
+
+
+# ---- Hub GGUF repositories ------------------------------------------------------------------
+REPO_FILES = ["README.md", "Tiny-Q4_K_M.gguf", "Tiny-Q4_K.gguf", "Tiny-UD-Q4_K_XL.gguf",
+              "Q8_0/Tiny-Q8_0-00001-of-00002.gguf", "Q8_0/Tiny-Q8_0-00002-of-00002.gguf",
+              "mmproj-F32.gguf", "mmproj-F16.gguf", "mmproj-BF16.gguf"]  # fmt: skip
+
+
+def test_the_quantization_is_picked_as_llama_cpp_does():
+    from qwen35.model_source import is_hub_gguf, pick_gguf
+
+    assert pick_gguf(REPO_FILES, None, "r") == (["Tiny-Q4_K_M.gguf"], "mmproj-F16.gguf")
+    assert pick_gguf(REPO_FILES, "Q4_K", "r")[0] == ["Tiny-Q4_K.gguf"]  # (not Q4_K_M)
+    assert pick_gguf(REPO_FILES, "ud-q4_k_xl", "r")[0] == ["Tiny-UD-Q4_K_XL.gguf"]
+    assert pick_gguf(REPO_FILES, "Q8_0", "r")[0] == [
+        "Q8_0/Tiny-Q8_0-00001-of-00002.gguf", "Q8_0/Tiny-Q8_0-00002-of-00002.gguf"]
+    assert pick_gguf(["a-BF16.gguf", "mmproj-x.gguf"], None, "r") == (["a-BF16.gguf"],
+                                                                       "mmproj-x.gguf")
+    for names, tag, why in ((REPO_FILES, "Q2_K", "no Q2_K file.*Tiny-Q4_K_M.gguf"),
+                            (["a-Q8_0.gguf", "a-F16.gguf"], None, "no Q4_K_M file"),
+                            (["README.md", "mmproj-F16.gguf"], None, "holds no GGUF model"),
+                            (REPO_FILES[:5] + REPO_FILES[6:], "Q8_0", "one of 2 shards .*00002-of-00002.gguf is not")):
+        with pytest.raises(Qwen35Error, match=why):
+            pick_gguf(names, tag, "r")
+    assert is_hub_gguf("unsloth/Qwen3.5-4B-GGUF") and is_hub_gguf("someone/tiny:Q8_0")
+    assert not is_hub_gguf("Qwen/Qwen3.5-0.8B") and not is_hub_gguf("27B")
+
+
+def _hub_repo(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A tiny VLM's Q8_0 file and F16 mmproj in an offline Hugging Face cache as `hf download`
+    leaves them (snapshot names are links into blobs/), -> (snapshot dir, source checkpoint)."""
+    from test_gguf import _vlm_source
+    from tiny import hub_snapshot
+
+    src, tokens = _vlm_source(tmp_path)
+    snap = hub_snapshot(tmp_path, monkeypatch, "someone/Tiny-GGUF")
+    blobs = snap.parent.parent / "blobs"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    made = {"Tiny-Q8_0.gguf": write_gguf(src, tmp_path / "q8.gguf", "Q8_0", tokens=tokens, eos=1),
+            "mmproj-F16.gguf": write_mmproj(src, tmp_path / "t16.gguf", "F16")}  # fmt: skip
+    for name, f in made.items():
+        blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.move(f, blob)
+        (snap / name).symlink_to(Path("../../blobs") / blob.name)
+    return snap, src
+
+
+def test_a_hub_gguf_repository_loads_from_the_cache(tmp_path, monkeypatch, capsys):
+    """`someone/Tiny-GGUF:Q8_0` is the cached Q8_0 file with the mmproj beside it (names and
+    folder the snapshot's links', not the blobs'), as the file named by its path; no tag: the
+    only file; a quantization that is not there, or a repository not cached, is refused
+    offline with how to fetch it; `plan` plans the cached file and never downloads."""
+    from qwen35 import LLM
+    from qwen35.cli import main
+    from qwen35.model_source import local
+
+    snap, _ = _hub_repo(tmp_path, monkeypatch)
+    src = local("someone/Tiny-GGUF:Q8_0")
+    assert (src.path, src.mmproj, src.names) == (str(snap / "Tiny-Q8_0.gguf"),
+                                                 str(snap / "mmproj-F16.gguf"),
+                                                 ("someone/Tiny-GGUF:Q8_0",))  # fmt: skip
+    opts = dict(dtype="fp32", max_num_seqs=2, max_model_len=256, block_size=8, verbose=False)
+    llm = LLM("someone/Tiny-GGUF:q8_0", **opts)
+    assert llm.engine.has_vision and llm.engine.config.name == "Tiny-Q8_0"
+    by_path = LLM(str(snap / "Tiny-Q8_0.gguf"), **opts)  # (a link: named and paired as one)
+    assert by_path.engine.has_vision and by_path.engine.config.name == "Tiny-Q8_0"
+    from qwen35.request import SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    a = llm.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids
+    assert a == by_path.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids
+    assert local("someone/Tiny-GGUF").path == src.path  # (no tag, no Q4_K_M: the only file)
+    with pytest.raises(Qwen35Error, match="has no Q4_K file; .*Tiny-Q8_0.gguf"):
+        local("someone/Tiny-GGUF:Q4_K")
+    with pytest.raises(Qwen35Error, match="not in the Hugging Face cache .*HF_HUB_OFFLINE.*hf "
+                                          "download other/Thing-GGUF"):
+        LLM("other/Thing-GGUF:Q4_0", **opts)
+    assert main(["plan", "-m", "someone/Tiny-GGUF:Q8_0"]) == 0
+    assert "Tiny-Q8_0" in capsys.readouterr().out
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert main(["plan", "-m", "other/Thing-GGUF:Q4_0"]) == 2
+    assert "plan reads the file, not the Hub" in capsys.readouterr().err
+
+
+def test_only_the_chosen_files_are_downloaded(tmp_path, monkeypatch):
+    """Not cached and online: the repository's file list, then a download of the chosen shards
+    and mmproj only (huggingface_hub's calls stood in for: no network in tests); a failed
+    download says how to fetch it by hand."""
+    import huggingface_hub
+
+    from qwen35.model_source import local
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    fetched = []
+
+    def download(repo, name, cache_dir=None):
+        fetched.append((repo, name))
+        out = tmp_path / "dl" / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"GGUF")
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo: REPO_FILES)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    src = local("someone/Big-GGUF:Q8_0")
+    assert fetched == [("someone/Big-GGUF", "Q8_0/Tiny-Q8_0-00001-of-00002.gguf"),
+                       ("someone/Big-GGUF", "Q8_0/Tiny-Q8_0-00002-of-00002.gguf"),
+                       ("someone/Big-GGUF", "mmproj-F16.gguf")]  # fmt: skip
+    assert src.path == str(tmp_path / "dl" / "Q8_0/Tiny-Q8_0-00001-of-00002.gguf")
+
+    def refused(repo, name, cache_dir=None):
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refused)
+    with pytest.raises(Qwen35Error, match="failed .*connection reset.*hf download"):
+        local("someone/Big-GGUF")
