@@ -158,8 +158,8 @@ def test_the_cli_serves_it_under_ollamas_names(tmp_path, monkeypatch, capsys):
     args = argparse.Namespace(command="serve", model="ollama:tiny", mmproj=None,
                               served_model_name=None, override_generation_config=None)  # fmt: skip
     _local_models(args)
-    assert (args.model, args.mmproj, args.served_model_name) == (blob, tower,
-                                                                 ["tiny", "tiny:latest"])  # fmt: skip
+    assert (args.model, args.mmproj) == (blob, tower)
+    assert args.served_model_name == ["tiny", "tiny:latest"]
     assert args.override_generation_config == SAMPLING
     args = argparse.Namespace(command="serve", model="ollama:tiny", mmproj="/x/mine.gguf",
                               served_model_name=["mine"])  # fmt: skip
@@ -256,7 +256,8 @@ def test_the_quantization_is_picked_as_llama_cpp_does():
     for names, tag, why in ((REPO_FILES, "Q2_K", "no Q2_K file.*Tiny-Q4_K_M.gguf"),
                             (["a-Q8_0.gguf", "a-F16.gguf"], None, "no Q4_K_M file"),
                             (["README.md", "mmproj-F16.gguf"], None, "holds no GGUF model"),
-                            (REPO_FILES[:5] + REPO_FILES[6:], "Q8_0", "one of 2 shards .*00002-of-00002.gguf is not")):
+                            (REPO_FILES[:5] + REPO_FILES[6:], "Q8_0",
+                             "one of 2 shards .*00002-of-00002.gguf is not")):
         with pytest.raises(Qwen35Error, match=why):
             pick_gguf(names, tag, "r")
     assert is_hub_gguf("unsloth/Qwen3.5-4B-GGUF") and is_hub_gguf("someone/tiny:Q8_0")

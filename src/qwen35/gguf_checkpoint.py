@@ -214,7 +214,8 @@ def hf_config(path: Path) -> dict:
     if get("ssm.v_head_reordered", True) is False:  # (Ollama's key: llama.cpp always tiles)
         raise GGUFError(f"{path.name} says its DeltaNet V heads are not tiled "
                         f"({arch}.ssm.v_head_reordered = false), the layout of Qwen3-Next files; "
-                        "qwen35 reads Qwen 3.5 files as llama.cpp and Ollama write them")  # fmt: skip
+                        "qwen35 reads Qwen 3.5 files as llama.cpp and Ollama write "
+                        "them")  # fmt: skip
     n_mtp = int(get("nextn_predict_layers", 0))
     n_layers = int(get("block_count")) - n_mtp
     recurrent = get("attention.recurrent_layers", required=False)

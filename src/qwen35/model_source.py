@@ -95,7 +95,7 @@ def local(spec: str, download: bool = True) -> Source:
     return Source(str(spec))
 
 
-# ---- the Hugging Face cache -------------------------------------------------------------------
+# ---- Hub GGUF repositories, in the Hugging Face cache -------------------------------------
 def hub_cache_dir() -> str | None:
     # read here, not at import: huggingface_hub freezes HF_HOME when it is first imported
     if os.environ.get("HF_HUB_CACHE"):
@@ -154,8 +154,8 @@ def pick_gguf(names: list[str], tag: str | None, repo: str) -> tuple[list[str], 
         shards = [f"{stem}-{i:05d}-of-{m[2]}.gguf" for i in range(1, int(m[2]) + 1)]
         missing = [n for n in shards if n not in names]
         if missing:
-            raise Qwen35Error(f"{repo}: {first} is one of {int(m[2])} shards but {missing[0]} is not "
-                              "in the repository")  # fmt: skip
+            raise Qwen35Error(f"{repo}: {first} is one of {int(m[2])} shards but {missing[0]} "
+                              "is not in the repository")  # fmt: skip
 
     def rank(n: str):
         kinds = [k for k in _TOWER_ORDER if _tag_matches(Path(n).name, k)]
@@ -219,6 +219,7 @@ def resolve_hub_gguf(spec: str, download: bool = True) -> Source:
     return Source(paths[0], tower_path, (spec,))
 
 
+# ---- Ollama's store ---------------------------------------------------------------------------
 def is_ollama(spec) -> bool:
     return isinstance(spec, str) and spec.lower().startswith(OLLAMA_PREFIX)
 
@@ -334,11 +335,13 @@ def resolve_ollama(spec: str) -> Source:
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise Qwen35Error(f"{manifest}: not an Ollama manifest ({e})") from None
     if _ADAPTER_LAYER in kinds:
-        raise Qwen35Error(f"{name.short()} is a base model plus an Ollama adapter layer; serve the "
-                          "base model with the adapter as --lora-modules NAME=PEFT_DIR")  # fmt: skip
+        raise Qwen35Error(f"{name.short()} is a base model plus an Ollama adapter layer; serve "
+                          "the base model with the adapter as --lora-modules "
+                          "NAME=PEFT_DIR")  # fmt: skip
     if _MODEL_LAYER not in kinds:
+        have = ", ".join(sorted(kinds)) or "none"
         raise Qwen35Error(f"{name.short()}: its manifest has no GGUF weights layer "
-                          f"({_MODEL_LAYER}); layers: {', '.join(sorted(kinds)) or 'none'}")  # fmt: skip
+                          f"({_MODEL_LAYER}); layers: {have}")  # fmt: skip
     model = _blob(root, kinds[_MODEL_LAYER])
     if not model.is_file():
         raise Qwen35Error(f"{name.short()}: its weights blob {model} is missing (an interrupted "
