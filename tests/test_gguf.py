@@ -639,3 +639,32 @@ def test_mmproj_writer_equals_llama_cpp_converter(tmp_path, outtype):
     assert keys == {k for k in b.fields if k.startswith("clip.")}
     for k in keys:
         assert a.fields[k].contents() == b.fields[k].contents(), k
+
+
+def test_memory_warning_counts_the_file_as_kept(tmp_path, monkeypatch, caplog):
+    """The load's memory check (loader._warn_if_short_of_memory) counts a GGUF file under int4
+    as the loader keeps it (groups of 32: more than int4 groups of 128), and names
+    `--gguf-int4 requantize` with its smaller need: with memory between the two, keeping the
+    file's values is warned about and requantizing is not."""
+    import logging
+
+    import qwen35.loader as loader
+    from qwen35.plan import gguf as plan_gguf
+    from qwen35.plan.cpu import load_peak_bytes
+    from qwen35.plan.params import text_tensors
+
+    f = write_gguf(_checkpoint(tmp_path), tmp_path / "m.gguf", "Q4_0")
+    cfg = ModelConfig.from_hf(model_dir(f))
+    kept = load_peak_bytes(cfg, "int4", plan_gguf.bytes_of(plan_gguf.load(str(f)),
+                                                           text_tensors(cfg)))  # fmt: skip
+    again = load_peak_bytes(cfg, "int4")
+    assert kept > again
+    monkeypatch.setattr(loader, "available_memory", lambda: (kept + again) // 2)
+    for mode, warned in (("keep", True), ("requantize", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="qwen35.loader"):
+            load_model(f, dtype="bf16", quantization="int4", gguf_int4=mode)
+        msgs = [r.getMessage() for r in caplog.records if "is available" in r.getMessage()]
+        assert bool(msgs) == warned, msgs
+        if warned:
+            assert "--gguf-int4 requantize (every matrix in int4 groups of 128" in msgs[0]

@@ -222,7 +222,7 @@ def load_model(
         if on_read is not None and gguf_int4 == "requantize":
             on_read.take_hints = False
         defer = _deferred(on_read)
-        _warn_if_short_of_memory(model, cfg, torch_dtype, dev, on_read, defer, tp)
+        _warn_if_short_of_memory(model, cfg, torch_dtype, dev, on_read, defer, tp, files)
         params = materialize(model, cfg, torch_dtype, dev, defer)
         _zero_padding(params, cfg, tp)
         show = progress if progress is not None else sys.stderr.isatty()
@@ -341,11 +341,13 @@ def available_memory() -> int | None:
     return heap.proc_bytes("/proc/meminfo", "MemAvailable")
 
 
-def _warn_if_short_of_memory(model, cfg, dtype, device, on_read, defer: set[int], tp) -> None:
+def _warn_if_short_of_memory(model, cfg, dtype, device, on_read, defer: set[int], tp,
+                             files: list[Path] | None = None) -> None:  # fmt: skip
     """Before any weight is read on a CPU: warn when loading needs more than the machine has
     available (the OS would kill the process minutes in, without a message), with the
     `--quantization` that needs less. Needed: what materialize allocates, or under int8 / int4
-    the plan's load peak (plan/cpu.py: the quantized model + its largest module in BF16)."""
+    the plan's load peak (plan/cpu.py: the quantized model + its largest module in BF16; a GGUF
+    file's tensors as the loader keeps them, plan/gguf.py)."""
     if device.type != "cpu" or tp.size > 1:  # (ranks share one machine: the engine's business)
         return
     free = available_memory()
@@ -354,7 +356,14 @@ def _warn_if_short_of_memory(model, cfg, dtype, device, on_read, defer: set[int]
     from qwen35.plan.cpu import largest_module_bytes, load_peak_bytes
 
     fmt = on_read.fmt if on_read is not None else None
-    if fmt in ("int8", "int4"):
+    kept = fmt in ("int8", "int4") and files and is_gguf_file(files[0]) and on_read.take_hints
+    if kept:  # the file's own storage (groups of 32, int8 for Q6_K, ...): plan/gguf.py
+        from qwen35.plan import gguf as plan_gguf
+        from qwen35.plan.params import text_tensors
+
+        held = plan_gguf.bytes_of(plan_gguf.load(str(files[0])), text_tensors(cfg))
+        need = load_peak_bytes(cfg, fmt, held)
+    elif fmt in ("int8", "int4"):
         need = load_peak_bytes(cfg, fmt)
     else:  # as allocated (fp8 in memory: ~1 byte a deferred weight, one module in BF16)
         need = sum(p.numel() if id(p) in defer else allocate_bytes(p, dtype)
@@ -366,6 +375,9 @@ def _warn_if_short_of_memory(model, cfg, dtype, device, on_read, defer: set[int]
     if fmt != "int4":
         advice = (f"; --quantization int4 needs about {load_peak_bytes(cfg, 'int4') / 2**30:.1f} "
                   "GiB (`qwen35 plan --dtype int4`)")  # fmt: skip
+    elif kept:
+        advice = (f"; --gguf-int4 requantize (every matrix in int4 groups of 128 again) needs "
+                  f"about {load_peak_bytes(cfg, 'int4') / 2**30:.1f} GiB")  # fmt: skip
     log.warning(
         "loading %s needs about %.1f GiB of memory and %.1f GiB is available: the system may "
         "kill the process while it loads%s",
