@@ -80,7 +80,10 @@ def test_names_read_as_ollama_reads_them():
     assert parse_ollama_name("ollama:me/tuned:q8").short() == "me/tuned:q8"
     short = parse_ollama_name("ollama:hf.co/unsloth/Qwen3.5-0.8B-GGUF:Q4_K_M").short()
     assert short == "hf.co/unsloth/Qwen3.5-0.8B-GGUF:Q4_K_M"
-    for bad in ("ollama:", "ollama:a/b/c/d", "ollama:qwen3.5:", "ollama://x", "ollama:m@sha256:0"):
+    assert parse_ollama_name("ollama:localhost:5000/me/m:q8").parts() == ("localhost:5000", "me",
+                                                                           "m", "q8")
+    for bad in ("ollama:", "ollama:a/b/c/d", "ollama:qwen3.5:", "ollama://x", "ollama:m@sha256:0",
+                "ollama:../x", "ollama:a/../x", "ollama:.hidden", "ollama:m:../../x"):
         with pytest.raises(Qwen35Error, match="Ollama model name|digest"):
             parse_ollama_name(bad)
 

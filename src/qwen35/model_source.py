@@ -33,6 +33,8 @@ from qwen35.errors import Qwen35Error, shown
 GGUF_MAGIC = b"GGUF"
 OLLAMA_PREFIX = "ollama:"
 _HOST, _NAMESPACE, _TAG = "registry.ollama.ai", "library", "latest"
+_PART = re.compile(r"[A-Za-z0-9][\w.-]*")  # a namespace, model or tag (no "..": no way out)
+_HOST_PART = re.compile(r"[A-Za-z0-9][\w.-]*(:\d+)?")
 _MODEL_LAYER = "application/vnd.ollama.image.model"
 _PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
 _ADAPTER_LAYER = "application/vnd.ollama.image.adapter"
@@ -252,7 +254,9 @@ def parse_ollama_name(spec: str) -> OllamaName:
     head, slash, last = text.rpartition("/")
     model, colon, tag = last.partition(":")
     parts = head.split("/") if slash else []
-    if not model or (colon and not tag) or len(parts) > 2 or any(not p for p in parts):
+    ok = [_PART.fullmatch(x) for x in (*parts[-1:], model, tag or _TAG)]  # (the host: below)
+    if (not all(ok) or (colon and not tag) or len(parts) > 2
+            or (len(parts) == 2 and not _HOST_PART.fullmatch(parts[0]))):  # fmt: skip
         raise Qwen35Error(
             f"{shown(spec)} is not an Ollama model name: use ollama:MODEL[:TAG], e.g. "
             "ollama:qwen3.5:0.8b or ollama:hf.co/unsloth/Qwen3.5-0.8B-GGUF:Q4_K_M"
