@@ -38,6 +38,7 @@ FIELDS = [
     "return_token_ids", "return_tokens_as_token_ids", "use_beam_search", "cache_salt",
     "system", "stop_sequences", "thinking", "output_config", "metadata", "chat_template",
     "documents", "mm_processor_kwargs", "reasoning_effort", "thinking_token_budget",
+    "options", "format", "think", "images", "raw", "context", "keep_alive", "template", "name",
     "unknown_field",
 ]  # fmt: skip
 
@@ -88,6 +89,10 @@ def _body(rng: random.Random) -> tuple[str, bytes]:
     elif r > 0.72:  # Anthropic's Messages API
         path = rng.choice(["/v1/messages", "/v1/messages", "/v1/messages/count_tokens"])
         body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
+    elif r > 0.64:  # Ollama's API (streams unless "stream": false)
+        path = rng.choice(["/api/chat", "/api/chat", "/api/generate", "/api/show"])
+        body = {"model": "tiny", "options": {"num_predict": 2}, "stream": rng.random() < 0.5,
+                **({"messages": USER} if path == "/api/chat" else {"prompt": "Hello"})}
     if rng.random() < 0.3:
         body["stream"] = True
     if chat and rng.random() < 0.2:
@@ -133,13 +138,19 @@ def _fuzz(srv, seed: int, count: int) -> dict[int, int]:
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             assert r.status_code < 500, (i, path, raw[:300], r.status_code, text[:500])
             anthropic = path.startswith("/v1/messages")  # (Anthropic's shapes)
-            if r.status_code >= 400:
+            if r.status_code >= 400 and path.startswith("/api/"):  # (Ollama's)
+                assert set(json.loads(text)) == {"error"}, (i, text)
+            elif r.status_code >= 400:
                 body = json.loads(text)
                 err = body["error"]
                 if anthropic:
                     assert body["type"] == "error" and set(err) == {"type", "message"}, (i, text)
                 else:
                     assert set(err) == {"message", "type", "param", "code"}, (i, text)
+            elif r.headers["content-type"].startswith("application/x-ndjson"):
+                lines = [json.loads(ln) for ln in text.split("\n") if ln]
+                assert lines[-1].get("done") is True, (i, raw[:300], text[-500:])
+                assert not any("error" in x for x in lines), (i, raw[:300], text[-500:])
             elif r.headers["content-type"].startswith("text/event-stream"):
                 lines = [ln for ln in text.split("\n") if ln]
                 last = "data: [DONE]" if not anthropic else 'data: {"type": "message_stop"}'

@@ -4,8 +4,9 @@ Routes: GET /health, GET /metrics, GET /v1/models (and /v1/models/{id}), POST /v
 POST /v1/chat/completions, POST /v1/responses (OpenAI's Responses API), POST /v1/messages and
 /v1/messages/count_tokens (Anthropic's Messages API: serving_messages.py), and vLLM's POST
 /tokenize, POST /detokenize, GET /tokenizer_info, POST /v1/load_lora_adapter and
-/v1/unload_lora_adapter (serving_lora.py). Every error is returned in OpenAI's shape (Anthropic's
-on /v1/messages...). One pure-ASGI
+/v1/unload_lora_adapter (serving_lora.py), and Ollama's POST /api/chat, /api/generate, /api/show,
+GET /api/tags, /api/ps, /api/version (serving_ollama.py). Every error is returned in OpenAI's
+shape (Anthropic's on /v1/messages..., Ollama's `{"error": ...}` on /api/...). One pure-ASGI
 middleware gives each request an id (`x-request-id`), counts requests by endpoint/status, checks the API
 key (everything but /health) and turns any unexpected exception into a 500 with a generic
 message and the request id (the traceback goes to the log only); it is pure ASGI (not
@@ -31,7 +32,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen35.engine.engine_thread import EngineThread
 from qwen35.errors import shown
-from qwen35.server import serving_lora, serving_messages, serving_responses, serving_tokens
+from qwen35.server import (
+    serving_lora,
+    serving_messages,
+    serving_ollama,
+    serving_responses,
+    serving_tokens,
+)
 from qwen35.server.async_engine import AsyncEngine
 from qwen35.server.metrics import CONTENT_TYPE, ServerMetrics
 from qwen35.server.protocol import APIError, ModelCard, ModelList, error_body
@@ -50,7 +57,8 @@ log = logging.getLogger("qwen35.server")
 ENDPOINTS = (
     "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
     "/v1/responses", "/tokenize", "/detokenize", "/tokenizer_info", "/v1/load_lora_adapter",
-    "/v1/unload_lora_adapter", "/v1/messages", "/v1/messages/count_tokens",
+    "/v1/unload_lora_adapter", "/v1/messages", "/v1/messages/count_tokens", "/api/chat",
+    "/api/generate", "/api/show", "/api/tags", "/api/ps", "/api/version",
 )  # fmt: skip
 OPEN_PATHS = ("/health",)  # no API key needed (load balancers probe it)
 
@@ -190,6 +198,12 @@ ROUTES = (
     ("POST", "/tokenize", _with_state(serving_tokens.tokenize)),
     ("POST", "/detokenize", _with_state(serving_tokens.detokenize)),
     ("GET", "/tokenizer_info", tokenizer_info),
+    ("POST", "/api/chat", _with_state(serving_ollama.chat)),
+    ("POST", "/api/generate", _with_state(serving_ollama.generate)),
+    ("POST", "/api/show", _with_state(serving_ollama.show)),
+    ("GET", "/api/tags", _with_state(serving_ollama.tags)),
+    ("GET", "/api/ps", _with_state(serving_ollama.ps)),
+    ("GET", "/api/version", _with_state(serving_ollama.version)),
 )
 
 
@@ -243,7 +257,10 @@ class _GuardMiddleware:
 
 
 def _shaped(path: str, body: dict, anthropic_type: str) -> dict:
-    """An OpenAI-shaped error body, in Anthropic's shape on its endpoints (/v1/messages...)."""
+    """An OpenAI-shaped error body, in Anthropic's shape on its endpoints (/v1/messages...),
+    Ollama's on its own (/api/...)."""
+    if path.startswith("/api/"):
+        return {"error": body["error"]["message"]}
     if not path.startswith("/v1/messages"):
         return body
     return {"type": "error", "error": {"type": anthropic_type, "message": body["error"]["message"]}}

@@ -135,6 +135,7 @@ class RequestTracker:
     def __init__(self, metrics: ServerMetrics):
         self.m = metrics
         self.start = time.perf_counter()
+        self.first: float | None = None  # when the first token came
         self.last: float | None = None
         self._seen: set[str] = set()
         self._cached: dict[str, int] = {}  # request id -> prompt tokens from the prefix cache
@@ -154,6 +155,7 @@ class RequestTracker:
         if new <= 0:
             return
         if self.last is None:
+            self.first = now
             self.m.ttft.observe(now - self.start)
         else:
             # n > 1 sequences advance in parallel: the latency is per step of one sequence

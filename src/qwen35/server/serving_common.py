@@ -439,9 +439,10 @@ class SSEResponse(StreamingResponse):
         request_id: str | None = None,
         done: bool = True,
         error_event: Callable[[dict], str] = sse,
+        media_type: str = "text/event-stream",  # (Ollama's streams: application/x-ndjson)
     ):
         super().__init__(guarded_events(content, request_id, done, error_event),
-                         media_type="text/event-stream")  # fmt: skip
+                         media_type=media_type)  # fmt: skip
         self.headers["cache-control"] = "no-cache"
         self._on_close = on_close
 
