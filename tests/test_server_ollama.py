@@ -184,6 +184,7 @@ def test_real_engine_stream_image_and_format(real):
     assert parts[-1].eval_count == whole.eval_count
     (m,) = c.list().models
     assert m.size > 0 and m.details.format == "safetensors" and m.details.parameter_size
+    assert m.details.quantization_level in ("F32", "BF16")  # (the tiny engine's weights)
     assert "vision" in c.show("tiny").capabilities and engine.has_vision
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(

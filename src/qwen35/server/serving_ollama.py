@@ -338,8 +338,13 @@ def _details(state: ServerState) -> dict[str, Any]:
     cfg = getattr(engine, "config", None)
     moe = bool(getattr(cfg, "is_moe", False))
     path = str(state.config.model_path or "")
-    quant = getattr(getattr(engine, "engine_config", None), "load", None)
-    level = getattr(quant, "quantization", None) or getattr(quant, "dtype", None) or ""
+    load = getattr(getattr(engine, "engine_config", None), "load", None)
+    level = getattr(load, "quantization", None)  # int8 / int4 / fp8 / bf16 (storage), else the
+    if level is None:  # weights' own dtype, as Ollama names them (BF16, F32, F16)
+        params = getattr(getattr(engine, "model", None), "parameters", None)
+        dtype = str(next(params()).dtype) if params is not None else ""
+        level = {"torch.bfloat16": "bf16", "torch.float32": "f32", "torch.float16": "f16"}.get(
+            dtype, "")  # fmt: skip
     return {"parent_model": "", "format": "gguf" if is_gguf_file(path) else "safetensors",
             "family": "qwen35moe" if moe else "qwen35",
             "families": ["qwen35moe" if moe else "qwen35"],
