@@ -620,28 +620,29 @@ def _block_lattice(t) -> tuple[torch.Tensor, torch.Tensor]:
     shape = _shape(t)
     kind = t.tensor_type.name
     nbytes = _LATTICE[kind][0]
-    b = np.asarray(t.data).reshape(-1, nbytes)
+    # (torch's ops: its threads, where numpy's took one core; the header bytes copied once)
+    head = 16 if kind == "Q4_K" else 4
+    b = torch.from_numpy(np.ascontiguousarray(np.asarray(t.data).reshape(-1, nbytes)[:, :head]))
 
-    def half(i: int) -> np.ndarray:
-        return b[:, i : i + 2].copy().view(np.float16)[:, 0].astype(np.float32)
+    def half(i: int) -> torch.Tensor:
+        return b[:, i : i + 2].contiguous().view(torch.float16).float()
 
     if kind == "Q4_0":
-        step = half(0)[:, None]
+        step = half(0)
         zero = -8 * step
     elif kind == "Q4_1":
-        step, zero = half(0)[:, None], half(2)[:, None]
+        step, zero = half(0), half(2)
     else:  # Q4_K: 8 sub-blocks of 32 a 256-value super-block, 6-bit scales and mins packed
-        d, dmin = half(0)[:, None], half(2)[:, None]
-        sc = b[:, 4:16].astype(np.int32)
-        scale = np.empty((len(b), 8), np.int32)
-        mins = np.empty((len(b), 8), np.int32)
+        d, dmin = half(0), half(2)  # ([blocks, 1] each)
+        sc = b[:, 4:16].to(torch.int32)
+        scale = torch.empty((len(b), 8), dtype=torch.int32)
+        mins = torch.empty((len(b), 8), dtype=torch.int32)
         scale[:, :4], mins[:, :4] = sc[:, 0:4] & 63, sc[:, 4:8] & 63
         scale[:, 4:] = (sc[:, 8:12] & 0xF) | ((sc[:, 0:4] >> 6) << 4)
         mins[:, 4:] = (sc[:, 8:12] >> 4) | ((sc[:, 4:8] >> 6) << 4)
         step, zero = d * scale, -dmin * mins
     groups = shape[:-1] + (shape[-1] // 32,)
-    return tuple(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(groups)
-                 for x in (step, zero))  # fmt: skip
+    return step.reshape(groups).contiguous(), zero.reshape(groups).contiguous()
 
 
 def _block_codes(t) -> torch.Tensor:
@@ -652,10 +653,11 @@ def _block_codes(t) -> torch.Tensor:
     nbytes, start, length = _LATTICE[t.tensor_type.name]
     run = 16 if length == 16 else 32
     qs = np.asarray(t.data).reshape(-1, nbytes)[:, start : start + length].reshape(-1, run)
-    codes = np.empty((len(qs), 2 * run), np.uint8)
-    np.bitwise_and(qs, 15, out=codes[:, :run])
-    np.right_shift(qs, 4, out=codes[:, run:])
-    return torch.from_numpy(codes).reshape(_shape(t))
+    qs = torch.from_numpy(np.ascontiguousarray(qs))
+    codes = torch.empty((len(qs), 2 * run), dtype=torch.uint8)
+    torch.bitwise_and(qs, 15, out=codes[:, :run])  # (torch's threads: numpy's took one core)
+    torch.bitwise_right_shift(qs, 4, out=codes[:, run:])
+    return codes.reshape(_shape(t))
 
 
 class _Slice:

@@ -112,13 +112,13 @@ def int4_on_lattice(
     in dtype): scale = step, zero + 8 * step in torch's convention; only the scales' rounding to
     dtype differs from the lattice (requantizing by min / max would pick another grid whenever a
     group does not reach both ends). codes: the q themselves (the file's, [out, in] uint8), so
-    that w is not needed (None) and no q is found again."""
+    that w is not needed (None) and no q is found again; q is then uint8)."""
     step, zero = step.float(), zero.float()
     neg = step < 0  # (Q4_0's d takes the sign of the group's extreme) the same lattice upside down
     zero = torch.where(neg, zero + 15 * step, zero)
     step = step.abs()
-    if codes is not None:
-        q = codes.to(torch.int32)
+    if codes is not None:  # (kept in uint8: a quarter of int32's bytes to pack)
+        q = codes
         if bool(neg.any()):
             q = torch.where(neg.repeat_interleave(INT4_LATTICE, 1), 15 - q, q)
     else:

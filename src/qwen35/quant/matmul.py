@@ -373,7 +373,7 @@ def quantize_int4(w: torch.Tensor, group: int, dtype) -> tuple[torch.Tensor, tor
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q [N, K] int32 in [0, 15] (N % 64 == 0) -> [N, K/2] uint8: per block of 64 rows the
+    """q [N, K] int32 or uint8 in [0, 15] (N % 64 == 0) -> [N, K/2] uint8: per block of 64 rows the
     bytes are K-major, row d in the low nibble and row d + 32 in the high one. That is torch's
     CPU int4 layout where torch runs its AVX512 code; with AVX2 (e.g. AMD Zen 3) torch packs
     blocks of 32 rows instead, so the packing is ours and torch's kernel is used only where its
