@@ -123,6 +123,10 @@ def test_generate_and_the_model_endpoints(serve):
     assert {"completion", "tools", "thinking"} <= set(c.show("tiny").capabilities)
     assert [x.model for x in c.ps().models] == ["tiny"]
     assert httpx.get(srv.url + "/api/version").json()["version"]
+    assert httpx.get(srv.url + "/").text.startswith("qwen35 is running")  # (a client's probe)
+    with pytest.raises(ollama.ResponseError, match="belong to Ollama itself") as e:
+        c.pull("qwen3.5:9b")  # (model management is Ollama's own)
+    assert e.value.status_code == 404
 
 
 @pytest.mark.parametrize("path, body, status, says", [

@@ -106,11 +106,16 @@ def create_app(engine: Any, config: ServerConfig, thread: EngineThread | None = 
         return JSONResponse(error_body(f"invalid request: {first.get('msg', e)}"), 400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
-        return JSONResponse(
-            error_body(str(e.detail), kind), status_code=e.status_code, headers=e.headers
-        )
+        detail = str(e.detail)
+        path = request.url.path
+        if e.status_code == 404 and path.startswith("/api/"):  # (Ollama's other endpoints)
+            detail = (f"{path} is not served here: qwen35 serves one model (POST /api/chat, "
+                      "/api/generate, /api/show; GET /api/tags, /api/ps, /api/version); pull, "
+                      "create, copy, delete and embed belong to Ollama itself")  # fmt: skip
+        body = _shaped(path, error_body(detail, kind), "invalid_request_error")
+        return JSONResponse(body, status_code=e.status_code, headers=e.headers)
 
     for method, path, handler in ROUTES:
         app.add_api_route(path, handler, methods=[method])
@@ -181,7 +186,13 @@ async def tokenizer_info(request: Request) -> Response:
     return JSONResponse(serving_tokens.tokenizer_info(_state(request)))
 
 
+async def root(request: Request) -> Response:
+    """GET /: a plain line, as Ollama answers it (clients probe a server with it)."""
+    return Response("qwen35 is running\n", media_type="text/plain")
+
+
 ROUTES = (
+    ("GET", "/", root),
     ("GET", "/health", health),
     ("GET", "/metrics", prometheus),
     ("GET", "/v1/models", models),
