@@ -352,10 +352,13 @@ def _details(state: ServerState) -> dict[str, Any]:
 
 
 def _params(state: ServerState) -> int:
-    model = getattr(state.engine, "model", None)
-    if model is None or not hasattr(model, "parameters"):
+    """The checkpoint's parameter count (the config's: packed int4 tensors hold two a byte)."""
+    cfg = getattr(state.engine, "config", None)
+    if cfg is None or not hasattr(cfg, "hidden_size"):
         return 0
-    return sum(p.numel() for p in model.parameters())
+    from qwen35.plan.params import param_counts
+
+    return param_counts(cfg).total
 
 
 def _size(state: ServerState) -> str:
