@@ -80,3 +80,34 @@ def test_override_generation_config(ckpt, capsys):
     with pytest.raises(SystemExit):
         main(["generate", str(ckpt), "--override-generation-config", "{temperature: 1}"])
     assert "not JSON" in capsys.readouterr().err
+
+
+def test_generate_and_chat_take_the_models_defaults(ckpt, monkeypatch, capsys):
+    """`qwen35 generate` / `chat`: a sampling flag given wins; one not given takes the model's
+    request default (generation_config.json, --override-generation-config), else the
+    commands' own (temperature 0.7, top_p 0.8, top_k 20)."""
+    from qwen35.cli import main
+    from qwen35.engine.llm_engine import LLM
+
+    seen = []
+
+    def stream(self, prompt, params, lora=None):
+        seen.append(params)
+        return iter(())
+
+    monkeypatch.setattr(LLM, "stream", stream)
+    base = ["generate", str(ckpt), "--dtype", "fp32", "--prompt", "hi", "--max-tokens", "2"]
+    assert main(base) == 0  # the checkpoint's: temperature 0, top_k 20, top_p 0.8
+    assert (seen[-1].temperature, seen[-1].top_k, seen[-1].top_p) == (0.0, 20, 0.8)
+    assert main([*base, "--temperature", "0.3", "--override-generation-config",
+                 '{"top_p": 0.5, "frequency_penalty": 0.5}']) == 0  # fmt: skip
+    p = seen[-1]
+    assert (p.temperature, p.top_p, p.top_k, p.frequency_penalty) == (0.3, 0.5, 20, 0.5)
+    assert main([*base, "--generation-config", "none"]) == 0  # the commands' own
+    assert (seen[-1].temperature, seen[-1].top_p, seen[-1].top_k) == (0.7, 0.8, 20)
+    lines = iter(["hello", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda _prompt="": next(lines))
+    assert main(["chat", str(ckpt), "--dtype", "fp32", "--top-k", "7"]) == 0
+    assert (seen[-1].temperature, seen[-1].top_k) == (0.0, 7)
+    assert main([*base, "--top-p", "7"]) == 2  # refused before the model loads
+    assert "top_p" in capsys.readouterr().err

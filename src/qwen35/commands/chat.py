@@ -30,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from qwen35.engine.llm_engine import LLM
     from qwen35.server.parsers import ChatOutputParser
 
+    sampling_params(args)  # (bad flags refused before the model loads)
     llm = LLM(args.model, engine_config(args), progress=sys.stderr.isatty())
+    params = sampling_params(args, llm.engine.default_sampling)
     kwargs = thinking_kwargs(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         )
         parser = ChatOutputParser(thinking_enabled=prompt_thinking_enabled(prompt), tools=None)
         text = ""
-        for delta in llm.stream(prompt, sampling_params(args), lora=lora_name(args)):
+        for delta in llm.stream(prompt, params, lora=lora_name(args)):
             for o in delta.outputs:
                 text += o.text
                 d = parser.feed(o.text)

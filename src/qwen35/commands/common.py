@@ -75,12 +75,13 @@ def _lora_names(args: argparse.Namespace) -> set[str]:
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-p", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=20)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
+    for flag, kind in (("--temperature", float), ("--top-p", float), ("--top-k", int),
+                       ("--min-p", float), ("--repetition-penalty", float),
+                       ("--presence-penalty", float)):  # fmt: skip
+        name = flag[2:].replace("-", "_")
+        g.add_argument(flag, type=kind, default=None,
+                       help=f"default: the model's (generation_config.json, "
+                            f"--override-generation-config), else {_FALLBACK[name]}")  # fmt: skip
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
@@ -89,17 +90,24 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                         "with thinking on)")  # fmt: skip
 
 
-def sampling_params(args: argparse.Namespace):
+# the sampling generate / chat use where neither the flags nor the model (its
+# generation_config.json, --override-generation-config) say
+_FALLBACK = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0,
+             "repetition_penalty": 1.0, "presence_penalty": 0.0}  # fmt: skip
+
+
+def sampling_params(args: argparse.Namespace, defaults: dict | None = None):
+    """The flags' sampling; a flag not given takes the model's request default (`defaults`:
+    the engine's default_sampling, as the server's requests do), else _FALLBACK."""
     from qwen35.request import SamplingParams
 
+    d = {**_FALLBACK, **(defaults or {})}
+    pick = {k: getattr(args, k) if getattr(args, k) is not None else d[k] for k in _FALLBACK}
+    if "frequency_penalty" in d:  # (no flag of its own: the model's only)
+        pick["frequency_penalty"] = d["frequency_penalty"]
     return SamplingParams(
         max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
+        **pick,
         seed=args.seed,
         stop=list(args.stop),
         ignore_eos=args.ignore_eos,

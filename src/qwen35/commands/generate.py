@@ -32,8 +32,9 @@ def run(args: argparse.Namespace) -> int:
     from qwen35.engine.llm_engine import LLM
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    params = sampling_params(args)
+    sampling_params(args)  # (bad flags refused before the model loads)
     llm = LLM(args.model, engine_config(args), progress=sys.stderr.isatty())
+    params = sampling_params(args, llm.engine.default_sampling)
     if args.chat:
         kwargs = thinking_kwargs(args)
         prompt = llm.engine.chat_template.render(
