@@ -57,8 +57,10 @@ def test_chat_reply_options_and_prompt(serve):
     r = c.chat(model="tiny", messages=SYSTEM_USER, think=False, options={"num_predict": -1})
     assert eng.added[-1][1].endswith("<think>\n\n</think>\n\n")
     assert r.message.content == "Hi there!" and not r.message.thinking
-    assert eng.added[-1][2].max_tokens == eng.max_model_len - len(
-        eng.tokenizer.encode(eng.added[-1][1]))  # fmt: skip
+    room = eng.max_model_len - len(eng.tokenizer.encode(eng.added[-1][1]))
+    assert eng.added[-1][2].max_tokens == room
+    c.chat(model="tiny", messages=SYSTEM_USER, think=False, options={"num_predict": 100_000})
+    assert eng.added[-1][2].max_tokens == room  # (a cap: cut to what the context leaves)
 
 
 def test_stream_equals_the_whole_reply(serve):

@@ -9,8 +9,8 @@ and `prompt` (and `images`) as a system and a user message; `tools` are OpenAI's
 `format` "json" or a JSON schema constrains the reply as `response_format` does; `think`
 true / false turns Qwen's thinking on / off (levels "low" / "medium" / "high": on; unset: the
 model's default); `options` temperature, top_p, top_k, min_p, repeat_penalty (repetition
-penalty), presence / frequency_penalty, seed, stop and num_predict (max tokens; -1 / -2: up to
-the context) are the chat fields, the others (num_ctx, num_thread, mirostat, ...) belong to
+penalty), presence / frequency_penalty, seed, stop and num_predict (max tokens, cut to what the
+context leaves after the prompt; -1 / -2: up to the context) are the chat fields, the others (num_ctx, num_thread, mirostat, ...) belong to
 Ollama's runtime and are ignored, as `keep_alive` is. The reply's message holds the think block
 in `thinking`, the text in `content` and the calls in `tool_calls` (arguments as objects, as
 Ollama sends them); the last object has done true, done_reason stop / length, token counts
@@ -250,7 +250,8 @@ async def _run(state: ServerState, request: Request, model: str, body: dict, gen
     except SamplingParamsError as e:
         raise APIError(str(e), param=e.param) from None
     rid = random_id("ollama")
-    prompt, stream = await start_chat(state, chat, params, rid, "messages", model)
+    prompt, stream = await start_chat(state, chat, params, rid, "messages", model,
+                                      fit_max_tokens=True)  # (num_predict: a cap, as Ollama's)
     tracker = state.metrics.tracker()
     builder = ChoiceBuilder(prompt.thinking, prompt.tools)
 
