@@ -37,14 +37,13 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from qwen35.gguf_header import HeaderReader, Tensor, Unsupported, tensor_view
 from qwen35.model_source import file_path, is_gguf_file
 from qwen35.weights import CheckpointError
 
@@ -90,10 +89,15 @@ def shard_paths(path: Path) -> list[Path]:
 
 @lru_cache(maxsize=64)
 def _reader(path: str):
+    """The file's header: gguf_header.HeaderReader (one pass), or for what it leaves
+    (big-endian files, nested arrays) the `gguf` package's GGUFReader."""
     gguf = _require_gguf()
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError / struct errors / OSError on bad files
+        try:
+            return HeaderReader(path)
+        except Unsupported:
+            return gguf.GGUFReader(path)
+    except Exception as e:  # ValueError / struct errors / OSError / UnicodeError on bad files
         raise GGUFError(f"cannot read {path} as GGUF: {e} (truncated or corrupt file?)") from None
 
 
@@ -134,19 +138,6 @@ def _shape(t) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(t.shape.tolist()))
 
 
-@dataclass
-class _Tensor:
-    """A tensor of a GGUF file, as the `gguf` reader's ReaderTensor has it (the attributes read
-    here): shape in ggml order (fastest first), data a memory-mapped numpy view."""
-
-    name: str
-    tensor_type: Any
-    shape: np.ndarray
-    data: np.ndarray
-    n_elements: int
-    n_bytes: int
-
-
 def _table(path: Path) -> list[list]:
     """[name, type, shape (ggml order), absolute offset, bytes] per tensor of one file."""
     return [[t.name, t.tensor_type.name, [int(x) for x in t.shape], int(t.data_offset),
@@ -165,19 +156,10 @@ def _tables(directory: Path, paths: list[Path]) -> dict[Path, list]:
     out = {}
     for p in paths:
         mm = np.memmap(p, mode="r", dtype=np.uint8)
-        tensors = []
-        for name, kind, ne, offset, nbytes in rows[p]:
-            qt = gguf.GGMLQuantizationType[kind]
-            raw = mm[offset : offset + nbytes]
-            rows_shape = tuple(reversed(ne[1:]))
-            n = int(np.prod(ne))
-            if kind in ("F32", "F16"):
-                data = raw.view(np.float32 if kind == "F32" else np.float16).reshape(
-                    rows_shape + (ne[0],))  # fmt: skip
-            else:  # BF16 and the quantized types: the bytes of each row
-                data = raw.reshape(rows_shape + (nbytes // max(1, n // ne[0]),))
-            tensors.append(_Tensor(name, qt, np.array(ne, dtype=np.uint64), data, n, nbytes))
-        out[p] = tensors
+        out[p] = [Tensor(name, gguf.GGMLQuantizationType[kind], np.array(ne, dtype=np.uint64),
+                         tensor_view(mm, kind, ne, offset, nbytes), int(np.prod(ne)), nbytes,
+                         offset)  # fmt: skip
+                  for name, kind, ne, offset, nbytes in rows[p]]
     return out
 
 
