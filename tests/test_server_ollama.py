@@ -120,6 +120,8 @@ def test_generate_and_the_model_endpoints(serve):
     assert eng.added[-1][1] == eng.chat_template.render(SYSTEM_USER)
     assert eng.added[-1][2].structured_outputs is not None  # format json: constrained
     assert c.generate(model="tiny:latest").done_reason == "load"  # (empty: loads the model)
+    r = httpx.post(srv.url + "/api/chat", json={"model": "tiny", "messages": [], "keep_alive": 0})
+    assert r.json()["done_reason"] == "unload" and r.json()["message"]["content"] == ""
     (m,) = c.list().models
     assert m.model == "tiny" and m.details.family == "qwen35" and len(m.digest) == 64
     assert {"completion", "tools", "thinking"} <= set(c.show("tiny").capabilities)
@@ -134,7 +136,8 @@ def test_generate_and_the_model_endpoints(serve):
 @pytest.mark.parametrize("path, body, status, says", [
     ("/api/chat", {"model": "nope", "messages": SYSTEM_USER}, 404, "model 'nope' not found"),
     ("/api/chat", {"messages": SYSTEM_USER}, 400, "model is required"),
-    ("/api/chat", {"model": "tiny", "messages": []}, 400, "non-empty list"),
+    ("/api/chat", {"model": "tiny", "messages": [1]}, 400, "role must be"),
+    ("/api/chat", {"model": "tiny"}, 400, "non-empty list"),
     ("/api/chat", {"model": "tiny", "messages": [{"role": "robot"}]}, 400, "role must be"),
     ("/api/chat", {"model": "tiny", "messages": SYSTEM_USER, "think": "max"}, 400, "think must"),
     ("/api/chat", {"model": "tiny", "messages": SYSTEM_USER, "format": "xml"}, 400, "format"),

@@ -17,7 +17,8 @@ Ollama sends them); the last object has done true, done_reason stop / length, to
 (prompt_eval_count, eval_count) and durations in nanoseconds (load_duration 0: the model is
 always loaded). Streams, Ollama's default (`stream` false: one object), are newline-delimited
 JSON, an `{"error": ...}` line if the request fails mid-stream. /api/generate with an empty
-prompt loads the model (done_reason "load"), as Ollama answers it; `raw`, `suffix`, `template`
+prompt, or /api/chat with no messages, loads the model (done_reason "load", "unload" with
+keep_alive 0; it stays loaded), as Ollama answers them; `raw`, `suffix`, `template`
 and `context` (Ollama's own template and token context) are refused with what to use instead.
 The model is named by any served name (`name:latest` for a served `name` too). Errors are
 `{"error": message}` with the HTTP status.
@@ -196,6 +197,12 @@ def _chat_request(state: ServerState, body: dict[str, Any]) -> ChatCompletionReq
         raise APIError(f"invalid request: {e}") from None
 
 
+def _loading(req: _Base) -> str:
+    """What Ollama answers a request with nothing to generate: "load", or "unload" for
+    keep_alive 0 (here the model stays loaded either way: the server holds one)."""
+    return "unload" if req.keep_alive in (0, "0", "0s", "0m") else "load"
+
+
 def _model(state: ServerState, name: str | None) -> str:
     if not name:
         raise APIError("model is required", param="model")
@@ -300,6 +307,10 @@ async def chat(state: ServerState, request: Request) -> Response:
     try:
         req: OllamaChatRequest = await state.read_request(request, OllamaChatRequest)
         model = _model(state, req.model)
+        if req.messages == []:  # Ollama's "load" (keep_alive 0: "unload"): the model stays loaded
+            return JSONResponse({"model": model, "created_at": _now(),
+                                 "message": {"role": "assistant", "content": ""}, "done": True,
+                                 "done_reason": _loading(req)})  # fmt: skip
         tools = req.tools or None
         if tools is not None and not all(isinstance(t, dict) for t in tools):
             raise APIError("tools must be a list of function tools", param="tools")
@@ -324,7 +335,7 @@ async def generate(state: ServerState, request: Request) -> Response:
                 raise APIError(f"{field} is not supported here ({what})", param=field)
         if not req.prompt and not req.images:  # Ollama's "load the model": it is loaded
             return JSONResponse({"model": model, "created_at": _now(), "response": "",
-                                 "done": True, "done_reason": "load"})  # fmt: skip
+                                 "done": True, "done_reason": _loading(req)})  # fmt: skip
         msgs = [{"role": "system", "content": req.system}] if req.system else []
         msgs.append({"role": "user", "content": req.prompt or "", "images": req.images})
         body = {"messages": to_chat_messages(msgs), "stream": req.stream, **_fields(state, req)}
