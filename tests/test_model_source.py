@@ -176,6 +176,9 @@ def test_the_cli_serves_it_under_ollamas_names(tmp_path, monkeypatch, capsys):
     assert main(["plan", "-m", "ollama:tiny"]) == 0
     out = capsys.readouterr().out
     assert "tiny:latest" in out and "(F32)" in out, out  # (the blob named as Ollama names it)
+    assert main(["plan", "-m", "ollama:tiny", "--cpu-memory", "4", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["models"]
+    assert row["memory"]["serve"].startswith("qwen35 serve --model ollama:tiny:latest ")
     assert main(["plan", "-m", "ollama:nope"]) == 2
     assert "Ollama has no model nope:latest" in capsys.readouterr().err
     out_dir = tmp_path / "bf16"  # quantize: the blob and its tower, as a checkpoint directory

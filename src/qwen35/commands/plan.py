@@ -552,7 +552,7 @@ def _run_cpu(args) -> int:
                 c, r["weights_bytes"][args.dtype], int(args.cpu_memory * 2**30), context,
                 args.batch, args.chunk, args.kv_dtype, args.state_dtype)  # fmt: skip
             r["memory"]["serve"] = cpu.serve_command(
-                plan_gguf.launch_model(args.model) or _serve_model(c, args.model), args.dtype,
+                plan_gguf.serve_model(args.model) or _serve_model(c, args.model), args.dtype,
                 args.cpu_memory, context, args.batch, args.chunk, args.kv_dtype,
                 args.state_dtype)  # fmt: skip
     if args.json:

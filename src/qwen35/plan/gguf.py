@@ -52,6 +52,15 @@ def launch_model(spec: str | None) -> str | None:
     return str(Path(spec).expanduser()) if is_gguf(spec) else None
 
 
+def serve_model(spec: str | None) -> str | None:
+    """What a `qwen35 serve` line names for a GGUF file: an Ollama blob by its Ollama name
+    (`ollama:NAME`, what was planned), any other file by its path (else None)."""
+    if not is_gguf(spec):
+        return None
+    name = ollama_name_of(spec)
+    return f"ollama:{name}" if name is not None else launch_model(spec)
+
+
 def load(spec: str) -> GgufModel:
     """The file's config, size, type and text tensors (the first use writes the cached model
     directory, ~5 s for the vocabulary; later ones read it)."""
