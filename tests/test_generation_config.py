@@ -103,8 +103,9 @@ def test_generate_and_chat_take_the_models_defaults(ckpt, monkeypatch, capsys):
                  '{"top_p": 0.5, "frequency_penalty": 0.5}']) == 0  # fmt: skip
     p = seen[-1]
     assert (p.temperature, p.top_p, p.top_k, p.frequency_penalty) == (0.3, 0.5, 20, 0.5)
-    assert main([*base, "--generation-config", "none"]) == 0  # the commands' own
-    assert (seen[-1].temperature, seen[-1].top_p, seen[-1].top_k) == (0.7, 0.8, 20)
+    for none in ("none", "vllm"):  # (vLLM's name for it)
+        assert main([*base, "--generation-config", none]) == 0  # the commands' own
+        assert (seen[-1].temperature, seen[-1].top_p, seen[-1].top_k) == (0.7, 0.8, 20)
     lines = iter(["hello", "/exit"])
     monkeypatch.setattr("builtins.input", lambda _prompt="": next(lines))
     assert main(["chat", str(ckpt), "--dtype", "fp32", "--top-k", "7"]) == 0

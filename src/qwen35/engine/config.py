@@ -110,8 +110,9 @@ class LoadConfig:
         "auto",
         "request defaults for temperature / top_p / top_k / min_p / repetition_penalty: 'auto' "
         "takes the checkpoint's generation_config.json (as vLLM), 'none' OpenAI's (temperature "
-        "1, no top-k); a request's own values always win",
+        "1, no top-k; vLLM's 'vllm' is taken as 'none'); a request's own values always win",
         choices=["auto", "none"],
+        value_aliases={"vllm": "none"},
     )
     override_generation_config: dict | None = _opt(
         None,
