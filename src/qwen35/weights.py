@@ -378,6 +378,14 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.(\w+)")
 def _diagnose(cfg, s: _Scan) -> list[str]:
     """Plain-language reasons for common config/weights mismatches."""
     hints = []
+    raw = [k.split()[0] for k in s.unexpected if k.startswith(("blk.", "v.", "mm.", "token_"))]
+    if raw:  # a GGUF file's names the loader does not map (gguf_checkpoint.py presents them raw)
+        hints.append(
+            f"GGUF tensors the loader does not map ({', '.join(raw[:3])}{' ...' * (len(raw) > 3)}"
+            "): a layout other than llama.cpp's converter's for Qwen 3.5 (e.g. an older Ollama "
+            "build's, with ssm_ba fused or the vision tower inside the model file); a GGUF from "
+            "llama.cpp's converter (such as hf.co/unsloth/... repositories) loads"
+        )
     extra_layers = {int(m[1]) for k in s.unexpected if (m := _LAYER.match(_norm(k)))}
     extra_layers = {i for i in extra_layers if i >= cfg.num_hidden_layers}
     if extra_layers:
