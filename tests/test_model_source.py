@@ -267,6 +267,7 @@ def test_the_quantization_is_picked_as_llama_cpp_does():
         with pytest.raises(Qwen35Error, match=why):
             pick_gguf(names, tag, "r")
     assert is_hub_gguf("unsloth/Qwen3.5-4B-GGUF") and is_hub_gguf("someone/tiny:Q8_0")
+    assert is_hub_gguf("hf.co/unsloth/Qwen3.5-4B-GGUF:Q4_K_M")  # (as Ollama's pull names it)
     assert not is_hub_gguf("Qwen/Qwen3.5-0.8B") and not is_hub_gguf("27B")
 
 
@@ -305,6 +306,7 @@ def test_a_hub_gguf_repository_loads_from_the_cache(tmp_path, monkeypatch, capsy
                                                  str(snap / "mmproj-F16.gguf"),
                                                  ("someone/Tiny-GGUF:Q8_0",))  # fmt: skip
     opts = dict(dtype="fp32", max_num_seqs=2, max_model_len=256, block_size=8, verbose=False)
+    assert local("hf.co/someone/Tiny-GGUF:Q8_0").path == src.path
     llm = LLM("someone/Tiny-GGUF:q8_0", **opts)
     assert llm.engine.has_vision and llm.engine.config.name == "Tiny-Q8_0"
     by_path = LLM(str(snap / "Tiny-Q8_0.gguf"), **opts)  # (a link: named and paired as one)

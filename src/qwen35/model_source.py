@@ -111,7 +111,9 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-_HUB_GGUF = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+?)(?::(?P<tag>[\w.-]+))?$")
+# (an optional hf.co/ or huggingface.co/ first, as Ollama's `pull hf.co/...` names them)
+_HUB_GGUF = re.compile(r"^(?:(?:https://)?(?:hf\.co|huggingface\.co)/)?"
+                       r"(?P<repo>[\w.-]+/[\w.-]+?)(?::(?P<tag>[\w.-]+))?$")
 DEFAULT_QUANT = "Q4_K_M"  # (llama.cpp's -hf default)
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 _TOWER_ORDER = ("F16", "BF16", "F32")
