@@ -23,12 +23,25 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 OVERRIDE_KEYS = (*SAMPLING_KEYS, "presence_penalty", "frequency_penalty")
 
 
+def _invalid(key: str, value: Any) -> str | None:
+    """Why `value` is not a valid request default for `key` (SamplingParams' own checks), or
+    None."""
+    from qwen35.request import SamplingParams
+
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"not a number: {value!r}")
+        SamplingParams(**{key: value}).validate()
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
 def check_overrides(overrides) -> dict[str, Any]:
     """`--override-generation-config`'s request defaults, checked: a JSON object of
     OVERRIDE_KEYS with valid values (SamplingParams' own checks), else a Qwen35Error naming
     what is wrong."""
     from qwen35.errors import Qwen35Error
-    from qwen35.request import SamplingParams
 
     if not isinstance(overrides, dict):
         raise Qwen35Error(f"override_generation_config must be a JSON object such as "
@@ -37,19 +50,14 @@ def check_overrides(overrides) -> dict[str, Any]:
         if k not in OVERRIDE_KEYS:
             raise Qwen35Error(f"override_generation_config: {k!r} is not a request default this "
                               f"engine takes ({', '.join(OVERRIDE_KEYS)})")  # fmt: skip
-        try:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"not a number: {v!r}")
-            SamplingParams(**{k: v}).validate()
-        except (ValueError, TypeError) as e:
-            raise Qwen35Error(f"override_generation_config: {k}={v!r}: {e}") from None
+        if (why := _invalid(k, v)) is not None:
+            raise Qwen35Error(f"override_generation_config: {k}={v!r}: {why}")
     return dict(overrides)
 
 
 def sampling_defaults(model_dir: Path | str | None) -> dict[str, Any]:
     """The valid sampling defaults of model_dir/generation_config.json ({} without one)."""
     from qwen35.errors import Qwen35Error
-    from qwen35.request import SamplingParams
     from qwen35.tokenizer import read_json_dict
 
     if model_dir is None:
@@ -65,12 +73,8 @@ def sampling_defaults(model_dir: Path | str | None) -> dict[str, Any]:
         v = cfg.get(k)
         if v is None:
             continue
-        try:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"not a number: {v!r}")
-            SamplingParams(**{k: v}).validate()
-        except (ValueError, TypeError) as e:
-            log.warning("ignoring %s's %s=%r: %s", path.name, k, v, e)
+        if (why := _invalid(k, v)) is not None:
+            log.warning("ignoring %s's %s=%r: %s", path.name, k, v, why)
             continue
         out[k] = v
     return out

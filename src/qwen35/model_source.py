@@ -296,16 +296,28 @@ def _manifest(root: Path, name: OllamaName) -> Path | None:
     return here if here.is_file() else None
 
 
-def installed(root: Path) -> list[str]:
-    """The models under an Ollama directory, named as `ollama list` names them."""
+def _manifests(root: Path) -> dict[str, Path]:
+    """{name as `ollama list` names it: manifest file} under an Ollama directory, by name."""
     base = root / "manifests"
     if not base.is_dir():
-        return []
-    out = []
-    for p in base.glob("*/*/*/*"):
-        if p.is_file():
-            out.append(OllamaName(*p.relative_to(base).parts).short())
-    return sorted(out)
+        return {}
+    found = {OllamaName(*p.relative_to(base).parts).short(): p
+             for p in base.glob("*/*/*/*") if p.is_file()}  # fmt: skip
+    return dict(sorted(found.items()))
+
+
+def installed(root: Path) -> list[str]:
+    """The models under an Ollama directory, named as `ollama list` names them."""
+    return list(_manifests(root))
+
+
+def _layers(manifest: Path) -> dict[str, str]:
+    """A manifest's layers, {media type: digest}; a ValueError for a file that is not one."""
+    try:
+        layers = json.loads(manifest.read_text()).get("layers") or []
+        return {layer["mediaType"]: layer["digest"] for layer in layers}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(str(e)) from None
 
 
 def _blob(root: Path, digest: str) -> Path:
@@ -336,9 +348,8 @@ def resolve_ollama(spec: str) -> Source:
                           f"(`ollama pull {name.short()}` fetches it)")  # fmt: skip
     root, manifest = found
     try:
-        layers = json.loads(manifest.read_text()).get("layers") or []
-        kinds = {layer["mediaType"]: layer["digest"] for layer in layers}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        kinds = _layers(manifest)
+    except ValueError as e:
         raise Qwen35Error(f"{manifest}: not an Ollama manifest ({e})") from None
     if _ADAPTER_LAYER in kinds:
         raise Qwen35Error(f"{name.short()} is a base model plus an Ollama adapter layer; serve "
@@ -391,13 +402,10 @@ def ollama_name_of(path: str | Path) -> str | None:
     if p.parent.name != "blobs" or not p.name.startswith("sha256-"):
         return None
     root, digest = p.parent.parent, p.name.replace("-", ":", 1)
-    for name in installed(root):
-        manifest = _manifest(root, parse_ollama_name(name))
+    for name, manifest in _manifests(root).items():
         try:
-            layers = json.loads(manifest.read_text()).get("layers") or []
-            if any(x.get("mediaType") == _MODEL_LAYER and x.get("digest") == digest
-                   for x in layers):  # fmt: skip
+            if _layers(manifest).get(_MODEL_LAYER) == digest:
                 return name
-        except (OSError, ValueError, AttributeError):
+        except ValueError:  # (not a manifest: not this blob's)
             continue
     return None
