@@ -75,17 +75,12 @@ class HeaderReader:
 
         with open(path, "rb") as f:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            self._parse(buf, gguf)
+        try:  # (buf: struct reads the header; the tensors' data views: a numpy memmap)
+            self._parse(buf, np.memmap(path, mode="r", dtype=np.uint8), gguf)
         finally:
             buf.close()
-        self._path = path
-        mm = np.memmap(path, mode="r", dtype=np.uint8)
-        for t in self.tensors:
-            t.data = tensor_view(mm, t.tensor_type.name, [int(x) for x in t.shape],
-                                 t.data_offset, t.n_bytes)  # fmt: skip
 
-    def _parse(self, buf, gguf) -> None:
+    def _parse(self, buf, mm: np.ndarray, gguf) -> None:
         if buf[:4] != MAGIC:
             raise ValueError("GGUF magic invalid")
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
@@ -122,7 +117,8 @@ class HeaderReader:
             nbytes = n * size // block
             if start + rel + nbytes > len(buf):
                 raise ValueError(f"tensor {name} runs past the end of the file")
-            self.tensors.append(Tensor(name, qt, np.array(dims, dtype=np.uint64), None, n,
+            data = tensor_view(mm, qt.name, dims, start + rel, nbytes)
+            self.tensors.append(Tensor(name, qt, np.array(dims, dtype=np.uint64), data, n,
                                        nbytes, start + rel))  # fmt: skip
 
 

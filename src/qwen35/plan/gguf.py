@@ -63,7 +63,7 @@ def serve_model(spec: str | None) -> str | None:
 
 def load(spec: str) -> GgufModel:
     """The file's config, size, type and text tensors (the first use writes the cached model
-    directory, ~5 s for the vocabulary; later ones read it)."""
+    directory, ~2 s for a Qwen 3.5 vocabulary; later ones read it)."""
     from qwen35.gguf_checkpoint import GGUFCheckpoint, model_dir, pointer_info, shard_paths
 
     path = file_path(spec)
