@@ -39,6 +39,12 @@ def test_generate_streams_text(model_dir):
     # the model as a positional argument, as `vllm serve MODEL`: the same run
     positional = qwen35("generate", *args[2:3], *args[3:], "--prompt", "Hello there")
     assert positional.returncode == 0 and positional.stdout == r.stdout, positional.stderr
+    # the prompt as one too (`ollama run MODEL PROMPT`), and llama.cpp's -m / -p
+    model = args[2]
+    for form in ([model, "Hello there", *args[3:]], ["--model", model, "Hello there", *args[3:]],
+                 ["-m", model, "-p", "Hello there", *args[3:]]):  # fmt: skip
+        again = qwen35("generate", *form)
+        assert again.returncode == 0 and again.stdout == r.stdout, (form, again.stderr)
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "serve", "run-batch"])
@@ -50,9 +56,21 @@ def test_the_model_is_given_once(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, *own])
     assert e.value.code == 2 and f"qwen35 {command} MODEL (or --model MODEL)" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main([command, "a", "--model", "b", *own])
+    with pytest.raises(SystemExit) as e:  # (generate: MODEL PROMPT, so a, b and --model c)
+        main([command, "a", *(["b"] if command == "generate" else []), "--model", "c", *own])
     assert e.value.code == 2 and "two models given" in capsys.readouterr().err
+
+
+def test_generate_prompt_given_once(capsys):
+    """generate MODEL PROMPT or --prompt: both is a usage error; --model M PROMPT is a prompt."""
+    from qwen35.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "m", "hi", "--prompt", "ho"])
+    assert e.value.code == 2 and "two prompts given" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", "m", "hi", "-p", "ho"])
+    assert e.value.code == 2 and "two prompts given" in capsys.readouterr().err
 
 
 def test_generate_thinking_budget(model_dir):

@@ -76,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv else 2
     if hasattr(args, "model_arg"):  # the engine commands: MODEL or --model MODEL
         here = args._parser
+        if hasattr(args, "prompt_arg"):  # generate [MODEL] [PROMPT]: --model M PROMPT too
+            if args.prompt_arg is None and args.model is not None:
+                args.prompt_arg, args.model_arg = args.model_arg, None
+            if args.prompt_arg is not None:
+                if args.prompt is not None:
+                    here.error(f"two prompts given: {args.prompt_arg!r} and --prompt "
+                               f"{args.prompt!r}; give it once")  # fmt: skip
+                args.prompt = args.prompt_arg
         if args.model_arg is not None:
             if args.model not in (None, args.model_arg):
                 here.error(f"two models given: {args.model_arg!r} and --model {args.model!r}; "

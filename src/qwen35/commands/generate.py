@@ -21,7 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p)
     add_sampling_arguments(p)
     add_lora_argument(p)
-    p.add_argument("--prompt", default=None, help="prompt text (default: read standard input)")
+    p.add_argument("prompt_arg", nargs="?", metavar="PROMPT",
+                   help="the prompt, as --prompt: qwen35 generate MODEL PROMPT")  # fmt: skip
+    p.add_argument("--prompt", "-p", default=None,
+                   help="prompt text (default: read standard input)")  # fmt: skip
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt as a user message in the chat format"
     )

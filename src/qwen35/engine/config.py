@@ -540,6 +540,7 @@ class EngineConfig:
             g.add_argument("model_arg", nargs="?", metavar="MODEL", help="the model, as --model")
             g.add_argument(
                 "--model",
+                "-m",  # (llama.cpp's spelling)
                 help="model directory, Hub id (Qwen/Qwen3.5-0.8B), llama.cpp GGUF file, a model "
                 "Ollama has pulled (ollama:qwen3.5:0.8b) or, with --load-format random, a catalog "
                 "name",
