@@ -160,7 +160,7 @@ def test_int4_keeps_4bit_values(tmp_path, monkeypatch, moe, qtype):
     # the same model as finding each code again from the values (the way before the codes)
     hint = GGUFCheckpoint.int4_hint
     monkeypatch.setattr(GGUFCheckpoint, "int4_hint", lambda self, k: (
-        h[:2] + (None,) if isinstance(h := hint(self, k), tuple) else h))  # fmt: skip
+        h._replace(codes=None) if isinstance(h := hint(self, k), tuple) else h))  # fmt: skip
     read.clear()
     again = load_model(f, dtype="fp32", quantization="int4").state_dict()
     assert lattices <= set(read)

@@ -131,6 +131,38 @@ class QuantConfig:
 
 
 @dataclass(frozen=True)
+class CompressedScheme:
+    """One config group of a compressed-tensors checkpoint (llm-compressor's format): how the
+    weights of the modules its `targets` name are stored."""
+
+    targets: tuple[str, ...]
+    type: str  # "int" | "float"
+    num_bits: int  # int: 4 or 8; float: 8 (e4m3)
+    strategy: str  # "group" | "channel" | "tensor" | "block"
+    group_size: int | None = None
+    symmetric: bool = True
+    activations: str | None = None  # what the checkpoint asks of the inputs (not applied)
+
+
+@dataclass(frozen=True)
+class CompressedConfig:
+    """`quantization_config` with quant_method "compressed-tensors" (RedHatAI's Qwen3.5
+    quantized.w4a16 / w8a8 / FP8-dynamic releases, llm-compressor's AWQ / GPTQ exports): read
+    by compressed_tensors.py; the weights' layout is told by each module's tensors."""
+
+    format: str
+    schemes: tuple[CompressedScheme, ...]
+    ignore: tuple[str, ...] = ()
+
+    @property
+    def cpu_storage(self) -> str:
+        """The CPU weight format that holds the stored values (loader.auto_quantization): int4
+        where a scheme stores 4-bit integers (8-bit ones are then held as int8 beside them),
+        else int8 (8-bit integers as stored; FP8 per channel quantized again, as near)."""
+        return "int4" if any(s.type == "int" and s.num_bits == 4 for s in self.schemes) else "int8"
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     model_type: str
@@ -168,6 +200,7 @@ class ModelConfig:
     mamba_ssm_dtype: str = "float32"
     vision: VisionConfig | None = None
     quantization: QuantConfig | None = None
+    compressed: CompressedConfig | None = None  # a compressed-tensors checkpoint's scheme
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -465,14 +498,20 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
                vision.in_channels, vision.spatial_merge_size) <= 0:  # fmt: skip
             raise ConfigError(f"'vision_config' sizes must be positive integers, got {vision}")
 
-    quant = None
+    quant = compressed = None
     qc = raw.get("quantization_config") or text.get("quantization_config")
-    if isinstance(qc, dict):
+    if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
+        compressed = _compressed_config(qc)
+        blocks = {s.group_size for s in compressed.schemes if s.strategy == "block"}
+        if blocks:  # FP8 in 128 x 128 blocks: the official FP8 layout's, weight_scale named so
+            quant = QuantConfig(quant_method="fp8", weight_block_size=(blocks.pop(),) * 2)
+    elif isinstance(qc, dict):
         method = qc.get("quant_method")
         if method != "fp8":
             raise ConfigError(
-                f"'quantization_config.quant_method' is {method!r}; only the official block 'fp8' "
-                "format is understood"
+                f"'quantization_config.quant_method' is {method!r}; the official block 'fp8' "
+                "format and llm-compressor's 'compressed-tensors' are understood (GPTQ / AWQ "
+                "checkpoints saved by llm-compressor are compressed-tensors)"
             )
         block = qc.get("weight_block_size") or [128, 128]
         if (
@@ -526,5 +565,70 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
         mamba_ssm_dtype=str(text.get("mamba_ssm_dtype", "float32")),
         vision=vision,
         quantization=quant,
+        compressed=compressed,
         **moe,
     )
+
+
+_CT_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "mixed-precision")
+
+
+def _compressed_config(qc: dict) -> CompressedConfig:
+    """compressed-tensors' quantization_config, refused (ConfigError naming the key) where its
+    weights are in a form this engine does not read: 4- or 8-bit integers (per group, channel or
+    tensor, symmetric or with zero points) and FP8 e4m3 (per channel, tensor or 128 x 128 block)
+    are read; NVFP4 / MXFP4, other widths, activation-ordered groups are not."""
+    where = "'quantization_config"
+    fmt = qc.get("format") or "mixed-precision"  # (absent: each group says, or the tensors)
+    if fmt not in _CT_FORMATS or qc.get("sparsity_config"):
+        raise ConfigError(
+            f"{where}.format' is {fmt!r}: compressed-tensors checkpoints in "
+            f"{', '.join(_CT_FORMATS)} are read (NVFP4 / MXFP4 / 2:4-sparse ones are not); "
+            "use the BF16 or an FP8 / W4A16 / W8A8 release"
+        )
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ConfigError(f"{where}.config_groups' must name at least one scheme, got {groups!r}")
+    schemes = []
+    for gname, g in groups.items():
+        at = f"{where}.config_groups.{gname}"
+        w = g.get("weights") if isinstance(g, dict) else None
+        if not isinstance(w, dict):
+            raise ConfigError(f"{at}.weights' must describe the weights, got {w!r}")
+        kind, bits, strategy = w.get("type"), w.get("num_bits"), w.get("strategy")
+        group = w.get("group_size")
+        ok = {("int", 4), ("int", 8), ("float", 8)}
+        if (kind, bits) not in ok or g.get("format") not in (None, *_CT_FORMATS):
+            raise ConfigError(
+                f"{at}.weights' is {kind} with {bits} bits ({g.get('format') or fmt}): 4- and 8-bit "
+                "integer and 8-bit float (e4m3) weights are read; NVFP4 / MXFP4 and other widths "
+                "are not"
+            )
+        if strategy not in ("group", "channel", "tensor", "block"):
+            raise ConfigError(f"{at}.weights.strategy' is {strategy!r}: group, channel, tensor "
+                              "or block weights are read")  # fmt: skip
+        if strategy == "group" and not (isinstance(group, int) and group > 0 and group % 32 == 0):
+            raise ConfigError(f"{at}.weights.group_size' must be a multiple of 32, got {group!r}")
+        if strategy == "block":
+            block = w.get("block_structure")
+            if kind != "float" or not (isinstance(block, list) and len(block) == 2
+                                       and block[0] == block[1] and block[0] in (64, 128)):
+                raise ConfigError(f"{at}.weights.block_structure' is {block!r}: FP8 weights "
+                                  "in square blocks of 128 (or 64) are read")  # fmt: skip
+            group = block[0]
+        if w.get("actorder") == "group":
+            raise ConfigError(
+                f"{at}.weights.actorder' is 'group': activation-ordered groups (GPTQ act-order "
+                "with g_idx) are not read; use a checkpoint quantized with actorder 'weight' or "
+                "none"
+            )
+        act = g.get("input_activations")
+        acts = (f"{act.get('type')}{act.get('num_bits')} {act.get('strategy')}"
+                if isinstance(act, dict) else None)  # fmt: skip
+        targets = g.get("targets") or []
+        schemes.append(CompressedScheme(
+            targets=tuple(map(str, targets)), type=kind, num_bits=int(bits), strategy=strategy,
+            group_size=group if strategy in ("group", "block") else None,
+            symmetric=bool(w.get("symmetric", True)), activations=acts))  # fmt: skip
+    ignore = qc.get("ignore") or []
+    return CompressedConfig(format=fmt, schemes=tuple(schemes), ignore=tuple(map(str, ignore)))

@@ -45,6 +45,7 @@ import torch
 
 from qwen35.gguf_header import HeaderReader, Tensor, Unsupported, tensor_view
 from qwen35.model_source import file_path, is_gguf_file
+from qwen35.quant.formats import Lattice
 from qwen35.weights import CheckpointError
 
 ARCHS = {"qwen35": False, "qwen35moe": True}  # GGUF architecture -> MoE
@@ -766,6 +767,12 @@ class GGUFCheckpoint:
             return "int8"
         return None
 
+    hint_formats = ("int4",)  # the storage quant_hint speaks to (weights.read_into)
+
+    def quant_hint(self, key: str):
+        """int4_hint, under the name weights.read_into asks any checkpoint for."""
+        return self.int4_hint(key)
+
     def int4_hint(self, key: str):
         """How int4 should hold this matrix (quant/apply.py _int_linear): for Q4_0 / Q4_1 / Q4_K
         tensors their 4-bit lattices and codes (step, zero [..., in/32] fp32, codes [..., in]
@@ -782,9 +789,9 @@ class GGUFCheckpoint:
                              else parts[0][i] for i in range(3))  # fmt: skip
         codes = _undo(key, names[0], codes, self._layout)  # (out_proj: whole heads of dv columns)
         if key.endswith("out_proj.weight"):  # the lattices: dv / 32 groups a head
-            return (*(self._layout.untile(x, 1, self._layout.dv // 32) for x in (step, zero)),
-                    codes)  # fmt: skip
-        return (*(_undo(key, names[0], x, self._layout) for x in (step, zero)), codes)
+            return Lattice(*(self._layout.untile(x, 1, self._layout.dv // 32)
+                             for x in (step, zero)), codes)  # fmt: skip
+        return Lattice(*(_undo(key, names[0], x, self._layout) for x in (step, zero)), codes)
 
     def lattice_reference(self, key: str):
         """int4_hint's lattices found the plain way (tests): the tensor read with every 4-bit

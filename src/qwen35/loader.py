@@ -261,10 +261,17 @@ def auto_quantization(model: str, load_format: str, dtype: str, device) -> str |
     """The weight storage `--dtype auto` goes with for `model` on `device`
     (devices.default_quantization), reading only its config, and that only where a BF16
     checkpoint would get one. A quantized GGUF file on a CPU: int8 or int4, whatever the CPU
-    (gguf_checkpoint.default_quantization: its memory stays near the file's)."""
+    (gguf_checkpoint.default_quantization: its memory stays near the file's); a compressed-tensors
+    checkpoint's integer or per-channel FP8 weights alike (CompressedConfig.cpu_storage)."""
     gguf = _gguf_default(model, load_format, dtype, device)
     if gguf is not None:
         return gguf
+    if load_format != "random" and dtype == "auto" and str(device).startswith("cpu"):
+        cfg = peek_config(model, load_format)
+        if cfg.compressed is not None and cfg.quantization is None:  # (block FP8 stays FP8)
+            log.info("%s holds compressed-tensors weights: loading them as %s (pass --dtype or "
+                     "--quantization to choose)", model, cfg.compressed.cpu_storage)  # fmt: skip
+            return cfg.compressed.cpu_storage
     if default_quantization(dtype, device, None, "bfloat16") is None:
         return None
     return default_quantization(dtype, device, None, peek_config(model, load_format).dtype)

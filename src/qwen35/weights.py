@@ -150,7 +150,8 @@ def checkpoint_files(directory: Path) -> list[Path]:
 
 def open_safetensors(path: Path):
     """safe_open(path), a corrupt or unreadable file a CheckpointError naming it; a GGUF file
-    is read through gguf_checkpoint.GGUFCheckpoint (the same interface)."""
+    is read through gguf_checkpoint.GGUFCheckpoint, a compressed-tensors one through
+    compressed_tensors.CompressedCheckpoint (the same interface)."""
     from safetensors import SafetensorError, safe_open
 
     gguf = sys.modules.get("qwen35.gguf_checkpoint")  # (a tower named by --mmproj: any name)
@@ -160,11 +161,16 @@ def open_safetensors(path: Path):
         return GGUFCheckpoint(path)
 
     try:
-        return safe_open(str(path), framework="pt", device="cpu")
+        f = safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError) as e:
         raise CheckpointError(
             f"cannot read {path}: {e} (truncated or corrupt file? re-download it)"
         ) from None
+    from qwen35 import compressed_tensors
+
+    if compressed_tensors.is_compressed(f.keys()):  # (llm-compressor's quantized weights)
+        return compressed_tensors.CompressedCheckpoint(f, path)
+    return f
 
 
 def stored_embedding_dtype(files: list[Path]) -> str | None:
@@ -579,11 +585,11 @@ def read_into(
                             bar[0].update(bar[1], advance=e.nbytes)
                         continue
                     dst = _dest(param(e.target.param), e.target)
-                    hinted = (on_read is not None and e.target.expert is None  # a GGUF file
-                              and hasattr(f, "int4_hint") and on_read.wants_hint(e.target.param))
+                    hinted = (on_read is not None and hasattr(f, "quant_hint")  # GGUF, compressed
+                              and on_read.wants_hint(e.target.param, f.hint_formats))
                     try:
-                        if hinted:  # first: its 4-bit codes may stand for the values
-                            on_read.hint(e.target.param, f.int4_hint(e.key))
+                        if hinted:  # first: its codes may stand for the values
+                            on_read.hint(e.target.param, f.quant_hint(e.key), e.target)
                         skip = hinted and on_read.skips_values(e.target.param)
                         src = None if skip else f.get_tensor(e.key)
                     except Exception as exc:  # safetensors raises its own types on bad data
@@ -591,9 +597,10 @@ def read_into(
                             f"cannot read tensor {e.key} from {path}: {exc} "
                             "(truncated or corrupt file? re-download it)"
                         ) from None
-                    if skip:  # the lattices' steps and zero points are all there is to check
-                        for part in on_read.hints[e.target.param][:2]:
-                            checked &= check_finite(e.key, part, str(path))
+                    if skip:  # the lattices' steps and zero points (the scales) are all
+                        for part in on_read.hints[e.target.param]:  # there is to check
+                            if part is not None and part.is_floating_point():
+                                checked &= check_finite(e.key, part, str(path))
                     else:
                         if src.dtype != dst.dtype:
                             cast[f"{e.st_dtype}->{str(dst.dtype).removeprefix('torch.')}"] += 1

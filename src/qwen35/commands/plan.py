@@ -221,6 +221,11 @@ def _resolve_models(spec: str | None, dtype: str | None) -> list[tuple[ModelConf
     if path.exists() or spec.endswith(".json") or spec.startswith(("/", ".", "~")):
         cfg = ModelConfig.from_hf(path)  # a missing path gets "no config file at ..."
         forced = "fp8" if cfg.quantization else None
+        if cfg.compressed is not None and not forced:
+            print(f"note: {path.name} holds compressed-tensors weights, which a GPU engine holds "
+                  "in BF16 (--quantization fp8: in FP8, quantized at load) and a CPU one in "
+                  f"{cfg.compressed.cpu_storage} as stored: qwen35 plan -m {spec} --dtype "
+                  f"{cfg.compressed.cpu_storage}", file=sys.stderr)  # fmt: skip
     else:
         name = _resolve_name(spec)
         forced = "fp8" if name.endswith("-FP8") else None
@@ -245,6 +250,16 @@ def _with_yarn(models: list[tuple[ModelConfig, list[str]]], args):
 
 
 @functools.lru_cache(maxsize=4)
+def _compressed_storage(spec: str | None) -> str | None:
+    """The CPU storage `--dtype auto` gives a compressed-tensors checkpoint directory (int4 /
+    int8: CompressedConfig.cpu_storage), else None."""
+    path = Path(spec).expanduser() if spec else None
+    if path is None or not (path / "config.json").is_file():
+        return None
+    cfg = ModelConfig.from_hf(path)
+    return cfg.compressed.cpu_storage if cfg.compressed and not cfg.quantization else None
+
+
 def _gguf(spec: str) -> plan_gguf.GgufModel:
     return plan_gguf.load(spec)  # (a bad file: GGUFError, which the CLI prints as it is)
 
@@ -473,6 +488,8 @@ def run(args) -> int:
     gguf = plan_gguf.is_gguf(args.model)
     if gguf and args.dtype is None and not gpu_asked:  # as `--dtype auto` loads it on a CPU
         args.dtype = _gguf(args.model).storage or "bf16"
+    if args.cpu_memory is not None and not gpu_asked and args.dtype is None:
+        args.dtype = _compressed_storage(args.model)  # (compressed-tensors: as it loads)
     if args.cpu_memory is not None and not gpu_asked and args.dtype in (None, "bf16"):
         args.dtype = "bf16"  # a CPU engine's memory, the model as stored
     cpu_bf16 = args.dtype == "bf16" and not gpu_asked and (gguf or args.cpu_memory is not None)

@@ -30,6 +30,7 @@ from qwen35 import heap
 from qwen35.layers.linear import Linear
 from qwen35.layers.moe import Experts
 from qwen35.plan.params import head_format, int4_group, lattice_rows_ok, text_tensors
+from qwen35.quant.formats import Int8Rows, Lattice
 from qwen35.quant.layers import (
     Fp8Experts,
     Fp8Linear,
@@ -188,36 +189,42 @@ def _dense(mod: nn.Module, dtype) -> torch.Tensor:
     return mod.dequantized(dtype) if hasattr(mod, "dequantized") else mod.weight.detach()
 
 
-def _int_linear(w: torch.Tensor, fmt: str, dtype, hint=None) -> Linear:
-    """hint (int4 only; what a GGUF file's tensor was, gguf_checkpoint.int4_hint): "int8" for a
-    tensor of more than 5 bits a weight (kept faithful rather than cut to 4), or its 4-bit
-    lattices and codes (step, zero [out, in/32], codes [out, in]), whose values are kept as they
-    are (from the codes: w is not read, QuantizeOnRead.skips_values)."""
+def _int_linear(w: torch.Tensor | None, fmt: str, dtype, hint=None) -> Linear:
+    """hint: what the source file stored (gguf_checkpoint.int4_hint, compressed_tensors.py):
+    Int8Rows (8-bit values and their row scales: held as stored under int8 and int4); under
+    int4, "int8" (a GGUF tensor of more than 5 bits a weight, kept faithful rather than cut to
+    4) or a Lattice (4-bit lattices and codes, whose values are kept as they are). From the
+    codes alone, w is not read (None: QuantizeOnRead.skips_values)."""
+    if isinstance(hint, Int8Rows):
+        return Int8Linear(hint.q.contiguous(), hint.scale.to(dtype).contiguous())
     if fmt == "int4" and hint == "int8":
         return Int8Linear.quantize(w, dtype)
-    if fmt == "int4" and isinstance(hint, tuple) and lattice_rows_ok(w.shape[0]):
-        return Int4Linear.on_lattice(w, hint[0], hint[1], dtype, codes=hint[2])
+    if fmt == "int4" and isinstance(hint, Lattice) and lattice_rows_ok(hint.step.shape[0]):
+        return Int4Linear.on_lattice(w, hint.step, hint.zero, dtype, codes=hint.codes)
     g = int4_group(*w.shape) if fmt == "int4" else None
     return Int4Linear.quantize(w, g, dtype) if g else Int8Linear.quantize(w, dtype)
 
 
-def takes_lattice(mod: nn.Module, leaf: str, fmt: str) -> bool:
-    """Whether quantize_module_ makes int4 of parameter `leaf` of `mod` from a lattice hint
-    alone (the codes), never reading the parameter's values: as _int_linear / _int_experts
-    decide."""
-    if fmt != "int4":
+def takes_lattice(mod: nn.Module, leaf: str, fmt: str, hint=None) -> bool:
+    """Whether quantize_module_ makes parameter `leaf` of `mod` from a hint alone (its codes),
+    never reading the parameter's values: as _int_linear / _int_experts decide (a Lattice under
+    int4, Int8Rows under int8 / int4)."""
+    if fmt not in ("int4", "int8") or (fmt == "int8" and not isinstance(hint, Int8Rows)):
         return False
+    rows_ok = (lambda n: True) if isinstance(hint, Int8Rows) else lattice_rows_ok
     if isinstance(mod, Experts) and not isinstance(mod, (Fp8Experts, IntExperts)):
         I, H = mod.intermediate_size, mod.gate_up_proj.shape[2]
         if leaf == "gate_up_proj":
-            return int4_group(I, H) is not None and lattice_rows_ok(2 * I)
-        return leaf == "down_proj" and lattice_rows_ok(H)
-    return type(mod) is Linear and leaf == "weight" and lattice_rows_ok(mod.out_features)
+            return (int4_group(I, H) is not None or isinstance(hint, Int8Rows)) and rows_ok(2 * I)
+        return leaf == "down_proj" and rows_ok(H)
+    return type(mod) is Linear and leaf == "weight" and rows_ok(mod.out_features)
 
 
 def _part(hint, e: int):
     """Expert e's hint of a [E, ...] one."""
-    return tuple(t if t is None else t[e] for t in hint) if isinstance(hint, tuple) else hint
+    if isinstance(hint, (Lattice, Int8Rows)):
+        return type(hint)(*(t if t is None else t[e] for t in hint))
+    return hint
 
 
 def _int_experts(mod: Experts, fmt: str, dtype, hints: dict | None = None) -> IntExperts:
@@ -360,29 +367,60 @@ class QuantizeOnRead:
         self.pending: dict[str, int] = dict.fromkeys(self.owner, 1)
         self.live = self.peak = 0  # bytes of BF16 weights allocated and not yet quantized
         self.allocated = 0  # bytes of BF16 weights allocated in all
-        self.hints: dict[str, object] = {}  # parameter -> its GGUF hint (_int_linear)
+        self.hints: dict[str, object] = {}  # parameter -> its source's hint (_int_linear)
+        self._parts: dict[str, int] = {}  # parameter -> per-expert hints heard (hint)
+        self.expected: dict[str, int] = {}  # parameter -> tensors to be written into it
         self.take_hints = True  # False: --gguf-int4 requantize
 
-    def wants_hint(self, name: str) -> bool:
-        """Whether this load makes int4 of parameter `name` and takes a source file's hints."""
-        return self.take_hints and self.fmt == "int4" and name in self.owner
+    def wants_hint(self, name: str, formats=("int4",)) -> bool:
+        """Whether this load makes int8 / int4 of parameter `name` and takes a source file's
+        hints, given for the storage `formats` (a GGUF file's: int4; a compressed-tensors
+        checkpoint's: both)."""
+        return self.take_hints and self.fmt in formats and name in self.owner
 
-    def hint(self, name: str, hint) -> None:
-        """What the source file says of parameter `name` (a GGUF tensor's int4 hint); heard
-        before `written(name)`. Kept only where wants_hint."""
-        if hint is not None and self.wants_hint(name):
+    def hint(self, name: str, hint, target=None) -> None:
+        """What the source file says of parameter `name` (a GGUF tensor's int4 hint, a
+        compressed-tensors weight's codes); heard before `written(name)`. Kept only where
+        wants_hint. target (weights._Target): one expert's gate, up or down projection, whose
+        hint goes into the [E, ...] hint of the parameter (used once every slice has one of the
+        same kind, else dropped: the slices' values then make it)."""
+        if hint is None or name not in self.owner:
+            return
+        if target is None or target.expert is None:
             self.hints[name] = hint
+            return
+        p = self.slots[name][0][0]._parameters[self.slots[name][0][1]]  # [E, 2I, H] / [E, H, I]
+        rows = p.shape[1] // 2 if target.part in ("gate", "up") else p.shape[1]
+        at = rows if target.part == "up" else 0
+        whole = self.hints.get(name)
+        if whole is None and name not in self._parts:
+            whole = self.hints[name] = type(hint)(*(
+                None if t is None else torch.empty(p.shape[0], p.shape[1], *t.shape[1:],
+                                                   dtype=t.dtype) for t in hint))  # fmt: skip
+        fits = (type(whole) is type(hint) and all(
+            (a is None) == (b is None) and (a is None or a.shape[2:] == b.shape[1:])
+            for a, b in zip(whole, hint, strict=True))
+            and all(t is None or t.shape[0] == rows for t in hint))
+        if not fits:  # slices of different kinds: no hint for the parameter
+            self.hints.pop(name, None)
+            self._parts[name] = -(1 << 30)
+            return
+        for a, b in zip(whole, hint, strict=True):
+            if a is not None:
+                a[target.expert, at : at + rows].copy_(b)
+        self._parts[name] = self._parts.get(name, 0) + 1
 
     def skips_values(self, name: str) -> bool:
-        """Whether parameter `name` (whole, one tensor) is made from its hint's lattice codes
-        alone (takes_lattice): its values need not be read (a GGUF Q4_K tensor: no dequantizing
-        to fp32 and finding its codes again)."""
+        """Whether parameter `name` (whole, one tensor) is made from its hint's codes alone
+        (takes_lattice): its values need not be read (a GGUF Q4_K tensor: no dequantizing to
+        fp32 and finding its codes again)."""
         hint = self.hints.get(name)
-        if not (isinstance(hint, tuple) and len(hint) == 3 and hint[2] is not None) or \
-                self.pending.get(name) != 1:  # fmt: skip
+        coded = (isinstance(hint, Lattice) and hint.codes is not None) or \
+            isinstance(hint, Int8Rows)  # fmt: skip
+        if not coded or self.pending.get(name) != 1:
             return False
         mod, leaf = self.slots[name][0]
-        return takes_lattice(mod, leaf, self.fmt)
+        return takes_lattice(mod, leaf, self.fmt, hint)
 
     def deferred(self) -> set[int]:
         """ids of the (meta) parameters to leave unallocated."""
@@ -391,6 +429,7 @@ class QuantizeOnRead:
     def expect(self, counts: dict[str, int]) -> None:
         """How many tensors will be written into each deferred parameter."""
         self.pending = {p: counts.get(p, 0) for p in self.owner}
+        self.expected = dict(self.pending)  # (per-expert hints: one a tensor written)
         missing = [p for p, n in self.pending.items() if n == 0]
         if missing:  # the scan reports missing tensors before this: an internal error
             raise RuntimeError(f"nothing to read into {missing[:3]}")
@@ -427,8 +466,11 @@ class QuantizeOnRead:
             if mod_name in VOCAB:
                 quantize_vocab_(self.model, self.dtype, mod_name, self.fmt)
             else:
-                hints = {p.removeprefix(mod_name + "."): self.hints.pop(p)
-                         for p in [p for p in self.hints if self.owner[p] == mod_name]}  # fmt: skip
+                hints = {}
+                for p in [p for p in self.hints if self.owner[p] == mod_name]:
+                    h = self.hints.pop(p)
+                    if self._parts.pop(p, None) in (None, self.expected.get(p)):  # (all slices)
+                        hints[p.removeprefix(mod_name + ".")] = h
                 quantize_module_(self.model, mod_name, self.fmt, self.dtype, self.block, hints)
             self.live -= nbytes
             self.freed += nbytes

@@ -12,13 +12,33 @@ fast path is tested against.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 BLOCK = 128
-INT4_LATTICE = 32  # inputs per lattice of GGUF's 4-bit blocks (int4_on_lattice)
+
+
+class Lattice(NamedTuple):
+    """A source file's 4-bit values as they are stored (a hint to int4: quant/apply.py
+    _int_linear): value = zero + step * code, code in [0, 15], step and zero [..., in / g] fp32
+    per group of g inputs (g = in / groups: 32 for GGUF's blocks, a compressed-tensors
+    checkpoint's group size), codes [..., in] uint8 (None: found from the values)."""
+
+    step: torch.Tensor
+    zero: torch.Tensor
+    codes: torch.Tensor | None
+
+
+class Int8Rows(NamedTuple):
+    """A source file's 8-bit values per output row (a hint to int8 / int4): value = q * scale,
+    q [..., out, in] int8, scale [..., out] fp32."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
 
 
 def _blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
@@ -106,13 +126,15 @@ def int4_on_lattice(
     w: torch.Tensor | None, step: torch.Tensor, zero: torch.Tensor, dtype=torch.bfloat16,
     codes: torch.Tensor | None = None,
 ):
-    """w [out, in] whose groups of 32 inputs already lie on 16-level lattices w = zero + step * q,
-    q in [0, 15] (a GGUF file's Q4_0 / Q4_1 / Q4_K blocks; step, zero [out, in/32]) -> the int4
-    groups of 32 that hold those very values (q [out, in] int32, scales_and_zeros [in/32, out, 2]
-    in dtype): scale = step, zero + 8 * step in torch's convention; only the scales' rounding to
-    dtype differs from the lattice (requantizing by min / max would pick another grid whenever a
-    group does not reach both ends). codes: the q themselves (the file's, [out, in] uint8), so
-    that w is not needed (None) and no q is found again; q is then uint8)."""
+    """w [out, in] whose groups of g inputs already lie on 16-level lattices w = zero + step * q,
+    q in [0, 15] (a GGUF file's Q4_0 / Q4_1 / Q4_K blocks, g = 32; a compressed-tensors
+    checkpoint's groups; step, zero [out, in/g]) -> the int4 groups of g that hold those very
+    values (q [out, in] int32, scales_and_zeros [in/g, out, 2] in dtype): scale = step, zero +
+    8 * step in torch's convention; only the scales' rounding to dtype differs from the lattice
+    (requantizing by min / max would pick another grid whenever a group does not reach both
+    ends). codes: the q themselves (the file's, [out, in] uint8), so that w is not needed (None)
+    and no q is found again; q is then uint8)."""
+    g = (codes if codes is not None else w).shape[-1] // step.shape[-1]
     step, zero = step.float(), zero.float()
     neg = step < 0  # (Q4_0's d takes the sign of the group's extreme) the same lattice upside down
     zero = torch.where(neg, zero + 15 * step, zero)
@@ -120,10 +142,10 @@ def int4_on_lattice(
     if codes is not None:  # (kept in uint8: a quarter of int32's bytes to pack)
         q = codes
         if bool(neg.any()):
-            q = torch.where(neg.repeat_interleave(INT4_LATTICE, 1), 15 - q, q)
+            q = torch.where(neg.repeat_interleave(g, 1), 15 - q, q)
     else:
-        s = step.repeat_interleave(INT4_LATTICE, 1)
-        z = zero.repeat_interleave(INT4_LATTICE, 1)
+        s = step.repeat_interleave(g, 1)
+        z = zero.repeat_interleave(g, 1)
         q = torch.where(s > 0, (w.float() - z) / s.clamp(min=1e-30), torch.zeros_like(s))
         q = q.round_().clamp_(0, 15).to(torch.int32)
     sz = torch.stack([step, zero + 8 * step], -1).transpose(0, 1)

@@ -126,10 +126,11 @@ class Int4Linear(Linear):
     @classmethod
     def on_lattice(cls, w: torch.Tensor | None, step: torch.Tensor, zero: torch.Tensor, dtype,
                    codes: torch.Tensor | None = None):  # fmt: skip
-        """Groups of 32 on the given lattices (formats.int4_on_lattice): a GGUF file's 4-bit
-        values kept as they are, not quantized again (codes: its 4-bit codes; w then unused)."""
+        """Groups on the given lattices (formats.int4_on_lattice: of in / step.shape[1] inputs):
+        a GGUF file's or a compressed-tensors checkpoint's 4-bit values kept as they are, not
+        quantized again (codes: its 4-bit codes; w then unused)."""
         q, sz = formats.int4_on_lattice(w, step, zero, dtype, codes)
-        return cls(matmul.pack_int4(q), sz, formats.INT4_LATTICE, step.shape[0])
+        return cls(matmul.pack_int4(q), sz, q.shape[1] // step.shape[1], step.shape[0])
 
     def dequantized(self, dtype) -> torch.Tensor:
         q = matmul.unpack_int4(self.weight, self.out_features, self.in_features)

@@ -1,0 +1,252 @@
+"""compressed-tensors checkpoints (llm-compressor's format, `quant_method: "compressed-tensors"`
+in config.json): RedHatAI's Qwen3.5 `quantized.w4a16` / `quantized.w8a8` / `FP8-dynamic`
+releases, and the GPTQ / AWQ models llm-compressor saves (vLLM and SGLang load them).
+
+weights.open_safetensors returns a `CompressedCheckpoint` for a safetensors file that holds such
+tensors: the same interface (keys, get_slice, get_tensor), each quantized module's weight
+presented as `<module>.weight` in its own shape and its scales' dtype, its values as the
+library decompresses them (computed in fp32, rounded once to that dtype):
+
+- pack-quantized (W4A16, W8A16): `weight_packed` int32 (codes u = q + 2^(b-1), b = 4 or 8 bits,
+  32 / b to a word, the first in the low bits, along the input), `weight_shape`,
+  `weight_scale` [out, in / group] (channel: [out, 1]; tensor: one), and when asymmetric
+  `weight_zero_point` (packed alike along the output) -> (q - zp) * scale;
+- int-quantized (W8A8): `weight` int8, `weight_scale` -> q * scale;
+- float-quantized (FP8): `weight` e4m3 and `weight_scale`: in 128 x 128 blocks it is the official
+  FP8 layout, the scale presented as `weight_scale_inv` (the engine keeps FP8); per channel or
+  tensor -> q * scale (then stored as the engine is asked: BF16, or int8 / fp8 again).
+
+`quant_hint(key)` tells int4 / int8 storage the stored codes (quant/apply.py _int_linear), so
+that the checkpoint's values are kept rather than quantized again: 4-bit weights become int4
+groups on the stored lattices (step = scale, zero = -(8 + zp) * scale: exact up to the scales'
+rounding to the model dtype), 8-bit integer ones int8 rows with the stored scales (per channel;
+per group or tensor they are quantized again). The checkpoint's activation quantization (W8A8's
+int8 inputs, FP8-dynamic's e4m3 ones) is not applied: inputs stay in the model dtype.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from qwen35.quant.formats import Int8Rows, Lattice
+from qwen35.weights import CheckpointError
+
+# the tensors of a compressed module besides its weight (read with it, never presented)
+_AUX = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale",
+        "input_zero_point", "output_scale", "weight_global_scale", "input_global_scale")  # fmt: skip
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_LATTICE_GROUPS = (128, 64, 32)  # int4 groups the kernels take (plan/params.py int4_group)
+
+
+def is_compressed(keys) -> bool:
+    """Whether a safetensors file's keys are compressed-tensors' (a quantized module's scale
+    named `weight_scale`, not the official FP8 layout's `weight_scale_inv`, or packed codes)."""
+    return any(k.endswith((".weight_packed", ".weight_scale")) for k in keys)
+
+
+class _Slice:
+    """safetensors' slice interface over one presented tensor."""
+
+    def __init__(self, ck: CompressedCheckpoint, key: str):
+        self._ck, self._key = ck, key
+
+    def get_shape(self) -> list[int]:
+        return list(self._ck._shapes[self._key])
+
+    def get_dtype(self) -> str:
+        return self._ck._dtypes[self._key]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._ck.get_tensor(self._key)[index]
+
+
+class CompressedCheckpoint:
+    """One safetensors file of a compressed-tensors checkpoint, read as a plain one (module
+    docstring). `f`: its safe_open handle."""
+
+    hint_formats = ("int4", "int8")  # the storage quant_hint speaks to (weights.read_into)
+
+    def __init__(self, f, path):
+        self._f, self.path = f, path
+        keys = list(f.keys())
+        have = set(keys)
+        self._modules: dict[str, str] = {}  # presented weight key -> kind (packed, int8, fp8)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}
+        self._raw: dict[str, str] = {}  # presented key -> the stored key it is read from
+        for k in keys:
+            base, _, leaf = k.rpartition(".")
+            if leaf in _AUX and base + ".weight_packed" not in have and \
+                    base + ".weight" not in have:  # fmt: skip
+                raise CheckpointError(f"{path}: {k} has no weight beside it")
+            if leaf == "weight_packed":
+                self._packed(base, have)
+            elif leaf == "weight" and base + ".weight_scale" in have:
+                self._stored(base)
+            elif leaf == "weight_scale" and self._is_block_fp8(base):
+                self._present(base + ".weight_scale_inv", k)  # (the official FP8 layout)
+            elif leaf not in _AUX:
+                self._present(k, k)
+
+    # ---- the layout ------------------------------------------------------------------------
+    def _present(self, key: str, raw: str, shape=None, dtype=None) -> None:
+        sl = self._f.get_slice(raw)
+        self._raw[key] = raw
+        self._shapes[key] = tuple(shape if shape is not None else sl.get_shape())
+        self._dtypes[key] = dtype or sl.get_dtype()
+
+    def _packed(self, base: str, have: set[str]) -> None:
+        for need in ("weight_shape", "weight_scale"):
+            if f"{base}.{need}" not in have:
+                raise CheckpointError(f"{self.path}: {base}.weight_packed has no {need} beside it")
+        shape = self._f.get_tensor(f"{base}.weight_shape").tolist()
+        packed = self._f.get_slice(f"{base}.weight_packed")
+        if len(shape) != 2 or packed.get_dtype() != "I32" or len(packed.get_shape()) != 2:
+            raise CheckpointError(f"{self.path}: {base}.weight_packed must be int32 [out, words] "
+                                  f"with a weight_shape of [out, in], got {shape}")  # fmt: skip
+        out, inp = shape
+        words = packed.get_shape()[1]
+        bits = next((b for b in (4, 8) if words == -(-inp * b // 32)), None)
+        if packed.get_shape()[0] != out or bits is None:
+            raise CheckpointError(
+                f"{self.path}: {base}.weight_packed {packed.get_shape()} does not hold "
+                f"{shape} in 4- or 8-bit codes (other widths are not read)"
+            )
+        self._present(base + ".weight", base + ".weight_packed", (out, inp),
+                      self._scale_shape(base, out, inp))  # fmt: skip
+        self._modules[base + ".weight"] = f"int{bits}"
+
+    def _stored(self, base: str) -> None:
+        sl = self._f.get_slice(base + ".weight")
+        dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
+        if dtype not in ("I8", "F8_E4M3") or len(shape) != 2:
+            raise CheckpointError(f"{self.path}: {base}.weight is {dtype} {list(shape)} beside a "
+                                  "weight_scale: int8 or e4m3 [out, in] is read")  # fmt: skip
+        if dtype == "F8_E4M3" and self._is_block_fp8(base):
+            self._present(base + ".weight", base + ".weight")  # FP8 kept as FP8
+            return
+        self._present(base + ".weight", base + ".weight", shape, self._scale_shape(base, *shape))
+        self._modules[base + ".weight"] = "int8" if dtype == "I8" else "fp8"
+
+    def _scale_shape(self, base: str, out: int, inp: int) -> str:
+        """Checks the scale's shape (and a GPTQ g_idx); returns its dtype, the values'."""
+        sl = self._f.get_slice(base + ".weight_scale")
+        s = tuple(sl.get_shape())
+        groups = s[1] if len(s) == 2 and s[0] == out else 1 if s in ((), (1,), (1, 1)) else None
+        if groups is None or inp % groups or (groups > 1 and (inp // groups) % 32):
+            raise CheckpointError(
+                f"{self.path}: {base}.weight_scale {list(s)} is not a scale per output row and "
+                f"group of 32k inputs, per row or per tensor of a [{out}, {inp}] weight"
+            )
+        if base + ".weight_g_idx" in self._f.keys():
+            g = self._f.get_tensor(base + ".weight_g_idx").long()
+            if not torch.equal(g, torch.arange(inp) // (inp // groups)):
+                raise CheckpointError(
+                    f"{self.path}: {base}.weight_g_idx orders the groups by activation (GPTQ "
+                    "act-order 'group'), which is not read; use a checkpoint quantized with "
+                    "actorder 'weight' or none"
+                )
+        if sl.get_dtype() not in ("BF16", "F16", "F32"):
+            raise CheckpointError(f"{self.path}: {base}.weight_scale is {sl.get_dtype()}: "
+                                  "BF16, F16 or F32 scales are read")  # fmt: skip
+        return sl.get_dtype()
+
+    def _is_block_fp8(self, base: str) -> bool:
+        """An e4m3 weight with a 2-D scale of fewer rows than the weight: 128 x 128 blocks."""
+        if base + ".weight" not in self._f.keys() or base + ".weight_scale" not in self._f.keys():
+            return False
+        w, s = (self._f.get_slice(f"{base}.{n}") for n in ("weight", "weight_scale"))
+        ws, ss = w.get_shape(), s.get_shape()
+        return w.get_dtype() == "F8_E4M3" and len(ss) == 2 and len(ws) == 2 and ss[0] < ws[0]
+
+    # ---- safetensors' interface --------------------------------------------------------------
+    def __enter__(self):
+        self._f.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+
+    def keys(self) -> list[str]:
+        return list(self._raw)
+
+    def get_slice(self, key: str) -> _Slice:
+        if key not in self._raw:
+            raise KeyError(key)
+        return _Slice(self, key)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        kind = self._modules.get(key)
+        if kind is None:
+            return self._f.get_tensor(self._raw[key])
+        q, scale, zp = self._codes(key)
+        g = q.shape[1] // scale.shape[1]
+        w = q.float()
+        if zp is not None:
+            w -= zp.float().repeat_interleave(g, 1)
+        # (q - zp) * scale rounded once to the scales' dtype: compressed-tensors' own values
+        return w.mul_(scale.repeat_interleave(g, 1)).to(_DTYPES[self._dtypes[key]])
+
+    def quant_hint(self, key: str):
+        """The stored codes of a quantized weight as int4 / int8 storage keeps them: a Lattice
+        (4-bit codes, in groups of up to 128 inputs) or Int8Rows (8-bit codes with one scale a
+        row); None for a weight stored otherwise (FP8, 8-bit per group or tensor: its values)."""
+        kind = self._modules.get(key)
+        if kind not in ("int4", "int8"):
+            return None
+        q, scale, zp = self._codes(key)
+        if kind == "int8":
+            if zp is not None or scale.shape[1] != 1:
+                return None
+            return Int8Rows(q.to(torch.int8), scale[:, 0].contiguous())
+        out, inp = q.shape
+        g = inp // scale.shape[1]  # lattices of L inputs (a divisor of the group the kernels take)
+        L = next((c for c in _LATTICE_GROUPS if g % c == 0), None)
+        if L is None:
+            return None
+        zero = -8 * scale if zp is None else -(8 + zp.float()) * scale
+        step, zero = (t.repeat_interleave(g // L, 1).contiguous() for t in (scale, zero))
+        return Lattice(step, zero, (q + 8).to(torch.uint8))
+
+    def _codes(self, key: str):
+        """(q [out, in] int16 signed, scale [out, groups] fp32, zp [out, groups] or None)."""
+        base = key.removesuffix(".weight")
+        out, inp = self._shapes[key]
+        kind = self._modules[key]
+        if kind == "int4":
+            q = _unpack4(self._f.get_tensor(base + ".weight_packed"), inp)
+        elif kind == "int8" and self._raw[key].endswith("_packed"):
+            words = self._f.get_tensor(base + ".weight_packed")
+            q = _bytes(words)[:, :inp].to(torch.int16) - 128
+        else:  # int8 or e4m3 as stored
+            q = self._f.get_tensor(base + ".weight")
+            q = q.to(torch.int16) if q.dtype == torch.int8 else q.float()
+        scale = self._f.get_tensor(base + ".weight_scale").float()
+        if scale.numel() == 1 and out != 1:  # one scale for the tensor
+            scale = scale.reshape(1, 1).expand(out, 1)
+        scale = scale.reshape(out, -1).contiguous()
+        zp = None
+        if base + ".weight_zero_point" in self._f.keys():
+            z = self._f.get_tensor(base + ".weight_zero_point")
+            groups, bits = scale.shape[1], 4 if kind == "int4" else 8
+            if z.dtype == torch.int32:  # packed along the output: [out * bits / 32, groups]
+                z = (_unpack4(z.t().contiguous(), out) if bits == 4 else
+                     _bytes(z.t().contiguous())[:, :out].to(torch.int16) - 128).t()  # fmt: skip
+            zp = z.to(torch.int16).reshape(out, groups)
+        return q, scale, zp
+
+
+def _bytes(words: torch.Tensor) -> torch.Tensor:
+    """int32 words [rows, n] as their bytes [rows, 4n] uint8, least significant first."""
+    b = words.contiguous().view(torch.uint8).view(words.shape[0], -1, 4)
+    return (b.flip(-1) if sys.byteorder == "big" else b).reshape(words.shape[0], -1)
+
+
+def _unpack4(words: torch.Tensor, n: int) -> torch.Tensor:
+    """4-bit codes packed 8 to an int32 (element i in bits 4i..4i+3) -> q [rows, n] int16 in
+    [-8, 7] (the stored u - 8)."""
+    b = _bytes(words)
+    u = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(words.shape[0], -1)[:, :n]
+    return u.to(torch.int16) - 8

@@ -1,0 +1,269 @@
+"""compressed-tensors checkpoints (llm-compressor's format: RedHatAI's Qwen3.5 w4a16 / w8a8 /
+FP8-dynamic releases), written here by the compressed-tensors library itself from a tiny random
+checkpoint: the weights read back equal the library's own decompression, int4 / int8 storage
+keeps the stored codes (no second quantization), dense and MoE per-expert, and what the engine
+does not read is refused with the reason."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qwen35.loader import load_model
+from qwen35.quant.layers import Int4Linear, Int8Linear, IntExperts
+from qwen35.weights import CheckpointError
+from tiny import save_checkpoint
+
+ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors (the test extra)")
+
+DIMS = dict(hidden_size=128, linear_key_head_dim=32, linear_value_head_dim=32)
+DENSE = dict(DIMS, intermediate_size=256)
+MOE = dict(DIMS, moe_intermediate_size=128, shared_expert_intermediate_size=128)
+# what RedHatAI's recipes leave in BF16: the head, routers, DeltaNet's a / b, the tower, MTP
+IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$", "re:.*in_proj_[ab]$",
+          "re:.*visual.*", "re:mtp.*"]  # fmt: skip
+
+
+def _quantized(key: str) -> bool:
+    if not key.endswith(".weight") or not key.startswith("model.language_model.layers."):
+        return False
+    module = key.removesuffix(".weight")
+    return not any(re.match(p[3:], module) for p in IGNORE if p.startswith("re:")) and \
+        ("proj" in module.rsplit(".", 1)[-1])  # fmt: skip
+
+
+def compress(src: Path, dst: Path, weights: dict, fmt: str) -> dict[str, torch.Tensor]:
+    """src (a tiny checkpoint) as compressed-tensors writes it: scales and zero points by the
+    library's min / max (calculate_qparams), each weight through its compressor, its
+    quantization_config in config.json. Returns the library's decompression of each quantized
+    weight (fp32 scales: exact)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(**weights)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=IGNORE, format=fmt,
+                                quantization_status="compressed")  # fmt: skip
+    comp = BaseCompressor.get_value_from_registry(fmt)
+    dst.mkdir(parents=True)
+    out, want = {}, {}
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            w = f.get_tensor(k)
+            if not _quantized(k):
+                out[k] = w.to(torch.bfloat16)
+                continue
+            base = k.removesuffix(".weight")
+            w = w.to(torch.bfloat16).float()
+            if args.strategy == "group":
+                v = w.view(w.shape[0], -1, args.group_size)
+                lo, hi = v.amin(-1), v.amax(-1)
+            elif args.strategy == "block":  # 128 x 128, the last ones partial
+                n, m = -(-w.shape[0] // 128), -(-w.shape[1] // 128)
+                v = torch.nn.functional.pad(w, (0, m * 128 - w.shape[1], 0, n * 128 - w.shape[0]))
+                v = v.view(n, 128, m, 128)
+                lo, hi = v.amin((1, 3)), v.amax((1, 3))
+            elif args.strategy == "channel":
+                lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+            else:  # tensor
+                lo, hi = w.min().reshape(1), w.max().reshape(1)
+            scale, zp = calculate_qparams(lo, hi, args)
+            scale = scale.to(torch.bfloat16)  # (stored in the weights' dtype)
+            state = {"weight": w, "weight_scale": scale.float()}
+            if not args.symmetric:
+                state["weight_zero_point"] = zp.to(torch.int8)
+            packed = comp.compress(state, scheme)
+            want[k] = comp.decompress({**packed, "weight_scale": scale.float()}, scheme)["weight"]
+            packed["weight_scale"] = scale
+            out.update({f"{base}.{n}": t.contiguous() for n, t in packed.items()})
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = config.model_dump()
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return want
+
+
+W4 = dict(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128)
+CASES = {  # name: (weights, format, moe)
+    "w4a16": (W4, "pack-quantized", False),
+    "w4a16-asym-g32": (dict(W4, symmetric=False, group_size=32), "pack-quantized", False),
+    "w4a16-channel": (dict(W4, strategy="channel", group_size=None), "pack-quantized", False),
+    "w4a16-moe": (dict(W4, group_size=64), "pack-quantized", True),
+    "w8a16": (dict(W4, num_bits=8, strategy="channel", group_size=None), "pack-quantized",
+              False),  # fmt: skip
+    "w8a8": (dict(W4, num_bits=8, strategy="channel", group_size=None), "int-quantized", True),
+    "fp8-dynamic": (dict(num_bits=8, type="float", symmetric=True, strategy="channel"),
+                    "float-quantized", False),  # fmt: skip
+    "fp8-block": (dict(num_bits=8, type="float", symmetric=True, strategy="block",
+                       block_structure=[128, 128]), "float-quantized", True),  # fmt: skip
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    weights, fmt, moe = CASES[request.param]
+    base = tmp_path_factory.mktemp(request.param)
+    save_checkpoint(base / "src", moe=moe, experts="per_expert" if moe else "fused",
+                    **(MOE if moe else DENSE))  # fmt: skip
+    want = compress(base / "src", base / "ct", weights, fmt)
+    return request.param, base / "ct", want
+
+
+def test_weights_read_as_the_library_decompresses_them(case):
+    from qwen35.compressed_tensors import CompressedCheckpoint
+
+    name, d, want = case
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        ck = CompressedCheckpoint(f, d / "model.safetensors")
+        assert not any(k.endswith(("_packed", "_scale", "_shape", "_zero_point")) for k in ck.keys())
+        for k, w in want.items():
+            got = ck.get_tensor(k)
+            if got.dtype == torch.float8_e4m3fn:  # blocks: presented as the official FP8 layout
+                from qwen35.quant.formats import dequantize_fp8_blocks
+
+                scale = ck.get_tensor(k + "_scale_inv")
+                got = dequantize_fp8_blocks(got, scale, torch.bfloat16, (128, 128))
+            assert ck.get_slice(k).get_shape() == list(w.shape), k
+            assert got.dtype == torch.bfloat16 and torch.equal(got, w.to(got.dtype)), k
+        assert len(want) >= 8
+
+
+def test_int_storage_keeps_the_stored_codes(case):
+    """int4 (4-bit) / int8 (8-bit per channel) hold exactly the checkpoint's values: each int
+    module's dequantized weight equals the library's decompression (fp32 scales here)."""
+    name, d, want = case
+    if name.startswith("fp8"):
+        pytest.skip("FP8 is not an integer format: int8 / int4 quantize its values")
+    fmt = "int4" if "w4" in name else "int8"
+    model = load_model(d, dtype="fp32", quantization=fmt)
+    mods = dict(model.named_modules())
+    checked = 0
+    for k, w in want.items():
+        name_ = k.replace("model.language_model.", "model.").removesuffix(".weight")
+        m = re.match(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj$", name_)
+        if m:
+            ex = mods[m[1]]
+            assert isinstance(ex, IntExperts)
+            e, part = int(m[2]), m[3]
+            lin = (ex.down_q if part == "down" else ex.gate_up_q)[e]
+            got = lin.dequantized(torch.float32)
+            if part != "down":
+                half = got.shape[0] // 2
+                got = got[:half] if part == "gate" else got[half:]
+        else:
+            lin = mods.get(name_)
+            if lin is None:  # packed with a sibling (q, k, v / gate, up): its rows of the pack
+                continue
+            got = lin.dequantized(torch.float32)
+        assert isinstance(lin, Int4Linear if fmt == "int4" else Int8Linear), (k, type(lin))
+        if fmt == "int4":
+            assert lin.group == (32 if "g32" in name else 64 if "moe" in name else 128)
+        assert torch.equal(got, w), (k, (got - w).abs().max())
+        checked += 1
+    assert checked >= 6
+
+
+def test_logits_equal_the_decompressed_checkpoint(case, tmp_path):
+    """Stored in the model dtype (fp32), the compressed checkpoint is the model its
+    decompression describes: the same logits as a plain checkpoint of those weights."""
+    name, d, want = case
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        from qwen35.compressed_tensors import CompressedCheckpoint
+        from qwen35.quant.formats import dequantize_fp8_blocks
+
+        ck = CompressedCheckpoint(f, d)
+        sd = {k: ck.get_tensor(k) for k in ck.keys()}
+        for k in [k for k in sd if k.endswith("_scale_inv")]:  # FP8 blocks, values written out
+            w = k.removesuffix("_scale_inv")
+            sd[w] = dequantize_fp8_blocks(sd[w], sd.pop(k), torch.float32, (128, 128))
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(plain / "model.safetensors"))
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["quantization_config"]
+    (plain / "config.json").write_text(json.dumps(cfg))
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    m = load_model(d, dtype="fp32")
+    a, b = m(ids), load_model(plain, dtype="fp32")(ids)
+    if name == "fp8-block":  # kept in FP8 (the official layout's modules), its kernel's sums
+        from qwen35.quant.layers import Fp8Experts, Fp8Linear
+
+        assert any(isinstance(x, Fp8Linear) for x in m.modules())
+        assert any(isinstance(x, Fp8Experts) for x in m.modules())
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    else:
+        assert torch.equal(a, b)
+
+
+def test_cpu_default_storage_follows_the_checkpoint(case, capsys):
+    """`--dtype auto` on a CPU holds the checkpoint as stored (int4 / int8), and `qwen35 plan
+    --cpu-memory` plans and launches it so."""
+    from qwen35.cli import main
+    from qwen35.loader import auto_quantization
+
+    name, d, _ = case
+    want = {"w4": "int4", "w8": "int8", "fp": "int8"}[name[:2]]
+    want = None if name == "fp8-block" else want  # (the official FP8 layout: kept FP8)
+    assert auto_quantization(str(d), "auto", "auto", "cpu") == want
+    assert auto_quantization(str(d), "auto", "bf16", "cpu") is None  # a dtype asked: as stored
+    assert main(["plan", "-m", str(d), "--cpu-memory", "4"]) == 0
+    out = capsys.readouterr().out
+    assert (f"--quantization {want}" if want else "--dtype bf16") in out
+
+
+def test_unreadable_checkpoints_are_refused_with_the_reason(tmp_path):
+    from qwen35.config import ConfigError, ModelConfig
+
+    save_checkpoint(tmp_path / "src", **DENSE)
+    d = tmp_path / "ct"
+    compress(tmp_path / "src", d, W4, "pack-quantized")
+    cfg = json.loads((d / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    for edit, says in (
+        ({"format": "nvfp4-pack-quantized"}, "NVFP4"),
+        ({"config_groups": {"g": {"weights": dict(W4, num_bits=2)}}}, "2 bits"),
+        ({"config_groups": {"g": {"weights": dict(W4, actorder="group")}}}, "act-order"),
+        ({"config_groups": {"g": {"weights": dict(W4, group_size=48)}}}, "multiple of 32"),
+    ):
+        (d / "config.json").write_text(json.dumps({**cfg, "quantization_config": {**qc, **edit}}))
+        with pytest.raises(ConfigError, match=says):
+            ModelConfig.from_hf(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    # tensors: a packed weight without its shape, a scale of the wrong shape
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in sd if k.endswith("q_proj.weight_shape"))
+    for broken, says in (
+        ({k: v for k, v in sd.items() if k != key}, "no weight_shape"),
+        ({**sd, key.replace("_shape", "_scale"): torch.ones(3, 1)}, "weight_scale"),
+    ):
+        save_file(broken, str(d / "model.safetensors"))
+        with pytest.raises(CheckpointError, match=says):
+            load_model(d, dtype="fp32")
+
+
+def test_quantize_writes_it_as_a_plain_checkpoint(case, tmp_path):
+    """`qwen35 quantize CT_DIR OUT --to bf16`: the decompressed weights as a BF16 release (no
+    quantization_config), which loads as the compressed checkpoint's values."""
+    from qwen35.quant.checkpoint import convert_checkpoint
+
+    name, d, want = case
+    if name != "w4a16-moe":
+        pytest.skip("one case: the conversion reads any checkpoint through the same view")
+    out = tmp_path / "bf16"
+    convert_checkpoint(d, out, "bf16")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    with safe_open(str(out / "model-00001-of-00001.safetensors"), "pt") as f:
+        for k, w in want.items():
+            assert torch.equal(f.get_tensor(k), w.to(torch.bfloat16)), k
