@@ -110,14 +110,26 @@ CASES = {  # name: (weights, format, moe)
 }
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def case(request, tmp_path_factory):
-    weights, fmt, moe = CASES[request.param]
-    base = tmp_path_factory.mktemp(request.param)
+def _build(name: str, base: Path):
+    weights, fmt, moe = CASES[name]
     save_checkpoint(base / "src", moe=moe, experts="per_expert" if moe else "fused",
                     **(MOE if moe else DENSE))  # fmt: skip
-    want = compress(base / "src", base / "ct", weights, fmt)
-    return request.param, base / "ct", want
+    return name, base / "ct", compress(base / "src", base / "ct", weights, fmt)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    return _build(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module", params=[n for n in CASES if not n.startswith("fp8")])
+def int_case(request, tmp_path_factory):  # (FP8 is no integer format: int8 / int4 requantize it)
+    return _build(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def moe_w4(tmp_path_factory):
+    return _build("w4a16-moe", tmp_path_factory.mktemp("moe-w4"))
 
 
 def test_weights_read_as_the_library_decompresses_them(case):
@@ -139,12 +151,10 @@ def test_weights_read_as_the_library_decompresses_them(case):
         assert len(want) >= 8
 
 
-def test_int_storage_keeps_the_stored_codes(case):
+def test_int_storage_keeps_the_stored_codes(int_case):
     """int4 (4-bit) / int8 (8-bit per channel) hold exactly the checkpoint's values: each int
     module's dequantized weight equals the library's decompression (fp32 scales here)."""
-    name, d, want = case
-    if name.startswith("fp8"):
-        pytest.skip("FP8 is not an integer format: int8 / int4 quantize its values")
+    name, d, want = int_case
     fmt = "int4" if "w4" in name else "int8"
     model = load_model(d, dtype="fp32", quantization=fmt)
     mods = dict(model.named_modules())
@@ -253,17 +263,33 @@ def test_unreadable_checkpoints_are_refused_with_the_reason(tmp_path):
             load_model(d, dtype="fp32")
 
 
-def test_quantize_writes_it_as_a_plain_checkpoint(case, tmp_path):
+def test_quantize_writes_it_as_a_plain_checkpoint(moe_w4, tmp_path):
     """`qwen35 quantize CT_DIR OUT --to bf16`: the decompressed weights as a BF16 release (no
     quantization_config), which loads as the compressed checkpoint's values."""
     from qwen35.quant.checkpoint import convert_checkpoint
 
-    name, d, want = case
-    if name != "w4a16-moe":
-        pytest.skip("one case: the conversion reads any checkpoint through the same view")
+    name, d, want = moe_w4
     out = tmp_path / "bf16"
     convert_checkpoint(d, out, "bf16")
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     with safe_open(str(out / "model-00001-of-00001.safetensors"), "pt") as f:
         for k, w in want.items():
             assert torch.equal(f.get_tensor(k), w.to(torch.bfloat16)), k
+
+
+def test_the_engine_serves_it_as_stored(moe_w4):
+    """LLM(DIR) on a CPU with --dtype auto: int4 from the stored codes, and greedy tokens of a
+    batch equal each prompt's alone; vLLM's `--quantization compressed-tensors` is `as stored`."""
+    from qwen35 import LLM, SamplingParams
+    from qwen35.engine.config import EngineConfig
+
+    name, d, _ = moe_w4
+    assert EngineConfig.create(str(d), quantization="compressed-tensors").load.quantization is None
+    llm = LLM(str(d), max_model_len=256, max_num_seqs=4, max_memory="256MiB")
+    assert llm.engine.engine_config.load.quantization == "int4"
+    assert any(isinstance(m, IntExperts) for m in llm.engine.model.modules())
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+    alone = [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
+    assert together == alone and all(len(t) == 6 for t in together)

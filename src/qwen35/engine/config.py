@@ -69,8 +69,10 @@ class LoadConfig:
         None,
         "quantize the weights at load: int8 / int4 (weight-only, for CPU decode) or fp8 (block "
         "FP8 as the official releases); bf16 with --dtype fp32: weights stored in bf16, fp32 "
-        "compute (CPUs without native bf16); default: as stored (FP8 checkpoints stay FP8)",
+        "compute (CPUs without native bf16); default: as stored (FP8 checkpoints stay FP8; "
+        "vLLM's 'compressed-tensors' means that too)",
         choices=["fp8", "int8", "int4", "bf16"],
+        value_aliases={"compressed-tensors": None},
     )
     int4_activations: str = _opt(
         "int8",
