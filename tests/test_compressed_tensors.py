@@ -107,6 +107,8 @@ CASES = {  # name: (weights, format, moe)
                     "float-quantized", False),  # fmt: skip
     "fp8-block": (dict(num_bits=8, type="float", symmetric=True, strategy="block",
                        block_structure=[128, 128]), "float-quantized", True),  # fmt: skip
+    "fp8-dynamic-moe": (dict(num_bits=8, type="float", symmetric=True, strategy="channel"),
+                        "float-quantized", True),  # fmt: skip
 }
 
 
@@ -145,7 +147,8 @@ def test_weights_read_as_the_library_decompresses_them(case):
                 from qwen35.quant.formats import dequantize_fp8_blocks
 
                 scale = ck.get_tensor(k + "_scale_inv")
-                got = dequantize_fp8_blocks(got, scale, torch.bfloat16, (128, 128))
+                block = (128, 128) if name == "fp8-block" else (1, 128)
+                got = dequantize_fp8_blocks(got, scale, torch.bfloat16, block)
             assert ck.get_slice(k).get_shape() == list(w.shape), k
             assert got.dtype == torch.bfloat16 and torch.equal(got, w.to(got.dtype)), k
         assert len(want) >= 8
@@ -196,9 +199,10 @@ def test_logits_equal_the_decompressed_checkpoint(case, tmp_path):
 
         ck = CompressedCheckpoint(f, d)
         sd = {k: ck.get_tensor(k) for k in ck.keys()}
+        block = (128, 128) if name == "fp8-block" else (1, 128)
         for k in [k for k in sd if k.endswith("_scale_inv")]:  # FP8 blocks, values written out
             w = k.removesuffix("_scale_inv")
-            sd[w] = dequantize_fp8_blocks(sd[w], sd.pop(k), torch.float32, (128, 128))
+            sd[w] = dequantize_fp8_blocks(sd[w], sd.pop(k), torch.float32, block)
         save_file({k: v.contiguous() for k, v in sd.items()}, str(plain / "model.safetensors"))
     cfg = json.loads((d / "config.json").read_text())
     del cfg["quantization_config"]
@@ -206,11 +210,11 @@ def test_logits_equal_the_decompressed_checkpoint(case, tmp_path):
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     m = load_model(d, dtype="fp32")
     a, b = m(ids), load_model(plain, dtype="fp32")(ids)
-    if name == "fp8-block":  # kept in FP8 (the official layout's modules), its kernel's sums
+    if name.startswith("fp8"):  # kept in FP8 (the official layout's modules), its kernel's sums
         from qwen35.quant.layers import Fp8Experts, Fp8Linear
 
         assert any(isinstance(x, Fp8Linear) for x in m.modules())
-        assert any(isinstance(x, Fp8Experts) for x in m.modules())
+        assert any(isinstance(x, Fp8Experts) for x in m.modules()) == CASES[name][2]
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     else:
         assert torch.equal(a, b)
@@ -224,7 +228,7 @@ def test_cpu_default_storage_follows_the_checkpoint(case, capsys):
 
     name, d, _ = case
     want = {"w4": "int4", "w8": "int8", "fp": "int8"}[name[:2]]
-    want = None if name == "fp8-block" else want  # (the official FP8 layout: kept FP8)
+    want = None if name.startswith("fp8") else want  # (kept FP8, as the official layout)
     assert auto_quantization(str(d), "auto", "auto", "cpu") == want
     assert auto_quantization(str(d), "auto", "bf16", "cpu") is None  # a dtype asked: as stored
     assert main(["plan", "-m", str(d), "--cpu-memory", "4"]) == 0

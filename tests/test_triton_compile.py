@@ -218,16 +218,19 @@ def test_deltanet_decode_kernels_compile(dtype):
         ))  # fmt: skip
 
 
+@pytest.mark.parametrize("bo", [128, 1])  # 128 x 128 blocks; one scale a row (bn rows a tile)
 @pytest.mark.parametrize("M", [1, 16, 17, 64, 4096])
-def test_fp8_block_kernel_compiles(M):
+def test_fp8_block_kernel_compiles(M, bo):
     from qwen35.quant import fp8_gpu
 
     kern = fp8_gpu._triton_kernel()
     fn = kern.kernel
     sig = dict(A="*fp8e4nv", B="*fp8e4nv", C="*bf16", As="*fp32", Bs="*fp32", M="i32", N="i32",
                K="i32", s_am="i32", s_bn="i32", s_cm="i32", s_asm="i32", s_bsn="i32",
-               BLOCK_N=0, BLOCK_K=0, BM=0)  # fmt: skip
-    compile_sm90(fn, sig, dict(BLOCK_N=128, BLOCK_K=128, BM=fp8_gpu.block_m(M)), spills_ok=True)
+               BLOCK_N=0, BLOCK_K=0, BM=0, BLOCK_O=0)  # fmt: skip
+    bn = bo if bo >= 16 else fp8_gpu.ROW_SCALE_BLOCK_N
+    compile_sm90(fn, sig, dict(BLOCK_N=bn, BLOCK_K=128, BM=fp8_gpu.block_m(M), BLOCK_O=bo),
+                 spills_ok=True)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -326,8 +329,8 @@ def test_fp8_block_gemm_does_not_build_before_sm89_and_says_so():
 
     sig = dict(A="*fp8e4nv", B="*fp8e4nv", C="*bf16", As="*fp32", Bs="*fp32", M="i32", N="i32",
                K="i32", s_am="i32", s_bn="i32", s_cm="i32", s_asm="i32", s_bsn="i32",
-               BLOCK_N=0, BLOCK_K=0, BM=0)  # fmt: skip
-    const = dict(BLOCK_N=128, BLOCK_K=128, BM=64)
+               BLOCK_N=0, BLOCK_K=0, BM=0, BLOCK_O=0)  # fmt: skip
+    const = dict(BLOCK_N=128, BLOCK_K=128, BM=64, BLOCK_O=128)
     compile_sm90(fp8_gpu._triton_kernel().kernel, dict(sig), const, spills_ok=True)  # Hopper
     with pytest.raises(Exception) as err:
         compile_sm90(fp8_gpu._triton_kernel().kernel, sig, const, target=SM80)

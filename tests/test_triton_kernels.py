@@ -313,7 +313,7 @@ def test_deltanet_decode_gated_triton_equals_op_by_op(dtype):
 
 
 def _moe_block(dtype, H=80, E=12, k=3, inter=40, shared_inter=24, seed=14, fp8=False,
-               packed=True):  # fmt: skip
+               packed=True, block=(128, 128)):  # fmt: skip
     """A SparseMoE with random weights, packed as the loader leaves it (packed=False: only the
     shared expert's gate / up, the router and shared_expert_gate apart); odd sizes: H and the
     intermediate sizes are not multiples of the kernels' blocks. fp8: the routed experts and
@@ -335,10 +335,10 @@ def _moe_block(dtype, H=80, E=12, k=3, inter=40, shared_inter=24, seed=14, fp8=F
         from qwen35.layers.moe import Experts
         from qwen35.quant.layers import Fp8Experts, Fp8Linear
 
-        m.experts = Fp8Experts.quantize(m.experts)
+        m.experts = Fp8Experts.quantize(m.experts, block)
         sh = m.shared_expert
         for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(sh, name, Fp8Linear.quantize(getattr(sh, name).weight))
+            setattr(sh, name, Fp8Linear.quantize(getattr(sh, name).weight, block))
         ref = copy.deepcopy(m)  # the dequantised weights, plain
         ref.experts = Experts(E, H, inter, dtype, DEV)
         ref.experts.gate_up_proj.data, ref.experts.down_proj.data = m.experts.dequantized(dtype)
@@ -419,13 +419,15 @@ def test_fused_moe_loop_not_unrolled(fp8, monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("block", [(128, 128), (1, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 5])
-def test_fused_moe_reads_fp8_experts(dtype, T):
-    """FP8 experts and shared expert (e4m3, 128 x 128 block scales; H = 200 and I = 136 leave
-    partial blocks) read as stored: equal to the block with the dequantised weights in the
-    model dtype, to the rounding of those weights (fp32: exactly their products)."""
-    m, ref, g = _moe_block(dtype, H=200, inter=136, shared_inter=136, fp8=True)
+def test_fused_moe_reads_fp8_experts(dtype, T, block):
+    """FP8 experts and shared expert (e4m3, 128 x 128 block scales, or one scale a row and 128
+    inputs: a compressed-tensors FP8-dynamic checkpoint's; H = 200 and I = 136 leave partial
+    blocks) read as stored: equal to the block with the dequantised weights in the model dtype,
+    to the rounding of those weights (fp32: exactly their products)."""
+    m, ref, g = _moe_block(dtype, H=200, inter=136, shared_inter=136, fp8=True, block=block)
     x = torch.randn(T, 200, generator=g).to(DEV, dtype)
     got, calls = _fused_calls(lambda: m(x, MOE_BE))
     assert calls == 1, "the fused path was not taken"
@@ -543,20 +545,23 @@ def test_silu_mul_and_add_rms_norm_equal_reference(dtype):
     torch.testing.assert_close(y, norms.rms_norm_zc(h_ref, w, 1e-6), **tol)
 
 
+@pytest.mark.parametrize("block", [(128, 128), (1, 128)])
 @pytest.mark.parametrize("M,N,K", [(1, 256, 512), (7, 384, 1024), (130, 200, 333)])
-def test_block_fp8_kernel_matches_dequantised_reference(M, N, K):
+def test_block_fp8_kernel_matches_dequantised_reference(M, N, K, block):
     """quant/fp8_gpu.py's Triton kernel (the path where torch's blockwise _scaled_mm is missing):
-    partial last blocks in N and K, 1..130 rows. Its only error is the per-token-group e4m3
-    quantization of the activations (~2^-5 relative, averaged over K)."""
+    partial last blocks in N and K, 1..130 rows; blocks of 128 x 128 (the official releases) and
+    of one row (a compressed-tensors FP8-dynamic checkpoint's scale per channel). Its only error
+    is the per-token-group e4m3 quantization of the activations (~2^-5 relative, averaged over
+    K)."""
     from qwen35.quant import fp8_gpu
     from qwen35.quant.formats import dequantize_fp8_blocks, quantize_fp8_blocks
 
     g = torch.Generator().manual_seed(M)
     x = torch.randn(M, K, generator=g).to(torch.bfloat16)
-    w, s = quantize_fp8_blocks(torch.randn(N, K, generator=g) * 0.05)
+    w, s = quantize_fp8_blocks(torch.randn(N, K, generator=g) * 0.05, block)
     x, w, s = x.to(DEV), w.to(DEV), s.float().to(DEV)
-    y = fp8_gpu._triton_kernel()(x, w, s, (128, 128))
-    want = fp8_gpu.reference(x, w, s, (128, 128))
+    y = fp8_gpu._triton_kernel()(x, w, s, block)
+    want = fp8_gpu.reference(x, w, s, block)
     assert y.shape == (M, N) and y.dtype == torch.bfloat16
     assert _rel(y, want) < 0.03
     # that error is all: against the same quantized activations the kernel is exact up to fp32
@@ -568,26 +573,27 @@ def test_block_fp8_kernel_matches_dequantised_reference(M, N, K):
     x32 = x.float()
     xq, xs = fp8_gpu.quantize_activations(x32)
     x_deq = xq.float() * xs.repeat_interleave(128, 1)[:, :K]
-    w_deq = dequantize_fp8_blocks(w, s, torch.float32, (128, 128))
-    assert _rel(fp8_gpu._triton_kernel()(x32, w, s, (128, 128)), x_deq @ w_deq.T) < exact
+    w_deq = dequantize_fp8_blocks(w, s, torch.float32, block)
+    assert _rel(fp8_gpu._triton_kernel()(x32, w, s, block), x_deq @ w_deq.T) < exact
 
 
+@pytest.mark.parametrize("block", [(128, 128), (1, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,N,K", [(1, 256, 512), (5, 200, 333), (16, 384, 1024)])
-def test_fp8_gemv_kernel_equals_dequantised_weights(dtype, M, N, K):
+def test_fp8_gemv_kernel_equals_dequantised_weights(dtype, M, N, K, block):
     """quant/fp8_gpu.py's decode path (up to 16 rows, weights read as stored, activations not
     quantized): the dequantised-weight reference up to summation order (fp32) / the output's
-    rounding (bf16); partial last blocks in N and K."""
+    rounding (bf16); partial last blocks in N and K; 128 x 128 blocks and one-row ones."""
     from qwen35.quant import fp8_gpu
     from qwen35.quant.formats import dequantize_fp8_blocks, quantize_fp8_blocks
 
     g = torch.Generator().manual_seed(M + N)
     x = torch.randn(M, K + 3, generator=g).to(DEV, dtype)[:, :K]  # rows strided
-    w, s = quantize_fp8_blocks(torch.randn(N, K, generator=g) * 0.05)
+    w, s = quantize_fp8_blocks(torch.randn(N, K, generator=g) * 0.05, block)
     w, s = w.to(DEV), s.float().to(DEV)
-    y = fp8_gpu._gemv_kernel()(x, w, s, (128, 128))
+    y = fp8_gpu._gemv_kernel()(x, w, s, block)
     assert y.shape == (M, N) and y.dtype == dtype
-    want = x.float() @ dequantize_fp8_blocks(w, s, torch.float32, (128, 128)).T
+    want = x.float() @ dequantize_fp8_blocks(w, s, torch.float32, block).T
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(y.float(), want, **tol)
 

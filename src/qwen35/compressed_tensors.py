@@ -12,9 +12,10 @@ library decompresses them (computed in fp32, rounded once to that dtype):
   `weight_scale` [out, in / group] (channel: [out, 1]; tensor: one), and when asymmetric
   `weight_zero_point` (packed alike along the output) -> (q - zp) * scale;
 - int-quantized (W8A8): `weight` int8, `weight_scale` -> q * scale;
-- float-quantized (FP8): `weight` e4m3 and `weight_scale`: in 128 x 128 blocks it is the official
-  FP8 layout, the scale presented as `weight_scale_inv` (the engine keeps FP8); per channel or
-  tensor -> q * scale (then stored as the engine is asked: BF16, or int8 / fp8 again).
+- float-quantized (FP8): `weight` e4m3 and `weight_scale`, kept FP8 in the official layout's
+  names (config.py _compressed_fp8): 128 x 128 blocks and groups as stored, as
+  `weight_scale_inv`; a channel's or the tensor's scale repeated over blocks of one row and 128
+  inputs.
 
 `quant_hint(key)` tells int4 / int8 storage the stored codes (quant/apply.py _int_linear), so
 that the checkpoint's values are kept rather than quantized again: 4-bit weights become int4
@@ -72,7 +73,7 @@ class CompressedCheckpoint:
         self._f, self.path = f, path
         keys = list(f.keys())
         have = set(keys)
-        self._modules: dict[str, str] = {}  # presented weight key -> kind (packed, int8, fp8)
+        self._modules: dict[str, str] = {}  # presented key -> kind (int4, int8; rows: FP8 scale)
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, str] = {}
         self._raw: dict[str, str] = {}  # presented key -> the stored key it is read from
@@ -85,8 +86,8 @@ class CompressedCheckpoint:
                 self._packed(base, have)
             elif leaf == "weight" and base + ".weight_scale" in have:
                 self._stored(base)
-            elif leaf == "weight_scale" and self._is_block_fp8(base):
-                self._present(base + ".weight_scale_inv", k)  # (the official FP8 layout)
+            elif leaf == "weight_scale" and self._is_fp8(base):
+                self._fp8_scale(base)  # (as the official FP8 layout names it)
             elif leaf not in _AUX:
                 self._present(k, k)
 
@@ -124,11 +125,11 @@ class CompressedCheckpoint:
         if dtype not in ("I8", "F8_E4M3") or len(shape) != 2:
             raise CheckpointError(f"{self.path}: {base}.weight is {dtype} {list(shape)} beside a "
                                   "weight_scale: int8 or e4m3 [out, in] is read")  # fmt: skip
-        if dtype == "F8_E4M3" and self._is_block_fp8(base):
+        if dtype == "F8_E4M3":
             self._present(base + ".weight", base + ".weight")  # FP8 kept as FP8
             return
         self._present(base + ".weight", base + ".weight", shape, self._scale_shape(base, *shape))
-        self._modules[base + ".weight"] = "int8" if dtype == "I8" else "fp8"
+        self._modules[base + ".weight"] = "int8"
 
     def _scale_shape(self, base: str, out: int, inp: int) -> str:
         """Checks the scale's shape (and a GPTQ g_idx); returns its dtype, the values'."""
@@ -153,13 +154,25 @@ class CompressedCheckpoint:
                                   "BF16, F16 or F32 scales are read")  # fmt: skip
         return sl.get_dtype()
 
-    def _is_block_fp8(self, base: str) -> bool:
-        """An e4m3 weight with a 2-D scale of fewer rows than the weight: 128 x 128 blocks."""
-        if base + ".weight" not in self._f.keys() or base + ".weight_scale" not in self._f.keys():
-            return False
-        w, s = (self._f.get_slice(f"{base}.{n}") for n in ("weight", "weight_scale"))
-        ws, ss = w.get_shape(), s.get_shape()
-        return w.get_dtype() == "F8_E4M3" and len(ss) == 2 and len(ws) == 2 and ss[0] < ws[0]
+    def _is_fp8(self, base: str) -> bool:
+        return base + ".weight" in self._f.keys() and \
+            self._f.get_slice(base + ".weight").get_dtype() == "F8_E4M3"  # fmt: skip
+
+    def _fp8_scale(self, base: str) -> None:
+        """An e4m3 weight's scale as the FP8 layout's `weight_scale_inv` [ceil(out / bo),
+        ceil(in / bi)] (config.py _compressed_fp8): blocks and groups as stored, a channel's or
+        the tensor's scale repeated over [out, ceil(in / 128)] (blocks of one row)."""
+        out, inp = self._f.get_slice(base + ".weight").get_shape()
+        s = tuple(self._f.get_slice(base + ".weight_scale").get_shape())
+        if len(s) == 2 and s[1] > 1 or len(s) == 2 and s[0] < out:  # blocks, groups
+            self._present(base + ".weight_scale_inv", base + ".weight_scale")
+            return
+        if s not in ((out, 1), (), (1,), (1, 1)):
+            raise CheckpointError(f"{self.path}: {base}.weight_scale {list(s)} is not an FP8 "
+                                  f"scale of a [{out}, {inp}] weight")  # fmt: skip
+        key = base + ".weight_scale_inv"
+        self._present(key, base + ".weight_scale", (out, -(-inp // 128)))
+        self._modules[key] = "rows"
 
     # ---- safetensors' interface --------------------------------------------------------------
     def __enter__(self):
@@ -181,6 +194,9 @@ class CompressedCheckpoint:
         kind = self._modules.get(key)
         if kind is None:
             return self._f.get_tensor(self._raw[key])
+        if kind == "rows":  # an FP8 channel's / tensor's scale over blocks of one row
+            s = self._f.get_tensor(self._raw[key])
+            return s.reshape(-1, 1).expand(self._shapes[key]).contiguous()
         q, scale, zp = self._codes(key)
         g = q.shape[1] // scale.shape[1]
         w = q.float()
@@ -192,7 +208,7 @@ class CompressedCheckpoint:
     def quant_hint(self, key: str):
         """The stored codes of a quantized weight as int4 / int8 storage keeps them: a Lattice
         (4-bit codes, in groups of up to 128 inputs) or Int8Rows (8-bit codes with one scale a
-        row); None for a weight stored otherwise (FP8, 8-bit per group or tensor: its values)."""
+        row); None for a weight stored otherwise (8-bit per group or tensor: its values)."""
         kind = self._modules.get(key)
         if kind not in ("int4", "int8"):
             return None
@@ -211,7 +227,7 @@ class CompressedCheckpoint:
         return Lattice(step, zero, (q + 8).to(torch.uint8))
 
     def _codes(self, key: str):
-        """(q [out, in] int16 signed, scale [out, groups] fp32, zp [out, groups] or None)."""
+        """(q [out, in] int16, scale [out, groups] fp32, zp [out, groups] or None)."""
         base = key.removesuffix(".weight")
         out, inp = self._shapes[key]
         kind = self._modules[key]
@@ -220,9 +236,8 @@ class CompressedCheckpoint:
         elif kind == "int8" and self._raw[key].endswith("_packed"):
             words = self._f.get_tensor(base + ".weight_packed")
             q = _bytes(words)[:, :inp].to(torch.int16) - 128
-        else:  # int8 or e4m3 as stored
-            q = self._f.get_tensor(base + ".weight")
-            q = q.to(torch.int16) if q.dtype == torch.int8 else q.float()
+        else:  # int8 as stored
+            q = self._f.get_tensor(base + ".weight").to(torch.int16)
         scale = self._f.get_tensor(base + ".weight_scale").float()
         if scale.numel() == 1 and out != 1:  # one scale for the tensor
             scale = scale.reshape(1, 1).expand(out, 1)

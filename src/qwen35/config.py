@@ -156,9 +156,9 @@ class CompressedConfig:
 
     @property
     def cpu_storage(self) -> str:
-        """The CPU weight format that holds the stored values (loader.auto_quantization): int4
-        where a scheme stores 4-bit integers (8-bit ones are then held as int8 beside them),
-        else int8 (8-bit integers as stored; FP8 per channel quantized again, as near)."""
+        """The CPU weight format that holds the stored integers (loader.auto_quantization): int4
+        where a scheme stores 4-bit ones (8-bit ones are then held as int8 beside them), else
+        int8. (FP8 weights are kept FP8: ModelConfig.quantization.)"""
         return "int4" if any(s.type == "int" and s.num_bits == 4 for s in self.schemes) else "int8"
 
 
@@ -502,9 +502,7 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
     qc = raw.get("quantization_config") or text.get("quantization_config")
     if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
         compressed = _compressed_config(qc)
-        blocks = {s.group_size for s in compressed.schemes if s.strategy == "block"}
-        if blocks:  # FP8 in 128 x 128 blocks: the official FP8 layout's, weight_scale named so
-            quant = QuantConfig(quant_method="fp8", weight_block_size=(blocks.pop(),) * 2)
+        quant = _compressed_fp8(compressed)
     elif isinstance(qc, dict):
         method = qc.get("quant_method")
         if method != "fp8":
@@ -568,6 +566,23 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
         compressed=compressed,
         **moe,
     )
+
+
+def _compressed_fp8(c: CompressedConfig) -> QuantConfig | None:
+    """The FP8 layout a compressed-tensors checkpoint's e4m3 weights are kept in: its 128 x 128
+    blocks (the official layout, the scale named `weight_scale`), per group of g inputs as
+    blocks of one row and g inputs, per channel / tensor as blocks of one row and 128 inputs
+    (each row's scale repeated along it: exact; fp32 scales, 1/32 byte a weight); None without
+    FP8 weights. One layout a model: FP8 schemes of several are refused."""
+    fp8 = [s for s in c.schemes if s.type == "float"]
+    if not fp8:
+        return None
+    shape = {"block": lambda g: (g, g), "group": lambda g: (1, g)}
+    blocks = {shape.get(s.strategy, lambda g: (1, 128))(s.group_size) for s in fp8}
+    if len(blocks) > 1:
+        raise ConfigError("'quantization_config.config_groups' stores FP8 weights in several "
+                          f"layouts ({sorted(blocks)}): one FP8 layout a model is read")
+    return QuantConfig(quant_method="fp8", weight_block_size=blocks.pop())
 
 
 _CT_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "mixed-precision")

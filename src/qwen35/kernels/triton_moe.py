@@ -65,7 +65,7 @@ BN, BK = 4, 128
 # this (35B-A3B: 8 x 512, 122B-A10B: 8 x 1024); above (397B-A17B: 16 x 1024) the unrolled
 # loop spills registers on sm_90
 UNROLL_MAX = 8192
-FP8_BLOCK = 128  # FP8 weights: the scale blocks must be 128 x 128 (BK == 128)
+FP8_BLOCK = 128  # FP8 weights: scale blocks 128 inputs wide (BK == 128), of 128 rows or one
 
 
 @triton.jit
@@ -254,6 +254,7 @@ def sparse_moe(
     Ii = two_i // 2
     fp8 = experts.gate_up_scale is not None
     bk = FP8_BLOCK if fp8 else block_k
+    bo = experts.block_o  # FP8: weight rows a scale covers (128, or 1)
     assert x.stride(1) == 1 and gu.stride(2) == 1 and dn.stride(2) == 1
     tw, idx = route(router_logits, top_k, x.dtype)
     hbuf = torch.empty(T * top_k, Ii, dtype=x.dtype, device=x.device)
@@ -268,8 +269,8 @@ def sparse_moe(
         gu, dn = bits(gu), bits(dn)
     _gate_up_kernel[(T * top_k, triton.cdiv(Ii, block_n))](
         x, x.stride(0), idx, gu, gu.stride(0), gu.stride(1), gs, gs.stride(0),
-        gs.stride(1) if fp8 else 0, hbuf, hbuf.stride(0), Ii, triton.cdiv(Ii, FP8_BLOCK), H=H,
-        K_TOP=top_k, FP8=fp8, BO=FP8_BLOCK, BN=block_n, BK=bk,
+        gs.stride(1) if fp8 else 0, hbuf, hbuf.stride(0), Ii, triton.cdiv(Ii, bo), H=H,
+        K_TOP=top_k, FP8=fp8, BO=bo, BN=block_n, BK=bk,
     )  # fmt: skip
     sh = shared
     gate_logit = sh is not None and sh.gate_logit is not None
@@ -291,6 +292,6 @@ def sparse_moe(
         sg.stride(0), su, su.stride(0), sd, sd.stride(0), sds, sds.stride(0) if sd_fp8 else 0, y,
         y.stride(0), H=H, I=Ii, IS=is_, K_TOP=top_k, KP=kp, FP8=fp8,
         HAS_SHARED=sh is not None, SD_FP8=sd_fp8, GATE_LOGIT=gate_logit,
-        UNROLL=kp * Ii <= UNROLL_MAX, BO=FP8_BLOCK, BN=block_n, BK=bk,
+        UNROLL=kp * Ii <= UNROLL_MAX, BO=bo, BN=block_n, BK=bk,
     )  # fmt: skip
     return y

@@ -102,6 +102,7 @@ def _triton_kernel():
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BM: tl.constexpr,
+        BLOCK_O: tl.constexpr,  # weight rows a scale covers: BLOCK_N, or 1 (one scale a row)
     ):
         pm, pn = tl.program_id(0), tl.program_id(1)
         rm = pm * BM + tl.arange(0, BM)
@@ -121,8 +122,12 @@ def _triton_kernel():
                 other=0.0,
             )
             a_s = tl.load(As + rm * s_asm + kb, mask=rm < M, other=0.0)  # [BM]
-            b_s = tl.load(Bs + pn * s_bsn + kb)  # this tile's one weight block scale
-            acc += tl.dot(a, b) * a_s[:, None] * b_s
+            if BLOCK_O == BLOCK_N:
+                b_s = tl.load(Bs + pn * s_bsn + kb)  # this tile's one weight block scale
+                acc += tl.dot(a, b) * a_s[:, None] * b_s
+            else:  # a scale per weight row (blocks of one row)
+                b_r = tl.load(Bs + (rn // BLOCK_O) * s_bsn + kb, mask=rn < N, other=0.0)
+                acc += tl.dot(a, b) * a_s[:, None] * b_r[None, :]
         tl.store(
             C + rm[:, None] * s_cm + rn[None, :],
             acc.to(C.dtype.element_ty),
@@ -135,12 +140,13 @@ def _triton_kernel():
         N = w.shape[0]
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         BM = block_m(M)
-        grid = (triton.cdiv(M, BM), triton.cdiv(N, block[0]))
+        bn = block[0] if block[0] >= 16 else ROW_SCALE_BLOCK_N  # (tl.dot: 16 rows at least)
+        grid = (triton.cdiv(M, BM), triton.cdiv(N, bn))
         s = scale.float().contiguous()
         _fp8_block_kernel[grid](
             xq, w, y, xs, s, M, N, K,
             xq.stride(0), w.stride(0), y.stride(0), xs.stride(0), s.stride(0),
-            BLOCK_N=block[0], BLOCK_K=block[1], BM=BM,
+            BLOCK_N=bn, BLOCK_K=block[1], BM=BM, BLOCK_O=block[0],
         )  # fmt: skip
         return y
 
@@ -148,6 +154,7 @@ def _triton_kernel():
     return run
 
 
+ROW_SCALE_BLOCK_N = 64  # weight rows a program takes when each row has its own scale (bo = 1)
 GEMV_MAX_ROWS = 16  # decode-sized inputs: the weight-only kernel below (its MAX_ROWS)
 
 
