@@ -297,3 +297,23 @@ def test_the_engine_serves_it_as_stored(moe_w4):
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
     alone = [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
     assert together == alone and all(len(t) == 6 for t in together)
+
+
+def test_plan_reads_a_hub_repository_config_from_the_cache(moe_w4, tmp_path, monkeypatch,
+                                                            capsys):  # fmt: skip
+    """`qwen35 plan -m USER/REPO` (not a catalog name): the repository's config.json from the
+    Hugging Face cache, never the network; not cached: how to fetch just the config."""
+    from qwen35.cli import main
+
+    name, d, _ = moe_w4
+    repo = tmp_path / "hub" / "models--RedHatAI--Qwen3.5-9B-quantized.w4a16"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text((d / "config.json").read_text())
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["plan", "-m", "RedHatAI/Qwen3.5-9B-quantized.w4a16", "--cpu-memory", "4"]) == 0
+    assert "--quantization int4" in capsys.readouterr().out
+    assert main(["plan", "-m", "RedHatAI/Qwen3.5-4B-quantized.w4a16"]) == 2
+    assert "hf download RedHatAI/Qwen3.5-4B-quantized.w4a16 config.json" in capsys.readouterr().err

@@ -218,6 +218,8 @@ def _resolve_models(spec: str | None, dtype: str | None) -> list[tuple[ModelConf
               f"({weight_bytes(m.cfg, 'bf16') / 2**30:.2f} GiB, the file {m.file_bytes / 2**30:.2f}"
               f" GiB){cpu}", file=sys.stderr)  # fmt: skip
         return [(m.cfg, [dtype or "bf16"])]
+    if not path.exists() and (cached := _hub_config(spec)) is not None:
+        path = cached.parent  # a Hub repository's config from the Hugging Face cache
     if path.exists() or spec.endswith(".json") or spec.startswith(("/", ".", "~")):
         cfg = ModelConfig.from_hf(path)  # a missing path gets "no config file at ..."
         forced = "fp8" if cfg.quantization else None
@@ -254,6 +256,8 @@ def _compressed_storage(spec: str | None) -> str | None:
     """The CPU storage `--dtype auto` gives a compressed-tensors checkpoint directory (int4 /
     int8: CompressedConfig.cpu_storage), else None."""
     path = Path(spec).expanduser() if spec else None
+    if path is not None and not path.exists() and (cached := _hub_config(spec)) is not None:
+        path = cached.parent
     if path is None or not (path / "config.json").is_file():
         return None
     cfg = ModelConfig.from_hf(path)
@@ -264,10 +268,38 @@ def _gguf(spec: str) -> plan_gguf.GgufModel:
     return plan_gguf.load(spec)  # (a bad file: GGUFError, which the CLI prints as it is)
 
 
+def _hub_config(spec: str) -> Path | None:
+    """A Hub repository's config.json (`USER/REPO`, not a catalog name) in the Hugging Face
+    cache, without the network (the planner never downloads); None otherwise."""
+    if spec.count("/") != 1 or spec.startswith(("/", ".", "~")):
+        return None
+    try:
+        catalog.resolve_name(spec)
+        return None  # (a catalog name: its bundled config)
+    except catalog.UnknownNameError:
+        pass
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        from qwen35.model_source import hub_cache_dir
+
+        got = try_to_load_from_cache(spec, "config.json", cache_dir=hub_cache_dir())
+    except Exception:  # (a malformed repository id, no cache)
+        return None
+    return Path(got) if isinstance(got, str) else None
+
+
 def _resolve_name(spec: str) -> str:
     try:
         return catalog.resolve_name(spec)
     except catalog.UnknownNameError as e:
+        owner = spec.split("/")[0].lower() if spec.count("/") == 1 else None
+        if owner not in (None, "qwen", "") and not spec.startswith((".", "~")):
+            raise PlanError(
+                f"{spec!r} is not a catalog model, and no config.json of that Hub repository is "
+                f"in the Hugging Face cache: `hf download {spec} config.json` (the plan reads "
+                "only the config), or plan a catalog name or a local directory"
+            ) from None
         if "did you mean" in str(e):
             raise
         # "28B" is far from "Qwen3.5-27B" as a whole string; compare the size tags instead
