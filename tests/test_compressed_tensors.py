@@ -129,6 +129,11 @@ def int_case(request, tmp_path_factory):  # (FP8 is no integer format: int8 / in
     return _build(request.param, tmp_path_factory.mktemp(request.param))
 
 
+@pytest.fixture(scope="module", params=["w4a16", "w8a8"])
+def sym_case(request, tmp_path_factory):  # (symmetric, one 4-bit and one 8-bit)
+    return _build(request.param, tmp_path_factory.mktemp("sym-" + request.param))
+
+
 @pytest.fixture(scope="module")
 def moe_w4(tmp_path_factory):
     return _build("w4a16-moe", tmp_path_factory.mktemp("moe-w4"))
@@ -249,6 +254,7 @@ def test_unreadable_checkpoints_are_refused_with_the_reason(tmp_path):
         ({"config_groups": {"g": {"weights": dict(W4, num_bits=2)}}}, "2 bits"),
         ({"config_groups": {"g": {"weights": dict(W4, actorder="group")}}}, "act-order"),
         ({"config_groups": {"g": {"weights": dict(W4, group_size=48)}}}, "multiple of 32"),
+        ({"transform_config": {"config_groups": {"u": {"type": "hadamard"}}}}, "QuIP"),
     ):
         (d / "config.json").write_text(json.dumps({**cfg, "quantization_config": {**qc, **edit}}))
         with pytest.raises(ConfigError, match=says):
@@ -317,3 +323,25 @@ def test_plan_reads_a_hub_repository_config_from_the_cache(moe_w4, tmp_path, mon
     assert "--quantization int4" in capsys.readouterr().out
     assert main(["plan", "-m", "RedHatAI/Qwen3.5-4B-quantized.w4a16"]) == 2
     assert "hf download RedHatAI/Qwen3.5-4B-quantized.w4a16 config.json" in capsys.readouterr().err
+
+
+def test_older_writers_zero_points_and_kv_scales(sym_case, tmp_path):
+    """A symmetric checkpoint that stores all-zero zero points (older llm-compressor) keeps its
+    codes as well; an attention layer's calibrated KV-cache scales (kv_cache_scheme) are not
+    weights of the model and are not read."""
+    name, d, want = sym_case
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    for k in [k for k in sd if k.endswith(".weight_scale")]:
+        sd[k.replace("_scale", "_zero_point")] = torch.zeros(sd[k].shape, dtype=torch.int8)
+    for k in [k for k in sd if k.endswith("self_attn.k_proj.weight_scale")]:
+        sd[k.replace("k_proj.weight_scale", "k_scale")] = torch.ones(1)
+        sd[k.replace("k_proj.weight_scale", "v_scale")] = torch.ones(1)
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(sd, str(old / "model.safetensors"))
+    (old / "config.json").write_text((d / "config.json").read_text())
+    fmt = "int4" if name == "w4a16" else "int8"
+    a = load_model(old, dtype="fp32", quantization=fmt).state_dict()
+    b = load_model(d, dtype="fp32", quantization=fmt).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

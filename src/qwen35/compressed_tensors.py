@@ -37,6 +37,9 @@ from qwen35.weights import CheckpointError
 # the tensors of a compressed module besides its weight (read with it, never presented)
 _AUX = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale",
         "input_zero_point", "output_scale", "weight_global_scale", "input_global_scale")  # fmt: skip
+# an attention layer's calibrated KV-cache scales (kv_cache_scheme): not read (the engine's
+# --kv-cache-dtype decides; its fp8 cache is unscaled)
+_KV_SCALES = (".k_scale", ".v_scale", ".q_scale")
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _LATTICE_GROUPS = (128, 64, 32)  # int4 groups the kernels take (plan/params.py int4_group)
 
@@ -88,7 +91,7 @@ class CompressedCheckpoint:
                 self._stored(base)
             elif leaf == "weight_scale" and self._is_fp8(base):
                 self._fp8_scale(base)  # (as the official FP8 layout names it)
-            elif leaf not in _AUX:
+            elif leaf not in _AUX and not k.endswith(_KV_SCALES):
                 self._present(k, k)
 
     # ---- the layout ------------------------------------------------------------------------
@@ -250,6 +253,7 @@ class CompressedCheckpoint:
                 z = (_unpack4(z.t().contiguous(), out) if bits == 4 else
                      _bytes(z.t().contiguous())[:, :out].to(torch.int16) - 128).t()  # fmt: skip
             zp = z.to(torch.int16).reshape(out, groups)
+            zp = zp if bool(zp.any()) else None  # (older writers stored zeros when symmetric)
         return q, scale, zp
 
 

@@ -594,6 +594,9 @@ def _compressed_config(qc: dict) -> CompressedConfig:
     tensor, symmetric or with zero points) and FP8 e4m3 (per channel, tensor or 128 x 128 block)
     are read; NVFP4 / MXFP4, other widths, activation-ordered groups are not."""
     where = "'quantization_config"
+    if qc.get("transform_config"):
+        raise ConfigError(f"{where}.transform_config' is set: weights rotated by online "
+                          "transforms (QuIP / SpinQuant) are not read")  # fmt: skip
     fmt = qc.get("format") or "mixed-precision"  # (absent: each group says, or the tensors)
     if fmt not in _CT_FORMATS or qc.get("sparsity_config"):
         raise ConfigError(
