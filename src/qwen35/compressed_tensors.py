@@ -36,7 +36,8 @@ from qwen35.weights import CheckpointError
 
 # the tensors of a compressed module besides its weight (read with it, never presented)
 _AUX = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale",
-        "input_zero_point", "output_scale", "weight_global_scale", "input_global_scale")  # fmt: skip
+        "input_zero_point", "output_scale", "weight_global_scale",
+        "input_global_scale")  # fmt: skip
 # an attention layer's calibrated KV-cache scales (kv_cache_scheme): not read (the engine's
 # --kv-cache-dtype decides; its fp8 cache is unscaled)
 _KV_SCALES = (".k_scale", ".v_scale", ".q_scale")
@@ -74,12 +75,15 @@ class CompressedCheckpoint:
 
     def __init__(self, f, path):
         self._f, self.path = f, path
-        keys = list(f.keys())
-        have = set(keys)
         self._modules: dict[str, str] = {}  # presented key -> kind (int4, int8; rows: FP8 scale)
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, str] = {}
         self._raw: dict[str, str] = {}  # presented key -> the stored key it is read from
+        self._layout(list(f.keys()))
+
+    # ---- the layout ------------------------------------------------------------------------
+    def _layout(self, keys: list[str]) -> None:
+        path, have = self.path, set(keys)
         for k in keys:
             base, _, leaf = k.rpartition(".")
             if leaf in _AUX and base + ".weight_packed" not in have and \
@@ -94,7 +98,6 @@ class CompressedCheckpoint:
             elif leaf not in _AUX and not k.endswith(_KV_SCALES):
                 self._present(k, k)
 
-    # ---- the layout ------------------------------------------------------------------------
     def _present(self, key: str, raw: str, shape=None, dtype=None) -> None:
         sl = self._f.get_slice(raw)
         self._raw[key] = raw
@@ -135,7 +138,7 @@ class CompressedCheckpoint:
         self._modules[base + ".weight"] = "int8"
 
     def _scale_shape(self, base: str, out: int, inp: int) -> str:
-        """Checks the scale's shape (and a GPTQ g_idx); returns its dtype, the values'."""
+        """Checks the scale's shape; returns its dtype, the values'."""
         sl = self._f.get_slice(base + ".weight_scale")
         s = tuple(sl.get_shape())
         groups = s[1] if len(s) == 2 and s[0] == out else 1 if s in ((), (1,), (1, 1)) else None
@@ -144,14 +147,6 @@ class CompressedCheckpoint:
                 f"{self.path}: {base}.weight_scale {list(s)} is not a scale per output row and "
                 f"group of 32k inputs, per row or per tensor of a [{out}, {inp}] weight"
             )
-        if base + ".weight_g_idx" in self._f.keys():
-            g = self._f.get_tensor(base + ".weight_g_idx").long()
-            if not torch.equal(g, torch.arange(inp) // (inp // groups)):
-                raise CheckpointError(
-                    f"{self.path}: {base}.weight_g_idx orders the groups by activation (GPTQ "
-                    "act-order 'group'), which is not read; use a checkpoint quantized with "
-                    "actorder 'weight' or none"
-                )
         if sl.get_dtype() not in ("BF16", "F16", "F32"):
             raise CheckpointError(f"{self.path}: {base}.weight_scale is {sl.get_dtype()}: "
                                   "BF16, F16 or F32 scales are read")  # fmt: skip
@@ -200,13 +195,14 @@ class CompressedCheckpoint:
         if kind == "rows":  # an FP8 channel's / tensor's scale over blocks of one row
             s = self._f.get_tensor(self._raw[key])
             return s.reshape(-1, 1).expand(self._shapes[key]).contiguous()
-        q, scale, zp = self._codes(key)
-        g = q.shape[1] // scale.shape[1]
+        q, scale, zp, cols = self._codes(key)
+        if cols is None:  # (groups of consecutive inputs)
+            cols = torch.arange(q.shape[1]) // (q.shape[1] // scale.shape[1])
         w = q.float()
         if zp is not None:
-            w -= zp.float().repeat_interleave(g, 1)
-        # (q - zp) * scale rounded once to the scales' dtype: compressed-tensors' own values
-        return w.mul_(scale.repeat_interleave(g, 1)).to(_DTYPES[self._dtypes[key]])
+            w -= zp.float()[:, cols]
+        # (q - zp) * scale rounded once to the scales' dtype: the format's own values
+        return w.mul_(scale[:, cols]).to(_DTYPES[self._dtypes[key]])
 
     def quant_hint(self, key: str):
         """The stored codes of a quantized weight as int4 / int8 storage keeps them: a Lattice
@@ -215,7 +211,9 @@ class CompressedCheckpoint:
         kind = self._modules.get(key)
         if kind not in ("int4", "int8"):
             return None
-        q, scale, zp = self._codes(key)
+        q, scale, zp, cols = self._codes(key)
+        if cols is not None:  # groups by activation order: no lattice of consecutive inputs
+            return None
         if kind == "int8":
             if zp is not None or scale.shape[1] != 1:
                 return None
@@ -230,7 +228,9 @@ class CompressedCheckpoint:
         return Lattice(step, zero, (q + 8).to(torch.uint8))
 
     def _codes(self, key: str):
-        """(q [out, in] int16, scale [out, groups] fp32, zp [out, groups] or None)."""
+        """(q [out, in] int16, scale [out, groups] fp32, zp [out, groups] or None, cols): the
+        value of weight (n, k) is (q - zp) * scale at group cols[k] (cols None: k // (in /
+        groups); else an activation-ordered GPTQ checkpoint's g_idx)."""
         base = key.removesuffix(".weight")
         out, inp = self._shapes[key]
         kind = self._modules[key]
@@ -254,7 +254,17 @@ class CompressedCheckpoint:
                      _bytes(z.t().contiguous())[:, :out].to(torch.int16) - 128).t()  # fmt: skip
             zp = z.to(torch.int16).reshape(out, groups)
             zp = zp if bool(zp.any()) else None  # (older writers stored zeros when symmetric)
-        return q, scale, zp
+        return q, scale, zp, self._g_idx(base, inp, scale.shape[1])
+
+    def _g_idx(self, base: str, inp: int, groups: int, key: str = "weight_g_idx"):
+        """A stored group index of the inputs ([in]), None when it is k // (in / groups)."""
+        if f"{base}.{key}" not in self._f.keys():
+            return None
+        g = self._f.get_tensor(f"{base}.{key}").long()
+        if g.shape != (inp,) or int(g.min()) < 0 or int(g.max()) >= groups:
+            raise CheckpointError(f"{self.path}: {base}.{key} {list(g.shape)} does not map "
+                                  f"{inp} inputs to {groups} groups")  # fmt: skip
+        return None if torch.equal(g, torch.arange(inp) // (inp // groups)) else g
 
 
 def _bytes(words: torch.Tensor) -> torch.Tensor:

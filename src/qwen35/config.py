@@ -147,12 +147,19 @@ class CompressedScheme:
 @dataclass(frozen=True)
 class CompressedConfig:
     """`quantization_config` with quant_method "compressed-tensors" (RedHatAI's Qwen3.5
-    quantized.w4a16 / w8a8 / FP8-dynamic releases, llm-compressor's AWQ / GPTQ exports): read
-    by compressed_tensors.py; the weights' layout is told by each module's tensors."""
+    quantized.w4a16 / w8a8 / FP8-dynamic releases, llm-compressor's AWQ / GPTQ exports), read
+    by compressed_tensors.py, or "gptq" / "awq" (format "gptq", "gptq_v2", "awq"), read by
+    gptq_awq.py; the weights' layout is told by each module's tensors."""
 
     format: str
     schemes: tuple[CompressedScheme, ...]
     ignore: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        """What wrote it, for messages: "GPTQ", "AWQ" or "compressed-tensors"."""
+        return {"gptq": "GPTQ", "gptq_v2": "GPTQ", "awq": "AWQ"}.get(self.format,
+                                                                      "compressed-tensors")
 
     @property
     def cpu_storage(self) -> str:
@@ -503,13 +510,14 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
     if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
         compressed = _compressed_config(qc)
         quant = _compressed_fp8(compressed)
+    elif isinstance(qc, dict) and qc.get("quant_method") in ("gptq", "awq"):
+        compressed = _gptq_awq_config(qc)
     elif isinstance(qc, dict):
         method = qc.get("quant_method")
         if method != "fp8":
             raise ConfigError(
                 f"'quantization_config.quant_method' is {method!r}; the official block 'fp8' "
-                "format and llm-compressor's 'compressed-tensors' are understood (GPTQ / AWQ "
-                "checkpoints saved by llm-compressor are compressed-tensors)"
+                "format, llm-compressor's 'compressed-tensors', 'gptq' and 'awq' are understood"
             )
         block = qc.get("weight_block_size") or [128, 128]
         if (
@@ -585,7 +593,38 @@ def _compressed_fp8(c: CompressedConfig) -> QuantConfig | None:
     return QuantConfig(quant_method="fp8", weight_block_size=blocks.pop())
 
 
-_CT_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "mixed-precision")
+def _gptq_awq_config(qc: dict) -> CompressedConfig:
+    """A GPTQ (GPTQModel / AutoGPTQ) or AWQ (AutoAWQ) quantization_config as the scheme it
+    stores (read by gptq_awq.py), refused where the layout is not read: widths other than 4 and
+    8 bits (AWQ: 4), AWQ's gemv / marlin layouts, GPTQ's marlin / bitblas checkpoint formats,
+    groups not a multiple of 32."""
+    where, method = "'quantization_config", qc["quant_method"]
+    bits = qc.get("bits", qc.get("w_bit"))
+    group = qc.get("group_size", qc.get("q_group_size", 128))
+    if bits not in ((4,) if method == "awq" else (4, 8)):
+        raise ConfigError(f"{where}.bits' is {bits!r}: {method.upper()} weights of "
+                          f"{'4' if method == 'awq' else '4 or 8'} bits are read")  # fmt: skip
+    fmt = method
+    if method == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
+        raise ConfigError(f"{where}.version' is {qc.get('version')!r}: AWQ's 'gemm' layout is "
+                          "read (gemv / marlin / exllama ones are not)")  # fmt: skip
+    if method == "gptq":
+        fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ConfigError(f"{where}.checkpoint_format' is {fmt!r}: GPTQ checkpoints in "
+                              "'gptq' or 'gptq_v2' format are read")  # fmt: skip
+    if not isinstance(group, int) or not (group == -1 or group > 0 and group % 32 == 0):
+        raise ConfigError(f"{where}.group_size' must be -1 or a multiple of 32, got {group!r}")
+    sym = bool(qc.get("sym", True)) if method == "gptq" else not qc.get("zero_point", True)
+    scheme = CompressedScheme(targets=(), type="int", num_bits=bits,
+                              strategy="channel" if group == -1 else "group",
+                              group_size=None if group == -1 else group, symmetric=sym)  # fmt: skip
+    skip = qc.get("modules_to_not_convert") or ()
+    return CompressedConfig(format=fmt, schemes=(scheme,), ignore=tuple(map(str, skip)))
+
+
+_CT_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized",
+               "mixed-precision")  # fmt: skip
 
 
 def _compressed_config(qc: dict) -> CompressedConfig:
@@ -618,8 +657,8 @@ def _compressed_config(qc: dict) -> CompressedConfig:
         ok = {("int", 4), ("int", 8), ("float", 8)}
         if (kind, bits) not in ok or g.get("format") not in (None, *_CT_FORMATS):
             raise ConfigError(
-                f"{at}.weights' is {kind} with {bits} bits ({g.get('format') or fmt}): 4- and 8-bit "
-                "integer and 8-bit float (e4m3) weights are read; NVFP4 / MXFP4 and other widths "
+                f"{at}.weights' is {kind} with {bits} bits ({g.get('format') or fmt}): 4- and "
+                "8-bit integer and 8-bit float (e4m3) weights are read; NVFP4 / MXFP4 and other widths "
                 "are not"
             )
         if strategy not in ("group", "channel", "tensor", "block"):
@@ -634,12 +673,6 @@ def _compressed_config(qc: dict) -> CompressedConfig:
                 raise ConfigError(f"{at}.weights.block_structure' is {block!r}: FP8 weights "
                                   "in square blocks of 128 (or 64) are read")  # fmt: skip
             group = block[0]
-        if w.get("actorder") == "group":
-            raise ConfigError(
-                f"{at}.weights.actorder' is 'group': activation-ordered groups (GPTQ act-order "
-                "with g_idx) are not read; use a checkpoint quantized with actorder 'weight' or "
-                "none"
-            )
         act = g.get("input_activations")
         acts = (f"{act.get('type')}{act.get('num_bits')} {act.get('strategy')}"
                 if isinstance(act, dict) else None)  # fmt: skip

@@ -269,8 +269,9 @@ def auto_quantization(model: str, load_format: str, dtype: str, device) -> str |
     if load_format != "random" and dtype == "auto" and str(device).startswith("cpu"):
         cfg = peek_config(model, load_format)
         if cfg.compressed is not None and cfg.quantization is None:  # (block FP8 stays FP8)
-            log.info("%s holds compressed-tensors weights: loading them as %s (pass --dtype or "
-                     "--quantization to choose)", model, cfg.compressed.cpu_storage)  # fmt: skip
+            log.info("%s holds %s weights: loading them as %s (pass --dtype or --quantization "
+                     "to choose)", model, cfg.compressed.kind,
+                     cfg.compressed.cpu_storage)  # fmt: skip
             return cfg.compressed.cpu_storage
     if default_quantization(dtype, device, None, "bfloat16") is None:
         return None

@@ -151,7 +151,8 @@ def checkpoint_files(directory: Path) -> list[Path]:
 def open_safetensors(path: Path):
     """safe_open(path), a corrupt or unreadable file a CheckpointError naming it; a GGUF file
     is read through gguf_checkpoint.GGUFCheckpoint, a compressed-tensors one through
-    compressed_tensors.CompressedCheckpoint (the same interface)."""
+    compressed_tensors.CompressedCheckpoint, a GPTQ / AWQ one through gptq_awq (the same
+    interface)."""
     from safetensors import SafetensorError, safe_open
 
     gguf = sys.modules.get("qwen35.gguf_checkpoint")  # (a tower named by --mmproj: any name)
@@ -166,8 +167,10 @@ def open_safetensors(path: Path):
         raise CheckpointError(
             f"cannot read {path}: {e} (truncated or corrupt file? re-download it)"
         ) from None
-    from qwen35 import compressed_tensors
+    from qwen35 import compressed_tensors, gptq_awq
 
+    if gptq_awq.is_gptq_awq(f.keys()):  # (GPTQModel / AutoGPTQ / AutoAWQ's quantized weights)
+        return gptq_awq.GptqAwqCheckpoint(f, path)
     if compressed_tensors.is_compressed(f.keys()):  # (llm-compressor's quantized weights)
         return compressed_tensors.CompressedCheckpoint(f, path)
     return f

@@ -224,8 +224,8 @@ def _resolve_models(spec: str | None, dtype: str | None) -> list[tuple[ModelConf
         cfg = ModelConfig.from_hf(path)  # a missing path gets "no config file at ..."
         forced = "fp8" if cfg.quantization else None
         if cfg.compressed is not None and not forced:
-            print(f"note: {path.name} holds compressed-tensors weights, which a GPU engine holds "
-                  "in BF16 (--quantization fp8: in FP8, quantized at load) and a CPU one in "
+            print(f"note: {path.name} holds {cfg.compressed.kind} weights: a GPU engine holds "
+                  "them in BF16 (--quantization fp8: in FP8, quantized at load), a CPU one in "
                   f"{cfg.compressed.cpu_storage} as stored: qwen35 plan -m {spec} --dtype "
                   f"{cfg.compressed.cpu_storage}", file=sys.stderr)  # fmt: skip
     else:

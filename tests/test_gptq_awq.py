@@ -1,0 +1,213 @@
+"""GPTQ (GPTQModel / AutoGPTQ) and AWQ (AutoAWQ) checkpoints: written here by a packer of this
+test's own, from the formats as their dequantizers read them (gptq_awq.py's docstring), since
+neither library installs without CUDA; read back, the weights are (u - z) * scale exactly, int4
+/ int8 storage keeps the codes, activation-ordered GPTQ groups load by their values."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qwen35.config import ConfigError, ModelConfig
+from qwen35.loader import load_model
+from qwen35.quant.layers import Int4Linear, Int8Linear
+from qwen35.weights import CheckpointError
+from tiny import save_checkpoint
+
+DENSE = dict(hidden_size=128, linear_key_head_dim=32, linear_value_head_dim=32,
+             intermediate_size=256)  # fmt: skip
+MOE = dict(hidden_size=128, linear_key_head_dim=32, linear_value_head_dim=32,
+           moe_intermediate_size=128, shared_expert_intermediate_size=128)  # fmt: skip
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def _quantized(key: str) -> bool:
+    module = key.removesuffix(".weight")
+    return (key.startswith("model.language_model.layers.") and key.endswith("proj.weight")
+            and not re.search(r"in_proj_[ab]$|mlp\.gate$|shared_expert_gate$", module))  # fmt: skip
+
+
+def _words(u: np.ndarray, bits: int, order=None) -> np.ndarray:
+    """Codes [rows, n] (n % (32 / bits) == 0) packed along the last axis into int32 words: code
+    i of a word (order[i] of its n's, AWQ) at bits * i."""
+    per = 32 // bits
+    v = u.astype(np.uint64).reshape(u.shape[0], -1, per)
+    if order is not None:
+        v = v[:, :, order]
+    w = sum((v[:, :, i] & ((1 << bits) - 1)) << (bits * i) for i in range(per))
+    return w.astype(np.uint32).view(np.int32)
+
+
+def quantize(w: torch.Tensor, bits: int, group: int, sym: bool, g_idx=None):
+    """w [out, in] -> u [out, in], z [groups, out], scale [groups, out] fp16 (min / max)."""
+    out, inp = w.shape
+    g_idx = torch.arange(inp) // group if g_idx is None else g_idx
+    groups = int(g_idx.max()) + 1
+    top = (1 << bits) - 1
+    z = torch.empty(groups, out)
+    s = torch.empty(groups, out)
+    for g in range(groups):
+        v = w[:, g_idx == g]
+        if sym:
+            s[g] = v.abs().amax(1).clamp(min=1e-8) / ((top + 1) // 2 - 0.5)
+            z[g] = (top + 1) // 2
+        else:
+            lo, hi = v.amin(1).clamp(max=0), v.amax(1).clamp(min=0)
+            s[g] = ((hi - lo) / top).clamp(min=1e-8)
+            z[g] = (-lo / s[g]).round().clamp(0, top)
+    s = s.half()
+    sc, zc = s.float()[g_idx].t(), z[g_idx].t()  # [out, in]
+    u = (w / sc).round().add(zc).clamp(0, top)
+    return u.to(torch.int64), z.to(torch.int64), s
+
+
+def write(src, dst, fmt: str, bits=4, group=32, sym=True, act_order=False, v2=False):
+    """src (a tiny checkpoint) in GPTQ / AWQ form; returns {key: the stored values (fp32)}."""
+    dst.mkdir(parents=True)
+    out_sd, want = {}, {}
+    g = torch.Generator().manual_seed(3)
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            w = f.get_tensor(k).to(torch.bfloat16)
+            if not _quantized(k):
+                out_sd[k] = w
+                continue
+            base, w = k.removesuffix(".weight"), w.float()
+            inp = w.shape[1]
+            gsize = inp if group == -1 else group
+            g_idx = (torch.randperm(inp, generator=g) // gsize if act_order else None)
+            u, z, s = quantize(w, bits, gsize, sym, g_idx)
+            gi = torch.arange(inp) // gsize if g_idx is None else g_idx
+            want[k] = (u - z[gi].t()).float() * s.float()[gi].t()
+            if fmt == "awq":
+                out_sd[base + ".qweight"] = torch.from_numpy(_words(u.t().numpy(), 4, AWQ_ORDER))
+                out_sd[base + ".qzeros"] = torch.from_numpy(_words(z.numpy(), 4, AWQ_ORDER))
+            else:
+                out_sd[base + ".qweight"] = torch.from_numpy(
+                    np.ascontiguousarray(_words(u.numpy(), bits).T))  # along the input
+                zs = z if v2 else z - 1  # (the original format stores z - 1)
+                out_sd[base + ".qzeros"] = torch.from_numpy(_words(zs.numpy(), bits))
+                out_sd[base + ".g_idx"] = gi.to(torch.int32)
+            out_sd[base + ".scales"] = s
+    save_file({k: v.contiguous() for k, v in out_sd.items()}, str(dst / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    if fmt == "awq":
+        qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": not sym,
+              "version": "gemm"}  # fmt: skip
+    else:
+        qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym,
+              "desc_act": act_order, "checkpoint_format": "gptq_v2" if v2 else "gptq"}
+    cfg["quantization_config"] = qc
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return want
+
+
+CASES = {  # name: (write's options, moe)
+    "gptq-4bit-g32": (dict(fmt="gptq"), False),
+    "gptq-4bit-asym-v2": (dict(fmt="gptq", sym=False, group=128, v2=True), False),
+    "gptq-4bit-moe": (dict(fmt="gptq", sym=False, group=64), True),
+    "gptq-8bit-channel": (dict(fmt="gptq", bits=8, group=-1), False),
+    "gptq-act-order": (dict(fmt="gptq", act_order=True, group=64), False),
+    "awq": (dict(fmt="awq", sym=False, group=64), False),
+    "awq-moe": (dict(fmt="awq", sym=False, group=32), True),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    opts, moe = CASES[request.param]
+    base = tmp_path_factory.mktemp(request.param)
+    save_checkpoint(base / "src", moe=moe, experts="per_expert" if moe else "fused",
+                    **(MOE if moe else DENSE))  # fmt: skip
+    return request.param, base / "q", write(base / "src", base / "q", **opts)
+
+
+def test_weights_read_as_stored(case):
+    from qwen35.gptq_awq import GptqAwqCheckpoint
+
+    name, d, want = case
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        ck = GptqAwqCheckpoint(f, d / "model.safetensors")
+        assert not any(k.endswith((".qweight", ".qzeros", ".scales", ".g_idx")) for k in ck.keys())
+        for k, w in want.items():
+            got = ck.get_tensor(k)
+            assert got.dtype == torch.float16 and torch.equal(got, w.half()), k
+    assert len(want) >= 8
+
+
+def test_int_storage_keeps_the_codes(case):
+    """int4 (int8 for 8-bit) holds exactly the stored values (fp32 model: scales unrounded);
+    activation-ordered groups have no lattice of consecutive inputs: quantized from the values,
+    close to them."""
+    name, d, want = case
+    fmt = "int8" if "8bit" in name else "int4"
+    mods = dict(load_model(d, dtype="fp32", quantization=fmt).named_modules())
+    checked = 0
+    for k, w in want.items():
+        name_ = k.replace("model.language_model.", "model.").removesuffix(".weight")
+        m = re.match(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj$", name_)
+        if m:
+            ex, e = mods[m[1]], int(m[2])
+            lin = (ex.down_q if m[3] == "down" else ex.gate_up_q)[e]
+            got = lin.dequantized(torch.float32)
+            if m[3] != "down":
+                half = got.shape[0] // 2
+                got = got[:half] if m[3] == "gate" else got[half:]
+        elif (lin := mods.get(name_)) is not None:
+            got = lin.dequantized(torch.float32)
+        else:
+            continue  # (packed with its siblings)
+        assert isinstance(lin, Int8Linear if fmt == "int8" else Int4Linear), k
+        if "act-order" in name:
+            assert (got - w).abs().max() <= (w.abs().max() / 7.5), k
+        else:
+            assert torch.equal(got, w), (k, (got - w).abs().max())
+        checked += 1
+    assert checked >= 6
+
+
+def test_logits_equal_the_stored_values(case, tmp_path):
+    """In the model dtype (fp32) the checkpoint is the model of its stored values."""
+    from qwen35.gptq_awq import GptqAwqCheckpoint
+
+    name, d, _ = case
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        ck = GptqAwqCheckpoint(f, d / "model.safetensors")
+        save_file({k: ck.get_tensor(k).contiguous() for k in ck.keys()},
+                  str(plain / "model.safetensors"))  # fmt: skip
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["quantization_config"]
+    (plain / "config.json").write_text(json.dumps(cfg))
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(load_model(d, dtype="fp32")(ids), load_model(plain, dtype="fp32")(ids))
+
+
+def test_unread_forms_are_refused(tmp_path):
+    save_checkpoint(tmp_path / "src", **DENSE)
+    d = tmp_path / "q"
+    write(tmp_path / "src", d, fmt="gptq")
+    cfg = json.loads((d / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    for edit, says in (({"bits": 3}, "4 or 8 bits"), ({"checkpoint_format": "marlin"}, "gptq_v2"),
+                       ({"group_size": 48}, "multiple of 32"),
+                       ({"quant_method": "awq", "version": "gemv"}, "gemm")):  # fmt: skip
+        (d / "config.json").write_text(json.dumps({**cfg, "quantization_config": {**qc, **edit}}))
+        with pytest.raises(ConfigError, match=says):
+            ModelConfig.from_hf(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in sd if k.endswith("q_proj.scales"))
+    for broken, says in (({k: v for k, v in sd.items() if k != key}, "no scales"),
+                         ({**sd, key: sd[key][:1]}, "not a GPTQ layout")):  # fmt: skip
+        save_file(broken, str(d / "model.safetensors"))
+        with pytest.raises(CheckpointError, match=says):
+            load_model(d, dtype="fp32")
