@@ -100,6 +100,7 @@ CASES = {  # name: (weights, format, moe)
     "w4a16-asym-g32": (dict(W4, symmetric=False, group_size=32), "pack-quantized", False),
     "w4a16-channel": (dict(W4, strategy="channel", group_size=None), "pack-quantized", False),
     "w4a16-moe": (dict(W4, group_size=64), "pack-quantized", True),
+    "w4a16-moe-g128": (dict(W4, symmetric=False), "pack-quantized", True),
     "w8a16": (dict(W4, num_bits=8, strategy="channel", group_size=None), "pack-quantized",
               False),  # fmt: skip
     "w8a8": (dict(W4, num_bits=8, strategy="channel", group_size=None), "int-quantized", True),
@@ -187,7 +188,7 @@ def test_int_storage_keeps_the_stored_codes(int_case):
             got = lin.dequantized(torch.float32)
         assert isinstance(lin, Int4Linear if fmt == "int4" else Int8Linear), (k, type(lin))
         if fmt == "int4":
-            assert lin.group == (32 if "g32" in name else 64 if "moe" in name else 128)
+            assert lin.group == CASES[name][0].get("group_size") or 128
         assert torch.equal(got, w), (k, (got - w).abs().max())
         checked += 1
     assert checked >= 6
@@ -345,3 +346,52 @@ def test_older_writers_zero_points_and_kv_scales(sym_case, tmp_path):
     a = load_model(old, dtype="fp32", quantization=fmt).state_dict()
     b = load_model(d, dtype="fp32", quantization=fmt).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["w4a16", "w4a16-moe-g128", "w4a16-asym-g32", "w4a16-moe",
+                                  "w4a16-channel"])  # fmt: skip
+def test_fp8_holds_4bit_values_exactly(name, tmp_path):
+    """FP8 in blocks of one row and 128 inputs holds 4-bit weights in groups of 128k (or per
+    channel) exactly: e4m3 (u - z) times the group's scale (a GPU's default storage for them,
+    half BF16's bytes); groups of 32 cannot be (four scales in a block): quantized instead."""
+    from qwen35.loader import auto_quantization
+    from qwen35.quant.layers import Fp8Experts, Fp8Linear
+
+    _, d, want = _build(name, tmp_path)
+    exact = name not in ("w4a16-asym-g32", "w4a16-moe")  # (groups of 32, 64)
+    assert auto_quantization(str(d), "auto", "auto", "cuda") == ("fp8" if exact else None)
+    mods = dict(load_model(d, dtype="fp32", quantization="fp8").named_modules())
+    checked = 0
+    for k, w in want.items():
+        name_ = k.replace("model.language_model.", "model.").removesuffix(".weight")
+        m = re.match(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj$", name_)
+        if m:
+            ex, e = mods[m[1]], int(m[2])
+            assert isinstance(ex, Fp8Experts) and ex.block == ((1, 128) if exact else (128, 128))
+            gu, dn = ex.dequantized(torch.float32)
+            I = gu.shape[1] // 2
+            got = dn[e] if m[3] == "down" else gu[e, :I] if m[3] == "gate" else gu[e, I:]
+        elif isinstance(lin := mods.get(name_), Fp8Linear):
+            got = lin.dequantized(torch.float32)
+        else:
+            continue
+        if exact:
+            assert torch.equal(got, w), (k, (got - w).abs().max())
+        else:
+            assert not torch.equal(got, w) and (got - w).abs().max() <= w.abs().max() / 8, k
+        checked += 1
+    assert checked >= 6
+
+
+def test_gpu_plan_holds_it_as_the_engine_does(tmp_path, capsys):
+    """`qwen35 plan -m DIR --gpu ...` of a 4-bit checkpoint in groups of 128: planned in FP8 (as
+    the engine holds it on a GPU), launch lines naming the directory, no --quantization (every
+    engine reads the checkpoint's own)."""
+    from qwen35.cli import main
+
+    _, d, _ = _build("w4a16", tmp_path)
+    assert main(["plan", "-m", str(d), "--gpu", "H100", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    launch = out["recommendation"]["launch"]
+    assert out["recommendation"]["dtype"] == "fp8", out["recommendation"]
+    assert all(f" {d} " in cmd and "--quantization" not in cmd for cmd in launch.values()), launch

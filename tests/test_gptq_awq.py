@@ -211,3 +211,22 @@ def test_unread_forms_are_refused(tmp_path):
         save_file(broken, str(d / "model.safetensors"))
         with pytest.raises(CheckpointError, match=says):
             load_model(d, dtype="fp32")
+
+
+def test_fp8_holds_groups_of_128_exactly(tmp_path):
+    """A GPU's default storage of a 4-bit checkpoint in groups of 128: FP8 in blocks of one row
+    (e4m3 u - z times the group's scale), exactly its values."""
+    from qwen35.loader import auto_quantization
+    from qwen35.quant.layers import Fp8Linear
+
+    save_checkpoint(tmp_path / "src", **DENSE)
+    want = write(tmp_path / "src", tmp_path / "q", fmt="gptq", sym=False, group=128)
+    assert auto_quantization(str(tmp_path / "q"), "auto", "auto", "cuda:0") == "fp8"
+    mods = dict(load_model(tmp_path / "q", dtype="fp32", quantization="fp8").named_modules())
+    checked = 0
+    for k, w in want.items():
+        lin = mods.get(k.replace("model.language_model.", "model.").removesuffix(".weight"))
+        if isinstance(lin, Fp8Linear):
+            assert lin.block == (1, 128) and torch.equal(lin.dequantized(torch.float32), w), k
+            checked += 1
+    assert checked >= 4

@@ -71,7 +71,7 @@ class CompressedCheckpoint:
     """One safetensors file of a compressed-tensors checkpoint, read as a plain one (module
     docstring). `f`: its safe_open handle."""
 
-    hint_formats = ("int4", "int8")  # the storage quant_hint speaks to (weights.read_into)
+    hint_formats = ("int4", "int8", "fp8")  # storage quant_hint speaks to (weights.read_into)
 
     def __init__(self, f, path):
         self._f, self.path = f, path

@@ -162,6 +162,17 @@ class CompressedConfig:
                                                                       "compressed-tensors")
 
     @property
+    def fp8_rows(self) -> bool:
+        """Whether FP8 in blocks of one row and 128 inputs holds the weights exactly (the GPU's
+        storage of them: loader.auto_quantization): 4-bit integers in groups of 128k inputs or
+        per channel, each (u - z) an integer of at most 15 (exact in e4m3) times its group's
+        scale."""
+        ints = [s for s in self.schemes if s.type == "int"]
+        return bool(ints) and all(s.num_bits == 4 and (s.strategy == "channel" or s.group_size
+                                                        and s.group_size % 128 == 0)
+                                  for s in ints)  # fmt: skip
+
+    @property
     def cpu_storage(self) -> str:
         """The CPU weight format that holds the stored integers (loader.auto_quantization): int4
         where a scheme stores 4-bit ones (8-bit ones are then held as int8 beside them), else

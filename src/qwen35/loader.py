@@ -262,17 +262,21 @@ def auto_quantization(model: str, load_format: str, dtype: str, device) -> str |
     (devices.default_quantization), reading only its config, and that only where a BF16
     checkpoint would get one. A quantized GGUF file on a CPU: int8 or int4, whatever the CPU
     (gguf_checkpoint.default_quantization: its memory stays near the file's); a compressed-tensors
-    checkpoint's integer or per-channel FP8 weights alike (CompressedConfig.cpu_storage)."""
+    / GPTQ / AWQ checkpoint's integer weights alike on a CPU (CompressedConfig.cpu_storage), and
+    on a GPU FP8 where that holds its 4-bit values exactly (CompressedConfig.fp8_rows)."""
     gguf = _gguf_default(model, load_format, dtype, device)
     if gguf is not None:
         return gguf
-    if load_format != "random" and dtype == "auto" and str(device).startswith("cpu"):
+    if load_format != "random" and dtype == "auto" and not isinstance(model, ModelConfig):
         cfg = peek_config(model, load_format)
-        if cfg.compressed is not None and cfg.quantization is None:  # (block FP8 stays FP8)
+        c = cfg.compressed
+        cpu = str(device).startswith("cpu")
+        if c is not None and cfg.quantization is None and (cpu or c.fp8_rows):  # (FP8 stays)
+            # CPU: int4 / int8 keep the stored codes; GPU: 4-bit values exactly in FP8
+            quant = c.cpu_storage if cpu else "fp8"
             log.info("%s holds %s weights: loading them as %s (pass --dtype or --quantization "
-                     "to choose)", model, cfg.compressed.kind,
-                     cfg.compressed.cpu_storage)  # fmt: skip
-            return cfg.compressed.cpu_storage
+                     "to choose)", model, c.kind, quant)  # fmt: skip
+            return quant
     if default_quantization(dtype, device, None, "bfloat16") is None:
         return None
     return default_quantization(dtype, device, None, peek_config(model, load_format).dtype)

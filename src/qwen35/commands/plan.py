@@ -224,10 +224,14 @@ def _resolve_models(spec: str | None, dtype: str | None) -> list[tuple[ModelConf
         cfg = ModelConfig.from_hf(path)  # a missing path gets "no config file at ..."
         forced = "fp8" if cfg.quantization else None
         if cfg.compressed is not None and not forced:
-            print(f"note: {path.name} holds {cfg.compressed.kind} weights: a GPU engine holds "
-                  "them in BF16 (--quantization fp8: in FP8, quantized at load), a CPU one in "
-                  f"{cfg.compressed.cpu_storage} as stored: qwen35 plan -m {spec} --dtype "
-                  f"{cfg.compressed.cpu_storage}", file=sys.stderr)  # fmt: skip
+            c = cfg.compressed
+            gpu = ("in FP8, its 4-bit values exactly (blocks of one row)" if c.fp8_rows else
+                   "in BF16 (--quantization fp8: in FP8, quantized at load)")  # fmt: skip
+            print(f"note: {path.name} holds {c.kind} weights: a GPU engine holds them {gpu}, a "
+                  f"CPU one in {c.cpu_storage} as stored: qwen35 plan -m {spec} --dtype "
+                  f"{c.cpu_storage}", file=sys.stderr)  # fmt: skip
+            if c.fp8_rows and not dtype:
+                return [(cfg, ["fp8"])]  # (as the engine loads it on a GPU)
     else:
         name = _resolve_name(spec)
         forced = "fp8" if name.endswith("-FP8") else None

@@ -48,8 +48,23 @@ def is_gguf(spec: str | None) -> bool:
 
 
 def launch_model(spec: str | None) -> str | None:
-    """What the launch commands name for a GGUF file: its path (else None: the Hub id)."""
-    return str(Path(spec).expanduser()) if is_gguf(spec) else None
+    """What the launch commands name for the model planned (`plan -m SPEC`): a GGUF file's or a
+    model directory's path, a Hub repository that is not a catalog name as given; None for a
+    catalog name (launch.hub_id: its official repository)."""
+    if not spec:
+        return None
+    path = Path(spec).expanduser()
+    if is_gguf(spec) or path.is_dir():
+        return str(path)
+    if path.is_file():  # (a config.json)
+        return str(path.parent)
+    from qwen35.catalog import UnknownNameError, resolve_name
+
+    try:
+        resolve_name(spec)
+        return None
+    except UnknownNameError:
+        return spec if spec.count("/") == 1 else None
 
 
 def serve_model(spec: str | None) -> str | None:

@@ -19,8 +19,10 @@ MASTER_PORT = 29500
 
 def fp8_at_load(dep: Deployment) -> bool:
     """FP8 planned for a model without an FP8 checkpoint: the engine quantizes the BF16 weights
-    at load (`--quantization fp8`) into the official layout the planner counts."""
-    return dep.dtype == "fp8" and not has_fp8(dep.cfg)
+    at load (`--quantization fp8`) into the official layout the planner counts. Not for a
+    compressed-tensors / GPTQ / AWQ checkpoint: every engine reads its own quantization (ours
+    holds 4-bit ones in FP8 by itself: CompressedConfig.fp8_rows)."""
+    return dep.dtype == "fp8" and not has_fp8(dep.cfg) and dep.cfg.compressed is None
 
 
 def hub_id(dep: Deployment) -> str:

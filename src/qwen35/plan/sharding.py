@@ -36,7 +36,11 @@ class LayoutError(Qwen35Error, ValueError):
 
 
 def _block(cfg: ModelConfig) -> int:
-    return cfg.quantization.weight_block_size[0] if cfg.quantization else FP8_BLOCK
+    """Rows of an FP8 scale block (quant/apply.py fp8_block's: one for a 4-bit checkpoint held
+    in FP8 blocks of one row)."""
+    if cfg.quantization:
+        return cfg.quantization.weight_block_size[0]
+    return 1 if cfg.compressed is not None and cfg.compressed.fp8_rows else FP8_BLOCK
 
 
 def _short(name: str) -> str:

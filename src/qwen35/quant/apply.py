@@ -30,6 +30,7 @@ from qwen35 import heap
 from qwen35.layers.linear import Linear
 from qwen35.layers.moe import Experts
 from qwen35.plan.params import head_format, int4_group, lattice_rows_ok, text_tensors
+from qwen35.quant import formats
 from qwen35.quant.formats import Int8Rows, Lattice
 from qwen35.quant.layers import (
     Fp8Experts,
@@ -59,8 +60,13 @@ def fp8_rule(cfg) -> set[str]:
 
 
 def fp8_block(cfg) -> tuple[int, int]:
-    """The FP8 block size: the checkpoint's `weight_block_size`, else the official 128 x 128."""
-    return cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
+    """The FP8 block size: the checkpoint's `weight_block_size`; for a checkpoint of 4-bit
+    integers in groups of 128k inputs one row and 128 inputs (their values exactly:
+    CompressedConfig.fp8_rows, formats.fp8_on_lattice); else the official 128 x 128."""
+    if cfg.quantization:
+        return cfg.quantization.weight_block_size
+    compressed = getattr(cfg, "compressed", None)
+    return (1, 128) if compressed is not None and compressed.fp8_rows else (128, 128)
 
 
 def _excluded(name: str, cfg) -> bool:
@@ -264,9 +270,16 @@ def quantize_module_(model: nn.Module, name: str, fmt: str, dtype, block, hints=
     mod = model.get_submodule(name)
     if fmt == "fp8":
         if isinstance(mod, Experts) and not isinstance(mod, Fp8Experts):
-            _set(model, name, Fp8Experts.quantize(mod, block))
+            exact = [formats.fp8_on_lattice(hints.get(p), block)
+                     for p in ("gate_up_proj", "down_proj")]  # fmt: skip
+            if all(exact):  # 4-bit values held exactly (a GPTQ / AWQ / w4a16 checkpoint's)
+                _set(model, name, Fp8Experts.from_blocks(*exact, block))
+            else:
+                _set(model, name, Fp8Experts.quantize(mod, block))
         elif type(mod) is Linear:
-            _set(model, name, Fp8Linear.quantize(mod.weight.detach(), block))
+            exact = formats.fp8_on_lattice(hints.get("weight"), block)
+            _set(model, name, Fp8Linear.from_blocks(*exact, block) if exact else
+                 Fp8Linear.quantize(mod.weight.detach(), block))  # fmt: skip
     elif isinstance(mod, _INT):
         return
     elif isinstance(mod, Experts):

@@ -152,6 +152,29 @@ def int4_on_lattice(
     return q, sz.to(dtype).contiguous()
 
 
+def fp8_on_lattice(hint, block) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A Lattice (step, zero, codes: [..., out, in / L], [..., out, in]) as e4m3 weights and
+    fp32 scales in `block`s of one row and bi inputs, exactly: each value is step * (code + zero
+    / step), an integer of at most 16 (exact in e4m3) times its group's step, so where the
+    lattices are bi inputs wide and zero / step is integral (compressed-tensors', GPTQ's, AWQ's
+    zero points) the weight is q = code + zero / step, the scale the step. None otherwise (a
+    GGUF Q4_K's zero points are not multiples of its steps; lattices narrower than the block):
+    the values are quantized instead."""
+    if not isinstance(hint, Lattice) or hint.codes is None or block[0] != 1:
+        return None
+    step, zero = hint.step.float(), hint.zero.float()
+    if hint.codes.shape[-1] != step.shape[-1] * block[1] or bool((step == 0).any()):
+        return None
+    r = zero / step
+    shift = r.round()
+    if not bool(((r - shift).abs() <= 1e-3).all()):
+        return None
+    q = hint.codes.to(torch.int16).view(*step.shape, block[1]) + shift.to(torch.int16)[..., None]
+    if int(q.abs().max()) > 16:
+        return None
+    return q.view(hint.codes.shape).to(FP8_DTYPE), step.contiguous()
+
+
 def dequantize_int4_groups(q: torch.Tensor, sz: torch.Tensor, group: int, dtype=torch.bfloat16):
     """q [out, in] int32 in [0, 15], scales_and_zeros [in/group, out, 2] -> W [out, in]."""
     s = sz[..., 0].float().t().repeat_interleave(group, 1)  # [out, in]

@@ -42,6 +42,13 @@ class Fp8Linear(Linear):
         self.weight_scale_inv = qparam(torch.empty(nb, dtype=torch.float32, device=device))
 
     @classmethod
+    def from_blocks(cls, q: torch.Tensor, scale: torch.Tensor, block) -> Fp8Linear:
+        """Weights already in e4m3 with their scales (formats.fp8_on_lattice)."""
+        m = cls(q.shape[1], q.shape[0], block, device=q.device)
+        m.weight.data, m.weight_scale_inv.data = q.contiguous(), scale.float().contiguous()
+        return m
+
+    @classmethod
     def quantize(cls, w: torch.Tensor, block=(128, 128)) -> Fp8Linear:
         m = cls(w.shape[1], w.shape[0], block, device=w.device)
         q, s = matmul.quantize_fp8(w, block)
@@ -205,6 +212,17 @@ class Fp8Experts(Experts):
         self.down_proj_scale_inv = qparam(
             torch.empty(E, nblocks(H, bo), nblocks(I, bi), device=device)
         )
+
+    @classmethod
+    def from_blocks(cls, gate_up, down, block) -> Fp8Experts:
+        """Experts already in e4m3 with their scales ((weights [E, ...], scales) pairs:
+        formats.fp8_on_lattice of the [E, 2I, H] / [E, H, I] hints; blocks of one row)."""
+        (gu, gus), (dn, dns) = gate_up, down
+        E, twoI, H = gu.shape
+        m = cls(E, H, twoI // 2, block, device=gu.device)
+        m.gate_up_proj.data, m.gate_up_proj_scale_inv.data = gu.contiguous(), gus.contiguous()
+        m.down_proj.data, m.down_proj_scale_inv.data = dn.contiguous(), dns.contiguous()
+        return m
 
     @classmethod
     def quantize(cls, ex: Experts, block=(128, 128)) -> Fp8Experts:
