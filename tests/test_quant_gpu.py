@@ -84,3 +84,31 @@ def test_fp8_moe_engine_decodes_in_graphs(tmp_path):
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     got = ids(llm.generate(ps, sp))
     assert got == ids(make(tmp_path / "fp8", enforce_eager=True, **kw).generate(ps, sp))
+
+
+def test_gptq_checkpoint_on_gpu_is_held_exactly_in_fp8(tmp_path):
+    """A 4-bit GPTQ checkpoint in groups of 128 (MoE, per-expert) on CUDA with --dtype auto:
+    FP8 in blocks of one row (its values exactly), so fp32 logits match the CPU's plain
+    checkpoint of those values up to the GEMMs' activation rounding; greedy decoding runs in
+    CUDA graphs with the Triton MoE reading one-row blocks."""
+    from qwen35 import LLM, SamplingParams
+    from qwen35.loader import auto_quantization, load_model
+    from qwen35.quant.layers import Fp8Experts
+    from test_gptq_awq import MOE, write
+    from tiny import save_checkpoint
+
+    save_checkpoint(tmp_path / "src", moe=True, experts="per_expert", **MOE)
+    write(tmp_path / "src", tmp_path / "q", fmt="gptq", sym=False, group=128)
+    assert auto_quantization(str(tmp_path / "q"), "auto", "auto", "cuda") == "fp8"
+    m = load_model(tmp_path / "q", dtype="bf16", device="cuda", quantization="fp8")
+    ex = [x for x in m.modules() if isinstance(x, Fp8Experts)]
+    assert ex and all(x.block == (1, 128) for x in ex)
+    ids = torch.randint(0, 256, (2, 24), device="cuda")
+    ref = load_model(tmp_path / "q", dtype="bf16", device="cuda")(ids)  # BF16 values, no FP8
+    assert _rel(m(ids), ref) < 0.05
+    llm = LLM(str(tmp_path / "q"), device="cuda", max_model_len=256, max_num_seqs=4)
+    assert llm.engine.engine_config.load.quantization == "fp8"
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+    assert together == [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
