@@ -32,7 +32,7 @@ import sys
 import torch
 
 from qwen35.quant.formats import Int8Rows, Lattice
-from qwen35.weights import CheckpointError
+from qwen35.weights import CheckpointError, PresentedSlice
 
 # the tensors of a compressed module besides its weight (read with it, never presented)
 _AUX = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale",
@@ -49,22 +49,6 @@ def is_compressed(keys) -> bool:
     """Whether a safetensors file's keys are compressed-tensors' (a quantized module's scale
     named `weight_scale`, not the official FP8 layout's `weight_scale_inv`, or packed codes)."""
     return any(k.endswith((".weight_packed", ".weight_scale")) for k in keys)
-
-
-class _Slice:
-    """safetensors' slice interface over one presented tensor."""
-
-    def __init__(self, ck: CompressedCheckpoint, key: str):
-        self._ck, self._key = ck, key
-
-    def get_shape(self) -> list[int]:
-        return list(self._ck._shapes[self._key])
-
-    def get_dtype(self) -> str:
-        return self._ck._dtypes[self._key]
-
-    def __getitem__(self, index) -> torch.Tensor:
-        return self._ck.get_tensor(self._key)[index]
 
 
 class CompressedCheckpoint:
@@ -183,10 +167,10 @@ class CompressedCheckpoint:
     def keys(self) -> list[str]:
         return list(self._raw)
 
-    def get_slice(self, key: str) -> _Slice:
+    def get_slice(self, key: str) -> PresentedSlice:
         if key not in self._raw:
             raise KeyError(key)
-        return _Slice(self, key)
+        return PresentedSlice(self, key)
 
     def get_tensor(self, key: str) -> torch.Tensor:
         kind = self._modules.get(key)

@@ -46,7 +46,7 @@ import torch
 from qwen35.gguf_header import HeaderReader, Tensor, Unsupported, tensor_view
 from qwen35.model_source import file_path, is_gguf_file
 from qwen35.quant.formats import Lattice
-from qwen35.weights import CheckpointError
+from qwen35.weights import CheckpointError, PresentedSlice
 
 ARCHS = {"qwen35": False, "qwen35moe": True}  # GGUF architecture -> MoE
 POINTER = "gguf.json"  # in a model_dir: the GGUF file(s) it stands for
@@ -643,22 +643,6 @@ def _block_codes(t) -> torch.Tensor:
     return codes.reshape(_shape(t))
 
 
-class _Slice:
-    """safetensors' slice interface over one presented tensor."""
-
-    def __init__(self, ck: GGUFCheckpoint, key: str):
-        self._ck, self._key = ck, key
-
-    def get_shape(self) -> list[int]:
-        return list(self._ck._shapes[self._key])
-
-    def get_dtype(self) -> str:
-        return self._ck._dtypes[self._key]
-
-    def __getitem__(self, index) -> torch.Tensor:
-        return self._ck.get_tensor(self._key)[index]
-
-
 class GGUFCheckpoint:
     """One GGUF file read as a safetensors file of transformers names (weights.open_safetensors
     returns this for .gguf paths): keys(), get_slice(key), get_tensor(key), a context manager."""
@@ -746,10 +730,10 @@ class GGUFCheckpoint:
     def keys(self) -> list[str]:
         return list(self._sources)
 
-    def get_slice(self, key: str) -> _Slice:
+    def get_slice(self, key: str) -> PresentedSlice:
         if key not in self._sources:
             raise KeyError(key)
-        return _Slice(self, key)
+        return PresentedSlice(self, key)
 
     def int4_kind(self, key: str) -> str | None:
         """What int4_hint gives for this tensor, told without reading it (qwen35 plan counts the

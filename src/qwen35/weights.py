@@ -148,6 +148,24 @@ def checkpoint_files(directory: Path) -> list[Path]:
     )
 
 
+class PresentedSlice:
+    """safetensors' slice interface over one tensor a checkpoint view presents (GGUF,
+    compressed-tensors: `ck._shapes`, `ck._dtypes`, `ck.get_tensor`); a slice reads the whole
+    tensor, then indexes it."""
+
+    def __init__(self, ck, key: str):
+        self._ck, self._key = ck, key
+
+    def get_shape(self) -> list[int]:
+        return list(self._ck._shapes[self._key])
+
+    def get_dtype(self) -> str:
+        return self._ck._dtypes[self._key]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._ck.get_tensor(self._key)[index]
+
+
 def open_safetensors(path: Path):
     """safe_open(path), a corrupt or unreadable file a CheckpointError naming it; a GGUF file
     is read through gguf_checkpoint.GGUFCheckpoint, a compressed-tensors one through
