@@ -63,11 +63,13 @@ class CompressedCheckpoint:
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, str] = {}
         self._raw: dict[str, str] = {}  # presented key -> the stored key it is read from
-        self._layout(list(f.keys()))
+        keys = list(f.keys())
+        self._keys = set(keys)  # (a MoE shard holds ~10^5 keys: never a list per lookup)
+        self._layout(keys)
 
     # ---- the layout ------------------------------------------------------------------------
     def _layout(self, keys: list[str]) -> None:
-        path, have = self.path, set(keys)
+        path, have = self.path, self._keys
         for k in keys:
             base, _, leaf = k.rpartition(".")
             if leaf in _AUX and base + ".weight_packed" not in have and \
@@ -137,7 +139,7 @@ class CompressedCheckpoint:
         return sl.get_dtype()
 
     def _is_fp8(self, base: str) -> bool:
-        return base + ".weight" in self._f.keys() and \
+        return base + ".weight" in self._keys and \
             self._f.get_slice(base + ".weight").get_dtype() == "F8_E4M3"  # fmt: skip
 
     def _fp8_scale(self, base: str) -> None:
@@ -230,7 +232,7 @@ class CompressedCheckpoint:
             scale = scale.reshape(1, 1).expand(out, 1)
         scale = scale.reshape(out, -1).contiguous()
         zp = None
-        if base + ".weight_zero_point" in self._f.keys():
+        if base + ".weight_zero_point" in self._keys:
             z = self._f.get_tensor(base + ".weight_zero_point")
             groups, bits = scale.shape[1], 4 if kind == "int4" else 8
             if z.dtype == torch.int32:  # packed along the output: [out * bits / 32, groups]
@@ -242,7 +244,7 @@ class CompressedCheckpoint:
 
     def _g_idx(self, base: str, inp: int, groups: int, key: str = "weight_g_idx"):
         """A stored group index of the inputs ([in]), None when it is k // (in / groups)."""
-        if f"{base}.{key}" not in self._f.keys():
+        if f"{base}.{key}" not in self._keys:
             return None
         g = self._f.get_tensor(f"{base}.{key}").long()
         if g.shape != (inp,) or int(g.min()) < 0 or int(g.max()) >= groups:

@@ -61,7 +61,7 @@ class GptqAwqCheckpoint(CompressedCheckpoint):
             raise CheckpointError(f"{self.path}: GPTQ / AWQ tensors, but no config.json beside "
                                   "it to say which")  # fmt: skip
         self._fmt = _format(config, config.stat().st_mtime)
-        have = set(keys)
+        have = self._keys
         for k in keys:
             base, _, leaf = k.rpartition(".")
             if leaf == "qweight":
