@@ -46,6 +46,14 @@ def test_layer_types_from_interval():
     assert cfg.num_full_attention_layers == 6
 
 
+def test_dense_config_with_zero_experts_is_dense():
+    """A flat dense config that says num_experts 0 (some writers add the MoE keys as zeros)."""
+    t = dict(load_raw("Qwen3.5-0.8B")["text_config"])
+    t.update(num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0)
+    cfg = ModelConfig.from_hf(t)
+    assert not cfg.is_moe and cfg.intermediate_size == 3584
+
+
 def test_missing_key_is_named(tmp_path):
     t = dict(load_raw("Qwen3.5-0.8B")["text_config"])
     del t["hidden_size"]

@@ -454,7 +454,8 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
     if yarn is not None:  # the context YaRN extends to (vLLM derives its max length so)
         max_pos = max(max_pos, yarn.max_context)
 
-    is_moe = "moe" in model_type or "num_experts" in text
+    # (a dense config may say num_experts 0, as some writers of flat text configs do)
+    is_moe = "moe" in model_type or bool(text.get("num_experts"))
     moe: dict[str, int] = {}
     if is_moe:
         moe = {
