@@ -265,3 +265,64 @@ def _unpack4(words: torch.Tensor, n: int) -> torch.Tensor:
     b = _bytes(words)
     u = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(words.shape[0], -1)[:, :n]
     return u.to(torch.int16) - 8
+
+
+# ---- writing (qwen35 quantize --to int4 | int8) -------------------------------------------
+IGNORE = ["lm_head", "re:.*mlp[.]gate$", "re:.*shared_expert_gate$", "re:.*in_proj_[ab]$",
+          "re:.*visual.*", "re:^mtp.*"]  # (what stays BF16: RedHatAI's recipes' list)  # fmt: skip
+
+
+def compress(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """A [out, in] weight as compressed-tensors' pack-quantized module tensors (suffixes ->
+    tensors): 4 bits asymmetric in groups of 128 inputs (integer zero points, the range
+    including 0, as its MinMax observer), 8 bits symmetric per channel; scales in bf16, codes
+    found against the stored scale. What `CompressedCheckpoint` reads back exactly."""
+    out, inp = w.shape
+    w = w.float()
+    if bits == 4:
+        v = w.view(out, inp // 128, 128)
+        lo, hi = v.amin(-1).clamp(max=0), v.amax(-1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-12).to(torch.bfloat16)
+        s = scale.float()
+        zp = (-8 - (lo / s).round()).clamp(-8, 7)  # q = round(w / s + zp) in [-8, 7]
+        # (zp added before rounding, as the library's quantize: the same codes at ties)
+        q = ((v / s[..., None]) + zp[..., None]).round().clamp(-8, 7).view(out, inp)
+        zp_rows = (zp.to(torch.int64) + 8).t().contiguous()  # [groups, out]: packed along out
+        extra = {"weight_zero_point": _pack(zp_rows, 4).t().contiguous()}
+    else:
+        scale = (w.abs().amax(-1, keepdim=True) / 127.5).clamp(min=1e-12).to(torch.bfloat16)
+        q = (w / scale.float()).round().clamp(-128, 127)
+        extra = {}
+    u = q.to(torch.int64) + (1 << (bits - 1))
+    return {"weight_packed": _pack(u, bits), "weight_scale": scale,
+            "weight_shape": torch.tensor([out, inp]), **extra}  # fmt: skip
+
+
+def _pack(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [rows, n] in [0, 2^bits) -> int32 words [rows, n * bits / 32], the first code of a
+    word in its low bits (_bytes / _unpack4's inverse)."""
+    rows, n = u.shape
+    if bits == 8:
+        b = u.to(torch.uint8)
+    else:
+        pairs = u.to(torch.uint8).view(rows, n // 2, 2)
+        b = pairs[..., 0] | (pairs[..., 1] << 4)
+    b = b.contiguous().view(rows, -1, 4)
+    b = b.flip(-1) if sys.byteorder == "big" else b
+    return b.contiguous().view(torch.int32).view(rows, -1)
+
+
+def quantization_config(bits: int) -> dict:
+    """config.json's quantization_config for `compress`'s weights (llm-compressor's form)."""
+    weights = {"num_bits": bits, "type": "int", "symmetric": bits == 8, "dynamic": False,
+               "strategy": "group" if bits == 4 else "channel",
+               "group_size": 128 if bits == 4 else None}  # fmt: skip
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                      "input_activations": None, "output_activations": None}},
+        "ignore": list(IGNORE),
+        "kv_cache_scheme": None,
+    }

@@ -1,4 +1,5 @@
-"""`qwen35 quantize IN_DIR OUT_DIR --to fp8 | bf16 [--lora ADAPTER_DIR]` (see qwen35.quant.checkpoint)."""
+"""`qwen35 quantize IN_DIR OUT_DIR --to fp8 | bf16 | int4 | int8 [--lora ADAPTER_DIR]` (see
+qwen35.quant.checkpoint)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", help="directory to write (must not exist unless --force)")
     p.add_argument(
         "--to",
-        choices=("fp8", "bf16"),
+        choices=("fp8", "bf16", "int4", "int8"),
         default="fp8",
-        help="fp8: the official block-FP8 layout (e4m3, 128x128 BF16 scales); bf16: dequantise",
+        help="fp8: the official block-FP8 layout (e4m3, 128x128 BF16 scales); bf16: dequantise; "
+        "int4 / int8: compressed-tensors' pack-quantized layout (4 bits in groups of 128 with "
+        "zero points / 8 bits per channel), which this engine keeps as stored on a CPU and "
+        "vLLM / SGLang load",
     )
     p.add_argument(
         "--lora",

@@ -1,6 +1,14 @@
-"""`qwen35 quantize IN_DIR OUT_DIR --to fp8 | bf16 [--lora ADAPTER]`: write a model directory in the
-official block-FP8 layout, or dequantise one back to BF16; with a PEFT LoRA adapter merged into
-its weights first (qwen35.lora): a LoRA fine-tune as a plain (or FP8) release.
+"""`qwen35 quantize IN_DIR OUT_DIR --to fp8 | bf16 | int4 | int8 [--lora ADAPTER]`: write a model
+directory in the official block-FP8 layout, dequantise one back to BF16, or write it in
+compressed-tensors' pack-quantized layout (int4 / int8: what llm-compressor writes, vLLM and SGLang
+load, and this engine keeps as stored on a CPU); with a PEFT LoRA adapter merged into its weights
+first (qwen35.lora): a LoRA fine-tune as a plain, FP8 or int4 release.
+
+int4 / int8 output: the FP8 rule's matrices (not the MTP head's) as compressed_tensors.compress
+writes them (4 bits asymmetric in groups of 128 inputs with integer zero points, round to
+nearest, no calibration; 8 bits symmetric per channel), fused experts written per expert
+(`mlp.experts.{e}.gate_proj`, ... as llm-compressor names them), a matrix whose inputs are no
+whole groups left BF16 and named in the config's ignore list.
 
 FP8 output (what vLLM, SGLang and this engine load): the same tensor names; every matrix of the
 FP8 rule (`quant.apply.fp8_rule`, also inside MTP layers) becomes e4m3 with a BF16
@@ -24,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from qwen35 import compressed_tensors
 from qwen35.config import ModelConfig
 from qwen35.errors import Qwen35Error
 from qwen35.lora import LoraAdapter
@@ -39,6 +48,9 @@ QUANT_CONFIG = {
     "weight_block_size": [128, 128],
 }
 DEFAULT_SHARD_BYTES = 4 * 2**30
+TO = ("fp8", "bf16", "int4", "int8")
+# tensors written right after their weight (kept in its shard, no step of the progress bar)
+_AFTER_WEIGHT = ("_scale_inv", ".weight_scale", ".weight_shape", ".weight_zero_point")
 _LAYER = re.compile(r"^(?:model\.language_model\.|model\.|mtp\.)layers\.\d+\.")
 _EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
@@ -81,8 +93,10 @@ def _convert(
     cfg: ModelConfig,
     to: str,
     lora: LoraAdapter | None = None,
+    kept: list[str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """where: every tensor's shard (`_headers`; a scale may sit in another shard)."""
+    """where: every tensor's shard (`_headers`; a scale may sit in another shard). kept: where
+    int4 / int8 leave a module's weight in BF16 (its inputs are no whole groups), by name."""
     rule = fp8_rule(cfg)
     for path in files:
         with open_safetensors(path) as f:
@@ -116,26 +130,67 @@ def _convert(
                         )
                     else:
                         t = formats.dequantize_fp8_blocks(t, s)
-                    if not adapted:
+                    if not adapted and to == "bf16":
                         yield key, t
                         continue
                 if lora is not None:
                     t = lora.merge(key, t)  # (an FP8 weight dequantised above: quantised again)
-                kind = fp8_target(key, rule) if to == "fp8" else None
+                kind = fp8_target(key, rule) if to != "bf16" else None
+                if to in ("int4", "int8") and key.startswith("mtp."):
+                    kind = None  # (compressed_tensors.IGNORE: the MTP head stays BF16)
                 if kind is None:
                     yield key, t
-                    continue
-                q, s = _quantize(key, t, kind, cfg)
-                yield key, q
-                yield scale_name(key, kind), s
+                elif to == "fp8":
+                    q, s = _quantize(key, t, kind, cfg)
+                    yield key, q
+                    yield scale_name(key, kind), s
+                else:
+                    yield from _compressed(key, t, kind, int(to[3:]), kept)
 
 
-def _config(src: Path, to: str) -> dict:
+def _compressed(key: str, t: torch.Tensor, kind: str, bits: int, kept: list[str]):
+    """A weight (fused experts: each expert's gate, up and down, as llm-compressor names them)
+    as compressed-tensors' pack-quantized tensors; one whose inputs are no whole groups of 128
+    (4 bits) stays BF16, its module named in `kept` (the config's ignore list)."""
+    if kind == "fused":
+        base = key.rsplit(".", 1)[0]  # ...mlp.experts
+        parts = ("gate", "up") if key.endswith("gate_up_proj") else ("down",)
+        for e in range(t.shape[0]):
+            for i, part in enumerate(parts):
+                w = t[e].chunk(len(parts))[i]
+                yield from _compressed(f"{base}.{e}.{part}_proj.weight", w, "linear", bits, kept)
+        return
+    module = key.removesuffix(".weight")
+    if bits == 4 and t.shape[1] % 128 or t.shape[0] % 8:
+        kept.append(module)
+        yield key, t
+        return
+    for suffix, v in compressed_tensors.compress(t, bits).items():
+        yield f"{module}.{suffix}", v
+
+
+def _steps(where: dict, shapes: dict, cfg: ModelConfig, to: str) -> int:
+    """The weights written (the progress bar's steps): every tensor but scales, fused experts
+    under int4 / int8 one a projection of each expert."""
+    rule, n = fp8_rule(cfg), 0
+    for k in where:
+        if k.endswith("_scale_inv"):
+            continue
+        fused = to in ("int4", "int8") and fp8_target(k, rule) == "fused"
+        n += shapes[k][0] * (2 if k.endswith("gate_up_proj") else 1) if fused else 1
+    return n
+
+
+def _config(src: Path, to: str, kept: list[str] = ()) -> dict:
     raw = json.loads((src / "config.json").read_text())
     for d in (raw, raw.get("text_config") or {}):
         d.pop("quantization_config", None)
     if to == "fp8":
         raw["quantization_config"] = dict(QUANT_CONFIG)
+    elif to in ("int4", "int8"):
+        qc = compressed_tensors.quantization_config(int(to[3:]))
+        qc["ignore"] += sorted(kept)
+        raw["quantization_config"] = qc
     return raw
 
 
@@ -154,8 +209,8 @@ def convert_checkpoint(
     from qwen35.loader import check_checkpoint
 
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    if to not in ("fp8", "bf16"):
-        raise Qwen35Error(f"--to must be fp8 or bf16, got {to!r}")
+    if to not in TO:
+        raise Qwen35Error(f"--to must be one of {', '.join(TO)}, got {to!r}")
     gguf = is_gguf_file(src)
     if gguf:  # llama.cpp's file: its model directory (gguf_checkpoint.py) is read as any other
         from qwen35.gguf_checkpoint import model_dir
@@ -169,7 +224,7 @@ def convert_checkpoint(
         raise Qwen35Error("OUT_DIR must differ from IN_DIR")
     cfg, files = check_checkpoint(src)  # refused before anything is read or written
     where, shapes = _headers(files)
-    total = sum(not k.endswith("_scale_inv") for k in where)  # the bar's steps
+    total = _steps(where, shapes, cfg, to)  # the bar's
     adapter = None
     if lora is not None:  # checked against the base before anything is written
         adapter = LoraAdapter(lora)
@@ -181,23 +236,24 @@ def convert_checkpoint(
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         names: list[str] = []
-        for key, t in _convert(files, where, cfg, to, adapter):
+        kept: list[str] = []
+        for key, t in _convert(files, where, cfg, to, adapter, kept):
             if gguf and t.dim() >= 2 and t.dtype == torch.float32:
                 t = t.to(torch.bfloat16)  # dequantized matrices: BF16 as the official releases
             t = t.contiguous()
             nbytes = t.numel() * t.element_size()
             # a scale stays in its weight's shard (it comes right after it)
-            if size and size + nbytes > shard_bytes and not key.endswith("_scale_inv"):
+            if size and size + nbytes > shard_bytes and not key.endswith(_AFTER_WEIGHT):
                 names.append(_write(shards[-1], tmp, len(names), save_file))
                 shards.append({})
                 size = 0
             shards[-1][key] = t
             size += nbytes
-            if bar is not None and not key.endswith("_scale_inv"):
+            if bar is not None and not key.endswith(_AFTER_WEIGHT):
                 bar[0].update(bar[1], advance=1)
         names.append(_write(shards[-1], tmp, len(names), save_file))
         _index(tmp, names)
-        (tmp / "config.json").write_text(json.dumps(_config(src, to), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(_config(src, to, kept), indent=2) + "\n")
         for p in src.iterdir():  # tokenizer, chat template, processor, generation config ...
             if (
                 p.is_file()
