@@ -206,8 +206,10 @@ def test_unread_forms_are_refused(tmp_path):
     with safe_open(str(d / "model.safetensors"), "pt") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
     key = next(k for k in sd if k.endswith("q_proj.scales"))
+    g_idx = key.replace("scales", "g_idx")
     for broken, says in (({k: v for k, v in sd.items() if k != key}, "no scales"),
-                         ({**sd, key: sd[key][:1]}, "not a GPTQ layout")):  # fmt: skip
+                         ({**sd, key: sd[key][:1]}, "not a GPTQ layout"),
+                         ({**sd, g_idx: sd[g_idx] + 1000}, "does not map")):  # fmt: skip
         save_file(broken, str(d / "model.safetensors"))
         with pytest.raises(CheckpointError, match=says):
             load_model(d, dtype="fp32")
