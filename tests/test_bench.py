@@ -587,3 +587,15 @@ def test_kernels_by_time_sums_launches_by_name():
     assert kernels_by_time(events) == [("gemv", (2, 22.0)), ("x" * 100, (1, 5.0)),
                                        ("norm", (1, 2.0))]  # fmt: skip
     assert kernels_by_time(events, top=1) == [("gemv", (2, 22.0))]
+
+
+def test_parameters_are_counted_as_the_config_has_them(tiny_cfg):
+    """A quantized model's parameter count is its config's, not its packed tensors' elements
+    (int4 holds two a byte: an int4 0.8B was reported as 0.46B)."""
+    from qwen35.benchmarks.common import BenchOptions, load_bench_model
+
+    opts = BenchOptions(model=tiny_cfg, dtype="bf16")
+    plain = load_bench_model(opts)
+    int4 = load_bench_model(opts, quantization="int4")
+    assert int4.num_params == plain.num_params == plain.weight_bytes // 2
+    assert int4.weight_bytes < plain.weight_bytes / 2

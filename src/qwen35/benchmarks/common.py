@@ -7,6 +7,7 @@ reports medians; absolute times are only meaningful next to the bandwidth measur
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import statistics
@@ -107,6 +108,10 @@ def load_bench_model(
     except FileNotFoundError as e:
         raise Qwen35Error(f"--model {opts.model!r}: {e}") from None
     uniq = {p.data_ptr(): p for p in model.parameters()}.values()
+    from qwen35.plan.params import mtp_tensors, text_tensors
+
+    # parameters as the config counts them (a packed int4 / int6 tensor holds 2 / 1.33 a byte)
+    tensors = text_tensors(model.config) + (mtp_tensors(model.config) if mtp else [])
     return BenchModel(
         model=model,
         source=opts.model,
@@ -114,7 +119,7 @@ def load_bench_model(
         dtype=parse_dtype(dtype),
         device=torch.device(opts.device),
         weight_bytes=sum(p.numel() * p.element_size() for p in uniq),
-        num_params=sum(p.numel() for p in uniq),
+        num_params=sum(math.prod(t.shape) * t.count for t in tensors),
         quantization=quantization,
     )
 
