@@ -464,3 +464,17 @@ def test_quantize_writes_compressed_tensors(to, moe, experts, tmp_path):
     ours = err(load_model(out, dtype="fp32", quantization=to))
     in_memory = err(load_model(tmp_path / "src", dtype="fp32", quantization=to))
     assert ours <= 1.25 * in_memory + 0.005, (ours, in_memory)
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    """Under -tp 2 each rank reads its slices of the decompressed values (fp32 here: the values
+    as they are; int4 / int8 would quantize each shard's values again): the same greedy tokens
+    as one process, logits to summation order."""
+    from test_parallel_engine import run
+
+    _, d, _ = _build("w4a16-moe-g128", tmp_path)
+    ref_tokens, ref_logits, _ = run(d)
+    tokens, logits, _ = run(d, tensor_parallel_size=2)
+    assert tokens == ref_tokens
+    for a, b in zip(logits, ref_logits, strict=False):
+        assert ((a - b).norm() / b.norm()).item() < 1e-4
