@@ -264,6 +264,28 @@ def test_engine_fp8_moe_equals_cpu_engine(tmp_path, calls, monkeypatch):
     assert calls.n["sparse_moe"] > 0, calls.n
 
 
+def test_engine_gptq_in_fp8_rows_equals_cpu_engine(tmp_path, calls, monkeypatch):
+    """A 4-bit GPTQ MoE checkpoint in groups of 128, held exactly in FP8 blocks of one row (as a
+    GPU holds it): the interpreted GPU backend's steps (the Triton MoE reading bo = 1 experts,
+    the FP8 GEMV / GEMM on the dense projections) give the CPU engine's greedy tokens. (The
+    router stays fp32 as on a GPU: test_engine_fp8_moe_equals_cpu_engine says why.)"""
+    from test_gptq_awq import MOE, write
+
+    monkeypatch.setattr("qwen35.loader._unquantized_in_bf16", lambda *a, **k: False)
+
+    save_checkpoint(tmp_path / "src", moe=True, experts="per_expert", **MOE)
+    write(tmp_path / "src", tmp_path / "q", fmt="gptq", sym=False, group=128)
+    ps = prompts(3, seed=33, lo=3, hi=30)
+    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    kw = dict(block_size=BS, quantization="fp8")
+    want = ids(make(tmp_path / "q", **kw).generate(ps, sp))
+    llm = _interpreted(tmp_path / "q", calls.counted(_full()), **kw)
+    ex = [m for m in llm.engine.model.modules() if type(m).__name__ == "Fp8Experts"]
+    assert ex and all(m.block == (1, 128) for m in ex)
+    assert ids(llm.generate(ps, sp)) == want
+    assert calls.n["sparse_moe"] > 0, calls.n
+
+
 @pytest.mark.parametrize("moe", [False, True])
 def test_decode_graph_buffers_with_padding_rows(calls, moe):
     """The static-buffer decode step a CUDA graph replays (3 rows in the bucket of 4, the
