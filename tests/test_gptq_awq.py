@@ -29,7 +29,8 @@ AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
 def _quantized(key: str) -> bool:
     module = key.removesuffix(".weight")
-    return (key.startswith("model.language_model.layers.") and key.endswith("proj.weight")
+    return (key.startswith("model.language_model.layers.") and key.endswith(".weight")
+            and "proj" in module.rsplit(".", 1)[-1]
             and not re.search(r"in_proj_[ab]$|mlp\.gate$|shared_expert_gate$", module))  # fmt: skip
 
 
@@ -232,3 +233,20 @@ def test_fp8_holds_groups_of_128_exactly(tmp_path):
             assert lin.block == (1, 128) and torch.equal(lin.dequantized(torch.float32), w), k
             checked += 1
     assert checked >= 4
+
+
+@pytest.mark.parametrize("opts", [dict(fmt="gptq", group=32), dict(fmt="awq", sym=False, group=64),
+                                  dict(fmt="gptq", bits=8, group=-1)])  # fmt: skip
+def test_plan_counts_the_checkpoint_as_the_engine_holds_it(opts, tmp_path, capsys):
+    """`qwen35 plan -m DIR --dtype int4`: the checkpoint's 4-bit matrices in int4 groups of its
+    own group size (32 costs more than the name's groups of 128), 8-bit ones in int8 rows: the
+    weights byte for byte as the engine holds them."""
+    from qwen35.cli import main
+
+    save_checkpoint(tmp_path / "src", moe=True, experts="per_expert", **MOE)
+    write(tmp_path / "src", tmp_path / "q", **opts)
+    assert main(["plan", "-m", str(tmp_path / "q"), "--dtype", "int4", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["models"]
+    m = load_model(tmp_path / "q", dtype="bf16", quantization="int4")
+    assert row["weights_bytes"]["int4"] == sum(p.numel() * p.element_size()
+                                               for p in m.parameters())  # fmt: skip

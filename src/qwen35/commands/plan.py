@@ -21,7 +21,7 @@ from qwen35.config import ModelConfig
 from qwen35.plan import gguf as plan_gguf
 from qwen35.plan import vision as plan_vision
 from qwen35.plan.launch import hub_id, launch_commands
-from qwen35.plan.params import has_fp8, text_tensors, weight_bytes
+from qwen35.plan.params import compressed_bytes_of, has_fp8, text_tensors, weight_bytes
 from qwen35.plan.planner import (
     DEFAULT_CONTEXT,
     DEFAULT_PREFILL_CHUNK,
@@ -591,7 +591,9 @@ def _run_cpu(args) -> int:
         rows[0]["file"] = {"path": str(m.path), "bytes": m.file_bytes, "type": m.file_type}
     else:
         cfgs = [c for c, _ in _with_yarn(_resolve_models(args.model, None), args)]
-        rows = cpu.cpu_rows(cfgs, args.dtype)
+        c = cfgs[0] if len(cfgs) == 1 else None
+        rows = (cpu.cpu_rows(cfgs, args.dtype, compressed_bytes_of(c)) if c and c.compressed
+                else cpu.cpu_rows(cfgs, args.dtype))  # fmt: skip
     if args.cpu_memory is not None:
         for flag, val in (("--batch", args.batch), ("--context", args.context),
                           ("--chunk", args.chunk)):  # fmt: skip

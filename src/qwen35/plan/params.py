@@ -96,6 +96,30 @@ def int_matrix_bytes(out: int, inp: int, fmt: str, kept: str | None = None) -> i
     return out * inp + out * INT8_SCALE_BYTES
 
 
+def compressed_bytes_of(cfg: ModelConfig):
+    """A `tensor_bytes` stand-in for plan.cpu, for a compressed-tensors / GPTQ / AWQ checkpoint
+    (cfg.compressed): under int4 its 4-bit matrices (the FP8 set, as their recipes quantize) are
+    held in int4 groups of the checkpoint's group size (32, 64, or 128 for wider groups and per
+    channel: compressed_tensors.CompressedCheckpoint.quant_hint), its 8-bit ones in int8 rows;
+    everything else as tensor_bytes counts it."""
+    ints = [s for s in cfg.compressed.schemes if s.type == "int"]
+    scheme = ints[0] if ints else None
+
+    def of(t: Tensor, fmt: str) -> int:
+        if fmt != "int4" or scheme is None or not t.fp8 or output_head(t):
+            return tensor_bytes(t, fmt)
+        out, inp = t.shape[-2], t.shape[-1]
+        if scheme.num_bits == 8:
+            return t.count * int_matrix_bytes(out, inp, "int8")
+        g = scheme.group_size or inp
+        L = next((c for c in (128, 64, 32) if g % c == 0 and inp % c == 0), None)
+        if L is None or not lattice_rows_ok(out):
+            return tensor_bytes(t, fmt)
+        return t.count * (out * inp // 2 + out * (inp // L) * INT4_GROUP_BYTES)
+
+    return of
+
+
 def int_quantized(t: Tensor) -> bool:
     """Whether weight-only int8 / int4 quantizes `t`: the FP8 set plus the embedding and lm_head
     of the text model (per-row int8; under int4 lm_head, or a tied embedding, int6: output_head)."""
