@@ -419,7 +419,7 @@ def test_fused_moe_loop_not_unrolled(fp8, monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("block", [(128, 128), (1, 128)])
+@pytest.mark.parametrize("block", [(128, 128), (1, 128), (1, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 5])
 def test_fused_moe_reads_fp8_experts(dtype, T, block):
@@ -545,7 +545,7 @@ def test_silu_mul_and_add_rms_norm_equal_reference(dtype):
     torch.testing.assert_close(y, norms.rms_norm_zc(h_ref, w, 1e-6), **tol)
 
 
-@pytest.mark.parametrize("block", [(128, 128), (1, 128)])
+@pytest.mark.parametrize("block", [(128, 128), (1, 128), (1, 32)])
 @pytest.mark.parametrize("M,N,K", [(1, 256, 512), (7, 384, 1024), (130, 200, 333)])
 def test_block_fp8_kernel_matches_dequantised_reference(M, N, K, block):
     """quant/fp8_gpu.py's Triton kernel (the path where torch's blockwise _scaled_mm is missing):
@@ -572,12 +572,14 @@ def test_block_fp8_kernel_matches_dequantised_reference(M, N, K, block):
     exact = 5e-4 if ON_GPU and M >= 64 else 1e-5
     x32 = x.float()
     xq, xs = fp8_gpu.quantize_activations(x32)
-    x_deq = xq.float() * xs.repeat_interleave(128, 1)[:, :K]
+    if block[1] != 128:  # (the activations are quantized per group of the blocks' width)
+        xq, xs = fp8_gpu.quantize_activations(x32, block[1])
+    x_deq = xq.float() * xs.repeat_interleave(block[1], 1)[:, :K]
     w_deq = dequantize_fp8_blocks(w, s, torch.float32, block)
     assert _rel(fp8_gpu._triton_kernel()(x32, w, s, block), x_deq @ w_deq.T) < exact
 
 
-@pytest.mark.parametrize("block", [(128, 128), (1, 128)])
+@pytest.mark.parametrize("block", [(128, 128), (1, 128), (1, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,N,K", [(1, 256, 512), (5, 200, 333), (16, 384, 1024)])
 def test_fp8_gemv_kernel_equals_dequantised_weights(dtype, M, N, K, block):

@@ -162,15 +162,24 @@ class CompressedConfig:
                                                                       "compressed-tensors")
 
     @property
-    def fp8_rows(self) -> bool:
-        """Whether FP8 in blocks of one row and 128 inputs holds the weights exactly (the GPU's
-        storage of them: loader.auto_quantization): 4-bit integers in groups of 128k inputs or
-        per channel, each (u - z) an integer of at most 15 (exact in e4m3) times its group's
-        scale."""
+    def fp8_rows(self) -> int | None:
+        """The inputs of the FP8 blocks of one row that hold the weights exactly (the GPU's
+        storage of them: loader.auto_quantization), else None: 4-bit integers in groups of 32,
+        64 (that) or 128k inputs or per channel (128), each (u - z) an integer of at most 15
+        (exact in e4m3) times its group's scale."""
         ints = [s for s in self.schemes if s.type == "int"]
-        return bool(ints) and all(s.num_bits == 4 and (s.strategy == "channel" or s.group_size
-                                                        and s.group_size % 128 == 0)
-                                  for s in ints)  # fmt: skip
+        if not ints or any(s.num_bits != 4 for s in ints):
+            return None
+        widths = set()
+        for s in ints:
+            g = s.group_size if s.strategy == "group" else None  # (channel, tensor: one a row)
+            if g is None or g % 128 == 0:
+                widths.add(128)
+            elif g in (32, 64):
+                widths.add(g)
+            else:
+                return None
+        return widths.pop() if len(widths) == 1 else None
 
     @property
     def cpu_storage(self) -> str:

@@ -37,6 +37,7 @@ def bits(w: torch.Tensor) -> torch.Tensor:
 
 UPCAST = os.environ.get("TRITON_INTERPRET", "") == "1"  # the interpreter's bf16 dots are wrong
 MAX_ROWS = 16
+SCALE_WIDTHS = (32, 64, 128)  # inputs a scale block spans that the kernels take (BK = that)
 
 
 @triton.jit
@@ -70,19 +71,19 @@ def _fp8_gemv_kernel(
 
 
 def fp8_gemv(x, w, scale, block, block_n: int = 64) -> torch.Tensor:
-    """y [M <= 16, N] = x @ dequant(w)^T, w e4m3 [N, K] with one scale per block (128 inputs
-    wide): each program takes block_n weight rows against all M input rows; the 128-wide chunks
-    of a row are upcast to x's dtype (exact: e4m3 fits in bf16), multiplied on the tensor
+    """y [M <= 16, N] = x @ dequant(w)^T, w e4m3 [N, K] with one scale per block (32, 64 or 128
+    inputs wide: a chunk of the loop): each program takes block_n weight rows against all M input
+    rows; the chunks of a row are upcast to x's dtype (exact: e4m3 fits in bf16), multiplied on the tensor
     cores and scaled by their block's scale in fp32. Numerically the dequantised-weight
     reference (no activation error). block_n: bench/gpu_kernels.py tries some."""
     M, K = x.shape
     N = w.shape[0]
-    assert M <= MAX_ROWS and block[1] == 128 and x.stride(1) == 1 and w.is_contiguous()
+    assert M <= MAX_ROWS and block[1] in SCALE_WIDTHS and x.stride(1) == 1 and w.is_contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     s = scale.float().contiguous()
     _fp8_gemv_kernel[(triton.cdiv(N, block_n),)](
         x, bits(w), s, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), s.stride(0),
-        BM=MAX_ROWS, BN=block_n, BK=128, BLOCK_O=block[0], IEEE=x.dtype == torch.float32,
+        BM=MAX_ROWS, BN=block_n, BK=block[1], BLOCK_O=block[0], IEEE=x.dtype == torch.float32,
         UPCAST=UPCAST,
     )  # fmt: skip
     return y

@@ -65,7 +65,7 @@ BN, BK = 4, 128
 # this (35B-A3B: 8 x 512, 122B-A10B: 8 x 1024); above (397B-A17B: 16 x 1024) the unrolled
 # loop spills registers on sm_90
 UNROLL_MAX = 8192
-FP8_BLOCK = 128  # FP8 weights: scale blocks 128 inputs wide (BK == 128), of 128 rows or one
+FP8_BLOCK = 128  # the official FP8 releases' scale blocks (128 x 128; BK is a block's width)
 
 
 @triton.jit
@@ -253,7 +253,7 @@ def sparse_moe(
     E, two_i, _ = gu.shape
     Ii = two_i // 2
     fp8 = experts.gate_up_scale is not None
-    bk = FP8_BLOCK if fp8 else block_k
+    bk = experts.block_k if fp8 else block_k  # FP8: a chunk is a scale block's inputs
     bo = experts.block_o  # FP8: weight rows a scale covers (128, or 1)
     assert x.stride(1) == 1 and gu.stride(2) == 1 and dn.stride(2) == 1
     tw, idx = route(router_logits, top_k, x.dtype)

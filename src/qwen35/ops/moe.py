@@ -207,6 +207,7 @@ class ExpertWeights:
     gate_up_scale: torch.Tensor | None = None  # [E, 2 ceil(I/bo), ceil(H/128)]
     down_scale: torch.Tensor | None = None  # [E, ceil(H/bo), ceil(I/128)]
     block_o: int = 128  # FP8: weight rows a scale covers (bo: 128, or 1 for a scale a row)
+    block_k: int = 128  # FP8: inputs a scale covers (128; 32 / 64 with bo = 1)
 
 
 @dataclass(frozen=True)
@@ -240,8 +241,9 @@ def fused_moe(be: Backend, x, router_w, top_k: int, experts, shared,
              (experts.down, experts.down_scale)]  # fmt: skip
     if shared is not None:
         pairs += [(shared[0], None), (shared[2], shared[3])]
-        bo = experts.block_o
-        if shared[3] is not None and shared[3].shape[0] != -(-shared[2].shape[0] // bo):
+        bo, bk = experts.block_o, experts.block_k
+        if shared[3] is not None and shared[3].shape != (-(-shared[2].shape[0] // bo),
+                                                         -(-shared[2].shape[1] // bk)):
             return None  # (the shared expert's blocks are the routed ones')
     for w, scale in pairs:  # plain weights in x's dtype, or e4m3 with fp32 block scales
         want = x.dtype if scale is None else torch.float8_e4m3fn

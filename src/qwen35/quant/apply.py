@@ -61,12 +61,13 @@ def fp8_rule(cfg) -> set[str]:
 
 def fp8_block(cfg) -> tuple[int, int]:
     """The FP8 block size: the checkpoint's `weight_block_size`; for a checkpoint of 4-bit
-    integers in groups of 128k inputs one row and 128 inputs (their values exactly:
-    CompressedConfig.fp8_rows, formats.fp8_on_lattice); else the official 128 x 128."""
+    integers in groups of 32, 64 or 128k inputs one row and that many (128) inputs (their values
+    exactly: CompressedConfig.fp8_rows, formats.fp8_on_lattice); else the official 128 x 128."""
     if cfg.quantization:
         return cfg.quantization.weight_block_size
     compressed = getattr(cfg, "compressed", None)
-    return (1, 128) if compressed is not None and compressed.fp8_rows else (128, 128)
+    width = compressed.fp8_rows if compressed is not None else None
+    return (1, width) if width else (128, 128)
 
 
 def _excluded(name: str, cfg) -> bool:

@@ -182,7 +182,7 @@ def fp8_linear_gpu(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block)
     y = None
     if (
         x2.shape[0] <= GEMV_MAX_ROWS
-        and block[1] == 128
+        and block[1] in (32, 64, 128)
         and x2.stride(1) == 1
         and w.is_contiguous()
         and (gemv := _gemv_kernel()) is not None

@@ -240,14 +240,15 @@ class Fp8Experts(Experts):
         return m
 
     def fused_weights(self):
-        """As stored, for kernels/triton_moe.py (128 x 128 blocks or blocks of one row and 128
-        inputs, every expert here)."""
-        if self.block not in ((128, 128), (1, 128)) or self.num_total is not None:
+        """As stored, for kernels/triton_moe.py (128 x 128 blocks, or blocks of one row and
+        32, 64 or 128 inputs; every expert here)."""
+        ok = self.block == (128, 128) or self.block[0] == 1 and self.block[1] in (32, 64, 128)
+        if not ok or self.num_total is not None:
             return None
         from qwen35.ops.moe import ExpertWeights
 
         return ExpertWeights(self.gate_up_proj, self.down_proj, self.gate_up_proj_scale_inv,
-                             self.down_proj_scale_inv, self.block[0])  # fmt: skip
+                             self.down_proj_scale_inv, *self.block)  # fmt: skip
 
     def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
         I, (bo, _) = self.intermediate_size, self.block
