@@ -233,16 +233,18 @@ def test_fp8_block_kernel_compiles(M, bo):
                  spills_ok=True)  # fmt: skip
 
 
+@pytest.mark.parametrize("bk", [128, 32])  # (32: a 4-bit checkpoint's groups held in FP8)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fp8_gemv_kernel_compiles(dtype):
+def test_fp8_gemv_kernel_compiles(dtype, bk):
     """The decode-sized weight-only FP8 kernel: bf16 tensor-core dots on upcast e4m3, or IEEE
-    fp32 ones for fp32 models."""
+    fp32 ones for fp32 models; chunks of a scale block's 128 or 32 inputs."""
     from qwen35.quant import fp8_gpu
 
     p, i = _ptr(dtype), "i32"
     sig = dict(X=p, W="*u8", S="*fp32", Y=p, M=i, N=i, K=i, s_xm=i, s_wn=i, s_ym=i, s_sn=i,
                BM=0, BN=0, BK=0, BLOCK_O=0, IEEE=0, UPCAST=0)  # fmt: skip
-    const = dict(BM=16, BN=64, BK=128, BLOCK_O=128, IEEE=dtype == torch.float32, UPCAST=False)
+    const = dict(BM=16, BN=64, BK=bk, BLOCK_O=128 if bk == 128 else 1,
+                 IEEE=dtype == torch.float32, UPCAST=False)  # fmt: skip
     fp32 = dtype == torch.float32  # (spills: fp32 models are tests and references)
     compile_sm90(fp8_gpu._gemv_kernel().kernel, dict(sig), const, spills_ok=fp32)
     compile_sm90(fp8_gpu._gemv_kernel().kernel, sig, const, target=SM80, spills_ok=fp32)
