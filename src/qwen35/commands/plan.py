@@ -218,8 +218,7 @@ def _resolve_models(spec: str | None, dtype: str | None) -> list[tuple[ModelConf
               f"({weight_bytes(m.cfg, 'bf16') / 2**30:.2f} GiB, the file {m.file_bytes / 2**30:.2f}"
               f" GiB){cpu}", file=sys.stderr)  # fmt: skip
         return [(m.cfg, [dtype or "bf16"])]
-    if not path.exists() and (cached := _hub_config(spec)) is not None:
-        path = cached.parent  # a Hub repository's config from the Hugging Face cache
+    path = _config_path(spec)  # (a Hub repository's config from the Hugging Face cache)
     if path.exists() or spec.endswith(".json") or spec.startswith(("/", ".", "~")):
         cfg = ModelConfig.from_hf(path)  # a missing path gets "no config file at ..."
         forced = "fp8" if cfg.quantization else None
@@ -255,19 +254,26 @@ def _with_yarn(models: list[tuple[ModelConfig, list[str]]], args):
         raise PlanError(str(e)) from None
 
 
-@functools.lru_cache(maxsize=4)
 def _compressed_storage(spec: str | None) -> str | None:
-    """The CPU storage `--dtype auto` gives a compressed-tensors checkpoint directory (int4 /
-    int8: CompressedConfig.cpu_storage), else None."""
-    path = Path(spec).expanduser() if spec else None
-    if path is not None and not path.exists() and (cached := _hub_config(spec)) is not None:
-        path = cached.parent
+    """The CPU storage `--dtype auto` gives a compressed-tensors / GPTQ / AWQ checkpoint
+    directory (int4 / int8: CompressedConfig.cpu_storage), else None."""
+    path = _config_path(spec) if spec else None
     if path is None or not (path / "config.json").is_file():
         return None
     cfg = ModelConfig.from_hf(path)
     return cfg.compressed.cpu_storage if cfg.compressed and not cfg.quantization else None
 
 
+def _config_path(spec: str) -> Path:
+    """`-m SPEC` as a path: itself, or where it is not one, a Hub repository's cached snapshot
+    holding its config.json (_hub_config)."""
+    path = Path(spec).expanduser()
+    if not path.exists() and (cached := _hub_config(spec)) is not None:
+        return cached.parent
+    return path
+
+
+@functools.lru_cache(maxsize=4)
 def _gguf(spec: str) -> plan_gguf.GgufModel:
     return plan_gguf.load(spec)  # (a bad file: GGUFError, which the CLI prints as it is)
 
