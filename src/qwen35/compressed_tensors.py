@@ -63,6 +63,7 @@ class CompressedCheckpoint:
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, str] = {}
         self._raw: dict[str, str] = {}  # presented key -> the stored key it is read from
+        self._last = None  # (key, _codes of it): the latest tensor's
         keys = list(f.keys())
         self._keys = set(keys)  # (a MoE shard holds ~10^5 keys: never a list per lookup)
         self._layout(keys)
@@ -216,15 +217,21 @@ class CompressedCheckpoint:
     def _codes(self, key: str):
         """(q [out, in] int16, scale [out, groups] fp32, zp [out, groups] or None, cols): the
         value of weight (n, k) is (q - zp) * scale at group cols[k] (cols None: k // (in /
-        groups); else an activation-ordered GPTQ checkpoint's g_idx)."""
+        groups); else an activation-ordered GPTQ checkpoint's g_idx). The last key's are kept:
+        weights.read_into asks for a tensor's hint, then (where the hint does not stand for
+        them) its values, which would read and unpack it twice."""
+        if self._last is None or self._last[0] != key:
+            self._last = None  # (the previous tensor's freed before this one is read)
+            self._last = (key, self._read_codes(key))
+        return self._last[1]
+
+    def _read_codes(self, key: str):
         base = key.removesuffix(".weight")
         out, inp = self._shapes[key]
         kind = self._modules[key]
-        if kind == "int4":
-            q = _unpack4(self._f.get_tensor(base + ".weight_packed"), inp)
-        elif kind == "int8" and self._raw[key].endswith("_packed"):
-            words = self._f.get_tensor(base + ".weight_packed")
-            q = _bytes(words)[:, :inp].to(torch.int16) - 128
+        bits = 4 if kind == "int4" else 8
+        if self._raw[key].endswith("_packed"):  # codes u = q + 2^(bits - 1)
+            q = unpack(self._f.get_tensor(base + ".weight_packed"), bits, inp) - (1 << bits - 1)
         else:  # int8 as stored
             q = self._f.get_tensor(base + ".weight").to(torch.int16)
         scale = self._f.get_tensor(base + ".weight_scale").float()
@@ -234,10 +241,9 @@ class CompressedCheckpoint:
         zp = None
         if base + ".weight_zero_point" in self._keys:
             z = self._f.get_tensor(base + ".weight_zero_point")
-            groups, bits = scale.shape[1], 4 if kind == "int4" else 8
+            groups = scale.shape[1]
             if z.dtype == torch.int32:  # packed along the output: [out * bits / 32, groups]
-                z = (_unpack4(z.t().contiguous(), out) if bits == 4 else
-                     _bytes(z.t().contiguous())[:, :out].to(torch.int16) - 128).t()  # fmt: skip
+                z = (unpack(z.t().contiguous(), bits, out) - (1 << bits - 1)).t()
             zp = z.to(torch.int16).reshape(out, groups)
             zp = zp if bool(zp.any()) else None  # (older writers stored zeros when symmetric)
         return q, scale, zp, self._g_idx(base, inp, scale.shape[1])
@@ -259,12 +265,13 @@ def _bytes(words: torch.Tensor) -> torch.Tensor:
     return (b.flip(-1) if sys.byteorder == "big" else b).reshape(words.shape[0], -1)
 
 
-def _unpack4(words: torch.Tensor, n: int) -> torch.Tensor:
-    """4-bit codes packed 8 to an int32 (element i in bits 4i..4i+3) -> q [rows, n] int16 in
-    [-8, 7] (the stored u - 8)."""
+def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Codes packed 32 / bits to an int32 along the last axis (code i of a word in its bits
+    bits * i ..) -> [rows, n] int16 in [0, 2^bits) (bits 4 or 8; _pack's inverse)."""
     b = _bytes(words)
-    u = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(words.shape[0], -1)[:, :n]
-    return u.to(torch.int16) - 8
+    if bits == 4:
+        b = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(words.shape[0], -1)
+    return b[:, :n].to(torch.int16)
 
 
 # ---- writing (qwen35 quantize --to int4 | int8) -------------------------------------------
@@ -300,7 +307,7 @@ def compress(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
 
 def _pack(u: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes [rows, n] in [0, 2^bits) -> int32 words [rows, n * bits / 32], the first code of a
-    word in its low bits (_bytes / _unpack4's inverse)."""
+    word in its low bits (unpack's inverse)."""
     rows, n = u.shape
     if bits == 8:
         b = u.to(torch.uint8)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from qwen35.compressed_tensors import CompressedCheckpoint, _bytes
+from qwen35.compressed_tensors import CompressedCheckpoint, unpack
 from qwen35.weights import CheckpointError
 
 _PARTS = ("qweight", "qzeros", "scales")
@@ -97,7 +97,7 @@ class GptqAwqCheckpoint(CompressedCheckpoint):
         self._present(base + ".weight", base + ".qweight", (out, inp), sc.get_dtype())
         self._modules[base + ".weight"] = f"int{bits}"
 
-    def _codes(self, key: str):
+    def _read_codes(self, key: str):
         base = key.removesuffix(".weight")
         out, inp = self._shapes[key]
         bits = 4 if self._modules[key] == "int4" else 8
@@ -107,8 +107,8 @@ class GptqAwqCheckpoint(CompressedCheckpoint):
             u = _awq_unpack(qw)  # [in, out]
             z = _awq_unpack(qz)  # [groups, out]
         else:
-            u = _unpack(qw.t().contiguous(), bits, inp).t()  # along the input: [in, out]
-            z = _unpack(qz, bits, out)  # [groups, out]
+            u = unpack(qw.t().contiguous(), bits, inp).t()  # along the input: [in, out]
+            z = unpack(qz, bits, out)  # [groups, out]
             if self._fmt == "gptq":
                 z = z + 1  # (z - 1 stored; unmasked, as AutoGPTQ's own dequantization)
         half = 1 << (bits - 1)
@@ -118,19 +118,9 @@ class GptqAwqCheckpoint(CompressedCheckpoint):
         return q.contiguous(), scale, zp, self._g_idx(base, inp, scale.shape[1], "g_idx")
 
 
-def _unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Codes packed 32 / bits to an int32 along the last axis (the first in the low bits) ->
-    [rows, n] int16 in [0, 2^bits)."""
-    b = _bytes(words)
-    if bits == 8:
-        return b[:, :n].to(torch.int16)
-    return torch.stack((b & 0xF, b >> 4), dim=-1).reshape(words.shape[0], -1)[:, :n].to(
-        torch.int16)  # fmt: skip
-
-
 def _awq_unpack(words: torch.Tensor) -> torch.Tensor:
     """AWQ's 4-bit words [rows, n / 8] -> [rows, n] int16, outputs in order."""
-    slots = _unpack(words, 4, words.shape[1] * 8).view(words.shape[0], -1, 8)
+    slots = unpack(words, 4, words.shape[1] * 8).view(words.shape[0], -1, 8)
     out = torch.empty_like(slots)
     out[..., list(_AWQ_ORDER)] = slots
     return out.view(words.shape[0], -1)
