@@ -191,29 +191,40 @@ def test_logits_equal_the_stored_values(case, tmp_path):
     assert torch.equal(load_model(d, dtype="fp32")(ids), load_model(plain, dtype="fp32")(ids))
 
 
-def test_unread_forms_are_refused(tmp_path):
-    save_checkpoint(tmp_path / "src", **DENSE)
-    d = tmp_path / "q"
-    write(tmp_path / "src", d, fmt="gptq")
+def assert_refused(d, config_edits, tensor_edits) -> None:
+    """A quantized checkpoint directory d refused with the reason: each (quantization_config
+    edit, message) by ModelConfig.from_hf, then each (state dict -> broken state dict, message)
+    by load_model; d is left as the last broken form (tests/test_compressed_tensors.py's too)."""
     cfg = json.loads((d / "config.json").read_text())
     qc = cfg["quantization_config"]
-    for edit, says in (({"bits": 3}, "4 or 8 bits"), ({"checkpoint_format": "marlin"}, "gptq_v2"),
-                       ({"group_size": 48}, "multiple of 32"),
-                       ({"quant_method": "awq", "version": "gemv"}, "gemm")):  # fmt: skip
+    for edit, says in config_edits:
         (d / "config.json").write_text(json.dumps({**cfg, "quantization_config": {**qc, **edit}}))
         with pytest.raises(ConfigError, match=says):
             ModelConfig.from_hf(d)
     (d / "config.json").write_text(json.dumps(cfg))
     with safe_open(str(d / "model.safetensors"), "pt") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
-    key = next(k for k in sd if k.endswith("q_proj.scales"))
-    g_idx = key.replace("scales", "g_idx")
-    for broken, says in (({k: v for k, v in sd.items() if k != key}, "no scales"),
-                         ({**sd, key: sd[key][:1]}, "not a GPTQ layout"),
-                         ({**sd, g_idx: sd[g_idx] + 1000}, "does not map")):  # fmt: skip
-        save_file(broken, str(d / "model.safetensors"))
+    for edit, says in tensor_edits:
+        save_file(edit(sd), str(d / "model.safetensors"))
         with pytest.raises(CheckpointError, match=says):
             load_model(d, dtype="fp32")
+
+
+def test_unread_forms_are_refused(tmp_path):
+    save_checkpoint(tmp_path / "src", **DENSE)
+    d = tmp_path / "q"
+    write(tmp_path / "src", d, fmt="gptq")
+
+    def key(sd, suffix="scales"):
+        return next(k for k in sd if k.endswith("q_proj.scales")).replace("scales", suffix)
+
+    assert_refused(d, (({"bits": 3}, "4 or 8 bits"), ({"checkpoint_format": "marlin"}, "gptq_v2"),
+                       ({"group_size": 48}, "multiple of 32"),
+                       ({"quant_method": "awq", "version": "gemv"}, "gemm")),
+                   ((lambda sd: {k: v for k, v in sd.items() if k != key(sd)}, "no scales"),
+                    (lambda sd: {**sd, key(sd): sd[key(sd)][:1]}, "not a GPTQ layout"),
+                    (lambda sd: {**sd, key(sd, "g_idx"): sd[key(sd, "g_idx")] + 1000},
+                     "does not map")))  # fmt: skip
 
 
 def test_fp8_holds_groups_of_128_exactly(tmp_path):

@@ -154,9 +154,9 @@ def int4_on_lattice(
 
 def fp8_on_lattice(hint, block) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A Lattice (step, zero, codes: [..., out, in / L], [..., out, in]) as e4m3 weights and
-    fp32 scales in `block`s of one row and bi = L inputs (32, 64 or 128), exactly: each value is step * (code + zero
-    / step), an integer of at most 16 (exact in e4m3) times its group's step, so where the
-    lattices are bi inputs wide and zero / step is integral (compressed-tensors', GPTQ's, AWQ's
+    fp32 scales in `block`s of one row and bi = L inputs (32, 64 or 128), exactly: each value is
+    step * (code + zero / step), an integer of at most 16 (exact in e4m3) times its group's
+    step, so where the lattices are bi inputs wide and zero / step is integral (compressed-tensors', GPTQ's, AWQ's
     zero points) the weight is q = code + zero / step, the scale the step. None otherwise (a
     GGUF Q4_K's zero points are not multiples of its steps; lattices narrower than the block):
     the values are quantized instead."""
