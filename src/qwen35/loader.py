@@ -267,6 +267,7 @@ def auto_quantization(model: str, load_format: str, dtype: str, device) -> str |
     gguf = _gguf_default(model, load_format, dtype, device)
     if gguf is not None:
         return gguf
+    cfg = None
     if load_format != "random" and dtype == "auto" and not isinstance(model, ModelConfig):
         cfg = peek_config(model, load_format)
         c = cfg.compressed
@@ -279,7 +280,8 @@ def auto_quantization(model: str, load_format: str, dtype: str, device) -> str |
             return quant
     if default_quantization(dtype, device, None, "bfloat16") is None:
         return None
-    return default_quantization(dtype, device, None, peek_config(model, load_format).dtype)
+    cfg = cfg or peek_config(model, load_format)  # (read once)
+    return default_quantization(dtype, device, None, cfg.dtype)
 
 
 def local_model(source):
