@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen35.quant.formats import FP8_ROW_WIDTHS
+
 UNSCALE = tl.constexpr(256.0)  # value = fp16 read of the moved bits * UNSCALE
 
 
@@ -37,7 +39,6 @@ def bits(w: torch.Tensor) -> torch.Tensor:
 
 UPCAST = os.environ.get("TRITON_INTERPRET", "") == "1"  # the interpreter's bf16 dots are wrong
 MAX_ROWS = 16
-SCALE_WIDTHS = (32, 64, 128)  # inputs a scale block spans that the kernels take (BK = that)
 
 
 @triton.jit
@@ -72,13 +73,14 @@ def _fp8_gemv_kernel(
 
 def fp8_gemv(x, w, scale, block, block_n: int = 64) -> torch.Tensor:
     """y [M <= 16, N] = x @ dequant(w)^T, w e4m3 [N, K] with one scale per block (32, 64 or 128
-    inputs wide: a chunk of the loop): each program takes block_n weight rows against all M input
-    rows; the chunks of a row are upcast to x's dtype (exact: e4m3 fits in bf16), multiplied on the tensor
+    inputs wide: a chunk of the loop): each program takes block_n weight rows against all M
+    input rows; the chunks of a row are upcast to x's dtype (exact: e4m3 fits in bf16), multiplied on the tensor
     cores and scaled by their block's scale in fp32. Numerically the dequantised-weight
     reference (no activation error). block_n: bench/gpu_kernels.py tries some."""
     M, K = x.shape
     N = w.shape[0]
-    assert M <= MAX_ROWS and block[1] in SCALE_WIDTHS and x.stride(1) == 1 and w.is_contiguous()
+    assert M <= MAX_ROWS and block[1] in FP8_ROW_WIDTHS and x.stride(1) == 1 \
+        and w.is_contiguous()  # fmt: skip
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     s = scale.float().contiguous()
     _fp8_gemv_kernel[(triton.cdiv(N, block_n),)](

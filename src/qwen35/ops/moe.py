@@ -199,13 +199,14 @@ FUSED_MAX_TOKENS = 16  # the Triton MoE's limit: above it the grouped GEMM (expe
 @dataclass(frozen=True)
 class ExpertWeights:
     """The routed experts as the kernels read them: plain (model dtype, scales None) or FP8
-    e4m3 with fp32 scales per bo x 128 block (the official layout's 128 x 128, or one row: a
-    compressed-tensors checkpoint's scale per channel; gate blocks, then up)."""
+    e4m3 with fp32 scales per bo x bk block (the official layout's 128 x 128, or one row and 32 /
+    64 / 128 inputs: a compressed-tensors FP8 checkpoint's scales per channel, a 4-bit one's
+    groups held exactly; gate blocks, then up)."""
 
     gate_up: torch.Tensor  # [E, 2I, H], gate rows first
     down: torch.Tensor  # [E, H, I]
-    gate_up_scale: torch.Tensor | None = None  # [E, 2 ceil(I/bo), ceil(H/128)]
-    down_scale: torch.Tensor | None = None  # [E, ceil(H/bo), ceil(I/128)]
+    gate_up_scale: torch.Tensor | None = None  # [E, 2 ceil(I/bo), ceil(H/bk)]
+    down_scale: torch.Tensor | None = None  # [E, ceil(H/bo), ceil(I/bk)]
     block_o: int = 128  # FP8: weight rows a scale covers (bo: 128, or 1 for a scale a row)
     block_k: int = 128  # FP8: inputs a scale covers (128; 32 / 64 with bo = 1)
 
@@ -226,7 +227,7 @@ def fused_moe(be: Backend, x, router_w, top_k: int, experts, shared,
               packed: torch.Tensor | None = None) -> torch.Tensor | None:  # fmt: skip
     """The MoE block's output [T, H] from kernels/triton_moe.py (router logits by one matmul),
     or None where it does not apply: no Triton MoE, more than FUSED_MAX_TOKENS tokens, weights
-    it does not read (quantized other than FP8 in blocks of 128 inputs, another dtype). Under
+    it does not read (quantized other than FP8 in ExpertWeights' blocks, another dtype). Under
     tensor parallelism each rank's output is its partial sum (experts split by intermediate
     size; the caller all-reduces).
     experts: ExpertWeights or None; shared: None or (shared_expert_gate weight [1, H],

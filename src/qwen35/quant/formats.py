@@ -20,6 +20,9 @@ import torch.nn.functional as F
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 BLOCK = 128
+# inputs a one-row FP8 block spans that the FP8 kernels take (a 4-bit checkpoint's group held
+# exactly: fp8_on_lattice; the GPU GEMV / GEMM / MoE chunk by it)
+FP8_ROW_WIDTHS = (32, 64, 128)
 
 
 class Lattice(NamedTuple):

@@ -20,7 +20,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from qwen35.quant.formats import FP8_DTYPE, FP8_MAX, dequantize_fp8_blocks
+from qwen35.quant.formats import FP8_DTYPE, FP8_MAX, FP8_ROW_WIDTHS, dequantize_fp8_blocks
 
 GROUP = 128
 log = logging.getLogger("qwen35")
@@ -182,7 +182,7 @@ def fp8_linear_gpu(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block)
     y = None
     if (
         x2.shape[0] <= GEMV_MAX_ROWS
-        and block[1] in (32, 64, 128)
+        and block[1] in FP8_ROW_WIDTHS
         and x2.stride(1) == 1
         and w.is_contiguous()
         and (gemv := _gemv_kernel()) is not None

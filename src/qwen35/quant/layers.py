@@ -242,7 +242,8 @@ class Fp8Experts(Experts):
     def fused_weights(self):
         """As stored, for kernels/triton_moe.py (128 x 128 blocks, or blocks of one row and
         32, 64 or 128 inputs; every expert here)."""
-        ok = self.block == (128, 128) or self.block[0] == 1 and self.block[1] in (32, 64, 128)
+        ok = self.block == (128, 128) or self.block[0] == 1 and \
+            self.block[1] in formats.FP8_ROW_WIDTHS  # fmt: skip
         if not ok or self.num_total is not None:
             return None
         from qwen35.ops.moe import ExpertWeights
