@@ -227,16 +227,22 @@ def test_unread_forms_are_refused(tmp_path):
                      "does not map")))  # fmt: skip
 
 
-def test_fp8_holds_groups_of_128_exactly(tmp_path):
+def test_fp8_holds_groups_of_128_exactly(tmp_path, monkeypatch):
     """A GPU's default storage of a 4-bit checkpoint in groups of 128: FP8 in blocks of one row
-    (e4m3 u - z times the group's scale), exactly its values."""
+    (e4m3 u - z times the group's scale), exactly its values, made from the codes alone (the
+    values are never read)."""
+    from qwen35.gptq_awq import GptqAwqCheckpoint
     from qwen35.loader import auto_quantization
     from qwen35.quant.layers import Fp8Linear
 
     save_checkpoint(tmp_path / "src", **DENSE)
     want = write(tmp_path / "src", tmp_path / "q", fmt="gptq", sym=False, group=128)
     assert auto_quantization(str(tmp_path / "q"), "auto", "auto", "cuda:0") == "fp8"
+    read, get = [], GptqAwqCheckpoint.get_tensor
+    monkeypatch.setattr(GptqAwqCheckpoint, "get_tensor",
+                        lambda self, k: read.append(k) or get(self, k))  # fmt: skip
     mods = dict(load_model(tmp_path / "q", dtype="fp32", quantization="fp8").named_modules())
+    assert read and not set(read) & set(want)
     checked = 0
     for k, w in want.items():
         lin = mods.get(k.replace("model.language_model.", "model.").removesuffix(".weight"))

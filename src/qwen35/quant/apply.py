@@ -212,10 +212,14 @@ def _int_linear(w: torch.Tensor | None, fmt: str, dtype, hint=None) -> Linear:
     return Int4Linear.quantize(w, g, dtype) if g else Int8Linear.quantize(w, dtype)
 
 
-def takes_lattice(mod: nn.Module, leaf: str, fmt: str, hint=None) -> bool:
+def takes_lattice(mod: nn.Module, leaf: str, fmt: str, hint=None, block=None) -> bool:
     """Whether quantize_module_ makes parameter `leaf` of `mod` from a hint alone (its codes),
     never reading the parameter's values: as _int_linear / _int_experts decide (a Lattice under
-    int4, Int8Rows under int8 / int4)."""
+    int4, Int8Rows under int8 / int4), or quantize_module_'s FP8 branch (a Lattice that FP8 in
+    `block`s holds exactly: formats.fp8_on_lattice; a dense weight, whole)."""
+    if fmt == "fp8":
+        return type(mod) is Linear and leaf == "weight" and \
+            formats.fp8_on_lattice(hint, block) is not None  # fmt: skip
     if fmt not in ("int4", "int8") or (fmt == "int8" and not isinstance(hint, Int8Rows)):
         return False
     rows_ok = (lambda n: True) if isinstance(hint, Int8Rows) else lattice_rows_ok
@@ -434,7 +438,7 @@ class QuantizeOnRead:
         if not coded or self.pending.get(name) != 1:
             return False
         mod, leaf = self.slots[name][0]
-        return takes_lattice(mod, leaf, self.fmt, hint)
+        return takes_lattice(mod, leaf, self.fmt, hint, self.block)
 
     def deferred(self) -> set[int]:
         """ids of the (meta) parameters to leave unallocated."""
