@@ -370,6 +370,23 @@ def test_fp8_holds_4bit_values_exactly(name, tmp_path):
     assert checked >= 6
 
 
+@pytest.mark.parametrize("name,fmt", [("w4a16-asym-g32", "fp8"), ("w4a16-moe-g128", "fp8"),
+                                      ("fp8-dynamic-moe", "fp8"), ("w4a16-asym-g32", "int4"),
+                                      ("w4a16-moe", "int4")])  # fmt: skip
+def test_engine_memory_equals_the_planners(name, fmt, tmp_path):
+    """The weights the engine holds equal the planner's figure (plan.params.weight_bytes: what
+    `plan --gpu` counts a GPU's weights with) within 1%: FP8 in one-row blocks with their fp32
+    scales (4 / 32 bytes a weight at groups of 32: left out before, 12% of the weights' bytes),
+    a compressed-tensors FP8 checkpoint's per-channel scales, and int4 in the stored groups."""
+    from qwen35.plan.params import weight_bytes
+
+    _, d, _ = _build(name, tmp_path)
+    m = load_model(d, dtype="bf16", quantization=fmt)
+    got = sum(p.numel() * p.element_size() for p in {id(p): p for p in m.parameters()}.values())
+    want = weight_bytes(m.config, fmt, text_only=True)
+    assert abs(got - want) / want < 0.01, (got, want)
+
+
 def test_gpu_plan_holds_it_as_the_engine_does(tmp_path, capsys):
     """`qwen35 plan -m DIR --gpu ...` of a 4-bit checkpoint in groups of 128: planned in FP8 (as
     the engine holds it on a GPU), launch lines naming the directory, no --quantization (every

@@ -255,3 +255,35 @@ def test_a_model_with_a_short_native_context_is_planned_at_it(tmp_path, capsys):
     assert "note: planning at 4,096 tokens, the native context of" in out.err
     assert main(["plan", "-m", str(tmp_path), "--context", "8192"]) == 2
     assert "exceeds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int8"])
+def test_gpu_plans_of_the_weight_only_formats(capsys, dtype):
+    """`--dtype int4 | int8 --gpu`: the engine holds those formats on a GPU too (Triton GEMVs
+    reading them), so a GPU plan counts them as the loader stores them (weight_bytes), adds the
+    buffer prefill dequantizes a matrix into (27B: its MLP's gate and up, packed) to the working
+    memory, and launches ours with --quantization, vLLM / SGLang on the checkpoint `qwen35
+    quantize` writes (compressed-tensors, which both read). 27B in int4 fits a 24 GiB GPU; in
+    BF16 it does not."""
+    from qwen35.catalog import load_model_config
+    from qwen35.plan.params import weight_bytes
+    from qwen35.plan.sharding import dequant_buffer_bytes
+
+    argv = ("-m", "27B", "--gpu", "RTX 4090", "--text-only", "--context", "8192")
+    d = run_json(capsys, *argv, "--dtype", dtype)
+    fit = d["models"][0]["fits"][dtype]
+    cfg = load_model_config("Qwen3.5-27B")
+    assert fit["weights_bytes_per_gpu"] == weight_bytes(cfg, dtype, text_only=True)
+    assert fit["fits"] == (dtype == "int4")
+    bf16 = run_json(capsys, *argv, "--dtype", "bf16")["models"][0]["fits"]["bf16"]
+    assert not bf16["fits"]
+    assert dequant_buffer_bytes(cfg) == 2 * 2 * cfg.intermediate_size * cfg.hidden_size
+    assert fit["working_bytes_per_gpu"] == bf16["working_bytes_per_gpu"] + dequant_buffer_bytes(cfg)
+    if dtype == "int4":
+        launch = d["recommendation"]["launch"]
+        assert "--model Qwen/Qwen3.5-27B " in launch["qwen35"]
+        assert launch["qwen35"].endswith("--quantization int4")
+        for engine in ("vllm", "sglang"):
+            assert launch[engine].startswith(
+                "qwen35 quantize Qwen/Qwen3.5-27B ./Qwen3.5-27B-int4 --to int4 && ")
+            assert " ./Qwen3.5-27B-int4 " in launch[engine] and "--quantization" not in launch[engine]

@@ -510,3 +510,34 @@ def test_int8_quantize_kernel_equals_pytorch_twin(wdtype, sdtype):
         assert torch.equal(q2, q) and s2.dtype == sdtype and torch.equal(s2, s), (n, k)
         q3, s3 = matmul.quantize_int8(w, sdtype)
         assert torch.equal(q3, q) and torch.equal(s3, s)
+
+
+def test_int_experts_stack_is_views_and_same_products():
+    """IntExperts.stack_ (the GPU's MoE kernels' [E, ...] tensors): every expert's int4 weights
+    move into one tensor per projection, the per-expert modules become views of it (no memory
+    added once their own tensors are freed) and compute as before; experts of mixed formats or
+    groups are left as they are."""
+    from qwen35.quant.layers import IntExperts
+
+    g = torch.Generator().manual_seed(0)
+    E, H, I = 4, 128, 64
+    gu = [Int4Linear.quantize(torch.randn(2 * I, H, generator=g), 32, torch.bfloat16)
+          for _ in range(E)]  # fmt: skip
+    dn = [Int4Linear.quantize(torch.randn(H, I, generator=g), 64, torch.bfloat16) for _ in range(E)]
+    x = torch.randn(3, H, generator=g).to(torch.bfloat16)
+    before = [m(x) for m in gu]
+    ex = IntExperts(gu, dn, I)
+    assert ex.stack_()
+    st = ex.stack
+    assert st.gate_up.shape == (E, 2 * I, H // 2) and st.down_sz.shape == (E, I // 64, H, 2)
+    assert (st.gate_up_group, st.down_group) == (32, 64)
+    for e in range(E):
+        assert ex.gate_up_q[e].weight.data_ptr() == st.gate_up[e].data_ptr()
+        assert ex.down_q[e].scales_and_zeros.data_ptr() == st.down_sz[e].data_ptr()
+        assert torch.equal(ex.gate_up_q[e](x), before[e])
+    mixed = IntExperts(gu[:1] + [Int8Linear.quantize(torch.randn(2 * I, H), torch.bfloat16)],
+                       dn[:2], I)  # fmt: skip
+    assert not mixed.stack_() and mixed.stack is None
+    regrouped = IntExperts(gu[:2], [dn[0], Int4Linear.quantize(torch.randn(H, I), 32,
+                                                               torch.bfloat16)], I)  # fmt: skip
+    assert not regrouped.stack_()

@@ -337,3 +337,34 @@ def test_fp8_block_gemm_does_not_build_before_sm89_and_says_so():
     with pytest.raises(Exception) as err:
         compile_sm90(fp8_gpu._triton_kernel().kernel, sig, const, target=SM80)
     assert is_build_error(err.value), repr(err.value)[:500]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int_kernels_compile(dtype):
+    """kernels/triton_int.py: the int4 / int6 / int8 GEMVs (bf16 tensor-core dots on the codes,
+    or IEEE fp32 ones), the int4 dequantisation, the int4 MoE pairs kernel, at the groups the
+    loader makes (32 / 64 / 128 inputs), for sm_90 and sm_80 (no e4m3 here: they build on A100s)."""
+    from qwen35.kernels import triton_int as ti
+
+    p, i = _ptr(dtype), "i32"
+    fp32 = dtype == torch.float32  # (spills: fp32 models are tests and references)
+    flags = dict(IEEE=fp32, UPCAST=False)
+    for group, target in itertools.product((32, 64, 128), (SM90, SM80)):
+        sig = dict(X=p, W="*u8", SZ=p, P=p, M=i, N=i, K=i, s_xm=i, s_pz=i, s_pm=i, CHUNKS=i,
+                   BM=0, GROUP=0, IEEE=0, UPCAST=0)  # fmt: skip
+        compile_sm90(ti.int4_gemv.kernel, sig, dict(BM=16, GROUP=group, **flags), target=target,
+                     spills_ok=fp32)  # fmt: skip
+        sig = dict(W="*u8", SZ=p, OUT=p, N=i, K=i, s_on=i, GROUP=0)
+        compile_sm90(ti.int4_dequant.kernel, sig, dict(GROUP=group), target=target)
+        sig = dict(X=p, s_xm=i, XDIV=i, IDX="*i64", W="*u8", s_we=i, SZ=p, s_se=i, Y=p, s_ym=i,
+                   N=i, K=i, GROUP=0)  # fmt: skip
+        compile_sm90(ti.int4_pairs.kernel, sig, dict(GROUP=group), target=target)
+    for target in (SM90, SM80):
+        sig = dict(X=p, W="*u8", S="*bf16", P=p, M=i, N=i, K=i, s_xm=i, s_wn=i, s_sn=i, s_pz=i,
+                   s_pm=i, CHUNKS=i, BM=0, BN=0, IEEE=0, UPCAST=0)  # fmt: skip
+        compile_sm90(ti.int6_gemv.kernel, sig, dict(BM=16, BN=ti.BN, **flags), target=target,
+                     spills_ok=fp32)  # fmt: skip
+        sig = dict(X=p, W="*i8", S=p, P=p, M=i, N=i, K=i, s_xm=i, s_wn=i, s_pz=i, s_pm=i,
+                   CHUNKS=i, BM=0, BN=0, BK=0, IEEE=0, UPCAST=0)  # fmt: skip
+        compile_sm90(ti.int8_gemv.kernel, sig, dict(BM=16, BN=ti.BN, BK=128, **flags),
+                     target=target, spills_ok=fp32)  # fmt: skip

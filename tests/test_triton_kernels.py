@@ -618,3 +618,80 @@ def test_e4m3_bytes_convert_exactly():
     assert torch.equal(out[~nan], want[~nan])
     assert torch.signbit(out[~nan]).tolist() == torch.signbit(want[~nan]).tolist()
     assert out[nan].tolist() == [480.0, -480.0]
+
+
+# weight-only int4 / int6 / int8 on the GPU (kernels/triton_int.py): the CPU formats' bytes
+INT_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K,group", [(1, 128, 256, 32), (5, 192, 384, 128), (16, 4096, 128, 64)])
+def test_int4_gemv_and_dequant_equal_dequantised_weights(dtype, M, N, K, group):
+    """Int4Linear's layout read on the GPU: decode rows (the dequantised-weight product up to fp32
+    summation order / the output's rounding; K split over programs where rows are few, and not:
+    4096 rows) and the dequantisation prefill's GEMM runs on (formats.dequantize_int4_groups's
+    values: bitwise on a GPU up to an FMA, one bf16 ulp interpreted)."""
+    from qwen35.kernels import triton_int as ti
+    from qwen35.quant import formats, matmul
+
+    g = torch.Generator().manual_seed(M + N)
+    q, sz = formats.quantize_int4_groups(torch.randn(N, K, generator=g) * 0.05, group, dtype)
+    packed, sz = matmul.pack_int4(q).to(DEV), sz.to(DEV)
+    x = torch.randn(M, K + 3, generator=g).to(DEV, dtype)[:, :K]  # rows strided
+    w = formats.dequantize_int4_groups(q.to(DEV), sz, group, torch.float32)
+    y = ti.int4_gemv(x, packed, sz, group, N)
+    assert y.shape == (M, N) and y.dtype == dtype
+    torch.testing.assert_close(y.float(), x.float() @ w.T, **INT_TOL[dtype])
+    out = torch.empty(N, K, dtype=dtype, device=DEV)
+    ti.int4_dequant(packed, sz, group, out)
+    torch.testing.assert_close(out, w.to(dtype), **ROUNDING[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(1, 200, 256), (7, 64, 1024), (16, 333, 64)])
+def test_int6_and_int8_gemvs_equal_dequantised_weights(dtype, M, N, K):
+    """The int4 models' lm_head (int6 groups of 32, formats.quantize_int6_groups) and per-row
+    int8 on the GPU: the dequantised-weight product (activations not rounded), partial row
+    blocks, K split or not."""
+    from qwen35.kernels import triton_int as ti
+    from qwen35.quant import formats
+
+    g = torch.Generator().manual_seed(M + K)
+    w = torch.randn(N, K, generator=g) * 0.05
+    x = torch.randn(M, K, generator=g).to(DEV, dtype)
+    packed, scales = (t.to(DEV) for t in formats.quantize_int6_groups(w))
+    y = ti.int6_gemv(x, packed, scales)
+    want = x.float() @ formats.dequantize_int6(packed, scales).T
+    assert y.shape == (M, N) and y.dtype == dtype
+    torch.testing.assert_close(y.float(), want, **INT_TOL[dtype])
+    q, s = (t.to(DEV) for t in formats.quantize_int8_rows(w[:, : K - 5], dtype))  # odd K
+    y = ti.int8_gemv(x[:, : K - 5].contiguous(), q, s)
+    want = x[:, : K - 5].float() @ formats.dequantize_int8_rows(q, s, torch.float32).T
+    torch.testing.assert_close(y.float(), want, **INT_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_moe_kernels_equal_expert_loop(dtype):
+    """quant/int_gpu.py `int4_experts_gpu` (IntExperts' stacked int4 weights, one kernel per
+    projection over the (token, expert) pairs) against the expert loop on the per-expert
+    modules' dequantised weights (those modules now views of the stack), in fp32: gate_up in
+    groups of 32, down in groups of 64, rows picking the same experts."""
+    from qwen35.ops.moe import grouped_experts_reference
+    from qwen35.quant.int_gpu import int4_experts_gpu
+    from qwen35.quant.layers import Int4Linear, IntExperts
+
+    g = torch.Generator().manual_seed(3)
+    E, H, I, T, k = 6, 128, 64, 5, 3
+    gu = [Int4Linear.quantize(torch.randn(2 * I, H, generator=g) * 0.05, 32, dtype)
+          for _ in range(E)]  # fmt: skip
+    dn = [Int4Linear.quantize(torch.randn(H, I, generator=g) * 0.05, 64, dtype) for _ in range(E)]
+    ex = IntExperts(gu, dn, I).to(DEV)
+    assert ex.stack_()
+    x = torch.randn(T, H, generator=g).to(DEV, dtype)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(DEV)
+    w = torch.softmax(torch.randn(T, k, generator=g), -1).to(DEV, dtype)
+    y = int4_experts_gpu(x, idx, w, ex.stack)
+    gu32 = torch.stack([m.dequantized(torch.float32) for m in ex.gate_up_q])
+    dn32 = torch.stack([m.dequantized(torch.float32) for m in ex.down_q])
+    ref = grouped_experts_reference(x.float(), gu32, dn32, idx, w.float())
+    torch.testing.assert_close(y.float(), ref, **INT_TOL[dtype])

@@ -224,7 +224,8 @@ def _resolve_models(spec: str | None, dtype: str | None) -> list[tuple[ModelConf
         forced = "fp8" if cfg.quantization else None
         if cfg.compressed is not None and not forced:
             c = cfg.compressed
-            gpu = ("in FP8, its 4-bit values exactly (blocks of one row)" if c.fp8_rows else
+            gpu = ("in FP8, its 4-bit values exactly (blocks of one row; in int4 as stored with "
+                   "--quantization int4: plan --dtype int4)" if c.fp8_rows else
                    "in BF16 (--quantization fp8: in FP8, quantized at load)")  # fmt: skip
             print(f"note: {path.name} holds {c.kind} weights: a GPU engine holds them {gpu}, a "
                   f"CPU one in {c.cpu_storage} as stored: qwen35 plan -m {spec} --dtype "
@@ -483,7 +484,8 @@ def to_json(rows: list[Row], gpu, args, common: list[tuple] | None = None) -> di
         }
         if gpu:
             m["fits"] = {
-                d: (_fit_json(r.fits[d]) if d in r.fits else None) for d in ("bf16", "fp8")
+                d: (_fit_json(r.fits[d]) if d in r.fits else None)
+                for d in ("bf16", "fp8", *(x for x in r.dtypes if x not in ("bf16", "fp8")))
             }
         models.append(m)
     out = {
@@ -535,7 +537,7 @@ def run(args) -> int:
     if args.cpu_memory is not None and not gpu_asked and args.dtype in (None, "bf16"):
         args.dtype = "bf16"  # a CPU engine's memory, the model as stored
     cpu_bf16 = args.dtype == "bf16" and not gpu_asked and (gguf or args.cpu_memory is not None)
-    if args.dtype in ("int8", "int4") or cpu_bf16:
+    if args.dtype in ("int8", "int4") and not gpu_asked or cpu_bf16:
         return _run_cpu(args)
     for flag, val in (("--cpu-bandwidth", args.cpu_bandwidth), ("--cpu-memory", args.cpu_memory)):
         if val is not None:
@@ -585,10 +587,6 @@ def _serve_model(cfg: ModelConfig, spec: str | None) -> str:
 def _run_cpu(args) -> int:
     from qwen35.plan import cpu
 
-    if args.gpu:
-        raise PlanError(
-            f"--dtype {args.dtype} is a CPU weight-only format; GPU plans take bf16 / fp8"
-        )
     if plan_gguf.is_gguf(args.model):
         m = _gguf(args.model)
         (cfg, _), = _with_yarn([(m.cfg, [])], args)

@@ -67,7 +67,8 @@ class LoadConfig:
     )
     quantization: str | None = _opt(
         None,
-        "quantize the weights at load: int8 / int4 (weight-only, for CPU decode) or fp8 (block "
+        "quantize the weights at load: int8 / int4 (weight-only: CPU decode; on a GPU int4 "
+        "holds a model in about a third of BF16's memory, read by Triton GEMVs) or fp8 (block "
         "FP8 as the official releases); bf16 with --dtype fp32: weights stored in bf16, fp32 "
         "compute (CPUs without native bf16); default: as stored (FP8 checkpoints stay FP8; "
         "vLLM's 'compressed-tensors' means that too)",

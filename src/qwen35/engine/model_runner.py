@@ -126,7 +126,7 @@ class ModelRunner:
         if experts and not (be.grouped_mm and all(m.grouped for m in experts)):
             # no grouped GEMM for these experts (quantized ones run one expert at a time from
             # counts read on the host): graphs for the batches the Triton MoE takes, if any
-            if not (be.triton_moe and all(m.fused_weights() is not None for m in experts)):
+            if not all(m.few_token_graphs(be) for m in experts):
                 log.warning("decode runs without CUDA graphs: the MoE experts sync the host "
                             "(backend %s)", be.name)  # fmt: skip
                 return None

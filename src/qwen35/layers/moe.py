@@ -64,6 +64,11 @@ class Experts(nn.Module):
             return None
         return ExpertWeights(self.gate_up_proj, self.down_proj)
 
+    def few_token_graphs(self, backend: Backend) -> bool:
+        """Whether steps of up to ops/moe.py's FUSED_MAX_TOKENS tokens run these experts without
+        a host sync (a decode graph can capture them): the Triton MoE reads their weights."""
+        return backend.triton_moe and self.fused_weights() is not None
+
     def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:  # [n, H] -> [n, 2I]
         return gemm(x, self.gate_up_proj[e])
 

@@ -42,12 +42,18 @@ def launch_commands(
     """{"qwen35": ..., "vllm": ..., "sglang": ...} for one replica of `dep` at `context` tokens."""
     model = model or hub_id(dep)
     tp = dep.tp
+    weight_only = dep.dtype in ("int8", "int4")
+    theirs = model  # what vLLM / SGLang load: under int8 / int4 a checkpoint quantized first
+    if weight_only and dep.cfg.compressed is None:
+        theirs = f"./{model.rstrip('/').rsplit('/', 1)[-1]}-{dep.dtype}"
     ep = dep.ep_size > 1
     nodes = -(-tp // gpus_per_node)
     per_node = min(tp, gpus_per_node)
     ours = f"--model {model} -tp {tp} --max-model-len {context} --device cuda"
     at_load = " --quantization fp8" if fp8_at_load(dep) else ""  # (all three engines' flag)
     ours += at_load
+    if weight_only:  # (a 4-bit checkpoint too: --dtype auto holds it in FP8 on a GPU)
+        ours += f" --quantization {dep.dtype}"
     if ep:
         ours += " --enable-expert-parallel"
     ngram = dep.speculative_tokens and dep.speculative_method == "ngram"
@@ -71,7 +77,7 @@ def launch_commands(
             f"--master-addr $MASTER_ADDR --master-port {MASTER_PORT} -m qwen35.cli serve {ours}"
             "   # on every node; NODE_RANK 0 serves HTTP"
         )
-    vllm = f"vllm serve {model} --tensor-parallel-size {tp} --max-model-len {context}{at_load}"
+    vllm = f"vllm serve {theirs} --tensor-parallel-size {tp} --max-model-len {context}{at_load}"
     if ep:
         vllm += " --enable-expert-parallel"
     if dep.speculative_tokens:
@@ -91,8 +97,8 @@ def launch_commands(
     if nodes > 1:
         vllm += " --distributed-executor-backend ray   # on a Ray cluster spanning the nodes"
     sglang = (
-        f"python -m sglang.launch_server --model-path {model} --tp {tp} --context-length {context}"
-        + at_load
+        f"python -m sglang.launch_server --model-path {theirs} --tp {tp} --context-length "
+        f"{context}{at_load}"
     )
     if ep:
         sglang += f" --ep-size {tp}"
@@ -114,6 +120,9 @@ def launch_commands(
         )
     if ngram:
         sglang += "   # without drafts: n-gram drafts in SGLang are not checked for Qwen 3.5 here"
+    if theirs != model:  # `qwen35 quantize` writes compressed-tensors, which both read
+        first = f"qwen35 quantize {model} {theirs} --to {dep.dtype} && "
+        vllm, sglang = first + vllm, first + sglang
     return {"qwen35": qwen35, "vllm": vllm, "sglang": sglang}
 
 

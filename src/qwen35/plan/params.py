@@ -23,6 +23,11 @@ PARTS = ("text", "vision", "mtp")
 BF16_BYTES = 2
 FP8_BYTES = 1
 SCALE_BYTES = 2  # BF16 weight_scale_inv: the only scale dtype that reproduces the article's sizes
+# FP8 blocks of one row (a compressed-tensors FP8 checkpoint's per-channel scales, a 4-bit one's
+# groups held exactly on a GPU): the engine's fp32 scales (quant/layers.py), 4 / width bytes a
+# weight, which unlike 128x128's 2 / 16,384 matter
+ROW_SCALE_BYTES = 4
+FP8_BLOCK = (128, 128)
 # weight-only int8 / int4 (CPU, quantized at load by qwen35.quant; the engine stores exactly these)
 INT8_SCALE_BYTES = 2  # one BF16 scale per output row
 INT4_GROUP_BYTES = 4  # one BF16 scale + one BF16 zero per (group, output row)
@@ -69,6 +74,18 @@ def fp8_block_scales(shape: tuple[int, ...], block: tuple[int, int] = (128, 128)
     return math.ceil(out / block[0]) * math.ceil(inp / block[1])
 
 
+def fp8_block(cfg: ModelConfig) -> tuple[int, int]:
+    """The FP8 scale block the engine holds `cfg`'s weights in under fp8 (quant/apply.py
+    fp8_block): an FP8 checkpoint's own (128 x 128 for the official releases; one row and 128 /
+    g inputs for compressed-tensors FP8 ones), one row and the groups' width for a 4-bit
+    checkpoint held exactly (CompressedConfig.fp8_rows), else 128 x 128 (quantized at load)."""
+    if cfg.quantization is not None:
+        return tuple(cfg.quantization.weight_block_size)
+    if cfg.compressed is not None and (width := cfg.compressed.fp8_rows):
+        return (1, width)
+    return FP8_BLOCK
+
+
 def int4_group(out: int, inp: int) -> int | None:
     """Group size of a matrix in int4 (torch's CPU layout needs out % 64 == 0 and groups of 32,
     64 or 128 inputs), or None: that matrix is stored in int8 instead."""
@@ -105,17 +122,18 @@ def compressed_bytes_of(cfg: ModelConfig):
     ints = [s for s in cfg.compressed.schemes if s.type == "int"]
     scheme = ints[0] if ints else None
 
-    def of(t: Tensor, fmt: str) -> int:
+    def of(t: Tensor, fmt: str, shape: tuple[int, ...] | None = None, count: int = 0) -> int:
+        count = count or t.count  # (expert parallelism: a rank's share of the experts)
         if fmt != "int4" or scheme is None or not t.fp8 or output_head(t):
-            return tensor_bytes(t, fmt)
+            return tensor_bytes(t, fmt, shape, count)
         out, inp = t.shape[-2], t.shape[-1]
         if scheme.num_bits == 8:
-            return t.count * int_matrix_bytes(out, inp, "int8")
+            return count * int_matrix_bytes(out, inp, "int8")
         g = scheme.group_size or inp
         L = next((c for c in (128, 64, 32) if g % c == 0 and inp % c == 0), None)
         if L is None or not lattice_rows_ok(out):
-            return tensor_bytes(t, fmt)
-        return t.count * (out * inp // 2 + out * (inp // L) * INT4_GROUP_BYTES)
+            return tensor_bytes(t, fmt, shape, count)
+        return count * (out * inp // 2 + out * (inp // L) * INT4_GROUP_BYTES)
 
     return of
 
@@ -141,15 +159,17 @@ def output_head(t: Tensor) -> bool:
 
 
 def tensor_bytes(
-    t: Tensor, dtype: str, shape: tuple[int, ...] | None = None, count: int = 0
-) -> int:
+    t: Tensor, dtype: str, shape: tuple[int, ...] | None = None, count: int = 0,
+    block: tuple[int, int] = FP8_BLOCK,
+) -> int:  # fmt: skip
     """Bytes of `count` copies of `t` (default its own shape/count) stored in `dtype`
-    ("bf16" / "fp8" / "int8" / "int4")."""
+    ("bf16" / "fp8" / "int8" / "int4"); FP8 in scale `block`s (fp8_block)."""
     shape = shape or t.shape
     count = count or t.count
     numel = math.prod(shape)
     if dtype == "fp8" and t.fp8:
-        return count * (numel * FP8_BYTES + fp8_block_scales(shape) * SCALE_BYTES)
+        scale = SCALE_BYTES if block[0] > 1 else ROW_SCALE_BYTES
+        return count * (numel * FP8_BYTES + fp8_block_scales(shape, block) * scale)
     if dtype in ("int8", "int4") and int_quantized(t):
         out, inp = shape[0], numel // shape[0]
         if output_head(t) and head_format(dtype, inp) == "int6":
@@ -372,4 +392,17 @@ def weight_bytes(cfg: ModelConfig, dtype: str, text_only: bool = False) -> int:
     "int8" / "int4" (weight-only, as qwen35.quant stores them)."""
     if dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
-    return sum(tensor_bytes(t, dtype) for t in weight_tensors(cfg, text_only))
+    of = bytes_fn(cfg, dtype)
+    return sum(of(t) for t in weight_tensors(cfg, text_only))
+
+
+def bytes_fn(cfg: ModelConfig, dtype: str, whole: bool = True):
+    """tensor_bytes as the engine holds `cfg`'s weights in `dtype`: fn(t, shape=None, count=0).
+    FP8 in the blocks it loads with (fp8_block); int8 / int4 of a compressed-tensors / GPTQ /
+    AWQ checkpoint in its stored groups where a device holds whole tensors (`whole`: no tensor
+    parallelism; under -tp N each rank quantizes its slices again, as tensor_bytes counts)."""
+    if dtype in ("int8", "int4") and cfg.compressed is not None and whole:
+        of = compressed_bytes_of(cfg)
+        return lambda t, shape=None, count=0: of(t, dtype, shape, count)
+    block = fp8_block(cfg) if dtype == "fp8" else FP8_BLOCK
+    return lambda t, shape=None, count=0: tensor_bytes(t, dtype, shape, count, block)

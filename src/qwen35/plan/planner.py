@@ -32,10 +32,17 @@ from qwen35.catalog.gpus import GpuSpec
 from qwen35.config import ModelConfig
 from qwen35.errors import Qwen35Error
 from qwen35.plan.decode_bytes import decode_bytes
-from qwen35.plan.params import ParamCounts, has_fp8, param_counts, weight_bytes
+from qwen35.plan.params import (
+    WEIGHT_DTYPES,
+    ParamCounts,
+    has_fp8,
+    param_counts,
+    weight_bytes,
+)
 from qwen35.plan.sharding import (
     LayoutError,
     RankWeights,
+    dequant_buffer_bytes,
     layout_problems,
     lora_slot_bytes,
     rank_weights,
@@ -43,6 +50,7 @@ from qwen35.plan.sharding import (
 )
 
 GIB = 2**30
+INT_DTYPES = ("int8", "int4")  # weight-only: activations in BF16
 # CUDA context (~0.5 GiB), cuBLAS / attention workspaces, allocator slack, driver reservations
 RUNTIME_OVERHEAD_BYTES = GIB
 NCCL_OVERHEAD_BYTES = GIB // 2  # communicator buffers and the all-reduce workspace when tp > 1
@@ -124,7 +132,7 @@ class Deployment:
     """One way to serve a model: dtypes and parallel layout (tp x dp = num_gpus)."""
 
     cfg: ModelConfig
-    dtype: str = "bf16"  # weights: "bf16" | "fp8"
+    dtype: str = "bf16"  # weights: "bf16" | "fp8" | "int8" | "int4" (weight-only, Triton GEMVs)
     kv_dtype: str = "bf16"
     state_dtype: str | None = None  # DeltaNet recurrent state; None: the config's (fp32)
     tp: int = 1
@@ -166,8 +174,11 @@ class Deployment:
         )  # fmt: skip
 
     def working(self, rows: int) -> int:
-        # decode rows ride in the same token budget as a prefill chunk
-        return working_memory_bytes(self.cfg, max(self.chunk_tokens, rows), rows, tp=self.tp)
+        # decode rows ride in the same token budget as a prefill chunk; int8 / int4 prefill
+        # dequantizes a matrix at a time into one buffer for its GEMM
+        scratch = dequant_buffer_bytes(self.cfg, self.tp) if self.dtype in INT_DTYPES else 0
+        return working_memory_bytes(self.cfg, max(self.chunk_tokens, rows), rows,
+                                    tp=self.tp) + scratch  # fmt: skip
 
     def bytes_per_gpu(self, seqs: int, context: int) -> int:
         """Memory one GPU needs to hold `seqs` sequences (of its replica) of `context` tokens."""
@@ -384,8 +395,8 @@ def context_error(cfg: ModelConfig, context: int) -> str:
 def check_request(
     cfg: ModelConfig, dtype: str, num_gpus: int, tp: int | None, context: int, batch: int
 ) -> None:
-    if dtype not in ("bf16", "fp8"):
-        raise PlanError(f"--dtype must be bf16 or fp8, got {dtype!r}")
+    if dtype not in WEIGHT_DTYPES:
+        raise PlanError(f"--dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     if num_gpus < 1:
         raise PlanError(f"--num-gpus must be at least 1, got {num_gpus}")
     if tp is not None and (tp < 1 or num_gpus % tp):

@@ -26,21 +26,11 @@ from dataclasses import dataclass
 from qwen35.cache_spec import kv_heads_per_rank
 from qwen35.config import ModelConfig
 from qwen35.errors import Qwen35Error
-from qwen35.plan.params import Tensor, tensor_bytes, weight_tensors
-
-FP8_BLOCK = 128
+from qwen35.plan.params import Tensor, bytes_fn, fp8_block, weight_tensors
 
 
 class LayoutError(Qwen35Error, ValueError):
     """A parallel layout the model or its checkpoint cannot be split into; says why."""
-
-
-def _block(cfg: ModelConfig) -> int:
-    """Rows of an FP8 scale block (quant/apply.py fp8_block's: one for a 4-bit checkpoint held
-    in FP8 blocks of one row)."""
-    if cfg.quantization:
-        return cfg.quantization.weight_block_size[0]
-    return 1 if cfg.compressed is not None and cfg.compressed.fp8_rows else FP8_BLOCK
 
 
 def _short(name: str) -> str:
@@ -77,7 +67,7 @@ def layout_problems(cfg: ModelConfig, tp: int, ep: int = 1, dtype: str = "bf16")
     if problems:
         return problems  # the per-tensor checks below assume heads divide
     fp8 = dtype == "fp8"
-    block = _block(cfg)
+    rows, inputs = fp8_block(cfg)  # (one-row blocks: inputs split in whole blocks still)
     bad: dict[str, list[str]] = {}  # one reason -> the tensors it applies to
 
     def add(reason: str, t: Tensor) -> None:
@@ -88,10 +78,10 @@ def layout_problems(cfg: ModelConfig, tp: int, ep: int = 1, dtype: str = "bf16")
     for t in weight_tensors(cfg):
         if t.split == "kv" and fp8 and t.fp8 and tp > 1:  # whole KV heads, split or replicated
             per = kv_heads_per_rank(cfg.num_key_value_heads, tp) * cfg.head_dim
-            if per % block:  # rank r's rows start at a multiple of `per`
+            if per % rows:  # rank r's rows start at a multiple of `per`
                 add(
                     f"{cfg.num_key_value_heads} KV heads of {cfg.head_dim} over {tp} ranks give "
-                    f"{per} rows per rank, not whole {block}-wide FP8 scale blocks",
+                    f"{per} rows per rank, not whole {rows}-wide FP8 scale blocks",
                     t,
                 )
             continue
@@ -99,6 +89,7 @@ def layout_problems(cfg: ModelConfig, tp: int, ep: int = 1, dtype: str = "bf16")
             continue
         dim = t.shape[0] if t.split == "col" else t.shape[1]
         what = "input columns" if t.split == "row" else "rows"
+        block = inputs if t.split == "row" else rows
         for size in t.parts or (dim,):
             if size % tp:
                 reason = f"{size} {what} do not split {tp} ways"
@@ -175,11 +166,12 @@ def rank_weights(
     """What one GPU of a tp x ep layout holds (with ep > 1, ep GPUs share the routed experts)."""
     validate_layout(cfg, tp, ep, dtype)
     acc = {"dense": 0, "experts": 0, "embedding": 0, "idle": 0}
+    of = bytes_fn(cfg, dtype, whole=tp == 1)
     for t in weight_tensors(cfg, text_only):
         if t.expert and ep > 1:
-            n = tensor_bytes(t, dtype, t.shape, t.count // ep)
+            n = of(t, t.shape, t.count // ep)
         else:
-            n = tensor_bytes(t, dtype, shard_shape(t, cfg, tp))
+            n = of(t, shard_shape(t, cfg, tp))
         kind = (
             "idle"
             if t.part != "text"
@@ -191,6 +183,27 @@ def rank_weights(
         )
         acc[kind] += n
     return RankWeights(**acc)
+
+
+# projections of one input that the engine runs as one matmul (layers/linear.py packing)
+_SAME_INPUT = {"gate_proj": "gate_up", "up_proj": "gate_up", "q_proj": "qkv", "k_proj": "qkv",
+               "v_proj": "qkv", "in_proj_qkv": "in", "in_proj_z": "in"}  # fmt: skip
+
+
+def dequant_buffer_bytes(cfg: ModelConfig, tp: int = 1) -> int:
+    """The buffer int8 / int4 products of more than 16 rows dequantize a weight into on a GPU
+    (quant/int_gpu.py: one reused BF16 matrix for cuBLAS): the largest matrix one rank
+    multiplies at once, same-input projections packed together (a dense MLP's gate and up,
+    an expert's), the head and embedding excepted (read by their GEMV)."""
+    runs: dict[tuple[str, str], int] = {}
+    for t in weight_tensors(cfg, text_only=True):
+        if not t.fp8 or len(t.shape) != 2:  # (the int formats' matrices but head / embedding)
+            continue
+        prefix, leaf = t.name.removesuffix(".weight").rsplit(".", 1)
+        out, inp = t.shape if t.expert else shard_shape(t, cfg, tp)
+        key = (prefix, _SAME_INPUT.get(leaf, leaf))
+        runs[key] = runs.get(key, 0) + out * inp
+    return 2 * max(runs.values(), default=0)
 
 
 def lora_slot_bytes(cfg: ModelConfig, max_loras: int, max_rank: int, tp: int = 1) -> int:

@@ -9,7 +9,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from qwen35.plan.params import has_fp8, tensor_bytes, weight_tensors
+from qwen35.plan.params import bytes_fn, has_fp8, weight_tensors
 from qwen35.plan.planner import (
     GIB,
     Deployment,
@@ -337,12 +337,15 @@ def _model_detail(con: Console, row, args) -> None:
     _header(con, "Weights" + (" (text-only)" if args.text_only else ""))
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     dts = ("bf16", "fp8") if fp8 else ("bf16",)
+    if args.dtype in ("int8", "int4"):  # (a GPU plan of the weight-only formats)
+        dts += (args.dtype,)
     for c in ("tensors", "params", *(f"{d.upper()} GiB" for d in dts)):
         t.add_column(c, justify="left" if c == "tensors" else "right")
+    of = {d: bytes_fn(cfg, d) for d in dts}  # (as the engine holds them)
     groups = _groups(cfg, args.text_only)
     groups["total"] = [x for ts in groups.values() for x in ts]
     for key, ts in groups.items():
-        sizes = [gib(sum(tensor_bytes(x, d) for x in ts)) for d in dts]
+        sizes = [gib(sum(of[d](x) for x in ts)) for d in dts]
         t.add_row(
             key, f"{sum(x.params for x in ts):,}", *sizes, style="bold" if key == "total" else ""
         )

@@ -252,16 +252,17 @@ def _int_experts(mod: Experts, fmt: str, dtype, hints: dict | None = None) -> In
         down.append(_int_linear(dn[e], fmt, dtype, _part(hints.get("down_proj"), e)))
         if e % 32 == 31 and gu.device.type == "cpu":
             heap.release()  # each expert's temporaries, freed into the heap (qwen35/heap.py)
-    return IntExperts(gate_up, down, mod.intermediate_size)
+    ex = IntExperts(gate_up, down, mod.intermediate_size)
+    if gate_up[0].weight.is_cuda:  # one tensor a projection: the GPU's MoE kernels (int_gpu.py)
+        ex.stack_()
+    return ex
 
 
-def check_format(fmt: str, device: torch.device) -> None:
+def check_format(fmt: str) -> None:
     from qwen35.errors import Qwen35Error
 
     if fmt not in FORMATS:
         raise Qwen35Error(f"unknown quantization {fmt!r}; use one of {', '.join(FORMATS)}")
-    if fmt == "int4" and device.type != "cpu":
-        raise Qwen35Error("int4 is a CPU format (torch's CPU int4 kernels); on a GPU use fp8")
 
 
 _INT = (Int8Linear, Int4Linear, IntExperts)
@@ -298,7 +299,7 @@ def quantize_model_(model: nn.Module, fmt: str, dtype: torch.dtype | None = None
     """Quantize a loaded model in place (before post_load packs the projections); modules that
     QuantizeOnRead already quantized stay as they are."""
     cfg = model.config
-    check_format(fmt, model.model.norm.weight.device)
+    check_format(fmt)
     dtype = dtype or model.model.norm.weight.dtype
     block = fp8_block(cfg)
     for name in rule_modules(model, cfg):
@@ -353,7 +354,7 @@ class QuantizeOnRead:
     RELEASE_EVERY = 1 << 30  # bytes of unquantized weights freed between two heap.release()
 
     def __init__(self, model: nn.Module, cfg, fmt: str, dtype, device, alloc, vocab: bool = True):
-        check_format(fmt, device)
+        check_format(fmt)
         self.model, self.fmt, self.dtype, self.alloc = model, fmt, dtype, alloc
         self.freed = 0
         self.block = fp8_block(cfg)

@@ -11,6 +11,8 @@ are kept in fp32 (what the kernels read; 2 extra bytes per 16,384 weights).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -332,6 +334,18 @@ class Bf16Experts(Experts):
         return self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
 
 
+class Int4Stack(NamedTuple):
+    """IntExperts' int4 weights as one tensor per projection (the per-expert modules' parameters
+    are views of them): what quant/int_gpu.py's MoE kernels read."""
+
+    gate_up: torch.Tensor  # [E, 2I, H/2] uint8 (Int4Linear's layout per expert)
+    gate_up_sz: torch.Tensor  # [E, H/g, 2I, 2]
+    gate_up_group: int
+    down: torch.Tensor  # [E, H, I/2]
+    down_sz: torch.Tensor  # [E, I/g, H, 2]
+    down_group: int
+
+
 class IntExperts(Experts):
     """Routed experts as one Int8Linear / Int4Linear per expert and projection."""
 
@@ -341,6 +355,40 @@ class IntExperts(Experts):
         self.gate_up_q = nn.ModuleList(gate_up)
         self.down_q = nn.ModuleList(down)
         self._lists: dict[str, list] = {}  # many()'s copies of the two ModuleLists
+        self.stack: Int4Stack | None = None  # stack_()
+
+    def stack_(self) -> bool:
+        """Every expert's int4 weights moved into one [E, ...] tensor per projection (no memory
+        added once the per-expert tensors are freed: theirs become views), for the GPU's MoE
+        kernels; False (nothing done) unless every projection is int4 in one group size."""
+        groups = []
+        for mods in (self.gate_up_q, self.down_q):
+            if not all(type(m) is Int4Linear for m in mods) or \
+                    len({(m.group, m.weight.shape) for m in mods}) != 1:  # fmt: skip
+                return False
+            groups.append(mods[0].group)
+        parts = []
+        for mods in (self.gate_up_q, self.down_q):
+            w = torch.stack([m.weight.detach() for m in mods])
+            sz = torch.stack([m.scales_and_zeros.detach() for m in mods])
+            for e, m in enumerate(mods):
+                m.weight, m.scales_and_zeros = qparam(w[e]), qparam(sz[e])
+            parts += [w, sz]
+        self.stack = Int4Stack(parts[0], parts[1], groups[0], parts[2], parts[3], groups[1])
+        return True
+
+    def few_token_graphs(self, backend) -> bool:
+        """Few-token steps run quant/int_gpu.py's MoE kernels (no host sync: capturable)."""
+        return self.stack is not None and self.num_total is None and backend.device_type == "cuda"
+
+    def forward(self, x, top_idx, top_w, backend=None) -> torch.Tensor:
+        if self.stack is not None and x.is_cuda and self.num_total is None:
+            from qwen35.quant.int_gpu import int4_experts_gpu
+
+            y = int4_experts_gpu(x, top_idx, top_w, self.stack, backend)
+            if y is not None:
+                return y
+        return super().forward(x, top_idx, top_w, backend)
 
     def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
         return self.gate_up_q[e](x)

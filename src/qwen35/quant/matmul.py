@@ -12,7 +12,8 @@ CPU (measured with `bench/gemv.py` and `bench/quant_linear.py`):
   costs one layer's largest matrix, never a copy of the model); except int4 with 8-bit
   activations on CPUs without AVX512, whose integer kernel beats the fp32 GEMM at every row
   count (`int4_kernel_for`, bench/int4_prefill.py).
-GPU: block-FP8 GEMMs in `fp8_gpu` (int8 / int4 are CPU formats and dequantise there).
+GPU: block-FP8 GEMMs in `fp8_gpu`; int4 / int6 / int8 in `int_gpu` (Triton GEMVs reading these
+layouts for decode rows, dequantisation + a GEMM for more).
 """
 
 from __future__ import annotations
@@ -151,6 +152,11 @@ def int8_kernel_for(x: torch.Tensor, scale: torch.Tensor):
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (q [N, K] int8 * scale [N])^T."""
     x2 = _rows(x)
+    if x.is_cuda:
+        from qwen35.quant.int_gpu import int8_linear_gpu
+
+        if (y := int8_linear_gpu(x2, q, scale)) is not None:
+            return y.view(*x.shape[:-1], q.shape[0])
     if (kern := int8_kernel_for(x, scale)) is not None:
         y = kern.linear_int8(x2.contiguous(), q, scale)  # any K; 1.1-1.9x torch's kernel
         return y.view(*x.shape[:-1], q.shape[0])
@@ -179,6 +185,10 @@ def int6_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> 
     from qwen35.kernels import gemv
 
     x2, n = _rows(x), packed.shape[0]
+    if x.is_cuda:
+        from qwen35.quant.int_gpu import int6_linear_gpu
+
+        return int6_linear_gpu(x2, packed, scales).view(*x.shape[:-1], n)
     kern = gemv.load_int6() if x.is_cpu and x.dtype in (torch.float32, torch.bfloat16) else None
     if kern is not None:
         y = in_chunks(lambda v: kern.linear_int6(v, packed, scales), x2.contiguous(),
@@ -198,6 +208,10 @@ def int4_linear(
     per 32 inputs, in our kernel up to 16 rows (at any row count on CPUs without AVX512:
     int4_kernel_for) and before the GEMM above (where our module runs: a row's result
     then does not depend on the rows beside it)."""
+    if x.is_cuda:  # the GPU's kernels (activations not rounded: x8 is a CPU setting)
+        from qwen35.quant.int_gpu import int4_linear_gpu
+
+        return int4_linear_gpu(_rows(x), packed, sz, group, n).view(*x.shape[:-1], n)
     x2, x8 = _rows(x), int4_x8(x8, group)
     # up to 16 rows, ours: with x8, or bf16 rows on AVX512-VBMI + BF16 CPUs (torch's kernel beat
     # our 16-bit AVX2 path) or where torch's kernel reads another layout, fp32 rows everywhere

@@ -1,0 +1,296 @@
+"""Weight-only int4 / int6 / int8 GEMVs on the GPU, reading the CPU formats' bytes as stored.
+
+`--quantization int4` (or a 4-bit checkpoint: GPTQ, AWQ, compressed-tensors, GGUF) keeps the
+weights in quant/layers.py's formats on every device, so the loader, the packing of projections
+and the planner's byte counts are the CPU's. The GPU reads them here, for decode-sized inputs
+(up to MAX_ROWS rows; quant/int_gpu.py dequantises for more):
+
+- int4 (`Int4Linear`: torch's CPU layout, blocks of 64 rows whose bytes are K-major, row d of
+  the block in the low nibble and row d + 32 in the high one; scales_and_zeros [K/g, N, 2],
+  W = (q - 8) * scale + zero): one program per block of 64 rows (and a share of K), each chunk
+  of g inputs a contiguous [g, 32] byte tile; the nibbles minus 8 (exact in bf16) go through
+  the tensor cores against x and the group's scale and zero are applied to the fp32 sums:
+  y = sum_g s (x . (q - 8)) + z (sum x). The dequantised-weight product up to fp32 summation
+  order, activations not rounded (the CPU's decode kernels round them to 8 bits: Int4Linear.x8
+  is a CPU setting).
+- int6 (`Int6Linear`, lm_head under int4: 48 bytes per 64 inputs, formats.quantize_int6_groups):
+  each group of 32 inputs gathered from its 16 nibble bytes and 16 top-bit bytes.
+- int8 (`Int8Linear`: per-row scales).
+
+A matrix with few row blocks (o_proj: 4096 rows = 64 blocks on a GPU of 132 SMs) splits K over
+several programs, whose fp32 partial sums are added in a fixed order (`splits`: by the matrix's
+shape only, so a row's result does not depend on the batch). UNMEASURED on a GPU (written
+without one): tests/test_triton_kernels.py checks them against the PyTorch references under
+TRITON_INTERPRET=1, tests/test_triton_compile.py compiles them for sm_90 / sm_80.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qwen35.kernels.triton_fp8 import UPCAST
+
+MAX_ROWS = 16
+ROW_BLOCK = 64  # int4 layout: rows per block (quant/matmul.py INT4_ROW_BLOCK)
+BN = 64  # int6 / int8: weight rows per program
+PROGRAMS = 264  # split K until about this many programs run (2 per SM of an H100 / H200)
+
+
+@triton.jit
+def _dot(x, w, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """x [BM, K] @ w [K, N] in fp32 (w exact in x's dtype)."""
+    if UPCAST:  # (the interpreter's bf16 dots are wrong)
+        return tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    if IEEE:
+        return tl.dot(x, w.to(x.dtype), input_precision="ieee")
+    return tl.dot(x, w.to(x.dtype))
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    X, W, SZ, P, M, N, K, s_xm, s_pz, s_pm, CHUNKS,
+    BM: tl.constexpr, GROUP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    blk, part = tl.program_id(0), tl.program_id(1)
+    r = tl.arange(0, 32)
+    rm = tl.arange(0, BM)
+    mm = rm < M
+    kk = tl.arange(0, GROUP)
+    n_lo = blk * 64 + r  # the block's rows in the low nibbles; n_lo + 32 in the high ones
+    base = W + blk.to(tl.int64) * 32 * K  # a block: K bytes of 32 (K-major)
+    acc_lo = tl.zeros((BM, 32), dtype=tl.float32)
+    acc_hi = tl.zeros((BM, 32), dtype=tl.float32)
+    c0 = part * CHUNKS
+    c1 = tl.minimum(c0 + CHUNKS, K // GROUP)
+    for c in range(c0, c1):
+        k = c * GROUP + kk
+        x = tl.load(X + rm[:, None] * s_xm + k[None, :], mask=mm[:, None], other=0.0)
+        b = tl.load(base + k[:, None] * 32 + r[None, :]).to(tl.int32)  # [GROUP, 32]
+        sz = SZ + (c * N + n_lo).to(tl.int64) * 2
+        s_lo = tl.load(sz).to(tl.float32)
+        z_lo = tl.load(sz + 1).to(tl.float32)
+        s_hi = tl.load(sz + 64).to(tl.float32)  # (rows n_lo + 32: 32 (scale, zero) pairs on)
+        z_hi = tl.load(sz + 65).to(tl.float32)
+        xs = tl.sum(x.to(tl.float32), 1)[:, None]  # [BM, 1]: the zeros' factor
+        d_lo = _dot(x, (b & 15) - 8, IEEE, UPCAST)
+        d_hi = _dot(x, (b >> 4) - 8, IEEE, UPCAST)
+        acc_lo += d_lo * s_lo[None, :] + xs * z_lo[None, :]
+        acc_hi += d_hi * s_hi[None, :] + xs * z_hi[None, :]
+    out = P + part * s_pz + rm[:, None] * s_pm
+    tl.store(out + n_lo[None, :], acc_lo.to(P.dtype.element_ty), mask=mm[:, None])
+    tl.store(out + (n_lo + 32)[None, :], acc_hi.to(P.dtype.element_ty), mask=mm[:, None])
+
+
+@triton.jit
+def _int4_dequant_kernel(W, SZ, OUT, N, K, s_on, GROUP: tl.constexpr):
+    """OUT [N, K] = (q - 8) * scale + zero, one [64 rows, GROUP] tile a program."""
+    blk, c = tl.program_id(0), tl.program_id(1)
+    r = tl.arange(0, 32)
+    k = c * GROUP + tl.arange(0, GROUP)
+    n_lo = blk * 64 + r
+    b = tl.load(W + blk.to(tl.int64) * 32 * K + k[:, None] * 32 + r[None, :]).to(tl.int32)
+    sz = SZ + (c * N + n_lo).to(tl.int64) * 2
+    dt = OUT.dtype.element_ty
+    w_lo = ((b & 15) - 8).to(tl.float32) * tl.load(sz).to(tl.float32)[None, :] \
+        + tl.load(sz + 1).to(tl.float32)[None, :]  # fmt: skip
+    w_hi = ((b >> 4) - 8).to(tl.float32) * tl.load(sz + 64).to(tl.float32)[None, :] \
+        + tl.load(sz + 65).to(tl.float32)[None, :]  # fmt: skip
+    out = OUT + k[:, None]
+    tl.store(out + n_lo.to(tl.int64)[None, :] * s_on, w_lo.to(dt))
+    tl.store(out + (n_lo + 32).to(tl.int64)[None, :] * s_on, w_hi.to(dt))
+
+
+@triton.jit
+def _int6_gemv_kernel(
+    X, W, S, P, M, N, K, s_xm, s_wn, s_sn, s_pz, s_pm, CHUNKS,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Groups of 32 inputs: input r of group c is byte (c % 2) * 16 + r % 16 of its 64-input
+    block's nibbles (high nibble for r >= 16) and byte 32 + r % 16 of its top bits (bits
+    2 (2 (r // 16) + c % 2) on)."""
+    pn, part = tl.program_id(0), tl.program_id(1)
+    rn = pn * BN + tl.arange(0, BN)
+    mn = rn < N
+    rm = tl.arange(0, BM)
+    mm = rm < M
+    r = tl.arange(0, 32)
+    half = r // 16
+    rows = W + rn.to(tl.int64)[:, None] * s_wn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    c0 = part * CHUNKS
+    c1 = tl.minimum(c0 + CHUNKS, K // 32)
+    for c in range(c0, c1):
+        blk, gi = c // 2, c % 2
+        at = rows + blk * 48  # [BN, 1]
+        nib = tl.load(at + (gi * 16 + r % 16)[None, :], mask=mn[:, None], other=0).to(tl.int32)
+        top = tl.load(at + (32 + r % 16)[None, :], mask=mn[:, None], other=0).to(tl.int32)
+        u = ((nib >> (4 * half)[None, :]) & 15) | (((top >> (2 * (2 * half + gi))[None, :]) & 3)
+                                                   << 4)  # fmt: skip
+        x = tl.load(X + rm[:, None] * s_xm + (c * 32 + r)[None, :], mask=mm[:, None], other=0.0)
+        s = tl.load(S + rn * s_sn + c, mask=mn, other=0.0).to(tl.float32)
+        acc += _dot(x, tl.trans(u - 32), IEEE, UPCAST) * s[None, :]
+    out = P + part * s_pz + rm[:, None] * s_pm + rn[None, :]
+    tl.store(out, acc.to(P.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
+def _int8_gemv_kernel(
+    X, W, S, P, M, N, K, s_xm, s_wn, s_pz, s_pm, CHUNKS,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    pn, part = tl.program_id(0), tl.program_id(1)
+    rn = pn * BN + tl.arange(0, BN)
+    mn = rn < N
+    rm = tl.arange(0, BM)
+    mm = rm < M
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    c0 = part * CHUNKS
+    c1 = tl.minimum(c0 + CHUNKS, tl.cdiv(K, BK))
+    for c in range(c0, c1):
+        k = c * BK + tl.arange(0, BK)
+        mk = k < K
+        x = tl.load(X + rm[:, None] * s_xm + k[None, :], mask=mm[:, None] & mk[None, :],
+                    other=0.0)  # fmt: skip
+        w = tl.load(W + rn.to(tl.int64)[:, None] * s_wn + k[None, :],
+                    mask=mn[:, None] & mk[None, :], other=0)  # fmt: skip
+        acc += _dot(x, tl.trans(w), IEEE, UPCAST)
+    acc *= tl.load(S + rn, mask=mn, other=0.0).to(tl.float32)[None, :]  # the rows' scales
+    out = P + part * s_pz + rm[:, None] * s_pm + rn[None, :]
+    tl.store(out, acc.to(P.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
+def _int4_pairs_kernel(
+    X, s_xm, XDIV, IDX, W, s_we, SZ, s_se, Y, s_ym, N, K, GROUP: tl.constexpr,
+):  # fmt: skip
+    """MoE experts in Int4Linear's layout stacked [E, N, K/2] (scales_and_zeros [E, K/g, N, 2]):
+    program (pair, block of 64 rows) multiplies row pair // XDIV of X by expert IDX[pair]'s rows
+    (one vector a pair: products summed elementwise into a [GROUP, 32] tile, reduced once)."""
+    pair, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    e = tl.load(IDX + pair).to(tl.int64)
+    xrow = X + (pair // XDIV) * s_xm
+    r = tl.arange(0, 32)
+    kk = tl.arange(0, GROUP)
+    n_lo = blk * 64 + r
+    base = W + e * s_we + blk.to(tl.int64) * 32 * K
+    szb = SZ + e * s_se
+    acc_lo = tl.zeros((GROUP, 32), dtype=tl.float32)
+    acc_hi = tl.zeros((GROUP, 32), dtype=tl.float32)
+    for c in range(0, K // GROUP):
+        k = c * GROUP + kk
+        x = tl.load(xrow + k).to(tl.float32)[:, None]
+        b = tl.load(base + k[:, None] * 32 + r[None, :]).to(tl.int32)
+        sz = szb + (c * N + n_lo).to(tl.int64) * 2
+        w_lo = ((b & 15) - 8).to(tl.float32) * tl.load(sz).to(tl.float32)[None, :] \
+            + tl.load(sz + 1).to(tl.float32)[None, :]  # fmt: skip
+        w_hi = ((b >> 4) - 8).to(tl.float32) * tl.load(sz + 64).to(tl.float32)[None, :] \
+            + tl.load(sz + 65).to(tl.float32)[None, :]  # fmt: skip
+        acc_lo += w_lo * x
+        acc_hi += w_hi * x
+    out = Y + pair * s_ym
+    dt = Y.dtype.element_ty
+    tl.store(out + n_lo, tl.sum(acc_lo, 0).to(dt))
+    tl.store(out + n_lo + 32, tl.sum(acc_hi, 0).to(dt))
+
+
+def splits(blocks: int, chunks: int) -> tuple[int, int]:
+    """(programs along K, chunks each) for a matrix of `blocks` row blocks and `chunks` K chunks:
+    enough programs to keep the GPU's loads in flight (PROGRAMS), at least 4 chunks each."""
+    want = max(1, min(-(-PROGRAMS // max(blocks, 1)), chunks // 4))
+    each = -(-chunks // want)
+    return -(-chunks // each), each
+
+
+def _partials(x: torch.Tensor, n: int, parts: int) -> torch.Tensor:
+    """Where the kernels write: y itself (one part), else fp32 partial sums [parts, M, n]."""
+    if parts == 1:
+        return torch.empty(1, x.shape[0], n, dtype=x.dtype, device=x.device)
+    return torch.empty(parts, x.shape[0], n, dtype=torch.float32, device=x.device)
+
+
+def _reduce(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return p[0] if p.shape[0] == 1 else p.sum(0).to(dtype)
+
+
+def _check(x: torch.Tensor) -> None:
+    assert x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.stride(1) == 1, (x.shape, x.stride())
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
+              n: int) -> torch.Tensor:  # fmt: skip
+    """y [M <= 16, n] = x @ W^T, W in quant/layers.py Int4Linear's layout (n % 64 == 0, K % group
+    == 0, group 32 / 64 / 128)."""
+    _check(x)
+    M, K = x.shape
+    assert n % ROW_BLOCK == 0 and K % group == 0 and packed.is_contiguous() and sz.is_contiguous()
+    parts, each = splits(n // ROW_BLOCK, K // group)
+    p = _partials(x, n, parts)
+    _int4_gemv_kernel[(n // ROW_BLOCK, parts)](
+        x, packed, sz, p, M, n, K, x.stride(0), p.stride(0), p.stride(1), each,
+        BM=MAX_ROWS, GROUP=group, IEEE=x.dtype == torch.float32, UPCAST=UPCAST,
+    )  # fmt: skip
+    return _reduce(p, x.dtype)
+
+
+def int4_dequant(packed: torch.Tensor, sz: torch.Tensor, group: int, out: torch.Tensor) -> None:
+    """out [n, K] (any float dtype, rows strided) = W, as formats.dequantize_int4_groups."""
+    n, K = out.shape
+    assert out.stride(1) == 1 and packed.is_contiguous() and sz.is_contiguous()
+    _int4_dequant_kernel[(n // ROW_BLOCK, K // group)](packed, sz, out, n, K, out.stride(0),
+                                                       GROUP=group)  # fmt: skip
+
+
+def int6_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y [M <= 16, N] = x @ W^T, W in Int6Linear's layout (formats.quantize_int6_groups)."""
+    _check(x)
+    M, K = x.shape
+    N = packed.shape[0]
+    assert K % 64 == 0 and packed.stride(1) == 1 and scales.stride(1) == 1
+    parts, each = splits(triton.cdiv(N, BN), K // 32)
+    p = _partials(x, N, parts)
+    _int6_gemv_kernel[(triton.cdiv(N, BN), parts)](
+        x, packed, scales, p, M, N, K, x.stride(0), packed.stride(0), scales.stride(0),
+        p.stride(0), p.stride(1), each, BM=MAX_ROWS, BN=BN, IEEE=x.dtype == torch.float32,
+        UPCAST=UPCAST,
+    )  # fmt: skip
+    return _reduce(p, x.dtype)
+
+
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bk: int = 128) -> torch.Tensor:
+    """y [M <= 16, N] = (x @ q^T) * scale, q [N, K] int8, scale [N] (per row, contiguous)."""
+    _check(x)
+    M, K = x.shape
+    N = q.shape[0]
+    assert q.stride(1) == 1
+    parts, each = splits(triton.cdiv(N, BN), triton.cdiv(K, bk))
+    p = _partials(x, N, parts)
+    _int8_gemv_kernel[(triton.cdiv(N, BN), parts)](
+        x, q, scale, p, M, N, K, x.stride(0), q.stride(0), p.stride(0), p.stride(1), each,
+        BM=MAX_ROWS, BN=BN, BK=bk, IEEE=x.dtype == torch.float32, UPCAST=UPCAST,
+    )  # fmt: skip
+    return _reduce(p, x.dtype)
+
+
+def int4_pairs(x: torch.Tensor, per_row: int, idx: torch.Tensor, w: torch.Tensor,
+               sz: torch.Tensor, group: int) -> torch.Tensor:  # fmt: skip
+    """y [P, N]: y[p] = x[p // per_row] @ W[idx[p]]^T for the P = len(idx) (token, expert) pairs
+    of a MoE step (per_row: experts a row of x goes to); w [E, N, K/2], sz [E, K/g, N, 2]."""
+    P, (_, N, half) = idx.shape[0], w.shape
+    K = half * 2
+    assert x.stride(1) == 1 and x.shape[1] == K and N % ROW_BLOCK == 0 and K % group == 0
+    assert w.is_contiguous() and sz.is_contiguous() and idx.is_contiguous()
+    y = torch.empty(P, N, dtype=x.dtype, device=x.device)
+    if P:
+        _int4_pairs_kernel[(P, N // ROW_BLOCK)](x, x.stride(0), per_row, idx, w, w.stride(0), sz,
+                                                sz.stride(0), y, y.stride(0), N, K,
+                                                GROUP=group)  # fmt: skip
+    return y
+
+
+# tests/test_triton_compile.py compiles them for sm_90 / sm_80
+int4_gemv.kernel, int4_dequant.kernel = _int4_gemv_kernel, _int4_dequant_kernel
+int6_gemv.kernel, int8_gemv.kernel = _int6_gemv_kernel, _int8_gemv_kernel
+int4_pairs.kernel = _int4_pairs_kernel

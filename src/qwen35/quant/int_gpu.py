@@ -1,0 +1,100 @@
+"""Weight-only int4 / int6 / int8 products on CUDA, the weights in their CPU layouts
+(quant/layers.py): what quant/matmul.py's int*_linear run for a GPU's rows.
+
+Up to 16 rows (decode): kernels/triton_int.py's GEMVs read the packed bytes as stored (int4: 4.25
+to 5 bits a weight read a step instead of BF16's 16). More rows (prefill): int4 is dequantised
+by one Triton kernel into quant/matmul.py's reused buffer (one layer's largest matrix) and a
+cuBLAS GEMM runs on it; the int6 head (read for a few rows a step) takes the GEMV 16 rows at a
+time; int8 dequantises in PyTorch. Without Triton, or where its kernels do not build
+(`fp8_gpu._built`: warned once), the PyTorch references run. UNMEASURED on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from qwen35.layers.linear import gemm, in_chunks
+from qwen35.quant import formats
+
+MAX_ROWS = 16  # kernels/triton_int.py MAX_ROWS
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    try:
+        from qwen35.kernels import triton_int
+    except ImportError:
+        return None
+    return triton_int
+
+
+def _run(name: str, fn_name: str, *args):
+    """kernels/triton_int.py's `fn_name`(*args), or None: no Triton, or it does not build here."""
+    from qwen35.quant.fp8_gpu import _built
+
+    kern = _kernels()
+    return None if kern is None else _built(name, getattr(kern, fn_name), *args)
+
+
+def int4_linear_gpu(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
+                    n: int) -> torch.Tensor:  # fmt: skip
+    """x2 [M, K] @ W^T -> [M, n], W in Int4Linear's layout."""
+    from qwen35.quant.matmul import scratch, unpack_int4
+
+    if x2.shape[0] <= MAX_ROWS and x2.stride(1) == 1:
+        y = _run("int4 GEMV", "int4_gemv", x2, packed, sz, group, n)
+        if y is not None:
+            return y
+    w = scratch((n, x2.shape[1]), x2.dtype, x2.device)
+    if _run("int4 dequant", "int4_dequant", packed, sz, group, w) is None:
+        w = formats.dequantize_int4_groups(unpack_int4(packed, n, x2.shape[1]), sz, group,
+                                           x2.dtype)  # fmt: skip
+    return gemm(x2, w)
+
+
+def int6_linear_gpu(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x2 [M, K] @ W^T, W in Int6Linear's layout (lm_head under int4): the GEMV, 16 rows a call
+    (the head runs on a few rows a step), else the PyTorch reference (activations not rounded)."""
+    x2 = x2.contiguous()
+    y = _run("int6 GEMV", "int6_gemv", x2[:MAX_ROWS], packed, scales)
+    if y is not None:
+        if x2.shape[0] <= MAX_ROWS:
+            return y
+        rest = in_chunks(lambda v: _kernels().int6_gemv(v, packed, scales), x2[MAX_ROWS:],
+                         MAX_ROWS)  # fmt: skip
+        return torch.cat([y, rest])
+    return F.linear(x2, formats.dequantize_int6(packed, scales, x2.dtype))
+
+
+def int8_linear_gpu(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """x2 [M <= 16, K] @ (q * scale)^T by the int8 GEMV, or None (more rows, no kernel): the
+    caller dequantises."""
+    if x2.shape[0] > MAX_ROWS or x2.stride(1) != 1 or not scale.is_contiguous():
+        return None
+    return _run("int8 GEMV", "int8_gemv", x2, q, scale)
+
+
+def int4_experts_gpu(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, stack,
+                     backend=None) -> torch.Tensor | None:  # fmt: skip
+    """The routed experts of up to 16 tokens from IntExperts' stacked int4 weights (Int4Stack):
+    the picked experts' gate_up rows for each (token, choice) pair by one kernel, SwiGLU, their
+    down rows by another, weighted and summed per token; no host sync (capturable in a decode
+    graph). None: more tokens, or no kernel (the caller's expert loop then)."""
+    if x.shape[0] > MAX_ROWS:
+        return None
+    from qwen35.ops.pointwise import silu_mul
+
+    T, k = top_idx.shape
+    idx = top_idx.reshape(-1).contiguous()
+    x = x.contiguous()
+    gu = _run("int4 MoE", "int4_pairs", x, k, idx, stack.gate_up, stack.gate_up_sz,
+              stack.gate_up_group)  # fmt: skip
+    if gu is None:
+        return None
+    gate, up = gu.chunk(2, dim=-1)
+    h = silu_mul(backend, gate, up).contiguous()  # [T k, I]
+    ys = _kernels().int4_pairs(h, 1, idx, stack.down, stack.down_sz, stack.down_group)
+    return (ys.view(T, k, -1) * top_w[..., None]).sum(1)  # [T, H]
