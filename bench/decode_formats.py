@@ -1,7 +1,10 @@
-"""Batch-1 CPU decode steps of several weight formats, alternating step by step in one process.
+"""Batch-1 decode steps of several weight formats, alternating step by step in one process.
 
     python bench/decode_formats.py [--formats int8,fp8] [--rounds 6] [--steps 32] [--threads 2]
-                                   [--model Qwen3.5-0.8B] [--dtype auto]
+                                   [--model Qwen3.5-0.8B] [--dtype auto] [--device cpu]
+
+On a GPU (`--device cuda`, e.g. `--model Qwen3.5-9B --formats bf16,fp8,int4`): the formats' decode
+CUDA graphs side by side (int4 / int8: kernels/triton_int.py's GEMVs).
 
 The same random weights in each format (formats as `qwen35 bench --workload peers` loads them:
 `--dtype auto` computes in fp32 on CPUs without native bf16, there "bf16" is bf16-stored weights),
@@ -28,11 +31,12 @@ def run(args) -> dict[str, list[float]]:
 
     torch.set_num_threads(args.threads)
     fmts = args.formats.split(",")
-    opts = BenchOptions(model=args.model, dtype=args.dtype)
+    opts = BenchOptions(model=args.model, dtype=args.dtype, device=args.device)
     engines = {}
     for f in fmts:
         dtype, quant = format_options(f, opts)
-        bm = load_bench_model(BenchOptions(model=args.model, dtype=dtype), quantization=quant)
+        bm = load_bench_model(BenchOptions(model=args.model, dtype=dtype, device=args.device),
+                              quantization=quant)  # fmt: skip
         engines[f] = _Ours(bm, args.prompt + args.steps + 16)
     rng = random.Random(0)
     vocab = next(iter(engines.values())).bm.config.vocab_size
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=32, help="decode steps a round and format")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens a round")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     per_round = run(args)
     fmts = list(per_round)

@@ -43,7 +43,7 @@ step 80 "0.8B throughput" $B --model Qwen3.5-0.8B --workload throughput --hf-bat
   --out "$OUT/08b_throughput.json"
 step 60 "35B-A3B-FP8 decode" $B --model Qwen3.5-35B-A3B-FP8 --workload decode --no-baseline \
   --out "$OUT/35b_fp8_decode.json"
-step 40 "kernels vs what they replaced" python3 bench/gpu_kernels.py --only fp8,attention,deltanet \
+step 50 "kernels vs what they replaced" python3 bench/gpu_kernels.py --only fp8,int,attention,deltanet \
   --out "$OUT/kernels.json"
 # fla's configs again: this call's transformers runs tune fla at their own (not varlen) shapes,
 # which the first call's configs do not match; merge into kernels/fla_configs/ as before
@@ -56,4 +56,8 @@ step 60 "9B prompt prefill through the engine, chunk paths" python3 bench/gpu_pr
 # and bf16 state tiles; CPU-measured 0.96-1.02x there, README "FP8 KV cache")
 step 45 "0.8B decode on fp8 K/V and bf16 states" python3 bench/cache_dtypes.py --device cuda \
   --batches 1,32 --prompt 512 --steps 16 --rounds 2
+# 8. (what time is left) weight formats side by side: the 9B's batch-1 decode in BF16, FP8 and
+# int4 (kernels/triton_int.py, written 2026-12-07 without a GPU: its first timing)
+step 60 "9B decode: bf16 / fp8 / int4 weights" python3 bench/decode_formats.py --device cuda \
+  --model Qwen3.5-9B --formats bf16,fp8,int4 --rounds 3 --steps 24 --prompt 256
 date -u | tee -a "$LOG"

@@ -1,6 +1,6 @@
 """Our GPU decode kernels against the paths they replace, at the catalog models' shapes (GPU).
 
-    python bench/gpu_kernels.py [--only moe,fp8,attention,deltanet] [--out FILE.json]
+    python bench/gpu_kernels.py [--only moe,fp8,int,attention,deltanet] [--out FILE.json]
     TRITON_INTERPRET=1 PYTHONPATH=src:tests python bench/gpu_kernels.py --dry-run  # CPU check
 
 Each row: microseconds per call (triton.testing.do_bench: warm-up, then the median of repeated
@@ -15,6 +15,9 @@ by side with the path it replaced, in one run:
 - fp8: the weight-only FP8 GEMV (quant/fp8_gpu.py; 32 / 64 / 128 weight rows per program) vs
   activation quantization + the blockwise GEMM (torch._scaled_mm where it runs, and the Triton
   block kernel), 1 / 16 rows, 27B projections.
+- int: one weight's decode-sized product in BF16 (cuBLAS), FP8 (the GEMV) and int4 groups of
+  128 / 32 (kernels/triton_int.py), 27B projections, 1 / 16 rows; the int4 MoE experts at the
+  35B-A3B shapes, 1 / 4 / 16 tokens.
 - attention: paged decode attention at 1K / 8K / 32K tokens, batch 1 / 32: split-K (the
   default) vs one program per (sequence, KV head), 9B heads (16 query, 4 KV, head_dim 256);
   and a 2,048-token prefill chunk after 2K / 14K / 30K cached tokens (chunked prefill of a long
@@ -135,6 +138,47 @@ def fp8(dev, dtype, out: list) -> None:
                     bench(fp8_gpu._scaled_mm, *args), N * K, M=M)  # fmt: skip
             row(out, f"fp8 {name} M={M} quantize + Triton block GEMM",
                 bench(fp8_gpu._triton_kernel(), *args), N * K, M=M)  # fmt: skip
+
+
+def int_formats(dev, dtype, out: list) -> None:
+    """Decode-sized products of one weight in BF16 (cuBLAS), FP8 (the weight-only GEMV) and int4
+    groups of 128 / 32 (kernels/triton_int.py), bytes read as each format stores the weight; and
+    the int4 MoE experts (pairs kernels + SwiGLU + weighted sum) at the 35B-A3B shapes."""
+    from qwen35.quant import formats, fp8_gpu, int_gpu, matmul
+    from qwen35.quant.layers import Int4Linear, IntExperts
+
+    shapes = {"27B in_proj": (17408, 5120), "27B out_proj": (5120, 6144), "27B down": (5120, 17408)}
+    if DRY:
+        shapes = {"tiny": (256, 384)}
+    for name, (N, K) in shapes.items():
+        w = torch.randn(N, K, device=dev) * 0.02
+        wq, s = formats.quantize_fp8_blocks(w)
+        for M in (1, 16):
+            x = torch.randn(M, K, device=dev, dtype=dtype)
+            row(out, f"int {name} M={M} bf16 cuBLAS", bench(torch.nn.functional.linear, x,
+                                                            w.to(dtype)), 2 * N * K, M=M)  # fmt: skip
+            row(out, f"int {name} M={M} fp8 GEMV", bench(fp8_gpu._gemv_kernel(), x, wq, s.float(),
+                                                         (128, 128)), N * K, M=M)  # fmt: skip
+            for g in (128, 32):
+                q, sz = formats.quantize_int4_groups(w, g, dtype)
+                packed = matmul.pack_int4(q)
+                nbytes = N * K // 2 + N * (K // g) * 4
+                row(out, f"int {name} M={M} int4 g{g} GEMV", bench(
+                    int_gpu.int4_linear_gpu, x, packed, sz, g, N), nbytes, M=M)  # fmt: skip
+    E, H, I, k = (256, 2048, 512, 8) if not DRY else (8, 128, 128, 2)
+    gu = [Int4Linear.quantize(torch.randn(2 * I, H, device=dev) * 0.02, 128, dtype)
+          for _ in range(E)]  # fmt: skip
+    dn = [Int4Linear.quantize(torch.randn(H, I, device=dev) * 0.02, 128, dtype) for _ in range(E)]
+    ex = IntExperts(gu, dn, I)
+    ex.stack_()
+    for T in (1, 4, 16):
+        x = torch.randn(T, H, device=dev, dtype=dtype)
+        idx = torch.stack([torch.randperm(E, device=dev)[:k] for _ in range(T)])
+        tw = torch.full((T, k), 1.0 / k, device=dev, dtype=dtype)
+        pairs = min(T * k, E)  # (distinct experts read, at most)
+        nbytes = pairs * 3 * I * (H // 2 + H // 128 * 4)
+        row(out, f"int4 MoE 35B-A3B experts T={T}",
+            bench(int_gpu.int4_experts_gpu, x, idx, tw, ex.stack), nbytes, T=T)  # fmt: skip
 
 
 def attention(dev, dtype, out: list) -> None:
@@ -274,7 +318,7 @@ def _dn_gates_apart(ref, qkv, z, a, b, conv_w, conv, rec, slots, dt_bias, A_log,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default="moe,fp8,attention,deltanet")
+    ap.add_argument("--only", default="moe,fp8,int,attention,deltanet")
     ap.add_argument("--dry-run", action="store_true", help="CPU, interpreted, tiny: no timing")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -291,7 +335,8 @@ def main() -> None:
     with torch.inference_mode():
         for part in args.only.split(","):
             print(f"{part}:", flush=True)
-            {"moe": moe, "fp8": fp8, "attention": attention, "deltanet": deltanet}[part](
+            {"moe": moe, "fp8": fp8, "int": int_formats, "attention": attention,
+             "deltanet": deltanet}[part](
                 dev, dtype, out
             )
     if args.out:

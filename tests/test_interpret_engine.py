@@ -407,3 +407,38 @@ def test_speculative_verify_steps_on_the_gpu_backend(which, k, tmp_path, calls):
     # positions past max_tokens: the last token comes alone)
     assert spec.stats.accepted >= 2 * len(ps)
     assert calls.n["chunk"] and calls.n["paged_prefill_attention"]
+
+
+def test_engine_int4_on_the_gpu_backend_equals_cpu_engine(tmp_path, calls, monkeypatch):
+    """`--quantization int4` as a GPU runs it (kernels/triton_int.py through quant/int_gpu.py):
+    the MoE experts stacked and run by the int4 pairs kernel, every int4 / int6 product by the
+    GEMVs (decode rows) or dequantised + a GEMM (prefill), interpreted on CPU tensors: greedy
+    tokens equal the CPU engine's on the same int4 weights (its kernels with 16-bit
+    activations, --int4-activations 16bit)."""
+    from qwen35.kernels import triton_int
+    from qwen35.quant import int_gpu, matmul
+
+    n = Counter()
+    for name in ("int4_gemv", "int4_dequant", "int6_gemv", "int4_pairs"):
+        fn = getattr(triton_int, name)
+        monkeypatch.setattr(triton_int, name,
+                            lambda *a, _f=fn, _n=name: n.update([_n]) or _f(*a))  # fmt: skip
+    from test_gptq_awq import MOE  # (experts of 128 rows: whole 64-row blocks, int4)
+
+    save_checkpoint(tmp_path / "m", moe=True, experts="fused", **MOE)
+    ps = prompts(3, seed=35, lo=3, hi=30)
+    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    kw = dict(block_size=BS, quantization="int4", int4_activations="16bit")
+    want = ids(make(tmp_path / "m", **kw).generate(ps, sp))
+    rows = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    monkeypatch.setattr(matmul, "int4_linear", lambda x, p, sz, g, n_, x8=True: int_gpu
+                        .int4_linear_gpu(rows(x), p, sz, g, n_).view(*x.shape[:-1], n_))
+    monkeypatch.setattr(matmul, "int6_linear", lambda x, p, s: int_gpu.int6_linear_gpu(
+        rows(x), p, s).view(*x.shape[:-1], p.shape[0]))  # fmt: skip
+    llm = _interpreted(tmp_path / "m", calls.counted(_full()), **kw)
+    from qwen35.quant.layers import IntExperts
+
+    ex = [m for m in llm.engine.model.modules() if isinstance(m, IntExperts)]
+    assert ex and all(m.stack_() for m in ex)  # (as a load onto a GPU stacks them)
+    assert ids(llm.generate(ps, sp)) == want
+    assert all(n[k] for k in ("int4_gemv", "int4_dequant", "int6_gemv", "int4_pairs")), n

@@ -112,3 +112,72 @@ def test_gptq_checkpoint_on_gpu_is_held_exactly_in_fp8(tmp_path):
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
     assert together == [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_int4_model_on_gpu_matches_the_cpus(tmp_path, moe):
+    """`--quantization int4` on CUDA (kernels/triton_int.py: the CPU layouts read by Triton GEMVs,
+    the MoE experts stacked for the pairs kernel): the same int4 / int6 weights as a CPU load
+    (quantized on the device, the same formulas), fp32 logits within the activation rounding of
+    the CPU's kernels (16-bit activations there; none here), for decode-sized inputs (the GEMVs)
+    and a 24-token prefill (dequantised + cuBLAS)."""
+    from qwen35.loader import load_model
+    from qwen35.quant.layers import Int4Linear, IntExperts, set_int4_activations
+    from test_gptq_awq import DENSE, MOE  # (whole 64-row blocks: every matrix int4)
+    from tiny import save_checkpoint
+
+    save_checkpoint(tmp_path / "m", moe=moe, experts="fused", **(MOE if moe else DENSE))
+    gpu = load_model(tmp_path / "m", dtype="fp32", device="cuda", quantization="int4")
+    assert any(isinstance(m, Int4Linear) for m in gpu.modules())
+    if moe:
+        ex = [m for m in gpu.modules() if isinstance(m, IntExperts)]
+        assert ex and all(m.stack is not None for m in ex), "experts not stacked for the GPU"
+    cpu = load_model(tmp_path / "m", dtype="fp32", quantization="int4")
+    set_int4_activations(cpu, False)
+    try:
+        for T in (1, 5, 24):
+            ids = torch.randint(0, 256, (1, T))
+            assert _rel(gpu(ids.cuda()).cpu(), cpu(ids)) < 0.02, T
+    finally:
+        set_int4_activations(cpu, True)
+
+
+def test_int4_moe_engine_decodes_in_graphs(tmp_path):
+    """An int4 MoE model in the engine (bf16): its experts run the int4 pairs kernel without a
+    host sync, so decode CUDA graphs are captured; greedy tokens equal the eager engine's, and
+    batched equals alone."""
+    from qwen35.request import SamplingParams
+    from test_engine import ids, make, prompts
+    from test_gptq_awq import MOE
+    from tiny import save_checkpoint
+
+    save_checkpoint(tmp_path / "m", moe=True, experts="fused", **MOE)
+    kw = dict(dtype="bf16", device="cuda", max_memory="4GiB", block_size=16, quantization="int4")
+    llm = make(tmp_path / "m", **kw)
+    assert llm.engine.runner.graphs is not None, "no decode graphs for the int4 MoE (see the log)"
+    ps = prompts(4, seed=7, lo=3, hi=40)
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    got = ids(llm.generate(ps, sp))
+    assert got == ids(make(tmp_path / "m", enforce_eager=True, **kw).generate(ps, sp))
+    assert got == [ids(llm.generate([p], sp))[0] for p in ps]
+
+
+def test_gptq_checkpoint_in_int4_on_gpu(tmp_path):
+    """A 4-bit GPTQ MoE checkpoint with --quantization int4 on CUDA: its stored codes kept (int4
+    groups of 128, experts stacked), a quarter of BF16's bytes where FP8 holds twice that; logits
+    match the FP8 load of the same values (both exact but for int4's zero rounded to bf16)."""
+    from qwen35.loader import load_model
+    from qwen35.quant.layers import IntExperts
+    from test_gptq_awq import MOE, write
+    from tiny import save_checkpoint
+
+    save_checkpoint(tmp_path / "src", moe=True, experts="per_expert", **MOE)
+    write(tmp_path / "src", tmp_path / "q", fmt="gptq", sym=False, group=128)
+    m4 = load_model(tmp_path / "q", dtype="bf16", device="cuda", quantization="int4")
+    ex = [x for x in m4.modules() if isinstance(x, IntExperts)]
+    assert ex and all(x.stack is not None and x.stack.gate_up_group == 128 for x in ex)
+    m8 = load_model(tmp_path / "q", dtype="bf16", device="cuda", quantization="fp8")
+    ids = torch.randint(0, 256, (2, 24), device="cuda")
+    assert _rel(m4(ids), m8(ids)) < 0.05
+    ids = ids[:1, :3]  # decode-sized: the GEMVs and the pairs kernel
+    assert _rel(m4(ids), m8(ids)) < 0.05

@@ -334,6 +334,13 @@ class Bf16Experts(Experts):
         return self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
 
 
+def int_gpu_kernels() -> bool:
+    """Whether quant/int_gpu.py's Triton kernels import here (Triton installed)."""
+    from qwen35.quant.int_gpu import _kernels
+
+    return _kernels() is not None
+
+
 class Int4Stack(NamedTuple):
     """IntExperts' int4 weights as one tensor per projection (the per-expert modules' parameters
     are views of them): what quant/int_gpu.py's MoE kernels read."""
@@ -379,10 +386,12 @@ class IntExperts(Experts):
 
     def few_token_graphs(self, backend) -> bool:
         """Few-token steps run quant/int_gpu.py's MoE kernels (no host sync: capturable)."""
-        return self.stack is not None and self.num_total is None and backend.device_type == "cuda"
+        return self.stack is not None and self.num_total is None and backend.device_type == "cuda" \
+            and int_gpu_kernels()  # fmt: skip
 
     def forward(self, x, top_idx, top_w, backend=None) -> torch.Tensor:
-        if self.stack is not None and x.is_cuda and self.num_total is None:
+        gpu = x.is_cuda or (backend is not None and backend.on_gpu_path(x))  # (or interpreted)
+        if self.stack is not None and gpu and self.num_total is None:
             from qwen35.quant.int_gpu import int4_experts_gpu
 
             y = int4_experts_gpu(x, top_idx, top_w, self.stack, backend)
