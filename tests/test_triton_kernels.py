@@ -695,3 +695,30 @@ def test_int4_moe_kernels_equal_expert_loop(dtype):
     dn32 = torch.stack([m.dequantized(torch.float32) for m in ex.down_q])
     ref = grouped_experts_reference(x.float(), gu32, dn32, idx, w.float())
     torch.testing.assert_close(y.float(), ref, **INT_TOL[dtype])
+
+
+@pytest.mark.parametrize("M", [40, 70])
+def test_int_gpu_products_past_16_rows(M):
+    """quant/int_gpu.py past one GEMV call: up to 64 rows the GEMVs 16 rows a call (int4 / int8),
+    above int4 dequantised + a GEMM; the int6 head 16 rows a call at any count. fp32: the
+    dequantised-weight products up to summation order."""
+    from qwen35.quant import formats, int_gpu, matmul
+
+    g = torch.Generator().manual_seed(M)
+    N, K, group = 128, 256, 64
+    w = torch.randn(N, K, generator=g) * 0.05
+    x = torch.randn(M, K, generator=g).to(DEV)
+    q, sz = formats.quantize_int4_groups(w, group, torch.float32)
+    want = x @ formats.dequantize_int4_groups(q, sz, group, torch.float32).to(DEV).T
+    y = int_gpu.int4_linear_gpu(x, matmul.pack_int4(q).to(DEV), sz.to(DEV), group, N)
+    torch.testing.assert_close(y, want, **INT_TOL[torch.float32])
+    packed, scales = (t.to(DEV) for t in formats.quantize_int6_groups(w))
+    y = int_gpu.int6_linear_gpu(x, packed, scales)
+    torch.testing.assert_close(y, x @ formats.dequantize_int6(packed, scales).T,
+                               **INT_TOL[torch.float32])  # fmt: skip
+    q8, s8 = (t.to(DEV) for t in formats.quantize_int8_rows(w, torch.float32))
+    y = int_gpu.int8_linear_gpu(x, q8, s8)
+    assert (y is None) == (M > int_gpu.GEMV_MAX_ROWS)
+    if y is not None:
+        want = x @ formats.dequantize_int8_rows(q8, s8, torch.float32).T
+        torch.testing.assert_close(y, want, **INT_TOL[torch.float32])

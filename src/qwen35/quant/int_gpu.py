@@ -1,11 +1,11 @@
 """Weight-only int4 / int6 / int8 products on CUDA, the weights in their CPU layouts
 (quant/layers.py): what quant/matmul.py's int*_linear run for a GPU's rows.
 
-Up to 16 rows (decode): kernels/triton_int.py's GEMVs read the packed bytes as stored (int4: 4.25
-to 5 bits a weight read a step instead of BF16's 16). More rows (prefill): int4 is dequantised
-by one Triton kernel into quant/matmul.py's reused buffer (one layer's largest matrix) and a
-cuBLAS GEMM runs on it; the int6 head (read for a few rows a step) takes the GEMV 16 rows at a
-time; int8 dequantises in PyTorch. Without Triton, or where its kernels do not build
+Up to 64 rows (decode; 16 a call): kernels/triton_int.py's GEMVs read the packed bytes as
+stored (int4: 4.25 to 5 bits a weight read a step instead of BF16's 16). More rows (prefill):
+int4 is dequantised by one Triton kernel into quant/matmul.py's reused buffer (one layer's
+largest matrix) and a cuBLAS GEMM runs on it; the int6 head (read for a few rows a step) takes
+the GEMV 16 rows at a time at any count; int8 dequantises in PyTorch. Without Triton, or where its kernels do not build
 (`fp8_gpu._built`: warned once), the PyTorch references run. UNMEASURED on a GPU.
 """
 
@@ -20,6 +20,10 @@ from qwen35.layers.linear import gemm, in_chunks
 from qwen35.quant import formats
 
 MAX_ROWS = 16  # kernels/triton_int.py MAX_ROWS
+# rows up to which the GEMVs run 16 at a time rather than dequantising: each call reads the int4
+# weight once (0.5-0.6 B a weight), dequantising + cuBLAS moves ~4.5 (read 0.5, write and read 2
+# + 2), so 4 calls still read less; more rows (prefill) are GEMM work. (Unmeasured; an estimate.)
+GEMV_MAX_ROWS = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,10 +48,10 @@ def int4_linear_gpu(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, gr
     """x2 [M, K] @ W^T -> [M, n], W in Int4Linear's layout."""
     from qwen35.quant.matmul import scratch, unpack_int4
 
-    if x2.shape[0] <= MAX_ROWS and x2.stride(1) == 1:
-        y = _run("int4 GEMV", "int4_gemv", x2, packed, sz, group, n)
+    if x2.shape[0] <= GEMV_MAX_ROWS and x2.stride(1) == 1:
+        y = _run("int4 GEMV", "int4_gemv", x2[:MAX_ROWS], packed, sz, group, n)
         if y is not None:
-            return y
+            return _rest(y, x2, lambda v: _kernels().int4_gemv(v, packed, sz, group, n))
     w = scratch((n, x2.shape[1]), x2.dtype, x2.device)
     if _run("int4 dequant", "int4_dequant", packed, sz, group, w) is None:
         w = formats.dequantize_int4_groups(unpack_int4(packed, n, x2.shape[1]), sz, group,
@@ -61,20 +65,24 @@ def int6_linear_gpu(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     x2 = x2.contiguous()
     y = _run("int6 GEMV", "int6_gemv", x2[:MAX_ROWS], packed, scales)
     if y is not None:
-        if x2.shape[0] <= MAX_ROWS:
-            return y
-        rest = in_chunks(lambda v: _kernels().int6_gemv(v, packed, scales), x2[MAX_ROWS:],
-                         MAX_ROWS)  # fmt: skip
-        return torch.cat([y, rest])
+        return _rest(y, x2, lambda v: _kernels().int6_gemv(v, packed, scales))
     return F.linear(x2, formats.dequantize_int6(packed, scales, x2.dtype))
 
 
+def _rest(y: torch.Tensor, x2: torch.Tensor, gemv) -> torch.Tensor:
+    """y (the first MAX_ROWS rows' products) with the other rows' by `gemv`, 16 rows a call."""
+    if x2.shape[0] <= MAX_ROWS:
+        return y
+    return torch.cat([y, in_chunks(gemv, x2[MAX_ROWS:], MAX_ROWS)])
+
+
 def int8_linear_gpu(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """x2 [M <= 16, K] @ (q * scale)^T by the int8 GEMV, or None (more rows, no kernel): the
-    caller dequantises."""
-    if x2.shape[0] > MAX_ROWS or x2.stride(1) != 1 or not scale.is_contiguous():
+    """x2 [M <= GEMV_MAX_ROWS, K] @ (q * scale)^T by the int8 GEMV, 16 rows a call, or None (more
+    rows, no kernel): the caller dequantises."""
+    if x2.shape[0] > GEMV_MAX_ROWS or x2.stride(1) != 1 or not scale.is_contiguous():
         return None
-    return _run("int8 GEMV", "int8_gemv", x2, q, scale)
+    y = _run("int8 GEMV", "int8_gemv", x2[:MAX_ROWS], q, scale)
+    return None if y is None else _rest(y, x2, lambda v: _kernels().int8_gemv(v, q, scale))
 
 
 def int4_experts_gpu(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, stack,
