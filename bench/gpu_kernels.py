@@ -178,7 +178,7 @@ def int_formats(dev, dtype, out: list) -> None:
         pairs = min(T * k, E)  # (distinct experts read, at most)
         nbytes = pairs * 3 * I * (H // 2 + H // 128 * 4)
         row(out, f"int4 MoE 35B-A3B experts T={T}",
-            bench(int_gpu.int4_experts_gpu, x, idx, tw, ex.stack), nbytes, T=T)  # fmt: skip
+            bench(int_gpu.int_experts_gpu, x, idx, tw, ex.stack), nbytes, T=T)  # fmt: skip
 
 
 def attention(dev, dtype, out: list) -> None:

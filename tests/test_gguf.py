@@ -100,13 +100,15 @@ def test_quantized_types_dequantize_exactly(tmp_path, qtype):
 
 
 def test_default_storage_follows_the_file(tmp_path):
-    """--dtype auto on a CPU: a quantized file keeps its size (int8 for 8-bit files, int4 for
-    4-bit ones); 16-bit files and any explicit choice are left alone."""
+    """--dtype auto: a quantized file keeps its size (int8 for 8-bit files, int4 for 4-bit
+    ones), on a CPU and (since session 55: BF16 before, 3-4x the file) on a GPU; 16-bit files
+    and any explicit choice are left alone."""
     src = _checkpoint(tmp_path)
     for qtype, want in (("Q8_0", "int8"), ("Q4_0", "int4"), ("F16", None)):
         f = write_gguf(src, tmp_path / f"m-{qtype}.gguf", qtype)
         got = auto_quantization(str(f), "auto", "auto", "cpu")
         assert got == want or (want is None and got in (None, "bf16")), qtype
+        assert auto_quantization(str(f), "auto", "auto", "cuda") == want, qtype
         assert auto_quantization(str(f), "auto", "bf16", "cpu") != "int8"
     from qwen35.engine.llm_engine import LLMEngine
 
@@ -431,8 +433,8 @@ def test_plan_counts_the_file_as_the_engine_loads_it(tmp_path, capsys, monkeypat
     """`qwen35 plan -m FILE.gguf`: the file's storage on a CPU by default (int4 for a 4-bit
     file: Q4_0 tensors kept in groups of 32, a Q8_0 one in int8, an F16 one in groups of 128),
     weights equal to the bytes the engine holds, byte for byte, under int4 and int8; the file's
-    size and type; a GPU plan of its BF16 (or FP8, quantized at load) form whose launch commands
-    name the file."""
+    size and type; a GPU plan of it as a GPU engine holds it (the same int4, since session 55),
+    or in BF16 / FP8 (quantized at load) when asked, whose launch commands name the file."""
     import json
 
     src = _checkpoint(tmp_path, moe, hidden_size=128, intermediate_size=128,
@@ -463,11 +465,21 @@ def test_plan_counts_the_file_as_the_engine_loads_it(tmp_path, capsys, monkeypat
             assert got > sum(p.numel() * p.element_size() for p in requantized.parameters())
     rc, out, _ = _plan(capsys, "-m", f)
     assert rc == 0 and "file GiB" in out and "(Q4_0)" in out and "groups of 32" in out
-    rc, out, err = _plan(capsys, "-m", f, "--gpu", "H100", "--json")
-    assert rc == 0 and "holds m.gguf's weights in BF16" in err
+    # a GPU engine holds it as a CPU one does (--dtype auto: int4 here), byte for byte
+    rc, out, err = _plan(capsys, "-m", f, "--gpu", "H100", "--json", "--text-only")
+    assert rc == 0 and "holds m.gguf's weights in int4" in err
     doc = json.loads(out)
+    fit = doc["models"][0]["fits"]["int4"]
+    m = load_model(f, dtype="bf16", quantization="int4")
+    assert fit["weights_bytes_per_gpu"] == sum(p.numel() * p.element_size()
+                                               for p in m.parameters())  # fmt: skip
     assert doc["models"][0]["weights_bytes"]["bf16"] > 2 * f.stat().st_size
-    assert f"--model {f}" in doc["recommendation"]["launch"]["qwen35"]
+    launch = doc["recommendation"]["launch"]["qwen35"]
+    assert f"--model {f}" in launch and "--quantization int4" in launch
+    vllm = doc["recommendation"]["launch"]["vllm"]  # (vLLM reads GGUF files itself)
+    assert vllm.startswith(f"vllm serve {f} ") and "quantize" not in vllm
+    rc, out, err = _plan(capsys, "-m", f, "--gpu", "H100", "--json", "--dtype", "bf16")
+    assert rc == 0 and "holds m.gguf's weights in BF16" in err
     rc, out, _ = _plan(capsys, "-m", f, "--dtype", "fp8", "--gpu", "H100", "--json")
     assert rc == 0 and "fp8" in json.loads(out)["models"][0]["fits"]  # (too small for 128-blocks)
     from qwen35.plan.gguf import launch_model

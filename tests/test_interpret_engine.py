@@ -409,36 +409,48 @@ def test_speculative_verify_steps_on_the_gpu_backend(which, k, tmp_path, calls):
     assert calls.n["chunk"] and calls.n["paged_prefill_attention"]
 
 
-def test_engine_int4_on_the_gpu_backend_equals_cpu_engine(tmp_path, calls, monkeypatch):
+@pytest.mark.parametrize("source", ["bf16", "gguf"])
+def test_engine_int4_on_the_gpu_backend_equals_cpu_engine(tmp_path, calls, monkeypatch, source):
     """`--quantization int4` as a GPU runs it (kernels/triton_int.py through quant/int_gpu.py):
-    the MoE experts stacked and run by the int4 pairs kernel, every int4 / int6 product by the
+    the MoE experts stacked and run by the pairs kernels, every int4 / int6 product by the
     GEMVs (decode rows) or dequantised + a GEMM (prefill), interpreted on CPU tensors: greedy
     tokens equal the CPU engine's on the same int4 weights (its kernels with 16-bit
-    activations, --int4-activations 16bit)."""
+    activations, --int4-activations 16bit). From a BF16 checkpoint quantized at load, and from a
+    GGUF file of Q4_0 tensors whose down experts are Q8_0 (as a Q4_K_M's are Q6_K): its 4-bit
+    values kept, the down experts int8 (the int8 pairs kernel)."""
     from qwen35.kernels import triton_int
     from qwen35.quant import int_gpu, matmul
 
     n = Counter()
-    for name in ("int4_gemv", "int4_dequant", "int6_gemv", "int4_pairs"):
+    for name in ("int4_gemv", "int4_dequant", "int6_gemv", "int4_pairs", "expert_pairs"):
         fn = getattr(triton_int, name)
         monkeypatch.setattr(triton_int, name,
                             lambda *a, _f=fn, _n=name: n.update([_n]) or _f(*a))  # fmt: skip
     from test_gptq_awq import MOE  # (experts of 128 rows: whole 64-row blocks, int4)
 
     save_checkpoint(tmp_path / "m", moe=True, experts="fused", **MOE)
-    ps = prompts(3, seed=35, lo=3, hi=30)
+    model = tmp_path / "m"
+    if source == "gguf":
+        pytest.importorskip("gguf", reason="the gguf package writes the test's file")
+        from gguf_writer import write_gguf
+
+        types = {f"blk.{i}.ffn_down_exps.weight": "Q8_0" for i in range(8)}
+        model = write_gguf(model, tmp_path / "m.gguf", "Q4_0", types=types)
+    ps = prompts(3, seed=35, lo=3, hi=30) + prompts(1, seed=36, lo=80, hi=81)  # (> 64 rows)
     sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     kw = dict(block_size=BS, quantization="int4", int4_activations="16bit")
-    want = ids(make(tmp_path / "m", **kw).generate(ps, sp))
+    want = ids(make(model, **kw).generate(ps, sp))
     rows = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
     monkeypatch.setattr(matmul, "int4_linear", lambda x, p, sz, g, n_, x8=True: int_gpu
                         .int4_linear_gpu(rows(x), p, sz, g, n_).view(*x.shape[:-1], n_))
     monkeypatch.setattr(matmul, "int6_linear", lambda x, p, s: int_gpu.int6_linear_gpu(
         rows(x), p, s).view(*x.shape[:-1], p.shape[0]))  # fmt: skip
-    llm = _interpreted(tmp_path / "m", calls.counted(_full()), **kw)
+    llm = _interpreted(model, calls.counted(_full()), **kw)
     from qwen35.quant.layers import IntExperts
 
     ex = [m for m in llm.engine.model.modules() if isinstance(m, IntExperts)]
     assert ex and all(m.stack_() for m in ex)  # (as a load onto a GPU stacks them)
+    kinds = {(m.stack[0].kind, m.stack[1].kind) for m in ex}
+    assert kinds == {("int4", "int8" if source == "gguf" else "int4")}, kinds
     assert ids(llm.generate(ps, sp)) == want
-    assert all(n[k] for k in ("int4_gemv", "int4_dequant", "int6_gemv", "int4_pairs")), n
+    assert all(n[k] for k in ("int4_gemv", "int4_dequant", "int6_gemv", "expert_pairs")), n

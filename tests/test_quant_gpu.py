@@ -175,7 +175,7 @@ def test_gptq_checkpoint_in_int4_on_gpu(tmp_path):
     write(tmp_path / "src", tmp_path / "q", fmt="gptq", sym=False, group=128)
     m4 = load_model(tmp_path / "q", dtype="bf16", device="cuda", quantization="int4")
     ex = [x for x in m4.modules() if isinstance(x, IntExperts)]
-    assert ex and all(x.stack is not None and x.stack.gate_up_group == 128 for x in ex)
+    assert ex and all(x.stack is not None and x.stack[0].group == 128 for x in ex)
     m8 = load_model(tmp_path / "q", dtype="bf16", device="cuda", quantization="fp8")
     ids = torch.randint(0, 256, (2, 24), device="cuda")
     assert _rel(m4(ids), m8(ids)) < 0.05

@@ -513,10 +513,10 @@ def test_int8_quantize_kernel_equals_pytorch_twin(wdtype, sdtype):
 
 
 def test_int_experts_stack_is_views_and_same_products():
-    """IntExperts.stack_ (the GPU's MoE kernels' [E, ...] tensors): every expert's int4 weights
-    move into one tensor per projection, the per-expert modules become views of it (no memory
-    added once their own tensors are freed) and compute as before; experts of mixed formats or
-    groups are left as they are."""
+    """IntExperts.stack_ (the GPU's MoE kernels' [E, ...] tensors): every expert's int4 / int8
+    weights move into one tensor per projection, the per-expert modules become views of it (no
+    memory added once their own tensors are freed) and compute as before; a projection of mixed
+    formats or groups across experts leaves them as they are."""
     from qwen35.quant.layers import IntExperts
 
     g = torch.Generator().manual_seed(0)
@@ -528,13 +528,21 @@ def test_int_experts_stack_is_views_and_same_products():
     before = [m(x) for m in gu]
     ex = IntExperts(gu, dn, I)
     assert ex.stack_()
-    st = ex.stack
-    assert st.gate_up.shape == (E, 2 * I, H // 2) and st.down_sz.shape == (E, I // 64, H, 2)
-    assert (st.gate_up_group, st.down_group) == (32, 64)
+    gu_s, dn_s = ex.stack
+    assert gu_s.weight.shape == (E, 2 * I, H // 2) and dn_s.scales.shape == (E, I // 64, H, 2)
+    assert (gu_s.kind, gu_s.group, dn_s.group) == ("int4", 32, 64)
     for e in range(E):
-        assert ex.gate_up_q[e].weight.data_ptr() == st.gate_up[e].data_ptr()
-        assert ex.down_q[e].scales_and_zeros.data_ptr() == st.down_sz[e].data_ptr()
+        assert ex.gate_up_q[e].weight.data_ptr() == gu_s.weight[e].data_ptr()
+        assert ex.down_q[e].scales_and_zeros.data_ptr() == dn_s.scales[e].data_ptr()
         assert torch.equal(ex.gate_up_q[e](x), before[e])
+    # int4 gate_up beside int8 down (a GGUF Q4_K_M's experts): each projection its own kind
+    dn8 = [Int8Linear.quantize(torch.randn(H, I, generator=g), torch.bfloat16) for _ in range(E)]
+    h = torch.randn(3, I, generator=g).to(torch.bfloat16)
+    before = [m(h) for m in dn8]
+    ex = IntExperts(gu, dn8, I)
+    assert ex.stack_() and ex.stack[1].kind == "int8" and ex.stack[1].scales.shape == (E, H)
+    assert all(torch.equal(m(h), b) for m, b in zip(ex.down_q, before, strict=True))
+    assert ex.down_q[1].weight_scale.data_ptr() == ex.stack[1].scales[1].data_ptr()
     mixed = IntExperts(gu[:1] + [Int8Linear.quantize(torch.randn(2 * I, H), torch.bfloat16)],
                        dn[:2], I)  # fmt: skip
     assert not mixed.stack_() and mixed.stack is None

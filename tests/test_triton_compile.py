@@ -359,6 +359,11 @@ def test_int_kernels_compile(dtype):
         sig = dict(X=p, s_xm=i, XDIV=i, IDX="*i64", W="*u8", s_we=i, SZ=p, s_se=i, Y=p, s_ym=i,
                    N=i, K=i, GROUP=0)  # fmt: skip
         compile_sm90(ti.int4_pairs.kernel, sig, dict(GROUP=group), target=target)
+    sig = dict(X=p, s_xm=i, XDIV=i, IDX="*i64", W="*i8", s_we=i, S=p, s_se=i, Y=p, s_ym=i, N=i,
+               K=i, BN=0, BK=0)  # fmt: skip
+    for target in (SM90, SM80):
+        compile_sm90(ti.expert_pairs.int8_kernel, dict(sig), dict(BN=ti.PAIRS_BN, BK=ti.PAIRS_BK),
+                     target=target)  # fmt: skip
     for target in (SM90, SM80):
         sig = dict(X=p, W="*u8", S="*bf16", P=p, M=i, N=i, K=i, s_xm=i, s_wn=i, s_sn=i, s_pz=i,
                    s_pm=i, CHUNKS=i, BM=0, BN=0, IEEE=0, UPCAST=0)  # fmt: skip

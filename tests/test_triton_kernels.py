@@ -670,27 +670,31 @@ def test_int6_and_int8_gemvs_equal_dequantised_weights(dtype, M, N, K):
     torch.testing.assert_close(y.float(), want, **INT_TOL[dtype])
 
 
+@pytest.mark.parametrize("down", ["int4", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_moe_kernels_equal_expert_loop(dtype):
-    """quant/int_gpu.py `int4_experts_gpu` (IntExperts' stacked int4 weights, one kernel per
+def test_int_moe_kernels_equal_expert_loop(dtype, down):
+    """quant/int_gpu.py `int_experts_gpu` (IntExperts' stacked weights, one kernel per
     projection over the (token, expert) pairs) against the expert loop on the per-expert
-    modules' dequantised weights (those modules now views of the stack), in fp32: gate_up in
-    groups of 32, down in groups of 64, rows picking the same experts."""
+    modules' dequantised weights (those modules now views of the stack), in fp32: gate_up int4
+    in groups of 32, down int4 in groups of 64 or per-row int8 (a GGUF Q4_K_M's Q6_K down
+    experts), rows picking the same experts."""
     from qwen35.ops.moe import grouped_experts_reference
-    from qwen35.quant.int_gpu import int4_experts_gpu
-    from qwen35.quant.layers import Int4Linear, IntExperts
+    from qwen35.quant.int_gpu import int_experts_gpu
+    from qwen35.quant.layers import Int4Linear, Int8Linear, IntExperts
 
     g = torch.Generator().manual_seed(3)
     E, H, I, T, k = 6, 128, 64, 5, 3
     gu = [Int4Linear.quantize(torch.randn(2 * I, H, generator=g) * 0.05, 32, dtype)
           for _ in range(E)]  # fmt: skip
-    dn = [Int4Linear.quantize(torch.randn(H, I, generator=g) * 0.05, 64, dtype) for _ in range(E)]
+    dn = [Int4Linear.quantize(torch.randn(H, I, generator=g) * 0.05, 64, dtype) if down == "int4"
+          else Int8Linear.quantize(torch.randn(H, I, generator=g) * 0.05, dtype)
+          for _ in range(E)]  # fmt: skip
     ex = IntExperts(gu, dn, I).to(DEV)
-    assert ex.stack_()
+    assert ex.stack_() and ex.stack[1].kind == down
     x = torch.randn(T, H, generator=g).to(DEV, dtype)
     idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(DEV)
     w = torch.softmax(torch.randn(T, k, generator=g), -1).to(DEV, dtype)
-    y = int4_experts_gpu(x, idx, w, ex.stack)
+    y = int_experts_gpu(x, idx, w, ex.stack)
     gu32 = torch.stack([m.dequantized(torch.float32) for m in ex.gate_up_q])
     dn32 = torch.stack([m.dequantized(torch.float32) for m in ex.down_q])
     ref = grouped_experts_reference(x.float(), gu32, dn32, idx, w.float())

@@ -260,8 +260,9 @@ def peek_config(model: str, load_format: str = "auto") -> ModelConfig:
 def auto_quantization(model: str, load_format: str, dtype: str, device) -> str | None:
     """The weight storage `--dtype auto` goes with for `model` on `device`
     (devices.default_quantization), reading only its config, and that only where a BF16
-    checkpoint would get one. A quantized GGUF file on a CPU: int8 or int4, whatever the CPU
-    (gguf_checkpoint.default_quantization: its memory stays near the file's); a compressed-tensors
+    checkpoint would get one. A quantized GGUF file: int8 or int4, on any device
+    (gguf_checkpoint.default_quantization: its memory stays near the file's, as in llama.cpp and
+    vLLM; BF16 was 3-4x the file on a GPU before session 55); a compressed-tensors
     / GPTQ / AWQ checkpoint's integer weights alike on a CPU (CompressedConfig.cpu_storage), and
     on a GPU FP8 where that holds its 4-bit values exactly (CompressedConfig.fp8_rows)."""
     gguf = _gguf_default(model, load_format, dtype, device)
@@ -300,7 +301,7 @@ def local_model(source):
 
 
 def _gguf_default(model: str, load_format: str, dtype: str, device) -> str | None:
-    if load_format == "random" or dtype != "auto" or not str(device).startswith("cpu"):
+    if load_format == "random" or dtype != "auto":
         return None
     from qwen35.gguf_checkpoint import POINTER, pointer_info
 

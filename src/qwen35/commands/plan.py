@@ -206,18 +206,16 @@ def _resolve_models(spec: str | None, dtype: str | None) -> list[tuple[ModelConf
             out = [(c, [dtype]) for c, _ in out]
         return out
     path = Path(spec).expanduser()
-    if plan_gguf.is_gguf(spec):  # on a GPU: dequantized to BF16 (the CPU plan: _run_cpu)
+    if plan_gguf.is_gguf(spec):  # on a GPU as on a CPU: the file's storage (CPU plan: _run_cpu)
         m = _gguf(spec)
-        if dtype not in (None, "bf16", "fp8"):
-            raise PlanError(f"{spec}: a GGUF file loads on a GPU as BF16 (or FP8: plan --dtype "
-                            "fp8), on a CPU as int4 / int8 (plan --dtype int4 | int8)")  # fmt: skip
-        cpu = (f"; on a CPU it keeps them in {m.storage}: qwen35 plan -m {spec} without --gpu"
-               if m.storage else "")
-        print(f"note: on a GPU the engine holds {path.name}'s weights in BF16 (--quantization "
-              "fp8: in FP8, quantized at load) "
-              f"({weight_bytes(m.cfg, 'bf16') / 2**30:.2f} GiB, the file {m.file_bytes / 2**30:.2f}"
-              f" GiB){cpu}", file=sys.stderr)  # fmt: skip
-        return [(m.cfg, [dtype or "bf16"])]
+        held = dtype or m.storage or "bf16"
+        how = {"int4": "in int4, its 4-bit tensors' values kept", "int8": "in int8",
+               "bf16": "in BF16", "fp8": "in FP8, quantized at load"}[held]  # fmt: skip
+        print(f"note: on a GPU the engine holds {path.name}'s weights {how} (the file "
+              f"{m.file_bytes / 2**30:.2f} GiB, BF16 {weight_bytes(m.cfg, 'bf16') / 2**30:.2f} "
+              "GiB; plan --dtype bf16 | fp8 | int8 | int4 for the others)",
+              file=sys.stderr)  # fmt: skip
+        return [(m.cfg, [held])]
     path = _config_path(spec)  # (a Hub repository's config from the Hugging Face cache)
     if path.exists() or spec.endswith(".json") or spec.startswith(("/", ".", "~")):
         cfg = ModelConfig.from_hf(path)  # a missing path gets "no config file at ..."
@@ -359,6 +357,8 @@ def _fits(cfg: ModelConfig, dtypes: list[str], gpu, args) -> dict:
                 speculative_tokens=args.num_speculative_tokens,
                 lora_slots=(args.max_loras, args.max_lora_rank),
                 speculative_method=args.speculative_method,
+                bytes_of=plan_gguf.rank_bytes(_gguf(args.model), d)
+                if plan_gguf.is_gguf(args.model) and d in ("int8", "int4") else None,
             )
         except LayoutError as e:
             out[d] = str(e)

@@ -196,6 +196,29 @@ def _int4_pairs_kernel(
     tl.store(out + n_lo + 32, tl.sum(acc_hi, 0).to(dt))
 
 
+@triton.jit
+def _int8_pairs_kernel(
+    X, s_xm, XDIV, IDX, W, s_we, S, s_se, Y, s_ym, N, K, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """As _int4_pairs_kernel for int8 experts [E, N, K] with per-row scales [E, N]: program
+    (pair, block of BN rows)."""
+    pair, pn = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    e = tl.load(IDX + pair).to(tl.int64)
+    xrow = X + (pair // XDIV) * s_xm
+    rn = pn * BN + tl.arange(0, BN)
+    mn = rn < N
+    rows = W + e * s_we + rn.to(tl.int64)[:, None] * K
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        mk = k < K
+        x = tl.load(xrow + k, mask=mk, other=0.0).to(tl.float32)[None, :]
+        w = tl.load(rows + k[None, :], mask=mn[:, None] & mk[None, :], other=0).to(tl.float32)
+        acc += w * x
+    y = tl.sum(acc, 1) * tl.load(S + e * s_se + rn, mask=mn, other=0.0).to(tl.float32)
+    tl.store(Y + pair * s_ym + rn, y.to(Y.dtype.element_ty), mask=mn)
+
+
 def splits(blocks: int, chunks: int) -> tuple[int, int]:
     """(programs along K, chunks each) for a matrix of `blocks` row blocks and `chunks` K chunks:
     enough programs to keep the GPU's loads in flight (PROGRAMS), at least 4 chunks each."""
@@ -290,7 +313,27 @@ def int4_pairs(x: torch.Tensor, per_row: int, idx: torch.Tensor, w: torch.Tensor
     return y
 
 
+PAIRS_BN, PAIRS_BK = 16, 128  # the int8 pairs kernel's rows per program and chunk
+
+
+def expert_pairs(x: torch.Tensor, per_row: int, idx: torch.Tensor, proj) -> torch.Tensor:
+    """y [P, N]: y[p] = x[p // per_row] @ W[idx[p]]^T for a ProjStack `proj` (quant/layers.py:
+    int4 or int8 experts)."""
+    if proj.kind == "int4":
+        return int4_pairs(x, per_row, idx, proj.weight, proj.scales, proj.group)
+    w, s = proj.weight, proj.scales
+    P, (_, N, K) = idx.shape[0], w.shape
+    assert x.stride(1) == 1 and x.shape[1] == K and w.is_contiguous() and s.is_contiguous()
+    y = torch.empty(P, N, dtype=x.dtype, device=x.device)
+    if P:
+        _int8_pairs_kernel[(P, triton.cdiv(N, PAIRS_BN))](
+            x, x.stride(0), per_row, idx, w, w.stride(0), s, s.stride(0), y, y.stride(0), N, K,
+            BN=PAIRS_BN, BK=PAIRS_BK,
+        )  # fmt: skip
+    return y
+
+
 # tests/test_triton_compile.py compiles them for sm_90 / sm_80
 int4_gemv.kernel, int4_dequant.kernel = _int4_gemv_kernel, _int4_dequant_kernel
 int6_gemv.kernel, int8_gemv.kernel = _int6_gemv_kernel, _int8_gemv_kernel
-int4_pairs.kernel = _int4_pairs_kernel
+int4_pairs.kernel, expert_pairs.int8_kernel = _int4_pairs_kernel, _int8_pairs_kernel

@@ -6,8 +6,9 @@ auto` gives the file (int4 for 4-bit files, int8 for 8-bit ones) or `--dtype int
 each tensor is counted as the loader stores it: under int4 a Q4_0 / Q4_1 / Q4_K tensor keeps its
 values in int4 groups of 32, one of more than 5 bits a weight (a Q4_K_M's Q6_K tensors) becomes
 int8, the rest int4 groups of 128 (`plan.params.int_matrix_bytes`, from the file's tensor types:
-`GGUFCheckpoint.int4_kind`). On a GPU the engine dequantizes the file to BF16, which the GPU
-planner counts from the config.
+`GGUFCheckpoint.int4_kind`). A GPU engine holds it the same way (`--dtype auto`: since session
+55, BF16 before), which the GPU planner counts by `rank_bytes` on one GPU (under -tp N each rank
+quantizes its slices again: the config's formulas).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from qwen35.config import ModelConfig
 from qwen35.model_source import file_path, is_gguf_file, ollama_name_of
-from qwen35.plan.params import Tensor, int_matrix_bytes, tensor_bytes
+from qwen35.plan.params import Tensor, int_matrix_bytes, tensor_bytes, text_tensors
 from qwen35.plan.planner import PlanError
 
 _PRE = "model.language_model"
@@ -145,3 +146,18 @@ def bytes_of(model: GgufModel, inventory: list[Tensor]) -> Callable[[Tensor, str
         return cache[fmt][t.name]
 
     return of
+
+
+def rank_bytes(model: GgufModel, fmt: str):
+    """plan.sharding.rank_weights' `bytes_of` for the file in `fmt` ("int8" / "int4") on one GPU:
+    its text tensors as the loader stores them (bytes_of), any other (or a share of one) by
+    tensor_bytes."""
+    inventory = text_tensors(model.cfg)
+    of, names = bytes_of(model, inventory), {t.name for t in inventory}
+
+    def fn(t: Tensor, shape: tuple[int, ...] | None = None, count: int = 0) -> int:
+        if t.name in names and shape in (None, t.shape) and count in (0, t.count):
+            return of(t, fmt)
+        return tensor_bytes(t, fmt, shape, count)
+
+    return fn

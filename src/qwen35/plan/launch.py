@@ -44,7 +44,8 @@ def launch_commands(
     tp = dep.tp
     weight_only = dep.dtype in ("int8", "int4")
     theirs = model  # what vLLM / SGLang load: under int8 / int4 a checkpoint quantized first
-    if weight_only and dep.cfg.compressed is None:
+    native = dep.cfg.compressed is not None or model.lower().endswith(".gguf")  # (read as is)
+    if weight_only and not native:
         theirs = f"./{model.rstrip('/').rsplit('/', 1)[-1]}-{dep.dtype}"
     ep = dep.ep_size > 1
     nodes = -(-tp // gpus_per_node)

@@ -17,7 +17,8 @@ bound that real engines reach a fraction of.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from qwen35.cache_spec import (
@@ -143,6 +144,8 @@ class Deployment:
     speculative_tokens: int = 0  # drafts per step (`--num-speculative-tokens`)
     lora_slots: tuple[int, int] = (0, 0)  # LoRA adapters per request: (max_loras, max_lora_rank)
     speculative_method: str = "mtp"  # drafts from the MTP head (its KV layer) or "ngram" (none)
+    # weights held as a file stores them (a GGUF file's: plan/gguf.py rank_bytes), else None
+    bytes_of: Callable | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_gpus(self) -> int:
@@ -156,7 +159,8 @@ class Deployment:
     def rank_weights(self) -> RankWeights:
         """What one GPU holds (validates the layout: raises LayoutError); LoRA slots are read
         in full every step (dense)."""
-        w = rank_weights(self.cfg, self.dtype, self.tp, self.ep_size, self.text_only)
+        w = rank_weights(self.cfg, self.dtype, self.tp, self.ep_size, self.text_only,
+                         self.bytes_of)  # fmt: skip
         lora = lora_slot_bytes(self.cfg, *self.lora_slots, tp=self.tp)
         return RankWeights(w.dense + lora, w.experts, w.embedding, w.idle)
 
@@ -349,13 +353,15 @@ def plan_fit(
     speculative_tokens: int = 0,
     lora_slots: tuple[int, int] = (0, 0),
     speculative_method: str = "mtp",
+    bytes_of: Callable | None = None,
 ) -> Fit:
     """Fit one model and dtype on `num_gpus` GPUs. Without `tp`, the smallest tensor-parallel
     size (dividing num_gpus, a valid layout) at which it fits; the other GPUs are replicas.
     Raises LayoutError when no layout is possible (or the given `tp` is impossible).
     `speculative_tokens`: drafts a step, from the MTP head or (`speculative_method` "ngram") by
     prompt lookup (the engine runs either at tp=1: replicas only).
-    `lora_slots`: (max_loras, max_lora_rank) of LoRA adapters served per request."""
+    `lora_slots`: (max_loras, max_lora_rank) of LoRA adapters served per request.
+    `bytes_of`: the weights as a file stores them (Deployment.bytes_of)."""
     check_request(cfg, dtype, num_gpus, tp, context, batch)
     ep_size = num_gpus if ep and cfg.is_moe else 1
     check_speculative(cfg, speculative_tokens, tp, text_only, ep_size, speculative_method)
@@ -374,7 +380,7 @@ def plan_fit(
     for t in sizes:
         dep = Deployment(
             cfg, dtype, kv_dtype, state_dtype, t, num_gpus // t, ep, text_only, chunk_tokens,
-            speculative_tokens, lora_slots, speculative_method,
+            speculative_tokens, lora_slots, speculative_method, bytes_of,
         )  # fmt: skip
         best = fit(dep, gpu, context, batch)
         if best.fits:

@@ -161,12 +161,15 @@ class RankWeights:
 
 
 def rank_weights(
-    cfg: ModelConfig, dtype: str, tp: int = 1, ep: int = 1, text_only: bool = False
-) -> RankWeights:
-    """What one GPU of a tp x ep layout holds (with ep > 1, ep GPUs share the routed experts)."""
+    cfg: ModelConfig, dtype: str, tp: int = 1, ep: int = 1, text_only: bool = False,
+    bytes_of=None,
+) -> RankWeights:  # fmt: skip
+    """What one GPU of a tp x ep layout holds (with ep > 1, ep GPUs share the routed experts).
+    bytes_of: fn(t, shape, count) for weights held as a file stores them where one rank holds
+    whole tensors (a GGUF file's: plan/gguf.py rank_bytes), else the config's formulas."""
     validate_layout(cfg, tp, ep, dtype)
     acc = {"dense": 0, "experts": 0, "embedding": 0, "idle": 0}
-    of = bytes_fn(cfg, dtype, whole=tp == 1)
+    of = bytes_of if bytes_of is not None and tp == 1 else bytes_fn(cfg, dtype, whole=tp == 1)
     for t in weight_tensors(cfg, text_only):
         if t.expert and ep > 1:
             n = of(t, t.shape, t.count // ep)

@@ -231,6 +231,14 @@ def takes_lattice(mod: nn.Module, leaf: str, fmt: str, hint=None, block=None) ->
     return type(mod) is Linear and leaf == "weight" and rows_ok(mod.out_features)
 
 
+def _on(hint, device: torch.device):
+    """A hint's tensors on `device` (a GPU load's: the file's codes and scales are read on the
+    CPU, and the modules made of them must live with the model)."""
+    if isinstance(hint, (Lattice, Int8Rows)):
+        return type(hint)(*(t if t is None else t.to(device) for t in hint))
+    return hint
+
+
 def _part(hint, e: int):
     """Expert e's hint of a [E, ...] one."""
     if isinstance(hint, (Lattice, Int8Rows)):
@@ -356,6 +364,7 @@ class QuantizeOnRead:
     def __init__(self, model: nn.Module, cfg, fmt: str, dtype, device, alloc, vocab: bool = True):
         check_format(fmt)
         self.model, self.fmt, self.dtype, self.alloc = model, fmt, dtype, alloc
+        self.device = torch.device(device)  # (the hints are read on the CPU: moved there)
         self.freed = 0
         self.block = fp8_block(cfg)
         self.owner: dict[str, str] = {}  # deferred parameter -> its module
@@ -489,7 +498,7 @@ class QuantizeOnRead:
                 for p in [p for p in self.hints if self.owner[p] == mod_name]:
                     h = self.hints.pop(p)
                     if self._parts.pop(p, None) in (None, self.expected.get(p)):  # (all slices)
-                        hints[p.removeprefix(mod_name + ".")] = h
+                        hints[p.removeprefix(mod_name + ".")] = _on(h, self.device)
                 quantize_module_(self.model, mod_name, self.fmt, self.dtype, self.block, hints)
             self.live -= nbytes
             self.freed += nbytes

@@ -85,24 +85,24 @@ def int8_linear_gpu(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> t
     return None if y is None else _rest(y, x2, lambda v: _kernels().int8_gemv(v, q, scale))
 
 
-def int4_experts_gpu(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, stack,
-                     backend=None) -> torch.Tensor | None:  # fmt: skip
-    """The routed experts of up to 16 tokens from IntExperts' stacked int4 weights (Int4Stack):
-    the picked experts' gate_up rows for each (token, choice) pair by one kernel, SwiGLU, their
-    down rows by another, weighted and summed per token; no host sync (capturable in a decode
-    graph). None: more tokens, or no kernel (the caller's expert loop then)."""
+def int_experts_gpu(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, stack,
+                    backend=None) -> torch.Tensor | None:  # fmt: skip
+    """The routed experts of up to 16 tokens from IntExperts' stacked weights ((gate_up, down)
+    ProjStacks, int4 or int8 each): the picked experts' gate_up rows for each (token, choice)
+    pair by one kernel, SwiGLU, their down rows by another, weighted and summed per token; no
+    host sync (capturable in a decode graph). None: more tokens, or no kernel (the caller's
+    expert loop then)."""
     if x.shape[0] > MAX_ROWS:
         return None
     from qwen35.ops.pointwise import silu_mul
 
     T, k = top_idx.shape
     idx = top_idx.reshape(-1).contiguous()
-    x = x.contiguous()
-    gu = _run("int4 MoE", "int4_pairs", x, k, idx, stack.gate_up, stack.gate_up_sz,
-              stack.gate_up_group)  # fmt: skip
+    gu_s, dn_s = stack
+    gu = _run("int MoE", "expert_pairs", x.contiguous(), k, idx, gu_s)
     if gu is None:
         return None
     gate, up = gu.chunk(2, dim=-1)
     h = silu_mul(backend, gate, up).contiguous()  # [T k, I]
-    ys = _kernels().int4_pairs(h, 1, idx, stack.down, stack.down_sz, stack.down_group)
+    ys = _kernels().expert_pairs(h, 1, idx, dn_s)
     return (ys.view(T, k, -1) * top_w[..., None]).sum(1)  # [T, H]

@@ -341,16 +341,16 @@ def int_gpu_kernels() -> bool:
     return _kernels() is not None
 
 
-class Int4Stack(NamedTuple):
-    """IntExperts' int4 weights as one tensor per projection (the per-expert modules' parameters
-    are views of them): what quant/int_gpu.py's MoE kernels read."""
+class ProjStack(NamedTuple):
+    """One projection of every expert as one tensor (the per-expert modules' parameters are views
+    of it): what quant/int_gpu.py's MoE kernels read. int4: weight [E, N, K/2] uint8 in
+    Int4Linear's layout, scales [E, K/g, N, 2] (scales_and_zeros); int8: weight [E, N, K],
+    scales [E, N]."""
 
-    gate_up: torch.Tensor  # [E, 2I, H/2] uint8 (Int4Linear's layout per expert)
-    gate_up_sz: torch.Tensor  # [E, H/g, 2I, 2]
-    gate_up_group: int
-    down: torch.Tensor  # [E, H, I/2]
-    down_sz: torch.Tensor  # [E, I/g, H, 2]
-    down_group: int
+    kind: str  # "int4" | "int8"
+    weight: torch.Tensor
+    scales: torch.Tensor
+    group: int  # int4's group (0 for int8)
 
 
 class IntExperts(Experts):
@@ -362,26 +362,30 @@ class IntExperts(Experts):
         self.gate_up_q = nn.ModuleList(gate_up)
         self.down_q = nn.ModuleList(down)
         self._lists: dict[str, list] = {}  # many()'s copies of the two ModuleLists
-        self.stack: Int4Stack | None = None  # stack_()
+        self.stack: tuple[ProjStack, ProjStack] | None = None  # (gate_up, down): stack_()
 
     def stack_(self) -> bool:
-        """Every expert's int4 weights moved into one [E, ...] tensor per projection (no memory
+        """Each projection's weights of every expert moved into one [E, ...] tensor (no memory
         added once the per-expert tensors are freed: theirs become views), for the GPU's MoE
-        kernels; False (nothing done) unless every projection is int4 in one group size."""
-        groups = []
+        kernels; False (nothing done) unless each projection is int4 in one group size or int8
+        for every expert (a GGUF Q4_K_M's experts: int4 gate_up, int8 down)."""
+        kinds = []
         for mods in (self.gate_up_q, self.down_q):
-            if not all(type(m) is Int4Linear for m in mods) or \
-                    len({(m.group, m.weight.shape) for m in mods}) != 1:  # fmt: skip
+            if len({(type(m), getattr(m, "group", 0), m.weight.shape) for m in mods}) != 1 \
+                    or type(mods[0]) not in (Int4Linear, Int8Linear):  # fmt: skip
                 return False
-            groups.append(mods[0].group)
+            kinds.append(type(mods[0]))
         parts = []
-        for mods in (self.gate_up_q, self.down_q):
+        for mods, cls in zip((self.gate_up_q, self.down_q), kinds, strict=True):
+            name = "scales_and_zeros" if cls is Int4Linear else "weight_scale"
             w = torch.stack([m.weight.detach() for m in mods])
-            sz = torch.stack([m.scales_and_zeros.detach() for m in mods])
+            sc = torch.stack([getattr(m, name).detach() for m in mods])
             for e, m in enumerate(mods):
-                m.weight, m.scales_and_zeros = qparam(w[e]), qparam(sz[e])
-            parts += [w, sz]
-        self.stack = Int4Stack(parts[0], parts[1], groups[0], parts[2], parts[3], groups[1])
+                m.weight = qparam(w[e])
+                setattr(m, name, qparam(sc[e]))
+            four = cls is Int4Linear
+            parts.append(ProjStack("int4" if four else "int8", w, sc, mods[0].group if four else 0))
+        self.stack = (parts[0], parts[1])
         return True
 
     def few_token_graphs(self, backend) -> bool:
@@ -392,9 +396,9 @@ class IntExperts(Experts):
     def forward(self, x, top_idx, top_w, backend=None) -> torch.Tensor:
         gpu = x.is_cuda or (backend is not None and backend.on_gpu_path(x))  # (or interpreted)
         if self.stack is not None and gpu and self.num_total is None:
-            from qwen35.quant.int_gpu import int4_experts_gpu
+            from qwen35.quant.int_gpu import int_experts_gpu
 
-            y = int4_experts_gpu(x, top_idx, top_w, self.stack, backend)
+            y = int_experts_gpu(x, top_idx, top_w, self.stack, backend)
             if y is not None:
                 return y
         return super().forward(x, top_idx, top_w, backend)
