@@ -478,6 +478,10 @@ def test_plan_counts_the_file_as_the_engine_loads_it(tmp_path, capsys, monkeypat
     assert f"--model {f}" in launch and "--quantization int4" in launch
     vllm = doc["recommendation"]["launch"]["vllm"]  # (vLLM reads GGUF files itself)
     assert vllm.startswith(f"vllm serve {f} ") and "quantize" not in vllm
+    rc, out, _ = _plan(capsys, "-m", f, "--gpu", "H100", "--text-only")  # the tables say so too
+    total = next(ln for ln in out.splitlines() if ln.strip().startswith("total"))
+    assert rc == 0 and "INT4 GiB" in out
+    assert total.split()[-1] == f"{fit['weights_bytes_per_gpu'] / 2**30:.2f}", total
     rc, out, err = _plan(capsys, "-m", f, "--gpu", "H100", "--json", "--dtype", "bf16")
     assert rc == 0 and "holds m.gguf's weights in BF16" in err
     rc, out, _ = _plan(capsys, "-m", f, "--dtype", "fp8", "--gpu", "H100", "--json")

@@ -337,11 +337,13 @@ def _model_detail(con: Console, row, args) -> None:
     _header(con, "Weights" + (" (text-only)" if args.text_only else ""))
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     dts = ("bf16", "fp8") if fp8 else ("bf16",)
-    if args.dtype in ("int8", "int4"):  # (a GPU plan of the weight-only formats)
-        dts += (args.dtype,)
+    dts += tuple(d for d in row.dtypes if d in ("int8", "int4"))  # (GPU plans of them)
     for c in ("tensors", "params", *(f"{d.upper()} GiB" for d in dts)):
         t.add_column(c, justify="left" if c == "tensors" else "right")
-    of = {d: bytes_fn(cfg, d) for d in dts}  # (as the engine holds them)
+    of = {d: bytes_fn(cfg, d) for d in dts}  # (as the engine holds them; a GGUF file's: as
+    for d, f in row.fits.items():  # the plan counted them, Deployment.bytes_of)
+        if isinstance(f, Fit) and f.deployment.bytes_of is not None:
+            of[d] = f.deployment.bytes_of
     groups = _groups(cfg, args.text_only)
     groups["total"] = [x for ts in groups.values() for x in ts]
     for key, ts in groups.items():
