@@ -670,9 +670,10 @@ def test_int6_and_int8_gemvs_equal_dequantised_weights(dtype, M, N, K):
     torch.testing.assert_close(y.float(), want, **INT_TOL[dtype])
 
 
+@pytest.mark.parametrize("T", [5, 40])
 @pytest.mark.parametrize("down", ["int4", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int_moe_kernels_equal_expert_loop(dtype, down):
+def test_int_moe_kernels_equal_expert_loop(dtype, down, T):
     """quant/int_gpu.py `int_experts_gpu` (IntExperts' stacked weights, one kernel per
     projection over the (token, expert) pairs) against the expert loop on the per-expert
     modules' dequantised weights (those modules now views of the stack), in fp32: gate_up int4
@@ -683,7 +684,7 @@ def test_int_moe_kernels_equal_expert_loop(dtype, down):
     from qwen35.quant.layers import Int4Linear, Int8Linear, IntExperts
 
     g = torch.Generator().manual_seed(3)
-    E, H, I, T, k = 6, 128, 64, 5, 3
+    E, H, I, k = 6, 128, 64, 3
     gu = [Int4Linear.quantize(torch.randn(2 * I, H, generator=g) * 0.05, 32, dtype)
           for _ in range(E)]  # fmt: skip
     dn = [Int4Linear.quantize(torch.randn(H, I, generator=g) * 0.05, 64, dtype) if down == "int4"
@@ -695,6 +696,7 @@ def test_int_moe_kernels_equal_expert_loop(dtype, down):
     idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(DEV)
     w = torch.softmax(torch.randn(T, k, generator=g), -1).to(DEV, dtype)
     y = int_experts_gpu(x, idx, w, ex.stack)
+    assert y is not None  # (up to MOE_MAX_ROWS tokens: a decode batch of 40 too)
     gu32 = torch.stack([m.dequantized(torch.float32) for m in ex.gate_up_q])
     dn32 = torch.stack([m.dequantized(torch.float32) for m in ex.down_q])
     ref = grouped_experts_reference(x.float(), gu32, dn32, idx, w.float())

@@ -126,16 +126,15 @@ class ModelRunner:
         if experts and not (be.grouped_mm and all(m.grouped for m in experts)):
             # no grouped GEMM for these experts (quantized ones run one expert at a time from
             # counts read on the host): graphs for the batches the Triton MoE takes, if any
-            if not all(m.few_token_graphs(be) for m in experts):
+            rows = min(m.few_token_graphs(be) for m in experts)
+            if not rows:
                 log.warning("decode runs without CUDA graphs: the MoE experts sync the host "
                             "(backend %s)", be.name)  # fmt: skip
                 return None
-            from qwen35.ops.moe import FUSED_MAX_TOKENS
-
-            if max_batch > FUSED_MAX_TOKENS:
-                log.info("decode CUDA graphs up to %d rows (the Triton MoE's limit); larger "
-                         "decode batches run eagerly", FUSED_MAX_TOKENS)  # fmt: skip
-                max_batch = FUSED_MAX_TOKENS
+            if max_batch > rows:
+                log.info("decode CUDA graphs up to %d rows (the MoE kernels' limit); larger "
+                         "decode batches run eagerly", rows)  # fmt: skip
+                max_batch = rows
         c = self.caches
         graphs = DecodeGraphs(
             self.model, c, be, max_batch, -(-spec.max_model_len // c.block_size),

@@ -25,6 +25,7 @@ from qwen35.layers.mlp import MLP
 from qwen35.ops import moe as _ops_moe
 from qwen35.ops.backend import Backend
 from qwen35.ops.moe import (
+    FUSED_MAX_TOKENS,
     ExpertWeights,
     cpu_moe_step,
     cpu_moe_takes,
@@ -64,10 +65,11 @@ class Experts(nn.Module):
             return None
         return ExpertWeights(self.gate_up_proj, self.down_proj)
 
-    def few_token_graphs(self, backend: Backend) -> bool:
-        """Whether steps of up to ops/moe.py's FUSED_MAX_TOKENS tokens run these experts without
-        a host sync (a decode graph can capture them): the Triton MoE reads their weights."""
-        return backend.triton_moe and self.fused_weights() is not None
+    def few_token_graphs(self, backend: Backend) -> int:
+        """Tokens up to which a step runs these experts without a host sync (a decode graph can
+        capture it; 0: none): ops/moe.py's FUSED_MAX_TOKENS where the Triton MoE reads their
+        weights."""
+        return FUSED_MAX_TOKENS if backend.triton_moe and self.fused_weights() is not None else 0
 
     def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:  # [n, H] -> [n, 2I]
         return gemm(x, self.gate_up_proj[e])

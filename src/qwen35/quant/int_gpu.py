@@ -24,6 +24,10 @@ MAX_ROWS = 16  # kernels/triton_int.py MAX_ROWS
 # weight once (0.5-0.6 B a weight), dequantising + cuBLAS moves ~4.5 (read 0.5, write and read 2
 # + 2), so 4 calls still read less; more rows (prefill) are GEMM work. (Unmeasured; an estimate.)
 GEMV_MAX_ROWS = 64
+# tokens up to which a MoE step runs the pairs kernels (each (token, expert) pair reads its
+# expert's rows: at 64 tokens x 8 picks, 512 pairs read the 35B-A3B's 256 experts twice over;
+# a prefill chunk of thousands would read them dozens of times: the expert loop there)
+MOE_MAX_ROWS = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,12 +91,12 @@ def int8_linear_gpu(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> t
 
 def int_experts_gpu(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, stack,
                     backend=None) -> torch.Tensor | None:  # fmt: skip
-    """The routed experts of up to 16 tokens from IntExperts' stacked weights ((gate_up, down)
-    ProjStacks, int4 or int8 each): the picked experts' gate_up rows for each (token, choice)
+    """The routed experts of up to MOE_MAX_ROWS tokens from IntExperts' stacked weights
+    ((gate_up, down) ProjStacks, int4 or int8 each): the picked experts' gate_up rows for each (token, choice)
     pair by one kernel, SwiGLU, their down rows by another, weighted and summed per token; no
     host sync (capturable in a decode graph). None: more tokens, or no kernel (the caller's
     expert loop then)."""
-    if x.shape[0] > MAX_ROWS:
+    if x.shape[0] > MOE_MAX_ROWS:
         return None
     from qwen35.ops.pointwise import silu_mul
 

@@ -388,10 +388,13 @@ class IntExperts(Experts):
         self.stack = (parts[0], parts[1])
         return True
 
-    def few_token_graphs(self, backend) -> bool:
-        """Few-token steps run quant/int_gpu.py's MoE kernels (no host sync: capturable)."""
-        return self.stack is not None and self.num_total is None and backend.device_type == "cuda" \
-            and int_gpu_kernels()  # fmt: skip
+    def few_token_graphs(self, backend) -> int:
+        """Steps of up to int_gpu.py's MOE_MAX_ROWS tokens run its MoE kernels (no host sync:
+        capturable) where the experts are stacked on a GPU; else 0."""
+        from qwen35.quant.int_gpu import MOE_MAX_ROWS
+
+        ok = self.stack is not None and self.num_total is None and backend.device_type == "cuda"
+        return MOE_MAX_ROWS if ok and int_gpu_kernels() else 0
 
     def forward(self, x, top_idx, top_w, backend=None) -> torch.Tensor:
         gpu = x.is_cuda or (backend is not None and backend.on_gpu_path(x))  # (or interpreted)
