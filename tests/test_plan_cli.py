@@ -278,6 +278,8 @@ def test_gpu_plans_of_the_weight_only_formats(capsys, dtype):
     bf16 = run_json(capsys, *argv, "--dtype", "bf16")["models"][0]["fits"]["bf16"]
     assert not bf16["fits"]
     assert dequant_buffer_bytes(cfg) == 2 * 2 * cfg.intermediate_size * cfg.hidden_size
+    moe = load_model_config("Qwen3.5-35B-A3B")  # a prefill's gate_up experts at once: 1 GiB
+    assert dequant_buffer_bytes(moe) == 2 * moe.num_experts * 2 * 512 * moe.hidden_size == 2**30
     assert fit["working_bytes_per_gpu"] == bf16["working_bytes_per_gpu"] + dequant_buffer_bytes(cfg)
     if dtype == "int4":
         launch = d["recommendation"]["launch"]

@@ -354,7 +354,7 @@ def test_int_kernels_compile(dtype):
                    BM=0, GROUP=0, IEEE=0, UPCAST=0)  # fmt: skip
         compile_sm90(ti.int4_gemv.kernel, sig, dict(BM=16, GROUP=group, **flags), target=target,
                      spills_ok=fp32)  # fmt: skip
-        sig = dict(W="*u8", SZ=p, OUT=p, N=i, K=i, s_on=i, GROUP=0)
+        sig = dict(W="*u8", SZ=p, OUT=p, N=i, K=i, s_on=i, s_we=i, s_se=i, s_oe=i, GROUP=0)
         compile_sm90(ti.int4_dequant.kernel, sig, dict(GROUP=group), target=target)
         sig = dict(X=p, s_xm=i, XDIV=i, IDX="*i64", W="*u8", s_we=i, SZ=p, s_se=i, Y=p, s_ym=i,
                    N=i, K=i, GROUP=0)  # fmt: skip

@@ -728,3 +728,40 @@ def test_int_gpu_products_past_16_rows(M):
     if y is not None:
         want = x @ formats.dequantize_int8_rows(q8, s8, torch.float32).T
         torch.testing.assert_close(y, want, **INT_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("down", ["int4", "int8"])
+def test_int_moe_prefill_dequantised_grouped_equals_expert_loop(down):
+    """A prefill-sized MoE step on stacked int experts (quant/int_gpu.py int_experts_grouped):
+    each projection's experts dequantised at once (the int4 kernel over [E, N, K]; int8 in
+    PyTorch) into the reused buffer, then the grouped GEMM: the expert loop's result on the
+    same dequantised weights, bf16, 100 tokens (more than the pairs kernels take)."""
+    from qwen35.ops.backend import Backend
+    from qwen35.ops.moe import grouped_experts_reference
+    from qwen35.quant.int_gpu import MOE_MAX_ROWS, grouped_takes, int_experts_grouped
+    from qwen35.quant.layers import Int4Linear, Int8Linear, IntExperts
+
+    g = torch.Generator().manual_seed(5)
+    E, H, I, T, k, dt = 6, 128, 64, 100, 2, torch.bfloat16
+    gu = [Int4Linear.quantize(torch.randn(2 * I, H, generator=g) * 0.05, 64, dt)
+          for _ in range(E)]  # fmt: skip
+    dn = [Int4Linear.quantize(torch.randn(H, I, generator=g) * 0.05, 32, dt) if down == "int4"
+          else Int8Linear.quantize(torch.randn(H, I, generator=g) * 0.05, dt)
+          for _ in range(E)]  # fmt: skip
+    ex = IntExperts(gu, dn, I).to(DEV)
+    assert ex.stack_() and T > MOE_MAX_ROWS
+    be = Backend("cuda", grouped_mm=True, interpret=not ON_GPU)
+    x = torch.randn(T, H, generator=g).to(DEV, dt)
+    assert grouped_takes(ex.stack, x, be)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(DEV)
+    w = torch.softmax(torch.randn(T, k, generator=g), -1).to(DEV, dt)
+    y = int_experts_grouped(x, idx, w, ex.stack, be)
+    gu16 = torch.stack([m.dequantized(dt) for m in ex.gate_up_q])
+    dn16 = torch.stack([m.dequantized(dt) for m in ex.down_q])
+    ref = grouped_experts_reference(x.float(), gu16.float(), dn16.float(), idx, w.float())
+    assert _rel(y, ref) < 0.01
+    from qwen35.kernels import triton_int
+
+    out = torch.empty(E, 2 * I, H, dtype=dt, device=DEV)  # the stacked dequantisation itself
+    triton_int.int4_dequant(ex.stack[0].weight, ex.stack[0].scales, 64, out)
+    torch.testing.assert_close(out, gu16, **ROUNDING[dt])

@@ -84,9 +84,11 @@ def _int4_gemv_kernel(
 
 
 @triton.jit
-def _int4_dequant_kernel(W, SZ, OUT, N, K, s_on, GROUP: tl.constexpr):
-    """OUT [N, K] = (q - 8) * scale + zero, one [64 rows, GROUP] tile a program."""
-    blk, c = tl.program_id(0), tl.program_id(1)
+def _int4_dequant_kernel(W, SZ, OUT, N, K, s_on, s_we, s_se, s_oe, GROUP: tl.constexpr):
+    """OUT [E, N, K] = (q - 8) * scale + zero, one [64 rows, GROUP] tile of one matrix a program
+    (E matrices: stacked experts; strides s_we, s_se, s_oe between them)."""
+    blk, c, e = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    W, SZ, OUT = W + e * s_we, SZ + e * s_se, OUT + e * s_oe
     r = tl.arange(0, 32)
     k = c * GROUP + tl.arange(0, GROUP)
     n_lo = blk * 64 + r
@@ -259,11 +261,16 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: in
 
 
 def int4_dequant(packed: torch.Tensor, sz: torch.Tensor, group: int, out: torch.Tensor) -> None:
-    """out [n, K] (any float dtype, rows strided) = W, as formats.dequantize_int4_groups."""
-    n, K = out.shape
-    assert out.stride(1) == 1 and packed.is_contiguous() and sz.is_contiguous()
-    _int4_dequant_kernel[(n // ROW_BLOCK, K // group)](packed, sz, out, n, K, out.stride(0),
-                                                       GROUP=group)  # fmt: skip
+    """out [n, K] (any float dtype, rows strided) = W, as formats.dequantize_int4_groups; or
+    stacked experts: packed [E, n, K/2], sz [E, K/g, n, 2], out [E, n, K]."""
+    if out.dim() == 2:
+        packed, sz, out = packed[None], sz[None], out[None]
+    E, n, K = out.shape
+    assert out.stride(2) == 1 and packed[0].is_contiguous() and sz[0].is_contiguous()
+    _int4_dequant_kernel[(n // ROW_BLOCK, K // group, E)](
+        packed, sz, out, n, K, out.stride(1), packed.stride(0), sz.stride(0), out.stride(0),
+        GROUP=group,
+    )  # fmt: skip
 
 
 def int6_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

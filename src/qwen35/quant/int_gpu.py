@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen35.layers.linear import gemm, in_chunks
+from qwen35.plan.sharding import MOE_DEQUANT_MAX_BYTES  # (int_experts_grouped's budget)
 from qwen35.quant import formats
 
 MAX_ROWS = 16  # kernels/triton_int.py MAX_ROWS
@@ -24,7 +25,10 @@ MAX_ROWS = 16  # kernels/triton_int.py MAX_ROWS
 # weight once (0.5-0.6 B a weight), dequantising + cuBLAS moves ~4.5 (read 0.5, write and read 2
 # + 2), so 4 calls still read less; more rows (prefill) are GEMM work. (Unmeasured; an estimate.)
 GEMV_MAX_ROWS = 64
-# tokens up to which a MoE step runs the pairs kernels (each (token, expert) pair reads its
+# More tokens (prefill): every expert's weights dequantised into one reused buffer, then the
+# grouped GEMM (ops/moe.py grouped_experts_gmm), where a projection's experts fit within
+# MOE_DEQUANT_MAX_BYTES (35B-A3B: its gate_up's 1 GiB; larger ones run the expert loop).
+# Tokens up to which a MoE step runs the pairs kernels (each (token, expert) pair reads its
 # expert's rows: at 64 tokens x 8 picks, 512 pairs read the 35B-A3B's 256 experts twice over;
 # a prefill chunk of thousands would read them dozens of times: the expert loop there)
 MOE_MAX_ROWS = 64
@@ -110,3 +114,46 @@ def int_experts_gpu(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor,
     h = silu_mul(backend, gate, up).contiguous()  # [T k, I]
     ys = _kernels().expert_pairs(h, 1, idx, dn_s)
     return (ys.view(T, k, -1) * top_w[..., None]).sum(1)  # [T, H]
+
+
+def dequantized_stack(proj, dtype: torch.dtype) -> torch.Tensor:
+    """A ProjStack's [E, N, K] weights in `dtype`, in quant/matmul.py's reused buffer."""
+    from qwen35.quant.matmul import scratch
+
+    E, N = proj.weight.shape[:2]
+    K = proj.scales.shape[1] * proj.group if proj.kind == "int4" else proj.weight.shape[2]
+    out = scratch((E * N, K), dtype, proj.weight.device).view(E, N, K)
+    if proj.kind == "int8":
+        return out.copy_(proj.weight).mul_(proj.scales[..., None])
+    if _run("int4 dequant", "int4_dequant", proj.weight, proj.scales, proj.group, out) is None:
+        from qwen35.quant.matmul import unpack_int4
+
+        for e in range(E):
+            out[e] = formats.dequantize_int4_groups(unpack_int4(proj.weight[e], N, K),
+                                                    proj.scales[e], proj.group, dtype)  # fmt: skip
+    return out
+
+
+def grouped_takes(stack, x: torch.Tensor, backend) -> bool:
+    """Whether int_experts_grouped runs x's step: the backend's grouped GEMM in x's dtype, each
+    projection's dequantised experts within MOE_DEQUANT_MAX_BYTES."""
+    if backend is None or not backend.grouped_mm or x.dtype != torch.bfloat16:
+        return False
+    for proj in stack:
+        E, N = proj.weight.shape[:2]
+        K = proj.scales.shape[1] * proj.group if proj.kind == "int4" else proj.weight.shape[2]
+        if E * N * K * x.element_size() > MOE_DEQUANT_MAX_BYTES:
+            return False
+    return True
+
+
+def int_experts_grouped(x, top_idx, top_w, stack, backend) -> torch.Tensor:
+    """The routed experts of a prefill-sized step: each projection's experts dequantised into
+    the reused buffer just before its grouped GEMM (ops/moe.py grouped_experts_gmm: no host
+    sync, one launch a projection where the expert loop takes two a picked expert)."""
+    from qwen35.ops.moe import grouped_experts_gmm
+
+    gu_s, dn_s = stack
+    return grouped_experts_gmm(x, lambda: dequantized_stack(gu_s, x.dtype),
+                               lambda: dequantized_stack(dn_s, x.dtype), top_idx, top_w,
+                               backend)  # fmt: skip

@@ -404,6 +404,10 @@ class IntExperts(Experts):
             y = int_experts_gpu(x, top_idx, top_w, self.stack, backend)
             if y is not None:
                 return y
+            from qwen35.quant.int_gpu import grouped_takes, int_experts_grouped
+
+            if grouped_takes(self.stack, x, backend):  # prefill: dequantised, grouped GEMM
+                return int_experts_grouped(x, top_idx, top_w, self.stack, backend)
         return super().forward(x, top_idx, top_w, backend)
 
     def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
