@@ -256,6 +256,10 @@ def _gpu_table(con: Console, rows, gpu, args, settings) -> None:
         replicas = f" (x{d.dp} replicas)" if d.dp > 1 else ""
         for engine, cmd in launch_commands(d, args.context, launch_model(args.model)).items():
             con.print(f"  {engine}{replicas}: {cmd}", markup=False, soft_wrap=True)
+    if args.dtype is None and any(not f.fits for r in rows for f in r.fits.values()
+                                  if isinstance(f, Fit)):  # fmt: skip
+        con.print("Larger models in int4 (about a quarter of BF16's weights; `--quantization "
+                  "int4`, its GPU kernels not yet timed): the same plan with --dtype int4.")
     con.print(
         "tok/s: decode roofline (bytes read per step over bandwidth, or FLOPs over the "
         "BF16 peak); an upper bound."
