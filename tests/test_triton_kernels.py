@@ -670,6 +670,26 @@ def test_int6_and_int8_gemvs_equal_dequantised_weights(dtype, M, N, K):
     torch.testing.assert_close(y.float(), want, **INT_TOL[dtype])
 
 
+def _int_experts_step(seed, T, k, dtype, groups, down):
+    """Stacked IntExperts (6 experts, H 128, I 64: gate_up int4 in groups[0], down int4 in
+    groups[1] or per-row int8) and a step's x [T, H], picks [T, k] and routing weights."""
+    from qwen35.quant.layers import Int4Linear, Int8Linear, IntExperts
+
+    g = torch.Generator().manual_seed(seed)
+    E, H, I = 6, 128, 64
+    gu = [Int4Linear.quantize(torch.randn(2 * I, H, generator=g) * 0.05, groups[0], dtype)
+          for _ in range(E)]  # fmt: skip
+    dn = [Int4Linear.quantize(torch.randn(H, I, generator=g) * 0.05, groups[1], dtype)
+          if down == "int4" else Int8Linear.quantize(torch.randn(H, I, generator=g) * 0.05, dtype)
+          for _ in range(E)]  # fmt: skip
+    ex = IntExperts(gu, dn, I).to(DEV)
+    assert ex.stack_() and ex.stack[1].kind == down
+    x = torch.randn(T, H, generator=g).to(DEV, dtype)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(DEV)
+    w = torch.softmax(torch.randn(T, k, generator=g), -1).to(DEV, dtype)
+    return ex, x, idx, w
+
+
 @pytest.mark.parametrize("T", [5, 40])
 @pytest.mark.parametrize("down", ["int4", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -681,20 +701,8 @@ def test_int_moe_kernels_equal_expert_loop(dtype, down, T):
     experts), rows picking the same experts."""
     from qwen35.ops.moe import grouped_experts_reference
     from qwen35.quant.int_gpu import int_experts_gpu
-    from qwen35.quant.layers import Int4Linear, Int8Linear, IntExperts
 
-    g = torch.Generator().manual_seed(3)
-    E, H, I, k = 6, 128, 64, 3
-    gu = [Int4Linear.quantize(torch.randn(2 * I, H, generator=g) * 0.05, 32, dtype)
-          for _ in range(E)]  # fmt: skip
-    dn = [Int4Linear.quantize(torch.randn(H, I, generator=g) * 0.05, 64, dtype) if down == "int4"
-          else Int8Linear.quantize(torch.randn(H, I, generator=g) * 0.05, dtype)
-          for _ in range(E)]  # fmt: skip
-    ex = IntExperts(gu, dn, I).to(DEV)
-    assert ex.stack_() and ex.stack[1].kind == down
-    x = torch.randn(T, H, generator=g).to(DEV, dtype)
-    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(DEV)
-    w = torch.softmax(torch.randn(T, k, generator=g), -1).to(DEV, dtype)
+    ex, x, idx, w = _int_experts_step(3, T, 3, dtype, (32, 64), down)
     y = int_experts_gpu(x, idx, w, ex.stack)
     assert y is not None  # (up to MOE_MAX_ROWS tokens: a decode batch of 40 too)
     gu32 = torch.stack([m.dequantized(torch.float32) for m in ex.gate_up_q])
@@ -739,22 +747,11 @@ def test_int_moe_prefill_dequantised_grouped_equals_expert_loop(down):
     from qwen35.ops.backend import Backend
     from qwen35.ops.moe import grouped_experts_reference
     from qwen35.quant.int_gpu import MOE_MAX_ROWS, grouped_takes, int_experts_grouped
-    from qwen35.quant.layers import Int4Linear, Int8Linear, IntExperts
 
-    g = torch.Generator().manual_seed(5)
-    E, H, I, T, k, dt = 6, 128, 64, 100, 2, torch.bfloat16
-    gu = [Int4Linear.quantize(torch.randn(2 * I, H, generator=g) * 0.05, 64, dt)
-          for _ in range(E)]  # fmt: skip
-    dn = [Int4Linear.quantize(torch.randn(H, I, generator=g) * 0.05, 32, dt) if down == "int4"
-          else Int8Linear.quantize(torch.randn(H, I, generator=g) * 0.05, dt)
-          for _ in range(E)]  # fmt: skip
-    ex = IntExperts(gu, dn, I).to(DEV)
-    assert ex.stack_() and T > MOE_MAX_ROWS
+    dt, T = torch.bfloat16, 100
+    ex, x, idx, w = _int_experts_step(5, T, 2, dt, (64, 32), down)
     be = Backend("cuda", grouped_mm=True, interpret=not ON_GPU)
-    x = torch.randn(T, H, generator=g).to(DEV, dt)
-    assert grouped_takes(ex.stack, x, be)
-    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(DEV)
-    w = torch.softmax(torch.randn(T, k, generator=g), -1).to(DEV, dt)
+    assert T > MOE_MAX_ROWS and grouped_takes(ex.stack, x, be)
     y = int_experts_grouped(x, idx, w, ex.stack, be)
     gu16 = torch.stack([m.dequantized(dt) for m in ex.gate_up_q])
     dn16 = torch.stack([m.dequantized(dt) for m in ex.down_q])
@@ -762,6 +759,6 @@ def test_int_moe_prefill_dequantised_grouped_equals_expert_loop(down):
     assert _rel(y, ref) < 0.01
     from qwen35.kernels import triton_int
 
-    out = torch.empty(E, 2 * I, H, dtype=dt, device=DEV)  # the stacked dequantisation itself
+    out = torch.empty_like(gu16)  # the stacked dequantisation itself
     triton_int.int4_dequant(ex.stack[0].weight, ex.stack[0].scales, 64, out)
     torch.testing.assert_close(out, gu16, **ROUNDING[dt])
