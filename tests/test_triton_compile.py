@@ -356,8 +356,8 @@ def test_int_kernels_compile(dtype):
                      spills_ok=fp32)  # fmt: skip
         sig = dict(W="*u8", SZ=p, OUT=p, N=i, K=i, s_on=i, s_we=i, s_se=i, s_oe=i, GROUP=0)
         compile_sm90(ti.int4_dequant.kernel, sig, dict(GROUP=group), target=target)
-        sig = dict(X=p, s_xm=i, XDIV=i, IDX="*i64", W="*u8", s_we=i, SZ=p, s_se=i, Y=p, s_ym=i,
-                   N=i, K=i, GROUP=0)  # fmt: skip
+        sig = dict(X=p, s_xm=i, XDIV=i, IDX="*i64", W="*u8", s_we=i, SZ=p, s_se=i, Y=p, s_yz=i,
+                   s_ym=i, N=i, K=i, CHUNKS=i, GROUP=0)  # fmt: skip
         compile_sm90(ti.int4_pairs.kernel, sig, dict(GROUP=group), target=target)
     sig = dict(X=p, s_xm=i, XDIV=i, IDX="*i64", W="*i8", s_we=i, S=p, s_se=i, Y=p, s_ym=i, N=i,
                K=i, BN=0, BK=0)  # fmt: skip

@@ -705,6 +705,8 @@ def test_int_moe_kernels_equal_expert_loop(dtype, down, T):
     ex, x, idx, w = _int_experts_step(3, T, 3, dtype, (32, 64), down)
     y = int_experts_gpu(x, idx, w, ex.stack)
     assert y is not None  # (up to MOE_MAX_ROWS tokens: a decode batch of 40 too)
+    # a token's sums are split over programs as for the token alone: batched == alone, bitwise
+    assert torch.equal(int_experts_gpu(x[1:2], idx[1:2], w[1:2], ex.stack), y[1:2])
     gu32 = torch.stack([m.dequantized(torch.float32) for m in ex.gate_up_q])
     dn32 = torch.stack([m.dequantized(torch.float32) for m in ex.down_q])
     ref = grouped_experts_reference(x.float(), gu32, dn32, idx, w.float())

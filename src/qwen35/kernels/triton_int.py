@@ -166,12 +166,14 @@ def _int8_gemv_kernel(
 
 @triton.jit
 def _int4_pairs_kernel(
-    X, s_xm, XDIV, IDX, W, s_we, SZ, s_se, Y, s_ym, N, K, GROUP: tl.constexpr,
+    X, s_xm, XDIV, IDX, W, s_we, SZ, s_se, Y, s_yz, s_ym, N, K, CHUNKS, GROUP: tl.constexpr,
 ):  # fmt: skip
     """MoE experts in Int4Linear's layout stacked [E, N, K/2] (scales_and_zeros [E, K/g, N, 2]):
-    program (pair, block of 64 rows) multiplies row pair // XDIV of X by expert IDX[pair]'s rows
-    (one vector a pair: products summed elementwise into a [GROUP, 32] tile, reduced once)."""
-    pair, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    program (pair, block of 64 rows, share of K) multiplies row pair // XDIV of X by expert
+    IDX[pair]'s rows (one vector a pair: products summed elementwise into a [GROUP, 32] tile,
+    reduced once). No tl.dot, so Triton does not pipeline the loop's loads: the K shares (Y's
+    leading axis, partial sums) put more programs, and so more loads, in flight."""
+    pair, blk, part = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     e = tl.load(IDX + pair).to(tl.int64)
     xrow = X + (pair // XDIV) * s_xm
     r = tl.arange(0, 32)
@@ -181,7 +183,7 @@ def _int4_pairs_kernel(
     szb = SZ + e * s_se
     acc_lo = tl.zeros((GROUP, 32), dtype=tl.float32)
     acc_hi = tl.zeros((GROUP, 32), dtype=tl.float32)
-    for c in range(0, K // GROUP):
+    for c in range(part * CHUNKS, tl.minimum(part * CHUNKS + CHUNKS, K // GROUP)):
         k = c * GROUP + kk
         x = tl.load(xrow + k).to(tl.float32)[:, None]
         b = tl.load(base + k[:, None] * 32 + r[None, :]).to(tl.int32)
@@ -192,7 +194,7 @@ def _int4_pairs_kernel(
             + tl.load(sz + 65).to(tl.float32)[None, :]  # fmt: skip
         acc_lo += w_lo * x
         acc_hi += w_hi * x
-    out = Y + pair * s_ym
+    out = Y + part * s_yz + pair * s_ym
     dt = Y.dtype.element_ty
     tl.store(out + n_lo, tl.sum(acc_lo, 0).to(dt))
     tl.store(out + n_lo + 32, tl.sum(acc_hi, 0).to(dt))
@@ -221,10 +223,11 @@ def _int8_pairs_kernel(
     tl.store(Y + pair * s_ym + rn, y.to(Y.dtype.element_ty), mask=mn)
 
 
-def splits(blocks: int, chunks: int) -> tuple[int, int]:
+def splits(blocks: int, chunks: int, least: int = 4) -> tuple[int, int]:
     """(programs along K, chunks each) for a matrix of `blocks` row blocks and `chunks` K chunks:
-    enough programs to keep the GPU's loads in flight (PROGRAMS), at least 4 chunks each."""
-    want = max(1, min(-(-PROGRAMS // max(blocks, 1)), chunks // 4))
+    enough programs to keep the GPU's loads in flight (PROGRAMS), at least `least` chunks
+    each."""
+    want = max(1, min(-(-PROGRAMS // max(blocks, 1)), chunks // least))
     each = -(-chunks // want)
     return -(-chunks // each), each
 
@@ -305,29 +308,35 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bk: int = 1
 
 
 def int4_pairs(x: torch.Tensor, per_row: int, idx: torch.Tensor, w: torch.Tensor,
-               sz: torch.Tensor, group: int) -> torch.Tensor:  # fmt: skip
+               sz: torch.Tensor, group: int, picks: int) -> torch.Tensor:  # fmt: skip
     """y [P, N]: y[p] = x[p // per_row] @ W[idx[p]]^T for the P = len(idx) (token, expert) pairs
-    of a MoE step (per_row: experts a row of x goes to); w [E, N, K/2], sz [E, K/g, N, 2]."""
+    of a MoE step (per_row: experts a row of x goes to; picks: experts a token picks, top-k);
+    w [E, N, K/2], sz [E, K/g, N, 2]. K is shared among programs as one token's pairs would
+    need (`splits` of its `picks` pairs): a row's sums do not depend on the batch."""
     P, (_, N, half) = idx.shape[0], w.shape
     K = half * 2
     assert x.stride(1) == 1 and x.shape[1] == K and N % ROW_BLOCK == 0 and K % group == 0
     assert w.is_contiguous() and sz.is_contiguous() and idx.is_contiguous()
-    y = torch.empty(P, N, dtype=x.dtype, device=x.device)
-    if P:
-        _int4_pairs_kernel[(P, N // ROW_BLOCK)](x, x.stride(0), per_row, idx, w, w.stride(0), sz,
-                                                sz.stride(0), y, y.stride(0), N, K,
-                                                GROUP=group)  # fmt: skip
-    return y
+    if not P:
+        return torch.empty(0, N, dtype=x.dtype, device=x.device)
+    parts, each = splits(picks * (N // ROW_BLOCK), K // group, least=2)
+    p = torch.empty(parts, P, N, dtype=x.dtype if parts == 1 else torch.float32, device=x.device)
+    _int4_pairs_kernel[(P, N // ROW_BLOCK, parts)](
+        x, x.stride(0), per_row, idx, w, w.stride(0), sz, sz.stride(0), p, p.stride(0),
+        p.stride(1), N, K, each, GROUP=group,
+    )  # fmt: skip
+    return _reduce(p, x.dtype)
 
 
 PAIRS_BN, PAIRS_BK = 16, 128  # the int8 pairs kernel's rows per program and chunk
 
 
-def expert_pairs(x: torch.Tensor, per_row: int, idx: torch.Tensor, proj) -> torch.Tensor:
+def expert_pairs(x: torch.Tensor, per_row: int, idx: torch.Tensor, proj,
+                 picks: int) -> torch.Tensor:  # fmt: skip
     """y [P, N]: y[p] = x[p // per_row] @ W[idx[p]]^T for a ProjStack `proj` (quant/layers.py:
-    int4 or int8 experts)."""
+    int4 or int8 experts; picks: a token's top-k)."""
     if proj.kind == "int4":
-        return int4_pairs(x, per_row, idx, proj.weight, proj.scales, proj.group)
+        return int4_pairs(x, per_row, idx, proj.weight, proj.scales, proj.group, picks)
     w, s = proj.weight, proj.scales
     P, (_, N, K) = idx.shape[0], w.shape
     assert x.stride(1) == 1 and x.shape[1] == K and w.is_contiguous() and s.is_contiguous()

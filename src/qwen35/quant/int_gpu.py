@@ -107,12 +107,12 @@ def int_experts_gpu(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor,
     T, k = top_idx.shape
     idx = top_idx.reshape(-1).contiguous()
     gu_s, dn_s = stack
-    gu = _run("int MoE", "expert_pairs", x.contiguous(), k, idx, gu_s)
+    gu = _run("int MoE", "expert_pairs", x.contiguous(), k, idx, gu_s, k)
     if gu is None:
         return None
     gate, up = gu.chunk(2, dim=-1)
     h = silu_mul(backend, gate, up).contiguous()  # [T k, I]
-    ys = _kernels().expert_pairs(h, 1, idx, dn_s)
+    ys = _kernels().expert_pairs(h, 1, idx, dn_s, k)
     return (ys.view(T, k, -1) * top_w[..., None]).sum(1)  # [T, H]
 
 
