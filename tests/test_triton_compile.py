@@ -359,6 +359,9 @@ def test_int_kernels_compile(dtype):
         sig = dict(X=p, s_xm=i, XDIV=i, IDX="*i64", W="*u8", s_we=i, SZ=p, s_se=i, Y=p, s_yz=i,
                    s_ym=i, N=i, K=i, CHUNKS=i, GROUP=0)  # fmt: skip
         compile_sm90(ti.int4_pairs.kernel, sig, dict(GROUP=group), target=target)
+    for target in (SM90, SM80):
+        compile_sm90(ti._reduce.kernel, dict(P="*fp32", Y=p, PARTS=i, NUMEL=i, BLOCK=0),
+                     dict(BLOCK=ti.SUM_BLOCK), target=target)  # fmt: skip
     sig = dict(X=p, s_xm=i, XDIV=i, IDX="*i64", W="*i8", s_we=i, S=p, s_se=i, Y=p, s_ym=i, N=i,
                K=i, BN=0, BK=0)  # fmt: skip
     for target in (SM90, SM80):

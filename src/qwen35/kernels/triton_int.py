@@ -239,8 +239,29 @@ def _partials(x: torch.Tensor, n: int, parts: int) -> torch.Tensor:
     return torch.empty(parts, x.shape[0], n, dtype=torch.float32, device=x.device)
 
 
+@triton.jit
+def _sum_parts_kernel(P, Y, PARTS, NUMEL, BLOCK: tl.constexpr):
+    """Y [NUMEL] = the PARTS fp32 partial sums [PARTS, NUMEL] added in order, in Y's dtype."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < NUMEL
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in range(0, PARTS):
+        acc += tl.load(P + j * NUMEL + i, mask=m, other=0.0)
+    tl.store(Y + i, acc.to(Y.dtype.element_ty), mask=m)
+
+
+SUM_BLOCK = 1024
+
+
 def _reduce(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return p[0] if p.shape[0] == 1 else p.sum(0).to(dtype)
+    """The partial sums [parts, M, N] added (one launch: p.sum(0).to(dtype) took two, and a
+    decode step has dozens of split matrices)."""
+    if p.shape[0] == 1:
+        return p[0]
+    y = torch.empty(p.shape[1:], dtype=dtype, device=p.device)
+    n = y.numel()
+    _sum_parts_kernel[(triton.cdiv(n, SUM_BLOCK),)](p, y, p.shape[0], n, BLOCK=SUM_BLOCK)
+    return y
 
 
 def _check(x: torch.Tensor) -> None:
@@ -353,3 +374,4 @@ def expert_pairs(x: torch.Tensor, per_row: int, idx: torch.Tensor, proj,
 int4_gemv.kernel, int4_dequant.kernel = _int4_gemv_kernel, _int4_dequant_kernel
 int6_gemv.kernel, int8_gemv.kernel = _int6_gemv_kernel, _int8_gemv_kernel
 int4_pairs.kernel, expert_pairs.int8_kernel = _int4_pairs_kernel, _int8_pairs_kernel
+_reduce.kernel = _sum_parts_kernel
