@@ -94,8 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("bf16", "fp8", "int8", "int4"),
         help="weights; default: bf16, and fp8 where an FP8 checkpoint exists (--dtype fp8 plans "
         "any model: without one the engine quantizes at load, --quantization fp8). int8 / int4: "
-        "the CPU weight-only "
-        "formats (--quantization), sizes and decode bytes per token",
+        "the weight-only formats (--quantization): without --gpu a CPU plan (sizes and decode "
+        "bytes per token), with it a GPU one",
     )
     p.add_argument(
         "--cpu-bandwidth",

@@ -1,5 +1,5 @@
-"""`qwen35 plan --dtype int8 | int4`: weight-only CPU formats, which the GPU planner does not
-serve. Per model: the bytes the engine holds (text model, as it loads) in BF16 and in the chosen
+"""`qwen35 plan --dtype int8 | int4` without a GPU: the weight-only formats on a CPU (with
+`--gpu` the GPU planner plans them: planner.py). Per model: the bytes the engine holds (text model, as it loads) in BF16 and in the chosen
 format, the memory loading needs on the way (`load_peak_bytes`), and the bytes one batch-1
 decode step reads (all weights but the embedding rows not looked up), from the same byte
 formulas the quantizing loader is tested against (`plan.params.tensor_bytes`). No torch.
