@@ -267,3 +267,41 @@ def test_plan_counts_the_checkpoint_as_the_engine_holds_it(opts, tmp_path, capsy
     m = load_model(tmp_path / "q", dtype="bf16", quantization="int4")
     assert row["weights_bytes"]["int4"] == sum(p.numel() * p.element_size()
                                                for p in m.parameters())  # fmt: skip
+
+
+def test_moe_experts_made_from_codes_alone(tmp_path, monkeypatch):
+    """A MoE checkpoint's per-expert 4-bit slices under int4: read by their codes alone (their
+    values, ~1 ms of dequantizing each of 35B-A3B's 30,720, are never read: weights.read_into
+    skips them), the same model as reading them; and where one slice has no codes (an
+    activation-ordered expert: read by its values), the skipped slices' values are read after
+    all (weights._read_values) and the model equals the all-values load again."""
+    from safetensors.torch import load_file, save_file
+
+    from qwen35.gptq_awq import GptqAwqCheckpoint
+    from qwen35.quant.apply import QuantizeOnRead
+
+    save_checkpoint(tmp_path / "src", moe=True, experts="per_expert", **MOE)
+    want = write(tmp_path / "src", tmp_path / "q", fmt="gptq", sym=False, group=32)
+    experts = {k for k in want if ".experts." in k}
+    read, get = [], GptqAwqCheckpoint.get_tensor
+    monkeypatch.setattr(GptqAwqCheckpoint, "get_tensor",
+                        lambda self, k: read.append(k) or get(self, k))  # fmt: skip
+
+    def both(d):
+        read.clear()
+        fast = load_model(d, dtype="fp32", quantization="int4").state_dict()
+        seen = set(read)
+        with monkeypatch.context() as m:
+            m.setattr(QuantizeOnRead, "skips_values", lambda *a, **k: False)
+            slow = load_model(d, dtype="fp32", quantization="int4").state_dict()
+        assert fast.keys() == slow.keys() and all(torch.equal(fast[k], slow[k]) for k in fast)
+        return seen
+
+    assert experts and not both(tmp_path / "q") & experts
+    sd = load_file(str(tmp_path / "q" / "model.safetensors"))
+    key = next(k for k in sorted(sd) if ".experts.1.up_proj.g_idx" in k)
+    sd[key] = sd[key][torch.randperm(sd[key].numel(), generator=torch.Generator().manual_seed(0))]
+    save_file(sd, str(tmp_path / "q" / "model.safetensors"))
+    seen = both(tmp_path / "q")  # (that layer's gate_up slices read by their values)
+    layer = key.split(".experts.")[0]
+    assert {k for k in experts if k.startswith(layer) and "down" not in k} <= seen

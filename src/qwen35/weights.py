@@ -576,6 +576,7 @@ def read_into(
         p = params[name]
         return on_read.allocate(name) if p.is_meta and on_read is not None else p
 
+    skipped: dict[str, list] = {}  # expert slices read by their codes alone: (path, entry)
     total = sum(e.nbytes for entries in s.plan.values() for e in entries)
     bar = _progress_bar(total) if progress else None
     cast: Counter = Counter()
@@ -609,9 +610,10 @@ def read_into(
                     hinted = (on_read is not None and hasattr(f, "quant_hint")  # GGUF, compressed
                               and on_read.wants_hint(e.target.param, f.hint_formats))
                     try:
+                        hint = f.quant_hint(e.key) if hinted else None
                         if hinted:  # first: its codes may stand for the values
-                            on_read.hint(e.target.param, f.quant_hint(e.key), e.target)
-                        skip = hinted and on_read.skips_values(e.target.param)
+                            on_read.hint(e.target.param, hint, e.target)
+                        skip = hinted and on_read.skips_values(e.target.param, e.target)
                         src = None if skip else f.get_tensor(e.key)
                     except Exception as exc:  # safetensors raises its own types on bad data
                         raise CheckpointError(
@@ -619,15 +621,21 @@ def read_into(
                             "(truncated or corrupt file? re-download it)"
                         ) from None
                     if skip:  # the lattices' steps and zero points (the scales) are all
-                        for part in on_read.hints[e.target.param]:  # there is to check
+                        for part in hint:  # there is to check
                             if part is not None and part.is_floating_point():
                                 checked &= check_finite(e.key, part, str(path))
+                        if e.target.expert is not None:  # (values wanted if the hint is lost)
+                            skipped.setdefault(e.target.param, []).append((path, e))
                     else:
                         if src.dtype != dst.dtype:
                             cast[f"{e.st_dtype}->{str(dst.dtype).removeprefix('torch.')}"] += 1
                         dst.copy_(src)  # casts (e.g. the fp32 A_log / norm weights) on the way
                         checked &= check_finite(e.key, dst, str(path), src)
                     del src, dst
+                    if hinted and on_read.lost(e.target.param) and e.target.param in skipped:
+                        # experts' slices of different kinds: the skipped ones' values after all
+                        for p, done in skipped.pop(e.target.param):
+                            checked &= _read_values(p, done, param(done.target.param))
                     if on_read is not None:
                         on_read.written(e.target.param)
                     report.num_tensors += 1
@@ -642,6 +650,16 @@ def read_into(
     report.cast = dict(cast)
     report.nonfinite_checked = checked and (shard is None or getattr(shard, "checked", True))
     report.seconds_read = time.perf_counter() - t0
+
+
+def _read_values(path: Path, e, p: torch.Tensor) -> bool:
+    """Entry e's values copied into its place of parameter p (an expert's slice first read by
+    its codes alone); whether they were finite."""
+    with open_safetensors(path) as f:
+        src = f.get_tensor(e.key)
+    dst = _dest(p, e.target)
+    dst.copy_(src)
+    return check_finite(e.key, dst, str(path), src)
 
 
 def _check_tied(s: _Scan, params: dict[str, torch.Tensor], report: LoadReport) -> None:

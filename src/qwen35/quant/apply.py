@@ -412,7 +412,12 @@ class QuantizeOnRead:
         wants_hint. target (weights._Target): one expert's gate, up or down projection, whose
         hint goes into the [E, ...] hint of the parameter (used once every slice has one of the
         same kind, else dropped: the slices' values then make it)."""
-        if hint is None or name not in self.owner:
+        if name not in self.owner:
+            return
+        if hint is None:  # (an expert's slice without one: the [E, ...] hint cannot be whole)
+            if target is not None and target.expert is not None:
+                self.hints.pop(name, None)
+                self._parts[name] = -(1 << 30)
             return
         if target is None or target.expert is None:
             self.hints[name] = hint
@@ -438,17 +443,26 @@ class QuantizeOnRead:
                 a[target.expert, at : at + rows].copy_(b)
         self._parts[name] = self._parts.get(name, 0) + 1
 
-    def skips_values(self, name: str) -> bool:
-        """Whether parameter `name` (whole, one tensor) is made from its hint's codes alone
-        (takes_lattice): its values need not be read (a GGUF Q4_K tensor: no dequantizing to
-        fp32 and finding its codes again)."""
+    def skips_values(self, name: str, target=None) -> bool:
+        """Whether parameter `name` is made from its hint's codes alone (takes_lattice): its
+        values need not be read (a GGUF Q4_K tensor: no dequantizing to fp32 and finding its
+        codes again). Whole (one tensor), or (target: weights._Target) one expert's slice of
+        per-expert tensors whose slices so far all fitted the [E, ...] hint (a compressed-tensors
+        / GPTQ / AWQ MoE: ~1 ms of dequantizing each of 35B-A3B's 30,720). A later slice that
+        does not fit drops the hint: `lost` then says the skipped slices' values are wanted."""
         hint = self.hints.get(name)
         coded = (isinstance(hint, Lattice) and hint.codes is not None) or \
             isinstance(hint, Int8Rows)  # fmt: skip
-        if not coded or self.pending.get(name) != 1:
+        sliced = target is not None and target.expert is not None
+        if not coded or (self.pending.get(name) != 1 and not sliced):
             return False
         mod, leaf = self.slots[name][0]
         return takes_lattice(mod, leaf, self.fmt, hint, self.block)
+
+    def lost(self, name: str) -> bool:
+        """Whether parameter `name`'s per-expert hint was dropped (slices of different kinds):
+        its values, skipped or not, make it."""
+        return self._parts.get(name, 0) < 0
 
     def deferred(self) -> set[int]:
         """ids of the (meta) parameters to leave unallocated."""
