@@ -269,12 +269,14 @@ def test_plan_counts_the_checkpoint_as_the_engine_holds_it(opts, tmp_path, capsy
                                                for p in m.parameters())  # fmt: skip
 
 
-def test_moe_experts_made_from_codes_alone(tmp_path, monkeypatch):
-    """A MoE checkpoint's per-expert 4-bit slices under int4: read by their codes alone (their
-    values, ~1 ms of dequantizing each of 35B-A3B's 30,720, are never read: weights.read_into
-    skips them), the same model as reading them; and where one slice has no codes (an
-    activation-ordered expert: read by its values), the skipped slices' values are read after
-    all (weights._read_values) and the model equals the all-values load again."""
+@pytest.mark.parametrize("fmt", ["int4", "fp8"])
+def test_moe_experts_made_from_codes_alone(tmp_path, monkeypatch, fmt):
+    """A MoE checkpoint's per-expert 4-bit slices under int4, or FP8 in one-row blocks (a GPU's
+    default: held exactly): read by their codes alone (their values, ~1 ms of dequantizing each
+    of 35B-A3B's 30,720, are never read: weights.read_into skips them), the same model as
+    reading them; and where one slice has no codes (an activation-ordered expert: read by its
+    values), the skipped slices' values are read after all (weights._read_values) and the
+    model equals the all-values load again."""
     from safetensors.torch import load_file, save_file
 
     from qwen35.gptq_awq import GptqAwqCheckpoint
@@ -289,11 +291,11 @@ def test_moe_experts_made_from_codes_alone(tmp_path, monkeypatch):
 
     def both(d):
         read.clear()
-        fast = load_model(d, dtype="fp32", quantization="int4").state_dict()
+        fast = load_model(d, dtype="fp32", quantization=fmt).state_dict()
         seen = set(read)
         with monkeypatch.context() as m:
             m.setattr(QuantizeOnRead, "skips_values", lambda *a, **k: False)
-            slow = load_model(d, dtype="fp32", quantization="int4").state_dict()
+            slow = load_model(d, dtype="fp32", quantization=fmt).state_dict()
         assert fast.keys() == slow.keys() and all(torch.equal(fast[k], slow[k]) for k in fast)
         return seen
 

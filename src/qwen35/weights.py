@@ -613,7 +613,7 @@ def read_into(
                         hint = f.quant_hint(e.key) if hinted else None
                         if hinted:  # first: its codes may stand for the values
                             on_read.hint(e.target.param, hint, e.target)
-                        skip = hinted and on_read.skips_values(e.target.param, e.target)
+                        skip = hinted and on_read.skips_values(e.target.param, e.target, hint)
                         src = None if skip else f.get_tensor(e.key)
                     except Exception as exc:  # safetensors raises its own types on bad data
                         raise CheckpointError(

@@ -216,10 +216,12 @@ def takes_lattice(mod: nn.Module, leaf: str, fmt: str, hint=None, block=None) ->
     """Whether quantize_module_ makes parameter `leaf` of `mod` from a hint alone (its codes),
     never reading the parameter's values: as _int_linear / _int_experts decide (a Lattice under
     int4, Int8Rows under int8 / int4), or quantize_module_'s FP8 branch (a Lattice that FP8 in
-    `block`s holds exactly: formats.fp8_on_lattice; a dense weight, whole)."""
+    `block`s holds exactly: formats.fp8_on_lattice; a dense weight, or an expert's slice)."""
     if fmt == "fp8":
-        return type(mod) is Linear and leaf == "weight" and \
-            formats.fp8_on_lattice(hint, block) is not None  # fmt: skip
+        ours = (type(mod) is Linear and leaf == "weight") or (
+            leaf in ("gate_up_proj", "down_proj") and isinstance(mod, Experts)
+            and not isinstance(mod, (Fp8Experts, IntExperts)))  # fmt: skip
+        return ours and formats.fp8_on_lattice(hint, block) is not None
     if fmt not in ("int4", "int8") or (fmt == "int8" and not isinstance(hint, Int8Rows)):
         return False
     rows_ok = (lambda n: True) if isinstance(hint, Int8Rows) else lattice_rows_ok
@@ -288,8 +290,13 @@ def quantize_module_(model: nn.Module, name: str, fmt: str, dtype, block, hints=
                      for p in ("gate_up_proj", "down_proj")]  # fmt: skip
             if all(exact):  # 4-bit values held exactly (a GPTQ / AWQ / w4a16 checkpoint's)
                 _set(model, name, Fp8Experts.from_blocks(*exact, block))
-            else:
-                _set(model, name, Fp8Experts.quantize(mod, block))
+            else:  # from the values, but a projection held exactly from its codes (their
+                ex = Fp8Experts.quantize(mod, block)  # values may not have been read)
+                for which, got in zip(("gate_up_proj", "down_proj"), exact, strict=True):
+                    if got is not None:
+                        getattr(ex, which).data.copy_(got[0])
+                        getattr(ex, which + "_scale_inv").data.copy_(got[1])
+                _set(model, name, ex)
         elif type(mod) is Linear:
             exact = formats.fp8_on_lattice(hints.get("weight"), block)
             _set(model, name, Fp8Linear.from_blocks(*exact, block) if exact else
@@ -443,13 +450,15 @@ class QuantizeOnRead:
                 a[target.expert, at : at + rows].copy_(b)
         self._parts[name] = self._parts.get(name, 0) + 1
 
-    def skips_values(self, name: str, target=None) -> bool:
+    def skips_values(self, name: str, target=None, part=None) -> bool:
         """Whether parameter `name` is made from its hint's codes alone (takes_lattice): its
         values need not be read (a GGUF Q4_K tensor: no dequantizing to fp32 and finding its
         codes again). Whole (one tensor), or (target: weights._Target) one expert's slice of
         per-expert tensors whose slices so far all fitted the [E, ...] hint (a compressed-tensors
         / GPTQ / AWQ MoE: ~1 ms of dequantizing each of 35B-A3B's 30,720). A later slice that
-        does not fit drops the hint: `lost` then says the skipped slices' values are wanted."""
+        does not fit drops the hint: `lost` then says the skipped slices' values are wanted.
+        part: the slice's own hint (FP8 asks it whether it is held exactly: the [E, ...] one is
+        not filled yet; one that is not drops the parameter's hint as well)."""
         hint = self.hints.get(name)
         coded = (isinstance(hint, Lattice) and hint.codes is not None) or \
             isinstance(hint, Int8Rows)  # fmt: skip
@@ -457,7 +466,12 @@ class QuantizeOnRead:
         if not coded or (self.pending.get(name) != 1 and not sliced):
             return False
         mod, leaf = self.slots[name][0]
-        return takes_lattice(mod, leaf, self.fmt, hint, self.block)
+        if takes_lattice(mod, leaf, self.fmt, part if sliced else hint, self.block):
+            return True
+        if sliced and self.fmt == "fp8":  # (the values make it: every slice's are wanted)
+            self.hints.pop(name, None)
+            self._parts[name] = -(1 << 30)
+        return False
 
     def lost(self, name: str) -> bool:
         """Whether parameter `name`'s per-expert hint was dropped (slices of different kinds):
