@@ -454,3 +454,31 @@ def test_engine_int4_on_the_gpu_backend_equals_cpu_engine(tmp_path, calls, monke
     assert kinds == {("int4", "int8" if source == "gguf" else "int4")}, kinds
     assert ids(llm.generate(ps, sp)) == want
     assert all(n[k] for k in ("int4_gemv", "int4_dequant", "int6_gemv", "expert_pairs")), n
+
+
+def test_decode_graph_buffers_with_int4_moe(calls, monkeypatch):
+    """The static-buffer decode step a CUDA graph replays, on an int4 MoE model as a GPU holds
+    it (experts stacked: the pairs kernels; every int4 / int6 product by quant/int_gpu.py, here
+    for the reference too): no host sync (so capturable), the real rows equal the eager
+    reference's (its expert loop on the same weights), the padding row writes nowhere else."""
+    from qwen35.quant import int_gpu, matmul
+    from qwen35.quant.layers import IntExperts
+    from test_gptq_awq import MOE
+
+    rows = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    monkeypatch.setattr(matmul, "int4_linear", lambda x, p, sz, g, n_, x8=True: int_gpu
+                        .int4_linear_gpu(rows(x), p, sz, g, n_).view(*x.shape[:-1], n_))
+    monkeypatch.setattr(matmul, "int6_linear", lambda x, p, s: int_gpu.int6_linear_gpu(
+        rows(x), p, s).view(*x.shape[:-1], p.shape[0]))  # fmt: skip
+    monkeypatch.setattr(matmul, "int4_linear_many", lambda *a: None)  # (the CPU's 8-bit rows)
+    model = _model(True, quant="int4", **MOE)
+    ex = [m for m in model.modules() if isinstance(m, IntExperts)]
+    assert ex and all(m.stack_() for m in ex)
+    n = Counter()
+    from qwen35.kernels import triton_int
+
+    fn = triton_int.expert_pairs
+    monkeypatch.setattr(triton_int, "expert_pairs", lambda *a: n.update(["pairs"]) or fn(*a))
+    assert_padded_decode_equals_eager(model, calls.counted(_full()), (7, 37, 5), steps=2,
+                                      tol=1e-4)  # fmt: skip
+    assert n["pairs"] > 0 and calls.n["paged_decode_attention"], (n, calls.n)
