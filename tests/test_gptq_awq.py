@@ -307,3 +307,21 @@ def test_moe_experts_made_from_codes_alone(tmp_path, monkeypatch, fmt):
     seen = both(tmp_path / "q")  # (that layer's gate_up slices read by their values)
     layer = key.split(".experts.")[0]
     assert {k for k in experts if k.startswith(layer) and "down" not in k} <= seen
+
+
+def test_quantized_lm_head_is_read_by_value(tmp_path, monkeypatch):
+    """A GPTQ checkpoint whose lm_head is quantized too (AutoGPTQ's lm_head=True): under int4
+    the head is made from its values (quantize_vocab_: int6), never from codes it skipped
+    reading (its parameter would hold no values); the logits follow the checkpoint's."""
+    import test_gptq_awq as me
+
+    quantized = me._quantized
+    monkeypatch.setattr(me, "_quantized", lambda k: quantized(k) or k == "lm_head.weight")
+    save_checkpoint(tmp_path / "src", tie_word_embeddings=False, **DENSE)
+    want = write(tmp_path / "src", tmp_path / "q", fmt="gptq", sym=False, group=32)
+    assert "lm_head.weight" in want
+    ids = torch.randint(0, 256, (1, 12))
+    ref = load_model(tmp_path / "q", dtype="fp32")(ids)  # the checkpoint's values, fp32
+    got = load_model(tmp_path / "q", dtype="fp32", quantization="int4")(ids)
+    assert torch.isfinite(got).all()
+    assert ((got - ref).norm() / ref.norm()).item() < 0.1

@@ -465,6 +465,8 @@ class QuantizeOnRead:
         sliced = target is not None and target.expert is not None
         if not coded or (self.pending.get(name) != 1 and not sliced):
             return False
+        if self.owner.get(name) in VOCAB:  # (quantize_vocab_ makes them from their values: a
+            return False  # GPTQ lm_head=True checkpoint's head came out of unread memory)
         mod, leaf = self.slots[name][0]
         if takes_lattice(mod, leaf, self.fmt, part if sliced else hint, self.block):
             return True
