@@ -411,7 +411,8 @@ class QuantizeOnRead:
         """Whether this load makes int8 / int4 of parameter `name` and takes a source file's
         hints, given for the storage `formats` (a GGUF file's: int4; a compressed-tensors
         checkpoint's: both)."""
-        return self.take_hints and self.fmt in formats and name in self.owner
+        # (not the vocabulary's: quantize_vocab_ makes them from their values)
+        return self.take_hints and self.fmt in formats and self.owner.get(name, VOCAB[0]) not in VOCAB
 
     def hint(self, name: str, hint, target=None) -> None:
         """What the source file says of parameter `name` (a GGUF tensor's int4 hint, a
