@@ -325,3 +325,27 @@ def test_quantized_lm_head_is_read_by_value(tmp_path, monkeypatch):
     got = load_model(tmp_path / "q", dtype="fp32", quantization="int4")(ids)
     assert torch.isfinite(got).all()
     assert ((got - ref).norm() / ref.norm()).item() < 0.1
+
+
+def test_hints_move_to_the_loads_device(tmp_path, monkeypatch):
+    """The source's hints (codes and scales, read on the CPU) reach the module builders on the
+    load's device (quant/apply.py `_on`): a GPU load made CPU modules inside a GPU model before
+    (FP8-exact and int4 alike). Here: every hinted module's hints pass through `_on` with the
+    load's device, and `_on` moves every tensor of a hint (meta stands for a GPU)."""
+    from qwen35.quant import apply
+    from qwen35.quant.formats import Int8Rows, Lattice
+
+    seen, on = [], apply._on
+    monkeypatch.setattr(apply, "_on", lambda h, d: seen.append((type(h).__name__, d)) or on(h, d))
+    save_checkpoint(tmp_path / "src", moe=True, experts="per_expert", **MOE)
+    write(tmp_path / "src", tmp_path / "q", fmt="gptq", sym=False, group=32)
+    load_model(tmp_path / "q", dtype="fp32", quantization="int4")
+    assert seen and {d for _, d in seen} == {torch.device("cpu")}
+    assert {n for n, _ in seen} == {"Lattice"}
+    meta = torch.device("meta")
+    moved = on(Lattice(torch.ones(2, 1), torch.zeros(2, 1), torch.zeros(2, 32, dtype=torch.uint8)),
+               meta)  # fmt: skip
+    assert all(t.device == meta for t in moved)
+    assert on(Int8Rows(torch.zeros(2, 4, dtype=torch.int8), torch.ones(2)), meta).q.is_meta
+    assert on(Lattice(torch.ones(2, 1), torch.zeros(2, 1), None), meta).codes is None
+    assert on("int8", meta) == "int8"
