@@ -49,6 +49,26 @@ def _dot(x, w, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _group_sz(SZ, c, N, n_lo):
+    """Group c's (scale, zero) of a 64-row block's rows n_lo (low nibbles) and n_lo + 32 (high
+    ones), fp32: scales_and_zeros [K/g, N, 2] -> (s_lo, z_lo, s_hi, z_hi), [32] each."""
+    sz = SZ + (c * N + n_lo).to(tl.int64) * 2
+    f32 = tl.float32
+    return (tl.load(sz).to(f32), tl.load(sz + 1).to(f32), tl.load(sz + 64).to(f32),
+            tl.load(sz + 65).to(f32))  # fmt: skip
+
+
+@triton.jit
+def _dequant_tile(b, SZ, c, N, n_lo):
+    """A [GROUP, 32] byte tile of group c -> its rows' weights (lo, hi) [GROUP, 32] fp32:
+    (q - 8) * scale + zero."""
+    s_lo, z_lo, s_hi, z_hi = _group_sz(SZ, c, N, n_lo)
+    w_lo = ((b & 15) - 8).to(tl.float32) * s_lo[None, :] + z_lo[None, :]
+    w_hi = ((b >> 4) - 8).to(tl.float32) * s_hi[None, :] + z_hi[None, :]
+    return w_lo, w_hi
+
+
+@triton.jit
 def _int4_gemv_kernel(
     X, W, SZ, P, M, N, K, s_xm, s_pz, s_pm, CHUNKS,
     BM: tl.constexpr, GROUP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -68,11 +88,7 @@ def _int4_gemv_kernel(
         k = c * GROUP + kk
         x = tl.load(X + rm[:, None] * s_xm + k[None, :], mask=mm[:, None], other=0.0)
         b = tl.load(base + k[:, None] * 32 + r[None, :]).to(tl.int32)  # [GROUP, 32]
-        sz = SZ + (c * N + n_lo).to(tl.int64) * 2
-        s_lo = tl.load(sz).to(tl.float32)
-        z_lo = tl.load(sz + 1).to(tl.float32)
-        s_hi = tl.load(sz + 64).to(tl.float32)  # (rows n_lo + 32: 32 (scale, zero) pairs on)
-        z_hi = tl.load(sz + 65).to(tl.float32)
+        s_lo, z_lo, s_hi, z_hi = _group_sz(SZ, c, N, n_lo)
         xs = tl.sum(x.to(tl.float32), 1)[:, None]  # [BM, 1]: the zeros' factor
         d_lo = _dot(x, (b & 15) - 8, IEEE, UPCAST)
         d_hi = _dot(x, (b >> 4) - 8, IEEE, UPCAST)
@@ -95,6 +111,7 @@ def _int4_dequant_kernel(W, SZ, OUT, N, K, s_on, s_we, s_se, s_oe, GROUP: tl.con
     b = tl.load(W + blk.to(tl.int64) * 32 * K + k[:, None] * 32 + r[None, :]).to(tl.int32)
     sz = SZ + (c * N + n_lo).to(tl.int64) * 2
     dt = OUT.dtype.element_ty
+    # (its own loads, each as its half needs it: _dequant_tile's four at once spill on sm_80)
     w_lo = ((b & 15) - 8).to(tl.float32) * tl.load(sz).to(tl.float32)[None, :] \
         + tl.load(sz + 1).to(tl.float32)[None, :]  # fmt: skip
     w_hi = ((b >> 4) - 8).to(tl.float32) * tl.load(sz + 64).to(tl.float32)[None, :] \
@@ -187,11 +204,7 @@ def _int4_pairs_kernel(
         k = c * GROUP + kk
         x = tl.load(xrow + k).to(tl.float32)[:, None]
         b = tl.load(base + k[:, None] * 32 + r[None, :]).to(tl.int32)
-        sz = szb + (c * N + n_lo).to(tl.int64) * 2
-        w_lo = ((b & 15) - 8).to(tl.float32) * tl.load(sz).to(tl.float32)[None, :] \
-            + tl.load(sz + 1).to(tl.float32)[None, :]  # fmt: skip
-        w_hi = ((b >> 4) - 8).to(tl.float32) * tl.load(sz + 64).to(tl.float32)[None, :] \
-            + tl.load(sz + 65).to(tl.float32)[None, :]  # fmt: skip
+        w_lo, w_hi = _dequant_tile(b, szb, c, N, n_lo)
         acc_lo += w_lo * x
         acc_hi += w_hi * x
     out = Y + part * s_yz + pair * s_ym
@@ -232,11 +245,12 @@ def splits(blocks: int, chunks: int, least: int = 4) -> tuple[int, int]:
     return -(-chunks // each), each
 
 
-def _partials(x: torch.Tensor, n: int, parts: int) -> torch.Tensor:
-    """Where the kernels write: y itself (one part), else fp32 partial sums [parts, M, n]."""
-    if parts == 1:
-        return torch.empty(1, x.shape[0], n, dtype=x.dtype, device=x.device)
-    return torch.empty(parts, x.shape[0], n, dtype=torch.float32, device=x.device)
+def _partials(x: torch.Tensor, n: int, parts: int, rows: int | None = None) -> torch.Tensor:
+    """Where the kernels write: y itself (one part), else fp32 partial sums [parts, rows, n]
+    (rows: x's unless given), in x's dtype / on its device."""
+    rows = x.shape[0] if rows is None else rows
+    return torch.empty(parts, rows, n, dtype=x.dtype if parts == 1 else torch.float32,
+                       device=x.device)  # fmt: skip
 
 
 @triton.jit
@@ -341,7 +355,7 @@ def int4_pairs(x: torch.Tensor, per_row: int, idx: torch.Tensor, w: torch.Tensor
     if not P:
         return torch.empty(0, N, dtype=x.dtype, device=x.device)
     parts, each = splits(picks * (N // ROW_BLOCK), K // group, least=2)
-    p = torch.empty(parts, P, N, dtype=x.dtype if parts == 1 else torch.float32, device=x.device)
+    p = _partials(x, N, parts, rows=P)
     _int4_pairs_kernel[(P, N // ROW_BLOCK, parts)](
         x, x.stride(0), per_row, idx, w, w.stride(0), sz, sz.stride(0), p, p.stride(0),
         p.stride(1), N, K, each, GROUP=group,

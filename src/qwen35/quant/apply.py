@@ -29,7 +29,13 @@ from torch import nn
 from qwen35 import heap
 from qwen35.layers.linear import Linear
 from qwen35.layers.moe import Experts
-from qwen35.plan.params import head_format, int4_group, lattice_rows_ok, text_tensors
+from qwen35.plan.params import (  # (fp8_block: the FP8 scale block the engine holds)
+    fp8_block,
+    head_format,
+    int4_group,
+    lattice_rows_ok,
+    text_tensors,
+)
 from qwen35.quant import formats
 from qwen35.quant.formats import Int8Rows, Lattice
 from qwen35.quant.layers import (
@@ -57,17 +63,6 @@ def fp8_rule(cfg) -> set[str]:
         suffix = t.name.split("layers.{i}.", 1)[1].removesuffix(".weight")
         out.add(re.sub(r"\.experts\.\{e\}\..*$", ".experts", suffix))
     return out
-
-
-def fp8_block(cfg) -> tuple[int, int]:
-    """The FP8 block size: the checkpoint's `weight_block_size`; for a checkpoint of 4-bit
-    integers in groups of 32, 64 or 128k inputs one row and that many (128) inputs (their values
-    exactly: CompressedConfig.fp8_rows, formats.fp8_on_lattice); else the official 128 x 128."""
-    if cfg.quantization:
-        return cfg.quantization.weight_block_size
-    compressed = getattr(cfg, "compressed", None)
-    width = compressed.fp8_rows if compressed is not None else None
-    return (1, width) if width else (128, 128)
 
 
 def _excluded(name: str, cfg) -> bool:
@@ -411,7 +406,8 @@ class QuantizeOnRead:
         """Whether this load makes int8 / int4 of parameter `name` and takes a source file's
         hints, given for the storage `formats` (a GGUF file's: int4; a compressed-tensors
         checkpoint's: both)."""
-        # (not the vocabulary's: quantize_vocab_ makes them from their values)
+        # (not the vocabulary's: quantize_vocab_ makes them from their values; a GPTQ
+        # lm_head=True checkpoint's head came out of unread memory when its codes were taken)
         return self.take_hints and self.fmt in formats and self.owner.get(name, VOCAB[0]) not in VOCAB
 
     def hint(self, name: str, hint, target=None) -> None:
@@ -424,8 +420,7 @@ class QuantizeOnRead:
             return
         if hint is None:  # (an expert's slice without one: the [E, ...] hint cannot be whole)
             if target is not None and target.expert is not None:
-                self.hints.pop(name, None)
-                self._parts[name] = -(1 << 30)
+                self._drop(name)
             return
         if target is None or target.expert is None:
             self.hints[name] = hint
@@ -443,8 +438,7 @@ class QuantizeOnRead:
             for a, b in zip(whole, hint, strict=True))
             and all(t is None or t.shape[0] == rows for t in hint))
         if not fits:  # slices of different kinds: no hint for the parameter
-            self.hints.pop(name, None)
-            self._parts[name] = -(1 << 30)
+            self._drop(name)
             return
         for a, b in zip(whole, hint, strict=True):
             if a is not None:
@@ -466,15 +460,17 @@ class QuantizeOnRead:
         sliced = target is not None and target.expert is not None
         if not coded or (self.pending.get(name) != 1 and not sliced):
             return False
-        if self.owner.get(name) in VOCAB:  # (quantize_vocab_ makes them from their values: a
-            return False  # GPTQ lm_head=True checkpoint's head came out of unread memory)
         mod, leaf = self.slots[name][0]
         if takes_lattice(mod, leaf, self.fmt, part if sliced else hint, self.block):
             return True
         if sliced and self.fmt == "fp8":  # (the values make it: every slice's are wanted)
-            self.hints.pop(name, None)
-            self._parts[name] = -(1 << 30)
+            self._drop(name)
         return False
+
+    def _drop(self, name: str) -> None:
+        """No hint for parameter `name` (its slices' values make it): `lost` from now on."""
+        self.hints.pop(name, None)
+        self._parts[name] = -(1 << 30)
 
     def lost(self, name: str) -> bool:
         """Whether parameter `name`'s per-expert hint was dropped (slices of different kinds):

@@ -12,6 +12,7 @@ the GEMV 16 rows at a time at any count; int8 dequantises in PyTorch. Without Tr
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -120,8 +121,7 @@ def dequantized_stack(proj, dtype: torch.dtype) -> torch.Tensor:
     """A ProjStack's [E, N, K] weights in `dtype`, in quant/matmul.py's reused buffer."""
     from qwen35.quant.matmul import scratch
 
-    E, N = proj.weight.shape[:2]
-    K = proj.scales.shape[1] * proj.group if proj.kind == "int4" else proj.weight.shape[2]
+    E, N, K = proj.shape
     out = scratch((E * N, K), dtype, proj.weight.device).view(E, N, K)
     if proj.kind == "int8":
         return out.copy_(proj.weight).mul_(proj.scales[..., None])
@@ -139,12 +139,8 @@ def grouped_takes(stack, x: torch.Tensor, backend) -> bool:
     projection's dequantised experts within MOE_DEQUANT_MAX_BYTES."""
     if backend is None or not backend.grouped_mm or x.dtype != torch.bfloat16:
         return False
-    for proj in stack:
-        E, N = proj.weight.shape[:2]
-        K = proj.scales.shape[1] * proj.group if proj.kind == "int4" else proj.weight.shape[2]
-        if E * N * K * x.element_size() > MOE_DEQUANT_MAX_BYTES:
-            return False
-    return True
+    return all(math.prod(proj.shape) * x.element_size() <= MOE_DEQUANT_MAX_BYTES
+               for proj in stack)  # fmt: skip
 
 
 def int_experts_grouped(x, top_idx, top_w, stack, backend) -> torch.Tensor:

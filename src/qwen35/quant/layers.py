@@ -334,13 +334,6 @@ class Bf16Experts(Experts):
         return self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
 
 
-def int_gpu_kernels() -> bool:
-    """Whether quant/int_gpu.py's Triton kernels import here (Triton installed)."""
-    from qwen35.quant.int_gpu import _kernels
-
-    return _kernels() is not None
-
-
 class ProjStack(NamedTuple):
     """One projection of every expert as one tensor (the per-expert modules' parameters are views
     of it): what quant/int_gpu.py's MoE kernels read. int4: weight [E, N, K/2] uint8 in
@@ -351,6 +344,12 @@ class ProjStack(NamedTuple):
     weight: torch.Tensor
     scales: torch.Tensor
     group: int  # int4's group (0 for int8)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(E, N, K) of the experts' weights."""
+        E, N = self.weight.shape[:2]
+        return E, N, self.scales.shape[1] * self.group if self.kind == "int4" else self.weight.shape[2]
 
 
 class IntExperts(Experts):
@@ -391,21 +390,19 @@ class IntExperts(Experts):
     def few_token_graphs(self, backend) -> int:
         """Steps of up to int_gpu.py's MOE_MAX_ROWS tokens run its MoE kernels (no host sync:
         capturable) where the experts are stacked on a GPU; else 0."""
-        from qwen35.quant.int_gpu import MOE_MAX_ROWS
+        from qwen35.quant.int_gpu import MOE_MAX_ROWS, _kernels
 
         ok = self.stack is not None and self.num_total is None and backend.device_type == "cuda"
-        return MOE_MAX_ROWS if ok and int_gpu_kernels() else 0
+        return MOE_MAX_ROWS if ok and _kernels() is not None else 0
 
     def forward(self, x, top_idx, top_w, backend=None) -> torch.Tensor:
         gpu = x.is_cuda or (backend is not None and backend.on_gpu_path(x))  # (or interpreted)
         if self.stack is not None and gpu and self.num_total is None:
-            from qwen35.quant.int_gpu import int_experts_gpu
+            from qwen35.quant.int_gpu import grouped_takes, int_experts_gpu, int_experts_grouped
 
             y = int_experts_gpu(x, top_idx, top_w, self.stack, backend)
             if y is not None:
                 return y
-            from qwen35.quant.int_gpu import grouped_takes, int_experts_grouped
-
             if grouped_takes(self.stack, x, backend):  # prefill: dequantised, grouped GEMM
                 return int_experts_grouped(x, top_idx, top_w, self.stack, backend)
         return super().forward(x, top_idx, top_w, backend)
