@@ -1,6 +1,7 @@
-"""Loading a GGUF file: a fresh process's import + `load_model(FILE, quantization=...)`, this
-checkout against a git revision (a temporary worktree), processes alternated (one untimed load of
-each first: the page cache, the cached model directory, the worktree's CPU kernel builds).
+"""Loading a GGUF file (or any checkpoint directory: a compressed-tensors / GPTQ / AWQ one read
+by its codes): a fresh process's import + `load_model(FILE, quantization=...)`, this checkout
+against a git revision (a temporary worktree), processes alternated (one untimed load of each
+first: the page cache, the cached model directory, the worktree's CPU kernel builds).
 
     python bench/gguf_load.py FILE.gguf --baseline REV [--quantization int4] [--rounds 3]
     python bench/gguf_load.py FILE.gguf --baseline REV --first-use   # the model directory only,
