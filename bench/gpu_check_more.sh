@@ -43,7 +43,7 @@ step 80 "0.8B throughput" $B --model Qwen3.5-0.8B --workload throughput --hf-bat
   --out "$OUT/08b_throughput.json"
 step 60 "35B-A3B-FP8 decode" $B --model Qwen3.5-35B-A3B-FP8 --workload decode --no-baseline \
   --out "$OUT/35b_fp8_decode.json"
-step 50 "kernels vs what they replaced" python3 bench/gpu_kernels.py --only fp8,int,attention,deltanet \
+step 80 "kernels vs what they replaced" python3 bench/gpu_kernels.py --only fp8,int,attention,deltanet \
   --out "$OUT/kernels.json"
 # fla's configs again: this call's transformers runs tune fla at their own (not varlen) shapes,
 # which the first call's configs do not match; merge into kernels/fla_configs/ as before

@@ -16,8 +16,10 @@ by side with the path it replaced, in one run:
   activation quantization + the blockwise GEMM (torch._scaled_mm where it runs, and the Triton
   block kernel), 1 / 16 rows, 27B projections.
 - int: one weight's decode-sized product in BF16 (cuBLAS), FP8 (the GEMV) and int4 groups of
-  128 / 32 (kernels/triton_int.py), 27B projections, 1 / 16 rows; the int4 MoE experts at the
-  35B-A3B shapes, 1 / 4 / 16 tokens.
+  128 / 32 (kernels/triton_int.py), 27B projections, 1 / 16 rows; 64-4096 rows: the int4 GEMM
+  kernel vs dequantising + cuBLAS vs BF16 cuBLAS (where int_gpu.DENSE_GEMM_MAX_ROWS belongs);
+  the int4 MoE experts at the 35B-A3B shapes, 1 / 4 / 16 tokens (pairs kernels), 64-4096
+  (the sorted grouped GEMM vs every expert dequantised + torch._grouped_mm).
 - attention: paged decode attention at 1K / 8K / 32K tokens, batch 1 / 32: split-K (the
   default) vs one program per (sequence, KV head), 9B heads (16 query, 4 KV, head_dim 256);
   and a 2,048-token prefill chunk after 2K / 14K / 30K cached tokens (chunked prefill of a long
@@ -165,6 +167,32 @@ def int_formats(dev, dtype, out: list) -> None:
                 nbytes = N * K // 2 + N * (K // g) * 4
                 row(out, f"int {name} M={M} int4 g{g} GEMV", bench(
                     int_gpu.int4_linear_gpu, x, packed, sz, g, N), nbytes, M=M)  # fmt: skip
+    # past the GEMVs: the int4 GEMM kernel vs dequantising + cuBLAS (int_gpu.DENSE_GEMM_MAX_ROWS
+    # picks between them by these rows) vs BF16 cuBLAS
+    from qwen35.kernels import triton_int
+    from qwen35.quant.layers import ProjStack
+
+    label = "27B in_proj" if not DRY else "tiny"
+    N, K = shapes[label]
+    w = torch.randn(N, K, device=dev) * 0.02
+    q, sz = formats.quantize_int4_groups(w, 128, dtype)
+    packed = matmul.pack_int4(q)
+    one = ProjStack("int4", packed[None], sz[None], 128)
+    buf = torch.empty(N, K, device=dev, dtype=dtype)
+
+    def dequant_gemm(x):
+        triton_int.int4_dequant(packed, sz, 128, buf)
+        return torch.nn.functional.linear(x, buf)
+
+    for M in (64, 128, 256, 512, 1024, 4096) if not DRY else (65,):
+        x = torch.randn(M, K, device=dev, dtype=dtype)
+        flops = dict(M=M, tflops_at_1us=2 * M * N * K / 1e6)
+        row(out, f"int {label} M={M} bf16 cuBLAS",
+            bench(torch.nn.functional.linear, x, w.to(dtype)), 2 * N * K, **flops)  # fmt: skip
+        row(out, f"int {label} M={M} int4 GEMM kernel", bench(
+            triton_int.int_gemm, x, one, M, None, triton_int.gemm_bm(M)), N * K // 2, **flops)
+        row(out, f"int {label} M={M} int4 dequant + cuBLAS", bench(dequant_gemm, x),
+            N * K // 2, **flops)  # fmt: skip
     E, H, I, k = (256, 2048, 512, 8) if not DRY else (8, 128, 128, 2)
     gu = [Int4Linear.quantize(torch.randn(2 * I, H, device=dev) * 0.02, 128, dtype)
           for _ in range(E)]  # fmt: skip
@@ -179,6 +207,31 @@ def int_formats(dev, dtype, out: list) -> None:
         nbytes = pairs * 3 * I * (H // 2 + H // 128 * 4)
         row(out, f"int4 MoE 35B-A3B experts T={T}",
             bench(int_gpu.int_experts_gpu, x, idx, tw, ex.stack), nbytes, T=T)  # fmt: skip
+    # prefill-sized steps: the grouped GEMM over the pairs sorted by expert (int_experts_sorted)
+    # vs what it replaced, every expert dequantised into one buffer + two torch._grouped_mm
+    from qwen35.ops.moe import grouped_experts_gmm
+
+    gu_buf = torch.empty(E, 2 * I, H, device=dev, dtype=dtype)
+    dn_buf = torch.empty(E, H, I, device=dev, dtype=dtype)
+
+    def dequant_grouped(x, idx, tw):
+        triton_int.int4_dequant(ex.stack[0].weight, ex.stack[0].scales, 128, gu_buf)
+        triton_int.int4_dequant(ex.stack[1].weight, ex.stack[1].scales, 128, dn_buf)
+        return grouped_experts_gmm(x, gu_buf, dn_buf, idx, tw)
+
+    everything = E * 3 * I * (H // 2 + H // 128 * 4)
+    for T in (64, 256, 1024, 4096) if not DRY else (40,):
+        x = torch.randn(T, H, device=dev, dtype=dtype)
+        idx = torch.stack([torch.randperm(E, device=dev)[:k] for _ in range(T)])
+        tw = torch.full((T, k), 1.0 / k, device=dev, dtype=dtype)
+        if T <= int_gpu.MOE_MAX_ROWS:
+            row(out, f"int4 MoE 35B-A3B T={T} pairs kernels",
+                bench(int_gpu.int_experts_gpu, x, idx, tw, ex.stack), everything, T=T)  # fmt: skip
+        row(out, f"int4 MoE 35B-A3B T={T} sorted grouped GEMM",
+            bench(int_gpu.int_experts_sorted, x, idx, tw, ex.stack), everything, T=T)  # fmt: skip
+        if torch.cuda.is_available() and hasattr(torch, "_grouped_mm"):
+            row(out, f"int4 MoE 35B-A3B T={T} dequantise all + grouped_mm",
+                bench(dequant_grouped, x, idx, tw), everything, T=T)  # fmt: skip
 
 
 def attention(dev, dtype, out: list) -> None:

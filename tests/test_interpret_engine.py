@@ -412,8 +412,9 @@ def test_speculative_verify_steps_on_the_gpu_backend(which, k, tmp_path, calls):
 @pytest.mark.parametrize("source", ["bf16", "gguf"])
 def test_engine_int4_on_the_gpu_backend_equals_cpu_engine(tmp_path, calls, monkeypatch, source):
     """`--quantization int4` as a GPU runs it (kernels/triton_int.py through quant/int_gpu.py):
-    the MoE experts stacked and run by the pairs kernels, every int4 / int6 product by the
-    GEMVs (decode rows) or dequantised + a GEMM (prefill), interpreted on CPU tensors: greedy
+    the MoE experts stacked and run by the pairs kernels (decode) or the grouped GEMM over the
+    pairs sorted by expert (a prefill step of > 64 tokens), every int4 / int6 product by the
+    GEMVs (decode rows) or the GEMM kernel (prefill), interpreted on CPU tensors: greedy
     tokens equal the CPU engine's on the same int4 weights (its kernels with 16-bit
     activations, --int4-activations 16bit). From a BF16 checkpoint quantized at load, and from a
     GGUF file of Q4_0 tensors whose down experts are Q8_0 (as a Q4_K_M's are Q6_K): its 4-bit
@@ -422,10 +423,11 @@ def test_engine_int4_on_the_gpu_backend_equals_cpu_engine(tmp_path, calls, monke
     from qwen35.quant import int_gpu, matmul
 
     n = Counter()
-    for name in ("int4_gemv", "int4_dequant", "int6_gemv", "int4_pairs", "expert_pairs"):
-        fn = getattr(triton_int, name)
-        monkeypatch.setattr(triton_int, name,
-                            lambda *a, _f=fn, _n=name: n.update([_n]) or _f(*a))  # fmt: skip
+    for mod, name in [(triton_int, "int4_gemv"), (triton_int, "int_gemm"),
+                      (triton_int, "int6_gemv"), (triton_int, "int4_pairs"),
+                      (triton_int, "expert_pairs"), (int_gpu, "int_experts_sorted")]:  # fmt: skip
+        fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _f=fn, _n=name: n.update([_n]) or _f(*a))
     from test_gptq_awq import MOE  # (experts of 128 rows: whole 64-row blocks, int4)
 
     save_checkpoint(tmp_path / "m", moe=True, experts="fused", **MOE)
@@ -453,7 +455,8 @@ def test_engine_int4_on_the_gpu_backend_equals_cpu_engine(tmp_path, calls, monke
     kinds = {(m.stack[0].kind, m.stack[1].kind) for m in ex}
     assert kinds == {("int4", "int8" if source == "gguf" else "int4")}, kinds
     assert ids(llm.generate(ps, sp)) == want
-    assert all(n[k] for k in ("int4_gemv", "int4_dequant", "int6_gemv", "expert_pairs")), n
+    assert all(n[k] for k in ("int4_gemv", "int_gemm", "int6_gemv", "expert_pairs",
+                              "int_experts_sorted")), n  # fmt: skip
 
 
 def test_decode_graph_buffers_with_int4_moe(calls, monkeypatch):

@@ -119,8 +119,9 @@ def test_int4_model_on_gpu_matches_the_cpus(tmp_path, moe):
     """`--quantization int4` on CUDA (kernels/triton_int.py: the CPU layouts read by Triton GEMVs,
     the MoE experts stacked for the pairs kernel): the same int4 / int6 weights as a CPU load
     (quantized on the device, the same formulas), fp32 logits within the activation rounding of
-    the CPU's kernels (16-bit activations there; none here), for decode-sized inputs (the GEMVs)
-    and a 24-token prefill (dequantised + cuBLAS)."""
+    the CPU's kernels (16-bit activations there; none here), for decode-sized inputs (the GEMVs,
+    the pairs kernels) and prefills of 100 tokens (the GEMM kernel, the grouped GEMM over the
+    pairs sorted by expert) and 300 (dense: dequantised + cuBLAS)."""
     from qwen35.loader import load_model
     from qwen35.quant.layers import Int4Linear, IntExperts, set_int4_activations
     from test_gptq_awq import DENSE, MOE  # (whole 64-row blocks: every matrix int4)
@@ -135,7 +136,7 @@ def test_int4_model_on_gpu_matches_the_cpus(tmp_path, moe):
     cpu = load_model(tmp_path / "m", dtype="fp32", quantization="int4")
     set_int4_activations(cpu, False)
     try:
-        for T in (1, 5, 24):
+        for T in (1, 5, 24, 100, 300):
             ids = torch.randint(0, 256, (1, T))
             assert _rel(gpu(ids.cuda()).cpu(), cpu(ids)) < 0.02, T
     finally:
@@ -143,9 +144,10 @@ def test_int4_model_on_gpu_matches_the_cpus(tmp_path, moe):
 
 
 def test_int4_moe_engine_decodes_in_graphs(tmp_path):
-    """An int4 MoE model in the engine (bf16): its experts run the int4 pairs kernel without a
-    host sync, so decode CUDA graphs are captured; greedy tokens equal the eager engine's, and
-    batched equals alone."""
+    """An int4 MoE model in the engine (bf16): its experts run the int4 pairs kernel (up to 64
+    rows) or the sorted grouped GEMM (more) without a host sync, so decode CUDA graphs are
+    captured at every batch; greedy tokens equal the eager engine's, and batched equals alone
+    (up to 64 rows: past them the GEMM kernels add in another order than the GEMVs)."""
     from qwen35.request import SamplingParams
     from test_engine import ids, make, prompts
     from test_gptq_awq import MOE
@@ -160,6 +162,9 @@ def test_int4_moe_engine_decodes_in_graphs(tmp_path):
     got = ids(llm.generate(ps, sp))
     assert got == ids(make(tmp_path / "m", enforce_eager=True, **kw).generate(ps, sp))
     assert got == [ids(llm.generate([p], sp))[0] for p in ps]
+    ps = prompts(70, seed=8, lo=3, hi=12)  # a decode batch of 70 rows, captured too
+    got = ids(llm.generate(ps, sp))
+    assert got == ids(make(tmp_path / "m", enforce_eager=True, **kw).generate(ps, sp))
 
 
 def test_gptq_checkpoint_in_int4_on_gpu(tmp_path):

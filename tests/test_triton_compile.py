@@ -376,3 +376,21 @@ def test_int_kernels_compile(dtype):
                    CHUNKS=i, BM=0, BN=0, BK=0, IEEE=0, UPCAST=0)  # fmt: skip
         compile_sm90(ti.int8_gemv.kernel, sig, dict(BM=16, BN=ti.BN, BK=128, **flags),
                      target=target, spills_ok=fp32)  # fmt: skip
+    # the int4 / int8 GEMMs (dense rows past the GEMVs; a MoE step's pairs sorted by expert,
+    # read through XIDX and written through YIDX) at every tile size gemm_bm gives
+    sig = dict(X=p, s_xm=i, XIDX="*i64", W="*u8", s_we=i, SZ=p, s_se=i, Y=p, s_ym=i,
+               YIDX="*i64", TILES="*i32", M=i, N=i, K=i, BM=0, GROUP=0, GROUPED=0, GATHER=0,
+               SCATTER=0, IEEE=0, UPCAST=0)  # fmt: skip
+    for bm, group, target in itertools.product((16, 32, 64), (32, 128), (SM90, SM80)):
+        for grouped in (False, True):
+            compile_sm90(ti.int_gemm.int4_kernel, dict(sig),
+                         dict(BM=bm, GROUP=group, GROUPED=grouped, GATHER=grouped,
+                              SCATTER=grouped, **flags),
+                         target=target, spills_ok=fp32, num_warps=ti.gemm_warps(bm))  # fmt: skip
+    sig8 = {**sig, "W": "*i8", "S": p, "BN": 0, "BK": 0}
+    sig8 = {k: sig8[k] for k in ti.int_gemm.int8_kernel.arg_names}
+    for bm, target in itertools.product((16, 32, 64), (SM90, SM80)):
+        compile_sm90(ti.int_gemm.int8_kernel, dict(sig8),
+                     dict(BM=bm, BN=ti.GEMM_BN, BK=ti.GEMM_BK, GROUPED=True, GATHER=True,
+                          SCATTER=True, **flags),
+                     target=target, spills_ok=fp32, num_warps=ti.gemm_warps(bm))  # fmt: skip

@@ -713,10 +713,11 @@ def test_int_moe_kernels_equal_expert_loop(dtype, down, T):
     torch.testing.assert_close(y.float(), ref, **INT_TOL[dtype])
 
 
-@pytest.mark.parametrize("M", [40, 70])
+@pytest.mark.parametrize("M", [40, 70, 300])
 def test_int_gpu_products_past_16_rows(M):
     """quant/int_gpu.py past one GEMV call: up to 64 rows the GEMVs 16 rows a call (int4 / int8),
-    above int4 dequantised + a GEMM; the int6 head 16 rows a call at any count. fp32: the
+    then the GEMM kernel, past DENSE_GEMM_MAX_ROWS int4 dequantised + a GEMM (int8: None, its
+    caller dequantises); the int6 head 16 rows a call at any count. fp32: the
     dequantised-weight products up to summation order."""
     from qwen35.quant import formats, int_gpu, matmul
 
@@ -734,33 +735,94 @@ def test_int_gpu_products_past_16_rows(M):
                                **INT_TOL[torch.float32])  # fmt: skip
     q8, s8 = (t.to(DEV) for t in formats.quantize_int8_rows(w, torch.float32))
     y = int_gpu.int8_linear_gpu(x, q8, s8)
-    assert (y is None) == (M > int_gpu.GEMV_MAX_ROWS)
+    assert (y is None) == (M > int_gpu.DENSE_GEMM_MAX_ROWS)
     if y is not None:
         want = x @ formats.dequantize_int8_rows(q8, s8, torch.float32).T
         torch.testing.assert_close(y, want, **INT_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("T,k", [(100, 2), (23, 5)])
 @pytest.mark.parametrize("down", ["int4", "int8"])
-def test_int_moe_prefill_dequantised_grouped_equals_expert_loop(down):
-    """A prefill-sized MoE step on stacked int experts (quant/int_gpu.py int_experts_grouped):
-    each projection's experts dequantised at once (the int4 kernel over [E, N, K]; int8 in
-    PyTorch) into the reused buffer, then the grouped GEMM: the expert loop's result on the
-    same dequantised weights, bf16, 100 tokens (more than the pairs kernels take)."""
-    from qwen35.ops.backend import Backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int_moe_sorted_grouped_gemm_equals_expert_loop(dtype, down, T, k):
+    """A prefill-sized MoE step on stacked int experts (quant/int_gpu.py int_experts_sorted:
+    the pairs sorted by expert, tiles of rows per expert, the grouped int4 / int8 GEMM reading
+    the codes): the expert loop on the same dequantised weights (fp32: up to summation order);
+    an expert with no rows, partial tiles (6 experts: 200 / 115 pairs); a token's rows give the
+    same bits wherever the step holds them (tiles sized by the step's shape only)."""
+    from qwen35.kernels import triton_int as ti
     from qwen35.ops.moe import grouped_experts_reference
-    from qwen35.quant.int_gpu import MOE_MAX_ROWS, grouped_takes, int_experts_grouped
+    from qwen35.quant.int_gpu import MOE_MAX_ROWS, int_experts_gpu, int_experts_sorted
 
-    dt, T = torch.bfloat16, 100
-    ex, x, idx, w = _int_experts_step(5, T, 2, dt, (64, 32), down)
-    be = Backend("cuda", grouped_mm=True, interpret=not ON_GPU)
-    assert T > MOE_MAX_ROWS and grouped_takes(ex.stack, x, be)
-    y = int_experts_grouped(x, idx, w, ex.stack, be)
-    gu16 = torch.stack([m.dequantized(dt) for m in ex.gate_up_q])
-    dn16 = torch.stack([m.dequantized(dt) for m in ex.down_q])
-    ref = grouped_experts_reference(x.float(), gu16.float(), dn16.float(), idx, w.float())
-    assert _rel(y, ref) < 0.01
-    from qwen35.kernels import triton_int
+    ex, x, _, w = _int_experts_step(5, T, k, dtype, (64, 32), down)
+    g = torch.Generator().manual_seed(T)
+    idx = torch.stack([torch.randperm(5, generator=g)[:k] for _ in range(T)]).to(DEV)  # no 5
+    assert T <= MOE_MAX_ROWS or int_experts_gpu(x, idx, w, ex.stack) is None
+    y = int_experts_sorted(x, idx, w, ex.stack)
+    gu32 = torch.stack([m.dequantized(torch.float32) for m in ex.gate_up_q])
+    dn32 = torch.stack([m.dequantized(torch.float32) for m in ex.down_q])
+    ref = grouped_experts_reference(x.float(), gu32, dn32, idx, w.float())
+    torch.testing.assert_close(y.float(), ref, **INT_TOL[dtype])
+    assert ti.gemm_bm(T * k / 6) == (32 if T == 100 else 16)  # 33 / 19 rows an expert
+    # a token moved to another place in the step, with other tokens: its rows' bits unchanged
+    perm = torch.randperm(T, generator=torch.Generator().manual_seed(1)).to(DEV)
+    y2 = int_experts_sorted(x[perm], idx[perm], w[perm], ex.stack)
+    if ON_GPU or dtype == torch.bfloat16:
+        assert torch.equal(y2, y[perm])
+    else:  # (interpreted fp32 dots are numpy's BLAS: a row's last bit depends on its place)
+        torch.testing.assert_close(y2, y[perm], atol=2e-7, rtol=0)
 
-    out = torch.empty_like(gu16)  # the stacked dequantisation itself
-    triton_int.int4_dequant(ex.stack[0].weight, ex.stack[0].scales, 64, out)
-    torch.testing.assert_close(out, gu16, **ROUNDING[dt])
+
+def test_tile_rows_cover_each_expert_once():
+    """triton_int.tile_rows: every row of every expert in exactly one tile of its expert, no
+    tile past the expert's rows, the unused tiles empty (expert -1), sized by the row count
+    alone (capturable: no host sync to size it)."""
+    from qwen35.kernels import triton_int as ti
+
+    g = torch.Generator().manual_seed(0)
+    for E, rows, bm in [(6, 200, 32), (256, 40, 16), (4, 1, 64), (3, 128, 64), (5, 0, 16)]:
+        picks = torch.randint(0, E, (rows,), generator=g)
+        picks[: rows // 3] = 0  # (one crowded expert)
+        counts = torch.bincount(picks, minlength=E).int()
+        tiles = ti.tile_rows(counts.to(DEV), bm, rows).cpu()
+        assert tiles.shape == (-(-rows // bm) + min(E, rows), 3)
+        ends = counts.cumsum(0)
+        seen = torch.zeros(rows, dtype=torch.int32)
+        for e, r0, end in tiles.tolist():
+            if e < 0:
+                assert end == 0
+                continue
+            assert end == ends[e] and ends[e] - counts[e] <= r0 < end
+            seen[r0 : min(r0 + bm, end)] += 1
+        assert bool((seen == 1).all())
+
+
+@pytest.mark.parametrize("M", [65, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int_gemm_dense_rows_equal_dequantised_weights(dtype, M):
+    """quant/int_gpu.py past the GEMVs (64 rows) and up to DENSE_GEMM_MAX_ROWS: the int4 / int8
+    GEMM (tiles of rows against each weight block, the codes read as stored; 65 rows: a
+    partial tile) = the dequantised-weight product; rows strided in x."""
+    from qwen35.kernels import triton_int as ti
+    from qwen35.quant import formats, int_gpu, matmul
+
+    assert int_gpu.GEMV_MAX_ROWS < M <= int_gpu.DENSE_GEMM_MAX_ROWS
+    g = torch.Generator().manual_seed(M)
+    N, K, group = 192, 256, 32
+    w = torch.randn(N, K, generator=g) * 0.05
+    x = torch.randn(M, K + 8, generator=g).to(DEV, dtype)[:, :K]
+    q, sz = formats.quantize_int4_groups(w, group, dtype)
+    want = x.float() @ formats.dequantize_int4_groups(q, sz, group, torch.float32).to(DEV).T
+    calls = []
+    real = ti.int_gemm
+    ti.int_gemm = lambda *a: calls.append(a[2]) or real(*a)
+    try:
+        y = int_gpu.int4_linear_gpu(x, matmul.pack_int4(q).to(DEV), sz.to(DEV), group, N)
+        q8, s8 = (t.to(DEV) for t in formats.quantize_int8_rows(w[:, :-3], dtype))
+        y8 = int_gpu.int8_linear_gpu(x[:, :-3], q8, s8)  # (K not a multiple of the tile)
+    finally:
+        ti.int_gemm = real
+    assert calls == [M, M] and y.dtype == dtype
+    torch.testing.assert_close(y.float(), want, **INT_TOL[dtype])
+    want8 = x[:, :-3].float() @ formats.dequantize_int8_rows(q8, s8, torch.float32).T
+    torch.testing.assert_close(y8.float(), want8, **INT_TOL[dtype])

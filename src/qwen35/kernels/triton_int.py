@@ -236,6 +236,91 @@ def _int8_pairs_kernel(
     tl.store(Y + pair * s_ym + rn, y.to(Y.dtype.element_ty), mask=mn)
 
 
+@triton.jit
+def _tile_rows(TILES, M, BM: tl.constexpr, GROUPED: tl.constexpr):
+    """Program t's tile: (expert, its first row, the end of the expert's rows). Grouped:
+    TILES [t, 3] (`tiles`; expert -1: no tile, end 0); else rows t * BM on of one matrix (M
+    rows)."""
+    t = tl.program_id(0)
+    if GROUPED:
+        e = tl.load(TILES + 3 * t)
+        row0 = tl.load(TILES + 3 * t + 1)
+        end = tl.load(TILES + 3 * t + 2)
+    else:
+        e = t * 0
+        row0 = t * BM
+        end = M
+    return tl.maximum(e, 0).to(tl.int64), row0, end
+
+
+@triton.jit
+def _int4_gemm_kernel(
+    X, s_xm, XIDX, W, s_we, SZ, s_se, Y, s_ym, YIDX, TILES, M, N, K,
+    BM: tl.constexpr, GROUP: tl.constexpr, GROUPED: tl.constexpr, GATHER: tl.constexpr,
+    SCATTER: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Program (tile of BM rows, block of 64 weight rows): the tile's rows of X (or the rows
+    XIDX names: GATHER) against its expert's int4 block (Int4Linear's layout, stacked [E, N,
+    K/2] / [E, K/g, N, 2]) as _int4_gemv_kernel multiplies them (the nibbles through the tensor
+    cores, scale and zero on the fp32 sums), 32 inputs a step whatever the group (a group of 128
+    at once spilled registers from 32 rows on), into Y's rows (or those YIDX names: SCATTER).
+    A tile's rows belong to one expert (`tile_rows`); the weight block is read once a tile."""
+    blk = tl.program_id(1)
+    e, row0, end = _tile_rows(TILES, M, BM, GROUPED)
+    rm = row0 + tl.arange(0, BM)
+    mm = rm < end
+    xr = tl.load(XIDX + rm, mask=mm, other=0).to(tl.int64) if GATHER else rm.to(tl.int64)
+    r = tl.arange(0, 32)
+    n_lo = blk * 64 + r
+    base = W + e * s_we + blk.to(tl.int64) * 32 * K
+    szb = SZ + e * s_se
+    acc_lo = tl.zeros((BM, 32), dtype=tl.float32)
+    acc_hi = tl.zeros((BM, 32), dtype=tl.float32)
+    for c in range(0, tl.where(end > row0, K // 32, 0)):  # (no rows: no weight read)
+        k = c * 32 + r
+        x = tl.load(X + xr[:, None] * s_xm + k[None, :], mask=mm[:, None], other=0.0)
+        b = tl.load(base + k[:, None] * 32 + r[None, :]).to(tl.int32)  # [32, 32]
+        s_lo, z_lo, s_hi, z_hi = _group_sz(szb, c * 32 // GROUP, N, n_lo)
+        xs = tl.sum(x.to(tl.float32), 1)[:, None]
+        acc_lo += _dot(x, (b & 15) - 8, IEEE, UPCAST) * s_lo[None, :] + xs * z_lo[None, :]
+        acc_hi += _dot(x, (b >> 4) - 8, IEEE, UPCAST) * s_hi[None, :] + xs * z_hi[None, :]
+    yr = tl.load(YIDX + rm, mask=mm, other=0).to(tl.int64) if SCATTER else rm.to(tl.int64)
+    out = Y + yr[:, None] * s_ym
+    dt = Y.dtype.element_ty
+    tl.store(out + n_lo[None, :], acc_lo.to(dt), mask=mm[:, None])
+    tl.store(out + (n_lo + 32)[None, :], acc_hi.to(dt), mask=mm[:, None])
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    X, s_xm, XIDX, W, s_we, S, s_se, Y, s_ym, YIDX, TILES, M, N, K,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUPED: tl.constexpr,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """As _int4_gemm_kernel for int8 weights with per-row scales (stacked [E, N, K], [E, N]):
+    program (tile, block of BN weight rows)."""
+    pn = tl.program_id(1)
+    e, row0, end = _tile_rows(TILES, M, BM, GROUPED)
+    rm = row0 + tl.arange(0, BM)
+    mm = rm < end
+    xr = tl.load(XIDX + rm, mask=mm, other=0).to(tl.int64) if GATHER else rm.to(tl.int64)
+    rn = pn * BN + tl.arange(0, BN)
+    mn = rn < N
+    rows = W + e * s_we + rn.to(tl.int64)[:, None] * K
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for c in range(0, tl.where(end > row0, tl.cdiv(K, BK), 0)):
+        k = c * BK + tl.arange(0, BK)
+        mk = k < K
+        x = tl.load(X + xr[:, None] * s_xm + k[None, :], mask=mm[:, None] & mk[None, :],
+                    other=0.0)  # fmt: skip
+        w = tl.load(rows + k[None, :], mask=mn[:, None] & mk[None, :], other=0)
+        acc += _dot(x, tl.trans(w), IEEE, UPCAST)
+    acc *= tl.load(S + e * s_se + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    yr = tl.load(YIDX + rm, mask=mm, other=0).to(tl.int64) if SCATTER else rm.to(tl.int64)
+    tl.store(Y + yr[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty),
+             mask=mm[:, None] & mn[None, :])  # fmt: skip
+
+
 def splits(blocks: int, chunks: int, least: int = 4) -> tuple[int, int]:
     """(programs along K, chunks each) for a matrix of `blocks` row blocks and `chunks` K chunks:
     enough programs to keep the GPU's loads in flight (PROGRAMS), at least `least` chunks
@@ -384,8 +469,73 @@ def expert_pairs(x: torch.Tensor, per_row: int, idx: torch.Tensor, proj,
     return y
 
 
+def tile_rows(counts: torch.Tensor, bm: int, rows: int) -> torch.Tensor:
+    """[tiles, 3] int32 (expert, first row, end of its rows) for a grouped GEMM over `rows` rows
+    sorted by expert, counts[e] of expert e: each expert's rows in tiles of bm, on the device
+    without a host sync (capturable). Sized for any counts summing to `rows` (cdiv(rows, bm) +
+    min(E, rows) tiles): the unused ones have expert -1 and no rows."""
+    E = counts.shape[0]
+    counts = counts.to(torch.int32)
+    ends = counts.cumsum(0, dtype=torch.int32)
+    per = (counts + (bm - 1)) // bm
+    tend = per.cumsum(0, dtype=torch.int32)
+    t = torch.arange(-(-rows // bm) + min(E, rows), device=counts.device, dtype=torch.int32)
+    e = torch.searchsorted(tend, t, right=True)  # the tile's expert (E: none)
+    ec = e.clamp(max=E - 1)
+    row0 = ends[ec] - counts[ec] + (t - (tend[ec] - per[ec])) * bm
+    none = e >= E
+    return torch.stack([torch.where(none, -1, ec.to(torch.int32)), row0,
+                        torch.where(none, 0, ends[ec])], 1).to(torch.int32).contiguous()  # fmt: skip
+
+
+def gemm_bm(rows_per_expert: float) -> int:
+    """A tile's rows: 16 (the GEMVs' mma shape) up to 64 as the rows an expert (or a matrix)
+    gets grow: fewer padded rows for sparse experts, fuller tensor-core tiles for dense ones.
+    By shape only (a step's row count), never by the values. UNMEASURED: an estimate."""
+    return 16 if rows_per_expert < 32 else 32 if rows_per_expert < 64 else 64
+
+
+GEMM_BN, GEMM_BK = 64, 64  # the int8 GEMM's weight rows and inputs a step
+
+
+def int_gemm(x: torch.Tensor, proj, rows: int, tiles: torch.Tensor | None = None, bm: int = 16,
+             xidx: torch.Tensor | None = None, yidx: torch.Tensor | None = None) -> torch.Tensor:
+    """y [rows, N] = x @ W^T for one matrix (proj: quant/layers.py ProjStack, E = 1; tiles
+    None: x's first `rows` rows) or each row's expert (tiles: `tile_rows` of rows sorted by
+    expert). xidx: the x row each (sorted) row reads (else row i reads x[i]); yidx: the y row it
+    writes (else y[i])."""
+    E, N, K = proj.shape
+    y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
+    if not rows:
+        return y
+    assert x.stride(1) == 1 and x.shape[1] == K and proj.weight.is_contiguous()
+    assert proj.scales.is_contiguous() and (tiles is not None or E == 1)
+    ntiles = tiles.shape[0] if tiles is not None else -(-rows // bm)
+    dummy = tiles if tiles is not None else y  # (pointers the flags leave unread)
+    common = dict(BM=bm, GROUPED=tiles is not None, GATHER=xidx is not None,
+                  SCATTER=yidx is not None, IEEE=x.dtype == torch.float32, UPCAST=UPCAST)
+    args = (x, x.stride(0), dummy if xidx is None else xidx, proj.weight, proj.weight.stride(0),
+            proj.scales, proj.scales.stride(0), y, y.stride(0), dummy if yidx is None else yidx,
+            dummy, rows, N, K)  # fmt: skip
+    if proj.kind == "int4":
+        assert N % ROW_BLOCK == 0 and K % proj.group == 0 and proj.group % 32 == 0
+        _int4_gemm_kernel[(ntiles, N // ROW_BLOCK)](*args, GROUP=proj.group, **common,
+                                                    num_warps=gemm_warps(bm))  # fmt: skip
+    else:
+        _int8_gemm_kernel[(ntiles, triton.cdiv(N, GEMM_BN))](
+            *args, BN=GEMM_BN, BK=GEMM_BK, **common, num_warps=gemm_warps(bm))
+    return y
+
+
+def gemm_warps(bm: int) -> int:
+    """The GEMMs' warps: 8 from 32 rows a tile on (4 spilled registers there on sm_90:
+    tests/test_triton_compile.py)."""
+    return 4 if bm <= 16 else 8
+
+
 # tests/test_triton_compile.py compiles them for sm_90 / sm_80
 int4_gemv.kernel, int4_dequant.kernel = _int4_gemv_kernel, _int4_dequant_kernel
 int6_gemv.kernel, int8_gemv.kernel = _int6_gemv_kernel, _int8_gemv_kernel
 int4_pairs.kernel, expert_pairs.int8_kernel = _int4_pairs_kernel, _int8_pairs_kernel
 _reduce.kernel = _sum_parts_kernel
+int_gemm.int4_kernel, int_gemm.int8_kernel = _int4_gemm_kernel, _int8_gemm_kernel

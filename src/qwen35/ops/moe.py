@@ -140,10 +140,8 @@ def grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=F.linear,
 
 
 def grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be: Backend | None = None):
-    """gate_up, down: [E, N, K] weights in x's dtype, or functions that give them when they are
-    needed (quantized experts dequantised into one reused buffer: quant/int_gpu.py)."""
+    """gate_up, down: [E, N, K] weights in x's dtype."""
     flat, order, token_of = _sort_pairs(top_idx)
-    gate_up = gate_up() if callable(gate_up) else gate_up
     E = gate_up.shape[0]
     # counts by scatter_add (bincount sizes its output from the max: a host sync on CUDA)
     counts = torch.zeros(E, dtype=torch.int32, device=x.device)
@@ -153,7 +151,6 @@ def grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be: Backend | None = N
     gu = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)  # [T*k, 2I]
     gate, up = gu.chunk(2, dim=-1)
     h = silu_mul(be, gate, up, inplace=True)  # [T*k, I]
-    down = down() if callable(down) else down
     ys = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)  # [T*k, H]
     ys.mul_(top_w.reshape(-1, 1).index_select(0, order))
     return torch.zeros_like(x).index_add_(0, token_of, ys)

@@ -193,22 +193,13 @@ _SAME_INPUT = {"gate_proj": "gate_up", "up_proj": "gate_up", "q_proj": "qkv", "k
                "v_proj": "qkv", "in_proj_qkv": "in", "in_proj_z": "in"}  # fmt: skip
 
 
-MOE_DEQUANT_MAX_BYTES = 1 << 30  # quant/int_gpu.py: a prefill's experts dequantised at once
-
-
 def dequant_buffer_bytes(cfg: ModelConfig, tp: int = 1) -> int:
-    """The buffer int8 / int4 products of more than 64 rows dequantize a weight into on a GPU
-    (quant/int_gpu.py: one reused BF16 matrix for cuBLAS): the largest matrix one rank
-    multiplies at once, same-input projections packed together (a dense MLP's gate and up,
-    an expert's), the head and embedding excepted (read by their GEMV); a MoE prefill's
-    experts of one projection all at once where they fit MOE_DEQUANT_MAX_BYTES (the grouped
-    GEMM; larger ones one at a time; expert parallelism's ranks loop over theirs)."""
+    """The buffer int8 / int4 products of more than quant/int_gpu.py's DENSE_GEMM_MAX_ROWS rows
+    dequantize a weight into on a GPU (one reused BF16 matrix for cuBLAS): the largest matrix
+    one rank multiplies at once, same-input projections packed together (a dense MLP's gate and
+    up, an expert's: unstacked experts run one at a time), the head and embedding excepted (read
+    by their GEMV). Stacked experts dequantize nothing (their grouped GEMM reads the codes)."""
     runs: dict[tuple[str, str], int] = {}
-    if cfg.is_moe:
-        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size // tp
-        whole = 2 * E * 2 * I * H  # gate_up in bf16 (down: half of it)
-        if whole <= MOE_DEQUANT_MAX_BYTES:
-            runs[("experts", "all")] = whole // 2
     for t in weight_tensors(cfg, text_only=True):
         if not t.fp8 or len(t.shape) != 2:  # (the int formats' matrices but head / embedding)
             continue

@@ -2,23 +2,25 @@
 (quant/layers.py): what quant/matmul.py's int*_linear run for a GPU's rows.
 
 Up to 64 rows (decode; 16 a call): kernels/triton_int.py's GEMVs read the packed bytes as
-stored (int4: 4.25 to 5 bits a weight read a step instead of BF16's 16). More rows (prefill):
-int4 is dequantised by one Triton kernel into quant/matmul.py's reused buffer (one layer's
-largest matrix) and a cuBLAS GEMM runs on it; the int6 head (read for a few rows a step) takes
-the GEMV 16 rows at a time at any count; int8 dequantises in PyTorch. Without Triton, or where its kernels do not build
+stored (int4: 4.25 to 5 bits a weight read a step instead of BF16's 16). Up to
+DENSE_GEMM_MAX_ROWS (batched decode, short prefills): its int4 / int8 GEMM, tiles of rows
+against each block of weight rows, the weight still read as stored. More rows (prefill): int4
+is dequantised by one Triton kernel into quant/matmul.py's reused buffer (one layer's largest
+matrix) and a cuBLAS GEMM runs on it; the int6 head (read for a few rows a step) takes the GEMV
+16 rows at a time at any count; int8 dequantises in PyTorch. MoE experts (IntExperts' stacks):
+the pairs kernels up to MOE_MAX_ROWS tokens, else the grouped GEMM over the pairs sorted by
+expert (`int_experts_sorted`). Without Triton, or where its kernels do not build
 (`fp8_gpu._built`: warned once), the PyTorch references run. UNMEASURED on a GPU.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 
 from qwen35.layers.linear import gemm, in_chunks
-from qwen35.plan.sharding import MOE_DEQUANT_MAX_BYTES  # (int_experts_grouped's budget)
 from qwen35.quant import formats
 
 MAX_ROWS = 16  # kernels/triton_int.py MAX_ROWS
@@ -26,12 +28,16 @@ MAX_ROWS = 16  # kernels/triton_int.py MAX_ROWS
 # weight once (0.5-0.6 B a weight), dequantising + cuBLAS moves ~4.5 (read 0.5, write and read 2
 # + 2), so 4 calls still read less; more rows (prefill) are GEMM work. (Unmeasured; an estimate.)
 GEMV_MAX_ROWS = 64
-# More tokens (prefill): every expert's weights dequantised into one reused buffer, then the
-# grouped GEMM (ops/moe.py grouped_experts_gmm), where a projection's experts fit within
-# MOE_DEQUANT_MAX_BYTES (35B-A3B: its gate_up's 1 GiB; larger ones run the expert loop).
+# Rows up to which a dense int4 / int8 product runs the GEMM kernel (the weight read as stored,
+# once a tile of rows: ~0.5 B a weight from DRAM where its tiles share the L2) rather than
+# dequantising + cuBLAS (~4.5 B a weight moved, then cuBLAS's full-speed GEMM): past a few hundred
+# rows the product is compute-bound and cuBLAS's tiles win. (Unmeasured; an estimate:
+# bench/gpu_kernels.py --only int times both at 64-4096 rows.)
+DENSE_GEMM_MAX_ROWS = 256
 # Tokens up to which a MoE step runs the pairs kernels (each (token, expert) pair reads its
-# expert's rows: at 64 tokens x 8 picks, 512 pairs read the 35B-A3B's 256 experts twice over;
-# a prefill chunk of thousands would read them dozens of times: the expert loop there)
+# expert's rows: at 64 tokens x 8 picks, 512 pairs read the 35B-A3B's 256 experts twice over);
+# more: the grouped GEMM over the pairs sorted by expert (each expert's rows in tiles, its weight
+# read once a tile)
 MOE_MAX_ROWS = 64
 
 
@@ -57,10 +63,15 @@ def int4_linear_gpu(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, gr
     """x2 [M, K] @ W^T -> [M, n], W in Int4Linear's layout."""
     from qwen35.quant.matmul import scratch, unpack_int4
 
-    if x2.shape[0] <= GEMV_MAX_ROWS and x2.stride(1) == 1:
+    M = x2.shape[0]
+    if M <= GEMV_MAX_ROWS and x2.stride(1) == 1:
         y = _run("int4 GEMV", "int4_gemv", x2[:MAX_ROWS], packed, sz, group, n)
         if y is not None:
             return _rest(y, x2, lambda v: _kernels().int4_gemv(v, packed, sz, group, n))
+    elif M <= DENSE_GEMM_MAX_ROWS and x2.stride(1) == 1:
+        y = _gemm(x2, _one("int4", packed, sz, group))
+        if y is not None:
+            return y
     w = scratch((n, x2.shape[1]), x2.dtype, x2.device)
     if _run("int4 dequant", "int4_dequant", packed, sz, group, w) is None:
         w = formats.dequantize_int4_groups(unpack_int4(packed, n, x2.shape[1]), sz, group,
@@ -86,12 +97,29 @@ def _rest(y: torch.Tensor, x2: torch.Tensor, gemv) -> torch.Tensor:
 
 
 def int8_linear_gpu(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """x2 [M <= GEMV_MAX_ROWS, K] @ (q * scale)^T by the int8 GEMV, 16 rows a call, or None (more
-    rows, no kernel): the caller dequantises."""
-    if x2.shape[0] > GEMV_MAX_ROWS or x2.stride(1) != 1 or not scale.is_contiguous():
+    """x2 [M, K] @ (q * scale)^T by the int8 GEMV (up to GEMV_MAX_ROWS rows, 16 a call) or GEMM
+    (up to DENSE_GEMM_MAX_ROWS), or None (more rows, no kernel): the caller dequantises."""
+    M = x2.shape[0]
+    if M > DENSE_GEMM_MAX_ROWS or x2.stride(1) != 1 or not scale.is_contiguous():
         return None
+    if M > GEMV_MAX_ROWS:
+        return _gemm(x2, _one("int8", q, scale, 0))
     y = _run("int8 GEMV", "int8_gemv", x2[:MAX_ROWS], q, scale)
     return None if y is None else _rest(y, x2, lambda v: _kernels().int8_gemv(v, q, scale))
+
+
+def _one(kind: str, weight: torch.Tensor, scales: torch.Tensor, group: int):
+    """One matrix as a ProjStack of one expert (views)."""
+    from qwen35.quant.layers import ProjStack
+
+    return ProjStack(kind, weight[None], scales[None], group)
+
+
+def _gemm(x2: torch.Tensor, proj) -> torch.Tensor | None:
+    """x2 @ W^T by kernels/triton_int.py's GEMM (tiles of rows by their count), or None."""
+    kern, M = _kernels(), x2.shape[0]
+    return None if kern is None else _run(f"{proj.kind} GEMM", "int_gemm", x2, proj, M, None,
+                                          kern.gemm_bm(M))  # fmt: skip
 
 
 def int_experts_gpu(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, stack,
@@ -117,39 +145,31 @@ def int_experts_gpu(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor,
     return (ys.view(T, k, -1) * top_w[..., None]).sum(1)  # [T, H]
 
 
-def dequantized_stack(proj, dtype: torch.dtype) -> torch.Tensor:
-    """A ProjStack's [E, N, K] weights in `dtype`, in quant/matmul.py's reused buffer."""
-    from qwen35.quant.matmul import scratch
+def int_experts_sorted(x, top_idx, top_w, stack, backend=None) -> torch.Tensor | None:
+    """The routed experts of a step of any size from IntExperts' stacked weights: the (token,
+    choice) pairs sorted by expert, each expert's rows in tiles (triton_int.tile_rows, on the
+    device), gate_up by kernels/triton_int.py's grouped GEMM reading each pair's token row as it
+    goes, SwiGLU, down written back to the pairs' own order, weighted and summed per token in
+    choice order (deterministic: no atomics). No host sync (capturable). None: no kernel."""
+    from qwen35.ops.moe import _sort_pairs
+    from qwen35.ops.pointwise import silu_mul
 
-    E, N, K = proj.shape
-    out = scratch((E * N, K), dtype, proj.weight.device).view(E, N, K)
-    if proj.kind == "int8":
-        return out.copy_(proj.weight).mul_(proj.scales[..., None])
-    if _run("int4 dequant", "int4_dequant", proj.weight, proj.scales, proj.group, out) is None:
-        from qwen35.quant.matmul import unpack_int4
-
-        for e in range(E):
-            out[e] = formats.dequantize_int4_groups(unpack_int4(proj.weight[e], N, K),
-                                                    proj.scales[e], proj.group, dtype)  # fmt: skip
-    return out
-
-
-def grouped_takes(stack, x: torch.Tensor, backend) -> bool:
-    """Whether int_experts_grouped runs x's step: the backend's grouped GEMM in x's dtype, each
-    projection's dequantised experts within MOE_DEQUANT_MAX_BYTES."""
-    if backend is None or not backend.grouped_mm or x.dtype != torch.bfloat16:
-        return False
-    return all(math.prod(proj.shape) * x.element_size() <= MOE_DEQUANT_MAX_BYTES
-               for proj in stack)  # fmt: skip
-
-
-def int_experts_grouped(x, top_idx, top_w, stack, backend) -> torch.Tensor:
-    """The routed experts of a prefill-sized step: each projection's experts dequantised into
-    the reused buffer just before its grouped GEMM (ops/moe.py grouped_experts_gmm: no host
-    sync, one launch a projection where the expert loop takes two a picked expert)."""
-    from qwen35.ops.moe import grouped_experts_gmm
-
+    kern = _kernels()
+    if kern is None:
+        return None
+    T, k = top_idx.shape
+    E = stack[0].shape[0]
+    flat, order, token_of = _sort_pairs(top_idx)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    bm = kern.gemm_bm(T * k / E)
+    tiles = kern.tile_rows(counts, bm, T * k)
     gu_s, dn_s = stack
-    return grouped_experts_gmm(x, lambda: dequantized_stack(gu_s, x.dtype),
-                               lambda: dequantized_stack(dn_s, x.dtype), top_idx, top_w,
-                               backend)  # fmt: skip
+    x = x.contiguous()
+    gu = _run("int MoE GEMM", "int_gemm", x, gu_s, T * k, tiles, bm, token_of)
+    if gu is None:
+        return None
+    gate, up = gu.chunk(2, dim=-1)
+    h = silu_mul(backend, gate, up).contiguous()  # [T k, I], sorted by expert
+    ys = _run("int MoE GEMM", "int_gemm", h, dn_s, T * k, tiles, bm, None, order)  # pair order
+    return None if ys is None else (ys.view(T, k, -1) * top_w[..., None]).sum(1)

@@ -388,23 +388,23 @@ class IntExperts(Experts):
         return True
 
     def few_token_graphs(self, backend) -> int:
-        """Steps of up to int_gpu.py's MOE_MAX_ROWS tokens run its MoE kernels (no host sync:
-        capturable) where the experts are stacked on a GPU; else 0."""
-        from qwen35.quant.int_gpu import MOE_MAX_ROWS, _kernels
+        """Where the experts are stacked on a GPU, steps of any size run int_gpu.py's MoE
+        kernels (no host sync: capturable): no limit; else 0."""
+        from qwen35.quant.int_gpu import _kernels
 
         ok = self.stack is not None and self.num_total is None and backend.device_type == "cuda"
-        return MOE_MAX_ROWS if ok and _kernels() is not None else 0
+        return 1 << 30 if ok and _kernels() is not None else 0
 
     def forward(self, x, top_idx, top_w, backend=None) -> torch.Tensor:
         gpu = x.is_cuda or (backend is not None and backend.on_gpu_path(x))  # (or interpreted)
         if self.stack is not None and gpu and self.num_total is None:
-            from qwen35.quant.int_gpu import grouped_takes, int_experts_gpu, int_experts_grouped
+            from qwen35.quant.int_gpu import int_experts_gpu, int_experts_sorted
 
-            y = int_experts_gpu(x, top_idx, top_w, self.stack, backend)
+            y = int_experts_gpu(x, top_idx, top_w, self.stack, backend)  # (up to 64 tokens)
+            if y is None:  # more: the grouped GEMM over the pairs sorted by expert
+                y = int_experts_sorted(x, top_idx, top_w, self.stack, backend)
             if y is not None:
                 return y
-            if grouped_takes(self.stack, x, backend):  # prefill: dequantised, grouped GEMM
-                return int_experts_grouped(x, top_idx, top_w, self.stack, backend)
         return super().forward(x, top_idx, top_w, backend)
 
     def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
