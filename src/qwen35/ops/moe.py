@@ -140,7 +140,7 @@ def grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=F.linear,
 
 
 def grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be: Backend | None = None):
-    """gate_up, down: [E, N, K] weights in x's dtype."""
+    """gate_up, down: [E, N, K] weights in x's dtype. Deterministic (no atomics)."""
     flat, order, token_of = _sort_pairs(top_idx)
     E = gate_up.shape[0]
     # counts by scatter_add (bincount sizes its output from the max: a host sync on CUDA)
@@ -151,9 +151,12 @@ def grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be: Backend | None = N
     gu = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)  # [T*k, 2I]
     gate, up = gu.chunk(2, dim=-1)
     h = silu_mul(be, gate, up, inplace=True)  # [T*k, I]
-    ys = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)  # [T*k, H]
-    ys.mul_(top_w.reshape(-1, 1).index_select(0, order))
-    return torch.zeros_like(x).index_add_(0, token_of, ys)
+    ys = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)  # [T*k, H], sorted
+    # back to (token, choice) order, then each token's k weighted in choice order: index_add_
+    # adds with atomics on a GPU (the order, and so the last bits, varying from run to run)
+    T, k = top_idx.shape
+    ys = torch.empty_like(ys).index_copy_(0, order, ys).view(T, k, -1)
+    return (ys * top_w[..., None]).sum(1)
 
 
 # On a GPU the grouped GEMM is always taken: one launch, and no host sync. On a CPU the loop over
