@@ -10,7 +10,7 @@
 #   most time, fla's choices come back as config files (merge and commit them between the two
 #   calls: bench/fla_configs.py's docstring says how), and the transformers baselines (they
 #   autotune fla again at their own shapes) wait for the second call.
-# Budget: the step timeouts add up to ~400 s (run with timeout_s=450); a machine start costs
+# Budget: the step timeouts add up to ~415 s (run with timeout_s=450); a machine start costs
 #   ~35 s of the 15-minute device budget, leaving ~380 s for gpu_check_more.sh.
 #
 # Before the call, here (with the package index; .whl/ is gitignored; ~7 MB):
@@ -71,8 +71,9 @@ step 130 "9B decode" $B --model Qwen3.5-9B --workload decode --no-baseline --bat
 step 60 "0.8B decode" $B --model Qwen3.5-0.8B --workload decode --no-baseline --batches 32 \
   --out "$OUT/08b_decode.json"
 # 3. the MoE decode kernels rebuilt for loads in flight (2026-12-04, second session: compiled and
-# interpreted only): block sizes and the packed router against the grouped-GEMM path
-step 60 "MoE kernels" python3 bench/gpu_kernels.py --only moe --out "$OUT/moe_kernels.json"
+# interpreted only): block sizes and the packed router against the grouped-GEMM path; FP8
+# experts' grouped GEMM over the sorted pairs (session 56) against the per-expert loop
+step 75 "MoE kernels" python3 bench/gpu_kernels.py --only moe --out "$OUT/moe_kernels.json"
 # 4. what fla chose, for src/qwen35/kernels/fla_configs/ (the next starts skip the autotuning)
 pack_fla_configs
 date -u | tee -a "$LOG"

@@ -11,7 +11,8 @@ by side with the path it replaced, in one run:
   one matmul (SparseMoE.pack, the loader's default) or apart) vs the grouped-GEMM path
   (router softmax/top-k, sort by expert, two torch._grouped_mm, the shared expert's MLP), bf16
   at the 35B-A3B and 122B-A10B shapes, 1 / 4 / 16 tokens; FP8 experts (e4m3, 128x128
-  scales): the Triton MoE vs the per-expert loop of block-FP8 GEMMs.
+  scales): the Triton MoE at 1 / 16 tokens, and at 16-1024 the grouped GEMM over the sorted
+  pairs vs the per-expert loop of block-FP8 GEMMs it replaced.
 - fp8: the weight-only FP8 GEMV (quant/fp8_gpu.py; 32 / 64 / 128 weight rows per program) vs
   activation quantization + the blockwise GEMM (torch._scaled_mm where it runs, and the Triton
   block kernel), 1 / 16 rows, 27B projections.
@@ -102,7 +103,22 @@ def moe(dev, dtype, out: list) -> None:
             x = torch.randn(T, H, device=dev, dtype=dtype)
             read = (min(T * k, E) + 1) * expert_bytes // dtype.itemsize  # 1 byte a weight
             row(out, f"moe {name} FP8 T={T} triton", bench(m, x, fused), read, T=T, model=name)
-            row(out, f"moe {name} FP8 T={T} per-expert loop", bench(m, x, grouped), read, T=T,
+        # the routed experts of longer steps: the grouped GEMM over the pairs sorted by expert
+        # (quant/fp8_gpu.py fp8_experts_sorted) vs the per-expert loop of block-FP8 GEMMs it
+        # replaced (a host sync, two GEMMs and their activation quantisation an active expert)
+        from qwen35.layers.moe import Experts
+        from qwen35.quant import fp8_gpu
+
+        w = m.experts.fused_weights()
+        for T in (16, 64, 256, 1024) if not DRY else (20,):
+            x = torch.randn(T, H, device=dev, dtype=dtype)
+            idx = torch.stack([torch.randperm(E, device=dev)[:k] for _ in range(T)])
+            tw = torch.full((T, k), 1.0 / k, device=dev, dtype=dtype)
+            read = min(T * k, E) * expert_bytes // dtype.itemsize
+            row(out, f"moe {name} FP8 experts T={T} sorted grouped GEMM",
+                bench(fp8_gpu.fp8_experts_sorted, x, idx, tw, w), read, T=T, model=name)
+            row(out, f"moe {name} FP8 experts T={T} per-expert loop",
+                bench(Experts.forward, m.experts, x, idx, tw, grouped), read, T=T,
                 model=name)  # fmt: skip
 
 
@@ -170,6 +186,7 @@ def int_formats(dev, dtype, out: list) -> None:
     # past the GEMVs: the int4 GEMM kernel vs dequantising + cuBLAS (int_gpu.DENSE_GEMM_MAX_ROWS
     # picks between them by these rows) vs BF16 cuBLAS
     from qwen35.kernels import triton_int
+    from qwen35.kernels.triton_tiles import gemm_bm
     from qwen35.quant.layers import ProjStack
 
     label = "27B in_proj" if not DRY else "tiny"
@@ -190,7 +207,7 @@ def int_formats(dev, dtype, out: list) -> None:
         row(out, f"int {label} M={M} bf16 cuBLAS",
             bench(torch.nn.functional.linear, x, w.to(dtype)), 2 * N * K, **flops)  # fmt: skip
         row(out, f"int {label} M={M} int4 GEMM kernel", bench(
-            triton_int.int_gemm, x, one, M, None, triton_int.gemm_bm(M)), N * K // 2, **flops)
+            triton_int.int_gemm, x, one, M, None, gemm_bm(M)), N * K // 2, **flops)
         row(out, f"int {label} M={M} int4 dequant + cuBLAS", bench(dequant_gemm, x),
             N * K // 2, **flops)  # fmt: skip
     E, H, I, k = (256, 2048, 512, 8) if not DRY else (8, 128, 128, 2)

@@ -533,7 +533,8 @@ def test_no_decode_graphs_for_quantized_experts(caplog):
 def test_decode_graphs_with_the_triton_moe(monkeypatch, fp8):
     """A backend with the Triton MoE (kernels/triton_moe.py) captures MoE models whose experts
     it reads (plain, or FP8 with 128 x 128 blocks) even without the grouped GEMM, for the decode
-    batches it takes (<= FUSED_MAX_TOKENS rows); larger batches replay nothing (eager)."""
+    batches it takes (<= FUSED_MAX_TOKENS rows); larger batches replay nothing (eager), unless
+    (FP8) Triton's grouped GEMM over the sorted pairs takes them: every batch then."""
     from qwen35.engine.cuda_graphs import DecodeGraphs
     from qwen35.engine.model_runner import GraphSpec, ModelRunner
     from qwen35.ops.moe import FUSED_MAX_TOKENS
@@ -550,6 +551,12 @@ def test_decode_graphs_with_the_triton_moe(monkeypatch, fp8):
     runner = ModelRunner(model, caches, (1,), "cpu", backend=be, decode_graphs=GraphSpec(32, 64))
     assert runner.graphs is not None and captured == [FUSED_MAX_TOKENS]
     assert runner.graphs.buckets[-1] == FUSED_MAX_TOKENS
+    if fp8:  # with Triton's grouped FP8 GEMM for longer steps (no host sync): every batch
+        from qwen35.quant import fp8_gpu
+
+        monkeypatch.setattr(fp8_gpu, "_grouped_kernel", lambda: object())
+        ModelRunner(model, caches, (1,), "cpu", backend=be, decode_graphs=GraphSpec(32, 64))
+        assert captured[-1] == 32
 
 
 def test_step_index_tensors_reach_the_device_in_one_copy_per_dtype(monkeypatch):

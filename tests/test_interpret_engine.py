@@ -245,7 +245,9 @@ def test_engine_multi_step_on_the_gpu_backend(which, ckpts, calls, monkeypatch):
 def test_engine_fp8_moe_equals_cpu_engine(tmp_path, calls, monkeypatch):
     """An official-layout FP8 MoE checkpoint (experts per expert, e4m3 with 128 x 128 blocks):
     the interpreted GPU backend's decode steps take the Triton MoE, which reads the experts as
-    stored, and give the CPU engine's greedy tokens (its FP8 expert loop).
+    stored, its prefill steps (> 16 tokens) the grouped GEMM over the pairs sorted by expert
+    (quant/fp8_gpu.py fp8_experts_sorted), and give the CPU engine's greedy tokens (its FP8
+    expert loop).
     An fp32 model on a CPU keeps an FP8 checkpoint's BF16 tensors (router, shared expert gate)
     in bf16 (loader._unquantized_in_bf16), which the Triton MoE does not read under fp32 rows;
     a GPU never narrows them, so neither does this CPU-hosted stand-in for one (both engines:
@@ -260,14 +262,25 @@ def test_engine_fp8_moe_equals_cpu_engine(tmp_path, calls, monkeypatch):
     kw = dict(block_size=BS)
     want = ids(make(tmp_path / "fp8", **kw).generate(ps, sp))
     llm = _interpreted(tmp_path / "fp8", calls.counted(_full()), **kw)
+    sorted_steps = _count_sorted_fp8(monkeypatch)
     assert ids(llm.generate(ps, sp)) == want
-    assert calls.n["sparse_moe"] > 0, calls.n
+    assert calls.n["sparse_moe"] > 0 and sorted_steps, (calls.n, sorted_steps)
+
+
+def _count_sorted_fp8(monkeypatch) -> list:
+    """Counts the FP8 MoE steps quant/fp8_gpu.py fp8_experts_sorted runs (their row counts)."""
+    from qwen35.quant import fp8_gpu
+
+    n, real = [], fp8_gpu.fp8_experts_sorted
+    monkeypatch.setattr(fp8_gpu, "fp8_experts_sorted",
+                        lambda *a: n.append(a[0].shape[0]) or real(*a))  # fmt: skip
+    return n
 
 
 def test_engine_gptq_in_fp8_rows_equals_cpu_engine(tmp_path, calls, monkeypatch):
     """A 4-bit GPTQ MoE checkpoint in groups of 128, held exactly in FP8 blocks of one row (as a
     GPU holds it): the interpreted GPU backend's steps (the Triton MoE reading bo = 1 experts,
-    the FP8 GEMV / GEMM on the dense projections) give the CPU engine's greedy tokens. (The
+    the sorted grouped GEMM for prefill steps, the FP8 GEMV / GEMM on the dense projections) give the CPU engine's greedy tokens. (The
     router stays fp32 as on a GPU: test_engine_fp8_moe_equals_cpu_engine says why.)"""
     from test_gptq_awq import MOE, write
 
@@ -282,8 +295,9 @@ def test_engine_gptq_in_fp8_rows_equals_cpu_engine(tmp_path, calls, monkeypatch)
     llm = _interpreted(tmp_path / "q", calls.counted(_full()), **kw)
     ex = [m for m in llm.engine.model.modules() if type(m).__name__ == "Fp8Experts"]
     assert ex and all(m.block == (1, 128) for m in ex)
+    sorted_steps = _count_sorted_fp8(monkeypatch)
     assert ids(llm.generate(ps, sp)) == want
-    assert calls.n["sparse_moe"] > 0, calls.n
+    assert calls.n["sparse_moe"] > 0 and sorted_steps, (calls.n, sorted_steps)
 
 
 @pytest.mark.parametrize("moe", [False, True])

@@ -66,10 +66,12 @@ def test_fp8_model_on_gpu_matches_dequantised(tmp_path):
 
 
 def test_fp8_moe_engine_decodes_in_graphs(tmp_path):
-    """An FP8 MoE checkpoint in the engine, bf16: the Triton MoE reads its e4m3 experts as
-    stored, so decode CUDA graphs are captured (up to its 16 rows); their greedy tokens equal
-    the eager engine's (the same kernels, replayed; four prompts prefilled in one step, then
-    every decode step has 4 rows: the graph bucket's size, so the matmuls see the same M)."""
+    """An FP8 MoE checkpoint in the engine, bf16: the Triton MoE (up to 16 rows) and the grouped
+    GEMM over the sorted pairs (more) read its e4m3 experts as stored, without a host sync, so
+    decode CUDA graphs are captured at every batch; their greedy tokens equal the eager
+    engine's (the same kernels, replayed; four prompts prefilled in one step, then every
+    decode step has 4 rows: the graph bucket's size, so the matmuls see the same M; then 40
+    sequences)."""
     from qwen35.request import SamplingParams
     from test_engine import ids, make, prompts
     from tiny import save_fp8_checkpoint
@@ -80,10 +82,11 @@ def test_fp8_moe_engine_decodes_in_graphs(tmp_path):
     runner = llm.engine.runner
     assert runner.backend.triton_moe, runner.backend.name
     assert runner.graphs is not None, "no decode graphs for the FP8 MoE model (see the log)"
-    ps = prompts(4, seed=5, lo=3, hi=40)
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    got = ids(llm.generate(ps, sp))
-    assert got == ids(make(tmp_path / "fp8", enforce_eager=True, **kw).generate(ps, sp))
+    eager = make(tmp_path / "fp8", enforce_eager=True, **kw)
+    for ps in (prompts(4, seed=5, lo=3, hi=40), prompts(40, seed=6, lo=3, hi=12)):
+        got = ids(llm.generate(ps, sp))
+        assert got == ids(eager.generate(ps, sp))
 
 
 def test_gptq_checkpoint_on_gpu_is_held_exactly_in_fp8(tmp_path):

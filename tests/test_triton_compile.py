@@ -321,6 +321,29 @@ def assert_rounds_like_torch(k):
     assert not fmas, f"{k.name}: {sorted(set(fmas))}"
 
 
+@pytest.mark.parametrize("bk", [128, 32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_grouped_gemm_compiles(dtype, bk):
+    """FP8 experts' grouped GEMM over a step's pairs sorted by expert (kernels/triton_fp8.py
+    `fp8_grouped_gemm`): e4m3 bytes upcast for bf16 tensor-core dots (IEEE fp32 for fp32
+    models), the tile sizes gemm_bm gives with their warps, sm_90 and sm_80 (bytes: it builds on
+    A100s), gate_up gathering token rows and down scattering to pair order."""
+    from qwen35.kernels import triton_fp8
+    from qwen35.kernels.triton_tiles import gemm_warps
+
+    p, i = _ptr(dtype), "i32"
+    sig = dict(X=p, s_xm=i, XIDX="*i64", W="*u8", s_we=i, S="*fp32", s_se=i, s_sr=i, Y=p,
+               s_ym=i, YIDX="*i64", TILES="*i32", N=i, K=i, HALF=i, NBH=i, BLOCK_O=i, BM=0,
+               BN=0, BK=0, KS=0, GATHER=0, SCATTER=0, IEEE=0, UPCAST=0)  # fmt: skip
+    fp32 = dtype == torch.float32  # (spills: fp32 models are tests and references)
+    for bm, target, gather in itertools.product((16, 32, 64), (SM90, SM80), (True, False)):
+        const = dict(BM=bm, BN=triton_fp8.GEMM_BN, BK=bk, KS=min(bk, 64), GATHER=gather,
+                     SCATTER=not gather,
+                     IEEE=fp32, UPCAST=False)  # fmt: skip
+        compile_sm90(triton_fp8.fp8_grouped_gemm.kernel, dict(sig), const, target=target,
+                     spills_ok=fp32, num_warps=gemm_warps(bm))  # fmt: skip
+
+
 def test_fp8_block_gemm_does_not_build_before_sm89_and_says_so():
     """Triton has e4m3 only from sm_89 on: for an A100 (sm_80) the block-FP8 GEMM (e4m3
     tensor-core dots) fails to compile. That failure must be one kernels/unavailable.py
@@ -376,6 +399,8 @@ def test_int_kernels_compile(dtype):
                    CHUNKS=i, BM=0, BN=0, BK=0, IEEE=0, UPCAST=0)  # fmt: skip
         compile_sm90(ti.int8_gemv.kernel, sig, dict(BM=16, BN=ti.BN, BK=128, **flags),
                      target=target, spills_ok=fp32)  # fmt: skip
+    from qwen35.kernels.triton_tiles import gemm_warps
+
     # the int4 / int8 GEMMs (dense rows past the GEMVs; a MoE step's pairs sorted by expert,
     # read through XIDX and written through YIDX) at every tile size gemm_bm gives
     sig = dict(X=p, s_xm=i, XIDX="*i64", W="*u8", s_we=i, SZ=p, s_se=i, Y=p, s_ym=i,
@@ -386,11 +411,11 @@ def test_int_kernels_compile(dtype):
             compile_sm90(ti.int_gemm.int4_kernel, dict(sig),
                          dict(BM=bm, GROUP=group, GROUPED=grouped, GATHER=grouped,
                               SCATTER=grouped, **flags),
-                         target=target, spills_ok=fp32, num_warps=ti.gemm_warps(bm))  # fmt: skip
+                         target=target, spills_ok=fp32, num_warps=gemm_warps(bm))  # fmt: skip
     sig8 = {**sig, "W": "*i8", "S": p, "BN": 0, "BK": 0}
     sig8 = {k: sig8[k] for k in ti.int_gemm.int8_kernel.arg_names}
     for bm, target in itertools.product((16, 32, 64), (SM90, SM80)):
         compile_sm90(ti.int_gemm.int8_kernel, dict(sig8),
                      dict(BM=bm, BN=ti.GEMM_BN, BK=ti.GEMM_BK, GROUPED=True, GATHER=True,
                           SCATTER=True, **flags),
-                     target=target, spills_ok=fp32, num_warps=ti.gemm_warps(bm))  # fmt: skip
+                     target=target, spills_ok=fp32, num_warps=gemm_warps(bm))  # fmt: skip

@@ -436,6 +436,38 @@ def test_fused_moe_reads_fp8_experts(dtype, T, block):
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("block", [(128, 128), (1, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_moe_steps_past_the_fused_kernel_run_the_sorted_grouped_gemm(dtype, block):
+    """FP8 experts on a step of more tokens than the Triton MoE takes (40): quant/fp8_gpu.py
+    `fp8_experts_sorted` (the pairs sorted by expert, tiles of rows, the grouped GEMM reading
+    e4m3 as stored; no host sync) instead of the per-expert loop: equal to the block with the
+    dequantised weights (I = 136: the up half's blocks start afresh mid-block), and a token's
+    rows the same bits wherever the step holds them."""
+    from qwen35.quant import fp8_gpu
+
+    m, ref, g = _moe_block(dtype, H=200, inter=136, shared_inter=136, fp8=True, block=block)
+    T = 40
+    x = torch.randn(T, 200, generator=g).to(DEV, dtype)
+    calls = []
+    real = fp8_gpu.fp8_experts_sorted
+    fp8_gpu.fp8_experts_sorted = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+    try:
+        got = m(x, MOE_BE)
+        perm = torch.randperm(T, generator=torch.Generator().manual_seed(2)).to(DEV)
+        got2 = m(x[perm], MOE_BE)
+    finally:
+        fp8_gpu.fp8_experts_sorted = real
+    assert calls == [T, T], calls
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got, ref(x, None), **tol)
+    if ON_GPU or dtype == torch.bfloat16:
+        assert torch.equal(got2, got[perm])
+    else:  # (interpreted fp32 dots are numpy's BLAS: a row's last bit depends on its place)
+        torch.testing.assert_close(got2, got[perm], atol=1e-6, rtol=0)
+    assert m.experts.few_token_graphs(MOE_BE) > 1000  # capturable at any batch
+
+
 def test_fused_moe_declines_what_it_does_not_cover():
     """More tokens than FUSED_MAX_TOKENS, no Triton MoE in the backend, weights of another dtype,
     int8 experts: None (the caller takes the grouped / looped path)."""
@@ -750,7 +782,7 @@ def test_int_moe_sorted_grouped_gemm_equals_expert_loop(dtype, down, T, k):
     the codes): the expert loop on the same dequantised weights (fp32: up to summation order);
     an expert with no rows, partial tiles (6 experts: 200 / 115 pairs); a token's rows give the
     same bits wherever the step holds them (tiles sized by the step's shape only)."""
-    from qwen35.kernels import triton_int as ti
+    from qwen35.kernels.triton_tiles import gemm_bm
     from qwen35.ops.moe import grouped_experts_reference
     from qwen35.quant.int_gpu import MOE_MAX_ROWS, int_experts_gpu, int_experts_sorted
 
@@ -763,7 +795,7 @@ def test_int_moe_sorted_grouped_gemm_equals_expert_loop(dtype, down, T, k):
     dn32 = torch.stack([m.dequantized(torch.float32) for m in ex.down_q])
     ref = grouped_experts_reference(x.float(), gu32, dn32, idx, w.float())
     torch.testing.assert_close(y.float(), ref, **INT_TOL[dtype])
-    assert ti.gemm_bm(T * k / 6) == (32 if T == 100 else 16)  # 33 / 19 rows an expert
+    assert gemm_bm(T * k / 6) == (32 if T == 100 else 16)  # 33 / 19 rows an expert
     # a token moved to another place in the step, with other tokens: its rows' bits unchanged
     perm = torch.randperm(T, generator=torch.Generator().manual_seed(1)).to(DEV)
     y2 = int_experts_sorted(x[perm], idx[perm], w[perm], ex.stack)
@@ -774,10 +806,10 @@ def test_int_moe_sorted_grouped_gemm_equals_expert_loop(dtype, down, T, k):
 
 
 def test_tile_rows_cover_each_expert_once():
-    """triton_int.tile_rows: every row of every expert in exactly one tile of its expert, no
+    """triton_tiles.tile_rows: every row of every expert in exactly one tile of its expert, no
     tile past the expert's rows, the unused tiles empty (expert -1), sized by the row count
     alone (capturable: no host sync to size it)."""
-    from qwen35.kernels import triton_int as ti
+    from qwen35.kernels import triton_tiles as ti
 
     g = torch.Generator().manual_seed(0)
     for E, rows, bm in [(6, 200, 32), (256, 40, 16), (4, 1, 64), (3, 128, 64), (5, 0, 16)]:

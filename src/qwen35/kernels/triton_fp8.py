@@ -1,5 +1,7 @@
-"""e4m3 weights read as their bytes, so FP8 kernels build on every GPU Triton supports; and the
-weight-only FP8 GEMV of decode steps (`fp8_gemv`, quant/fp8_gpu.py's path for up to 16 rows).
+"""e4m3 weights read as their bytes, so FP8 kernels build on every GPU Triton supports; the
+weight-only FP8 GEMV of decode steps (`fp8_gemv`, quant/fp8_gpu.py's path for up to 16 rows);
+and the grouped GEMM of FP8 experts over a step's pairs sorted by expert (`fp8_grouped_gemm`:
+quant/fp8_gpu.py `fp8_experts_sorted`, MoE steps past the Triton MoE's 16 tokens).
 
 Triton's e4m3 type (fp8e4nv) exists only from sm_89 (Ada, Hopper) on: a kernel whose pointer is
 an e4m3 tensor does not compile for an A100. The weight-only kernels (quant/fp8_gpu.py's
@@ -19,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen35.kernels.triton_tiles import _tile_rows, gemm_warps
 from qwen35.quant.formats import FP8_ROW_WIDTHS
 
 UNSCALE = tl.constexpr(256.0)  # value = fp16 read of the moved bits * UNSCALE
@@ -91,4 +94,76 @@ def fp8_gemv(x, w, scale, block, block_n: int = 64) -> torch.Tensor:
     return y
 
 
+@triton.jit
+def _fp8_gemm_kernel(
+    X, s_xm, XIDX, W, s_we, S, s_se, s_sr, Y, s_ym, YIDX, TILES, N, K, HALF, NBH, BLOCK_O,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Program (tile of BM rows of one expert, block of BN weight rows): the tile's rows of X
+    (or those XIDX names) against the expert's e4m3 rows, KS inputs a step (within one scale's
+    BK: 128 at once spilled registers), the bytes' values through the tensor cores in X's
+    dtype (exact), each step's fp32 sums times the rows' block scales; into Y's rows (or those
+    YIDX names). Weight row n's scale
+    row: (n // HALF) * NBH + (n % HALF) // BLOCK_O (gate_up: the gate's blocks, then the up's,
+    HALF = I rows each)."""
+    pn = tl.program_id(1)
+    e, row0, end = _tile_rows(TILES, 0, BM, True)
+    rm = row0 + tl.arange(0, BM)
+    mm = rm < end
+    xr = tl.load(XIDX + rm, mask=mm, other=0).to(tl.int64) if GATHER else rm.to(tl.int64)
+    rn = pn * BN + tl.arange(0, BN)
+    mn = rn < N
+    rows = W + e * s_we + rn.to(tl.int64)[:, None] * K
+    srows = S + e * s_se + ((rn // HALF) * NBH + (rn % HALF) // BLOCK_O) * s_sr  # [BN]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for c in range(0, tl.where(end > row0, tl.cdiv(K, KS), 0)):  # (no rows: no weight read)
+        k = c * KS + tl.arange(0, KS)
+        mk = k < K
+        x = tl.load(X + xr[:, None] * s_xm + k[None, :], mask=mm[:, None] & mk[None, :],
+                    other=0.0)  # fmt: skip
+        w = e4m3_to_fp16(tl.load(rows + k[None, :], mask=mn[:, None] & mk[None, :], other=0))
+        scale = tl.load(srows + c * KS // BK, mask=mn, other=0.0)
+        if UPCAST:
+            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        elif IEEE:
+            part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
+        else:
+            part = tl.dot(x, tl.trans(w.to(x.dtype)))
+        acc += part * (scale * UNSCALE)[None, :]
+    yr = tl.load(YIDX + rm, mask=mm, other=0).to(tl.int64) if SCATTER else rm.to(tl.int64)
+    tl.store(Y + yr[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty),
+             mask=mm[:, None] & mn[None, :])  # fmt: skip
+
+
+GEMM_BN = 64  # the grouped GEMM's weight rows a program
+
+
+def fp8_grouped_gemm(x, w, scale, block, half: int, rows: int, tiles, bm: int, xidx=None,
+                     yidx=None) -> torch.Tensor:  # fmt: skip
+    """y [rows, N]: row i = x[xidx[i]] (or x[i]) @ dequant(w[e])^T for the expert e of its tile
+    (tiles: kernels/triton_tiles.py `tile_rows` of rows sorted by expert), written to y[yidx[i]]
+    (or y[i]); w [E, N, K] e4m3, scale [E, R, ceil(K / block[1])] fp32, one per block of
+    block[0] rows (128, or 1) and block[1] inputs (128, or 32 / 64 with rows of one), the N rows
+    in halves of `half` whose blocks start afresh (gate_up: half = I; down: half = N)."""
+    E, N, K = w.shape
+    bo, bk = block
+    assert bk in FP8_ROW_WIDTHS and x.stride(1) == 1 and x.shape[1] == K and w.is_contiguous()
+    assert scale.dtype == torch.float32 and scale.stride(2) == 1
+    y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
+    if not rows:
+        return y
+    dummy = tiles
+    _fp8_gemm_kernel[(tiles.shape[0], triton.cdiv(N, GEMM_BN))](
+        x, x.stride(0), dummy if xidx is None else xidx, bits(w), w.stride(0), scale,
+        scale.stride(0), scale.stride(1), y, y.stride(0), dummy if yidx is None else yidx, tiles,
+        N, K, half, -(-half // bo), bo, BM=bm, BN=GEMM_BN, BK=bk, KS=min(bk, 64),
+        GATHER=xidx is not None,
+        SCATTER=yidx is not None, IEEE=x.dtype == torch.float32, UPCAST=UPCAST,
+        num_warps=gemm_warps(bm),
+    )  # fmt: skip
+    return y
+
+
 fp8_gemv.kernel = _fp8_gemv_kernel  # tests/test_triton_compile.py compiles it for sm_90 / sm_80
+fp8_grouped_gemm.kernel = _fp8_gemm_kernel

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from qwen35.kernels.triton_fp8 import UPCAST
+from qwen35.kernels.triton_tiles import _tile_rows, gemm_warps
 
 MAX_ROWS = 16
 ROW_BLOCK = 64  # int4 layout: rows per block (quant/matmul.py INT4_ROW_BLOCK)
@@ -234,23 +235,6 @@ def _int8_pairs_kernel(
         acc += w * x
     y = tl.sum(acc, 1) * tl.load(S + e * s_se + rn, mask=mn, other=0.0).to(tl.float32)
     tl.store(Y + pair * s_ym + rn, y.to(Y.dtype.element_ty), mask=mn)
-
-
-@triton.jit
-def _tile_rows(TILES, M, BM: tl.constexpr, GROUPED: tl.constexpr):
-    """Program t's tile: (expert, its first row, the end of the expert's rows). Grouped:
-    TILES [t, 3] (`tiles`; expert -1: no tile, end 0); else rows t * BM on of one matrix (M
-    rows)."""
-    t = tl.program_id(0)
-    if GROUPED:
-        e = tl.load(TILES + 3 * t)
-        row0 = tl.load(TILES + 3 * t + 1)
-        end = tl.load(TILES + 3 * t + 2)
-    else:
-        e = t * 0
-        row0 = t * BM
-        end = M
-    return tl.maximum(e, 0).to(tl.int64), row0, end
 
 
 @triton.jit
@@ -469,32 +453,6 @@ def expert_pairs(x: torch.Tensor, per_row: int, idx: torch.Tensor, proj,
     return y
 
 
-def tile_rows(counts: torch.Tensor, bm: int, rows: int) -> torch.Tensor:
-    """[tiles, 3] int32 (expert, first row, end of its rows) for a grouped GEMM over `rows` rows
-    sorted by expert, counts[e] of expert e: each expert's rows in tiles of bm, on the device
-    without a host sync (capturable). Sized for any counts summing to `rows` (cdiv(rows, bm) +
-    min(E, rows) tiles): the unused ones have expert -1 and no rows."""
-    E = counts.shape[0]
-    counts = counts.to(torch.int32)
-    ends = counts.cumsum(0, dtype=torch.int32)
-    per = (counts + (bm - 1)) // bm
-    tend = per.cumsum(0, dtype=torch.int32)
-    t = torch.arange(-(-rows // bm) + min(E, rows), device=counts.device, dtype=torch.int32)
-    e = torch.searchsorted(tend, t, right=True)  # the tile's expert (E: none)
-    ec = e.clamp(max=E - 1)
-    row0 = ends[ec] - counts[ec] + (t - (tend[ec] - per[ec])) * bm
-    none = e >= E
-    return torch.stack([torch.where(none, -1, ec.to(torch.int32)), row0,
-                        torch.where(none, 0, ends[ec])], 1).to(torch.int32).contiguous()  # fmt: skip
-
-
-def gemm_bm(rows_per_expert: float) -> int:
-    """A tile's rows: 16 (the GEMVs' mma shape) up to 64 as the rows an expert (or a matrix)
-    gets grow: fewer padded rows for sparse experts, fuller tensor-core tiles for dense ones.
-    By shape only (a step's row count), never by the values. UNMEASURED: an estimate."""
-    return 16 if rows_per_expert < 32 else 32 if rows_per_expert < 64 else 64
-
-
 GEMM_BN, GEMM_BK = 64, 64  # the int8 GEMM's weight rows and inputs a step
 
 
@@ -526,11 +484,6 @@ def int_gemm(x: torch.Tensor, proj, rows: int, tiles: torch.Tensor | None = None
             *args, BN=GEMM_BN, BK=GEMM_BK, **common, num_warps=gemm_warps(bm))
     return y
 
-
-def gemm_warps(bm: int) -> int:
-    """The GEMMs' warps: 8 from 32 rows a tile on (4 spilled registers there on sm_90:
-    tests/test_triton_compile.py)."""
-    return 4 if bm <= 16 else 8
 
 
 # tests/test_triton_compile.py compiles them for sm_90 / sm_80

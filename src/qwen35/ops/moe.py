@@ -159,6 +159,33 @@ def grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be: Backend | None = N
     return (ys * top_w[..., None]).sum(1)
 
 
+def tiled_experts(x, top_idx, top_w, num_experts: int, gemm, be: Backend | None = None):
+    """The routed experts of a step by a grouped GEMM over tiles of rows sorted by expert
+    (quantized experts on a GPU: quant/int_gpu.py, quant/fp8_gpu.py): the (token, choice) pairs
+    sorted by expert, each expert's rows cut into tiles on the device (kernels/triton_tiles.py),
+    gate_up reading each pair's token row in place, down writing each pair's row back in its
+    own order, so each token's k are weighted and summed in choice order (no atomics:
+    deterministic; a token's rows give the same bits wherever the step holds them). No host
+    sync (capturable). gemm(which, inp, rows, tiles, bm, xidx, yidx): "gate_up" / "down"
+    products [rows, N] (row i reads inp[xidx[i]] and is written to y[yidx[i]], each where
+    given), or None (no kernel: so is the result)."""
+    from qwen35.kernels.triton_tiles import gemm_bm, tile_rows
+
+    T, k = top_idx.shape
+    flat, order, token_of = _sort_pairs(top_idx)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    bm = gemm_bm(T * k / num_experts)
+    tiles = tile_rows(counts, bm, T * k)
+    gu = gemm("gate_up", x.contiguous(), T * k, tiles, bm, token_of, None)
+    if gu is None:
+        return None
+    gate, up = gu.chunk(2, dim=-1)
+    h = silu_mul(be, gate, up).contiguous()  # [T k, I], sorted by expert
+    ys = gemm("down", h, T * k, tiles, bm, None, order)  # [T k, H], (token, choice) order
+    return None if ys is None else (ys.view(T, k, -1) * top_w[..., None]).sum(1)
+
+
 # On a GPU the grouped GEMM is always taken: one launch, and no host sync. On a CPU the loop over
 # the active experts wins once its matmuls are `layers/linear.py`'s (the GEMV kernels up to 8 bf16
 # / 16 fp32 rows, each expert's weight streamed once): bf16, 2 threads, Zen 5 VM, experts cycled

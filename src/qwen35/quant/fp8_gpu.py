@@ -217,3 +217,36 @@ def _built(name: str, run, *args):
         log.warning("FP8 %s kernel cannot be built on this GPU (%s); FP8 linears take the next "
                     "path", name, UNBUILT[name])  # fmt: skip
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def _grouped_kernel():
+    """kernels/triton_fp8.py `fp8_grouped_gemm`, or None without Triton."""
+    try:
+        from qwen35.kernels.triton_fp8 import fp8_grouped_gemm
+    except ImportError:
+        return None
+    return fp8_grouped_gemm
+
+
+def fp8_experts_sorted(x, top_idx, top_w, w, backend=None) -> torch.Tensor | None:
+    """The routed experts of a step of any size from FP8 experts as stored (w: ops/moe.py
+    ExpertWeights with e4m3 weights and fp32 block scales) by kernels/triton_fp8.py's grouped
+    GEMM over the pairs sorted by expert (ops/moe.py `tiled_experts`: no host sync,
+    deterministic; activations not quantized, as the Triton MoE of fewer tokens). None: no
+    kernel (the caller's per-expert loop then)."""
+    from qwen35.ops.moe import tiled_experts
+
+    kern = _grouped_kernel()
+    if kern is None:
+        return None
+    block = (w.block_o, w.block_k)
+    I = w.down.shape[2]
+
+    def gemm(which, inp, rows, tiles, bm, xidx, yidx):
+        gu = which == "gate_up"
+        wt, s = (w.gate_up, w.gate_up_scale) if gu else (w.down, w.down_scale)
+        return _built("grouped GEMM", kern, inp, wt, s, block, I if gu else wt.shape[1], rows,
+                      tiles, bm, xidx, yidx)  # fmt: skip
+
+    return tiled_experts(x, top_idx, top_w, w.gate_up.shape[0], gemm, backend)

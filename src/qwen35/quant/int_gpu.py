@@ -117,9 +117,12 @@ def _one(kind: str, weight: torch.Tensor, scales: torch.Tensor, group: int):
 
 def _gemm(x2: torch.Tensor, proj) -> torch.Tensor | None:
     """x2 @ W^T by kernels/triton_int.py's GEMM (tiles of rows by their count), or None."""
-    kern, M = _kernels(), x2.shape[0]
-    return None if kern is None else _run(f"{proj.kind} GEMM", "int_gemm", x2, proj, M, None,
-                                          kern.gemm_bm(M))  # fmt: skip
+    if _kernels() is None:
+        return None
+    from qwen35.kernels.triton_tiles import gemm_bm
+
+    M = x2.shape[0]
+    return _run(f"{proj.kind} GEMM", "int_gemm", x2, proj, M, None, gemm_bm(M))
 
 
 def int_experts_gpu(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, stack,
@@ -146,30 +149,17 @@ def int_experts_gpu(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor,
 
 
 def int_experts_sorted(x, top_idx, top_w, stack, backend=None) -> torch.Tensor | None:
-    """The routed experts of a step of any size from IntExperts' stacked weights: the (token,
-    choice) pairs sorted by expert, each expert's rows in tiles (triton_int.tile_rows, on the
-    device), gate_up by kernels/triton_int.py's grouped GEMM reading each pair's token row as it
-    goes, SwiGLU, down written back to the pairs' own order, weighted and summed per token in
-    choice order (deterministic: no atomics). No host sync (capturable). None: no kernel."""
-    from qwen35.ops.moe import _sort_pairs
-    from qwen35.ops.pointwise import silu_mul
+    """The routed experts of a step of any size from IntExperts' stacked weights by
+    kernels/triton_int.py's grouped GEMM over the pairs sorted by expert (ops/moe.py
+    `tiled_experts`: no host sync, deterministic). None: no kernel."""
+    from qwen35.ops.moe import tiled_experts
 
-    kern = _kernels()
-    if kern is None:
+    if _kernels() is None:
         return None
-    T, k = top_idx.shape
-    E = stack[0].shape[0]
-    flat, order, token_of = _sort_pairs(top_idx)
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    bm = kern.gemm_bm(T * k / E)
-    tiles = kern.tile_rows(counts, bm, T * k)
     gu_s, dn_s = stack
-    x = x.contiguous()
-    gu = _run("int MoE GEMM", "int_gemm", x, gu_s, T * k, tiles, bm, token_of)
-    if gu is None:
-        return None
-    gate, up = gu.chunk(2, dim=-1)
-    h = silu_mul(backend, gate, up).contiguous()  # [T k, I], sorted by expert
-    ys = _run("int MoE GEMM", "int_gemm", h, dn_s, T * k, tiles, bm, None, order)  # pair order
-    return None if ys is None else (ys.view(T, k, -1) * top_w[..., None]).sum(1)
+
+    def gemm(which, inp, rows, tiles, bm, xidx, yidx):
+        proj = gu_s if which == "gate_up" else dn_s
+        return _run("int MoE GEMM", "int_gemm", inp, proj, rows, tiles, bm, xidx, yidx)
+
+    return tiled_experts(x, top_idx, top_w, gu_s.shape[0], gemm, backend)

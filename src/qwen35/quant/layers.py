@@ -253,6 +253,26 @@ class Fp8Experts(Experts):
         return ExpertWeights(self.gate_up_proj, self.down_proj, self.gate_up_proj_scale_inv,
                              self.down_proj_scale_inv, *self.block)  # fmt: skip
 
+    def few_token_graphs(self, backend) -> int:
+        """On a GPU with Triton, steps of any size run without a host sync (the Triton MoE up to
+        16 tokens, the grouped GEMM over the sorted pairs above: `forward`): no limit; else
+        the Triton MoE's tokens, if it reads these experts (Experts.few_token_graphs)."""
+        from qwen35.quant.fp8_gpu import _grouped_kernel
+
+        ok = backend.device_type == "cuda" and self.fused_weights() is not None
+        return 1 << 30 if ok and _grouped_kernel() is not None else super().few_token_graphs(backend)
+
+    def forward(self, x, top_idx, top_w, backend=None) -> torch.Tensor:
+        gpu = x.is_cuda or (backend is not None and backend.on_gpu_path(x))  # (or interpreted)
+        w = self.fused_weights() if gpu else None
+        if w is not None:  # every expert here, in blocks the grouped GEMM reads
+            from qwen35.quant.fp8_gpu import fp8_experts_sorted
+
+            y = fp8_experts_sorted(x, top_idx, top_w, w, backend)
+            if y is not None:
+                return y
+        return super().forward(x, top_idx, top_w, backend)
+
     def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
         I, (bo, _) = self.intermediate_size, self.block
         w, s = self.gate_up_proj[e], self.gate_up_proj_scale_inv[e]
