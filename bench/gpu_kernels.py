@@ -19,8 +19,9 @@ by side with the path it replaced, in one run:
 - int: one weight's decode-sized product in BF16 (cuBLAS), FP8 (the GEMV) and int4 groups of
   128 / 32 (kernels/triton_int.py), 27B projections, 1 / 16 rows; 64-4096 rows: the int4 GEMM
   kernel vs dequantising + cuBLAS vs BF16 cuBLAS (where int_gpu.DENSE_GEMM_MAX_ROWS belongs);
-  the int4 MoE experts at the 35B-A3B shapes, 1 / 4 / 16 tokens (pairs kernels), 64-4096
-  (the sorted grouped GEMM vs every expert dequantised + torch._grouped_mm).
+  the int4 MoE experts at the 35B-A3B shapes, 1 / 4 / 16 tokens (pairs kernels), 16-4096
+  (the sorted grouped GEMM vs the pairs kernels up to 64, vs every expert dequantised +
+  torch._grouped_mm from 64).
 - attention: paged decode attention at 1K / 8K / 32K tokens, batch 1 / 32: split-K (the
   default) vs one program per (sequence, KV head), 9B heads (16 query, 4 KV, head_dim 256);
   and a 2,048-token prefill chunk after 2K / 14K / 30K cached tokens (chunked prefill of a long
@@ -237,16 +238,18 @@ def int_formats(dev, dtype, out: list) -> None:
         return grouped_experts_gmm(x, gu_buf, dn_buf, idx, tw)
 
     everything = E * 3 * I * (H // 2 + H // 128 * 4)
-    for T in (64, 256, 1024, 4096) if not DRY else (40,):
+    for T in (16, 32, 64, 256, 1024, 4096) if not DRY else (40,):
         x = torch.randn(T, H, device=dev, dtype=dtype)
         idx = torch.stack([torch.randperm(E, device=dev)[:k] for _ in range(T)])
         tw = torch.full((T, k), 1.0 / k, device=dev, dtype=dtype)
-        if T <= int_gpu.MOE_MAX_ROWS:
+        if T <= 64:  # (the pairs kernels past MOE_MAX_ROWS too: where the two cross)
+            limit, int_gpu.MOE_MAX_ROWS = int_gpu.MOE_MAX_ROWS, 64
             row(out, f"int4 MoE 35B-A3B T={T} pairs kernels",
                 bench(int_gpu.int_experts_gpu, x, idx, tw, ex.stack), everything, T=T)  # fmt: skip
+            int_gpu.MOE_MAX_ROWS = limit
         row(out, f"int4 MoE 35B-A3B T={T} sorted grouped GEMM",
             bench(int_gpu.int_experts_sorted, x, idx, tw, ex.stack), everything, T=T)  # fmt: skip
-        if torch.cuda.is_available() and hasattr(torch, "_grouped_mm"):
+        if torch.cuda.is_available() and hasattr(torch, "_grouped_mm") and T >= 64:
             row(out, f"int4 MoE 35B-A3B T={T} dequantise all + grouped_mm",
                 bench(dequant_grouped, x, idx, tw), everything, T=T)  # fmt: skip
 

@@ -147,10 +147,10 @@ def test_int4_model_on_gpu_matches_the_cpus(tmp_path, moe):
 
 
 def test_int4_moe_engine_decodes_in_graphs(tmp_path):
-    """An int4 MoE model in the engine (bf16): its experts run the int4 pairs kernel (up to 64
+    """An int4 MoE model in the engine (bf16): its experts run the int4 pairs kernel (up to 16
     rows) or the sorted grouped GEMM (more) without a host sync, so decode CUDA graphs are
     captured at every batch; greedy tokens equal the eager engine's, and batched equals alone
-    (up to 64 rows: past them the GEMM kernels add in another order than the GEMVs)."""
+    (up to 16 rows: past them the grouped GEMM adds in another order than the pairs kernels)."""
     from qwen35.request import SamplingParams
     from test_engine import ids, make, prompts
     from test_gptq_awq import MOE

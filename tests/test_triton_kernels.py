@@ -722,7 +722,7 @@ def _int_experts_step(seed, T, k, dtype, groups, down):
     return ex, x, idx, w
 
 
-@pytest.mark.parametrize("T", [5, 40])
+@pytest.mark.parametrize("T", [5, 16])
 @pytest.mark.parametrize("down", ["int4", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int_moe_kernels_equal_expert_loop(dtype, down, T):
@@ -736,7 +736,7 @@ def test_int_moe_kernels_equal_expert_loop(dtype, down, T):
 
     ex, x, idx, w = _int_experts_step(3, T, 3, dtype, (32, 64), down)
     y = int_experts_gpu(x, idx, w, ex.stack)
-    assert y is not None  # (up to MOE_MAX_ROWS tokens: a decode batch of 40 too)
+    assert y is not None  # (up to MOE_MAX_ROWS tokens: a decode batch of 16 too)
     # a token's sums are split over programs as for the token alone: batched == alone, bitwise
     assert torch.equal(int_experts_gpu(x[1:2], idx[1:2], w[1:2], ex.stack), y[1:2])
     gu32 = torch.stack([m.dequantized(torch.float32) for m in ex.gate_up_q])

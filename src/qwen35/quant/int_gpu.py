@@ -34,11 +34,13 @@ GEMV_MAX_ROWS = 64
 # rows the product is compute-bound and cuBLAS's tiles win. (Unmeasured; an estimate:
 # bench/gpu_kernels.py --only int times both at 64-4096 rows.)
 DENSE_GEMM_MAX_ROWS = 256
-# Tokens up to which a MoE step runs the pairs kernels (each (token, expert) pair reads its
-# expert's rows: at 64 tokens x 8 picks, 512 pairs read the 35B-A3B's 256 experts twice over);
-# more: the grouped GEMM over the pairs sorted by expert (each expert's rows in tiles, its weight
-# read once a tile)
-MOE_MAX_ROWS = 64
+# Tokens up to which a MoE step runs the pairs kernels (no sort; each (token, expert) pair reads
+# its expert's rows); more: the grouped GEMM over the pairs sorted by expert (each active
+# expert's weight read once a tile, ~10 small launches to sort and tile). The bytes decide a
+# decode step: 35B-A3B (top-8 of 256), the pairs read 1.25x the distinct experts' bytes at 16
+# tokens (128 pairs, ~102 experts), 2.3x at 64 (512, ~222). (Unmeasured; an estimate:
+# bench/gpu_kernels.py --only int times both at 16-64 tokens.)
+MOE_MAX_ROWS = 16
 
 
 @functools.lru_cache(maxsize=1)
