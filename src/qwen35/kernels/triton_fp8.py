@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen35.kernels.triton_tiles import _tile_rows, gemm_warps
+from qwen35.kernels.triton_tiles import _out_rows, _tile_rows, gemm_warps
 from qwen35.quant.formats import FP8_ROW_WIDTHS
 
 UNSCALE = tl.constexpr(256.0)  # value = fp16 read of the moved bits * UNSCALE
@@ -41,6 +41,16 @@ def bits(w: torch.Tensor) -> torch.Tensor:
 
 
 UPCAST = os.environ.get("TRITON_INTERPRET", "") == "1"  # the interpreter's bf16 dots are wrong
+
+
+@triton.jit
+def _dot(x, w, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """x [BM, K] @ w [K, N] in fp32 (w exact in x's dtype: upcast e4m3, int4 / int8 codes)."""
+    if UPCAST:  # (the interpreter's bf16 dots are wrong)
+        return tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    if IEEE:
+        return tl.dot(x, w.to(x.dtype), input_precision="ieee")
+    return tl.dot(x, w.to(x.dtype))
 MAX_ROWS = 16
 
 
@@ -63,13 +73,7 @@ def _fp8_gemv_kernel(
                     other=0)  # fmt: skip
         scale = tl.load(S + (rn // BLOCK_O) * s_sn + kb, mask=mn, other=0.0)  # [BN]
         w = e4m3_to_fp16(w)  # the bytes' values / UNSCALE, exact in any float dtype
-        if UPCAST:
-            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        elif IEEE:
-            part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
-        else:
-            part = tl.dot(x, tl.trans(w.to(x.dtype)))
-        acc += part * (scale * UNSCALE)[None, :]
+        acc += _dot(x, tl.trans(w), IEEE, UPCAST) * (scale * UNSCALE)[None, :]
     tl.store(Y + rm[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty),
              mask=mm[:, None] & mn[None, :])  # fmt: skip
 
@@ -108,10 +112,7 @@ def _fp8_gemm_kernel(
     row: (n // HALF) * NBH + (n % HALF) // BLOCK_O (gate_up: the gate's blocks, then the up's,
     HALF = I rows each)."""
     pn = tl.program_id(1)
-    e, row0, end = _tile_rows(TILES, 0, BM, True)
-    rm = row0 + tl.arange(0, BM)
-    mm = rm < end
-    xr = tl.load(XIDX + rm, mask=mm, other=0).to(tl.int64) if GATHER else rm.to(tl.int64)
+    e, row0, end, rm, mm, xr = _tile_rows(TILES, 0, XIDX, BM, True, GATHER)
     rn = pn * BN + tl.arange(0, BN)
     mn = rn < N
     rows = W + e * s_we + rn.to(tl.int64)[:, None] * K
@@ -124,16 +125,9 @@ def _fp8_gemm_kernel(
                     other=0.0)  # fmt: skip
         w = e4m3_to_fp16(tl.load(rows + k[None, :], mask=mn[:, None] & mk[None, :], other=0))
         scale = tl.load(srows + c * KS // BK, mask=mn, other=0.0)
-        if UPCAST:
-            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        elif IEEE:
-            part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
-        else:
-            part = tl.dot(x, tl.trans(w.to(x.dtype)))
-        acc += part * (scale * UNSCALE)[None, :]
-    yr = tl.load(YIDX + rm, mask=mm, other=0).to(tl.int64) if SCATTER else rm.to(tl.int64)
-    tl.store(Y + yr[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty),
-             mask=mm[:, None] & mn[None, :])  # fmt: skip
+        acc += _dot(x, tl.trans(w), IEEE, UPCAST) * (scale * UNSCALE)[None, :]
+    tl.store(Y + _out_rows(YIDX, rm, mm, SCATTER)[:, None] * s_ym + rn[None, :],
+             acc.to(Y.dtype.element_ty), mask=mm[:, None] & mn[None, :])  # fmt: skip
 
 
 GEMM_BN = 64  # the grouped GEMM's weight rows a program

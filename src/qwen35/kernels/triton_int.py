@@ -30,23 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen35.kernels.triton_fp8 import UPCAST
-from qwen35.kernels.triton_tiles import _tile_rows, gemm_warps
+from qwen35.kernels.triton_fp8 import UPCAST, _dot
+from qwen35.kernels.triton_tiles import _out_rows, _tile_rows, gemm_warps
 
 MAX_ROWS = 16
 ROW_BLOCK = 64  # int4 layout: rows per block (quant/matmul.py INT4_ROW_BLOCK)
 BN = 64  # int6 / int8: weight rows per program
 PROGRAMS = 264  # split K until about this many programs run (2 per SM of an H100 / H200)
-
-
-@triton.jit
-def _dot(x, w, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """x [BM, K] @ w [K, N] in fp32 (w exact in x's dtype)."""
-    if UPCAST:  # (the interpreter's bf16 dots are wrong)
-        return tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-    if IEEE:
-        return tl.dot(x, w.to(x.dtype), input_precision="ieee")
-    return tl.dot(x, w.to(x.dtype))
 
 
 @triton.jit
@@ -250,10 +240,7 @@ def _int4_gemm_kernel(
     at once spilled registers from 32 rows on), into Y's rows (or those YIDX names: SCATTER).
     A tile's rows belong to one expert (`tile_rows`); the weight block is read once a tile."""
     blk = tl.program_id(1)
-    e, row0, end = _tile_rows(TILES, M, BM, GROUPED)
-    rm = row0 + tl.arange(0, BM)
-    mm = rm < end
-    xr = tl.load(XIDX + rm, mask=mm, other=0).to(tl.int64) if GATHER else rm.to(tl.int64)
+    e, row0, end, rm, mm, xr = _tile_rows(TILES, M, XIDX, BM, GROUPED, GATHER)
     r = tl.arange(0, 32)
     n_lo = blk * 64 + r
     base = W + e * s_we + blk.to(tl.int64) * 32 * K
@@ -268,8 +255,7 @@ def _int4_gemm_kernel(
         xs = tl.sum(x.to(tl.float32), 1)[:, None]
         acc_lo += _dot(x, (b & 15) - 8, IEEE, UPCAST) * s_lo[None, :] + xs * z_lo[None, :]
         acc_hi += _dot(x, (b >> 4) - 8, IEEE, UPCAST) * s_hi[None, :] + xs * z_hi[None, :]
-    yr = tl.load(YIDX + rm, mask=mm, other=0).to(tl.int64) if SCATTER else rm.to(tl.int64)
-    out = Y + yr[:, None] * s_ym
+    out = Y + _out_rows(YIDX, rm, mm, SCATTER)[:, None] * s_ym
     dt = Y.dtype.element_ty
     tl.store(out + n_lo[None, :], acc_lo.to(dt), mask=mm[:, None])
     tl.store(out + (n_lo + 32)[None, :], acc_hi.to(dt), mask=mm[:, None])
@@ -284,10 +270,7 @@ def _int8_gemm_kernel(
     """As _int4_gemm_kernel for int8 weights with per-row scales (stacked [E, N, K], [E, N]):
     program (tile, block of BN weight rows)."""
     pn = tl.program_id(1)
-    e, row0, end = _tile_rows(TILES, M, BM, GROUPED)
-    rm = row0 + tl.arange(0, BM)
-    mm = rm < end
-    xr = tl.load(XIDX + rm, mask=mm, other=0).to(tl.int64) if GATHER else rm.to(tl.int64)
+    e, row0, end, rm, mm, xr = _tile_rows(TILES, M, XIDX, BM, GROUPED, GATHER)
     rn = pn * BN + tl.arange(0, BN)
     mn = rn < N
     rows = W + e * s_we + rn.to(tl.int64)[:, None] * K
@@ -300,9 +283,8 @@ def _int8_gemm_kernel(
         w = tl.load(rows + k[None, :], mask=mn[:, None] & mk[None, :], other=0)
         acc += _dot(x, tl.trans(w), IEEE, UPCAST)
     acc *= tl.load(S + e * s_se + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-    yr = tl.load(YIDX + rm, mask=mm, other=0).to(tl.int64) if SCATTER else rm.to(tl.int64)
-    tl.store(Y + yr[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty),
-             mask=mm[:, None] & mn[None, :])  # fmt: skip
+    tl.store(Y + _out_rows(YIDX, rm, mm, SCATTER)[:, None] * s_ym + rn[None, :],
+             acc.to(Y.dtype.element_ty), mask=mm[:, None] & mn[None, :])  # fmt: skip
 
 
 def splits(blocks: int, chunks: int, least: int = 4) -> tuple[int, int]:

@@ -17,10 +17,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile_rows(TILES, M, BM: tl.constexpr, GROUPED: tl.constexpr):
-    """Program t's tile: (expert, its first row, the end of the expert's rows). Grouped:
-    TILES [t, 3] (`tiles`; expert -1: no tile, end 0); else rows t * BM on of one matrix (M
-    rows)."""
+def _tile_rows(TILES, M, XIDX, BM: tl.constexpr, GROUPED: tl.constexpr, GATHER: tl.constexpr):
+    """Program t's tile: (expert, its first row, the end of the expert's rows, the tile's rows
+    rm, their mask, the x row each reads: XIDX[rm] (GATHER) or rm). Grouped: TILES [t, 3]
+    (`tile_rows`; expert -1: no tile, end 0); else rows t * BM on of one matrix (M rows)."""
     t = tl.program_id(0)
     if GROUPED:
         e = tl.load(TILES + 3 * t)
@@ -30,7 +30,16 @@ def _tile_rows(TILES, M, BM: tl.constexpr, GROUPED: tl.constexpr):
         e = t * 0
         row0 = t * BM
         end = M
-    return tl.maximum(e, 0).to(tl.int64), row0, end
+    rm = row0 + tl.arange(0, BM)
+    mm = rm < end
+    xr = tl.load(XIDX + rm, mask=mm, other=0).to(tl.int64) if GATHER else rm.to(tl.int64)
+    return tl.maximum(e, 0).to(tl.int64), row0, end, rm, mm, xr
+
+
+@triton.jit
+def _out_rows(YIDX, rm, mm, SCATTER: tl.constexpr):
+    """The y row each of the tile's rows is written to: YIDX[rm] (SCATTER) or rm."""
+    return tl.load(YIDX + rm, mask=mm, other=0).to(tl.int64) if SCATTER else rm.to(tl.int64)
 
 
 def tile_rows(counts: torch.Tensor, bm: int, rows: int) -> torch.Tensor:
