@@ -51,6 +51,8 @@ def _dot(x, w, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     if IEEE:
         return tl.dot(x, w.to(x.dtype), input_precision="ieee")
     return tl.dot(x, w.to(x.dtype))
+
+
 MAX_ROWS = 16
 
 
@@ -147,14 +149,12 @@ def fp8_grouped_gemm(x, w, scale, block, half: int, rows: int, tiles, bm: int, x
     y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
     if not rows:
         return y
-    dummy = tiles
-    _fp8_gemm_kernel[(tiles.shape[0], triton.cdiv(N, GEMM_BN))](
-        x, x.stride(0), dummy if xidx is None else xidx, bits(w), w.stride(0), scale,
-        scale.stride(0), scale.stride(1), y, y.stride(0), dummy if yidx is None else yidx, tiles,
+    _fp8_gemm_kernel[(tiles.shape[0], triton.cdiv(N, GEMM_BN))](  # (tiles: unread pointers)
+        x, x.stride(0), tiles if xidx is None else xidx, bits(w), w.stride(0), scale,
+        scale.stride(0), scale.stride(1), y, y.stride(0), tiles if yidx is None else yidx, tiles,
         N, K, half, -(-half // bo), bo, BM=bm, BN=GEMM_BN, BK=bk, KS=min(bk, 64),
-        GATHER=xidx is not None,
-        SCATTER=yidx is not None, IEEE=x.dtype == torch.float32, UPCAST=UPCAST,
-        num_warps=gemm_warps(bm),
+        GATHER=xidx is not None, SCATTER=yidx is not None, IEEE=x.dtype == torch.float32,
+        UPCAST=UPCAST, num_warps=gemm_warps(bm),
     )  # fmt: skip
     return y
 

@@ -467,7 +467,6 @@ def int_gemm(x: torch.Tensor, proj, rows: int, tiles: torch.Tensor | None = None
     return y
 
 
-
 # tests/test_triton_compile.py compiles them for sm_90 / sm_80
 int4_gemv.kernel, int4_dequant.kernel = _int4_gemv_kernel, _int4_dequant_kernel
 int6_gemv.kernel, int8_gemv.kernel = _int6_gemv_kernel, _int8_gemv_kernel

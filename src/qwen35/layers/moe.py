@@ -4,7 +4,8 @@ Router: logits in the model dtype, softmax in fp32, top-k, always renormalised, 
 the model dtype. Routed experts (ops/moe.py): the (token, choice) pairs are sorted by expert,
 then either each active expert runs one gate_up and one down matmul on its contiguous group
 (reference) or two grouped GEMMs cover all experts (backend.grouped_mm); the weighted results
-are scattered back with one index_add_. A shared SwiGLU expert is added, scaled by
+are scattered back with one index_add_ (the grouped path: each token's k summed in choice order,
+no atomics). A shared SwiGLU expert is added, scaled by
 sigmoid(shared_expert_gate(x)).
 
 Parameter names and shapes are transformers' (fused expert tensors, no `.weight` suffix):

@@ -34,6 +34,13 @@ def _sort_pairs(top_idx: torch.Tensor):
     return flat, order, order // top_idx.shape[1]  # token of each sorted pair
 
 
+def _expert_counts(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Pairs per expert [E] int32, by scatter_add (bincount sizes its output from the max: a
+    host sync on CUDA)."""
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+
+
 def _stacked(many, which: str, fn, parts, experts) -> torch.Tensor:
     """Every active expert's `which` product of its rows, stacked: one many(which, parts,
     experts) call where it takes them, else fn(rows, e) an expert."""
@@ -142,11 +149,7 @@ def grouped_experts_reference(x, gate_up, down, top_idx, top_w, mm=F.linear,
 def grouped_experts_gmm(x, gate_up, down, top_idx, top_w, be: Backend | None = None):
     """gate_up, down: [E, N, K] weights in x's dtype. Deterministic (no atomics)."""
     flat, order, token_of = _sort_pairs(top_idx)
-    E = gate_up.shape[0]
-    # counts by scatter_add (bincount sizes its output from the max: a host sync on CUDA)
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offs = counts.cumsum(0, dtype=torch.int32)  # [E] end row of each expert's group
+    offs = _expert_counts(flat, gate_up.shape[0]).cumsum(0, dtype=torch.int32)  # groups' ends
     xs = x.index_select(0, token_of)  # [T*k, H]
     gu = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)  # [T*k, 2I]
     gate, up = gu.chunk(2, dim=-1)
@@ -173,10 +176,8 @@ def tiled_experts(x, top_idx, top_w, num_experts: int, gemm, be: Backend | None 
 
     T, k = top_idx.shape
     flat, order, token_of = _sort_pairs(top_idx)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     bm = gemm_bm(T * k / num_experts)
-    tiles = tile_rows(counts, bm, T * k)
+    tiles = tile_rows(_expert_counts(flat, num_experts), bm, T * k)
     gu = gemm("gate_up", x.contiguous(), T * k, tiles, bm, token_of, None)
     if gu is None:
         return None

@@ -420,7 +420,7 @@ class IntExperts(Experts):
         if self.stack is not None and gpu and self.num_total is None:
             from qwen35.quant.int_gpu import int_experts_gpu, int_experts_sorted
 
-            y = int_experts_gpu(x, top_idx, top_w, self.stack, backend)  # (up to 64 tokens)
+            y = int_experts_gpu(x, top_idx, top_w, self.stack, backend)  # (<= MOE_MAX_ROWS)
             if y is None:  # more: the grouped GEMM over the pairs sorted by expert
                 y = int_experts_sorted(x, top_idx, top_w, self.stack, backend)
             if y is not None:
