@@ -242,6 +242,88 @@ def assert_padded_decode_equals_eager(model, backend, prompt_lens, steps: int, t
         assert y[pad_slot].abs().sum() > 0  # the padding row did write, into its own slot
 
 
+def _states(caches, slot: int) -> list[torch.Tensor]:
+    return [c[slot].clone() for c in (*caches.conv, *caches.recurrent)]
+
+
+def assert_verify_graph_equals_decode_steps(model, backend, tol: float) -> None:
+    """A speculative verify step through the static buffers a CUDA graph replays
+    (DecodeGraphs.run_phased, run eagerly through `backend`): sequence 0 with two drafts,
+    sequence 1 with none, sequence 2 with one, in the bucket of 4 sequences x 3 rows (phase by
+    phase, padding rows in the padding block and slot). Each row's logits equal the reference's
+    one-token decode steps, the spare slots hold the states after each row but the last (one
+    also into a prefix-cache checkpoint's slot), the slots the states after the last; then a
+    plain decode step of three rows replays with the rows the verify step used padded again."""
+    slots, pad_block, pad_slot = 16, 99, 15
+    ref, got = Seqs(model, reference_backend("cpu"), slots), Seqs(model, backend, slots)
+    g = torch.Generator().manual_seed(3)
+    tok = lambda n: torch.randint(2, 256, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [tok(n) for n in (7, 13, 5)]
+    for run in (ref, got):
+        run.step([(i, p) for i, p in enumerate(prompts)])
+    t, d0, d2 = tok(3), tok(2), tok(1)
+    lens = dict(got.lens)
+    # the reference: one-token steps, states saved as the spares should hold them
+    a = ref.step([(0, [t[0]]), (1, [t[1]]), (2, [t[2]])])
+    spare = {8: _states(ref.caches, 0), 12: _states(ref.caches, 0), 10: _states(ref.caches, 2)}
+    b = ref.step([(0, [d0[0]]), (2, [d2[0]])])
+    spare[9] = _states(ref.caches, 0)
+    c = ref.step([(0, [d0[1]])])
+    want = torch.cat([a, b, c])  # rows: phase 0 (seqs 0, 1, 2), phase 1 (0, 2), phase 2 (0)
+    rows = [(0, 0), (1, 0), (2, 0), (0, 1), (2, 1), (0, 2)]  # (sequence, its row)
+    ids = [t[0], t[1], t[2], d0[0], d2[0], d0[1]]
+    pos = [lens[s] + j for s, j in rows]
+    batch = ForwardBatch.build(
+        positions=pos, cu_seqlens=range(7), context_lens=[p + 1 for p in pos],
+        slot_mapping=[(20 * s + p // BS) * BS + p % BS for (s, _), p in zip(rows, pos, strict=True)],
+        block_tables=[list(range(20 * s, 20 * s + 20)) for s, _ in rows],
+        state_slots=[s for s, _ in rows], has_initial_state=[True] * 6,
+        logits_indices=[0, 1, 2], backend=backend, phase_splits=[3, 5],
+        phase_copies=[[(0, 8), (2, 10), (0, 12)], [(0, 9)]],
+    )  # fmt: skip
+    assert batch.decode.phases[0].copies_after is not None  # a GPU backend's phases
+    graphs = DecodeGraphs(model, got.caches, backend, 4, 20, pad_block, pad_slot,
+                          verify_rows=3, verify_seqs=4)  # fmt: skip
+    assert graphs.keys == [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2), (1, 3), (2, 3), (4, 3)]
+    graphs.eager = True
+    syncs = HostSyncs()
+    graphs.model = SimpleNamespace(
+        final_norm=model.final_norm,
+        forward_hidden=lambda *a: _watched(syncs, model.forward_hidden, *a),
+    )
+    seq_rows = [[0, 3, 5], [1], [2, 4]]
+    assert graphs.can_run_phased(batch, seq_rows) and not graphs.can_run(batch)
+    x = graphs.run_phased(torch.tensor(ids), batch, seq_rows)
+    assert not syncs.seen, f"not capturable in a CUDA graph: {sorted(set(syncs.seen))}"
+    assert graphs.state_slots[:12].tolist() == [0, 1, 2, 15, 0, 15, 2, 15, 0, 15, 15, 15]
+    torch.testing.assert_close(model.head_logits(x), want, atol=tol, rtol=tol)
+    for slot in (0, 1, 2):
+        for u, v in zip(_states(got.caches, slot), _states(ref.caches, slot), strict=True):
+            torch.testing.assert_close(u, v, atol=tol, rtol=tol)
+    for slot, states in spare.items():
+        for u, v in zip(_states(got.caches, slot), states, strict=True):
+            torch.testing.assert_close(u, v, atol=tol, rtol=tol)
+    real = [i for i in range(100) if i != pad_block]
+    for u, v in zip(ref.caches.key, got.caches.key, strict=True):
+        torch.testing.assert_close(v[real], u[real], atol=tol, rtol=tol)
+    # a plain decode step after it: rows 3.. of the buffers are padding again
+    lens = dict(ref.lens)
+    t = tok(3)
+    want = ref.step([(1, [t[0]]), (0, [t[1]]), (2, [t[2]])])
+    items = [1, 0, 2]
+    batch = ForwardBatch.build(
+        positions=[lens[s] for s in items], cu_seqlens=range(4),
+        context_lens=[lens[s] + 1 for s in items],
+        slot_mapping=[(20 * s + lens[s] // BS) * BS + lens[s] % BS for s in items],
+        block_tables=[list(range(20 * s, 20 * s + 20)) for s in items], state_slots=items,
+        has_initial_state=[True] * 3, logits_indices=[0, 1, 2], backend=backend,
+    )  # fmt: skip
+    assert graphs.can_run(batch)
+    x = graphs.run(torch.tensor(t), batch)
+    assert (graphs.state_slots[3:] == pad_slot).all() and (graphs.ids[3:] == 0).all()
+    torch.testing.assert_close(model.head_logits(x), want, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize(
     "backend",
     [
@@ -443,6 +525,17 @@ def test_decode_graph_buffers_pad_rows_that_write_nowhere(moe):
     """Also: the step holds no op a CUDA graph cannot capture (HostSyncs)."""
     be = Backend("cuda", grouped_mm=moe)  # an MoE model is captured only with grouped mm
     assert_padded_decode_equals_eager(_model(moe), be, (7, 12, 5), steps=3, tol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [Backend("cuda"), Backend("cuda", fla=fake_fla()), Backend("cuda", grouped_mm=True)],
+    ids=["gather", "fla-recurrent", "grouped-mm"],
+)
+def test_verify_step_graph_buffers_equal_decode_steps(backend):
+    """Speculative verify steps on a GPU backend (phases by row range, state copies by index
+    tensors) replay from the decode graphs' static buffers: equal to one-token steps."""
+    assert_verify_graph_equals_decode_steps(_model(backend.grouped_mm), backend, tol=2e-5)
 
 
 def test_host_syncs_are_caught():

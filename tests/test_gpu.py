@@ -290,8 +290,8 @@ def test_graph_replay_equals_eager_bf16():
         graphs.context_lens[s] = L + 1
         graphs.state_slots[s] = s
     graphs._pad(n)
-    graphs.graphs[4].replay()
-    replayed = graphs.outputs[4][:n].clone()
+    graphs.graphs[4, 1].replay()
+    replayed = graphs.outputs[4, 1][:n].clone()
     after = [t.clone() for t in everything()]
     for t, b in zip(everything(), before, strict=False):
         t.copy_(b)
@@ -330,11 +330,16 @@ def test_bf16_close_to_fp32():
 
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("moe", [False, True])
-def test_speculative_decoding_equals_plain_on_gpu(moe, k, tmp_path):
-    """MTP drafts on CUDA (verify steps as (k+1)-token chunks, eager; chained drafts): fp32
-    greedy and seeded tokens equal the plain engine's, with the MTP head's drafts and with
-    oracle drafts."""
+def test_speculative_decoding_equals_plain_on_gpu(moe, k, tmp_path, monkeypatch):
+    """MTP drafts on CUDA (decode and verify steps replayed from CUDA graphs, the verify rows
+    phase by phase; the MTP head eager; chained drafts): fp32 greedy and seeded tokens equal the
+    plain engine's and the eager one's, with the MTP head's drafts and with oracle drafts."""
     from test_speculative import oracle, outputs
+
+    replays = []
+    run_phased = DecodeGraphs.run_phased
+    monkeypatch.setattr(DecodeGraphs, "run_phased",
+                        lambda self, *a: replays.append(1) or run_phased(self, *a))  # fmt: skip
 
     d = tmp_path / "m"
     save_checkpoint(d, moe=moe, mtp=True, experts="per_expert" if moe else "fused")
@@ -343,15 +348,18 @@ def test_speculative_decoding_equals_plain_on_gpu(moe, k, tmp_path):
         SamplingParams(max_tokens=16, temperature=0.8, seed=i, ignore_eos=True) for i in (2, 3)
     ]
     want = outputs(cuda(d, block_size=4).generate(ps, sps))
-    llm = cuda(d, block_size=4, num_speculative_tokens=k)
-    llm.engine.runner.spec.backoff = False
-    llm.engine.runner.spec.max_verify_seqs = 1 << 10  # batched verify steps too
-    assert outputs(llm.generate(ps, sps)) == want
-    llm.engine.runner.spec.draft_override = oracle(
-        {tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)}, wrong=0.3
-    )
-    assert outputs(llm.generate(ps, sps)) == want
-    assert llm.engine.runner.spec.stats.accepted > 10
+    for eager in (False, True):
+        llm = cuda(d, block_size=4, num_speculative_tokens=k, enforce_eager=eager)
+        assert (llm.engine.runner.graphs is None) == eager
+        llm.engine.runner.spec.backoff = False
+        assert outputs(llm.generate(ps, sps)) == want
+        llm.engine.runner.spec.draft_override = oracle(
+            {tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)}, wrong=0.3
+        )
+        assert outputs(llm.generate(ps, sps)) == want
+        assert llm.engine.runner.spec.stats.accepted > 10
+        assert bool(replays) != eager, "verify steps replayed from graphs (eager: none)"
+        replays.clear()
 
 
 def test_thinking_budget_on_the_gpu(tmp_path):

@@ -397,30 +397,47 @@ def test_start_up_check_switches_off_kernels_that_do_not_build(
     assert ids(llm.generate(ps, sp)) == want
 
 
-@pytest.mark.parametrize("which,k", [("dense", 1), ("moe", 1), ("dense", 3)])
-def test_speculative_verify_steps_on_the_gpu_backend(which, k, tmp_path, calls):
-    """Speculative decoding on the GPU backend's kernels: verify steps are (k+1)-token chunks
-    (fla's chunked prefill with state checkpoints after each token but the last, Triton prefill
-    attention over the cached prefix), the MTP layer on the same batch, chained drafts as
-    decode rows of the MTP layer; greedy tokens equal the CPU engine without drafts, with the
-    MTP head's drafts and with always-right ones."""
-    from test_speculative import oracle
+@pytest.mark.parametrize(
+    "which,k,graphs", [("dense", 1, False), ("moe", 1, False), ("dense", 3, False),
+                       ("dense", 3, True), ("moe", 2, True)]
+)  # fmt: skip
+def test_speculative_verify_steps_on_the_gpu_backend(which, k, graphs, tmp_path, calls,
+                                                     monkeypatch):  # fmt: skip
+    """Speculative decoding on the GPU backend's kernels: verify steps of decode rows are
+    stepped phase by phase (our Triton conv + recurrent step on each phase's row range, the
+    states copied into the spare slots by index between phases, paged decode attention over
+    every row), the MTP layer on the same batch, chained drafts as decode rows of the MTP
+    layer; graphs: decode and verify steps through the static buffers a CUDA graph replays
+    (tests/test_speculative.py graph_runner). Greedy tokens equal the CPU engine without
+    drafts, with the MTP head's drafts, with always-right ones and with some wrong."""
+    from qwen35.ops import deltanet
+    from test_speculative import graph_runner, oracle
 
     save_checkpoint(tmp_path, moe=which == "moe", layout="vlm", mtp=True)
-    ps = prompts(2, seed=24, lo=3, hi=30)
+    ps = prompts(3, seed=24, lo=3, hi=30)
     sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     kw = dict(block_size=BS)
     want = ids(make(tmp_path, **kw).generate(ps, sp))
-    llm = _interpreted(tmp_path, calls.counted(_full()), num_speculative_tokens=k, **kw)
+    be = calls.counted(_full())
+    llm = _interpreted(tmp_path, be, num_speculative_tokens=k, **kw)
+    if graphs:
+        replays = graph_runner(llm, be, 4, monkeypatch)
     spec = llm.engine.runner.spec
     spec.backoff, spec.max_verify_seqs = False, 8
+    phases = []
+    over = deltanet.over_phases
+    monkeypatch.setattr(deltanet, "over_phases", lambda d, *a: phases.append(1) or over(d, *a))
     assert ids(llm.generate(ps, sp)) == want
-    spec.draft_override = oracle({tuple(p): p + w for p, w in zip(ps, want, strict=True)})
-    assert ids(llm.generate(ps, sp)) == want
+    for wrong in (0.0, 0.4):
+        spec.draft_override = oracle({tuple(p): p + w for p, w in zip(ps, want, strict=True)},
+                                     wrong)  # fmt: skip
+        assert ids(llm.generate(ps, sp)) == want
     # always-right drafts: at least 2 a sequence in its 5 tokens after the prefill (no draft
     # positions past max_tokens: the last token comes alone)
-    assert spec.stats.accepted >= 2 * len(ps)
-    assert calls.n["chunk"] and calls.n["paged_prefill_attention"]
+    assert spec.stats.accepted >= 2 * len(ps) and spec.stats.drafts > spec.stats.accepted
+    assert calls.n["chunk"] and calls.n["conv_update_"] and phases, calls.n
+    if graphs:
+        assert replays["verify"] and replays["decode"] and not replays["eager decode"], replays
 
 
 @pytest.mark.parametrize("source", ["bf16", "gguf"])

@@ -171,6 +171,90 @@ def test_chained_drafts_equal_the_reference(ckpt, monkeypatch, k):
         assert drafts == ref[start - 1 :].argmax(-1).tolist(), (start, drafts)
 
 
+def graph_runner(llm, backend, max_batch: int, monkeypatch):
+    """llm's runner rebuilt as on a GPU, over CPU tensors: `backend` (a GPU backend's ops),
+    decode CUDA graphs run eagerly on their static buffers (DecodeGraphs.eager), one more KV
+    block and state slot for their padding (never handed out: the scheduler's counts are the
+    plan's), no CPU row limit on verify steps. -> the graphs' calls counted by kind."""
+    from qwen35.engine import model_runner
+    from qwen35.engine.cuda_graphs import DecodeGraphs
+    from qwen35.engine.forward_batch import allocate_caches
+    from qwen35.engine.model_runner import GraphSpec, ModelRunner
+    from qwen35.ops.backend import Backend
+
+    eng, old = llm.engine, llm.engine.runner
+    c = old.caches
+    caches = allocate_caches(eng.config, c.num_blocks + 1, c.block_size, c.num_slots + 1,
+                             torch.float32, "cpu", mtp_layers=1)  # fmt: skip
+    monkeypatch.setattr(Backend, "can_capture", property(lambda self: True))
+    monkeypatch.setattr(model_runner, "GPU_MAX_VERIFY_SEQS", 4)  # verify graphs: 1, 2, 4 seqs
+    monkeypatch.setattr(DecodeGraphs, "capture", lambda self: setattr(self, "eager", True))
+    calls = {"decode": 0, "verify": 0, "eager decode": 0}
+    for name, kind in (("run", "decode"), ("run_phased", "verify")):
+        fn = getattr(DecodeGraphs, name)
+
+        def counted(self, *a, _fn=fn, _kind=kind):
+            calls[_kind] += 1
+            return _fn(self, *a)
+
+        monkeypatch.setattr(DecodeGraphs, name, counted)
+    hidden = ModelRunner._graph_hidden
+
+    def graph_hidden(self, ids, batch, rows_of):
+        x = hidden(self, ids, batch, rows_of)
+        calls["eager decode"] += x is None and not batch.prefill
+        return x
+
+    monkeypatch.setattr(ModelRunner, "_graph_hidden", graph_hidden)
+    spec = old.spec
+    runner = ModelRunner(eng.model, caches, eng.eos_token_ids, "cpu", backend=backend,
+                         decode_graphs=GraphSpec(max_batch, eng.max_model_len),
+                         spec_slots=spec.spare_slots, spec_tokens=spec.k)  # fmt: skip
+    assert runner.graphs is not None and runner.graphs.hidden
+    assert runner.spec.max_verify_seqs == 4
+    runner.spec.max_rows = None
+    runner.logits_processor = old.logits_processor
+    eng.runner = runner
+    return calls
+
+
+@pytest.mark.parametrize("which,k", [("dense", 1), ("dense", 3), ("moe", 2)])
+def test_verify_steps_replay_from_decode_graphs(which, ckpt, moe_ckpt, k, monkeypatch):
+    """On a GPU, decode and verify steps replay from CUDA graphs (engine/cuda_graphs.py: the
+    final norm's rows out, verify rows phase by phase with the spare-slot copies by index):
+    here the GPU path's ops on CPU tensors and the graphs' static buffers run eagerly. Greedy
+    and seeded outputs equal those without drafts, with the MTP head's drafts and with
+    always-right ones, some steps with more sequences than the verify graphs take."""
+    from qwen35.ops.backend import Backend
+
+    d, _ = ckpt if which == "dense" else moe_ckpt
+    ps = prompts(5, seed=31)
+    sps = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)] * 3 + [
+        SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True)
+        for i in range(2)
+    ]  # fmt: skip
+    kw = dict(block_size=4, max_num_batched_tokens=64)
+    want = outputs(make(d, **kw).generate(ps, sps))
+    llm = make(d, num_speculative_tokens=k, **kw)
+    calls = graph_runner(llm, Backend("cuda", grouped_mm=which == "moe"), 8, monkeypatch)
+    spec = llm.engine.runner.spec
+    spec.backoff = False
+    assert llm.engine.runner.graphs.verify_buckets == [1, 2, 4]
+    assert outputs(llm.generate(ps[:3], sps[:3])) == want[:3]  # the MTP head's drafts
+    assert spec.stats.drafts > spec.stats.accepted  # (rejected: states from the spares)
+    spec.draft_override = oracle({tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)})
+    before = spec.stats.accepted
+    assert outputs(llm.generate(ps, sps)) == want
+    for wrong in (0.0, 0.3):
+        spec.draft_override = oracle({tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)},
+                                     wrong)  # fmt: skip
+        assert outputs(llm.generate(ps[1:4], sps[1:4])) == want[1:4]
+    assert spec.stats.accepted - before > 3 * k
+    # every step without prefill rows replayed; 5 sequences verify none (over the limit of 4)
+    assert calls["verify"] >= 2 and calls["decode"] > 5 and not calls["eager decode"], calls
+    llm.engine.scheduler.check_integrity()
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_mtp_is_loaded_and_counted(ckpt, k):
     d, _ = ckpt

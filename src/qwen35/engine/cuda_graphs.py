@@ -13,6 +13,15 @@ sequence), and they attend to that one padded token.
 Which steps replay (`can_run`): pure decode steps (every row one token, all sampled), no row
 without an initial state, block tables no wider than captured. Everything else runs eagerly.
 The backend must read only device tensors in a decode step (`Backend.can_capture`).
+
+Speculative decoding (`verify_rows` = k + 1): the graphs return the final norm's output of every
+row (the MTP head and the verify sampling read them) instead of logits, and verify steps replay
+too (`run_phased`): a bucket of b sequences with r rows each is laid out phase by phase, row
+j * b + i holding sequence i's j-th row (its last token, then its drafts), the DeltaNet layers
+stepping one phase after the other (DecodeBatch.phases) with the states copied into the spare
+slots between phases (`copies`, padding pairs copy the padding slot onto
+itself). A sequence with fewer drafts than the step's most has padding rows in the later phases.
+Captured per (b, r) for r = 2 .. k + 1 and b = 1, 2, 4, .. up to `verify_seqs`.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import logging
 
 import torch
 
-from qwen35.engine.forward_batch import DecodeBatch, ForwardBatch, ModelCaches
+from qwen35.engine.forward_batch import DecodeBatch, ForwardBatch, ModelCaches, send_to_device
 
 log = logging.getLogger("qwen35")
 
@@ -46,6 +55,9 @@ class DecodeGraphs:
         max_blocks_per_seq: int,
         pad_block: int,
         pad_slot: int,
+        verify_rows: int = 0,  # speculative decoding: k + 1 (graphs give the hidden rows)
+        verify_seqs: int = 0,  # verify steps replay up to this many sequences
+        max_rows: int | None = None,  # verify graphs of at most this many rows (MoE kernels)
     ):
         if max_batch > caches.num_slots - 1:
             raise ValueError(
@@ -56,8 +68,16 @@ class DecodeGraphs:
         self.buckets = graph_buckets(max_batch)
         self.max_batch, self.max_blocks = max_batch, max_blocks_per_seq
         self.pad_block, self.pad_slot = pad_block, pad_slot
+        self.hidden = verify_rows > 0  # outputs: the final norm's rows [T, H], not logits
+        self.verify_rows = verify_rows if verify_seqs > 0 else 0
+        self.verify_buckets = graph_buckets(verify_seqs) if self.verify_rows > 1 else []
+        # (sequences, rows each) of every graph
+        self.keys = [(n, 1) for n in self.buckets] + [
+            (n, r) for r in range(2, self.verify_rows + 1) for n in self.verify_buckets
+            if max_rows is None or n * r <= max_rows
+        ]  # fmt: skip
         dev = caches.key[0].device if caches.key else caches.conv[0].device
-        B, W = max_batch, max_blocks_per_seq
+        B, W = max(n * r for n, r in self.keys), max_blocks_per_seq
         self.ids = torch.zeros(B, dtype=torch.long, device=dev)
         self.positions = torch.zeros(B, dtype=torch.long, device=dev)
         self.slot_mapping = torch.zeros(B, dtype=torch.long, device=dev)
@@ -70,10 +90,15 @@ class DecodeGraphs:
         self.lora_slots = None
         if step is not None and step.stacked:
             self.lora_slots = torch.zeros(B, dtype=torch.long, device=dev)
+        # verify steps: the states copied after phase j (src, dst slots), 2 pairs a sequence
+        # (its spare, and a prefix-cache checkpoint's slot): [phase, src / dst, pair]
+        vb = max(self.verify_buckets, default=0)
+        self.copies = torch.zeros(max(self.verify_rows - 1, 0), 2, 2 * vb, dtype=torch.long,
+                                  device=dev)  # fmt: skip
         self._pad(0)
         self._real = 0  # rows 0.._real-1 may hold a step's data; rows from _real on are padding
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         # tests on a CPU: run the bucket's forward eagerly on the static buffers (same padding,
         # same batch as the captured graph would replay)
         self.eager = False
@@ -91,46 +116,68 @@ class DecodeGraphs:
         if self.lora_slots is not None:
             self.lora_slots[r] = 0
 
-    def _batch(self, n: int) -> ForwardBatch:
+    def _batch(self, n: int, r: int = 1) -> ForwardBatch:
+        """The static batch of n sequences with r rows each (r > 1: phases of n rows)."""
+        T = n * r
         d = DecodeBatch(
-            rows=self.rows[:n],
-            block_tables=self.block_tables[:n],
-            context_lens=self.context_lens[:n],
-            state_slots=self.state_slots[:n],
+            rows=self.rows[:T],
+            block_tables=self.block_tables[:T],
+            context_lens=self.context_lens[:T],
+            state_slots=self.state_slots[:T],
             max_context=self.max_blocks * self.caches.block_size,
             all_rows=True,
+            max_context_exact=False,
         )
+        if r > 1:
+            m = 2 * n
+            d.phases = [
+                DecodeBatch(rows=self.rows[j * n : (j + 1) * n], block_tables=None,
+                            context_lens=None, state_slots=self.state_slots[j * n : (j + 1) * n],
+                            max_context=0, row_range=(j * n, (j + 1) * n))  # fmt: skip
+                for j in range(r)
+            ]
+            for j, p in enumerate(d.phases[:-1]):
+                p.copies_after = self.copies[j, :, :m]  # [2, m] (src, dst)
         return ForwardBatch(
-            positions=self.positions[:n],
-            slot_mapping=self.slot_mapping[:n],
-            block_tables=self.block_tables[:n],
-            logits_indices=self.rows[:n],
+            positions=self.positions[:T],
+            slot_mapping=self.slot_mapping[:T],
+            block_tables=self.block_tables[:T],
+            logits_indices=self.rows[:T],
             prefill=[],
             decode=d,
             backend=self.backend,
-            lora_slots=None if self.lora_slots is None else self.lora_slots[:n],
+            lora_slots=None if self.lora_slots is None else self.lora_slots[:T],
         )
+
+    def _forward(self, n: int, r: int) -> torch.Tensor:
+        batch = self._batch(n, r)
+        ids = self.ids[: n * r]
+        if not self.hidden:
+            return self.model(ids, batch, self.caches)  # [n, V] fp32 logits
+        return self.model.final_norm(self.model.forward_hidden(ids, batch, self.caches),
+                                     self.backend)  # [n * r, H]  # fmt: skip
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first (the smaller graphs reuse its memory pool)."""
         pool = None
-        for n in reversed(self.buckets):
+        for n, r in sorted(self.keys, key=lambda k: k[0] * k[1], reverse=True):
             self._pad(0)
-            batch = self._batch(n)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up: Triton compiles, cuBLAS picks kernels
                 for _ in range(2):
-                    self.model(self.ids[:n], batch, self.caches)
+                    self._forward(n, r)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self.model(self.ids[:n], batch, self.caches)  # [n, V] fp32
+                out = self._forward(n, r)
             pool = graph.pool() if pool is None else pool
-            self.graphs[n], self.outputs[n] = graph, out
+            self.graphs[n, r], self.outputs[n, r] = graph, out
         torch.cuda.synchronize()
-        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+        log.info("captured decode CUDA graphs for batch sizes %s%s", self.buckets,
+                 f"; verify steps of {self.verify_buckets} sequences x 2..{self.verify_rows} rows"
+                 if self.verify_buckets else "")  # fmt: skip
 
     def can_run(self, batch: ForwardBatch) -> bool:
         d = batch.decode
@@ -141,6 +188,7 @@ class DecodeGraphs:
             and (batch.lora_slots is None or self.lora_slots is not None)
             and d is not None
             and d.all_rows
+            and d.phases is None
             and d.fresh_slots is None
             and batch.num_tokens <= self.max_batch
             and batch.logits_indices.shape[0] == batch.num_tokens
@@ -167,7 +215,62 @@ class DecodeGraphs:
         if n < self._real:  # rows n.. held the data of a larger step: padding again (only
             self._pad(n, self._real)  # then: six small fills a step saved while n stays put)
         self._real = n
+        return self._replay(b, 1)[:n]
+
+    def _replay(self, n: int, r: int) -> torch.Tensor:
         if self.eager:
-            return self.model(self.ids[:b], self._batch(b), self.caches)[:n]
-        self.graphs[b].replay()
-        return self.outputs[b][:n]
+            return self._forward(n, r)
+        self.graphs[n, r].replay()
+        return self.outputs[n, r]
+
+    def _verify_key(self, seq_rows: list[list[int]]) -> tuple[int, int] | None:
+        """The (sequences, rows each) graph a verify step replays in, None: none captured."""
+        n, r = len(seq_rows), max(map(len, seq_rows), default=0)
+        if r < 2:
+            return None
+        return next(((b, r) for b in self.verify_buckets if b >= n and (b, r) in self.keys), None)
+
+    def can_run_phased(self, batch: ForwardBatch, seq_rows: list[list[int]]) -> bool:
+        """A verify step (phased decode batch, engine/speculative.py) that a graph takes:
+        seq_rows, each sequence's rows in the step (its token, then its drafts)."""
+        d = batch.decode
+        return (
+            (bool(self.graphs) or self.eager)
+            and self._verify_key(seq_rows) is not None
+            and d is not None
+            and d.phases is not None
+            and d.fresh_slots is None
+            and batch.lora is None
+            and (batch.lora_slots is None or self.lora_slots is not None)
+            and batch.block_tables.shape[1] <= self.max_blocks
+            and all(len(c) <= 2 * len(seq_rows) for c in d.phase_copies)
+        )
+
+    def run_phased(self, input_ids: torch.Tensor, batch: ForwardBatch,
+                   seq_rows: list[list[int]]) -> torch.Tensor:  # fmt: skip
+        """The final norm's rows [T, H] of a verify step that `can_run_phased`, in the step's
+        row order (sequence i's j-th row at row j * b + i of the bucket of b sequences)."""
+        b, r = self._verify_key(seq_rows)
+        T = b * r
+        dest = [0] * batch.num_tokens
+        for i, rows in enumerate(seq_rows):
+            for j, row in enumerate(rows):
+                dest[row] = j * b + i
+        idx = send_to_device(torch.tensor(dest, dtype=torch.long), self.ids.device)
+        self._pad(0, T)
+        self._real = max(self._real, T)
+        d = batch.decode
+        self.ids.index_copy_(0, idx, input_ids)
+        self.positions.index_copy_(0, idx, batch.positions)
+        self.slot_mapping.index_copy_(0, idx, batch.slot_mapping)
+        self.block_tables[:, : d.block_tables.shape[1]].index_copy_(0, idx, d.block_tables)
+        self.context_lens.index_copy_(0, idx, d.context_lens)
+        self.state_slots.index_copy_(0, idx, d.state_slots)
+        if self.lora_slots is not None and batch.lora_slots is not None:
+            self.lora_slots.index_copy_(0, idx, batch.lora_slots)
+        pairs = torch.full((r - 1, 2, 2 * b), self.pad_slot, dtype=torch.long)
+        for j, copies in enumerate(d.phase_copies[: r - 1]):
+            if copies:
+                pairs[j, :, : len(copies)] = torch.tensor(copies, dtype=torch.long).T
+        self.copies[: r - 1, :, : 2 * b].copy_(send_to_device(pairs, self.ids.device))
+        return self._replay(b, r).index_select(0, idx)

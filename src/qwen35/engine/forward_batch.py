@@ -144,10 +144,16 @@ class DecodeBatch:
     # phase before in the same slots; after phase j (all but the last) each layer copies the
     # states `phase_copies[j]` (src, dst). Attention and the projections take every row at
     # once (per-row context lengths).
+    # On a GPU (and in CUDA graphs) the phases are the same row ranges, each with its state
+    # slots, and each phase but the last carries its copies as one tensor `copies_after`
+    # [2, m] (src slots, dst slots) that the DeltaNet layers apply by index (no host lists).
     phases: list[DecodeBatch] | None = None
     phase_copies: list[list[tuple[int, int]]] = field(default_factory=list)
     row_range: tuple[int, int] = (0, 0)
     in_slot_order: bool = False
+    copies_after: torch.Tensor | None = None
+    # False: max_context only bounds context_lens (a CUDA graph's buffers, whatever they hold)
+    max_context_exact: bool = True
 
 
 @dataclass
@@ -202,10 +208,11 @@ class ForwardBatch:
         """From host lists (tensors are accepted too; they are read on the host here, in the
         runner, never in the model). `state_checkpoints`: (i, n, dest) = after the first n new
         tokens of sequence i copy its DeltaNet state into slot dest (1 <= n <= its tokens).
-        phase_splits (CPU, every sequence one token): the entries from each of these indices on
+        phase_splits (every sequence one token): the entries from each of these indices on
         are the next tokens of entries of the phase before (the same state slots), run after
         them in DeltaNet layers, with `phase_copies[j]` (src, dst) of each layer's states after
-        phase j (DecodeBatch.phases)."""
+        phase j (DecodeBatch.phases; a CPU backend's phases by slot runs, another's by row
+        range with their copies as tensors)."""
         cu = [int(c) for c in cu_seqlens]
         B = len(cu) - 1
         T = cu[-1] if cu else 0
@@ -292,12 +299,15 @@ class ForwardBatch:
                         "phase_splits need one token per sequence, rising splits inside the "
                         "batch and one list of copies per split"
                     )
-                decode.phases = [
-                    _slot_order(DecodeBatch(None, None, None, None, 0), up, rows[a:b],
-                                dslots[a:b], T)  # fmt: skip
-                    for a, b in pairwise(bounds)
-                ]
                 decode.phase_copies = [list(c) for c in phase_copies]
+                if backend.device_type == "cpu":
+                    decode.phases = [
+                        _slot_order(DecodeBatch(None, None, None, None, 0), up, rows[a:b],
+                                    dslots[a:b], T)  # fmt: skip
+                        for a, b in pairwise(bounds)
+                    ]
+                else:
+                    decode.phases = _row_phases(up, bounds, dslots, decode.phase_copies)
             elif backend.device_type == "cpu":
                 _slot_order(decode, up, rows, dslots, T)
         batch = cls(
@@ -313,6 +323,25 @@ class ForwardBatch:
         )
         up.send(batch)
         return batch
+
+
+def _row_phases(up, bounds: list[int], slots: list[int], copies) -> list[DecodeBatch]:
+    """A GPU backend's phases (rows in phase order, one decode row per sequence and phase):
+    each phase's row range and state slots, and the copies after it as a [2, m] tensor."""
+    out = []
+    for j, (a, b) in enumerate(pairwise(bounds)):
+        p = DecodeBatch(
+            rows=up.add(torch.arange(a, b)),
+            block_tables=None,
+            context_lens=None,
+            state_slots=up.add(torch.tensor(slots[a:b], dtype=torch.long)),
+            max_context=0,
+            row_range=(a, b),
+        )
+        if j < len(copies) and copies[j]:
+            p.copies_after = up.add(torch.tensor(copies[j], dtype=torch.long).T.contiguous())
+        out.append(p)
+    return out
 
 
 def _slot_order(d: DecodeBatch, up, rows: list[int], slots: list[int], T: int) -> DecodeBatch:

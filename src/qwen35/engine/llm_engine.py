@@ -347,13 +347,13 @@ class LLMEngine:
         # CUDA graphs (one device, not under tensor parallelism): one more block and one more
         # state slot as padding (model_runner.GraphSpec)
         graphs = self.device.type == "cuda" and not ec.device.enforce_eager and self.workers is None
-        if graphs and spec:  # the MTP head reads every row's hidden state: eager steps
+        if graphs and spec:  # decode and verify steps replay; the MTP head's passes do not
             log.warning(
-                "speculative decoding on %s runs every step eagerly (no decode CUDA graphs) and "
-                "has not been measured on a GPU: compare with --num-speculative-tokens 0",
+                "speculative decoding on %s: decode and verify steps replay from CUDA graphs, "
+                "the MTP head's passes run eagerly; not yet measured on a GPU: compare with "
+                "--num-speculative-tokens 0",
                 self.device,
             )
-            graphs = False
         # slots: running sequences, prefix-cache checkpoints, speculative spares, graph padding
         first_spare = self.plan.num_state_slots + self.plan.num_checkpoint_slots
         sizes = dict(

@@ -26,7 +26,7 @@ from qwen35.engine.sampler import (
     sample_isolated,
 )
 from qwen35.engine.sequence import TokenTail
-from qwen35.engine.speculative import Draft, SpecState, Verify, eligible
+from qwen35.engine.speculative import GPU_MAX_VERIFY_SEQS, Draft, SpecState, Verify, eligible
 from qwen35.engine.vision_inputs import VisionInputs
 from qwen35.kernels.unavailable import KernelUnavailable
 from qwen35.ops.backend import Backend, select_backend
@@ -107,7 +107,8 @@ class ModelRunner:
                 raise ValueError("speculative decoding needs a model loaded with its MTP head")
             self.spec = SpecState(spec_slots, k=spec_tokens, adaptive=spec_adaptive,
                                   max_rows=_verify_rows(model, device), ngram=spec_ngram)  # fmt: skip
-            decode_graphs = None  # verify steps (and the MTP head's every row) run eagerly
+            if self.backend.device_type != "cpu":
+                self.spec.max_verify_seqs = GPU_MAX_VERIFY_SEQS
         self.graphs: DecodeGraphs | None = None
         if decode_graphs is not None:
             self.graphs = self._capture(decode_graphs)
@@ -121,7 +122,7 @@ class ModelRunner:
             log.warning("decode runs without CUDA graphs: backend %s cannot capture a step "
                         "(needs Triton attention)", be.name)  # fmt: skip
             return None
-        max_batch = spec.max_batch
+        max_batch, max_rows = spec.max_batch, None
         experts = [m for m in self.model.modules() if isinstance(m, Experts)]
         if experts and not (be.grouped_mm and all(m.grouped for m in experts)):
             # no grouped GEMM for these experts (quantized ones run one expert at a time from
@@ -131,14 +132,19 @@ class ModelRunner:
                 log.warning("decode runs without CUDA graphs: the MoE experts sync the host "
                             "(backend %s)", be.name)  # fmt: skip
                 return None
+            max_rows = rows  # (verify steps: sequences x rows each)
             if max_batch > rows:
                 log.info("decode CUDA graphs up to %d rows (the MoE kernels' limit); larger "
                          "decode batches run eagerly", rows)  # fmt: skip
                 max_batch = rows
         c = self.caches
+        verify = {}
+        if self.spec is not None:  # hidden rows out; verify steps of k + 1 rows a sequence
+            seqs = min(self.spec.max_verify_seqs, max_batch)
+            verify = dict(verify_rows=self.spec.k + 1, verify_seqs=seqs, max_rows=max_rows)
         graphs = DecodeGraphs(
             self.model, c, be, max_batch, -(-spec.max_model_len // c.block_size),
-            pad_block=c.num_blocks - 1, pad_slot=c.num_slots - 1,
+            pad_block=c.num_blocks - 1, pad_slot=c.num_slots - 1, **verify,
         )  # fmt: skip
         try:
             graphs.capture()
@@ -333,12 +339,7 @@ class ModelRunner:
         if verify and self.spec.k > 1 and self.spec.ngram is None:
             self._chain(scheduled, verify)
         mm = self.vision is not None and any(s.seq.mm_items for s in scheduled)
-        phased = (
-            bool(verify)
-            and self.backend.device_type == "cpu"
-            and not mm
-            and all(s.num_new_tokens == 1 for s in scheduled)
-        )
+        phased = bool(verify) and not mm and all(s.num_new_tokens == 1 for s in scheduled)
         input_ids, batch, sample_seqs = self.build_batch(scheduled, verify, phased)
         if mm:  # images: encoder outputs and 3-D positions
             self.vision.apply(_with_drafts(scheduled, verify), batch)
@@ -523,9 +524,12 @@ class ModelRunner:
         a rejected draft put back to the one after their last accepted row; then the next
         drafts."""
         spec, be, rows_of = self.spec, batch.backend, self.rows_of
-        h = self.model.forward_hidden(input_ids, batch, self.caches)  # [T, H]
-        plps = self._prompt_logprobs(h, prompt) if prompt else {}
-        x = self.model.final_norm(h, be)  # every row: the MTP head reads them all
+        x = self._graph_hidden(input_ids, batch, rows_of) if not prompt else None
+        plps = {}
+        if x is None:
+            h = self.model.forward_hidden(input_ids, batch, self.caches)  # [T, H]
+            plps = self._prompt_logprobs(h, prompt) if prompt else {}
+            x = self.model.final_norm(h, be)  # every row: the MTP head reads them all
         S = len(sample_seqs)
         extra = [(i, j) for i in verify for j in range(1, len(rows_of[i]))]  # draft j's row
         rows = batch.logits_indices.tolist() + [rows_of[i][j] for i, j in extra]
@@ -572,6 +576,22 @@ class ModelRunner:
             self._draft(scheduled, verify, x, batch, result, rows_of)
         result.prompt_logprobs = plps
         return result
+
+    def _graph_hidden(self, input_ids, batch: ForwardBatch, rows_of) -> torch.Tensor | None:
+        """Speculative decoding: the final norm's rows [T, H] of a decode or verify step from a
+        CUDA graph where one takes it, else None (the eager forward)."""
+        g = self.graphs
+        if g is None or batch.mrope_positions is not None:
+            return None
+        if g.can_run(batch):
+            x = g.run(input_ids, batch)
+        elif g.can_run_phased(batch, rows_of):
+            x = g.run_phased(input_ids, batch, rows_of)
+        else:
+            return None
+        if batch.state_copies:
+            self.caches.copy_states(batch.state_copies)
+        return x
 
     def _draft(self, scheduled, verify, x, batch, result: StepResult, rows_of) -> None:
         """Run the MTP head over every row of the step with the token that follows each row,

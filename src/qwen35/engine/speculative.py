@@ -9,10 +9,12 @@ comes from the target model's own distribution, drawn in the same order from the
 generator as without drafts (greedy and seeded requests give the same tokens as without
 speculation); a bad draft costs time only, never a different output.
 
-On a CPU a pure decode step runs the drafts as decode rows that the DeltaNet layers step in
-phases after the others (`DecodeBatch.phases`: phase j holds the j-th drafts), so each row's
-arithmetic is a decode step's (bf16 tokens equal bit for bit); elsewhere [x_n, d_1..d_m] is an
-(m+1)-token chunk (equal up to the chunked rule's rounding against single-token steps). A
+A pure decode step runs the drafts as decode rows that the DeltaNet layers step in phases
+after the others (`DecodeBatch.phases`: phase j holds the j-th drafts), so each row's arithmetic
+is a decode step's (bf16 tokens equal bit for bit on a CPU); on a GPU such steps replay from
+CUDA graphs like decode steps (engine/cuda_graphs.py `run_phased`). In a step with prefill rows
+[x_n, d_1..d_m] is an (m+1)-token chunk (equal up to the chunked rule's rounding against
+single-token steps). A
 rejection must leave the DeltaNet state after the last accepted row: the state after each of
 the rows x_n, d_1..d_{m-1} is saved during the forward into the sequence's spare slots (phase
 copies, or `state_checkpoints` entries at offsets 1..m), and the right one is copied back; the
@@ -67,6 +69,10 @@ MAX_PAUSE = 64
 # 0.8B 1.23x at 2 sequences and 0.83x at 4 (8 rows: past the head screen's row limit too);
 # 4B 0.94x and 1.03x in one noisy run. Not settled: see the README.
 MAX_VERIFY_SEQS = 2
+# On a GPU a decode step stays bound by its weight reads well past 8 sequences x 4 rows (a
+# dense 9B's projections at 32 rows: ~0.3 of the H200's bf16 GEMM peak at its bandwidth), and
+# verify steps replay from CUDA graphs (engine/cuda_graphs.py): an estimate, not measured.
+GPU_MAX_VERIFY_SEQS = 8
 
 
 @dataclass

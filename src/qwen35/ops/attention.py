@@ -118,6 +118,7 @@ def decode_attention(
     context_lens: torch.Tensor,  # [N] int64, tokens to attend (including the new one)
     max_context: int,
     scale: float,
+    exact: bool = True,  # max_context is the largest context_lens (not a bound on it)
 ) -> torch.Tensor:
     """Batched single-token attention: gathers each sequence's blocks into a padded
     [N, nkv, L, hd] and masks past its length. Returns [N, nh, hd]."""
@@ -130,7 +131,7 @@ def decode_attention(
     # One query token: the nh/nkv query heads of a KV head act as that many query rows against
     # it, so GQA needs neither expanded K/V nor a causal mask.
     qh = q.view(N, nkv, nh // nkv, hd)  # [N, nkv, rep, hd]
-    if N == 1:  # one sequence: slice instead of masking
+    if N == 1 and exact:  # one sequence: slice instead of masking
         k, v = k[:, :, :max_context], v[:, :, :max_context]
         o = F.scaled_dot_product_attention(qh, k, v, scale=scale)
     else:
@@ -169,7 +170,8 @@ def paged_decode_attention(
                 q.contiguous(), key_cache, value_cache, d.block_tables, d.context_lens, scale, gate
             )
     o = decode_attention(
-        q, key_cache, value_cache, d.block_tables, d.context_lens, d.max_context, scale
+        q, key_cache, value_cache, d.block_tables, d.context_lens, d.max_context, scale,
+        exact=d.max_context_exact,
     ).to(q.dtype)
     return o if gate is None else o.mul_(torch.sigmoid(gate))
 

@@ -313,7 +313,12 @@ def deltanet_decode_gated(be: Backend, qkv, z, a, b, conv_w, dt_bias, A_log, nor
 
 
 def copy_layer_states(conv_cache, rec_cache, pairs) -> None:
-    """One layer's conv + recurrent state of slot src -> slot dst, for each (src, dst)."""
+    """One layer's conv + recurrent state of slot src -> slot dst, for each (src, dst); pairs:
+    a list, or a [2, m] tensor of (src slots, dst slots) (no host reads: CUDA graphs)."""
+    if isinstance(pairs, torch.Tensor):
+        for cache in (conv_cache, rec_cache):
+            cache.index_copy_(0, pairs[1], cache.index_select(0, pairs[0]))
+        return
     for src, dst in pairs:
         conv_cache[dst].copy_(conv_cache[src])
         rec_cache[dst].copy_(rec_cache[src])
@@ -322,11 +327,14 @@ def copy_layer_states(conv_cache, rec_cache, pairs) -> None:
 def over_phases(d, conv_cache, rec_cache, step) -> list:
     """A phased decode batch (DecodeBatch.phases, speculative verify steps) through one
     DeltaNet layer: step(phase) for each phase in order, the layer's states copied
-    (d.phase_copies[j]) after phase j, before the next drafts step them; the results in order."""
+    (d.phase_copies[j], or the phase's `copies_after` tensor) after phase j, before the next
+    drafts step them; the results in order."""
     out = []
     for k, p in enumerate(d.phases):
         out.append(step(p))
-        if k < len(d.phase_copies):
+        if p.copies_after is not None:
+            copy_layer_states(conv_cache, rec_cache, p.copies_after)
+        elif k < len(d.phase_copies):
             copy_layer_states(conv_cache, rec_cache, d.phase_copies[k])
     return out
 
@@ -351,9 +359,17 @@ def _decode_triton(qkv, z, a, b, conv_w, dt_bias, A_log, norm_w, eps, dims: Dims
         conv_cache.index_fill_(0, d.fresh_slots, 0)
         rec_cache.index_fill_(0, d.fresh_slots, 0)
     N = qkv.shape[0]  # every row decodes (d.all_rows): rows in token order
-    u = tdn.conv_update_(qkv, conv_w, conv_cache, d.state_slots)  # [N, C]
-    o = tdn.recurrent_step_(u, a, b, rec_cache, d.state_slots, dims.nk, gates=(dt_bias, A_log),
-                            out_dtype=qkv.dtype)  # [N, nv, dv]  # fmt: skip
+
+    def step(p):  # a phase's rows (row range): the drafts step the states the rows before left
+        r = slice(*p.row_range) if p is not d else slice(None)
+        u = tdn.conv_update_(qkv[r], conv_w, conv_cache, p.state_slots)  # [n, C]
+        return tdn.recurrent_step_(u, a[r], b[r], rec_cache, p.state_slots, dims.nk,
+                                   gates=(dt_bias, A_log), out_dtype=qkv.dtype)  # [n, nv, dv]
+
+    if d.phases is not None:  # speculative verify rows (DecodeBatch.phases): phase by phase
+        o = torch.cat(over_phases(d, conv_cache, rec_cache, step))
+    else:
+        o = step(d)
     y = triton_norms.gated_rms_norm(o, z.unflatten(-1, (dims.nv, dims.dv)), norm_w, eps)
     return y.view(N, dims.nv * dims.dv)
 
