@@ -20,7 +20,6 @@ import random
 import time
 
 from qwen35.benchmarks.common import BenchModel, BenchOptions, make_engine, ratio, timed_request
-from qwen35.engine.speculative import MAX_VERIFY_SEQS
 
 ACCEPTANCE = (1.0, 0.8, 0.6)
 DRAFT_TOKENS = (1, 3)  # engines drafting this many tokens a step
@@ -96,6 +95,7 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
                 same[name] &= out == reference
             else:
                 reference = out
+    plain_limit = next(iter(specs.values())).runner.spec.max_verify_seqs  # (CPU 2, GPU 8)
     batches = {
         f"k={k}": _batches(plain, eng, rng, vocab, P, N, sz["rounds"], opts.seed)
         for k, eng in specs.items()
@@ -126,7 +126,7 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
         "draft_tokens": list(ks),
         "engines": rows,
         "batches": batches,
-        "max_verify_seqs": MAX_VERIFY_SEQS,
+        "max_verify_seqs": plain_limit,
     }
 
 
@@ -157,9 +157,11 @@ def _timed_batch(engine, prompts: list[list[int]], new_tokens: int, tag: str):
 
 def _batches(plain, spec, rng, vocab, P, N, rounds, seed) -> dict:
     """Decode tokens/s of B requests together: plain vs always-right drafts for each (the
-    MAX_VERIFY_SEQS limit lifted for the measurement)."""
+    engine's verify limit, engine/speculative.py MAX_VERIFY_SEQS / GPU_MAX_VERIFY_SEQS, lifted
+    to max(BATCHES) for the measurement where lower)."""
     rs = spec.runner.spec
-    rs.max_verify_seqs = max(BATCHES)
+    limit = rs.max_verify_seqs
+    rs.max_verify_seqs = max(limit, max(BATCHES))
     res = {}
     try:
         for B in BATCHES:
@@ -181,6 +183,6 @@ def _batches(plain, spec, rng, vocab, P, N, rounds, seed) -> dict:
             tps = {k: n / t if t else float("nan") for k, (n, t) in acc.items()}
             res[str(B)] = {**tps, "over_plain": ratio(tps["oracle 100%"], tps["plain"])}
     finally:
-        rs.max_verify_seqs = MAX_VERIFY_SEQS
+        rs.max_verify_seqs = limit
         rs.draft_override = None
     return res
