@@ -219,7 +219,7 @@ def test_dispatch_takes_the_kernel_and_switches_off(mod, monkeypatch):
     monkeypatch.setattr(attention.ATTENTION, "_module", Spy())
     kc, vc, tables, _ = _cache([30, 5], 2, 32, 16, torch.float32)
     ctx = torch.tensor([30, 5], dtype=torch.int32)
-    d = SimpleNamespace(block_tables=tables, context_lens=ctx, max_context=30)
+    d = SimpleNamespace(block_tables=tables, context_lens=ctx, max_context=30, max_context_exact=True)
     q = torch.randn(2, 4, 32)
     be = select_backend("cpu")
     assert be.cpu_attention is not None and "cpu-attention" in be.name

@@ -407,8 +407,8 @@ def test_speculative_verify_steps_on_the_gpu_backend(which, k, graphs, tmp_path,
     stepped phase by phase (our Triton conv + recurrent step on each phase's row range, the
     states copied into the spare slots by index between phases, paged decode attention over
     every row), the MTP layer on the same batch, chained drafts as decode rows of the MTP
-    layer; graphs: decode and verify steps through the static buffers a CUDA graph replays
-    (tests/test_speculative.py graph_runner). Greedy tokens equal the CPU engine without
+    layer; graphs: decode and verify steps and the MTP head's passes through the static
+    buffers a CUDA graph replays (tests/test_speculative.py graph_runner). Greedy tokens equal the CPU engine without
     drafts, with the MTP head's drafts, with always-right ones and with some wrong."""
     from qwen35.ops import deltanet
     from test_speculative import graph_runner, oracle
@@ -438,6 +438,7 @@ def test_speculative_verify_steps_on_the_gpu_backend(which, k, graphs, tmp_path,
     assert calls.n["chunk"] and calls.n["conv_update_"] and phases, calls.n
     if graphs:
         assert replays["verify"] and replays["decode"] and not replays["eager decode"], replays
+        assert replays["mtp"] and replays["mtp chain"], replays  # (k > 1)
 
 
 @pytest.mark.parametrize("source", ["bf16", "gguf"])

@@ -189,8 +189,9 @@ def graph_runner(llm, backend, max_batch: int, monkeypatch):
     monkeypatch.setattr(Backend, "can_capture", property(lambda self: True))
     monkeypatch.setattr(model_runner, "GPU_MAX_VERIFY_SEQS", 4)  # verify graphs: 1, 2, 4 seqs
     monkeypatch.setattr(DecodeGraphs, "capture", lambda self: setattr(self, "eager", True))
-    calls = {"decode": 0, "verify": 0, "eager decode": 0}
-    for name, kind in (("run", "decode"), ("run_phased", "verify")):
+    calls = {"decode": 0, "verify": 0, "eager decode": 0, "mtp": 0, "mtp chain": 0}
+    for name, kind in (("run", "decode"), ("run_phased", "verify"), ("run_mtp", "mtp"),
+                       ("run_mtp_decode", "mtp chain")):  # fmt: skip
         fn = getattr(DecodeGraphs, name)
 
         def counted(self, *a, _fn=fn, _kind=kind):
@@ -202,7 +203,7 @@ def graph_runner(llm, backend, max_batch: int, monkeypatch):
 
     def graph_hidden(self, ids, batch, rows_of):
         x = hidden(self, ids, batch, rows_of)
-        calls["eager decode"] += x is None and not batch.prefill
+        calls["eager decode"] += x is None and not batch.prefill and self.graphs is not None
         return x
 
     monkeypatch.setattr(ModelRunner, "_graph_hidden", graph_hidden)
@@ -210,7 +211,7 @@ def graph_runner(llm, backend, max_batch: int, monkeypatch):
     runner = ModelRunner(eng.model, caches, eng.eos_token_ids, "cpu", backend=backend,
                          decode_graphs=GraphSpec(max_batch, eng.max_model_len),
                          spec_slots=spec.spare_slots, spec_tokens=spec.k)  # fmt: skip
-    assert runner.graphs is not None and runner.graphs.hidden
+    assert runner.graphs is not None and runner.graphs.hidden and runner.graphs.mtp
     assert runner.spec.max_verify_seqs == 4
     runner.spec.max_rows = None
     runner.logits_processor = old.logits_processor
@@ -221,10 +222,12 @@ def graph_runner(llm, backend, max_batch: int, monkeypatch):
 @pytest.mark.parametrize("which,k", [("dense", 1), ("dense", 3), ("moe", 2)])
 def test_verify_steps_replay_from_decode_graphs(which, ckpt, moe_ckpt, k, monkeypatch):
     """On a GPU, decode and verify steps replay from CUDA graphs (engine/cuda_graphs.py: the
-    final norm's rows out, verify rows phase by phase with the spare-slot copies by index):
+    final norm's rows out, verify rows phase by phase with the spare-slot copies by index), and
+    so do the MTP head's passes (over a replayed step's rows; chained drafts):
     here the GPU path's ops on CPU tensors and the graphs' static buffers run eagerly. Greedy
     and seeded outputs equal those without drafts, with the MTP head's drafts and with
     always-right ones, some steps with more sequences than the verify graphs take."""
+    from qwen35.engine.model_runner import ModelRunner
     from qwen35.ops.backend import Backend
 
     d, _ = ckpt if which == "dense" else moe_ckpt
@@ -240,18 +243,40 @@ def test_verify_steps_replay_from_decode_graphs(which, ckpt, moe_ckpt, k, monkey
     spec = llm.engine.runner.spec
     spec.backoff = False
     assert llm.engine.runner.graphs.verify_buckets == [1, 2, 4]
-    assert outputs(llm.generate(ps[:3], sps[:3])) == want[:3]  # the MTP head's drafts
+    drafted = {}  # the MTP head's output rows that draft, step by step: the eager GPU path's
+    draft_tokens = ModelRunner._draft_tokens  # (not the tokens: the fp32 rows of a bucket
+    monkeypatch.setattr(ModelRunner, "_draft_tokens", lambda self, m: drafted.setdefault(
+        id(self), []).append(m.clone()) or draft_tokens(self, m))  # round apart: near-ties)
+    eager = make(d, num_speculative_tokens=k, **kw)
+    eager.engine.runner.backend = Backend("cuda", grouped_mm=which == "moe")
+    eager.engine.runner.spec.max_rows, eager.engine.runner.spec.backoff = None, False
+
+    def both(idx, wrong=None):  # eager, then graphs: outputs == without drafts, MTP rows alike
+        for x in (eager, llm):
+            if wrong is not None:  # drafts by an oracle (the MTP head still runs, unused)
+                x.engine.runner.spec.draft_override = oracle(
+                    {tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)}, wrong)
+            drafted.pop(id(x.engine.runner), None)
+            assert outputs(x.generate([ps[i] for i in idx], [sps[i] for i in idx])) == [
+                want[i] for i in idx]  # fmt: skip
+        a, b = (drafted[id(x.engine.runner)] for x in (eager, llm))
+        assert len(a) == len(b) > 2
+        for x, y in zip(a, b, strict=True):  # (MoE: a router's near-tie picks other experts)
+            if which == "dense":
+                torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+
+    both([0, 1, 2])  # the MTP head's drafts
     assert spec.stats.drafts > spec.stats.accepted  # (rejected: states from the spares)
-    spec.draft_override = oracle({tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)})
     before = spec.stats.accepted
-    assert outputs(llm.generate(ps, sps)) == want
-    for wrong in (0.0, 0.3):
-        spec.draft_override = oracle({tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)},
-                                     wrong)  # fmt: skip
-        assert outputs(llm.generate(ps[1:4], sps[1:4])) == want[1:4]
+    both([1, 2, 3], wrong=0.0)  # (accepted: drafts from rows past a sequence's first)
+    both([1, 2, 3], wrong=0.3)
     assert spec.stats.accepted - before > 3 * k
+    spec.draft_override = oracle({tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)})
+    assert outputs(llm.generate(ps, sps)) == want
     # every step without prefill rows replayed; 5 sequences verify none (over the limit of 4)
     assert calls["verify"] >= 2 and calls["decode"] > 5 and not calls["eager decode"], calls
+    # the MTP head's passes replay too: over each replayed step's rows, and the chains (k > 1)
+    assert calls["mtp"] >= calls["verify"] and (calls["mtp chain"] > 0) == (k > 1), calls
     llm.engine.scheduler.check_integrity()
 
 

@@ -58,6 +58,7 @@ class DecodeGraphs:
         verify_rows: int = 0,  # speculative decoding: k + 1 (graphs give the hidden rows)
         verify_seqs: int = 0,  # verify steps replay up to this many sequences
         max_rows: int | None = None,  # verify graphs of at most this many rows (MoE kernels)
+        mtp: bool = False,  # the MTP head's passes too (speculative decoding with it)
     ):
         if max_batch > caches.num_slots - 1:
             raise ValueError(
@@ -99,6 +100,14 @@ class DecodeGraphs:
         self._real = 0  # rows 0.._real-1 may hold a step's data; rows from _real on are padding
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        # the MTP head's pass over the rows of the step the buffers hold (its inputs: the token
+        # after each row and the final norm's rows, in the buffers' layout), a graph per key
+        self.mtp = mtp and self.hidden
+        self.mtp_ids = torch.zeros(B, dtype=torch.long, device=dev)
+        self.mtp_hidden: torch.Tensor | None = None  # [B, H] in the final norm's dtype
+        self.mtp_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.mtp_outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self._last: tuple[tuple[int, int], torch.Tensor | None] | None = None  # key, row map
         # tests on a CPU: run the bucket's forward eagerly on the static buffers (same padding,
         # same batch as the captured graph would replay)
         self.eager = False
@@ -154,26 +163,45 @@ class DecodeGraphs:
         ids = self.ids[: n * r]
         if not self.hidden:
             return self.model(ids, batch, self.caches)  # [n, V] fp32 logits
-        return self.model.final_norm(self.model.forward_hidden(ids, batch, self.caches),
-                                     self.backend)  # [n * r, H]  # fmt: skip
+        x = self.model.final_norm(self.model.forward_hidden(ids, batch, self.caches),
+                                  self.backend)  # [n * r, H]  # fmt: skip
+        if self.mtp:  # (its buffer allocated before any capture begins)
+            self._mtp_hidden_like(x)
+        return x
+
+    def _mtp_hidden_like(self, x: torch.Tensor) -> None:
+        if self.mtp_hidden is None:
+            self.mtp_hidden = x.new_zeros(self.ids.shape[0], x.shape[1])
+
+    def _forward_mtp(self, n: int, r: int) -> torch.Tensor:
+        T = n * r
+        return self.model.forward_mtp(self.mtp_ids[:T], self.mtp_hidden[:T], self._batch(n, r),
+                                      self.caches)  # [T, H]  # fmt: skip
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first (the smaller graphs reuse its memory pool)."""
         pool = None
-        for n, r in sorted(self.keys, key=lambda k: k[0] * k[1], reverse=True):
-            self._pad(0)
+
+        def capture(fn, key):
+            nonlocal pool
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up: Triton compiles, cuBLAS picks kernels
                 for _ in range(2):
-                    self._forward(n, r)
+                    fn(*key)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self._forward(n, r)
+                out = fn(*key)
             pool = graph.pool() if pool is None else pool
-            self.graphs[n, r], self.outputs[n, r] = graph, out
+            return graph, out
+
+        for key in sorted(self.keys, key=lambda k: k[0] * k[1], reverse=True):
+            self._pad(0)
+            self.graphs[key], self.outputs[key] = capture(self._forward, key)
+            if self.mtp:
+                self.mtp_graphs[key], self.mtp_outputs[key] = capture(self._forward_mtp, key)
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s%s", self.buckets,
                  f"; verify steps of {self.verify_buckets} sequences x 2..{self.verify_rows} rows"
@@ -197,11 +225,24 @@ class DecodeGraphs:
 
     def run(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Logits [N, V] fp32 of a step that `can_run` (a view of the graph's output buffer:
-        valid until the next replay)."""
+        valid until the next replay); the final norm's rows [N, H] with drafts on."""
+        n, b = batch.num_tokens, self._load(batch)
+        self.ids[:n].copy_(input_ids)
+        return self._replay(b, 1)[:n]
+
+    def run_mtp_decode(self, input_ids: torch.Tensor, hidden: torch.Tensor,
+                       batch: ForwardBatch) -> torch.Tensor:  # fmt: skip
+        """The MTP head's output rows [N, H] of a decode-shaped batch that `can_run` (a chain
+        of drafts: input_ids the last drafts, hidden the head's rows that made them)."""
+        self._load(batch)
+        return self.run_mtp(input_ids, hidden)
+
+    def _load(self, batch: ForwardBatch) -> int:
+        """A decode batch's index tensors into the buffers' first rows; -> its bucket."""
         n = batch.num_tokens
         b = next(x for x in self.buckets if x >= n)
+        self._last = ((b, 1), None)
         d = batch.decode
-        self.ids[:n].copy_(input_ids)
         self.positions[:n].copy_(batch.positions)
         self.slot_mapping[:n].copy_(batch.slot_mapping)
         self.block_tables[:n, : d.block_tables.shape[1]].copy_(d.block_tables)
@@ -215,13 +256,33 @@ class DecodeGraphs:
         if n < self._real:  # rows n.. held the data of a larger step: padding again (only
             self._pad(n, self._real)  # then: six small fills a step saved while n stays put)
         self._real = n
-        return self._replay(b, 1)[:n]
+        return b
 
     def _replay(self, n: int, r: int) -> torch.Tensor:
         if self.eager:
             return self._forward(n, r)
         self.graphs[n, r].replay()
         return self.outputs[n, r]
+
+    def run_mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The MTP head's output rows [T, H] over the rows of the step the buffers hold (the
+        last `run` / `run_phased` / `run_mtp_decode`), in its row order: next_ids [T] the token
+        after each row, hidden [T, H] the final norm's rows."""
+        (n, r), idx = self._last
+        T = next_ids.shape[0]
+        self._mtp_hidden_like(hidden)
+        if idx is None:
+            self.mtp_ids[:T].copy_(next_ids)
+            self.mtp_hidden[:T].copy_(hidden)
+        else:
+            self.mtp_ids.index_copy_(0, idx, next_ids)
+            self.mtp_hidden.index_copy_(0, idx, hidden)
+        if self.eager:
+            out = self._forward_mtp(n, r)
+        else:
+            self.mtp_graphs[n, r].replay()
+            out = self.mtp_outputs[n, r]
+        return out[:T].clone() if idx is None else out.index_select(0, idx)  # (a copy)
 
     def _verify_key(self, seq_rows: list[list[int]]) -> tuple[int, int] | None:
         """The (sequences, rows each) graph a verify step replays in, None: none captured."""
@@ -257,6 +318,7 @@ class DecodeGraphs:
             for j, row in enumerate(rows):
                 dest[row] = j * b + i
         idx = send_to_device(torch.tensor(dest, dtype=torch.long), self.ids.device)
+        self._last = ((b, r), idx)
         self._pad(0, T)
         self._real = max(self._real, T)
         d = batch.decode

@@ -102,6 +102,7 @@ class ModelRunner:
         )
         self.decode_steps = decode_steps
         self.spec: SpecState | None = None  # engine/speculative.py
+        self._graphed = False  # the step's forward replayed from a graph (its MTP pass can)
         if spec_slots is not None:
             if spec_ngram is None and not getattr(model, "has_mtp", False):
                 raise ValueError("speculative decoding needs a model loaded with its MTP head")
@@ -141,7 +142,9 @@ class ModelRunner:
         verify = {}
         if self.spec is not None:  # hidden rows out; verify steps of k + 1 rows a sequence
             seqs = min(self.spec.max_verify_seqs, max_batch)
-            verify = dict(verify_rows=self.spec.k + 1, verify_seqs=seqs, max_rows=max_rows)
+            mtp = self.spec.ngram is None and getattr(self.model, "has_mtp", False)
+            verify = dict(verify_rows=self.spec.k + 1, verify_seqs=seqs, max_rows=max_rows,
+                          mtp=mtp)  # fmt: skip
         graphs = DecodeGraphs(
             self.model, c, be, max_batch, -(-spec.max_model_len // c.block_size),
             pad_block=c.num_blocks - 1, pad_slot=c.num_slots - 1, **verify,
@@ -580,7 +583,7 @@ class ModelRunner:
     def _graph_hidden(self, input_ids, batch: ForwardBatch, rows_of) -> torch.Tensor | None:
         """Speculative decoding: the final norm's rows [T, H] of a decode or verify step from a
         CUDA graph where one takes it, else None (the eager forward)."""
-        g = self.graphs
+        g, self._graphed = self.graphs, False
         if g is None or batch.mrope_positions is not None:
             return None
         if g.can_run(batch):
@@ -589,6 +592,7 @@ class ModelRunner:
             x = g.run_phased(input_ids, batch, rows_of)
         else:
             return None
+        self._graphed = True  # (the MTP head's pass over this step replays too)
         if batch.state_copies:
             self.caches.copy_states(batch.state_copies)
         return x
@@ -621,7 +625,10 @@ class ModelRunner:
             draft_rows.append(rows_of[i][a])  # at position start + a
             draft_seqs.append((seq.seq_id, start + a + 2))
         ids = torch.tensor(nxt, dtype=torch.long, device=x.device)
-        m = self.model.forward_mtp(ids, x, batch, self.caches)  # [T, H]
+        if self._graphed and self.graphs.mtp:
+            m = self.graphs.run_mtp(ids, x)  # [T, H]
+        else:
+            m = self.model.forward_mtp(ids, x, batch, self.caches)
         if not draft_rows:
             return
         m = m.index_select(0, torch.tensor(draft_rows, device=x.device))
@@ -665,7 +672,11 @@ class ModelRunner:
                 input_ids=[v.drafts[-1] for _, v, _ in todo],
             )
             hidden = torch.stack([d.hidden for _, _, d in todo])
-            m = self.model.forward_mtp(batch.input_ids, hidden, batch, self.caches)  # [N, H]
+            g = self.graphs
+            if g is not None and g.mtp and g.can_run(batch):
+                m = g.run_mtp_decode(batch.input_ids, hidden, batch)  # [N, H]
+            else:
+                m = self.model.forward_mtp(batch.input_ids, hidden, batch, self.caches)
             for (_, v, d), row, t in zip(todo, m, self._draft_tokens(m), strict=True):
                 v.drafts.append(int(t))
                 d.hidden = row
