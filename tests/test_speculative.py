@@ -199,6 +199,14 @@ def graph_runner(llm, backend, max_batch: int, monkeypatch):
             return _fn(self, *a)
 
         monkeypatch.setattr(DecodeGraphs, name, counted)
+    from test_backend import HostSyncs, _watched
+
+    syncs = HostSyncs()  # what a graph would capture: no op that reads the device on the host
+    for name in ("_forward", "_forward_mtp"):
+        fn = getattr(DecodeGraphs, name)
+        monkeypatch.setattr(DecodeGraphs, name,
+                            lambda self, *a, _fn=fn: _watched(syncs, _fn, self, *a))  # fmt: skip
+    calls["host syncs"] = syncs.seen
     hidden = ModelRunner._graph_hidden
 
     def graph_hidden(self, ids, batch, rows_of):
@@ -277,6 +285,7 @@ def test_verify_steps_replay_from_decode_graphs(which, ckpt, moe_ckpt, k, monkey
     assert calls["verify"] >= 2 and calls["decode"] > 5 and not calls["eager decode"], calls
     # the MTP head's passes replay too: over each replayed step's rows, and the chains (k > 1)
     assert calls["mtp"] >= calls["verify"] and (calls["mtp chain"] > 0) == (k > 1), calls
+    assert not calls["host syncs"], f"not capturable: {sorted(set(calls['host syncs']))}"
     llm.engine.scheduler.check_integrity()
 
 

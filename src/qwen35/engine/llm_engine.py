@@ -347,11 +347,10 @@ class LLMEngine:
         # CUDA graphs (one device, not under tensor parallelism): one more block and one more
         # state slot as padding (model_runner.GraphSpec)
         graphs = self.device.type == "cuda" and not ec.device.enforce_eager and self.workers is None
-        if graphs and spec:  # decode and verify steps replay; the MTP head's passes do not
+        if graphs and spec:  # decode and verify steps and the MTP head's passes replay
             log.warning(
-                "speculative decoding on %s: decode and verify steps replay from CUDA graphs, "
-                "the MTP head's passes run eagerly; not yet measured on a GPU: compare with "
-                "--num-speculative-tokens 0",
+                "speculative decoding on %s (decode and verify steps replayed from CUDA graphs) "
+                "has not been measured on a GPU yet: compare with --num-speculative-tokens 0",
                 self.device,
             )
         # slots: running sequences, prefix-cache checkpoints, speculative spares, graph padding
