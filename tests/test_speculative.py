@@ -218,8 +218,10 @@ def graph_runner(llm, backend, max_batch: int, monkeypatch):
     spec = old.spec
     runner = ModelRunner(eng.model, caches, eng.eos_token_ids, "cpu", backend=backend,
                          decode_graphs=GraphSpec(max_batch, eng.max_model_len),
-                         spec_slots=spec.spare_slots, spec_tokens=spec.k)  # fmt: skip
-    assert runner.graphs is not None and runner.graphs.hidden and runner.graphs.mtp
+                         spec_slots=spec.spare_slots, spec_tokens=spec.k,
+                         spec_ngram=spec.ngram)  # fmt: skip
+    assert runner.graphs is not None and runner.graphs.hidden
+    assert runner.graphs.mtp == (spec.ngram is None)  # (n-gram drafts: no MTP head to run)
     assert runner.spec.max_verify_seqs == 4
     runner.spec.max_rows = None
     runner.logits_processor = old.logits_processor
@@ -287,6 +289,25 @@ def test_verify_steps_replay_from_decode_graphs(which, ckpt, moe_ckpt, k, monkey
     assert calls["mtp"] >= calls["verify"] and (calls["mtp chain"] > 0) == (k > 1), calls
     assert not calls["host syncs"], f"not capturable: {sorted(set(calls['host syncs']))}"
     llm.engine.scheduler.check_integrity()
+
+
+def test_ngram_verify_steps_replay_from_decode_graphs(ckpt, monkeypatch):
+    """n-gram drafts (prompt lookup) on the GPU path with graphs: verify steps replay (no MTP
+    head to run), outputs equal those without drafts."""
+    from qwen35.ops.backend import Backend
+
+    d, _ = ckpt
+    ps = prompts(3, seed=33, lo=10, hi=30)  # (their outputs fall into loops: drafts found)
+    sp = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    kw = dict(block_size=4, max_num_batched_tokens=64)
+    want = outputs(make(d, **kw).generate(ps, sp))
+    llm = make(d, num_speculative_tokens=3, speculative_method="ngram", **kw)
+    calls = graph_runner(llm, Backend("cuda"), 8, monkeypatch)
+    llm.engine.runner.spec.backoff = False
+    assert outputs(llm.generate(ps, sp)) == want
+    st = llm.engine.runner.spec.stats
+    assert st.accepted > 10 and st.drafts > st.accepted  # (some rejected: states from spares)
+    assert calls["verify"] > 0 and not calls["eager decode"] and not calls["mtp"], calls
 
 
 @pytest.mark.parametrize("k", [1, 2])
