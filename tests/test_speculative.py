@@ -261,6 +261,13 @@ def test_verify_steps_replay_from_decode_graphs(which, ckpt, moe_ckpt, k, monkey
     eager.engine.runner.backend = Backend("cuda", grouped_mm=which == "moe")
     eager.engine.runner.spec.max_rows, eager.engine.runner.spec.backoff = None, False
 
+    def same_rows(a, b):  # each step's MTP rows (in the sequences' order by state slot, which
+        assert len(a) == len(b) > 2  # differs with the engines' histories)
+        for x, y in zip(a, b, strict=True):  # (MoE: a router's near-tie picks other experts)
+            if which == "dense":
+                x, y = (t[t[:, 0].argsort()] for t in (x, y))
+                torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+
     def both(idx, wrong=None):  # eager, then graphs: outputs == without drafts, MTP rows alike
         for x in (eager, llm):
             if wrong is not None:  # drafts by an oracle (the MTP head still runs, unused)
@@ -271,9 +278,7 @@ def test_verify_steps_replay_from_decode_graphs(which, ckpt, moe_ckpt, k, monkey
                 want[i] for i in idx]  # fmt: skip
         a, b = (drafted[id(x.engine.runner)] for x in (eager, llm))
         assert len(a) == len(b) > 2
-        for x, y in zip(a, b, strict=True):  # (MoE: a router's near-tie picks other experts)
-            if which == "dense":
-                torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+        same_rows(a, b)
 
     both([0, 1, 2])  # the MTP head's drafts
     assert spec.stats.drafts > spec.stats.accepted  # (rejected: states from the spares)
@@ -283,6 +288,21 @@ def test_verify_steps_replay_from_decode_graphs(which, ckpt, moe_ckpt, k, monkey
     assert spec.stats.accepted - before > 3 * k
     spec.draft_override = oracle({tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)})
     assert outputs(llm.generate(ps, sps)) == want
+    # a request with prompt logprobs (its step runs eagerly) arriving after replayed steps:
+    # its MTP pass is the eager one too, on that step's rows (the MTP rows equal the eager path's)
+    late = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
+    new = prompts(2, seed=32)  # (prompts neither engine has cached: the MTP KV of a cached
+    for x in (eager, llm):  # block's last row was made with the token that followed it then)
+        x.engine.runner.spec.draft_override = None
+        drafted.pop(id(x.engine.runner), None)
+        e = x.engine
+        e.add_request("a", new[0], sps[0])
+        for _ in range(4):
+            e.step()
+        e.add_request("b", new[1], late)
+        while e.has_unfinished_requests():
+            e.step()
+    same_rows(*(drafted[id(x.engine.runner)] for x in (eager, llm)))
     # every step without prefill rows replayed; 5 sequences verify none (over the limit of 4)
     assert calls["verify"] >= 2 and calls["decode"] > 5 and not calls["eager decode"], calls
     # the MTP head's passes replay too: over each replayed step's rows, and the chains (k > 1)

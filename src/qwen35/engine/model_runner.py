@@ -527,6 +527,7 @@ class ModelRunner:
         a rejected draft put back to the one after their last accepted row; then the next
         drafts."""
         spec, be, rows_of = self.spec, batch.backend, self.rows_of
+        self._graphed = False  # (set by _graph_hidden when this step replays)
         x = self._graph_hidden(input_ids, batch, rows_of) if not prompt else None
         plps = {}
         if x is None:
@@ -583,7 +584,7 @@ class ModelRunner:
     def _graph_hidden(self, input_ids, batch: ForwardBatch, rows_of) -> torch.Tensor | None:
         """Speculative decoding: the final norm's rows [T, H] of a decode or verify step from a
         CUDA graph where one takes it, else None (the eager forward)."""
-        g, self._graphed = self.graphs, False
+        g = self.graphs
         if g is None or batch.mrope_positions is not None:
             return None
         if g.can_run(batch):
