@@ -311,6 +311,39 @@ def test_verify_steps_replay_from_decode_graphs(which, ckpt, moe_ckpt, k, monkey
     llm.engine.scheduler.check_integrity()
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_verify_rows_read_once(ckpt, monkeypatch, k):
+    """Without the head screen (a GPU, a quantized head): a step whose rows are all greedy takes
+    every row's argmax in one read instead of sampling the rows draft by draft (one host sync a
+    step, not one an accepted draft); tokens equal those without drafts, and a row whose logits
+    are not finite goes to the sampler as before."""
+    from qwen35.engine import model_runner
+
+    d, _ = ckpt
+    ps = prompts(3, seed=34)
+    sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    want = outputs(make(d, head_screen=False).generate(ps, sp))
+    llm = make(d, head_screen=False, num_speculative_tokens=k)
+    spec = llm.engine.runner.spec
+    spec.backoff = False
+    spec.draft_override = oracle({tuple(p): p + w[0] for p, w in zip(ps, want, strict=True)})
+    n = {"sampler": 0, "steps": 0, "verify": 0}
+    sample, execute = model_runner.sample_isolated, model_runner.ModelRunner._execute
+    monkeypatch.setattr(model_runner, "sample_isolated",
+                        lambda *a: n.__setitem__("sampler", n["sampler"] + 1) or sample(*a))
+    monkeypatch.setattr(model_runner.ModelRunner, "_execute",
+                        lambda self, sc: n.__setitem__("steps", n["steps"] + 1) or execute(self, sc))
+    assert outputs(llm.generate(ps, sp)) == want
+    assert spec.stats.accepted > 3 * k
+    assert 0 < n["sampler"] < n["steps"], n  # (prefill steps sample; verify steps read once)
+    # a non-finite maximum: the sampler decides (and fails that row alone)
+    logits = torch.zeros(2, 8)
+    logits[1, 3] = float("nan")
+    assert model_runner._greedy_tokens(logits) is None
+    logits[1, 3] = 2.0
+    assert model_runner._greedy_tokens(logits) == [0, 3]
+
+
 def test_ngram_verify_steps_replay_from_decode_graphs(ckpt, monkeypatch):
     """n-gram drafts (prompt lookup) on the GPU path with graphs: verify steps replay (no MTP
     head to run), outputs equal those without drafts."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,7 @@ from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
 from qwen35.engine.sampler import (
     Sampler,
     SamplingRow,
+    argmax,
     has_penalties,
     is_greedy,
     make_generator,
@@ -538,11 +540,14 @@ class ModelRunner:
         extra = [(i, j) for i in verify for j in range(1, len(rows_of[i]))]  # draft j's row
         rows = batch.logits_indices.tolist() + [rows_of[i][j] for i, j in extra]
         seqs = sample_seqs + [scheduled[i].seq for i, _ in extra]
-        ks = self._screen_ks(len(seqs), seqs, shifts=[0] * S + [j for _, j in extra])
+        shifts = [0] * S + [j for _, j in extra]
+        ks = self._screen_ks(len(seqs), seqs, shifts=shifts)
         tokens, logits = None, None
         if rows:
             idx = torch.tensor(rows, dtype=torch.long, device=x.device)
             tokens, logits = self._head(x.index_select(0, idx), ks)
+            if tokens is None and extra and _greedy_only(seqs, shifts):
+                tokens = _greedy_tokens(logits)  # every row at once: one read, not one a draft
         at = {ij: S + n for n, ij in enumerate(extra)}
 
         def part(idx: list[int]):  # the head's output for some of the rows
@@ -747,6 +752,25 @@ def screen_k(p, num_output: int) -> int | None:
     # sampler keeps ties): k = 2 keeps it off the greedy-only path (HeadScreen.tokens, the
     # first of them), and its screened logits hold those ties exactly
     return max(2, p.top_k) if 0 < p.top_k <= MAX_TOP_K else None
+
+
+def _greedy_only(seqs, shifts) -> bool:
+    """Every row's token is its logits' argmax and nothing else (screen_k 1)."""
+    return all(
+        screen_k(s.params, len(s.token_ids) + d - s.num_prompt_tokens) == 1
+        for s, d in zip(seqs, shifts, strict=True)
+    )
+
+
+def _greedy_tokens(logits: torch.Tensor) -> list[int] | None:
+    """Each row's argmax as the sampler takes it, read in one copy; None where a row's maximum
+    is not finite (the sampler then fails that row alone)."""
+    top = argmax(logits)  # [S]
+    best = logits.gather(1, top[:, None])[:, 0]
+    tokens, values = torch.stack([top.double(), best.double()]).tolist()  # (exact in fp64)
+    if not all(math.isfinite(v) for v in values):
+        return None
+    return [int(t) for t in tokens]
 
 
 def device_sampled(p, num_output: int) -> bool:
