@@ -19,9 +19,10 @@ row (the MTP head and the verify sampling read them) instead of logits, and veri
 too (`run_phased`): a bucket of b sequences with r rows each is laid out phase by phase, row
 j * b + i holding sequence i's j-th row (its last token, then its drafts), the DeltaNet layers
 stepping one phase after the other (DecodeBatch.phases) with the states copied into the spare
-slots between phases (`copies`, padding pairs copy the padding slot onto
-itself). A sequence with fewer drafts than the step's most has padding rows in the later phases.
-Captured per (b, r) for r = 2 .. k + 1 and b = 1, 2, 4, .. up to `verify_seqs`.
+slots between phases (`copies`; padding pairs copy the padding slot onto itself). A sequence
+with fewer drafts than the step's most has padding rows in the later phases. Captured per
+(b, r) for r = 2 .. k + 1 and b = 1, 2, 4, .. up to `verify_seqs`; with the MTP head, each
+graph has a twin that runs the head over the same rows (`run_mtp`, `run_mtp_decode`).
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ class DecodeGraphs:
         """Capture every bucket, largest first (the smaller graphs reuse its memory pool)."""
         pool = None
 
-        def capture(fn, key):
+        def one(fn, key):
             nonlocal pool
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -199,9 +200,9 @@ class DecodeGraphs:
 
         for key in sorted(self.keys, key=lambda k: k[0] * k[1], reverse=True):
             self._pad(0)
-            self.graphs[key], self.outputs[key] = capture(self._forward, key)
+            self.graphs[key], self.outputs[key] = one(self._forward, key)
             if self.mtp:
-                self.mtp_graphs[key], self.mtp_outputs[key] = capture(self._forward_mtp, key)
+                self.mtp_graphs[key], self.mtp_outputs[key] = one(self._forward_mtp, key)
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s%s", self.buckets,
                  f"; verify steps of {self.verify_buckets} sequences x 2..{self.verify_rows} rows"

@@ -546,7 +546,7 @@ class ModelRunner:
         if rows:
             idx = torch.tensor(rows, dtype=torch.long, device=x.device)
             tokens, logits = self._head(x.index_select(0, idx), ks)
-            if tokens is None and extra and _greedy_only(seqs, shifts):
+            if tokens is None and extra and all(k == 1 for k in _row_ks(seqs, shifts)):
                 tokens = _greedy_tokens(logits)  # every row at once: one read, not one a draft
         at = {ij: S + n for n, ij in enumerate(extra)}
 
@@ -694,11 +694,7 @@ class ModelRunner:
         head = self.head_screen
         if head is None or not 0 < len(seqs) == num_rows <= head.max_rows:
             return None
-        shifts = shifts or [0] * len(seqs)
-        ks = [
-            screen_k(s.params, len(s.token_ids) + d - s.num_prompt_tokens)
-            for s, d in zip(seqs, shifts, strict=True)
-        ]
+        ks = _row_ks(seqs, shifts or [0] * len(seqs))
         if None in ks:
             return None
         kind = "greedy" if max(ks) == 1 else "top-k"
@@ -754,12 +750,13 @@ def screen_k(p, num_output: int) -> int | None:
     return max(2, p.top_k) if 0 < p.top_k <= MAX_TOP_K else None
 
 
-def _greedy_only(seqs, shifts) -> bool:
-    """Every row's token is its logits' argmax and nothing else (screen_k 1)."""
-    return all(
-        screen_k(s.params, len(s.token_ids) + d - s.num_prompt_tokens) == 1
+def _row_ks(seqs, shifts) -> list[int | None]:
+    """Each row's screen_k (1: greedy and nothing else); shifts: tokens each row's sequence has
+    beyond its token_ids (a bonus row's drafts)."""
+    return [
+        screen_k(s.params, len(s.token_ids) + d - s.num_prompt_tokens)
         for s, d in zip(seqs, shifts, strict=True)
-    )
+    ]
 
 
 def _greedy_tokens(logits: torch.Tensor) -> list[int] | None:
