@@ -11,7 +11,9 @@ them on average). What a real checkpoint gains is read off the row of its accept
 MTP chains fall off along the chain: the row of a lower rate bounds the later drafts). Every
 engine shares one set of weights; each round runs the plain engine, then the drafting ones in
 an order rotated round by round (the plain engine's tokens are the oracle's); tokens are
-checked equal to the plain engine's (greedy: the drafts never change the output).
+checked equal to the plain engine's (greedy: the drafts never change the output). On CUDA the
+drafting engines replay decode and verify steps from CUDA graphs; `k=K oracle 80% eager` rows
+run the same drafts with --enforce-eager beside them (what the graphs give).
 """
 
 from __future__ import annotations
@@ -65,10 +67,17 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
             engine_of[name], rate_of[name] = eng, rates.get(r.removeprefix("adaptive "))
             if r.startswith("adaptive"):
                 adaptive.add(name)
+    eager = {}  # CUDA: the same drafts without graphs (what replaying verify steps gives)
+    if bm.device.type == "cuda":
+        eager = {k: make_engine(bm, num_speculative_tokens=k, enforce_eager=True, **kw)
+                 for k in ks}  # fmt: skip
+        for k, eng in eager.items():
+            engine_of[f"k={k} oracle 80% eager"], rate_of[f"k={k} oracle 80% eager"] = eng, 0.8
     names = list(engine_of)
     rng = random.Random(opts.seed)
     vocab = bm.config.vocab_size
-    for name, eng in (("plain", plain), *((f"k={k}", e) for k, e in specs.items())):
+    for name, eng in (("plain", plain), *((f"k={k}", e) for k, e in specs.items()),
+                      *((f"k={k} eager", e) for k, e in eager.items())):  # fmt: skip
         timed_request(eng, [rng.randrange(vocab) for _ in range(8)], 4, f"warm-{name}")  # (one-off costs)
     secs = {n: 0.0 for n in names}
     toks = {n: 0 for n in names}
@@ -118,7 +127,7 @@ def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
         rows[name]["over_plain"] = ratio(
             rows[name]["decode_tokens_per_s"], rows["plain"]["decode_tokens_per_s"]
         )
-    del plain, specs, engine_of
+    del plain, specs, eager, engine_of
     return {
         "prompt_len": P,
         "new_tokens": N,
