@@ -242,9 +242,14 @@ def test_verify_steps_replay_from_decode_graphs(which, ckpt, moe_ckpt, k, monkey
 
     d, _ = ckpt if which == "dense" else moe_ckpt
     ps = prompts(5, seed=31)
-    sps = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)] * 3 + [
-        SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True)
-        for i in range(2)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    sps = [
+        greedy, greedy,
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.2,
+                       logprobs=2),  # (not drafted for: logprobs)
+        SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=0, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0.8, top_k=20, seed=1, ignore_eos=True,
+                       presence_penalty=0.5, min_tokens=6, stop=["zz"]),
     ]  # fmt: skip
     kw = dict(block_size=4, max_num_batched_tokens=64)
     want = outputs(make(d, **kw).generate(ps, sps))
