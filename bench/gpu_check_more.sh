@@ -63,6 +63,6 @@ step 60 "9B decode: bf16 / fp8 / int4 weights" python3 bench/decode_formats.py -
 # 9. (what time is left) speculative decoding on the GPU: decode and verify steps now replay from
 # CUDA graphs (engine/cuda_graphs.py run_phased, 2026-12-07, never timed): the 0.8B at batch 1,
 # k = 1 and 3, oracle drafts at 100/80/60% beside the plain engine, round by round
-step 60 "0.8B speculative decoding, graphs" $B --model Qwen3.5-0.8B --workload spec \
+step 90 "0.8B speculative decoding, graphs" $B --model Qwen3.5-0.8B --workload spec \
   --draft-tokens 1,3 --rounds 2 --out "$OUT/08b_spec.json"
 date -u | tee -a "$LOG"
