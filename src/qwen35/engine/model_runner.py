@@ -212,11 +212,12 @@ class ModelRunner:
         here, so the model reads nothing back from the device). verify: scheduled index ->
         drafts run after its last token, rows whose DeltaNet steps follow the state after the
         row before, each of which is saved into a spare slot: as one chunk with state
-        checkpoints, or (phased: a CPU step of one token per sequence) as decode rows after all
-        the others, the j-th drafts in phase j (DecodeBatch.phases: each row's arithmetic that
-        of a decode step). `self.rows_of`: each scheduled sequence's token rows. input_ids: the
-        step's token ids already on the device (multi-step decoding: the tokens the step before
-        sampled, one a sequence; they are not in seq.token_ids yet)."""
+        checkpoints, or (phased: a step of one token per sequence) as decode rows after all the
+        others, the j-th drafts in phase j (DecodeBatch.phases: each row's arithmetic that of a
+        decode step). `self.rows_of`: each scheduled sequence's token rows; `self.sample_rows`:
+        the sampled ones. input_ids: the step's token ids already on the device (multi-step
+        decoding: the tokens the step before sampled, one a sequence; they are not in
+        seq.token_ids yet)."""
         verify = verify or {}
         bs = self.caches.block_size
         ids: list[int] = []
@@ -250,6 +251,7 @@ class ModelRunner:
             has_init.append(start > 0)
 
         self.rows_of = []
+        self.sample_rows = logits_rows  # (the same on the host: no read back from the device)
         for i, s in enumerate(scheduled):
             seq, start, n = s.seq, s.start, s.num_new_tokens
             v = verify.get(i)
@@ -538,7 +540,7 @@ class ModelRunner:
             x = self.model.final_norm(h, be)  # every row: the MTP head reads them all
         S = len(sample_seqs)
         extra = [(i, j) for i in verify for j in range(1, len(rows_of[i]))]  # draft j's row
-        rows = batch.logits_indices.tolist() + [rows_of[i][j] for i, j in extra]
+        rows = self.sample_rows + [rows_of[i][j] for i, j in extra]
         seqs = sample_seqs + [scheduled[i].seq for i, _ in extra]
         shifts = [0] * S + [j for _, j in extra]
         ks = self._screen_ks(len(seqs), seqs, shifts=shifts)
