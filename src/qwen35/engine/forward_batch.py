@@ -138,8 +138,8 @@ class DecodeBatch:
     rows_by_slot: torch.Tensor | None = None  # [N] int64 token rows, slot-ascending
     slot_runs: list[tuple[int, int, int]] = field(default_factory=list)
     all_rows_in_slot_order: bool = False  # rows_by_slot is exactly 0..T-1
-    # CPU speculative verify steps (engine/speculative.py): the DeltaNet layers step the rows in
-    # phases, each a DecodeBatch over a contiguous row range (`row_range`, `in_slot_order`:
+    # Speculative verify steps (engine/speculative.py): the DeltaNet layers step the rows in
+    # phases, each a DecodeBatch over a contiguous row range (`row_range`; CPU, `in_slot_order`:
     # its rows_by_slot is that range), each later phase's rows one token after rows of the
     # phase before in the same slots; after phase j (all but the last) each layer copies the
     # states `phase_copies[j]` (src, dst). Attention and the projections take every row at
