@@ -146,6 +146,157 @@ def test_a_script_that_builds_the_engine_at_import_says_how_to_fix_it(dense, tmp
     assert r.returncode == 0 and "tokens [" in r.stdout, r.stderr[-2000:]
 
 
+# ---- speculative decoding on two ranks ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def dense_mtp(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tp") / "dense-mtp"
+    save_checkpoint(d, num_key_value_heads=1, vocab_size=257, mtp=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def moe_mtp(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tp") / "moe-mtp"
+    save_checkpoint(d, moe=True, experts="per_expert", mtp=True, tie_word_embeddings=True)
+    return d
+
+
+GREEDY_10 = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+SEEDED = [SamplingParams(max_tokens=6, temperature=0.9, top_p=0.9, seed=s, ignore_eos=True)
+          for s in range(3)]  # fmt: skip
+
+
+def spec_run(d, drafts: dict | None, wrong: float, **kw) -> tuple[list, list, dict]:
+    """Greedy tokens of the workload's two passes, seeded samples of three prompts, the MTP
+    head's output rows of every pass (drafts: engine options; an oracle drafts the plain
+    engine's next token, `wrong` of them corrupted, so drafts are accepted and rejected)."""
+    llm = LLM(str(d), dtype="fp32", verbose=False, block_size=8, max_num_batched_tokens=32,
+              num_kv_blocks=16, max_model_len=80, **(drafts or {}), **kw)  # fmt: skip
+    mtp_rows: list[torch.Tensor] = []
+    try:
+        runner = llm.engine.runner
+        if runner.spec is not None:
+            from test_speculative import oracle
+
+            runner.spec.max_verify_seqs = 1 << 10  # every batch verifies (as test_speculative)
+            ref = _PLAIN.get(d)
+            if ref is not None:
+                runner.spec.draft_override = oracle(ref, wrong=wrong)
+            inner = runner.forward_mtp
+
+            def spy(*a, **k):
+                out = inner(*a, **k)
+                mtp_rows.append(out.clone())
+                return out
+
+            runner.forward_mtp = spy
+        batches = [workload(), workload()[-2:]]
+        toks = [o.outputs[0].token_ids for b in batches for o in llm.generate(b, GREEDY_10)]
+        prompts = workload(1)[:3]
+        toks += [o.outputs[0].token_ids for o in llm.generate(prompts, SEEDED)]
+        if runner.spec is None:  # the plain run: the oracle's reference
+            _PLAIN[d] = {tuple(p): p + t for p, t in zip(batches[0] + prompts, toks[:5] + toks[-3:],
+                                                         strict=True)}  # fmt: skip
+        return toks, mtp_rows, llm.engine.get_stats()
+    finally:
+        llm.engine.shutdown()
+
+
+_PLAIN: dict = {}  # checkpoint -> {prompt: prompt + the plain engine's greedy / seeded tokens}
+
+
+@pytest.mark.parametrize(
+    "which,drafts,ep",
+    [
+        ("dense", dict(num_speculative_tokens=1), False),
+        ("dense", dict(num_speculative_tokens=3), False),  # chained MTP passes
+        ("moe", dict(num_speculative_tokens=2), False),
+        ("moe", dict(num_speculative_tokens=2), True),
+        ("dense", dict(num_speculative_tokens=2, speculative_method="ngram"), False),
+    ],
+)
+def test_speculative_decoding_on_two_ranks(which, drafts, ep, dense_mtp, moe_mtp):
+    """Drafts under tensor (and expert) parallelism: the MTP head split like the layers, every
+    model call of a speculative step (hidden rows, head, MTP pass, chain) mirrored on the
+    worker, rejected drafts' states put back on both ranks: the same tokens as one process
+    without drafts (greedy with prefix-cache hits and preemption, seeded sampling), and the
+    MTP head's rows of every pass those of one process with the same drafts."""
+    d = dense_mtp if which == "dense" else moe_mtp
+    plain, _, _ = spec_run(d, None, 0.0)
+    one, one_rows, _ = spec_run(d, drafts, 0.3)
+    two, two_rows, stats = spec_run(d, drafts, 0.3, tensor_parallel_size=2,
+                                    enable_expert_parallel=ep)  # fmt: skip
+    assert one == plain and two == plain
+    if drafts.get("speculative_method") == "ngram":  # (random prompts: drafts, none right)
+        assert stats["spec_drafts_total"] > 0
+    else:
+        assert 0 < stats["spec_accepted_total"] < stats["spec_drafts_total"]
+    assert stats["num_preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0, stats
+    assert len(two_rows) == len(one_rows)
+    assert (len(one_rows) > 0) == (drafts.get("speculative_method") != "ngram")
+    for a, b in zip(two_rows, one_rows, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert not multiprocessing.active_children()
+
+
+def test_step_messages_move_the_decode_batch_and_its_phases():
+    """A step's ForwardBatch reaches a worker on its device with every tensor, the DecodeBatch's
+    and a verify step's phases' included (they stayed on rank 0's device before: cuda:0 tensors
+    on a rank of another GPU)."""
+    import dataclasses
+
+    from qwen35.engine.forward_batch import ForwardBatch
+    from qwen35.ops.backend import select_backend
+    from qwen35.parallel.worker import to_device
+
+    batch = ForwardBatch.build(positions=[4, 9], cu_seqlens=[0, 1, 2], context_lens=[5, 10],
+                               slot_mapping=[4, 17], block_tables=[[0], [1, 2]],
+                               state_slots=[0, 1], has_initial_state=[True, True],
+                               logits_indices=[0, 1], device="cpu",
+                               backend=select_backend(torch.device("cpu")),
+                               input_ids=[3, 5])  # fmt: skip
+    d = batch.decode
+    d = dataclasses.replace(d, phases=[dataclasses.replace(d, copies_after=torch.zeros(2, 1)), d])
+    moved = to_device(dataclasses.replace(batch, decode=d), torch.device("meta"))
+
+    def tensors(obj):
+        return [v for v in vars(obj).values() if isinstance(v, torch.Tensor)]
+
+    objs = [moved, moved.decode, *moved.decode.phases]
+    assert all(len(tensors(o)) >= 3 for o in objs[1:])
+    assert all(t.is_meta for o in objs for t in tensors(o))
+    assert moved.decode.phases[0].copies_after.is_meta
+
+
+@pytest.mark.parametrize("method", ["mtp", "ngram"])
+def test_rank_caches_with_drafts_are_planned(method, dense_mtp):
+    """Each rank's KV per token (the MTP layer's share included for MTP drafts) and DeltaNet
+    state per running sequence (with its k spares) are `qwen35 plan --tp 2
+    --num-speculative-tokens k`'s per-GPU figures."""
+    from qwen35.cli import main
+
+    k = 2
+    llm = LLM(str(dense_mtp), tensor_parallel_size=2, dtype="bf16", verbose=False,
+              num_kv_blocks=8, num_speculative_tokens=k, speculative_method=method)  # fmt: skip
+    rows = llm.engine.rank_memory
+    llm.engine.shutdown()
+
+    def plan(*extra):
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            assert main(["plan", "-m", str(dense_mtp), "--gpu", "H100", "-n", "2", "--tp", "2",
+                         "--context", "1K", "--json", *extra]) == 0  # fmt: skip
+        return json.loads(buf.getvalue())["models"][0]["fits"]["bf16"]
+
+    fit = plan("--num-speculative-tokens", str(k), "--speculative-method", method)
+    assert fit["tp"] == 2 and [r["rank"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["kv_bytes_per_token"] == fit["kv_bytes_per_token_per_gpu"]
+        assert (1 + k) * r["state_bytes_per_sequence"] == fit["state_bytes_per_sequence_per_gpu"]
+    plain = plan()["kv_bytes_per_token_per_gpu"]  # MTP drafts: one more layer's share of KV
+    assert (fit["kv_bytes_per_token_per_gpu"] > plain) == (method == "mtp")
+
+
 @pytest.mark.parametrize("which,ep", [("dense", False), ("moe", True)])
 def test_rank_memory_equals_the_planners_per_gpu_figures(which, ep, dense, moe):
     d = dense if which == "dense" else moe

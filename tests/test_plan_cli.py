@@ -160,7 +160,6 @@ def test_model_and_gpu_views(capsys):
         (["--cpu-bandwidth", "50"], "goes with the CPU plans (--dtype int8 / int4"),
         (["-m", "9B", "--gpu", "H100", "--cpu-memory", "8"], "--cpu-memory goes with the CPU plans"),
         (["--num-speculative-tokens", "1", "--text-only"], "--text-only leaves out"),
-        (["-m", "27B", "--tp", "2", "--num-speculative-tokens", "1"], "drop --tp 2"),
     ],
 )
 def test_errors(capsys, argv, msg):

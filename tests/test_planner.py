@@ -204,7 +204,7 @@ def test_speculative_caches_and_fit():
     gpu = load_gpu("H100")
     plain = plan_fit(cfg, gpu, num_gpus=2, context=32768)
     drafts = plan_fit(cfg, gpu, num_gpus=2, context=32768, speculative_tokens=1)
-    assert (drafts.deployment.tp, drafts.deployment.dp) == (1, 2)  # replicas only
+    assert (drafts.deployment.tp, drafts.deployment.dp) == (1, 2)  # fits one: replicas
     assert drafts.kv_bytes_per_token == spec.kv_bytes_per_token
     assert drafts.state_bytes_per_sequence == spec.running_state_bytes
     assert drafts.max_concurrency < plain.max_concurrency
@@ -215,15 +215,20 @@ def test_speculative_caches_and_fit():
     assert one.bytes_per_gpu(3, 1000) - Deployment(cfg).bytes_per_gpu(3, 1000) == 3 * (
         base.state_bytes_per_sequence + 1000 * 2 * 4 * 256 * 2
     )
+    # tensor parallelism: each GPU holds its share of the MTP layer's KV (split like the others')
+    tp2 = plan_fit(cfg, gpu, num_gpus=2, tp=2, context=32768, speculative_tokens=1)
+    assert tp2.deployment.tp == 2
+    assert tp2.kv_bytes_per_token == cache_spec(cfg, tp=2, speculative_tokens=1).kv_bytes_per_token
+    assert tp2.kv_bytes_per_token == (16 + 1) * 2 * 2 * 256 * 2  # 2 of the 4 KV heads a GPU
+    assert tp2.state_bytes_per_sequence == 2 * base.state_bytes_per_sequence // 2
+    ep = plan_fit(cfg_of("35B-A3B"), gpu, num_gpus=2, ep=True, speculative_tokens=1)
+    assert ep.deployment.ep and ep.fits
     for kwargs, msg in (
         (dict(text_only=True), "--text-only leaves out"),
-        (dict(num_gpus=2, tp=2), "drop --tp 2"),
         (dict(speculative_tokens=6), "0 .. 5"),
     ):
         with pytest.raises(PlanError, match=msg):
             plan_fit(cfg, gpu, **{"speculative_tokens": 1, **kwargs})
-    with pytest.raises(PlanError, match="drop --ep"):
-        plan_fit(cfg_of("35B-A3B"), gpu, num_gpus=2, ep=True, speculative_tokens=1)
     bare = ModelConfig.from_hf(dict(model_type="qwen3_5_text", vocab_size=300, hidden_size=64,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
         linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
@@ -236,7 +241,7 @@ def test_speculative_caches_and_fit():
 
 def test_ngram_drafts_plan_no_mtp_kv():
     """--speculative-method ngram: the spare states of the drafts, no MTP KV layer, no MTP head
-    needed (text-only and checkpoints without one plan fine); still one GPU per replica."""
+    needed (text-only and checkpoints without one plan fine), with tensor parallelism too."""
     cfg = cfg_of("27B")
     mtp, ngram = cache_spec(cfg, speculative_tokens=3), cache_spec(cfg, speculative_tokens=3, mtp=False)
     assert ngram.kv_bytes_per_token == cache_spec(cfg).kv_bytes_per_token < mtp.kv_bytes_per_token
@@ -248,8 +253,8 @@ def test_ngram_drafts_plan_no_mtp_kv():
     assert fit_ngram.max_concurrency >= fit_mtp.max_concurrency
     text = plan_fit(cfg, gpu, text_only=True, speculative_tokens=3, speculative_method="ngram")
     assert text.deployment.text_only
-    with pytest.raises(PlanError, match="drop --tp 2"):
-        plan_fit(cfg, gpu, num_gpus=2, tp=2, speculative_tokens=1, speculative_method="ngram")
+    tp2 = plan_fit(cfg, gpu, num_gpus=2, tp=2, speculative_tokens=1, speculative_method="ngram")
+    assert tp2.kv_bytes_per_token == cache_spec(cfg, tp=2).kv_bytes_per_token
     with pytest.raises(PlanError, match="mtp or ngram"):
         plan_fit(cfg, gpu, speculative_tokens=1, speculative_method="eagle")
     bare = dataclasses.replace(cfg, mtp_num_hidden_layers=0)

@@ -137,11 +137,6 @@ def load_model(
     dev = parse_device(device)
     if mtp and model_factory is not None:
         raise Qwen35Error("mtp=True builds the default model (no model_factory)")
-    if mtp and tp.size > 1:
-        raise Qwen35Error(
-            "speculative decoding with the MTP head runs on one rank: drop "
-            "--num-speculative-tokens or --tensor-parallel-size"
-        )
     if vision == "auto":
         vision = load_format == "random" or _has_visual_tensors(path_or_name)
     if load_format == "random":
@@ -209,7 +204,7 @@ def load_model(
 
             full = _canonical(model)[0]  # the scanned (full-size) parameters
             shard = ShardReader(cfg, tp, {n: tuple(p.shape) for n, p in full.items()})
-            model, _ = build_model(cfg, None, None, None, tp, vision)
+            model, _ = build_model(cfg, None, None, None, tp, vision, mtp)
             _bf16_storage(model, quantization, torch_dtype, dev)
             if narrow:
                 _narrow_unquantized(model, torch_dtype)

@@ -155,7 +155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar=f"{{0..{MAX_SPECULATIVE_TOKENS}}}",
         help="k > 0: plan for k drafts a step (k spare DeltaNet states per sequence, and for "
         "MTP drafts the MTP head's KV layer, as `qwen35 serve --num-speculative-tokens k` "
-        "allocates; one GPU per replica)",
+        "allocates)",
     )
     p.add_argument(
         "--speculative-method",
@@ -407,8 +407,7 @@ def gather(args) -> tuple[list[Row], gpu_catalog.GpuSpec | None]:
     for cfg, dtypes in models:
         if args.context > cfg.max_position_embeddings:
             raise PlanError(context_error(cfg, args.context))
-        check_speculative(cfg, args.num_speculative_tokens, args.tp, args.text_only, ep(cfg),
-                          args.speculative_method)  # fmt: skip
+        check_speculative(cfg, args.num_speculative_tokens, args.text_only, args.speculative_method)
         if args.model and args.tp:  # an explicit layout for one model: refuse it if impossible
             bad = [d for d in dtypes if layout_problems(cfg, args.tp, ep(cfg), d)]
             if len(bad) == len(dtypes):

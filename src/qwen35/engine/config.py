@@ -508,11 +508,6 @@ class EngineConfig:
                 "num_scheduler_steps > 1 runs on one rank for now: drop it or "
                 "tensor_parallel_size"
             )
-        if s.num_speculative_tokens and p.tensor_parallel_size > 1:
-            raise Qwen35Error(
-                "speculative decoding (num_speculative_tokens) runs on one rank: drop it or "
-                "tensor_parallel_size"
-            )
         if self.load.yarn is not None:
             check_yarn_factor(self.load.yarn)
         if self.load.override_generation_config is not None:

@@ -362,28 +362,28 @@ class LLMEngine:
             dtype=model_dtype,
             kv_dtype=kv_dtype,
             state_dtype=state_dtype,
+            mtp_layers=int(mtp),
         )
         tp_size = ec.parallel.tensor_parallel_size
-        caches = allocate_caches(
-            self.config, device=self.device, tp=tp_size, mtp_layers=int(mtp), **sizes
-        )
+        caches = allocate_caches(self.config, device=self.device, tp=tp_size, **sizes)
         from qwen35.parallel.worker import rank_memory
 
         self.rank_memory = [rank_memory(self.model, caches, 0)]  # per rank (planner's per GPU)
         if head_bytes:
             self.rank_memory[0]["head_screen_bytes"] = head_bytes
+        spec_kw = dict(  # speculative decoding (engine/speculative.py)
+            spec_slots=range(first_spare, first_spare + self.plan.num_spare_slots)
+            if self.plan.num_spare_slots else None,
+            spec_tokens=sc.num_speculative_tokens,
+            spec_adaptive=sc.speculative_adaptive,
+            spec_ngram=None if mtp else (sc.prompt_lookup_min, sc.prompt_lookup_max),
+        )  # fmt: skip
         if self.workers is None:
             gspec = GraphSpec(min(sc.max_num_seqs, self.plan.num_state_slots), self.max_model_len)
             self.runner = ModelRunner(
                 self.model, caches, self.eos_token_ids, self.device, backend=backend,
                 decode_graphs=gspec if graphs else None, seed=ec.seed,
-                head_screen=self.head_screen,
-                spec_slots=range(first_spare, first_spare + self.plan.num_spare_slots)
-                if self.plan.num_spare_slots else None,
-                spec_tokens=sc.num_speculative_tokens,
-                spec_adaptive=sc.speculative_adaptive,
-                spec_ngram=None if mtp else (sc.prompt_lookup_min, sc.prompt_lookup_max),
-                decode_steps=sc.num_scheduler_steps,
+                head_screen=self.head_screen, decode_steps=sc.num_scheduler_steps, **spec_kw,
             )  # fmt: skip
         else:
             from qwen35.parallel import setup as tp_setup
@@ -392,8 +392,9 @@ class LLMEngine:
             tp_setup.share_caches(self.workers, **sizes)
             self.rank_memory = tp_setup.gather_memory(self.workers, self.rank_memory[0])
             self.runner = ParallelModelRunner(
-                self.model, caches, self.eos_token_ids, self.device, self.workers, seed=ec.seed
-            )
+                self.model, caches, self.eos_token_ids, self.device, self.workers, seed=ec.seed,
+                **spec_kw,
+            )  # fmt: skip
         if verbose:
             from qwen35.parallel.setup import describe_memory
 

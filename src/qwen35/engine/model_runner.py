@@ -321,6 +321,23 @@ class ModelRunner:
             return logits
         return self.model(input_ids, batch, self.caches)
 
+    # the model calls of a speculative step (tensor parallelism mirrors each on the other ranks
+    # first, parallel/runner.py: the hidden rows, the head and the MTP pass have collectives)
+    def forward_hidden(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.model.forward_hidden(input_ids, batch, self.caches)
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head_logits(x)
+
+    def forward_mtp(self, next_ids, hidden, batch: ForwardBatch, step: bool) -> torch.Tensor:
+        """The MTP head over `hidden`; step: hidden and batch are the step's own (final-norm
+        rows of forward_hidden's output), else a chain's (_chain)."""
+        return self.model.forward_mtp(next_ids, hidden, batch, self.caches)
+
+    def put_back(self, pairs: list[tuple[int, int]]) -> None:
+        """Sequences with a rejected draft: (spare, slot) state copies."""
+        self.caches.copy_states(pairs)
+
     @torch.inference_mode()
     def execute(self, scheduled) -> StepResult:
         try:
@@ -391,7 +408,7 @@ class ModelRunner:
                 self._screen_outcome("top-k", logits is not None)
                 if logits is not None:
                     return None, logits
-        return None, self.model.head_logits(x)
+        return None, self.head_logits(x)
 
     def _sample(
         self, seqs, tokens=None, logits=None, drafted: list[int] | None = None
@@ -535,7 +552,7 @@ class ModelRunner:
         x = self._graph_hidden(input_ids, batch, rows_of) if not prompt else None
         plps = {}
         if x is None:
-            h = self.model.forward_hidden(input_ids, batch, self.caches)  # [T, H]
+            h = self.forward_hidden(input_ids, batch)  # [T, H]
             plps = self._prompt_logprobs(h, prompt) if prompt else {}
             x = self.model.final_norm(h, be)  # every row: the MTP head reads them all
         S = len(sample_seqs)
@@ -582,7 +599,7 @@ class ModelRunner:
             if a < len(v.drafts):
                 back.append((v.spares[a], scheduled[i].seq.state_slot))
         if back:
-            self.caches.copy_states(back)
+            self.put_back(back)
         if spec.ngram is None:  # (n-gram drafts are looked up when the next step is planned)
             self._draft(scheduled, verify, x, batch, result, rows_of)
         result.prompt_logprobs = plps
@@ -636,7 +653,7 @@ class ModelRunner:
         if self._graphed and self.graphs.mtp:
             m = self.graphs.run_mtp(ids, x)  # [T, H]
         else:
-            m = self.model.forward_mtp(ids, x, batch, self.caches)
+            m = self.forward_mtp(ids, x, batch, step=True)
         if not draft_rows:
             return
         m = m.index_select(0, torch.tensor(draft_rows, device=x.device))
@@ -649,7 +666,7 @@ class ModelRunner:
         the int8 screen's where there is one."""
         if self.head_screen is not None:
             return self.head_screen.draft_tokens(m)
-        return self.model.head_logits(m).argmax(dim=-1).tolist()
+        return self.head_logits(m).argmax(dim=-1).tolist()
 
     def _chain(self, scheduled, verify) -> None:
         """Extend each verifying sequence's drafts to its `want` (engine/speculative.py): the
@@ -684,7 +701,7 @@ class ModelRunner:
             if g is not None and g.mtp and g.can_run(batch):
                 m = g.run_mtp_decode(batch.input_ids, hidden, batch)  # [N, H]
             else:
-                m = self.model.forward_mtp(batch.input_ids, hidden, batch, self.caches)
+                m = self.forward_mtp(batch.input_ids, hidden, batch, step=False)
             for (_, v, d), row, t in zip(todo, m, self._draft_tokens(m), strict=True):
                 v.drafts.append(int(t))
                 d.hidden = row

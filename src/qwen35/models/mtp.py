@@ -22,10 +22,11 @@ from qwen35.config import ModelConfig
 from qwen35.engine.forward_batch import ForwardBatch, ModelCaches
 from qwen35.layers.linear import Linear
 from qwen35.layers.norms import RMSNorm
+from qwen35.parallel.context import SINGLE
 
 
 class MTPHead(nn.Module):
-    def __init__(self, cfg: ModelConfig, cache_index: int, dtype=None, device=None):
+    def __init__(self, cfg: ModelConfig, cache_index: int, dtype=None, device=None, tp=SINGLE):
         super().__init__()
         from qwen35.models.qwen3_5 import DecoderLayer
 
@@ -39,7 +40,7 @@ class MTPHead(nn.Module):
         self.pre_fc_norm_embedding = RMSNorm(H, eps, dtype, device)
         self.pre_fc_norm_hidden = RMSNorm(H, eps, dtype, device)
         self.layers = nn.ModuleList(
-            [DecoderLayer(cfg, "full_attention", cache_index, dtype, device)]
+            [DecoderLayer(cfg, "full_attention", cache_index, dtype, device, tp)]
         )
         self.norm = RMSNorm(H, eps, dtype, device)
 

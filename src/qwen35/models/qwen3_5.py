@@ -138,7 +138,7 @@ class Qwen35ForCausalLM(nn.Module):
         shard of every split weight and gets the full logits. vision: build the vision tower
         (default: when the config has one and tp is 1; under tensor parallelism the tower is
         whole, on the rank that encodes images). mtp: build the multi-token-prediction head
-        (`mtp.*`, models/mtp.py) that drafts tokens for speculative decoding (one rank only)."""
+        (`mtp.*`, models/mtp.py) that drafts tokens for speculative decoding."""
         super().__init__()
         self.config = cfg
         self.tp = tp
@@ -153,10 +153,9 @@ class Qwen35ForCausalLM(nn.Module):
         if mtp:
             from qwen35.models.mtp import MTPHead
 
-            if tp.size > 1:
-                raise ValueError("the MTP head runs on one rank (no tensor parallelism)")
-            # its KV cache: one more attention entry, after the main model's
-            self.mtp = MTPHead(cfg, cfg.num_full_attention_layers, dtype, device)
+            # its KV cache: one more attention entry, after the main model's; under tensor
+            # parallelism its layer is split like the others (fc and the norms replicated)
+            self.mtp = MTPHead(cfg, cfg.num_full_attention_layers, dtype, device, tp)
         self.packed = False  # projections packed by post_load
         self._decode_plan = None  # models/cpu_decode.py, built at the first CPU decode step
         self._mtp_plan = None  # the same for the MTP head's layer

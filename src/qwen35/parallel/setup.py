@@ -48,6 +48,9 @@ def start(ec, model: str, dtype: torch.dtype) -> tuple[WorkerGroup, TensorParall
         "quantization": ec.load.quantization,
         "int4_activations": ec.load.int4_activations,
         "yarn": ec.load.yarn,
+        # the MTP head (speculative decoding's drafts): split like the model's layers
+        "mtp": bool(ec.scheduler.num_speculative_tokens)
+        and ec.scheduler.speculative_method == "mtp",
         "seed": 0 if ec.seed is None else ec.seed,  # random weights: as rank 0's
         "expert_parallel": ep,
         "threads": cpu_threads(ec.device.threads, size) if device.type == "cpu" else None,

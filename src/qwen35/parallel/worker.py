@@ -69,6 +69,7 @@ def run_worker(
             tp=tp,
             quantization=args["quantization"],
             yarn=args.get("yarn"),
+            mtp=args.get("mtp", False),
         )
         from qwen35.quant.layers import set_int4_activations
 
@@ -97,24 +98,42 @@ def run_worker(
 
 @torch.inference_mode()
 def _loop(model, caches, control, device) -> None:
+    """Rank 0's messages in order: ("step" | "hidden", restores, ids, batch) a forward pass
+    (logits | the final norm's rows, kept with the batch for the MTP pass); ("head", rows);
+    ("mtp", next_ids, hidden, batch): the MTP head's pass (hidden None: the kept step's)."""
     from qwen35.ops.backend import select_backend
 
     backend = select_backend(device)  # rank 0 sends batches without its own
+
+    def here(batch):
+        return dataclasses.replace(to_device(batch, device), backend=backend)
+
+    kept = None  # speculative decoding: (final-norm rows, batch) of the last "hidden" step
     while True:
         msg = broadcast(control)
-        if msg[0] == "stop":
+        kind = msg[0]
+        if kind == "stop":
             return
-        if msg[0] == "lora":
+        if kind == "lora":
             apply_lora(model, msg)
-            continue
-        _, restores, input_ids, batch = msg
-        for src, dst in restores:  # prefix-cache state restores, in the order rank 0 did them
-            for conv, rec in zip(caches.conv, caches.recurrent, strict=False):
-                conv[dst].copy_(conv[src])
-                rec[dst].copy_(rec[src])
-        if input_ids is not None:
-            batch = dataclasses.replace(to_device(batch, device), backend=backend)
-            model(input_ids.to(device), batch, caches)
+        elif kind == "head":
+            model.head_logits(msg[1].to(device))
+        elif kind == "mtp":
+            _, ids, hidden, batch = msg
+            hidden, batch = kept if hidden is None else (hidden.to(device), here(batch))
+            model.forward_mtp(ids.to(device), hidden, batch, caches)
+        else:  # "step" / "hidden"
+            _, restores, input_ids, batch = msg
+            # prefix-cache restores and rejected drafts' state, in the order rank 0 did them
+            caches.copy_states(restores)
+            if input_ids is None:
+                continue
+            batch = here(batch)
+            if kind == "step":
+                model(input_ids.to(device), batch, caches)
+            else:
+                h = model.forward_hidden(input_ids.to(device), batch, caches)
+                kept = (model.final_norm(h, backend), batch)
 
 
 def apply_lora(model, msg) -> None:
@@ -134,15 +153,27 @@ def apply_lora(model, msg) -> None:
 
 
 def to_device(batch, device):
-    """A ForwardBatch with its tensors on `device` (a no-op for CPU tensors on the CPU)."""
-    moved = {
-        f.name: getattr(batch, f.name).to(device)
-        for f in dataclasses.fields(batch)
-        if isinstance(getattr(batch, f.name), torch.Tensor)
-    }
+    """A ForwardBatch with its tensors on `device` (a no-op for CPU tensors on the CPU), its
+    DecodeBatch's (and a verify step's phases') included."""
+    moved = _moved(batch, device)
     if batch.lora is not None:  # [(adapter id, rows or None)]
         moved["lora"] = [(k, None if r is None else r.to(device)) for k, r in batch.lora]
+    if batch.decode is not None:
+        d = batch.decode
+        sub = _moved(d, device)
+        if d.phases is not None:
+            sub["phases"] = [dataclasses.replace(p, **_moved(p, device)) for p in d.phases]
+        moved["decode"] = dataclasses.replace(d, **sub)
     return dataclasses.replace(batch, **moved)
+
+
+def _moved(obj, device) -> dict:
+    """A dataclass's tensor fields on `device`."""
+    return {
+        f.name: getattr(obj, f.name).to(device)
+        for f in dataclasses.fields(obj)
+        if isinstance(getattr(obj, f.name), torch.Tensor)
+    }
 
 
 def rank_memory(model, caches, rank: int) -> dict:

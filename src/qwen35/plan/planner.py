@@ -358,16 +358,14 @@ def plan_fit(
     """Fit one model and dtype on `num_gpus` GPUs. Without `tp`, the smallest tensor-parallel
     size (dividing num_gpus, a valid layout) at which it fits; the other GPUs are replicas.
     Raises LayoutError when no layout is possible (or the given `tp` is impossible).
-    `speculative_tokens`: drafts a step, from the MTP head or (`speculative_method` "ngram") by
-    prompt lookup (the engine runs either at tp=1: replicas only).
+    `speculative_tokens`: drafts a step, from the MTP head (split like the model's layers under
+    tensor parallelism) or (`speculative_method` "ngram") by prompt lookup.
     `lora_slots`: (max_loras, max_lora_rank) of LoRA adapters served per request.
     `bytes_of`: the weights as a file stores them (Deployment.bytes_of)."""
     check_request(cfg, dtype, num_gpus, tp, context, batch)
     ep_size = num_gpus if ep and cfg.is_moe else 1
-    check_speculative(cfg, speculative_tokens, tp, text_only, ep_size, speculative_method)
-    if speculative_tokens:
-        sizes = [1]
-    elif tp is not None:
+    check_speculative(cfg, speculative_tokens, text_only, speculative_method)
+    if tp is not None:
         validate_layout(cfg, tp, ep_size, dtype)  # before the caches are sized for it
         sizes = [tp]
     else:
@@ -413,12 +411,8 @@ def check_request(
         raise PlanError(f"--batch must be at least 1, got {batch}")
 
 
-def check_speculative(
-    cfg: ModelConfig, tokens: int, tp: int | None, text_only: bool, ep_size: int = 1,
-    method: str = "mtp",
-) -> None:  # fmt: skip
-    """Drafts run on one GPU per replica (the engine refuses them with tensor or expert
-    parallelism); MTP drafts also need the MTP head (loaded: not text-only), n-gram ones nothing."""
+def check_speculative(cfg: ModelConfig, tokens: int, text_only: bool, method: str = "mtp") -> None:
+    """MTP drafts need the MTP head (loaded: not text-only), n-gram ones nothing."""
     if method not in SPECULATIVE_METHODS:
         raise PlanError(
             f"--speculative-method takes {' or '.join(SPECULATIVE_METHODS)}, got {method!r}"
@@ -439,12 +433,6 @@ def check_speculative(
         raise PlanError(
             "--num-speculative-tokens drafts with the MTP head, which --text-only leaves out; "
             "drop one of them, or draft by prompt lookup (--speculative-method ngram)"
-        )
-    if (tp is not None and tp > 1) or ep_size > 1:
-        flag = f"--tp {tp}" if tp is not None and tp > 1 else "--ep"
-        raise PlanError(
-            "--num-speculative-tokens runs on one GPU per replica (the engine refuses it with "
-            f"tensor or expert parallelism); drop {flag} (more GPUs serve as replicas)"
         )
 
 
