@@ -39,6 +39,20 @@ def test_tp_workload_one_process_vs_two_ranks(tiny_cfg, capsys):
     assert set(d["speedup_vs_1_process"]) == {"decode batch 1", "batch 8"}
 
 
+def test_tp_workload_with_drafts(tmp_path, capsys):
+    """--draft-tokens K: one process and the same 2 ranks also with K MTP drafts (an oracle
+    right 80% of the time), every engine's tokens one process's."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_config_dict(model_type="qwen3_5_text", vocab_size=512,
+                                                mtp_num_hidden_layers=1)))  # fmt: skip
+    d = _bench(capsys, "--model", str(path), "--workload", "tp", "--draft-tokens", "2")
+    d = d["workloads"]["tp"]
+    assert d["draft_tokens"] == 2
+    engines = {r["engine"] for r in d["rows"]}
+    assert {"1 process", "tp=2", "1 process, k=2 oracle 80%", "tp=2, k=2 oracle 80%"} <= engines
+    assert d["all_same_tokens"] and all(r["tokens_per_s"] > 0 for r in d["rows"])
+
+
 def test_decode_on_two_ranks(tiny_cfg, capsys):
     d = _bench(capsys, "--model", tiny_cfg, "--workload", "decode", "-tp", "2")
     dec = d["workloads"]["decode"]

@@ -10,6 +10,9 @@ prompts) runs on each engine in turn, interleaved; it reports the median generat
 (prefill included) and whether each engine emitted one process's tokens. On a CPU the ranks
 share the cores (cores / N threads each), so one process is also timed on cores / N threads:
 the fair comparison when the machine is loaded, where multi-threaded GEMMs wait at barriers.
+With `--draft-tokens K` (a model with an MTP head) one process and N ranks also run with K
+drafts a step, drafted by an oracle right 80% of the time (random weights' MTP head is almost
+never right; benchmarks/speculative.py) from the tokens one process emitted in the same round.
 """
 
 from __future__ import annotations
@@ -115,24 +118,36 @@ def run_tp(bm: BenchModel, opts: BenchOptions) -> dict:
     cores = torch.get_num_threads()
     per_rank = max(1, cores // n)
     kw = dict(max_num_seqs=8, max_model_len=256 + tokens)
+    k = opts.draft_tokens[0] if opts.draft_tokens else 0
     one = make_engine(bm, **kw)
     opts.say(f"starting {n} ranks")
-    par = parallel_engine(bm, opts, n, **kw)
-    engines = [("1 process", one, cores), (f"tp={n}", par, per_rank)]
+    # with drafts: one engine on N ranks (one process group a process), its drafts switched off
+    # for the plain rows (runner.spec None: plain steps, the lookahead blocks unused)
+    par = parallel_engine(bm, opts, n, **kw, **({"num_speculative_tokens": k} if k else {}))
+    drafting = par.runner.spec
+    engines = [("1 process", one, cores, None), (f"tp={n}", par, per_rank, None)]
     if bm.device.type == "cpu" and per_rank < cores:
-        engines.insert(1, (f"1 process, {per_rank} thread(s)", one, per_rank))
+        engines.insert(1, (f"1 process, {per_rank} thread(s)", one, per_rank, None))
+    if k:  # speculative decoding on both (the oracle's drafts: set per run below)
+        one_k = make_engine(bm, num_speculative_tokens=k, **kw)
+        engines += [(f"1 process, k={k} oracle 80%", one_k, cores, one_k.runner.spec),
+                    (f"tp={n}, k={k} oracle 80%", par, per_rank, drafting)]
     rates: dict[tuple[str, str], list[float]] = {}
     same: dict[tuple[str, str], bool] = {}
     try:
         for prompts in workloads.values():  # warm-up: first-step costs are not measured
-            for _, eng, threads in engines:
+            for _, eng, threads, spec in engines:
                 torch.set_num_threads(threads)
+                eng.runner.spec = spec
                 generate(eng, prompts[:1], 2)
         for r in range(rounds):
             for wl, prompts in workloads.items():
                 ref = None
-                for name, eng, threads in engines:
+                for name, eng, threads, spec in engines:
                     torch.set_num_threads(threads)  # both engines live in this process
+                    eng.runner.spec = spec
+                    if spec is not None:
+                        spec.draft_override = _oracle(prompts, ref, 0.8, r)
                     rate, toks = generate(eng, prompts, tokens)
                     ref = toks if ref is None else ref
                     rates.setdefault((wl, name), []).append(rate)
@@ -144,7 +159,7 @@ def run_tp(bm: BenchModel, opts: BenchOptions) -> dict:
     rows = [
         {"workload": wl, "engine": name, "threads": threads, "tokens_per_s": median(rates[(wl, name)]),
          "all": rates[(wl, name)], "same_tokens": same[(wl, name)]}
-        for wl in workloads for name, _, threads in engines
+        for wl in workloads for name, _, threads, _ in engines
     ]  # fmt: skip
     return {
         "tensor_parallel_size": n,
@@ -153,6 +168,7 @@ def run_tp(bm: BenchModel, opts: BenchOptions) -> dict:
         "new_tokens": tokens,
         "cores": cores,
         "threads_per_rank": per_rank,
+        "draft_tokens": k,
         "rows": rows,
         "all_same_tokens": all(r["same_tokens"] for r in rows),
         "speedup_vs_1_process": {
@@ -160,3 +176,18 @@ def run_tp(bm: BenchModel, opts: BenchOptions) -> dict:
             for wl in workloads
         },
     }
+
+
+def _oracle(prompts: list[list[int]], outputs: list[list[int]], acceptance: float, seed: int):
+    """A draft_override: the token one process emitted at each position, a wrong one with
+    probability 1 - acceptance."""
+    full = {tuple(p): p + o for p, o in zip(prompts, outputs, strict=True)}
+    rng = random.Random(seed)
+
+    def draft(seq, pos):
+        ref = full[tuple(seq.token_ids[: seq.num_prompt_tokens])]
+        if pos >= len(ref):
+            return None
+        return ref[pos] if rng.random() < acceptance else (ref[pos] + 1) % (1 << 20)
+
+    return draft

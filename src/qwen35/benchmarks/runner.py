@@ -75,7 +75,9 @@ def run_bench(
     runtime = configure_cpu_runtime(opts.threads)  # what every engine does at start
     say(f"loading {opts.model} ({opts.dtype})")
     t0 = time.perf_counter()
-    bm = load_bench_model(opts, mtp="spec" in workloads)  # (the MTP head: spec drafts with it)
+    # the MTP head: spec drafts with it, tp with --draft-tokens
+    mtp = "spec" in workloads or ("tp" in workloads and bool(opts.draft_tokens))
+    bm = load_bench_model(opts, mtp=mtp)
     doc = {
         "schema": SCHEMA,
         "model": bm.config.name,

@@ -112,7 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--draft-tokens",
         default=None,
-        help="spec workload: drafts a step of each drafting engine, comma-separated (default 1,3)",
+        help="spec workload: drafts a step of each drafting engine, comma-separated (default "
+        "1,3); tp workload: K, both engines also with K drafts (an oracle right 80%%)",
     )
     g = p.add_argument_group("serve workload")
     g.add_argument("--base-url", default=None,
