@@ -79,6 +79,28 @@ def test_equal_transformers_batched_and_chunked(which, ckpt, moe_ckpt):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
 
+@pytest.mark.parametrize(
+    "which,kw",
+    [("dense", {}), ("dense", dict(num_speculative_tokens=2)),
+     ("moe", dict(enable_expert_parallel=True))],
+)  # fmt: skip
+def test_two_ranks(which, kw, ckpt, moe_ckpt):
+    """Under tensor (and expert) parallelism, with or without drafts: the head over the prompt
+    rows is mirrored on the worker (its vocabulary slice, gathered), so the logprobs are
+    transformers' and the tokens one process's."""
+    d, hf = ckpt if which == "dense" else moe_ckpt
+    ps = prompts(3, seed=5) + prompts(1, seed=6, lo=150, hi=151)  # > 2 x 64 rows in one step
+    one = make(d, block_size=4).generate(ps, params(3))
+    llm = make(d, block_size=4, max_num_batched_tokens=160, tensor_parallel_size=2, **kw)
+    try:
+        outs = llm.generate(ps, params(3))
+    finally:
+        llm.engine.shutdown()
+    for p, out, ref in zip(ps, outs, one, strict=True):
+        check(out, hf, p, 3)
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+
+
 def test_many_rows_in_one_chunk_cross_the_head_slices(ckpt):
     d, hf = ckpt
     p = prompts(1, seed=2, lo=150, hi=151)[0]  # > 2 x PROMPT_LOGPROB_ROWS rows in one step

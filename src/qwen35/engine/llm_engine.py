@@ -551,12 +551,6 @@ class LLMEngine:
             params.max_tokens = room
         elif params.max_tokens > room:
             raise PromptTooLongError(len(ids), params.max_tokens, self.max_model_len)
-        if params.prompt_logprobs is not None and self.workers is not None:
-            raise SamplingParamsError(
-                "prompt_logprobs is not available under tensor parallelism (--tp): serve the "
-                "model on one process to score prompts",
-                "prompt_logprobs",
-            )
         adapter = None
         if lora is not None:
             if self.loras is None:

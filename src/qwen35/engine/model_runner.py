@@ -321,8 +321,8 @@ class ModelRunner:
             return logits
         return self.model(input_ids, batch, self.caches)
 
-    # the model calls of a speculative step (tensor parallelism mirrors each on the other ranks
-    # first, parallel/runner.py: the hidden rows, the head and the MTP pass have collectives)
+    # the model calls of a speculative step or one with prompt logprobs (tensor parallelism
+    # mirrors each on the other ranks first, parallel/runner.py: they have collectives)
     def forward_hidden(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return self.model.forward_hidden(input_ids, batch, self.caches)
 
@@ -374,12 +374,12 @@ class ModelRunner:
                 result.decode_rows = batch.num_tokens  # a pure decode step: the engine times it
             return result
         if prompt:  # every prompt row's logits, not only the sampled rows'
-            h = self.model.forward_hidden(input_ids, batch, self.caches)
+            h = self.forward_hidden(input_ids, batch)
             plps = self._prompt_logprobs(h, prompt)
             logits = None
             if sample_seqs:
-                logits = self.model.compute_logits(h.index_select(0, batch.logits_indices),
-                                                   batch.backend)  # fmt: skip
+                x = self.model.final_norm(h.index_select(0, batch.logits_indices), batch.backend)
+                logits = self.head_logits(x)
             result = self._sample(sample_seqs, logits=logits)
             result.prompt_logprobs = plps
             return result
@@ -529,7 +529,7 @@ class ModelRunner:
                 idx = torch.tensor(rows[a : a + PROMPT_LOGPROB_ROWS], device=h.device)
                 tok = torch.tensor(targets[a : a + PROMPT_LOGPROB_ROWS], device=h.device)
                 x = self.model.final_norm(h.index_select(0, idx), self.backend)
-                lp = torch.log_softmax(self.model.head_logits(x).float(), dim=-1)
+                lp = torch.log_softmax(self.head_logits(x).float(), dim=-1)
                 chosen = lp.gather(1, tok[:, None])
                 rank = (lp > chosen).sum(dim=1) + 1
                 top_v, top_i = lp.topk(n, dim=-1) if n else (lp[:, :0], tok[:, None][:, :0])

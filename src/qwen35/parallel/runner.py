@@ -6,7 +6,7 @@ Speculative decoding: a step is several model calls with collectives in each (th
 the head over the sampled and draft rows, the MTP head's pass, a chain's passes), with rank 0's
 sampling between them. Each is broadcast before rank 0 makes it, so the workers make the same
 calls in the same order (parallel/worker.py); the state copies of rejected drafts go with the
-next message's restores."""
+next message's restores. A step with prompt logprobs takes the same "hidden" and "head" calls."""
 
 from __future__ import annotations
 
