@@ -51,6 +51,24 @@ def test_random_workload_equals_single_steps(which, ckpt, moe_ckpt, monkeypatch)
     assert stats["prefix_cache_hit_tokens"] > 0 and stats["num_preemptions"] > 0
 
 
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_two_ranks_equal_single_steps(which, ckpt, moe_ckpt, monkeypatch):  # noqa: F811
+    """Under tensor parallelism each of a round's steps is broadcast with the tokens the one
+    before sampled (rank 0 samples): the same tokens as one process's single steps."""
+    d, _ = ckpt if which == "dense" else moe_ckpt
+    ps, sps = shared_prefix_workload(3, 10)
+    kw = dict(block_size=4, max_num_seqs=16, max_num_batched_tokens=32, max_model_len=96)
+    single = ids(make(d, **kw).generate(ps, sps))
+    ks = _counting(monkeypatch)
+    multi = make(d, num_scheduler_steps=4, num_kv_blocks=56, tensor_parallel_size=2, **kw)
+    try:
+        assert ids(multi.generate(ps, sps)) == single
+        assert ks and max(ks) == 4
+        assert multi.engine.get_stats()["num_preemptions"] > 0
+    finally:
+        multi.engine.shutdown()
+
+
 def test_preemption_under_multi_step(ckpt, monkeypatch):  # noqa: F811
     d, _ = ckpt
     ps = prompts(6, seed=4, lo=30, hi=60)

@@ -503,11 +503,6 @@ class EngineConfig:
                 "lookahead positions: choose one (set num_scheduler_steps to 1 or "
                 "num_speculative_tokens to 0)"
             )
-        if s.num_scheduler_steps > 1 and p.tensor_parallel_size > 1:
-            raise Qwen35Error(
-                "num_scheduler_steps > 1 runs on one rank for now: drop it or "
-                "tensor_parallel_size"
-            )
         if self.load.yarn is not None:
             check_yarn_factor(self.load.yarn)
         if self.load.override_generation_config is not None:

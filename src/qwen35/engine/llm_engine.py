@@ -371,7 +371,8 @@ class LLMEngine:
         self.rank_memory = [rank_memory(self.model, caches, 0)]  # per rank (planner's per GPU)
         if head_bytes:
             self.rank_memory[0]["head_screen_bytes"] = head_bytes
-        spec_kw = dict(  # speculative decoding (engine/speculative.py)
+        steps_kw = dict(  # speculative decoding (engine/speculative.py), multi-step decoding
+            decode_steps=sc.num_scheduler_steps,
             spec_slots=range(first_spare, first_spare + self.plan.num_spare_slots)
             if self.plan.num_spare_slots else None,
             spec_tokens=sc.num_speculative_tokens,
@@ -383,7 +384,7 @@ class LLMEngine:
             self.runner = ModelRunner(
                 self.model, caches, self.eos_token_ids, self.device, backend=backend,
                 decode_graphs=gspec if graphs else None, seed=ec.seed,
-                head_screen=self.head_screen, decode_steps=sc.num_scheduler_steps, **spec_kw,
+                head_screen=self.head_screen, **steps_kw,
             )  # fmt: skip
         else:
             from qwen35.parallel import setup as tp_setup
@@ -393,7 +394,7 @@ class LLMEngine:
             self.rank_memory = tp_setup.gather_memory(self.workers, self.rank_memory[0])
             self.runner = ParallelModelRunner(
                 self.model, caches, self.eos_token_ids, self.device, self.workers, seed=ec.seed,
-                **spec_kw,
+                **steps_kw,
             )  # fmt: skip
         if verbose:
             from qwen35.parallel.setup import describe_memory
