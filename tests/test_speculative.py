@@ -143,6 +143,44 @@ def test_engine_drafts_equal_the_reference_mtp_head(ckpt, accept):
     assert (spec.stats.accepted == spec.stats.drafts) == accept and spec.stats.drafts > 5
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_mtp_passes_no_draft_reads_write_the_same_kv(ckpt, monkeypatch, dtype):
+    """A pass whose rows no draft reads (prompt chunks before the last, steps of more sequences
+    than verify drafts) writes only the MTP layer's K / V (MTPHead.write_kv): the same cache as
+    the whole layer's pass writes (prefill rows and decode rows, the CPU decode plan's kernels
+    in bf16: rounding apart)."""
+    from qwen35.engine.model_runner import ModelRunner
+
+    d, _ = ckpt
+    ps = prompts(4, seed=9, lo=10, hi=30)
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    inner = ModelRunner.forward_mtp
+    kinds: list[bool] = []
+
+    def run(whole: bool):
+        def spy(self, ids, hidden, batch, step, kv_only=False):
+            kinds.append(kv_only)
+            return inner(self, ids, hidden, batch, step, kv_only and not whole)
+
+        monkeypatch.setattr(ModelRunner, "forward_mtp", spy)
+        llm = make(d, dtype=dtype, num_speculative_tokens=1, max_num_batched_tokens=16,
+                   block_size=4, enable_prefix_caching=False)  # fmt: skip
+        llm.engine.runner.spec.max_verify_seqs = 2  # batches of 4 verify no drafts
+        out = [o.outputs[0].token_ids for o in llm.generate(ps, sp)]
+        c = llm.engine.runner.caches
+        return out, c.key[-1].clone(), c.value[-1].clone()
+
+    whole = run(True)
+    n = len(kinds)
+    only = run(False)
+    assert sum(kinds[n:]) > 4 and not all(kinds[n:])  # both kinds of pass ran
+    assert only[0] == whole[0]
+    tol = dict(rtol=0, atol=1e-5) if dtype == "fp32" else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(only[1].float(), whole[1].float(), **tol)
+    torch.testing.assert_close(only[2].float(), whole[2].float(), **tol)
+    assert whole[1].abs().sum() > 0
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_chained_drafts_equal_the_reference(ckpt, monkeypatch, k):
     """Drafts after the first (the MTP head on its own output row and the draft before, at

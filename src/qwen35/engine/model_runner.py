@@ -329,10 +329,12 @@ class ModelRunner:
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.head_logits(x)
 
-    def forward_mtp(self, next_ids, hidden, batch: ForwardBatch, step: bool) -> torch.Tensor:
+    def forward_mtp(
+        self, next_ids, hidden, batch: ForwardBatch, step: bool, kv_only: bool = False
+    ) -> torch.Tensor | None:
         """The MTP head over `hidden`; step: hidden and batch are the step's own (final-norm
-        rows of forward_hidden's output), else a chain's (_chain)."""
-        return self.model.forward_mtp(next_ids, hidden, batch, self.caches)
+        rows of forward_hidden's output), else a chain's (_chain). kv_only: its KV only."""
+        return self.model.forward_mtp(next_ids, hidden, batch, self.caches, kv_only)
 
     def put_back(self, pairs: list[tuple[int, int]]) -> None:
         """Sequences with a rejected draft: (spare, slot) state copies."""
@@ -652,6 +654,9 @@ class ModelRunner:
         ids = torch.tensor(nxt, dtype=torch.long, device=x.device)
         if self._graphed and self.graphs.mtp:
             m = self.graphs.run_mtp(ids, x)  # [T, H]
+        elif not draft_rows:  # no row's output is read: only the KV the next passes attend to
+            self.forward_mtp(ids, x, batch, step=True, kv_only=True)
+            return
         else:
             m = self.forward_mtp(ids, x, batch, step=True)
         if not draft_rows:

@@ -17,7 +17,7 @@ from qwen35.config import ModelConfig
 from qwen35.engine.forward_batch import ForwardBatch
 from qwen35.layers.linear import Linear, pack_linears, packed_linear
 from qwen35.layers.norms import RMSNorm
-from qwen35.layers.rotary import apply_rotary_qk
+from qwen35.layers.rotary import apply_rotary, apply_rotary_qk
 from qwen35.ops.attention import (
     attention_decode_gated,
     cached_prefill_attention,
@@ -49,6 +49,14 @@ class GatedAttention(nn.Module):
     def pack(self) -> None:
         """One [2 nh hd + 2 nkv hd, H] weight for q/k/v (after loading)."""
         self.packed_qkv = pack_linears(self.q_proj, self.k_proj, self.v_proj)
+
+    def write_kv_only(self, x, cos, sin, batch: ForwardBatch, key_cache, value_cache) -> None:
+        """Only the K / V of x's rows into the cache (what forward writes, no attention): the
+        MTP head's pass where no draft reads its output (models/mtp.py write_kv)."""
+        nkv, hd, be = self.nkv, self.hd, batch.backend
+        k = self.k_norm(self.k_proj(x).unflatten(-1, (nkv, hd)), be)
+        v = self.v_proj(x).unflatten(-1, (nkv, hd))
+        write_kv(key_cache, value_cache, apply_rotary(k, cos, sin), v, batch.slot_mapping)
 
     def forward(
         self,

@@ -48,6 +48,21 @@ class MTPHead(nn.Module):
     def cache_index(self) -> int:
         return self.layers[0].cache_index
 
+    def _fc(self, embeds, hidden, be) -> torch.Tensor:
+        e = self.pre_fc_norm_embedding(embeds, be)
+        h = self.pre_fc_norm_hidden(hidden.to(e.dtype), be)
+        return self.fc(torch.cat([e, h], dim=-1))  # [T, H], the residual stream
+
+    def write_kv(self, embeds, hidden, cos, sin, batch: ForwardBatch, caches: ModelCaches) -> None:
+        """Only the layer's K and V of every row (at the batch's slots), for a pass whose rows
+        no draft reads: later passes attend over complete KV, and this one costs fc and the K / V
+        projections instead of the whole layer (no query, attention, o_proj, MLP or experts)."""
+        be = batch.backend
+        layer = self.layers[0]
+        x = layer.input_layernorm(self._fc(embeds, hidden, be), be)
+        i = layer.cache_index
+        layer.self_attn.write_kv_only(x, cos, sin, batch, caches.key[i], caches.value[i])
+
     def forward(
         self,
         embeds: torch.Tensor,  # [T, H] embeddings of the next tokens x_{i+1}
@@ -62,9 +77,7 @@ class MTPHead(nn.Module):
         at the batch's slots. plan: the layer as a CPU decode plan (models/cpu_decode.py),
         for a pure decode step."""
         be = batch.backend
-        e = self.pre_fc_norm_embedding(embeds, be)
-        h = self.pre_fc_norm_hidden(hidden.to(e.dtype), be)
-        x = self.fc(torch.cat([e, h], dim=-1))  # [T, H], the residual stream
+        x = self._fc(embeds, hidden, be)
         if plan is not None:
             delta = plan.run(x, cos, sin, batch, caches)
         else:

@@ -255,13 +255,18 @@ class Qwen35ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def forward_mtp(
-        self, next_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch, caches: ModelCaches
-    ) -> torch.Tensor:
+        self, next_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch, caches: ModelCaches,
+        kv_only: bool = False,
+    ) -> torch.Tensor | None:  # fmt: skip
         """The MTP head over the rows of the step that made `hidden` (its final norm's output
         [T, H]): next_ids [T] are the tokens that follow each row. -> the head's input rows
-        [T, H] (head_logits of a row: the draft of the token after next)."""
+        [T, H] (head_logits of a row: the draft of the token after next). kv_only: only its
+        layer's K / V (None: no row's output is wanted, MTPHead.write_kv)."""
         e = embed(self.model.embed_tokens, next_ids, self.tp)
         cos, sin = self._cos_sin(batch, e.dtype)
+        if kv_only:
+            self.mtp.write_kv(e, hidden, cos, sin, batch, caches)
+            return None
         plan = self._cpu_decode_plan(batch, caches, mtp=True)
         return self.mtp(e, hidden, cos, sin, batch, caches, plan)
 

@@ -46,12 +46,13 @@ class ParallelModelRunner(ModelRunner):
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.group.guard(self._both, ("head", x.cpu()), self.model.head_logits, x)
 
-    def forward_mtp(self, next_ids, hidden, batch: ForwardBatch, step: bool) -> torch.Tensor:
+    def forward_mtp(self, next_ids, hidden, batch: ForwardBatch, step: bool, kv_only=False):
         # the step's own rows are on every rank already (the workers kept theirs)
         sent = (None, None) if step else (hidden.cpu(), _sendable(batch))
-        msg = ("mtp", next_ids.cpu(), *sent)
+        msg = ("mtp", next_ids.cpu(), *sent, kv_only)
         fn = self.model.forward_mtp
-        return self.group.guard(self._both, msg, fn, next_ids, hidden, batch, self.caches)
+        args = (next_ids, hidden, batch, self.caches, kv_only)
+        return self.group.guard(self._both, msg, fn, *args)
 
     def _take_restores(self) -> list[tuple[int, int]]:
         out, self._restores = self._restores, []

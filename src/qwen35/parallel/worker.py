@@ -100,7 +100,8 @@ def run_worker(
 def _loop(model, caches, control, device) -> None:
     """Rank 0's messages in order: ("step" | "hidden", restores, ids, batch) a forward pass
     (logits | the final norm's rows, kept with the batch for the MTP pass); ("head", rows);
-    ("mtp", next_ids, hidden, batch): the MTP head's pass (hidden None: the kept step's)."""
+    ("mtp", next_ids, hidden, batch, kv_only): the MTP head's pass (hidden None: the kept
+    step's)."""
     from qwen35.ops.backend import select_backend
 
     backend = select_backend(device)  # rank 0 sends batches without its own
@@ -119,9 +120,9 @@ def _loop(model, caches, control, device) -> None:
         elif kind == "head":
             model.head_logits(msg[1].to(device))
         elif kind == "mtp":
-            _, ids, hidden, batch = msg
+            _, ids, hidden, batch, kv_only = msg
             hidden, batch = kept if hidden is None else (hidden.to(device), here(batch))
-            model.forward_mtp(ids.to(device), hidden, batch, caches)
+            model.forward_mtp(ids.to(device), hidden, batch, caches, kv_only)
         else:  # "step" / "hidden"
             _, restores, input_ids, batch = msg
             # prefix-cache restores and rejected drafts' state, in the order rank 0 did them
