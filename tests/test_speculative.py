@@ -117,15 +117,17 @@ def _reference_mtp_logits(d, hf, ids: list[int], chain: int = 0) -> torch.Tensor
         return logits
 
 
-@pytest.mark.parametrize("accept", [False, True])
-def test_engine_drafts_equal_the_reference_mtp_head(ckpt, accept):
+@pytest.mark.parametrize("accept,chunk", [(False, 8), (True, 8), (False, 64)])
+def test_engine_drafts_equal_the_reference_mtp_head(ckpt, accept, chunk):
     """Each step's draft (paged MTP KV filled over prefill chunks, decode rows and verify rows,
-    accepted or rejected) is the argmax of the whole-sequence reference at that position."""
+    accepted or rejected) is the argmax of the whole-sequence reference at that position.
+    chunk 64: the prompt in one chunk, whose MTP pass writes every row's K / V and runs the
+    whole layer at its last row only (model_runner._draft)."""
     d, hf = ckpt
     p = prompts(1, seed=3, lo=20, hi=21)[0]
     sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     plain = make(d).generate([p], sp)[0].outputs[0].token_ids
-    llm = make(d, num_speculative_tokens=1, max_num_batched_tokens=8, block_size=4)
+    llm = make(d, num_speculative_tokens=1, max_num_batched_tokens=chunk, block_size=4)
     eng, spec = llm.engine, llm.engine.runner.spec
     spec.backoff = False  # a draft every step, however many are rejected
     if accept:
@@ -141,6 +143,42 @@ def test_engine_drafts_equal_the_reference_mtp_head(ckpt, accept):
     for pos, tok in set(drafts):  # a draft for position pos comes from row pos - 2
         assert tok == ref[pos - 2], (pos, tok)
     assert (spec.stats.accepted == spec.stats.drafts) == accept and spec.stats.drafts > 5
+
+
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_prompt_chunks_run_the_mtp_layer_at_their_draft_rows_only(which, ckpt, moe_ckpt,
+                                                                 monkeypatch):  # fmt: skip
+    """A prompt chunk's MTP pass writes every row's K / V and runs the whole layer at the rows
+    that draft only (as decode rows over that KV): the same MTP rows as the whole pass, the
+    same KV after, the same tokens."""
+    from qwen35.engine import model_runner
+    from qwen35.engine.model_runner import ModelRunner
+
+    d, _ = ckpt if which == "dense" else moe_ckpt
+    ps = prompts(3, seed=12, lo=20, hi=40)
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    tokens = ModelRunner._draft_tokens
+    built = ModelRunner._decode_batch
+
+    def run(split: bool):
+        rows, n = [], [0]
+        monkeypatch.setattr(model_runner, "MTP_ROWS_ONLY", 8 if split else 1 << 30)
+        monkeypatch.setattr(ModelRunner, "_draft_tokens",
+                            lambda self, m: rows.append(m.clone()) or tokens(self, m))  # fmt: skip
+        monkeypatch.setattr(ModelRunner, "_decode_batch",
+                            lambda self, *a: n.__setitem__(0, n[0] + 1) or built(self, *a))  # fmt: skip
+        llm = make(d, num_speculative_tokens=2, max_num_batched_tokens=128, block_size=4,
+                   enable_prefix_caching=False)  # fmt: skip
+        out = [o.outputs[0].token_ids for o in llm.generate(ps, sp)]
+        c = llm.engine.runner.caches
+        return out, rows, n[0], c.key[-1].clone()
+
+    a, b = run(False), run(True)
+    assert b[2] > a[2]  # the split ran (the chains build decode batches in both)
+    assert a[0] == b[0] and len(a[1]) == len(b[1]) > 3
+    for x, y in zip(a[1], b[1], strict=True):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b[3], a[3], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

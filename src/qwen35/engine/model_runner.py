@@ -633,6 +633,7 @@ class ModelRunner:
         nxt = [0] * x.shape[0]
         draft_rows: list[int] = []
         draft_seqs: list[tuple[str, int]] = []  # (seq_id, draft position)
+        at: list[tuple] = []  # (sequence, position) of each draft row
         for i, s in enumerate(scheduled):
             seq, start, n = s.seq, s.start, s.num_new_tokens
             known = seq.token_ids[start + 1 : start + n + 1]  # the prompt's next tokens
@@ -651,17 +652,24 @@ class ModelRunner:
                 continue
             draft_rows.append(rows_of[i][a])  # at position start + a
             draft_seqs.append((seq.seq_id, start + a + 2))
+            at.append((seq, start + a))
         ids = torch.tensor(nxt, dtype=torch.long, device=x.device)
-        if self._graphed and self.graphs.mtp:
-            m = self.graphs.run_mtp(ids, x)  # [T, H]
+        idx = torch.tensor(draft_rows, dtype=torch.long, device=x.device)
+        if self._graphed and self.graphs.mtp:  # (its KV written either way)
+            m = self.graphs.run_mtp(ids, x).index_select(0, idx)  # [T, H] -> the draft rows
+            if not draft_rows:
+                return
         elif not draft_rows:  # no row's output is read: only the KV the next passes attend to
             self.forward_mtp(ids, x, batch, step=True, kv_only=True)
             return
+        elif batch.prefill and batch.mrope_positions is None and len(nxt) > MTP_ROWS_ONLY * len(at):
+            # a prompt chunk: every row's K / V, then the whole layer at the draft rows only, as
+            # decode rows over that KV (a chunk of 2,048 rows drafts from one)
+            self.forward_mtp(ids, x, batch, step=True, kv_only=True)
+            rows = self._decode_batch([sq for sq, _ in at], [p for _, p in at])
+            m = self.forward_mtp(ids.index_select(0, idx), x.index_select(0, idx), rows, step=False)
         else:
-            m = self.forward_mtp(ids, x, batch, step=True)
-        if not draft_rows:
-            return
-        m = m.index_select(0, torch.tensor(draft_rows, device=x.device))
+            m = self.forward_mtp(ids, x, batch, step=True).index_select(0, idx)
         tokens = self._draft_tokens(m)
         for j, ((seq_id, pos), t) in enumerate(zip(draft_seqs, tokens, strict=True)):
             spec.drafts[seq_id] = Draft(pos, int(t), m[j] if spec.k > 1 else None)
@@ -678,7 +686,7 @@ class ModelRunner:
         MTP head again on its own last output row and the last draft, one decode row per
         sequence, at the position before that draft's (KV there is rewritten by the step's
         own MTP pass). Not for sequences with images (their positions are 3-D)."""
-        spec, bs = self.spec, self.caches.block_size
+        spec = self.spec
         todo = []
         for i, v in verify.items():
             seq = scheduled[i].seq
@@ -687,20 +695,8 @@ class ModelRunner:
                 todo.append((scheduled[i], v, d))
         while todo:
             pos = [s.start + len(v.drafts) - 1 for s, v, _ in todo]
-            batch = ForwardBatch.build(
-                positions=pos,
-                cu_seqlens=range(len(todo) + 1),
-                context_lens=[p + 1 for p in pos],
-                slot_mapping=[s.seq.block_ids[p // bs] * bs + p % bs
-                              for (s, _, _), p in zip(todo, pos, strict=True)],  # fmt: skip
-                block_tables=[s.seq.block_ids for s, _, _ in todo],
-                state_slots=[s.seq.state_slot for s, _, _ in todo],
-                has_initial_state=[True] * len(todo),
-                logits_indices=range(len(todo)),
-                device=self.device,
-                backend=self.backend,
-                input_ids=[v.drafts[-1] for _, v, _ in todo],
-            )
+            batch = self._decode_batch([s.seq for s, _, _ in todo], pos,
+                                       [v.drafts[-1] for _, v, _ in todo])  # fmt: skip
             hidden = torch.stack([d.hidden for _, _, d in todo])
             g = self.graphs
             if g is not None and g.mtp and g.can_run(batch):
@@ -711,6 +707,25 @@ class ModelRunner:
                 v.drafts.append(int(t))
                 d.hidden = row
             todo = [e for e in todo if len(e[1].drafts) < e[1].want]
+
+    def _decode_batch(self, seqs, positions: list[int], input_ids=None) -> ForwardBatch:
+        """One decode row per sequence at `positions` (its KV slot there, attending up to it):
+        the MTP head's passes at chosen rows (_chain, _draft)."""
+        bs = self.caches.block_size
+        return ForwardBatch.build(
+            positions=positions,
+            cu_seqlens=range(len(seqs) + 1),
+            context_lens=[p + 1 for p in positions],
+            slot_mapping=[q.block_ids[p // bs] * bs + p % bs
+                          for q, p in zip(seqs, positions, strict=True)],  # fmt: skip
+            block_tables=[q.block_ids for q in seqs],
+            state_slots=[q.state_slot for q in seqs],
+            has_initial_state=[True] * len(seqs),
+            logits_indices=range(len(seqs)),
+            device=self.device,
+            backend=self.backend,
+            input_ids=input_ids,
+        )
 
     def _screen_ks(self, num_rows: int, seqs, shifts=None) -> list[int] | None:
         """Each row's k where every row of the step can take the int8 screen (screen_k);
@@ -735,6 +750,11 @@ class ModelRunner:
         else:
             self._screen_misses[kind] += 1
             self._screen_skip[kind] = min(64, 2 ** self._screen_misses[kind])
+
+
+# a step with prefill rows and more than this many rows per draft row runs the MTP head's whole
+# layer at its draft rows only (_draft; the other rows' K / V only)
+MTP_ROWS_ONLY = 8
 
 
 def lora_groups(rows: dict[int, list[int]], num_rows: int, device) -> list:
