@@ -715,9 +715,11 @@ def test_batches_over_the_limit_do_not_draft(ckpt):
     assert spec.stats.drafts > 0
 
 
-def test_image_requests_with_drafts(tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_image_requests_with_drafts(tmp_path, tp):
     """A request with an image (M-RoPE positions; verify steps as 2-token chunks, the MTP layer
-    on the same 3-D positions) and a text one beside it: tokens equal an engine without drafts."""
+    on the same 3-D positions) and a text one beside it: tokens equal an engine without drafts;
+    on 2 ranks too (rank 0 encodes the image; the MTP passes mirrored on the worker)."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -739,16 +741,20 @@ def test_image_requests_with_drafts(tmp_path):
     prompts_ = [req(img), [5, 6, 7, 8, 9, 10, 11]]
     sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in make_llm(tmp_path).generate(prompts_, sp)]
-    llm = make_llm(tmp_path, num_speculative_tokens=2)
-    spec = llm.engine.runner.spec
-    spec.backoff, spec.max_verify_seqs = False, 8
-    assert llm.engine.has_vision and llm.engine.model.has_mtp
-    assert [o.outputs[0].token_ids for o in llm.generate(prompts_, sp)] == want
-    ids_ = llm.engine.mm_processor.process(req(img)["prompt_token_ids"], {"image": img}).token_ids
-    spec.draft_override = oracle({tuple(ids_): ids_ + want[0], (5, 6, 7, 8, 9, 10, 11): [
-        5, 6, 7, 8, 9, 10, 11] + want[1]})  # fmt: skip
-    assert [o.outputs[0].token_ids for o in llm.generate(prompts_, sp)] == want
-    assert spec.stats.accepted > 8
+    llm = make_llm(tmp_path, num_speculative_tokens=2, tensor_parallel_size=tp)
+    try:
+        spec = llm.engine.runner.spec
+        spec.backoff, spec.max_verify_seqs = False, 8
+        assert llm.engine.has_vision and llm.engine.model.has_mtp
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts_, sp)] == want
+        ids_ = llm.engine.mm_processor.process(req(img)["prompt_token_ids"],
+                                               {"image": img}).token_ids  # fmt: skip
+        spec.draft_override = oracle({tuple(ids_): ids_ + want[0], (5, 6, 7, 8, 9, 10, 11): [
+            5, 6, 7, 8, 9, 10, 11] + want[1]})  # fmt: skip
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts_, sp)] == want
+        assert spec.stats.accepted > 8
+    finally:
+        llm.engine.shutdown()
 
 
 def test_plan_shares_rows_and_spares():
