@@ -627,7 +627,9 @@ class ModelRunner:
     def _draft(self, scheduled, verify, x, batch, result: StepResult, rows_of) -> None:
         """Run the MTP head over every row of the step with the token that follows each row,
         and keep a greedy draft for each sampled sequence from its last confirmed row (with
-        the head's output row there, which the next step's chain continues from)."""
+        the head's output row there, which the next step's chain continues from). Eagerly,
+        rows no draft reads get only the head layer's K / V (all of them where none drafts;
+        a prompt chunk's other rows)."""
         spec = self.spec
         many = len(result.sampled) > spec.max_verify_seqs  # the next step will verify none
         nxt = [0] * x.shape[0]
