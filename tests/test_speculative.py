@@ -322,7 +322,7 @@ def test_verify_steps_replay_from_decode_graphs(which, ckpt, moe_ckpt, k, monkey
     sps = [
         greedy, greedy,
         SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.2,
-                       logprobs=2),  # (not drafted for: logprobs)
+                       logprobs=2),  # (bonus tokens: logprobs from their rows)
         SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=0, ignore_eos=True),
         SamplingParams(max_tokens=12, temperature=0.8, top_k=20, seed=1, ignore_eos=True,
                        presence_penalty=0.5, min_tokens=6, stop=["zz"]),
@@ -561,13 +561,19 @@ def test_stop_rules_with_bonus_tokens(ckpt, k):
     assert spec.engine.runner.spec.stats.accepted > 20
 
 
-def test_structured_and_logprob_requests_are_not_drafted(ckpt):
+def test_structured_requests_are_not_drafted_logprob_ones_are(ckpt):
+    """A grammar's mask would have to advance over the drafts: no drafts for it. Logprobs come
+    from each bonus token's own row (test_logprobs_with_drafts_equal_without)."""
+    from qwen35.engine.speculative import eligible
+    from qwen35.request import StructuredOutputs
+
+    assert not eligible(SamplingParams(structured_outputs=StructuredOutputs(choice=["a"])))
     d, _ = ckpt
     p = prompts(1, seed=12)[0]
     llm = make(d, num_speculative_tokens=1)
     sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
     out = llm.generate([p], sp)[0].outputs[0]
-    assert len(out.logprobs) == 6 and llm.engine.runner.spec.stats.drafts == 0
+    assert len(out.logprobs) == 6 and llm.engine.runner.spec.stats.drafts > 0
     assert out.token_ids == make(d).generate([p], sp)[0].outputs[0].token_ids
 
 
@@ -713,6 +719,48 @@ def test_batches_over_the_limit_do_not_draft(ckpt):
     assert spec.stats.drafts == 0
     llm.generate(ps[:MAX_VERIFY_SEQS], sp)
     assert spec.stats.drafts > 0
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_logprobs_with_drafts_equal_without(ckpt, tp):
+    """Requests with logprobs are drafted for: each bonus token's logprob info comes from its
+    own row (penalties over the drafts before it), so tokens, logprobs and top-n equal an
+    engine without drafts (greedy, seeded, penalised, a stop string ending inside a round);
+    on 2 ranks too."""
+    d, _ = ckpt
+    ps = prompts(4, seed=21)
+    sps = [
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3),
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0,
+                       repetition_penalty=1.3, frequency_penalty=0.2),
+        SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=4, ignore_eos=True,
+                       logprobs=2),
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1),
+    ]  # fmt: skip
+    want = make(d).generate(ps, sps)
+    full = {tuple(p): p + o.outputs[0].token_ids for p, o in zip(ps, want, strict=True)}
+    # a stop string made of the last request's 6th .. 7th output tokens' text
+    text = want[3].outputs[0].text
+    sps[3].stop = [text[len(text) // 2 : len(text) // 2 + 2]] if len(text) > 4 else None
+    want = make(d).generate(ps, sps)
+    assert want[3].outputs[0].finish_reason == "stop"
+    llm = make(d, num_speculative_tokens=3, tensor_parallel_size=tp)
+    try:
+        spec = llm.engine.runner.spec
+        spec.backoff = False
+        spec.draft_override = oracle(full, wrong=0.3)
+        got = llm.generate(ps, sps)
+        assert spec.stats.accepted > 10
+    finally:
+        llm.engine.shutdown()
+    assert outputs(got) == outputs(want)
+    for g, w in zip(got, want, strict=True):
+        a, b = g.outputs[0].logprobs, w.outputs[0].logprobs
+        assert len(a) == len(b) == len(w.outputs[0].token_ids)
+        for x, y in zip(a, b, strict=True):
+            assert x.token_id == y.token_id and list(x.top) == list(y.top)
+            assert abs(x.logprob - y.logprob) < 1e-5
+            assert all(abs(x.top[t] - y.top[t]) < 1e-5 for t in y.top)
 
 
 @pytest.mark.parametrize("tp", [1, 2])

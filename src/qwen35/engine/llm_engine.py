@@ -705,7 +705,13 @@ class LLMEngine:
                 for k, tok in enumerate(toks):
                     self.structured.advance(seq_id, tok)
                     self.stats_totals["generation_tokens_total"] += 1
-                    if self._process_token(st, seq_id, tok, result, finished, len(toks) - 1 - k):
+                    if k:  # a bonus token's logprob info (speculative decoding)
+                        lps = result.bonus_logprobs.get(seq_id)
+                        if lps is not None and k <= len(lps):
+                            st.logprobs.append(lps[k - 1])
+                    elif seq_id in result.logprobs:
+                        st.logprobs.append(result.logprobs[seq_id])
+                    if self._process_token(st, seq_id, tok, finished, len(toks) - 1 - k):
                         break
             except Exception as e:
                 log.exception("processing the output of %s failed", seq_id)
@@ -741,13 +747,11 @@ class LLMEngine:
         return outputs
 
     def _process_token(
-        self, st: _SeqState, seq_id: str, token: int, result, finished, pending: int = 0
+        self, st: _SeqState, seq_id: str, token: int, finished, pending: int = 0
     ) -> bool:
         """Detokenize one new token and match stop strings. pending: tokens update() appended
         after this one (a speculative bonus); True when a stop string ends in this token and
         they are dropped (they were never generated)."""
-        if seq_id in result.logprobs and not pending:
-            st.logprobs.append(result.logprobs[seq_id])
         seq = st.seq  # (update() has appended the token: a stop string may end in the text of
         # tokens after the first min_tokens, as EOS and stop ids may only follow them)
         # The EOS or stop id that ended the sequence stays in its token ids but not in its text,

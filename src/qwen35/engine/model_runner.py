@@ -58,6 +58,8 @@ class StepResult:
     # speculative decoding: seq_id -> the tokens sampled after its accepted drafts (the first
     # draft == its sampled token, each later one == the bonus token before it)
     bonus: dict[str, list[int]] = field(default_factory=dict)
+    # and the logprob info of each bonus token (SamplingParams.logprobs), in the same order
+    bonus_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     # speculative decoding with SpecState.adaptive: the rows of a pure decode step (drafts
     # included), which the engine times as a whole step into SpecState.cost; None otherwise
     decode_rows: int | None = None
@@ -586,10 +588,13 @@ class ModelRunner:
                                drafted=[verify[i].drafts[:j] for i in alive])  # fmt: skip
             nxt = []
             for i in alive:  # (a row whose sampling failed: the tokens before it stand)
-                y = got.sampled.get(scheduled[i].seq.seq_id)
+                sid = scheduled[i].seq.seq_id
+                y = got.sampled.get(sid)
                 if y is None:
                     continue
                 bonus.setdefault(i, []).append(y)
+                if sid in got.logprobs:
+                    result.bonus_logprobs.setdefault(sid, []).append(got.logprobs[sid])
                 if j < len(verify[i].drafts) and y == verify[i].drafts[j]:
                     nxt.append(i)
             alive, j = nxt, j + 1

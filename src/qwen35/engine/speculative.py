@@ -28,8 +28,9 @@ drafts chain (as vLLM's and SGLang's MTP drafters do with one MTP layer): at the
 next step, once the scheduler has given the KV blocks, the head runs again on its own output row
 and the previous draft, one row per sequence and draft, writing its KV at the positions the
 step's own MTP pass then overwrites with the main model's hidden states. Sequences with
-structured outputs or logprobs are not drafted for (they decode one token per step); sequences
-with images draft one token per step (the chain has no 3-D positions).
+structured outputs are not drafted for (they decode one token per step; with logprobs each bonus
+token's come from its own row); sequences with images draft one token per step (the chain has
+no 3-D positions).
 
 How many drafts (k > 1): by default min(k, lookahead) every step. A draft is worth its row
 where the tokens it is expected to add outweigh what the row adds to the step's time, and both
@@ -294,5 +295,5 @@ def ngram_drafts(tokens, end: int, k: int, n_min: int, n_max: int) -> list[int]:
 
 def eligible(params) -> bool:
     """Requests a draft is made for: not constrained by a grammar (its mask would have to
-    advance over the draft), no logprobs (one entry per step)."""
-    return params.structured_outputs is None and params.logprobs is None
+    advance over the draft). (Logprobs: each bonus token's from its own row.)"""
+    return params.structured_outputs is None
