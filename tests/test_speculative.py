@@ -561,13 +561,9 @@ def test_stop_rules_with_bonus_tokens(ckpt, k):
     assert spec.engine.runner.spec.stats.accepted > 20
 
 
-def test_structured_requests_are_not_drafted_logprob_ones_are(ckpt):
-    """A grammar's mask would have to advance over the drafts: no drafts for it. Logprobs come
-    from each bonus token's own row (test_logprobs_with_drafts_equal_without)."""
-    from qwen35.engine.speculative import eligible
-    from qwen35.request import StructuredOutputs
-
-    assert not eligible(SamplingParams(structured_outputs=StructuredOutputs(choice=["a"])))
+def test_logprob_requests_are_drafted(ckpt):
+    """Logprobs come from each bonus token's own row (test_logprobs_with_drafts_equal_without;
+    grammars: tests/test_structured.py test_structured_outputs_with_drafts)."""
     d, _ = ckpt
     p = prompts(1, seed=12)[0]
     llm = make(d, num_speculative_tokens=1)

@@ -172,6 +172,54 @@ def test_python_api_json_regex_choice_and_every_sampler(llm):
     )
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_structured_outputs_with_drafts(tmp_path, k):
+    """Speculative decoding drafts for constrained requests too: each bonus row is masked by
+    the grammar after its sequence's accepted drafts (consumed, masked, rolled back), so JSON,
+    regex and choice outputs under every sampler equal an engine without drafts (drafts by an
+    oracle, 30% wrong: accepted and rejected), and the grammars advance only over emitted
+    tokens (the outputs still parse)."""
+    import random
+
+    save_checkpoint(tmp_path, vocab_size=VOCAB_REAL, hidden_size=32, seed=0, eos_token_id=IM_END,
+                    mtp=True)  # fmt: skip
+    samplers = [dict(temperature=0), dict(temperature=1.0, seed=1), dict(temperature=0.8, top_k=50,
+                seed=3), dict(temperature=0, repetition_penalty=1.3, presence_penalty=0.5)]  # fmt: skip
+    params = [SamplingParams(max_tokens=40, structured_outputs=so(json=SMALL), **s) for s in samplers]
+    params += [
+        SamplingParams(max_tokens=24, temperature=1.0, seed=4,
+                       structured_outputs=so(regex=r"[0-9]{3}-[a-z]{2,4}")),
+        SamplingParams(max_tokens=24, temperature=0, structured_outputs=so(choice=["yes", "maybe"])),
+        SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),  # unconstrained beside
+    ]  # fmt: skip
+    prompts = [f"prompt {i}" for i in range(len(params))]
+    want = make_llm(tmp_path).generate(prompts, params)
+    full = {tuple(o.prompt_token_ids): list(o.prompt_token_ids) + o.outputs[0].token_ids
+            for o in want}  # fmt: skip
+    rng = random.Random(k)
+
+    def oracle(seq, pos):
+        ref = full[tuple(seq.token_ids[: seq.num_prompt_tokens])]
+        if pos >= len(ref):
+            return None
+        return ref[pos] if rng.random() > 0.3 else (ref[pos] + 7) % 1000
+
+    llm = make_llm(tmp_path, num_speculative_tokens=k)
+    spec = llm.engine.runner.spec
+    spec.backoff, spec.max_verify_seqs, spec.draft_override = False, 64, oracle
+    got = llm.generate(prompts, params)
+    for g, w in zip(got, want, strict=True):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert g.outputs[0].finish_reason == w.outputs[0].finish_reason
+    for out in got[:4]:
+        assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
+        jsonschema.validate(json.loads(out.outputs[0].text), SMALL)
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", got[4].outputs[0].text)
+    assert got[5].outputs[0].text in ("yes", "maybe")
+    assert spec.stats.accepted > 20 and spec.stats.accepted < spec.stats.drafts
+    assert llm.engine.structured.num_active == 0
+
+
 def test_unconstrained_greedy_unchanged_by_constrained_neighbours(llm):
     plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     alone = llm.generate(["The capital of France is"], plain)[0].outputs[0].token_ids

@@ -98,9 +98,9 @@ def run_structured(bm: BenchModel, opts: BenchOptions) -> dict:
     mask_s: list[float] = []
     apply = mgr.apply
 
-    def timed_apply(logits, seqs):
+    def timed_apply(logits, seqs, drafted=None):
         t = time.perf_counter()
-        apply(logits, seqs)
+        apply(logits, seqs, drafted)
         if mgr.num_active:
             mask_s.append(time.perf_counter() - t)
 

@@ -28,7 +28,7 @@ from qwen35.engine.sampler import (
     sample_isolated,
 )
 from qwen35.engine.sequence import TokenTail
-from qwen35.engine.speculative import GPU_MAX_VERIFY_SEQS, Draft, SpecState, Verify, eligible
+from qwen35.engine.speculative import GPU_MAX_VERIFY_SEQS, Draft, SpecState, Verify
 from qwen35.engine.vision_inputs import VisionInputs
 from qwen35.kernels.unavailable import KernelUnavailable
 from qwen35.ops.backend import Backend, select_backend
@@ -420,7 +420,7 @@ class ModelRunner:
         """The next token of each of `seqs`: the screen's greedy `tokens`, or drawn from their
         `logits` [S, V] after the structured-output mask. drafted: speculative bonus rows,
         each after its sequence's accepted drafts (appended to its output for penalties and
-        min_tokens; no grammar: such sequences are not drafted for)."""
+        min_tokens; the grammar's mask after them)."""
         if not seqs:
             return StepResult({}, {})
         if tokens is not None:
@@ -428,8 +428,8 @@ class ModelRunner:
         rows = self._rows(seqs, drafted)
         logits = logits.float()
         dead: dict[int, Exception] = {}  # rows the processor left no token: not sampled
-        if self.logits_processor is not None and drafted is None:
-            dead = self.logits_processor(logits, seqs) or {}
+        if self.logits_processor is not None:  # (bonus rows: masked after their drafts)
+            dead = self.logits_processor(logits, seqs, drafted) or {}
             for i in dead:
                 logits[i] = 0.0  # (any finite row: its draw is dropped below)
         out, failed = sample_isolated(self.sampler, logits, rows)
@@ -654,7 +654,7 @@ class ModelRunner:
                 known += b + [0] * (len(verify[i].drafts) - a)
             for r, t in zip(rows_of[i], known, strict=True):
                 nxt[r] = t
-            if y is None or many or not eligible(seq.params) or not spec.wants_draft(seq.seq_id):
+            if y is None or many or not spec.wants_draft(seq.seq_id):
                 spec.forget(seq.seq_id)
                 continue
             draft_rows.append(rows_of[i][a])  # at position start + a

@@ -27,10 +27,10 @@ its own KV; the last confirmed row of each sequence gives the first draft (greed
 drafts chain (as vLLM's and SGLang's MTP drafters do with one MTP layer): at the start of the
 next step, once the scheduler has given the KV blocks, the head runs again on its own output row
 and the previous draft, one row per sequence and draft, writing its KV at the positions the
-step's own MTP pass then overwrites with the main model's hidden states. Sequences with
-structured outputs are not drafted for (they decode one token per step; with logprobs each bonus
-token's come from its own row); sequences with images draft one token per step (the chain has
-no 3-D positions).
+step's own MTP pass then overwrites with the main model's hidden states. Every sequence is
+drafted for: a grammar masks each bonus row after the drafts before it (structured/manager.py
+apply), logprobs come from each bonus token's own row; sequences with images draft one token per
+step (the chain has no 3-D positions).
 
 How many drafts (k > 1): by default min(k, lookahead) every step. A draft is worth its row
 where the tokens it is expected to add outweigh what the row adds to the step's time, and both
@@ -167,8 +167,6 @@ class SpecState:
         for i, s in enumerate(scheduled):
             if not (s.lookahead and s.sample and s.num_new_tokens == 1):
                 continue
-            if not eligible(s.seq.params):
-                continue
             want = min(self.k, s.lookahead)
             pos = s.start + 1
             if self.ngram is not None:
@@ -291,9 +289,3 @@ def ngram_drafts(tokens, end: int, k: int, n_min: int, n_max: int) -> list[int]:
             start = int(hits[-1]) + n  # the latest occurrence's continuation
             return hist[start : min(start + k, end)].tolist()
     return []
-
-
-def eligible(params) -> bool:
-    """Requests a draft is made for: not constrained by a grammar (its mask would have to
-    advance over the draft). (Logprobs: each bonus token's from its own row.)"""
-    return params.structured_outputs is None

@@ -137,21 +137,57 @@ class StructuredOutputManager:
             c.failed = True
 
     # ---- the step -----------------------------------------------------------------------
-    def apply(self, logits: torch.Tensor, seqs: Sequence[Any]) -> dict[int, Exception]:
+    def apply(
+        self, logits: torch.Tensor, seqs: Sequence[Any], drafted: Sequence[Sequence[int]] | None = None
+    ) -> dict[int, Exception]:  # fmt: skip
         """logits: [S, V] float, one row per sequence in `seqs`; masked in place. Returns the
         rows the grammar leaves no token (row -> why): they must not be sampled (an all -inf
-        row's argmax is token 0, outside the grammar); the engine fails their requests."""
+        row's argmax is token 0, outside the grammar); the engine fails their requests.
+        drafted: speculative decoding's bonus rows, each after its sequence's accepted drafts
+        (tokens sampled under the mask before them, not yet advanced over): each row's mask is
+        the grammar's after them (consumed, masked, rolled back)."""
         if not self._seqs:
             return {}
         rows: list[int] = []
         matchers: list[llguidance.LLMatcher] = []
-        for i, seq in enumerate(seqs):
-            c = self._seqs.get(seq.seq_id)
-            if c is not None and not c.before_think_end and not c.failed:
+        consumed: list[tuple[llguidance.LLMatcher, int]] = []  # rolled back below
+        try:
+            for i, seq in enumerate(seqs):
+                c = self._seqs.get(seq.seq_id)
+                if c is None or c.failed:
+                    continue
+                toks = self._over(c, drafted[i] if drafted is not None else ())
+                if toks is None:  # (still thinking, or after an end-of-sequence draft)
+                    continue
+                if toks:
+                    n = c.matcher.try_consume_tokens(toks)
+                    consumed.append((c.matcher, n))
+                    if n < len(toks):  # (cannot happen: each was sampled under the mask)
+                        continue
                 rows.append(i)
                 matchers.append(c.matcher)
-        if not rows:
-            return {}
+            if not rows:
+                return {}
+            return self._mask(logits, seqs, rows, matchers, drafted is not None)
+        finally:
+            for m, n in consumed:
+                if n:
+                    m.rollback(n)
+
+    def _over(self, c: _Constraint, drafted: Sequence[int]) -> list[int] | None:
+        """The tokens of `drafted` the grammar consumes (advance()'s rules); None: the row after
+        them is not constrained."""
+        before, toks = c.before_think_end, []
+        for t in drafted:
+            if before:
+                before = t != self.think_end_id
+            elif t in self._eos_set:
+                return None
+            else:
+                toks.append(t)
+        return None if before else toks
+
+    def _mask(self, logits, seqs, rows, matchers, bonus: bool) -> dict[int, Exception]:
         r = len(rows)
         mask = self._mask_buffer(r)
         if self._executor is None:
@@ -170,7 +206,7 @@ class StructuredOutputManager:
         dead: dict[int, Exception] = {}
         for k in (mask == 0).all(dim=1).nonzero().flatten().tolist():
             c = self._seqs[seqs[rows[k]].seq_id]
-            c.failed = True
+            c.failed = c.failed or not bonus  # (a bonus row: the next step's own row fails)
             if eos_allowed is not None and eos_allowed[k].any():  # it allowed only EOS ids
                 why = (f"the grammar's next token here is one of this model's end-of-sequence ids "
                        f"{list(self.eos_token_ids)}, which would end the output before the "
