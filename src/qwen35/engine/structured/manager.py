@@ -145,45 +145,38 @@ class StructuredOutputManager:
         row's argmax is token 0, outside the grammar); the engine fails their requests.
         drafted: speculative decoding's bonus rows, each after its sequence's accepted drafts
         (tokens sampled under the mask before them, not yet advanced over): each row's mask is
-        the grammar's after them (consumed, masked, rolled back)."""
+        the grammar's after them (a copy of its matcher consumes them)."""
         if not self._seqs:
             return {}
         rows: list[int] = []
         matchers: list[llguidance.LLMatcher] = []
-        consumed: list[tuple[llguidance.LLMatcher, int]] = []  # rolled back below
-        try:
-            for i, seq in enumerate(seqs):
-                c = self._seqs.get(seq.seq_id)
-                if c is None or c.failed:
-                    continue
-                toks = self._over(c, drafted[i] if drafted is not None else ())
-                if toks is None:  # (still thinking, or after an end-of-sequence draft)
-                    continue
-                if toks:
-                    n = c.matcher.try_consume_tokens(toks)
-                    consumed.append((c.matcher, n))
-                    if n < len(toks):  # (cannot happen: each was sampled under the mask)
-                        continue
-                rows.append(i)
-                matchers.append(c.matcher)
-            if not rows:
-                return {}
-            return self._mask(logits, seqs, rows, matchers, drafted is not None)
-        finally:
-            for m, n in consumed:
-                if n:
-                    m.rollback(n)
+        for i, seq in enumerate(seqs):
+            c = self._seqs.get(seq.seq_id)
+            if c is None or c.failed:
+                continue
+            toks = self._over(c, drafted[i] if drafted is not None else ())
+            if toks is None:  # (still thinking)
+                continue
+            m = c.matcher
+            if toks:  # a copy advanced over them (a rollback cannot undo a grammar's stop)
+                m = m.deep_copy()
+                if m.try_consume_tokens(toks) < len(toks):  # (cannot happen: each was sampled
+                    continue  # under the mask)
+            rows.append(i)
+            matchers.append(m)
+        if not rows:
+            return {}
+        return self._mask(logits, seqs, rows, matchers, drafted is not None)
 
     def _over(self, c: _Constraint, drafted: Sequence[int]) -> list[int] | None:
-        """The tokens of `drafted` the grammar consumes (advance()'s rules); None: the row after
-        them is not constrained."""
+        """The tokens of `drafted` the grammar consumes, by advance()'s rules (an end-of-sequence
+        id is not consumed: the sequence ends there, or goes on under ignore_eos with the grammar
+        where it was); None: the row after them is not constrained (still thinking)."""
         before, toks = c.before_think_end, []
         for t in drafted:
             if before:
                 before = t != self.think_end_id
-            elif t in self._eos_set:
-                return None
-            else:
+            elif t not in self._eos_set:
                 toks.append(t)
         return None if before else toks
 
