@@ -158,7 +158,7 @@ class StructuredOutputManager:
             if toks is None:  # (still thinking)
                 continue
             m = c.matcher
-            if toks:  # a copy advanced over them (a rollback cannot undo a grammar's stop)
+            if toks:  # a copy advanced over them (the live matcher advances in advance())
                 m = m.deep_copy()
                 if m.try_consume_tokens(toks) < len(toks):  # (cannot happen: each was sampled
                     continue  # under the mask)
