@@ -179,8 +179,6 @@ def test_structured_outputs_with_drafts(tmp_path, k):
     regex and choice outputs under every sampler equal an engine without drafts (drafts by an
     oracle, 30% wrong: accepted and rejected), and the grammars advance only over emitted
     tokens (the outputs still parse)."""
-    import random
-
     save_checkpoint(tmp_path, vocab_size=VOCAB_REAL, hidden_size=32, seed=0, eos_token_id=IM_END,
                     mtp=True)  # fmt: skip
     samplers = [dict(temperature=0), dict(temperature=1.0, seed=1), dict(temperature=0.8, top_k=50,
@@ -199,19 +197,14 @@ def test_structured_outputs_with_drafts(tmp_path, k):
     ]  # fmt: skip
     prompts = [f"prompt {i}" for i in range(len(params))]
     want = make_llm(tmp_path).generate(prompts, params)
+    from test_speculative import oracle
+
     full = {tuple(o.prompt_token_ids): list(o.prompt_token_ids) + o.outputs[0].token_ids
             for o in want}  # fmt: skip
-    rng = random.Random(k)
-
-    def oracle(seq, pos):
-        ref = full[tuple(seq.token_ids[: seq.num_prompt_tokens])]
-        if pos >= len(ref):
-            return None
-        return ref[pos] if rng.random() > 0.3 else (ref[pos] + 7) % 1000
-
     llm = make_llm(tmp_path, num_speculative_tokens=k)
     spec = llm.engine.runner.spec
-    spec.backoff, spec.max_verify_seqs, spec.draft_override = False, 64, oracle
+    spec.backoff, spec.max_verify_seqs = False, 64
+    spec.draft_override = oracle(full, wrong=0.3, seed=k)
     got = llm.generate(prompts, params)
     for g, w in zip(got, want, strict=True):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids

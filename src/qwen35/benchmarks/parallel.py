@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from qwen35.benchmarks.common import BenchModel, BenchOptions, make_engine, median
+from qwen35.benchmarks.speculative import batch_oracle
 from qwen35.request import SamplingParams
 
 FILE_BYTES = 1 << 30
@@ -147,7 +148,7 @@ def run_tp(bm: BenchModel, opts: BenchOptions) -> dict:
                     torch.set_num_threads(threads)  # both engines live in this process
                     eng.runner.spec = spec
                     if spec is not None:
-                        spec.draft_override = _oracle(prompts, ref, 0.8, r)
+                        spec.draft_override = batch_oracle(prompts, ref, 0.8, r)
                     rate, toks = generate(eng, prompts, tokens)
                     ref = toks if ref is None else ref
                     rates.setdefault((wl, name), []).append(rate)
@@ -176,18 +177,3 @@ def run_tp(bm: BenchModel, opts: BenchOptions) -> dict:
             for wl in workloads
         },
     }
-
-
-def _oracle(prompts: list[list[int]], outputs: list[list[int]], acceptance: float, seed: int):
-    """A draft_override: the token one process emitted at each position, a wrong one with
-    probability 1 - acceptance."""
-    full = {tuple(p): p + o for p, o in zip(prompts, outputs, strict=True)}
-    rng = random.Random(seed)
-
-    def draft(seq, pos):
-        ref = full[tuple(seq.token_ids[: seq.num_prompt_tokens])]
-        if pos >= len(ref):
-            return None
-        return ref[pos] if rng.random() < acceptance else (ref[pos] + 1) % (1 << 20)
-
-    return draft

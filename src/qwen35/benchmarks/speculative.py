@@ -46,6 +46,13 @@ def _oracle(reference: list[int], acceptance: float, seed: int):
     return draft
 
 
+def batch_oracle(prompts: list[list[int]], outputs: list[list[int]], acceptance: float, seed: int):
+    """A draft_override for several requests: each prompt's own `_oracle` over the tokens the
+    plain engine emitted after it."""
+    oracles = {tuple(p): _oracle(p + o, acceptance, seed) for p, o in zip(prompts, outputs, strict=True)}
+    return lambda seq, pos: oracles[tuple(seq.token_ids[: seq.num_prompt_tokens])](seq, pos)
+
+
 def run_speculative(bm: BenchModel, opts: BenchOptions) -> dict:
     if not getattr(bm.model, "has_mtp", False):
         from qwen35.errors import Qwen35Error
@@ -180,10 +187,7 @@ def _batches(plain, spec, rng, vocab, P, N, rounds, seed) -> dict:
                 n, t, ref = _timed_batch(plain, ps, N, f"b{B}-{r}")
                 acc["plain"][0] += n
                 acc["plain"][1] += t
-                oracles = {tuple(p): _oracle(p + o, 1.0, seed) for p, o in zip(ps, ref, strict=True)}
-                rs.draft_override = lambda seq, pos, oracles=oracles: oracles[
-                    tuple(seq.token_ids[: seq.num_prompt_tokens])
-                ](seq, pos)
+                rs.draft_override = batch_oracle(ps, ref, 1.0, seed)
                 n, t, out = _timed_batch(spec, ps, N, f"s{B}-{r}")
                 acc["oracle 100%"][0] += n
                 acc["oracle 100%"][1] += t

@@ -662,10 +662,11 @@ class ModelRunner:
             at.append((seq, start + a))
         ids = torch.tensor(nxt, dtype=torch.long, device=x.device)
         idx = torch.tensor(draft_rows, dtype=torch.long, device=x.device)
-        if self._graphed and self.graphs.mtp:  # (its KV written either way)
-            m = self.graphs.run_mtp(ids, x).index_select(0, idx)  # [T, H] -> the draft rows
+        if self._graphed and self.graphs.mtp:
+            m = self.graphs.run_mtp(ids, x)  # [T, H] (its KV written either way)
             if not draft_rows:
                 return
+            m = m.index_select(0, idx)
         elif not draft_rows:  # no row's output is read: only the KV the next passes attend to
             self.forward_mtp(ids, x, batch, step=True, kv_only=True)
             return

@@ -99,9 +99,9 @@ def run_worker(
 @torch.inference_mode()
 def _loop(model, caches, control, device) -> None:
     """Rank 0's messages in order: ("step" | "hidden", restores, ids, batch) a forward pass
-    (logits | the final norm's rows, kept with the batch for the MTP pass); ("head", rows);
+    (logits | the last layer's rows, kept with the batch for the MTP pass); ("head", rows);
     ("mtp", next_ids, hidden, batch, kv_only): the MTP head's pass (hidden None: the kept
-    step's)."""
+    step's final-norm rows)."""
     from qwen35.ops.backend import select_backend
 
     backend = select_backend(device)  # rank 0 sends batches without its own
@@ -109,7 +109,7 @@ def _loop(model, caches, control, device) -> None:
     def here(batch):
         return dataclasses.replace(to_device(batch, device), backend=backend)
 
-    kept = None  # speculative decoding: (final-norm rows, batch) of the last "hidden" step
+    kept = None  # speculative decoding: (rows, batch) of the last "hidden" step
     while True:
         msg = broadcast(control)
         kind = msg[0]
@@ -121,7 +121,10 @@ def _loop(model, caches, control, device) -> None:
             model.head_logits(msg[1].to(device))
         elif kind == "mtp":
             _, ids, hidden, batch, kv_only = msg
-            hidden, batch = kept if hidden is None else (hidden.to(device), here(batch))
+            if hidden is None:  # the step's own rows (normed here: prompt-logprob steps need not)
+                hidden, batch = model.final_norm(kept[0], backend), kept[1]
+            else:
+                hidden, batch = hidden.to(device), here(batch)
             model.forward_mtp(ids.to(device), hidden, batch, caches, kv_only)
         else:  # "step" / "hidden"
             _, restores, input_ids, batch = msg
@@ -133,8 +136,7 @@ def _loop(model, caches, control, device) -> None:
             if kind == "step":
                 model(input_ids.to(device), batch, caches)
             else:
-                h = model.forward_hidden(input_ids.to(device), batch, caches)
-                kept = (model.final_norm(h, backend), batch)
+                kept = (model.forward_hidden(input_ids.to(device), batch, caches), batch)
 
 
 def apply_lora(model, msg) -> None:
