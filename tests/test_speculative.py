@@ -164,7 +164,7 @@ def test_prompt_chunks_run_the_mtp_layer_at_their_draft_rows_only(which, ckpt, m
         rows, n = [], [0]
         monkeypatch.setattr(model_runner, "MTP_ROWS_ONLY", 8 if split else 1 << 30)
         monkeypatch.setattr(ModelRunner, "_draft_tokens",
-                            lambda self, m: rows.append(m.clone()) or tokens(self, m))  # fmt: skip
+                            lambda self, m, *a: rows.append(m.clone()) or tokens(self, m, *a))  # fmt: skip
         monkeypatch.setattr(ModelRunner, "_decode_batch",
                             lambda self, *a: n.__setitem__(0, n[0] + 1) or built(self, *a))  # fmt: skip
         llm = make(d, num_speculative_tokens=2, max_num_batched_tokens=128, block_size=4,
@@ -336,8 +336,8 @@ def test_verify_steps_replay_from_decode_graphs(which, ckpt, moe_ckpt, k, monkey
     assert llm.engine.runner.graphs.verify_buckets == [1, 2, 4]
     drafted = {}  # the MTP head's output rows that draft, step by step: the eager GPU path's
     draft_tokens = ModelRunner._draft_tokens  # (not the tokens: the fp32 rows of a bucket
-    monkeypatch.setattr(ModelRunner, "_draft_tokens", lambda self, m: drafted.setdefault(
-        id(self), []).append(m.clone()) or draft_tokens(self, m))  # round apart: near-ties)
+    monkeypatch.setattr(ModelRunner, "_draft_tokens", lambda self, m, *a: drafted.setdefault(
+        id(self), []).append(m.clone()) or draft_tokens(self, m, *a))  # round apart: near-ties)
     eager = make(d, num_speculative_tokens=k, **kw)
     eager.engine.runner.backend = Backend("cuda", grouped_mm=which == "moe")
     eager.engine.runner.spec.max_rows, eager.engine.runner.spec.backoff = None, False

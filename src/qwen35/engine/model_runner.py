@@ -678,16 +678,30 @@ class ModelRunner:
             m = self.forward_mtp(ids.index_select(0, idx), x.index_select(0, idx), rows, step=False)
         else:
             m = self.forward_mtp(ids, x, batch, step=True).index_select(0, idx)
-        tokens = self._draft_tokens(m)
+        # the grammar's state for each draft: after this step's tokens (not yet advanced over)
+        after = [[result.sampled[s.seq_id], *result.bonus.get(s.seq_id, [])] for s, _ in at]
+        tokens = self._draft_tokens(m, [sq for sq, _ in at], after)
         for j, ((seq_id, pos), t) in enumerate(zip(draft_seqs, tokens, strict=True)):
-            spec.drafts[seq_id] = Draft(pos, int(t), m[j] if spec.k > 1 else None)
+            if t is None:
+                spec.forget(seq_id)
+            else:
+                spec.drafts[seq_id] = Draft(pos, t, m[j] if spec.k > 1 else None)
 
-    def _draft_tokens(self, m: torch.Tensor) -> list[int]:
-        """The MTP head's output rows [N, H] -> greedy drafts. A draft needs no exact argmax:
-        the int8 screen's where there is one."""
-        if self.head_screen is not None:
-            return self.head_screen.draft_tokens(m)
-        return self.head_logits(m).argmax(dim=-1).tolist()
+    def _draft_tokens(self, m: torch.Tensor, seqs, after) -> list[int | None]:
+        """The MTP head's output rows [N, H] of `seqs` -> greedy drafts. A draft needs no exact
+        argmax: the int8 screen's where there is one. A sequence with a grammar drafts the
+        largest logit the grammar allows after the tokens `after` (those of its drafts so far,
+        or of the step: the live matcher has not consumed them), None where it allows none."""
+        scores = self.head_screen.screen(m) if self.head_screen is not None else self.head_logits(m)
+        tokens: list[int | None] = argmax(scores).tolist()
+        g = [j for j, s in enumerate(seqs) if s.params.structured_outputs is not None]
+        if g and self.logits_processor is not None:
+            idx = torch.tensor(g, dtype=torch.long, device=scores.device)
+            sub = scores.index_select(0, idx).float()
+            dead = self.logits_processor(sub, [seqs[j] for j in g], [after[j] for j in g]) or {}
+            for n, t in enumerate(argmax(sub).tolist()):
+                tokens[g[n]] = None if n in dead else t
+        return tokens
 
     def _chain(self, scheduled, verify) -> None:
         """Extend each verifying sequence's drafts to its `want` (engine/speculative.py): the
@@ -711,9 +725,13 @@ class ModelRunner:
                 m = g.run_mtp_decode(batch.input_ids, hidden, batch)  # [N, H]
             else:
                 m = self.forward_mtp(batch.input_ids, hidden, batch, step=False)
-            for (_, v, d), row, t in zip(todo, m, self._draft_tokens(m), strict=True):
-                v.drafts.append(int(t))
-                d.hidden = row
+            tokens = self._draft_tokens(m, [s.seq for s, _, _ in todo], [v.drafts for _, v, _ in todo])
+            for (_, v, d), row, t in zip(todo, m, tokens, strict=True):
+                if t is None:  # the grammar allows nothing after the drafts: they stop there
+                    v.want = len(v.drafts)
+                else:
+                    v.drafts.append(t)
+                    d.hidden = row
             todo = [e for e in todo if len(e[1].drafts) < e[1].want]
 
     def _decode_batch(self, seqs, positions: list[int], input_ids=None) -> ForwardBatch:

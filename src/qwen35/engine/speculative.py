@@ -29,8 +29,9 @@ next step, once the scheduler has given the KV blocks, the head runs again on it
 and the previous draft, one row per sequence and draft, writing its KV at the positions the
 step's own MTP pass then overwrites with the main model's hidden states. Every sequence is
 drafted for: a grammar masks each bonus row after the drafts before it (structured/manager.py
-apply), logprobs come from each bonus token's own row; sequences with images draft one token per
-step (the chain has no 3-D positions).
+apply) and each MTP draft after the tokens before it (model_runner._draft_tokens: a draft the
+grammar forces is always right), logprobs come from each bonus token's own row; sequences with
+images draft one token per step (the chain has no 3-D positions).
 
 How many drafts (k > 1): by default min(k, lookahead) every step. A draft is worth its row
 where the tokens it is expected to add outweigh what the row adds to the step's time, and both
