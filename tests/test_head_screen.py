@@ -265,6 +265,15 @@ def test_screen_k_says_which_rows_take_the_screen():
         assert screen_k(sp(temperature=0, **bad), 0) is None
     assert screen_k(sp(temperature=0, min_tokens=4), 3) is None  # EOS still masked
     assert screen_k(sp(temperature=0, min_tokens=4), 4) == 1
+    # greedy under a grammar: its 32 largest, certified after the mask (model_runner._grammar_rows)
+    from qwen35.engine.model_runner import GRAMMAR_SCREEN_K
+    from qwen35.request import StructuredOutputs
+
+    g = StructuredOutputs(regex="[a-z]+")
+    assert screen_k(sp(temperature=0, structured_outputs=g), 0) == GRAMMAR_SCREEN_K
+    assert screen_k(sp(temperature=0.7, top_k=20, structured_outputs=g), 0) is None
+    assert screen_k(sp(temperature=0, logprobs=0, structured_outputs=g), 0) is None
+    assert screen_k(sp(temperature=0, presence_penalty=0.5, structured_outputs=g), 0) is None
 
 
 @pytest.fixture(scope="module")

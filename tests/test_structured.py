@@ -273,6 +273,106 @@ def test_mtp_drafts_follow_the_grammar(tmp_path, k):
     assert spec2.stats.drafts >= 10 and spec2.stats.accepted == spec2.stats.drafts
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_greedy_rows_under_a_grammar_take_the_head_screen(tmp_path, dtype):
+    """A CPU engine's greedy rows under a grammar read the int8 screen of lm_head (their 32
+    largest logits exact) instead of the full head: where the best token the grammar allows is
+    among them it is the full row's masked argmax, else the row is recomputed with the full
+    head. Tokens equal an engine without the screen either way: a permissive regex (certified),
+    digits that a random model never ranks high (recomputed), JSON and choices beside greedy and
+    sampled unconstrained rows."""
+    from qwen35.kernels import gemv
+
+    if gemv.load() is None:
+        pytest.skip("the CPU GEMV kernels are not available (no compiler / AVX2): no head screen")
+    save_checkpoint(tmp_path, vocab_size=VOCAB_REAL, hidden_size=32, seed=0, eos_token_id=IM_END)
+    on = make_llm(tmp_path, dtype=dtype, max_memory="512MiB")
+    off = make_llm(tmp_path, dtype=dtype, max_memory="512MiB", head_screen=False)
+    runner = on.engine.runner
+    assert runner.head_screen is not None and off.engine.runner.head_screen is None
+    seen = []
+    outcome = runner._screen_outcome
+
+    def spy(kind, ok):
+        if kind == "grammar":
+            seen.append(ok)
+        outcome(kind, ok)
+
+    runner._screen_outcome = spy
+    greedy = dict(max_tokens=24, temperature=0)
+    cases = {
+        "certified": [
+            SamplingParams(**greedy, structured_outputs=so(regex="[a-z ]{10,400}")),
+            SamplingParams(**greedy, structured_outputs=so(regex="[^0-9]{10,400}")),
+            SamplingParams(**greedy, ignore_eos=True),  # unconstrained beside
+        ],
+        "recomputed": [SamplingParams(**greedy, structured_outputs=so(regex="[0-9]{20}"))],
+        "mixed": [
+            SamplingParams(**greedy, structured_outputs=so(json=SMALL)),
+            SamplingParams(**greedy, structured_outputs=so(choice=["yes", "maybe"])),
+            SamplingParams(**greedy, structured_outputs=so(regex="[a-z ]{10,40}")),
+            SamplingParams(max_tokens=24, temperature=1.0, seed=5, top_k=20, ignore_eos=True),
+        ],
+    }  # fmt: skip
+    for name, params in cases.items():
+        seen.clear()
+        runner._screen_skip["grammar"] = runner._screen_misses["grammar"] = 0
+        prompts = [f"{name} {i}" for i in range(len(params))]
+        got = [o.outputs[0].token_ids for o in on.generate(prompts, params)]
+        want = [o.outputs[0].token_ids for o in off.generate(prompts, params)]
+        assert got == want, name
+        if name == "certified":
+            assert len(seen) > 10 and all(seen), str(seen)  # every step decided by the screen
+        elif name == "recomputed":
+            assert seen and not any(seen) and len(seen) < 6  # digits never among the 32 largest:
+            # the full head, the screen tried at steps 1, 4, 9, 18 (backing off)
+        else:  # (a row the screen cannot decide makes its step's outcome a miss)
+            assert seen
+    assert on.engine.structured.num_active == 0
+
+
+def test_a_screened_row_is_certified_only_by_its_kth_largest_logit():
+    """_grammar_rows on made-up screened rows (candidates: the 32 largest and 8 more below them):
+    the grammar's best candidate at or above the 32nd largest decides the row; one below it
+    does not (a token outside the candidates may lie between), so the full head's row is used."""
+    import types
+
+    from qwen35.engine.model_runner import GRAMMAR_SCREEN_K, ModelRunner
+
+    V, K = 1000, GRAMMAR_SCREEN_K
+    full = torch.randn(2, V, generator=torch.Generator().manual_seed(0))
+    order = full.argsort(dim=1, descending=True)
+    screened = torch.full_like(full, float("-inf"))
+    for i in range(2):
+        cand = order[i, : K + 8]
+        screened[i, cand] = full[i, cand]
+    # row 0 allows its 10th largest token and one outside the candidates; row 1 its 36th (a
+    # candidate below the 32nd) and one outside the candidates whose logit (the full head's)
+    # lies between the 32nd and the 36th, as a screen's bound permits
+    allowed = [[int(order[0, 9]), int(order[0, 500])], [int(order[1, 35]), int(order[1, 45])]]
+    fix = full.clone()
+    fix[1, order[1, 45]] = full[1, order[1, 33]] + 1e-3
+
+    def mask(logits, seqs, drafted):
+        for r, s in enumerate(seqs):
+            keep = torch.full((V,), float("-inf"))
+            keep[allowed[s.row]] = 0
+            logits[r] += keep
+        return {}
+
+    outcomes = []
+    me = types.SimpleNamespace(logits_processor=mask, head_logits=lambda x: fix[x[:, 0].long()],
+                               _screen_outcome=lambda kind, ok: outcomes.append((kind, ok)))  # fmt: skip
+    seqs = [types.SimpleNamespace(row=i, params=SamplingParams(
+        temperature=0, structured_outputs=so(regex="a"))) for i in range(2)]  # fmt: skip
+    logits = screened.clone()
+    dead = ModelRunner._grammar_rows(me, logits, seqs, None, torch.arange(2.0)[:, None])
+    assert dead == {} and outcomes == [("grammar", False)]
+    assert int(logits[0].argmax()) == int(order[0, 9])  # certified: the screen's row
+    assert torch.isinf(logits[0, order[0, 500]])  # (never computed)
+    assert int(logits[1].argmax()) == int(order[1, 45])  # the full row's masked argmax
+
+
 def test_unconstrained_greedy_unchanged_by_constrained_neighbours(llm):
     plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     alone = llm.generate(["The capital of France is"], plain)[0].outputs[0].token_ids
@@ -406,13 +506,15 @@ def test_thinking_on_reasoning_free_answer_constrained(llm):
         [{"role": "user", "content": "Weather?"}], add_generation_prompt=True, enable_thinking=True
     )
     prompt_len = len(llm.tokenizer.encode(prompt))
-    llm.engine.runner.model = closes_thinking_after_6_tokens
+    runner = llm.engine.runner
+    screen = runner.head_screen  # (off: its rows would not come from the patched logits)
+    runner.model, runner.head_screen = closes_thinking_after_6_tokens, None
     try:
         out = llm.generate(prompt, SamplingParams(
             max_tokens=120, temperature=0,
             structured_outputs=so(json=WEATHER, after_think=True)))[0].outputs[0]  # fmt: skip
     finally:
-        llm.engine.runner.model = inner
+        runner.model, runner.head_screen = inner, screen
     reasoning, content = ReasoningParser.split(out.text, thinking_enabled=True)
     assert out.token_ids[6] == think_end and reasoning and not reasoning.startswith("{")
     jsonschema.validate(json.loads(content), WEATHER)

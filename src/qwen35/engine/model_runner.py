@@ -95,8 +95,8 @@ class ModelRunner:
         self.head_screen = head_screen
         # back-off after undecided screens (the full head then ran too): per kind of step
         # (greedy-only, or with top-k rows), skip the screen for 2^misses steps, up to 64
-        self._screen_misses = {"greedy": 0, "top-k": 0}
-        self._screen_skip = {"greedy": 0, "top-k": 0}
+        self._screen_misses = {"greedy": 0, "top-k": 0, "grammar": 0}
+        self._screen_skip = {"greedy": 0, "top-k": 0, "grammar": 0}
         # fn(logits [S, V], sequences) masking rows in place before sampling (structured outputs)
         self.logits_processor = None
         self._generators: dict[str, torch.Generator | None] = {}
@@ -391,8 +391,9 @@ class ModelRunner:
         if ks is not None:  # every row keeps only its k largest logits (models/head_screen.py)
             h = self.model.forward_hidden(input_ids, batch, self.caches)
             h = h.index_select(0, batch.logits_indices)  # [S, H]
-            tokens, logits = self._head(self.model.final_norm(h, batch.backend), ks)
-            return self._sample(sample_seqs, tokens, logits)
+            x = self.model.final_norm(h, batch.backend)
+            tokens, logits = self._head(x, ks)
+            return self._sample(sample_seqs, tokens, logits, head_input=_screened(x, ks))
         logits = self.run_model(input_ids, batch)  # [S, V] fp32
         return self._sample(sample_seqs, logits=logits)
 
@@ -415,12 +416,13 @@ class ModelRunner:
         return None, self.head_logits(x)
 
     def _sample(
-        self, seqs, tokens=None, logits=None, drafted: list[int] | None = None
+        self, seqs, tokens=None, logits=None, drafted: list[int] | None = None, head_input=None
     ) -> StepResult:
         """The next token of each of `seqs`: the screen's greedy `tokens`, or drawn from their
         `logits` [S, V] after the structured-output mask. drafted: speculative bonus rows,
         each after its sequence's accepted drafts (appended to its output for penalties and
-        min_tokens; the grammar's mask after them)."""
+        min_tokens; the grammar's mask after them). head_input: the head's input rows [S, H]
+        where `logits` may be the int8 screen's (greedy rows under a grammar: _grammar_rows)."""
         if not seqs:
             return StepResult({}, {})
         if tokens is not None:
@@ -429,7 +431,10 @@ class ModelRunner:
         logits = logits.float()
         dead: dict[int, Exception] = {}  # rows the processor left no token: not sampled
         if self.logits_processor is not None:  # (bonus rows: masked after their drafts)
-            dead = self.logits_processor(logits, seqs, drafted) or {}
+            if head_input is not None:
+                dead = self._grammar_rows(logits, seqs, drafted, head_input)
+            else:
+                dead = self.logits_processor(logits, seqs, drafted) or {}
             for i in dead:
                 logits[i] = 0.0  # (any finite row: its draw is dropped below)
         out, failed = sample_isolated(self.sampler, logits, rows)
@@ -445,6 +450,32 @@ class ModelRunner:
             seq.seq_id: lp for seq, lp in zip(seqs, out.logprobs, strict=True) if lp is not None
         }
         return StepResult(sampled, lps, errors)
+
+    def _grammar_rows(self, logits, seqs, drafted, head_input) -> dict[int, Exception]:
+        """The grammar's mask over logits [S, V] that may be the int8 screen's (a greedy row
+        under a grammar screens its GRAMMAR_SCREEN_K largest: models/head_screen.py). Every
+        token among a row's K largest logits is a candidate with its exact logit, so a token
+        outside them is below the K-th largest candidate: where the best token the grammar
+        allows among the candidates reaches that, it is the masked argmax of the full row (ties
+        included). Other rows get the full head's logits, masked (and the next such steps skip
+        the screen for a while: _screen_outcome)."""
+        check = {}  # row -> the K-th largest of its logits before the mask
+        for i, s in enumerate(seqs):
+            if s.params.structured_outputs is not None:
+                fin = logits[i][torch.isfinite(logits[i])]
+                if len(fin) < logits.shape[1]:  # (screened: -inf outside the candidates)
+                    check[i] = fin.topk(min(GRAMMAR_SCREEN_K, len(fin))).values[-1]
+        dead = self.logits_processor(logits, seqs, drafted) or {}
+        redo = [i for i, kth in check.items() if i not in dead and not logits[i].max() >= kth]
+        if check:
+            self._screen_outcome("grammar", not redo)
+        if redo:
+            idx = torch.tensor(redo, dtype=torch.long, device=logits.device)
+            full = self.head_logits(head_input.index_select(0, idx)).float()
+            sub = [drafted[i] for i in redo] if drafted is not None else None
+            self.logits_processor(full, [seqs[i] for i in redo], sub)
+            logits.index_copy_(0, idx, full)
+        return dead
 
     def _rows(self, seqs, drafted: list[int] | None = None) -> list[SamplingRow]:
         """The sampler's row of each sequence (drafted: see _sample)."""
@@ -566,9 +597,11 @@ class ModelRunner:
         shifts = [0] * S + [j for _, j in extra]
         ks = self._screen_ks(len(seqs), seqs, shifts=shifts)
         tokens, logits = None, None
+        xr = None  # the head's input rows where its logits may be screened
         if rows:
             idx = torch.tensor(rows, dtype=torch.long, device=x.device)
             tokens, logits = self._head(x.index_select(0, idx), ks)
+            xr = _screened(x.index_select(0, idx), ks)
             if tokens is None and extra and all(k == 1 for k in _row_ks(seqs, shifts)):
                 tokens = _greedy_tokens(logits)  # every row at once: one read, not one a draft
         at = {ij: S + n for n, ij in enumerate(extra)}
@@ -576,7 +609,8 @@ class ModelRunner:
         def part(idx: list[int]):  # the head's output for some of the rows
             if tokens is not None:
                 return {"tokens": [tokens[j] for j in idx]}
-            return {"logits": None if logits is None else logits[idx]}
+            return {"logits": None if logits is None else logits[idx],
+                    "head_input": None if xr is None else xr[idx]}  # fmt: skip
 
         result = self._sample(sample_seqs, **part(list(range(S))))
         bonus: dict[int, list[int]] = {}
@@ -763,6 +797,8 @@ class ModelRunner:
         if None in ks:
             return None
         kind = "greedy" if max(ks) == 1 else "top-k"
+        if any(s.params.structured_outputs is not None for s in seqs):
+            kind = "grammar"  # (the screen's own outcome counts under top-k)
         if self._screen_skip[kind] > 0:  # backing off after undecided screens
             self._screen_skip[kind] -= 1
             return None
@@ -778,6 +814,9 @@ class ModelRunner:
             self._screen_skip[kind] = min(64, 2 ** self._screen_misses[kind])
 
 
+# a greedy row under a grammar screens this many of its largest logits; the masked argmax is one
+# of them where the best token the grammar allows is among them (_grammar_rows)
+GRAMMAR_SCREEN_K = 32
 # a step with prefill rows and more than this many rows per draft row runs the MTP head's whole
 # layer at its draft rows only (_draft; the other rows' K / V only)
 MTP_ROWS_ONLY = 8
@@ -806,10 +845,15 @@ def _with_drafts(scheduled, verify) -> list:
 def screen_k(p, num_output: int) -> int | None:
     """How many of its largest logits a row's next token depends on, where that is all it
     depends on: 1 for greedy, top_k (at least 2) for sampled rows with 0 < top_k <= MAX_TOP_K
-    (their temperature, min-p and top-p act within those); None where anything reads other
-    logits (logprobs, penalties, logit bias, pending min_tokens, a grammar, no top-k)."""
+    (their temperature, min-p and top-p act within those); GRAMMAR_SCREEN_K for greedy rows
+    under a grammar, whose masked argmax is then certified or recomputed (_grammar_rows); None
+    where anything reads other logits (logprobs, penalties, logit bias, pending min_tokens, a
+    sampled row under a grammar, no top-k)."""
     from qwen35.models.head_screen import MAX_TOP_K
 
+    if p.structured_outputs is not None:
+        free = device_sampled(p, num_output, grammar=False)
+        return GRAMMAR_SCREEN_K if free and is_greedy(p) else None
     if not device_sampled(p, num_output):
         return None
     if is_greedy(p):
@@ -818,6 +862,11 @@ def screen_k(p, num_output: int) -> int | None:
     # sampler keeps ties): k = 2 keeps it off the greedy-only path (HeadScreen.tokens, the
     # first of them), and its screened logits hold those ties exactly
     return max(2, p.top_k) if 0 < p.top_k <= MAX_TOP_K else None
+
+
+def _screened(x: torch.Tensor, ks) -> torch.Tensor | None:
+    """The head's input rows where its logits may be the screen's (ks: _screen_ks, k > 1)."""
+    return x if ks is not None and max(ks) > 1 else None
 
 
 def _row_ks(seqs, shifts) -> list[int | None]:
@@ -840,20 +889,21 @@ def _greedy_tokens(logits: torch.Tensor) -> list[int] | None:
     return [int(t) for t in tokens]
 
 
-def device_sampled(p, num_output: int) -> bool:
+def device_sampled(p, num_output: int, grammar: bool = True) -> bool:
     """A row whose next token the sampler draws from its logits and the request's parameters
     alone (greedy, or temperature / top-k / top-p / min-p with the request's or the shared
     generator): nothing read from the host's token lists, no logprobs to return. Not: logprobs,
     penalties, logit bias, allowed / bad words, a grammar, min_tokens still pending, the
     position where a thinking budget may force the end of the think block (its row is the
-    only one that needs the host: multi-step decoding stops short of it, `_steps`)."""
+    only one that needs the host: multi-step decoding stops short of it, `_steps`).
+    grammar=False: all but the grammar."""
     return not (
         p.logprobs is not None
         or has_penalties(p)
         or p.logit_bias
         or p.allowed_token_ids
         or p.bad_words_token_ids
-        or p.structured_outputs is not None
+        or (grammar and p.structured_outputs is not None)
         or num_output < p.min_tokens
         or (p.think_end_token_id is not None and num_output == p.thinking_token_budget)
     )

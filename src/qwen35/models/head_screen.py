@@ -31,9 +31,10 @@ ranks wrong). When the screen cannot decide cheaply (more than max_candidates to
 non-finite input) both return None and the caller computes the full logits.
 
 Only rows that need nothing else use it (engine/model_runner.py `screen_k`: no logprobs,
-penalties, logit bias, pending min_tokens or grammar; greedy, or sampled with 0 < top_k <=
-MAX_TOP_K); the engine builds it on CPUs for plain fp32 / bf16 heads (`--no-head-screen` turns
-it off) and counts its bytes as weights (plan/cpu.py's head_screen_bytes).
+penalties, logit bias or pending min_tokens; greedy, or sampled with 0 < top_k <= MAX_TOP_K;
+greedy under a grammar, as a top-32 row whose masked argmax the runner certifies or recomputes:
+`_grammar_rows`); the engine builds it on CPUs for plain fp32 / bf16 heads (`--no-head-screen`
+turns it off) and counts its bytes as weights (plan/cpu.py's head_screen_bytes).
 """
 
 from __future__ import annotations
