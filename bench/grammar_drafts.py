@@ -1,23 +1,25 @@
-"""MTP drafts for constrained requests: drafted under the grammar's mask (the largest MTP logit
-the grammar allows after the tokens before it: model_runner._draft_tokens) against drafted
-unmasked (as before 2026-12-07: a draft the grammar forbids is rejected) and no drafts,
-interleaved.
+"""Drafts for constrained requests, under the grammar against without it, and no drafts.
 
-    python bench/grammar_drafts.py [--model Qwen3.5-0.8B] [--k 2] [--tokens 64] [--rounds 3]
+    python bench/grammar_drafts.py [--method mtp|ngram] [--model Qwen3.5-0.8B] [--k 2]
+                                   [--tokens 64] [--rounds 3]
 
-Random weights with the MTP head, one engine (the two kinds alternate by round, on the same
-weights), one greedy request at a time (batch 1: the case where drafts are verified), each
-grammar's output `--tokens` long. Random weights make the model's choice among the tokens a
-grammar allows arbitrary, so a masked draft is right mostly where the grammar forces the token
-(a literal digit: one token a digit in this vocabulary; JSON punctuation the schema fixes); a
-trained model's MTP head agrees with it far more often, unmeasured here. Reports tokens/s and
-accepted drafts / drafts per kind and grammar; both kinds' tokens must be equal.
+`mtp`: the MTP head's drafts under the grammar's mask (the largest MTP logit the grammar allows
+after the tokens before it: model_runner._draft_tokens) against unmasked (as before 2026-12-07:
+a draft the grammar forbids is rejected). `ngram`: prompt-lookup drafts cut to the prefix the
+grammar accepts, else the tokens it forces (StructuredOutputManager.drafts, jump-forward as
+drafts) against plain prompt lookup. Three engines on the same random weights (the MTP head
+loaded), one greedy request in each, their decode steps alternating (the prefills apart; the
+VM's slow and fast minutes fall on all three), batch 1 (the case where drafts are verified),
+each grammar's output `--tokens` long. Random weights make the model's choice among the tokens a
+grammar allows arbitrary, so a draft is right mostly where the grammar forces the token (a
+literal digit: one token a digit in this vocabulary; JSON punctuation the schema fixes); a
+trained model agrees with its MTP head far more often, unmeasured here. Reports tokens/s and
+accepted drafts / drafts per kind and grammar; the three engines' tokens must be equal.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 GRAMMARS = {
@@ -32,6 +34,7 @@ GRAMMARS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--method", choices=["mtp", "ngram"], default="mtp")
     ap.add_argument("--model", default="Qwen3.5-0.8B")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
@@ -45,47 +48,62 @@ def main() -> None:
 
     configure_cpu_runtime(args.threads)
     bm = load_bench_model(BenchOptions(model=args.model, dtype=args.dtype), mtp=True)
-    eng = make_engine(bm, num_speculative_tokens=args.k, max_model_len=512,
-                      enable_prefix_caching=False)  # fmt: skip
-    runner, spec = eng.runner, eng.runner.spec
-    masked = runner._draft_tokens
-    kinds = {"masked": masked, "unmasked": lambda m, seqs, after: masked(m, [], []),
-             "no drafts": None}  # (the runner without its SpecState: one token a step)
+    kw = dict(max_model_len=args.tokens + 64, enable_prefix_caching=False)
+    spec_kw = dict(num_speculative_tokens=args.k, speculative_method=args.method)
+    engines = {"grammar": make_engine(bm, **spec_kw, **kw), "without": make_engine(bm, **spec_kw, **kw),
+               "no drafts": make_engine(bm, **kw)}  # fmt: skip
+    off = engines["without"].runner
+    if args.method == "mtp":  # the drafts' argmax without the grammar's mask
+        masked = off._draft_tokens
+        off._draft_tokens = lambda m, seqs, after: masked(m, [], [])
+    else:
+        off.spec.grammar = None  # plain prompt lookup
+    names = {"grammar": "under the grammar", "without": "without it", "no drafts": "no drafts"}
     prompt = list(range(1000, 1032))
-    res = {(g, k): {"s": [], "acc": 0, "drafts": 0, "tokens": None} for g in GRAMMARS for k in kinds}
+    spent = {(g, e): [] for g in GRAMMARS for e in engines}
+    drafted = {(g, e): [0, 0] for g in GRAMMARS for e in engines}
     for r in range(args.rounds + 1):  # round 0: warm-up (compiles the grammars)
         for g, so in GRAMMARS.items():
             sp = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True,
                                 structured_outputs=StructuredOutputs(**so))  # fmt: skip
-            for name in list(kinds)[r % 3 :] + list(kinds)[: r % 3]:
-                runner.spec = spec if kinds[name] else None
-                runner._draft_tokens = kinds[name] or masked
-                a0, d0 = spec.stats.accepted, spec.stats.drafts
-                eng.add_request(f"{g}-{name}-{r}", prompt, sp)
-                t0 = time.perf_counter()
-                toks = []  # (the engine's outputs are deltas)
-                while eng.has_unfinished_requests():
-                    toks += [t for o in eng.step() for t in o.outputs[0].token_ids]
-                dt = time.perf_counter() - t0
-                e = res[g, name]
-                if e["tokens"] is None:
-                    e["tokens"] = toks
-                assert toks == e["tokens"] == res[g, "masked"]["tokens"], (g, name)
+            order = list(engines)[r % 3 :] + list(engines)[: r % 3]
+            toks = {e: [] for e in engines}
+            t = dict.fromkeys(engines, 0.0)
+            before = {e: _stats(engines[e]) for e in engines}
+            for e in order:  # the prefills, untimed
+                engines[e].add_request(f"{g}-{e}-{r}", prompt, sp)
+                toks[e] += [x for o in engines[e].step() for x in o.outputs[0].token_ids]
+            while any(eng.has_unfinished_requests() for eng in engines.values()):
+                for e in order:
+                    if engines[e].has_unfinished_requests():
+                        t0 = time.perf_counter()
+                        out = engines[e].step()
+                        t[e] += time.perf_counter() - t0
+                        toks[e] += [x for o in out for x in o.outputs[0].token_ids]
+            for e in engines:
+                assert toks[e] == toks["grammar"], (g, e)
                 if r:
-                    e["s"].append(dt)
-                    e["acc"] += spec.stats.accepted - a0
-                    e["drafts"] += spec.stats.drafts - d0
-    print(f"{args.model} {args.dtype}, k = {args.k}, {args.tokens} tokens, {args.rounds} rounds")
+                    spent[g, e].append((len(toks[e]) - 1) / t[e])
+                    a, d = _stats(engines[e])
+                    drafted[g, e][0] += a - before[e][0]
+                    drafted[g, e][1] += d - before[e][1]
+    print(f"{args.model} {args.dtype}, {args.method} k = {args.k}, {args.tokens} tokens, "
+          f"{args.rounds} rounds; decode tokens/s")  # fmt: skip
     for g in GRAMMARS:
-        base = statistics.median(res[g, "unmasked"]["s"])
-        for name in kinds:
-            e = res[g, name]
-            med = statistics.median(e["s"])
-            rate = e["acc"] / max(1, e["drafts"])
-            print(f"  {g:10s} {name:9s} {args.tokens / med:7.1f} tok/s ({base / med:.2f}x "
-                  f"unmasked; rounds {', '.join(f'{args.tokens / t:.1f}' for t in e['s'])})"
-                  + (f", drafts accepted {e['acc']}/{e['drafts']} ({rate:.0%})" if e["drafts"]
-                     else ""))  # fmt: skip
+        base = spent[g, "no drafts"]
+        for e in engines:
+            rounds = spent[g, e]
+            ratio = sorted(x / b for x, b in zip(rounds, base, strict=True))
+            acc, n = drafted[g, e]
+            print(f"  {g:10s} {names[e]:17s} {sorted(rounds)[len(rounds) // 2]:6.1f} "
+                  f"({ratio[len(ratio) // 2]:.2f}x no drafts, rounds "
+                  f"{', '.join(f'{x:.1f}' for x in rounds)})"
+                  + (f", drafts accepted {acc}/{n} ({acc / n:.0%})" if n else ""))  # fmt: skip
+
+
+def _stats(engine) -> tuple[int, int]:
+    spec = engine.runner.spec
+    return (spec.stats.accepted, spec.stats.drafts) if spec is not None else (0, 0)
 
 
 if __name__ == "__main__":

@@ -222,12 +222,15 @@ def test_structured_outputs_with_drafts(tmp_path, k):
 DIGITS = "31415926535897932384626433832795"  # one token a digit in this vocabulary: forced
 
 
+@pytest.mark.parametrize("method", ["mtp", "ngram"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_mtp_drafts_follow_the_grammar(tmp_path, k):
-    """The MTP head's drafts for a constrained request are the largest logits the grammar
-    allows after the tokens before them (the step's, then each chained draft), so a draft never
-    leaves the grammar and one at a forced token is always accepted; tokens equal an engine
-    without drafts. Unmasked, random-weight drafts at 32 forced digits were almost never right."""
+def test_drafts_follow_the_grammar(tmp_path, k, method):
+    """A constrained request's drafts stay inside its grammar. The MTP head's are the largest
+    logits the grammar allows after the tokens before them (the step's, then each chained
+    draft); n-gram drafts are cut to the prefix the grammar accepts, and where none is left the
+    grammar's forced tokens are drafted (jump-forward). So a draft at a forced token is always
+    accepted; tokens equal an engine without drafts. Unmasked, random-weight MTP drafts at 32
+    forced digits were almost never right; n-gram ones found none."""
     save_checkpoint(tmp_path, vocab_size=VOCAB_REAL, hidden_size=32, seed=0, eos_token_id=IM_END,
                     mtp=True)  # fmt: skip
     params = [
@@ -240,7 +243,8 @@ def test_mtp_drafts_follow_the_grammar(tmp_path, k):
     ]  # fmt: skip
     prompts = [f"prompt {i}" for i in range(len(params))]
     want = make_llm(tmp_path).generate(prompts, params)
-    llm = make_llm(tmp_path, num_speculative_tokens=k)
+    kw = dict(num_speculative_tokens=k, speculative_method=method)
+    llm = make_llm(tmp_path, **kw)
     runner, spec = llm.engine.runner, llm.engine.runner.spec
     spec.backoff, spec.max_verify_seqs = False, 64
     seen = []  # (spec, the output so far, the step's drafts) of each constrained sequence
@@ -266,7 +270,7 @@ def test_mtp_drafts_follow_the_grammar(tmp_path, k):
         toks = [t for t in out + drafts if t not in eos]
         assert m.try_consume_tokens(toks) == len(toks), (s, out, drafts)
     # the digits alone: every position forced, every draft accepted
-    llm2 = make_llm(tmp_path, num_speculative_tokens=k)
+    llm2 = make_llm(tmp_path, **kw)
     spec2 = llm2.engine.runner.spec
     spec2.backoff = False
     assert llm2.generate(prompts[:1], params[:1])[0].outputs[0].text == DIGITS

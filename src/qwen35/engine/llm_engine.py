@@ -408,6 +408,8 @@ class LLMEngine:
             self.tokenizer, self.config.vocab_size, self.eos_token_ids
         )
         self.runner.logits_processor = self.structured.apply
+        if self.runner.spec is not None:
+            self.runner.spec.grammar = self.structured.drafts
         self.mm_processor = make_mm_processor(self.model, model_dir, self.tokenizer, ec.multimodal)
         sched_cfg = SchedulerConfig(
             max_num_seqs=self.plan.num_state_slots,

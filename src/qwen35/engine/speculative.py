@@ -152,6 +152,10 @@ class SpecState:
     adaptive: bool = False  # drafts 2..k only where they pay (above; --speculative-adaptive)
     # (min n, max n): drafts by prompt lookup (ngram_drafts) instead of the MTP head
     ngram: tuple[int, int] | None = None
+    # n-gram drafts of a sequence under a grammar: fn(seq_id, drafts, k) -> the drafts the
+    # grammar keeps, or the tokens it forces where it keeps none; None: not constrained
+    # (StructuredOutputManager.drafts; the engine sets it)
+    grammar: object = None
     cost: StepCost = field(default_factory=StepCost)  # (adaptive: the engine records steps)
     accept: dict[str, list[float]] = field(default_factory=dict)  # seq_id -> [accepted, tried]
     misses: dict[str, int] = field(default_factory=dict)  # seq_id -> rejections in a row
@@ -174,6 +178,9 @@ class SpecState:
                 if not self.wants_draft(s.seq.seq_id):
                     continue
                 toks = ngram_drafts(s.seq.token_ids, pos, want, *self.ngram)
+                if self.grammar is not None and s.seq.params.structured_outputs is not None:
+                    got = self.grammar(s.seq.seq_id, toks, want)
+                    toks = toks if got is None else got
             elif self.draft_override is not None:
                 toks = []
                 for p in range(pos, pos + want):

@@ -136,6 +136,24 @@ class StructuredOutputManager:
                         c.matcher.get_error())  # fmt: skip
             c.failed = True
 
+    def drafts(self, seq_id: str, proposed: Sequence[int], k: int) -> list[int] | None:
+        """Speculative drafts (n-gram, engine/speculative.py) for the sequence's next positions
+        under its grammar, whose matcher has consumed every token so far: the longest prefix of
+        `proposed` the grammar accepts (up to an end-of-sequence id), else up to k tokens the
+        grammar forces from here (llguidance's fast-forward tokens: jump-forward decoding as
+        drafts, which the model verifies). None where the sequence is not constrained now."""
+        c = self._seqs.get(seq_id)
+        if c is None or c.failed or c.before_think_end:
+            return None
+        toks = list(proposed)
+        for j, t in enumerate(toks):
+            if t in self._eos_set:
+                del toks[j:]
+                break
+        if toks:
+            toks = toks[: c.matcher.validate_tokens(toks)]
+        return toks or list(c.matcher.compute_ff_tokens())[:k]
+
     # ---- the step -----------------------------------------------------------------------
     def apply(
         self, logits: torch.Tensor, seqs: Sequence[Any], drafted: Sequence[Sequence[int]] | None = None
