@@ -1,10 +1,13 @@
-"""Greedy decoding under a grammar on a CPU: the int8 head screen (a greedy constrained row screens
-its 32 largest logits; the grammar's best among them, where it reaches the 32nd, is the masked
-argmax, else the full head: model_runner._grammar_rows) against the full head for every such row
-(as before 2026-12-07), two engines on the same weights, interleaved.
+"""Decoding under a grammar on a CPU: the int8 head screen (a constrained row screens its 32
+largest logits, greedy, or 4 top_k, sampled; where enough tokens the grammar allows are among
+them the masked row keeps what the full one would, else the full head: model_runner.
+_grammar_rows) against the full head for every such row (as before 2026-12-07), two engines on
+the same weights, interleaved.
 
-    python bench/grammar_screen.py [--model Qwen3.5-0.8B] [--tokens 48] [--rounds 3] [--dtype bf16]
+    python bench/grammar_screen.py [--sampling greedy|top20] [--model Qwen3.5-0.8B] [--tokens 48]
+                                   [--rounds 3] [--dtype bf16]
 
+`top20`: Qwen's recommended sampling (temperature 0.7, top_k 20, top_p 0.95; seeded).
 Batch 1: one greedy request in each engine, their `--tokens` decode steps alternating (the
 prefills apart), each engine's steps timed; the VM's slow and fast minutes fall on both.
 Random weights rank tokens arbitrarily, so how often the screen decides depends on how much of
@@ -31,6 +34,7 @@ GRAMMARS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sampling", choices=["greedy", "top20"], default="greedy")
     ap.add_argument("--model", default="Qwen3.5-0.8B")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
@@ -62,7 +66,9 @@ def main() -> None:
     tokens = {}
     for r in range(args.rounds + 1):  # round 0: warm-up (compiles the grammars)
         for g, so in GRAMMARS.items():
-            sp = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True,
+            how = dict(temperature=0.0) if args.sampling == "greedy" else dict(
+                temperature=0.7, top_k=20, top_p=0.95, seed=r)  # fmt: skip
+            sp = SamplingParams(max_tokens=args.tokens, ignore_eos=True, **how,
                                 structured_outputs=StructuredOutputs(**so))  # fmt: skip
             order = list(engines)[r % 2 :] + list(engines)[: r % 2]
             runner._screen_skip["grammar"] = runner._screen_misses["grammar"] = 0
@@ -80,12 +86,13 @@ def main() -> None:
                         spent[name] += time.perf_counter() - t0
                         toks[name] += [t for o in out for t in o.outputs[0].token_ids]
             for name in engines:
-                assert tokens.setdefault(g, toks[name]) == toks[name], (g, name)
+                assert tokens.setdefault((g, r), toks[name]) == toks[name], (g, name)
                 if r:
                     res[g, name].append((len(toks[name]) - 1) / spent[name])
             if r:
                 rate[g].append((sum(decided), len(decided)))
-    print(f"{args.model} {args.dtype}, batch 1, {args.tokens} tokens, {args.rounds} rounds")
+    print(f"{args.model} {args.dtype}, {args.sampling}, batch 1, {args.tokens} tokens, "
+          f"{args.rounds} rounds")  # fmt: skip
     for g in GRAMMARS:
         base = statistics.median(res[g, "full head"])
         for name in engines:

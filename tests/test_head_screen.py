@@ -271,7 +271,9 @@ def test_screen_k_says_which_rows_take_the_screen():
 
     g = StructuredOutputs(regex="[a-z]+")
     assert screen_k(sp(temperature=0, structured_outputs=g), 0) == GRAMMAR_SCREEN_K
-    assert screen_k(sp(temperature=0.7, top_k=20, structured_outputs=g), 0) is None
+    assert screen_k(sp(temperature=0.7, top_k=3, structured_outputs=g), 0) == GRAMMAR_SCREEN_K
+    assert screen_k(sp(temperature=0.7, top_k=40, structured_outputs=g), 0) == 40
+    assert screen_k(sp(temperature=0.7, structured_outputs=g), 0) is None  # no top-k
     assert screen_k(sp(temperature=0, logprobs=0, structured_outputs=g), 0) is None
     assert screen_k(sp(temperature=0, presence_penalty=0.5, structured_outputs=g), 0) is None
 

@@ -278,13 +278,13 @@ def test_drafts_follow_the_grammar(tmp_path, k, method):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_greedy_rows_under_a_grammar_take_the_head_screen(tmp_path, dtype):
-    """A CPU engine's greedy rows under a grammar read the int8 screen of lm_head (their 32
-    largest logits exact) instead of the full head: where the best token the grammar allows is
-    among them it is the full row's masked argmax, else the row is recomputed with the full
-    head. Tokens equal an engine without the screen either way: a permissive regex (certified),
-    digits that a random model never ranks high (recomputed), JSON and choices beside greedy and
-    sampled unconstrained rows."""
+def test_rows_under_a_grammar_take_the_head_screen(tmp_path, dtype):
+    """A CPU engine's rows under a grammar, greedy or sampled with a top-k, read the int8
+    screen of lm_head (their 16 or top_k largest logits exact) instead of the full head: where
+    enough tokens the grammar allows are among them (or all it allows are candidates) the
+    masked row keeps what the full one would, else the row is recomputed with the full head.
+    Tokens equal an engine without the screen either way (seeded draws too): a permissive regex
+    (mostly decided), digits, a choice of two, JSON, and unconstrained rows beside."""
     from qwen35.kernels import gemv
 
     if gemv.load() is None:
@@ -304,20 +304,27 @@ def test_greedy_rows_under_a_grammar_take_the_head_screen(tmp_path, dtype):
 
     runner._screen_outcome = spy
     greedy = dict(max_tokens=24, temperature=0)
+    top20 = dict(max_tokens=24, temperature=0.7, top_k=20, top_p=0.95)
     cases = {
         "certified": [
             SamplingParams(**greedy, structured_outputs=so(regex="[a-z ]{10,400}")),
             SamplingParams(**greedy, structured_outputs=so(regex="[^0-9]{10,400}")),
+            SamplingParams(**top20, seed=1, structured_outputs=so(regex="[^0-9]{10,400}")),
             SamplingParams(**greedy, ignore_eos=True),  # unconstrained beside
         ],
-        "recomputed": [SamplingParams(**greedy, structured_outputs=so(regex="[0-9]{20}"))],
+        "narrow": [SamplingParams(**greedy, structured_outputs=so(regex="[0-9]{20}")),
+                       SamplingParams(**top20, seed=2, structured_outputs=so(regex="[0-9]{20}"))],
         "mixed": [
             SamplingParams(**greedy, structured_outputs=so(json=SMALL)),
             SamplingParams(**greedy, structured_outputs=so(choice=["yes", "maybe"])),
             SamplingParams(**greedy, structured_outputs=so(regex="[a-z ]{10,40}")),
             SamplingParams(max_tokens=24, temperature=1.0, seed=5, top_k=20, ignore_eos=True),
+            SamplingParams(**top20, seed=3, structured_outputs=so(json=SMALL)),
+            SamplingParams(**top20, seed=4, structured_outputs=so(choice=["yes", "maybe"])),
+            SamplingParams(**top20, seed=6, structured_outputs=so(regex="[a-z]{5,30}")),
         ],
     }  # fmt: skip
+    outcomes = {}
     for name, params in cases.items():
         seen.clear()
         runner._screen_skip["grammar"] = runner._screen_misses["grammar"] = 0
@@ -325,56 +332,100 @@ def test_greedy_rows_under_a_grammar_take_the_head_screen(tmp_path, dtype):
         got = [o.outputs[0].token_ids for o in on.generate(prompts, params)]
         want = [o.outputs[0].token_ids for o in off.generate(prompts, params)]
         assert got == want, name
-        if name == "certified":
-            assert len(seen) > 10 and all(seen), str(seen)  # every step decided by the screen
-        elif name == "recomputed":
-            assert seen and not any(seen) and len(seen) < 6  # digits never among the 32 largest:
-            # the full head, the screen tried at steps 1, 4, 9, 18 (backing off)
-        else:  # (a row the screen cannot decide makes its step's outcome a miss)
-            assert seen
+        outcomes[name] = list(seen)
+    # the screen decided most steps of the permissive grammars (a sampled row needs its 20
+    # largest logits allowed, or all it allows among the candidates), not all of the others'
+    ok = outcomes["certified"]
+    assert len(ok) > 10 and ok.count(True) >= 3 * len(ok) // 4, ok
+    assert False in outcomes["narrow"] + outcomes["mixed"]
     assert on.engine.structured.num_active == 0
 
 
-def test_a_screened_row_is_certified_only_by_its_kth_largest_logit():
-    """_grammar_rows on made-up screened rows (candidates: the 32 largest and 8 more below them):
-    the grammar's best candidate at or above the 32nd largest decides the row; one below it
-    does not (a token outside the candidates may lie between), so the full head's row is used."""
+def test_apply_counts_the_tokens_each_mask_allows(llm):
+    """StructuredOutputManager.apply(..., allowed=): each masked row's count of allowed tokens
+    (the runner's screened rows rely on it) equals the finite logits the mask leaves."""
     import types
 
-    from qwen35.engine.model_runner import GRAMMAR_SCREEN_K, ModelRunner
+    mgr = llm.engine.structured
+    specs = [so(regex="[0-9]{3}"), so(json=SMALL), so(choice=["yes", "maybe"]), so(regex="[^0-9]+")]
+    seqs = [types.SimpleNamespace(seq_id=f"count-{i}") for i in range(len(specs))]
+    for s, spec in zip(seqs, specs, strict=True):
+        mgr.add(s.seq_id, spec)
+    try:
+        with torch.inference_mode():  # (as the runner calls it: the mask buffer is the engine's)
+            logits = torch.zeros(len(seqs), llm.engine.config.vocab_size)
+            counts: dict[int, int] = {}
+            assert mgr.apply(logits, seqs, allowed=counts) == {}
+        want = torch.isfinite(logits).sum(dim=1).tolist()
+        assert counts == dict(enumerate(want)) and want[0] == 10 and want[3] > 100_000
+    finally:
+        for s in seqs:
+            mgr.remove(s.seq_id)
+
+
+def test_a_screened_row_is_certified_only_by_its_kth_allowed_logit():
+    """_grammar_rows on made-up screened rows (candidates: each row's K largest and 8 more
+    below them). A row that wants its k largest allowed logits (greedy 1, top_k 3) is decided
+    by the screen where its k-th best allowed candidate reaches the K-th largest, or where every
+    token the grammar allows is a candidate; otherwise a token outside the candidates may lie
+    between (as a screen's bound permits), so the full head's row is used."""
+    import types
+
+    from qwen35.engine.model_runner import GRAMMAR_SCREEN_K, ModelRunner, grammar_ks
 
     V, K = 1000, GRAMMAR_SCREEN_K
-    full = torch.randn(2, V, generator=torch.Generator().manual_seed(0))
+    greedy = SamplingParams(temperature=0, structured_outputs=so(regex="a"))
+    top3 = SamplingParams(temperature=0.7, top_k=3, structured_outputs=so(regex="a"))
+    assert grammar_ks(greedy) == (1, K) and grammar_ks(top3) == (3, K)
+    # (params, ranks the grammar allows: < K + 8 are candidates, whether the screen decides)
+    cases = [
+        (greedy, [K // 3, 500], True),  # its best allowed is among the K largest
+        (greedy, [K + 3, K + 13], False),  # below the K-th; the other may lie above it
+        (greedy, [K + 3, K + 6], True),  # below the K-th, but every allowed token is a candidate
+        (top3, [3, K // 2, K - 3, K + 6, 600], True),  # the 3rd best allowed: above the K-th
+        (top3, [3, K // 2, K + 3, K + 13], False),  # the 3rd: below it
+    ]
+    n = len(cases)
+    full = torch.randn(n, V, generator=torch.Generator().manual_seed(0))
     order = full.argsort(dim=1, descending=True)
     screened = torch.full_like(full, float("-inf"))
-    for i in range(2):
-        cand = order[i, : K + 8]
-        screened[i, cand] = full[i, cand]
-    # row 0 allows its 10th largest token and one outside the candidates; row 1 its 36th (a
-    # candidate below the 32nd) and one outside the candidates whose logit (the full head's)
-    # lies between the 32nd and the 36th, as a screen's bound permits
-    allowed = [[int(order[0, 9]), int(order[0, 500])], [int(order[1, 35]), int(order[1, 45])]]
-    fix = full.clone()
-    fix[1, order[1, 45]] = full[1, order[1, 33]] + 1e-3
+    for i in range(n):
+        screened[i, order[i, : K + 8]] = full[i, order[i, : K + 8]]
+    fix = full.clone()  # the full head: rank K + 13 between the K-th and rank K + 3
+    for i in (1, 4):
+        fix[i, order[i, K + 13]] = full[i, order[i, K + 1]] + 1e-3
+    ok = [order[i, ranks] for i, (_, ranks, _) in enumerate(cases)]  # the allowed tokens
 
-    def mask(logits, seqs, drafted):
+    def mask(logits, seqs, drafted, allowed=None):  # (StructuredOutputManager.apply's part)
         for r, s in enumerate(seqs):
-            keep = torch.full((V,), float("-inf"))
-            keep[allowed[s.row]] = 0
-            logits[r] += keep
+            logits[r] += torch.full((V,), float("-inf")).index_fill_(0, ok[s.row], 0)
+            if allowed is not None:
+                allowed[r] = len(ok[s.row])
         return {}
 
-    outcomes = []
-    me = types.SimpleNamespace(logits_processor=mask, head_logits=lambda x: fix[x[:, 0].long()],
+    outcomes, recomputed = [], []
+
+    def head(x):  # the full head on the rows' inputs (here: their index)
+        recomputed.extend(x[:, 0].long().tolist())
+        return fix[x[:, 0].long()]
+
+    me = types.SimpleNamespace(logits_processor=mask, head_logits=head,
                                _screen_outcome=lambda kind, ok: outcomes.append((kind, ok)))  # fmt: skip
-    seqs = [types.SimpleNamespace(row=i, params=SamplingParams(
-        temperature=0, structured_outputs=so(regex="a"))) for i in range(2)]  # fmt: skip
+    seqs = [types.SimpleNamespace(row=i, params=p) for i, (p, _, _) in enumerate(cases)]
     logits = screened.clone()
-    dead = ModelRunner._grammar_rows(me, logits, seqs, None, torch.arange(2.0)[:, None])
+    dead = ModelRunner._grammar_rows(me, logits, seqs, None, torch.arange(float(n))[:, None])
     assert dead == {} and outcomes == [("grammar", False)]
-    assert int(logits[0].argmax()) == int(order[0, 9])  # certified: the screen's row
-    assert torch.isinf(logits[0, order[0, 500]])  # (never computed)
-    assert int(logits[1].argmax()) == int(order[1, 45])  # the full row's masked argmax
+    assert recomputed == [i for i, (_, _, decided) in enumerate(cases) if not decided]
+    for i, (_, _, decided) in enumerate(cases):
+        want = fix[i] + torch.full((V,), float("-inf")).index_fill_(0, ok[i], 0)
+        if decided:  # the screen's row: the allowed candidates only
+            want = torch.where(torch.isfinite(screened[i]), want, float("-inf"))
+        assert torch.equal(logits[i], want), i
+    # what the sampler keeps from them: the top-k of the full row's allowed tokens
+    for i, (p, _, _) in enumerate(cases):
+        k = grammar_ks(p)[0]
+        m = fix[i] + torch.full((V,), float("-inf")).index_fill_(0, ok[i], 0)
+        assert set(logits[i].topk(k).indices.tolist()) == set(m.topk(k).indices.tolist())
 
 
 def test_unconstrained_greedy_unchanged_by_constrained_neighbours(llm):

@@ -98,11 +98,12 @@ def run_structured(bm: BenchModel, opts: BenchOptions) -> dict:
     mask_s: list[float] = []
     apply = mgr.apply
 
-    def timed_apply(logits, seqs, drafted=None):
+    def timed_apply(logits, seqs, drafted=None, **kw):
         t = time.perf_counter()
-        apply(logits, seqs, drafted)
+        out = apply(logits, seqs, drafted, **kw)
         if mgr.num_active:
             mask_s.append(time.perf_counter() - t)
+        return out  # (the rows the grammar leaves no token)
 
     engine.runner.logits_processor = timed_apply
     spec = StructuredOutputs(json=STEADY)

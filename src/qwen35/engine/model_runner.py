@@ -97,6 +97,7 @@ class ModelRunner:
         # (greedy-only, or with top-k rows), skip the screen for 2^misses steps, up to 64
         self._screen_misses = {"greedy": 0, "top-k": 0, "grammar": 0}
         self._screen_skip = {"greedy": 0, "top-k": 0, "grammar": 0}
+        self._screen_kind = "top-k"  # the kind of the step _screen_ks last passed
         # fn(logits [S, V], sequences) masking rows in place before sampling (structured outputs)
         self.logits_processor = None
         self._generators: dict[str, torch.Generator | None] = {}
@@ -410,7 +411,7 @@ class ModelRunner:
                     return tokens, None
             else:
                 logits = self.head_screen.logits(x, ks)
-                self._screen_outcome("top-k", logits is not None)
+                self._screen_outcome(self._screen_kind, logits is not None)
                 if logits is not None:
                     return None, logits
         return None, self.head_logits(x)
@@ -422,7 +423,7 @@ class ModelRunner:
         `logits` [S, V] after the structured-output mask. drafted: speculative bonus rows,
         each after its sequence's accepted drafts (appended to its output for penalties and
         min_tokens; the grammar's mask after them). head_input: the head's input rows [S, H]
-        where `logits` may be the int8 screen's (greedy rows under a grammar: _grammar_rows)."""
+        where `logits` may be the int8 screen's (rows under a grammar: _grammar_rows)."""
         if not seqs:
             return StepResult({}, {})
         if tokens is not None:
@@ -452,21 +453,32 @@ class ModelRunner:
         return StepResult(sampled, lps, errors)
 
     def _grammar_rows(self, logits, seqs, drafted, head_input) -> dict[int, Exception]:
-        """The grammar's mask over logits [S, V] that may be the int8 screen's (a greedy row
-        under a grammar screens its GRAMMAR_SCREEN_K largest: models/head_screen.py). Every
-        token among a row's K largest logits is a candidate with its exact logit, so a token
-        outside them is below the K-th largest candidate: where the best token the grammar
-        allows among the candidates reaches that, it is the masked argmax of the full row (ties
-        included). Other rows get the full head's logits, masked (and the next such steps skip
-        the screen for a while: _screen_outcome)."""
-        check = {}  # row -> the K-th largest of its logits before the mask
+        """The grammar's mask over logits [S, V] that may be the int8 screen's: a row under a
+        grammar that wants its k largest allowed logits (greedy: 1; sampled: its top_k) screens
+        its K largest (grammar_ks; models/head_screen.py), every token among which is a
+        candidate with its exact logit, so a token outside them is below the K-th largest
+        candidate. Where the k-th best token the grammar allows among the candidates reaches
+        that, or every token it allows is a candidate, the masked row keeps exactly what the
+        full row's mask and top-k keep (ties included): the same token, the same draw. Other
+        rows get the full head's logits, masked (and the next such steps skip the screen for
+        a while: _screen_outcome)."""
+        check = {}  # row -> (its k, the K-th largest of its logits before the mask)
         for i, s in enumerate(seqs):
             if s.params.structured_outputs is not None:
                 fin = logits[i][torch.isfinite(logits[i])]
                 if len(fin) < logits.shape[1]:  # (screened: -inf outside the candidates)
-                    check[i] = fin.topk(min(GRAMMAR_SCREEN_K, len(fin))).values[-1]
-        dead = self.logits_processor(logits, seqs, drafted) or {}
-        redo = [i for i, kth in check.items() if i not in dead and not logits[i].max() >= kth]
+                    k, K = grammar_ks(s.params)
+                    check[i] = (k, fin.topk(min(K, len(fin))).values[-1])
+        allowed: dict[int, int] = {}  # row -> tokens its grammar allows (masked rows)
+        dead = self.logits_processor(logits, seqs, drafted, allowed=allowed) or {}
+        redo = []
+        for i, (k, kth) in check.items():
+            if i in dead:
+                continue
+            kept = logits[i][torch.isfinite(logits[i])]  # the allowed candidates
+            if not (len(kept) >= k and kept.topk(k).values[-1] >= kth
+                    or allowed.get(i) == len(kept)):  # fmt: skip
+                redo.append(i)
         if check:
             self._screen_outcome("grammar", not redo)
         if redo:
@@ -798,10 +810,11 @@ class ModelRunner:
             return None
         kind = "greedy" if max(ks) == 1 else "top-k"
         if any(s.params.structured_outputs is not None for s in seqs):
-            kind = "grammar"  # (the screen's own outcome counts under top-k)
+            kind = "grammar"
         if self._screen_skip[kind] > 0:  # backing off after undecided screens
             self._screen_skip[kind] -= 1
             return None
+        self._screen_kind = kind  # (_head's outcome counts under it)
         return ks
 
     def _screen_outcome(self, kind: str, decided: bool) -> None:
@@ -814,9 +827,9 @@ class ModelRunner:
             self._screen_skip[kind] = min(64, 2 ** self._screen_misses[kind])
 
 
-# a greedy row under a grammar screens this many of its largest logits; the masked argmax is one
-# of them where the best token the grammar allows is among them (_grammar_rows)
-GRAMMAR_SCREEN_K = 32
+# a row under a grammar screens at least this many of its largest logits (grammar_ks); its
+# masked argmax / top-k is among them where enough tokens the grammar allows are (_grammar_rows)
+GRAMMAR_SCREEN_K = 16
 # a step with prefill rows and more than this many rows per draft row runs the MTP head's whole
 # layer at its draft rows only (_draft; the other rows' K / V only)
 MTP_ROWS_ONLY = 8
@@ -845,15 +858,15 @@ def _with_drafts(scheduled, verify) -> list:
 def screen_k(p, num_output: int) -> int | None:
     """How many of its largest logits a row's next token depends on, where that is all it
     depends on: 1 for greedy, top_k (at least 2) for sampled rows with 0 < top_k <= MAX_TOP_K
-    (their temperature, min-p and top-p act within those); GRAMMAR_SCREEN_K for greedy rows
-    under a grammar, whose masked argmax is then certified or recomputed (_grammar_rows); None
-    where anything reads other logits (logprobs, penalties, logit bias, pending min_tokens, a
-    sampled row under a grammar, no top-k)."""
+    (their temperature, min-p and top-p act within those); under a grammar more (grammar_ks),
+    whose masked top tokens are then certified or recomputed (_grammar_rows); None where
+    anything reads other logits (logprobs, penalties, logit bias, pending min_tokens, no
+    top-k)."""
     from qwen35.models.head_screen import MAX_TOP_K
 
     if p.structured_outputs is not None:
-        free = device_sampled(p, num_output, grammar=False)
-        return GRAMMAR_SCREEN_K if free and is_greedy(p) else None
+        ks = grammar_ks(p) if device_sampled(p, num_output, grammar=False) else None
+        return None if ks is None else ks[1]
     if not device_sampled(p, num_output):
         return None
     if is_greedy(p):
@@ -862,6 +875,24 @@ def screen_k(p, num_output: int) -> int | None:
     # sampler keeps ties): k = 2 keeps it off the greedy-only path (HeadScreen.tokens, the
     # first of them), and its screened logits hold those ties exactly
     return max(2, p.top_k) if 0 < p.top_k <= MAX_TOP_K else None
+
+
+def grammar_ks(p) -> tuple[int, int] | None:
+    """A row under a grammar: (k, K), its k largest allowed logits decide its token (greedy 1,
+    sampled its top_k, at least 2: screen_k) and the screen keeps its K largest (at least
+    GRAMMAR_SCREEN_K: room for tokens the grammar bans); None without a top-k. A larger K
+    decides more rows but leaves more candidates to compute exactly (on the 0.8B's random,
+    flat rows ~1,700 at K = 20, past the screen's limit at 64): `python bench/grammar_screen.py`
+    at K = 8 / 16 / 32 greedy 1.10 / 1.12 / 1.08x of the full head on free text, sampled top-20
+    at K = 20 / 32 / 40 1.03 / 1.00 / 0.95x."""
+    from qwen35.models.head_screen import MAX_TOP_K
+
+    if is_greedy(p):
+        return 1, GRAMMAR_SCREEN_K
+    if not 0 < p.top_k <= MAX_TOP_K:
+        return None
+    k = max(2, p.top_k)
+    return k, max(GRAMMAR_SCREEN_K, k)
 
 
 def _screened(x: torch.Tensor, ks) -> torch.Tensor | None:

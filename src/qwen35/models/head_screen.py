@@ -32,8 +32,8 @@ non-finite input) both return None and the caller computes the full logits.
 
 Only rows that need nothing else use it (engine/model_runner.py `screen_k`: no logprobs,
 penalties, logit bias or pending min_tokens; greedy, or sampled with 0 < top_k <= MAX_TOP_K;
-greedy under a grammar, as a top-32 row whose masked argmax the runner certifies or recomputes:
-`_grammar_rows`); the engine builds it on CPUs for plain fp32 / bf16 heads (`--no-head-screen`
+under a grammar, greedy or with a top-k, as a top-K row whose masked top tokens the runner
+certifies or recomputes: `_grammar_rows`); the engine builds it on CPUs for plain fp32 / bf16 heads (`--no-head-screen`
 turns it off) and counts its bytes as weights (plan/cpu.py's head_screen_bytes).
 """
 

@@ -36,6 +36,9 @@ from qwen35.request import StructuredOutputs
 log = logging.getLogger("qwen35")
 
 
+_POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int32)
+
+
 @dataclass(slots=True)
 class _Constraint:
     matcher: llguidance.LLMatcher
@@ -156,14 +159,16 @@ class StructuredOutputManager:
 
     # ---- the step -----------------------------------------------------------------------
     def apply(
-        self, logits: torch.Tensor, seqs: Sequence[Any], drafted: Sequence[Sequence[int]] | None = None
+        self, logits: torch.Tensor, seqs: Sequence[Any], drafted: Sequence[Sequence[int]] | None = None,
+        allowed: dict[int, int] | None = None,
     ) -> dict[int, Exception]:  # fmt: skip
         """logits: [S, V] float, one row per sequence in `seqs`; masked in place. Returns the
         rows the grammar leaves no token (row -> why): they must not be sampled (an all -inf
         row's argmax is token 0, outside the grammar); the engine fails their requests.
         drafted: speculative decoding's bonus rows, each after its sequence's accepted drafts
         (tokens sampled under the mask before them, not yet advanced over): each row's mask is
-        the grammar's after them (a copy of its matcher consumes them)."""
+        the grammar's after them (a copy of its matcher consumes them). allowed: filled with
+        each masked row's number of tokens its mask allows (the runner's screened rows)."""
         if not self._seqs:
             return {}
         rows: list[int] = []
@@ -184,7 +189,7 @@ class StructuredOutputManager:
             matchers.append(m)
         if not rows:
             return {}
-        return self._mask(logits, seqs, rows, matchers, drafted is not None)
+        return self._mask(logits, seqs, rows, matchers, drafted is not None, allowed)
 
     def _over(self, c: _Constraint, drafted: Sequence[int]) -> list[int] | None:
         """The tokens of `drafted` the grammar consumes, by advance()'s rules (an end-of-sequence
@@ -198,7 +203,7 @@ class StructuredOutputManager:
                 toks.append(t)
         return None if before else toks
 
-    def _mask(self, logits, seqs, rows, matchers, bonus: bool) -> dict[int, Exception]:
+    def _mask(self, logits, seqs, rows, matchers, bonus: bool, allowed=None) -> dict[int, Exception]:
         r = len(rows)
         mask = self._mask_buffer(r)
         if self._executor is None:
@@ -214,6 +219,9 @@ class StructuredOutputManager:
             for word, bit in zip(self._eos_words.tolist(), self._eos_bits.tolist(), strict=True):
                 col = mask[:, word]  # [R]
                 mask[:, word] = torch.where(accepting, col | bit, col & ~bit)
+        if allowed is not None:  # set bits a row (the mask's words past the vocabulary are 0)
+            bits = _POPCOUNT[mask.view(torch.uint8).long()].sum(dim=1).tolist()
+            allowed.update(zip(rows, bits, strict=True))
         dead: dict[int, Exception] = {}
         for k in (mask == 0).all(dim=1).nonzero().flatten().tolist():
             c = self._seqs[seqs[rows[k]].seq_id]
