@@ -12,7 +12,8 @@ loaded), one greedy request in each, their decode steps alternating (the prefill
 VM's slow and fast minutes fall on all three), batch 1 (the case where drafts are verified),
 each grammar's output `--tokens` long. Random weights make the model's choice among the tokens a
 grammar allows arbitrary, so a draft is right mostly where the grammar forces the token (a
-literal digit: one token a digit in this vocabulary; JSON punctuation the schema fixes); a
+literal digit: one token a digit in this vocabulary; JSON punctuation the schema fixes; a forced
+tool call's tags and names: the server's `tool_choice: "required"` grammar); a
 trained model agrees with its MTP head far more often, unmeasured here. Reports tokens/s and
 accepted drafts / drafts per kind and grammar; the three engines' tokens must be equal.
 """
@@ -30,6 +31,11 @@ GRAMMARS = {
         "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99},
                        "unit": {"enum": ["celsius", "fahrenheit"]}, "ok": {"type": "boolean"}}}}},
 }  # fmt: skip
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "required": ["city", "unit"],
+    "properties": {"city": {"type": "string", "maxLength": 16},
+                   "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                   "days": {"type": "integer", "minimum": 1, "maximum": 14}}}}}  # fmt: skip
 
 
 def main() -> None:
@@ -44,6 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine
     from qwen35.engine.runtime import configure_cpu_runtime
+    from qwen35.engine.structured import tool_call_grammar
     from qwen35.request import SamplingParams, StructuredOutputs
 
     configure_cpu_runtime(args.threads)
@@ -58,6 +65,10 @@ def main() -> None:
         off._draft_tokens = lambda m, seqs, after: masked(m, [], [])
     else:
         off.spec.grammar = None  # plain prompt lookup
+    tok = engines["grammar"].tokenizer  # forced tool calls (tool_choice "required"): the server's grammar
+    GRAMMARS["tool calls"] = {"grammar": tool_call_grammar(
+        [WEATHER], multiple=True, call_open_id=tok.tool_call_start_id,
+        call_close_id=tok.tool_call_end_id)}  # fmt: skip
     names = {"grammar": "under the grammar", "without": "without it", "no drafts": "no drafts"}
     prompt = list(range(1000, 1032))
     spent = {(g, e): [] for g in GRAMMARS for e in engines}
