@@ -278,6 +278,26 @@ def test_screen_k_says_which_rows_take_the_screen():
     assert screen_k(sp(temperature=0, presence_penalty=0.5, structured_outputs=g), 0) is None
 
 
+def test_screen_back_off_ends_after_two_decided_in_a_row():
+    """ModelRunner._screen_outcome: each undecided screen doubles the steps skipped after it
+    (2, 4, 8 ... 64); one decided screen between misses does not reset that (steps that
+    alternate would keep paying for the misses), two in a row do."""
+    import types
+
+    from qwen35.engine.model_runner import ModelRunner
+
+    r = types.SimpleNamespace(_screen_misses={"k": 0}, _screen_skip={"k": 0}, _screen_hits={"k": 0})
+    skips = []
+    for decided in [False, True, False, True, False, True, True, False]:
+        ModelRunner._screen_outcome(r, "k", decided)
+        skips.append(r._screen_skip["k"] if not decided else None)
+        r._screen_skip["k"] = 0
+    assert skips == [2, None, 4, None, 8, None, None, 2]
+    for _ in range(10):
+        ModelRunner._screen_outcome(r, "k", False)
+    assert r._screen_skip["k"] == 64
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("head_screen") / "dense"
