@@ -386,3 +386,50 @@ def test_thinking_budget_on_the_gpu(tmp_path):
             if end in free[:budget]:
                 continue  # (the model closed it itself)
             assert got[:budget] == free[:budget] and got[budget] == end, (kw, budget)
+
+
+def test_structured_outputs_with_drafts_on_gpu(tmp_path):
+    """Grammars on CUDA (the bitmask applied to the device's logits, decode steps from CUDA
+    graphs; no GPU test covered them before): greedy JSON / regex / choice outputs and a seeded
+    top-20 regex stay inside their grammars, and with MTP drafts (masked by the grammar) or
+    n-gram drafts (cut to it, its forced tokens drafted) the tokens equal the engine without
+    drafts."""
+    import json
+    import re
+
+    from qwen35.request import StructuredOutputs
+    from tiny import VOCAB_REAL
+
+    digits = "31415926535897932384626433832795"
+    schema = {"type": "object", "required": ["unit", "days"],
+              "properties": {"unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                             "days": {"type": "integer", "minimum": 1, "maximum": 14}}}  # fmt: skip
+    d = tmp_path / "m"
+    save_checkpoint(d, vocab_size=VOCAB_REAL, hidden_size=32, mtp=True, eos_token_id=248046)
+
+    def so(**kw):
+        return StructuredOutputs(**kw)
+
+    sps = [
+        SamplingParams(max_tokens=40, temperature=0, structured_outputs=so(json=schema)),
+        SamplingParams(max_tokens=40, temperature=0, structured_outputs=so(regex=digits)),
+        SamplingParams(max_tokens=12, temperature=0, structured_outputs=so(choice=["yes", "maybe"])),
+        SamplingParams(max_tokens=30, temperature=0.8, top_k=20, seed=3,
+                       structured_outputs=so(regex="[a-z ]{5,40}")),
+        SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),  # unconstrained beside
+    ]  # fmt: skip
+    ps = [f"prompt {i}" for i in range(len(sps))]
+    kw = dict(max_num_seqs=8)
+    want = cuda(d, **kw).generate(ps, sps)
+    outs = [o.outputs[0] for o in want]
+    assert outs[1].text == digits and outs[2].text in ("yes", "maybe")
+    if outs[0].finish_reason == "stop":
+        assert json.loads(outs[0].text)["unit"] in ("celsius", "fahrenheit")
+    assert re.fullmatch("[a-z ]{5,40}" if outs[3].finish_reason == "stop" else "[a-z ]{0,40}",
+                        outs[3].text)  # fmt: skip
+    for method, k in (("mtp", 2), ("ngram", 3)):
+        llm = cuda(d, num_speculative_tokens=k, speculative_method=method, **kw)
+        llm.engine.runner.spec.backoff = False
+        got = llm.generate(ps, sps)
+        assert [o.outputs[0].token_ids for o in got] == [o.token_ids for o in outs], method
+        assert llm.engine.runner.spec.stats.accepted > 0, method
