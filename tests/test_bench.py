@@ -4,6 +4,7 @@ are asserted (shared machines); only counts, shapes and relations that cannot de
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -297,6 +298,13 @@ def test_structured_workload(tmp_path):
     assert len(s["compile_ms"]) == 3 and [g["name"] for g in doc["goals"]] == [
         g["name"] for g in s["goals"]
     ]
+    from rich.console import Console
+
+    from qwen35.benchmarks.report import print_workload
+
+    buf = io.StringIO()  # what `qwen35 bench --workload structured` prints (it raised a TypeError)
+    print_workload(doc, "structured", Console(file=buf, width=200))
+    assert "constrained" in buf.getvalue()
 
 
 def test_hf_model_shares_our_weights(tiny_cfg):

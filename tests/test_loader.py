@@ -550,3 +550,13 @@ def test_large_random_tensors_are_drawn_in_chunks_independent_of_threads(monkeyp
     assert abs(flat.std().item() - 0.02) < 0.002 and abs(flat.mean().item()) < 0.002
     chunks = flat[:5000].view(5, 1000)
     assert all(not torch.equal(chunks[i], chunks[j]) for i in range(5) for j in range(i + 1, 5))
+    # under inference mode (the vision bench attaches a random tower inside it): the pool's
+    # threads write the inference tensor too (inference mode is per thread; they raised before)
+    with torch.inference_mode():
+        torch.set_num_threads(2)
+        try:
+            p = torch.empty(11, 500, dtype=torch.bfloat16)
+            loader_mod.init_random_({"model.layers.0.mlp.up_proj.weight": p}, seed=3)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(p, a)

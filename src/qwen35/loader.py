@@ -701,10 +701,13 @@ def _normal_(p: torch.Tensor, g: torch.Generator) -> None:
 
     base = int(torch.randint(0, 2**62, (1,), generator=g))
     flat = p.view(-1)
+    inference = torch.is_inference_mode_enabled()  # (thread-local: the pool's threads take it
+    # from here, or a tensor made under inference mode cannot be written from them)
 
     def draw(i: int) -> None:
         gi = torch.Generator().manual_seed(base + i)
-        flat[i * RANDOM_CHUNK : (i + 1) * RANDOM_CHUNK].normal_(0.0, 0.02, generator=gi)
+        with torch.inference_mode(inference):
+            flat[i * RANDOM_CHUNK : (i + 1) * RANDOM_CHUNK].normal_(0.0, 0.02, generator=gi)
 
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         list(pool.map(draw, range(-(-flat.numel() // RANDOM_CHUNK))))

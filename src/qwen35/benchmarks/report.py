@@ -286,7 +286,7 @@ def _dtype(con: Console, d: dict, impl: str) -> None:
     con.print(f"  faster here: prefill {d['faster']['prefill']}, decode {d['faster']['decode']}")
 
 
-def _structured(con: Console, d: dict) -> None:
+def _structured(con: Console, d: dict, impl: str = "") -> None:
     t = Table(
         title=f"Structured outputs: decode step at batch {d['batch']}, every row constrained vs "
         f"none (median of {d['num_steps_timed']} steps, {d['rounds']} interleaved rounds)"
