@@ -98,7 +98,6 @@ class ModelRunner:
         self._screen_misses = {"greedy": 0, "top-k": 0, "grammar": 0}
         self._screen_skip = {"greedy": 0, "top-k": 0, "grammar": 0}
         self._screen_hits = {"greedy": 0, "top-k": 0, "grammar": 0}  # decided in a row
-        self._screen_kind = "top-k"  # the kind of the step _screen_ks last passed
         # fn(logits [S, V], sequences) masking rows in place before sampling (structured outputs)
         self.logits_processor = None
         self._generators: dict[str, torch.Generator | None] = {}
@@ -389,32 +388,33 @@ class ModelRunner:
             result = self._sample(sample_seqs, logits=logits)
             result.prompt_logprobs = plps
             return result
-        ks = self._screen_ks(len(batch.logits_indices), sample_seqs)
+        ks, kind = self._screen_ks(len(batch.logits_indices), sample_seqs)
         if ks is not None:  # every row keeps only its k largest logits (models/head_screen.py)
             h = self.model.forward_hidden(input_ids, batch, self.caches)
             h = h.index_select(0, batch.logits_indices)  # [S, H]
             x = self.model.final_norm(h, batch.backend)
-            tokens, logits = self._head(x, ks)
-            return self._sample(sample_seqs, tokens, logits, head_input=_screened(x, ks))
+            tokens, logits = self._head(x, ks, kind)
+            return self._sample(sample_seqs, tokens, logits,
+                                head_input=x if kind == "grammar" else None)  # fmt: skip
         logits = self.run_model(input_ids, batch)  # [S, V] fp32
         return self._sample(sample_seqs, logits=logits)
 
-    def _head(self, x, ks) -> tuple[list[int] | None, torch.Tensor | None]:
+    def _head(self, x, ks, kind) -> tuple[list[int] | None, torch.Tensor | None]:
         """Head-input rows x [S, H] -> (tokens, None) where every row is greedy and the int8
         screen decides them all, else (None, logits [S, V]): screened (exact where it can
-        matter, -inf elsewhere: the sampler's draw is unchanged) or the full head. ks: each
-        row's k (screen_k), None: the full head."""
+        matter, -inf elsewhere: the sampler's draw is unchanged) or the full head. ks, kind:
+        each row's k and the step's kind (_screen_ks), None: the full head."""
         if ks is not None:
-            if max(ks) == 1:
+            if kind == "greedy":
                 tokens = self.head_screen.tokens(x)
-                self._screen_outcome("greedy", tokens is not None)
+                self._screen_outcome(kind, tokens is not None)
                 if tokens is not None:
                     return tokens, None
             else:
                 logits = self.head_screen.logits(x, ks)
                 # (a grammar step's success counts once its rows are checked: _grammar_rows)
-                if logits is None or self._screen_kind != "grammar":
-                    self._screen_outcome(self._screen_kind, logits is not None)
+                if logits is None or kind != "grammar":
+                    self._screen_outcome(kind, logits is not None)
                 if logits is not None:
                     return None, logits
         return None, self.head_logits(x)
@@ -610,13 +610,14 @@ class ModelRunner:
         rows = self.sample_rows + [rows_of[i][j] for i, j in extra]
         seqs = sample_seqs + [scheduled[i].seq for i, _ in extra]
         shifts = [0] * S + [j for _, j in extra]
-        ks = self._screen_ks(len(seqs), seqs, shifts=shifts)
+        ks, kind = self._screen_ks(len(seqs), seqs, shifts=shifts)
         tokens, logits = None, None
-        xr = None  # the head's input rows where its logits may be screened
+        xr = None  # the head's input rows where grammar rows may have the screen's logits
         if rows:
             idx = torch.tensor(rows, dtype=torch.long, device=x.device)
-            tokens, logits = self._head(x.index_select(0, idx), ks)
-            xr = _screened(x.index_select(0, idx), ks)
+            xs = x.index_select(0, idx)
+            tokens, logits = self._head(xs, ks, kind)
+            xr = xs if kind == "grammar" else None
             if tokens is None and extra and all(k == 1 for k in _row_ks(seqs, shifts)):
                 tokens = _greedy_tokens(logits)  # every row at once: one read, not one a draft
         at = {ij: S + n for n, ij in enumerate(extra)}
@@ -802,23 +803,24 @@ class ModelRunner:
             input_ids=input_ids,
         )
 
-    def _screen_ks(self, num_rows: int, seqs, shifts=None) -> list[int] | None:
-        """Each row's k where every row of the step can take the int8 screen (screen_k);
-        shifts: tokens each row's sequence has beyond its token_ids (a bonus row's draft)."""
+    def _screen_ks(self, num_rows: int, seqs, shifts=None) -> tuple[list[int] | None, str | None]:
+        """Each row's k where every row of the step can take the int8 screen (screen_k), and
+        the step's kind for the back-off (greedy, top-k or grammar); (None, None): the full
+        head. shifts: tokens each row's sequence has beyond its token_ids (a bonus row's
+        draft)."""
         head = self.head_screen
         if head is None or not 0 < len(seqs) == num_rows <= head.max_rows:
-            return None
+            return None, None
         ks = _row_ks(seqs, shifts or [0] * len(seqs))
         if None in ks:
-            return None
+            return None, None
         kind = "greedy" if max(ks) == 1 else "top-k"
         if any(s.params.structured_outputs is not None for s in seqs):
             kind = "grammar"
         if self._screen_skip[kind] > 0:  # backing off after undecided screens
             self._screen_skip[kind] -= 1
-            return None
-        self._screen_kind = kind  # (_head's outcome counts under it)
-        return ks
+            return None, None
+        return ks, kind
 
     def _screen_outcome(self, kind: str, decided: bool) -> None:
         """An undecided screen cost its read for nothing (flat distributions, a top-k whose
@@ -902,11 +904,6 @@ def grammar_ks(p) -> tuple[int, int] | None:
         return None
     k = max(2, p.top_k)
     return k, max(GRAMMAR_SCREEN_K, k)
-
-
-def _screened(x: torch.Tensor, ks) -> torch.Tensor | None:
-    """The head's input rows where its logits may be the screen's (ks: _screen_ks, k > 1)."""
-    return x if ks is not None and max(ks) > 1 else None
 
 
 def _row_ks(seqs, shifts) -> list[int | None]:
