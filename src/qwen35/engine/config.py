@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from qwen35.cache_spec import MAX_SPECULATIVE_TOKENS, SPECULATIVE_METHODS
 from qwen35.config import check_yarn_factor
@@ -162,6 +163,21 @@ class CacheConfig:
     )
     checkpoint_interval: int | None = _opt(
         None, "tokens between prefix-cache state checkpoints (default about 256)", cli=False
+    )
+    prefix_cache_dir: str | None = _opt(
+        None,
+        "a folder where prompt prefixes outlive the engine: each prompt of at least "
+        "--prefix-cache-dir-min-tokens leaves its prompt-end KV + DeltaNet state there, and a "
+        "later engine of the same model and numerics starts a prompt that extends one from it "
+        "(README \"Prefix cache on disk\"); off by default",
+        metavar="DIR",
+    )
+    prefix_cache_dir_size: str = _opt(
+        "10GiB", "most disk --prefix-cache-dir takes (least recently used files removed first)"
+    )
+    prefix_cache_dir_min_tokens: int = _opt(
+        256, "shortest prompt prefix --prefix-cache-dir stores (tokens; shorter ones are cheap "
+        "to compute again)"
     )
     num_kv_blocks: int | None = _opt(None, "exact KV pool size (tests, experiments)", cli=False)
 
@@ -503,6 +519,27 @@ class EngineConfig:
                 "lookahead positions: choose one (set num_scheduler_steps to 1 or "
                 "num_speculative_tokens to 0)"
             )
+        if c.prefix_cache_dir is not None:
+            if not c.enable_prefix_caching:
+                raise Qwen35Error("prefix_cache_dir stores the prefix cache: it needs prefix "
+                                  "caching on (drop --no-prefix-caching)")  # fmt: skip
+            if p.tensor_parallel_size > 1:
+                raise Qwen35Error("prefix_cache_dir runs on one rank: not with "
+                                  "tensor_parallel_size > 1 yet")  # fmt: skip
+            if Path(c.prefix_cache_dir).expanduser().exists() and not Path(
+                c.prefix_cache_dir
+            ).expanduser().is_dir():
+                raise Qwen35Error(f"prefix_cache_dir {c.prefix_cache_dir!r} is a file, not a "
+                                  f"folder")  # fmt: skip
+            from qwen35.engine.cache_sizing import parse_bytes
+
+            if (parse_bytes(c.prefix_cache_dir_size, "--prefix-cache-dir-size") or 0) < 1:
+                raise Qwen35Error(f"prefix_cache_dir_size must be above 0, got "
+                                  f"{c.prefix_cache_dir_size!r}")  # fmt: skip
+            m = c.prefix_cache_dir_min_tokens
+            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+                raise Qwen35Error(f"prefix_cache_dir_min_tokens must be an integer >= 1, got "
+                                  f"{m!r}")  # fmt: skip
         if self.load.yarn is not None:
             check_yarn_factor(self.load.yarn)
         if self.load.override_generation_config is not None:

@@ -28,7 +28,7 @@ from qwen35.chat_format import (
 )
 from qwen35.config import non_negative_int
 from qwen35.devices import dtype_advice, model_kv_dtype, resolve_dtype, resolve_state_dtype
-from qwen35.engine.cache_sizing import CachePlan, plan_caches
+from qwen35.engine.cache_sizing import CachePlan, parse_bytes, plan_caches
 from qwen35.engine.config import EngineConfig
 from qwen35.engine.forward_batch import allocate_caches
 from qwen35.engine.lora_adapters import LoraAdapters
@@ -432,6 +432,22 @@ class LLMEngine:
             num_checkpoint_slots=self.plan.num_checkpoint_slots,
         )
         self.pacer = PrefillPacer(sc.max_decode_step_ms or 0)
+        self.prefix_store = None  # engine/prefix_store.py: --prefix-cache-dir
+        if cc.prefix_cache_dir is not None:
+            from qwen35.engine import prefix_store as ps
+
+            finger = ps.fingerprint(
+                self.model, caches, quantization=ec.load.quantization, device=self.device.type,
+                int4_activations=ec.load.int4_activations, yarn=ec.load.yarn,
+                backend=getattr(getattr(self.runner, "backend", None), "name", None),
+            )  # fmt: skip
+            self.prefix_store = ps.PrefixStore(
+                cc.prefix_cache_dir, parse_bytes(cc.prefix_cache_dir_size),
+                cc.prefix_cache_dir_min_tokens, finger,
+            )  # fmt: skip
+            if verbose:
+                log.warning("prefix cache on disk: %s (up to %s)", self.prefix_store.dir,
+                            cc.prefix_cache_dir_size)  # fmt: skip
         self._requests: dict[str, _Request] = {}
         self._seq_to_req: dict[str, tuple[_Request, _SeqState]] = {}
         self._ids = itertools.count()
@@ -443,7 +459,10 @@ class LLMEngine:
         }
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers (if any); the engine cannot step afterwards."""
+        """Stop the tensor-parallel workers (if any) and finish the prefix-cache files being
+        written; the engine cannot step afterwards."""
+        if getattr(self, "prefix_store", None) is not None:
+            self.prefix_store.close()
         if self.workers is not None:
             self.workers.stop()
             if torch.get_num_threads() != self._threads_before:
@@ -675,6 +694,8 @@ class LLMEngine:
         """One scheduled step. A sequence whose step fails (the model forward, its sampling or
         its detokenizing raised) ends its request with `error` set; the others go on."""
         t0 = time.perf_counter()
+        if self.prefix_store is not None:
+            self._import_prefixes()
         out = self.scheduler.schedule(self.pacer.cap(), short_first=self.pacer.short_first)
         try:
             result = self.runner.execute(out.scheduled)
@@ -691,6 +712,10 @@ class LLMEngine:
         for seq_id in errors:  # before update(), which then skips them
             self.scheduler.finish(seq_id, "error")
         finished = {s.seq_id for s in self.scheduler.update(out, result.sampled, result.bonus)}
+        if self.prefix_store is not None:
+            from qwen35.engine.prefix_store import export_prefixes
+
+            export_prefixes(self.prefix_store, self.scheduler, self.runner.caches, out, set(errors))
         for seq_id, lps in result.prompt_logprobs.items():
             if seq_id not in errors:
                 self._seq_to_req[seq_id][1].seq.prompt_logprobs.extend(lps)
@@ -747,6 +772,18 @@ class LLMEngine:
         if result.decode_rows:  # speculative decoding: the whole step's time by its rows
             self.runner.spec.cost.record(result.decode_rows, time.perf_counter() - t0)
         return outputs
+
+    def _import_prefixes(self) -> None:
+        """--prefix-cache-dir: the prompts that may be admitted this step, not looked up yet, take
+        what the folder holds beyond the memory cache (engine/prefix_store.py)."""
+        from qwen35.engine.prefix_store import import_prefix
+
+        sched = self.scheduler
+        seats = sched.config.max_num_seqs - len(sched.running)
+        for seq in list(itertools.islice(sched.waiting, max(seats, 0))):
+            if not seq.disk_checked:
+                seq.disk_checked = True
+                import_prefix(self.prefix_store, sched, self.runner.caches, seq)
 
     def _process_token(
         self, st: _SeqState, seq_id: str, token: int, finished, pending: int = 0
@@ -856,6 +893,8 @@ class LLMEngine:
             "prefix_cache_query_tokens": pc.query_tokens,
             "prefix_cache_hit_tokens": pc.hit_tokens,
             "prefix_cache_checkpoints": pc.num_checkpoints,
+            **({} if self.prefix_store is None else {f"prefix_cache_{k}": v for k, v in
+                                                     self.prefix_store.stats.items()}),
             **self._spec_stats(),
             **self._lora_stats(),
             **self.stats_totals,

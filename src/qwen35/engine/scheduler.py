@@ -536,6 +536,10 @@ class Scheduler:
         seq.block_ids += self.kv.allocate(max(need, 0))
         return True
 
+    def prefix_hashes(self, seq: Sequence) -> list[bytes]:
+        """The chain hash of every full block of seq's known tokens (extended as they grow)."""
+        return self._hashes(seq)
+
     def _hashes(self, seq: Sequence) -> list[bytes]:
         bs = self.config.block_size
         extra = (lambda k: seq.block_extra_key(k, bs)) if seq.mm_items else None

@@ -99,6 +99,8 @@ class Sequence:
     # the LoRA adapter it runs with (engine/lora_adapters.py id; its cache_salt keys the prefix
     # cache by it); 0: the base model
     lora_id: int = 0
+    # --prefix-cache-dir: its files were looked up before its first admission
+    disk_checked: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)

@@ -1,0 +1,251 @@
+"""The prefix cache on disk (`--prefix-cache-dir`, engine/prefix_store.py): an engine started later
+takes a prompt's prefix from the files another wrote, token-exact with computing it, and the
+folder stays a whole tree within its budget whatever happens to its files."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from safetensors import safe_open
+
+from qwen35.engine.llm_engine import LLM
+from qwen35.engine.prefix_store import SUFFIX, PrefixStore, disk_interval
+from qwen35.errors import Qwen35Error
+from qwen35.request import SamplingParams
+from tiny import save_checkpoint
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("store") / "m"
+    save_checkpoint(d, moe=False, layout="vlm", max_position_embeddings=16384)
+    return d
+
+
+@pytest.fixture(scope="module")
+def off(ckpt):
+    return LLM(str(ckpt), dtype="fp32", block_size=BS, verbose=False, enable_prefix_caching=False)
+
+
+def toks(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(2, 256) for _ in range(n)]
+
+
+def engine(ckpt, store, **kw) -> LLM:
+    kw = {"dtype": "fp32", "prefix_cache_dir_min_tokens": 32, **kw}
+    return LLM(str(ckpt), block_size=BS, verbose=False, prefix_cache_dir=str(store), **kw)
+
+
+def run(llm: LLM, prompt: list[int]):
+    out = llm.generate([prompt], GREEDY)[0]
+    llm.engine.prefix_store.flush()
+    llm.engine.scheduler.check_integrity()
+    return out
+
+
+def segments(llm: LLM) -> dict[str, tuple[str, int, int]]:
+    """file stem -> (parent, start block, end block)"""
+    out = {}
+    for p in llm.engine.prefix_store.dir.glob("*" + SUFFIX):
+        with safe_open(p, framework="pt") as f:
+            m = f.metadata()
+        out[p.stem] = (m["parent"], int(m["start"]), int(m["end"]))
+    return out
+
+
+def test_a_restarted_engine_takes_the_prefix_from_disk(ckpt, off, tmp_path):
+    system = toks(2100, 1)
+    first = engine(ckpt, tmp_path)
+    run(first, system + toks(40, 2))
+    stats = first.engine.get_stats()
+    assert stats["prefix_cache_disk_saves"] == 3  # at 1,024 and 2,048 tokens, and the prompt end
+    assert disk_interval(first.engine.scheduler.config.checkpoint_interval) == 1024
+    # a restart: another question after the same system prompt resumes from 2,048 tokens
+    later = engine(ckpt, tmp_path)
+    prompt = system + toks(30, 3)
+    got = run(later, prompt)
+    assert got.num_cached_tokens == 2048
+    assert got.outputs[0].token_ids == off.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    # the first prompt again: from its own end, past what memory now holds
+    prompt = system + toks(40, 2)
+    got = run(later, prompt)
+    assert got.num_cached_tokens == (len(prompt) - 1) // BS * BS
+    assert got.outputs[0].token_ids == off.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    stats = later.engine.get_stats()
+    assert stats["prefix_cache_disk_hits"] == 2 and stats["prefix_cache_disk_read_errors"] == 0
+    assert stats["prefix_cache_disk_hit_tokens"] == 2048 + got.num_cached_tokens
+
+
+@pytest.mark.parametrize(
+    "moe,options",
+    [
+        (False, {"dtype": "bf16", "kv_cache_dtype": "fp8"}),
+        (True, {"dtype": "bf16", "mamba_ssm_cache_dtype": "bf16"}),
+        (False, {"dtype": "fp32", "num_speculative_tokens": 2}),
+    ],
+    ids=["bf16-fp8-kv", "moe-bf16-state", "mtp-drafts"],
+)
+def test_a_disk_hit_is_a_memory_hit(tmp_path, moe, options):
+    """The same bytes back: logprobs equal those of a memory hit at the same depth."""
+    save_checkpoint(tmp_path / "m", moe=moe, layout="vlm", max_position_embeddings=4096,
+                    mtp="num_speculative_tokens" in options)  # fmt: skip
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3)
+    prompt = toks(600, 13)
+    first = engine(tmp_path / "m", tmp_path / "store", **options)
+    run(first, prompt)
+    memory = first.generate([prompt], params)[0]
+    later = engine(tmp_path / "m", tmp_path / "store", **options)
+    disk = later.generate([prompt], params)[0]
+    assert later.engine.get_stats()["prefix_cache_disk_hits"] == 1
+    assert disk.num_cached_tokens == memory.num_cached_tokens == (len(prompt) - 1) // BS * BS
+    assert disk.outputs[0].token_ids == memory.outputs[0].token_ids
+    assert disk.outputs[0].logprobs == memory.outputs[0].logprobs
+
+
+def test_a_conversation_goes_on_after_a_restart(ckpt, off, tmp_path):
+    convo, previous = toks(200, 4), 0
+    for _ in range(3):
+        llm = engine(ckpt, tmp_path)  # a new engine every turn
+        out = run(llm, convo)
+        assert out.outputs[0].token_ids == off.generate([convo], GREEDY)[0].outputs[0].token_ids
+        assert out.num_cached_tokens >= previous  # the last turn's prompt, from disk
+        previous = (len(convo) - 1) // BS * BS
+        convo = convo + out.outputs[0].token_ids + toks(40, 10 + turn)
+
+
+def test_segments_form_a_tree_without_copies(ckpt, tmp_path):
+    llm = engine(ckpt, tmp_path)
+    system = toks(1100, 5)
+    for q in range(3):  # the second and third share the first's system prompt in memory
+        run(llm, system + toks(50 + q, 20 + q))
+    segs = segments(llm)
+    assert len(segs) == 1 + 1 + 3  # 1,024; the branch point (end of the system prompt); 3 ends
+    for stem, (parent, start, _) in segs.items():
+        assert (parent == "") == (start == 0), stem
+        assert parent == "" or segs[parent][2] == start  # each starts where its parent ends
+    # blocks stored once, but for the first prompt's tail: its end's segment starts at 1,024,
+    # written before the second request made the end of the system prompt a branch point
+    sys_blocks, end_blocks, at = 1100 // BS, (1100 + 50 - 1) // BS, 1024 // BS
+    stored = sum(end - start for _, start, end in segs.values())
+    assert stored == at + (end_blocks - at) + (sys_blocks - at) + 2 * (end_blocks - sys_blocks)
+
+
+def test_the_folder_keeps_its_budget_and_stays_whole(ckpt, tmp_path):
+    llm = engine(ckpt, tmp_path)
+    run(llm, toks(300, 30))
+    one = sum(p.stat().st_size for p in llm.engine.prefix_store.dir.glob("*" + SUFFIX))
+    llm = engine(ckpt, tmp_path, prefix_cache_dir_size=str(int(3.5 * one)))
+    for i in range(8):
+        run(llm, toks(300, 31 + i))
+    files = list(llm.engine.prefix_store.dir.glob("*" + SUFFIX))
+    assert 1 <= len(files) <= 3
+    assert sum(p.stat().st_size for p in files) <= 3.5 * one
+    assert not [p for p in llm.engine.prefix_store.dir.iterdir() if p.name.startswith(".tmp")]
+    # a tree pruned leaves first: every file left still reads back to the root
+    store = llm.engine.prefix_store
+    assert all(store.chain(bytes.fromhex(p.stem)) is not None for p in files)
+
+
+def test_pruning_takes_leaves_before_the_segments_they_build_on(ckpt, tmp_path):
+    llm = engine(ckpt, tmp_path)
+    system = toks(1100, 6)
+    run(llm, system + toks(20, 40))
+    store = llm.engine.prefix_store
+    segs = segments(llm)
+    root = next(s for s, (parent, _, _) in segs.items() if parent == "")
+    sizes = {p.stem: p.stat().st_size for p in store.dir.glob("*" + SUFFIX)}
+    store.max_bytes = sizes[root]  # room for one: the root stays, whatever was used last
+    store._prune(keep=store.dir / "none")
+    assert [p.stem for p in store.dir.glob("*" + SUFFIX)] == [root]
+
+
+def test_a_damaged_or_foreign_file_is_a_miss(ckpt, off, tmp_path):
+    prompt = toks(400, 7)
+    first = engine(ckpt, tmp_path)
+    run(first, prompt)
+    (path,) = first.engine.prefix_store.dir.glob("*" + SUFFIX)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    later = engine(ckpt, tmp_path)
+    got = run(later, prompt)
+    want = off.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    assert got.outputs[0].token_ids == want and got.num_cached_tokens == 0
+    assert later.engine.get_stats()["prefix_cache_disk_read_errors"] == 1
+    # written again by that run; now give another prompt's file this prompt's name
+    other = toks(400, 8)
+    run(later, other)
+    store = later.engine.prefix_store
+    (mine,) = [p for p in store.dir.glob("*" + SUFFIX) if p != path]
+    os.replace(mine, path)
+    third = engine(ckpt, tmp_path)
+    got = run(third, prompt)
+    assert got.outputs[0].token_ids == want and got.num_cached_tokens == 0
+    assert third.engine.get_stats()["prefix_cache_disk_read_errors"] == 1
+    assert path.exists()  # the miss was computed and written back
+    with safe_open(path, framework="pt") as f:
+        assert f.get_tensor("tokens").tolist() == prompt[: (len(prompt) - 1) // BS * BS]
+
+
+def test_other_numerics_and_short_prompts_stay_apart(ckpt, tmp_path):
+    a = engine(ckpt, tmp_path)
+    b = engine(ckpt, tmp_path, dtype="bf16")
+    c = engine(ckpt, tmp_path, prefix_cache_dir_min_tokens=512)
+    assert len({a.engine.prefix_store.dir, b.engine.prefix_store.dir}) == 2
+    assert c.engine.prefix_store.dir == a.engine.prefix_store.dir  # (min tokens: not numerics)
+    run(c, toks(300, 9))  # under its 512 tokens: nothing stored
+    assert c.engine.get_stats()["prefix_cache_disk_saves"] == 0
+    run(b, toks(300, 9))
+    assert b.engine.get_stats()["prefix_cache_disk_saves"] == 1
+    assert not list(a.engine.prefix_store.dir.glob("*" + SUFFIX))
+
+
+def test_prompts_that_must_compute_every_row_do_not_read_the_disk(ckpt, off, tmp_path):
+    prompt = toks(300, 11)
+    run(engine(ckpt, tmp_path), prompt)
+    llm = engine(ckpt, tmp_path)
+    p = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=1)
+    got = llm.generate([prompt], p)[0]
+    assert got.num_cached_tokens == 0 and len(got.prompt_logprobs) == len(prompt)
+    assert llm.engine.get_stats()["prefix_cache_disk_hits"] == 0
+
+
+def test_bad_settings_are_refused_before_loading(ckpt, tmp_path):
+    with pytest.raises(Qwen35Error, match="prefix caching"):
+        engine(ckpt, tmp_path, enable_prefix_caching=False)
+    with pytest.raises(Qwen35Error, match="tensor_parallel_size"):
+        engine(ckpt, tmp_path, tensor_parallel_size=2)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(Qwen35Error, match="a file"):
+        engine(ckpt, tmp_path / "f")
+    with pytest.raises(Qwen35Error, match="not a size"):
+        engine(ckpt, tmp_path, prefix_cache_dir_size="lots")
+    with pytest.raises(Qwen35Error, match="min_tokens"):
+        engine(ckpt, tmp_path, prefix_cache_dir_min_tokens=0)
+
+
+def test_a_folder_that_cannot_be_made_is_a_clear_error(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(Qwen35Error, match="cannot write there"):
+        PrefixStore(tmp_path / "f" / "cache", 1 << 30, 32, {"format": 1})
+
+
+def test_a_failing_disk_never_fails_a_request(ckpt, off, tmp_path, monkeypatch):
+    llm = engine(ckpt, tmp_path)
+    import safetensors.torch
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    prompt = toks(300, 12)
+    got = run(llm, prompt)
+    assert got.outputs[0].token_ids == off.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    stats = llm.engine.get_stats()
+    assert stats["prefix_cache_disk_write_errors"] == 1 and stats["prefix_cache_disk_saves"] == 0
+    assert not [p for p in llm.engine.prefix_store.dir.iterdir() if p.name.startswith(".tmp")]
