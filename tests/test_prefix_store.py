@@ -110,7 +110,7 @@ def test_a_disk_hit_is_a_memory_hit(tmp_path, moe, options):
 
 def test_a_conversation_goes_on_after_a_restart(ckpt, off, tmp_path):
     convo, previous = toks(200, 4), 0
-    for _ in range(3):
+    for turn in range(3):
         llm = engine(ckpt, tmp_path)  # a new engine every turn
         out = run(llm, convo)
         assert out.outputs[0].token_ids == off.generate([convo], GREEDY)[0].outputs[0].token_ids
