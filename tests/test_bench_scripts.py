@@ -93,6 +93,20 @@ def test_run_batch_bench_runs(capsys, tmp_path):
     assert "window 1" in out and "batched" in out and "[3, 3] of 3" in out  # fp32: batched == alone
 
 
+def test_prefix_store_bench_runs(capsys, tmp_path):
+    from qwen35.engine import prefix_store
+    from tiny import save_checkpoint
+
+    save_checkpoint(tmp_path / "m", max_position_embeddings=4096)
+    real = prefix_store.import_prefix
+    _load("prefix_store").main(["--model", str(tmp_path / "m" / "config.json"), "--prefix", "300",
+                                "600", "--question", "8", "--rounds", "2", "--dtype", "fp32",
+                                "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "per round" in out and "disk hits 4," in out and "errors 0 / 0" in out
+    assert prefix_store.import_prefix is real  # (the bench's timing wrapper is gone)
+
+
 def test_moe_decode_bench_runs(capsys):
     """bench/moe_decode.py against both baselines on a one-layer model of 35B-A3B's shapes; the
     class attributes it switches (SparseMoE.cpu_step / cpu_routed) are restored after."""

@@ -80,6 +80,10 @@ def test_a_restarted_engine_takes_the_prefix_from_disk(ckpt, off, tmp_path):
     stats = later.engine.get_stats()
     assert stats["prefix_cache_disk_hits"] == 2 and stats["prefix_cache_disk_read_errors"] == 0
     assert stats["prefix_cache_disk_hit_tokens"] == 2048 + got.num_cached_tokens
+    from qwen35.server.metrics import _ENGINE_SERIES  # (the server's /metrics series)
+
+    disk = {k for k in _ENGINE_SERIES if "_disk_" in k}
+    assert len(disk) == 5 and disk <= stats.keys()
 
 
 @pytest.mark.parametrize(

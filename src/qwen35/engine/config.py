@@ -166,10 +166,11 @@ class CacheConfig:
     )
     prefix_cache_dir: str | None = _opt(
         None,
-        "a folder where prompt prefixes outlive the engine: each prompt of at least "
-        "--prefix-cache-dir-min-tokens leaves its prompt-end KV + DeltaNet state there, and a "
-        "later engine of the same model and numerics starts a prompt that extends one from it "
-        "(README \"Prefix cache on disk\"); off by default",
+        "a folder where prompt prefixes outlive the engine: prompts of at least "
+        "--prefix-cache-dir-min-tokens leave their KV + DeltaNet state checkpoints there (at the "
+        "prompt's end, where requests share a prefix, every ~1,024 tokens), and a later engine "
+        "of the same model and numerics starts a prompt that extends one from there (README "
+        "\"Prefix cache on disk\"); off by default",
         metavar="DIR",
     )
     prefix_cache_dir_size: str = _opt(

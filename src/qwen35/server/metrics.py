@@ -65,6 +65,31 @@ _ENGINE_SERIES = {
         "Prompt tokens served from the prefix cache",
         "counter",
     ),
+    "prefix_cache_disk_hits": (
+        "qwen35_prefix_cache_disk_hits",
+        "Prompts that took their prefix from --prefix-cache-dir",
+        "counter",
+    ),
+    "prefix_cache_disk_hit_tokens": (
+        "qwen35_prefix_cache_disk_hit_tokens",
+        "Prompt tokens read from --prefix-cache-dir",
+        "counter",
+    ),
+    "prefix_cache_disk_saves": (
+        "qwen35_prefix_cache_disk_saves",
+        "Prefix segments written to --prefix-cache-dir",
+        "counter",
+    ),
+    "prefix_cache_disk_read_errors": (
+        "qwen35_prefix_cache_disk_read_errors",
+        "--prefix-cache-dir files that did not read back (removed)",
+        "counter",
+    ),
+    "prefix_cache_disk_write_errors": (
+        "qwen35_prefix_cache_disk_write_errors",
+        "--prefix-cache-dir writes that failed",
+        "counter",
+    ),
     "lora_adapters_loaded": ("qwen35_lora_adapters_loaded", "LoRA adapters loaded", "gauge"),
 }
 
