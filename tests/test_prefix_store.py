@@ -10,6 +10,7 @@ import random
 import pytest
 from safetensors import safe_open
 
+from qwen35.chat_format import shared_prefix
 from qwen35.engine.llm_engine import LLM
 from qwen35.engine.prefix_store import SUFFIX, PrefixStore, disk_interval
 from qwen35.errors import Qwen35Error
@@ -253,3 +254,82 @@ def test_a_failing_disk_never_fails_a_request(ckpt, off, tmp_path, monkeypatch):
     stats = llm.engine.get_stats()
     assert stats["prefix_cache_disk_write_errors"] == 1 and stats["prefix_cache_disk_saves"] == 0
     assert not [p for p in llm.engine.prefix_store.dir.iterdir() if p.name.startswith(".tmp")]
+
+
+# ---- cache points: where a chat's system prompt ends -------------------------------------------
+
+SYSTEM = " ".join(f"Rule {i}: answer in the voice of character {i * 7 % 13}." for i in range(40))
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory):
+    from tiny import VOCAB_REAL
+
+    d = tmp_path_factory.mktemp("store-chat") / "m"
+    save_checkpoint(d, vocab_size=VOCAB_REAL, hidden_size=32, max_position_embeddings=4096)
+    return d
+
+
+def head_tokens(llm: LLM, messages) -> int:
+    template, enc = llm.engine.chat_template, llm.engine.encode_prompt
+    return shared_prefix(enc(template.head(messages)), enc(template.render(messages)))
+
+
+def test_a_chats_system_prompt_is_stored_from_its_first_request(chat_ckpt, tmp_path):
+    """LLM.chat marks where the system prompt ends (SamplingParams.cache_points): one request
+    leaves a checkpoint (and a segment) there, so the next conversation, in this engine or one
+    started later, starts from it: it needs no second request to find the branch point."""
+    msgs = lambda q: [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]  # noqa: E731
+    p = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    first = engine(chat_ckpt, tmp_path)
+    first.chat(msgs("What is the capital of France?"), p)
+    n = head_tokens(first, msgs("x"))
+    assert n > 300 and first.engine.chat_template.head(msgs("x")).endswith("<|im_start|>user\n")
+    first.engine.prefix_store.flush()
+    assert n // BS in {end for _, _, end in segments(first).values()}
+    again = first.chat(msgs("Name a prime number."), p)
+    assert again.num_cached_tokens == n // BS * BS  # a memory hit at the system prompt's end
+    later = engine(chat_ckpt, tmp_path)
+    got = later.chat(msgs("How far is the moon?"), p)
+    assert got.num_cached_tokens == n // BS * BS
+    plain = LLM(str(chat_ckpt), dtype="fp32", block_size=BS, verbose=False,
+                enable_prefix_caching=False)  # fmt: skip
+    want = plain.chat(msgs("How far is the moon?"), p)
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+
+
+def test_the_server_marks_the_system_prompt_too(chat_ckpt, tmp_path):
+    import openai
+
+    from qwen35.engine.llm_engine import LLMEngine
+    from qwen35.server.app import ServerConfig, create_app
+    from server_fakes import ServerThread
+
+    def serve():
+        eng = LLMEngine(str(chat_ckpt), dtype="fp32", block_size=BS, verbose=False,
+                        prefix_cache_dir=str(tmp_path), prefix_cache_dir_min_tokens=32)  # fmt: skip
+        srv = ServerThread(create_app(eng, ServerConfig(served_model_name="tiny")))
+        return srv, openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0), eng
+
+    def ask(client, q):
+        r = client.chat.completions.create(
+            model="tiny", max_tokens=2, temperature=0.0,
+            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+        )  # fmt: skip
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    srv, client, eng = serve()
+    try:
+        assert ask(client, "What is the capital of France?") == 0
+        cached = ask(client, "Name a prime number.")
+    finally:
+        srv.close()
+        eng.shutdown()
+    assert cached > 300 and cached % BS == 0
+    srv, client, eng = serve()  # a restart
+    try:
+        assert ask(client, "How far is the moon?") == cached
+        assert eng.get_stats()["prefix_cache_disk_hits"] == 1
+    finally:
+        srv.close()
+        eng.shutdown()

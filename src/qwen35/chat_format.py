@@ -276,6 +276,29 @@ class ChatTemplate:
             return text[:cut]
         return self._render(msgs, tools, add_generation_prompt, enable_thinking, **template_kwargs)
 
+    def head(self, messages: list[Any], tools: list[Any] | None = None,
+             enable_thinking: bool | None = None, **template_kwargs: Any) -> str | None:  # fmt: skip
+        """What every conversation that starts with these messages' leading system / developer
+        messages and these tools starts with: the text up to where the next (user) message's
+        own text begins. It is the prefix a chat's requests share (the prefix cache's
+        `SamplingParams.cache_points`): the common start of two renderings that differ only in
+        that message. None where the template cannot render them."""
+        i = 0
+        while i < len(messages) and isinstance(messages[i], dict) and (
+            messages[i].get("role") in ("system", "developer")
+        ):
+            i += 1
+        try:
+            a, b = (
+                self.render([*messages[:i], {"role": "user", "content": probe}], tools,
+                            add_generation_prompt=False, enable_thinking=enable_thinking,
+                            **template_kwargs)  # fmt: skip
+                for probe in ("0", "1")
+            )
+        except Exception:  # noqa: BLE001 - only a hint: a template that cannot say gives none
+            return None
+        return a[: shared_prefix(a, b)]
+
     def _render(
         self,
         msgs: list[dict[str, Any]],
@@ -562,3 +585,9 @@ def _assistant(msg: dict[str, Any], content: str, after_query: bool) -> str:
             parts.append("</function>\n</tool_call>")
     parts.append("<|im_end|>\n")
     return "".join(parts)
+
+
+def shared_prefix(a, b) -> int:
+    """How many leading items (characters, token ids) two sequences share."""
+    return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))  # fmt: skip

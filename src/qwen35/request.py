@@ -133,6 +133,10 @@ class SamplingParams:
     # vLLM's cache_salt: prompts share prefix-cache blocks only with requests of the same salt
     # (one tenant's cached prompts cannot be detected by another's timing)
     cache_salt: str | None = None
+    # prompt lengths (tokens) where a prefix other requests share ends, e.g. a chat's system
+    # prompt and tools (the server and LLM.chat set it): the prefix cache places a state
+    # checkpoint at the last block boundary at or before each, and --prefix-cache-dir a segment
+    cache_points: tuple[int, ...] = ()
     # vLLM's thinking_token_budget: a reply that is still inside the think block the prompt
     # opened after this many tokens gets its end-of-think token next (then it answers); the
     # engine fills think_end_token_id (None: the prompt leaves the model not thinking)
@@ -212,6 +216,11 @@ class SamplingParams:
         integer("truncate_prompt_tokens", 1, none_ok=True)
         integer("priority", -PRIORITY_MAX, PRIORITY_MAX)
         integer("thinking_token_budget", 0, none_ok=True)
+        if not isinstance(self.cache_points, (tuple, list)) or any(
+            not _is_int(t) or t < 1 for t in self.cache_points
+        ):
+            raise bad("cache_points must be a list of prompt lengths (integers >= 1)",
+                      "cache_points")  # fmt: skip
         salt = self.cache_salt
         if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > MAX_SALT):
             raise bad(f"cache_salt must be a non-empty string of at most {MAX_SALT} characters",

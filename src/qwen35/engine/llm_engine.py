@@ -25,6 +25,7 @@ from qwen35.chat_format import (
     check_text_only,
     default_thinking_for,
     read_template_arg,
+    shared_prefix,
 )
 from qwen35.config import non_negative_int
 from qwen35.devices import dtype_advice, model_kv_dtype, resolve_dtype, resolve_state_dtype
@@ -1039,12 +1040,17 @@ class LLM:
         if not self.engine.has_vision:
             check_text_only(messages)  # names the part; the engine would refuse it later anyway
         messages, media = extract_media(messages)
-        prompt = self.engine.chat_template.render(
+        template = self.engine.chat_template
+        prompt = template.render(
             messages, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, **template_kwargs,
         )  # fmt: skip
         if media:
             prompt = {"prompt": prompt, "multi_modal_data": media}
+        elif head := template.head(messages, **template_kwargs):  # the system prompt's end:
+            # a prefix-cache checkpoint there (SamplingParams.cache_points)
+            n = shared_prefix(self.engine.encode_prompt(head), self.engine.encode_prompt(prompt))
+            params = dataclasses.replace(params or self.default_params(), cache_points=(n,))
         return self.generate([prompt], params, lora=lora)[0]
 
 

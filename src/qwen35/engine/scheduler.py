@@ -570,7 +570,8 @@ class Scheduler:
         iv, bs = cfg.checkpoint_interval, cfg.block_size
         marks = set(range((start // iv + 1) * iv, start + n + 1, iv))
         prompt_end = (seq.num_prompt_tokens - 1) // bs * bs
-        for t in (prompt_end if cfg.checkpoint_prompt_end else 0, seq.branch_point):
+        points = [min(c // bs * bs, prompt_end) for c in seq.params.cache_points]
+        for t in (prompt_end if cfg.checkpoint_prompt_end else 0, seq.branch_point, *points):
             if start < t <= start + n:
                 marks.add(t)
         hashes = self._hashes(seq) if marks else []
