@@ -166,7 +166,7 @@ def test_pruning_takes_leaves_before_the_segments_they_build_on(ckpt, tmp_path):
     root = next(s for s, (parent, _, _) in segs.items() if parent == "")
     sizes = {p.stem: p.stat().st_size for p in store.dir.glob("*" + SUFFIX)}
     store.max_bytes = sizes[root]  # room for one: the root stays, whatever was used last
-    store._prune(keep=store.dir / "none")
+    store._prune()
     assert [p.stem for p in store.dir.glob("*" + SUFFIX)] == [root]
 
 
@@ -333,3 +333,53 @@ def test_the_server_marks_the_system_prompt_too(chat_ckpt, tmp_path):
     finally:
         srv.close()
         eng.shutdown()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_workloads_across_restarts(tmp_path, seed):
+    """Requests arriving between steps, sharing system prefixes and extending earlier
+    conversations, over engines restarted on one folder (small budgets: pruning; small pools:
+    evictions and preemption; now and then a damaged file): every request equals its run alone
+    without prefix caching (fp32), the pools end empty, the folder stays within its budget."""
+    from test_fuzz_workloads import _drive
+
+    rng = random.Random(seed)
+    save_checkpoint(tmp_path / "m", moe=seed % 2 == 1, max_position_embeddings=4096)
+    alone = LLM(str(tmp_path / "m"), dtype="fp32", block_size=BS, verbose=False,
+                enable_prefix_caching=False)  # fmt: skip
+    systems = [toks(rng.randrange(40, 1400), 1000 * seed + i) for i in range(3)]
+    history: list[list[int]] = []
+
+    def make():
+        if history and rng.random() < 0.3:  # a conversation goes on
+            prompt = rng.choice(history) + toks(rng.randrange(1, 60), rng.randrange(1 << 30))
+        else:
+            prompt = rng.choice(systems) + toks(rng.randrange(1, 200), rng.randrange(1 << 30))
+        how = rng.choice([dict(temperature=0.0), dict(temperature=0.8, seed=rng.randrange(99))])
+        return prompt, SamplingParams(max_tokens=rng.randrange(1, 12), ignore_eos=True, **how)
+
+    store = tmp_path / "store"
+    hits = 0
+    for session in range(4):
+        budget = rng.choice([300_000, 1_500_000, 1 << 26])  # (tiny files: 20-500 KB)
+        opts = dict(num_kv_blocks=rng.choice([150, 400, 4000]), max_num_seqs=rng.choice([2, 8]),
+                    max_num_batched_tokens=rng.choice([128, 512, 2048]),
+                    prefix_cache_dir_size=str(budget),
+                    checkpoint_interval=rng.choice([64, 256, 512]))  # fmt: skip
+        llm = engine(tmp_path / "m", store, **opts)
+        reqs, done, aborted = _drive(llm.engine, rng, 10, make, abort_p=0.03)
+        llm.engine.shutdown()
+        llm.engine.scheduler.check_integrity()
+        hits += llm.engine.get_stats()['prefix_cache_disk_hits']
+        for rid, out in done.items():
+            prompt, params = reqs[rid]
+            want = alone.generate([prompt], params)[0]
+            assert out.outputs[0].token_ids == want.outputs[0].token_ids, (session, rid)
+            history.append(prompt + list(want.outputs[0].token_ids))
+        files = list(llm.engine.prefix_store.dir.glob("*" + SUFFIX))
+        assert sum(p.stat().st_size for p in files) <= budget
+        assert not [p for p in llm.engine.prefix_store.dir.iterdir() if p.name.startswith(".tmp")]
+        if files and rng.random() < 0.5:  # damage one
+            victim = rng.choice(files)
+            victim.write_bytes(victim.read_bytes()[: rng.randrange(victim.stat().st_size)])
+    assert hits > 0

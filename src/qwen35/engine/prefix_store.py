@@ -263,7 +263,7 @@ class PrefixStore:
                     chain = self.chain(h)
                     if chain is not None:
                         self._touch([p for p, _, _ in chain])
-                    self._prune(keep=path)
+                    self._prune()
             except Exception as e:  # noqa: BLE001 - a full disk must not stop the engine
                 self.stats["disk_write_errors"] += 1
                 log.warning("prefix cache: writing %s failed (%s)", h.hex(), e)
@@ -285,7 +285,7 @@ class PrefixStore:
             except OSError:
                 pass
 
-    def _prune(self, keep: Path) -> None:
+    def _prune(self) -> None:
         """Remove the least recently used files until the folder fits its budget (and what a
         killed writer left half-written)."""
         stale = time.time() - STALE_TMP_S
@@ -306,9 +306,8 @@ class PrefixStore:
         for _, size, p in sorted(files, key=lambda f: f[0]):
             if total <= self.max_bytes:
                 break
-            if p != keep:
-                p.unlink(missing_ok=True)
-                total -= size
+            p.unlink(missing_ok=True)
+            total -= size
 
 
 def _write_atomic(path: Path, write) -> None:
