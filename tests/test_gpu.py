@@ -142,6 +142,29 @@ def test_prefix_caching_chunked_prefill_preemption(ckpts):
     assert got == ref and again == ref
 
 
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_prefix_cache_on_disk_on_the_gpu(which, ckpts, tmp_path):
+    """--prefix-cache-dir with CUDA caches (bf16, graphs): a restarted engine's disk hit gives
+    the logprobs of a memory hit at the same depth, and the GPU's files stay apart from a CPU
+    engine's (another fingerprint)."""
+    d, _ = ckpts[which]
+    prompt = prompts(1, seed=21, lo=300, hi=301)[0]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
+    kw = dict(dtype="bf16", prefix_cache_dir=str(tmp_path), prefix_cache_dir_min_tokens=32)
+    first = cuda(d, **kw)
+    first.generate([prompt], params)
+    memory = first.generate([prompt], params)[0]
+    first.engine.prefix_store.flush()
+    later = cuda(d, **kw)
+    disk = later.generate([prompt], params)[0]
+    assert later.engine.get_stats()["prefix_cache_disk_hits"] == 1
+    assert disk.num_cached_tokens == memory.num_cached_tokens > 0
+    assert disk.outputs[0].token_ids == memory.outputs[0].token_ids
+    assert disk.outputs[0].logprobs == memory.outputs[0].logprobs
+    cpu = make(d, **kw)
+    assert cpu.engine.prefix_store.dir != later.engine.prefix_store.dir
+
+
 def test_prompt_logprobs_equal_the_cpu_engine(ckpts):
     """fp32, chunked prompts beside other rows: the GPU's prompt logprobs (ranks and top-2
     included) equal the CPU engine's (whose own oracle is transformers: test_prompt_logprobs)."""
