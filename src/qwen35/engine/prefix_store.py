@@ -70,6 +70,8 @@ def fingerprint(model: torch.nn.Module, caches, **numerics) -> dict:
             files.append([str(f), None, None])
     h = hashlib.blake2b(digest_size=16)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:  # (a part never loaded)
+            continue
         flat = t.detach().reshape(-1)
         n = max(1, PARAM_SAMPLE_BYTES // max(1, flat.element_size()))
         sample = flat[:n].to("cpu").contiguous()
