@@ -298,6 +298,38 @@ def test_a_chats_system_prompt_is_stored_from_its_first_request(chat_ckpt, tmp_p
     assert got.outputs[0].token_ids == want.outputs[0].token_ids
 
 
+@pytest.mark.parametrize("thinking", [False, True])
+def test_the_next_turn_starts_where_this_turns_conversation_ends(chat_ckpt, tmp_path, thinking):
+    """The prompt opens the reply with text the next turn renders otherwise (a think block, or
+    an empty one): its last block boundary may lie past what the next turn shares. The
+    conversation before the reply is a cache point instead, so the next turn (in a restarted
+    engine: from disk) resumes at its last block boundary whatever the lengths."""
+    llm = engine(chat_ckpt, tmp_path)
+    system = {"role": "system", "content": SYSTEM}
+    template, enc = llm.engine.chat_template, llm.engine.encode_prompt
+    for pad in range(16, 80):  # a question whose history ends just before a block boundary
+        msgs = [system, {"role": "user", "content": "Tell me more" + " please" * pad}]
+        history = enc(template.render(msgs, add_generation_prompt=False))
+        prompt = enc(template.render(msgs, enable_thinking=thinking))
+        shared = len(history) + 3  # <|im_start|> assistant \n: what the next turn renders too
+        head = shared_prefix(enc(template.head(msgs)), prompt)
+        # the prompt's end lies past it, and the question ends blocks after the system prompt
+        if (len(prompt) - 1) // BS * BS > shared and len(history) // BS > head // BS + 1:
+            break
+    else:
+        pytest.skip("no question length puts the prompt's end past the shared prefix")
+    p = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    llm.chat(msgs, p, enable_thinking=thinking)
+    llm.engine.prefix_store.flush()
+    nxt = msgs + [{"role": "assistant", "content": "Sure."}, {"role": "user", "content": "And?"}]
+    later = engine(chat_ckpt, tmp_path)
+    got = later.chat(nxt, p, enable_thinking=thinking)
+    assert got.num_cached_tokens == len(history) // BS * BS
+    memory = LLM(str(chat_ckpt), dtype="fp32", block_size=BS, verbose=False)  # (no folder)
+    memory.chat(msgs, p, enable_thinking=thinking)
+    assert memory.chat(nxt, p, enable_thinking=thinking).num_cached_tokens == got.num_cached_tokens
+
+
 def test_the_server_marks_the_system_prompt_too(chat_ckpt, tmp_path):
     import openai
 

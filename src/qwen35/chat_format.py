@@ -299,6 +299,24 @@ class ChatTemplate:
             return None
         return a[: shared_prefix(a, b)]
 
+    def shared_prefixes(self, messages: list[Any], tools: list[Any] | None = None,
+                        enable_thinking: bool | None = None, **template_kwargs: Any) -> list[str]:  # fmt: skip
+        """The texts a prompt of these messages (with the generation prompt) shares with the
+        requests likely to follow: the system prompt and tools (`head`: every conversation with
+        them), and, when the prompt opens the assistant's turn after a user or tool message, the
+        conversation before that turn (its next turn's prompt goes on from there, whatever the
+        template writes for the reply: a thinking template opens "<think>" here, and renders a
+        past reply without it). `SamplingParams.cache_points` are their lengths in tokens."""
+        out = [self.head(messages, tools, enable_thinking, **template_kwargs)]
+        last = messages[-1] if messages else None
+        if isinstance(last, dict) and last.get("role") in ("user", "tool"):
+            try:
+                out.append(self.render(messages, tools, add_generation_prompt=False,
+                                       enable_thinking=enable_thinking, **template_kwargs))  # fmt: skip
+            except Exception:  # noqa: BLE001 - only a hint
+                pass
+        return [t for t in out if t]
+
     def _render(
         self,
         msgs: list[dict[str, Any]],
@@ -591,3 +609,17 @@ def shared_prefix(a, b) -> int:
     """How many leading items (characters, token ids) two sequences share."""
     return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
                 min(len(a), len(b)))  # fmt: skip
+
+
+def cache_points(encode, shared: list[str], ids: list[int]) -> tuple[int, ...]:
+    """The prompt lengths (tokens of `ids`) the `shared` texts (ChatTemplate.shared_prefixes)
+    make: how far each one's token ids start `ids`. `encode`: text -> ids."""
+    points = set()
+    for text in shared:
+        try:
+            n = shared_prefix(encode(text), ids)
+        except Exception:  # noqa: BLE001 - only a hint
+            continue
+        if n:
+            points.add(n)
+    return tuple(sorted(points))

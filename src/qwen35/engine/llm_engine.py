@@ -22,10 +22,10 @@ import torch
 from qwen35.chat_format import (
     ChatFormatError,
     ChatTemplate,
+    cache_points,
     check_text_only,
     default_thinking_for,
     read_template_arg,
-    shared_prefix,
 )
 from qwen35.config import non_negative_int
 from qwen35.devices import dtype_advice, model_kv_dtype, resolve_dtype, resolve_state_dtype
@@ -1047,10 +1047,12 @@ class LLM:
         )  # fmt: skip
         if media:
             prompt = {"prompt": prompt, "multi_modal_data": media}
-        elif head := template.head(messages, **template_kwargs):  # the system prompt's end:
-            # a prefix-cache checkpoint there (SamplingParams.cache_points)
-            n = shared_prefix(self.engine.encode_prompt(head), self.engine.encode_prompt(prompt))
-            params = dataclasses.replace(params or self.default_params(), cache_points=(n,))
+        elif add_generation_prompt and not continue_final_message:  # prefix-cache checkpoints
+            # where the system prompt and the conversation before this turn end
+            enc = self.engine.encode_prompt
+            shared = template.shared_prefixes(messages, **template_kwargs)
+            points = cache_points(enc, shared, enc(prompt))
+            params = dataclasses.replace(params or self.default_params(), cache_points=points)
         return self.generate([prompt], params, lora=lora)[0]
 
 

@@ -418,18 +418,16 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 
 def export_prefixes(store: PrefixStore, scheduler, caches, output, skip: set[str]) -> None:
     """After a step's update(): queue a segment for each checkpoint the step wrote at a prompt's
-    end, at a branch point (a prefix another request shares), at a cache point (the end of a
-    chat's system prompt: `SamplingParams.cache_points`) or every `disk_interval` tokens
-    (sequences in `skip` failed this step)."""
+    end or its cache points (`Scheduler.prompt_checkpoints`), at a branch point (a prefix
+    another request shares) or every `disk_interval` tokens (sequences in `skip` failed this
+    step)."""
     cfg = scheduler.config
     bs, every = cfg.block_size, disk_interval(cfg.checkpoint_interval)
     for s in output.scheduled:
         seq = s.seq
         if not s.checkpoints or seq.seq_id in skip or not _stored(seq):
             continue
-        prompt_end = (seq.num_prompt_tokens - 1) // bs * bs  # (as scheduler._plan places them)
-        marks = {prompt_end, seq.branch_point}
-        marks.update(min(c // bs * bs, prompt_end) for c in seq.params.cache_points)
+        marks = {*scheduler.prompt_checkpoints(seq), seq.branch_point}
         for n, slot in s.checkpoints:
             t = s.start + n
             if t < store.min_tokens or t not in marks and t % every:

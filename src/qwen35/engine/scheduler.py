@@ -536,6 +536,17 @@ class Scheduler:
         seq.block_ids += self.kv.allocate(max(need, 0))
         return True
 
+    def prompt_checkpoints(self, seq: Sequence) -> list[int]:
+        """Block boundaries in seq's prompt where its prefill leaves a state checkpoint (besides
+        the periodic ones and the branch point): its cache points (`SamplingParams.cache_points`:
+        a chat's system prompt and the conversation before this turn, the prefixes the next
+        requests share), else the prompt's last block boundary."""
+        bs = self.config.block_size
+        prompt_end = (seq.num_prompt_tokens - 1) // bs * bs
+        if seq.params.cache_points:
+            return [min(c // bs * bs, prompt_end) for c in seq.params.cache_points]
+        return [prompt_end] if self.config.checkpoint_prompt_end else []
+
     def prefix_hashes(self, seq: Sequence) -> list[bytes]:
         """The chain hash of every full block of seq's known tokens (extended as they grow)."""
         return self._hashes(seq)
@@ -569,9 +580,7 @@ class Scheduler:
             return s
         iv, bs = cfg.checkpoint_interval, cfg.block_size
         marks = set(range((start // iv + 1) * iv, start + n + 1, iv))
-        prompt_end = (seq.num_prompt_tokens - 1) // bs * bs
-        points = [min(c // bs * bs, prompt_end) for c in seq.params.cache_points]
-        for t in (prompt_end if cfg.checkpoint_prompt_end else 0, seq.branch_point, *points):
+        for t in (*self.prompt_checkpoints(seq), seq.branch_point):
             if start < t <= start + n:
                 marks.add(t)
         hashes = self._hashes(seq) if marks else []

@@ -20,9 +20,9 @@ from starlette.responses import Response
 from qwen35.chat_format import (
     ChatFormatError,
     ChatTemplate,
+    cache_points,
     check_text_only,
     prompt_thinking_enabled,
-    shared_prefix,
 )
 from qwen35.multimodal.chat import extract_media
 from qwen35.multimodal.sizing import MediaError
@@ -62,8 +62,10 @@ class ChatPrompt:
     media: dict[str, list] | None = None  # image / video sources in prompt order
     num_tokens: int | None = None  # its token ids (start_chat; None with images: the engine
     # expands each placeholder to the image's tokens)
-    head: str | None = None  # the text its system prompt and tools make (ChatTemplate.head)
-    cache_point: int = 0  # its token ids that head gives (shared_head_tokens)
+    # the texts later requests share with it (ChatTemplate.shared_prefixes), and their lengths
+    # in tokens (prepare_chat: SamplingParams.cache_points)
+    shared: list[str] | None = None
+    cache_points: tuple[int, ...] = ()
 
 
 def request_template(engine: Any, req: ChatCompletionRequest, trusted: bool) -> Any:
@@ -158,22 +160,10 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest, trusted: bool = F
             param="messages",
             code="nested_too_deeply",
         ) from None
-    head = template.head(messages, tools=tools, enable_thinking=thinking, **kwargs)
-    return ChatPrompt(text, prompt_thinking_enabled(text), tools, media or None, head=head)
-
-
-def shared_head_tokens(engine: Any, head: str | None, ids: list[int]) -> int:
-    """How many of a chat prompt's token ids its system prompt and tools make (`head`'s ids that
-    start `ids`): the prefix other conversations share, a prefix-cache checkpoint's place; 0
-    where none (no head, or an engine without a tokenizer)."""
-    encode = getattr(engine, "encode_prompt", None)
-    if not head or encode is None:
-        return 0
-    try:
-        mine = encode(head)
-    except Exception:  # noqa: BLE001 - only a hint
-        return 0
-    return shared_prefix(mine, ids)
+    shared = None
+    if req.add_generation_prompt and not req.continue_final_message:
+        shared = template.shared_prefixes(messages, tools, enable_thinking=thinking, **kwargs)
+    return ChatPrompt(text, prompt_thinking_enabled(text), tools, media or None, shared=shared)
 
 
 def load_server_media(engine: Any, media: dict[str, list], kwargs: dict | None = None
@@ -205,7 +195,9 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[ChatPr
     prompt = build_chat_prompt(state.engine, req, state.config.trust_request_chat_template)
     ids = state.encode(prompt.text, "messages", req.truncate_prompt_tokens)
     if not prompt.media:
-        prompt.cache_point = shared_head_tokens(state.engine, prompt.head, ids)
+        encode = getattr(state.engine, "encode_prompt", None)
+        if prompt.shared and encode is not None:
+            prompt.cache_points = cache_points(encode, prompt.shared, ids)
         return prompt, ids
     media = load_server_media(state.engine, prompt.media, req.mm_processor_kwargs)
     return prompt, {"prompt_token_ids": ids, "multi_modal_data": media}
@@ -222,8 +214,7 @@ async def start_chat(
     instead of a context_length_exceeded error."""
     prompt, ids = await state.offload(prepare_chat, state, req)
     prompt.num_tokens = len(ids) if isinstance(ids, list) else None
-    if prompt.cache_point:
-        params.cache_points = (prompt.cache_point,)
+    params.cache_points = prompt.cache_points
     if fit_max_tokens and prompt.num_tokens and params.max_tokens is not None:
         room = (state.context_len or 0) - prompt.num_tokens
         if 0 < room < params.max_tokens:
