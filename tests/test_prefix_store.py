@@ -197,6 +197,31 @@ def test_a_damaged_or_foreign_file_is_a_miss(ckpt, off, tmp_path):
         assert f.get_tensor("tokens").tolist() == prompt[: (len(prompt) - 1) // BS * BS]
 
 
+@pytest.mark.parametrize("damage", ["a block short", "another dtype", "no state"])
+def test_a_file_of_the_wrong_shapes_is_a_miss(ckpt, off, tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    prompt = toks(400, 14)
+    run(engine(ckpt, tmp_path), prompt)
+    store = engine(ckpt, tmp_path).engine.prefix_store
+    (path,) = store.dir.glob("*" + SUFFIX)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    data = load_file(path)
+    if damage == "a block short":
+        data["k.0"] = data["k.0"][1:]
+    elif damage == "another dtype":
+        data["v.0"] = data["v.0"].half()
+    else:
+        del data["rec.0"]
+    save_file(data, path, metadata=meta)
+    later = engine(ckpt, tmp_path)
+    got = run(later, prompt)
+    assert got.num_cached_tokens == 0
+    assert got.outputs[0].token_ids == off.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    assert later.engine.get_stats()["prefix_cache_disk_read_errors"] == 1
+
+
 def test_other_numerics_and_short_prompts_stay_apart(ckpt, tmp_path):
     a = engine(ckpt, tmp_path)
     b = engine(ckpt, tmp_path, dtype="bf16")

@@ -172,14 +172,14 @@ class PrefixStore:
         return None
 
     def read(self, chain, tokens: list[int], first: int, expect: dict[str, tuple]) -> dict | None:
-        """KV of blocks first..end of the chain (name -> [end - first, ...]) and the state after
-        it, each segment's tokens checked against the prompt's and every tensor against its
-        (shape, dtype); None (the bad file removed) if anything differs."""
+        """KV of blocks first..end of the chain (name -> its parts, a segment's each, [blocks,
+        ...] in order: copied into the cache as they are) and the state after it, each segment's
+        tokens checked against the prompt's and every tensor against its (shape, dtype); None
+        (the bad file removed) if anything differs."""
         from safetensors import safe_open
 
         bs = len(tokens) // chain[-1][2]
-        parts: dict[str, list[torch.Tensor]] = {}
-        out: dict[str, torch.Tensor] = {}
+        out: dict = {n: [] for n in expect if n[0] in "kv"}
         path = None
         try:
             for path, start, end in chain:
@@ -191,17 +191,17 @@ class PrefixStore:
                         for name in expect:
                             if name[0] in "kv":
                                 t = f.get_tensor(name)
-                                parts.setdefault(name, []).append(t[max(first - start, 0) :])
+                                out[name].append(t[max(first - start, 0) :])
                     if end == chain[-1][2]:
                         out.update({n: f.get_tensor(n) for n in expect if n[0] not in "kv"})
-            for name, ts in parts.items():
-                out[name] = torch.cat(ts) if len(ts) > 1 else ts[0]
-            for name, (shape, dtype) in expect.items():  # memory holds every block's KV
-                if name[0] in "kv" and shape[0] == 0:
-                    out[name] = torch.empty(shape, dtype=dtype)
             for name, (shape, dtype) in expect.items():
-                t = out.get(name)
-                if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                got = out.get(name)
+                ts = got if isinstance(got, list) else [got]
+                rows = sum(t.shape[0] for t in ts) if isinstance(got, list) else None
+                if any(t is None or t.dtype != dtype for t in ts) or (
+                    tuple(got.shape) != tuple(shape) if rows is None
+                    else rows != shape[0] or any(t.shape[1:] != shape[1:] for t in ts)
+                ):  # fmt: skip
                     raise ValueError(f"tensor {name} is missing or of another shape or dtype")
         except FileNotFoundError:  # pruned since find() (by another engine)
             return None
@@ -403,8 +403,12 @@ def _copy_in(caches, data: dict, blocks: list[int], slot: int | None) -> None:
     if blocks:
         idx = torch.tensor(blocks, dtype=torch.long, device=caches.key[0].device)
         for i, (k, v) in enumerate(zip(caches.key, caches.value, strict=True)):
-            _raw(k).index_copy_(0, idx, _raw(data[f"k.{i}"]).to(k.device))
-            _raw(v).index_copy_(0, idx, _raw(data[f"v.{i}"]).to(v.device))
+            for cache, parts in ((k, data[f"k.{i}"]), (v, data[f"v.{i}"])):
+                at = 0
+                for t in parts:  # a segment's blocks at a time (no concatenated copy)
+                    rows = idx[at : at + t.shape[0]]
+                    _raw(cache).index_copy_(0, rows, _raw(t).to(cache.device))
+                    at += t.shape[0]
     if slot is not None:
         for j, (c, r) in enumerate(zip(caches.conv, caches.recurrent, strict=True)):
             c[slot].copy_(data[f"conv.{j}"])
