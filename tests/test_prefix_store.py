@@ -440,3 +440,34 @@ def test_random_workloads_across_restarts(tmp_path, seed):
             victim = rng.choice(files)
             victim.write_bytes(victim.read_bytes()[: rng.randrange(victim.stat().st_size)])
     assert hits > 0
+
+
+def test_lora_requests_are_stored_under_their_adapters_weights(tmp_path):
+    """An adapter's prefixes are keyed by a hash of its weights (LoraAdapter.digest): a restarted
+    engine takes them from disk, whatever name or load order the adapter has there; another
+    adapter, or the base model, never does."""
+    from tiny import save_random_lora_adapter
+
+    hf = save_checkpoint(tmp_path / "m", max_position_embeddings=4096)
+    save_random_lora_adapter(hf, tmp_path / "a", seed=1)
+    save_random_lora_adapter(hf, tmp_path / "b", seed=2)
+    prompt = toks(300, 15)
+
+    def ask(llm, lora):
+        out = llm.generate([prompt], GREEDY, lora=lora)[0]
+        llm.engine.prefix_store.flush()
+        return out.num_cached_tokens, out.outputs[0].token_ids
+
+    first = engine(tmp_path / "m", tmp_path / "store", lora_modules={"a": str(tmp_path / "a")})
+    _, want_a = ask(first, "a")
+    # a restart: b loaded first, a under another name (other ids): a's prefix is found, b's not
+    later = engine(tmp_path / "m", tmp_path / "store",
+                   lora_modules={"b": str(tmp_path / "b"), "again": str(tmp_path / "a")})  # fmt: skip
+    cached, got = ask(later, "b")
+    assert cached == 0 and got != want_a
+    cached, got = ask(later, "again")
+    assert cached == (len(prompt) - 1) // BS * BS and got == want_a
+    assert ask(later, None)[0] == 0  # nor the base model
+    plain = LLM(str(tmp_path / "m"), dtype="fp32", block_size=BS, verbose=False,
+                enable_prefix_caching=False, lora_modules={"a": str(tmp_path / "a")})  # fmt: skip
+    assert plain.generate([prompt], GREEDY, lora="a")[0].outputs[0].token_ids == want_a

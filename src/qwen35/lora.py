@@ -16,6 +16,7 @@ modules, fused-expert parameters) are refused by name, and every adapter module 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -98,6 +99,17 @@ class LoraAdapter:
             self.pairs[normal_key(mod + ".weight")] = _Pair(mod, a, b, scale)
         if not self.pairs:
             raise LoraError(f"{self.path}: the adapter has no LoRA weights")
+
+    def digest(self) -> str:
+        """A hash of what the adapter computes (every pair's module, A, B and scale): the
+        prefix cache's key for its requests, the same for the same weights in any process."""
+        h = hashlib.blake2b(digest_size=16)
+        for key, p in sorted(self.pairs.items()):
+            h.update(f"{key}:{p.module}:{p.scale!r}:{p.a.dtype}:{tuple(p.a.shape)}:"
+                     f"{tuple(p.b.shape)}".encode())  # fmt: skip
+            for t in (p.a, p.b):
+                h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def _config(self) -> dict:
         f = self.path / "adapter_config.json"

@@ -1,8 +1,10 @@
 """The engine's LoRA adapters, served per request: name -> adapter, loaded onto the model.
 
-Each load gets a fresh id (never reused), so the prefix cache keys a sequence's blocks by the
-adapter that computed them (`cache_salt`): requests of one adapter share cached prefixes, never
-with the base model or another adapter, nor with an earlier adapter loaded under the same name.
+Each load gets a fresh id (never reused). The prefix cache keys a sequence's blocks by what the
+adapter computes (`cache_salt`: a hash of its weights, `LoraAdapter.digest`): requests of one
+adapter share cached prefixes, never with the base model or another adapter, nor with an earlier
+adapter of other weights loaded under the same name; the key is the same in every process, so
+`--prefix-cache-dir` keeps adapters' prefixes too.
 The weights are read and checked (every module a linear layer of the decoder, of the right
 shape) before anything is attached. Two modes (layers/lora.py): per adapter (CPUs: no rank
 limit, memory as loaded) or stacked (GPUs: max_loras x max_lora_rank slots allocated at start,
@@ -31,10 +33,11 @@ class LoadedLora:
     key: int  # what the model knows it by (Sequence.lora_id): its id, or its slot when stacked
     rank: int  # largest r of its modules
     nbytes: int  # its A and B on the model's device (stacked: 0, the slots are preallocated)
+    digest: str = ""  # LoraAdapter.digest: what it computes
 
     @property
     def cache_salt(self) -> str:
-        return f"lora:{self.id}"
+        return f"lora:{self.digest}"
 
 
 class LoraAdapters:
@@ -76,7 +79,7 @@ class LoraAdapters:
             key, nbytes = aid, attach(self.model, aid, adapter)
         if self.send is not None:
             self.send(("lora", "add", key, adapter, self.stacked))
-        lora = LoadedLora(name, str(adapter.path), aid, key, rank, nbytes)
+        lora = LoadedLora(name, str(adapter.path), aid, key, rank, nbytes, adapter.digest())
         self.loaded[name] = lora
         return lora
 

@@ -22,8 +22,9 @@ temporary name and renamed; the folder is kept under its size budget by removing
 recently used files, a chain's root marked most recent whenever it is used (so leaves go before
 the segments others build on). A file that does not read back as expected (damaged, tokens or
 shapes that differ) is removed and the prompt computed. Nothing here can stop the engine: a
-failed read or write is logged and counted (`stats`). LoRA requests are not stored (an adapter's
-cache key is its load's id in this process). Not under tensor parallelism.
+failed read or write is logged and counted (`stats`). LoRA requests are stored under their
+adapter's weights' hash (`LoraAdapter.digest`, in their cache salt). Not under tensor
+parallelism.
 """
 
 from __future__ import annotations
@@ -343,8 +344,9 @@ def _expect(caches, num_blocks: int) -> dict[str, tuple]:
 
 
 def _stored(seq) -> bool:
-    """Requests whose prefixes go to (and come from) the disk."""
-    return not seq.lora_id and not seq.needs_prompt_logprobs
+    """Requests whose prefixes go to (and come from) the disk: those whose prompt rows are not
+    all needed (prompt logprobs)."""
+    return not seq.needs_prompt_logprobs
 
 
 def import_prefix(store: PrefixStore, scheduler, caches, seq) -> int:
