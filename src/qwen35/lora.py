@@ -99,8 +99,10 @@ class LoraAdapter:
             self.pairs[normal_key(mod + ".weight")] = _Pair(mod, a, b, scale)
         if not self.pairs:
             raise LoraError(f"{self.path}: the adapter has no LoRA weights")
+        # (hashed here: the server reads adapters off the engine thread)
+        self.digest = self._digest()
 
-    def digest(self) -> str:
+    def _digest(self) -> str:
         """A hash of what the adapter computes (every pair's module, A, B and scale): the
         prefix cache's key for its requests, the same for the same weights in any process."""
         h = hashlib.blake2b(digest_size=16)

@@ -79,7 +79,7 @@ class LoraAdapters:
             key, nbytes = aid, attach(self.model, aid, adapter)
         if self.send is not None:
             self.send(("lora", "add", key, adapter, self.stacked))
-        lora = LoadedLora(name, str(adapter.path), aid, key, rank, nbytes, adapter.digest())
+        lora = LoadedLora(name, str(adapter.path), aid, key, rank, nbytes, adapter.digest)
         self.loaded[name] = lora
         return lora
 
