@@ -128,6 +128,7 @@ class PrefixStore:
         self._pending = 0  # their bytes
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._listed: tuple[int, set[str]] = (-1, set())  # (the folder's mtime, _names())
 
     def path(self, h: bytes) -> Path:
         return self.dir / (h.hex() + SUFFIX)
@@ -165,12 +166,29 @@ class PrefixStore:
     def find(self, hashes: list[bytes], above: int) -> tuple[int, list] | None:
         """The deepest k > above whose prefix of k blocks (hashes[k - 1]) has a whole chain of
         segments: (k, chain)."""
+        names = self._names()
         for k in range(len(hashes), above, -1):
-            if self.path(hashes[k - 1]).exists():
+            if hashes[k - 1].hex() in names:
                 chain = self.chain(hashes[k - 1])
                 if chain is not None and chain[-1][2] == k:
                     return k, chain
         return None
+
+    def _names(self) -> set[str]:
+        """The stems of the folder's segment files, listed again only when the folder changed
+        (its mtime: any file made, renamed or removed, by any engine): a long prompt looks up
+        thousands of block hashes."""
+        try:
+            stamp = os.stat(self.dir).st_mtime_ns
+        except OSError:
+            return set()
+        if stamp != self._listed[0]:
+            try:
+                names = {n[: -len(SUFFIX)] for n in os.listdir(self.dir) if n.endswith(SUFFIX)}
+            except OSError:
+                return set()
+            self._listed = (stamp, names)
+        return self._listed[1]
 
     def read(self, chain, tokens: list[int], first: int, expect: dict[str, tuple]) -> dict | None:
         """KV of blocks first..end of the chain (name -> its parts, a segment's each, [blocks,
