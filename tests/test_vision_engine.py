@@ -174,3 +174,22 @@ def test_decode_after_an_image_takes_1d_positions(llm, monkeypatch):
     # p + rope_delta: the 12 image tokens (3 x 4 after the 2 x 2 merge) span 4 positions, so
     # the first generated token (p = n_prompt) sits at n_prompt - 8
     assert [int(p[0]) for _, _, p in decode] == list(range(n_prompt - 8, n_prompt - 8 + 9))
+
+
+def test_prefix_cache_on_disk_keys_images_by_content(ckpt, tmp_path):
+    """--prefix-cache-dir with an image in the prompt: a restarted engine takes the same image's
+    prefix from disk (same tokens), never another image's."""
+    img = rand_image(90, 130, 5)
+    ids = IDS + list(range(10, 60))  # text after the image: blocks past it
+    kw = dict(prefix_cache_dir=str(tmp_path), prefix_cache_dir_min_tokens=8)
+    first = make_llm(ckpt[0], **kw)
+    want = first.generate(req(img, ids), GREEDY)[0]
+    first.engine.prefix_store.flush()
+    later = make_llm(ckpt[0], **kw)
+    got = later.generate(req(img.copy(), ids), GREEDY)[0]
+    assert got.num_cached_tokens > 8 and got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert later.engine.get_stats()["prefix_cache_disk_hits"] == 1
+    other = img.copy()
+    other[50, 60, 1] ^= 0x40
+    assert later.generate(req(other, ids), GREEDY)[0].num_cached_tokens == 0
+    assert later.engine.get_stats()["prefix_cache_disk_hits"] == 1
