@@ -2,7 +2,7 @@
 history) computed again, taken from `--prefix-cache-dir`'s files, or from memory, in one run.
 
     python bench/prefix_store.py [--model Qwen3.5-0.8B] [--prefix 2000 8000] [--question 64]
-                                 [--rounds 3] [--dtype auto] [--threads N]
+                                 [--rounds 3] [--dtype auto] [--threads N] [--cold]
 
 Two engines on one set of weights: `plain` (no folder) and `disk` (a folder in a temporary
 directory). Each round, for each prefix length, four prompts of the prefix + a new 64-token
@@ -12,7 +12,8 @@ question, each one request alone (max_tokens 1, so its time is the time to its f
                 the writer (the engine thread's copy is in the time; the writer thread's disk
                 time is not: it is waited for after, and printed apart)
   disk          disk, its memory cache emptied first (what a restart leaves): the prefix read from
-                the folder (the files sit in the OS page cache: a warm read)
+                the folder (the files sit in the OS page cache: a warm read; --cold drops the page
+                cache first, root only, so they come from the disk, as after a reboot)
   memory        disk, right after `disk`, another question: the prefix from memory (the best case)
 The folder's segments of each prefix come from a warm-up of two questions on it in the disk
 engine: the first leaves segments every ~1,024 tokens and at its prompt's end, the second (a memory
@@ -24,10 +25,20 @@ medians. Random weights (a timing bench).
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import tempfile
 import time
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        raise SystemExit(f"--cold drops the OS page cache, which needs root on Linux ({e})") from e
 
 
 def ttft(engine, rid: str, prompt: list[int]) -> float:
@@ -48,7 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the OS page cache before each read from the folder (needs root): "
+                         "the files come from the disk itself")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.cold:
+        drop_page_cache()  # (fails here, before anything loads, without the rights)
     from qwen35.benchmarks.common import BenchOptions, load_bench_model, make_engine
     from qwen35.engine import prefix_store
     from qwen35.engine.runtime import configure_cpu_runtime
@@ -113,6 +129,8 @@ def run(args, bm, plain, disk, timed: list[float]) -> None:
                     writes[n].append(time.perf_counter() - t0)
                 else:
                     disk.scheduler.reset_prefix_cache()
+                    if args.cold:
+                        drop_page_cache()
                     before = len(reads)
                     times[n, m].append(ttft(disk, f"d{next(ids)}", s + toks(args.question)))
                     assert len(reads) == before + 1, "the disk mode did not read the folder"
@@ -120,7 +138,8 @@ def run(args, bm, plain, disk, timed: list[float]) -> None:
                     times[n, "memory"].append(ttft(disk, f"m{next(ids)}", s + toks(args.question)))
     stats = disk.get_stats()
     print(f"{args.model}, {str(bm.dtype).removeprefix('torch.')} ({bm.quantization or 'weights as stored'}), question "
-          f"{args.question} tokens, {args.rounds} rounds (medians, seconds to the first token)")
+          f"{args.question} tokens, {args.rounds} rounds (medians, seconds to the first token)"
+          f"{'; disk reads cold (page cache dropped)' if args.cold else ''}")
     print(f"{'prefix':>7} {'compute':>9} {'+save':>9} {'disk':>9} {'memory':>9} "
           f"{'compute/disk':>13} {'read+copy':>10} {'write (bg)':>11} {'files MB':>9}")  # fmt: skip
     for n in prefixes:
