@@ -248,8 +248,6 @@ def test_prompts_that_must_compute_every_row_do_not_read_the_disk(ckpt, off, tmp
 def test_bad_settings_are_refused_before_loading(ckpt, tmp_path):
     with pytest.raises(Qwen35Error, match="prefix caching"):
         engine(ckpt, tmp_path, enable_prefix_caching=False)
-    with pytest.raises(Qwen35Error, match="tensor_parallel_size"):
-        engine(ckpt, tmp_path, tensor_parallel_size=2)
     (tmp_path / "f").write_text("")
     with pytest.raises(Qwen35Error, match="a file"):
         engine(ckpt, tmp_path / "f")
@@ -471,3 +469,33 @@ def test_lora_requests_are_stored_under_their_adapters_weights(tmp_path):
     plain = LLM(str(tmp_path / "m"), dtype="fp32", block_size=BS, verbose=False,
                 enable_prefix_caching=False, lora_modules={"a": str(tmp_path / "a")})  # fmt: skip
     assert plain.generate([prompt], GREEDY, lora="a")[0].outputs[0].token_ids == want_a
+
+
+def test_two_ranks_keep_their_shards(ckpt, off, tmp_path):
+    """Tensor parallelism: each rank writes its shard of every segment (rank 1 in `rank1`
+    under rank 0's folder) and reads it back with rank 0; a restore stands only where every
+    rank read its shard, else it is a miss on all (and rank 0's file goes)."""
+    prompt, more = toks(700, 16), toks(700, 16) + toks(9, 17)
+    first = engine(ckpt, tmp_path, tensor_parallel_size=2)
+    run(first, prompt)
+    first.engine.shutdown()  # (the workers' writers finish)
+    folder = first.engine.prefix_store.dir
+    mine = sorted(p.name for p in folder.glob("*" + SUFFIX))
+    assert mine and mine == sorted(p.name for p in (folder / "rank1").glob("*" + SUFFIX))
+    want = off.generate([more], GREEDY)[0].outputs[0].token_ids
+    later = engine(ckpt, tmp_path, tensor_parallel_size=2)
+    try:
+        got = later.generate([more], GREEDY)[0]
+        assert got.num_cached_tokens == (len(prompt) - 1) // BS * BS
+        assert got.outputs[0].token_ids == want
+    finally:
+        later.engine.shutdown()
+    for p in (folder / "rank1").glob("*" + SUFFIX):  # rank 1's shards damaged
+        p.write_bytes(p.read_bytes()[:100])
+    third = engine(ckpt, tmp_path, tensor_parallel_size=2)
+    try:
+        got = third.generate([more], GREEDY)[0]
+        assert got.num_cached_tokens == 0 and got.outputs[0].token_ids == want
+        assert third.engine.get_stats()["prefix_cache_disk_read_errors"] >= 1
+    finally:
+        third.engine.shutdown()

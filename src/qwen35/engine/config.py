@@ -524,9 +524,6 @@ class EngineConfig:
             if not c.enable_prefix_caching:
                 raise Qwen35Error("prefix_cache_dir stores the prefix cache: it needs prefix "
                                   "caching on (drop --no-prefix-caching)")  # fmt: skip
-            if p.tensor_parallel_size > 1:
-                raise Qwen35Error("prefix_cache_dir runs on one rank: not with "
-                                  "tensor_parallel_size > 1 yet")  # fmt: skip
             if Path(c.prefix_cache_dir).expanduser().exists() and not Path(
                 c.prefix_cache_dir
             ).expanduser().is_dir():

@@ -441,11 +441,16 @@ class LLMEngine:
                 self.model, caches, quantization=ec.load.quantization, device=self.device.type,
                 int4_activations=ec.load.int4_activations, yarn=ec.load.yarn,
                 backend=getattr(getattr(self.runner, "backend", None), "name", None),
+                tensor_parallel=ec.parallel.tensor_parallel_size,
+                expert_parallel=ec.parallel.enable_expert_parallel,
             )  # fmt: skip
             self.prefix_store = ps.PrefixStore(
                 cc.prefix_cache_dir, parse_bytes(cc.prefix_cache_dir_size),
                 cc.prefix_cache_dir_min_tokens, finger,
             )  # fmt: skip
+            if self.workers is not None:  # each rank keeps its shard of every segment
+                self.prefix_store.ranks = ps.RankShards(self.workers)
+                self.prefix_store.ranks.start(self.prefix_store)
             if verbose:
                 log.warning("prefix cache on disk: %s (up to %s)", self.prefix_store.dir,
                             cc.prefix_cache_dir_size)  # fmt: skip

@@ -23,8 +23,8 @@ recently used files, a chain's root marked most recent whenever it is used (so l
 the segments others build on). A file that does not read back as expected (damaged, tokens or
 shapes that differ) is removed and the prompt computed. Nothing here can stop the engine: a
 failed read or write is logged and counted (`stats`). LoRA requests are stored under their
-adapter's weights' hash (`LoraAdapter.digest`, in their cache salt). Not under tensor
-parallelism.
+adapter's weights' hash (`LoraAdapter.digest`, in their cache salt). Under tensor parallelism
+every rank keeps its shard of each segment (`RankShards`).
 """
 
 from __future__ import annotations
@@ -103,16 +103,20 @@ class PrefixStore:
     [start, end) and the DeltaNet state after block end; its parent is the segment ending at
     block start ("" at the root)."""
 
-    def __init__(self, root: str | os.PathLike, max_bytes: int, min_tokens: int, finger: dict):
-        blob = json.dumps(finger, sort_keys=True).encode()
-        self.dir = Path(root).expanduser() / hashlib.blake2b(blob, digest_size=8).hexdigest()
+    def __init__(self, root: str | os.PathLike, max_bytes: int, min_tokens: int,
+                 finger: dict | None):  # fmt: skip
+        """The folder of `finger` under root (None: root itself, a worker rank's folder)."""
+        self.dir = Path(root).expanduser()
+        if finger is not None:
+            blob = json.dumps(finger, sort_keys=True).encode()
+            self.dir /= hashlib.blake2b(blob, digest_size=8).hexdigest()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
             info = self.dir / "fingerprint.json"
-            if not info.exists():  # for people: what the folder's entries were computed with
+            if finger is not None and not info.exists():  # for people: what the entries need
                 _write_atomic(info, lambda p: p.write_text(json.dumps(finger, indent=1)))
         except OSError as e:
             raise Qwen35Error(
@@ -129,6 +133,7 @@ class PrefixStore:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._listed: tuple[int, set[str]] = (-1, set())  # (the folder's mtime, _names())
+        self.ranks = None  # RankShards under tensor parallelism: the other ranks' files
 
     def path(self, h: bytes) -> Path:
         return self.dir / (h.hex() + SUFFIX)
@@ -401,6 +406,11 @@ def import_prefix(store: PrefixStore, scheduler, caches, seq) -> int:
                 return 0
         new = kv.allocate(k - len(keep))
         _copy_in(caches, data, new, slot)
+        if store.ranks is not None and not store.ranks.load(chain, seq.token_ids[: k * bs],
+                                                             len(keep), new, slot):  # fmt: skip
+            store.path(h).unlink(missing_ok=True)  # (a rank lacks its shard: not again)
+            store.stats["disk_read_errors"] += 1
+            return 0
         for j, b in enumerate(new):
             kv.register(b, hashes[len(keep) + j])
         if slot is not None:
@@ -447,6 +457,7 @@ def export_prefixes(store: PrefixStore, scheduler, caches, output, skip: set[str
     step)."""
     cfg = scheduler.config
     bs, every = cfg.block_size, disk_interval(cfg.checkpoint_interval)
+    saves = []  # (h, parent, start, end, tokens, blocks, slot): the workers' too
     for s in output.scheduled:
         seq = s.seq
         if not s.checkpoints or seq.seq_id in skip or not _stored(seq):
@@ -465,13 +476,69 @@ def export_prefixes(store: PrefixStore, scheduler, caches, output, skip: set[str
             if len(blocks) < len(hashes):
                 continue
             a = next((k for k in range(len(hashes) - 1, 0, -1) if store.has(hashes[k - 1])), 0)
-            idx = torch.tensor(blocks[a:], dtype=torch.long, device=caches.key[0].device)
-            tensors = {}
-            for i, (k, v) in enumerate(zip(caches.key, caches.value, strict=True)):
-                tensors[f"k.{i}"] = k.index_select(0, idx).to("cpu")
-                tensors[f"v.{i}"] = v.index_select(0, idx).to("cpu")
-            for j, (c, r) in enumerate(zip(caches.conv, caches.recurrent, strict=True)):
-                tensors[f"conv.{j}"] = c[slot].to("cpu", copy=True)
-                tensors[f"rec.{j}"] = r[slot].to("cpu", copy=True)
-            parent = hashes[a - 1] if a else None
-            store.save(hashes[-1], parent, a, t // bs, seq.token_ids[a * bs : t], tensors)
+            item = (hashes[-1], hashes[a - 1] if a else None, a, t // bs,
+                    seq.token_ids[a * bs : t], blocks[a:], slot)  # fmt: skip
+            save_shard(store, caches, *item)
+            saves.append(item)
+    if saves and store.ranks is not None:
+        store.ranks.save(saves)
+
+
+def save_shard(store: PrefixStore, caches, h, parent, start, end, tokens, blocks, slot) -> None:
+    """Queue segment h of these caches: the KV of `blocks` and the state in `slot`."""
+    idx = torch.tensor(blocks, dtype=torch.long, device=caches.key[0].device)
+    tensors = {}
+    for i, (k, v) in enumerate(zip(caches.key, caches.value, strict=True)):
+        tensors[f"k.{i}"] = k.index_select(0, idx).to("cpu")
+        tensors[f"v.{i}"] = v.index_select(0, idx).to("cpu")
+    for j, (c, r) in enumerate(zip(caches.conv, caches.recurrent, strict=True)):
+        tensors[f"conv.{j}"] = c[slot].to("cpu", copy=True)
+        tensors[f"rec.{j}"] = r[slot].to("cpu", copy=True)
+    store.save(h, parent, start, end, tokens, tensors)
+
+
+def load_shard(store: PrefixStore, caches, chain, tokens, first, blocks, slot) -> bool:
+    """Copy the chain of segments (names, start, end) from this store's folder into these
+    caches: blocks first.. into `blocks`, the state into `slot` (None: not needed)."""
+    store.flush()  # (segments rank 0 asked for a moment ago may still be queued here)
+    paths = [(store.dir / (name + SUFFIX), start, end) for name, start, end in chain]
+    data = store.read(paths, tokens, first, _expect(caches, len(blocks)))
+    if data is None:
+        return False
+    _copy_in(caches, data, blocks, slot)
+    return True
+
+
+class RankShards:
+    """Under tensor parallelism each rank holds a shard of the caches, so each keeps its shard of
+    every segment in a folder of its own (`rank{r}` inside rank 0's), written and read in step
+    with rank 0: its saves and restores go to the workers as control messages (parallel/worker.py
+    `_loop`), and a restore stands only where every rank read its shard (an all-reduce)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def start(self, store: PrefixStore) -> None:
+        self._send(("prefix_store", str(store.dir), store.max_bytes, store.min_tokens))
+
+    def save(self, items: list) -> None:
+        self._send(("prefix_save", [(*it[:-2], list(it[-2]), it[-1]) for it in items]))
+
+    def load(self, chain, tokens, first, blocks, slot) -> bool:
+        names = [(p.name[: -len(SUFFIX)], start, end) for p, start, end in chain]
+        self._send(("prefix_load", names, list(tokens), first, list(blocks), slot))
+        return self.group.guard(all_ranks_ok, True, self.group.control)
+
+    def _send(self, msg) -> None:
+        from qwen35.parallel.group import broadcast
+
+        self.group.guard(broadcast, self.group.control, msg)
+
+
+def all_ranks_ok(ok: bool, control) -> bool:
+    """Every rank's answer, on every rank (rank 0 and the workers call it together)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=control)
+    return bool(flag.item())

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -110,13 +111,18 @@ def _loop(model, caches, control, device) -> None:
         return dataclasses.replace(to_device(batch, device), backend=backend)
 
     kept = None  # speculative decoding: (rows, batch) of the last "hidden" step
+    store = None  # --prefix-cache-dir: this rank's shards (engine/prefix_store.py RankShards)
     while True:
         msg = broadcast(control)
         kind = msg[0]
         if kind == "stop":
+            if store is not None:
+                store.close()
             return
         if kind == "lora":
             apply_lora(model, msg)
+        elif kind.startswith("prefix_"):
+            store = _prefix_message(msg, store, caches, control)
         elif kind == "head":
             model.head_logits(msg[1].to(device))
         elif kind == "mtp":
@@ -137,6 +143,29 @@ def _loop(model, caches, control, device) -> None:
                 model(input_ids.to(device), batch, caches)
             else:
                 kept = (model.forward_hidden(input_ids.to(device), batch, caches), batch)
+
+
+def _prefix_message(msg, store, caches, control):
+    """("prefix_store", rank 0's folder, max bytes, min tokens): this rank's store, in
+    `rank{r}` under it; ("prefix_save", items): queue these segments' shards; ("prefix_load",
+    chain, tokens, first, blocks, slot): read this rank's shards into the caches and answer
+    in the all-reduce. -> the store."""
+    from qwen35.engine import prefix_store as ps
+
+    kind = msg[0]
+    if kind == "prefix_store":
+        _, folder, max_bytes, min_tokens = msg
+        return ps.PrefixStore(Path(folder) / f"rank{dist.get_rank()}", max_bytes, min_tokens, None)
+    if kind == "prefix_save":
+        for item in msg[1]:
+            ps.save_shard(store, caches, *item)
+    elif kind == "prefix_load":
+        try:
+            ok = ps.load_shard(store, caches, *msg[1:])
+        except Exception:  # noqa: BLE001 - a failed read is a miss on every rank
+            ok = False
+        ps.all_ranks_ok(ok, control)
+    return store
 
 
 def apply_lora(model, msg) -> None:
