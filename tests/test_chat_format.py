@@ -556,3 +556,27 @@ def test_continue_final_message_errors(tpl):
     first_only = ChatTemplate("{{ messages[0].content }}")
     with pytest.raises(ChatFormatError, match="does not write the final message"):
         first_only.render(PREFILL, add_generation_prompt=False, continue_final_message=True)
+
+
+@pytest.mark.parametrize("first", ["Hello", "\n\nstarts with newlines", "  spaced", "ünïcode …"])
+@pytest.mark.parametrize("turns", [0, 3])
+def test_cache_points_equal_encoding_each_shared_text(first, turns):
+    """cache_points finds each shared prefix's length from the cheaper side (the prompt's rest
+    for a text that is most of it): the same as encoding the text itself, wherever the text's
+    end falls against the tokens (a user message that starts with newlines or spaces)."""
+    from qwen35.chat_format import cache_points, shared_prefix
+    from qwen35.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    template = ChatTemplate.from_model_dir(None, default_thinking=True)
+    msgs = [{"role": "system", "content": "Be brief. " * 300}]
+    for i in range(turns):
+        msgs += [{"role": "user", "content": f"{first} {i}"}, {"role": "assistant", "content": "ok"}]
+    msgs.append({"role": "user", "content": first})
+    for thinking in (True, False):
+        prompt = template.render(msgs, enable_thinking=thinking)
+        ids = tok.encode(prompt)
+        shared = template.shared_prefixes(msgs, enable_thinking=thinking)
+        assert len(shared) == 2 and all(prompt.startswith(t) for t in shared)
+        want = tuple(sorted({shared_prefix(tok.encode(t), ids) for t in shared}))
+        assert cache_points(tok.encode, shared, ids, prompt) == want

@@ -611,13 +611,22 @@ def shared_prefix(a, b) -> int:
                 min(len(a), len(b)))  # fmt: skip
 
 
-def cache_points(encode, shared: list[str], ids: list[int]) -> tuple[int, ...]:
-    """The prompt lengths (tokens of `ids`) the `shared` texts (ChatTemplate.shared_prefixes)
-    make: how far each one's token ids start `ids`. `encode`: text -> ids."""
+def cache_points(encode, shared: list[str], ids: list[int], prompt: str) -> tuple[int, ...]:
+    """The prompt lengths (tokens of `ids`, the ids of the text `prompt`) the `shared` texts
+    (ChatTemplate.shared_prefixes) make: how far each one's token ids start `ids`. `encode`:
+    text -> ids. Each is found from the shorter side: a text that is most of the prompt (the
+    conversation before this turn) by encoding what follows it in the prompt, where those ids
+    end `ids` (they do where the text ends on a token boundary, as at a special token), else
+    by encoding the text: the cost stays a fraction of encoding the prompt."""
     points = set()
     for text in shared:
         try:
-            n = shared_prefix(encode(text), ids)
+            n = 0
+            if prompt.startswith(text) and len(text) > len(prompt) // 2:
+                rest = encode(prompt[len(text) :]) if len(text) < len(prompt) else []
+                if len(rest) <= len(ids) and ids[len(ids) - len(rest) :] == rest:
+                    n = len(ids) - len(rest)
+            n = n or shared_prefix(encode(text), ids)
         except Exception:  # noqa: BLE001 - only a hint
             continue
         if n:

@@ -1056,7 +1056,7 @@ class LLM:
             # where the system prompt and the conversation before this turn end
             enc = self.engine.encode_prompt
             shared = template.shared_prefixes(messages, **template_kwargs)
-            points = cache_points(enc, shared, enc(prompt))
+            points = cache_points(enc, shared, enc(prompt), prompt)
             params = dataclasses.replace(params or self.default_params(), cache_points=points)
         return self.generate([prompt], params, lora=lora)[0]
 

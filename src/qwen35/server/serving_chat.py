@@ -197,7 +197,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[ChatPr
     if not prompt.media:
         encode = getattr(state.engine, "encode_prompt", None)
         if prompt.shared and encode is not None:
-            prompt.cache_points = cache_points(encode, prompt.shared, ids)
+            prompt.cache_points = cache_points(encode, prompt.shared, ids, prompt.text)
         return prompt, ids
     media = load_server_media(state.engine, prompt.media, req.mm_processor_kwargs)
     return prompt, {"prompt_token_ids": ids, "multi_modal_data": media}
