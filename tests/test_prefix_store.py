@@ -499,3 +499,47 @@ def test_two_ranks_keep_their_shards(ckpt, off, tmp_path):
         assert third.engine.get_stats()["prefix_cache_disk_read_errors"] >= 1
     finally:
         third.engine.shutdown()
+
+
+def test_the_server_resets_the_prefix_cache_on_request(chat_ckpt, tmp_path):
+    """POST /reset_prefix_cache (vLLM's) and /flush_cache (SGLang's): memory forgotten (the
+    folder then serves the prefix); ?reset_external=true empties the folder too."""
+    import httpx
+    import openai
+
+    from qwen35.engine.llm_engine import LLMEngine
+    from qwen35.server.app import ServerConfig, create_app
+    from server_fakes import ServerThread
+
+    eng = LLMEngine(str(chat_ckpt), dtype="fp32", block_size=BS, verbose=False,
+                    prefix_cache_dir=str(tmp_path), prefix_cache_dir_min_tokens=32)  # fmt: skip
+    srv = ServerThread(create_app(eng, ServerConfig(served_model_name="tiny")))
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+
+    def ask():
+        r = client.chat.completions.create(
+            model="tiny", max_tokens=2, temperature=0.0,
+            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
+        )  # fmt: skip
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    try:
+        assert ask() == 0
+        hit = ask()
+        assert hit > 0
+        eng.prefix_store.flush()
+        for path in ("/reset_prefix_cache", "/flush_cache"):
+            r = httpx.post(srv.url + path)
+            assert r.status_code == 200 and "reset" in r.text
+            before = eng.get_stats()["prefix_cache_disk_hits"]
+            # (from the folder: as deep as memory was, or deeper, the repeat's branch point)
+            assert ask() >= hit and eng.get_stats()["prefix_cache_disk_hits"] == before + 1
+        r = httpx.post(srv.url + "/reset_prefix_cache", params={"reset_external": "true"})
+        assert r.status_code == 200 and "files removed" in r.text
+        assert not list(eng.prefix_store.dir.glob("*" + SUFFIX))
+        assert ask() == 0
+        r = httpx.post(srv.url + "/reset_prefix_cache", params={"reset_external": "maybe"})
+        assert r.status_code == 400 and "reset_external" in r.text
+    finally:
+        srv.close()
+        eng.shutdown()

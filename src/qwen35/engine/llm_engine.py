@@ -779,6 +779,15 @@ class LLMEngine:
             self.runner.spec.cost.record(result.decode_rows, time.perf_counter() - t0)
         return outputs
 
+    def reset_prefix_cache(self, external: bool = False) -> int:
+        """Forget the cached prefixes: KV blocks and state checkpoints (running requests keep
+        what they hold), e.g. between benchmark runs; external: also remove --prefix-cache-dir's
+        files of this engine's fingerprint (every rank's). -> files removed."""
+        self.scheduler.reset_prefix_cache()
+        if external and self.prefix_store is not None:
+            return self.prefix_store.clear()
+        return 0
+
     def _import_prefixes(self) -> None:
         """--prefix-cache-dir: the prompts that may be admitted this step, not looked up yet, take
         what the folder holds beyond the memory cache (engine/prefix_store.py)."""

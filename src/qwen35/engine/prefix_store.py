@@ -267,6 +267,18 @@ class PrefixStore:
         """Wait until every queued file is written."""
         self._queue.join()
 
+    def clear(self) -> int:
+        """Remove every segment file (after the queued ones are written): -> how many (this
+        rank's; the other ranks clear theirs too)."""
+        self.flush()
+        n = 0
+        for p in self.dir.glob("*" + SUFFIX):
+            p.unlink(missing_ok=True)
+            n += 1
+        if self.ranks is not None:
+            self.ranks.clear()
+        return n
+
     def close(self) -> None:
         if self._thread is not None:
             self._queue.join()
@@ -520,6 +532,9 @@ class RankShards:
 
     def start(self, store: PrefixStore) -> None:
         self._send(("prefix_store", str(store.dir), store.max_bytes, store.min_tokens))
+
+    def clear(self) -> None:
+        self._send(("prefix_clear",))
 
     def save(self, items: list) -> None:
         self._send(("prefix_save", [(*it[:-2], list(it[-2]), it[-1]) for it in items]))

@@ -147,7 +147,8 @@ def _loop(model, caches, control, device) -> None:
 
 def _prefix_message(msg, store, caches, control):
     """("prefix_store", rank 0's folder, max bytes, min tokens): this rank's store, in
-    `rank{r}` under it; ("prefix_save", items): queue these segments' shards; ("prefix_load",
+    `rank{r}` under it; ("prefix_clear",): remove its files; ("prefix_save", items): queue
+    these segments' shards; ("prefix_load",
     chain, tokens, first, blocks, slot): read this rank's shards into the caches and answer
     in the all-reduce. -> the store."""
     from qwen35.engine import prefix_store as ps
@@ -156,7 +157,9 @@ def _prefix_message(msg, store, caches, control):
     if kind == "prefix_store":
         _, folder, max_bytes, min_tokens = msg
         return ps.PrefixStore(Path(folder) / f"rank{dist.get_rank()}", max_bytes, min_tokens, None)
-    if kind == "prefix_save":
+    if kind == "prefix_clear":
+        store.clear()
+    elif kind == "prefix_save":
         for item in msg[1]:
             ps.save_shard(store, caches, *item)
     elif kind == "prefix_load":

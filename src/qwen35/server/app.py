@@ -4,7 +4,8 @@ Routes: GET /health, GET /metrics, GET /v1/models (and /v1/models/{id}), POST /v
 POST /v1/chat/completions, POST /v1/responses (OpenAI's Responses API), POST /v1/messages and
 /v1/messages/count_tokens (Anthropic's Messages API: serving_messages.py), and vLLM's POST
 /tokenize, POST /detokenize, GET /tokenizer_info, POST /v1/load_lora_adapter and
-/v1/unload_lora_adapter (serving_lora.py), and Ollama's POST /api/chat, /api/generate, /api/show,
+/v1/unload_lora_adapter (serving_lora.py), POST /reset_prefix_cache (and SGLang's /flush_cache),
+and Ollama's POST /api/chat, /api/generate, /api/show,
 GET /api/tags, /api/ps, /api/version (serving_ollama.py). Every error is returned in OpenAI's
 shape (Anthropic's on /v1/messages..., Ollama's `{"error": ...}` on /api/...). One pure-ASGI
 middleware gives each request an id (`x-request-id`), counts requests by endpoint/status, checks the API
@@ -39,7 +40,7 @@ from qwen35.server import (
     serving_responses,
     serving_tokens,
 )
-from qwen35.server.async_engine import AsyncEngine
+from qwen35.server.async_engine import AsyncEngine, EngineDeadError
 from qwen35.server.metrics import CONTENT_TYPE, ServerMetrics
 from qwen35.server.protocol import APIError, ModelCard, ModelList, error_body
 from qwen35.server.serving_chat import create_chat_completion
@@ -48,6 +49,7 @@ from qwen35.server.serving_common import (
     JSONResponse,
     ServerConfig,
     ServerState,
+    engine_dead_error,
     internal_error_body,
 )
 from qwen35.server.serving_completions import create_completion
@@ -58,7 +60,8 @@ ENDPOINTS = (
     "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
     "/v1/responses", "/tokenize", "/detokenize", "/tokenizer_info", "/v1/load_lora_adapter",
     "/v1/unload_lora_adapter", "/v1/messages", "/v1/messages/count_tokens", "/api/chat",
-    "/api/generate", "/api/show", "/api/tags", "/api/ps", "/api/version",
+    "/api/generate", "/api/show", "/api/tags", "/api/ps", "/api/version", "/reset_prefix_cache",
+    "/flush_cache",
 )  # fmt: skip
 OPEN_PATHS = ("/health",)  # no API key needed (load balancers probe it)
 
@@ -186,6 +189,24 @@ async def tokenizer_info(request: Request) -> Response:
     return JSONResponse(serving_tokens.tokenizer_info(_state(request)))
 
 
+async def reset_prefix_cache(request: Request) -> Response:
+    """POST /reset_prefix_cache (vLLM's; `?reset_external=true` also empties --prefix-cache-dir's
+    folder of this model) and POST /flush_cache (SGLang's): forget the cached prefixes between
+    benchmark runs (AIPerf's reset hook calls either). Requests running keep what they hold."""
+    state = _state(request)
+    flag = request.query_params.get("reset_external", "false").lower()
+    if flag not in ("true", "false", "1", "0"):
+        raise APIError(f"reset_external must be true or false, got {shown(flag, 40)!r}", 400,
+                       param="reset_external")  # fmt: skip
+    try:
+        removed = await state.async_engine.call(state.engine.reset_prefix_cache,
+                                                flag in ("true", "1"))  # fmt: skip
+    except EngineDeadError as e:
+        raise engine_dead_error(e) from None
+    more = f"; {removed} files removed from the prefix cache's folder" if removed else ""
+    return Response(f"Success: prefix cache reset{more}.\n", media_type="text/plain")
+
+
 async def root(request: Request) -> Response:
     """GET /: a plain line, as Ollama answers it (clients probe a server with it)."""
     return Response("qwen35 is running\n", media_type="text/plain")
@@ -206,6 +227,8 @@ ROUTES = (
     ("DELETE", "/v1/responses/{response_id}", delete_response),
     ("POST", "/v1/load_lora_adapter", _with_state(serving_lora.load_lora_adapter)),
     ("POST", "/v1/unload_lora_adapter", _with_state(serving_lora.unload_lora_adapter)),
+    ("POST", "/reset_prefix_cache", reset_prefix_cache),
+    ("POST", "/flush_cache", reset_prefix_cache),
     ("POST", "/tokenize", _with_state(serving_tokens.tokenize)),
     ("POST", "/detokenize", _with_state(serving_tokens.detokenize)),
     ("GET", "/tokenizer_info", tokenizer_info),
