@@ -139,10 +139,11 @@ class PrefixStore:
         return self.dir / (h.hex() + SUFFIX)
 
     def has(self, h: bytes) -> bool:
+        """Segment h is stored or queued (the folder's listing: no stat per hash)."""
         with self._lock:
             if h in self._queued:
                 return True
-        return self.path(h).exists()
+        return h.hex() in self._names()
 
     def chain(self, h: bytes) -> list[tuple[Path, int, int]] | None:
         """The segments from the root to segment h, as (path, start, end) blocks; None where one
@@ -203,7 +204,8 @@ class PrefixStore:
         from safetensors import safe_open
 
         bs = len(tokens) // chain[-1][2]
-        out: dict = {n: [] for n in expect if n[0] in "kv"}
+        kv = [n for n in expect if _is_kv(n)]
+        out: dict = {n: [] for n in kv}
         path = None
         try:
             for path, start, end in chain:
@@ -212,20 +214,14 @@ class PrefixStore:
                     if got != list(tokens[start * bs : end * bs]):
                         raise ValueError("its tokens are not the prompt's")
                     if end > first:
-                        for name in expect:
-                            if name[0] in "kv":
-                                t = f.get_tensor(name)
-                                out[name].append(t[max(first - start, 0) :])
+                        for name in kv:
+                            out[name].append(f.get_tensor(name)[max(first - start, 0) :])
                     if end == chain[-1][2]:
-                        out.update({n: f.get_tensor(n) for n in expect if n[0] not in "kv"})
+                        out.update({n: f.get_tensor(n) for n in expect if not _is_kv(n)})
             for name, (shape, dtype) in expect.items():
-                got = out.get(name)
-                ts = got if isinstance(got, list) else [got]
-                rows = sum(t.shape[0] for t in ts) if isinstance(got, list) else None
-                if any(t is None or t.dtype != dtype for t in ts) or (
-                    tuple(got.shape) != tuple(shape) if rows is None
-                    else rows != shape[0] or any(t.shape[1:] != shape[1:] for t in ts)
-                ):  # fmt: skip
+                parts = out[name] if _is_kv(name) else [out.get(name)]
+                if any(t is None or t.dtype != dtype or t.shape[1:] != shape[1:] for t in parts) \
+                        or sum(t.shape[0] for t in parts) != shape[0]:  # fmt: skip
                     raise ValueError(f"tensor {name} is missing or of another shape or dtype")
         except FileNotFoundError:  # pruned since find() (by another engine)
             return None
@@ -376,6 +372,11 @@ def _expect(caches, num_blocks: int) -> dict[str, tuple]:
         out[f"conv.{j}"] = (tuple(c.shape[1:]), c.dtype)
         out[f"rec.{j}"] = (tuple(r.shape[1:]), r.dtype)
     return out
+
+
+def _is_kv(name: str) -> bool:
+    """A segment's K / V tensor (k.i, v.i: [blocks, ...]); the others are states (conv.j, rec.j)."""
+    return name.startswith(("k.", "v."))
 
 
 def _stored(seq) -> bool:
@@ -537,11 +538,11 @@ class RankShards:
         self._send(("prefix_clear",))
 
     def save(self, items: list) -> None:
-        self._send(("prefix_save", [(*it[:-2], list(it[-2]), it[-1]) for it in items]))
+        self._send(("prefix_save", items))
 
     def load(self, chain, tokens, first, blocks, slot) -> bool:
         names = [(p.name[: -len(SUFFIX)], start, end) for p, start, end in chain]
-        self._send(("prefix_load", names, list(tokens), first, list(blocks), slot))
+        self._send(("prefix_load", names, tokens, first, blocks, slot))
         return self.group.guard(all_ranks_ok, True, self.group.control)
 
     def _send(self, msg) -> None:
