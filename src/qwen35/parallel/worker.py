@@ -148,9 +148,8 @@ def _loop(model, caches, control, device) -> None:
 def _prefix_message(msg, store, caches, control):
     """("prefix_store", rank 0's folder, max bytes, min tokens): this rank's store, in
     `rank{r}` under it; ("prefix_clear",): remove its files; ("prefix_save", items): queue
-    these segments' shards; ("prefix_load",
-    chain, tokens, first, blocks, slot): read this rank's shards into the caches and answer
-    in the all-reduce. -> the store."""
+    these segments' shards; ("prefix_load", chain, tokens, first, blocks, slot): read this
+    rank's shards into the caches and answer in the all-reduce. -> the store."""
     from qwen35.engine import prefix_store as ps
 
     kind = msg[0]

@@ -85,10 +85,11 @@ def request_template(engine: Any, req: ChatCompletionRequest, trusted: bool) -> 
         raise APIError(str(e), param="chat_template") from None
 
 
-def build_chat_prompt(engine: Any, req: ChatCompletionRequest, trusted: bool = False
-                      ) -> ChatPrompt:  # fmt: skip
+def build_chat_prompt(engine: Any, req: ChatCompletionRequest, trusted: bool = False,
+                      shared: bool = False) -> ChatPrompt:  # fmt: skip
     """The prompt text for a chat request; bad messages / tools / kwargs are 400s. trusted:
-    the server renders a request's own chat_template (request_template)."""
+    the server renders a request's own chat_template (request_template). shared: also the
+    texts later requests share with it (ChatPrompt.shared), for a prompt the engine runs."""
     template = request_template(engine, req, trusted)
     # exclude_unset keeps what the client sent (explicit nulls too), in its order, for tojson
     tools = (
@@ -160,10 +161,10 @@ def build_chat_prompt(engine: Any, req: ChatCompletionRequest, trusted: bool = F
             param="messages",
             code="nested_too_deeply",
         ) from None
-    shared = None
-    if req.add_generation_prompt and not req.continue_final_message:
-        shared = template.shared_prefixes(messages, tools, enable_thinking=thinking, **kwargs)
-    return ChatPrompt(text, prompt_thinking_enabled(text), tools, media or None, shared=shared)
+    prefixes = None  # (text prompts only: prepare_chat)
+    if shared and not media and req.add_generation_prompt and not req.continue_final_message:
+        prefixes = template.shared_prefixes(messages, tools, enable_thinking=thinking, **kwargs)
+    return ChatPrompt(text, prompt_thinking_enabled(text), tools, media or None, shared=prefixes)
 
 
 def load_server_media(engine: Any, media: dict[str, list], kwargs: dict | None = None
@@ -188,11 +189,14 @@ def load_server_media(engine: Any, media: dict[str, list], kwargs: dict | None =
         raise APIError(f"invalid messages: {e}", param="messages") from None
 
 
-def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[ChatPrompt, Any]:
+def prepare_chat(state: ServerState, req: ChatCompletionRequest, run: bool = True
+                 ) -> tuple[ChatPrompt, Any]:  # fmt: skip
     """Render and tokenize, and decode + preprocess images (on a worker thread: all cost time
     linear in the body). -> the prompt, and what goes to the engine (token ids, or with media
-    {"prompt_token_ids", "multi_modal_data"})."""
-    prompt = build_chat_prompt(state.engine, req, state.config.trust_request_chat_template)
+    {"prompt_token_ids", "multi_modal_data"}). run: the engine runs it (its cache points are
+    found; not for counting tokens)."""
+    prompt = build_chat_prompt(state.engine, req, state.config.trust_request_chat_template,
+                               shared=run)  # fmt: skip
     ids = state.encode(prompt.text, "messages", req.truncate_prompt_tokens)
     if not prompt.media:
         encode = getattr(state.engine, "encode_prompt", None)

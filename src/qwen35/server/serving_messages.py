@@ -431,7 +431,8 @@ async def count_tokens(state: ServerState, request: Request) -> Response:
         chat = to_chat_request(state, req)
 
         def count() -> int:  # (images: the tokens each placeholder expands to, as the engine's
-            _, ids = prepare_chat(state, chat)  # add_request has them; processed ones pass)
+            # add_request has them; processed ones pass)
+            _, ids = prepare_chat(state, chat, run=False)
             if isinstance(ids, dict):
                 mm = state.engine.mm_processor
                 ids = mm.process(ids["prompt_token_ids"], ids["multi_modal_data"]).token_ids
