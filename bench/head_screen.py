@@ -15,6 +15,9 @@ alone at 1-16 rows (--rows: more; HeadScreen.max_rows is set from these): the fu
 screen (kernels/head_screen_cpu.cpp), the same with the kernel's VNNI dots one input row at a
 time (as before 4-16 rows went into a vector's lanes) and the screen through its PyTorch twin.
 `--rescore`: the exact logits of 4,096-16,384 candidates (the screen's second half) alone.
+`--build`: building the screen at engine start, the heads of the 0.8B / 4B / 9B (hidden 1024 /
+2560 / 4096): small_ops_cpu.cpp quantize_head against its PyTorch reference (the build before
+2026-12-07), and the finiteness check by count_nonfinite against torch.isfinite, interleaved.
 """
 
 from __future__ import annotations
@@ -147,6 +150,34 @@ def rescore(fmt: str, rounds: int) -> dict:
     return out
 
 
+def build(fmt: str, rounds: int) -> dict:
+    """Seconds to build the screen of a 248,320-token head: the kernel and its reference, and
+    the finiteness check HeadScreen.build runs first, each way (medians, interleaved)."""
+    from qwen35.kernels import small_ops
+    from qwen35.models.head_screen import _BUILD_ROWS, quantize_head_reference
+    from qwen35.weights import count_nonfinite
+
+    mod = small_ops.load()
+    if mod is None:
+        raise SystemExit("small_ops_cpu.cpp did not build: nothing to compare")
+    dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+    out = {}
+    for K in (1024, 2560, 4096):
+        w = (torch.randn(248320, K) * 0.02).to(dtype)
+        med = _interleaved({
+            "kernel": lambda w=w: mod.quantize_head(w),
+            "reference": lambda w=w: quantize_head_reference(w),
+            "count_nonfinite": lambda w=w: count_nonfinite(w),
+            "isfinite": lambda w=w: all(bool(torch.isfinite(w[i : i + _BUILD_ROWS]).all())
+                                        for i in range(0, len(w), _BUILD_ROWS))}, rounds)  # fmt: skip
+        out[K] = med
+        print(f"{fmt} head 248320 x {K}: build {med['kernel']:.0f} ms (reference "
+              f"{med['reference']:.0f}, {med['reference'] / med['kernel']:.1f}x); finite check "
+              f"{med['count_nonfinite']:.0f} ms (torch.isfinite {med['isfinite']:.0f})")  # fmt: skip
+        del w
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--formats", nargs="+", default=["fp32", "bf16"],
@@ -162,8 +193,15 @@ def main() -> None:
                     help="a third mode: the full head through torch's GEMM past 8 bf16 rows")
     ap.add_argument("--rescore", action="store_true",
                     help="time the exact logits of 4K-16K candidates alone")  # fmt: skip
+    ap.add_argument("--build", action="store_true",
+                    help="time building the screen (kernel vs PyTorch reference)")  # fmt: skip
     args = ap.parse_args()
     results = {}
+    if args.build:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        for f in args.formats:
+            build(f, args.rounds)
+        return
     if args.rescore:
         torch.set_num_threads(args.threads or torch.get_num_threads())
         for f in args.formats:

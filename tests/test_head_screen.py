@@ -473,3 +473,47 @@ def test_rows_past_16_screened_in_groups_one_undecided(monkeypatch):
     _kept_exact(full[32:], got[32:], ks[32:])
     monkeypatch.setattr(head, "candidates", lambda rows, ks: None)
     assert head.tokens(x) is None and head.logits(x, ks) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [64, 203])
+def test_build_kernel_equals_reference(dtype, K):
+    """small_ops_cpu.cpp quantize_head (one pass, at engine start) against the PyTorch ops it
+    replaced: q and scale bit for bit; err / nq / tiny within their norms' rounding, and never
+    below the reference where fp32 squares underflow (a row of 1e-30s: the reference's norms
+    are 0, the kernel's double sums are not). Zero rows, denormals and a K past the vectors'
+    width (203 = 25 x 8 + 3) included."""
+    from qwen35.kernels import small_ops
+
+    mod = small_ops.load()
+    if mod is None:
+        pytest.skip("small_ops_cpu.cpp did not build (no compiler / AVX2)")
+    g = torch.Generator().manual_seed(4)
+    w = (_weights(700, K, torch.float32, seed=3) * torch.rand(700, 1, generator=g) * 40).to(dtype)
+    w[5] = 0
+    w[6, ::2] = 1e-40 if dtype == torch.float32 else 0.0  # denormals (fp32)
+    w[7] = 1e-30
+    w[8, 0] = -3.0  # one large element: the rest round to zero
+    got, want = mod.quantize_head(w), head_screen.quantize_head_reference(w)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    normal = torch.ones(len(w), dtype=torch.bool)
+    normal[7] = False
+    # (atol: denormal products, which other tests' torch.set_flush_denormal may flush in the
+    # reference, move tiny's ~1e-34 by up to 2^-126)
+    for i, atol in ((2, 0.0), (3, 0.0), (4, 2.0**-120)):
+        g, r = got[i], want[i]
+        assert torch.allclose(g[normal], r[normal], rtol=1e-6, atol=atol), (g - r).abs().max()
+        assert g[7] >= r[7]
+    assert got[2][7] > 0  # the kernel's bound of the 1e-30 row is not 0
+
+
+def test_screen_built_without_kernels_is_the_same(monkeypatch):
+    """HeadScreen falls back to the reference build where small_ops does not load."""
+    from qwen35.kernels import small_ops
+
+    w = _weights(500, 64, torch.bfloat16)
+    fast = HeadScreen(w)
+    monkeypatch.setattr(small_ops, "load", lambda: None)
+    slow = HeadScreen(w)
+    assert torch.equal(fast.q, slow.q) and torch.equal(fast.scale, slow.scale)
+    assert torch.allclose(fast.err, slow.err, rtol=1e-6, atol=0)

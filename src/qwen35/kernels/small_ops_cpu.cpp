@@ -381,6 +381,105 @@ int64_t count_nonfinite(const torch::Tensor& t) {
   }
 }
 
+// ---- load time: the int8 screen of lm_head (models/head_screen.py) ---------------------------
+// Per row v of w [V, K] (fp32 / bf16): scale = max|w_v| / 127 (1 for a zero row), q = w / scale
+// rounded half to even and clamped to +-127 (int8), deq = q * scale (fp32), and the screen's
+// bounds from the norms of w_v, deq and w_v - deq and max|deq| (HeadScreen's formulas). One pass
+// over the head instead of the reference's dozen tensor ops (a 9B's 1B-weight head: seconds at
+// every engine start). q and scale are the reference's bits; the norms accumulate in double
+// (the reference's fp32 sums are within K 2^-24 of them, inside the bounds' 2^-8 of room).
+inline double hsum_pd(__m256d v) {
+  alignas(32) double l[4];
+  _mm256_store_pd(l, v);
+  return (l[0] + l[2]) + (l[1] + l[3]);
+}
+
+inline __m256d sq_pd(__m256 v, __m256d acc) {  // acc + the squares of v's 8 lanes, in double
+  const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+  const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+  return _mm256_fmadd_pd(hi, hi, _mm256_fmadd_pd(lo, lo, acc));
+}
+
+template <typename T>
+void quantize_head_rows(const T* w, int64_t V, int64_t K, int8_t* q, float* scale, float* err,
+                        float* nq, float* tiny) {
+  const double acc = K * std::ldexp(1.0, -22);
+  const int64_t K8 = K / 8 * 8;
+  at::parallel_for(0, V, 64, [&](int64_t a, int64_t b) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 lim = _mm256_set1_ps(127.f), nlim = _mm256_set1_ps(-127.f);
+    for (int64_t v = a; v < b; ++v) {
+      const T* wr = w + v * K;
+      __m256 m8 = _mm256_setzero_ps();
+      for (int64_t j = 0; j < K8; j += 8) m8 = _mm256_max_ps(m8, _mm256_and_ps(load8(wr + j), absmask));
+      alignas(32) float ml[8];
+      _mm256_store_ps(ml, m8);
+      float amax = 0.f;
+      for (float m : ml) amax = std::max(amax, m);
+      for (int64_t j = K8; j < K; ++j) amax = std::max(amax, std::fabs(static_cast<float>(wr[j])));
+      const float s = amax > 0.f ? amax / 127.f : 1.f;
+      const __m256 s8 = _mm256_set1_ps(s);
+      __m256d sw = _mm256_setzero_pd(), sq = _mm256_setzero_pd(), se = _mm256_setzero_pd();
+      __m256 d8max = _mm256_setzero_ps();
+      int8_t* qr = q + v * K;
+      for (int64_t j = 0; j < K8; j += 8) {  // q = clamp(rint(w / s)): the reference's bits
+        const __m256 x = load8(wr + j);
+        const __m256 r = _mm256_min_ps(lim, _mm256_max_ps(nlim, _mm256_round_ps(
+            _mm256_div_ps(x, s8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+        const __m128i i32lo = _mm_cvtps_epi32(_mm256_castps256_ps128(r));
+        const __m128i i32hi = _mm_cvtps_epi32(_mm256_extractf128_ps(r, 1));
+        const __m128i i16 = _mm_packs_epi32(i32lo, i32hi);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + j), _mm_packs_epi16(i16, i16));
+        const __m256 d = _mm256_mul_ps(r, s8);
+        sw = sq_pd(x, sw);
+        sq = sq_pd(d, sq);
+        se = sq_pd(_mm256_sub_ps(x, d), se);
+        d8max = _mm256_max_ps(d8max, _mm256_and_ps(d, absmask));
+      }
+      double n_w2 = hsum_pd(sw), n_q2 = hsum_pd(sq), n_e2 = hsum_pd(se);
+      _mm256_store_ps(ml, d8max);
+      float dmax = 0.f;
+      for (float m : ml) dmax = std::max(dmax, m);
+      for (int64_t j = K8; j < K; ++j) {
+        const float x = static_cast<float>(wr[j]);
+        const float r = std::min(127.f, std::max(-127.f, std::nearbyint(x / s)));
+        qr[j] = static_cast<int8_t>(r);
+        const float d = r * s, e = x - d;
+        n_w2 += double(x) * x;
+        n_q2 += double(d) * d;
+        n_e2 += double(e) * e;
+        dmax = std::max(dmax, std::fabs(d));
+      }
+      const double n_w = std::sqrt(n_w2), n_q = std::sqrt(n_q2), n_e = std::sqrt(n_e2);
+      const double room = 1.0 + std::ldexp(1.0, -8);
+      scale[v] = s;
+      err[v] = float((n_e + (acc + std::ldexp(1.0, -7)) * n_q + acc * n_w) * room);
+      nq[v] = float(n_q * room);
+      tiny[v] = float((K * std::ldexp(1.0, -125) * (double(amax) + dmax) + K * std::ldexp(1.0, -120)) * 2);
+    }
+  });
+}
+
+std::vector<torch::Tensor> quantize_head(const torch::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),
+              "quantize_head: a contiguous [V, K] CPU tensor");
+  const int64_t V = w.size(0), K = w.size(1);
+  const auto f32 = w.options().dtype(at::kFloat);
+  auto q = torch::empty({V, K}, w.options().dtype(at::kChar));
+  auto scale = torch::empty({V}, f32), err = torch::empty({V}, f32);
+  auto nq = torch::empty({V}, f32), tiny = torch::empty({V}, f32);
+  if (w.scalar_type() == at::kFloat) {
+    quantize_head_rows(w.data_ptr<float>(), V, K, q.data_ptr<int8_t>(), scale.data_ptr<float>(),
+                       err.data_ptr<float>(), nq.data_ptr<float>(), tiny.data_ptr<float>());
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kBFloat16, "quantize_head: fp32 or bf16, got ", w.scalar_type());
+    quantize_head_rows(w.data_ptr<at::BFloat16>(), V, K, q.data_ptr<int8_t>(),
+                       scale.data_ptr<float>(), err.data_ptr<float>(), nq.data_ptr<float>(),
+                       tiny.data_ptr<float>());
+  }
+  return {q, scale, err, nq, tiny};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_zc", &rms_norm_zc, QWEN35_NOGIL, "zero-centred RMSNorm");
   m.def("add_rms_norm_zc_", &add_rms_norm_zc_, QWEN35_NOGIL, "h += delta in place, then its RMSNorm");
@@ -393,4 +492,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "DeltaNet's causal conv over a prefill chunk (state or zeros before it), then SiLU",
         py::arg("x"), py::arg("w"), py::arg("state") = py::none());
   m.def("count_nonfinite", &count_nonfinite, QWEN35_NOGIL, "NaN / inf elements of a contiguous tensor");
+  m.def("quantize_head", &quantize_head, QWEN35_NOGIL,
+        "lm_head's int8 screen: (q, scale, err, nq, tiny), models/head_screen.py");
 }

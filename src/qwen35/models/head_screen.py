@@ -76,6 +76,37 @@ MAX_TOP_K = 256  # sampled rows with a larger top_k read the full head
 _BUILD_ROWS = 16384  # rows of the head quantised at a time (bounded temporary memory)
 
 
+def quantize_head_reference(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The screen's tensors of a [V, K] head, with PyTorch ops (kernels/small_ops_cpu.cpp
+    quantize_head computes the same in one pass): q [V, K] int8 (rows scaled by max|w| / 127,
+    rounded half to even), scale [V], and the bounds' err [V] (multiplies ||x||_2), nq [V]
+    (||s_v q_v||_2) and tiny [V], each fp32."""
+    V, K = weight.shape
+    q_all = torch.empty(V, K, dtype=torch.int8)
+    scale_all, err_all, nq_all, tiny_all = (torch.empty(V) for _ in range(4))
+    # rounding bound of one side (accumulation over K terms in fp32, worst case K * 2^-24,
+    # taken 4x) and of the screen's input / output in bf16 (2^-9 each, taken 2x)
+    acc = K * 2.0**-22
+    for i in range(0, V, _BUILD_ROWS):
+        w = weight[i : i + _BUILD_ROWS].float()  # [R, K] (the weight itself when fp32)
+        amax = w.abs().amax(dim=1)  # [R]
+        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        q = (w / scale[:, None]).round_().clamp_(-127, 127)
+        q_all[i : i + len(w)] = q.to(torch.int8)
+        scale_all[i : i + len(w)] = scale
+        deq = q.mul_(scale[:, None])  # fp32 products, each within 2^-24 of q * scale
+        n_w, n_q = w.norm(dim=1), deq.norm(dim=1)  # fp32 norms: relative error < K 2^-24
+        err = (w - deq).norm(dim=1) + (acc + 2.0**-7) * n_q + acc * n_w
+        # denormals flushed to zero: an input below 2^-126 makes its product off by less
+        # than 2^-126 * |weight|, a flushed partial sum or product by less than 2^-126
+        # (K of each per side, two sides)
+        tiny = K * 2.0**-125 * (amax + deq.abs().amax(dim=1)) + K * 2.0**-120
+        err_all[i : i + len(w)] = err * (1 + 2.0**-8)  # the norms' own rounding, with room
+        nq_all[i : i + len(w)] = n_q * (1 + 2.0**-8)
+        tiny_all[i : i + len(w)] = tiny * 2
+    return q_all, scale_all, err_all, nq_all, tiny_all
+
+
 class HeadScreen:
     """The int8 screen of one lm_head weight [V, K] (fp32 or bf16, contiguous, on the CPU), for
     head-input rows of `rows_dtype` (default: the weight's; fp32 rows on a bf16 head: a model
@@ -89,32 +120,11 @@ class HeadScreen:
                 f"a [V, K] fp32 / bf16 head is needed, got {weight.dtype} {tuple(weight.shape)}"
             )
         self.weight = weight
-        V, K = weight.shape
-        self.q = torch.empty(V, K, dtype=torch.int8)
-        self.scale = torch.empty(V)  # fp32
-        self.err = torch.empty(V)  # multiplies ||x||_2
-        self.nq = torch.empty(V)  # ||s_v q_v||_2, multiplies the kernel's input error ||x - x^||
-        self.tiny = torch.empty(V)
-        # rounding bound of one side (accumulation over K terms in fp32, worst case K * 2^-24,
-        # taken 4x) and of the screen's input / output in bf16 (2^-9 each, taken 2x)
-        acc = K * 2.0**-22
-        for i in range(0, V, _BUILD_ROWS):
-            w = weight[i : i + _BUILD_ROWS].float()  # [R, K] (the weight itself when fp32)
-            amax = w.abs().amax(dim=1)  # [R]
-            scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-            q = (w / scale[:, None]).round_().clamp_(-127, 127)
-            self.q[i : i + len(w)] = q.to(torch.int8)
-            self.scale[i : i + len(w)] = scale
-            deq = q.mul_(scale[:, None])  # fp32 products, each within 2^-24 of q * scale
-            n_w, n_q = w.norm(dim=1), deq.norm(dim=1)  # fp32 norms: relative error < K 2^-24
-            err = (w - deq).norm(dim=1) + (acc + 2.0**-7) * n_q + acc * n_w
-            # denormals flushed to zero: an input below 2^-126 makes its product off by less
-            # than 2^-126 * |weight|, a flushed partial sum or product by less than 2^-126
-            # (K of each per side, two sides)
-            tiny = K * 2.0**-125 * (amax + deq.abs().amax(dim=1)) + K * 2.0**-120
-            self.err[i : i + len(w)] = err * (1 + 2.0**-8)  # the norms' own rounding, with room
-            self.nq[i : i + len(w)] = n_q * (1 + 2.0**-8)
-            self.tiny[i : i + len(w)] = tiny * 2
+        from qwen35.kernels import small_ops
+
+        mod = small_ops.load()
+        build = mod.quantize_head if mod is not None else quantize_head_reference
+        self.q, self.scale, self.err, self.nq, self.tiny = build(weight)
         # the exact rows must take the GEMV kernel, whose outputs don't depend on the row count
         self.rows_dtype = rows = rows_dtype or weight.dtype
         if rows != weight.dtype and not (rows == torch.float32 and weight.dtype == torch.bfloat16):
@@ -137,8 +147,13 @@ class HeadScreen:
             return None
         if not gemv.GEMV.supported():
             return None
-        rows = range(0, len(w), _BUILD_ROWS)
-        if not all(bool(torch.isfinite(w[i : i + _BUILD_ROWS]).all()) for i in rows):
+        from qwen35.weights import count_nonfinite
+
+        bad = count_nonfinite(w)  # (None: no kernel to count with; torch's ops then)
+        if bad is None:
+            rows = range(0, len(w), _BUILD_ROWS)
+            bad = sum(int((~torch.isfinite(w[i : i + _BUILD_ROWS])).sum()) for i in rows)
+        if bad:
             return None
         compute = getattr(model, "dtype", w.dtype)  # fp32 on a bf16-stored head: fp32 rows
         return cls(w, compute if compute in (torch.float32, torch.bfloat16) else None)
