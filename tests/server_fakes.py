@@ -405,6 +405,19 @@ def serving():
         s.close()
 
 
+def assert_no_residue(async_engine) -> None:
+    """An idle engine keeps nothing per request: the real engine's request_tables() all 0 (fakes
+    have none) and no stream left in the server's AsyncEngine."""
+    tables = getattr(async_engine.engine, "request_tables", None) or dict
+    try:  # (the engine thread may be finishing its last step)
+        wait_until(lambda: not async_engine._streams and not any(tables().values()), timeout=10)
+    except AssertionError:
+        pass
+    assert not async_engine._streams, list(async_engine._streams)
+    left = {k: v for k, v in tables().items() if v}
+    assert not left, left
+
+
 def assert_recovered(srv, headers: dict | None = None) -> None:
     """After a bad request: a normal request succeeds, /health is 200, and the engine's
     running / waiting / KV-block / state-slot gauges (and /metrics) are back to 0."""
@@ -415,6 +428,7 @@ def assert_recovered(srv, headers: dict | None = None) -> None:
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
     assert httpx.get(srv.url + "/health").status_code == 200
     wait_until(lambda: all(srv.state.async_engine.stats.get(g) == 0 for g in GAUGES))
+    assert_no_residue(srv.state.async_engine)
     metrics = httpx.get(srv.url + "/metrics", headers=headers).text
     for g in ("kv_blocks_used", "state_slots_used", "num_requests_running", "num_requests_waiting"):
         assert f"qwen35_{g} 0.0" in metrics, g

@@ -42,7 +42,7 @@ def assert_idle_and_working(llm, reference) -> None:
     eng = llm.engine
     eng.scheduler.check_integrity()
     assert not eng.has_unfinished_requests()
-    assert not eng._seq_to_req and not eng.runner._generators
+    assert not {k: v for k, v in eng.request_tables().items() if v}
     s = eng.get_stats()
     assert (s["num_running"], s["num_waiting"], s["kv_blocks_used"], s["state_slots_used"]) == (
         0, 0, 0, 0,
@@ -326,3 +326,43 @@ def test_fuzz_random_sampling_values_never_break_the_engine(llm, reference):
             eng.scheduler.check_integrity()
     assert accepted > 20 and refused > 60
     assert_idle_and_working(llm, reference)
+
+
+@pytest.mark.parametrize("spec", [{}, {"num_speculative_tokens": 2},
+                                  {"num_speculative_tokens": 3, "speculative_method": "ngram"}])
+def test_nothing_per_request_is_left_behind(tmp_path, spec):
+    """A random mix of requests (grammars, n > 1, seeds, logprobs, penalties, aborts at any step,
+    preemption in a small KV pool; with and without drafts) leaves every per-request table of the
+    engine empty once idle (LLMEngine.request_tables): a long-running server keeps nothing of
+    the requests it served."""
+    import random
+
+    from qwen35.request import StructuredOutputs
+    from server_fakes import build_tiny_engine
+
+    eng = build_tiny_engine(tmp_path / "tiny", num_kv_blocks=24, max_num_seqs=6,
+                             max_model_len=256, **spec)
+    rng = random.Random(7)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    live = []
+    for i in range(60):
+        kw = dict(max_tokens=rng.randrange(1, 40), ignore_eos=rng.random() < 0.5,
+                  temperature=rng.choice([0.0, 0.8]), seed=i, n=rng.choice([1, 1, 2]),
+                  logprobs=rng.choice([None, 2]), presence_penalty=rng.choice([0.0, 0.5]))  # fmt: skip
+        if rng.random() < 0.3:
+            kw["structured_outputs"] = rng.choice(
+                [StructuredOutputs(json=schema), StructuredOutputs(regex="[0-9]{2,6}")])
+        prompt = [rng.randrange(100, 5000) for _ in range(rng.randrange(1, 120))]
+        eng.add_request(f"r{i}", prompt, SamplingParams(**kw))
+        live.append(f"r{i}")
+        for _ in range(rng.randrange(0, 4)):
+            eng.step()
+        if rng.random() < 0.25:
+            eng.abort_request(live.pop(rng.randrange(len(live))))
+    while eng.has_unfinished_requests():
+        eng.step()
+    stats = eng.get_stats()
+    assert stats["num_preemptions"] > 0  # (the pool is small enough to preempt)
+    left = {k: v for k, v in eng.request_tables().items() if v}
+    assert not left, left
+    eng.shutdown()

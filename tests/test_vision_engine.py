@@ -66,6 +66,13 @@ def test_chunked_prefill_splits_image_and_encodes_once(ckpt, llm):
     assert small.generate(req(img), GREEDY)[0].outputs[0].token_ids == whole
     assert small.engine.runner.vision.num_encoded_items == 1
     assert not small.engine.runner.vision.cache  # freed once consumed
+    # aborted while its image is half prefilled: its encoded image goes with it
+    eng = small.engine
+    eng.add_request("cut", req(img), GREEDY)
+    eng.step()
+    assert eng.runner.vision.cache and eng.request_tables()["vision.cache"]
+    eng.abort_request("cut")
+    assert not {k: v for k, v in eng.request_tables().items() if v}
 
 
 def test_batched_equals_alone_and_text_untouched(ckpt, llm):

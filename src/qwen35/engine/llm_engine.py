@@ -891,6 +891,27 @@ class LLMEngine:
             prompt_logprobs=prompt_lps,
         )
 
+    def request_tables(self) -> dict[str, int]:
+        """Entries of every table the engine keeps per request or sequence (its own, the
+        scheduler's, the runner's, speculative decoding's, structured outputs', images'): all 0
+        once it is idle, whatever the requests did (finished, aborted, failed, preempted). Tests
+        check that after their workloads (tests/server_fakes.py assert_recovered): an entry left
+        behind is memory a long-running server never gets back. Add a new table here."""
+        runner, spec = self.runner, self.runner.spec
+        tables = {
+            "requests": self._requests, "seq_to_req": self._seq_to_req,
+            "scheduler.seqs": self.scheduler._seqs, "scheduler.waiting": self.scheduler.waiting,
+            "scheduler.running": self.scheduler.running,
+            "scheduler.short_ids": self.scheduler._short_ids, "runner.generators": runner._generators,
+            "runner.tables": runner._tables, "structured.seqs": self.structured._seqs,
+        }  # fmt: skip
+        if spec is not None:
+            tables.update({"spec.drafts": spec.drafts, "spec.accept": spec.accept,
+                           "spec.misses": spec.misses, "spec.paused": spec.paused})  # fmt: skip
+        if runner.vision is not None:
+            tables["vision.cache"] = runner.vision.cache
+        return {name: len(t) for name, t in tables.items()}
+
     def get_stats(self) -> dict:
         sched, pc = self.scheduler, self.scheduler.prefix_cache_stats()
         kv, state = sched.kv, sched.state
