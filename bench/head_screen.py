@@ -150,8 +150,8 @@ def rescore(fmt: str, rounds: int) -> dict:
     return out
 
 
-def build(fmt: str, rounds: int) -> dict:
-    """Seconds to build the screen of a 248,320-token head: the kernel and its reference, and
+def build(fmt: str, rounds: int, vocab: int = 248320, widths=(1024, 2560, 4096)) -> dict:
+    """Milliseconds to build the screen of a `vocab`-token head: the kernel and its reference, and
     the finiteness check HeadScreen.build runs first, each way (medians, interleaved)."""
     from qwen35.kernels import small_ops
     from qwen35.models.head_screen import _BUILD_ROWS, quantize_head_reference
@@ -162,8 +162,8 @@ def build(fmt: str, rounds: int) -> dict:
         raise SystemExit("small_ops_cpu.cpp did not build: nothing to compare")
     dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
     out = {}
-    for K in (1024, 2560, 4096):
-        w = (torch.randn(248320, K) * 0.02).to(dtype)
+    for K in widths:
+        w = (torch.randn(vocab, K) * 0.02).to(dtype)
         med = _interleaved({
             "kernel": lambda w=w: mod.quantize_head(w),
             "reference": lambda w=w: quantize_head_reference(w),
@@ -171,14 +171,14 @@ def build(fmt: str, rounds: int) -> dict:
             "isfinite": lambda w=w: all(bool(torch.isfinite(w[i : i + _BUILD_ROWS]).all())
                                         for i in range(0, len(w), _BUILD_ROWS))}, rounds)  # fmt: skip
         out[K] = med
-        print(f"{fmt} head 248320 x {K}: build {med['kernel']:.0f} ms (reference "
+        print(f"{fmt} head {vocab} x {K}: build {med['kernel']:.0f} ms (reference "
               f"{med['reference']:.0f}, {med['reference'] / med['kernel']:.1f}x); finite check "
               f"{med['count_nonfinite']:.0f} ms (torch.isfinite {med['isfinite']:.0f})")  # fmt: skip
         del w
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--formats", nargs="+", default=["fp32", "bf16"],
                     help="fp32 bf16; --head-only also bf16:fp32 (a bf16 head, fp32 rows)")
@@ -195,12 +195,13 @@ def main() -> None:
                     help="time the exact logits of 4K-16K candidates alone")  # fmt: skip
     ap.add_argument("--build", action="store_true",
                     help="time building the screen (kernel vs PyTorch reference)")  # fmt: skip
-    args = ap.parse_args()
+    ap.add_argument("--vocab", type=int, default=248320, help="--build: the head's rows")
+    args = ap.parse_args(argv)
     results = {}
     if args.build:
         torch.set_num_threads(args.threads or torch.get_num_threads())
         for f in args.formats:
-            build(f, args.rounds)
+            build(f, args.rounds, args.vocab)
         return
     if args.rescore:
         torch.set_num_threads(args.threads or torch.get_num_threads())

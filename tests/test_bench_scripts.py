@@ -312,3 +312,23 @@ def test_thinking_budget_bench_runs(capsys, tmp_path):
                                    "--tokens", "6", "--rounds", "1"])  # fmt: skip
     out = capsys.readouterr().out
     assert "budget halfway" in out and out.count("tok/s") == 3
+
+
+def test_head_screen_build_bench_runs(capsys):
+    from qwen35.kernels import small_ops
+
+    if small_ops.load() is None:
+        pytest.skip("small_ops_cpu.cpp did not build (no compiler / AVX2)")
+    _load("head_screen").main(["--build", "--rounds", "1", "--formats", "bf16", "--vocab", "300"])
+    out = capsys.readouterr().out
+    assert out.count("bf16 head 300 x") == 3 and "finite check" in out
+
+
+def test_onednn_cache_bench_runs(capsys, tmp_path):
+    from tiny import VOCAB_REAL, save_checkpoint
+
+    save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32)
+    runs = _load("onednn_cache").main([str(tmp_path / "m"), "--capacities", "1024,8",
+                                       "--prompts", "3", "--rounds", "1"])  # fmt: skip
+    assert set(runs) == {1024, 8} and all(r[0]["tokens"] > 0 for r in runs.values())
+    assert "capacity 8: median" in capsys.readouterr().out
