@@ -1,9 +1,10 @@
-"""oneDNN's primitive cache capacity against resident memory and prefill speed, CPU.
+"""oneDNN's cache capacities against resident memory and prefill speed, CPU.
 
-    python bench/onednn_cache.py MODEL_DIR [--capacities 1024,128] [--prompts 150] [--rounds 2]
+    python bench/onednn_cache.py MODEL_DIR [--capacities 1024,128] [--prompts 300] [--rounds 2]
 
-Each round runs one process per capacity (alternating; ONEDNN_PRIMITIVE_CACHE_CAPACITY set
-before the engine starts) that prefills the same prompts of random lengths (20-700 tokens, one
+Each round runs one process per capacity (alternating; ONEDNN_PRIMITIVE_CACHE_CAPACITY, oneDNN's
+primitive cache, and LRU_CACHE_CAPACITY, ideep's cache of matmul parameters, set before the engine
+starts) that prefills the same prompts of random lengths (20-700 tokens, one
 token generated each): prefill tokens/s and how much resident memory grew from the engine's
 start (after malloc_trim, so glibc's kept heap is not counted). oneDNN compiles a kernel for
 every new row count of every weight shape; the engine's default (engine/runtime.py
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model")
     ap.add_argument("--capacities", default="1024,128")
-    ap.add_argument("--prompts", type=int, default=150)
+    ap.add_argument("--prompts", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[int, list[dict]] = {c: [] for c in caps}
     for r in range(args.rounds):
         for c in caps if r % 2 == 0 else caps[::-1]:
-            env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(c)}
+            env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(c), "LRU_CACHE_CAPACITY": str(c)}
             out = subprocess.run([sys.executable, __file__, args.model, "--child", "--prompts",
                                   str(args.prompts)], env=env, capture_output=True, text=True,
                                  check=True).stdout  # fmt: skip

@@ -7,7 +7,8 @@ themselves. It sets:
 - flush-to-zero for fp32 denormals: strong DeltaNet decays produce them, and the CPU's slow path
   for them makes GEMMs several times slower. Per thread: threads started later inherit it;
 - glibc keeps freed memory in its heap (`keep_freed_memory_in_heap`);
-- oneDNN's primitive cache holds at most ONEDNN_CACHE_CAPACITY kernels (`limit_onednn_cache`).
+- oneDNN's and ideep's caches of compiled matmuls hold at most ONEDNN_CACHE_CAPACITY entries
+  (`limit_onednn_cache`).
 """
 
 from __future__ import annotations
@@ -35,22 +36,24 @@ def configure_cpu_runtime(threads: int | None = None) -> dict:
 
 
 # oneDNN (torch's CPU GEMMs for prefill rows) JIT-compiles a kernel per matmul shape, rows
-# included, and keeps the last 1,024 by default: prompts of new lengths keep adding ~0.35 MB
-# each (the 0.8B, 150 prompts of 20-700 tokens: +549 MiB resident against +285 MiB with 128,
-# prefill tok/s within the noise, `python bench/onednn_cache.py`). A step's shapes (its row count
-# with each weight's) are a few dozen at most, and a chunked prefill's row count changes with the
-# decode rows beside it, so a larger cache mostly keeps kernels that never run again.
+# included, and two caches keep them: oneDNN's primitive cache and ideep's (torch's oneDNN
+# wrapper) cache of matmul parameters, each the last 1,024 by default. Prompts of new lengths kept
+# adding ~1 MB a length (the 0.8B, 300 prompts of 20-700 tokens: +602 MiB resident against +85
+# MiB with both at 128, prefill tok/s within the noise: `python bench/onednn_cache.py`). A step's shapes (its row count with each weight's) are a few dozen at
+# most, and a chunked prefill's row count changes with the decode rows beside it, so larger
+# caches mostly keep kernels that never run again.
 ONEDNN_CACHE_CAPACITY = 128
-_ONEDNN_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+_CACHE_ENVS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's, ideep's
 
 
 def limit_onednn_cache() -> int:
-    """Set oneDNN's primitive cache capacity unless the environment sets it (read once, at
-    the process's first oneDNN primitive: a process that ran one earlier keeps its capacity);
-    returns the capacity asked for."""
-    os.environ.setdefault(_ONEDNN_ENV, str(ONEDNN_CACHE_CAPACITY))
+    """Set both caches' capacity, each unless the environment sets it (each is read once, at
+    the process's first oneDNN matmul: a process that ran one earlier keeps its capacities);
+    returns oneDNN's primitive cache capacity (-1: a value that is not a number)."""
+    for env in _CACHE_ENVS:
+        os.environ.setdefault(env, str(ONEDNN_CACHE_CAPACITY))
     try:
-        return int(os.environ[_ONEDNN_ENV])
+        return int(os.environ[_CACHE_ENVS[0]])
     except ValueError:
         return -1  # (oneDNN's own parsing decides)
 
