@@ -123,7 +123,8 @@ class HeadScreen:
         from qwen35.kernels import small_ops
 
         mod = small_ops.load()
-        build = mod.quantize_head if mod is not None else quantize_head_reference
+        fast = mod is not None and weight.is_contiguous()
+        build = mod.quantize_head if fast else quantize_head_reference
         self.q, self.scale, self.err, self.nq, self.tiny = build(weight)
         # the exact rows must take the GEMV kernel, whose outputs don't depend on the row count
         self.rows_dtype = rows = rows_dtype or weight.dtype
