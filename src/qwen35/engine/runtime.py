@@ -39,9 +39,10 @@ def configure_cpu_runtime(threads: int | None = None) -> dict:
 # included, and two caches keep them: oneDNN's primitive cache and ideep's (torch's oneDNN
 # wrapper) cache of matmul parameters, each the last 1,024 by default. Prompts of new lengths kept
 # adding ~1 MB a length (the 0.8B, 300 prompts of 20-700 tokens: +602 MiB resident against +85
-# MiB with both at 128, prefill tok/s within the noise: `python bench/onednn_cache.py`). A step's shapes (its row count with each weight's) are a few dozen at
-# most, and a chunked prefill's row count changes with the decode rows beside it, so larger
-# caches mostly keep kernels that never run again.
+# MiB with both at 128, prefill tok/s within the noise: `python bench/onednn_cache.py`). A
+# step's shapes (its row count with each weight's) are a few dozen at most, and a chunked
+# prefill's row count changes with the decode rows beside it, so larger caches mostly keep
+# kernels that never run again. (Set in os.environ: child processes inherit them.)
 ONEDNN_CACHE_CAPACITY = 128
 _CACHE_ENVS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's, ideep's
 
