@@ -23,13 +23,11 @@ import subprocess
 import sys
 import time
 
+from qwen35.heap import proc_bytes
+
 
 def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return (proc_bytes("/proc/self/status", "VmRSS") or float("nan")) / 2**20
 
 
 def child(model: str, prompts: int) -> dict:

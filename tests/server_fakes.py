@@ -406,16 +406,15 @@ def serving():
 
 
 def assert_no_residue(async_engine) -> None:
-    """An idle engine keeps nothing per request: the real engine's request_tables() all 0 (fakes
-    have none) and no stream left in the server's AsyncEngine."""
+    """An idle engine keeps nothing per request: the real engine's request_tables() is {} (fakes
+    have none) and no stream is left in the server's AsyncEngine."""
     tables = getattr(async_engine.engine, "request_tables", None) or dict
     try:  # (the engine thread may be finishing its last step)
-        wait_until(lambda: not async_engine._streams and not any(tables().values()), timeout=10)
+        wait_until(lambda: not async_engine._streams and not tables(), timeout=10)
     except AssertionError:
         pass
     assert not async_engine._streams, list(async_engine._streams)
-    left = {k: v for k, v in tables().items() if v}
-    assert not left, left
+    assert not tables(), tables()
 
 
 def assert_recovered(srv, headers: dict | None = None) -> None:

@@ -892,11 +892,12 @@ class LLMEngine:
         )
 
     def request_tables(self) -> dict[str, int]:
-        """Entries of every table the engine keeps per request or sequence (its own, the
-        scheduler's, the runner's, speculative decoding's, structured outputs', images'): all 0
-        once it is idle, whatever the requests did (finished, aborted, failed, preempted). Tests
-        check that after their workloads (tests/server_fakes.py assert_recovered): an entry left
-        behind is memory a long-running server never gets back. Add a new table here."""
+        """The tables the engine keeps per request or sequence (its own, the scheduler's, the
+        runner's, speculative decoding's, structured outputs', images') that hold entries now,
+        with how many: {} once it is idle, whatever the requests did (finished, aborted, failed,
+        preempted). Tests check that after their workloads (tests/server_fakes.py
+        assert_recovered): an entry left behind is memory a long-running server never gets
+        back. Add a new table here."""
         runner, spec = self.runner, self.runner.spec
         tables = {
             "requests": self._requests, "seq_to_req": self._seq_to_req,
@@ -910,7 +911,7 @@ class LLMEngine:
                            "spec.misses": spec.misses, "spec.paused": spec.paused})  # fmt: skip
         if runner.vision is not None:
             tables["vision.cache"] = runner.vision.cache
-        return {name: len(t) for name, t in tables.items()}
+        return {name: len(t) for name, t in tables.items() if t}
 
     def get_stats(self) -> dict:
         sched, pc = self.scheduler, self.scheduler.prefix_cache_stats()

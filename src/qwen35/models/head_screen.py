@@ -148,12 +148,11 @@ class HeadScreen:
             return None
         if not gemv.GEMV.supported():
             return None
-        from qwen35.weights import count_nonfinite
+        from qwen35.weights import _count_torch, count_nonfinite
 
-        bad = count_nonfinite(w)  # (None: no kernel to count with; torch's ops then)
-        if bad is None:
-            rows = range(0, len(w), _BUILD_ROWS)
-            bad = sum(int((~torch.isfinite(w[i : i + _BUILD_ROWS])).sum()) for i in rows)
+        bad = count_nonfinite(w)
+        if bad is None:  # (no kernel to count with: torch's ops)
+            bad = _count_torch(w)
         if bad:
             return None
         compute = getattr(model, "dtype", w.dtype)  # fp32 on a bf16-stored head: fp32 rows
