@@ -332,3 +332,10 @@ def test_onednn_cache_bench_runs(capsys, tmp_path):
                                        "--prompts", "3", "--rounds", "1"])  # fmt: skip
     assert set(runs) == {1024, 8} and all(r[0]["tokens"] > 0 for r in runs.values())
     assert "capacity 8: median" in capsys.readouterr().out
+
+
+def test_prefix_checkpoints_bench_runs(capsys):
+    runs = _load("prefix_checkpoints").main(["--slots", "2", "5"])
+    assert len(runs["new"]) == 10 and all(n > 0 for n in runs["new"])
+    out = capsys.readouterr().out
+    assert "prompt tokens computed" in out and out.count("\n") == 4

@@ -154,6 +154,40 @@ def test_branch_point_checkpoint_serves_later_requests():
     assert [ck for sid, _, _, _, ck in runner.log if sid == "s1"][0][0][0] == 96
 
 
+def test_a_long_prompt_does_not_flush_the_branch_points():
+    """Three checkpoint slots, a document asked questions between unrelated long prompts: the
+    second question finds the document's end (its KV match) and checkpoints it there; the long
+    prompts' periodic checkpoints then evict only each other, so every later question starts
+    from it (plain LRU let each long prompt evict it: every question computed the document)."""
+    rng = random.Random(7)
+    doc = rand_tokens(rng, 100)
+    cfg, sched, runner = setup(interval=16, ckpts=3)
+    asked = []
+    for i in range(4):
+        asked.append(make_seq(2 * i, doc + rand_tokens(rng, 10), max_tokens=2))
+        run(sched, runner, asked[-1])
+        run(sched, runner, make_seq(2 * i + 1, rand_tokens(rng, 200), max_tokens=2))
+    assert [s.num_cached_tokens for s in asked] == [0, 0, 100, 100]
+    assert_all_released(sched)
+
+
+def test_a_chats_cache_points_outlive_a_long_prompt():
+    """The conversation before a reply is checkpointed (its next turn goes on from there); an
+    unrelated long prompt's periodic checkpoints in between do not evict it."""
+    rng = random.Random(8)
+    system, user, opening = rand_tokens(rng, 40), rand_tokens(rng, 60), rand_tokens(rng, 6)
+    cfg, sched, runner = setup(interval=16, ckpts=3)
+    # cache points: the system prompt's end and the conversation before the reply's opening
+    a = make_seq(0, system + user + opening, max_tokens=6, cache_points=(40, 100))
+    run(sched, runner, a)
+    run(sched, runner, make_seq(1, rand_tokens(rng, 200), max_tokens=2))
+    b = make_seq(2, system + user + a.output_token_ids + rand_tokens(rng, 20), max_tokens=2,
+                 cache_points=(40, 126))  # fmt: skip
+    run(sched, runner, b)
+    assert b.num_cached_tokens == 100
+    assert_all_released(sched)
+
+
 def test_concurrent_request_hits_only_what_is_computed():
     rng = random.Random(3)
     prefix = rand_tokens(rng, 64)

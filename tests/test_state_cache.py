@@ -1,4 +1,4 @@
-"""DeltaNet state pool: running slots, checkpoint slots (reserve/commit/LRU/pins), integrity."""
+"""DeltaNet state pool: running slots, checkpoint slots (reserve/commit/eviction/pins), integrity."""
 
 from __future__ import annotations
 
@@ -81,7 +81,47 @@ def test_pinned_and_pending_checkpoints_are_never_evicted():
     assert pool.lookup(h(0)) is not None
     pool.commit(h(1))
     pool.begin_step()  # pins end with the step
-    assert pool.reserve(h(2)) is not None and pool.lookup(h(0)) is None
+    assert pool.reserve(h(2), keep=True) is not None and pool.lookup(h(1)) is None  # periodic
+    pool.commit(h(2))
+    pool.begin_step()
+    assert pool.reserve(h(3), keep=True) is not None and pool.lookup(h(0)) is None  # then LRU
+    pool.check_integrity()
+
+
+def test_periodic_checkpoints_go_before_kept_ones():
+    pool = StatePool(1, 3)
+    for i, keep in enumerate((True, False, False)):  # h(0) kept and least recently used
+        pool.reserve(h(i), keep=keep)
+        pool.commit(h(i))
+    pool.begin_step()
+    assert pool.reserve(h(3)) is not None and pool.lookup(h(1)) is None  # a periodic one
+    assert pool.reserve(h(4), keep=True) is not None and pool.lookup(h(2)) is None
+    pool.commit(h(3))
+    pool.commit(h(4))
+    assert pool.reserve(h(5), keep=True) is not None and pool.lookup(h(3)) is None
+    pool.commit(h(5))
+    assert pool.reserve(h(6)) is None  # every one kept: a periodic checkpoint evicts none
+    assert pool.num_checkpoints == 3 and pool.num_evictions == 3
+    assert pool.reserve(h(6), keep=True) is not None and pool.lookup(h(0)) is None  # LRU kept
+    pool.commit(h(6))
+    pool.check_integrity()
+
+
+def test_a_restored_checkpoint_is_kept():
+    pool = StatePool(1, 2)
+    for i in range(2):
+        pool.reserve(h(i))
+        pool.commit(h(i))
+    pool.begin_step()
+    pool.restore(h(0))
+    pool.begin_step()
+    pool.restore(h(1))  # now h(0) is the least recently used, but both are kept
+    pool.begin_step()
+    assert pool.reserve(h(2)) is None
+    assert pool.reserve(h(2), keep=True) is not None and pool.lookup(h(0)) is None
+    pool.cancel(h(2))  # (a cancelled reservation leaves nothing kept behind)
+    pool.clear_checkpoints()
+    assert pool.num_checkpoints == 0 and not pool._kept
     pool.check_integrity()
 
 
@@ -125,8 +165,18 @@ def test_random_checkpoint_traffic(seed):
             if pool.lookup(key) is not None and rng.random() < 0.5:
                 pool.restore(key)
                 pinned.add(key)
-            elif not pool.has_checkpoint(key) and pool.reserve(key) is not None:
-                pending.append(key)
+            elif not pool.has_checkpoint(key):
+                keep, before, kept = rng.random() < 0.3, set(pool._ckpt), set(pool._kept)
+                evictable = before - pinned
+                periodic = evictable - kept
+                if pool.reserve(key, keep) is not None:
+                    pending.append(key)
+                    gone = before - set(pool._ckpt)
+                    assert len(gone) <= 1 and gone <= evictable
+                    # a periodic checkpoint goes first; a kept one only for a kept one
+                    assert not gone or gone <= periodic or (keep and not periodic)
+                else:  # nothing it could evict
+                    assert not (evictable if keep else periodic)
         assert all(pool.lookup(k) is not None for k in pinned)  # survived this step's evictions
         for key in pending:
             pool.cancel(key) if rng.random() < 0.2 else pool.commit(key)

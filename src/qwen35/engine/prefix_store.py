@@ -413,8 +413,8 @@ def import_prefix(store: PrefixStore, scheduler, caches, seq) -> int:
     try:
         if k - len(keep) > kv.num_free_blocks:
             return 0
-        if state.lookup(h) is None:
-            slot = state.reserve(h)
+        if state.lookup(h) is None:  # (kept: admission restores it next)
+            slot = state.reserve(h, keep=True)
             if slot is None:
                 return 0
         new = kv.allocate(k - len(keep))

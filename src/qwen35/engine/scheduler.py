@@ -580,19 +580,20 @@ class Scheduler:
             return s
         iv, bs = cfg.checkpoint_interval, cfg.block_size
         marks = set(range((start // iv + 1) * iv, start + n + 1, iv))
-        for t in (*self.prompt_checkpoints(seq), seq.branch_point):
-            if start < t <= start + n:
-                marks.add(t)
+        kept = {t for t in (*self.prompt_checkpoints(seq), seq.branch_point) if start < t <= start + n}
+        marks |= kept
         hashes = self._hashes(seq) if marks else []
-        for t in sorted(marks, reverse=True):  # deepest first: it saves the most recompute
+        # kept ones first (state_cache.py: where prompts branch), then deepest first: the most
+        # recompute saved
+        for t in sorted(marks, key=lambda t: (t in kept, t), reverse=True):
             h = hashes[t // bs - 1]
             if self.state.has_checkpoint(h):
                 continue
-            slot = self.state.reserve(h)
-            if slot is None:
+            slot = self.state.reserve(h, keep=t in kept)
+            if slot is None:  # every slot is pinned or written this step (or kept: a periodic one)
                 break
             s.checkpoints.append((t - start, slot))
-        s.checkpoints.reverse()
+        s.checkpoints.sort()
         return s
 
     def _check_stop(self, seq: Sequence) -> bool:

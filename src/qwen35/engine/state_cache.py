@@ -9,9 +9,16 @@ out indices into it and never touches tensors:
   memory budget by the engine: one checkpoint costs cache_spec.state_bytes_per_sequence.
 
 Checkpoint life: reserve(h) (the runner writes it during this step) -> commit(h) after the step
-(now found by lookup) -> evicted least recently used when a slot is needed. A checkpoint restored
-this step (pinned by restore()) or being written this step (pending) is never evicted; pins last
-until begin_step() of the next step. No torch here.
+(now found by lookup) -> evicted when a slot is needed. A checkpoint restored this step (pinned by
+restore()) or being written this step (pending) is never evicted; pins last until begin_step() of
+the next step.
+
+Which goes first: the least recently used of the *periodic* ones (written every ~256 tokens in case
+a later prompt branches there: a guess), and only when none is left the least recently used of the
+*kept* ones: reserved with keep=True (where prompts are known or likely to branch: a chat's cache
+points, a prompt's end, a branch point found at admission) or restored once (a guess that paid).
+Plain LRU let one long prompt's periodic checkpoints flush every other prefix from a CPU engine's
+few slots (bench/prefix_checkpoints.py). No torch here.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ class StatePool:
         self._ckpt: OrderedDict[bytes, int] = OrderedDict()  # committed, least recent first
         self._pending: dict[bytes, int] = {}  # written during the current step
         self._pinned: set[bytes] = set()  # restored during the current step
+        self._kept: set[bytes] = set()  # committed or pending with keep, or restored once
         self.num_evictions = 0
 
     @property
@@ -77,24 +85,34 @@ class StatePool:
         return h in self._ckpt or h in self._pending
 
     def restore(self, h: bytes) -> int:
-        """A sequence starts from this checkpoint this step: mark it recently used and pin it."""
+        """A sequence starts from this checkpoint this step: mark it recently used, pin it, and
+        keep it ahead of the periodic ones (it paid off)."""
         self._ckpt.move_to_end(h)
         self._pinned.add(h)
+        self._kept.add(h)
         return self._ckpt[h]
 
-    def reserve(self, h: bytes) -> int | None:
-        """A checkpoint slot for `h` that the runner fills this step; evicts the least recently
-        used unpinned checkpoint when none is free. None when every slot is busy this step."""
+    def reserve(self, h: bytes, keep: bool = False) -> int | None:
+        """A checkpoint slot for `h` that the runner fills this step; when none is free, evicts
+        the least recently used unpinned periodic checkpoint, else the least recently used
+        unpinned kept one. keep: `h` is where prompts branch (see the module's text). None when
+        every slot is busy this step (a periodic checkpoint never evicts a kept one)."""
         if self.has_checkpoint(h):
             raise ValueError("a checkpoint for this block hash exists already")
         if not self._free_ckpt:
-            victim = next((k for k in self._ckpt if k not in self._pinned), None)
+            free = [k for k in self._ckpt if k not in self._pinned]
+            victim = next((k for k in free if k not in self._kept), None)
+            if victim is None and keep and free:
+                victim = free[0]
             if victim is None:
                 return None
             self._free_ckpt.append(self._ckpt.pop(victim))
+            self._kept.discard(victim)
             self.num_evictions += 1
         slot = self._free_ckpt.pop()
         self._pending[h] = slot
+        if keep:
+            self._kept.add(h)
         return slot
 
     def commit(self, h: bytes) -> None:
@@ -104,6 +122,7 @@ class StatePool:
     def cancel(self, h: bytes) -> None:
         """The checkpoint was not written (its sequence was aborted): give the slot back."""
         self._free_ckpt.append(self._pending.pop(h))
+        self._kept.discard(h)
 
     def begin_step(self) -> None:
         self._pinned.clear()
@@ -113,6 +132,7 @@ class StatePool:
         self._free_ckpt.extend(self._ckpt.values())
         self._ckpt.clear()
         self._pinned.clear()
+        self._kept &= self._pending.keys()  # (pending ones are still written this step)
 
     def check_integrity(self) -> None:
         """Every slot is exactly once free, running, committed or pending."""
@@ -123,3 +143,4 @@ class StatePool:
         _check(sorted(ckpt) == list(range(self.num_slots, self.total_slots)), "checkpoint slots")
         _check(not (self._ckpt.keys() & self._pending.keys()), "committed and pending at once")
         _check(self._pinned <= self._ckpt.keys(), "a pinned checkpoint is not committed")
+        _check(self._kept <= self._ckpt.keys() | self._pending.keys(), "a kept checkpoint is gone")
