@@ -339,3 +339,13 @@ def test_prefix_checkpoints_bench_runs(capsys):
     assert len(runs["new"]) == 10 and all(n > 0 for n in runs["new"])
     out = capsys.readouterr().out
     assert "prompt tokens computed" in out and out.count("\n") == 4
+
+
+def test_engine_start_bench_runs(capsys, tmp_path):
+    from tiny import VOCAB_REAL, save_checkpoint
+
+    save_checkpoint(tmp_path / "m", vocab_size=VOCAB_REAL, hidden_size=32)
+    runs = _load("engine_start").main([str(tmp_path / "m"), "--rounds", "1", "--prompt", "40"])
+    (row,) = runs["new"]
+    assert len(row) == 4 and row[0] > 0 and row[1] > 0 and row[3] >= row[1] * 0.5
+    assert "new medians: LLM() s" in capsys.readouterr().out

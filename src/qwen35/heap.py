@@ -1,6 +1,7 @@
 """Process and machine memory: `release` returns the C heap's free memory to the OS (glibc's
 malloc_trim; elsewhere nothing), `proc_bytes` reads a figure of /proc/meminfo or
-/proc/self/status (Linux).
+/proc/self/status (Linux), `zeros_on_touch` makes a large CPU tensor of zeros whose pages the OS
+provides (zeroed) only where it is first touched.
 
 Tensors below glibc's mmap threshold (which grows to 32 MiB as large blocks are freed) live in
 the heap, and freed ones stay resident until trimmed: quantizing the 2B's weights while loading
@@ -15,7 +16,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
+import mmap
 import sys
+
+LAZY_ZEROS_MIN = 1 << 20  # smaller tensors: torch.zeros (a page-granular mapping each is waste)
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,3 +50,21 @@ def proc_bytes(path: str, field: str) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def zeros_on_touch(shape: tuple[int, ...], dtype):
+    """A CPU tensor of zeros backed by private anonymous memory (mmap): the OS maps a zeroed page where
+    it is first touched, so nothing is written or resident up front. For the engine's caches,
+    sized for the longest contexts and most sequences and mostly untouched at first:
+    torch.zeros wrote every byte at engine start (2 GiB: ~0.4 s here) and kept it resident.
+    Freed with the tensor (it holds the mapping)."""
+    import torch
+
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < LAZY_ZEROS_MIN:
+        return torch.zeros(shape, dtype=dtype)
+    if not hasattr(mmap, "MAP_PRIVATE"):  # (not a Unix)
+        return torch.zeros(shape, dtype=dtype)
+    # private: a forked child gets its own copy, not shared memory (mmap's default for -1)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=dtype).view(shape)

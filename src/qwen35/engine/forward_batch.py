@@ -32,6 +32,7 @@ import torch
 
 from qwen35.cache_spec import cache_spec
 from qwen35.config import ModelConfig
+from qwen35.heap import zeros_on_touch
 from qwen35.ops.backend import Backend, select_backend
 from qwen35.ops.deltanet import copy_layer_states
 
@@ -84,6 +85,8 @@ def allocate_caches(
     n_attn, n_lin = spec.num_attention_layers + mtp_layers, spec.num_linear_layers
 
     def zeros(shape, dt):
+        if torch.device(device).type == "cpu":  # (pages zeroed by the OS as they are first used)
+            return zeros_on_touch(shape, dt)
         return torch.zeros(shape, dtype=dt, device=device)
 
     return ModelCaches(
