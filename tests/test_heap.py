@@ -11,6 +11,15 @@ from qwen35.catalog import load_model_config
 from qwen35.engine.forward_batch import allocate_caches
 from qwen35.heap import LAZY_ZEROS_MIN, proc_bytes, zeros_on_touch
 
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from tiny import save_checkpoint
+
+    d = tmp_path_factory.mktemp("m")
+    save_checkpoint(d)
+    return d
+
+
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (Linux)")
 
 
@@ -52,3 +61,23 @@ def test_cpu_caches_cost_nothing_until_used():
                                                       *caches.conv, *caches.recurrent))  # fmt: skip
     assert size > 64 << 20 and rss_anon() - before < size // 8
     assert not any(t.any() for t in (*caches.key, *caches.recurrent))  # zeros
+
+
+def test_caches_larger_than_the_memory_available_are_said_at_start(ckpt, monkeypatch, caplog):
+    import qwen35.heap as heap
+    from qwen35.engine.llm_engine import LLM
+
+    real = heap.proc_bytes
+    monkeypatch.setattr(heap, "proc_bytes", lambda path, field: (
+        64 << 20 if field == "MemAvailable" else real(path, field)))  # fmt: skip
+    with caplog.at_level("WARNING", logger="qwen35"):
+        llm = LLM(str(ckpt), dtype="fp32", verbose=False, max_memory="1GiB")
+    msg = [r.getMessage() for r in caplog.records if "the caches take" in r.getMessage()]
+    assert len(msg) == 1 and "64.0 MiB of memory is available" in msg[0], msg
+    assert "--max-memory" in msg[0]
+    caplog.clear()
+    monkeypatch.setattr(heap, "proc_bytes", real)
+    with caplog.at_level("WARNING", logger="qwen35"):
+        llm = LLM(str(ckpt), dtype="fp32", verbose=False, max_memory="1GiB")
+    assert not [r for r in caplog.records if "the caches take" in r.getMessage()]
+    assert llm.generate([[1, 2, 3]])[0].outputs[0].token_ids  # (it serves)

@@ -12,6 +12,7 @@ memory is asked for only when no budget is given).
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from qwen35.config import ModelConfig
 from qwen35.engine.scheduler import default_checkpoint_interval
 from qwen35.errors import Qwen35Error
 from qwen35.plan.planner import working_memory_bytes
+
+log = logging.getLogger("qwen35")
 
 GiB = 1 << 30
 DEFAULT_CPU_CACHE_BYTES = 2 * GiB  # no --max-memory on a CPU: caches get this much
@@ -212,6 +215,25 @@ def plan_caches(
         num_blocks, block_size, slots, ckpts, interval, max_model_len, kv_tok, st_seq, budget,
         num_spare_slots=slots * speculative,
     )  # fmt: skip
+
+
+def warn_if_caches_exceed_memory(memory: dict) -> bool:
+    """A CPU engine's caches are zeroed by the OS where first touched (heap.zeros_on_touch), so
+    caches larger than the machine has available start fine and are killed by the OS once
+    long contexts or many sequences fill them: say so at start (the caches' figures from
+    parallel.worker.rank_memory). -> whether it warned."""
+    from qwen35.heap import proc_bytes
+
+    free = proc_bytes("/proc/meminfo", "MemAvailable")
+    need = memory["kv_bytes"] + memory["state_bytes"]
+    if free is None or need <= free:
+        return False
+    log.warning(
+        "the caches take %s but only %s of memory is available after the weights: the system "
+        "may kill the process once long contexts or many sequences fill them; lower "
+        "--max-memory (or --max-model-len / --max-num-seqs)", size_str(need), size_str(free),
+    )  # fmt: skip
+    return True
 
 
 def _default_budget(device, working: int) -> int:

@@ -29,7 +29,12 @@ from qwen35.chat_format import (
 )
 from qwen35.config import non_negative_int
 from qwen35.devices import dtype_advice, model_kv_dtype, resolve_dtype, resolve_state_dtype
-from qwen35.engine.cache_sizing import CachePlan, parse_bytes, plan_caches
+from qwen35.engine.cache_sizing import (
+    CachePlan,
+    parse_bytes,
+    plan_caches,
+    warn_if_caches_exceed_memory,
+)
 from qwen35.engine.config import EngineConfig
 from qwen35.engine.forward_batch import allocate_caches
 from qwen35.engine.lora_adapters import LoraAdapters
@@ -370,6 +375,8 @@ class LLMEngine:
         from qwen35.parallel.worker import rank_memory
 
         self.rank_memory = [rank_memory(self.model, caches, 0)]  # per rank (planner's per GPU)
+        if self.device.type == "cpu" and self.workers is None:
+            warn_if_caches_exceed_memory(self.rank_memory[0])
         if head_bytes:
             self.rank_memory[0]["head_screen_bytes"] = head_bytes
         steps_kw = dict(  # speculative decoding (engine/speculative.py), multi-step decoding
