@@ -19,6 +19,8 @@ Workloads (block 16, checkpoint every 256 tokens, as the engine's defaults):
   app      the same, all six with one system prompt (an application's)
   rag      one 2,000-token document asked 10 questions (64 tokens each), each question followed
            by an unrelated 1,024-token prompt
+  repeat   3 raw 1,000-token prompts sent 4 times each, round-robin, an unrelated 2,048-token
+           prompt after each round (retries, or n > 1 as separate requests)
   preempt  8 prompts of 512 tokens each generating 512 at once in a KV pool with room for ~4:
            preempted sequences recompute from their deepest surviving checkpoint
 """
@@ -129,6 +131,17 @@ def rag(slots: int) -> int:
     return model.prompt_tokens
 
 
+def repeat(slots: int) -> int:
+    rng = random.Random(5)
+    sched, model = make(slots)
+    prompts = [toks(rng, 1000) for _ in range(3)]
+    for i in range(4):
+        for j, p in enumerate(prompts):
+            run(sched, model, [seq(3 * i + j, p)])
+        run(sched, model, [seq(100 + i, toks(rng, 2048))])
+    return model.prompt_tokens
+
+
 def preempt(slots: int) -> int:
     rng = random.Random(4)
     sched, model = make(slots, num_blocks=4 * 1024 // BLOCK + 8, max_model_len=1024)
@@ -137,7 +150,8 @@ def preempt(slots: int) -> int:
     return model.prompt_tokens
 
 
-WORKLOADS = {"header": header, "chats": chats, "app": app, "rag": rag, "preempt": preempt}
+WORKLOADS = {"header": header, "chats": chats, "app": app, "rag": rag, "repeat": repeat,
+             "preempt": preempt}  # fmt: skip
 
 
 def measure(slots: list[int]) -> list[int]:

@@ -171,6 +171,24 @@ def test_a_long_prompt_does_not_flush_the_branch_points():
     assert_all_released(sched)
 
 
+def test_one_slot_keeps_the_branch_point_over_prompt_ends():
+    """One checkpoint slot (a 27B's on a CPU by default): a raw prompt's end does not evict a
+    branch point; it evicts only another prompt end or a periodic checkpoint."""
+    rng = random.Random(9)
+    doc = rand_tokens(rng, 100)
+    cfg, sched, runner = setup(interval=16, ckpts=1)
+    asked = []
+    for i in range(4):
+        asked.append(make_seq(2 * i, doc + rand_tokens(rng, 10), max_tokens=2))
+        run(sched, runner, asked[-1])
+        run(sched, runner, make_seq(2 * i + 1, rand_tokens(rng, 60), max_tokens=2))
+    assert [s.num_cached_tokens for s in asked] == [0, 0, 100, 100]
+    again = make_seq(9, list(asked[0].prompt_token_ids), max_tokens=2)
+    run(sched, runner, again)
+    assert again.num_cached_tokens == 100  # (its own prompt end was evicted long ago)
+    assert_all_released(sched)
+
+
 def test_a_chats_cache_points_outlive_a_long_prompt():
     """The conversation before a reply is checkpointed (its next turn goes on from there); an
     unrelated long prompt's periodic checkpoints in between do not evict it."""

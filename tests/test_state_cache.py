@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from qwen35.engine.state_cache import StatePool
+from qwen35.engine.state_cache import KEPT, PERIODIC, PROMPT_END, StatePool
 
 
 def h(i: int) -> bytes:
@@ -81,29 +81,45 @@ def test_pinned_and_pending_checkpoints_are_never_evicted():
     assert pool.lookup(h(0)) is not None
     pool.commit(h(1))
     pool.begin_step()  # pins end with the step
-    assert pool.reserve(h(2), keep=True) is not None and pool.lookup(h(1)) is None  # periodic
+    assert pool.reserve(h(2), rank=KEPT) is not None and pool.lookup(h(1)) is None  # periodic
     pool.commit(h(2))
     pool.begin_step()
-    assert pool.reserve(h(3), keep=True) is not None and pool.lookup(h(0)) is None  # then LRU
+    assert pool.reserve(h(3), rank=KEPT) is not None and pool.lookup(h(0)) is None  # then LRU
     pool.check_integrity()
 
 
 def test_periodic_checkpoints_go_before_kept_ones():
     pool = StatePool(1, 3)
-    for i, keep in enumerate((True, False, False)):  # h(0) kept and least recently used
-        pool.reserve(h(i), keep=keep)
+    for i, rank in enumerate((KEPT, PERIODIC, PERIODIC)):  # h(0) kept and least recently used
+        pool.reserve(h(i), rank)
         pool.commit(h(i))
     pool.begin_step()
     assert pool.reserve(h(3)) is not None and pool.lookup(h(1)) is None  # a periodic one
-    assert pool.reserve(h(4), keep=True) is not None and pool.lookup(h(2)) is None
+    assert pool.reserve(h(4), rank=KEPT) is not None and pool.lookup(h(2)) is None
     pool.commit(h(3))
     pool.commit(h(4))
-    assert pool.reserve(h(5), keep=True) is not None and pool.lookup(h(3)) is None
+    assert pool.reserve(h(5), rank=KEPT) is not None and pool.lookup(h(3)) is None
     pool.commit(h(5))
     assert pool.reserve(h(6)) is None  # every one kept: a periodic checkpoint evicts none
     assert pool.num_checkpoints == 3 and pool.num_evictions == 3
-    assert pool.reserve(h(6), keep=True) is not None and pool.lookup(h(0)) is None  # LRU kept
+    assert pool.reserve(h(6), rank=KEPT) is not None and pool.lookup(h(0)) is None  # LRU kept
     pool.commit(h(6))
+    pool.check_integrity()
+
+
+def test_prompt_ends_rank_between_periodic_and_kept():
+    pool = StatePool(1, 2)
+    pool.reserve(h(0), PROMPT_END)
+    pool.reserve(h(1), KEPT)
+    pool.commit(h(0))
+    pool.commit(h(1))
+    assert pool.reserve(h(2)) is None  # a periodic one evicts neither
+    assert pool.reserve(h(2), PROMPT_END) is not None and pool.lookup(h(0)) is None
+    pool.commit(h(2))
+    assert pool.reserve(h(3), PROMPT_END) is not None and pool.lookup(h(2)) is None
+    pool.commit(h(3))
+    assert pool.lookup(h(1)) is not None  # the kept one stayed, though least recently used
+    assert pool.reserve(h(4), KEPT) is not None and pool.lookup(h(3)) is None  # lowest rank
     pool.check_integrity()
 
 
@@ -118,10 +134,10 @@ def test_a_restored_checkpoint_is_kept():
     pool.restore(h(1))  # now h(0) is the least recently used, but both are kept
     pool.begin_step()
     assert pool.reserve(h(2)) is None
-    assert pool.reserve(h(2), keep=True) is not None and pool.lookup(h(0)) is None
-    pool.cancel(h(2))  # (a cancelled reservation leaves nothing kept behind)
+    assert pool.reserve(h(2), rank=KEPT) is not None and pool.lookup(h(0)) is None
+    pool.cancel(h(2))  # (a cancelled reservation leaves nothing ranked behind)
     pool.clear_checkpoints()
-    assert pool.num_checkpoints == 0 and not pool._kept
+    assert pool.num_checkpoints == 0 and not pool._rank
     pool.check_integrity()
 
 
@@ -166,17 +182,20 @@ def test_random_checkpoint_traffic(seed):
                 pool.restore(key)
                 pinned.add(key)
             elif not pool.has_checkpoint(key):
-                keep, before, kept = rng.random() < 0.3, set(pool._ckpt), set(pool._kept)
-                evictable = before - pinned
-                periodic = evictable - kept
-                if pool.reserve(key, keep) is not None:
+                rank = rng.choice((PERIODIC, PERIODIC, PROMPT_END, KEPT))
+                before = list(pool._ckpt)  # least recently used first
+                ranks = {k: pool._rank.get(k, PERIODIC) for k in before}
+                evictable = [k for k in before if k not in pinned]
+                if pool.reserve(key, rank) is not None:
                     pending.append(key)
-                    gone = before - set(pool._ckpt)
-                    assert len(gone) <= 1 and gone <= evictable
-                    # a periodic checkpoint goes first; a kept one only for a kept one
-                    assert not gone or gone <= periodic or (keep and not periodic)
+                    gone = set(before) - set(pool._ckpt)
+                    assert len(gone) <= 1 and gone <= set(evictable)
+                    if gone:  # the least recently used of the lowest rank, not above `rank`
+                        low = min(ranks[k] for k in evictable)
+                        assert low <= rank and gone == {next(k for k in evictable
+                                                              if ranks[k] == low)}  # fmt: skip
                 else:  # nothing it could evict
-                    assert not (evictable if keep else periodic)
+                    assert all(ranks[k] > rank for k in evictable)
         assert all(pool.lookup(k) is not None for k in pinned)  # survived this step's evictions
         for key in pending:
             pool.cancel(key) if rng.random() < 0.2 else pool.commit(key)

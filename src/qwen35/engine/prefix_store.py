@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from qwen35.engine.state_cache import KEPT
 from qwen35.errors import Qwen35Error
 
 log = logging.getLogger("qwen35")
@@ -414,7 +415,7 @@ def import_prefix(store: PrefixStore, scheduler, caches, seq) -> int:
         if k - len(keep) > kv.num_free_blocks:
             return 0
         if state.lookup(h) is None:  # (kept: admission restores it next)
-            slot = state.reserve(h, keep=True)
+            slot = state.reserve(h, KEPT)
             if slot is None:
                 return 0
         new = kv.allocate(k - len(keep))

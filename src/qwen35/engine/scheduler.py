@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from qwen35.engine.kv_cache import KVBlockPool, _check, extend_block_hashes
 from qwen35.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus
-from qwen35.engine.state_cache import StatePool
+from qwen35.engine.state_cache import KEPT, PERIODIC, PROMPT_END, StatePool
 
 # Prompt chunks cut by a step's prefill cap end on multiples of this many positions: the CPU
 # DeltaNet kernel's chunk grid, where a cut prompt continues to the uncut prompt's bits.
@@ -579,18 +579,19 @@ class Scheduler:
         if not self.state.num_checkpoint_slots:
             return s
         iv, bs = cfg.checkpoint_interval, cfg.block_size
-        marks = set(range((start // iv + 1) * iv, start + n + 1, iv))
-        kept = {t for t in (*self.prompt_checkpoints(seq), seq.branch_point) if start < t <= start + n}
-        marks |= kept
-        hashes = self._hashes(seq) if marks else []
-        # kept ones first (state_cache.py: where prompts branch), then deepest first: the most
-        # recompute saved
-        for t in sorted(marks, key=lambda t: (t in kept, t), reverse=True):
+        rank = dict.fromkeys(range((start // iv + 1) * iv, start + n + 1, iv), PERIODIC)
+        end = KEPT if seq.params.cache_points else PROMPT_END  # (state_cache.py: ranks)
+        for t, r in (*((t, end) for t in self.prompt_checkpoints(seq)), (seq.branch_point, KEPT)):
+            if start < t <= start + n:
+                rank[t] = max(rank.get(t, PERIODIC), r)
+        hashes = self._hashes(seq) if rank else []
+        # the highest rank first, then the deepest: it saves the most recompute
+        for t in sorted(rank, key=lambda t: (rank[t], t), reverse=True):
             h = hashes[t // bs - 1]
             if self.state.has_checkpoint(h):
                 continue
-            slot = self.state.reserve(h, keep=t in kept)
-            if slot is None:  # every slot is pinned or written this step (or kept: a periodic one)
+            slot = self.state.reserve(h, rank[t])
+            if slot is None:  # nothing this rank may evict (nor a lower one)
                 break
             s.checkpoints.append((t - start, slot))
         s.checkpoints.sort()

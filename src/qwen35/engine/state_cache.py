@@ -13,12 +13,16 @@ Checkpoint life: reserve(h) (the runner writes it during this step) -> commit(h)
 restore()) or being written this step (pending) is never evicted; pins last until begin_step() of
 the next step.
 
-Which goes first: the least recently used of the *periodic* ones (written every ~256 tokens in case
-a later prompt branches there: a guess), and only when none is left the least recently used of the
-*kept* ones: reserved with keep=True (where prompts are known or likely to branch: a chat's cache
-points, a prompt's end, a branch point found at admission) or restored once (a guess that paid).
-Plain LRU let one long prompt's periodic checkpoints flush every other prefix from a CPU engine's
-few slots (bench/prefix_checkpoints.py). No torch here.
+Which goes first: each checkpoint has a rank, by how likely a later prompt is to resume there:
+  PERIODIC    written every ~256 tokens in case a later prompt branches there (a guess);
+  PROMPT_END  a raw prompt's last block boundary (the same prompt again: retries, n > 1 as
+              separate requests);
+  KEPT        where prompts are known to branch: a chat's cache points, a branch point found at
+              admission (two prompts shared the KV up to it), or any checkpoint restored once.
+A slot goes to the least recently used unpinned checkpoint of the lowest rank present, and only
+if that rank is not above the new one's: a periodic checkpoint evicts only periodic ones. Plain
+LRU let one long prompt's periodic checkpoints flush every other prefix from a CPU engine's few
+slots (5 for a 4B; bench/prefix_checkpoints.py). No torch here.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from qwen35.engine.kv_cache import _check
+
+PERIODIC, PROMPT_END, KEPT = 0, 1, 2  # checkpoint ranks: the lowest is evicted first
 
 
 class StatePool:
@@ -42,7 +48,7 @@ class StatePool:
         self._ckpt: OrderedDict[bytes, int] = OrderedDict()  # committed, least recent first
         self._pending: dict[bytes, int] = {}  # written during the current step
         self._pinned: set[bytes] = set()  # restored during the current step
-        self._kept: set[bytes] = set()  # committed or pending with keep, or restored once
+        self._rank: dict[bytes, int] = {}  # committed or pending ones above PERIODIC
         self.num_evictions = 0
 
     @property
@@ -86,33 +92,35 @@ class StatePool:
 
     def restore(self, h: bytes) -> int:
         """A sequence starts from this checkpoint this step: mark it recently used, pin it, and
-        keep it ahead of the periodic ones (it paid off)."""
+        rank it KEPT (it paid off)."""
         self._ckpt.move_to_end(h)
         self._pinned.add(h)
-        self._kept.add(h)
+        self._rank[h] = KEPT
         return self._ckpt[h]
 
-    def reserve(self, h: bytes, keep: bool = False) -> int | None:
+    def reserve(self, h: bytes, rank: int = PERIODIC) -> int | None:
         """A checkpoint slot for `h` that the runner fills this step; when none is free, evicts
-        the least recently used unpinned periodic checkpoint, else the least recently used
-        unpinned kept one. keep: `h` is where prompts branch (see the module's text). None when
-        every slot is busy this step (a periodic checkpoint never evicts a kept one)."""
+        the least recently used unpinned checkpoint of the lowest rank present, if that rank is
+        not above `rank` (see the module's text). None when there is none such."""
         if self.has_checkpoint(h):
             raise ValueError("a checkpoint for this block hash exists already")
         if not self._free_ckpt:
-            free = [k for k in self._ckpt if k not in self._pinned]
-            victim = next((k for k in free if k not in self._kept), None)
-            if victim is None and keep and free:
-                victim = free[0]
+            victim, low = None, rank + 1
+            for k in self._ckpt:  # least recently used first
+                r = self._rank.get(k, PERIODIC)
+                if r < low and k not in self._pinned:
+                    victim, low = k, r
+                    if r == PERIODIC:
+                        break
             if victim is None:
                 return None
             self._free_ckpt.append(self._ckpt.pop(victim))
-            self._kept.discard(victim)
+            self._rank.pop(victim, None)
             self.num_evictions += 1
         slot = self._free_ckpt.pop()
         self._pending[h] = slot
-        if keep:
-            self._kept.add(h)
+        if rank > PERIODIC:
+            self._rank[h] = rank
         return slot
 
     def commit(self, h: bytes) -> None:
@@ -122,7 +130,7 @@ class StatePool:
     def cancel(self, h: bytes) -> None:
         """The checkpoint was not written (its sequence was aborted): give the slot back."""
         self._free_ckpt.append(self._pending.pop(h))
-        self._kept.discard(h)
+        self._rank.pop(h, None)
 
     def begin_step(self) -> None:
         self._pinned.clear()
@@ -132,7 +140,7 @@ class StatePool:
         self._free_ckpt.extend(self._ckpt.values())
         self._ckpt.clear()
         self._pinned.clear()
-        self._kept &= self._pending.keys()  # (pending ones are still written this step)
+        self._rank = {k: r for k, r in self._rank.items() if k in self._pending}  # (still written)
 
     def check_integrity(self) -> None:
         """Every slot is exactly once free, running, committed or pending."""
@@ -143,4 +151,4 @@ class StatePool:
         _check(sorted(ckpt) == list(range(self.num_slots, self.total_slots)), "checkpoint slots")
         _check(not (self._ckpt.keys() & self._pending.keys()), "committed and pending at once")
         _check(self._pinned <= self._ckpt.keys(), "a pinned checkpoint is not committed")
-        _check(self._kept <= self._ckpt.keys() | self._pending.keys(), "a kept checkpoint is gone")
+        _check(self._rank.keys() <= self._ckpt.keys() | self._pending.keys(), "a ranked one is gone")
