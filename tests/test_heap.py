@@ -11,6 +11,7 @@ from qwen35.catalog import load_model_config
 from qwen35.engine.forward_batch import allocate_caches
 from qwen35.heap import LAZY_ZEROS_MIN, proc_bytes, zeros_on_touch
 
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     from tiny import save_checkpoint
