@@ -189,6 +189,21 @@ def test_one_slot_keeps_the_branch_point_over_prompt_ends():
     assert_all_released(sched)
 
 
+def test_few_slots_keep_checkpoints_at_doubling_depths():
+    """Three slots for one 130-token prompt's eight periodic boundaries (every 16) and its end:
+    the end, then 64 and 32 (1, 2, 4... intervals), not the deepest 112 and 96; a prompt that
+    shares 70 tokens then resumes at 64."""
+    rng = random.Random(10)
+    cfg, sched, runner = setup(interval=16, ckpts=3)
+    a = make_seq(0, rand_tokens(rng, 130), max_tokens=1)
+    run(sched, runner, a)
+    held = [t for t in range(4, 132, 4) if sched.state.lookup(a.block_hashes[t // 4 - 1])]
+    assert held == [32, 64, 128]
+    b = make_seq(1, a.prompt_token_ids[:70] + rand_tokens(rng, 20), max_tokens=1)
+    run(sched, runner, b)
+    assert b.num_cached_tokens == 64
+
+
 def test_a_chats_cache_points_outlive_a_long_prompt():
     """The conversation before a reply is checkpointed (its next turn goes on from there); an
     unrelated long prompt's periodic checkpoints in between do not evict it."""
@@ -261,19 +276,21 @@ def test_checkpoint_eviction_shortens_the_hit():
     cfg, sched, runner = setup(interval=8, ckpts=2, checkpoint_prompt_end=False)
     a = make_seq(0, prefix + [1, 1], max_tokens=1)
     run(sched, runner, a)
-    # 2 slots for 4 boundaries in one chunk: the deepest two (24, 32) are kept
+    # 2 slots for 4 boundaries in one chunk: 32 and 16 (4 and 2 intervals), not 24
     hashes = a.block_hashes
     kept = [t for t in (8, 16, 24, 32) if sched.state.lookup(hashes[t // 4 - 1]) is not None]
-    assert kept == [24, 32]
-    b = make_seq(1, prefix[:20] + [9] * 8, max_tokens=1)  # KV shared up to 20, no ckpt <= 20
+    assert kept == [16, 32]
+    b = make_seq(1, prefix[:20] + [9] * 8, max_tokens=1)  # KV shared up to 20
     run(sched, runner, b)
-    assert b.num_cached_tokens == 0
-    # b's two checkpoints (24 on its own tokens, 20 at the branch point where its KV match
-    # ended) evicted a's 24 and 32
+    assert b.num_cached_tokens == 16
+    # b's branch point (20, where its KV match ended) evicted a's 32 (16 is b's: restored, so
+    # kept), and b's 24 found nothing periodic to evict
+    assert sched.state.lookup(hashes[32 // 4 - 1]) is None
     c = make_seq(2, prefix + [7], max_tokens=2)
     run(sched, runner, c)
     assert c.num_cached_tokens == 20
-    assert sched.prefix_cache_stats().checkpoint_evictions >= 2
+    # and c's branch point (32: its KV match ran through a's blocks) evicted 16
+    assert sched.prefix_cache_stats().checkpoint_evictions == 2
 
 
 def test_resume_after_preemption_reuses_its_own_blocks():
