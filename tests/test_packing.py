@@ -145,3 +145,47 @@ def _decode(positions: list[int], ctx: int) -> ForwardBatch:
         has_initial_state=[True] * B,
         logits_indices=torch.arange(B),
     )
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_the_loader_allocates_each_pack_group_as_one(moe, tmp_path, monkeypatch):
+    """loader.materialize allocates the linears each pack() packs as row slices of one tensor,
+    so post_load's pack_linears copies nothing (torch.cat is never called) and the MoE router
+    group's padding rows are zeros; the model is the one loaded the old way."""
+    from qwen35.layers import linear
+    from qwen35.loader import load_model
+
+    tiny.save_checkpoint(tmp_path, moe=moe)
+    plain = load_model(tmp_path, dtype="fp32", progress=False)
+    calls = []
+    real_cat = torch.cat
+    monkeypatch.setattr(linear.torch, "cat", lambda *a, **k: calls.append(1) or real_cat(*a, **k))
+    model = load_model(tmp_path, dtype="fp32", progress=False)
+    assert not calls
+    for m in model.modules():
+        if getattr(m, "packed_router", None) is not None:
+            rows = m.gate.out_features + 2 * m.shared_expert.gate_proj.out_features + 1
+            assert m.packed_router.shape[0] % 16 == 0 and not m.packed_router[rows:].any()
+    for t in _packed_tensors(model):  # each its own storage, exactly
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    monkeypatch.undo()
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(model(ids), plain(ids))
+
+
+def test_pack_linears_copies_weights_that_are_not_laid_out():
+    """Adjacent rows of a larger tensor (or of separate ones) are packed by a copy: the packed
+    tensor owns its storage, whatever the linears' weights shared."""
+    from qwen35.layers.linear import Linear, pack_linears
+
+    big = torch.randn(10, 4)
+    lins = [Linear(4, 3, torch.float32, "cpu"), Linear(4, 5, torch.float32, "cpu")]
+    lins[0].weight = torch.nn.Parameter(big[0:3], False)
+    lins[1].weight = torch.nn.Parameter(big[3:8], False)  # rows 8, 9 belong to something else
+    rest = big[8:].clone()
+    w = pack_linears(*lins, rows_multiple=16)
+    assert w.shape == (16, 4) and torch.equal(w[:8], big[:8]) and not w[8:].any()
+    assert torch.equal(big[8:], rest) and w.data_ptr() != big.data_ptr()
+    assert lins[1].weight.data_ptr() == w[3:].data_ptr()

@@ -634,6 +634,7 @@ def materialize(
     _tie(model, cfg)
     new: dict[int, nn.Parameter] = {}
     keep = []  # keeps the meta parameters alive so their ids stay unique during the walk
+    _allocate_pack_groups(model, dtype, device, defer, new, keep)
     for mod in model.modules():
         for name, p in list(mod._parameters.items()):
             if p is None or id(p) in defer:
@@ -647,6 +648,34 @@ def materialize(
             if b is not None and not b.is_meta:
                 mod._buffers[name] = b.to(device)  # keep the buffer's own dtype (fp32 inv_freq)
     return _canonical(model)[0]
+
+
+def _allocate_pack_groups(model: nn.Module, dtype, device, defer, new: dict, keep: list) -> None:
+    """The weights each module's pack() packs (`pack_groups`: q/k/v, DeltaNet's in_proj,
+    gate/up, a MoE block's router group) allocated as row slices of one tensor, so that
+    post_load's pack_linears finds them laid out and copies nothing (it was a torch.cat of most
+    of the model's bytes at every start: ~1-4 s of a 4B's). Groups with a deferred, tied,
+    non-meta or differently typed weight are left to materialize (pack() copies those)."""
+    from qwen35.layers.linear import Linear
+
+    seen: set[int] = set()
+    for mod in model.modules():
+        for lins, rows_multiple in getattr(mod, "pack_groups", lambda: [])():
+            ps = [lin.weight for lin in lins]
+            if (any(type(lin) is not Linear for lin in lins) or any(id(p) in seen for p in ps)
+                    or any(id(p) in defer or not p.is_meta or p.dim() != 2 for p in ps)):  # fmt: skip
+                continue
+            seen.update(id(p) for p in ps)
+            dts = {_allocated_dtype(p, dtype) for p in ps}
+            if len(dts) != 1 or len({p.shape[1] for p in ps}) != 1 or len(set(map(id, ps))) < len(ps):
+                continue
+            n = sum(p.shape[0] for p in ps)
+            base = torch.empty(n + (-n % rows_multiple), ps[0].shape[1], dtype=dts.pop(), device=device)
+            row = 0
+            for p in ps:
+                keep.append(p)
+                new[id(p)] = nn.Parameter(base[row : row + p.shape[0]], False)
+                row += p.shape[0]
 
 
 # ---- random weights -----------------------------------------------------------------------------

@@ -59,6 +59,10 @@ class GatedDeltaNet(nn.Module):
     def in_projs(self) -> tuple[Linear, ...]:
         return (self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
 
+    def pack_groups(self) -> list[tuple[tuple[Linear, ...], int]]:
+        """The linears pack() packs (and rows_multiple): the loader allocates them as one."""
+        return [(self.in_projs(), 1)]
+
     def pack(self) -> None:
         """One [C + Vd + 2 nv, H] weight for the four input projections (after loading)."""
         self.packed_in = pack_linears(*self.in_projs())

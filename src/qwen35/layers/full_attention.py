@@ -46,9 +46,13 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, dtype, device)
         self.packed_qkv: torch.Tensor | None = None  # q_proj, k_proj, v_proj, see pack()
 
+    def pack_groups(self) -> list[tuple[tuple[Linear, ...], int]]:
+        """The linears pack() packs (and rows_multiple): the loader allocates them as one."""
+        return [((self.q_proj, self.k_proj, self.v_proj), 1)]
+
     def pack(self) -> None:
         """One [2 nh hd + 2 nkv hd, H] weight for q/k/v (after loading)."""
-        self.packed_qkv = pack_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.packed_qkv = pack_linears(*self.pack_groups()[0][0])
 
     def write_kv_only(self, x, cos, sin, batch: ForwardBatch, key_cache, value_cache) -> None:
         """Only the K / V of x's rows into the cache (what forward writes, no attention): the

@@ -261,15 +261,39 @@ def pack_linears(*linears: Linear, rows_multiple: int = 1) -> torch.Tensor:
         return pack_quantized(linears)
     ws = [lin.weight.detach() for lin in linears]
     pad = -sum(w.shape[0] for w in ws) % rows_multiple
-    if pad:
-        ws.append(ws[0].new_zeros(pad, ws[0].shape[1]))
-    w = torch.cat(ws)  # [sum(out) (+ pad), in]
+    w = _laid_out(ws, pad)  # (the loader's allocation: loader.materialize)
+    if w is None:
+        if pad:
+            ws.append(ws[0].new_zeros(pad, ws[0].shape[1]))
+        w = torch.cat(ws)  # [sum(out) (+ pad), in]
     row = 0
     for lin in linears:
         n = lin.out_features
         lin.weight = nn.Parameter(w[row : row + n], requires_grad=False)
         row += n
     return w
+
+
+def _laid_out(ws: list[torch.Tensor], pad: int) -> torch.Tensor | None:
+    """The packed [sum(out) + pad, in] tensor where `ws` already are its consecutive row
+    slices, filling one storage of exactly that size from its start (the loader allocates a
+    pack group so, loader.materialize: no copy then); else None. Its pad rows are zeroed."""
+    w0 = ws[0]
+    st, cols = w0.untyped_storage(), w0.shape[1]
+    rows = sum(w.shape[0] for w in ws) + pad
+    if st.nbytes() != rows * cols * w0.element_size() or st.device != w0.device:
+        return None
+    offset = 0
+    for w in ws:
+        if (w.dim() != 2 or w.shape[1] != cols or w.dtype != w0.dtype or not w.is_contiguous()
+                or w.untyped_storage().data_ptr() != st.data_ptr()
+                or w.storage_offset() != offset):  # fmt: skip
+            return None
+        offset += w.numel()
+    base = w0.new_empty(0).set_(st, 0, (rows, cols), (cols, 1))
+    if pad:
+        base[rows - pad :].zero_()
+    return base
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor | None, *linears: Linear):

@@ -34,6 +34,11 @@ class MLP(nn.Module):
         # (layers/moe.py SparseMoE.pack, which runs first) and set packed_gate_up to their rows
         self.packed_by_parent = False
 
+    def pack_groups(self) -> list[tuple[tuple[Linear, ...], int]]:
+        """The linears pack() packs (and rows_multiple): the loader allocates them as one (a
+        shared expert's are its MoE block's group, which the loader meets first)."""
+        return [((self.gate_proj, self.up_proj), 1)]
+
     def pack(self) -> None:
         """One [2I, H] weight for gate_proj and up_proj (after loading)."""
         if not self.packed_by_parent:

@@ -159,6 +159,11 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = Linear(hidden_size, 1, dtype, device)  # [1, H]
         self.packed_router: torch.Tensor | None = None  # + the shared expert's inputs, see pack()
 
+    def pack_groups(self) -> list[tuple[tuple[Linear, ...], int]]:
+        """The linears pack() packs (and rows_multiple): the loader allocates them as one."""
+        sh = self.shared_expert
+        return [((self.gate, sh.gate_proj, sh.up_proj, self.shared_expert_gate), 16)]
+
     def pack(self) -> None:
         """One [E + 2 Is + 1 (+ zero rows to a multiple of 16), H] weight for the four matrices
         that read the block's input (router, the shared expert's gate_proj and up_proj,
@@ -167,11 +172,11 @@ class SparseMoE(nn.Module):
         kernel takes the shared gate's logit from it. The shared expert's packed_gate_up
         becomes a view of its rows (the MLP's own pack() then leaves it)."""
         sh = self.shared_expert
-        lins = (self.gate, sh.gate_proj, sh.up_proj, self.shared_expert_gate)
+        ((lins, rows),) = self.pack_groups()
         sh.packed_by_parent = False
         self.packed_router = None
         if all(type(lin) is Linear for lin in lins) and len({lin.weight.dtype for lin in lins}) == 1:
-            self.packed_router = pack_linears(*lins, rows_multiple=16)
+            self.packed_router = pack_linears(*lins, rows_multiple=rows)
             E, Is = self.gate.out_features, sh.gate_proj.out_features
             sh.packed_gate_up = self.packed_router[E : E + 2 * Is]
             sh.packed_by_parent = True
