@@ -204,6 +204,20 @@ def test_few_slots_keep_checkpoints_at_doubling_depths():
     assert b.num_cached_tokens == 64
 
 
+def test_one_slot_keeps_the_deeper_cache_point():
+    """One slot, a chat's two cache points in one step (its system prompt's end at 64, four
+    intervals; the conversation's at 96, six): the deeper is kept, so the next turn resumes
+    after the whole conversation (the doubling-depth order is for periodic ones only)."""
+    rng = random.Random(11)
+    system, talk, opening = rand_tokens(rng, 64), rand_tokens(rng, 32), rand_tokens(rng, 6)
+    cfg, sched, runner = setup(interval=16, ckpts=1)
+    a = make_seq(0, system + talk + opening, max_tokens=4, cache_points=(64, 96))
+    run(sched, runner, a)
+    b = make_seq(1, system + talk + rand_tokens(rng, 30), max_tokens=2, cache_points=(64, 120))
+    run(sched, runner, b)
+    assert b.num_cached_tokens == 96
+
+
 def test_a_chats_cache_points_outlive_a_long_prompt():
     """The conversation before a reply is checkpointed (its next turn goes on from there); an
     unrelated long prompt's periodic checkpoints in between do not evict it."""

@@ -588,7 +588,7 @@ class Scheduler:
         # the highest rank first; among periodic ones those at 1, 2, 4, 8... intervals first (where
         # slots are short, the prefixes a later prompt may share keep a checkpoint within half
         # their length: shared prefixes start at token 0), then the deepest: the most recompute saved
-        pow2 = lambda t: (t // iv) & (t // iv - 1) == 0  # noqa: E731
+        pow2 = lambda t: rank[t] == PERIODIC and (t // iv) & (t // iv - 1) == 0  # noqa: E731
         for t in sorted(rank, key=lambda t: (rank[t], pow2(t), t), reverse=True):
             h = hashes[t // bs - 1]
             if self.state.has_checkpoint(h):
