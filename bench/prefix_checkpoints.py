@@ -17,6 +17,7 @@ Workloads (block 16, checkpoint every 256 tokens, as the engine's defaults):
            the cache points LLM.chat gives (its system prompt's end and the conversation before
            the reply), and after every round two unrelated 2,048-token documents
   app      the same, all six with one system prompt (an application's)
+  solo     one conversation, 8 turns, nothing else (one user at a CPU)
   rag      one 2,000-token document asked 10 questions (64 tokens each), each question followed
            by an unrelated 1,024-token prompt
   repeat   3 raw 1,000-token prompts sent 4 times each, round-robin, an unrelated 2,048-token
@@ -97,13 +98,13 @@ def header(slots: int) -> int:
     return model.prompt_tokens
 
 
-def chats(slots: int, shared_system: bool = False) -> int:
+def chats(slots: int, shared_system: bool = False, n: int = 6, turns: int = 4, docs: int = 2) -> int:
     rng = random.Random(2)
     sched, model = make(slots)
     common = toks(rng, 300)
-    convs = [(common if shared_system else toks(rng, 300), []) for _ in range(6)]
+    convs = [(common if shared_system else toks(rng, 300), []) for _ in range(n)]
     i = 0
-    for _turn in range(4):
+    for _turn in range(turns):
         for system, history in convs:  # (history: [(user, reply), ...])
             before = system + [t for u, r in history for t in u + r]
             user = toks(rng, rng.randrange(40, 200))
@@ -111,7 +112,7 @@ def chats(slots: int, shared_system: bool = False) -> int:
             (out,) = run(sched, model, [seq(i, prompt, 64, (len(system), len(prompt) - 4))])
             history.append((user, out.output_token_ids))
             i += 1
-        for _ in range(2):
+        for _ in range(docs):
             run(sched, model, [seq(i, toks(rng, 2048))])
             i += 1
     return model.prompt_tokens
@@ -119,6 +120,10 @@ def chats(slots: int, shared_system: bool = False) -> int:
 
 def app(slots: int) -> int:
     return chats(slots, shared_system=True)
+
+
+def solo(slots: int) -> int:
+    return chats(slots, n=1, turns=8, docs=0)
 
 
 def rag(slots: int) -> int:
@@ -150,8 +155,8 @@ def preempt(slots: int) -> int:
     return model.prompt_tokens
 
 
-WORKLOADS = {"header": header, "chats": chats, "app": app, "rag": rag, "repeat": repeat,
-             "preempt": preempt}  # fmt: skip
+WORKLOADS = {"header": header, "chats": chats, "app": app, "solo": solo, "rag": rag,
+             "repeat": repeat, "preempt": preempt}  # fmt: skip
 
 
 def measure(slots: list[int]) -> list[int]:

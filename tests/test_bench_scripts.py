@@ -336,7 +336,7 @@ def test_onednn_cache_bench_runs(capsys, tmp_path):
 
 def test_prefix_checkpoints_bench_runs(capsys):
     runs = _load("prefix_checkpoints").main(["--slots", "2", "5"])
-    assert len(runs["new"]) == 12 and all(n > 0 for n in runs["new"])
+    assert len(runs["new"]) == 14 and all(n > 0 for n in runs["new"])
     out = capsys.readouterr().out
     assert "prompt tokens computed" in out and out.count("\n") == 4
 

@@ -218,6 +218,25 @@ def test_one_slot_keeps_the_deeper_cache_point():
     assert b.num_cached_tokens == 96
 
 
+def test_one_slot_moves_along_a_conversation():
+    """One slot (a 27B on a CPU by default), one conversation: each turn resumes where the
+    conversation before the last reply ended, and writes the next such point into the slot of
+    the one it resumed from (plain LRU needed periodic checkpoints in the decode to move on)."""
+    rng = random.Random(12)
+    cfg, sched, runner = setup(interval=16, ckpts=1)
+    history, cached, points = rand_tokens(rng, 40), [], [0]
+    for i in range(5):
+        before = history + rand_tokens(rng, 20)  # + the user's message
+        s = make_seq(i, before + rand_tokens(rng, 4), max_tokens=6, cache_points=(40, len(before)))
+        run(sched, runner, s)
+        cached.append(s.num_cached_tokens)
+        points.append(len(before) // 4 * 4)  # (block size 4)
+        history = before + s.output_token_ids
+    assert cached == points[:-1]  # each turn from the point the turn before it left
+    assert sched.state.lookup(s.block_hashes[points[-1] // 4 - 1]) is not None
+    assert_all_released(sched)
+
+
 def test_a_chats_cache_points_outlive_a_long_prompt():
     """The conversation before a reply is checkpointed (its next turn goes on from there); an
     unrelated long prompt's periodic checkpoints in between do not evict it."""

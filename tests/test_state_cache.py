@@ -141,6 +141,22 @@ def test_a_restored_checkpoint_is_kept():
     pool.check_integrity()
 
 
+def test_a_restorer_may_take_its_own_pinned_checkpoints_slot():
+    """The checkpoint a sequence resumes from this step is pinned against every other
+    reservation, but that sequence's own deeper one may take its slot (the runner copies every
+    restore before writing any checkpoint): one slot then moves along a conversation."""
+    pool = StatePool(1, 1)
+    pool.reserve(h(0), KEPT)
+    pool.commit(h(0))
+    pool.begin_step()
+    slot = pool.restore(h(0))
+    assert pool.reserve(h(1), KEPT) is None  # pinned: not for another sequence
+    assert pool.reserve(h(1), PERIODIC, own=h(0)) is None  # nor for a lower rank
+    assert pool.reserve(h(1), KEPT, own=h(0)) == slot and pool.lookup(h(0)) is None
+    pool.commit(h(1))
+    pool.check_integrity()
+
+
 def test_zero_checkpoint_capacity():
     pool = StatePool(4, 0)
     assert pool.total_slots == 4 and pool.reserve(h(0)) is None
@@ -185,11 +201,13 @@ def test_random_checkpoint_traffic(seed):
                 rank = rng.choice((PERIODIC, PERIODIC, PROMPT_END, KEPT))
                 before = list(pool._ckpt)  # least recently used first
                 ranks = {k: pool._rank.get(k, PERIODIC) for k in before}
-                evictable = [k for k in before if k not in pinned]
-                if pool.reserve(key, rank) is not None:
+                own = rng.choice([*pinned, None]) if pinned else None  # (a restorer's)
+                evictable = [k for k in before if k not in pinned or k == own]
+                if pool.reserve(key, rank, own) is not None:
                     pending.append(key)
                     gone = set(before) - set(pool._ckpt)
                     assert len(gone) <= 1 and gone <= set(evictable)
+                    pinned -= gone
                     if gone:  # the least recently used of the lowest rank, not above `rank`
                         low = min(ranks[k] for k in evictable)
                         assert low <= rank and gone == {next(k for k in evictable

@@ -454,6 +454,7 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         restore = self.state.restore(ckpt) if ckpt is not None else None
+        seq.restored_from = ckpt
         out.scheduled.append(self._plan(seq, n, restore))
         return n
 
@@ -593,7 +594,7 @@ class Scheduler:
             h = hashes[t // bs - 1]
             if self.state.has_checkpoint(h):
                 continue
-            slot = self.state.reserve(h, rank[t])
+            slot = self.state.reserve(h, rank[t], own=seq.restored_from)
             if slot is None:  # nothing this rank may evict (nor a lower one)
                 break
             s.checkpoints.append((t - start, slot))

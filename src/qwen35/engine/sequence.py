@@ -87,6 +87,9 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     # Tokens of the KV prefix match at the last admission; a state checkpoint goes there.
     branch_point: int = 0
+    # The state checkpoint it resumed from at its last admission (block hash), which its own
+    # deeper checkpoints may take the place of (state_cache.StatePool.reserve `own`)
+    restored_from: bytes | None = None
     # Images / videos (multimodal.inputs.MMItem: token segments, content hash, pixels), their
     # 3-D rotary positions over the prompt ([3, num_prompt_tokens]) and the decode offset.
     mm_items: list = field(default_factory=list)

@@ -10,8 +10,9 @@ out indices into it and never touches tensors:
 
 Checkpoint life: reserve(h) (the runner writes it during this step) -> commit(h) after the step
 (now found by lookup) -> evicted when a slot is needed. A checkpoint restored this step (pinned by
-restore()) or being written this step (pending) is never evicted; pins last until begin_step() of
-the next step.
+restore()) or being written this step (pending) is never evicted, except a pinned one by the
+sequence that restored it (`reserve(own=...)`: every restore of a step is copied before any
+checkpoint is written); pins last until begin_step() of the next step.
 
 Which goes first: each checkpoint has a rank, by how likely a later prompt is to resume there:
   PERIODIC    written every ~256 tokens in case a later prompt branches there (a guess);
@@ -98,17 +99,20 @@ class StatePool:
         self._rank[h] = KEPT
         return self._ckpt[h]
 
-    def reserve(self, h: bytes, rank: int = PERIODIC) -> int | None:
+    def reserve(self, h: bytes, rank: int = PERIODIC, own: bytes | None = None) -> int | None:
         """A checkpoint slot for `h` that the runner fills this step; when none is free, evicts
         the least recently used unpinned checkpoint of the lowest rank present, if that rank is
-        not above `rank` (see the module's text). None when there is none such."""
+        not above `rank` (see the module's text). own: the checkpoint the writing sequence
+        resumed from; it may go even in the step that restores it (the runner copies every
+        restore of a step before it writes any checkpoint), so that with a single slot a
+        conversation's checkpoint moves on with it. None when there is none such."""
         if self.has_checkpoint(h):
             raise ValueError("a checkpoint for this block hash exists already")
         if not self._free_ckpt:
             victim, low = None, rank + 1
             for k in self._ckpt:  # least recently used first
                 r = self._rank.get(k, PERIODIC)
-                if r < low and k not in self._pinned:
+                if r < low and (k not in self._pinned or k == own):
                     victim, low = k, r
                     if r == PERIODIC:
                         break
@@ -116,6 +120,7 @@ class StatePool:
                 return None
             self._free_ckpt.append(self._ckpt.pop(victim))
             self._rank.pop(victim, None)
+            self._pinned.discard(victim)  # (own: restored this step, copied before any write)
             self.num_evictions += 1
         slot = self._free_ckpt.pop()
         self._pending[h] = slot
