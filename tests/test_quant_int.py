@@ -271,6 +271,7 @@ def test_plan_cpu_memory_is_what_the_engine_allocates(ckpt, capsys, fmt):
             continue
         assert m["kv_bytes_per_token"] == whole.kv_bytes_per_token
         assert m["state_bytes_per_sequence"] == whole.state_bytes_per_sequence
+        assert m["prefix_checkpoints"] == whole.num_checkpoint_slots
         assert m["max_context"] == (min(whole.max_model_len, whole.kv_tokens // batch)
                                     if whole.num_state_slots >= batch else 0)  # fmt: skip
         assert m["fits"] == (whole.kv_tokens >= batch * ctx)

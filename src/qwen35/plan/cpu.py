@@ -112,6 +112,7 @@ def memory_fit(cfg: ModelConfig, weights: int, memory: int, context: int, batch:
         return out | {"fits": False, "reason": str(e), "max_context": 0, "max_concurrency": 0}
     out["kv_bytes_per_token"] = whole.kv_bytes_per_token
     out["state_bytes_per_sequence"] = whole.state_bytes_per_sequence
+    out["prefix_checkpoints"] = whole.num_checkpoint_slots  # (--prefix-cache-memory: more)
     # the longest context each of `batch` sequences can have at once
     out["max_context"] = (min(whole.max_model_len, whole.kv_tokens // batch)
                           if whole.num_state_slots >= batch else 0)  # fmt: skip
@@ -168,6 +169,9 @@ def _render_memory(rows: list[dict], dtype: str) -> None:
     for r in rows:
         m = r["memory"]
         print(f"  {m['serve']}" if m["fits"] else f"{r['name']}: {m['reason']}")
+        if m["fits"]:  # few checkpoints: prefixes are recomputed more often (README, Hybrid...)
+            print(f"    prefix cache: {m['prefix_checkpoints']} DeltaNet state checkpoints of "
+                  f"{m['state_bytes_per_sequence'] / 2**20:.0f} MiB (--prefix-cache-memory for more)")
     print("Sized as the engine sizes its caches (engine/cache_sizing.py): weights, one step's "
           "working memory (--chunk), a DeltaNet state per sequence, prefix-cache checkpoints (a "
           "quarter of the rest), KV blocks with what is left; caches in BF16 (--kv-dtype fp8 "
