@@ -68,16 +68,14 @@ def test_caches_larger_than_the_memory_available_are_said_at_start(ckpt, monkeyp
     import qwen35.heap as heap
     from qwen35.engine.llm_engine import LLM
 
-    real = heap.proc_bytes
-    monkeypatch.setattr(heap, "proc_bytes", lambda path, field: (
-        64 << 20 if field == "MemAvailable" else real(path, field)))  # fmt: skip
+    monkeypatch.setattr(heap, "available_memory", lambda: 64 << 20)
     with caplog.at_level("WARNING", logger="qwen35"):
         llm = LLM(str(ckpt), dtype="fp32", verbose=False, max_memory="1GiB")
     msg = [r.getMessage() for r in caplog.records if "the caches take" in r.getMessage()]
     assert len(msg) == 1 and "64.0 MiB of memory is available" in msg[0], msg
     assert "--max-memory" in msg[0]
     caplog.clear()
-    monkeypatch.setattr(heap, "proc_bytes", real)
+    monkeypatch.undo()
     with caplog.at_level("WARNING", logger="qwen35"):
         llm = LLM(str(ckpt), dtype="fp32", verbose=False, max_memory="1GiB")
     assert not [r for r in caplog.records if "the caches take" in r.getMessage()]

@@ -154,19 +154,26 @@ def test_branch_point_checkpoint_serves_later_requests():
     assert [ck for sid, _, _, _, ck in runner.log if sid == "s1"][0][0][0] == 96
 
 
+def _questions_between_prompts(seed: int, ckpts: int, other: int):
+    """A 100-token document asked 4 questions, each followed by an unrelated `other`-token
+    prompt, in `ckpts` checkpoint slots. -> (scheduler, runner, the questions' sequences)."""
+    rng = random.Random(seed)
+    doc = rand_tokens(rng, 100)
+    cfg, sched, runner = setup(interval=16, ckpts=ckpts)
+    asked = []
+    for i in range(4):
+        asked.append(make_seq(2 * i, doc + rand_tokens(rng, 10), max_tokens=2))
+        run(sched, runner, asked[-1])
+        run(sched, runner, make_seq(2 * i + 1, rand_tokens(rng, other), max_tokens=2))
+    return sched, runner, asked
+
+
 def test_a_long_prompt_does_not_flush_the_branch_points():
     """Three checkpoint slots, a document asked questions between unrelated long prompts: the
     second question finds the document's end (its KV match) and checkpoints it there; the long
     prompts' periodic checkpoints then evict only each other, so every later question starts
     from it (plain LRU let each long prompt evict it: every question computed the document)."""
-    rng = random.Random(7)
-    doc = rand_tokens(rng, 100)
-    cfg, sched, runner = setup(interval=16, ckpts=3)
-    asked = []
-    for i in range(4):
-        asked.append(make_seq(2 * i, doc + rand_tokens(rng, 10), max_tokens=2))
-        run(sched, runner, asked[-1])
-        run(sched, runner, make_seq(2 * i + 1, rand_tokens(rng, 200), max_tokens=2))
+    sched, runner, asked = _questions_between_prompts(7, ckpts=3, other=200)
     assert [s.num_cached_tokens for s in asked] == [0, 0, 100, 100]
     assert_all_released(sched)
 
@@ -174,14 +181,7 @@ def test_a_long_prompt_does_not_flush_the_branch_points():
 def test_one_slot_keeps_the_branch_point_over_prompt_ends():
     """One checkpoint slot (a 27B's on a CPU by default): a raw prompt's end does not evict a
     branch point; it evicts only another prompt end or a periodic checkpoint."""
-    rng = random.Random(9)
-    doc = rand_tokens(rng, 100)
-    cfg, sched, runner = setup(interval=16, ckpts=1)
-    asked = []
-    for i in range(4):
-        asked.append(make_seq(2 * i, doc + rand_tokens(rng, 10), max_tokens=2))
-        run(sched, runner, asked[-1])
-        run(sched, runner, make_seq(2 * i + 1, rand_tokens(rng, 60), max_tokens=2))
+    sched, runner, asked = _questions_between_prompts(9, ckpts=1, other=60)
     assert [s.num_cached_tokens for s in asked] == [0, 0, 100, 100]
     again = make_seq(9, list(asked[0].prompt_token_ids), max_tokens=2)
     run(sched, runner, again)

@@ -13,6 +13,13 @@ def h(i: int) -> bytes:
     return i.to_bytes(16, "little")
 
 
+def committed(pool: StatePool, *ranks: int) -> None:
+    """Checkpoints h(0), h(1), ... reserved at these ranks and committed, in that order."""
+    for i, rank in enumerate(ranks):
+        pool.reserve(h(i), rank)
+        pool.commit(h(i))
+
+
 def test_running_and_checkpoint_slots_are_disjoint_indices():
     pool = StatePool(3, 2)
     assert pool.total_slots == 5
@@ -58,9 +65,7 @@ def test_cancel_returns_the_slot():
 
 def test_lru_eviction_respects_restores():
     pool = StatePool(1, 3)
-    for i in range(3):
-        pool.reserve(h(i))
-        pool.commit(h(i))
+    committed(pool, PERIODIC, PERIODIC, PERIODIC)
     pool.begin_step()
     pool.restore(h(0))  # used: now most recent, and pinned this step
     s3 = pool.reserve(h(3))  # evicts h(1), the least recently used
@@ -90,9 +95,7 @@ def test_pinned_and_pending_checkpoints_are_never_evicted():
 
 def test_periodic_checkpoints_go_before_kept_ones():
     pool = StatePool(1, 3)
-    for i, rank in enumerate((KEPT, PERIODIC, PERIODIC)):  # h(0) kept and least recently used
-        pool.reserve(h(i), rank)
-        pool.commit(h(i))
+    committed(pool, KEPT, PERIODIC, PERIODIC)  # h(0) kept and least recently used
     pool.begin_step()
     assert pool.reserve(h(3)) is not None and pool.lookup(h(1)) is None  # a periodic one
     assert pool.reserve(h(4), rank=KEPT) is not None and pool.lookup(h(2)) is None
@@ -109,10 +112,7 @@ def test_periodic_checkpoints_go_before_kept_ones():
 
 def test_prompt_ends_rank_between_periodic_and_kept():
     pool = StatePool(1, 2)
-    pool.reserve(h(0), PROMPT_END)
-    pool.reserve(h(1), KEPT)
-    pool.commit(h(0))
-    pool.commit(h(1))
+    committed(pool, PROMPT_END, KEPT)
     assert pool.reserve(h(2)) is None  # a periodic one evicts neither
     assert pool.reserve(h(2), PROMPT_END) is not None and pool.lookup(h(0)) is None
     pool.commit(h(2))
@@ -125,9 +125,7 @@ def test_prompt_ends_rank_between_periodic_and_kept():
 
 def test_a_restored_checkpoint_is_kept():
     pool = StatePool(1, 2)
-    for i in range(2):
-        pool.reserve(h(i))
-        pool.commit(h(i))
+    committed(pool, PERIODIC, PERIODIC)
     pool.begin_step()
     pool.restore(h(0))
     pool.begin_step()

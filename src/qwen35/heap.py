@@ -52,6 +52,11 @@ def proc_bytes(path: str, field: str) -> int | None:
     return None
 
 
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
+    return proc_bytes("/proc/meminfo", "MemAvailable")
+
+
 def zeros_on_touch(shape: tuple[int, ...], dtype):
     """A CPU tensor of zeros backed by private anonymous memory (mmap): the OS maps a zeroed page where
     it is first touched, so nothing is written or resident up front. For the engine's caches,
@@ -61,9 +66,7 @@ def zeros_on_touch(shape: tuple[int, ...], dtype):
     import torch
 
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < LAZY_ZEROS_MIN:
-        return torch.zeros(shape, dtype=dtype)
-    if not hasattr(mmap, "MAP_PRIVATE"):  # (not a Unix)
+    if nbytes < LAZY_ZEROS_MIN or not hasattr(mmap, "MAP_PRIVATE"):  # (MAP_PRIVATE: a Unix)
         return torch.zeros(shape, dtype=dtype)
     # private: a forked child gets its own copy, not shared memory (mmap's default for -1)
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS

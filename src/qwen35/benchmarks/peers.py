@@ -31,7 +31,7 @@ from qwen35.benchmarks.common import (
     timed_request,
 )
 from qwen35.devices import resolve_dtype
-from qwen35.heap import proc_bytes
+from qwen35.heap import available_memory
 
 OURS = ("fp32", "bf16", "int8", "int4", "fp8")
 PAIRS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
@@ -224,7 +224,7 @@ def engine_groups(bm: BenchModel, formats: tuple[str, ...], paths: dict, opts: B
     weights do not fit is skipped. Without this a 4B's five engines (~30 GB) were killed by
     the OOM killer on a 24 GiB machine, with nothing said."""
     if available is None:
-        available = proc_bytes("/proc/meminfo", "MemAvailable")
+        available = available_memory()
     need = {f"qwen35 {f}": our_bytes(bm, f, opts) for f in formats}
     need |= {f"llama.cpp {q}": p.stat().st_size for q, p in paths.items()}
     own = {f"qwen35 {f}" for f in formats if is_bench_format(bm, f, opts)}
@@ -357,7 +357,7 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
     if llama is None:
         opts.say("peers: converting the weights to GGUF with llama.cpp's converter")
         gguf.checkpoint(bm)  # what the converter reads, written while the weights are here
-        room = proc_bytes("/proc/meminfo", "MemAvailable")
+        room = available_memory()
         if room is not None and room < converter_bytes(bm):
             opts.say("peers: the bench model's weights freed while llama.cpp converts (memory)")
             _release(bm)
@@ -367,7 +367,7 @@ def _run_peers(bm: BenchModel, opts: BenchOptions, gguf) -> dict:
             except gguf.GGUFError as e:
                 llama, paths = f"llama.cpp {q}: {e}", {}
                 break
-    room = proc_bytes("/proc/meminfo", "MemAvailable")  # (as if the bench model were loaded)
+    room = available_memory()  # (as if the bench model were loaded)
     if room is not None and isinstance(bm.model, _Released):
         room -= bm.weight_bytes
     groups, skipped, release_at = engine_groups(bm, formats, paths, opts, available=room)

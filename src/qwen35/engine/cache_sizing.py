@@ -222,9 +222,9 @@ def warn_if_caches_exceed_memory(memory: dict) -> bool:
     caches larger than the machine has available start fine and are killed by the OS once
     long contexts or many sequences fill them: say so at start (the caches' figures from
     parallel.worker.rank_memory). -> whether it warned."""
-    from qwen35.heap import proc_bytes
+    from qwen35.heap import available_memory
 
-    free = proc_bytes("/proc/meminfo", "MemAvailable")
+    free = available_memory()
     need = memory["kv_bytes"] + memory["state_bytes"]
     if free is None or need <= free:
         return False
